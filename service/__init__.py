@@ -1,0 +1,1 @@
+"""Pipeline stages, the station daemon and the MQTT publisher."""

@@ -1,0 +1,1 @@
+"""Training code (needs the `train` extra). It may import the rest; nothing imports it."""

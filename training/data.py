@@ -1,0 +1,92 @@
+"""Dataset adapters: read the public sets from SMEARSCOPE_DATA, with fixed, seeded splits.
+
+Nothing here copies images into the repository; prepared training data goes under `build/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.scale import scale_from_rbc_diameters
+
+SPLIT_SEED = 20261126
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("SMEARSCOPE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "datasets"))
+
+
+@dataclass(frozen=True)
+class BoxAnnotation:
+    kind: str  # rbc | wbc | platelet
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+
+_VOC_KIND = {"RBC": "rbc", "WBC": "wbc", "Platelets": "platelet"}
+
+
+def bccd_dir() -> Path:
+    return data_root() / "bccd" / "BCCD"
+
+
+def bccd_split(name: str) -> list[str]:
+    """Image ids of BCCD's own VOC split (train | val | test); test is the held-out split."""
+    return (bccd_dir() / "ImageSets" / "Main" / f"{name}.txt").read_text().split()
+
+
+def bccd_boxes(image_id: str) -> list[BoxAnnotation]:
+    root = ET.parse(bccd_dir() / "Annotations" / f"{image_id}.xml").getroot()
+    out = []
+    for obj in root.iter("object"):
+        kind = _VOC_KIND.get(obj.findtext("name", "").strip())
+        bb = obj.find("bndbox")
+        if kind is None or bb is None:
+            continue
+        x0, y0, x1, y1 = (float(bb.findtext(k, "0")) for k in ("xmin", "ymin", "xmax", "ymax"))
+        if x1 > x0 and y1 > y0:
+            out.append(BoxAnnotation(kind, x0, y0, x1, y1))
+    return out
+
+
+def bccd_image_path(image_id: str) -> Path:
+    return bccd_dir() / "JPEGImages" / f"{image_id}.jpg"
+
+
+def bccd_microns_per_pixel() -> float:
+    """One scale for the whole set, from whole (not edge-cut) red-cell boxes of the TRAIN split."""
+    diam = []
+    for image_id in bccd_split("train"):
+        for b in bccd_boxes(image_id):
+            if b.kind == "rbc" and b.x0 > 2 and b.y0 > 2 and b.x1 < 637 and b.y1 < 477:
+                diam.append(((b.x1 - b.x0) + (b.y1 - b.y0)) / 2.0)
+    mpp = scale_from_rbc_diameters(np.array(diam))
+    assert mpp is not None
+    return mpp
+
+
+def seeded_split(items: list[str], fractions: tuple[float, float, float], seed: int = SPLIT_SEED) -> dict[str, list[str]]:
+    """Deterministic train/val/test split of sorted `items`."""
+    ordered = sorted(items)
+    random.Random(seed).shuffle(ordered)
+    n = len(ordered)
+    n_train = int(round(fractions[0] * n))
+    n_val = int(round(fractions[1] * n))
+    return {
+        "train": ordered[:n_train],
+        "val": ordered[n_train : n_train + n_val],
+        "test": ordered[n_train + n_val :],
+    }
+
+
+def split_hash(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]

@@ -1,0 +1,97 @@
+"""Prepare the YOLO segmentation training set at the canonical scale.
+
+BCCD `train` -> train, BCCD `val` -> val; BCCD `test` (the split everyone reports on) is never
+written here. Each field is resampled to CANONICAL_UM_PER_PX with the analyzer's own resampler,
+placed top-left on a TILE x TILE canvas filled with the letterbox grey the analyzer pads with,
+and labelled with pseudo-mask polygons (see `training.pseudo_masks`).
+
+    python -m training.prep_seg --out build/seg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from service.records import SEG_CLASSES
+from service.scale import resample_factor, resample_to_canonical
+from service.tiling import PAD_VALUE
+from training.data import bccd_boxes, bccd_dir, bccd_image_path, bccd_microns_per_pixel, bccd_split, split_hash
+from training.pseudo_masks import mask_polygon, pseudo_mask
+
+logger = logging.getLogger(__name__)
+CLASS_INDEX = {k.value: i for i, k in enumerate(SEG_CLASSES)}
+
+
+def write_field(image_bgr: np.ndarray, boxes, mpp: float, tile: int, stem: str, out: Path, split: str, wbc_hint=None) -> int:
+    f = resample_factor(mpp)
+    canon = resample_to_canonical(image_bgr, mpp)
+    h, w = canon.shape[:2]
+    canvas = np.full((max(tile, h), max(tile, w), 3), PAD_VALUE, np.uint8)
+    canvas[:h, :w] = canon
+    H, W = canvas.shape[:2]
+    lines = []
+    for b in boxes:
+        x0, y0 = int(np.floor(b.x0 * f)), int(np.floor(b.y0 * f))
+        x1, y1 = int(np.ceil(b.x1 * f)), int(np.ceil(b.y1 * f))
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+        if x1 - x0 < 3 or y1 - y0 < 3:
+            continue
+        hint = None
+        if b.kind == "wbc" and wbc_hint is not None:
+            hint = wbc_hint[y0:y1, x0:x1]
+        m = pseudo_mask(canon, (x0, y0, x1, y1), hint)
+        poly = mask_polygon(m)
+        if len(poly) < 3:
+            continue
+        poly[:, 0] = (poly[:, 0] + x0) / W
+        poly[:, 1] = (poly[:, 1] + y0) / H
+        coords = " ".join(f"{v:.5f}" for v in poly.clip(0, 1).reshape(-1))
+        lines.append(f"{CLASS_INDEX[b.kind]} {coords}")
+    (out / "images" / split).mkdir(parents=True, exist_ok=True)
+    (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out / "images" / split / f"{stem}.png"), canvas)
+    (out / "labels" / split / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+    return len(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("build/seg"))
+    ap.add_argument("--tile", type=int, default=256)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    mpp = bccd_microns_per_pixel()
+    logger.info("BCCD scale from train-split RBC boxes: %.4f um/px", mpp)
+    meta = {"bccd_microns_per_pixel": mpp, "splits": {}}
+    for split in ("train", "val"):
+        ids = bccd_split(split)
+        meta["splits"][f"bccd_{split}"] = {"n": len(ids), "hash": split_hash(ids)}
+        for image_id in tqdm(ids, desc=f"bccd {split}"):
+            img = cv2.imread(str(bccd_image_path(image_id)))
+            hint = None
+            mpath = bccd_dir() / "WBCMasks" / image_id.replace("BloodImage", "BloodImage_Mask") 
+            mpath = mpath.with_suffix(".png")
+            if mpath.exists():
+                hm = cv2.imread(str(mpath), cv2.IMREAD_GRAYSCALE)
+                if hm is not None and hm.shape == img.shape[:2]:
+                    hint = resample_to_canonical(hm, mpp)
+            write_field(img, bccd_boxes(image_id), mpp, args.tile, image_id, args.out, split, hint)
+    held = bccd_split("test")
+    meta["splits"]["bccd_test_heldout"] = {"n": len(held), "hash": split_hash(held)}
+    names = {i: k.value for i, k in enumerate(SEG_CLASSES)}
+    (args.out / "data.yaml").write_text(
+        f"path: {args.out.resolve()}\ntrain: images/train\nval: images/val\nnames: {json.dumps(names)}\n"
+    )
+    (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
+    logger.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
