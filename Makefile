@@ -1,0 +1,26 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - analyze frames from the built-in synthetic microscope and print the report
+#   make test   - the whole test suite (what CI runs)
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test venv system-deps lint
+
+$(BIN)/smearscope: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/smearscope
+
+system-deps:
+	@command -v mosquitto >/dev/null 2>&1 || command -v /usr/sbin/mosquitto >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null)
+
+demo: venv
+	$(BIN)/smearscope demo
+
+test: venv system-deps
+	$(BIN)/python -m pytest -q
