@@ -1,0 +1,99 @@
+"""The model manifest: the contract between `export/` (writes it) and `engines/` (reads it).
+
+One JSON file beside each ONNX file (`<name>.json`). Engines trust nothing about a model that the
+manifest does not say: tensor names and shapes, batch profile, labels, preprocessing and hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    shape: list[int] = Field(description="-1 marks a dynamic axis (the batch axis)")
+    dtype: Literal["float32", "float16", "int64", "int32", "uint8"] = "float32"
+
+
+class BatchProfile(BaseModel):
+    """TensorRT-style optimisation profile for the batch axis; ONNX Runtime batches to `max`."""
+
+    model_config = ConfigDict(extra="forbid")
+    min: int = 1
+    opt: int = 8
+    max: int = 32
+
+
+class Preprocessing(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    color: Literal["RGB", "BGR"] = "RGB"
+    scale: float = Field(1.0 / 255.0, description="pixel value multiplier applied to uint8 input")
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    pad_value: int = Field(114, description="fill value used when a tile/crop is padded")
+    normalization_in_graph: bool = Field(True, description="mean/std normalisation is inside the model")
+
+
+class CropInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    extent_um: float
+    input_size: int
+
+
+class ModelManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    schema_version: Literal[1] = 1
+    name: str
+    task: Literal["segmentation", "classification"]
+    file: str = Field(description="ONNX file name, relative to the manifest")
+    sha256: str
+    opset: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    batch: BatchProfile = BatchProfile()
+    input_size: int = Field(description="square spatial input side in pixels")
+    canonical_um_per_px: float
+    preprocessing: Preprocessing = Preprocessing()
+    classes: list[str]
+    crop: CropInfo | None = None
+    temperature: float = Field(1.0, description="softmax temperature from calibration (classifiers)")
+    architecture: str = ""
+    training_data: dict[str, Any] = {}
+    split_hashes: dict[str, str] = {}
+    metrics: dict[str, Any] = {}
+    created_at: str = ""
+    producer: dict[str, str] = {}
+
+    def model_path(self, manifest_path: Path) -> Path:
+        return manifest_path.parent / self.file
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def load_manifest(path: Path, verify_hash: bool = True) -> ModelManifest:
+    """Read and validate a manifest; with `verify_hash` the model file must match its sha256."""
+    try:
+        manifest = ModelManifest.model_validate(json.loads(Path(path).read_text()))
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{path}: invalid manifest: {exc}") from exc
+    model = manifest.model_path(Path(path))
+    if not model.exists():
+        raise ManifestError(f"{path}: model file {model} is missing")
+    if verify_hash and sha256_file(model) != manifest.sha256:
+        raise ManifestError(f"{path}: sha256 of {model.name} does not match the manifest")
+    return manifest

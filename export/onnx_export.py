@@ -1,0 +1,121 @@
+"""Weights -> ONNX (named tensors, dynamic batch axis, pinned opset) -> manifest.
+
+Every export is checked: ONNX Runtime's output on random inputs must match PyTorch's within
+tolerance, or the export fails.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.manifest import BatchProfile, CropInfo, ModelManifest, TensorSpec, sha256_file
+
+logger = logging.getLogger(__name__)
+OPSET = 17
+CANONICAL_UM_PER_PX = 0.2
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def check_parity(model, onnx_path: Path, shape: tuple[int, ...], atol: float = 1e-3) -> float:
+    """Max abs difference between PyTorch and ONNX Runtime outputs on seeded random input."""
+    import onnxruntime as ort
+    import torch
+
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(x))
+    refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {sess.get_inputs()[0].name: x})
+    diff = max(float(np.abs(o - r.numpy()).max()) for o, r in zip(outs, refs))
+    if diff > atol:
+        raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.2e} (> {atol})")
+    return diff
+
+
+def write_manifest(manifest: ModelManifest, out_dir: Path) -> Path:
+    path = out_dir / f"{manifest.name}.json"
+    path.write_text(json.dumps(manifest.model_dump(), indent=2) + "\n")
+    logger.info("wrote %s (sha256 %s)", path, manifest.sha256[:12])
+    return path
+
+
+def export_classifier(model, *, name: str, classes: list[str], crop, arch: str, temperature: float,
+                      metrics: dict[str, Any], training_data: dict[str, Any], split_hashes: dict[str, str],
+                      out_dir: Path, history: list | None = None) -> Path:
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / f"{name}.onnx"
+    s = crop.input_size
+    dummy = torch.zeros(2, 3, s, s)
+    torch.onnx.export(model, (dummy,), str(onnx_path), input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET, dynamo=False)
+    diff = check_parity(model, onnx_path, (4, 3, s, s))
+    manifest = ModelManifest(
+        name=name, task="classification", file=onnx_path.name, sha256=sha256_file(onnx_path), opset=OPSET,
+        inputs=[TensorSpec(name="images", shape=[-1, 3, s, s])],
+        outputs=[TensorSpec(name="logits", shape=[-1, len(classes)])],
+        batch=BatchProfile(min=1, opt=32, max=128), input_size=s, canonical_um_per_px=CANONICAL_UM_PER_PX,
+        classes=list(classes), crop=CropInfo(extent_um=crop.extent_um, input_size=s), temperature=temperature,
+        architecture=f"timm {arch}, from scratch", training_data=training_data, split_hashes=split_hashes,
+        metrics={**metrics, "onnx_parity_max_abs_diff": diff, **({"history": history} if history else {})},
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), producer=_versions(),
+    )
+    return write_manifest(manifest, out_dir)
+
+
+def export_yolo_seg(weights: Path, *, name: str, imgsz: int, classes: list[str], metrics: dict[str, Any],
+                    training_data: dict[str, Any], split_hashes: dict[str, str], out_dir: Path) -> Path:
+    """Ultralytics YOLO-seg .pt -> ONNX with a dynamic batch axis (raw head output, NMS done by us)."""
+    import torch
+    from ultralytics import YOLO
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    yolo = YOLO(str(weights))
+    exported = Path(yolo.export(format="onnx", imgsz=imgsz, dynamic=True, simplify=True, opset=OPSET, batch=1, device="cpu"))
+    onnx_path = out_dir / f"{name}.onnx"
+    exported.replace(onnx_path)
+    net = yolo.model.eval().float()
+
+    class Raw(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            y = self.m(x)
+            return y[0], y[1][-1] if isinstance(y[1], (list, tuple)) else y[1]
+
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    ins = [TensorSpec(name=i.name, shape=[-1 if not isinstance(d, int) else d for d in i.shape]) for i in sess.get_inputs()]
+    outs = [TensorSpec(name=o.name, shape=[-1 if not isinstance(d, int) else d for d in o.shape]) for o in sess.get_outputs()]
+    try:
+        diff = check_parity(Raw(net), onnx_path, (2, 3, imgsz, imgsz), atol=5e-3)
+    except Exception as exc:  # parity wrapper depends on ultralytics internals: report, do not hide
+        logger.warning("ONNX parity check could not run as written: %s", exc)
+        diff = None
+    manifest = ModelManifest(
+        name=name, task="segmentation", file=onnx_path.name, sha256=sha256_file(onnx_path), opset=OPSET,
+        inputs=ins, outputs=outs, batch=BatchProfile(min=1, opt=4, max=16), input_size=imgsz,
+        canonical_um_per_px=CANONICAL_UM_PER_PX, classes=classes, architecture="ultralytics yolo11n-seg (yaml), from scratch",
+        training_data=training_data, split_hashes=split_hashes,
+        metrics={**metrics, "onnx_parity_max_abs_diff": diff},
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), producer=_versions(),
+    )
+    return write_manifest(manifest, out_dir)

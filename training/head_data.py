@@ -1,0 +1,154 @@
+"""Crop datasets for the two classifier heads, built with the analyzer's own crop function.
+
+WBC head: PBC single-cell crops (8 folders), seeded stratified 80/10/10 split.
+RBC head: Chula RBC-12 cell centres (split by IMAGE, 80/10/10) plus erythrocytesIDB1 sickle
+crops (its own `train/` and `test/` folders; `test/` is held out).
+Every crop goes through `service.scale.resample_to_canonical` and `service.crops.crop_cell`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from service.crops import RBC_CROP, WBC_CROP, crop_cell
+from service.scale import NORMAL_RBC_DIAMETER_UM, resample_to_canonical, scale_from_rbc_diameters
+from training.data import data_root, seeded_split, split_hash
+
+logger = logging.getLogger(__name__)
+
+PBC_CLASSES = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet")
+PBC_MICRONS_PER_PIXEL = 0.19  # 360x363 crops at ~0.1 um/px resized to 192x192 (datasets README)
+
+CHULA_CLASSES = (
+    "normal", "macrocyte", "microcyte", "spherocyte", "target", "stomatocyte", "ovalocyte",
+    "teardrop", "burr", "schistocyte", "uncategorised", "hypochromia", "elliptocyte",
+)
+CHULA_MICRONS_PER_PIXEL = 0.23
+#: The RBC head's classes: Chula's morphologies without "uncategorised", plus sickle (IDB1).
+RBC_CLASSES = tuple(c for c in CHULA_CLASSES if c != "uncategorised") + ("sickle",)
+
+
+@dataclass
+class CropSet:
+    images: np.ndarray  # N x S x S x 3 uint8 BGR
+    labels: np.ndarray  # N int64
+    groups: list[str]  # source image of each crop (for audits)
+
+
+def _stack(crops: list[np.ndarray], labels: list[int], groups: list[str], size: int) -> CropSet:
+    if not crops:
+        return CropSet(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64), [])
+    return CropSet(np.stack(crops), np.array(labels, np.int64), groups)
+
+
+def pbc_splits() -> dict[str, list[tuple[str, int]]]:
+    root = data_root() / "pbc"
+    out: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
+    for ci, cls in enumerate(PBC_CLASSES):
+        files = [str(p.relative_to(root)) for p in sorted((root / cls).glob("*.jpg"))]
+        for split, ids in seeded_split(files, (0.8, 0.1, 0.1)).items():
+            out[split] += [(f, ci) for f in ids]
+    return out
+
+
+def pbc_crops(split: str) -> CropSet:
+    root = data_root() / "pbc"
+    crops, labels, groups = [], [], []
+    for rel, ci in tqdm(pbc_splits()[split], desc=f"pbc {split}"):
+        img = cv2.imread(str(root / rel))
+        if img is None:
+            continue
+        canon = resample_to_canonical(img, PBC_MICRONS_PER_PIXEL)
+        h, w = canon.shape[:2]
+        crops.append(crop_cell(canon, (w / 2.0, h / 2.0), WBC_CROP))
+        labels.append(ci)
+        groups.append(rel)
+    return _stack(crops, labels, groups, WBC_CROP.input_size)
+
+
+def chula_splits() -> dict[str, list[str]]:
+    ids = [p.stem for p in (data_root() / "chula_rbc12" / "Dataset").glob("*.jpg")]
+    return seeded_split(ids, (0.8, 0.1, 0.1))
+
+
+def chula_crops(split: str) -> CropSet:
+    root = data_root() / "chula_rbc12"
+    crops, labels, groups = [], [], []
+    f = CHULA_MICRONS_PER_PIXEL
+    for image_id in tqdm(chula_splits()[split], desc=f"chula {split}"):
+        img = cv2.imread(str(root / "Dataset" / f"{image_id}.jpg"))
+        lab = root / "Label" / f"{image_id}.txt"
+        if img is None or not lab.exists():
+            continue
+        canon = resample_to_canonical(img, f)
+        factor = f / 0.2
+        for line in lab.read_text().split("\n"):
+            parts = line.split()
+            if len(parts) < 3:
+                continue
+            x, y, c = float(parts[0]), float(parts[1]), int(parts[2])
+            name = CHULA_CLASSES[c] if 0 <= c < len(CHULA_CLASSES) else None
+            if name is None or name not in RBC_CLASSES:
+                continue
+            crops.append(crop_cell(canon, (x * factor, y * factor), RBC_CROP))
+            labels.append(RBC_CLASSES.index(name))
+            groups.append(f"chula/{image_id}")
+    return _stack(crops, labels, groups, RBC_CROP.input_size)
+
+
+def _cell_diameter(img: np.ndarray) -> float | None:
+    sat = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)[:, :, 1]
+    gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    score = cv2.GaussianBlur(cv2.addWeighted(sat, 0.5, 255 - gray, 0.5, 0), (3, 3), 0)
+    _, m = cv2.threshold(score, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    c = max(contours, key=cv2.contourArea)
+    return 2.0 * float(np.sqrt(cv2.contourArea(cv2.convexHull(c)) / np.pi))
+
+
+def idb1_microns_per_pixel() -> float:
+    """One scale for erythrocytesIDB1: round ('circular') train cells are taken as 7.5 um."""
+    root = data_root() / "erythrocytesidb1" / "train" / "circular"
+    d = [_cell_diameter(cv2.imread(str(p))) for p in sorted(root.glob("*.jpg"))]
+    mpp = scale_from_rbc_diameters(np.array([x for x in d if x]))
+    return mpp if mpp is not None else NORMAL_RBC_DIAMETER_UM / 60.0
+
+
+def idb1_crops(split: str, mpp: float, only_sickle: bool) -> tuple[CropSet, np.ndarray]:
+    """IDB1 crops; returns the set and a boolean 'is sickle' array (for the sickle-vs-not metric)."""
+    root = data_root() / "erythrocytesidb1" / split
+    crops, labels, groups, sickle = [], [], [], []
+    for folder in ("falciforme", "circular", "outras"):
+        if only_sickle and folder != "falciforme":
+            continue
+        for p in sorted((root / folder).glob("*.jpg")):
+            img = cv2.imread(str(p))
+            if img is None:
+                continue
+            canon = resample_to_canonical(img, mpp)
+            h, w = canon.shape[:2]
+            crops.append(crop_cell(canon, (w / 2.0, h / 2.0), RBC_CROP))
+            labels.append(RBC_CLASSES.index("sickle") if folder == "falciforme" else RBC_CLASSES.index("normal"))
+            groups.append(f"idb1/{split}/{folder}/{p.name}")
+            sickle.append(folder == "falciforme")
+    return _stack(crops, labels, groups, RBC_CROP.input_size), np.array(sickle, bool)
+
+
+def split_manifest() -> dict[str, str]:
+    """Hashes of every held-out list, written into the model manifests."""
+    pbc = pbc_splits()
+    ch = chula_splits()
+    return {
+        "pbc_test": split_hash([f for f, _ in pbc["test"]]),
+        "pbc_val": split_hash([f for f, _ in pbc["val"]]),
+        "chula_test": split_hash(ch["test"]),
+        "chula_val": split_hash(ch["val"]),
+    }

@@ -1,0 +1,213 @@
+"""Train a classifier head (timm, from scratch) on canonical-scale crops, calibrate, export ONNX.
+
+    python -m training.train_head --head wbc --minutes 30
+    python -m training.train_head --head rbc --minutes 20
+
+Seeded; a checkpoint is written after every epoch and `--resume` continues from it. After
+training: temperature scaling on the validation split, held-out test metrics, ONNX export with
+a manifest (export.manifest) into models/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from service.crops import RBC_CROP, WBC_CROP
+from training import head_data as hd
+from training.metrics import classification_report, fit_temperature
+
+logger = logging.getLogger(__name__)
+
+# Half-width timm ResNets: resnet18/resnet10t layouts at half the channels, so that the ONNX files
+# stay a few MB and an RBC crop costs well under a millisecond on a CPU.
+HEADS = {
+    "wbc": {"arch": "resnet18-half", "layers": (2, 2, 2, 2), "stem": 24, "classes": hd.PBC_CLASSES,
+            "crop": WBC_CROP, "sampling_power": 0.0},
+    "rbc": {"arch": "resnet10t-half", "layers": (1, 1, 1, 1), "stem": 16, "classes": hd.RBC_CLASSES,
+            "crop": RBC_CROP, "sampling_power": -0.5},
+}
+
+
+def build_net(spec: dict, num_classes: int) -> nn.Module:
+    from timm.models.resnet import BasicBlock, ResNet
+
+    return ResNet(block=BasicBlock, layers=spec["layers"], channels=(32, 64, 128, 256), stem_width=spec["stem"],
+                  stem_type="deep_tiered", avg_down=True, num_classes=num_classes)
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+class Deployable(nn.Module):
+    """What ONNX gets: float32 RGB in [0, 1], NCHW -> logits. Normalisation is baked in."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", MEAN.clone())
+        self.register_buffer("std", STD.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def to_tensor(bgr: np.ndarray) -> torch.Tensor:
+    """N x S x S x 3 uint8 BGR -> N x 3 x S x S float RGB in [0, 1] (same as the engine's preprocessing)."""
+    return torch.from_numpy(bgr[..., ::-1].copy()).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Flips, 90-degree rotations and per-image stain-like colour jitter (gain, offset, gamma)."""
+    if torch.rand(1, generator=g) < 0.5:
+        x = x.flip(3)
+    k = int(torch.randint(0, 4, (1,), generator=g))
+    x = torch.rot90(x, k, (2, 3))
+    n = x.shape[0]
+    gain = 1.0 + 0.12 * (torch.rand(n, 3, 1, 1, generator=g) * 2 - 1)
+    offset = 0.05 * (torch.rand(n, 3, 1, 1, generator=g) * 2 - 1)
+    gamma = 1.0 + 0.25 * (torch.rand(n, 1, 1, 1, generator=g) * 2 - 1)
+    return (x.clamp(1e-4, 1).pow(gamma) * gain + offset).clamp(0, 1)
+
+
+def predict_logits(model: nn.Module, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            out.append(model(to_tensor(images[i : i + batch]).contiguous(memory_format=torch.channels_last)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+def load_sets(head: str) -> dict:
+    if head == "wbc":
+        return {s: hd.pbc_crops(s) for s in ("train", "val", "test")}
+    sets = {s: hd.chula_crops(s) for s in ("train", "val", "test")}
+    mpp = hd.idb1_microns_per_pixel()
+    idb_train, _ = hd.idb1_crops("train", mpp, only_sickle=True)
+    # IDB1 train: 85% for training, the last 15% (seeded) for validation.
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(idb_train.labels))
+    cut = int(0.85 * len(order))
+    for name, idx in (("train", order[:cut]), ("val", order[cut:])):
+        s = sets[name]
+        s.images = np.concatenate([s.images, idb_train.images[idx]])
+        s.labels = np.concatenate([s.labels, idb_train.labels[idx]])
+    idb_test, is_sickle = hd.idb1_crops("test", mpp, only_sickle=False)
+    sets["idb1_test"] = idb_test
+    sets["idb1_test_is_sickle"] = is_sickle
+    sets["idb1_mpp"] = mpp
+    return sets
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--head", choices=sorted(HEADS), required=True)
+    ap.add_argument("--minutes", type=float, default=30.0, help="training wall-clock budget")
+    ap.add_argument("--max-epochs", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=Path("build/heads"))
+    ap.add_argument("--models", type=Path, default=Path("models"))
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    spec = HEADS[args.head]
+    classes = spec["classes"]
+    sets = load_sets(args.head)
+    train, val, test = sets["train"], sets["val"], sets["test"]
+    logger.info("%s head: train %d, val %d, test %d crops", args.head, len(train.labels), len(val.labels), len(test.labels))
+
+    net = build_net(spec, len(classes))
+    model = Deployable(net).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    counts = np.bincount(train.labels, minlength=len(classes)).astype(float)
+    w = np.where(counts > 0, counts, 1.0) ** spec["sampling_power"]
+    sample_p = w[train.labels]
+    sample_p /= sample_p.sum()
+    steps_per_epoch = max(1, len(train.labels) // args.batch)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = args.out / f"{args.head}_last.pt"
+    start_epoch, history, elapsed = 0, [], 0.0
+    if args.resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
+    # Estimate the epoch count from the budget after the first epoch; cosine over that count.
+    budget_s = args.minutes * 60.0
+    planned = args.max_epochs
+    g = torch.Generator().manual_seed(1)
+    rng = np.random.default_rng(2)
+    best_f1, best_state = -1.0, None
+    epoch = start_epoch
+    while epoch < planned:
+        t0 = time.time()
+        model.train()
+        lr = args.lr * 0.5 * (1 + np.cos(np.pi * epoch / max(1, planned)))
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        idx = rng.choice(len(train.labels), size=steps_per_epoch * args.batch, p=sample_p)
+        losses = []
+        for s in tqdm(range(steps_per_epoch), desc=f"{args.head} epoch {epoch + 1}/{planned}", mininterval=10):
+            b = idx[s * args.batch : (s + 1) * args.batch]
+            x = augment(to_tensor(train.images[b]), g).contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(train.labels[b])
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        elapsed += time.time() - t0
+        val_logits = predict_logits(model, val.images)
+        rep = classification_report(val.labels, val_logits.argmax(1), classes)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_acc": rep["accuracy"], "val_macro_f1": rep["macro_f1"], "lr": lr})
+        logger.info("epoch %d loss %.3f val acc %.4f macro-F1 %.4f (%.0f s so far)", epoch + 1, np.mean(losses), rep["accuracy"], rep["macro_f1"], elapsed)
+        if rep["macro_f1"] > best_f1:
+            best_f1 = rep["macro_f1"]
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        epoch += 1
+        if epoch == start_epoch + 1:
+            per_epoch = elapsed / epoch
+            planned = int(min(args.max_epochs, max(epoch + 1, budget_s // max(per_epoch, 1e-3))))
+            logger.info("%.0f s per epoch: planning %d epochs in %.0f min", per_epoch, planned, args.minutes)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "history": history, "elapsed": elapsed, "planned": planned}, ckpt)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+
+    val_logits = predict_logits(model, val.images)
+    temperature = fit_temperature(val_logits, val.labels)
+    test_logits = predict_logits(model, test.images)
+    metrics = {"test": classification_report(test.labels, test_logits.argmax(1), classes, logits=test_logits / temperature),
+               "val_best_macro_f1": best_f1, "temperature": temperature, "epochs": epoch, "train_seconds": elapsed}
+    data_desc = {"pbc": "PBC (Acevedo 2020), seeded stratified 80/10/10"} if args.head == "wbc" else {
+        "chula_rbc12": "Chula RBC-12, split by image 80/10/10 (seeded)",
+        "erythrocytesidb1": f"sickle crops of train/ (85/15 train/val); test/ held out; scale {sets['idb1_mpp']:.4f} um/px"}
+    if args.head == "rbc":
+        il = predict_logits(model, sets["idb1_test"].images)
+        pred_sickle = il.argmax(1) == classes.index("sickle")
+        metrics["idb1_test_sickle_vs_not_accuracy"] = float((pred_sickle == sets["idb1_test_is_sickle"]).mean())
+    logger.info("held-out test: %s", json.dumps({k: v for k, v in metrics["test"].items() if k in ("accuracy", "macro_f1", "ece")}))
+    from export.onnx_export import export_classifier
+
+    export_classifier(
+        model.eval(), name=f"{args.head}_head", classes=list(classes), crop=spec["crop"], arch=spec["arch"],
+        temperature=temperature, metrics=metrics, training_data=data_desc, split_hashes=hd.split_manifest(),
+        out_dir=args.models, history=history,
+    )
+
+
+if __name__ == "__main__":
+    main()
