@@ -1,0 +1,51 @@
+"""Batch to the engine's profile: split above max, pad up to min (or opt), strip the padding."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from engines.base import Engine
+from engines.manifest import BatchProfile
+
+
+def plan_batches(n: int, profile: BatchProfile, pad_to_opt: bool = False) -> list[tuple[int, int, int]]:
+    """Chunks (start, stop, padded_size) covering n items within the profile.
+
+    Full chunks of `max`; the remainder is padded to `min` (or to `opt` when `pad_to_opt` and the
+    remainder is below it: TensorRT runs fastest at the profile's optimum).
+    """
+    plan = []
+    start = 0
+    while start < n:
+        stop = min(n, start + profile.max)
+        size = stop - start
+        padded = max(size, profile.min)
+        if pad_to_opt and size < profile.opt:
+            padded = max(padded, profile.opt)
+        plan.append((start, stop, padded))
+        start = stop
+    return plan
+
+
+def iter_padded(batch: np.ndarray, profile: BatchProfile, pad_to_opt: bool = False) -> Iterator[tuple[int, int, np.ndarray]]:
+    for start, stop, padded in plan_batches(batch.shape[0], profile, pad_to_opt):
+        chunk = batch[start:stop]
+        if padded > chunk.shape[0]:
+            pad = np.zeros((padded - chunk.shape[0], *chunk.shape[1:]), chunk.dtype)
+            chunk = np.concatenate([chunk, pad])
+        yield start, stop, chunk
+
+
+def run_batched(engine: Engine, batch: np.ndarray) -> dict[str, np.ndarray]:
+    """Run any number of inputs through `engine`, honouring its batch profile."""
+    if batch.shape[0] == 0:
+        return {name: np.zeros((0, *[max(d, 0) for d in spec.shape[1:]]), np.float32)
+                for name, spec in zip(engine.output_names, engine.manifest.outputs)}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in engine.output_names}
+    for start, stop, chunk in iter_padded(batch, engine.manifest.batch, pad_to_opt=engine.pads_to_opt):
+        out = engine.run(chunk)
+        for name in parts:
+            parts[name].append(out[name][: stop - start])
+    return {name: np.concatenate(v) for name, v in parts.items()}

@@ -1,0 +1,37 @@
+"""Where TensorRT engines live: build artifacts keyed by TensorRT version, ONNX hash and precision.
+
+Pure functions (no TensorRT import) shared by the builder (`export.tensorrt_build`) and the
+runtime (`engines.tensorrt_engine`), so both always agree on the file name.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from engines.manifest import ModelManifest
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def engine_filename(manifest: ModelManifest, trt_version: str, precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    ver = re.sub(r"[^0-9.]", "", trt_version) or "unknown"
+    return f"{manifest.name}-{manifest.sha256[:12]}-trt{ver}-{precision}-b{manifest.batch.max}.engine"
+
+
+def engine_path(cache_dir: Path, manifest: ModelManifest, trt_version: str, precision: str) -> Path:
+    return Path(cache_dir) / engine_filename(manifest, trt_version, precision)
+
+
+def profile_shapes(manifest: ModelManifest) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """(min, opt, max) input shapes per input tensor for the optimisation profile."""
+    b = manifest.batch
+    out = {}
+    for t in manifest.inputs:
+        rest = tuple(t.shape[1:])
+        if any(d < 0 for d in rest):
+            raise ValueError(f"{manifest.name}: only the batch axis may be dynamic, got {t.shape}")
+        out[t.name] = ((b.min, *rest), (b.opt, *rest), (b.max, *rest))
+    return out
