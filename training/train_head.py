@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from service.crops import RBC_CROP, WBC_CROP
 from training import head_data as hd
-from training.metrics import classification_report, fit_temperature
+from service.metrics import classification_report, fit_temperature
 
 logger = logging.getLogger(__name__)
 

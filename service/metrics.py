@@ -1,0 +1,139 @@
+"""Classification and detection metrics shared by training and evaluation (numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature minimising validation NLL (1-D golden-section search on log T)."""
+    def nll(log_t: float) -> float:
+        p = softmax(logits / np.exp(log_t))
+        return float(-np.log(p[np.arange(len(labels)), labels] + 1e-12).mean())
+
+    lo, hi = np.log(0.2), np.log(10.0)
+    phi = (np.sqrt(5) - 1) / 2
+    a, b = hi - phi * (hi - lo), lo + phi * (hi - lo)
+    for _ in range(60):
+        if nll(a) < nll(b):
+            hi = b
+        else:
+            lo = a
+        a, b = hi - phi * (hi - lo), lo + phi * (hi - lo)
+    return float(np.exp((lo + hi) / 2))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def classification_report(labels: np.ndarray, preds: np.ndarray, classes, logits: np.ndarray | None = None) -> dict:
+    k = len(classes)
+    cm = np.zeros((k, k), np.int64)
+    np.add.at(cm, (labels, preds), 1)
+    per = {}
+    f1s = []
+    for i, c in enumerate(classes):
+        tp = cm[i, i]
+        support = cm[i].sum()
+        prec = tp / cm[:, i].sum() if cm[:, i].sum() else 0.0
+        rec = tp / support if support else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        per[c] = {"precision": round(float(prec), 4), "recall": round(float(rec), 4), "f1": round(float(f1), 4), "support": int(support)}
+        if support:
+            f1s.append(f1)
+    out = {
+        "accuracy": float((labels == preds).mean()) if len(labels) else 0.0,
+        "macro_f1": float(np.mean(f1s)) if f1s else 0.0,
+        "per_class": per,
+        "confusion_matrix": cm.tolist(),
+    }
+    if logits is not None:
+        out["ece"] = expected_calibration_error(softmax(logits), labels)
+    return out
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of boxes a (N, 4) and b (M, 4) as x0, y0, x1, y1."""
+    a = np.asarray(a, float).reshape(-1, 4)
+    b = np.asarray(b, float).reshape(-1, 4)
+    ix0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    iy0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    ix1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    iy1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / (area_a[:, None] + area_b[None, :] - inter + 1e-9)
+
+
+def average_precision(images: list[tuple[np.ndarray, np.ndarray, np.ndarray]], iou_threshold: float = 0.5) -> float:
+    """AP of one class over images [(pred_boxes, pred_scores, truth_boxes)], all-point interpolated.
+
+    Greedy matching by descending score (as in VOC/COCO): a prediction is a true positive when it
+    overlaps a not-yet-matched truth box with IoU >= threshold.
+    """
+    n_truth = sum(len(t) for _, _, t in images)
+    if n_truth == 0:
+        return float("nan")
+    scores, tp = [], []
+    for pred, sc, truth in images:
+        order = np.argsort(-np.asarray(sc))
+        pred = np.asarray(pred, float).reshape(-1, 4)[order]
+        sc = np.asarray(sc, float)[order]
+        matched = np.zeros(len(truth), bool)
+        ious = box_iou(pred, truth) if len(truth) and len(pred) else np.zeros((len(pred), len(truth)))
+        for i in range(len(pred)):
+            hit = False
+            if len(truth):
+                cand = np.where(~matched)[0]
+                if cand.size:
+                    j = cand[np.argmax(ious[i, cand])]
+                    if ious[i, j] >= iou_threshold:
+                        matched[j] = True
+                        hit = True
+            scores.append(sc[i])
+            tp.append(hit)
+    if not scores:
+        return 0.0
+    order = np.argsort(-np.array(scores), kind="stable")
+    tp_arr = np.array(tp, float)[order]
+    ctp = np.cumsum(tp_arr)
+    cfp = np.cumsum(1 - tp_arr)
+    recall = ctp / n_truth
+    precision = ctp / np.maximum(ctp + cfp, 1e-9)
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[1.0], precision, [0.0]])
+    for i in range(len(mpre) - 2, -1, -1):
+        mpre[i] = max(mpre[i], mpre[i + 1])
+    idx = np.where(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
+
+
+def detection_map50(per_image: list[dict], classes: tuple[str, ...]) -> dict[str, float]:
+    """mAP50 over classes. Each item: {"pred": [(cls, box, score)], "truth": [(cls, box)]}."""
+    out = {}
+    for c in classes:
+        imgs = []
+        for item in per_image:
+            p = [(b, s) for k, b, s in item["pred"] if k == c]
+            t = [b for k, b in item["truth"] if k == c]
+            imgs.append((np.array([b for b, _ in p]).reshape(-1, 4), np.array([s for _, s in p]), np.array(t).reshape(-1, 4)))
+        out[c] = average_precision(imgs, 0.5)
+    vals = [v for v in out.values() if not np.isnan(v)]
+    out["mAP50"] = float(np.mean(vals)) if vals else 0.0
+    return out
