@@ -1,0 +1,252 @@
+"""Frame quality gate: only sharp, well-exposed, stained, new fields reach the analysis.
+
+All metrics are computed on a downscaled copy (at a fixed um/px when the frame's scale is known,
+else at a fixed width), so thresholds do not depend on the camera's resolution. Checks run in a
+fixed order so the reported reason is the most basic one: a black frame is "underexposed", not
+"out_of_focus".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from device.frame import Frame
+
+logger = logging.getLogger(__name__)
+
+DUPLICATE_FRAME_ID = "duplicate_frame_id"
+UNDEREXPOSED = "underexposed"
+OVEREXPOSED = "overexposed"
+EMPTY_FIELD = "empty_field"
+OUT_OF_FOCUS = "out_of_focus"
+SAME_FIELD = "same_field"
+#: Every reason code, in the order the checks run.
+REJECT_REASONS: tuple[str, ...] = (
+    DUPLICATE_FRAME_ID, UNDEREXPOSED, OVEREXPOSED, EMPTY_FIELD, OUT_OF_FOCUS, SAME_FIELD,
+)
+
+
+class QualityGateConfig(BaseModel):
+    """Thresholds of the frame quality gate."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        default=True,
+        title="Gate enabled",
+        description="When false every frame is accepted (duplicate frame ids are still refused).",
+    )
+    metric_microns_per_pixel: float = Field(
+        default=0.5,
+        title="Metric scale (um/px)",
+        description="Frames whose scale is known are resampled to this scale before any metric "
+        "is computed, so one focus threshold holds across cameras and objectives.",
+        gt=0.0,
+        le=10.0,
+    )
+    analysis_width: int = Field(
+        default=512,
+        title="Metric width (px)",
+        description="Frames of unknown scale are downscaled to this width instead.",
+        ge=64,
+        le=4096,
+    )
+    min_focus: float = Field(
+        default=60.0,
+        title="Minimum focus",
+        description="Variance of the Laplacian of the downscaled gray image; below is "
+        "out_of_focus.",
+        ge=0.0,
+    )
+    dark_level: int = Field(
+        default=20, title="Dark level", description="Gray value at or below which a pixel is dark.",
+        ge=0, le=254,
+    )
+    max_dark_fraction: float = Field(
+        default=0.5,
+        title="Largest dark fraction",
+        description="More dark pixels than this fraction is underexposed.",
+        gt=0.0, le=1.0,
+    )
+    clipped_level: int = Field(
+        default=250, title="Clipped level",
+        description="Gray value at or above which a pixel counts as clipped white.", ge=1, le=255,
+    )
+    max_clipped_fraction: float = Field(
+        default=0.6,
+        title="Largest clipped fraction",
+        description="More clipped-white pixels than this fraction is overexposed.",
+        gt=0.0, le=1.0,
+    )
+    stain_saturation: int = Field(
+        default=40, title="Stain saturation",
+        description="HSV saturation (0-255) at or above which a pixel counts as stained material.",
+        ge=1, le=255,
+    )
+    min_stained_fraction: float = Field(
+        default=0.03,
+        title="Smallest stained fraction",
+        description="Fewer stained pixels than this fraction is an empty_field.",
+        ge=0.0, le=1.0,
+    )
+    thumbnail_px: int = Field(
+        default=64, title="Thumbnail size (px)",
+        description="Side of the gray thumbnail compared with the previous accepted frame.",
+        ge=8, le=512,
+    )
+    same_field_correlation: float = Field(
+        default=0.97,
+        title="Same-field correlation",
+        description="Normalized cross-correlation with the previous accepted frame at or above "
+        "which the stage is judged not to have moved (same_field).",
+        gt=0.0, le=1.0,
+    )
+    remembered_frame_ids: int = Field(
+        default=100_000,
+        title="Remembered frame ids",
+        description="How many frame ids the gate remembers to refuse repeats (oldest forgotten).",
+        ge=1000,
+    )
+
+    @model_validator(mode="after")
+    def _levels_ordered(self) -> QualityGateConfig:
+        if self.dark_level >= self.clipped_level:
+            raise ValueError("dark_level must be below clipped_level")
+        return self
+
+
+@dataclass(frozen=True)
+class QualityVerdict:
+    """The gate's decision on one frame; `reason` is one of REJECT_REASONS or None."""
+
+    frame_id: str
+    accepted: bool
+    reason: str | None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+def measure(
+    pixels: np.ndarray, config: QualityGateConfig, microns_per_pixel: float | None = None
+) -> tuple[dict[str, float], np.ndarray]:
+    """Quality metrics of a BGR uint8 image, and its gray thumbnail for the same-field check."""
+    h, w = pixels.shape[:2]
+    if microns_per_pixel:
+        scale = min(1.0, microns_per_pixel / config.metric_microns_per_pixel)
+    else:
+        scale = min(1.0, config.analysis_width / w)
+    small = pixels
+    if scale < 1.0:
+        small = cv2.resize(pixels, (max(1, round(w * scale)), max(1, round(h * scale))),
+                           interpolation=cv2.INTER_AREA)
+    gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+    saturation = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)[:, :, 1]
+    metrics = {
+        "focus": float(cv2.Laplacian(gray, cv2.CV_64F).var()),
+        "dark_fraction": float(np.mean(gray <= config.dark_level)),
+        "clipped_fraction": float(np.mean(gray >= config.clipped_level)),
+        "stained_fraction": float(np.mean(saturation >= config.stain_saturation)),
+        "mean_gray": float(gray.mean()),
+    }
+    side = config.thumbnail_px
+    thumb = cv2.resize(gray, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
+    return metrics, thumb
+
+
+def normalized_cross_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Zero-mean NCC of two equal-shape images in [-1, 1]; 1.0 for two flat identical images."""
+    da = a - a.mean()
+    db = b - b.mean()
+    denom = float(np.sqrt((da * da).sum() * (db * db).sum()))
+    if denom < 1e-6:
+        return 1.0 if float(np.abs(a - b).mean()) < 1.0 else 0.0
+    return float((da * db).sum() / denom)
+
+
+class QualityGate:
+    """Decides which frames are worth analyzing; counts rejections per reason.
+
+    Thread-safe. A frame id is judged once: a repeat is refused as duplicate_frame_id however
+    good the frame is. Only accepted frames become the reference for the same-field check.
+    """
+
+    def __init__(self, config: QualityGateConfig | None = None) -> None:
+        self.config = config or QualityGateConfig()
+        self._lock = threading.Lock()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._previous_thumb: np.ndarray | None = None
+        self._rejections: Counter[str] = Counter()
+        self._accepted = 0
+
+    def check(self, frame: Frame) -> QualityVerdict:
+        """Judge one frame."""
+        cfg = self.config
+        with self._lock:
+            if frame.frame_id in self._seen:
+                return self._verdict(frame, DUPLICATE_FRAME_ID, {})
+            self._remember(frame.frame_id)
+            prev = self._previous_thumb
+        # Metrics outside the lock: the expensive part, and it touches no shared state.
+        metrics, thumb = measure(frame.pixels, cfg, frame.microns_per_pixel)
+        if prev is not None:
+            metrics["same_field_ncc"] = normalized_cross_correlation(prev, thumb)
+        reason: str | None = None
+        if cfg.enabled:
+            if metrics["dark_fraction"] > cfg.max_dark_fraction:
+                reason = UNDEREXPOSED
+            elif metrics["clipped_fraction"] > cfg.max_clipped_fraction:
+                reason = OVEREXPOSED
+            elif metrics["stained_fraction"] < cfg.min_stained_fraction:
+                reason = EMPTY_FIELD
+            elif metrics["focus"] < cfg.min_focus:
+                reason = OUT_OF_FOCUS
+            elif metrics.get("same_field_ncc", -1.0) >= cfg.same_field_correlation:
+                reason = SAME_FIELD
+        with self._lock:
+            if reason is None:
+                self._previous_thumb = thumb
+            return self._verdict(frame, reason, metrics)
+
+    def _verdict(
+        self, frame: Frame, reason: str | None, metrics: dict[str, float]
+    ) -> QualityVerdict:
+        if reason is None:
+            self._accepted += 1
+        else:
+            self._rejections[reason] += 1
+            logger.debug("frame %s rejected: %s %s", frame.frame_id, reason, metrics)
+        return QualityVerdict(
+            frame_id=frame.frame_id,
+            accepted=reason is None,
+            reason=reason,
+            metrics=MappingProxyType(metrics),
+        )
+
+    def _remember(self, frame_id: str) -> None:
+        self._seen[frame_id] = None
+        while len(self._seen) > self.config.remembered_frame_ids:
+            self._seen.popitem(last=False)
+
+    @property
+    def rejections(self) -> dict[str, int]:
+        """Rejected frames per reason code (every code present, zero included)."""
+        with self._lock:
+            return {reason: self._rejections[reason] for reason in REJECT_REASONS}
+
+    @property
+    def accepted(self) -> int:
+        with self._lock:
+            return self._accepted
+
+    def reset_reference(self) -> None:
+        """Forget the previous field (e.g. a new slide was loaded)."""
+        with self._lock:
+            self._previous_thumb = None

@@ -1,0 +1,240 @@
+"""Typed configuration of each frame source, joined in one discriminated union on `kind`.
+
+Each source kind owns its config model; `SourceConfig` is what the station config embeds. The
+`kind` strings are also the keys of the lazy registry in `device.sources`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class SourceBaseModel(BaseModel):
+    """Strict base: unknown keys are errors, configs are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _CommonSourceFields(SourceBaseModel):
+    name: str = Field(
+        default="scope",
+        title="Source name",
+        description="Short name of this source; prefixes every frame id and is the Frame's source.",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+    )
+    microns_per_pixel: float | None = Field(
+        default=None,
+        title="Scale (um/px)",
+        description="Micrometres per pixel of the captured image; leave unset to let the pipeline "
+        "estimate it from red-cell size.",
+        gt=0.0,
+        le=10.0,
+    )
+
+
+class CameraSourceConfig(_CommonSourceFields):
+    """A live camera through OpenCV: V4L2 index or path, a GStreamer pipeline, or an RTSP URL."""
+
+    kind: Literal["camera"] = Field(
+        default="camera", title="Source kind", description="Selects the live camera source."
+    )
+    device: int | str = Field(
+        default=0,
+        title="Camera device",
+        description="V4L2 index (0), device path (/dev/video0), GStreamer pipeline ending in "
+        "'appsink' (Jetson CSI: 'nvarguscamerasrc ! ... ! appsink'), or an rtsp:// URL.",
+    )
+    api: Literal["auto", "v4l2", "gstreamer", "ffmpeg"] = Field(
+        default="auto",
+        title="OpenCV capture API",
+        description="OpenCV backend; 'auto' picks GStreamer for pipelines, FFmpeg for URLs and "
+        "V4L2 for indices and /dev paths.",
+    )
+    width: int | None = Field(
+        default=None,
+        title="Frame width",
+        description="Requested width in pixels (V4L2 only).",
+        gt=0,
+    )
+    height: int | None = Field(
+        default=None,
+        title="Frame height",
+        description="Requested height in pixels (V4L2 only).",
+        gt=0,
+    )
+    reconnect_initial_s: float = Field(
+        default=1.0,
+        title="First reconnect delay (s)",
+        description="Wait before the first reconnect attempt after the camera vanishes.",
+        gt=0.0,
+    )
+    reconnect_max_s: float = Field(
+        default=60.0,
+        title="Longest reconnect delay (s)",
+        description="Cap of the exponential reconnect backoff.",
+        gt=0.0,
+    )
+
+    @model_validator(mode="after")
+    def _backoff_ordered(self) -> CameraSourceConfig:
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        return self
+
+
+class FolderSourceConfig(_CommonSourceFields):
+    """A watched directory: each new image file is analyzed once, then moved aside."""
+
+    kind: Literal["folder"] = Field(
+        default="folder", title="Source kind", description="Selects the watched-folder source."
+    )
+    path: Path = Field(
+        title="Watched directory",
+        description="Directory polled for new image files (must exist when the source opens).",
+    )
+    poll_interval_s: float = Field(
+        default=1.0, title="Poll interval (s)", description="Time between directory scans.", gt=0.0
+    )
+    settle_s: float = Field(
+        default=2.0,
+        title="Settle period (s)",
+        description="A file is read only after its size and mtime have not changed for this long.",
+        ge=0.0,
+    )
+    decode_grace_s: float = Field(
+        default=30.0,
+        title="Undecodable grace (s)",
+        description="How long a settled file that does not decode is retried before it is "
+        "rejected as 'undecodable' (a writer may pause mid-file).",
+        ge=0.0,
+    )
+    max_file_mb: float = Field(
+        default=200.0,
+        title="Largest file (MB)",
+        description="Larger files are rejected unread.",
+        gt=0.0,
+    )
+    extensions: tuple[str, ...] = Field(
+        default=IMAGE_EXTENSIONS,
+        title="Image extensions",
+        description="Lower-case file extensions treated as images; other files are rejected.",
+        min_length=1,
+    )
+    done_dir: str = Field(
+        default="done",
+        title="Done subdirectory",
+        description="Subdirectory of `path` that processed files are moved into.",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+    )
+    rejected_dir: str = Field(
+        default="rejected",
+        title="Rejected subdirectory",
+        description="Subdirectory of `path` for rejected files, each with a .reason.txt sidecar.",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+    )
+    state_file: Path | None = Field(
+        default=None,
+        title="State file",
+        description="Append-only record of processed files so a restart never reprocesses one; "
+        "default `<path>/.smearscope-processed`.",
+    )
+    state_max_entries: int = Field(
+        default=10_000,
+        title="State entries kept",
+        description="The state file is compacted to this many most recent entries when opened.",
+        ge=100,
+    )
+
+    @model_validator(mode="after")
+    def _dirs_distinct(self) -> FolderSourceConfig:
+        if self.done_dir == self.rejected_dir:
+            raise ValueError("done_dir and rejected_dir must differ")
+        if any(not e.startswith(".") or e != e.lower() for e in self.extensions):
+            raise ValueError("extensions must be lower-case and start with '.', e.g. '.png'")
+        return self
+
+
+class ReplaySourceConfig(_CommonSourceFields):
+    """Recorded frames (a folder of images or one video file) played back at a set rate."""
+
+    kind: Literal["replay"] = Field(
+        default="replay", title="Source kind", description="Selects the replay source."
+    )
+    path: Path = Field(
+        title="Recording",
+        description="A directory of image files (played in name order) or a video file.",
+    )
+    fps: float = Field(
+        default=1.0,
+        title="Frames per second",
+        description="Playback rate; 0 plays as fast as the consumer takes frames.",
+        ge=0.0,
+    )
+    loop: bool = Field(
+        default=False,
+        title="Loop",
+        description="Start again at the end; each pass gets new frame ids.",
+    )
+
+
+class SimulatedSourceConfig(_CommonSourceFields):
+    """The synthetic renderer as a virtual microscope: seeded and reproducible."""
+
+    kind: Literal["simulated"] = Field(
+        default="simulated", title="Source kind", description="Selects the synthetic microscope."
+    )
+    seed: int = Field(
+        default=0,
+        title="Seed",
+        description="Seed of the first field; field i uses seed + i.",
+        ge=0,
+    )
+    fields: int | None = Field(
+        default=20,
+        title="Number of fields",
+        description="How many fields to render before the source ends; unset for unbounded.",
+        ge=1,
+    )
+    width: int = Field(
+        default=1280, title="Field width", description="Rendered width in pixels.", ge=64, le=8192
+    )
+    height: int = Field(
+        default=960, title="Field height", description="Rendered height in pixels.", ge=64, le=8192
+    )
+    fps: float = Field(
+        default=1.0,
+        title="Frames per second",
+        description="Render rate; 0 renders as fast as the consumer takes frames.",
+        ge=0.0,
+    )
+    microns_per_pixel: float = Field(  # type: ignore[assignment]
+        default=0.2,
+        title="Rendered scale (um/px)",
+        description="Scale the synthetic smear is rendered at (the renderer supports 0.05-0.5).",
+        ge=0.05,
+        le=0.5,
+    )
+    report_scale: bool = Field(
+        default=True,
+        title="Report scale",
+        description="Put the rendered scale on each Frame; false leaves it unset so the "
+        "pipeline's scale estimate is exercised.",
+    )
+
+
+SourceConfig = Annotated[
+    Union[CameraSourceConfig, FolderSourceConfig, ReplaySourceConfig, SimulatedSourceConfig],
+    Field(discriminator="kind"),
+]
+
+SOURCE_KINDS: tuple[str, ...] = ("camera", "folder", "replay", "simulated")

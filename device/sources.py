@@ -1,0 +1,602 @@
+"""Frame sources: where fields of view come from (camera, watched folder, replay, synthetic).
+
+Every source is an iterator of frozen `Frame`s with `close()` and context-manager support, chosen
+by the config's `kind` through a lazy registry ("kind" -> "module:Class", imported only when
+chosen). `close()` may be called from another thread: it ends iteration at the next frame
+boundary. Frame ids are unique within a run and stable where the input is (file name + size +
+mtime, recording pass + position, seed); live camera ids carry a per-open session token.
+
+Decoding here is deliberately minimal (`cv2.imdecode` on the file's bytes, None -> rejected as
+"undecodable"); the pipeline validates every frame again, because `device/` may not import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Callable, Iterator, Mapping
+
+import cv2
+import numpy as np
+
+from device.frame import Frame
+from device.source_config import (
+    IMAGE_EXTENSIONS,
+    CameraSourceConfig,
+    FolderSourceConfig,
+    ReplaySourceConfig,
+    SimulatedSourceConfig,
+    SourceConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+#: kind -> "module:Class"; a class is imported only when its kind is chosen.
+SOURCE_REGISTRY: Mapping[str, str] = {
+    "camera": "device.sources:CameraSource",
+    "folder": "device.sources:FolderSource",
+    "replay": "device.sources:ReplaySource",
+    "simulated": "device.sources:SimulatedSource",
+}
+
+
+class SourceConfigurationError(ValueError):
+    """The configured source cannot exist: unknown kind, missing path, empty recording."""
+
+
+def source_class(kind: str) -> type[FrameSource]:
+    """The FrameSource class registered for `kind`, imported on first use."""
+    try:
+        target = SOURCE_REGISTRY[kind]
+    except KeyError:
+        known = ", ".join(sorted(SOURCE_REGISTRY))
+        raise SourceConfigurationError(f"unknown source kind {kind!r} (known: {known})") from None
+    module_name, _, class_name = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, FrameSource)):
+        raise SourceConfigurationError(f"{target} is not a FrameSource")
+    return cls
+
+
+def open_source(config: SourceConfig) -> FrameSource:
+    """Build the source that `config.kind` names."""
+    return source_class(config.kind)(config)
+
+
+class FrameSource(ABC):
+    """An iterator of Frames that owns a capture resource; `close()` ends iteration."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._stop = threading.Event()
+        # Held while the iterating thread touches the resource, so close() never releases a
+        # capture in the middle of a read.
+        self._io_lock = threading.Lock()
+        self._released = False
+
+    def __iter__(self) -> Iterator[Frame]:
+        return self
+
+    def __next__(self) -> Frame:
+        with self._io_lock:
+            frame = None if self._stop.is_set() else self._next_frame()
+            if frame is None:
+                self._release_once()
+                raise StopIteration
+            return frame
+
+    @abstractmethod
+    def _next_frame(self) -> Frame | None:
+        """The next frame, or None when the source is exhausted or closed."""
+
+    def _release(self) -> None:
+        """Free the capture resource (called once)."""
+
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop iteration; release now unless a read is in progress (that thread releases)."""
+        self._stop.set()
+        if self._io_lock.acquire(timeout=timeout_s):
+            try:
+                self._release_once()
+            finally:
+                self._io_lock.release()
+        else:
+            logger.warning("%s: close() during a blocked read; released when it returns", self.name)
+
+    def _release_once(self) -> None:
+        if not self._released:
+            self._released = True
+            self._release()
+
+    def __enter__(self) -> FrameSource:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def as_bgr8(image: np.ndarray | None) -> np.ndarray | None:
+    """Gray, BGRA or 16-bit images as HxWx3 uint8 BGR; None for anything unusable."""
+    if image is None or image.size == 0 or image.ndim not in (2, 3):
+        return None
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        return None
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.shape[2] != 3:
+        return None
+    return np.ascontiguousarray(image)
+
+
+def looks_truncated(data: bytes) -> bool:
+    """True for a JPEG without its end marker or a PNG without IEND: still being written."""
+    if data[:2] == b"\xff\xd8":
+        return b"\xff\xd9" not in data[-1024:]
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" not in data[-64:]
+    return False
+
+
+def decode_image_bytes(data: bytes) -> np.ndarray | None:
+    """Minimal safe decode: BGR uint8 image, or None if the bytes are not a complete image."""
+    if not data or looks_truncated(data):
+        return None
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+    return as_bgr8(image)
+
+
+def backoff_delay(failures: int, initial_s: float, max_s: float) -> float:
+    """Exponential backoff: initial, 2x, 4x ... capped at max_s (failures counts from 1)."""
+    return min(max_s, initial_s * 2.0 ** max(0, min(failures - 1, 30)))
+
+
+class _Pacer:
+    """Spaces frames 1/fps apart without bursting to catch up after a slow consumer."""
+
+    def __init__(self, fps: float, stop: threading.Event) -> None:
+        self._period = 1.0 / fps if fps > 0 else 0.0
+        self._stop = stop
+        self._due: float | None = None
+
+    def wait(self) -> bool:
+        """Sleep until the next frame is due; False when the source was closed meanwhile."""
+        now = time.monotonic()
+        if self._due is not None and self._due > now and self._stop.wait(self._due - now):
+            return False
+        self._due = max(now, self._due or now) + self._period
+        return not self._stop.is_set()
+
+
+# --- camera ----------------------------------------------------------------------------------
+
+_CAPTURE_APIS = {"v4l2": cv2.CAP_V4L2, "gstreamer": cv2.CAP_GSTREAMER, "ffmpeg": cv2.CAP_FFMPEG}
+
+
+def capture_target(config: CameraSourceConfig) -> tuple[int | str, int]:
+    """(OpenCV device argument, API preference) for the configured camera."""
+    device: int | str = config.device
+    if isinstance(device, str) and device.strip().isdigit():
+        device = int(device.strip())
+    api = config.api
+    if api == "auto":
+        if isinstance(device, int) or device.startswith("/dev/"):
+            api = "v4l2"
+        elif "!" in device:
+            api = "gstreamer"
+        elif "://" in device:
+            api = "ffmpeg"
+        else:
+            return device, cv2.CAP_ANY  # e.g. a video file on a test bench
+    return device, _CAPTURE_APIS[api]
+
+
+def _open_capture(config: CameraSourceConfig) -> Any:
+    """An opened cv2.VideoCapture, or None when the camera is not there."""
+    device, api = capture_target(config)
+    params: list[int] = []
+    if api == cv2.CAP_FFMPEG:
+        # Bound network stalls so a dead RTSP stream becomes a reconnect, not a hang.
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 10_000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 10_000]
+    capture = cv2.VideoCapture(device, api, params) if params else cv2.VideoCapture(device, api)
+    if not capture.isOpened():
+        capture.release()
+        return None
+    if api == cv2.CAP_V4L2:
+        if config.width:
+            capture.set(cv2.CAP_PROP_FRAME_WIDTH, config.width)
+        if config.height:
+            capture.set(cv2.CAP_PROP_FRAME_HEIGHT, config.height)
+    return capture
+
+
+class CameraSource(FrameSource):
+    """A live camera via OpenCV; reconnects with exponential backoff when it vanishes."""
+
+    def __init__(
+        self,
+        config: CameraSourceConfig,
+        capture_factory: Callable[[CameraSourceConfig], Any] = _open_capture,
+    ) -> None:
+        super().__init__(config.name)
+        self._config = config
+        self._factory = capture_factory
+        self._capture: Any = None
+        self._failures = 0
+        self._session = f"{time.time_ns() // 1_000_000:x}"
+        self._counter = 0
+
+    @property
+    def failures(self) -> int:
+        """Consecutive failed opens/reads since the last good frame."""
+        return self._failures
+
+    def _next_frame(self) -> Frame | None:
+        while not self._stop.is_set():
+            if self._capture is None:
+                self._capture = self._factory(self._config)
+                if self._capture is None:
+                    self._failed("camera %r did not open")
+                    continue
+            ok, image = self._capture.read()
+            pixels = as_bgr8(image) if ok else None
+            if pixels is not None:
+                if self._failures:
+                    logger.info("%s: camera back after %d failures", self.name, self._failures)
+                self._failures = 0
+                self._counter += 1
+                return Frame(
+                    pixels=pixels,
+                    frame_id=f"{self.name}:{self._session}-{self._counter:08d}",
+                    source=self.name,
+                    microns_per_pixel=self._config.microns_per_pixel,
+                )
+            self._capture.release()
+            self._capture = None
+            self._failed("camera %r returned no frame")
+        return None
+
+    def _failed(self, what: str) -> None:
+        self._failures += 1
+        delay = backoff_delay(
+            self._failures, self._config.reconnect_initial_s, self._config.reconnect_max_s
+        )
+        # Log the first failure and then at 2, 4, 8 ... so a camera gone for days stays quiet.
+        if self._failures & (self._failures - 1) == 0:
+            logger.warning(
+                "%s: " + what + "; retry %d in %.1f s",
+                self.name, self._config.device, self._failures, delay,
+            )
+        self._stop.wait(delay)
+
+    def _release(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
+
+# --- watched folder --------------------------------------------------------------------------
+
+
+@dataclass
+class _Candidate:
+    size: int
+    mtime_ns: int
+    stable_since: float
+    undecodable_since: float | None = None
+
+
+class ProcessedLog:
+    """Append-only record of file keys already handed out or rejected; survives restarts."""
+
+    def __init__(self, path: Path, max_entries: int) -> None:
+        self.path = path
+        self._keys: set[str] = set()
+        lines: list[str] = []
+        if path.exists():
+            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if len(lines) > max_entries:
+            lines = lines[-max_entries:]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
+            os.replace(tmp, path)
+        self._keys = {ln.split("\t", 1)[0] for ln in lines}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def record(self, key: str, status: str, name: str) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(f"{key}\t{status}\t{name}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._keys.add(key)
+
+
+def file_key(name: str, size: int, mtime_ns: int) -> str:
+    """Stable identity of one version of one file."""
+    return hashlib.sha1(f"{name}|{size}|{mtime_ns}".encode()).hexdigest()[:16]
+
+
+#: Names writers use while a file is incomplete; such files are left alone, not rejected.
+TEMP_SUFFIXES: tuple[str, ...] = (".part", ".partial", ".tmp", ".crdownload", ".filepart", "~")
+
+
+def _unique_target(directory: Path, name: str, key: str) -> Path:
+    target = directory / name
+    if target.exists():
+        stem, suffix = os.path.splitext(name)
+        target = directory / f"{stem}-{key[:8]}{suffix}"
+    return target
+
+
+class FolderSource(FrameSource):
+    """Polls a directory; each settled image is handed out once, then moved to `done/`.
+
+    Delivery is at-most-once: a file is recorded as processed and moved before its frame is
+    returned, so a crash can lose a frame but never count its cells twice.
+    """
+
+    def __init__(self, config: FolderSourceConfig) -> None:
+        super().__init__(config.name)
+        if not config.path.is_dir():
+            raise SourceConfigurationError(f"watched folder {config.path} is not a directory")
+        self._config = config
+        self._root = config.path
+        self._done = self._root / config.done_dir
+        self._rejected = self._root / config.rejected_dir
+        self._done.mkdir(exist_ok=True)
+        self._rejected.mkdir(exist_ok=True)
+        state = config.state_file or self._root / ".smearscope-processed"
+        self._log = ProcessedLog(state, config.state_max_entries)
+        self._pending: dict[str, _Candidate] = {}
+        self._stuck: set[str] = set()  # keys we could not move away; not retried every poll
+        self.rejected_count = 0
+
+    def _next_frame(self) -> Frame | None:
+        while not self._stop.is_set():
+            frame = self.scan_once()
+            if frame is not None:
+                return frame
+            self._stop.wait(self._config.poll_interval_s)
+        return None
+
+    def scan_once(self, now: float | None = None) -> Frame | None:
+        """One pass over the directory: the first settled, decodable new image, if any."""
+        now = time.monotonic() if now is None else now
+        try:
+            entries = [e for e in os.scandir(self._root) if not e.name.startswith(".")]
+        except OSError as exc:
+            logger.error("%s: cannot list %s: %s", self.name, self._root, exc)
+            return None
+        seen: set[str] = set()
+        files = []
+        for entry in entries:
+            try:
+                if entry.is_file():
+                    files.append((entry.stat(), entry.name))
+            except OSError:
+                continue  # vanished between listing and stat
+        for st, fname in sorted(files, key=lambda f: (f[0].st_mtime_ns, f[1])):
+            seen.add(fname)
+            frame = self._consider(fname, st, now)
+            if frame is not None:
+                return frame
+        for gone in set(self._pending) - seen:
+            del self._pending[gone]
+        return None
+
+    def _consider(self, fname: str, st: os.stat_result, now: float) -> Frame | None:
+        if fname.endswith(TEMP_SUFFIXES):
+            return None  # a download or copy still in progress under a temporary name
+        key = file_key(fname, st.st_size, st.st_mtime_ns)
+        if key in self._stuck:
+            return None
+        if key in self._log:  # processed before a crash, never moved: finish the move only
+            logger.info("%s: %s already processed; moving it to %s", self.name, fname, self._done)
+            self._move(fname, self._done, key)
+            return None
+        cand = self._pending.get(fname)
+        if cand is None or (cand.size, cand.mtime_ns) != (st.st_size, st.st_mtime_ns):
+            self._pending[fname] = cand = _Candidate(st.st_size, st.st_mtime_ns, now)
+        if now - cand.stable_since < self._config.settle_s:
+            return None
+        ext = os.path.splitext(fname)[1].lower()
+        problem = None
+        if ext not in self._config.extensions:
+            problem = f"not an image (extension {ext or 'none'!r})"
+        elif st.st_size == 0:
+            problem = "empty file"
+        elif st.st_size > self._config.max_file_mb * 1e6:
+            problem = f"too large ({st.st_size} bytes)"
+        if problem is not None:
+            self._reject(fname, key, problem)
+            return None
+        try:
+            data = (self._root / fname).read_bytes()
+        except OSError as exc:
+            logger.warning("%s: cannot read %s: %s", self.name, fname, exc)
+            return None
+        pixels = decode_image_bytes(data) if len(data) == st.st_size else None
+        if pixels is None:
+            cand.undecodable_since = cand.undecodable_since or now
+            if now - cand.undecodable_since >= self._config.decode_grace_s:
+                self._reject(fname, key, "undecodable")
+            return None
+        del self._pending[fname]
+        self._log.record(key, "done", fname)
+        self._move(fname, self._done, key)
+        return Frame(
+            pixels=pixels,
+            frame_id=f"{self.name}:{fname}@{key[:12]}",
+            source=self.name,
+            microns_per_pixel=self._config.microns_per_pixel,
+        )
+
+    def _reject(self, fname: str, key: str, reason: str) -> None:
+        self._pending.pop(fname, None)
+        self._log.record(key, "rejected", fname)
+        self.rejected_count += 1
+        logger.warning("%s: rejected %s: %s", self.name, fname, reason)
+        target = self._move(fname, self._rejected, key)
+        if target is not None:
+            sidecar = target.with_name(target.name + ".reason.txt")
+            try:
+                sidecar.write_text(f"{reason}\n", encoding="utf-8")
+            except OSError as exc:
+                logger.error("%s: cannot write %s: %s", self.name, sidecar, exc)
+
+    def _move(self, fname: str, directory: Path, key: str) -> Path | None:
+        target = _unique_target(directory, fname, key)
+        try:
+            os.replace(self._root / fname, target)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            logger.error("%s: cannot move %s to %s: %s", self.name, fname, directory, exc)
+            self._stuck.add(key)
+            return None
+        return target
+
+
+# --- replay ----------------------------------------------------------------------------------
+
+
+class ReplaySource(FrameSource):
+    """A folder of images (name order) or a video file, paced at `fps`, optionally looping."""
+
+    def __init__(self, config: ReplaySourceConfig) -> None:
+        super().__init__(config.name)
+        self._config = config
+        self._pacer = _Pacer(config.fps, self._stop)
+        self._files: list[Path] = []
+        self._video: Any = None
+        if config.path.is_dir():
+            self._files = sorted(
+                p for p in config.path.iterdir()
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not self._files:
+                raise SourceConfigurationError(f"no image files in {config.path}")
+        elif not config.path.is_file():
+            raise SourceConfigurationError(f"recording {config.path} does not exist")
+        self._pass = 0
+        self._index = 0
+        self._yielded_this_pass = 0
+
+    def _next_frame(self) -> Frame | None:
+        while not self._stop.is_set():
+            item = self._read_next()
+            if item is None:  # end of the recording
+                if not self._config.loop or self._yielded_this_pass == 0:
+                    return None
+                self._pass += 1
+                self._index = 0
+                self._yielded_this_pass = 0
+                self._release()
+                continue
+            label, pixels = item
+            if pixels is None:
+                logger.warning("%s: skipping undecodable %s", self.name, label)
+                continue
+            if not self._pacer.wait():
+                return None
+            self._yielded_this_pass += 1
+            return Frame(
+                pixels=pixels,
+                frame_id=f"{self.name}:p{self._pass}:{label}",
+                source=self.name,
+                microns_per_pixel=self._config.microns_per_pixel,
+            )
+        return None
+
+    def _read_next(self) -> tuple[str, np.ndarray | None] | None:
+        if self._files:
+            if self._index >= len(self._files):
+                return None
+            path = self._files[self._index]
+            self._index += 1
+            try:
+                return path.name, decode_image_bytes(path.read_bytes())
+            except OSError:
+                return path.name, None
+        if self._video is None:
+            self._video = cv2.VideoCapture(str(self._config.path))
+        ok, image = self._video.read()
+        if not ok:
+            return None
+        self._index += 1
+        return f"{self._config.path.stem}#{self._index:06d}", as_bgr8(image)
+
+    def _release(self) -> None:
+        if self._video is not None:
+            self._video.release()
+            self._video = None
+
+
+# --- synthetic microscope --------------------------------------------------------------------
+
+
+class SimulatedSource(FrameSource):
+    """Renders synthetic smear fields (seed, seed+1, ...) as a virtual microscope."""
+
+    def __init__(self, config: SimulatedSourceConfig) -> None:
+        super().__init__(config.name)
+        # Imported here so that only stations that simulate load the renderer.
+        from device.synthetic import render_field
+
+        self._render = render_field
+        self._config = config
+        self._pacer = _Pacer(config.fps, self._stop)
+        self._rendered = 0
+        self.last_field: Any = None  # the SyntheticField behind the latest frame (ground truth)
+
+    def _next_frame(self) -> Frame | None:
+        cfg = self._config
+        if cfg.fields is not None and self._rendered >= cfg.fields:
+            return None
+        if not self._pacer.wait():
+            return None
+        seed = cfg.seed + self._rendered
+        frame_id = f"{self.name}:seed{seed}"
+        field = self._render(
+            seed=seed,
+            width=cfg.width,
+            height=cfg.height,
+            microns_per_pixel=cfg.microns_per_pixel,
+            frame_id=frame_id,
+            source=self.name,
+        )
+        self._rendered += 1
+        self.last_field = field
+        frame: Frame = field.frame
+        if not cfg.report_scale:
+            frame = Frame(pixels=frame.pixels, frame_id=frame_id, source=self.name,
+                          captured_at=frame.captured_at)
+        return frame

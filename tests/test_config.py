@@ -1,0 +1,162 @@
+"""The station configuration root: example file, strictness, env overrides, validate-config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from device.source_config import CameraSourceConfig, FolderSourceConfig, SimulatedSourceConfig
+from service.config import (
+    ConfigError,
+    StationConfig,
+    load_config,
+    parse_config,
+    validate_config_main,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "config" / "station.example.toml"
+
+MINIMAL = 'station_id = "bench"\n[source]\nkind = "simulated"\n'
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "station.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_loads() -> None:
+    config = load_config(EXAMPLE, environ={})
+    assert config.station_id == "ward3-scope1"
+    assert isinstance(config.source, CameraSourceConfig)
+    assert config.analysis.tile_size == 256 and config.analysis.tile_overlap == 0.15
+    assert config.mqtt.password_credential == "mqtt-password"
+    assert config.microns_per_pixel == 0.11
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, MINIMAL), environ={})
+    assert isinstance(config.source, SimulatedSourceConfig)
+    a = config.analysis
+    assert (a.tile_size, a.tile_overlap, a.min_confidence, a.min_area_um2, a.max_aspect_ratio) == (
+        256, 0.15, 0.5, 2.0, 5.0)
+    assert (a.stain_normalization, a.engine_backend) == ("macenko", "onnxruntime")
+    assert config.specimen.target_wbc_count == 100
+    assert config.log_level == "INFO"
+
+
+def _all_models(model: type[BaseModel], seen: set[type[BaseModel]]) -> None:
+    seen.add(model)
+    for field in model.model_fields.values():
+        for arg in getattr(field.annotation, "__args__", ()) + (field.annotation,):
+            if isinstance(arg, type) and issubclass(arg, BaseModel) and arg not in seen:
+                _all_models(arg, seen)
+
+
+def test_every_field_is_titled_described_and_strict() -> None:
+    models: set[type[BaseModel]] = set()
+    _all_models(StationConfig, models)
+    for m in (CameraSourceConfig, FolderSourceConfig, SimulatedSourceConfig):
+        _all_models(m, models)
+    for model in models:
+        assert model.model_config.get("extra") == "forbid", model
+        for name, field in model.model_fields.items():
+            assert field.title and field.description, f"{model.__name__}.{name}"
+
+
+def test_env_overrides_nested_fields(tmp_path: Path) -> None:
+    env = {
+        "SMEARSCOPE__QUALITY__MIN_FOCUS": "80",
+        "SMEARSCOPE__MQTT__HOST": "broker.lab",
+        "SMEARSCOPE__SOURCE__FIELDS": "7",
+        "smearscope__log_level": "debug",
+        "SMEARSCOPE__SOURCE__SEED": "3",
+        "SMEARSCOPE_UNRELATED": "x",
+    }
+    config = load_config(_write(tmp_path, MINIMAL), environ=env)
+    assert config.quality.min_focus == 80.0
+    assert config.mqtt.host == "broker.lab"
+    assert isinstance(config.source, SimulatedSourceConfig) and config.source.fields == 7
+    assert config.source.seed == 3 and config.log_level == "DEBUG"
+
+
+def test_env_can_switch_source_kind_and_take_toml_arrays(tmp_path: Path) -> None:
+    env = {
+        "SMEARSCOPE__SOURCE__KIND": "folder",
+        "SMEARSCOPE__SOURCE__PATH": str(tmp_path),
+        "SMEARSCOPE__SOURCE__EXTENSIONS": '[".png", ".tif"]',
+    }
+    config = parse_config({"station_id": "bench", "source": {}}, environ=env)
+    assert isinstance(config.source, FolderSourceConfig)
+    assert config.source.extensions == (".png", ".tif")
+
+
+def test_bad_env_override_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, MINIMAL), environ={"SMEARSCOPE__QUALITY__MIN_FOCUS": "sharp"})
+    ((loc, msg),) = err.value.errors
+    assert loc == "quality.min_focus" and "SMEARSCOPE__QUALITY__MIN_FOCUS" in msg
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(_write(tmp_path, MINIMAL), environ={"SMEARSCOPE__STATION_ID__X": "1"})
+
+
+def test_validate_config_prints_field_paths(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = _write(tmp_path, """
+station_id = "ward 3"
+colour = "blue"
+[source]
+kind = "folder"
+path = "/srv/inbox"
+settle = 3
+[analysis]
+tile_size = 250
+tile_overlap = 0.7
+[mqtt]
+password_credential = "mqtt-password"
+""")
+    assert validate_config_main(bad, environ={}) == 78
+    lines = set(capsys.readouterr().err.splitlines())
+    assert "colour: Extra inputs are not permitted" in lines
+    assert "source.settle: Extra inputs are not permitted" in lines
+    assert any(line.startswith("station_id: String should match pattern") for line in lines)
+    for prefix in (
+        "analysis.tile_size: tile_size must be a multiple of 32",
+        "analysis.tile_overlap: Input should be less than 0.5",
+    ):
+        assert any(line.startswith(prefix) for line in lines), prefix
+    assert "mqtt: password_credential needs a username" in lines
+
+
+def test_validate_config_ok_and_unreadable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert validate_config_main(EXAMPLE, environ={}) == 0
+    assert "OK" in capsys.readouterr().out
+    assert validate_config_main(tmp_path / "missing.toml", environ={}) != 0
+    assert validate_config_main(_write(tmp_path, "station_id = \n"), environ={}) != 0
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "TOML syntax error" in err
+
+
+def test_unknown_source_kind_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"station_id": "bench", "source": {"kind": "webcam"}}, environ={})
+    ((loc, msg),) = err.value.errors
+    assert loc == "source" and "'camera', 'folder', 'replay', 'simulated'" in msg
+
+
+def test_scale_override_cannot_contradict_the_simulator() -> None:
+    with pytest.raises(ConfigError, match="contradicts the simulated source"):
+        parse_config({"station_id": "b", "source": {"kind": "simulated"},
+                      "analysis": {"microns_per_pixel": 0.1}}, environ={})
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, MINIMAL), environ={})
+    with pytest.raises(Exception):
+        config.station_id = "other"  # type: ignore[misc]

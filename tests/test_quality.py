@@ -1,0 +1,118 @@
+"""The frame quality gate on rendered smear fields and their degraded versions."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import cv2
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from device.frame import Frame
+from device.quality import (
+    DUPLICATE_FRAME_ID,
+    EMPTY_FIELD,
+    OUT_OF_FOCUS,
+    OVEREXPOSED,
+    REJECT_REASONS,
+    SAME_FIELD,
+    UNDEREXPOSED,
+    QualityGate,
+    QualityGateConfig,
+)
+
+synthetic = pytest.importorskip(
+    "device.synthetic", reason="device/synthetic.py not in the tree yet"
+)
+
+
+@pytest.fixture(scope="module")
+def fields() -> list[np.ndarray]:
+    return [synthetic.render_field(seed=s, width=640, height=480).frame.pixels for s in (1, 2)]
+
+
+_ids = iter(range(10**6))
+
+
+def _frame(pixels: np.ndarray, frame_id: str | None = None, mpp: float | None = 0.2) -> Frame:
+    return Frame(pixels=np.ascontiguousarray(pixels), frame_id=frame_id or f"t:{next(_ids)}",
+                 source="t", microns_per_pixel=mpp)
+
+
+def test_good_fields_are_accepted_with_metrics(fields: list[np.ndarray]) -> None:
+    gate = QualityGate()
+    verdicts = [gate.check(_frame(p)) for p in fields]
+    assert all(v.accepted and v.reason is None for v in verdicts), verdicts
+    assert verdicts[0].metrics["focus"] > gate.config.min_focus
+    assert verdicts[1].metrics["same_field_ncc"] < 0.5  # a different field of the same smear
+    assert gate.accepted == 2 and sum(gate.rejections.values()) == 0
+
+
+def test_focus_threshold_holds_across_camera_scales() -> None:
+    """Metrics run at a fixed um/px, so a 2x finer camera does not look blurrier."""
+    fine = synthetic.render_field(seed=3, width=640, height=480, microns_per_pixel=0.1).frame
+    gate = QualityGate()
+    sharp = gate.check(fine)
+    blurred = gate.check(_frame(cv2.GaussianBlur(fine.pixels, (0, 0), 8), mpp=0.1))
+    assert sharp.accepted, sharp.metrics
+    assert blurred.reason == OUT_OF_FOCUS
+
+
+@pytest.mark.parametrize(
+    ("degrade", "reason"),
+    [
+        (lambda p: cv2.GaussianBlur(p, (0, 0), 4), OUT_OF_FOCUS),
+        (lambda p: (p * 0.05).astype(np.uint8), UNDEREXPOSED),
+        (lambda p: np.clip(p.astype(int) + 70, 0, 255).astype(np.uint8), OVEREXPOSED),
+        (lambda p: np.full_like(p, (233, 229, 234)), EMPTY_FIELD),
+    ],
+    ids=["blurred", "dark", "bright", "empty"],
+)
+def test_degraded_fields_are_rejected_with_their_reason(
+    fields: list[np.ndarray], degrade: Callable[[np.ndarray], np.ndarray], reason: str
+) -> None:
+    gate = QualityGate()
+    verdict = gate.check(_frame(degrade(fields[0])))
+    assert (verdict.accepted, verdict.reason) == (False, reason), verdict.metrics
+    assert gate.rejections[reason] == 1 and gate.accepted == 0
+
+
+def test_unmoved_stage_is_same_field_even_with_sensor_noise(fields: list[np.ndarray]) -> None:
+    gate = QualityGate()
+    assert gate.check(_frame(fields[0])).accepted
+    noise = np.random.default_rng(0).normal(0, 3, fields[0].shape)
+    again = np.clip(fields[0] + noise, 0, 255).astype(np.uint8)
+    verdict = gate.check(_frame(again))
+    assert verdict.reason == SAME_FIELD and verdict.metrics["same_field_ncc"] > 0.97
+    assert gate.check(_frame(fields[1])).accepted
+    # A rejected frame never becomes the reference: field 1 is still the one to compare with.
+    gate.check(_frame(cv2.GaussianBlur(fields[0], (0, 0), 4)))
+    assert gate.check(_frame(fields[1])).reason == SAME_FIELD
+    gate.reset_reference()
+    assert gate.check(_frame(fields[1])).accepted
+
+
+def test_a_frame_id_is_judged_once(fields: list[np.ndarray]) -> None:
+    gate = QualityGate(QualityGateConfig(enabled=False))
+    blurred = cv2.GaussianBlur(fields[0], (0, 0), 4)
+    assert gate.check(_frame(blurred, "scope:a")).accepted  # gate off: anything goes ...
+    assert gate.check(_frame(fields[1], "scope:a")).reason == DUPLICATE_FRAME_ID  # ... but once
+    counts = gate.rejections
+    assert set(counts) == set(REJECT_REASONS) and counts[DUPLICATE_FRAME_ID] == 1
+
+
+def test_verdict_is_frozen(fields: list[np.ndarray]) -> None:
+    verdict = QualityGate().check(_frame(fields[0]))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        verdict.accepted = False  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        verdict.metrics["focus"] = 0.0  # type: ignore[index]
+
+
+def test_config_is_strict() -> None:
+    with pytest.raises(ValidationError, match="dark_level must be below clipped_level"):
+        QualityGateConfig(dark_level=200, clipped_level=100)
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        QualityGateConfig(min_sharpness=3)  # type: ignore[call-arg]

@@ -1,0 +1,353 @@
+"""Frame sources against real files, real OpenCV decoding and real video capture."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pydantic import TypeAdapter, ValidationError
+
+from device.source_config import (
+    CameraSourceConfig,
+    FolderSourceConfig,
+    ReplaySourceConfig,
+    SimulatedSourceConfig,
+    SourceConfig,
+)
+from device.sources import (
+    SOURCE_REGISTRY,
+    CameraSource,
+    FolderSource,
+    FrameSource,
+    ProcessedLog,
+    ReplaySource,
+    SourceConfigurationError,
+    backoff_delay,
+    capture_target,
+    decode_image_bytes,
+    file_key,
+    open_source,
+    source_class,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _image(seed: int, h: int = 48, w: int = 64) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _png(seed: int) -> bytes:
+    ok, buf = cv2.imencode(".png", _image(seed))
+    assert ok
+    return buf.tobytes()
+
+
+def _folder(tmp_path: Path, **kw: object) -> FolderSource:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    cfg = FolderSourceConfig.model_validate(
+        {"path": inbox, "settle_s": 0.0, "poll_interval_s": 0.01, **kw}
+    )
+    return FolderSource(cfg)
+
+
+# --- registry and configs --------------------------------------------------------------------
+
+
+def test_registry_resolves_every_kind_lazily() -> None:
+    assert set(SOURCE_REGISTRY) == {"camera", "folder", "replay", "simulated"}
+    for kind in SOURCE_REGISTRY:
+        assert issubclass(source_class(kind), FrameSource)
+    with pytest.raises(SourceConfigurationError, match="unknown source kind 'webcam'"):
+        source_class("webcam")
+
+
+def test_renderer_is_imported_only_for_the_simulated_source(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from device.source_config import FolderSourceConfig\n"
+        "from device.sources import open_source\n"
+        f"open_source(FolderSourceConfig(path={str(tmp_path)!r})).close()\n"
+        "assert 'device.synthetic' not in sys.modules, 'renderer imported eagerly'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_device_package_imports_no_other_smearscope_package() -> None:
+    forbidden = ("service", "engines", "export", "training")
+    for path in (REPO / "device").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+
+
+def test_discriminated_union_picks_the_kind_and_rejects_unknown_keys(tmp_path: Path) -> None:
+    adapter: TypeAdapter[SourceConfig] = TypeAdapter(SourceConfig)
+    cfg = adapter.validate_python({"kind": "folder", "path": str(tmp_path)})
+    assert isinstance(cfg, FolderSourceConfig)
+    with pytest.raises(ValidationError, match="does not match any of the expected tags"):
+        adapter.validate_python({"kind": "webcam"})
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        adapter.validate_python({"kind": "camera", "fps": 5})
+    with pytest.raises(ValidationError, match="reconnect_max_s"):
+        CameraSourceConfig(reconnect_initial_s=10, reconnect_max_s=1)
+
+
+# --- folder ----------------------------------------------------------------------------------
+
+
+def test_folder_hands_out_each_image_once_and_moves_it_to_done(tmp_path: Path) -> None:
+    src = _folder(tmp_path)
+    path = src._root / "field_001.png"
+    path.write_bytes(_png(1))
+    st = path.stat()
+    frame = next(src)
+    key = file_key("field_001.png", st.st_size, st.st_mtime_ns)
+    assert frame.frame_id == f"scope:field_001.png@{key[:12]}"
+    np.testing.assert_array_equal(frame.pixels, _image(1))
+    assert (src._root / "done" / "field_001.png").exists() and not path.exists()
+    assert src.scan_once() is None
+    src.close()
+
+    # A restart finds nothing new: the file was moved and recorded.
+    again = _folder(tmp_path)
+    assert again.scan_once() is None
+    again.close()
+
+
+def test_folder_state_prevents_reprocessing_after_a_crash_before_the_move(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    path = inbox / "a.png"
+    path.write_bytes(_png(2))
+    st = path.stat()
+    # The previous run recorded the file, then died before moving it.
+    ProcessedLog(inbox / ".smearscope-processed", 100).record(
+        file_key("a.png", st.st_size, st.st_mtime_ns), "done", "a.png"
+    )
+    src = _folder(tmp_path)
+    assert src.scan_once() is None
+    assert (inbox / "done" / "a.png").exists() and not path.exists()
+    src.close()
+
+
+def test_folder_waits_for_a_half_written_file(tmp_path: Path) -> None:
+    src = _folder(tmp_path)
+    src = FolderSource(src._config.model_copy(update={"settle_s": 0.15, "decode_grace_s": 30.0}))
+    data = _png(3)
+    path = src._root / "slow.png"
+    path.write_bytes(data[: len(data) // 2])
+
+    def finish() -> None:
+        time.sleep(0.4)  # longer than the settle period: the half file looks stable for a while
+        with open(path, "ab") as fh:
+            fh.write(data[len(data) // 2 :])
+
+    writer = threading.Thread(target=finish)
+    writer.start()
+    frame = next(src)
+    writer.join()
+    np.testing.assert_array_equal(frame.pixels, _image(3))
+    assert src.rejected_count == 0
+    assert not list((src._root / "rejected").iterdir())
+    src.close()
+
+
+def test_folder_rejects_non_images_and_undecodable_files_with_a_reason(tmp_path: Path) -> None:
+    src = _folder(tmp_path, decode_grace_s=0.0)
+    (src._root / "notes.txt").write_text("not a field")
+    (src._root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100 + b"IEND")
+    (src._root / "empty.jpg").write_bytes(b"")
+    (src._root / "upload.png.part").write_bytes(b"half")  # a temporary name: left alone
+    assert src.scan_once() is None
+    assert (src._root / "upload.png.part").exists()
+    rejected = src._root / "rejected"
+    reasons = {p.name: p.read_text().strip() for p in rejected.glob("*.reason.txt")}
+    assert reasons == {
+        "notes.txt.reason.txt": "not an image (extension '.txt')",
+        "broken.png.reason.txt": "undecodable",
+        "empty.jpg.reason.txt": "empty file",
+    }
+    assert {p.name for p in rejected.iterdir()} >= {"notes.txt", "broken.png", "empty.jpg"}
+    assert src.rejected_count == 3
+    src.close()
+
+
+def test_folder_close_from_another_thread_ends_iteration(tmp_path: Path) -> None:
+    src = _folder(tmp_path)
+    threading.Timer(0.2, src.close).start()
+    t0 = time.monotonic()
+    assert list(src) == []
+    assert time.monotonic() - t0 < 5.0
+
+
+def test_decode_refuses_truncated_jpeg() -> None:
+    ok, buf = cv2.imencode(".jpg", _image(4))
+    data = buf.tobytes()
+    assert decode_image_bytes(data) is not None
+    assert decode_image_bytes(data[: len(data) - 200]) is None  # libjpeg would pad it with gray
+    assert decode_image_bytes(b"garbage") is None
+
+
+# --- replay ----------------------------------------------------------------------------------
+
+
+def test_replay_folder_plays_in_name_order_and_loops_with_new_ids(tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / f"f{i}.png").write_bytes(_png(10 + i))
+    (tmp_path / "readme.txt").write_text("ignored")
+    once = list(ReplaySource(ReplaySourceConfig(path=tmp_path, fps=0)))
+    assert [f.frame_id for f in once] == ["scope:p0:f0.png", "scope:p0:f1.png", "scope:p0:f2.png"]
+    np.testing.assert_array_equal(once[2].pixels, _image(12))
+
+    with ReplaySource(ReplaySourceConfig(path=tmp_path, fps=0, loop=True)) as looping:
+        ids = [next(looping).frame_id for _ in range(7)]
+    assert len(set(ids)) == 7 and ids[3] == "scope:p1:f0.png"
+
+
+def test_replay_video_file_at_fps(tmp_path: Path) -> None:
+    video = tmp_path / "run.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48))
+    for i in range(4):
+        writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
+    writer.release()
+    t0 = time.monotonic()
+    frames = list(open_source(ReplaySourceConfig(path=video, fps=20, name="rec")))
+    elapsed = time.monotonic() - t0
+    assert [f.frame_id for f in frames] == [f"rec:p0:run#{i:06d}" for i in range(1, 5)]
+    assert elapsed >= 3 / 20 - 0.01  # four frames are three periods apart
+    with pytest.raises(SourceConfigurationError):
+        ReplaySource(ReplaySourceConfig(path=tmp_path / "missing.avi"))
+
+
+# --- camera ----------------------------------------------------------------------------------
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    assert [backoff_delay(n, 1.0, 10.0) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+
+
+def test_capture_target_picks_the_opencv_api() -> None:
+    assert capture_target(CameraSourceConfig(device=0)) == (0, cv2.CAP_V4L2)
+    assert capture_target(CameraSourceConfig(device="2")) == (2, cv2.CAP_V4L2)
+    assert capture_target(CameraSourceConfig(device="/dev/video1"))[1] == cv2.CAP_V4L2
+    csi = "nvarguscamerasrc ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! appsink"
+    assert capture_target(CameraSourceConfig(device=csi)) == (csi, cv2.CAP_GSTREAMER)
+    assert capture_target(CameraSourceConfig(device="rtsp://cam/1"))[1] == cv2.CAP_FFMPEG
+
+
+def test_camera_reconnects_when_the_stream_ends(tmp_path: Path) -> None:
+    """A video file stands in for a camera: its end is a vanished camera, reopening reconnects."""
+    video = tmp_path / "cam.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48))
+    for i in range(3):
+        writer.write(np.full((48, 64, 3), 60 * i, np.uint8))
+    writer.release()
+    cfg = CameraSourceConfig(device=str(video), reconnect_initial_s=0.01, reconnect_max_s=0.02,
+                             microns_per_pixel=0.1)
+    with CameraSource(cfg) as cam:
+        frames = [next(cam) for _ in range(7)]  # crosses the end of the stream twice
+        assert cam.failures == 0
+    assert len({f.frame_id for f in frames}) == 7
+    assert all(f.microns_per_pixel == 0.1 for f in frames)
+
+
+def test_camera_that_never_opens_retries_until_closed(tmp_path: Path) -> None:
+    cfg = CameraSourceConfig(device=str(tmp_path / "absent.avi"), reconnect_initial_s=0.01,
+                             reconnect_max_s=0.05)
+    cam = CameraSource(cfg)
+    threading.Timer(0.3, cam.close).start()
+    assert list(cam) == []
+    assert cam.failures >= 3
+
+
+# --- simulated -------------------------------------------------------------------------------
+
+
+def test_simulated_source_is_seeded_and_bounded() -> None:
+    pytest.importorskip("device.synthetic", reason="device/synthetic.py not in the tree yet")
+    cfg = SimulatedSourceConfig(seed=5, fields=2, fps=0, width=160, height=120, name="sim")
+    frames = list(open_source(cfg))
+    assert [f.frame_id for f in frames] == ["sim:seed5", "sim:seed6"]
+    assert frames[0].pixels.shape == (120, 160, 3) and frames[0].microns_per_pixel == 0.2
+    again = next(open_source(cfg))
+    np.testing.assert_array_equal(again.pixels, frames[0].pixels)
+    unscaled = next(open_source(cfg.model_copy(update={"report_scale": False})))
+    assert unscaled.microns_per_pixel is None
+
+
+# --- telemetry (device/telemetry.py) ---------------------------------------------------------
+
+
+def test_thermal_zones_are_read_from_sysfs(tmp_path: Path) -> None:
+    from device.telemetry import read_thermal_zones
+
+    zones = [("CPU-therm", "45500"), ("GPU-therm", "41000"), ("bad", "x")]
+    for i, (kind, milli) in enumerate(zones):
+        zone = tmp_path / f"thermal_zone{i}"
+        zone.mkdir()
+        (zone / "type").write_text(kind + "\n")
+        (zone / "temp").write_text(milli + "\n")
+    assert read_thermal_zones(tmp_path) == {"CPU-therm": 45.5, "GPU-therm": 41.0}
+
+
+def test_missing_jtop_service_is_one_log_line_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import types
+
+    import device.telemetry as telemetry
+
+    class _NoService:
+        def start(self) -> None:
+            raise ConnectionRefusedError("/run/jtop.sock")
+
+    monkeypatch.setitem(sys.modules, "jtop", types.SimpleNamespace(jtop=_NoService))
+    monkeypatch.setattr(telemetry, "JTOP_RETRY_S", 0.0)  # ask jtop again on every read
+    reader = telemetry.TelemetryReader(thermal_root=tmp_path)
+    with caplog.at_level("DEBUG", logger="device.telemetry"):
+        snapshots = []
+        for _ in range(3):
+            snapshots.append(reader.read())
+            time.sleep(0.05)  # let /proc/stat tick between samples
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "jtop service not available" in warnings[0].getMessage()
+    assert all(s["source"] in ("psutil", "proc") for s in snapshots)
+    assert snapshots[-1]["memory_percent"] is not None
+    assert snapshots[-1]["cpu_percent"] is not None  # the second /proc/stat sample gives a rate
+
+
+def test_jtop_stats_are_summarized() -> None:
+    import datetime as dt
+
+    from device.telemetry import summarize_jtop_stats
+
+    stats = {"time": dt.datetime(2025, 1, 1), "uptime": dt.timedelta(hours=2), "CPU1": 20,
+             "CPU2": 40, "CPU3": "OFF", "GPU": 55.0, "RAM": 0.25, "Temp cpu": 47.5,
+             "Temp tj": -256, "Power TOT": 7200, "nvp model": "MAXN"}
+    out = summarize_jtop_stats(stats)
+    assert out["cpu_percent"] == 30.0 and out["gpu_percent"] == 55.0
+    assert out["memory_percent"] == 25.0 and out["power_mw"] == 7200
+    assert out["temperatures_c"] == {"cpu": 47.5}  # -256 marks an offline sensor
+    assert out["jtop"]["uptime"] == 7200.0
+
+
+def test_read_telemetry_on_this_machine() -> None:
+    from device.telemetry import read_telemetry
+
+    snapshot = read_telemetry()
+    assert snapshot["source"] in ("jtop", "psutil", "proc")
+    assert isinstance(snapshot["temperatures_c"], dict) and snapshot["read_at"] > 0

@@ -1,0 +1,116 @@
+"""The systemd unit passes `systemd-analyze verify` and says what the station relies on."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from service.config import EXIT_CONFIG
+
+REPO = Path(__file__).resolve().parents[1]
+UNIT = REPO / "systemd" / "smearscope.service"
+INSTALL = REPO / "systemd" / "install-jetson.sh"
+EXEC_START = "/opt/smearscope/venv/bin/smearscope run --config /etc/smearscope/station.toml"
+
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed"
+)
+
+
+def _directives(text: str) -> dict[str, list[str]]:
+    """'Section.Key' -> every value (units repeat keys such as DeviceAllow=)."""
+    out: dict[str, list[str]] = {}
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
+    return out
+
+
+def _verify(unit_text: str, tmp_path: Path) -> str:
+    """`systemd-analyze verify` output for a copy whose ExecStart binary exists here."""
+    unit = tmp_path / "smearscope.service"
+    unit.write_text(unit_text.replace("ExecStart=/opt/smearscope/venv/bin/smearscope",
+                                      "ExecStart=/bin/true"))
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                          text=True, timeout=60)
+    return f"rc={proc.returncode}\n{proc.stdout}{proc.stderr}"
+
+
+@needs_analyze
+def test_unit_verifies_without_errors_or_warnings(tmp_path: Path) -> None:
+    output = _verify(UNIT.read_text(), tmp_path)
+    assert output.startswith("rc=0"), output
+    assert not [ln for ln in output.splitlines() if "smearscope.service" in ln], output
+
+
+@needs_analyze
+def test_verify_would_catch_a_broken_unit(tmp_path: Path) -> None:
+    """Guard against a vacuous pass: the same check flags a typo."""
+    broken = UNIT.read_text().replace("Restart=on-failure", "Restart=on-falure")
+    assert "Failed to parse service restart specifier" in _verify(broken, tmp_path)
+
+
+def test_unit_has_the_directives_the_station_relies_on() -> None:
+    d = _directives(UNIT.read_text())
+    one = {k: v[-1] for k, v in d.items()}
+    assert one["Service.ExecStart"] == EXEC_START
+    assert one["Service.Type"] == "notify" and one["Service.NotifyAccess"] == "main"
+    assert one["Service.WatchdogSec"] == "60"
+    assert one["Service.Restart"] == "on-failure" and one["Service.RestartSec"]
+    assert one["Service.RestartPreventExitStatus"] == str(EXIT_CONFIG)
+    assert one["Service.LoadCredential"] == "mqtt-password:/etc/smearscope/mqtt-password"
+    assert one["Service.User"] == "smearscope"
+    assert set(one["Service.SupplementaryGroups"].split()) == {"video", "render"}
+    for key, value in {
+        "ProtectSystem": "strict", "ProtectHome": "yes", "NoNewPrivileges": "yes",
+        "PrivateTmp": "yes", "StateDirectory": "smearscope", "LogsDirectory": "smearscope",
+        "DevicePolicy": "closed", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
+        "ProtectControlGroups": "yes", "RestrictNamespaces": "yes", "CapabilityBoundingSet": "",
+    }.items():
+        assert one[f"Service.{key}"] == value, key
+    assert set(one["Service.RestrictAddressFamilies"].split()) == {
+        "AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
+    assert "char-video4linux rw" in d["Service.DeviceAllow"]
+    assert not any(k.startswith("Service.Environment") and "PASSWORD" in v.upper()
+                   for k, vs in d.items() for v in vs), "secrets belong in LoadCredential="
+    assert one["Install.WantedBy"] == "multi-user.target"
+
+
+def test_credential_name_matches_the_example_config() -> None:
+    example = tomllib.loads((REPO / "config" / "station.example.toml").read_text())
+    name = _directives(UNIT.read_text())["Service.LoadCredential"][0].split(":")[0]
+    assert example["mqtt"]["password_credential"] == name
+
+
+def test_install_script_is_valid_bash_and_matches_the_unit() -> None:
+    subprocess.run(["bash", "-n", str(INSTALL)], check=True, timeout=30)
+    script = INSTALL.read_text()
+    assert 'PREFIX="${PREFIX:-/opt/smearscope}"' in script  # -> $PREFIX/venv/bin/smearscope
+    assert 'CONF_DIR="${CONF_DIR:-/etc/smearscope}"' in script
+    assert 'PASSWORD_PATH="$CONF_DIR/mqtt-password"' in script
+    assert "SERVICE_USER=smearscope" in script
+    assert "validate-config" in script and "systemd-analyze verify" in script
+
+
+@needs_analyze
+def test_security_exposure_stays_low(tmp_path: Path) -> None:
+    unit = tmp_path / "smearscope.service"
+    unit.write_text(UNIT.read_text().replace("/opt/smearscope/venv/bin/smearscope", "/bin/true"))
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                          capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", proc.stdout + proc.stderr)
+    if proc.returncode != 0 and match is None:
+        pytest.skip(f"systemd-analyze security --offline unsupported: {proc.stderr.strip()[:200]}")
+    assert match is not None and float(match.group(1)) <= 3.0, proc.stdout[-500:]
