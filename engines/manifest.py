@@ -37,6 +37,9 @@ class Preprocessing(BaseModel):
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     pad_value: int = Field(114, description="fill value used when a tile/crop is padded")
     normalization_in_graph: bool = Field(True, description="mean/std normalisation is inside the model")
+    stain: Literal["none", "macenko"] = Field(
+        "none", description="stain normalisation the training images had; the pipeline feeds the same"
+    )
 
 
 class CropInfo(BaseModel):

@@ -102,3 +102,4 @@ class ClassifiedCell:
     label_score: float | None
     diameter_um: float
     area_um2: float
+    touches_frame_edge: bool = False

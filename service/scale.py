@@ -60,35 +60,41 @@ def scale_from_rbc_diameters(diameters_px: np.ndarray) -> float | None:
 
 
 def estimate_scale_classical(image_bgr: np.ndarray) -> ScaleEstimate | None:
-    """First guess of um/px from isolated, round, stained blobs (mostly red cells).
+    """First guess of um/px from the size of stained blobs (mostly red cells), no model needed.
 
-    Cells are darker / more saturated than the background: Otsu on the saturation channel,
-    then keep compact, convex components and take their equivalent diameters.
+    Foreground = darker or more saturated than the background (Otsu), holes filled (pale RBC
+    centres). Each blob's largest inscribed circle (distance-transform maximum) gives a cell
+    radius that touching cells do not inflate; the area-weighted median radius is taken, so the
+    many red cells outvote platelets, debris and the few larger white cells.
     """
     hsv = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2HSV)
-    sat = cv2.GaussianBlur(hsv[:, :, 1], (5, 5), 0)
-    if int(sat.max()) - int(sat.min()) < 10:
-        return None
-    _, fg = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    # Red cells have pale centres: fill holes so a ring counts as a disc.
+    sat = hsv[:, :, 1].astype(np.float32)
+    gray = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY).astype(np.float32)
+    bg_gray = float(np.percentile(gray, 95))
+    bg_sat = float(np.percentile(sat, 5))
+    score = np.maximum((bg_gray - gray) / max(bg_gray, 1.0) * 255.0, sat - bg_sat)
+    score = cv2.GaussianBlur(np.clip(score, 0, 255).astype(np.uint8), (5, 5), 0)
+    if int(score.max()) < 20:
+        return None  # nothing stained
+    _, fg = cv2.threshold(score, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     contours, _ = cv2.findContours(fg, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    h, w = fg.shape
-    diameters = []
-    for c in contours:
-        area = cv2.contourArea(c)
-        if area < 20:
-            continue
-        x, y, bw, bh = cv2.boundingRect(c)
-        if x <= 0 or y <= 0 or x + bw >= w or y + bh >= h:
-            continue  # cut by the frame edge
-        hull = cv2.convexHull(c)
-        hull_area = cv2.contourArea(hull)
-        if hull_area <= 0 or area / hull_area < 0.9:
-            continue  # touching cells or irregular debris
-        if max(bw, bh) / max(1, min(bw, bh)) > 1.4:
-            continue
-        diameters.append(2.0 * np.sqrt(hull_area / np.pi))
-    mpp = scale_from_rbc_diameters(np.array(diameters))
-    if mpp is None:
+    filled = np.zeros_like(fg)
+    cv2.drawContours(filled, contours, -1, 255, -1)
+    filled = cv2.morphologyEx(filled, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    n, labels = cv2.connectedComponents(filled)
+    if n < 2:
         return None
-    return ScaleEstimate(mpp, "rbc_size_classical", len(diameters))
+    dist = cv2.distanceTransform(filled, cv2.DIST_L2, 5)
+    radius = np.zeros(n)
+    np.maximum.at(radius, labels.ravel(), dist.ravel())
+    area = np.bincount(labels.ravel(), minlength=n).astype(float)
+    radius, area = radius[1:], area[1:]
+    keep = radius >= 2.0
+    if keep.sum() < 3:
+        return None
+    r, a = radius[keep], area[keep]
+    order = np.argsort(r)
+    cum = np.cumsum(a[order])
+    median_r = float(r[order][np.searchsorted(cum, cum[-1] / 2.0)])
+    mpp = float(np.clip(NORMAL_RBC_DIAMETER_UM / (2.0 * median_r), MIN_UM_PER_PX, MAX_UM_PER_PX))
+    return ScaleEstimate(mpp, "rbc_size_classical", int(keep.sum()))

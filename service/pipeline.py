@@ -1,0 +1,231 @@
+"""The only module that knows the order of the stages.
+
+frame -> scale -> stain -> tiles -> detections -> merge -> ROI filter -> crops -> classes
+      -> aggregates -> report
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from device.frame import Frame
+from engines.base import Engine
+from engines.registry import create_engine
+from service import stain as stain_stage
+from service.aggregate import AggregateThresholds, aggregate
+from service.classify import CropClassifier
+from service.merge import merge_detections
+from service.records import CellDetection, CellKind, ClassifiedCell
+from service.report import CellRecord, ImageInfo, ModelInfo, Report, ScaleInfo, SourceInfo, StainInfo
+from service.roi import RoiFilter, route
+from service.scale import (
+    CANONICAL_UM_PER_PX,
+    NORMAL_RBC_DIAMETER_UM,
+    ScaleEstimate,
+    estimate_scale_classical,
+    resample_factor,
+    resample_to_canonical,
+    scale_from_rbc_diameters,
+)
+from service.segment import Segmenter
+from service.tiling import make_tiles
+from service.yolo_decode import YoloSegmenter
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILES = {"segmentation": "seg.json", "rbc_head": "rbc_head.json", "wbc_head": "wbc_head.json"}
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+#: Scale assumed when nothing else is known (a 100x oil objective on a typical camera).
+FALLBACK_UM_PER_PX = 0.1
+
+
+@dataclass(frozen=True)
+class AnalyzerOptions:
+    tile_size: int = 256
+    tile_overlap: float = 0.15
+    stain_method: str = "macenko"
+    roi: RoiFilter = field(default_factory=RoiFilter)
+    detector_conf: float = 0.25
+    wbc_min_confidence: float = 0.5
+    rbc_min_confidence: float = 0.3
+    scale_refine_tolerance: float = 0.1
+    thresholds: AggregateThresholds = field(default_factory=AggregateThresholds)
+
+
+@dataclass(frozen=True)
+class FieldResult:
+    """Everything one analysed field produced: the report plus internals for overlays/specimens."""
+
+    report: Report
+    cells: tuple[ClassifiedCell, ...]
+    input_to_canonical: float
+
+
+class Analyzer:
+    def __init__(self, segmenter: Segmenter, rbc_head: CropClassifier | None, wbc_head: CropClassifier | None,
+                 options: AnalyzerOptions = AnalyzerOptions(), models: dict[str, ModelInfo] | None = None,
+                 station_id: str | None = None) -> None:
+        self.segmenter = segmenter
+        self.rbc_head = rbc_head
+        self.wbc_head = wbc_head
+        self.options = options
+        self.models = models or {}
+        self.station_id = station_id
+        self.normalizer = stain_stage.create_normalizer(options.stain_method)
+        self._engines: list[Engine] = []
+
+    @classmethod
+    def from_models_dir(cls, models_dir: Path = DEFAULT_MODELS_DIR, backend: str = "onnxruntime",
+                        options: AnalyzerOptions = AnalyzerOptions(), station_id: str | None = None,
+                        warmup: bool = True, **engine_options) -> "Analyzer":
+        engines = {role: create_engine(backend, Path(models_dir) / f, **engine_options) for role, f in MODEL_FILES.items()}
+        for e in engines.values():
+            e.load()
+            if warmup:
+                e.warmup()
+        analyzer = cls(
+            YoloSegmenter(engines["segmentation"], conf_threshold=options.detector_conf),
+            CropClassifier(engines["rbc_head"], options.rbc_min_confidence),
+            CropClassifier(engines["wbc_head"], options.wbc_min_confidence),
+            options,
+            {role: ModelInfo(name=e.manifest.name, sha256=e.manifest.sha256, backend=e.backend_name) for role, e in engines.items()},
+            station_id,
+        )
+        analyzer._engines = list(engines.values())
+        return analyzer
+
+    def close(self) -> None:
+        for e in self._engines:
+            e.close()
+
+    # -- stages -------------------------------------------------------------------------------
+    def _detect(self, canonical: np.ndarray) -> list[CellDetection]:
+        o = self.options
+        tiles = make_tiles(canonical, o.tile_size, o.tile_overlap)
+        h, w = canonical.shape[:2]
+        raw = self.segmenter.detect(tiles, w, h)
+        return merge_detections(raw)
+
+    def _scale_and_detect(self, frame: Frame, timing: dict[str, float]):
+        """Resample to canonical and detect; when the scale is unknown, refine it from RBC size."""
+        t = time.perf_counter()
+        if frame.microns_per_pixel:
+            est = ScaleEstimate(frame.microns_per_pixel, "given")
+        else:
+            est = estimate_scale_classical(frame.pixels) or ScaleEstimate(FALLBACK_UM_PER_PX, "default")
+        timing["scale_ms"] = (time.perf_counter() - t) * 1000
+        for attempt in range(2):
+            t = time.perf_counter()
+            canonical = resample_to_canonical(frame.pixels, est.microns_per_pixel)
+            normalized = self.normalizer.normalize(canonical)
+            timing["stain_ms"] = (time.perf_counter() - t) * 1000
+            t = time.perf_counter()
+            dets = self._detect(normalized.pixels)
+            timing["detect_ms"] = timing.get("detect_ms", 0.0) + (time.perf_counter() - t) * 1000
+            if est.method == "given" or attempt == 1:
+                break
+            whole = [d for d in dets if d.kind is CellKind.RBC and d.score >= self.options.roi.min_confidence
+                     and not _touches_frame(d, canonical.shape)]
+            diam_canon = [2.0 * np.sqrt(d.mask_area_px / np.pi) for d in whole]
+            implied = scale_from_rbc_diameters(np.array(diam_canon))  # um per CANONICAL px if cells were normal
+            if implied is None:
+                break
+            true_mpp = est.microns_per_pixel * implied / CANONICAL_UM_PER_PX
+            if abs(true_mpp / est.microns_per_pixel - 1.0) <= self.options.scale_refine_tolerance:
+                est = ScaleEstimate(est.microns_per_pixel, "rbc_size_detection", len(whole))
+                break
+            logger.info("scale refined from %.4f to %.4f um/px by %d red cells", est.microns_per_pixel, true_mpp, len(whole))
+            est = ScaleEstimate(true_mpp, "rbc_size_detection", len(whole))
+        return est, canonical, normalized, dets
+
+    def analyze(self, frame: Frame, run_id: str | None = None) -> FieldResult:
+        timing: dict[str, float] = {}
+        t_all = time.perf_counter()
+        est, canonical, normalized, dets = self._scale_and_detect(frame, timing)
+        t = time.perf_counter()
+        kept = self.options.roi.apply(dets)
+        rbc_spec = self.rbc_head.crop_spec if self.rbc_head else None
+        wbc_spec = self.wbc_head.crop_spec if self.wbc_head else None
+        routed = route(normalized.pixels, kept, rbc_spec or _NO_CROP, wbc_spec or _NO_CROP)
+        timing["roi_ms"] = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        rbc_res = self.rbc_head.classify(routed.rbc) if self.rbc_head else []
+        wbc_res = self.wbc_head.classify(routed.wbc) if self.wbc_head else []
+        timing["classify_ms"] = (time.perf_counter() - t) * 1000
+        cells = []
+        shape = canonical.shape
+        for crop, res in zip(routed.rbc, rbc_res):
+            cells.append(_classified(crop.detection, res.label, res.score, shape))
+        for crop, res in zip(routed.wbc, wbc_res):
+            cells.append(_classified(crop.detection, res.label, res.score, shape))
+        if not self.rbc_head:
+            cells += [_classified(c.detection, None, None, shape) for c in routed.rbc]
+        if not self.wbc_head:
+            cells += [_classified(c.detection, None, None, shape) for c in routed.wbc]
+        cells += [_classified(d, None, None, shape) for d in routed.platelets]
+        agg = aggregate(cells, self.options.thresholds)
+        flags = list(agg.flags)
+        if not normalized.applied:
+            from service.report import Flag
+
+            flags.append(Flag(code="stain_normalization_skipped", severity="info",
+                              message=f"stain normalization not applied: {normalized.reason}"))
+        if est.method in ("default",):
+            from service.report import Flag
+
+            flags.append(Flag(code="scale_unknown", severity="warning",
+                              message=f"scale could not be measured; assumed {est.microns_per_pixel} um/px"))
+        factor = resample_factor(est.microns_per_pixel)
+        h, w = frame.pixels.shape[:2]
+        records = [
+            CellRecord(kind=c.detection.kind.value, bbox=[round(v / factor, 2) for v in c.detection.box.as_list()],
+                       score=round(c.detection.score, 4), label=c.label,
+                       label_score=None if c.label_score is None else round(c.label_score, 4),
+                       diameter_um=round(c.diameter_um, 3), area_um2=round(c.area_um2, 3))
+            for c in cells
+        ]
+        timing["total_ms"] = (time.perf_counter() - t_all) * 1000
+        report = Report(
+            report_id=str(uuid.uuid4()), kind="field", created_at=time.time(), station_id=self.station_id, run_id=run_id,
+            source=SourceInfo(frame_id=frame.frame_id, source=frame.source, captured_at=frame.captured_at,
+                              image=ImageInfo(width=w, height=h)),
+            scale=ScaleInfo(microns_per_pixel=round(est.microns_per_pixel, 5), method=est.method,
+                            canonical_microns_per_pixel=CANONICAL_UM_PER_PX),
+            stain=StainInfo(method=self.options.stain_method, applied=normalized.applied, reason=normalized.reason),
+            models=self.models, counts=agg.counts, wbc_differential=agg.wbc_differential,
+            rbc_morphology=agg.rbc_morphology, rbc_size=agg.rbc_size, ratios=agg.ratios, flags=flags,
+            cells=records, timing_ms={k: round(v, 1) for k, v in timing.items()},
+        )
+        return FieldResult(report, tuple(cells), factor)
+
+
+class _NoCrop:
+    extent_px = 1
+    input_size = 1
+
+
+_NO_CROP = _NoCrop()  # type: ignore[assignment]
+
+
+def _touches_frame(d: CellDetection, shape: tuple[int, ...], margin: float = 2.0) -> bool:
+    h, w = shape[:2]
+    b = d.box
+    return b.x0 <= margin or b.y0 <= margin or b.x1 >= w - margin or b.y1 >= h - margin
+
+
+def _classified(d: CellDetection, label: str | None, score: float | None, shape) -> ClassifiedCell:
+    area_px = d.mask_area_px
+    area_um2 = area_px * CANONICAL_UM_PER_PX**2
+    return ClassifiedCell(detection=d, label=label, label_score=score,
+                          diameter_um=2.0 * float(np.sqrt(area_um2 / np.pi)), area_um2=area_um2,
+                          touches_frame_edge=_touches_frame(d, shape))
+
+
+AnalyzerFactory = Callable[[], Analyzer]
