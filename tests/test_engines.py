@@ -1,0 +1,87 @@
+"""Engine interface, batching to a profile, registry, TensorRT cache naming (pure parts)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines.base import EngineError
+from engines.batching import plan_batches, run_batched
+from engines.manifest import BatchProfile, ManifestError, load_manifest
+from engines.registry import create_engine, engine_class
+from engines.trt_cache import engine_filename, profile_shapes
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+needs_models = pytest.mark.skipif(not (MODELS / "rbc_head.json").exists(), reason="models/rbc_head.json not trained yet")
+
+
+def test_plan_batches_splits_and_pads():
+    p = BatchProfile(min=2, opt=8, max=16)
+    assert plan_batches(40, p) == [(0, 16, 16), (16, 32, 16), (32, 40, 8)]
+    assert plan_batches(1, p) == [(0, 1, 2)]  # padded up to the profile minimum
+    assert plan_batches(3, p, pad_to_opt=True) == [(0, 3, 8)]
+    assert plan_batches(0, p) == []
+
+
+def test_unknown_backend_is_a_configuration_error():
+    with pytest.raises(EngineError, match="unknown engine backend"):
+        engine_class("tflite")
+
+
+def test_tensorrt_backend_absent_here_fails_clearly(tmp_path):
+    pytest.importorskip("numpy")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    if not (MODELS / "rbc_head.json").exists():
+        pytest.skip("models not trained yet")
+    eng = create_engine("tensorrt", MODELS / "rbc_head.json")
+    with pytest.raises(EngineError, match="tensorrt and pycuda"):
+        eng.load()
+
+
+@needs_models
+def test_trt_cache_key_changes_with_version_hash_precision():
+    m = load_manifest(MODELS / "rbc_head.json")
+    a = engine_filename(m, "10.3.0", "fp16")
+    assert m.sha256[:12] in a and "trt10.3.0" in a and "fp16" in a
+    assert a != engine_filename(m, "10.4.0", "fp16") != engine_filename(m, "10.3.0", "int8")
+    shapes = profile_shapes(m)
+    (mn, opt, mx), = shapes.values()
+    assert mn[0] == m.batch.min and opt[0] == m.batch.opt and mx[0] == m.batch.max
+
+
+@needs_models
+def test_onnxruntime_engine_batches_beyond_profile_and_matches_single_runs():
+    eng = create_engine("onnxruntime", MODELS / "rbc_head.json").load()
+    s = eng.manifest.input_size
+    x = np.random.default_rng(0).random((eng.manifest.batch.max + 7, 3, s, s), dtype=np.float32)
+    out = run_batched(eng, x)["logits"]
+    assert out.shape == (x.shape[0], len(eng.manifest.classes))
+    single = eng.run(x[-1:])["logits"]
+    np.testing.assert_allclose(out[-1:], single, rtol=1e-4, atol=1e-4)
+    with pytest.raises(EngineError, match="outside profile"):
+        eng.run(x[: eng.manifest.batch.max + 1])
+    with pytest.raises(EngineError, match="input shape"):
+        eng.run(np.zeros((1, 3, s + 1, s + 1), np.float32))
+
+
+@needs_models
+def test_manifest_hash_mismatch_is_refused(tmp_path):
+    shutil.copy(MODELS / "rbc_head.json", tmp_path / "rbc_head.json")
+    data = bytearray((MODELS / "rbc_head.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "rbc_head.onnx").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="sha256"):
+        load_manifest(tmp_path / "rbc_head.json")
+    m = json.loads((tmp_path / "rbc_head.json").read_text())
+    m["surprise"] = 1
+    (tmp_path / "bad.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="invalid manifest"):
+        load_manifest(tmp_path / "bad.json")

@@ -1,0 +1,127 @@
+"""Pure stages: scale, crops, ROI filter, confidence intervals, aggregation, report schema."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device.synthetic import render_field
+from service.aggregate import aggregate, wilson_interval
+from service.crops import RBC_CROP, WBC_CROP, CropSpec, crop_cell
+from service.records import Box, CellDetection, CellKind, ClassifiedCell
+from service.report import report_json_schema
+from service.roi import RoiFilter, route
+from service.scale import (
+    CANONICAL_UM_PER_PX,
+    estimate_scale_classical,
+    resample_to_canonical,
+    scale_from_rbc_diameters,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_resample_to_canonical_sizes():
+    img = np.zeros((480, 640, 3), np.uint8)
+    assert resample_to_canonical(img, 0.1).shape == (240, 320, 3)
+    assert resample_to_canonical(img, 0.4).shape == (960, 1280, 3)
+    assert resample_to_canonical(img, CANONICAL_UM_PER_PX) is img
+
+
+def test_scale_from_rbc_diameters_uses_robust_centre():
+    d = np.array([50.0] * 20 + [5.0, 6.0, 200.0])  # outliers: platelets, a clump
+    assert scale_from_rbc_diameters(d) == pytest.approx(7.5 / 50.0)
+    assert scale_from_rbc_diameters(np.array([50.0, 51.0])) is None
+
+
+@pytest.mark.parametrize("mpp", [0.08, 0.12, 0.2, 0.3])
+def test_classical_scale_estimate_on_rendered_fields(mpp):
+    """The model-free estimate lands within 20% of the true scale on rendered smears."""
+    errs = []
+    for seed in range(3):
+        field = render_field(seed, width=640, height=480, microns_per_pixel=mpp)
+        est = estimate_scale_classical(np.asarray(field.frame.pixels))
+        assert est is not None
+        errs.append(est.microns_per_pixel / mpp - 1.0)
+    assert abs(float(np.median(errs))) < 0.2, errs
+
+
+def test_classical_scale_estimate_blank_field_is_none():
+    assert estimate_scale_classical(np.full((200, 200, 3), 235, np.uint8)) is None
+
+
+def test_crop_has_fixed_physical_extent_and_pads_at_borders():
+    img = np.zeros((300, 300, 3), np.uint8)
+    img[140:160, 140:160] = 255
+    c = crop_cell(img, (150, 150), CropSpec(extent_um=11.2, input_size=56))
+    assert c.shape == (56, 56, 3)
+    assert c[28, 28].max() == 255 and c[0, 0].max() == 0
+    corner = crop_cell(img, (0, 0), RBC_CROP)  # padded by replication, still full size
+    assert corner.shape == (RBC_CROP.input_size, RBC_CROP.input_size, 3)
+    assert WBC_CROP.extent_px == 128 and RBC_CROP.extent_px == 56
+
+
+def _det(kind, x0, y0, x1, y1, score=0.9):
+    return CellDetection(kind=kind, box=Box(x0, y0, x1, y1), score=score)
+
+
+def test_roi_filter_rules():
+    f = RoiFilter(min_confidence=0.5, min_area_um2=2.0, max_aspect=5.0)
+    good = _det(CellKind.RBC, 0, 0, 37, 37)
+    assert f.keep(good)
+    assert not f.keep(_det(CellKind.RBC, 0, 0, 37, 37, score=0.49))
+    assert not f.keep(_det(CellKind.PLATELET, 0, 0, 5, 5))  # ~0.8 um^2 < 2 um^2
+    assert not f.keep(_det(CellKind.RBC, 0, 0, 60, 10))  # aspect 6
+    assert f.apply([good, _det(CellKind.RBC, 0, 0, 60, 10)]) == [good]
+
+
+def test_route_sends_kinds_to_their_heads():
+    img = np.zeros((200, 200, 3), np.uint8)
+    dets = [_det(CellKind.RBC, 10, 10, 47, 47), _det(CellKind.WBC, 50, 50, 110, 110), _det(CellKind.PLATELET, 5, 5, 15, 15)]
+    r = route(img, dets, RBC_CROP, WBC_CROP)
+    assert len(r.rbc) == 1 and len(r.wbc) == 1 and len(r.platelets) == 1
+    assert r.rbc[0].pixels.shape[0] == RBC_CROP.input_size and r.wbc[0].pixels.shape[0] == WBC_CROP.input_size
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    lo0, hi0 = wilson_interval(0, 20)
+    assert lo0 == 0.0 and hi0 == pytest.approx(0.1611, abs=1e-3)
+    # narrows as cells accumulate
+    assert (wilson_interval(60, 200)[1] - wilson_interval(60, 200)[0]) < (hi - lo)
+
+
+def _cell(kind, label, d_um=7.5, edge=False):
+    det = _det(kind, 0, 0, 10, 10)
+    return ClassifiedCell(det, label, 0.9 if label else None, d_um, math.pi * (d_um / 2) ** 2, touches_frame_edge=edge)
+
+
+def test_aggregate_counts_differential_flags():
+    cells = ([_cell(CellKind.WBC, "neutrophil")] * 6 + [_cell(CellKind.WBC, "lymphocyte")] * 3
+             + [_cell(CellKind.WBC, "unidentified")] + [_cell(CellKind.RBC, "normal", 7.0)] * 8
+             + [_cell(CellKind.RBC, "sickle", 9.0), _cell(CellKind.RBC, "normal", 20.0, edge=True)]
+             + [_cell(CellKind.PLATELET, None)] * 2)
+    a = aggregate(cells)
+    assert (a.counts.rbc, a.counts.wbc, a.counts.platelet) == (10, 10, 2)
+    neut = next(s for s in a.wbc_differential if s.label == "neutrophil")
+    assert neut.count == 6 and neut.percent == 60.0 and neut.ci95_low < 60 < neut.ci95_high
+    assert a.ratios["neutrophil_lymphocyte"] == 2.0
+    assert a.rbc_size.n == 9  # the edge-cut cell is left out of the size statistics
+    assert a.rbc_size.mean_diameter_um == pytest.approx((8 * 7.0 + 9.0) / 9, abs=1e-3)
+    codes = {f.code for f in a.flags}
+    assert {"too_few_wbc_for_differential", "sickle_cells_present"} <= codes
+    assert "many_unidentified_wbc" not in codes  # exactly 10% is not "many"
+
+
+def test_aggregate_empty_flags_no_cells():
+    assert {f.code for f in aggregate([]).flags} >= {"no_cells_found"}
+
+
+def test_committed_report_schema_matches_model():
+    committed = json.loads((ROOT / "schemas" / "report.schema.json").read_text())
+    assert committed == report_json_schema(), "run `smearscope schema --write` and commit the file"

@@ -1,0 +1,86 @@
+"""YOLO-seg output decoding: thresholds, class-aware NMS, mask assembly, frame coordinates."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.records import Tile
+from service.yolo_decode import decode_tile, nms
+
+
+def _pred(anchors, n_classes=3, n_masks=32):
+    """Build a raw head output (4 + classes + masks, anchors) from (cx, cy, w, h, cls, score, coeff)."""
+    p = np.zeros((4 + n_classes + n_masks, len(anchors)), np.float32)
+    for j, (cx, cy, w, h, c, s, coeff) in enumerate(anchors):
+        p[:4, j] = (cx, cy, w, h)
+        p[4 + c, j] = s
+        p[4 + n_classes :, j] = coeff
+    return p
+
+
+def test_nms_suppresses_overlaps_keeps_distinct():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], float)
+    keep = nms(boxes, np.array([0.9, 0.8, 0.7]), 0.5)
+    assert sorted(keep.tolist()) == [0, 2]
+
+
+def test_decode_tile_thresholds_and_class_aware_nms():
+    coeff = np.zeros(32, np.float32)
+    pred = _pred([
+        (50, 50, 40, 40, 0, 0.9, coeff),  # rbc
+        (52, 50, 40, 40, 0, 0.6, coeff),  # duplicate rbc -> suppressed
+        (50, 50, 40, 40, 2, 0.7, coeff),  # platelet at the same place -> kept (other class)
+        (150, 150, 30, 30, 1, 0.1, coeff),  # below confidence
+    ])
+    out = decode_tile(pred, None, 256, 3, conf_threshold=0.25, iou_threshold=0.5)
+    assert sorted((c, round(s, 2)) for c, _, s, _ in out) == [(0, 0.9), (2, 0.7)]
+    c, box, s, mask = next(o for o in out if o[0] == 0)
+    np.testing.assert_allclose(box, [30, 30, 70, 70])
+    assert mask is None
+
+
+def test_decode_tile_masks_from_prototypes():
+    protos = np.full((32, 64, 64), -10.0, np.float32)
+    protos[0, 10:15, 10:15] = 10.0  # a blob at 40..60 px in a 256 input (stride 4)
+    coeff = np.zeros(32, np.float32)
+    coeff[0] = 1.0
+    pred = _pred([(50, 50, 40, 40, 0, 0.9, coeff)])
+    (_, box, _, mask), = decode_tile(pred, protos, 256, 3, 0.25, 0.5)
+    assert mask.shape == (40, 40)
+    # inside the blob true, box corners false
+    assert mask[20, 20] and not mask[0, 0] and not mask[-1, -1]
+    assert 250 < mask.sum() < 600
+
+
+class _FakeEngine:
+    """Stands in for an engine: returns a fixed raw output per tile (decode is what is tested)."""
+
+    def __init__(self, pred):
+        from engines.manifest import BatchProfile, ModelManifest, Preprocessing, TensorSpec
+
+        self.pred = pred
+        self.manifest = ModelManifest(
+            name="seg", task="segmentation", file="x.onnx", sha256="0" * 64, opset=17,
+            inputs=[TensorSpec(name="images", shape=[-1, 3, 256, 256])],
+            outputs=[TensorSpec(name="output0", shape=[-1, pred.shape[0], pred.shape[1]])],
+            batch=BatchProfile(min=1, opt=1, max=4), input_size=256, canonical_um_per_px=0.2,
+            preprocessing=Preprocessing(), classes=["rbc", "wbc", "platelet"])
+        self.output_names = ["output0"]
+        self.pads_to_opt = False
+
+    def run(self, batch):
+        return {"output0": np.repeat(self.pred[None], batch.shape[0], 0)}
+
+
+def test_segmenter_maps_to_frame_coordinates_and_flags_cut_cells():
+    from service.yolo_decode import YoloSegmenter
+
+    coeff = np.zeros(32, np.float32)
+    pred = _pred([(100, 100, 40, 40, 0, 0.9, coeff), (240, 100, 30, 30, 1, 0.8, coeff)])
+    seg = YoloSegmenter(_FakeEngine(pred))
+    tiles = [Tile(0, 0, 0, np.zeros((256, 256, 3), np.uint8)), Tile(1, 200, 0, np.zeros((256, 256, 3), np.uint8))]
+    dets = seg.detect(tiles, 456, 256)
+    by_tile = {(d.tile_index, d.kind.value): d for d in dets}
+    assert by_tile[(1, "rbc")].box.x0 == 280  # 80 + tile offset 200
+    assert by_tile[(0, "wbc")].cut_by_tile_edge  # touches tile 0's right edge (x = 256 < frame width)
+    assert not by_tile[(0, "rbc")].cut_by_tile_edge
