@@ -1,0 +1,359 @@
+"""Generators of broken and hostile input files, each paired with the reason code ingest owes it.
+
+Everything is made from code (numpy, OpenCV, tifffile, byte surgery) into a caller's directory;
+no dataset image is ever copied. Expected codes are plain strings, so this file does not depend
+on the module it tests.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+
+def smear_like(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A plausible, non-blank BGR field: pale background, darker pink/purple discs, noise."""
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), (225, 215, 235), np.float32)
+    for _ in range(max(1, height * width // 3000)):
+        cx, cy = rng.integers(0, width), rng.integers(0, height)
+        r = int(rng.integers(5, 15))
+        colour = (180, 120, 200) if rng.random() < 0.9 else (150, 60, 110)
+        cv2.circle(img, (int(cx), int(cy)), r, colour, -1)
+    img += rng.normal(0, 3, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def encode(ext: str, img: np.ndarray, params: list[int] | None = None) -> bytes:
+    ok, buf = cv2.imencode(ext, img, params or [])
+    assert ok, ext
+    return buf.tobytes()
+
+
+def png_set_ihdr_size(png: bytes, width: int, height: int) -> bytes:
+    """Rewrite IHDR's width/height and fix its CRC, so only the declared size lies."""
+    b = bytearray(png)
+    b[16:24] = struct.pack(">II", width, height)
+    b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])))
+    return bytes(b)
+
+
+def jpeg_set_sof_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """Rewrite the baseline frame header's (SOF0) dimensions."""
+    b = bytearray(jpeg)
+    sof = b.index(b"\xff\xc0")
+    b[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(b)
+
+
+def exif_app1(orientation: int, big_endian: bool = True) -> bytes:
+    """A minimal APP1 EXIF segment whose IFD0 holds only the Orientation tag (0x0112)."""
+    o = ">" if big_endian else "<"
+    tiff = (b"MM\x00\x2a" if big_endian else b"II\x2a\x00") + struct.pack(o + "I", 8)
+    tiff += struct.pack(o + "H", 1) + struct.pack(o + "HHI", 0x0112, 3, 1)
+    tiff += struct.pack(o + "HH", orientation, 0) + struct.pack(o + "I", 0)
+    payload = b"Exif\x00\x00" + tiff
+    return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+
+
+def jpeg_with_exif(img: np.ndarray, orientation: int) -> bytes:
+    """A JPEG of `img` (stored as given) that tells viewers to display it with `orientation`."""
+    jpeg = encode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return jpeg[:2] + exif_app1(orientation) + jpeg[2:]
+
+
+def tiff_patch_tag(path: Path, tag_name: str, value: int) -> None:
+    """Overwrite one inline tag value of the first page in place (e.g. to lie about its size)."""
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.pages[0].tags[tag_name]
+        offset, code = tag.valueoffset, {3: "H", 4: "I", 16: "Q"}[int(tag.dtype)]
+        order = tif.byteorder
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(struct.pack(order + code, value))
+
+
+@dataclass(frozen=True)
+class HostileCase:
+    name: str
+    expected: str
+    make: Callable[[Path], Path]
+    #: IngestLimits overrides for this case (e.g. a tiny byte limit).
+    limits: dict[str, int] = field(default_factory=dict)
+
+
+def _write(directory: Path, filename: str, data: bytes) -> Path:
+    path = directory / filename
+    path.write_bytes(data)
+    return path
+
+
+def _tiff(directory: Path, filename: str, arr: np.ndarray, **kwargs: object) -> Path:
+    path = directory / filename
+    tifffile.imwrite(path, arr, **kwargs)
+    return path
+
+
+def _missing(d: Path) -> Path:
+    return d / "no_such_frame.jpg"
+
+
+def _directory(d: Path) -> Path:
+    path = d / "frame_dir.png"
+    path.mkdir()
+    return path
+
+
+def _fifo(d: Path) -> Path:
+    path = d / "frame_fifo.jpg"
+    os.mkfifo(path)  # reading it would block forever: ingest must refuse before opening
+    return path
+
+
+def _random_bytes(d: Path) -> Path:
+    data = np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    assert not data.startswith((b"\xff\xd8", b"\x89PNG", b"II", b"MM", b"GIF", b"BM", b"RIFF"))
+    return _write(d, "noise.tif", data)
+
+
+def _png_truncated(d: Path) -> Path:
+    png = encode(".png", smear_like(200, 300))
+    return _write(d, "half.png", png[: len(png) // 2])
+
+
+def _png_no_iend(d: Path) -> Path:
+    return _write(d, "no_iend.png", encode(".png", smear_like(200, 300))[:-12])
+
+
+def _png_bad_crc(d: Path) -> Path:
+    b = bytearray(encode(".png", smear_like(200, 300)))
+    idat = b.index(b"IDAT")
+    b[idat + 40] ^= 0xFF
+    return _write(d, "bad_crc.png", bytes(b))
+
+
+def _jpeg_truncated(d: Path) -> Path:
+    jpeg = encode(".jpg", smear_like(200, 300))
+    return _write(d, "half.jpg", jpeg[: len(jpeg) // 2])
+
+
+def _tiff_truncated(d: Path) -> Path:
+    path = _tiff(d, "cut.tif", smear_like(200, 300), photometric="rgb")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 5000])
+    return path
+
+
+def _tiff_ifd_past_end(d: Path) -> Path:
+    b = bytearray(_tiff(d, "ifd.tif", smear_like(100, 100), photometric="rgb").read_bytes())
+    b[4:8] = struct.pack("<I", len(b) + 100)
+    return _write(d, "ifd.tif", bytes(b))
+
+
+def _tiff_bomb(d: Path) -> Path:
+    path = _tiff(d, "bomb.tif", smear_like(100, 100), photometric="rgb")
+    tiff_patch_tag(path, "ImageWidth", 60000)
+    tiff_patch_tag(path, "ImageLength", 60000)
+    return path
+
+
+def _tiff_unknown_compression(d: Path) -> Path:
+    path = _tiff(d, "weird_codec.tif", smear_like(100, 100), photometric="rgb")
+    tiff_patch_tag(path, "Compression", 60123)
+    return path
+
+
+def _tiff_multipage(d: Path) -> Path:
+    """Three same-sized pages written one by one, without tifffile's shape metadata."""
+    path = d / "pages.tif"
+    with tifffile.TiffWriter(path) as writer:
+        for seed in range(3):
+            writer.write(smear_like(100, 100, seed), photometric="rgb", metadata=None)
+    return path
+
+
+def _tiff_cmyk(d: Path) -> Path:
+    arr = np.random.default_rng(1).integers(0, 255, (100, 100, 4), dtype=np.uint8)
+    return _tiff(d, "cmyk.tif", arr, photometric="separated")
+
+
+CASES: list[HostileCase] = [
+    HostileCase("missing_file", "not_found", _missing),
+    HostileCase("directory", "not_a_file", _directory),
+    *([HostileCase("fifo", "not_a_file", _fifo)] if hasattr(os, "mkfifo") else []),
+    HostileCase("zero_bytes", "empty_file", lambda d: _write(d, "empty.jpg", b"")),
+    HostileCase(
+        "over_byte_limit",
+        "file_too_large",
+        lambda d: _write(d, "big.png", encode(".png", smear_like(200, 300))),
+        {"max_file_bytes": 1000},
+    ),
+    HostileCase(
+        "text_named_jpg", "not_an_image", lambda d: _write(d, "notes.jpg", b"white cells: 7\n" * 40)
+    ),
+    HostileCase(
+        "html_page",
+        "not_an_image",
+        lambda d: _write(d, "page.png", b"<!DOCTYPE html><html><body>404</body></html>\n" * 20),
+    ),
+    HostileCase("random_bytes", "not_an_image", _random_bytes),
+    HostileCase(
+        "gif",
+        "unsupported_format",
+        lambda d: _write(d, "a.gif", encode(".gif", smear_like(100, 100))),
+    ),
+    HostileCase(
+        "bmp_named_jpg",
+        "unsupported_format",
+        lambda d: _write(d, "a.jpg", encode(".bmp", smear_like(100, 100))),
+    ),
+    HostileCase(
+        "webp",
+        "unsupported_format",
+        lambda d: _write(d, "a.webp", encode(".webp", smear_like(100, 100))),
+    ),
+    HostileCase("tiff_cmyk", "unsupported_format", _tiff_cmyk),
+    HostileCase("tiff_unknown_compression", "unsupported_format", _tiff_unknown_compression),
+    HostileCase("jpeg_truncated", "truncated", _jpeg_truncated),
+    HostileCase(
+        "jpeg_no_eoi",
+        "truncated",
+        lambda d: _write(d, "no_eoi.jpg", encode(".jpg", smear_like(200, 300))[:-2]),
+    ),
+    HostileCase("png_truncated", "truncated", _png_truncated),
+    HostileCase("png_no_iend", "truncated", _png_no_iend),
+    HostileCase("tiff_truncated", "truncated", _tiff_truncated),
+    HostileCase("tiff_ifd_past_end", "truncated", _tiff_ifd_past_end),
+    HostileCase("png_bad_crc", "corrupt", _png_bad_crc),
+    HostileCase(
+        "png_declares_more_than_it_holds",
+        "corrupt",
+        lambda d: _write(
+            d, "liar.png", png_set_ihdr_size(encode(".png", smear_like(100, 100)), 3000, 3000)
+        ),
+    ),
+    HostileCase(
+        "jpeg_header_then_garbage",
+        "corrupt",
+        lambda d: _write(d, "garbage.jpg", b"\xff\xd8" + b"\x00garbage" * 50),
+    ),
+    HostileCase(
+        "png_bomb",
+        "too_large_pixels",
+        lambda d: _write(
+            d, "bomb.png", png_set_ihdr_size(encode(".png", smear_like(100, 100)), 100000, 100000)
+        ),
+    ),
+    HostileCase(
+        "jpeg_bomb",
+        "too_large_pixels",
+        lambda d: _write(
+            d, "bomb.jpg", jpeg_set_sof_size(encode(".jpg", smear_like(100, 100)), 65000, 65000)
+        ),
+    ),
+    HostileCase("tiff_bomb", "too_large_pixels", _tiff_bomb),
+    HostileCase(
+        "over_pixel_limit",
+        "too_large_pixels",
+        lambda d: _write(d, "a.png", encode(".png", smear_like(200, 200))),
+        {"max_pixels": 200 * 200 - 1},
+    ),
+    HostileCase(
+        "float_nan_tiff",
+        "bad_dtype",
+        lambda d: _tiff(d, "nan.tif", np.full((100, 100), np.nan, np.float32)),
+    ),
+    HostileCase(
+        "int16_tiff",
+        "bad_dtype",
+        lambda d: _tiff(d, "signed.tif", np.full((100, 100), -5, np.int16)),
+    ),
+    HostileCase(
+        "bilevel_tiff",
+        "bad_dtype",
+        lambda d: _tiff(d, "bits.tif", np.eye(100, dtype=bool)),
+    ),
+    HostileCase(
+        "tiff_5_channels",
+        "bad_channels",
+        lambda d: _tiff(
+            d,
+            "five.tif",
+            np.random.default_rng(2).integers(0, 255, (100, 100, 5), np.uint8),
+            photometric="rgb",
+            extrasamples=["unspecified", "unspecified"],
+        ),
+    ),
+    HostileCase(
+        "tiff_4d_stack",
+        "multi_frame",
+        lambda d: _tiff(
+            d,
+            "stack.tif",
+            np.stack([[smear_like(100, 100, s) for s in range(3)]] * 2),
+            photometric="rgb",
+        ),
+    ),
+    HostileCase(
+        "tiff_z_stack",
+        "multi_frame",
+        lambda d: _tiff(
+            d,
+            "z.tif",
+            np.stack([smear_like(100, 100, s)[..., 1] for s in range(5)]),
+            photometric="minisblack",
+        ),
+    ),
+    HostileCase("tiff_multipage", "multi_frame", _tiff_multipage),
+    HostileCase(
+        "one_pixel", "too_small", lambda d: _write(d, "dot.png", encode(".png", smear_like(1, 1)))
+    ),
+    HostileCase(
+        "thumbnail",
+        "too_small",
+        lambda d: _write(d, "thumb.jpg", encode(".jpg", smear_like(40, 100))),
+    ),
+    HostileCase(
+        "strip_10000x10",
+        "absurd_aspect",
+        lambda d: _write(d, "strip.png", encode(".png", smear_like(10, 10000))),
+    ),
+    HostileCase(
+        "strip_1000x100",
+        "absurd_aspect",
+        lambda d: _write(d, "strip.jpg", encode(".jpg", smear_like(100, 1000))),
+    ),
+    HostileCase(
+        "all_black",
+        "blank_image",
+        lambda d: _write(d, "black.png", encode(".png", np.zeros((200, 300, 3), np.uint8))),
+    ),
+    HostileCase(
+        "one_grey_value_jpeg",
+        "blank_image",
+        lambda d: _write(d, "grey.jpg", encode(".jpg", np.full((200, 300, 3), 128, np.uint8))),
+    ),
+    HostileCase(
+        "flat_16bit_tiff",
+        "blank_image",
+        lambda d: _tiff(d, "flat16.tif", np.full((200, 300), 3000, np.uint16)),
+    ),
+]
+
+
+def generate_all(directory: Path) -> list[tuple[HostileCase, Path]]:
+    """Write every case into `directory` (one sub-folder each); return (case, path) pairs."""
+    made = []
+    for case in CASES:
+        sub = directory / case.name
+        sub.mkdir(parents=True, exist_ok=True)
+        made.append((case, case.make(sub)))
+    return made

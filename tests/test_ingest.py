@@ -1,0 +1,373 @@
+"""Stage 1 (ingest): every hostile input gets its exact reason code; good inputs decode right."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import hostile  # tests/ is on sys.path (pytest prepend import mode), as for conftest
+import numpy as np
+import pytest
+import tifffile
+
+from service.ingest import DecodedImage, IngestError, IngestLimits, RejectReason, load_image
+
+FILE_LEVEL = {"not_found", "not_a_file", "empty_file"}
+
+
+# --- hostile inputs -------------------------------------------------------------------------
+
+
+def test_reason_codes_are_stable_strings() -> None:
+    assert {r.value for r in RejectReason} == {
+        "not_found",
+        "not_a_file",
+        "unreadable",
+        "empty_file",
+        "file_too_large",
+        "not_an_image",
+        "unsupported_format",
+        "corrupt",
+        "truncated",
+        "too_large_pixels",
+        "absurd_aspect",
+        "too_small",
+        "bad_dtype",
+        "bad_channels",
+        "multi_frame",
+        "blank_image",
+    }
+    assert {c.expected for c in hostile.CASES} <= {r.value for r in RejectReason}
+
+
+@pytest.mark.parametrize("case", hostile.CASES, ids=[c.name for c in hostile.CASES])
+def test_hostile_input_gets_its_reason_code(case: hostile.HostileCase, tmp_path: Path) -> None:
+    path = case.make(tmp_path)
+    with pytest.raises(IngestError) as err:
+        load_image(path, limits=IngestLimits(**case.limits))
+    assert err.value.code == RejectReason(case.expected), err.value.message
+    assert err.value.code.value == case.expected
+    assert err.value.message
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in hostile.CASES if c.expected not in FILE_LEVEL],
+    ids=[c.name for c in hostile.CASES if c.expected not in FILE_LEVEL],
+)
+def test_same_code_from_bytes_as_from_path(case: hostile.HostileCase, tmp_path: Path) -> None:
+    data = case.make(tmp_path).read_bytes()
+    with pytest.raises(IngestError) as err:
+        load_image(data, limits=IngestLimits(**case.limits), source_name="upload")
+    assert err.value.code.value == case.expected
+    assert err.value.message.startswith("upload")
+
+
+def test_empty_bytes_and_wrong_argument_type() -> None:
+    with pytest.raises(IngestError) as err:
+        load_image(b"")
+    assert err.value.code is RejectReason.EMPTY_FILE
+    with pytest.raises(TypeError):
+        load_image(np.zeros((100, 100, 3), np.uint8))  # type: ignore[arg-type]
+
+
+def test_bomb_is_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decoder called for a bomb")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
+    png = hostile.png_set_ihdr_size(
+        hostile.encode(".png", hostile.smear_like(100, 100)), 9000, 9000
+    )
+    with pytest.raises(IngestError) as err:
+        load_image(png)
+    assert err.value.code is RejectReason.TOO_LARGE_PIXELS
+
+
+# --- good inputs ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def field() -> np.ndarray:
+    return hostile.smear_like(120, 200, seed=3)
+
+
+def _load(tmp_path: Path, name: str, data: bytes) -> DecodedImage:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return load_image(path)
+
+
+def test_png_8bit_is_exact(tmp_path: Path, field: np.ndarray) -> None:
+    img = _load(tmp_path, "a.png", hostile.encode(".png", field))
+    np.testing.assert_array_equal(img.pixels, field)
+    assert (img.width, img.height, img.format) == (200, 120, "png")
+    assert (img.original_bit_depth, img.significant_bits, img.original_channels) == (8, 8, 3)
+    assert img.pixels.dtype == np.uint8 and img.pixels.flags.c_contiguous
+    assert not img.exif_orientation_applied
+    assert img.source == str(tmp_path / "a.png")
+
+
+def test_png_16bit_full_range(tmp_path: Path, field: np.ndarray) -> None:
+    img = _load(tmp_path, "a.png", hostile.encode(".png", field.astype(np.uint16) * 257))
+    np.testing.assert_array_equal(img.pixels, field)
+    assert (img.original_bit_depth, img.significant_bits) == (16, 16)
+
+
+def test_png_12bit_in_16bit_container_is_not_darkened(tmp_path: Path, field: np.ndarray) -> None:
+    twelve = np.rint(field.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    img = _load(tmp_path, "a.png", hostile.encode(".png", twelve))
+    assert img.significant_bits == 12
+    assert np.abs(img.pixels.astype(int) - field).max() <= 1  # not field / 16 as >> 8 would give
+
+
+def _with_sbit(png: bytes, bits: int) -> bytes:
+    body = bytes([bits] * 3)
+    chunk = struct.pack(">I", len(body)) + b"sBIT" + body
+    chunk += struct.pack(">I", zlib.crc32(b"sBIT" + body))
+    return png[:33] + chunk + png[33:]  # right after IHDR
+
+
+def test_png_sbit_declared_depth_wins_over_inference(tmp_path: Path, field: np.ndarray) -> None:
+    dark = field.astype(np.uint16) * 4  # max 1020: inference alone would call it 10-bit
+    img = _load(tmp_path, "a.png", _with_sbit(hostile.encode(".png", dark), 12))
+    assert img.significant_bits == 12
+    expected = np.rint(dark.astype(np.float64) * 255 / 4095)
+    assert np.abs(img.pixels.astype(int) - expected).max() <= 1
+
+
+def test_png_grayscale(tmp_path: Path, field: np.ndarray) -> None:
+    grey = field[:, :, 1]
+    img = _load(tmp_path, "g.png", hostile.encode(".png", grey))
+    assert img.original_channels == 1 and img.pixels.shape == (120, 200, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(img.pixels[:, :, c], grey)
+
+
+def test_png_rgba_composited_over_white(tmp_path: Path, field: np.ndarray) -> None:
+    bgra = np.dstack([field, np.full(field.shape[:2], 255, np.uint8)])
+    bgra[:, :50, 3] = 0
+    bgra[:, 50:100, 3] = 128
+    img = _load(tmp_path, "a.png", hostile.encode(".png", bgra))
+    assert img.original_channels == 4
+    np.testing.assert_array_equal(img.pixels[:, 100:], field[:, 100:])
+    assert (img.pixels[:, :50] == 255).all()
+    half = np.rint(field[:, 50:100] * (128 / 255) + 255 * (127 / 255))
+    assert np.abs(img.pixels[:, 50:100].astype(int) - half).max() <= 1
+
+
+def test_extension_is_not_trusted(tmp_path: Path, field: np.ndarray) -> None:
+    img = _load(tmp_path, "really_a_png.jpg", hostile.encode(".png", field))
+    assert img.format == "png"
+    np.testing.assert_array_equal(img.pixels, field)
+
+
+def test_bytes_input(field: np.ndarray) -> None:
+    img = load_image(hostile.encode(".png", field))
+    assert img.source == "<bytes>"
+    np.testing.assert_array_equal(img.pixels, field)
+
+
+def test_tiff_8bit_rgb(tmp_path: Path, field: np.ndarray) -> None:
+    tifffile.imwrite(tmp_path / "a.tif", field[:, :, ::-1], photometric="rgb")
+    img = load_image(tmp_path / "a.tif")
+    np.testing.assert_array_equal(img.pixels, field)  # RGB on disk -> BGR in memory
+    assert (img.format, img.original_bit_depth, img.original_channels) == ("tiff", 8, 3)
+
+
+def test_tiff_16bit_rgb_planar_and_compressed(tmp_path: Path, field: np.ndarray) -> None:
+    rgb16 = field[:, :, ::-1].astype(np.uint16) * 257
+    tifffile.imwrite(
+        tmp_path / "a.tif",
+        np.moveaxis(rgb16, 2, 0),
+        photometric="rgb",
+        planarconfig="separate",
+        compression="zlib",
+    )
+    img = load_image(tmp_path / "a.tif")
+    np.testing.assert_array_equal(img.pixels, field)
+    assert (img.original_bit_depth, img.significant_bits) == (16, 16)
+
+
+def test_tiff_12bit_grey_in_16bit(tmp_path: Path, field: np.ndarray) -> None:
+    grey12 = field[:, :, 0].astype(np.uint16) * 16  # max 4080 < 4096
+    tifffile.imwrite(tmp_path / "g.tif", grey12, photometric="minisblack")
+    img = load_image(tmp_path / "g.tif")
+    assert (img.original_channels, img.significant_bits) == (1, 12)
+    assert np.abs(img.pixels[:, :, 2].astype(int) - field[:, :, 0]).max() <= 1
+
+
+def test_tiff_miniswhite_is_inverted(tmp_path: Path, field: np.ndarray) -> None:
+    tifffile.imwrite(tmp_path / "w.tif", 255 - field[:, :, 1], photometric="miniswhite")
+    img = load_image(tmp_path / "w.tif")
+    np.testing.assert_array_equal(img.pixels[:, :, 0], field[:, :, 1])
+
+
+def test_tiff_grey_alpha_and_rgba(tmp_path: Path, field: np.ndarray) -> None:
+    alpha = np.full(field.shape[:2], 255, np.uint8)
+    alpha[:, :40] = 0
+    ga = np.dstack([field[:, :, 1], alpha])
+    tifffile.imwrite(tmp_path / "ga.tif", ga, photometric="minisblack", extrasamples=["unassalpha"])
+    img = load_image(tmp_path / "ga.tif")
+    assert img.original_channels == 2
+    assert (img.pixels[:, :40] == 255).all()
+    np.testing.assert_array_equal(img.pixels[:, 40:, 1], field[:, 40:, 1])
+
+    rgba = np.dstack([field[:, :, ::-1], alpha])
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    img = load_image(tmp_path / "rgba.tif")
+    assert img.original_channels == 4
+    np.testing.assert_array_equal(img.pixels[:, 40:], field[:, 40:])
+
+
+def test_tiff_palette(tmp_path: Path) -> None:
+    index = (np.arange(120 * 200).reshape(120, 200) % 4).astype(np.uint8)
+    cmap = np.zeros((3, 256), np.uint16)
+    cmap[:, :4] = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [10, 20, 30]]).T * 257
+    tifffile.imwrite(tmp_path / "p.tif", index, photometric="palette", colormap=cmap)
+    img = load_image(tmp_path / "p.tif")
+    assert img.pixels[0, 0].tolist() == [0, 0, 255]  # palette red, in BGR
+    assert img.pixels[0, 3].tolist() == [30, 20, 10]
+
+
+def test_tiff_first_series_of_several(tmp_path: Path, field: np.ndarray) -> None:
+    with tifffile.TiffWriter(tmp_path / "s.tif") as writer:
+        writer.write(field[:, :, ::-1], photometric="rgb")
+        writer.write(field[::4, ::4, ::-1], photometric="rgb")  # a thumbnail after the frame
+    np.testing.assert_array_equal(load_image(tmp_path / "s.tif").pixels, field)
+
+
+def test_tiff_orientation_tag(tmp_path: Path, field: np.ndarray) -> None:
+    tifffile.imwrite(
+        tmp_path / "o.tif", field[:, :, ::-1], photometric="rgb", extratags=[(274, "H", 1, 6, True)]
+    )
+    img = load_image(tmp_path / "o.tif")
+    assert img.exif_orientation_applied
+    np.testing.assert_array_equal(img.pixels, cv2.rotate(field, cv2.ROTATE_90_CLOCKWISE))
+
+
+def _marked(height: int = 120, width: int = 200) -> np.ndarray:
+    """A frame whose corners can be told apart: red top-left, blue bottom-left (BGR)."""
+    img = hostile.smear_like(height, width, seed=5)
+    img[:30, :40] = (0, 0, 255)
+    img[-30:, :40] = (255, 0, 0)
+    return img
+
+
+def test_jpeg_exif_orientation_6_is_rotated(tmp_path: Path) -> None:
+    img = _load(tmp_path, "r.jpg", hostile.jpeg_with_exif(_marked(), 6))
+    assert img.exif_orientation_applied
+    assert (img.height, img.width) == (200, 120)  # stored landscape, shown portrait
+    # 90 degrees clockwise: the stored top-left (red) is now top-right, bottom-left (blue) top-left
+    b, g, r = img.pixels[10, -10].astype(int)
+    assert r > 200 and b < 60 and g < 60
+    b, g, r = img.pixels[10, 10].astype(int)
+    assert b > 200 and r < 60 and g < 60
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("big_endian", [True, False])
+def test_jpeg_exif_orientations_match_opencv(orientation: int, big_endian: bool) -> None:
+    """OpenCV's IMREAD_COLOR applies EXIF orientation itself: an independent reference."""
+    jpeg = hostile.encode(".jpg", _marked(), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    jpeg = jpeg[:2] + hostile.exif_app1(orientation, big_endian) + jpeg[2:]
+    img = load_image(jpeg)
+    expected = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(img.pixels, expected)
+    assert img.exif_orientation_applied == (orientation != 1)
+
+
+def test_png_exif_chunk_orientation(field: np.ndarray) -> None:
+    png = hostile.encode(".png", field)
+    exif = hostile.exif_app1(8)[10:]  # the TIFF block, without marker, length and "Exif\0\0"
+    chunk = (
+        struct.pack(">I", len(exif))
+        + b"eXIf"
+        + exif
+        + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+    )
+    img = load_image(png[:33] + chunk + png[33:])
+    assert img.exif_orientation_applied
+    np.testing.assert_array_equal(img.pixels, cv2.rotate(field, cv2.ROTATE_90_COUNTERCLOCKWISE))
+
+
+def test_jpeg_broken_exif_still_loads_unrotated(caplog: pytest.LogCaptureFixture) -> None:
+    jpeg = hostile.encode(".jpg", _marked())
+    junk = b"Exif\x00\x00MM\x00\x2a\xff\xff\xff\x00"  # IFD offset far beyond the block
+    app1 = b"\xff\xe1" + struct.pack(">H", len(junk) + 2) + junk
+    img = load_image(jpeg[:2] + app1 + jpeg[2:])
+    assert not img.exif_orientation_applied and (img.height, img.width) == (120, 200)
+    assert "EXIF" in caplog.text
+
+
+def test_jpeg_grey_progressive_and_trailer(field: np.ndarray) -> None:
+    grey = hostile.encode(".jpg", field[:, :, 1], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    img = load_image(grey + b"camera trailer after EOI")
+    assert (img.format, img.original_channels) == ("jpeg", 1)
+    assert np.abs(img.pixels[:, :, 0].astype(int) - field[:, :, 1]).mean() < 3
+
+
+def test_limits_are_configurable(field: np.ndarray) -> None:
+    png = hostile.encode(".png", field)  # 200 x 120
+    assert load_image(png, limits=IngestLimits(min_side=120)).height == 120
+    with pytest.raises(IngestError) as err:
+        load_image(png, limits=IngestLimits(min_side=121))
+    assert err.value.code is RejectReason.TOO_SMALL
+    with pytest.raises(IngestError) as err:
+        load_image(png, limits=IngestLimits(max_aspect=1.5))
+    assert err.value.code is RejectReason.ABSURD_ASPECT
+
+
+def test_mutated_files_fail_only_with_ingest_errors(field: np.ndarray) -> None:
+    """Deterministic fuzz: flipped, cut and inserted bytes never escape as another exception."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, field[:, :, ::-1], photometric="rgb", compression="zlib")
+    seeds = [
+        hostile.encode(".png", field),
+        hostile.encode(".png", field.astype(np.uint16) * 257),
+        hostile.jpeg_with_exif(field, 6),
+        buf.getvalue(),
+    ]
+    rng = np.random.default_rng(0)
+    outcomes: set[str] = set()
+    for data in seeds:
+        for _ in range(60):
+            mutated = bytearray(data)
+            mode = int(rng.integers(0, 3))
+            if mode == 0:  # flip bytes, mostly in the headers
+                for _ in range(int(rng.integers(1, 8))):
+                    mutated[int(rng.integers(0, min(len(mutated), 300)))] = int(
+                        rng.integers(0, 256)
+                    )
+            elif mode == 1:  # cut
+                mutated = mutated[: int(rng.integers(1, len(mutated)))]
+            else:  # insert junk
+                at = int(rng.integers(0, len(mutated)))
+                mutated[at:at] = rng.integers(0, 256, int(rng.integers(1, 50)), np.uint8).tobytes()
+            try:
+                load_image(bytes(mutated))
+                outcomes.add("ok")
+            except IngestError as exc:
+                outcomes.add(exc.code.value)
+    assert {"corrupt", "truncated"} <= outcomes  # the fuzz really reached the error paths
+
+
+def test_os_read_error_is_unreadable(
+    tmp_path: Path, field: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """chmod 000 does not stop root, so the OS refusal is simulated at the `open` call."""
+    from service import ingest
+
+    path = tmp_path / "a.png"
+    path.write_bytes(hostile.encode(".png", field))
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ingest, "open", refuse, raising=False)
+    with pytest.raises(IngestError) as err:
+        load_image(path)
+    assert err.value.code is RejectReason.UNREADABLE
