@@ -1,0 +1,158 @@
+"""ONNX -> TensorRT engine (FP16 / INT8) per model, keyed by TensorRT version + ONNX hash.
+
+NOT RUN on the development machines (no GPU; TensorRT cannot be installed there). Written against
+the TensorRT 10 Python API; the pure parts (engine naming, profiles, calibration batches, the
+printed trtexec command) are unit-tested. Build engines once, on the Jetson, before the service
+starts (`smearscope build-engines`), as frigate's trt-model-prepare does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from engines.manifest import ModelManifest, load_manifest
+from engines.preprocess import to_model_input
+from engines.trt_cache import engine_path, profile_shapes
+
+logger = logging.getLogger(__name__)
+MANIFESTS = ("seg.json", "rbc_head.json", "wbc_head.json")
+WORKSPACE_BYTES = 1 << 30
+
+
+def trtexec_command(manifest: ModelManifest, onnx_path: Path, out: Path, precision: str,
+                    calib_cache: Path | None = None) -> str:
+    """The equivalent `trtexec` command line, printed for engineers who build by hand."""
+    (name, (mn, opt, mx)), = profile_shapes(manifest).items()
+    shape = lambda s: "x".join(str(d) for d in s)  # noqa: E731
+    parts = [
+        "trtexec", f"--onnx={onnx_path}", f"--saveEngine={out}",
+        f"--minShapes={name}:{shape(mn)}", f"--optShapes={name}:{shape(opt)}", f"--maxShapes={name}:{shape(mx)}",
+        f"--memPoolSize=workspace:{WORKSPACE_BYTES >> 20}M",
+    ]
+    if precision in ("fp16", "int8"):
+        parts.append("--fp16")
+    if precision == "int8":
+        parts.append("--int8")
+        if calib_cache:
+            parts.append(f"--calib={calib_cache}")
+    return " ".join(parts)
+
+
+def calibration_batches(folder: Path, manifest: ModelManifest, batch_size: int, limit: int = 512) -> Iterator[np.ndarray]:
+    """Preprocessed float32 batches from a folder of canonical-scale tiles/crops (PNG/JPEG).
+
+    Images of another size are resized to the model input; at most `limit` images are used.
+    """
+    import cv2
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:limit]
+    size = manifest.input_size
+    buf = []
+    for p in files:
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if img is None:
+            logger.warning("calibration: skipping unreadable %s", p)
+            continue
+        if img.shape[:2] != (size, size):
+            img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+        buf.append(img)
+        if len(buf) == batch_size:
+            yield to_model_input(np.stack(buf), manifest.preprocessing)
+            buf = []
+    if buf:
+        yield to_model_input(np.stack(buf), manifest.preprocessing)
+
+
+def _make_calibrator(trt, batches: Iterator[np.ndarray], batch_size: int, cache: Path):
+    import pycuda.driver as cuda
+
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches = batches
+            self.device = None
+
+        def get_batch_size(self) -> int:
+            return batch_size
+
+        def get_batch(self, names):
+            try:
+                b = next(self.batches)
+            except StopIteration:
+                return None
+            if b.shape[0] < batch_size:  # pad the last batch
+                b = np.concatenate([b, np.repeat(b[-1:], batch_size - b.shape[0], 0)])
+            if self.device is None:
+                self.device = cuda.mem_alloc(b.nbytes)
+            cuda.memcpy_htod(self.device, np.ascontiguousarray(b))
+            return [int(self.device)]
+
+        def read_calibration_cache(self):
+            return cache.read_bytes() if cache.exists() else None
+
+        def write_calibration_cache(self, data) -> None:
+            cache.write_bytes(bytes(data))
+
+    return EntropyCalibrator()
+
+
+def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", calibration_dir: Path | None = None) -> Path:
+    import tensorrt as trt
+
+    manifest = load_manifest(manifest_path)
+    onnx_path = manifest.model_path(manifest_path)
+    out = engine_path(cache_dir, manifest, trt.__version__, precision)
+    calib_cache = out.with_suffix(".calib")
+    logger.info("equivalent: %s", trtexec_command(manifest, onnx_path, out, precision, calib_cache))
+    if out.exists():
+        logger.info("engine %s already built", out.name)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"ONNX parse failed for {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    profile = builder.create_optimization_profile()
+    for name, (mn, opt, mx) in profile_shapes(manifest).items():
+        profile.set_shape(name, mn, opt, mx)
+    config.add_optimization_profile(profile)
+    if precision in ("fp16", "int8") and builder.platform_has_fast_fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        if calibration_dir is None and not calib_cache.exists():
+            raise RuntimeError("INT8 needs --calibration (a folder of canonical tiles/crops) or a saved cache")
+        config.set_flag(trt.BuilderFlag.INT8)
+        bs = manifest.batch.opt
+        batches = calibration_batches(calibration_dir, manifest, bs) if calibration_dir else iter(())
+        config.int8_calibrator = _make_calibrator(trt, batches, bs, calib_cache)
+        config.set_calibration_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build {out.name}")
+    out.write_bytes(bytes(serialized))
+    logger.info("built %s (%d bytes)", out, out.stat().st_size)
+    return out
+
+
+def build_all(models_dir: Path, cache_dir: Path, precision: str = "fp16", calibration_dir: Path | None = None) -> int:
+    try:
+        import pycuda.autoinit  # noqa: F401  (a CUDA context for the calibrator's buffers)
+        import tensorrt  # noqa: F401
+    except ImportError as exc:
+        logger.error("TensorRT/pycuda not installed (jetson extra): %s", exc)
+        print(f"build-engines needs the jetson extra (tensorrt, pycuda): {exc}")
+        return 1
+    for name in MANIFESTS:
+        sub = calibration_dir / Path(name).stem if calibration_dir else None
+        path = build_engine(models_dir / name, cache_dir, precision, sub)
+        print(path)
+    return 0

@@ -1,0 +1,49 @@
+"""Pure parts of the TensorRT builder (the build itself needs a Jetson: see README)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from engines.manifest import BatchProfile, ModelManifest, TensorSpec
+from export.tensorrt_build import calibration_batches, trtexec_command
+
+
+def _manifest(size=40):
+    return ModelManifest(name="rbc_head", task="classification", file="rbc_head.onnx", sha256="ab" * 32, opset=17,
+                         inputs=[TensorSpec(name="images", shape=[-1, 3, size, size])],
+                         outputs=[TensorSpec(name="logits", shape=[-1, 13])], batch=BatchProfile(min=1, opt=32, max=128),
+                         input_size=size, canonical_um_per_px=0.2, classes=[str(i) for i in range(13)])
+
+
+def test_trtexec_command_has_profile_and_precision(tmp_path):
+    cmd = trtexec_command(_manifest(), Path("m.onnx"), Path("m.engine"), "int8", Path("m.calib"))
+    assert "--minShapes=images:1x3x40x40" in cmd and "--optShapes=images:32x3x40x40" in cmd
+    assert "--maxShapes=images:128x3x40x40" in cmd and "--int8" in cmd and "--fp16" in cmd and "--calib=m.calib" in cmd
+    assert "--int8" not in trtexec_command(_manifest(), Path("m.onnx"), Path("m.engine"), "fp16")
+
+
+def test_calibration_batches_resize_and_preprocess(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), rng.integers(0, 255, (50, 50, 3), dtype=np.uint8))
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    batches = list(calibration_batches(tmp_path, _manifest(), batch_size=2))
+    assert [b.shape for b in batches] == [(2, 3, 40, 40), (2, 3, 40, 40), (1, 3, 40, 40)]
+    assert all(b.dtype == np.float32 and 0.0 <= b.min() and b.max() <= 1.0 for b in batches)
+
+
+def test_build_all_without_tensorrt_says_so(tmp_path, capsys):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT present")
+    except ImportError:
+        pass
+    from export.tensorrt_build import build_all
+
+    assert build_all(tmp_path, tmp_path) == 1
+    assert "jetson extra" in capsys.readouterr().out
