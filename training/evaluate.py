@@ -1,0 +1,130 @@
+"""Evaluate every committed model on its held-out split and print the accuracy table.
+
+    python -m training.evaluate [--models models] [--stain macenko|none] [--json out.json] [--quick]
+
+Runs with the runtime dependencies only (ONNX Runtime), so it measures exactly what ships.
+Splits: BCCD VOC test; TXL-PBC test; PBC seeded 10% test; Chula RBC-12 seeded 10% test (by image);
+erythrocytesIDB1 test/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from device.frame import Frame
+from engines.batching import run_batched
+from engines.preprocess import to_model_input
+from engines.registry import create_engine
+from service.metrics import classification_report, detection_map50, softmax
+from service.pipeline import Analyzer, AnalyzerOptions
+from training import head_data as hd
+from training.data import bccd_boxes, bccd_image_path, bccd_microns_per_pixel, bccd_split, data_root
+
+logger = logging.getLogger(__name__)
+SEG_KINDS = ("rbc", "wbc", "platelet")
+TXL_KIND = {0: "wbc", 1: "rbc", 2: "platelet"}
+
+
+def eval_bccd(analyzer: Analyzer, limit: int | None) -> dict:
+    ids = bccd_split("test")[:limit]
+    mpp = bccd_microns_per_pixel()
+    per, wbc_ok, secs = [], 0, []
+    for i in tqdm(ids, desc="BCCD test"):
+        img = cv2.imread(str(bccd_image_path(i)))
+        t = time.perf_counter()
+        rep = analyzer.analyze(Frame(img, i, "bccd", microns_per_pixel=mpp)).report
+        secs.append(time.perf_counter() - t)
+        truth = [(b.kind, [b.x0, b.y0, b.x1, b.y1]) for b in bccd_boxes(i)]
+        per.append({"pred": [(c.kind, c.bbox, c.score) for c in rep.cells], "truth": truth})
+        wbc_ok += sum(k == "wbc" for k, _ in truth) == rep.counts.wbc
+    m = detection_map50(per, SEG_KINDS)
+    return {**m, "wbc_count_agreement": wbc_ok / len(ids), "n": len(ids), "median_s_per_field": float(np.median(secs))}
+
+
+def eval_txl(analyzer: Analyzer, limit: int | None) -> dict:
+    root = data_root() / "txl_pbc" / "TXL_PBC"
+    files = sorted((root / "images" / "test").iterdir())[:limit]
+    per, methods = [], []
+    for p in tqdm(files, desc="TXL-PBC test"):
+        img = cv2.imread(str(p))
+        if img is None:
+            continue
+        h, w = img.shape[:2]
+        lab = root / "labels" / "test" / (p.stem + ".txt")
+        truth = []
+        for line in (lab.read_text().splitlines() if lab.exists() else []):
+            v = line.split()
+            if len(v) == 5:
+                c, cx, cy, bw, bh = int(v[0]), *map(float, v[1:])
+                truth.append((TXL_KIND[c], [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]))
+        rep = analyzer.analyze(Frame(img, p.name, "txl")).report  # scale unknown: estimated
+        methods.append(rep.scale.method)
+        per.append({"pred": [(c.kind, c.bbox, c.score) for c in rep.cells], "truth": truth})
+    m = detection_map50(per, SEG_KINDS)
+    return {**m, "n": len(per), "scale_methods": {k: methods.count(k) for k in set(methods)}}
+
+
+def eval_head(manifest: Path, images: np.ndarray, labels: np.ndarray, classes) -> tuple[dict, np.ndarray]:
+    eng = create_engine("onnxruntime", manifest).load()
+    logits = run_batched(eng, to_model_input(images, eng.manifest.preprocessing))[eng.output_names[0]]
+    rep = classification_report(labels, logits.argmax(1), list(classes), logits=logits / eng.manifest.temperature)
+    return rep, softmax(logits / eng.manifest.temperature)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=Path("models"))
+    ap.add_argument("--stain", default="macenko", choices=["macenko", "none"])
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true", help="20 images per detection set")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    limit = 20 if args.quick else None
+    res: dict = {}
+    wbc_rep, _ = eval_head(args.models / "wbc_head.json", (s := hd.pbc_crops("test")).images, s.labels, hd.PBC_CLASSES)
+    res["wbc_head_pbc_test"] = wbc_rep
+    chula = hd.chula_crops("test")
+    rbc_rep, _ = eval_head(args.models / "rbc_head.json", chula.images, chula.labels, hd.RBC_CLASSES)
+    res["rbc_head_chula_test"] = rbc_rep
+    idb, is_sickle = hd.idb1_crops("test", hd.idb1_microns_per_pixel(), only_sickle=False)
+    _, probs = eval_head(args.models / "rbc_head.json", idb.images, idb.labels, hd.RBC_CLASSES)
+    res["rbc_head_idb1_sickle_vs_not_accuracy"] = float(((probs.argmax(1) == hd.RBC_CLASSES.index("sickle")) == is_sickle).mean())
+    analyzer = Analyzer.from_models_dir(args.models, options=AnalyzerOptions(stain_method=args.stain), warmup=False)
+    res["seg_bccd_test"] = eval_bccd(analyzer, limit)
+    res["seg_txl_test"] = eval_txl(analyzer, limit)
+    rows = [
+        ("segmentation", "BCCD test box mAP50", res["seg_bccd_test"]["mAP50"], ">= 0.92 (issue 3), >= 0.80 (issue 2)"),
+        ("segmentation", "  rbc / wbc / platelet AP50", "{rbc:.3f} / {wbc:.3f} / {platelet:.3f}".format(**res["seg_bccd_test"]), ""),
+        ("pipeline", "BCCD test WBC count agreement", res["seg_bccd_test"]["wbc_count_agreement"], ">= 0.90"),
+        ("segmentation", "TXL-PBC test box mAP50 (scale estimated)", res["seg_txl_test"]["mAP50"], "report"),
+        ("WBC head", "PBC test accuracy", wbc_rep["accuracy"], ">= 0.97"),
+        ("WBC head", "PBC test macro-F1", wbc_rep["macro_f1"], ">= 0.95"),
+        ("WBC head", "PBC test ECE (calibrated)", wbc_rep["ece"], "report"),
+        ("RBC head", "Chula test macro-F1", rbc_rep["macro_f1"], ">= 0.87"),
+        ("RBC head", "Chula test accuracy", rbc_rep["accuracy"], "report"),
+        ("RBC head", "IDB1 test sickle-vs-not accuracy", res["rbc_head_idb1_sickle_vs_not_accuracy"], ">= 0.96"),
+        ("pipeline", "median s per BCCD field (this CPU)", res["seg_bccd_test"]["median_s_per_field"], "report"),
+    ]
+    print(f"\nstain normalization: {args.stain}{' (QUICK: subsets)' if args.quick else ''}")
+    print(f"{'model':<14}{'figure':<44}{'value':>22}  bar")
+    for model, fig, val, bar in rows:
+        v = f"{val:.4f}" if isinstance(val, float) else str(val)
+        print(f"{model:<14}{fig:<44}{v:>22}  {bar}")
+    for name, rep in (("WBC", wbc_rep), ("RBC", rbc_rep)):
+        print(f"\n{name} head per class (precision / recall / F1 / n):")
+        for c, m in rep["per_class"].items():
+            print(f"  {c:<14}{m['precision']:.3f} / {m['recall']:.3f} / {m['f1']:.3f} / {m['support']}")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
