@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overlay", type=Path, help="write the input with outlines and labels to this PNG")
     a.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
     a.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
-    a.add_argument("--stain", default="macenko", choices=["macenko", "none"])
+    a.add_argument("--stain", default="auto", choices=["auto", "macenko", "none"],
+                   help="auto: as each model was trained (manifest); macenko/none: force for all models")
     a.set_defaults(func=cmd_analyze)
 
     d = sub.add_parser("demo", help="analyze fields from the built-in synthetic microscope")

@@ -23,7 +23,7 @@ from service.aggregate import AggregateThresholds, aggregate
 from service.classify import CropClassifier
 from service.merge import merge_detections
 from service.records import CellDetection, CellKind, ClassifiedCell
-from service.report import CellRecord, ImageInfo, ModelInfo, Report, ScaleInfo, SourceInfo, StainInfo
+from service.report import CellRecord, Flag, ImageInfo, ModelInfo, Report, ScaleInfo, SourceInfo, StainInfo
 from service.roi import RoiFilter, route
 from service.scale import (
     CANONICAL_UM_PER_PX,
@@ -50,7 +50,9 @@ FALLBACK_UM_PER_PX = 0.1
 class AnalyzerOptions:
     tile_size: int = 256
     tile_overlap: float = 0.15
-    stain_method: str = "macenko"
+    #: "auto": each model gets frames normalized the way its training images were (manifest
+    #: preprocessing.stain); "macenko" / "none" force one variant for every model (experiments).
+    stain_method: str = "auto"
     roi: RoiFilter = field(default_factory=RoiFilter)
     detector_conf: float = 0.25
     wbc_min_confidence: float = 0.5
@@ -78,8 +80,11 @@ class Analyzer:
         self.options = options
         self.models = models or {}
         self.station_id = station_id
-        self.normalizer = stain_stage.create_normalizer(options.stain_method)
         self._engines: list[Engine] = []
+        wanted = {self._variant(e) for e in self._model_engines()} or {"none"}
+        # The stain stage runs only when some model consumes its output.
+        self.stain_method = "macenko" if "macenko" in wanted else "none"
+        self.normalizer = stain_stage.create_normalizer(self.stain_method)
 
     @classmethod
     def from_models_dir(cls, models_dir: Path = DEFAULT_MODELS_DIR, backend: str = "onnxruntime",
@@ -100,6 +105,17 @@ class Analyzer:
         )
         analyzer._engines = list(engines.values())
         return analyzer
+
+    def _variant(self, engine: Engine | None) -> str:
+        """Which frame a model gets: forced by options, else as its training images were."""
+        if self.options.stain_method != "auto":
+            return self.options.stain_method
+        return engine.manifest.preprocessing.stain if engine is not None else "none"
+
+    def _model_engines(self) -> list[Engine]:
+        found = [getattr(self.segmenter, "engine", None)]
+        found += [h.engine for h in (self.rbc_head, self.wbc_head) if h is not None]
+        return [e for e in found if e is not None]
 
     def close(self) -> None:
         for e in self._engines:
@@ -127,7 +143,8 @@ class Analyzer:
             normalized = self.normalizer.normalize(canonical)
             timing["stain_ms"] = (time.perf_counter() - t) * 1000
             t = time.perf_counter()
-            dets = self._detect(normalized.pixels)
+            seg_frame = normalized.pixels if self._variant(getattr(self.segmenter, "engine", None)) == "macenko" else canonical
+            dets = self._detect(seg_frame)
             timing["detect_ms"] = timing.get("detect_ms", 0.0) + (time.perf_counter() - t) * 1000
             if est.method == "given" or attempt == 1:
                 break
@@ -153,7 +170,10 @@ class Analyzer:
         kept = self.options.roi.apply(dets)
         rbc_spec = self.rbc_head.crop_spec if self.rbc_head else None
         wbc_spec = self.wbc_head.crop_spec if self.wbc_head else None
-        routed = route(normalized.pixels, kept, rbc_spec or _NO_CROP, wbc_spec or _NO_CROP)
+        frames = {"none": canonical, "macenko": normalized.pixels}
+        rbc_frame = frames[self._variant(self.rbc_head.engine if self.rbc_head else None)]
+        wbc_frame = frames[self._variant(self.wbc_head.engine if self.wbc_head else None)]
+        routed = route(rbc_frame, wbc_frame, kept, rbc_spec or _NO_CROP, wbc_spec or _NO_CROP)
         timing["roi_ms"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
         rbc_res = self.rbc_head.classify(routed.rbc) if self.rbc_head else []
@@ -172,14 +192,10 @@ class Analyzer:
         cells += [_classified(d, None, None, shape) for d in routed.platelets]
         agg = aggregate(cells, self.options.thresholds)
         flags = list(agg.flags)
-        if not normalized.applied:
-            from service.report import Flag
-
+        if not normalized.applied and self.stain_method != "none":
             flags.append(Flag(code="stain_normalization_skipped", severity="info",
                               message=f"stain normalization not applied: {normalized.reason}"))
-        if est.method in ("default",):
-            from service.report import Flag
-
+        if est.method == "default":
             flags.append(Flag(code="scale_unknown", severity="warning",
                               message=f"scale could not be measured; assumed {est.microns_per_pixel} um/px"))
         factor = resample_factor(est.microns_per_pixel)
@@ -198,7 +214,7 @@ class Analyzer:
                               image=ImageInfo(width=w, height=h)),
             scale=ScaleInfo(microns_per_pixel=round(est.microns_per_pixel, 5), method=est.method,
                             canonical_microns_per_pixel=CANONICAL_UM_PER_PX),
-            stain=StainInfo(method=self.options.stain_method, applied=normalized.applied, reason=normalized.reason),
+            stain=StainInfo(method=self.stain_method, applied=normalized.applied, reason=normalized.reason),
             models=self.models, counts=agg.counts, wbc_differential=agg.wbc_differential,
             rbc_morphology=agg.rbc_morphology, rbc_size=agg.rbc_size, ratios=agg.ratios, flags=flags,
             cells=records, timing_ms={k: round(v, 1) for k, v in timing.items()},

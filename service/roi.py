@@ -41,14 +41,18 @@ class Routed:
     platelets: list[CellDetection]
 
 
-def route(canonical_image: np.ndarray, dets: Sequence[CellDetection], rbc_spec: CropSpec, wbc_spec: CropSpec) -> Routed:
-    """RBC crops -> RBC head, WBC crops -> WBC head, platelets counted without a head."""
+def route(rbc_image: np.ndarray, wbc_image: np.ndarray, dets: Sequence[CellDetection], rbc_spec: CropSpec,
+          wbc_spec: CropSpec) -> Routed:
+    """RBC crops -> RBC head, WBC crops -> WBC head, platelets counted without a head.
+
+    Each head's crops come from the canonical frame variant it was trained on (raw or normalized).
+    """
     rbc, wbc, plt = [], [], []
     for d in dets:
         if d.kind is CellKind.RBC:
-            rbc.append(CellCrop(d, crop_cell(canonical_image, d.box.center, rbc_spec)))
+            rbc.append(CellCrop(d, crop_cell(rbc_image, d.box.center, rbc_spec)))
         elif d.kind is CellKind.WBC:
-            wbc.append(CellCrop(d, crop_cell(canonical_image, d.box.center, wbc_spec)))
+            wbc.append(CellCrop(d, crop_cell(wbc_image, d.box.center, wbc_spec)))
         else:
             plt.append(d)
     return Routed(rbc, wbc, plt)

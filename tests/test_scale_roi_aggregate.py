@@ -82,7 +82,7 @@ def test_roi_filter_rules():
 def test_route_sends_kinds_to_their_heads():
     img = np.zeros((200, 200, 3), np.uint8)
     dets = [_det(CellKind.RBC, 10, 10, 47, 47), _det(CellKind.WBC, 50, 50, 110, 110), _det(CellKind.PLATELET, 5, 5, 15, 15)]
-    r = route(img, dets, RBC_CROP, WBC_CROP)
+    r = route(img, img, dets, RBC_CROP, WBC_CROP)
     assert len(r.rbc) == 1 and len(r.wbc) == 1 and len(r.platelets) == 1
     assert r.rbc[0].pixels.shape[0] == RBC_CROP.input_size and r.wbc[0].pixels.shape[0] == WBC_CROP.input_size
 

@@ -82,7 +82,7 @@ def eval_head(manifest: Path, images: np.ndarray, labels: np.ndarray, classes) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=Path("models"))
-    ap.add_argument("--stain", default="macenko", choices=["macenko", "none"])
+    ap.add_argument("--stain", default="auto", choices=["auto", "macenko", "none"])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="20 images per detection set")
     args = ap.parse_args()
