@@ -19,6 +19,12 @@ PAD_VALUE = 114
 
 def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     """Start offsets along one axis: stride tile*(1-overlap), last tile flush with the end."""
+    # A negative overlap would leave uncovered gaps between tiles, and overlap >= 1 a stride of
+    # one pixel: both are configuration errors, not something to tile through silently.
+    if tile < 1:
+        raise ValueError(f"tile size must be at least 1 pixel, got {tile}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"tile overlap must be within [0, 1), got {overlap}")
     if length <= tile:
         return [0]
     stride = max(1, int(tile * (1.0 - overlap)))

@@ -1,0 +1,180 @@
+"""Rules of the cross-tile merge (service.merge), one situation per test."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from service.merge import box_iou_ios, mask_window, merge_detections
+from service.records import Box, CellDetection, CellKind
+
+RBC, WBC, PLT = CellKind.RBC, CellKind.WBC, CellKind.PLATELET
+
+
+def disc_mask(box: Box, cx: float, cy: float, r: float) -> np.ndarray:
+    """Mask over `box` (rounded outward) of the disc (cx, cy, r) in frame coordinates."""
+    r0, c0, r1, c1 = mask_window(box)
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    return (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 < r * r
+
+
+def det(
+    kind: CellKind,
+    box: tuple[float, float, float, float],
+    score: float = 0.9,
+    tile: int = 0,
+    cut: bool = False,
+    mask: np.ndarray | None = None,
+) -> CellDetection:
+    return CellDetection(kind, Box(*box), score, mask, tile_index=tile, cut_by_tile_edge=cut)
+
+
+def test_identical_views_from_two_tiles_become_one_with_the_better_score() -> None:
+    a = det(RBC, (100, 100, 137, 137), 0.8, tile=0)
+    b = det(RBC, (101, 100, 138, 137), 0.95, tile=1)
+    assert merge_detections([a, b]) == [b]
+
+
+def test_whole_view_beats_a_higher_scored_cut_view() -> None:
+    whole = det(RBC, (100, 100, 137, 137), 0.6, tile=0)
+    part = det(RBC, (100, 100, 115, 137), 0.99, tile=1, cut=True)  # lies inside the whole view
+    _, ios = box_iou_ios(np.array(whole.box.as_list()), np.array([part.box.as_list()]))
+    assert ios[0] == 1.0
+    assert merge_detections([part, whole]) == [whole]
+
+
+def test_two_cut_halves_are_united_with_their_masks() -> None:
+    cx, cy, r = 140.0, 60.0, 35.0  # a 70 px white cell, larger than a 26 px overlap strip
+    left_box, right_box = Box(105, 25, 153, 95), Box(127, 25, 175, 95)  # tiles overlap 127..153
+    left = det(WBC, left_box.as_list(), 0.7, tile=0, cut=True, mask=disc_mask(left_box, cx, cy, r))
+    right = det(
+        WBC, right_box.as_list(), 0.8, tile=1, cut=True, mask=disc_mask(right_box, cx, cy, r)
+    )
+    (merged,) = merge_detections([left, right])
+    assert merged.box == Box(105, 25, 175, 95)
+    assert merged.score == 0.8 and not merged.cut_by_tile_edge
+    np.testing.assert_array_equal(merged.mask, disc_mask(merged.box, cx, cy, r))
+
+
+def test_four_corner_pieces_of_one_cell_are_united() -> None:
+    # A cell sitting on the corner where four tiles meet (overlap strips x 127..153, y 27..53).
+    cx, cy, r = 140.0, 40.0, 36.0
+    pieces = []
+    for tile, (x0, x1) in enumerate([(104, 153), (127, 176)]):
+        for row, (y0, y1) in enumerate([(4, 53), (27, 76)]):
+            box = Box(x0, y0, x1, y1)
+            pieces.append(
+                det(
+                    WBC,
+                    box.as_list(),
+                    0.5 + 0.1 * tile,
+                    tile=2 * row + tile,
+                    cut=True,
+                    mask=disc_mask(box, cx, cy, r),
+                )
+            )
+    (merged,) = merge_detections(pieces)
+    assert merged.box == Box(104, 4, 176, 76)
+    assert merged.score == pytest.approx(0.6) and not merged.cut_by_tile_edge
+    np.testing.assert_array_equal(merged.mask, disc_mask(merged.box, cx, cy, r))
+
+
+def test_kinds_never_merge() -> None:
+    rbc = det(RBC, (100, 100, 137, 137), tile=0)
+    platelet = det(PLT, (110, 110, 122, 122), tile=1)  # lies on the red cell
+    assert sorted(d.kind.value for d in merge_detections([rbc, platelet])) == ["platelet", "rbc"]
+
+
+def test_far_apart_and_edge_adjacent_boxes_stay_apart() -> None:
+    a = det(RBC, (0, 0, 37, 37), tile=0)
+    b = det(RBC, (400, 300, 437, 337), tile=1)
+    c = det(RBC, (37, 0, 74, 37), tile=1)  # shares only an edge with a
+    assert len(merge_detections([a, b, c])) == 3
+
+
+def test_touching_distinct_cells_from_different_tiles_stay_apart() -> None:
+    # Two red cells overlapping by 5 px side by side and diagonally; each seen whole once.
+    a = det(RBC, (100, 100, 137, 137), tile=0)
+    b = det(RBC, (132, 100, 169, 137), tile=1)
+    c = det(RBC, (126, 126, 163, 163), tile=2)
+    assert len(merge_detections([a, b, c])) == 3
+
+
+def test_same_tile_detections_are_never_merged() -> None:
+    # The detector's NMS kept both: two overlapping cells (IoU ~0.5), not a duplicate.
+    a = det(RBC, (100, 100, 137, 137), tile=3)
+    b = det(RBC, (112, 100, 149, 137), tile=3)
+    assert len(merge_detections([a, b])) == 2
+    # With the tile unknown (-1) they are treated as views from different tiles.
+    a2, b2 = (det(RBC, d.box.as_list(), tile=-1) for d in (a, b))
+    assert len(merge_detections([a2, b2], iou_threshold=0.4)) == 1
+
+
+def test_each_tile_gives_its_best_view_and_a_neighbours_sliver_survives() -> None:
+    # Cell X (whole in tile 0) overlaps cell Y a little. Tile 1 sees X cut, and a sliver of Y
+    # that lies inside X's box; tile 2 sees the rest of Y. X must absorb tile 1's view of X, not
+    # the sliver, which belongs to Y's two cut halves.
+    x_whole = det(RBC, (100, 100, 137, 137), 0.9, tile=0)
+    x_cut = det(RBC, (100, 100, 130, 137), 0.8, tile=1, cut=True)
+    y_sliver = det(RBC, (130, 110, 137, 130), 0.6, tile=1, cut=True)
+    y_rest = det(RBC, (133, 105, 167, 142), 0.9, tile=2, cut=True)
+    merged = merge_detections([x_whole, x_cut, y_sliver, y_rest])
+    assert sorted(d.box.as_list() for d in merged) == [[100, 100, 137, 137], [130, 105, 167, 142]]
+
+
+def test_cut_views_of_two_different_cells_are_not_united() -> None:
+    # Two cells each cut by tile edges, lying side by side with a little overlap.
+    a = det(RBC, (100, 100, 126, 137), tile=0, cut=True)
+    b = det(RBC, (122, 100, 150, 137), tile=1, cut=True)
+    merged = merge_detections([a, b])
+    assert len(merged) == 2 and all(d.cut_by_tile_edge for d in merged)
+
+
+def test_mask_overlap_decides_when_masks_are_present() -> None:
+    # Boxes overlap a lot (IoS 0.6 by box) but the masks are thin diagonal bars that do not touch.
+    box_a, box_b = Box(0, 0, 40, 40), Box(0, 16, 40, 56)
+    yy, xx = np.mgrid[0:40, 0:40]
+    bar = np.abs(xx - yy) < 3
+    a = det(RBC, box_a.as_list(), tile=0, cut=True, mask=bar)
+    b = det(RBC, box_b.as_list(), tile=1, cut=True, mask=np.fliplr(bar))
+    _, ios = box_iou_ios(np.array(box_a.as_list()), np.array([box_b.as_list()]))
+    assert ios[0] >= 0.5
+    assert len(merge_detections([a, b])) == 2
+    a_nomask, b_nomask = (det(RBC, d.box.as_list(), tile=d.tile_index, cut=True) for d in (a, b))
+    assert len(merge_detections([a_nomask, b_nomask])) == 1
+
+
+def test_mask_that_does_not_cover_its_box_is_an_error() -> None:
+    bad = det(RBC, (10.5, 10, 20, 20), mask=np.ones((10, 9), bool))  # needs 10 x 10
+    with pytest.raises(ValueError, match="mask shape"):
+        merge_detections([bad])
+
+
+def test_thresholds_are_honoured() -> None:
+    a = det(RBC, (0, 0, 40, 40), tile=0)
+    b = det(RBC, (10, 0, 50, 40), tile=1)  # IoU 0.6, IoS 0.75
+    assert len(merge_detections([a, b], iou_threshold=0.55, ios_threshold=0.9)) == 1
+    assert len(merge_detections([a, b], iou_threshold=0.65, ios_threshold=0.9)) == 2
+    assert len(merge_detections([a, b], iou_threshold=0.65, ios_threshold=0.7)) == 1
+
+
+def test_empty_input() -> None:
+    assert merge_detections([]) == []
+
+
+def test_two_thousand_detections_merge_quickly() -> None:
+    rng = np.random.default_rng(0)
+    dets = []
+    for gy in range(25):
+        for gx in range(40):
+            x, y = gx * 45 + rng.uniform(0, 5), gy * 45 + rng.uniform(0, 5)
+            dets.append(det(RBC, (x, y, x + 37, y + 37), 0.9, tile=0))
+            dets.append(det(RBC, (x, y, x + 20, y + 37), 0.95, tile=1, cut=True))
+    rng.shuffle(dets)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    merged = merge_detections(dets)
+    elapsed = time.perf_counter() - start
+    assert len(merged) == 1000 and not any(d.cut_by_tile_edge for d in merged)
+    assert elapsed < 5.0  # ~0.15 s on a laptop core; generous for a loaded CI box

@@ -1,0 +1,112 @@
+"""Tiling geometry (service.tiling): coverage, full-size tiles, overlap, padding, skipping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.tiling import PAD_VALUE, is_background, make_tiles, tile_grid, tile_starts
+
+TILE = 256
+SIZES = [(256, 256), (257, 300), (600, 500), (1280, 960), (513, 1000), (4000, 300)]
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.1, 0.15, 0.2, 0.5])
+@pytest.mark.parametrize("length", [1, 100, 256, 257, 300, 511, 600, 1280, 4001])
+def test_starts_cover_the_axis_with_full_tiles_and_bounded_overlap(
+    length: int, overlap: float
+) -> None:
+    starts = tile_starts(length, TILE, overlap)
+    assert starts == sorted(set(starts)) and starts[0] == 0
+    if length <= TILE:
+        assert starts == [0]  # one tile, padded by make_tiles
+        return
+    # Full-size tiles inside the axis; the last one moved inward to end flush with it.
+    assert all(0 <= s and s + TILE <= length for s in starts)
+    assert starts[-1] == length - TILE
+    covered = np.zeros(length, int)
+    for s in starts:
+        covered[s : s + TILE] += 1
+    assert covered.min() >= 1
+    # Neighbours overlap by at least the requested fraction, and never by a whole tile.
+    shared = [a + TILE - b for a, b in zip(starts, starts[1:])]
+    assert all(TILE * overlap <= s < TILE for s in shared)
+    # Only the inward-moved last tile may overlap more than the stride implies.
+    assert len(set(shared[:-1])) <= 1
+    assert max(shared[:-1], default=0) <= TILE - int(TILE * (1 - overlap))
+
+
+@pytest.mark.parametrize(("width", "height"), SIZES)
+@pytest.mark.parametrize("overlap", [0.1, 0.2])
+def test_grid_covers_every_pixel(width: int, height: int, overlap: float) -> None:
+    covered = np.zeros((height, width), int)
+    grid = tile_grid(width, height, TILE, overlap)
+    assert len(grid) == len(set(grid))
+    for x, y in grid:
+        assert 0 <= x <= max(0, width - TILE) and 0 <= y <= max(0, height - TILE)
+        covered[y : y + TILE, x : x + TILE] += 1
+    assert covered.min() >= 1
+
+
+@pytest.mark.parametrize("overlap", [-0.1, 1.0, 1.5])
+def test_overlap_outside_unit_interval_is_refused(overlap: float) -> None:
+    with pytest.raises(ValueError, match="overlap"):
+        tile_starts(1000, TILE, overlap)
+
+
+def test_zero_tile_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="tile size"):
+        tile_starts(1000, 0, 0.1)
+
+
+def _stained(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Saturated random pixels everywhere: no tile is background."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((height, width, 3), np.uint8)
+    img[..., 0] = rng.integers(120, 200, (height, width))
+    img[..., 1] = rng.integers(20, 80, (height, width))
+    img[..., 2] = rng.integers(150, 255, (height, width))
+    return img
+
+
+def test_tiles_are_views_at_their_offsets() -> None:
+    img = _stained(500, 600)
+    tiles = make_tiles(img, TILE, 0.15)
+    assert [(t.x, t.y) for t in tiles] == tile_grid(600, 500, TILE, 0.15)
+    assert [t.index for t in tiles] == list(range(len(tiles)))
+    for t in tiles:
+        assert t.pixels.shape == (TILE, TILE, 3)
+        np.testing.assert_array_equal(t.pixels, img[t.y : t.y + TILE, t.x : t.x + TILE])
+
+
+def test_frame_smaller_than_tile_is_padded_bottom_right() -> None:
+    img = _stained(100, 180)
+    (tile,) = make_tiles(img, TILE, 0.2)
+    assert (tile.x, tile.y) == (0, 0) and tile.pixels.shape == (TILE, TILE, 3)
+    np.testing.assert_array_equal(tile.pixels[:100, :180], img)
+    assert (tile.pixels[100:] == PAD_VALUE).all() and (tile.pixels[:, 180:] == PAD_VALUE).all()
+
+
+def test_frame_narrower_than_tile_is_padded_in_one_direction_only() -> None:
+    img = _stained(600, 120)
+    tiles = make_tiles(img, TILE, 0.1)
+    assert {t.x for t in tiles} == {0} and len(tiles) == len(tile_starts(600, TILE, 0.1))
+    for t in tiles:
+        np.testing.assert_array_equal(t.pixels[:, :120], img[t.y : t.y + TILE])
+        assert (t.pixels[:, 120:] == PAD_VALUE).all()
+
+
+def test_background_tiles_are_skipped_and_indices_stay_grid_indices() -> None:
+    img = np.full((512, 768, 3), (233, 229, 234), np.uint8)  # blank slide background
+    img[300:340, 600:640] = (160, 90, 220)  # one stained blob, in the bottom-right tile only
+    grid = tile_grid(768, 512, TILE, 0.0)
+    tiles = make_tiles(img, TILE, 0.0)
+    assert len(grid) == 6 and len(tiles) == 1
+    (tile,) = tiles
+    assert grid[tile.index] == (tile.x, tile.y) == (512, 256)
+    assert len(make_tiles(img, TILE, 0.0, skip_background=False)) == 6
+
+
+def test_padding_alone_is_background() -> None:
+    assert is_background(np.full((TILE, TILE, 3), PAD_VALUE, np.uint8))
+    assert not is_background(_stained(TILE, TILE))
