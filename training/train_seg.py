@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("build/seg/data.yaml"))
-    ap.add_argument("--model", default="yolo11n-seg.yaml")
+    ap.add_argument("--model", default="yolo11n-seg.yaml",
+                    help="architecture yaml (from scratch) or this project's own .pt to fine-tune; never a hub name")
     ap.add_argument("--imgsz", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--hours", type=float, default=1.0, help="wall-clock budget (overrides epochs)")
@@ -31,6 +32,8 @@ def main() -> None:
     ap.add_argument("--project", type=Path, default=Path("build/runs"))
     ap.add_argument("--name", default="seg")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--lr0", type=float, default=0.01, help="initial learning rate (lower to fine-tune)")
+    ap.add_argument("--warmup-epochs", type=float, default=3.0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     offline_ultralytics(Path("build"))
@@ -40,6 +43,8 @@ def main() -> None:
     if args.resume and last.exists():
         YOLO(str(last)).train(resume=True)
         return
+    if not (args.model.endswith(".yaml") or Path(args.model).exists()):
+        raise SystemExit(f"{args.model}: give a yaml or an existing local .pt (hub names would download)")
     model = YOLO(args.model)
     model.train(
         data=str(args.data.resolve()),
@@ -64,6 +69,8 @@ def main() -> None:
         hsv_s=0.5,
         hsv_v=0.3,
         patience=1000,
+        lr0=args.lr0,
+        warmup_epochs=args.warmup_epochs,
         verbose=True,
     )
 
