@@ -1,0 +1,35 @@
+"""Shared fixtures. Broker fixtures: each test gets its own mosquitto (see tests/broker.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, TlsMaterial, make_tls_material
+
+
+@pytest.fixture(scope="session")
+def tls_material(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
+    """A test CA and a server certificate for 127.0.0.1 (made once per session with openssl)."""
+    return make_tls_material(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A running mosquitto on a free loopback port, password auth only, persistence off."""
+    mosquitto = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
+    mosquitto.start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+@pytest.fixture
+def credentials_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """$CREDENTIALS_DIRECTORY as systemd LoadCredential= would provide it, holding 'mqtt-password'."""
+    directory = tmp_path / "credentials"
+    directory.mkdir()
+    (directory / "mqtt-password").write_text(MQTT_USERS["station"] + "\n")
+    directory.chmod(0o500)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(directory))
+    return directory

@@ -1,0 +1,177 @@
+"""Fault tests: the publisher's at-least-once guarantee across a broker crash and its own crash."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, PublisherProcess, Subscriber, free_port
+
+from service.mqtt_config import MqttConfig
+from service.outbox import Outbox
+from service.publisher import MqttPublisher
+
+pytestmark = pytest.mark.broker
+
+STATION = "lab-9"
+REPORTS = f"smearscope/{STATION}/report"
+
+
+def make_config(tmp_path: Path, port: int) -> MqttConfig:
+    return MqttConfig.model_validate(
+        {
+            "host": "127.0.0.1",
+            "port": port,
+            "keepalive": 5,
+            "username": "station",
+            "password_credential": "mqtt-password",
+            "reconnect_min_delay_s": 1,
+            "reconnect_max_delay_s": 2,
+            "stop_drain_timeout_s": 5,
+            "outbox": {"path": str(tmp_path / "outbox.sqlite3")},
+        }
+    )
+
+
+def delivery_figures(sub: Subscriber, produced: list[str]) -> dict[str, int]:
+    """Dedupe by report_id (from the MQTT 5 user property, checked against the envelope)."""
+    seen: Counter[str] = Counter()
+    for msg in sub.on_topic(REPORTS):
+        report_id = msg.user_properties["report_id"]
+        assert json.loads(msg.payload)["report_id"] == report_id
+        seen[report_id] += 1
+    delivered = set(seen) & set(produced)
+    return {
+        "produced": len(produced),
+        "delivered": len(delivered),
+        "duplicated": sum(n - 1 for n in seen.values()),
+        "lost": len(set(produced) - delivered),
+    }
+
+
+@pytest.mark.slow
+def test_broker_killed_mid_stream_and_restarted_30s_later_loses_no_report(
+    tmp_path: Path,
+    credentials_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Persistence keeps the subscriber's session (subscription + queue) across the crash, so the
+    # test measures the publisher's guarantee rather than whether the subscriber was listening.
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
+    broker.start()
+    sub = Subscriber(
+        broker.port,
+        "observer",
+        MQTT_USERS["observer"],
+        [REPORTS],
+        client_id="fault-observer",
+        persistent=True,
+    )
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    publisher = MqttPublisher(make_config(tmp_path, broker.port), STATION, outbox)
+    produced: list[str] = []
+    killed_at_report = in_flight_at_kill = 0
+    try:
+        sub.wait_ready()
+        time.sleep(1.2)  # let autosave write the subscriber's session to disk
+        publisher.start()
+        assert publisher.wait_until_connected(5)
+
+        def produce() -> None:
+            for i in range(200):
+                report_id = f"specimen-{i:03d}"
+                publisher.publish_report("report", report_id, json.dumps({"i": i}).encode(), "1")
+                produced.append(report_id)
+                time.sleep(0.005)
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        while len(produced) < 70:
+            time.sleep(0.001)
+        # Hang the broker, so the reports produced next are handed over but never acknowledged,
+        # then crash it: those in flight must be re-sent, not lost.
+        broker.freeze()
+        assert wait_until(lambda: publisher.state.in_flight >= 10, 5), publisher.state
+        in_flight_at_kill = publisher.state.in_flight
+        broker.kill()
+        killed_at = time.monotonic()
+        killed_at_report = len(produced)
+        producer.join(30)
+        assert len(produced) == 200
+        assert wait_until(lambda: not publisher.state.connected, 10)
+        assert publisher.state.status == "disconnected"
+        time.sleep(max(0.0, killed_at + 30.0 - time.monotonic()))
+        broker.start()
+        restarted_at = time.monotonic()
+
+        sub.wait_for(lambda m: len({x.user_properties["report_id"] for x in m}) >= 200, 30)
+        figures = delivery_figures(sub, produced)
+        with capsys.disabled():
+            print(
+                f"\nbroker fault: killed after {killed_at_report} of 200 reports produced "
+                f"({in_flight_at_kill} in flight), "
+                f"down 30 s, all delivered {time.monotonic() - restarted_at:.1f} s after "
+                f"restart: {figures}; outbox left: {outbox.counts().messages}"
+            )
+        assert figures["lost"] == 0, figures
+        assert figures["delivered"] == 200
+        assert wait_until(lambda: outbox.counts().messages == 0, 5), outbox.counts()
+    finally:
+        publisher.stop(drain_timeout=0)
+        outbox.close()
+        sub.close()
+        broker.stop()
+
+
+def test_killed_publisher_outbox_is_drained_by_its_successor(
+    tmp_path: Path,
+    credentials_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    port = free_port()
+    config = make_config(tmp_path, port)
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, port=port)
+    # Broker down: the child stores 25 reports it cannot send, and is SIGKILLed.
+    child = PublisherProcess(config.model_dump_json(), STATION, reports=25)
+    try:
+        child.wait_for_line("stored 25", 10)
+        state_line = child.wait_for_line("state disconnected", 10)
+        assert "cannot reach broker" in state_line
+    finally:
+        child.kill()
+
+    broker.start()
+    sub = Subscriber(port, "observer", MQTT_USERS["observer"], [REPORTS])
+    outbox = Outbox(config.outbox.path)
+    publisher = MqttPublisher(config, STATION, outbox)
+    try:
+        sub.wait_ready()
+        assert outbox.counts().messages == 25
+        publisher.start()
+        assert sub.wait_for(lambda m: len(m) >= 25, 10)
+        produced = [f"child-{i}" for i in range(25)]
+        figures = delivery_figures(sub, produced)
+        with capsys.disabled():
+            print(f"\npublisher crash: {figures}")
+        assert figures["lost"] == 0 and figures["duplicated"] == 0
+        assert [m.user_properties["report_id"] for m in sub.on_topic(REPORTS)] == produced
+        assert wait_until(lambda: outbox.counts().messages == 0, 5)
+    finally:
+        publisher.stop(drain_timeout=0)
+        outbox.close()
+        sub.close()
+        broker.stop()
+
+
+def wait_until(predicate: Any, timeout: float, poll: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
+    return True

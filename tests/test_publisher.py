@@ -1,0 +1,400 @@
+"""MqttPublisher against a real mosquitto: QoS, properties, availability, refusals, TLS, commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broker import (
+    MQTT_USERS,
+    MosquittoBroker,
+    Mqtt311OnlyProxy,
+    PublisherProcess,
+    Subscriber,
+    TlsMaterial,
+    make_tls_material,
+)
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import ValidationError
+
+from service.mqtt_config import CredentialError, MqttConfig
+from service.outbox import Outbox
+from service.publisher import MqttPublisher
+
+pytestmark = pytest.mark.broker
+
+STATION = "lab-7"
+BASE = f"smearscope/{STATION}"
+
+
+def make_config(tmp_path: Path, port: int, **overrides: Any) -> MqttConfig:
+    settings: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "keepalive": 5,
+        "username": "station",
+        "password_credential": "mqtt-password",
+        "reconnect_min_delay_s": 1,
+        "reconnect_max_delay_s": 2,
+        "stop_drain_timeout_s": 5,
+        "outbox": {"path": str(tmp_path / "outbox.sqlite3")},
+    }
+    settings.update(overrides)
+    return MqttConfig.model_validate(settings)
+
+
+def wait_until(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture
+def observer(broker: MosquittoBroker) -> Iterator[Subscriber]:
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    sub.wait_ready()
+    yield sub
+    sub.close()
+
+
+@pytest.fixture
+def started() -> Iterator[list[MqttPublisher]]:
+    """Publishers a test starts; stopped afterwards even if the test fails."""
+    publishers: list[MqttPublisher] = []
+    yield publishers
+    for publisher in publishers:
+        publisher.stop(drain_timeout=0)
+        publisher.outbox.close()
+
+
+def start_publisher(
+    config: MqttConfig, started: list[MqttPublisher], **kwargs: Any
+) -> MqttPublisher:
+    publisher = MqttPublisher(config, STATION, config.outbox.open(), **kwargs)
+    started.append(publisher)
+    publisher.start()
+    return publisher
+
+
+def test_reports_arrive_with_qos1_properties_and_leave_the_outbox(
+    broker: MosquittoBroker,
+    observer: Subscriber,
+    credentials_dir: Path,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+) -> None:
+    config = make_config(tmp_path, broker.port, field_message_expiry_s=600)
+    publisher = start_publisher(config, started)
+    assert publisher.wait_until_connected(5), publisher.state
+    field_seq = publisher.publish_report("field", "spec-1", b'{"field": 3, "wbc": 2}', "2.1")
+    publisher.publish_report("report", "spec-1", b'{"wbc_per_ul": 6400}', "2.1")
+    for i in range(30):
+        publisher.publish_report("report", f"order-{i}", b"{}", "2.1")
+
+    assert observer.wait_for(
+        lambda m: len([x for x in m if "order-29" in x.payload.decode()]) > 0, 10
+    )
+    field = observer.on_topic(f"{BASE}/field")[0]
+    report = observer.on_topic(f"{BASE}/report")[0]
+    for msg in (field, report):
+        assert msg.qos == 1 and not msg.retain
+        assert msg.content_type == "application/json"
+        assert msg.user_properties["schema_version"] == "2.1"
+        assert msg.user_properties["report_id"] == "spec-1"
+    envelope = json.loads(report.payload)
+    assert envelope["body"] == {"wbc_per_ul": 6400}
+    assert envelope["report_id"] == "spec-1" and envelope["station_id"] == STATION
+    assert envelope["message_id"] == report.user_properties["message_id"]
+    assert envelope["kind"] == "report" and envelope["schema_version"] == "2.1"
+    assert field.message_expiry is not None and 590 <= field.message_expiry <= 600
+    assert report.message_expiry is None, "reports never expire"
+    order = [json.loads(m.payload)["report_id"] for m in observer.on_topic(f"{BASE}/report")]
+    assert order == ["spec-1"] + [f"order-{i}" for i in range(30)], "outbox order is kept"
+
+    # Deleted from the outbox only on PUBACK: all acknowledged now.
+    assert wait_until(lambda: publisher.outbox.counts().messages == 0, 5)
+    assert publisher.state.delivered == 32 and publisher.state.in_flight == 0
+    assert field_seq not in [m.seq for m in publisher.outbox.pending()]
+
+    status = observer.on_topic(f"{BASE}/status")
+    assert status[-1].payload == b"online"
+
+
+def test_puback_rejection_keeps_the_message_in_the_outbox(
+    tmp_path: Path,
+    credentials_dir: Path,
+    started: list[MqttPublisher],
+) -> None:
+    # The station may write fields and status, but not reports: MQTT 5 PUBACK 0x87.
+    acl = (
+        f"user station\ntopic write {BASE}/field\ntopic write {BASE}/status\n"
+        f"topic read {BASE}/cmd/#\nuser observer\ntopic read #\n"
+    )
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=acl)
+    broker.start()
+    try:
+        publisher = start_publisher(make_config(tmp_path, broker.port), started)
+        assert publisher.wait_until_connected(5)
+        report_seq = publisher.publish_report("report", "denied", b"{}", "1")
+        publisher.publish_report("field", "allowed", b"{}", "1")
+        assert wait_until(lambda: publisher.state.failed_acks >= 1, 5), publisher.state
+        assert wait_until(lambda: publisher.state.delivered == 1, 5), publisher.state
+        assert [m.seq for m in publisher.outbox.pending()] == [report_seq]
+        assert publisher.outbox.pending()[0].attempts >= 1
+    finally:
+        broker.stop()
+
+
+def test_publish_report_rejects_a_body_that_is_not_json(
+    broker: MosquittoBroker,
+    credentials_dir: Path,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+) -> None:
+    publisher = start_publisher(make_config(tmp_path, broker.port), started)
+    with pytest.raises(ValueError):
+        publisher.publish_report("report", "x", b"not json", "1")
+    with pytest.raises(ValueError):
+        publisher.publish_report("summary", "x", b"{}", "1")  # type: ignore[arg-type]
+    assert publisher.outbox.counts().messages == 0
+
+
+def test_status_is_retained_online_then_offline_on_clean_stop(
+    broker: MosquittoBroker,
+    credentials_dir: Path,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+) -> None:
+    publisher = start_publisher(make_config(tmp_path, broker.port), started)
+    assert publisher.wait_until_connected(5)
+    late = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/status"])
+    try:
+        assert late.wait_for(lambda m: len(m) >= 1, 5)
+        assert late.messages[0].payload == b"online" and late.messages[0].retain
+        publisher.stop()
+        assert publisher.state.status == "stopped"
+        assert late.wait_for(lambda m: m[-1].payload == b"offline", 5)
+    finally:
+        late.close()
+    after = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/status"])
+    try:
+        assert after.wait_for(lambda m: len(m) >= 1, 5)
+        assert after.messages[0].payload == b"offline" and after.messages[0].retain
+    finally:
+        after.close()
+
+
+def test_last_will_marks_a_killed_publisher_offline(
+    broker: MosquittoBroker,
+    observer: Subscriber,
+    credentials_dir: Path,
+    tmp_path: Path,
+) -> None:
+    child = PublisherProcess(make_config(tmp_path, broker.port).model_dump_json(), STATION)
+    try:
+        child.wait_for_line("state connected", 10)
+        assert observer.wait_for(
+            lambda m: any(x.topic == f"{BASE}/status" and x.payload == b"online" for x in m), 5
+        )
+    finally:
+        child.kill()
+    # The kernel closes the socket of the killed process; the broker publishes the will.
+    assert observer.wait_for(
+        lambda m: any(x.topic == f"{BASE}/status" and x.payload == b"offline" for x in m), 5
+    )
+    late = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/status"])
+    try:
+        assert late.wait_for(lambda m: len(m) >= 1, 5)
+        assert late.messages[0].payload == b"offline" and late.messages[0].retain
+    finally:
+        late.close()
+
+
+def test_anonymous_connection_is_refused_and_reported(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = make_config(tmp_path, broker.port, username=None, password_credential=None)
+    with caplog.at_level(logging.ERROR, logger="service.publisher"):
+        publisher = start_publisher(config, started)
+        publisher.publish_report("report", "r1", b"{}", "1")
+        assert wait_until(lambda: publisher.state.status == "refused", 5), publisher.state
+    state = publisher.state
+    assert not state.connected and state.connects == 0
+    assert state.last_reason_code == 0x87
+    assert state.last_error is not None and "Not authorized" in state.last_error
+    assert any("refused the connection" in r.getMessage() for r in caplog.records)
+    assert publisher.outbox.counts().messages == 1, "nothing is acknowledged by a refusal"
+
+
+def test_wrong_password_is_refused_and_never_counted_as_connected(
+    broker: MosquittoBroker,
+    credentials_dir: Path,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+) -> None:
+    (credentials_dir / "mqtt-password").chmod(0o600)
+    (credentials_dir / "mqtt-password").write_text("not-the-password\n")
+    publisher = start_publisher(make_config(tmp_path, broker.port), started)
+    assert wait_until(lambda: publisher.state.refusals >= 1, 5), publisher.state
+    time.sleep(1.5)  # paho retries with backoff; each retry is refused again
+    state = publisher.state
+    assert state.status == "refused" and state.connects == 0 and not state.connected
+    assert state.last_error is not None and "0x87" in state.last_error
+
+
+def test_password_comes_only_from_credentials_directory(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = make_config(tmp_path, 1883)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(CredentialError, match="LoadCredential=mqtt-password"):
+        config.read_password()
+    with pytest.raises(CredentialError, match="cannot read"):
+        config.read_password({"CREDENTIALS_DIRECTORY": str(tmp_path / "nowhere")})
+    (tmp_path / "mqtt-password").write_text("s3cret\n")
+    assert config.read_password({"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "s3cret"
+    with Outbox(tmp_path / "o.db") as outbox, pytest.raises(CredentialError):
+        MqttPublisher(config, STATION, outbox)
+    with pytest.raises(ValidationError, match="password"):
+        MqttConfig.model_validate({"username": "station", "password": "in-the-file"})
+    with pytest.raises(ValidationError):
+        MqttConfig.model_validate({"password_credential": "../etc/shadow", "username": "u"})
+    with pytest.raises(ValidationError, match="needs a username"):
+        MqttConfig.model_validate({"password_credential": "mqtt-password"})
+    for name, field in MqttConfig.model_fields.items():
+        assert field.title and field.description, name
+
+
+def test_tls_with_the_test_ca(
+    tmp_path: Path,
+    tls_material: TlsMaterial,
+    credentials_dir: Path,
+    started: list[MqttPublisher],
+) -> None:
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material)
+    broker.start()
+    sub = None
+    try:
+        assert broker.tls_port is not None
+        sub = Subscriber(
+            broker.tls_port,
+            "observer",
+            MQTT_USERS["observer"],
+            [f"{BASE}/report"],
+            ca_cert=tls_material.ca_cert,
+        )
+        sub.wait_ready()
+        config = make_config(tmp_path, broker.tls_port, tls={"ca_file": str(tls_material.ca_cert)})
+        publisher = start_publisher(config, started)
+        assert publisher.wait_until_connected(5), publisher.state
+        publisher.publish_report("report", "tls-1", b"{}", "1")
+        assert sub.wait_for(lambda m: len(m) == 1, 5)
+
+        # A broker certificate from another CA is not trusted.
+        rogue = make_tls_material(tmp_path / "rogue", common_name="rogue-ca")
+        other = make_config(
+            tmp_path / "other",
+            broker.tls_port,
+            client_id="smearscope-other",
+            tls={"ca_file": str(rogue.ca_cert)},
+        )
+        untrusting = start_publisher(other, started)
+        assert wait_until(lambda: untrusting.state.last_error is not None, 5)
+        assert not untrusting.state.connected and untrusting.state.connects == 0
+        assert "TLS" in (untrusting.state.last_error or "")
+    finally:
+        if sub is not None:
+            sub.close()
+        broker.stop()
+
+
+def test_commands_get_responses_with_correlation_data(
+    broker: MosquittoBroker,
+    observer: Subscriber,
+    credentials_dir: Path,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+) -> None:
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def on_command(name: str, payload: dict[str, Any]) -> dict[str, Any]:
+        calls.append((name, payload))
+        if name == "fail":
+            raise RuntimeError("camera busy")
+        return {"ok": True, "echo": payload}
+
+    publisher = start_publisher(make_config(tmp_path, broker.port), started, on_command=on_command)
+    assert publisher.wait_until_connected(5)
+    assert wait_until(lambda: publisher.state.connected, 5)
+    time.sleep(0.2)  # subscription made in on_connect reaches the broker
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.CorrelationData = b"req-42"
+    observer.client.publish(
+        f"{BASE}/cmd/recalibrate", json.dumps({"stage": 2}), qos=1, properties=props
+    )
+    observer.client.publish(f"{BASE}/cmd/fail", b"{}", qos=1)
+    observer.client.publish(f"{BASE}/cmd/recalibrate", b"not json", qos=1)
+    assert observer.wait_for(lambda m: len([x for x in m if "/cmd_response/" in x.topic]) >= 3, 5)
+    responses = [x for x in observer.messages if "/cmd_response/" in x.topic]
+    first = responses[0]
+    assert first.topic == publisher.command_response_topic("recalibrate")
+    assert json.loads(first.payload) == {"ok": True, "echo": {"stage": 2}}
+    assert first.correlation_data == b"req-42"
+    assert json.loads(responses[1].payload) == {"ok": False, "error": "RuntimeError: camera busy"}
+    assert json.loads(responses[2].payload)["ok"] is False
+    assert calls == [("recalibrate", {"stage": 2}), ("fail", {})]
+
+
+def test_telemetry_is_qos0_and_not_stored(
+    broker: MosquittoBroker,
+    observer: Subscriber,
+    credentials_dir: Path,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+) -> None:
+    config = make_config(tmp_path, broker.port, telemetry_interval_s=0.1)
+    publisher = start_publisher(config, started, telemetry_source=lambda: {"gpu_temp_c": 51.5})
+    assert observer.wait_for(
+        lambda m: len([x for x in m if x.topic.endswith("/telemetry")]) >= 2, 5
+    )
+    telemetry = observer.on_topic(f"{BASE}/telemetry")[0]
+    assert telemetry.qos == 0 and json.loads(telemetry.payload) == {"gpu_temp_c": 51.5}
+    assert publisher.outbox.counts().messages == 0
+
+
+def test_falls_back_to_mqtt_311_when_the_broker_refuses_v5(
+    broker: MosquittoBroker,
+    observer: Subscriber,
+    credentials_dir: Path,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+) -> None:
+    proxy = Mqtt311OnlyProxy(broker.port)
+    try:
+        publisher = start_publisher(make_config(tmp_path, proxy.port), started)
+        publisher.publish_report("report", "old-broker", b'{"a": 1}', "1")
+        assert publisher.wait_until_connected(10), publisher.state
+        assert publisher.state.protocol == "MQTTv311" and proxy.refused_v5 >= 1
+        assert observer.wait_for(
+            lambda m: len([x for x in m if x.topic.endswith("/report")]) == 1, 5
+        )
+        report = observer.on_topic(f"{BASE}/report")[0]
+        # No MQTT 5 properties over 3.1.1: the envelope carries the metadata.
+        assert report.user_properties == {}
+        assert json.loads(report.payload)["report_id"] == "old-broker"
+        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 5)
+    finally:
+        proxy.close()
