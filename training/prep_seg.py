@@ -61,6 +61,40 @@ def write_field(image_bgr: np.ndarray, boxes, mpp: float, tile: int, stem: str, 
     return len(lines)
 
 
+TXL_KIND = {0: "wbc", 1: "rbc", 2: "platelet"}
+
+
+def txl_fields(split: str):
+    """TXL-PBC images with boxes; each image's scale from its own whole red-cell boxes.
+
+    TXL-PBC mixes sources at different magnifications, so no single scale fits the set. Its test
+    split is never written here (held out, and disjoint from BCCD/PBC: the duplicates were removed).
+    """
+    from service.scale import scale_from_rbc_diameters
+    from training.data import BoxAnnotation, data_root
+
+    root = data_root() / "txl_pbc" / "TXL_PBC"
+    for img_path in sorted((root / "images" / split).iterdir()):
+        lab = root / "labels" / split / (img_path.stem + ".txt")
+        if not lab.exists():
+            continue
+        hw = cv2.imread(str(img_path), cv2.IMREAD_REDUCED_GRAYSCALE_2)
+        if hw is None:
+            continue
+        h, w = hw.shape[0] * 2, hw.shape[1] * 2
+        boxes, diam = [], []
+        for line in lab.read_text().splitlines():
+            v = line.split()
+            if len(v) != 5:
+                continue
+            c, cx, cy, bw, bh = int(v[0]), *map(float, v[1:])
+            b = BoxAnnotation(TXL_KIND[c], (cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)
+            boxes.append(b)
+            if b.kind == "rbc" and b.x0 > 2 and b.y0 > 2 and b.x1 < w - 2 and b.y1 < h - 2:
+                diam.append((bw * w + bh * h) / 2)
+        yield img_path, boxes, scale_from_rbc_diameters(np.array(diam))
+
+
 def write_synthetic(seed: int, tile: int, out: Path, split: str) -> None:
     """A rendered field at the canonical scale with its exact instance masks as polygons."""
     from device.synthetic import StainParams, render_field
@@ -91,6 +125,7 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--synthetic", type=int, default=0, help="add N rendered fields (exact masks) to train")
     ap.add_argument("--synthetic-val", type=int, default=0, help="add N rendered fields to val")
+    ap.add_argument("--txl", action="store_true", help="add TXL-PBC train (-> train) and val (-> val) images")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     mpp = bccd_microns_per_pixel()
@@ -109,6 +144,15 @@ def main() -> None:
                 if hm is not None and hm.shape == img.shape[:2]:
                     hint = resample_to_canonical(hm, mpp)
             write_field(img, bccd_boxes(image_id), mpp, args.tile, image_id, args.out, split, hint)
+    if args.txl:
+        for split in ("train", "val"):
+            n = 0
+            for img_path, boxes, mpp in tqdm(list(txl_fields(split)), desc=f"txl {split}"):
+                img = cv2.imread(str(img_path))
+                if img is not None and mpp is not None:
+                    write_field(img, boxes, mpp, args.tile, f"txl_{img_path.stem}", args.out, split)
+                    n += 1
+            meta["splits"][f"txl_{split}"] = {"n": n}
     for split, n, base in (("train", args.synthetic, 10_000), ("val", args.synthetic_val, 20_000)):
         for i in tqdm(range(n), desc=f"synthetic {split}"):
             write_synthetic(base + i, args.tile, args.out, split)
