@@ -1,0 +1,423 @@
+"""The station daemon end to end: real threads, a real mosquitto, real sd_notify datagrams.
+
+The analysis is the one part replaced: `PoolAnalyzer` hands each frame the result of a real
+pipeline run (tiling, merge, ROI, crops, aggregate, report) over a synthetic field with the oracle
+segmenter and oracle heads, computed once, so daemon tests do not need trained models and run fast.
+The helpers here are also used by tests/test_daemon_faults.py and its child processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import pytest
+from broker import MQTT_USERS, Subscriber, free_port
+from oracle import OracleSegmenter
+
+from device.frame import Frame
+from device.synthetic import SyntheticField, render_field
+from service.classify import UNIDENTIFIED, HeadResult
+from service.config import EXIT_CONFIG, StationConfig, load_config
+from service.crops import RBC_CROP, WBC_CROP, CropSpec
+from service.daemon import StationDaemon, run_daemon
+from service.pipeline import Analyzer, AnalyzerOptions, FieldResult
+from service.records import CellCrop
+from service.report import Report
+from service.scale import CANONICAL_UM_PER_PX
+
+STATION = "bench-1"
+BASE = f"smearscope/{STATION}"
+
+# --------------------------------------------------------------------------- helpers
+
+
+class OracleHead:
+    """A classifier head that names each crop's cell from the synthetic field's truth."""
+
+    def __init__(self, field: SyntheticField, spec: CropSpec, kind: str) -> None:
+        self.crop_spec = spec
+        self.engine = None  # no model behind it (the pipeline asks which stain variant it wants)
+        self._cells = [c for c in field.cells if c.kind == kind]
+
+    def classify(self, crops: Sequence[CellCrop]) -> list[HeadResult]:
+        out = []
+        for crop in crops:
+            cx, cy = (int(v) for v in crop.detection.box.center)
+            label = UNIDENTIFIED
+            for c in self._cells:
+                x0, y0, x1, y1 = c.bbox
+                if x0 <= cx < x1 and y0 <= cy < y1 and c.mask[cy - y0, cx - x0]:
+                    label = c.subtype or c.morphology or UNIDENTIFIED
+                    break
+            out.append(HeadResult(label, 0.99))
+        return out
+
+
+@functools.lru_cache(maxsize=4)
+def oracle_pool(n: int = 4, seed: int = 500) -> tuple[FieldResult, ...]:
+    """Field results of real pipeline runs over synthetic fields with oracle parts."""
+    results = []
+    for i in range(n):
+        f = render_field(seed + i, width=480, height=360, microns_per_pixel=CANONICAL_UM_PER_PX,
+                         n_wbc=4)
+        heads: Any = (OracleHead(f, RBC_CROP, "rbc"), OracleHead(f, WBC_CROP, "wbc"))  # duck-typed
+        analyzer = Analyzer(OracleSegmenter(f), *heads, AnalyzerOptions(stain_method="none"),
+                            station_id=STATION)
+        results.append(analyzer.analyze(f.frame))
+    return tuple(results)
+
+
+@dataclass
+class PoolAnalyzer:
+    """Analyzer-like: frame i gets pool[i % n], re-stamped with the frame's id and the run id.
+
+    `stall_s` sleeps on the calls in `stall_on`; `fail_on` maps call index -> exception."""
+
+    pool: Sequence[FieldResult]
+    stall_on: frozenset[int] = frozenset()
+    stall_s: float = 0.0
+    fail_on: dict[int, BaseException] = field(default_factory=dict)
+    calls: int = 0
+    analysed_ids: list[str] = field(default_factory=list)
+
+    def analyze(self, frame: Frame, run_id: str | None = None) -> FieldResult:
+        i = self.calls
+        self.calls += 1
+        if i in self.fail_on:
+            raise self.fail_on[i]
+        if i in self.stall_on:
+            time.sleep(self.stall_s)
+        base = self.pool[i % len(self.pool)]
+        assert base.report.source is not None
+        source = base.report.source.model_copy(update={"frame_id": frame.frame_id,
+                                                       "source": frame.source})
+        report = base.report.model_copy(update={
+            "report_id": str(uuid.uuid4()), "run_id": run_id, "created_at": time.time(),
+            "source": source})
+        self.analysed_ids.append(frame.frame_id)
+        return FieldResult(report, base.cells, base.input_to_canonical)
+
+
+def pool_factory(**kwargs: Any) -> Callable[[StationConfig], PoolAnalyzer]:
+    return lambda config: PoolAnalyzer(oracle_pool(), **kwargs)
+
+
+def classified_wbc_per_field() -> list[int]:
+    return [sum(1 for c in r.cells if c.detection.kind.value == "wbc"
+                and c.label not in (None, UNIDENTIFIED)) for r in oracle_pool()]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Enough TOML for station configs: scalars, arrays and nested tables."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            name = f"{prefix}{k}"
+            lines += ["", f"[{name}]", to_toml(v, name + ".")]
+    return "\n".join(lines)
+
+
+def station_document(tmp_path: Path, port: int, *, credentials: bool = True,
+                     source: dict[str, Any] | None = None, target_wbc: int = 100,
+                     **sections: dict[str, Any]) -> dict[str, Any]:
+    mqtt: dict[str, Any] = {
+        "host": "127.0.0.1", "port": port, "keepalive": 5, "reconnect_min_delay_s": 1,
+        "reconnect_max_delay_s": 1, "stop_drain_timeout_s": 5, "telemetry_interval_s": 0.5,
+        "outbox": {"path": str(tmp_path / "state" / "outbox.sqlite3")},
+    }
+    if credentials:
+        mqtt.update(username="station", password_credential="mqtt-password")
+    mqtt.update(sections.pop("mqtt", {}))
+    doc: dict[str, Any] = {
+        "station_id": STATION,
+        "source": source or {"kind": "simulated", "fields": 500, "fps": 8.0, "width": 320,
+                             "height": 240, "seed": 0},
+        "specimen": {"target_wbc_count": target_wbc, "idle_timeout_s": 60.0},
+        "mqtt": mqtt,
+        "watchdog": {"stall_timeout_s": 5.0},
+    }
+    doc.update(sections)
+    return doc
+
+
+def write_station(tmp_path: Path, port: int, **kwargs: Any) -> Path:
+    path = tmp_path / "station.toml"
+    path.write_text(to_toml(station_document(tmp_path, port, **kwargs)) + "\n")
+    return path
+
+
+def envelopes(sub: Subscriber, topic: str) -> list[dict[str, Any]]:
+    return [json.loads(m.payload) for m in sub.on_topic(topic)]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class NotifyListener:
+    """A real AF_UNIX datagram socket standing in for systemd's $NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            for line in data.decode().splitlines():
+                self.messages.append((time.monotonic(), line))
+
+    def lines(self, prefix: str) -> list[tuple[float, str]]:
+        return [(t, m) for t, m in list(self.messages) if m.startswith(prefix)]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def observer(broker: Any) -> Iterator[Subscriber]:
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    sub.wait_ready()
+    yield sub
+    sub.close()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.broker
+def test_simulated_station_end_to_end_then_sigterm(
+    tmp_path: Path, broker: Any, credentials_dir: Path, observer: Subscriber,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Field reports and specimen reports reach a subscriber; SIGTERM publishes the open run's
+    report, retained "offline", and returns 0."""
+    per_field = classified_wbc_per_field()
+    target = per_field[0] + per_field[1]  # the first run completes on its second field
+    config = write_station(tmp_path, broker.port, target_wbc=target)
+
+    def terminate_after_fields() -> None:
+        if observer.wait_for(lambda ms: sum(m.topic == f"{BASE}/field" for m in ms) >= 5, 30):
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the daemon's handler
+
+    killer = threading.Thread(target=terminate_after_fields, daemon=True)
+    killer.start()
+    code = run_daemon(config, None, analyzer_factory=pool_factory())
+    killer.join(5)
+    assert code == 0
+
+    status = [m.payload.decode() for m in observer.on_topic(f"{BASE}/status")]
+    assert status[0] == "online" and status[-1] == "offline"
+    fields = envelopes(observer, f"{BASE}/field")
+    reports = envelopes(observer, f"{BASE}/report")
+    assert len(fields) >= 5
+    assert all(e["kind"] == "field" and e["body"]["kind"] == "field" for e in fields)
+    bodies = [Report.model_validate(e["body"]) for e in reports]
+    assert [b.kind for b in bodies] == ["specimen"] * len(bodies)
+    complete, final = bodies[0], bodies[-1]
+    assert complete.fields_analyzed == 2 and complete.flags[-1].code == "specimen_complete"
+    assert final.flags[-1].code in ("specimen_incomplete", "specimen_complete")
+    # Every analysed field joined exactly one run, and every run was reported.
+    assert sum(b.fields_analyzed for b in bodies) == len(fields)
+    run_of_field = {e["body"]["source"]["frame_id"]: e["body"]["run_id"] for e in fields}
+    for b in bodies:
+        ids = {c.field_id for c in b.cells}
+        assert ids and all(run_of_field[i] == b.run_id for i in ids)
+        assert b.counts.wbc == sum(1 for c in b.cells if c.kind == "wbc")
+    # A fresh subscriber sees the retained offline status.
+    late = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/status"])
+    try:
+        assert late.wait_for(lambda ms: any(m.retain for m in ms), 5)
+        assert late.on_topic(f"{BASE}/status")[-1].payload == b"offline"
+    finally:
+        late.close()
+
+
+@pytest.mark.broker
+def test_commands_over_mqtt(
+    tmp_path: Path, broker: Any, credentials_dir: Path, observer: Subscriber,
+) -> None:
+    """start_run, analyze_file, stop_run, status, reload and an unknown command, with answers."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = write_station(tmp_path, broker.port, source={"kind": "folder", "path": str(inbox)})
+    daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(),
+                           config_path=config)
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    try:
+        assert wait_until(lambda: any(m.payload == b"online"
+                                      for m in observer.on_topic(f"{BASE}/status")), 15)
+
+        def command(name: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+            before = len(observer.on_topic(f"{BASE}/cmd_response/{name}"))
+            observer.client.publish(f"{BASE}/cmd/{name}", json.dumps(body or {}), qos=1)
+            assert observer.wait_for(
+                lambda ms: sum(m.topic == f"{BASE}/cmd_response/{name}" for m in ms) > before, 15)
+            return json.loads(observer.on_topic(f"{BASE}/cmd_response/{name}")[-1].payload)
+
+        started = command("start_run", {"target_wbc": 500})
+        assert started["ok"] and started["target_wbc"] == 500
+        assert not command("start_run")["ok"]  # one run at a time
+        image = tmp_path / "field.png"
+        cv2.imwrite(str(image), render_field(3, width=320, height=240).frame.pixels)
+        analysed = command("analyze_file", {"path": str(image)})
+        assert analysed["ok"] and analysed["run_id"] == started["run_id"], analysed
+        again = command("analyze_file", {"path": str(image)})
+        assert again == {"ok": False, "frame_id": analysed["frame_id"],
+                         "error": "duplicate_frame_id"}
+        text = tmp_path / "notes.txt"
+        text.write_text("not an image")
+        assert command("analyze_file", {"path": str(text)})["error"] == "not_an_image"
+        assert command("analyze_file", {"path": "relative.png"})["ok"] is False
+        status = command("status")
+        assert status["fields_analysed"] == 1 and status["run"]["fields"] == 1
+        assert status["failed"] == {"not_an_image": 1} and status["broker"]["status"] == "connected"
+
+        stopped = command("stop_run")
+        assert stopped["ok"] and stopped["fields"] == 1 and not stopped["complete"]
+        assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 10)
+        body = envelopes(observer, f"{BASE}/report")[-1]["body"]
+        assert body["report_id"] == stopped["report_id"] and body["fields_analyzed"] == 1
+        assert command("stop_run") == {"ok": False, "error": "no specimen run is open"}
+
+        text_before = config.read_text()
+        config.write_text(text_before.replace("target_wbc_count = 100", "target_wbc_count = 200")
+                          .replace("keepalive = 5", "keepalive = 7"))
+        reloaded = command("reload")
+        assert reloaded["ok"] and reloaded["applied"] == ["specimen"]
+        assert reloaded["requires_restart"] == ["mqtt"]
+        assert daemon.tracker.policy.target_wbc == 200
+        config.write_text(text_before.replace("target_wbc_count = 100", "target_wbc_count = 0"))
+        bad = command("reload")
+        assert not bad["ok"] and any("specimen.target_wbc_count" in p for p in bad["problems"])
+        assert command("self_destruct")["error"] == "unknown command 'self_destruct'"
+    finally:
+        daemon.request_stop("test over")
+        runner.join(30)
+    assert not runner.is_alive()
+
+
+def test_embedded_station_without_broker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`smearscope run --max-fields 3` with no config and no broker: runs, says so, stores the
+    reports in the outbox under $STATE_DIRECTORY, prints one line per report, exits 0."""
+    environ = {"STATE_DIRECTORY": str(tmp_path / "state"),
+               "SMEARSCOPE__MQTT__PORT": str(free_port()),  # nobody listens there
+               "SMEARSCOPE__SOURCE__FPS": "20", "SMEARSCOPE__SOURCE__WIDTH": "320",
+               "SMEARSCOPE__SOURCE__HEIGHT": "240"}
+    code = run_daemon(None, 3, analyzer_factory=pool_factory(), environ=environ)
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "no MQTT broker answered" in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("in-outbox")]
+    assert len(lines) == 4  # three fields and the final specimen report of the open run
+    assert sum("/embedded-sim/field " in ln for ln in lines) == 3
+    assert sum("/embedded-sim/report " in ln for ln in lines) == 1
+    assert (tmp_path / "state" / "outbox.sqlite3").is_file()
+    assert "4 reports: 0 delivered" in out
+
+
+def test_config_errors_exit_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    doc = station_document(tmp_path, 1883, credentials=False)
+    doc["specimen"]["target_wbc_count"] = 0
+    bad.write_text(to_toml(doc))
+    assert run_daemon(bad, 1) == EXIT_CONFIG
+    assert "specimen.target_wbc_count:" in capsys.readouterr().err
+
+    # Valid file, but the models it names are not there: refused before anything runs.
+    doc = station_document(tmp_path, free_port(), credentials=False,
+                           analysis={"models_dir": str(tmp_path / "no-models")})
+    bad.write_text(to_toml(doc))
+    assert run_daemon(bad, 1) == EXIT_CONFIG
+    assert "analysis.models_dir:" in capsys.readouterr().err
+
+    doc = station_document(tmp_path, free_port(), credentials=True)  # no $CREDENTIALS_DIRECTORY
+    bad.write_text(to_toml(doc))
+    code = run_daemon(bad, 1, analyzer_factory=pool_factory(),
+                      environ={"PATH": os.environ.get("PATH", "")})
+    assert code == EXIT_CONFIG
+    assert "mqtt.password_credential:" in capsys.readouterr().err
+
+
+def test_notify_ready_after_warmup_status_and_watchdog(tmp_path: Path) -> None:
+    """READY=1 only after the engines are warm; STATUS= lines; WATCHDOG=1 pings; STOPPING=1."""
+    listener = NotifyListener(tmp_path / "notify.sock")
+    warm_at: list[float] = []
+
+    def slow_warm_factory(config: StationConfig) -> PoolAnalyzer:
+        time.sleep(0.5)  # engine load and warm-up
+        warm_at.append(time.monotonic())
+        return PoolAnalyzer(oracle_pool())
+
+    environ = {"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "200000",
+               "WATCHDOG_PID": str(os.getpid())}
+    config = write_station(tmp_path, free_port(), credentials=False)
+    try:
+        assert run_daemon(config, 4, analyzer_factory=slow_warm_factory, environ=environ) == 0
+        time.sleep(0.2)
+    finally:
+        listener.close()
+    ready = listener.lines("READY=1")
+    assert len(ready) == 1 and ready[0][0] >= warm_at[0]
+    statuses = [m for _, m in listener.lines("STATUS=")]
+    assert statuses[0].startswith("STATUS=starting")
+    assert any("4 fields analysed" in s and "outbox" in s and "broker" in s for s in statuses)
+    pings = listener.lines("WATCHDOG=1")
+    assert len(pings) >= 3
+    assert listener.lines("STOPPING=1")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "models" / "seg.json").is_file(),
+                    reason="models/seg.json missing: trained models not exported into models/ yet")
+def test_embedded_station_with_the_real_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The embedded station as shipped: real engines from models/, loaded and warmed up."""
+    environ = {"STATE_DIRECTORY": str(tmp_path / "state"),
+               "SMEARSCOPE__MQTT__PORT": str(free_port()),
+               "SMEARSCOPE__SOURCE__WIDTH": "640", "SMEARSCOPE__SOURCE__HEIGHT": "480"}
+    assert run_daemon(None, 2, environ=environ) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("in-outbox")]
+    assert sum("/field " in ln for ln in lines) == 2

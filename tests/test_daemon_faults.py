@@ -1,0 +1,285 @@
+"""The daemon under faults: SIGKILL with the broker down, a stalled analysis, bad frames, and a
+burst of good, half-written and non-image files in a watched folder.
+
+Each daemon is real (threads, outbox, publisher, mosquitto, sd_notify socket); only the analysis is
+the oracle `PoolAnalyzer` from tests/test_daemon.py. Child processes import it the same way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import pickle
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, free_port
+from test_daemon import (
+    BASE,
+    NotifyListener,
+    classified_wbc_per_field,
+    oracle_pool,
+    pool_factory,
+    wait_until,
+    write_station,
+)
+
+from device.synthetic import render_field
+from service.config import load_config
+from service.daemon import StationDaemon, run_daemon
+from service.ingest import IngestError, RejectReason
+
+REPO = Path(__file__).resolve().parents[1]
+
+_DAEMON_CHILD = """
+import logging, pickle, sys
+from pathlib import Path
+sys.path[:0] = [{repo!r}, {tests!r}]
+from test_daemon import PoolAnalyzer
+from service.daemon import run_daemon
+logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+with open(sys.argv[2], "rb") as fh:
+    pool = pickle.load(fh)
+sys.exit(run_daemon(Path(sys.argv[1]), None, analyzer_factory=lambda config: PoolAnalyzer(pool)))
+"""
+
+_STORED = re.compile(r"stored (field|report) message report_id=(\S+) seq=(\d+)")
+
+
+class DaemonProcess:
+    """`run_daemon` in a child process (to be SIGKILLed or SIGTERMed); its log lines collected."""
+
+    def __init__(self, config: Path, pool_file: Path) -> None:
+        code = _DAEMON_CHILD.format(repo=str(REPO), tests=str(REPO / "tests"))
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(config), str(pool_file)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._new = queue.SimpleQueue[str]()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def stored(self) -> list[tuple[str, str, int]]:
+        """(kind, report_id, outbox seq) of every report it logged as stored, in order."""
+        found = (_STORED.search(ln) for ln in list(self.lines))
+        return [(m[1], m[2], int(m[3])) for m in found if m]
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+
+def received_ids(sub: Subscriber) -> list[tuple[str, str]]:
+    """(kind, report_id) of every field/report message received, in arrival order."""
+    out = []
+    for m in list(sub.messages):
+        if m.topic in (f"{BASE}/field", f"{BASE}/report"):
+            env = json.loads(m.payload)
+            out.append((env["kind"], env["report_id"]))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_sigkill_with_broker_down_then_restart_drains_outbox_in_order(
+    tmp_path: Path, credentials_dir: Path,
+) -> None:
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
+    broker.start()
+    pool_file = tmp_path / "pool.pkl"
+    pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
+    per_field = classified_wbc_per_field()
+    config = write_station(tmp_path, broker.port, target_wbc=per_field[0] + per_field[1])
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    first = second = None
+    try:
+        sub.wait_ready()
+        first = DaemonProcess(config, pool_file)
+        assert sub.wait_for(lambda ms: len(received_ids(sub)) >= 4, 30), first.lines[-20:]
+        broker.kill()  # the broker crashes mid-run; the daemon keeps storing
+        sub.subscribed.clear()
+        stored_before_outage = len(first.stored())
+        assert wait_until(lambda: len(first.stored()) >= stored_before_outage + 6, 20)
+        first.signal(signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+        produced_first = first.stored()
+
+        broker.start()
+        sub.wait_ready(15)
+        second = DaemonProcess(config, pool_file)
+        wanted = {rid for _, rid, _ in produced_first}
+        assert sub.wait_for(lambda ms: wanted <= {r for _, r in received_ids(sub)}, 30), (
+            "restarted daemon did not drain the outbox", second.lines[-20:])
+        assert wait_until(lambda: sum(k == "field" for k, _, _ in second.stored()) >= 3, 20)
+        second.signal(signal.SIGTERM)
+        assert second.wait(30) == 0, second.lines[-20:]
+        produced = produced_first + second.stored()
+        assert sub.wait_for(
+            lambda ms: {rid for _, rid, _ in produced} <= {r for _, r in received_ids(sub)}, 15)
+        assert sub.wait_for(lambda ms: ms[-1].topic == f"{BASE}/status"
+                            and ms[-1].payload == b"offline", 10)
+    finally:
+        for daemon in (first, second):
+            if daemon is not None:
+                daemon.signal(signal.SIGKILL)
+                daemon.wait(10)
+        sub.close()
+        broker.stop()
+
+    received = received_ids(sub)
+    produced_ids = [rid for _, rid, _ in produced]
+    delivered = {rid for _, rid in received}
+    figures = {
+        "produced": len(produced_ids),
+        "produced_reports": sum(k == "report" for k, _, _ in produced),
+        "stored_during_outage_then_killed": len(produced_first) - stored_before_outage,
+        "delivered_unique": len(delivered & set(produced_ids)),
+        "duplicates": len(received) - len(delivered),
+        "lost": len(set(produced_ids) - delivered),
+        "delivered_not_logged": len(delivered - set(produced_ids)),
+    }
+    print("\nSIGKILL + broker outage figures:", json.dumps(figures))
+    assert figures["lost"] == 0
+    # A report committed to the outbox in the instant before SIGKILL, before its log line.
+    assert figures["delivered_not_logged"] <= 1
+    # In order: first arrivals follow the outbox sequence across the kill and the restart.
+    seq_of = {rid: seq for _, rid, seq in produced}
+    first_arrivals: list[int] = []
+    for _, rid in received:
+        if rid in seq_of and seq_of[rid] not in first_arrivals:
+            first_arrivals.append(seq_of[rid])
+    assert first_arrivals == sorted(first_arrivals)
+    # The SIGTERMed daemon closed its open run: its last stored message is a specimen report.
+    assert produced[-1][0] == "report"
+
+
+@pytest.mark.slow
+def test_stalled_analysis_stops_watchdog_pings(tmp_path: Path) -> None:
+    """WATCHDOG=1 flows while fields progress, stops while one analysis is stuck longer than
+    watchdog.stall_timeout_s (5 s), and resumes once it finishes."""
+    listener = NotifyListener(tmp_path / "notify.sock")
+    environ = {"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "200000",
+               "WATCHDOG_PID": str(os.getpid())}
+    config = write_station(tmp_path, free_port(), credentials=False)
+    stall_s = 7.0
+    try:
+        code = run_daemon(config, 4, environ=environ,
+                          analyzer_factory=pool_factory(stall_on=frozenset({2}), stall_s=stall_s))
+        time.sleep(0.3)
+    finally:
+        listener.close()
+    assert code == 0
+    pings = [t for t, _ in listener.lines("WATCHDOG=1")]
+    gaps = [(b - a, a) for a, b in itertools.pairwise(pings)]
+    longest, gap_start = max(gaps)
+    assert 1.0 <= longest <= stall_s - 5.0 + 1.0, gaps  # silent from 5 s into the stall to its end
+    assert any(t > gap_start + longest for t in pings)  # pings resumed
+    stalled = [(t, m) for t, m in listener.lines("STATUS=stalled: analysis")]
+    assert stalled and abs(stalled[0][0] - gap_start) < 0.5
+    others = [b - a for b, a in gaps if a != gap_start]
+    assert max(others) < 0.6  # otherwise regular pings every 0.1 s
+
+
+def test_bad_frames_are_logged_counted_and_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    failures: dict[int, BaseException] = {
+        1: RuntimeError("engine exploded"),
+        3: IngestError(RejectReason.CORRUPT, "bad pixels"),
+    }
+    config = write_station(tmp_path, free_port(), credentials=False)
+    daemon = StationDaemon(load_config(config), max_fields=4,
+                           analyzer_factory=pool_factory(fail_on=failures))
+    with caplog.at_level("INFO", logger="service.daemon"):
+        assert daemon.run() == 0
+    snap = daemon.stats.snapshot()
+    assert snap["analysed"] == 4
+    assert snap["failed"] == {"analysis_error": 1, "corrupt": 1}
+    failed = [o for o in daemon.outcomes if o[1] == "failed"]
+    assert [o[2] for o in failed] == ["analysis_error", "corrupt"]
+    logged = [r for r in caplog.records if "analysis failed (analysis_error)" in r.message]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+    assert "RuntimeError: engine exploded" in caplog.text
+    assert sum(r.kind == "field" for r in daemon.ledger) == 4
+
+
+@pytest.mark.slow
+def test_folder_burst_of_100_files_each_analysed_once_or_rejected(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.3,
+              "decode_grace_s": 0.6, "microns_per_pixel": 0.2}
+    config = write_station(tmp_path, free_port(), credentials=False, source=source)
+    daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory())
+    runner = threading.Thread(target=daemon.run, daemon=True)
+
+    def png(seed: int) -> bytes:
+        ok, data = cv2.imencode(".png", render_field(seed, width=256, height=192).frame.pixels)
+        assert ok
+        return data.tobytes()
+
+    good = {f"good-{i:03d}.png": png(i) for i in range(50)}
+    slow = {f"slow-{i:03d}.png": png(100 + i) for i in range(10)}  # written in two steps
+    truncated = {f"cut-{i:03d}.png": png(200 + i)[: 3000 + 100 * i] for i in range(20)}
+    rng = np.random.default_rng(0)
+    junk = {f"note-{i:03d}.txt": b"technician notes\n" for i in range(10)}
+    junk |= {f"table-{i:03d}.csv": b"a,b\n1,2\n" for i in range(5)}
+    junk |= {f"noise-{i:03d}.png": rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
+             for i in range(5)}
+    runner.start()
+    try:
+        assert wait_until(lambda: daemon.analyzer is not None, 10)
+        files = list(good.items()) + list(truncated.items()) + list(junk.items())
+        rng.shuffle(files)  # type: ignore[arg-type]
+        for name, data in [(n, d[: len(d) // 2]) for n, d in slow.items()] + files:
+            (inbox / name).write_bytes(data)
+        time.sleep(0.15)  # less than settle_s: the slow writers finish their files
+        for name, data in slow.items():
+            with open(inbox / name, "ab") as fh:
+                fh.write(data[len(data) // 2:])
+
+        def accounted() -> bool:
+            done = len(list((inbox / "done").iterdir()))
+            rejected = [p for p in (inbox / "rejected").iterdir()
+                        if not p.name.endswith(".reason.txt")]
+            return done + len(rejected) == 100 and len(daemon.outcomes) == done
+
+        assert wait_until(accounted, 60), (len(daemon.outcomes), list(inbox.iterdir()))
+    finally:
+        daemon.request_stop("test over")
+        runner.join(30)
+    assert not runner.is_alive()
+
+    done = sorted(p.name for p in (inbox / "done").iterdir())
+    assert done == sorted([*good, *slow])
+    outcomes = Counter(fid.split(":", 1)[1].split("@", 1)[0] for fid, _, _ in daemon.outcomes)
+    assert set(outcomes) == set(done) and set(outcomes.values()) == {1}  # each exactly once
+    analysed = [o for o in daemon.outcomes if o[1] == "analysed"]
+    gate = Counter(o[2] for o in daemon.outcomes if o[1] == "rejected")
+    field_reports = [r for r in daemon.ledger if r.kind == "field"]
+    assert len(field_reports) == len(analysed) == len({r.field_id for r in field_reports})
+    reasons = Counter(p.read_text().strip() for p in (inbox / "rejected").glob("*.reason.txt"))
+    assert reasons == {"undecodable": 25, "not an image (extension '.txt')": 10,
+                       "not an image (extension '.csv')": 5}
+    print("\nfolder burst: analysed", len(analysed), "quality-gate rejected", dict(gate),
+          "source rejected", dict(reasons))
+    assert len(analysed) + sum(gate.values()) == 60
+    assert len(analysed) >= 55  # distinct synthetic fields pass the gate

@@ -1,0 +1,188 @@
+"""Specimen runs with hand-made field results: accumulation, target, idle timeout, CIs, policy."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Mapping
+
+import pytest
+
+from service.classify import UNIDENTIFIED
+from service.pipeline import FieldResult
+from service.records import Box, CellDetection, CellKind, ClassifiedCell
+from service.report import CellRecord, Counts, ImageInfo, Report, SizeStats, SourceInfo
+from service.specimen import RunAlreadyOpen, SpecimenPolicy, SpecimenRun, SpecimenTracker
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_field(frame_id: str, wbc: Mapping[str, int], rbc: int = 10,
+               run_id: str | None = None) -> FieldResult:
+    """A field whose cells are `rbc` normal red cells and WBC with the given labels."""
+    cells: list[ClassifiedCell] = []
+    records: list[CellRecord] = []
+    kinds = [(CellKind.RBC, "normal")] * rbc + [
+        (CellKind.WBC, label) for label, n in wbc.items() for _ in range(n)]
+    for i, (kind, label) in enumerate(kinds):
+        box = Box(10.0 * i, 0.0, 10.0 * i + 8.0, 8.0)
+        cells.append(ClassifiedCell(CellDetection(kind, box, 0.9), label, 0.9, 7.5, 44.0))
+        records.append(CellRecord(kind=kind.value, bbox=box.as_list(), score=0.9, label=label,
+                                  label_score=0.9, diameter_um=7.5, area_um2=44.0,
+                                  field_id=None))
+    report = Report(
+        report_id=str(uuid.uuid4()), kind="field", created_at=0.0, run_id=run_id,
+        source=SourceInfo(frame_id=frame_id, source="test", captured_at=0.0,
+                          image=ImageInfo(width=640, height=480)),
+        counts=Counts(rbc=rbc, wbc=sum(wbc.values()), platelet=0), wbc_differential=[],
+        rbc_morphology=[], rbc_size=SizeStats(n=0, mean_diameter_um=None, sd_um=None,
+                                              cv_percent=None, median_diameter_um=None),
+        ratios={}, flags=[], cells=records,
+    )
+    return FieldResult(report, tuple(cells), 1.0)
+
+
+MIX = {"neutrophil": 6, "lymphocyte": 3, "monocyte": 1}
+
+
+def tracker(target: int = 30, idle: float = 60.0, auto: bool = True,
+            clock: FakeClock | None = None) -> SpecimenTracker:
+    return SpecimenTracker(SpecimenPolicy(target, idle, auto), station_id="st",
+                           clock=clock or FakeClock())
+
+
+def test_fields_accumulate_into_one_specimen_report_with_field_ids() -> None:
+    t = tracker(target=30)
+    run_id = t.run_for_next_field()
+    assert run_id is not None
+    for i in range(2):
+        result, closed = t.add(fake_field(f"f{i}", MIX))
+        assert closed is None and result.report.run_id == run_id
+    report = t.interim_report()
+    assert report is not None and report.kind == "specimen" and report.run_id == run_id
+    assert report.fields_analyzed == 2
+    assert report.counts == Counts(rbc=20, wbc=20, platelet=0)
+    assert [c.field_id for c in report.cells].count("f0") == 20
+    assert {s.label: s.count for s in report.wbc_differential} == {
+        "neutrophil": 12, "lymphocyte": 6, "monocyte": 2}
+    assert report.flags[-1].code == "specimen_in_progress"
+
+
+def test_target_reached_closes_the_run_and_the_next_field_starts_another() -> None:
+    t = tracker(target=25)
+    first = t.run_for_next_field()
+    closed = None
+    for i in range(3):
+        _, closed = t.add(fake_field(f"f{i}", MIX))
+        if closed:
+            break
+    assert closed is not None and closed.complete and closed.run_id == first
+    assert closed.fields == 3 and closed.classified_wbc == 30
+    assert closed.report is not None and closed.report.flags[-1].code == "specimen_complete"
+    assert closed.report.fields_analyzed == 3
+    assert t.progress() is None
+    second = t.run_for_next_field()
+    assert second is not None and second != first
+
+
+def test_unidentified_white_cells_do_not_count_toward_the_target() -> None:
+    t = tracker(target=10)
+    t.run_for_next_field()
+    _, closed = t.add(fake_field("f0", {UNIDENTIFIED: 30, "neutrophil": 9}))
+    assert closed is None
+    progress = t.progress()
+    assert progress is not None and progress.classified_wbc == 9
+    _, closed = t.add(fake_field("f1", {"lymphocyte": 1}))
+    assert closed is not None and closed.complete
+    assert closed.report is not None and closed.report.counts.wbc == 40
+
+
+def test_confidence_intervals_narrow_as_cells_accumulate() -> None:
+    t = tracker(target=1000)
+    t.run_for_next_field()
+    widths = []
+    for i in range(6):
+        t.add(fake_field(f"f{i}", MIX))
+        report = t.interim_report()
+        assert report is not None
+        share = next(s for s in report.wbc_differential if s.label == "neutrophil")
+        assert share.percent == 60.0
+        assert share.ci95_low is not None and share.ci95_high is not None
+        widths.append(share.ci95_high - share.ci95_low)
+    assert all(a > b for a, b in itertools.pairwise(widths)), widths
+
+
+def test_idle_timeout_ends_the_run_as_incomplete() -> None:
+    clock = FakeClock()
+    t = tracker(target=100, idle=30.0, clock=clock)
+    t.run_for_next_field()
+    t.add(fake_field("f0", MIX))
+    clock.now += 29.0
+    assert t.check_idle() is None
+    t.add(fake_field("f1", MIX))  # activity restarts the idle clock
+    clock.now += 29.0
+    assert t.check_idle() is None
+    clock.now += 2.0
+    closed = t.check_idle()
+    assert closed is not None and closed.end_reason == "idle_timeout" and not closed.complete
+    assert closed.report is not None
+    flag = closed.report.flags[-1]
+    assert flag.code == "specimen_incomplete" and "idle_timeout" in flag.message
+    assert closed.report.timing_ms["run_ms"] == 60_000.0
+    assert t.check_idle() is None
+
+
+def test_a_run_without_fields_ends_without_a_report() -> None:
+    clock = FakeClock()
+    t = tracker(idle=5.0, clock=clock)
+    t.start()
+    clock.now += 6.0
+    closed = t.check_idle()
+    assert closed is not None and closed.report is None and closed.fields == 0
+
+
+def test_commands_start_and_stop_runs() -> None:
+    t = tracker(auto=False)
+    result, closed = t.add(fake_field("alone", MIX, run_id="stale"))
+    assert result.report.run_id is None and closed is None  # no run, no auto-start
+    assert t.run_for_next_field() is None
+    run_id = t.start(target_wbc=5)
+    with pytest.raises(RunAlreadyOpen):
+        t.start()
+    progress = t.progress()
+    assert progress is not None and progress.target_wbc == 5 and progress.started_by == "command"
+    t.add(fake_field("f0", {"neutrophil": 2}))
+    closed = t.stop()
+    assert closed is not None and closed.run_id == run_id and closed.end_reason == "stopped"
+    assert t.stop() is None
+
+
+def test_field_analysed_across_a_run_change_joins_the_open_run() -> None:
+    t = tracker()
+    old = t.run_for_next_field()
+    t.stop()
+    new = t.start()
+    result, _ = t.add(fake_field("f0", MIX, run_id=old))
+    assert result.report.run_id == new != old
+
+
+def test_the_same_field_is_counted_once() -> None:
+    run = SpecimenRun(target_wbc=100, started_at=0.0)
+    field = fake_field("f0", MIX)
+    assert run.add(field, 1.0) and not run.add(field, 2.0)
+    assert run.field_ids == ["f0"] and run.classified_wbc == 10
+
+
+def test_policy_from_station_config_defaults_auto_start() -> None:
+    from service.config import SpecimenConfig
+
+    policy = SpecimenPolicy.from_config(SpecimenConfig(target_wbc_count=200, idle_timeout_s=90))
+    assert policy == SpecimenPolicy(target_wbc=200, idle_timeout_s=90.0, auto_start=True)
+    with pytest.raises(ValueError):
+        SpecimenPolicy(target_wbc=0)
