@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - analyze frames from the built-in synthetic microscope and print the report
+#   make demo   - the station daemon on its embedded default (synthetic microscope, 5 fields):
+#                 prints what it published (or kept in its outbox when no broker answers)
 #   make test   - the whole test suite (what CI runs)
 PY ?= python3
 VENV ?= .venv
@@ -20,7 +21,7 @@ system-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null)
 
 demo: venv
-	$(BIN)/smearscope demo
+	$(BIN)/smearscope run --max-fields 5
 
 test: venv system-deps
 	$(BIN)/python -m pytest -q
