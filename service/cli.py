@@ -109,7 +109,7 @@ def cmd_validate_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from service.daemon import run_daemon
 
-    return run_daemon(args.config, max_fields=args.max_fields)
+    return run_daemon(args.config, max_fields=args.max_fields, log_level=args.log_level)
 
 
 def cmd_build_engines(args: argparse.Namespace) -> int:
@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     from service.pipeline import DEFAULT_MODELS_DIR
 
     ap = argparse.ArgumentParser(prog="smearscope", description="Point-of-care blood-smear analyzer")
-    ap.add_argument("--log-level", default="WARNING")
+    ap.add_argument("--log-level", default=None,
+                    help="log threshold (DEBUG, INFO, WARNING, ERROR); default WARNING, and for "
+                    "`run` the config's log_level, which an explicit --log-level overrides")
     sub = ap.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("analyze", help="analyze one image and print its report")
@@ -168,11 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level or "WARNING")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `smearscope analyze ... | head`: the reader left, not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
