@@ -22,67 +22,29 @@ import logging
 import os
 import stat
 import struct
-import zlib
 from dataclasses import dataclass
-from enum import Enum
 from typing import Union
 
 import cv2
 import numpy as np
 import tifffile
 
+from service.image_headers import (
+    PNG_SIGNATURE,
+    ImageHeader,
+    check_tiff_directory_offset,
+    jpeg_header,
+    png_header,
+    tiff_header,
+)
+from service.ingest_errors import IngestError, RejectReason
+
 logger = logging.getLogger(__name__)
 
+__all__ = ["DecodedImage", "ImageSource", "IngestError", "IngestLimits", "RejectReason",
+           "load_image"]
+
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
-
-
-class RejectReason(str, Enum):
-    """Why a frame was refused. The values are a stable public contract (logs, reports, UI)."""
-
-    #: No file at the path.
-    NOT_FOUND = "not_found"
-    #: The path is a directory, FIFO, device or socket, not a regular file.
-    NOT_A_FILE = "not_a_file"
-    #: The file exists but the OS refused to read it (permissions, I/O error).
-    UNREADABLE = "unreadable"
-    #: Zero bytes.
-    EMPTY_FILE = "empty_file"
-    #: More bytes than `IngestLimits.max_file_bytes`; not read into memory.
-    FILE_TOO_LARGE = "file_too_large"
-    #: No known image signature: text, HTML, random bytes, a PDF...
-    NOT_AN_IMAGE = "not_an_image"
-    #: A recognised image format this analyzer does not decode (GIF, BMP, WebP, JPEG 2000,
-    #: HEIF/AVIF, JPEG XL), or a TIFF whose compression or colour model is not supported.
-    UNSUPPORTED_FORMAT = "unsupported_format"
-    #: The signature is right but the structure is wrong (bad header, bad chunk CRC, a decoder
-    #: that gives up, dimensions that disagree with the header).
-    CORRUPT = "corrupt"
-    #: The data stops early: no JPEG end-of-image marker, no PNG IEND, TIFF strips past the end.
-    TRUNCATED = "truncated"
-    #: The header declares more pixels than `IngestLimits.max_pixels` (decompression bomb).
-    TOO_LARGE_PIXELS = "too_large_pixels"
-    #: Long side / short side above `IngestLimits.max_aspect` (a strip, not a field of view).
-    ABSURD_ASPECT = "absurd_aspect"
-    #: Short side below `IngestLimits.min_side`: too few pixels to hold a single cell.
-    TOO_SMALL = "too_small"
-    #: Sample type other than 8- or 16-bit unsigned integer (float, signed, 1-bit, 32-bit...).
-    BAD_DTYPE = "bad_dtype"
-    #: Samples per pixel other than 1 (grey), 2 (grey+alpha), 3 (colour) or 4 (colour+alpha).
-    BAD_CHANNELS = "bad_channels"
-    #: A TIFF whose first series holds several frames (z-stack, time series, 4-D stack): which
-    #: focal plane to analyse is the instrument's decision, not something to guess here.
-    MULTI_FRAME = "multi_frame"
-    #: Every pixel (nearly) the same value: lens cap on, shutter closed, saturated sensor.
-    BLANK_IMAGE = "blank_image"
-
-
-class IngestError(Exception):
-    """A refused frame: `code` is a stable `RejectReason`, `message` is for humans."""
-
-    def __init__(self, code: RejectReason, message: str) -> None:
-        super().__init__(f"{code.value}: {message}")
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -111,17 +73,6 @@ class DecodedImage:
     significant_bits: int  # the depth used to scale samples to 8 bit (see `_significant_bits`)
     original_channels: int  # samples per pixel as stored, alpha included
     exif_orientation_applied: bool
-
-
-@dataclass(frozen=True)
-class _Header:
-    format: str
-    width: int
-    height: int
-    bit_depth: int
-    channels: int
-    orientation: int = 1
-    significant_bits: int | None = None  # declared by PNG sBIT / TIFF MaxSampleValue
 
 
 def load_image(
@@ -213,14 +164,13 @@ def _read_file(path: str, limits: IngestLimits) -> bytes:
 
 # --- 2. the signature -----------------------------------------------------------------------
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _BMP_DIB_SIZES = {12, 40, 52, 56, 64, 108, 124}
 
 
 def _sniff(data: bytes, name: str) -> str:
     """The format from magic bytes; the file name's extension is never trusted."""
-    if data.startswith(_PNG_SIGNATURE):
+    if data.startswith(PNG_SIGNATURE):
         return "png"
     if data.startswith(b"\xff\xd8"):
         return "jpeg"
@@ -257,10 +207,10 @@ def _known_unsupported(data: bytes) -> str | None:
     return None
 
 
-# --- 3/4. headers and geometry --------------------------------------------------------------
+# --- 3/4. headers (service.image_headers) and geometry ----------------------------------------
 
 
-def _check_geometry(header: _Header, name: str, limits: IngestLimits) -> None:
+def _check_geometry(header: ImageHeader, name: str, limits: IngestLimits) -> None:
     w, h = header.width, header.height
     if w * h > limits.max_pixels:
         raise IngestError(
@@ -277,135 +227,10 @@ def _check_geometry(header: _Header, name: str, limits: IngestLimits) -> None:
         )
 
 
-def _exif_orientation(tiff_bytes: bytes) -> int:
-    """Orientation (1..8) from the IFD0 of an EXIF block; 1 when absent or unreadable.
-
-    A broken EXIF block is metadata damage, not image damage: it never rejects the frame.
-    """
-    try:
-        order = {b"II": "<", b"MM": ">"}[tiff_bytes[:2]]
-        if struct.unpack(order + "H", tiff_bytes[2:4])[0] != 42:
-            return 1
-        ifd = struct.unpack(order + "I", tiff_bytes[4:8])[0]
-        (count,) = struct.unpack(order + "H", tiff_bytes[ifd : ifd + 2])
-        for i in range(count):
-            entry = tiff_bytes[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
-            tag, typ, n = struct.unpack(order + "HHI", entry[:8])
-            if tag == 0x0112 and typ == 3 and n >= 1:
-                value = struct.unpack(order + "H", entry[8:10])[0]
-                return value if 1 <= value <= 8 else 1
-    except (KeyError, struct.error, IndexError):
-        logger.warning("unreadable EXIF block; orientation not applied")
-    return 1
-
-
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
-_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
-
-
-def _png_header(data: bytes, name: str) -> _Header:
-    """Walk every chunk (length, CRC, order) without inflating any image data."""
-    pos = len(_PNG_SIGNATURE)
-    header: _Header | None = None
-    sig_bits: int | None = None
-    orientation = 1
-    while True:
-        if pos + 12 > len(data):
-            raise IngestError(RejectReason.TRUNCATED, f"{name}: PNG ends before its IEND chunk")
-        length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
-        if length > 0x7FFFFFFF:
-            raise IngestError(RejectReason.CORRUPT, f"{name}: PNG chunk length {length}")
-        end = pos + 12 + length
-        if end > len(data):
-            raise IngestError(RejectReason.TRUNCATED, f"{name}: PNG {ctype!r} chunk cut short")
-        body = data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : end])
-        if zlib.crc32(ctype + body) != crc:
-            raise IngestError(RejectReason.CORRUPT, f"{name}: PNG {ctype!r} chunk CRC mismatch")
-        if header is None:
-            if ctype != b"IHDR" or length != 13:
-                raise IngestError(RejectReason.CORRUPT, f"{name}: PNG does not start with IHDR")
-            w, h, depth, color = struct.unpack(">IIBB", body[:10])
-            if w == 0 or h == 0 or depth not in _PNG_DEPTHS.get(color, ()):
-                raise IngestError(
-                    RejectReason.CORRUPT,
-                    f"{name}: PNG IHDR {w}x{h}, depth {depth}, colour type {color}",
-                )
-            header = _Header("png", w, h, depth, _PNG_CHANNELS[color])
-        elif ctype == b"sBIT" and length >= 1:
-            sig_bits = max(body)
-        elif ctype == b"eXIf":
-            orientation = _exif_orientation(body)
-        elif ctype == b"IEND":
-            break
-        pos = end
-    if sig_bits is not None and not 1 <= sig_bits <= header.bit_depth:
-        sig_bits = None
-    return _Header(
-        "png", header.width, header.height, header.bit_depth, header.channels, orientation, sig_bits
-    )
-
-
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}
-
-
-def _jpeg_header(data: bytes, name: str) -> _Header:
-    """Walk the marker segments up to the first scan, then require an end-of-image marker."""
-    pos = 2
-    sof: tuple[int, int, int, int] | None = None
-    orientation = 1
-    while True:
-        if pos + 2 > len(data):
-            raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG ends inside its header")
-        if data[pos] != 0xFF:
-            raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG marker expected at {pos}")
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in _STANDALONE_MARKERS:
-            pos += 2
-            continue
-        if marker == 0xD9:
-            raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG ends before any image data")
-        if pos + 4 > len(data):
-            raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG ends inside its header")
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        if length < 2:
-            raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG segment length {length}")
-        body = data[pos + 4 : pos + 2 + length]
-        if pos + 2 + length > len(data):
-            raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG segment cut short")
-        if marker in _SOF_MARKERS:
-            if len(body) < 6:
-                raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG frame header too short")
-            sof = struct.unpack(">BHHB", body[:6])
-        elif marker == 0xE1 and body.startswith(b"Exif\x00\x00"):
-            orientation = _exif_orientation(body[6:])
-        elif marker == 0xDA:
-            break
-        pos += 2 + length
-    if sof is None:
-        raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG scan before any frame header")
-    precision, h, w, components = sof
-    if w == 0 or h == 0:
-        raise IngestError(
-            RejectReason.CORRUPT, f"{name}: JPEG frame {w}x{h} (DNL height is not supported)"
-        )
-    if components not in (1, 3, 4):
-        raise IngestError(RejectReason.BAD_CHANNELS, f"{name}: JPEG with {components} components")
-    # Entropy-coded data stuffs every 0xFF as FF 00, so FF D9 after the scan header can only be
-    # the real end-of-image marker. Bytes after it (camera trailers) are allowed.
-    if data.find(b"\xff\xd9", pos) < 0:
-        raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG has no end-of-image marker")
-    return _Header("jpeg", w, h, precision, components, orientation)
-
-
 # --- 5. decoding ----------------------------------------------------------------------------
 
 
-def _imdecode(data: bytes, flags: int, header: _Header, name: str) -> np.ndarray:
+def _imdecode(data: bytes, flags: int, header: ImageHeader, name: str) -> np.ndarray:
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as exc:
@@ -421,15 +246,15 @@ def _imdecode(data: bytes, flags: int, header: _Header, name: str) -> np.ndarray
     return img
 
 
-def _load_png(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray, _Header]:
-    header = _png_header(data, name)
+def _load_png(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray, ImageHeader]:
+    header = png_header(data, name)
     _check_geometry(header, name, limits)
     # UNCHANGED keeps 16 bit and alpha; orientation is applied by us from the eXIf chunk.
     return _imdecode(data, cv2.IMREAD_UNCHANGED, header, name), header
 
 
-def _load_jpeg(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray, _Header]:
-    header = _jpeg_header(data, name)
+def _load_jpeg(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray, ImageHeader]:
+    header = jpeg_header(data, name)
     _check_geometry(header, name, limits)
     # COLOR gives BGR for grey, YCbCr and Adobe CMYK alike; orientation is ours to apply, so
     # the decoder must not apply it a second time.
@@ -437,21 +262,13 @@ def _load_jpeg(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray
     return _imdecode(data, flags, header, name), header
 
 
-_TIFF_PHOTOMETRIC = {0: "miniswhite", 1: "minisblack", 2: "rgb", 3: "palette"}
-
-
-def _load_tiff(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray, _Header]:
-    order = "<" if data[:2] == b"II" else ">"
-    big = data[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 64-bit offset at byte 8
-    field, fmt = (data[8:16], "Q") if big else (data[4:8], "I")
-    if len(field) < struct.calcsize(fmt):
-        raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF ends inside its header")
-    (first_ifd,) = struct.unpack(order + fmt, field)
-    if first_ifd >= len(data):
-        raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF directory beyond end of file")
+def _load_tiff(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray, ImageHeader]:
+    check_tiff_directory_offset(data, name)
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            return _decode_tiff(tif, len(data), name, limits)
+            header, page, photometric = tiff_header(tif, len(data), name)
+            _check_geometry(header, name, limits)
+            return _decode_tiff(page, header, photometric, name)
     except IngestError:
         raise
     except Exception as exc:  # tifffile raises many types on malformed files; all mean corrupt
@@ -459,58 +276,8 @@ def _load_tiff(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray
 
 
 def _decode_tiff(
-    tif: tifffile.TiffFile, file_size: int, name: str, limits: IngestLimits
-) -> tuple[np.ndarray, _Header]:
-    if not tif.pages or not tif.series:
-        raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF without images")
-    if len(tif.series) > 1:
-        logger.info("%s: TIFF holds %d series; using the first", name, len(tif.series))
-    series = tif.series[0]
-    page = series.pages[0] if series.pages else None
-    if not isinstance(page, tifffile.TiffPage):
-        raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF first page unreadable")
-    samples = int(page.samplesperpixel)
-    max_sample = page.tags.get(281)
-    orient_tag = page.tags.get(274)
-    orientation = int(orient_tag.value) if orient_tag is not None else 1
-    header = _Header(
-        "tiff",
-        int(page.imagewidth),
-        int(page.imagelength),
-        int(page.bitspersample),
-        samples,
-        orientation if 1 <= orientation <= 8 else 1,
-        _declared_bits(max_sample.value) if max_sample is not None else None,
-    )
-    if page.dtype is None or np.dtype(page.dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16)):
-        raise IngestError(
-            RejectReason.BAD_DTYPE,
-            f"{name}: TIFF samples are {page.dtype} ({page.bitspersample} bit, "
-            f"format {int(page.sampleformat)}); only 8/16-bit unsigned are accepted",
-        )
-    if samples not in (1, 2, 3, 4):
-        raise IngestError(RejectReason.BAD_CHANNELS, f"{name}: TIFF with {samples} samples/pixel")
-    photometric = _TIFF_PHOTOMETRIC.get(int(page.photometric))
-    if photometric is None:
-        raise IngestError(
-            RejectReason.UNSUPPORTED_FORMAT, f"{name}: TIFF photometric {page.photometric!r}"
-        )
-    try:
-        tifffile.TIFF.DECOMPRESSORS[page.compression]
-    except KeyError as exc:
-        raise IngestError(
-            RejectReason.UNSUPPORTED_FORMAT, f"{name}: TIFF compression: {exc.args[0]}"
-        ) from None
-    frames = [n for n, ax in zip(series.shape, series.axes) if ax not in "YXS" and n != 1]
-    if frames:
-        raise IngestError(
-            RejectReason.MULTI_FRAME,
-            f"{name}: TIFF series of shape {series.shape} ({series.axes}): several frames",
-        )
-    if any(o + n > file_size for o, n in zip(page.dataoffsets, page.databytecounts)):
-        raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF image data past end of file")
-    _check_geometry(header, name, limits)
-
+    page: tifffile.TiffPage, header: ImageHeader, photometric: str, name: str
+) -> tuple[np.ndarray, ImageHeader]:
     arr = page.asarray()
     axes = page.axes
     arr = arr.reshape([n for n, ax in zip(arr.shape, axes) if ax in "YXS"])
@@ -523,11 +290,11 @@ def _decode_tiff(
     if photometric == "miniswhite":
         arr = np.iinfo(arr.dtype).max - arr
     elif photometric == "palette":
-        if page.colormap is None or samples != 1:
+        if page.colormap is None or header.channels != 1:
             raise IngestError(RejectReason.CORRUPT, f"{name}: palette TIFF without colormap")
         cmap = np.asarray(page.colormap)  # 3 x 2**bits, 16 bit
         arr = np.take(cmap, arr[..., 0], axis=1, mode="clip").transpose(1, 2, 0).astype(np.uint16)
-        header = _Header(
+        header = ImageHeader(
             "tiff", header.width, header.height, header.bit_depth, 3, header.orientation, 16
         )
     if arr.shape[2] >= 3:  # RGB(A) -> BGR(A), the OpenCV order everything downstream uses
@@ -535,12 +302,6 @@ def _decode_tiff(
     if arr.shape[2] in (2, 4) and tuple(page.extrasamples)[:1] == (1,):
         arr = _unpremultiply(arr)
     return np.ascontiguousarray(arr), header
-
-
-def _declared_bits(max_sample_value: object) -> int | None:
-    values = np.atleast_1d(np.asarray(max_sample_value)).astype(np.int64)
-    top = int(values.max()) if values.size else 0
-    return top.bit_length() if 0 < top < 0xFFFF else None
 
 
 def _unpremultiply(arr: np.ndarray) -> np.ndarray:
