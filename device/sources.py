@@ -1,5 +1,7 @@
 """Frame sources: where fields of view come from (camera, watched folder, replay, synthetic).
 
+The watched folder lives in `device.folder_source`; the other kinds are here.
+
 Every source is an iterator of frozen `Frame`s with `close()` and context-manager support, chosen
 by the config's `kind` through a lazy registry ("kind" -> "module:Class", imported only when
 chosen). `close()` may be called from another thread: it ends iteration at the next frame
@@ -12,14 +14,11 @@ Decoding here is deliberately minimal (`cv2.imdecode` on the file's bytes, None 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
-import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Iterator, Mapping
@@ -31,7 +30,6 @@ from device.frame import Frame
 from device.source_config import (
     IMAGE_EXTENSIONS,
     CameraSourceConfig,
-    FolderSourceConfig,
     ReplaySourceConfig,
     SimulatedSourceConfig,
     SourceConfig,
@@ -42,7 +40,7 @@ logger = logging.getLogger(__name__)
 #: kind -> "module:Class"; a class is imported only when its kind is chosen.
 SOURCE_REGISTRY: Mapping[str, str] = {
     "camera": "device.sources:CameraSource",
-    "folder": "device.sources:FolderSource",
+    "folder": "device.folder_source:FolderSource",
     "replay": "device.sources:ReplaySource",
     "simulated": "device.sources:SimulatedSource",
 }
@@ -299,190 +297,6 @@ class CameraSource(FrameSource):
         if self._capture is not None:
             self._capture.release()
             self._capture = None
-
-
-# --- watched folder --------------------------------------------------------------------------
-
-
-@dataclass
-class _Candidate:
-    size: int
-    mtime_ns: int
-    stable_since: float
-    undecodable_since: float | None = None
-
-
-class ProcessedLog:
-    """Append-only record of file keys already handed out or rejected; survives restarts."""
-
-    def __init__(self, path: Path, max_entries: int) -> None:
-        self.path = path
-        self._keys: set[str] = set()
-        lines: list[str] = []
-        if path.exists():
-            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        if len(lines) > max_entries:
-            lines = lines[-max_entries:]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
-            os.replace(tmp, path)
-        self._keys = {ln.split("\t", 1)[0] for ln in lines}
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._keys
-
-    def record(self, key: str, status: str, name: str) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(f"{key}\t{status}\t{name}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        self._keys.add(key)
-
-
-def file_key(name: str, size: int, mtime_ns: int) -> str:
-    """Stable identity of one version of one file."""
-    return hashlib.sha1(f"{name}|{size}|{mtime_ns}".encode()).hexdigest()[:16]
-
-
-#: Names writers use while a file is incomplete; such files are left alone, not rejected.
-TEMP_SUFFIXES: tuple[str, ...] = (".part", ".partial", ".tmp", ".crdownload", ".filepart", "~")
-
-
-def _unique_target(directory: Path, name: str, key: str) -> Path:
-    target = directory / name
-    if target.exists():
-        stem, suffix = os.path.splitext(name)
-        target = directory / f"{stem}-{key[:8]}{suffix}"
-    return target
-
-
-class FolderSource(FrameSource):
-    """Polls a directory; each settled image is handed out once, then moved to `done/`.
-
-    Delivery is at-most-once: a file is recorded as processed and moved before its frame is
-    returned, so a crash can lose a frame but never count its cells twice.
-    """
-
-    def __init__(self, config: FolderSourceConfig) -> None:
-        super().__init__(config.name)
-        if not config.path.is_dir():
-            raise SourceConfigurationError(f"watched folder {config.path} is not a directory")
-        self._config = config
-        self._root = config.path
-        self._done = self._root / config.done_dir
-        self._rejected = self._root / config.rejected_dir
-        self._done.mkdir(exist_ok=True)
-        self._rejected.mkdir(exist_ok=True)
-        state = config.state_file or self._root / ".smearscope-processed"
-        self._log = ProcessedLog(state, config.state_max_entries)
-        self._pending: dict[str, _Candidate] = {}
-        self._stuck: set[str] = set()  # keys we could not move away; not retried every poll
-        self.rejected_count = 0
-
-    def _next_frame(self) -> Frame | None:
-        while not self._stop.is_set():
-            frame = self.scan_once()
-            if frame is not None:
-                return frame
-            self._stop.wait(self._config.poll_interval_s)
-        return None
-
-    def scan_once(self, now: float | None = None) -> Frame | None:
-        """One pass over the directory: the first settled, decodable new image, if any."""
-        now = time.monotonic() if now is None else now
-        try:
-            entries = [e for e in os.scandir(self._root) if not e.name.startswith(".")]
-        except OSError as exc:
-            logger.error("%s: cannot list %s: %s", self.name, self._root, exc)
-            return None
-        seen: set[str] = set()
-        files = []
-        for entry in entries:
-            try:
-                if entry.is_file():
-                    files.append((entry.stat(), entry.name))
-            except OSError:
-                continue  # vanished between listing and stat
-        for st, fname in sorted(files, key=lambda f: (f[0].st_mtime_ns, f[1])):
-            seen.add(fname)
-            frame = self._consider(fname, st, now)
-            if frame is not None:
-                return frame
-        for gone in set(self._pending) - seen:
-            del self._pending[gone]
-        return None
-
-    def _consider(self, fname: str, st: os.stat_result, now: float) -> Frame | None:
-        if fname.endswith(TEMP_SUFFIXES):
-            return None  # a download or copy still in progress under a temporary name
-        key = file_key(fname, st.st_size, st.st_mtime_ns)
-        if key in self._stuck:
-            return None
-        if key in self._log:  # processed before a crash, never moved: finish the move only
-            logger.info("%s: %s already processed; moving it to %s", self.name, fname, self._done)
-            self._move(fname, self._done, key)
-            return None
-        cand = self._pending.get(fname)
-        if cand is None or (cand.size, cand.mtime_ns) != (st.st_size, st.st_mtime_ns):
-            self._pending[fname] = cand = _Candidate(st.st_size, st.st_mtime_ns, now)
-        if now - cand.stable_since < self._config.settle_s:
-            return None
-        ext = os.path.splitext(fname)[1].lower()
-        problem = None
-        if ext not in self._config.extensions:
-            problem = f"not an image (extension {ext or 'none'!r})"
-        elif st.st_size == 0:
-            problem = "empty file"
-        elif st.st_size > self._config.max_file_mb * 1e6:
-            problem = f"too large ({st.st_size} bytes)"
-        if problem is not None:
-            self._reject(fname, key, problem)
-            return None
-        try:
-            data = (self._root / fname).read_bytes()
-        except OSError as exc:
-            logger.warning("%s: cannot read %s: %s", self.name, fname, exc)
-            return None
-        pixels = decode_image_bytes(data) if len(data) == st.st_size else None
-        if pixels is None:
-            cand.undecodable_since = cand.undecodable_since or now
-            if now - cand.undecodable_since >= self._config.decode_grace_s:
-                self._reject(fname, key, "undecodable")
-            return None
-        del self._pending[fname]
-        self._log.record(key, "done", fname)
-        self._move(fname, self._done, key)
-        return Frame(
-            pixels=pixels,
-            frame_id=f"{self.name}:{fname}@{key[:12]}",
-            source=self.name,
-            microns_per_pixel=self._config.microns_per_pixel,
-        )
-
-    def _reject(self, fname: str, key: str, reason: str) -> None:
-        self._pending.pop(fname, None)
-        self._log.record(key, "rejected", fname)
-        self.rejected_count += 1
-        logger.warning("%s: rejected %s: %s", self.name, fname, reason)
-        target = self._move(fname, self._rejected, key)
-        if target is not None:
-            sidecar = target.with_name(target.name + ".reason.txt")
-            try:
-                sidecar.write_text(f"{reason}\n", encoding="utf-8")
-            except OSError as exc:
-                logger.error("%s: cannot write %s: %s", self.name, sidecar, exc)
-
-    def _move(self, fname: str, directory: Path, key: str) -> Path | None:
-        target = _unique_target(directory, fname, key)
-        try:
-            os.replace(self._root / fname, target)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            logger.error("%s: cannot move %s to %s: %s", self.name, fname, directory, exc)
-            self._stuck.add(key)
-            return None
-        return target
 
 
 # --- replay ----------------------------------------------------------------------------------

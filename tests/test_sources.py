@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
+from device.folder_source import FolderSource, ProcessedLog, file_key
 from device.source_config import (
     CameraSourceConfig,
     FolderSourceConfig,
@@ -24,15 +25,12 @@ from device.source_config import (
 from device.sources import (
     SOURCE_REGISTRY,
     CameraSource,
-    FolderSource,
     FrameSource,
-    ProcessedLog,
     ReplaySource,
     SourceConfigurationError,
     backoff_delay,
     capture_target,
     decode_image_bytes,
-    file_key,
     open_source,
     source_class,
 )
