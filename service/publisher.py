@@ -28,18 +28,18 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, LogLevel, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from service.command_worker import CommandHandler, CommandWorker
 from service.mqtt_config import MqttConfig
 from service.outbox import MessageKind, Outbox, OutboxMessage
 
 logger = logging.getLogger(__name__)
 
 ConnectionStatus = Literal["stopped", "connecting", "connected", "refused", "disconnected"]
-CommandHandler = Callable[[str, dict[str, Any]], Mapping[str, Any]]
 TelemetrySource = Callable[[], Mapping[str, Any]]
 
 ENVELOPE_VERSION = 1
@@ -47,7 +47,9 @@ _UNSUPPORTED_PROTOCOL_VERSION = 0x84
 _STATION_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DRAIN_TICK_S = 0.5
 _FAILED_ACK_RETRY_S = 30.0
-_COMMAND_QUEUE_SIZE = 32
+#: paho's network loop says this when it finds no socket: after our own disconnect, or after a
+#: lost connection or failed reconnect, which on_disconnect / on_connect_fail report already.
+_PAHO_NO_SOCKET = "Client is not connected"
 #: QoS>0 slots kept free of outbox traffic for the status message and command responses.
 _RESERVED_SLOTS = 4
 
@@ -100,7 +102,8 @@ def build_envelope(
 
 class MqttPublisher:
     """Publishes a station's status, field/report messages (via the outbox), telemetry and
-    command responses; receives commands on `<prefix>/<station>/cmd/<name>`."""
+    command responses; receives commands on `<prefix>/<station>/cmd/<name>` and hands them to
+    a `CommandWorker` (service.command_worker), whose answers it publishes."""
 
     def __init__(
         self,
@@ -117,7 +120,6 @@ class MqttPublisher:
         self.config = config
         self.station_id = station_id
         self.outbox = outbox
-        self.on_command = on_command
         self.telemetry_source = telemetry_source
         self._password = config.read_password(environ)  # fails now, before any thread starts
         self.client_id = config.client_id or f"smearscope-{station_id}"
@@ -152,9 +154,10 @@ class MqttPublisher:
         )
         self._inflight: dict[int, int] = {}  # mid -> outbox seq; drain thread only
         self._inflight_seqs: set[int] = set()
-        self._commands: queue.Queue[tuple[str, bytes, bytes | None] | None] = queue.Queue(
-            _COMMAND_QUEUE_SIZE
+        self._commands = CommandWorker(
+            on_command, self._respond, self._stop_workers, tick_s=_DRAIN_TICK_S
         )
+        self._paho_logger = logger.getChild("paho")  # filterable apart from ours
         self._threads: list[threading.Thread] = []
 
     # ----------------------------------------------------------------- public API
@@ -177,7 +180,7 @@ class MqttPublisher:
         self._client = self._new_client()
         self._threads = [
             threading.Thread(target=self._drain_loop, name="mqtt-drain", daemon=True),
-            threading.Thread(target=self._command_loop, name="mqtt-cmd", daemon=True),
+            threading.Thread(target=self._commands.run, name="mqtt-cmd", daemon=True),
         ]
         if self.telemetry_source is not None:
             self._threads.append(
@@ -254,10 +257,7 @@ class MqttPublisher:
             )
         self._stop_workers.set()
         self._wake.set()
-        try:
-            self._commands.put_nowait(None)
-        except queue.Full:
-            pass  # the command loop also watches _stop_workers
+        self._commands.wake_to_stop()
         for thread in self._threads:
             thread.join(timeout=5.0)
             if thread.is_alive():
@@ -291,7 +291,7 @@ class MqttPublisher:
             protocol=self._protocol,
             clean_session=None if v5 else True,
         )
-        client.enable_logger(logger.getChild("paho"))  # filterable apart from ours
+        client.on_log = self._on_log
         if cfg.username is not None:
             client.username_pw_set(cfg.username, self._password)
         if cfg.tls is not None:
@@ -330,6 +330,17 @@ class MqttPublisher:
     def _set_state(self, **changes: Any) -> None:
         with self._state_lock:
             self._state = replace(self._state, **changes)
+
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        """paho's log lines on `service.publisher.paho`, at paho's level except one: its loop
+        finding no socket while we are not connected (a clean stop, a lost connection, a failed
+        reconnect) is expected and already reported by our callbacks, so it goes to DEBUG."""
+        std_level = mqtt.LOGGING_LEVEL[LogLevel(level)]
+        # Read without the lock: paho may call this with its own locks held.
+        state = self._state
+        if buf.startswith(_PAHO_NO_SOCKET) and (self._stopping or not state.connected):
+            std_level = logging.DEBUG
+        self._paho_logger.log(std_level, "%s", buf)
 
     def _on_connect(
         self,
@@ -455,9 +466,7 @@ class MqttPublisher:
             return
         props = getattr(message, "properties", None)
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        try:
-            self._commands.put_nowait((name, bytes(message.payload), correlation))
-        except queue.Full:
+        if not self._commands.submit(name, bytes(message.payload), correlation):
             logger.warning("command queue full; dropping command %r", name)
             self._respond(name, {"ok": False, "error": "busy"}, correlation)
 
@@ -593,32 +602,6 @@ class MqttPublisher:
         with self._state_lock:
             self._epoch += 1
         self._client = self._new_client()
-
-    def _command_loop(self) -> None:
-        while not self._stop_workers.is_set():
-            try:
-                item = self._commands.get(timeout=_DRAIN_TICK_S)
-            except queue.Empty:
-                continue
-            if item is None:
-                break
-            name, payload, correlation = item
-            self._respond(name, self._run_command(name, payload), correlation)
-
-    def _run_command(self, name: str, payload: bytes) -> Mapping[str, Any]:
-        if self.on_command is None:
-            return {"ok": False, "error": "this station accepts no commands"}
-        try:
-            arguments = json.loads(payload) if payload.strip() else {}
-        except ValueError as exc:
-            return {"ok": False, "error": f"payload is not JSON: {exc}"}
-        if not isinstance(arguments, dict):
-            return {"ok": False, "error": "payload must be a JSON object"}
-        try:
-            return self.on_command(name, arguments)
-        except Exception as exc:
-            logger.exception("command %r failed", name)
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
     def _respond(self, name: str, response: Mapping[str, Any], correlation: bytes | None) -> None:
         client = self._client

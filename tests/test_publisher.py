@@ -18,6 +18,7 @@ from broker import (
     Subscriber,
     TlsMaterial,
     make_tls_material,
+    wait_until,
 )
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -49,13 +50,14 @@ def make_config(tmp_path: Path, port: int, **overrides: Any) -> MqttConfig:
     return MqttConfig.model_validate(settings)
 
 
-def wait_until(predicate: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+def retained_status(broker: MosquittoBroker) -> tuple[bytes, bool]:
+    """What a subscriber arriving now gets first on the status topic: (payload, retained)."""
+    late = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/status"])
+    try:
+        assert late.wait_for(lambda m: len(m) >= 1, 5)
+        return late.messages[0].payload, late.messages[0].retain
+    finally:
+        late.close()
 
 
 @pytest.fixture
@@ -185,12 +187,7 @@ def test_status_is_retained_online_then_offline_on_clean_stop(
         assert late.wait_for(lambda m: m[-1].payload == b"offline", 5)
     finally:
         late.close()
-    after = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/status"])
-    try:
-        assert after.wait_for(lambda m: len(m) >= 1, 5)
-        assert after.messages[0].payload == b"offline" and after.messages[0].retain
-    finally:
-        after.close()
+    assert retained_status(broker) == (b"offline", True)
 
 
 def test_last_will_marks_a_killed_publisher_offline(
@@ -211,12 +208,7 @@ def test_last_will_marks_a_killed_publisher_offline(
     assert observer.wait_for(
         lambda m: any(x.topic == f"{BASE}/status" and x.payload == b"offline" for x in m), 5
     )
-    late = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/status"])
-    try:
-        assert late.wait_for(lambda m: len(m) >= 1, 5)
-        assert late.messages[0].payload == b"offline" and late.messages[0].retain
-    finally:
-        late.close()
+    assert retained_status(broker) == (b"offline", True)
 
 
 def test_anonymous_connection_is_refused_and_reported(
@@ -398,3 +390,72 @@ def test_falls_back_to_mqtt_311_when_the_broker_refuses_v5(
         assert wait_until(lambda: publisher.outbox.counts().messages == 0, 5)
     finally:
         proxy.close()
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_clean_stop_logs_no_error(
+    broker: MosquittoBroker,
+    credentials_dir: Path,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """paho may find no socket after our own disconnect (a race in its loop); that is the stop,
+    not an error. Several stops, so the race is likely to be met."""
+    publisher = start_publisher(make_config(tmp_path, broker.port), started)
+    with caplog.at_level(logging.DEBUG, logger="service.publisher"):
+        for _ in range(3):
+            if publisher.state.status == "stopped":
+                publisher.start()
+            assert publisher.wait_until_connected(5)
+            publisher.stop()
+            assert publisher.state.status == "stopped"
+    assert not _errors(caplog), _errors(caplog)
+
+
+def test_broker_outage_and_reconnect_log_a_warning_not_an_error(
+    broker: MosquittoBroker,
+    credentials_dir: Path,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="service.publisher"):
+        publisher = start_publisher(make_config(tmp_path, broker.port), started)
+        assert publisher.wait_until_connected(5)
+        broker.stop()
+        assert wait_until(lambda: publisher.state.status == "disconnected", 10)
+        time.sleep(2.5)  # at least one failed reconnect (backoff 1-2 s)
+        broker.start()
+        assert wait_until(lambda: publisher.state.connects == 2, 10), publisher.state
+        publisher.stop()
+    assert not _errors(caplog), _errors(caplog)
+    assert any(r.levelno == logging.WARNING and "connection lost" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_other_paho_errors_stay_errors(
+    broker: MosquittoBroker,
+    credentials_dir: Path,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    publisher = start_publisher(make_config(tmp_path, broker.port), started)
+    assert publisher.wait_until_connected(5)
+
+    def broken_on_subscribe(*args: Any) -> None:
+        raise RuntimeError("callback bug")
+
+    client = publisher._client
+    assert client is not None
+    client.suppress_exceptions = True  # log it and go on, rather than end paho's thread
+    client.on_subscribe = broken_on_subscribe
+    with caplog.at_level(logging.ERROR, logger="service.publisher"):
+        client.subscribe(f"{BASE}/anything", qos=1)
+        assert wait_until(lambda: bool(_errors(caplog)), 5)
+    assert any("service.publisher.paho: Caught exception in on_subscribe" in e
+               for e in _errors(caplog)), _errors(caplog)
