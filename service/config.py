@@ -114,7 +114,7 @@ class AnalysisConfig(StationBaseModel):
 
 
 class SpecimenConfig(StationBaseModel):
-    """When a specimen run (one slide) is complete."""
+    """When a specimen run (one slide) starts and when it is complete."""
 
     target_wbc_count: int = Field(
         default=100,
@@ -130,6 +130,12 @@ class SpecimenConfig(StationBaseModel):
         description="A run with no accepted frame for this long is closed and reported as "
         "incomplete.",
         gt=0.0,
+    )
+    auto_start: bool = Field(
+        default=True,
+        title="Start runs automatically",
+        description="The first accepted field without an open run starts one; when false, "
+        "runs start only by the start_run command and fields outside a run stand alone.",
     )
 
 
@@ -175,7 +181,7 @@ class StationConfig(StationBaseModel):
     specimen: SpecimenConfig = Field(
         default_factory=SpecimenConfig,
         title="Specimen run",
-        description="When a slide's run is complete.",
+        description="When a slide's run starts and when it is complete.",
     )
     mqtt: MqttConfig = Field(
         default_factory=MqttConfig,
@@ -309,6 +315,13 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> S
     return parse_config(data, environ)
 
 
+def print_config_errors(exc: ConfigError, source: str | Path) -> None:
+    """On stderr: each problem as `field.path: reason`, then how many, naming the config."""
+    for loc, msg in exc.errors:
+        print(f"{loc}: {msg}", file=sys.stderr)
+    print(f"{source}: {len(exc.errors)} error(s)", file=sys.stderr)
+
+
 def validate_config_main(path: str | Path, environ: Mapping[str, str] | None = None) -> int:
     """`smearscope validate-config FILE`: print each problem as `field.path: reason`.
 
@@ -317,9 +330,7 @@ def validate_config_main(path: str | Path, environ: Mapping[str, str] | None = N
     try:
         config = load_config(path, environ)
     except ConfigError as exc:
-        for loc, msg in exc.errors:
-            print(f"{loc}: {msg}", file=sys.stderr)
-        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
+        print_config_errors(exc, path)
         return EXIT_CONFIG
     print(f"{path}: OK (station {config.station_id}, source {config.source.kind})")
     return 0

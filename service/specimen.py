@@ -52,11 +52,11 @@ class SpecimenPolicy:
 
     @classmethod
     def from_config(cls, specimen_config: SpecimenConfig) -> SpecimenPolicy:
-        """From `StationConfig.specimen`; `auto_start` is True until the config has that field."""
+        """From `StationConfig.specimen` (whose `target_wbc_count` is the policy's `target_wbc`)."""
         return cls(
             target_wbc=specimen_config.target_wbc_count,
             idle_timeout_s=specimen_config.idle_timeout_s,
-            auto_start=bool(getattr(specimen_config, "auto_start", True)),
+            auto_start=specimen_config.auto_start,
         )
 
 

@@ -186,3 +186,6 @@ def test_policy_from_station_config_defaults_auto_start() -> None:
     assert policy == SpecimenPolicy(target_wbc=200, idle_timeout_s=90.0, auto_start=True)
     with pytest.raises(ValueError):
         SpecimenPolicy(target_wbc=0)
+    manual = SpecimenPolicy.from_config(SpecimenConfig(auto_start=False))
+    assert manual.auto_start is False
+    assert SpecimenTracker(manual).run_for_next_field() is None  # fields stand alone
