@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import signal
 import socket
@@ -23,7 +24,7 @@ from typing import Any
 
 import cv2
 import pytest
-from broker import MQTT_USERS, Subscriber, free_port
+from broker import MQTT_USERS, Subscriber, free_port, wait_until
 from oracle import OracleSegmenter
 
 from device.frame import Frame
@@ -170,15 +171,6 @@ def write_station(tmp_path: Path, port: int, **kwargs: Any) -> Path:
 
 def envelopes(sub: Subscriber, topic: str) -> list[dict[str, Any]]:
     return [json.loads(m.payload) for m in sub.on_topic(topic)]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 class NotifyListener:
@@ -421,3 +413,36 @@ def test_embedded_station_with_the_real_models(
     assert run_daemon(None, 2, environ=environ) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("in-outbox")]
     assert sum("/field " in ln for ln in lines) == 2
+
+
+def test_command_line_log_level_wins_over_the_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`smearscope --log-level X run`: X, not the config's log_level, at start and on reload."""
+    doc = station_document(tmp_path, free_port(), credentials=False)
+    doc["log_level"] = "ERROR"
+    config = tmp_path / "station.toml"
+    config.write_text(to_toml(doc))
+    levels_at_start: list[int] = []
+
+    def factory(cfg: StationConfig) -> PoolAnalyzer:
+        levels_at_start.append(logging.getLogger().level)
+        return PoolAnalyzer(oracle_pool())
+
+    root = logging.getLogger()
+    before = root.level
+    assert run_daemon(config, 1, analyzer_factory=factory, environ={}) == 0
+    assert run_daemon(config, 1, analyzer_factory=factory, environ={}, log_level="debug") == 0
+    assert levels_at_start == [logging.ERROR, logging.DEBUG]
+    assert root.level == before
+    assert run_daemon(config, 1, analyzer_factory=factory, log_level="chatty") == EXIT_CONFIG
+    assert "--log-level" in capsys.readouterr().err
+
+    daemon = StationDaemon(load_config(config, {}), config_path=config, environ={},
+                           log_level_override="DEBUG")
+    config.write_text(to_toml({**doc, "log_level": "WARNING"}))
+    try:
+        assert daemon.reload()["applied"] == ["log_level"]
+        assert root.level == logging.DEBUG
+    finally:
+        root.setLevel(before)

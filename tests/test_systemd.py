@@ -68,6 +68,7 @@ def test_unit_has_the_directives_the_station_relies_on() -> None:
     assert one["Service.ExecStart"] == EXEC_START
     assert one["Service.Type"] == "notify" and one["Service.NotifyAccess"] == "main"
     assert one["Service.WatchdogSec"] == "60"
+    assert one["Service.ExecReload"] == "/bin/kill -HUP $MAINPID"  # the daemon reloads on SIGHUP
     assert one["Service.Restart"] == "on-failure" and one["Service.RestartSec"]
     assert one["Service.RestartPreventExitStatus"] == str(EXIT_CONFIG)
     assert one["Service.LoadCredential"] == "mqtt-password:/etc/smearscope/mqtt-password"
