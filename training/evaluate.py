@@ -94,7 +94,7 @@ def main() -> None:
     chula = hd.chula_crops("test")
     rbc_rep, _ = eval_head(args.models / "rbc_head.json", chula.images, chula.labels, hd.RBC_CLASSES)
     res["rbc_head_chula_test"] = rbc_rep
-    idb, is_sickle = hd.idb1_crops("test", hd.idb1_microns_per_pixel(), only_sickle=False)
+    idb, is_sickle = hd.idb1_crops("test", hd.idb1_microns_per_pixel())
     _, probs = eval_head(args.models / "rbc_head.json", idb.images, idb.labels, hd.RBC_CLASSES)
     res["rbc_head_idb1_sickle_vs_not_accuracy"] = float(((probs.argmax(1) == hd.RBC_CLASSES.index("sickle")) == is_sickle).mean())
     analyzer = Analyzer.from_models_dir(args.models, options=AnalyzerOptions(stain_method=args.stain), warmup=False)

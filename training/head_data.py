@@ -122,13 +122,15 @@ def idb1_microns_per_pixel() -> float:
     return mpp if mpp is not None else NORMAL_RBC_DIAMETER_UM / 60.0
 
 
-def idb1_crops(split: str, mpp: float, only_sickle: bool) -> tuple[CropSet, np.ndarray]:
-    """IDB1 crops; returns the set and a boolean 'is sickle' array (for the sickle-vs-not metric)."""
+def idb1_crops(split: str, mpp: float, folders: tuple[str, ...] = ("falciforme", "circular", "outras")) -> tuple[CropSet, np.ndarray]:
+    """IDB1 crops; returns the set and a boolean 'is sickle' array (for the sickle-vs-not metric).
+
+    Labels: falciforme -> sickle, anything else -> normal (IDB1's "outras" are other shapes
+    that the RBC classes do not name; training uses only falciforme and circular).
+    """
     root = data_root() / "erythrocytesidb1" / split
     crops, labels, groups, sickle = [], [], [], []
-    for folder in ("falciforme", "circular", "outras"):
-        if only_sickle and folder != "falciforme":
-            continue
+    for folder in folders:
         for p in sorted((root / folder).glob("*.jpg")):
             img = cv2.imread(str(p))
             if img is None:

@@ -92,8 +92,9 @@ def load_sets(head: str) -> dict:
         return {s: hd.pbc_crops(s) for s in ("train", "val", "test")}
     sets = {s: hd.chula_crops(s) for s in ("train", "val", "test")}
     mpp = hd.idb1_microns_per_pixel()
-    idb_train, _ = hd.idb1_crops("train", mpp, only_sickle=True)
-    # IDB1 train: 85% for training, the last 15% (seeded) for validation.
+    # Sickle AND round cells from IDB1: with sickle crops alone, "looks like IDB1" would be a
+    # shortcut to "sickle". IDB1 train: 85% for training, the last 15% (seeded) for validation.
+    idb_train, _ = hd.idb1_crops("train", mpp, folders=("falciforme", "circular"))
     rng = np.random.default_rng(0)
     order = rng.permutation(len(idb_train.labels))
     cut = int(0.85 * len(order))
@@ -101,7 +102,7 @@ def load_sets(head: str) -> dict:
         s = sets[name]
         s.images = np.concatenate([s.images, idb_train.images[idx]])
         s.labels = np.concatenate([s.labels, idb_train.labels[idx]])
-    idb_test, is_sickle = hd.idb1_crops("test", mpp, only_sickle=False)
+    idb_test, is_sickle = hd.idb1_crops("test", mpp)
     sets["idb1_test"] = idb_test
     sets["idb1_test_is_sickle"] = is_sickle
     sets["idb1_mpp"] = mpp
@@ -194,7 +195,8 @@ def main() -> None:
                "val_best_macro_f1": best_f1, "temperature": temperature, "epochs": epoch, "train_seconds": elapsed}
     data_desc = {"pbc": "PBC (Acevedo 2020), seeded stratified 80/10/10"} if args.head == "wbc" else {
         "chula_rbc12": "Chula RBC-12, split by image 80/10/10 (seeded)",
-        "erythrocytesidb1": f"sickle crops of train/ (85/15 train/val); test/ held out; scale {sets['idb1_mpp']:.4f} um/px"}
+        "erythrocytesidb1": f"falciforme (sickle) and circular (normal) crops of train/ (85/15 train/val); "
+                            f"test/ held out; scale {sets['idb1_mpp']:.4f} um/px"}
     if args.head == "rbc":
         il = predict_logits(model, sets["idb1_test"].images)
         pred_sickle = il.argmax(1) == classes.index("sickle")
