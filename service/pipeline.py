@@ -44,6 +44,11 @@ MODEL_FILES = {"segmentation": "seg.json", "rbc_head": "rbc_head.json", "wbc_hea
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 #: Scale assumed when nothing else is known (a 100x oil objective on a typical camera).
 FALLBACK_UM_PER_PX = 0.1
+#: Factor between the scale guesses tried when the first guess finds too few red cells.
+SCALE_SEARCH_STEP = 1.4
+MIN_RBC_FOR_SCALE = 5
+#: Red cells this confident take part in measuring the scale (sizes, not counts, matter here).
+SCALE_MIN_SCORE = 0.3
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class AnalyzerOptions:
     detector_conf: float = 0.25
     wbc_min_confidence: float = 0.5
     rbc_min_confidence: float = 0.3
-    scale_refine_tolerance: float = 0.1
+    scale_refine_tolerance: float = 0.05
     thresholds: AggregateThresholds = field(default_factory=AggregateThresholds)
 
 
@@ -129,6 +134,20 @@ class Analyzer:
         raw = self.segmenter.detect(tiles, w, h)
         return merge_detections(raw)
 
+    def _detect_at(self, frame: Frame, mpp: float, timing: dict[str, float]):
+        """Resample to canonical assuming `mpp`, normalize, detect; also the whole, confident RBCs."""
+        t = time.perf_counter()
+        canonical = resample_to_canonical(frame.pixels, mpp)
+        normalized = self.normalizer.normalize(canonical)
+        timing["stain_ms"] = timing.get("stain_ms", 0.0) + (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        seg_frame = normalized.pixels if self._variant(getattr(self.segmenter, "engine", None)) == "macenko" else canonical
+        dets = self._detect(seg_frame)
+        timing["detect_ms"] = timing.get("detect_ms", 0.0) + (time.perf_counter() - t) * 1000
+        whole = [d for d in dets if d.kind is CellKind.RBC and d.score >= SCALE_MIN_SCORE
+                 and not _touches_frame(d, canonical.shape)]
+        return mpp, canonical, normalized, whole, dets
+
     def _scale_and_detect(self, frame: Frame, timing: dict[str, float]):
         """Resample to canonical and detect; when the scale is unknown, refine it from RBC size."""
         t = time.perf_counter()
@@ -137,29 +156,33 @@ class Analyzer:
         else:
             est = estimate_scale_classical(frame.pixels) or ScaleEstimate(FALLBACK_UM_PER_PX, "default")
         timing["scale_ms"] = (time.perf_counter() - t) * 1000
-        for attempt in range(2):
-            t = time.perf_counter()
-            canonical = resample_to_canonical(frame.pixels, est.microns_per_pixel)
-            normalized = self.normalizer.normalize(canonical)
-            timing["stain_ms"] = (time.perf_counter() - t) * 1000
-            t = time.perf_counter()
-            seg_frame = normalized.pixels if self._variant(getattr(self.segmenter, "engine", None)) == "macenko" else canonical
-            dets = self._detect(seg_frame)
-            timing["detect_ms"] = timing.get("detect_ms", 0.0) + (time.perf_counter() - t) * 1000
-            if est.method == "given" or attempt == 1:
+        # Unknown scale: the classical guess can be off by a third on pale or crowded fields, and
+        # the detector only knows cells near the canonical size, so up to three guesses are
+        # tried; the one whose detection pass finds the most whole red cells is then refined.
+        guesses = [est.microns_per_pixel]
+        if est.method != "given":
+            guesses += [est.microns_per_pixel * SCALE_SEARCH_STEP, est.microns_per_pixel / SCALE_SEARCH_STEP]
+        best = None
+        for i, mpp in enumerate(guesses):
+            attempt = self._detect_at(frame, mpp, timing)
+            if best is None or len(attempt[3]) > len(best[3]):
+                best = attempt
+            if est.method == "given" or len(attempt[3]) >= MIN_RBC_FOR_SCALE:
                 break
-            whole = [d for d in dets if d.kind is CellKind.RBC and d.score >= self.options.roi.min_confidence
-                     and not _touches_frame(d, canonical.shape)]
-            diam_canon = [2.0 * np.sqrt(d.mask_area_px / np.pi) for d in whole]
-            implied = scale_from_rbc_diameters(np.array(diam_canon))  # um per CANONICAL px if cells were normal
-            if implied is None:
-                break
-            true_mpp = est.microns_per_pixel * implied / CANONICAL_UM_PER_PX
-            if abs(true_mpp / est.microns_per_pixel - 1.0) <= self.options.scale_refine_tolerance:
-                est = ScaleEstimate(est.microns_per_pixel, "rbc_size_detection", len(whole))
-                break
-            logger.info("scale refined from %.4f to %.4f um/px by %d red cells", est.microns_per_pixel, true_mpp, len(whole))
-            est = ScaleEstimate(true_mpp, "rbc_size_detection", len(whole))
+        mpp, canonical, normalized, whole_rbc, dets = best
+        if est.method == "given":
+            return est, canonical, normalized, dets
+        # box size, the definition the datasets' scales were measured with (mask outlines are coarse)
+        diam_canon = [(d.box.width + d.box.height) / 2.0 for d in whole_rbc]
+        implied = scale_from_rbc_diameters(np.array(diam_canon))  # um per CANONICAL px if cells were normal
+        if implied is None:
+            return ScaleEstimate(mpp, est.method), canonical, normalized, dets
+        true_mpp = mpp * implied / CANONICAL_UM_PER_PX
+        if abs(true_mpp / mpp - 1.0) <= self.options.scale_refine_tolerance:
+            return ScaleEstimate(mpp, "rbc_size_detection", len(whole_rbc)), canonical, normalized, dets
+        logger.info("scale refined from %.4f to %.4f um/px by %d red cells", mpp, true_mpp, len(whole_rbc))
+        mpp, canonical, normalized, whole_rbc, dets = self._detect_at(frame, true_mpp, timing)
+        est = ScaleEstimate(true_mpp, "rbc_size_detection", len(whole_rbc))
         return est, canonical, normalized, dets
 
     def analyze(self, frame: Frame, run_id: str | None = None) -> FieldResult:
@@ -201,7 +224,7 @@ class Analyzer:
         factor = resample_factor(est.microns_per_pixel)
         h, w = frame.pixels.shape[:2]
         records = [
-            CellRecord(kind=c.detection.kind.value, bbox=[round(v / factor, 2) for v in c.detection.box.as_list()],
+            CellRecord(kind=c.detection.kind.value, bbox=_input_bbox(c.detection.box, factor, w, h),
                        score=round(c.detection.score, 4), label=c.label,
                        label_score=None if c.label_score is None else round(c.label_score, 4),
                        diameter_um=round(c.diameter_um, 3), area_um2=round(c.area_um2, 3))
@@ -234,6 +257,13 @@ def _touches_frame(d: CellDetection, shape: tuple[int, ...], margin: float = 2.0
     h, w = shape[:2]
     b = d.box
     return b.x0 <= margin or b.y0 <= margin or b.x1 >= w - margin or b.y1 >= h - margin
+
+
+def _input_bbox(box, factor: float, width: int, height: int) -> list[float]:
+    """Canonical box -> INPUT image pixels, clipped to the image (resampling rounds its size)."""
+    b = box.scaled(1.0 / factor)
+    return [round(min(max(b.x0, 0.0), width), 2), round(min(max(b.y0, 0.0), height), 2),
+            round(min(max(b.x1, 0.0), width), 2), round(min(max(b.y1, 0.0), height), 2)]
 
 
 def _classified(d: CellDetection, label: str | None, score: float | None, shape) -> ClassifiedCell:
