@@ -89,10 +89,12 @@ class AnalysisConfig(StationBaseModel):
         description="Detections more elongated than this are discarded as artefacts.",
         ge=1.0,
     )
-    stain_normalization: Literal["macenko", "none"] = Field(
-        default="macenko",
+    stain_normalization: Literal["auto", "macenko", "none"] = Field(
+        default="auto",
         title="Stain normalization",
-        description="Colour normalization before classification: 'macenko' or 'none'.",
+        description="'auto': each model gets frames normalized as its training images were (its "
+        "manifest says); 'macenko' / 'none' force one variant for every model (experiments only: "
+        "a model fed frames unlike its training images degrades badly).",
     )
     engine_backend: Literal["onnxruntime", "tensorrt"] = Field(
         default="onnxruntime",
