@@ -154,3 +154,32 @@ def split_manifest() -> dict[str, str]:
         "chula_test": split_hash(ch["test"]),
         "chula_val": split_hash(ch["val"]),
     }
+
+
+#: Synthetic renderer morphology -> RBC head class (the renderer's echinocyte is a burr cell).
+SYNTHETIC_RBC_LABEL = {"normal": "normal", "target": "target", "spherocyte": "spherocyte", "ovalocyte": "ovalocyte",
+                       "sickle": "sickle", "echinocyte": "burr"}
+
+
+def synthetic_rbc_crops(n_fields: int, seed_base: int) -> CropSet:
+    """RBC crops from rendered fields (exact centres and morphologies), at the canonical scale.
+
+    Cells cut by the frame edge are skipped; stain varies per field.
+    """
+    from device.synthetic import StainParams, render_field
+
+    crops, labels, groups = [], [], []
+    for i in range(n_fields):
+        seed = seed_base + i
+        rng = np.random.default_rng(seed)
+        field = render_field(seed, width=512, height=384, microns_per_pixel=0.2, stain=StainParams.sample(rng),
+                             rbc_mix={"normal": 0.4, "target": 0.12, "spherocyte": 0.12, "ovalocyte": 0.12,
+                                      "sickle": 0.12, "echinocyte": 0.12})
+        img = np.asarray(field.frame.pixels)
+        for c in field.cells:
+            if c.kind != "rbc" or c.cut_by_frame_edge or c.morphology not in SYNTHETIC_RBC_LABEL:
+                continue
+            crops.append(crop_cell(img, c.center, RBC_CROP))
+            labels.append(RBC_CLASSES.index(SYNTHETIC_RBC_LABEL[c.morphology]))
+            groups.append(f"synthetic/{seed}")
+    return _stack(crops, labels, groups, RBC_CROP.input_size)

@@ -102,6 +102,12 @@ def load_sets(head: str) -> dict:
         s = sets[name]
         s.images = np.concatenate([s.images, idb_train.images[idx]])
         s.labels = np.concatenate([s.labels, idb_train.labels[idx]])
+    # Rendered fields (the demo's virtual microscope): seeds 30000+ train, 40000+ validation.
+    for name, n, base in (("train", 40, 30_000), ("val", 6, 40_000)):
+        syn = hd.synthetic_rbc_crops(n, base)
+        s = sets[name]
+        s.images = np.concatenate([s.images, syn.images])
+        s.labels = np.concatenate([s.labels, syn.labels])
     idb_test, is_sickle = hd.idb1_crops("test", mpp)
     sets["idb1_test"] = idb_test
     sets["idb1_test_is_sickle"] = is_sickle
@@ -195,6 +201,7 @@ def main() -> None:
                "val_best_macro_f1": best_f1, "temperature": temperature, "epochs": epoch, "train_seconds": elapsed}
     data_desc = {"pbc": "PBC (Acevedo 2020), seeded stratified 80/10/10"} if args.head == "wbc" else {
         "chula_rbc12": "Chula RBC-12, split by image 80/10/10 (seeded)",
+        "synthetic": "40 rendered fields (seeds 30000+) for training, 6 (40000+) for validation",
         "erythrocytesidb1": f"falciforme (sickle) and circular (normal) crops of train/ (85/15 train/val); "
                             f"test/ held out; scale {sets['idb1_mpp']:.4f} um/px"}
     if args.head == "rbc":
