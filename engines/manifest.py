@@ -65,6 +65,9 @@ class ModelManifest(BaseModel):
     classes: list[str]
     crop: CropInfo | None = None
     temperature: float = Field(1.0, description="softmax temperature from calibration (classifiers)")
+    score_calibration: dict[str, list[float]] = Field(
+        {}, description="detectors: per class [a, b] of Platt scaling, p = sigmoid(a * logit(score) + b), "
+        "fitted on the validation split so that a score is the probability of a real cell")
     architecture: str = ""
     training_data: dict[str, Any] = {}
     split_hashes: dict[str, str] = {}

@@ -22,6 +22,17 @@ from service.segment import touches_interior_tile_edge
 logger = logging.getLogger(__name__)
 
 
+#: Raw detector scores below this are never considered, whatever the calibration.
+RAW_SCORE_FLOOR = 0.05
+
+
+def platt(score: float, a: float, b: float) -> float:
+    """Platt scaling of a probability-like score: sigmoid(a * logit(score) + b)."""
+    s = min(max(score, 1e-6), 1 - 1e-6)
+    z = a * float(np.log(s / (1 - s))) + b
+    return float(1.0 / (1.0 + np.exp(-z)))
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Indices kept by greedy non-maximum suppression (boxes as x0, y0, x1, y1)."""
     order = np.argsort(-scores)
@@ -82,8 +93,16 @@ class YoloSegmenter:
         m = engine.manifest
         self.input_size = m.input_size
         self.classes = [SEG_CLASSES[[k.value for k in SEG_CLASSES].index(c)] for c in m.classes]
-        self.conf_threshold = conf_threshold
+        self.conf_threshold = conf_threshold  # on the CALIBRATED score
         self.iou_threshold = iou_threshold
+        self.calibration = {k: tuple(v) for k, v in m.score_calibration.items()}
+        # Raw scores are thresholded loosely; the calibrated score decides what is kept.
+        self._raw_threshold = min(conf_threshold, RAW_SCORE_FLOOR) if self.calibration else conf_threshold
+
+    def calibrated(self, kind_name: str, raw: float) -> float:
+        """The detector score as a probability of a real cell (Platt scaling from the manifest)."""
+        ab = self.calibration.get(kind_name)
+        return raw if ab is None else platt(raw, *ab)
 
     def detect(self, tiles: Sequence[Tile], frame_width: int, frame_height: int) -> list[CellDetection]:
         if not tiles:
@@ -95,8 +114,11 @@ class YoloSegmenter:
         protos = outs[names[1]] if len(names) > 1 else None
         dets: list[CellDetection] = []
         for i, tile in enumerate(tiles):
-            for ci, b, score, mask in decode_tile(preds[i], None if protos is None else protos[i], self.input_size,
-                                                  len(self.classes), self.conf_threshold, self.iou_threshold):
+            for ci, b, raw, mask in decode_tile(preds[i], None if protos is None else protos[i], self.input_size,
+                                                len(self.classes), self._raw_threshold, self.iou_threshold):
+                score = self.calibrated(self.classes[ci].value, raw)
+                if score < self.conf_threshold:
+                    continue
                 box = Box(float(b[0]) + tile.x, float(b[1]) + tile.y, float(b[2]) + tile.x, float(b[3]) + tile.y)
                 # clip to the real frame (tiles may extend into padding)
                 box = Box(min(box.x0, frame_width), min(box.y0, frame_height), min(box.x1, frame_width), min(box.y1, frame_height))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from service.records import Tile
 from service.yolo_decode import decode_tile, nms
@@ -84,3 +85,18 @@ def test_segmenter_maps_to_frame_coordinates_and_flags_cut_cells():
     assert by_tile[(1, "rbc")].box.x0 == 280  # 80 + tile offset 200
     assert by_tile[(0, "wbc")].cut_by_tile_edge  # touches tile 0's right edge (x = 256 < frame width)
     assert not by_tile[(0, "rbc")].cut_by_tile_edge
+
+
+def test_platt_calibration_maps_scores_and_threshold_uses_calibrated_score():
+    from service.yolo_decode import YoloSegmenter, platt
+
+    assert platt(0.3, 1.0, 0.0) == pytest.approx(0.3)
+    assert platt(0.4, 1.0, 1.0) > 0.5 > platt(0.6, 1.0, -1.0)
+    coeff = np.zeros(32, np.float32)
+    pred = _pred([(100, 100, 40, 40, 0, 0.4, coeff), (200, 200, 20, 20, 2, 0.4, coeff)])
+    eng = _FakeEngine(pred)
+    eng.manifest = eng.manifest.model_copy(update={"score_calibration": {"rbc": [1.0, 1.0], "platelet": [1.0, -2.0]}})
+    seg = YoloSegmenter(eng, conf_threshold=0.25)
+    dets = seg.detect([Tile(0, 0, 0, np.zeros((256, 256, 3), np.uint8))], 256, 256)
+    # rbc raised above its raw 0.4; platelet pushed below the 0.25 threshold and dropped
+    assert [(d.kind.value, round(d.score, 3)) for d in dets] == [("rbc", round(platt(0.4, 1.0, 1.0), 3))]

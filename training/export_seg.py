@@ -32,11 +32,14 @@ def main() -> None:
         args.weights, name="seg", imgsz=args.imgsz, classes=[k.value for k in SEG_CLASSES], metrics=metrics,
         training_data={
             "bccd": "BCCD VOC train split (205) for training, val (87) for model selection; test (72) held out",
+            "synthetic": "fine-tuned on BCCD train + rendered fields with exact masks (device/synthetic.py, "
+                         "seeds 10000+) when built from build/seg_mix",
             "pseudo_masks": "colour threshold inside each box bounded by the inscribed ellipse; ellipse when the "
                             "threshold does not reproduce the box; BCCD WBC pixel masks where present",
             "bccd_microns_per_pixel": meta.get("bccd_microns_per_pixel"),
         },
-        split_hashes={k: v["hash"] for k, v in meta.get("splits", {}).items()},
+        split_hashes={k: v.get("hash") or f"seeds {v['seeds'][0]}..{v['seeds'][1]}" if "seeds" in v else v.get("hash", "")
+                      for k, v in meta.get("splits", {}).items()},
         out_dir=args.out,
     )
 
