@@ -80,10 +80,12 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def predict_logits(model: nn.Module, images: np.ndarray, batch: int = 256) -> np.ndarray:
     model.eval()
+    device = next(model.parameters()).device
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch):
-            out.append(model(to_tensor(images[i : i + batch]).contiguous(memory_format=torch.channels_last)).numpy())
+            x = to_tensor(images[i : i + batch]).to(device).contiguous(memory_format=torch.channels_last)
+            out.append(model(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
 
@@ -138,7 +140,8 @@ def main() -> None:
     logger.info("%s head: train %d, val %d, test %d crops", args.head, len(train.labels), len(val.labels), len(test.labels))
 
     net = build_net(spec, len(classes))
-    model = Deployable(net).to(memory_format=torch.channels_last)
+    device = torch.device(args.device)
+    model = Deployable(net).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     counts = np.bincount(train.labels, minlength=len(classes)).astype(float)
     w = np.where(counts > 0, counts, 1.0) ** spec["sampling_power"]
@@ -149,7 +152,7 @@ def main() -> None:
     ckpt = args.out / f"{args.head}_last.pt"
     start_epoch, history, elapsed = 0, [], 0.0
     if args.resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
@@ -170,8 +173,8 @@ def main() -> None:
         losses = []
         for s in tqdm(range(steps_per_epoch), desc=f"{args.head} epoch {epoch + 1}/{planned}", mininterval=10):
             b = idx[s * args.batch : (s + 1) * args.batch]
-            x = augment(to_tensor(train.images[b]), g).contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(train.labels[b])
+            x = augment(to_tensor(train.images[b]), g).to(device).contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(train.labels[b]).to(device)
             loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -212,7 +215,7 @@ def main() -> None:
     from export.onnx_export import export_classifier
 
     export_classifier(
-        model.eval(), name=f"{args.head}_head", classes=list(classes), crop=spec["crop"], arch=spec["arch"],
+        model.cpu().eval(), name=f"{args.head}_head", classes=list(classes), crop=spec["crop"], arch=spec["arch"],
         temperature=temperature, metrics=metrics, training_data=data_desc, split_hashes=hd.split_manifest(),
         out_dir=args.models, history=history,
     )
