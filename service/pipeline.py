@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,7 +162,7 @@ class Analyzer:
         if est.method != "given":
             guesses += [est.microns_per_pixel * SCALE_SEARCH_STEP, est.microns_per_pixel / SCALE_SEARCH_STEP]
         best = None
-        for i, mpp in enumerate(guesses):
+        for mpp in guesses:
             attempt = self._detect_at(frame, mpp, timing)
             if best is None or len(attempt[3]) > len(best[3]):
                 best = attempt
@@ -273,5 +272,3 @@ def _classified(d: CellDetection, label: str | None, score: float | None, shape)
                           diameter_um=2.0 * float(np.sqrt(area_um2 / np.pi)), area_um2=area_um2,
                           touches_frame_edge=_touches_frame(d, shape))
 
-
-AnalyzerFactory = Callable[[], Analyzer]
