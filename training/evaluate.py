@@ -72,6 +72,36 @@ def eval_txl(analyzer: Analyzer, limit: int | None) -> dict:
     return {**m, "n": len(per), "scale_methods": {k: methods.count(k) for k in set(methods)}}
 
 
+def eval_pbc_pipeline(analyzer: Analyzer, limit: int | None) -> dict:
+    """PBC held-out crops through the whole analyzer, as `smearscope analyze` runs them.
+
+    The cell of interest is the detection nearest the crop centre; for the seven WBC-like classes
+    it must be found as a WBC and labelled correctly; platelet crops must yield a platelet.
+    """
+    root = data_root() / "pbc"
+    items = hd.pbc_splits()["test"][:limit]
+    labels, preds, found = [], [], 0
+    for rel, ci in tqdm(items, desc="PBC test via pipeline"):
+        img = cv2.imread(str(root / rel))
+        rep = analyzer.analyze(Frame(img, rel, "pbc", microns_per_pixel=hd.PBC_MICRONS_PER_PIXEL)).report
+        cls = hd.PBC_CLASSES[ci]
+        h, w = img.shape[:2]
+        cells = sorted(rep.cells, key=lambda c: ((c.bbox[0] + c.bbox[2]) / 2 - w / 2) ** 2 + ((c.bbox[1] + c.bbox[3]) / 2 - h / 2) ** 2)
+        centre = cells[0] if cells else None
+        if cls == "platelet":
+            pred = "platelet" if centre is not None and centre.kind == "platelet" else "missed"
+        else:
+            wbc = next((c for c in cells if c.kind == "wbc"), None)
+            pred = wbc.label if wbc is not None else "missed"
+        found += pred != "missed"
+        labels.append(cls)
+        preds.append(pred)
+    names = list(hd.PBC_CLASSES) + ["unidentified", "missed"]
+    rep = classification_report(np.array([names.index(x) for x in labels]), np.array([names.index(x) for x in preds]), names)
+    return {"accuracy": rep["accuracy"], "macro_f1_over_pbc_classes": float(np.mean([rep["per_class"][c]["f1"] for c in hd.PBC_CLASSES])),
+            "detected_fraction": found / max(1, len(items)), "n": len(items)}
+
+
 def eval_head(manifest: Path, images: np.ndarray, labels: np.ndarray, classes) -> tuple[dict, np.ndarray]:
     eng = create_engine("onnxruntime", manifest).load()
     logits = run_batched(eng, to_model_input(images, eng.manifest.preprocessing))[eng.output_names[0]]
@@ -100,6 +130,7 @@ def main() -> None:
     analyzer = Analyzer.from_models_dir(args.models, options=AnalyzerOptions(stain_method=args.stain), warmup=False)
     res["seg_bccd_test"] = eval_bccd(analyzer, limit)
     res["seg_txl_test"] = eval_txl(analyzer, limit)
+    res["pipeline_pbc_test"] = eval_pbc_pipeline(analyzer, 100 if args.quick else None)
     rows = [
         ("segmentation", "BCCD test box mAP50", res["seg_bccd_test"]["mAP50"], ">= 0.92 (issue 3), >= 0.80 (issue 2)"),
         ("segmentation", "  rbc / wbc / platelet AP50", "{rbc:.3f} / {wbc:.3f} / {platelet:.3f}".format(**res["seg_bccd_test"]), ""),
@@ -108,6 +139,8 @@ def main() -> None:
         ("WBC head", "PBC test accuracy", wbc_rep["accuracy"], ">= 0.97"),
         ("WBC head", "PBC test macro-F1", wbc_rep["macro_f1"], ">= 0.95"),
         ("WBC head", "PBC test ECE (calibrated)", wbc_rep["ece"], "report"),
+        ("pipeline", "PBC test crops via analyzer: WBC accuracy", res["pipeline_pbc_test"]["accuracy"], "within 3 pts of head"),
+        ("pipeline", "PBC test crops via analyzer: cell found", res["pipeline_pbc_test"]["detected_fraction"], "report"),
         ("RBC head", "Chula test macro-F1", rbc_rep["macro_f1"], ">= 0.87"),
         ("RBC head", "Chula test accuracy", rbc_rep["accuracy"], "report"),
         ("RBC head", "IDB1 test sickle-vs-not accuracy", res["rbc_head_idb1_sickle_vs_not_accuracy"], ">= 0.96"),
