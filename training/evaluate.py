@@ -33,10 +33,23 @@ SEG_KINDS = ("rbc", "wbc", "platelet")
 TXL_KIND = {0: "wbc", 1: "rbc", 2: "platelet"}
 
 
+def bccd_wbc_types() -> dict[str, str]:
+    """BCCD's per-image WBC subtype (wbc_labels.csv), for images with exactly one category."""
+    import csv
+
+    out = {}
+    with open(data_root() / "bccd" / "BCCD" / "wbc_labels.csv", newline="") as f:
+        for row in csv.reader(f):
+            if len(row) >= 3 and row[1].strip().isdigit() and row[2].strip() and "," not in row[2]:
+                out[f"BloodImage_{int(row[1]):05d}"] = row[2].strip().lower()
+    return out
+
+
 def eval_bccd(analyzer: Analyzer, limit: int | None) -> dict:
     ids = bccd_split("test")[:limit]
     mpp = bccd_microns_per_pixel()
-    per, wbc_ok, secs = [], 0, []
+    types = bccd_wbc_types()
+    per, wbc_ok, secs, type_hits = [], 0, [], []
     for i in tqdm(ids, desc="BCCD test"):
         img = cv2.imread(str(bccd_image_path(i)))
         t = time.perf_counter()
@@ -45,8 +58,12 @@ def eval_bccd(analyzer: Analyzer, limit: int | None) -> dict:
         truth = [(b.kind, [b.x0, b.y0, b.x1, b.y1]) for b in bccd_boxes(i)]
         per.append({"pred": [(c.kind, c.bbox, c.score) for c in rep.cells], "truth": truth})
         wbc_ok += sum(k == "wbc" for k, _ in truth) == rep.counts.wbc
+        wbcs = [c for c in rep.cells if c.kind == "wbc"]
+        if i in types and len(wbcs) == 1:  # another lab's stain: does the WBC head transfer?
+            type_hits.append(wbcs[0].label == types[i])
     m = detection_map50(per, SEG_KINDS)
-    return {**m, "wbc_count_agreement": wbc_ok / len(ids), "n": len(ids), "median_s_per_field": float(np.median(secs))}
+    return {**m, "wbc_count_agreement": wbc_ok / len(ids), "n": len(ids), "median_s_per_field": float(np.median(secs)),
+            "wbc_type_accuracy_cross_lab": float(np.mean(type_hits)) if type_hits else None, "wbc_type_n": len(type_hits)}
 
 
 def eval_txl(analyzer: Analyzer, limit: int | None) -> dict:
@@ -135,6 +152,7 @@ def main() -> None:
         ("segmentation", "BCCD test box mAP50", res["seg_bccd_test"]["mAP50"], ">= 0.92 (issue 3), >= 0.80 (issue 2)"),
         ("segmentation", "  rbc / wbc / platelet AP50", "{rbc:.3f} / {wbc:.3f} / {platelet:.3f}".format(**res["seg_bccd_test"]), ""),
         ("pipeline", "BCCD test WBC count agreement", res["seg_bccd_test"]["wbc_count_agreement"], ">= 0.90"),
+        ("WBC head", "BCCD test WBC type, other lab (single-WBC images)", res["seg_bccd_test"]["wbc_type_accuracy_cross_lab"], "report"),
         ("segmentation", "TXL-PBC test box mAP50 (scale estimated)", res["seg_txl_test"]["mAP50"], "report"),
         ("WBC head", "PBC test accuracy", wbc_rep["accuracy"], ">= 0.97"),
         ("WBC head", "PBC test macro-F1", wbc_rep["macro_f1"], ">= 0.95"),
