@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from engines.manifest import BatchProfile, CropInfo, ModelManifest, TensorSpec, sha256_file
+from service.scale import CANONICAL_UM_PER_PX
 
 logger = logging.getLogger(__name__)
 OPSET = 17
-CANONICAL_UM_PER_PX = 0.2
 
 
 def _versions() -> dict[str, str]:

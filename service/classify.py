@@ -15,15 +15,10 @@ from engines.base import Engine
 from engines.batching import run_batched
 from engines.preprocess import to_model_input
 from service.crops import CropSpec
+from service.metrics import softmax
 from service.records import CellCrop
 
 UNIDENTIFIED = "unidentified"
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 @dataclass(frozen=True)
