@@ -90,3 +90,15 @@ def seeded_split(items: list[str], fractions: tuple[float, float, float], seed: 
 
 def split_hash(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+
+
+def bccd_wbc_types() -> dict[str, str]:
+    """BCCD's per-image WBC subtype (wbc_labels.csv), for images with exactly one category."""
+    import csv
+
+    out = {}
+    with open(data_root() / "bccd" / "BCCD" / "wbc_labels.csv", newline="") as f:
+        for row in csv.reader(f):
+            if len(row) >= 3 and row[1].strip().isdigit() and row[2].strip() and "," not in row[2]:
+                out[f"BloodImage_{int(row[1]):05d}"] = row[2].strip().lower()
+    return out

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from service.crops import RBC_CROP, WBC_CROP, crop_cell
 from service.scale import NORMAL_RBC_DIAMETER_UM, resample_to_canonical, scale_from_rbc_diameters
-from training.data import data_root, seeded_split, split_hash
+from training.data import bccd_boxes, bccd_image_path, bccd_microns_per_pixel, bccd_split, bccd_wbc_types, data_root, seeded_split, split_hash
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,32 @@ def pbc_crops(split: str) -> CropSet:
         crops.append(crop_cell(canon, (w / 2.0, h / 2.0), WBC_CROP))
         labels.append(ci)
         groups.append(rel)
+    return _stack(crops, labels, groups, WBC_CROP.input_size)
+
+
+def bccd_wbc_crops(split: str) -> CropSet:
+    """WBC crops from BCCD (another lab, camera and stain than PBC), labelled from wbc_labels.csv.
+
+    Only images with exactly one annotated WBC and one subtype label are used, so the label
+    belongs to that cell. BCCD's own VOC split decides train / val / test (test stays held out).
+    """
+    types = bccd_wbc_types()
+    mpp = bccd_microns_per_pixel()
+    crops, labels, groups = [], [], []
+    for image_id in bccd_split(split):
+        cls = types.get(image_id)
+        wbcs = [b for b in bccd_boxes(image_id) if b.kind == "wbc"]
+        if cls not in PBC_CLASSES or len(wbcs) != 1:
+            continue
+        img = cv2.imread(str(bccd_image_path(image_id)))
+        if img is None:
+            continue
+        canon = resample_to_canonical(img, mpp)
+        f = canon.shape[1] / img.shape[1]
+        b = wbcs[0]
+        crops.append(crop_cell(canon, ((b.x0 + b.x1) / 2.0 * f, (b.y0 + b.y1) / 2.0 * f), WBC_CROP))
+        labels.append(PBC_CLASSES.index(cls))
+        groups.append(f"bccd/{image_id}")
     return _stack(crops, labels, groups, WBC_CROP.input_size)
 
 
@@ -153,6 +179,8 @@ def split_manifest() -> dict[str, str]:
         "pbc_val": split_hash([f for f, _ in pbc["val"]]),
         "chula_test": split_hash(ch["test"]),
         "chula_val": split_hash(ch["val"]),
+        "bccd_test": split_hash(bccd_split("test")),
+        "bccd_val": split_hash(bccd_split("val")),
     }
 
 

@@ -32,9 +32,9 @@ logger = logging.getLogger(__name__)
 # stay a few MB and an RBC crop costs well under a millisecond on a CPU.
 HEADS = {
     "wbc": {"arch": "resnet18-half", "layers": (2, 2, 2, 2), "stem": 24, "classes": hd.PBC_CLASSES,
-            "crop": WBC_CROP, "sampling_power": 0.0},
+            "crop": WBC_CROP, "sampling_power": 0.0, "stain_jitter": 0.15},
     "rbc": {"arch": "resnet10t-half", "layers": (1, 1, 1, 1), "stem": 16, "classes": hd.RBC_CLASSES,
-            "crop": RBC_CROP, "sampling_power": -0.5},
+            "crop": RBC_CROP, "sampling_power": -0.5, "stain_jitter": 0.0},
 }
 
 
@@ -65,8 +65,31 @@ def to_tensor(bgr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(bgr[..., ::-1].copy()).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Flips, 90-degree rotations and per-image stain-like colour jitter (gain, offset, gamma)."""
+# Haematoxylin / eosin / residual stain vectors in optical density (Ruifrok & Johnston, as in
+# skimage.color.rgb_from_hed); rows are stains, columns R, G, B.
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+
+
+def hed_jitter(x: torch.Tensor, g: torch.Generator, sigma: float) -> torch.Tensor:
+    """Stain augmentation (Tellez et al. 2018): scale and shift each stain's concentration per image.
+
+    RGB -> optical density -> stain concentrations, c' = c * U(1-sigma, 1+sigma) + U(-sigma/3, sigma/3),
+    then back. Mimics another lab's staining time and dye batch, which plain RGB gain cannot.
+    """
+    n = x.shape[0]
+    od = -torch.log(x.clamp(1e-3, 1.0))  # N 3 H W
+    conc = torch.einsum("nchw,cs->nshw", od, HED_FROM_RGB)
+    alpha = 1.0 + sigma * (torch.rand(n, 3, 1, 1, generator=g) * 2 - 1)
+    beta = (sigma / 3.0) * (torch.rand(n, 3, 1, 1, generator=g) * 2 - 1)
+    od2 = torch.einsum("nshw,sc->nchw", conc * alpha + beta, RGB_FROM_HED)
+    return torch.exp(-od2.clamp(min=0.0)).clamp(0, 1)
+
+
+def augment(x: torch.Tensor, g: torch.Generator, stain_sigma: float = 0.0) -> torch.Tensor:
+    """Flips, 90-degree rotations, optional HED stain jitter, per-image colour jitter (gain, offset, gamma)."""
+    if stain_sigma > 0:
+        x = hed_jitter(x, g, stain_sigma)
     if torch.rand(1, generator=g) < 0.5:
         x = x.flip(3)
     k = int(torch.randint(0, 4, (1,), generator=g))
@@ -91,7 +114,17 @@ def predict_logits(model: nn.Module, images: np.ndarray, batch: int = 256) -> np
 
 def load_sets(head: str) -> dict:
     if head == "wbc":
-        return {s: hd.pbc_crops(s) for s in ("train", "val", "test")}
+        sets = {s: hd.pbc_crops(s) for s in ("train", "val", "test")}
+        # A second lab (BCCD: other camera, stain and scale), so the head does not learn one
+        # lab's colours as the cell type. BCCD test images stay held out (evaluate.py).
+        for name in ("train", "val"):
+            b = hd.bccd_wbc_crops(name)
+            s = sets[name]
+            s.images = np.concatenate([s.images, b.images])
+            s.labels = np.concatenate([s.labels, b.labels])
+            s.groups = s.groups + b.groups
+        sets["bccd_test"] = hd.bccd_wbc_crops("test")
+        return sets
     sets = {s: hd.chula_crops(s) for s in ("train", "val", "test")}
     mpp = hd.idb1_microns_per_pixel()
     # Sickle AND round cells from IDB1: with sickle crops alone, "looks like IDB1" would be a
@@ -129,6 +162,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("build/heads"))
     ap.add_argument("--models", type=Path, default=Path("models"))
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init", type=Path, help="start from this checkpoint's weights with a new schedule (fine-tune)")
+    ap.add_argument("--second-lab-share", type=float, default=0.15,
+                    help="fraction of each batch drawn from the second lab's crops (BCCD, WBC head)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -147,6 +183,12 @@ def main() -> None:
     w = np.where(counts > 0, counts, 1.0) ** spec["sampling_power"]
     sample_p = w[train.labels]
     sample_p /= sample_p.sum()
+    second = np.array([g_.startswith("bccd/") for g_ in train.groups], bool)
+    if second.any() and args.second_lab_share > 0:
+        sample_p = np.where(second, 0.0, sample_p)
+        sample_p *= (1 - args.second_lab_share) / sample_p.sum()
+        sample_p[second] = args.second_lab_share / second.sum()
+        logger.info("second lab: %d crops, %.0f%% of each batch", second.sum(), 100 * args.second_lab_share)
     steps_per_epoch = max(1, len(train.labels) // args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt = args.out / f"{args.head}_last.pt"
@@ -156,6 +198,10 @@ def main() -> None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
+    elif args.init is not None:
+        state = torch.load(args.init, weights_only=False, map_location=device)
+        model.load_state_dict(state["model"])
+        logger.info("fine-tuning from %s (trained %d epochs)", args.init, state["epoch"])
     # Estimate the epoch count from the budget after the first epoch; cosine over that count.
     budget_s = args.minutes * 60.0
     planned = args.max_epochs
@@ -173,7 +219,7 @@ def main() -> None:
         losses = []
         for s in tqdm(range(steps_per_epoch), desc=f"{args.head} epoch {epoch + 1}/{planned}", mininterval=10):
             b = idx[s * args.batch : (s + 1) * args.batch]
-            x = augment(to_tensor(train.images[b]), g).to(device).contiguous(memory_format=torch.channels_last)
+            x = augment(to_tensor(train.images[b]), g, spec["stain_jitter"]).to(device).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(train.labels[b]).to(device)
             loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
@@ -202,7 +248,13 @@ def main() -> None:
     test_logits = predict_logits(model, test.images)
     metrics = {"test": classification_report(test.labels, test_logits.argmax(1), classes, logits=test_logits / temperature),
                "val_best_macro_f1": best_f1, "temperature": temperature, "epochs": epoch, "train_seconds": elapsed}
-    data_desc = {"pbc": "PBC (Acevedo 2020), seeded stratified 80/10/10"} if args.head == "wbc" else {
+    if args.head == "wbc" and len(sets["bccd_test"].labels):
+        bl = predict_logits(model, sets["bccd_test"].images)
+        metrics["bccd_test"] = classification_report(sets["bccd_test"].labels, bl.argmax(1), classes, logits=bl / temperature)
+        logger.info("BCCD test crops (second lab, held out): accuracy %.3f", metrics["bccd_test"]["accuracy"])
+    data_desc = {"pbc": "PBC (Acevedo 2020), seeded stratified 80/10/10",
+                 "bccd": "BCCD WBC crops (one labelled WBC per image, wbc_labels.csv) of its VOC train/val splits; "
+                         "test held out; stain jitter (HED) in training"} if args.head == "wbc" else {
         "chula_rbc12": "Chula RBC-12, split by image 80/10/10 (seeded)",
         "synthetic": "40 rendered fields (seeds 30000+) for training, 6 (40000+) for validation",
         "erythrocytesidb1": f"falciforme (sickle) and circular (normal) crops of train/ (85/15 train/val); "
