@@ -105,6 +105,11 @@ def aggregate(cells: Sequence[ClassifiedCell], th: AggregateThresholds = Aggrega
     n_sickle = Counter(rbc_labels)["sickle"]
     if n_sickle:
         flags.append(Flag(code="sickle_cells_present", severity="critical", message=f"{n_sickle} sickle-shaped red cells seen: review"))
+    n_regrouped = sum(c.detected_as is CellKind.WBC for c in plt)
+    if n_regrouped:
+        flags.append(Flag(code="platelet_clumps_suspected", severity="warning",
+                          message=f"{n_regrouped} object(s) found as white cells were typed as platelets (giant platelets or "
+                                  f"platelet clumps) and counted as platelets, not WBC: review the smear"))
     n_nrbc = wc["erythroblast"]
     if n_nrbc:
         flags.append(Flag(code="nucleated_rbc_present", severity="warning", message=f"{n_nrbc} nucleated red cells (erythroblasts) seen"))

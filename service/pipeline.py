@@ -6,6 +6,7 @@ frame -> scale -> stain -> tiles -> detections -> merge -> ROI filter -> crops -
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -48,6 +49,12 @@ SCALE_SEARCH_STEP = 1.4
 MIN_RBC_FOR_SCALE = 5
 #: Red cells this confident take part in measuring the scale (sizes, not counts, matter here).
 SCALE_MIN_SCORE = 0.3
+
+
+#: WBC-head classes that are not white cells. PBC's "platelet" class means a giant platelet or a
+#: platelet clump that the detector took for a WBC; it is counted as a platelet, never as a WBC
+#: (clumps falsely raising the WBC count is a classic analyzer error), and flagged for review.
+KIND_FROM_WBC_LABEL = {"platelet": CellKind.PLATELET}
 
 
 @dataclass(frozen=True)
@@ -206,7 +213,12 @@ class Analyzer:
         for crop, res in zip(routed.rbc, rbc_res):
             cells.append(_classified(crop.detection, res.label, res.score, shape))
         for crop, res in zip(routed.wbc, wbc_res):
-            cells.append(_classified(crop.detection, res.label, res.score, shape))
+            kind = KIND_FROM_WBC_LABEL.get(res.label)
+            if kind is None:
+                cells.append(_classified(crop.detection, res.label, res.score, shape))
+            else:  # the WBC head knows this is not a white cell: count it where it belongs
+                det = dataclasses.replace(crop.detection, kind=kind)
+                cells.append(dataclasses.replace(_classified(det, None, None, shape), detected_as=crop.detection.kind))
         if not self.rbc_head:
             cells += [_classified(c.detection, None, None, shape) for c in routed.rbc]
         if not self.wbc_head:

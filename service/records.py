@@ -103,3 +103,5 @@ class ClassifiedCell:
     diameter_um: float
     area_um2: float
     touches_frame_edge: bool = False
+    #: The detector's kind when a head re-assigned the cell (e.g. a "WBC" the WBC head typed as a platelet).
+    detected_as: CellKind | None = None

@@ -107,11 +107,16 @@ def eval_pbc_pipeline(analyzer: Analyzer, limit: int | None) -> dict:
             "detected_fraction": found / max(1, len(items)), "n": len(items)}
 
 
-def eval_head(manifest: Path, images: np.ndarray, labels: np.ndarray, classes) -> tuple[dict, np.ndarray]:
+def eval_head(manifest: Path, images: np.ndarray, labels: np.ndarray, classes) -> tuple[dict, np.ndarray, list[str]]:
+    """Head metrics by class NAME, so a model whose class list differs from the adapter's still
+    evaluates honestly (a label the model cannot output counts as an error)."""
     eng = create_engine("onnxruntime", manifest).load()
     logits = run_batched(eng, to_model_input(images, eng.manifest.preprocessing))[eng.output_names[0]]
-    rep = classification_report(labels, logits.argmax(1), list(classes), logits=logits / eng.manifest.temperature)
-    return rep, softmax(logits / eng.manifest.temperature)
+    names = list(eng.manifest.classes) + [c for c in classes if c not in eng.manifest.classes]
+    logits = np.concatenate([logits, np.full((len(logits), len(names) - logits.shape[1]), -1e9, logits.dtype)], axis=1)
+    y = np.array([names.index(classes[i]) for i in labels], np.int64)
+    rep = classification_report(y, logits.argmax(1), names, logits=logits / eng.manifest.temperature)
+    return rep, softmax(logits / eng.manifest.temperature), names
 
 
 def main() -> None:
@@ -124,16 +129,16 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     limit = 20 if args.quick else None
     res: dict = {}
-    wbc_rep, _ = eval_head(args.models / "wbc_head.json", (s := hd.pbc_crops("test")).images, s.labels, hd.PBC_CLASSES)
+    wbc_rep, _, _ = eval_head(args.models / "wbc_head.json", (s := hd.pbc_crops("test")).images, s.labels, hd.PBC_CLASSES)
     res["wbc_head_pbc_test"] = wbc_rep
     bccd_w = hd.bccd_wbc_crops("test")
-    res["wbc_head_bccd_test"], _ = eval_head(args.models / "wbc_head.json", bccd_w.images, bccd_w.labels, hd.PBC_CLASSES)
+    res["wbc_head_bccd_test"], _, _ = eval_head(args.models / "wbc_head.json", bccd_w.images, bccd_w.labels, hd.PBC_CLASSES)
     chula = hd.chula_crops("test")
-    rbc_rep, _ = eval_head(args.models / "rbc_head.json", chula.images, chula.labels, hd.RBC_CLASSES)
+    rbc_rep, _, _ = eval_head(args.models / "rbc_head.json", chula.images, chula.labels, hd.RBC_CLASSES)
     res["rbc_head_chula_test"] = rbc_rep
     idb, is_sickle = hd.idb1_crops("test", hd.idb1_microns_per_pixel())
-    _, probs = eval_head(args.models / "rbc_head.json", idb.images, idb.labels, hd.RBC_CLASSES)
-    res["rbc_head_idb1_sickle_vs_not_accuracy"] = float(((probs.argmax(1) == hd.RBC_CLASSES.index("sickle")) == is_sickle).mean())
+    _, probs, names = eval_head(args.models / "rbc_head.json", idb.images, idb.labels, hd.RBC_CLASSES)
+    res["rbc_head_idb1_sickle_vs_not_accuracy"] = float(((probs.argmax(1) == names.index("sickle")) == is_sickle).mean())
     analyzer = Analyzer.from_models_dir(args.models, options=AnalyzerOptions(stain_method=args.stain), warmup=False)
     res["seg_bccd_test"] = eval_bccd(analyzer, limit)
     res["seg_txl_test"] = eval_txl(analyzer, limit)

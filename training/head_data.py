@@ -30,8 +30,11 @@ CHULA_CLASSES = (
     "teardrop", "burr", "schistocyte", "uncategorised", "hypochromia", "elliptocyte",
 )
 CHULA_MICRONS_PER_PIXEL = 0.23
-#: The RBC head's classes: Chula's morphologies without "uncategorised", plus sickle (IDB1).
-RBC_CLASSES = tuple(c for c in CHULA_CLASSES if c != "uncategorised") + ("sickle",)
+#: The RBC head's classes: Chula's morphologies without "uncategorised", plus sickle (IDB1
+#: falciforme) and other_poikilocyte (IDB1 "outras": deformed cells that are neither round nor
+#: sickle; without them every elongated cell of a sickle-cell smear looked like a sickle cell).
+RBC_CLASSES = tuple(c for c in CHULA_CLASSES if c != "uncategorised") + ("sickle", "other_poikilocyte")
+IDB1_LABEL = {"falciforme": "sickle", "circular": "normal", "outras": "other_poikilocyte"}
 
 
 @dataclass
@@ -151,8 +154,7 @@ def idb1_microns_per_pixel() -> float:
 def idb1_crops(split: str, mpp: float, folders: tuple[str, ...] = ("falciforme", "circular", "outras")) -> tuple[CropSet, np.ndarray]:
     """IDB1 crops; returns the set and a boolean 'is sickle' array (for the sickle-vs-not metric).
 
-    Labels: falciforme -> sickle, anything else -> normal (IDB1's "outras" are other shapes
-    that the RBC classes do not name; training uses only falciforme and circular).
+    Labels: falciforme -> sickle, circular -> normal, outras -> other_poikilocyte (IDB1_LABEL).
     """
     root = data_root() / "erythrocytesidb1" / split
     crops, labels, groups, sickle = [], [], [], []
@@ -164,7 +166,7 @@ def idb1_crops(split: str, mpp: float, folders: tuple[str, ...] = ("falciforme",
             canon = resample_to_canonical(img, mpp)
             h, w = canon.shape[:2]
             crops.append(crop_cell(canon, (w / 2.0, h / 2.0), RBC_CROP))
-            labels.append(RBC_CLASSES.index("sickle") if folder == "falciforme" else RBC_CLASSES.index("normal"))
+            labels.append(RBC_CLASSES.index(IDB1_LABEL[folder]))
             groups.append(f"idb1/{split}/{folder}/{p.name}")
             sickle.append(folder == "falciforme")
     return _stack(crops, labels, groups, RBC_CROP.input_size), np.array(sickle, bool)

@@ -127,9 +127,10 @@ def load_sets(head: str) -> dict:
         return sets
     sets = {s: hd.chula_crops(s) for s in ("train", "val", "test")}
     mpp = hd.idb1_microns_per_pixel()
-    # Sickle AND round cells from IDB1: with sickle crops alone, "looks like IDB1" would be a
-    # shortcut to "sickle". IDB1 train: 85% for training, the last 15% (seeded) for validation.
-    idb_train, _ = hd.idb1_crops("train", mpp, folders=("falciforme", "circular"))
+    # Sickle, round AND other deformed cells from IDB1: with sickle crops alone, "looks like IDB1"
+    # or "elongated" would be a shortcut to "sickle". IDB1 train: 85% for training, the last 15%
+    # (seeded) for validation.
+    idb_train, _ = hd.idb1_crops("train", mpp)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(idb_train.labels))
     cut = int(0.85 * len(order))
@@ -200,8 +201,12 @@ def main() -> None:
         start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
     elif args.init is not None:
         state = torch.load(args.init, weights_only=False, map_location=device)
-        model.load_state_dict(state["model"])
-        logger.info("fine-tuning from %s (trained %d epochs)", args.init, state["epoch"])
+        own = model.state_dict()
+        # a head whose class list grew keeps its trunk; the new classifier layer starts fresh
+        fresh = [k for k, v in state["model"].items() if k in own and own[k].shape != v.shape]
+        model.load_state_dict({k: v for k, v in state["model"].items() if k not in fresh}, strict=not fresh)
+        logger.info("fine-tuning from %s (trained %d epochs)%s", args.init, state["epoch"],
+                    f"; re-initialised {fresh}" if fresh else "")
     # Estimate the epoch count from the budget after the first epoch; cosine over that count.
     budget_s = args.minutes * 60.0
     planned = args.max_epochs
@@ -257,7 +262,7 @@ def main() -> None:
                          "test held out; stain jitter (HED) in training"} if args.head == "wbc" else {
         "chula_rbc12": "Chula RBC-12, split by image 80/10/10 (seeded)",
         "synthetic": "40 rendered fields (seeds 30000+) for training, 6 (40000+) for validation",
-        "erythrocytesidb1": f"falciforme (sickle) and circular (normal) crops of train/ (85/15 train/val); "
+        "erythrocytesidb1": f"falciforme (sickle), circular (normal) and outras (other_poikilocyte) crops of train/ (85/15 train/val); "
                             f"test/ held out; scale {sets['idb1_mpp']:.4f} um/px"}
     if args.head == "rbc":
         il = predict_logits(model, sets["idb1_test"].images)
