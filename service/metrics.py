@@ -81,33 +81,37 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area_a[:, None] + area_b[None, :] - inter + 1e-9)
 
 
-def average_precision(images: list[tuple[np.ndarray, np.ndarray, np.ndarray]], iou_threshold: float = 0.5) -> float:
-    """AP of one class over images [(pred_boxes, pred_scores, truth_boxes)], all-point interpolated.
+def greedy_matches(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray,
+                   iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """One image, one class: predictions by descending score, each a true positive when it overlaps
+    a not-yet-matched truth box with IoU >= threshold (as in VOC/COCO). Returns (scores, hits)."""
+    order = np.argsort(-np.asarray(scores, float))
+    pred = np.asarray(pred, float).reshape(-1, 4)[order]
+    sc = np.asarray(scores, float)[order]
+    truth = np.asarray(truth, float).reshape(-1, 4)
+    matched = np.zeros(len(truth), bool)
+    hits = np.zeros(len(pred), bool)
+    ious = box_iou(pred, truth) if len(truth) and len(pred) else np.zeros((len(pred), len(truth)))
+    for i in range(len(pred)):
+        cand = np.where(~matched)[0]
+        if cand.size:
+            j = cand[np.argmax(ious[i, cand])]
+            if ious[i, j] >= iou_threshold:
+                matched[j] = hits[i] = True
+    return sc, hits
 
-    Greedy matching by descending score (as in VOC/COCO): a prediction is a true positive when it
-    overlaps a not-yet-matched truth box with IoU >= threshold.
-    """
+
+def average_precision(images: list[tuple[np.ndarray, np.ndarray, np.ndarray]], iou_threshold: float = 0.5) -> float:
+    """AP of one class over images [(pred_boxes, pred_scores, truth_boxes)], all-point interpolated,
+    with `greedy_matches` deciding true positives."""
     n_truth = sum(len(t) for _, _, t in images)
     if n_truth == 0:
         return float("nan")
     scores, tp = [], []
     for pred, sc, truth in images:
-        order = np.argsort(-np.asarray(sc))
-        pred = np.asarray(pred, float).reshape(-1, 4)[order]
-        sc = np.asarray(sc, float)[order]
-        matched = np.zeros(len(truth), bool)
-        ious = box_iou(pred, truth) if len(truth) and len(pred) else np.zeros((len(pred), len(truth)))
-        for i in range(len(pred)):
-            hit = False
-            if len(truth):
-                cand = np.where(~matched)[0]
-                if cand.size:
-                    j = cand[np.argmax(ious[i, cand])]
-                    if ious[i, j] >= iou_threshold:
-                        matched[j] = True
-                        hit = True
-            scores.append(sc[i])
-            tp.append(hit)
+        s, h = greedy_matches(pred, sc, truth, iou_threshold)
+        scores.extend(s.tolist())
+        tp.extend(h.tolist())
     if not scores:
         return 0.0
     order = np.argsort(-np.array(scores), kind="stable")

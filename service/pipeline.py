@@ -218,7 +218,7 @@ class Analyzer:
                 cells.append(_classified(crop.detection, res.label, res.score, shape))
             else:  # the WBC head knows this is not a white cell: count it where it belongs
                 det = dataclasses.replace(crop.detection, kind=kind)
-                cells.append(dataclasses.replace(_classified(det, None, None, shape), detected_as=crop.detection.kind))
+                cells.append(_classified(det, None, None, shape, detected_as=crop.detection.kind))
         if not self.rbc_head:
             cells += [_classified(c.detection, None, None, shape) for c in routed.rbc]
         if not self.wbc_head:
@@ -277,10 +277,11 @@ def _input_bbox(box, factor: float, width: int, height: int) -> list[float]:
             round(min(max(b.x1, 0.0), width), 2), round(min(max(b.y1, 0.0), height), 2)]
 
 
-def _classified(d: CellDetection, label: str | None, score: float | None, shape) -> ClassifiedCell:
+def _classified(d: CellDetection, label: str | None, score: float | None, shape,
+                detected_as: CellKind | None = None) -> ClassifiedCell:
     area_px = d.mask_area_px
     area_um2 = area_px * CANONICAL_UM_PER_PX**2
     return ClassifiedCell(detection=d, label=label, label_score=score,
                           diameter_um=2.0 * float(np.sqrt(area_um2 / np.pi)), area_um2=area_um2,
-                          touches_frame_edge=_touches_frame(d, shape))
+                          touches_frame_edge=_touches_frame(d, shape), detected_as=detected_as)
 

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from device.frame import Frame
-from service.metrics import box_iou
+from service.metrics import greedy_matches
 from service.pipeline import Analyzer, AnalyzerOptions
 from service.roi import RoiFilter
 from training.data import bccd_boxes, bccd_image_path, bccd_microns_per_pixel, bccd_split
@@ -62,20 +62,12 @@ def main() -> None:
         rep = analyzer.analyze(Frame(img, image_id, "bccd", microns_per_pixel=mpp)).report
         truth = bccd_boxes(image_id)
         for kind in ("rbc", "wbc", "platelet"):
-            preds = sorted([c for c in rep.cells if c.kind == kind], key=lambda c: -c.score)
-            t = np.array([[b.x0, b.y0, b.x1, b.y1] for b in truth if b.kind == kind]).reshape(-1, 4)
-            used = np.zeros(len(t), bool)
+            preds = [c for c in rep.cells if c.kind == kind]
+            s, h = greedy_matches(np.array([c.bbox for c in preds]), np.array([c.score for c in preds]),
+                                  np.array([[b.x0, b.y0, b.x1, b.y1] for b in truth if b.kind == kind]), 0.5)
             sc, hit = per_class.setdefault(kind, ([], []))
-            for c in preds:
-                ok = False
-                if len(t):
-                    iou = box_iou(np.array([c.bbox]), t)[0]
-                    iou[used] = -1
-                    j = int(np.argmax(iou))
-                    if iou[j] >= 0.5:
-                        used[j] = ok = True
-                sc.append(c.score)
-                hit.append(float(ok))
+            sc.extend(s.tolist())
+            hit.extend(h.astype(float).tolist())
     cal = {}
     for kind, (sc, hit) in per_class.items():
         a, b = fit_platt(np.array(sc), np.array(hit))

@@ -5,6 +5,7 @@ Nothing here copies images into the repository; prepared training data goes unde
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import random
@@ -94,8 +95,6 @@ def split_hash(ids: list[str]) -> str:
 
 def bccd_wbc_types() -> dict[str, str]:
     """BCCD's per-image WBC subtype (wbc_labels.csv), for images with exactly one category."""
-    import csv
-
     out = {}
     with open(data_root() / "bccd" / "BCCD" / "wbc_labels.csv", newline="") as f:
         for row in csv.reader(f):

@@ -38,7 +38,7 @@ def main() -> None:
                             "threshold does not reproduce the box; BCCD WBC pixel masks where present",
             "bccd_microns_per_pixel": meta.get("bccd_microns_per_pixel"),
         },
-        split_hashes={k: v.get("hash") or f"seeds {v['seeds'][0]}..{v['seeds'][1]}" if "seeds" in v else v.get("hash", "")
+        split_hashes={k: v["hash"] if "hash" in v else f"seeds {v['seeds'][0]}..{v['seeds'][1]}"
                       for k, v in meta.get("splits", {}).items()},
         out_dir=args.out,
     )

@@ -43,6 +43,14 @@ class CropSet:
     labels: np.ndarray  # N int64
     groups: list[str]  # source image of each crop (for audits)
 
+    def extend(self, other: CropSet, idx: np.ndarray | None = None) -> None:
+        """Append `other` (or its rows `idx`), keeping images, labels and groups in step."""
+        if idx is None:
+            idx = np.arange(len(other.labels))
+        self.images = np.concatenate([self.images, other.images[idx]])
+        self.labels = np.concatenate([self.labels, other.labels[idx]])
+        self.groups = self.groups + [other.groups[i] for i in idx]
+
 
 def _stack(crops: list[np.ndarray], labels: list[int], groups: list[str], size: int) -> CropSet:
     if not crops:

@@ -118,11 +118,7 @@ def load_sets(head: str) -> dict:
         # A second lab (BCCD: other camera, stain and scale), so the head does not learn one
         # lab's colours as the cell type. BCCD test images stay held out (evaluate.py).
         for name in ("train", "val"):
-            b = hd.bccd_wbc_crops(name)
-            s = sets[name]
-            s.images = np.concatenate([s.images, b.images])
-            s.labels = np.concatenate([s.labels, b.labels])
-            s.groups = s.groups + b.groups
+            sets[name].extend(hd.bccd_wbc_crops(name))
         sets["bccd_test"] = hd.bccd_wbc_crops("test")
         return sets
     sets = {s: hd.chula_crops(s) for s in ("train", "val", "test")}
@@ -135,15 +131,10 @@ def load_sets(head: str) -> dict:
     order = rng.permutation(len(idb_train.labels))
     cut = int(0.85 * len(order))
     for name, idx in (("train", order[:cut]), ("val", order[cut:])):
-        s = sets[name]
-        s.images = np.concatenate([s.images, idb_train.images[idx]])
-        s.labels = np.concatenate([s.labels, idb_train.labels[idx]])
+        sets[name].extend(idb_train, idx)
     # Rendered fields (the demo's virtual microscope): seeds 30000+ train, 40000+ validation.
     for name, n, base in (("train", 40, 30_000), ("val", 6, 40_000)):
-        syn = hd.synthetic_rbc_crops(n, base)
-        s = sets[name]
-        s.images = np.concatenate([s.images, syn.images])
-        s.labels = np.concatenate([s.labels, syn.labels])
+        sets[name].extend(hd.synthetic_rbc_crops(n, base))
     idb_test, is_sickle = hd.idb1_crops("test", mpp)
     sets["idb1_test"] = idb_test
     sets["idb1_test_is_sickle"] = is_sickle
