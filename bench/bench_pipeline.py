@@ -18,28 +18,31 @@ import numpy as np
 
 from device.synthetic import render_field
 from engines.registry import create_engine
-from service.pipeline import DEFAULT_MODELS_DIR, Analyzer
+from service.pipeline import DEFAULT_MODELS_DIR, Analyzer, AnalyzerOptions
 
 
 def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}"
 
 
-def bench_fields(analyzer: Analyzer, repeats: int) -> None:
+def bench_fields(analyzers: dict[str, Analyzer], repeats: int) -> None:
+    """Each case under each set of detector views (the manifest's, and one view), same frames."""
     cases = [("synthetic 1280x960 @0.10 um/px", 0.10, 1280, 960), ("synthetic 640x480 @0.072 um/px", 0.072, 640, 480),
              ("synthetic 1920x1080 @0.10 um/px", 0.10, 1920, 1080)]
     print(f"\nper field (median of {repeats}; ms)")
-    header = f"{'case':<34}{'total':>8}{'detect':>8}{'classify':>9}{'stain':>7}{'cells':>7}"
+    header = f"{'case':<34}{'views':<24}{'total':>8}{'detect':>8}{'classify':>9}{'stain':>7}{'cells':>7}"
     print(header)
     for name, mpp, w, h in cases:
-        rows = []
-        for r in range(repeats):
-            f = render_field(100 + r, width=w, height=h, microns_per_pixel=mpp)
-            rep = analyzer.analyze(f.frame).report
-            rows.append((rep.timing_ms, len(rep.cells)))
-        med = lambda k: statistics.median(t.get(k, 0.0) for t, _ in rows)  # noqa: E731
-        cells = statistics.median(n for _, n in rows)
-        print(f"{name:<34}{med('total_ms'):>8.0f}{med('detect_ms'):>8.0f}{med('classify_ms'):>9.0f}{med('stain_ms'):>7.0f}{cells:>7.0f}")
+        fields = [render_field(100 + r, width=w, height=h, microns_per_pixel=mpp) for r in range(repeats)]
+        for views, analyzer in analyzers.items():
+            rows = []
+            for f in fields:
+                rep = analyzer.analyze(f.frame).report
+                rows.append((rep.timing_ms, len(rep.cells)))
+            med = lambda k: statistics.median(t.get(k, 0.0) for t, _ in rows)  # noqa: E731
+            cells = statistics.median(n for _, n in rows)
+            print(f"{name:<34}{views:<24}{med('total_ms'):>8.0f}{med('detect_ms'):>8.0f}{med('classify_ms'):>9.0f}"
+                  f"{med('stain_ms'):>7.0f}{cells:>7.0f}")
 
 
 def bench_heads(models: Path, repeats: int) -> None:
@@ -70,7 +73,11 @@ def main() -> None:
     args = ap.parse_args()
     print(f"machine: {_machine()}; load average {os.getloadavg()[0]:.2f}")
     analyzer = Analyzer.from_models_dir(args.models)
-    bench_fields(analyzer, args.repeats)
+    analyzers = {"+".join(analyzer.segmenter.views): analyzer}
+    if analyzer.segmenter.views != ("identity",):
+        analyzers["identity (one view)"] = Analyzer.from_models_dir(
+            args.models, options=AnalyzerOptions(detector_tta=("identity",)))
+    bench_fields(analyzers, args.repeats)
     bench_heads(args.models, args.repeats)
 
 

@@ -89,6 +89,14 @@ class AnalysisConfig(StationBaseModel):
         description="Detections more elongated than this are discarded as artefacts.",
         ge=1.0,
     )
+    detector_views: list[Literal["identity", "hflip", "vflip", "rot180"]] | None = Field(
+        default=None,
+        title="Detector test-time views",
+        description="Views of each frame the detector runs and fuses; unset uses the detector "
+        "manifest's views, the ones its scores are calibrated for. ['identity'] detects about 3x "
+        "faster on a throughput-bound device, but the scores then read higher than calibrated.",
+        min_length=1,
+    )
     stain_normalization: Literal["auto", "macenko", "none"] = Field(
         default="auto",
         title="Stain normalization",

@@ -36,6 +36,7 @@ from service.scale import (
 )
 from service.segment import Segmenter
 from service.tiling import make_tiles
+from service.tta import fuse_views, unview, view_frame
 from service.yolo_decode import YoloSegmenter
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class AnalyzerOptions:
     stain_method: str = "auto"
     roi: RoiFilter = field(default_factory=RoiFilter)
     detector_conf: float = 0.25
+    #: Test-time views of the detector; None = the manifest's (the views its scores are calibrated for).
+    detector_tta: tuple[str, ...] | None = None
     wbc_min_confidence: float = 0.5
     rbc_min_confidence: float = 0.3
     scale_refine_tolerance: float = 0.05
@@ -107,7 +110,7 @@ class Analyzer:
             if warmup:
                 e.warmup()
         analyzer = cls(
-            YoloSegmenter(engines["segmentation"], conf_threshold=options.detector_conf),
+            YoloSegmenter(engines["segmentation"], conf_threshold=options.detector_conf, views=options.detector_tta),
             CropClassifier(engines["rbc_head"], options.rbc_min_confidence),
             CropClassifier(engines["wbc_head"], options.wbc_min_confidence),
             options,
@@ -135,10 +138,19 @@ class Analyzer:
     # -- stages -------------------------------------------------------------------------------
     def _detect(self, canonical: np.ndarray) -> list[CellDetection]:
         o = self.options
-        tiles = make_tiles(canonical, o.tile_size, o.tile_overlap)
         h, w = canonical.shape[:2]
-        raw = self.segmenter.detect(tiles, w, h)
-        return merge_detections(raw)
+        views = getattr(self.segmenter, "views", ("identity",))
+        if views == ("identity",):
+            return merge_detections(self.segmenter.detect(make_tiles(canonical, o.tile_size, o.tile_overlap), w, h))
+        # Test-time views (service.tta): all views' tiles go to the engine in one batch run;
+        # tile indices are kept apart per view so the merge never joins two views' tiles.
+        per_view_tiles = [make_tiles(view_frame(canonical, v), o.tile_size, o.tile_overlap) for v in views]
+        stride = max(len(t) for t in per_view_tiles)
+        tiles = [dataclasses.replace(t, index=k * stride + t.index) for k, ts in enumerate(per_view_tiles) for t in ts]
+        raw = self.segmenter.detect(tiles, w, h, calibrate=False)
+        per_view = [[unview(d, v, w, h) for d in merge_detections([d for d in raw if d.tile_index // stride == k])]
+                    for k, v in enumerate(views)]
+        return self.segmenter.finish(fuse_views(per_view))
 
     def _detect_at(self, frame: Frame, mpp: float, timing: dict[str, float]):
         """Resample to canonical assuming `mpp`, normalize, detect; also the whole, confident RBCs."""

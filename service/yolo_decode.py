@@ -7,6 +7,7 @@ output1 is (B, 32, H/4, W/4) mask prototypes. NMS and mask assembly happen here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ from engines.batching import run_batched
 from engines.preprocess import to_model_input
 from service.records import SEG_CLASSES, Box, CellDetection, Tile
 from service.segment import touches_interior_tile_edge
+from service.tta import check_views
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +90,15 @@ def decode_tile(pred: np.ndarray, protos: np.ndarray | None, input_size: int, n_
 class YoloSegmenter:
     """Runs the segmentation engine over tiles and returns frame-coordinate detections."""
 
-    def __init__(self, engine: Engine, conf_threshold: float = 0.25, iou_threshold: float = 0.6) -> None:
+    def __init__(self, engine: Engine, conf_threshold: float = 0.25, iou_threshold: float = 0.6,
+                 views: Sequence[str] | None = None) -> None:
         self.engine = engine
         m = engine.manifest
+        #: Test-time views the pipeline runs (service.tta); the calibration was fitted for m.tta.
+        self.views = check_views(m.tta if views is None else views)
+        if self.views != tuple(m.tta) and m.score_calibration:
+            logger.warning("detector runs views %s but its scores were calibrated for %s: scores will shift",
+                           "+".join(self.views), "+".join(m.tta))
         self.input_size = m.input_size
         self.classes = [SEG_CLASSES[[k.value for k in SEG_CLASSES].index(c)] for c in m.classes]
         self.conf_threshold = conf_threshold  # on the CALIBRATED score
@@ -104,7 +112,19 @@ class YoloSegmenter:
         ab = self.calibration.get(kind_name)
         return raw if ab is None else platt(raw, *ab)
 
-    def detect(self, tiles: Sequence[Tile], frame_width: int, frame_height: int) -> list[CellDetection]:
+    def finish(self, dets: Sequence[CellDetection]) -> list[CellDetection]:
+        """Raw-scored detections -> calibrated scores, those below `conf_threshold` dropped."""
+        out = []
+        for d in dets:
+            score = self.calibrated(d.kind.value, d.score)
+            if score >= self.conf_threshold:
+                out.append(dataclasses.replace(d, score=score))
+        return out
+
+    def detect(self, tiles: Sequence[Tile], frame_width: int, frame_height: int,
+               calibrate: bool = True) -> list[CellDetection]:
+        """Detections in frame coordinates; `calibrate=False` keeps raw scores (all above the raw
+        floor) for test-time fusion, after which the caller applies `finish`."""
         if not tiles:
             return []
         batch = to_model_input(np.stack([t.pixels for t in tiles]), self.engine.manifest.preprocessing)
@@ -116,9 +136,6 @@ class YoloSegmenter:
         for i, tile in enumerate(tiles):
             for ci, b, raw, mask in decode_tile(preds[i], None if protos is None else protos[i], self.input_size,
                                                 len(self.classes), self._raw_threshold, self.iou_threshold):
-                score = self.calibrated(self.classes[ci].value, raw)
-                if score < self.conf_threshold:
-                    continue
                 box = Box(float(b[0]) + tile.x, float(b[1]) + tile.y, float(b[2]) + tile.x, float(b[3]) + tile.y)
                 # clip to the real frame (tiles may extend into padding)
                 box = Box(min(box.x0, frame_width), min(box.y0, frame_height), min(box.x1, frame_width), min(box.y1, frame_height))
@@ -128,6 +145,6 @@ class YoloSegmenter:
                     h = int(np.ceil(box.y1)) - int(box.y0)
                     w = int(np.ceil(box.x1)) - int(box.x0)
                     mask = np.ascontiguousarray(mask[:h, :w])
-                dets.append(CellDetection(kind=self.classes[ci], box=box, score=score, mask=mask, tile_index=tile.index,
+                dets.append(CellDetection(kind=self.classes[ci], box=box, score=raw, mask=mask, tile_index=tile.index,
                                           cut_by_tile_edge=touches_interior_tile_edge(box, tile, frame_width, frame_height)))
-        return dets
+        return self.finish(dets) if calibrate else dets

@@ -160,3 +160,22 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     config = load_config(_write(tmp_path, MINIMAL), environ={})
     with pytest.raises(Exception):
         config.station_id = "other"  # type: ignore[misc]
+
+
+def test_detector_views_reach_the_analyzer_and_bad_views_are_refused(tmp_path: Path) -> None:
+    from service.startup import build_analyzer
+
+    models = REPO / "models"
+    base = MINIMAL + f'[analysis]\nengine_backend = "onnxruntime"\nmodels_dir = "{models}"\n'
+    default = build_analyzer(load_config(_write(tmp_path, base), environ={}))
+    one = build_analyzer(load_config(_write(tmp_path, base + 'detector_views = ["identity"]\n'), environ={}))
+    try:
+        manifest_views = tuple(default.segmenter.engine.manifest.tta)
+        assert default.segmenter.views == manifest_views
+        assert one.segmenter.views == ("identity",)
+    finally:
+        default.close()
+        one.close()
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, base + 'detector_views = ["rot90"]\n'), environ={})
+    assert err.value.errors[0][0].startswith("analysis.detector_views")

@@ -48,9 +48,13 @@ def fit_platt(scores: np.ndarray, hits: np.ndarray, iters: int = 200) -> tuple[f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--manifest", type=Path, default=Path("models/seg.json"))
+    ap.add_argument("--tta", default=None,
+                    help="test-time views to calibrate for, e.g. identity,hflip,vflip (default: keep the manifest's)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     manifest = json.loads(args.manifest.read_text())
+    if args.tta:
+        manifest["tta"] = args.tta.split(",")
     manifest["score_calibration"] = {}
     args.manifest.write_text(json.dumps(manifest, indent=2) + "\n")  # fit on raw scores
     analyzer = Analyzer.from_models_dir(args.manifest.parent, warmup=False,
@@ -74,7 +78,8 @@ def main() -> None:
         cal[kind] = [round(a, 4), round(b, 4)]
         logger.info("%s: %d detections, %.0f%% matched; Platt a=%.3f b=%.3f", kind, len(sc), 100 * np.mean(hit), a, b)
     manifest["score_calibration"] = cal
-    manifest.setdefault("metrics", {})["score_calibration_fit"] = "BCCD val split, IoU >= 0.5 matches"
+    manifest.setdefault("metrics", {})["score_calibration_fit"] = (
+        f"BCCD val split, IoU >= 0.5 matches, views {'+'.join(manifest.get('tta', ['identity']))}")
     args.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     print(json.dumps(cal))
 

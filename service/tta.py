@@ -1,0 +1,113 @@
+"""Stage 5b: test-time augmentation of the detector (pure functions).
+
+With more than one view in the detector's manifest (`tta`, e.g. identity + horizontal flip +
+vertical flip), the pipeline runs tiling, detection and the cross-tile merge once per view of
+the canonical frame, maps each view's cells back to the frame and fuses them here. Flipping the
+whole frame (not each tile) also moves the tile grid, so a cell cut by a tile edge in one view is
+seen whole in another.
+
+Fusion is weighted box fusion (Solovyev, Wang and Gabruseva 2021, "Weighted boxes fusion"): per
+class, the best-scoring unassigned cell leads a cluster and takes from every other view its
+best-overlapping unassigned cell (IoU >= `FUSE_IOU`). The fused box is the score-weighted mean,
+the mask a majority vote of the members' masks, and the score the SUM of the members' scores
+divided by the number of views: a cell that only one view finds keeps a third of its score. The
+detector's score calibration (training.calibrate_seg) is fitted on these fused scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from service.merge import mask_window
+from service.metrics import box_iou
+from service.records import Box, CellDetection
+
+#: Views the detector can run in; each is its own inverse.
+VIEWS = ("identity", "hflip", "vflip", "rot180")
+#: One class's cells in different views are one cell when their boxes overlap this much.
+FUSE_IOU = 0.55
+
+
+def check_views(views: Sequence[str]) -> tuple[str, ...]:
+    """The views as a tuple; unknown names or an empty list raise ValueError."""
+    views = tuple(views)
+    unknown = [v for v in views if v not in VIEWS]
+    if not views or unknown:
+        raise ValueError(f"test-time views must be a non-empty subset of {VIEWS}, got {views}")
+    return views
+
+
+def _flips(view: str) -> tuple[bool, bool]:
+    return view in ("hflip", "rot180"), view in ("vflip", "rot180")
+
+
+def view_frame(pixels: np.ndarray, view: str) -> np.ndarray:
+    """The frame (H, W[, C]) as the detector sees it in `view` (contiguous, for the engines)."""
+    fx, fy = _flips(view)
+    return np.ascontiguousarray(pixels[:: -1 if fy else 1, :: -1 if fx else 1])
+
+
+def unview(det: CellDetection, view: str, frame_width: int, frame_height: int) -> CellDetection:
+    """A cell found in `view` of a frame, mapped back to the frame (box and mask).
+
+    The mask covers the box rounded outward; mirroring x -> W - x maps floor(x0)..ceil(x1) onto
+    floor(W - x1)..ceil(W - x0) exactly, so the flipped mask covers the mapped box's window."""
+    fx, fy = _flips(view)
+    if not (fx or fy):
+        return det
+    b = det.box
+    x0, x1 = (frame_width - b.x1, frame_width - b.x0) if fx else (b.x0, b.x1)
+    y0, y1 = (frame_height - b.y1, frame_height - b.y0) if fy else (b.y0, b.y1)
+    mask = det.mask
+    if mask is not None:
+        mask = np.ascontiguousarray(mask[:: -1 if fy else 1, :: -1 if fx else 1])
+    return replace(det, box=Box(x0, y0, x1, y1), mask=mask)
+
+
+def _vote(members: list[CellDetection], box: Box) -> np.ndarray | None:
+    """Majority vote of the members' masks over the window of the fused `box`."""
+    if any(m.mask is None for m in members):
+        return None
+    wins = [mask_window(m.box) for m in members]
+    r0, c0 = min(w[0] for w in wins), min(w[1] for w in wins)
+    r1, c1 = max(w[2] for w in wins), max(w[3] for w in wins)
+    votes = np.zeros((r1 - r0, c1 - c0), np.float32)
+    for m, (mr0, mc0, _, _) in zip(members, wins):
+        h, w = m.mask.shape
+        votes[mr0 - r0 : mr0 - r0 + h, mc0 - c0 : mc0 - c0 + w] += m.mask
+    fr0, fc0, fr1, fc1 = mask_window(box)
+    return np.ascontiguousarray(votes[fr0 - r0 : fr1 - r0, fc0 - c0 : fc1 - c0] >= len(members) / 2.0)
+
+
+def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float = FUSE_IOU) -> list[CellDetection]:
+    """Fuse the cells each view found (all in frame coordinates) into one list."""
+    n_views = len(per_view)
+    if n_views == 1:
+        return list(per_view[0])
+    items = [(v, d) for v, dets in enumerate(per_view) for d in dets]
+    out: list[CellDetection] = []
+    for kind in sorted({d.kind for _, d in items}, key=lambda k: k.value):
+        sel = sorted((it for it in items if it[1].kind == kind), key=lambda it: -it[1].score)
+        boxes = np.array([d.box.as_list() for _, d in sel])
+        ious = box_iou(boxes, boxes)
+        taken = np.zeros(len(sel), bool)
+        for i in range(len(sel)):
+            if taken[i]:
+                continue
+            taken[i] = True
+            members, seen = [sel[i][1]], {sel[i][0]}
+            for j in np.argsort(-ious[i], kind="stable"):
+                if ious[i, j] < iou_threshold:
+                    break
+                if not taken[j] and sel[j][0] not in seen:
+                    taken[j] = True
+                    seen.add(sel[j][0])
+                    members.append(sel[j][1])
+            w = np.array([m.score for m in members])
+            fused = (np.array([m.box.as_list() for m in members]) * w[:, None]).sum(0) / max(w.sum(), 1e-12)
+            box = Box(*(float(v) for v in fused))
+            out.append(replace(members[0], box=box, score=float(w.sum() / n_views), mask=_vote(members, box)))
+    return out

@@ -1,0 +1,115 @@
+"""Test-time augmentation of the detector: views map back exactly, fusion follows its rules, and
+the whole pipeline with a flip-closed set of views is equivariant to flipping the input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from device.synthetic import render_field
+from service.merge import mask_window
+from service.records import Box, CellDetection, CellKind
+from service.tta import VIEWS, check_views, fuse_views, unview, view_frame
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def _blob_detection(label: np.ndarray, box: Box) -> CellDetection:
+    r0, c0, r1, c1 = mask_window(box)
+    return CellDetection(CellKind.RBC, box, 0.9, mask=label[r0:r1, c0:c1].copy())
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_unview_maps_box_and_mask_of_a_flipped_frame_back_exactly(view):
+    h, w = 61, 83
+    label = np.zeros((h, w), bool)
+    cv2.ellipse(label.view(np.uint8), (30, 20), (9, 6), 30, 0, 360, 1, -1)
+    box = Box(20.3, 12.6, 40.2, 28.9)  # fractional: rounding outward must survive the flip
+    original = _blob_detection(label, box)
+    flipped_label = view_frame(label, view)
+    fx, fy = view in ("hflip", "rot180"), view in ("vflip", "rot180")
+    seen = Box(w - box.x1 if fx else box.x0, h - box.y1 if fy else box.y0,
+               w - box.x0 if fx else box.x1, h - box.y0 if fy else box.y1)
+    back = unview(_blob_detection(flipped_label, seen), view, w, h)
+    assert back.box.as_list() == pytest.approx(box.as_list())
+    assert back.mask.shape == original.mask.shape
+    assert np.array_equal(back.mask, original.mask)
+    assert unview(back, view, w, h).box.as_list() == pytest.approx(seen.as_list())  # each view is its own inverse
+
+
+def _det(kind, box, score, tile=0, mask=None):
+    return CellDetection(kind, Box(*box), score, mask=mask, tile_index=tile)
+
+
+def test_fusion_averages_over_all_views_and_keeps_cells_and_classes_apart():
+    rbc, plt = CellKind.RBC, CellKind.PLATELET
+    views = [
+        [_det(rbc, (10, 10, 30, 30), 0.9), _det(rbc, (31, 10, 51, 30), 0.8), _det(plt, (10, 10, 30, 30), 0.6)],
+        [_det(rbc, (12, 10, 32, 30), 0.6)],
+        [_det(rbc, (11, 11, 31, 31), 0.3), _det(rbc, (100, 100, 120, 120), 0.9)],
+    ]
+    fused = fuse_views(views)
+    by = {(d.kind, round(d.box.x0)): d for d in fused}
+    assert len(fused) == 4  # three views of one cell fuse; its neighbour, a lone cell and the platelet stay
+    first = by[(rbc, 11)]
+    assert first.score == pytest.approx((0.9 + 0.6 + 0.3) / 3)
+    assert first.box.x0 == pytest.approx((10 * 0.9 + 12 * 0.6 + 11 * 0.3) / 1.8)
+    assert by[(rbc, 31)].score == pytest.approx(0.8 / 3)  # touching neighbour in the same view: not fused
+    assert by[(rbc, 100)].score == pytest.approx(0.9 / 3)  # found by one view of three
+    assert by[(plt, 10)].score == pytest.approx(0.6 / 3)  # same place, other class
+    assert fuse_views([views[0]]) == views[0]  # one view: unchanged
+
+
+def test_fused_mask_is_the_majority_of_the_views():
+    a = np.zeros((20, 20), bool)
+    a[5:15, 5:15] = True
+    b = a.copy()
+    b[5:15, 5:7] = False  # one view misses a strip: the majority keeps it
+    c = a.copy()
+    c[0:2, :] = True  # one view adds a strip: the majority drops it
+    box = (0, 0, 20, 20)
+    fused = fuse_views([[_det(CellKind.WBC, box, 0.9, mask=m)] for m in (a, b, c)])
+    assert len(fused) == 1
+    assert np.array_equal(fused[0].mask, a)
+
+
+def test_unknown_views_are_refused():
+    assert check_views(["identity", "hflip"]) == ("identity", "hflip")
+    for bad in ([], ["identity", "rot90"]):
+        with pytest.raises(ValueError, match="test-time views"):
+            check_views(bad)
+
+
+@pytest.mark.skipif(not (MODELS / "seg.onnx").exists(), reason="committed models absent")
+def test_pipeline_with_all_four_views_is_equivariant_to_flipping_the_input():
+    """{identity, hflip, vflip, rot180} is closed under flips: analyzing a mirrored frame runs the
+    detector on the same four images, so every cell must come back mirrored (real models)."""
+    from device.frame import Frame
+    from service.pipeline import Analyzer, AnalyzerOptions
+
+    field = render_field(11, width=420, height=330, n_wbc=1)
+    analyzer = Analyzer.from_models_dir(MODELS, warmup=False, options=AnalyzerOptions(detector_tta=VIEWS))
+    try:
+        plain = analyzer.analyze(field.frame).report
+        pixels = np.ascontiguousarray(field.frame.pixels[:, ::-1])
+        mirrored = analyzer.analyze(Frame(pixels, "m", "test", microns_per_pixel=field.frame.microns_per_pixel)).report
+    finally:
+        analyzer.close()
+    w = field.frame.pixels.shape[1]
+    assert len(plain.cells) > 20
+    assert plain.counts == mirrored.counts
+
+    def key(c, flip):
+        x0, y0, x1, y1 = c.bbox
+        return (c.kind, round(w - x1 if flip else x0), round(y0), round(w - x0 if flip else x1), round(y1))
+
+    def close(a, b):
+        return a[0] == b[0] and all(abs(p - q) <= 1 for p, q in zip(a[1:], b[1:]))
+
+    want = sorted(key(c, False) for c in plain.cells)
+    got = sorted(key(c, True) for c in mirrored.cells)
+    unmatched = [k for k in want if not any(close(k, g) for g in got)]
+    assert not unmatched
