@@ -52,10 +52,12 @@ MIN_RBC_FOR_SCALE = 5
 SCALE_MIN_SCORE = 0.3
 
 
-#: WBC-head classes that are not white cells. PBC's "platelet" class means a giant platelet or a
-#: platelet clump that the detector took for a WBC; it is counted as a platelet, never as a WBC
-#: (clumps falsely raising the WBC count is a classic analyzer error), and flagged for review.
-KIND_FROM_WBC_LABEL = {"platelet": CellKind.PLATELET}
+#: Head classes that are not the kind the head serves. A "platelet" from the WBC head (PBC's
+#: platelet class: a giant platelet or a platelet clump the detector took for a WBC) is counted as
+#: a platelet, never as a WBC (clumps raising the WBC count is a classic analyzer error), and
+#: flagged for review. A "platelet" from the RBC head (a platelet or small clump the detector took
+#: for a red cell) is counted as a platelet, not a red cell.
+KIND_FROM_HEAD_LABEL = {"platelet": CellKind.PLATELET}
 
 
 @dataclass(frozen=True)
@@ -222,13 +224,11 @@ class Analyzer:
         timing["classify_ms"] = (time.perf_counter() - t) * 1000
         cells = []
         shape = canonical.shape
-        for crop, res in zip(routed.rbc, rbc_res):
-            cells.append(_classified(crop.detection, res.label, res.score, shape))
-        for crop, res in zip(routed.wbc, wbc_res):
-            kind = KIND_FROM_WBC_LABEL.get(res.label)
+        for crop, res in [*zip(routed.rbc, rbc_res), *zip(routed.wbc, wbc_res)]:
+            kind = KIND_FROM_HEAD_LABEL.get(res.label)
             if kind is None:
                 cells.append(_classified(crop.detection, res.label, res.score, shape))
-            else:  # the WBC head knows this is not a white cell: count it where it belongs
+            else:  # the head knows this is not the kind it serves: count it where it belongs
                 det = dataclasses.replace(crop.detection, kind=kind)
                 cells.append(_classified(det, None, None, shape, detected_as=crop.detection.kind))
         if not self.rbc_head:

@@ -28,21 +28,37 @@ from training.data import bccd_boxes, bccd_image_path, bccd_microns_per_pixel, b
 logger = logging.getLogger(__name__)
 
 
+#: Calibration must keep the detector's ranking: a slope below this is a degenerate fit (a class
+#: with almost no unmatched detections on validation) and is held at it.
+MIN_SLOPE = 0.25
+#: Weight of the Gaussian prior that pulls (a, b) toward the identity (1, 0); it matters only
+#: when a class has few detections or few misses.
+PRIOR_WEIGHT = 1.0
+
+
 def fit_platt(scores: np.ndarray, hits: np.ndarray, iters: int = 200) -> tuple[float, float]:
-    """Logistic regression of hits on logit(score) (Newton's method, tiny L2 for stability)."""
-    s = np.clip(scores, 1e-6, 1 - 1e-6)
+    """Logistic regression of hits on logit(score) by Newton's method, with a prior toward the
+    identity and a slope of at least MIN_SLOPE, so the calibrated score is increasing in the raw one."""
+    s = np.clip(np.asarray(scores, float), 1e-6, 1 - 1e-6)
     x = np.log(s / (1 - s))
-    a, b = 1.0, 0.0
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(-(a * x + b)))
-        g = np.array([np.sum((p - hits) * x) + 1e-3 * a, np.sum(p - hits)])
-        w = p * (1 - p)
-        h = np.array([[np.sum(w * x * x) + 1e-3, np.sum(w * x)], [np.sum(w * x), np.sum(w) + 1e-9]])
-        step = np.linalg.solve(h, g)
-        a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-8:
-            break
-    return float(a), float(b)
+    y = np.asarray(hits, float)
+
+    def newton(a: float, b: float, fix_a: bool) -> tuple[float, float]:
+        for _ in range(iters):
+            p = 1 / (1 + np.exp(-(a * x + b)))
+            w = p * (1 - p)
+            g = np.array([np.sum((p - y) * x) + PRIOR_WEIGHT * (a - 1), np.sum(p - y) + PRIOR_WEIGHT * b])
+            h = np.array([[np.sum(w * x * x) + PRIOR_WEIGHT, np.sum(w * x)], [np.sum(w * x), np.sum(w) + PRIOR_WEIGHT]])
+            step = np.array([0.0, g[1] / h[1, 1]]) if fix_a else np.linalg.solve(h, g)
+            a, b = a - step[0], b - step[1]
+            if np.abs(step).max() < 1e-8:
+                break
+        return float(a), float(b)
+
+    a, b = newton(1.0, 0.0, fix_a=False)
+    if a < MIN_SLOPE:
+        a, b = newton(MIN_SLOPE, b, fix_a=True)
+    return a, b
 
 
 def main() -> None:
