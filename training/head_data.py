@@ -33,9 +33,7 @@ CHULA_MICRONS_PER_PIXEL = 0.23
 #: The RBC head's classes: Chula's morphologies without "uncategorised", plus sickle (IDB1
 #: falciforme) and other_poikilocyte (IDB1 "outras": deformed cells that are neither round nor
 #: sickle; without them every elongated cell of a sickle-cell smear looked like a sickle cell).
-#: "platelet" (PBC's platelet images, centre crop) is not a red cell: a platelet or small clump that
-#: the detector took for a red cell is moved to the platelet count (service.pipeline).
-RBC_CLASSES = tuple(c for c in CHULA_CLASSES if c != "uncategorised") + ("sickle", "other_poikilocyte", "platelet")
+RBC_CLASSES = tuple(c for c in CHULA_CLASSES if c != "uncategorised") + ("sickle", "other_poikilocyte")
 IDB1_LABEL = {"falciforme": "sickle", "circular": "normal", "outras": "other_poikilocyte"}
 
 
@@ -83,24 +81,6 @@ def pbc_crops(split: str) -> CropSet:
         labels.append(ci)
         groups.append(rel)
     return _stack(crops, labels, groups, WBC_CROP.input_size)
-
-
-def pbc_platelet_rbc_crops(split: str) -> CropSet:
-    """PBC's platelet images (PBC's own seeded split), cut with the RBC head's crop at the centre,
-    where the platelet or platelet clump lies; labelled RBC_CLASSES "platelet"."""
-    root = data_root() / "pbc"
-    ci_platelet = PBC_CLASSES.index("platelet")
-    crops, labels, groups = [], [], []
-    for rel, ci in tqdm([it for it in pbc_splits()[split] if it[1] == ci_platelet], desc=f"pbc platelets {split}"):
-        img = cv2.imread(str(root / rel))
-        if img is None:
-            continue
-        canon = resample_to_canonical(img, PBC_MICRONS_PER_PIXEL)
-        h, w = canon.shape[:2]
-        crops.append(crop_cell(canon, (w / 2.0, h / 2.0), RBC_CROP))
-        labels.append(RBC_CLASSES.index("platelet"))
-        groups.append(f"pbc/{rel}")
-    return _stack(crops, labels, groups, RBC_CROP.input_size)
 
 
 def bccd_wbc_crops(split: str) -> CropSet:

@@ -135,11 +135,6 @@ def load_sets(head: str) -> dict:
     # Rendered fields (the demo's virtual microscope): seeds 30000+ train, 40000+ validation.
     for name, n, base in (("train", 40, 30_000), ("val", 6, 40_000)):
         sets[name].extend(hd.synthetic_rbc_crops(n, base))
-    # PBC platelet images: platelets and clumps the detector may take for red cells (PBC's own
-    # split; its test images stay held out for evaluate.py's pipeline figure).
-    for name in ("train", "val"):
-        sets[name].extend(hd.pbc_platelet_rbc_crops(name))
-    sets["pbc_platelet_test"] = hd.pbc_platelet_rbc_crops("test")
     idb_test, is_sickle = hd.idb1_crops("test", mpp)
     sets["idb1_test"] = idb_test
     sets["idb1_test_is_sickle"] = is_sickle
@@ -258,20 +253,12 @@ def main() -> None:
                          "test held out; stain jitter (HED) in training"} if args.head == "wbc" else {
         "chula_rbc12": "Chula RBC-12, split by image 80/10/10 (seeded)",
         "synthetic": "40 rendered fields (seeds 30000+) for training, 6 (40000+) for validation",
-        "pbc": "PBC platelet images (centre crop, class platelet) of PBC's seeded train/val splits; test held out",
         "erythrocytesidb1": f"falciforme (sickle), circular (normal) and outras (other_poikilocyte) crops of train/ (85/15 train/val); "
                             f"test/ held out; scale {sets['idb1_mpp']:.4f} um/px"}
     if args.head == "rbc":
         il = predict_logits(model, sets["idb1_test"].images)
         pred_sickle = il.argmax(1) == classes.index("sickle")
         metrics["idb1_test_sickle_vs_not_accuracy"] = float((pred_sickle == sets["idb1_test_is_sickle"]).mean())
-        if "platelet" in classes and len(sets["pbc_platelet_test"].labels):
-            pl = predict_logits(model, sets["pbc_platelet_test"].images)
-            metrics["pbc_platelet_test_recall"] = float((pl.argmax(1) == classes.index("platelet")).mean())
-            ch = test_logits.argmax(1) == classes.index("platelet")
-            metrics["chula_test_called_platelet"] = float(ch.mean())
-            logger.info("PBC test platelets called platelet: %.3f; Chula test red cells called platelet: %.4f",
-                        metrics["pbc_platelet_test_recall"], metrics["chula_test_called_platelet"])
     logger.info("held-out test: %s", json.dumps({k: v for k, v in metrics["test"].items() if k in ("accuracy", "macro_f1", "ece")}))
     from export.onnx_export import export_classifier
 
