@@ -76,7 +76,7 @@ def main() -> None:
     analyzers = {"+".join(analyzer.segmenter.views): analyzer}
     if analyzer.segmenter.views != ("identity",):
         analyzers["identity (one view)"] = Analyzer.from_models_dir(
-            args.models, options=AnalyzerOptions(detector_tta=("identity",)))
+            args.models, options=AnalyzerOptions(detector_views=("identity",)))
     bench_fields(analyzers, args.repeats)
     bench_heads(args.models, args.repeats)
 

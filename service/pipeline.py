@@ -56,7 +56,8 @@ SCALE_MIN_SCORE = 0.3
 #: platelet class: a giant platelet or a platelet clump the detector took for a WBC) is counted as
 #: a platelet, never as a WBC (clumps raising the WBC count is a classic analyzer error), and
 #: flagged for review. A "platelet" from the RBC head (a platelet or small clump the detector took
-#: for a red cell) is counted as a platelet, not a red cell.
+#: for a red cell) would be counted as a platelet, not a red cell (the committed RBC head has no
+#: such class: one was tried and not adopted, see models/README.md).
 KIND_FROM_HEAD_LABEL = {"platelet": CellKind.PLATELET}
 
 
@@ -70,7 +71,7 @@ class AnalyzerOptions:
     roi: RoiFilter = field(default_factory=RoiFilter)
     detector_conf: float = 0.25
     #: Test-time views of the detector; None = the manifest's (the views its scores are calibrated for).
-    detector_tta: tuple[str, ...] | None = None
+    detector_views: tuple[str, ...] | None = None
     wbc_min_confidence: float = 0.5
     rbc_min_confidence: float = 0.3
     scale_refine_tolerance: float = 0.05
@@ -112,7 +113,7 @@ class Analyzer:
             if warmup:
                 e.warmup()
         analyzer = cls(
-            YoloSegmenter(engines["segmentation"], conf_threshold=options.detector_conf, views=options.detector_tta),
+            YoloSegmenter(engines["segmentation"], conf_threshold=options.detector_conf, views=options.detector_views),
             CropClassifier(engines["rbc_head"], options.rbc_min_confidence),
             CropClassifier(engines["wbc_head"], options.wbc_min_confidence),
             options,

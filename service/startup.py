@@ -55,7 +55,7 @@ def build_analyzer(config: StationConfig) -> AnalyzerLike:
                            "train and export the models or point analysis.models_dir at them")
     options = AnalyzerOptions(
         tile_size=a.tile_size, tile_overlap=a.tile_overlap, stain_method=a.stain_normalization,
-        detector_tta=None if a.detector_views is None else tuple(a.detector_views),
+        detector_views=None if a.detector_views is None else tuple(a.detector_views),
         roi=RoiFilter(min_confidence=a.min_confidence, min_area_um2=a.min_area_um2,
                       max_aspect=a.max_aspect_ratio),
     )

@@ -91,7 +91,7 @@ def test_pipeline_with_all_four_views_is_equivariant_to_flipping_the_input():
     from service.pipeline import Analyzer, AnalyzerOptions
 
     field = render_field(11, width=420, height=330, n_wbc=1)
-    analyzer = Analyzer.from_models_dir(MODELS, warmup=False, options=AnalyzerOptions(detector_tta=VIEWS))
+    analyzer = Analyzer.from_models_dir(MODELS, warmup=False, options=AnalyzerOptions(detector_views=VIEWS))
     try:
         plain = analyzer.analyze(field.frame).report
         pixels = np.ascontiguousarray(field.frame.pixels[:, ::-1])
