@@ -75,9 +75,9 @@ def _vote(members: list[CellDetection], box: Box) -> np.ndarray | None:
     r0, c0 = min(w[0] for w in wins), min(w[1] for w in wins)
     r1, c1 = max(w[2] for w in wins), max(w[3] for w in wins)
     votes = np.zeros((r1 - r0, c1 - c0), np.float32)
-    for m, (mr0, mc0, _, _) in zip(members, wins):
-        h, w = m.mask.shape
-        votes[mr0 - r0 : mr0 - r0 + h, mc0 - c0 : mc0 - c0 + w] += m.mask
+    for m, (mr0, mc0, mr1, mc1) in zip(members, wins):
+        mk = m.mask[: mr1 - mr0, : mc1 - mc0]  # never wider than its window
+        votes[mr0 - r0 : mr0 - r0 + mk.shape[0], mc0 - c0 : mc0 - c0 + mk.shape[1]] += mk
     fr0, fc0, fr1, fc1 = mask_window(box)
     return np.ascontiguousarray(votes[fr0 - r0 : fr1 - r0, fc0 - c0 : fc1 - c0] >= len(members) / 2.0)
 
