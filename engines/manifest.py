@@ -14,6 +14,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+#: A test-time view of a frame for the detector (service.tta); each is its own inverse.
+DetectorView = Literal["identity", "hflip", "vflip", "rot180"]
+
+
 class TensorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -68,9 +72,9 @@ class ModelManifest(BaseModel):
     score_calibration: dict[str, list[float]] = Field(
         {}, description="detectors: per class [a, b] of Platt scaling, p = sigmoid(a * logit(score) + b), "
         "fitted on the validation split so that a score is the probability of a real cell")
-    tta: list[Literal["identity", "hflip", "vflip", "rot180"]] = Field(
-        ["identity"], min_length=1, description="detectors: test-time views each tile is run in and fused; "
-        "score_calibration is fitted for exactly these views")
+    tta: list[DetectorView] = Field(
+        ["identity"], min_length=1, description="detectors: test-time views of the frame that are detected and "
+        "fused (service.tta); score_calibration is fitted for exactly these views")
     architecture: str = ""
     training_data: dict[str, Any] = {}
     split_hashes: dict[str, str] = {}

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from device.quality import QualityGateConfig
 from device.source_config import SOURCE_KINDS, SourceConfig
+from engines.manifest import DetectorView
 from service.mqtt_config import MqttConfig
 
 if sys.version_info >= (3, 11):
@@ -89,7 +90,7 @@ class AnalysisConfig(StationBaseModel):
         description="Detections more elongated than this are discarded as artefacts.",
         ge=1.0,
     )
-    detector_views: list[Literal["identity", "hflip", "vflip", "rot180"]] | None = Field(
+    detector_views: list[DetectorView] | None = Field(
         default=None,
         title="Detector test-time views",
         description="Views of each frame the detector runs and fuses; unset uses the detector "

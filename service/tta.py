@@ -18,15 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import get_args
 
 import numpy as np
 
+from engines.manifest import DetectorView
 from service.merge import mask_window
 from service.metrics import box_iou
 from service.records import Box, CellDetection
 
-#: Views the detector can run in; each is its own inverse.
-VIEWS = ("identity", "hflip", "vflip", "rot180")
+#: Views the detector can run in (engines.manifest.DetectorView); each is its own inverse.
+VIEWS: tuple[str, ...] = get_args(DetectorView)
 #: One class's cells in different views are one cell when their boxes overlap this much.
 FUSE_IOU = 0.55
 
