@@ -28,17 +28,24 @@ def main() -> None:
 
     meta = json.loads(args.seg_data.read_text()) if args.seg_data.exists() else {}
     metrics = json.loads(args.metrics.read_text()) if args.metrics else {}
+    training_data = {
+        "bccd": "BCCD VOC train split (205) for training, val (87) for model selection; test (72) held out",
+        "synthetic": "fine-tuned on BCCD train + rendered fields with exact masks (device/synthetic.py, "
+                     "seeds 10000+) when built with prep_seg --synthetic",
+        "pseudo_masks": "colour threshold inside each box bounded by the inscribed ellipse; ellipse when the "
+                        "threshold does not reproduce the box; BCCD WBC pixel masks where present",
+        "bccd_microns_per_pixel": meta.get("bccd_microns_per_pixel"),
+    }
+    pbc = meta.get("splits", {}).get("pbc_train_pseudo")
+    if pbc:
+        training_data["pbc_pseudo"] = (
+            f"{pbc['n']} PBC train-split images (another lab; val and test held out) pseudo-labelled by "
+            f"training.pbc_pseudo from {pbc.get('models', 'models')}: confident detections, violet blobs as "
+            "platelets, the folder's centre cell required")
     export_yolo_seg(
         args.weights, name="seg", imgsz=args.imgsz, classes=[k.value for k in SEG_CLASSES], metrics=metrics,
-        training_data={
-            "bccd": "BCCD VOC train split (205) for training, val (87) for model selection; test (72) held out",
-            "synthetic": "fine-tuned on BCCD train + rendered fields with exact masks (device/synthetic.py, "
-                         "seeds 10000+) when built from build/seg_mix",
-            "pseudo_masks": "colour threshold inside each box bounded by the inscribed ellipse; ellipse when the "
-                            "threshold does not reproduce the box; BCCD WBC pixel masks where present",
-            "bccd_microns_per_pixel": meta.get("bccd_microns_per_pixel"),
-        },
-        split_hashes={k: v["hash"] if "hash" in v else f"seeds {v['seeds'][0]}..{v['seeds'][1]}"
+        training_data=training_data,
+        split_hashes={k: v.get("hash") or (f"seeds {v['seeds'][0]}..{v['seeds'][1]}" if "seeds" in v else f"n={v.get('n')}")
                       for k, v in meta.get("splits", {}).items()},
         out_dir=args.out,
     )

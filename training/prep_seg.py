@@ -95,6 +95,39 @@ def txl_fields(split: str):
         yield img_path, boxes, scale_from_rbc_diameters(np.array(diam))
 
 
+def pbc_fields(n_platelet: int, n_wbc_per_class: int, models_dir: Path, seed: int = 0):
+    """PBC *train* images with pseudo-labels (`training.pbc_pseudo`), a seeded sample per class.
+
+    Yields (path, image, boxes in input pixels); images whose centre cell could not be
+    placed are skipped and counted by the caller.
+    """
+    import random
+
+    from device.frame import Frame
+    from service.pipeline import Analyzer
+    from training.data import data_root
+    from training.head_data import PBC_CLASSES, PBC_MICRONS_PER_PIXEL, pbc_splits
+    from training.pbc_pseudo import pseudo_boxes
+
+    items = list(pbc_splits()["train"])
+    random.Random(seed).shuffle(items)
+    chosen = []
+    for ci, cls in enumerate(PBC_CLASSES):
+        n = n_platelet if cls == "platelet" else n_wbc_per_class
+        chosen += [(rel, cls) for rel, c in items if c == ci][:n]
+    analyzer = Analyzer.from_models_dir(models_dir, warmup=False)
+    root = data_root() / "pbc"
+    try:
+        for rel, cls in tqdm(chosen, desc="pbc pseudo-labels"):
+            img = cv2.imread(str(root / rel))
+            if img is None:
+                continue
+            rep = analyzer.analyze(Frame(img, rel, "pbc", microns_per_pixel=PBC_MICRONS_PER_PIXEL)).report
+            yield rel, img, pseudo_boxes(img, PBC_MICRONS_PER_PIXEL, cls, rep.cells)
+    finally:
+        analyzer.close()
+
+
 def write_synthetic(seed: int, tile: int, out: Path, split: str) -> None:
     """A rendered field at the canonical scale with its exact instance masks as polygons."""
     from device.synthetic import StainParams, render_field
@@ -126,6 +159,10 @@ def main() -> None:
     ap.add_argument("--synthetic", type=int, default=0, help="add N rendered fields (exact masks) to train")
     ap.add_argument("--synthetic-val", type=int, default=0, help="add N rendered fields to val")
     ap.add_argument("--txl", action="store_true", help="add TXL-PBC train (-> train) and val (-> val) images")
+    ap.add_argument("--pbc-platelets", type=int, default=0,
+                    help="add N PBC train platelet images with pseudo-labels (training.pbc_pseudo) to train")
+    ap.add_argument("--pbc-wbc", type=int, default=0, help="add N PBC train images of each WBC class, pseudo-labelled")
+    ap.add_argument("--pseudo-models", type=Path, default=Path("models"), help="models that make the PBC pseudo-labels")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     mpp = bccd_microns_per_pixel()
@@ -153,6 +190,20 @@ def main() -> None:
                     write_field(img, boxes, mpp, args.tile, f"txl_{img_path.stem}", args.out, split)
                     n += 1
             meta["splits"][f"txl_{split}"] = {"n": n}
+    if args.pbc_platelets or args.pbc_wbc:
+        from training.head_data import PBC_MICRONS_PER_PIXEL
+
+        used, skipped = [], 0
+        for rel, img, boxes in pbc_fields(args.pbc_platelets, args.pbc_wbc, args.pseudo_models):
+            if boxes is None:
+                skipped += 1
+                continue
+            write_field(img, boxes, PBC_MICRONS_PER_PIXEL, args.tile,
+                        "pbc_" + Path(rel).stem, args.out, "train")
+            used.append(rel)
+        logger.info("PBC pseudo-labelled: %d used, %d skipped (centre cell not placed)", len(used), skipped)
+        meta["splits"]["pbc_train_pseudo"] = {"n": len(used), "skipped": skipped, "hash": split_hash(used),
+                                              "models": str(args.pseudo_models)}
     for split, n, base in (("train", args.synthetic, 10_000), ("val", args.synthetic_val, 20_000)):
         for i in tqdm(range(n), desc=f"synthetic {split}"):
             write_synthetic(base + i, args.tile, args.out, split)

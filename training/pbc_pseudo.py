@@ -1,0 +1,114 @@
+"""Detector pseudo-labels for PBC crops: another lab's look, with the centre cell's class known.
+
+PBC gives one class per image (the folder) and no boxes. The detector has never seen that lab
+(CellaVision DM96, May-Grunwald-Giemsa), and through the analyzer it misses about a third of
+the held-out PBC platelets and splits some large monocytes. Self-training with a prior:
+
+- the committed analyzer (all its detector views) labels every confident cell in the image;
+- platelets: every compact violet blob outside a white cell (red-channel optical density, the
+  light that violet absorbs and pink red cells pass) is a platelet; in a `platelet` image the
+  blob at the centre must exist, or the image is not used;
+- white cells: in a WBC-class image the white cell at the centre must be found; pieces of it that
+  the detector split are joined into one box; an image without it is not used.
+
+Only PBC *train* images (`training.head_data.pbc_splits`) are used; val and test stay held out.
+Boxes are returned in the input image's pixels, as `training.prep_seg.write_field` takes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from service.scale import CANONICAL_UM_PER_PX, resample_factor, resample_to_canonical
+from training.data import BoxAnnotation
+
+PLATELET_DIAMETER_UM = (1.2, 9.0)  # equivalent-circle diameter of a blob kept as a platelet
+CENTRE_RADIUS_UM = 6.0  # the labelled cell's blob/box centre lies this close to the image centre
+MIN_SCORE = 0.5  # calibrated detector score for a pseudo-label
+
+
+@dataclass(frozen=True)
+class Blob:
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.x0 + self.x1) / 2, (self.y0 + self.y1) / 2
+
+
+def violet_blobs(canon_bgr: np.ndarray) -> list[Blob]:
+    """Compact violet components of a canonical-scale image (platelets, nuclei), as boxes."""
+    r = canon_bgr[:, :, 2].astype(np.float32)
+    od = cv2.GaussianBlur(-np.log((r + 1.0) / 256.0), (3, 3), 0)
+    thr = max(0.35, float(np.percentile(od, 50)) + 0.25)
+    m = (od > thr).astype(np.uint8)
+    m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    n, _, st, _ = cv2.connectedComponentsWithStats(m)
+    lo, hi = (np.pi / 4 * (d / CANONICAL_UM_PER_PX) ** 2 for d in PLATELET_DIAMETER_UM)
+    out = []
+    for i in range(1, n):
+        x, y, w, h, a = (int(v) for v in st[i])
+        if lo <= a <= hi and max(w, h) <= 2.5 * min(w, h):
+            out.append(Blob(x, y, x + w, y + h))
+    return out
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / u if u > 0 else 0.0
+
+
+def _inside_fraction(inner, outer) -> float:
+    ix = max(0.0, min(inner[2], outer[2]) - max(inner[0], outer[0]))
+    iy = max(0.0, min(inner[3], outer[3]) - max(inner[1], outer[1]))
+    a = (inner[2] - inner[0]) * (inner[3] - inner[1])
+    return ix * iy / a if a > 0 else 0.0
+
+
+def pseudo_boxes(image_bgr: np.ndarray, mpp: float, folder_class: str, cells) -> list[BoxAnnotation] | None:
+    """Boxes (input pixels) for one PBC image, or None when the centre cell cannot be placed.
+
+    `cells` are the analyzer's report cells for this image (`kind`, `bbox` in input pixels, `score`).
+    """
+    h, w = image_bgr.shape[:2]
+    f = resample_factor(mpp)
+    cx, cy = w / 2, h / 2
+    near = CENTRE_RADIUS_UM / mpp
+    conf = [c for c in cells if c.score >= MIN_SCORE]
+    wbc = [tuple(c.bbox) for c in conf if c.kind == "wbc"]
+    rbc = [tuple(c.bbox) for c in conf if c.kind == "rbc"]
+    plt = [tuple(c.bbox) for c in conf if c.kind == "platelet"]
+
+    if folder_class != "platelet":
+        # the white cell at the centre: every confident WBC box covering the centre, joined
+        hit = [b for b in wbc if b[0] <= cx <= b[2] and b[1] <= cy <= b[3]]
+        if not hit:
+            return None
+        centre_wbc = (min(b[0] for b in hit), min(b[1] for b in hit), max(b[2] for b in hit), max(b[3] for b in hit))
+        wbc = [centre_wbc] + [b for b in wbc if b not in hit and _iou(b, centre_wbc) < 0.3]
+        rbc = [b for b in rbc if _inside_fraction(b, centre_wbc) < 0.7]
+
+    canon = resample_to_canonical(image_bgr, mpp)
+    blobs = [(b.x0 / f, b.y0 / f, b.x1 / f, b.y1 / f) for b in violet_blobs(canon)]
+    blobs = [b for b in blobs if all(_inside_fraction(b, wb) < 0.2 for wb in wbc)]
+    if folder_class == "platelet":
+        centre = [b for b in blobs if np.hypot((b[0] + b[2]) / 2 - cx, (b[1] + b[3]) / 2 - cy) <= near]
+        if not centre:
+            return None
+        # a detection that took the centre platelet for a red or white cell is dropped
+        rbc = [b for b in rbc if all(_iou(b, c) < 0.4 for c in centre)]
+        wbc = [b for b in wbc if all(_inside_fraction(c, b) < 0.5 for c in centre)]
+    # platelets: the violet blobs; a detector platelet box is kept (it includes the pale rim) only
+    # where it holds a blob, so a detector false positive is not taught back to it
+    plt = [next((p for p in plt if _inside_fraction(b, p) >= 0.6 and _iou(b, p) >= 0.2), b) for b in blobs]
+    return ([BoxAnnotation("wbc", *b) for b in wbc] + [BoxAnnotation("rbc", *b) for b in rbc]
+            + [BoxAnnotation("platelet", *b) for b in plt])
