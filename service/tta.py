@@ -12,6 +12,9 @@ best-overlapping unassigned cell (IoU >= `FUSE_IOU`). The fused box is the score
 the mask a majority vote of the members' masks, and the score the SUM of the members' scores
 divided by the number of views: a cell that only one view finds keeps a third of its score. The
 detector's score calibration (training.calibrate_seg) is fitted on these fused scores.
+
+White cells only: a cluster lying inside a larger one is a piece of it (a large monocyte that
+one view found whole and another in two pieces), and its views vote for the larger one.
 """
 
 from __future__ import annotations
@@ -25,12 +28,16 @@ import numpy as np
 from engines.manifest import DetectorView
 from service.merge import mask_window
 from service.metrics import box_iou
-from service.records import Box, CellDetection
+from service.records import Box, CellDetection, CellKind
 
 #: Views the detector can run in (engines.manifest.DetectorView); each is its own inverse.
 VIEWS: tuple[str, ...] = get_args(DetectorView)
 #: One class's cells in different views are one cell when their boxes overlap this much.
 FUSE_IOU = 0.55
+#: Classes whose pieces are joined into the cluster that holds them (see `_absorb_pieces`).
+ABSORB_KINDS: frozenset[CellKind] = frozenset({CellKind.WBC})
+#: A cluster counts as a piece of a larger one when this fraction of its box lies inside it.
+ABSORB_INSIDE = 0.8
 
 
 def check_views(views: Sequence[str]) -> tuple[str, ...]:
@@ -84,7 +91,15 @@ def _vote(members: list[CellDetection], box: Box) -> np.ndarray | None:
     return np.ascontiguousarray(votes[fr0 - r0 : fr1 - r0, fc0 - c0 : fc1 - c0] >= len(members) / 2.0)
 
 
-def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float = FUSE_IOU) -> list[CellDetection]:
+def _inside(inner: Box, outer: Box) -> float:
+    """Fraction of `inner`'s area that lies inside `outer`."""
+    ix = max(0.0, min(inner.x1, outer.x1) - max(inner.x0, outer.x0))
+    iy = max(0.0, min(inner.y1, outer.y1) - max(inner.y0, outer.y0))
+    return ix * iy / inner.area if inner.area > 0 else 0.0
+
+
+def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float = FUSE_IOU,
+               absorb_kinds: frozenset[CellKind] = ABSORB_KINDS) -> list[CellDetection]:
     """Fuse the cells each view found (all in frame coordinates) into one list."""
     n_views = len(per_view)
     if n_views == 1:
@@ -96,20 +111,50 @@ def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float
         boxes = np.array([d.box.as_list() for _, d in sel])
         ious = box_iou(boxes, boxes)
         taken = np.zeros(len(sel), bool)
+        clusters: list[tuple[CellDetection, Box, np.ndarray | None, dict[int, float]]] = []
         for i in range(len(sel)):
             if taken[i]:
                 continue
             taken[i] = True
-            members, seen = [sel[i][1]], {sel[i][0]}
+            members, seen = [sel[i][1]], {sel[i][0]: sel[i][1].score}
             for j in np.argsort(-ious[i], kind="stable"):
                 if ious[i, j] < iou_threshold:
                     break
                 if not taken[j] and sel[j][0] not in seen:
                     taken[j] = True
-                    seen.add(sel[j][0])
+                    seen[sel[j][0]] = sel[j][1].score
                     members.append(sel[j][1])
             w = np.array([m.score for m in members])
             fused = (np.array([m.box.as_list() for m in members]) * w[:, None]).sum(0) / max(w.sum(), 1e-12)
             box = Box(*(float(v) for v in fused))
-            out.append(replace(members[0], box=box, score=float(w.sum() / n_views), mask=_vote(members, box)))
+            clusters.append((members[0], box, _vote(members, box), seen))
+        if kind in absorb_kinds:
+            clusters = _absorb_pieces(clusters)
+        out += [replace(lead, box=box, score=float(sum(votes.values()) / n_views), mask=mask)
+                for lead, box, mask, votes in clusters]
     return out
+
+
+def _absorb_pieces(clusters):
+    """Join pieces of one large cell into the cluster whose box holds them.
+
+    A large white cell (a monocyte) is sometimes found whole in one view and in two pieces in
+    another; without this the whole cell keeps a third of its score and each piece another
+    fraction, and the cell is lost below the threshold. A cluster whose box lies at least
+    `ABSORB_INSIDE` inside a larger one of the same class is dropped, and its views' scores
+    count for the larger one (per view the best score, so a view still votes once).
+    """
+    order = sorted(range(len(clusters)), key=lambda k: -clusters[k][1].area)
+    gone: set[int] = set()
+    for a in order:
+        if a in gone:
+            continue
+        lead, box, mask, votes = clusters[a]
+        for b in order:
+            if b == a or b in gone or clusters[b][1].area > box.area:
+                continue
+            if _inside(clusters[b][1], box) >= ABSORB_INSIDE:
+                gone.add(b)
+                for v, sc in clusters[b][3].items():
+                    votes[v] = max(votes.get(v, 0.0), sc)
+    return [c for k, c in enumerate(clusters) if k not in gone]

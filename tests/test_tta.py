@@ -76,6 +76,26 @@ def test_fused_mask_is_the_majority_of_the_views():
     assert np.array_equal(fused[0].mask, a)
 
 
+def test_pieces_of_a_white_cell_count_for_the_whole_cell_not_for_red_cells():
+    wbc, rbc = CellKind.WBC, CellKind.RBC
+    whole = (0, 0, 60, 60)
+    left, right = (2, 5, 32, 55), (30, 4, 58, 56)  # another view split the cell in two
+    views = [[_det(wbc, whole, 0.9)], [_det(wbc, left, 0.7), _det(wbc, right, 0.5)], [_det(wbc, right, 0.6)]]
+    fused = fuse_views(views)
+    assert len(fused) == 1
+    assert fused[0].box.as_list() == pytest.approx(list(whole))  # the whole cell's box, not a piece's
+    assert fused[0].score == pytest.approx((0.9 + 0.7 + 0.6) / 3)  # each view votes once, with its best piece
+    # without the rule the whole cell keeps a third of its score and the pieces survive
+    plain = fuse_views(views, absorb_kinds=frozenset())
+    assert len(plain) == 3 and max(d.score for d in plain) == pytest.approx((0.6 + 0.5) / 3)
+    # red cells are never joined: a large box over two touching red cells leaves both cells
+    reds = fuse_views([[_det(rbc, whole, 0.9)], [_det(rbc, left, 0.7), _det(rbc, right, 0.5)]])
+    assert len(reds) == 3
+    # a white cell beside (not inside) the large one stays a cell of its own
+    apart = fuse_views([[_det(wbc, whole, 0.9), _det(wbc, (50, 50, 90, 90), 0.8)], [_det(wbc, whole, 0.8)]])
+    assert len(apart) == 2
+
+
 def test_unknown_views_are_refused():
     assert check_views(["identity", "hflip"]) == ("identity", "hflip")
     for bad in ([], ["identity", "rot90"]):
