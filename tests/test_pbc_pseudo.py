@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from device.synthetic import render_field
-from training.pbc_pseudo import _inside_fraction, _iou, pseudo_boxes, violet_blobs
+from training.pbc_pseudo import MIN_PEAK_OD, _inside_fraction, _iou, pseudo_boxes, violet_blobs
 
 MPP = 0.2
 
@@ -24,13 +24,25 @@ def test_violet_blobs_are_the_platelets_and_white_cell_nuclei(seed):
     blobs = [(b.x0, b.y0, b.x1, b.y1) for b in violet_blobs(px)]
     plts = [_box(c.bbox) for c in f.cells if c.kind == "platelet"]
     wbcs = [_box(c.bbox) for c in f.cells if c.kind == "wbc"]
-    whole = [p for p in plts if p[0] > 2 and p[1] > 2 and p[2] < 509 and p[3] < 509]
-    assert whole
-    for p in whole:  # every whole platelet is found with its extent
+    dense = [_box(c.bbox) for c in f.cells if c.kind == "platelet" and _peak_od(px, c) >= MIN_PEAK_OD + 0.05
+             and c.bbox[0] > 2 and c.bbox[1] > 2 and c.bbox[2] < 509 and c.bbox[3] < 509]
+    pale = [_box(c.bbox) for c in f.cells if c.kind == "platelet" and _peak_od(px, c) < MIN_PEAK_OD - 0.05]
+    assert dense
+    for p in dense:  # every whole, dense platelet is found with its extent
         assert max(_iou(p, b) for b in blobs) >= 0.5, p
+    for p in pale:  # a pale one (like a red cell's dark rim) is not
+        assert all(_iou(p, b) < 0.3 for b in blobs), p
     for b in blobs:  # and nothing else outside a white cell
         if all(_inside_fraction(b, w) < 0.5 for w in wbcs):
             assert max(_iou(b, p) for p in plts) >= 0.3, b
+
+
+def _peak_od(px, cell) -> float:
+    """90th percentile of the red channel's optical density over a rendered cell's exact mask."""
+    x0, y0 = int(cell.bbox[0]), int(cell.bbox[1])
+    m = cell.mask.astype(bool)
+    od = -np.log((px[y0 : y0 + m.shape[0], x0 : x0 + m.shape[1], 2].astype(np.float32) + 1) / 256)
+    return float(np.percentile(od[m[: od.shape[0], : od.shape[1]]], 90))
 
 
 def _window(field, centre, size=192):
@@ -54,7 +66,8 @@ def _field_with(kind):
         f = render_field(seed, width=640, height=640, microns_per_pixel=MPP, n_wbc=1, n_platelets=6)
         for c in f.cells:
             cx, cy = (c.bbox[0] + c.bbox[2]) / 2, (c.bbox[1] + c.bbox[3]) / 2
-            if c.kind == kind and 120 < cx < 520 and 120 < cy < 520:
+            dense = kind != "platelet" or _peak_od(np.asarray(f.frame.pixels), c) >= MIN_PEAK_OD + 0.05
+            if c.kind == kind and dense and 120 < cx < 520 and 120 < cy < 520:
                 others = [o for o in f.cells if o.kind != "rbc" and o is not c
                           and abs((o.bbox[0] + o.bbox[2]) / 2 - cx) < 60 and abs((o.bbox[1] + o.bbox[3]) / 2 - cy) < 60]
                 if not others:

@@ -95,7 +95,7 @@ def txl_fields(split: str):
         yield img_path, boxes, scale_from_rbc_diameters(np.array(diam))
 
 
-def pbc_fields(n_platelet: int, n_wbc_per_class: int, models_dir: Path, seed: int = 0):
+def pbc_fields(n_platelet: int, n_wbc_per_class: int, n_erythroblast: int, models_dir: Path, seed: int = 0):
     """PBC *train* images with pseudo-labels (`training.pbc_pseudo`), a seeded sample per class.
 
     Yields (path, image, boxes in input pixels); images whose centre cell could not be
@@ -113,7 +113,7 @@ def pbc_fields(n_platelet: int, n_wbc_per_class: int, models_dir: Path, seed: in
     random.Random(seed).shuffle(items)
     chosen = []
     for ci, cls in enumerate(PBC_CLASSES):
-        n = n_platelet if cls == "platelet" else n_wbc_per_class
+        n = {"platelet": n_platelet, "erythroblast": n_erythroblast}.get(cls, n_wbc_per_class)
         chosen += [(rel, cls) for rel, c in items if c == ci][:n]
     analyzer = Analyzer.from_models_dir(models_dir, warmup=False)
     root = data_root() / "pbc"
@@ -162,6 +162,8 @@ def main() -> None:
     ap.add_argument("--pbc-platelets", type=int, default=0,
                     help="add N PBC train platelet images with pseudo-labels (training.pbc_pseudo) to train")
     ap.add_argument("--pbc-wbc", type=int, default=0, help="add N PBC train images of each WBC class, pseudo-labelled")
+    ap.add_argument("--pbc-erythroblasts", type=int, default=None,
+                    help="erythroblast images instead of --pbc-wbc (their round nucleus looks like a giant platelet)")
     ap.add_argument("--pseudo-models", type=Path, default=Path("models"), help="models that make the PBC pseudo-labels")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
@@ -190,11 +192,13 @@ def main() -> None:
                     write_field(img, boxes, mpp, args.tile, f"txl_{img_path.stem}", args.out, split)
                     n += 1
             meta["splits"][f"txl_{split}"] = {"n": n}
-    if args.pbc_platelets or args.pbc_wbc:
+    if args.pbc_platelets or args.pbc_wbc or args.pbc_erythroblasts:
         from training.head_data import PBC_MICRONS_PER_PIXEL
 
         used, skipped = [], 0
-        for rel, img, boxes in pbc_fields(args.pbc_platelets, args.pbc_wbc, args.pseudo_models):
+        for rel, img, boxes in pbc_fields(args.pbc_platelets, args.pbc_wbc,
+                                          args.pbc_wbc if args.pbc_erythroblasts is None else args.pbc_erythroblasts,
+                                          args.pseudo_models):
             if boxes is None:
                 skipped += 1
                 continue
