@@ -47,6 +47,8 @@ DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 FALLBACK_UM_PER_PX = 0.1
 #: Factor between the scale guesses tried when the first guess finds too few red cells.
 SCALE_SEARCH_STEP = 1.4
+#: Detection passes at most that refine an unknown scale from the whole red cells (see _scale_and_detect).
+SCALE_REFINE_ROUNDS = 3
 MIN_RBC_FOR_SCALE = 5
 #: Red cells this confident take part in measuring the scale (sizes, not counts, matter here).
 SCALE_MIN_SCORE = 0.3
@@ -193,18 +195,23 @@ class Analyzer:
         mpp, canonical, normalized, whole_rbc, dets = best
         if est.method == "given":
             return est, canonical, normalized, dets
-        # box size, the definition the datasets' scales were measured with (mask outlines are coarse)
-        diam_canon = [(d.box.width + d.box.height) / 2.0 for d in whole_rbc]
-        implied = scale_from_rbc_diameters(np.array(diam_canon))  # um per CANONICAL px if cells were normal
-        if implied is None:
-            return ScaleEstimate(mpp, est.method), canonical, normalized, dets
-        true_mpp = mpp * implied / CANONICAL_UM_PER_PX
-        if abs(true_mpp / mpp - 1.0) <= self.options.scale_refine_tolerance:
-            return ScaleEstimate(mpp, "rbc_size_detection", len(whole_rbc)), canonical, normalized, dets
-        logger.info("scale refined from %.4f to %.4f um/px by %d red cells", mpp, true_mpp, len(whole_rbc))
-        mpp, canonical, normalized, whole_rbc, dets = self._detect_at(frame, true_mpp, timing)
-        est = ScaleEstimate(true_mpp, "rbc_size_detection", len(whole_rbc))
-        return est, canonical, normalized, dets
+        # Refine from the whole red cells' box size (the definition the datasets' scales were
+        # measured with; mask outlines are coarse). A detector sees cells far from the canonical
+        # size as nearer to it than they are, so one step under-corrects a large error: repeat
+        # (at most SCALE_REFINE_ROUNDS detection passes) until the implied scale agrees.
+        method = est.method
+        for _ in range(SCALE_REFINE_ROUNDS):
+            diam_canon = [(d.box.width + d.box.height) / 2.0 for d in whole_rbc]
+            implied = scale_from_rbc_diameters(np.array(diam_canon))  # um per CANONICAL px if cells were normal
+            if implied is None:
+                break
+            true_mpp = mpp * implied / CANONICAL_UM_PER_PX
+            if abs(true_mpp / mpp - 1.0) <= self.options.scale_refine_tolerance:
+                return ScaleEstimate(mpp, "rbc_size_detection", len(whole_rbc)), canonical, normalized, dets
+            logger.info("scale refined from %.4f to %.4f um/px by %d red cells", mpp, true_mpp, len(whole_rbc))
+            mpp, canonical, normalized, whole_rbc, dets = self._detect_at(frame, true_mpp, timing)
+            method = "rbc_size_detection"
+        return ScaleEstimate(mpp, method, len(whole_rbc) if method == "rbc_size_detection" else 0), canonical, normalized, dets
 
     def analyze(self, frame: Frame, run_id: str | None = None) -> FieldResult:
         timing: dict[str, float] = {}
