@@ -81,6 +81,14 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area_a[:, None] + area_b[None, :] - inter + 1e-9)
 
 
+def inside_fraction(inner, outer) -> float:
+    """Fraction of box `inner`'s area that lies inside box `outer` (both x0, y0, x1, y1)."""
+    ix = max(0.0, min(inner[2], outer[2]) - max(inner[0], outer[0]))
+    iy = max(0.0, min(inner[3], outer[3]) - max(inner[1], outer[1]))
+    area = (inner[2] - inner[0]) * (inner[3] - inner[1])
+    return ix * iy / area if area > 0 else 0.0
+
+
 def greedy_matches(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray,
                    iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """One image, one class: predictions by descending score, each a true positive when it overlaps

@@ -27,7 +27,7 @@ import numpy as np
 
 from engines.manifest import DetectorView
 from service.merge import mask_window
-from service.metrics import box_iou
+from service.metrics import box_iou, inside_fraction
 from service.records import Box, CellDetection, CellKind
 
 #: Views the detector can run in (engines.manifest.DetectorView); each is its own inverse.
@@ -91,13 +91,6 @@ def _vote(members: list[CellDetection], box: Box) -> np.ndarray | None:
     return np.ascontiguousarray(votes[fr0 - r0 : fr1 - r0, fc0 - c0 : fc1 - c0] >= len(members) / 2.0)
 
 
-def _inside(inner: Box, outer: Box) -> float:
-    """Fraction of `inner`'s area that lies inside `outer`."""
-    ix = max(0.0, min(inner.x1, outer.x1) - max(inner.x0, outer.x0))
-    iy = max(0.0, min(inner.y1, outer.y1) - max(inner.y0, outer.y0))
-    return ix * iy / inner.area if inner.area > 0 else 0.0
-
-
 def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float = FUSE_IOU,
                absorb_kinds: frozenset[CellKind] = ABSORB_KINDS) -> list[CellDetection]:
     """Fuse the cells each view found (all in frame coordinates) into one list."""
@@ -153,7 +146,7 @@ def _absorb_pieces(clusters):
         for b in order:
             if b == a or b in gone or clusters[b][1].area > box.area:
                 continue
-            if _inside(clusters[b][1], box) >= ABSORB_INSIDE:
+            if inside_fraction(clusters[b][1].as_list(), box.as_list()) >= ABSORB_INSIDE:
                 gone.add(b)
                 for v, sc in clusters[b][3].items():
                     votes[v] = max(votes.get(v, 0.0), sc)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from device.synthetic import render_field
-from training.pbc_pseudo import MIN_PEAK_OD, _inside_fraction, _iou, pseudo_boxes, violet_blobs
+from service.metrics import inside_fraction
+from training.pbc_pseudo import MIN_PEAK_OD, _iou, pseudo_boxes, violet_blobs
 
 MPP = 0.2
 
@@ -33,7 +34,7 @@ def test_violet_blobs_are_the_platelets_and_white_cell_nuclei(seed):
     for p in pale:  # a pale one (like a red cell's dark rim) is not
         assert all(_iou(p, b) < 0.3 for b in blobs), p
     for b in blobs:  # and nothing else outside a white cell
-        if all(_inside_fraction(b, w) < 0.5 for w in wbcs):
+        if all(inside_fraction(b, w) < 0.5 for w in wbcs):
             assert max(_iou(b, p) for p in plts) >= 0.3, b
 
 
@@ -108,5 +109,5 @@ def test_white_cell_image_joins_the_split_centre_cell_and_needs_it():
     wb = [(b.x0, b.y0, b.x1, b.y1) for b in boxes if b.kind == "wbc"]
     assert len(wb) == 1 and wb[0] == pytest.approx(w)
     # its nucleus is not a platelet
-    assert all(_inside_fraction((b.x0, b.y0, b.x1, b.y1), w) < 0.2 for b in boxes if b.kind == "platelet")
+    assert all(inside_fraction((b.x0, b.y0, b.x1, b.y1), w) < 0.2 for b in boxes if b.kind == "platelet")
     assert pseudo_boxes(img, MPP, "monocyte", [_rec(k, b) for k, b in truth if k == "rbc"]) is None

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from service.metrics import box_iou, inside_fraction
 from service.scale import CANONICAL_UM_PER_PX, resample_factor, resample_to_canonical
 from training.data import BoxAnnotation
 
@@ -49,10 +50,6 @@ class Blob:
     x1: int
     y1: int
 
-    @property
-    def centre(self) -> tuple[float, float]:
-        return (self.x0 + self.x1) / 2, (self.y0 + self.y1) / 2
-
 
 def _grown(b, shape_hw, factor: float = BLOB_BOX_GROWTH):
     cx, cy, hw, hh = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2, (b[2] - b[0]) * factor / 2, (b[3] - b[1]) * factor / 2
@@ -79,18 +76,7 @@ def violet_blobs(canon_bgr: np.ndarray) -> list[Blob]:
 
 
 def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / u if u > 0 else 0.0
-
-
-def _inside_fraction(inner, outer) -> float:
-    ix = max(0.0, min(inner[2], outer[2]) - max(inner[0], outer[0]))
-    iy = max(0.0, min(inner[3], outer[3]) - max(inner[1], outer[1]))
-    a = (inner[2] - inner[0]) * (inner[3] - inner[1])
-    return ix * iy / a if a > 0 else 0.0
+    return float(box_iou(a, b)[0, 0])
 
 
 def pseudo_boxes(image_bgr: np.ndarray, mpp: float, folder_class: str, cells) -> list[BoxAnnotation] | None:
@@ -114,24 +100,24 @@ def pseudo_boxes(image_bgr: np.ndarray, mpp: float, folder_class: str, cells) ->
             return None
         centre_wbc = (min(b[0] for b in hit), min(b[1] for b in hit), max(b[2] for b in hit), max(b[3] for b in hit))
         wbc = [centre_wbc] + [b for b in wbc if b not in hit and _iou(b, centre_wbc) < 0.3]
-        rbc = [b for b in rbc if _inside_fraction(b, centre_wbc) < 0.7]
+        rbc = [b for b in rbc if inside_fraction(b, centre_wbc) < 0.7]
 
     canon = resample_to_canonical(image_bgr, mpp)
     blobs = [(b.x0 / f, b.y0 / f, b.x1 / f, b.y1 / f) for b in violet_blobs(canon)]
-    blobs = [b for b in blobs if all(_inside_fraction(b, wb) < 0.2 for wb in wbc)]
+    blobs = [b for b in blobs if all(inside_fraction(b, wb) < 0.2 for wb in wbc)]
     central = [b for b in blobs if np.hypot((b[0] + b[2]) / 2 - cx, (b[1] + b[3]) / 2 - cy) <= near]
-    small = (np.pi / 4 * (OFF_CENTRE_MAX_DIAMETER_UM / mpp) ** 2)
-    blobs = [b for b in blobs if (folder_class == "platelet" and b in central) or (b[2] - b[0]) * (b[3] - b[1]) * np.pi / 4 <= small]
+    max_side = OFF_CENTRE_MAX_DIAMETER_UM / mpp  # the box's inscribed ellipse at most that circle
+    blobs = [b for b in blobs if (folder_class == "platelet" and b in central) or (b[2] - b[0]) * (b[3] - b[1]) <= max_side**2]
     if folder_class == "platelet":
         centre = central
         if not centre:
             return None
         # a detection that took the centre platelet for a red or white cell is dropped
         rbc = [b for b in rbc if all(_iou(b, c) < 0.4 for c in centre)]
-        wbc = [b for b in wbc if all(_inside_fraction(c, b) < 0.5 for c in centre)]
+        wbc = [b for b in wbc if all(inside_fraction(c, b) < 0.5 for c in centre)]
     blobs = [_grown(b, (h, w)) for b in blobs]
     # platelets: the violet blobs; a detector platelet box is kept (it includes the pale rim) only
     # where it holds a blob, so a detector false positive is not taught back to it
-    plt = [next((p for p in plt if _inside_fraction(b, p) >= 0.6 and _iou(b, p) >= 0.2), b) for b in blobs]
+    plt = [next((p for p in plt if inside_fraction(b, p) >= 0.6 and _iou(b, p) >= 0.2), b) for b in blobs]
     return ([BoxAnnotation("wbc", *b) for b in wbc] + [BoxAnnotation("rbc", *b) for b in rbc]
             + [BoxAnnotation("platelet", *b) for b in plt])
