@@ -1,10 +1,13 @@
 """Evaluate every committed model on its held-out split and print the accuracy table.
 
-    python -m training.evaluate [--models models] [--stain macenko|none] [--json out.json] [--quick]
+    python -m training.evaluate [--models models] [--split test|val] [--stain macenko|none] [--json out.json] [--quick]
 
 Runs with the runtime dependencies only (ONNX Runtime), so it measures exactly what ships.
-Splits: BCCD VOC test; TXL-PBC test; PBC seeded 10% test; Chula RBC-12 seeded 10% test (by image);
-erythrocytesIDB1 test/.
+Splits (`--split test`, the default): BCCD VOC test; TXL-PBC test; PBC seeded 10% test; Chula
+RBC-12 seeded 10% test (by image); erythrocytesIDB1 test/. `--split val` prints the same table on
+the validation splits (BCCD VOC val, TXL-PBC val, PBC and Chula seeded 10% val, the seeded 15% of
+IDB1 train/): the figures used to choose between candidate models, so that choosing never
+looks at a test split. The bars apply to the test split only.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from device.frame import Frame
 from engines.batching import run_batched
 from engines.preprocess import to_model_input
 from engines.registry import create_engine
+from engines.manifest import load_manifest
+from service.crops import WBC_CROP, CropSpec
 from service.metrics import classification_report, detection_map50, softmax
 from service.pipeline import Analyzer, AnalyzerOptions
 from training import head_data as hd
@@ -33,12 +38,12 @@ SEG_KINDS = ("rbc", "wbc", "platelet")
 TXL_KIND = {0: "wbc", 1: "rbc", 2: "platelet"}
 
 
-def eval_bccd(analyzer: Analyzer, limit: int | None) -> dict:
-    ids = bccd_split("test")[:limit]
+def eval_bccd(analyzer: Analyzer, limit: int | None, split: str = "test") -> dict:
+    ids = bccd_split(split)[:limit]
     mpp = bccd_microns_per_pixel()
     types = bccd_wbc_types()
     per, wbc_ok, secs, type_hits = [], 0, [], []
-    for i in tqdm(ids, desc="BCCD test"):
+    for i in tqdm(ids, desc=f"BCCD {split}"):
         img = cv2.imread(str(bccd_image_path(i)))
         t = time.perf_counter()
         rep = analyzer.analyze(Frame(img, i, "bccd", microns_per_pixel=mpp)).report
@@ -47,23 +52,23 @@ def eval_bccd(analyzer: Analyzer, limit: int | None) -> dict:
         per.append({"pred": [(c.kind, c.bbox, c.score) for c in rep.cells], "truth": truth})
         wbc_ok += sum(k == "wbc" for k, _ in truth) == rep.counts.wbc
         wbcs = [c for c in rep.cells if c.kind == "wbc"]
-        if i in types and len(wbcs) == 1:  # the second lab's held-out images, typed through the analyzer
+        if i in types and len(wbcs) == 1:  # the second lab's images, typed through the analyzer
             type_hits.append(wbcs[0].label == types[i])
     m = detection_map50(per, SEG_KINDS)
     return {**m, "wbc_count_agreement": wbc_ok / len(ids), "n": len(ids), "median_s_per_field": float(np.median(secs)),
             "wbc_type_accuracy_bccd": float(np.mean(type_hits)) if type_hits else None, "wbc_type_n": len(type_hits)}
 
 
-def eval_txl(analyzer: Analyzer, limit: int | None) -> dict:
+def eval_txl(analyzer: Analyzer, limit: int | None, split: str = "test") -> dict:
     root = data_root() / "txl_pbc" / "TXL_PBC"
-    files = sorted((root / "images" / "test").iterdir())[:limit]
+    files = sorted((root / "images" / split).iterdir())[:limit]
     per, methods = [], []
-    for p in tqdm(files, desc="TXL-PBC test"):
+    for p in tqdm(files, desc=f"TXL-PBC {split}"):
         img = cv2.imread(str(p))
         if img is None:
             continue
         h, w = img.shape[:2]
-        lab = root / "labels" / "test" / (p.stem + ".txt")
+        lab = root / "labels" / split / (p.stem + ".txt")
         truth = []
         for line in (lab.read_text().splitlines() if lab.exists() else []):
             v = line.split()
@@ -77,16 +82,16 @@ def eval_txl(analyzer: Analyzer, limit: int | None) -> dict:
     return {**m, "n": len(per), "scale_methods": {k: methods.count(k) for k in set(methods)}}
 
 
-def eval_pbc_pipeline(analyzer: Analyzer, limit: int | None) -> dict:
+def eval_pbc_pipeline(analyzer: Analyzer, limit: int | None, split: str = "test") -> dict:
     """PBC held-out crops through the whole analyzer, as `smearscope analyze` runs them.
 
     The cell of interest is the detection nearest the crop centre; for the seven WBC-like classes
     it must be found as a WBC and labelled correctly; platelet crops must yield a platelet.
     """
     root = data_root() / "pbc"
-    items = hd.pbc_splits()["test"][:limit]
+    items = hd.pbc_splits()[split][:limit]
     labels, preds, found = [], [], 0
-    for rel, ci in tqdm(items, desc="PBC test via pipeline"):
+    for rel, ci in tqdm(items, desc=f"PBC {split} via pipeline"):
         img = cv2.imread(str(root / rel))
         rep = analyzer.analyze(Frame(img, rel, "pbc", microns_per_pixel=hd.PBC_MICRONS_PER_PIXEL)).report
         cls = hd.PBC_CLASSES[ci]
@@ -119,48 +124,74 @@ def eval_head(manifest: Path, images: np.ndarray, labels: np.ndarray, classes) -
     return rep, softmax(logits / eng.manifest.temperature), names
 
 
+def head_crop(manifest: Path) -> CropSpec:
+    """The crop a head was trained on, from its manifest (the analyzer cuts the same one)."""
+    m = load_manifest(manifest, verify_hash=False)
+    return CropSpec(m.crop.extent_um, m.crop.input_size)
+
+
+def idb1_set(split: str, crop: CropSpec) -> tuple[hd.CropSet, np.ndarray]:
+    """IDB1 test/, or for `val` the seeded 15% of train/ that the RBC head validates on."""
+    mpp = hd.idb1_microns_per_pixel()
+    if split == "test":
+        return hd.idb1_crops("test", mpp, spec=crop)
+    full, is_sickle = hd.idb1_crops("train", mpp, spec=crop)
+    _, val_idx = hd.idb1_train_val_split(len(full.labels))
+    out = hd.CropSet(full.images[:0], full.labels[:0], [])
+    out.extend(full, val_idx)
+    return out, is_sickle[val_idx]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=Path("models"))
+    ap.add_argument("--split", default="test", choices=["test", "val"],
+                    help="held-out test splits (the bars), or the validation splits (for choosing models)")
     ap.add_argument("--stain", default="auto", choices=["auto", "macenko", "none"])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="20 images per detection set")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     limit = 20 if args.quick else None
-    res: dict = {}
-    wbc_rep, _, _ = eval_head(args.models / "wbc_head.json", (s := hd.pbc_crops("test")).images, s.labels, hd.PBC_CLASSES)
-    res["wbc_head_pbc_test"] = wbc_rep
-    bccd_w = hd.bccd_wbc_crops("test")
-    res["wbc_head_bccd_test"], _, _ = eval_head(args.models / "wbc_head.json", bccd_w.images, bccd_w.labels, hd.PBC_CLASSES)
-    chula = hd.chula_crops("test")
-    rbc_rep, _, _ = eval_head(args.models / "rbc_head.json", chula.images, chula.labels, hd.RBC_CLASSES)
-    res["rbc_head_chula_test"] = rbc_rep
-    idb, is_sickle = hd.idb1_crops("test", hd.idb1_microns_per_pixel())
-    _, probs, names = eval_head(args.models / "rbc_head.json", idb.images, idb.labels, hd.RBC_CLASSES)
-    res["rbc_head_idb1_sickle_vs_not_accuracy"] = float(((probs.argmax(1) == names.index("sickle")) == is_sickle).mean())
+    sp = args.split
+    res: dict = {"split": sp}
+    wbc_m, rbc_m = args.models / "wbc_head.json", args.models / "rbc_head.json"
+    wbc_crop, rbc_crop = head_crop(wbc_m), head_crop(rbc_m)
+    if wbc_crop != WBC_CROP:
+        raise SystemExit(f"{wbc_m}: crop {wbc_crop} differs from the one the WBC adapters cut ({WBC_CROP})")
+    wbc_rep, _, _ = eval_head(wbc_m, (s := hd.pbc_crops(sp)).images, s.labels, hd.PBC_CLASSES)
+    res[f"wbc_head_pbc_{sp}"] = wbc_rep
+    bccd_w = hd.bccd_wbc_crops(sp)
+    res[f"wbc_head_bccd_{sp}"], _, _ = eval_head(wbc_m, bccd_w.images, bccd_w.labels, hd.PBC_CLASSES)
+    chula = hd.chula_crops(sp, rbc_crop)
+    rbc_rep, _, _ = eval_head(rbc_m, chula.images, chula.labels, hd.RBC_CLASSES)
+    res[f"rbc_head_chula_{sp}"] = rbc_rep
+    idb, is_sickle = idb1_set(sp, rbc_crop)
+    _, probs, names = eval_head(rbc_m, idb.images, idb.labels, hd.RBC_CLASSES)
+    res[f"rbc_head_idb1_{sp}_sickle_vs_not_accuracy"] = float(((probs.argmax(1) == names.index("sickle")) == is_sickle).mean())
     analyzer = Analyzer.from_models_dir(args.models, options=AnalyzerOptions(stain_method=args.stain), warmup=False)
-    res["seg_bccd_test"] = eval_bccd(analyzer, limit)
-    res["seg_txl_test"] = eval_txl(analyzer, limit)
-    res["pipeline_pbc_test"] = eval_pbc_pipeline(analyzer, 100 if args.quick else None)
+    res[f"seg_bccd_{sp}"] = bccd = eval_bccd(analyzer, limit, sp)
+    res[f"seg_txl_{sp}"] = txl = eval_txl(analyzer, limit, sp)
+    res[f"pipeline_pbc_{sp}"] = pbc = eval_pbc_pipeline(analyzer, 100 if args.quick else None, sp)
     rows = [
-        ("segmentation", "BCCD test box mAP50", res["seg_bccd_test"]["mAP50"], ">= 0.92 (issue 3), >= 0.80 (issue 2)"),
-        ("segmentation", "  rbc / wbc / platelet AP50", "{rbc:.3f} / {wbc:.3f} / {platelet:.3f}".format(**res["seg_bccd_test"]), ""),
-        ("pipeline", "BCCD test WBC count agreement", res["seg_bccd_test"]["wbc_count_agreement"], ">= 0.90"),
-        ("WBC head", "BCCD test crops (2nd lab, GT boxes): accuracy", res["wbc_head_bccd_test"]["accuracy"], "report"),
-        ("pipeline", "BCCD test WBC type via analyzer", res["seg_bccd_test"]["wbc_type_accuracy_bccd"], "report"),
-        ("segmentation", "TXL-PBC test box mAP50 (scale estimated)", res["seg_txl_test"]["mAP50"], "report"),
-        ("WBC head", "PBC test accuracy", wbc_rep["accuracy"], ">= 0.97"),
-        ("WBC head", "PBC test macro-F1", wbc_rep["macro_f1"], ">= 0.95"),
-        ("WBC head", "PBC test ECE (calibrated)", wbc_rep["ece"], "report"),
-        ("pipeline", "PBC test crops via analyzer: WBC accuracy", res["pipeline_pbc_test"]["accuracy"], "within 3 pts of head"),
-        ("pipeline", "PBC test crops via analyzer: cell found", res["pipeline_pbc_test"]["detected_fraction"], "report"),
-        ("RBC head", "Chula test macro-F1", rbc_rep["macro_f1"], ">= 0.87"),
-        ("RBC head", "Chula test accuracy", rbc_rep["accuracy"], "report"),
-        ("RBC head", "IDB1 test sickle-vs-not accuracy", res["rbc_head_idb1_sickle_vs_not_accuracy"], ">= 0.96"),
-        ("pipeline", "median s per BCCD field (this CPU)", res["seg_bccd_test"]["median_s_per_field"], "report"),
+        ("segmentation", f"BCCD {sp} box mAP50", bccd["mAP50"], ">= 0.92 (issue 3), >= 0.80 (issue 2)"),
+        ("segmentation", "  rbc / wbc / platelet AP50", "{rbc:.3f} / {wbc:.3f} / {platelet:.3f}".format(**bccd), ""),
+        ("pipeline", f"BCCD {sp} WBC count agreement", bccd["wbc_count_agreement"], ">= 0.90"),
+        ("WBC head", f"BCCD {sp} crops (2nd lab, GT boxes): accuracy", res[f"wbc_head_bccd_{sp}"]["accuracy"], "report"),
+        ("pipeline", f"BCCD {sp} WBC type via analyzer", bccd["wbc_type_accuracy_bccd"], "report"),
+        ("segmentation", f"TXL-PBC {sp} box mAP50 (scale estimated)", txl["mAP50"], "report"),
+        ("WBC head", f"PBC {sp} accuracy", wbc_rep["accuracy"], ">= 0.97"),
+        ("WBC head", f"PBC {sp} macro-F1", wbc_rep["macro_f1"], ">= 0.95"),
+        ("WBC head", f"PBC {sp} ECE (calibrated)", wbc_rep["ece"], "report"),
+        ("pipeline", f"PBC {sp} crops via analyzer: WBC accuracy", pbc["accuracy"], "within 3 pts of head"),
+        ("pipeline", f"PBC {sp} crops via analyzer: cell found", pbc["detected_fraction"], "report"),
+        ("RBC head", f"Chula {sp} macro-F1", rbc_rep["macro_f1"], ">= 0.87"),
+        ("RBC head", f"Chula {sp} accuracy", rbc_rep["accuracy"], "report"),
+        ("RBC head", f"IDB1 {sp} sickle-vs-not accuracy", res[f"rbc_head_idb1_{sp}_sickle_vs_not_accuracy"], ">= 0.96"),
+        ("pipeline", f"median s per BCCD field (this CPU)", bccd["median_s_per_field"], "report"),
     ]
-    print(f"\nstain normalization: {args.stain}{' (QUICK: subsets)' if args.quick else ''}")
+    print(f"\nsplit: {sp}{' (validation: for choosing models; the bars apply to test)' if sp == 'val' else ''}"
+          f"; stain normalization: {args.stain}{' (QUICK: subsets)' if args.quick else ''}")
     print(f"{'model':<14}{'figure':<44}{'value':>22}  bar")
     for model, fig, val, bar in rows:
         v = f"{val:.4f}" if isinstance(val, float) else str(val)
@@ -168,7 +199,7 @@ def main() -> None:
     for name, rep in (("WBC", wbc_rep), ("RBC", rbc_rep)):
         print(f"\n{name} head per class (precision / recall / F1 / n):")
         for c, m in rep["per_class"].items():
-            print(f"  {c:<14}{m['precision']:.3f} / {m['recall']:.3f} / {m['f1']:.3f} / {m['support']}")
+            print(f"  {c:<18}{m['precision']:.3f} / {m['recall']:.3f} / {m['f1']:.3f} / {m['support']}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
 

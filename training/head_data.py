@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from service.crops import RBC_CROP, WBC_CROP, crop_cell
+from service.crops import RBC_CROP, WBC_CROP, CropSpec, crop_cell
 from service.scale import NORMAL_RBC_DIAMETER_UM, resample_to_canonical, scale_from_rbc_diameters
 from training.data import bccd_boxes, bccd_image_path, bccd_microns_per_pixel, bccd_split, bccd_wbc_types, data_root, seeded_split, split_hash
 
@@ -114,7 +114,7 @@ def chula_splits() -> dict[str, list[str]]:
     return seeded_split(ids, (0.8, 0.1, 0.1))
 
 
-def chula_crops(split: str) -> CropSet:
+def chula_crops(split: str, spec: CropSpec = RBC_CROP) -> CropSet:
     root = data_root() / "chula_rbc12"
     crops, labels, groups = [], [], []
     f = CHULA_MICRONS_PER_PIXEL
@@ -133,10 +133,10 @@ def chula_crops(split: str) -> CropSet:
             name = CHULA_CLASSES[c] if 0 <= c < len(CHULA_CLASSES) else None
             if name is None or name not in RBC_CLASSES:
                 continue
-            crops.append(crop_cell(canon, (x * factor, y * factor), RBC_CROP))
+            crops.append(crop_cell(canon, (x * factor, y * factor), spec))
             labels.append(RBC_CLASSES.index(name))
             groups.append(f"chula/{image_id}")
-    return _stack(crops, labels, groups, RBC_CROP.input_size)
+    return _stack(crops, labels, groups, spec.input_size)
 
 
 def _cell_diameter(img: np.ndarray) -> float | None:
@@ -159,7 +159,8 @@ def idb1_microns_per_pixel() -> float:
     return mpp if mpp is not None else NORMAL_RBC_DIAMETER_UM / 60.0
 
 
-def idb1_crops(split: str, mpp: float, folders: tuple[str, ...] = ("falciforme", "circular", "outras")) -> tuple[CropSet, np.ndarray]:
+def idb1_crops(split: str, mpp: float, folders: tuple[str, ...] = ("falciforme", "circular", "outras"),
+               spec: CropSpec = RBC_CROP) -> tuple[CropSet, np.ndarray]:
     """IDB1 crops; returns the set and a boolean 'is sickle' array (for the sickle-vs-not metric).
 
     Labels: falciforme -> sickle, circular -> normal, outras -> other_poikilocyte (IDB1_LABEL).
@@ -173,11 +174,18 @@ def idb1_crops(split: str, mpp: float, folders: tuple[str, ...] = ("falciforme",
                 continue
             canon = resample_to_canonical(img, mpp)
             h, w = canon.shape[:2]
-            crops.append(crop_cell(canon, (w / 2.0, h / 2.0), RBC_CROP))
+            crops.append(crop_cell(canon, (w / 2.0, h / 2.0), spec))
             labels.append(RBC_CLASSES.index(IDB1_LABEL[folder]))
             groups.append(f"idb1/{split}/{folder}/{p.name}")
             sickle.append(folder == "falciforme")
-    return _stack(crops, labels, groups, RBC_CROP.input_size), np.array(sickle, bool)
+    return _stack(crops, labels, groups, spec.input_size), np.array(sickle, bool)
+
+
+def idb1_train_val_split(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """IDB1 ships train/ and test/ only: a seeded 15% of train/ is the validation split (never trained on)."""
+    order = np.random.default_rng(0).permutation(n)
+    cut = int(0.85 * n)
+    return order[:cut], order[cut:]
 
 
 def split_manifest() -> dict[str, str]:
@@ -199,7 +207,7 @@ SYNTHETIC_RBC_LABEL = {"normal": "normal", "target": "target", "spherocyte": "sp
                        "sickle": "sickle", "echinocyte": "burr"}
 
 
-def synthetic_rbc_crops(n_fields: int, seed_base: int) -> CropSet:
+def synthetic_rbc_crops(n_fields: int, seed_base: int, spec: CropSpec = RBC_CROP) -> CropSet:
     """RBC crops from rendered fields (exact centres and morphologies), at the canonical scale.
 
     Cells cut by the frame edge are skipped; stain varies per field.
@@ -217,7 +225,7 @@ def synthetic_rbc_crops(n_fields: int, seed_base: int) -> CropSet:
         for c in field.cells:
             if c.kind != "rbc" or c.cut_by_frame_edge or c.morphology not in SYNTHETIC_RBC_LABEL:
                 continue
-            crops.append(crop_cell(img, c.center, RBC_CROP))
+            crops.append(crop_cell(img, c.center, spec))
             labels.append(RBC_CLASSES.index(SYNTHETIC_RBC_LABEL[c.morphology]))
             groups.append(f"synthetic/{seed}")
-    return _stack(crops, labels, groups, RBC_CROP.input_size)
+    return _stack(crops, labels, groups, spec.input_size)

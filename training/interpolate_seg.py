@@ -16,7 +16,10 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+
+import numpy as np
 
 from training.env import offline_ultralytics
 
@@ -26,6 +29,24 @@ logger = logging.getLogger(__name__)
 def _module(ckpt):
     m = ckpt.get("ema") or ckpt["model"]
     return m.float()
+
+
+def _is_float(t) -> bool:
+    f = getattr(t, "is_floating_point", None)  # torch tensors; numpy arrays by dtype
+    return bool(f()) if callable(f) else bool(np.issubdtype(np.asarray(t).dtype, np.floating))
+
+
+def blend_state(start: Mapping, tuned: Mapping, alpha: float) -> dict:
+    """(1 - alpha) * start + alpha * tuned for float tensors; integer buffers come from `tuned`.
+
+    Works on torch state dicts and on mappings of numpy arrays alike. Raises ValueError unless both
+    have the same keys and shapes (one lineage) and alpha lies in [0, 1].
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if start.keys() != tuned.keys() or any(tuple(start[k].shape) != tuple(tuned[k].shape) for k in start):
+        raise ValueError("the checkpoints differ in architecture; interpolation needs one lineage")
+    return {k: (1 - alpha) * start[k] + alpha * tuned[k] if _is_float(tuned[k]) else tuned[k] for k in tuned}
 
 
 def main() -> None:
@@ -43,10 +64,10 @@ def main() -> None:
 
     a = torch.load(args.start, map_location="cpu", weights_only=False)
     b = torch.load(args.tuned, map_location="cpu", weights_only=False)
-    sa, sb = _module(a).state_dict(), _module(b).state_dict()
-    if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape for k in sa):
-        raise SystemExit("the checkpoints differ in architecture; interpolation needs one lineage")
-    blended = {k: (1 - args.alpha) * sa[k] + args.alpha * sb[k] if sb[k].is_floating_point() else sb[k] for k in sb}
+    try:
+        blended = blend_state(_module(a).state_dict(), _module(b).state_dict(), args.alpha)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     model = copy.deepcopy(_module(b))
     model.load_state_dict(blended)
     out = dict(b)

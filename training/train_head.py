@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from service.crops import RBC_CROP, WBC_CROP
+from service.crops import RBC_CROP, WBC_CROP, CropSpec
 from training import head_data as hd
 from service.metrics import classification_report, fit_temperature
 
@@ -38,11 +38,17 @@ HEADS = {
 }
 
 
-def build_net(spec: dict, num_classes: int) -> nn.Module:
+def build_net(spec: dict, num_classes: int, width: str = "half") -> nn.Module:
+    """timm ResNet at half (the default, a few MB) or full (timm's own resnet10t/resnet18) width."""
     from timm.models.resnet import BasicBlock, ResNet
 
-    return ResNet(block=BasicBlock, layers=spec["layers"], channels=(32, 64, 128, 256), stem_width=spec["stem"],
-                  stem_type="deep_tiered", avg_down=True, num_classes=num_classes)
+    k = {"half": 1, "full": 2}[width]
+    return ResNet(block=BasicBlock, layers=spec["layers"], channels=tuple(k * c for c in (32, 64, 128, 256)),
+                  stem_width=k * spec["stem"], stem_type="deep_tiered", avg_down=True, num_classes=num_classes)
+
+
+def arch_name(spec: dict, width: str) -> str:
+    return spec["arch"] if width == "half" else spec["arch"].removesuffix("-half")
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -112,7 +118,8 @@ def predict_logits(model: nn.Module, images: np.ndarray, batch: int = 256) -> np
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
 
 
-def load_sets(head: str) -> dict:
+def load_sets(head: str, crop: CropSpec) -> dict:
+    """Train/val/test crop sets (and the extra held-out sets) for one head, cut with `crop`."""
     if head == "wbc":
         sets = {s: hd.pbc_crops(s) for s in ("train", "val", "test")}
         # A second lab (BCCD: other camera, stain and scale), so the head does not learn one
@@ -121,21 +128,18 @@ def load_sets(head: str) -> dict:
             sets[name].extend(hd.bccd_wbc_crops(name))
         sets["bccd_test"] = hd.bccd_wbc_crops("test")
         return sets
-    sets = {s: hd.chula_crops(s) for s in ("train", "val", "test")}
+    sets = {s: hd.chula_crops(s, crop) for s in ("train", "val", "test")}
     mpp = hd.idb1_microns_per_pixel()
     # Sickle, round AND other deformed cells from IDB1: with sickle crops alone, "looks like IDB1"
     # or "elongated" would be a shortcut to "sickle". IDB1 train: 85% for training, the last 15%
     # (seeded) for validation.
-    idb_train, _ = hd.idb1_crops("train", mpp)
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(idb_train.labels))
-    cut = int(0.85 * len(order))
-    for name, idx in (("train", order[:cut]), ("val", order[cut:])):
+    idb_train, _ = hd.idb1_crops("train", mpp, spec=crop)
+    for name, idx in zip(("train", "val"), hd.idb1_train_val_split(len(idb_train.labels))):
         sets[name].extend(idb_train, idx)
     # Rendered fields (the demo's virtual microscope): seeds 30000+ train, 40000+ validation.
     for name, n, base in (("train", 40, 30_000), ("val", 6, 40_000)):
-        sets[name].extend(hd.synthetic_rbc_crops(n, base))
-    idb_test, is_sickle = hd.idb1_crops("test", mpp)
+        sets[name].extend(hd.synthetic_rbc_crops(n, base, crop))
+    idb_test, is_sickle = hd.idb1_crops("test", mpp, spec=crop)
     sets["idb1_test"] = idb_test
     sets["idb1_test_is_sickle"] = is_sickle
     sets["idb1_mpp"] = mpp
@@ -157,17 +161,23 @@ def main() -> None:
     ap.add_argument("--init", type=Path, help="start from this checkpoint's weights with a new schedule (fine-tune)")
     ap.add_argument("--second-lab-share", type=float, default=0.15,
                     help="fraction of each batch drawn from the second lab's crops (BCCD, WBC head)")
+    ap.add_argument("--input-size", type=int, default=None,
+                    help="head input side in pixels (RBC head; the physical crop extent stays the same)")
+    ap.add_argument("--width", choices=["half", "full"], default="half", help="ResNet channel width")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     spec = HEADS[args.head]
     classes = spec["classes"]
-    sets = load_sets(args.head)
+    if args.head == "wbc" and args.input_size is not None:
+        ap.error("--input-size applies to the RBC head only (the WBC adapters cut WBC_CROP)")
+    crop = spec["crop"] if args.input_size is None else CropSpec(spec["crop"].extent_um, args.input_size)
+    sets = load_sets(args.head, crop)
     train, val, test = sets["train"], sets["val"], sets["test"]
     logger.info("%s head: train %d, val %d, test %d crops", args.head, len(train.labels), len(val.labels), len(test.labels))
 
-    net = build_net(spec, len(classes))
+    net = build_net(spec, len(classes), args.width)
     device = torch.device(args.device)
     model = Deployable(net).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
@@ -263,7 +273,7 @@ def main() -> None:
     from export.onnx_export import export_classifier
 
     export_classifier(
-        model.cpu().eval(), name=f"{args.head}_head", classes=list(classes), crop=spec["crop"], arch=spec["arch"],
+        model.cpu().eval(), name=f"{args.head}_head", classes=list(classes), crop=crop, arch=arch_name(spec, args.width),
         temperature=temperature, metrics=metrics, training_data=data_desc, split_hashes=hd.split_manifest(),
         out_dir=args.models, history=history,
     )

@@ -1,0 +1,83 @@
+"""Pure parts of the training tools that run without torch: the IDB1 validation split, the crop a
+head's manifest names (evaluation must cut what the analyzer cuts), crop sizes from the adapters,
+and the WiSE-FT weight blend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.crops import RBC_CROP, CropSpec
+from training import head_data as hd
+from training.evaluate import head_crop, idb1_set
+from training.interpolate_seg import blend_state
+
+from realdata import DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_idb1 = pytest.mark.skipif(not (DATA / "erythrocytesidb1" / "train" / "circular").is_dir(),
+                                reason=f"erythrocytesIDB1 not found under {DATA} (set SMEARSCOPE_DATA)")
+
+
+@pytest.mark.parametrize("n", [1, 7, 200, 1013])
+def test_idb1_val_split_is_seeded_disjoint_and_complete(n):
+    tr, va = hd.idb1_train_val_split(n)
+    tr2, va2 = hd.idb1_train_val_split(n)
+    assert np.array_equal(tr, tr2) and np.array_equal(va, va2)
+    assert not set(tr) & set(va)
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(n))
+    assert len(va) == n - int(0.85 * n)
+
+
+def test_evaluation_cuts_the_crop_the_analyzer_cuts():
+    from engines.registry import create_engine
+    from service.classify import CropClassifier
+
+    manifest = ROOT / "models" / "rbc_head.json"
+    head = CropClassifier(create_engine("onnxruntime", manifest).load(), min_confidence=0.5)
+    assert head_crop(manifest) == head.crop_spec
+
+
+def test_adapters_cut_the_requested_input_size():
+    big = CropSpec(RBC_CROP.extent_um, 56)
+    a, b = hd.synthetic_rbc_crops(1, 30_000), hd.synthetic_rbc_crops(1, 30_000, big)
+    assert a.images.shape[1:] == (40, 40, 3) and b.images.shape[1:] == (56, 56, 3)
+    assert np.array_equal(a.labels, b.labels) and a.groups == b.groups and len(a.labels) > 20
+    # same physical window: the 56 px crop shrunk to 40 px is the 40 px crop, up to resampling
+    import cv2
+
+    shrunk = np.stack([cv2.resize(x, (40, 40), interpolation=cv2.INTER_AREA) for x in b.images])
+    assert np.abs(shrunk.astype(int) - a.images.astype(int)).mean() < 4.0
+
+
+@needs_idb1
+@pytest.mark.realdata
+def test_idb1_val_set_comes_from_train_and_is_the_heads_validation_share():
+    val, is_sickle = idb1_set("val", RBC_CROP)
+    full, _ = hd.idb1_crops("train", hd.idb1_microns_per_pixel())
+    assert len(val.labels) == len(full.labels) - int(0.85 * len(full.labels)) > 0
+    assert all(g.startswith("idb1/train/") for g in val.groups)
+    assert is_sickle.tolist() == [g.split("/")[2] == "falciforme" for g in val.groups]
+
+
+def test_blend_state_interpolates_floats_and_keeps_the_tuned_counters():
+    start = {"w": np.array([0.0, 10.0]), "n": np.array(3, np.int64)}
+    tuned = {"w": np.array([1.0, 20.0]), "n": np.array(9, np.int64)}
+    assert np.allclose(blend_state(start, tuned, 0.0)["w"], start["w"])
+    assert np.allclose(blend_state(start, tuned, 1.0)["w"], tuned["w"])
+    mid = blend_state(start, tuned, 0.3)
+    assert np.allclose(mid["w"], [0.3, 13.0])
+    assert mid["n"] == 9 and mid["n"].dtype == np.int64
+
+
+@pytest.mark.parametrize("tuned", [{"w": np.zeros(3)}, {"w": np.zeros(2), "extra": np.zeros(1)}])
+def test_blend_state_refuses_two_lineages(tuned):
+    with pytest.raises(ValueError, match="one lineage"):
+        blend_state({"w": np.zeros(2)}, tuned, 0.5)
+
+
+def test_blend_state_refuses_alpha_outside_unit_interval():
+    with pytest.raises(ValueError, match="alpha"):
+        blend_state({"w": np.zeros(2)}, {"w": np.zeros(2)}, 1.5)
