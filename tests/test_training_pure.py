@@ -81,3 +81,13 @@ def test_blend_state_refuses_two_lineages(tuned):
 def test_blend_state_refuses_alpha_outside_unit_interval():
     with pytest.raises(ValueError, match="alpha"):
         blend_state({"w": np.zeros(2)}, {"w": np.zeros(2)}, 1.5)
+
+
+def test_confusion_table_rows_are_truth_and_drops_empty_classes():
+    from service.metrics import classification_report
+    from training.evaluate import confusion_table
+
+    rep = classification_report(np.array([0, 0, 0, 2]), np.array([0, 2, 2, 2]), ["normal", "sickle", "target"])
+    lines = confusion_table(rep).splitlines()
+    assert lines[1].split() == ["norma", "targe"]  # sickle has no count either way
+    assert lines[2].split() == ["normal", "1", "2"] and lines[3].split() == ["target", "0", "1"]

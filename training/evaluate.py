@@ -124,6 +124,17 @@ def eval_head(manifest: Path, images: np.ndarray, labels: np.ndarray, classes) -
     return rep, softmax(logits / eng.manifest.temperature), names
 
 
+def confusion_table(rep: dict) -> str:
+    """Confusion matrix (rows: truth, columns: prediction) for the classes with any count."""
+    names = list(rep["per_class"])
+    cm = np.array(rep["confusion_matrix"])
+    keep = [i for i in range(len(names)) if cm[i].sum() or cm[:, i].sum()]
+    short = [names[i][:5] for i in keep]
+    lines = ["  confusion (rows truth, columns predicted):", "  " + " " * 18 + "".join(f"{n:>6}" for n in short)]
+    lines += ["  " + f"{names[i]:<18}" + "".join(f"{cm[i, j]:>6}" for j in keep) for i in keep]
+    return "\n".join(lines)
+
+
 def head_crop(manifest: Path) -> CropSpec:
     """The crop a head was trained on, from its manifest (the analyzer cuts the same one)."""
     m = load_manifest(manifest, verify_hash=False)
@@ -177,6 +188,7 @@ def main() -> None:
         ("WBC head", f"PBC {sp} ECE (calibrated)", wbc_rep["ece"], "report"),
         ("RBC head", f"Chula {sp} macro-F1", rbc_rep["macro_f1"], ">= 0.87"),
         ("RBC head", f"Chula {sp} accuracy", rbc_rep["accuracy"], "report"),
+        ("RBC head", f"Chula {sp} ECE (calibrated)", rbc_rep["ece"], "report"),
         ("RBC head", f"IDB1 {sp} sickle-vs-not accuracy", res[f"rbc_head_idb1_{sp}_sickle_vs_not_accuracy"], ">= 0.96"),
     ]
     if not args.heads_only:
@@ -208,6 +220,7 @@ def main() -> None:
         print(f"\n{name} head per class (precision / recall / F1 / n):")
         for c, m in rep["per_class"].items():
             print(f"  {c:<18}{m['precision']:.3f} / {m['recall']:.3f} / {m['f1']:.3f} / {m['support']}")
+        print(confusion_table(rep))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
 
