@@ -50,6 +50,9 @@ _FAILED_ACK_RETRY_S = 30.0
 #: paho's network loop says this when it finds no socket: after our own disconnect, or after a
 #: lost connection or failed reconnect, which on_disconnect / on_connect_fail report already.
 _PAHO_NO_SOCKET = "Client is not connected"
+#: ... and these when the connection breaks under it (broker killed, network gone): the outage
+#: itself, which on_disconnect reports as "connection lost"; a warning, with the socket's reason.
+_PAHO_SOCKET_LOST = ("failed to receive on socket", "timeout on socket")
 #: QoS>0 slots kept free of outbox traffic for the status message and command responses.
 _RESERVED_SLOTS = 4
 
@@ -332,14 +335,18 @@ class MqttPublisher:
             self._state = replace(self._state, **changes)
 
     def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
-        """paho's log lines on `service.publisher.paho`, at paho's level except one: its loop
+        """paho's log lines on `service.publisher.paho`, at paho's level except two: its loop
         finding no socket while we are not connected (a clean stop, a lost connection, a failed
-        reconnect) is expected and already reported by our callbacks, so it goes to DEBUG."""
+        reconnect) is expected and already reported by our callbacks, so it goes to DEBUG; a socket
+        breaking under it (connection reset: the broker or network went away) is an outage, which
+        the daemon rides out with its outbox, so it is a WARNING, not an ERROR."""
         std_level = mqtt.LOGGING_LEVEL[LogLevel(level)]
         # Read without the lock: paho may call this with its own locks held.
         state = self._state
         if buf.startswith(_PAHO_NO_SOCKET) and (self._stopping or not state.connected):
             std_level = logging.DEBUG
+        elif buf.startswith(_PAHO_SOCKET_LOST) and std_level > logging.WARNING:
+            std_level = logging.WARNING
         self._paho_logger.log(std_level, "%s", buf)
 
     def _on_connect(

@@ -437,6 +437,26 @@ def test_broker_outage_and_reconnect_log_a_warning_not_an_error(
                for r in caplog.records)
 
 
+def test_socket_reset_while_connected_is_a_warning_other_paho_errors_stay_errors(
+    broker: MosquittoBroker,
+    credentials_dir: Path,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker's death reaches paho's loop first, as an ERROR-level 'failed to receive on
+    socket', while the publisher still counts itself connected (seen under load in CI-like runs)."""
+    from paho.mqtt.enums import LogLevel
+
+    publisher = start_publisher(make_config(tmp_path, broker.port), started)
+    assert publisher.wait_until_connected(5)
+    with caplog.at_level(logging.DEBUG, logger="service.publisher"):
+        publisher._on_log(None, None, LogLevel.MQTT_LOG_ERR, "failed to receive on socket: [Errno 104] Connection reset by peer")
+        publisher._on_log(None, None, LogLevel.MQTT_LOG_ERR, "Caught exception in on_connect: boom")
+    levels = {r.getMessage().split(":")[0]: r.levelno for r in caplog.records if r.name == "service.publisher.paho"}
+    assert levels == {"failed to receive on socket": logging.WARNING, "Caught exception in on_connect": logging.ERROR}
+
+
 def test_other_paho_errors_stay_errors(
     broker: MosquittoBroker,
     credentials_dir: Path,
