@@ -91,3 +91,15 @@ def test_confusion_table_rows_are_truth_and_drops_empty_classes():
     lines = confusion_table(rep).splitlines()
     assert lines[1].split() == ["norma", "targe"]  # sickle has no count either way
     assert lines[2].split() == ["normal", "1", "2"] and lines[3].split() == ["target", "0", "1"]
+
+
+def test_normal_cell_diameters_take_boxes_holding_one_normal_point_away_from_the_edge():
+    from training.measure_scale import normal_cell_diameters
+
+    points = [(50, 50, "normal"), (150, 50, "spherocyte"), (250, 50, "normal"), (260, 55, "target"), (350, 50, "normal")]
+    boxes = [(30, 30, 70, 74),  # one normal point: (40 + 44) / 2 = 42
+             (130, 30, 170, 70),  # a spherocyte
+             (230, 30, 280, 70),  # two points
+             (330, 1, 370, 70),  # touches the top edge
+             (400, 30, 440, 70)]  # no labelled point
+    assert normal_cell_diameters(boxes, points, width=640, height=480) == [42.0]

@@ -42,7 +42,7 @@ def eval_bccd(analyzer: Analyzer, limit: int | None, split: str = "test") -> dic
     ids = bccd_split(split)[:limit]
     mpp = bccd_microns_per_pixel()
     types = bccd_wbc_types()
-    per, wbc_ok, secs, type_hits = [], 0, [], []
+    per, wbc_ok, secs, type_hits, rbc_labels = [], 0, [], [], []
     for i in tqdm(ids, desc=f"BCCD {split}"):
         img = cv2.imread(str(bccd_image_path(i)))
         t = time.perf_counter()
@@ -51,12 +51,15 @@ def eval_bccd(analyzer: Analyzer, limit: int | None, split: str = "test") -> dic
         truth = [(b.kind, [b.x0, b.y0, b.x1, b.y1]) for b in bccd_boxes(i)]
         per.append({"pred": [(c.kind, c.bbox, c.score) for c in rep.cells], "truth": truth})
         wbc_ok += sum(k == "wbc" for k, _ in truth) == rep.counts.wbc
+        rbc_labels += [c.label for c in rep.cells if c.kind == "rbc"]
         wbcs = [c for c in rep.cells if c.kind == "wbc"]
         if i in types and len(wbcs) == 1:  # the second lab's images, typed through the analyzer
             type_hits.append(wbcs[0].label == types[i])
     m = detection_map50(per, SEG_KINDS)
     return {**m, "wbc_count_agreement": wbc_ok / len(ids), "n": len(ids), "median_s_per_field": float(np.median(secs)),
-            "wbc_type_accuracy_bccd": float(np.mean(type_hits)) if type_hits else None, "wbc_type_n": len(type_hits)}
+            "wbc_type_accuracy_bccd": float(np.mean(type_hits)) if type_hits else None, "wbc_type_n": len(type_hits),
+            # BCCD has no morphology labels: what the RBC head makes of a second lab's red cells
+            "rbc_label_shares": {k: rbc_labels.count(k) / max(1, len(rbc_labels)) for k in sorted(set(rbc_labels), key=str)}}
 
 
 def eval_txl(analyzer: Analyzer, limit: int | None, split: str = "test") -> dict:
@@ -202,6 +205,7 @@ def main() -> None:
             ("pipeline", f"BCCD {sp} WBC count agreement", bccd["wbc_count_agreement"], ">= 0.90"),
             rows[0],
             ("pipeline", f"BCCD {sp} WBC type via analyzer", bccd["wbc_type_accuracy_bccd"], "report"),
+            ("pipeline", f"BCCD {sp} red cells typed normal (no truth)", bccd["rbc_label_shares"].get("normal", 0.0), "report"),
             ("segmentation", f"TXL-PBC {sp} box mAP50 (scale estimated)", txl["mAP50"], "report"),
             *rows[1:4],
             ("pipeline", f"PBC {sp} crops via analyzer: WBC accuracy", pbc["accuracy"], "within 3 pts of head"),
@@ -216,6 +220,9 @@ def main() -> None:
     for model, fig, val, bar in rows:
         v = f"{val:.4f}" if isinstance(val, float) else str(val)
         print(f"{model:<14}{fig:<44}{v:>22}  {bar}")
+    if not args.heads_only:
+        shares = sorted(bccd["rbc_label_shares"].items(), key=lambda kv: -kv[1])[:6]
+        print(f"BCCD {sp} red cells by RBC-head label: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares))
     for name, rep in (("WBC", wbc_rep), ("RBC", rbc_rep)):
         print(f"\n{name} head per class (precision / recall / F1 / n):")
         for c, m in rep["per_class"].items():

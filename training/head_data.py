@@ -29,7 +29,11 @@ CHULA_CLASSES = (
     "normal", "macrocyte", "microcyte", "spherocyte", "target", "stomatocyte", "ovalocyte",
     "teardrop", "burr", "schistocyte", "uncategorised", "hypochromia", "elliptocyte",
 )
-CHULA_MICRONS_PER_PIXEL = 0.23
+#: Chula RBC-12 in the analyzer's ruler (a normal red cell's box = 7.5 um, as for BCCD), measured by
+#: `python -m training.measure_scale` (0.1749 from 789 normal cells, repeated at its own result until
+#: it settled). The datasets README's nominal 0.23 made Chula's normal cells 9.5 um by that ruler,
+#: and a head trained at 0.23 called BCCD's normal cells small (schistocyte, microcyte, spherocyte).
+CHULA_MICRONS_PER_PIXEL = 0.175
 #: The RBC head's classes: Chula's morphologies without "uncategorised", plus sickle (IDB1
 #: falciforme) and other_poikilocyte (IDB1 "outras": deformed cells that are neither round nor
 #: sickle; without them every elongated cell of a sickle-cell smear looked like a sickle cell).
@@ -114,24 +118,30 @@ def chula_splits() -> dict[str, list[str]]:
     return seeded_split(ids, (0.8, 0.1, 0.1))
 
 
+def chula_points(image_id: str) -> list[tuple[float, float, str]]:
+    """Chula's labelled cell centres (x, y in its own pixels) and class names; unknown codes dropped."""
+    lab = data_root() / "chula_rbc12" / "Label" / f"{image_id}.txt"
+    out = []
+    for line in lab.read_text().split("\n") if lab.exists() else []:
+        parts = line.split()
+        if len(parts) >= 3 and 0 <= int(parts[2]) < len(CHULA_CLASSES):
+            out.append((float(parts[0]), float(parts[1]), CHULA_CLASSES[int(parts[2])]))
+    return out
+
+
 def chula_crops(split: str, spec: CropSpec = RBC_CROP) -> CropSet:
     root = data_root() / "chula_rbc12"
     crops, labels, groups = [], [], []
     f = CHULA_MICRONS_PER_PIXEL
     for image_id in tqdm(chula_splits()[split], desc=f"chula {split}"):
         img = cv2.imread(str(root / "Dataset" / f"{image_id}.jpg"))
-        lab = root / "Label" / f"{image_id}.txt"
-        if img is None or not lab.exists():
+        points = chula_points(image_id)
+        if img is None or not points:
             continue
         canon = resample_to_canonical(img, f)
         factor = f / 0.2
-        for line in lab.read_text().split("\n"):
-            parts = line.split()
-            if len(parts) < 3:
-                continue
-            x, y, c = float(parts[0]), float(parts[1]), int(parts[2])
-            name = CHULA_CLASSES[c] if 0 <= c < len(CHULA_CLASSES) else None
-            if name is None or name not in RBC_CLASSES:
+        for x, y, name in points:
+            if name not in RBC_CLASSES:
                 continue
             crops.append(crop_cell(canon, (x * factor, y * factor), spec))
             labels.append(RBC_CLASSES.index(name))

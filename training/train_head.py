@@ -261,7 +261,8 @@ def main() -> None:
     data_desc = {"pbc": "PBC (Acevedo 2020), seeded stratified 80/10/10",
                  "bccd": "BCCD WBC crops (one labelled WBC per image, wbc_labels.csv) of its VOC train/val splits; "
                          "test held out; stain jitter (HED) in training"} if args.head == "wbc" else {
-        "chula_rbc12": "Chula RBC-12, split by image 80/10/10 (seeded)",
+        "chula_rbc12": f"Chula RBC-12, split by image 80/10/10 (seeded), at {hd.CHULA_MICRONS_PER_PIXEL} um/px "
+                       "(the analyzer's ruler, training.measure_scale)",
         "synthetic": "40 rendered fields (seeds 30000+) for training, 6 (40000+) for validation",
         "erythrocytesidb1": f"falciforme (sickle), circular (normal) and outras (other_poikilocyte) crops of train/ (85/15 train/val); "
                             f"test/ held out; scale {sets['idb1_mpp']:.4f} um/px"}

@@ -1,0 +1,25 @@
+"""Chula RBC-12's scale in the analyzer's own ruler (training.measure_scale): the constant the RBC
+head's crops are cut with must agree with what the committed detector measures on Chula train
+images, or the head learns a 'normal' size the analyzer never reports (it did: at Chula's nominal
+0.23 um/px, BCCD's normal red cells were called schistocytes and microcytes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from realdata import DATA, needs_models
+
+from training import head_data as hd
+from training.measure_scale import measure_chula
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [needs_models, pytest.mark.realdata, pytest.mark.slow,
+              pytest.mark.skipif(not (DATA / "chula_rbc12" / "Label").is_dir(),
+                                 reason=f"Chula RBC-12 not found under {DATA} (set SMEARSCOPE_DATA)")]
+
+
+def test_chula_constant_matches_the_detectors_ruler():
+    mpp, n = measure_chula(ROOT / "models", n_images=30, at_um_per_px=hd.CHULA_MICRONS_PER_PIXEL)
+    assert n >= 50
+    assert mpp == pytest.approx(hd.CHULA_MICRONS_PER_PIXEL, rel=0.04), (mpp, n)
