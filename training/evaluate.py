@@ -141,6 +141,8 @@ def confusion_table(rep: dict) -> str:
 def head_crop(manifest: Path) -> CropSpec:
     """The crop a head was trained on, from its manifest (the analyzer cuts the same one)."""
     m = load_manifest(manifest, verify_hash=False)
+    if m.crop is None:
+        raise SystemExit(f"{manifest}: a head manifest without crop geometry")
     return CropSpec(m.crop.extent_um, m.crop.input_size)
 
 
