@@ -56,19 +56,18 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, required=True, help="0 = start, 1 = tuned")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    if not 0.0 <= args.alpha <= 1.0:
-        raise SystemExit("--alpha must lie in [0, 1]")
     logging.basicConfig(level=logging.INFO)
     offline_ultralytics(Path("build"))
     import torch
 
     a = torch.load(args.start, map_location="cpu", weights_only=False)
     b = torch.load(args.tuned, map_location="cpu", weights_only=False)
+    tuned = _module(b)
     try:
-        blended = blend_state(_module(a).state_dict(), _module(b).state_dict(), args.alpha)
+        blended = blend_state(_module(a).state_dict(), tuned.state_dict(), args.alpha)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    model = copy.deepcopy(_module(b))
+    model = copy.deepcopy(tuned)
     model.load_state_dict(blended)
     out = dict(b)
     out.update(model=model.half(), ema=None, optimizer=None, updates=None,

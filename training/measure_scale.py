@@ -9,9 +9,10 @@ its nominal 0.23 um/px makes its cells about 25 % larger than BCCD's by that rul
 trained on it calls a BCCD-sized normal cell small (microcyte, spherocyte, schistocyte).
 
 This measures Chula with the same ruler: the committed detector runs on Chula TRAIN images at the
-nominal scale (`--at`; repeat at the result until it settles), and the boxes that hold exactly one labelled point, of class "normal", and do not
-touch the image edge, give diameters in Chula pixels; `scale_from_rbc_diameters` turns them into
-um/px (median of the middle half = 7.5 um). The result is `head_data.CHULA_MICRONS_PER_PIXEL`.
+nominal scale (`--at`; repeat at the result until it settles), and the boxes that hold exactly
+one labelled point, of class "normal", and do not touch the image edge, give diameters in Chula
+pixels; `scale_from_rbc_diameters` turns them into um/px (median of the middle half = 7.5 um).
+The result is `head_data.CHULA_MICRONS_PER_PIXEL`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from device.frame import Frame
 from service.scale import scale_from_rbc_diameters
 from training import head_data as hd
 
-logger = logging.getLogger(__name__)
 NOMINAL_CHULA_UM_PER_PX = 0.23  # datasets README
 
 

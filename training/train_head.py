@@ -38,17 +38,11 @@ HEADS = {
 }
 
 
-def build_net(spec: dict, num_classes: int, width: str = "half") -> nn.Module:
-    """timm ResNet at half (the default, a few MB) or full (timm's own resnet10t/resnet18) width."""
+def build_net(spec: dict, num_classes: int) -> nn.Module:
     from timm.models.resnet import BasicBlock, ResNet
 
-    k = {"half": 1, "full": 2}[width]
-    return ResNet(block=BasicBlock, layers=spec["layers"], channels=tuple(k * c for c in (32, 64, 128, 256)),
-                  stem_width=k * spec["stem"], stem_type="deep_tiered", avg_down=True, num_classes=num_classes)
-
-
-def arch_name(spec: dict, width: str) -> str:
-    return spec["arch"] if width == "half" else spec["arch"].removesuffix("-half")
+    return ResNet(block=BasicBlock, layers=spec["layers"], channels=(32, 64, 128, 256), stem_width=spec["stem"],
+                  stem_type="deep_tiered", avg_down=True, num_classes=num_classes)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -163,7 +157,6 @@ def main() -> None:
                     help="fraction of each batch drawn from the second lab's crops (BCCD, WBC head)")
     ap.add_argument("--input-size", type=int, default=None,
                     help="head input side in pixels (RBC head; the physical crop extent stays the same)")
-    ap.add_argument("--width", choices=["half", "full"], default="half", help="ResNet channel width")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -177,7 +170,7 @@ def main() -> None:
     train, val, test = sets["train"], sets["val"], sets["test"]
     logger.info("%s head: train %d, val %d, test %d crops", args.head, len(train.labels), len(val.labels), len(test.labels))
 
-    net = build_net(spec, len(classes), args.width)
+    net = build_net(spec, len(classes))
     device = torch.device(args.device)
     model = Deployable(net).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
@@ -274,7 +267,7 @@ def main() -> None:
     from export.onnx_export import export_classifier
 
     export_classifier(
-        model.cpu().eval(), name=f"{args.head}_head", classes=list(classes), crop=crop, arch=arch_name(spec, args.width),
+        model.cpu().eval(), name=f"{args.head}_head", classes=list(classes), crop=crop, arch=spec["arch"],
         temperature=temperature, metrics=metrics, training_data=data_desc, split_hashes=hd.split_manifest(),
         out_dir=args.models, history=history,
     )
