@@ -34,6 +34,11 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--lr0", type=float, default=0.01, help="initial learning rate (lower to fine-tune)")
     ap.add_argument("--warmup-epochs", type=float, default=3.0)
+    ap.add_argument("--workers", type=int, default=2, help="data-loader processes")
+    ap.add_argument("--cache", choices=("none", "ram", "disk"), default="none",
+                    help="decode the (small, canonical-scale) training images once")
+    ap.add_argument("--copy-paste", type=float, default=0.0,
+                    help="probability of pasting segmented instances between images")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     offline_ultralytics(Path("build"))
@@ -53,7 +58,9 @@ def main() -> None:
         time=args.hours,
         batch=args.batch,
         device=args.device,
-        workers=2,
+        workers=args.workers,
+        cache=False if args.cache == "none" else args.cache,
+        copy_paste=args.copy_paste,
         seed=0,
         deterministic=False,
         project=str(args.project.resolve()),

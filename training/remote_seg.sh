@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Detector training runs on a lent GPU machine (no network there), several runs side by side.
+#
+# What travels in the ignored folder .gpu/ (built on the development machine):
+#   site.tgz     ultralytics, ultralytics_platform, thop (pure Python) and a polars stand-in
+#   seg.tgz      a prep_seg/pbc_pseudo folder (images/{train,val}, labels/{train,val})
+#   a30.pt       the committed detector's checkpoint (fine-tune start)
+#   yolo_config  ultralytics config dir with a TTF font (no font download)
+# Results come back in $OUT as one tar per run (best.pt, last.pt, results.csv) plus the log.
+#
+#   HOURS=0.11 DEVICE=0 bash training/remote_seg.sh          # three runs side by side
+#   CONTINUE=.gpu/gscr_last.pt WORKERS=14 HOURS=0.075 bash training/remote_seg.sh
+set -u
+HOURS=${HOURS:-0.11}
+DEVICE=${DEVICE:-0}
+WORKERS=${WORKERS:-5}
+OUT=${OUT:-build/remote_out}
+WORK=${WORK:-/tmp/smearscope_gpu}
+mkdir -p "$WORK" "$OUT"
+tar xzf .gpu/site.tgz -C "$WORK" && tar xzf .gpu/seg.tgz -C "$WORK" || exit 1
+export PYTHONPATH="$WORK/site:$PWD" PYTHONUNBUFFERED=1
+export YOLO_OFFLINE=1 YOLO_AUTOINSTALL=False YOLO_CONFIG_DIR="$WORK/yolo_config"
+cp -r .gpu/yolo_config "$WORK/" 2>/dev/null
+mkdir -p build && cp -r .gpu/yolo_config build/ 2>/dev/null
+printf 'path: %s\ntrain: images/train\nval: images/val\nnames: {0: rbc, 1: wbc, 2: platelet}\n' \
+    "$WORK/seg" > "$WORK/seg/data.yaml"
+PY=${PY:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+$PY -c "import torch, ultralytics; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'ultralytics', ultralytics.__version__)" || exit 1
+
+run() {  # name, then train_seg options
+    local name=$1; shift
+    $PY -m training.train_seg --data "$WORK/seg/data.yaml" --hours "$HOURS" --device "$DEVICE" \
+        --workers "$WORKERS" --cache ram --batch 32 --project "$WORK/runs" --name "$name" "$@" \
+        >"$OUT/$name.log" 2>&1
+    echo "$name exit $?" >>"$OUT/$name.log"
+}
+start=$(date +%s)
+if [ -n "${CONTINUE:-}" ]; then
+    # one run on all cores, a new schedule from a carried checkpoint (e.g. gscr's last.pt)
+    names="gcont"
+    run gcont --model "$CONTINUE" --lr0 0.01 --warmup-epochs 1
+else
+    names="gft gftcp gscr"
+    run gft --model .gpu/a30.pt --lr0 0.002 --warmup-epochs 1 &
+    run gftcp --model .gpu/a30.pt --lr0 0.002 --warmup-epochs 1 --copy-paste 0.3 &
+    run gscr --model yolo11n-seg.yaml --lr0 0.01 &
+    wait
+fi
+echo "all runs done in $(( $(date +%s) - start )) s"
+for name in $names; do
+    d="$WORK/runs/$name"
+    tail -n 3 "$OUT/$name.log"
+    tar cf "$OUT/$name.tar" -C "$d" weights/best.pt weights/last.pt results.csv 2>/dev/null \
+        || echo "$name: nothing to pack"
+done
+tar czf "$OUT/logs.tgz" -C "$OUT" $(for n in $names; do echo $n.log; done) && rm -f "$OUT"/*.log
+ls -la "$OUT"
