@@ -19,7 +19,13 @@ pytestmark = [needs_models, pytest.mark.realdata, pytest.mark.slow,
                                  reason=f"Chula RBC-12 not found under {DATA} (set SMEARSCOPE_DATA)")]
 
 
+#: The constant was measured on these images (`measure_scale`'s default). A 30-image subset read
+#: 1.6 % low with the detector that set the constant (0.172 against 0.1749), and the 2026-11-27
+#: detector reads 0.1716 on all 150 but 0.166 on those 30: a subset that small tests its own bias.
+N_IMAGES = 150
+
+
 def test_chula_constant_matches_the_detectors_ruler():
-    mpp, n = measure_chula(ROOT / "models", n_images=30, at_um_per_px=hd.CHULA_MICRONS_PER_PIXEL)
-    assert n >= 50
+    mpp, n = measure_chula(ROOT / "models", n_images=N_IMAGES, at_um_per_px=hd.CHULA_MICRONS_PER_PIXEL)
+    assert n >= 500
     assert mpp == pytest.approx(hd.CHULA_MICRONS_PER_PIXEL, rel=0.04), (mpp, n)
