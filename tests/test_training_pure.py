@@ -103,3 +103,12 @@ def test_normal_cell_diameters_take_boxes_holding_one_normal_point_away_from_the
              (330, 1, 370, 70),  # touches the top edge
              (400, 30, 440, 70)]  # no labelled point
     assert normal_cell_diameters(boxes, points, width=640, height=480) == [42.0]
+
+
+def test_whole_boxes_drop_cells_cut_by_the_image_edge():
+    from training.measure_scale import diameter, whole_boxes
+
+    boxes = [(10, 10, 50, 54), (0, 10, 40, 50), (600, 10, 639, 50), (10, 440, 50, 479), (100, 100, 130, 140)]
+    kept = whole_boxes(boxes, width=640, height=480)
+    assert kept == [(10, 10, 50, 54), (100, 100, 130, 140)]
+    assert [diameter(b) for b in kept] == [42.0, 35.0]

@@ -1,6 +1,7 @@
 """Measure a point-labelled set's scale with the analyzer's own ruler.
 
-    python -m training.measure_scale [--models models] [--images 150]
+    python -m training.measure_scale [--models models] [--images 150] [--at 0.23]
+    python -m training.measure_scale --set pbc [--at 0.19]
 
 The analyzer's size convention comes from BCCD: a normal red cell's box, mean of width and height,
 is 7.5 um (`training.data.bccd_microns_per_pixel`), and at run time an unknown scale is estimated
@@ -13,6 +14,11 @@ nominal scale (`--at`; repeat at the result until it settles), and the boxes tha
 one labelled point, of class "normal", and do not touch the image edge, give diameters in Chula
 pixels; `scale_from_rbc_diameters` turns them into um/px (median of the middle half = 7.5 um).
 The result is `head_data.CHULA_MICRONS_PER_PIXEL`.
+
+`--set pbc` measures PBC the same way on PBC TRAIN crops (a seeded sample). PBC has no red-cell
+labels, so every confident red-cell box away from the edge counts; the crops centre on a white
+cell and hold a few red cells each. Nothing uses the result yet: `head_data.PBC_MICRONS_PER_PIXEL`
+is still the datasets README's nominal 0.19 (see the README's "ruler" section).
 """
 
 from __future__ import annotations
@@ -32,16 +38,26 @@ from training import head_data as hd
 NOMINAL_CHULA_UM_PER_PX = 0.23  # datasets README
 
 
-def normal_cell_diameters(boxes: list[tuple[float, float, float, float]], points: list[tuple[float, float, str]],
+Box = tuple[float, float, float, float]
+
+
+def whole_boxes(boxes: list[Box], width: int, height: int, edge: float = 2.0) -> list[Box]:
+    """The boxes that do not touch the image edge (a cut cell's box is too small)."""
+    return [b for b in boxes if b[0] > edge and b[1] > edge and b[2] < width - edge and b[3] < height - edge]
+
+
+def diameter(box: Box) -> float:
+    return ((box[2] - box[0]) + (box[3] - box[1])) / 2.0
+
+
+def normal_cell_diameters(boxes: list[Box], points: list[tuple[float, float, str]],
                           width: int, height: int, edge: float = 2.0) -> list[float]:
     """(w + h) / 2 of each box that holds exactly one labelled point, a 'normal' one, away from the edge."""
     out = []
-    for x0, y0, x1, y1 in boxes:
-        if x0 <= edge or y0 <= edge or x1 >= width - edge or y1 >= height - edge:
-            continue
-        inside = [c for x, y, c in points if x0 <= x <= x1 and y0 <= y <= y1]
+    for b in whole_boxes(boxes, width, height, edge):
+        inside = [c for x, y, c in points if b[0] <= x <= b[2] and b[1] <= y <= b[3]]
         if inside == ["normal"]:
-            out.append(((x1 - x0) + (y1 - y0)) / 2.0)
+            out.append(diameter(b))
     return out
 
 
@@ -65,17 +81,49 @@ def measure_chula(models: Path, n_images: int, at_um_per_px: float = NOMINAL_CHU
     return mpp, len(diam)
 
 
+def measure_pbc(models: Path, n_images: int, at_um_per_px: float = hd.PBC_MICRONS_PER_PIXEL,
+                min_score: float = 0.5, seed: int = 0) -> tuple[float, int]:
+    from service.pipeline import Analyzer
+
+    analyzer = Analyzer.from_models_dir(models, warmup=False)
+    root = hd.data_root() / "pbc"
+    train = hd.pbc_splits()["train"]
+    pick = np.random.default_rng(seed).choice(len(train), min(n_images, len(train)), replace=False)
+    diam: list[float] = []
+    for i in tqdm(pick, desc="PBC train"):
+        rel = train[int(i)][0]
+        img = cv2.imread(str(root / rel))
+        if img is None:
+            continue
+        rep = analyzer.analyze(Frame(img, rel, "pbc", microns_per_pixel=at_um_per_px)).report
+        boxes = [tuple(c.bbox) for c in rep.cells if c.kind == "rbc" and c.score >= min_score]
+        diam += [diameter(b) for b in whole_boxes(boxes, img.shape[1], img.shape[0])]
+    mpp = scale_from_rbc_diameters(np.array(diam))
+    if mpp is None:
+        raise SystemExit("too few whole red cells to measure a scale")
+    return mpp, len(diam)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=Path("models"))
-    ap.add_argument("--images", type=int, default=150, help="Chula train images to measure")
-    ap.add_argument("--at", type=float, default=NOMINAL_CHULA_UM_PER_PX,
-                    help="scale the detector is told while measuring (repeat at the result until it settles)")
+    ap.add_argument("--set", choices=("chula", "pbc"), default="chula")
+    ap.add_argument("--images", type=int, default=None, help="train images to measure (Chula 150, PBC 200)")
+    ap.add_argument("--at", type=float, default=None,
+                    help="scale the detector is told while measuring (default: the set's nominal scale; "
+                         "repeat at the result until it settles)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    mpp, n = measure_chula(args.models, args.images, args.at)
-    print(f"Chula RBC-12: {mpp:.4f} um/px from {n} normal red cells (detector told {args.at}); "
-          f"head_data.CHULA_MICRONS_PER_PIXEL = {hd.CHULA_MICRONS_PER_PIXEL}")
+    if args.set == "chula":
+        at = NOMINAL_CHULA_UM_PER_PX if args.at is None else args.at
+        mpp, n = measure_chula(args.models, args.images or 150, at)
+        print(f"Chula RBC-12: {mpp:.4f} um/px from {n} normal red cells (detector told {at}); "
+              f"head_data.CHULA_MICRONS_PER_PIXEL = {hd.CHULA_MICRONS_PER_PIXEL}")
+    else:
+        at = hd.PBC_MICRONS_PER_PIXEL if args.at is None else args.at
+        mpp, n = measure_pbc(args.models, args.images or 200, at)
+        print(f"PBC: {mpp:.4f} um/px from {n} whole red cells (detector told {at}); "
+              f"head_data.PBC_MICRONS_PER_PIXEL = {hd.PBC_MICRONS_PER_PIXEL}")
 
 
 if __name__ == "__main__":
