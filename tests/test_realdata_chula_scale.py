@@ -11,7 +11,7 @@ import pytest
 from realdata import DATA, needs_models
 
 from training import head_data as hd
-from training.measure_scale import measure_chula
+from training.measure_scale import CHULA_IMAGES, measure_chula
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [needs_models, pytest.mark.realdata, pytest.mark.slow,
@@ -19,13 +19,10 @@ pytestmark = [needs_models, pytest.mark.realdata, pytest.mark.slow,
                                  reason=f"Chula RBC-12 not found under {DATA} (set SMEARSCOPE_DATA)")]
 
 
-#: The constant was measured on these images (`measure_scale`'s default). A 30-image subset read
-#: 1.6 % low with the detector that set the constant (0.172 against 0.1749), and the 2026-11-27
-#: detector reads 0.1716 on all 150 but 0.166 on those 30: a subset that small tests its own bias.
-N_IMAGES = 150
-
-
 def test_chula_constant_matches_the_detectors_ruler():
-    mpp, n = measure_chula(ROOT / "models", n_images=N_IMAGES, at_um_per_px=hd.CHULA_MICRONS_PER_PIXEL)
+    # The images the constant was measured on (`measure_scale`'s default). A 30-image subset read
+    # 1.6 % low with the detector that set the constant (0.172 against 0.1749), and the 2026-11-27
+    # detector reads 0.1716 on all 150 but 0.166 on those 30: a subset that small tests its own bias.
+    mpp, n = measure_chula(ROOT / "models", n_images=CHULA_IMAGES, at_um_per_px=hd.CHULA_MICRONS_PER_PIXEL)
     assert n >= 500
     assert mpp == pytest.approx(hd.CHULA_MICRONS_PER_PIXEL, rel=0.04), (mpp, n)

@@ -61,54 +61,57 @@ def normal_cell_diameters(boxes: list[Box], points: list[tuple[float, float, str
     return out
 
 
-def measure_chula(models: Path, n_images: int, at_um_per_px: float = NOMINAL_CHULA_UM_PER_PX,
-                  min_score: float = 0.5) -> tuple[float, int]:
+#: Train images each set is measured on by default (the Chula constant was set from these).
+CHULA_IMAGES = 150
+PBC_IMAGES = 200
+
+
+def _measure(models: Path, images: list[tuple[str, Path]], source: str, at_um_per_px: float, min_score: float,
+             diameters_of) -> tuple[float, int]:
+    """Run the analyzer on each image told `at_um_per_px`; `diameters_of(boxes, image_id, width, height)`
+    picks the confident red-cell boxes that count and returns their diameters in image pixels."""
     from service.pipeline import Analyzer
 
     analyzer = Analyzer.from_models_dir(models, warmup=False)
-    root = hd.data_root() / "chula_rbc12" / "Dataset"
     diam: list[float] = []
-    for image_id in tqdm(hd.chula_splits()["train"][:n_images], desc="Chula train"):
-        img = cv2.imread(str(root / f"{image_id}.jpg"))
+    for image_id, path in tqdm(images, desc=f"{source} train"):
+        img = cv2.imread(str(path))
         if img is None:
             continue
-        rep = analyzer.analyze(Frame(img, image_id, "chula", microns_per_pixel=at_um_per_px)).report
+        rep = analyzer.analyze(Frame(img, image_id, source, microns_per_pixel=at_um_per_px)).report
         boxes = [tuple(c.bbox) for c in rep.cells if c.kind == "rbc" and c.score >= min_score]
-        diam += normal_cell_diameters(boxes, hd.chula_points(image_id), img.shape[1], img.shape[0])
+        diam += diameters_of(boxes, image_id, img.shape[1], img.shape[0])
     mpp = scale_from_rbc_diameters(np.array(diam))
     if mpp is None:
-        raise SystemExit("too few normal cells matched to measure a scale")
+        raise SystemExit(f"{source}: too few red cells to measure a scale")
     return mpp, len(diam)
 
 
-def measure_pbc(models: Path, n_images: int, at_um_per_px: float = hd.PBC_MICRONS_PER_PIXEL,
-                min_score: float = 0.5, seed: int = 0) -> tuple[float, int]:
-    from service.pipeline import Analyzer
+def measure_chula(models: Path, n_images: int = CHULA_IMAGES, at_um_per_px: float = NOMINAL_CHULA_UM_PER_PX,
+                  min_score: float = 0.5) -> tuple[float, int]:
+    """Chula's scale from the boxes holding one labelled 'normal' point (first `n_images` of train)."""
+    root = hd.data_root() / "chula_rbc12" / "Dataset"
+    images = [(i, root / f"{i}.jpg") for i in hd.chula_splits()["train"][:n_images]]
+    return _measure(models, images, "chula", at_um_per_px, min_score,
+                    lambda boxes, i, w, h: normal_cell_diameters(boxes, hd.chula_points(i), w, h))
 
-    analyzer = Analyzer.from_models_dir(models, warmup=False)
+
+def measure_pbc(models: Path, n_images: int = PBC_IMAGES, at_um_per_px: float = hd.PBC_MICRONS_PER_PIXEL,
+                min_score: float = 0.5, seed: int = 0) -> tuple[float, int]:
+    """PBC's scale from every whole red-cell box (no red-cell labels) in a seeded sample of train."""
     root = hd.data_root() / "pbc"
     train = hd.pbc_splits()["train"]
     pick = np.random.default_rng(seed).choice(len(train), min(n_images, len(train)), replace=False)
-    diam: list[float] = []
-    for i in tqdm(pick, desc="PBC train"):
-        rel = train[int(i)][0]
-        img = cv2.imread(str(root / rel))
-        if img is None:
-            continue
-        rep = analyzer.analyze(Frame(img, rel, "pbc", microns_per_pixel=at_um_per_px)).report
-        boxes = [tuple(c.bbox) for c in rep.cells if c.kind == "rbc" and c.score >= min_score]
-        diam += [diameter(b) for b in whole_boxes(boxes, img.shape[1], img.shape[0])]
-    mpp = scale_from_rbc_diameters(np.array(diam))
-    if mpp is None:
-        raise SystemExit("too few whole red cells to measure a scale")
-    return mpp, len(diam)
+    images = [(train[int(i)][0], root / train[int(i)][0]) for i in pick]
+    return _measure(models, images, "pbc", at_um_per_px, min_score,
+                    lambda boxes, i, w, h: [diameter(b) for b in whole_boxes(boxes, w, h)])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=Path("models"))
     ap.add_argument("--set", choices=("chula", "pbc"), default="chula")
-    ap.add_argument("--images", type=int, default=None, help="train images to measure (Chula 150, PBC 200)")
+    ap.add_argument("--images", type=int, default=None, help=f"train images to measure (Chula {CHULA_IMAGES}, PBC {PBC_IMAGES})")
     ap.add_argument("--at", type=float, default=None,
                     help="scale the detector is told while measuring (default: the set's nominal scale; "
                          "repeat at the result until it settles)")
@@ -116,12 +119,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.set == "chula":
         at = NOMINAL_CHULA_UM_PER_PX if args.at is None else args.at
-        mpp, n = measure_chula(args.models, args.images or 150, at)
+        mpp, n = measure_chula(args.models, args.images or CHULA_IMAGES, at)
         print(f"Chula RBC-12: {mpp:.4f} um/px from {n} normal red cells (detector told {at}); "
               f"head_data.CHULA_MICRONS_PER_PIXEL = {hd.CHULA_MICRONS_PER_PIXEL}")
     else:
         at = hd.PBC_MICRONS_PER_PIXEL if args.at is None else args.at
-        mpp, n = measure_pbc(args.models, args.images or 200, at)
+        mpp, n = measure_pbc(args.models, args.images or PBC_IMAGES, at)
         print(f"PBC: {mpp:.4f} um/px from {n} whole red cells (detector told {at}); "
               f"head_data.PBC_MICRONS_PER_PIXEL = {hd.PBC_MICRONS_PER_PIXEL}")
 

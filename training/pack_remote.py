@@ -7,7 +7,7 @@ The GPU machine has PyTorch, torchvision, OpenCV and no network. This writes:
                     no __pycache__) and a polars stand-in (ultralytics reads results.csv back with
                     polars inside a try/except; the real wheel is 170 MB, over the carry limit)
   .gpu/seg.tgz      the prep_seg folder's images as JPEG (quality 93) and its labels, train + val
-  .gpu/a30.pt       the fine-tune start (named as remote_seg.sh expects)
+  .gpu/start.pt     the fine-tune start (named as remote_seg.sh expects)
   .gpu/yolo_config  ultralytics config dir with a TTF font (no font download)
 Run from the repository root; add `/.gpu/` to `.git/info/exclude` once.
 """
@@ -87,7 +87,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     pack_site(args.out / "site.tgz")
     n = pack_seg(args.seg, args.out / "seg.tgz")
-    shutil.copy(args.init, args.out / "a30.pt")
+    shutil.copy(args.init, args.out / "start.pt")
     shutil.copytree(Path("build") / "yolo_config", args.out / "yolo_config", dirs_exist_ok=True)
     total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     logger.info("packed %d images; %s holds %.1f MB (the device carries at most 64 MiB with the tree)",

@@ -4,7 +4,7 @@
 # What travels in the ignored folder .gpu/ (`python -m training.pack_remote` builds it here):
 #   site.tgz     ultralytics, ultralytics_platform, thop (pure Python) and a polars stand-in
 #   seg.tgz      a prep_seg/pbc_pseudo folder (images/{train,val}, labels/{train,val})
-#   a30.pt       the committed detector's checkpoint (fine-tune start)
+#   start.pt     the committed detector's checkpoint (fine-tune start)
 #   yolo_config  ultralytics config dir with a TTF font (no font download)
 # Results come back in $OUT as one tar per run (best.pt, last.pt, results.csv) plus the log.
 #
@@ -20,9 +20,9 @@ G=${GPU_DIR:-.gpu}
 mkdir -p "$WORK" "$OUT"
 tar xzf "$G/site.tgz" -C "$WORK" && tar xzf "$G/seg.tgz" -C "$WORK" || exit 1
 export PYTHONPATH="$WORK/site:$PWD" PYTHONUNBUFFERED=1
-export YOLO_OFFLINE=1 YOLO_AUTOINSTALL=False YOLO_CONFIG_DIR="$WORK/yolo_config"
-cp -r "$G/yolo_config" "$WORK/" 2>/dev/null
-mkdir -p build && cp -r "$G/yolo_config" build/ 2>/dev/null
+# the config dir training.env.offline_ultralytics uses, set here too for the import check below
+mkdir -p build && cp -r "$G/yolo_config" build/ || exit 1
+export YOLO_OFFLINE=1 YOLO_AUTOINSTALL=False YOLO_CONFIG_DIR="$PWD/build/yolo_config"
 printf 'path: %s\ntrain: images/train\nval: images/val\nnames: {0: rbc, 1: wbc, 2: platelet}\n' \
     "$WORK/seg" > "$WORK/seg/data.yaml"
 PY=${PY:-python3}
@@ -43,8 +43,8 @@ if [ -n "${CONTINUE:-}" ]; then
     run gcont --model "$CONTINUE" --lr0 0.01 --warmup-epochs 1
 else
     names="gft gftcp gscr"
-    run gft --model "$G/a30.pt" --lr0 0.002 --warmup-epochs 1 &
-    run gftcp --model "$G/a30.pt" --lr0 0.002 --warmup-epochs 1 --copy-paste 0.3 &
+    run gft --model "$G/start.pt" --lr0 0.002 --warmup-epochs 1 &
+    run gftcp --model "$G/start.pt" --lr0 0.002 --warmup-epochs 1 --copy-paste 0.3 &
     run gscr --model yolo11n-seg.yaml --lr0 0.01 &
     wait
 fi
