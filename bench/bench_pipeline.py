@@ -25,12 +25,17 @@ def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}"
 
 
+def _views(analyzer: Analyzer) -> str:
+    """How many test-time views the detector / RBC head / WBC head run, e.g. "3/4/2"."""
+    return "/".join(str(len(m.views)) for m in (analyzer.segmenter, analyzer.rbc_head, analyzer.wbc_head))
+
+
 def bench_fields(analyzers: dict[str, Analyzer], repeats: int) -> None:
-    """Each case under each set of detector views (the manifest's, and one view), same frames."""
+    """Each case under each set of test-time views (the manifests', and one view for every model), same frames."""
     cases = [("synthetic 1280x960 @0.10 um/px", 0.10, 1280, 960), ("synthetic 640x480 @0.072 um/px", 0.072, 640, 480),
              ("synthetic 1920x1080 @0.10 um/px", 0.10, 1920, 1080)]
     print(f"\nper field (median of {repeats}; ms)")
-    header = f"{'case':<34}{'views':<24}{'total':>8}{'detect':>8}{'classify':>9}{'stain':>7}{'cells':>7}"
+    header = f"{'case':<34}{'views seg/rbc/wbc':<24}{'total':>8}{'detect':>8}{'classify':>9}{'stain':>7}{'cells':>7}"
     print(header)
     for name, mpp, w, h in cases:
         fields = [render_field(100 + r, width=w, height=h, microns_per_pixel=mpp) for r in range(repeats)]
@@ -46,7 +51,7 @@ def bench_fields(analyzers: dict[str, Analyzer], repeats: int) -> None:
 
 
 def bench_heads(models: Path, repeats: int) -> None:
-    print("\nhead latency (ONNX Runtime CPU; ms per crop, median)")
+    print("\nhead latency (ONNX Runtime CPU; ms per crop in one view, median; a head runs each crop once per view)")
     print(f"{'model':<10}{'batch 1':>9}{'batch 32':>10}{'batch 128':>11}{'b128 vs b1':>12}")
     for name in ("rbc_head", "wbc_head", "seg"):
         eng = create_engine("onnxruntime", models / f"{name}.json").load()
@@ -73,10 +78,11 @@ def main() -> None:
     args = ap.parse_args()
     print(f"machine: {_machine()}; load average {os.getloadavg()[0]:.2f}")
     analyzer = Analyzer.from_models_dir(args.models)
-    analyzers = {"+".join(analyzer.segmenter.views): analyzer}
-    if analyzer.segmenter.views != ("identity",):
-        analyzers["identity (one view)"] = Analyzer.from_models_dir(
-            args.models, options=AnalyzerOptions(detector_views=("identity",)))
+    analyzers = {_views(analyzer) + " (manifests)": analyzer}
+    one = ("identity",)
+    if _views(analyzer) != "1/1/1":
+        analyzers["1/1/1 (identity)"] = Analyzer.from_models_dir(
+            args.models, options=AnalyzerOptions(detector_views=one, rbc_views=one, wbc_views=one))
     bench_fields(analyzers, args.repeats)
     bench_heads(args.models, args.repeats)
 

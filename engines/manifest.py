@@ -14,8 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-#: A test-time view of a frame for the detector (service.tta); each is its own inverse.
-DetectorView = Literal["identity", "hflip", "vflip", "rot180"]
+#: A test-time view (service.tta): a flip of the whole frame for the detector, of each crop for a
+#: classifier head; each is its own inverse.
+TestTimeView = Literal["identity", "hflip", "vflip", "rot180"]
 
 
 class TensorSpec(BaseModel):
@@ -72,9 +73,10 @@ class ModelManifest(BaseModel):
     score_calibration: dict[str, list[float]] = Field(
         {}, description="detectors: per class [a, b] of Platt scaling, p = sigmoid(a * logit(score) + b), "
         "fitted on the validation split so that a score is the probability of a real cell")
-    tta: list[DetectorView] = Field(
-        ["identity"], min_length=1, description="detectors: test-time views of the frame that are detected and "
-        "fused (service.tta); score_calibration is fitted for exactly these views")
+    tta: list[TestTimeView] = Field(
+        ["identity"], min_length=1, description="test-time views (service.tta). Detectors: views of the frame that "
+        "are detected and fused; score_calibration is fitted for exactly these views. Classifiers: views of "
+        "each crop whose logits are averaged; temperature is fitted for exactly these views")
     architecture: str = ""
     training_data: dict[str, Any] = {}
     split_hashes: dict[str, str] = {}

@@ -1,11 +1,14 @@
 """Stage 8: classify crops with a head engine, in batches, with calibrated confidence.
 
-Softmax uses the manifest's calibration temperature; a cell whose top probability is below the
-head's threshold becomes UNIDENTIFIED (sent for human review), never a guessed class.
+Each crop runs in the head's test-time views (manifest `tta`, service.tta) and the views' logits
+are averaged. Softmax uses the manifest's calibration temperature, fitted for those views; a cell
+whose top probability is below the head's threshold becomes UNIDENTIFIED (sent for human
+review), never a guessed class.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +20,9 @@ from engines.preprocess import to_model_input
 from service.crops import CropSpec
 from service.metrics import softmax
 from service.records import CellCrop
+from service.tta import check_views, view_crops
+
+logger = logging.getLogger(__name__)
 
 UNIDENTIFIED = "unidentified"
 
@@ -28,7 +34,7 @@ class HeadResult:
 
 
 class CropClassifier:
-    def __init__(self, engine: Engine, min_confidence: float) -> None:
+    def __init__(self, engine: Engine, min_confidence: float, views: Sequence[str] | None = None) -> None:
         self.engine = engine
         m = engine.manifest
         if m.crop is None:
@@ -37,13 +43,26 @@ class CropClassifier:
         self.classes = list(m.classes)
         self.temperature = m.temperature
         self.min_confidence = min_confidence
+        #: Test-time views of each crop; the temperature was fitted for the manifest's (m.tta).
+        self.views = check_views(m.tta if views is None else views)
+        if self.views != tuple(m.tta):
+            logger.warning("%s runs in views %s but its temperature was fitted for %s: confidences are "
+                           "off their calibration", m.name, "+".join(self.views), "+".join(m.tta))
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """Logits (N, classes) of N crops (N, S, S, 3 uint8 BGR), averaged over the views.
+
+        All views go to the engine in one batched run (a larger batch, not more runs)."""
+        n = len(pixels)
+        stacked = np.concatenate([view_crops(pixels, v) for v in self.views]) if len(self.views) > 1 else pixels
+        out = run_batched(self.engine, to_model_input(stacked, self.engine.manifest.preprocessing))
+        logits = out[self.engine.output_names[0]]
+        return logits.reshape(len(self.views), n, -1).mean(0) if len(self.views) > 1 else logits
 
     def classify(self, crops: Sequence[CellCrop]) -> list[HeadResult]:
         if not crops:
             return []
-        batch = to_model_input(np.stack([c.pixels for c in crops]), self.engine.manifest.preprocessing)
-        logits = run_batched(self.engine, batch)[self.engine.output_names[0]]
-        probs = softmax(logits / self.temperature)
+        probs = softmax(self.logits(np.stack([c.pixels for c in crops])) / self.temperature)
         idx = probs.argmax(1)
         out = []
         for i, k in enumerate(idx):

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from device.quality import QualityGateConfig
 from device.source_config import SOURCE_KINDS, SourceConfig
-from engines.manifest import DetectorView
+from engines.manifest import TestTimeView
 from service.mqtt_config import MqttConfig
 
 if sys.version_info >= (3, 11):
@@ -90,12 +90,27 @@ class AnalysisConfig(StationBaseModel):
         description="Detections more elongated than this are discarded as artefacts.",
         ge=1.0,
     )
-    detector_views: list[DetectorView] | None = Field(
+    detector_views: list[TestTimeView] | None = Field(
         default=None,
         title="Detector test-time views",
         description="Views of each frame the detector runs and fuses; unset uses the detector "
         "manifest's views, the ones its scores are calibrated for. ['identity'] detects about 3x "
         "faster on a throughput-bound device, but the scores then read higher than calibrated.",
+        min_length=1,
+    )
+    rbc_head_views: list[TestTimeView] | None = Field(
+        default=None,
+        title="RBC head test-time views",
+        description="Views of each red-cell crop the RBC head classifies and averages; unset uses the "
+        "head manifest's views, the ones its temperature is fitted for. ['identity'] classifies red "
+        "cells faster (one run per crop instead of one per view), less accurately, with confidences "
+        "off their calibration.",
+        min_length=1,
+    )
+    wbc_head_views: list[TestTimeView] | None = Field(
+        default=None,
+        title="WBC head test-time views",
+        description="As rbc_head_views, for the WBC head's crops.",
         min_length=1,
     )
     stain_normalization: Literal["auto", "macenko", "none"] = Field(

@@ -76,6 +76,9 @@ class AnalyzerOptions:
     detector_views: tuple[str, ...] | None = None
     wbc_min_confidence: float = 0.5
     rbc_min_confidence: float = 0.3
+    #: Test-time views of each crop per head; None = the manifest's (the views its temperature is fitted for).
+    rbc_views: tuple[str, ...] | None = None
+    wbc_views: tuple[str, ...] | None = None
     scale_refine_tolerance: float = 0.05
     thresholds: AggregateThresholds = field(default_factory=AggregateThresholds)
 
@@ -116,8 +119,8 @@ class Analyzer:
                 e.warmup()
         analyzer = cls(
             YoloSegmenter(engines["segmentation"], conf_threshold=options.detector_conf, views=options.detector_views),
-            CropClassifier(engines["rbc_head"], options.rbc_min_confidence),
-            CropClassifier(engines["wbc_head"], options.wbc_min_confidence),
+            CropClassifier(engines["rbc_head"], options.rbc_min_confidence, views=options.rbc_views),
+            CropClassifier(engines["wbc_head"], options.wbc_min_confidence, views=options.wbc_views),
             options,
             {role: ModelInfo(name=e.manifest.name, sha256=e.manifest.sha256, backend=e.backend_name) for role, e in engines.items()},
             station_id,

@@ -1,4 +1,9 @@
-"""Stage 5b: test-time augmentation of the detector (pure functions).
+"""Stages 5b and 8: test-time augmentation of the detector and the heads (pure functions).
+
+Heads: with more than one view in a head's manifest (`tta`), each crop is classified in every
+view (`view_crops`) and the logits are averaged (service.classify); the head's temperature is
+fitted on those averaged logits (training.calibrate_head). A red cell has no orientation, so a
+flipped crop is as good a sample of it as the original.
 
 With more than one view in the detector's manifest (`tta`, e.g. identity + horizontal flip +
 vertical flip), the pipeline runs tiling, detection and the cross-tile merge once per view of
@@ -25,13 +30,13 @@ from typing import get_args
 
 import numpy as np
 
-from engines.manifest import DetectorView
+from engines.manifest import TestTimeView
 from service.merge import mask_window
 from service.metrics import box_iou, inside_fraction
 from service.records import Box, CellDetection, CellKind
 
-#: Views the detector can run in (engines.manifest.DetectorView); each is its own inverse.
-VIEWS: tuple[str, ...] = get_args(DetectorView)
+#: Views a model can run in (engines.manifest.TestTimeView); each is its own inverse.
+VIEWS: tuple[str, ...] = get_args(TestTimeView)
 #: One class's cells in different views are one cell when their boxes overlap this much.
 FUSE_IOU = 0.55
 #: Classes whose pieces are joined into the cluster that holds them (see `_absorb_pieces`).
@@ -57,6 +62,12 @@ def view_frame(pixels: np.ndarray, view: str) -> np.ndarray:
     """The frame (H, W[, C]) as the detector sees it in `view` (contiguous, for the engines)."""
     fx, fy = _flips(view)
     return np.ascontiguousarray(pixels[:: -1 if fy else 1, :: -1 if fx else 1])
+
+
+def view_crops(crops: np.ndarray, view: str) -> np.ndarray:
+    """A stack of square crops (N, S, S[, C]) as a head sees them in `view` (a view of each crop)."""
+    fx, fy = _flips(view)
+    return crops[:, :: -1 if fy else 1, :: -1 if fx else 1]
 
 
 def unview(det: CellDetection, view: str, frame_width: int, frame_height: int) -> CellDetection:

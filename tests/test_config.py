@@ -179,3 +179,25 @@ def test_detector_views_reach_the_analyzer_and_bad_views_are_refused(tmp_path: P
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, base + 'detector_views = ["rot90"]\n'), environ={})
     assert err.value.errors[0][0].startswith("analysis.detector_views")
+
+
+def test_head_views_reach_the_heads_and_bad_views_are_refused(tmp_path: Path) -> None:
+    from service.startup import build_analyzer
+
+    models = REPO / "models"
+    base = MINIMAL + f'[analysis]\nengine_backend = "onnxruntime"\nmodels_dir = "{models}"\n'
+    default = build_analyzer(load_config(_write(tmp_path, base), environ={}))
+    set_ = build_analyzer(load_config(_write(tmp_path, base + 'rbc_head_views = ["identity"]\n'
+                                             'wbc_head_views = ["identity", "vflip"]\n'), environ={}))
+    try:
+        assert default.rbc_head.views == tuple(default.rbc_head.engine.manifest.tta)
+        assert default.wbc_head.views == tuple(default.wbc_head.engine.manifest.tta)
+        assert set_.rbc_head.views == ("identity",)
+        assert set_.wbc_head.views == ("identity", "vflip")
+    finally:
+        default.close()
+        set_.close()
+    for bad in ('rbc_head_views = ["rot90"]\n', "wbc_head_views = []\n"):
+        with pytest.raises(ConfigError) as err:
+            load_config(_write(tmp_path, base + bad), environ={})
+        assert err.value.errors[0][0].startswith(f"analysis.{bad.split(' ')[0]}")

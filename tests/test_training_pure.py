@@ -112,3 +112,13 @@ def test_whole_boxes_drop_cells_cut_by_the_image_edge():
     kept = whole_boxes(boxes, width=640, height=480)
     assert kept == [(10, 10, 50, 54), (100, 100, 130, 140)]
     assert [diameter(b) for b in kept] == [42.0, 35.0]
+
+
+def test_head_views_choice_is_the_smallest_set_within_tolerance_of_the_best():
+    from training.calibrate_head import choose
+
+    one, two, four = ("identity",), ("identity", "hflip"), ("identity", "hflip", "vflip", "rot180")
+    assert choose({one: 0.873, two: 0.890, four: 0.893}, 0.002) == four
+    assert choose({one: 0.873, two: 0.892, four: 0.893}, 0.002) == two
+    assert choose({one: 0.893, two: 0.892, four: 0.894}, 0.002) == one
+    assert choose({one: 0.80, two: 0.85, ("identity", "vflip"): 0.851}, 0.0) == ("identity", "vflip")

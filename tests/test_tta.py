@@ -1,5 +1,6 @@
 """Test-time augmentation of the detector: views map back exactly, fusion follows its rules, and
-the whole pipeline with a flip-closed set of views is equivariant to flipping the input."""
+the whole pipeline with a flip-closed set of views is equivariant to flipping the input. Of the
+heads: views of each crop, logits averaged."""
 
 from __future__ import annotations
 
@@ -133,3 +134,36 @@ def test_pipeline_with_all_four_views_is_equivariant_to_flipping_the_input():
     got = sorted(key(c, True) for c in mirrored.cells)
     unmatched = [k for k in want if not any(close(k, g) for g in got)]
     assert not unmatched
+
+
+@pytest.mark.skipif(not (MODELS / "rbc_head.onnx").exists(), reason="committed models absent")
+def test_head_views_average_the_logits_of_flipped_crops_and_make_flips_invisible(caplog):
+    """A head's views (manifest `tta`) are each crop flipped, run in one batch, logits averaged;
+    with the flip-closed set of four, mirroring every crop cannot change a result (real RBC head)."""
+    from engines.registry import create_engine
+    from service.classify import CropClassifier
+    from service.crops import CropSpec, crop_cell
+    from service.scale import resample_factor, resample_to_canonical
+    from service.tta import view_crops
+
+    engine = create_engine("onnxruntime", MODELS / "rbc_head.json").load()
+    try:
+        field = render_field(5, width=300, height=240, n_wbc=0)
+        spec = CropSpec(engine.manifest.crop.extent_um, engine.manifest.crop.input_size)
+        mpp = field.frame.microns_per_pixel
+        canonical, factor = resample_to_canonical(field.frame.pixels, mpp), resample_factor(mpp)
+        crops = np.stack([crop_cell(canonical, (c.center[0] * factor, c.center[1] * factor), spec)
+                          for c in field.cells[:24]])
+        default = CropClassifier(engine, 0.3)
+        assert default.views == tuple(engine.manifest.tta)
+        one = CropClassifier(engine, 0.3, views=("identity",))
+        two = CropClassifier(engine, 0.3, views=("identity", "hflip"))
+        assert "temperature was fitted for" in caplog.text  # views other than the manifest's are logged
+        by_hand = (one.logits(crops) + one.logits(np.ascontiguousarray(crops[:, :, ::-1]))) / 2
+        assert np.allclose(two.logits(crops), by_hand, atol=1e-4)
+        assert not np.allclose(two.logits(crops), one.logits(crops), atol=1e-3)  # the views do something
+        four = CropClassifier(engine, 0.3, views=VIEWS)
+        for v in VIEWS:
+            assert np.allclose(four.logits(np.ascontiguousarray(view_crops(crops, v))), four.logits(crops), atol=1e-4)
+    finally:
+        engine.close()

@@ -23,10 +23,9 @@ import numpy as np
 from tqdm import tqdm
 
 from device.frame import Frame
-from engines.batching import run_batched
-from engines.preprocess import to_model_input
 from engines.registry import create_engine
 from engines.manifest import load_manifest
+from service.classify import CropClassifier
 from service.crops import WBC_CROP, CropSpec
 from service.metrics import classification_report, detection_map50, softmax
 from service.pipeline import Analyzer, AnalyzerOptions
@@ -117,9 +116,10 @@ def eval_pbc_pipeline(analyzer: Analyzer, limit: int | None, split: str = "test"
 
 def eval_head(manifest: Path, images: np.ndarray, labels: np.ndarray, classes) -> tuple[dict, np.ndarray, list[str]]:
     """Head metrics by class NAME, so a model whose class list differs from the adapter's still
-    evaluates honestly (a label the model cannot output counts as an error)."""
+    evaluates honestly (a label the model cannot output counts as an error). The crops run as
+    the analyzer runs them (service.classify: the manifest's test-time views, its temperature)."""
     eng = create_engine("onnxruntime", manifest).load()
-    logits = run_batched(eng, to_model_input(images, eng.manifest.preprocessing))[eng.output_names[0]]
+    logits = CropClassifier(eng, 0.0).logits(images)
     names = list(eng.manifest.classes) + [c for c in classes if c not in eng.manifest.classes]
     logits = np.concatenate([logits, np.full((len(logits), len(names) - logits.shape[1]), -1e9, logits.dtype)], axis=1)
     y = np.array([names.index(classes[i]) for i in labels], np.int64)

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from service.crops import RBC_CROP, WBC_CROP, CropSpec, crop_cell
+from service.metrics import classification_report
 from service.scale import NORMAL_RBC_DIAMETER_UM, resample_to_canonical, scale_from_rbc_diameters
 from training.data import bccd_boxes, bccd_image_path, bccd_microns_per_pixel, bccd_split, bccd_wbc_types, data_root, seeded_split, split_hash
 
@@ -239,3 +240,50 @@ def synthetic_rbc_crops(n_fields: int, seed_base: int, spec: CropSpec = RBC_CROP
             labels.append(RBC_CLASSES.index(SYNTHETIC_RBC_LABEL[c.morphology]))
             groups.append(f"synthetic/{seed}")
     return _stack(crops, labels, groups, spec.input_size)
+
+
+def head_sets(head: str, crop: CropSpec) -> dict:
+    """Train/val/test crop sets (and the extra held-out sets) for one head, cut with `crop`."""
+    if head == "wbc":
+        sets = {s: pbc_crops(s) for s in ("train", "val", "test")}
+        # A second lab (BCCD: other camera, stain and scale), so the head does not learn one
+        # lab's colours as the cell type. BCCD test images stay held out (evaluate.py).
+        for name in ("train", "val"):
+            sets[name].extend(bccd_wbc_crops(name))
+        sets["bccd_test"] = bccd_wbc_crops("test")
+        return sets
+    sets = {s: chula_crops(s, crop) for s in ("train", "val", "test")}
+    mpp = idb1_microns_per_pixel()
+    # Sickle, round AND other deformed cells from IDB1: with sickle crops alone, "looks like IDB1"
+    # or "elongated" would be a shortcut to "sickle". IDB1 train: 85% for training, the last 15%
+    # (seeded) for validation.
+    idb_train, _ = idb1_crops("train", mpp, spec=crop)
+    for name, idx in zip(("train", "val"), idb1_train_val_split(len(idb_train.labels))):
+        sets[name].extend(idb_train, idx)
+    # Rendered fields (the demo's virtual microscope): seeds 30000+ train, 40000+ validation.
+    for name, n, base in (("train", 40, 30_000), ("val", 6, 40_000)):
+        sets[name].extend(synthetic_rbc_crops(n, base, crop))
+    idb_test, is_sickle = idb1_crops("test", mpp, spec=crop)
+    sets["idb1_test"] = idb_test
+    sets["idb1_test_is_sickle"] = is_sickle
+    sets["idb1_mpp"] = mpp
+    return sets
+
+
+def held_out_metrics(head: str, sets: dict, logits_of, temperature: float) -> dict:
+    """Held-out figures of a head (`logits_of(images)` -> logits): its test split (per-class
+    report, confusion matrix, ECE at `temperature`), and BCCD test crops (WBC) or IDB1 test
+    sickle-vs-not accuracy (RBC)."""
+    classes = PBC_CLASSES if head == "wbc" else RBC_CLASSES
+    test = sets["test"]
+    tl = logits_of(test.images)
+    out = {"test": classification_report(test.labels, tl.argmax(1), classes, logits=tl / temperature)}
+    if head == "wbc" and len(sets["bccd_test"].labels):
+        bl = logits_of(sets["bccd_test"].images)
+        out["bccd_test"] = classification_report(sets["bccd_test"].labels, bl.argmax(1), classes, logits=bl / temperature)
+        logger.info("BCCD test crops (second lab, held out): accuracy %.3f", out["bccd_test"]["accuracy"])
+    if head == "rbc":
+        il = logits_of(sets["idb1_test"].images)
+        pred_sickle = il.argmax(1) == classes.index("sickle")
+        out["idb1_test_sickle_vs_not_accuracy"] = float((pred_sickle == sets["idb1_test_is_sickle"]).mean())
+    return out
