@@ -29,12 +29,17 @@ from service.classify import CropClassifier
 from service.crops import WBC_CROP, CropSpec
 from service.metrics import classification_report, detection_map50, softmax
 from service.pipeline import Analyzer, AnalyzerOptions
+from service.roi import RoiFilter
 from training import head_data as hd
 from training.data import bccd_boxes, bccd_image_path, bccd_microns_per_pixel, bccd_split, bccd_wbc_types, data_root
 
 logger = logging.getLogger(__name__)
 SEG_KINDS = ("rbc", "wbc", "platelet")
 TXL_KIND = {0: "wbc", 1: "rbc", 2: "platelet"}
+
+
+#: The confidence down to which the model-level detection figure ranks detections.
+ALL_CONF = 0.01
 
 
 def eval_bccd(analyzer: Analyzer, limit: int | None, split: str = "test") -> dict:
@@ -199,11 +204,20 @@ def main() -> None:
     if not args.heads_only:
         analyzer = Analyzer.from_models_dir(args.models, options=AnalyzerOptions(stain_method=args.stain), warmup=False)
         res[f"seg_bccd_{sp}"] = bccd = eval_bccd(analyzer, limit, sp)
+        # The model-level figure, as published detectors report mAP: every detection down to a
+        # confidence of 0.01 ranks on the precision-recall curve. The analyzer reports (and counts)
+        # only cells at >= 0.5, which cuts the curve short; issue 3 wants the two within 3 points.
+        everything = AnalyzerOptions(stain_method=args.stain, detector_conf=ALL_CONF, roi=RoiFilter(min_confidence=ALL_CONF))
+        analyzer_all = Analyzer.from_models_dir(args.models, options=everything, warmup=False)
+        res[f"seg_bccd_{sp}_all_confidences"] = bccd_all = eval_bccd(analyzer_all, limit, sp)
+        analyzer_all.close()
         res[f"seg_txl_{sp}"] = txl = eval_txl(analyzer, limit, sp)
         res[f"pipeline_pbc_{sp}"] = pbc = eval_pbc_pipeline(analyzer, 100 if args.quick else None, sp)
         rows = [
-            ("segmentation", f"BCCD {sp} box mAP50", bccd["mAP50"], ">= 0.92 (issue 3), >= 0.80 (issue 2)"),
-            ("segmentation", "  rbc / wbc / platelet AP50", "{rbc:.3f} / {wbc:.3f} / {platelet:.3f}".format(**bccd), ""),
+            ("segmentation", f"BCCD {sp} box mAP50, all confidences", bccd_all["mAP50"], ">= 0.92 (issue 3)"),
+            ("segmentation", "  rbc / wbc / platelet AP50", "{rbc:.3f} / {wbc:.3f} / {platelet:.3f}".format(**bccd_all), ""),
+            ("pipeline", f"BCCD {sp} mAP50, reported cells (conf >= 0.5)", bccd["mAP50"], ">= 0.80 (issue 2); within 3 pts of the above"),
+            ("pipeline", "  rbc / wbc / platelet AP50", "{rbc:.3f} / {wbc:.3f} / {platelet:.3f}".format(**bccd), ""),
             ("pipeline", f"BCCD {sp} WBC count agreement", bccd["wbc_count_agreement"], ">= 0.90"),
             rows[0],
             ("pipeline", f"BCCD {sp} WBC type via analyzer", bccd["wbc_type_accuracy_bccd"], "report"),
