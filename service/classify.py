@@ -54,10 +54,10 @@ class CropClassifier:
 
         All views go to the engine in one batched run (a larger batch, not more runs)."""
         n = len(pixels)
-        stacked = np.concatenate([view_crops(pixels, v) for v in self.views]) if len(self.views) > 1 else pixels
+        stacked = pixels if self.views == ("identity",) else np.concatenate([view_crops(pixels, v) for v in self.views])
         out = run_batched(self.engine, to_model_input(stacked, self.engine.manifest.preprocessing))
         logits = out[self.engine.output_names[0]]
-        return logits.reshape(len(self.views), n, -1).mean(0) if len(self.views) > 1 else logits
+        return logits.reshape(len(self.views), n, logits.shape[-1]).mean(0)
 
     def classify(self, crops: Sequence[CellCrop]) -> list[HeadResult]:
         if not crops:

@@ -167,3 +167,22 @@ def test_head_views_average_the_logits_of_flipped_crops_and_make_flips_invisible
             assert np.allclose(four.logits(np.ascontiguousarray(view_crops(crops, v))), four.logits(crops), atol=1e-4)
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(not (MODELS / "rbc_head.onnx").exists(), reason="committed models absent")
+def test_a_single_view_head_runs_in_that_view_and_an_empty_batch_is_empty():
+    from engines.registry import create_engine
+    from service.classify import CropClassifier
+
+    engine = create_engine("onnxruntime", MODELS / "rbc_head.json").load()
+    try:
+        s = engine.manifest.input_size
+        crops = np.random.default_rng(3).integers(0, 255, (5, s, s, 3), dtype=np.uint8)
+        one = CropClassifier(engine, 0.3, views=("identity",))
+        hflip = CropClassifier(engine, 0.3, views=("hflip",))
+        assert np.allclose(hflip.logits(crops), one.logits(np.ascontiguousarray(crops[:, :, ::-1])), atol=1e-5)
+        assert not np.allclose(hflip.logits(crops), one.logits(crops), atol=1e-3)
+        for clf in (one, hflip, CropClassifier(engine, 0.3)):
+            assert clf.logits(crops[:0]).shape == (0, len(engine.manifest.classes))
+    finally:
+        engine.close()

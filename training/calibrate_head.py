@@ -56,6 +56,8 @@ def main() -> None:
     path = args.models / f"{args.head}_head.json"
     engine = create_engine("onnxruntime", path).load()
     m = engine.manifest
+    if m.name != f"{args.head}_head":
+        raise SystemExit(f"{path}: manifest name {m.name!r}, expected {args.head}_head (it is rewritten under its name)")
     crop = CropSpec(m.crop.extent_um, m.crop.input_size)
     sets = hd.head_sets(args.head, crop)
     val = sets["val"]
