@@ -232,6 +232,9 @@ def main() -> None:
     print(f"\nsplit: {sp}{' (validation: for choosing models; the bars apply to test)' if sp == 'val' else ''}"
           f"; stain normalization: {args.stain}{' (QUICK: subsets)' if args.quick else ''}"
           f"{' (heads only)' if args.heads_only else ''}")
+    views = {name: "+".join(load_manifest(m, verify_hash=False).tta) for name, m in
+             (("detector", args.models / "seg.json"), ("WBC head", wbc_m), ("RBC head", rbc_m))}
+    print("test-time views (manifests): " + "; ".join(f"{k} {v}" for k, v in views.items()))
     print(f"{'model':<14}{'figure':<44}{'value':>22}  bar")
     for model, fig, val, bar in rows:
         v = f"{val:.4f}" if isinstance(val, float) else str(val)
