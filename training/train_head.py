@@ -28,25 +28,27 @@ from service.metrics import classification_report, fit_temperature
 
 logger = logging.getLogger(__name__)
 
-# Half-width timm ResNets: resnet18/resnet10t layouts at half the channels, so that the ONNX files
-# stay a few MB and an RBC crop costs well under a millisecond on a CPU.
+#: Half-width timm ResNets: resnet18/resnet10t layouts at half the channels, so that the ONNX files
+#: stay a few MB and an RBC crop costs well under a millisecond on a CPU. Name -> (blocks per
+#: stage, stem width); a head's default is in HEADS, `--arch` picks another.
+ARCHS = {"resnet10t-half": ((1, 1, 1, 1), 16), "resnet18-half": ((2, 2, 2, 2), 24)}
+
 HEADS = {
-    "wbc": {"arch": "resnet18-half", "layers": (2, 2, 2, 2), "stem": 24, "classes": hd.PBC_CLASSES,
+    "wbc": {"arch": "resnet18-half", "classes": hd.PBC_CLASSES,
             "crop": WBC_CROP, "sampling_power": 0.0, "stain_jitter": 0.15},
-    "rbc": {"arch": "resnet10t-half", "layers": (1, 1, 1, 1), "stem": 16, "classes": hd.RBC_CLASSES,
+    "rbc": {"arch": "resnet10t-half", "classes": hd.RBC_CLASSES,
             "crop": RBC_CROP, "sampling_power": -0.5, "stain_jitter": 0.0},
 }
 
 
-#: Trunk layouts a head may use (`--arch`), as (blocks per stage, stem width).
-ARCHS = {"resnet10t-half": ((1, 1, 1, 1), 16), "resnet18-half": ((2, 2, 2, 2), 24)}
-
-
-def build_net(spec: dict, num_classes: int) -> nn.Module:
+def build_net(arch: str, num_classes: int) -> nn.Module:
     from timm.models.resnet import BasicBlock, ResNet
 
-    return ResNet(block=BasicBlock, layers=spec["layers"], channels=(32, 64, 128, 256), stem_width=spec["stem"],
+    layers, stem = ARCHS[arch]
+    return ResNet(block=BasicBlock, layers=layers, channels=(32, 64, 128, 256), stem_width=stem,
                   stem_type="deep_tiered", avg_down=True, num_classes=num_classes)
+
+
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -139,10 +141,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    spec = dict(HEADS[args.head])
-    if args.arch is not None:
-        spec["arch"] = args.arch
-        spec["layers"], spec["stem"] = ARCHS[args.arch]
+    spec = HEADS[args.head]
+    arch = args.arch or spec["arch"]
     classes = spec["classes"]
     if args.head == "wbc" and args.input_size is not None:
         ap.error("--input-size applies to the RBC head only (the WBC adapters cut WBC_CROP)")
@@ -151,7 +151,7 @@ def main() -> None:
     train, val, test = sets["train"], sets["val"], sets["test"]
     logger.info("%s head: train %d, val %d, test %d crops", args.head, len(train.labels), len(val.labels), len(test.labels))
 
-    net = build_net(spec, len(classes))
+    net = build_net(arch, len(classes))
     device = torch.device(args.device)
     model = Deployable(net).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
@@ -240,7 +240,7 @@ def main() -> None:
     from export.onnx_export import export_classifier
 
     export_classifier(
-        model.cpu().eval(), name=f"{args.head}_head", classes=list(classes), crop=crop, arch=spec["arch"],
+        model.cpu().eval(), name=f"{args.head}_head", classes=list(classes), crop=crop, arch=arch,
         temperature=temperature, metrics=metrics, training_data=data_desc, split_hashes=hd.split_manifest(),
         out_dir=args.models, history=history,
     )
