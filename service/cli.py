@@ -46,38 +46,130 @@ def summarize(report) -> str:
     return "\n".join(lines)
 
 
+#: Files a directory given to `analyze` contributes (named files are always tried, and rejected if bad).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Named files in order; a directory adds its image files (by suffix), sorted by name."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)
+    return out
+
+
+def detections_record(path: Path, result) -> dict:
+    """One line of `--detections`: every detection of one image, counted cells and candidates.
+
+    Counted cells are the report's cells (kind after the heads, label); candidates are the
+    plausible cells under the counting threshold, as the detector saw them (no label). Boxes are
+    in the input image's pixels; sorted by score, as a ranking metric reads them.
+    """
+    from service.pipeline import input_bbox
+
+    rep = result.report
+    w, h = rep.source.image.width, rep.source.image.height
+    dets = [{"kind": c.kind, "bbox": c.bbox, "score": c.score, "counted": True, "label": c.label} for c in rep.cells]
+    dets += [{"kind": d.kind.value, "bbox": input_bbox(d.box, result.input_to_canonical, w, h),
+              "score": round(d.score, 4), "counted": False, "label": None} for d in result.candidates]
+    dets.sort(key=lambda d: -d["score"])
+    return {"image": str(path), "report_id": rep.report_id, "width": w, "height": h,
+            "microns_per_pixel": rep.scale.microns_per_pixel if rep.scale else None, "detections": dets}
+
+
+def _overlay_path(overlay: Path, image: Path, several: bool, used: set[Path]) -> Path:
+    if not several:
+        return overlay
+    out = overlay / f"{image.stem}.overlay.png"
+    n = 1
+    while out in used:
+        n += 1
+        out = overlay / f"{image.stem}-{n}.overlay.png"
+    used.add(out)
+    return out
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from device.frame import Frame
     from service.ingest import IngestError, load_image
 
     if args.microns_per_pixel is not None and not (0.01 <= args.microns_per_pixel <= 2.0):
         return _error("bad_scale", f"--microns-per-pixel {args.microns_per_pixel} outside 0.01..2.0", args.json)
-    try:
-        img = load_image(args.image)
-    except IngestError as exc:
-        return _error(exc.code.value if hasattr(exc.code, "value") else str(exc.code), str(exc.message), args.json)
-    from engines.base import EngineError
-    from service.pipeline import Analyzer, AnalyzerOptions
+    from service.pipeline import AnalyzerOptions
 
+    counting = AnalyzerOptions().roi.min_confidence
+    if args.detections is not None and not (0.0 < args.detections_floor < counting):
+        return _error("bad_floor", f"--detections-floor {args.detections_floor} outside (0, {counting})", args.json)
+    images = expand_inputs(args.images)
+    if not images:
+        return _error("no_images", f"no image files in {' '.join(args.images)}", args.json)
+    several = len(images) > 1
+    if args.overlay and several:
+        args.overlay.mkdir(parents=True, exist_ok=True)
+    from engines.base import EngineError
+    from service.pipeline import Analyzer
+
+    # Candidates for --detections come from the same detector pass: the raw scores are thresholded
+    # at a fixed floor whatever detector_conf is, so a lower detector_conf adds detections under
+    # the counting threshold and changes nothing at or above it (the counted cells are the same).
+    options = AnalyzerOptions(stain_method=args.stain)
+    if args.detections is not None:
+        options = AnalyzerOptions(stain_method=args.stain, detector_conf=min(options.detector_conf, args.detections_floor))
     try:
-        analyzer = Analyzer.from_models_dir(args.models, backend=args.backend,
-                                            options=AnalyzerOptions(stain_method=args.stain), warmup=False)
+        analyzer = Analyzer.from_models_dir(args.models, backend=args.backend, options=options, warmup=False)
     except EngineError as exc:
         return _error("engine_unavailable", str(exc), args.json)
-    frame = Frame(pixels=img.pixels, frame_id=Path(args.image).name, source=str(args.image),
-                  microns_per_pixel=args.microns_per_pixel)
-    result = analyzer.analyze(frame)
-    if args.overlay:
-        import cv2
+    rejected = 0
+    used: set[Path] = set()
+    det_out = args.detections.open("w") if args.detections is not None else None
+    try:
+        for path in images:
+            try:
+                img = load_image(str(path))
+            except IngestError as exc:
+                rejected += 1
+                code = exc.code.value if hasattr(exc.code, "value") else str(exc.code)
+                _batch_error(path, code, str(exc.message), args.json, det_out)
+                continue
+            frame = Frame(pixels=img.pixels, frame_id=path.name, source=str(path),
+                          microns_per_pixel=args.microns_per_pixel)
+            try:
+                result = analyzer.analyze(frame)
+            except Exception as exc:  # a bug, not bad input: say so for this image and go on
+                logger.exception("analysis of %s failed", path)
+                rejected += 1
+                _batch_error(path, "analysis_failed", f"{type(exc).__name__}: {exc}", args.json, det_out)
+                continue
+            if args.overlay:
+                import cv2
 
-        from service.overlay import draw_overlay
+                from service.overlay import draw_overlay
 
-        cv2.imwrite(str(args.overlay), draw_overlay(img.pixels, result.cells, result.input_to_canonical))
-    if args.json:
-        print(result.report.model_dump_json())
-    else:
-        print(summarize(result.report))
-    return 0
+                cv2.imwrite(str(_overlay_path(args.overlay, path, several, used)),
+                            draw_overlay(img.pixels, result.cells, result.input_to_canonical))
+            if det_out is not None:
+                det_out.write(json.dumps(detections_record(path, result)) + "\n")
+                det_out.flush()
+            print(result.report.model_dump_json() if args.json else summarize(result.report), flush=True)
+    finally:
+        if det_out is not None:
+            det_out.close()
+        analyzer.close()
+    return EXIT_REJECTED if rejected else 0
+
+
+def _batch_error(path: Path, code: str, message: str, as_json: bool, det_out) -> None:
+    """One image rejected: its error line where its report would be; the batch goes on."""
+    payload = {"error": {"code": code, "message": message}, "image": str(path)}
+    print(json.dumps(payload), flush=True)
+    if not as_json:
+        print(f"rejected: {path}: {code}: {message}", file=sys.stderr)
+    if det_out is not None:
+        det_out.write(json.dumps(payload) + "\n")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -121,17 +213,28 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from service.pipeline import DEFAULT_MODELS_DIR
 
-    ap = argparse.ArgumentParser(prog="smearscope", description="Point-of-care blood-smear analyzer")
+    ap = argparse.ArgumentParser(prog="smearscope", description="Point-of-care blood-smear analyzer",
+                                 fromfile_prefix_chars="@")
     ap.add_argument("--log-level", default=None,
                     help="log threshold (DEBUG, INFO, WARNING, ERROR); default WARNING, and for "
                     "`run` the config's log_level, which an explicit --log-level overrides")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    a = sub.add_parser("analyze", help="analyze one image and print its report")
-    a.add_argument("image")
+    a = sub.add_parser("analyze", help="analyze images and print one report per image",
+                       description="Analyze images (files, directories of them, or @FILE listing one path "
+                       "per line) with the models loaded once. Each image gives one line on stdout: its "
+                       "report, or its error; a rejected image never stops the batch (exit status 2 if "
+                       "any was rejected).")
+    a.add_argument("images", nargs="+", metavar="IMAGE")
     a.add_argument("--microns-per-pixel", type=float, default=None, help="input scale; estimated when omitted")
     a.add_argument("--json", action="store_true", help="print exactly one JSON report on stdout")
-    a.add_argument("--overlay", type=Path, help="write the input with outlines and labels to this PNG")
+    a.add_argument("--overlay", type=Path, help="write the input with outlines and labels to this PNG "
+                   "(several images: to IMAGE-STEM.overlay.png in this directory)")
+    a.add_argument("--detections", type=Path, default=None,
+                   help="also write JSON lines, one per image: every detection down to --detections-floor, "
+                   "the counted cells marked, with scores (for mAP against annotations and for review)")
+    a.add_argument("--detections-floor", type=float, default=0.01,
+                   help="lowest detector confidence written by --detections (default 0.01)")
     a.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
     a.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     a.add_argument("--stain", default="auto", choices=["auto", "macenko", "none"],

@@ -90,6 +90,10 @@ class FieldResult:
     report: Report
     cells: tuple[ClassifiedCell, ...]
     input_to_canonical: float
+    #: Plausible cells below the ROI filter's confidence (down to `AnalyzerOptions.detector_conf`),
+    #: in canonical coordinates: not counted, not classified, never in the report. For review and
+    #: for ranking metrics (`smearscope analyze --detections`).
+    candidates: tuple[CellDetection, ...] = ()
 
 
 class Analyzer:
@@ -148,8 +152,14 @@ class Analyzer:
         o = self.options
         h, w = canonical.shape[:2]
         views = getattr(self.segmenter, "views", ("identity",))
+        # Raw scores (every detection above the detector's fixed floor) through the merge and the
+        # fusion; the calibrated threshold comes last, so it changes nothing above it.
         if views == ("identity",):
-            return merge_detections(self.segmenter.detect(make_tiles(canonical, o.tile_size, o.tile_overlap), w, h))
+            tiles = make_tiles(canonical, o.tile_size, o.tile_overlap)
+            finish = getattr(self.segmenter, "finish", None)
+            if finish is None:  # a segmenter with final scores (the tests' oracle)
+                return merge_detections(self.segmenter.detect(tiles, w, h))
+            return finish(merge_detections(self.segmenter.detect(tiles, w, h, calibrate=False)))
         # Test-time views (service.tta): all views' tiles go to the engine in one batch run;
         # tile indices are kept apart per view so the merge never joins two views' tiles.
         per_view_tiles = [make_tiles(view_frame(canonical, v), o.tile_size, o.tile_overlap) for v in views]
@@ -222,6 +232,7 @@ class Analyzer:
         est, canonical, normalized, dets = self._scale_and_detect(frame, timing)
         t = time.perf_counter()
         kept = self.options.roi.apply(dets)
+        candidates = tuple(self.options.roi.below_confidence(dets))
         rbc_spec = self.rbc_head.crop_spec if self.rbc_head else None
         wbc_spec = self.wbc_head.crop_spec if self.wbc_head else None
         frames = {"none": canonical, "macenko": normalized.pixels}
@@ -258,7 +269,7 @@ class Analyzer:
         factor = resample_factor(est.microns_per_pixel)
         h, w = frame.pixels.shape[:2]
         records = [
-            CellRecord(kind=c.detection.kind.value, bbox=_input_bbox(c.detection.box, factor, w, h),
+            CellRecord(kind=c.detection.kind.value, bbox=input_bbox(c.detection.box, factor, w, h),
                        score=round(c.detection.score, 4), label=c.label,
                        label_score=None if c.label_score is None else round(c.label_score, 4),
                        diameter_um=round(c.diameter_um, 3), area_um2=round(c.area_um2, 3))
@@ -276,7 +287,7 @@ class Analyzer:
             rbc_morphology=agg.rbc_morphology, rbc_size=agg.rbc_size, ratios=agg.ratios, flags=flags,
             cells=records, timing_ms={k: round(v, 1) for k, v in timing.items()},
         )
-        return FieldResult(report, tuple(cells), factor)
+        return FieldResult(report, tuple(cells), factor, candidates)
 
 
 class _NoCrop:
@@ -293,7 +304,7 @@ def _touches_frame(d: CellDetection, shape: tuple[int, ...], margin: float = 2.0
     return b.x0 <= margin or b.y0 <= margin or b.x1 >= w - margin or b.y1 >= h - margin
 
 
-def _input_bbox(box, factor: float, width: int, height: int) -> list[float]:
+def input_bbox(box, factor: float, width: int, height: int) -> list[float]:
     """Canonical box -> INPUT image pixels, clipped to the image (resampling rounds its size)."""
     b = box.scaled(1.0 / factor)
     return [round(min(max(b.x0, 0.0), width), 2), round(min(max(b.y0, 0.0), height), 2),

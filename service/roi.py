@@ -22,8 +22,10 @@ class RoiFilter:
     max_aspect: float = 5.0
 
     def keep(self, det: CellDetection) -> bool:
-        if det.score < self.min_confidence:
-            return False
+        return det.score >= self.min_confidence and self.plausible(det)
+
+    def plausible(self, det: CellDetection) -> bool:
+        """Size and shape of a cell, whatever the confidence."""
         area_um2 = det.mask_area_px * CANONICAL_UM_PER_PX**2
         if area_um2 < self.min_area_um2:
             return False
@@ -32,6 +34,11 @@ class RoiFilter:
 
     def apply(self, dets: Sequence[CellDetection]) -> list[CellDetection]:
         return [d for d in dets if self.keep(d)]
+
+    def below_confidence(self, dets: Sequence[CellDetection]) -> list[CellDetection]:
+        """Plausible cells set aside for confidence alone: the candidates a reviewer (or a
+        ranking metric such as mAP) looks at below the counting threshold."""
+        return [d for d in dets if d.score < self.min_confidence and self.plausible(d)]
 
 
 @dataclass(frozen=True)

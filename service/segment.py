@@ -16,8 +16,10 @@ EDGE_MARGIN_PX = 2.0
 
 
 class Segmenter(Protocol):
-    """Finds cells in tiles. A segmenter whose `views` attribute names more than the identity view
-    (service.tta) must also accept `detect(..., calibrate=False)` and offer `finish(detections)`."""
+    """Finds cells in tiles. A segmenter may offer `finish(detections)` (calibrate and threshold)
+    and then accepts `detect(..., calibrate=False)`: the pipeline merges and fuses the raw
+    detections and calls `finish` last. One whose `views` attribute names more than the identity
+    view (service.tta) must offer both."""
 
     def detect(self, tiles: Sequence[Tile], frame_width: int, frame_height: int) -> list:
         """All detections of all `tiles`, as `CellDetection`s in frame coordinates."""

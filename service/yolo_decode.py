@@ -24,7 +24,10 @@ from service.tta import check_views
 logger = logging.getLogger(__name__)
 
 
-#: Raw detector scores below this are never considered, whatever the calibration.
+#: Raw detector scores below this are never considered, whatever the calibration and threshold.
+#: A fixed floor (not the threshold) makes what the merge and the view fusion see independent of
+#: `conf_threshold`: a lower threshold only adds detections under the old one and changes none
+#: above it (the calibration was fitted on detections from this floor, training.calibrate_seg).
 RAW_SCORE_FLOOR = 0.05
 
 
@@ -101,11 +104,9 @@ class YoloSegmenter:
                            "+".join(self.views), "+".join(m.tta))
         self.input_size = m.input_size
         self.classes = [SEG_CLASSES[[k.value for k in SEG_CLASSES].index(c)] for c in m.classes]
-        self.conf_threshold = conf_threshold  # on the CALIBRATED score
+        self.conf_threshold = conf_threshold  # on the CALIBRATED score, applied last (`finish`)
         self.iou_threshold = iou_threshold
         self.calibration = {k: tuple(v) for k, v in m.score_calibration.items()}
-        # Raw scores are thresholded loosely; the calibrated score decides what is kept.
-        self._raw_threshold = min(conf_threshold, RAW_SCORE_FLOOR) if self.calibration else conf_threshold
 
     def calibrated(self, kind_name: str, raw: float) -> float:
         """The detector score as a probability of a real cell (Platt scaling from the manifest)."""
@@ -124,7 +125,7 @@ class YoloSegmenter:
     def detect(self, tiles: Sequence[Tile], frame_width: int, frame_height: int,
                calibrate: bool = True) -> list[CellDetection]:
         """Detections in frame coordinates; `calibrate=False` keeps raw scores (all above the raw
-        floor) for test-time fusion, after which the caller applies `finish`."""
+        floor) for the merge and test-time fusion, after which the caller applies `finish`."""
         if not tiles:
             return []
         batch = to_model_input(np.stack([t.pixels for t in tiles]), self.engine.manifest.preprocessing)
@@ -135,7 +136,7 @@ class YoloSegmenter:
         dets: list[CellDetection] = []
         for i, tile in enumerate(tiles):
             for ci, b, raw, mask in decode_tile(preds[i], None if protos is None else protos[i], self.input_size,
-                                                len(self.classes), self._raw_threshold, self.iou_threshold):
+                                                len(self.classes), RAW_SCORE_FLOOR, self.iou_threshold):
                 box = Box(float(b[0]) + tile.x, float(b[1]) + tile.y, float(b[2]) + tile.x, float(b[3]) + tile.y)
                 # clip to the real frame (tiles may extend into padding)
                 box = Box(min(box.x0, frame_width), min(box.y0, frame_height), min(box.x1, frame_width), min(box.y1, frame_height))

@@ -24,7 +24,10 @@ def smearscope(*args: str) -> subprocess.CompletedProcess:
 
 def test_every_hostile_input_gives_its_code_and_no_traceback(tmp_path):
     """All hostile cases with default limits, through the CLI: JSON error, exit 2, no traceback."""
-    cases = [(c, p) for c, p in hostile.generate_all(tmp_path) if not getattr(c, "limits", None)]
+    # a directory is a folder of images to the CLI (an empty one: `no_images`, tested below);
+    # load_image's `not_a_file` for it is checked in test_ingest
+    cases = [(c, p) for c, p in hostile.generate_all(tmp_path)
+             if not getattr(c, "limits", None) and not p.is_dir()]
     assert len(cases) >= 15
     # one process per case would take minutes; the CLI's error path is the same for every code,
     # so check a spread of codes through the CLI and all of them through load_image in test_ingest
@@ -66,3 +69,68 @@ def test_analyze_rendered_field_json_and_overlay(tmp_path):
         assert 0 <= x0 < x1 <= 800 and 0 <= y0 < y1 <= 600
     drawn = cv2.imread(str(overlay))
     assert drawn.shape == (600, 800, 3) and np.abs(drawn.astype(int) - np.asarray(field.frame.pixels)).sum() > 0
+
+
+def _render(path: Path, seed: int) -> None:
+    field = render_field(seed, width=640, height=480, microns_per_pixel=0.1)
+    cv2.imwrite(str(path), np.asarray(field.frame.pixels))
+
+
+@needs_models
+def test_analyze_a_batch_one_line_per_image_and_a_bad_one_does_not_stop_it(tmp_path):
+    """A directory and an @list in one call: models load once, each image gives one line in order,
+    the rejected image its error line (with its path), and the exit status says one was rejected."""
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    _render(folder / "a.png", 11)
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nxxxx")  # ends before IEND: truncated
+    (folder / "notes.txt").write_text("not an image: a directory contributes image files only")
+    _render(tmp_path / "c.png", 12)
+    listing = tmp_path / "more.txt"
+    listing.write_text(f"{tmp_path / 'c.png'}\n")
+    overlays = tmp_path / "overlays"
+    dets = tmp_path / "dets.jsonl"
+    proc = smearscope("analyze", str(folder), f"@{listing}", "--json", "--microns-per-pixel", "0.1",
+                      "--overlay", str(overlays), "--detections", str(dets), "--detections-floor", "0.05")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
+    assert [ln.get("image") or ln["source"]["source"] for ln in lines] == \
+        [str(folder / "a.png"), str(folder / "b.png"), str(tmp_path / "c.png")]
+    assert lines[1]["error"]["code"] == "truncated"
+    assert lines[0]["counts"]["rbc"] > 0 and lines[2]["counts"]["rbc"] > 0
+    assert sorted(p.name for p in overlays.iterdir()) == ["a.overlay.png", "c.overlay.png"]
+    records = [json.loads(ln) for ln in dets.read_text().splitlines()]
+    assert len(records) == 3 and records[1]["error"]["code"] == "truncated"
+    for rep, rec in ((lines[0], records[0]), (lines[2], records[2])):
+        assert rec["report_id"] == rep["report_id"] and (rec["width"], rec["height"]) == (640, 480)
+        counted = [d for d in rec["detections"] if d["counted"]]
+        assert sorted((d["kind"], d["bbox"], d["label"]) for d in counted) == \
+            sorted((c["kind"], c["bbox"], c["label"]) for c in rep["cells"])
+        assert all(0.05 <= d["score"] < 0.5 for d in rec["detections"] if not d["counted"])
+
+
+@needs_models
+def test_analyze_without_detections_counts_the_same_cells(tmp_path):
+    """--detections lowers the detector's threshold for candidates only: the report is unchanged."""
+    img = tmp_path / "f.png"
+    _render(img, 13)
+    plain = smearscope("analyze", str(img), "--json", "--microns-per-pixel", "0.1")
+    with_dets = smearscope("analyze", str(img), "--json", "--microns-per-pixel", "0.1",
+                           "--detections", str(tmp_path / "d.jsonl"))
+    assert plain.returncode == with_dets.returncode == 0, with_dets.stderr[-2000:]
+    a, b = json.loads(plain.stdout), json.loads(with_dets.stdout)
+    assert a["cells"] == b["cells"] and a["counts"] == b["counts"]
+    rec = json.loads((tmp_path / "d.jsonl").read_text())
+    assert any(not d["counted"] for d in rec["detections"]), "a rendered field has detections under 0.5"
+
+
+def test_analyze_refuses_a_bad_floor_and_an_empty_folder(tmp_path):
+    p = tmp_path / "f.png"
+    cv2.imwrite(str(p), hostile.smear_like(200, 200))
+    proc = smearscope("analyze", str(p), "--json", "--detections", str(tmp_path / "d.jsonl"), "--detections-floor", "0.7")
+    assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "bad_floor"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = smearscope("analyze", str(empty), "--json")
+    assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "no_images"

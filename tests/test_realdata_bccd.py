@@ -1,11 +1,15 @@
-"""Real data: the BCCD test split through the `smearscope analyze --json` CLI.
+"""Real data: the BCCD test split through `smearscope analyze --json --detections`, in ONE process.
 
-Box mAP50 over rbc/wbc/platelet is computed here from the CLI's `cells`, and the WBC count per
-image is compared with the annotation.
+Box mAP50 over rbc/wbc/platelet is computed here from the CLI's output two ways, as issue 2 and
+issue 3 ask:
 
-Issue 2 asks for mAP50 >= 0.80 from the CLI, and this test asserts exactly that bar. The committed
-detector measures 0.805 with its three test-time views (identity, horizontal and vertical flip;
-service.tta); with one view it measured 0.771.
+- from the counted cells of each report (calibrated confidence >= 0.5): issue 2's bar, 0.80;
+  measured 0.806 with the committed models;
+- from `--detections` (every detection down to 0.01, the counted cells marked): issue 3 asks
+  this whole-pipeline figure to be within 3 points of the model level, which is measured here too,
+  in this process, from an Analyzer ranking every detection down to 0.01 (measured 0.898).
+
+The WBC count per image is compared with the annotation.
 """
 
 from __future__ import annotations
@@ -14,60 +18,101 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import pytest
 
-from realdata import BCCD, BCCD_MICRONS_PER_PIXEL, bccd_test_ids, bccd_truth, needs_bccd, needs_models
+from device.frame import Frame
+from realdata import BCCD, BCCD_MICRONS_PER_PIXEL, ROOT, bccd_test_ids, bccd_truth, needs_bccd, needs_models
 from service.metrics import detection_map50
+from service.pipeline import Analyzer, AnalyzerOptions
+from service.roi import RoiFilter
 
 pytestmark = [needs_bccd, needs_models, pytest.mark.realdata]
-MAP50_FLOOR = 0.80  # issue 2's bar; measured 0.805 with the committed models
+MAP50_FLOOR = 0.80  # issue 2's bar; measured 0.806 with the committed models
 WBC_COUNT_AGREEMENT_BAR = 0.90  # issue 2's bar; measured 0.944
-SMEARSCOPE = [sys.executable, "-m", "service.cli"]
+WHOLE_PIPELINE_GAP = 0.03  # issue 3: the CLI's figure within 3 points of the model level
+FLOOR = 0.01
+KINDS = ("rbc", "wbc", "platelet")
 
 
-def _analyze(image_id: str, extra: list[str]) -> dict:
-    path = BCCD / "JPEGImages" / f"{image_id}.jpg"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([*SMEARSCOPE, "analyze", str(path), "--json", *extra], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=Path(__file__).resolve().parents[1])
+def _image(image_id: str) -> Path:
+    return BCCD / "JPEGImages" / f"{image_id}.jpg"
+
+
+def _analyze_batch(ids: list[str], extra: list[str], tmp: Path) -> tuple[list[dict], list[dict]]:
+    listing, dets = tmp / "images.txt", tmp / "detections.jsonl"
+    listing.write_text("".join(f"{_image(i)}\n" for i in ids))
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "analyze", f"@{listing}", "--json",
+                           "--detections", str(dets), "--detections-floor", str(FLOOR), *extra],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    assert len(lines) == 1, "stdout must hold exactly one JSON report"
-    return json.loads(lines[0])
+    reports = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
+    records = [json.loads(ln) for ln in dets.read_text().splitlines()]
+    assert len(reports) == len(ids) == len(records), "one report and one detections line per image, in order"
+    return reports, records
 
 
 @pytest.fixture(scope="module")
-def bccd_reports() -> dict[str, dict]:
+def bccd_cli(tmp_path_factory) -> tuple[list[str], list[dict], list[dict]]:
     ids = bccd_test_ids()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        reports = list(pool.map(lambda i: _analyze(i, ["--microns-per-pixel", str(BCCD_MICRONS_PER_PIXEL)]), ids))
-    return dict(zip(ids, reports))
+    reports, records = _analyze_batch(ids, ["--microns-per-pixel", str(BCCD_MICRONS_PER_PIXEL)],
+                                      tmp_path_factory.mktemp("bccd_cli"))
+    return ids, reports, records
 
 
-def test_bccd_test_map50_from_cli(bccd_reports):
-    per_image = []
-    for image_id, rep in bccd_reports.items():
-        per_image.append({
-            "pred": [(c["kind"], c["bbox"], c["score"]) for c in rep["cells"]],
-            "truth": bccd_truth(image_id),
-        })
-    m = detection_map50(per_image, ("rbc", "wbc", "platelet"))
-    print(f"\nBCCD test ({len(per_image)} images) box AP50: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
+def test_bccd_test_map50_from_cli_counted_cells(bccd_cli):
+    ids, reports, _ = bccd_cli
+    per_image = [{"pred": [(c["kind"], c["bbox"], c["score"]) for c in rep["cells"]], "truth": bccd_truth(i)}
+                 for i, rep in zip(ids, reports)]
+    m = detection_map50(per_image, KINDS)
+    print(f"\nBCCD test ({len(per_image)} images), counted cells, box AP50: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
     assert m["mAP50"] >= MAP50_FLOOR, m
 
 
-def test_bccd_wbc_count_per_image(bccd_reports):
-    agree = [sum(k == "wbc" for k, _ in bccd_truth(i)) == r["counts"]["wbc"] for i, r in bccd_reports.items()]
+def test_bccd_whole_pipeline_within_three_points_of_model_level(bccd_cli):
+    ids, _, records = bccd_cli
+    cli = detection_map50([{"pred": [(d["kind"], d["bbox"], d["score"]) for d in rec["detections"]],
+                            "truth": bccd_truth(i)} for i, rec in zip(ids, records)], KINDS)
+    options = AnalyzerOptions(detector_conf=FLOOR, roi=RoiFilter(min_confidence=FLOOR))
+    analyzer = Analyzer.from_models_dir(options=options, warmup=False)
+    per_image = []
+    for i in ids:
+        rep = analyzer.analyze(Frame(cv2.imread(str(_image(i))), i, "bccd", microns_per_pixel=BCCD_MICRONS_PER_PIXEL)).report
+        per_image.append({"pred": [(c.kind, c.bbox, c.score) for c in rep.cells], "truth": bccd_truth(i)})
+    analyzer.close()
+    model = detection_map50(per_image, KINDS)
+    print(f"\nBCCD test mAP50: model level {model['mAP50']:.4f}, CLI --detections {cli['mAP50']:.4f}")
+    assert cli["mAP50"] >= model["mAP50"] - WHOLE_PIPELINE_GAP, (cli, model)
+    assert cli["mAP50"] > 0.85  # measured 0.898: a broken export would rank far lower
+
+
+def test_detections_hold_the_counted_cells_and_the_candidates_below(bccd_cli):
+    _, reports, records = bccd_cli
+    for rep, rec in zip(reports, records):
+        assert rec["report_id"] == rep["report_id"]
+        counted = [d for d in rec["detections"] if d["counted"]]
+        assert sorted((d["kind"], d["bbox"], d["score"]) for d in counted) == \
+            sorted((c["kind"], c["bbox"], c["score"]) for c in rep["cells"])
+        below = [d for d in rec["detections"] if not d["counted"]]
+        assert all(FLOOR <= d["score"] < 0.5 and d["label"] is None for d in below)
+        scores = [d["score"] for d in rec["detections"]]
+        assert scores == sorted(scores, reverse=True)
+    assert sum(len(r["detections"]) for r in records) > 1.5 * sum(len(r["cells"]) for r in reports)
+
+
+def test_bccd_wbc_count_per_image(bccd_cli):
+    ids, reports, _ = bccd_cli
+    agree = [sum(k == "wbc" for k, _ in bccd_truth(i)) == r["counts"]["wbc"] for i, r in zip(ids, reports)]
     frac = sum(agree) / len(agree)
     print(f"\nBCCD test WBC count agreement: {sum(agree)}/{len(agree)} = {frac:.3f}")
     assert frac >= WBC_COUNT_AGREEMENT_BAR
 
 
-def test_cli_cells_carry_the_contract_fields(bccd_reports):
-    rep = next(iter(bccd_reports.values()))
+def test_cli_cells_carry_the_contract_fields(bccd_cli):
+    rep = bccd_cli[1][0]
     assert rep["schema_version"] == "1.0" and rep["scale"]["method"] == "given"
     for c in rep["cells"]:
         assert c["kind"] in ("rbc", "wbc", "platelet")
@@ -77,9 +122,9 @@ def test_cli_cells_carry_the_contract_fields(bccd_reports):
         assert c["diameter_um"] > 0
 
 
-def test_scale_estimated_when_not_given():
+def test_scale_estimated_when_not_given(tmp_path):
     """Without --microns-per-pixel the analyzer measures the scale from red cells (BCCD ~0.072)."""
-    scales = [_analyze(i, [])["scale"] for i in bccd_test_ids()[:6]]
-    for s in scales:
+    reports, _ = _analyze_batch(bccd_test_ids()[:6], [], tmp_path)
+    for s in (r["scale"] for r in reports):
         assert s["method"] in ("rbc_size_classical", "rbc_size_detection")
-        assert abs(s["microns_per_pixel"] / BCCD_MICRONS_PER_PIXEL - 1) < 0.2, scales
+        assert abs(s["microns_per_pixel"] / BCCD_MICRONS_PER_PIXEL - 1) < 0.2, s

@@ -79,6 +79,15 @@ def test_roi_filter_rules():
     assert f.apply([good, _det(CellKind.RBC, 0, 0, 60, 10)]) == [good]
 
 
+def test_roi_candidates_are_plausible_cells_below_the_confidence_only():
+    f = RoiFilter(min_confidence=0.5, min_area_um2=2.0, max_aspect=5.0)
+    unsure = _det(CellKind.RBC, 0, 0, 37, 37, score=0.2)
+    dets = [_det(CellKind.RBC, 0, 0, 37, 37), unsure, _det(CellKind.PLATELET, 0, 0, 5, 5, score=0.2),
+            _det(CellKind.RBC, 0, 0, 60, 10, score=0.2)]
+    assert f.below_confidence(dets) == [unsure]  # not the counted one, not the tiny or elongated ones
+    assert not set(map(id, f.apply(dets))) & set(map(id, f.below_confidence(dets)))
+
+
 def test_route_sends_kinds_to_their_heads():
     img = np.zeros((200, 200, 3), np.uint8)
     dets = [_det(CellKind.RBC, 10, 10, 47, 47), _det(CellKind.WBC, 50, 50, 110, 110), _det(CellKind.PLATELET, 5, 5, 15, 15)]
