@@ -50,24 +50,46 @@ def summarize(report) -> str:
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 
 
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Named files in order; a directory adds its image files (by suffix), sorted by name."""
+class InputError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def expand_inputs(items: list[str]) -> tuple[list[Path], bool]:
+    """The images to analyze, in order, and whether the inputs name a set (not one image file).
+
+    A directory adds its image files (by suffix), sorted by name; `@LIST` adds the paths a text
+    file lists, one per line, taken literally (blank lines skipped; `./@name` names a file whose
+    name starts with @). Named files are always tried (and rejected if bad).
+    """
     out: list[Path] = []
+    is_set = len(items) > 1
     for item in items:
+        if item.startswith("@"):
+            is_set = True
+            try:
+                lines = Path(item[1:]).read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError("bad_list", f"cannot read image list {item[1:]}: {exc}") from exc
+            out += [Path(ln.strip()) for ln in lines if ln.strip()]
+            continue
         p = Path(item)
         if p.is_dir():
+            is_set = True
             out += sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
         else:
             out.append(p)
-    return out
+    return out, is_set
 
 
-def detections_record(path: Path, result) -> dict:
-    """One line of `--detections`: every detection of one image, counted cells and candidates.
+def detections_record(path: Path, result, floor: float) -> dict:
+    """One line of `--detections`: every detection of one image down to `floor`.
 
-    Counted cells are the report's cells (kind after the heads, label); candidates are the
-    plausible cells under the counting threshold, as the detector saw them (no label). Boxes are
-    in the input image's pixels; sorted by score, as a ranking metric reads them.
+    Counted cells are the report's cells (kind after the heads, label); the others are the
+    plausible cells (the ROI filter's size and shape rules) under the counting threshold, as the
+    detector saw them (no label). Boxes are in the input image's pixels; sorted by score, as a
+    ranking metric reads them.
     """
     from service.pipeline import input_bbox
 
@@ -75,14 +97,14 @@ def detections_record(path: Path, result) -> dict:
     w, h = rep.source.image.width, rep.source.image.height
     dets = [{"kind": c.kind, "bbox": c.bbox, "score": c.score, "counted": True, "label": c.label} for c in rep.cells]
     dets += [{"kind": d.kind.value, "bbox": input_bbox(d.box, result.input_to_canonical, w, h),
-              "score": round(d.score, 4), "counted": False, "label": None} for d in result.candidates]
+              "score": round(d.score, 4), "counted": False, "label": None} for d in result.candidates if d.score >= floor]
     dets.sort(key=lambda d: -d["score"])
     return {"image": str(path), "report_id": rep.report_id, "width": w, "height": h,
             "microns_per_pixel": rep.scale.microns_per_pixel if rep.scale else None, "detections": dets}
 
 
-def _overlay_path(overlay: Path, image: Path, several: bool, used: set[Path]) -> Path:
-    if not several:
+def _overlay_path(overlay: Path, image: Path, folder: bool, used: set[Path]) -> Path:
+    if not folder:
         return overlay
     out = overlay / f"{image.stem}.overlay.png"
     n = 1
@@ -91,6 +113,25 @@ def _overlay_path(overlay: Path, image: Path, several: bool, used: set[Path]) ->
         out = overlay / f"{image.stem}-{n}.overlay.png"
     used.add(out)
     return out
+
+
+def _check_outputs(args: argparse.Namespace, folder: bool):
+    """Open --detections and prepare --overlay before any work; a bad path is a usage error."""
+    if args.overlay is not None:
+        if folder:
+            try:
+                args.overlay.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InputError("bad_output", f"--overlay {args.overlay}: not a usable directory ({exc})") from exc
+        elif args.overlay.suffix.lower() not in IMAGE_SUFFIXES or not args.overlay.parent.is_dir():
+            raise InputError("bad_output", f"--overlay {args.overlay}: needs an existing directory and an image "
+                             f"suffix ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if args.detections is None:
+        return None
+    try:
+        return args.detections.open("w")
+    except OSError as exc:
+        raise InputError("bad_output", f"--detections {args.detections}: {exc}") from exc
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -104,12 +145,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     counting = AnalyzerOptions().roi.min_confidence
     if args.detections is not None and not (0.0 < args.detections_floor < counting):
         return _error("bad_floor", f"--detections-floor {args.detections_floor} outside (0, {counting})", args.json)
-    images = expand_inputs(args.images)
-    if not images:
-        return _error("no_images", f"no image files in {' '.join(args.images)}", args.json)
-    several = len(images) > 1
-    if args.overlay and several:
-        args.overlay.mkdir(parents=True, exist_ok=True)
+    try:
+        images, folder = expand_inputs(args.images)
+        if not images:
+            raise InputError("no_images", f"no image files in {' '.join(args.images)}")
+        det_out = _check_outputs(args, folder)
+    except InputError as exc:
+        return _error(exc.code, exc.message, args.json)
     from engines.base import EngineError
     from service.pipeline import Analyzer
 
@@ -117,21 +159,22 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     # at a fixed floor whatever detector_conf is, so a lower detector_conf adds detections under
     # the counting threshold and changes nothing at or above it (the counted cells are the same).
     options = AnalyzerOptions(stain_method=args.stain)
-    if args.detections is not None:
+    if det_out is not None:
         options = AnalyzerOptions(stain_method=args.stain, detector_conf=min(options.detector_conf, args.detections_floor))
     try:
         analyzer = Analyzer.from_models_dir(args.models, backend=args.backend, options=options, warmup=False)
     except EngineError as exc:
+        if det_out is not None:
+            det_out.close()
         return _error("engine_unavailable", str(exc), args.json)
-    rejected = 0
+    failed = 0
     used: set[Path] = set()
-    det_out = args.detections.open("w") if args.detections is not None else None
     try:
         for path in images:
             try:
                 img = load_image(str(path))
             except IngestError as exc:
-                rejected += 1
+                failed += 1
                 code = exc.code.value if hasattr(exc.code, "value") else str(exc.code)
                 _batch_error(path, code, str(exc.message), args.json, det_out)
                 continue
@@ -141,25 +184,27 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 result = analyzer.analyze(frame)
             except Exception as exc:  # a bug, not bad input: say so for this image and go on
                 logger.exception("analysis of %s failed", path)
-                rejected += 1
+                failed += 1
                 _batch_error(path, "analysis_failed", f"{type(exc).__name__}: {exc}", args.json, det_out)
                 continue
-            if args.overlay:
+            if args.overlay is not None:
                 import cv2
 
                 from service.overlay import draw_overlay
 
-                cv2.imwrite(str(_overlay_path(args.overlay, path, several, used)),
-                            draw_overlay(img.pixels, result.cells, result.input_to_canonical))
+                out = _overlay_path(args.overlay, path, folder, used)
+                if not cv2.imwrite(str(out), draw_overlay(img.pixels, result.cells, result.input_to_canonical)):
+                    failed += 1  # the report below stands; the exit status says something failed
+                    logger.error("could not write the overlay of %s to %s", path, out)
             if det_out is not None:
-                det_out.write(json.dumps(detections_record(path, result)) + "\n")
+                det_out.write(json.dumps(detections_record(path, result, args.detections_floor)) + "\n")
                 det_out.flush()
             print(result.report.model_dump_json() if args.json else summarize(result.report), flush=True)
     finally:
         if det_out is not None:
             det_out.close()
         analyzer.close()
-    return EXIT_REJECTED if rejected else 0
+    return EXIT_REJECTED if failed else 0
 
 
 def _batch_error(path: Path, code: str, message: str, as_json: bool, det_out) -> None:
@@ -170,6 +215,7 @@ def _batch_error(path: Path, code: str, message: str, as_json: bool, det_out) ->
         print(f"rejected: {path}: {code}: {message}", file=sys.stderr)
     if det_out is not None:
         det_out.write(json.dumps(payload) + "\n")
+        det_out.flush()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -213,23 +259,23 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from service.pipeline import DEFAULT_MODELS_DIR
 
-    ap = argparse.ArgumentParser(prog="smearscope", description="Point-of-care blood-smear analyzer",
-                                 fromfile_prefix_chars="@")
+    ap = argparse.ArgumentParser(prog="smearscope", description="Point-of-care blood-smear analyzer")
     ap.add_argument("--log-level", default=None,
                     help="log threshold (DEBUG, INFO, WARNING, ERROR); default WARNING, and for "
                     "`run` the config's log_level, which an explicit --log-level overrides")
     sub = ap.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("analyze", help="analyze images and print one report per image",
-                       description="Analyze images (files, directories of them, or @FILE listing one path "
-                       "per line) with the models loaded once. Each image gives one line on stdout: its "
+                       description="Analyze images (files, directories of them, or @LIST: a text file listing "
+                       "one path per line) with the models loaded once. Each image gives one line on stdout: its "
                        "report, or its error; a rejected image never stops the batch (exit status 2 if "
                        "any was rejected).")
     a.add_argument("images", nargs="+", metavar="IMAGE")
     a.add_argument("--microns-per-pixel", type=float, default=None, help="input scale; estimated when omitted")
-    a.add_argument("--json", action="store_true", help="print exactly one JSON report on stdout")
+    a.add_argument("--json", action="store_true",
+                   help="print one JSON line per image on stdout: its report or its error")
     a.add_argument("--overlay", type=Path, help="write the input with outlines and labels to this PNG "
-                   "(several images: to IMAGE-STEM.overlay.png in this directory)")
+                   "(a folder, an @LIST or several inputs: to STEM.overlay.png in this directory)")
     a.add_argument("--detections", type=Path, default=None,
                    help="also write JSON lines, one per image: every detection down to --detections-floor, "
                    "the counted cells marked, with scores (for mAP against annotations and for review)")

@@ -100,6 +100,10 @@ def test_analyze_a_batch_one_line_per_image_and_a_bad_one_does_not_stop_it(tmp_p
     assert lines[1]["error"]["code"] == "truncated"
     assert lines[0]["counts"]["rbc"] > 0 and lines[2]["counts"]["rbc"] > 0
     assert sorted(p.name for p in overlays.iterdir()) == ["a.overlay.png", "c.overlay.png"]
+    for name, src in (("a", folder / "a.png"), ("c", tmp_path / "c.png")):  # each overlay is drawn on its image
+        drawn, own = cv2.imread(str(overlays / f"{name}.overlay.png")).astype(int), cv2.imread(str(src)).astype(int)
+        other = cv2.imread(str(tmp_path / "c.png" if name == "a" else folder / "a.png")).astype(int)
+        assert np.abs(drawn - own).mean() < np.abs(drawn - other).mean() / 2
     records = [json.loads(ln) for ln in dets.read_text().splitlines()]
     assert len(records) == 3 and records[1]["error"]["code"] == "truncated"
     for rep, rec in ((lines[0], records[0]), (lines[2], records[2])):
@@ -123,6 +127,14 @@ def test_analyze_without_detections_counts_the_same_cells(tmp_path):
     assert a["cells"] == b["cells"] and a["counts"] == b["counts"]
     rec = json.loads((tmp_path / "d.jsonl").read_text())
     assert any(not d["counted"] for d in rec["detections"]), "a rendered field has detections under 0.5"
+    assert min(d["score"] for d in rec["detections"]) < 0.25
+    # a floor above the detector's own threshold (0.25) still holds
+    high = smearscope("analyze", str(img), "--json", "--microns-per-pixel", "0.1",
+                      "--detections", str(tmp_path / "h.jsonl"), "--detections-floor", "0.3")
+    assert high.returncode == 0 and json.loads(high.stdout)["cells"] == a["cells"]
+    dets = json.loads((tmp_path / "h.jsonl").read_text())["detections"]
+    assert dets and min(d["score"] for d in dets) >= 0.3
+    assert [d for d in rec["detections"] if d["score"] >= 0.3] == dets
 
 
 def test_analyze_refuses_a_bad_floor_and_an_empty_folder(tmp_path):
@@ -134,3 +146,22 @@ def test_analyze_refuses_a_bad_floor_and_an_empty_folder(tmp_path):
     empty.mkdir()
     proc = smearscope("analyze", str(empty), "--json")
     assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "no_images"
+
+
+def test_analyze_lists_and_output_paths_are_checked_before_any_work(tmp_path):
+    """@LIST lines are paths taken literally (blank lines skipped, a line starting with - is a
+    file, not an option); an unreadable list or an unusable output path is refused up front."""
+    img = tmp_path / "f.png"
+    cv2.imwrite(str(img), hostile.smear_like(200, 200))
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"\n{tmp_path / 'missing.png'}\n\n--microns-per-pixel\n")
+    proc = smearscope("analyze", f"@{listing}", "--json")
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines()]
+    assert proc.returncode == 2 and [ln["image"] for ln in lines] == [str(tmp_path / "missing.png"), "--microns-per-pixel"]
+    assert all("error" in ln for ln in lines)
+    for args, code in (([f"@{tmp_path / 'nope.txt'}"], "bad_list"),
+                       ([str(img), "--detections", str(tmp_path / "no" / "such" / "d.jsonl")], "bad_output"),
+                       ([str(img), "--overlay", str(tmp_path / "overlay_without_suffix")], "bad_output")):
+        proc = smearscope("analyze", *args, "--json")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1000:]
+        assert json.loads(proc.stdout)["error"]["code"] == code, args

@@ -103,6 +103,19 @@ def test_detections_hold_the_counted_cells_and_the_candidates_below(bccd_cli):
     assert sum(len(r["detections"]) for r in records) > 1.5 * sum(len(r["cells"]) for r in reports)
 
 
+def test_detections_change_no_counted_cell(bccd_cli, tmp_path):
+    """The same images without --detections (the detector at its own threshold) count the same cells."""
+    ids, reports, _ = bccd_cli
+    listing = tmp_path / "images.txt"
+    listing.write_text("".join(f"{_image(i)}\n" for i in ids[:8]))
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "analyze", f"@{listing}", "--json",
+                           "--microns-per-pixel", str(BCCD_MICRONS_PER_PIXEL)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plain = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
+    assert [r["cells"] for r in plain] == [r["cells"] for r in reports[:8]]
+
+
 def test_bccd_wbc_count_per_image(bccd_cli):
     ids, reports, _ = bccd_cli
     agree = [sum(k == "wbc" for k, _ in bccd_truth(i)) == r["counts"]["wbc"] for i, r in zip(ids, reports)]

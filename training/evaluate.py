@@ -29,6 +29,7 @@ from engines.registry import create_engine
 from engines.manifest import load_manifest
 from service.classify import CropClassifier
 from service.crops import WBC_CROP, CropSpec
+from service.ingest import IngestError, load_image
 from service.metrics import classification_report, detection_map50, softmax
 from service.pipeline import Analyzer, AnalyzerOptions
 from service.roi import RoiFilter
@@ -59,9 +60,14 @@ def cli_analyze(paths: list[Path], models: Path, stain: str, mpp: float | None, 
             cmd += ["--microns-per-pixel", str(mpp)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
         assert proc.stdout is not None
-        reports = [json.loads(line) for line in tqdm(proc.stdout, total=len(paths), desc=desc)]
-        rc = proc.wait()
-        records = [json.loads(line) for line in dets.read_text().splitlines()]
+        try:
+            reports = [json.loads(line) for line in tqdm(proc.stdout, total=len(paths), desc=desc)]
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        records = [json.loads(line) for line in dets.read_text().splitlines()] if dets.exists() else []
     if rc not in (0, 2) or len(reports) != len(paths) or len(records) != len(paths):
         raise SystemExit(f"smearscope analyze failed (exit {rc}, {len(reports)} of {len(paths)} reports)")
     rejected = [r for r in reports if "error" in r]
@@ -71,10 +77,16 @@ def cli_analyze(paths: list[Path], models: Path, stain: str, mpp: float | None, 
 
 
 def in_process_reports(analyzer: Analyzer, paths: list[Path], mpp: float | None, desc: str) -> list[dict]:
-    """The same reports (as JSON dicts) from an Analyzer in this process."""
+    """The same reports (as JSON dicts) from an Analyzer in this process, images decoded as the
+    CLI decodes them (a rejected image gives its error, as the CLI prints it)."""
     out = []
     for p in tqdm(paths, desc=desc):
-        rep = analyzer.analyze(Frame(cv2.imread(str(p)), p.name, "eval", microns_per_pixel=mpp)).report
+        try:
+            pixels = load_image(str(p)).pixels
+        except IngestError as exc:
+            out.append({"error": {"code": str(getattr(exc.code, "value", exc.code)), "message": str(exc.message)}, "image": str(p)})
+            continue
+        rep = analyzer.analyze(Frame(pixels, p.name, "eval", microns_per_pixel=mpp)).report
         out.append(rep.model_dump(mode="json"))
     return out
 
@@ -134,12 +146,13 @@ def txl_truth(path: Path, split: str, width: int, height: int) -> list[tuple]:
 def eval_txl(files: list[Path], split: str, reports: list[dict], records: list[dict]) -> dict:
     per, ranked, methods = [], [], []
     for p, rep, rec in zip(files, reports, records):
-        if "error" in rep:
-            continue
-        img = rep["source"]["image"]
-        truth = txl_truth(p, split, img["width"], img["height"])
-        methods.append(rep["scale"]["method"])  # scale unknown: estimated per image
-        per.append({"pred": [(c["kind"], c["bbox"], c["score"]) for c in rep["cells"]], "truth": truth})
+        if "error" in rep:  # scored as an image where nothing was found
+            h, w = cv2.imread(str(p)).shape[:2]
+        else:
+            w, h = rep["source"]["image"]["width"], rep["source"]["image"]["height"]
+            methods.append(rep["scale"]["method"])  # scale unknown: estimated per image
+        truth = txl_truth(p, split, w, h)
+        per.append({"pred": [(c["kind"], c["bbox"], c["score"]) for c in _cells(rep)], "truth": truth})
         ranked.append({"pred": _ranked(rec), "truth": truth})
     m = detection_map50(per, SEG_KINDS)
     return {**m, "every_detection": detection_map50(ranked, SEG_KINDS), "n": len(per),
