@@ -193,7 +193,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 from service.overlay import draw_overlay
 
                 out = _overlay_path(args.overlay, path, folder, used)
-                if not cv2.imwrite(str(out), draw_overlay(img.pixels, result.cells, result.input_to_canonical)):
+                # the candidates the station would show (>= its own detector threshold, 0.25)
+                candidates = [d for d in result.candidates if d.score >= AnalyzerOptions().detector_conf]
+                if not cv2.imwrite(str(out), draw_overlay(img.pixels, result.cells, result.input_to_canonical, candidates)):
                     failed += 1  # the report below stands; the exit status says something failed
                     logger.error("could not write the overlay of %s to %s", path, out)
             if det_out is not None:

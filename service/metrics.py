@@ -149,3 +149,40 @@ def detection_map50(per_image: list[dict], classes: tuple[str, ...]) -> dict[str
     vals = [v for v in out.values() if not np.isnan(v)]
     out["mAP50"] = float(np.mean(vals)) if vals else 0.0
     return out
+
+
+def detection_confusion(per_image: list[dict], classes: tuple[str, ...], iou_threshold: float = 0.5) -> dict:
+    """Confusion matrix of detections against annotations, with a background row and column.
+
+    Per image, predictions and annotations of any class are paired by IoU >= `iou_threshold`,
+    highest IoU first, each at most once (as ultralytics' detection confusion matrix does). A
+    pair counts at [truth class, predicted class]; an annotation left unpaired at [class,
+    background] (missed); a prediction left unpaired at [background, class] (not annotated).
+    Items as for `detection_map50` (scores are not used: pass the cells a report counts).
+    """
+    names = list(classes) + ["background"]
+    bg = len(classes)
+    cm = np.zeros((bg + 1, bg + 1), np.int64)
+    for item in per_image:
+        pk = [classes.index(k) for k, _, _ in item["pred"]]
+        tk = [classes.index(k) for k, _ in item["truth"]]
+        ious = box_iou(np.array([b for _, b, _ in item["pred"]], float).reshape(-1, 4),
+                       np.array([b for _, b in item["truth"]], float).reshape(-1, 4))
+        pi, ti = np.nonzero(ious >= iou_threshold)
+        order = np.argsort(-ious[pi, ti], kind="stable")
+        used_p, used_t = set(), set()
+        for p, t in zip(pi[order], ti[order]):
+            if p not in used_p and t not in used_t:
+                used_p.add(p)
+                used_t.add(t)
+                cm[tk[t], pk[p]] += 1
+        for t in set(range(len(tk))) - used_t:
+            cm[tk[t], bg] += 1
+        for p in set(range(len(pk))) - used_p:
+            cm[bg, pk[p]] += 1
+    per = {}
+    for i, c in enumerate(classes):
+        n_pred, n_truth = int(cm[:, i].sum()), int(cm[i, :].sum())
+        per[c] = {"precision": float(cm[i, i] / n_pred) if n_pred else 0.0,
+                  "recall": float(cm[i, i] / n_truth) if n_truth else 0.0, "n_pred": n_pred, "n_truth": n_truth}
+    return {"classes": names, "matrix": cm.tolist(), "per_class": per}

@@ -88,6 +88,20 @@ def test_roi_candidates_are_plausible_cells_below_the_confidence_only():
     assert not set(map(id, f.apply(dets))) & set(map(id, f.below_confidence(dets)))
 
 
+def test_overlay_marks_candidates_only_at_their_box_corners():
+    from service.overlay import draw_overlay
+
+    img = np.full((200, 300, 3), 255, np.uint8)
+    cand = _det(CellKind.WBC, 50, 40, 90, 80, score=0.3)  # canonical px; the input is 2x larger
+    plain = draw_overlay(img, [], 0.5)
+    marked = draw_overlay(img, [], 0.5, [cand])
+    assert (plain == img).all()
+    ys, xs = np.nonzero((marked != img).any(2))
+    assert xs.min() >= 99 and xs.max() <= 181 and ys.min() >= 79 and ys.max() <= 161  # box 100..180 x 80..160
+    assert (marked[120, 140] == 255).all()  # the box's middle is left clear for the eye
+    assert not (marked[80, 140] != 255).any()  # the middle of an edge too: brackets, not a box
+
+
 def test_route_sends_kinds_to_their_heads():
     img = np.zeros((200, 200, 3), np.uint8)
     dets = [_det(CellKind.RBC, 10, 10, 47, 47), _det(CellKind.WBC, 50, 50, 110, 110), _det(CellKind.PLATELET, 5, 5, 15, 15)]

@@ -122,3 +122,25 @@ def test_head_views_choice_is_the_smallest_set_within_tolerance_of_the_best():
     assert choose({one: 0.873, two: 0.892, four: 0.893}, 0.002) == two
     assert choose({one: 0.893, two: 0.892, four: 0.894}, 0.002) == one
     assert choose({one: 0.80, two: 0.85, ("identity", "vflip"): 0.851}, 0.0) == ("identity", "vflip")
+
+
+def test_detection_confusion_pairs_by_iou_and_counts_misses_and_extras():
+    from service.metrics import detection_confusion
+
+    classes = ("rbc", "wbc", "platelet")
+    item = {
+        "truth": [("rbc", [0, 0, 10, 10]), ("rbc", [20, 0, 30, 10]), ("wbc", [50, 50, 80, 80]), ("platelet", [90, 90, 94, 94])],
+        "pred": [("rbc", [1, 0, 11, 10], 0.9),     # the first red cell
+                 ("rbc", [0, 2, 10, 12], 0.8),     # a second, looser box on it: the first pairs, this is an extra
+                 ("platelet", [51, 50, 80, 80], 0.7),  # the white cell, typed platelet
+                 ("wbc", [200, 200, 230, 230], 0.6)],  # nothing annotated there
+    }
+    out = detection_confusion([item], classes)
+    m = np.array(out["matrix"])
+    assert out["classes"] == ["rbc", "wbc", "platelet", "background"]
+    assert m[0, 0] == 1 and m[1, 2] == 1          # paired: rbc-rbc, wbc typed platelet
+    assert m[0, 3] == 1 and m[2, 3] == 1          # missed: the second red cell, the platelet
+    assert m[3, 0] == 1 and m[3, 1] == 1          # extras: the duplicate red box, the far white cell
+    assert m.sum() == 6
+    assert out["per_class"]["rbc"] == {"precision": 0.5, "recall": 0.5, "n_pred": 2, "n_truth": 2}
+    assert out["per_class"]["wbc"]["recall"] == 0.0 and out["per_class"]["platelet"]["precision"] == 0.0

@@ -101,3 +101,29 @@ def bccd_wbc_types() -> dict[str, str]:
             if len(row) >= 3 and row[1].strip().isdigit() and row[2].strip() and "," not in row[2]:
                 out[f"BloodImage_{int(row[1]):05d}"] = row[2].strip().lower()
     return out
+
+
+#: TXL-PBC's YOLO class ids.
+TXL_KIND = {0: "wbc", 1: "rbc", 2: "platelet"}
+
+
+def txl_dir() -> Path:
+    return data_root() / "txl_pbc" / "TXL_PBC"
+
+
+def txl_images(split: str) -> list[Path]:
+    """TXL-PBC images of its own split (train | val | test; test is held out), sorted by name."""
+    return sorted((txl_dir() / "images" / split).iterdir())
+
+
+def txl_boxes(image: Path, split: str, width: int, height: int) -> list[BoxAnnotation]:
+    """An image's annotated boxes in its pixels (YOLO labels are relative to the image size)."""
+    lab = txl_dir() / "labels" / split / (image.stem + ".txt")
+    out = []
+    for line in (lab.read_text().splitlines() if lab.exists() else []):
+        v = line.split()
+        if len(v) == 5:
+            c, cx, cy, bw, bh = int(v[0]), *map(float, v[1:])
+            out.append(BoxAnnotation(TXL_KIND[c], (cx - bw / 2) * width, (cy - bh / 2) * height,
+                                     (cx + bw / 2) * width, (cy + bh / 2) * height))
+    return out

@@ -30,15 +30,15 @@ from engines.manifest import load_manifest
 from service.classify import CropClassifier
 from service.crops import WBC_CROP, CropSpec
 from service.ingest import IngestError, load_image
-from service.metrics import classification_report, detection_map50, softmax
+from service.metrics import classification_report, detection_confusion, detection_map50, softmax
 from service.pipeline import Analyzer, AnalyzerOptions
 from service.roi import RoiFilter
 from training import head_data as hd
-from training.data import bccd_boxes, bccd_image_path, bccd_microns_per_pixel, bccd_split, bccd_wbc_types, data_root
+from training.data import (bccd_boxes, bccd_image_path, bccd_microns_per_pixel, bccd_split, bccd_wbc_types, data_root,
+                           txl_boxes, txl_images)
 
 logger = logging.getLogger(__name__)
 SEG_KINDS = ("rbc", "wbc", "platelet")
-TXL_KIND = {0: "wbc", 1: "rbc", 2: "platelet"}
 
 
 #: The confidence down to which the model-level detection figure ranks detections.
@@ -116,7 +116,7 @@ def eval_bccd(ids: list[str], reports: list[dict], records: list[dict] | None = 
             type_hits.append(wbcs[0]["label"] == types[i])
     m = detection_map50(per, SEG_KINDS)
     secs = [r["timing_ms"]["total_ms"] / 1000 for r in reports if "timing_ms" in r]
-    out = {**m, "wbc_count_agreement": wbc_ok / len(ids), "n": len(ids), "median_s_per_field": float(np.median(secs)),
+    out = {**m, "confusion": detection_confusion(per, SEG_KINDS), "wbc_count_agreement": wbc_ok / len(ids), "n": len(ids), "median_s_per_field": float(np.median(secs)),
            "wbc_type_accuracy_bccd": float(np.mean(type_hits)) if type_hits else None, "wbc_type_n": len(type_hits),
            # BCCD has no morphology labels: what the RBC head makes of a second lab's red cells
            "rbc_label_shares": {k: rbc_labels.count(k) / max(1, len(rbc_labels)) for k in sorted(set(rbc_labels), key=str)},
@@ -124,23 +124,6 @@ def eval_bccd(ids: list[str], reports: list[dict], records: list[dict] | None = 
     if records is not None:
         out["every_detection"] = detection_map50(ranked, SEG_KINDS)
     return out
-
-
-def txl_files(split: str, limit: int | None) -> list[Path]:
-    root = data_root() / "txl_pbc" / "TXL_PBC"
-    return sorted((root / "images" / split).iterdir())[:limit]
-
-
-def txl_truth(path: Path, split: str, width: int, height: int) -> list[tuple]:
-    lab = data_root() / "txl_pbc" / "TXL_PBC" / "labels" / split / (path.stem + ".txt")
-    truth = []
-    for line in (lab.read_text().splitlines() if lab.exists() else []):
-        v = line.split()
-        if len(v) == 5:
-            c, cx, cy, bw, bh = int(v[0]), *map(float, v[1:])
-            truth.append((TXL_KIND[c], [(cx - bw / 2) * width, (cy - bh / 2) * height,
-                                        (cx + bw / 2) * width, (cy + bh / 2) * height]))
-    return truth
 
 
 def eval_txl(files: list[Path], split: str, reports: list[dict], records: list[dict]) -> dict:
@@ -151,11 +134,12 @@ def eval_txl(files: list[Path], split: str, reports: list[dict], records: list[d
         else:
             w, h = rep["source"]["image"]["width"], rep["source"]["image"]["height"]
             methods.append(rep["scale"]["method"])  # scale unknown: estimated per image
-        truth = txl_truth(p, split, w, h)
+        truth = [(b.kind, [b.x0, b.y0, b.x1, b.y1]) for b in txl_boxes(p, split, w, h)]
         per.append({"pred": [(c["kind"], c["bbox"], c["score"]) for c in _cells(rep)], "truth": truth})
         ranked.append({"pred": _ranked(rec), "truth": truth})
     m = detection_map50(per, SEG_KINDS)
-    return {**m, "every_detection": detection_map50(ranked, SEG_KINDS), "n": len(per),
+    return {**m, "every_detection": detection_map50(ranked, SEG_KINDS), "confusion": detection_confusion(per, SEG_KINDS),
+            "n": len(per),
             "rejected": sum("error" in r for r in reports), "scale_methods": {k: methods.count(k) for k in set(methods)}}
 
 
@@ -209,6 +193,15 @@ def confusion_table(rep: dict) -> str:
     short = [names[i][:5] for i in keep]
     lines = ["  confusion (rows truth, columns predicted):", "  " + " " * 18 + "".join(f"{n:>6}" for n in short)]
     lines += ["  " + f"{names[i]:<18}" + "".join(f"{cm[i, j]:>6}" for j in keep) for i in keep]
+    return "\n".join(lines)
+
+
+def detection_confusion_table(conf: dict) -> str:
+    names = conf["classes"]
+    lines = ["  confusion (rows annotated, columns counted; background: missed / not annotated):",
+             "  " + " " * 12 + "".join(f"{n[:10]:>11}" for n in names)]
+    for n, row in zip(names, conf["matrix"]):
+        lines.append(f"  {n:<12}" + "".join(f"{v:>11}" for v in row))
     return "\n".join(lines)
 
 
@@ -286,7 +279,7 @@ def main() -> None:
         # (the counted cells, conf >= 0.5) and from its --detections output (every detection).
         res[f"seg_bccd_{sp}"] = bccd = eval_bccd(ids, *cli_analyze(bccd_paths, args.models, args.stain, mpp,
                                                                     f"BCCD {sp} via smearscope analyze"))
-        files = txl_files(sp, limit)
+        files = txl_images(sp)[:limit]
         res[f"seg_txl_{sp}"] = txl = eval_txl(files, sp, *cli_analyze(files, args.models, args.stain, None,
                                                                        f"TXL-PBC {sp} via smearscope analyze"))
         items = hd.pbc_splits()[sp][: 100 if args.quick else None]
@@ -329,6 +322,12 @@ def main() -> None:
     if not args.heads_only:
         shares = sorted(bccd["rbc_label_shares"].items(), key=lambda kv: -kv[1])[:6]
         print(f"BCCD {sp} red cells by RBC-head label: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares))
+    if not args.heads_only:
+        for name, conf in ((f"BCCD {sp}", bccd["confusion"]), (f"TXL-PBC {sp}", txl["confusion"])):
+            print(f"\n{name} counted cells against annotations (IoU >= 0.5; precision / recall / counted / annotated):")
+            for c, m in conf["per_class"].items():
+                print(f"  {c:<18}{m['precision']:.3f} / {m['recall']:.3f} / {m['n_pred']} / {m['n_truth']}")
+            print(detection_confusion_table(conf))
     for name, rep in (("WBC", wbc_rep), ("RBC", rbc_rep)):
         print(f"\n{name} head per class (precision / recall / F1 / n):")
         for c, m in rep["per_class"].items():

@@ -61,9 +61,6 @@ def write_field(image_bgr: np.ndarray, boxes, mpp: float, tile: int, stem: str, 
     return len(lines)
 
 
-TXL_KIND = {0: "wbc", 1: "rbc", 2: "platelet"}
-
-
 def txl_fields(split: str):
     """TXL-PBC images with boxes; each image's scale from its own whole red-cell boxes.
 
@@ -71,27 +68,18 @@ def txl_fields(split: str):
     split is never written here (held out, and disjoint from BCCD/PBC: the duplicates were removed).
     """
     from service.scale import scale_from_rbc_diameters
-    from training.data import BoxAnnotation, data_root
+    from training.data import txl_boxes, txl_dir, txl_images
 
-    root = data_root() / "txl_pbc" / "TXL_PBC"
-    for img_path in sorted((root / "images" / split).iterdir()):
-        lab = root / "labels" / split / (img_path.stem + ".txt")
-        if not lab.exists():
+    for img_path in txl_images(split):
+        if not (txl_dir() / "labels" / split / (img_path.stem + ".txt")).exists():
             continue
         hw = cv2.imread(str(img_path), cv2.IMREAD_REDUCED_GRAYSCALE_2)
         if hw is None:
             continue
         h, w = hw.shape[0] * 2, hw.shape[1] * 2
-        boxes, diam = [], []
-        for line in lab.read_text().splitlines():
-            v = line.split()
-            if len(v) != 5:
-                continue
-            c, cx, cy, bw, bh = int(v[0]), *map(float, v[1:])
-            b = BoxAnnotation(TXL_KIND[c], (cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)
-            boxes.append(b)
-            if b.kind == "rbc" and b.x0 > 2 and b.y0 > 2 and b.x1 < w - 2 and b.y1 < h - 2:
-                diam.append((bw * w + bh * h) / 2)
+        boxes = txl_boxes(img_path, split, w, h)
+        diam = [(b.x1 - b.x0 + b.y1 - b.y0) / 2 for b in boxes
+                if b.kind == "rbc" and b.x0 > 2 and b.y0 > 2 and b.x1 < w - 2 and b.y1 < h - 2]
         yield img_path, boxes, scale_from_rbc_diameters(np.array(diam))
 
 
