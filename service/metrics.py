@@ -155,7 +155,7 @@ def detection_confusion(per_image: list[dict], classes: tuple[str, ...], iou_thr
     """Confusion matrix of detections against annotations, with a background row and column.
 
     Per image, predictions and annotations of any class are paired by IoU >= `iou_threshold`,
-    highest IoU first, each at most once (as ultralytics' detection confusion matrix does). A
+    highest IoU first, each at most once (like ultralytics' detection confusion matrix). A
     pair counts at [truth class, predicted class]; an annotation left unpaired at [class,
     background] (missed); a prediction left unpaired at [background, class] (not annotated).
     Items as for `detection_map50` (scores are not used: pass the cells a report counts).

@@ -144,3 +144,20 @@ def test_detection_confusion_pairs_by_iou_and_counts_misses_and_extras():
     assert m.sum() == 6
     assert out["per_class"]["rbc"] == {"precision": 0.5, "recall": 0.5, "n_pred": 2, "n_truth": 2}
     assert out["per_class"]["wbc"]["recall"] == 0.0 and out["per_class"]["platelet"]["precision"] == 0.0
+
+
+def test_detection_confusion_pairs_the_best_overlap_not_the_best_score():
+    from service.metrics import detection_confusion
+
+    classes = ("rbc", "wbc", "platelet")
+    truth = [("rbc", [0, 0, 10, 10])]
+    # the confident box overlaps less (IoU 0.67) than the unsure one (IoU 1.0): the unsure one pairs
+    item = {"truth": truth, "pred": [("wbc", [0, 2, 10, 12], 0.9), ("rbc", [0, 0, 10, 10], 0.2)]}
+    m = np.array(detection_confusion([item], classes)["matrix"])
+    assert m[0, 0] == 1 and m[3, 1] == 1 and m.sum() == 2
+    # in the other order of overlaps the confident white box pairs: a red cell counted as white
+    item = {"truth": truth, "pred": [("wbc", [0, 0, 10, 10], 0.9), ("rbc", [0, 2, 10, 12], 0.2)]}
+    m = np.array(detection_confusion([item], classes)["matrix"])
+    assert m[0, 1] == 1 and m[3, 0] == 1 and m.sum() == 2
+    empty = detection_confusion([{"truth": [], "pred": []}, {"truth": truth, "pred": []}], classes)
+    assert np.array(empty["matrix"])[0, 3] == 1 and empty["per_class"]["rbc"]["recall"] == 0.0
