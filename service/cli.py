@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -96,8 +97,10 @@ def detections_record(path: Path, result, floor: float) -> dict:
     rep = result.report
     w, h = rep.source.image.width, rep.source.image.height
     dets = [{"kind": c.kind, "bbox": c.bbox, "score": c.score, "counted": True, "label": c.label} for c in rep.cells]
+    # rounded DOWN, so that a candidate never reads as reaching the counting threshold (0.49996 -> 0.4999)
+    below = [(d, math.floor(d.score * 1e4) / 1e4) for d in result.candidates]
     dets += [{"kind": d.kind.value, "bbox": input_bbox(d.box, result.input_to_canonical, w, h),
-              "score": round(d.score, 4), "counted": False, "label": None} for d in result.candidates if d.score >= floor]
+              "score": score, "counted": False, "label": None} for d, score in below if score >= floor]
     dets.sort(key=lambda d: -d["score"])
     return {"image": str(path), "report_id": rep.report_id, "width": w, "height": h,
             "microns_per_pixel": rep.scale.microns_per_pixel if rep.scale else None, "detections": dets}
@@ -281,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--detections", type=Path, default=None,
                    help="also write JSON lines, one per image: every detection down to --detections-floor, "
                    "the counted cells marked, with scores (for mAP against annotations and for review)")
-    a.add_argument("--detections-floor", type=float, default=0.01,
-                   help="lowest detector confidence written by --detections (default 0.01)")
+    a.add_argument("--detections-floor", type=float, default=0.001,
+                   help="lowest calibrated detector confidence written by --detections (default 0.001: "
+                   "every detection above the detector's raw floor, as mAP evaluations rank them)")
     a.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
     a.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     a.add_argument("--stain", default="auto", choices=["auto", "macenko", "none"],

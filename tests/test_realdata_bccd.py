@@ -5,9 +5,9 @@ issue 3 ask:
 
 - from the counted cells of each report (calibrated confidence >= 0.5): issue 2's bar, 0.80;
   measured 0.806 with the committed models;
-- from `--detections` (every detection down to 0.01, the counted cells marked): issue 3 asks
+- from `--detections` (every detection down to 0.001, the counted cells marked): issue 3 asks
   this whole-pipeline figure to be within 3 points of the model level, which is measured here too,
-  in this process, from an Analyzer ranking every detection down to 0.01 (measured 0.898).
+  in this process, from an Analyzer ranking every detection down to 0.001.
 
 The WBC count per image is compared with the annotation.
 """
@@ -33,7 +33,7 @@ pytestmark = [needs_bccd, needs_models, pytest.mark.realdata]
 MAP50_FLOOR = 0.80  # issue 2's bar; measured 0.806 with the committed models
 WBC_COUNT_AGREEMENT_BAR = 0.90  # issue 2's bar; measured 0.944
 WHOLE_PIPELINE_GAP = 0.03  # issue 3: the CLI's figure within 3 points of the model level
-FLOOR = 0.01
+FLOOR = 0.001  # as training.evaluate's ALL_CONF: every detection above the detector's raw floor
 KINDS = ("rbc", "wbc", "platelet")
 
 

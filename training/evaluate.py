@@ -41,8 +41,10 @@ logger = logging.getLogger(__name__)
 SEG_KINDS = ("rbc", "wbc", "platelet")
 
 
-#: The confidence down to which the model-level detection figure ranks detections.
-ALL_CONF = 0.01
+#: The calibrated confidence down to which the model-level figure ranks detections (as
+#: ultralytics validates at conf 0.001): below what each class's calibration maps the detector's
+#: raw floor to, so the figure ranks every raw detection whatever the calibration.
+ALL_CONF = 0.001
 
 
 def cli_analyze(paths: list[Path], models: Path, stain: str, mpp: float | None, desc: str) -> tuple[list[dict], list[dict]]:
