@@ -161,3 +161,18 @@ def test_detection_confusion_pairs_the_best_overlap_not_the_best_score():
     assert m[0, 1] == 1 and m[3, 0] == 1 and m.sum() == 2
     empty = detection_confusion([{"truth": [], "pred": []}, {"truth": truth, "pred": []}], classes)
     assert np.array(empty["matrix"])[0, 3] == 1 and empty["per_class"]["rbc"]["recall"] == 0.0
+
+
+def test_txl_boxes_turn_yolo_labels_into_pixel_boxes(tmp_path, monkeypatch):
+    from training.data import txl_boxes
+
+    labels = tmp_path / "txl_pbc" / "TXL_PBC" / "labels" / "val"
+    labels.mkdir(parents=True)
+    # class cx cy w h, relative to the image; a malformed line is skipped
+    (labels / "a.txt").write_text("1 0.5 0.5 0.1 0.2\n0 0.25 0.75 0.5 0.5\n2 0.5\n")
+    monkeypatch.setenv("SMEARSCOPE_DATA", str(tmp_path))
+    image = tmp_path / "txl_pbc" / "TXL_PBC" / "images" / "val" / "a.jpg"
+    boxes = txl_boxes(image, "val", 200, 100)
+    assert [b.kind for b in boxes] == ["rbc", "wbc"]
+    assert np.allclose([[b.x0, b.y0, b.x1, b.y1] for b in boxes], [[90, 40, 110, 60], [0, 50, 100, 100]])
+    assert txl_boxes(image.with_name("unlabelled.jpg"), "val", 200, 100) == []
