@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -145,7 +146,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return _error("bad_scale", f"--microns-per-pixel {args.microns_per_pixel} outside 0.01..2.0", args.json)
     from service.pipeline import AnalyzerOptions
 
-    counting = AnalyzerOptions().roi.min_confidence
+    defaults = AnalyzerOptions(stain_method=args.stain)
+    counting = defaults.roi.min_confidence
     if args.detections is not None and not (0.0 < args.detections_floor < counting):
         return _error("bad_floor", f"--detections-floor {args.detections_floor} outside (0, {counting})", args.json)
     try:
@@ -161,9 +163,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     # Candidates for --detections come from the same detector pass: the raw scores are thresholded
     # at a fixed floor whatever detector_conf is, so a lower detector_conf adds detections under
     # the counting threshold and changes nothing at or above it (the counted cells are the same).
-    options = AnalyzerOptions(stain_method=args.stain)
+    options = defaults
     if det_out is not None:
-        options = AnalyzerOptions(stain_method=args.stain, detector_conf=min(options.detector_conf, args.detections_floor))
+        options = dataclasses.replace(defaults, detector_conf=min(defaults.detector_conf, args.detections_floor))
     try:
         analyzer = Analyzer.from_models_dir(args.models, backend=args.backend, options=options, warmup=False)
     except EngineError as exc:
@@ -197,7 +199,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
                 out = _overlay_path(args.overlay, path, folder, used)
                 # the candidates the station would show (>= its own detector threshold, 0.25)
-                candidates = [d for d in result.candidates if d.score >= AnalyzerOptions().detector_conf]
+                candidates = [d for d in result.candidates if d.score >= defaults.detector_conf]
                 if not cv2.imwrite(str(out), draw_overlay(img.pixels, result.cells, result.input_to_canonical, candidates)):
                     failed += 1  # the report below stands; the exit status says something failed
                     logger.error("could not write the overlay of %s to %s", path, out)

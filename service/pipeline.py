@@ -151,17 +151,13 @@ class Analyzer:
     def _detect(self, canonical: np.ndarray) -> list[CellDetection]:
         o = self.options
         h, w = canonical.shape[:2]
+        if not hasattr(self.segmenter, "finish"):  # final scores, one view (the tests' oracle)
+            return merge_detections(self.segmenter.detect(make_tiles(canonical, o.tile_size, o.tile_overlap), w, h))
         views = getattr(self.segmenter, "views", ("identity",))
         # Raw scores (every detection above the detector's fixed floor) through the merge and the
-        # fusion; the calibrated threshold comes last, so it changes nothing above it.
-        if views == ("identity",):
-            tiles = make_tiles(canonical, o.tile_size, o.tile_overlap)
-            finish = getattr(self.segmenter, "finish", None)
-            if finish is None:  # a segmenter with final scores (the tests' oracle)
-                return merge_detections(self.segmenter.detect(tiles, w, h))
-            return finish(merge_detections(self.segmenter.detect(tiles, w, h, calibrate=False)))
-        # Test-time views (service.tta): all views' tiles go to the engine in one batch run;
-        # tile indices are kept apart per view so the merge never joins two views' tiles.
+        # fusion of the views (service.tta; one view fuses to itself); the calibrated threshold
+        # comes last, so it changes nothing above it. All views' tiles go to the engine in one
+        # batch run; tile indices are kept apart per view so the merge never joins two views' tiles.
         per_view_tiles = [make_tiles(view_frame(canonical, v), o.tile_size, o.tile_overlap) for v in views]
         stride = max(len(t) for t in per_view_tiles)
         tiles = [dataclasses.replace(t, index=k * stride + t.index) for k, ts in enumerate(per_view_tiles) for t in ts]

@@ -97,8 +97,13 @@ def _cells(rep: dict) -> list[dict]:
     return rep.get("cells", [])  # a rejected image ({"error": ...}) found nothing
 
 
-def _ranked(rec: dict) -> list[tuple]:
-    return [(d["kind"], d["bbox"], d["score"]) for d in rec.get("detections", [])]
+def _scored(items: list[dict]) -> list[tuple]:
+    """(kind, bbox, score) of report cells or --detections entries, as detection_map50 reads them."""
+    return [(d["kind"], d["bbox"], d["score"]) for d in items]
+
+
+def _truth(boxes) -> list[tuple]:
+    return [(b.kind, [b.x0, b.y0, b.x1, b.y1]) for b in boxes]
 
 
 def eval_bccd(ids: list[str], reports: list[dict], records: list[dict] | None = None) -> dict:
@@ -106,11 +111,11 @@ def eval_bccd(ids: list[str], reports: list[dict], records: list[dict] | None = 
     types = bccd_wbc_types()
     per, ranked, wbc_ok, type_hits, rbc_labels = [], [], 0, [], []
     for i, rep, rec in zip(ids, reports, records or [None] * len(ids)):
-        truth = [(b.kind, [b.x0, b.y0, b.x1, b.y1]) for b in bccd_boxes(i)]
+        truth = _truth(bccd_boxes(i))
         cells = _cells(rep)
-        per.append({"pred": [(c["kind"], c["bbox"], c["score"]) for c in cells], "truth": truth})
+        per.append({"pred": _scored(cells), "truth": truth})
         if rec is not None:
-            ranked.append({"pred": _ranked(rec), "truth": truth})
+            ranked.append({"pred": _scored(rec.get("detections", [])), "truth": truth})
         wbc_ok += sum(k == "wbc" for k, _ in truth) == sum(c["kind"] == "wbc" for c in cells)
         rbc_labels += [c["label"] for c in cells if c["kind"] == "rbc"]
         wbcs = [c for c in cells if c["kind"] == "wbc"]
@@ -136,9 +141,9 @@ def eval_txl(files: list[Path], split: str, reports: list[dict], records: list[d
         else:
             w, h = rep["source"]["image"]["width"], rep["source"]["image"]["height"]
             methods.append(rep["scale"]["method"])  # scale unknown: estimated per image
-        truth = [(b.kind, [b.x0, b.y0, b.x1, b.y1]) for b in txl_boxes(p, split, w, h)]
-        per.append({"pred": [(c["kind"], c["bbox"], c["score"]) for c in _cells(rep)], "truth": truth})
-        ranked.append({"pred": _ranked(rec), "truth": truth})
+        truth = _truth(txl_boxes(p, split, w, h))
+        per.append({"pred": _scored(_cells(rep)), "truth": truth})
+        ranked.append({"pred": _scored(rec.get("detections", [])), "truth": truth})
     m = detection_map50(per, SEG_KINDS)
     return {**m, "every_detection": detection_map50(ranked, SEG_KINDS), "confusion": detection_confusion(per, SEG_KINDS),
             "n": len(per),
