@@ -1,9 +1,13 @@
 """TensorRT 10 backend: named tensors, one optimisation profile, `execute_async_v3` on explicit
 CUDA streams, pinned host buffers sized to the profile's maximum batch.
 
-NOT RUN on the development machines (no GPU, TensorRT not installable there). Written against the
-TensorRT 10 Python API and pycuda; the pure parts it depends on (`engines.trt_cache`,
-`engines.batching`) are unit-tested. See README "What was verified where".
+TensorRT itself has NOT RUN anywhere in this project (it cannot be installed on the development
+machines, and the lent GPU machines have no TensorRT either). Everything around it has: with
+`bench.trt_standin` in place of the `tensorrt` module (same calls, the network executed by ONNX
+Runtime on the host in `tests/test_tensorrt_engine.py`, by PyTorch's CUDA kernels on the given
+stream in `bench.device_check` on a lent H200), this class ran with real pinned memory, device
+buffers, streams and asynchronous copies through both CUDA APIs (`engines.cuda_api`). See README
+"What was verified where".
 
 Concurrency: the engine holds `lanes` execution contexts, each with its own CUDA stream and its own
 pinned/device buffers. `run()` borrows a free lane, so two threads (e.g. the RBC and WBC heads of
@@ -20,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.base import Engine, EngineError
+from engines.cuda_api import CudaApi, CudaStream, cuda_api
 from engines.trt_cache import engine_path
 
 logger = logging.getLogger(__name__)
@@ -31,13 +36,13 @@ class _Binding:
     is_input: bool
     dtype: np.dtype
     host: np.ndarray  # pinned, flat, sized for the max batch
-    device: object  # pycuda DeviceAllocation
+    device: int  # device address
 
 
 @dataclass
 class _Lane:
     context: object  # trt.IExecutionContext
-    stream: object  # pycuda Stream
+    stream: CudaStream
     bindings: dict[str, _Binding]
 
 
@@ -46,100 +51,124 @@ class TensorRtEngine(Engine):
     pads_to_opt = True
 
     def __init__(self, manifest_path: Path, verify_hash: bool = True, cache_dir: Path | None = None,
-                 precision: str = "fp16", lanes: int = 2, device_index: int = 0) -> None:
+                 precision: str = "fp16", lanes: int = 2, device_index: int = 0,
+                 cuda: str | CudaApi = "auto") -> None:
         super().__init__(manifest_path, verify_hash)
+        if lanes < 1:
+            raise EngineError(f"lanes must be at least 1, got {lanes}")
         self.cache_dir = Path(cache_dir) if cache_dir else self.manifest_path.parent / "engines"
         self.precision = precision
         self.n_lanes = lanes
         self.device_index = device_index
-        self._cuda_ctx = None
+        self._cuda_choice = cuda
+        self.cuda: CudaApi | None = None
         self._engine = None
         self._lanes: queue.Queue[_Lane] = queue.Queue()
+        self._all_lanes: list[_Lane] = []
 
     def _load(self) -> None:
         try:
-            import pycuda.driver as cuda
             import tensorrt as trt
         except ImportError as exc:
-            raise EngineError(f"TensorRT backend needs tensorrt and pycuda (the jetson extra): {exc}") from exc
+            raise EngineError(f"TensorRT backend needs tensorrt (the jetson extra): {exc}") from exc
         path = engine_path(self.cache_dir, self.manifest, trt.__version__, self.precision)
         if not path.exists():
             raise EngineError(f"no TensorRT engine at {path}; build it first: smearscope build-engines")
-        cuda.init()
-        self._cuda_ctx = cuda.Device(self.device_index).retain_primary_context()
-        self._cuda_ctx.push()
+        choice = self._cuda_choice
+        self.cuda = choice if isinstance(choice, CudaApi) else cuda_api(choice, self.device_index)
         try:
-            trt_logger = trt.Logger(trt.Logger.WARNING)
-            runtime = trt.Runtime(trt_logger)
-            self._engine = runtime.deserialize_cuda_engine(path.read_bytes())
-            if self._engine is None:
-                raise EngineError(f"TensorRT could not deserialize {path}")
-            max_b = self.manifest.batch.max
-            for _ in range(self.n_lanes):
-                ctx = self._engine.create_execution_context()
-                stream = cuda.Stream()
-                ctx.set_optimization_profile_async(0, stream.handle)
-                bindings = {}
-                for i in range(self._engine.num_io_tensors):
-                    name = self._engine.get_tensor_name(i)
-                    is_input = self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-                    dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
-                    shape = list(self._engine.get_tensor_shape(name))
-                    if is_input:
-                        shape = list(self._engine.get_tensor_profile_shape(name, 0)[2])
-                    shape = [max_b if d < 0 else d for d in shape]
-                    host = cuda.pagelocked_empty(int(np.prod(shape)), dtype)
-                    dev = cuda.mem_alloc(host.nbytes)
-                    ctx.set_tensor_address(name, int(dev))
-                    bindings[name] = _Binding(name, is_input, dtype, host, dev)
-                self._lanes.put(_Lane(ctx, stream, bindings))
-            missing = {self.input_name, *self.output_names} - set(bindings)
-            if missing:
-                raise EngineError(f"{path}: engine lacks tensors {sorted(missing)}")
-        finally:
-            self._cuda_ctx.pop()
-        logger.info("loaded TensorRT engine %s with %d lanes", path.name, self.n_lanes)
+            with self.cuda.current():
+                self._deserialize(trt, path)
+        except BaseException:
+            self._release()
+            raise
+        logger.info("loaded TensorRT engine %s with %d lanes (%s)", path.name, self.n_lanes, self.cuda.name)
 
-    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        import pycuda.driver as cuda
-
-        lane = self._lanes.get()
-        self._cuda_ctx.push()
-        try:
-            inp = lane.bindings[self.input_name]
-            n = batch.size
-            np.copyto(inp.host[:n], batch.reshape(-1).astype(inp.dtype, copy=False))
-            cuda.memcpy_htod_async(inp.device, inp.host[:n], lane.stream)
-            if not lane.context.set_input_shape(self.input_name, batch.shape):
-                raise EngineError(f"shape {batch.shape} rejected by the optimisation profile")
-            if not lane.context.execute_async_v3(stream_handle=lane.stream.handle):
-                raise EngineError("execute_async_v3 failed")
-            shapes = {}
-            for name in self.output_names:
-                out = lane.bindings[name]
-                shape = tuple(lane.context.get_tensor_shape(name))
-                shapes[name] = shape
-                cuda.memcpy_dtoh_async(out.host[: int(np.prod(shape))], out.device, lane.stream)
-            lane.stream.synchronize()
-            return {name: lane.bindings[name].host[: int(np.prod(s))].reshape(s).astype(np.float32)
-                    for name, s in shapes.items()}
-        finally:
-            self._cuda_ctx.pop()
+    def _deserialize(self, trt, path: Path) -> None:
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self._engine is None:
+            raise EngineError(f"TensorRT could not deserialize {path}")
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        missing = {self.input_name, *self.output_names} - set(names)
+        if missing:
+            raise EngineError(f"{path}: engine lacks tensors {sorted(missing)}")
+        max_b = self.manifest.batch.max
+        for _ in range(self.n_lanes):
+            ctx = self._engine.create_execution_context()
+            stream = self.cuda.stream()
+            lane = _Lane(ctx, stream, {})
+            self._all_lanes.append(lane)
+            ctx.set_optimization_profile_async(0, stream.handle)
+            for name in names:
+                is_input = self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+                dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+                shape = list(self._engine.get_tensor_shape(name))
+                if is_input:
+                    shape = list(self._engine.get_tensor_profile_shape(name, 0)[2])
+                shape = [max_b if d < 0 else d for d in shape]
+                n = int(np.prod(shape))
+                host = self.cuda.pinned_empty(n, dtype)
+                dev = self.cuda.alloc(host.nbytes)
+                lane.bindings[name] = _Binding(name, is_input, dtype, host, dev)
+                if not ctx.set_tensor_address(name, dev):
+                    raise EngineError(f"{path}: TensorRT refused the address of {name!r}")
+            self.cuda.synchronize(stream)  # the profile switch is enqueued on the stream
             self._lanes.put(lane)
 
-    def close(self) -> None:
-        """Free device memory explicitly, with the CUDA context current (never from __del__)."""
-        if self._cuda_ctx is None:
-            return
-        self._cuda_ctx.push()
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        lane = self._lanes.get()
         try:
-            while not self._lanes.empty():
-                lane = self._lanes.get_nowait()
-                for b in lane.bindings.values():
-                    b.device.free()
-            self._engine = None
+            with self.cuda.current():
+                return self._run_lane(lane, batch)
         finally:
-            self._cuda_ctx.pop()
-            self._cuda_ctx.detach()
-            self._cuda_ctx = None
-            self._loaded = False
+            self._lanes.put(lane)
+
+    def _run_lane(self, lane: _Lane, batch: np.ndarray) -> dict[str, np.ndarray]:
+        inp = lane.bindings[self.input_name]
+        n = batch.size
+        np.copyto(inp.host[:n], batch.reshape(-1).astype(inp.dtype, copy=False))
+        if not lane.context.set_input_shape(self.input_name, batch.shape):
+            raise EngineError(f"shape {batch.shape} rejected by the optimisation profile")
+        self.cuda.htod_async(inp.device, inp.host[:n], lane.stream)
+        if not lane.context.execute_async_v3(lane.stream.handle):
+            raise EngineError("execute_async_v3 failed")
+        shapes = {}
+        for name in self.output_names:
+            out = lane.bindings[name]
+            shape = tuple(int(d) for d in lane.context.get_tensor_shape(name))
+            size = int(np.prod(shape))
+            if any(d < 0 for d in shape) or size > out.host.size:
+                raise EngineError(f"output {name!r} has shape {shape}, beyond its buffer")
+            shapes[name] = shape
+            self.cuda.dtoh_async(out.host[:size], out.device, lane.stream)
+        self.cuda.synchronize(lane.stream)
+        # copies: the pinned buffers are reused by the lane's next batch
+        return {name: lane.bindings[name].host[: int(np.prod(s))].reshape(s).astype(np.float32, copy=True)
+                for name, s in shapes.items()}
+
+    def _release(self) -> None:
+        if self.cuda is None:
+            return
+        with self.cuda.current():
+            for lane in self._all_lanes:
+                self.cuda.synchronize(lane.stream)
+                for b in lane.bindings.values():
+                    self.cuda.free(b.device)
+                    self.cuda.free_pinned(b.host)
+                self.cuda.destroy_stream(lane.stream)
+                lane.context = None
+        self._all_lanes.clear()
+        self._lanes = queue.Queue()
+        self._engine = None
+        if not isinstance(self._cuda_choice, CudaApi):
+            self.cuda.close()
+        self.cuda = None
+
+    def close(self) -> None:
+        """Free device and pinned memory explicitly, with the device current (never from __del__).
+
+        Call it once no thread is running a batch on this engine.
+        """
+        self._release()
+        self._loaded = False

@@ -1,0 +1,299 @@
+"""A stand-in for the `tensorrt` module, to run `engines.tensorrt_engine` where TensorRT is absent.
+
+NOT TensorRT. It answers the TensorRT 10 Python calls that `TensorRtEngine` makes (Runtime,
+deserialize_cuda_engine, named I/O tensors, one optimisation profile, set_tensor_address,
+set_input_shape, execute_async_v3 on a stream handle, get_tensor_shape) and executes the ONNX
+network itself, reading its input from, and writing its outputs to, the addresses the engine
+bound, so every buffer, copy, lane and stream of the real backend is exercised:
+
+  executor "onnxruntime"  host addresses (with `HostCudaApi`): the engine's logic on any machine,
+                          in the test suite
+  executor "torch"        device addresses: the network runs as PyTorch CUDA kernels (onnx2torch)
+                          enqueued on the stream handle given to execute_async_v3, asynchronously;
+                          with `sleep_cycles` a GPU busy-wait is enqueued before the outputs are
+                          written, so an engine that does not wait for its stream reads stale ones
+                          (`bench.device_check` on a lent GPU)
+
+Install it with `install()` (puts it in `sys.modules["tensorrt"]`); `write_engine()` writes the
+"engine" file where `TensorRtEngine` looks for it. What it cannot tell: anything about TensorRT
+itself (parsing, tactics, FP16/INT8 numerics, engine files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from engines.cuda_api import CudaApi, CudaStream
+from engines.manifest import load_manifest
+from engines.trt_cache import engine_path, profile_shapes
+
+__version__ = "10.0.0"  # the API level it mimics; engine file names carry it
+MAGIC = "smearscope bench.trt_standin engine"
+
+
+class TensorIOMode(enum.Enum):
+    NONE = 0
+    INPUT = 1
+    OUTPUT = 2
+
+
+class DataType(enum.Enum):
+    FLOAT = 0
+    HALF = 1
+
+
+def nptype(dtype: DataType) -> type:
+    return {DataType.FLOAT: np.float32, DataType.HALF: np.float16}[dtype]
+
+
+class Logger:
+    INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+    def __init__(self, severity: int = 2) -> None:
+        self.severity = severity
+
+
+class Runtime:
+    def __init__(self, logger: Logger) -> None:
+        self.logger = logger
+
+    def deserialize_cuda_engine(self, data: bytes) -> "ICudaEngine | None":
+        try:
+            spec = json.loads(data)
+        except ValueError:
+            return None  # TensorRT returns None for a blob it cannot read
+        if spec.get("magic") != MAGIC:
+            return None
+        return ICudaEngine(spec)
+
+
+class ICudaEngine:
+    def __init__(self, spec: dict) -> None:
+        self.spec = spec
+        self.tensors = [*spec["inputs"], *spec["outputs"]]
+        self._by_name = {t["name"]: t for t in self.tensors}
+        self.executor = _make_executor(spec)
+
+    @property
+    def num_io_tensors(self) -> int:
+        return len(self.tensors)
+
+    def get_tensor_name(self, i: int) -> str:
+        return self.tensors[i]["name"]
+
+    def get_tensor_mode(self, name: str) -> TensorIOMode:
+        return TensorIOMode.INPUT if name in self.spec["profile"] else TensorIOMode.OUTPUT
+
+    def get_tensor_dtype(self, name: str) -> DataType:
+        return DataType.FLOAT
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._by_name[name]["shape"])
+
+    def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
+        if profile != 0:
+            raise IndexError("one optimisation profile")
+        return [tuple(s) for s in self.spec["profile"][name]]
+
+    def create_execution_context(self) -> "IExecutionContext":
+        return IExecutionContext(self)
+
+
+class IExecutionContext:
+    def __init__(self, engine: ICudaEngine) -> None:
+        self.engine = engine
+        self.addresses: dict[str, int] = {}
+        self.input_shapes: dict[str, tuple[int, ...]] = {}
+        self.profile_set = False
+
+    def set_optimization_profile_async(self, index: int, stream_handle: int) -> bool:
+        self.profile_set = index == 0
+        return self.profile_set
+
+    def set_tensor_address(self, name: str, address: int) -> bool:
+        if name not in self.engine._by_name or not address:
+            return False
+        self.addresses[name] = int(address)
+        return True
+
+    def set_input_shape(self, name: str, shape) -> bool:
+        lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
+        shape = tuple(int(d) for d in shape)
+        if len(shape) != len(lo) or any(not a <= d <= b for a, d, b in zip(lo, shape, hi)):
+            return False
+        self.input_shapes[name] = shape
+        return True
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        if name in self.input_shapes:
+            return self.input_shapes[name]
+        batch = next(iter(self.input_shapes.values()), (-1,))[0]
+        return tuple(batch if d < 0 else d for d in self.engine.get_tensor_shape(name))
+
+    def execute_async_v3(self, stream_handle: int) -> bool:
+        e = self.engine
+        if not self.profile_set or set(self.addresses) != set(e._by_name) or set(self.input_shapes) != set(e.spec["profile"]):
+            return False  # as TensorRT: unbound tensors or unset shapes fail the call
+        ins = {n: (self.addresses[n], s) for n, s in self.input_shapes.items()}
+        outs = {t["name"]: (self.addresses[t["name"]], self.get_tensor_shape(t["name"])) for t in e.spec["outputs"]}
+        e.executor(ins, outs, int(stream_handle))
+        return True
+
+
+# executors -------------------------------------------------------------------------------------
+
+def _host_view(address: int, shape: tuple[int, ...]) -> np.ndarray:
+    n = int(np.prod(shape))
+    raw = (ctypes.c_float * n).from_address(address)
+    return np.frombuffer(raw, np.float32, count=n).reshape(shape)
+
+
+def _make_executor(spec: dict):
+    kind = spec.get("executor", "onnxruntime")
+    if kind == "onnxruntime":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
+        out_names = [t["name"] for t in spec["outputs"]]
+
+        def run_ort(ins, outs, stream_handle):
+            feeds = {n: _host_view(a, s).copy() for n, (a, s) in ins.items()}
+            for name, value in zip(out_names, sess.run(out_names, feeds)):
+                addr, shape = outs[name]
+                np.copyto(_host_view(addr, shape), value.reshape(shape))
+        return run_ort
+    if kind == "torch":
+        return _TorchExecutor(spec)
+    raise ValueError(f"unknown stand-in executor {kind!r}")
+
+
+class _CudaView:
+    """`__cuda_array_interface__` over a raw device address, for torch.as_tensor (no copy)."""
+
+    def __init__(self, address: int, shape: tuple[int, ...]) -> None:
+        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": "<f4", "data": (address, False),
+                                         "version": 3, "strides": None, "stream": None}
+
+
+class _TorchExecutor:
+    def __init__(self, spec: dict) -> None:
+        import onnx
+        import torch
+        from onnx2torch import convert
+
+        torch.backends.cudnn.allow_tf32 = False  # fp32 as ONNX Runtime computes, for the parity check
+        torch.backends.cuda.matmul.allow_tf32 = False
+        self.torch = torch
+        self.module = convert(onnx.load(spec["onnx"])).eval().cuda()
+        self.out_names = [t["name"] for t in spec["outputs"]]
+        self.in_names = list(spec["profile"])
+        self.sleep_cycles = int(spec.get("sleep_cycles", 0))
+
+    def __call__(self, ins, outs, stream_handle):
+        torch = self.torch
+        stream = torch.cuda.ExternalStream(stream_handle)
+        with torch.cuda.stream(stream), torch.no_grad():
+            args = [torch.as_tensor(_CudaView(*ins[n]), device="cuda") for n in self.in_names]
+            result = self.module(*args)
+            if isinstance(result, torch.Tensor):
+                result = [result]
+            if self.sleep_cycles:  # a GPU busy-wait before the outputs are written: they land late
+                torch.cuda._sleep(self.sleep_cycles)
+            for name, value in zip(self.out_names, result):
+                addr, shape = outs[name]
+                torch.as_tensor(_CudaView(addr, shape), device="cuda").copy_(value.reshape(shape))
+
+
+# engine files ----------------------------------------------------------------------------------
+
+def write_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", executor: str = "onnxruntime",
+                 sleep_cycles: int = 0) -> Path:
+    """Write the stand-in "engine" for a manifest where `TensorRtEngine` looks for one."""
+    manifest_path = Path(manifest_path)
+    m = load_manifest(manifest_path)
+    spec = {
+        "magic": MAGIC,
+        "onnx": str(m.model_path(manifest_path).resolve()),
+        "executor": executor,
+        "sleep_cycles": sleep_cycles,
+        "precision": precision,
+        "inputs": [{"name": t.name, "shape": list(t.shape)} for t in m.inputs],
+        "outputs": [{"name": t.name, "shape": list(t.shape)} for t in m.outputs],
+        "profile": {k: [list(s) for s in v] for k, v in profile_shapes(m).items()},
+    }
+    path = engine_path(Path(cache_dir), m, __version__, precision)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """`import tensorrt` gives this module inside the block."""
+    saved = sys.modules.get("tensorrt")
+    sys.modules["tensorrt"] = sys.modules[__name__]
+    try:
+        yield
+    finally:
+        if saved is None:
+            sys.modules.pop("tensorrt", None)
+        else:
+            sys.modules["tensorrt"] = saved
+
+
+class HostCudaApi(CudaApi):
+    """`engines.cuda_api.CudaApi` over plain host memory (copies are synchronous): for the
+    "onnxruntime" executor on machines without a GPU. Counts what is still allocated."""
+
+    name = "host (stand-in)"
+
+    def __init__(self) -> None:
+        self.live: dict[int, np.ndarray] = {}
+        self.pinned_live: set[int] = set()
+        self.streams_live = 0
+        self.syncs = 0
+
+    @contextlib.contextmanager
+    def current(self) -> Iterator[None]:
+        yield
+
+    def stream(self) -> CudaStream:
+        self.streams_live += 1
+        return CudaStream(object(), 0x5000 + self.streams_live)
+
+    def pinned_empty(self, n: int, dtype) -> np.ndarray:
+        arr = np.empty(int(n), dtype)
+        self.pinned_live.add(arr.ctypes.data)
+        return arr
+
+    def alloc(self, nbytes: int) -> int:
+        buf = np.empty(max(int(nbytes), 1), np.uint8)
+        buf[:] = 0xFF  # garbage until written, as device memory is
+        self.live[buf.ctypes.data] = buf
+        return buf.ctypes.data
+
+    def htod_async(self, dst: int, src: np.ndarray, stream: CudaStream) -> None:
+        ctypes.memmove(dst, src.ctypes.data, src.nbytes)
+
+    def dtoh_async(self, dst: np.ndarray, src: int, stream: CudaStream) -> None:
+        ctypes.memmove(dst.ctypes.data, src, dst.nbytes)
+
+    def synchronize(self, stream: CudaStream) -> None:
+        self.syncs += 1
+
+    def free(self, ptr: int) -> None:
+        del self.live[ptr]
+
+    def free_pinned(self, arr: np.ndarray) -> None:
+        self.pinned_live.discard(arr.ctypes.data)
+
+    def destroy_stream(self, stream: CudaStream) -> None:
+        self.streams_live -= 1
