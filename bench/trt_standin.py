@@ -113,6 +113,7 @@ class IExecutionContext:
         self.addresses: dict[str, int] = {}
         self.input_shapes: dict[str, tuple[int, ...]] = {}
         self.profile_set = False
+        self.executed: list[tuple[int, ...]] = []  # input shapes of every execute_async_v3, in order
 
     def set_optimization_profile_async(self, index: int, stream_handle: int) -> bool:
         self.profile_set = index == 0
@@ -145,6 +146,7 @@ class IExecutionContext:
         ins = {n: (self.addresses[n], s) for n, s in self.input_shapes.items()}
         outs = {t["name"]: (self.addresses[t["name"]], self.get_tensor_shape(t["name"])) for t in e.spec["outputs"]}
         e.executor(ins, outs, int(stream_handle))
+        self.executed.append(next(iter(self.input_shapes.values())))
         return True
 
 

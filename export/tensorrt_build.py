@@ -1,9 +1,11 @@
 """ONNX -> TensorRT engine (FP16 / INT8) per model, keyed by TensorRT version + ONNX hash.
 
-NOT RUN on the development machines (no GPU; TensorRT cannot be installed there). Written against
-the TensorRT 10 Python API; the pure parts (engine naming, profiles, calibration batches, the
-printed trtexec command) are unit-tested. Build engines once, on the Jetson, before the service
-starts (`smearscope build-engines`), as frigate's trt-model-prepare does.
+NOT RUN anywhere in this project: TensorRT cannot be installed on the development machines, and
+the lent GPU machines have none either. Written against the TensorRT 10 Python API; the pure parts
+(engine naming, profiles, calibration batches, the printed trtexec command) are unit-tested, and
+the calibrator's CUDA calls go through `engines.cuda_api`, which ran on a GPU (bench.device_check).
+Build engines once, on the Jetson, before the service starts (`smearscope build-engines`), as
+frigate's trt-model-prepare does.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.base import EngineError
+from engines.cuda_api import CudaApi, cuda_api
 from engines.manifest import ModelManifest, load_manifest
 from engines.preprocess import to_model_input
 from engines.trt_cache import engine_path, profile_shapes
@@ -67,14 +71,13 @@ def calibration_batches(folder: Path, manifest: ModelManifest, batch_size: int, 
         yield to_model_input(np.stack(buf), manifest.preprocessing)
 
 
-def _make_calibrator(trt, batches: Iterator[np.ndarray], batch_size: int, cache: Path):
-    import pycuda.driver as cuda
-
+def _make_calibrator(trt, batches: Iterator[np.ndarray], batch_size: int, cache: Path, cuda: CudaApi):
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             super().__init__()
             self.batches = batches
-            self.device = None
+            self.device: int | None = None
+            self.stream = cuda.stream()
 
         def get_batch_size(self) -> int:
             return batch_size
@@ -86,10 +89,12 @@ def _make_calibrator(trt, batches: Iterator[np.ndarray], batch_size: int, cache:
                 return None
             if b.shape[0] < batch_size:  # pad the last batch
                 b = np.concatenate([b, np.repeat(b[-1:], batch_size - b.shape[0], 0)])
+            b = np.ascontiguousarray(b, dtype=np.float32)
             if self.device is None:
-                self.device = cuda.mem_alloc(b.nbytes)
-            cuda.memcpy_htod(self.device, np.ascontiguousarray(b))
-            return [int(self.device)]
+                self.device = cuda.alloc(b.nbytes)
+            cuda.htod_async(self.device, b, self.stream)
+            cuda.synchronize(self.stream)  # TensorRT reads the buffer as soon as this returns
+            return [self.device]
 
         def read_calibration_cache(self):
             return cache.read_bytes() if cache.exists() else None
@@ -97,10 +102,18 @@ def _make_calibrator(trt, batches: Iterator[np.ndarray], batch_size: int, cache:
         def write_calibration_cache(self, data) -> None:
             cache.write_bytes(bytes(data))
 
+        def release(self) -> None:
+            if self.device is not None:
+                cuda.free(self.device)
+                self.device = None
+            cuda.destroy_stream(self.stream)
+
     return EntropyCalibrator()
 
 
-def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", calibration_dir: Path | None = None) -> Path:
+def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", calibration_dir: Path | None = None,
+                 cuda: CudaApi | None = None) -> Path:
+    """Build (or find) the engine of one model. INT8 needs `cuda` for the calibrator's buffer."""
     import tensorrt as trt
 
     manifest = load_manifest(manifest_path)
@@ -133,9 +146,16 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
         config.set_flag(trt.BuilderFlag.INT8)
         bs = manifest.batch.opt
         batches = calibration_batches(calibration_dir, manifest, bs) if calibration_dir else iter(())
-        config.int8_calibrator = _make_calibrator(trt, batches, bs, calib_cache)
+        if cuda is None:
+            raise RuntimeError("INT8 calibration needs a CUDA API (pycuda or cuda-python)")
+        calibrator = _make_calibrator(trt, batches, bs, calib_cache, cuda)
+        config.int8_calibrator = calibrator
         config.set_calibration_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
+    try:
+        serialized = builder.build_serialized_network(network, config)
+    finally:
+        if precision == "int8":
+            calibrator.release()
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build {out.name}")
     out.write_bytes(bytes(serialized))
@@ -143,16 +163,21 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
     return out
 
 
-def build_all(models_dir: Path, cache_dir: Path, precision: str = "fp16", calibration_dir: Path | None = None) -> int:
+def build_all(models_dir: Path, cache_dir: Path, precision: str = "fp16", calibration_dir: Path | None = None,
+              cuda: str = "auto") -> int:
     try:
-        import pycuda.autoinit  # noqa: F401  (a CUDA context for the calibrator's buffers)
         import tensorrt  # noqa: F401
-    except ImportError as exc:
-        logger.error("TensorRT/pycuda not installed (jetson extra): %s", exc)
-        print(f"build-engines needs the jetson extra (tensorrt, pycuda): {exc}")
+        api = cuda_api(cuda)
+    except (ImportError, EngineError) as exc:
+        logger.error("TensorRT or a CUDA API missing (jetson extra): %s", exc)
+        print(f"build-engines needs the jetson extra (tensorrt; pycuda or cuda-python): {exc}")
         return 1
-    for name in MANIFESTS:
-        sub = calibration_dir / Path(name).stem if calibration_dir else None
-        path = build_engine(models_dir / name, cache_dir, precision, sub)
-        print(path)
+    try:
+        with api.current():
+            for name in MANIFESTS:
+                sub = calibration_dir / Path(name).stem if calibration_dir else None
+                path = build_engine(models_dir / name, cache_dir, precision, sub, cuda=api)
+                print(path)
+    finally:
+        api.close()
     return 0

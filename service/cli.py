@@ -260,7 +260,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_build_engines(args: argparse.Namespace) -> int:
     from export.tensorrt_build import build_all
 
-    return build_all(args.models, args.cache, precision=args.precision, calibration_dir=args.calibration)
+    cache = args.cache if args.cache is not None else args.models / "engines"
+    return build_all(args.models, cache, precision=args.precision, calibration_dir=args.calibration,
+                     cuda=args.cuda_api)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,9 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build-engines", help="build TensorRT engines for the models (Jetson only)")
     b.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
-    b.add_argument("--cache", type=Path, default=DEFAULT_MODELS_DIR / "engines")
+    b.add_argument("--cache", type=Path, default=None,
+                   help="engine folder (default: MODELS/engines, where the tensorrt backend looks)")
     b.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8"])
     b.add_argument("--calibration", type=Path, default=None, help="folder of canonical tiles/crops for INT8")
+    b.add_argument("--cuda-api", default="auto", choices=["auto", "pycuda", "cuda-python"],
+                   help="CUDA binding for the INT8 calibrator's buffer (auto: pycuda, else cuda-python)")
     b.set_defaults(func=cmd_build_engines)
     return ap
 

@@ -125,6 +125,26 @@ class AnalysisConfig(StationBaseModel):
         title="Inference engine",
         description="Runtime for the models; 'tensorrt' needs engines built for this device.",
     )
+    tensorrt_precision: Literal["fp32", "fp16", "int8"] = Field(
+        default="fp16",
+        title="TensorRT precision",
+        description="Which built engines to load (`smearscope build-engines --precision`); "
+        "engine_backend 'tensorrt' only.",
+    )
+    tensorrt_lanes: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        title="TensorRT lanes per model",
+        description="Execution contexts per model, each with its own CUDA stream and buffers, so "
+        "that batches from two threads overlap on the GPU; engine_backend 'tensorrt' only.",
+    )
+    cuda_api: Literal["auto", "pycuda", "cuda-python"] = Field(
+        default="auto",
+        title="CUDA binding",
+        description="How the TensorRT backend allocates buffers and streams: pycuda or NVIDIA's "
+        "cuda-python; 'auto' takes pycuda where installed. engine_backend 'tensorrt' only.",
+    )
     models_dir: Path = Field(
         default=Path("/var/lib/smearscope/models"),
         title="Models directory",

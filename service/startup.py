@@ -61,8 +61,11 @@ def build_analyzer(config: StationConfig) -> AnalyzerLike:
         roi=RoiFilter(min_confidence=a.min_confidence, min_area_um2=a.min_area_um2,
                       max_aspect=a.max_aspect_ratio),
     )
+    engine_options = {}
+    if a.engine_backend == "tensorrt":
+        engine_options = {"precision": a.tensorrt_precision, "lanes": a.tensorrt_lanes, "cuda": a.cuda_api}
     try:
         return Analyzer.from_models_dir(a.models_dir, backend=a.engine_backend, options=options,
-                                        station_id=config.station_id)
+                                        station_id=config.station_id, **engine_options)
     except (EngineError, ManifestError) as exc:
         raise StartupError("analysis.models_dir", str(exc)) from exc
