@@ -6,7 +6,8 @@ set_input_shape, execute_async_v3 on a stream handle, get_tensor_shape) and exec
 network itself, reading its input from, and writing its outputs to, the addresses the engine
 bound, so every buffer, copy, lane and stream of the real backend is exercised:
 
-  executor "onnxruntime"  host addresses (with `HostCudaApi`): the engine's logic on any machine,
+  executor "onnxruntime"  host addresses (with `HostCudaApi`, asynchronous like CUDA: work waits
+                          on its stream until synchronised): the engine's logic on any machine,
                           in the test suite
   executor "torch"        device addresses: the network runs as PyTorch CUDA kernels (onnx2torch)
                           enqueued on the stream handle given to execute_async_v3, asynchronously;
@@ -26,11 +27,13 @@ import ctypes
 import enum
 import json
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from engines.base import EngineError
 from engines.cuda_api import CudaApi, CudaStream
 from engines.manifest import load_manifest
 from engines.trt_cache import engine_path, profile_shapes
@@ -166,11 +169,18 @@ def _make_executor(spec: dict):
         sess = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
         out_names = [t["name"] for t in spec["outputs"]]
 
-        def run_ort(ins, outs, stream_handle):
+        def network(ins, outs):
             feeds = {n: _host_view(a, s).copy() for n, (a, s) in ins.items()}
             for name, value in zip(out_names, sess.run(out_names, feeds)):
                 addr, shape = outs[name]
                 np.copyto(_host_view(addr, shape), value.reshape(shape))
+
+        def run_ort(ins, outs, stream_handle):
+            stream = _HOST_STREAMS.get(stream_handle)
+            if stream is None:
+                network(ins, outs)
+            else:  # enqueued: runs when the stream is synchronised, after the copies before it
+                stream.pending.append(lambda: network(ins, outs))
         return run_ort
     if kind == "torch":
         return _TorchExecutor(spec)
@@ -251,51 +261,98 @@ def installed() -> Iterator[None]:
             sys.modules["tensorrt"] = saved
 
 
+class _HostStream:
+    """Work enqueued on a host "stream": it runs, in order, when the stream is synchronised."""
+
+    def __init__(self) -> None:
+        self.pending: list = []
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.pop(0)()
+
+
+_HOST_STREAMS: dict[int, _HostStream] = {}
+_HANDLES = iter(range(0x5000, 1 << 62))
+
+
 class HostCudaApi(CudaApi):
-    """`engines.cuda_api.CudaApi` over plain host memory (copies are synchronous): for the
-    "onnxruntime" executor on machines without a GPU. Counts what is still allocated."""
+    """`engines.cuda_api.CudaApi` over plain host memory, for the "onnxruntime" executor on
+    machines without a GPU. Asynchronous like CUDA: copies (reading their source when they run)
+    and the stand-in's network wait on their stream until `synchronize`, so an engine that reads
+    its outputs before waiting reads stale buffers. Every call must come with the device current
+    (inside `current()`), and `alloc` fails after `fail_alloc_after` allocations when set. Counts
+    what is still allocated."""
 
     name = "host (stand-in)"
 
-    def __init__(self) -> None:
+    def __init__(self, fail_alloc_after: int | None = None) -> None:
         self.live: dict[int, np.ndarray] = {}
         self.pinned_live: set[int] = set()
         self.streams_live = 0
-        self.syncs = 0
+        self.fail_alloc_after = fail_alloc_after
+        self.allocs = 0
+        self._local = threading.local()
+
+    def _need_current(self, what: str) -> None:
+        if not getattr(self._local, "depth", 0):
+            raise AssertionError(f"{what} called without the device current")
 
     @contextlib.contextmanager
     def current(self) -> Iterator[None]:
-        yield
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
 
     def stream(self) -> CudaStream:
+        self._need_current("stream")
+        handle = next(_HANDLES)
+        _HOST_STREAMS[handle] = raw = _HostStream()
         self.streams_live += 1
-        return CudaStream(object(), 0x5000 + self.streams_live)
+        return CudaStream(raw, handle)
 
     def pinned_empty(self, n: int, dtype) -> np.ndarray:
-        arr = np.empty(int(n), dtype)
+        self._need_current("pinned_empty")
+        arr = np.zeros(int(n), dtype)
         self.pinned_live.add(arr.ctypes.data)
         return arr
 
     def alloc(self, nbytes: int) -> int:
+        self._need_current("alloc")
+        if self.fail_alloc_after is not None and self.allocs >= self.fail_alloc_after:
+            raise EngineError("CUDA cudaMalloc: cudaErrorMemoryAllocation: out of memory (stand-in)")
+        self.allocs += 1
         buf = np.empty(max(int(nbytes), 1), np.uint8)
         buf[:] = 0xFF  # garbage until written, as device memory is
         self.live[buf.ctypes.data] = buf
         return buf.ctypes.data
 
     def htod_async(self, dst: int, src: np.ndarray, stream: CudaStream) -> None:
-        ctypes.memmove(dst, src.ctypes.data, src.nbytes)
+        self._need_current("htod_async")
+        ptr, n = src.ctypes.data, src.nbytes
+        stream.raw.pending.append(lambda: ctypes.memmove(dst, ptr, n))
 
     def dtoh_async(self, dst: np.ndarray, src: int, stream: CudaStream) -> None:
-        ctypes.memmove(dst.ctypes.data, src, dst.nbytes)
+        self._need_current("dtoh_async")
+        ptr, n = dst.ctypes.data, dst.nbytes
+        stream.raw.pending.append(lambda: ctypes.memmove(ptr, src, n))
 
     def synchronize(self, stream: CudaStream) -> None:
-        self.syncs += 1
+        self._need_current("synchronize")
+        stream.raw.drain()
 
     def free(self, ptr: int) -> None:
+        self._need_current("free")
         del self.live[ptr]
 
     def free_pinned(self, arr: np.ndarray) -> None:
+        self._need_current("free_pinned")
         self.pinned_live.discard(arr.ctypes.data)
 
     def destroy_stream(self, stream: CudaStream) -> None:
+        self._need_current("destroy_stream")
+        stream.raw.drain()  # CUDA finishes a destroyed stream's work
+        _HOST_STREAMS.pop(stream.handle, None)
         self.streams_live -= 1

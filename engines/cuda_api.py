@@ -9,7 +9,8 @@ stream synchronisation; nothing else. Two implementations:
                 (it also uses the primary context, so both share memory with TensorRT and with
                 any other CUDA library in the process)
 
-`cuda_api("auto")` takes pycuda where it imports, else cuda-python. Device pointers are plain
+`cuda_api("auto")` takes pycuda where it imports, else cuda-python; one instance per API and
+device serves the whole process. Device pointers are plain
 ints and streams are opaque objects whose `handle` TensorRT's `execute_async_v3` takes.
 Every call that fails raises `EngineError` with CUDA's own error text.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import ctypes
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -72,8 +74,6 @@ class CudaApi(abc.ABC):
     @abc.abstractmethod
     def destroy_stream(self, stream: CudaStream) -> None: ...
 
-    def close(self) -> None:
-        """Release the API's hold on the device (after every buffer and stream is freed)."""
 
 
 class PyCudaApi(CudaApi):
@@ -138,9 +138,6 @@ class PyCudaApi(CudaApi):
 
     def destroy_stream(self, stream: CudaStream) -> None:
         stream.raw = None  # pycuda destroys the stream when the object goes
-
-    def close(self) -> None:
-        self._ctx.detach()
 
 
 class CudaPythonApi(CudaApi):
@@ -215,19 +212,35 @@ class CudaPythonApi(CudaApi):
         self._check(self._rt.cudaStreamDestroy(stream.raw), "cudaStreamDestroy")
 
 
+_SHARED: dict[tuple[str, int], CudaApi] = {}
+_SHARED_LOCK = threading.Lock()
+
+
 def cuda_api(name: str = "auto", device_index: int = 0) -> CudaApi:
-    """The named CUDA API on `device_index`; 'auto' prefers pycuda, then cuda-python."""
-    if name == "pycuda":
-        return PyCudaApi(device_index)
-    if name == "cuda-python":
-        return CudaPythonApi(device_index)
-    if name != "auto":
+    """The named CUDA API on `device_index`; 'auto' prefers pycuda, then cuda-python.
+
+    One instance per (API, device) for the whole process, shared by every engine: it holds the
+    device's primary context for the process's lifetime (as the CUDA runtime does), so engines
+    can be closed and reloaded from any thread without retaining and releasing it each time.
+    """
+    if name not in ("auto", *CUDA_APIS):
         raise EngineError(f"unknown CUDA API {name!r}; known: auto, {', '.join(CUDA_APIS)}")
-    errors = []
-    for cls in (PyCudaApi, CudaPythonApi):
-        try:
-            return cls(device_index)
-        except EngineError as exc:
-            errors.append(str(exc))
+    with _SHARED_LOCK:
+        key = (name, device_index)
+        if key in _SHARED:
+            return _SHARED[key]
+        classes = {"pycuda": (PyCudaApi,), "cuda-python": (CudaPythonApi,)}.get(name, (PyCudaApi, CudaPythonApi))
+        errors = []
+        for cls in classes:
+            resolved = (cls.name, device_index)
+            try:
+                api = _SHARED.get(resolved) or cls(device_index)
+            except EngineError as exc:
+                errors.append(str(exc))
+                continue
+            _SHARED[resolved] = _SHARED[key] = api
+            return api
+    if name != "auto":
+        raise EngineError(errors[0])
     raise EngineError("no CUDA API for the TensorRT backend (needs pycuda or cuda-python, the "
                       "jetson extra): " + "; ".join(errors))

@@ -71,6 +71,9 @@ class TensorRtEngine(Engine):
             import tensorrt as trt
         except ImportError as exc:
             raise EngineError(f"TensorRT backend needs tensorrt (the jetson extra): {exc}") from exc
+        if int(trt.__version__.split(".")[0]) < 10:
+            raise EngineError(f"TensorRT {trt.__version__} is too old: this backend needs TensorRT 10 "
+                              "(JetPack 6.1 or later); use engine_backend 'onnxruntime'")
         path = engine_path(self.cache_dir, self.manifest, trt.__version__, self.precision)
         if not path.exists():
             raise EngineError(f"no TensorRT engine at {path}; build it first: smearscope build-engines")
@@ -79,8 +82,11 @@ class TensorRtEngine(Engine):
         try:
             with self.cuda.current():
                 self._deserialize(trt, path)
-        except BaseException:
+        except BaseException as exc:
             self._release()
+            if isinstance(exc, Exception) and not isinstance(exc, EngineError):
+                # TensorRT raises RuntimeError / returns None on e.g. out-of-memory: a load error
+                raise EngineError(f"TensorRT could not load {path.name}: {type(exc).__name__}: {exc}") from exc
             raise
         logger.info("loaded TensorRT engine %s with %d lanes (%s)", path.name, self.n_lanes, self.cuda.name)
 
@@ -93,25 +99,30 @@ class TensorRtEngine(Engine):
         missing = {self.input_name, *self.output_names} - set(names)
         if missing:
             raise EngineError(f"{path}: engine lacks tensors {sorted(missing)}")
-        max_b = self.manifest.batch.max
+        inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         for _ in range(self.n_lanes):
             ctx = self._engine.create_execution_context()
+            if ctx is None:
+                raise EngineError(f"{path}: TensorRT could not create an execution context (device memory?)")
             stream = self.cuda.stream()
             lane = _Lane(ctx, stream, {})
             self._all_lanes.append(lane)
             ctx.set_optimization_profile_async(0, stream.handle)
+            # size every buffer for the profile's largest input: outputs from the shapes TensorRT
+            # infers for it (so not only the batch axis may vary)
+            for name in inputs:
+                if not ctx.set_input_shape(name, self._engine.get_tensor_profile_shape(name, 0)[2]):
+                    raise EngineError(f"{path}: TensorRT refused the profile maximum of {name!r}")
             for name in names:
-                is_input = self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+                shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
+                if any(d < 0 for d in shape):
+                    raise EngineError(f"{path}: {name!r} has no size at the profile maximum: {shape}")
                 dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
-                shape = list(self._engine.get_tensor_shape(name))
-                if is_input:
-                    shape = list(self._engine.get_tensor_profile_shape(name, 0)[2])
-                shape = [max_b if d < 0 else d for d in shape]
-                n = int(np.prod(shape))
-                host = self.cuda.pinned_empty(n, dtype)
-                dev = self.cuda.alloc(host.nbytes)
-                lane.bindings[name] = _Binding(name, is_input, dtype, host, dev)
-                if not ctx.set_tensor_address(name, dev):
+                host = self.cuda.pinned_empty(int(np.prod(shape)), dtype)
+                binding = _Binding(name, name in inputs, dtype, host, 0)
+                lane.bindings[name] = binding  # recorded first: _release frees what a failure leaves
+                binding.device = self.cuda.alloc(host.nbytes)
+                if not ctx.set_tensor_address(name, binding.device):
                     raise EngineError(f"{path}: TensorRT refused the address of {name!r}")
             self.cuda.synchronize(stream)  # the profile switch is enqueued on the stream
             self._lanes.put(lane)
@@ -127,22 +138,25 @@ class TensorRtEngine(Engine):
     def _run_lane(self, lane: _Lane, batch: np.ndarray) -> dict[str, np.ndarray]:
         inp = lane.bindings[self.input_name]
         n = batch.size
-        np.copyto(inp.host[:n], batch.reshape(-1).astype(inp.dtype, copy=False))
         if not lane.context.set_input_shape(self.input_name, batch.shape):
             raise EngineError(f"shape {batch.shape} rejected by the optimisation profile")
-        self.cuda.htod_async(inp.device, inp.host[:n], lane.stream)
-        if not lane.context.execute_async_v3(lane.stream.handle):
-            raise EngineError("execute_async_v3 failed")
-        shapes = {}
-        for name in self.output_names:
-            out = lane.bindings[name]
-            shape = tuple(int(d) for d in lane.context.get_tensor_shape(name))
-            size = int(np.prod(shape))
-            if any(d < 0 for d in shape) or size > out.host.size:
-                raise EngineError(f"output {name!r} has shape {shape}, beyond its buffer")
-            shapes[name] = shape
-            self.cuda.dtoh_async(out.host[:size], out.device, lane.stream)
-        self.cuda.synchronize(lane.stream)
+        np.copyto(inp.host[:n], batch.reshape(-1).astype(inp.dtype, copy=False))
+        try:
+            self.cuda.htod_async(inp.device, inp.host[:n], lane.stream)
+            if not lane.context.execute_async_v3(lane.stream.handle):
+                raise EngineError("execute_async_v3 failed")
+            shapes = {}
+            for name in self.output_names:
+                out = lane.bindings[name]
+                shape = tuple(int(d) for d in lane.context.get_tensor_shape(name))
+                size = int(np.prod(shape))
+                if any(d < 0 for d in shape) or size > out.host.size:
+                    raise EngineError(f"output {name!r} has shape {shape}, beyond its buffer")
+                shapes[name] = shape
+                self.cuda.dtoh_async(out.host[:size], out.device, lane.stream)
+        finally:
+            # also on failure: the lane's buffers go back to the pool only once its stream is idle
+            self.cuda.synchronize(lane.stream)
         # copies: the pinned buffers are reused by the lane's next batch
         return {name: lane.bindings[name].host[: int(np.prod(s))].reshape(s).astype(np.float32, copy=True)
                 for name, s in shapes.items()}
@@ -154,15 +168,14 @@ class TensorRtEngine(Engine):
             for lane in self._all_lanes:
                 self.cuda.synchronize(lane.stream)
                 for b in lane.bindings.values():
-                    self.cuda.free(b.device)
+                    if b.device:
+                        self.cuda.free(b.device)
                     self.cuda.free_pinned(b.host)
                 self.cuda.destroy_stream(lane.stream)
                 lane.context = None
-        self._all_lanes.clear()
-        self._lanes = queue.Queue()
-        self._engine = None
-        if not isinstance(self._cuda_choice, CudaApi):
-            self.cuda.close()
+            self._all_lanes.clear()
+            self._lanes = queue.Queue()
+            self._engine = None  # TensorRT frees the engine's device memory here, device current
         self.cuda = None
 
     def close(self) -> None:

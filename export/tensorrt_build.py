@@ -10,6 +10,7 @@ frigate's trt-model-prepare does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,18 +167,19 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
 def build_all(models_dir: Path, cache_dir: Path, precision: str = "fp16", calibration_dir: Path | None = None,
               cuda: str = "auto") -> int:
     try:
-        import tensorrt  # noqa: F401
-        api = cuda_api(cuda)
+        import tensorrt as trt
+        # only INT8 calibration copies batches to the GPU itself
+        api = cuda_api(cuda) if precision == "int8" else None
     except (ImportError, EngineError) as exc:
         logger.error("TensorRT or a CUDA API missing (jetson extra): %s", exc)
-        print(f"build-engines needs the jetson extra (tensorrt; pycuda or cuda-python): {exc}")
+        print(f"build-engines needs the jetson extra (tensorrt; pycuda or cuda-python for int8): {exc}")
         return 1
-    try:
-        with api.current():
-            for name in MANIFESTS:
-                sub = calibration_dir / Path(name).stem if calibration_dir else None
-                path = build_engine(models_dir / name, cache_dir, precision, sub, cuda=api)
-                print(path)
-    finally:
-        api.close()
+    if int(trt.__version__.split(".")[0]) < 10:
+        print(f"build-engines needs TensorRT 10 (JetPack 6.1 or later); found {trt.__version__}")
+        return 1
+    with api.current() if api else contextlib.nullcontext():
+        for name in MANIFESTS:
+            sub = calibration_dir / Path(name).stem if calibration_dir else None
+            path = build_engine(models_dir / name, cache_dir, precision, sub, cuda=api)
+            print(path)
     return 0

@@ -2,7 +2,8 @@
 
 TensorRT cannot be installed here. The stand-in answers the TensorRT 10 calls the engine makes and
 executes the committed ONNX networks with ONNX Runtime at the host addresses the engine bound
-(`HostCudaApi`: plain memory, synchronous copies). So these tests check the engine's own logic:
+(`HostCudaApi`: plain memory; copies and the network wait on their stream until it is
+synchronised, as on a GPU). So these tests check the engine's own logic:
 bindings per lane, batches split and padded to the profile's optimum, output shapes, buffers
 reused across batches, threads on lanes, what close() frees, its errors; and the pipeline on the
 "tensorrt" backend. Streams and asynchrony on a real GPU: `bench.device_check` (README).
@@ -120,30 +121,63 @@ def test_close_frees_every_buffer_and_stream_and_the_engine_reloads(tmp_path):
     assert api.live == {}
 
 
+def test_outputs_are_read_only_after_the_stream_is_synchronised(tmp_path):
+    """HostCudaApi runs copies and the network only when the stream is synchronised, as a GPU
+    finishes them late: with the engine's wait removed it returns the previous batch's outputs,
+    so the parity tests above would catch an engine that forgot to wait."""
+    eng, api = _engine(tmp_path, "rbc_head", lanes=1)
+    ref = OnnxRuntimeEngine(MODELS / "rbc_head.json").load()
+    first, second = _x(eng, 4, 1), _x(eng, 4, 2)
+    want_first = ref.run(first)["logits"]
+    np.testing.assert_allclose(eng.run(first)["logits"], want_first, atol=1e-5)
+    real = api.synchronize
+    api.synchronize = lambda stream: None
+    try:
+        stale = eng.run(second)["logits"]
+    finally:
+        api.synchronize = real
+    np.testing.assert_allclose(stale, want_first, atol=1e-5)
+    assert not np.allclose(stale, ref.run(second)["logits"], atol=1e-3)
+    eng.close()
+
+
+def test_a_failed_allocation_frees_what_was_allocated(tmp_path):
+    trt_standin.write_engine(MODELS / "seg.json", tmp_path)
+    for after in (0, 1, 4):  # the first tensor, the second, the second lane's first
+        api = HostCudaApi(fail_alloc_after=after)
+        with pytest.raises(EngineError, match="out of memory"):
+            TensorRtEngine(MODELS / "seg.json", cache_dir=tmp_path, cuda=api, lanes=2).load()
+        assert api.allocs == after
+        assert (api.live, api.pinned_live, api.streams_live) == ({}, set(), 0)
+
+
+def test_tensorrt_before_10_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(trt_standin, "__version__", "8.6.2")
+    trt_standin.write_engine(MODELS / "rbc_head.json", tmp_path)
+    with pytest.raises(EngineError, match="needs TensorRT 10"):
+        TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=HostCudaApi()).load()
+
+
 def test_missing_engine_file_says_how_to_build_it(tmp_path):
     eng = TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=HostCudaApi())
     with pytest.raises(EngineError, match="build-engines"):
         eng.load()
 
 
-def test_unreadable_engine_file_is_an_engine_error_and_frees_nothing_twice(tmp_path):
+def test_unreadable_engine_file_is_an_engine_error(tmp_path):
     path = trt_standin.write_engine(MODELS / "rbc_head.json", tmp_path)
     path.write_bytes(b"\x00not an engine")
-    api = HostCudaApi()
     with pytest.raises(EngineError, match="could not deserialize"):
-        TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=api).load()
-    assert api.live == {} and api.streams_live == 0
+        TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=HostCudaApi()).load()
 
 
-def test_engine_without_the_manifest_tensors_is_refused_and_nothing_leaks(tmp_path):
+def test_engine_without_the_manifest_tensors_is_refused(tmp_path):
     path = trt_standin.write_engine(MODELS / "rbc_head.json", tmp_path)
     spec = json.loads(path.read_text())
     spec["outputs"][0]["name"] = "probabilities"  # built from another export
     path.write_text(json.dumps(spec))
-    api = HostCudaApi()
     with pytest.raises(EngineError, match="lacks tensors"):
-        TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=api).load()
-    assert api.live == {} and api.pinned_live == set() and api.streams_live == 0
+        TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=HostCudaApi()).load()
 
 
 def test_engine_file_name_follows_precision(tmp_path):
