@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Install the smearscope station daemon on an NVIDIA Jetson (JetPack 5 or 6), idempotently.
+# The TensorRT backend needs TensorRT 10 (JetPack 6.1+); on older JetPacks use engine_backend "onnxruntime".
 #
 #   sudo ./systemd/install-jetson.sh            # from a checkout of the repository
 #   sudo MQTT_PASSWORD_FILE=/root/pw ./systemd/install-jetson.sh
