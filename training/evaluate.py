@@ -1,8 +1,11 @@
 """Evaluate every committed model on its held-out split and print the accuracy table.
 
     python -m training.evaluate [--models models] [--split test|val] [--stain macenko|none] [--json out.json] [--quick] [--heads-only]
+                                [--backend onnxruntime|tensorrt]
 
-Runs with the runtime dependencies only (ONNX Runtime), so it measures exactly what ships.
+Runs with the runtime dependencies only (ONNX Runtime), so it measures exactly what ships. On a
+Jetson, `--backend tensorrt` measures the built engines instead (FP16/INT8 rounding included;
+engines from `smearscope build-engines` in MODELS/engines).
 Splits (`--split test`, the default): BCCD VOC test; TXL-PBC test; PBC seeded 10% test; Chula
 RBC-12 seeded 10% test (by image); erythrocytesIDB1 test/. `--split val` prints the same table on
 the validation splits (BCCD VOC val, TXL-PBC val, PBC and Chula seeded 10% val, the seeded 15% of
@@ -47,7 +50,8 @@ SEG_KINDS = ("rbc", "wbc", "platelet")
 ALL_CONF = 0.001
 
 
-def cli_analyze(paths: list[Path], models: Path, stain: str, mpp: float | None, desc: str) -> tuple[list[dict], list[dict]]:
+def cli_analyze(paths: list[Path], models: Path, stain: str, mpp: float | None, desc: str,
+                backend: str = "onnxruntime") -> tuple[list[dict], list[dict]]:
     """Run `smearscope analyze --json --detections` over `paths` in ONE process, as a user would.
 
     Returns the stdout lines (one report or error per image) and the `--detections` lines (every
@@ -57,7 +61,7 @@ def cli_analyze(paths: list[Path], models: Path, stain: str, mpp: float | None, 
         listing, dets = Path(tmp) / "images.txt", Path(tmp) / "detections.jsonl"
         listing.write_text("".join(f"{p}\n" for p in paths))
         cmd = [sys.executable, "-m", "service.cli", "analyze", f"@{listing}", "--json", "--models", str(models),
-               "--stain", stain, "--detections", str(dets), "--detections-floor", str(ALL_CONF)]
+               "--stain", stain, "--detections", str(dets), "--detections-floor", str(ALL_CONF), "--backend", backend]
         if mpp is not None:
             cmd += ["--microns-per-pixel", str(mpp)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
@@ -179,12 +183,14 @@ def eval_pbc_pipeline(items: list[tuple[str, int]], reports: list[dict]) -> dict
             "detected_fraction": found / max(1, len(items)), "n": len(items), "rejected": sum("error" in r for r in reports)}
 
 
-def eval_head(manifest: Path, images: np.ndarray, labels: np.ndarray, classes) -> tuple[dict, np.ndarray, list[str]]:
+def eval_head(manifest: Path, images: np.ndarray, labels: np.ndarray, classes,
+              backend: str = "onnxruntime") -> tuple[dict, np.ndarray, list[str]]:
     """Head metrics by class NAME, so a model whose class list differs from the adapter's still
     evaluates honestly (a label the model cannot output counts as an error). The crops run as
     the analyzer runs them (service.classify: the manifest's test-time views, its temperature)."""
-    eng = create_engine("onnxruntime", manifest).load()
+    eng = create_engine(backend, manifest).load()
     logits = CropClassifier(eng, 0.0).logits(images)
+    eng.close()
     names = list(eng.manifest.classes) + [c for c in classes if c not in eng.manifest.classes]
     logits = np.concatenate([logits, np.full((len(logits), len(names) - logits.shape[1]), -1e9, logits.dtype)], axis=1)
     y = np.array([names.index(classes[i]) for i in labels], np.int64)
@@ -241,6 +247,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="20 images per detection set")
     ap.add_argument("--heads-only", action="store_true", help="the two heads on their crops; no detector or pipeline rows")
+    ap.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                    help="engines to measure (tensorrt: the engines built on this machine)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     limit = 20 if args.quick else None
@@ -250,15 +258,15 @@ def main() -> None:
     wbc_crop, rbc_crop = head_crop(wbc_m), head_crop(rbc_m)
     if wbc_crop != WBC_CROP:
         raise SystemExit(f"{wbc_m}: crop {wbc_crop} differs from the one the WBC adapters cut ({WBC_CROP})")
-    wbc_rep, _, _ = eval_head(wbc_m, (s := hd.pbc_crops(sp)).images, s.labels, hd.PBC_CLASSES)
+    wbc_rep, _, _ = eval_head(wbc_m, (s := hd.pbc_crops(sp)).images, s.labels, hd.PBC_CLASSES, args.backend)
     res[f"wbc_head_pbc_{sp}"] = wbc_rep
     bccd_w = hd.bccd_wbc_crops(sp)
-    res[f"wbc_head_bccd_{sp}"], _, _ = eval_head(wbc_m, bccd_w.images, bccd_w.labels, hd.PBC_CLASSES)
+    res[f"wbc_head_bccd_{sp}"], _, _ = eval_head(wbc_m, bccd_w.images, bccd_w.labels, hd.PBC_CLASSES, args.backend)
     chula = hd.chula_crops(sp, rbc_crop)
-    rbc_rep, _, _ = eval_head(rbc_m, chula.images, chula.labels, hd.RBC_CLASSES)
+    rbc_rep, _, _ = eval_head(rbc_m, chula.images, chula.labels, hd.RBC_CLASSES, args.backend)
     res[f"rbc_head_chula_{sp}"] = rbc_rep
     idb, is_sickle = idb1_set(sp, rbc_crop)
-    _, probs, names = eval_head(rbc_m, idb.images, idb.labels, hd.RBC_CLASSES)
+    _, probs, names = eval_head(rbc_m, idb.images, idb.labels, hd.RBC_CLASSES, args.backend)
     res[f"rbc_head_idb1_{sp}_sickle_vs_not_accuracy"] = float(((probs.argmax(1) == names.index("sickle")) == is_sickle).mean())
     rows = [
         ("WBC head", f"BCCD {sp} crops (2nd lab, GT boxes): accuracy", res[f"wbc_head_bccd_{sp}"]["accuracy"], "report"),
@@ -278,20 +286,20 @@ def main() -> None:
         # (views, fusion, calibration, the heads' re-assignments), in this process, every
         # detection down to a confidence of ALL_CONF ranked on the precision-recall curve.
         everything = AnalyzerOptions(stain_method=args.stain, detector_conf=ALL_CONF, roi=RoiFilter(min_confidence=ALL_CONF))
-        analyzer_all = Analyzer.from_models_dir(args.models, options=everything, warmup=False)
+        analyzer_all = Analyzer.from_models_dir(args.models, backend=args.backend, options=everything, warmup=False)
         res[f"seg_bccd_{sp}_model_level"] = bccd_all = eval_bccd(
             ids, in_process_reports(analyzer_all, bccd_paths, mpp, f"BCCD {sp} model level"))
         analyzer_all.close()
         # The whole pipeline: `smearscope analyze` in a subprocess, scored from what it prints
         # (the counted cells, conf >= 0.5) and from its --detections output (every detection).
         res[f"seg_bccd_{sp}"] = bccd = eval_bccd(ids, *cli_analyze(bccd_paths, args.models, args.stain, mpp,
-                                                                    f"BCCD {sp} via smearscope analyze"))
+                                                                    f"BCCD {sp} via smearscope analyze", args.backend))
         files = txl_images(sp)[:limit]
         res[f"seg_txl_{sp}"] = txl = eval_txl(files, sp, *cli_analyze(files, args.models, args.stain, None,
-                                                                       f"TXL-PBC {sp} via smearscope analyze"))
+                                                                       f"TXL-PBC {sp} via smearscope analyze", args.backend))
         items = hd.pbc_splits()[sp][: 100 if args.quick else None]
         pbc_reports, _ = cli_analyze([data_root() / "pbc" / rel for rel, _ in items], args.models, args.stain,
-                                     hd.PBC_MICRONS_PER_PIXEL, f"PBC {sp} via smearscope analyze")
+                                     hd.PBC_MICRONS_PER_PIXEL, f"PBC {sp} via smearscope analyze", args.backend)
         res[f"pipeline_pbc_{sp}"] = pbc = eval_pbc_pipeline(items, pbc_reports)
         cli_all = bccd["every_detection"]
         rows = [
@@ -317,7 +325,7 @@ def main() -> None:
         if rejected:
             rows.append(("CLI", "images the CLI rejected (scored as misses)", rejected, "0"))
     print(f"\nsplit: {sp}{' (validation: for choosing models; the bars apply to test)' if sp == 'val' else ''}"
-          f"; stain normalization: {args.stain}{' (QUICK: subsets)' if args.quick else ''}"
+          f"; stain normalization: {args.stain}; backend: {args.backend}{' (QUICK: subsets)' if args.quick else ''}"
           f"{' (heads only)' if args.heads_only else ''}")
     views = {name: "+".join(load_manifest(m, verify_hash=False).tta) for name, m in
              (("detector", args.models / "seg.json"), ("WBC head", wbc_m), ("RBC head", rbc_m))}
