@@ -32,10 +32,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Binding:
-    name: str
-    is_input: bool
-    dtype: np.dtype
-    host: np.ndarray  # pinned, flat, sized for the max batch
+    host: np.ndarray  # pinned, flat, sized for the max batch; its dtype is the tensor's
     device: int  # device address
 
 
@@ -119,7 +116,7 @@ class TensorRtEngine(Engine):
                     raise EngineError(f"{path}: {name!r} has no size at the profile maximum: {shape}")
                 dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
                 host = self.cuda.pinned_empty(int(np.prod(shape)), dtype)
-                binding = _Binding(name, name in inputs, dtype, host, 0)
+                binding = _Binding(host, 0)
                 lane.bindings[name] = binding  # recorded first: _release frees what a failure leaves
                 binding.device = self.cuda.alloc(host.nbytes)
                 if not ctx.set_tensor_address(name, binding.device):
@@ -140,7 +137,7 @@ class TensorRtEngine(Engine):
         n = batch.size
         if not lane.context.set_input_shape(self.input_name, batch.shape):
             raise EngineError(f"shape {batch.shape} rejected by the optimisation profile")
-        np.copyto(inp.host[:n], batch.reshape(-1).astype(inp.dtype, copy=False))
+        np.copyto(inp.host[:n], batch.reshape(-1).astype(inp.host.dtype, copy=False))
         try:
             self.cuda.htod_async(inp.device, inp.host[:n], lane.stream)
             if not lane.context.execute_async_v3(lane.stream.handle):
