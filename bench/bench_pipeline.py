@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from device.synthetic import render_field
-from engines.registry import create_engine
-from service.pipeline import DEFAULT_MODELS_DIR, Analyzer, AnalyzerOptions
+from smearscope.device.synthetic import render_field
+from smearscope.engines.registry import create_engine
+from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR, Analyzer, AnalyzerOptions
 
 
 def _machine() -> str:

@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from bench import trt_standin
-from engines.batching import run_batched
-from engines.onnxruntime_engine import OnnxRuntimeEngine
-from engines.tensorrt_engine import TensorRtEngine
+from smearscope.engines.batching import run_batched
+from smearscope.engines.onnxruntime_engine import OnnxRuntimeEngine
+from smearscope.engines.tensorrt_engine import TensorRtEngine
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 NAMES = ("rbc_head", "wbc_head", "seg")
@@ -197,8 +197,8 @@ def check_model(chk: Check, name: str, cuda: str, cache: Path, quick: bool) -> N
 
 
 def check_pipeline(chk: Check, cuda: str, cache: Path, n_fields: int) -> None:
-    from device.synthetic import render_field
-    from service.pipeline import Analyzer
+    from smearscope.device.synthetic import render_field
+    from smearscope.service.analysis.pipeline import Analyzer
 
     def run():
         for name in NAMES:

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.base import EngineError
-from engines.cuda_api import CudaApi, CudaStream
-from engines.manifest import load_manifest
-from engines.trt_cache import engine_path, profile_shapes
+from smearscope.engines.base import EngineError
+from smearscope.engines.cuda_api import CudaApi, CudaStream
+from smearscope.engines.manifest import load_manifest
+from smearscope.engines.trt_cache import engine_path, profile_shapes
 
 __version__ = "10.0.0"  # the API level it mimics; engine file names carry it
 MAGIC = "smearscope bench.trt_standin engine"

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from device.frame import Frame
-from device.source_config import FolderSourceConfig
-from device.sources import FrameSource, SourceConfigurationError, decode_image_bytes
+from smearscope.device.frame import Frame
+from smearscope.device.source_config import FolderSourceConfig
+from smearscope.device.sources import FrameSource, SourceConfigurationError, decode_image_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from device.frame import Frame
+from smearscope.device.frame import Frame
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator, Mapping
 import cv2
 import numpy as np
 
-from device.frame import Frame
-from device.source_config import (
+from smearscope.device.frame import Frame
+from smearscope.device.source_config import (
     IMAGE_EXTENSIONS,
     CameraSourceConfig,
     ReplaySourceConfig,
@@ -39,10 +39,10 @@ logger = logging.getLogger(__name__)
 
 #: kind -> "module:Class"; a class is imported only when its kind is chosen.
 SOURCE_REGISTRY: Mapping[str, str] = {
-    "camera": "device.sources:CameraSource",
-    "folder": "device.folder_source:FolderSource",
-    "replay": "device.sources:ReplaySource",
-    "simulated": "device.sources:SimulatedSource",
+    "camera": "smearscope.device.sources:CameraSource",
+    "folder": "smearscope.device.folder_source:FolderSource",
+    "replay": "smearscope.device.sources:ReplaySource",
+    "simulated": "smearscope.device.sources:SimulatedSource",
 }
 
 
@@ -383,7 +383,7 @@ class SimulatedSource(FrameSource):
     def __init__(self, config: SimulatedSourceConfig) -> None:
         super().__init__(config.name)
         # Imported here so that only stations that simulate load the renderer.
-        from device.synthetic import render_field
+        from smearscope.device.synthetic import render_field
 
         self._render = render_field
         self._config = config

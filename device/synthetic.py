@@ -19,7 +19,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from device.frame import Frame
+from smearscope.device.frame import Frame
 
 logger = logging.getLogger(__name__)
 

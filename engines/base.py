@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.manifest import ModelManifest, load_manifest
+from smearscope.engines.manifest import ModelManifest, load_manifest
 
 logger = logging.getLogger(__name__)
 

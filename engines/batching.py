@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from engines.base import Engine
-from engines.manifest import BatchProfile
+from smearscope.engines.base import Engine
+from smearscope.engines.manifest import BatchProfile
 
 
 def plan_batches(n: int, profile: BatchProfile, pad_to_opt: bool = False) -> list[tuple[int, int, int]]:

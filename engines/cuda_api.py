@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from engines.base import EngineError
+from smearscope.engines.base import EngineError
 
 CUDA_APIS = ("pycuda", "cuda-python")
 

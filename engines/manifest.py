@@ -13,8 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+#: The scale every model sees (micrometres per pixel): frames and training images are resampled to it
+#: before tiling or cropping (service.analysis.scale), and each manifest records it
+#: (`canonical_um_per_px`). 0.2 um/px keeps a platelet ~10 px and a normal red cell (7.5 um) ~37 px.
+CANONICAL_UM_PER_PX = 0.2
 
-#: A test-time view (service.tta): a flip of the whole frame for the detector, of each crop for a
+#: A test-time view (service.analysis.tta): a flip of the whole frame for the detector, of each crop for a
 #: classifier head; each is its own inverse.
 TestTimeView = Literal["identity", "hflip", "vflip", "rot180"]
 
@@ -74,7 +78,7 @@ class ModelManifest(BaseModel):
         {}, description="detectors: per class [a, b] of Platt scaling, p = sigmoid(a * logit(score) + b), "
         "fitted on the validation split so that a score is the probability of a real cell")
     tta: list[TestTimeView] = Field(
-        ["identity"], min_length=1, description="test-time views (service.tta). Detectors: views of the frame that "
+        ["identity"], min_length=1, description="test-time views (service.analysis.tta). Detectors: views of the frame that "
         "are detected and fused; score_calibration is fitted for exactly these views. Classifiers: views of "
         "each crop whose logits are averaged; temperature is fitted for exactly these views")
     architecture: str = ""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.base import Engine, EngineError
+from smearscope.engines.base import Engine, EngineError
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engines.manifest import Preprocessing
+from smearscope.engines.manifest import Preprocessing
 
 
 def to_model_input(images_bgr: np.ndarray, pre: Preprocessing) -> np.ndarray:

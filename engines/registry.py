@@ -6,11 +6,11 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from engines.base import Engine, EngineError
+from smearscope.engines.base import Engine, EngineError
 
 BACKENDS: dict[str, str] = {
-    "onnxruntime": "engines.onnxruntime_engine:OnnxRuntimeEngine",
-    "tensorrt": "engines.tensorrt_engine:TensorRtEngine",
+    "onnxruntime": "smearscope.engines.onnxruntime_engine:OnnxRuntimeEngine",
+    "tensorrt": "smearscope.engines.tensorrt_engine:TensorRtEngine",
 }
 
 

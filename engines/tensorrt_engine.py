@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.base import Engine, EngineError
-from engines.cuda_api import CudaApi, CudaStream, cuda_api
-from engines.trt_cache import engine_path
+from smearscope.engines.base import Engine, EngineError
+from smearscope.engines.cuda_api import CudaApi, CudaStream, cuda_api
+from smearscope.engines.trt_cache import engine_path
 
 logger = logging.getLogger(__name__)
 

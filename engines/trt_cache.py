@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from engines.manifest import ModelManifest
+from smearscope.engines.manifest import ModelManifest
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

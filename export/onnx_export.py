@@ -14,8 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from engines.manifest import BatchProfile, CropInfo, ModelManifest, TensorSpec, sha256_file
-from service.scale import CANONICAL_UM_PER_PX
+from smearscope.engines.manifest import (
+    CANONICAL_UM_PER_PX,
+    BatchProfile,
+    CropInfo,
+    ModelManifest,
+    TensorSpec,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 OPSET = 17

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.base import EngineError
-from engines.cuda_api import CudaApi, cuda_api
-from engines.manifest import ModelManifest, load_manifest
-from engines.preprocess import to_model_input
-from engines.trt_cache import engine_path, profile_shapes
+from smearscope.engines.base import EngineError
+from smearscope.engines.cuda_api import CudaApi, cuda_api
+from smearscope.engines.manifest import ModelManifest, load_manifest
+from smearscope.engines.preprocess import to_model_input
+from smearscope.engines.trt_cache import engine_path, profile_shapes
 
 logger = logging.getLogger(__name__)
 MANIFESTS = ("seg.json", "rbc_head.json", "wbc_head.json")

@@ -1,1 +1,2 @@
-"""Pipeline stages, the station daemon and the MQTT publisher."""
+"""The product's composition: `analysis` (one field), `ingest` (image files), `station` (the
+daemon), `mqtt` (messaging) and `config` (pure settings models). Installed as `smearscope.service`."""

@@ -389,11 +389,12 @@ class Mqtt311OnlyProxy:
 
 _PUBLISHER_CHILD = """
 import json, sys, time
-from service.mqtt_config import MqttConfig
-from service.publisher import MqttPublisher
+from smearscope.service.config import MqttConfig
+from smearscope.service.mqtt.outbox import Outbox
+from smearscope.service.mqtt.publisher import MqttPublisher
 config = MqttConfig.model_validate_json(sys.argv[1])
 station_id, reports = sys.argv[2], int(sys.argv[3])
-publisher = MqttPublisher(config, station_id, config.outbox.open())
+publisher = MqttPublisher(config, station_id, Outbox.from_config(config.outbox))
 publisher.start()
 for i in range(reports):
     publisher.publish_report("report", f"child-{i}", json.dumps({"i": i}).encode(), "1")

@@ -3,7 +3,7 @@
 Each tile sees exactly what a perfect detector would see through that window: every true cell
 that reaches into the tile, clipped to the tile (a cell cut by a tile edge comes back as its
 visible part), in frame coordinates, with `cut_by_tile_edge` from the real
-`service.segment.touches_interior_tile_edge` and the truth mask cropped to the clipped box.
+`service.analysis.segment.touches_interior_tile_edge` and the truth mask cropped to the clipped box.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from device.synthetic import SyntheticField
-from service.records import Box, CellDetection, CellKind, Tile
-from service.scale import CANONICAL_UM_PER_PX
-from service.segment import touches_interior_tile_edge
+from smearscope.device.synthetic import SyntheticField
+from smearscope.service.analysis.records import Box, CellDetection, CellKind, Tile
+from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
+from smearscope.service.analysis.segment import touches_interior_tile_edge
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, PublisherProcess, Subscriber, free_port
 
-from service.mqtt_config import MqttConfig
-from service.outbox import Outbox
-from service.publisher import MqttPublisher
+from smearscope.service.config import MqttConfig
+from smearscope.service.mqtt.outbox import Outbox
+from smearscope.service.mqtt.publisher import MqttPublisher
 
 pytestmark = pytest.mark.broker
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.yolo_decode import platt
+from smearscope.service.analysis.yolo_decode import platt
 from training.calibrate_seg import MIN_SLOPE, fit_platt
 
 

@@ -8,18 +8,18 @@ import sys
 from pathlib import Path
 
 import cv2
+import hostile
 import numpy as np
 import pytest
 
-import hostile
-from device.synthetic import render_field
+from smearscope.device.synthetic import render_field
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_models = pytest.mark.skipif(not (ROOT / "models" / "seg.json").exists(), reason="models/seg.json not present")
 
 
 def smearscope(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "smearscope", *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
 def test_every_hostile_input_gives_its_code_and_no_traceback(tmp_path):

@@ -7,14 +7,13 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from device.source_config import CameraSourceConfig, FolderSourceConfig, SimulatedSourceConfig
-from service.config import (
-    ConfigError,
-    StationConfig,
-    load_config,
-    parse_config,
-    validate_config_main,
+from smearscope.cli.station import validate_config_main
+from smearscope.device.source_config import (
+    CameraSourceConfig,
+    FolderSourceConfig,
+    SimulatedSourceConfig,
 )
+from smearscope.service.config import ConfigError, StationConfig, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "config" / "station.example.toml"
@@ -163,7 +162,7 @@ def test_config_is_frozen(tmp_path: Path) -> None:
 
 
 def test_detector_views_reach_the_analyzer_and_bad_views_are_refused(tmp_path: Path) -> None:
-    from service.startup import build_analyzer
+    from smearscope.service.station.startup import build_analyzer
 
     models = REPO / "models"
     base = MINIMAL + f'[analysis]\nengine_backend = "onnxruntime"\nmodels_dir = "{models}"\n'
@@ -182,7 +181,7 @@ def test_detector_views_reach_the_analyzer_and_bad_views_are_refused(tmp_path: P
 
 
 def test_head_views_reach_the_heads_and_bad_views_are_refused(tmp_path: Path) -> None:
-    from service.startup import build_analyzer
+    from smearscope.service.station.startup import build_analyzer
 
     models = REPO / "models"
     base = MINIMAL + f'[analysis]\nengine_backend = "onnxruntime"\nmodels_dir = "{models}"\n'

@@ -27,16 +27,16 @@ import pytest
 from broker import MQTT_USERS, Subscriber, free_port, wait_until
 from oracle import OracleSegmenter
 
-from device.frame import Frame
-from device.synthetic import SyntheticField, render_field
-from service.classify import UNIDENTIFIED, HeadResult
-from service.config import EXIT_CONFIG, StationConfig, load_config
-from service.crops import RBC_CROP, WBC_CROP, CropSpec
-from service.daemon import StationDaemon, run_daemon
-from service.pipeline import Analyzer, AnalyzerOptions, FieldResult
-from service.records import CellCrop
-from service.report import Report
-from service.scale import CANONICAL_UM_PER_PX
+from smearscope.device.frame import Frame
+from smearscope.device.synthetic import SyntheticField, render_field
+from smearscope.service.analysis.classify import UNIDENTIFIED, HeadResult
+from smearscope.service.analysis.crops import RBC_CROP, WBC_CROP, CropSpec
+from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions, FieldResult
+from smearscope.service.analysis.records import CellCrop
+from smearscope.service.analysis.report import Report
+from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
+from smearscope.service.config import EXIT_CONFIG, StationConfig, load_config
+from smearscope.service.station.daemon import StationDaemon, run_daemon
 
 STATION = "bench-1"
 BASE = f"smearscope/{STATION}"

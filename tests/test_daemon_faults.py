@@ -35,10 +35,10 @@ from test_daemon import (
     write_station,
 )
 
-from device.synthetic import render_field
-from service.config import load_config
-from service.daemon import StationDaemon, run_daemon
-from service.ingest import IngestError, RejectReason
+from smearscope.device.synthetic import render_field
+from smearscope.service.config import load_config
+from smearscope.service.ingest import IngestError, RejectReason
+from smearscope.service.station.daemon import StationDaemon, run_daemon
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ import logging, pickle, sys
 from pathlib import Path
 sys.path[:0] = [{repo!r}, {tests!r}]
 from test_daemon import PoolAnalyzer
-from service.daemon import run_daemon
+from smearscope.service.station.daemon import run_daemon
 logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                     format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 with open(sys.argv[2], "rb") as fh:
@@ -208,7 +208,7 @@ def test_bad_frames_are_logged_counted_and_skipped(
     config = write_station(tmp_path, free_port(), credentials=False)
     daemon = StationDaemon(load_config(config), max_fields=4,
                            analyzer_factory=pool_factory(fail_on=failures))
-    with caplog.at_level("INFO", logger="service.daemon"):
+    with caplog.at_level("INFO", logger="smearscope.service.station.daemon"):
         assert daemon.run() == 0
     snap = daemon.stats.snapshot()
     assert snap["analysed"] == 4

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.base import EngineError
-from engines.batching import plan_batches, run_batched
-from engines.manifest import BatchProfile, ManifestError, load_manifest
-from engines.registry import create_engine, engine_class
-from engines.trt_cache import engine_filename, profile_shapes
+from smearscope.engines.base import EngineError
+from smearscope.engines.batching import plan_batches, run_batched
+from smearscope.engines.manifest import BatchProfile, ManifestError, load_manifest
+from smearscope.engines.registry import create_engine, engine_class
+from smearscope.engines.trt_cache import engine_filename, profile_shapes
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 needs_models = pytest.mark.skipif(not (MODELS / "rbc_head.json").exists(), reason="models/rbc_head.json not trained yet")

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import tifffile
 
-from service.ingest import DecodedImage, IngestError, IngestLimits, RejectReason, load_image
+from smearscope.service.ingest import (
+    DecodedImage,
+    IngestError,
+    IngestLimits,
+    RejectReason,
+    load_image,
+)
 
 FILE_LEVEL = {"not_found", "not_a_file", "empty_file"}
 
@@ -359,7 +365,7 @@ def test_os_read_error_is_unreadable(
     tmp_path: Path, field: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """chmod 000 does not stop root, so the OS refusal is simulated at the `open` call."""
-    from service import ingest
+    from smearscope.service.ingest import decode as ingest
 
     path = tmp_path / "a.png"
     path.write_bytes(hostile.encode(".png", field))

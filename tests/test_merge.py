@@ -1,4 +1,4 @@
-"""Rules of the cross-tile merge (service.merge), one situation per test."""
+"""Rules of the cross-tile merge (service.analysis.merge), one situation per test."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from service.merge import box_iou_ios, mask_window, merge_detections
-from service.records import Box, CellDetection, CellKind
+from smearscope.service.analysis.merge import box_iou_ios, mask_window, merge_detections
+from smearscope.service.analysis.records import Box, CellDetection, CellKind
 
 RBC, WBC, PLT = CellKind.RBC, CellKind.WBC, CellKind.PLATELET
 

@@ -11,7 +11,11 @@ from typing import Iterator
 
 import pytest
 
-from service.notify import ProgressWatchdog, SystemdNotifier, watchdog_interval_from_env
+from smearscope.service.station.notify import (
+    ProgressWatchdog,
+    SystemdNotifier,
+    watchdog_interval_from_env,
+)
 
 
 @pytest.fixture

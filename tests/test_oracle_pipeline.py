@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from oracle import OracleSegmenter
 
-from device.synthetic import SyntheticField, TruthCell, render_field
-from service.merge import mask_window, merge_detections
-from service.records import Box, CellDetection
-from service.tiling import make_tiles
+from smearscope.device.synthetic import SyntheticField, TruthCell, render_field
+from smearscope.service.analysis.merge import mask_window, merge_detections
+from smearscope.service.analysis.records import Box, CellDetection
+from smearscope.service.analysis.tiling import make_tiles
 
 TILE = 256
 WIDTH, HEIGHT = 600, 500

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from service.outbox import MessageKind, Outbox, OutboxLockedError
+from smearscope.service.mqtt.outbox import MessageKind, Outbox, OutboxLockedError
 
 
 def put(outbox: Outbox, kind: MessageKind, n: int, size: int = 10) -> int:
@@ -81,7 +81,7 @@ def test_over_message_bound_evicts_oldest_fields_and_never_reports(
         ]
         assert outbox.counts().evicted_fields == 2
 
-        with caplog.at_level(logging.ERROR, logger="service.outbox"):
+        with caplog.at_level(logging.ERROR, logger="smearscope.service.mqtt.outbox"):
             extra = [put(outbox, "report", 10 + i) for i in range(4)]
         kept = outbox.pending()
         assert [m.kind for m in kept] == ["report"] * 6, "fields go first, reports never"
@@ -145,7 +145,7 @@ def test_concurrent_puts_and_acks_from_threads(tmp_path: Path) -> None:
 _CHILD = textwrap.dedent(
     """
     import sys
-    from service.outbox import Outbox
+    from smearscope.service.mqtt.outbox import Outbox
     outbox = Outbox(sys.argv[1])
     i = 0
     while True:  # until SIGKILLed

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import tarfile
 
 import cv2
 import numpy as np
 
-from device.synthetic import render_field
+from smearscope.device.synthetic import render_field
 from training.pack_remote import pack_seg
 
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from device.synthetic import render_field
-from service.metrics import inside_fraction
+from smearscope.device.synthetic import render_field
+from smearscope.service.analysis.boxes import inside_fraction
 from training.pbc_pseudo import MIN_PEAK_OD, _iou, pseudo_boxes, violet_blobs
 
 MPP = 0.2

@@ -24,9 +24,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
-from service.mqtt_config import CredentialError, MqttConfig
-from service.outbox import Outbox
-from service.publisher import MqttPublisher
+from smearscope.service.config import MqttConfig
+from smearscope.service.mqtt.credentials import CredentialError, read_password
+from smearscope.service.mqtt.outbox import Outbox
+from smearscope.service.mqtt.publisher import MqttPublisher
 
 pytestmark = pytest.mark.broker
 
@@ -81,7 +82,7 @@ def started() -> Iterator[list[MqttPublisher]]:
 def start_publisher(
     config: MqttConfig, started: list[MqttPublisher], **kwargs: Any
 ) -> MqttPublisher:
-    publisher = MqttPublisher(config, STATION, config.outbox.open(), **kwargs)
+    publisher = MqttPublisher(config, STATION, Outbox.from_config(config.outbox), **kwargs)
     started.append(publisher)
     publisher.start()
     return publisher
@@ -218,7 +219,7 @@ def test_anonymous_connection_is_refused_and_reported(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = make_config(tmp_path, broker.port, username=None, password_credential=None)
-    with caplog.at_level(logging.ERROR, logger="service.publisher"):
+    with caplog.at_level(logging.ERROR, logger="smearscope.service.mqtt.publisher"):
         publisher = start_publisher(config, started)
         publisher.publish_report("report", "r1", b"{}", "1")
         assert wait_until(lambda: publisher.state.status == "refused", 5), publisher.state
@@ -253,11 +254,11 @@ def test_password_comes_only_from_credentials_directory(
     config = make_config(tmp_path, 1883)
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     with pytest.raises(CredentialError, match="LoadCredential=mqtt-password"):
-        config.read_password()
+        read_password(config)
     with pytest.raises(CredentialError, match="cannot read"):
-        config.read_password({"CREDENTIALS_DIRECTORY": str(tmp_path / "nowhere")})
+        read_password(config, {"CREDENTIALS_DIRECTORY": str(tmp_path / "nowhere")})
     (tmp_path / "mqtt-password").write_text("s3cret\n")
-    assert config.read_password({"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "s3cret"
+    assert read_password(config, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "s3cret"
     with Outbox(tmp_path / "o.db") as outbox, pytest.raises(CredentialError):
         MqttPublisher(config, STATION, outbox)
     with pytest.raises(ValidationError, match="password"):
@@ -406,7 +407,7 @@ def test_clean_stop_logs_no_error(
     """paho may find no socket after our own disconnect (a race in its loop); that is the stop,
     not an error. Several stops, so the race is likely to be met."""
     publisher = start_publisher(make_config(tmp_path, broker.port), started)
-    with caplog.at_level(logging.DEBUG, logger="service.publisher"):
+    with caplog.at_level(logging.DEBUG, logger="smearscope.service.mqtt.publisher"):
         for _ in range(3):
             if publisher.state.status == "stopped":
                 publisher.start()
@@ -423,7 +424,7 @@ def test_broker_outage_and_reconnect_log_a_warning_not_an_error(
     started: list[MqttPublisher],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="service.publisher"):
+    with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt.publisher"):
         publisher = start_publisher(make_config(tmp_path, broker.port), started)
         assert publisher.wait_until_connected(5)
         broker.stop()
@@ -450,10 +451,10 @@ def test_socket_reset_while_connected_is_a_warning_other_paho_errors_stay_errors
 
     publisher = start_publisher(make_config(tmp_path, broker.port), started)
     assert publisher.wait_until_connected(5)
-    with caplog.at_level(logging.DEBUG, logger="service.publisher"):
+    with caplog.at_level(logging.DEBUG, logger="smearscope.service.mqtt.publisher"):
         publisher._on_log(None, None, LogLevel.MQTT_LOG_ERR, "failed to receive on socket: [Errno 104] Connection reset by peer")
         publisher._on_log(None, None, LogLevel.MQTT_LOG_ERR, "Caught exception in on_connect: boom")
-    levels = {r.getMessage().split(":")[0]: r.levelno for r in caplog.records if r.name == "service.publisher.paho"}
+    levels = {r.getMessage().split(":")[0]: r.levelno for r in caplog.records if r.name == "smearscope.service.mqtt.publisher.paho"}
     assert levels == {"failed to receive on socket": logging.WARNING, "Caught exception in on_connect": logging.ERROR}
 
 
@@ -474,8 +475,8 @@ def test_other_paho_errors_stay_errors(
     assert client is not None
     client.suppress_exceptions = True  # log it and go on, rather than end paho's thread
     client.on_subscribe = broken_on_subscribe
-    with caplog.at_level(logging.ERROR, logger="service.publisher"):
+    with caplog.at_level(logging.ERROR, logger="smearscope.service.mqtt.publisher"):
         client.subscribe(f"{BASE}/anything", qos=1)
         assert wait_until(lambda: bool(_errors(caplog)), 5)
-    assert any("service.publisher.paho: Caught exception in on_subscribe" in e
+    assert any("smearscope.service.mqtt.publisher.paho: Caught exception in on_subscribe" in e
                for e in _errors(caplog)), _errors(caplog)

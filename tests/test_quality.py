@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from device.frame import Frame
-from device.quality import (
+from smearscope.device import synthetic
+from smearscope.device.frame import Frame
+from smearscope.device.quality import (
     DUPLICATE_FRAME_ID,
     EMPTY_FIELD,
     OUT_OF_FOCUS,
@@ -21,10 +22,6 @@ from device.quality import (
     UNDEREXPOSED,
     QualityGate,
     QualityGateConfig,
-)
-
-synthetic = pytest.importorskip(
-    "device.synthetic", reason="device/synthetic.py not in the tree yet"
 )
 
 

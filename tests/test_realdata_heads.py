@@ -1,5 +1,5 @@
 """The committed heads are the ones their manifests describe: each head's held-out figures,
-measured the way the analyzer runs it (service.classify: the manifest's test-time views and
+measured the way the analyzer runs it (service.analysis.classify: the manifest's test-time views and
 temperature), are the figures written in its manifest, and meet the issue's bars where they do."""
 
 from __future__ import annotations

@@ -7,10 +7,16 @@ from __future__ import annotations
 import numpy as np
 from oracle import OracleSegmenter
 
-from device.synthetic import render_field
-from engines.manifest import BatchProfile, CropInfo, ModelManifest, Preprocessing, TensorSpec
-from service.classify import CropClassifier
-from service.pipeline import Analyzer
+from smearscope.device.synthetic import render_field
+from smearscope.engines.manifest import (
+    BatchProfile,
+    CropInfo,
+    ModelManifest,
+    Preprocessing,
+    TensorSpec,
+)
+from smearscope.service.analysis.classify import CropClassifier
+from smearscope.service.analysis.pipeline import Analyzer
 
 WBC_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 

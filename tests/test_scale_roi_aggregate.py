@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.synthetic import render_field
-from service.aggregate import aggregate, wilson_interval
-from service.crops import RBC_CROP, WBC_CROP, CropSpec, crop_cell
-from service.records import Box, CellDetection, CellKind, ClassifiedCell
-from service.report import report_json_schema
-from service.roi import RoiFilter, route
-from service.scale import (
+from smearscope.device.synthetic import render_field
+from smearscope.service.analysis.aggregate import aggregate, wilson_interval
+from smearscope.service.analysis.crops import RBC_CROP, WBC_CROP, CropSpec, crop_cell
+from smearscope.service.analysis.records import Box, CellDetection, CellKind, ClassifiedCell
+from smearscope.service.analysis.report import report_json_schema
+from smearscope.service.analysis.roi import RoiFilter, route
+from smearscope.service.analysis.scale import (
     CANONICAL_UM_PER_PX,
     estimate_scale_classical,
     resample_to_canonical,
@@ -89,7 +89,7 @@ def test_roi_candidates_are_plausible_cells_below_the_confidence_only():
 
 
 def test_overlay_marks_candidates_only_at_their_box_corners():
-    from service.overlay import draw_overlay
+    from smearscope.service.analysis.overlay import draw_overlay
 
     img = np.full((200, 300, 3), 255, np.uint8)
     cand = _det(CellKind.WBC, 50, 40, 90, 80, score=0.3)  # canonical px; the input is 2x larger

@@ -8,11 +8,23 @@ from collections.abc import Mapping
 
 import pytest
 
-from service.classify import UNIDENTIFIED
-from service.pipeline import FieldResult
-from service.records import Box, CellDetection, CellKind, ClassifiedCell
-from service.report import CellRecord, Counts, ImageInfo, Report, SizeStats, SourceInfo
-from service.specimen import RunAlreadyOpen, SpecimenPolicy, SpecimenRun, SpecimenTracker
+from smearscope.service.analysis.classify import UNIDENTIFIED
+from smearscope.service.analysis.pipeline import FieldResult
+from smearscope.service.analysis.records import Box, CellDetection, CellKind, ClassifiedCell
+from smearscope.service.analysis.report import (
+    CellRecord,
+    Counts,
+    ImageInfo,
+    Report,
+    SizeStats,
+    SourceInfo,
+)
+from smearscope.service.station.specimen import (
+    RunAlreadyOpen,
+    SpecimenPolicy,
+    SpecimenRun,
+    SpecimenTracker,
+)
 
 
 class FakeClock:
@@ -180,7 +192,7 @@ def test_the_same_field_is_counted_once() -> None:
 
 
 def test_policy_from_station_config_defaults_auto_start() -> None:
-    from service.config import SpecimenConfig
+    from smearscope.service.config import SpecimenConfig
 
     policy = SpecimenPolicy.from_config(SpecimenConfig(target_wbc_count=200, idle_timeout_s=90))
     assert policy == SpecimenPolicy(target_wbc=200, idle_timeout_s=90.0, auto_start=True)

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
-from service.stain import (
+from smearscope.service.analysis.stain import (
     DEFAULT_REFERENCE_FILE,
     MacenkoNormalizer,
     PassThroughNormalizer,
@@ -303,8 +303,8 @@ def test_reference_validation_and_round_trip() -> None:
 def test_daemon_imports_stay_torch_free() -> None:
     code = (
         "import sys, numpy as np\n"
-        "import service.ingest, service.stain\n"
-        "service.stain.create_normalizer('macenko').normalize(np.full((64, 64, 3), 200, np.uint8))\n"
+        "import smearscope.service.ingest, smearscope.service.analysis.stain as stain\n"
+        "stain.create_normalizer('macenko').normalize(np.full((64, 64, 3), 200, np.uint8))\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchstain')]\n"
         "assert not bad, bad\n"
     )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device.frame import Frame
-from device.synthetic import (
+from smearscope.device.frame import Frame
+from smearscope.device.synthetic import (
     RBC_MORPHOLOGIES,
     WBC_SUBTYPES,
     StainParams,

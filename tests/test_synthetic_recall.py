@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from device.synthetic import render_field
-from service.demo import score_cells
-from service.pipeline import Analyzer
+from smearscope.cli.demo import score_cells
+from smearscope.device.synthetic import render_field
+from smearscope.service.analysis.pipeline import Analyzer
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (ROOT / "models" / "seg.json").exists(), reason="models/seg.json not present")

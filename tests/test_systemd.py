@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
-from service.config import EXIT_CONFIG
+from smearscope.service.config import EXIT_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "smearscope.service"

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.manifest import BatchProfile, ModelManifest, TensorSpec
-from export.tensorrt_build import calibration_batches, trtexec_command
+from smearscope.engines.manifest import BatchProfile, ModelManifest, TensorSpec
+from smearscope.export.tensorrt_build import calibration_batches, trtexec_command
 
 
 def _manifest(size=40):
@@ -43,7 +43,7 @@ def test_build_all_without_tensorrt_says_so(tmp_path, capsys):
         pytest.skip("TensorRT present")
     except ImportError:
         pass
-    from export.tensorrt_build import build_all
+    from smearscope.export.tensorrt_build import build_all
 
     assert build_all(tmp_path, tmp_path) == 1
     assert "jetson extra" in capsys.readouterr().out

@@ -20,11 +20,11 @@ import pytest
 
 from bench import trt_standin
 from bench.trt_standin import HostCudaApi
-from engines.base import EngineError
-from engines.batching import run_batched
-from engines.cuda_api import cuda_api
-from engines.onnxruntime_engine import OnnxRuntimeEngine
-from engines.tensorrt_engine import TensorRtEngine
+from smearscope.engines.base import EngineError
+from smearscope.engines.batching import run_batched
+from smearscope.engines.cuda_api import cuda_api
+from smearscope.engines.onnxruntime_engine import OnnxRuntimeEngine
+from smearscope.engines.tensorrt_engine import TensorRtEngine
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 pytestmark = pytest.mark.skipif(not (MODELS / "seg.json").exists(), reason="models not trained yet")
@@ -209,8 +209,8 @@ def test_cuda_api_names():
 
 
 def test_pipeline_on_the_tensorrt_backend_reports_what_onnxruntime_reports(tmp_path):
-    from device.synthetic import render_field
-    from service.pipeline import MODEL_FILES, Analyzer
+    from smearscope.device.synthetic import render_field
+    from smearscope.service.analysis.pipeline import MODEL_FILES, Analyzer
 
     for f in MODEL_FILES.values():
         trt_standin.write_engine(MODELS / f, tmp_path)

@@ -1,11 +1,17 @@
-"""Tiling geometry (service.tiling): coverage, full-size tiles, overlap, padding, skipping."""
+"""Tiling geometry (service.analysis.tiling): coverage, full-size tiles, overlap, padding, skipping."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from service.tiling import PAD_VALUE, is_background, make_tiles, tile_grid, tile_starts
+from smearscope.service.analysis.tiling import (
+    PAD_VALUE,
+    is_background,
+    make_tiles,
+    tile_grid,
+    tile_starts,
+)
 
 TILE = 256
 SIZES = [(256, 256), (257, 300), (600, 500), (1280, 960), (513, 1000), (4000, 300)]

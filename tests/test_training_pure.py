@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from realdata import DATA
 
-from service.crops import RBC_CROP, CropSpec
+from smearscope.service.analysis.crops import RBC_CROP, CropSpec
 from training import head_data as hd
 from training.evaluate import head_crop, idb1_set
 from training.interpolate_seg import blend_state
-
-from realdata import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_idb1 = pytest.mark.skipif(not (DATA / "erythrocytesidb1" / "train" / "circular").is_dir(),
@@ -32,8 +31,8 @@ def test_idb1_val_split_is_seeded_disjoint_and_complete(n):
 
 
 def test_evaluation_cuts_the_crop_the_analyzer_cuts():
-    from engines.registry import create_engine
-    from service.classify import CropClassifier
+    from smearscope.engines.registry import create_engine
+    from smearscope.service.analysis.classify import CropClassifier
 
     manifest = ROOT / "models" / "rbc_head.json"
     head = CropClassifier(create_engine("onnxruntime", manifest).load(), min_confidence=0.5)
@@ -84,8 +83,8 @@ def test_blend_state_refuses_alpha_outside_unit_interval():
 
 
 def test_confusion_table_rows_are_truth_and_drops_empty_classes():
-    from service.metrics import classification_report
     from training.evaluate import confusion_table
+    from training.metrics import classification_report
 
     rep = classification_report(np.array([0, 0, 0, 2]), np.array([0, 2, 2, 2]), ["normal", "sickle", "target"])
     lines = confusion_table(rep).splitlines()
@@ -125,7 +124,7 @@ def test_head_views_choice_is_the_smallest_set_within_tolerance_of_the_best():
 
 
 def test_detection_confusion_pairs_by_iou_and_counts_misses_and_extras():
-    from service.metrics import detection_confusion
+    from training.metrics import detection_confusion
 
     classes = ("rbc", "wbc", "platelet")
     item = {
@@ -147,7 +146,7 @@ def test_detection_confusion_pairs_by_iou_and_counts_misses_and_extras():
 
 
 def test_detection_confusion_pairs_the_best_overlap_not_the_best_score():
-    from service.metrics import detection_confusion
+    from training.metrics import detection_confusion
 
     classes = ("rbc", "wbc", "platelet")
     truth = [("rbc", [0, 0, 10, 10])]

@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from device.synthetic import render_field
-from service.merge import mask_window
-from service.records import Box, CellDetection, CellKind
-from service.tta import VIEWS, check_views, fuse_views, unview, view_frame
+from smearscope.device.synthetic import render_field
+from smearscope.service.analysis.merge import mask_window
+from smearscope.service.analysis.records import Box, CellDetection, CellKind
+from smearscope.service.analysis.tta import VIEWS, check_views, fuse_views, unview, view_frame
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -108,8 +108,8 @@ def test_unknown_views_are_refused():
 def test_pipeline_with_all_four_views_is_equivariant_to_flipping_the_input():
     """{identity, hflip, vflip, rot180} is closed under flips: analyzing a mirrored frame runs the
     detector on the same four images, so every cell must come back mirrored (real models)."""
-    from device.frame import Frame
-    from service.pipeline import Analyzer, AnalyzerOptions
+    from smearscope.device.frame import Frame
+    from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
 
     field = render_field(11, width=420, height=330, n_wbc=1)
     analyzer = Analyzer.from_models_dir(MODELS, warmup=False, options=AnalyzerOptions(detector_views=VIEWS))
@@ -140,11 +140,11 @@ def test_pipeline_with_all_four_views_is_equivariant_to_flipping_the_input():
 def test_head_views_average_the_logits_of_flipped_crops_and_make_flips_invisible(caplog):
     """A head's views (manifest `tta`) are each crop flipped, run in one batch, logits averaged;
     with the flip-closed set of four, mirroring every crop cannot change a result (real RBC head)."""
-    from engines.registry import create_engine
-    from service.classify import CropClassifier
-    from service.crops import CropSpec, crop_cell
-    from service.scale import resample_factor, resample_to_canonical
-    from service.tta import view_crops
+    from smearscope.engines.registry import create_engine
+    from smearscope.service.analysis.classify import CropClassifier
+    from smearscope.service.analysis.crops import CropSpec, crop_cell
+    from smearscope.service.analysis.scale import resample_factor, resample_to_canonical
+    from smearscope.service.analysis.tta import view_crops
 
     engine = create_engine("onnxruntime", MODELS / "rbc_head.json").load()
     try:
@@ -171,8 +171,8 @@ def test_head_views_average_the_logits_of_flipped_crops_and_make_flips_invisible
 
 @pytest.mark.skipif(not (MODELS / "rbc_head.onnx").exists(), reason="committed models absent")
 def test_a_single_view_head_runs_in_that_view_and_an_empty_batch_is_empty():
-    from engines.registry import create_engine
-    from service.classify import CropClassifier
+    from smearscope.engines.registry import create_engine
+    from smearscope.service.analysis.classify import CropClassifier
 
     engine = create_engine("onnxruntime", MODELS / "rbc_head.json").load()
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.records import Tile
-from service.yolo_decode import decode_tile, nms
+from smearscope.service.analysis.records import Tile
+from smearscope.service.analysis.yolo_decode import decode_tile, nms
 
 
 def _pred(anchors, n_classes=3, n_masks=32):
@@ -57,7 +57,12 @@ class _FakeEngine:
     """Stands in for an engine: returns a fixed raw output per tile (decode is what is tested)."""
 
     def __init__(self, pred):
-        from engines.manifest import BatchProfile, ModelManifest, Preprocessing, TensorSpec
+        from smearscope.engines.manifest import (
+            BatchProfile,
+            ModelManifest,
+            Preprocessing,
+            TensorSpec,
+        )
 
         self.pred = pred
         self.manifest = ModelManifest(
@@ -74,7 +79,7 @@ class _FakeEngine:
 
 
 def test_segmenter_maps_to_frame_coordinates_and_flags_cut_cells():
-    from service.yolo_decode import YoloSegmenter
+    from smearscope.service.analysis.yolo_decode import YoloSegmenter
 
     coeff = np.zeros(32, np.float32)
     pred = _pred([(100, 100, 40, 40, 0, 0.9, coeff), (240, 100, 30, 30, 1, 0.8, coeff)])
@@ -88,7 +93,7 @@ def test_segmenter_maps_to_frame_coordinates_and_flags_cut_cells():
 
 
 def test_platt_calibration_maps_scores_and_threshold_uses_calibrated_score():
-    from service.yolo_decode import YoloSegmenter, platt
+    from smearscope.service.analysis.yolo_decode import YoloSegmenter, platt
 
     assert platt(0.3, 1.0, 0.0) == pytest.approx(0.3)
     assert platt(0.4, 1.0, 1.0) > 0.5 > platt(0.6, 1.0, -1.0)

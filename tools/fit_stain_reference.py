@@ -20,8 +20,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from service.ingest import IngestError, load_image
-from service.stain import DEFAULT_REFERENCE_FILE, MacenkoNormalizer, StainReference
+from smearscope.service.analysis.stain import (
+    DEFAULT_REFERENCE_FILE,
+    MacenkoNormalizer,
+    StainReference,
+)
+from smearscope.service.ingest import IngestError, load_image
 
 logger = logging.getLogger("fit_stain_reference")
 

@@ -18,10 +18,9 @@ import logging
 import sys
 from pathlib import Path
 
-from device.frame import Frame
-from service.ingest import load_image
-from service.pipeline import DEFAULT_MODELS_DIR, Analyzer, AnalyzerOptions
-
+from smearscope.device.frame import Frame
+from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR, Analyzer, AnalyzerOptions
+from smearscope.service.ingest import load_image
 from training.data import bccd_image_path, bccd_microns_per_pixel, bccd_split
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
     python -m training.calibrate_head --head rbc
     python -m training.calibrate_head --head rbc --candidates identity identity,hflip --write
 
-Each candidate view set (service.tta: each crop flipped, logits averaged, as the analyzer runs
+Each candidate view set (service.analysis.tta: each crop flipped, logits averaged, as the analyzer runs
 it) is scored on the head's validation crops by macro-F1 (the split `train_head` selects on:
 for the RBC head Chula val + IDB1 train's 15 % + rendered cells). The choice is the SMALLEST set
 within `--tolerance` of the best one (every view costs one more head run per cell). With
@@ -19,15 +19,13 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
-from engines.manifest import load_manifest
-from engines.registry import create_engine
-from export.onnx_export import write_manifest
-from service.classify import CropClassifier
-from service.crops import CropSpec
-from service.metrics import classification_report, fit_temperature
+from smearscope.engines.manifest import load_manifest
+from smearscope.engines.registry import create_engine
+from smearscope.export.onnx_export import write_manifest
+from smearscope.service.analysis.classify import CropClassifier
+from smearscope.service.analysis.crops import CropSpec
 from training import head_data as hd
+from training.metrics import classification_report, fit_temperature
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +44,13 @@ def main() -> None:
     ap.add_argument("--head", choices=("rbc", "wbc"), required=True)
     ap.add_argument("--models", type=Path, default=Path("models"))
     ap.add_argument("--candidates", nargs="+", default=list(DEFAULT_CANDIDATES),
-                    help="view sets, each comma-separated (service.tta views)")
+                    help="view sets, each comma-separated (service.analysis.tta views)")
     ap.add_argument("--tolerance", type=float, default=0.002, help="macro-F1 a smaller view set may give up")
     ap.add_argument("--write", action="store_true", help="update the manifest (tta, temperature, test metrics)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # every candidate runs off the manifest's calibration on purpose: that is what is being refitted
-    logging.getLogger("service.classify").setLevel(logging.ERROR)
+    logging.getLogger("smearscope.service.analysis.classify").setLevel(logging.ERROR)
     path = args.models / f"{args.head}_head.json"
     engine = create_engine("onnxruntime", path).load()
     m = engine.manifest

@@ -29,13 +29,20 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from device.frame import Frame
-from service.metrics import greedy_matches
-from engines.registry import create_engine
-from service.pipeline import Analyzer, AnalyzerOptions
-from service.roi import RoiFilter
-from service.yolo_decode import YoloSegmenter
-from training.data import bccd_boxes, bccd_image_path, bccd_microns_per_pixel, bccd_split, txl_boxes, txl_images
+from smearscope.device.frame import Frame
+from smearscope.engines.registry import create_engine
+from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
+from smearscope.service.analysis.roi import RoiFilter
+from smearscope.service.analysis.yolo_decode import YoloSegmenter
+from training.data import (
+    bccd_boxes,
+    bccd_image_path,
+    bccd_microns_per_pixel,
+    bccd_split,
+    txl_boxes,
+    txl_images,
+)
+from training.metrics import greedy_matches
 
 logger = logging.getLogger(__name__)
 

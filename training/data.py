@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.scale import scale_from_rbc_diameters
+from smearscope.service.analysis.scale import scale_from_rbc_diameters
 
 SPLIT_SEED = 20261126
 

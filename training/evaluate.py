@@ -27,18 +27,26 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from device.frame import Frame
-from engines.registry import create_engine
-from engines.manifest import load_manifest
-from service.classify import CropClassifier
-from service.crops import WBC_CROP, CropSpec
-from service.ingest import IngestError, load_image
-from service.metrics import classification_report, detection_confusion, detection_map50, softmax
-from service.pipeline import Analyzer, AnalyzerOptions
-from service.roi import RoiFilter
+from smearscope.device.frame import Frame
+from smearscope.engines.manifest import load_manifest
+from smearscope.engines.registry import create_engine
+from smearscope.service.analysis.classify import CropClassifier
+from smearscope.service.analysis.crops import WBC_CROP, CropSpec
+from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
+from smearscope.service.analysis.roi import RoiFilter
+from smearscope.service.ingest import IngestError, load_image
 from training import head_data as hd
-from training.data import (bccd_boxes, bccd_image_path, bccd_microns_per_pixel, bccd_split, bccd_wbc_types, data_root,
-                           txl_boxes, txl_images)
+from training.data import (
+    bccd_boxes,
+    bccd_image_path,
+    bccd_microns_per_pixel,
+    bccd_split,
+    bccd_wbc_types,
+    data_root,
+    txl_boxes,
+    txl_images,
+)
+from training.metrics import classification_report, detection_confusion, detection_map50, softmax
 
 logger = logging.getLogger(__name__)
 SEG_KINDS = ("rbc", "wbc", "platelet")
@@ -60,7 +68,7 @@ def cli_analyze(paths: list[Path], models: Path, stain: str, mpp: float | None, 
     with tempfile.TemporaryDirectory() as tmp:
         listing, dets = Path(tmp) / "images.txt", Path(tmp) / "detections.jsonl"
         listing.write_text("".join(f"{p}\n" for p in paths))
-        cmd = [sys.executable, "-m", "service.cli", "analyze", f"@{listing}", "--json", "--models", str(models),
+        cmd = [sys.executable, "-m", "smearscope", "analyze", f"@{listing}", "--json", "--models", str(models),
                "--stain", stain, "--detections", str(dets), "--detections-floor", str(ALL_CONF), "--backend", backend]
         if mpp is not None:
             cmd += ["--microns-per-pixel", str(mpp)]
@@ -187,7 +195,7 @@ def eval_head(manifest: Path, images: np.ndarray, labels: np.ndarray, classes,
               backend: str = "onnxruntime") -> tuple[dict, np.ndarray, list[str]]:
     """Head metrics by class NAME, so a model whose class list differs from the adapter's still
     evaluates honestly (a label the model cannot output counts as an error). The crops run as
-    the analyzer runs them (service.classify: the manifest's test-time views, its temperature)."""
+    the analyzer runs them (service.analysis.classify: the manifest's test-time views, its temperature)."""
     eng = create_engine(backend, manifest).load()
     logits = CropClassifier(eng, 0.0).logits(images)
     eng.close()

@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from service.records import SEG_CLASSES
+from smearscope.service.analysis.records import SEG_CLASSES
 from training.env import offline_ultralytics
 
 
@@ -24,7 +24,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     offline_ultralytics(Path("build"))
-    from export.onnx_export import export_yolo_seg
+    from smearscope.export.onnx_export import export_yolo_seg
 
     meta = json.loads(args.seg_data.read_text()) if args.seg_data.exists() else {}
     metrics = json.loads(args.metrics.read_text()) if args.metrics else {}

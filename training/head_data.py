@@ -3,23 +3,35 @@
 WBC head: PBC single-cell crops (8 folders), seeded stratified 80/10/10 split.
 RBC head: Chula RBC-12 cell centres (split by IMAGE, 80/10/10) plus erythrocytesIDB1 sickle
 crops (its own `train/` and `test/` folders; `test/` is held out).
-Every crop goes through `service.scale.resample_to_canonical` and `service.crops.crop_cell`.
+Every crop goes through `service.analysis.scale.resample_to_canonical` and `service.analysis.crops.crop_cell`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from service.crops import RBC_CROP, WBC_CROP, CropSpec, crop_cell
-from service.metrics import classification_report
-from service.scale import NORMAL_RBC_DIAMETER_UM, resample_to_canonical, scale_from_rbc_diameters
-from training.data import bccd_boxes, bccd_image_path, bccd_microns_per_pixel, bccd_split, bccd_wbc_types, data_root, seeded_split, split_hash
+from smearscope.service.analysis.crops import RBC_CROP, WBC_CROP, CropSpec, crop_cell
+from smearscope.service.analysis.scale import (
+    NORMAL_RBC_DIAMETER_UM,
+    resample_to_canonical,
+    scale_from_rbc_diameters,
+)
+from training.data import (
+    bccd_boxes,
+    bccd_image_path,
+    bccd_microns_per_pixel,
+    bccd_split,
+    bccd_wbc_types,
+    data_root,
+    seeded_split,
+    split_hash,
+)
+from training.metrics import classification_report
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +235,7 @@ def synthetic_rbc_crops(n_fields: int, seed_base: int, spec: CropSpec = RBC_CROP
 
     Cells cut by the frame edge are skipped; stain varies per field.
     """
-    from device.synthetic import StainParams, render_field
+    from smearscope.device.synthetic import StainParams, render_field
 
     crops, labels, groups = [], [], []
     for i in range(n_fields):

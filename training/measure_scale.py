@@ -31,8 +31,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from device.frame import Frame
-from service.scale import scale_from_rbc_diameters
+from smearscope.device.frame import Frame
+from smearscope.service.analysis.scale import scale_from_rbc_diameters
 from training import head_data as hd
 
 NOMINAL_CHULA_UM_PER_PX = 0.23  # datasets README
@@ -70,7 +70,7 @@ def _measure(models: Path, images: list[tuple[str, Path]], source: str, at_um_pe
              diameters_of) -> tuple[float, int]:
     """Run the analyzer on each image told `at_um_per_px`; `diameters_of(boxes, image_id, width, height)`
     picks the confident red-cell boxes that count and returns their diameters in image pixels."""
-    from service.pipeline import Analyzer
+    from smearscope.service.analysis.pipeline import Analyzer
 
     analyzer = Analyzer.from_models_dir(models, warmup=False)
     diam: list[float] = []

@@ -22,8 +22,12 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from service.metrics import box_iou, inside_fraction
-from service.scale import CANONICAL_UM_PER_PX, resample_factor, resample_to_canonical
+from smearscope.service.analysis.boxes import box_iou, inside_fraction
+from smearscope.service.analysis.scale import (
+    CANONICAL_UM_PER_PX,
+    resample_factor,
+    resample_to_canonical,
+)
 from training.data import BoxAnnotation
 
 PLATELET_DIAMETER_UM = (1.2, 9.0)  # equivalent-circle diameter of a blob kept as a platelet

@@ -19,10 +19,17 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from service.records import SEG_CLASSES
-from service.scale import resample_factor, resample_to_canonical
-from service.tiling import PAD_VALUE
-from training.data import bccd_boxes, bccd_dir, bccd_image_path, bccd_microns_per_pixel, bccd_split, split_hash
+from smearscope.service.analysis.records import SEG_CLASSES
+from smearscope.service.analysis.scale import resample_factor, resample_to_canonical
+from smearscope.service.analysis.tiling import PAD_VALUE
+from training.data import (
+    bccd_boxes,
+    bccd_dir,
+    bccd_image_path,
+    bccd_microns_per_pixel,
+    bccd_split,
+    split_hash,
+)
 from training.pseudo_masks import mask_polygon, pseudo_mask
 
 logger = logging.getLogger(__name__)
@@ -67,7 +74,7 @@ def txl_fields(split: str):
     TXL-PBC mixes sources at different magnifications, so no single scale fits the set. Its test
     split is never written here (held out, and disjoint from BCCD/PBC: the duplicates were removed).
     """
-    from service.scale import scale_from_rbc_diameters
+    from smearscope.service.analysis.scale import scale_from_rbc_diameters
     from training.data import txl_boxes, txl_dir, txl_images
 
     for img_path in txl_images(split):
@@ -91,8 +98,8 @@ def pbc_fields(n_platelet: int, n_wbc_per_class: int, n_erythroblast: int, model
     """
     import random
 
-    from device.frame import Frame
-    from service.pipeline import Analyzer
+    from smearscope.device.frame import Frame
+    from smearscope.service.analysis.pipeline import Analyzer
     from training.data import data_root
     from training.head_data import PBC_CLASSES, PBC_MICRONS_PER_PIXEL, pbc_splits
     from training.pbc_pseudo import pseudo_boxes
@@ -118,7 +125,7 @@ def pbc_fields(n_platelet: int, n_wbc_per_class: int, n_erythroblast: int, model
 
 def write_synthetic(seed: int, tile: int, out: Path, split: str) -> None:
     """A rendered field at the canonical scale with its exact instance masks as polygons."""
-    from device.synthetic import StainParams, render_field
+    from smearscope.device.synthetic import StainParams, render_field
 
     rng = np.random.default_rng(seed)
     field = render_field(seed, width=tile, height=tile, microns_per_pixel=0.2, stain=StainParams.sample(rng),

@@ -22,9 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from service.crops import RBC_CROP, WBC_CROP, CropSpec
+from smearscope.service.analysis.crops import RBC_CROP, WBC_CROP, CropSpec
 from training import head_data as hd
-from service.metrics import classification_report, fit_temperature
+from training.metrics import classification_report, fit_temperature
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def main() -> None:
         "erythrocytesidb1": f"falciforme (sickle), circular (normal) and outras (other_poikilocyte) crops of train/ (85/15 train/val); "
                             f"test/ held out; scale {sets['idb1_mpp']:.4f} um/px"}
     logger.info("held-out test: %s", json.dumps({k: v for k, v in metrics["test"].items() if k in ("accuracy", "macro_f1", "ece")}))
-    from export.onnx_export import export_classifier
+    from smearscope.export.onnx_export import export_classifier
 
     export_classifier(
         model.cpu().eval(), name=f"{args.head}_head", classes=list(classes), crop=crop, arch=arch,

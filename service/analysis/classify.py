@@ -1,0 +1,77 @@
+"""Stage 8: classify crops with a head engine, in batches, with calibrated confidence.
+
+Each crop runs in the head's test-time views (manifest `tta`, service.analysis.tta) and the views' logits
+are averaged. Softmax uses the manifest's calibration temperature, fitted for those views; a cell
+whose top probability is below the head's threshold becomes UNIDENTIFIED (sent for human
+review), never a guessed class.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from smearscope.engines.base import Engine
+from smearscope.engines.batching import run_batched
+from smearscope.engines.preprocess import to_model_input
+from smearscope.service.analysis.crops import CropSpec
+from smearscope.service.analysis.records import CellCrop
+from smearscope.service.analysis.tta import check_views, view_crops
+
+logger = logging.getLogger(__name__)
+
+UNIDENTIFIED = "unidentified"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, K) logits, shifted by each row's maximum for stability."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class HeadResult:
+    label: str
+    score: float
+
+
+class CropClassifier:
+    def __init__(self, engine: Engine, min_confidence: float, views: Sequence[str] | None = None) -> None:
+        self.engine = engine
+        m = engine.manifest
+        if m.crop is None:
+            raise ValueError(f"{m.name}: classifier manifest lacks crop geometry")
+        self.crop_spec = CropSpec(extent_um=m.crop.extent_um, input_size=m.crop.input_size)
+        self.classes = list(m.classes)
+        self.temperature = m.temperature
+        self.min_confidence = min_confidence
+        #: Test-time views of each crop; the temperature was fitted for the manifest's (m.tta).
+        self.views = check_views(m.tta if views is None else views)
+        if self.views != tuple(m.tta):
+            logger.warning("%s runs in views %s but its temperature was fitted for %s: confidences are "
+                           "off their calibration", m.name, "+".join(self.views), "+".join(m.tta))
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """Logits (N, classes) of N crops (N, S, S, 3 uint8 BGR), averaged over the views.
+
+        All views go to the engine in one batched run (a larger batch, not more runs)."""
+        n = len(pixels)
+        stacked = pixels if self.views == ("identity",) else np.concatenate([view_crops(pixels, v) for v in self.views])
+        out = run_batched(self.engine, to_model_input(stacked, self.engine.manifest.preprocessing))
+        logits = out[self.engine.output_names[0]]
+        return logits.reshape(len(self.views), n, logits.shape[-1]).mean(0)
+
+    def classify(self, crops: Sequence[CellCrop]) -> list[HeadResult]:
+        if not crops:
+            return []
+        probs = softmax(self.logits(np.stack([c.pixels for c in crops])) / self.temperature)
+        idx = probs.argmax(1)
+        out = []
+        for i, k in enumerate(idx):
+            p = float(probs[i, k])
+            out.append(HeadResult(self.classes[k] if p >= self.min_confidence else UNIDENTIFIED, p))
+        return out

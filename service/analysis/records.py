@@ -1,0 +1,107 @@
+"""Frozen records passed between pipeline stages (one-way data flow).
+
+All coordinates are in CANONICAL pixels (see `service.analysis.scale.CANONICAL_UM_PER_PX`) unless a
+field name says otherwise; the report maps them back to input-image pixels at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+
+class CellKind(str, Enum):
+    RBC = "rbc"
+    WBC = "wbc"
+    PLATELET = "platelet"
+
+
+#: Class order of the segmentation model's outputs.
+SEG_CLASSES: tuple[CellKind, ...] = (CellKind.RBC, CellKind.WBC, CellKind.PLATELET)
+
+
+@dataclass(frozen=True)
+class Box:
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    @property
+    def width(self) -> float:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> float:
+        return self.y1 - self.y0
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.width) * max(0.0, self.height)
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return (self.x0 + self.x1) / 2.0, (self.y0 + self.y1) / 2.0
+
+    def shifted(self, dx: float, dy: float) -> "Box":
+        return Box(self.x0 + dx, self.y0 + dy, self.x1 + dx, self.y1 + dy)
+
+    def scaled(self, factor: float) -> "Box":
+        return Box(self.x0 * factor, self.y0 * factor, self.x1 * factor, self.y1 * factor)
+
+    def as_list(self) -> list[float]:
+        return [self.x0, self.y0, self.x1, self.y1]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A window of the canonical frame: `pixels` is tile_size x tile_size, `x`/`y` its offset."""
+
+    index: int
+    x: int
+    y: int
+    pixels: np.ndarray
+
+
+@dataclass(frozen=True)
+class CellDetection:
+    """One cell found by the segmentation model, in canonical frame coordinates.
+
+    `mask` is a boolean array covering `box` (rounded outward to whole pixels: rows
+    int(y0)..ceil(y1), cols int(x0)..ceil(x1)), or None when the engine gives boxes only.
+    `cut_by_tile_edge` marks a detection that touches an interior tile border, i.e. may be a
+    partial cell; the merge step prefers whole views of the same cell.
+    """
+
+    kind: CellKind
+    box: Box
+    score: float
+    mask: np.ndarray | None = None
+    tile_index: int = -1
+    cut_by_tile_edge: bool = False
+
+    @property
+    def mask_area_px(self) -> float:
+        return float(self.mask.sum()) if self.mask is not None else self.box.area * np.pi / 4.0
+
+
+@dataclass(frozen=True)
+class CellCrop:
+    """A fixed-physical-extent crop around one detection, ready for a classifier head."""
+
+    detection: CellDetection
+    pixels: np.ndarray
+
+
+@dataclass(frozen=True)
+class ClassifiedCell:
+    detection: CellDetection
+    label: str | None
+    label_score: float | None
+    diameter_um: float
+    area_um2: float
+    touches_frame_edge: bool = False
+    #: The detector's kind when a head re-assigned the cell (e.g. a "WBC" the WBC head typed as a platelet).
+    detected_as: CellKind | None = None

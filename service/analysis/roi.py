@@ -1,0 +1,65 @@
+"""Stage 7: filter detections and route them to the classifier heads.
+
+Thresholds are physical (um^2 at the canonical scale), so they mean the same whatever the camera.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from smearscope.service.analysis.crops import CropSpec, crop_cell
+from smearscope.service.analysis.records import CellCrop, CellDetection, CellKind
+from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
+
+
+@dataclass(frozen=True)
+class RoiFilter:
+    min_confidence: float = 0.5
+    min_area_um2: float = 2.0  # 50 px at 0.2 um/px
+    max_aspect: float = 5.0
+
+    def keep(self, det: CellDetection) -> bool:
+        return det.score >= self.min_confidence and self.plausible(det)
+
+    def plausible(self, det: CellDetection) -> bool:
+        """Size and shape of a cell, whatever the confidence."""
+        area_um2 = det.mask_area_px * CANONICAL_UM_PER_PX**2
+        if area_um2 < self.min_area_um2:
+            return False
+        short = max(1e-6, min(det.box.width, det.box.height))
+        return max(det.box.width, det.box.height) / short <= self.max_aspect
+
+    def apply(self, dets: Sequence[CellDetection]) -> list[CellDetection]:
+        return [d for d in dets if self.keep(d)]
+
+    def below_confidence(self, dets: Sequence[CellDetection]) -> list[CellDetection]:
+        """Plausible cells set aside for confidence alone: the candidates a reviewer (or a
+        ranking metric such as mAP) looks at below the counting threshold."""
+        return [d for d in dets if d.score < self.min_confidence and self.plausible(d)]
+
+
+@dataclass(frozen=True)
+class Routed:
+    rbc: list[CellCrop]
+    wbc: list[CellCrop]
+    platelets: list[CellDetection]
+
+
+def route(rbc_image: np.ndarray, wbc_image: np.ndarray, dets: Sequence[CellDetection], rbc_spec: CropSpec,
+          wbc_spec: CropSpec) -> Routed:
+    """RBC crops -> RBC head, WBC crops -> WBC head, platelets counted without a head.
+
+    Each head's crops come from the canonical frame variant it was trained on (raw or normalized).
+    """
+    rbc, wbc, plt = [], [], []
+    for d in dets:
+        if d.kind is CellKind.RBC:
+            rbc.append(CellCrop(d, crop_cell(rbc_image, d.box.center, rbc_spec)))
+        elif d.kind is CellKind.WBC:
+            wbc.append(CellCrop(d, crop_cell(wbc_image, d.box.center, wbc_spec)))
+        else:
+            plt.append(d)
+    return Routed(rbc, wbc, plt)

@@ -1,0 +1,102 @@
+"""Stage 2: bring every frame to one canonical micrometres-per-pixel.
+
+The canonical scale is part of the model contract (`engines.manifest.CANONICAL_UM_PER_PX`, 0.2
+um/px), re-exported here. Training data goes through `resample_to_canonical` too, so the models
+only ever see cells at this scale.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from smearscope.engines.manifest import CANONICAL_UM_PER_PX
+
+logger = logging.getLogger(__name__)
+
+NORMAL_RBC_DIAMETER_UM = 7.5
+#: Plausible range of microscope scales (100x oil at high zoom .. 20x objective).
+MIN_UM_PER_PX = 0.02
+MAX_UM_PER_PX = 1.0
+
+
+@dataclass(frozen=True)
+class ScaleEstimate:
+    microns_per_pixel: float
+    method: str  # "given" | "rbc_size_classical" | "rbc_size_detection" | "default"
+    rbc_count: int = 0
+
+
+def resample_factor(microns_per_pixel: float) -> float:
+    """Factor by which an image at `microns_per_pixel` is resized to reach the canonical scale."""
+    return microns_per_pixel / CANONICAL_UM_PER_PX
+
+
+def resample_to_canonical(image: np.ndarray, microns_per_pixel: float) -> np.ndarray:
+    """Resize `image` so that one pixel spans CANONICAL_UM_PER_PX."""
+    factor = resample_factor(microns_per_pixel)
+    if abs(factor - 1.0) < 1e-3:
+        return image
+    h, w = image.shape[:2]
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    interp = cv2.INTER_AREA if factor < 1.0 else cv2.INTER_LINEAR
+    return cv2.resize(image, size, interpolation=interp)
+
+
+def scale_from_rbc_diameters(diameters_px: np.ndarray) -> float | None:
+    """um/px implied by a set of red-cell diameters in pixels (median of the middle half).
+
+    Returns None with fewer than 5 cells: too few to trust.
+    """
+    d = np.asarray(diameters_px, dtype=float)
+    d = d[np.isfinite(d) & (d > 0)]
+    if d.size < 5:
+        return None
+    lo, hi = np.percentile(d, [25, 75])
+    core = d[(d >= lo) & (d <= hi)]
+    median = float(np.median(core if core.size else d))
+    return float(np.clip(NORMAL_RBC_DIAMETER_UM / median, MIN_UM_PER_PX, MAX_UM_PER_PX))
+
+
+def estimate_scale_classical(image_bgr: np.ndarray) -> ScaleEstimate | None:
+    """First guess of um/px from the size of stained blobs (mostly red cells), no model needed.
+
+    Foreground = darker or more saturated than the background (Otsu), holes filled (pale RBC
+    centres). Each blob's largest inscribed circle (distance-transform maximum) gives a cell
+    radius that touching cells do not inflate; the area-weighted median radius is taken, so the
+    many red cells outvote platelets, debris and the few larger white cells.
+    """
+    hsv = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2HSV)
+    sat = hsv[:, :, 1].astype(np.float32)
+    gray = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY).astype(np.float32)
+    bg_gray = float(np.percentile(gray, 95))
+    bg_sat = float(np.percentile(sat, 5))
+    score = np.maximum((bg_gray - gray) / max(bg_gray, 1.0) * 255.0, sat - bg_sat)
+    score = cv2.GaussianBlur(np.clip(score, 0, 255).astype(np.uint8), (5, 5), 0)
+    if int(score.max()) < 20:
+        return None  # nothing stained
+    _, fg = cv2.threshold(score, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    contours, _ = cv2.findContours(fg, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros_like(fg)
+    cv2.drawContours(filled, contours, -1, 255, -1)
+    filled = cv2.morphologyEx(filled, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    n, labels = cv2.connectedComponents(filled)
+    if n < 2:
+        return None
+    dist = cv2.distanceTransform(filled, cv2.DIST_L2, 5)
+    radius = np.zeros(n)
+    np.maximum.at(radius, labels.ravel(), dist.ravel())
+    area = np.bincount(labels.ravel(), minlength=n).astype(float)
+    radius, area = radius[1:], area[1:]
+    keep = radius >= 2.0
+    if keep.sum() < 3:
+        return None
+    r, a = radius[keep], area[keep]
+    order = np.argsort(r)
+    cum = np.cumsum(a[order])
+    median_r = float(r[order][np.searchsorted(cum, cum[-1] / 2.0)])
+    mpp = float(np.clip(NORMAL_RBC_DIAMETER_UM / (2.0 * median_r), MIN_UM_PER_PX, MAX_UM_PER_PX))
+    return ScaleEstimate(mpp, "rbc_size_classical", int(keep.sum()))

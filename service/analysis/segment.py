@@ -1,0 +1,37 @@
+"""Stage 5: find cells in tiles. A `Segmenter` turns tiles into detections in FRAME coordinates.
+
+`YoloSegmenter` (service.analysis.yolo_decode) runs the YOLO instance-segmentation model through an engine;
+tests use an oracle segmenter that returns ground truth. Both flag detections that touch an
+interior tile edge (`cut_by_tile_edge`) so the merge step can prefer whole views of a cell.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from smearscope.service.analysis.records import Box, Tile
+
+#: A box within this many pixels of a tile edge counts as touching it.
+EDGE_MARGIN_PX = 2.0
+
+
+class Segmenter(Protocol):
+    """Finds cells in tiles. A segmenter may offer `finish(detections)` (calibrate and threshold)
+    and then accepts `detect(..., calibrate=False)`: the pipeline merges and fuses the raw
+    detections and calls `finish` last. One whose `views` attribute names more than the identity
+    view (service.analysis.tta) must offer both."""
+
+    def detect(self, tiles: Sequence[Tile], frame_width: int, frame_height: int) -> list:
+        """All detections of all `tiles`, as `CellDetection`s in frame coordinates."""
+        ...
+
+
+def touches_interior_tile_edge(box_in_frame: Box, tile: Tile, frame_width: int, frame_height: int) -> bool:
+    """True when the box touches a tile edge that is not also the frame's edge (a cut cell)."""
+    size = tile.pixels.shape[0]
+    m = EDGE_MARGIN_PX
+    left = box_in_frame.x0 <= tile.x + m and tile.x > 0
+    top = box_in_frame.y0 <= tile.y + m and tile.y > 0
+    right = box_in_frame.x1 >= tile.x + size - m and tile.x + size < frame_width
+    bottom = box_in_frame.y1 >= tile.y + size - m and tile.y + size < frame_height
+    return left or top or right or bottom

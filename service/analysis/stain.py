@@ -1,0 +1,340 @@
+"""Stage 3: stain normalization, so every frame reaches the models in one reference stain.
+
+API after torchstain: `fit(reference)` once, `normalize(image)` per frame. The daemon does not
+fit at run time: the Macenko reference is fitted offline (tools/fit_stain_reference.py) and
+ships as numbers in service/data/stain_reference.json.
+
+Images are BGR uint8 (OpenCV order) at the boundary; stain vectors are kept in RGB optical
+density, as in the literature and in torchstain, so the numbers compare directly.
+
+Macenko et al., "A method for normalizing histology slides for quantitative analysis", ISBI
+2009. The method is written for H&E; in a Wright-Giemsa blood smear its first vector (the one
+absorbing most red light) is the purple azure/nuclear stain and the second the pink eosin.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REFERENCE_FILE = Path(__file__).parent / "data" / "stain_reference.json"
+
+
+@dataclass(frozen=True)
+class StainResult:
+    """A normalized frame (BGR uint8), or the input passed through with the reason why."""
+
+    pixels: np.ndarray
+    applied: bool
+    reason: str | None = None
+
+
+class PassThroughReason(str, Enum):
+    """Why a frame was left unnormalized (StainResult.reason). Values are stable strings."""
+
+    #: Method "none" was configured.
+    DISABLED = "disabled"
+    #: Fewer stained pixels than the minimum: blank, nearly blank or tiny field.
+    TOO_FEW_STAINED_PIXELS = "too_few_stained_pixels"
+    #: The stained pixels' optical densities span less than a plane (e.g. one flat colour).
+    DEGENERATE_COVARIANCE = "degenerate_covariance"
+    #: The two extreme stain directions coincide or are not finite.
+    DEGENERATE_STAIN_MATRIX = "degenerate_stain_matrix"
+    #: A stain's 99th-percentile concentration is not positive: nothing to rescale.
+    DEGENERATE_CONCENTRATIONS = "degenerate_concentrations"
+
+
+@runtime_checkable
+class StainNormalizer(Protocol):
+    """Maps a frame's stain appearance onto a fitted reference appearance."""
+
+    def fit(self, reference_bgr: np.ndarray) -> None:
+        """Learn the target appearance from a reference field (BGR uint8)."""
+        ...
+
+    def normalize(self, image_bgr: np.ndarray) -> StainResult:
+        """The frame in the reference appearance; never raises for a field's content."""
+        ...
+
+
+#: method name -> "module:Class"; a class is imported only when its method is chosen. Each class
+#: provides `default()`, a normalizer ready to use (fitted to the shipped reference if it needs
+#: one). A Vahadane normalizer joins as one more line, e.g. "service.stain_vahadane:...".
+_REGISTRY: dict[str, str] = {
+    "none": "smearscope.service.analysis.stain:PassThroughNormalizer",
+    "macenko": "smearscope.service.analysis.stain:MacenkoNormalizer",
+}
+
+
+def available_methods() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def create_normalizer(method: str) -> StainNormalizer:
+    """The ready-to-use normalizer registered under `method`; ValueError for an unknown name."""
+    try:
+        target = _REGISTRY[method]
+    except KeyError:
+        raise ValueError(
+            f"unknown stain normalization method {method!r}; "
+            f"known: {', '.join(available_methods())}"
+        ) from None
+    module_name, _, class_name = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    normalizer: StainNormalizer = cls.default()
+    return normalizer
+
+
+def _check_frame(image_bgr: np.ndarray) -> None:
+    if not isinstance(image_bgr, np.ndarray) or image_bgr.dtype != np.uint8:
+        raise TypeError("stain normalization takes a uint8 numpy array")
+    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 BGR frame, got shape {image_bgr.shape}")
+
+
+class PassThroughNormalizer:
+    """Method "none": frames go on as they came."""
+
+    @classmethod
+    def default(cls) -> PassThroughNormalizer:
+        return cls()
+
+    def fit(self, reference_bgr: np.ndarray) -> None:
+        _check_frame(reference_bgr)
+
+    def normalize(self, image_bgr: np.ndarray) -> StainResult:
+        _check_frame(image_bgr)
+        return StainResult(image_bgr, applied=False, reason=PassThroughReason.DISABLED.value)
+
+
+@dataclass(frozen=True)
+class StainReference:
+    """The fitted target appearance: what is committed instead of a reference image."""
+
+    stain_matrix_rgb: np.ndarray  # 3 x 2 unit OD vectors; rows R, G, B; columns H, E
+    max_concentrations: np.ndarray  # (2,) 99th-percentile concentration of H and E
+    io: float = 240.0
+    alpha: float = 1.0
+    beta: float = 0.15
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        he = np.asarray(self.stain_matrix_rgb, dtype=np.float64)
+        max_c = np.asarray(self.max_concentrations, dtype=np.float64)
+        if he.shape != (3, 2) or max_c.shape != (2,):
+            raise ValueError(f"stain reference shapes {he.shape}, {max_c.shape}; want (3,2), (2,)")
+        if not (np.isfinite(he).all() and np.isfinite(max_c).all() and (max_c > 0).all()):
+            raise ValueError("stain reference must be finite with positive max concentrations")
+        if self.io <= 0 or not 0 <= self.alpha < 50 or self.beta < 0:
+            raise ValueError(
+                f"stain reference parameters io={self.io} alpha={self.alpha} beta={self.beta}"
+            )
+        he.setflags(write=False)
+        max_c.setflags(write=False)
+        object.__setattr__(self, "stain_matrix_rgb", he)
+        object.__setattr__(self, "max_concentrations", max_c)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "method": "macenko",
+                "stain_matrix_rgb": self.stain_matrix_rgb.round(6).tolist(),
+                "max_concentrations": self.max_concentrations.round(6).tolist(),
+                "io": self.io,
+                "alpha": self.alpha,
+                "beta": self.beta,
+                "source": self.source,
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> StainReference:
+        raw = json.loads(text)
+        if raw.get("method") != "macenko":
+            raise ValueError(f"not a Macenko stain reference (method={raw.get('method')!r})")
+        return cls(
+            stain_matrix_rgb=np.array(raw["stain_matrix_rgb"], dtype=np.float64),
+            max_concentrations=np.array(raw["max_concentrations"], dtype=np.float64),
+            io=float(raw["io"]),
+            alpha=float(raw["alpha"]),
+            beta=float(raw["beta"]),
+            source=str(raw.get("source", "")),
+        )
+
+
+@dataclass(frozen=True)
+class _StainEstimate:
+    stain_matrix: np.ndarray | None  # 3 x 2
+    concentrations: np.ndarray | None  # 2 x N
+    max_concentrations: np.ndarray | None  # (2,)
+    reason: PassThroughReason | None
+    detail: str = ""
+
+
+class MacenkoNormalizer:
+    """Macenko stain normalization, vectorised numpy, numerically the method torchstain ships.
+
+    Departures from torchstain's numpy backend, none of which changes a well-posed result:
+    * the stain plane is estimated on at most `max_fit_pixels` stained pixels, taken at evenly
+      spaced indices (deterministic and fast); None uses them all, as torchstain does;
+    * the output is rounded to the nearest grey level (torchstain truncates);
+    * ill-posed fields are passed through with a reason instead of producing NaN or garbage.
+    (The eigenvectors' arbitrary signs need no fixing: flipping either one mirrors the angles,
+    and the two extreme angles map back to the same pair of stain vectors.)
+    """
+
+    def __init__(
+        self,
+        reference: StainReference | None = None,
+        *,
+        io: float = 240.0,
+        alpha: float = 1.0,
+        beta: float = 0.15,
+        min_stained_pixels: int = 1000,
+        min_stained_fraction: float = 0.001,
+        max_fit_pixels: int | None = 100_000,
+        min_stain_angle_deg: float = 1.0,
+    ) -> None:
+        if reference is not None:
+            io, alpha, beta = reference.io, reference.alpha, reference.beta
+        self.io = float(io)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.min_stained_pixels = int(min_stained_pixels)
+        self.min_stained_fraction = float(min_stained_fraction)
+        self.max_fit_pixels = max_fit_pixels
+        self.min_stain_angle_deg = float(min_stain_angle_deg)
+        self.reference = reference
+        # Optical density of every 8-bit value: the per-pixel log becomes a table lookup.
+        self._od_lut = -np.log((np.arange(256, dtype=np.float64) + 1.0) / self.io)
+        self._od_lut32 = self._od_lut.astype(np.float32)
+        # OD falls as intensity rises, so "OD >= beta in every channel" is "brightest channel
+        # <= this value": one comparison per pixel instead of three logs.
+        stained_values = np.flatnonzero(self._od_lut >= self.beta)
+        self._max_stained_value = int(stained_values.max()) if stained_values.size else -1
+
+    @classmethod
+    def default(cls) -> MacenkoNormalizer:
+        return cls.from_reference_file()
+
+    @classmethod
+    def from_reference_file(cls, path: Path | str | None = None) -> MacenkoNormalizer:
+        """A normalizer fitted to the shipped (or a given) reference JSON."""
+        file = Path(path) if path is not None else DEFAULT_REFERENCE_FILE
+        reference = StainReference.from_json(file.read_text(encoding="utf-8"))
+        logger.info("stain reference %s (fitted on %s)", file, reference.source or "unknown")
+        return cls(reference)
+
+    def fit(self, reference_bgr: np.ndarray) -> None:
+        """Fit the target appearance; ValueError when the field cannot define one."""
+        _check_frame(reference_bgr)
+        est = self._estimate(reference_bgr)
+        if est.reason is not None:
+            raise ValueError(f"reference field unusable: {est.reason.value} ({est.detail})")
+        assert est.stain_matrix is not None and est.max_concentrations is not None
+        self.reference = StainReference(
+            est.stain_matrix, est.max_concentrations, self.io, self.alpha, self.beta
+        )
+
+    def normalize(self, image_bgr: np.ndarray) -> StainResult:
+        _check_frame(image_bgr)
+        if self.reference is None:
+            raise RuntimeError("MacenkoNormalizer.normalize before fit() or a reference file")
+        est = self._estimate(image_bgr)
+        if est.reason is not None:
+            logger.debug("stain normalization skipped: %s (%s)", est.reason.value, est.detail)
+            return StainResult(image_bgr, applied=False, reason=est.reason.value)
+        assert est.concentrations is not None and est.max_concentrations is not None
+        scale = (self.reference.max_concentrations / est.max_concentrations).astype(np.float32)
+        concentrations = est.concentrations * scale[:, None]
+        stains = self.reference.stain_matrix_rgb.astype(np.float32)
+        rgb = np.exp(-np.einsum("ks,sn->kn", stains, concentrations))  # 3 x N, rows R, G, B
+        rgb *= np.float32(self.io)
+        np.minimum(rgb, 255.0, out=rgb)
+        bgr = np.rint(rgb[::-1].T).astype(np.uint8)
+        return StainResult(bgr.reshape(image_bgr.shape), applied=True)
+
+    def _estimate(self, image_bgr: np.ndarray) -> _StainEstimate:
+        """Stain matrix, per-pixel concentrations and their 99th percentiles for one field."""
+        flat = image_bgr.reshape(-1, 3)
+        if flat.shape[0] == 0:
+            return _StainEstimate(
+                None, None, None, PassThroughReason.TOO_FEW_STAINED_PIXELS, "empty field"
+            )
+        brightest = cv2.max(cv2.max(image_bgr[:, :, 0], image_bgr[:, :, 1]), image_bgr[:, :, 2])
+        stained_idx = np.flatnonzero(brightest.reshape(-1) <= self._max_stained_value)
+        needed = max(self.min_stained_pixels, int(self.min_stained_fraction * flat.shape[0]))
+        if stained_idx.size < needed:
+            return _StainEstimate(
+                None,
+                None,
+                None,
+                PassThroughReason.TOO_FEW_STAINED_PIXELS,
+                f"{stained_idx.size} stained pixels < {needed}",
+            )
+        if self.max_fit_pixels is not None and stained_idx.size > self.max_fit_pixels:
+            take = np.linspace(0, stained_idx.size - 1, self.max_fit_pixels).astype(np.int64)
+            stained_idx = stained_idx[take]
+        stained = self._od_lut[flat[stained_idx][:, ::-1]]  # n x 3 RGB optical density
+
+        cov = np.cov(stained.T)
+        if not np.isfinite(cov).all():
+            return _StainEstimate(
+                None, None, None, PassThroughReason.DEGENERATE_COVARIANCE, "non-finite covariance"
+            )
+        eigvals, eigvecs = np.linalg.eigh(cov)
+        # Below (1e-3 OD)^2 the second direction is numerical dust, far under one grey level.
+        if not eigvals[1] > 1e-6:
+            return _StainEstimate(
+                None,
+                None,
+                None,
+                PassThroughReason.DEGENERATE_COVARIANCE,
+                f"eigenvalues {eigvals.tolist()}",
+            )
+        plane = eigvecs[:, 1:3]  # the two largest; angles are measured from the second
+        projected = np.einsum("nk,kj->nj", stained, plane)
+        phi = np.arctan2(projected[:, 1], projected[:, 0])
+        min_phi, max_phi = np.percentile(phi, [self.alpha, 100.0 - self.alpha])
+        v_min = plane @ np.array([np.cos(min_phi), np.sin(min_phi)])
+        v_max = plane @ np.array([np.cos(max_phi), np.sin(max_phi)])
+        # Hematoxylin (here: the azure/nuclear stain) absorbs more red: it goes first.
+        he = np.column_stack((v_min, v_max) if v_min[0] > v_max[0] else (v_max, v_min))
+        cos_angle = float(np.clip(he[:, 0] @ he[:, 1], -1.0, 1.0))
+        angle = np.degrees(np.arccos(cos_angle))
+        if not np.isfinite(he).all() or angle < self.min_stain_angle_deg:
+            return _StainEstimate(
+                None,
+                None,
+                None,
+                PassThroughReason.DEGENERATE_STAIN_MATRIX,
+                f"stain vectors {angle:.2f} degrees apart",
+            )
+
+        # Least squares for all pixels at once: the pseudo-inverse is what lstsq would apply.
+        # float32 from here on: half the memory traffic, far below one grey level of error.
+        # einsum, not @: BLAS threads on a skinny 2x3 product cost more than the arithmetic
+        # (and stall badly when the cores are busy).
+        od = self._od_lut32[flat.T[::-1]]  # 3 x N, rows R, G, B
+        concentrations = np.einsum("sk,kn->sn", np.linalg.pinv(he).astype(np.float32), od)
+        max_c = np.percentile(concentrations, 99, axis=1)
+        if not (np.isfinite(max_c).all() and (max_c > 0).all()):
+            return _StainEstimate(
+                None,
+                None,
+                None,
+                PassThroughReason.DEGENERATE_CONCENTRATIONS,
+                f"99th percentiles {max_c.tolist()}",
+            )
+        return _StainEstimate(he, concentrations, max_c, None)

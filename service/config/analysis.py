@@ -1,0 +1,129 @@
+"""`[analysis]`: how each accepted frame is analysed (scale, tiling, filters, views, engine)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from smearscope.engines.manifest import TestTimeView
+from smearscope.service.config.base import StationBaseModel
+
+logger = logging.getLogger(__name__)
+
+
+class AnalysisConfig(StationBaseModel):
+    """How each accepted frame is analyzed."""
+
+    microns_per_pixel: float | None = Field(
+        default=None,
+        title="Scale override (um/px)",
+        description="Overrides the source's scale for every frame; unset uses the source's "
+        "value, or estimates it from red-cell size when the source has none.",
+        gt=0.0,
+        le=10.0,
+    )
+    tile_size: int = Field(
+        default=256,
+        title="Tile size (px)",
+        description="Side of the square tiles the canonical-scale frame is cut into "
+        "(multiple of 32).",
+        ge=64,
+        le=2048,
+    )
+    tile_overlap: float = Field(
+        default=0.15,
+        title="Tile overlap",
+        description="Fraction of a tile shared with its neighbour, so cells on a cut are seen "
+        "whole.",
+        ge=0.0,
+        lt=0.5,
+    )
+    min_confidence: float = Field(
+        default=0.5,
+        title="Minimum confidence",
+        description="Detections below this score are discarded.",
+        ge=0.0,
+        le=1.0,
+    )
+    min_area_um2: float = Field(
+        default=2.0,
+        title="Minimum area (um^2)",
+        description="Detections smaller than this are discarded as debris.",
+        ge=0.0,
+    )
+    max_aspect_ratio: float = Field(
+        default=5.0,
+        title="Maximum aspect ratio",
+        description="Detections more elongated than this are discarded as artefacts.",
+        ge=1.0,
+    )
+    detector_views: list[TestTimeView] | None = Field(
+        default=None,
+        title="Detector test-time views",
+        description="Views of each frame the detector runs and fuses; unset uses the detector "
+        "manifest's views, the ones its scores are calibrated for. ['identity'] detects about 3x "
+        "faster on a throughput-bound device, but the scores then read higher than calibrated.",
+        min_length=1,
+    )
+    rbc_head_views: list[TestTimeView] | None = Field(
+        default=None,
+        title="RBC head test-time views",
+        description="Views of each red-cell crop the RBC head classifies and averages; unset uses the "
+        "head manifest's views, the ones its temperature is fitted for. ['identity'] classifies red "
+        "cells faster (one run per crop instead of one per view), less accurately, with confidences "
+        "off their calibration.",
+        min_length=1,
+    )
+    wbc_head_views: list[TestTimeView] | None = Field(
+        default=None,
+        title="WBC head test-time views",
+        description="As rbc_head_views, for the WBC head's crops.",
+        min_length=1,
+    )
+    stain_normalization: Literal["auto", "macenko", "none"] = Field(
+        default="auto",
+        title="Stain normalization",
+        description="'auto': each model gets frames normalized as its training images were (its "
+        "manifest says); 'macenko' / 'none' force one variant for every model (experiments only: "
+        "a model fed frames unlike its training images degrades badly).",
+    )
+    engine_backend: Literal["onnxruntime", "tensorrt"] = Field(
+        default="onnxruntime",
+        title="Inference engine",
+        description="Runtime for the models; 'tensorrt' needs engines built for this device.",
+    )
+    tensorrt_precision: Literal["fp32", "fp16", "int8"] = Field(
+        default="fp16",
+        title="TensorRT precision",
+        description="Which built engines to load (`smearscope build-engines --precision`); "
+        "engine_backend 'tensorrt' only.",
+    )
+    tensorrt_lanes: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        title="TensorRT lanes per model",
+        description="Execution contexts per model, each with its own CUDA stream and buffers, so "
+        "that batches from two threads overlap on the GPU; engine_backend 'tensorrt' only.",
+    )
+    cuda_api: Literal["auto", "pycuda", "cuda-python"] = Field(
+        default="auto",
+        title="CUDA binding",
+        description="How the TensorRT backend allocates buffers and streams: pycuda or NVIDIA's "
+        "cuda-python; 'auto' takes pycuda where installed. engine_backend 'tensorrt' only.",
+    )
+    models_dir: Path = Field(
+        default=Path("/var/lib/smearscope/models"),
+        title="Models directory",
+        description="Directory holding the model artifacts and their manifests.",
+    )
+
+    @field_validator("tile_size")
+    @classmethod
+    def _tile_multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError("tile_size must be a multiple of 32 (the detector's stride)")
+        return value

@@ -1,0 +1,141 @@
+"""Loading the station configuration from TOML with environment overrides.
+
+`load_config(path)` reads the TOML file, applies `SMEARSCOPE__SECTION__FIELD=value` environment
+overrides (double underscore between levels, case-insensitive, e.g.
+`SMEARSCOPE__QUALITY__MIN_FOCUS=80`, `SMEARSCOPE__SOURCE__KIND=simulated`; values are parsed by
+the field's type, and a value starting with '[' or '{' is read as a TOML array or inline table)
+and validates the result into a frozen `StationConfig`. Nothing here touches files other than the
+config file itself: validators are pure, so `smearscope validate-config FILE` has no side effects.
+Secrets never live here: the MQTT password is a systemd credential named by
+`mqtt.password_credential`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import ValidationError
+
+from smearscope.device.source_config import SOURCE_KINDS
+from smearscope.service.config.station import StationConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 needs the backport
+    import tomli as tomllib
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "SMEARSCOPE__"
+#: Exit status of an invalid configuration (sysexits EX_CONFIG); the unit does not restart on it.
+EXIT_CONFIG = 78
+
+
+class ConfigError(Exception):
+    """The configuration could not be loaded; `errors` lists (field.path, reason) pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{loc}: {msg}" for loc, msg in errors))
+
+
+def _parse_env_value(raw: str) -> Any:
+    text = raw.strip()
+    if text[:1] in ("[", "{"):
+        try:
+            return tomllib.loads(f"value = {text}")["value"]
+        except tomllib.TOMLDecodeError:
+            return raw  # let validation report it against the field
+    return raw
+
+
+def apply_env_overrides(
+    data: Mapping[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """A copy of `data` with SMEARSCOPE__A__B=value applied; also which variable set each path."""
+    merged: dict[str, Any] = copy.deepcopy(dict(data))
+    applied: dict[tuple[str, ...], str] = {}
+    errors: list[tuple[str, str]] = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+        if not all(path):
+            errors.append((name, "empty level in variable name (use SMEARSCOPE__SECTION__FIELD)"))
+            continue
+        node = merged
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                errors.append((name, f"{'.'.join(path[: depth + 1])} is a value, not a section"))
+                break
+            node = child
+        else:
+            node[path[-1]] = _parse_env_value(environ[name])
+            applied[path] = name
+    if errors:
+        raise ConfigError(errors)
+    return merged, applied
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    parts = list(loc)
+    # Discriminated unions put the chosen tag in the path; users wrote `source.x`, not
+    # `source.folder.x`.
+    if len(parts) >= 2 and parts[0] == "source" and parts[1] in SOURCE_KINDS:
+        del parts[1]
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (("." if text else "") + str(part))
+    return text or "(root)"
+
+
+def _validation_errors(
+    exc: ValidationError, applied: Mapping[tuple[str, ...], str]
+) -> list[tuple[str, str]]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = _format_loc(tuple(err["loc"]))
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        for path, variable in applied.items():
+            if loc == ".".join(path) or loc.startswith(".".join(path) + "."):
+                msg += f" (set by {variable})"
+                break
+        out.append((loc, msg))
+    return out
+
+
+def parse_config(
+    data: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> StationConfig:
+    """Validate an already-parsed TOML document plus environment overrides."""
+    merged, applied = apply_env_overrides(data, os.environ if environ is None else environ)
+    try:
+        return StationConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_validation_errors(exc, applied)) from None
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> StationConfig:
+    """Read, override and validate the station config; raises ConfigError with every problem."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError([(str(path), f"cannot read: {exc.strerror or exc}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([(str(path), f"TOML syntax error: {exc}")]) from None
+    return parse_config(data, environ)
+
+
+def print_config_errors(exc: ConfigError, source: str | Path) -> None:
+    """On stderr: each problem as `field.path: reason`, then how many, naming the config."""
+    for loc, msg in exc.errors:
+        print(f"{loc}: {msg}", file=sys.stderr)
+    print(f"{source}: {len(exc.errors)} error(s)", file=sys.stderr)

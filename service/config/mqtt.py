@@ -1,0 +1,161 @@
+"""`[mqtt]`: typed MQTT settings for the publisher, embedded by the station config root.
+
+The broker password is never part of this model: it names a systemd credential
+(`LoadCredential=`), read from `$CREDENTIALS_DIRECTORY` when the publisher is built
+(service.mqtt.credentials). Validators are pure (no file or network access), so
+`--validate-config` is side-effect free.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from smearscope.service.config.outbox import OutboxConfig
+
+logger = logging.getLogger(__name__)
+
+
+class MqttTlsConfig(BaseModel):
+    """TLS to the broker; the CA file is required so the broker's certificate is always verified."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ca_file: Path = Field(
+        title="CA certificate",
+        description="PEM file of the certificate authority that signed the broker's certificate.",
+    )
+    certfile: Path | None = Field(
+        default=None,
+        title="Client certificate",
+        description="PEM client certificate for mutual TLS; set together with keyfile.",
+    )
+    keyfile: Path | None = Field(
+        default=None,
+        title="Client key",
+        description="PEM private key of the client certificate; set together with certfile.",
+    )
+    insecure: bool = Field(
+        default=False,
+        title="Skip host name check",
+        description="Do not check that the broker certificate names the host. Testing only.",
+    )
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> MqttTlsConfig:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("tls.certfile and tls.keyfile must be set together")
+        return self
+
+
+class MqttConfig(BaseModel):
+    """Connection, security and delivery settings of the station's MQTT publisher."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(
+        default="localhost", min_length=1, title="Broker host", description="Broker name or IP."
+    )
+    port: int = Field(
+        default=1883,
+        ge=1,
+        le=65535,
+        title="Broker port",
+        description="TCP port of the broker listener (usually 1883, or 8883 with TLS).",
+    )
+    client_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        title="Client id",
+        description="MQTT client id; defaults to 'smearscope-<station_id>'.",
+    )
+    keepalive: int = Field(
+        default=30,
+        ge=5,
+        le=65535,
+        title="Keepalive (s)",
+        description="Seconds between pings; the broker sends the Last Will after 1.5x this silence.",
+    )
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        default="auto",
+        title="Protocol version",
+        description="'auto' tries MQTT 5 and falls back to 3.1.1 if the broker refuses version 5.",
+    )
+    tls: MqttTlsConfig | None = Field(
+        default=None, title="TLS", description="TLS settings; absent means plain TCP."
+    )
+    username: str | None = Field(
+        default=None, min_length=1, title="User name", description="Broker user name."
+    )
+    password_credential: str | None = Field(
+        default=None,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.@-]+$",
+        title="Password credential",
+        description=(
+            "Name of the systemd credential (LoadCredential=<name>:<path>) holding the broker "
+            "password; it is read from $CREDENTIALS_DIRECTORY/<name>, never from this file."
+        ),
+    )
+    topic_prefix: str = Field(
+        default="smearscope",
+        pattern=r"^[^#+/]+$",
+        title="Topic prefix",
+        description="First topic level (no '/', '+' or '#'); topics are '<prefix>/<station_id>/...'.",
+    )
+    qos: Literal[1, 2] = Field(
+        default=1,
+        title="Report QoS",
+        description="QoS of field and report messages; 0 is not allowed (no acknowledgement).",
+    )
+    max_inflight: int = Field(
+        default=20,
+        ge=1,
+        le=1000,
+        title="Max in flight",
+        description="Outbox messages handed to the broker but not yet acknowledged, at most.",
+    )
+    field_message_expiry_s: int | None = Field(
+        default=None,
+        ge=1,
+        title="Field message expiry (s)",
+        description=(
+            "MQTT 5 MessageExpiryInterval for per-field messages, counted from their creation; "
+            "field messages older than this are dropped from the outbox. Reports never expire."
+        ),
+    )
+    reconnect_min_delay_s: int = Field(
+        default=1, ge=1, title="Reconnect delay min (s)", description="First reconnect backoff."
+    )
+    reconnect_max_delay_s: int = Field(
+        default=60, ge=1, title="Reconnect delay max (s)", description="Backoff ceiling."
+    )
+    telemetry_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        title="Telemetry period (s)",
+        description="How often the telemetry source is sampled and published (QoS 0, not stored).",
+    )
+    stop_drain_timeout_s: float = Field(
+        default=10.0,
+        ge=0,
+        title="Drain on stop (s)",
+        description="At shutdown, how long to keep sending the outbox before disconnecting.",
+    )
+    outbox: OutboxConfig = Field(
+        default_factory=OutboxConfig,
+        title="Outbox",
+        description="Durable store-and-forward queue of field and report messages.",
+    )
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> MqttConfig:
+        if self.password_credential is not None and self.username is None:
+            raise ValueError("password_credential needs a username")
+        if self.reconnect_min_delay_s > self.reconnect_max_delay_s:
+            raise ValueError("reconnect_min_delay_s must not exceed reconnect_max_delay_s")
+        return self

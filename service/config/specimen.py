@@ -1,0 +1,37 @@
+"""`[specimen]`: when a specimen run (one slide) starts and when it is complete."""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import Field
+
+from smearscope.service.config.base import StationBaseModel
+
+logger = logging.getLogger(__name__)
+
+
+class SpecimenConfig(StationBaseModel):
+    """When a specimen run (one slide) starts and when it is complete."""
+
+    target_wbc_count: int = Field(
+        default=100,
+        title="Target WBC count",
+        description="White cells to classify before the differential is reported (100 or 200 "
+        "are usual).",
+        ge=1,
+        le=1000,
+    )
+    idle_timeout_s: float = Field(
+        default=300.0,
+        title="Idle timeout (s)",
+        description="A run with no accepted frame for this long is closed and reported as "
+        "incomplete.",
+        gt=0.0,
+    )
+    auto_start: bool = Field(
+        default=True,
+        title="Start runs automatically",
+        description="The first accepted field without an open run starts one; when false, "
+        "runs start only by the start_run command and fields outside a run stand alone.",
+    )

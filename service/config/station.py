@@ -1,0 +1,84 @@
+"""The station's one configuration root: every section, and the cross-section checks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from smearscope.device.quality import QualityGateConfig
+from smearscope.device.source_config import SourceConfig
+from smearscope.service.config.analysis import AnalysisConfig
+from smearscope.service.config.base import StationBaseModel
+from smearscope.service.config.mqtt import MqttConfig
+from smearscope.service.config.specimen import SpecimenConfig
+from smearscope.service.config.watchdog import WatchdogConfig
+
+logger = logging.getLogger(__name__)
+
+
+class StationConfig(StationBaseModel):
+    """Everything one smearscope station needs to run."""
+
+    station_id: str = Field(
+        title="Station id",
+        description="Unique name of this station; used in MQTT topics and reports.",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", title="Log level", description="Threshold of the journal log."
+    )
+    source: SourceConfig = Field(
+        title="Frame source",
+        description="Where frames come from; `kind` selects camera, folder, replay or simulated.",
+    )
+    quality: QualityGateConfig = Field(
+        default_factory=QualityGateConfig,
+        title="Quality gate",
+        description="Which frames are sharp, exposed, stained and new enough to analyze.",
+    )
+    analysis: AnalysisConfig = Field(
+        default_factory=AnalysisConfig,
+        title="Analysis",
+        description="Tiling, detection filters, stain normalization and the inference engine.",
+    )
+    specimen: SpecimenConfig = Field(
+        default_factory=SpecimenConfig,
+        title="Specimen run",
+        description="When a slide's run starts and when it is complete.",
+    )
+    mqtt: MqttConfig = Field(
+        default_factory=MqttConfig,
+        title="MQTT",
+        description="Broker, security and delivery of reports and telemetry.",
+    )
+    watchdog: WatchdogConfig = Field(
+        default_factory=WatchdogConfig,
+        title="Watchdog",
+        description="Stall detection behind systemd's WatchdogSec.",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _simulated_scale_not_overridden(self) -> StationConfig:
+        src, override = self.source, self.analysis.microns_per_pixel
+        if src.kind == "simulated" and override is not None and override != src.microns_per_pixel:
+            raise ValueError(
+                "analysis.microns_per_pixel contradicts the simulated source's rendered scale "
+                f"({src.microns_per_pixel}); remove the override or set source.microns_per_pixel"
+            )
+        return self
+
+    @property
+    def microns_per_pixel(self) -> float | None:
+        """Scale to use for frames: the analysis override, else the source's, else None."""
+        if self.analysis.microns_per_pixel is not None:
+            return self.analysis.microns_per_pixel
+        return self.source.microns_per_pixel

@@ -1,0 +1,378 @@
+"""Stage 1: ingest and validate one microscope frame (JPEG, PNG or TIFF) into 8-bit BGR.
+
+Every refusal is an `IngestError` carrying a stable `RejectReason`; nothing else escapes for bad
+input. Checks run in a fixed order, so one file always gets the same code:
+
+1. the file itself        not_found, not_a_file, unreadable, empty_file, file_too_large
+2. the format signature   not_an_image, unsupported_format
+3. the container header   truncated, corrupt, unsupported_format, bad_dtype, bad_channels,
+                          multi_frame (read from headers only: no pixel data is decoded yet)
+4. the declared geometry  too_large_pixels, absurd_aspect, too_small
+5. decoding               corrupt
+6. the content            blank_image
+
+Geometry is judged from the header BEFORE decoding, so a decompression bomb (a few kilobytes
+declaring gigapixels) is refused without allocating its pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Union
+
+import cv2
+import numpy as np
+import tifffile
+
+from smearscope.service.ingest.errors import IngestError, RejectReason
+from smearscope.service.ingest.headers import (
+    PNG_SIGNATURE,
+    ImageHeader,
+    check_tiff_directory_offset,
+    jpeg_header,
+    png_header,
+    tiff_header,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DecodedImage", "ImageSource", "IngestError", "IngestLimits", "RejectReason",
+           "load_image"]
+
+ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """What a frame must satisfy before anything downstream sees it."""
+
+    max_file_bytes: int = 256 * 1024 * 1024
+    max_pixels: int = 64_000_000
+    min_side: int = 64
+    max_aspect: float = 8.0
+    #: A frame whose max - min over all samples is at most this is blank (2 tolerates JPEG
+    #: ringing on a flat field).
+    blank_max_range: int = 2
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A validated frame: `pixels` is height x width x 3 uint8 BGR, already upright."""
+
+    pixels: np.ndarray
+    width: int
+    height: int
+    source: str
+    format: str  # "jpeg" | "png" | "tiff"
+    original_bit_depth: int  # bits per sample as stored (1, 2, 4, 8, 12 or 16)
+    significant_bits: int  # the depth used to scale samples to 8 bit (see `_significant_bits`)
+    original_channels: int  # samples per pixel as stored, alpha included
+    exif_orientation_applied: bool
+
+
+def load_image(
+    source: ImageSource, *, limits: IngestLimits | None = None, source_name: str | None = None
+) -> DecodedImage:
+    """Read, validate and decode one frame from a path or from the file's bytes.
+
+    Raises `IngestError` for every kind of bad input, and TypeError only when `source` is not a
+    path or bytes (a programming error, not bad input).
+    """
+    limits = limits or IngestLimits()
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        name = source_name or "<bytes>"
+        if not data:
+            raise IngestError(RejectReason.EMPTY_FILE, f"{name}: no bytes")
+        if len(data) > limits.max_file_bytes:
+            raise IngestError(
+                RejectReason.FILE_TOO_LARGE,
+                f"{name}: {len(data)} bytes > limit {limits.max_file_bytes}",
+            )
+    elif isinstance(source, (str, os.PathLike)):
+        name = source_name or os.fspath(source)
+        data = _read_file(os.fspath(source), limits)
+    else:
+        raise TypeError(f"load_image takes a path or bytes, not {type(source).__name__}")
+
+    fmt = _sniff(data, name)
+    if fmt == "png":
+        samples, header = _load_png(data, name, limits)
+    elif fmt == "jpeg":
+        samples, header = _load_jpeg(data, name, limits)
+    else:
+        samples, header = _load_tiff(data, name, limits)
+
+    pixels, sig_bits = _to_bgr8(samples, header.significant_bits)
+    pixels = _apply_orientation(pixels, header.orientation)
+    if int(pixels.max()) - int(pixels.min()) <= limits.blank_max_range:
+        raise IngestError(
+            RejectReason.BLANK_IMAGE,
+            f"{name}: all samples within {limits.blank_max_range} of {int(pixels.min())}",
+        )
+    logger.debug("ingested %s: %s %dx%d", name, header.format, pixels.shape[1], pixels.shape[0])
+    return DecodedImage(
+        pixels=pixels,
+        width=int(pixels.shape[1]),
+        height=int(pixels.shape[0]),
+        source=name,
+        format=header.format,
+        original_bit_depth=header.bit_depth,
+        significant_bits=sig_bits,
+        original_channels=header.channels,
+        exif_orientation_applied=header.orientation != 1,
+    )
+
+
+# --- 1. the file ----------------------------------------------------------------------------
+
+
+def _read_file(path: str, limits: IngestLimits) -> bytes:
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise IngestError(RejectReason.NOT_FOUND, f"{path}: no such file") from None
+    except OSError as exc:
+        raise IngestError(RejectReason.UNREADABLE, f"{path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise IngestError(RejectReason.NOT_A_FILE, f"{path}: {kind}")
+    if st.st_size == 0:
+        raise IngestError(RejectReason.EMPTY_FILE, f"{path}: 0 bytes")
+    if st.st_size > limits.max_file_bytes:
+        raise IngestError(
+            RejectReason.FILE_TOO_LARGE,
+            f"{path}: {st.st_size} bytes > limit {limits.max_file_bytes}",
+        )
+    try:
+        with open(path, "rb") as fh:
+            # +1 so a file that grew after stat() is still caught by the size limit.
+            data = fh.read(limits.max_file_bytes + 1)
+    except OSError as exc:
+        raise IngestError(RejectReason.UNREADABLE, f"{path}: {exc.strerror or exc}") from exc
+    if not data:
+        raise IngestError(RejectReason.EMPTY_FILE, f"{path}: 0 bytes")
+    if len(data) > limits.max_file_bytes:
+        raise IngestError(RejectReason.FILE_TOO_LARGE, f"{path}: grew past the size limit")
+    return data
+
+
+# --- 2. the signature -----------------------------------------------------------------------
+
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_BMP_DIB_SIZES = {12, 40, 52, 56, 64, 108, 124}
+
+
+def _sniff(data: bytes, name: str) -> str:
+    """The format from magic bytes; the file name's extension is never trusted."""
+    if data.startswith(PNG_SIGNATURE):
+        return "png"
+    if data.startswith(b"\xff\xd8"):
+        return "jpeg"
+    if data[:4] in _TIFF_SIGNATURES:
+        return "tiff"
+    other = _known_unsupported(data)
+    if other:
+        raise IngestError(
+            RejectReason.UNSUPPORTED_FORMAT, f"{name}: {other} is not accepted (JPEG, PNG, TIFF)"
+        )
+    raise IngestError(
+        RejectReason.NOT_AN_IMAGE, f"{name}: no JPEG/PNG/TIFF signature (starts {data[:8]!r})"
+    )
+
+
+def _known_unsupported(data: bytes) -> str | None:
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    # "BM" alone is too weak (a text file may start so): also require a known DIB header size.
+    if (
+        data[:2] == b"BM"
+        and len(data) >= 18
+        and struct.unpack("<I", data[14:18])[0] in _BMP_DIB_SIZES
+    ):
+        return "BMP"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xffO\xffQ")):
+        return "JPEG 2000"
+    if data.startswith((b"\x00\x00\x00\x0cJXL ", b"\xff\n")):
+        return "JPEG XL"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif"):
+        return "HEIF/AVIF"
+    return None
+
+
+# --- 3/4. headers (service.ingest.headers) and geometry ----------------------------------------
+
+
+def _check_geometry(header: ImageHeader, name: str, limits: IngestLimits) -> None:
+    w, h = header.width, header.height
+    if w * h > limits.max_pixels:
+        raise IngestError(
+            RejectReason.TOO_LARGE_PIXELS,
+            f"{name}: header declares {w}x{h} = {w * h} pixels > limit {limits.max_pixels}",
+        )
+    if max(w, h) > limits.max_aspect * min(w, h):
+        raise IngestError(
+            RejectReason.ABSURD_ASPECT, f"{name}: {w}x{h} is beyond {limits.max_aspect:g}:1"
+        )
+    if min(w, h) < limits.min_side:
+        raise IngestError(
+            RejectReason.TOO_SMALL, f"{name}: {w}x{h} has a side below {limits.min_side} px"
+        )
+
+
+# --- 5. decoding ----------------------------------------------------------------------------
+
+
+def _imdecode(data: bytes, flags: int, header: ImageHeader, name: str) -> np.ndarray:
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as exc:
+        raise IngestError(RejectReason.CORRUPT, f"{name}: decoder error: {exc}") from exc
+    if img is None:
+        raise IngestError(RejectReason.CORRUPT, f"{name}: the {header.format} decoder gave up")
+    if img.shape[:2] != (header.height, header.width):
+        raise IngestError(
+            RejectReason.CORRUPT,
+            f"{name}: decoded {img.shape[1]}x{img.shape[0]}, header says "
+            f"{header.width}x{header.height}",
+        )
+    return img
+
+
+def _load_png(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray, ImageHeader]:
+    header = png_header(data, name)
+    _check_geometry(header, name, limits)
+    # UNCHANGED keeps 16 bit and alpha; orientation is applied by us from the eXIf chunk.
+    return _imdecode(data, cv2.IMREAD_UNCHANGED, header, name), header
+
+
+def _load_jpeg(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray, ImageHeader]:
+    header = jpeg_header(data, name)
+    _check_geometry(header, name, limits)
+    # COLOR gives BGR for grey, YCbCr and Adobe CMYK alike; orientation is ours to apply, so
+    # the decoder must not apply it a second time.
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    return _imdecode(data, flags, header, name), header
+
+
+def _load_tiff(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray, ImageHeader]:
+    check_tiff_directory_offset(data, name)
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            header, page, photometric = tiff_header(tif, len(data), name)
+            _check_geometry(header, name, limits)
+            return _decode_tiff(page, header, photometric, name)
+    except IngestError:
+        raise
+    except Exception as exc:  # tifffile raises many types on malformed files; all mean corrupt
+        raise IngestError(RejectReason.CORRUPT, f"{name}: unreadable TIFF: {exc}") from exc
+
+
+def _decode_tiff(
+    page: tifffile.TiffPage, header: ImageHeader, photometric: str, name: str
+) -> tuple[np.ndarray, ImageHeader]:
+    arr = page.asarray()
+    axes = page.axes
+    arr = arr.reshape([n for n, ax in zip(arr.shape, axes) if ax in "YXS"])
+    axes = "".join(ax for ax in axes if ax in "YXS")
+    if "S" not in axes:
+        arr, axes = arr[..., None], axes + "S"
+    arr = np.moveaxis(arr, [axes.index("Y"), axes.index("X"), axes.index("S")], [0, 1, 2])
+    if arr.shape[:2] != (header.height, header.width):
+        raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF decoded to {arr.shape}")
+    if photometric == "miniswhite":
+        arr = np.iinfo(arr.dtype).max - arr
+    elif photometric == "palette":
+        if page.colormap is None or header.channels != 1:
+            raise IngestError(RejectReason.CORRUPT, f"{name}: palette TIFF without colormap")
+        cmap = np.asarray(page.colormap)  # 3 x 2**bits, 16 bit
+        arr = np.take(cmap, arr[..., 0], axis=1, mode="clip").transpose(1, 2, 0).astype(np.uint16)
+        header = ImageHeader(
+            "tiff", header.width, header.height, header.bit_depth, 3, header.orientation, 16
+        )
+    if arr.shape[2] >= 3:  # RGB(A) -> BGR(A), the OpenCV order everything downstream uses
+        arr = arr[:, :, [2, 1, 0, *range(3, arr.shape[2])]]
+    if arr.shape[2] in (2, 4) and tuple(page.extrasamples)[:1] == (1,):
+        arr = _unpremultiply(arr)
+    return np.ascontiguousarray(arr), header
+
+
+def _unpremultiply(arr: np.ndarray) -> np.ndarray:
+    """Associated (premultiplied) alpha to straight alpha, so compositing is the same for all."""
+    full = float(np.iinfo(arr.dtype).max)
+    colour = arr[..., :-1].astype(np.float32)
+    alpha = arr[..., -1:].astype(np.float32)
+    straight = np.where(alpha > 0, colour * full / np.maximum(alpha, 1.0), 0.0)
+    out = arr.copy()
+    out[..., :-1] = np.clip(np.rint(straight), 0, full).astype(arr.dtype)
+    return out
+
+
+# --- conversion to 8-bit upright BGR --------------------------------------------------------
+
+_SENSOR_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def _significant_bits(colour: np.ndarray, declared: int | None) -> int:
+    """Bit depth that 16-bit samples are scaled from.
+
+    A 12-bit sensor in a 16-bit container tops out at 4095: `>> 8` would leave the frame at
+    1/16 brightness. Stretching to the frame's own maximum is no better: exposure would then
+    depend on content (an underexposed frame brightened, stain colours shifting frame to frame).
+    So: the depth declared by the file (PNG sBIT, TIFF MaxSampleValue) when there is one, else
+    the smallest usual sensor depth (8, 10, 12, 14, 16) that holds the largest colour sample.
+    """
+    if colour.dtype == np.uint8:
+        return 8
+    if declared is not None:
+        return declared
+    top = int(colour.max()) if colour.size else 0
+    return next(d for d in _SENSOR_DEPTHS if top < (1 << d))
+
+
+def _to_bgr8(samples: np.ndarray, declared_bits: int | None) -> tuple[np.ndarray, int]:
+    """Grey, grey+alpha, BGR or BGRA at 8 or 16 bit -> (8-bit BGR, significant bits used).
+
+    Alpha is composited over white, the colour of an empty smear background, so transparent
+    regions never show whatever colour values the encoder left under them.
+    """
+    img = samples if samples.ndim == 3 else samples[:, :, None]
+    has_alpha = img.shape[2] in (2, 4)
+    colour = img[:, :, :-1] if has_alpha else img
+    bits = _significant_bits(colour, declared_bits)
+    white = float((1 << bits) - 1)
+    if has_alpha or colour.dtype != np.uint8:
+        values = colour.astype(np.float32)
+        if has_alpha:
+            alpha = img[:, :, -1:].astype(np.float32) / float(np.iinfo(img.dtype).max)
+            values = values * alpha + white * (1.0 - alpha)
+        colour = np.clip(np.rint(values * (255.0 / white)), 0, 255).astype(np.uint8)
+    if colour.shape[2] == 1:
+        return cv2.cvtColor(colour, cv2.COLOR_GRAY2BGR), bits
+    return np.ascontiguousarray(colour), bits
+
+
+def _apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn stored pixels upright per the EXIF/TIFF Orientation tag (values 1..8)."""
+    if orientation == 2:
+        return cv2.flip(img, 1)
+    if orientation == 3:
+        return cv2.rotate(img, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(img, 0)
+    if orientation == 5:
+        return cv2.transpose(img)
+    if orientation == 6:
+        return cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:
+        return cv2.flip(cv2.transpose(img), -1)
+    if orientation == 8:
+        return cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return img

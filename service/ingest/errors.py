@@ -1,0 +1,61 @@
+"""Why a frame is refused: the stable reason codes of stage 1 (ingest) and the error carrying one.
+
+The values of `RejectReason` are a public contract (logs, reports, UI); `service.ingest` re-exports
+both names, and the header parsers (`service.ingest.headers`) raise the same error.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+
+logger = logging.getLogger(__name__)
+
+
+class RejectReason(str, Enum):
+    """Why a frame was refused. The values are a stable public contract (logs, reports, UI)."""
+
+    #: No file at the path.
+    NOT_FOUND = "not_found"
+    #: The path is a directory, FIFO, device or socket, not a regular file.
+    NOT_A_FILE = "not_a_file"
+    #: The file exists but the OS refused to read it (permissions, I/O error).
+    UNREADABLE = "unreadable"
+    #: Zero bytes.
+    EMPTY_FILE = "empty_file"
+    #: More bytes than `IngestLimits.max_file_bytes`; not read into memory.
+    FILE_TOO_LARGE = "file_too_large"
+    #: No known image signature: text, HTML, random bytes, a PDF...
+    NOT_AN_IMAGE = "not_an_image"
+    #: A recognised image format this analyzer does not decode (GIF, BMP, WebP, JPEG 2000,
+    #: HEIF/AVIF, JPEG XL), or a TIFF whose compression or colour model is not supported.
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    #: The signature is right but the structure is wrong (bad header, bad chunk CRC, a decoder
+    #: that gives up, dimensions that disagree with the header).
+    CORRUPT = "corrupt"
+    #: The data stops early: no JPEG end-of-image marker, no PNG IEND, TIFF strips past the end.
+    TRUNCATED = "truncated"
+    #: The header declares more pixels than `IngestLimits.max_pixels` (decompression bomb).
+    TOO_LARGE_PIXELS = "too_large_pixels"
+    #: Long side / short side above `IngestLimits.max_aspect` (a strip, not a field of view).
+    ABSURD_ASPECT = "absurd_aspect"
+    #: Short side below `IngestLimits.min_side`: too few pixels to hold a single cell.
+    TOO_SMALL = "too_small"
+    #: Sample type other than 8- or 16-bit unsigned integer (float, signed, 1-bit, 32-bit...).
+    BAD_DTYPE = "bad_dtype"
+    #: Samples per pixel other than 1 (grey), 2 (grey+alpha), 3 (colour) or 4 (colour+alpha).
+    BAD_CHANNELS = "bad_channels"
+    #: A TIFF whose first series holds several frames (z-stack, time series, 4-D stack): which
+    #: focal plane to analyse is the instrument's decision, not something to guess here.
+    MULTI_FRAME = "multi_frame"
+    #: Every pixel (nearly) the same value: lens cap on, shutter closed, saturated sensor.
+    BLANK_IMAGE = "blank_image"
+
+
+class IngestError(Exception):
+    """A refused frame: `code` is a stable `RejectReason`, `message` is for humans."""
+
+    def __init__(self, code: RejectReason, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message

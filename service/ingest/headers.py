@@ -1,0 +1,246 @@
+"""Stage 1, step 3: a frame's container header, read without decoding any pixel data.
+
+PNG   every chunk is walked (length, CRC, order); IHDR, sBIT and eXIf are read, no IDAT inflated.
+JPEG  marker segments up to the first scan (frame header, EXIF), then an end-of-image marker.
+TIFF  the first directory offset on the raw bytes, then tifffile's metadata of the first page:
+      sample type, samples per pixel, colour model, compression, frame count, data extent.
+EXIF  the orientation in IFD0 of an embedded TIFF block; damage there never rejects a frame.
+
+Each parser returns an `ImageHeader` or raises `IngestError` with a stable `RejectReason`;
+geometry limits are judged by the caller (service.ingest.decode), still before any decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import tifffile
+
+from smearscope.service.ingest.errors import IngestError, RejectReason
+
+logger = logging.getLogger(__name__)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    format: str
+    width: int
+    height: int
+    bit_depth: int
+    channels: int
+    orientation: int = 1
+    significant_bits: int | None = None  # declared by PNG sBIT / TIFF MaxSampleValue
+
+
+def exif_orientation(tiff_bytes: bytes) -> int:
+    """Orientation (1..8) from the IFD0 of an EXIF block; 1 when absent or unreadable.
+
+    A broken EXIF block is metadata damage, not image damage: it never rejects the frame.
+    """
+    try:
+        order = {b"II": "<", b"MM": ">"}[tiff_bytes[:2]]
+        if struct.unpack(order + "H", tiff_bytes[2:4])[0] != 42:
+            return 1
+        ifd = struct.unpack(order + "I", tiff_bytes[4:8])[0]
+        (count,) = struct.unpack(order + "H", tiff_bytes[ifd : ifd + 2])
+        for i in range(count):
+            entry = tiff_bytes[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
+            tag, typ, n = struct.unpack(order + "HHI", entry[:8])
+            if tag == 0x0112 and typ == 3 and n >= 1:
+                value = struct.unpack(order + "H", entry[8:10])[0]
+                return value if 1 <= value <= 8 else 1
+    except (KeyError, struct.error, IndexError):
+        logger.warning("unreadable EXIF block; orientation not applied")
+    return 1
+
+
+# --- PNG -------------------------------------------------------------------------------------
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+
+
+def png_header(data: bytes, name: str) -> ImageHeader:
+    """Walk every chunk (length, CRC, order) without inflating any image data."""
+    pos = len(PNG_SIGNATURE)
+    header: ImageHeader | None = None
+    sig_bits: int | None = None
+    orientation = 1
+    while True:
+        if pos + 12 > len(data):
+            raise IngestError(RejectReason.TRUNCATED, f"{name}: PNG ends before its IEND chunk")
+        length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
+        if length > 0x7FFFFFFF:
+            raise IngestError(RejectReason.CORRUPT, f"{name}: PNG chunk length {length}")
+        end = pos + 12 + length
+        if end > len(data):
+            raise IngestError(RejectReason.TRUNCATED, f"{name}: PNG {ctype!r} chunk cut short")
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : end])
+        if zlib.crc32(ctype + body) != crc:
+            raise IngestError(RejectReason.CORRUPT, f"{name}: PNG {ctype!r} chunk CRC mismatch")
+        if header is None:
+            if ctype != b"IHDR" or length != 13:
+                raise IngestError(RejectReason.CORRUPT, f"{name}: PNG does not start with IHDR")
+            w, h, depth, color = struct.unpack(">IIBB", body[:10])
+            if w == 0 or h == 0 or depth not in _PNG_DEPTHS.get(color, ()):
+                raise IngestError(
+                    RejectReason.CORRUPT,
+                    f"{name}: PNG IHDR {w}x{h}, depth {depth}, colour type {color}",
+                )
+            header = ImageHeader("png", w, h, depth, _PNG_CHANNELS[color])
+        elif ctype == b"sBIT" and length >= 1:
+            sig_bits = max(body)
+        elif ctype == b"eXIf":
+            orientation = exif_orientation(body)
+        elif ctype == b"IEND":
+            break
+        pos = end
+    if sig_bits is not None and not 1 <= sig_bits <= header.bit_depth:
+        sig_bits = None
+    return ImageHeader(
+        "png", header.width, header.height, header.bit_depth, header.channels, orientation, sig_bits
+    )
+
+
+# --- JPEG ------------------------------------------------------------------------------------
+
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}
+
+
+def jpeg_header(data: bytes, name: str) -> ImageHeader:
+    """Walk the marker segments up to the first scan, then require an end-of-image marker."""
+    pos = 2
+    sof: tuple[int, int, int, int] | None = None
+    orientation = 1
+    while True:
+        if pos + 2 > len(data):
+            raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG ends inside its header")
+        if data[pos] != 0xFF:
+            raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG marker expected at {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            pos += 2
+            continue
+        if marker == 0xD9:
+            raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG ends before any image data")
+        if pos + 4 > len(data):
+            raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG ends inside its header")
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if length < 2:
+            raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG segment length {length}")
+        body = data[pos + 4 : pos + 2 + length]
+        if pos + 2 + length > len(data):
+            raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG segment cut short")
+        if marker in _SOF_MARKERS:
+            if len(body) < 6:
+                raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG frame header too short")
+            sof = struct.unpack(">BHHB", body[:6])
+        elif marker == 0xE1 and body.startswith(b"Exif\x00\x00"):
+            orientation = exif_orientation(body[6:])
+        elif marker == 0xDA:
+            break
+        pos += 2 + length
+    if sof is None:
+        raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG scan before any frame header")
+    precision, h, w, components = sof
+    if w == 0 or h == 0:
+        raise IngestError(
+            RejectReason.CORRUPT, f"{name}: JPEG frame {w}x{h} (DNL height is not supported)"
+        )
+    if components not in (1, 3, 4):
+        raise IngestError(RejectReason.BAD_CHANNELS, f"{name}: JPEG with {components} components")
+    # Entropy-coded data stuffs every 0xFF as FF 00, so FF D9 after the scan header can only be
+    # the real end-of-image marker. Bytes after it (camera trailers) are allowed.
+    if data.find(b"\xff\xd9", pos) < 0:
+        raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG has no end-of-image marker")
+    return ImageHeader("jpeg", w, h, precision, components, orientation)
+
+
+# --- TIFF ------------------------------------------------------------------------------------
+
+TIFF_PHOTOMETRIC = {0: "miniswhite", 1: "minisblack", 2: "rgb", 3: "palette"}
+
+
+def check_tiff_directory_offset(data: bytes, name: str) -> None:
+    """The first directory must lie inside the file (checked before tifffile parses anything)."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 64-bit offset at byte 8
+    field, fmt = (data[8:16], "Q") if big else (data[4:8], "I")
+    if len(field) < struct.calcsize(fmt):
+        raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF ends inside its header")
+    (first_ifd,) = struct.unpack(order + fmt, field)
+    if first_ifd >= len(data):
+        raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF directory beyond end of file")
+
+
+def tiff_header(
+    tif: tifffile.TiffFile, file_size: int, name: str
+) -> tuple[ImageHeader, tifffile.TiffPage, str]:
+    """(header, first page, photometric name) of the first series, every check short of
+    geometry and decoding; tifffile's own exceptions are the caller's to map to `corrupt`."""
+    if not tif.pages or not tif.series:
+        raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF without images")
+    if len(tif.series) > 1:
+        logger.info("%s: TIFF holds %d series; using the first", name, len(tif.series))
+    series = tif.series[0]
+    page = series.pages[0] if series.pages else None
+    if not isinstance(page, tifffile.TiffPage):
+        raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF first page unreadable")
+    samples = int(page.samplesperpixel)
+    max_sample = page.tags.get(281)
+    orient_tag = page.tags.get(274)
+    orientation = int(orient_tag.value) if orient_tag is not None else 1
+    header = ImageHeader(
+        "tiff",
+        int(page.imagewidth),
+        int(page.imagelength),
+        int(page.bitspersample),
+        samples,
+        orientation if 1 <= orientation <= 8 else 1,
+        _declared_bits(max_sample.value) if max_sample is not None else None,
+    )
+    if page.dtype is None or np.dtype(page.dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+        raise IngestError(
+            RejectReason.BAD_DTYPE,
+            f"{name}: TIFF samples are {page.dtype} ({page.bitspersample} bit, "
+            f"format {int(page.sampleformat)}); only 8/16-bit unsigned are accepted",
+        )
+    if samples not in (1, 2, 3, 4):
+        raise IngestError(RejectReason.BAD_CHANNELS, f"{name}: TIFF with {samples} samples/pixel")
+    photometric = TIFF_PHOTOMETRIC.get(int(page.photometric))
+    if photometric is None:
+        raise IngestError(
+            RejectReason.UNSUPPORTED_FORMAT, f"{name}: TIFF photometric {page.photometric!r}"
+        )
+    try:
+        tifffile.TIFF.DECOMPRESSORS[page.compression]
+    except KeyError as exc:
+        raise IngestError(
+            RejectReason.UNSUPPORTED_FORMAT, f"{name}: TIFF compression: {exc.args[0]}"
+        ) from None
+    frames = [n for n, ax in zip(series.shape, series.axes) if ax not in "YXS" and n != 1]
+    if frames:
+        raise IngestError(
+            RejectReason.MULTI_FRAME,
+            f"{name}: TIFF series of shape {series.shape} ({series.axes}): several frames",
+        )
+    if any(o + n > file_size for o, n in zip(page.dataoffsets, page.databytecounts)):
+        raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF image data past end of file")
+    return header, page, photometric
+
+
+def _declared_bits(max_sample_value: object) -> int | None:
+    values = np.atleast_1d(np.asarray(max_sample_value)).astype(np.int64)
+    top = int(values.max()) if values.size else 0
+    return top.bit_length() if 0 < top < 0xFFFF else None

@@ -1,0 +1,1 @@
+"""Messaging: the durable outbox, the MQTT publisher (the only code that talks MQTT), commands."""

@@ -1,0 +1,49 @@
+"""The broker password, read from a systemd credential when the publisher is built.
+
+The configuration names the credential (`mqtt.password_credential`); the secret itself lives in
+`$CREDENTIALS_DIRECTORY/<name>` (systemd `LoadCredential=`), never in the config file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from smearscope.service.config.mqtt import MqttConfig
+
+logger = logging.getLogger(__name__)
+
+
+class CredentialError(RuntimeError):
+    """A configured credential is not available (systemd LoadCredential= missing or unreadable)."""
+
+
+def read_password(config: MqttConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The broker password from `$CREDENTIALS_DIRECTORY/<password_credential>`, or None.
+
+    Raises CredentialError with the reason when a password is configured but not available.
+    """
+    if config.password_credential is None:
+        return None
+    env = os.environ if environ is None else environ
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise CredentialError(
+            f"MQTT password credential {config.password_credential!r} is configured but "
+            "$CREDENTIALS_DIRECTORY is not set; add "
+            f"'LoadCredential={config.password_credential}:<path>' to the systemd unit"
+        )
+    path = Path(directory) / config.password_credential
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CredentialError(
+            f"cannot read MQTT password credential {config.password_credential!r} at {path}: "
+            f"{exc.strerror or exc}"
+        ) from exc
+    password = raw.rstrip("\r\n")
+    if not password:
+        raise CredentialError(f"MQTT password credential at {path} is empty")
+    return password

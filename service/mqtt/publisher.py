@@ -1,0 +1,636 @@
+"""The station's MQTT publisher: the only module that talks MQTT.
+
+Field and report messages go through the durable `Outbox`: `publish_report()` only writes the
+outbox and wakes the drain thread, which hands messages to paho in order with at most
+`max_inflight` unacknowledged, and deletes each from the outbox on its PUBACK (PUBCOMP at QoS 2).
+After a reconnect (or a restart of the process) the unacknowledged ones are re-sent from the
+outbox, oldest first: paho's own copies are dropped in `on_connect` so the order holds and the
+client does not send them twice. Delivery is at-least-once; consumers dedupe by `message_id`
+(reports: `report_id`); see docs/MQTT.md.
+
+Availability: retained "online" on `<prefix>/<station>/status` in `on_connect`, retained "offline"
+as the Last Will and at clean stop. A connection counts as up only after a successful CONNACK;
+a refused one (bad password, not authorised) is logged with its reason code and exposed in `state`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, LogLevel, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from smearscope.service.config.mqtt import MqttConfig
+from smearscope.service.mqtt.command_worker import CommandHandler, CommandWorker
+from smearscope.service.mqtt.credentials import read_password
+from smearscope.service.mqtt.outbox import MessageKind, Outbox, OutboxMessage
+
+logger = logging.getLogger(__name__)
+
+ConnectionStatus = Literal["stopped", "connecting", "connected", "refused", "disconnected"]
+TelemetrySource = Callable[[], Mapping[str, Any]]
+
+ENVELOPE_VERSION = 1
+_UNSUPPORTED_PROTOCOL_VERSION = 0x84
+_STATION_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+_DRAIN_TICK_S = 0.5
+_FAILED_ACK_RETRY_S = 30.0
+#: paho's network loop says this when it finds no socket: after our own disconnect, or after a
+#: lost connection or failed reconnect, which on_disconnect / on_connect_fail report already.
+_PAHO_NO_SOCKET = "Client is not connected"
+#: ... and these when the connection breaks under it (broker killed, network gone): the outage
+#: itself, which on_disconnect reports as "connection lost"; a warning, with the socket's reason.
+_PAHO_SOCKET_LOST = ("failed to receive on socket", "timeout on socket")
+#: QoS>0 slots kept free of outbox traffic for the status message and command responses.
+_RESERVED_SLOTS = 4
+
+
+@dataclass(frozen=True)
+class PublisherState:
+    """A snapshot of the connection as the broker sees it (never more optimistic than that)."""
+
+    status: ConnectionStatus
+    protocol: Literal["MQTTv5", "MQTTv311"]
+    last_error: str | None = None
+    last_reason_code: int | None = None
+    connected_since: float | None = None
+    connects: int = 0
+    refusals: int = 0
+    in_flight: int = 0
+    delivered: int = 0
+    failed_acks: int = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.status == "connected"
+
+
+def build_envelope(
+    kind: MessageKind,
+    station_id: str,
+    report_id: str,
+    message_id: str,
+    schema_version: str,
+    created_at: float,
+    body: bytes,
+) -> bytes:
+    """Wrap a JSON body in the envelope (docs/MQTT.md) without re-encoding the body."""
+    json.loads(body)  # a malformed body is the producer's bug: fail here, not at the consumer
+    header = json.dumps(
+        {
+            "envelope_version": ENVELOPE_VERSION,
+            "kind": kind,
+            "station_id": station_id,
+            "report_id": report_id,
+            "message_id": message_id,
+            "schema_version": schema_version,
+            "created_at": datetime.fromtimestamp(created_at, timezone.utc).isoformat(),
+        },
+        separators=(",", ":"),
+    ).encode()
+    return header[:-1] + b',"body":' + body + b"}"
+
+
+class MqttPublisher:
+    """Publishes a station's status, field/report messages (via the outbox), telemetry and
+    command responses; receives commands on `<prefix>/<station>/cmd/<name>` and hands them to
+    a `CommandWorker` (service.mqtt.command_worker), whose answers it publishes."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        station_id: str,
+        outbox: Outbox,
+        *,
+        on_command: CommandHandler | None = None,
+        telemetry_source: TelemetrySource | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        if not _STATION_ID.match(station_id):
+            raise ValueError(f"station_id {station_id!r} must match {_STATION_ID.pattern}")
+        self.config = config
+        self.station_id = station_id
+        self.outbox = outbox
+        self.telemetry_source = telemetry_source
+        self._password = read_password(config, environ)  # fails now, before any thread starts
+        self.client_id = config.client_id or f"smearscope-{station_id}"
+        base = f"{config.topic_prefix}/{station_id}"
+        self.status_topic = f"{base}/status"
+        self.field_topic = f"{base}/field"
+        self.report_topic = f"{base}/report"
+        self.telemetry_topic = f"{base}/telemetry"
+        self.command_filter = f"{base}/cmd/#"
+        self._command_prefix = f"{base}/cmd/"
+        self._response_prefix = f"{base}/cmd_response/"
+
+        self._protocol = (
+            MQTTProtocolVersion.MQTTv311
+            if config.protocol == "3.1.1"
+            else MQTTProtocolVersion.MQTTv5
+        )
+        self._state_lock = threading.Lock()
+        self._state = PublisherState(status="stopped", protocol=self._protocol_name())
+        self._client: mqtt.Client | None = None
+        self._epoch = 0  # successful connections so far; the drain loop rewinds on change
+        self._send_window = config.max_inflight  # lowered to the broker's Receive Maximum
+        self._fallback_requested = False
+        self._stopping = False
+        self._wake = threading.Event()
+        self._stop_workers = threading.Event()
+        # (client, mid, reason code) from on_publish, or reason None for a message dropped at
+        # reconnect; consumed only by the drain thread, so a PUBACK that arrives before
+        # publish() has returned its mid cannot be lost or misattributed.
+        self._ack_events: queue.SimpleQueue[tuple[mqtt.Client, int, ReasonCode | None]] = (
+            queue.SimpleQueue()
+        )
+        self._inflight: dict[int, int] = {}  # mid -> outbox seq; drain thread only
+        self._inflight_seqs: set[int] = set()
+        self._commands = CommandWorker(
+            on_command, self._respond, self._stop_workers, tick_s=_DRAIN_TICK_S
+        )
+        self._paho_logger = logger.getChild("paho")  # filterable apart from ours
+        self._threads: list[threading.Thread] = []
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def state(self) -> PublisherState:
+        with self._state_lock:
+            return replace(self._state, in_flight=len(self._inflight))
+
+    def command_response_topic(self, name: str) -> str:
+        return self._response_prefix + name
+
+    def start(self) -> None:
+        """Connect in the background (never blocks on the network) and start the workers."""
+        if self._client is not None:
+            raise RuntimeError("publisher already started")
+        self._stopping = False
+        self._stop_workers.clear()
+        self._set_state(status="connecting", protocol=self._protocol_name())
+        self._client = self._new_client()
+        self._threads = [
+            threading.Thread(target=self._drain_loop, name="mqtt-drain", daemon=True),
+            threading.Thread(target=self._commands.run, name="mqtt-cmd", daemon=True),
+        ]
+        if self.telemetry_source is not None:
+            self._threads.append(
+                threading.Thread(target=self._telemetry_loop, name="mqtt-telemetry", daemon=True)
+            )
+        for thread in self._threads:
+            thread.start()
+
+    def publish_report(
+        self, kind: MessageKind, report_id: str, payload: bytes, schema_version: str
+    ) -> int:
+        """Store a field/report message (JSON body) in the outbox and wake the sender.
+
+        Returns the outbox sequence number. Never touches the network.
+        """
+        if kind not in ("field", "report"):
+            raise ValueError(f"kind must be 'field' or 'report', not {kind!r}")
+        message_id = uuid.uuid4().hex
+        created_at = time.time()
+        envelope = build_envelope(
+            kind, self.station_id, report_id, message_id, schema_version, created_at, payload
+        )
+        seq = self.outbox.put(
+            kind,
+            self.report_topic if kind == "report" else self.field_topic,
+            envelope,
+            report_id=report_id,
+            schema_version=schema_version,
+            qos=self.config.qos,
+            message_id=message_id,
+            created_at=created_at,
+        )
+        self._wake.set()
+        return seq
+
+    def publish_telemetry(self, values: Mapping[str, Any]) -> bool:
+        """Publish telemetry at QoS 0 if connected; it is not stored, so False means dropped."""
+        client = self._client
+        if client is None or not self.state.connected:
+            return False
+        info = client.publish(self.telemetry_topic, json.dumps(dict(values)), qos=0)
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def wait_until_connected(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.state.connected:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def wait_until_drained(self, timeout: float) -> bool:
+        """True once the outbox is empty (everything acknowledged) within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.outbox.counts().messages:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def stop(self, drain_timeout: float | None = None) -> None:
+        """Drain (bounded), publish retained "offline", disconnect and join the workers.
+
+        What is not acknowledged stays in the outbox for the next start.
+        """
+        client = self._client
+        if client is None:
+            return
+        timeout = self.config.stop_drain_timeout_s if drain_timeout is None else drain_timeout
+        if self.state.connected and not self.wait_until_drained(timeout):
+            logger.warning(
+                "stopping with %d messages still in the outbox; they are sent on next start",
+                self.outbox.counts().messages,
+            )
+        self._stop_workers.set()
+        self._wake.set()
+        self._commands.wake_to_stop()
+        for thread in self._threads:
+            thread.join(timeout=5.0)
+            if thread.is_alive():
+                logger.error("MQTT worker %s did not stop within 5 s", thread.name)
+        self._stopping = True
+        client = self._client  # the drain thread may have replaced it (protocol fallback)
+        assert client is not None
+        if self.state.connected:
+            info = client.publish(self.status_topic, "offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=2.0)
+            except (RuntimeError, ValueError) as exc:
+                logger.warning("could not publish retained offline status: %s", exc)
+        client.disconnect()
+        client.loop_stop()
+        self._client = None
+        self._set_state(status="stopped", connected_since=None)
+        logger.info("MQTT publisher stopped")
+
+    # ----------------------------------------------------------------- paho client
+
+    def _protocol_name(self) -> Literal["MQTTv5", "MQTTv311"]:
+        return "MQTTv5" if self._protocol == MQTTProtocolVersion.MQTTv5 else "MQTTv311"
+
+    def _new_client(self) -> mqtt.Client:
+        cfg = self.config
+        v5 = self._protocol == MQTTProtocolVersion.MQTTv5
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=self._protocol,
+            clean_session=None if v5 else True,
+        )
+        client.on_log = self._on_log
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, self._password)
+        if cfg.tls is not None:
+            client.tls_set(
+                ca_certs=str(cfg.tls.ca_file),
+                certfile=str(cfg.tls.certfile) if cfg.tls.certfile else None,
+                keyfile=str(cfg.tls.keyfile) if cfg.tls.keyfile else None,
+            )
+            client.tls_insecure_set(cfg.tls.insecure)
+        client.will_set(self.status_topic, "offline", qos=1, retain=True)
+        # The drain loop bounds outbox traffic to max_inflight; the slack is for status and
+        # command responses. Equal limits mean paho never parks a message in its "queued" state.
+        client.max_inflight_messages_set(cfg.max_inflight + 32)
+        client.max_queued_messages_set(cfg.max_inflight + 32)
+        client.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        if v5:
+            client.connect_async(cfg.host, cfg.port, cfg.keepalive, clean_start=True)
+        else:
+            client.connect_async(cfg.host, cfg.port, cfg.keepalive)
+        client.loop_start()
+        logger.info(
+            "MQTT connecting to %s:%d as %s (%s%s)",
+            cfg.host,
+            cfg.port,
+            self.client_id,
+            self._protocol_name(),
+            ", TLS" if cfg.tls else "",
+        )
+        return client
+
+    def _set_state(self, **changes: Any) -> None:
+        with self._state_lock:
+            self._state = replace(self._state, **changes)
+
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        """paho's log lines on `smearscope.service.mqtt.publisher.paho`, at paho's level except two: its loop
+        finding no socket while we are not connected (a clean stop, a lost connection, a failed
+        reconnect) is expected and already reported by our callbacks, so it goes to DEBUG; a socket
+        breaking under it (connection reset: the broker or network went away) is an outage, which
+        the daemon rides out with its outbox, so it is a WARNING, not an ERROR."""
+        std_level = mqtt.LOGGING_LEVEL[LogLevel(level)]
+        # Read without the lock: paho may call this with its own locks held.
+        state = self._state
+        if buf.startswith(_PAHO_NO_SOCKET) and (self._stopping or not state.connected):
+            std_level = logging.DEBUG
+        elif buf.startswith(_PAHO_SOCKET_LOST) and std_level > logging.WARNING:
+            std_level = logging.WARNING
+        self._paho_logger.log(std_level, "%s", buf)
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            self._on_refused(reason_code)
+            return
+        # MQTT 5: the broker says how many unacknowledged QoS>0 messages it accepts (mosquitto:
+        # 20); paho does not enforce it, so the drain loop does, leaving room for status traffic.
+        receive_maximum = getattr(properties, "ReceiveMaximum", None) or 65535
+        self._send_window = max(1, min(self.config.max_inflight, receive_maximum - _RESERVED_SLOTS))
+        # Unacked messages of the previous connection are re-sent from the outbox, in order, by
+        # the drain loop; paho would otherwise re-send them itself, ahead of or behind new ones.
+        # The drop events are queued before the epoch changes, so the drain loop sees them first.
+        for dropped in client.drop_out_messages():
+            self._ack_events.put((client, dropped.mid, None))
+        with self._state_lock:
+            self._epoch += 1
+            self._state = replace(
+                self._state,
+                status="connected",
+                last_error=None,
+                last_reason_code=0,
+                connected_since=time.time(),
+                connects=self._state.connects + 1,
+            )
+        logger.info(
+            "MQTT connected to %s:%d (%s, session present: %s)",
+            self.config.host,
+            self.config.port,
+            self._protocol_name(),
+            flags.session_present,
+        )
+        client.publish(self.status_topic, "online", qos=1, retain=True)
+        client.subscribe(self.command_filter, qos=1)
+        self._wake.set()
+
+    def _on_refused(self, reason_code: ReasonCode) -> None:
+        code = int(reason_code.value)
+        if (
+            code == _UNSUPPORTED_PROTOCOL_VERSION
+            and self.config.protocol == "auto"
+            and self._protocol == MQTTProtocolVersion.MQTTv5
+        ):
+            logger.warning("broker refused MQTT 5 (%s); falling back to MQTT 3.1.1", reason_code)
+            self._fallback_requested = True
+            self._wake.set()
+            return
+        message = (
+            f"broker {self.config.host}:{self.config.port} refused the connection: "
+            f"{reason_code.getName()} (reason code 0x{code:02x})"
+        )
+        with self._state_lock:
+            repeated = self._state.status == "refused" and self._state.last_reason_code == code
+            self._state = replace(
+                self._state,
+                status="refused",
+                last_error=message,
+                last_reason_code=code,
+                connected_since=None,
+                refusals=self._state.refusals + 1,
+            )
+        # Same refusal again (paho retries with backoff): keep the journal readable.
+        logger.log(logging.DEBUG if repeated else logging.ERROR, "%s", message)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        message = (
+            f"cannot reach broker {self.config.host}:{self.config.port} "
+            "(network, DNS or TLS failure); retrying"
+        )
+        with self._state_lock:
+            repeated = self._state.last_error == message
+            self._state = replace(
+                self._state, status="disconnected", last_error=message, last_reason_code=None
+            )
+        logger.log(logging.DEBUG if repeated else logging.WARNING, "%s", message)
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if self._stopping:
+            return
+        with self._state_lock:
+            was_connected = self._state.status == "connected"
+            if was_connected:
+                self._state = replace(
+                    self._state,
+                    status="disconnected",
+                    connected_since=None,
+                    last_error=f"connection lost: {reason_code.getName()}",
+                )
+        if was_connected:
+            logger.warning("MQTT connection lost (%s); reconnecting with backoff", reason_code)
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        # Runs with paho's message lock held: never take our locks or call paho here.
+        self._ack_events.put((client, mid, reason_code))
+        self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if not message.topic.startswith(self._command_prefix):
+            return
+        name = message.topic[len(self._command_prefix) :]
+        if message.retain:
+            logger.warning("ignoring retained (stale) command %r", name)
+            return
+        props = getattr(message, "properties", None)
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        if not self._commands.submit(name, bytes(message.payload), correlation):
+            logger.warning("command queue full; dropping command %r", name)
+            self._respond(name, {"ok": False, "error": "busy"}, correlation)
+
+    # ----------------------------------------------------------------- workers
+
+    def _drain_loop(self) -> None:
+        """Hand outbox messages to paho in order, at most max_inflight unacknowledged."""
+        cursor = 0  # highest seq handed over in this connection epoch
+        epoch_seen = 0
+        rewind_at: float | None = None
+        next_expiry = 0.0
+        while not self._stop_workers.is_set():
+            self._wake.wait(_DRAIN_TICK_S)
+            self._wake.clear()
+            try:
+                if self._fallback_requested:
+                    self._fall_back_to_311()
+                with self._state_lock:  # before the acks: see _on_connect
+                    epoch, connected = self._epoch, self._state.connected
+                if self._process_acks():
+                    rewind_at = time.monotonic() + _FAILED_ACK_RETRY_S
+                if epoch != epoch_seen or (rewind_at is not None and time.monotonic() >= rewind_at):
+                    # New connection or retry due: start over from the oldest unacked message.
+                    epoch_seen, cursor, rewind_at = epoch, 0, None
+                if not connected:
+                    continue
+                if self.config.field_message_expiry_s and time.monotonic() >= next_expiry:
+                    self.outbox.expire_fields(time.time() - self.config.field_message_expiry_s)
+                    next_expiry = time.monotonic() + 10.0
+                cursor = self._send_batch(cursor)
+            except Exception:
+                # A broken outbox or client must not kill the thread silently; retry next tick.
+                logger.exception("MQTT drain loop error")
+                time.sleep(_DRAIN_TICK_S)
+
+    def _send_batch(self, cursor: int) -> int:
+        client = self._client
+        assert client is not None
+        room = self._send_window - len(self._inflight)
+        while room > 0 and not self._stop_workers.is_set():
+            batch = self.outbox.pending(limit=room, after_seq=cursor)
+            if not batch:
+                break
+            sent: list[int] = []
+            for message in batch:
+                if message.seq in self._inflight_seqs:  # sent after a failed-ack rewind
+                    cursor = message.seq
+                    continue
+                info = client.publish(
+                    message.topic,
+                    message.payload,
+                    message.qos,
+                    message.retain,
+                    properties=self._properties(message),
+                )
+                if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                    # Not accepted by paho (queue full): retry this one on the next tick.
+                    logger.debug("paho refused outbox seq %d: %s", message.seq, info.rc)
+                    room = 0
+                    break
+                # SUCCESS, or NO_CONN (connection just dropped): paho holds it until on_connect
+                # drops it and the rewind re-sends it.
+                cursor = message.seq
+                self._inflight[info.mid] = message.seq
+                self._inflight_seqs.add(message.seq)
+                sent.append(message.seq)
+                room -= 1
+            self.outbox.mark_attempted(sent)
+        return cursor
+
+    def _properties(self, message: OutboxMessage) -> Properties | None:
+        if self._protocol != MQTTProtocolVersion.MQTTv5:
+            return None  # MQTT 3.1.1: the envelope carries the same metadata
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ContentType = message.content_type
+        props.PayloadFormatIndicator = 1
+        props.UserProperty = [
+            ("schema_version", message.schema_version),
+            ("report_id", message.report_id),
+            ("message_id", message.message_id),
+            ("kind", message.kind),
+        ]
+        expiry = self.config.field_message_expiry_s
+        if expiry and message.kind == "field":
+            props.MessageExpiryInterval = max(1, int(expiry - (time.time() - message.created_at)))
+        return props
+
+    def _process_acks(self) -> bool:
+        """Delete acknowledged messages from the outbox; True if the broker rejected any."""
+        acked: list[int] = []
+        rejected = False
+        while True:
+            try:
+                client, mid, reason_code = self._ack_events.get_nowait()
+            except queue.Empty:
+                break
+            if client is not self._client:
+                continue  # from a client replaced by the protocol fallback
+            seq = self._inflight.pop(mid, None)
+            if seq is None:
+                continue  # status, command response or telemetry, not an outbox message
+            self._inflight_seqs.discard(seq)
+            if reason_code is None:
+                continue  # dropped at reconnect; the rewind re-sends it
+            if reason_code.is_failure:
+                rejected = True
+                logger.warning(
+                    "broker rejected outbox message seq %d: %s (0x%02x); kept for retry",
+                    seq,
+                    reason_code.getName(),
+                    int(reason_code.value),
+                )
+                with self._state_lock:
+                    self._state = replace(self._state, failed_acks=self._state.failed_acks + 1)
+            else:
+                acked.append(seq)
+        if acked:
+            self.outbox.ack_many(acked)
+            with self._state_lock:
+                self._state = replace(self._state, delivered=self._state.delivered + len(acked))
+        return rejected
+
+    def _fall_back_to_311(self) -> None:
+        self._fallback_requested = False
+        old = self._client
+        self._protocol = MQTTProtocolVersion.MQTTv311
+        self._set_state(protocol="MQTTv311")
+        if old is not None:
+            old.disconnect()
+            old.loop_stop()
+        self._inflight.clear()  # the old client's queue died with it; the outbox re-sends
+        self._inflight_seqs.clear()
+        with self._state_lock:
+            self._epoch += 1
+        self._client = self._new_client()
+
+    def _respond(self, name: str, response: Mapping[str, Any], correlation: bytes | None) -> None:
+        client = self._client
+        if client is None:
+            return
+        props = None
+        if self._protocol == MQTTProtocolVersion.MQTTv5:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ContentType = "application/json"
+            if correlation is not None:
+                props.CorrelationData = correlation
+        try:
+            body = json.dumps(dict(response), default=str)
+        except (TypeError, ValueError) as exc:
+            body = json.dumps({"ok": False, "error": f"response not serialisable: {exc}"})
+        client.publish(self.command_response_topic(name), body, qos=1, properties=props)
+
+    def _telemetry_loop(self) -> None:
+        assert self.telemetry_source is not None
+        while not self._stop_workers.wait(self.config.telemetry_interval_s):
+            try:
+                self.publish_telemetry(self.telemetry_source())
+            except Exception:
+                logger.exception("telemetry source failed")

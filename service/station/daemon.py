@@ -1,0 +1,440 @@
+"""The station daemon: opens the station's resources, runs its workers, supervises and stops them.
+
+    capture ──frames──▶ analysis ──reports──▶ outbox writer ──▶ Outbox ──▶ MqttPublisher (drain)
+       ▲ FrameSource      ▲ requests (commands)                               │ cmd/#, telemetry
+       └ QualityGate      └ SpecimenTracker                                   ▼
+
+The worker threads and their queues are `station.workers`; the MQTT commands are
+`station.commands`; the counters and the end-of-run ledger are `station.daemon_summary`; what
+stops a start, and the production analyzer factory, are `station.startup`.
+
+Stopping: the capture worker watches the daemon's stop Event (set by SIGTERM/SIGINT, `--max-fields`,
+the end of the source, a dead worker); the analysis and writer workers stop only at their
+sentinels, so whatever was captured is drained. Shutdown: STOPPING=1, the source is closed,
+the capture thread enqueues its sentinel, the analysis thread drains what was captured, closes an
+open specimen run (its final report is published) and enqueues the reports sentinel; the writer
+stores everything; the publisher drains (bounded) and publishes retained "offline". Every join has
+a timeout. SIGHUP reloads the config file (as the `reload` command does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from smearscope.device.frame import Frame
+from smearscope.device.quality import QualityGate
+from smearscope.device.sources import FrameSource, SourceConfigurationError, open_source
+from smearscope.device.telemetry import TelemetryReader
+from smearscope.service.config import (
+    EXIT_CONFIG,
+    ConfigError,
+    StationConfig,
+    load_config,
+    print_config_errors,
+)
+from smearscope.service.mqtt.credentials import CredentialError
+from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
+from smearscope.service.mqtt.publisher import MqttPublisher
+from smearscope.service.station.commands import StationCommands
+from smearscope.service.station.daemon_summary import print_ledger
+from smearscope.service.station.notify import (
+    ProgressWatchdog,
+    SystemdNotifier,
+    watchdog_interval_from_env,
+)
+from smearscope.service.station.specimen import SpecimenPolicy, SpecimenTracker
+from smearscope.service.station.startup import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    AnalyzerFactory,
+    AnalyzerLike,
+    StartupError,
+    build_analyzer,
+)
+from smearscope.service.station.work_queue import TICK_S
+from smearscope.service.station.workers import THREAD_NAMES, StationWorkers
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "StartupError", "StationDaemon", "build_analyzer",
+           "main", "run_daemon"]
+
+#: All worker joins at shutdown share this budget; with the publisher's drain
+#: (mqtt.stop_drain_timeout_s, 10 s by default) it stays inside the unit's TimeoutStopSec=45.
+_JOIN_BUDGET_S = 25.0
+_BROKER_NOTICE_AFTER_S = 3.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class StationDaemon:
+    """Owns the source, analyzer, outbox and publisher of one station process, and its workers."""
+
+    def __init__(
+        self,
+        config: StationConfig,
+        *,
+        analyzer_factory: AnalyzerFactory = build_analyzer,
+        config_path: Path | None = None,
+        max_fields: int | None = None,
+        environ: Mapping[str, str] | None = None,
+        announce: Callable[[str], None] | None = None,
+        log_level_override: str | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.max_fields = max_fields
+        #: A log level given on the command line; it wins over the config's (also on reload).
+        self.log_level_override = log_level_override
+        self._environ = environ
+        self._analyzer_factory = analyzer_factory
+        self._announce = announce or (lambda text: None)
+        self._stop = threading.Event()
+        self._stop_reason = ""
+        self._reload_requested = threading.Event()
+        self._fatal: list[str] = []
+        self._started_at = time.monotonic()
+        self._broker_noticed = False
+        self.notifier = SystemdNotifier(environ=environ)
+        self.watchdog = ProgressWatchdog(
+            self.notifier, interval_s=watchdog_interval_from_env(environ),
+            stall_timeout_s=config.watchdog.stall_timeout_s,
+        )
+        self.gate = QualityGate(config.quality)
+        self.tracker = SpecimenTracker(SpecimenPolicy.from_config(config.specimen),
+                                       station_id=config.station_id)
+        self.commands = StationCommands(self, environ)
+        self.workers = StationWorkers(
+            source_kind=config.source.kind, gate=self.gate, tracker=self.tracker,
+            commands=self.commands, watchdog=self.watchdog, stop=self._stop,
+            request_stop=self.request_stop, max_fields=max_fields,
+            scale_override=config.analysis.microns_per_pixel,
+        )
+        self.stats, self.ledger, self.outcomes = (self.workers.stats, self.workers.ledger,
+                                                  self.workers.outcomes)
+        self._telemetry_reader = TelemetryReader()
+        self.outbox: Outbox | None = None
+        self.publisher: MqttPublisher | None = None
+        self.source: FrameSource | None = None
+        self.analyzer: AnalyzerLike | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def request_stop(self, why: str) -> None:
+        """Ask for an orderly shutdown (signal handlers, max_fields, source end). Idempotent."""
+        if not self._stop.is_set():
+            self._stop_reason = why
+            logger.info("stopping: %s", why)
+            self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload_requested.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> int:
+        """Start, supervise until asked to stop, shut down; the process exit code."""
+        try:
+            self.start()
+        except BaseException:
+            self._close_resources()
+            raise
+        try:
+            self.supervise()
+        finally:
+            code = self.shutdown()
+        return code
+
+    def start(self) -> None:
+        """Open everything, warm the engines, start the threads, then READY=1.
+
+        Raises StartupError (config field and reason, or an operational reason)."""
+        cfg = self.config
+        self.watchdog.start()
+        self.notifier.status("starting: opening outbox, source and engines")
+        box = cfg.mqtt.outbox
+        try:
+            self.outbox = Outbox.from_config(box)
+        except OutboxLockedError as exc:
+            raise StartupError(None, f"{exc} (is another smearscope running?)") from exc
+        except Exception as exc:  # sqlite3 or OS error: the configured path is unusable
+            raise StartupError("mqtt.outbox.path", f"cannot open {box.path}: {exc}") from exc
+        try:
+            self.publisher = MqttPublisher(cfg.mqtt, cfg.station_id, self.outbox,
+                                           on_command=self.handle_command,
+                                           telemetry_source=self._telemetry,
+                                           environ=self._environ)
+        except CredentialError as exc:
+            raise StartupError("mqtt.password_credential", str(exc)) from exc
+        try:
+            self.source = open_source(cfg.source)
+        except SourceConfigurationError as exc:
+            raise StartupError("source.path" if hasattr(cfg.source, "path") else "source.kind",
+                               str(exc)) from exc
+        t0 = time.monotonic()
+        self.analyzer = self._analyzer_factory(cfg)  # loads and warms the engines
+        logger.info("engines loaded and warm in %.1f s", time.monotonic() - t0)
+        self.publisher.start()
+        self.workers.start(self.source, self.analyzer, self.publisher)
+        self._started_at = time.monotonic()
+        self.notifier.ready(self.status_line())
+        logger.info("station %s ready (source %s, frames queue %s)", cfg.station_id,
+                    cfg.source.kind, self.workers.frames.policy)
+
+    def supervise(self) -> None:
+        """Main-thread loop: STATUS= on change, reloads, broker notice, worker health."""
+        last_status = ""
+        while not self._stop.wait(1.0 if self.notifier.enabled else TICK_S):
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                logger.info("reload: %s", self.reload())
+            line = self.status_line()
+            if line != last_status:
+                self.notifier.status(line)
+                last_status = line
+            if time.monotonic() - self._started_at > _BROKER_NOTICE_AFTER_S:
+                self._notice_missing_broker()
+            dead = self.workers.dead_threads()
+            if dead and not self._stop.is_set():
+                self._fatal.append(f"worker thread(s) ended unexpectedly: {', '.join(dead)}")
+                self.request_stop(self._fatal[-1])
+
+    def _notice_missing_broker(self) -> None:
+        """Say once, in the log and to the user, that reports are held because no broker answers."""
+        if self._broker_noticed or self.publisher is None or self.publisher.state.connected:
+            return
+        self._broker_noticed = True
+        m, state = self.config.mqtt, self.publisher.state
+        text = (f"no MQTT broker answered at {m.host}:{m.port} "
+                f"({state.last_error or 'no connection yet'}); reports are kept in the outbox "
+                f"{m.outbox.path} and sent when the broker answers")
+        logger.warning("%s", text)
+        self._announce(text)
+
+    def shutdown(self) -> int:
+        """Drain in-flight work, publish the open run's report, go offline; the exit code."""
+        self.request_stop("shutdown")
+        self.notifier.stopping(f"stopping ({self._stop_reason}): {self.status_line()}")
+        if self.source is not None:
+            self.source.close()
+        deadline = time.monotonic() + _JOIN_BUDGET_S
+        for name in THREAD_NAMES:  # producers first
+            thread = self.workers.threads.get(name)
+            if thread is not None:
+                thread.join(max(0.1, deadline - time.monotonic()))
+                if thread.is_alive():
+                    self._fatal.append(f"{name} thread did not stop within the shutdown budget "
+                                       f"({_JOIN_BUDGET_S:.0f} s)")
+                    logger.error("%s", self._fatal[-1])
+        if self.publisher is not None and self.publisher.state.connects == 0:
+            self._notice_missing_broker()
+        self._close_resources()
+        snap = self.stats.snapshot()
+        logger.info("stopped: %d fields analysed, %d rejected, %d failed, %d reports stored, "
+                    "%d lost", snap["analysed"], sum(snap["rejected"].values()),
+                    sum(snap["failed"].values()), snap["stored"], snap["lost"])
+        failed = self._fatal or self.workers.failures or snap["lost"]
+        return EXIT_FAILURE if failed else EXIT_OK
+
+    def _close_resources(self) -> None:
+        if self.publisher is not None:
+            self.publisher.stop()  # bounded drain, retained "offline", disconnect
+        self.watchdog.stop()
+        close = getattr(self.analyzer, "close", None)
+        if close is not None:
+            close()
+        if self.source is not None:
+            self.source.close()
+        self._telemetry_reader.close()
+        if self.outbox is not None:
+            self.outbox.close()
+        self.notifier.close()
+
+    # ------------------------------------------------------------------ commands
+
+    def handle_command(self, name: str, arguments: dict[str, Any]) -> Mapping[str, Any]:
+        """MQTT cmd/<name> (called on the publisher's command thread); the response body."""
+        return self.commands.handle(name, arguments)
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply its live sections (see service.station.commands)."""
+        return self.commands.reload()
+
+    def analyse(self, frame: Frame) -> dict[str, Any]:
+        """Analyse one accepted frame on the calling thread (see StationWorkers.analyse)."""
+        return self.workers.analyse(frame)
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        snap = self.stats.snapshot()
+        progress = self.tracker.progress()
+        out: dict[str, Any] = {
+            "station_id": self.config.station_id,
+            "state": "stopping" if self._stop.is_set() else "running",
+            "uptime_s": round(time.monotonic() - self._started_at, 1),
+            "fields_analysed": snap["analysed"],
+            "rejected": snap["rejected"],
+            "failed": snap["failed"],
+            "frames_dropped": self.workers.frames.dropped,
+            "source_rejected_files": getattr(self.source, "rejected_count", 0),
+            "reports_stored": snap["stored"],
+            "reports_lost": snap["lost"],
+            "run": progress.as_dict() if progress else None,
+            "stalled_work": self.watchdog.stalled_work(),
+        }
+        if self.outbox is not None:
+            out["outbox"] = dataclasses.asdict(self.outbox.counts())
+        if self.publisher is not None:
+            st = self.publisher.state
+            out["broker"] = {"status": st.status, "last_error": st.last_error,
+                             "delivered": st.delivered, "in_flight": st.in_flight}
+        return out
+
+    def status_line(self) -> str:
+        snap = self.stats.snapshot()
+        rejected = sum(snap["rejected"].values()) + getattr(self.source, "rejected_count", 0)
+        failed = sum(snap["failed"].values())
+        parts = [f"{snap['analysed']} fields analysed, {rejected} rejected, {failed} failed"]
+        progress = self.tracker.progress()
+        if progress is not None:
+            parts.append(f"run {progress.run_id[:8]} {progress.classified_wbc}/"
+                         f"{progress.target_wbc} WBC")
+        if self.outbox is not None:
+            counts = self.outbox.counts()
+            parts.append(f"outbox {counts.messages} ({counts.reports} reports)")
+        if self.publisher is not None:
+            parts.append(f"broker {self.publisher.state.status}")
+        return "; ".join(parts)
+
+    def _telemetry(self) -> dict[str, Any]:
+        snap = self.stats.snapshot()
+        pipeline = {"fields_analysed": snap["analysed"],
+                    "rejected": sum(snap["rejected"].values()),
+                    "failed": sum(snap["failed"].values()),
+                    "frames_dropped": self.workers.frames.dropped,
+                    "outbox_messages": self.outbox.counts().messages if self.outbox else None}
+        return {**self._telemetry_reader.read(), "pipeline": pipeline}
+
+
+# ---------------------------------------------------------------------- entry points
+
+
+def _install_signal_handlers(daemon: StationDaemon) -> Callable[[], None]:
+    """SIGTERM/SIGINT stop, SIGHUP reloads; returns a function restoring the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # embedded in a test thread: the caller stops it
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        daemon.request_stop(f"signal {signal.Signals(signum).name}")
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        daemon.request_reload()
+
+    previous = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup))}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
+def _load(config_path: Path | None, environ: Mapping[str, str] | None) -> StationConfig:
+    if config_path is None:
+        from smearscope.service.station.embedded import embedded_config
+
+        return embedded_config(environ)
+    return load_config(config_path, environ)
+
+
+def run_daemon(
+    config_path: Path | None,
+    max_fields: int | None = None,
+    *,
+    analyzer_factory: AnalyzerFactory = build_analyzer,
+    environ: Mapping[str, str] | None = None,
+    out: TextIO | None = None,
+    log_level: str | None = None,
+) -> int:
+    """`smearscope run`: the station daemon until SIGTERM/SIGINT (or `max_fields` fields).
+
+    Without a config file the embedded simulated station runs (service.station.embedded). The root
+    logger runs at `log_level` when given (the command line's `--log-level`), else at the
+    config's `log_level`. Exit codes: 0 after an orderly stop, 78 for configuration errors
+    (each printed as `field: reason`), 1 for other failures."""
+    out = sys.stdout if out is None else out
+    if max_fields is not None and max_fields < 1:
+        print("--max-fields: must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    if log_level is not None:
+        log_level = log_level.upper()
+        if log_level not in LOG_LEVELS:
+            print(f"--log-level: unknown level {log_level!r}", file=sys.stderr)
+            return EXIT_CONFIG
+    try:
+        config = _load(config_path, environ)
+    except ConfigError as exc:
+        print_config_errors(exc, config_path or "embedded config")
+        return EXIT_CONFIG
+    root_level = logging.getLogger().level
+    logging.getLogger().setLevel(log_level or config.log_level)
+    interactive = config_path is None or max_fields is not None
+    if config_path is None:
+        print(f"smearscope: embedded station '{config.station_id}' (simulated source, models "
+              f"{config.analysis.models_dir}, MQTT {config.mqtt.host}:{config.mqtt.port}, outbox "
+              f"{config.mqtt.outbox.path})", file=out, flush=True)
+    daemon = StationDaemon(
+        config, analyzer_factory=analyzer_factory, config_path=config_path,
+        max_fields=max_fields, environ=environ, log_level_override=log_level,
+        announce=(lambda text: print(f"smearscope: {text}", file=out, flush=True))
+        if interactive else None,
+    )
+    restore = _install_signal_handlers(daemon)
+    try:
+        code = daemon.run()
+    except StartupError as exc:
+        print(f"{exc.field or 'smearscope'}: {exc.reason}", file=sys.stderr)
+        return exc.exit_code
+    except Exception:
+        logger.exception("station %s failed to start", config.station_id)
+        return EXIT_FAILURE
+    finally:
+        restore()
+        logging.getLogger().setLevel(root_level)
+    if max_fields is not None:
+        print_ledger(daemon.ledger, daemon.config.mqtt, out)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m smearscope.service.station.daemon [--config FILE] [--max-fields N] [--log-level LEVEL]`
+    (same as `smearscope run`)."""
+    ap = argparse.ArgumentParser(prog="python -m smearscope.service.station.daemon", description=main.__doc__)
+    ap.add_argument("--config", type=Path, default=None)
+    ap.add_argument("--max-fields", type=int, default=None)
+    ap.add_argument("--log-level", type=str.upper, default=None, choices=LOG_LEVELS,
+                    help="log threshold; overrides the config's log_level (default: the config's)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level or "INFO", stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    return run_daemon(args.config, args.max_fields, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    # Run the imported module, not this __main__ copy, so loggers are named smearscope.service.station.daemon.
+    from smearscope.service.station.daemon import main as _main
+
+    sys.exit(_main())

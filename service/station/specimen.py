@@ -1,0 +1,280 @@
+"""Specimen runs: one slide analysed field by field until enough white cells are classified.
+
+A `SpecimenRun` accumulates the classified cells of the fields a technician moves through; its
+report is `aggregate()` over all of them (the differential's Wilson 95% intervals narrow as cells
+accumulate). A run starts by command or automatically on the first field (`auto_start`), and ends
+when its target of classified WBC is reached, by command, after `idle_timeout_s` without a field,
+or at shutdown; only the target makes it complete. `SpecimenTracker` holds at most one open run
+and applies that policy; it is driven by one thread (the daemon's analysis thread) and may be read
+from any thread. Time comes from an injected clock, so all of this is testable without waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
+from smearscope.service.analysis.classify import UNIDENTIFIED
+from smearscope.service.analysis.pipeline import FieldResult
+from smearscope.service.analysis.records import CellKind, ClassifiedCell
+from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Report
+from smearscope.service.config import SpecimenConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLDS = AggregateThresholds()
+
+EndReason = Literal["target_reached", "stopped", "idle_timeout", "shutdown"]
+StartedBy = Literal["auto", "command"]
+
+
+class RunAlreadyOpen(RuntimeError):
+    """start() while a run is open: the technician must stop it first."""
+
+
+@dataclass(frozen=True)
+class SpecimenPolicy:
+    """When runs start and end. `auto_start`: the first field without an open run starts one."""
+
+    target_wbc: int = 100
+    idle_timeout_s: float = 300.0
+    auto_start: bool = True
+
+    def __post_init__(self) -> None:
+        if self.target_wbc < 1 or self.idle_timeout_s <= 0:
+            raise ValueError("target_wbc must be >= 1 and idle_timeout_s > 0")
+
+    @classmethod
+    def from_config(cls, specimen_config: SpecimenConfig) -> SpecimenPolicy:
+        """From `StationConfig.specimen` (whose `target_wbc_count` is the policy's `target_wbc`)."""
+        return cls(
+            target_wbc=specimen_config.target_wbc_count,
+            idle_timeout_s=specimen_config.idle_timeout_s,
+            auto_start=specimen_config.auto_start,
+        )
+
+
+def is_classified_wbc(cell: ClassifiedCell) -> bool:
+    """A white cell the head named with confidence (unidentified cells go to review, not count)."""
+    return cell.detection.kind is CellKind.WBC and cell.label not in (None, UNIDENTIFIED)
+
+
+def field_id_of(report: Report) -> str:
+    return report.source.frame_id if report.source is not None else report.report_id
+
+
+@dataclass
+class SpecimenRun:
+    """The fields of one slide and their cells, in arrival order."""
+
+    target_wbc: int
+    started_at: float
+    started_by: StartedBy = "auto"
+    run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    field_ids: list[str] = field(default_factory=list)
+    cells: list[ClassifiedCell] = field(default_factory=list)
+    records: list[CellRecord] = field(default_factory=list)
+    models: dict[str, ModelInfo] = field(default_factory=dict)
+    classified_wbc: int = 0
+    last_field_at: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.classified_wbc >= self.target_wbc
+
+    @property
+    def last_activity(self) -> float:
+        return self.started_at if self.last_field_at is None else self.last_field_at
+
+    def add(self, result: FieldResult, now: float) -> bool:
+        """Accumulate one field; False (and nothing counted) for a field already in the run."""
+        report = result.report
+        fid = field_id_of(report)
+        if fid in self.field_ids:
+            logger.warning("run %s: field %s already counted; ignored", self.run_id, fid)
+            return False
+        if len(report.cells) != len(result.cells):
+            raise ValueError(
+                f"field {fid}: {len(report.cells)} records for {len(result.cells)} cells")
+        self.field_ids.append(fid)
+        self.cells.extend(result.cells)
+        self.records.extend(r.model_copy(update={"field_id": fid}) for r in report.cells)
+        self.classified_wbc += sum(1 for c in result.cells if is_classified_wbc(c))
+        self.models = self.models or dict(report.models)
+        self.last_field_at = now
+        return True
+
+    def report(
+        self,
+        *,
+        station_id: str | None,
+        now: float,
+        end_reason: EndReason | None = None,
+        thresholds: AggregateThresholds = DEFAULT_THRESHOLDS,
+    ) -> Report:
+        """The specimen report over every cell so far; `end_reason` None gives an interim one."""
+        agg = aggregate(self.cells, thresholds)
+        flags = list(agg.flags)
+        progress = (f"{self.classified_wbc} of {self.target_wbc} target WBC classified in "
+                    f"{len(self.field_ids)} fields")
+        if self.complete:
+            flags.append(Flag(code="specimen_complete", severity="info", message=progress))
+        elif end_reason is not None:
+            flags.append(Flag(code="specimen_incomplete", severity="warning",
+                              message=f"run ended ({end_reason}) with {progress}: review"))
+        else:
+            flags.append(Flag(code="specimen_in_progress", severity="info", message=progress))
+        return Report(
+            report_id=str(uuid.uuid4()), kind="specimen", created_at=now, station_id=station_id,
+            run_id=self.run_id, fields_analyzed=len(self.field_ids), source=None,
+            models=self.models, counts=agg.counts, wbc_differential=agg.wbc_differential,
+            rbc_morphology=agg.rbc_morphology, rbc_size=agg.rbc_size, ratios=agg.ratios,
+            flags=flags, cells=list(self.records),
+            timing_ms={"run_ms": round(1000.0 * (now - self.started_at), 1)},
+        )
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """A read-only view of the open run (status command, STATUS= line, telemetry)."""
+
+    run_id: str
+    started_by: StartedBy
+    started_at: float
+    fields: int
+    classified_wbc: int
+    target_wbc: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {"run_id": self.run_id, "started_by": self.started_by, "started_at": self.started_at,
+                "fields": self.fields, "classified_wbc": self.classified_wbc,
+                "target_wbc": self.target_wbc}
+
+
+@dataclass(frozen=True)
+class ClosedRun:
+    """A run that ended; `report` is None when it ended without a single field."""
+
+    run_id: str
+    end_reason: EndReason
+    fields: int
+    classified_wbc: int
+    target_wbc: int
+    report: Report | None
+
+    @property
+    def complete(self) -> bool:
+        return self.end_reason == "target_reached"
+
+
+class SpecimenTracker:
+    """At most one open run, started and ended by the policy; mutated by a single thread."""
+
+    def __init__(
+        self,
+        policy: SpecimenPolicy,
+        station_id: str | None = None,
+        thresholds: AggregateThresholds = DEFAULT_THRESHOLDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._policy = policy
+        self._station_id = station_id
+        self._thresholds = thresholds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._run: SpecimenRun | None = None
+
+    @property
+    def policy(self) -> SpecimenPolicy:
+        return self._policy
+
+    def set_policy(self, policy: SpecimenPolicy) -> None:
+        """New target applies to runs started from now on; the idle timeout applies at once."""
+        with self._lock:
+            self._policy = policy
+
+    def progress(self) -> RunProgress | None:
+        with self._lock:
+            run = self._run
+            if run is None:
+                return None
+            return RunProgress(run.run_id, run.started_by, run.started_at, len(run.field_ids),
+                               run.classified_wbc, run.target_wbc)
+
+    def interim_report(self) -> Report | None:
+        """The open run's report so far (not published by the daemon; for review and tests)."""
+        with self._lock:
+            if self._run is None:
+                return None
+            return self._run.report(station_id=self._station_id, now=self._clock(),
+                                    thresholds=self._thresholds)
+
+    def start(self, started_by: StartedBy = "command", target_wbc: int | None = None) -> str:
+        """Open a run and return its id; RunAlreadyOpen if one is open."""
+        with self._lock:
+            if self._run is not None:
+                raise RunAlreadyOpen(f"run {self._run.run_id} is open; stop it first")
+            target = self._policy.target_wbc if target_wbc is None else int(target_wbc)
+            if target < 1:
+                raise ValueError("target_wbc must be >= 1")
+            self._run = SpecimenRun(target_wbc=target, started_at=self._clock(),
+                                    started_by=started_by)
+            logger.info("specimen run %s started (%s, target %d WBC)",
+                        self._run.run_id, started_by, target)
+            return self._run.run_id
+
+    def run_for_next_field(self) -> str | None:
+        """The run the next field joins: the open one, or a new one when auto-start is on."""
+        with self._lock:
+            if self._run is not None:
+                return self._run.run_id
+            if not self._policy.auto_start:
+                return None
+        return self.start(started_by="auto")
+
+    def add(self, result: FieldResult) -> tuple[FieldResult, ClosedRun | None]:
+        """Add a field to the open run (stamping its report with the run id) and close the run
+        when the field reached the target. Without an open run the field stands alone."""
+        with self._lock:
+            run = self._run
+        if run is None:
+            if result.report.run_id is not None:
+                result = replace(result, report=result.report.model_copy(update={"run_id": None}))
+            return result, None
+        if result.report.run_id != run.run_id:  # the run changed while the field was analysed
+            result = replace(result, report=result.report.model_copy(update={"run_id": run.run_id}))
+        with self._lock:
+            run.add(result, self._clock())
+        if run.complete:
+            return result, self.stop("target_reached")
+        return result, None
+
+    def check_idle(self) -> ClosedRun | None:
+        """End the open run if no field arrived for the idle timeout."""
+        with self._lock:
+            run = self._run
+            if run is None or self._clock() - run.last_activity < self._policy.idle_timeout_s:
+                return None
+        return self.stop("idle_timeout")
+
+    def stop(self, end_reason: EndReason = "stopped") -> ClosedRun | None:
+        """Close the open run and build its final report; None when no run is open."""
+        with self._lock:
+            run, self._run = self._run, None
+        if run is None:
+            return None
+        report = None
+        if run.field_ids:
+            report = run.report(station_id=self._station_id, now=self._clock(),
+                                end_reason=end_reason, thresholds=self._thresholds)
+        logger.info("specimen run %s ended (%s): %d fields, %d/%d WBC classified%s",
+                    run.run_id, end_reason, len(run.field_ids), run.classified_wbc,
+                    run.target_wbc, "" if report else "; no fields, no report")
+        return ClosedRun(run.run_id, end_reason, len(run.field_ids), run.classified_wbc,
+                         run.target_wbc, report)

@@ -1,0 +1,71 @@
+"""Starting a station: the error that stops it, and the production analyzer factory.
+
+`StartupError` names the config field at fault (exit 78: restarting cannot help) or none (an
+operational failure, exit 1). `build_analyzer` loads and warms the engines from
+`analysis.models_dir`; tests hand the daemon another `AnalyzerFactory`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from smearscope.device.frame import Frame
+from smearscope.service.analysis.pipeline import FieldResult
+from smearscope.service.config import EXIT_CONFIG, StationConfig
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+class AnalyzerLike(Protocol):
+    def analyze(self, frame: Frame, run_id: str | None = None) -> FieldResult: ...
+
+
+AnalyzerFactory = Callable[[StationConfig], AnalyzerLike]
+
+
+class StartupError(Exception):
+    """The daemon cannot start; `field` names the config field at fault (exit 78) or is None."""
+
+    def __init__(self, field: str | None, reason: str) -> None:
+        super().__init__(f"{field}: {reason}" if field else reason)
+        self.field = field
+        self.reason = reason
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CONFIG if self.field else EXIT_FAILURE
+
+
+def build_analyzer(config: StationConfig) -> AnalyzerLike:
+    """The production analyzer: engines from `analysis.models_dir`, loaded and warmed up."""
+    from smearscope.engines.base import EngineError
+    from smearscope.engines.manifest import ManifestError
+    from smearscope.service.analysis.pipeline import MODEL_FILES, Analyzer, AnalyzerOptions
+    from smearscope.service.analysis.roi import RoiFilter
+
+    a = config.analysis
+    missing = [f for f in MODEL_FILES.values() if not (a.models_dir / f).is_file()]
+    if missing:
+        raise StartupError("analysis.models_dir", f"{a.models_dir} has no {', '.join(missing)}; "
+                           "train and export the models or point analysis.models_dir at them")
+    options = AnalyzerOptions(
+        tile_size=a.tile_size, tile_overlap=a.tile_overlap, stain_method=a.stain_normalization,
+        detector_views=None if a.detector_views is None else tuple(a.detector_views),
+        rbc_views=None if a.rbc_head_views is None else tuple(a.rbc_head_views),
+        wbc_views=None if a.wbc_head_views is None else tuple(a.wbc_head_views),
+        roi=RoiFilter(min_confidence=a.min_confidence, min_area_um2=a.min_area_um2,
+                      max_aspect=a.max_aspect_ratio),
+    )
+    engine_options = {}
+    if a.engine_backend == "tensorrt":
+        engine_options = {"precision": a.tensorrt_precision, "lanes": a.tensorrt_lanes, "cuda": a.cuda_api}
+    try:
+        return Analyzer.from_models_dir(a.models_dir, backend=a.engine_backend, options=options,
+                                        station_id=config.station_id, **engine_options)
+    except (EngineError, ManifestError) as exc:
+        raise StartupError("analysis.models_dir", str(exc)) from exc

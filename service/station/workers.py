@@ -1,0 +1,301 @@
+"""The station's three worker threads and the bounded queues between them.
+
+    capture ──frames──▶ analysis ──reports──▶ outbox writer ──▶ MqttPublisher's outbox
+       ▲ FrameSource      ▲ command requests (service.station.commands)
+       └ QualityGate      └ SpecimenTracker
+
+Queues and what each does when full (named policies, see service.station.work_queue):
+  frames    keep_newest (camera, simulated: a live view, stale frames are worthless) or
+            block (folder, replay: every file is analysed; the folder source has already moved it)
+  reports   block (reports are never dropped; the outbox behind it is durable)
+
+The capture thread watches the daemon's stop Event; the analysis and writer threads stop only at
+their sentinels, so whatever was captured is drained. At its end the analysis thread serves the
+last command requests and closes an open specimen run, so its final report is stored. A frame
+that fails (bad input, analysis exception) is logged with its reason code, counted, and the
+workers go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from smearscope.device.frame import Frame
+from smearscope.device.quality import QualityGate
+from smearscope.device.sources import FrameSource
+from smearscope.service.analysis.report import SCHEMA_VERSION, Report
+from smearscope.service.ingest import IngestError
+from smearscope.service.mqtt.publisher import MqttPublisher
+from smearscope.service.station.commands import StationCommands
+from smearscope.service.station.daemon_summary import Stats, StoredReport
+from smearscope.service.station.notify import ProgressWatchdog
+from smearscope.service.station.specimen import ClosedRun, SpecimenTracker
+from smearscope.service.station.startup import AnalyzerLike
+from smearscope.service.station.work_queue import SENTINEL, TICK_S, BoundedQueue, DropPolicy
+
+logger = logging.getLogger(__name__)
+
+#: Live sources may drop stale frames; recorded ones must block (see the module docstring).
+FRAME_POLICY: Mapping[str, DropPolicy] = {
+    "camera": "keep_newest", "simulated": "keep_newest", "folder": "block", "replay": "block",
+}
+#: The order in which shutdown joins the threads: producers first.
+THREAD_NAMES = ("capture", "analysis", "report-writer")
+
+
+@dataclass
+class _Work:
+    frame: Frame
+    on_drop: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    kind: Literal["field", "report"]
+    report: Report
+
+
+class StationWorkers:
+    """capture -> analysis -> outbox writer, with their queues, counters and ledger."""
+
+    def __init__(
+        self,
+        *,
+        source_kind: str,
+        gate: QualityGate,
+        tracker: SpecimenTracker,
+        commands: StationCommands,
+        watchdog: ProgressWatchdog,
+        stop: threading.Event,
+        request_stop: Callable[[str], None],
+        max_fields: int | None,
+        scale_override: float | None,
+    ) -> None:
+        self.gate, self.tracker, self.commands, self.watchdog = gate, tracker, commands, watchdog
+        self._stop, self._request_stop = stop, request_stop
+        self.max_fields = max_fields
+        self.scale_override = scale_override
+        self.stats = Stats()
+        self.ledger: deque[StoredReport] = deque(maxlen=10_000)
+        self.outcomes: deque[tuple[str, str, str | None]] = deque(maxlen=10_000)
+        #: Why a worker failed; any entry makes the daemon exit non-zero.
+        self.failures: list[str] = []
+        self.frames: BoundedQueue[_Work] = BoundedQueue(
+            "frames", 2, FRAME_POLICY.get(source_kind, "block"))
+        self._reports: BoundedQueue[_Outgoing] = BoundedQueue("reports", 64, "block")
+        self.threads: dict[str, threading.Thread] = {}
+        self.source: FrameSource | None = None
+        self.analyzer: AnalyzerLike | None = None
+        self.publisher: MqttPublisher | None = None
+
+    def start(self, source: FrameSource, analyzer: AnalyzerLike,
+              publisher: MqttPublisher) -> None:
+        """Start the threads, consumers first (each producer checks that its consumer lives)."""
+        self.source, self.analyzer, self.publisher = source, analyzer, publisher
+        for name, target in (("report-writer", self._report_loop),
+                             ("analysis", self._analysis_loop), ("capture", self._capture_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            self.threads[name] = thread
+            thread.start()
+
+    def dead_threads(self) -> list[str]:
+        return [n for n, t in self.threads.items() if not t.is_alive()]
+
+    def _fail(self, what: str, stop_reason: str) -> None:
+        self.failures.append(what)
+        self._request_stop(stop_reason)
+
+    # ------------------------------------------------------------------ capture
+
+    def _capture_loop(self) -> None:
+        """Source -> quality gate -> frames queue, until the source ends or stop is requested."""
+        assert self.source is not None
+        frames = iter(self.source)
+        analysis_alive = self.threads["analysis"].is_alive
+        try:
+            while not self._stop.is_set():
+                if not self._wait_for_budget():
+                    break
+                frame = next(frames, None)
+                if frame is None:
+                    if not self._stop.is_set():
+                        self._request_stop(f"source {self.source.name} ended")
+                    break
+                # A frame already taken (a folder file is moved on read) is handled even if
+                # stop was requested meanwhile: the analysis thread drains the queue.
+                frame = self.with_scale(frame)
+                verdict = self.gate.check(frame)
+                if not verdict.accepted:
+                    self.reject(frame.frame_id, "rejected", verdict.reason or "unknown")
+                    continue
+                self.stats.add("pending")
+                work = _Work(frame, on_drop=functools.partial(self._dropped, frame.frame_id))
+                if not self.frames.put(work, analysis_alive):
+                    self.stats.add("pending", -1)
+        except Exception:
+            logger.exception("capture thread failed")
+            self._fail("capture thread failed", "capture failure")
+        finally:
+            self.frames.put_sentinel(analysis_alive)
+
+    def _wait_for_budget(self) -> bool:
+        """With --max-fields, take no frame beyond the fields still wanted."""
+        while self.max_fields is not None and not self._stop.is_set():
+            snap = self.stats.snapshot()
+            if snap["analysed"] + snap["pending"] < self.max_fields:
+                return True
+            self._stop.wait(0.05)
+        return not self._stop.is_set()
+
+    def with_scale(self, frame: Frame) -> Frame:
+        """The frame at `analysis.microns_per_pixel` when the config overrides the scale."""
+        override = self.scale_override
+        if override is None or frame.microns_per_pixel == override:
+            return frame
+        return dataclasses.replace(frame, microns_per_pixel=override)
+
+    def _dropped(self, frame_id: str) -> None:
+        self.stats.add("pending", -1)
+        self.outcomes.append((frame_id, "dropped", "keep_newest"))
+
+    def reject(self, frame_id: str, outcome: str, reason: str) -> None:
+        """Count a frame the gate refused ("rejected") or that could not be analysed."""
+        self.stats.add(outcome, reason=reason)
+        self.outcomes.append((frame_id, outcome, reason))
+        if outcome == "rejected":
+            logger.info("frame %s rejected by the quality gate: %s", frame_id, reason)
+
+    # ------------------------------------------------------------------ analysis
+
+    def _analysis_loop(self) -> None:
+        """Frames and command requests -> field reports and specimen reports."""
+        writer_alive = self.threads["report-writer"].is_alive
+        try:
+            while True:
+                self.commands.serve_pending()
+                closed = self.tracker.check_idle()
+                if closed is not None:
+                    self.emit_closed(closed)
+                try:
+                    item = self.frames.get(timeout=TICK_S)
+                except queue.Empty:
+                    continue
+                if item is SENTINEL:
+                    break
+                try:
+                    self.analyse(item.frame)
+                finally:
+                    self.stats.add("pending", -1)
+        except Exception:
+            logger.exception("analysis thread failed")
+            self._fail("analysis thread failed", "analysis failure")
+        finally:
+            try:
+                self.commands.serve_pending()
+                closed = self.tracker.stop("shutdown")
+                if closed is not None:
+                    self.emit_closed(closed)
+            except Exception:
+                logger.exception("closing the open specimen run failed")
+            finally:
+                self.commands.close()
+                self._reports.put_sentinel(writer_alive)
+
+    def analyse(self, frame: Frame) -> dict[str, Any]:
+        """Analyse one accepted frame; never raises for a bad frame. Returns a command answer."""
+        assert self.analyzer is not None
+        run_id = self.tracker.run_for_next_field()
+        try:
+            with self.watchdog.working("analysis"):
+                result = self.analyzer.analyze(frame, run_id)
+        except IngestError as exc:
+            reason = getattr(exc.code, "value", str(exc.code))
+            logger.warning("frame %s refused (%s): %s", frame.frame_id, reason, exc)
+            self.reject(frame.frame_id, "failed", reason)
+            return {"ok": False, "frame_id": frame.frame_id, "error": reason, "message": str(exc)}
+        except Exception as exc:
+            logger.exception("frame %s: analysis failed (analysis_error)", frame.frame_id)
+            self.reject(frame.frame_id, "failed", "analysis_error")
+            return {"ok": False, "frame_id": frame.frame_id, "error": "analysis_error",
+                    "message": f"{type(exc).__name__}: {exc}"}
+        result, closed = self.tracker.add(result)
+        self._emit(_Outgoing("field", result.report))
+        if closed is not None:
+            self.emit_closed(closed)
+        self.stats.add("analysed")
+        self.outcomes.append((frame.frame_id, "analysed", None))
+        if self.max_fields is not None and self.stats.snapshot()["analysed"] >= self.max_fields:
+            self._request_stop(f"{self.max_fields} fields analysed (--max-fields)")
+        r = result.report
+        return {"ok": True, "frame_id": frame.frame_id, "report_id": r.report_id,
+                "run_id": r.run_id, "counts": r.counts.model_dump()}
+
+    def _emit(self, item: _Outgoing) -> None:
+        if not self._reports.put(item, self.threads["report-writer"].is_alive):
+            self.stats.add("lost")
+            logger.error("%s report %s LOST: the outbox writer is gone", item.kind,
+                         item.report.report_id)
+
+    def emit_closed(self, closed: ClosedRun) -> None:
+        """Send the final report of a run that ended (none when it had no field)."""
+        if closed.report is not None:
+            self._emit(_Outgoing("report", closed.report))
+
+    # ------------------------------------------------------------------ outbox writer
+
+    def _report_loop(self) -> None:
+        """Reports -> durable outbox (the publisher sends them). Never drops one."""
+        while True:
+            item = self._reports.get()
+            if item is SENTINEL:
+                return
+            try:
+                self._store(item)
+            except Exception:
+                logger.exception("storing report %s failed", item.report.report_id)
+                self.stats.add("lost")
+
+    def _store(self, item: _Outgoing) -> None:
+        assert self.publisher is not None
+        report = item.report
+        payload = report.model_dump_json().encode()
+        attempt = 0
+        # One stamp across the retries: an outbox that keeps failing is a stall, not progress.
+        self.watchdog.work_started("publish")
+        try:
+            while True:
+                try:
+                    seq = self.publisher.publish_report(item.kind, report.report_id, payload,
+                                                        SCHEMA_VERSION)
+                    break
+                except (sqlite3.Error, OSError) as exc:  # disk full, I/O error: retry
+                    attempt += 1
+                    if self._stop.is_set() and attempt >= 3:
+                        self.stats.add("lost")
+                        logger.error("%s report %s LOST: outbox write failed %d times while "
+                                     "stopping: %s", item.kind, report.report_id, attempt, exc)
+                        return
+                    if attempt & (attempt - 1) == 0:
+                        logger.error("outbox write of report %s failed (attempt %d): %s; "
+                                     "retrying", report.report_id, attempt, exc)
+                    time.sleep(min(10.0, 0.2 * 2 ** min(attempt, 6)))
+        finally:
+            self.watchdog.work_finished("publish")
+        topic = self.publisher.report_topic if item.kind == "report" else self.publisher.field_topic
+        field_id = report.source.frame_id if report.source is not None else None
+        self.ledger.append(StoredReport(item.kind, topic, report.report_id, seq, report.run_id,
+                                        field_id, report.fields_analyzed,
+                                        report.counts.model_dump()))
+        self.stats.add("stored")
+        logger.info("stored %s message report_id=%s seq=%d run=%s field=%s", item.kind,
+                    report.report_id, seq, report.run_id, field_id)

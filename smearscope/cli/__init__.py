@@ -1,0 +1,107 @@
+"""`smearscope` command line: analyze, demo, run, validate-config, schema, build-engines.
+
+Each command lives in its own module, imported when chosen; nothing below the CLI imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("smearscope")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _lazy(module: str, function: str):
+    """The command `module.function`, imported only when that command runs."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(f"smearscope.cli.{module}"), function)(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    ap = argparse.ArgumentParser(prog="smearscope", description="Point-of-care blood-smear analyzer")
+    ap.add_argument("--log-level", default=None,
+                    help="log threshold (DEBUG, INFO, WARNING, ERROR); default WARNING, and for "
+                    "`run` the config's log_level, which an explicit --log-level overrides")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("analyze", help="analyze images and print one report per image",
+                       description="Analyze images (files, directories of them, or @LIST: a text file listing "
+                       "one path per line) with the models loaded once. Each image gives one line on stdout: its "
+                       "report, or its error; a rejected image never stops the batch (exit status 2 if "
+                       "any was rejected).")
+    a.add_argument("images", nargs="+", metavar="IMAGE")
+    a.add_argument("--microns-per-pixel", type=float, default=None, help="input scale; estimated when omitted")
+    a.add_argument("--json", action="store_true",
+                   help="print one JSON line per image on stdout: its report or its error")
+    a.add_argument("--overlay", type=Path, help="write the input with outlines and labels to this PNG "
+                   "(a folder, an @LIST or several inputs: to STEM.overlay.png in this directory)")
+    a.add_argument("--detections", type=Path, default=None,
+                   help="also write JSON lines, one per image: every detection down to --detections-floor, "
+                   "the counted cells marked, with scores (for mAP against annotations and for review)")
+    a.add_argument("--detections-floor", type=float, default=0.001,
+                   help="lowest calibrated detector confidence written by --detections (default 0.001: "
+                   "every detection above the detector's raw floor, as mAP evaluations rank them)")
+    a.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
+    a.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    a.add_argument("--stain", default="auto", choices=["auto", "macenko", "none"],
+                   help="auto: as each model was trained (manifest); macenko/none: force for all models")
+    a.set_defaults(func=_lazy("analyze", "cmd_analyze"))
+
+    d = sub.add_parser("demo", help="analyze fields from the built-in synthetic microscope")
+    d.add_argument("--fields", type=int, default=3)
+    d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
+    d.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    d.set_defaults(func=_lazy("demo", "cmd_demo"))
+
+    s = sub.add_parser("schema", help="print (or --write) the report JSON Schema")
+    s.add_argument("--write", action="store_true")
+    s.set_defaults(func=_lazy("artifacts", "cmd_schema"))
+
+    v = sub.add_parser("validate-config", help="check a station config file and exit")
+    v.add_argument("config", type=Path)
+    v.set_defaults(func=_lazy("station", "cmd_validate_config"))
+
+    r = sub.add_parser("run", help="run the station daemon")
+    r.add_argument("--config", type=Path, default=None, help="station TOML (default: the embedded simulated station)")
+    r.add_argument("--max-fields", type=int, default=None, help="stop after this many analysed fields")
+    r.set_defaults(func=_lazy("station", "cmd_run"))
+
+    b = sub.add_parser("build-engines", help="build TensorRT engines for the models (Jetson only)")
+    b.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
+    b.add_argument("--cache", type=Path, default=None,
+                   help="engine folder (default: MODELS/engines, where the tensorrt backend looks)")
+    b.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8"])
+    b.add_argument("--calibration", type=Path, default=None, help="folder of canonical tiles/crops for INT8")
+    b.add_argument("--cuda-api", default="auto", choices=["auto", "pycuda", "cuda-python"],
+                   help="CUDA binding for the INT8 calibrator's buffer (auto: pycuda, else cuda-python)")
+    b.set_defaults(func=_lazy("artifacts", "cmd_build_engines"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    _setup_logging(args.log_level or "WARNING")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `smearscope analyze ... | head`: the reader left, not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -1,0 +1,36 @@
+"""`smearscope run` (the station daemon) and `smearscope validate-config`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from smearscope.service.config import EXIT_CONFIG, ConfigError, load_config, print_config_errors
+
+logger = logging.getLogger(__name__)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from smearscope.service.station.daemon import run_daemon
+
+    return run_daemon(args.config, max_fields=args.max_fields, log_level=args.log_level)
+
+
+def validate_config_main(path: str | Path, environ: Mapping[str, str] | None = None) -> int:
+    """`smearscope validate-config FILE`: print each problem as `field.path: reason`.
+
+    Returns 0 when valid, EXIT_CONFIG (78) otherwise.
+    """
+    try:
+        config = load_config(path, environ)
+    except ConfigError as exc:
+        print_config_errors(exc, path)
+        return EXIT_CONFIG
+    print(f"{path}: OK (station {config.station_id}, source {config.source.kind})")
+    return 0
+
+
+def cmd_validate_config(args: argparse.Namespace) -> int:
+    return validate_config_main(args.config)

@@ -1,0 +1,28 @@
+"""The few lines a technician reads for one report (analyze without --json, demo)."""
+
+from __future__ import annotations
+
+import logging
+
+from smearscope.service.analysis.report import Report
+
+logger = logging.getLogger(__name__)
+
+
+def summarize(report: Report) -> str:
+    """A few lines a technician can read at a glance."""
+    r = report
+    lines = [
+        f"field {r.source.frame_id if r.source else r.report_id}: RBC {r.counts.rbc}, WBC {r.counts.wbc}, "
+        f"platelets {r.counts.platelet}  (scale {r.scale.microns_per_pixel:.4f} um/px, {r.scale.method}; "
+        f"{r.timing_ms.get('total_ms', 0):.0f} ms)" if r.scale else f"report {r.report_id}",
+    ]
+    if r.wbc_differential:
+        lines.append("  WBC: " + ", ".join(f"{s.label} {s.count} ({s.percent:.0f}%)" for s in r.wbc_differential))
+    if r.rbc_morphology:
+        lines.append("  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" for s in r.rbc_morphology[:6]))
+    if r.rbc_size.n:
+        lines.append(f"  RBC diameter {r.rbc_size.mean_diameter_um:.2f} um (CV {r.rbc_size.cv_percent:.1f}%, n={r.rbc_size.n})")
+    for f in r.flags:
+        lines.append(f"  [{f.severity}] {f.code}: {f.message}")
+    return "\n".join(lines)
