@@ -349,6 +349,40 @@ def test_embedded_station_without_broker(
     assert "4 reports: 0 delivered" in out
 
 
+def test_reload_command_is_applied_on_the_daemons_own_thread(tmp_path: Path) -> None:
+    """The reload command arrives on the MQTT command thread; the config it changes belongs to
+    the daemon's main thread, which applies it (as for SIGHUP). No broker is needed."""
+    doc = station_document(tmp_path, free_port(), credentials=False)
+    config = tmp_path / "station.toml"
+    config.write_text(to_toml(doc))
+    daemon = StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(), config_path=config,
+                           environ={})
+    applied_on: list[str] = []
+    original = daemon.reload
+
+    def reload() -> dict[str, Any]:
+        applied_on.append(threading.current_thread().name)
+        return original()
+
+    daemon.reload = reload  # type: ignore[method-assign]
+    runner = threading.Thread(target=daemon.run, name="station-main", daemon=True)
+    runner.start()
+    try:
+        assert wait_until(lambda: daemon.publisher is not None and daemon.workers.threads, 15)
+        doc["specimen"] = {**doc["specimen"], "target_wbc_count": 150}
+        config.write_text(to_toml(doc))
+        answer = daemon.handle_command("reload", {})  # on this thread, as the command worker calls it
+        assert answer["ok"] and answer["applied"] == ["specimen"], answer
+        assert applied_on == ["station-main"]
+        assert daemon.config.specimen.target_wbc_count == 150
+        assert daemon.tracker.policy.target_wbc == 150
+    finally:
+        daemon.request_stop("test over")
+        runner.join(30)
+    assert not runner.is_alive()
+    assert daemon.handle_command("reload", {})["error"] == "station is shutting down"
+
+
 def test_config_errors_exit_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.toml"
     doc = station_document(tmp_path, 1883, credentials=False)

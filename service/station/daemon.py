@@ -5,8 +5,9 @@
        └ QualityGate      └ SpecimenTracker                                   ▼
 
 The worker threads and their queues are `station.workers`; the MQTT commands are
-`station.commands`; the counters and the end-of-run ledger are `station.daemon_summary`; what
-stops a start, and the production analyzer factory, are `station.startup`.
+`station.commands`, which reach the station only through what the daemon hands them; the counters
+and the end-of-run ledger are `station.daemon_summary`; what stops a start, and the production
+analyzer factory, are `station.startup`.
 
 Stopping: the capture worker watches the daemon's stop Event (set by SIGTERM/SIGINT, `--max-fields`,
 the end of the source, a dead worker); the analysis and writer workers stop only at their
@@ -14,7 +15,8 @@ sentinels, so whatever was captured is drained. Shutdown: STOPPING=1, the source
 the capture thread enqueues its sentinel, the analysis thread drains what was captured, closes an
 open specimen run (its final report is published) and enqueues the reports sentinel; the writer
 stores everything; the publisher drains (bounded) and publishes retained "offline". Every join has
-a timeout. SIGHUP reloads the config file (as the `reload` command does).
+a timeout. SIGHUP reloads the config file, as the `reload` command does: both are applied by the
+daemon's main thread (the command through its control `RequestQueue`), which owns the config.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ from smearscope.service.station.notify import (
     SystemdNotifier,
     watchdog_interval_from_env,
 )
+from smearscope.service.station.reload import compare
+from smearscope.service.station.requests import RequestQueue
 from smearscope.service.station.specimen import SpecimenPolicy, SpecimenTracker
 from smearscope.service.station.startup import (
     EXIT_FAILURE,
@@ -112,12 +116,18 @@ class StationDaemon:
         self.gate = QualityGate(config.quality)
         self.tracker = SpecimenTracker(SpecimenPolicy.from_config(config.specimen),
                                        station_id=config.station_id)
-        self.commands = StationCommands(self, environ)
+        analysis_requests = RequestQueue("requests")
+        #: Work for this (main) thread, which owns `config`: the reload command's.
+        self._control = RequestQueue("control")
         self.workers = StationWorkers(
             source_kind=config.source.kind, gate=self.gate, tracker=self.tracker,
-            commands=self.commands, watchdog=self.watchdog, stop=self._stop,
+            requests=analysis_requests, watchdog=self.watchdog, stop=self._stop,
             request_stop=self.request_stop, max_fields=max_fields,
             scale_override=config.analysis.microns_per_pixel,
+        )
+        self.commands = StationCommands(
+            workers=self.workers, tracker=self.tracker, analysis=analysis_requests,
+            status=self.status, reload=lambda: self._control.call("reload", self.reload),
         )
         self.stats, self.ledger, self.outcomes = (self.workers.stats, self.workers.ledger,
                                                   self.workers.outcomes)
@@ -196,6 +206,7 @@ class StationDaemon:
         """Main-thread loop: STATUS= on change, reloads, broker notice, worker health."""
         last_status = ""
         while not self._stop.wait(1.0 if self.notifier.enabled else TICK_S):
+            self._control.serve_pending()
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
                 logger.info("reload: %s", self.reload())
@@ -225,6 +236,7 @@ class StationDaemon:
     def shutdown(self) -> int:
         """Drain in-flight work, publish the open run's report, go offline; the exit code."""
         self.request_stop("shutdown")
+        self._control.close()
         self.notifier.stopping(f"stopping ({self._stop_reason}): {self.status_line()}")
         if self.source is not None:
             self.source.close()
@@ -268,8 +280,27 @@ class StationDaemon:
         return self.commands.handle(name, arguments)
 
     def reload(self) -> dict[str, Any]:
-        """Re-read the config file and apply its live sections (see service.station.commands)."""
-        return self.commands.reload()
+        """Re-read the config file; apply log level, quality gate and specimen policy live, and
+        say which other changed sections need a restart. Runs on the daemon's main thread (SIGHUP,
+        the reload command through the control queue) or on a caller that has not started it."""
+        if self.config_path is None:
+            return {"ok": False, "error": "no config file (embedded station); nothing to reload"}
+        try:
+            new = load_config(self.config_path, self._environ)
+        except ConfigError as exc:
+            return {"ok": False, "error": "invalid config; nothing changed",
+                    "problems": [f"{loc}: {msg}" for loc, msg in exc.errors]}
+        change = compare(self.config, new)
+        if "log_level" in change.applied:  # a --log-level given on the command line still wins
+            logging.getLogger().setLevel(self.log_level_override or new.log_level)
+        if "quality" in change.applied:
+            self.gate.config = new.quality
+        if "specimen" in change.applied:
+            self.tracker.set_policy(SpecimenPolicy.from_config(new.specimen))
+        self.config = change.merged(self.config, new)
+        return {"ok": True, "applied": list(change.applied), "requires_restart": list(change.requires_restart),
+                "note": "a new specimen target applies to runs started after the reload"
+                if "specimen" in change.applied else ""}
 
     def analyse(self, frame: Frame) -> dict[str, Any]:
         """Analyse one accepted frame on the calling thread (see StationWorkers.analyse)."""

@@ -1,7 +1,7 @@
 """The station's three worker threads and the bounded queues between them.
 
     capture ──frames──▶ analysis ──reports──▶ outbox writer ──▶ MqttPublisher's outbox
-       ▲ FrameSource      ▲ command requests (service.station.commands)
+       ▲ FrameSource      ▲ command requests (service.station.requests)
        └ QualityGate      └ SpecimenTracker
 
 Queues and what each does when full (named policies, see service.station.work_queue):
@@ -36,9 +36,9 @@ from smearscope.device.sources import FrameSource
 from smearscope.service.analysis.report import SCHEMA_VERSION, Report
 from smearscope.service.ingest import IngestError
 from smearscope.service.mqtt.publisher import MqttPublisher
-from smearscope.service.station.commands import StationCommands
 from smearscope.service.station.daemon_summary import Stats, StoredReport
 from smearscope.service.station.notify import ProgressWatchdog
+from smearscope.service.station.requests import RequestQueue
 from smearscope.service.station.specimen import ClosedRun, SpecimenTracker
 from smearscope.service.station.startup import AnalyzerLike
 from smearscope.service.station.work_queue import SENTINEL, TICK_S, BoundedQueue, DropPolicy
@@ -74,14 +74,16 @@ class StationWorkers:
         source_kind: str,
         gate: QualityGate,
         tracker: SpecimenTracker,
-        commands: StationCommands,
+        requests: RequestQueue,
         watchdog: ProgressWatchdog,
         stop: threading.Event,
         request_stop: Callable[[str], None],
         max_fields: int | None,
         scale_override: float | None,
     ) -> None:
-        self.gate, self.tracker, self.commands, self.watchdog = gate, tracker, commands, watchdog
+        self.gate, self.tracker, self.watchdog = gate, tracker, watchdog
+        #: Commands' work on the specimen state, served by the analysis thread between frames.
+        self.requests = requests
         self._stop, self._request_stop = stop, request_stop
         self.max_fields = max_fields
         self.scale_override = scale_override
@@ -182,7 +184,7 @@ class StationWorkers:
         writer_alive = self.threads["report-writer"].is_alive
         try:
             while True:
-                self.commands.serve_pending()
+                self.requests.serve_pending()
                 closed = self.tracker.check_idle()
                 if closed is not None:
                     self.emit_closed(closed)
@@ -201,14 +203,14 @@ class StationWorkers:
             self._fail("analysis thread failed", "analysis failure")
         finally:
             try:
-                self.commands.serve_pending()
+                self.requests.serve_pending()
                 closed = self.tracker.stop("shutdown")
                 if closed is not None:
                     self.emit_closed(closed)
             except Exception:
                 logger.exception("closing the open specimen run failed")
             finally:
-                self.commands.close()
+                self.requests.close()
                 self._reports.put_sentinel(writer_alive)
 
     def analyse(self, frame: Frame) -> dict[str, Any]:
