@@ -17,91 +17,38 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from dataclasses import replace
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, LogLevel, MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from smearscope.service.config.mqtt import MqttConfig
 from smearscope.service.mqtt.command_worker import CommandHandler, CommandWorker
 from smearscope.service.mqtt.credentials import read_password
-from smearscope.service.mqtt.outbox import MessageKind, Outbox, OutboxMessage
+from smearscope.service.mqtt.envelope import build_envelope, message_properties, response_properties
+from smearscope.service.mqtt.inflight import InFlight
+from smearscope.service.mqtt.outbox import MessageKind, Outbox
+from smearscope.service.mqtt.paho_client import configured_client, paho_log_level
+from smearscope.service.mqtt.state import PublisherState
 
 logger = logging.getLogger(__name__)
 
-ConnectionStatus = Literal["stopped", "connecting", "connected", "refused", "disconnected"]
 TelemetrySource = Callable[[], Mapping[str, Any]]
 
-ENVELOPE_VERSION = 1
 _UNSUPPORTED_PROTOCOL_VERSION = 0x84
 _STATION_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DRAIN_TICK_S = 0.5
 _FAILED_ACK_RETRY_S = 30.0
-#: paho's network loop says this when it finds no socket: after our own disconnect, or after a
-#: lost connection or failed reconnect, which on_disconnect / on_connect_fail report already.
-_PAHO_NO_SOCKET = "Client is not connected"
-#: ... and these when the connection breaks under it (broker killed, network gone): the outage
-#: itself, which on_disconnect reports as "connection lost"; a warning, with the socket's reason.
-_PAHO_SOCKET_LOST = ("failed to receive on socket", "timeout on socket")
 #: QoS>0 slots kept free of outbox traffic for the status message and command responses.
 _RESERVED_SLOTS = 4
-
-
-@dataclass(frozen=True)
-class PublisherState:
-    """A snapshot of the connection as the broker sees it (never more optimistic than that)."""
-
-    status: ConnectionStatus
-    protocol: Literal["MQTTv5", "MQTTv311"]
-    last_error: str | None = None
-    last_reason_code: int | None = None
-    connected_since: float | None = None
-    connects: int = 0
-    refusals: int = 0
-    in_flight: int = 0
-    delivered: int = 0
-    failed_acks: int = 0
-
-    @property
-    def connected(self) -> bool:
-        return self.status == "connected"
-
-
-def build_envelope(
-    kind: MessageKind,
-    station_id: str,
-    report_id: str,
-    message_id: str,
-    schema_version: str,
-    created_at: float,
-    body: bytes,
-) -> bytes:
-    """Wrap a JSON body in the envelope (docs/MQTT.md) without re-encoding the body."""
-    json.loads(body)  # a malformed body is the producer's bug: fail here, not at the consumer
-    header = json.dumps(
-        {
-            "envelope_version": ENVELOPE_VERSION,
-            "kind": kind,
-            "station_id": station_id,
-            "report_id": report_id,
-            "message_id": message_id,
-            "schema_version": schema_version,
-            "created_at": datetime.fromtimestamp(created_at, timezone.utc).isoformat(),
-        },
-        separators=(",", ":"),
-    ).encode()
-    return header[:-1] + b',"body":' + body + b"}"
 
 
 class MqttPublisher:
@@ -145,19 +92,12 @@ class MqttPublisher:
         self._state = PublisherState(status="stopped", protocol=self._protocol_name())
         self._client: mqtt.Client | None = None
         self._epoch = 0  # successful connections so far; the drain loop rewinds on change
-        self._send_window = config.max_inflight  # lowered to the broker's Receive Maximum
         self._fallback_requested = False
         self._stopping = False
         self._wake = threading.Event()
         self._stop_workers = threading.Event()
-        # (client, mid, reason code) from on_publish, or reason None for a message dropped at
-        # reconnect; consumed only by the drain thread, so a PUBACK that arrives before
-        # publish() has returned its mid cannot be lost or misattributed.
-        self._ack_events: queue.SimpleQueue[tuple[mqtt.Client, int, ReasonCode | None]] = (
-            queue.SimpleQueue()
-        )
-        self._inflight: dict[int, int] = {}  # mid -> outbox seq; drain thread only
-        self._inflight_seqs: set[int] = set()
+        #: Outbox messages handed to paho and not yet acknowledged (the drain thread's).
+        self._inflight = InFlight(outbox, config.max_inflight)
         self._commands = CommandWorker(
             on_command, self._respond, self._stop_workers, tick_s=_DRAIN_TICK_S
         )
@@ -288,35 +228,14 @@ class MqttPublisher:
 
     def _new_client(self) -> mqtt.Client:
         cfg = self.config
-        v5 = self._protocol == MQTTProtocolVersion.MQTTv5
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=self._protocol,
-            clean_session=None if v5 else True,
-        )
+        client = configured_client(cfg, self.client_id, self._protocol, self._password, self.status_topic)
         client.on_log = self._on_log
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, self._password)
-        if cfg.tls is not None:
-            client.tls_set(
-                ca_certs=str(cfg.tls.ca_file),
-                certfile=str(cfg.tls.certfile) if cfg.tls.certfile else None,
-                keyfile=str(cfg.tls.keyfile) if cfg.tls.keyfile else None,
-            )
-            client.tls_insecure_set(cfg.tls.insecure)
-        client.will_set(self.status_topic, "offline", qos=1, retain=True)
-        # The drain loop bounds outbox traffic to max_inflight; the slack is for status and
-        # command responses. Equal limits mean paho never parks a message in its "queued" state.
-        client.max_inflight_messages_set(cfg.max_inflight + 32)
-        client.max_queued_messages_set(cfg.max_inflight + 32)
-        client.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
-        if v5:
+        if self._protocol == MQTTProtocolVersion.MQTTv5:
             client.connect_async(cfg.host, cfg.port, cfg.keepalive, clean_start=True)
         else:
             client.connect_async(cfg.host, cfg.port, cfg.keepalive)
@@ -336,19 +255,10 @@ class MqttPublisher:
             self._state = replace(self._state, **changes)
 
     def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
-        """paho's log lines on `smearscope.service.mqtt.publisher.paho`, at paho's level except two: its loop
-        finding no socket while we are not connected (a clean stop, a lost connection, a failed
-        reconnect) is expected and already reported by our callbacks, so it goes to DEBUG; a socket
-        breaking under it (connection reset: the broker or network went away) is an outage, which
-        the daemon rides out with its outbox, so it is a WARNING, not an ERROR."""
-        std_level = mqtt.LOGGING_LEVEL[LogLevel(level)]
+        """paho's log lines on `<this module>.paho`, at the level `paho_log_level` gives them."""
         # Read without the lock: paho may call this with its own locks held.
-        state = self._state
-        if buf.startswith(_PAHO_NO_SOCKET) and (self._stopping or not state.connected):
-            std_level = logging.DEBUG
-        elif buf.startswith(_PAHO_SOCKET_LOST) and std_level > logging.WARNING:
-            std_level = logging.WARNING
-        self._paho_logger.log(std_level, "%s", buf)
+        not_connected = self._stopping or not self._state.connected
+        self._paho_logger.log(paho_log_level(level, buf, not_connected), "%s", buf)
 
     def _on_connect(
         self,
@@ -364,12 +274,12 @@ class MqttPublisher:
         # MQTT 5: the broker says how many unacknowledged QoS>0 messages it accepts (mosquitto:
         # 20); paho does not enforce it, so the drain loop does, leaving room for status traffic.
         receive_maximum = getattr(properties, "ReceiveMaximum", None) or 65535
-        self._send_window = max(1, min(self.config.max_inflight, receive_maximum - _RESERVED_SLOTS))
+        self._inflight.window = max(1, min(self.config.max_inflight, receive_maximum - _RESERVED_SLOTS))
         # Unacked messages of the previous connection are re-sent from the outbox, in order, by
         # the drain loop; paho would otherwise re-send them itself, ahead of or behind new ones.
         # The drop events are queued before the epoch changes, so the drain loop sees them first.
         for dropped in client.drop_out_messages():
-            self._ack_events.put((client, dropped.mid, None))
+            self._inflight.post(client, dropped.mid, None)
         with self._state_lock:
             self._epoch += 1
             self._state = replace(
@@ -462,7 +372,7 @@ class MqttPublisher:
         properties: Properties | None,
     ) -> None:
         # Runs with paho's message lock held: never take our locks or call paho here.
-        self._ack_events.put((client, mid, reason_code))
+        self._inflight.post(client, mid, reason_code)
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -513,89 +423,19 @@ class MqttPublisher:
     def _send_batch(self, cursor: int) -> int:
         client = self._client
         assert client is not None
-        room = self._send_window - len(self._inflight)
-        while room > 0 and not self._stop_workers.is_set():
-            batch = self.outbox.pending(limit=room, after_seq=cursor)
-            if not batch:
-                break
-            sent: list[int] = []
-            for message in batch:
-                if message.seq in self._inflight_seqs:  # sent after a failed-ack rewind
-                    cursor = message.seq
-                    continue
-                info = client.publish(
-                    message.topic,
-                    message.payload,
-                    message.qos,
-                    message.retain,
-                    properties=self._properties(message),
-                )
-                if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                    # Not accepted by paho (queue full): retry this one on the next tick.
-                    logger.debug("paho refused outbox seq %d: %s", message.seq, info.rc)
-                    room = 0
-                    break
-                # SUCCESS, or NO_CONN (connection just dropped): paho holds it until on_connect
-                # drops it and the rewind re-sends it.
-                cursor = message.seq
-                self._inflight[info.mid] = message.seq
-                self._inflight_seqs.add(message.seq)
-                sent.append(message.seq)
-                room -= 1
-            self.outbox.mark_attempted(sent)
-        return cursor
-
-    def _properties(self, message: OutboxMessage) -> Properties | None:
-        if self._protocol != MQTTProtocolVersion.MQTTv5:
-            return None  # MQTT 3.1.1: the envelope carries the same metadata
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ContentType = message.content_type
-        props.PayloadFormatIndicator = 1
-        props.UserProperty = [
-            ("schema_version", message.schema_version),
-            ("report_id", message.report_id),
-            ("message_id", message.message_id),
-            ("kind", message.kind),
-        ]
+        v5 = self._protocol == MQTTProtocolVersion.MQTTv5
         expiry = self.config.field_message_expiry_s
-        if expiry and message.kind == "field":
-            props.MessageExpiryInterval = max(1, int(expiry - (time.time() - message.created_at)))
-        return props
+        return self._inflight.send(client, cursor, lambda m: message_properties(m, expiry) if v5 else None,
+                                   self._stop_workers)
 
     def _process_acks(self) -> bool:
         """Delete acknowledged messages from the outbox; True if the broker rejected any."""
-        acked: list[int] = []
-        rejected = False
-        while True:
-            try:
-                client, mid, reason_code = self._ack_events.get_nowait()
-            except queue.Empty:
-                break
-            if client is not self._client:
-                continue  # from a client replaced by the protocol fallback
-            seq = self._inflight.pop(mid, None)
-            if seq is None:
-                continue  # status, command response or telemetry, not an outbox message
-            self._inflight_seqs.discard(seq)
-            if reason_code is None:
-                continue  # dropped at reconnect; the rewind re-sends it
-            if reason_code.is_failure:
-                rejected = True
-                logger.warning(
-                    "broker rejected outbox message seq %d: %s (0x%02x); kept for retry",
-                    seq,
-                    reason_code.getName(),
-                    int(reason_code.value),
-                )
-                with self._state_lock:
-                    self._state = replace(self._state, failed_acks=self._state.failed_acks + 1)
-            else:
-                acked.append(seq)
-        if acked:
-            self.outbox.ack_many(acked)
+        delivered, rejected = self._inflight.settle(self._client)
+        if delivered or rejected:
             with self._state_lock:
-                self._state = replace(self._state, delivered=self._state.delivered + len(acked))
-        return rejected
+                self._state = replace(self._state, delivered=self._state.delivered + delivered,
+                                      failed_acks=self._state.failed_acks + rejected)
+        return rejected > 0
 
     def _fall_back_to_311(self) -> None:
         self._fallback_requested = False
@@ -605,8 +445,7 @@ class MqttPublisher:
         if old is not None:
             old.disconnect()
             old.loop_stop()
-        self._inflight.clear()  # the old client's queue died with it; the outbox re-sends
-        self._inflight_seqs.clear()
+        self._inflight.forget_all()  # the old client's queue died with it; the outbox re-sends
         with self._state_lock:
             self._epoch += 1
         self._client = self._new_client()
@@ -615,12 +454,7 @@ class MqttPublisher:
         client = self._client
         if client is None:
             return
-        props = None
-        if self._protocol == MQTTProtocolVersion.MQTTv5:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.ContentType = "application/json"
-            if correlation is not None:
-                props.CorrelationData = correlation
+        props = response_properties(correlation) if self._protocol == MQTTProtocolVersion.MQTTv5 else None
         try:
             body = json.dumps(dict(response), default=str)
         except (TypeError, ValueError) as exc:

@@ -1,0 +1,70 @@
+"""The paho client as the station uses it, and which of paho's own log lines matter how much.
+
+paho the way its authors intend: callback API version 2, a retained Last Will on the status
+topic, a bound on queued messages, reconnects with backoff. The publisher adds its callbacks and
+connects (service.mqtt.publisher).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, LogLevel, MQTTProtocolVersion
+
+from smearscope.service.config.mqtt import MqttConfig
+
+logger = logging.getLogger(__name__)
+
+#: paho's network loop says this when it finds no socket: after our own disconnect, or after a
+#: lost connection or failed reconnect, which on_disconnect / on_connect_fail report already.
+PAHO_NO_SOCKET = "Client is not connected"
+#: ... and these when the connection breaks under it (broker killed, network gone): the outage
+#: itself, which on_disconnect reports as "connection lost"; a warning, with the socket's reason.
+PAHO_SOCKET_LOST = ("failed to receive on socket", "timeout on socket")
+#: Messages paho may hold beyond the outbox's max_inflight: status and command responses.
+STATUS_SLACK = 32
+
+
+def configured_client(config: MqttConfig, client_id: str, protocol: MQTTProtocolVersion,
+                      password: str | None, status_topic: str) -> mqtt.Client:
+    """A paho client with credentials, TLS, the retained "offline" Last Will, bounds and backoff;
+    no callbacks yet, not connected."""
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=protocol,
+        clean_session=None if protocol == MQTTProtocolVersion.MQTTv5 else True,
+    )
+    if config.username is not None:
+        client.username_pw_set(config.username, password)
+    if config.tls is not None:
+        client.tls_set(
+            ca_certs=str(config.tls.ca_file),
+            certfile=str(config.tls.certfile) if config.tls.certfile else None,
+            keyfile=str(config.tls.keyfile) if config.tls.keyfile else None,
+        )
+        client.tls_insecure_set(config.tls.insecure)
+    client.will_set(status_topic, "offline", qos=1, retain=True)
+    # The drain loop bounds outbox traffic to max_inflight; the slack is for status and
+    # command responses. Equal limits mean paho never parks a message in its "queued" state.
+    client.max_inflight_messages_set(config.max_inflight + STATUS_SLACK)
+    client.max_queued_messages_set(config.max_inflight + STATUS_SLACK)
+    client.reconnect_delay_set(config.reconnect_min_delay_s, config.reconnect_max_delay_s)
+    return client
+
+
+def paho_log_level(level: int, line: str, not_connected: bool) -> int:
+    """The logging level for one of paho's log lines: paho's own, except two.
+
+    Its loop finding no socket while we are not connected (a clean stop, a lost connection, a
+    failed reconnect) is expected and already reported by our callbacks: DEBUG. A socket breaking
+    under it (connection reset: the broker or network went away) is an outage, which the daemon
+    rides out with its outbox: a WARNING, not an ERROR.
+    """
+    std_level = mqtt.LOGGING_LEVEL[LogLevel(level)]
+    if line.startswith(PAHO_NO_SOCKET) and not_connected:
+        return logging.DEBUG
+    if line.startswith(PAHO_SOCKET_LOST) and std_level > logging.WARNING:
+        return logging.WARNING
+    return std_level
