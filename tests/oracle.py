@@ -23,7 +23,10 @@ logger = logging.getLogger(__name__)
 
 class OracleSegmenter:
     """Ground truth as detections. The field must be rendered at the canonical scale, so that
-    its pixels are the canonical frame's pixels."""
+    its pixels are the canonical frame's pixels. Implements `Segmenter`: one view, and scores
+    that are final already (`calibrate` and `finish` change nothing)."""
+
+    views: tuple[str, ...] = ("identity",)
 
     def __init__(self, field: SyntheticField) -> None:
         mpp = field.frame.microns_per_pixel
@@ -32,8 +35,11 @@ class OracleSegmenter:
         self.cells = field.cells
         self._bboxes = np.array([c.bbox for c in field.cells], dtype=np.int64).reshape(-1, 4)
 
+    def finish(self, detections: Sequence[CellDetection]) -> list[CellDetection]:
+        return list(detections)
+
     def detect(
-        self, tiles: Sequence[Tile], frame_width: int, frame_height: int
+        self, tiles: Sequence[Tile], frame_width: int, frame_height: int, calibrate: bool = True
     ) -> list[CellDetection]:
         out: list[CellDetection] = []
         for tile in tiles:

@@ -36,7 +36,6 @@ from smearscope.service.analysis.report import (
 from smearscope.service.analysis.roi import RoiFilter, route
 from smearscope.service.analysis.scale import (
     CANONICAL_UM_PER_PX,
-    NORMAL_RBC_DIAMETER_UM,
     ScaleEstimate,
     estimate_scale_classical,
     resample_factor,
@@ -160,9 +159,7 @@ class Analyzer:
     def _detect(self, canonical: np.ndarray) -> list[CellDetection]:
         o = self.options
         h, w = canonical.shape[:2]
-        if not hasattr(self.segmenter, "finish"):  # final scores, one view (the tests' oracle)
-            return merge_detections(self.segmenter.detect(make_tiles(canonical, o.tile_size, o.tile_overlap), w, h))
-        views = getattr(self.segmenter, "views", ("identity",))
+        views = self.segmenter.views
         # Raw scores (every detection above the detector's fixed floor) through the merge and the
         # fusion of the views (service.analysis.tta; one view fuses to itself); the calibrated threshold
         # comes last, so it changes nothing above it. All views' tiles go to the engine in one

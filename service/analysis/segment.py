@@ -1,28 +1,36 @@
 """Stage 5: find cells in tiles. A `Segmenter` turns tiles into detections in FRAME coordinates.
 
-`YoloSegmenter` (service.analysis.yolo_decode) runs the YOLO instance-segmentation model through an engine;
-tests use an oracle segmenter that returns ground truth. Both flag detections that touch an
+`YoloSegmenter` (service.analysis.yolo_decode) runs the YOLO instance-segmentation model through an
+engine; tests use an oracle segmenter that returns ground truth through the same interface. Both flag detections that touch an
 interior tile edge (`cut_by_tile_edge`) so the merge step can prefer whole views of a cell.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
-from smearscope.service.analysis.records import Box, Tile
+from smearscope.service.analysis.records import Box, CellDetection, Tile
 
 #: A box within this many pixels of a tile edge counts as touching it.
 EDGE_MARGIN_PX = 2.0
 
 
 class Segmenter(Protocol):
-    """Finds cells in tiles. A segmenter may offer `finish(detections)` (calibrate and threshold)
-    and then accepts `detect(..., calibrate=False)`: the pipeline merges and fuses the raw
-    detections and calls `finish` last. One whose `views` attribute names more than the identity
-    view (service.analysis.tta) must offer both."""
+    """Finds cells in tiles. The pipeline runs `detect(..., calibrate=False)` on the tiles of each
+    of `views` (service.analysis.tta), merges and fuses the raw detections, and calls `finish`
+    (calibrate and threshold) last."""
 
-    def detect(self, tiles: Sequence[Tile], frame_width: int, frame_height: int) -> list:
-        """All detections of all `tiles`, as `CellDetection`s in frame coordinates."""
+    #: Test-time views of the frame the pipeline runs and fuses; ("identity",) for one pass.
+    views: tuple[str, ...]
+
+    def detect(self, tiles: Sequence[Tile], frame_width: int, frame_height: int,
+               calibrate: bool = True) -> list[CellDetection]:
+        """All detections of all `tiles` in frame coordinates; raw scores with `calibrate=False`."""
+        ...
+
+    def finish(self, detections: Sequence[CellDetection]) -> list[CellDetection]:
+        """Merged and fused raw detections -> final scores, those below the threshold dropped."""
         ...
 
 
