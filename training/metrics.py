@@ -73,9 +73,14 @@ def classification_report(labels: np.ndarray, preds: np.ndarray, classes, logits
 
 def greedy_matches(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray,
                    iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """One image, one class: predictions by descending score, each a true positive when it overlaps
-    a not-yet-matched truth box with IoU >= threshold (as in VOC/COCO). Returns (scores, hits)."""
-    order = np.argsort(-np.asarray(scores, float))
+    """One image, one class, matched as COCO matches (pycocotools' COCOeval.evaluateImg).
+
+    Predictions in descending score, equal scores in their given order; each is a true positive
+    when its best-overlapping truth box among those not matched yet has IoU >= threshold (of
+    equal overlaps the later truth, as pycocotools), so a truth box is matched at most once.
+    Returns (scores, hits) in that order.
+    """
+    order = np.argsort(-np.asarray(scores, float), kind="stable")
     pred = np.asarray(pred, float).reshape(-1, 4)[order]
     sc = np.asarray(scores, float)[order]
     truth = np.asarray(truth, float).reshape(-1, 4)
@@ -83,17 +88,25 @@ def greedy_matches(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray,
     hits = np.zeros(len(pred), bool)
     ious = box_iou(pred, truth) if len(truth) and len(pred) else np.zeros((len(pred), len(truth)))
     for i in range(len(pred)):
-        cand = np.where(~matched)[0]
+        cand = np.flatnonzero(~matched)
         if cand.size:
-            j = cand[np.argmax(ious[i, cand])]
+            j = cand[cand.size - 1 - np.argmax(ious[i, cand][::-1])]
             if ious[i, j] >= iou_threshold:
                 matched[j] = hits[i] = True
     return sc, hits
 
 
 def average_precision(images: list[tuple[np.ndarray, np.ndarray, np.ndarray]], iou_threshold: float = 0.5) -> float:
-    """AP of one class over images [(pred_boxes, pred_scores, truth_boxes)], all-point interpolated,
-    with `greedy_matches` deciding true positives."""
+    """AP of one class over images [(pred_boxes, pred_scores, truth_boxes)], `greedy_matches`
+    deciding true positives.
+
+    All detections of all images ranked by score (ties: image order, then each image's order, as
+    pycocotools), and the area under the precision envelope (at each recall the best precision
+    at that recall or beyond) integrated over every recall step ("all-point", VOC 2010+). COCO
+    samples the same envelope at 101 recall points instead, and keeps at most 100 detections per
+    image and class; neither is done here. Boxes are continuous coordinates (no VOC "+1").
+    tests/test_metrics_reference.py holds this against pycocotools.
+    """
     n_truth = sum(len(t) for _, _, t in images)
     if n_truth == 0:
         return float("nan")

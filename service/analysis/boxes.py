@@ -23,7 +23,10 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / (area_a[:, None] + area_b[None, :] - inter + 1e-9)
+    union = area_a[:, None] + area_b[None, :] - inter
+    # Exact where the union is positive (an IoU of exactly 0.5 is 0.5, as pycocotools computes it);
+    # 0 for degenerate boxes.
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def inside_fraction(inner, outer) -> float:
