@@ -1,12 +1,13 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - the station daemon on its embedded default (synthetic microscope, 5 fields):
 #                 prints what it published (or kept in its outbox when no broker answers)
-#   make test   - the whole test suite (what CI runs)
+#   make test   - the whole test suite (what CI runs, after make lint)
+# Also: make test-fast (no fault injection, slow or real-data tests: a few minutes), make lint.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv system-deps lint
+.PHONY: demo test test-fast venv system-deps lint
 
 $(BIN)/smearscope: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,3 +26,9 @@ demo: venv
 
 test: venv system-deps
 	$(BIN)/python -m pytest -q
+
+test-fast: venv system-deps
+	$(BIN)/python -m pytest -q -m "not slow and not realdata and not faults"
+
+lint: venv
+	$(BIN)/ruff check .

@@ -34,7 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -60,11 +59,11 @@ def _inputs(engine, n: int, seed: int) -> np.ndarray:
 
 def _diff(a: dict, b: dict) -> tuple[float, bool]:
     worst, ok = 0.0, True
-    for k in b:
-        if a[k].shape != b[k].shape:
+    for k, expected in b.items():
+        if a[k].shape != expected.shape:
             return float("inf"), False
-        worst = max(worst, float(np.abs(a[k] - b[k]).max()))
-        ok &= bool(np.allclose(a[k], b[k], atol=ATOL, rtol=RTOL))
+        worst = max(worst, float(np.abs(a[k] - expected).max()))
+        ok &= bool(np.allclose(a[k], expected, atol=ATOL, rtol=RTOL))
     return worst, ok
 
 
@@ -82,7 +81,7 @@ class Check:
             fn()
         except Exception as exc:  # a crash is a failed check, reported, and the others still run
             self.record(section, name, False, f"{type(exc).__name__}: {exc}")
-            traceback.print_exc()
+            logger.exception("%s %s crashed", section, name)
 
 
 def _free_mem() -> int:

@@ -68,7 +68,7 @@ class Runtime:
     def __init__(self, logger: Logger) -> None:
         self.logger = logger
 
-    def deserialize_cuda_engine(self, data: bytes) -> "ICudaEngine | None":
+    def deserialize_cuda_engine(self, data: bytes) -> ICudaEngine | None:
         try:
             spec = json.loads(data)
         except ValueError:
@@ -106,7 +106,7 @@ class ICudaEngine:
             raise IndexError("one optimisation profile")
         return [tuple(s) for s in self.spec["profile"][name]]
 
-    def create_execution_context(self) -> "IExecutionContext":
+    def create_execution_context(self) -> IExecutionContext:
         return IExecutionContext(self)
 
 

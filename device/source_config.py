@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -233,7 +233,7 @@ class SimulatedSourceConfig(_CommonSourceFields):
 
 
 SourceConfig = Annotated[
-    Union[CameraSourceConfig, FolderSourceConfig, ReplaySourceConfig, SimulatedSourceConfig],
+    CameraSourceConfig | FolderSourceConfig | ReplaySourceConfig | SimulatedSourceConfig,
     Field(discriminator="kind"),
 ]
 

@@ -19,12 +19,14 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import cv2
 import numpy as np
+from typing_extensions import Self  # typing.Self needs Python 3.11
 
 from smearscope.device.frame import Frame
 from smearscope.device.source_config import (
@@ -118,7 +120,7 @@ class FrameSource(ABC):
             self._released = True
             self._release()
 
-    def __enter__(self) -> FrameSource:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

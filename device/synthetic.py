@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from smearscope.device.frame import Frame
-from smearscope.device.synthetic_cells import StainParams, cell_geometry, cell_od
+from smearscope.device.synthetic_cells import REFERENCE_STAIN, StainParams, cell_geometry, cell_od
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,8 @@ class _Placer:
         self.r = np.zeros(capacity)
         self.n = 0
         self.pitch = 2.0 * max_r + self.GAP_UM
-        nx = int(math.ceil((bounds[2] - bounds[0]) / self.pitch)) + 3
-        ny = int(math.ceil((bounds[3] - bounds[1]) / self.pitch)) + 3
+        nx = math.ceil((bounds[2] - bounds[0]) / self.pitch) + 3
+        ny = math.ceil((bounds[3] - bounds[1]) / self.pitch) + 3
         self.grid = np.full((ny, nx, 8), -1, np.intp)
         self.count = np.zeros((ny, nx), np.intp)
 
@@ -192,7 +192,7 @@ def render_field(
     width: int = 1280,
     height: int = 960,
     microns_per_pixel: float = 0.2,
-    stain: StainParams = StainParams(),
+    stain: StainParams = REFERENCE_STAIN,
     rbc_density: float = 0.38,
     n_wbc: int | None = None,
     n_platelets: int | None = None,
@@ -225,7 +225,7 @@ def render_field(
     margin = 8.0  # um: centres may lie just outside so that cells are cut by the frame edge
     bounds = (-margin / 2, -margin / 2, w_um + margin / 2, h_um + margin / 2)
     area_um2 = (w_um + margin) * (h_um + margin)
-    n_rbc = int(round(rbc_density * area_um2 / (np.pi * 3.8**2)))
+    n_rbc = round(rbc_density * area_um2 / (np.pi * 3.8**2))
     if n_wbc is None:
         n_wbc = int(rng.poisson(3.0 * w_um * h_um / (256.0 * 192.0)))
     if n_platelets is None:
@@ -248,8 +248,8 @@ def render_field(
             continue
         cx, cy = pos[0] / mpp, pos[1] / mpp  # centre in pixels
         rad = g["bound"] * 1.1 / mpp + 2
-        px0, py0 = int(math.floor(cx - rad)), int(math.floor(cy - rad))
-        px1, py1 = int(math.ceil(cx + rad)) + 1, int(math.ceil(cy + rad)) + 1
+        px0, py0 = math.floor(cx - rad), math.floor(cy - rad)
+        px1, py1 = math.ceil(cx + rad) + 1, math.ceil(cy + rad) + 1
         X = ((np.arange(px0, px1) + 0.5 - cx) * mpp).astype(np.float32)[None, :]
         Y = ((np.arange(py0, py1) + 0.5 - cy) * mpp).astype(np.float32)[:, None]
         ca, sa = math.cos(g["angle"]), math.sin(g["angle"])

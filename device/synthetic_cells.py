@@ -7,6 +7,7 @@ slide's `StainParams`. `device.synthetic.render_field` places the cells and expo
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -55,6 +56,10 @@ class StainParams:
             noise_dn=float(rng.uniform(1.0, 3.0)),
             vignetting=float(rng.uniform(0.0, 0.1)),
         )
+
+
+#: The reference stain (StainParams' defaults); frozen, so one instance serves every default.
+REFERENCE_STAIN = StainParams()
 
 
 def _tilt(od: np.ndarray, hue: float) -> np.ndarray:
@@ -150,7 +155,7 @@ def _nucleus_sd(
         reach = float(np.max(np.hypot(pts[:, 0], pts[:, 1]))) + 1.15 * lobe_r
         pts *= min(1.0, 0.85 * R / reach)
         sd = np.min([np.hypot((u - x) / 1.15, v - y) - lobe_r for x, y in pts], axis=0)
-        for p, q in zip(pts[:-1], pts[1:]):
+        for p, q in itertools.pairwise(pts):
             sd = np.minimum(sd, _capsule_sd(u, v, p, q, 0.2))
         return sd
     if variant == "lymphocyte":

@@ -136,7 +136,7 @@ class TelemetryReader:
             if not self._jtop.ok():
                 raise RuntimeError("jtop service stopped answering")
             snapshot = summarize_jtop_stats(dict(self._jtop.stats))
-        except Exception as exc:  # jtop raises its own JtopException; any failure -> fallback
+        except Exception as exc:  # noqa: BLE001 - jtop raises JtopException, socket errors: fall back
             self._jtop_unavailable(exc)
             self._close_jtop()
             return None
@@ -152,7 +152,7 @@ class TelemetryReader:
         try:
             conn = jtop()
             conn.start()
-        except Exception as exc:  # service missing or socket not permitted
+        except Exception as exc:  # noqa: BLE001 - service missing, socket refused, its own errors
             self._jtop_unavailable(exc)
             return None
         if self._jtop_failures:
@@ -176,7 +176,7 @@ class TelemetryReader:
         if self._jtop is not None:
             try:
                 self._jtop.close()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a failing close must not stop the fallback
                 logger.debug("closing jtop: %s", exc)
             self._jtop = None
 

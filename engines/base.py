@@ -42,7 +42,7 @@ class Engine(abc.ABC):
     def output_names(self) -> list[str]:
         return [o.name for o in self.manifest.outputs]
 
-    def load(self) -> "Engine":
+    def load(self) -> Engine:
         if not self._loaded:
             self._load()
             self._loaded = True

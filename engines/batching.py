@@ -46,6 +46,6 @@ def run_batched(engine: Engine, batch: np.ndarray) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {name: [] for name in engine.output_names}
     for start, stop, chunk in iter_padded(batch, engine.manifest.batch, pad_to_opt=engine.pads_to_opt):
         out = engine.run(chunk)
-        for name in parts:
-            parts[name].append(out[name][: stop - start])
+        for name, collected in parts.items():
+            collected.append(out[name][: stop - start])
     return {name: np.concatenate(v) for name, v in parts.items()}

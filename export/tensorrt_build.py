@@ -32,7 +32,7 @@ def trtexec_command(manifest: ModelManifest, onnx_path: Path, out: Path, precisi
                     calib_cache: Path | None = None) -> str:
     """The equivalent `trtexec` command line, printed for engineers who build by hand."""
     (name, (mn, opt, mx)), = profile_shapes(manifest).items()
-    shape = lambda s: "x".join(str(d) for d in s)  # noqa: E731
+    shape = lambda s: "x".join(str(d) for d in s)
     parts = [
         "trtexec", f"--onnx={onnx_path}", f"--saveEngine={out}",
         f"--minShapes={name}:{shape(mn)}", f"--optShapes={name}:{shape(opt)}", f"--maxShapes={name}:{shape(mx)}",

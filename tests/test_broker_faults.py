@@ -16,7 +16,7 @@ from smearscope.service.config import MqttConfig
 from smearscope.service.mqtt.outbox import Outbox
 from smearscope.service.mqtt.publisher import MqttPublisher
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.faults]
 
 STATION = "lab-9"
 REPORTS = f"smearscope/{STATION}/report"

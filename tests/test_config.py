@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from smearscope.cli.station import validate_config_main
 from smearscope.device.source_config import (
@@ -157,7 +157,7 @@ def test_scale_override_cannot_contradict_the_simulator() -> None:
 
 def test_config_is_frozen(tmp_path: Path) -> None:
     config = load_config(_write(tmp_path, MINIMAL), environ={})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         config.station_id = "other"  # type: ignore[misc]
 
 

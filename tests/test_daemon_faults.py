@@ -41,6 +41,7 @@ from smearscope.service.ingest import IngestError, RejectReason
 from smearscope.service.station.daemon import StationDaemon, run_daemon
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.faults
 
 _DAEMON_CHILD = """
 import logging, pickle, sys

@@ -41,8 +41,8 @@ def _assert_agree(per_image: list[dict], classes: tuple[str, ...] = KINDS) -> di
 def test_a_truth_two_detections_overlap_is_matched_once() -> None:
     truth = [("rbc", [0, 0, 10, 10])]
     pred = [("rbc", [0, 0, 10, 10], 0.9), ("rbc", [0, 0, 10, 9], 0.8)]  # both IoU >= 0.5
-    scores, hits = greedy_matches(np.array([p[1] for p in pred], float), np.array([0.9, 0.8]),
-                                  np.array([truth[0][1]], float))
+    _, hits = greedy_matches(np.array([p[1] for p in pred], float), np.array([0.9, 0.8]),
+                             np.array([truth[0][1]], float))
     assert hits.tolist() == [True, False]
     # One truth found at precision 1, then a false positive: AP is 1, not more.
     assert _assert_agree([{"pred": pred, "truth": truth}], ("rbc",))["rbc"] == pytest.approx(1.0)

@@ -6,8 +6,8 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -37,7 +37,7 @@ def _drain(sock: socket.socket, window_s: float) -> list[str]:
         sock.settimeout(left)
         try:
             messages.append(sock.recv(4096).decode())
-        except socket.timeout:
+        except TimeoutError:
             break
     return messages
 

@@ -32,7 +32,7 @@ class Run:
 
 
 def _run(seed: int, overlap: float, **render_kwargs) -> Run:
-    kwargs = dict(width=WIDTH, height=HEIGHT, n_wbc=4, touching_fraction=0.35)
+    kwargs = {"width": WIDTH, "height": HEIGHT, "n_wbc": 4, "touching_fraction": 0.35}
     kwargs.update(render_kwargs)
     field = render_field(seed, **kwargs)
     tiles = make_tiles(field.frame.pixels, TILE, overlap)

@@ -47,7 +47,7 @@ def _peak_od(px, cell) -> float:
 
 
 def _window(field, centre, size=192):
-    x, y = (int(round(v)) for v in centre)
+    x, y = (round(v) for v in centre)
     x0, y0 = x - size // 2, y - size // 2
     px = np.asarray(field.frame.pixels)[y0 : y0 + size, x0 : x0 + size]
     cells = []

@@ -179,7 +179,7 @@ def test_folder_close_from_another_thread_ends_iteration(tmp_path: Path) -> None
 
 
 def test_decode_refuses_truncated_jpeg() -> None:
-    ok, buf = cv2.imencode(".jpg", _image(4))
+    _, buf = cv2.imencode(".jpg", _image(4))
     data = buf.tobytes()
     assert decode_image_bytes(data) is not None
     assert decode_image_bytes(data[: len(data) - 200]) is None  # libjpeg would pad it with gray
@@ -292,7 +292,7 @@ def test_missing_jtop_service_is_one_log_line_not_a_crash(
 ) -> None:
     import types
 
-    import smearscope.device.telemetry as telemetry
+    from smearscope.device import telemetry
 
     class _NoService:
         def start(self) -> None:

@@ -218,7 +218,7 @@ def test_white_cell_subtypes_have_their_nuclei() -> None:
     lobes: dict[str, list[int]] = {"neutrophil": [], "lymphocyte": []}
     fill: dict[str, list[float]] = {"neutrophil": [], "lymphocyte": []}
     for seed in range(6):
-        for subtype in lobes:
+        for subtype, lobe_counts in lobes.items():
             f = render_field(
                 100 + seed,
                 width=300,
@@ -239,7 +239,7 @@ def test_white_cell_subtypes_have_their_nuclei() -> None:
                     nucleus.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
                 )
                 n, _ = cv2.connectedComponents(core)  # thin strands between lobes erode away
-                lobes[subtype].append(n - 1)
+                lobe_counts.append(n - 1)
                 fill[subtype].append(nucleus.sum() / c.mask.sum())
     assert len(lobes["neutrophil"]) >= 4 and len(lobes["lymphocyte"]) >= 4
     assert np.median(lobes["neutrophil"]) >= 2 and np.median(lobes["lymphocyte"]) == 1

@@ -48,7 +48,7 @@ def _x(engine, n, seed):
 
 @pytest.mark.parametrize("name", ["rbc_head", "seg"])
 def test_outputs_match_onnxruntime_across_the_profile(tmp_path, name):
-    eng, api = _engine(tmp_path, name)
+    eng, _ = _engine(tmp_path, name)
     ref = OnnxRuntimeEngine(MODELS / f"{name}.json").load()
     prof = eng.manifest.batch
     for n in (1, 3, prof.opt, prof.max, 2 * prof.max + 3):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -35,7 +37,7 @@ def test_starts_cover_the_axis_with_full_tiles_and_bounded_overlap(
         covered[s : s + TILE] += 1
     assert covered.min() >= 1
     # Neighbours overlap by at least the requested fraction, and never by a whole tile.
-    shared = [a + TILE - b for a, b in zip(starts, starts[1:])]
+    shared = [a + TILE - b for a, b in itertools.pairwise(starts)]
     assert all(TILE * overlap <= s < TILE for s in shared)
     # Only the inward-moved last tile may overlap more than the stride implies.
     assert len(set(shared[:-1])) <= 1

@@ -35,7 +35,7 @@ def test_decode_tile_thresholds_and_class_aware_nms():
     ])
     out = decode_tile(pred, None, 256, 3, conf_threshold=0.25, iou_threshold=0.5)
     assert sorted((c, round(s, 2)) for c, _, s, _ in out) == [(0, 0.9), (2, 0.7)]
-    c, box, s, mask = next(o for o in out if o[0] == 0)
+    _, box, _, mask = next(o for o in out if o[0] == 0)
     np.testing.assert_allclose(box, [30, 30, 70, 70])
     assert mask is None
 
@@ -46,7 +46,7 @@ def test_decode_tile_masks_from_prototypes():
     coeff = np.zeros(32, np.float32)
     coeff[0] = 1.0
     pred = _pred([(50, 50, 40, 40, 0, 0.9, coeff)])
-    (_, box, _, mask), = decode_tile(pred, protos, 256, 3, 0.25, 0.5)
+    (_, _, _, mask), = decode_tile(pred, protos, 256, 3, 0.25, 0.5)
     assert mask.shape == (40, 40)
     # inside the blob true, box corners false
     assert mask[20, 20] and not mask[0, 0] and not mask[-1, -1]

@@ -80,8 +80,8 @@ def seeded_split(items: list[str], fractions: tuple[float, float, float], seed: 
     ordered = sorted(items)
     random.Random(seed).shuffle(ordered)
     n = len(ordered)
-    n_train = int(round(fractions[0] * n))
-    n_val = int(round(fractions[1] * n))
+    n_train = round(fractions[0] * n)
+    n_val = round(fractions[1] * n)
     return {
         "train": ordered[:n_train],
         "val": ordered[n_train : n_train + n_val],

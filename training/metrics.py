@@ -6,6 +6,8 @@ lives in service/analysis and is imported from there.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from smearscope.service.analysis.boxes import box_iou
@@ -38,7 +40,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     correct = probs.argmax(1) == labels
     edges = np.linspace(0, 1, bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         m = (conf > lo) & (conf <= hi)
         if m.any():
             ece += m.mean() * abs(correct[m].mean() - conf[m].mean())

@@ -64,7 +64,7 @@ def pack_seg(seg: Path, out: Path, quality: int = 93) -> int:
                 img = cv2.imread(str(f))
                 if img is None:
                     raise SystemExit(f"{f}: not an image")
-                ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+                _, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
                 data = buf.tobytes()
                 info = tarfile.TarInfo(f"seg/images/{split}/{f.stem}.jpg")
                 info.size = len(data)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from smearscope.service.analysis.crops import RBC_CROP, WBC_CROP, CropSpec
@@ -225,7 +225,7 @@ def main() -> None:
 
     val_logits = predict_logits(model, val.images)
     temperature = fit_temperature(val_logits, val.labels)
-    logits_of = lambda images: predict_logits(model, images)  # noqa: E731
+    logits_of = lambda images: predict_logits(model, images)
     metrics = {**hd.held_out_metrics(args.head, sets, logits_of, temperature),
                "val_best_macro_f1": best_f1, "temperature": temperature, "epochs": epoch, "train_seconds": elapsed}
     data_desc = {"pbc": "PBC (Acevedo 2020), seeded stratified 80/10/10",

@@ -22,7 +22,7 @@ class CropSpec:
 
     @property
     def extent_px(self) -> int:
-        return int(round(self.extent_um / CANONICAL_UM_PER_PX))
+        return round(self.extent_um / CANONICAL_UM_PER_PX)
 
 
 RBC_CROP = CropSpec(extent_um=11.2, input_size=40)
@@ -33,8 +33,8 @@ def crop_cell(canonical_image: np.ndarray, center_xy: tuple[float, float], spec:
     """Square crop of `spec.extent_um` centred on `center_xy` (canonical pixels), resized."""
     side = spec.extent_px
     cx, cy = center_xy
-    x0 = int(round(cx - side / 2.0))
-    y0 = int(round(cy - side / 2.0))
+    x0 = round(cx - side / 2.0)
+    y0 = round(cy - side / 2.0)
     h, w = canonical_image.shape[:2]
     pad_l, pad_t = max(0, -x0), max(0, -y0)
     pad_r, pad_b = max(0, x0 + side - w), max(0, y0 + side - h)

@@ -23,7 +23,7 @@ def draw_overlay(image_bgr: np.ndarray, cells: Sequence[ClassifiedCell], input_t
                  candidates: Sequence[CellDetection] = ()) -> np.ndarray:
     out = image_bgr.copy()
     inv = 1.0 / input_to_canonical
-    thick = max(1, int(round(min(out.shape[:2]) / 400)))
+    thick = max(1, round(min(out.shape[:2]) / 400))
     for d in candidates:
         b = d.box.scaled(inv)
         x0, y0, x1, y1 = int(b.x0), int(b.y0), int(b.x1), int(b.y1)

@@ -123,7 +123,7 @@ class Analyzer:
     @classmethod
     def from_models_dir(cls, models_dir: Path = DEFAULT_MODELS_DIR, backend: str = "onnxruntime",
                         options: AnalyzerOptions = AnalyzerOptions(), station_id: str | None = None,
-                        warmup: bool = True, **engine_options) -> "Analyzer":
+                        warmup: bool = True, **engine_options) -> Analyzer:
         engines = {role: create_engine(backend, Path(models_dir) / f, **engine_options) for role, f in MODEL_FILES.items()}
         for e in engines.values():
             e.load()

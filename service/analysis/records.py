@@ -45,10 +45,10 @@ class Box:
     def center(self) -> tuple[float, float]:
         return (self.x0 + self.x1) / 2.0, (self.y0 + self.y1) / 2.0
 
-    def shifted(self, dx: float, dy: float) -> "Box":
+    def shifted(self, dx: float, dy: float) -> Box:
         return Box(self.x0 + dx, self.y0 + dy, self.x1 + dx, self.y1 + dy)
 
-    def scaled(self, factor: float) -> "Box":
+    def scaled(self, factor: float) -> Box:
         return Box(self.x0 * factor, self.y0 * factor, self.x1 * factor, self.y1 * factor)
 
     def as_list(self) -> list[float]:

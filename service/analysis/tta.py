@@ -153,7 +153,7 @@ def _absorb_pieces(clusters):
     for a in order:
         if a in gone:
             continue
-        lead, box, mask, votes = clusters[a]
+        _, box, _, votes = clusters[a]
         for b in order:
             if b == a or b in gone or clusters[b][1].area > box.area:
                 continue

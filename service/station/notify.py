@@ -16,8 +16,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class SystemdNotifier:
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._error_logged = False
-        if target and (target.startswith("/") or target.startswith("@")):
+        if target and target.startswith(("/", "@")):
             self._address = _socket_address(target)
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         elif target:
