@@ -6,8 +6,8 @@ machines, and the lent GPU machines have no TensorRT either). Everything around 
 `bench.trt_standin` in place of the `tensorrt` module (same calls, the network executed by ONNX
 Runtime on the host in `tests/test_tensorrt_engine.py`, by PyTorch's CUDA kernels on the given
 stream in `bench.device_check` on a lent H200), this class ran with real pinned memory, device
-buffers, streams and asynchronous copies through both CUDA APIs (`engines.cuda_api`). See README
-"What was verified where".
+buffers, streams and asynchronous copies through both CUDA APIs (`engines.cuda_api`). See
+docs/RESULTS.md, "What was verified on which hardware".
 
 Concurrency: the engine holds `lanes` execution contexts, each with its own CUDA stream and its own
 pinned/device buffers. `run()` borrows a free lane, so two threads (e.g. the RBC and WBC heads of

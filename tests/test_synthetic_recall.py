@@ -2,7 +2,7 @@
 
 The renderer's fields used here (seeds 900+) are never in the detector's training data (synthetic
 training fields use seeds 10000+). Bars are set below what the committed models measure (see
-README "Results") so that a real regression fails, not noise.
+docs/RESULTS.md, "Synthetic fields") so that a real regression fails, not noise.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ The result is `head_data.CHULA_MICRONS_PER_PIXEL`.
 `--set pbc` measures PBC the same way on PBC TRAIN crops (a seeded sample). PBC has no red-cell
 labels, so every confident red-cell box away from the edge counts; the crops centre on a white
 cell and hold a few red cells each. Nothing uses the result yet: `head_data.PBC_MICRONS_PER_PIXEL`
-is still the datasets README's nominal 0.19 (see the README's "ruler" section).
+is still the datasets README's nominal 0.19 (see docs/RESULTS.md, "The RBC head's ruler").
 """
 
 from __future__ import annotations
