@@ -19,6 +19,39 @@ from training.env import offline_ultralytics
 logger = logging.getLogger(__name__)
 
 
+def install_look(data_dir: Path) -> None:
+    """Patch ultralytics' image loading: look randomization (train) and illumination correction.
+
+    Tiles smaller than the tile size were padded by the preparation; `valid_sizes.json` says
+    which part is the field, so the pad never enters the background estimate. Each call draws
+    a new look (the dataloader's worker processes inherit the patch when they fork).
+    """
+    import json
+
+    import numpy as np
+    from ultralytics.data import base
+
+    from smearscope.service.analysis.illumination import correct_illumination
+    from training.look import randomize_look
+
+    sizes_file = data_dir / "valid_sizes.json"
+    sizes = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
+    original = base.BaseDataset.load_image
+
+    def load_image(self, i, rect_mode=True, resize_short=False):
+        im, hw0, hw = original(self, i, rect_mode, resize_short)
+        vh, vw = sizes.get(Path(self.im_files[i]).name, im.shape[:2])
+        region = im[:vh, :vw]
+        if self.augment:
+            region = randomize_look(region, np.random.default_rng())
+        out = im.copy()
+        out[:vh, :vw] = correct_illumination(np.ascontiguousarray(region)).pixels
+        return out, hw0, hw
+
+    base.BaseDataset.load_image = load_image
+    logger.info("look randomization + illumination correction installed (%d padded tiles)", len(sizes))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("build/seg/data.yaml"))
@@ -39,14 +72,23 @@ def main() -> None:
                     help="decode the (small, canonical-scale) training images once")
     ap.add_argument("--copy-paste", type=float, default=0.0,
                     help="probability of pasting segmented instances between images")
+    ap.add_argument("--look", action="store_true",
+                    help="each loaded tile: a random lab's look (training.look), then the analyzer's "
+                         "illumination correction (val tiles: the correction only); for prep_labs data")
+    ap.add_argument("--optimizer", default="auto",
+                    help="ultralytics optimizer; 'auto' ignores --lr0 (SGD, AdamW: --lr0 is used)")
+    ap.add_argument("--hsv", type=float, nargs=3, default=(0.03, 0.5, 0.3), metavar=("H", "S", "V"),
+                    help="ultralytics' own HSV jitter after mosaic")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     offline_ultralytics(Path("build"))
     from ultralytics import YOLO
 
+    if args.look:
+        install_look(args.data.resolve().parent)
     last = args.project / args.name / "weights" / "last.pt"
     if args.resume and last.exists():
-        YOLO(str(last)).train(resume=True)
+        YOLO(str(last)).train(resume=True, workers=args.workers)
         return
     if not (args.model.endswith(".yaml") or Path(args.model).exists()):
         raise SystemExit(f"{args.model}: give a yaml or an existing local .pt (hub names would download)")
@@ -72,11 +114,14 @@ def main() -> None:
         degrees=90.0,
         flipud=0.5,
         fliplr=0.5,
-        hsv_h=0.03,
-        hsv_s=0.5,
-        hsv_v=0.3,
+        hsv_h=args.hsv[0],
+        hsv_s=args.hsv[1],
+        hsv_v=args.hsv[2],
         patience=1000,
         lr0=args.lr0,
+        optimizer=args.optimizer,
+        # ultralytics lowers the bias warm-up rate for Adam only when it picks the optimizer itself
+        warmup_bias_lr=0.0 if args.optimizer in ("Adam", "AdamW") else 0.1,
         warmup_epochs=args.warmup_epochs,
         verbose=True,
     )

@@ -1,0 +1,161 @@
+"""Illumination and colour-cast correction: the first thing done to a field's pixels.
+
+In a transmitted-light microscope, what the camera records is lamp x optics x (transmission of
+the smear). Empty glass between the cells shows the lamp alone: its colour (the lamp's colour
+temperature and the camera's white balance) and its unevenness (vignetting, a decentred
+condenser, colour shading of a phone or Raspberry Pi lens). None of that is the cell. This stage
+estimates that background as a smooth surface per channel and divides it out, so the glass
+becomes one neutral white (`TARGET_WHITE`) everywhere and each pixel reads as the smear's
+transmission. It is flat-field correction with the field itself as its own flat: nothing needs
+to be calibrated at the station.
+
+The estimate takes the brightest pixels of small blocks (glass, or at worst a red cell's pale
+centre) and fits a low-order surface (quadratic in x and y, per channel, in log intensity) with
+an asymmetric robust fit: blocks that fall well below the surface are cells, not glass, and lose
+their weight. A field with no glass left at all (a crowded smear) still gets a sensible white
+point from its brightest blocks; a field too dark or too flat to tell is passed through with the
+reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Grey level the glass is mapped to. Below 255, so halos and bright pallor keep some headroom.
+TARGET_WHITE = 235.0
+#: Side of the blocks whose bright pixels sample the background, in pixels of the reduced image.
+_BLOCK = 8
+#: The reduced image's long side: the background is smooth, so this is plenty.
+_REDUCED_LONG_SIDE = 128
+#: The fitted surface is evaluated on a grid this coarse and interpolated up (it is quadratic).
+_SURFACE_GRID = 24
+#: Fixed-point scale of the gain map (gain x 2**7 in uint16: gains up to 512 without overflow).
+_GAIN_ONE = 128.0
+#: A block's background sample: the mean of its pixels at or above this luminance percentile.
+_BRIGHT_PERCENTILE = 80.0
+#: Blocks this far below the fitted surface (in log intensity) are cells: their weight drops.
+_CELL_RESIDUAL = 0.06
+#: A background darker than this (0-255) is no lit glass: the correction would amplify noise.
+_MIN_WHITE = 20.0
+
+
+@dataclass(frozen=True)
+class IlluminationResult:
+    """The corrected field (BGR uint8), or the input passed through with the reason why.
+
+    `white_bgr` is the median background colour found before correction; `uniformity` the ratio
+    of the darkest to the brightest background luminance over the field (1.0: even lighting).
+    """
+
+    pixels: np.ndarray
+    applied: bool
+    white_bgr: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    uniformity: float = 1.0
+    reason: str | None = None
+
+
+def _design(xs: np.ndarray, ys: np.ndarray, order: int) -> np.ndarray:
+    cols = [np.ones_like(xs)]
+    if order >= 1:
+        cols += [xs, ys]
+    if order >= 2:
+        cols += [xs * xs, xs * ys, ys * ys]
+    return np.stack(cols, axis=1)
+
+
+def _block_samples(reduced: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block: centre (x, y in [-1, 1]) and the mean colour of its brightest pixels."""
+    h, w = reduced.shape[:2]
+    bh, bw = max(1, h // _BLOCK), max(1, w // _BLOCK)
+    sy, sx = h // bh, w // bw
+    img = reduced[: bh * sy, : bw * sx].reshape(bh, sy, bw, sx, 3).transpose(0, 2, 1, 3, 4)
+    img = img.reshape(bh * bw, sy * sx, 3)
+    lum = img.sum(axis=2)
+    k = int(np.clip(round(lum.shape[1] * _BRIGHT_PERCENTILE / 100.0), 0, lum.shape[1] - 1))
+    thr = np.partition(lum, k, axis=1)[:, k : k + 1]
+    sel = (lum >= thr)[..., None]
+    colour = (img * sel).sum(axis=1) / np.maximum(sel.sum(axis=1), 1)
+    cy, cx = np.meshgrid((np.arange(bh) + 0.5) * sy, (np.arange(bw) + 0.5) * sx, indexing="ij")
+    xs = (cx.ravel() / w) * 2.0 - 1.0
+    ys = (cy.ravel() / h) * 2.0 - 1.0
+    return xs, ys, colour
+
+
+def _fit_surface(xs: np.ndarray, ys: np.ndarray, log_colour: np.ndarray) -> np.ndarray:
+    """Coefficients (terms x 3) of the robust upper-envelope fit of log background colour."""
+    n = len(xs)
+    order = 2 if n >= 24 else (1 if n >= 6 else 0)
+    a = _design(xs, ys, order)
+    lum = log_colour.mean(axis=1)
+    weights = np.ones(n)
+    coef = None
+    for _ in range(5):
+        sw = np.sqrt(weights)[:, None]
+        coef, *_ = np.linalg.lstsq(a * sw, log_colour * sw, rcond=None)
+        resid = lum - (a @ coef).mean(axis=1)
+        new = np.where(resid < -_CELL_RESIDUAL, 0.02, 1.0)
+        if np.array_equal(new, weights):
+            break
+        weights = new
+    assert coef is not None
+    if order < 2:  # pad to the quadratic's six terms so callers see one shape
+        full = np.zeros((6, 3))
+        full[: coef.shape[0]] = coef
+        coef = full
+    return coef
+
+
+def estimate_background(image_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The fitted background at a reduced size (float32 BGR) and its surface coefficients.
+
+    None when the frame is too small or too dark to hold lit glass.
+    """
+    h, w = image_bgr.shape[:2]
+    if h < 16 or w < 16:
+        return None
+    scale = min(1.0, _REDUCED_LONG_SIDE / max(h, w))
+    rw, rh = max(_BLOCK, round(w * scale)), max(_BLOCK, round(h * scale))
+    reduced = cv2.resize(image_bgr, (rw, rh), interpolation=cv2.INTER_AREA).astype(np.float32)
+    xs, ys, colour = _block_samples(reduced)
+    if float(np.median(colour.mean(axis=1))) < _MIN_WHITE:
+        return None
+    coef = _fit_surface(xs, ys, np.log(np.maximum(colour, 1.0)))
+    gh = max(2, round(_SURFACE_GRID * rh / max(rh, rw)))
+    gw = max(2, round(_SURFACE_GRID * rw / max(rh, rw)))
+    gy, gx = np.meshgrid(np.linspace(-1, 1, gh), np.linspace(-1, 1, gw), indexing="ij")
+    surf = _design(gx.ravel(), gy.ravel(), 2) @ coef
+    bg = np.exp(surf).reshape(gh, gw, 3).astype(np.float32)
+    return bg, coef
+
+
+def correct_illumination(image_bgr: np.ndarray, target_white: float = TARGET_WHITE) -> IlluminationResult:
+    """Divide the field by its own background so the glass reads `target_white` everywhere."""
+    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3 or image_bgr.dtype != np.uint8:
+        raise ValueError(f"expected an H x W x 3 uint8 BGR frame, got {image_bgr.shape} {image_bgr.dtype}")
+    est = estimate_background(image_bgr)
+    if est is None:
+        return IlluminationResult(image_bgr, applied=False, reason="no_lit_background")
+    bg, _ = est
+    lum = bg.mean(axis=2)
+    white = tuple(float(v) for v in np.median(bg.reshape(-1, 3), axis=0))
+    uniformity = float(lum.min() / max(float(lum.max()), 1e-6))
+    pixels = apply_gain(image_bgr, target_white / np.maximum(bg, 1.0))
+    return IlluminationResult(pixels, applied=True, white_bgr=white, uniformity=round(uniformity, 4))
+
+
+def apply_gain(image_bgr: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    """Multiply a frame by a smooth per-channel gain map given on a coarse grid (saturating uint8).
+
+    The coarse grid's cell centres are aligned with the frame (INTER_LINEAR upsampling); the
+    product is taken in 16-bit fixed point, the cheapest exact-enough way OpenCV offers.
+    """
+    h, w = image_bgr.shape[:2]
+    g16 = np.clip(gain * _GAIN_ONE + 0.5, 0, 65535).astype(np.uint16)
+    full = cv2.resize(g16, (w, h), interpolation=cv2.INTER_LINEAR)
+    return cv2.multiply(image_bgr, full, scale=1.0 / _GAIN_ONE, dtype=cv2.CV_8U)

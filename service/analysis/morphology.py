@@ -1,0 +1,91 @@
+"""Red-cell morphology as a hematologist reports it: ICSH grades, size only from a calibrated scale.
+
+Grades follow the ICSH 2015 recommendations for grading peripheral blood cell morphology
+(Palmer et al., Int J Lab Hematol 2015;37:287-303): a semi-quantitative grade from the share of
+red cells showing the feature, with thresholds per feature:
+
+- size and colour (microcytes, macrocytes, hypochromic cells): 1+ 11-20 %, 2+ 21-50 %, 3+ > 50 %;
+- shapes (spherocytes, target cells, stomatocytes, ovalocytes, elliptocytes, teardrop cells,
+  echinocytes/burr cells, other poikilocytes): 1+ 5-20 %, 2+ 21-50 %, 3+ > 50 %;
+- schistocytes, graded on their own lower thresholds (ICSH 2012/2021, Zini et al.: more than
+  1 % is suspicious of a thrombotic microangiopathy): 1+ < 1 %, 2+ 1-2 %, 3+ > 2 %;
+- sickle cells: reported present (graded like schistocytes, every sickle cell matters).
+
+Below 1+ the grade is "none" (the count stays in the report for audit). Each grade comes with
+the grades at the ends of the share's Wilson 95 % interval, so a grade resting on a handful of
+cells says so.
+
+Size-based classes (microcyte, macrocyte, spherocyte) need micrometres: when the scale was
+estimated from the red cells themselves, a "small" cell is small only relative to its field,
+and such calls are circular. Then those classes are not assessable: each such cell is re-typed
+to its most likely shape class, and the report says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Classes whose call rests on the cell's size in micrometres.
+SIZE_BASED = frozenset({"microcyte", "macrocyte", "spherocyte"})
+
+#: (1+, 2+, 3+) lower bounds in percent of red cells; grade "1+" starts at the first bound.
+_SIZE_COLOUR = (11.0, 21.0, 50.0001)
+_SHAPE = (5.0, 21.0, 50.0001)
+_LOW = (0.0001, 1.0, 2.0001)
+ICSH_THRESHOLDS: dict[str, tuple[float, float, float]] = {
+    "microcyte": _SIZE_COLOUR, "macrocyte": _SIZE_COLOUR, "hypochromia": _SIZE_COLOUR,
+    "spherocyte": _SHAPE, "target": _SHAPE, "stomatocyte": _SHAPE, "ovalocyte": _SHAPE,
+    "elliptocyte": _SHAPE, "teardrop": _SHAPE, "burr": _SHAPE, "other_poikilocyte": _SHAPE,
+    "schistocyte": _LOW, "sickle": _LOW,
+}
+GRADES = ("none", "1+", "2+", "3+")
+
+
+def icsh_grade(feature: str, percent: float) -> str:
+    """The ICSH grade of `percent` of red cells showing `feature` ('none' below 1+)."""
+    bounds = ICSH_THRESHOLDS[feature]
+    g = 0
+    for i, b in enumerate(bounds):
+        if percent >= b:
+            g = i + 1
+    return GRADES[g]
+
+
+@dataclass(frozen=True)
+class SizeDistribution:
+    """Red-cell equivalent diameters (calibrated scale only): an RDW-like CV and a histogram."""
+
+    n: int
+    mean_um: float | None
+    sd_um: float | None
+    cv_percent: float | None
+    bin_edges_um: tuple[float, ...]
+    counts: tuple[int, ...]
+
+
+#: Histogram bins of red-cell diameter (um): 0.5 um wide from 3 to 12, open at both ends.
+DIAMETER_BIN_EDGES = tuple(float(x) for x in np.arange(3.0, 12.01, 0.5))
+
+
+def size_distribution(diameters_um) -> SizeDistribution:
+    d = np.asarray(list(diameters_um), float)
+    d = d[np.isfinite(d)]
+    edges = np.array((0.0,) + DIAMETER_BIN_EDGES + (1e9,))
+    counts = np.histogram(d, bins=edges)[0] if d.size else np.zeros(len(edges) - 1, int)
+    if d.size == 0:
+        return SizeDistribution(0, None, None, None, DIAMETER_BIN_EDGES, tuple(int(c) for c in counts))
+    mean = float(d.mean())
+    sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
+    return SizeDistribution(int(d.size), round(mean, 3), round(sd, 3), round(100 * sd / mean, 2) if mean else None,
+                            DIAMETER_BIN_EDGES, tuple(int(c) for c in counts))
+
+
+def shape_label(classes: list[str], probs: np.ndarray) -> str:
+    """The most likely class that does not rest on size (for a cell at an estimated scale)."""
+    order = np.argsort(-np.asarray(probs))
+    for i in order:
+        if classes[i] not in SIZE_BASED:
+            return classes[i]
+    return "normal"

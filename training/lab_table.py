@@ -1,0 +1,315 @@
+"""The lab table: the detector (and the stages before it) on held-out fields of every lab.
+
+    python -m training.lab_table [--models models] [--split val|test] [--scale estimated|given|both]
+                                 [--labs bccd,rpi] [--json out.json]
+
+A lab is one microscope, camera and stain (`training.labs`). Each row is one lab's held-out
+images, analysed by the same `Analyzer` the station runs, scored in the form that lab's labels
+have:
+
+- boxes (BCCD, the three TXL-PBC sources): mAP50 of the counted cells (calibrated score >= 0.5)
+  and of every detection (the model level), recall and precision of the counted cells per kind;
+- PBC crops: the centre cell found, and found as the right kind (platelet / white cell);
+- Chula RBC-12 (centres of some red cells): the share of labelled centres inside a counted red
+  cell, and the red-cell count against the labelled count (share of fields within 15 %; Chula
+  marks only some red cells in many fields, so the count is also set against the classical
+  segmenter's count, `training.classical_cells`);
+- rpi (typed white-cell boxes): white cells found (a counted white cell with IoU >= 0.5), extra
+  white cells per field (the annotators sometimes leave a second one unboxed).
+
+Scale: `estimated` runs as an uncalibrated station does (the analyzer measures the scale);
+`given` passes the lab's known scale (a calibrated station). The estimate's error against the
+known scale is reported. Models are chosen by their **worst** lab on `--split val`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from smearscope.device.frame import Frame
+from smearscope.service.analysis.boxes import box_iou
+from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions, input_bbox
+from smearscope.service.analysis.scale import resample_factor
+from training.data import (
+    BoxAnnotation,
+    bccd_boxes,
+    bccd_image_path,
+    bccd_microns_per_pixel,
+    bccd_split,
+    data_root,
+    txl_boxes,
+)
+from training.head_data import (
+    CHULA_MICRONS_PER_PIXEL,
+    PBC_CLASSES,
+    PBC_MICRONS_PER_PIXEL,
+    chula_points,
+    chula_splits,
+    pbc_splits,
+)
+from training.labs import (
+    DETECTOR_LABS,
+    RPI_MICRONS_PER_PIXEL,
+    rpi_boxes,
+    rpi_dir,
+    rpi_splits,
+    txl_images_by_source,
+)
+from training.metrics import detection_confusion, detection_map50
+
+logger = logging.getLogger(__name__)
+KINDS = ("rbc", "wbc", "platelet")
+ALL_CONF = 0.001
+#: PBC crops per split in the table (seeded sample, all eight classes): enough for a rate.
+PBC_SAMPLE = 200
+
+
+@dataclass(frozen=True)
+class LabImage:
+    lab: str
+    path: Path
+    known_mpp: float | None  # the lab's scale when known (None: per-image, from its boxes)
+    boxes: tuple[BoxAnnotation, ...] = ()
+    extra: object = None  # lab-specific truth: PBC class, Chula centres, rpi typed boxes
+
+
+def _txl_mpp(boxes, w: int, h: int) -> float | None:
+    from smearscope.service.analysis.scale import scale_from_rbc_diameters
+
+    d = [(b.x1 - b.x0 + b.y1 - b.y0) / 2 for b in boxes
+         if b.kind == "rbc" and b.x0 > 2 and b.y0 > 2 and b.x1 < w - 2 and b.y1 < h - 2]
+    return scale_from_rbc_diameters(np.array(d))
+
+
+def lab_images(lab: str, split: str) -> list[LabImage]:
+    if lab == "bccd":
+        mpp = bccd_microns_per_pixel()
+        return [LabImage(lab, bccd_image_path(i), mpp, tuple(bccd_boxes(i))) for i in bccd_split(split)]
+    if lab.startswith("txl_"):
+        out = []
+        for p in txl_images_by_source(split)[lab]:
+            h, w = cv2.imread(str(p), cv2.IMREAD_REDUCED_GRAYSCALE_2).shape[:2]
+            boxes = txl_boxes(p, split, w * 2, h * 2)
+            out.append(LabImage(lab, p, _txl_mpp(boxes, w * 2, h * 2), tuple(boxes)))
+        # Too few whole red cells to measure an image: its source's median scale (one camera).
+        known = [im.known_mpp for im in out if im.known_mpp is not None]
+        median = float(np.median(known)) if known else None
+        return [im if im.known_mpp is not None else LabImage(lab, im.path, median, im.boxes) for im in out]
+    if lab == "pbc":
+        items = list(pbc_splits()[split])
+        random.Random(20261202).shuffle(items)
+        root = data_root() / "pbc"
+        return [LabImage(lab, root / rel, PBC_MICRONS_PER_PIXEL, extra=PBC_CLASSES[ci]) for rel, ci in items[:PBC_SAMPLE]]
+    if lab == "chula":
+        root = data_root() / "chula_rbc12" / "Dataset"
+        return [LabImage(lab, root / f"{i}.jpg", CHULA_MICRONS_PER_PIXEL, extra=i) for i in chula_splits()[split]]
+    if lab == "rpi":
+        out = []
+        for stem in rpi_splits()[split]:
+            p = rpi_dir() / "images" / f"{stem}.jpg"
+            h, w = cv2.imread(str(p), cv2.IMREAD_REDUCED_GRAYSCALE_2).shape[:2]
+            typed = rpi_boxes(stem, w * 2, h * 2)
+            out.append(LabImage(lab, p, RPI_MICRONS_PER_PIXEL, tuple(t.box for t in typed), extra=typed))
+        return out
+    raise ValueError(f"unknown lab {lab!r}; known: {', '.join(DETECTOR_LABS)}")
+
+
+def _box(b: BoxAnnotation) -> list[float]:
+    return [b.x0, b.y0, b.x1, b.y1]
+
+
+def analyse(analyzer: Analyzer, img: LabImage, mode: str) -> dict:
+    pixels = cv2.imread(str(img.path))
+    mpp = img.known_mpp if mode == "given" else None
+    res = analyzer.analyze(Frame(pixels, img.path.name, img.lab, microns_per_pixel=mpp))
+    rep = res.report
+    h, w = pixels.shape[:2]
+    counted = [(c.kind, c.bbox, c.score) for c in rep.cells]
+    below = [(d.kind.value, input_bbox(d.box, res.input_to_canonical, w, h), d.score) for d in res.candidates
+             if d.score >= ALL_CONF]
+    return {"counted": counted, "every": counted + below, "mpp": rep.scale.microns_per_pixel,
+            "scale_method": rep.scale.method, "flags": [f.code for f in rep.flags], "ms": rep.timing_ms.get("total_ms", 0.0),
+            "w": w, "h": h, "labels": [(c.kind, c.label) for c in rep.cells]}
+
+
+def score_boxed(images: list[LabImage], outs: list[dict]) -> dict:
+    per = [{"pred": o["counted"], "truth": [(b.kind, _box(b)) for b in im.boxes]} for im, o in zip(images, outs)]
+    every = [{"pred": o["every"], "truth": p["truth"]} for o, p in zip(outs, per)]
+    m = detection_map50(per, KINDS)
+    conf = detection_confusion(per, KINDS)
+    return {"counted_map50": m["mAP50"], "counted_ap50": {k: m[k] for k in KINDS},
+            "every_map50": detection_map50(every, KINDS)["mAP50"],
+            "recall": {k: conf["per_class"][k]["recall"] for k in KINDS if conf["per_class"][k]["n_truth"]},
+            "precision": {k: conf["per_class"][k]["precision"] for k in KINDS if conf["per_class"][k]["n_pred"]},
+            "recall_all": _pooled_recall(conf)}
+
+
+def _pooled_recall(conf: dict) -> float:
+    cm = np.array(conf["matrix"])
+    k = len(KINDS)
+    return float(np.trace(cm[:k, :k]) / max(cm[:k, :].sum(), 1))
+
+
+def score_pbc(images: list[LabImage], outs: list[dict]) -> dict:
+    found = kind_ok = 0
+    for im, o in zip(images, outs):
+        cx, cy = o["w"] / 2, o["h"] / 2
+        hit = [c for c in o["counted"] if c[1][0] <= cx <= c[1][2] and c[1][1] <= cy <= c[1][3]]
+        if hit:
+            found += 1
+            want = "platelet" if im.extra == "platelet" else "wbc"
+            kind_ok += any(c[0] == want for c in hit)
+    n = max(len(images), 1)
+    return {"centre_found": found / n, "centre_found_right_kind": kind_ok / n}
+
+
+def score_chula(images: list[LabImage], outs: list[dict], analyzer_free_counts: list[int]) -> dict:
+    inside, total, within, within_cls = 0, 0, 0, 0
+    ratios = []
+    for im, o, ref in zip(images, outs, analyzer_free_counts):
+        pts = chula_points(im.extra)
+        rbcs = [c[1] for c in o["counted"] if c[0] == "rbc"]
+        for x, y, _ in pts:
+            total += 1
+            inside += any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in rbcs)
+        if pts:
+            ratios.append(len(rbcs) / len(pts))
+            within += abs(len(rbcs) - len(pts)) <= 0.15 * len(pts)
+        if ref:
+            within_cls += abs(len(rbcs) - ref) <= 0.15 * ref
+    n = max(len(images), 1)
+    return {"centres_in_counted_rbc": inside / max(total, 1), "fields_count_within_15pct_of_labelled": within / n,
+            "median_count_over_labelled": float(np.median(ratios)) if ratios else None,
+            "fields_count_within_15pct_of_classical": within_cls / n}
+
+
+def classical_rbc_count(img: LabImage) -> int:
+    from smearscope.service.analysis.illumination import correct_illumination
+    from smearscope.service.analysis.scale import resample_to_canonical
+    from training.classical_cells import segment
+
+    pixels = cv2.imread(str(img.path))
+    canon = resample_to_canonical(correct_illumination(pixels).pixels, img.known_mpp)
+    f = resample_factor(img.known_mpp)
+    seeds = [(x * f, y * f) for x, y, _ in chula_points(img.extra)]
+    return sum(r.kind == "rbc" for r in segment(canon, seeds))
+
+
+def score_rpi(images: list[LabImage], outs: list[dict]) -> dict:
+    found = total = extra = centre = 0
+    for im, o in zip(images, outs):
+        wbcs = np.array([c[1] for c in o["counted"] if c[0] == "wbc"], float).reshape(-1, 4)
+        truth = np.array([_box(b) for b in im.boxes], float).reshape(-1, 4)
+        total += len(truth)
+        if len(wbcs) and len(truth):
+            iou = box_iou(truth, wbcs)
+            found += int((iou.max(1) >= 0.5).sum())
+            cx, cy = (truth[:, 0] + truth[:, 2]) / 2, (truth[:, 1] + truth[:, 3]) / 2
+            centre += int(sum(((wbcs[:, 0] <= x) & (x <= wbcs[:, 2]) & (wbcs[:, 1] <= y) & (y <= wbcs[:, 3])).any()
+                              for x, y in zip(cx, cy)))
+            extra += int((iou.max(0) < 0.3).sum())
+        else:
+            extra += len(wbcs)
+    n = max(len(images), 1)
+    return {"wbc_found": found / max(total, 1), "wbc_centre_hit": centre / max(total, 1), "extra_wbc_per_field": extra / n,
+            "rbc_per_field": float(np.mean([sum(c[0] == "rbc" for c in o["counted"]) for o in outs]))}
+
+
+def run_lab(analyzer: Analyzer, lab: str, split: str, mode: str, limit: int | None = None) -> dict:
+    images = lab_images(lab, split)
+    if limit:
+        images = images[:limit]
+    if mode == "given":
+        images = [im for im in images if im.known_mpp is not None]
+    outs = [analyse(analyzer, im, mode) for im in tqdm(images, desc=f"{lab} {split} {mode}", mininterval=10)]
+    row: dict = {"lab": lab, "split": split, "scale": mode, "n": len(images),
+                 "median_ms": float(np.median([o["ms"] for o in outs])) if outs else None,
+                 "no_cells_fields": sum("no_cells_found" in o["flags"] for o in outs)}
+    errs = [o["mpp"] / im.known_mpp - 1 for im, o in zip(images, outs) if im.known_mpp]
+    if errs and mode == "estimated":
+        row["scale_error_median_abs"] = float(np.median(np.abs(errs)))
+        row["scale_within_15pct"] = float(np.mean(np.abs(errs) <= 0.15))
+    if lab == "bccd" or lab.startswith("txl_"):
+        row.update(score_boxed(images, outs))
+    elif lab == "pbc":
+        row.update(score_pbc(images, outs))
+    elif lab == "chula":
+        row.update(score_chula(images, outs, [classical_rbc_count(im) for im in images]))
+    elif lab == "rpi":
+        row.update(score_rpi(images, outs))
+    return row
+
+
+def headline(row: dict) -> float:
+    """One number per lab for choosing models (higher is better): the lab's main detection figure."""
+    if "counted_map50" in row:
+        return row["counted_map50"]
+    if "centre_found_right_kind" in row:
+        return row["centre_found_right_kind"]
+    if "centres_in_counted_rbc" in row:
+        return row["centres_in_counted_rbc"]
+    return row.get("wbc_found", 0.0)
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| lab | scale | n | headline | counted mAP50 | every mAP50 | recall rbc / wbc / plt | other | scale err |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rec = r.get("recall", {})
+        other = ""
+        if "centre_found" in r:
+            other = f"found {r['centre_found']:.3f}, right kind {r['centre_found_right_kind']:.3f}"
+        if "centres_in_counted_rbc" in r:
+            other = (f"centres in RBC {r['centres_in_counted_rbc']:.3f}; count ±15% of labelled "
+                     f"{r['fields_count_within_15pct_of_labelled']:.2f}, of classical {r['fields_count_within_15pct_of_classical']:.2f}")
+        if "wbc_found" in r:
+            other = f"WBC found {r['wbc_found']:.3f} (centre {r['wbc_centre_hit']:.3f}); extra WBC/field {r['extra_wbc_per_field']:.2f}"
+        fmt = lambda v: "—" if v is None else f"{v:.3f}"
+        lines.append(
+            f"| {r['lab']} | {r['scale']} | {r['n']} | {headline(r):.3f} | {fmt(r.get('counted_map50'))} | {fmt(r.get('every_map50'))} | "
+            f"{' / '.join(fmt(rec.get(k)) for k in KINDS) if rec else '—'} | {other} | "
+            f"{fmt(r.get('scale_error_median_abs'))} |")
+    worst = min(rows, key=headline) if rows else None
+    if worst:
+        lines.append(f"\nworst lab: {worst['lab']} ({worst['scale']} scale) {headline(worst):.3f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=Path("models"))
+    ap.add_argument("--split", choices=("val", "test"), default="val")
+    ap.add_argument("--scale", choices=("estimated", "given", "both"), default="both")
+    ap.add_argument("--labs", default=",".join(DETECTOR_LABS))
+    ap.add_argument("--limit", type=int, default=None, help="first N images per lab (quick looks)")
+    ap.add_argument("--views", default=None, help="detector views, e.g. identity (default: the manifest's)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    options = AnalyzerOptions(detector_views=tuple(args.views.split(",")) if args.views else None)
+    analyzer = Analyzer.from_models_dir(args.models, options=options)
+    modes = ("estimated", "given") if args.scale == "both" else (args.scale,)
+    rows = []
+    try:
+        for lab in args.labs.split(","):
+            for mode in modes:
+                rows.append(run_lab(analyzer, lab, args.split, mode, args.limit))
+                logger.warning("%s", json.dumps(rows[-1]))
+    finally:
+        analyzer.close()
+    print(format_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
