@@ -46,7 +46,10 @@ class Preprocessing(BaseModel):
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     pad_value: int = Field(114, description="fill value used when a tile/crop is padded")
     normalization_in_graph: bool = Field(True, description="mean/std normalisation is inside the model")
-    stain: Literal["none", "macenko"] = Field(
+    illumination: Literal["none", "flatfield"] = Field(
+        "none", description="lamp correction the training images had (flatfield: each field divided by its own "
+        "background, service.analysis.illumination); the pipeline feeds the same")
+    stain: Literal["none", "macenko", "vahadane"] = Field(
         "none", description="stain normalisation the training images had; the pipeline feeds the same"
     )
 
@@ -55,6 +58,18 @@ class CropInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     extent_um: float
     input_size: int
+
+
+class OpenSet(BaseModel):
+    """A classifier's open-set score: a second graph output and the threshold above which a crop is
+    unlike every trained class (sent for review, never typed)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["mahalanobis"] = Field(description="mahalanobis: squared distance of the penultimate features "
+                                           "to the nearest class mean under one shared covariance")
+    output: str = Field(description="name of the graph output holding the score (one value per crop)")
+    threshold: float = Field(description="scores above this are atypical")
+    calibration: str = Field("", description="how the threshold was chosen")
 
 
 class ModelManifest(BaseModel):
@@ -74,6 +89,7 @@ class ModelManifest(BaseModel):
     classes: list[str]
     crop: CropInfo | None = None
     temperature: float = Field(1.0, description="softmax temperature from calibration (classifiers)")
+    open_set: OpenSet | None = Field(None, description="classifiers: open-set score for unidentified/atypical cells")
     score_calibration: dict[str, list[float]] = Field(
         {}, description="detectors: per class [a, b] of Platt scaling, p = sigmoid(a * logit(score) + b), "
         "fitted on the validation split so that a score is the probability of a real cell")

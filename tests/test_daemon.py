@@ -50,6 +50,7 @@ class OracleHead:
     def __init__(self, field: SyntheticField, spec: CropSpec, kind: str) -> None:
         self.crop_spec = spec
         self.engine = None  # no model behind it (the pipeline asks which stain variant it wants)
+        self.classes: list[str] = []  # no probabilities either: results carry the label only
         self._cells = [c for c in field.cells if c.kind == kind]
 
     def classify(self, crops: Sequence[CellCrop]) -> list[HeadResult]:

@@ -119,9 +119,10 @@ def test_wilson_interval_known_values():
     assert (wilson_interval(60, 200)[1] - wilson_interval(60, 200)[0]) < (hi - lo)
 
 
-def _cell(kind, label, d_um=7.5, edge=False):
+def _cell(kind, label, d_um=7.5, edge=False, calibrated=True):
     det = _det(kind, 0, 0, 10, 10)
-    return ClassifiedCell(det, label, 0.9 if label else None, d_um, math.pi * (d_um / 2) ** 2, touches_frame_edge=edge)
+    return ClassifiedCell(det, label, 0.9 if label else None, d_um, math.pi * (d_um / 2) ** 2, touches_frame_edge=edge,
+                          size_calibrated=calibrated)
 
 
 def test_aggregate_counts_differential_flags():
@@ -137,7 +138,8 @@ def test_aggregate_counts_differential_flags():
     assert a.rbc_size.n == 9  # the edge-cut cell is left out of the size statistics
     assert a.rbc_size.mean_diameter_um == pytest.approx((8 * 7.0 + 9.0) / 9, abs=1e-3)
     codes = {f.code for f in a.flags}
-    assert {"too_few_wbc_for_differential", "sickle_cells_present"} <= codes
+    assert {"too_few_wbc_for_differential", "sickle_cells_review"} <= codes
+    assert "sickle_cells_present" not in codes  # one sickle cell is a review, not a critical finding
     assert "many_unidentified_wbc" not in codes  # exactly 10% is not "many"
 
 

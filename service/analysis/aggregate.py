@@ -14,8 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from smearscope.service.analysis.classify import UNIDENTIFIED
+from smearscope.service.analysis.morphology import (
+    ICSH_THRESHOLDS,
+    SIZE_BASED,
+    icsh_grade,
+    size_distribution,
+)
 from smearscope.service.analysis.records import CellKind, ClassifiedCell
-from smearscope.service.analysis.report import ClassShare, Counts, Flag, SizeStats
+from smearscope.service.analysis.report import ClassShare, Counts, Flag, SizeHistogram, SizeStats
 
 Z95 = 1.959963984540054
 
@@ -43,20 +49,32 @@ def shares(labels: Iterable[str], with_ci: bool) -> list[ClassShare]:
     return out
 
 
-def size_stats(diameters: Sequence[float]) -> SizeStats:
+def size_stats(diameters: Sequence[float], calibrated: bool) -> SizeStats:
+    """Red-cell diameters: mean, SD, CV (RDW-like), median and a histogram, from a calibrated scale
+    only. With an estimated scale the sizes are circular (the scale came from them) and are left out."""
+    if not calibrated:
+        return SizeStats(n=len(diameters), mean_diameter_um=None, sd_um=None, cv_percent=None, median_diameter_um=None,
+                         calibrated=False)
+    dist = size_distribution(diameters)
     d = np.asarray(diameters, float)
-    if d.size == 0:
-        return SizeStats(n=0, mean_diameter_um=None, sd_um=None, cv_percent=None, median_diameter_um=None)
-    mean = float(d.mean())
-    sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
-    return SizeStats(n=int(d.size), mean_diameter_um=round(mean, 3), sd_um=round(sd, 3),
-                     cv_percent=round(100 * sd / mean, 2) if mean else None, median_diameter_um=round(float(np.median(d)), 3))
+    return SizeStats(n=dist.n, mean_diameter_um=dist.mean_um, sd_um=dist.sd_um, cv_percent=dist.cv_percent,
+                     median_diameter_um=round(float(np.median(d)), 3) if d.size else None, calibrated=True,
+                     histogram=SizeHistogram(bin_edges_um=list(dist.bin_edges_um), counts=list(dist.counts)))
 
 
 @dataclass(frozen=True)
 class AggregateThresholds:
     min_wbc_for_differential: int = 100
     max_unidentified_fraction: float = 0.1
+    #: `atypical_wbc_present` needs at least this many unidentified white cells AND this share.
+    atypical_wbc_min_count: int = 3
+    atypical_wbc_share: float = 0.10
+    #: `sickle_cells_present` (critical) needs this many sickle cells at or above this confidence;
+    #: fewer (or less confident) ones raise `sickle_cells_review` with the cells listed.
+    sickle_critical_min_cells: int = 5
+    sickle_min_confidence: float = 0.8
+    #: `schistocytes_present`: more than 1 % schistocytes (ICSH 2021) and at least this many cells.
+    schistocyte_min_cells: int = 3
 
 
 @dataclass(frozen=True)
@@ -67,23 +85,49 @@ class Aggregates:
     rbc_size: SizeStats
     ratios: dict[str, float | None]
     flags: list[Flag]
+    nrbc_per_100_wbc: float | None = None
 
 
 def _ratio(a: int, b: int) -> float | None:
     return round(a / b, 3) if b else None
 
 
+def morphology(rbc: Sequence[ClassifiedCell], calibrated: bool) -> list[ClassShare]:
+    """RBC morphology shares with ICSH grades (and the grades at the ends of the 95 % interval).
+
+    Size-based classes at an estimated scale are listed as not assessable, with the number of
+    cells the head would have given them (those cells are counted under their shape class)."""
+    out = []
+    for share in shares([c.label or UNIDENTIFIED for c in rbc], with_ci=True):
+        if share.label in ICSH_THRESHOLDS:
+            share = share.model_copy(update={
+                "grade": icsh_grade(share.label, share.percent),
+                "grade_ci_low": icsh_grade(share.label, share.ci95_low or 0.0),
+                "grade_ci_high": icsh_grade(share.label, share.ci95_high or 0.0)})
+        out.append(share)
+    if rbc and not calibrated:
+        held = Counter(c.unassessed_label for c in rbc if c.unassessed_label)
+        for label in sorted(SIZE_BASED):
+            out.append(ClassShare(label=label, count=held.get(label, 0), percent=0.0, assessable=False))
+    return out
+
+
+def _indices(cells: Sequence[ClassifiedCell], pick) -> list[int]:
+    return [i for i, c in enumerate(cells) if pick(c)]
+
+
 def aggregate(cells: Sequence[ClassifiedCell], th: AggregateThresholds = AggregateThresholds()) -> Aggregates:
     by_kind: dict[CellKind, list[ClassifiedCell]] = {k: [] for k in CellKind}
     for c in cells:
         by_kind[c.detection.kind].append(c)
-    rbc, wbc, plt = by_kind[CellKind.RBC], by_kind[CellKind.WBC], by_kind[CellKind.PLATELET]
-    counts = Counts(rbc=len(rbc), wbc=len(wbc), platelet=len(plt))
+    rbc, wbc, plt, nrbc = (by_kind[k] for k in (CellKind.RBC, CellKind.WBC, CellKind.PLATELET, CellKind.NRBC))
+    counts = Counts(rbc=len(rbc), wbc=len(wbc), platelet=len(plt), nrbc=len(nrbc))
     wbc_labels = [c.label or UNIDENTIFIED for c in wbc]
     rbc_labels = [c.label or UNIDENTIFIED for c in rbc]
+    calibrated = bool(rbc) and all(c.size_calibrated for c in rbc)
     diff = shares(wbc_labels, with_ci=True)
-    morph = shares(rbc_labels, with_ci=False)
-    sizes = size_stats([c.diameter_um for c in rbc if not c.touches_frame_edge])
+    morph = morphology(rbc, calibrated)
+    sizes = size_stats([c.diameter_um for c in rbc if not c.touches_frame_edge], calibrated)
     wc = Counter(wbc_labels)
     ratios = {
         "neutrophil_lymphocyte": _ratio(wc["neutrophil"], wc["lymphocyte"]),
@@ -102,15 +146,49 @@ def aggregate(cells: Sequence[ClassifiedCell], th: AggregateThresholds = Aggrega
             if frac > th.max_unidentified_fraction:
                 flags.append(Flag(code=f"many_unidentified_{name}", severity="warning",
                                   message=f"{100 * frac:.0f}% of {name.upper()} could not be classified with confidence: review"))
-    n_sickle = Counter(rbc_labels)["sickle"]
-    if n_sickle:
-        flags.append(Flag(code="sickle_cells_present", severity="critical", message=f"{n_sickle} sickle-shaped red cells seen: review"))
+    flags += _evidence_flags(cells, wbc, rbc, plt, nrbc, calibrated, th)
+    nrbc_100 = round(100.0 * len(nrbc) / len(wbc), 2) if wbc else None
+    return Aggregates(counts, diff, morph, sizes, ratios, flags, nrbc_100)
+
+
+def _evidence_flags(cells, wbc, rbc, plt, nrbc, calibrated: bool, th: AggregateThresholds) -> list[Flag]:
+    """Flags proportionate to evidence, each listing its cells (indices into `cells`) for review."""
+    flags: list[Flag] = []
+    unid = _indices(cells, lambda c: c.detection.kind is CellKind.WBC and (c.label or UNIDENTIFIED) == UNIDENTIFIED)
+    if wbc and len(unid) >= th.atypical_wbc_min_count and len(unid) / len(wbc) >= th.atypical_wbc_share:
+        n_atyp = sum(cells[i].atypical for i in unid)
+        flags.append(Flag(code="atypical_wbc_present", severity="warning", cells=unid,
+                          message=f"{len(unid)} of {len(wbc)} white cells ({100 * len(unid) / len(wbc):.0f}%) could not be "
+                                  f"typed ({n_atyp} unlike any trained type): blasts or other abnormal cells are possible; "
+                                  "review the smear"))
+    sickle = _indices(cells, lambda c: c.detection.kind is CellKind.RBC and c.label == "sickle")
+    sure = [i for i in sickle if (cells[i].label_score or 0.0) >= th.sickle_min_confidence]
+    if len(sure) >= th.sickle_critical_min_cells:
+        flags.append(Flag(code="sickle_cells_present", severity="critical", cells=sickle,
+                          message=f"{len(sickle)} sickle cells seen ({len(sure)} at confidence >= "
+                                  f"{th.sickle_min_confidence}): review"))
+    elif sickle:
+        flags.append(Flag(code="sickle_cells_review", severity="warning", cells=sickle,
+                          message=f"{len(sickle)} possible sickle cell(s), fewer than the {th.sickle_critical_min_cells} "
+                                  f"confident ones a critical flag needs: review the listed cells"))
+    schisto = _indices(cells, lambda c: c.detection.kind is CellKind.RBC and c.label == "schistocyte")
+    if rbc and len(schisto) >= th.schistocyte_min_cells and len(schisto) / len(rbc) > 0.01:
+        flags.append(Flag(code="schistocytes_present", severity="warning", cells=schisto,
+                          message=f"schistocytes {100 * len(schisto) / len(rbc):.1f}% of red cells (over 1%: suspicious of "
+                                  "a thrombotic microangiopathy): review"))
     n_regrouped = sum(c.detected_as is CellKind.WBC for c in plt)
     if n_regrouped:
         flags.append(Flag(code="platelet_clumps_suspected", severity="warning",
+                          cells=_indices(cells, lambda c: c.detection.kind is CellKind.PLATELET and c.detected_as is CellKind.WBC),
                           message=f"{n_regrouped} object(s) found as white cells were typed as platelets (giant platelets or "
                                   f"platelet clumps) and counted as platelets, not WBC: review the smear"))
-    n_nrbc = wc["erythroblast"]
-    if n_nrbc:
-        flags.append(Flag(code="nucleated_rbc_present", severity="warning", message=f"{n_nrbc} nucleated red cells (erythroblasts) seen"))
-    return Aggregates(counts, diff, morph, sizes, ratios, flags)
+    if nrbc:
+        flags.append(Flag(code="nucleated_rbc_present", severity="warning",
+                          cells=_indices(cells, lambda c: c.detection.kind is CellKind.NRBC),
+                          message=f"{len(nrbc)} nucleated red cells (erythroblasts) seen, counted apart from the white cells"))
+    if rbc and not calibrated:
+        flags.append(Flag(code="size_not_assessable_without_calibration", severity="info",
+                          message="the scale was estimated from the red cells themselves, so microcytes, macrocytes and "
+                                  "spherocytes cannot be judged and red-cell sizes are not reported; calibrate the station "
+                                  "(smearscope calibrate-scale) to assess them"))
+    return flags

@@ -3,7 +3,10 @@
 Each crop runs in the head's test-time views (manifest `tta`, service.analysis.tta) and the views' logits
 are averaged. Softmax uses the manifest's calibration temperature, fitted for those views; a cell
 whose top probability is below the head's threshold becomes UNIDENTIFIED (sent for human
-review), never a guessed class.
+review), never a guessed class. A head whose manifest has an `open_set` score (the WBC head: the
+Mahalanobis distance of the crop's features to the nearest trained class, computed in the graph)
+also sends a crop beyond that score's calibrated threshold to UNIDENTIFIED, marked atypical: a
+blast or a smudge cell is confidently "some class" to a softmax, but far from every class.
 """
 
 from __future__ import annotations
@@ -37,10 +40,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class HeadResult:
     label: str
     score: float
+    #: Calibrated probabilities over the head's classes (the manifest's order).
+    probs: tuple[float, ...] = ()
+    #: The open-set distance (manifest `open_set`), None when the head has none.
+    ood: float | None = None
+    #: The distance is beyond the calibrated threshold: unlike every trained class.
+    atypical: bool = False
 
 
 class CropClassifier:
-    def __init__(self, engine: Engine, min_confidence: float, views: Sequence[str] | None = None) -> None:
+    def __init__(self, engine: Engine, min_confidence: float, views: Sequence[str] | None = None,
+                 use_open_set: bool = True) -> None:
         self.engine = engine
         m = engine.manifest
         if m.crop is None:
@@ -49,29 +59,47 @@ class CropClassifier:
         self.classes = list(m.classes)
         self.temperature = m.temperature
         self.min_confidence = min_confidence
+        #: Open-set score (a second graph output and its calibrated threshold), if the head has one.
+        self.open_set = m.open_set if use_open_set else None
+        if self.open_set is not None and self.open_set.output not in engine.output_names:
+            raise ValueError(f"{m.name}: open_set output {self.open_set.output!r} is not among {engine.output_names}")
         #: Test-time views of each crop; the temperature was fitted for the manifest's (m.tta).
         self.views = check_views(m.tta if views is None else views)
         if self.views != tuple(m.tta):
             logger.warning("%s runs in views %s but its temperature was fitted for %s: confidences are "
                            "off their calibration", m.name, "+".join(self.views), "+".join(m.tta))
 
-    def logits(self, pixels: np.ndarray) -> np.ndarray:
-        """Logits (N, classes) of N crops (N, S, S, 3 uint8 BGR), averaged over the views.
+    def outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (N, classes) of N crops (N, S, S, 3 uint8 BGR) and the open-set distance (N,)
+        when the head has one, each averaged over the views.
 
         All views go to the engine in one batched run (a larger batch, not more runs)."""
         n = len(pixels)
         stacked = pixels if self.views == ("identity",) else np.concatenate([view_crops(pixels, v) for v in self.views])
         out = run_batched(self.engine, to_model_input(stacked, self.engine.manifest.preprocessing))
         logits = out[self.engine.output_names[0]]
-        return logits.reshape(len(self.views), n, logits.shape[-1]).mean(0)
+        logits = logits.reshape(len(self.views), n, logits.shape[-1]).mean(0)
+        dist = None
+        if self.open_set is not None:
+            dist = out[self.open_set.output].reshape(len(self.views), n).mean(0)
+        return logits, dist
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        return self.outputs(pixels)[0]
 
     def classify(self, crops: Sequence[CellCrop]) -> list[HeadResult]:
+        """Calibrated class per crop; UNIDENTIFIED below the confidence threshold or, for a head
+        with an open-set score, beyond its distance threshold (then also `atypical`)."""
         if not crops:
             return []
-        probs = softmax(self.logits(np.stack([c.pixels for c in crops])) / self.temperature)
+        logits, dist = self.outputs(np.stack([c.pixels for c in crops]))
+        probs = softmax(logits / self.temperature)
         idx = probs.argmax(1)
         out = []
         for i, k in enumerate(idx):
             p = float(probs[i, k])
-            out.append(HeadResult(self.classes[k] if p >= self.min_confidence else UNIDENTIFIED, p))
+            d = None if dist is None else float(dist[i])
+            atypical = d is not None and d > self.open_set.threshold  # type: ignore[union-attr]
+            label = self.classes[k] if p >= self.min_confidence and not atypical else UNIDENTIFIED
+            out.append(HeadResult(label, p, tuple(float(v) for v in probs[i]), d, atypical))
         return out

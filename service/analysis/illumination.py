@@ -134,19 +134,60 @@ def estimate_background(image_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray] 
     return bg, coef
 
 
-def correct_illumination(image_bgr: np.ndarray, target_white: float = TARGET_WHITE) -> IlluminationResult:
-    """Divide the field by its own background so the glass reads `target_white` everywhere."""
+@dataclass(frozen=True)
+class Illumination:
+    """A field's lamp, as measured from its glass: a smooth gain map that makes the glass white.
+
+    `gain` is given on a coarse grid (rows x cols x 3, float32) spanning the whole frame, so it
+    applies to the frame at any resolution (the input, or the frame resampled to the canonical
+    scale). `uniformity` is the darkest over the brightest background luminance (1.0: even
+    lighting); `greyscale` says the frame has no colour at all (a monochrome camera or a
+    greyscale export). None of the gain when the frame holds no lit glass (`reason`).
+    """
+
+    gain: np.ndarray | None
+    white_bgr: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    uniformity: float = 1.0
+    greyscale: bool = False
+    reason: str | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self.gain is not None
+
+
+def _is_greyscale(image_bgr: np.ndarray) -> bool:
+    small = image_bgr[:: max(1, image_bgr.shape[0] // 64), :: max(1, image_bgr.shape[1] // 64)].astype(np.int16)
+    return int(np.abs(small - small[..., :1]).max()) <= 2
+
+
+def estimate_illumination(image_bgr: np.ndarray, target_white: float = TARGET_WHITE) -> Illumination:
+    """Measure the field's background and the gain that maps it to `target_white`."""
     if image_bgr.ndim != 3 or image_bgr.shape[2] != 3 or image_bgr.dtype != np.uint8:
         raise ValueError(f"expected an H x W x 3 uint8 BGR frame, got {image_bgr.shape} {image_bgr.dtype}")
+    grey = _is_greyscale(image_bgr)
     est = estimate_background(image_bgr)
     if est is None:
-        return IlluminationResult(image_bgr, applied=False, reason="no_lit_background")
+        return Illumination(None, greyscale=grey, reason="no_lit_background")
     bg, _ = est
     lum = bg.mean(axis=2)
-    white = tuple(float(v) for v in np.median(bg.reshape(-1, 3), axis=0))
-    uniformity = float(lum.min() / max(float(lum.max()), 1e-6))
-    pixels = apply_gain(image_bgr, target_white / np.maximum(bg, 1.0))
-    return IlluminationResult(pixels, applied=True, white_bgr=white, uniformity=round(uniformity, 4))
+    white = tuple(round(float(v), 2) for v in np.median(bg.reshape(-1, 3), axis=0))
+    uniformity = round(float(lum.min() / max(float(lum.max()), 1e-6)), 4)
+    return Illumination(target_white / np.maximum(bg, 1.0), white, uniformity, grey)  # type: ignore[arg-type]
+
+
+def apply_illumination(image_bgr: np.ndarray, illumination: Illumination) -> np.ndarray:
+    """The frame (any resolution of the measured one) with its lamp divided out."""
+    return image_bgr if illumination.gain is None else apply_gain(image_bgr, illumination.gain)
+
+
+def correct_illumination(image_bgr: np.ndarray, target_white: float = TARGET_WHITE) -> IlluminationResult:
+    """Divide the field by its own background so the glass reads `target_white` everywhere."""
+    ill = estimate_illumination(image_bgr, target_white)
+    if not ill.applied:
+        return IlluminationResult(image_bgr, applied=False, reason=ill.reason)
+    return IlluminationResult(apply_illumination(image_bgr, ill), applied=True, white_bgr=ill.white_bgr,
+                              uniformity=ill.uniformity)
 
 
 def apply_gain(image_bgr: np.ndarray, gain: np.ndarray) -> np.ndarray:

@@ -119,9 +119,9 @@ def measure_micrometer(image: np.ndarray, division_um: float = 10.0, min_period_
     if ac[first] < 0.3 or prominence < 2.0:
         raise MicrometerError(f"no clear ruling (autocorrelation peak {ac[first]:.2f})")
     del rough
-    return MicrometerResult(microns_per_pixel=division_um / period, period_px=period,
-                            angle_deg=float((np.degrees(theta) + 90.0) % 180.0), periods_seen=side / period,
-                            prominence=prominence)
+    return MicrometerResult(microns_per_pixel=float(division_um / period), period_px=float(period),
+                            angle_deg=float((np.degrees(theta) + 90.0) % 180.0), periods_seen=float(side / period),
+                            prominence=float(prominence))
 
 
 def render_micrometer(width: int, height: int, microns_per_pixel: float, division_um: float = 10.0,

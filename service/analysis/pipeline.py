@@ -21,11 +21,15 @@ from smearscope.engines.registry import create_engine
 from smearscope.service.analysis import stain as stain_stage
 from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
 from smearscope.service.analysis.classify import CropClassifier
+from smearscope.service.analysis.illumination import Illumination, estimate_illumination
 from smearscope.service.analysis.merge import merge_detections
+from smearscope.service.analysis.morphology import SIZE_BASED, shape_label
+from smearscope.service.analysis.prepare import CanonicalField, Preparation
 from smearscope.service.analysis.records import CellDetection, CellKind, ClassifiedCell
 from smearscope.service.analysis.report import (
     CellRecord,
     Flag,
+    IlluminationInfo,
     ImageInfo,
     ModelInfo,
     Report,
@@ -37,11 +41,10 @@ from smearscope.service.analysis.roi import RoiFilter, route
 from smearscope.service.analysis.scale import (
     CANONICAL_UM_PER_PX,
     ScaleEstimate,
-    estimate_scale_classical,
+    first_scale_guess,
     resample_factor,
-    resample_to_canonical,
-    scale_from_rbc_diameters,
 )
+from smearscope.service.analysis.scale_search import Attempt, ScaleOutcome, find_scale
 from smearscope.service.analysis.segment import Segmenter
 from smearscope.service.analysis.tiling import make_tiles
 from smearscope.service.analysis.tta import fuse_views, unview, view_frame
@@ -53,11 +56,6 @@ MODEL_FILES = {"segmentation": "seg.json", "rbc_head": "rbc_head.json", "wbc_hea
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 #: Scale assumed when nothing else is known (a 100x oil objective on a typical camera).
 FALLBACK_UM_PER_PX = 0.1
-#: Factor between the scale guesses tried when the first guess finds too few red cells.
-SCALE_SEARCH_STEP = 1.4
-#: Detection passes at most that refine an unknown scale from the whole red cells (see _scale_and_detect).
-SCALE_REFINE_ROUNDS = 3
-MIN_RBC_FOR_SCALE = 5
 #: Red cells this confident take part in measuring the scale (sizes, not counts, matter here).
 SCALE_MIN_SCORE = 0.3
 
@@ -68,7 +66,7 @@ SCALE_MIN_SCORE = 0.3
 #: flagged for review. A "platelet" from the RBC head (a platelet or small clump the detector took
 #: for a red cell) would be counted as a platelet, not a red cell (the committed RBC head has no
 #: such class: one was tried and not adopted, see models/README.md).
-KIND_FROM_HEAD_LABEL = {"platelet": CellKind.PLATELET}
+KIND_FROM_HEAD_LABEL = {"platelet": CellKind.PLATELET, "erythroblast": CellKind.NRBC}
 
 
 @dataclass(frozen=True)
@@ -76,8 +74,10 @@ class AnalyzerOptions:
     tile_size: int = 256
     tile_overlap: float = 0.15
     #: "auto": each model gets frames normalized the way its training images were (manifest
-    #: preprocessing.stain); "macenko" / "none" force one variant for every model (experiments).
+    #: preprocessing.stain); "macenko" / "vahadane" / "none" force one variant for every model (experiments).
     stain_method: str = "auto"
+    #: "auto": as the manifest's preprocessing.illumination; "flatfield" / "none" force it for every model.
+    illumination: str = "auto"
     roi: RoiFilter = field(default_factory=RoiFilter)
     detector_conf: float = 0.25
     #: Test-time views of the detector; None = the manifest's (the views its scores are calibrated for).
@@ -115,10 +115,15 @@ class Analyzer:
         self.models = models or {}
         self.station_id = station_id
         self._engines: list[Engine] = []
-        wanted = {self._variant(e) for e in self._model_engines()} or {"none"}
-        # The stain stage runs only when some model consumes its output.
-        self.stain_method = "macenko" if "macenko" in wanted else "none"
-        self.normalizer = stain_stage.create_normalizer(self.stain_method)
+        self._prep = {
+            "segmentation": self._preparation(getattr(segmenter, "engine", None)),
+            "rbc_head": self._preparation(rbc_head.engine if rbc_head else None),
+            "wbc_head": self._preparation(wbc_head.engine if wbc_head else None),
+        }
+        # Each stain stage runs only when some model consumes its output.
+        stains = sorted({p.stain for p in self._prep.values()} - {"none"})
+        self.normalizers = {m: stain_stage.create_normalizer(m) for m in stains}
+        self.stain_method = "+".join(stains) or "none"
 
     @classmethod
     def from_models_dir(cls, models_dir: Path = DEFAULT_MODELS_DIR, backend: str = "onnxruntime",
@@ -140,11 +145,13 @@ class Analyzer:
         analyzer._engines = list(engines.values())
         return analyzer
 
-    def _variant(self, engine: Engine | None) -> str:
+    def _preparation(self, engine: Engine | None) -> Preparation:
         """Which frame a model gets: forced by options, else as its training images were."""
-        if self.options.stain_method != "auto":
-            return self.options.stain_method
-        return engine.manifest.preprocessing.stain if engine is not None else "none"
+        pre = engine.manifest.preprocessing if engine is not None else None
+        o = self.options
+        return Preparation(
+            illumination=o.illumination if o.illumination != "auto" else (pre.illumination if pre else "none"),
+            stain=o.stain_method if o.stain_method != "auto" else (pre.stain if pre else "none"))
 
     def _model_engines(self) -> list[Engine]:
         found = [getattr(self.segmenter, "engine", None)]
@@ -172,74 +179,46 @@ class Analyzer:
                     for k, v in enumerate(views)]
         return self.segmenter.finish(fuse_views(per_view))
 
-    def _detect_at(self, frame: Frame, mpp: float, timing: dict[str, float]):
-        """Resample to canonical assuming `mpp`, normalize, detect; also the whole, confident RBCs."""
+    def _detect_at(self, frame: Frame, mpp: float, illumination: Illumination, timing: dict[str, float]) -> Attempt:
+        """Resample to canonical assuming `mpp`, prepare, detect; also the whole, confident RBCs."""
+        field_ = CanonicalField(frame.pixels, mpp, illumination, self.normalizers, timing)
+        seg_frame = field_.pixels(self._prep["segmentation"])
         t = time.perf_counter()
-        canonical = resample_to_canonical(frame.pixels, mpp)
-        normalized = self.normalizer.normalize(canonical)
-        timing["stain_ms"] = timing.get("stain_ms", 0.0) + (time.perf_counter() - t) * 1000
-        t = time.perf_counter()
-        seg_frame = normalized.pixels if self._variant(getattr(self.segmenter, "engine", None)) == "macenko" else canonical
         dets = self._detect(seg_frame)
         timing["detect_ms"] = timing.get("detect_ms", 0.0) + (time.perf_counter() - t) * 1000
         whole = [d for d in dets if d.kind is CellKind.RBC and d.score >= SCALE_MIN_SCORE
-                 and not _touches_frame(d, canonical.shape)]
-        return mpp, canonical, normalized, whole, dets
+                 and not _touches_frame(d, field_.shape)]
+        return Attempt(mpp, whole, (field_, dets))
 
-    def _scale_and_detect(self, frame: Frame, timing: dict[str, float]):
-        """Resample to canonical and detect; when the scale is unknown, refine it from RBC size."""
+    def _scale_and_detect(self, frame: Frame, timing: dict[str, float]) -> tuple[ScaleOutcome, Illumination]:
+        """Measure the lamp, find the scale (given, or from the red cells) and detect at it."""
+        t = time.perf_counter()
+        illumination = estimate_illumination(frame.pixels)
+        timing["illumination_ms"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
         if frame.microns_per_pixel:
-            est = ScaleEstimate(frame.microns_per_pixel, "given")
+            first = ScaleEstimate(frame.microns_per_pixel, "given")
         else:
-            est = estimate_scale_classical(frame.pixels) or ScaleEstimate(FALLBACK_UM_PER_PX, "default")
+            first = first_scale_guess(frame.pixels, illumination) or ScaleEstimate(FALLBACK_UM_PER_PX, "default")
         timing["scale_ms"] = (time.perf_counter() - t) * 1000
-        # Unknown scale: the classical guess can be off by a third on pale or crowded fields, and
-        # the detector only knows cells near the canonical size, so up to three guesses are
-        # tried; the one whose detection pass finds the most whole red cells is then refined.
-        guesses = [est.microns_per_pixel]
-        if est.method != "given":
-            guesses += [est.microns_per_pixel * SCALE_SEARCH_STEP, est.microns_per_pixel / SCALE_SEARCH_STEP]
-        best = None
-        for mpp in guesses:
-            attempt = self._detect_at(frame, mpp, timing)
-            if best is None or len(attempt[3]) > len(best[3]):
-                best = attempt
-            if est.method == "given" or len(attempt[3]) >= MIN_RBC_FOR_SCALE:
-                break
-        mpp, canonical, normalized, whole_rbc, dets = best
-        if est.method == "given":
-            return est, canonical, normalized, dets
-        # Refine from the whole red cells' box size (the definition the datasets' scales were
-        # measured with; mask outlines are coarse). A detector sees cells far from the canonical
-        # size as nearer to it than they are, so one step under-corrects a large error: repeat
-        # (at most SCALE_REFINE_ROUNDS detection passes) until the implied scale agrees.
-        method = est.method
-        for _ in range(SCALE_REFINE_ROUNDS):
-            diam_canon = [(d.box.width + d.box.height) / 2.0 for d in whole_rbc]
-            implied = scale_from_rbc_diameters(np.array(diam_canon))  # um per CANONICAL px if cells were normal
-            if implied is None:
-                break
-            true_mpp = mpp * implied / CANONICAL_UM_PER_PX
-            if abs(true_mpp / mpp - 1.0) <= self.options.scale_refine_tolerance:
-                return ScaleEstimate(mpp, "rbc_size_detection", len(whole_rbc)), canonical, normalized, dets
-            logger.info("scale refined from %.4f to %.4f um/px by %d red cells", mpp, true_mpp, len(whole_rbc))
-            mpp, canonical, normalized, whole_rbc, dets = self._detect_at(frame, true_mpp, timing)
-            method = "rbc_size_detection"
-        return ScaleEstimate(mpp, method, len(whole_rbc) if method == "rbc_size_detection" else 0), canonical, normalized, dets
+        h, w = frame.pixels.shape[:2]
+        outcome = find_scale(lambda mpp: self._detect_at(frame, mpp, illumination, timing), first, h * w,
+                             self.options.scale_refine_tolerance)
+        return outcome, illumination
 
     def analyze(self, frame: Frame, run_id: str | None = None) -> FieldResult:
         timing: dict[str, float] = {}
         t_all = time.perf_counter()
-        est, canonical, normalized, dets = self._scale_and_detect(frame, timing)
+        outcome, illumination = self._scale_and_detect(frame, timing)
+        est = outcome.estimate
+        field_, dets = outcome.attempt.payload
         t = time.perf_counter()
         kept = self.options.roi.apply(dets)
         candidates = tuple(self.options.roi.below_confidence(dets))
         rbc_spec = self.rbc_head.crop_spec if self.rbc_head else None
         wbc_spec = self.wbc_head.crop_spec if self.wbc_head else None
-        frames = {"none": canonical, "macenko": normalized.pixels}
-        rbc_frame = frames[self._variant(self.rbc_head.engine if self.rbc_head else None)]
-        wbc_frame = frames[self._variant(self.wbc_head.engine if self.wbc_head else None)]
+        rbc_frame = field_.pixels(self._prep["rbc_head"])
+        wbc_frame = field_.pixels(self._prep["wbc_head"])
         routed = route(rbc_frame, wbc_frame, kept, rbc_spec or _NO_CROP, wbc_spec or _NO_CROP)
         timing["roi_ms"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
@@ -247,34 +226,44 @@ class Analyzer:
         wbc_res = self.wbc_head.classify(routed.wbc) if self.wbc_head else []
         timing["classify_ms"] = (time.perf_counter() - t) * 1000
         cells = []
-        shape = canonical.shape
+        shape = field_.shape
+        calibrated = est.method == "given"
+        rbc_classes = self.rbc_head.classes if self.rbc_head else []
         for crop, res in [*zip(routed.rbc, rbc_res), *zip(routed.wbc, wbc_res)]:
             kind = KIND_FROM_HEAD_LABEL.get(res.label)
             if kind is None:
-                cells.append(_classified(crop.detection, res.label, res.score, shape))
+                label, unassessed = res.label, None
+                if crop.detection.kind is CellKind.RBC and not calibrated and res.label in SIZE_BASED and res.probs:
+                    # size calls rest on micrometres this field only estimated: keep the shape
+                    label, unassessed = shape_label(rbc_classes, np.array(res.probs)), res.label
+                score = res.probs[rbc_classes.index(label)] if unassessed else res.score
+                cells.append(_classified(crop.detection, label, score, shape, atypical=res.atypical,
+                                         size_calibrated=calibrated, unassessed_label=unassessed))
             else:  # the head knows this is not the kind it serves: count it where it belongs
                 det = dataclasses.replace(crop.detection, kind=kind)
-                cells.append(_classified(det, None, None, shape, detected_as=crop.detection.kind))
+                label = res.label if kind is CellKind.NRBC else None
+                cells.append(_classified(det, label, res.score if label else None, shape,
+                                         detected_as=crop.detection.kind, size_calibrated=calibrated))
         if not self.rbc_head:
-            cells += [_classified(c.detection, None, None, shape) for c in routed.rbc]
+            cells += [_classified(c.detection, None, None, shape, size_calibrated=calibrated) for c in routed.rbc]
         if not self.wbc_head:
-            cells += [_classified(c.detection, None, None, shape) for c in routed.wbc]
-        cells += [_classified(d, None, None, shape) for d in routed.platelets]
+            cells += [_classified(c.detection, None, None, shape, size_calibrated=calibrated) for c in routed.wbc]
+        cells += [_classified(d, None, None, shape, size_calibrated=calibrated) for d in routed.platelets]
         agg = aggregate(cells, self.options.thresholds)
         flags = list(agg.flags)
-        if not normalized.applied and self.stain_method != "none":
+        skipped = [f"{m}: {r.reason}" for m, r in field_.stain_results.items() if not r.applied]
+        if skipped:
             flags.append(Flag(code="stain_normalization_skipped", severity="info",
-                              message=f"stain normalization not applied: {normalized.reason}"))
-        if est.method == "default":
-            flags.append(Flag(code="scale_unknown", severity="warning",
-                              message=f"scale could not be measured; assumed {est.microns_per_pixel} um/px"))
+                              message=f"stain normalization not applied ({'; '.join(skipped)})"))
+        flags += scale_and_lamp_flags(est, outcome, illumination)
         factor = resample_factor(est.microns_per_pixel)
         h, w = frame.pixels.shape[:2]
         records = [
             CellRecord(kind=c.detection.kind.value, bbox=input_bbox(c.detection.box, factor, w, h),
                        score=round(c.detection.score, 4), label=c.label,
                        label_score=None if c.label_score is None else round(c.label_score, 4),
-                       diameter_um=round(c.diameter_um, 3), area_um2=round(c.area_um2, 3))
+                       diameter_um=round(c.diameter_um, 3), area_um2=round(c.area_um2, 3), atypical=c.atypical,
+                       unassessed_label=c.unassessed_label)
             for c in cells
         ]
         timing["total_ms"] = (time.perf_counter() - t_all) * 1000
@@ -283,13 +272,46 @@ class Analyzer:
             source=SourceInfo(frame_id=frame.frame_id, source=frame.source, captured_at=frame.captured_at,
                               image=ImageInfo(width=w, height=h)),
             scale=ScaleInfo(microns_per_pixel=round(est.microns_per_pixel, 5), method=est.method,
-                            canonical_microns_per_pixel=CANONICAL_UM_PER_PX),
-            stain=StainInfo(method=self.stain_method, applied=normalized.applied, reason=normalized.reason),
+                            canonical_microns_per_pixel=CANONICAL_UM_PER_PX, uncertain=outcome.uncertain,
+                            rbc_count=est.rbc_count),
+            illumination=IlluminationInfo(applied=illumination.applied, white_bgr=list(illumination.white_bgr),
+                                          uniformity=illumination.uniformity, greyscale=illumination.greyscale,
+                                          reason=illumination.reason),
+            stain=StainInfo(method=self.stain_method,
+                            applied=bool(field_.stain_results) and all(r.applied for r in field_.stain_results.values()),
+                            reason="; ".join(skipped) or None),
             models=self.models, counts=agg.counts, wbc_differential=agg.wbc_differential,
-            rbc_morphology=agg.rbc_morphology, rbc_size=agg.rbc_size, ratios=agg.ratios, flags=flags,
+            rbc_morphology=agg.rbc_morphology, rbc_size=agg.rbc_size, nrbc_per_100_wbc=agg.nrbc_per_100_wbc,
+            ratios=agg.ratios, flags=flags,
             cells=records, timing_ms={k: round(v, 1) for k, v in timing.items()},
         )
         return FieldResult(report, tuple(cells), factor, candidates)
+
+
+#: Lighting this uneven (darkest / brightest glass) is worth telling the technician about.
+UNEVEN_ILLUMINATION = 0.5
+
+
+def scale_and_lamp_flags(est: ScaleEstimate, outcome: ScaleOutcome, illumination: Illumination) -> list[Flag]:
+    flags = []
+    if est.method == "default":
+        flags.append(Flag(code="scale_unknown", severity="warning",
+                          message=f"scale could not be measured; assumed {est.microns_per_pixel} um/px"))
+    elif outcome.uncertain:
+        flags.append(Flag(code="scale_uncertain", severity="warning",
+                          message=f"scale estimated at {est.microns_per_pixel:.4f} um/px but uncertain ({outcome.reason}); "
+                                  "sizes and counts may be off: calibrate the station (smearscope calibrate-scale)"))
+    if illumination.greyscale:
+        flags.append(Flag(code="greyscale_input", severity="info",
+                          message="the image has no colour; cells were typed from shape and density only"))
+    if illumination.applied and illumination.uniformity < UNEVEN_ILLUMINATION:
+        flags.append(Flag(code="uneven_illumination", severity="info",
+                          message=f"the lamp lights the field unevenly (darkest/brightest glass {illumination.uniformity:.2f}); "
+                                  "corrected, but check the condenser and lamp alignment"))
+    if not illumination.applied:
+        flags.append(Flag(code="no_background_found", severity="info",
+                          message="no lit glass found to measure the lamp; the frame was used as it came"))
+    return flags
 
 
 class _NoCrop:
@@ -314,10 +336,10 @@ def input_bbox(box, factor: float, width: int, height: int) -> list[float]:
 
 
 def _classified(d: CellDetection, label: str | None, score: float | None, shape,
-                detected_as: CellKind | None = None) -> ClassifiedCell:
+                detected_as: CellKind | None = None, **extra) -> ClassifiedCell:
     area_px = d.mask_area_px
     area_um2 = area_px * CANONICAL_UM_PER_PX**2
     return ClassifiedCell(detection=d, label=label, label_score=score,
                           diameter_um=2.0 * float(np.sqrt(area_um2 / np.pi)), area_um2=area_um2,
-                          touches_frame_edge=_touches_frame(d, shape), detected_as=detected_as)
+                          touches_frame_edge=_touches_frame(d, shape), detected_as=detected_as, **extra)
 

@@ -16,6 +16,9 @@ class CellKind(str, Enum):
     RBC = "rbc"
     WBC = "wbc"
     PLATELET = "platelet"
+    #: A nucleated red cell (erythroblast): found by the detector as a white cell, typed by the WBC
+    #: head, and counted apart from the white cells (per 100 WBC, as ICSH reports it).
+    NRBC = "nrbc"
 
 
 #: Class order of the segmentation model's outputs.
@@ -105,3 +108,10 @@ class ClassifiedCell:
     touches_frame_edge: bool = False
     #: The detector's kind when a head re-assigned the cell (e.g. a "WBC" the WBC head typed as a platelet).
     detected_as: CellKind | None = None
+    #: The head's open-set score put the cell outside every trained class (label is UNIDENTIFIED).
+    atypical: bool = False
+    #: The field's scale was given (a calibrated station), so sizes in micrometres are measured.
+    size_calibrated: bool = False
+    #: A size-based class (e.g. spherocyte) the head gave but an estimated scale cannot support;
+    #: `label` then holds the most likely shape class.
+    unassessed_label: str | None = None

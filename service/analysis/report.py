@@ -33,6 +33,17 @@ class ScaleInfo(_Strict):
     microns_per_pixel: float = Field(description="scale of the INPUT image")
     method: Literal["given", "rbc_size_classical", "rbc_size_detection", "default"]
     canonical_microns_per_pixel: float
+    uncertain: bool = Field(False, description="estimated from the red cells but resting on a search, on few "
+                            "cells or on a refinement that did not settle (flag scale_uncertain)")
+    rbc_count: int = Field(0, description="whole red cells the estimate rests on (0 when given)")
+
+
+class IlluminationInfo(_Strict):
+    applied: bool = Field(description="the field was divided by its own background (flat-field correction)")
+    white_bgr: list[float] = Field(description="median background (glass) colour before correction, B G R 0-255")
+    uniformity: float = Field(description="darkest / brightest background luminance over the field (1 = even)")
+    greyscale: bool = Field(False, description="the input had no colour")
+    reason: str | None = None
 
 
 class StainInfo(_Strict):
@@ -48,7 +59,7 @@ class ModelInfo(_Strict):
 
 
 class CellRecord(_Strict):
-    kind: Literal["rbc", "wbc", "platelet"]
+    kind: Literal["rbc", "wbc", "platelet", "nrbc"]
     bbox: list[float] = Field(description="[x0, y0, x1, y1] in the INPUT image's pixels", min_length=4, max_length=4)
     score: float = Field(description="detector confidence")
     label: str | None = Field(description="head class, 'unidentified' below its threshold, null for platelets")
@@ -56,6 +67,9 @@ class CellRecord(_Strict):
     diameter_um: float = Field(description="equivalent-circle diameter from the mask area")
     area_um2: float
     field_id: str | None = Field(None, description="frame the cell came from (specimen reports)")
+    atypical: bool = Field(False, description="the head's open-set score put the cell outside every trained type")
+    unassessed_label: str | None = Field(None, description="a size-based class the head gave that an estimated scale "
+                                         "cannot support (the label is then the most likely shape class)")
 
 
 class ClassShare(_Strict):
@@ -64,26 +78,44 @@ class ClassShare(_Strict):
     percent: float
     ci95_low: float | None = Field(None, description="Wilson 95% interval, percent")
     ci95_high: float | None = None
+    grade: Literal["none", "1+", "2+", "3+"] | None = Field(
+        None, description="red-cell morphology: ICSH 2015 grade of the share (service.analysis.morphology)")
+    grade_ci_low: Literal["none", "1+", "2+", "3+"] | None = Field(None, description="grade at the interval's low end")
+    grade_ci_high: Literal["none", "1+", "2+", "3+"] | None = Field(None, description="grade at the interval's high end")
+    assessable: bool = Field(True, description="false for size-based morphology at an estimated scale: `count` is "
+                             "how many cells the head gave this class; they are counted under their shape class")
+
+
+class SizeHistogram(_Strict):
+    bin_edges_um: list[float] = Field(description="inner bin edges; the first bin is below the first edge, the last "
+                                      "above the last")
+    counts: list[int] = Field(description="len(bin_edges_um) + 1 counts")
 
 
 class SizeStats(_Strict):
     n: int
     mean_diameter_um: float | None
     sd_um: float | None
-    cv_percent: float | None
+    cv_percent: float | None = Field(description="SD / mean of red-cell diameters, percent (an RDW-like figure)")
     median_diameter_um: float | None
+    calibrated: bool = Field(True, description="sizes come from a given (calibrated) scale; false: the scale was "
+                             "estimated from the red cells, so their sizes are not reported")
+    histogram: SizeHistogram | None = None
 
 
 class Counts(_Strict):
     rbc: int
-    wbc: int
+    wbc: int = Field(description="white cells, nucleated red cells not included (ICSH)")
     platelet: int
+    nrbc: int = Field(0, description="nucleated red cells (erythroblasts), counted apart from the white cells")
 
 
 class Flag(_Strict):
     code: str
     severity: Literal["info", "warning", "critical"]
     message: str
+    cells: list[int] | None = Field(None, description="the cells this flag rests on, as indices into the report's "
+                                    "cell list, for review and overlays")
 
 
 class Report(_Strict):
@@ -96,12 +128,14 @@ class Report(_Strict):
     fields_analyzed: int = 1
     source: SourceInfo | None = Field(None, description="the analysed frame (field reports)")
     scale: ScaleInfo | None = None
+    illumination: IlluminationInfo | None = None
     stain: StainInfo | None = None
     models: dict[str, ModelInfo] = {}
     counts: Counts
     wbc_differential: list[ClassShare]
     rbc_morphology: list[ClassShare]
     rbc_size: SizeStats
+    nrbc_per_100_wbc: float | None = Field(None, description="nucleated red cells per 100 white cells")
     ratios: dict[str, float | None]
     flags: list[Flag]
     cells: list[CellRecord]

@@ -100,3 +100,25 @@ def estimate_scale_classical(image_bgr: np.ndarray) -> ScaleEstimate | None:
     median_r = float(r[order][np.searchsorted(cum, cum[-1] / 2.0)])
     mpp = float(np.clip(NORMAL_RBC_DIAMETER_UM / (2.0 * median_r), MIN_UM_PER_PX, MAX_UM_PER_PX))
     return ScaleEstimate(mpp, "rbc_size_classical", int(keep.sum()))
+
+
+#: The first guess works on a frame of at most this many pixels (a scale is a size ratio).
+_GUESS_MAX_PIXELS = 2_000_000
+
+
+def first_scale_guess(image_bgr: np.ndarray, illumination) -> ScaleEstimate | None:
+    """`estimate_scale_classical` on the lamp-corrected frame, reduced when large.
+
+    Dividing out the lamp first matters on vignetted, pale or tinted fields (a low-cost
+    station's camera), where the raw frame's darkest corners look like stained cells.
+    """
+    from smearscope.service.analysis.illumination import apply_illumination
+
+    h, w = image_bgr.shape[:2]
+    k = min(1.0, float(np.sqrt(_GUESS_MAX_PIXELS / max(h * w, 1))))
+    small = image_bgr if k >= 1.0 else cv2.resize(image_bgr, (max(1, round(w * k)), max(1, round(h * k))),
+                                                 interpolation=cv2.INTER_AREA)
+    est = estimate_scale_classical(apply_illumination(small, illumination))
+    if est is None:
+        return None
+    return ScaleEstimate(est.microns_per_pixel * k, est.method, est.rbc_count)

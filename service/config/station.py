@@ -11,6 +11,7 @@ from smearscope.device.quality import QualityGateConfig
 from smearscope.device.source_config import SourceConfig
 from smearscope.service.config.analysis import AnalysisConfig
 from smearscope.service.config.base import StationBaseModel
+from smearscope.service.config.flags import FlagsConfig
 from smearscope.service.config.mqtt import MqttConfig
 from smearscope.service.config.specimen import SpecimenConfig
 from smearscope.service.config.watchdog import WatchdogConfig
@@ -49,6 +50,11 @@ class StationConfig(StationBaseModel):
         default_factory=SpecimenConfig,
         title="Specimen run",
         description="When a slide's run starts and when it is complete.",
+    )
+    flags: FlagsConfig = Field(
+        default_factory=FlagsConfig,
+        title="Report flags",
+        description="How much evidence each flag needs (atypical white cells, sickle cells, schistocytes).",
     )
     mqtt: MqttConfig = Field(
         default_factory=MqttConfig,

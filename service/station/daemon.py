@@ -37,6 +37,7 @@ from smearscope.device.frame import Frame
 from smearscope.device.quality import QualityGate
 from smearscope.device.sources import FrameSource, SourceConfigurationError, open_source
 from smearscope.device.telemetry import TelemetryReader
+from smearscope.service.analysis.aggregate import AggregateThresholds
 from smearscope.service.config import (
     EXIT_CONFIG,
     ConfigError,
@@ -115,7 +116,8 @@ class StationDaemon:
         )
         self.gate = QualityGate(config.quality)
         self.tracker = SpecimenTracker(SpecimenPolicy.from_config(config.specimen),
-                                       station_id=config.station_id)
+                                       station_id=config.station_id,
+                                       thresholds=AggregateThresholds(**config.flags.model_dump()))
         analysis_requests = RequestQueue("requests")
         #: Work for this (main) thread, which owns `config`: the reload command's.
         self._control = RequestQueue("control")

@@ -134,7 +134,8 @@ class SpecimenRun:
             report_id=str(uuid.uuid4()), kind="specimen", created_at=now, station_id=station_id,
             run_id=self.run_id, fields_analyzed=len(self.field_ids), source=None,
             models=self.models, counts=agg.counts, wbc_differential=agg.wbc_differential,
-            rbc_morphology=agg.rbc_morphology, rbc_size=agg.rbc_size, ratios=agg.ratios,
+            rbc_morphology=agg.rbc_morphology, rbc_size=agg.rbc_size, nrbc_per_100_wbc=agg.nrbc_per_100_wbc,
+            ratios=agg.ratios,
             flags=flags, cells=list(self.records),
             timing_ms={"run_ms": round(1000.0 * (now - self.started_at), 1)},
         )

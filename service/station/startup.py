@@ -45,6 +45,7 @@ def build_analyzer(config: StationConfig) -> AnalyzerLike:
     """The production analyzer: engines from `analysis.models_dir`, loaded and warmed up."""
     from smearscope.engines.base import EngineError
     from smearscope.engines.manifest import ManifestError
+    from smearscope.service.analysis.aggregate import AggregateThresholds
     from smearscope.service.analysis.pipeline import MODEL_FILES, Analyzer, AnalyzerOptions
     from smearscope.service.analysis.roi import RoiFilter
 
@@ -60,6 +61,7 @@ def build_analyzer(config: StationConfig) -> AnalyzerLike:
         wbc_views=None if a.wbc_head_views is None else tuple(a.wbc_head_views),
         roi=RoiFilter(min_confidence=a.min_confidence, min_area_um2=a.min_area_um2,
                       max_aspect=a.max_aspect_ratio),
+        thresholds=AggregateThresholds(**config.flags.model_dump()),
     )
     engine_options = {}
     if a.engine_backend == "tensorrt":

@@ -1,4 +1,4 @@
-"""`smearscope` command line: analyze, demo, run, validate-config, schema, build-engines.
+"""`smearscope` command line: analyze, demo, run, validate-config, schema, calibrate-scale, build-engines.
 
 Each command lives in its own module, imported when chosen; nothing below the CLI imports it.
 """
@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", type=Path, default=None, help="station TOML (default: the embedded simulated station)")
     r.add_argument("--max-fields", type=int, default=None, help="stop after this many analysed fields")
     r.set_defaults(func=_lazy("station", "cmd_run"))
+
+    c = sub.add_parser("calibrate-scale", help="measure um/px from a stage micrometer image")
+    c.add_argument("image", type=Path, help="image of a stage micrometer through the station's objective and camera")
+    c.add_argument("--division-um", type=float, default=10.0, help="the micrometer's line spacing (default 10 um)")
+    c.add_argument("--json", action="store_true", help="one JSON line instead of text")
+    c.set_defaults(func=_lazy("calibrate", "cmd_calibrate_scale"))
 
     b = sub.add_parser("build-engines", help="build TensorRT engines for the models (Jetson only)")
     b.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)

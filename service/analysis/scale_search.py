@@ -1,0 +1,129 @@
+"""An unknown scale, found from the red cells and never absurd.
+
+A station should be calibrated (`smearscope calibrate-scale`, a stage micrometer). Without it,
+the analyzer infers micrometres per pixel from red-cell size, a normal red cell being 7.5 um
+(the convention the datasets' scales were measured with):
+
+1. a model-free first guess from the size of round stained blobs on the lamp-corrected frame;
+2. detection passes at that guess and a step either side, kept when one finds enough whole,
+   confident red cells;
+3. when none does (a pale camera, an odd magnification), a search over the whole plausible range
+   of microscope scales (`PLAUSIBLE_UM_PER_PX`), keeping the scale whose pass finds the most
+   whole red cells;
+4. refinement from the detected red cells' box size, repeated until it agrees, because a
+   detector sees cells far from the canonical size as nearer to it than they are.
+
+The result is flagged uncertain (`scale_uncertain`) when it rests on a search, on too few red
+cells or on a refinement that did not settle; it never leaves the plausible range.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from smearscope.service.analysis.records import CellDetection
+from smearscope.service.analysis.scale import (
+    CANONICAL_UM_PER_PX,
+    ScaleEstimate,
+    scale_from_rbc_diameters,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Scales a blood-smear microscope gives (100x oil on a fine sensor .. a 20x objective).
+PLAUSIBLE_UM_PER_PX = (0.03, 0.6)
+#: Factor between the guesses tried around the first guess.
+GUESS_STEP = 1.4
+#: Factor between the scales of the full search.
+SEARCH_STEP = 1.5
+#: Detection passes at most that refine the scale from the whole red cells.
+REFINE_ROUNDS = 3
+MIN_RBC_FOR_SCALE = 5
+#: A search pass that would resample the frame beyond this many canonical pixels is skipped.
+MAX_SEARCH_CANONICAL_PIXELS = 12_000_000
+
+
+@dataclass
+class Attempt:
+    """One detection pass at an assumed scale: its detections and the whole, confident red cells."""
+
+    mpp: float
+    whole_rbc: list[CellDetection]
+    payload: object  # what the caller needs to go on from this pass (its canonical field, detections)
+
+
+@dataclass(frozen=True)
+class ScaleOutcome:
+    estimate: ScaleEstimate
+    attempt: Attempt
+    uncertain: bool
+    reason: str | None = None
+
+
+def clamp(mpp: float) -> float:
+    return float(np.clip(mpp, *PLAUSIBLE_UM_PER_PX))
+
+
+def search_grid() -> list[float]:
+    lo, hi = PLAUSIBLE_UM_PER_PX
+    n = int(np.floor(np.log(hi / lo) / np.log(SEARCH_STEP))) + 1
+    return [lo * SEARCH_STEP**i for i in range(n)]
+
+
+def find_scale(detect_at: Callable[[float], Attempt], first: ScaleEstimate, input_pixels: int,
+               tolerance: float = 0.05) -> ScaleOutcome:
+    """Run detection passes until the scale is known, searched or refined (see the module doc)."""
+    if first.method == "given":
+        return ScaleOutcome(first, detect_at(first.microns_per_pixel), uncertain=False)
+    tried: list[Attempt] = []
+
+    def attempt(mpp: float) -> Attempt:
+        a = detect_at(mpp)
+        tried.append(a)
+        return a
+
+    def best() -> Attempt:
+        return max(tried, key=lambda a: len(a.whole_rbc))
+
+    g = clamp(first.microns_per_pixel)
+    for mpp in (g, clamp(g * GUESS_STEP), clamp(g / GUESS_STEP)):
+        if any(abs(mpp / a.mpp - 1) < 0.05 for a in tried):
+            continue
+        if len(attempt(mpp).whole_rbc) >= MIN_RBC_FOR_SCALE:
+            break
+    searched = False
+    if len(best().whole_rbc) < MIN_RBC_FOR_SCALE:
+        searched = True
+        for mpp in search_grid():
+            canonical_pixels = input_pixels * (mpp / CANONICAL_UM_PER_PX) ** 2
+            if canonical_pixels > MAX_SEARCH_CANONICAL_PIXELS or any(abs(mpp / a.mpp - 1) < 0.2 for a in tried):
+                continue
+            attempt(mpp)
+        logger.info("scale searched over %d passes: best %.4f um/px with %d whole red cells", len(tried),
+                    best().mpp, len(best().whole_rbc))
+    current = best()
+    if len(current.whole_rbc) < MIN_RBC_FOR_SCALE:
+        method = first.method if not searched else "rbc_size_detection"
+        return ScaleOutcome(ScaleEstimate(current.mpp, method, len(current.whole_rbc)), current, uncertain=True,
+                            reason=f"only {len(current.whole_rbc)} whole red cells at any plausible scale")
+    for _ in range(REFINE_ROUNDS):
+        diam_canon = [(d.box.width + d.box.height) / 2.0 for d in current.whole_rbc]
+        implied = scale_from_rbc_diameters(np.array(diam_canon))  # um per CANONICAL px if cells were normal
+        if implied is None:
+            break
+        true_mpp = clamp(current.mpp * implied / CANONICAL_UM_PER_PX)
+        if abs(true_mpp / current.mpp - 1.0) <= tolerance:
+            est = ScaleEstimate(current.mpp, "rbc_size_detection", len(current.whole_rbc))
+            return ScaleOutcome(est, current, uncertain=searched,
+                                reason="found by searching the plausible range" if searched else None)
+        logger.info("scale refined from %.4f to %.4f um/px by %d red cells", current.mpp, true_mpp, len(current.whole_rbc))
+        nxt = attempt(true_mpp)
+        if len(nxt.whole_rbc) < MIN_RBC_FOR_SCALE:
+            break
+        current = nxt
+    est = ScaleEstimate(current.mpp, "rbc_size_detection", len(current.whole_rbc))
+    return ScaleOutcome(est, current, uncertain=True, reason="the refinement from red-cell size did not settle")

@@ -1,0 +1,232 @@
+"""Heads decide, defer or refuse as a hematologist would; flags follow the evidence.
+
+Calibrated confidence (the temperature is applied), `unidentified` below the threshold, the
+open-set distance sends atypical cells to review, nucleated red cells are counted apart from the
+white cells, size-based morphology needs a calibrated scale, ICSH grades, sickle flags by
+evidence, and the stage-micrometer calibration."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from oracle import OracleSegmenter
+
+from smearscope.device.synthetic import render_field
+from smearscope.engines.manifest import (
+    BatchProfile,
+    CropInfo,
+    ModelManifest,
+    OpenSet,
+    Preprocessing,
+    TensorSpec,
+)
+from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
+from smearscope.service.analysis.classify import UNIDENTIFIED, CropClassifier, softmax
+from smearscope.service.analysis.micrometer import (
+    MicrometerError,
+    measure_micrometer,
+    render_micrometer,
+)
+from smearscope.service.analysis.morphology import icsh_grade
+from smearscope.service.analysis.pipeline import Analyzer
+from smearscope.service.analysis.records import (
+    Box,
+    CellCrop,
+    CellDetection,
+    CellKind,
+    ClassifiedCell,
+)
+
+WBC = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+RBC = ["normal", "microcyte", "spherocyte", "target", "sickle", "schistocyte"]
+
+
+class _Head:
+    """Engine double: every crop gets the same logits (and open-set distance)."""
+
+    def __init__(self, logits: dict[str, float], classes=WBC, temperature=1.0, ood=None, threshold=10.0,
+                 extent_um=25.6, size=96) -> None:
+        outputs = [TensorSpec(name="logits", shape=[-1, len(classes)])]
+        open_set = None
+        if ood is not None:
+            outputs.append(TensorSpec(name="ood", shape=[-1]))
+            open_set = OpenSet(method="mahalanobis", output="ood", threshold=threshold)
+        self.manifest = ModelManifest(
+            name="head", task="classification", file="x.onnx", sha256="0" * 64, opset=17,
+            inputs=[TensorSpec(name="input", shape=[-1, 3, size, size])], outputs=outputs,
+            batch=BatchProfile(min=1, opt=1, max=64), input_size=size, canonical_um_per_px=0.2,
+            preprocessing=Preprocessing(), classes=list(classes), crop=CropInfo(extent_um=extent_um, input_size=size),
+            temperature=temperature, open_set=open_set)
+        self.output_names = [o.name for o in outputs]
+        self.pads_to_opt = False
+        self.logits = np.array([logits.get(c, 0.0) for c in classes], np.float32)
+        self.ood = ood
+
+    def run(self, batch):
+        n = batch.shape[0]
+        out = {"logits": np.repeat(self.logits[None], n, 0)}
+        if self.ood is not None:
+            out["ood"] = np.full(n, self.ood, np.float32)
+        return out
+
+
+def _crops(n=3, size=96):
+    det = CellDetection(CellKind.WBC, Box(0, 0, 10, 10), 0.9)
+    return [CellCrop(det, np.zeros((size, size, 3), np.uint8)) for _ in range(n)]
+
+
+def test_temperature_is_applied_to_the_confidence():
+    logits = {"neutrophil": 2.0}  # softmax at T=1: e^2/(e^2+7) = 0.51; at T=4: 0.19
+    p1 = CropClassifier(_Head(logits), 0.5).classify(_crops())[0]
+    p4 = CropClassifier(_Head(logits, temperature=4.0), 0.5).classify(_crops())[0]
+    expected = softmax(np.array([[logits.get(c, 0.0) for c in WBC]]) / 4.0)[0].max()
+    assert p1.label == "neutrophil" and p1.score == pytest.approx(math.exp(2) / (math.exp(2) + 7), rel=1e-5)
+    assert p4.score == pytest.approx(expected, rel=1e-5)
+    assert p4.label == UNIDENTIFIED  # the same logits, less sure once calibrated
+
+
+def test_low_confidence_is_unidentified_never_a_guess():
+    res = CropClassifier(_Head({"neutrophil": 1.0, "lymphocyte": 1.0}), 0.5).classify(_crops())
+    assert all(r.label == UNIDENTIFIED and not r.atypical for r in res)
+    assert all(len(r.probs) == len(WBC) and sum(r.probs) == pytest.approx(1.0) for r in res)
+
+
+def test_open_set_distance_sends_a_confident_cell_to_review():
+    confident = {"lymphocyte": 12.0}
+    near = CropClassifier(_Head(confident, ood=4.0, threshold=10.0), 0.5).classify(_crops())
+    far = CropClassifier(_Head(confident, ood=40.0, threshold=10.0), 0.5).classify(_crops())
+    assert [r.label for r in near] == ["lymphocyte"] * 3 and not any(r.atypical for r in near)
+    assert [r.label for r in far] == [UNIDENTIFIED] * 3 and all(r.atypical and r.score > 0.99 for r in far)
+    assert far[0].ood == pytest.approx(40.0)
+
+
+def test_open_set_output_must_exist():
+    head = _Head({"lymphocyte": 12.0}, ood=1.0)
+    head.output_names = ["logits"]
+    with pytest.raises(ValueError, match="open_set output"):
+        CropClassifier(head, 0.5)
+
+
+def test_atypical_white_cells_flag_the_specimen_through_the_analyzer():
+    field = render_field(5, width=600, height=500, n_wbc=4)
+    report = Analyzer(OracleSegmenter(field), None,
+                      CropClassifier(_Head({"lymphocyte": 12.0}, ood=99.0), 0.5)).analyze(field.frame).report
+    flag = next(f for f in report.flags if f.code == "atypical_wbc_present")
+    assert flag.severity == "warning" and len(flag.cells) == report.counts.wbc == 4
+    assert all(report.cells[i].atypical and report.cells[i].label == UNIDENTIFIED for i in flag.cells)
+    clean = Analyzer(OracleSegmenter(field), None,
+                     CropClassifier(_Head({"lymphocyte": 12.0}, ood=1.0), 0.5)).analyze(field.frame).report
+    assert not any(f.code == "atypical_wbc_present" for f in clean.flags)
+
+
+def test_nucleated_red_cells_are_counted_apart_from_white_cells():
+    field = render_field(5, width=600, height=500, n_wbc=3)
+    report = Analyzer(OracleSegmenter(field), None,
+                      CropClassifier(_Head({"erythroblast": 12.0}), 0.5)).analyze(field.frame).report
+    assert report.counts.nrbc == 3 and report.counts.wbc == 0
+    assert report.wbc_differential == [] and report.nrbc_per_100_wbc is None
+    assert {c.kind for c in report.cells if c.label == "erythroblast"} == {"nrbc"}
+    assert any(f.code == "nucleated_rbc_present" for f in report.flags)
+
+
+def _cell(kind, label, score=0.95, calibrated=True, d_um=7.5, unassessed=None, atypical=False):
+    det = CellDetection(kind, Box(0, 0, 10, 10), 0.9)
+    return ClassifiedCell(det, label, score, d_um, math.pi * d_um**2 / 4, size_calibrated=calibrated,
+                          unassessed_label=unassessed, atypical=atypical)
+
+
+def test_nrbc_per_100_wbc_and_differential_without_them():
+    cells = [_cell(CellKind.WBC, "neutrophil")] * 40 + [_cell(CellKind.NRBC, "erythroblast")] * 6
+    a = aggregate(cells)
+    assert a.counts.wbc == 40 and a.counts.nrbc == 6 and a.nrbc_per_100_wbc == 15.0
+    assert [s.label for s in a.wbc_differential] == ["neutrophil"] and a.wbc_differential[0].percent == 100.0
+
+
+def test_atypical_flag_needs_count_and_share():
+    th = AggregateThresholds(atypical_wbc_min_count=3, atypical_wbc_share=0.10)
+    two = [_cell(CellKind.WBC, UNIDENTIFIED)] * 2 + [_cell(CellKind.WBC, "neutrophil")] * 3
+    few = [_cell(CellKind.WBC, UNIDENTIFIED)] * 3 + [_cell(CellKind.WBC, "neutrophil")] * 40
+    many = [_cell(CellKind.WBC, UNIDENTIFIED, atypical=True)] * 5 + [_cell(CellKind.WBC, "neutrophil")] * 40
+    codes = lambda cells: {f.code for f in aggregate(cells, th).flags}
+    assert "atypical_wbc_present" not in codes(two) | codes(few)
+    assert "atypical_wbc_present" in codes(many)
+
+
+def test_sickle_flag_is_critical_only_with_enough_confident_cells():
+    normal = [_cell(CellKind.RBC, "normal")] * 200
+    one = aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.99)])
+    unsure = aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.6)] * 8)
+    sure = aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.95)] * 5)
+    assert {f.code: f.severity for f in one.flags}.get("sickle_cells_review") == "warning"
+    assert not any(f.code == "sickle_cells_present" for f in one.flags + unsure.flags)
+    review = next(f for f in unsure.flags if f.code == "sickle_cells_review")
+    assert review.cells == list(range(200, 208))
+    crit = next(f for f in sure.flags if f.code == "sickle_cells_present")
+    assert crit.severity == "critical" and len(crit.cells) == 5
+
+
+def test_icsh_grades():
+    assert [icsh_grade("spherocyte", p) for p in (4.9, 5.0, 20.9, 21.0, 50.0, 50.1)] == \
+        ["none", "1+", "1+", "2+", "2+", "3+"]
+    assert [icsh_grade("microcyte", p) for p in (10.9, 11.0, 21.0, 51.0)] == ["none", "1+", "2+", "3+"]
+    assert [icsh_grade("schistocyte", p) for p in (0.0, 0.5, 1.0, 2.0, 2.5)] == ["none", "1+", "2+", "2+", "3+"]
+    cells = [_cell(CellKind.RBC, "normal")] * 70 + [_cell(CellKind.RBC, "target")] * 30
+    target = next(s for s in aggregate(cells).rbc_morphology if s.label == "target")
+    assert target.grade == "2+" and target.grade_ci_low in ("1+", "2+") and target.count == 30
+
+
+def test_size_based_morphology_needs_a_calibrated_scale():
+    field = render_field(6, width=600, height=500, n_wbc=1)
+    rbc_head = CropClassifier(_Head({"spherocyte": 6.0, "target": 3.0}, RBC, extent_um=11.2, size=40), 0.3)
+    analyzer = Analyzer(OracleSegmenter(field), rbc_head, None)
+    given = analyzer.analyze(field.frame).report
+    frame = type(field.frame)(field.frame.pixels, "f", "test", microns_per_pixel=None)
+    estimated = analyzer.analyze(frame).report
+    assert given.scale.method == "given" and estimated.scale.method != "given"
+    sph = next(s for s in given.rbc_morphology if s.label == "spherocyte")
+    assert sph.assessable and sph.count == given.counts.rbc and sph.grade == "3+"
+    assert given.rbc_size.calibrated and given.rbc_size.histogram is not None
+    assert not any(f.code == "size_not_assessable_without_calibration" for f in given.flags)
+    # estimated scale: the size call is withheld, the cell keeps its most likely shape class
+    labels = {c.label for c in estimated.cells if c.kind == "rbc"}
+    assert labels == {"target"} and {c.unassessed_label for c in estimated.cells if c.kind == "rbc"} == {"spherocyte"}
+    row = next(s for s in estimated.rbc_morphology if s.label == "spherocyte")
+    assert not row.assessable and row.count == estimated.counts.rbc and row.grade is None
+    assert not estimated.rbc_size.calibrated and estimated.rbc_size.mean_diameter_um is None
+    assert any(f.code == "size_not_assessable_without_calibration" for f in estimated.flags)
+
+
+@pytest.mark.parametrize(("mpp", "angle", "size"), [(0.1, 0.0, (1280, 960)), (0.135, 17.0, (1008, 630)),
+                                                    (0.3, -35.0, (800, 600)), (0.05, 3.0, (1920, 1080))])
+def test_micrometer_calibration_on_rendered_rulings(mpp, angle, size):
+    img = render_micrometer(size[0], size[1], mpp, angle_deg=angle, seed=int(mpp * 1000))
+    r = measure_micrometer(img, 10.0)
+    assert r.microns_per_pixel == pytest.approx(mpp, rel=0.005)
+
+
+def test_micrometer_refuses_what_is_not_a_ruling():
+    with pytest.raises(MicrometerError):
+        measure_micrometer(np.full((200, 200, 3), 180, np.uint8))
+    noise = (np.random.default_rng(0).random((300, 300, 3)) * 255).astype(np.uint8)
+    with pytest.raises(MicrometerError):
+        measure_micrometer(noise)
+
+
+def test_calibrate_scale_command(tmp_path):
+    path = tmp_path / "micrometer.png"
+    cv2.imwrite(str(path), render_micrometer(1024, 768, 0.12, angle_deg=8.0))
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "calibrate-scale", str(path), "--json"],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["microns_per_pixel"] == pytest.approx(0.12, rel=0.005)
+    blank = tmp_path / "noise.png"
+    cv2.imwrite(str(blank), (np.random.default_rng(1).random((300, 300, 3)) * 255).astype(np.uint8))
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "calibrate-scale", str(blank)],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "no_ruling"
