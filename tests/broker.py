@@ -127,9 +127,11 @@ class MosquittoBroker:
         tls: TlsMaterial | None = None,
         persistence: bool = False,
         acl: str | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir
         self.acl = acl
+        self.extra = extra  # further mosquitto.conf lines, e.g. "max_packet_size 65536"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.tls = tls
@@ -162,6 +164,7 @@ class MosquittoBroker:
             # Save after every change, so a SIGKILLed broker loses (almost) nothing.
             "autosave_on_changes true",
             "autosave_interval 1",
+            *self.extra,
             f"listener {self.port} 127.0.0.1",
         ]
         if self.acl is not None:  # mosquitto acl_file syntax

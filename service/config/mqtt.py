@@ -119,6 +119,17 @@ class MqttConfig(BaseModel):
         title="Max in flight",
         description="Outbox messages handed to the broker but not yet acknowledged, at most.",
     )
+    max_packet_size: int = Field(
+        default=262_144,
+        ge=4096,
+        le=268_435_455,
+        title="Max packet size (bytes)",
+        description=(
+            "Largest PUBLISH packet the station sends; the broker's own Maximum Packet Size (MQTT 5 "
+            "CONNACK) lowers it. Per-cell detail is split into messages under it; a message still "
+            "larger is parked in the outbox (logged, counted), never blocking the others."
+        ),
+    )
     field_message_expiry_s: int | None = Field(
         default=None,
         ge=1,

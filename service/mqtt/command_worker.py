@@ -4,7 +4,13 @@ paho's callbacks run on its network thread, which must not block, and a command 
 (`analyze_file` runs a whole analysis). So the publisher only queues each command here; the
 worker thread parses its JSON payload, runs the station's handler and gives the answer back to the
 publisher (`respond`), which sends it. The queue is bounded: `submit()` refuses a command when it
-is full, and the publisher answers "busy" at once. Nothing here talks MQTT.
+is full, and the publisher hands it to `refuse()`, whose "busy" answer this thread sends first
+(at most `BUSY_BACKLOG` of them wait; beyond that a refusal is only logged). Nothing here talks MQTT.
+
+Every command gets an answer, whatever its payload: one over `MAX_PAYLOAD_BYTES` or nested deeper
+than `MAX_DEPTH` is refused before it is parsed (Python's JSON parser recurses, and a 100 000-deep
+array would raise RecursionError), and any exception of the handler is answered as an error. The
+publisher replaces this thread should it ever end (service.mqtt.publisher).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +31,35 @@ CommandHandler = Callable[[str, dict[str, Any]], Mapping[str, Any]]
 Responder = Callable[[str, Mapping[str, Any], bytes | None], None]
 
 QUEUE_SIZE = 32
+#: "busy" answers waiting to be sent, at most.
+BUSY_BACKLOG = 1024
+#: Largest command payload parsed; commands are small JSON objects.
+MAX_PAYLOAD_BYTES = 65_536
+#: Deepest nesting of arrays and objects parsed.
+MAX_DEPTH = 32
+
+
+def nesting_depth(payload: bytes) -> int:
+    """The deepest nesting of JSON arrays and objects in `payload`, brackets inside strings
+    ignored; counted without parsing, so any depth is measured in constant stack."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in payload:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 class CommandWorker:
@@ -41,6 +77,9 @@ class CommandWorker:
         self._stop = stop
         self._tick_s = tick_s
         self._queue: queue.Queue[tuple[str, bytes, bytes | None] | None] = queue.Queue(QUEUE_SIZE)
+        self._busy: deque[tuple[str, bytes | None]] = deque()
+        self._busy_lock = threading.Lock()
+        self.refused_unanswered = 0
 
     def submit(self, name: str, payload: bytes, correlation: bytes | None) -> bool:
         """Queue a command; False when the queue is full (the caller answers "busy")."""
@@ -49,6 +88,26 @@ class CommandWorker:
             return True
         except queue.Full:
             return False
+
+    def refuse(self, name: str, correlation: bytes | None) -> None:
+        """A command the full queue refused (any thread, never blocks): answered "busy" by the
+        worker thread before the next queued command."""
+        with self._busy_lock:
+            if len(self._busy) < BUSY_BACKLOG:
+                self._busy.append((name, correlation))
+                return
+            self.refused_unanswered += 1
+        logger.warning("command %r refused and not answered: %d busy answers already wait",
+                       name, BUSY_BACKLOG)
+
+    def _answer_refused(self) -> None:
+        while True:
+            with self._busy_lock:
+                if not self._busy:
+                    return
+                name, correlation = self._busy.popleft()
+            self._respond(name, {"ok": False, "error": "busy: too many commands waiting"},
+                          correlation)
 
     def wake_to_stop(self) -> None:
         """Unblock the loop once the stop Event is set."""
@@ -61,21 +120,30 @@ class CommandWorker:
         """Serve commands in arrival order until the stop Event (or its wake-up) arrives."""
         while not self._stop.is_set():
             try:
-                item = self._queue.get(timeout=self._tick_s)
-            except queue.Empty:
-                continue
-            if item is None:
-                break
-            name, payload, correlation = item
-            self._respond(name, self.answer(name, payload), correlation)
+                self._answer_refused()
+                try:
+                    item = self._queue.get(timeout=self._tick_s)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    break
+                name, payload, correlation = item
+                self._respond(name, self.answer(name, payload), correlation)
+            except Exception:  # the responder failed: this command is lost, the thread is not
+                logger.exception("command thread: answering a command failed")
 
     def answer(self, name: str, payload: bytes) -> Mapping[str, Any]:
         """The response body for one command; never raises."""
         if self.handler is None:
             return {"ok": False, "error": "this station accepts no commands"}
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            return {"ok": False, "error": f"payload of {len(payload)} bytes is over the limit of "
+                    f"{MAX_PAYLOAD_BYTES}"}
+        if nesting_depth(payload) > MAX_DEPTH:
+            return {"ok": False, "error": f"payload nested deeper than {MAX_DEPTH} levels"}
         try:
             arguments = json.loads(payload) if payload.strip() else {}
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             return {"ok": False, "error": f"payload is not JSON: {exc}"}
         if not isinstance(arguments, dict):
             return {"ok": False, "error": "payload must be a JSON object"}

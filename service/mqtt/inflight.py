@@ -5,13 +5,21 @@ settles paho's acknowledgements: an acknowledged message leaves the outbox, a re
 for a retry. Acknowledgements arrive on paho's thread as events (`post`) and are consumed only by
 the drain thread, so a PUBACK that arrives before publish() has returned its mid can be neither
 lost nor misattributed.
+
+An acknowledged message whose row cannot be deleted (disk full) is remembered and never sent again
+by this process; the delete is retried on every settle. A message larger than the packet limit
+(the broker's Maximum Packet Size, or the configured one) is parked: logged once, counted, left in
+the outbox and skipped, so it never blocks the messages behind it; it is tried again after a
+reconnect (the broker's limit may have changed).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
+import time
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
@@ -22,6 +30,24 @@ from paho.mqtt.reasoncodes import ReasonCode
 from smearscope.service.mqtt.outbox import Outbox, OutboxMessage
 
 logger = logging.getLogger(__name__)
+
+_DELETE_ERROR_LOG_S = 60.0
+
+
+def _varint_size(n: int) -> int:
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+def publish_packet_size(message: OutboxMessage, properties: Properties | None) -> int:
+    """Bytes of the PUBLISH packet paho will send for `message` (MQTT 5 when `properties`)."""
+    remaining = 2 + len(message.topic.encode()) + (2 if message.qos else 0) + len(message.payload)
+    if properties is not None:
+        remaining += len(properties.pack())  # type: ignore[no-untyped-call]
+    return 1 + _varint_size(remaining) + remaining
 
 
 class InFlight:
@@ -36,6 +62,13 @@ class InFlight:
         self._events: queue.SimpleQueue[tuple[mqtt.Client, int, ReasonCode | None]] = queue.SimpleQueue()
         self._seq_by_mid: dict[int, int] = {}
         self._seqs: set[int] = set()
+        #: Acknowledged by the broker, not yet deleted from the outbox (a write failed).
+        self._acked_undeleted: set[int] = set()
+        self._last_delete_error = 0.0
+        #: Largest PUBLISH packet the broker (or the configuration) accepts.
+        self.max_packet_size: int | None = None
+        #: seq -> packet size of messages too large to send (parked; see the module docstring).
+        self.parked: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._seq_by_mid)
@@ -49,6 +82,11 @@ class InFlight:
         self._seq_by_mid.clear()
         self._seqs.clear()
 
+    def new_connection(self, max_packet_size: int | None) -> None:
+        """A new connection: its packet limit; parked messages get another chance."""
+        self.max_packet_size = max_packet_size
+        self.parked.clear()
+
     def send(self, client: mqtt.Client, cursor: int,
              properties: Callable[[OutboxMessage], Properties | None], stop: threading.Event) -> int:
         """Hand paho the outbox messages after `cursor` while the window has room; the new cursor."""
@@ -59,11 +97,15 @@ class InFlight:
                 break
             sent: list[int] = []
             for message in batch:
-                if message.seq in self._seqs:  # sent after a failed-ack rewind
+                if message.seq in self._seqs or message.seq in self._acked_undeleted:
+                    cursor = message.seq  # sent after a failed-ack rewind, or already delivered
+                    continue
+                props = properties(message)
+                if self._too_large(message, props):
                     cursor = message.seq
                     continue
                 info = client.publish(message.topic, message.payload, message.qos, message.retain,
-                                      properties=properties(message))
+                                      properties=props)
                 if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                     # Not accepted by paho (queue full): retry this one on the next tick.
                     logger.debug("paho refused outbox seq %d: %s", message.seq, info.rc)
@@ -76,8 +118,27 @@ class InFlight:
                 self._seqs.add(message.seq)
                 sent.append(message.seq)
                 room -= 1
-            self.outbox.mark_attempted(sent)
+            try:
+                self.outbox.mark_attempted(sent)
+            except sqlite3.Error as exc:  # a diagnostic counter: never worth stopping the sends
+                logger.debug("could not count attempts of %d messages: %s", len(sent), exc)
         return cursor
+
+    def _too_large(self, message: OutboxMessage, props: Properties | None) -> bool:
+        limit = self.max_packet_size
+        if limit is None:
+            return False
+        size = publish_packet_size(message, props)
+        if size <= limit:
+            return False
+        if message.seq not in self.parked:
+            self.parked[message.seq] = size
+            logger.error("outbox message seq %d (%s, report %s) is %d bytes as a packet, over the "
+                         "limit of %d: parked in the outbox, later messages go on; it is tried "
+                         "again after a reconnect (raise the broker's max_packet_size or lower "
+                         "mqtt.max_packet_size so it is split)", message.seq, message.kind,
+                         message.report_id, size, limit)
+        return True
 
     def settle(self, client: mqtt.Client | None) -> tuple[int, int]:
         """Apply the acknowledgements received so far: acknowledged messages leave the outbox.
@@ -106,6 +167,16 @@ class InFlight:
                                seq, reason_code.getName(), int(reason_code.value))
             else:
                 acked.append(seq)
-        if acked:
-            self.outbox.ack_many(acked)
+        self._acked_undeleted.update(acked)
+        if self._acked_undeleted:
+            try:
+                self.outbox.ack_many(sorted(self._acked_undeleted))
+                self._acked_undeleted.clear()
+            except sqlite3.Error as exc:
+                now = time.monotonic()
+                if now - self._last_delete_error >= _DELETE_ERROR_LOG_S:
+                    self._last_delete_error = now
+                    logger.error("cannot delete %d acknowledged messages from the outbox: %s; "
+                                 "they are not sent again, the delete is retried",
+                                 len(self._acked_undeleted), exc)
         return len(acked), rejected

@@ -12,22 +12,32 @@ opener gets `OutboxLockedError`), which keeps the in-memory size counters honest
 the lock when the owner dies, even by SIGKILL.
 
 Bound policy "drop_oldest_field_keep_reports": above `max_messages` or `max_bytes`, per-field
-messages are evicted oldest first (they are intermediate results the final report summarizes);
-final specimen reports are never evicted. If only reports remain, the put still succeeds, the
-bound is exceeded and an error is logged: losing a patient's report is worse than using more disk.
+(and per-cell detail) messages are evicted oldest first (intermediate results the final report
+summarizes); final specimen reports are never evicted. If only reports remain, the put still
+succeeds, the bound is exceeded and an error is logged: losing a patient's report is worse than
+using more disk.
+
+A full disk is not a bound: a write that fails is rolled back (without masking SQLite's own error,
+e.g. SQLITE_FULL), raised to the caller, and `disk_full` stays True until a write succeeds again;
+the station pauses its analysis meanwhile (service.station.workers).
+
+Other tables may share the file and its transactions (`put_many(..., also=...)`, `write`,
+`read`): the station keeps its specimen runs and the inputs it has stored there, so a message
+and the state it changes are committed together (service.station.durable).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from typing_extensions import Self  # typing.Self needs Python 3.11
 
@@ -35,15 +45,18 @@ from smearscope.service.config.outbox import OutboxConfig, OverflowPolicy
 
 logger = logging.getLogger(__name__)
 
-MessageKind = Literal["field", "report"]
+#: "field" and "cells" (per-cell detail) messages are evictable; "report" never is.
+MessageKind = Literal["field", "report", "cells"]
+MESSAGE_KINDS: tuple[str, ...] = ("field", "report", "cells")
+T = TypeVar("T")
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _EVICTION_LOG_INTERVAL_S = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     seq            INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, so order is stable
-    kind           TEXT    NOT NULL CHECK (kind IN ('field', 'report')),
+    kind           TEXT    NOT NULL CHECK (kind IN ('field', 'report', 'cells')),
     topic          TEXT    NOT NULL,
     payload        BLOB    NOT NULL,
     size           INTEGER NOT NULL,
@@ -59,6 +72,21 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_kind_seq ON outbox (kind, seq);
 """
 
+#: Version 1 allowed only 'field' and 'report' in its CHECK; SQLite cannot alter a CHECK, so the
+#: table is rebuilt (same rows, same sequence numbers).
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE outbox RENAME TO outbox_v1",
+    "DROP INDEX IF EXISTS outbox_kind_seq",
+    _SCHEMA.split(";")[0],
+    "INSERT INTO outbox SELECT * FROM outbox_v1",
+    # Sequence numbers are never reused, even when every v1 message had been acknowledged.
+    "DELETE FROM sqlite_sequence WHERE name = 'outbox'",
+    "INSERT INTO sqlite_sequence (name, seq) SELECT 'outbox', seq FROM sqlite_sequence "
+    "WHERE name = 'outbox_v1'",
+    "DROP TABLE outbox_v1",
+    _SCHEMA.split(";")[1],
+)
+
 _COLUMNS = (
     "seq, kind, topic, payload, qos, retain, report_id, message_id, content_type, "
     "schema_version, created_at, attempts"
@@ -67,6 +95,32 @@ _COLUMNS = (
 
 class OutboxLockedError(RuntimeError):
     """Another process has this outbox file open."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for SQLite's SQLITE_FULL and for ENOSPC/EDQUOT from the OS."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return int(code) & 0xFF == sqlite3.SQLITE_FULL
+    return "database or disk is full" in str(exc)
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message to store: what `put_many` takes."""
+
+    kind: MessageKind
+    topic: str
+    payload: bytes
+    report_id: str
+    schema_version: str
+    qos: int = 1
+    retain: bool = False
+    content_type: str = "application/json"
+    message_id: str | None = None
+    created_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +151,7 @@ class OutboxCounts:
     fields: int
     evicted_fields: int
     over_bound: bool
+    disk_full: bool = False
 
 
 class Outbox:
@@ -120,6 +175,9 @@ class Outbox:
         self.overflow_policy = overflow_policy
         self._lock = threading.Lock()
         self._evicted = 0
+        #: Sequence numbers evicted since open (bounded), so a summary can say which were.
+        self.evicted_seqs: set[int] = set()
+        self._disk_full = False
         self._evicted_since_log = 0
         self._last_eviction_log = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,10 +218,14 @@ class Outbox:
         for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
             conn.execute(statement)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
+        if version == 1:
+            for statement in _MIGRATE_1_TO_2:
+                conn.execute(statement)
+            logger.info("outbox %s migrated from schema 1 to 2", self.path)
+        if version in (0, 1):
             conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         elif version != _SCHEMA_VERSION:
-            conn.execute("ROLLBACK")
+            self._rollback()
             raise RuntimeError(
                 f"outbox {self.path} has schema {version}, expected {_SCHEMA_VERSION}"
             )
@@ -174,6 +236,45 @@ class Outbox:
             "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(kind = 'report'), 0) FROM outbox"
         ).fetchone()
         return int(count), int(size), int(reports)
+
+    @property
+    def disk_full(self) -> bool:
+        """The last write failed for lack of space (cleared by the next write that succeeds)."""
+        return self._disk_full
+
+    def _rollback(self) -> None:
+        """Roll back if a transaction is still open. SQLite may already have rolled back (a
+        COMMIT that failed with SQLITE_FULL does); a second ROLLBACK would raise "no transaction
+        is active" and hide the error that matters."""
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                logger.warning("outbox %s: rollback failed: %s", self.path, exc)
+
+    def _transaction(self, work: Callable[[], T]) -> T:
+        """Run `work` in one write transaction (caller holds self._lock); rolled back on error."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            result = work()
+            self._conn.execute("COMMIT")
+        except BaseException as exc:
+            self._rollback()
+            if is_disk_full(exc):
+                self._disk_full = True
+            raise
+        self._disk_full = False
+        return result
+
+    def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work(connection)` in one write transaction of this file (other tables)."""
+        with self._lock:
+            return self._transaction(lambda: work(self._conn))
+
+    def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work(connection)` for reading (other tables)."""
+        with self._lock:
+            return work(self._conn)
 
     def put(
         self,
@@ -190,57 +291,57 @@ class Outbox:
         created_at: float | None = None,
     ) -> int:
         """Store a message durably (committed and synced on return); returns its sequence number."""
-        if kind not in ("field", "report"):
-            raise ValueError(f"unknown message kind {kind!r}")
-        payload = bytes(payload)
-        message_id = message_id or uuid.uuid4().hex
-        created_at = time.time() if created_at is None else created_at
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
+        return self.put_many([NewMessage(kind, topic, payload, report_id, schema_version, qos,
+                                         retain, content_type, message_id, created_at)])[0]
+
+    def put_many(self, messages: Sequence[NewMessage],
+                 also: Callable[[sqlite3.Connection, list[int]], None] | None = None) -> list[int]:
+        """Store messages in one transaction, with `also(connection, seqs)` (other tables) in
+        the same one: all or nothing. Returns their sequence numbers."""
+        rows = []
+        for m in messages:
+            if m.kind not in MESSAGE_KINDS:
+                raise ValueError(f"unknown message kind {m.kind!r}")
+            rows.append((m.kind, m.topic, bytes(m.payload), m.qos, int(m.retain), m.report_id,
+                         m.message_id or uuid.uuid4().hex, m.content_type, m.schema_version,
+                         time.time() if m.created_at is None else m.created_at))
+
+        def insert() -> tuple[list[int], tuple[int, int, int], list[int]]:
+            seqs = []
+            count, size, reports = self._count, self._bytes, self._reports
+            for r in rows:
                 cur = self._conn.execute(
                     "INSERT INTO outbox (kind, topic, payload, size, qos, retain, report_id, "
                     "message_id, content_type, schema_version, created_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        kind,
-                        topic,
-                        payload,
-                        len(payload),
-                        qos,
-                        int(retain),
-                        report_id,
-                        message_id,
-                        content_type,
-                        schema_version,
-                        created_at,
-                    ),
+                    (r[0], r[1], r[2], len(r[2]), *r[3:]),
                 )
-                seq = int(cur.lastrowid or 0)
-                counts = (
-                    self._count + 1,
-                    self._bytes + len(payload),
-                    self._reports + (kind == "report"),
-                )
-                counts, evicted = self._enforce_bounds(*counts)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+                seqs.append(int(cur.lastrowid or 0))
+                count, size, reports = count + 1, size + len(r[2]), reports + (r[0] == "report")
+            if also is not None:
+                also(self._conn, seqs)
+            counts, evicted = self._enforce_bounds(count, size, reports)
+            return seqs, counts, evicted
+
+        with self._lock:
+            seqs, counts, evicted = self._transaction(insert)
             self._count, self._bytes, self._reports = counts
-            self._evicted += evicted
-            self._evicted_since_log += evicted
-        self._log_bound_state(kind, report_id, evicted)
-        return seq
+            self._evicted += len(evicted)
+            self._evicted_since_log += len(evicted)
+            if len(self.evicted_seqs) < 1_000_000:
+                self.evicted_seqs.update(evicted)
+        for r in rows:
+            self._log_bound_state(r[0], r[5], len(evicted))
+        return seqs
 
     def _enforce_bounds(
         self, count: int, size: int, reports: int
-    ) -> tuple[tuple[int, int, int], int]:
-        """Evict oldest field messages until within bounds (inside the caller's transaction)."""
-        evicted = 0
+    ) -> tuple[tuple[int, int, int], list[int]]:
+        """Evict oldest field/cells messages until within bounds (inside the caller's transaction)."""
+        evicted: list[int] = []
         while count > self.max_messages or size > self.max_bytes:
             rows = self._conn.execute(
-                "SELECT seq, size FROM outbox WHERE kind = 'field' ORDER BY seq LIMIT 256"
+                "SELECT seq, size FROM outbox WHERE kind != 'report' ORDER BY seq LIMIT 256"
             ).fetchall()
             if not rows:
                 break
@@ -252,7 +353,7 @@ class Outbox:
                 count -= 1
                 size -= row_size
             self._conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in doomed])
-            evicted += len(doomed)
+            evicted += doomed
         return (count, size, reports), evicted
 
     def _log_bound_state(self, kind: str, report_id: str, evicted: int) -> None:
@@ -312,15 +413,8 @@ class Outbox:
         if not params:
             return
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.executemany(
-                    "UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", params
-                )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+            self._transaction(lambda: self._conn.executemany(
+                "UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", params))
 
     def ack(self, seq: int) -> bool:
         """Delete a message the broker acknowledged; False if it was already gone."""
@@ -334,26 +428,25 @@ class Outbox:
         return self._delete(f"seq IN ({','.join('?' * len(wanted))})", wanted)
 
     def expire_fields(self, created_before: float) -> int:
-        """Delete field messages created before `created_before` (Unix time); reports never expire."""
-        deleted = self._delete("kind = 'field' AND created_at < ?", [created_before])
+        """Delete field (and cells) messages created before `created_before` (Unix time); reports
+        never expire."""
+        deleted = self._delete("kind != 'report' AND created_at < ?", [created_before])
         if deleted:
             logger.info("outbox: dropped %d expired field messages", deleted)
         return deleted
 
     def _delete(self, where: str, params: Sequence[object]) -> int:
+        def delete() -> tuple[int, int, int]:
+            row = self._conn.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(kind = 'report'), 0) "
+                f"FROM outbox WHERE {where}",
+                params,
+            ).fetchone()
+            self._conn.execute(f"DELETE FROM outbox WHERE {where}", params)
+            return row
+
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._conn.execute(
-                    f"SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(kind = 'report'), 0) "
-                    f"FROM outbox WHERE {where}",
-                    params,
-                ).fetchone()
-                self._conn.execute(f"DELETE FROM outbox WHERE {where}", params)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+            row = self._transaction(delete)
             self._count -= int(row[0])
             self._bytes -= int(row[1])
             self._reports -= int(row[2])
@@ -368,6 +461,7 @@ class Outbox:
                 fields=self._count - self._reports,
                 evicted_fields=self._evicted,
                 over_bound=self._count > self.max_messages or self._bytes > self.max_bytes,
+                disk_full=self._disk_full,
             )
 
     def close(self) -> None:

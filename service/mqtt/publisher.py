@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
+import sys
 import threading
 import time
 import uuid
@@ -47,6 +49,8 @@ _UNSUPPORTED_PROTOCOL_VERSION = 0x84
 _STATION_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DRAIN_TICK_S = 0.5
 _FAILED_ACK_RETRY_S = 30.0
+#: How long a command response waits for room in paho's queue before it is given up (logged).
+_RESPONSE_WAIT_S = 10.0
 #: QoS>0 slots kept free of outbox traffic for the status message and command responses.
 _RESERVED_SLOTS = 4
 
@@ -92,6 +96,7 @@ class MqttPublisher:
         self._state = PublisherState(status="stopped", protocol=self._protocol_name())
         self._client: mqtt.Client | None = None
         self._epoch = 0  # successful connections so far; the drain loop rewinds on change
+        self._packet_limit = config.max_packet_size  # this connection's; set in on_connect
         self._fallback_requested = False
         self._stopping = False
         self._wake = threading.Event()
@@ -103,13 +108,15 @@ class MqttPublisher:
         )
         self._paho_logger = logger.getChild("paho")  # filterable apart from ours
         self._threads: list[threading.Thread] = []
+        self._command_thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- public API
 
     @property
     def state(self) -> PublisherState:
         with self._state_lock:
-            return replace(self._state, in_flight=len(self._inflight))
+            return replace(self._state, in_flight=len(self._inflight),
+                           parked=len(self._inflight.parked))
 
     def command_response_topic(self, name: str) -> str:
         return self._response_prefix + name
@@ -122,9 +129,11 @@ class MqttPublisher:
         self._stop_workers.clear()
         self._set_state(status="connecting", protocol=self._protocol_name())
         self._client = self._new_client()
+        self._command_thread = threading.Thread(target=self._commands.run, name="mqtt-cmd",
+                                                daemon=True)
         self._threads = [
             threading.Thread(target=self._drain_loop, name="mqtt-drain", daemon=True),
-            threading.Thread(target=self._commands.run, name="mqtt-cmd", daemon=True),
+            self._command_thread,
         ]
         if self.telemetry_source is not None:
             self._threads.append(
@@ -202,6 +211,8 @@ class MqttPublisher:
         self._stop_workers.set()
         self._wake.set()
         self._commands.wake_to_stop()
+        if self._command_thread is not None and self._command_thread not in self._threads:
+            self._threads.append(self._command_thread)  # a replacement started by supervision
         for thread in self._threads:
             thread.join(timeout=5.0)
             if thread.is_alive():
@@ -275,6 +286,10 @@ class MqttPublisher:
         # 20); paho does not enforce it, so the drain loop does, leaving room for status traffic.
         receive_maximum = getattr(properties, "ReceiveMaximum", None) or 65535
         self._inflight.window = max(1, min(self.config.max_inflight, receive_maximum - _RESERVED_SLOTS))
+        # MQTT 5: a packet over the broker's Maximum Packet Size makes it drop the connection, so
+        # such a message would block every later one; the drain loop parks it instead.
+        broker_limit = getattr(properties, "MaximumPacketSize", None)
+        limit = min(self.config.max_packet_size, broker_limit or self.config.max_packet_size)
         # Unacked messages of the previous connection are re-sent from the outbox, in order, by
         # the drain loop; paho would otherwise re-send them itself, ahead of or behind new ones.
         # The drop events are queued before the epoch changes, so the drain loop sees them first.
@@ -282,9 +297,11 @@ class MqttPublisher:
             self._inflight.post(client, dropped.mid, None)
         with self._state_lock:
             self._epoch += 1
+            self._packet_limit = limit
             self._state = replace(
                 self._state,
                 status="connected",
+                max_packet_size=limit,
                 last_error=None,
                 last_reason_code=0,
                 connected_since=time.time(),
@@ -330,10 +347,12 @@ class MqttPublisher:
         logger.log(logging.DEBUG if repeated else logging.ERROR, "%s", message)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        message = (
-            f"cannot reach broker {self.config.host}:{self.config.port} "
-            "(network, DNS or TLS failure); retrying"
-        )
+        # paho calls this inside its `except OSError` (ssl.SSLError is one): the reason is there.
+        exc = sys.exc_info()[1]
+        reason = f"{type(exc).__name__}: {exc}" if exc is not None else "network, DNS or TLS failure"
+        if isinstance(exc, ssl.SSLError):
+            reason = f"TLS failure: {reason}"
+        message = f"cannot reach broker {self.config.host}:{self.config.port} ({reason}); retrying"
         with self._state_lock:
             repeated = self._state.last_error == message
             self._state = replace(
@@ -385,8 +404,8 @@ class MqttPublisher:
         props = getattr(message, "properties", None)
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         if not self._commands.submit(name, bytes(message.payload), correlation):
-            logger.warning("command queue full; dropping command %r", name)
-            self._respond(name, {"ok": False, "error": "busy"}, correlation)
+            # Answered "busy" by the command thread: publishing here could not wait for room.
+            self._commands.refuse(name, correlation)
 
     # ----------------------------------------------------------------- workers
 
@@ -404,8 +423,12 @@ class MqttPublisher:
                     self._fall_back_to_311()
                 with self._state_lock:  # before the acks: see _on_connect
                     epoch, connected = self._epoch, self._state.connected
-                if self._process_acks():
+                self._supervise_commands()
+                # The first rejection sets the retry time; later ones must not postpone it.
+                if self._process_acks() and rewind_at is None:
                     rewind_at = time.monotonic() + _FAILED_ACK_RETRY_S
+                if epoch != epoch_seen:
+                    self._inflight.new_connection(self._packet_limit)
                 if epoch != epoch_seen or (rewind_at is not None and time.monotonic() >= rewind_at):
                     # New connection or retry due: start over from the oldest unacked message.
                     epoch_seen, cursor, rewind_at = epoch, 0, None
@@ -419,6 +442,16 @@ class MqttPublisher:
                 # A broken outbox or client must not kill the thread silently; retry next tick.
                 logger.exception("MQTT drain loop error")
                 time.sleep(_DRAIN_TICK_S)
+
+    def _supervise_commands(self) -> None:
+        """A command thread that died (it should not) is logged and replaced."""
+        thread = self._command_thread
+        if thread is None or thread.ident is None or thread.is_alive() or self._stop_workers.is_set():
+            return  # none, not started yet, alive, or stopping
+        logger.error("MQTT command thread ended unexpectedly; starting a new one")
+        self._command_thread = threading.Thread(target=self._commands.run, name="mqtt-cmd",
+                                                daemon=True)
+        self._command_thread.start()
 
     def _send_batch(self, cursor: int) -> int:
         client = self._client
@@ -457,9 +490,20 @@ class MqttPublisher:
         props = response_properties(correlation) if self._protocol == MQTTProtocolVersion.MQTTv5 else None
         try:
             body = json.dumps(dict(response), default=str)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             body = json.dumps({"ok": False, "error": f"response not serialisable: {exc}"})
-        client.publish(self.command_response_topic(name), body, qos=1, properties=props)
+        # paho refuses a message when its queue is full (a burst of commands): wait for room
+        # rather than lose the answer; give up (logged) only after _RESPONSE_WAIT_S or at stop.
+        deadline = time.monotonic() + _RESPONSE_WAIT_S
+        while True:
+            client = self._client or client
+            info = client.publish(self.command_response_topic(name), body, qos=1, properties=props)
+            if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                return  # NO_CONN: paho keeps it and sends it when the connection is back
+            if time.monotonic() >= deadline or self._stop_workers.is_set():
+                logger.error("response to command %r not published: %s", name, info.rc)
+                return
+            time.sleep(0.02)
 
     def _telemetry_loop(self) -> None:
         assert self.telemetry_source is not None

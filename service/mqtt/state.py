@@ -25,6 +25,10 @@ class PublisherState:
     in_flight: int = 0
     delivered: int = 0
     failed_acks: int = 0
+    #: Outbox messages too large for the connection's packet limit, left in the outbox.
+    parked: int = 0
+    #: The packet limit in force: the configured one, lowered by the broker's (MQTT 5 CONNACK).
+    max_packet_size: int | None = None
 
     @property
     def connected(self) -> bool:

@@ -1,0 +1,159 @@
+"""The publisher at its limits, against a real mosquitto: command payloads that would kill a
+parser, bursts of commands, a broker that rejects every PUBACK, messages over the broker's
+Maximum Packet Size, TLS failures that must say why (issue 18, items 3, 4 and 7)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, TlsMaterial, make_tls_material, wait_until
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from test_publisher import BASE, make_config, observer, start_publisher, started  # noqa: F401
+
+import smearscope.service.mqtt.publisher as publisher_module
+from smearscope.service.mqtt.command_worker import MAX_DEPTH, nesting_depth
+from smearscope.service.mqtt.publisher import MqttPublisher
+
+pytestmark = pytest.mark.broker
+
+
+def _responses(sub: Subscriber) -> list[Any]:
+    return [x for x in list(sub.messages) if "/cmd_response/" in x.topic]
+
+
+def test_a_deeply_nested_command_is_answered_and_the_next_one_too(
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path,
+    started: list[MqttPublisher],
+) -> None:
+    publisher = start_publisher(make_config(tmp_path, broker.port), started,
+                                on_command=lambda name, args: {"ok": True, "name": name})
+    assert publisher.wait_until_connected(5)
+    time.sleep(0.2)  # the subscription made in on_connect reaches the broker
+    deep = b"[" * 30_000 + b"]" * 30_000  # 60 KB: under the size bound, far over the depth bound
+    observer.client.publish(f"{BASE}/cmd/status", deep, qos=1)
+    observer.client.publish(f"{BASE}/cmd/status", b"{" * 100_000, qos=1)  # over the size bound
+    observer.client.publish(f"{BASE}/cmd/status", b"{}", qos=1)
+    assert observer.wait_for(lambda m: len(_responses(observer)) >= 3, 10), _responses(observer)
+    answers = [json.loads(r.payload) for r in _responses(observer)]
+    assert answers[0]["ok"] is False and "deeper" in answers[0]["error"]
+    assert answers[1]["ok"] is False and "limit" in answers[1]["error"]
+    assert answers[2] == {"ok": True, "name": "status"}
+
+
+def test_nesting_depth_ignores_brackets_in_strings() -> None:
+    assert nesting_depth(b'{"a": [1, {"b": "[[[[{{{"}]}') == 3
+    assert nesting_depth(b'{"a": "\\"[["}') == 1
+    assert nesting_depth(b"[" * (MAX_DEPTH + 1)) == MAX_DEPTH + 1
+
+
+def test_every_command_of_a_burst_gets_an_answer(
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path,
+    started: list[MqttPublisher],
+) -> None:
+    def slow(name: str, args: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(0.005)
+        return {"ok": True, "n": args["n"]}
+
+    publisher = start_publisher(make_config(tmp_path, broker.port), started, on_command=slow)
+    assert publisher.wait_until_connected(5)
+    time.sleep(0.2)
+    for i in range(200):  # the outbox keeps paho's window busy meanwhile
+        publisher.publish_report("field", f"f{i}", json.dumps({"pad": "x" * 2000}).encode(), "1")
+    n = 1000
+    for i in range(n):
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.CorrelationData = f"c{i}".encode()
+        observer.client.publish(f"{BASE}/cmd/echo", json.dumps({"n": i}), qos=1, properties=props)
+    observer.wait_for(lambda m: len(_responses(observer)) >= n, 30)
+    time.sleep(0.5)
+    got = {r.correlation_data: json.loads(r.payload) for r in _responses(observer)}
+    assert len(_responses(observer)) == n and len(got) == n
+    answered = [v for v in got.values() if v["ok"]]
+    busy = [v for v in got.values() if not v["ok"]]
+    assert all(v["error"].startswith("busy") for v in busy)
+    assert answered, "some commands were served"
+
+
+def test_a_rejected_message_is_retried_although_rejections_keep_coming(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(publisher_module, "_FAILED_ACK_RETRY_S", 1.0)
+    acl = (f"user station\ntopic write {BASE}/field\ntopic write {BASE}/status\n"
+           f"topic read {BASE}/cmd/#\nuser observer\ntopic read #\n")
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=acl)
+    broker.start()
+    try:
+        publisher = start_publisher(make_config(tmp_path, broker.port), started)
+        assert publisher.wait_until_connected(5)
+        first = publisher.publish_report("report", "denied-0", b"{}", "1")
+        deadline = time.monotonic() + 4.0
+        i = 0
+        while time.monotonic() < deadline:  # a new rejection every 0.3 s, for 4 s
+            i += 1
+            publisher.publish_report("report", f"denied-{i}", b"{}", "1")
+            time.sleep(0.3)
+        attempts = {m.seq: m.attempts for m in publisher.outbox.pending(limit=1000)}
+        assert attempts[first] >= 3, attempts  # retried about every second, not postponed
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_message_over_the_packet_limit_is_parked_and_never_blocks_the_queue(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], protocol: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("max_packet_size 65536",))
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    try:
+        sub.wait_ready()
+        # MQTT 5: the broker's CONNACK says 65536; MQTT 3.1.1 has no such property, so the
+        # configured limit is what protects the queue.
+        overrides: dict[str, Any] = {"protocol": protocol}
+        if protocol == "3.1.1":
+            overrides["max_packet_size"] = 65536
+        publisher = start_publisher(make_config(tmp_path, broker.port, **overrides), started)
+        assert publisher.wait_until_connected(5)
+        big = json.dumps({"cells": "x" * 75_000}).encode()
+        with caplog.at_level(logging.ERROR, logger="smearscope.service.mqtt"):
+            publisher.publish_report("report", "too-big", big, "1")
+            for i in range(24):
+                publisher.publish_report("field", f"small-{i}", b"{}", "1")
+            assert sub.wait_for(lambda m: len([x for x in m if x.topic == f"{BASE}/field"]) == 24,
+                                10), publisher.state
+        assert wait_until(lambda: publisher.outbox.counts().messages == 1, 5)
+        state = publisher.state
+        assert state.parked == 1 and state.connects == 1, (state, broker.log()[-3000:])
+        assert state.max_packet_size == 65536
+        assert [m.report_id for m in publisher.outbox.pending()] == ["too-big"]
+        assert any("parked" in r.message and "too-big" in r.message for r in caplog.records)
+        time.sleep(1.0)
+        assert publisher.state.connects == 1, "no reconnect storm"
+    finally:
+        sub.close()
+        broker.stop()
+
+
+def test_a_tls_failure_says_why(
+    tmp_path: Path, tls_material: TlsMaterial, credentials_dir: Path,
+    started: list[MqttPublisher],
+) -> None:
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material)
+    broker.start()
+    try:
+        assert broker.tls_port is not None
+        rogue = make_tls_material(tmp_path / "rogue", common_name="rogue-ca")
+        config = make_config(tmp_path, broker.tls_port, tls={"ca_file": str(rogue.ca_cert)})
+        publisher = start_publisher(config, started)
+        assert wait_until(lambda: publisher.state.last_error is not None, 5)
+        assert "CERTIFICATE_VERIFY_FAILED" in (publisher.state.last_error or ""), publisher.state
+    finally:
+        broker.stop()
