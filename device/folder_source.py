@@ -1,9 +1,17 @@
-"""The watched-folder source: images dropped into a directory, each analysed once.
+"""The watched-folder source: images dropped into a directory, each analysed at least once.
 
-A file is handed out only when it has settled (same size and mtime for `settle_s`) and decodes;
-it is then recorded in an append-only log (which survives restarts) and moved to `done/`, or, if
-it can never be an image, moved to `rejected/` with a `.reason.txt` beside it. Files under a
-writer's temporary name are left alone. Registered as the "folder" kind in `device.sources`.
+A file is handed out only when it has settled (same size and mtime for `settle_s`) and the one
+decoder (`device.ingest`) accepts it. It stays where it is until the station says its result is
+stored (`done()`): only then is it recorded in an append-only log (which survives restarts) and
+moved to `done/`. A crash before that leaves the file in the folder, so the next start analyses it
+again; the station recognises a file whose report it already stored by the frame's `input_key`
+(the content's hash) and does not count it twice.
+
+A file that can never be an image goes to `rejected/` with a `.reason.txt` beside it. One that
+may still be being written (empty, truncated, or corrupt the way a half-written JPEG is) is
+retried for `decode_grace_s` from its last change before it is rejected; and if it changes after
+that (its writer was only slow), it is moved back and tried again. Files under a writer's
+temporary name are left alone. Registered as the "folder" kind in `device.sources`.
 """
 
 from __future__ import annotations
@@ -11,13 +19,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from smearscope.device.frame import Frame
+from smearscope.device.ingest import IngestError, IngestLimits, RejectReason, load_image
 from smearscope.device.source_config import FolderSourceConfig
-from smearscope.device.sources import FrameSource, SourceConfigurationError, decode_image_bytes
+from smearscope.device.sources import FrameSource, SourceConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +38,27 @@ class _Candidate:
     mtime_ns: int
     stable_since: float
     undecodable_since: float | None = None
+
+
+@dataclass
+class _Rejected:
+    """A file rejected as possibly incomplete, watched in `rejected/` for a late change."""
+
+    name: str
+    path: Path
+    size: int
+    mtime_ns: int
+    rejected_at: float
+    retries: int
+
+
+#: Refusals a file still being written can get; retried within the grace, re-checked after.
+MAYBE_INCOMPLETE = frozenset({RejectReason.EMPTY_FILE, RejectReason.TRUNCATED,
+                              RejectReason.CORRUPT})
+#: How long a file rejected as possibly incomplete is watched for a change, and how often a file
+#: may come back from `rejected/`.
+RECHECK_S = 600.0
+MAX_RECHECKS = 3
 
 
 class ProcessedLog:
@@ -75,10 +106,10 @@ def _unique_target(directory: Path, name: str, key: str) -> Path:
 
 
 class FolderSource(FrameSource):
-    """Polls a directory; each settled image is handed out once, then moved to `done/`.
+    """Polls a directory; each settled image is handed out, and moved to `done/` by `done()`.
 
-    Delivery is at-most-once: a file is recorded as processed and moved before its frame is
-    returned, so a crash can lose a frame but never count its cells twice.
+    Delivery is at-least-once: a file leaves the folder only after the station has stored its
+    result, so a crash never loses one; the station dedupes by `Frame.input_key`.
     """
 
     def __init__(self, config: FolderSourceConfig) -> None:
@@ -95,6 +126,13 @@ class FolderSource(FrameSource):
         self._log = ProcessedLog(state, config.state_max_entries)
         self._pending: dict[str, _Candidate] = {}
         self._stuck: set[str] = set()  # keys we could not move away; not retried every poll
+        #: frame_id -> (file name, key) of frames handed out and not yet done().
+        self._handed: dict[str, tuple[str, str]] = {}
+        self._handed_names: set[str] = set()
+        self._watch: dict[str, _Rejected] = {}  # rejected/ path -> a maybe-incomplete file
+        self._recheck_counts: dict[str, int] = {}
+        #: The capture thread scans; the station's writer thread calls done(): moves and the log.
+        self._lock = threading.Lock()
         self.rejected_count = 0
 
     def _next_frame(self) -> Frame | None:
@@ -105,9 +143,26 @@ class FolderSource(FrameSource):
             self._stop.wait(self._config.poll_interval_s)
         return None
 
+    def done(self, frame: Frame) -> None:
+        """The station stored this frame's result (or will never analyse it): record the file
+        as processed and move it to `done/`."""
+        with self._lock:
+            handed = self._handed.pop(frame.frame_id, None)
+            if handed is None:
+                return
+            fname, key = handed
+            self._handed_names.discard(fname)
+            self._log.record(key, "done", fname)
+            self._move(fname, self._done, key)
+
     def scan_once(self, now: float | None = None) -> Frame | None:
         """One pass over the directory: the first settled, decodable new image, if any."""
         now = time.monotonic() if now is None else now
+        with self._lock:
+            self._recheck_rejected(now)
+            return self._scan(now)
+
+    def _scan(self, now: float) -> Frame | None:
         try:
             entries = [e for e in os.scandir(self._root) if not e.name.startswith(".")]
         except OSError as exc:
@@ -131,8 +186,8 @@ class FolderSource(FrameSource):
         return None
 
     def _consider(self, fname: str, st: os.stat_result, now: float) -> Frame | None:
-        if fname.endswith(TEMP_SUFFIXES):
-            return None  # a download or copy still in progress under a temporary name
+        if fname.endswith(TEMP_SUFFIXES) or fname in self._handed_names:
+            return None  # still being written under a temporary name, or being analysed
         key = file_key(fname, st.st_size, st.st_mtime_ns)
         if key in self._stuck:
             return None
@@ -149,40 +204,80 @@ class FolderSource(FrameSource):
         problem = None
         if ext not in self._config.extensions:
             problem = f"not an image (extension {ext or 'none'!r})"
-        elif st.st_size == 0:
-            problem = "empty file"
         elif st.st_size > self._config.max_file_mb * 1e6:
             problem = f"too large ({st.st_size} bytes)"
         if problem is not None:
             self._reject(fname, key, problem)
             return None
         try:
-            data = (self._root / fname).read_bytes()
+            data = (self._root / fname).read_bytes() if st.st_size else b""
         except OSError as exc:
             logger.warning("%s: cannot read %s: %s", self.name, fname, exc)
             return None
-        pixels = decode_image_bytes(data) if len(data) == st.st_size else None
-        if pixels is None:
-            cand.undecodable_since = cand.undecodable_since or now
-            if now - cand.undecodable_since >= self._config.decode_grace_s:
-                self._reject(fname, key, "undecodable")
+        if len(data) != st.st_size:
+            return None  # changed while read: the next scan sees it settle again
+        try:
+            image = load_image(data, limits=self._limits(), source_name=fname)
+        except IngestError as exc:
+            if exc.code in MAYBE_INCOMPLETE:  # its writer may not be done: wait, then reject
+                cand.undecodable_since = cand.undecodable_since or now
+                if now - cand.undecodable_since < self._config.decode_grace_s:
+                    return None
+            self._reject(fname, key, f"{exc.code.value}: {exc.message}", watch=exc.code in MAYBE_INCOMPLETE)
             return None
         del self._pending[fname]
-        self._log.record(key, "done", fname)
-        self._move(fname, self._done, key)
+        frame_id = f"{self.name}:{fname}@{key[:12]}"
+        self._handed[frame_id] = (fname, key)
+        self._handed_names.add(fname)
         return Frame(
-            pixels=pixels,
-            frame_id=f"{self.name}:{fname}@{key[:12]}",
+            pixels=image.pixels,
+            frame_id=frame_id,
             source=self.name,
             microns_per_pixel=self._config.microns_per_pixel,
+            input_key=f"{self.name}:sha256:{hashlib.sha256(data).hexdigest()}",
         )
 
-    def _reject(self, fname: str, key: str, reason: str) -> None:
+    def _limits(self) -> IngestLimits:
+        return IngestLimits(max_file_bytes=int(self._config.max_file_mb * 1e6))
+
+    def _recheck_rejected(self, now: float) -> None:
+        """A file rejected as possibly incomplete that changed since (a slow writer finished it
+        through its open handle) goes back to the folder for another try."""
+        for path_text, r in list(self._watch.items()):
+            try:
+                st = os.stat(r.path)
+            except OSError:
+                del self._watch[path_text]
+                continue
+            if (st.st_size, st.st_mtime_ns) == (r.size, r.mtime_ns):
+                if time.monotonic() - r.rejected_at > RECHECK_S:
+                    del self._watch[path_text]
+                continue
+            del self._watch[path_text]
+            back = self._root / r.name
+            if back.exists():
+                continue
+            try:
+                os.replace(r.path, back)
+                r.path.with_name(r.path.name + ".reason.txt").unlink(missing_ok=True)
+            except OSError as exc:
+                logger.error("%s: cannot move %s back for another try: %s", self.name, r.path, exc)
+                continue
+            self._recheck_counts[r.name] = r.retries
+            logger.warning("%s: %s changed after it was rejected (its writer was slow): trying it "
+                           "again", self.name, r.name)
+
+    def _reject(self, fname: str, key: str, reason: str, watch: bool = False) -> None:
+        cand = self._pending.get(fname)
         self._pending.pop(fname, None)
         self._log.record(key, "rejected", fname)
         self.rejected_count += 1
         logger.warning("%s: rejected %s: %s", self.name, fname, reason)
         target = self._move(fname, self._rejected, key)
+        retries = self._recheck_counts.pop(fname, 0)
+        if target is not None and watch and cand is not None and retries < MAX_RECHECKS:
+            self._watch[str(target)] = _Rejected(fname, target, cand.size, cand.mtime_ns,
+                                                 time.monotonic(), retries + 1)
         if target is not None:
             sidecar = target.with_name(target.name + ".reason.txt")
             try:

@@ -14,6 +14,8 @@ class Frame:
 
     `pixels` is an HxWx3 uint8 BGR array (OpenCV order). `microns_per_pixel` is None when the
     source does not know its scale; the pipeline then estimates it from red-cell size.
+    `input_key` names the input's content (a watched folder's file: its hash) where analysing it
+    twice would count its cells twice: a station that stored its report once skips it.
     """
 
     pixels: np.ndarray
@@ -21,6 +23,7 @@ class Frame:
     source: str
     captured_at: float = field(default_factory=time.time)
     microns_per_pixel: float | None = None
+    input_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.pixels.ndim != 3 or self.pixels.shape[2] != 3 or self.pixels.dtype != np.uint8:

@@ -8,8 +8,9 @@ chosen). `close()` may be called from another thread: it ends iteration at the n
 boundary. Frame ids are unique within a run and stable where the input is (file name + size +
 mtime, recording pass + position, seed); live camera ids carry a per-open session token.
 
-Decoding here is deliberately minimal (`cv2.imdecode` on the file's bytes, None -> rejected as
-"undecodable"); the pipeline validates every frame again, because `device/` may not import it.
+Image files are decoded by the one hardened decoder (`device.ingest.load_image`: limits judged
+from the header before any pixel is decoded, 12/16-bit samples scaled by their real depth, damaged
+JPEG streams refused), as every other path into the pipeline is.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 from typing_extensions import Self  # typing.Self needs Python 3.11
 
 from smearscope.device.frame import Frame
+from smearscope.device.ingest import IngestError, IngestLimits, load_image
 from smearscope.device.source_config import (
     IMAGE_EXTENSIONS,
     CameraSourceConfig,
@@ -100,6 +102,10 @@ class FrameSource(ABC):
     def _release(self) -> None:
         """Free the capture resource (called once)."""
 
+    def done(self, frame: Frame) -> None:
+        """The station has stored what `frame` produced, or will never analyse it (any thread).
+        A source that keeps its input until then (the watched folder) lets go of it now."""
+
     @property
     def closed(self) -> bool:
         return self._stop.is_set()
@@ -152,24 +158,14 @@ def as_bgr8(image: np.ndarray | None) -> np.ndarray | None:
     return np.ascontiguousarray(image)
 
 
-def looks_truncated(data: bytes) -> bool:
-    """True for a JPEG without its end marker or a PNG without IEND: still being written."""
-    if data[:2] == b"\xff\xd8":
-        return b"\xff\xd9" not in data[-1024:]
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return b"IEND" not in data[-64:]
-    return False
-
-
-def decode_image_bytes(data: bytes) -> np.ndarray | None:
-    """Minimal safe decode: BGR uint8 image, or None if the bytes are not a complete image."""
-    if not data or looks_truncated(data):
+def within_limits(image: np.ndarray | None, limits: IngestLimits | None = None) -> np.ndarray | None:
+    """A camera or video frame, unless it has more pixels than a decoded file may have."""
+    limits = limits or IngestLimits()
+    if image is not None and image.shape[0] * image.shape[1] > limits.max_pixels:
+        logger.warning("frame of %dx%d px is over the %d pixel limit; dropped", image.shape[1],
+                       image.shape[0], limits.max_pixels)
         return None
-    try:
-        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error:
-        return None
-    return as_bgr8(image)
+    return image
 
 
 def backoff_delay(failures: int, initial_s: float, max_s: float) -> float:
@@ -265,7 +261,7 @@ class CameraSource(FrameSource):
                     self._failed("camera %r did not open")
                     continue
             ok, image = self._capture.read()
-            pixels = as_bgr8(image) if ok else None
+            pixels = as_bgr8(within_limits(image)) if ok else None
             if pixels is not None:
                 if self._failures:
                     logger.info("%s: camera back after %d failures", self.name, self._failures)
@@ -339,8 +335,7 @@ class ReplaySource(FrameSource):
                 continue
             label, pixels = item
             if pixels is None:
-                logger.warning("%s: skipping undecodable %s", self.name, label)
-                continue
+                continue  # logged with its reason where it was read
             if not self._pacer.wait():
                 return None
             self._yielded_this_pass += 1
@@ -359,8 +354,9 @@ class ReplaySource(FrameSource):
             path = self._files[self._index]
             self._index += 1
             try:
-                return path.name, decode_image_bytes(path.read_bytes())
-            except OSError:
+                return path.name, load_image(path).pixels
+            except IngestError as exc:
+                logger.warning("%s: skipping %s: %s", self.name, path.name, exc)
                 return path.name, None
         if self._video is None:
             self._video = cv2.VideoCapture(str(self._config.path))
@@ -368,7 +364,7 @@ class ReplaySource(FrameSource):
         if not ok:
             return None
         self._index += 1
-        return f"{self._config.path.stem}#{self._index:06d}", as_bgr8(image)
+        return f"{self._config.path.stem}#{self._index:06d}", as_bgr8(within_limits(image))
 
     def _release(self) -> None:
         if self._video is not None:

@@ -54,13 +54,17 @@ def calibration_batches(folder: Path, manifest: ModelManifest, batch_size: int, 
     """
     import cv2
 
+    from smearscope.device.ingest import IngestError, IngestLimits, load_image
+
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:limit]
     size = manifest.input_size
     buf = []
+    limits = IngestLimits(min_side=1)  # crops may be smaller than a field's smallest side
     for p in files:
-        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-        if img is None:
-            logger.warning("calibration: skipping unreadable %s", p)
+        try:
+            img = load_image(p, limits=limits).pixels
+        except IngestError as exc:
+            logger.warning("calibration: skipping %s: %s", p, exc)
             continue
         if img.shape[:2] != (size, size):
             img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)

@@ -6,7 +6,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, TlsMaterial, make_tls_material
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, TlsMaterial, make_tls_material
+
+from smearscope.service.mqtt.publisher import MqttPublisher
+
+#: The station the publisher tests run as (tests/test_publisher.py, tests/test_mqtt_limits.py).
+PUBLISHER_BASE = "smearscope/lab-7"
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +38,21 @@ def credentials_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     directory.chmod(0o500)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(directory))
     return directory
+
+
+@pytest.fixture
+def observer(broker: MosquittoBroker) -> Iterator[Subscriber]:
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{PUBLISHER_BASE}/#"])
+    sub.wait_ready()
+    yield sub
+    sub.close()
+
+
+@pytest.fixture
+def started() -> Iterator[list[MqttPublisher]]:
+    """Publishers a test starts; stopped afterwards even if the test fails."""
+    publishers: list[MqttPublisher] = []
+    yield publishers
+    for publisher in publishers:
+        publisher.stop(drain_timeout=0)
+        publisher.outbox.close()

@@ -365,7 +365,7 @@ def test_os_read_error_is_unreadable(
     tmp_path: Path, field: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """chmod 000 does not stop root, so the OS refusal is simulated at the `open` call."""
-    from smearscope.service.ingest import decode as ingest
+    from smearscope.device.ingest import decode as ingest
 
     path = tmp_path / "a.png"
     path.write_bytes(hostile.encode(".png", field))
@@ -377,3 +377,33 @@ def test_os_read_error_is_unreadable(
     with pytest.raises(IngestError) as err:
         load_image(path)
     assert err.value.code is RejectReason.UNREADABLE
+
+
+# --- damaged JPEG streams (issue 18, item 11) -------------------------------------------------
+
+
+def _field_jpeg() -> bytes:
+    return hostile.encode(".jpg", hostile.smear_like(480, 640, seed=3), [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+
+def test_a_truncated_jpeg_with_an_end_marker_appended_is_corrupt() -> None:
+    data = _field_jpeg()
+    cut = data[: len(data) // 2] + b"\xff\xd9"  # libjpeg: "premature end of data segment"
+    with pytest.raises(IngestError) as exc:
+        load_image(cut)
+    assert exc.value.code is RejectReason.CORRUPT
+
+
+def test_a_jpeg_with_zeroed_entropy_data_is_corrupt() -> None:
+    data = bytearray(_field_jpeg())
+    start = data.index(b"\xff\xda") + 200  # inside the entropy-coded scan
+    data[start : start + 2000] = bytes(2000)
+    with pytest.raises(IngestError) as exc:
+        load_image(bytes(data))
+    assert exc.value.code is RejectReason.CORRUPT
+
+
+def test_an_intact_jpeg_decodes_to_opencvs_pixels() -> None:
+    data = _field_jpeg()
+    expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert np.array_equal(load_image(data).pixels, expected)

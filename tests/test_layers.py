@@ -1,8 +1,16 @@
-"""The layers hold: who may import whom, no import cycles, no runtime module too long to read.
+"""The layers hold: who may import whom, no import cycles, no runtime module too long to read,
+and one image decoder.
 
 Every .py file of the repository is parsed (never imported) and each import, at module level or
 inside a function, under `if TYPE_CHECKING` too, becomes an edge between two modules. The
 product's folders are named as installed: device/x.py is `smearscope.device.x`.
+
+The hardened decoder is `smearscope.device.ingest` (re-exported as `smearscope.service.ingest`,
+stage 1 of the analysis). It lives in `device/` because the frame sources there (watched folder,
+replay) read image files too, and `device/` may import nothing of the rest: with the decoder in
+`service/` they had decoded with a bare `cv2.imdecode` (a PNG declaring 20000x20000 px allocated
+gigabytes; 12-bit samples came out 16 times too dark). So the one rule beside the import graph:
+no runtime module but the decoder calls OpenCV's image decoding (`imdecode`, `imread`).
 """
 
 from __future__ import annotations
@@ -208,3 +216,19 @@ def test_no_runtime_module_is_too_long_to_read() -> None:
     long = {m: n for m, p in MODULES.items() if any(_within(m, r) for r in RUNTIME)
             and (n := len(p.read_text().splitlines())) > MAX_RUNTIME_LINES}
     assert not long, long
+
+
+DECODER = "smearscope.device.ingest"
+_DECODING_CALLS = ("imdecode", "imread", "imreadmulti")
+
+
+def test_only_the_decoder_decodes_image_files() -> None:
+    """Every image file that enters the pipeline goes through `smearscope.device.ingest`."""
+    found = []
+    for module, path in MODULES.items():
+        if not any(_within(module, r) for r in RUNTIME) or _within(module, DECODER):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr in _DECODING_CALLS:
+                found.append(f"{module}:{node.lineno} {node.attr}")
+    assert not found, found

@@ -11,10 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, Subscriber, TlsMaterial, make_tls_material, wait_until
+from broker import (
+    MQTT_USERS,
+    MosquittoBroker,
+    Subscriber,
+    TlsMaterial,
+    make_tls_material,
+    wait_until,
+)
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from test_publisher import BASE, make_config, observer, start_publisher, started  # noqa: F401
+from test_publisher import BASE, make_config, start_publisher
 
 import smearscope.service.mqtt.publisher as publisher_module
 from smearscope.service.mqtt.command_worker import MAX_DEPTH, nesting_depth
@@ -157,3 +164,21 @@ def test_a_tls_failure_says_why(
         assert "CERTIFICATE_VERIFY_FAILED" in (publisher.state.last_error or ""), publisher.state
     finally:
         broker.stop()
+
+
+def test_a_dead_command_thread_is_replaced(
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path,
+    started: list[MqttPublisher],
+) -> None:
+    def handler(name: str, args: dict[str, Any]) -> dict[str, Any]:
+        if name == "die":
+            raise SystemExit("a handler that ends its thread")  # not an Exception: escapes
+        return {"ok": True}
+
+    publisher = start_publisher(make_config(tmp_path, broker.port), started, on_command=handler)
+    assert publisher.wait_until_connected(5)
+    time.sleep(0.2)
+    observer.client.publish(f"{BASE}/cmd/die", b"{}", qos=1)
+    time.sleep(1.5)  # the drain loop notices within a tick
+    observer.client.publish(f"{BASE}/cmd/status", b"{}", qos=1)
+    assert observer.wait_for(lambda m: any(r.topic.endswith("/status") for r in _responses(observer)), 5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,24 +58,6 @@ def retained_status(broker: MosquittoBroker) -> tuple[bytes, bool]:
         return late.messages[0].payload, late.messages[0].retain
     finally:
         late.close()
-
-
-@pytest.fixture
-def observer(broker: MosquittoBroker) -> Iterator[Subscriber]:
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-    sub.wait_ready()
-    yield sub
-    sub.close()
-
-
-@pytest.fixture
-def started() -> Iterator[list[MqttPublisher]]:
-    """Publishers a test starts; stopped afterwards even if the test fails."""
-    publishers: list[MqttPublisher] = []
-    yield publishers
-    for publisher in publishers:
-        publisher.stop(drain_timeout=0)
-        publisher.outbox.close()
 
 
 def start_publisher(

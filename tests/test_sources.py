@@ -29,7 +29,6 @@ from smearscope.device.sources import (
     SourceConfigurationError,
     backoff_delay,
     capture_target,
-    decode_image_bytes,
     open_source,
     source_class,
 )
@@ -37,7 +36,7 @@ from smearscope.device.sources import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _image(seed: int, h: int = 48, w: int = 64) -> np.ndarray:
+def _image(seed: int, h: int = 64, w: int = 80) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
@@ -101,7 +100,11 @@ def test_folder_hands_out_each_image_once_and_moves_it_to_done(tmp_path: Path) -
     frame = next(src)
     key = file_key("field_001.png", st.st_size, st.st_mtime_ns)
     assert frame.frame_id == f"scope:field_001.png@{key[:12]}"
+    assert frame.input_key is not None and frame.input_key.startswith("scope:sha256:")
     np.testing.assert_array_equal(frame.pixels, _image(1))
+    # Kept until the station has stored its result, and not handed out twice meanwhile.
+    assert path.exists() and src.scan_once() is None
+    src.done(frame)
     assert (src._root / "done" / "field_001.png").exists() and not path.exists()
     assert src.scan_once() is None
     src.close()
@@ -126,6 +129,21 @@ def test_folder_state_prevents_reprocessing_after_a_crash_before_the_move(tmp_pa
     assert src.scan_once() is None
     assert (inbox / "done" / "a.png").exists() and not path.exists()
     src.close()
+
+
+def test_a_file_handed_out_but_not_done_is_handed_out_again_after_a_crash(tmp_path: Path) -> None:
+    """At least once (issue 18, item 2): the crash came between hand-out and stored report."""
+    src = _folder(tmp_path)
+    (src._root / "b.png").write_bytes(_png(5))
+    first = next(src)
+    src.close()  # the process dies here: done() never comes
+    again = _folder(tmp_path)
+    second = again.scan_once()
+    assert second is not None and second.frame_id == first.frame_id
+    assert second.input_key == first.input_key
+    again.done(second)
+    assert (again._root / "done" / "b.png").exists()
+    again.close()
 
 
 def test_folder_waits_for_a_half_written_file(tmp_path: Path) -> None:
@@ -160,11 +178,9 @@ def test_folder_rejects_non_images_and_undecodable_files_with_a_reason(tmp_path:
     assert (src._root / "upload.png.part").exists()
     rejected = src._root / "rejected"
     reasons = {p.name: p.read_text().strip() for p in rejected.glob("*.reason.txt")}
-    assert reasons == {
-        "notes.txt.reason.txt": "not an image (extension '.txt')",
-        "broken.png.reason.txt": "undecodable",
-        "empty.jpg.reason.txt": "empty file",
-    }
+    assert reasons["notes.txt.reason.txt"] == "not an image (extension '.txt')"
+    assert reasons["broken.png.reason.txt"].startswith("corrupt: ")
+    assert reasons["empty.jpg.reason.txt"].startswith("empty_file: ")
     assert {p.name for p in rejected.iterdir()} >= {"notes.txt", "broken.png", "empty.jpg"}
     assert src.rejected_count == 3
     src.close()
@@ -178,12 +194,72 @@ def test_folder_close_from_another_thread_ends_iteration(tmp_path: Path) -> None
     assert time.monotonic() - t0 < 5.0
 
 
-def test_decode_refuses_truncated_jpeg() -> None:
-    _, buf = cv2.imencode(".jpg", _image(4))
-    data = buf.tobytes()
-    assert decode_image_bytes(data) is not None
-    assert decode_image_bytes(data[: len(data) - 200]) is None  # libjpeg would pad it with gray
-    assert decode_image_bytes(b"garbage") is None
+def test_an_empty_file_filled_later_is_analysed_not_rejected(tmp_path: Path) -> None:
+    """Issue 18, item 5: a scanner creates the file, then fills it seconds later."""
+    src = _folder(tmp_path, settle_s=0.1, decode_grace_s=5.0)
+    path = src._root / "late.png"
+    path.write_bytes(b"")
+    threading.Timer(1.0, lambda: path.write_bytes(_png(6))).start()
+    deadline = time.monotonic() + 5.0
+    frame = None
+    while frame is None and time.monotonic() < deadline:
+        frame = src.scan_once()
+        time.sleep(0.05)
+    assert frame is not None and src.rejected_count == 0
+    np.testing.assert_array_equal(frame.pixels, _image(6))
+    src.close()
+
+
+def test_a_slow_writer_finishing_after_the_grace_gets_its_file_analysed(tmp_path: Path) -> None:
+    """Rejected as truncated after the grace, the file is finished by its writer (through its
+    open handle, in rejected/): the change is noticed and the file tried again."""
+    src = _folder(tmp_path, settle_s=0.05, decode_grace_s=0.3)
+    data = _png(7)
+    path = src._root / "slow.png"
+    with open(path, "wb") as writer:
+        writer.write(data[: len(data) // 2])
+        writer.flush()
+        deadline = time.monotonic() + 3.0
+        while src.rejected_count == 0 and time.monotonic() < deadline:
+            assert src.scan_once() is None
+            time.sleep(0.02)
+        assert src.rejected_count == 1 and (src._root / "rejected" / "slow.png").exists()
+        writer.write(data[len(data) // 2 :])
+    frame = None
+    deadline = time.monotonic() + 3.0
+    while frame is None and time.monotonic() < deadline:
+        frame = src.scan_once()
+        time.sleep(0.02)
+    assert frame is not None
+    np.testing.assert_array_equal(frame.pixels, _image(7))
+    assert not (src._root / "rejected" / "slow.png.reason.txt").exists()
+    src.close()
+
+
+def test_sources_decode_with_the_hardened_decoder(tmp_path: Path) -> None:
+    """Issue 18, item 6: a 12-bit image keeps its brightness and a PNG declaring 20000x20000 px
+    is refused from its header, in the folder source and in replay."""
+    import hostile
+
+    twelve = (np.arange(64 * 80 * 3, dtype=np.uint16).reshape(64, 80, 3) % 4096).astype(np.uint16)
+    ok, buf = cv2.imencode(".png", twelve)
+    assert ok
+    bomb = hostile.png_set_ihdr_size(_png(8), 20_000, 20_000)
+    src = _folder(tmp_path, decode_grace_s=0.0)
+    (src._root / "a-twelve.png").write_bytes(buf.tobytes())
+    (src._root / "b-bomb.png").write_bytes(bomb)
+    frame = src.scan_once()
+    assert frame is not None and int(frame.pixels.max()) == 255  # scaled from 12 bits, not >> 8
+    assert src.scan_once() is None
+    reasons = [p.read_text() for p in (src._root / "rejected").glob("*.reason.txt")]
+    assert len(reasons) == 1 and reasons[0].startswith("too_large_pixels")
+    src.close()
+    replay_dir = tmp_path / "rec"
+    replay_dir.mkdir()
+    (replay_dir / "a.png").write_bytes(buf.tobytes())
+    (replay_dir / "b.png").write_bytes(bomb)
+    frames = list(ReplaySource(ReplaySourceConfig(path=replay_dir, fps=0)))
+    assert len(frames) == 1 and int(frames[0].pixels.max()) == 255
 
 
 # --- replay ----------------------------------------------------------------------------------

@@ -80,6 +80,23 @@ class CommandWorker:
         self._busy: deque[tuple[str, bytes | None]] = deque()
         self._busy_lock = threading.Lock()
         self.refused_unanswered = 0
+        self._threads: list[threading.Thread] = []
+
+    def start(self, *, replacing: bool = False) -> None:
+        """Serve commands on a thread of its own (a publisher started again starts afresh)."""
+        thread = threading.Thread(target=self.run, name="mqtt-cmd", daemon=True)
+        self._threads = [*self._threads, thread] if replacing else [thread]
+        thread.start()
+
+    def ensure_running(self) -> None:
+        """Replace the thread should it have ended while not stopping (it should not: logged)."""
+        if self._threads and not self._threads[-1].is_alive() and not self._stop.is_set():
+            logger.error("MQTT command thread ended unexpectedly; starting a new one")
+            self.start(replacing=True)
+
+    def threads(self) -> list[threading.Thread]:
+        """Every thread started, for the publisher to join at stop."""
+        return list(self._threads)
 
     def submit(self, name: str, payload: bytes, correlation: bytes | None) -> bool:
         """Queue a command; False when the queue is full (the caller answers "busy")."""

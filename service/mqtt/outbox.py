@@ -81,8 +81,8 @@ _MIGRATE_1_TO_2 = (
     "INSERT INTO outbox SELECT * FROM outbox_v1",
     # Sequence numbers are never reused, even when every v1 message had been acknowledged.
     "DELETE FROM sqlite_sequence WHERE name = 'outbox'",
-    "INSERT INTO sqlite_sequence (name, seq) SELECT 'outbox', seq FROM sqlite_sequence "
-    "WHERE name = 'outbox_v1'",
+    ("INSERT INTO sqlite_sequence (name, seq) SELECT 'outbox', seq FROM sqlite_sequence "
+     "WHERE name = 'outbox_v1'"),
     "DROP TABLE outbox_v1",
     _SCHEMA.split(";")[1],
 )

@@ -8,9 +8,13 @@ connects (service.mqtt.publisher).
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, LogLevel, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, LogLevel, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
 
 from smearscope.service.config.mqtt import MqttConfig
 
@@ -68,3 +72,19 @@ def paho_log_level(level: int, line: str, not_connected: bool) -> int:
     if line.startswith(PAHO_SOCKET_LOST) and std_level > logging.WARNING:
         return logging.WARNING
     return std_level
+
+
+def publish_waiting(client: Callable[[], mqtt.Client], topic: str, body: str,
+                    properties: Properties | None, wait_s: float, stop: threading.Event) -> bool:
+    """Publish at QoS 1, waiting while paho's queue is full (it refuses with MQTT_ERR_QUEUE_SIZE
+    rather than queue); False, logged, when still refused after `wait_s` or at stop. A message
+    published while the connection is down is kept by paho and sent when it is back."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        info = client().publish(topic, body, qos=1, properties=properties)
+        if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            return True
+        if time.monotonic() >= deadline or stop.is_set():
+            logger.error("message to %s not published: %s", topic, info.rc)
+            return False
+        time.sleep(0.02)

@@ -38,7 +38,7 @@ from smearscope.service.mqtt.credentials import read_password
 from smearscope.service.mqtt.envelope import build_envelope, message_properties, response_properties
 from smearscope.service.mqtt.inflight import InFlight
 from smearscope.service.mqtt.outbox import MessageKind, Outbox
-from smearscope.service.mqtt.paho_client import configured_client, paho_log_level
+from smearscope.service.mqtt.paho_client import configured_client, paho_log_level, publish_waiting
 from smearscope.service.mqtt.state import PublisherState
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,6 @@ class MqttPublisher:
         )
         self._paho_logger = logger.getChild("paho")  # filterable apart from ours
         self._threads: list[threading.Thread] = []
-        self._command_thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- public API
 
@@ -129,16 +128,12 @@ class MqttPublisher:
         self._stop_workers.clear()
         self._set_state(status="connecting", protocol=self._protocol_name())
         self._client = self._new_client()
-        self._command_thread = threading.Thread(target=self._commands.run, name="mqtt-cmd",
-                                                daemon=True)
-        self._threads = [
-            threading.Thread(target=self._drain_loop, name="mqtt-drain", daemon=True),
-            self._command_thread,
-        ]
+        self._threads = [threading.Thread(target=self._drain_loop, name="mqtt-drain", daemon=True)]
         if self.telemetry_source is not None:
             self._threads.append(
                 threading.Thread(target=self._telemetry_loop, name="mqtt-telemetry", daemon=True)
             )
+        self._commands.start()  # before the drain loop, which replaces a dead command thread
         for thread in self._threads:
             thread.start()
 
@@ -211,9 +206,7 @@ class MqttPublisher:
         self._stop_workers.set()
         self._wake.set()
         self._commands.wake_to_stop()
-        if self._command_thread is not None and self._command_thread not in self._threads:
-            self._threads.append(self._command_thread)  # a replacement started by supervision
-        for thread in self._threads:
+        for thread in [*self._threads, *self._commands.threads()]:
             thread.join(timeout=5.0)
             if thread.is_alive():
                 logger.error("MQTT worker %s did not stop within 5 s", thread.name)
@@ -423,7 +416,7 @@ class MqttPublisher:
                     self._fall_back_to_311()
                 with self._state_lock:  # before the acks: see _on_connect
                     epoch, connected = self._epoch, self._state.connected
-                self._supervise_commands()
+                self._commands.ensure_running()
                 # The first rejection sets the retry time; later ones must not postpone it.
                 if self._process_acks() and rewind_at is None:
                     rewind_at = time.monotonic() + _FAILED_ACK_RETRY_S
@@ -442,16 +435,6 @@ class MqttPublisher:
                 # A broken outbox or client must not kill the thread silently; retry next tick.
                 logger.exception("MQTT drain loop error")
                 time.sleep(_DRAIN_TICK_S)
-
-    def _supervise_commands(self) -> None:
-        """A command thread that died (it should not) is logged and replaced."""
-        thread = self._command_thread
-        if thread is None or thread.ident is None or thread.is_alive() or self._stop_workers.is_set():
-            return  # none, not started yet, alive, or stopping
-        logger.error("MQTT command thread ended unexpectedly; starting a new one")
-        self._command_thread = threading.Thread(target=self._commands.run, name="mqtt-cmd",
-                                                daemon=True)
-        self._command_thread.start()
 
     def _send_batch(self, cursor: int) -> int:
         client = self._client
@@ -493,17 +476,9 @@ class MqttPublisher:
         except (TypeError, ValueError, RecursionError) as exc:
             body = json.dumps({"ok": False, "error": f"response not serialisable: {exc}"})
         # paho refuses a message when its queue is full (a burst of commands): wait for room
-        # rather than lose the answer; give up (logged) only after _RESPONSE_WAIT_S or at stop.
-        deadline = time.monotonic() + _RESPONSE_WAIT_S
-        while True:
-            client = self._client or client
-            info = client.publish(self.command_response_topic(name), body, qos=1, properties=props)
-            if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                return  # NO_CONN: paho keeps it and sends it when the connection is back
-            if time.monotonic() >= deadline or self._stop_workers.is_set():
-                logger.error("response to command %r not published: %s", name, info.rc)
-                return
-            time.sleep(0.02)
+        # rather than lose the answer; give up (logged) only after a while or at stop.
+        publish_waiting(lambda: self._client or client, self.command_response_topic(name), body,
+                        props, _RESPONSE_WAIT_S, self._stop_workers)
 
     def _telemetry_loop(self) -> None:
         assert self.telemetry_source is not None

@@ -8,7 +8,9 @@ input. Checks run in a fixed order, so one file always gets the same code:
 3. the container header   truncated, corrupt, unsupported_format, bad_dtype, bad_channels,
                           multi_frame (read from headers only: no pixel data is decoded yet)
 4. the declared geometry  too_large_pixels, absurd_aspect, too_small
-5. decoding               corrupt
+5. decoding               corrupt (for JPEG also every warning of libjpeg: "premature end of
+                          data segment", "corrupt JPEG data", a bad Huffman code; OpenCV's
+                          decoder would fill the damage with grey and carry on)
 6. the content            blank_image
 
 Geometry is judged from the header BEFORE decoding, so a decompression bomb (a few kilobytes
@@ -27,10 +29,11 @@ from typing import Union
 
 import cv2
 import numpy as np
+import simplejpeg
 import tifffile
 
-from smearscope.service.ingest.errors import IngestError, RejectReason
-from smearscope.service.ingest.headers import (
+from smearscope.device.ingest.errors import IngestError, RejectReason
+from smearscope.device.ingest.headers import (
     PNG_SIGNATURE,
     ImageHeader,
     check_tiff_directory_offset,
@@ -207,7 +210,7 @@ def _known_unsupported(data: bytes) -> str | None:
     return None
 
 
-# --- 3/4. headers (service.ingest.headers) and geometry ----------------------------------------
+# --- 3/4. headers (device.ingest.headers) and geometry ----------------------------------------
 
 
 def _check_geometry(header: ImageHeader, name: str, limits: IngestLimits) -> None:
@@ -256,10 +259,20 @@ def _load_png(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray,
 def _load_jpeg(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray, ImageHeader]:
     header = jpeg_header(data, name)
     _check_geometry(header, name, limits)
-    # COLOR gives BGR for grey, YCbCr and Adobe CMYK alike; orientation is ours to apply, so
-    # the decoder must not apply it a second time.
-    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    return _imdecode(data, flags, header, name), header
+    # libjpeg-turbo in strict mode: a warning (damaged or missing entropy-coded data) is an
+    # error, where OpenCV's decoder returns the image with the damage filled in. The same
+    # library and settings as OpenCV's, so the pixels are the same. Orientation is ours to apply.
+    four = header.channels == 4  # Adobe CMYK/YCCK: libjpeg-turbo cannot convert it to BGR
+    try:
+        img = simplejpeg.decode_jpeg(data, colorspace="CMYK" if four else "BGR", strict=True)
+    except ValueError as exc:
+        raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG decoder: {exc}") from exc
+    if img.shape[:2] != (header.height, header.width):
+        raise IngestError(RejectReason.CORRUPT, f"{name}: decoded {img.shape[1]}x{img.shape[0]}, "
+                          f"header says {header.width}x{header.height}")
+    if four:  # checked strictly above; OpenCV converts CMYK (and Adobe's inversion) to BGR
+        img = _imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION, header, name)
+    return np.ascontiguousarray(img), header
 
 
 def _load_tiff(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray, ImageHeader]:

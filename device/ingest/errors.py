@@ -1,7 +1,7 @@
 """Why a frame is refused: the stable reason codes of stage 1 (ingest) and the error carrying one.
 
-The values of `RejectReason` are a public contract (logs, reports, UI); `service.ingest` re-exports
-both names, and the header parsers (`service.ingest.headers`) raise the same error.
+The values of `RejectReason` are a public contract (logs, reports, UI); `device.ingest` (and `service.ingest`) re-export
+both names, and the header parsers (`device.ingest.headers`) raise the same error.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ TIFF  the first directory offset on the raw bytes, then tifffile's metadata of t
 EXIF  the orientation in IFD0 of an embedded TIFF block; damage there never rejects a frame.
 
 Each parser returns an `ImageHeader` or raises `IngestError` with a stable `RejectReason`;
-geometry limits are judged by the caller (service.ingest.decode), still before any decoding.
+geometry limits are judged by the caller (device.ingest.decode), still before any decoding.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import tifffile
 
-from smearscope.service.ingest.errors import IngestError, RejectReason
+from smearscope.device.ingest.errors import IngestError, RejectReason
 
 logger = logging.getLogger(__name__)
 
