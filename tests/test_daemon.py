@@ -251,10 +251,19 @@ def test_simulated_station_end_to_end_then_sigterm(
     # Every analysed field joined exactly one run, and every run was reported.
     assert sum(b.fields_analyzed for b in bodies) == len(fields)
     run_of_field = {e["body"]["source"]["frame_id"]: e["body"]["run_id"] for e in fields}
+    # Reports are compact; each field's cells came apart, on .../cells (issue 18, item 3).
+    cells_of_field: dict[str, list[dict[str, Any]]] = {}
+    for e in envelopes(observer, f"{BASE}/cells"):
+        assert e["kind"] == "cells"
+        cells_of_field.setdefault(e["body"]["field_id"], []).extend(e["body"]["cells"])
+    assert all(e["body"]["cells"] == [] and e["body"]["cell_detail"]["count"] ==
+               len(cells_of_field.get(e["body"]["source"]["frame_id"], [])) for e in fields)
     for b in bodies:
-        ids = {c.field_id for c in b.cells}
-        assert ids and all(run_of_field[i] == b.run_id for i in ids)
-        assert b.counts.wbc == sum(1 for c in b.cells if c.kind == "wbc")
+        ids = [fid for fid, run in run_of_field.items() if run == b.run_id]
+        cells = [c for fid in ids for c in cells_of_field.get(fid, [])]
+        assert ids and b.cells == [] and b.cell_detail is not None
+        assert b.cell_detail.count == len(cells) and b.cell_detail.topic == f"{BASE}/cells"
+        assert b.counts.wbc == sum(1 for c in cells if c["kind"] == "wbc")
     # A fresh subscriber sees the retained offline status.
     late = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/status"])
     try:

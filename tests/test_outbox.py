@@ -190,3 +190,23 @@ def test_reopen_after_sigkill_returns_every_unacked_message_in_order(tmp_path: P
         # Anything beyond the confirmed ones was committed but not yet printed when killed.
         assert len(pending) - sum(1 for _, i in confirmed if i % 3) <= 2
         assert put(outbox, "report", 0) > max(s for s, _ in confirmed)
+
+
+def test_a_full_disk_raises_sqlite_full_and_clears_when_space_returns(tmp_path: Path) -> None:
+    """Issue 18, item 1: on a real full file system the caller sees SQLite's own SQLITE_FULL
+    (no "cannot rollback - no transaction is active" in its place) and the outbox says so."""
+    from smallfs import fill, small_tmpfs
+
+    with small_tmpfs(tmp_path / "small", 256) as small, Outbox(small / "o.db") as outbox:
+        put(outbox, "report", 0)
+        filler = fill(small)
+        with pytest.raises(sqlite3.OperationalError) as exc:
+            for i in range(1, 200):
+                put(outbox, "report", i, size=4000)
+        assert "database or disk is full" in str(exc.value), exc.value
+        assert outbox.disk_full and outbox.counts().disk_full
+        stored = outbox.counts().messages
+        assert [m.seq for m in outbox.pending(limit=1000)][-1] > 0  # still readable
+        filler.unlink()
+        put(outbox, "report", 999, size=4000)
+        assert not outbox.disk_full and outbox.counts().messages == stored + 1

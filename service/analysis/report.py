@@ -118,6 +118,15 @@ class Flag(_Strict):
                                     "cell list, for review and overlays")
 
 
+class CellDetail(_Strict):
+    """Where the per-cell detail of a report a station publishes went (docs/MQTT.md)."""
+
+    count: int = Field(description="cells of this report; its own `cells` list is left empty")
+    topic: str | None = Field(description="MQTT topic of the `cells` messages (joined by report_id "
+                              "for a field, by run_id for a specimen); null when not published")
+    parts: int = Field(0, description="`cells` messages of this field report (0 for a specimen)")
+
+
 class Report(_Strict):
     schema_version: Literal["1.0"] = SCHEMA_VERSION
     report_id: str
@@ -139,6 +148,8 @@ class Report(_Strict):
     ratios: dict[str, float | None]
     flags: list[Flag]
     cells: list[CellRecord]
+    cell_detail: CellDetail | None = Field(None, description="set when a station published this "
+                                           "report compact: the cells travel in separate messages")
     timing_ms: dict[str, float] = {}
 
 

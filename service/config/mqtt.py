@@ -130,6 +130,14 @@ class MqttConfig(BaseModel):
             "larger is parked in the outbox (logged, counted), never blocking the others."
         ),
     )
+    publish_cells: bool = Field(
+        default=True,
+        title="Publish per-cell detail",
+        description=(
+            "Publish each field's cells (box, class, size) as `cells` messages beside the compact "
+            "field report; they are evicted from the outbox before reports, like field messages."
+        ),
+    )
     field_message_expiry_s: int | None = Field(
         default=None,
         ge=1,

@@ -59,7 +59,7 @@ def message_properties(message: OutboxMessage, field_expiry_s: int | None) -> Pr
         ("message_id", message.message_id),
         ("kind", message.kind),
     ]
-    if field_expiry_s and message.kind == "field":
+    if field_expiry_s and message.kind != "report":
         props.MessageExpiryInterval = max(1, int(field_expiry_s - (time.time() - message.created_at)))
     return props
 

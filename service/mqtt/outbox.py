@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 #: "field" and "cells" (per-cell detail) messages are evictable; "report" never is.
 MessageKind = Literal["field", "report", "cells"]
 MESSAGE_KINDS: tuple[str, ...] = ("field", "report", "cells")
+#: Writes to other tables of the outbox file, run inside a put's transaction: (connection, the
+#: sequence numbers just given to the messages).
+StateWriter = Callable[[sqlite3.Connection, list[int]], None]
 T = TypeVar("T")
 
 _SCHEMA_VERSION = 2
@@ -266,6 +269,12 @@ class Outbox:
         self._disk_full = False
         return result
 
+    def probe(self) -> None:
+        """One small write (the file header): raises while the disk is still full."""
+        with self._lock:
+            self._transaction(lambda: self._conn.execute(
+                f"PRAGMA user_version={_SCHEMA_VERSION}"))
+
     def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work(connection)` in one write transaction of this file (other tables)."""
         with self._lock:
@@ -295,7 +304,7 @@ class Outbox:
                                          retain, content_type, message_id, created_at)])[0]
 
     def put_many(self, messages: Sequence[NewMessage],
-                 also: Callable[[sqlite3.Connection, list[int]], None] | None = None) -> list[int]:
+                 also: StateWriter | None = None) -> list[int]:
         """Store messages in one transaction, with `also(connection, seqs)` (other tables) in
         the same one: all or nothing. Returns their sequence numbers."""
         rows = []

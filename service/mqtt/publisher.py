@@ -37,7 +37,7 @@ from smearscope.service.mqtt.command_worker import CommandHandler, CommandWorker
 from smearscope.service.mqtt.credentials import read_password
 from smearscope.service.mqtt.envelope import build_envelope, message_properties, response_properties
 from smearscope.service.mqtt.inflight import InFlight
-from smearscope.service.mqtt.outbox import MessageKind, Outbox
+from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, StateWriter
 from smearscope.service.mqtt.paho_client import configured_client, paho_log_level, publish_waiting
 from smearscope.service.mqtt.state import PublisherState
 
@@ -82,6 +82,7 @@ class MqttPublisher:
         self.status_topic = f"{base}/status"
         self.field_topic = f"{base}/field"
         self.report_topic = f"{base}/report"
+        self.cells_topic = f"{base}/cells"
         self.telemetry_topic = f"{base}/telemetry"
         self.command_filter = f"{base}/cmd/#"
         self._command_prefix = f"{base}/cmd/"
@@ -140,29 +141,31 @@ class MqttPublisher:
     def publish_report(
         self, kind: MessageKind, report_id: str, payload: bytes, schema_version: str
     ) -> int:
-        """Store a field/report message (JSON body) in the outbox and wake the sender.
+        """Store a field/report/cells message (JSON body) in the outbox and wake the sender.
 
         Returns the outbox sequence number. Never touches the network.
         """
-        if kind not in ("field", "report"):
-            raise ValueError(f"kind must be 'field' or 'report', not {kind!r}")
-        message_id = uuid.uuid4().hex
-        created_at = time.time()
-        envelope = build_envelope(
-            kind, self.station_id, report_id, message_id, schema_version, created_at, payload
-        )
-        seq = self.outbox.put(
-            kind,
-            self.report_topic if kind == "report" else self.field_topic,
-            envelope,
-            report_id=report_id,
-            schema_version=schema_version,
-            qos=self.config.qos,
-            message_id=message_id,
-            created_at=created_at,
-        )
+        return self.publish_many([(kind, report_id, payload, schema_version)])[0]
+
+    def publish_many(self, items: list[tuple[MessageKind, str, bytes, str]],
+                     also: StateWriter | None = None) -> list[int]:
+        """Store several messages ((kind, report_id, JSON body, schema version) each) in one
+        outbox transaction, with `also` (the caller's own tables) in the same one."""
+        topics = {"report": self.report_topic, "field": self.field_topic, "cells": self.cells_topic}
+        messages = []
+        for kind, report_id, payload, schema_version in items:
+            if kind not in topics:
+                raise ValueError(f"kind must be one of {sorted(topics)}, not {kind!r}")
+            message_id = uuid.uuid4().hex
+            created_at = time.time()
+            envelope = build_envelope(kind, self.station_id, report_id, message_id, schema_version,
+                                      created_at, payload)
+            messages.append(NewMessage(kind, topics[kind], envelope, report_id, schema_version,
+                                       qos=self.config.qos, message_id=message_id,
+                                       created_at=created_at))
+        seqs = self.outbox.put_many(messages, also)
         self._wake.set()
-        return seq
+        return seqs
 
     def publish_telemetry(self, values: Mapping[str, Any]) -> bool:
         """Publish telemetry at QoS 0 if connected; it is not stored, so False means dropped."""

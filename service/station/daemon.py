@@ -135,6 +135,8 @@ class StationDaemon:
                                                   self.workers.outcomes)
         self._telemetry_reader = TelemetryReader()
         self.outbox: Outbox | None = None
+        self.final_outbox: dict[str, Any] | None = None
+        self.evicted_seqs: set[int] = set()
         self.publisher: MqttPublisher | None = None
         self.source: FrameSource | None = None
         self.analyzer: AnalyzerLike | None = None
@@ -255,15 +257,24 @@ class StationDaemon:
             self._notice_missing_broker()
         self._close_resources()
         snap = self.stats.snapshot()
-        logger.info("stopped: %d fields analysed, %d rejected, %d failed, %d reports stored, "
-                    "%d lost", snap["analysed"], sum(snap["rejected"].values()),
-                    sum(snap["failed"].values()), snap["stored"], snap["lost"])
+        left = self.final_outbox or {}
+        logger.info("stopped: %d fields analysed, %d rejected, %d failed, %d frames dropped "
+                    "(keep_newest), %d left in the queue; %d reports stored, %d lost, %d deferred "
+                    "to the next start; outbox: %d messages waiting (%d reports, %d parked), %d "
+                    "field messages evicted", snap["analysed"], sum(snap["rejected"].values()),
+                    sum(snap["failed"].values()), self.workers.frames.dropped, snap["pending"],
+                    snap["stored"], snap["lost"], snap["deferred"], left.get("messages", 0),
+                    left.get("reports", 0), left.get("parked", 0), left.get("evicted_fields", 0))
         failed = self._fatal or self.workers.failures or snap["lost"]
         return EXIT_FAILURE if failed else EXIT_OK
 
     def _close_resources(self) -> None:
         if self.publisher is not None:
             self.publisher.stop()  # bounded drain, retained "offline", disconnect
+        if self.outbox is not None:  # what the summary and the ledger say, before it closes
+            self.final_outbox = {**dataclasses.asdict(self.outbox.counts()),
+                                 "parked": self.publisher.state.parked if self.publisher else 0}
+            self.evicted_seqs = set(self.outbox.evicted_seqs)
         self.watchdog.stop()
         close = getattr(self.analyzer, "close", None)
         if close is not None:
@@ -315,7 +326,9 @@ class StationDaemon:
         progress = self.tracker.progress()
         out: dict[str, Any] = {
             "station_id": self.config.station_id,
-            "state": "stopping" if self._stop.is_set() else "running",
+            "state": "stopping" if self._stop.is_set() else
+                     "paused: disk_full" if self.workers.disk_full else "running",
+            "disk_full": self.workers.disk_full,
             "uptime_s": round(time.monotonic() - self._started_at, 1),
             "fields_analysed": snap["analysed"],
             "rejected": snap["rejected"],
@@ -324,6 +337,7 @@ class StationDaemon:
             "source_rejected_files": getattr(self.source, "rejected_count", 0),
             "reports_stored": snap["stored"],
             "reports_lost": snap["lost"],
+            "reports_deferred": snap["deferred"],
             "run": progress.as_dict() if progress else None,
             "stalled_work": self.watchdog.stalled_work(),
         }
@@ -332,7 +346,8 @@ class StationDaemon:
         if self.publisher is not None:
             st = self.publisher.state
             out["broker"] = {"status": st.status, "last_error": st.last_error,
-                             "delivered": st.delivered, "in_flight": st.in_flight}
+                             "delivered": st.delivered, "in_flight": st.in_flight,
+                             "parked": st.parked, "max_packet_size": st.max_packet_size}
         return out
 
     def status_line(self) -> str:
@@ -340,6 +355,8 @@ class StationDaemon:
         rejected = sum(snap["rejected"].values()) + getattr(self.source, "rejected_count", 0)
         failed = sum(snap["failed"].values())
         parts = [f"{snap['analysed']} fields analysed, {rejected} rejected, {failed} failed"]
+        if self.workers.disk_full:
+            parts.insert(0, "PAUSED: outbox disk full")
         progress = self.tracker.progress()
         if progress is not None:
             parts.append(f"run {progress.run_id[:8]} {progress.classified_wbc}/"
@@ -357,6 +374,7 @@ class StationDaemon:
                     "rejected": sum(snap["rejected"].values()),
                     "failed": sum(snap["failed"].values()),
                     "frames_dropped": self.workers.frames.dropped,
+                    "disk_full": self.workers.disk_full,
                     "outbox_messages": self.outbox.counts().messages if self.outbox else None}
         return {**self._telemetry_reader.read(), "pipeline": pipeline}
 
@@ -448,7 +466,7 @@ def run_daemon(
         restore()
         logging.getLogger().setLevel(root_level)
     if max_fields is not None:
-        print_ledger(daemon.ledger, daemon.config.mqtt, out)
+        print_ledger(daemon.ledger, daemon.config.mqtt, out, evicted=daemon.evicted_seqs)
     return code
 
 

@@ -45,6 +45,8 @@ class Stats:
         self.failed: Counter[str] = Counter()  # ingest/analysis errors, by reason code
         self.stored = 0
         self.lost = 0
+        #: Not stored at a stop on a full disk, recovered by the next start (folder file, run).
+        self.deferred = 0
         self.pending = 0  # frames enqueued and not yet finished
 
     def add(self, name: str, delta: int = 1, reason: str | None = None) -> None:
@@ -58,27 +60,32 @@ class Stats:
         with self._lock:
             return {"analysed": self.analysed, "rejected": dict(self.rejected),
                     "failed": dict(self.failed), "stored": self.stored, "lost": self.lost,
-                    "pending": self.pending}
+                    "deferred": self.deferred, "pending": self.pending}
 
 
-def print_ledger(ledger: Iterable[StoredReport], mqtt: MqttConfig, out: TextIO) -> None:
-    """One line per report this run stored: delivered (acknowledged) or still in the outbox."""
+def print_ledger(ledger: Iterable[StoredReport], mqtt: MqttConfig, out: TextIO,
+                 evicted: set[int] | None = None) -> None:
+    """One line per report this run stored: delivered (acknowledged), still in the outbox, or
+    evicted by the outbox's bound (a field message nobody will receive)."""
     reports = list(ledger)
-    waiting: set[str] = set()
+    evicted = evicted or set()
+    waiting: set[int] = set()
     path = mqtt.outbox.path
     try:
         with Outbox(path) as box:
-            waiting = {m.report_id for m in box.pending(limit=1_000_000)}
+            waiting = {m.seq for m in box.pending(limit=1_000_000)}
     except (sqlite3.Error, OSError, OutboxLockedError) as exc:
         print(f"(cannot read the outbox {path}: {exc})", file=out)
     for r in reports:
-        state = "in-outbox" if r.report_id in waiting else "delivered"
+        state = ("in-outbox" if r.seq in waiting else "evicted" if r.seq in evicted
+                 else "delivered")
         c = r.counts
         where = f"run={r.run_id or '-'}" + (f" field={r.field_id}" if r.field_id else
                                             f" fields={r.fields_analyzed}")
         print(f"{state:<10} {r.topic} {r.report_id} rbc={c['rbc']} wbc={c['wbc']} "
               f"platelet={c['platelet']} {where}", file=out)
-    held = sum(1 for r in reports if r.report_id in waiting)
-    print(f"{len(reports)} reports: {len(reports) - held} delivered to "
-          f"{mqtt.host}:{mqtt.port}, {held} kept in the outbox {path} (sent when a broker answers)",
-          file=out)
+    held = sum(1 for r in reports if r.seq in waiting)
+    gone = sum(1 for r in reports if r.seq in evicted and r.seq not in waiting)
+    print(f"{len(reports)} reports: {len(reports) - held - gone} delivered to "
+          f"{mqtt.host}:{mqtt.port}, {held} kept in the outbox {path} (sent when a broker answers)"
+          f"{f', {gone} evicted by the outbox bound' if gone else ''}", file=out)

@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = AggregateThresholds()
 
-EndReason = Literal["target_reached", "stopped", "idle_timeout", "shutdown"]
+#: "restart": the run was left open by a process that crashed (or could not store its report at
+#: stop), and the next start closed it from the outbox database (service.station.durable).
+EndReason = Literal["target_reached", "stopped", "idle_timeout", "shutdown", "restart"]
 StartedBy = Literal["auto", "command"]
 
 
@@ -200,6 +202,11 @@ class SpecimenTracker:
         with self._lock:
             self._policy = policy
 
+    def open_run(self) -> SpecimenRun | None:
+        """The open run itself (for the analysis thread, which owns it)."""
+        with self._lock:
+            return self._run
+
     def progress(self) -> RunProgress | None:
         with self._lock:
             run = self._run
@@ -263,6 +270,11 @@ class SpecimenTracker:
             if run is None or self._clock() - run.last_activity < self._policy.idle_timeout_s:
                 return None
         return self.stop("idle_timeout")
+
+    def final_report(self, run: SpecimenRun, end_reason: EndReason) -> Report:
+        """The final report of a run this tracker does not hold (one restored after a crash)."""
+        return run.report(station_id=self._station_id, now=self._clock(), end_reason=end_reason,
+                          thresholds=self._thresholds)
 
     def stop(self, end_reason: EndReason = "stopped") -> ClosedRun | None:
         """Close the open run and build its final report; None when no run is open."""

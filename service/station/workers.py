@@ -6,8 +6,15 @@
 
 Queues and what each does when full (named policies, see service.station.work_queue):
   frames    keep_newest (camera, simulated: a live view, stale frames are worthless) or
-            block (folder, replay: every file is analysed; the folder source has already moved it)
+            block (folder, replay: every file is analysed; a folder file stays in its folder
+            until its field message is stored, `FrameSource.done`)
   reports   block (reports are never dropped; the outbox behind it is durable)
+
+A report is stored compact, with its cells in separate messages (service.station.messages), in
+one outbox transaction with the state it changes (service.station.durable): the input it came
+from, its specimen run's cells. A full disk pauses the analysis (back-pressure: nothing is
+analysed that could not be stored; status, STATUS= and telemetry say `disk_full`) until a write
+succeeds again; the report in hand waits, it is not dropped.
 
 The capture thread watches the daemon's stop Event; the analysis and writer threads stop only at
 their sentinels, so whatever was captured is drained. At its end the analysis thread serves the
@@ -33,10 +40,14 @@ from typing import Any, Literal
 from smearscope.device.frame import Frame
 from smearscope.device.quality import QualityGate
 from smearscope.device.sources import FrameSource
+from smearscope.service.analysis.records import ClassifiedCell
 from smearscope.service.analysis.report import SCHEMA_VERSION, Report
 from smearscope.service.ingest import IngestError
+from smearscope.service.mqtt.outbox import MessageKind, StateWriter, is_disk_full
 from smearscope.service.mqtt.publisher import MqttPublisher
 from smearscope.service.station.daemon_summary import Stats, StoredReport
+from smearscope.service.station.durable import RunMeta, StationState
+from smearscope.service.station.messages import report_messages
 from smearscope.service.station.notify import ProgressWatchdog
 from smearscope.service.station.requests import RequestQueue
 from smearscope.service.station.specimen import ClosedRun, SpecimenTracker
@@ -59,10 +70,17 @@ class _Work:
     on_drop: Callable[[], None] | None = None
 
 
+#: While the disk is full and nothing is to be stored, how often the writer tries a write.
+PROBE_S = 2.0
+
+
 @dataclass(frozen=True)
 class _Outgoing:
     kind: Literal["field", "report"]
     report: Report
+    frame: Frame | None = None  # the field's frame (its source is told when it is stored)
+    cells: tuple[ClassifiedCell, ...] = ()
+    run: RunMeta | None = None  # the run the field joined
 
 
 class StationWorkers:
@@ -99,11 +117,23 @@ class StationWorkers:
         self.source: FrameSource | None = None
         self.analyzer: AnalyzerLike | None = None
         self.publisher: MqttPublisher | None = None
+        self.state: StationState | None = None
+        #: The writer cannot store (disk full): the analysis waits (see the module docstring).
+        self._store_failing = False
+
+    @property
+    def disk_full(self) -> bool:
+        """The outbox's disk is full: analysis is paused until a write succeeds."""
+        outbox_full = self.publisher is not None and self.publisher.outbox.disk_full
+        return self._store_failing or outbox_full
 
     def start(self, source: FrameSource, analyzer: AnalyzerLike,
               publisher: MqttPublisher) -> None:
-        """Start the threads, consumers first (each producer checks that its consumer lives)."""
+        """Close the runs a previous process left open, then start the threads, consumers
+        first (each producer checks that its consumer lives)."""
         self.source, self.analyzer, self.publisher = source, analyzer, publisher
+        self.state = StationState(publisher.outbox)
+        self._close_runs_left_open()
         for name, target in (("report-writer", self._report_loop),
                              ("analysis", self._analysis_loop), ("capture", self._capture_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -139,6 +169,7 @@ class StationWorkers:
                 verdict = self.gate.check(frame)
                 if not verdict.accepted:
                     self.reject(frame.frame_id, "rejected", verdict.reason or "unknown")
+                    self.source.done(frame)
                     continue
                 self.stats.add("pending")
                 work = _Work(frame, on_drop=functools.partial(self._dropped, frame.frame_id))
@@ -188,6 +219,9 @@ class StationWorkers:
                 closed = self.tracker.check_idle()
                 if closed is not None:
                     self.emit_closed(closed)
+                if self.disk_full and not self._stop.is_set():
+                    time.sleep(TICK_S)  # back-pressure: the frames queue fills, capture waits
+                    continue
                 try:
                     item = self.frames.get(timeout=TICK_S)
                 except queue.Empty:
@@ -195,7 +229,7 @@ class StationWorkers:
                 if item is SENTINEL:
                     break
                 try:
-                    self.analyse(item.frame)
+                    self._analyse_queued(item.frame)
                 finally:
                     self.stats.add("pending", -1)
         except Exception:
@@ -213,6 +247,22 @@ class StationWorkers:
                 self.requests.close()
                 self._reports.put_sentinel(writer_alive)
 
+    def _analyse_queued(self, frame: Frame) -> None:
+        """A captured frame: analysed, unless its result is stored already (a folder file found
+        again after a crash) or the station stops on a full disk (the file stays for next time)."""
+        assert self.state is not None and self.source is not None
+        if frame.input_key is not None and self.state.input_stored(frame.input_key):
+            logger.info("frame %s: its field message was stored before a restart; not analysed "
+                        "again", frame.frame_id)
+            self.outcomes.append((frame.frame_id, "skipped", "already_stored"))
+            self.source.done(frame)
+            return
+        if self.disk_full:  # stopping: what could not be stored is not analysed
+            self.stats.add("deferred")
+            self.outcomes.append((frame.frame_id, "deferred", "disk_full"))
+            return
+        self.analyse(frame)
+
     def analyse(self, frame: Frame) -> dict[str, Any]:
         """Analyse one accepted frame; never raises for a bad frame. Returns a command answer."""
         assert self.analyzer is not None
@@ -224,14 +274,21 @@ class StationWorkers:
             reason = getattr(exc.code, "value", str(exc.code))
             logger.warning("frame %s refused (%s): %s", frame.frame_id, reason, exc)
             self.reject(frame.frame_id, "failed", reason)
+            self._done(frame)
             return {"ok": False, "frame_id": frame.frame_id, "error": reason, "message": str(exc)}
         except Exception as exc:
             logger.exception("frame %s: analysis failed (analysis_error)", frame.frame_id)
             self.reject(frame.frame_id, "failed", "analysis_error")
+            self._done(frame)
             return {"ok": False, "frame_id": frame.frame_id, "error": "analysis_error",
                     "message": f"{type(exc).__name__}: {exc}"}
+        open_run = self.tracker.open_run()
         result, closed = self.tracker.add(result)
-        self._emit(_Outgoing("field", result.report))
+        run = None
+        if open_run is not None and result.report.run_id == open_run.run_id:
+            run = RunMeta(open_run.run_id, open_run.started_at, open_run.started_by,
+                          open_run.target_wbc)
+        self._emit(_Outgoing("field", result.report, frame, result.cells, run))
         if closed is not None:
             self.emit_closed(closed)
         self.stats.add("analysed")
@@ -241,6 +298,10 @@ class StationWorkers:
         r = result.report
         return {"ok": True, "frame_id": frame.frame_id, "report_id": r.report_id,
                 "run_id": r.run_id, "counts": r.counts.model_dump()}
+
+    def _done(self, frame: Frame) -> None:
+        if self.source is not None:
+            self.source.done(frame)
 
     def _emit(self, item: _Outgoing) -> None:
         if not self._reports.put(item, self.threads["report-writer"].is_alive):
@@ -258,7 +319,11 @@ class StationWorkers:
     def _report_loop(self) -> None:
         """Reports -> durable outbox (the publisher sends them). Never drops one."""
         while True:
-            item = self._reports.get()
+            try:
+                item = self._reports.get(timeout=PROBE_S)
+            except queue.Empty:
+                self._probe_disk()
+                continue
             if item is SENTINEL:
                 return
             try:
@@ -267,32 +332,50 @@ class StationWorkers:
                 logger.exception("storing report %s failed", item.report.report_id)
                 self.stats.add("lost")
 
-    def _store(self, item: _Outgoing) -> None:
-        assert self.publisher is not None
-        report = item.report
-        payload = report.model_dump_json().encode()
-        attempt = 0
-        # One stamp across the retries: an outbox that keeps failing is a stall, not progress.
-        self.watchdog.work_started("publish")
+    def _probe_disk(self) -> None:
+        """With nothing to store, find out whether space came back (the acks' deletes may be
+        the only other writes, and there may be none)."""
+        if self.publisher is None or not self.publisher.outbox.disk_full:
+            return
         try:
-            while True:
-                try:
-                    seq = self.publisher.publish_report(item.kind, report.report_id, payload,
-                                                        SCHEMA_VERSION)
-                    break
-                except (sqlite3.Error, OSError) as exc:  # disk full, I/O error: retry
-                    attempt += 1
-                    if self._stop.is_set() and attempt >= 3:
-                        self.stats.add("lost")
-                        logger.error("%s report %s LOST: outbox write failed %d times while "
-                                     "stopping: %s", item.kind, report.report_id, attempt, exc)
-                        return
-                    if attempt & (attempt - 1) == 0:
-                        logger.error("outbox write of report %s failed (attempt %d): %s; "
-                                     "retrying", report.report_id, attempt, exc)
-                    time.sleep(min(10.0, 0.2 * 2 ** min(attempt, 6)))
-        finally:
-            self.watchdog.work_finished("publish")
+            self.publisher.outbox.probe()
+        except (sqlite3.Error, OSError):
+            return
+        logger.warning("outbox writable again: analysis resumes")
+
+    def _store(self, item: _Outgoing) -> None:
+        """Store with retries; a full disk pauses the analysis meanwhile (not a stall: STATUS=
+        says why, and a restart by the watchdog would not free any space)."""
+        assert self.publisher is not None
+        attempt = 0
+        while True:
+            self.watchdog.work_started("publish")
+            try:
+                seq = self._store_once(item)
+                break
+            except (sqlite3.Error, OSError) as exc:
+                attempt += 1
+                full = is_disk_full(exc)
+                self._store_failing = full
+                if self._stop.is_set() and attempt >= 3:
+                    self.watchdog.work_finished("publish")
+                    self._give_up(item, exc, attempt)
+                    return
+                if attempt & (attempt - 1) == 0:
+                    logger.error("outbox write of %s report %s failed (attempt %d): %s; %s",
+                                 item.kind, item.report.report_id, attempt, exc,
+                                 "analysis paused until it succeeds" if full else "retrying")
+                if full:
+                    self.watchdog.work_finished("publish")
+                self._stop.wait(min(10.0, 0.2 * 2 ** min(attempt, 6)))
+        self.watchdog.work_finished("publish")
+        if self._store_failing or attempt:
+            logger.warning("outbox write succeeded after %d failed attempts: analysis resumes",
+                           attempt)
+        self._store_failing = False
+        report = item.report
+        if item.frame is not None:
+            self._done(item.frame)
         topic = self.publisher.report_topic if item.kind == "report" else self.publisher.field_topic
         field_id = report.source.frame_id if report.source is not None else None
         self.ledger.append(StoredReport(item.kind, topic, report.report_id, seq, report.run_id,
@@ -301,3 +384,57 @@ class StationWorkers:
         self.stats.add("stored")
         logger.info("stored %s message report_id=%s seq=%d run=%s field=%s", item.kind,
                     report.report_id, seq, report.run_id, field_id)
+
+    def _store_once(self, item: _Outgoing) -> int:
+        """One transaction: the compact report, its cells messages and the state they change."""
+        assert self.publisher is not None and self.state is not None
+        report, config = item.report, self.publisher.config
+        messages = report_messages(report, self.publisher.cells_topic, config.max_packet_size,
+                                   config.publish_cells)
+        items: list[tuple[MessageKind, str, bytes, str]] = [
+            (item.kind, report.report_id, messages.report, SCHEMA_VERSION)]
+        items += [("cells", report.report_id, body, SCHEMA_VERSION) for body in messages.cells]
+        also: StateWriter
+        if item.kind == "report":
+            also = self.state.run_closed(report.run_id or "")
+        else:
+            field_id = report.source.frame_id if report.source is not None else report.report_id
+            also = self.state.field_stored(
+                report_id=report.report_id,
+                input_key=item.frame.input_key if item.frame is not None else None, run=item.run,
+                field_id=field_id, cells=item.cells, records=report.cells, models=report.models)
+        return self.publisher.publish_many(items, also)[0]
+
+    def _give_up(self, item: _Outgoing, exc: BaseException, attempts: int) -> None:
+        """Stopping, and the outbox still refuses: what the next start recovers, or a loss."""
+        report = item.report
+        if item.kind == "report" and report.run_id:
+            self.stats.add("deferred")
+            logger.error("specimen report %s not stored at stop (%s); run %s stays in the outbox "
+                         "database and the next start closes it", report.report_id, exc,
+                         report.run_id)
+        elif item.frame is not None and item.frame.input_key is not None:
+            self.stats.add("deferred")
+            logger.error("field report %s not stored at stop (%s); %s stays in its folder and is "
+                         "analysed at the next start", report.report_id, exc, item.frame.frame_id)
+        else:
+            self.stats.add("lost")
+            logger.error("%s report %s LOST: outbox write failed %d times while stopping: %s",
+                         item.kind, report.report_id, attempts, exc)
+
+    def _close_runs_left_open(self) -> None:
+        """Runs a previous process left open get their final report now (end reason restart);
+        if it cannot be stored, the next start tries again."""
+        assert self.state is not None
+        for run in self.state.open_runs():
+            report = self.tracker.final_report(run, "restart")
+            try:
+                seq = self._store_once(_Outgoing("report", report))
+            except (sqlite3.Error, OSError) as exc:
+                logger.error("run %s left open by the previous process: its final report could "
+                             "not be stored (%s); tried again at the next start", run.run_id, exc)
+                continue
+            self.stats.add("stored")
+            logger.info("stored report message report_id=%s seq=%d run=%s field=None (run left "
+                        "open by the previous process, closed: restart)", report.report_id, seq,
+                        run.run_id)

@@ -1,0 +1,134 @@
+"""What a station must remember across a crash, kept in its outbox file beside the messages.
+
+Two tables, each written in the same transaction as the message that changes them
+(`Outbox.put_many(..., also=...)`), so a message and its state are stored together or not at all:
+
+  station_inputs   the inputs (a watched folder's files, by content hash: `Frame.input_key`)
+                   whose field message is stored; a file found again after a crash is not
+                   analysed twice
+  specimen_fields  the cells of every field of the open specimen runs, with the run's start,
+                   target and models; the final specimen report deletes its run's rows. A run
+                   whose rows survive a crash (or a stop on a full disk) is closed by the next
+                   start with `specimen_incomplete` (end reason `restart`)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from smearscope.service.analysis.records import Box, CellDetection, CellKind, ClassifiedCell
+from smearscope.service.analysis.report import CellRecord, ModelInfo
+from smearscope.service.mqtt.outbox import Outbox, StateWriter
+from smearscope.service.station.specimen import SpecimenRun, StartedBy, is_classified_wbc
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS station_inputs (
+        input_key TEXT PRIMARY KEY, report_id TEXT NOT NULL, stored_at REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS specimen_fields (
+        run_id TEXT NOT NULL, field_id TEXT NOT NULL, position INTEGER NOT NULL,
+        started_at REAL NOT NULL, started_by TEXT NOT NULL, target_wbc INTEGER NOT NULL,
+        models TEXT NOT NULL, cells TEXT NOT NULL, stored_at REAL NOT NULL,
+        PRIMARY KEY (run_id, field_id))""",
+)
+#: Inputs remembered at most (a folder's files analysed; older ones cannot come back after days).
+MAX_INPUTS = 100_000
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """What a field's row says about its run."""
+
+    run_id: str
+    started_at: float
+    started_by: StartedBy
+    target_wbc: int
+
+
+def _cell_json(cell: ClassifiedCell, record: CellRecord) -> dict[str, object]:
+    detected_as = cell.detected_as.value if cell.detected_as is not None else None
+    return {**record.model_dump(), "touches_frame_edge": cell.touches_frame_edge,
+            "detected_as": detected_as}
+
+
+def _cell_from_json(item: dict[str, object], field_id: str) -> tuple[ClassifiedCell, CellRecord]:
+    """The cell as `aggregate` needs it (its box in input pixels: sizes come from the mask area,
+    kept as `area_um2`), and its record."""
+    edge = bool(item.pop("touches_frame_edge", False))
+    detected_as = item.pop("detected_as", None)
+    record = CellRecord.model_validate({**item, "field_id": field_id})
+    detection = CellDetection(kind=CellKind(record.kind), box=Box(*record.bbox), score=record.score)
+    cell = ClassifiedCell(detection=detection, label=record.label, label_score=record.label_score,
+                          diameter_um=record.diameter_um, area_um2=record.area_um2,
+                          touches_frame_edge=edge,
+                          detected_as=CellKind(str(detected_as)) if detected_as else None)
+    return cell, record
+
+
+class StationState:
+    """The station's durable state in an open outbox (tables made on open)."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        outbox.write(lambda conn: [conn.execute(statement) for statement in _SCHEMA])
+
+    def input_stored(self, input_key: str) -> bool:
+        row = self.outbox.read(lambda conn: conn.execute(
+            "SELECT 1 FROM station_inputs WHERE input_key = ?", (input_key,)).fetchone())
+        return row is not None
+
+    def field_stored(self, *, report_id: str, input_key: str | None, run: RunMeta | None,
+                     field_id: str, cells: Sequence[ClassifiedCell], records: Sequence[CellRecord],
+                     models: dict[str, ModelInfo]) -> StateWriter:
+        """The state a stored field message brings: its input, and its cells in its run."""
+        now = time.time()
+
+        def write(conn: sqlite3.Connection, seqs: list[int]) -> None:
+            if input_key is not None:
+                conn.execute("INSERT OR REPLACE INTO station_inputs VALUES (?, ?, ?)",
+                             (input_key, report_id, now))
+                conn.execute("DELETE FROM station_inputs WHERE rowid <= "
+                             "(SELECT MAX(rowid) FROM station_inputs) - ?", (MAX_INPUTS,))
+            if run is not None:
+                position = conn.execute("SELECT COUNT(*) FROM specimen_fields WHERE run_id = ?",
+                                        (run.run_id,)).fetchone()[0]
+                conn.execute(
+                    "INSERT OR IGNORE INTO specimen_fields VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run.run_id, field_id, position, run.started_at, run.started_by,
+                     run.target_wbc, json.dumps({k: m.model_dump() for k, m in models.items()}),
+                     json.dumps([_cell_json(c, r) for c, r in zip(cells, records)]), now))
+
+        return write
+
+    def run_closed(self, run_id: str) -> StateWriter:
+        """The state a stored final specimen report brings: its run is no longer open."""
+        return lambda conn, seqs: conn.execute("DELETE FROM specimen_fields WHERE run_id = ?",
+                                               (run_id,))
+
+    def open_runs(self) -> list[SpecimenRun]:
+        """The runs a previous process left open (crash, or a stop that could not store)."""
+        rows = self.outbox.read(lambda conn: conn.execute(
+            "SELECT run_id, field_id, started_at, started_by, target_wbc, models, cells, stored_at "
+            "FROM specimen_fields ORDER BY run_id, position").fetchall())
+        runs: dict[str, SpecimenRun] = {}
+        for run_id, field_id, started_at, started_by, target, models, cells, stored_at in rows:
+            run = runs.get(run_id)
+            if run is None:
+                run = runs[run_id] = SpecimenRun(
+                    target_wbc=int(target), started_at=float(started_at), started_by=started_by,
+                    run_id=run_id,
+                    models={k: ModelInfo.model_validate(v) for k, v in json.loads(models).items()})
+            for item in json.loads(cells):
+                cell, record = _cell_from_json(item, field_id)
+                run.cells.append(cell)
+                run.records.append(record)
+                run.classified_wbc += is_classified_wbc(cell)
+            run.field_ids.append(field_id)
+            run.last_field_at = float(stored_at)
+        return list(runs.values())

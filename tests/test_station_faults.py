@@ -1,0 +1,165 @@
+"""The station daemon under the faults of issue 18, each measured against a real mosquitto and
+an independent subscriber: a full disk under the outbox (a real tmpfs), and a crash loop over a
+watched folder (SIGKILL, again and again). Each test prints its figures (produced, delivered,
+lost, duplicated), the rows of the reliability table in docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import cv2
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
+from smallfs import fill, small_tmpfs
+from test_daemon import BASE, oracle_pool, write_station
+from test_daemon_faults import DaemonProcess
+
+from smearscope.device.synthetic import render_field
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.broker]
+
+
+def _arrivals(sub: Subscriber, topic: str) -> list[dict[str, Any]]:
+    return [json.loads(m.payload) for m in list(sub.messages) if m.topic == f"{BASE}/{topic}"]
+
+
+def _figures(produced: list[str], arrivals: list[dict[str, Any]]) -> dict[str, int]:
+    """produced: message ids stored (report ids); arrivals: envelopes received."""
+    received = Counter(e["report_id"] for e in arrivals)
+    return {"produced": len(set(produced)), "delivered": len(set(produced) & set(received)),
+            "lost": len(set(produced) - set(received)),
+            "duplicated": sum(n - 1 for rid, n in received.items() if rid in set(produced))}
+
+
+def _pool_file(tmp_path: Path) -> Path:
+    path = tmp_path / "pool.pkl"
+    path.write_bytes(pickle.dumps(list(oracle_pool())))
+    return path
+
+
+def test_disk_full_pauses_the_analysis_and_nothing_is_lost(tmp_path: Path,
+                                                           credentials_dir: Path) -> None:
+    """The outbox on a 320 KB tmpfs; the broker is down while the disk fills (so nothing drains),
+    comes back while it is full, and space returns later. Wanted: SQLite's real error in the log,
+    analysis paused (status disk_full), no duplicate storm, no report lost, resumed afterwards."""
+    # Broker persistence: the observer's session (and what it missed) survives the outage.
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"],
+                     client_id="disk-full-observer", persistent=True)
+    daemon = None
+    with small_tmpfs(tmp_path / "state", 320) as state:
+        try:
+            sub.wait_ready()
+            config = write_station(tmp_path, broker.port, target_wbc=10_000)
+            daemon = DaemonProcess(config, _pool_file(tmp_path))
+            assert wait_until(lambda: len(daemon.stored()) >= 4, 30), daemon.lines[-20:]
+            broker.stop()  # nothing drains: the outbox grows until the disk is full
+            filler = fill(state, leave_bytes=64 * 1024)
+            assert wait_until(lambda: any("analysis paused" in ln for ln in daemon.lines), 60), (
+                daemon.lines[-20:])
+            paused_at = len(daemon.stored())
+            time.sleep(3.0)
+            assert len(daemon.stored()) <= paused_at + 1, "analysis went on with a full disk"
+            broker.start()  # acknowledgements arrive while the disk is still full
+            sub.wait_ready(15)
+            time.sleep(8.0)
+            filler.unlink()  # space returns
+            assert wait_until(lambda: len(daemon.stored()) >= paused_at + 6, 60), daemon.lines[-20:]
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait(60) == 0, daemon.lines[-30:]
+            produced = [rid for _, rid, _ in daemon.stored()]
+            assert sub.wait_for(lambda ms: set(produced) <= {e["report_id"] for e in
+                                _arrivals(sub, "field") + _arrivals(sub, "report")}, 30)
+        finally:
+            if daemon is not None:
+                daemon.signal(signal.SIGKILL)
+                daemon.wait(10)
+            sub.close()
+            broker.stop()
+    log = "\n".join(daemon.lines)
+    figures = _figures(produced, _arrivals(sub, "field") + _arrivals(sub, "report"))
+    print("\ndisk full figures:", json.dumps(figures))
+    assert "database or disk is full" in log
+    assert "cannot rollback" not in log and "LOST" not in log
+    assert figures["lost"] == 0
+    assert figures["duplicated"] <= 20, "a duplicate storm"
+
+
+def _png(seed: int) -> bytes:
+    ok, data = cv2.imencode(".png", render_field(seed, width=256, height=192).frame.pixels)
+    assert ok
+    return data.tobytes()
+
+
+def test_a_crash_loop_over_a_watched_folder_loses_no_file_and_no_run(
+    tmp_path: Path, credentials_dir: Path,
+) -> None:
+    """100 files in a watched folder; the daemon is SIGKILLed again and again while it works,
+    then runs to the end and is stopped. Every file's field report is delivered once per file
+    (never analysed twice), every field belongs to exactly one specimen report, and runs left
+    open by a kill are closed at the next start (specimen_incomplete, restart)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    names = [f"field-{i:03d}.png" for i in range(100)]
+    for i, name in enumerate(names):
+        (inbox / name).write_bytes(_png(1000 + i))
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"],
+                     client_id="crash-loop-observer", persistent=True)
+    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
+              "decode_grace_s": 0.0, "microns_per_pixel": 0.2}
+    config = write_station(tmp_path, broker.port, source=source, target_wbc=30)
+    pool = _pool_file(tmp_path)
+    stored: list[tuple[str, str, int]] = []
+    kills = 0
+    try:
+        sub.wait_ready()
+        while kills < 8 and any((inbox / n).exists() for n in names):
+            daemon = DaemonProcess(config, pool)
+            wait_until(lambda: sum(k == "field" for k, _, _ in daemon.stored()) >= 6, 30)
+            daemon.signal(signal.SIGKILL)
+            daemon.wait(10)
+            stored += daemon.stored()
+            kills += 1
+        final = DaemonProcess(config, pool)
+        assert wait_until(lambda: not any((inbox / n).exists() for n in names), 120), (
+            final.lines[-20:])
+        time.sleep(0.5)
+        final.signal(signal.SIGTERM)
+        assert final.wait(60) == 0, final.lines[-30:]
+        stored += final.stored()
+        produced = [rid for _, rid, _ in stored]
+        assert sub.wait_for(lambda ms: set(produced) <= {e["report_id"] for e in
+                            _arrivals(sub, "field") + _arrivals(sub, "report")}, 30)
+    finally:
+        sub.close()
+        broker.stop()
+    fields = _arrivals(sub, "field")
+    reports = _arrivals(sub, "report")
+    figures = _figures(produced, fields + reports)
+    per_file = Counter(e["body"]["source"]["frame_id"].split(":", 1)[1].split("@")[0]
+                       for e in {e["report_id"]: e for e in fields}.values())
+    figures |= {"kills": kills, "files": len(names), "files_with_a_field_report": len(per_file),
+                "files_analysed_twice": sum(n > 1 for n in per_file.values())}
+    print("\ncrash loop figures:", json.dumps(figures))
+    assert kills >= 3
+    done = {p.name for p in (inbox / "done").iterdir()}
+    assert done == set(names), set(names) - done
+    assert figures["lost"] == 0
+    assert set(per_file) == set(names) and figures["files_analysed_twice"] == 0
+    # Every field in exactly one specimen report (the runs a kill left open closed at restart).
+    specimens = {e["report_id"]: e["body"] for e in reports}.values()
+    run_fields = Counter(e["body"]["run_id"] for e in {e["report_id"]: e for e in fields}.values())
+    assert sum(b["fields_analyzed"] for b in specimens) == len(names)
+    assert {b["run_id"]: b["fields_analyzed"] for b in specimens} == dict(run_fields)
+    restarts = [b for b in specimens if any("restart" in f["message"] for f in b["flags"])]
+    assert restarts, "no run was left open by a kill?"
