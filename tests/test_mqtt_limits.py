@@ -166,6 +166,7 @@ def test_a_tls_failure_says_why(
         broker.stop()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_command_thread_is_replaced(
     broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path,
     started: list[MqttPublisher],

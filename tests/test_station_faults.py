@@ -46,7 +46,7 @@ def _pool_file(tmp_path: Path) -> Path:
 
 def test_disk_full_pauses_the_analysis_and_nothing_is_lost(tmp_path: Path,
                                                            credentials_dir: Path) -> None:
-    """The outbox on a 320 KB tmpfs; the broker is down while the disk fills (so nothing drains),
+    """The outbox on an 8 MB tmpfs, filled; the broker is down while the disk fills (so nothing drains),
     comes back while it is full, and space returns later. Wanted: SQLite's real error in the log,
     analysis paused (status disk_full), no duplicate storm, no report lost, resumed afterwards."""
     # Broker persistence: the observer's session (and what it missed) survives the outage.
@@ -55,12 +55,12 @@ def test_disk_full_pauses_the_analysis_and_nothing_is_lost(tmp_path: Path,
     sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"],
                      client_id="disk-full-observer", persistent=True)
     daemon = None
-    with small_tmpfs(tmp_path / "state", 320) as state:
+    with small_tmpfs(tmp_path / "state", 8192) as state:
         try:
             sub.wait_ready()
-            config = write_station(tmp_path, broker.port, target_wbc=10_000)
+            config = write_station(tmp_path, broker.port, target_wbc=1000)
             daemon = DaemonProcess(config, _pool_file(tmp_path))
-            assert wait_until(lambda: len(daemon.stored()) >= 4, 30), daemon.lines[-20:]
+            assert wait_until(lambda: len(daemon.stored()) >= 10, 30), "\n".join(daemon.lines[-20:])
             broker.stop()  # nothing drains: the outbox grows until the disk is full
             filler = fill(state, leave_bytes=64 * 1024)
             assert wait_until(lambda: any("analysis paused" in ln for ln in daemon.lines), 60), (
@@ -72,7 +72,7 @@ def test_disk_full_pauses_the_analysis_and_nothing_is_lost(tmp_path: Path,
             sub.wait_ready(15)
             time.sleep(8.0)
             filler.unlink()  # space returns
-            assert wait_until(lambda: len(daemon.stored()) >= paused_at + 6, 60), daemon.lines[-20:]
+            assert wait_until(lambda: len(daemon.stored()) >= paused_at + 10, 60), daemon.lines[-20:]
             daemon.signal(signal.SIGTERM)
             assert daemon.wait(60) == 0, daemon.lines[-30:]
             produced = [rid for _, rid, _ in daemon.stored()]
@@ -87,6 +87,8 @@ def test_disk_full_pauses_the_analysis_and_nothing_is_lost(tmp_path: Path,
     log = "\n".join(daemon.lines)
     figures = _figures(produced, _arrivals(sub, "field") + _arrivals(sub, "report"))
     print("\ndisk full figures:", json.dumps(figures))
+    telemetry = [json.loads(m.payload) for m in sub.messages if m.topic == f"{BASE}/telemetry"]
+    assert any(t["pipeline"]["disk_full"] for t in telemetry), "telemetry never said disk_full"
     assert "database or disk is full" in log
     assert "cannot rollback" not in log and "LOST" not in log
     assert figures["lost"] == 0
