@@ -127,7 +127,7 @@ def test_a_crash_loop_over_a_watched_folder_loses_no_file_and_no_run(
         sub.wait_ready()
         while kills < 8 and any((inbox / n).exists() for n in names):
             daemon = DaemonProcess(config, pool)
-            wait_until(lambda: sum(k == "field" for k, _, _ in daemon.stored()) >= 6, 30)
+            wait_until(lambda d=daemon: sum(k == "field" for k, _, _ in d.stored()) >= 6, 30)
             daemon.signal(signal.SIGKILL)
             daemon.wait(10)
             stored += daemon.stored()
