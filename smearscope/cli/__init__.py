@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON line per image on stdout: its report or its error")
     a.add_argument("--overlay", type=Path, help="write the input with outlines and labels to this PNG "
                    "(a folder, an @LIST or several inputs: to STEM.overlay.png in this directory)")
+    a.add_argument("--fhir", type=Path, default=None, metavar="OUT.json",
+                   help="also write each report as a FHIR R4 Bundle to this file (a folder, an @LIST or "
+                   "several inputs: to STEM.fhir.json in this directory); see docs/FHIR.md")
     a.add_argument("--detections", type=Path, default=None,
                    help="also write JSON lines, one per image: every detection down to --detections-floor, "
                    "the counted cells marked, with scores (for mAP against annotations and for review)")

@@ -10,6 +10,7 @@ import math
 import sys
 from pathlib import Path
 
+from smearscope.cli.fhir_out import FhirOutputError, bundle_path, check_fhir_output, write_bundle
 from smearscope.cli.summary import summarize
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         images, folder = expand_inputs(args.images)
         if not images:
             raise InputError("no_images", f"no image files in {' '.join(args.images)}")
+        if args.fhir is not None:  # before --detections is opened
+            check_fhir_output(args.fhir, folder)
         det_out = _check_outputs(args, folder)
+    except FhirOutputError as exc:
+        return _error("bad_output", str(exc), args.json)
     except InputError as exc:
         return _error(exc.code, exc.message, args.json)
     from smearscope.engines.base import EngineError
@@ -151,6 +156,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return _error("engine_unavailable", str(exc), args.json)
     failed = 0
     used: set[Path] = set()
+    fhir_used: set[Path] = set()
     try:
         for path in images:
             try:
@@ -180,6 +186,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 if not cv2.imwrite(str(out), draw_overlay(img.pixels, result.cells, result.input_to_canonical, candidates)):
                     failed += 1  # the report below stands; the exit status says something failed
                     logger.error("could not write the overlay of %s to %s", path, out)
+            if args.fhir is not None and not write_bundle(bundle_path(args.fhir, path, folder, fhir_used),
+                                                          result.report):
+                failed += 1  # the report below stands; the exit status says something failed
             if det_out is not None:
                 det_out.write(json.dumps(detections_record(path, result, args.detections_floor)) + "\n")
                 det_out.flush()

@@ -1,0 +1,227 @@
+"""A report as a FHIR R4 `Bundle` (type `collection`): DiagnosticReport, Specimen, Device and one
+Observation per result. Plain dicts, ready for `json.dumps`; docs/FHIR.md documents the mapping.
+
+Everything is `preliminary`: a machine's result until a technician confirms it. No patient is
+named: the only identifiers are those the station was given (station id, run id, frame id) and
+the report id. Resource ids are UUIDs derived from the report id, so the same report always
+gives the same bundle (consumers dedupe by `Bundle.identifier`).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from smearscope.service.analysis.morphology import ICSH_THRESHOLDS, SIZE_BASED, icsh_grade
+from smearscope.service.analysis.report import ClassShare, Report
+from smearscope.service.fhir import codes
+from smearscope.service.fhir.codes import Code
+
+logger = logging.getLogger(__name__)
+
+Resource = dict[str, Any]
+#: Namespace of the resource UUIDs derived from a report id.
+_NAMESPACE = uuid.UUID("6b1f3c52-58a4-4d0e-9a8e-2f1d1e7c0a20")
+SIZE_FLAG = "size_not_assessable_without_calibration"
+#: WBC head labels that are not leukocytes of the differential's LOINC codes.
+_NRBC_LABEL = "erythroblast"
+_UNIDENTIFIED = "unidentified"
+
+
+def _instant(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _uuid(report_id: str, name: str) -> str:
+    return str(uuid.uuid5(_NAMESPACE, f"{report_id}/{name}"))
+
+
+def _concept(*found: Code | None, text: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"coding": [c.coding() for c in found if c is not None]}
+    if text:
+        out["text"] = text
+    return out
+
+
+def _quantity(value: float, unit: str, code: str) -> dict[str, Any]:
+    return {"value": value, "unit": unit, "system": codes.UCUM, "code": code}
+
+
+def _component(code: str, **value: Any) -> dict[str, Any]:
+    return {"code": _concept(codes.local(code)), **value}
+
+
+def _share_components(share: ClassShare, denominator: int) -> list[dict[str, Any]]:
+    out = [_component("count", valueInteger=share.count),
+           _component("denominator", valueInteger=denominator)]
+    if share.ci95_low is not None and share.ci95_high is not None:
+        out.append(_component("ci95", valueRange={
+            "low": _quantity(share.ci95_low, "%", "%"), "high": _quantity(share.ci95_high, "%", "%")}))
+    return out
+
+
+class _Builder:
+    """Collects the bundle's entries for one report."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        self.rid = report.report_id
+        self.entries: list[dict[str, Any]] = []
+        self.results: list[dict[str, str]] = []
+        self.issued = _instant(report.created_at)
+        run_ms = report.timing_ms.get("run_ms")
+        self.effective = _instant(report.created_at - run_ms / 1000.0) if run_ms else self.issued
+        if report.source is not None:
+            self.effective = _instant(report.source.captured_at)
+        self.specimen_ref = f"urn:uuid:{_uuid(self.rid, 'specimen')}"
+        self.device_ref = f"urn:uuid:{_uuid(self.rid, 'device')}"
+
+    def add(self, name: str, resource: Resource) -> str:
+        full_url = f"urn:uuid:{_uuid(self.rid, name)}"
+        resource = {"resourceType": resource.pop("resourceType"), "id": full_url[9:], **resource}
+        self.entries.append({"fullUrl": full_url, "resource": resource})
+        return full_url
+
+    def observation(self, name: str, code: dict[str, Any], **fields: Any) -> None:
+        ref = self.add(name, {
+            "resourceType": "Observation", "status": "preliminary",
+            "category": [_concept(codes.Code(codes.OBSERVATION_CATEGORY, "laboratory", "Laboratory"))],
+            "code": code, "effectiveDateTime": self.effective, "issued": self.issued,
+            "specimen": {"reference": self.specimen_ref}, "device": {"reference": self.device_ref},
+            **fields})
+        self.results.append({"reference": ref})
+
+
+def report_bundle(report: Report) -> Resource:
+    """The FHIR R4 Bundle (collection) of one field or specimen report."""
+    b = _Builder(report)
+    _specimen(b)
+    _device(b)
+    _differential(b)
+    _morphology(b)
+    _sizes_and_counts(b)
+    flags = sorted(report.flags, key=lambda f: ("critical", "warning", "info").index(f.severity))
+    conclusion = "; ".join(f"{f.severity}: {f.message}" for f in flags) or "no flags"
+    b.entries.insert(0, {"fullUrl": f"urn:uuid:{_uuid(b.rid, 'report')}", "resource": {
+        "resourceType": "DiagnosticReport", "id": _uuid(b.rid, "report"),
+        "identifier": [{"system": codes.ID_REPORT, "value": b.rid}],
+        "status": "preliminary",
+        "category": [_concept(codes.Code(codes.DIAGNOSTIC_SERVICE, "HM", "Hematology"))],
+        "code": _concept(codes.PANEL, text="Automated differential and red-cell morphology "
+                         "(digital smear analysis, not reviewed)"),
+        "effectiveDateTime": b.effective, "issued": b.issued,
+        "specimen": [{"reference": b.specimen_ref}], "result": b.results,
+        "conclusion": f"Preliminary, machine result; a qualified person must review it. {conclusion}",
+        "conclusionCode": [_concept(codes.local(f.code, codes.LOCAL_FLAG, f.message))
+                           for f in flags],
+    }})
+    return {"resourceType": "Bundle", "id": _uuid(b.rid, "bundle"),
+            "identifier": {"system": codes.ID_REPORT, "value": b.rid},
+            "type": "collection", "timestamp": b.issued, "entry": b.entries}
+
+
+def _specimen(b: _Builder) -> None:
+    r = b.report
+    identifiers = []
+    if r.run_id:
+        identifiers.append({"system": codes.ID_RUN, "value": r.run_id})
+    if r.source is not None:
+        identifiers.append({"system": codes.ID_FRAME, "value": r.source.frame_id})
+    b.add("specimen", {"resourceType": "Specimen", "identifier": identifiers,
+                       "type": {"text": "Peripheral blood smear, stained"},
+                       "collection": {"collectedDateTime": b.effective},
+                       "note": [{"text": f"{r.fields_analyzed} field(s) analysed"}]})
+
+
+def _device(b: _Builder) -> None:
+    r = b.report
+    device: Resource = {"resourceType": "Device",
+                        "deviceName": [{"name": "smearscope", "type": "model-name"}],
+                        "version": [{"type": {"text": role}, "value": f"{m.name} sha256:{m.sha256} ({m.backend})"}
+                                    for role, m in sorted(r.models.items())]}
+    if r.station_id:
+        device["identifier"] = [{"system": codes.ID_STATION, "value": r.station_id}]
+    b.add("device", device)
+
+
+def _differential(b: _Builder) -> None:
+    r = b.report
+    total = r.counts.wbc
+    for share in r.wbc_differential:
+        loinc = codes.WBC_LOINC.get(share.label)
+        if share.label == _NRBC_LABEL:
+            continue  # reported per 100 WBC below
+        local = codes.local("wbc-unidentified") if share.label == _UNIDENTIFIED else \
+            codes.local(share.label, codes.LOCAL_WBC_CLASS, share.label)
+        b.observation(f"wbc/{share.label}", _concept(loinc, local),
+                      valueQuantity=_quantity(share.percent, "%", "%"),
+                      component=_share_components(share, total))
+    nrbc = getattr(r, "nrbc_per_100_wbc", None)  # the report's own figure once it has one
+    counts = {s.label: s.count for s in r.wbc_differential}
+    leukocytes = total - counts.get(_NRBC_LABEL, 0)
+    if nrbc is None and _NRBC_LABEL in counts and leukocytes > 0:
+        nrbc = round(100.0 * counts[_NRBC_LABEL] / leukocytes, 2)
+    if nrbc is not None:
+        b.observation("nrbc", _concept(codes.NRBC), valueQuantity=_quantity(nrbc, "/100 WBC", "/100{WBCs}"),
+                      component=[_component("count", valueInteger=counts.get(_NRBC_LABEL, 0)),
+                                 _component("denominator", valueInteger=leukocytes)])
+    atypical = getattr(r, "atypical_wbc_present", None)
+    if atypical is not None:
+        b.observation("atypical-wbc", _concept(codes.local("atypical-wbc")), valueBoolean=bool(atypical))
+
+
+def _grade_of(share: ClassShare) -> tuple[str | None, list[dict[str, Any]]]:
+    """The share's ICSH grade (the report's once it carries one) and the CI's grades."""
+    grade = getattr(share, "grade", None)
+    if grade is None and share.label in ICSH_THRESHOLDS:
+        grade = icsh_grade(share.label, share.percent)
+    extra = []
+    lo, hi = getattr(share, "grade_ci95_low", None), getattr(share, "grade_ci95_high", None)
+    if lo is None and share.ci95_low is not None and share.label in ICSH_THRESHOLDS:
+        lo, hi = icsh_grade(share.label, share.ci95_low), icsh_grade(share.label, share.ci95_high or 0.0)
+    if lo is not None and hi is not None:
+        extra.append(_component("grade-ci95", valueString=f"{lo} to {hi}"))
+    return grade, extra
+
+
+def _morphology(b: _Builder) -> None:
+    r = b.report
+    size_unknown = any(f.code == SIZE_FLAG for f in r.flags)
+    for share in r.rbc_morphology:
+        if share.label == "normal":
+            continue
+        loinc = codes.RBC_LOINC.get(share.label)
+        if share.label == _UNIDENTIFIED:
+            local = codes.local("rbc-unidentified")
+        elif share.label == "other_poikilocyte":
+            local = codes.local("rbc-other-poikilocyte")
+        else:
+            local = codes.local(share.label, codes.LOCAL_RBC_MORPHOLOGY, share.label)
+        components = [_component("percent", valueQuantity=_quantity(share.percent, "%", "%")),
+                      *_share_components(share, r.counts.rbc)]
+        grade, grade_components = _grade_of(share)
+        if size_unknown and share.label in SIZE_BASED:
+            b.observation(f"rbc/{share.label}", _concept(loinc, local), component=components,
+                          dataAbsentReason=_concept(codes.local("size-not-assessable")))
+            continue
+        value: dict[str, Any] = ({"valueCodeableConcept": _concept(codes.grade(grade))} if grade
+                                 else {"valueQuantity": _quantity(share.percent, "%", "%")})
+        b.observation(f"rbc/{share.label}", _concept(loinc, local), **value,
+                      component=components + grade_components)
+
+
+def _sizes_and_counts(b: _Builder) -> None:
+    r = b.report
+    s = r.rbc_size
+    if s.n and s.mean_diameter_um is not None:
+        comps = [_component("n", valueInteger=s.n)]
+        for code, v, unit, ucum in (("sd", s.sd_um, "um", "um"), ("cv", s.cv_percent, "%", "%"),
+                                    ("median", s.median_diameter_um, "um", "um")):
+            if v is not None:
+                comps.append(_component(code, valueQuantity=_quantity(v, unit, ucum)))
+        b.observation("rbc-diameter", _concept(codes.local("rbc-diameter")),
+                      valueQuantity=_quantity(s.mean_diameter_um, "um", "um"), component=comps)
+    b.observation("cells-counted", _concept(codes.local("cells-counted")), component=[
+        _component(k, valueInteger=v) for k, v in r.counts.model_dump().items()])

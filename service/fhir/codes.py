@@ -1,0 +1,106 @@
+"""Code tables of the FHIR mapping: LOINC for what LOINC names, a local code system otherwise.
+
+Every LOINC code here was checked against LOINC's published names (docs/FHIR.md lists each with
+its long common name). Local codes live under `LOCAL_BASE`, a URI in the reserved `.invalid`
+domain (RFC 2606): it can never collide with a published code system, and a site that needs a
+resolvable one maps it in its terminology server.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+logger = logging.getLogger(__name__)
+
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+LOCAL_BASE = "http://smearscope.invalid/fhir"
+#: Local code systems (stated in docs/FHIR.md).
+LOCAL_OBSERVATION = f"{LOCAL_BASE}/CodeSystem/observation"
+LOCAL_WBC_CLASS = f"{LOCAL_BASE}/CodeSystem/wbc-class"
+LOCAL_RBC_MORPHOLOGY = f"{LOCAL_BASE}/CodeSystem/rbc-morphology"
+LOCAL_GRADE = f"{LOCAL_BASE}/CodeSystem/icsh-grade"
+LOCAL_FLAG = f"{LOCAL_BASE}/CodeSystem/flag"
+#: Identifier systems: the report, the specimen run, the analysed frame, the station.
+ID_REPORT = f"{LOCAL_BASE}/NamingSystem/report-id"
+ID_RUN = f"{LOCAL_BASE}/NamingSystem/run-id"
+ID_FRAME = f"{LOCAL_BASE}/NamingSystem/frame-id"
+ID_STATION = f"{LOCAL_BASE}/NamingSystem/station-id"
+
+OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+DIAGNOSTIC_SERVICE = "http://terminology.hl7.org/CodeSystem/v2-0074"
+
+
+class Code(NamedTuple):
+    system: str
+    code: str
+    display: str
+
+    def coding(self) -> dict[str, str]:
+        return {"system": self.system, "code": self.code, "display": self.display}
+
+
+#: DiagnosticReport.code: LOINC 57023-4 "Auto Differential panel - Blood".
+PANEL = Code(LOINC, "57023-4", "Auto Differential panel - Blood")
+
+#: WBC head classes -> LOINC "<cell>/100 leukocytes in Blood by Automated count" (UCUM %).
+WBC_LOINC: dict[str, Code] = {
+    "neutrophil": Code(LOINC, "770-8", "Neutrophils/100 leukocytes in Blood by Automated count"),
+    "lymphocyte": Code(LOINC, "736-9", "Lymphocytes/100 leukocytes in Blood by Automated count"),
+    "monocyte": Code(LOINC, "5905-5", "Monocytes/100 leukocytes in Blood by Automated count"),
+    "eosinophil": Code(LOINC, "713-8", "Eosinophils/100 leukocytes in Blood by Automated count"),
+    "basophil": Code(LOINC, "706-2", "Basophils/100 leukocytes in Blood by Automated count"),
+    "ig": Code(LOINC, "71695-1", "Immature granulocytes/100 leukocytes in Blood by Automated count"),
+}
+
+#: NRBC per 100 WBC (UCUM /100{WBCs}).
+NRBC = Code(LOINC, "58413-6",
+            "Nucleated erythrocytes/100 leukocytes [Ratio] in Blood by Automated count")
+
+#: RBC head classes -> LOINC "<finding> [Presence] in Blood by Light microscopy" (ordinal scale:
+#: the value is the ICSH grade). Members of LOINC's Erythrocyte morphology panel (58408-6).
+RBC_LOINC: dict[str, Code] = {
+    "microcyte": Code(LOINC, "741-9", "Microcytes [Presence] in Blood by Light microscopy"),
+    "macrocyte": Code(LOINC, "738-5", "Macrocytes [Presence] in Blood by Light microscopy"),
+    "hypochromia": Code(LOINC, "728-6", "Hypochromia [Presence] in Blood by Light microscopy"),
+    "spherocyte": Code(LOINC, "802-9", "Spherocytes [Presence] in Blood by Light microscopy"),
+    "target": Code(LOINC, "10381-2", "Target cells [Presence] in Blood by Light microscopy"),
+    "stomatocyte": Code(LOINC, "10380-4", "Stomatocytes [Presence] in Blood by Light microscopy"),
+    "ovalocyte": Code(LOINC, "774-0", "Ovalocytes [Presence] in Blood by Light microscopy"),
+    "elliptocyte": Code(LOINC, "11274-8", "Elliptocytes [Presence] in Blood by Light microscopy"),
+    "teardrop": Code(LOINC, "7791-7", "Dacrocytes [Presence] in Blood by Light microscopy"),
+    "burr": Code(LOINC, "7790-9", "Burr cells [Presence] in Blood by Light microscopy"),
+    "schistocyte": Code(LOINC, "800-3", "Schistocytes [Presence] in Blood by Light microscopy"),
+    "sickle": Code(LOINC, "801-1", "Sickle cells [Presence] in Blood by Light microscopy"),
+}
+
+#: Local observation codes (LOCAL_OBSERVATION) and the components' codes.
+LOCAL_CODES: dict[str, str] = {
+    "wbc-unidentified": "White cells not classified with confidence (for review), per 100 white cells",
+    "rbc-unidentified": "Red cells not classified with confidence (for review), per 100 red cells",
+    "rbc-other-poikilocyte": "Other poikilocytes [Presence] in Blood by automated image analysis",
+    "rbc-diameter": "Red cell equivalent-circle diameter in Blood smear by automated image analysis",
+    "cells-counted": "Cells counted on the smear by automated image analysis",
+    "atypical-wbc": "Atypical white cells [Presence] in Blood by automated image analysis",
+    "count": "Cells of this class counted",
+    "denominator": "Cells in the denominator of the share",
+    "percent": "Share of cells, percent",
+    "ci95": "Wilson score 95% confidence interval of the share",
+    "grade-ci95": "ICSH grades at the ends of the share's 95% confidence interval",
+    "size-not-assessable": "Size-based call not assessable: the scale was estimated, not calibrated",
+    "sd": "Standard deviation", "cv": "Coefficient of variation (RDW-like)", "median": "Median",
+    "n": "Cells measured", "rbc": "Red cells", "wbc": "White cells", "platelet": "Platelets",
+}
+
+
+def local(code: str, system: str = LOCAL_OBSERVATION, display: str | None = None) -> Code:
+    return Code(system, code, display if display is not None else LOCAL_CODES.get(code, code))
+
+
+GRADE_DISPLAY = {"none": "none seen (below 1+)", "1+": "1+ (slight)", "2+": "2+ (moderate)",
+                 "3+": "3+ (marked)"}
+
+
+def grade(value: str) -> Code:
+    return Code(LOCAL_GRADE, value, GRADE_DISPLAY.get(value, value))

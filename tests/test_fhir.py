@@ -1,0 +1,224 @@
+"""The FHIR R4 Bundle of a report: validated by an independent model library (fhir.resources,
+its R4B models: R4B's Bundle, DiagnosticReport, Observation, Specimen and Device are R4's), and
+its values checked against the report they came from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.bundle import Bundle
+from pydantic import ValidationError
+from test_daemon import oracle_pool
+
+from smearscope.device.synthetic import render_field
+from smearscope.service.analysis.report import ClassShare, Counts, Flag, Report, SizeStats
+from smearscope.service.fhir import codes
+from smearscope.service.fhir.bundle import report_bundle
+from smearscope.service.station.specimen import SpecimenRun
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+#: Required bindings fhir.resources does not check (it validates structure and datatypes, not
+#: value sets): the codes R4 allows for the elements this mapping sets.
+REQUIRED_CODES = {
+    ("Bundle", "type"): {"document", "message", "transaction", "transaction-response", "batch",
+                         "batch-response", "history", "searchset", "collection"},
+    ("DiagnosticReport", "status"): {"registered", "partial", "preliminary", "final", "amended",
+                                     "corrected", "appended", "cancelled", "entered-in-error", "unknown"},
+    ("Observation", "status"): {"registered", "preliminary", "final", "amended", "corrected",
+                                "cancelled", "entered-in-error", "unknown"},
+}
+
+
+def validate(bundle: dict[str, Any]) -> None:
+    """The bundle and every resource in it, each by its own R4B model (raises ValidationError),
+    and the required bindings the models leave unchecked (AssertionError)."""
+    Bundle.model_validate(bundle)
+    assert bundle["type"] in REQUIRED_CODES[("Bundle", "type")]
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        kind = resource["resourceType"]
+        get_fhir_model_class(kind).model_validate(resource)
+        assert entry["fullUrl"] == f"urn:uuid:{resource['id']}"
+        if (kind, "status") in REQUIRED_CODES:
+            assert resource["status"] in REQUIRED_CODES[(kind, "status")]
+        for c in resource.get("component", []):  # obs-7: a component never repeats the code
+            assert c["code"] != resource["code"]
+        if "dataAbsentReason" in resource:  # obs-6
+            assert not any(k.startswith("value") for k in resource)
+
+
+def resources(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind]
+
+
+def by_code(bundle: dict[str, Any], system: str, code: str) -> dict[str, Any]:
+    found = [o for o in resources(bundle, "Observation")
+             if any(c["system"] == system and c["code"] == code for c in o["code"]["coding"])]
+    assert len(found) == 1, (code, len(found))
+    return found[0]
+
+
+def component(observation: dict[str, Any], code: str) -> dict[str, Any]:
+    return next(c for c in observation["component"] if c["code"]["coding"][0]["code"] == code)
+
+
+def specimen_report() -> Report:
+    """A specimen report over real pipeline runs (oracle parts) on four synthetic fields."""
+    run = SpecimenRun(target_wbc=100, started_at=1000.0)
+    for i, result in enumerate(oracle_pool()):
+        run.add(result, 1001.0 + i)
+    return run.report(station_id="bench-1", now=1010.0, end_reason="stopped")
+
+
+def graded_report(flags: list[Flag] = ()) -> Report:
+    """A specimen report with chosen shares: grades, NRBC and the size flag are known."""
+    def share(label: str, count: int, n: int, ci: bool = True) -> ClassShare:
+        pct = round(100 * count / n, 2)
+        return ClassShare(label=label, count=count, percent=pct, ci95_low=max(0.0, pct - 3) if ci else None,
+                          ci95_high=min(100.0, pct + 3) if ci else None)
+    wbc = [share("neutrophil", 60, 110), share("lymphocyte", 30, 110), share("monocyte", 6, 110),
+           share("eosinophil", 3, 110), share("basophil", 1, 110), share("erythroblast", 5, 110),
+           share("unidentified", 5, 110)]
+    rbc = [share("normal", 900, 1000, False), share("schistocyte", 15, 1000, False),
+           share("spherocyte", 60, 1000, False), share("other_poikilocyte", 25, 1000, False)]
+    return Report(report_id="r-1", kind="specimen", created_at=2_000_000_000.0, station_id="lab-7",
+                  run_id="run-1", fields_analyzed=12, counts=Counts(rbc=1000, wbc=110, platelet=80),
+                  wbc_differential=wbc, rbc_morphology=rbc,
+                  rbc_size=SizeStats(n=900, mean_diameter_um=7.4, sd_um=0.6, cv_percent=8.1, median_diameter_um=7.3),
+                  ratios={}, flags=list(flags), cells=[], timing_ms={"run_ms": 60_000.0})
+
+
+def test_a_specimen_bundle_validates_and_carries_the_report_numbers() -> None:
+    report = specimen_report()
+    bundle = report_bundle(report)
+    validate(bundle)
+    assert bundle["type"] == "collection"
+    assert bundle["identifier"] == {"system": codes.ID_REPORT, "value": report.report_id}
+    (dr,) = resources(bundle, "DiagnosticReport")
+    assert dr["status"] == "preliminary"
+    assert dr["code"]["coding"][0] == {"system": codes.LOINC, "code": "57023-4",
+                                       "display": "Auto Differential panel - Blood"}
+    observations = resources(bundle, "Observation")
+    assert sorted(r["reference"] for r in dr["result"]) == sorted(f"urn:uuid:{o['id']}" for o in observations)
+    assert all(o["status"] == "preliminary" for o in observations)
+    (specimen,) = resources(bundle, "Specimen")
+    assert specimen["identifier"] == [{"system": codes.ID_RUN, "value": report.run_id}]
+    for share in report.wbc_differential:
+        if share.label not in codes.WBC_LOINC:
+            continue
+        obs = by_code(bundle, codes.LOINC, codes.WBC_LOINC[share.label].code)
+        assert obs["valueQuantity"] == {"value": share.percent, "unit": "%", "system": codes.UCUM, "code": "%"}
+        ci = component(obs, "ci95")["valueRange"]
+        assert (ci["low"]["value"], ci["high"]["value"]) == (share.ci95_low, share.ci95_high)
+        assert component(obs, "count")["valueInteger"] == share.count
+        assert component(obs, "denominator")["valueInteger"] == report.counts.wbc
+        assert "referenceRange" not in obs
+    assert {"neutrophil", "lymphocyte"} <= {s.label for s in report.wbc_differential}
+    flag_codes = {c["coding"][0]["code"] for c in dr["conclusionCode"]}
+    assert flag_codes == {f.code for f in report.flags}
+    assert all(f.message in dr["conclusion"] for f in report.flags)
+
+
+def test_no_patient_and_only_the_identifiers_the_station_was_given() -> None:
+    bundle = report_bundle(specimen_report())
+    kinds = {e["resource"]["resourceType"] for e in bundle["entry"]}
+    assert kinds == {"DiagnosticReport", "Specimen", "Device", "Observation"}
+    text = json.dumps(bundle)
+    assert '"subject"' not in text and "Patient" not in text
+    identifier_systems = {i["system"] for e in bundle["entry"] for i in e["resource"].get("identifier", [])}
+    assert identifier_systems <= {codes.ID_REPORT, codes.ID_RUN, codes.ID_FRAME, codes.ID_STATION}
+
+
+def test_grades_nrbc_and_local_codes() -> None:
+    bundle = report_bundle(graded_report())
+    validate(bundle)
+    schisto = by_code(bundle, codes.LOINC, "800-3")  # 1.5 % schistocytes: ICSH 2+ (1-2 %)
+    assert schisto["valueCodeableConcept"]["coding"][0] == codes.grade("2+").coding()
+    assert component(schisto, "percent")["valueQuantity"]["value"] == 1.5
+    sphero = by_code(bundle, codes.LOINC, "802-9")  # 6 % spherocytes: 1+ (5-20 %)
+    assert sphero["valueCodeableConcept"]["coding"][0]["code"] == "1+"
+    other = by_code(bundle, codes.LOCAL_OBSERVATION, "rbc-other-poikilocyte")
+    assert other["valueCodeableConcept"]["coding"][0]["code"] == "none"  # 2.5 % < 5 %
+    nrbc = by_code(bundle, codes.LOINC, "58413-6")  # 5 NRBC per 105 leukocytes
+    assert nrbc["valueQuantity"] == {"value": 4.76, "unit": "/100 WBC", "system": codes.UCUM, "code": "/100{WBCs}"}
+    unidentified = by_code(bundle, codes.LOCAL_OBSERVATION, "wbc-unidentified")
+    assert unidentified["valueQuantity"]["value"] == round(100 * 5 / 110, 2)
+    with pytest.raises(AssertionError):  # erythroblasts are NRBC, not a leukocyte class
+        by_code(bundle, codes.LOCAL_WBC_CLASS, "erythroblast")
+    size = by_code(bundle, codes.LOCAL_OBSERVATION, "rbc-diameter")
+    assert size["valueQuantity"] == {"value": 7.4, "unit": "um", "system": codes.UCUM, "code": "um"}
+
+
+def test_size_based_calls_are_absent_when_the_scale_was_not_calibrated() -> None:
+    flag = Flag(code="size_not_assessable_without_calibration", severity="info", message="estimated scale")
+    bundle = report_bundle(graded_report([flag]))
+    validate(bundle)
+    sphero = by_code(bundle, codes.LOINC, "802-9")
+    assert "valueCodeableConcept" not in sphero and sphero["dataAbsentReason"]["coding"][0]["code"] == "size-not-assessable"
+    assert "valueCodeableConcept" in by_code(bundle, codes.LOINC, "800-3")  # shape-based: still graded
+
+
+def test_the_same_report_gives_the_same_bundle() -> None:
+    report = graded_report()
+    assert report_bundle(report) == report_bundle(report)
+    other = report_bundle(report.model_copy(update={"report_id": "r-2"}))
+    assert other["entry"][0]["fullUrl"] != report_bundle(report)["entry"][0]["fullUrl"]
+
+
+def test_the_validator_rejects_a_broken_bundle() -> None:
+    """Control: the library catches what the tests rely on it for."""
+    bundle = report_bundle(graded_report())
+    validate(bundle)
+    for path, bad in ((("entry", 0, "resource", "status"), "not-a-status"),
+                      (("type",), "not-a-type"),
+                      (("entry", 0, "resource", "issued"), "yesterday"),
+                      (("entry", 1, "resource", "identifier"), "not-a-list"),
+                      (("entry", 3, "resource", "valueQuantity"), {"value": "many"}),
+                      (("entry", 3, "resource", "valueSomething"), 1)):
+        broken = json.loads(json.dumps(bundle))
+        target = broken
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = bad
+        with pytest.raises((ValidationError, AssertionError)):
+            validate(broken)
+
+
+@pytest.mark.skipif(not (ROOT / "models" / "seg.json").exists(), reason="models/seg.json not present")
+def test_analyze_writes_a_valid_bundle_for_each_image(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed in (3, 4):
+        field = render_field(seed, width=480, height=360, microns_per_pixel=0.1)
+        cv2.imwrite(str(images / f"f{seed}.png"), np.asarray(field.frame.pixels))
+    one = tmp_path / "one.fhir.json"
+    run = [sys.executable, "-m", "smearscope", "analyze", "--json", "--microns-per-pixel", "0.1"]
+    proc = subprocess.run([*run, str(images / "f3.png"), "--fhir", str(one)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    bundle = json.loads(one.read_text())
+    validate(bundle)
+    assert bundle["identifier"]["value"] == report["report_id"]
+    (specimen,) = resources(bundle, "Specimen")
+    assert specimen["identifier"] == [{"system": codes.ID_FRAME, "value": "f3.png"}]
+    out = tmp_path / "bundles"
+    proc = subprocess.run([*run, str(images), "--fhir", str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["f3.fhir.json", "f4.fhir.json"]
+    for p in out.iterdir():
+        validate(json.loads(p.read_text()))
+    bad = subprocess.run([*run, str(images / "f3.png"), "--fhir", str(tmp_path / "no" / "x.json")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["code"] == "bad_output"
