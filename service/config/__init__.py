@@ -5,6 +5,7 @@ Models describe; they never open files, sockets or outboxes (the station builds 
 
 from smearscope.service.config.analysis import AnalysisConfig
 from smearscope.service.config.base import StationBaseModel
+from smearscope.service.config.clinic import FhirConfig, ReviewConfig
 from smearscope.service.config.loader import (
     ENV_PREFIX,
     EXIT_CONFIG,
@@ -25,10 +26,12 @@ __all__ = [
     "EXIT_CONFIG",
     "AnalysisConfig",
     "ConfigError",
+    "FhirConfig",
     "MqttConfig",
     "MqttTlsConfig",
     "OutboxConfig",
     "OverflowPolicy",
+    "ReviewConfig",
     "SpecimenConfig",
     "StationBaseModel",
     "StationConfig",

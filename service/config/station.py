@@ -11,6 +11,7 @@ from smearscope.device.quality import QualityGateConfig
 from smearscope.device.source_config import SourceConfig
 from smearscope.service.config.analysis import AnalysisConfig
 from smearscope.service.config.base import StationBaseModel
+from smearscope.service.config.clinic import FhirConfig, ReviewConfig
 from smearscope.service.config.flags import FlagsConfig
 from smearscope.service.config.mqtt import MqttConfig
 from smearscope.service.config.specimen import SpecimenConfig
@@ -65,6 +66,16 @@ class StationConfig(StationBaseModel):
         default_factory=WatchdogConfig,
         title="Watchdog",
         description="Stall detection behind systemd's WatchdogSec.",
+    )
+    fhir: FhirConfig = Field(
+        default_factory=FhirConfig,
+        title="FHIR",
+        description="The FHIR R4 Bundle published with each specimen report.",
+    )
+    review: ReviewConfig = Field(
+        default_factory=ReviewConfig,
+        title="Review gallery",
+        description="Crops of cells to review (get_review) and per-field overlays on disk.",
     )
 
     @field_validator("log_level", mode="before")

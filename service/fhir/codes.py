@@ -71,6 +71,7 @@ RBC_LOINC: dict[str, Code] = {
     "elliptocyte": Code(LOINC, "11274-8", "Elliptocytes [Presence] in Blood by Light microscopy"),
     "teardrop": Code(LOINC, "7791-7", "Dacrocytes [Presence] in Blood by Light microscopy"),
     "burr": Code(LOINC, "7790-9", "Burr cells [Presence] in Blood by Light microscopy"),
+    "echinocyte": Code(LOINC, "7790-9", "Burr cells [Presence] in Blood by Light microscopy"),
     "schistocyte": Code(LOINC, "800-3", "Schistocytes [Presence] in Blood by Light microscopy"),
     "sickle": Code(LOINC, "801-1", "Sickle cells [Presence] in Blood by Light microscopy"),
 }

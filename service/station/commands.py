@@ -1,4 +1,5 @@
-"""The station's MQTT commands (`cmd/<name>`): status, reload, start_run, stop_run, analyze_file.
+"""The station's MQTT commands (`cmd/<name>`): status, reload, start_run, stop_run, analyze_file,
+get_review.
 
 Commands arrive on the publisher's command thread and never touch another thread's state
 themselves: whatever touches the specimen state is run by the analysis thread, which owns it
@@ -23,14 +24,15 @@ from smearscope.service.station.workers import StationWorkers
 
 logger = logging.getLogger(__name__)
 
-COMMAND_NAMES = ("analyze_file", "reload", "start_run", "status", "stop_run")
+COMMAND_NAMES = ("analyze_file", "get_review", "reload", "start_run", "status", "stop_run")
 
 
 class StationCommands:
     """Answers one station's commands."""
 
     def __init__(self, *, workers: StationWorkers, tracker: SpecimenTracker, analysis: RequestQueue,
-                 status: Callable[[], Mapping[str, Any]], reload: Callable[[], dict[str, Any]]) -> None:
+                 status: Callable[[], Mapping[str, Any]], reload: Callable[[], dict[str, Any]],
+                 review: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self._workers = workers
         self._tracker = tracker
         #: Served by the analysis thread, which owns the specimen state.
@@ -38,6 +40,8 @@ class StationCommands:
         self._status = status
         #: Re-reads and applies the config on the daemon's own thread; returns its answer.
         self._reload = reload
+        #: The review gallery's pages (service.station.clinic; thread-safe, served right here).
+        self._review = review
 
     def handle(self, name: str, arguments: dict[str, Any]) -> Mapping[str, Any]:
         """MQTT cmd/<name> (called on the publisher's command thread); the response body."""
@@ -55,6 +59,8 @@ class StationCommands:
             return self._analysis.call(name, self._stop_run)
         if name == "analyze_file":
             return self._analyze_file(arguments.get("path"))
+        if name == "get_review" and self._review is not None:
+            return self._review(arguments)
         return {"ok": False, "error": f"unknown command {name!r}", "commands": list(COMMAND_NAMES)}
 
     def _analyze_file(self, path: object) -> dict[str, Any]:

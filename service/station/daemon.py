@@ -48,6 +48,7 @@ from smearscope.service.config import (
 from smearscope.service.mqtt.credentials import CredentialError
 from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
 from smearscope.service.mqtt.publisher import MqttPublisher
+from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.commands import StationCommands
 from smearscope.service.station.daemon_summary import print_ledger
 from smearscope.service.station.notify import (
@@ -125,11 +126,12 @@ class StationDaemon:
             source_kind=config.source.kind, gate=self.gate, tracker=self.tracker,
             requests=analysis_requests, watchdog=self.watchdog, stop=self._stop,
             request_stop=self.request_stop, max_fields=max_fields,
-            scale_override=config.analysis.microns_per_pixel,
+            scale_override=config.analysis.microns_per_pixel, clinic=ClinicFeed(config),
         )
         self.commands = StationCommands(
             workers=self.workers, tracker=self.tracker, analysis=analysis_requests,
             status=self.status, reload=lambda: self._control.call("reload", self.reload),
+            review=self.workers.clinic.get_review if self.workers.clinic else None,
         )
         self.stats, self.ledger, self.outcomes = (self.workers.stats, self.workers.ledger,
                                                   self.workers.outcomes)

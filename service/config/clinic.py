@@ -1,0 +1,57 @@
+"""`[fhir]` and `[review]`: what the station gives clinic systems besides its JSON reports.
+
+`[fhir]`: a FHIR R4 Bundle per specimen report, stored in the outbox like the report itself.
+`[review]`: small crops of the cells a technician should look at (unidentified and atypical ones),
+served by the `get_review` command, and each field's overlay kept on disk for the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pydantic import Field
+
+from smearscope.service.config.base import StationBaseModel
+
+logger = logging.getLogger(__name__)
+
+
+class FhirConfig(StationBaseModel):
+    """The FHIR R4 Bundle published with each specimen report (docs/FHIR.md)."""
+
+    enabled: bool = Field(
+        default=True, title="Publish FHIR",
+        description="Store a FHIR R4 Bundle (DiagnosticReport and Observations) in the outbox with "
+        "every specimen report.")
+    topic: str = Field(
+        default="fhir", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$",
+        title="FHIR topic",
+        description="Topic levels under '<prefix>/<station_id>/' the bundle is published on "
+        "(QoS of mqtt.qos, not retained, content type application/fhir+json).")
+
+
+class ReviewConfig(StationBaseModel):
+    """The review gallery (crops on demand) and the per-field overlays kept on disk."""
+
+    enabled: bool = Field(
+        default=True, title="Review gallery",
+        description="Keep crops of unidentified and atypical cells per run (command get_review) "
+        "and each field's overlay on disk.")
+    directory: Path | None = Field(
+        default=None, title="Overlay directory",
+        description="Where per-field overlays are written, one folder per run; default: 'review' "
+        "beside the outbox file.")
+    max_disk_mb: float = Field(
+        default=200.0, gt=0, title="Overlay disk cap (MB)",
+        description="Above this many megabytes of overlays the oldest are deleted, oldest run first.")
+    crop_px: int = Field(
+        default=80, ge=32, le=256, title="Crop size (px)",
+        description="Side of each cell crop sent for review (JPEG, the cell and some context).")
+    max_cells_per_run: int = Field(
+        default=300, ge=1, le=5000, title="Crops per run",
+        description="Crops kept in memory per run (unidentified cells first); later ones are counted.")
+    max_message_kb: int = Field(
+        default=48, ge=8, le=1024, title="Largest review message (KB)",
+        description="Each get_review answer and live run message stays below this (a page of crops; "
+        "ask again with next_offset); keep it under the broker's max_packet_size.")

@@ -1,0 +1,118 @@
+"""What the station gives clinic systems besides its JSON reports: the FHIR Bundle of each
+specimen report, the live state of the open run for dashboards, and the review gallery.
+
+- FHIR (`[fhir]`): `fhir_document(report)` is the Bundle the outbox writer stores next to each
+  specimen report, on `<prefix>/<station>/<fhir.topic>` (service.fhir.bundle).
+- Live run state: after each field, `<prefix>/<station>/run` (retained, QoS 1, not stored: a
+  state, replaced by the next) carries the open run's interim aggregates (the specimen report
+  without its cells), its progress toward the WBC target and how much review material it has;
+  when the run ends, its final aggregates with `state: "closed"`.
+- Review gallery (`[review]`): crops and overlays (service.station.review), served by the
+  `get_review` command.
+All of it runs beside the analysis: a failure here is logged and never costs a field or a report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from smearscope.service.analysis.pipeline import FieldResult
+from smearscope.service.analysis.report import Report
+from smearscope.service.config import StationConfig
+from smearscope.service.fhir.bundle import report_bundle
+from smearscope.service.station.review import ReviewGallery
+from smearscope.service.station.specimen import ClosedRun, SpecimenTracker
+
+logger = logging.getLogger(__name__)
+
+RUN_TOPIC = "run"
+FHIR_CONTENT_TYPE = "application/fhir+json; fhirVersion=4.0"
+FHIR_VERSION = "4.0.1"
+
+
+class StatePublisher(Protocol):
+    def publish_state(self, topic: str, payload: bytes) -> bool: ...
+
+
+class ClinicFeed:
+    """FHIR documents, live run state and the review gallery of one station."""
+
+    def __init__(self, config: StationConfig) -> None:
+        self.station_id = config.station_id
+        self.fhir_topic = config.fhir.topic if config.fhir.enabled else None
+        self.gallery: ReviewGallery | None = None
+        if config.review.enabled:
+            directory = config.review.directory or Path(config.mqtt.outbox.path).parent / "review"
+            self.gallery = ReviewGallery(config.review, directory)
+        self.max_state_bytes = config.review.max_message_kb * 1024
+
+    # ------------------------------------------------------------------ FHIR
+
+    def fhir_document(self, report: Report) -> bytes:
+        return json.dumps(report_bundle(report), separators=(",", ":")).encode()
+
+    # ------------------------------------------------------------------ live state and review
+
+    def field_added(self, image: np.ndarray, result: FieldResult, tracker: SpecimenTracker,
+                    publisher: StatePublisher | None) -> None:
+        """On the analysis thread, after the field joined its run (or stood alone)."""
+        run_id = result.report.run_id
+        if run_id is None:
+            return
+        try:
+            if self.gallery is not None:
+                self.gallery.add_field(run_id, image, result)
+            progress = tracker.progress()
+            interim = tracker.interim_report() if progress is not None else None
+            if progress is not None and interim is not None and progress.run_id == run_id:
+                self._publish(publisher, interim, "open", progress.as_dict(), None)
+        except Exception:
+            logger.exception("review/live state of field %s failed (the field report stands)",
+                             result.report.report_id)
+
+    def run_closed(self, closed: ClosedRun, publisher: StatePublisher | None) -> None:
+        if closed.report is None:
+            return
+        try:
+            progress = {"run_id": closed.run_id, "fields": closed.fields,
+                        "classified_wbc": closed.classified_wbc, "target_wbc": closed.target_wbc}
+            self._publish(publisher, closed.report, "closed", progress, closed.end_reason)
+        except Exception:
+            logger.exception("live state of closed run %s failed (its report stands)", closed.run_id)
+
+    def run_state(self, report: Report, state: str, progress: dict[str, Any],
+                  end_reason: str | None) -> dict[str, Any]:
+        """The live run message: the run's aggregates (no cells), progress and review counts."""
+        body = report.model_dump(mode="json", exclude={"cells"})
+        review = self.gallery.summary(report.run_id) if self.gallery and report.run_id else None
+        return {"station_id": self.station_id, "run_id": report.run_id, "state": state,
+                "end_reason": end_reason, "updated_at": time.time(), "progress": progress,
+                "report": body, "review": review}
+
+    def _publish(self, publisher: StatePublisher | None, report: Report, state: str,
+                 progress: dict[str, Any], end_reason: str | None) -> None:
+        if publisher is None:
+            return
+        payload = json.dumps(self.run_state(report, state, progress, end_reason)).encode()
+        if len(payload) > self.max_state_bytes:
+            logger.warning("live run state of %s is %d bytes, above review.max_message_kb; not sent",
+                           report.run_id, len(payload))
+            return
+        publisher.publish_state(RUN_TOPIC, payload)
+
+    def get_review(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """`cmd/get_review {"run_id": ..., "offset": 0}` (on the command thread)."""
+        if self.gallery is None:
+            return {"ok": False, "error": "the review gallery is off ([review] enabled = false)"}
+        run_id, offset = arguments.get("run_id"), arguments.get("offset", 0)
+        if run_id is not None and not isinstance(run_id, str):
+            return {"ok": False, "error": "run_id must be a string"}
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            return {"ok": False, "error": "offset must be a non-negative integer"}
+        return self.gallery.page(run_id, offset)

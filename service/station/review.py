@@ -1,0 +1,207 @@
+"""The review gallery: what the analyzer did not decide, kept for a technician to look at.
+
+Per specimen run, small JPEG crops of the cells to review (unidentified first, then atypical
+ones) are cut from the field's input image around the report's boxes and held in memory
+(bounded per run, the last few runs kept); `page()` serves them in pages that fit one MQTT
+message (the `get_review` command). Each field's overlay (outlines and labels on the input) is
+written to disk under `<directory>/<run_id>/`, with a size cap over all runs: the oldest files,
+oldest run first, are deleted above it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from smearscope.service.analysis.overlay import draw_overlay
+from smearscope.service.analysis.pipeline import FieldResult
+from smearscope.service.analysis.report import CellRecord
+from smearscope.service.config import ReviewConfig
+
+logger = logging.getLogger(__name__)
+
+UNIDENTIFIED = "unidentified"
+#: Labels a technician should see even when the head was confident (rare or critical calls).
+ATYPICAL_LABELS = frozenset({"atypical", "erythroblast", "ig", "sickle"})
+#: Closed runs whose galleries stay in memory (the open run is always kept).
+KEEP_RUNS = 4
+_JPEG = [int(cv2.IMWRITE_JPEG_QUALITY), 80]
+_THUMBNAIL_JPEG = [int(cv2.IMWRITE_JPEG_QUALITY), 70]
+THUMBNAIL_WIDTH = 320
+_SAFE = re.compile(r"[^A-Za-z0-9_.@-]+")
+
+
+def needs_review(cell: CellRecord) -> int | None:
+    """Review priority of a cell (0: unidentified, 1: atypical), None when it needs none."""
+    if cell.label == UNIDENTIFIED:
+        return 0
+    if cell.label in ATYPICAL_LABELS or getattr(cell, "atypical", False):
+        return 1
+    return None
+
+
+def cell_crop(image: np.ndarray, bbox: Sequence[float], size: int) -> np.ndarray | None:
+    """A crop around `bbox` (input pixels) with half its side as context, its longer side `size`
+    px; None when the box is not on the image."""
+    x0, y0, x1, y1 = bbox
+    side = max(x1 - x0, y1 - y0) * 1.5 + 4
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    h, w = image.shape[:2]
+    a, b = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
+    c, d = int(min(w, cx + side / 2)), int(min(h, cy + side / 2))
+    if c - a < 2 or d - b < 2:
+        return None
+    crop = image[b:d, a:c]
+    scale = size / max(crop.shape[:2])
+    return cv2.resize(crop, (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))),
+                      interpolation=cv2.INTER_AREA)
+
+
+def _as_bgr8(pixels: np.ndarray) -> np.ndarray:
+    if pixels.dtype == np.uint8:
+        return pixels if pixels.ndim == 3 else cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)
+    scaled = cv2.normalize(pixels, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    return scaled if scaled.ndim == 3 else cv2.cvtColor(scaled, cv2.COLOR_GRAY2BGR)
+
+
+def _jpeg(image: np.ndarray, params: list[int] = _JPEG) -> bytes:
+    ok, buf = cv2.imencode(".jpg", image, params)
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+@dataclass
+class _RunGallery:
+    crops: list[dict[str, Any]] = field(default_factory=list)
+    not_kept: int = 0
+    overlays: list[Path] = field(default_factory=list)
+    latest_thumbnail: dict[str, Any] | None = None
+
+
+class ReviewGallery:
+    """Crops and overlays per run; fed by the analysis thread, read by the command thread."""
+
+    def __init__(self, config: ReviewConfig, directory: Path) -> None:
+        self.config = config
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._runs: OrderedDict[str, _RunGallery] = OrderedDict()
+
+    def add_field(self, run_id: str, image: np.ndarray, result: FieldResult) -> int:
+        """Take the field's review crops and write its overlay; the number of crops kept."""
+        report = result.report
+        field_id = report.source.frame_id if report.source is not None else report.report_id
+        image = _as_bgr8(image)
+        wanted = sorted(((p, i, c) for i, c in enumerate(report.cells)
+                         if (p := needs_review(c)) is not None), key=lambda t: (t[0], t[1]))
+        crops = [{"field_id": field_id, "cell": i, "kind": c.kind, "label": c.label,
+                  "label_score": c.label_score, "bbox": c.bbox,
+                  "jpeg": base64.b64encode(_jpeg(pixels)).decode()}
+                 for _, i, c in wanted if (pixels := cell_crop(image, c.bbox, self.config.crop_px)) is not None]
+        overlay = draw_overlay(image, result.cells, result.input_to_canonical)
+        thumb_w = min(THUMBNAIL_WIDTH, overlay.shape[1])
+        thumbnail = cv2.resize(overlay, (thumb_w, max(1, round(overlay.shape[0] * thumb_w / overlay.shape[1]))),
+                               interpolation=cv2.INTER_AREA)
+        path = self._write_overlay(run_id, field_id, overlay)
+        with self._lock:
+            gallery = self._runs.setdefault(run_id, _RunGallery())
+            self._runs.move_to_end(run_id)
+            room = max(0, self.config.max_cells_per_run - len(gallery.crops))
+            gallery.crops += crops[:room]
+            gallery.not_kept += len(crops) - min(room, len(crops))
+            if path is not None:
+                gallery.overlays.append(path)
+            gallery.latest_thumbnail = {"field_id": field_id, "width": thumbnail.shape[1],
+                                        "height": thumbnail.shape[0],
+                                        "jpeg": base64.b64encode(_jpeg(thumbnail, _THUMBNAIL_JPEG)).decode()}
+            while len(self._runs) > KEEP_RUNS + 1:
+                self._runs.popitem(last=False)
+        self._enforce_disk_cap()
+        return min(room, len(crops))
+
+    def summary(self, run_id: str) -> dict[str, int]:
+        with self._lock:
+            g = self._runs.get(run_id)
+            return {"cells": len(g.crops) if g else 0, "not_kept": g.not_kept if g else 0,
+                    "overlays": len(g.overlays) if g else 0}
+
+    def latest_run(self) -> str | None:
+        with self._lock:
+            return next(reversed(self._runs), None)
+
+    def page(self, run_id: str | None, offset: int = 0) -> dict[str, Any]:
+        """One message's worth of crops from `offset` (and the latest overlay thumbnail on the
+        first page), below `max_message_kb`; `next_offset` is None on the last page."""
+        run_id = run_id or self.latest_run()
+        with self._lock:
+            g = self._runs.get(run_id) if run_id else None
+            if g is None:
+                return {"ok": False, "error": f"no review material for run {run_id!r}",
+                        "runs": list(self._runs)}
+            crops, thumbnail, not_kept, overlays = list(g.crops), g.latest_thumbnail, g.not_kept, len(g.overlays)
+        budget = self.config.max_message_kb * 1024 - 512  # the envelope's own keys
+        out: dict[str, Any] = {"ok": True, "run_id": run_id, "total": len(crops), "not_kept": not_kept,
+                               "overlays_on_disk": overlays, "offset": offset, "cells": [], "overlay": None}
+        used = 0
+        if offset == 0 and thumbnail is not None and len(thumbnail["jpeg"]) + 200 < budget * 0.6:
+            out["overlay"] = thumbnail
+            used += len(thumbnail["jpeg"]) + 200
+        i = max(0, offset)
+        while i < len(crops):
+            size = len(json.dumps(crops[i]))
+            if used + size > budget and out["cells"]:
+                break
+            out["cells"].append(crops[i])
+            used += size
+            i += 1
+        out["next_offset"] = i if i < len(crops) else None
+        return out
+
+    def _write_overlay(self, run_id: str, field_id: str, overlay: np.ndarray) -> Path | None:
+        folder = self.directory / _SAFE.sub("_", run_id)
+        path = folder / f"{_SAFE.sub('_', field_id)[:120]}.jpg"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(_jpeg(overlay))
+        except (OSError, ValueError) as exc:  # a full disk must not stop the analysis
+            logger.warning("overlay of field %s not kept: %s", field_id, exc)
+            return None
+        return path
+
+    def _enforce_disk_cap(self) -> None:
+        cap = int(self.config.max_disk_mb * 1024 * 1024)
+        try:
+            files = sorted(self.directory.glob("*/*.jpg"), key=lambda p: p.stat().st_mtime)
+            total = sum(p.stat().st_size for p in files)
+        except OSError as exc:
+            logger.warning("cannot measure the overlays under %s: %s", self.directory, exc)
+            return
+        removed = 0
+        for old in files:
+            if total <= cap:
+                break
+            try:
+                total -= old.stat().st_size
+                old.unlink()
+                removed += 1
+                if not any(old.parent.iterdir()):
+                    old.parent.rmdir()
+            except OSError as exc:
+                logger.warning("cannot remove overlay %s: %s", old, exc)
+        if removed:
+            logger.info("review overlays above %.0f MB: %d oldest deleted", self.config.max_disk_mb, removed)
+            with self._lock:
+                for g in self._runs.values():
+                    g.overlays = [p for p in g.overlays if p.exists()]

@@ -1,0 +1,142 @@
+"""What the station gives clinic systems, end to end with a real mosquitto: the FHIR Bundle per
+specimen report (from the outbox, after its report), the retained live run state, and the review
+gallery (crops on demand within a message budget, overlays on disk under a size cap)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from broker import Subscriber, wait_until
+from test_daemon import (
+    BASE,
+    classified_wbc_per_field,
+    envelopes,
+    oracle_pool,
+    pool_factory,
+    write_station,
+)
+from test_fhir import by_code, validate
+
+from smearscope.device.synthetic import render_field
+from smearscope.service.analysis.report import Report
+from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
+from smearscope.service.config import ReviewConfig, load_config
+from smearscope.service.fhir import codes
+from smearscope.service.station.daemon import StationDaemon
+from smearscope.service.station.review import ReviewGallery
+
+
+def _image(result: Any) -> np.ndarray:
+    """The field the pool's result came from (oracle_pool renders seeds 500.. at 480x360)."""
+    i = next(k for k, r in enumerate(oracle_pool()) if r is result)
+    return np.asarray(render_field(500 + i, width=480, height=360, microns_per_pixel=CANONICAL_UM_PER_PX,
+                                   n_wbc=4).frame.pixels)
+
+
+def test_gallery_pages_fit_the_message_budget_and_cover_every_crop(tmp_path: Path) -> None:
+    gallery = ReviewGallery(ReviewConfig(max_message_kb=8, crop_px=192), tmp_path / "review")
+    kept = sum(gallery.add_field("run-a", _image(r), r) for r in oracle_pool())
+    assert kept >= 3  # a sickle cell and unidentified ones
+    seen, offset, pages = [], 0, 0
+    while offset is not None:
+        page = gallery.page("run-a", offset)
+        assert page["ok"] and len(json.dumps(page)) <= 8 * 1024
+        seen += [(c["field_id"], c["cell"]) for c in page["cells"]]
+        offset, pages = page["next_offset"], pages + 1
+    assert len(seen) == len(set(seen)) == kept == page["total"]
+    assert pages >= 2
+    assert ReviewGallery.page(gallery, "run-a")["overlay"] is None  # 8 KB: no room for the thumbnail
+    roomy = ReviewGallery(ReviewConfig(max_message_kb=48), tmp_path / "review2")
+    roomy.add_field("run-b", _image(oracle_pool()[0]), oracle_pool()[0])
+    thumbnail = roomy.page("run-b")["overlay"]
+    assert thumbnail["width"] == 320 and len(thumbnail["jpeg"]) > 1000
+    labels = {c["label"] for c in gallery.page("run-a")["cells"]}
+    assert labels <= {"unidentified", "sickle", "erythroblast", "ig", "atypical"}
+    assert [c["label"] for c in gallery.page("run-a")["cells"]][:1] == ["sickle"]  # arrival order: pages stay put
+    assert not gallery.page("no-such-run")["ok"]
+
+
+def test_overlays_are_kept_per_run_under_the_disk_cap(tmp_path: Path) -> None:
+    review = tmp_path / "review"
+    pool = oracle_pool()
+    one = ReviewGallery(ReviewConfig(), review)
+    one.add_field("run-0", _image(pool[0]), pool[0])
+    size = sum(p.stat().st_size for p in review.rglob("*.jpg"))
+    cap_mb = 2.5 * size / 1024 / 1024  # room for two overlays
+    gallery = ReviewGallery(ReviewConfig(max_disk_mb=cap_mb), review)
+    for i, result in enumerate(pool):
+        gallery.add_field("run-1" if i < 2 else "run-2", _image(result), result)
+    files = sorted(review.rglob("*.jpg"))
+    assert sum(p.stat().st_size for p in files) <= cap_mb * 1024 * 1024
+    assert [p.parent.name for p in files] == ["run-2", "run-2"]  # oldest run (and run-0) deleted first
+    assert gallery.summary("run-2")["overlays"] == 2 and gallery.summary("run-1")["overlays"] == 0
+
+
+@pytest.mark.broker
+def test_station_publishes_fhir_live_state_and_review(
+    tmp_path: Path, broker: Any, credentials_dir: Path,
+) -> None:
+    observer = Subscriber(broker.port, "observer", "observer-secret", [f"{BASE}/#"])
+    observer.wait_ready()
+    per_field = classified_wbc_per_field()
+    source = {"kind": "simulated", "fields": 500, "fps": 8.0, "width": 480, "height": 360, "seed": 0}
+    config = write_station(tmp_path, broker.port, target_wbc=per_field[0] + per_field[1], source=source,
+                           review={"max_message_kb": 16})
+    daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(), config_path=config)
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    try:
+        assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/fhir" for m in ms), 30)
+        report = Report.model_validate(envelopes(observer, f"{BASE}/report")[0]["body"])
+        observer.client.publish(f"{BASE}/cmd/get_review", json.dumps({"run_id": report.run_id}), qos=1)
+        assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/cmd_response/get_review" for m in ms), 15)
+    finally:
+        daemon.request_stop("test over")
+        runner.join(30)
+        observer.close()
+    assert not runner.is_alive()
+
+    # FHIR: a bare Bundle after its report, for the same report id, with the report's numbers.
+    topics = [m.topic for m in observer.messages]
+    assert topics.index(f"{BASE}/report") < topics.index(f"{BASE}/fhir")
+    message = observer.on_topic(f"{BASE}/fhir")[0]
+    assert message.content_type.startswith("application/fhir+json") and not message.retain
+    assert message.user_properties["report_id"] == report.report_id
+    bundle = json.loads(message.payload)
+    validate(bundle)
+    assert bundle["identifier"]["value"] == report.report_id
+    for share in report.wbc_differential:
+        if share.label in codes.WBC_LOINC:
+            obs = by_code(bundle, codes.LOINC, codes.WBC_LOINC[share.label].code)
+            assert obs["valueQuantity"]["value"] == share.percent
+    sickle = by_code(bundle, codes.LOINC, "801-1")
+    assert sickle["valueCodeableConcept"]["coding"][0]["system"] == codes.LOCAL_GRADE
+
+    # Live run state: retained, open while the run grows, closed with the final aggregates.
+    states = [json.loads(m.payload) for m in observer.on_topic(f"{BASE}/run")]
+    mine = [s for s in states if s["run_id"] == report.run_id]
+    assert [s["state"] for s in mine] == ["open", "closed"]
+    assert mine[0]["progress"]["classified_wbc"] == per_field[0]
+    closed = mine[-1]
+    assert closed["report"]["wbc_differential"] == [s.model_dump() for s in report.wbc_differential]
+    assert "cells" not in closed["report"] and closed["review"]["cells"] >= 1
+    assert all(len(m.payload) <= 16 * 1024 for m in observer.on_topic(f"{BASE}/run"))
+
+    # Review gallery: crops of this run's cells to review, within the message budget.
+    answer_msg = observer.on_topic(f"{BASE}/cmd_response/get_review")[0]
+    answer = json.loads(answer_msg.payload)
+    assert answer["ok"] and answer["run_id"] == report.run_id and answer["total"] >= 1
+    assert len(answer_msg.payload) <= 16 * 1024
+    review_dir = tmp_path / "state" / "review" / report.run_id
+    late = Subscriber(broker.port, "observer", "observer-secret", [f"{BASE}/run"])
+    try:  # the last state is retained for a dashboard that opens later
+        assert late.wait_for(lambda ms: len(ms) > 0, 5)
+        assert late.messages[0].retain and late.messages[0].payload == observer.on_topic(f"{BASE}/run")[-1].payload
+    finally:
+        late.close()
+    assert wait_until(lambda: len(list(review_dir.glob("*.jpg"))) == report.fields_analyzed, 5)
