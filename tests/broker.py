@@ -128,6 +128,7 @@ class MosquittoBroker:
         persistence: bool = False,
         acl: str | None = None,
         extra: tuple[str, ...] = (),
+        websockets: bool = False,
     ) -> None:
         self.workdir = workdir
         self.acl = acl
@@ -136,6 +137,9 @@ class MosquittoBroker:
         self.port = port or free_port()
         self.tls = tls
         self.tls_port = free_port() if tls else None
+        #: An MQTT-over-WebSockets listener (browsers), beside the TCP one (mosquitto 2.0.11 will
+        #: not start with a websockets listener alone).
+        self.ws_port = free_port() if websockets else None
         self.persistence = persistence
         self.log_path = workdir / "mosquitto.log"
         self.conf_path = workdir / "mosquitto.conf"
@@ -177,6 +181,8 @@ class MosquittoBroker:
                 f"certfile {self.tls.server_cert}",
                 f"keyfile {self.tls.server_key}",
             ]
+        if self.ws_port is not None:
+            lines += [f"listener {self.ws_port} 127.0.0.1", "protocol websockets"]
         self.conf_path.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 10.0) -> None:
@@ -187,7 +193,7 @@ class MosquittoBroker:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        for port in (self.port, self.tls_port):
+        for port in (self.port, self.tls_port, self.ws_port):
             if port is not None:
                 wait_for_port(port, timeout, self.proc)
 

@@ -55,6 +55,7 @@ def validate(bundle: dict[str, Any]) -> None:
             assert c["code"] != resource["code"]
         if "dataAbsentReason" in resource:  # obs-6
             assert not any(k.startswith("value") for k in resource)
+    assert "[]" not in json.dumps(bundle, separators=(",", ":"))  # FHIR JSON has no empty arrays
 
 
 def resources(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:

@@ -14,9 +14,9 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from smearscope.service.analysis.morphology import ICSH_THRESHOLDS, SIZE_BASED, icsh_grade
+from smearscope.service.analysis.morphology import SIZE_BASED
 from smearscope.service.analysis.report import ClassShare, Report
-from smearscope.service.fhir import codes
+from smearscope.service.fhir import codes, report_view
 from smearscope.service.fhir.codes import Code
 
 logger = logging.getLogger(__name__)
@@ -24,9 +24,6 @@ logger = logging.getLogger(__name__)
 Resource = dict[str, Any]
 #: Namespace of the resource UUIDs derived from a report id.
 _NAMESPACE = uuid.UUID("6b1f3c52-58a4-4d0e-9a8e-2f1d1e7c0a20")
-SIZE_FLAG = "size_not_assessable_without_calibration"
-#: WBC head labels that are not leukocytes of the differential's LOINC codes.
-_NRBC_LABEL = "erythroblast"
 _UNIDENTIFIED = "unidentified"
 
 
@@ -114,9 +111,10 @@ def report_bundle(report: Report) -> Resource:
         "effectiveDateTime": b.effective, "issued": b.issued,
         "specimen": [{"reference": b.specimen_ref}], "result": b.results,
         "conclusion": f"Preliminary, machine result; a qualified person must review it. {conclusion}",
-        "conclusionCode": [_concept(codes.local(f.code, codes.LOCAL_FLAG, f.message))
-                           for f in flags],
     }})
+    if flags:
+        b.entries[0]["resource"]["conclusionCode"] = [
+            _concept(codes.local(f.code, codes.LOCAL_FLAG, f.message)) for f in flags]
     return {"resourceType": "Bundle", "id": _uuid(b.rid, "bundle"),
             "identifier": {"system": codes.ID_REPORT, "value": b.rid},
             "type": "collection", "timestamp": b.issued, "entry": b.entries}
@@ -129,18 +127,21 @@ def _specimen(b: _Builder) -> None:
         identifiers.append({"system": codes.ID_RUN, "value": r.run_id})
     if r.source is not None:
         identifiers.append({"system": codes.ID_FRAME, "value": r.source.frame_id})
-    b.add("specimen", {"resourceType": "Specimen", "identifier": identifiers,
-                       "type": {"text": "Peripheral blood smear, stained"},
-                       "collection": {"collectedDateTime": b.effective},
-                       "note": [{"text": f"{r.fields_analyzed} field(s) analysed"}]})
+    specimen: Resource = {"resourceType": "Specimen", "type": {"text": "Peripheral blood smear, stained"},
+                          "collection": {"collectedDateTime": b.effective},
+                          "note": [{"text": f"{r.fields_analyzed} field(s) analysed"}]}
+    if identifiers:  # FHIR JSON has no empty arrays
+        specimen["identifier"] = identifiers
+    b.add("specimen", specimen)
 
 
 def _device(b: _Builder) -> None:
     r = b.report
     device: Resource = {"resourceType": "Device",
-                        "deviceName": [{"name": "smearscope", "type": "model-name"}],
-                        "version": [{"type": {"text": role}, "value": f"{m.name} sha256:{m.sha256} ({m.backend})"}
-                                    for role, m in sorted(r.models.items())]}
+                        "deviceName": [{"name": "smearscope", "type": "model-name"}]}
+    if r.models:
+        device["version"] = [{"type": {"text": role}, "value": f"{m.name} sha256:{m.sha256} ({m.backend})"}
+                             for role, m in sorted(r.models.items())]
     if r.station_id:
         device["identifier"] = [{"system": codes.ID_STATION, "value": r.station_id}]
     b.add("device", device)
@@ -151,44 +152,27 @@ def _differential(b: _Builder) -> None:
     total = r.counts.wbc
     for share in r.wbc_differential:
         loinc = codes.WBC_LOINC.get(share.label)
-        if share.label == _NRBC_LABEL:
+        if share.label == report_view.NRBC_LABEL:
             continue  # reported per 100 WBC below
         local = codes.local("wbc-unidentified") if share.label == _UNIDENTIFIED else \
             codes.local(share.label, codes.LOCAL_WBC_CLASS, share.label)
         b.observation(f"wbc/{share.label}", _concept(loinc, local),
                       valueQuantity=_quantity(share.percent, "%", "%"),
                       component=_share_components(share, total))
-    nrbc = getattr(r, "nrbc_per_100_wbc", None)  # the report's own figure once it has one
-    counts = {s.label: s.count for s in r.wbc_differential}
-    leukocytes = total - counts.get(_NRBC_LABEL, 0)
-    if nrbc is None and _NRBC_LABEL in counts and leukocytes > 0:
-        nrbc = round(100.0 * counts[_NRBC_LABEL] / leukocytes, 2)
+    nrbc = report_view.nrbc_per_100_wbc(r)
     if nrbc is not None:
-        b.observation("nrbc", _concept(codes.NRBC), valueQuantity=_quantity(nrbc, "/100 WBC", "/100{WBCs}"),
-                      component=[_component("count", valueInteger=counts.get(_NRBC_LABEL, 0)),
+        value, count, leukocytes = nrbc
+        b.observation("nrbc", _concept(codes.NRBC), valueQuantity=_quantity(value, "/100 WBC", "/100{WBCs}"),
+                      component=[_component("count", valueInteger=count),
                                  _component("denominator", valueInteger=leukocytes)])
-    atypical = getattr(r, "atypical_wbc_present", None)
+    atypical = report_view.atypical_wbc_present(r)
     if atypical is not None:
-        b.observation("atypical-wbc", _concept(codes.local("atypical-wbc")), valueBoolean=bool(atypical))
-
-
-def _grade_of(share: ClassShare) -> tuple[str | None, list[dict[str, Any]]]:
-    """The share's ICSH grade (the report's once it carries one) and the CI's grades."""
-    grade = getattr(share, "grade", None)
-    if grade is None and share.label in ICSH_THRESHOLDS:
-        grade = icsh_grade(share.label, share.percent)
-    extra = []
-    lo, hi = getattr(share, "grade_ci95_low", None), getattr(share, "grade_ci95_high", None)
-    if lo is None and share.ci95_low is not None and share.label in ICSH_THRESHOLDS:
-        lo, hi = icsh_grade(share.label, share.ci95_low), icsh_grade(share.label, share.ci95_high or 0.0)
-    if lo is not None and hi is not None:
-        extra.append(_component("grade-ci95", valueString=f"{lo} to {hi}"))
-    return grade, extra
+        b.observation("atypical-wbc", _concept(codes.local("atypical-wbc")), valueBoolean=atypical)
 
 
 def _morphology(b: _Builder) -> None:
     r = b.report
-    size_unknown = any(f.code == SIZE_FLAG for f in r.flags)
+    size_unknown = report_view.size_not_assessable(r)
     for share in r.rbc_morphology:
         if share.label == "normal":
             continue
@@ -201,7 +185,10 @@ def _morphology(b: _Builder) -> None:
             local = codes.local(share.label, codes.LOCAL_RBC_MORPHOLOGY, share.label)
         components = [_component("percent", valueQuantity=_quantity(share.percent, "%", "%")),
                       *_share_components(share, r.counts.rbc)]
-        grade, grade_components = _grade_of(share)
+        grade = report_view.grade(share)
+        interval = report_view.grade_interval(share)
+        grade_components = [_component("grade-ci95", valueString=f"{interval[0]} to {interval[1]}")] \
+            if interval else []
         if size_unknown and share.label in SIZE_BASED:
             b.observation(f"rbc/{share.label}", _concept(loinc, local), component=components,
                           dataAbsentReason=_concept(codes.local("size-not-assessable")))

@@ -26,6 +26,7 @@ from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.report import Report
 from smearscope.service.config import StationConfig
 from smearscope.service.fhir.bundle import report_bundle
+from smearscope.service.fhir.report_view import rbc_grades
 from smearscope.service.station.review import ReviewGallery
 from smearscope.service.station.specimen import ClosedRun, SpecimenTracker
 
@@ -93,7 +94,7 @@ class ClinicFeed:
         review = self.gallery.summary(report.run_id) if self.gallery and report.run_id else None
         return {"station_id": self.station_id, "run_id": report.run_id, "state": state,
                 "end_reason": end_reason, "updated_at": time.time(), "progress": progress,
-                "report": body, "review": review}
+                "report": body, "rbc_grades": rbc_grades(report), "review": review}
 
     def _publish(self, publisher: StatePublisher | None, report: Report, state: str,
                  progress: dict[str, Any], end_reason: str | None) -> None:
@@ -116,3 +117,4 @@ class ClinicFeed:
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             return {"ok": False, "error": "offset must be a non-negative integer"}
         return self.gallery.page(run_id, offset)
+

@@ -1,4 +1,5 @@
-"""`smearscope` command line: analyze, demo, run, validate-config, schema, calibrate-scale, build-engines.
+"""`smearscope` command line: analyze, demo, run, validate-config, schema, calibrate-scale, dashboard,
+build-engines.
 
 Each command lives in its own module, imported when chosen; nothing below the CLI imports it.
 """
@@ -88,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--division-um", type=float, default=10.0, help="the micrometer's line spacing (default 10 um)")
     c.add_argument("--json", action="store_true", help="one JSON line instead of text")
     c.set_defaults(func=_lazy("calibrate", "cmd_calibrate_scale"))
+
+    db = sub.add_parser("dashboard", help="serve the clinic dashboard (MQTT over WebSockets in the browser)",
+                        description="Serve the static dashboard page; the browser connects to the broker's "
+                        "WebSockets listener itself (docs/MQTT.md). Without --password-file and with "
+                        "--username, the page asks for the password.")
+    db.add_argument("--broker", required=True, help="broker WebSocket URL, ws://HOST:9001 or wss://HOST:PORT")
+    db.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
+    db.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    db.add_argument("--topic-prefix", default="smearscope", help="the stations' mqtt.topic_prefix")
+    db.add_argument("--username", default=None, help="the dashboard's broker account (read-only ACL)")
+    db.add_argument("--password-file", type=Path, default=None,
+                    help="file holding that account's password (default: the systemd credential "
+                    "dashboard-mqtt-password when present)")
+    db.set_defaults(func=_lazy("dashboard", "cmd_dashboard"))
 
     b = sub.add_parser("build-engines", help="build TensorRT engines for the models (Jetson only)")
     b.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)

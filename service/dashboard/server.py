@@ -1,0 +1,115 @@
+"""`smearscope dashboard`: serve the static dashboard and tell it where the broker is.
+
+The page (static/) is served as files; `/config.json` gives it the broker's WebSocket URL
+(`ws://` or `wss://`), the topic prefix and, when configured, the dashboard's broker account.
+The browser connects to the broker itself: this server never touches MQTT. Whoever can load the
+page can read that account's password from /config.json, so give the dashboard an account that
+may only read `<prefix>/#` and publish `<prefix>/+/cmd/get_review`, and bind the server to the
+lab network (docs/MQTT.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+import threading
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+_CSP = ("default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+        "style-src 'self'; script-src 'self'; frame-ancestors 'none'")
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    broker_url: str
+    topic_prefix: str = "smearscope"
+    username: str | None = None
+    password: str | None = None
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.broker_url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError(f"--broker {self.broker_url!r}: expected ws://HOST:PORT[/PATH] or wss://...")
+        if not self.topic_prefix or any(c in self.topic_prefix for c in "/+#"):
+            raise ValueError(f"--topic-prefix {self.topic_prefix!r}: one topic level, no '/', '+' or '#'")
+
+    def page_config(self) -> dict[str, object]:
+        return {"broker": self.broker_url, "topicPrefix": self.topic_prefix,
+                "username": self.username, "password": self.password}
+
+
+def _handler(settings: DashboardSettings) -> type[BaseHTTPRequestHandler]:
+    config_body = json.dumps(settings.page_config()).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "smearscope-dashboard"
+
+        def do_GET(self) -> None:
+            path = urlsplit(self.path).path
+            if path == "/config.json":
+                self._send(HTTPStatus.OK, "application/json", config_body)
+                return
+            relative = unquote(path).lstrip("/")
+            if not relative or relative.endswith("/"):
+                relative += "index.html"
+            target = (STATIC / relative).resolve()
+            if STATIC not in target.parents or not target.is_file():
+                self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n")
+                return
+            kind = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+            if kind.startswith("text/") or kind == "application/javascript":
+                kind += "; charset=utf-8"
+            self._send(HTTPStatus.OK, kind, target.read_bytes())
+
+        def _send(self, status: HTTPStatus, kind: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Content-Security-Policy", _CSP)
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt: str, *args: object) -> None:
+            logger.debug("%s %s", self.address_string(), fmt % args)
+
+    return Handler
+
+
+class DashboardServer:
+    """The HTTP server of the dashboard, on `bind:port` (port 0: a free one)."""
+
+    def __init__(self, settings: DashboardSettings, port: int = 8080, bind: str = "127.0.0.1") -> None:
+        self.settings = settings
+        self.httpd = ThreadingHTTPServer((bind, port), _handler(settings))
+        self.httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def serve_forever(self) -> None:
+        logger.info("dashboard on http://%s:%d/ (broker %s)", self.httpd.server_address[0], self.port,
+                    self.settings.broker_url)
+        self.httpd.serve_forever(poll_interval=0.2)
+
+    def start(self) -> None:
+        """Serve on a background thread (tests)."""
+        self._thread = threading.Thread(target=self.serve_forever, name="dashboard-http", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(5)

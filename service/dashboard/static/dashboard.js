@@ -1,0 +1,243 @@
+// smearscope dashboard: every station's status, open run, differential, morphology, flags,
+// telemetry and review gallery, straight from the broker over MQTT over WebSockets (MQTT.js).
+// No build step. Text from the broker is only ever set with textContent.
+"use strict";
+
+const SEVERITY = { critical: 0, warning: 1, info: 2 };
+const stations = new Map();
+let client = null;
+let prefix = "smearscope";
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function setBroker(state, detail) {
+  const b = document.getElementById("broker");
+  b.className = "badge " + state;
+  b.dataset.state = state;
+  b.textContent = "broker: " + state + (detail ? " (" + detail + ")" : "");
+}
+
+function station(id) {
+  let st = stations.get(id);
+  if (st) return st;
+  const node = document.getElementById("station-template").content.firstElementChild.cloneNode(true);
+  node.dataset.station = id;
+  node.querySelector(".station-id").textContent = id;
+  node.querySelector(".more").addEventListener("click", () => requestReview(st, st.reviewNext));
+  document.getElementById("empty")?.remove();
+  const main = document.getElementById("stations");
+  const after = [...main.children].find((n) => n.dataset.station > id);
+  main.insertBefore(node, after || null);
+  st = { id, node, status: null, run: null, final: null, telemetry: null, reviewRun: null,
+         reviewShown: -1, reviewNext: null, reviewTimer: null };
+  stations.set(id, st);
+  return st;
+}
+
+function shown(st) {
+  // The final specimen report of the displayed run wins over its live (interim) state.
+  const run = st.run;
+  if (st.final && (!run || run.run_id === st.final.run_id || run.updated_at < st.final.created_at)) {
+    return { report: st.final, final: true, runId: st.final.run_id,
+             grades: run && run.run_id === st.final.run_id ? run.rbc_grades : null,
+             progress: run && run.run_id === st.final.run_id ? run.progress : null };
+  }
+  if (run) return { report: run.report, final: false, runId: run.run_id, grades: run.rbc_grades,
+                    progress: run.progress, state: run.state };
+  return null;
+}
+
+function renderStatus(st) {
+  const badge = st.node.querySelector(".status");
+  const value = st.status || "unknown";
+  badge.className = "badge status " + (value === "online" || value === "offline" ? value : "unknown");
+  badge.dataset.status = value;
+  badge.textContent = value;
+}
+
+function renderRun(st) {
+  const view = shown(st);
+  const line = st.node.querySelector(".run-line");
+  const tbody = st.node.querySelector(".differential tbody");
+  const morph = st.node.querySelector(".morphology tbody");
+  const flags = st.node.querySelector(".flags");
+  tbody.replaceChildren(); morph.replaceChildren(); flags.replaceChildren();
+  if (!view) { line.textContent = "no specimen run yet"; return; }
+  const r = view.report;
+  st.node.dataset.runId = view.runId || "";
+  st.node.dataset.shown = view.final ? "final" : "interim";
+  line.textContent = "run " + (view.runId || "-").slice(0, 8) + " · " + r.fields_analyzed +
+    (r.fields_analyzed === 1 ? " field · " : " fields · ") +
+    (view.final ? "final specimen report (preliminary, needs review)" : "in progress (" + (view.state || "open") + ")");
+  st.node.querySelector(".diff-source").textContent = view.final ? "final" : "interim";
+  const p = view.progress;
+  const bar = st.node.querySelector(".progress-bar");
+  const text = st.node.querySelector(".progress-text");
+  if (p) {
+    bar.style.width = Math.min(100, 100 * p.classified_wbc / Math.max(1, p.target_wbc)) + "%";
+    text.textContent = p.classified_wbc + " / " + p.target_wbc + " WBC classified";
+  } else {
+    text.textContent = r.counts.wbc + " WBC";
+  }
+  for (const s of r.wbc_differential) {
+    const tr = el("tr");
+    tr.dataset.label = s.label;
+    tr.append(el("td", "label", s.label), el("td", "count", String(s.count)), el("td", "percent", String(s.percent)));
+    const hasCi = s.ci95_low !== null && s.ci95_high !== null;
+    tr.append(el("td", "ci95", hasCi ? s.ci95_low + "–" + s.ci95_high : "–"));
+    const cell = el("td", "bar"), ci = el("div", "ci"), point = el("div", "point"), interval = el("div", "interval");
+    point.style.width = s.percent + "%";
+    if (hasCi) { interval.style.left = s.ci95_low + "%"; interval.style.width = (s.ci95_high - s.ci95_low) + "%"; }
+    ci.append(point, interval); cell.append(ci); tr.append(cell);
+    tbody.append(tr);
+  }
+  const grades = view.grades || {};
+  for (const s of r.rbc_morphology) {
+    const tr = el("tr");
+    tr.dataset.label = s.label;
+    tr.append(el("td", "label", s.label), el("td", "count", String(s.count)), el("td", "percent", String(s.percent)),
+              el("td", "grade", s.grade || grades[s.label] || ""));
+    morph.append(tr);
+  }
+  const sorted = [...r.flags].sort((a, b) => SEVERITY[a.severity] - SEVERITY[b.severity]);
+  for (const f of sorted) {
+    const li = el("li", "flag " + f.severity);
+    li.dataset.code = f.code;
+    li.append(el("strong", "", f.severity + ": "), document.createTextNode(f.message));
+    flags.append(li);
+  }
+}
+
+function renderTelemetry(st) {
+  const dl = st.node.querySelector(".telemetry");
+  dl.replaceChildren();
+  const flat = [];
+  const walk = (obj, path) => {
+    for (const [k, v] of Object.entries(obj || {})) {
+      if (v !== null && typeof v === "object" && !Array.isArray(v)) { if (!path) walk(v, k); }
+      else if (typeof v === "number" || typeof v === "string" || typeof v === "boolean") flat.push([path ? path + "." + k : k, v]);
+    }
+  };
+  walk(st.telemetry, "");
+  for (const [k, v] of flat.slice(0, 14)) {
+    const when = typeof v === "number" && k.endsWith("_at") && v > 1e9;
+    const shownValue = when ? new Date(v * 1000).toLocaleTimeString() :
+      typeof v === "number" ? String(Math.round(v * 100) / 100) : String(v);
+    const dt = el("dt", "", k), dd = el("dd", "", shownValue);
+    dd.dataset.key = k;
+    dl.append(dt, dd);
+  }
+}
+
+function renderReview(st, answer) {
+  const gallery = st.node.querySelector(".gallery");
+  if (answer.offset === 0) gallery.replaceChildren();
+  for (const c of answer.cells) {
+    const fig = el("figure", "cell");
+    const img = el("img");
+    img.src = "data:image/jpeg;base64," + c.jpeg;
+    img.alt = c.kind + " " + (c.label || "");
+    fig.append(img, el("figcaption", "", c.kind + ": " + (c.label || "?") +
+      (c.label_score !== null ? " " + Math.round(100 * c.label_score) + "%" : "")));
+    gallery.append(fig);
+  }
+  st.node.querySelector(".review-count").textContent =
+    "(" + gallery.children.length + " of " + answer.total + (answer.not_kept ? ", " + answer.not_kept + " more not kept" : "") + ")";
+  st.reviewNext = answer.next_offset;
+  st.node.querySelector(".more").hidden = answer.next_offset === null;
+  if (answer.overlay) {
+    const img = st.node.querySelector(".overlay");
+    img.src = "data:image/jpeg;base64," + answer.overlay.jpeg;
+    img.alt = "overlay of field " + answer.overlay.field_id;
+    img.hidden = false;
+    st.node.querySelector(".overlay-none").hidden = true;
+  }
+}
+
+function clearReview(st) {
+  st.node.querySelector(".gallery").replaceChildren();
+  st.node.querySelector(".review-count").textContent = "";
+  st.node.querySelector(".more").hidden = true;
+  const img = st.node.querySelector(".overlay");
+  img.hidden = true;
+  img.removeAttribute("src");
+  st.node.querySelector(".overlay-none").hidden = false;
+}
+
+function requestReview(st, offset) {
+  if (!client || !client.connected || !st.reviewRun) return;
+  client.publish(prefix + "/" + st.id + "/cmd/get_review",
+                 JSON.stringify({ run_id: st.reviewRun, offset: offset || 0 }), { qos: 1 });
+}
+
+function scheduleReview(st) {
+  clearTimeout(st.reviewTimer);
+  st.reviewTimer = setTimeout(() => requestReview(st, 0), 800);
+}
+
+function onMessage(topic, payload) {
+  const parts = topic.split("/");
+  if (parts[0] !== prefix || parts.length < 3) return;
+  const st = station(parts[1]);
+  const kind = parts.slice(2).join("/");
+  const text = new TextDecoder().decode(payload);
+  if (kind === "status") { st.status = text; renderStatus(st); return; }
+  let msg;
+  try { msg = JSON.parse(text); } catch (e) { console.warn("not JSON on", topic); return; }
+  if (kind === "run") {
+    st.run = msg;
+    renderRun(st);
+    const cells = msg.review ? msg.review.cells : 0;
+    if (msg.run_id !== st.reviewRun) { st.reviewRun = msg.run_id; st.reviewShown = -1; clearReview(st); }
+    if (cells !== st.reviewShown || msg.state === "closed") { st.reviewShown = cells; scheduleReview(st); }
+  } else if (kind === "report" && msg.body && msg.body.kind === "specimen") {
+    st.final = msg.body;
+    renderRun(st);
+  } else if (kind === "telemetry") {
+    st.telemetry = msg; renderTelemetry(st);
+  } else if (kind === "cmd_response/get_review" && msg.ok && msg.run_id === st.reviewRun) {
+    renderReview(st, msg);
+  }
+}
+
+function connect(cfg, username, password) {
+  prefix = cfg.topicPrefix;
+  client = mqtt.connect(cfg.broker, {
+    protocolVersion: 5, clean: true, keepalive: 15, reconnectPeriod: 1000, connectTimeout: 5000,
+    clientId: "smearscope-dashboard-" + Math.random().toString(16).slice(2, 10),
+    username: username || undefined, password: password || undefined,
+  });
+  client.on("connect", () => {
+    setBroker("connected");
+    const topics = ["status", "run", "report", "telemetry", "cmd_response/get_review"].map((t) => prefix + "/+/" + t);
+    client.subscribe(topics, { qos: 1 });
+    for (const st of stations.values()) if (st.reviewRun) scheduleReview(st);
+  });
+  client.on("reconnect", () => setBroker("reconnecting"));
+  client.on("close", () => { if (document.getElementById("broker").dataset.state === "connected") setBroker("reconnecting"); });
+  client.on("error", (err) => setBroker("reconnecting", err && err.message));
+  client.on("message", (topic, payload) => onMessage(topic, payload));
+}
+
+async function main() {
+  const cfg = await (await fetch("config.json", { cache: "no-store" })).json();
+  if (cfg.username && cfg.password === null) {
+    const form = document.getElementById("login");
+    form.hidden = false;
+    form.elements.username.value = cfg.username;
+    form.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      form.hidden = true;
+      connect(cfg, form.elements.username.value, form.elements.password.value);
+    });
+    return;
+  }
+  connect(cfg, cfg.username, cfg.password);
+}
+
+main().catch((err) => setBroker("disconnected", String(err)));

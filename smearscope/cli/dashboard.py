@@ -1,0 +1,40 @@
+"""`smearscope dashboard`: serve the clinic dashboard (service.dashboard) until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    """From --password-file, else the systemd credential 'dashboard-mqtt-password' if present."""
+    path = args.password_file
+    if path is None and os.environ.get("CREDENTIALS_DIRECTORY"):
+        candidate = Path(os.environ["CREDENTIALS_DIRECTORY"]) / "dashboard-mqtt-password"
+        path = candidate if candidate.is_file() else None
+    return path.read_text().strip() if path is not None else None
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from smearscope.service.dashboard.server import DashboardServer, DashboardSettings
+
+    try:
+        settings = DashboardSettings(args.broker, args.topic_prefix, args.username,
+                                     _password(args) if args.username else None)
+        server = DashboardServer(settings, args.port, args.bind)
+    except (ValueError, OSError) as exc:
+        print(f"smearscope dashboard: {exc}", file=sys.stderr)
+        return 2
+    print(f"smearscope dashboard: http://{args.bind}:{server.port}/ (broker {args.broker})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+    return 0

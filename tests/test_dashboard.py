@@ -1,0 +1,247 @@
+"""The clinic dashboard in a real browser: mosquitto with a WebSockets listener, the station
+daemon (`smearscope run`, committed models, simulated microscope), `smearscope dashboard`, and
+Debian's headless Chromium driven by selenium through chromium-driver. The test reads what a
+person sees: the station online, the differential's numbers equal to the specimen report's, a
+flag, the latest field's overlay; then the broker is killed and restarted and the page recovers.
+Screenshots are saved in the test's tmp dir (dashboard-final.png, dashboard-recovered.png).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, free_port, wait_for_port, wait_until
+from test_daemon import to_toml
+
+from smearscope.service.analysis.report import Report
+from smearscope.service.dashboard.server import STATIC, DashboardServer, DashboardSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+STATION = "ward-7"
+BASE = f"smearscope/{STATION}"
+MQTT_JS_SHA256 = "f3cbeae580d3010048938ee370f2db0c15d16e6f7fc147cb32ae5510e571b387"
+#: Chromium as root in a container: no sandbox, no GPU, nothing fetched from the network.
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1500,1100")
+
+
+def test_vendored_mqtt_js_is_the_npm_release_with_its_licence() -> None:
+    vendor = STATIC / "vendor"
+    assert hashlib.sha256((vendor / "mqtt.min.js").read_bytes()).hexdigest() == MQTT_JS_SHA256
+    assert "MIT License" in (vendor / "mqtt.LICENSE.md").read_text()
+    assert MQTT_JS_SHA256 in (vendor / "README.md").read_text()
+
+
+def test_server_serves_the_page_and_its_config_and_nothing_else() -> None:
+    server = DashboardServer(DashboardSettings("wss://broker.lab:8081/mqtt", "lab", "dash", "pw"), port=0)
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        with urllib.request.urlopen(f"{base}/") as page:
+            assert b"dashboard.js" in page.read() and "script-src 'self'" in page.headers["Content-Security-Policy"]
+        with urllib.request.urlopen(f"{base}/config.json") as cfg:
+            assert json.load(cfg) == {"broker": "wss://broker.lab:8081/mqtt", "topicPrefix": "lab",
+                                      "username": "dash", "password": "pw"}
+        with urllib.request.urlopen(f"{base}/vendor/mqtt.min.js") as js:
+            assert js.headers["Content-Type"].startswith("text/javascript") or "javascript" in js.headers["Content-Type"]
+        for bad in ("/../server.py", "/%2e%2e/server.py", "/nothing.html"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(base + bad)
+            assert err.value.code == 404
+    finally:
+        server.stop()
+    for url in ("http://broker:9001", "tcp://broker:1883", "ws://"):
+        with pytest.raises(ValueError):
+            DashboardSettings(url)
+
+
+# --------------------------------------------------------------------------- the real browser
+
+
+def _station_config(tmp_path: Path, broker: MosquittoBroker) -> Path:
+    doc: dict[str, Any] = {
+        "station_id": STATION,
+        "source": {"kind": "simulated", "fps": 2.0, "width": 480, "height": 360, "seed": 3, "fields": 100_000},
+        "analysis": {"models_dir": str(ROOT / "models")},
+        "specimen": {"target_wbc_count": 200, "idle_timeout_s": 600.0, "auto_start": False},
+        "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive": 5, "username": "station",
+                 "password_credential": "mqtt-password", "reconnect_min_delay_s": 1,
+                 "reconnect_max_delay_s": 1, "telemetry_interval_s": 2.0, "stop_drain_timeout_s": 5,
+                 "outbox": {"path": str(tmp_path / "state" / "outbox.sqlite3")}},
+    }
+    path = tmp_path / "station.toml"
+    path.write_text(to_toml(doc) + "\n")
+    return path
+
+
+@pytest.fixture
+def ws_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, websockets=True)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+class _Proc:
+    """A child process whose output goes to a log file; stopped by its PID."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                         env={**os.environ, **(env or {})})
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _wait(what: str, predicate: Callable[[], bool], timeout: float, logs: list[Path]) -> None:
+    if not wait_until(predicate, timeout):
+        tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+        raise AssertionError(f"timed out waiting for {what}\n{tails}")
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+@pytest.mark.skipif(not (ROOT / "models" / "seg.json").exists(), reason="models/seg.json not present")
+def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
+    tmp_path: Path, ws_broker: MosquittoBroker, credentials_dir: Path,
+) -> None:
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    logs = [tmp_path / "daemon.log", tmp_path / "dashboard.log"]
+    daemon = _Proc([sys.executable, "-m", "smearscope", "run", "--config", str(_station_config(tmp_path, ws_broker))],
+                   logs[0], {"CREDENTIALS_DIRECTORY": str(credentials_dir)})
+    password_file = tmp_path / "dashboard-password"
+    password_file.write_text(MQTT_USERS["observer"] + "\n")
+    http_port = free_port()
+    dashboard = _Proc([sys.executable, "-m", "smearscope", "dashboard", "--port", str(http_port),
+                       "--broker", f"ws://127.0.0.1:{ws_broker.ws_port}", "--username", "observer",
+                       "--password-file", str(password_file)], logs[1])
+    observer = Subscriber(ws_broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = None
+    try:
+        observer.wait_ready()
+        wait_for_port(http_port, 20, dashboard.proc)
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        driver.get(f"http://127.0.0.1:{http_port}/")
+        card = f"section.station[data-station='{STATION}']"
+
+        def seen(selector: str, attribute: str | None = None) -> str | None:
+            try:
+                found = driver.find_elements(By.CSS_SELECTOR, selector)
+                if not found:
+                    return None
+                return found[0].get_attribute(attribute) if attribute else found[0].text
+            except WebDriverException:
+                return None
+
+        def command(name: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+            topic = f"{BASE}/cmd_response/{name}"
+            before = len(observer.on_topic(topic))
+            observer.client.publish(f"{BASE}/cmd/{name}", json.dumps(body or {}), qos=1)
+            _wait(f"answer to {name}", lambda: len(observer.on_topic(topic)) > before, 30, logs)
+            return json.loads(observer.on_topic(topic)[-1].payload)
+
+        # The station comes online (retained status through the broker's WebSockets listener).
+        _wait("the station online on the page", lambda: seen(f"{card} .status") == "online", 90, logs)
+        assert seen("#broker", "data-state") == "connected"
+
+        # A run: the page follows it live, then shows its final specimen report.
+        run_id = command("start_run", {"target_wbc": 200})["run_id"]
+        def fields_shown() -> int:
+            found = re.search(r"(\d+) fields?", seen(f"{card} .run-line") or "")
+            return int(found.group(1)) if found else 0
+
+        _wait("two fields of the run on the page",
+              lambda: seen(card, "data-run-id") == run_id and fields_shown() >= 2, 90, logs)
+        assert seen(card, "data-shown") == "interim"
+        assert "WBC classified" in (seen(f"{card} .progress-text") or "")
+        stopped = command("stop_run")
+        assert stopped["ok"] and stopped["run_id"] == run_id
+        _wait("the specimen report", lambda: any(json.loads(m.payload)["report_id"] == stopped["report_id"]
+                                                 for m in observer.on_topic(f"{BASE}/report")), 30, logs)
+        report = Report.model_validate(json.loads(observer.on_topic(f"{BASE}/report")[-1].payload)["body"])
+        _wait("the final report on the page", lambda: seen(card, "data-shown") == "final"
+              and seen(card, "data-run-id") == run_id, 30, logs)
+
+        rows = driver.find_elements(By.CSS_SELECTOR, f"{card} table.differential tbody tr")
+        on_page = {r.get_attribute("data-label"): [td.text for td in r.find_elements(By.TAG_NAME, "td")[:4]]
+                   for r in rows}
+        expected = {s.label: [s.label, str(s.count), s.percent, s.ci95_low, s.ci95_high]
+                    for s in report.wbc_differential}
+        assert set(on_page) == set(expected) and expected, (on_page, expected)
+        for label, (name, count, percent, ci) in on_page.items():
+            _, n, pct, lo, hi = expected[label]
+            assert (name, count) == (label, n)
+            assert float(percent) == pct
+            low, high = (float(v) for v in ci.split("–"))
+            assert (low, high) == (lo, hi)
+        morphology = {r.get_attribute("data-label"): r.find_elements(By.TAG_NAME, "td")[2].text
+                      for r in driver.find_elements(By.CSS_SELECTOR, f"{card} table.morphology tbody tr")}
+        assert {k: float(v) for k, v in morphology.items()} == {s.label: s.percent for s in report.rbc_morphology}
+        flag = driver.find_element(By.CSS_SELECTOR, f"{card} li.flag[data-code='specimen_incomplete']")
+        assert flag.is_displayed() and "warning" in flag.get_attribute("class")
+        assert "run ended (stopped)" in flag.text
+        _wait("the latest field's overlay", lambda: seen(f"{card} img.overlay", "naturalWidth") not in (None, "0"),
+              30, logs)
+        states = [json.loads(m.payload) for m in observer.on_topic(f"{BASE}/run")]
+        closed = next(s for s in states if s["run_id"] == run_id and s["state"] == "closed")
+        if closed["review"]["cells"]:  # the cells to review, as crops
+            _wait("the review gallery", lambda: len(driver.find_elements(
+                By.CSS_SELECTOR, f"{card} .gallery figure img")) > 0, 30, logs)
+        driver.save_screenshot(str(tmp_path / "dashboard-final.png"))
+
+        # The broker dies: the page says so; it comes back: the page reconnects by itself and
+        # live data flows again (a new run, started after the restart).
+        ws_broker.kill()
+        _wait("the page to notice the broker is gone",
+              lambda: seen("#broker", "data-state") == "reconnecting", 30, logs)
+        time.sleep(2)
+        ws_broker.start()
+        _wait("the page reconnected", lambda: seen("#broker", "data-state") == "connected", 60, logs)
+        _wait("the station online again", lambda: seen(f"{card} .status") == "online", 60, logs)
+        observer.connected.wait(10)
+        observer.wait_for(lambda ms: True, 0)
+        _wait("the observer back", lambda: observer.connected.is_set(), 30, logs)
+        time.sleep(1)  # its subscription renewed in on_connect
+        second = command("start_run", {"target_wbc": 200})["run_id"]
+        _wait("the new run on the page", lambda: seen(card, "data-run-id") == second, 90, logs)
+        assert seen(card, "data-shown") == "interim"
+        driver.save_screenshot(str(tmp_path / "dashboard-recovered.png"))
+    finally:
+        if driver is not None:
+            driver.quit()
+        observer.close()
+        dashboard.stop()
+        daemon.stop()
+    assert daemon.proc.returncode == 0, (tmp_path / "daemon.log").read_text()[-3000:]
