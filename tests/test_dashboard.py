@@ -182,8 +182,14 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
             found = re.search(r"(\d+) fields?", seen(f"{card} .run-line") or "")
             return int(found.group(1)) if found else 0
 
-        _wait("two fields of the run on the page",
-              lambda: seen(card, "data-run-id") == run_id and fields_shown() >= 2, 90, logs)
+        def classified_shown() -> int:
+            found = re.match(r"(\d+) / \d+ WBC classified", seen(f"{card} .progress-text") or "")
+            return int(found.group(1)) if found else 0
+
+        # Two fields and a white cell at least (some rendered fields show none), so the
+        # differential has rows to compare.
+        _wait("the run's fields on the page", lambda: seen(card, "data-run-id") == run_id
+              and fields_shown() >= 2 and classified_shown() >= 1, 120, logs)
         assert seen(card, "data-shown") == "interim"
         assert "WBC classified" in (seen(f"{card} .progress-text") or "")
         stopped = command("stop_run")
