@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from test_daemon import oracle_pool
 
 from smearscope.device.synthetic import render_field
-from smearscope.service.analysis.report import ClassShare, Counts, Flag, Report, SizeStats
+from smearscope.service.analysis.report import ClassShare, Counts, Flag, Report, SizeHistogram, SizeStats
 from smearscope.service.fhir import codes
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.station.specimen import SpecimenRun
@@ -82,7 +82,8 @@ def specimen_report() -> Report:
 
 
 def graded_report(flags: list[Flag] = ()) -> Report:
-    """A specimen report with chosen shares: grades, NRBC and the size flag are known."""
+    """A specimen report with chosen shares, as reports were before grades and NRBC counted
+    apart (erythroblasts in the differential): the derived values are known."""
     def share(label: str, count: int, n: int, ci: bool = True) -> ClassShare:
         pct = round(100 * count / n, 2)
         return ClassShare(label=label, count=count, percent=pct, ci95_low=max(0.0, pct - 3) if ci else None,
@@ -158,6 +159,45 @@ def test_grades_nrbc_and_local_codes() -> None:
         by_code(bundle, codes.LOCAL_WBC_CLASS, "erythroblast")
     size = by_code(bundle, codes.LOCAL_OBSERVATION, "rbc-diameter")
     assert size["valueQuantity"] == {"value": 7.4, "unit": "um", "system": codes.UCUM, "code": "um"}
+
+
+def current_report() -> Report:
+    """A report with the analyzer's own grades, NRBC counted apart, an atypical-WBC flag, a
+    not-assessable share and a diameter histogram."""
+    base = graded_report([Flag(code="atypical_wbc_present", severity="warning", message="5 untyped")])
+    wbc = [s for s in base.wbc_differential if s.label != "erythroblast"]
+    rbc = [s.model_copy(update={"grade": "3+", "grade_ci_low": "2+", "grade_ci_high": "3+"})
+           if s.label == "schistocyte" else s for s in base.rbc_morphology]
+    rbc.append(ClassShare(label="macrocyte", count=7, percent=0.0, assessable=False))
+    size = base.rbc_size.model_copy(update={"histogram": SizeHistogram(bin_edges_um=[6.0, 7.0, 8.0],
+                                                                       counts=[10, 300, 500, 90])})
+    return base.model_copy(update={"wbc_differential": wbc, "rbc_morphology": rbc, "rbc_size": size,
+                                   "counts": Counts(rbc=1000, wbc=105, platelet=80, nrbc=5),
+                                   "nrbc_per_100_wbc": 4.76})
+
+
+def test_the_reports_own_grades_nrbc_flags_and_histogram_are_used() -> None:
+    bundle = report_bundle(current_report())
+    validate(bundle)
+    schisto = by_code(bundle, codes.LOINC, "800-3")  # the report says 3+ (derived would be 2+)
+    assert schisto["valueCodeableConcept"]["coding"][0]["code"] == "3+"
+    assert component(schisto, "grade-ci95")["valueString"] == "2+ to 3+"
+    macro = by_code(bundle, codes.LOINC, "738-5")
+    assert "valueCodeableConcept" not in macro and macro["dataAbsentReason"]["coding"][0]["code"] == "size-not-assessable"
+    assert [c["code"]["coding"][0]["code"] for c in macro["component"]] == ["count"]
+    nrbc = by_code(bundle, codes.LOINC, "58413-6")
+    assert nrbc["valueQuantity"]["value"] == 4.76
+    assert (component(nrbc, "count")["valueInteger"], component(nrbc, "denominator")["valueInteger"]) == (5, 105)
+    assert by_code(bundle, codes.LOCAL_OBSERVATION, "atypical-wbc")["valueBoolean"] is True
+    size = by_code(bundle, codes.LOCAL_OBSERVATION, "rbc-diameter")
+    bins = [(c["code"]["text"], c["valueInteger"]) for c in size["component"] if c["code"]["coding"][0]["code"] == "diameter-bin"]
+    assert bins == [("< 6 um", 10), ("6 to < 7 um", 300), ("7 to < 8 um", 500), (">= 8 um", 90)]
+    counted = by_code(bundle, codes.LOCAL_OBSERVATION, "cells-counted")
+    assert component(counted, "nrbc")["valueInteger"] == 5
+    uncalibrated = current_report().model_copy(update={"rbc_size": SizeStats(
+        n=900, mean_diameter_um=None, sd_um=None, cv_percent=None, median_diameter_um=None, calibrated=False)})
+    size = by_code(report_bundle(uncalibrated), codes.LOCAL_OBSERVATION, "rbc-diameter")
+    assert "valueQuantity" not in size and size["dataAbsentReason"]["coding"][0]["code"] == "size-not-assessable"
 
 
 def test_size_based_calls_are_absent_when_the_scale_was_not_calibrated() -> None:

@@ -14,7 +14,6 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from smearscope.service.analysis.morphology import SIZE_BASED
 from smearscope.service.analysis.report import ClassShare, Report
 from smearscope.service.fhir import codes, report_view
 from smearscope.service.fhir.codes import Code
@@ -165,14 +164,12 @@ def _differential(b: _Builder) -> None:
         b.observation("nrbc", _concept(codes.NRBC), valueQuantity=_quantity(value, "/100 WBC", "/100{WBCs}"),
                       component=[_component("count", valueInteger=count),
                                  _component("denominator", valueInteger=leukocytes)])
-    atypical = report_view.atypical_wbc_present(r)
-    if atypical is not None:
-        b.observation("atypical-wbc", _concept(codes.local("atypical-wbc")), valueBoolean=atypical)
+    b.observation("atypical-wbc", _concept(codes.local("atypical-wbc")),
+                  valueBoolean=report_view.atypical_wbc_present(r))
 
 
 def _morphology(b: _Builder) -> None:
     r = b.report
-    size_unknown = report_view.size_not_assessable(r)
     for share in r.rbc_morphology:
         if share.label == "normal":
             continue
@@ -189,8 +186,9 @@ def _morphology(b: _Builder) -> None:
         interval = report_view.grade_interval(share)
         grade_components = [_component("grade-ci95", valueString=f"{interval[0]} to {interval[1]}")] \
             if interval else []
-        if size_unknown and share.label in SIZE_BASED:
-            b.observation(f"rbc/{share.label}", _concept(loinc, local), component=components,
+        if not report_view.assessable(r, share):  # count: cells the head gave this size-based class
+            b.observation(f"rbc/{share.label}", _concept(loinc, local),
+                          component=[_component("count", valueInteger=share.count)],
                           dataAbsentReason=_concept(codes.local("size-not-assessable")))
             continue
         value: dict[str, Any] = ({"valueCodeableConcept": _concept(codes.grade(grade))} if grade
@@ -202,13 +200,22 @@ def _morphology(b: _Builder) -> None:
 def _sizes_and_counts(b: _Builder) -> None:
     r = b.report
     s = r.rbc_size
-    if s.n and s.mean_diameter_um is not None:
+    code = _concept(codes.local("rbc-diameter"))
+    if not s.calibrated:  # sizes at an estimated scale are circular: left out
+        b.observation("rbc-diameter", code, component=[_component("n", valueInteger=s.n)],
+                      dataAbsentReason=_concept(codes.local("size-not-assessable")))
+    elif s.n and s.mean_diameter_um is not None:
         comps = [_component("n", valueInteger=s.n)]
-        for code, v, unit, ucum in (("sd", s.sd_um, "um", "um"), ("cv", s.cv_percent, "%", "%"),
-                                    ("median", s.median_diameter_um, "um", "um")):
+        for name, v, unit in (("sd", s.sd_um, "um"), ("cv", s.cv_percent, "%"), ("median", s.median_diameter_um, "um")):
             if v is not None:
-                comps.append(_component(code, valueQuantity=_quantity(v, unit, ucum)))
-        b.observation("rbc-diameter", _concept(codes.local("rbc-diameter")),
-                      valueQuantity=_quantity(s.mean_diameter_um, "um", "um"), component=comps)
+                comps.append(_component(name, valueQuantity=_quantity(v, unit, unit)))
+        if s.histogram is not None:  # one component per bin: code text names the bin, value counts it
+            edges = s.histogram.bin_edges_um
+            for i, count in enumerate(s.histogram.counts):
+                lo = f"{edges[i - 1]:g}" if i > 0 else ""
+                hi = f"{edges[i]:g}" if i < len(edges) else ""
+                label = f"< {hi} um" if not lo else f">= {lo} um" if not hi else f"{lo} to < {hi} um"
+                comps.append({"code": _concept(codes.local("diameter-bin"), text=label), "valueInteger": count})
+        b.observation("rbc-diameter", code, valueQuantity=_quantity(s.mean_diameter_um, "um", "um"), component=comps)
     b.observation("cells-counted", _concept(codes.local("cells-counted")), component=[
         _component(k, valueInteger=v) for k, v in r.counts.model_dump().items()])
