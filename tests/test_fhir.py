@@ -19,7 +19,14 @@ from pydantic import ValidationError
 from test_daemon import oracle_pool
 
 from smearscope.device.synthetic import render_field
-from smearscope.service.analysis.report import ClassShare, Counts, Flag, Report, SizeHistogram, SizeStats
+from smearscope.service.analysis.report import (
+    ClassShare,
+    Counts,
+    Flag,
+    Report,
+    SizeHistogram,
+    SizeStats,
+)
 from smearscope.service.fhir import codes
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.station.specimen import SpecimenRun
