@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -148,9 +148,10 @@ class MqttPublisher:
         return self.publish_many([(kind, report_id, payload, schema_version)])[0]
 
     def publish_many(self, items: list[tuple[MessageKind, str, bytes, str]],
-                     also: StateWriter | None = None) -> list[int]:
+                     also: StateWriter | None = None, extra: Sequence[NewMessage] = ()) -> list[int]:
         """Store several messages ((kind, report_id, JSON body, schema version) each) in one
-        outbox transaction, with `also` (the caller's own tables) in the same one."""
+        outbox transaction, with `also` (the caller's own tables) in the same one; `extra`:
+        messages stored as they are, after those (a FHIR Bundle, the live run state)."""
         topics = {"report": self.report_topic, "field": self.field_topic, "cells": self.cells_topic}
         messages = []
         for kind, report_id, payload, schema_version in items:
@@ -163,7 +164,7 @@ class MqttPublisher:
             messages.append(NewMessage(kind, topics[kind], envelope, report_id, schema_version,
                                        qos=self.config.qos, message_id=message_id,
                                        created_at=created_at))
-        seqs = self.outbox.put_many(messages, also)
+        seqs = self.outbox.put_many([*messages, *extra], also)
         self._wake.set()
         return seqs
 

@@ -1,12 +1,14 @@
 """What the station gives clinic systems besides its JSON reports: the FHIR Bundle of each
 specimen report, the live state of the open run for dashboards, and the review gallery.
 
-- FHIR (`[fhir]`): `fhir_document(report)` is the Bundle the outbox writer stores next to each
-  specimen report, on `<prefix>/<station>/<fhir.topic>` (service.fhir.bundle).
-- Live run state: after each field, `<prefix>/<station>/run` (retained, QoS 1, not stored: a
-  state, replaced by the next) carries the open run's interim aggregates (the specimen report
-  without its cells), its progress toward the WBC target and how much review material it has;
-  when the run ends, its final aggregates with `state: "closed"`.
+- FHIR (`[fhir]`): `fhir_message(report)` is the Bundle the outbox writer stores with each
+  specimen report, in the same transaction, on `<prefix>/<station>/<fhir.topic>`, bare (no
+  envelope), never evicted (outbox kind `report`; service.fhir.bundle).
+- Live run state: after each field, `<prefix>/<station>/run` (retained, QoS 1) carries the open
+  run's interim aggregates (the specimen report without its cells), its progress toward the WBC
+  target and how much review material it has; when the run ends, its final aggregates with
+  `state: "closed"`. It goes through the outbox as an evictable message (kind `field`), so after
+  an outage the states arrive in order and the last one stays retained.
 - Review gallery (`[review]`): crops and overlays (service.station.review), served by the
   `get_review` command.
 All of it runs beside the analysis: a failure here is logged and never costs a field or a report.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,21 +27,33 @@ import numpy as np
 
 from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.report import Report
-from smearscope.service.config import StationConfig
+from smearscope.service.config import MqttConfig, StationConfig
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.fhir.report_view import rbc_grades
+from smearscope.service.mqtt.outbox import MessageKind, NewMessage, StateWriter
 from smearscope.service.station.review import ReviewGallery
 from smearscope.service.station.specimen import ClosedRun, SpecimenTracker
 
 logger = logging.getLogger(__name__)
 
 RUN_TOPIC = "run"
+RUN_SCHEMA = "run-1"
 FHIR_CONTENT_TYPE = "application/fhir+json; fhirVersion=4.0"
 FHIR_VERSION = "4.0.1"
 
 
-class StatePublisher(Protocol):
-    def publish_state(self, topic: str, payload: bytes) -> bool: ...
+class OutboxPublisher(Protocol):
+    """What the feed needs of the publisher (service.mqtt.publisher.MqttPublisher)."""
+
+    config: MqttConfig
+    station_id: str
+
+    def publish_many(self, items: list[tuple[MessageKind, str, bytes, str]],
+                     also: StateWriter | None = None, extra: Sequence[NewMessage] = ()) -> list[int]: ...
+
+
+def _topic(publisher: OutboxPublisher, name: str) -> str:
+    return f"{publisher.config.topic_prefix}/{publisher.station_id}/{name}"
 
 
 class ClinicFeed:
@@ -55,13 +70,16 @@ class ClinicFeed:
 
     # ------------------------------------------------------------------ FHIR
 
-    def fhir_document(self, report: Report) -> bytes:
-        return json.dumps(report_bundle(report), separators=(",", ":")).encode()
+    def fhir_message(self, report: Report, publisher: OutboxPublisher) -> NewMessage:
+        assert self.fhir_topic is not None
+        body = json.dumps(report_bundle(report), separators=(",", ":")).encode()
+        return NewMessage("report", _topic(publisher, self.fhir_topic), body, report.report_id,
+                          FHIR_VERSION, qos=publisher.config.qos, content_type=FHIR_CONTENT_TYPE)
 
     # ------------------------------------------------------------------ live state and review
 
     def field_added(self, image: np.ndarray, result: FieldResult, tracker: SpecimenTracker,
-                    publisher: StatePublisher | None) -> None:
+                    publisher: OutboxPublisher | None) -> None:
         """On the analysis thread, after the field joined its run (or stood alone)."""
         run_id = result.report.run_id
         if run_id is None:
@@ -77,7 +95,7 @@ class ClinicFeed:
             logger.exception("review/live state of field %s failed (the field report stands)",
                              result.report.report_id)
 
-    def run_closed(self, closed: ClosedRun, publisher: StatePublisher | None) -> None:
+    def run_closed(self, closed: ClosedRun, publisher: OutboxPublisher | None) -> None:
         if closed.report is None:
             return
         try:
@@ -96,7 +114,7 @@ class ClinicFeed:
                 "end_reason": end_reason, "updated_at": time.time(), "progress": progress,
                 "report": body, "rbc_grades": rbc_grades(report), "review": review}
 
-    def _publish(self, publisher: StatePublisher | None, report: Report, state: str,
+    def _publish(self, publisher: OutboxPublisher | None, report: Report, state: str,
                  progress: dict[str, Any], end_reason: str | None) -> None:
         if publisher is None:
             return
@@ -105,7 +123,9 @@ class ClinicFeed:
             logger.warning("live run state of %s is %d bytes, above review.max_message_kb; not sent",
                            report.run_id, len(payload))
             return
-        publisher.publish_state(RUN_TOPIC, payload)
+        publisher.publish_many([], extra=[NewMessage("field", _topic(publisher, RUN_TOPIC), payload,
+                                                     report.run_id or report.report_id, RUN_SCHEMA,
+                                                     qos=1, retain=True)])
 
     def get_review(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """`cmd/get_review {"run_id": ..., "offset": 0}` (on the command thread)."""

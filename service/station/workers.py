@@ -45,6 +45,7 @@ from smearscope.service.analysis.report import SCHEMA_VERSION, Report
 from smearscope.service.ingest import IngestError
 from smearscope.service.mqtt.outbox import MessageKind, StateWriter, is_disk_full
 from smearscope.service.mqtt.publisher import MqttPublisher
+from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.daemon_summary import Stats, StoredReport
 from smearscope.service.station.durable import RunMeta, StationState
 from smearscope.service.station.messages import report_messages
@@ -98,6 +99,7 @@ class StationWorkers:
         request_stop: Callable[[str], None],
         max_fields: int | None,
         scale_override: float | None,
+        clinic: ClinicFeed | None = None,
     ) -> None:
         self.gate, self.tracker, self.watchdog = gate, tracker, watchdog
         #: Commands' work on the specimen state, served by the analysis thread between frames.
@@ -105,6 +107,8 @@ class StationWorkers:
         self._stop, self._request_stop = stop, request_stop
         self.max_fields = max_fields
         self.scale_override = scale_override
+        #: FHIR bundles, live run state and the review gallery (service.station.clinic).
+        self.clinic = clinic
         self.stats = Stats()
         self.ledger: deque[StoredReport] = deque(maxlen=10_000)
         self.outcomes: deque[tuple[str, str, str | None]] = deque(maxlen=10_000)
@@ -289,6 +293,8 @@ class StationWorkers:
             run = RunMeta(open_run.run_id, open_run.started_at, open_run.started_by,
                           open_run.target_wbc)
         self._emit(_Outgoing("field", result.report, frame, result.cells, run))
+        if self.clinic is not None:
+            self.clinic.field_added(frame.pixels, result, self.tracker, self.publisher)
         if closed is not None:
             self.emit_closed(closed)
         self.stats.add("analysed")
@@ -313,6 +319,8 @@ class StationWorkers:
         """Send the final report of a run that ended (none when it had no field)."""
         if closed.report is not None:
             self._emit(_Outgoing("report", closed.report))
+        if self.clinic is not None:
+            self.clinic.run_closed(closed, self.publisher)
 
     # ------------------------------------------------------------------ outbox writer
 
@@ -403,7 +411,10 @@ class StationWorkers:
                 report_id=report.report_id,
                 input_key=item.frame.input_key if item.frame is not None else None, run=item.run,
                 field_id=field_id, cells=item.cells, records=report.cells, models=report.models)
-        return self.publisher.publish_many(items, also)[0]
+        extra = []  # a specimen report's FHIR Bundle goes in the same transaction
+        if item.kind == "report" and self.clinic is not None and self.clinic.fhir_topic is not None:
+            extra.append(self.clinic.fhir_message(report, self.publisher))
+        return self.publisher.publish_many(items, also, extra)[0]
 
     def _give_up(self, item: _Outgoing, exc: BaseException, attempts: int) -> None:
         """Stopping, and the outbox still refuses: what the next start recovers, or a loss."""
