@@ -9,7 +9,7 @@ visible part), in frame coordinates, with `cut_by_tile_edge` from the real
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -39,7 +39,7 @@ class OracleSegmenter:
         return list(detections)
 
     def detect(
-        self, tiles: Sequence[Tile], frame_width: int, frame_height: int, calibrate: bool = True
+        self, tiles: Iterable[Tile], frame_width: int, frame_height: int, calibrate: bool = True
     ) -> list[CellDetection]:
         out: list[CellDetection] = []
         for tile in tiles:

@@ -53,6 +53,21 @@ def test_decode_tile_masks_from_prototypes():
     assert 250 < mask.sum() < 600
 
 
+def test_box_mask_equals_the_whole_tile_resize_bit_for_bit():
+    """The mask of a box is resized from the prototype cells under it only; values must not move."""
+    import cv2
+
+    from smearscope.service.analysis.yolo_decode import box_mask
+
+    rng = np.random.default_rng(7)
+    for _ in range(400):
+        lowres = (1.0 / (1.0 + np.exp(-rng.normal(0.0, 3.0, (64, 64))))).astype(np.float32)
+        x0, y0 = (int(v) for v in rng.integers(0, 255, 2))
+        x1, y1 = int(rng.integers(x0 + 1, 257)), int(rng.integers(y0 + 1, 257))
+        whole = cv2.resize(lowres, (256, 256), interpolation=cv2.INTER_LINEAR)[y0:y1, x0:x1] > 0.5
+        np.testing.assert_array_equal(box_mask(lowres, 256, (y0, x0, y1, x1)), whole)
+
+
 class _FakeEngine:
     """Stands in for an engine: returns a fixed raw output per tile (decode is what is tested)."""
 

@@ -1,6 +1,9 @@
-"""Box overlap on plain coordinates (x0, y0, x1, y1): IoU and the inside fraction (numpy only).
+"""Box overlap on plain coordinates (x0, y0, x1, y1): IoU, the inside fraction, and which boxes
+of a set overlap at all (numpy only).
 
 Used by the view fusion (service.analysis.tta), the demo's scoring and the evaluation metrics.
+`overlapping_pairs` finds overlaps through a uniform grid, so a whole slide's cells cost memory in
+proportion to the cells and their neighbours, never to the square of their number.
 """
 
 from __future__ import annotations
@@ -35,3 +38,56 @@ def inside_fraction(inner, outer) -> float:
     iy = max(0.0, min(inner[3], outer[3]) - max(inner[1], outer[1]))
     area = (inner[2] - inner[0]) * (inner[3] - inner[1])
     return ix * iy / area if area > 0 else 0.0
+
+
+def pair_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of boxes a[k] and b[k] (both (K, 4)), computed as `box_iou` computes each entry."""
+    a = np.asarray(a, float).reshape(-1, 4)
+    b = np.asarray(b, float).reshape(-1, 4)
+    ix0 = np.maximum(a[:, 0], b[:, 0])
+    iy0 = np.maximum(a[:, 1], b[:, 1])
+    ix1 = np.minimum(a[:, 2], b[:, 2])
+    iy1 = np.minimum(a[:, 3], b[:, 3])
+    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
+    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def overlapping_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i, j), i == j included, of boxes (N, 4) whose intersection has positive area,
+    sorted by i, then j.
+
+    Boxes are entered in every cell of a uniform grid (twice the median box side) they reach;
+    two boxes can only overlap when they share a cell, so only those pairs are compared."""
+    boxes = np.asarray(boxes, float).reshape(-1, 4)
+    n = len(boxes)
+    if n == 0:
+        empty = np.zeros(0, np.intp)
+        return empty, empty
+    side = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    cell = max(1.0, 2.0 * float(np.median(side)))
+    g = np.floor(boxes / cell).astype(np.int64)
+    g[:, 2] = np.maximum(g[:, 2], g[:, 0])
+    g[:, 3] = np.maximum(g[:, 3], g[:, 1])
+    nx, ny = g[:, 2] - g[:, 0] + 1, g[:, 3] - g[:, 1] + 1
+    counts = nx * ny
+    owner = np.repeat(np.arange(n), counts)
+    k = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+    cx = g[owner, 0] + k % nx[owner] - g[:, 0].min()
+    cy = g[owner, 1] + k // nx[owner] - g[:, 1].min()
+    cell_id = cy * (int(cx.max()) + 1) + cx
+    order = np.argsort(cell_id, kind="stable")
+    members, cell_id = owner[order], cell_id[order]
+    _, start, size = np.unique(cell_id, return_index=True, return_counts=True)
+    # Every ordered pair of members of each cell.
+    per_entry = np.repeat(size, size)
+    first = np.repeat(start, size)
+    left = np.repeat(members, per_entry)
+    offset = np.arange(len(left)) - np.repeat(np.cumsum(per_entry) - per_entry, per_entry)
+    right = members[np.repeat(first, per_entry) + offset]
+    key = np.unique(left * n + right)
+    i, j = key // n, key % n
+    a, b = boxes[i], boxes[j]
+    overlap = (np.minimum(a[:, 2], b[:, 2]) > np.maximum(a[:, 0], b[:, 0])) & (
+        np.minimum(a[:, 3], b[:, 3]) > np.maximum(a[:, 1], b[:, 1]))
+    return i[overlap].astype(np.intp), j[overlap].astype(np.intp)

@@ -46,8 +46,7 @@ from smearscope.service.analysis.scale import (
 )
 from smearscope.service.analysis.scale_search import Attempt, ScaleOutcome, find_scale
 from smearscope.service.analysis.segment import Segmenter
-from smearscope.service.analysis.tiling import make_tiles
-from smearscope.service.analysis.tta import fuse_views, unview, view_frame
+from smearscope.service.analysis.tta import fuse_views, unview, view_tiles
 from smearscope.service.analysis.yolo_decode import YoloSegmenter
 
 logger = logging.getLogger(__name__)
@@ -166,17 +165,14 @@ class Analyzer:
     def _detect(self, canonical: np.ndarray) -> list[CellDetection]:
         o = self.options
         h, w = canonical.shape[:2]
-        views = self.segmenter.views
         # Raw scores (every detection above the detector's fixed floor) through the merge and the
         # fusion of the views (service.analysis.tta; one view fuses to itself); the calibrated threshold
-        # comes last, so it changes nothing above it. All views' tiles go to the engine in one
-        # batch run; tile indices are kept apart per view so the merge never joins two views' tiles.
-        per_view_tiles = [make_tiles(view_frame(canonical, v), o.tile_size, o.tile_overlap) for v in views]
-        stride = max(len(t) for t in per_view_tiles)
-        tiles = [dataclasses.replace(t, index=k * stride + t.index) for k, ts in enumerate(per_view_tiles) for t in ts]
-        raw = self.segmenter.detect(tiles, w, h, calibrate=False)
-        per_view = [[unview(d, v, w, h) for d in merge_detections([d for d in raw if d.tile_index // stride == k])]
-                    for k, v in enumerate(views)]
+        # comes last, so it changes nothing above it. Each view's tiles are cut lazily and streamed
+        # through the engine, and merged before the next view, so memory stays linear in the frame.
+        per_view = []
+        for v in self.segmenter.views:
+            raw = self.segmenter.detect(view_tiles(canonical, v, o.tile_size, o.tile_overlap), w, h, calibrate=False)
+            per_view.append([unview(d, v, w, h) for d in merge_detections(raw)])
         return self.segmenter.finish(fuse_views(per_view))
 
     def _detect_at(self, frame: Frame, mpp: float, illumination: Illumination, timing: dict[str, float]) -> Attempt:

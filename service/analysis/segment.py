@@ -7,7 +7,7 @@ interior tile edge (`cut_by_tile_edge`) so the merge step can prefer whole views
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from smearscope.service.analysis.records import Box, CellDetection, Tile
@@ -24,9 +24,10 @@ class Segmenter(Protocol):
     #: Test-time views of the frame the pipeline runs and fuses; ("identity",) for one pass.
     views: tuple[str, ...]
 
-    def detect(self, tiles: Sequence[Tile], frame_width: int, frame_height: int,
+    def detect(self, tiles: Iterable[Tile], frame_width: int, frame_height: int,
                calibrate: bool = True) -> list[CellDetection]:
-        """All detections of all `tiles` in frame coordinates; raw scores with `calibrate=False`."""
+        """All detections of all `tiles` in frame coordinates; raw scores with `calibrate=False`.
+        `tiles` may be lazy (service.analysis.tiling.iter_tiles): iterate it once."""
         ...
 
     def finish(self, detections: Sequence[CellDetection]) -> list[CellDetection]:

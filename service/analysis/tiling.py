@@ -3,11 +3,16 @@
 Border tiles are moved inward so every tile keeps its full size (as SAHI does); a frame smaller
 than a tile is padded with PAD_VALUE (the letterbox grey the detector was trained with).
 Background-only tiles are skipped by a cheap saturation threshold.
+
+Tiles are made lazily and are windows of the frame, never copies of it (`iter_tiles`), also for a
+mirrored frame: the detector's batches are the only copies, so memory does not grow with the frame
+beyond the frame itself.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -54,13 +59,29 @@ def is_background(tile_pixels: np.ndarray, min_stained_fraction: float = 0.002, 
     return float((sat > sat_threshold).mean()) < min_stained_fraction
 
 
-def make_tiles(canonical_image: np.ndarray, tile: int, overlap: float, skip_background: bool = True) -> list[Tile]:
-    padded = pad_to_tile(canonical_image, tile)
-    h, w = padded.shape[:2]
-    tiles = []
-    for i, (x, y) in enumerate(tile_grid(w, h, tile, overlap)):
-        px = padded[y : y + tile, x : x + tile]
-        if skip_background and is_background(px):
+def iter_tiles(image: np.ndarray, tile: int, overlap: float, skip_background: bool = True,
+               flip_x: bool = False, flip_y: bool = False) -> Iterator[Tile]:
+    """The tiles of `image`, or of its mirror image (`flip_x` left-right, `flip_y` top-bottom),
+    one at a time. Each tile's pixels are a window of `image` (mirrored by strides), padded
+    bottom/right only where the (mirrored) image is smaller than a tile, exactly as
+    `make_tiles(mirrored image)` would cut them; `x`, `y` are offsets in the mirrored image."""
+    h, w = image.shape[:2]
+    for i, (x, y) in enumerate(tile_grid(max(w, tile), max(h, tile), tile, overlap)):
+        r0, r1, c0, c1 = y, min(y + tile, h), x, min(x + tile, w)
+        if flip_y:
+            r0, r1 = h - r1, h - r0
+        if flip_x:
+            c0, c1 = w - c1, w - c0
+        window = image[r0:r1, c0:c1]
+        px = window[:: -1 if flip_y else 1, :: -1 if flip_x else 1]
+        if px.shape[:2] != (tile, tile):
+            px = pad_to_tile(np.ascontiguousarray(px), tile)
+            window = px
+        # The stained fraction does not depend on mirroring: measured on the unmirrored window.
+        if skip_background and is_background(window):
             continue
-        tiles.append(Tile(index=i, x=x, y=y, pixels=px))
-    return tiles
+        yield Tile(index=i, x=x, y=y, pixels=px)
+
+
+def make_tiles(canonical_image: np.ndarray, tile: int, overlap: float, skip_background: bool = True) -> list[Tile]:
+    return list(iter_tiles(canonical_image, tile, overlap, skip_background))

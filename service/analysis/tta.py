@@ -24,16 +24,17 @@ one view found whole and another in two pieces), and its views vote for the larg
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import get_args
 
 import numpy as np
 
 from smearscope.engines.manifest import TestTimeView
-from smearscope.service.analysis.boxes import box_iou, inside_fraction
+from smearscope.service.analysis.boxes import inside_fraction, overlapping_pairs, pair_iou
 from smearscope.service.analysis.merge import mask_window
-from smearscope.service.analysis.records import Box, CellDetection, CellKind
+from smearscope.service.analysis.records import Box, CellDetection, CellKind, Tile
+from smearscope.service.analysis.tiling import iter_tiles
 
 #: Views a model can run in (engines.manifest.TestTimeView); each is its own inverse.
 VIEWS: tuple[str, ...] = get_args(TestTimeView)
@@ -62,6 +63,14 @@ def view_frame(pixels: np.ndarray, view: str) -> np.ndarray:
     """The frame (H, W[, C]) as the detector sees it in `view` (contiguous, for the engines)."""
     fx, fy = _flips(view)
     return np.ascontiguousarray(pixels[:: -1 if fy else 1, :: -1 if fx else 1])
+
+
+def view_tiles(pixels: np.ndarray, view: str, tile: int, overlap: float,
+               skip_background: bool = True) -> Iterator[Tile]:
+    """The tiles of `view_frame(pixels, view)`, lazily and without copying the frame
+    (service.analysis.tiling.iter_tiles); offsets are in the view's coordinates."""
+    fx, fy = _flips(view)
+    return iter_tiles(pixels, tile, overlap, skip_background, flip_x=fx, flip_y=fy)
 
 
 def view_crops(crops: np.ndarray, view: str) -> np.ndarray:
@@ -112,8 +121,7 @@ def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float
     out: list[CellDetection] = []
     for kind in sorted({d.kind for _, d in items}, key=lambda k: k.value):
         sel = sorted((it for it in items if it[1].kind == kind), key=lambda it: -it[1].score)
-        boxes = np.array([d.box.as_list() for _, d in sel])
-        ious = box_iou(boxes, boxes)
+        partners = _partners(np.array([d.box.as_list() for _, d in sel], float), iou_threshold)
         taken = np.zeros(len(sel), bool)
         clusters: list[tuple[CellDetection, Box, np.ndarray | None, dict[int, float]]] = []
         for i in range(len(sel)):
@@ -121,9 +129,7 @@ def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float
                 continue
             taken[i] = True
             members, seen = [sel[i][1]], {sel[i][0]: sel[i][1].score}
-            for j in np.argsort(-ious[i], kind="stable"):
-                if ious[i, j] < iou_threshold:
-                    break
+            for j in partners[i]:
                 if not taken[j] and sel[j][0] not in seen:
                     taken[j] = True
                     seen[sel[j][0]] = sel[j][1].score
@@ -137,6 +143,22 @@ def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float
         out += [replace(lead, box=box, score=float(sum(votes.values()) / n_views), mask=mask)
                 for lead, box, mask, votes in clusters]
     return out
+
+
+def _partners(boxes: np.ndarray, iou_threshold: float) -> list[np.ndarray]:
+    """For each box, the boxes overlapping it with IoU >= `iou_threshold` (itself included), best
+    overlap first and ties in index order: the order a full IoU matrix sorted stably would give,
+    found among overlapping boxes only (boxes.overlapping_pairs), so memory stays linear."""
+    if iou_threshold <= 0:
+        raise ValueError(f"fusion IoU threshold must be positive, got {iou_threshold}")
+    i, j = overlapping_pairs(boxes)
+    iou = pair_iou(boxes[i], boxes[j])
+    keep = iou >= iou_threshold
+    i, j, iou = i[keep], j[keep], iou[keep]
+    order = np.lexsort((j, -iou, i))  # per box, best first, ties by index
+    j = j[order]
+    bounds = np.searchsorted(i[order], np.arange(len(boxes) + 1))
+    return [j[bounds[k] : bounds[k + 1]] for k in range(len(boxes))]
 
 
 def _absorb_pieces(clusters):

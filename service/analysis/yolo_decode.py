@@ -8,8 +8,9 @@ output1 is (B, 32, H/4, W/4) mask prototypes. NMS and mask assembly happen here.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -82,12 +83,35 @@ def decode_tile(pred: np.ndarray, protos: np.ndarray | None, input_size: int, n_
         mask = None
         b = boxes[k]
         if protos is not None:
-            up = cv2.resize(mask_lowres[j], (input_size, input_size), interpolation=cv2.INTER_LINEAR)
             x0, y0 = int(b[0]), int(b[1])
             x1, y1 = int(np.ceil(b[2])), int(np.ceil(b[3]))
-            mask = up[y0:y1, x0:x1] > 0.5
+            mask = box_mask(mask_lowres[j], input_size, (y0, x0, y1, x1))
         out.append((int(cls[k]), b, float(score[k]), mask))
     return out
+
+
+def box_mask(lowres: np.ndarray, input_size: int, window: tuple[int, int, int, int]) -> np.ndarray:
+    """`resize(lowres, input_size)[window] > 0.5`, resizing only the prototype cells the window needs.
+
+    Bilinear upsampling by an integer stride reads, for output pixel y, the low-resolution rows
+    around (y + 0.5) / stride - 0.5. A sub-grid with one spare cell on each side (none beyond the
+    map's own border, where both clamp alike) therefore gives the window the very values of the
+    whole map's resize: bit for bit (same weights, same source values), at the cost of the box
+    instead of the tile."""
+    y0, x0, y1, x1 = window
+    ph, pw = lowres.shape
+    stride = input_size // ph
+    if stride * ph != input_size or stride * pw != input_size:  # not an integer stride: whole map
+        up = cv2.resize(lowres, (input_size, input_size), interpolation=cv2.INTER_LINEAR)
+        return up[y0:y1, x0:x1] > 0.5
+    r0, c0 = max(0, y0 // stride - 1), max(0, x0 // stride - 1)
+    r1, c1 = min(ph, -(-y1 // stride) + 1), min(pw, -(-x1 // stride) + 1)
+    if r1 <= r0 or c1 <= c0:
+        return np.zeros((max(0, y1 - y0), max(0, x1 - x0)), bool)
+    sub = cv2.resize(lowres[r0:r1, c0:c1], (stride * (c1 - c0), stride * (r1 - r0)),
+                     interpolation=cv2.INTER_LINEAR)
+    oy, ox = stride * r0, stride * c0
+    return sub[y0 - oy : y1 - oy, x0 - ox : x1 - ox] > 0.5
 
 
 class YoloSegmenter:
@@ -122,30 +146,46 @@ class YoloSegmenter:
                 out.append(dataclasses.replace(d, score=score))
         return out
 
-    def detect(self, tiles: Sequence[Tile], frame_width: int, frame_height: int,
+    def detect(self, tiles: Iterable[Tile], frame_width: int, frame_height: int,
                calibrate: bool = True) -> list[CellDetection]:
         """Detections in frame coordinates; `calibrate=False` keeps raw scores (all above the raw
-        floor) for the merge and test-time fusion, after which the caller applies `finish`."""
-        if not tiles:
-            return []
-        batch = to_model_input(np.stack([t.pixels for t in tiles]), self.engine.manifest.preprocessing)
-        outs = run_batched(self.engine, batch)
-        names = self.engine.output_names
-        preds = outs[names[0]]
-        protos = outs[names[1]] if len(names) > 1 else None
+        floor) for the merge and test-time fusion, after which the caller applies `finish`.
+
+        Tiles are taken (and may be made) one engine batch at a time, so memory holds one batch
+        of tiles and the detections, whatever the frame's size."""
         dets: list[CellDetection] = []
-        for i, tile in enumerate(tiles):
-            for ci, b, raw, mask in decode_tile(preds[i], None if protos is None else protos[i], self.input_size,
-                                                len(self.classes), RAW_SCORE_FLOOR, self.iou_threshold):
-                box = Box(float(b[0]) + tile.x, float(b[1]) + tile.y, float(b[2]) + tile.x, float(b[3]) + tile.y)
-                # clip to the real frame (tiles may extend into padding)
-                box = Box(min(box.x0, frame_width), min(box.y0, frame_height), min(box.x1, frame_width), min(box.y1, frame_height))
-                if box.width <= 1 or box.height <= 1:
-                    continue
-                if mask is not None:
-                    h = int(np.ceil(box.y1)) - int(box.y0)
-                    w = int(np.ceil(box.x1)) - int(box.x0)
-                    mask = np.ascontiguousarray(mask[:h, :w])
-                dets.append(CellDetection(kind=self.classes[ci], box=box, score=raw, mask=mask, tile_index=tile.index,
-                                          cut_by_tile_edge=touches_interior_tile_edge(box, tile, frame_width, frame_height)))
+        names = self.engine.output_names
+        for chunk in _batches(tiles, self.engine.manifest.batch.max):
+            batch = to_model_input(np.stack([t.pixels for t in chunk]), self.engine.manifest.preprocessing)
+            outs = run_batched(self.engine, batch)
+            preds = outs[names[0]]
+            protos = outs[names[1]] if len(names) > 1 else None
+            for i, tile in enumerate(chunk):
+                dets += self._tile_detections(tile, preds[i], None if protos is None else protos[i],
+                                              frame_width, frame_height)
         return self.finish(dets) if calibrate else dets
+
+    def _tile_detections(self, tile: Tile, pred: np.ndarray, protos: np.ndarray | None,
+                         frame_width: int, frame_height: int) -> list[CellDetection]:
+        dets = []
+        for ci, b, raw, mask in decode_tile(pred, protos, self.input_size, len(self.classes), RAW_SCORE_FLOOR,
+                                            self.iou_threshold):
+            box = Box(float(b[0]) + tile.x, float(b[1]) + tile.y, float(b[2]) + tile.x, float(b[3]) + tile.y)
+            # clip to the real frame (tiles may extend into padding)
+            box = Box(min(box.x0, frame_width), min(box.y0, frame_height), min(box.x1, frame_width), min(box.y1, frame_height))
+            if box.width <= 1 or box.height <= 1:
+                continue
+            if mask is not None:
+                h = int(np.ceil(box.y1)) - int(box.y0)
+                w = int(np.ceil(box.x1)) - int(box.x0)
+                mask = np.ascontiguousarray(mask[:h, :w])
+            dets.append(CellDetection(kind=self.classes[ci], box=box, score=raw, mask=mask, tile_index=tile.index,
+                                      cut_by_tile_edge=touches_interior_tile_edge(box, tile, frame_width, frame_height)))
+        return dets
+
+
+def _batches(tiles: Iterable[Tile], size: int) -> Iterator[list[Tile]]:
+    """Consecutive lists of at most `size` tiles."""
+    it = iter(tiles)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
