@@ -1,65 +1,194 @@
-"""Benchmark: seconds per field and per stage, and head latency per crop by batch size.
+"""Benchmark: smearscope against its engine floor and against the usual libraries, per field size,
+where the time goes, and how time and memory grow with the frame. Every ratio comes from this one
+run on this machine; not a test.
 
-    .venv/bin/python -m bench.bench_pipeline [--models models] [--repeats 5] [--threads 0]
+    .venv/bin/python -m bench.bench_pipeline [--repeats 3] [--sizes 640x480,...] [--no-sahi]
+                                             [--scaling-mp 1,4,16,64] [--no-scaling]
 
-Prints tables; every ratio is measured in this one run on this machine. Not a test.
+Per field size, smearscope runs with the manifests' test-time views ("default") and with one view
+per model ("one-view"); each run's "floor" is the same tiles and crops (the batches the engines
+were given) through the same ONNX Runtime sessions, without any pre- or post-processing.
+Measurements are interleaved field by field (one-view, its floor, default, its floor, SAHI), so
+load that comes and goes hits every column alike. "SAHI" is SAHI sliced prediction + Ultralytics
+with the committed detector + a per-crop head loop (bench/sahi_baseline.py), run in the `bench`
+extra's interpreter (`--bench-python`, default .venv-bench/bin/python) in a worker process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from bench.probe import STAGE_ORDER, probe_field
 from smearscope.device.synthetic import render_field
 from smearscope.engines.registry import create_engine
 from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR, Analyzer, AnalyzerOptions
 
+REPO = Path(__file__).resolve().parents[1]
+#: (label, width, height, um/px): a BCCD-like 640x480 at 0.072, camera fields at 0.1 (100x oil).
+SIZES = {"640x480": (640, 480, 0.072), "1280x960": (1280, 960, 0.10), "1920x1080": (1920, 1080, 0.10),
+         "4000x3000": (4000, 3000, 0.10)}
+ONE = ("identity",)
 
-def _machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}"
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} logical CPUs, {model}"
 
 
-def _views(analyzer: Analyzer) -> str:
-    """How many test-time views the detector / RBC head / WBC head run, e.g. "3/4/2"."""
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min)"
+
+
+def views_label(analyzer: Analyzer) -> str:
     return "/".join(str(len(m.views)) for m in (analyzer.segmenter, analyzer.rbc_head, analyzer.wbc_head))
 
 
-def bench_fields(analyzers: dict[str, Analyzer], repeats: int) -> None:
-    """Each case under each set of test-time views (the manifests', and one view for every model), same frames."""
-    cases = [("synthetic 1280x960 @0.10 um/px", 0.10, 1280, 960), ("synthetic 640x480 @0.072 um/px", 0.072, 640, 480),
-             ("synthetic 1920x1080 @0.10 um/px", 0.10, 1920, 1080)]
-    print(f"\nper field (median of {repeats}; ms)")
-    header = f"{'case':<34}{'views seg/rbc/wbc':<24}{'total':>8}{'detect':>8}{'classify':>9}{'stain':>7}{'cells':>7}"
-    print(header)
-    for name, mpp, w, h in cases:
+@dataclass
+class Runs:
+    total: list[float] = field(default_factory=list)
+    floor: list[float] = field(default_factory=list)
+    cells: list[int] = field(default_factory=list)
+    stages: list[dict[str, float]] = field(default_factory=list)
+
+    def med(self, what: str) -> float:
+        return statistics.median(getattr(self, what))
+
+
+class SahiWorker:
+    """The usual libraries' pipeline in its own interpreter, one field per request."""
+
+    def __init__(self, python: str, models: Path) -> None:
+        self.proc = subprocess.Popen([python, "-m", "bench.sahi_baseline", "--models", str(models)], cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = self.proc.stdout.readline()
+        if not ready:
+            raise RuntimeError("SAHI worker did not start (see its stderr above)")
+
+    def run(self, path: Path, mpp: float) -> dict:
+        self.proc.stdin.write(json.dumps({"path": str(path), "mpp": mpp}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("SAHI worker died")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def bench_sizes(analyzers: dict[str, Analyzer], sizes: list[str], repeats: int, sahi: SahiWorker | None,
+                tmp: Path) -> dict[str, dict[str, Runs]]:
+    results: dict[str, dict[str, Runs]] = {}
+    for size in sizes:
+        w, h, mpp = SIZES[size]
         fields = [render_field(100 + r, width=w, height=h, microns_per_pixel=mpp) for r in range(repeats)]
-        for views, analyzer in analyzers.items():
-            rows = []
-            for f in fields:
-                rep = analyzer.analyze(f.frame).report
-                rows.append((rep.timing_ms, len(rep.cells)))
-            med = {k: statistics.median(t.get(k, 0.0) for t, _ in rows)
-                   for k in ("total_ms", "detect_ms", "classify_ms", "stain_ms")}
-            cells = statistics.median(n for _, n in rows)
-            print(f"{name:<34}{views:<24}{med['total_ms']:>8.0f}{med['detect_ms']:>8.0f}{med['classify_ms']:>9.0f}"
-                  f"{med['stain_ms']:>7.0f}{cells:>7.0f}")
+        runs = {name: Runs() for name in analyzers}
+        runs["sahi"] = Runs()
+        for k, f in enumerate(fields):
+            if sahi is not None and k == 0:
+                np.save(tmp / "warm.npy", f.frame.pixels)
+                sahi.run(tmp / "warm.npy", mpp)  # first call builds sessions
+            for name, analyzer in analyzers.items():
+                total, stages, floor, cells = probe_field(analyzer, f.frame)
+                r = runs[name]
+                r.total.append(total)
+                r.floor.append(floor)
+                r.cells.append(cells)
+                r.stages.append(stages)
+            if sahi is not None:
+                path = tmp / f"field{k}.npy"
+                np.save(path, f.frame.pixels)
+                out = sahi.run(path, mpp)
+                runs["sahi"].total.append(out["ms"])
+                runs["sahi"].cells.append(out["classified"])
+        results[size] = runs
+        print(f"  {size}: done ({load()})", flush=True)
+    return results
+
+
+def print_comparison(results: dict[str, dict[str, Runs]]) -> None:
+    print("\nper field (median ms; floor = the same batches through the same engines, nothing else)")
+    head = (f"{'field':<11}{'config':<10}{'views':>7}{'cells':>7}{'total':>9}{'floor':>9}{'total/floor':>13}"
+            f"{'default/1-view floor':>22}{'SAHI':>9}{'SAHI/1-view':>13}")
+    print(head)
+    for size, runs in results.items():
+        one, default, sahi = runs.get("one-view"), runs.get("default"), runs.get("sahi")
+        for name, r in runs.items():
+            if name == "sahi" or not r.total:
+                continue
+            row = (f"{size:<11}{name:<10}{r.views:>7}{statistics.median(r.cells):>7.0f}{r.med('total'):>9.0f}"
+                   f"{r.med('floor'):>9.0f}{r.med('total') / r.med('floor'):>12.2f}x")
+            if name == "default" and one is not None:
+                row += f"{r.med('total') / one.med('floor'):>21.2f}x"
+            else:
+                row += f"{'':>22}"
+            if name == "one-view" and sahi is not None and sahi.total:
+                row += f"{sahi.med('total'):>9.0f}{sahi.med('total') / r.med('total'):>12.2f}x"
+            print(row)
+        if sahi is not None and sahi.total:
+            print(f"{'':<11}{'SAHI':<10}{'1/1/1':>7}{statistics.median(sahi.cells):>7.0f}{sahi.med('total'):>9.0f}"
+                  "   (cells: crops its head loop classified)")
+        if default is not None and one is not None:
+            pass
+
+
+def print_stages(results: dict[str, dict[str, Runs]]) -> None:
+    print("\nwhere the time goes (median ms per stage; exclusive of nested stages)")
+    cols = [(size, name) for size, runs in results.items() for name, r in runs.items() if name != "sahi" and r.stages]
+    print(f"{'stage':<18}" + "".join(f"{(s + ' ' + n)[:15]:>16}" for s, n in cols))
+    for stage in STAGE_ORDER:
+        vals = [statistics.median(st[stage] for st in results[s][n].stages) for s, n in cols]
+        print(f"{stage:<18}" + "".join(f"{v:>16.1f}" for v in vals))
+    totals = [results[s][n].med("total") for s, n in cols]
+    print(f"{'total':<18}" + "".join(f"{v:>16.1f}" for v in totals))
+
+
+def print_scaling(mps: list[float], mpp: float, python: str, models: Path, views: str) -> None:
+    print(f"\ntime and peak memory by frame size (one fresh process each; frames at {mpp} um/px, views {views})")
+    print(f"{'MP':>6}{'pixels':>14}{'cells':>8}{'seconds':>10}{'s per MP':>10}{'peak RSS MB':>13}{'RSS before MB':>15}")
+    for mp in mps:
+        cmd = [python, "-m", "bench.scaling", "--mp", str(mp), "--mpp", str(mpp), "--views", views,
+               "--models", str(models)]
+        done = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{mp:>6g}  failed (rc {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{mp:>6g}{r['width']:>8}x{r['height']:<5}{r['cells']:>8}{r['seconds']:>10.1f}"
+              f"{r['seconds'] / mp:>10.2f}{r['peak_rss_mb']:>13.0f}{r['rss_before_mb']:>15.0f}", flush=True)
 
 
 def bench_heads(models: Path, repeats: int) -> None:
-    print("\nhead latency (ONNX Runtime CPU; ms per crop in one view, median; a head runs each crop once per view)")
-    print(f"{'model':<10}{'batch 1':>9}{'batch 32':>10}{'batch 128':>11}{'b128 vs b1':>12}")
+    print("\nengine latency (ONNX Runtime CPU; ms per input, median; a head runs each crop once per view)")
+    print(f"{'model':<10}{'batch 1':>9}{'batch 16':>10}{'batch 128':>11}")
     for name in ("rbc_head", "wbc_head", "seg"):
         eng = create_engine("onnxruntime", models / f"{name}.json").load()
         s = eng.manifest.input_size
         per = {}
-        for b in (1, 32, 128):
-            b = min(b, eng.manifest.batch.max)
+        for b in (1, 16, 128):
+            if b > eng.manifest.batch.max:
+                continue
             x = np.random.default_rng(0).random((b, 3, s, s), dtype=np.float32)
             eng.run(x)
             ts = []
@@ -68,24 +197,55 @@ def bench_heads(models: Path, repeats: int) -> None:
                 eng.run(x)
                 ts.append((time.perf_counter() - t) * 1000 / b)
             per[b] = statistics.median(ts)
-        bs = sorted(per)
-        print(f"{name:<10}" + "".join(f"{per[b]:>9.2f}  " for b in bs)[:-2] + f"{per[bs[0]] / per[bs[-1]]:>10.1f}x")
+        print(f"{name:<10}" + "".join(f"{per[b]:>10.2f}" if b in per else f"{'-':>10}" for b in (1, 16, 128)))
+        eng.close()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="fields per size (different seeds)")
+    ap.add_argument("--sizes", default=",".join(SIZES))
+    ap.add_argument("--no-sahi", action="store_true")
+    ap.add_argument("--bench-python", default=str(REPO / ".venv-bench" / "bin" / "python"),
+                    help="interpreter with the bench extra (sahi, ultralytics) for the SAHI rows")
+    ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--scaling-mp", default="1,4,16,64")
+    ap.add_argument("--scaling-mpp", type=float, default=0.1)
+    ap.add_argument("--scaling-views", choices=("default", "one-view"), default="default")
     args = ap.parse_args()
-    print(f"machine: {_machine()}; load average {os.getloadavg()[0]:.2f}")
-    analyzer = Analyzer.from_models_dir(args.models)
-    analyzers = {_views(analyzer) + " (manifests)": analyzer}
-    one = ("identity",)
-    if _views(analyzer) != "1/1/1":
-        analyzers["1/1/1 (identity)"] = Analyzer.from_models_dir(
-            args.models, options=AnalyzerOptions(detector_views=one, rbc_views=one, wbc_views=one))
-    bench_fields(analyzers, args.repeats)
-    bench_heads(args.models, args.repeats)
+    started = time.time()
+    print(f"machine: {machine()}")
+    print(f"start: {time.strftime('%Y-%m-%d %H:%M')}, {load()}", flush=True)
+    default = Analyzer.from_models_dir(args.models)
+    one = Analyzer.from_models_dir(args.models, options=AnalyzerOptions(detector_views=ONE, rbc_views=ONE,
+                                                                        wbc_views=ONE))
+    analyzers = {"one-view": one, "default": default}
+    sahi = None
+    if not args.no_sahi:
+        if Path(args.bench_python).exists():
+            sahi = SahiWorker(args.bench_python, args.models)
+        else:
+            print(f"SAHI rows skipped: {args.bench_python} missing (python -m venv .venv-bench && "
+                  ".venv-bench/bin/pip install -e '.[bench]')")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = bench_sizes(analyzers, args.sizes.split(","), args.repeats, sahi, Path(tmp))
+    finally:
+        if sahi is not None:
+            sahi.close()
+    for runs in results.values():
+        for name, analyzer in analyzers.items():
+            runs[name].views = views_label(analyzer)
+    print_comparison(results)
+    print_stages(results)
+    for a in analyzers.values():
+        a.close()
+    if not args.no_scaling:
+        print_scaling([float(v) for v in args.scaling_mp.split(",")], args.scaling_mpp, sys.executable,
+                      args.models, args.scaling_views)
+    bench_heads(args.models, 5)
+    print(f"\nend: {time.strftime('%Y-%m-%d %H:%M')} ({(time.time() - started) / 60:.1f} min), {load()}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,176 @@
+"""Where one field's time goes, and the bare-engine floor under it (for bench.bench_pipeline).
+
+`Probe` wraps, for the length of one `analyze` call, the analyzer's stage functions (by name, in
+the modules that call them) and its engines' `run`: wall time per stage, exclusive of the stages
+nested in it, and every batch each engine was given. `floor_ms` replays exactly those batches
+through the same engines: the time the models alone need for that field, without any pre- or
+post-processing. A stage the code no longer has is listed in `Probe.missing`, never an error, so
+the bench keeps working while stages move; its time then lands in "other".
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from typing_extensions import Self
+
+logger = logging.getLogger(__name__)
+
+PIPELINE = "smearscope.service.analysis.pipeline"
+DECODE = "smearscope.service.analysis.yolo_decode"
+CLASSIFY = "smearscope.service.analysis.classify"
+ROI = "smearscope.service.analysis.roi"
+
+#: (stage, module, attribute): module-level names as the calling module sees them, or
+#: "module:Class" for methods. Order is the order of the breakdown table.
+STAGE_TARGETS: tuple[tuple[str, str, str], ...] = (
+    ("scale estimate", PIPELINE, "estimate_scale_classical"),
+    ("resample", PIPELINE, "resample_to_canonical"),
+    ("tile", PIPELINE, "view_tiles"),
+    ("preprocess tiles", DECODE, "to_model_input"),
+    ("decode masks", DECODE, "decode_tile"),
+    ("detector glue", f"{DECODE}:YoloSegmenter", "detect"),
+    ("merge tiles", PIPELINE, "merge_detections"),
+    ("fuse views", PIPELINE, "unview"),
+    ("fuse views", PIPELINE, "fuse_views"),
+    ("roi filter", f"{ROI}:RoiFilter", "apply"),
+    ("roi filter", f"{ROI}:RoiFilter", "below_confidence"),
+    ("crop", PIPELINE, "route"),
+    ("preprocess crops", CLASSIFY, "to_model_input"),
+    ("classify glue", f"{CLASSIFY}:CropClassifier", "classify"),
+    ("aggregate", PIPELINE, "aggregate"),
+)
+ENGINE_STAGES = {"segmentation": "detector engine", "classification": "head engines"}
+STAGE_ORDER = ("scale estimate", "resample", "normalize", "tile", "preprocess tiles", "detector engine",
+               "decode masks", "detector glue", "merge tiles", "fuse views", "roi filter", "crop",
+               "preprocess crops", "head engines", "classify glue", "aggregate", "other")
+
+
+class Probe:
+    """Stage times and engine batches of the `analyze` calls made inside `with Probe(analyzer):`."""
+
+    def __init__(self, analyzer: Any) -> None:
+        self.analyzer = analyzer
+        self.stage_ms: dict[str, float] = defaultdict(float)
+        self.batches: list[tuple[Any, Any]] = []
+        self.missing: list[str] = []
+        self._stack: list[float] = []
+        self._undo: list[Callable[[], None]] = []
+
+    # -- wrapping -------------------------------------------------------------------------
+    def _timed(self, stage: str, fn: Callable) -> Callable:
+        probe = self
+
+        def account(elapsed: float) -> None:
+            nested = probe._stack.pop()
+            probe.stage_ms[stage] += (elapsed - nested) * 1000
+            if probe._stack:
+                probe._stack[-1] += elapsed
+
+        def timed_iter(it: Iterator) -> Iterator:
+            while True:
+                probe._stack.append(0.0)
+                t = time.perf_counter()
+                try:
+                    item = next(it)
+                except StopIteration:
+                    account(time.perf_counter() - t)
+                    return
+                account(time.perf_counter() - t)
+                yield item
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            probe._stack.append(0.0)
+            t = time.perf_counter()
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                account(time.perf_counter() - t)
+            return timed_iter(out) if inspect.isgenerator(out) else out
+
+        return timed
+
+    def _patch(self, owner: Any, attr: str, wrapper: Callable, label: str) -> None:
+        if not hasattr(owner, attr):
+            self.missing.append(label)
+            return
+        had_own = attr in vars(owner)
+        original = vars(owner)[attr] if had_own else None
+        setattr(owner, attr, wrapper)
+        self._undo.append(lambda: setattr(owner, attr, original) if had_own else delattr(owner, attr))
+
+    def __enter__(self) -> Self:
+        for stage, target, attr in STAGE_TARGETS:
+            module_name, _, cls_name = target.partition(":")
+            owner = importlib.import_module(module_name)
+            if cls_name:
+                owner = getattr(owner, cls_name, None)
+            if owner is None or not hasattr(owner, attr):
+                self.missing.append(f"{target}.{attr}")
+                continue
+            self._patch(owner, attr, self._timed(stage, getattr(owner, attr)), f"{target}.{attr}")
+        normalizer = getattr(self.analyzer, "normalizer", None)
+        if normalizer is not None:
+            self._patch(normalizer, "normalize", self._timed("normalize", normalizer.normalize), "normalizer")
+        for engine in self._engines():
+            self._patch(engine, "run", self._recording(engine), f"{engine.manifest.name}.run")
+        return self
+
+    def _recording(self, engine: Any) -> Callable:
+        timed_run = self._timed(ENGINE_STAGES.get(engine.manifest.task, "head engines"), engine.run)
+
+        def run(batch):
+            self.batches.append((engine, batch))
+            return timed_run(batch)
+
+        return run
+
+    def __exit__(self, *exc) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+    def _engines(self) -> list[Any]:
+        a = self.analyzer
+        found = [getattr(a.segmenter, "engine", None)]
+        found += [getattr(h, "engine", None) for h in (a.rbc_head, a.wbc_head) if h is not None]
+        unique: dict[int, Any] = {}
+        for e in found:
+            if e is not None:
+                unique.setdefault(id(e), e)
+        return list(unique.values())
+
+    # -- results --------------------------------------------------------------------------
+    def breakdown(self, total_ms: float) -> dict[str, float]:
+        """Exclusive ms per stage; "other" is what no stage accounts for (report, records, glue)."""
+        out = {k: self.stage_ms.get(k, 0.0) for k in STAGE_ORDER if k != "other"}
+        out["other"] = max(0.0, total_ms - sum(out.values()))
+        return out
+
+
+def floor_ms(batches: list[tuple[Any, Any]]) -> float:
+    """The engines alone: every recorded batch through the same engine, nothing else."""
+    t = time.perf_counter()
+    for engine, batch in batches:
+        engine.run(batch)
+    return (time.perf_counter() - t) * 1000
+
+
+def probe_field(analyzer: Any, frame: Any) -> tuple[float, dict[str, float], float, int]:
+    """(total ms, stage breakdown, floor ms, cells) of one field; floor measured right after."""
+    with Probe(analyzer) as probe:
+        t = time.perf_counter()
+        report = analyzer.analyze(frame).report
+        total = (time.perf_counter() - t) * 1000
+    for name in probe.missing:
+        logger.debug("probe: %s not found", name)
+    floor = floor_ms(probe.batches)
+    return total, probe.breakdown(total), floor, len(report.cells)
