@@ -24,6 +24,7 @@ from typing_extensions import Self
 logger = logging.getLogger(__name__)
 
 PIPELINE = "smearscope.service.analysis.pipeline"
+PREPARE = "smearscope.service.analysis.prepare"
 DECODE = "smearscope.service.analysis.yolo_decode"
 CLASSIFY = "smearscope.service.analysis.classify"
 ROI = "smearscope.service.analysis.roi"
@@ -31,8 +32,10 @@ ROI = "smearscope.service.analysis.roi"
 #: (stage, module, attribute): module-level names as the calling module sees them, or
 #: "module:Class" for methods. Order is the order of the breakdown table.
 STAGE_TARGETS: tuple[tuple[str, str, str], ...] = (
-    ("scale estimate", PIPELINE, "estimate_scale_classical"),
-    ("resample", PIPELINE, "resample_to_canonical"),
+    ("illumination", PIPELINE, "estimate_illumination"),
+    ("illumination", PREPARE, "apply_illumination"),
+    ("scale estimate", PIPELINE, "first_scale_guess"),
+    ("resample", PREPARE, "resample_to_canonical"),
     ("tile", PIPELINE, "view_tiles"),
     ("preprocess tiles", DECODE, "to_model_input"),
     ("decode masks", DECODE, "decode_tile"),
@@ -48,7 +51,7 @@ STAGE_TARGETS: tuple[tuple[str, str, str], ...] = (
     ("aggregate", PIPELINE, "aggregate"),
 )
 ENGINE_STAGES = {"segmentation": "detector engine", "classification": "head engines"}
-STAGE_ORDER = ("scale estimate", "resample", "normalize", "tile", "preprocess tiles", "detector engine",
+STAGE_ORDER = ("illumination", "scale estimate", "resample", "normalize", "tile", "preprocess tiles", "detector engine",
                "decode masks", "detector glue", "merge tiles", "fuse views", "roi filter", "crop",
                "preprocess crops", "head engines", "classify glue", "aggregate", "other")
 
@@ -117,9 +120,8 @@ class Probe:
                 self.missing.append(f"{target}.{attr}")
                 continue
             self._patch(owner, attr, self._timed(stage, getattr(owner, attr)), f"{target}.{attr}")
-        normalizer = getattr(self.analyzer, "normalizer", None)
-        if normalizer is not None:
-            self._patch(normalizer, "normalize", self._timed("normalize", normalizer.normalize), "normalizer")
+        for name, normalizer in getattr(self.analyzer, "normalizers", {}).items():
+            self._patch(normalizer, "normalize", self._timed("normalize", normalizer.normalize), f"normalizer {name}")
         for engine in self._engines():
             self._patch(engine, "run", self._recording(engine), f"{engine.manifest.name}.run")
         return self

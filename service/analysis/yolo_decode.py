@@ -75,41 +75,45 @@ def decode_tile(pred: np.ndarray, protos: np.ndarray | None, input_size: int, n_
     # class-aware NMS: offset boxes by class so different classes never suppress each other
     keep = nms(boxes + cls[:, None] * (input_size + 1.0), score, iou_threshold)[:max_det]
     out = []
-    if protos is not None and keep.size:
-        c, ph, pw = protos.shape
-        logits = coeffs[keep] @ protos.reshape(c, -1)
-        mask_lowres = (1.0 / (1.0 + np.exp(-logits))).reshape(-1, ph, pw)
-    for j, k in enumerate(keep):
+    for k in keep:
         mask = None
         b = boxes[k]
         if protos is not None:
             x0, y0 = int(b[0]), int(b[1])
             x1, y1 = int(np.ceil(b[2])), int(np.ceil(b[3]))
-            mask = box_mask(mask_lowres[j], input_size, (y0, x0, y1, x1))
+            mask = box_mask(coeffs[k], protos, input_size, (y0, x0, y1, x1))
         out.append((int(cls[k]), b, float(score[k]), mask))
     return out
 
 
-def box_mask(lowres: np.ndarray, input_size: int, window: tuple[int, int, int, int]) -> np.ndarray:
-    """`resize(lowres, input_size)[window] > 0.5`, resizing only the prototype cells the window needs.
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def box_mask(coeff: np.ndarray, protos: np.ndarray, input_size: int,
+             window: tuple[int, int, int, int]) -> np.ndarray:
+    """`resize(sigmoid(coeff . protos), input_size)[window] > 0.5`, computed on the prototype
+    cells under the window only.
 
     Bilinear upsampling by an integer stride reads, for output pixel y, the low-resolution rows
     around (y + 0.5) / stride - 0.5. A sub-grid with one spare cell on each side (none beyond the
     map's own border, where both clamp alike) therefore gives the window the very values of the
-    whole map's resize: bit for bit (same weights, same source values), at the cost of the box
-    instead of the tile."""
+    whole map's resize (same weights, same source values), at the cost of the box instead of the
+    tile. The dot product is an einsum, not BLAS: a BLAS call per box would wake BLAS's thread pool,
+    which then competes with the inference engine's threads for the cores."""
     y0, x0, y1, x1 = window
-    ph, pw = lowres.shape
+    _, ph, pw = protos.shape
     stride = input_size // ph
     if stride * ph != input_size or stride * pw != input_size:  # not an integer stride: whole map
+        lowres = _sigmoid(np.einsum("c,chw->hw", coeff, protos))
         up = cv2.resize(lowres, (input_size, input_size), interpolation=cv2.INTER_LINEAR)
         return up[y0:y1, x0:x1] > 0.5
     r0, c0 = max(0, y0 // stride - 1), max(0, x0 // stride - 1)
     r1, c1 = min(ph, -(-y1 // stride) + 1), min(pw, -(-x1 // stride) + 1)
     if r1 <= r0 or c1 <= c0:
         return np.zeros((max(0, y1 - y0), max(0, x1 - x0)), bool)
-    sub = cv2.resize(lowres[r0:r1, c0:c1], (stride * (c1 - c0), stride * (r1 - r0)),
-                     interpolation=cv2.INTER_LINEAR)
+    lowres = _sigmoid(np.einsum("c,chw->hw", coeff, protos[:, r0:r1, c0:c1]))
+    sub = cv2.resize(lowres, (stride * (c1 - c0), stride * (r1 - r0)), interpolation=cv2.INTER_LINEAR)
     oy, ox = stride * r0, stride * c0
     return sub[y0 - oy : y1 - oy, x0 - ox : x1 - ox] > 0.5
 
