@@ -19,6 +19,8 @@ from smearscope.engines.manifest import (
     BatchProfile,
     CropInfo,
     ModelManifest,
+    OpenSet,
+    Preprocessing,
     TensorSpec,
     sha256_file,
 )
@@ -61,23 +63,33 @@ def write_manifest(manifest: ModelManifest, out_dir: Path) -> Path:
 
 def export_classifier(model, *, name: str, classes: list[str], crop, arch: str, temperature: float,
                       metrics: dict[str, Any], training_data: dict[str, Any], split_hashes: dict[str, str],
-                      out_dir: Path, history: list | None = None) -> Path:
+                      out_dir: Path, history: list | None = None, open_set: OpenSet | None = None,
+                      preprocessing: Preprocessing | None = None, tta: list[str] | None = None,
+                      architecture: str | None = None) -> Path:
+    """Export a head; with `open_set` the model returns (logits, score) and the score is the second
+    output, named by `open_set.output`."""
     import torch
 
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / f"{name}.onnx"
     s = crop.input_size
     dummy = torch.zeros(2, 3, s, s)
-    torch.onnx.export(model, (dummy,), str(onnx_path), input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET, dynamo=False)
-    diff = check_parity(model, onnx_path, (4, 3, s, s))
+    names = ["logits"] + ([open_set.output] if open_set is not None else [])
+    torch.onnx.export(model, (dummy,), str(onnx_path), input_names=["images"], output_names=names,
+                      dynamic_axes={"images": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+                      opset_version=OPSET, dynamo=False)
+    diff = check_parity(model, onnx_path, (4, 3, s, s), atol=1e-3 if open_set is None else 1e-2)
+    outputs = [TensorSpec(name="logits", shape=[-1, len(classes)])]
+    if open_set is not None:
+        outputs.append(TensorSpec(name=open_set.output, shape=[-1]))
     manifest = ModelManifest(
         name=name, task="classification", file=onnx_path.name, sha256=sha256_file(onnx_path), opset=OPSET,
-        inputs=[TensorSpec(name="images", shape=[-1, 3, s, s])],
-        outputs=[TensorSpec(name="logits", shape=[-1, len(classes)])],
+        inputs=[TensorSpec(name="images", shape=[-1, 3, s, s])], outputs=outputs,
         batch=BatchProfile(min=1, opt=32, max=128), input_size=s, canonical_um_per_px=CANONICAL_UM_PER_PX,
+        preprocessing=preprocessing or Preprocessing(),
         classes=list(classes), crop=CropInfo(extent_um=crop.extent_um, input_size=s), temperature=temperature,
-        architecture=f"timm {arch}, from scratch", training_data=training_data, split_hashes=split_hashes,
+        open_set=open_set, tta=tta or ["identity"],
+        architecture=architecture or f"timm {arch}, from scratch", training_data=training_data, split_hashes=split_hashes,
         metrics={**metrics, "onnx_parity_max_abs_diff": diff, **({"history": history} if history else {})},
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), producer=_versions(),
     )
@@ -85,7 +97,8 @@ def export_classifier(model, *, name: str, classes: list[str], crop, arch: str, 
 
 
 def export_yolo_seg(weights: Path, *, name: str, imgsz: int, classes: list[str], metrics: dict[str, Any],
-                    training_data: dict[str, Any], split_hashes: dict[str, str], out_dir: Path) -> Path:
+                    training_data: dict[str, Any], split_hashes: dict[str, str], out_dir: Path,
+                    preprocessing: Preprocessing | None = None, architecture: str | None = None) -> Path:
     """Ultralytics YOLO-seg .pt -> ONNX with a dynamic batch axis (raw head output, NMS done by us)."""
     import torch
     from ultralytics import YOLO
@@ -129,7 +142,8 @@ def export_yolo_seg(weights: Path, *, name: str, imgsz: int, classes: list[str],
     manifest = ModelManifest(
         name=name, task="segmentation", file=onnx_path.name, sha256=sha256_file(onnx_path), opset=OPSET,
         inputs=ins, outputs=outs, batch=BatchProfile(min=1, opt=4, max=16), input_size=imgsz,
-        canonical_um_per_px=CANONICAL_UM_PER_PX, classes=classes, architecture="ultralytics yolo11n-seg (yaml), from scratch",
+        canonical_um_per_px=CANONICAL_UM_PER_PX, classes=classes, preprocessing=preprocessing or Preprocessing(),
+        architecture=architecture or "ultralytics yolo11n-seg (yaml), from scratch",
         training_data=training_data, split_hashes=split_hashes,
         metrics={**metrics, "onnx_parity_max_abs_diff": diff},
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), producer=_versions(),

@@ -246,6 +246,33 @@ def idb1_set(split: str, crop: CropSpec) -> tuple[hd.CropSet, np.ndarray]:
     return out, is_sickle[val_idx]
 
 
+def wbc_crop_sets(manifest: Path, split: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(crops, labels) per lab, prepared as the head's manifest says (lamp-corrected or raw)."""
+    if load_manifest(manifest, verify_hash=False).preprocessing.illumination == "flatfield":
+        from training.wbc_data import load_contexts, to_crops
+
+        c = load_contexts(split)
+        return {lab: (to_crops(c.images[c.labs == lab]), c.labels[c.labs == lab]) for lab in ("pbc", "bccd", "rpi")}
+    pbc, bccd = hd.pbc_crops(split), hd.bccd_wbc_crops(split)
+    return {"pbc": (pbc.images, pbc.labels), "bccd": (bccd.images, bccd.labels)}
+
+
+def rbc_crop_sets(manifest: Path, crop: CropSpec, split: str) -> dict[str, tuple]:
+    """Chula (crops, labels) and IDB1 (crops, labels, is_sickle), prepared as the manifest says."""
+    if load_manifest(manifest, verify_hash=False).preprocessing.illumination == "flatfield":
+        from training.rbc_data import CLASSES, build_sets
+        from training.wbc_data import to_crops
+
+        sets = build_sets()
+        labs, y, x = sets[f"{split}_labs"], sets[f"{split}_labels"], sets[f"{split}_images"]
+        ch, ib = labs == "chula", labs == "idb1"
+        return {"chula": (to_crops(x[ch], crop), y[ch]),
+                "idb1": (to_crops(x[ib], crop), y[ib], y[ib] == CLASSES.index("sickle"))}
+    chula = hd.chula_crops(split, crop)
+    idb, is_sickle = idb1_set(split, crop)
+    return {"chula": (chula.images, chula.labels), "idb1": (idb.images, idb.labels, is_sickle)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=Path("models"))
@@ -266,18 +293,21 @@ def main() -> None:
     wbc_crop, rbc_crop = head_crop(wbc_m), head_crop(rbc_m)
     if wbc_crop != WBC_CROP:
         raise SystemExit(f"{wbc_m}: crop {wbc_crop} differs from the one the WBC adapters cut ({WBC_CROP})")
-    wbc_rep, _, _ = eval_head(wbc_m, (s := hd.pbc_crops(sp)).images, s.labels, hd.PBC_CLASSES, args.backend)
+    wbc_sets, rbc_sets = wbc_crop_sets(wbc_m, sp), rbc_crop_sets(rbc_m, rbc_crop, sp)
+    wbc_rep, _, _ = eval_head(wbc_m, *wbc_sets["pbc"], hd.PBC_CLASSES, args.backend)
     res[f"wbc_head_pbc_{sp}"] = wbc_rep
-    bccd_w = hd.bccd_wbc_crops(sp)
-    res[f"wbc_head_bccd_{sp}"], _, _ = eval_head(wbc_m, bccd_w.images, bccd_w.labels, hd.PBC_CLASSES, args.backend)
-    chula = hd.chula_crops(sp, rbc_crop)
-    rbc_rep, _, _ = eval_head(rbc_m, chula.images, chula.labels, hd.RBC_CLASSES, args.backend)
+    res[f"wbc_head_bccd_{sp}"], _, _ = eval_head(wbc_m, *wbc_sets["bccd"], hd.PBC_CLASSES, args.backend)
+    if "rpi" in wbc_sets:
+        res[f"wbc_head_rpi_{sp}"], _, _ = eval_head(wbc_m, *wbc_sets["rpi"], hd.PBC_CLASSES, args.backend)
+    rbc_rep, _, _ = eval_head(rbc_m, *rbc_sets["chula"], hd.RBC_CLASSES, args.backend)
     res[f"rbc_head_chula_{sp}"] = rbc_rep
-    idb, is_sickle = idb1_set(sp, rbc_crop)
-    _, probs, names = eval_head(rbc_m, idb.images, idb.labels, hd.RBC_CLASSES, args.backend)
+    idb_images, idb_labels, is_sickle = rbc_sets["idb1"]
+    _, probs, names = eval_head(rbc_m, idb_images, idb_labels, hd.RBC_CLASSES, args.backend)
     res[f"rbc_head_idb1_{sp}_sickle_vs_not_accuracy"] = float(((probs.argmax(1) == names.index("sickle")) == is_sickle).mean())
     rows = [
         ("WBC head", f"BCCD {sp} crops (2nd lab, GT boxes): accuracy", res[f"wbc_head_bccd_{sp}"]["accuracy"], "report"),
+        *([("WBC head", f"rpi {sp} crops (3rd lab, GT boxes): accuracy", res[f"wbc_head_rpi_{sp}"]["accuracy"], "report")]
+          if f"wbc_head_rpi_{sp}" in res else []),
         ("WBC head", f"PBC {sp} accuracy", wbc_rep["accuracy"], ">= 0.97"),
         ("WBC head", f"PBC {sp} macro-F1", wbc_rep["macro_f1"], ">= 0.95"),
         ("WBC head", f"PBC {sp} ECE (calibrated)", wbc_rep["ece"], "report"),

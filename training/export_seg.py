@@ -21,6 +21,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("models"))
     ap.add_argument("--metrics", type=Path, default=None, help="JSON of measured metrics to store")
     ap.add_argument("--seg-data", type=Path, default=Path("build/seg/meta.json"))
+    ap.add_argument("--illumination", choices=("none", "flatfield"), default="none",
+                    help="flatfield: the model was trained on lamp-corrected tiles (prep_labs + train_seg --look)")
+    ap.add_argument("--multilab", action="store_true", help="describe the training data of training.prep_labs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     offline_ultralytics(Path("build"))
@@ -36,8 +39,20 @@ def main() -> None:
                         "threshold does not reproduce the box; BCCD WBC pixel masks where present",
         "bccd_microns_per_pixel": meta.get("bccd_microns_per_pixel"),
     }
+    if args.multilab:
+        training_data = {
+            "labs": meta.get("splits", {}),
+            "recipe": "training.prep_labs (every lab tiled at 0.2 um/px; BCCD/TXL boxes with pseudo-masks, Chula "
+                      "centres + classical segmentation, PBC pseudo-labels, rpi typed WBC boxes + confident "
+                      "detections of a model that never saw rpi, rendered fields), training.train_seg --look (a "
+                      "random lab's look then the lamp correction on every loaded tile), warm start from the "
+                      "previous detector (training.recover_seg)",
+            "held_out": "BCCD test, TXL-PBC test, Chula/PBC/rpi seeded val and test splits never trained on",
+        }
+    from smearscope.engines.manifest import Preprocessing
+
     pbc = meta.get("splits", {}).get("pbc_train_pseudo")
-    if pbc:
+    if pbc and not args.multilab:
         training_data["pbc_pseudo"] = (
             f"{pbc['n']} PBC train-split images (another lab; val and test held out) pseudo-labelled by "
             f"training.pbc_pseudo from {pbc.get('models', 'models')}: confident detections, violet blobs as "
@@ -47,7 +62,9 @@ def main() -> None:
         training_data=training_data,
         split_hashes={k: v.get("hash") or (f"seeds {v['seeds'][0]}..{v['seeds'][1]}" if "seeds" in v else f"n={v.get('n')}")
                       for k, v in meta.get("splits", {}).items()},
-        out_dir=args.out,
+        out_dir=args.out, preprocessing=Preprocessing(illumination=args.illumination),
+        architecture="ultralytics yolo11n-seg (yaml), trained from scratch here, fine-tuned on every lab"
+        if args.multilab else None,
     )
 
 

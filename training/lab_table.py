@@ -127,8 +127,14 @@ def _box(b: BoxAnnotation) -> list[float]:
     return [b.x0, b.y0, b.x1, b.y1]
 
 
+#: Set by --greyscale: every image is converted to grey first (a monochrome camera or export).
+GREYSCALE = False
+
+
 def analyse(analyzer: Analyzer, img: LabImage, mode: str) -> dict:
     pixels = cv2.imread(str(img.path))
+    if GREYSCALE:
+        pixels = cv2.cvtColor(cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
     mpp = img.known_mpp if mode == "given" else None
     res = analyzer.analyze(Frame(pixels, img.path.name, img.lab, microns_per_pixel=mpp))
     rep = res.report
@@ -293,9 +299,15 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="first N images per lab (quick looks)")
     ap.add_argument("--views", default=None, help="detector views, e.g. identity (default: the manifest's)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--greyscale", action="store_true", help="convert every image to greyscale first")
+    ap.add_argument("--illumination", choices=("auto", "flatfield", "none"), default="auto",
+                    help="force the lamp correction on or off for every model (with/without rows)")
     args = ap.parse_args()
+    global GREYSCALE
+    GREYSCALE = args.greyscale
     logging.basicConfig(level=logging.WARNING)
-    options = AnalyzerOptions(detector_views=tuple(args.views.split(",")) if args.views else None)
+    options = AnalyzerOptions(detector_views=tuple(args.views.split(",")) if args.views else None,
+                              illumination=args.illumination)
     analyzer = Analyzer.from_models_dir(args.models, options=options)
     modes = ("estimated", "given") if args.scale == "both" else (args.scale,)
     rows = []

@@ -20,118 +20,18 @@ import logging
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from smearscope.service.analysis.crops import CropSpec, crop_cell
-from smearscope.service.analysis.scale import resample_factor, resample_to_canonical
-from training import head_data as hd
-from training.data import bccd_boxes, bccd_image_path, bccd_microns_per_pixel, bccd_split, data_root
 from training.metrics import fit_temperature, softmax
+from training.rbc_data import CLASSES, CROP, build_sets, figures
 from training.train_head import ARCHS, Deployable, augment, build_net, predict_logits, to_tensor
 from training.wbc_data import to_crops
 
 logger = logging.getLogger(__name__)
-CLASSES = hd.RBC_CLASSES
-CROP = CropSpec(extent_um=11.2, input_size=56)
-CONTEXT_UM = 22.4
 LAB_SHARE = {"chula": 0.7, "idb1": 0.15, "synthetic": 0.15}
-
-
-def _ctx(canon: np.ndarray, xy: tuple[float, float]) -> np.ndarray:
-    return crop_cell(canon, xy, CropSpec(CONTEXT_UM, round(CONTEXT_UM / 0.2)))
-
-
-def build_sets(cache: Path = Path("build/rbc_contexts.npz")) -> dict:
-    if cache.exists():
-        z = np.load(cache, allow_pickle=False)
-        return {k: z[k] for k in z.files}
-    out: dict[str, list] = {}
-
-    def add(split: str, lab: str, ctx: np.ndarray, label: int) -> None:
-        out.setdefault(f"{split}_images", []).append(ctx)
-        out.setdefault(f"{split}_labels", []).append(label)
-        out.setdefault(f"{split}_labs", []).append(lab)
-
-    root = data_root() / "chula_rbc12" / "Dataset"
-    f = resample_factor(hd.CHULA_MICRONS_PER_PIXEL)
-    for split, ids in hd.chula_splits().items():
-        for image_id in tqdm(ids, desc=f"chula {split}", mininterval=5):
-            img = cv2.imread(str(root / f"{image_id}.jpg"))
-            if img is None:
-                continue
-            canon = resample_to_canonical(img, hd.CHULA_MICRONS_PER_PIXEL)
-            for x, y, name in hd.chula_points(image_id):
-                if name in CLASSES:
-                    add(split, "chula", _ctx(canon, (x * f, y * f)), CLASSES.index(name))
-    mpp = hd.idb1_microns_per_pixel()
-    for src, splits in (("train", ("train", "val")), ("test", ("test",))):
-        items = []
-        for folder, label in hd.IDB1_LABEL.items():
-            for p in sorted((data_root() / "erythrocytesidb1" / src / folder).glob("*.jpg")):
-                img = cv2.imread(str(p))
-                if img is not None:
-                    canon = resample_to_canonical(img, mpp)
-                    items.append((_ctx(canon, (canon.shape[1] / 2, canon.shape[0] / 2)), CLASSES.index(label)))
-        if src == "train":
-            tr, va = hd.idb1_train_val_split(len(items))
-            for split, idx in (("train", tr), ("val", va)):
-                for i in idx:
-                    add(split, "idb1", *items[i])
-        else:
-            for it in items:
-                add("test", "idb1", *it)
-    from smearscope.device.synthetic import StainParams, render_field
-
-    for split, n, base in (("train", 40, 30_000), ("val", 6, 40_000)):
-        for i in range(n):
-            rng = np.random.default_rng(base + i)
-            field = render_field(base + i, width=512, height=384, microns_per_pixel=0.2, stain=StainParams.sample(rng),
-                                 rbc_mix={"normal": 0.4, "target": 0.12, "spherocyte": 0.12, "ovalocyte": 0.12,
-                                          "sickle": 0.12, "echinocyte": 0.12})
-            img = np.asarray(field.frame.pixels)
-            for c in field.cells:
-                if c.kind == "rbc" and not c.cut_by_frame_edge and c.morphology in hd.SYNTHETIC_RBC_LABEL:
-                    add(split, "synthetic", _ctx(img, c.center), CLASSES.index(hd.SYNTHETIC_RBC_LABEL[c.morphology]))
-    bmpp = bccd_microns_per_pixel()
-    bf = resample_factor(bmpp)
-    for split in ("val", "test"):
-        for image_id in bccd_split(split):
-            img = cv2.imread(str(bccd_image_path(image_id)))
-            canon = resample_to_canonical(img, bmpp)
-            for b in bccd_boxes(image_id):
-                if b.kind == "rbc" and b.x0 > 2 and b.y0 > 2 and b.x1 < img.shape[1] - 2 and b.y1 < img.shape[0] - 2:
-                    add(f"bccd_{split}", "bccd", _ctx(canon, ((b.x0 + b.x1) / 2 * bf, (b.y0 + b.y1) / 2 * bf)), -1)
-    arrays = {k: np.stack(v) if k.endswith("images") else np.array(v) for k, v in out.items()}
-    np.savez(cache, **arrays)
-    return arrays
-
-
-def figures(probs: np.ndarray, sets: dict, split: str, bccd_probs: np.ndarray) -> dict:
-    y, labs = sets[f"{split}_labels"], sets[f"{split}_labs"]
-    pred = probs.argmax(1)
-    m = labs == "chula"
-    f1s = []
-    for c in sorted(set(y[m].tolist())):
-        tp = int(((pred[m] == c) & (y[m] == c)).sum())
-        pr, rc = tp / max(int((pred[m] == c).sum()), 1), tp / max(int((y[m] == c).sum()), 1)
-        f1s.append(2 * pr * rc / (pr + rc) if pr + rc else 0.0)
-    mi = labs == "idb1"
-    sickle = CLASSES.index("sickle")
-    idb = float(((pred[mi] == sickle) == (y[mi] == sickle)).mean()) if mi.any() else 1.0
-    sph = float((bccd_probs.argmax(1) == CLASSES.index("spherocyte")).mean()) if len(bccd_probs) else 0.0
-    out = {"chula_macro_f1": round(float(np.mean(f1s)), 4), "chula_accuracy": round(float((pred[m] == y[m]).mean()), 4),
-           "idb1_sickle_vs_not": round(idb, 4), "bccd_spherocyte_share": round(sph, 4),
-           "bccd_label_shares": {CLASSES[k]: round(float(v), 4) for k, v in
-                                 zip(*np.unique(bccd_probs.argmax(1), return_counts=True)) if v} if len(bccd_probs) else {}}
-    if out["bccd_label_shares"]:
-        n = len(bccd_probs)
-        out["bccd_label_shares"] = {k: round(v / n, 4) for k, v in out["bccd_label_shares"].items()}
-    out["worst"] = round(min(out["chula_macro_f1"], idb, 1.0 - sph), 4)
-    return out
 
 
 def main() -> None:
@@ -222,3 +122,44 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def export_rbc(run: Path, out: Path, views: list[str]) -> Path:
+    """The run's best head as models' rbc_head (lamp-corrected crops), temperature fitted for `views`
+    on validation, measured through the analyzer's classifier on the test crops."""
+    from smearscope.engines.manifest import Preprocessing
+    from smearscope.engines.registry import create_engine
+    from smearscope.export.onnx_export import export_classifier
+    from smearscope.service.analysis.classify import CropClassifier
+    from smearscope.service.analysis.tta import view_crops
+
+    state = torch.load(run / "best.pt", weights_only=False)
+    model = Deployable(build_net(state["arch"], len(CLASSES)))
+    model.load_state_dict(state["model"])
+    model.eval()
+    sets = build_sets()
+    val_crops = to_crops(sets["val_images"], CROP)
+    vlogits = np.mean([predict_logits(model, view_crops(val_crops, v)) for v in views], axis=0)
+    temperature = fit_temperature(vlogits, sets["val_labels"])
+    result = json.loads((run / "result.json").read_text()) if (run / "result.json").exists() else {}
+    path = export_classifier(
+        model, name="rbc_head", classes=list(CLASSES), crop=CROP, arch=state["arch"], temperature=temperature,
+        metrics={}, out_dir=out, preprocessing=Preprocessing(illumination="flatfield"), tta=views,
+        training_data={"labs": "Chula RBC-12 (centres, split by image 80/10/10, at 0.175 um/px), erythrocytesIDB1 "
+                               "(train 85/15, test held out), rendered fields",
+                       "recipe": "training.train_rbc (random lab looks, lamp correction, the analyzer's crops; kept: "
+                                 "the best worst of Chula val macro-F1, IDB1 val sickle-vs-not, 1 - BCCD val "
+                                 "spherocyte share)", "run": str(run),
+                       "run_val_best_worst": result.get("val_best_worst")},
+        split_hashes={})
+    eng = create_engine("onnxruntime", path).load()
+    clf = CropClassifier(eng, 0.0)
+    probs = softmax(clf.logits(to_crops(sets["test_images"], CROP)) / temperature)
+    bprobs = softmax(clf.logits(to_crops(sets["bccd_test_images"], CROP)) / temperature)
+    eng.close()
+    metrics = figures(probs, sets, "test", bprobs)
+    m = json.loads(path.read_text())
+    m["metrics"].update({"test": metrics, "temperature_views": views})
+    path.write_text(json.dumps(m, indent=2) + "\n")
+    logger.info("rbc_head test: %s", json.dumps(metrics))
+    return path
