@@ -262,7 +262,7 @@ def test_contract_violations_raise(fitted: MacenkoNormalizer) -> None:
 
 
 def test_registry() -> None:
-    assert available_methods() == ("macenko", "none")
+    assert available_methods() == ("macenko", "none", "vahadane")
     macenko = create_normalizer("macenko")
     assert isinstance(macenko, MacenkoNormalizer) and isinstance(macenko, StainNormalizer)
     assert macenko.reference is not None
@@ -270,8 +270,8 @@ def test_registry() -> None:
     assert isinstance(none, PassThroughNormalizer) and isinstance(none, StainNormalizer)
     frame = np.full((64, 64, 3), 200, np.uint8)
     assert none.normalize(frame) == StainResult(frame, applied=False, reason="disabled")
-    for unknown in ("vahadane", "Macenko", ""):
-        with pytest.raises(ValueError, match="known: macenko, none"):
+    for unknown in ("Vahadane", "Macenko", ""):
+        with pytest.raises(ValueError, match="known: macenko, none, vahadane"):
             create_normalizer(unknown)
 
 

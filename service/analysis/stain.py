@@ -1,8 +1,10 @@
 """Stage 3: stain normalization, so every frame reaches the models in one reference stain.
 
 API after torchstain: `fit(reference)` once, `normalize(image)` per frame. The daemon does not
-fit at run time: the Macenko reference is fitted offline (tools/fit_stain_reference.py) and
-ships as numbers in service/data/stain_reference.json.
+fit a reference at run time: references are fitted offline (tools/fit_stain_reference.py) and
+ship as numbers in service/analysis/data/. Per frame a normalizer fits the frame's own stains
+(`transform_for`, on a subsample) and applies the resulting `StainTransform` at frame rate; a
+caller may also fit once per specimen and apply that transform to every field.
 
 Images are BGR uint8 (OpenCV order) at the boundary; stain vectors are kept in RGB optical
 density, as in the literature and in torchstain, so the numbers compare directly.
@@ -10,6 +12,7 @@ density, as in the literature and in torchstain, so the numbers compare directly
 Macenko et al., "A method for normalizing histology slides for quantitative analysis", ISBI
 2009. The method is written for H&E; in a Wright-Giemsa blood smear its first vector (the one
 absorbing most red light) is the purple azure/nuclear stain and the second the pink eosin.
+Vahadane (sparse non-negative factorization) is in stain_vahadane.py.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Protocol, runtime_checkable
 import cv2
 import numpy as np
 
+from smearscope.service.analysis.stain_transform import StainFit, StainTransform
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_REFERENCE_FILE = Path(__file__).parent / "data" / "stain_reference.json"
@@ -32,7 +37,10 @@ DEFAULT_REFERENCE_FILE = Path(__file__).parent / "data" / "stain_reference.json"
 
 @dataclass(frozen=True)
 class StainResult:
-    """A normalized frame (BGR uint8), or the input passed through with the reason why."""
+    """A normalized frame (BGR uint8), or the input passed through with the reason why.
+
+    A normalized frame may carry a reason too (`FallbackReason`): part of the reference stood in
+    for what the frame could not show."""
 
     pixels: np.ndarray
     applied: bool
@@ -54,6 +62,15 @@ class PassThroughReason(str, Enum):
     DEGENERATE_CONCENTRATIONS = "degenerate_concentrations"
 
 
+class FallbackReason(str, Enum):
+    """Why a normalized frame used part of the reference (StainResult.reason, applied=True)."""
+
+    #: Too few pixels carry the azure (nuclear) stain: its vector and range are the reference's.
+    AZURE_ABSENT = "azure_stain_absent"
+    #: Too few pixels carry the eosin (red-cell) stain: its vector and range are the reference's.
+    EOSIN_ABSENT = "eosin_stain_absent"
+
+
 @runtime_checkable
 class StainNormalizer(Protocol):
     """Maps a frame's stain appearance onto a fitted reference appearance."""
@@ -69,10 +86,11 @@ class StainNormalizer(Protocol):
 
 #: method name -> "module:Class"; a class is imported only when its method is chosen. Each class
 #: provides `default()`, a normalizer ready to use (fitted to the shipped reference if it needs
-#: one). A Vahadane normalizer joins as one more line, e.g. "service.stain_vahadane:...".
+#: one).
 _REGISTRY: dict[str, str] = {
     "none": "smearscope.service.analysis.stain:PassThroughNormalizer",
     "macenko": "smearscope.service.analysis.stain:MacenkoNormalizer",
+    "vahadane": "smearscope.service.analysis.stain_vahadane:VahadaneNormalizer",
 }
 
 
@@ -95,7 +113,7 @@ def create_normalizer(method: str) -> StainNormalizer:
     return normalizer
 
 
-def _check_frame(image_bgr: np.ndarray) -> None:
+def check_frame(image_bgr: np.ndarray) -> None:
     if not isinstance(image_bgr, np.ndarray) or image_bgr.dtype != np.uint8:
         raise TypeError("stain normalization takes a uint8 numpy array")
     if image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
@@ -110,10 +128,10 @@ class PassThroughNormalizer:
         return cls()
 
     def fit(self, reference_bgr: np.ndarray) -> None:
-        _check_frame(reference_bgr)
+        check_frame(reference_bgr)
 
     def normalize(self, image_bgr: np.ndarray) -> StainResult:
-        _check_frame(image_bgr)
+        check_frame(image_bgr)
         return StainResult(image_bgr, applied=False, reason=PassThroughReason.DISABLED.value)
 
 
@@ -176,19 +194,24 @@ class StainReference:
 @dataclass(frozen=True)
 class _StainEstimate:
     stain_matrix: np.ndarray | None  # 3 x 2
-    concentrations: np.ndarray | None  # 2 x N
     max_concentrations: np.ndarray | None  # (2,)
     reason: PassThroughReason | None
     detail: str = ""
+
+
+def _unusable(reason: PassThroughReason, detail: str) -> _StainEstimate:
+    return _StainEstimate(None, None, reason, detail)
 
 
 class MacenkoNormalizer:
     """Macenko stain normalization, vectorised numpy, numerically the method torchstain ships.
 
     Departures from torchstain's numpy backend, none of which changes a well-posed result:
-    * the stain plane is estimated on at most `max_fit_pixels` stained pixels, taken at evenly
-      spaced indices (deterministic and fast); None uses them all, as torchstain does;
-    * the output is rounded to the nearest grey level (torchstain truncates);
+    * the stain plane is estimated on at most `max_fit_pixels` stained pixels, and the 99th
+      percentiles on at most `max_fit_pixels` of all pixels, taken at evenly spaced indices
+      (deterministic and fast); None uses them all, as torchstain does;
+    * the transform is applied in float32 with OpenCV (`StainTransform.apply`, within one grey
+      level of float64) and the output is rounded to the nearest grey level (torchstain truncates);
     * ill-posed fields are passed through with a reason instead of producing NaN or garbage.
     (The eigenvectors' arbitrary signs need no fixing: flipping either one mirrors the angles,
     and the two extreme angles map back to the same pair of stain vectors.)
@@ -218,7 +241,6 @@ class MacenkoNormalizer:
         self.reference = reference
         # Optical density of every 8-bit value: the per-pixel log becomes a table lookup.
         self._od_lut = -np.log((np.arange(256, dtype=np.float64) + 1.0) / self.io)
-        self._od_lut32 = self._od_lut.astype(np.float32)
         # OD falls as intensity rises, so "OD >= beta in every channel" is "brightest channel
         # <= this value": one comparison per pixel instead of three logs.
         stained_values = np.flatnonzero(self._od_lut >= self.beta)
@@ -238,7 +260,7 @@ class MacenkoNormalizer:
 
     def fit(self, reference_bgr: np.ndarray) -> None:
         """Fit the target appearance; ValueError when the field cannot define one."""
-        _check_frame(reference_bgr)
+        check_frame(reference_bgr)
         est = self._estimate(reference_bgr)
         if est.reason is not None:
             raise ValueError(f"reference field unusable: {est.reason.value} ({est.detail})")
@@ -248,60 +270,56 @@ class MacenkoNormalizer:
         )
 
     def normalize(self, image_bgr: np.ndarray) -> StainResult:
-        _check_frame(image_bgr)
+        fitted = self.transform_for(image_bgr)
+        if fitted.transform is None:
+            logger.debug("stain normalization skipped: %s (%s)", fitted.reason, fitted.detail)
+            return StainResult(image_bgr, applied=False, reason=fitted.reason)
+        return StainResult(fitted.transform.apply(image_bgr), applied=True)
+
+    def transform_for(self, image_bgr: np.ndarray) -> StainFit:
+        """This field's transform onto the reference (fit once, apply to a specimen's fields)."""
+        check_frame(image_bgr)
         if self.reference is None:
             raise RuntimeError("MacenkoNormalizer.normalize before fit() or a reference file")
         est = self._estimate(image_bgr)
         if est.reason is not None:
-            logger.debug("stain normalization skipped: %s (%s)", est.reason.value, est.detail)
-            return StainResult(image_bgr, applied=False, reason=est.reason.value)
-        assert est.concentrations is not None and est.max_concentrations is not None
-        scale = (self.reference.max_concentrations / est.max_concentrations).astype(np.float32)
-        concentrations = est.concentrations * scale[:, None]
-        stains = self.reference.stain_matrix_rgb.astype(np.float32)
-        rgb = np.exp(-np.einsum("ks,sn->kn", stains, concentrations))  # 3 x N, rows R, G, B
-        rgb *= np.float32(self.io)
-        np.minimum(rgb, 255.0, out=rgb)
-        bgr = np.rint(rgb[::-1].T).astype(np.uint8)
-        return StainResult(bgr.reshape(image_bgr.shape), applied=True)
+            return StainFit(None, est.reason.value, est.detail)
+        assert est.stain_matrix is not None and est.max_concentrations is not None
+        scale = self.reference.max_concentrations / est.max_concentrations
+        return StainFit(
+            StainTransform(est.stain_matrix, self.reference.stain_matrix_rgb, scale, self.io)
+        )
+
+    def _evenly(self, n: int) -> np.ndarray | slice:
+        """At most `max_fit_pixels` evenly spaced indices of n (all of them when None)."""
+        if self.max_fit_pixels is None or n <= self.max_fit_pixels:
+            return slice(None)
+        return np.linspace(0, n - 1, self.max_fit_pixels).astype(np.int64)
 
     def _estimate(self, image_bgr: np.ndarray) -> _StainEstimate:
-        """Stain matrix, per-pixel concentrations and their 99th percentiles for one field."""
+        """Stain matrix and the 99th percentiles of its concentrations for one field."""
         flat = image_bgr.reshape(-1, 3)
         if flat.shape[0] == 0:
-            return _StainEstimate(
-                None, None, None, PassThroughReason.TOO_FEW_STAINED_PIXELS, "empty field"
-            )
+            return _unusable(PassThroughReason.TOO_FEW_STAINED_PIXELS, "empty field")
         brightest = cv2.max(cv2.max(image_bgr[:, :, 0], image_bgr[:, :, 1]), image_bgr[:, :, 2])
         stained_idx = np.flatnonzero(brightest.reshape(-1) <= self._max_stained_value)
         needed = max(self.min_stained_pixels, int(self.min_stained_fraction * flat.shape[0]))
         if stained_idx.size < needed:
-            return _StainEstimate(
-                None,
-                None,
-                None,
+            return _unusable(
                 PassThroughReason.TOO_FEW_STAINED_PIXELS,
                 f"{stained_idx.size} stained pixels < {needed}",
             )
-        if self.max_fit_pixels is not None and stained_idx.size > self.max_fit_pixels:
-            take = np.linspace(0, stained_idx.size - 1, self.max_fit_pixels).astype(np.int64)
-            stained_idx = stained_idx[take]
+        stained_idx = stained_idx[self._evenly(stained_idx.size)]
         stained = self._od_lut[flat[stained_idx][:, ::-1]]  # n x 3 RGB optical density
 
         cov = np.cov(stained.T)
         if not np.isfinite(cov).all():
-            return _StainEstimate(
-                None, None, None, PassThroughReason.DEGENERATE_COVARIANCE, "non-finite covariance"
-            )
+            return _unusable(PassThroughReason.DEGENERATE_COVARIANCE, "non-finite covariance")
         eigvals, eigvecs = np.linalg.eigh(cov)
         # Below (1e-3 OD)^2 the second direction is numerical dust, far under one grey level.
         if not eigvals[1] > 1e-6:
-            return _StainEstimate(
-                None,
-                None,
-                None,
-                PassThroughReason.DEGENERATE_COVARIANCE,
-                f"eigenvalues {eigvals.tolist()}",
+            return _unusable(
+                PassThroughReason.DEGENERATE_COVARIANCE, f"eigenvalues {eigvals.tolist()}"
             )
         plane = eigvecs[:, 1:3]  # the two largest; angles are measured from the second
         projected = np.einsum("nk,kj->nj", stained, plane)
@@ -314,27 +332,20 @@ class MacenkoNormalizer:
         cos_angle = float(np.clip(he[:, 0] @ he[:, 1], -1.0, 1.0))
         angle = np.degrees(np.arccos(cos_angle))
         if not np.isfinite(he).all() or angle < self.min_stain_angle_deg:
-            return _StainEstimate(
-                None,
-                None,
-                None,
-                PassThroughReason.DEGENERATE_STAIN_MATRIX,
-                f"stain vectors {angle:.2f} degrees apart",
+            return _unusable(
+                PassThroughReason.DEGENERATE_STAIN_MATRIX, f"stain vectors {angle:.2f} degrees apart"
             )
 
-        # Least squares for all pixels at once: the pseudo-inverse is what lstsq would apply.
-        # float32 from here on: half the memory traffic, far below one grey level of error.
-        # einsum, not @: BLAS threads on a skinny 2x3 product cost more than the arithmetic
-        # (and stall badly when the cores are busy).
-        od = self._od_lut32[flat.T[::-1]]  # 3 x N, rows R, G, B
+        # Least squares for the (sampled) pixels at once: the pseudo-inverse is what lstsq would
+        # apply. float32: half the memory traffic, far below one grey level of error. einsum,
+        # not @: BLAS threads on a skinny 2x3 product cost more than the arithmetic (and stall
+        # badly when the cores are busy).
+        sampled = flat[self._evenly(flat.shape[0])]
+        od = self._od_lut.astype(np.float32)[sampled.T[::-1]]  # 3 x n, rows R, G, B
         concentrations = np.einsum("sk,kn->sn", np.linalg.pinv(he).astype(np.float32), od)
         max_c = np.percentile(concentrations, 99, axis=1)
         if not (np.isfinite(max_c).all() and (max_c > 0).all()):
-            return _StainEstimate(
-                None,
-                None,
-                None,
-                PassThroughReason.DEGENERATE_CONCENTRATIONS,
-                f"99th percentiles {max_c.tolist()}",
+            return _unusable(
+                PassThroughReason.DEGENERATE_CONCENTRATIONS, f"99th percentiles {max_c.tolist()}"
             )
-        return _StainEstimate(he, concentrations, max_c, None)
+        return _StainEstimate(he, max_c.astype(np.float64), None)
