@@ -1,7 +1,7 @@
 """The lab table: the detector (and the stages before it) on held-out fields of every lab.
 
     python -m training.lab_table [--models models] [--split val|test] [--scale estimated|given|both]
-                                 [--labs bccd,rpi] [--json out.json]
+                                 [--labs bccd,rpi] [--stain auto|none|macenko|vahadane] [--json out.json]
 
 A lab is one microscope, camera and stain (`training.labs`). Each row is one lab's held-out
 images, analysed by the same `Analyzer` the station runs, scored in the form that lab's labels
@@ -20,6 +20,11 @@ have:
 Scale: `estimated` runs as an uncalibrated station does (the analyzer measures the scale);
 `given` passes the lab's known scale (a calibrated station). The estimate's error against the
 known scale is reported. Models are chosen by their **worst** lab on `--split val`.
+
+Stain: `auto` (default) gives each model frames normalized as its manifest says, as the station
+does; `none`, `macenko` or `vahadane` forces that one for every model (`AnalyzerOptions.stain_method`),
+so rows with and without normalization come from two runs of the same command. The Vahadane
+reference was fitted on lamp-corrected fields: pair it with `--illumination flatfield`.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from smearscope.device.frame import Frame
 from smearscope.service.analysis.boxes import box_iou
 from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions, input_bbox
 from smearscope.service.analysis.scale import resample_factor
+from smearscope.service.analysis.stain import available_methods
 from training.data import (
     BoxAnnotation,
     bccd_boxes,
@@ -298,6 +304,8 @@ def main() -> None:
     ap.add_argument("--labs", default=",".join(DETECTOR_LABS))
     ap.add_argument("--limit", type=int, default=None, help="first N images per lab (quick looks)")
     ap.add_argument("--views", default=None, help="detector views, e.g. identity (default: the manifest's)")
+    ap.add_argument("--stain", choices=("auto", *available_methods()), default="auto",
+                    help="stain normalization for every model (default: each manifest's)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--greyscale", action="store_true", help="convert every image to greyscale first")
     ap.add_argument("--illumination", choices=("auto", "flatfield", "none"), default="auto",
@@ -307,17 +315,21 @@ def main() -> None:
     GREYSCALE = args.greyscale
     logging.basicConfig(level=logging.WARNING)
     options = AnalyzerOptions(detector_views=tuple(args.views.split(",")) if args.views else None,
-                              illumination=args.illumination)
+                              illumination=args.illumination, stain_method=args.stain)
     analyzer = Analyzer.from_models_dir(args.models, options=options)
+    if args.stain != "auto" and analyzer.stain_method != args.stain:
+        analyzer.close()
+        raise SystemExit(f"the analyzer ran stain {analyzer.stain_method!r} when {args.stain!r} was forced")
     modes = ("estimated", "given") if args.scale == "both" else (args.scale,)
     rows = []
     try:
         for lab in args.labs.split(","):
             for mode in modes:
-                rows.append(run_lab(analyzer, lab, args.split, mode, args.limit))
+                rows.append({**run_lab(analyzer, lab, args.split, mode, args.limit), "stain": analyzer.stain_method})
                 logger.warning("%s", json.dumps(rows[-1]))
     finally:
         analyzer.close()
+    print(f"stain normalization: {analyzer.stain_method} (--stain {args.stain})")
     print(format_table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
