@@ -264,7 +264,7 @@ def test_reference_validation_and_round_trip() -> None:
         VahadaneReference(-ROMANOWSKY_PRIOR, np.array([1.0, 1.0]))
     with pytest.raises(ValueError):
         VahadaneReference(ROMANOWSKY_PRIOR, np.array([1.0, 0.0]))
-    with pytest.raises(ValueError, match="not a Vahadane"):
+    with pytest.raises(ValueError, match="not a vahadane"):
         VahadaneReference.from_json(json.dumps({"method": "macenko"}))
 
 

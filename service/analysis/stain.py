@@ -147,48 +147,64 @@ class StainReference:
     source: str = ""
 
     def __post_init__(self) -> None:
-        he = np.asarray(self.stain_matrix_rgb, dtype=np.float64)
-        max_c = np.asarray(self.max_concentrations, dtype=np.float64)
-        if he.shape != (3, 2) or max_c.shape != (2,):
-            raise ValueError(f"stain reference shapes {he.shape}, {max_c.shape}; want (3,2), (2,)")
-        if not (np.isfinite(he).all() and np.isfinite(max_c).all() and (max_c > 0).all()):
-            raise ValueError("stain reference must be finite with positive max concentrations")
+        he, max_c = checked_stain_arrays(self.stain_matrix_rgb, self.max_concentrations)
         if self.io <= 0 or not 0 <= self.alpha < 50 or self.beta < 0:
             raise ValueError(
                 f"stain reference parameters io={self.io} alpha={self.alpha} beta={self.beta}"
             )
-        he.setflags(write=False)
-        max_c.setflags(write=False)
         object.__setattr__(self, "stain_matrix_rgb", he)
         object.__setattr__(self, "max_concentrations", max_c)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "method": "macenko",
-                "stain_matrix_rgb": self.stain_matrix_rgb.round(6).tolist(),
-                "max_concentrations": self.max_concentrations.round(6).tolist(),
-                "io": self.io,
-                "alpha": self.alpha,
-                "beta": self.beta,
-                "source": self.source,
-            },
-            indent=2,
+        return reference_json(
+            "macenko", self.stain_matrix_rgb, self.max_concentrations,
+            io=self.io, alpha=self.alpha, beta=self.beta, source=self.source,
         )
 
     @classmethod
     def from_json(cls, text: str) -> StainReference:
-        raw = json.loads(text)
-        if raw.get("method") != "macenko":
-            raise ValueError(f"not a Macenko stain reference (method={raw.get('method')!r})")
-        return cls(
-            stain_matrix_rgb=np.array(raw["stain_matrix_rgb"], dtype=np.float64),
-            max_concentrations=np.array(raw["max_concentrations"], dtype=np.float64),
-            io=float(raw["io"]),
-            alpha=float(raw["alpha"]),
-            beta=float(raw["beta"]),
-            source=str(raw.get("source", "")),
-        )
+        raw = parse_reference_json(text, "macenko")
+        return cls(raw["stain_matrix_rgb"], raw["max_concentrations"], float(raw["io"]),
+                   float(raw["alpha"]), float(raw["beta"]), str(raw.get("source", "")))
+
+
+def checked_stain_arrays(stain_matrix: object, max_concentrations: object
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only float64 copies of a reference's 3 x 2 stain matrix and (2,) robust maxima;
+    ValueError unless both are finite and the maxima positive."""
+    matrix = np.array(stain_matrix, dtype=np.float64)
+    max_c = np.array(max_concentrations, dtype=np.float64)
+    if matrix.shape != (3, 2) or max_c.shape != (2,):
+        raise ValueError(f"stain reference shapes {matrix.shape}, {max_c.shape}; want (3,2), (2,)")
+    if not (np.isfinite(matrix).all() and np.isfinite(max_c).all() and (max_c > 0).all()):
+        raise ValueError("stain reference must be finite with positive max concentrations")
+    matrix.setflags(write=False)
+    max_c.setflags(write=False)
+    return matrix, max_c
+
+
+def reference_json(method: str, stain_matrix: np.ndarray, max_concentrations: np.ndarray,
+                   **fields: object) -> str:
+    """A reference as committed: the method, its numbers (6 decimals) and its other fields."""
+    return json.dumps(
+        {
+            "method": method,
+            "stain_matrix_rgb": stain_matrix.round(6).tolist(),
+            "max_concentrations": max_concentrations.round(6).tolist(),
+            **fields,
+        },
+        indent=2,
+    )
+
+
+def parse_reference_json(text: str, method: str) -> dict:
+    """The fields of a committed reference of `method` (arrays as float64); ValueError otherwise."""
+    raw = json.loads(text)
+    if raw.get("method") != method:
+        raise ValueError(f"not a {method} stain reference (method={raw.get('method')!r})")
+    for key in ("stain_matrix_rgb", "max_concentrations"):
+        raw[key] = np.array(raw[key], dtype=np.float64)
+    return dict(raw)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ reference's vector and range stand in for it, and the result says so (`FallbackR
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,9 @@ from smearscope.service.analysis.stain import (
     PassThroughReason,
     StainResult,
     check_frame,
+    checked_stain_arrays,
+    parse_reference_json,
+    reference_json,
 )
 from smearscope.service.analysis.stain_transform import (
     StainFit,
@@ -66,46 +68,25 @@ class VahadaneReference:
     source: str = ""
 
     def __post_init__(self) -> None:
-        w = np.array(self.stain_matrix_rgb, dtype=np.float64)
-        max_c = np.array(self.max_concentrations, dtype=np.float64)
-        if w.shape != (3, 2) or max_c.shape != (2,):
-            raise ValueError(f"stain reference shapes {w.shape}, {max_c.shape}; want (3,2), (2,)")
-        if not (np.isfinite(w).all() and np.isfinite(max_c).all() and (max_c > 0).all()):
-            raise ValueError("stain reference must be finite with positive max concentrations")
+        w, max_c = checked_stain_arrays(self.stain_matrix_rgb, self.max_concentrations)
         if (w < 0).any() or not np.allclose(np.linalg.norm(w, axis=0), 1.0, atol=1e-5):
             raise ValueError("Vahadane stain vectors must be non-negative unit vectors")
         if self.io <= 0:
             raise ValueError(f"io must be positive, got {self.io}")
-        w /= np.linalg.norm(w, axis=0)
+        w = w / np.linalg.norm(w, axis=0)
         w.setflags(write=False)
-        max_c.setflags(write=False)
         object.__setattr__(self, "stain_matrix_rgb", w)
         object.__setattr__(self, "max_concentrations", max_c)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "method": "vahadane",
-                "stains": list(STAIN_NAMES),
-                "stain_matrix_rgb": self.stain_matrix_rgb.round(6).tolist(),
-                "max_concentrations": self.max_concentrations.round(6).tolist(),
-                "io": self.io,
-                "source": self.source,
-            },
-            indent=2,
-        )
+        return reference_json("vahadane", self.stain_matrix_rgb, self.max_concentrations,
+                              stains=list(STAIN_NAMES), io=self.io, source=self.source)
 
     @classmethod
     def from_json(cls, text: str) -> VahadaneReference:
-        raw = json.loads(text)
-        if raw.get("method") != "vahadane":
-            raise ValueError(f"not a Vahadane stain reference (method={raw.get('method')!r})")
-        return cls(
-            stain_matrix_rgb=np.array(raw["stain_matrix_rgb"], dtype=np.float64),
-            max_concentrations=np.array(raw["max_concentrations"], dtype=np.float64),
-            io=float(raw["io"]),
-            source=str(raw.get("source", "")),
-        )
+        raw = parse_reference_json(text, "vahadane")
+        return cls(raw["stain_matrix_rgb"], raw["max_concentrations"], float(raw["io"]),
+                   str(raw.get("source", "")))
 
 
 def learn_stain_vectors(
