@@ -164,7 +164,7 @@ class VahadaneNormalizer:
         min_stain_pixels: int = 100,
         min_stain_fraction: float = 0.003,
         min_separation_deg: float = 12.0,
-        max_azure_deviation_deg: float = 30.0,
+        max_azure_deviation_deg: float = 45.0,
         max_code_pixels: int | None = 200_000,
         max_fit_pixels: int = 20_000,
         iterations: int = 100,
