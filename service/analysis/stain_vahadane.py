@@ -13,6 +13,10 @@ For a Wright-Giemsa or May-Gruenwald-Giemsa smear the two stains are the azure (
 platelets, basophilic cytoplasm; first) and the eosin (pink: red cells; second). A field with
 few nuclei is normal in blood: a stain that too few pixels carry is not learned from noise; the
 reference's vector and range stand in for it, and the result says so (`FallbackReason`).
+
+Frames are expected illumination-corrected (`illumination`: glass at TARGET_WHITE), as the
+reference's fields were: then the glass has optical density 0 and everything above
+`tissue_od` is stain. On an uncorrected frame a dim or tinted lamp reads as stain.
 """
 
 from __future__ import annotations
