@@ -83,11 +83,11 @@ class AnalysisConfig(StationBaseModel):
         description="As rbc_head_views, for the WBC head's crops.",
         min_length=1,
     )
-    stain_normalization: Literal["auto", "macenko", "none"] = Field(
+    stain_normalization: Literal["auto", "macenko", "vahadane", "none"] = Field(
         default="auto",
         title="Stain normalization",
         description="'auto': each model gets frames normalized as its training images were (its "
-        "manifest says); 'macenko' / 'none' force one variant for every model (experiments only: "
+        "manifest says); 'macenko' / 'vahadane' / 'none' force one variant for every model (experiments only: "
         "a model fed frames unlike its training images degrades badly).",
     )
     engine_backend: Literal["onnxruntime", "tensorrt"] = Field(

@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "every detection above the detector's raw floor, as mAP evaluations rank them)")
     a.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
     a.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
-    a.add_argument("--stain", default="auto", choices=["auto", "macenko", "none"],
-                   help="auto: as each model was trained (manifest); macenko/none: force for all models")
+    a.add_argument("--stain", default="auto", choices=["auto", "macenko", "vahadane", "none"],
+                   help="auto: as each model was trained (manifest); macenko/vahadane/none: force for all models")
     a.set_defaults(func=_lazy("analyze", "cmd_analyze"))
 
     d = sub.add_parser("demo", help="analyze fields from the built-in synthetic microscope")
