@@ -46,7 +46,7 @@ def needs_review(cell: CellRecord) -> int | None:
     """Review priority of a cell (0: unidentified, 1: atypical), None when it needs none."""
     if cell.label == UNIDENTIFIED:
         return 0
-    if cell.label in ATYPICAL_LABELS or getattr(cell, "atypical", False):
+    if cell.label in ATYPICAL_LABELS or cell.atypical:
         return 1
     return None
 
