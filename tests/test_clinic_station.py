@@ -59,6 +59,14 @@ def test_gallery_pages_fit_the_message_budget_and_cover_every_crop(tmp_path: Pat
     assert labels <= {"unidentified", "sickle", "erythroblast", "ig", "atypical"}
     assert [c["label"] for c in gallery.page("run-a")["cells"]][:1] == ["sickle"]  # arrival order: pages stay put
     assert not gallery.page("no-such-run")["ok"]
+    tight = ReviewGallery(ReviewConfig(), tmp_path / "review3", max_packet_size=6000)
+    tight.add_field("run-c", _image(oracle_pool()[0]), oracle_pool()[0])
+    page = tight.page("run-c")
+    assert len(json.dumps(page)) <= 6000 - 1024 + 512 and page["cells"]  # under the station's packet limit
+    tiny = ReviewGallery(ReviewConfig(crop_px=256), tmp_path / "review4", max_packet_size=1500)
+    tiny.add_field("run-d", _image(oracle_pool()[0]), oracle_pool()[0])
+    page = tiny.page("run-d")
+    assert page["cells"] == [] and page["skipped_too_large"] >= 1 and page["next_offset"] is None
 
 
 def test_overlays_are_kept_per_run_under_the_disk_cap(tmp_path: Path) -> None:

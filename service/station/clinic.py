@@ -65,8 +65,9 @@ class ClinicFeed:
         self.gallery: ReviewGallery | None = None
         if config.review.enabled:
             directory = config.review.directory or Path(config.mqtt.outbox.path).parent / "review"
-            self.gallery = ReviewGallery(config.review, directory)
-        self.max_state_bytes = config.review.max_message_kb * 1024
+            self.gallery = ReviewGallery(config.review, directory, config.mqtt.max_packet_size)
+        # below the station's packet limit too (topic, properties and envelope need room)
+        self.max_state_bytes = min(config.review.max_message_kb * 1024, config.mqtt.max_packet_size - 1024)
 
     # ------------------------------------------------------------------ FHIR
 

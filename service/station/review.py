@@ -93,9 +93,14 @@ class _RunGallery:
 class ReviewGallery:
     """Crops and overlays per run; fed by the analysis thread, read by the command thread."""
 
-    def __init__(self, config: ReviewConfig, directory: Path) -> None:
+    def __init__(self, config: ReviewConfig, directory: Path, max_packet_size: int | None = None) -> None:
         self.config = config
         self.directory = directory
+        #: A page's budget: `max_message_kb`, and under the station's packet limit (less the room
+        #: the topic, properties and the answer's own keys take).
+        self.page_bytes = config.max_message_kb * 1024 - 512
+        if max_packet_size is not None:
+            self.page_bytes = min(self.page_bytes, max_packet_size - 1024)
         self._lock = threading.Lock()
         self._runs: OrderedDict[str, _RunGallery] = OrderedDict()
 
@@ -143,7 +148,7 @@ class ReviewGallery:
 
     def page(self, run_id: str | None, offset: int = 0) -> dict[str, Any]:
         """One message's worth of crops from `offset` (and the latest overlay thumbnail on the
-        first page), below `max_message_kb`; `next_offset` is None on the last page."""
+        first page), below `page_bytes`; `next_offset` is None on the last page."""
         run_id = run_id or self.latest_run()
         with self._lock:
             g = self._runs.get(run_id) if run_id else None
@@ -151,20 +156,23 @@ class ReviewGallery:
                 return {"ok": False, "error": f"no review material for run {run_id!r}",
                         "runs": list(self._runs)}
             crops, thumbnail, not_kept, overlays = list(g.crops), g.latest_thumbnail, g.not_kept, len(g.overlays)
-        budget = self.config.max_message_kb * 1024 - 512  # the envelope's own keys
+        budget = self.page_bytes
         out: dict[str, Any] = {"ok": True, "run_id": run_id, "total": len(crops), "not_kept": not_kept,
                                "overlays_on_disk": overlays, "offset": offset, "cells": [], "overlay": None}
         used = 0
         if offset == 0 and thumbnail is not None and len(thumbnail["jpeg"]) + 200 < budget * 0.6:
             out["overlay"] = thumbnail
             used += len(thumbnail["jpeg"]) + 200
-        i = max(0, offset)
+        i, out["skipped_too_large"] = max(0, offset), 0
         while i < len(crops):
             size = len(json.dumps(crops[i]))
-            if used + size > budget and out["cells"]:
+            if size > budget:  # one crop alone over the limit (a tiny max_packet_size): skipped
+                out["skipped_too_large"] += 1
+            elif used + size > budget:
                 break
-            out["cells"].append(crops[i])
-            used += size
+            else:
+                out["cells"].append(crops[i])
+                used += size
             i += 1
         out["next_offset"] = i if i < len(crops) else None
         return out
