@@ -282,6 +282,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="20 images per detection set")
     ap.add_argument("--heads-only", action="store_true", help="the two heads on their crops; no detector or pipeline rows")
+    ap.add_argument("--no-labs", action="store_true", help="skip the lab table (training.lab_table)")
     ap.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                     help="engines to measure (tensorrt: the engines built on this machine)")
     args = ap.parse_args()
@@ -386,8 +387,46 @@ def main() -> None:
         for c, m in rep["per_class"].items():
             print(f"  {c:<18}{m['precision']:.3f} / {m['recall']:.3f} / {m['f1']:.3f} / {m['support']}")
         print(confusion_table(rep))
+    if not args.heads_only and not args.no_labs:
+        res["lab_table"] = lab_section(args, sp, limit)
+    res["held_out_runs"] = held_out_runs_section()
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
+
+
+def lab_section(args, split: str, limit: int | None) -> list[dict]:
+    """Every lab on its own (training.lab_table), uncalibrated and calibrated scale."""
+    from training.lab_table import DETECTOR_LABS, format_table, run_lab
+
+    analyzer = Analyzer.from_models_dir(args.models, backend=args.backend,
+                                        options=AnalyzerOptions(stain_method=args.stain))
+    try:
+        rows = [run_lab(analyzer, lab, split, mode, limit) for lab in DETECTOR_LABS for mode in ("estimated", "given")]
+    finally:
+        analyzer.close()
+    print(f"\nLab table ({split}; python -m training.lab_table):")
+    print(format_table(rows))
+    return rows
+
+
+def held_out_runs_section(root: Path = Path("build/wbc")) -> dict:
+    """Leave-one-lab-out and leave-one-class-out WBC heads (training.train_wbc runs), if present."""
+    found = {p.parent.name: json.loads(p.read_text()) for p in sorted(root.glob("*/result.json"))}
+    if not found:
+        return {}
+    print("\nWBC heads held out from a lab or a class (python -m training.train_wbc --exclude-lab/--exclude-class; "
+          "test splits, review = unidentified):")
+    for r in found.values():
+        if r.get("exclude_lab"):
+            lab = r["exclude_lab"]
+            cs, wr = r["test_closed_set"].get(lab, {}), r["test_with_review"].get(lab, {})
+            print(f"  trained without lab {lab:<6}: on {lab} accuracy {cs.get('accuracy')} macro-F1 {cs.get('macro_f1')}"
+                  f" (with review: {wr.get('accuracy')}); review rate {r['test_review_rate_known'].get(lab)}")
+        for cls, h in (r.get("held_out_class") or {}).items():
+            rates = r["test_review_rate_known"]
+            print(f"  trained without {cls:<10}: typed as a known class {h['typed_as_known']} (softmax alone "
+                  f"{h['typed_as_known_softmax_only']}); normal cells to review {rates}")
+    return found
 
 
 if __name__ == "__main__":
