@@ -230,3 +230,46 @@ def test_calibrate_scale_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "smearscope", "calibrate-scale", str(blank)],
                           check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "no_ruling"
+
+
+def _fake_pass(true_mpp: float, cells_px: float = 37.5):
+    """A detection pass that finds whole red cells only near the true scale, sized as a detector sees them."""
+    from smearscope.service.analysis.scale_search import Attempt
+
+    calls = []
+
+    def detect_at(mpp: float, quick: bool):
+        calls.append((round(mpp, 4), quick))
+        ratio = true_mpp / mpp
+        n = 20 if 0.8 < ratio < 1.25 else 0
+        size = cells_px * (mpp / true_mpp) ** 0.5  # resampled too large, seen nearer the canonical size
+        dets = [CellDetection(CellKind.RBC, Box(0, 0, size, size), 0.9) for _ in range(n)]
+        return Attempt(mpp, dets, None, quick)
+
+    return detect_at, calls
+
+
+def test_scale_search_finds_a_scale_far_from_the_first_guess_and_says_so():
+    from smearscope.service.analysis.scale import ScaleEstimate
+    from smearscope.service.analysis.scale_search import PLAUSIBLE_UM_PER_PX, find_scale
+
+    detect_at, calls = _fake_pass(0.3)
+    out = find_scale(detect_at, ScaleEstimate(0.02, "rbc_size_classical"), 1_000_000)
+    assert out.estimate.microns_per_pixel == pytest.approx(0.3, rel=0.1)  # refined to within its 5 % tolerance
+    assert out.uncertain and "search" in out.reason
+    assert not out.attempt.quick  # the analysis itself runs every view
+    assert all(PLAUSIBLE_UM_PER_PX[0] <= m <= PLAUSIBLE_UM_PER_PX[1] for m, _ in calls)
+    # a good first guess: no search, refined to the truth, not uncertain
+    detect_at, calls = _fake_pass(0.1)
+    near = find_scale(detect_at, ScaleEstimate(0.09, "rbc_size_classical"), 1_000_000)
+    assert near.estimate.microns_per_pixel == pytest.approx(0.1, rel=0.05) and not near.uncertain
+    assert len(calls) <= 4
+
+
+def test_scale_with_no_red_cells_anywhere_stays_plausible_and_uncertain():
+    from smearscope.service.analysis.scale import ScaleEstimate
+    from smearscope.service.analysis.scale_search import PLAUSIBLE_UM_PER_PX, Attempt, find_scale
+
+    out = find_scale(lambda mpp, quick: Attempt(mpp, [], None, quick), ScaleEstimate(0.01, "rbc_size_classical"), 10**6)
+    assert PLAUSIBLE_UM_PER_PX[0] <= out.estimate.microns_per_pixel <= PLAUSIBLE_UM_PER_PX[1]
+    assert out.uncertain and not out.attempt.quick

@@ -129,6 +129,16 @@ def txl_scales(analyzer: Analyzer, calibration: dict) -> dict[str, float]:
     return out
 
 
+def txl_box_scales() -> dict[str, float]:
+    """Each TXL-PBC val image's scale from its own whole annotated red cells (its source's median when
+    it has too few)."""
+    from training.lab_table import lab_images
+    from training.labs import TXL_SOURCES
+
+    return {im.path.name: im.known_mpp for src in TXL_SOURCES for im in lab_images(src, "val")
+            if im.known_mpp is not None}
+
+
 def fit(analyzer: Analyzer, sets: tuple[str, ...], scale_of: dict[str, float]) -> dict[str, list[float]]:
     """Platt (a, b) per class from every raw detection of the sets' val splits, pooled."""
     analyzer.segmenter.calibration = {}  # raw scores, every one above the detector's floor
@@ -153,6 +163,10 @@ def main() -> None:
     ap.add_argument("--sets", default="bccd,txl",
                     help="validation sets to fit on, pooled: bccd (BCCD val), txl (TXL-PBC val, at the scale the "
                     "analyzer estimates per image with the calibration being fitted)")
+    ap.add_argument("--txl-scale", choices=("estimated", "boxes"), default="estimated",
+                    help="TXL-PBC val scales: as the analyzer estimates them (the run-time condition, several "
+                    "detection passes per image and rounds), or measured from each image's annotated red-cell "
+                    "boxes (one pass, a calibrated station's condition)")
     ap.add_argument("--max-rounds", type=int, default=3,
                     help="with txl: refit with the scales the new calibration finds until they settle")
     args = ap.parse_args()
@@ -170,8 +184,10 @@ def main() -> None:
     analyzer = Analyzer(YoloSegmenter(engine, conf_threshold=0.05, views=views), None, None, options)
     cal = manifest.get("score_calibration", {})
     scale_of: dict[str, float] = {}
-    for round_ in range(args.max_rounds if "txl" in sets else 1):
-        if "txl" in sets:
+    if "txl" in sets and args.txl_scale == "boxes":
+        scale_of = txl_box_scales()
+    for round_ in range(args.max_rounds if "txl" in sets and args.txl_scale == "estimated" else 1):
+        if "txl" in sets and args.txl_scale == "estimated":
             scales = txl_scales(analyzer, cal)
             moved = [abs(scales[k] / scale_of[k] - 1) >= 0.01 for k in scales if k in scale_of]
             if moved:
@@ -182,7 +198,8 @@ def main() -> None:
         cal = fit(analyzer, sets, scale_of)
     engine.close()
     manifest["score_calibration"] = cal
-    names = {"bccd": "BCCD val split", "txl": "TXL-PBC val split (scale estimated per image, as at run time)"}
+    names = {"bccd": "BCCD val split", "txl": "TXL-PBC val split (scale estimated per image, as at run time)"
+             if args.txl_scale == "estimated" else "TXL-PBC val split (scale from each image's red-cell boxes)"}
     manifest.setdefault("metrics", {})["score_calibration_fit"] = (
         f"{' + '.join(names[s] for s in sets)}, pooled, raw detections of each class before the heads, "
         f"IoU >= 0.5 matches, views {'+'.join(views)}")

@@ -162,7 +162,7 @@ class Analyzer:
             e.close()
 
     # -- stages -------------------------------------------------------------------------------
-    def _detect(self, canonical: np.ndarray) -> list[CellDetection]:
+    def _detect(self, canonical: np.ndarray, views: tuple[str, ...] | None = None) -> list[CellDetection]:
         o = self.options
         h, w = canonical.shape[:2]
         # Raw scores (every detection above the detector's fixed floor) through the merge and the
@@ -170,21 +170,25 @@ class Analyzer:
         # comes last, so it changes nothing above it. Each view's tiles are cut lazily and streamed
         # through the engine, and merged before the next view, so memory stays linear in the frame.
         per_view = []
-        for v in self.segmenter.views:
+        for v in self.segmenter.views if views is None else views:
             raw = self.segmenter.detect(view_tiles(canonical, v, o.tile_size, o.tile_overlap), w, h, calibrate=False)
             per_view.append([unview(d, v, w, h) for d in merge_detections(raw)])
         return self.segmenter.finish(fuse_views(per_view))
 
-    def _detect_at(self, frame: Frame, mpp: float, illumination: Illumination, timing: dict[str, float]) -> Attempt:
-        """Resample to canonical assuming `mpp`, prepare, detect; also the whole, confident RBCs."""
+    def _detect_at(self, frame: Frame, mpp: float, illumination: Illumination, timing: dict[str, float],
+                   quick: bool = False) -> Attempt:
+        """Resample to canonical assuming `mpp`, prepare, detect; also the whole, confident RBCs.
+
+        A quick pass (a scale guess or search: only red cells are counted) runs the detector's
+        first view alone."""
         field_ = CanonicalField(frame.pixels, mpp, illumination, self.normalizers, timing)
         seg_frame = field_.pixels(self._prep["segmentation"])
         t = time.perf_counter()
-        dets = self._detect(seg_frame)
+        dets = self._detect(seg_frame, self.segmenter.views[:1] if quick else None)
         timing["detect_ms"] = timing.get("detect_ms", 0.0) + (time.perf_counter() - t) * 1000
         whole = [d for d in dets if d.kind is CellKind.RBC and d.score >= SCALE_MIN_SCORE
                  and not _touches_frame(d, field_.shape)]
-        return Attempt(mpp, whole, (field_, dets))
+        return Attempt(mpp, whole, (field_, dets), quick)
 
     def _scale_and_detect(self, frame: Frame, timing: dict[str, float]) -> tuple[ScaleOutcome, Illumination]:
         """Measure the lamp, find the scale (given, or from the red cells) and detect at it."""
@@ -198,7 +202,7 @@ class Analyzer:
             first = first_scale_guess(frame.pixels, illumination) or ScaleEstimate(FALLBACK_UM_PER_PX, "default")
         timing["scale_ms"] = (time.perf_counter() - t) * 1000
         h, w = frame.pixels.shape[:2]
-        outcome = find_scale(lambda mpp: self._detect_at(frame, mpp, illumination, timing), first, h * w,
+        outcome = find_scale(lambda mpp, quick: self._detect_at(frame, mpp, illumination, timing, quick), first, h * w,
                              self.options.scale_refine_tolerance)
         return outcome, illumination
 

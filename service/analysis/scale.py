@@ -46,14 +46,14 @@ def resample_to_canonical(image: np.ndarray, microns_per_pixel: float) -> np.nda
     return cv2.resize(image, size, interpolation=interp)
 
 
-def scale_from_rbc_diameters(diameters_px: np.ndarray) -> float | None:
+def scale_from_rbc_diameters(diameters_px: np.ndarray, min_cells: int = 5) -> float | None:
     """um/px implied by a set of red-cell diameters in pixels (median of the middle half).
 
-    Returns None with fewer than 5 cells: too few to trust.
+    Returns None with fewer than `min_cells` cells: too few to trust.
     """
     d = np.asarray(diameters_px, dtype=float)
     d = d[np.isfinite(d) & (d > 0)]
-    if d.size < 5:
+    if d.size < min_cells:
         return None
     lo, hi = np.percentile(d, [25, 75])
     core = d[(d >= lo) & (d <= hi)]

@@ -43,6 +43,8 @@ SEARCH_STEP = 1.5
 #: Detection passes at most that refine the scale from the whole red cells.
 REFINE_ROUNDS = 3
 MIN_RBC_FOR_SCALE = 5
+#: Below this many whole red cells at every guess, the whole plausible range is searched.
+MIN_RBC_TO_SKIP_SEARCH = 3
 #: A search pass that would resample the frame beyond this many canonical pixels is skipped.
 MAX_SEARCH_CANONICAL_PIXELS = 12_000_000
 
@@ -54,6 +56,7 @@ class Attempt:
     mpp: float
     whole_rbc: list[CellDetection]
     payload: object  # what the caller needs to go on from this pass (its canonical field, detections)
+    quick: bool = False  # a search pass (one detector view), not the analysis itself
 
 
 @dataclass(frozen=True)
@@ -74,56 +77,67 @@ def search_grid() -> list[float]:
     return [lo * SEARCH_STEP**i for i in range(n)]
 
 
-def find_scale(detect_at: Callable[[float], Attempt], first: ScaleEstimate, input_pixels: int,
+def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate, input_pixels: int,
                tolerance: float = 0.05) -> ScaleOutcome:
-    """Run detection passes until the scale is known, searched or refined (see the module doc)."""
+    """Run detection passes until the scale is known, searched or refined (see the module doc).
+
+    `detect_at(mpp, quick)` runs one pass; quick passes (the other guesses and the search) only
+    count red cells, so they may use fewer views; the outcome's attempt is always a full pass.
+    """
     if first.method == "given":
-        return ScaleOutcome(first, detect_at(first.microns_per_pixel), uncertain=False)
+        return ScaleOutcome(first, detect_at(first.microns_per_pixel, False), uncertain=False)
     tried: list[Attempt] = []
 
-    def attempt(mpp: float) -> Attempt:
-        a = detect_at(mpp)
+    def attempt(mpp: float, quick: bool) -> Attempt:
+        a = detect_at(mpp, quick)
         tried.append(a)
         return a
 
     def best() -> Attempt:
-        return max(tried, key=lambda a: len(a.whole_rbc))
+        return max(tried, key=lambda a: (len(a.whole_rbc), not a.quick))
 
     g = clamp(first.microns_per_pixel)
-    for mpp in (g, clamp(g * GUESS_STEP), clamp(g / GUESS_STEP)):
+    for i, mpp in enumerate((g, clamp(g * GUESS_STEP), clamp(g / GUESS_STEP))):
         if any(abs(mpp / a.mpp - 1) < 0.05 for a in tried):
             continue
-        if len(attempt(mpp).whole_rbc) >= MIN_RBC_FOR_SCALE:
+        if len(attempt(mpp, quick=i > 0).whole_rbc) >= MIN_RBC_FOR_SCALE:
             break
     searched = False
-    if len(best().whole_rbc) < MIN_RBC_FOR_SCALE:
+    if len(best().whole_rbc) < MIN_RBC_TO_SKIP_SEARCH:
         searched = True
         for mpp in search_grid():
             canonical_pixels = input_pixels * (mpp / CANONICAL_UM_PER_PX) ** 2
             if canonical_pixels > MAX_SEARCH_CANONICAL_PIXELS or any(abs(mpp / a.mpp - 1) < 0.2 for a in tried):
                 continue
-            attempt(mpp)
+            attempt(mpp, quick=True)
         logger.info("scale searched over %d passes: best %.4f um/px with %d whole red cells", len(tried),
                     best().mpp, len(best().whole_rbc))
     current = best()
-    if len(current.whole_rbc) < MIN_RBC_FOR_SCALE:
-        method = first.method if not searched else "rbc_size_detection"
-        return ScaleOutcome(ScaleEstimate(current.mpp, method, len(current.whole_rbc)), current, uncertain=True,
-                            reason=f"only {len(current.whole_rbc)} whole red cells at any plausible scale")
+    few = len(current.whole_rbc) < MIN_RBC_FOR_SCALE
+    reasons = []
+    if searched:
+        reasons.append("found by searching the plausible range")
+    if few:
+        reasons.append(f"only {len(current.whole_rbc)} whole red cells")
+    settled = False
     for _ in range(REFINE_ROUNDS):
         diam_canon = [(d.box.width + d.box.height) / 2.0 for d in current.whole_rbc]
-        implied = scale_from_rbc_diameters(np.array(diam_canon))  # um per CANONICAL px if cells were normal
+        implied = scale_from_rbc_diameters(np.array(diam_canon), min_cells=MIN_RBC_TO_SKIP_SEARCH)
         if implied is None:
             break
         true_mpp = clamp(current.mpp * implied / CANONICAL_UM_PER_PX)
         if abs(true_mpp / current.mpp - 1.0) <= tolerance:
-            est = ScaleEstimate(current.mpp, "rbc_size_detection", len(current.whole_rbc))
-            return ScaleOutcome(est, current, uncertain=searched,
-                                reason="found by searching the plausible range" if searched else None)
+            settled = True
+            break
         logger.info("scale refined from %.4f to %.4f um/px by %d red cells", current.mpp, true_mpp, len(current.whole_rbc))
-        nxt = attempt(true_mpp)
-        if len(nxt.whole_rbc) < MIN_RBC_FOR_SCALE:
+        nxt = attempt(true_mpp, quick=False)
+        if len(nxt.whole_rbc) < MIN_RBC_TO_SKIP_SEARCH:
             break
         current = nxt
-    est = ScaleEstimate(current.mpp, "rbc_size_detection", len(current.whole_rbc))
-    return ScaleOutcome(est, current, uncertain=True, reason="the refinement from red-cell size did not settle")
+    if not settled and len(current.whole_rbc) >= MIN_RBC_TO_SKIP_SEARCH:
+        reasons.append("the refinement from red-cell size did not settle")
+    if current.quick:
+        current = attempt(current.mpp, quick=False)
+    method = "rbc_size_detection" if current.whole_rbc or searched else first.method
+    est = ScaleEstimate(current.mpp, method, len(current.whole_rbc))
+    return ScaleOutcome(est, current, uncertain=bool(reasons), reason="; ".join(reasons) or None)
