@@ -38,6 +38,7 @@ def test_reason_codes_are_stable_strings() -> None:
         "unsupported_format",
         "corrupt",
         "truncated",
+        "too_large_at_scale",
         "too_large_pixels",
         "absurd_aspect",
         "too_small",

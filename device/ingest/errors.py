@@ -37,6 +37,9 @@ class RejectReason(str, Enum):
     TRUNCATED = "truncated"
     #: The header declares more pixels than `IngestLimits.max_pixels` (decompression bomb).
     TOO_LARGE_PIXELS = "too_large_pixels"
+    #: Resampled to the canonical scale the frame would exceed the analysis's pixel limit
+    #: (`service.analysis.scale.MAX_CANONICAL_PIXELS`): a large field at low magnification.
+    TOO_LARGE_AT_SCALE = "too_large_at_scale"
     #: Long side / short side above `IngestLimits.max_aspect` (a strip, not a field of view).
     ABSURD_ASPECT = "absurd_aspect"
     #: Short side below `IngestLimits.min_side`: too few pixels to hold a single cell.

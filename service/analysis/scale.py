@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from smearscope.engines.manifest import CANONICAL_UM_PER_PX
+from smearscope.service.ingest import IngestError, RejectReason
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,12 @@ NORMAL_RBC_DIAMETER_UM = 7.5
 #: Plausible range of microscope scales (100x oil at high zoom .. 20x objective).
 MIN_UM_PER_PX = 0.02
 MAX_UM_PER_PX = 1.0
+#: The largest frame the analysis works on, in canonical pixels (12 MP: a 4000x3000 field at
+#: 0.2 um/px, 800x600 um; a 1000x750 frame at 0.8 um/px). Memory grows with it (the detector's tile
+#: batch and the merge of its cells): the largest accepted frame peaked at 1.8 GB of RSS with the
+#: ONNX Runtime backend (tests/test_cli_limits.py). Larger frames are refused, never downscaled:
+#: the models only know cells at the canonical scale.
+MAX_CANONICAL_PIXELS = 12_000_000
 
 
 @dataclass(frozen=True)
@@ -35,13 +42,20 @@ def resample_factor(microns_per_pixel: float) -> float:
     return microns_per_pixel / CANONICAL_UM_PER_PX
 
 
-def resample_to_canonical(image: np.ndarray, microns_per_pixel: float) -> np.ndarray:
-    """Resize `image` so that one pixel spans CANONICAL_UM_PER_PX."""
+def resample_to_canonical(image: np.ndarray, microns_per_pixel: float,
+                          max_pixels: int = MAX_CANONICAL_PIXELS) -> np.ndarray:
+    """Resize `image` so that one pixel spans CANONICAL_UM_PER_PX; IngestError
+    (`too_large_at_scale`) when that would exceed `max_pixels`."""
     factor = resample_factor(microns_per_pixel)
-    if abs(factor - 1.0) < 1e-3:
-        return image
     h, w = image.shape[:2]
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    if size[0] * size[1] > max_pixels:
+        raise IngestError(RejectReason.TOO_LARGE_AT_SCALE,
+                          f"{w}x{h} px at {microns_per_pixel:g} um/px is {size[0]}x{size[1]} px at "
+                          f"the canonical {CANONICAL_UM_PER_PX} um/px, over the limit of "
+                          f"{max_pixels} px")
+    if abs(factor - 1.0) < 1e-3:
+        return image
     interp = cv2.INTER_AREA if factor < 1.0 else cv2.INTER_LINEAR
     return cv2.resize(image, size, interpolation=interp)
 

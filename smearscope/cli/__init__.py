@@ -7,6 +7,7 @@ Each command lives in its own module, imported when chosen; nothing below the CL
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -17,6 +18,18 @@ logger = logging.getLogger("smearscope")
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error of a command given `--json` is also one JSON error
+    line on stdout (the output contract of `analyze --json`), before argparse's own text."""
+
+    json_errors = False
+
+    def error(self, message: str):  # type: ignore[override]
+        if _Parser.json_errors:
+            print(json.dumps({"error": {"code": "bad_arguments", "message": message}}), flush=True)
+        super().error(message)
 
 
 def _lazy(module: str, function: str):
@@ -32,11 +45,11 @@ def _lazy(module: str, function: str):
 def build_parser() -> argparse.ArgumentParser:
     from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
 
-    ap = argparse.ArgumentParser(prog="smearscope", description="Point-of-care blood-smear analyzer")
+    ap = _Parser(prog="smearscope", description="Point-of-care blood-smear analyzer")
     ap.add_argument("--log-level", default=None,
                     help="log threshold (DEBUG, INFO, WARNING, ERROR); default WARNING, and for "
                     "`run` the config's log_level, which an explicit --log-level overrides")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     a = sub.add_parser("analyze", help="analyze images and print one report per image",
                        description="Analyze images (files, directories of them, or @LIST: a text file listing "
@@ -118,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
+    _Parser.json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     _setup_logging(args.log_level or "WARNING")
     try:

@@ -10,57 +10,33 @@ import math
 import sys
 from pathlib import Path
 
+from smearscope.cli.analyze_io import (
+    IMAGE_SUFFIXES,
+    InputError,
+    OutputGuard,
+    expand_inputs,
+    shown,
+)
 from smearscope.cli.fhir_out import FhirOutputError, bundle_path, check_fhir_output, write_bundle
 from smearscope.cli.summary import summarize
 
 logger = logging.getLogger(__name__)
 
 EXIT_REJECTED = 2
+#: stdout or --detections could not be written (sysexits EX_IOERR): the batch stops.
+EXIT_OUTPUT = 74
+
+
+class OutputFailed(Exception):
+    """stdout or the --detections file refused a write (full device, closed pipe...)."""
 
 
 def _error(code: str, message: str, as_json: bool) -> int:
     payload = {"error": {"code": code, "message": message}}
-    print(json.dumps(payload))
+    _write(sys.stdout, json.dumps(payload), "stdout")
     if not as_json:
         print(f"rejected: {code}: {message}", file=sys.stderr)
     return EXIT_REJECTED
-
-
-#: Files a directory given to `analyze` contributes (named files are always tried, and rejected if bad).
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
-
-
-class InputError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-def expand_inputs(items: list[str]) -> tuple[list[Path], bool]:
-    """The images to analyze, in order, and whether the inputs name a set (not one image file).
-
-    A directory adds its image files (by suffix), sorted by name; `@LIST` adds the paths a text
-    file lists, one per line, taken literally (blank lines skipped; `./@name` names a file whose
-    name starts with @). Named files are always tried (and rejected if bad).
-    """
-    out: list[Path] = []
-    is_set = len(items) > 1
-    for item in items:
-        if item.startswith("@"):
-            is_set = True
-            try:
-                lines = Path(item[1:]).read_text().splitlines()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise InputError("bad_list", f"cannot read image list {item[1:]}: {exc}") from exc
-            out += [Path(ln.strip()) for ln in lines if ln.strip()]
-            continue
-        p = Path(item)
-        if p.is_dir():
-            is_set = True
-            out += sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            out.append(p)
-    return out, is_set
 
 
 def detections_record(path: Path, result, floor: float) -> dict:
@@ -81,7 +57,7 @@ def detections_record(path: Path, result, floor: float) -> dict:
     dets += [{"kind": d.kind.value, "bbox": input_bbox(d.box, result.input_to_canonical, w, h),
               "score": score, "counted": False, "label": None} for d, score in below if score >= floor]
     dets.sort(key=lambda d: -d["score"])
-    return {"image": str(path), "report_id": rep.report_id, "width": w, "height": h,
+    return {"image": shown(path), "report_id": rep.report_id, "width": w, "height": h,
             "microns_per_pixel": rep.scale.microns_per_pixel if rep.scale else None, "detections": dets}
 
 
@@ -97,26 +73,47 @@ def _overlay_path(overlay: Path, image: Path, folder: bool, used: set[Path]) -> 
     return out
 
 
-def _check_outputs(args: argparse.Namespace, folder: bool):
-    """Open --detections and prepare --overlay before any work; a bad path is a usage error."""
+def _check_outputs(args: argparse.Namespace, folder: bool, guard: OutputGuard):
+    """Check --overlay and open --detections before any work; a bad path is a usage error."""
     if args.overlay is not None:
         if folder:
             try:
                 args.overlay.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise InputError("bad_output", f"--overlay {args.overlay}: not a usable directory ({exc})") from exc
+                raise InputError("bad_output", f"--overlay {shown(args.overlay)}: not a usable directory ({exc})") from exc
         elif args.overlay.suffix.lower() not in IMAGE_SUFFIXES or not args.overlay.parent.is_dir():
-            raise InputError("bad_output", f"--overlay {args.overlay}: needs an existing directory and an image "
-                             f"suffix ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise InputError("bad_output", f"--overlay {shown(args.overlay)}: needs an existing directory and an "
+                             f"image suffix ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        else:
+            guard.check(args.overlay, "--overlay")
     if args.detections is None:
         return None
+    guard.check(args.detections, "--detections")
     try:
-        return args.detections.open("w")
+        return args.detections.open("w", encoding="utf-8")
     except OSError as exc:
-        raise InputError("bad_output", f"--detections {args.detections}: {exc}") from exc
+        raise InputError("bad_output", f"--detections {shown(args.detections)}: {exc}") from exc
+
+
+def _write(stream, line: str, what: str) -> None:
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputFailed(f"cannot write {what}: {exc.strerror or exc}") from exc
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    try:
+        return _analyze(args)
+    except OutputFailed as exc:
+        print(f"smearscope analyze: {exc}; stopped", file=sys.stderr)
+        return EXIT_OUTPUT
+
+
+def _analyze(args: argparse.Namespace) -> int:
     from smearscope.device.frame import Frame
     from smearscope.service.ingest import IngestError, load_image
 
@@ -131,15 +128,19 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     try:
         images, folder = expand_inputs(args.images)
         if not images:
-            raise InputError("no_images", f"no image files in {' '.join(args.images)}")
+            raise InputError("no_images", f"no image files in {' '.join(shown(a) for a in args.images)}")
+        guard = OutputGuard(images)
         if args.fhir is not None:  # before --detections is opened
             check_fhir_output(args.fhir, folder)
-        det_out = _check_outputs(args, folder)
+            if not folder:
+                guard.check(args.fhir, "--fhir")
+        det_out = _check_outputs(args, folder, guard)
     except FhirOutputError as exc:
         return _error("bad_output", str(exc), args.json)
     except InputError as exc:
         return _error(exc.code, exc.message, args.json)
     from smearscope.engines.base import EngineError
+    from smearscope.engines.manifest import ManifestError
     from smearscope.service.analysis.pipeline import Analyzer
 
     # Candidates for --detections come from the same detector pass: the raw scores are thresholded
@@ -150,62 +151,89 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         options = dataclasses.replace(defaults, detector_conf=min(defaults.detector_conf, args.detections_floor))
     try:
         analyzer = Analyzer.from_models_dir(args.models, backend=args.backend, options=options, warmup=False)
-    except EngineError as exc:
+    except (EngineError, ManifestError, OSError) as exc:
         if det_out is not None:
             det_out.close()
-        return _error("engine_unavailable", str(exc), args.json)
+        return _error("engine_unavailable", f"{type(exc).__name__}: {exc}", args.json)
     failed = 0
     used: set[Path] = set()
     fhir_used: set[Path] = set()
     try:
-        for path in images:
+        for item in images:
+            path = item.path
+            if item.error is not None:
+                failed += 1
+                _batch_error(path, item.error.code, item.error.message, args.json, det_out)
+                continue
             try:
-                img = load_image(str(path))
+                img = load_image(path)
             except IngestError as exc:
                 failed += 1
-                code = exc.code.value if hasattr(exc.code, "value") else str(exc.code)
-                _batch_error(path, code, str(exc.message), args.json, det_out)
+                _batch_error(path, exc.code.value, str(exc.message), args.json, det_out)
                 continue
-            frame = Frame(pixels=img.pixels, frame_id=path.name, source=str(path),
+            frame = Frame(pixels=img.pixels, frame_id=shown(path.name), source=shown(path),
                           microns_per_pixel=args.microns_per_pixel)
             try:
                 result = analyzer.analyze(frame)
+            except IngestError as exc:  # e.g. too_large_at_scale: judged once the scale is known
+                failed += 1
+                _batch_error(path, exc.code.value, str(exc.message), args.json, det_out)
+                continue
             except Exception as exc:  # a bug, not bad input: say so for this image and go on
-                logger.exception("analysis of %s failed", path)
+                logger.exception("analysis of %s failed", shown(path))
                 failed += 1
                 _batch_error(path, "analysis_failed", f"{type(exc).__name__}: {exc}", args.json, det_out)
                 continue
-            if args.overlay is not None:
-                import cv2
-
-                from smearscope.service.analysis.overlay import draw_overlay
-
-                out = _overlay_path(args.overlay, path, folder, used)
-                # the candidates the station would show (>= its own detector threshold, 0.25)
-                candidates = [d for d in result.candidates if d.score >= defaults.detector_conf]
-                if not cv2.imwrite(str(out), draw_overlay(img.pixels, result.cells, result.input_to_canonical, candidates)):
-                    failed += 1  # the report below stands; the exit status says something failed
-                    logger.error("could not write the overlay of %s to %s", path, out)
-            if args.fhir is not None and not write_bundle(bundle_path(args.fhir, path, folder, fhir_used),
-                                                          result.report):
+            if args.overlay is not None and not _overlay(args, path, img.pixels, result, folder, used, guard,
+                                                         defaults.detector_conf):
+                failed += 1  # the report below stands; the exit status says something failed
+            if args.fhir is not None and not _fhir(args, path, result, folder, fhir_used, guard):
                 failed += 1  # the report below stands; the exit status says something failed
             if det_out is not None:
-                det_out.write(json.dumps(detections_record(path, result, args.detections_floor)) + "\n")
-                det_out.flush()
-            print(result.report.model_dump_json() if args.json else summarize(result.report), flush=True)
+                _write(det_out, json.dumps(detections_record(path, result, args.detections_floor)), "--detections")
+            _write(sys.stdout, result.report.model_dump_json() if args.json else summarize(result.report), "stdout")
     finally:
         if det_out is not None:
-            det_out.close()
+            try:
+                det_out.close()
+            except OSError:
+                pass  # the write that failed has been reported
         analyzer.close()
     return EXIT_REJECTED if failed else 0
 
 
+def _overlay(args, path: Path, pixels, result, folder: bool, used: set[Path], guard: OutputGuard,
+             detector_conf: float) -> bool:
+    """Write one overlay; False (logged) when it could not be written."""
+    from smearscope.service.analysis.overlay import draw_overlay
+
+    out = _overlay_path(args.overlay, path, folder, used)
+    # the candidates the station would show (>= its own detector threshold, 0.25)
+    candidates = [d for d in result.candidates if d.score >= detector_conf]
+    try:
+        guard.write_image(out, draw_overlay(pixels, result.cells, result.input_to_canonical, candidates), "--overlay")
+    except (OSError, ValueError, InputError) as exc:
+        logger.error("could not write the overlay of %s to %s: %s", shown(path), shown(out), exc)
+        return False
+    return True
+
+
+def _fhir(args, path: Path, result, folder: bool, used: set[Path], guard: OutputGuard) -> bool:
+    """Write one FHIR bundle, never over an input or into a FIFO; False (logged) when it failed."""
+    out = bundle_path(args.fhir, path, folder, used)
+    try:
+        guard.check(out, "--fhir")
+    except InputError as exc:
+        logger.error("%s", exc.message)
+        return False
+    return write_bundle(out, result.report)
+
+
 def _batch_error(path: Path, code: str, message: str, as_json: bool, det_out) -> None:
     """One image rejected: its error line where its report would be; the batch goes on."""
-    payload = {"error": {"code": code, "message": message}, "image": str(path)}
-    print(json.dumps(payload), flush=True)
+    payload = {"error": {"code": code, "message": message}, "image": shown(path)}
+    _write(sys.stdout, json.dumps(payload), "stdout")
     if not as_json:
-        print(f"rejected: {path}: {code}: {message}", file=sys.stderr)
+        print(f"rejected: {shown(path)}: {code}: {message}", file=sys.stderr)
     if det_out is not None:
-        det_out.write(json.dumps(payload) + "\n")
-        det_out.flush()
+        _write(det_out, json.dumps(payload), "--detections")

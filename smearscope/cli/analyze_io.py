@@ -1,0 +1,139 @@
+"""`smearscope analyze`'s inputs and outputs: what is read, what may be written, and how names
+are shown.
+
+Inputs: files, directories (their image files) and `@LIST` files. A list file must be a regular
+file of at most `MAX_LIST_BYTES` (a FIFO would block, `/dev/zero` would fill the memory). A
+directory that cannot be listed is one rejected input, not the end of the batch.
+
+Outputs (`--detections`, `--overlay`): never an input (writing would truncate it before it is
+read), never a FIFO or socket (opening one blocks until a reader comes), written with Python's
+file API (OpenCV's writer crashed on a file name that is not UTF-8). Names are printed with the
+bytes that are not UTF-8 escaped (`\\xff`), so every line stays valid UTF-8 JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: Files a directory given to `analyze` contributes (named files are always tried, and rejected if bad).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
+#: The largest `@LIST` file read (about 100 000 paths).
+MAX_LIST_BYTES = 16 * 1024 * 1024
+
+
+class InputError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class Input:
+    """One image to analyze, or an input that is already known to be unusable."""
+
+    path: Path
+    error: InputError | None = None
+
+
+def shown(path: os.PathLike[str] | str) -> str:
+    """A path as valid UTF-8 text: bytes that are not UTF-8 appear as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _read_list(name: str) -> list[str]:
+    try:
+        st = os.stat(name)
+    except OSError as exc:
+        raise InputError("bad_list", f"cannot read image list {shown(name)}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError("bad_list", f"image list {shown(name)} is not a regular file (a FIFO, device or "
+                         "directory)")
+    if st.st_size > MAX_LIST_BYTES:
+        raise InputError("bad_list", f"image list {shown(name)} has {st.st_size} bytes, over the limit of "
+                         f"{MAX_LIST_BYTES}")
+    try:
+        with open(name, "rb") as fh:
+            data = fh.read(MAX_LIST_BYTES + 1)
+    except OSError as exc:
+        raise InputError("bad_list", f"cannot read image list {shown(name)}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_LIST_BYTES or b"\0" in data:
+        raise InputError("bad_list", f"image list {shown(name)} is not a text file of paths")
+    # Paths are bytes on Linux: a name that is not UTF-8 is still a name (surrogate escapes).
+    return [os.fsdecode(line.strip()) for line in data.splitlines() if line.strip()]
+
+
+def expand_inputs(items: list[str]) -> tuple[list[Input], bool]:
+    """The images to analyze, in order, and whether the inputs name a set (not one image file).
+
+    A directory adds its image files (by suffix), sorted by name; `@LIST` adds the paths a text
+    file lists, one per line, taken literally (blank lines skipped; `./@name` names a file whose
+    name starts with @). Named files are always tried (and rejected if bad). An unusable list is
+    an InputError (the whole call); a directory that cannot be listed is one rejected input.
+    """
+    out: list[Input] = []
+    is_set = len(items) > 1
+    for item in items:
+        if item.startswith("@"):
+            is_set = True
+            out += [Input(Path(p)) for p in _read_list(item[1:])]
+            continue
+        p = Path(item)
+        try:
+            is_dir = stat.S_ISDIR(os.stat(p).st_mode)
+        except OSError:
+            is_dir = False  # missing or unreachable: load_image says why, for this input
+        if not is_dir:
+            out.append(Input(p))
+            continue
+        is_set = True
+        try:
+            out += [Input(q) for q in sorted(p.iterdir()) if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()]
+        except OSError as exc:
+            out.append(Input(p, InputError("unreadable", f"cannot list directory {shown(p)}: {exc.strerror or exc}")))
+    return out, is_set
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class OutputGuard:
+    """Knows the inputs, so no output replaces one; refuses outputs that would block."""
+
+    def __init__(self, inputs: list[Input]) -> None:
+        self._inputs = {ident for i in inputs if (ident := _identity(i.path)) is not None}
+
+    def check(self, path: Path, option: str) -> None:
+        """InputError("bad_output") when `path` is an input, a FIFO, socket or directory."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise InputError("bad_output", f"{option} {shown(path)}: {exc.strerror or exc}") from exc
+        if (st.st_dev, st.st_ino) in self._inputs:
+            raise InputError("bad_output", f"{option} {shown(path)} is one of the inputs; it would be overwritten")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+            raise InputError("bad_output", f"{option} {shown(path)} is not a regular file (a FIFO, socket "
+                             "or directory would block or cannot be written)")
+
+    def write_image(self, path: Path, pixels: object, option: str) -> None:
+        """Encode by the path's suffix and write (OSError, InputError or ValueError on failure)."""
+        import cv2
+
+        self.check(path, option)
+        ok, buf = cv2.imencode(path.suffix.lower() or ".png", pixels)
+        if not ok:
+            raise ValueError(f"cannot encode {path.suffix} image")
+        with open(path, "wb") as fh:
+            fh.write(buf.tobytes())

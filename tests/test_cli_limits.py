@@ -1,0 +1,160 @@
+"""`smearscope analyze` against hostile arguments, paths and devices (issue 18, items 8-10): every
+case ends with its error line and exit status, never a traceback, a hang, a crash or an input
+overwritten; memory stays bounded. Each call is a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import hostile
+import pytest
+from test_cli import ROOT, needs_models
+
+#: Runs the CLI in-process and reports its peak RSS (kB) on the last stderr line.
+_MEASURED = (
+    "import resource, sys\n"
+    "from smearscope.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print(f'maxrss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def run(*args: str | bytes, timeout: float = 300, stdout: int | None = subprocess.PIPE,
+        memory_limit: int | None = None) -> subprocess.CompletedProcess[str]:
+    def limit() -> None:
+        if memory_limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
+    return subprocess.run([sys.executable, "-c", _MEASURED, *args], stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, timeout=timeout, cwd=ROOT, check=False,
+                          preexec_fn=limit, errors="backslashreplace")
+
+
+def lines(proc: subprocess.CompletedProcess[str]) -> list[dict]:
+    return [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
+
+
+def peak_mb(proc: subprocess.CompletedProcess[str]) -> float:
+    last = [ln for ln in proc.stderr.splitlines() if ln.startswith("maxrss_kb=")][-1]
+    return int(last.split("=")[1]) / 1024
+
+
+@pytest.fixture
+def field(tmp_path: Path) -> Path:
+    path = tmp_path / "field.png"
+    cv2.imwrite(str(path), hostile.smear_like(300, 400, seed=2))
+    return path
+
+
+# --- item 8: memory and blocking inputs -------------------------------------------------------
+
+
+def test_a_list_file_that_never_ends_is_refused_in_bounded_memory() -> None:
+    proc = run("analyze", "@/dev/zero", "--json", timeout=60, memory_limit=1 << 30)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-500:]
+    assert lines(proc)[0]["error"]["code"] == "bad_list"
+
+
+def test_a_list_that_is_a_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
+    fifo = tmp_path / "list.fifo"
+    os.mkfifo(fifo)
+    proc = run("analyze", f"@{fifo}", "--json", timeout=30)
+    assert proc.returncode == 2 and lines(proc)[0]["error"]["code"] == "bad_list"
+
+
+@needs_models
+@pytest.mark.slow
+def test_a_frame_too_large_at_its_scale_is_refused_before_the_detector(tmp_path: Path) -> None:
+    """A 64 MP field at 0.2 um/px would be 64 MP canonical: refused with its own code."""
+    path = tmp_path / "big.jpg"
+    big = cv2.resize(hostile.smear_like(600, 800, seed=4), (8000, 8000))
+    cv2.imwrite(str(path), big, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    del big
+    proc = run("analyze", str(path), "--json", "--microns-per-pixel", "0.2", timeout=300)
+    assert proc.returncode == 2, proc.stderr[-800:]
+    assert lines(proc)[0]["error"]["code"] == "too_large_at_scale"
+    assert peak_mb(proc) <= 2048, peak_mb(proc)
+
+
+@needs_models
+@pytest.mark.slow
+def test_the_largest_accepted_frame_stays_under_2_gb(tmp_path: Path) -> None:
+    """A 1000x750 frame at 0.8 um/px (low magnification) is 4000x3000 canonical, the cap."""
+    path = tmp_path / "lowmag.png"
+    cv2.imwrite(str(path), cv2.resize(hostile.smear_like(600, 800, seed=5), (1000, 750)))
+    proc = run("analyze", str(path), "--json", "--microns-per-pixel", "0.8", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-800:]
+    report = lines(proc)[0]
+    assert report["source"]["image"] == {"width": 1000, "height": 750}
+    print(f"\npeak RSS of the largest accepted frame: {peak_mb(proc):.0f} MB")
+    assert peak_mb(proc) <= 2048
+
+
+# --- item 9: no crash, no traceback ------------------------------------------------------------
+
+
+@needs_models
+def test_names_that_are_not_utf8_work_for_inputs_and_overlays(tmp_path: Path, field: Path) -> None:
+    odd = os.fsencode(tmp_path) + b"/f\xff\xfe.png"
+    os.rename(field, odd)
+    overlay = os.fsencode(tmp_path) + b"/o\xff.png"
+    proc = run("analyze", os.fsdecode(odd), "--json", "--overlay", os.fsdecode(overlay))
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-800:])
+    report = lines(proc)[0]
+    assert report["source"]["frame_id"] == "f\\xff\\xfe.png"
+    assert os.path.getsize(overlay) > 0
+
+
+@needs_models
+def test_unusable_paths_and_full_devices_end_cleanly(tmp_path: Path, field: Path) -> None:
+    long = str(tmp_path / ("d" * 300))  # ENAMETOOLONG when listed as a directory
+    proc = run("analyze", long, str(field), "--json")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-800:]
+    first, second = lines(proc)
+    assert first["error"]["code"] == "unreadable" and "report_id" in second
+
+    proc = run("analyze", str(field), "--json", "--detections", "/dev/full")
+    assert proc.returncode == 74 and "Traceback" not in proc.stderr, proc.stderr[-800:]
+    assert "--detections" in proc.stderr
+
+    with open("/dev/full", "w") as full:
+        proc = run("analyze", str(field), "--json", stdout=full.fileno())
+    assert proc.returncode == 74 and "Traceback" not in proc.stderr, proc.stderr[-800:]
+
+
+def test_missing_models_and_bad_arguments_are_json_error_lines(tmp_path: Path, field: Path) -> None:
+    proc = run("analyze", str(field), "--json", "--models", str(tmp_path / "none"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-800:]
+    assert lines(proc)[0]["error"]["code"] == "engine_unavailable"
+    proc = run("analyze", str(field), "--json", "--microns-per-pixel", "abc")
+    assert proc.returncode == 2 and lines(proc)[0]["error"]["code"] == "bad_arguments"
+
+
+# --- item 10: outputs never replace inputs, never block ---------------------------------------
+
+
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path: Path, field: Path) -> None:
+    before = field.read_bytes()
+    for option in ("--detections", "--overlay"):
+        proc = run("analyze", str(field), "--json", option, str(field))
+        assert proc.returncode == 2 and lines(proc)[0]["error"]["code"] == "bad_output", option
+        assert field.read_bytes() == before, option
+    link = tmp_path / "same.png"
+    os.link(field, link)  # another name, the same file
+    proc = run("analyze", str(field), "--json", "--detections", str(link))
+    assert lines(proc)[0]["error"]["code"] == "bad_output" and field.read_bytes() == before
+
+
+def test_an_output_that_is_a_fifo_is_refused_without_hanging(tmp_path: Path, field: Path) -> None:
+    fifo = tmp_path / "out.png"
+    os.mkfifo(fifo)
+    for option in ("--detections", "--overlay"):
+        proc = run("analyze", str(field), "--json", option, str(fifo), timeout=30)
+        assert proc.returncode == 2 and lines(proc)[0]["error"]["code"] == "bad_output", option
