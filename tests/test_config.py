@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from broker import TlsMaterial
 from pydantic import BaseModel, ValidationError
 
 from smearscope.cli.station import validate_config_main
@@ -132,9 +133,11 @@ password_credential = "mqtt-password"
 
 
 def test_validate_config_ok_and_unreadable(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tls_material: TlsMaterial
 ) -> None:
-    assert validate_config_main(EXAMPLE, environ={}) == 0
+    # The example names /etc/smearscope/ca.pem, which validate-config must find: a real CA here.
+    example = EXAMPLE.read_text().replace("/etc/smearscope/ca.pem", str(tls_material.ca_cert))
+    assert validate_config_main(_write(tmp_path, example), environ={}) == 0
     assert "OK" in capsys.readouterr().out
     assert validate_config_main(tmp_path / "missing.toml", environ={}) != 0
     assert validate_config_main(_write(tmp_path, "station_id = \n"), environ={}) != 0
@@ -200,3 +203,37 @@ def test_head_views_reach_the_heads_and_bad_views_are_refused(tmp_path: Path) ->
         with pytest.raises(ConfigError) as err:
             load_config(_write(tmp_path, base + bad), environ={})
         assert err.value.errors[0][0].startswith(f"analysis.{bad.split(' ')[0]}")
+
+
+# --- issue 18, item 7: files the config names, non-UTF-8 files, booleans as numbers ----------
+
+
+def test_a_missing_or_unusable_tls_ca_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from smearscope.service.station.daemon import run_daemon
+
+    path = _write(tmp_path, MINIMAL + f'[mqtt.tls]\nca_file = "{tmp_path / "missing-ca.pem"}"\n')
+    assert validate_config_main(path) == 78
+    assert "mqtt.tls.ca_file: cannot read" in capsys.readouterr().err
+    assert run_daemon(path, 1) == 78  # not a traceback and exit 1 (systemd would restart it)
+    assert "mqtt.tls.ca_file" in capsys.readouterr().err
+    (tmp_path / "not-a-ca.pem").write_text("hello\n")
+    path = _write(tmp_path, MINIMAL + f'[mqtt.tls]\nca_file = "{tmp_path / "not-a-ca.pem"}"\n')
+    assert validate_config_main(path) == 78
+    assert "no usable CA certificate" in capsys.readouterr().err
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "station.toml"
+    path.write_bytes(b'station_id = "b\xe9nch"\n[source]\nkind = "simulated"\n')
+    assert validate_config_main(path) == 78
+    assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_a_boolean_is_not_a_number(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, MINIMAL + "[mqtt]\nport = true\nmax_inflight = true\n"))
+    assert ("mqtt.port", "expected a number, got the boolean true") in exc.value.errors
+    assert any(loc == "mqtt.max_inflight" for loc, _ in exc.value.errors)
+    assert load_config(_write(tmp_path, MINIMAL + "[mqtt]\nport = 1884\n")).mqtt.port == 1884
+    assert parse_config({"station_id": "b", "source": {"kind": "simulated"}, "mqtt": {}},
+                        {"SMEARSCOPE__MQTT__PORT": "1885"}).mqtt.port == 1885

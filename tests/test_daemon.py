@@ -9,6 +9,7 @@ The helpers here are also used by tests/test_daemon_faults.py and its child proc
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import os
@@ -490,3 +491,23 @@ def test_command_line_log_level_wins_over_the_config(
         assert root.level == logging.DEBUG
     finally:
         root.setLevel(before)
+
+
+def test_the_final_summary_counts_evicted_messages_and_says_which(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No broker, an outbox bound of 4 messages: the oldest field messages are evicted. The ledger
+    must call them evicted, not delivered, and the final log line count them (issue 18, item 7)."""
+    config = write_station(tmp_path, free_port(), credentials=False,
+                           mqtt={"outbox": {"path": str(tmp_path / "state" / "outbox.sqlite3"),
+                                            "max_messages": 4}, "publish_cells": False})
+    out = io.StringIO()
+    with caplog.at_level("INFO", logger="smearscope.service.station.daemon"):
+        assert run_daemon(config, 6, analyzer_factory=pool_factory(), out=out) == 0
+    text = out.getvalue()
+    states = [ln.split()[0] for ln in text.splitlines() if "smearscope/" in ln]
+    assert "delivered" not in states, text
+    assert states.count("evicted") >= 2 and "in-outbox" in states, text
+    assert "evicted by the outbox bound" in text
+    stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped:")]
+    assert stopped and " 0 field messages evicted" not in stopped[0], stopped

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from smearscope.device.source_config import SOURCE_KINDS
 from smearscope.service.config.station import StationConfig
@@ -117,9 +117,27 @@ def parse_config(
     """Validate an already-parsed TOML document plus environment overrides."""
     merged, applied = apply_env_overrides(data, os.environ if environ is None else environ)
     try:
-        return StationConfig.model_validate(merged)
+        config = StationConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_validation_errors(exc, applied)) from None
+    coerced = _booleans_taken_as_numbers(merged, config)
+    if coerced:
+        raise ConfigError(coerced)
+    return config
+
+
+def _booleans_taken_as_numbers(data: Any, model: Any, loc: str = "") -> list[tuple[str, str]]:
+    """pydantic's lax mode reads `port = true` as 1; a boolean is never a number here."""
+    out: list[tuple[str, str]] = []
+    if not isinstance(data, Mapping) or not isinstance(model, BaseModel):
+        return out
+    for key, value in data.items():
+        where = f"{loc}.{key}" if loc else str(key)
+        parsed = getattr(model, str(key), None)
+        if isinstance(value, bool) and isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
+            out.append((where, f"expected a number, got the boolean {str(value).lower()}"))
+        out += _booleans_taken_as_numbers(value, parsed, where)
+    return out
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> StationConfig:
@@ -132,6 +150,9 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> S
         raise ConfigError([(str(path), f"cannot read: {exc.strerror or exc}")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([(str(path), f"TOML syntax error: {exc}")]) from None
+    except UnicodeDecodeError as exc:
+        reason = f"not UTF-8 text (byte {exc.start}): a TOML file must be UTF-8"
+        raise ConfigError([(str(path), reason)]) from None
     return parse_config(data, environ)
 
 

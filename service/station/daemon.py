@@ -56,6 +56,7 @@ from smearscope.service.station.notify import (
     SystemdNotifier,
     watchdog_interval_from_env,
 )
+from smearscope.service.station.preflight import file_problems
 from smearscope.service.station.reload import compare
 from smearscope.service.station.requests import RequestQueue
 from smearscope.service.station.specimen import SpecimenPolicy, SpecimenTracker
@@ -177,6 +178,10 @@ class StationDaemon:
 
         Raises StartupError (config field and reason, or an operational reason)."""
         cfg = self.config
+        problems = file_problems(cfg)
+        if problems:  # e.g. a TLS CA file that is missing: a config error, not a crash
+            raise StartupError(problems[0][0], "; ".join(f"{loc}: {msg}" if i else msg
+                                                         for i, (loc, msg) in enumerate(problems)))
         self.watchdog.start()
         self.notifier.status("starting: opening outbox, source and engines")
         box = cfg.mqtt.outbox

@@ -19,12 +19,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def validate_config_main(path: str | Path, environ: Mapping[str, str] | None = None) -> int:
-    """`smearscope validate-config FILE`: print each problem as `field.path: reason`.
+    """`smearscope validate-config FILE`: print each problem as `field.path: reason` (the
+    files it names too: a TLS CA must exist and hold a certificate).
 
     Returns 0 when valid, EXIT_CONFIG (78) otherwise.
     """
+    from smearscope.service.station.preflight import file_problems
+
     try:
         config = load_config(path, environ)
+        problems = file_problems(config)
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
         print_config_errors(exc, path)
         return EXIT_CONFIG

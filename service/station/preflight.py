@@ -1,0 +1,53 @@
+"""The files a station's configuration names, checked before it starts (and by validate-config).
+
+The config models stay pure (they never open files); this is the one place that looks at the
+files they name and would otherwise fail deep inside a library at start-up: the TLS CA, client
+certificate and key are loaded here as the TLS layer will load them. Each problem is
+(`field.path`, reason), like a config error, so both exit 78 (restarting cannot fix a file).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+
+from smearscope.service.config import StationConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _unreadable(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    return None
+
+
+def file_problems(config: StationConfig) -> list[tuple[str, str]]:
+    """What is wrong with the files the configuration names; empty when they are usable."""
+    problems: list[tuple[str, str]] = []
+    tls = config.mqtt.tls
+    if tls is not None:
+        reason = _unreadable(tls.ca_file)
+        if reason is None:
+            try:
+                ssl.create_default_context(cafile=str(tls.ca_file))
+            except (ssl.SSLError, ValueError) as exc:
+                reason = f"{tls.ca_file} holds no usable CA certificate (PEM): {exc}"
+        if reason is not None:
+            problems.append(("mqtt.tls.ca_file", reason))
+        if tls.certfile is not None and tls.keyfile is not None:
+            bad = [(f"mqtt.tls.{n}", r) for n, p in (("certfile", tls.certfile), ("keyfile", tls.keyfile))
+                   if (r := _unreadable(p)) is not None]
+            if not bad:
+                try:
+                    ssl.create_default_context().load_cert_chain(str(tls.certfile), str(tls.keyfile))
+                except (ssl.SSLError, ValueError) as exc:
+                    reason = (f"{tls.certfile} and {tls.keyfile} are not a usable certificate and "
+                              f"key (PEM): {exc}")
+                    bad = [("mqtt.tls.certfile", reason)]
+            problems += bad
+    return problems
