@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Install the smearscope station daemon on an NVIDIA Jetson (JetPack 5 or 6), idempotently.
-# The TensorRT backend needs TensorRT 10 (JetPack 6.1+); on older JetPacks use engine_backend "onnxruntime".
+# Install the smearscope station daemon on an NVIDIA Jetson, idempotently.
+# Supported: JetPack 6 (Ubuntu 22.04, Python 3.10). JetPack 5 (Python 3.8) is not: smearscope needs
+# Python 3.10 or newer. The TensorRT backend needs TensorRT 10 (JetPack 6.1+); on JetPack 6.0
+# (TensorRT 8.6) use engine_backend "onnxruntime". Not yet run on a Jetson (docs/RESULTS.md).
 #
 #   sudo ./systemd/install-jetson.sh            # from a checkout of the repository
 #   sudo MQTT_PASSWORD_FILE=/root/pw ./systemd/install-jetson.sh
@@ -10,10 +12,12 @@
 #   1. system user `smearscope` (no login, no home) in the video, render (and jtop) groups
 #   2. venv in /opt/smearscope/venv with the `jetson` extra, using JetPack's system packages
 #      (TensorRT bindings, OpenCV built with GStreamer for the CSI camera)
-#   3. /etc/smearscope/station.toml from the example, if there is none yet (never overwritten)
+#   3. /etc/smearscope/station.toml from the example, if there is none yet (never overwritten), and
+#      the models (carried by the package) installed where its analysis.models_dir points, sha256
+#      checked
 #   4. the MQTT password as a root-only file, handed to the service by LoadCredential=
 #   5. the unit, plus a drop-in allowing the GPU device nodes this board actually has
-#   6. validate the config, daemon-reload, enable
+#   6. validate the config, daemon-reload, enable; `smearscope doctor` says what is still missing
 # Environment knobs: PREFIX, CONF_DIR, PYTHON, EXTRAS, MQTT_PASSWORD_FILE, START.
 set -euo pipefail
 
@@ -32,6 +36,8 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 [[ $EUID -eq 0 ]] || die "run as root (sudo $0)"
 [[ -f "$SRC/pyproject.toml" ]] || die "run from a smearscope checkout ($SRC has no pyproject.toml)"
 [[ -f /etc/nv_tegra_release ]] || log "warning: /etc/nv_tegra_release missing; not a Jetson?"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || die "$PYTHON is older than 3.10 (JetPack 5?): smearscope needs JetPack 6 (Python 3.10)"
 
 # 1. user and groups --------------------------------------------------------------------------
 if ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
@@ -67,6 +73,14 @@ if [[ ! -f "$CONF_DIR/station.toml" ]]; then
   log "installing example config to $CONF_DIR/station.toml: edit station_id, source and mqtt"
   install -m 0640 -o root -g "$SERVICE_USER" "$SRC/config/station.example.toml" "$CONF_DIR/station.toml"
 fi
+# The models travel in the package; put them where the config looks, hashes checked.
+MODELS_DIR="$("$PREFIX/venv/bin/python" -c 'import sys
+from smearscope.service.config import load_config
+print(load_config(sys.argv[1]).analysis.models_dir)' "$CONF_DIR/station.toml")" \
+  || die "cannot read analysis.models_dir from $CONF_DIR/station.toml"
+log "installing the models into $MODELS_DIR"
+install -d -m 0755 -o "$SERVICE_USER" -g "$SERVICE_USER" "$MODELS_DIR"
+runuser -u "$SERVICE_USER" -- "$PREFIX/venv/bin/smearscope" install-models "$MODELS_DIR"
 
 # 4. MQTT password credential (read by systemd as root, never by the config loader) ------------
 PASSWORD_PATH="$CONF_DIR/mqtt-password"
@@ -105,6 +119,8 @@ if ! runuser -u "$SERVICE_USER" -- "$PREFIX/venv/bin/smearscope" validate-config
   exit 1
 fi
 systemctl enable smearscope.service
+runuser -u "$SERVICE_USER" -- "$PREFIX/venv/bin/smearscope" doctor --config "$CONF_DIR/station.toml" \
+  || log "smearscope doctor found problems (above); fix them before starting"
 if [[ "${START:-0}" == 1 ]]; then
   systemctl restart smearscope.service
   log "started; follow it with: journalctl -u smearscope -f"

@@ -103,6 +103,9 @@ def test_install_script_is_valid_bash_and_matches_the_unit() -> None:
     assert 'PASSWORD_PATH="$CONF_DIR/mqtt-password"' in script
     assert "SERVICE_USER=smearscope" in script
     assert "validate-config" in script and "systemd-analyze verify" in script
+    # Issue 18, item 12: models where the config points (hashes checked), doctor, Python 3.10+.
+    assert 'install-models "$MODELS_DIR"' in script and "doctor --config" in script
+    assert "sys.version_info < (3, 10)" in script and "JetPack 5 (Python 3.8) is not" in script
 
 
 @needs_analyze

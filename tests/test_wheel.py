@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,3 +67,55 @@ def test_the_installed_package_imports_and_runs_from_elsewhere(installed: Path, 
     assert Path(out.strip()).is_relative_to(installed), out
     schema = _run(installed, "import sys\nfrom smearscope.cli import main\nsys.exit(main(['schema']))\n", cwd=tmp_path)
     assert '"title": "Report"' in schema
+
+
+def test_the_wheel_carries_its_models(installed: Path) -> None:
+    models = installed / "smearscope" / "models"
+    assert {p.name for p in models.glob("*.json")} >= {"seg.json", "rbc_head.json", "wbc_head.json"}
+    assert sum(p.stat().st_size for p in models.glob("*.onnx")) > 20e6
+
+
+@pytest.fixture(scope="module")
+def clean_venv(installed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new venv with nothing in it but the wheel and what the wheel's metadata asks pip for
+    (issue 18, item 12: the wheel alone makes a working analyzer)."""
+    venv = tmp_path_factory.mktemp("venv") / "v"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    wheel = next((installed.parent / "dist").glob("smearscope-*.whl"))
+    proc = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], capture_output=True,
+                          text=True, timeout=1200, check=False)
+    if proc.returncode != 0 and "No matching distribution" in proc.stderr + proc.stdout:
+        pytest.skip(f"the package index is not reachable: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return venv
+
+
+def test_a_clean_venv_analyses_an_image_from_another_directory(clean_venv: Path, tmp_path: Path) -> None:
+    import cv2
+    import hostile
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    image = tmp_path / "field.png"
+    cv2.imwrite(str(image), hostile.smear_like(480, 640, seed=9))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    smearscope = str(clean_venv / "bin" / "smearscope")
+    proc = subprocess.run([smearscope, "analyze", str(image), "--json", "--microns-per-pixel", "0.1"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["kind"] == "field" and set(report["models"]) == {"segmentation", "rbc_head", "wbc_head"}
+    proc = subprocess.run([smearscope, "doctor"], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert "FAIL" not in proc.stdout and "model segmentation" in proc.stdout, proc.stdout
+    target = tmp_path / "station-models"
+    proc = subprocess.run([smearscope, "install-models", str(target)], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and (target / "seg.onnx").is_file(), proc.stdout + proc.stderr
+
+
+def test_python_310_gets_tomli(installed: Path) -> None:
+    """Python 3.10 (JetPack 6) has no tomllib: the config loader needs tomli there."""
+    metadata = next(installed.glob("smearscope-*.dist-info")).joinpath("METADATA").read_text()
+    requires = [ln for ln in metadata.splitlines() if ln.startswith("Requires-Dist: tomli")]
+    assert requires and 'python_version < "3.11"' in requires[0], requires

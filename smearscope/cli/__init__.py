@@ -1,5 +1,5 @@
-"""`smearscope` command line: analyze, demo, run, validate-config, schema, calibrate-scale, dashboard,
-build-engines.
+"""`smearscope` command line: analyze, demo, run, validate-config, doctor, install-models, schema,
+calibrate-scale, dashboard, build-engines.
 
 Each command lives in its own module, imported when chosen; nothing below the CLI imports it.
 """
@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="file holding that account's password (default: the systemd credential "
                     "dashboard-mqtt-password when present)")
     db.set_defaults(func=_lazy("dashboard", "cmd_dashboard"))
+    h = sub.add_parser("doctor", help="check a station: config, models, backend, outbox, broker")
+    h.add_argument("--config", type=Path, default=None, help="station TOML (default: the embedded station)")
+    h.set_defaults(func=_lazy("doctor", "cmd_doctor"))
+
+    m = sub.add_parser("install-models", help="copy the packaged models to a folder, hashes checked")
+    m.add_argument("dest", type=Path, help="the folder analysis.models_dir names (e.g. /var/lib/smearscope/models)")
+    m.set_defaults(func=_lazy("doctor", "cmd_install_models"))
 
     b = sub.add_parser("build-engines", help="build TensorRT engines for the models (Jetson only)")
     b.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)

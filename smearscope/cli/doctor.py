@@ -1,0 +1,178 @@
+"""`smearscope doctor` (what a station lacks, check by check) and `smearscope install-models`
+(the models the wheel carries, copied where the configuration points, hashes checked).
+
+Doctor's checks: the configuration (and the files it names), the models in `analysis.models_dir`
+(each manifest and the sha256 of its ONNX file), the inference backend the configuration chooses
+(ONNX Runtime and its providers; TensorRT, its version and a CUDA binding), the outbox (its folder
+writable, free space, not held by another process), the MQTT broker (TCP, and TLS with the
+configured CA). Each line says OK, WARN or FAIL and, when not OK, what is missing; exit 1 when any
+check FAILs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import shutil
+import socket
+import ssl
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: Below this much free space under the outbox, doctor warns (the station pauses when it is 0).
+LOW_DISK_BYTES = 256 * 1024 * 1024
+
+Check = tuple[str, str, str]  # (OK | WARN | FAIL, what, detail)
+
+
+def _config_checks(path: Path | None) -> tuple[list[Check], object | None]:
+    from smearscope.service.config import ConfigError, load_config
+    from smearscope.service.station.preflight import file_problems
+
+    if path is None:
+        from smearscope.service.station.embedded import embedded_config
+
+        return [("OK", "config", "no --config: the embedded simulated station")], embedded_config()
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return [("FAIL", "config", f"{path}: {loc}: {msg}") for loc, msg in exc.errors], None
+    checks: list[Check] = [("OK", "config", f"{path} (station {config.station_id})")]
+    checks += [("FAIL", "config files", f"{loc}: {msg}") for loc, msg in file_problems(config)]
+    return checks, config
+
+
+def model_checks(models_dir: Path) -> list[Check]:
+    """Each manifest the analyzer loads, and its model file's sha256."""
+    from smearscope.engines.manifest import ManifestError, load_manifest
+    from smearscope.service.analysis.pipeline import MODEL_FILES
+
+    checks: list[Check] = []
+    for role, name in MODEL_FILES.items():
+        try:
+            manifest = load_manifest(models_dir / name, verify_hash=True)
+        except (ManifestError, OSError, ValueError) as exc:
+            checks.append(("FAIL", f"model {role}", f"{exc} (install them: smearscope install-models "
+                           f"{models_dir})"))
+            continue
+        checks.append(("OK", f"model {role}", f"{models_dir / manifest.file}, sha256 {manifest.sha256[:12]}"))
+    return checks
+
+
+def _backend_checks(backend: str) -> list[Check]:
+    checks: list[Check] = []
+    try:
+        ort = importlib.import_module("onnxruntime")
+        checks.append(("OK", "onnxruntime", f"{ort.__version__}, providers "
+                       f"{', '.join(ort.get_available_providers())}"))
+    except ImportError as exc:
+        checks.append(("FAIL" if backend == "onnxruntime" else "WARN", "onnxruntime", str(exc)))
+    level = "FAIL" if backend == "tensorrt" else "WARN"
+    try:
+        trt = importlib.import_module("tensorrt")
+        version = str(getattr(trt, "__version__", "?"))
+        ok = int(version.split(".")[0]) >= 10 if version[:1].isdigit() else False
+        checks.append(("OK" if ok else level, "tensorrt", version + ("" if ok else ": TensorRT 10 needed")))
+    except ImportError:
+        checks.append((level, "tensorrt", "not installed (JetPack 6.1+ provides TensorRT 10)"))
+    bindings = []
+    for module in ("pycuda.driver", "cuda"):
+        try:
+            importlib.import_module(module)
+            bindings.append(module.split(".")[0])
+        except ImportError:
+            pass
+    checks.append(("OK" if bindings else level, "CUDA binding", ", ".join(bindings) or "neither pycuda nor cuda-python"))
+    if backend == "onnxruntime":  # TensorRT is optional then
+        checks = [(s if s != "FAIL" or name == "onnxruntime" else "WARN", name, d) for s, name, d in checks]
+    return checks
+
+
+def _outbox_checks(path: Path) -> list[Check]:
+    from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
+
+    folder = path.parent
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK):
+        return [("FAIL", "outbox", f"{folder} cannot be created or written by this user")]
+    free = shutil.disk_usage(existing).free
+    checks: list[Check] = [("WARN" if free < LOW_DISK_BYTES else "OK", "outbox disk",
+                            f"{free / 1e6:.0f} MB free under {existing}")]
+    if path.exists():
+        try:
+            with Outbox(path) as box:
+                counts = box.counts()
+            checks.append(("OK", "outbox", f"{path}: {counts.messages} messages waiting ({counts.reports} reports)"))
+        except OutboxLockedError:
+            checks.append(("OK", "outbox", f"{path}: held by a running station"))
+        except Exception as exc:
+            checks.append(("FAIL", "outbox", f"{path}: {exc}"))
+    else:
+        checks.append(("OK", "outbox", f"{path}: not created yet (the first start creates it)"))
+    return checks
+
+
+def _broker_checks(mqtt, timeout: float = 3.0) -> list[Check]:
+    where = f"{mqtt.host}:{mqtt.port}"
+    try:
+        sock = socket.create_connection((mqtt.host, mqtt.port), timeout=timeout)
+    except OSError as exc:
+        return [("WARN", "broker", f"{where} does not answer ({exc}); the station keeps reports in "
+                 "its outbox until it does")]
+    with sock:
+        if mqtt.tls is None:
+            return [("OK", "broker", f"{where} accepts TCP connections")]
+        try:
+            context = ssl.create_default_context(cafile=str(mqtt.tls.ca_file))
+            context.check_hostname = not mqtt.tls.insecure
+            with context.wrap_socket(sock, server_hostname=mqtt.host):
+                pass
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            return [("FAIL", "broker TLS", f"{where}: {type(exc).__name__}: {exc}")]
+    return [("OK", "broker", f"{where} accepts TLS connections with {mqtt.tls.ca_file}")]
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    checks, config = _config_checks(args.config)
+    if config is not None:
+        analysis, mqtt = config.analysis, config.mqtt  # type: ignore[attr-defined]
+        steps: list[Callable[[], list[Check]]] = [
+            lambda: model_checks(analysis.models_dir), lambda: _backend_checks(analysis.engine_backend),
+            lambda: _outbox_checks(mqtt.outbox.path), lambda: _broker_checks(mqtt)]
+        for step in steps:
+            try:
+                checks += step()
+            except Exception as exc:  # a check that breaks is a finding, not a crash
+                checks.append(("FAIL", "doctor", f"{type(exc).__name__}: {exc}"))
+    for status, what, detail in checks:
+        print(f"{status:<4}  {what:<16} {detail}")
+    failed = sum(s == "FAIL" for s, _, _ in checks)
+    print(f"{len(checks)} checks: {failed} failed, {sum(s == 'WARN' for s, _, _ in checks)} warnings")
+    return 1 if failed else 0
+
+
+def cmd_install_models(args: argparse.Namespace) -> int:
+    """Copy the models the package carries to DEST (atomically per file), then check every hash."""
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    source, dest = DEFAULT_MODELS_DIR, args.dest
+    files = sorted(p for p in source.glob("*") if p.suffix in (".onnx", ".json"))
+    if not files:
+        print(f"smearscope install-models: no models in {source}")
+        return 1
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        with tempfile.NamedTemporaryFile(dir=dest, prefix=f".{path.name}.", delete=False) as tmp:
+            with open(path, "rb") as fh:
+                shutil.copyfileobj(fh, tmp)
+        os.replace(tmp.name, dest / path.name)
+        os.chmod(dest / path.name, 0o644)
+    checks = model_checks(dest)
+    for status, what, detail in checks:
+        print(f"{status:<4}  {what:<16} {detail}")
+    return 1 if any(s == "FAIL" for s, _, _ in checks) else 0

@@ -1,0 +1,50 @@
+"""`smearscope doctor` says what a station lacks, and `install-models` puts the packaged models
+where a config points, hashes checked (issue 18, item 12)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from broker import MosquittoBroker
+from test_daemon import to_toml
+
+from smearscope.cli import main
+from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+
+def _config(tmp_path: Path, port: int, models: Path) -> Path:
+    path = tmp_path / "station.toml"
+    path.write_text(to_toml({
+        "station_id": "doc-1", "source": {"kind": "simulated"},
+        "analysis": {"models_dir": str(models)},
+        "mqtt": {"host": "127.0.0.1", "port": port,
+                 "outbox": {"path": str(tmp_path / "state" / "outbox.sqlite3")}}}) + "\n")
+    return path
+
+
+@pytest.mark.broker
+def test_doctor_passes_a_complete_station(tmp_path: Path, broker: MosquittoBroker,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--config", str(_config(tmp_path, broker.port, DEFAULT_MODELS_DIR))]) == 0
+    out = capsys.readouterr().out
+    assert "OK    model segmentation" in out and f"127.0.0.1:{broker.port} accepts" in out, out
+
+
+def test_doctor_names_what_is_missing_and_install_models_fixes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    config = _config(tmp_path, 1, models)
+    assert main(["doctor", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  model segmentation" in out and "smearscope install-models" in out, out
+    assert "WARN  broker" in out  # no broker: the outbox keeps reports, not a failure
+    assert main(["install-models", str(models)]) == 0
+    assert main(["doctor", "--config", str(config)]) == 0
+    capsys.readouterr()
+    shutil.copy(DEFAULT_MODELS_DIR / "rbc_head.onnx", models / "wbc_head.onnx")  # wrong file
+    assert main(["doctor", "--config", str(config)]) == 1
+    assert "sha256 of wbc_head.onnx does not match" in capsys.readouterr().out
