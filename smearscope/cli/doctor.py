@@ -57,8 +57,8 @@ def model_checks(models_dir: Path) -> list[Check]:
         try:
             manifest = load_manifest(models_dir / name, verify_hash=True)
         except (ManifestError, OSError, ValueError) as exc:
-            checks.append(("FAIL", f"model {role}", f"{exc} (install them: smearscope install-models "
-                           f"{models_dir})"))
+            checks.append(("FAIL", f"model {role}", (f"{exc} (install them: smearscope install-models "
+                           f"{models_dir})")))
             continue
         checks.append(("OK", f"model {role}", f"{models_dir / manifest.file}, sha256 {manifest.sha256[:12]}"))
     return checks
@@ -68,8 +68,8 @@ def _backend_checks(backend: str) -> list[Check]:
     checks: list[Check] = []
     try:
         ort = importlib.import_module("onnxruntime")
-        checks.append(("OK", "onnxruntime", f"{ort.__version__}, providers "
-                       f"{', '.join(ort.get_available_providers())}"))
+        checks.append(("OK", "onnxruntime", (f"{ort.__version__}, providers "
+                       f"{', '.join(ort.get_available_providers())}")))
     except ImportError as exc:
         checks.append(("FAIL" if backend == "onnxruntime" else "WARN", "onnxruntime", str(exc)))
     level = "FAIL" if backend == "tensorrt" else "WARN"
@@ -122,8 +122,8 @@ def _broker_checks(mqtt, timeout: float = 3.0) -> list[Check]:
     try:
         sock = socket.create_connection((mqtt.host, mqtt.port), timeout=timeout)
     except OSError as exc:
-        return [("WARN", "broker", f"{where} does not answer ({exc}); the station keeps reports in "
-                 "its outbox until it does")]
+        return [("WARN", "broker", (f"{where} does not answer ({exc}); the station keeps reports in "
+                 "its outbox until it does"))]
     with sock:
         if mqtt.tls is None:
             return [("OK", "broker", f"{where} accepts TCP connections")]
