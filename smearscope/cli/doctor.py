@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import socket
+import sqlite3
 import ssl
 import tempfile
 from collections.abc import Callable
@@ -110,7 +111,7 @@ def _outbox_checks(path: Path) -> list[Check]:
             checks.append(("OK", "outbox", f"{path}: {counts.messages} messages waiting ({counts.reports} reports)"))
         except OutboxLockedError:
             checks.append(("OK", "outbox", f"{path}: held by a running station"))
-        except Exception as exc:
+        except (sqlite3.Error, OSError, RuntimeError) as exc:
             checks.append(("FAIL", "outbox", f"{path}: {exc}"))
     else:
         checks.append(("OK", "outbox", f"{path}: not created yet (the first start creates it)"))
@@ -147,7 +148,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         for step in steps:
             try:
                 checks += step()
-            except Exception as exc:  # a check that breaks is a finding, not a crash
+            except (ImportError, OSError, RuntimeError, ValueError) as exc:  # a finding, not a crash
                 checks.append(("FAIL", "doctor", f"{type(exc).__name__}: {exc}"))
     for status, what, detail in checks:
         print(f"{status:<4}  {what:<16} {detail}")
@@ -167,9 +168,9 @@ def cmd_install_models(args: argparse.Namespace) -> int:
         return 1
     dest.mkdir(parents=True, exist_ok=True)
     for path in files:
-        with tempfile.NamedTemporaryFile(dir=dest, prefix=f".{path.name}.", delete=False) as tmp:
-            with open(path, "rb") as fh:
-                shutil.copyfileobj(fh, tmp)
+        with tempfile.NamedTemporaryFile(dir=dest, prefix=f".{path.name}.", delete=False) as tmp, \
+                open(path, "rb") as fh:
+            shutil.copyfileobj(fh, tmp)
         os.replace(tmp.name, dest / path.name)
         os.chmod(dest / path.name, 0o644)
     checks = model_checks(dest)
