@@ -183,3 +183,43 @@ def test_a_dead_command_thread_is_replaced(
     time.sleep(1.5)  # the drain loop notices within a tick
     observer.client.publish(f"{BASE}/cmd/status", b"{}", qos=1)
     assert observer.wait_for(lambda m: any(r.topic.endswith("/status") for r in _responses(observer)), 5)
+
+
+def test_at_least_once_reaches_only_consumers_with_persistent_sessions(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+) -> None:
+    """What docs/MQTT.md tells consumers (issue 18, item 7): the outbox gets every report to the
+    broker; a consumer that was away gets them only with a persistent session on a broker that
+    keeps sessions across its restarts."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
+    broker.start()
+    clean = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"],
+                       client_id="clean-consumer")
+    kept = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"],
+                      client_id="persistent-consumer", persistent=True)
+    try:
+        clean.wait_ready()
+        kept.wait_ready()
+        clean.close()
+        kept.close()  # both consumers are away (disconnected, not unsubscribed)
+        publisher = start_publisher(make_config(tmp_path, broker.port), started)
+        assert publisher.wait_until_connected(5)
+        for i in range(5):
+            publisher.publish_report("report", f"while-away-{i}", b"{}", "1")
+        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10)
+        broker.restart()  # the broker restarts while they are away, too
+        clean = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"],
+                           client_id="clean-consumer")
+        kept = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"],
+                          client_id="persistent-consumer", persistent=True)
+        clean.wait_ready()
+        kept.wait_ready()
+        assert kept.wait_for(lambda m: len(m) >= 5, 10), len(kept.messages)
+        time.sleep(0.5)
+        assert clean.messages == []
+    finally:
+        clean.close()
+        kept.close()
+        broker.stop()
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "MQTT.md").read_text()
+    assert "persistent session" in docs and "persistence true" in docs
