@@ -80,6 +80,7 @@ def test_every_command_of_a_burst_gets_an_answer(
     observer.wait_for(lambda m: len(_responses(observer)) >= n, 30)
     time.sleep(0.5)
     got = {r.correlation_data: json.loads(r.payload) for r in _responses(observer)}
+    print(f"\ncommand burst: {n} commands, {len(got)} answered")
     assert len(_responses(observer)) == n and len(got) == n
     answered = [v for v in got.values() if v["ok"]]
     busy = [v for v in got.values() if not v["ok"]]
@@ -144,6 +145,9 @@ def test_a_message_over_the_packet_limit_is_parked_and_never_blocks_the_queue(
         assert any("parked" in r.message and "too-big" in r.message for r in caplog.records)
         time.sleep(1.0)
         assert publisher.state.connects == 1, "no reconnect storm"
+        fields = [x for x in sub.messages if x.topic == f"{BASE}/field"]
+        print(f"\noversized message ({protocol}): produced 25, delivered {len(fields)}, parked "
+              f"{publisher.state.parked}, connections {publisher.state.connects}")
     finally:
         sub.close()
         broker.stop()
