@@ -86,13 +86,20 @@ def test_a_frame_too_large_at_its_scale_is_refused_before_the_detector(tmp_path:
 @needs_models
 @pytest.mark.slow
 def test_the_largest_accepted_frame_stays_under_2_gb(tmp_path: Path) -> None:
-    """A 1000x750 frame at 0.8 um/px (low magnification) is 4000x3000 canonical, the cap."""
-    path = tmp_path / "lowmag.png"
-    cv2.imwrite(str(path), cv2.resize(hostile.smear_like(600, 800, seed=5), (1000, 750)))
-    proc = run("analyze", str(path), "--json", "--microns-per-pixel", "0.8", timeout=600)
+    """4000x3000 at 0.2 um/px, the cap, and dense: a rendered field repeated (about 4 600 cells;
+    memory grows with the cells, so a sparse frame would prove little)."""
+    import numpy as np
+
+    from smearscope.device.synthetic import render_field
+
+    tile = np.asarray(render_field(3, width=1280, height=960, microns_per_pixel=0.2).frame.pixels)
+    path = tmp_path / "dense.png"
+    cv2.imwrite(str(path), np.tile(tile, (4, 4, 1))[:3000, :4000])
+    proc = run("analyze", str(path), "--json", "--microns-per-pixel", "0.2", timeout=900)
     assert proc.returncode == 0, proc.stderr[-800:]
     report = lines(proc)[0]
-    assert report["source"]["image"] == {"width": 1000, "height": 750}
+    assert report["source"]["image"] == {"width": 4000, "height": 3000}
+    assert report["counts"]["rbc"] > 3000
     print(f"\npeak RSS of the largest accepted frame: {peak_mb(proc):.0f} MB")
     assert peak_mb(proc) <= 2048
 

@@ -23,10 +23,11 @@ NORMAL_RBC_DIAMETER_UM = 7.5
 MIN_UM_PER_PX = 0.02
 MAX_UM_PER_PX = 1.0
 #: The largest frame the analysis works on, in canonical pixels (12 MP: a 4000x3000 field at
-#: 0.2 um/px, 800x600 um; a 1000x750 frame at 0.8 um/px). Memory grows with it (the detector's tile
-#: batch and the merge of its cells): the largest accepted frame peaked at 1.8 GB of RSS with the
-#: ONNX Runtime backend (tests/test_cli_limits.py). Larger frames are refused, never downscaled:
-#: the models only know cells at the canonical scale.
+#: 0.2 um/px, 800x600 um; a 1000x750 frame at 0.8 um/px). Memory grows with the cells in it: a
+#: dense 12 MP field (4 579 rendered cells) peaked at 1.9 GB of RSS with the ONNX Runtime backend,
+#: most of it the RBC head's crops, prepared all at once (tests/test_cli_limits.py); the detector's
+#: path alone stays near 0.5 GB even at 64 MP. Larger frames are refused, never downscaled: the
+#: models only know cells at the canonical scale.
 MAX_CANONICAL_PIXELS = 12_000_000
 
 
@@ -43,12 +44,13 @@ def resample_factor(microns_per_pixel: float) -> float:
 
 
 def resample_to_canonical(image: np.ndarray, microns_per_pixel: float,
-                          max_pixels: int = MAX_CANONICAL_PIXELS) -> np.ndarray:
+                          max_pixels: int | None = None) -> np.ndarray:
     """Resize `image` so that one pixel spans CANONICAL_UM_PER_PX; IngestError
     (`too_large_at_scale`) when that would exceed `max_pixels`."""
     factor = resample_factor(microns_per_pixel)
     h, w = image.shape[:2]
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    max_pixels = MAX_CANONICAL_PIXELS if max_pixels is None else max_pixels
     if size[0] * size[1] > max_pixels:
         raise IngestError(RejectReason.TOO_LARGE_AT_SCALE,
                           f"{w}x{h} px at {microns_per_pixel:g} um/px is {size[0]}x{size[1]} px at "
