@@ -84,3 +84,78 @@ def test_manifest_hash_mismatch_is_refused(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(m))
     with pytest.raises(ManifestError, match="invalid manifest"):
         load_manifest(tmp_path / "bad.json")
+
+
+@needs_models
+@pytest.mark.parametrize("name", ["seg", "rbc_head", "wbc_head"])
+def test_onnxruntime_rows_do_not_depend_on_their_batch_mates(name):
+    """Re-batching (streamed tiles, crops of several fields in one batch) changes no output."""
+    eng = create_engine("onnxruntime", MODELS / f"{name}.json").load()
+    s = eng.manifest.input_size
+    x = np.random.default_rng(1).random((min(9, eng.manifest.batch.max), 3, s, s), dtype=np.float32)
+    whole = eng.run(x)
+    for start, stop in ((0, 1), (2, 5), (4, len(x))):
+        part = eng.run(x[start:stop])
+        for key, value in part.items():
+            assert np.array_equal(value, whole[key][start:stop]), (key, start, stop)
+
+
+class _CountingEngine:
+    """Rows times two; records each batch size it ran."""
+
+    def __init__(self, max_batch: int = 16, fail: bool = False) -> None:
+        self.manifest = type("M", (), {"batch": BatchProfile(min=1, opt=4, max=max_batch)})()
+        self.sizes: list[int] = []
+        self.fail = fail
+
+    def run(self, batch):
+        self.sizes.append(len(batch))
+        if self.fail:
+            raise EngineError("engine broke")
+        return {"out": batch * 2}
+
+
+def _concurrently(fn, args):
+    import threading
+
+    results: dict[int, object] = {}
+
+    def call(i, a):
+        try:
+            results[i] = fn(a)
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            results[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i, a)) for i, a in enumerate(args)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return [results[i] for i in range(len(args))]
+
+
+def test_coalescing_engine_joins_concurrent_batches_and_returns_each_callers_rows():
+    from smearscope.engines.coalesce import CoalescingEngine
+
+    inner = _CountingEngine(max_batch=16)
+    # Four callers at work: each leader waits (up to a generous delay) for the other three.
+    eng = CoalescingEngine(inner, max_delay_s=5.0, peers=lambda: 3)
+    batches = [np.full((n, 2), i, np.float32) for i, n in enumerate((3, 5, 4, 9))]
+    out = _concurrently(lambda b: eng.run(b)["out"], batches)
+    for b, o in zip(batches, out):
+        np.testing.assert_array_equal(o, b * 2)
+    assert sum(inner.sizes) == 21 and max(inner.sizes) <= 16
+    assert len(inner.sizes) < 4  # some requests shared an engine run
+    assert eng.requests == 4 and eng.runs == len(inner.sizes)
+
+
+def test_coalescing_engine_alone_runs_at_once_and_errors_reach_every_caller():
+    from smearscope.engines.coalesce import CoalescingEngine
+
+    inner = _CountingEngine()
+    eng = CoalescingEngine(inner, max_delay_s=3600.0, peers=lambda: 0)  # nobody else at work
+    np.testing.assert_array_equal(eng.run(np.ones((2, 2), np.float32))["out"], 2 * np.ones((2, 2)))
+    assert inner.sizes == [2] and eng.manifest is inner.manifest
+    broken = CoalescingEngine(_CountingEngine(fail=True), max_delay_s=5.0, peers=lambda: 1)
+    out = _concurrently(lambda b: broken.run(b), [np.ones((1, 2), np.float32)] * 2)
+    assert all(isinstance(o, EngineError) for o in out)

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from smearscope.device.frame import Frame
 from smearscope.engines.base import Engine
+from smearscope.engines.coalesce import CoalescingEngine
 from smearscope.engines.registry import create_engine
 from smearscope.service.analysis import stain as stain_stage
 from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
@@ -143,6 +145,15 @@ class Analyzer:
         )
         analyzer._engines = list(engines.values())
         return analyzer
+
+    def batch_across_fields(self, peers: Callable[[], int], max_delay_s: float) -> None:
+        """Let analyses on other threads share engine batches with this one's (engines.coalesce):
+        a station analysing several fields at once calls this once, with how many OTHER fields
+        are being analysed at a given moment. Results do not change."""
+        for holder in (self.segmenter, self.rbc_head, self.wbc_head):
+            engine = getattr(holder, "engine", None)
+            if engine is not None and not isinstance(engine, CoalescingEngine):
+                holder.engine = CoalescingEngine(engine, max_delay_s, peers)
 
     def _preparation(self, engine: Engine | None) -> Preparation:
         """Which frame a model gets: forced by options, else as its training images were."""

@@ -83,6 +83,24 @@ class AnalysisConfig(StationBaseModel):
         description="As rbc_head_views, for the WBC head's crops.",
         min_length=1,
     )
+    concurrent_fields: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        title="Fields analysed at once",
+        description="With more than 1, the next field is resampled and detected while the previous "
+        "one's cells are classified, and the fields' engine batches are joined (up to "
+        "batch_delay_ms apart); reports still leave in capture order. Raises throughput where the "
+        "engines run beside the CPU (a GPU) or leave cores idle; costs latency per field.",
+    )
+    batch_delay_ms: float = Field(
+        default=4.0,
+        ge=0.0,
+        le=100.0,
+        title="Engine batch delay across fields",
+        description="With concurrent_fields > 1: how long an engine batch waits for another field's "
+        "batch to join it (only while another field is being analysed).",
+    )
     stain_normalization: Literal["auto", "macenko", "vahadane", "none"] = Field(
         default="auto",
         title="Stain normalization",

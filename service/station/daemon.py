@@ -128,6 +128,8 @@ class StationDaemon:
             requests=analysis_requests, watchdog=self.watchdog, stop=self._stop,
             request_stop=self.request_stop, max_fields=max_fields,
             scale_override=config.analysis.microns_per_pixel, clinic=ClinicFeed(config),
+            concurrent_fields=config.analysis.concurrent_fields,
+            batch_delay_s=config.analysis.batch_delay_ms / 1000.0,
         )
         self.commands = StationCommands(
             workers=self.workers, tracker=self.tracker, analysis=analysis_requests,

@@ -40,6 +40,7 @@ from typing import Any, Literal
 from smearscope.device.frame import Frame
 from smearscope.device.quality import QualityGate
 from smearscope.device.sources import FrameSource
+from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.records import ClassifiedCell
 from smearscope.service.analysis.report import SCHEMA_VERSION, Report
 from smearscope.service.ingest import IngestError
@@ -48,6 +49,7 @@ from smearscope.service.mqtt.publisher import MqttPublisher
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.daemon_summary import Stats, StoredReport
 from smearscope.service.station.durable import RunMeta, StationState
+from smearscope.service.station.field_pool import FieldPool
 from smearscope.service.station.messages import report_messages
 from smearscope.service.station.notify import ProgressWatchdog
 from smearscope.service.station.requests import RequestQueue
@@ -69,6 +71,14 @@ THREAD_NAMES = ("capture", "analysis", "report-writer")
 class _Work:
     frame: Frame
     on_drop: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class _Field:
+    """A frame handed to the analysis pool, with the specimen run it was meant for."""
+
+    frame: Frame
+    run_id: str | None
 
 
 #: While the disk is full and nothing is to be stored, how often the writer tries a write.
@@ -100,6 +110,8 @@ class StationWorkers:
         max_fields: int | None,
         scale_override: float | None,
         clinic: ClinicFeed | None = None,
+        concurrent_fields: int = 1,
+        batch_delay_s: float = 0.004,
     ) -> None:
         self.gate, self.tracker, self.watchdog = gate, tracker, watchdog
         #: Commands' work on the specimen state, served by the analysis thread between frames.
@@ -107,6 +119,10 @@ class StationWorkers:
         self._stop, self._request_stop = stop, request_stop
         self.max_fields = max_fields
         self.scale_override = scale_override
+        #: Fields analysed at once (service.station.field_pool), and how long an engine batch
+        #: waits for another field's to join it (engines.coalesce).
+        self.concurrent_fields = concurrent_fields
+        self.batch_delay_s = batch_delay_s
         #: FHIR bundles, live run state and the review gallery (service.station.clinic).
         self.clinic = clinic
         self.stats = Stats()
@@ -215,10 +231,29 @@ class StationWorkers:
     # ------------------------------------------------------------------ analysis
 
     def _analysis_loop(self) -> None:
-        """Frames and command requests -> field reports and specimen reports."""
+        """Frames and command requests -> field reports and specimen reports.
+
+        Up to `concurrent_fields` frames are analysed at once (service.station.field_pool) and
+        finished in capture order. Commands, the idle check and the disk-full pause are served
+        between fields, whenever the pool has room (with one field at a time: exactly between two
+        fields)."""
         writer_alive = self.threads["report-writer"].is_alive
+        pool: FieldPool[_Field, FieldResult] = FieldPool(self._analyse_field, self.concurrent_fields)
+        share = getattr(self.analyzer, "batch_across_fields", None)
+        if self.concurrent_fields > 1 and share is not None:
+            share(lambda: pool.active() - 1, self.batch_delay_s)
+        ended = False
         try:
-            while True:
+            while not ended or pool.pending:
+                done = pool.next_done(timeout=0.0 if pool.has_room() and not ended else TICK_S)
+                if done is not None:
+                    try:
+                        self._finish(done.work.frame, done.result, done.error)
+                    finally:
+                        self.stats.add("pending", -1)
+                    continue
+                if ended or not pool.has_room():
+                    continue
                 self.requests.serve_pending()
                 closed = self.tracker.check_idle()
                 if closed is not None:
@@ -231,15 +266,16 @@ class StationWorkers:
                 except queue.Empty:
                     continue
                 if item is SENTINEL:
-                    break
-                try:
-                    self._analyse_queued(item.frame)
-                finally:
+                    ended = True
+                elif self._analysable(item.frame):
+                    pool.submit(_Field(item.frame, self.tracker.run_for_next_field()))
+                else:
                     self.stats.add("pending", -1)
         except Exception:
             logger.exception("analysis thread failed")
             self._fail("analysis thread failed", "analysis failure")
         finally:
+            pool.close()
             try:
                 self.requests.serve_pending()
                 closed = self.tracker.stop("shutdown")
@@ -251,8 +287,8 @@ class StationWorkers:
                 self.requests.close()
                 self._reports.put_sentinel(writer_alive)
 
-    def _analyse_queued(self, frame: Frame) -> None:
-        """A captured frame: analysed, unless its result is stored already (a folder file found
+    def _analysable(self, frame: Frame) -> bool:
+        """A captured frame is analysed unless its result is stored already (a folder file found
         again after a crash) or the station stops on a full disk (the file stays for next time)."""
         assert self.state is not None and self.source is not None
         if frame.input_key is not None and self.state.input_stored(frame.input_key):
@@ -260,32 +296,50 @@ class StationWorkers:
                         "again", frame.frame_id)
             self.outcomes.append((frame.frame_id, "skipped", "already_stored"))
             self.source.done(frame)
-            return
+            return False
         if self.disk_full:  # stopping: what could not be stored is not analysed
             self.stats.add("deferred")
             self.outcomes.append((frame.frame_id, "deferred", "disk_full"))
-            return
-        self.analyse(frame)
+            return False
+        return True
+
+    def _analyse_field(self, work: _Field) -> FieldResult:
+        """One field on a pool thread; what it raises reaches `_finish` in capture order."""
+        assert self.analyzer is not None
+        unit = "analysis" if self.concurrent_fields == 1 else f"analysis ({threading.current_thread().name})"
+        with self.watchdog.working(unit):
+            return self.analyzer.analyze(work.frame, work.run_id)
 
     def analyse(self, frame: Frame) -> dict[str, Any]:
-        """Analyse one accepted frame; never raises for a bad frame. Returns a command answer."""
+        """Analyse one accepted frame on the calling thread; never raises for a bad frame.
+        Returns a command answer."""
         assert self.analyzer is not None
         run_id = self.tracker.run_for_next_field()
+        result, error = None, None
         try:
             with self.watchdog.working("analysis"):
                 result = self.analyzer.analyze(frame, run_id)
-        except IngestError as exc:
-            reason = getattr(exc.code, "value", str(exc.code))
-            logger.warning("frame %s refused (%s): %s", frame.frame_id, reason, exc)
+        except Exception as exc:  # noqa: BLE001 - reported by _finish with its reason code
+            error = exc
+        return self._finish(frame, result, error)
+
+    def _finish(self, frame: Frame, result: FieldResult | None, error: BaseException | None) -> dict[str, Any]:
+        """A field's report into its specimen run and the outbox, or its failure counted."""
+        if isinstance(error, IngestError):
+            reason = getattr(error.code, "value", str(error.code))
+            logger.warning("frame %s refused (%s): %s", frame.frame_id, reason, error)
             self.reject(frame.frame_id, "failed", reason)
             self._done(frame)
-            return {"ok": False, "frame_id": frame.frame_id, "error": reason, "message": str(exc)}
-        except Exception as exc:
-            logger.exception("frame %s: analysis failed (analysis_error)", frame.frame_id)
+            return {"ok": False, "frame_id": frame.frame_id, "error": reason, "message": str(error)}
+        if error is not None or result is None:
+            logger.error("frame %s: analysis failed (analysis_error)", frame.frame_id, exc_info=error)
             self.reject(frame.frame_id, "failed", "analysis_error")
             self._done(frame)
             return {"ok": False, "frame_id": frame.frame_id, "error": "analysis_error",
-                    "message": f"{type(exc).__name__}: {exc}"}
+                    "message": f"{type(error).__name__}: {error}"}
+        # A field analysed while its run ended (the field before it reached the target) joins the
+        # run open now, or one started by the policy; with one field at a time this is a no-op.
+        self.tracker.run_for_next_field()
         open_run = self.tracker.open_run()
         result, closed = self.tracker.add(result)
         run = None
