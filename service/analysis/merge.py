@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from smearscope.service.analysis.boxes import overlapping_pairs
 from smearscope.service.analysis.records import Box, CellDetection
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,20 @@ def box_iou_ios(box: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndar
     )
     union = area + areas - inter
     smaller = np.minimum(area, areas)
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    ios = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
+    return iou, ios
+
+
+def _pairs_iou_ios(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """IoU and IoS of boxes a[k] and b[k], computed as `box_iou_ios` computes each of them."""
+    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = iw * ih
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    union = area_a + area_b - inter
+    smaller = np.minimum(area_a, area_b)
     iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
     ios = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
     return iou, ios
@@ -164,8 +179,13 @@ def _merge_one_kind(
     rank = np.empty(n, np.intp)
     rank[order] = np.arange(n)
 
-    # Candidate pruning: boxes sorted by x0; a box can only meet [x0, x1) if its x0 lies in
+    # Candidates of a detection's own box: every overlapping pair, found at once through a grid
+    # (boxes.overlapping_pairs) with their IoU / IoS. A group whose box grew (united cut views)
+    # looks again among boxes sorted by x0: a box can only meet [x0, x1) if its x0 lies in
     # (x0 - widest box, x1).
+    pair_i, pair_j = overlapping_pairs(boxes)
+    row = np.searchsorted(pair_i, np.arange(n + 1))
+    pair_iou, pair_ios = _pairs_iou_ios(boxes[pair_i], boxes[pair_j])
     by_x0 = np.argsort(boxes[:, 0], kind="stable")
     x0_sorted = boxes[by_x0, 0]
     widest = float(np.max(boxes[:, 2] - boxes[:, 0]))
@@ -178,15 +198,20 @@ def _merge_one_kind(
         consumed[i] = True
         group = _Group(dets[i], boxes[i].copy(), masks[i], {int(tiles[i])})
         while True:
-            lo = np.searchsorted(x0_sorted, group.box[0] - widest, side="right")
-            hi = np.searchsorted(x0_sorted, group.box[2], side="left")
-            cand = by_x0[lo:hi]
-            cand = cand[~consumed[cand] & ~np.isin(tiles[cand], list(group.tiles))]
+            if not group.united:  # the detection's own box: its precomputed overlaps
+                cand, iou, ios = (a[row[i] : row[i + 1]] for a in (pair_j, pair_iou, pair_ios))
+                keep = ~consumed[cand] & (tiles[cand] != tiles[i])
+                cand, iou, ios = cand[keep], iou[keep], ios[keep].copy()
+            else:
+                lo = np.searchsorted(x0_sorted, group.box[0] - widest, side="right")
+                hi = np.searchsorted(x0_sorted, group.box[2], side="left")
+                cand = by_x0[lo:hi]
+                cand = cand[~consumed[cand] & ~np.isin(tiles[cand], list(group.tiles))]
+                iou, ios = box_iou_ios(group.box, boxes[cand])
+                keep = iou > 0  # boxes must really overlap
+                cand, iou, ios = cand[keep], iou[keep], ios[keep]
             if cand.size == 0:
                 break
-            iou, ios = box_iou_ios(group.box, boxes[cand])
-            keep = iou > 0  # boxes must really overlap
-            cand, iou, ios = cand[keep], iou[keep], ios[keep]
             if group.mask is not None:
                 win = group.window
                 for k, j in enumerate(cand):

@@ -40,20 +40,25 @@ def platt(score: float, a: float, b: float) -> float:
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Indices kept by greedy non-maximum suppression (boxes as x0, y0, x1, y1)."""
+    """Indices kept by greedy non-maximum suppression (boxes as x0, y0, x1, y1).
+
+    The pairwise IoUs are computed once, in the boxes' own precision, then the greedy pass walks
+    the score order: each kept box suppresses the later boxes it overlaps above the threshold."""
     order = np.argsort(-scores)
+    b = boxes[order]
+    areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    xx0 = np.maximum(b[:, None, 0], b[None, :, 0])
+    yy0 = np.maximum(b[:, None, 1], b[None, :, 1])
+    xx1 = np.minimum(b[:, None, 2], b[None, :, 2])
+    yy1 = np.minimum(b[:, None, 3], b[None, :, 3])
+    inter = np.clip(xx1 - xx0, 0, None) * np.clip(yy1 - yy0, 0, None)
+    over = inter / (areas[:, None] + areas[None, :] - inter + 1e-9) > iou_threshold
+    alive = np.ones(len(order), bool)
     keep = []
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    while order.size:
-        i = order[0]
-        keep.append(i)
-        xx0 = np.maximum(boxes[i, 0], boxes[order[1:], 0])
-        yy0 = np.maximum(boxes[i, 1], boxes[order[1:], 1])
-        xx1 = np.minimum(boxes[i, 2], boxes[order[1:], 2])
-        yy1 = np.minimum(boxes[i, 3], boxes[order[1:], 3])
-        inter = np.clip(xx1 - xx0, 0, None) * np.clip(yy1 - yy0, 0, None)
-        iou = inter / (areas[i] + areas[order[1:]] - inter + 1e-9)
-        order = order[1:][iou <= iou_threshold]
+    for k in range(len(order)):
+        if alive[k]:
+            keep.append(order[k])
+            alive[k + 1 :] &= ~over[k, k + 1 :]
     return np.array(keep, dtype=np.int64)
 
 
