@@ -75,10 +75,8 @@ class _Work:
 
 @dataclass(frozen=True)
 class _Field:
-    """A frame handed to the analysis pool, with the specimen run it was meant for."""
-
     frame: Frame
-    run_id: str | None
+    run_id: str | None  # the specimen run it was meant for
 
 
 #: While the disk is full and nothing is to be stored, how often the writer tries a write.
@@ -231,12 +229,10 @@ class StationWorkers:
     # ------------------------------------------------------------------ analysis
 
     def _analysis_loop(self) -> None:
-        """Frames and command requests -> field reports and specimen reports.
-
-        Up to `concurrent_fields` frames are analysed at once (service.station.field_pool) and
-        finished in capture order. Commands, the idle check and the disk-full pause are served
-        between fields, whenever the pool has room (with one field at a time: exactly between two
-        fields)."""
+        """Frames and command requests -> field reports and specimen reports. Up to
+        `concurrent_fields` frames are analysed at once (service.station.field_pool), finished in
+        capture order; commands, the idle check and the disk-full pause are served whenever the
+        pool has room (with one field at a time: between two fields)."""
         writer_alive = self.threads["report-writer"].is_alive
         pool: FieldPool[_Field, FieldResult] = FieldPool(self._analyse_field, self.concurrent_fields)
         share = getattr(self.analyzer, "batch_across_fields", None)
@@ -311,8 +307,7 @@ class StationWorkers:
             return self.analyzer.analyze(work.frame, work.run_id)
 
     def analyse(self, frame: Frame) -> dict[str, Any]:
-        """Analyse one accepted frame on the calling thread; never raises for a bad frame.
-        Returns a command answer."""
+        """Analyse one accepted frame here; never raises for a bad frame. A command answer."""
         assert self.analyzer is not None
         run_id = self.tracker.run_for_next_field()
         result, error = None, None
@@ -337,8 +332,7 @@ class StationWorkers:
             self._done(frame)
             return {"ok": False, "frame_id": frame.frame_id, "error": "analysis_error",
                     "message": f"{type(error).__name__}: {error}"}
-        # A field analysed while its run ended (the field before it reached the target) joins the
-        # run open now, or one started by the policy; with one field at a time this is a no-op.
+        # A field analysed while its run ended joins the run open now or one the policy starts.
         self.tracker.run_for_next_field()
         open_run = self.tracker.open_run()
         result, closed = self.tracker.add(result)
