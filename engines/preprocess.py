@@ -8,11 +8,19 @@ from smearscope.engines.manifest import Preprocessing
 
 
 def to_model_input(images_bgr: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """N x H x W x 3 uint8 BGR -> float32 batch per `pre` (colour order, scale, layout)."""
-    x = images_bgr
-    if pre.color == "RGB":
-        x = x[..., ::-1]
-    x = x.astype(np.float32) * np.float32(pre.scale)
+    """N x H x W x 3 uint8 BGR -> float32 batch per `pre` (colour order, scale, layout).
+
+    One pass per channel straight into the output layout (no float copy of the whole batch to
+    transpose afterwards); the values are those of `uint8 -> float32, times scale`."""
+    n, h, w, c = images_bgr.shape
+    scale = np.float32(pre.scale)
+    order = range(c - 1, -1, -1) if pre.color == "RGB" else range(c)
     if pre.layout == "NCHW":
-        x = x.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(x)
+        out = np.empty((n, c, h, w), np.float32)
+        for k, src in enumerate(order):
+            np.multiply(images_bgr[..., src], scale, out=out[:, k], dtype=np.float32)
+        return out
+    out = np.empty((n, h, w, c), np.float32)
+    for k, src in enumerate(order):
+        np.multiply(images_bgr[..., src], scale, out=out[..., k], dtype=np.float32)
+    return out

@@ -159,3 +159,21 @@ def test_coalescing_engine_alone_runs_at_once_and_errors_reach_every_caller():
     broken = CoalescingEngine(_CountingEngine(fail=True), max_delay_s=5.0, peers=lambda: 1)
     out = _concurrently(lambda b: broken.run(b), [np.ones((1, 2), np.float32)] * 2)
     assert all(isinstance(o, EngineError) for o in out)
+
+
+@pytest.mark.parametrize("color", ["RGB", "BGR"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_model_input_is_the_plain_conversion(color, layout):
+    """Channel by channel into the output layout: the values of uint8 -> float32 times scale."""
+    from smearscope.engines.manifest import Preprocessing
+    from smearscope.engines.preprocess import to_model_input
+
+    pre = Preprocessing(color=color, scale=1 / 255, layout=layout)
+    x = np.random.default_rng(2).integers(0, 256, (4, 21, 17, 3), dtype=np.uint8)
+    for images in (x, x[:, ::-1, ::-1]):  # tiles of a mirrored frame are strided views
+        want = images[..., ::-1] if color == "RGB" else images
+        want = want.astype(np.float32) * np.float32(1 / 255)
+        want = np.ascontiguousarray(want.transpose(0, 3, 1, 2) if layout == "NCHW" else want)
+        got = to_model_input(images, pre)
+        assert got.flags.c_contiguous and got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
