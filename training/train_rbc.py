@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--arch", choices=sorted(ARCHS), default="resnet10t-half")
     ap.add_argument("--init", type=Path, default=None, help="warm start from a committed head ONNX")
+    ap.add_argument("--init-pt", type=Path, default=None, help="continue from a run's best.pt (new schedule)")
     ap.add_argument("--p-look", type=float, default=0.8)
     ap.add_argument("--out", type=Path, default=Path("build/rbc"))
     ap.add_argument("--name", default="rbc")
@@ -73,6 +74,8 @@ def main() -> None:
         model = recover_head(args.init, args.arch, calib)
     else:
         model = Deployable(build_net(args.arch, len(CLASSES)))
+    if args.init_pt is not None:
+        model.load_state_dict(torch.load(args.init_pt, weights_only=False)["model"])
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     g = torch.Generator().manual_seed(1)

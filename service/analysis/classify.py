@@ -27,6 +27,8 @@ from smearscope.service.analysis.tta import check_views, view_crops
 logger = logging.getLogger(__name__)
 
 UNIDENTIFIED = "unidentified"
+#: Crops classified per engine run (times the views): bounds memory on crowded fields.
+CHUNK_CROPS = 512
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -73,16 +75,23 @@ class CropClassifier:
         """Logits (N, classes) of N crops (N, S, S, 3 uint8 BGR) and the open-set distance (N,)
         when the head has one, each averaged over the views.
 
-        All views go to the engine in one batched run (a larger batch, not more runs)."""
+        Crops go to the engine in chunks of CHUNK_CROPS (all views of a chunk in one batched run),
+        so memory stays bounded however many cells a field holds."""
         n = len(pixels)
-        stacked = pixels if self.views == ("identity",) else np.concatenate([view_crops(pixels, v) for v in self.views])
-        out = run_batched(self.engine, to_model_input(stacked, self.engine.manifest.preprocessing))
-        logits = out[self.engine.output_names[0]]
-        logits = logits.reshape(len(self.views), n, logits.shape[-1]).mean(0)
-        dist = None
-        if self.open_set is not None:
-            dist = out[self.open_set.output].reshape(len(self.views), n).mean(0)
-        return logits, dist
+        if n == 0:
+            return np.zeros((0, len(self.classes)), np.float32), None if self.open_set is None else np.zeros(0, np.float32)
+        logits_parts, dist_parts = [], []
+        for i in range(0, n, CHUNK_CROPS):
+            chunk = pixels[i:i + CHUNK_CROPS]
+            m = len(chunk)
+            stacked = chunk if self.views == ("identity",) else np.concatenate([view_crops(chunk, v) for v in self.views])
+            out = run_batched(self.engine, to_model_input(stacked, self.engine.manifest.preprocessing))
+            logits = out[self.engine.output_names[0]]
+            logits_parts.append(logits.reshape(len(self.views), m, logits.shape[-1]).mean(0))
+            if self.open_set is not None:
+                dist_parts.append(out[self.open_set.output].reshape(len(self.views), m).mean(0))
+        dist = np.concatenate(dist_parts) if self.open_set is not None else None
+        return np.concatenate(logits_parts), dist
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         return self.outputs(pixels)[0]
