@@ -111,7 +111,8 @@ def _cells(rep: dict) -> list[dict]:
 
 def _scored(items: list[dict]) -> list[tuple]:
     """(kind, bbox, score) of report cells or --detections entries, as detection_map50 reads them."""
-    return [(d["kind"], d["bbox"], d["score"]) for d in items]
+    # a nucleated red cell is a white cell to the detector (the WBC head re-typed it)
+    return [("wbc" if d["kind"] == "nrbc" else d["kind"], d["bbox"], d["score"]) for d in items]
 
 
 def _truth(boxes) -> list[tuple]:
@@ -128,7 +129,7 @@ def eval_bccd(ids: list[str], reports: list[dict], records: list[dict] | None = 
         per.append({"pred": _scored(cells), "truth": truth})
         if rec is not None:
             ranked.append({"pred": _scored(rec.get("detections", [])), "truth": truth})
-        wbc_ok += sum(k == "wbc" for k, _ in truth) == sum(c["kind"] == "wbc" for c in cells)
+        wbc_ok += sum(k == "wbc" for k, _ in truth) == sum(c["kind"] in ("wbc", "nrbc") for c in cells)
         rbc_labels += [c["label"] for c in cells if c["kind"] == "rbc"]
         wbcs = [c for c in cells if c["kind"] == "wbc"]
         if i in types and len(wbcs) == 1:  # the second lab's images, typed through the analyzer
@@ -180,7 +181,7 @@ def eval_pbc_pipeline(items: list[tuple[str, int]], reports: list[dict]) -> dict
         if cls == "platelet":
             pred = "platelet" if cells and cells[0]["kind"] == "platelet" else "missed"
         else:
-            wbc = next((c for c in cells if c["kind"] == "wbc"), None)
+            wbc = next((c for c in cells if c["kind"] in ("wbc", "nrbc")), None)
             pred = wbc["label"] if wbc is not None else "missed"
         found += pred != "missed"
         labels.append(cls)

@@ -145,7 +145,8 @@ def analyse(analyzer: Analyzer, img: LabImage, mode: str) -> dict:
     res = analyzer.analyze(Frame(pixels, img.path.name, img.lab, microns_per_pixel=mpp))
     rep = res.report
     h, w = pixels.shape[:2]
-    counted = [(c.kind, c.bbox, c.score) for c in rep.cells]
+    # A nucleated red cell is the detector's white cell re-typed by the WBC head: scored as found.
+    counted = [("wbc" if c.kind == "nrbc" else c.kind, c.bbox, c.score) for c in rep.cells]
     below = [(d.kind.value, input_bbox(d.box, res.input_to_canonical, w, h), d.score) for d in res.candidates
              if d.score >= ALL_CONF]
     return {"counted": counted, "every": counted + below, "mpp": rep.scale.microns_per_pixel,

@@ -19,7 +19,7 @@ from training.env import offline_ultralytics
 logger = logging.getLogger(__name__)
 
 
-def install_look(data_dir: Path) -> None:
+def install_look(data_dir: Path, p_look: float = 1.0) -> None:
     """Patch ultralytics' image loading: look randomization (train) and illumination correction.
 
     Tiles smaller than the tile size were padded by the preparation; `valid_sizes.json` says
@@ -42,8 +42,9 @@ def install_look(data_dir: Path) -> None:
         im, hw0, hw = original(self, i, rect_mode, resize_short)
         vh, vw = sizes.get(Path(self.im_files[i]).name, im.shape[:2])
         region = im[:vh, :vw]
-        if self.augment:
-            region = randomize_look(region, np.random.default_rng())
+        rng = np.random.default_rng()
+        if self.augment and rng.random() < p_look:
+            region = randomize_look(region, rng)
         out = im.copy()
         out[:vh, :vw] = correct_illumination(np.ascontiguousarray(region)).pixels
         return out, hw0, hw
@@ -75,6 +76,8 @@ def main() -> None:
     ap.add_argument("--look", action="store_true",
                     help="each loaded tile: a random lab's look (training.look), then the analyzer's "
                          "illumination correction (val tiles: the correction only); for prep_labs data")
+    ap.add_argument("--look-p", type=float, default=1.0,
+                    help="with --look: the share of loaded training tiles given a random look (the rest keep theirs)")
     ap.add_argument("--optimizer", default="auto",
                     help="ultralytics optimizer; 'auto' ignores --lr0 (SGD, AdamW: --lr0 is used)")
     ap.add_argument("--hsv", type=float, nargs=3, default=(0.03, 0.5, 0.3), metavar=("H", "S", "V"),
@@ -85,7 +88,7 @@ def main() -> None:
     from ultralytics import YOLO
 
     if args.look:
-        install_look(args.data.resolve().parent)
+        install_look(args.data.resolve().parent, args.look_p)
     last = args.project / args.name / "weights" / "last.pt"
     if args.resume and last.exists():
         YOLO(str(last)).train(resume=True, workers=args.workers)

@@ -1,0 +1,55 @@
+"""Reweight the labs of a prepared detector set by listing tiles more or fewer times.
+
+    python -m training.lab_mix --data build/seg_labsB --weights bccd=3,chula=0.5,rpi=1
+
+ultralytics samples every listed image once per epoch, so a lab's weight is how many times its
+tiles are listed (fractions: a seeded subset). Writes `train_mix.txt` and `data_mix.yaml` beside
+the set; validation stays as prepared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+#: File-name prefix of each lab's tiles (training.prep_labs).
+PREFIX = {"bccd": "BloodImage", "chula": "chula_", "txl_575": "txl_575_", "txl_416": "txl_416_",
+          "txl_360": "txl_360_", "pbc": "pbc_", "rpi": "rpi_", "synthetic": "synthetic_"}
+
+
+def lab_of(name: str) -> str:
+    for lab, prefix in PREFIX.items():
+        if name.startswith(prefix):
+            return lab
+    raise ValueError(f"{name}: no lab prefix")
+
+
+def mix(data: Path, weights: dict[str, float], seed: int = 0) -> dict[str, int]:
+    files = sorted((data / "images" / "train").glob("*.png"))
+    rng = random.Random(seed)
+    out, counts = [], {}
+    for lab in PREFIX:
+        mine = [f for f in files if lab_of(f.name) == lab]
+        w = weights.get(lab, 1.0)
+        listed = mine * int(w) + rng.sample(mine, round((w - int(w)) * len(mine)))
+        out += listed
+        counts[lab] = len(listed)
+    (data / "train_mix.txt").write_text("".join(f"{f.resolve()}\n" for f in out))
+    yaml = (data / "data.yaml").read_text().replace("train: images/train", "train: train_mix.txt")
+    (data / "data_mix.yaml").write_text(yaml)
+    return counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--weights", default="", help="lab=weight,... (default 1 each)")
+    args = ap.parse_args()
+    weights = {k: float(v) for k, v in (kv.split("=") for kv in args.weights.split(",") if kv)}
+    print(json.dumps(mix(args.data, weights)))
+
+
+if __name__ == "__main__":
+    main()
