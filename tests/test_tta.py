@@ -157,14 +157,46 @@ def test_head_views_average_the_logits_of_flipped_crops_and_make_flips_invisible
         default = CropClassifier(engine, 0.3)
         assert default.views == tuple(engine.manifest.tta)
         one = CropClassifier(engine, 0.3, views=("identity",))
-        two = CropClassifier(engine, 0.3, views=("identity", "hflip"))
+        two = CropClassifier(engine, 0.3, views=("identity", "hflip"), extra_views_below=None)
         assert "temperature was fitted for" in caplog.text  # views other than the manifest's are logged
         by_hand = (one.logits(crops) + one.logits(np.ascontiguousarray(crops[:, :, ::-1]))) / 2
         assert np.allclose(two.logits(crops), by_hand, atol=1e-4)
         assert not np.allclose(two.logits(crops), one.logits(crops), atol=1e-3)  # the views do something
-        four = CropClassifier(engine, 0.3, views=VIEWS)
+        four = CropClassifier(engine, 0.3, views=VIEWS, extra_views_below=None)
         for v in VIEWS:
             assert np.allclose(four.logits(np.ascontiguousarray(view_crops(crops, v))), four.logits(crops), atol=1e-4)
+    finally:
+        engine.close()
+
+
+@pytest.mark.skipif(not (MODELS / "rbc_head.onnx").exists(), reason="committed models absent")
+def test_a_heads_other_views_run_only_on_the_crops_its_first_view_is_unsure_of():
+    from smearscope.engines.registry import create_engine
+    from smearscope.service.analysis.classify import CropClassifier, softmax
+    from smearscope.service.analysis.crops import CropSpec, crop_cell
+    from smearscope.service.analysis.scale import resample_factor, resample_to_canonical
+
+    engine = create_engine("onnxruntime", MODELS / "rbc_head.json").load()
+    try:
+        field = render_field(6, width=300, height=240, n_wbc=0)
+        spec = CropSpec(engine.manifest.crop.extent_um, engine.manifest.crop.input_size)
+        mpp = field.frame.microns_per_pixel
+        canonical, factor = resample_to_canonical(field.frame.pixels, mpp), resample_factor(mpp)
+        crops = np.stack([crop_cell(canonical, (c.center[0] * factor, c.center[1] * factor), spec)
+                          for c in field.cells[:30]])
+        first = CropClassifier(engine, 0.3, views=VIEWS[:1]).logits(crops)
+        every = CropClassifier(engine, 0.3, views=VIEWS, extra_views_below=None).logits(crops)
+        sure = softmax(first / engine.manifest.temperature).max(1)
+        gate = float(np.median(sure))  # about half the crops are unsure
+        calls = []
+        run = engine.run
+        engine.run = lambda batch: calls.append(len(batch)) or run(batch)  # type: ignore[method-assign]
+        gated = CropClassifier(engine, 0.3, views=VIEWS, extra_views_below=gate).logits(crops)
+        unsure = sure < gate
+        assert 0 < unsure.sum() < len(crops)
+        np.testing.assert_allclose(gated[~unsure], first[~unsure], atol=1e-6)
+        np.testing.assert_allclose(gated[unsure], every[unsure], atol=1e-6)
+        assert sum(calls) == len(crops) + (len(VIEWS) - 1) * int(unsure.sum())
     finally:
         engine.close()
 
