@@ -60,7 +60,12 @@ def load() -> str:
 
 
 def views_label(analyzer: Analyzer) -> str:
-    return "/".join(str(len(m.views)) for m in (analyzer.segmenter, analyzer.rbc_head, analyzer.wbc_head))
+    """Views of the detector / RBC head / WBC head, e.g. "3/4g/2g" (g: a head's views after the
+    first only for the crops its first view is unsure of, service.analysis.classify)."""
+    def head(h) -> str:
+        gated = len(h.views) > 1 and getattr(h, "extra_views_below", None) is not None
+        return f"{len(h.views)}{'g' if gated else ''}"
+    return f"{len(analyzer.segmenter.views)}/{head(analyzer.rbc_head)}/{head(analyzer.wbc_head)}"
 
 
 @dataclass
@@ -69,16 +74,24 @@ class Runs:
     floor: list[float] = field(default_factory=list)
     cells: list[int] = field(default_factory=list)
     stages: list[dict[str, float]] = field(default_factory=list)
+    views: str = ""
 
     def med(self, what: str) -> float:
         return statistics.median(getattr(self, what))
+
+    def ratio(self, over: Runs | None = None) -> float:
+        """Median over fields of total / floor, each pair measured back to back (load that drifts
+        during the run cancels out); `over`: another configuration's floor of the same field."""
+        floors = (over or self).floor
+        return statistics.median(t / f for t, f in zip(self.total, floors))
 
 
 class SahiWorker:
     """The usual libraries' pipeline in its own interpreter, one field per request."""
 
-    def __init__(self, python: str, models: Path) -> None:
-        self.proc = subprocess.Popen([python, "-m", "bench.sahi_baseline", "--models", str(models)], cwd=REPO,
+    def __init__(self, python: str, models: Path, variant: str) -> None:
+        self.proc = subprocess.Popen([python, "-m", "bench.sahi_baseline", "--models", str(models),
+                                      "--variant", variant], cwd=REPO,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         ready = self.proc.stdout.readline()
         if not ready:
@@ -97,18 +110,19 @@ class SahiWorker:
         self.proc.wait(timeout=60)
 
 
-def bench_sizes(analyzers: dict[str, Analyzer], sizes: list[str], repeats: int, sahi: SahiWorker | None,
+def bench_sizes(analyzers: dict[str, Analyzer], sizes: list[str], repeats: int, sahi: dict[str, SahiWorker],
                 tmp: Path) -> dict[str, dict[str, Runs]]:
     results: dict[str, dict[str, Runs]] = {}
     for size in sizes:
         w, h, mpp = SIZES[size]
         fields = [render_field(100 + r, width=w, height=h, microns_per_pixel=mpp) for r in range(repeats)]
-        runs = {name: Runs() for name in analyzers}
-        runs["sahi"] = Runs()
+        runs = {name: Runs() for name in [*analyzers, *(f"SAHI {v}" for v in sahi)]}
         for k, f in enumerate(fields):
-            if sahi is not None and k == 0:
-                np.save(tmp / "warm.npy", f.frame.pixels)
-                sahi.run(tmp / "warm.npy", mpp)  # first call builds sessions
+            path = tmp / f"field{k}.npy"
+            np.save(path, f.frame.pixels)
+            if k == 0:
+                for worker in sahi.values():
+                    worker.run(path, mpp)  # the first call builds its sessions
             for name, analyzer in analyzers.items():
                 total, stages, floor, cells = probe_field(analyzer, f.frame)
                 r = runs[name]
@@ -116,46 +130,40 @@ def bench_sizes(analyzers: dict[str, Analyzer], sizes: list[str], repeats: int, 
                 r.floor.append(floor)
                 r.cells.append(cells)
                 r.stages.append(stages)
-            if sahi is not None:
-                path = tmp / f"field{k}.npy"
-                np.save(path, f.frame.pixels)
-                out = sahi.run(path, mpp)
-                runs["sahi"].total.append(out["ms"])
-                runs["sahi"].cells.append(out["classified"])
+            for variant, worker in sahi.items():
+                out = worker.run(path, mpp)
+                runs[f"SAHI {variant}"].total.append(out["ms"])
+                runs[f"SAHI {variant}"].cells.append(out["classified"])
         results[size] = runs
         print(f"  {size}: done ({load()})", flush=True)
     return results
 
 
 def print_comparison(results: dict[str, dict[str, Runs]]) -> None:
-    print("\nper field (median ms; floor = the same batches through the same engines, nothing else)")
-    head = (f"{'field':<11}{'config':<10}{'views':>7}{'cells':>7}{'total':>9}{'floor':>9}{'total/floor':>13}"
-            f"{'default/1-view floor':>22}{'SAHI':>9}{'SAHI/1-view':>13}")
-    print(head)
+    print("\nper field (ms: medians over the fields; ratios: medians of each field's ratio, its runs back to "
+          "back;\nfloor = the same batches through the same engines, nothing else; SAHI: SAHI + Ultralytics + "
+          "per-crop heads,\n cells = crops its head loop classified)")
+    print(f"{'field':<11}{'config':<14}{'views':>8}{'cells':>7}{'total':>9}{'floor':>9}{'total/floor':>13}"
+          f"{'default/1-view floor':>22}{'/ 1-view total':>16}")
     for size, runs in results.items():
-        one, default, sahi = runs.get("one-view"), runs.get("default"), runs.get("sahi")
+        one = runs.get("one-view")
         for name, r in runs.items():
-            if name == "sahi" or not r.total:
+            if not r.total:
                 continue
-            row = (f"{size:<11}{name:<10}{r.views:>7}{statistics.median(r.cells):>7.0f}{r.med('total'):>9.0f}"
-                   f"{r.med('floor'):>9.0f}{r.med('total') / r.med('floor'):>12.2f}x")
-            if name == "default" and one is not None:
-                row += f"{r.med('total') / one.med('floor'):>21.2f}x"
-            else:
-                row += f"{'':>22}"
-            if name == "one-view" and sahi is not None and sahi.total:
-                row += f"{sahi.med('total'):>9.0f}{sahi.med('total') / r.med('total'):>12.2f}x"
+            if name.startswith("SAHI"):
+                ratio = statistics.median(s / t for s, t in zip(r.total, one.total)) if one else float("nan")
+                print(f"{size:<11}{name:<14}{'1/1/1':>8}{statistics.median(r.cells):>7.0f}{r.med('total'):>9.0f}"
+                      f"{'':>9}{'':>13}{'':>22}{ratio:>15.2f}x")
+                continue
+            row = (f"{size:<11}{name:<14}{r.views:>8}{statistics.median(r.cells):>7.0f}{r.med('total'):>9.0f}"
+                   f"{r.med('floor'):>9.0f}{r.ratio():>12.2f}x")
+            row += f"{r.ratio(one):>21.2f}x" if name != "one-view" and one is not None else ""
             print(row)
-        if sahi is not None and sahi.total:
-            print(f"{'':<11}{'SAHI':<10}{'1/1/1':>7}{statistics.median(sahi.cells):>7.0f}{sahi.med('total'):>9.0f}"
-                  "   (cells: crops its head loop classified)")
-        if default is not None and one is not None:
-            pass
 
 
 def print_stages(results: dict[str, dict[str, Runs]]) -> None:
     print("\nwhere the time goes (median ms per stage; exclusive of nested stages)")
-    cols = [(size, name) for size, runs in results.items() for name, r in runs.items() if name != "sahi" and r.stages]
+    cols = [(size, name) for size, runs in results.items() for name, r in runs.items() if r.stages]
     print(f"{'stage':<18}" + "".join(f"{(s + ' ' + n)[:15]:>16}" for s, n in cols))
     for stage in STAGE_ORDER:
         vals = [statistics.median(st[stage] for st in results[s][n].stages) for s, n in cols]
@@ -207,6 +215,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="fields per size (different seeds)")
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--no-sahi", action="store_true")
+    ap.add_argument("--detector-views", default="",
+                    help="more configurations: the default's heads with these detector views, e.g. "
+                    "'identity,vflip' (several: separated by ;)")
     ap.add_argument("--bench-python", default=str(REPO / ".venv-bench" / "bin" / "python"),
                     help="interpreter with the bench extra (sahi, ultralytics) for the SAHI rows")
     ap.add_argument("--no-scaling", action="store_true")
@@ -221,10 +232,14 @@ def main() -> None:
     one = Analyzer.from_models_dir(args.models, options=AnalyzerOptions(detector_views=ONE, rbc_views=ONE,
                                                                         wbc_views=ONE))
     analyzers = {"one-view": one, "default": default}
-    sahi = None
+    for spec in filter(None, args.detector_views.split(";")):
+        views = tuple(spec.split(","))
+        analyzers[f"det {'+'.join(v[:2] for v in views)}"] = Analyzer.from_models_dir(
+            args.models, options=AnalyzerOptions(detector_views=views))
+    sahi: dict[str, SahiWorker] = {}
     if not args.no_sahi:
         if Path(args.bench_python).exists():
-            sahi = SahiWorker(args.bench_python, args.models)
+            sahi = {v: SahiWorker(args.bench_python, args.models, v) for v in ("defaults", "tuned")}
         else:
             print(f"SAHI rows skipped: {args.bench_python} missing (python -m venv .venv-bench && "
                   ".venv-bench/bin/pip install -e '.[bench]')")
@@ -232,11 +247,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             results = bench_sizes(analyzers, args.sizes.split(","), args.repeats, sahi, Path(tmp))
     finally:
-        if sahi is not None:
-            sahi.close()
+        for worker in sahi.values():
+            worker.close()
     for runs in results.values():
         for name, analyzer in analyzers.items():
             runs[name].views = views_label(analyzer)
+    print(f"after the fields: {load()}")
     print_comparison(results)
     print_stages(results)
     for a in analyzers.values():

@@ -5,11 +5,15 @@ the committed detector, then the two heads in a per-crop loop.
 
 Runs in the `bench` extra's interpreter (sahi, ultralytics, torch, onnxruntime), never in the
 analyzer's: it imports nothing from smearscope. The comparison is made generous to the usual
-libraries: the frame is resampled to the analyzer's 0.2 um/px first (the detector only knows that
-scale), SAHI slices as the analyzer tiles (256 px, 15 % overlap) in batches of 16, without SAHI's
-extra full-frame pass (a 256 px model sees nothing in a whole frame shrunk to 256 px), and merges
-with its default (greedy NMM on IoS 0.5); each counted red or white cell is then cut with the
-heads' own crop geometry and classified one crop at a time in one view.
+libraries in one respect: the frame is resampled to the analyzer's 0.2 um/px first (the detector
+only knows that scale), and SAHI slices as the analyzer tiles (256 px, 15 % overlap). Two
+variants: `defaults` is `get_sliced_prediction` as its documentation shows it (one slice per
+inference, plus SAHI's standard full-frame pass), `tuned` slices in batches of 16 without the
+full-frame pass (a 256 px model sees little in a whole frame shrunk to 256 px). Both merge with
+SAHI's default (greedy NMM on IoS 0.5); each red or white cell found is then cut with the heads'
+own crop geometry and classified one crop at a time in one view.
+
+    .venv-bench/bin/python -m bench.sahi_baseline --variant defaults|tuned
 
 Protocol: one JSON object per line on stdin, {"path": frame .npy (BGR uint8), "mpp": um/px};
 one per line on stdout, {"ms": wall time, "cells": cells found, "classified": crops classified}.
@@ -78,9 +82,10 @@ class Head:
 
 
 class SahiPipeline:
-    def __init__(self, models: Path) -> None:
+    def __init__(self, models: Path, variant: str) -> None:
         from sahi import AutoDetectionModel
 
+        self.variant = variant
         self.detector = AutoDetectionModel.from_pretrained(
             model_type="ultralytics", model_path=str(models / "seg.onnx"), task="segment",
             confidence_threshold=0.25, device="cpu", image_size=TILE)
@@ -95,8 +100,9 @@ class SahiPipeline:
                                interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
         result = get_sliced_prediction(
             np.ascontiguousarray(canonical[..., ::-1]), self.detector, slice_height=TILE, slice_width=TILE,
-            overlap_height_ratio=OVERLAP, overlap_width_ratio=OVERLAP, perform_standard_pred=False,
-            batch_size=16, verbose=0)
+            overlap_height_ratio=OVERLAP, overlap_width_ratio=OVERLAP,
+            perform_standard_pred=self.variant == "defaults", batch_size=1 if self.variant == "defaults" else 16,
+            verbose=0)
         classified = 0
         for pred in result.object_prediction_list:
             head = self.heads.get(pred.category.name)
@@ -111,12 +117,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=Path("models"))
     ap.add_argument("--config-dir", type=Path, default=Path("build/yolo_config"))
+    ap.add_argument("--variant", choices=("defaults", "tuned"), default="tuned")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     # The libraries print progress to stdout; the protocol keeps stdout to itself.
     protocol, sys.stdout = sys.stdout, sys.stderr
     _offline(args.config_dir.resolve())
-    pipeline = SahiPipeline(args.models)
+    pipeline = SahiPipeline(args.models, args.variant)
     print(json.dumps({"ready": True}), file=protocol, flush=True)
     for line in sys.stdin:
         job = json.loads(line)

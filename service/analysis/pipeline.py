@@ -7,6 +7,7 @@ frame -> scale -> stain -> tiles -> detections -> merge -> ROI filter -> crops -
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 import uuid
@@ -48,6 +49,7 @@ from smearscope.service.analysis.scale import (
 )
 from smearscope.service.analysis.scale_search import Attempt, ScaleOutcome, find_scale
 from smearscope.service.analysis.segment import Segmenter
+from smearscope.service.analysis.tiling import tile_grid
 from smearscope.service.analysis.tta import fuse_views, unview, view_tiles
 from smearscope.service.analysis.yolo_decode import YoloSegmenter
 
@@ -178,12 +180,17 @@ class Analyzer:
         h, w = canonical.shape[:2]
         # Raw scores (every detection above the detector's fixed floor) through the merge and the
         # fusion of the views (service.analysis.tta; one view fuses to itself); the calibrated threshold
-        # comes last, so it changes nothing above it. Each view's tiles are cut lazily and streamed
-        # through the engine, and merged before the next view, so memory stays linear in the frame.
-        per_view = []
-        for v in self.segmenter.views if views is None else views:
-            raw = self.segmenter.detect(view_tiles(canonical, v, o.tile_size, o.tile_overlap), w, h, calibrate=False)
-            per_view.append([unview(d, v, w, h) for d in merge_detections(raw)])
+        # comes last, so it changes nothing above it. The views' tiles are cut lazily and streamed
+        # through the engine together (a small field's views share one batch), so memory stays
+        # linear in the frame; a tile's index says its view, so the merge never joins two views.
+        views = self.segmenter.views if views is None else views
+        grid = len(tile_grid(max(w, o.tile_size), max(h, o.tile_size), o.tile_size, o.tile_overlap))
+        tiles = itertools.chain.from_iterable(
+            (dataclasses.replace(t, index=k * grid + t.index) for t in view_tiles(canonical, v, o.tile_size, o.tile_overlap))
+            for k, v in enumerate(views))
+        raw = self.segmenter.detect(tiles, w, h, calibrate=False)
+        per_view = [[unview(d, v, w, h) for d in merge_detections([d for d in raw if d.tile_index // grid == k])]
+                    for k, v in enumerate(views)]
         return self.segmenter.finish(fuse_views(per_view))
 
     def _detect_at(self, frame: Frame, mpp: float, illumination: Illumination, timing: dict[str, float],
