@@ -90,7 +90,7 @@ class CropClassifier:
         if n == 0:
             return np.zeros((0, len(self.classes)), np.float32), None if self.open_set is None else np.zeros(0, np.float32)
         parts = [self._chunk_outputs(pixels[i : i + CHUNK_CROPS]) for i in range(0, n, CHUNK_CROPS)]
-        dist = np.concatenate([p[1] for p in parts]) if self.open_set is not None else None  # type: ignore[misc]
+        dist = np.concatenate([p[1] for p in parts]) if self.open_set is not None else None
         return np.concatenate([p[0] for p in parts]), dist
 
     def _chunk_outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
