@@ -26,6 +26,14 @@ from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR, Analyzer, A
 
 
 def peak_rss_mb() -> float:
+    """This process's high-water RSS. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss
+    over fork and exec, so a child of a large parent (the bench) would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 

@@ -16,12 +16,16 @@ import hostile
 import pytest
 from test_cli import ROOT, needs_models
 
+from smearscope.service.analysis.scale import MAX_CANONICAL_PIXELS
+
 #: Runs the CLI in-process and reports its peak RSS (kB) on the last stderr line.
+#: VmHWM, not getrusage's ru_maxrss, which Linux carries over fork and exec from the parent (pytest).
 _MEASURED = (
-    "import resource, sys\n"
+    "import sys\n"
     "from smearscope.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "print(f'maxrss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n"
+    "hwm = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0]\n"
+    "print(f'maxrss_kb={hwm}', file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 
@@ -86,20 +90,21 @@ def test_a_frame_too_large_at_its_scale_is_refused_before_the_detector(tmp_path:
 @needs_models
 @pytest.mark.slow
 def test_the_largest_accepted_frame_stays_under_2_gb(tmp_path: Path) -> None:
-    """4000x3000 at 0.2 um/px, the cap, and dense: a rendered field repeated (about 4 600 cells;
-    memory grows with the cells, so a sparse frame would prove little)."""
+    """4760x3570 at 0.2 um/px, the cap (17 MP canonical), and dense: a rendered field repeated
+    (about 6 500 cells; memory grows with the cells, so a sparse frame would prove little)."""
     import numpy as np
 
     from smearscope.device.synthetic import render_field
 
     tile = np.asarray(render_field(3, width=1280, height=960, microns_per_pixel=0.2).frame.pixels)
     path = tmp_path / "dense.png"
-    cv2.imwrite(str(path), np.tile(tile, (4, 4, 1))[:3000, :4000])
+    assert 0.99 * MAX_CANONICAL_PIXELS <= 4760 * 3570 <= MAX_CANONICAL_PIXELS  # at the cap
+    cv2.imwrite(str(path), np.tile(tile, (4, 4, 1))[:3570, :4760])
     proc = run("analyze", str(path), "--json", "--microns-per-pixel", "0.2", timeout=900)
     assert proc.returncode == 0, proc.stderr[-800:]
     report = lines(proc)[0]
-    assert report["source"]["image"] == {"width": 4000, "height": 3000}
-    assert report["counts"]["rbc"] > 3000
+    assert report["source"]["image"] == {"width": 4760, "height": 3570}
+    assert report["counts"]["rbc"] > 4000
     print(f"\npeak RSS of the largest accepted frame: {peak_mb(proc):.0f} MB")
     assert peak_mb(proc) <= 2048
 

@@ -22,13 +22,13 @@ NORMAL_RBC_DIAMETER_UM = 7.5
 #: Plausible range of microscope scales (100x oil at high zoom .. 20x objective).
 MIN_UM_PER_PX = 0.02
 MAX_UM_PER_PX = 1.0
-#: The largest frame the analysis works on, in canonical pixels (12 MP: a 4000x3000 field at
-#: 0.2 um/px, 800x600 um; a 1000x750 frame at 0.8 um/px). Memory grows with the cells in it: a
-#: dense 12 MP field (4 579 rendered cells) peaked at 1.9 GB of RSS with the ONNX Runtime backend,
-#: most of it the RBC head's crops, prepared all at once (tests/test_cli_limits.py); the detector's
-#: path alone stays near 0.5 GB even at 64 MP. Larger frames are refused, never downscaled: the
-#: models only know cells at the canonical scale.
-MAX_CANONICAL_PIXELS = 12_000_000
+#: The largest frame the analysis works on, in canonical pixels (17 MP: a 64 MP camera frame at
+#: 0.1 um/px, 924x693 um; a 4760x3570 field at 0.2 um/px). Memory grows about linearly with the
+#: area: the detector streams its tiles and the heads classify crops in chunks (bench.scaling:
+#: 64 MP at 0.1 um/px, 6 682 cells, peaked near 1 GB of RSS with the ONNX Runtime backend; a dense
+#: field at the cap stays under 2 GB, tests/test_cli_limits.py). Larger frames are refused, never
+#: downscaled: the models only know cells at the canonical scale.
+MAX_CANONICAL_PIXELS = 17_000_000
 
 
 @dataclass(frozen=True)
