@@ -254,8 +254,11 @@ def wbc_crop_sets(manifest: Path, split: str) -> dict[str, tuple[np.ndarray, np.
 
         c = load_contexts(split)
         return {lab: (to_crops(c.images[c.labs == lab]), c.labels[c.labs == lab]) for lab in ("pbc", "bccd", "rpi")}
-    pbc, bccd = hd.pbc_crops(split), hd.bccd_wbc_crops(split)
-    return {"pbc": (pbc.images, pbc.labels), "bccd": (bccd.images, bccd.labels)}
+    from training.wbc_data import rpi_contexts, to_crops
+
+    pbc, bccd, rpi = hd.pbc_crops(split), hd.bccd_wbc_crops(split), rpi_contexts(split)
+    return {"pbc": (pbc.images, pbc.labels), "bccd": (bccd.images, bccd.labels),
+            "rpi": (to_crops(rpi.images, illumination=False), rpi.labels)}
 
 
 def rbc_crop_sets(manifest: Path, crop: CropSpec, split: str) -> dict[str, tuple]:

@@ -142,18 +142,20 @@ def load_contexts(split: str, cache_dir: Path = Path("build/wbc_contexts")) -> C
 
 
 def to_crops(contexts: np.ndarray, spec: CropSpec = WBC_CROP, rng: np.random.Generator | None = None,
-             p_look: float = 0.8, jitter_um: float = 0.0) -> np.ndarray:
+             p_look: float = 0.8, jitter_um: float = 0.0, illumination: bool = True) -> np.ndarray:
     """Head crops from contexts: (random look), illumination correction, the analyzer's crop.
 
     With `rng` None no look is drawn (evaluation); `jitter_um` moves the crop centre as the
-    detector's boxes would.
+    detector's boxes would; `illumination` False leaves the frame as stored (for a head whose
+    manifest says `illumination: none`).
     """
     c = contexts.shape[1]
     out = np.empty((len(contexts), spec.input_size, spec.input_size, 3), np.uint8)
     for i, ctx in enumerate(contexts):
         if rng is not None and rng.random() < p_look:
             ctx = randomize_look(ctx, rng)
-        ctx = correct_illumination(ctx).pixels
+        if illumination:
+            ctx = correct_illumination(ctx).pixels
         cx = cy = c / 2.0
         if rng is not None and jitter_um > 0:
             d = rng.uniform(-jitter_um, jitter_um, size=2) / CANONICAL_UM_PER_PX
