@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: The scale every model sees (micrometres per pixel): frames and training images are resampled to it
 #: before tiling or cropping (service.analysis.scale), and each manifest records it
@@ -90,6 +90,10 @@ class ModelManifest(BaseModel):
     crop: CropInfo | None = None
     temperature: float = Field(1.0, description="softmax temperature from calibration (classifiers)")
     open_set: OpenSet | None = Field(None, description="classifiers: open-set score for unidentified/atypical cells")
+    class_log_prior_shift: dict[str, float] = Field(
+        {}, description="classifiers: per class, a constant added to its calibrated log-odds (logits / temperature) "
+        "before the softmax: a prior shift from the balanced training mix toward what stations meet, "
+        "fitted on validation (how: `metrics.class_log_prior_shift`); classes not named get 0")
     score_calibration: dict[str, list[float]] = Field(
         {}, description="detectors: per class [a, b] of Platt scaling, p = sigmoid(a * logit(score) + b), "
         "fitted on the validation split so that a score is the probability of a real cell")
@@ -103,6 +107,13 @@ class ModelManifest(BaseModel):
     metrics: dict[str, Any] = {}
     created_at: str = ""
     producer: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _shift_names_classes(self) -> ModelManifest:
+        unknown = sorted(set(self.class_log_prior_shift) - set(self.classes))
+        if unknown:
+            raise ValueError(f"class_log_prior_shift names classes the model does not have: {unknown}")
+        return self
 
     def model_path(self, manifest_path: Path) -> Path:
         return manifest_path.parent / self.file

@@ -83,6 +83,7 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float) -> Path:
     eng = create_engine("onnxruntime", path).load()
     clf = CropClassifier(eng, 0.5)
     logits, dist = clf.outputs(test_crops)
+    val_logits, _ = clf.outputs(val_crops)
     eng.close()
     from smearscope.service.analysis.classify import softmax
 
@@ -90,7 +91,8 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float) -> Path:
     pred = probs.argmax(1)
     review = (probs.max(1) < 0.5) | (dist > threshold)
     final = np.where(review, -1, pred)
-    metrics = {"test_closed_set": per_lab_report(test.labels, pred, test.labs, len(PBC_CLASSES)),
+    metrics = {"val_closed_set": per_lab_report(val.labels, val_logits.argmax(1), val.labs, len(PBC_CLASSES)),
+               "test_closed_set": per_lab_report(test.labels, pred, test.labs, len(PBC_CLASSES)),
                "test_with_review": per_lab_report(test.labels, final, test.labs, len(PBC_CLASSES)),
                "test_review_rate": {lab: round(float(review[test.labs == lab].mean()), 4)
                                     for lab in sorted(set(test.labs.tolist()))},

@@ -4,7 +4,9 @@ Each crop runs in the head's first test-time view (manifest `tta`, service.analy
 the head is unsure of there (top probability below `EXTRA_VIEWS_BELOW`) run in its other views too
 and their views' logits are averaged: the views pay where the answer can change (on Chula val the
 RBC head keeps its four-view macro-F1, 0.893, with 15 % of the crops in four views; the WBC head its
-two-view figure with 5 %). Softmax uses the manifest's calibration temperature; a cell
+two-view figure with 5 %). Softmax uses the manifest's calibration temperature, after its
+`class_log_prior_shift` (the RBC head: spherocyte -3.5, so a normal-looking lab's round red cells
+are not called spherocytes by the balanced training mix's prior); a cell
 whose top probability is below the head's threshold becomes UNIDENTIFIED (sent for human
 review), never a guessed class. A head whose manifest has an `open_set` score (the WBC head: the
 Mahalanobis distance of the crop's features to the nearest trained class, computed in the graph)
@@ -65,6 +67,8 @@ class CropClassifier:
         self.crop_spec = CropSpec(extent_um=m.crop.extent_um, input_size=m.crop.input_size)
         self.classes = list(m.classes)
         self.temperature = m.temperature
+        #: Added to the raw logits: the manifest's prior shift in calibrated units, times the temperature.
+        self.logit_shift = np.array([m.class_log_prior_shift.get(c, 0.0) for c in self.classes], np.float32) * m.temperature
         self.min_confidence = min_confidence
         #: Open-set score (a second graph output and its calibrated threshold), if the head has one.
         self.open_set = m.open_set if use_open_set else None
@@ -82,7 +86,8 @@ class CropClassifier:
     def outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (N, classes) of N crops (N, S, S, 3 uint8 BGR) and the open-set distance (N,)
         when the head has one, each averaged over the views the crop ran in: all of them, or
-        only the first where the head is sure of it there (`extra_views_below`).
+        only the first where the head is sure of it there (`extra_views_below`). The logits
+        carry the manifest's prior shift (`logit_shift`).
 
         Crops go to the engine in chunks of CHUNK_CROPS, so memory stays bounded however many
         cells a field holds; each pass sends all its views to the engine in one batched run."""
@@ -92,6 +97,9 @@ class CropClassifier:
         parts = [self._chunk_outputs(pixels[i : i + CHUNK_CROPS]) for i in range(0, n, CHUNK_CROPS)]
         dist = np.concatenate([p[1] for p in parts]) if self.open_set is not None else None
         return np.concatenate([p[0] for p in parts]), dist
+
+    def _shifted(self, logits: np.ndarray) -> np.ndarray:
+        return logits + self.logit_shift if self.logit_shift.any() else logits
 
     def _chunk_outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         first, rest = self.views[:1], self.views[1:]
@@ -111,7 +119,7 @@ class CropClassifier:
         n = len(pixels)
         stacked = pixels if tuple(views) == ("identity",) else np.concatenate([view_crops(pixels, v) for v in views])
         out = run_batched(self.engine, to_model_input(stacked, self.engine.manifest.preprocessing))
-        logits = out[self.engine.output_names[0]]
+        logits = self._shifted(out[self.engine.output_names[0]])
         logits = logits.reshape(len(views), n, logits.shape[-1])
         dist = None
         if self.open_set is not None:

@@ -1,0 +1,78 @@
+"""A head's prior shift (manifest `class_log_prior_shift`): the analyzer adds it to that class's
+calibrated log-odds, every other class untouched; a shift naming a class the head lacks is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smearscope.device.synthetic import render_field
+from smearscope.engines.manifest import ManifestError, load_manifest
+from smearscope.engines.registry import create_engine
+from smearscope.service.analysis.classify import CropClassifier, softmax
+from smearscope.service.analysis.crops import CropSpec, crop_cell
+from smearscope.service.analysis.scale import resample_factor, resample_to_canonical
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+pytestmark = pytest.mark.skipif(not (MODELS / "rbc_head.onnx").exists(), reason="committed models absent")
+
+
+def _manifest_with(tmp_path: Path, shift: dict[str, float]) -> Path:
+    m = json.loads((MODELS / "rbc_head.json").read_text())
+    m["class_log_prior_shift"] = shift
+    os.symlink(MODELS / m["file"], tmp_path / m["file"])
+    path = tmp_path / "rbc_head.json"
+    path.write_text(json.dumps(m))
+    return path
+
+
+def _crops(spec: CropSpec) -> np.ndarray:
+    field = render_field(8, width=320, height=240, n_wbc=0)
+    mpp = field.frame.microns_per_pixel
+    canonical, factor = resample_to_canonical(field.frame.pixels, mpp), resample_factor(mpp)
+    return np.stack([crop_cell(canonical, (c.center[0] * factor, c.center[1] * factor), spec) for c in field.cells[:40]])
+
+
+def _run(manifest: Path, crops: np.ndarray) -> tuple[np.ndarray, list[str], float]:
+    engine = create_engine("onnxruntime", manifest).load()
+    try:
+        clf = CropClassifier(engine, 0.0, views=("identity",))
+        return clf.logits(crops), clf.classes, engine.manifest.temperature
+    finally:
+        engine.close()
+
+
+def test_the_shift_moves_only_its_class_by_its_calibrated_amount(tmp_path: Path) -> None:
+    spec = CropSpec(load_manifest(MODELS / "rbc_head.json", verify_hash=False).crop.extent_um,
+                    load_manifest(MODELS / "rbc_head.json", verify_hash=False).crop.input_size)
+    crops = _crops(spec)
+    (tmp_path / "none").mkdir()
+    (tmp_path / "shift").mkdir()
+    plain, classes, t = _run(_manifest_with(tmp_path / "none", {}), crops)
+    shifted, _, _ = _run(_manifest_with(tmp_path / "shift", {"spherocyte": -3.0, "target": 1.0}), crops)
+    s, tg = classes.index("spherocyte"), classes.index("target")
+    delta = shifted / t - plain / t  # calibrated log-odds
+    np.testing.assert_allclose(delta[:, s], -3.0, atol=1e-4)
+    np.testing.assert_allclose(delta[:, tg], 1.0, atol=1e-4)
+    others = [k for k in range(len(classes)) if k not in (s, tg)]
+    np.testing.assert_allclose(delta[:, others], 0.0, atol=1e-4)
+    p0, p1 = softmax(plain / t), softmax(shifted / t)
+    assert (p1[:, s] < p0[:, s]).all() and (p1[:, tg] > p0[:, tg]).all()
+
+
+def test_a_shift_for_a_class_the_head_lacks_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="class_log_prior_shift"):
+        load_manifest(_manifest_with(tmp_path, {"drepanocyte": -1.0}))
+
+
+def test_the_committed_rbc_head_carries_the_shift_fitted_on_validation() -> None:
+    m = load_manifest(MODELS / "rbc_head.json")
+    record = m.metrics["class_log_prior_shift"]
+    assert m.class_log_prior_shift == {"spherocyte": record["chosen"]}
+    chosen = record["val_by_shift"][f"{-record['chosen']:.2f}"]
+    assert chosen["bccd_spherocyte_share"] <= 0.10
+    assert chosen["chula_macro_f1"] >= record["val_by_shift"]["0.00"]["chula_macro_f1"] - 0.01
