@@ -391,11 +391,28 @@ def main() -> None:
         for c, m in rep["per_class"].items():
             print(f"  {c:<18}{m['precision']:.3f} / {m['recall']:.3f} / {m['f1']:.3f} / {m['support']}")
         print(confusion_table(rep))
+    if sp == "test":
+        res["plausibility"] = plausibility_section(args.models)
     if not args.heads_only and not args.no_labs:
         res["lab_table"] = lab_section(args, sp, limit)
     res["held_out_runs"] = held_out_runs_section()
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
+
+
+def plausibility_section(models: Path) -> dict:
+    """Does the RBC morphology point to the diagnosis (training.plausibility): virtual smears from
+    Chula test cells, BCCD test's spherocyte share and confident sickle cells, Chula per-class recall."""
+    from training.plausibility import run as plausibility
+
+    r = plausibility(models, 20, 400)
+    print(f"\nRBC plausibility (python -m training.plausibility): virtual-smear comparisons {r['checks_passed']}; "
+          f"BCCD test red cells (annotated boxes) typed spherocyte {r['bccd_test_spherocyte_share']:.3f}, "
+          f"confident sickle cells {r['bccd_test_sickle_confident_cells']}")
+    for name, ok in r["checks"].items():
+        print(f"  {'pass' if ok else 'FAIL'}  {name}")
+    print("  Chula test recall: " + ", ".join(f"{c} {v:.2f}" for c, v in r["chula_test_recall"].items()))
+    return r
 
 
 def lab_section(args, split: str, limit: int | None) -> list[dict]:
