@@ -177,3 +177,26 @@ def test_model_input_is_the_plain_conversion(color, layout):
         got = to_model_input(images, pre)
         assert got.flags.c_contiguous and got.dtype == np.float32
         np.testing.assert_array_equal(got, want)
+
+
+@needs_models
+@pytest.mark.parametrize("spin,threads", [(False, 1), (True, 2)])
+def test_the_stations_onnxruntime_threading_reaches_every_session(spin, threads):
+    """`analysis.onnxruntime_spin` / `onnxruntime_threads` end up in each model's ONNX Runtime
+    session (spinning off by default: the pools would take the cores the station shares)."""
+    from smearscope.service.config.station import StationConfig
+    from smearscope.service.station.startup import build_analyzer
+
+    base = {"station_id": "t", "source": {"kind": "simulated"}}
+    assert StationConfig.model_validate(base).analysis.onnxruntime_spin is False
+    cfg = StationConfig.model_validate({**base, "analysis": {"models_dir": str(MODELS), "onnxruntime_spin": spin,
+                                                             "onnxruntime_threads": threads}})
+    analyzer = build_analyzer(cfg)
+    try:
+        engines = [analyzer.segmenter.engine, analyzer.rbc_head.engine, analyzer.wbc_head.engine]
+        for e in engines:
+            opts = e._session.get_session_options()
+            assert opts.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+            assert opts.intra_op_num_threads == threads
+    finally:
+        analyzer.close()

@@ -133,6 +133,21 @@ class AnalysisConfig(StationBaseModel):
         description="How the TensorRT backend allocates buffers and streams: pycuda or NVIDIA's "
         "cuda-python; 'auto' takes pycuda where installed. engine_backend 'tensorrt' only.",
     )
+    onnxruntime_threads: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        title="ONNX Runtime threads per model",
+        description="Intra-op threads of each model's session; 0: one per core. "
+        "engine_backend 'onnxruntime' only.",
+    )
+    onnxruntime_spin: bool = Field(
+        default=False,
+        title="ONNX Runtime thread spinning",
+        description="Let idle ONNX Runtime threads busy-wait for work. Off by default: the station's "
+        "other threads (capture, MQTT) and the three models' pools share the cores, and spinning "
+        "threads take them. engine_backend 'onnxruntime' only.",
+    )
     models_dir: Path = Field(
         default=Path("/var/lib/smearscope/models"),
         title="Models directory",

@@ -63,7 +63,7 @@ def build_analyzer(config: StationConfig) -> AnalyzerLike:
                       max_aspect=a.max_aspect_ratio),
         thresholds=AggregateThresholds(**config.flags.model_dump()),
     )
-    engine_options = {}
+    engine_options: dict = {"intra_op_threads": a.onnxruntime_threads, "spin": a.onnxruntime_spin}
     if a.engine_backend == "tensorrt":
         engine_options = {"precision": a.tensorrt_precision, "lanes": a.tensorrt_lanes, "cuda": a.cuda_api}
     try:
