@@ -313,7 +313,7 @@ def main() -> None:
         ("WBC head", f"BCCD {sp} crops (2nd lab, GT boxes): accuracy", res[f"wbc_head_bccd_{sp}"]["accuracy"], "report"),
         *([("WBC head", f"rpi {sp} crops (3rd lab, GT boxes): accuracy", res[f"wbc_head_rpi_{sp}"]["accuracy"], "report")]
           if f"wbc_head_rpi_{sp}" in res else []),
-        ("WBC head", f"PBC {sp} accuracy", wbc_rep["accuracy"], ">= 0.97"),
+        ("WBC head", f"PBC {sp} accuracy", wbc_rep["accuracy"], ">= 0.95 (issue 16)"),
         ("WBC head", f"PBC {sp} macro-F1", wbc_rep["macro_f1"], ">= 0.95"),
         ("WBC head", f"PBC {sp} ECE (calibrated)", wbc_rep["ece"], "report"),
         ("RBC head", f"Chula {sp} macro-F1", rbc_rep["macro_f1"], ">= 0.87"),

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from service.analysis.classify import EXTRA_VIEWS_BELOW
+from smearscope.engines.manifest import load_manifest
+from smearscope.service.analysis.classify import EXTRA_VIEWS_BELOW
 from training import head_data as hd
-from training.evaluate import eval_head, head_crop, idb1_set
+from training.evaluate import eval_head, head_crop, idb1_set, wbc_crop_sets
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,16 @@ def remeasure(models: Path) -> dict[str, dict]:
     """{manifest name: {metric path: new value}} for the committed heads found in `models`."""
     out: dict[str, dict] = {}
     wbc = models / "wbc_head.json"
-    if wbc.exists():
+    if wbc.exists() and load_manifest(wbc, verify_hash=False).preprocessing.illumination == "flatfield":
+        # the multi-lab head: per-lab closed-set figures on lamp-corrected crops (training.export_head)
+        closed = {}
+        for lab, (images, labels) in wbc_crop_sets(wbc, "test").items():
+            rep, _, _ = eval_head(wbc, images, labels, hd.PBC_CLASSES)
+            present = [c for c in hd.PBC_CLASSES if rep["per_class"][c]["support"]]
+            closed[lab] = {"n": len(labels), "accuracy": round(rep["accuracy"], 4),
+                           "macro_f1": round(float(sum(rep["per_class"][c]["f1"] for c in present) / len(present)), 4)}
+        out["wbc_head.json"] = {"test_closed_set": closed}
+    elif wbc.exists():
         pbc = hd.pbc_crops("test")
         rep, _, _ = eval_head(wbc, pbc.images, pbc.labels, hd.PBC_CLASSES)
         new = {"test": rep}
@@ -63,7 +73,10 @@ def main() -> None:
         old = m["metrics"]
         for key, value in new.items():
             was = old.get(key, {})
-            if isinstance(was, dict) and "accuracy" in was:
+            if key == "test_closed_set":
+                logger.info("%s %s: %s -> %s", name, key, {k: v["accuracy"] for k, v in was.items()},
+                            {k: v["accuracy"] for k, v in value.items()})
+            elif isinstance(was, dict) and "accuracy" in was:
                 logger.info("%s %s: accuracy %.4f -> %.4f, macro-F1 %.4f -> %.4f", name, key, was["accuracy"],
                             value["accuracy"], was.get("macro_f1", float("nan")), value["macro_f1"])
             else:
