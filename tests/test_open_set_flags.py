@@ -273,3 +273,22 @@ def test_scale_with_no_red_cells_anywhere_stays_plausible_and_uncertain():
     out = find_scale(lambda mpp, quick: Attempt(mpp, [], None, quick), ScaleEstimate(0.01, "rbc_size_classical"), 10**6)
     assert PLAUSIBLE_UM_PER_PX[0] <= out.estimate.microns_per_pixel <= PLAUSIBLE_UM_PER_PX[1]
     assert out.uncertain and not out.attempt.quick
+
+
+def test_a_sparse_field_with_a_few_red_cells_at_its_guess_is_not_searched():
+    """Two whole red cells at the first guess: the search (which upsampled sparse fields of other
+    labs to absurd scales, TXL-PBC test) does not run; too few to refine, the guess stands, flagged."""
+    from smearscope.service.analysis.scale import ScaleEstimate
+    from smearscope.service.analysis.scale_search import Attempt, find_scale
+
+    calls = []
+
+    def detect_at(mpp: float, quick: bool):
+        calls.append(mpp)
+        n = 2 if abs(mpp / 0.05 - 1) < 0.01 else (30 if mpp > 0.3 else 0)  # many "cells" only far away
+        return Attempt(mpp, [CellDetection(CellKind.RBC, Box(0, 0, 37.5, 37.5), 0.9) for _ in range(n)], None, quick)
+
+    out = find_scale(detect_at, ScaleEstimate(0.05, "rbc_size_classical"), 10**6)
+    assert out.estimate.microns_per_pixel == pytest.approx(0.05)
+    assert max(calls) < 0.3 and len(calls) <= 4  # no pass at the far scales
+    assert out.uncertain and "only 2 whole red cells" in out.reason

@@ -123,10 +123,13 @@ _GUESS_MAX_PIXELS = 2_000_000
 
 
 def first_scale_guess(image_bgr: np.ndarray, illumination) -> ScaleEstimate | None:
-    """`estimate_scale_classical` on the lamp-corrected frame, reduced when large.
+    """`estimate_scale_classical` on the frame (reduced when large) as stored; where that finds
+    nothing, on the lamp-corrected frame.
 
-    Dividing out the lamp first matters on vignetted, pale or tinted fields (a low-cost
-    station's camera), where the raw frame's darkest corners look like stained cells.
+    Dividing out the lamp matters on vignetted, pale or tinted fields (a low-cost station's
+    camera), where the raw frame's darkest corners look like stained cells; on other labs'
+    ordinary fields the stored frame's guess was the better start (TXL-PBC test, see
+    `scale_search`).
     """
     from smearscope.service.analysis.illumination import apply_illumination
 
@@ -134,7 +137,7 @@ def first_scale_guess(image_bgr: np.ndarray, illumination) -> ScaleEstimate | No
     k = min(1.0, float(np.sqrt(_GUESS_MAX_PIXELS / max(h * w, 1))))
     small = image_bgr if k >= 1.0 else cv2.resize(image_bgr, (max(1, round(w * k)), max(1, round(h * k))),
                                                  interpolation=cv2.INTER_AREA)
-    est = estimate_scale_classical(apply_illumination(small, illumination))
+    est = estimate_scale_classical(small) or estimate_scale_classical(apply_illumination(small, illumination))
     if est is None:
         return None
     return ScaleEstimate(est.microns_per_pixel * k, est.method, est.rbc_count)
