@@ -47,9 +47,8 @@ def _run(manifest: Path, crops: np.ndarray) -> tuple[np.ndarray, list[str], floa
 
 
 def test_the_shift_moves_only_its_class_by_its_calibrated_amount(tmp_path: Path) -> None:
-    spec = CropSpec(load_manifest(MODELS / "rbc_head.json", verify_hash=False).crop.extent_um,
-                    load_manifest(MODELS / "rbc_head.json", verify_hash=False).crop.input_size)
-    crops = _crops(spec)
+    crop = load_manifest(MODELS / "rbc_head.json", verify_hash=False).crop
+    crops = _crops(CropSpec(crop.extent_um, crop.input_size))
     (tmp_path / "none").mkdir()
     (tmp_path / "shift").mkdir()
     plain, classes, t = _run(_manifest_with(tmp_path / "none", {}), crops)

@@ -23,15 +23,9 @@ import torch
 
 from smearscope.engines.manifest import OpenSet, Preprocessing
 from smearscope.service.analysis.tta import view_crops
-from training.metrics import fit_temperature
+from training.metrics import fit_temperature, per_lab_report
 from training.train_head import Deployable, build_net
-from training.train_wbc import (
-    OpenSetHead,
-    features,
-    fit_mahalanobis,
-    mahalanobis_min,
-    per_lab_report,
-)
+from training.train_wbc import OpenSetHead, features, fit_mahalanobis, mahalanobis_min
 
 logger = logging.getLogger(__name__)
 

@@ -73,6 +73,23 @@ def classification_report(labels: np.ndarray, preds: np.ndarray, classes, logits
     return out
 
 
+def per_lab_report(labels: np.ndarray, preds: np.ndarray, labs: np.ndarray, n_classes: int) -> dict:
+    """Accuracy and macro-F1 (over the classes the lab has) per lab; `unidentified` = -1 counts as wrong."""
+    out = {}
+    for lab in sorted(set(labs.tolist())):
+        m = labs == lab
+        y, p = labels[m], preds[m]
+        f1s = []
+        for c in sorted(set(y.tolist())):
+            tp = int(((p == c) & (y == c)).sum())
+            prec = tp / max(int((p == c).sum()), 1)
+            rec = tp / max(int((y == c).sum()), 1)
+            f1s.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+        out[lab] = {"n": int(m.sum()), "accuracy": round(float((y == p).mean()), 4),
+                    "macro_f1": round(float(np.mean(f1s)), 4)}
+    return out
+
+
 def greedy_matches(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray,
                    iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """One image, one class, matched as COCO matches (pycocotools' COCOeval.evaluateImg).

@@ -16,12 +16,14 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from smearscope.engines.manifest import load_manifest
 from smearscope.service.analysis.classify import EXTRA_VIEWS_BELOW
 from training import head_data as hd
 from training.evaluate import eval_head, head_crop, idb1_set, wbc_crop_sets
+from training.metrics import per_lab_report
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +38,8 @@ def remeasure(models: Path) -> dict[str, dict]:
         # the multi-lab head: per-lab closed-set figures on lamp-corrected crops (training.export_head)
         closed = {}
         for lab, (images, labels) in wbc_crop_sets(wbc, "test").items():
-            rep, _, _ = eval_head(wbc, images, labels, hd.PBC_CLASSES)
-            present = [c for c in hd.PBC_CLASSES if rep["per_class"][c]["support"]]
-            closed[lab] = {"n": len(labels), "accuracy": round(rep["accuracy"], 4),
-                           "macro_f1": round(float(sum(rep["per_class"][c]["f1"] for c in present) / len(present)), 4)}
+            _, probs, _ = eval_head(wbc, images, labels, hd.PBC_CLASSES)
+            closed |= per_lab_report(labels, probs.argmax(1), np.full(len(labels), lab), len(hd.PBC_CLASSES))
         out["wbc_head.json"] = {"test_closed_set": closed}
     elif wbc.exists():
         pbc = hd.pbc_crops("test")

@@ -35,30 +35,13 @@ from torch import nn
 from tqdm import tqdm
 
 from training.head_data import PBC_CLASSES
-from training.metrics import fit_temperature, softmax
+from training.metrics import fit_temperature, per_lab_report, softmax
 from training.train_head import ARCHS, Deployable, augment, build_net, predict_logits, to_tensor
 from training.wbc_data import WBC_LABS, ContextSet, load_contexts, to_crops
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LAB_SHARE = {"pbc": 0.5, "bccd": 0.2, "rpi": 0.3}
-
-
-def per_lab_report(labels: np.ndarray, preds: np.ndarray, labs: np.ndarray, n_classes: int) -> dict:
-    """Accuracy and macro-F1 (over the classes the lab has) per lab; `unidentified` = -1 counts as wrong."""
-    out = {}
-    for lab in sorted(set(labs.tolist())):
-        m = labs == lab
-        y, p = labels[m], preds[m]
-        f1s = []
-        for c in sorted(set(y.tolist())):
-            tp = int(((p == c) & (y == c)).sum())
-            prec = tp / max(int((p == c).sum()), 1)
-            rec = tp / max(int((y == c).sum()), 1)
-            f1s.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
-        out[lab] = {"n": int(m.sum()), "accuracy": round(float((y == p).mean()), 4),
-                    "macro_f1": round(float(np.mean(f1s)), 4)}
-    return out
 
 
 class OpenSetHead(nn.Module):

@@ -138,7 +138,7 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
             break
         logger.info("scale refined from %.4f to %.4f um/px by %d red cells", current.mpp, true_mpp, len(current.whole_rbc))
         nxt = attempt(true_mpp, quick=False)
-        if len(nxt.whole_rbc) < MIN_RBC_TO_SKIP_SEARCH:
+        if not nxt.whole_rbc:
             break
         current = nxt
     if not settled and len(current.whole_rbc) >= MIN_RBC_FOR_SCALE:
