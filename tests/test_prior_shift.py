@@ -9,13 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_tta import rendered_crops
 
-from smearscope.device.synthetic import render_field
 from smearscope.engines.manifest import ManifestError, load_manifest
 from smearscope.engines.registry import create_engine
 from smearscope.service.analysis.classify import CropClassifier, softmax
-from smearscope.service.analysis.crops import CropSpec, crop_cell
-from smearscope.service.analysis.scale import resample_factor, resample_to_canonical
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 pytestmark = pytest.mark.skipif(not (MODELS / "rbc_head.onnx").exists(), reason="committed models absent")
@@ -30,13 +28,6 @@ def _manifest_with(tmp_path: Path, shift: dict[str, float]) -> Path:
     return path
 
 
-def _crops(spec: CropSpec) -> np.ndarray:
-    field = render_field(8, width=320, height=240, n_wbc=0)
-    mpp = field.frame.microns_per_pixel
-    canonical, factor = resample_to_canonical(field.frame.pixels, mpp), resample_factor(mpp)
-    return np.stack([crop_cell(canonical, (c.center[0] * factor, c.center[1] * factor), spec) for c in field.cells[:40]])
-
-
 def _run(manifest: Path, crops: np.ndarray) -> tuple[np.ndarray, list[str], float]:
     engine = create_engine("onnxruntime", manifest).load()
     try:
@@ -47,8 +38,7 @@ def _run(manifest: Path, crops: np.ndarray) -> tuple[np.ndarray, list[str], floa
 
 
 def test_the_shift_moves_only_its_class_by_its_calibrated_amount(tmp_path: Path) -> None:
-    crop = load_manifest(MODELS / "rbc_head.json", verify_hash=False).crop
-    crops = _crops(CropSpec(crop.extent_um, crop.input_size))
+    crops = rendered_crops(load_manifest(MODELS / "rbc_head.json", verify_hash=False).crop, seed=8, n=40, width=320)
     (tmp_path / "none").mkdir()
     (tmp_path / "shift").mkdir()
     plain, classes, t = _run(_manifest_with(tmp_path / "none", {}), crops)

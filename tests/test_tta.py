@@ -18,6 +18,20 @@ from smearscope.service.analysis.tta import VIEWS, check_views, fuse_views, unvi
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
+def rendered_crops(crop, seed: int, n: int, width: int = 300, height: int = 240) -> np.ndarray:
+    """Head crops (manifest `crop` geometry) of the first `n` cells of a rendered field without
+    white cells, cut as the analyzer cuts them."""
+    from smearscope.service.analysis.crops import CropSpec, crop_cell
+    from smearscope.service.analysis.scale import resample_factor, resample_to_canonical
+
+    field = render_field(seed, width=width, height=height, n_wbc=0)
+    spec = CropSpec(crop.extent_um, crop.input_size)
+    mpp = field.frame.microns_per_pixel
+    canonical, factor = resample_to_canonical(field.frame.pixels, mpp), resample_factor(mpp)
+    return np.stack([crop_cell(canonical, (c.center[0] * factor, c.center[1] * factor), spec)
+                     for c in field.cells[:n]])
+
+
 def _blob_detection(label: np.ndarray, box: Box) -> CellDetection:
     r0, c0, r1, c1 = mask_window(box)
     return CellDetection(CellKind.RBC, box, 0.9, mask=label[r0:r1, c0:c1].copy())
@@ -142,18 +156,11 @@ def test_head_views_average_the_logits_of_flipped_crops_and_make_flips_invisible
     with the flip-closed set of four, mirroring every crop cannot change a result (real RBC head)."""
     from smearscope.engines.registry import create_engine
     from smearscope.service.analysis.classify import CropClassifier
-    from smearscope.service.analysis.crops import CropSpec, crop_cell
-    from smearscope.service.analysis.scale import resample_factor, resample_to_canonical
     from smearscope.service.analysis.tta import view_crops
 
     engine = create_engine("onnxruntime", MODELS / "rbc_head.json").load()
     try:
-        field = render_field(5, width=300, height=240, n_wbc=0)
-        spec = CropSpec(engine.manifest.crop.extent_um, engine.manifest.crop.input_size)
-        mpp = field.frame.microns_per_pixel
-        canonical, factor = resample_to_canonical(field.frame.pixels, mpp), resample_factor(mpp)
-        crops = np.stack([crop_cell(canonical, (c.center[0] * factor, c.center[1] * factor), spec)
-                          for c in field.cells[:24]])
+        crops = rendered_crops(engine.manifest.crop, seed=5, n=24)
         default = CropClassifier(engine, 0.3)
         assert default.views == tuple(engine.manifest.tta)
         one = CropClassifier(engine, 0.3, views=("identity",))
@@ -173,17 +180,10 @@ def test_head_views_average_the_logits_of_flipped_crops_and_make_flips_invisible
 def test_a_heads_other_views_run_only_on_the_crops_its_first_view_is_unsure_of():
     from smearscope.engines.registry import create_engine
     from smearscope.service.analysis.classify import CropClassifier, softmax
-    from smearscope.service.analysis.crops import CropSpec, crop_cell
-    from smearscope.service.analysis.scale import resample_factor, resample_to_canonical
 
     engine = create_engine("onnxruntime", MODELS / "rbc_head.json").load()
     try:
-        field = render_field(6, width=300, height=240, n_wbc=0)
-        spec = CropSpec(engine.manifest.crop.extent_um, engine.manifest.crop.input_size)
-        mpp = field.frame.microns_per_pixel
-        canonical, factor = resample_to_canonical(field.frame.pixels, mpp), resample_factor(mpp)
-        crops = np.stack([crop_cell(canonical, (c.center[0] * factor, c.center[1] * factor), spec)
-                          for c in field.cells[:30]])
+        crops = rendered_crops(engine.manifest.crop, seed=6, n=30)
         first = CropClassifier(engine, 0.3, views=VIEWS[:1]).logits(crops)
         every = CropClassifier(engine, 0.3, views=VIEWS, extra_views_below=None).logits(crops)
         sure = softmax(first / engine.manifest.temperature).max(1)
