@@ -1,11 +1,11 @@
 """Multiply-accumulates of the committed models per input, from their ONNX graphs.
 
-    .venv-bench/bin/python -m bench.flops [--models models]
+    .venv/bin/python -m bench.flops [--models models]
 
 Counts Conv, ConvTranspose, MatMul and Gemm (2 FLOPs per multiply-accumulate) with the shapes ONNX
 shape inference gives at batch 1; the other operators (activations, resizes, concatenations)
-move memory more than they compute and are left out. Runs in the `bench` extra's interpreter
-(onnx). Docs/RESULTS.md's "Jetson on paper" starts from these figures.
+move memory more than they compute and are left out. Needs onnx (the test extra).
+bench.jetson_estimate and docs/RESULTS.md's "Jetson on paper" start from these figures.
 """
 
 from __future__ import annotations
