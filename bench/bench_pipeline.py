@@ -61,11 +61,14 @@ def load() -> str:
 
 def views_label(analyzer: Analyzer) -> str:
     """Views of the detector / RBC head / WBC head, e.g. "3/4g/2g" (g: a head's views after the
-    first only for the crops its first view is unsure of, service.analysis.classify)."""
+    first only for the crops its first view is unsure of, service.analysis.classify; the same for
+    the detector's tiles with AnalyzerOptions.detector_views_where = "unsure")."""
     def head(h) -> str:
         gated = len(h.views) > 1 and getattr(h, "extra_views_below", None) is not None
         return f"{len(h.views)}{'g' if gated else ''}"
-    return f"{len(analyzer.segmenter.views)}/{head(analyzer.rbc_head)}/{head(analyzer.wbc_head)}"
+    det = len(analyzer.segmenter.views)
+    det_gated = det > 1 and analyzer.options.detector_views_where == "unsure"
+    return f"{det}{'g' if det_gated else ''}/{head(analyzer.rbc_head)}/{head(analyzer.wbc_head)}"
 
 
 @dataclass
@@ -231,7 +234,9 @@ def main() -> None:
     default = Analyzer.from_models_dir(args.models)
     one = Analyzer.from_models_dir(args.models, options=AnalyzerOptions(detector_views=ONE, rbc_views=ONE,
                                                                         wbc_views=ONE))
-    analyzers = {"one-view": one, "default": default}
+    analyzers = {"one-view": one, "default": default,
+                 "views unsure": Analyzer.from_models_dir(args.models,
+                                                          options=AnalyzerOptions(detector_views_where="unsure"))}
     for spec in filter(None, args.detector_views.split(";")):
         views = tuple(spec.split(","))
         analyzers[f"det {'+'.join(v[:2] for v in views)}"] = Analyzer.from_models_dir(

@@ -183,6 +183,25 @@ def test_detector_views_reach_the_analyzer_and_bad_views_are_refused(tmp_path: P
     assert err.value.errors[0][0].startswith("analysis.detector_views")
 
 
+def test_where_the_detector_views_run_reaches_the_analyzer_and_a_bad_band_is_refused(tmp_path: Path) -> None:
+    from smearscope.service.station.startup import build_analyzer
+
+    base = MINIMAL + f'[analysis]\nengine_backend = "onnxruntime"\nmodels_dir = "{REPO / "models"}"\n'
+    analyzer = build_analyzer(load_config(_write(tmp_path, base + 'detector_views_where = "unsure"\n'
+                                                 'detector_unsure_band = [0.3, 0.7]\n'), environ={}))
+    try:
+        assert analyzer.options.detector_views_where == "unsure"
+        assert analyzer.options.detector_unsure_band == (0.3, 0.7)
+    finally:
+        analyzer.close()
+    for bad, key in (('detector_views_where = "sometimes"\n', "detector_views_where"),
+                     ("detector_unsure_band = [0.7, 0.3]\n", "detector_unsure_band"),
+                     ("detector_unsure_band = [0.2, 1.5]\n", "detector_unsure_band")):
+        with pytest.raises(ConfigError) as err:
+            load_config(_write(tmp_path, base + bad), environ={})
+        assert err.value.errors[0][0] == f"analysis.{key}"
+
+
 def test_head_views_reach_the_heads_and_bad_views_are_refused(tmp_path: Path) -> None:
     from smearscope.service.station.startup import build_analyzer
 

@@ -50,7 +50,14 @@ from smearscope.service.analysis.scale import (
 from smearscope.service.analysis.scale_search import Attempt, ScaleOutcome, find_scale
 from smearscope.service.analysis.segment import Segmenter
 from smearscope.service.analysis.tiling import tile_grid
-from smearscope.service.analysis.tta import fuse_views, unview, view_tiles
+from smearscope.service.analysis.tta import (
+    Coverage,
+    fuse_views,
+    tiles_for_boxes,
+    unview,
+    view_tiles,
+    view_window,
+)
 from smearscope.service.analysis.yolo_decode import YoloSegmenter
 
 logger = logging.getLogger(__name__)
@@ -72,6 +79,19 @@ SCALE_MIN_SCORE = 0.3
 KIND_FROM_HEAD_LABEL = {"platelet": CellKind.PLATELET, "erythroblast": CellKind.NRBC}
 
 
+def _on_tile_edges(boxes: np.ndarray, w: int, h: int, tile: int, overlap: float, tol: float = 2.0) -> np.ndarray:
+    """Which boxes (N, 4; frame = first view) end within `tol` px of an interior tile border: cells,
+    or pieces of cells, that a tile edge may have cut."""
+    grid = tile_grid(max(w, tile), max(h, tile), tile, overlap)
+    xs = np.array(sorted({e for x, _ in grid for e in (x, x + tile) if 0 < e < w}), float)
+    ys = np.array(sorted({e for _, y in grid for e in (y, y + tile) if 0 < e < h}), float)
+
+    def near(v: np.ndarray, edges: np.ndarray) -> np.ndarray:
+        return (np.abs(v[:, None] - edges[None, :]) <= tol).any(1) if len(edges) else np.zeros(len(v), bool)
+
+    return near(boxes[:, 0], xs) | near(boxes[:, 2], xs) | near(boxes[:, 1], ys) | near(boxes[:, 3], ys)
+
+
 @dataclass(frozen=True)
 class AnalyzerOptions:
     tile_size: int = 256
@@ -85,6 +105,11 @@ class AnalyzerOptions:
     detector_conf: float = 0.25
     #: Test-time views of the detector; None = the manifest's (the views its scores are calibrated for).
     detector_views: tuple[str, ...] | None = None
+    #: "everywhere": every view runs on the whole frame; "unsure": the views after the first run only
+    #: on their tiles that overlap a cell the first view was unsure of (service.analysis.tta).
+    detector_views_where: str = "everywhere"
+    #: With "unsure": the first view's calibrated scores in [low, high) are unsure.
+    detector_unsure_band: tuple[float, float] = (0.2, 0.8)
     wbc_min_confidence: float = 0.5
     rbc_min_confidence: float = 0.3
     #: Test-time views of each crop per head; None = the manifest's (the views its temperature is fitted for).
@@ -184,6 +209,8 @@ class Analyzer:
         # through the engine together (a small field's views share one batch), so memory stays
         # linear in the frame; a tile's index says its view, so the merge never joins two views.
         views = self.segmenter.views if views is None else views
+        if len(views) > 1 and o.detector_views_where == "unsure":
+            return self._detect_where_unsure(canonical, views)
         grid = len(tile_grid(max(w, o.tile_size), max(h, o.tile_size), o.tile_size, o.tile_overlap))
         tiles = itertools.chain.from_iterable(
             (dataclasses.replace(t, index=k * grid + t.index) for t in view_tiles(canonical, v, o.tile_size, o.tile_overlap))
@@ -192,6 +219,44 @@ class Analyzer:
         per_view = [[unview(d, v, w, h) for d in merge_detections([d for d in raw if d.tile_index // grid == k])]
                     for k, v in enumerate(views)]
         return self.segmenter.finish(fuse_views(per_view))
+
+    def _detect_where_unsure(self, canonical: np.ndarray, views: tuple[str, ...]) -> list[CellDetection]:
+        """The first view everywhere, the others only on their tiles that overlap an unsure cell.
+
+        What each extra view saw is recorded (tta.Coverage); its cells not seen whole (cut by the
+        border of the region it ran) are dropped, and each fused cell's score is divided by the
+        number of views that saw it whole."""
+        o = self.options
+        h, w = canonical.shape[:2]
+        grid = len(tile_grid(max(w, o.tile_size), max(h, o.tile_size), o.tile_size, o.tile_overlap))
+        first_raw = self.segmenter.detect(view_tiles(canonical, views[0], o.tile_size, o.tile_overlap), w, h,
+                                          calibrate=False)
+        first = [unview(d, views[0], w, h) for d in merge_detections(first_raw)]
+        low, high = o.detector_unsure_band
+        calibrated = getattr(self.segmenter, "calibrated", lambda kind, score: score)
+        # A cell cut by a tile edge that the merge could not join is unsure whatever its score: the
+        # other views' tile grids show it whole (and, when it is a piece, vote it down).
+        boxes = np.array([d.box.as_list() for d in first], float).reshape(-1, 4)
+        scores = np.array([calibrated(d.kind.value, d.score) for d in first], float)
+        unsure = boxes[((scores >= low) & (scores < high)) | _on_tile_edges(boxes, w, h, o.tile_size, o.tile_overlap)]
+        if not len(unsure):
+            return self.segmenter.finish(first)
+        coverage = Coverage(w, h, len(views))
+        coverage.add(0, (0, 0, w, h))
+
+        def tiles_where_unsure(k: int, view: str):
+            tiles = list(view_tiles(canonical, view, o.tile_size, o.tile_overlap))  # windows, not copies
+            for i in tiles_for_boxes([view_window(t, view, o.tile_size, w, h) for t in tiles], unsure):
+                coverage.add(k, view_window(tiles[i], view, o.tile_size, w, h))
+                yield dataclasses.replace(tiles[i], index=k * grid + tiles[i].index)
+
+        tiles = itertools.chain.from_iterable(tiles_where_unsure(k, v) for k, v in enumerate(views) if k)
+        raw = self.segmenter.detect(tiles, w, h, calibrate=False)
+        per_view = [first] + [
+            [d for d in (unview(d, v, w, h) for d in merge_detections([d for d in raw if d.tile_index // grid == k]))
+             if coverage.sees(k, d.box)]
+            for k, v in enumerate(views) if k]
+        return self.segmenter.finish(fuse_views(per_view, seen_by=coverage.views_seeing))
 
     def _detect_at(self, frame: Frame, mpp: float, illumination: Illumination, timing: dict[str, float],
                    quick: bool = False) -> Attempt:

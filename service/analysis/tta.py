@@ -20,11 +20,18 @@ detector's score calibration (training.calibrate_seg) is fitted on these fused s
 
 White cells only: a cluster lying inside a larger one is a piece of it (a large monocyte that
 one view found whole and another in two pieces), and its views vote for the larger one.
+
+Views where they pay (`AnalyzerOptions.detector_views_where = "unsure"`): the first view runs
+everywhere; the other views run only on their tiles that overlap a cell the first view was unsure
+of (calibrated score inside a band around the counting threshold). `Coverage` records which
+part of the frame each view saw; a cell's fused score is the sum of its members' scores over the
+number of views that saw it whole, so a cell only the first view saw keeps its own score, and a
+cell every view saw is fused exactly as when every view runs everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import get_args
 
@@ -96,6 +103,73 @@ def unview(det: CellDetection, view: str, frame_width: int, frame_height: int) -
     return replace(det, box=Box(x0, y0, x1, y1), mask=mask)
 
 
+def view_window(tile: Tile, view: str, tile_size: int, frame_width: int, frame_height: int) -> tuple[int, int, int, int]:
+    """The part of the frame (x0, y0, x1, y1) that a tile of `view` (offsets in the view's
+    coordinates, service.analysis.tiling.iter_tiles) shows."""
+    fx, fy = _flips(view)
+    x0, x1 = tile.x, min(tile.x + tile_size, frame_width)
+    y0, y1 = tile.y, min(tile.y + tile_size, frame_height)
+    if fx:
+        x0, x1 = frame_width - x1, frame_width - x0
+    if fy:
+        y0, y1 = frame_height - y1, frame_height - y0
+    return x0, y0, x1, y1
+
+
+def tiles_for_boxes(windows: Sequence[tuple[int, int, int, int]], boxes: np.ndarray) -> list[int]:
+    """Indices of the fewest windows that show each box: per box the window holding it whole with
+    the widest margin, or every window it overlaps when none holds it whole (the merge then joins
+    its pieces). Sorted, each once."""
+    if not len(windows) or not len(boxes):
+        return []
+    win = np.asarray(windows, float)[None, :, :]
+    b = np.asarray(boxes, float)[:, None, :]
+    margin = np.minimum.reduce([b[..., 0] - win[..., 0], b[..., 1] - win[..., 1],
+                                win[..., 2] - b[..., 2], win[..., 3] - b[..., 3]])  # (boxes, windows)
+    overlaps = ((b[..., 0] < win[..., 2]) & (b[..., 2] > win[..., 0])
+                & (b[..., 1] < win[..., 3]) & (b[..., 3] > win[..., 1]))
+    chosen: set[int] = set()
+    for m, o in zip(margin, overlaps):
+        chosen.update([int(np.argmax(m))] if m.max() >= 0 else np.flatnonzero(o).tolist())
+    return sorted(chosen)
+
+
+class Coverage:
+    """Which part of the frame each extra view saw, on a raster of `cell` pixels.
+
+    A box counts as seen by a view when every raster cell it touches lies in a window the view
+    ran: a cell cut by the border of the region a view ran is not seen whole by that view."""
+
+    def __init__(self, frame_width: int, frame_height: int, n_views: int, cell: int = 4) -> None:
+        self.cell = cell
+        self.w, self.h = frame_width, frame_height
+        self.seen = np.zeros((n_views, -(-frame_height // cell), -(-frame_width // cell)), bool)
+
+    def add(self, view_index: int, window: tuple[int, int, int, int]) -> None:
+        x0, y0, x1, y1 = window
+        c = self.cell
+        # only raster cells wholly inside the window (the frame's last partial cell counts as whole)
+        cx0, cy0 = -(-x0 // c), -(-y0 // c)
+        cx1 = self.seen.shape[2] if x1 >= self.w else x1 // c
+        cy1 = self.seen.shape[1] if y1 >= self.h else y1 // c
+        self.seen[view_index, cy0:cy1, cx0:cx1] = True
+
+    def _cells(self, box: Box) -> tuple[slice, slice]:
+        c = self.cell
+        x0, y0 = max(int(box.x0) // c, 0), max(int(box.y0) // c, 0)
+        x1 = min(-(-int(np.ceil(box.x1)) // c), self.seen.shape[2])
+        y1 = min(-(-int(np.ceil(box.y1)) // c), self.seen.shape[1])
+        return slice(y0, max(y1, y0 + 1)), slice(x0, max(x1, x0 + 1))
+
+    def sees(self, view_index: int, box: Box) -> bool:
+        rows, cols = self._cells(box)
+        return bool(self.seen[view_index, rows, cols].all())
+
+    def views_seeing(self, box: Box) -> int:
+        rows, cols = self._cells(box)
+        return int(self.seen[:, rows, cols].all(axis=(1, 2)).sum())
+
+
 def _vote(members: list[CellDetection], box: Box) -> np.ndarray | None:
     """Majority vote of the members' masks over the window of the fused `box`."""
     if any(m.mask is None for m in members):
@@ -112,8 +186,12 @@ def _vote(members: list[CellDetection], box: Box) -> np.ndarray | None:
 
 
 def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float = FUSE_IOU,
-               absorb_kinds: frozenset[CellKind] = ABSORB_KINDS) -> list[CellDetection]:
-    """Fuse the cells each view found (all in frame coordinates) into one list."""
+               absorb_kinds: frozenset[CellKind] = ABSORB_KINDS,
+               seen_by: Callable[[Box], int] | None = None) -> list[CellDetection]:
+    """Fuse the cells each view found (all in frame coordinates) into one list.
+
+    `seen_by(box)`: how many views saw that box whole (default: every view); a cluster's score is
+    its members' scores summed over that number (never over fewer views than voted)."""
     n_views = len(per_view)
     if n_views == 1:
         return list(per_view[0])
@@ -140,7 +218,8 @@ def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float
             clusters.append((members[0], box, _vote(members, box), seen))
         if kind in absorb_kinds:
             clusters = _absorb_pieces(clusters)
-        out += [replace(lead, box=box, score=float(sum(votes.values()) / n_views), mask=mask)
+        out += [replace(lead, box=box, mask=mask, score=float(
+                    sum(votes.values()) / (n_views if seen_by is None else max(seen_by(box), len(votes)))))
                 for lead, box, mask, votes in clusters]
     return out
 

@@ -68,6 +68,19 @@ class AnalysisConfig(StationBaseModel):
         "faster on a throughput-bound device, but the scores then read higher than calibrated.",
         min_length=1,
     )
+    detector_views_where: Literal["everywhere", "unsure"] = Field(
+        default="everywhere",
+        title="Where the detector's extra views run",
+        description="'everywhere': each view runs on the whole frame. 'unsure': the first view runs "
+        "everywhere and the others only on their tiles that overlap a cell the first view was unsure "
+        "of (calibrated score within detector_unsure_band).",
+    )
+    detector_unsure_band: tuple[float, float] = Field(
+        default=(0.2, 0.8),
+        title="Unsure band of the detector's first view",
+        description="With detector_views_where = 'unsure': the first view's calibrated scores in "
+        "[low, high) send the tiles around that cell through the other views.",
+    )
     rbc_head_views: list[TestTimeView] | None = Field(
         default=None,
         title="RBC head test-time views",
@@ -159,4 +172,12 @@ class AnalysisConfig(StationBaseModel):
     def _tile_multiple_of_32(cls, value: int) -> int:
         if value % 32:
             raise ValueError("tile_size must be a multiple of 32 (the detector's stride)")
+        return value
+
+    @field_validator("detector_unsure_band")
+    @classmethod
+    def _band_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError("detector_unsure_band must be [low, high] with 0 <= low < high <= 1")
         return value

@@ -1,0 +1,131 @@
+"""The detector's extra views only where the first view is unsure (AnalyzerOptions.detector_views_where).
+
+The first view runs everywhere; the other views run on the tiles that show an unsure cell (a
+calibrated score inside the band, or a box ending on a tile border) whole; a fused cell's score
+is divided by the views that saw it whole. Checked on the parts (window mapping, the tile choice,
+coverage, fusion) and on rendered fields through the committed detector: the counted cells
+match running every view everywhere, with fewer tiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smearscope.device.synthetic import render_field
+from smearscope.service.analysis.records import Box, CellDetection, CellKind
+from smearscope.service.analysis.tiling import iter_tiles
+from smearscope.service.analysis.tta import (
+    VIEWS,
+    Coverage,
+    fuse_views,
+    tiles_for_boxes,
+    view_frame,
+    view_window,
+)
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_a_views_tile_window_is_the_part_of_the_frame_it_shows(view):
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 255, (300, 420, 3), np.uint8)
+    for t in iter_tiles(frame, 128, 0.15, skip_background=False,
+                        flip_x=view in ("hflip", "rot180"), flip_y=view in ("vflip", "rot180")):
+        x0, y0, x1, y1 = view_window(t, view, 128, 420, 300)
+        # the tile's pixels are that window of the frame, seen in the view
+        np.testing.assert_array_equal(t.pixels[: y1 - y0, : x1 - x0], view_frame(frame[y0:y1, x0:x1], view))
+
+
+def test_each_box_gets_the_window_that_holds_it_with_the_widest_margin_or_every_window_it_straddles():
+    windows = [(0, 0, 100, 100), (80, 0, 180, 100), (160, 0, 260, 100)]
+    boxes = np.array([[88, 10, 95, 20],     # inside the first two: the second has the wider margin
+                      [170, 50, 178, 60],   # inside the second and third: the third's margin is wider
+                      [40, 40, 60, 60]], float)  # only the first
+    assert tiles_for_boxes(windows, boxes) == [0, 1, 2]
+    assert tiles_for_boxes(windows, boxes[:1]) == [1]
+    # a box no window holds whole: every window it overlaps
+    assert tiles_for_boxes(windows, np.array([[70, 10, 175, 20]], float)) == [0, 1, 2]
+    assert tiles_for_boxes(windows, np.zeros((0, 4))) == []
+
+
+def test_coverage_sees_a_box_only_when_a_run_window_holds_all_of_it():
+    cov = Coverage(200, 100, n_views=2, cell=4)
+    cov.add(0, (0, 0, 200, 100))
+    cov.add(1, (0, 0, 100, 100))
+    inside, straddling, outside = Box(10, 10, 40, 40), Box(90, 10, 120, 40), Box(150, 10, 190, 40)
+    assert cov.sees(1, inside) and not cov.sees(1, straddling) and not cov.sees(1, outside)
+    assert [cov.views_seeing(b) for b in (inside, straddling, outside)] == [2, 1, 1]
+    # the frame's last partial raster cell belongs to a window that reaches the frame's edge
+    odd = Coverage(203, 101, n_views=1, cell=4)
+    odd.add(0, (100, 50, 203, 101))
+    assert odd.sees(0, Box(150, 60, 202.5, 100.5))
+
+
+def _det(box, score):
+    return CellDetection(CellKind.RBC, Box(*box), score)
+
+
+def test_fused_scores_are_divided_by_the_views_that_saw_the_cell():
+    seen_everywhere, seen_by_first_only = (10, 10, 30, 30), (100, 10, 120, 30)
+    per_view = [[_det(seen_everywhere, 0.9), _det(seen_by_first_only, 0.8)],
+                [_det(seen_everywhere, 0.6)],
+                []]
+
+    def seen_by(box: Box) -> int:
+        return 3 if box.x0 < 50 else 1
+
+    fused = {round(d.box.x0): d.score for d in fuse_views(per_view, seen_by=seen_by)}
+    assert fused[10] == pytest.approx((0.9 + 0.6) / 3)  # the third view saw it and found nothing
+    assert fused[100] == pytest.approx(0.8)             # no other view looked there
+    every = {round(d.box.x0): d.score for d in fuse_views(per_view)}
+    assert every[100] == pytest.approx(0.8 / 3)
+
+
+def _matched(a, b) -> bool:
+    """Every counted cell of `a` is one of `b`'s (same kind, IoU >= 0.8) and the counts agree."""
+    from smearscope.service.analysis.boxes import pair_iou
+
+    if sorted(c.detection.kind.value for c in a.cells) != sorted(c.detection.kind.value for c in b.cells):
+        return False
+    for c in a.cells:
+        same = [d for d in b.cells if d.detection.kind is c.detection.kind]
+        iou = pair_iou(np.array([c.detection.box.as_list()] * len(same)), np.array([d.detection.box.as_list() for d in same]))
+        if iou.max() < 0.8:
+            return False
+    return True
+
+
+@pytest.mark.skipif(not (MODELS / "seg.onnx").exists(), reason="committed models missing (models/)")
+def test_views_where_unsure_count_the_same_cells_as_every_view_everywhere_with_fewer_tiles():
+    from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
+
+    everywhere = Analyzer.from_models_dir(MODELS, warmup=False, intra_op_threads=1)
+    unsure = Analyzer.from_models_dir(MODELS, warmup=False, intra_op_threads=1,
+                                      options=AnalyzerOptions(detector_views_where="unsure"))
+    assert len(everywhere.segmenter.views) == 3
+    tiles = {}
+    for name, analyzer in (("everywhere", everywhere), ("unsure", unsure)):
+        original, seen = analyzer.segmenter.detect, []
+
+        def counting(ts, *args, _original=original, _seen=seen, **kw):
+            ts = list(ts)
+            _seen.append(len(ts))
+            return _original(iter(ts), *args, **kw)
+
+        analyzer.segmenter.detect = counting
+        tiles[name] = seen
+    # a sparse field: few cells, most tiles need no second look
+    field = render_field(7, width=1400, height=1000, rbc_density=0.04, n_wbc=1, n_platelets=3,
+                         microns_per_pixel=0.1)
+    a, b = everywhere.analyze(field.frame), unsure.analyze(field.frame)
+    assert len(a.cells) >= 10 and _matched(a, b)
+    assert sum(tiles["unsure"]) < 0.6 * sum(tiles["everywhere"])
+    # the counted cells' scores agree (a cell only the first view saw keeps its own score)
+    sa = sorted(c.detection.score for c in a.cells)
+    sb = sorted(c.detection.score for c in b.cells)
+    assert np.allclose(sa, sb, atol=0.05)
+    for x in (everywhere, unsure):
+        x.close()
