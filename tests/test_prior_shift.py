@@ -58,10 +58,12 @@ def test_a_shift_for_a_class_the_head_lacks_is_refused(tmp_path: Path) -> None:
         load_manifest(_manifest_with(tmp_path, {"drepanocyte": -1.0}))
 
 
-def test_the_committed_rbc_head_carries_the_shift_fitted_on_validation() -> None:
+def test_the_committed_rbc_head_carries_the_shifts_fitted_on_validation() -> None:
     m = load_manifest(MODELS / "rbc_head.json")
     record = m.metrics["class_log_prior_shift"]
-    assert m.class_log_prior_shift == {"spherocyte": record["chosen"]}
-    chosen = record["val_by_shift"][f"{-record['chosen']:.2f}"]
-    assert chosen["bccd_spherocyte_share"] <= 0.10
-    assert chosen["chula_macro_f1"] >= record["val_by_shift"]["0.00"]["chula_macro_f1"] - 0.01
+    assert m.class_log_prior_shift == record["chosen"]
+    assert set(record["chosen"]) == {"spherocyte", "schistocyte"}
+    val = record["val_shifted"]
+    assert val["bccd_spherocyte_share"] <= 0.10 and val["bccd_schistocyte_share"] <= 0.02
+    assert val["chula_macro_f1"] >= record["val_unshifted"]["chula_macro_f1"] - 0.01
+    assert val["idb1_sickle_vs_not"] >= record["val_unshifted"]["idb1_sickle_vs_not"]

@@ -1,15 +1,23 @@
-"""Fit the RBC head's spherocyte prior shift on validation and write it into the manifest.
+"""Fit the RBC head's prior shifts on validation and write them into the manifest.
 
     python -m training.prior_shift [--models models] [--dry-run]
 
-The head is trained on a class-balanced mix (square-root sampling), where spherocytes are far
-commoner than on a normal smear; on BCCD, a mostly normal-looking lab, the committed head typed
-26 % of the red cells spherocyte. A constant subtracted from the spherocyte's calibrated log-odds
-(`class_log_prior_shift`, applied by service.analysis.classify) is the prior shift from that mix
-toward what a station meets. It is chosen on **validation** only: among shifts 0 .. 5 in steps of
-0.25, the smallest that brings the share of BCCD val red cells (annotated boxes) typed spherocyte to
-at most 10 % (issue 17's bar), provided Chula val macro-F1 loses at most 0.01 and IDB1 val
-sickle-vs-not nothing. Every shift's val figures go into the manifest (`metrics.class_log_prior_shift`).
+The head is trained on a class-balanced mix (square-root sampling), in which spherocytes and
+schistocytes are far commoner than on a normal smear; on BCCD, a mostly normal-looking lab, the
+unshifted head typed 26 % of the red cells spherocyte and 9 % schistocyte. A constant subtracted
+from a class's calibrated log-odds (`class_log_prior_shift`, applied by
+service.analysis.classify) is the prior shift from that mix toward what a station meets. Each is
+chosen on **validation** only, class after class (`RULES`, swept until they settle): among shifts 0 .. 5 in steps of 0.25,
+the smallest that brings the share of BCCD val red cells (annotated boxes) typed that class to
+at most its ceiling, provided Chula val macro-F1 stays within 0.01 of the unshifted head's (all
+shifts together) and IDB1 val sickle-vs-not does not drop. The ceilings: spherocyte 10 % (issue
+17's bar); schistocyte 2 %, twice ICSH's 1 % above which schistocytes are reported as
+significant, so a normal smear does not read schistocytic. Every shift's val figures go into the
+manifest (`metrics.class_log_prior_shift`).
+
+Each shift is scored exactly as the analyzer runs the head: every view's logits are computed
+once, then the shift and the classifier's gating (other views only for crops whose shifted
+first-view top probability is below `extra_views_below`) are replayed in numpy.
 """
 
 from __future__ import annotations
@@ -29,8 +37,58 @@ from training.rbc_data import CLASSES, build_sets, figures
 
 logger = logging.getLogger(__name__)
 
-MAX_SHARE = 0.10
+#: (class, ceiling on the share of BCCD val red cells typed that class), fitted in this order.
+RULES = (("spherocyte", 0.10), ("schistocyte", 0.02))
 MAX_F1_COST = 0.01
+SHIFTS = np.arange(0.0, 5.001, 0.25)
+
+
+def view_logits(clf: CropClassifier, crops: np.ndarray) -> np.ndarray:
+    """Raw logits (views, N, classes) of every view, without any shift."""
+    saved = clf.logit_shift
+    clf.logit_shift = np.zeros_like(saved)
+    try:
+        return np.concatenate([clf._views_out(crops[i : i + 512], clf.views)[0] for i in range(0, len(crops), 512)],
+                              axis=1)
+    finally:
+        clf.logit_shift = saved
+
+
+def gated_probs(vl: np.ndarray, shift_calibrated: np.ndarray, temperature: float, below: float | None) -> np.ndarray:
+    """Calibrated probabilities as CropClassifier gives them with this shift (calibrated units)."""
+    shift = shift_calibrated * temperature
+    logits = vl[0] + shift
+    if below is not None and len(vl) > 1:
+        unsure = softmax(logits / temperature).max(1) < below
+        logits[unsure] = vl[:, unsure].mean(0) + shift
+    return softmax(logits / temperature)
+
+
+def score(vl: dict, shift: np.ndarray, sets: dict, split: str, temperature: float, below: float | None) -> dict:
+    """training.rbc_data.figures for `split` (Chula, IDB1) and BCCD's red cells of that split."""
+    f = figures(gated_probs(vl[split], shift, temperature, below), sets, split,
+                gated_probs(vl[f"bccd_{split}"], shift, temperature, below))
+    f["bccd_schistocyte_share"] = f["bccd_label_shares"].get("schistocyte", 0.0)
+    return f
+
+
+def load_view_logits(models: Path, splits=("val", "test")) -> tuple[dict, dict, object, float | None]:
+    """Every view's logits of Chula + IDB1 and BCCD red cells per split, the sets, the manifest
+    and the classifier's gating threshold."""
+    path = models / "rbc_head.json"
+    eng = create_engine("onnxruntime", path).load()
+    try:
+        m = eng.manifest
+        if list(m.classes) != list(CLASSES):
+            raise SystemExit(f"{path}: classes {m.classes} are not training.rbc_data's {CLASSES}")
+        clf = CropClassifier(eng, 0.0)
+        spec = CropSpec(m.crop.extent_um, m.crop.input_size)
+        sets = build_sets()
+        vl = {k: view_logits(clf, _crops_for(m.preprocessing, sets[f"{k}_images"], spec))
+              for split in splits for k in (split, f"bccd_{split}")}
+        return vl, sets, m, clf.extra_views_below
+    finally:
+        eng.close()
 
 
 def main() -> None:
@@ -40,43 +98,53 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     path = args.models / "rbc_head.json"
-    eng = create_engine("onnxruntime", path).load()
-    m = eng.manifest
-    if list(m.classes) != list(CLASSES):
-        raise SystemExit(f"{path}: classes {m.classes} are not training.rbc_data's {CLASSES}")
-    clf = CropClassifier(eng, 0.0)
-    spec = CropSpec(m.crop.extent_um, m.crop.input_size)
-    sets = build_sets()
-    chula = _crops_for(m.preprocessing, sets["val_images"], spec)
-    bccd = _crops_for(m.preprocessing, sets["bccd_val_images"], spec)
-    s = CLASSES.index("spherocyte")
-    rows = {}
-    for shift in np.arange(0.0, 5.001, 0.25):
-        # exactly as the analyzer would run the head with this shift (its unsure crops, which get
-        # the other views, are judged on the shifted logits)
-        clf.logit_shift = np.zeros(len(CLASSES), np.float32)
-        clf.logit_shift[s] = -shift * m.temperature
-        f = figures(softmax(clf.logits(chula) / m.temperature), sets, "val", softmax(clf.logits(bccd) / m.temperature))
-        rows[f"{shift:.2f}"] = {k: f[k] for k in ("chula_macro_f1", "idb1_sickle_vs_not", "bccd_spherocyte_share")}
-        logger.info("shift %.2f: %s", shift, rows[f"{shift:.2f}"])
-    eng.close()
-    base = rows["0.00"]
-    ok = [k for k, r in rows.items() if r["bccd_spherocyte_share"] <= MAX_SHARE
-          and r["chula_macro_f1"] >= base["chula_macro_f1"] - MAX_F1_COST
-          and r["idb1_sickle_vs_not"] >= base["idb1_sickle_vs_not"]]
-    if not ok:
-        raise SystemExit("no shift meets the rule on validation; manifest left unchanged")
-    chosen = min(ok, key=float)
-    logger.info("chosen spherocyte shift -%s: %s", chosen, rows[chosen])
+    vl, sets, m, below = load_view_logits(args.models)
+    t = m.temperature
+    shift = np.zeros(len(CLASSES), np.float32)
+    keys = ("chula_macro_f1", "idb1_sickle_vs_not", "bccd_spherocyte_share", "bccd_schistocyte_share")
+    base = score(vl, shift, sets, "val", t, below)
+    rows: dict[str, dict] = {}
+    # One class's shift moves cells into the others (a schistocyte pushed out may become a
+    # spherocyte), so the rules are swept until no shift changes: each time, per class, the
+    # smallest shift meeting its ceiling given the other classes' current shifts.
+    for sweep in range(1, 6):
+        before = shift.copy()
+        for name, ceiling in RULES:
+            c = CLASSES.index(name)
+            rows[name] = {}
+            for s in SHIFTS:
+                trial = shift.copy()
+                trial[c] = -s
+                f = score(vl, trial, sets, "val", t, below)
+                rows[name][f"{s:.2f}"] = {k: f[k] for k in keys}
+            ok = [k for k, r in rows[name].items() if r[f"bccd_{name}_share"] <= ceiling
+                  and r["chula_macro_f1"] >= base["chula_macro_f1"] - MAX_F1_COST
+                  and r["idb1_sickle_vs_not"] >= base["idb1_sickle_vs_not"]]
+            if not ok:
+                raise SystemExit(f"no {name} shift meets the rule on validation; manifest left unchanged")
+            shift[c] = -float(min(ok, key=float))
+        final = score(vl, shift, sets, "val", t, below)
+        logger.info("sweep %d: shifts %s, val %s", sweep, {n: float(shift[CLASSES.index(n)]) for n, _ in RULES},
+                    {k: final[k] for k in keys})
+        if (shift == before).all() and all(final[f"bccd_{n}_share"] <= c for n, c in RULES):
+            break
+    else:
+        raise SystemExit("the prior shifts did not settle in 5 sweeps; manifest left unchanged")
+    test_before = score(vl, np.zeros_like(shift), sets, "test", t, below)
+    test_after = score(vl, shift, sets, "test", t, below)
+    for label, f in (("unshifted", test_before), ("shifted", test_after)):
+        logger.info("test, %s: %s", label, {k: f[k] for k in (*keys, "chula_accuracy")})
     if args.dry_run:
         return
-    m = json.loads(path.read_text())
-    m["class_log_prior_shift"] = {"spherocyte": -float(chosen)} if float(chosen) else {}
-    m["metrics"]["class_log_prior_shift"] = {
-        "rule": f"smallest spherocyte shift with BCCD val spherocyte share <= {MAX_SHARE}, Chula val macro-F1 "
-                f"within {MAX_F1_COST} of unshifted, IDB1 val sickle-vs-not not lower (training.prior_shift)",
-        "chosen": -float(chosen), "val_by_shift": rows}
-    path.write_text(json.dumps(m, indent=2) + "\n")
+    doc = json.loads(path.read_text())
+    doc["class_log_prior_shift"] = {c: float(v) for c, v in zip(CLASSES, shift) if v}
+    doc["metrics"]["class_log_prior_shift"] = {
+        "rule": "per class in turn, the smallest shift (steps of 0.25) with the BCCD val share of that class at "
+                f"most its ceiling ({', '.join(f'{n} {c}' for n, c in RULES)}), Chula val macro-F1 within "
+                f"{MAX_F1_COST} of the unshifted head, IDB1 val sickle-vs-not not lower (training.prior_shift)",
+        "chosen": doc["class_log_prior_shift"], "val_unshifted": {k: base[k] for k in keys},
+        "val_shifted": {k: final[k] for k in keys}, "val_by_shift_last_sweep": rows}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 if __name__ == "__main__":
