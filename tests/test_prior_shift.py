@@ -67,3 +67,29 @@ def test_the_committed_rbc_head_carries_the_shifts_fitted_on_validation() -> Non
     assert val["bccd_spherocyte_share"] <= 0.10 and val["bccd_schistocyte_share"] <= 0.02
     assert val["chula_macro_f1"] >= record["val_unshifted"]["chula_macro_f1"] - 0.01
     assert val["idb1_sickle_vs_not"] >= record["val_unshifted"]["idb1_sickle_vs_not"]
+
+
+def test_the_fitting_replays_the_classifier_exactly(tmp_path: Path) -> None:
+    """training.prior_shift scores every candidate shift by replaying the classifier's gating on
+    each view's logits; the replay must give the classifier's own probabilities (more crops than
+    one engine chunk, some sure and some unsure under the first view)."""
+    from smearscope.service.analysis.classify import CHUNK_CROPS
+    from training.prior_shift import gated_probs, view_logits
+
+    crop = load_manifest(MODELS / "rbc_head.json", verify_hash=False).crop
+    crops = np.concatenate([rendered_crops(crop, seed=s, n=400, width=900, height=700) for s in (8, 9, 10)])
+    assert len(crops) > CHUNK_CROPS
+    shifts = {"spherocyte": -3.0, "schistocyte": -2.0, "target": 0.5}
+    engine = create_engine("onnxruntime", _manifest_with(tmp_path, shifts)).load()
+    try:
+        clf = CropClassifier(engine, 0.0)
+        t = engine.manifest.temperature
+        expected = softmax(clf.logits(crops) / t)
+        shift = np.array([shifts.get(c, 0.0) for c in clf.classes], np.float32)
+        vl = view_logits(clf, crops)
+        got = gated_probs(vl, shift, t, clf.extra_views_below)
+        first = softmax((vl[0] + shift * t) / t).max(1)
+    finally:
+        engine.close()
+    assert 0 < (first < clf.extra_views_below).sum() < len(crops)
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -84,6 +84,15 @@ def test_fused_scores_are_divided_by_the_views_that_saw_the_cell():
     assert every[100] == pytest.approx(0.8 / 3)
 
 
+def _partner(c, b):
+    """`b`'s counted cell of the same kind overlapping cell `c` most."""
+    from smearscope.service.analysis.boxes import pair_iou
+
+    same = [d for d in b.cells if d.detection.kind is c.detection.kind]
+    iou = pair_iou(np.array([c.detection.box.as_list()] * len(same)), np.array([d.detection.box.as_list() for d in same]))
+    return same[int(iou.argmax())]
+
+
 def _matched(a, b) -> bool:
     """Every counted cell of `a` is one of `b`'s (same kind, IoU >= 0.8) and the counts agree."""
     from smearscope.service.analysis.boxes import pair_iou
@@ -98,34 +107,59 @@ def _matched(a, b) -> bool:
     return True
 
 
-@pytest.mark.skipif(not (MODELS / "seg.onnx").exists(), reason="committed models missing (models/)")
-def test_views_where_unsure_count_the_same_cells_as_every_view_everywhere_with_fewer_tiles():
+FIELDS = {  # (seed, width, height, rendered density, most tiles the unsure mode may run, as a share)
+    "sparse": (7, 1400, 1000, 0.04, 0.6),
+    # dense: nearly every tile holds a cell cut by its edge; an extra view's own cut pieces (at the
+    # border of the region it ran) must not be counted
+    "dense": (1, 1280, 960, 0.38, 0.75),
+}
+
+
+@pytest.fixture(scope="module")
+def analyzers():
     from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
 
     everywhere = Analyzer.from_models_dir(MODELS, warmup=False, intra_op_threads=1)
     unsure = Analyzer.from_models_dir(MODELS, warmup=False, intra_op_threads=1,
                                       options=AnalyzerOptions(detector_views_where="unsure"))
-    assert len(everywhere.segmenter.views) == 3
-    tiles = {}
+    tiles: dict[str, list[int]] = {"everywhere": [], "unsure": []}
     for name, analyzer in (("everywhere", everywhere), ("unsure", unsure)):
-        original, seen = analyzer.segmenter.detect, []
+        original = analyzer.segmenter.detect
 
-        def counting(ts, *args, _original=original, _seen=seen, **kw):
+        def counting(ts, *args, _original=original, _seen=tiles[name], **kw):
             ts = list(ts)
             _seen.append(len(ts))
             return _original(iter(ts), *args, **kw)
 
         analyzer.segmenter.detect = counting
-        tiles[name] = seen
-    # a sparse field: few cells, most tiles need no second look
-    field = render_field(7, width=1400, height=1000, rbc_density=0.04, n_wbc=1, n_platelets=3,
+    yield everywhere, unsure, tiles
+    everywhere.close()
+    unsure.close()
+
+
+@pytest.mark.skipif(not (MODELS / "seg.onnx").exists(), reason="committed models missing (models/)")
+@pytest.mark.parametrize("kind", FIELDS)
+def test_views_where_unsure_count_the_same_cells_as_every_view_everywhere_with_fewer_tiles(analyzers, kind):
+    everywhere, unsure, tiles = analyzers
+    assert len(everywhere.segmenter.views) == 3
+    seed, width, height, density, most = FIELDS[kind]
+    field = render_field(seed, width=width, height=height, rbc_density=density, n_wbc=1, n_platelets=3,
                          microns_per_pixel=0.1)
+    for t in tiles.values():
+        t.clear()
     a, b = everywhere.analyze(field.frame), unsure.analyze(field.frame)
     assert len(a.cells) >= 10 and _matched(a, b)
-    assert sum(tiles["unsure"]) < 0.6 * sum(tiles["everywhere"])
-    # the counted cells' scores agree (a cell only the first view saw keeps its own score)
-    sa = sorted(c.detection.score for c in a.cells)
-    sb = sorted(c.detection.score for c in b.cells)
-    assert np.allclose(sa, sb, atol=0.05)
-    for x in (everywhere, unsure):
-        x.close()
+    assert sum(tiles["unsure"]) <= most * sum(tiles["everywhere"]), tiles
+    # the counted cells' scores mostly agree (a cell only the first view saw keeps its own score,
+    # where full fusion would have averaged the other views' in)
+    diffs = np.array([abs(c.detection.score - _partner(c, b).detection.score) for c in a.cells])
+    assert np.median(diffs) < 0.01 and (diffs <= 0.05).mean() >= 0.85, np.sort(diffs)[-10:]
+
+
+def test_bad_options_are_refused():
+    from smearscope.service.analysis.pipeline import AnalyzerOptions
+
+    with pytest.raises(ValueError, match="detector_views_where"):
+        AnalyzerOptions(detector_views_where="Unsure")
+    with pytest.raises(ValueError, match="detector_unsure_band"):
+        AnalyzerOptions(detector_unsure_band=(0.8, 0.2))

@@ -2,6 +2,7 @@
 
     python -m training.lab_table [--models models] [--split val|test] [--scale estimated|given|both]
                                  [--labs bccd,rpi] [--stain auto|none|macenko|vahadane] [--json out.json]
+                                 [--views identity,hflip] [--views-where everywhere|unsure]
 
 A lab is one microscope, camera and stain (`training.labs`). Each row is one lab's held-out
 images, analysed by the same `Analyzer` the station runs, scored in the form that lab's labels
@@ -305,6 +306,8 @@ def main() -> None:
     ap.add_argument("--labs", default=",".join(DETECTOR_LABS))
     ap.add_argument("--limit", type=int, default=None, help="first N images per lab (quick looks)")
     ap.add_argument("--views", default=None, help="detector views, e.g. identity (default: the manifest's)")
+    ap.add_argument("--views-where", choices=("everywhere", "unsure"), default="everywhere",
+                    help="where the detector's views after the first run (AnalyzerOptions.detector_views_where)")
     ap.add_argument("--stain", choices=("auto", *available_methods()), default="auto",
                     help="stain normalization for every model (default: each manifest's)")
     ap.add_argument("--json", type=Path, default=None)
@@ -316,6 +319,7 @@ def main() -> None:
     GREYSCALE = args.greyscale
     logging.basicConfig(level=logging.WARNING)
     options = AnalyzerOptions(detector_views=tuple(args.views.split(",")) if args.views else None,
+                              detector_views_where=args.views_where,
                               illumination=args.illumination, stain_method=args.stain)
     analyzer = Analyzer.from_models_dir(args.models, options=options)
     if args.stain != "auto" and analyzer.stain_method != args.stain:
@@ -326,11 +330,13 @@ def main() -> None:
     try:
         for lab in args.labs.split(","):
             for mode in modes:
-                rows.append({**run_lab(analyzer, lab, args.split, mode, args.limit), "stain": analyzer.stain_method})
+                rows.append({**run_lab(analyzer, lab, args.split, mode, args.limit), "stain": analyzer.stain_method,
+                             "detector_views": "+".join(analyzer.segmenter.views), "views_where": args.views_where})
                 logger.warning("%s", json.dumps(rows[-1]))
     finally:
         analyzer.close()
-    print(f"stain normalization: {analyzer.stain_method} (--stain {args.stain})")
+    print(f"stain normalization: {analyzer.stain_method} (--stain {args.stain}); detector views "
+          f"{'+'.join(analyzer.segmenter.views)}, the ones after the first {args.views_where}")
     print(format_table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -5,8 +5,9 @@ the head is unsure of there (top probability below `EXTRA_VIEWS_BELOW`) run in i
 and their views' logits are averaged: the views pay where the answer can change (on Chula val the
 RBC head keeps its four-view macro-F1, 0.893, with 15 % of the crops in four views; the WBC head its
 two-view figure with 5 %). Softmax uses the manifest's calibration temperature, after its
-`class_log_prior_shift` (the RBC head: spherocyte -3.0, so a normal-looking lab's round red cells
-are not called spherocytes by the balanced training mix's prior); a cell
+`class_log_prior_shift` (the RBC head: spherocyte -3.25 and schistocyte -3.0, so a normal-looking
+lab's round red cells and small ones are not called spherocytes and schistocytes by the balanced
+training mix's prior); a cell
 whose top probability is below the head's threshold becomes UNIDENTIFIED (sent for human
 review), never a guessed class. A head whose manifest has an `open_set` score (the WBC head: the
 Mahalanobis distance of the crop's features to the nearest trained class, computed in the graph)

@@ -11,9 +11,10 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from smearscope.service.analysis.illumination import Illumination, estimate_illu
 from smearscope.service.analysis.merge import merge_detections
 from smearscope.service.analysis.morphology import SIZE_BASED, shape_label
 from smearscope.service.analysis.prepare import CanonicalField, Preparation
-from smearscope.service.analysis.records import CellDetection, CellKind, ClassifiedCell
+from smearscope.service.analysis.records import CellDetection, CellKind, ClassifiedCell, Tile
 from smearscope.service.analysis.report import (
     CellRecord,
     Flag,
@@ -79,19 +80,6 @@ SCALE_MIN_SCORE = 0.3
 KIND_FROM_HEAD_LABEL = {"platelet": CellKind.PLATELET, "erythroblast": CellKind.NRBC}
 
 
-def _on_tile_edges(boxes: np.ndarray, w: int, h: int, tile: int, overlap: float, tol: float = 2.0) -> np.ndarray:
-    """Which boxes (N, 4; frame = first view) end within `tol` px of an interior tile border: cells,
-    or pieces of cells, that a tile edge may have cut."""
-    grid = tile_grid(max(w, tile), max(h, tile), tile, overlap)
-    xs = np.array(sorted({e for x, _ in grid for e in (x, x + tile) if 0 < e < w}), float)
-    ys = np.array(sorted({e for _, y in grid for e in (y, y + tile) if 0 < e < h}), float)
-
-    def near(v: np.ndarray, edges: np.ndarray) -> np.ndarray:
-        return (np.abs(v[:, None] - edges[None, :]) <= tol).any(1) if len(edges) else np.zeros(len(v), bool)
-
-    return near(boxes[:, 0], xs) | near(boxes[:, 2], xs) | near(boxes[:, 1], ys) | near(boxes[:, 3], ys)
-
-
 @dataclass(frozen=True)
 class AnalyzerOptions:
     tile_size: int = 256
@@ -107,7 +95,7 @@ class AnalyzerOptions:
     detector_views: tuple[str, ...] | None = None
     #: "everywhere": every view runs on the whole frame; "unsure": the views after the first run only
     #: on their tiles that overlap a cell the first view was unsure of (service.analysis.tta).
-    detector_views_where: str = "everywhere"
+    detector_views_where: Literal["everywhere", "unsure"] = "everywhere"
     #: With "unsure": the first view's calibrated scores in [low, high) are unsure.
     detector_unsure_band: tuple[float, float] = (0.2, 0.8)
     wbc_min_confidence: float = 0.5
@@ -117,6 +105,13 @@ class AnalyzerOptions:
     wbc_views: tuple[str, ...] | None = None
     scale_refine_tolerance: float = 0.05
     thresholds: AggregateThresholds = field(default_factory=AggregateThresholds)
+
+    def __post_init__(self) -> None:
+        if self.detector_views_where not in ("everywhere", "unsure"):
+            raise ValueError(f"detector_views_where must be 'everywhere' or 'unsure', got {self.detector_views_where!r}")
+        low, high = self.detector_unsure_band
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError(f"detector_unsure_band must be (low, high) with 0 <= low < high <= 1, got {self.detector_unsure_band}")
 
 
 @dataclass(frozen=True)
@@ -221,11 +216,13 @@ class Analyzer:
         return self.segmenter.finish(fuse_views(per_view))
 
     def _detect_where_unsure(self, canonical: np.ndarray, views: tuple[str, ...]) -> list[CellDetection]:
-        """The first view everywhere, the others only on their tiles that overlap an unsure cell.
+        """The first view everywhere, the others only on their tiles that show an unsure cell whole.
 
-        What each extra view saw is recorded (tta.Coverage); its cells not seen whole (cut by the
-        border of the region it ran) are dropped, and each fused cell's score is divided by the
-        number of views that saw it whole."""
+        Unsure: a calibrated score in `detector_unsure_band`, or a cell the merge left cut by a
+        tile edge (the other views' grids show it whole and, when it is a piece, vote it down).
+        What each extra view ran is recorded (tta.Coverage); its cells cut by a tile edge (at the
+        border of the region it ran) or not seen whole are dropped, and each fused cell's score
+        is divided by the number of views that saw it whole."""
         o = self.options
         h, w = canonical.shape[:2]
         grid = len(tile_grid(max(w, o.tile_size), max(h, o.tile_size), o.tile_size, o.tile_overlap))
@@ -233,18 +230,16 @@ class Analyzer:
                                           calibrate=False)
         first = [unview(d, views[0], w, h) for d in merge_detections(first_raw)]
         low, high = o.detector_unsure_band
-        calibrated = getattr(self.segmenter, "calibrated", lambda kind, score: score)
-        # A cell cut by a tile edge that the merge could not join is unsure whatever its score: the
-        # other views' tile grids show it whole (and, when it is a piece, vote it down).
-        boxes = np.array([d.box.as_list() for d in first], float).reshape(-1, 4)
-        scores = np.array([calibrated(d.kind.value, d.score) for d in first], float)
-        unsure = boxes[((scores >= low) & (scores < high)) | _on_tile_edges(boxes, w, h, o.tile_size, o.tile_overlap)]
+        unsure = np.array([d.box.as_list() for d in first
+                           if d.cut_by_tile_edge or low <= self.segmenter.calibrated(d.kind.value, d.score) < high],
+                          float).reshape(-1, 4)
         if not len(unsure):
             return self.segmenter.finish(first)
         coverage = Coverage(w, h, len(views))
         coverage.add(0, (0, 0, w, h))
 
-        def tiles_where_unsure(k: int, view: str):
+        def tiles_where_unsure(k: int, view: str) -> Iterator[Tile]:
+            # fills `coverage` as the engine consumes the tiles: complete once `detect` returns
             tiles = list(view_tiles(canonical, view, o.tile_size, o.tile_overlap))  # windows, not copies
             for i in tiles_for_boxes([view_window(t, view, o.tile_size, w, h) for t in tiles], unsure):
                 coverage.add(k, view_window(tiles[i], view, o.tile_size, w, h))
@@ -253,8 +248,9 @@ class Analyzer:
         tiles = itertools.chain.from_iterable(tiles_where_unsure(k, v) for k, v in enumerate(views) if k)
         raw = self.segmenter.detect(tiles, w, h, calibrate=False)
         per_view = [first] + [
-            [d for d in (unview(d, v, w, h) for d in merge_detections([d for d in raw if d.tile_index // grid == k]))
-             if coverage.sees(k, d.box)]
+            [u for u in (unview(d, v, w, h) for d in merge_detections([d for d in raw if d.tile_index // grid == k])
+                         if not d.cut_by_tile_edge)
+             if coverage.sees(k, u.box)]
             for k, v in enumerate(views) if k]
         return self.segmenter.finish(fuse_views(per_view, seen_by=coverage.views_seeing))
 

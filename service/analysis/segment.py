@@ -34,6 +34,10 @@ class Segmenter(Protocol):
         """Merged and fused raw detections -> final scores, those below the threshold dropped."""
         ...
 
+    def calibrated(self, kind_name: str, raw: float) -> float:
+        """The final score `finish` would give a raw (fused) score of that kind."""
+        ...
+
 
 def touches_interior_tile_edge(box_in_frame: Box, tile: Tile, frame_width: int, frame_height: int) -> bool:
     """True when the box touches a tile edge that is not also the frame's edge (a cut cell)."""

@@ -23,10 +23,13 @@ one view found whole and another in two pieces), and its views vote for the larg
 
 Views where they pay (`AnalyzerOptions.detector_views_where = "unsure"`): the first view runs
 everywhere; the other views run only on their tiles that overlap a cell the first view was unsure
-of (calibrated score inside a band around the counting threshold). `Coverage` records which
-part of the frame each view saw; a cell's fused score is the sum of its members' scores over the
-number of views that saw it whole, so a cell only the first view saw keeps its own score, and a
-cell every view saw is fused exactly as when every view runs everywhere.
+of (calibrated score inside a band around the counting threshold) or that the merge left cut
+by a tile edge. `Coverage` records which part of the frame each view saw; a cell's fused score is
+the sum of its members' scores over the number of views that saw it whole. A cell only the first
+view saw keeps its own score (where every view runs, the others' would have been averaged in, so
+a sure cell's score can read higher than full fusion gives it); a cell every view saw is fused as
+when every view runs everywhere, except that an extra view's cross-tile merge only had the tiles
+it ran.
 """
 
 from __future__ import annotations
