@@ -275,9 +275,11 @@ def test_scale_with_no_red_cells_anywhere_stays_plausible_and_uncertain():
     assert out.uncertain and not out.attempt.quick
 
 
-def test_a_sparse_field_with_a_few_red_cells_at_its_guess_is_not_searched():
-    """Two whole red cells at the first guess: the search (which upsampled sparse fields of other
-    labs to absurd scales, TXL-PBC test) does not run; too few to refine, the guess stands, flagged."""
+def test_a_sparse_field_keeps_its_guess_when_the_searched_cells_do_not_settle():
+    """Two whole red cells at the first guess. The search runs, and far away (where a pass upsamples
+    the field: other labs' sparse fields, TXL-PBC) a detector finds many "red cells" that are
+    pieces, sized alike at any scale, so refining from them never settles: the guess stands,
+    flagged as resting on two cells."""
     from smearscope.service.analysis.scale import ScaleEstimate
     from smearscope.service.analysis.scale_search import Attempt, find_scale
 
@@ -285,10 +287,53 @@ def test_a_sparse_field_with_a_few_red_cells_at_its_guess_is_not_searched():
 
     def detect_at(mpp: float, quick: bool):
         calls.append(mpp)
-        n = 2 if abs(mpp / 0.05 - 1) < 0.01 else (30 if mpp > 0.3 else 0)  # many "cells" only far away
-        return Attempt(mpp, [CellDetection(CellKind.RBC, Box(0, 0, 37.5, 37.5), 0.9) for _ in range(n)], None, quick)
+        if abs(mpp / 0.05 - 1) < 0.01:
+            dets = [CellDetection(CellKind.RBC, Box(0, 0, 37.5, 37.5), 0.9) for _ in range(2)]
+        else:  # pieces: 20 px whatever the scale
+            dets = [CellDetection(CellKind.RBC, Box(0, 0, 20, 20), 0.9) for _ in range(30 if mpp > 0.3 else 0)]
+        return Attempt(mpp, dets, None, quick)
 
     out = find_scale(detect_at, ScaleEstimate(0.05, "rbc_size_classical"), 10**6)
+    assert max(calls) > 0.3  # searched
     assert out.estimate.microns_per_pixel == pytest.approx(0.05)
-    assert max(calls) < 0.3 and len(calls) <= 4  # no pass at the far scales
-    assert out.uncertain and "only 2 whole red cells" in out.reason
+    assert out.uncertain and "only 2 whole red cells" in out.reason and "search" not in out.reason
+
+
+def test_a_wrong_guess_with_a_few_red_cells_gives_way_to_a_search_that_settles():
+    """A pale low-cost camera: the first guess reads a third of the true scale and a detector finds
+    two "red cells" there; near the true scale it finds twenty whose size agrees with the scale."""
+    from smearscope.service.analysis.scale import ScaleEstimate
+    from smearscope.service.analysis.scale_search import Attempt, find_scale
+
+    near_truth, _ = _fake_pass(0.135)
+
+    def detect_at(mpp: float, quick: bool):
+        if abs(mpp / 0.042 - 1) < 0.45:  # the guess and its neighbours
+            return Attempt(mpp, [CellDetection(CellKind.RBC, Box(0, 0, 30, 30), 0.9) for _ in range(2)], None, quick)
+        return near_truth(mpp, quick)
+
+    out = find_scale(detect_at, ScaleEstimate(0.042, "rbc_size_classical"), 10**6)
+    assert out.estimate.microns_per_pixel == pytest.approx(0.135, rel=0.1)
+    assert out.uncertain and "search" in out.reason and not out.attempt.quick
+
+
+@pytest.mark.parametrize(("n_far", "taken"), [(40, True), (12, False)])
+def test_a_searched_scale_that_keeps_moving_is_taken_only_with_many_red_cells(n_far, taken):
+    """Refining from the searched scale's cells never settles (the detector sees them 15 % large
+    at any scale). With many whole red cells it is still far nearer than the guess and is taken,
+    flagged; with a dozen (pieces of a sparse field's cells, upsampled) the guess stands."""
+    from smearscope.service.analysis.scale import ScaleEstimate
+    from smearscope.service.analysis.scale_search import Attempt, find_scale
+
+    def detect_at(mpp: float, quick: bool):
+        if abs(mpp / 0.042 - 1) < 0.45:
+            return Attempt(mpp, [CellDetection(CellKind.RBC, Box(0, 0, 30, 30), 0.9) for _ in range(2)], None, quick)
+        n = n_far if 0.07 < mpp < 0.3 else 0
+        return Attempt(mpp, [CellDetection(CellKind.RBC, Box(0, 0, 43, 43), 0.9) for _ in range(n)], None, quick)
+
+    out = find_scale(detect_at, ScaleEstimate(0.042, "rbc_size_classical"), 10**6)
+    if taken:
+        assert 0.07 < out.estimate.microns_per_pixel < 0.3
+        assert "search" in out.reason and "did not settle" in out.reason
+    else:
+        assert out.estimate.microns_per_pixel == pytest.approx(0.042)

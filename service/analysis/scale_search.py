@@ -8,17 +8,22 @@ the analyzer infers micrometres per pixel from red-cell size, a normal red cell 
    on the lamp-corrected frame: `scale.first_scale_guess`);
 2. detection passes at that guess and a step either side, kept when one finds enough whole,
    confident red cells;
-3. when none finds a single whole red cell (a pale camera, an odd magnification), a search over
-   the whole plausible range of microscope scales (`PLAUSIBLE_UM_PER_PX`), keeping the scale
-   whose pass finds the most whole red cells;
+3. when none finds enough (`MIN_RBC_FOR_SCALE`) whole red cells, a search over the whole
+   plausible range of microscope scales (`PLAUSIBLE_UM_PER_PX`). With not a single one at the
+   guesses (a pale camera, an odd magnification) the scale whose pass finds the most is kept.
+   With a few, the field may be sparse or the guess wrong (a detector finds a few "red cells" at
+   any scale: a Raspberry Pi station's first guess reads a third of its scale): the searched
+   scale is kept only where `SEARCH_WINS_FACTOR` times as many whole red cells show and
+   refining from them settles, or keeps at least `UNSETTLED_MIN_RBC`;
 4. refinement from the detected red cells' box size (at least `MIN_RBC_FOR_SCALE` of them),
    repeated until it agrees, because a detector sees cells far from the canonical size as
    nearer to it than they are.
 
-The search is the last resort: on TXL-PBC test (other labs' fields, scale estimated) searching
-whenever fewer than three whole red cells were found, and guessing on the lamp-corrected frame
-first, lowered counted-cell mAP50 from 0.696 to 0.643 (a search pass upsampling a sparse field
-finds "red cells" at an absurd scale); as above it gives 0.694.
+A search pass that upsamples a sparse field finds "red cells" at an absurd scale: on TXL-PBC
+test (other labs' fields, scale estimated) taking the search's best whenever fewer than three
+whole red cells were found, and guessing on the lamp-corrected frame first, lowered counted-cell
+mAP50 from 0.696 to 0.643. Those "cells" are pieces, whose size points out of the plausible range
+or which the refinement loses; the rules of step 3 keep the guess there.
 
 The result is flagged uncertain (`scale_uncertain`) when it rests on a search, on too few red
 cells or on a refinement that did not settle; it never leaves the plausible range.
@@ -50,8 +55,13 @@ SEARCH_STEP = 1.5
 #: Detection passes at most that refine the scale from the whole red cells.
 REFINE_ROUNDS = 3
 MIN_RBC_FOR_SCALE = 5
-#: Below this many whole red cells at every guess (none), the whole plausible range is searched.
+#: Below this many whole red cells at every guess (none), the search's best scale is taken.
 MIN_RBC_TO_SKIP_SEARCH = 1
+#: With a few whole red cells at the guesses (fewer than MIN_RBC_FOR_SCALE), a searched scale is
+#: taken only when its pass finds this many times as many (and at least MIN_RBC_FOR_SCALE).
+SEARCH_WINS_FACTOR = 4
+#: ... and, when refining from them does not settle, at least this many still found at the end.
+UNSETTLED_MIN_RBC = 20
 #: A search pass that would resample the frame beyond this many canonical pixels is skipped.
 MAX_SEARCH_CANONICAL_PIXELS = 12_000_000
 
@@ -109,38 +119,66 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
             continue
         if len(attempt(mpp, quick=i > 0).whole_rbc) >= MIN_RBC_FOR_SCALE:
             break
-    searched = False
-    if len(best().whole_rbc) < MIN_RBC_TO_SKIP_SEARCH:
-        searched = True
+
+    def refine(current: Attempt) -> tuple[Attempt, bool]:
+        """Refine from the whole red cells' size until the scale agrees with itself. Sets
+        `pinned` when the cells' size points outside the plausible range."""
+        for _ in range(REFINE_ROUNDS):
+            diam_canon = [(d.box.width + d.box.height) / 2.0 for d in current.whole_rbc]
+            implied = scale_from_rbc_diameters(np.array(diam_canon), min_cells=MIN_RBC_FOR_SCALE)
+            if implied is None:
+                return current, False
+            implied_mpp = current.mpp * implied / CANONICAL_UM_PER_PX
+            true_mpp = clamp(implied_mpp)
+            if abs(implied_mpp / current.mpp - 1.0) <= tolerance:
+                return current, True
+            if true_mpp != implied_mpp and true_mpp == current.mpp:
+                pinned.append(current.mpp)  # at the edge of the plausible range: no scale agrees
+                return current, False
+            logger.info("scale refined from %.4f to %.4f um/px by %d red cells", current.mpp, true_mpp,
+                        len(current.whole_rbc))
+            nxt = attempt(true_mpp, quick=False)
+            if not nxt.whole_rbc:
+                return current, False
+            current = nxt
+        return current, False
+
+    searched, settled, pinned = False, False, []
+    guessed = best()
+    current = guessed
+    if len(guessed.whole_rbc) < MIN_RBC_FOR_SCALE:
+        n_guessed = len(tried)
         for mpp in search_grid():
             canonical_pixels = input_pixels * (mpp / CANONICAL_UM_PER_PX) ** 2
             if canonical_pixels > MAX_SEARCH_CANONICAL_PIXELS or any(abs(mpp / a.mpp - 1) < 0.2 for a in tried):
                 continue
             attempt(mpp, quick=True)
-        logger.info("scale searched over %d passes: best %.4f um/px with %d whole red cells", len(tried),
-                    best().mpp, len(best().whole_rbc))
-    current = best()
+        found = max(tried[n_guessed:], key=lambda a: len(a.whole_rbc), default=guessed)
+        logger.info("scale searched over %d passes: best %.4f um/px with %d whole red cells (guesses: %d)",
+                    len(tried), found.mpp, len(found.whole_rbc), len(guessed.whole_rbc))
+        if len(guessed.whole_rbc) < MIN_RBC_TO_SKIP_SEARCH:
+            searched, current = True, best()
+        elif len(found.whole_rbc) >= max(MIN_RBC_FOR_SCALE, SEARCH_WINS_FACTOR * len(guessed.whole_rbc)):
+            # A few whole red cells at the guesses: the field may be sparse (the guess is right) or
+            # the guess wrong (a detector finds a few "red cells" at any scale). The searched scale
+            # wins only where far more whole red cells show, and refining from their size either
+            # settles or keeps finding many more of them (a detector may see a camera's cells a
+            # little large and converge slowly). At an absurd scale the "cells" are pieces: their
+            # size points out of the plausible range, or the refinement loses them.
+            refined, settled = refine(found)
+            many = max(UNSETTLED_MIN_RBC, SEARCH_WINS_FACTOR * len(guessed.whole_rbc))
+            if settled or (not pinned and len(refined.whole_rbc) >= many):
+                searched, current = True, refined
+            else:
+                logger.info("searched scale %.4f did not hold: the guess %.4f is kept", found.mpp, guessed.mpp)
     few = len(current.whole_rbc) < MIN_RBC_FOR_SCALE
     reasons = []
     if searched:
         reasons.append("found by searching the plausible range")
     if few:
         reasons.append(f"only {len(current.whole_rbc)} whole red cells")
-    settled = False
-    for _ in range(REFINE_ROUNDS):
-        diam_canon = [(d.box.width + d.box.height) / 2.0 for d in current.whole_rbc]
-        implied = scale_from_rbc_diameters(np.array(diam_canon), min_cells=MIN_RBC_FOR_SCALE)
-        if implied is None:
-            break
-        true_mpp = clamp(current.mpp * implied / CANONICAL_UM_PER_PX)
-        if abs(true_mpp / current.mpp - 1.0) <= tolerance:
-            settled = True
-            break
-        logger.info("scale refined from %.4f to %.4f um/px by %d red cells", current.mpp, true_mpp, len(current.whole_rbc))
-        nxt = attempt(true_mpp, quick=False)
-        if not nxt.whole_rbc:
-            break
-        current = nxt
+    if not settled:
+        current, settled = refine(current)
     if not settled and len(current.whole_rbc) >= MIN_RBC_FOR_SCALE:
         reasons.append("the refinement from red-cell size did not settle")
     if current.quick:
