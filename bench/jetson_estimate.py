@@ -89,8 +89,9 @@ class Run:
 
 
 def latest_results(folder: Path = RESULTS) -> Path:
+    """The newest results by the date in the name, then by name (several runs share a date)."""
     files = sorted(folder.glob("bench_pipeline-*.txt"),
-                   key=lambda p: (re.findall(r"\d{4}-\d{2}-\d{2}", p.name) or [""])[-1])
+                   key=lambda p: ((re.findall(r"\d{4}-\d{2}-\d{2}", p.name) or [""])[-1], p.name))
     if not files:
         raise FileNotFoundError(f"no bench_pipeline-*.txt in {folder}")
     return files[-1]

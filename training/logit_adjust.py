@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from training.prior_shift import load_view_logits, score
+from training.prior_shift import RULES, load_view_logits, score
 from training.rbc_data import CLASSES
 
 logger = logging.getLogger(__name__)
 
-MAX_SPHEROCYTE_SHARE = 0.10
+MAX_SPHEROCYTE_SHARE = dict(RULES)["spherocyte"]
 #: A coordinate step is kept only when Chula val macro-F1 gains at least this much.
 MIN_GAIN = 0.002
 STEPS = np.arange(-3.0, 3.001, 0.25)

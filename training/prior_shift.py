@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from smearscope.engines.registry import create_engine
-from smearscope.service.analysis.classify import CropClassifier, softmax
+from smearscope.service.analysis.classify import CHUNK_CROPS, CropClassifier, softmax
 from smearscope.service.analysis.crops import CropSpec
 from training.plausibility import _crops_for
 from training.rbc_data import CLASSES, build_sets, figures
@@ -48,8 +48,8 @@ def view_logits(clf: CropClassifier, crops: np.ndarray) -> np.ndarray:
     saved = clf.logit_shift
     clf.logit_shift = np.zeros_like(saved)
     try:
-        return np.concatenate([clf._views_out(crops[i : i + 512], clf.views)[0] for i in range(0, len(crops), 512)],
-                              axis=1)
+        return np.concatenate([clf.views_out(crops[i : i + CHUNK_CROPS], clf.views)[0]
+                               for i in range(0, len(crops), CHUNK_CROPS)], axis=1)
     finally:
         clf.logit_shift = saved
 

@@ -109,14 +109,14 @@ class CropClassifier:
         logits, dist = self._views_mean(pixels, first)
         unsure = np.flatnonzero(softmax(logits / self.temperature).max(1) < self.extra_views_below)
         if unsure.size:
-            more, more_dist = self._views_out(pixels[unsure], rest)
+            more, more_dist = self.views_out(pixels[unsure], rest)
             logits[unsure] = np.concatenate([logits[unsure][None], more]).mean(0)
             if dist is not None and more_dist is not None:
                 dist[unsure] = np.concatenate([dist[unsure][None], more_dist]).mean(0)
         return logits, dist
 
-    def _views_out(self, pixels: np.ndarray, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Per view, logits (V, N, classes) and open-set distances (V, N) or None."""
+    def views_out(self, pixels: np.ndarray, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per view, logits (V, N, classes) with `logit_shift` added, and open-set distances (V, N) or None."""
         n = len(pixels)
         stacked = pixels if tuple(views) == ("identity",) else np.concatenate([view_crops(pixels, v) for v in views])
         out = run_batched(self.engine, to_model_input(stacked, self.engine.manifest.preprocessing))
@@ -128,7 +128,7 @@ class CropClassifier:
         return logits, dist
 
     def _views_mean(self, pixels: np.ndarray, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        logits, dist = self._views_out(pixels, views)
+        logits, dist = self.views_out(pixels, views)
         return logits.mean(0), None if dist is None else dist.mean(0)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:

@@ -80,6 +80,12 @@ SCALE_MIN_SCORE = 0.3
 KIND_FROM_HEAD_LABEL = {"platelet": CellKind.PLATELET, "erythroblast": CellKind.NRBC}
 
 
+def _view_cells(raw: list[CellDetection], k: int, view: str, grid: int, w: int, h: int) -> list[CellDetection]:
+    """View `k`'s raw detections (tile indices offset by k x `grid`) merged across its tiles and
+    mapped back to the frame."""
+    return [unview(d, view, w, h) for d in merge_detections([d for d in raw if d.tile_index // grid == k])]
+
+
 @dataclass(frozen=True)
 class AnalyzerOptions:
     tile_size: int = 256
@@ -206,14 +212,18 @@ class Analyzer:
         views = self.segmenter.views if views is None else views
         if len(views) > 1 and o.detector_views_where == "unsure":
             return self._detect_where_unsure(canonical, views)
-        grid = len(tile_grid(max(w, o.tile_size), max(h, o.tile_size), o.tile_size, o.tile_overlap))
+        grid = self._grid_size(w, h)
         tiles = itertools.chain.from_iterable(
             (dataclasses.replace(t, index=k * grid + t.index) for t in view_tiles(canonical, v, o.tile_size, o.tile_overlap))
             for k, v in enumerate(views))
         raw = self.segmenter.detect(tiles, w, h, calibrate=False)
-        per_view = [[unview(d, v, w, h) for d in merge_detections([d for d in raw if d.tile_index // grid == k])]
-                    for k, v in enumerate(views)]
+        per_view = [_view_cells(raw, k, v, grid, w, h) for k, v in enumerate(views)]
         return self.segmenter.finish(fuse_views(per_view))
+
+    def _grid_size(self, w: int, h: int) -> int:
+        """Tiles in one view's grid: a view's tile indices are offset by this times its number."""
+        o = self.options
+        return len(tile_grid(max(w, o.tile_size), max(h, o.tile_size), o.tile_size, o.tile_overlap))
 
     def _detect_where_unsure(self, canonical: np.ndarray, views: tuple[str, ...]) -> list[CellDetection]:
         """The first view everywhere, the others only on their tiles that show an unsure cell whole.
@@ -225,10 +235,10 @@ class Analyzer:
         is divided by the number of views that saw it whole."""
         o = self.options
         h, w = canonical.shape[:2]
-        grid = len(tile_grid(max(w, o.tile_size), max(h, o.tile_size), o.tile_size, o.tile_overlap))
+        grid = self._grid_size(w, h)
         first_raw = self.segmenter.detect(view_tiles(canonical, views[0], o.tile_size, o.tile_overlap), w, h,
                                           calibrate=False)
-        first = [unview(d, views[0], w, h) for d in merge_detections(first_raw)]
+        first = _view_cells(first_raw, 0, views[0], grid, w, h)
         low, high = o.detector_unsure_band
         unsure = np.array([d.box.as_list() for d in first
                            if d.cut_by_tile_edge or low <= self.segmenter.calibrated(d.kind.value, d.score) < high],
@@ -247,11 +257,9 @@ class Analyzer:
 
         tiles = itertools.chain.from_iterable(tiles_where_unsure(k, v) for k, v in enumerate(views) if k)
         raw = self.segmenter.detect(tiles, w, h, calibrate=False)
-        per_view = [first] + [
-            [u for u in (unview(d, v, w, h) for d in merge_detections([d for d in raw if d.tile_index // grid == k])
-                         if not d.cut_by_tile_edge)
-             if coverage.sees(k, u.box)]
-            for k, v in enumerate(views) if k]
+        per_view = [first] + [[d for d in _view_cells(raw, k, v, grid, w, h)
+                               if not d.cut_by_tile_edge and coverage.sees(k, d.box)]
+                              for k, v in enumerate(views) if k]
         return self.segmenter.finish(fuse_views(per_view, seen_by=coverage.views_seeing))
 
     def _detect_at(self, frame: Frame, mpp: float, illumination: Illumination, timing: dict[str, float],

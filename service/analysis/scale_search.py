@@ -120,30 +120,30 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
         if len(attempt(mpp, quick=i > 0).whole_rbc) >= MIN_RBC_FOR_SCALE:
             break
 
-    def refine(current: Attempt) -> tuple[Attempt, bool]:
-        """Refine from the whole red cells' size until the scale agrees with itself. Sets
-        `pinned` when the cells' size points outside the plausible range."""
+    def refine(current: Attempt) -> tuple[Attempt, str]:
+        """Refine from the whole red cells' size until the scale agrees with itself. Returns the
+        last pass and how it ended: "settled"; "pinned" (the cells' size points outside the
+        plausible range: no scale agrees); "unsettled" (still moving, or no cells to go on)."""
         for _ in range(REFINE_ROUNDS):
             diam_canon = [(d.box.width + d.box.height) / 2.0 for d in current.whole_rbc]
             implied = scale_from_rbc_diameters(np.array(diam_canon), min_cells=MIN_RBC_FOR_SCALE)
             if implied is None:
-                return current, False
+                return current, "unsettled"
             implied_mpp = current.mpp * implied / CANONICAL_UM_PER_PX
             true_mpp = clamp(implied_mpp)
             if abs(implied_mpp / current.mpp - 1.0) <= tolerance:
-                return current, True
+                return current, "settled"
             if true_mpp != implied_mpp and true_mpp == current.mpp:
-                pinned.append(current.mpp)  # at the edge of the plausible range: no scale agrees
-                return current, False
+                return current, "pinned"
             logger.info("scale refined from %.4f to %.4f um/px by %d red cells", current.mpp, true_mpp,
                         len(current.whole_rbc))
             nxt = attempt(true_mpp, quick=False)
             if not nxt.whole_rbc:
-                return current, False
+                return current, "unsettled"
             current = nxt
-        return current, False
+        return current, "unsettled"
 
-    searched, settled, pinned = False, False, []
+    searched, ending = False, None
     guessed = best()
     current = guessed
     if len(guessed.whole_rbc) < MIN_RBC_FOR_SCALE:
@@ -165,10 +165,10 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
             # settles or keeps finding many more of them (a detector may see a camera's cells a
             # little large and converge slowly). At an absurd scale the "cells" are pieces: their
             # size points out of the plausible range, or the refinement loses them.
-            refined, settled = refine(found)
+            refined, how = refine(found)
             many = max(UNSETTLED_MIN_RBC, SEARCH_WINS_FACTOR * len(guessed.whole_rbc))
-            if settled or (not pinned and len(refined.whole_rbc) >= many):
-                searched, current = True, refined
+            if how == "settled" or (how == "unsettled" and len(refined.whole_rbc) >= many):
+                searched, current, ending = True, refined, how
             else:
                 logger.info("searched scale %.4f did not hold: the guess %.4f is kept", found.mpp, guessed.mpp)
     few = len(current.whole_rbc) < MIN_RBC_FOR_SCALE
@@ -177,9 +177,9 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
         reasons.append("found by searching the plausible range")
     if few:
         reasons.append(f"only {len(current.whole_rbc)} whole red cells")
-    if not settled:
-        current, settled = refine(current)
-    if not settled and len(current.whole_rbc) >= MIN_RBC_FOR_SCALE:
+    if ending != "settled":
+        current, ending = refine(current)
+    if ending != "settled" and len(current.whole_rbc) >= MIN_RBC_FOR_SCALE:
         reasons.append("the refinement from red-cell size did not settle")
     if current.quick:
         current = attempt(current.mpp, quick=False)
