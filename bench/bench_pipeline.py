@@ -2,12 +2,14 @@
 where the time goes, and how time and memory grow with the frame. Every ratio comes from this one
 run on this machine; not a test.
 
-    .venv/bin/python -m bench.bench_pipeline [--repeats 3] [--sizes 640x480,...] [--no-sahi]
+    .venv/bin/python -m bench.bench_pipeline [--repeats 3] [--runs 3] [--sizes 640x480,...] [--no-sahi]
                                              [--scaling-mp 1,4,16,64] [--no-scaling]
 
 Per field size, smearscope runs with the manifests' test-time views ("default") and with one view
 per model ("one-view"); each run's "floor" is the same tiles and crops (the batches the engines
-were given) through the same ONNX Runtime sessions, without any pre- or post-processing.
+were given) through the same ONNX Runtime sessions, without any pre- or post-processing. Each
+field runs `--runs` times per configuration (each run followed by its floor); total and floor are
+the fastest of those runs, the stage breakdown is the first (probed) run's.
 Measurements are interleaved field by field (one-view, its floor, default, its floor, SAHI), so
 load that comes and goes hits every column alike. "SAHI" is SAHI sliced prediction + Ultralytics
 with the committed detector + a per-crop head loop (bench/sahi_baseline.py), run in the `bench`
@@ -114,7 +116,7 @@ class SahiWorker:
 
 
 def bench_sizes(analyzers: dict[str, Analyzer], sizes: list[str], repeats: int, sahi: dict[str, SahiWorker],
-                tmp: Path) -> dict[str, dict[str, Runs]]:
+                tmp: Path, runs_per_field: int = 1) -> dict[str, dict[str, Runs]]:
     results: dict[str, dict[str, Runs]] = {}
     for size in sizes:
         w, h, mpp = SIZES[size]
@@ -127,14 +129,14 @@ def bench_sizes(analyzers: dict[str, Analyzer], sizes: list[str], repeats: int, 
                 for worker in sahi.values():
                     worker.run(path, mpp)  # the first call builds its sessions
             for name, analyzer in analyzers.items():
-                total, stages, floor, cells = probe_field(analyzer, f.frame)
+                total, stages, floor, cells = probe_field(analyzer, f.frame, runs_per_field)
                 r = runs[name]
                 r.total.append(total)
                 r.floor.append(floor)
                 r.cells.append(cells)
                 r.stages.append(stages)
             for variant, worker in sahi.items():
-                out = worker.run(path, mpp)
+                out = min((worker.run(path, mpp) for _ in range(runs_per_field)), key=lambda o: o["ms"])
                 runs[f"SAHI {variant}"].total.append(out["ms"])
                 runs[f"SAHI {variant}"].cells.append(out["classified"])
         results[size] = runs
@@ -143,8 +145,8 @@ def bench_sizes(analyzers: dict[str, Analyzer], sizes: list[str], repeats: int, 
 
 
 def print_comparison(results: dict[str, dict[str, Runs]]) -> None:
-    print("\nper field (ms: medians over the fields; ratios: medians of each field's ratio, its runs back to "
-          "back;\nfloor = the same batches through the same engines, nothing else; SAHI: SAHI + Ultralytics + "
+    print("\nper field (ms: medians over the fields of each field's fastest run; ratios: medians of each field's "
+          "ratio, its runs back to back;\nfloor = the same batches through the same engines, nothing else; SAHI: SAHI + Ultralytics + "
           "per-crop heads,\n cells = crops its head loop classified)")
     print(f"{'field':<11}{'config':<14}{'views':>8}{'cells':>7}{'total':>9}{'floor':>9}{'total/floor':>13}"
           f"{'default/1-view floor':>22}{'/ 1-view total':>16}")
@@ -216,6 +218,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
     ap.add_argument("--repeats", type=int, default=3, help="fields per size (different seeds)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per field and configuration (fastest kept)")
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--no-sahi", action="store_true")
     ap.add_argument("--detector-views", default="",
@@ -250,7 +253,7 @@ def main() -> None:
                   ".venv-bench/bin/pip install -e '.[bench]')")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            results = bench_sizes(analyzers, args.sizes.split(","), args.repeats, sahi, Path(tmp))
+            results = bench_sizes(analyzers, args.sizes.split(","), args.repeats, sahi, Path(tmp), args.runs)
     finally:
         for worker in sahi.values():
             worker.close()
