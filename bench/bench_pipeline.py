@@ -238,8 +238,8 @@ def main() -> None:
     one = Analyzer.from_models_dir(args.models, options=AnalyzerOptions(detector_views=ONE, rbc_views=ONE,
                                                                         wbc_views=ONE))
     analyzers = {"one-view": one, "default": default,
-                 "views unsure": Analyzer.from_models_dir(args.models,
-                                                          options=AnalyzerOptions(detector_views_where="unsure"))}
+                 "views everywhere": Analyzer.from_models_dir(
+                     args.models, options=AnalyzerOptions(detector_views_where="everywhere"))}
     for spec in filter(None, args.detector_views.split(";")):
         views = tuple(spec.split(","))
         analyzers[f"det {'+'.join(v[:2] for v in views)}"] = Analyzer.from_models_dir(

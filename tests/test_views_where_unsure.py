@@ -119,7 +119,8 @@ FIELDS = {  # (seed, width, height, rendered density, most tiles the unsure mode
 def analyzers():
     from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
 
-    everywhere = Analyzer.from_models_dir(MODELS, warmup=False, intra_op_threads=1)
+    everywhere = Analyzer.from_models_dir(MODELS, warmup=False, intra_op_threads=1,
+                                          options=AnalyzerOptions(detector_views_where="everywhere"))
     unsure = Analyzer.from_models_dir(MODELS, warmup=False, intra_op_threads=1,
                                       options=AnalyzerOptions(detector_views_where="unsure"))
     tiles: dict[str, list[int]] = {"everywhere": [], "unsure": []}
@@ -163,3 +164,13 @@ def test_bad_options_are_refused():
         AnalyzerOptions(detector_views_where="Unsure")
     with pytest.raises(ValueError, match="detector_unsure_band"):
         AnalyzerOptions(detector_unsure_band=(0.8, 0.2))
+
+
+def test_unsure_is_the_default_of_the_analyzer_and_of_the_station_config():
+    """Chosen on the lab table (val, every lab within 0.005 of every view everywhere, the worst lab
+    unchanged): a station gets the cheaper mode unless its config asks for 'everywhere'."""
+    from smearscope.service.analysis.pipeline import AnalyzerOptions
+    from smearscope.service.config.analysis import AnalysisConfig
+
+    assert AnalyzerOptions().detector_views_where == "unsure"
+    assert AnalysisConfig().detector_views_where == "unsure"

@@ -306,7 +306,7 @@ def main() -> None:
     ap.add_argument("--labs", default=",".join(DETECTOR_LABS))
     ap.add_argument("--limit", type=int, default=None, help="first N images per lab (quick looks)")
     ap.add_argument("--views", default=None, help="detector views, e.g. identity (default: the manifest's)")
-    ap.add_argument("--views-where", choices=("everywhere", "unsure"), default="everywhere",
+    ap.add_argument("--views-where", choices=("everywhere", "unsure"), default="unsure",
                     help="where the detector's views after the first run (AnalyzerOptions.detector_views_where)")
     ap.add_argument("--stain", choices=("auto", *available_methods()), default="auto",
                     help="stain normalization for every model (default: each manifest's)")

@@ -99,9 +99,9 @@ class AnalyzerOptions:
     detector_conf: float = 0.25
     #: Test-time views of the detector; None = the manifest's (the views its scores are calibrated for).
     detector_views: tuple[str, ...] | None = None
-    #: "everywhere": every view runs on the whole frame; "unsure": the views after the first run only
-    #: on their tiles that overlap a cell the first view was unsure of (service.analysis.tta).
-    detector_views_where: Literal["everywhere", "unsure"] = "everywhere"
+    #: "unsure": the views after the first run only on their tiles that overlap a cell the first view
+    #: was unsure of or cut (service.analysis.tta); "everywhere": every view on the whole frame.
+    detector_views_where: Literal["everywhere", "unsure"] = "unsure"
     #: With "unsure": the first view's calibrated scores in [low, high) are unsure.
     detector_unsure_band: tuple[float, float] = (0.2, 0.8)
     wbc_min_confidence: float = 0.5
