@@ -11,7 +11,7 @@ import pytest
 from realdata import DATA
 
 from training import head_data as hd
-from training.evaluate import eval_head, head_crop, idb1_set, wbc_crop_sets
+from training.evaluate import eval_head, head_crop, rbc_crop_sets, wbc_crop_sets
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 pytestmark = [pytest.mark.realdata,
@@ -31,14 +31,13 @@ def _manifest(name: str) -> dict:
 @needs_rbc_sets
 def test_rbc_head_figures_are_its_manifests_and_sickle_bar_holds():
     m = _manifest("rbc_head")
-    crop = head_crop(MODELS / "rbc_head.json")
-    chula = hd.chula_crops("test", crop)
-    rep, _, _ = eval_head(MODELS / "rbc_head.json", chula.images, chula.labels, hd.RBC_CLASSES)
+    sets = rbc_crop_sets(MODELS / "rbc_head.json", head_crop(MODELS / "rbc_head.json"), "test")
+    rep, _, _ = eval_head(MODELS / "rbc_head.json", *sets["chula"], hd.RBC_CLASSES)
     assert rep["macro_f1"] == pytest.approx(m["metrics"]["test"]["macro_f1"], abs=1e-6)
     assert rep["accuracy"] == pytest.approx(m["metrics"]["test"]["accuracy"], abs=1e-6)
     assert m["metrics"]["test_time_views"]["chosen"] == m["tta"]  # measured in the views it runs in
-    idb, is_sickle = idb1_set("test", crop)
-    _, probs, names = eval_head(MODELS / "rbc_head.json", idb.images, idb.labels, hd.RBC_CLASSES)
+    idb_images, idb_labels, is_sickle = sets["idb1"]
+    _, probs, names = eval_head(MODELS / "rbc_head.json", idb_images, idb_labels, hd.RBC_CLASSES)
     acc = float(((probs.argmax(1) == names.index("sickle")) == is_sickle).mean())
     assert acc == pytest.approx(m["metrics"]["idb1_test_sickle_vs_not_accuracy"], abs=1e-6)
     assert acc >= 0.96

@@ -29,7 +29,9 @@ def _ctx(canon: np.ndarray, xy: tuple[float, float]) -> np.ndarray:
     return crop_cell(canon, xy, CropSpec(CONTEXT_UM, round(CONTEXT_UM / 0.2)))
 
 
-def build_sets(cache: Path = Path("build/rbc_contexts.npz")) -> dict:
+def build_sets(cache: Path | None = None) -> dict:
+    # the cache is keyed by Chula's scale: contexts cut at another ruler are other crops
+    cache = cache or Path(f"build/rbc_contexts_chula{hd.CHULA_MICRONS_PER_PIXEL:g}.npz")
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         return {k: z[k] for k in z.files}

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from smearscope.engines.manifest import load_manifest
 from smearscope.service.analysis.classify import EXTRA_VIEWS_BELOW
 from training import head_data as hd
-from training.evaluate import eval_head, head_crop, idb1_set, wbc_crop_sets
+from training.evaluate import eval_head, head_crop, rbc_crop_sets, wbc_crop_sets
 from training.metrics import per_lab_report
 
 logger = logging.getLogger(__name__)
@@ -51,11 +51,10 @@ def remeasure(models: Path) -> dict[str, dict]:
         out["wbc_head.json"] = new
     rbc = models / "rbc_head.json"
     if rbc.exists():
-        crop = head_crop(rbc)
-        chula = hd.chula_crops("test", crop)
-        rep, _, _ = eval_head(rbc, chula.images, chula.labels, hd.RBC_CLASSES)
-        idb, is_sickle = idb1_set("test", crop)
-        _, probs, names = eval_head(rbc, idb.images, idb.labels, hd.RBC_CLASSES)
+        sets = rbc_crop_sets(rbc, head_crop(rbc), "test")  # lamp-corrected where the manifest says
+        rep, _, _ = eval_head(rbc, *sets["chula"], hd.RBC_CLASSES)
+        idb_images, idb_labels, is_sickle = sets["idb1"]
+        _, probs, names = eval_head(rbc, idb_images, idb_labels, hd.RBC_CLASSES)
         acc = float(((probs.argmax(1) == names.index("sickle")) == is_sickle).mean())
         out["rbc_head.json"] = {"test": rep, "idb1_test_sickle_vs_not_accuracy": acc}
     return out

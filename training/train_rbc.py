@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from training import head_data as hd
 from training.metrics import fit_temperature, softmax
 from training.rbc_data import CLASSES, CROP, build_sets, figures
 from training.train_head import ARCHS, Deployable, augment, build_net, predict_logits, to_tensor
@@ -148,7 +149,8 @@ def export_rbc(run: Path, out: Path, views: list[str]) -> Path:
     path = export_classifier(
         model, name="rbc_head", classes=list(CLASSES), crop=CROP, arch=state["arch"], temperature=temperature,
         metrics={}, out_dir=out, preprocessing=Preprocessing(illumination="flatfield"), tta=views,
-        training_data={"labs": "Chula RBC-12 (centres, split by image 80/10/10, at 0.175 um/px), erythrocytesIDB1 "
+        training_data={"labs": f"Chula RBC-12 (centres, split by image 80/10/10, at {hd.CHULA_MICRONS_PER_PIXEL} um/px, "
+                               "the analyzer's ruler: training.measure_scale), erythrocytesIDB1 "
                                "(train 85/15, test held out), rendered fields",
                        "recipe": "training.train_rbc (random lab looks, lamp correction, the analyzer's crops; kept: "
                                  "the best worst of Chula val macro-F1, IDB1 val sickle-vs-not, 1 - BCCD val "
