@@ -37,9 +37,19 @@ MQTT_USERS = {"station": "station-secret", "observer": "observer-secret"}
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports (all bound at once while chosen, so none repeats)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
@@ -134,17 +144,27 @@ class MosquittoBroker:
         self.acl = acl
         self.extra = extra  # further mosquitto.conf lines, e.g. "max_packet_size 65536"
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
         self.tls = tls
-        self.tls_port = free_port() if tls else None
-        #: An MQTT-over-WebSockets listener (browsers), beside the TCP one (mosquitto 2.0.11 will
-        #: not start with a websockets listener alone).
-        self.ws_port = free_port() if websockets else None
+        self.websockets = websockets
+        self.users = users
+        #: Ports chosen here (none given) may be taken by another process before the broker binds
+        #: them: the first start then retries on fresh ones.
+        self._own_ports = port is None
+        self._pick_ports(port)
         self.persistence = persistence
         self.log_path = workdir / "mosquitto.log"
         self.conf_path = workdir / "mosquitto.conf"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._started_once = False
         self._write_config(users)
+
+    def _pick_ports(self, port: int | None) -> None:
+        picked = free_ports(3)
+        self.port = port or picked[0]
+        self.tls_port = picked[1] if self.tls else None
+        #: An MQTT-over-WebSockets listener (browsers), beside the TCP one (mosquitto 2.0.11 will
+        #: not start with a websockets listener alone).
+        self.ws_port = picked[2] if self.websockets else None
 
     def _write_config(self, users: dict[str, str]) -> None:
         passwd = self.workdir / "passwd"
@@ -188,14 +208,26 @@ class MosquittoBroker:
     def start(self, timeout: float = 10.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError("broker already running")
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.conf_path)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for port in (self.port, self.tls_port, self.ws_port):
-            if port is not None:
-                wait_for_port(port, timeout, self.proc)
+        for attempt in range(3):
+            self.proc = subprocess.Popen(
+                [MOSQUITTO, "-c", str(self.conf_path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                for port in (self.port, self.tls_port, self.ws_port):
+                    if port is not None:
+                        wait_for_port(port, timeout, self.proc)
+                self._started_once = True
+                return
+            except RuntimeError as exc:  # exited before listening: say why (its log)
+                log = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+                in_use = "Address already in use" in log
+                if not (in_use and self._own_ports and not self._started_once and attempt < 2):
+                    raise RuntimeError(f"{exc}; mosquitto log:\n{log}") from exc
+                logger.warning("broker port taken meanwhile, retrying on fresh ports")
+                self._pick_ports(None)
+                self._write_config(self.users)
 
     def kill(self) -> None:
         """Crash the broker: SIGKILL, nothing flushed."""

@@ -126,7 +126,8 @@ def test_pipeline_with_all_four_views_is_equivariant_to_flipping_the_input():
     from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
 
     field = render_field(11, width=420, height=330, n_wbc=1)
-    analyzer = Analyzer.from_models_dir(MODELS, warmup=False, options=AnalyzerOptions(detector_views=VIEWS))
+    analyzer = Analyzer.from_models_dir(MODELS, warmup=False, options=AnalyzerOptions(detector_views=VIEWS,
+                                                                                  detector_views_where="everywhere"))
     try:
         plain = analyzer.analyze(field.frame).report
         pixels = np.ascontiguousarray(field.frame.pixels[:, ::-1])

@@ -1,0 +1,35 @@
+"""The tests' own broker helper: a port it chose but another process took before mosquitto bound it
+makes the first start retry on fresh ports (seen once in CI as a TLS test failing at start-up),
+and a broker that cannot start says why (its log)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from broker import MQTT_USERS, MOSQUITTO, MosquittoBroker
+
+pytestmark = pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed (make test installs it)")
+
+
+def test_a_port_taken_before_the_first_start_is_replaced(tmp_path: Path) -> None:
+    broker = MosquittoBroker(tmp_path / "b", MQTT_USERS)
+    taken = broker.port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", taken))  # bound, not listening: nothing answers there
+        broker.start()
+        try:
+            assert broker.port != taken
+            with socket.create_connection(("127.0.0.1", broker.port), timeout=2):
+                pass
+        finally:
+            broker.stop()
+
+
+def test_a_broker_given_a_taken_port_fails_with_its_log(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        broker = MosquittoBroker(tmp_path / "b", MQTT_USERS, port=squatter.getsockname()[1])
+        with pytest.raises(RuntimeError, match="Address already in use"):
+            broker.start(timeout=5.0)
