@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from broker import MQTT_USERS, MOSQUITTO, MosquittoBroker
+from broker import MOSQUITTO, MQTT_USERS, MosquittoBroker
 
 pytestmark = pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed (make test installs it)")
 
