@@ -146,7 +146,6 @@ class MosquittoBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tls = tls
         self.websockets = websockets
-        self.users = users
         #: Ports chosen here (none given) may be taken by another process before the broker binds
         #: them: the first start then retries on fresh ones.
         self._own_ports = port is None
@@ -156,7 +155,8 @@ class MosquittoBroker:
         self.conf_path = workdir / "mosquitto.conf"
         self.proc: subprocess.Popen[bytes] | None = None
         self._started_once = False
-        self._write_config(users)
+        self._write_passwords(users)
+        self._write_config()
 
     def _pick_ports(self, port: int | None) -> None:
         picked = free_ports(3)
@@ -166,16 +166,18 @@ class MosquittoBroker:
         #: not start with a websockets listener alone).
         self.ws_port = picked[2] if self.websockets else None
 
-    def _write_config(self, users: dict[str, str]) -> None:
-        passwd = self.workdir / "passwd"
+    def _write_passwords(self, users: dict[str, str]) -> None:
         create = True
         for user, password in users.items():
             subprocess.run(
-                [MOSQUITTO_PASSWD, "-b", *(["-c"] if create else []), str(passwd), user, password],
+                [MOSQUITTO_PASSWD, "-b", *(["-c"] if create else []), str(self.workdir / "passwd"), user, password],
                 check=True,
                 capture_output=True,
             )
             create = False
+
+    def _write_config(self) -> None:
+        passwd = self.workdir / "passwd"
         lines = [
             *(["user root"] if os.geteuid() == 0 else []),  # tmp_path is private to this user
             "per_listener_settings false",
@@ -227,7 +229,7 @@ class MosquittoBroker:
                     raise RuntimeError(f"{exc}; mosquitto log:\n{log}") from exc
                 logger.warning("broker port taken meanwhile, retrying on fresh ports")
                 self._pick_ports(None)
-                self._write_config(self.users)
+                self._write_config()
 
     def kill(self) -> None:
         """Crash the broker: SIGKILL, nothing flushed."""

@@ -1,5 +1,5 @@
 """The tests' own broker helper: a port it chose but another process took before mosquitto bound it
-makes the first start retry on fresh ports (seen once in CI as a TLS test failing at start-up),
+makes the first start retry on fresh ports (a TLS test once failed at start-up in a full local run),
 and a broker that cannot start says why (its log)."""
 
 from __future__ import annotations
