@@ -37,7 +37,9 @@ def fill(directory: Path, name: str = "filler", leave_bytes: int = 0) -> Path:
     target = directory / name
     stat = os.statvfs(directory)
     room = stat.f_bavail * stat.f_frsize - leave_bytes
-    with open(target, "wb") as fh:
+    # Unbuffered: when another writer fills the disk first, the ENOSPC below ends the loop and no
+    # buffered bytes are left for close() to fail on (it did, raising ENOSPC at the `with`).
+    with open(target, "wb", buffering=0) as fh:
         chunk = b"\0" * 4096
         written = 0
         try:
