@@ -123,3 +123,42 @@ def test_platt_calibration_maps_scores_and_threshold_uses_calibrated_score():
     dets = seg.detect([Tile(0, 0, 0, np.zeros((256, 256, 3), np.uint8))], 256, 256)
     # rbc raised above its raw 0.4; platelet pushed below the 0.25 threshold and dropped
     assert [(d.kind.value, round(d.score, 3)) for d in dets] == [("rbc", round(platt(0.4, 1.0, 1.0), 3))]
+
+
+def _greedy_nms(boxes: np.ndarray, scores: np.ndarray, thr: float) -> list[int]:
+    """Greedy NMS written out plainly: best score first (ties by index), IoU in float64."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    kept: list[int] = []
+    for i in order:
+        ok = True
+        for j in kept:
+            a, b = boxes[i].astype(float), boxes[j].astype(float)
+            iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+            ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+            inter = iw * ih
+            union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+            if union > 0 and inter / union > thr:
+                ok = False
+                break
+        if ok:
+            kept.append(i)
+    return kept
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_nms_is_greedy_nms_on_crowded_float_boxes(seed):
+    """A tile's worth of candidates (clusters of near-duplicates, sub-pixel coordinates, tied
+    scores): the kept indices and their order are exactly those of the plain greedy loop."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 256, (40, 2))
+    pick = rng.integers(0, 40, 300)
+    xy = centres[pick] + rng.normal(0, 4, (300, 2))
+    wh = rng.uniform(20, 45, (300, 2))
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], 1).astype(np.float32)
+    scores = np.round(rng.uniform(0.05, 1.0, 300), 2).astype(np.float32)  # many ties
+    for thr in (0.3, 0.6):
+        assert nms(boxes, scores, thr).tolist() == _greedy_nms(boxes, scores, thr)
+
+
+def test_nms_of_nothing():
+    assert nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.5).tolist() == []
