@@ -112,6 +112,16 @@ def test_same_tile_detections_are_never_merged() -> None:
     assert len(merge_detections([a2, b2], iou_threshold=0.4)) == 1
 
 
+def test_one_tile_keeps_every_detection_in_visiting_order() -> None:
+    """A small field is one tile: nothing merges, but the order is the merge's (whole cells by
+    descending score, then cut ones), and a cut cell keeps its flag."""
+    dets = [det(RBC, (0, 0, 30, 30), 0.5), det(RBC, (5, 0, 35, 30), 0.7, cut=True),
+            det(RBC, (100, 100, 130, 130), 0.9), det(RBC, (200, 0, 230, 30), 0.6)]
+    out = merge_detections(dets)
+    assert [d.score for d in out] == [0.9, 0.6, 0.5, 0.7]
+    assert [d.cut_by_tile_edge for d in out] == [False, False, False, True]
+
+
 def test_each_tile_gives_its_best_view_and_a_neighbours_sliver_survives() -> None:
     # Cell X (whole in tile 0) overlaps cell Y a little. Tile 1 sees X cut, and a sliver of Y
     # that lies inside X's box; tile 2 sees the rest of Y. X must absorb tile 1's view of X, not

@@ -70,17 +70,19 @@ def _design(xs: np.ndarray, ys: np.ndarray, order: int) -> np.ndarray:
 
 
 def _block_samples(reduced: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per block: centre (x, y in [-1, 1]) and the mean colour of its brightest pixels."""
+    """Per block: centre (x, y in [-1, 1]) and the mean colour of its brightest pixels.
+
+    `reduced` is uint8 (or float holding whole grey levels): luminance is summed in integers."""
     h, w = reduced.shape[:2]
     bh, bw = max(1, h // _BLOCK), max(1, w // _BLOCK)
     sy, sx = h // bh, w // bw
-    img = reduced[: bh * sy, : bw * sx].reshape(bh, sy, bw, sx, 3).transpose(0, 2, 1, 3, 4)
-    img = img.reshape(bh * bw, sy * sx, 3)
-    lum = img.sum(axis=2)
+    img = reduced[: bh * sy, : bw * sx].reshape(bh, sy, bw, sx, 3).swapaxes(1, 2).reshape(bh * bw, sy * sx, 3)
+    lum = img.sum(axis=2, dtype=np.int32)
     k = int(np.clip(round(lum.shape[1] * _BRIGHT_PERCENTILE / 100.0), 0, lum.shape[1] - 1))
     thr = np.partition(lum, k, axis=1)[:, k : k + 1]
-    sel = (lum >= thr)[..., None]
-    colour = (img * sel).sum(axis=1) / np.maximum(sel.sum(axis=1), 1)
+    sel = lum >= thr
+    colour = (np.einsum("npc,np->nc", img.astype(np.float32), sel.astype(np.float32))
+              / np.maximum(sel.sum(axis=1), 1)[:, None])
     cy, cx = np.meshgrid((np.arange(bh) + 0.5) * sy, (np.arange(bw) + 0.5) * sx, indexing="ij")
     xs = (cx.ravel() / w) * 2.0 - 1.0
     ys = (cy.ravel() / h) * 2.0 - 1.0
@@ -121,7 +123,7 @@ def estimate_background(image_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray] 
         return None
     scale = min(1.0, _REDUCED_LONG_SIDE / max(h, w))
     rw, rh = max(_BLOCK, round(w * scale)), max(_BLOCK, round(h * scale))
-    reduced = cv2.resize(image_bgr, (rw, rh), interpolation=cv2.INTER_AREA).astype(np.float32)
+    reduced = cv2.resize(image_bgr, (rw, rh), interpolation=cv2.INTER_AREA)
     xs, ys, colour = _block_samples(reduced)
     if float(np.median(colour.mean(axis=1))) < _MIN_WHITE:
         return None

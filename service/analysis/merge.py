@@ -176,6 +176,8 @@ def _merge_one_kind(
     # An unknown tile (-1) is a tile of its own, so such detections can merge with anything.
     tiles = np.array([d.tile_index if d.tile_index >= 0 else -1 - i for i, d in enumerate(dets)])
     order = np.lexsort((np.arange(n), -scores, cut))  # whole first, then score, then input order
+    if (tiles == tiles[0]).all():  # one tile (a small field): nothing to merge, only the order
+        return [dets[i] for i in order]
     rank = np.empty(n, np.intp)
     rank[order] = np.arange(n)
 
