@@ -15,11 +15,14 @@ import pytest
 
 from smearscope.device.synthetic import render_field
 from smearscope.service.analysis.records import Box, CellDetection, CellKind
-from smearscope.service.analysis.tiling import iter_tiles
+from smearscope.service.analysis.tiling import iter_tiles, tile_at
 from smearscope.service.analysis.tta import (
+    PLACE_MARGIN_PX,
     VIEWS,
     Coverage,
+    boxes_in_view,
     fuse_views,
+    place_tiles,
     tiles_for_boxes,
     view_frame,
     view_window,
@@ -49,6 +52,54 @@ def test_each_box_gets_the_window_that_holds_it_with_the_widest_margin_or_every_
     # a box no window holds whole: every window it overlaps
     assert tiles_for_boxes(windows, np.array([[70, 10, 175, 20]], float)) == [0, 1, 2]
     assert tiles_for_boxes(windows, np.zeros((0, 4))) == []
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_a_tile_placed_anywhere_is_cut_as_the_grid_cuts_its_tiles(view):
+    rng = np.random.default_rng(1)
+    frame = rng.integers(0, 255, (300, 420, 3), np.uint8)
+    fx, fy = view in ("hflip", "rot180"), view in ("vflip", "rot180")
+    for t in iter_tiles(frame, 128, 0.15, skip_background=False, flip_x=fx, flip_y=fy):
+        np.testing.assert_array_equal(tile_at(frame, t.index, t.x, t.y, 128, fx, fy).pixels, t.pixels)
+    # off the grid: the window of the view it names
+    t = tile_at(frame, 0, 37, 101, 128, fx, fy)
+    x0, y0, x1, y1 = view_window(t, view, 128, 420, 300)
+    np.testing.assert_array_equal(t.pixels, view_frame(frame[y0:y1, x0:x1], view))
+    # a frame smaller than a tile: padded as the grid pads
+    small = frame[:90, :100]
+    np.testing.assert_array_equal(tile_at(small, 0, 0, 0, 128, fx, fy).pixels,
+                                  next(iter_tiles(small, 128, 0.15, skip_background=False, flip_x=fx, flip_y=fy)).pixels)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_placed_tiles_show_every_box_whole_with_few_tiles(seed):
+    rng = np.random.default_rng(seed)
+    w, h, tile, m = 960, 540, 256, PLACE_MARGIN_PX
+    xy = rng.uniform(0, [w - 40, h - 40], (15, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(20, 40, (15, 2))], 1)
+    placed = place_tiles(boxes, w, h, tile)
+    assert 0 < len(placed) <= len(boxes)
+    for x, y in placed:
+        assert 0 <= x <= w - tile and 0 <= y <= h - tile
+    for b in boxes:  # each box shown whole, `m` from every tile side inside the frame
+        assert any((b[0] - m >= x or x == 0) and (b[1] - m >= y or y == 0)
+                   and (b[2] + m <= x + tile or x + tile >= w) and (b[3] + m <= y + tile or y + tile >= h)
+                   for x, y in placed), b
+    # a cluster that one tile can show takes one tile
+    cluster = np.array([[300, 200, 330, 230], [400, 300, 435, 332], [480, 210, 512, 240]], float)
+    assert len(place_tiles(cluster, w, h, tile)) == 1
+    # a box larger than a tile gets none; no boxes, no tiles
+    assert place_tiles(np.array([[10, 10, 300, 60]], float), w, h, tile) == []
+    assert place_tiles(np.zeros((0, 4)), w, h, tile) == []
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_boxes_in_view_are_the_boxes_of_the_mirrored_frame(view):
+    frame = np.zeros((100, 200), np.uint8)
+    frame[10:30, 50:90] = 1
+    box = np.array([[50, 10, 90, 30]], float)
+    ys, xs = np.nonzero(view_frame(frame, view))
+    np.testing.assert_array_equal(boxes_in_view(box, view, 200, 100)[0], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
 
 
 def test_coverage_sees_a_box_only_when_a_run_window_holds_all_of_it():

@@ -306,7 +306,7 @@ def main() -> None:
     ap.add_argument("--labs", default=",".join(DETECTOR_LABS))
     ap.add_argument("--limit", type=int, default=None, help="first N images per lab (quick looks)")
     ap.add_argument("--views", default=None, help="detector views, e.g. identity (default: the manifest's)")
-    ap.add_argument("--views-where", choices=("everywhere", "unsure"), default="unsure",
+    ap.add_argument("--views-where", choices=("everywhere", "unsure", "cells"), default="unsure",
                     help="where the detector's views after the first run (AnalyzerOptions.detector_views_where)")
     ap.add_argument("--stain", choices=("auto", *available_methods()), default="auto",
                     help="stain normalization for every model (default: each manifest's)")
@@ -314,13 +314,18 @@ def main() -> None:
     ap.add_argument("--greyscale", action="store_true", help="convert every image to greyscale first")
     ap.add_argument("--illumination", choices=("auto", "flatfield", "none"), default="auto",
                     help="force the lamp correction on or off for every model (with/without rows)")
+    ap.add_argument("--unsure-band", default=None,
+                    help="LOW,HIGH: the first view's calibrated scores the extra views look again at "
+                         "(AnalyzerOptions.detector_unsure_band; default its own)")
     args = ap.parse_args()
     global GREYSCALE
     GREYSCALE = args.greyscale
     logging.basicConfig(level=logging.WARNING)
     options = AnalyzerOptions(detector_views=tuple(args.views.split(",")) if args.views else None,
                               detector_views_where=args.views_where,
-                              illumination=args.illumination, stain_method=args.stain)
+                              illumination=args.illumination, stain_method=args.stain,
+                              **({"detector_unsure_band": tuple(float(v) for v in args.unsure_band.split(","))}
+                                 if args.unsure_band else {}))
     analyzer = Analyzer.from_models_dir(args.models, options=options)
     if args.stain != "auto" and analyzer.stain_method != args.stain:
         analyzer.close()

@@ -50,10 +50,12 @@ from smearscope.service.analysis.scale import (
 )
 from smearscope.service.analysis.scale_search import Attempt, ScaleOutcome, find_scale
 from smearscope.service.analysis.segment import Segmenter
-from smearscope.service.analysis.tiling import tile_grid
+from smearscope.service.analysis.tiling import tile_at, tile_grid
 from smearscope.service.analysis.tta import (
     Coverage,
+    boxes_in_view,
     fuse_views,
+    place_tiles,
     tiles_for_boxes,
     unview,
     view_tiles,
@@ -250,10 +252,18 @@ class Analyzer:
 
         def tiles_where_unsure(k: int, view: str) -> Iterator[Tile]:
             # fills `coverage` as the engine consumes the tiles: complete once `detect` returns
+            # the fewer of: tiles placed around the unsure cells, the grid's tiles that hold them
+            placed = place_tiles(boxes_in_view(unsure, view, w, h), w, h, o.tile_size)
             tiles = list(view_tiles(canonical, view, o.tile_size, o.tile_overlap))  # windows, not copies
-            for i in tiles_for_boxes([view_window(t, view, o.tile_size, w, h) for t in tiles], unsure):
-                coverage.add(k, view_window(tiles[i], view, o.tile_size, w, h))
-                yield dataclasses.replace(tiles[i], index=k * grid + tiles[i].index)
+            on_grid = tiles_for_boxes([view_window(t, view, o.tile_size, w, h) for t in tiles], unsure)
+            if len(placed) < len(on_grid):
+                fx, fy = view in ("hflip", "rot180"), view in ("vflip", "rot180")
+                chosen = [tile_at(canonical, k * grid + j, x, y, o.tile_size, fx, fy) for j, (x, y) in enumerate(placed)]
+            else:
+                chosen = [dataclasses.replace(tiles[i], index=k * grid + tiles[i].index) for i in on_grid]
+            for t in chosen:
+                coverage.add(k, view_window(t, view, o.tile_size, w, h))
+                yield t
 
         tiles = itertools.chain.from_iterable(tiles_where_unsure(k, v) for k, v in enumerate(views) if k)
         raw = self.segmenter.detect(tiles, w, h, calibrate=False)

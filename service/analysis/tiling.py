@@ -67,20 +67,34 @@ def iter_tiles(image: np.ndarray, tile: int, overlap: float, skip_background: bo
     `make_tiles(mirrored image)` would cut them; `x`, `y` are offsets in the mirrored image."""
     h, w = image.shape[:2]
     for i, (x, y) in enumerate(tile_grid(max(w, tile), max(h, tile), tile, overlap)):
-        r0, r1, c0, c1 = y, min(y + tile, h), x, min(x + tile, w)
-        if flip_y:
-            r0, r1 = h - r1, h - r0
-        if flip_x:
-            c0, c1 = w - c1, w - c0
-        window = image[r0:r1, c0:c1]
-        px = window[:: -1 if flip_y else 1, :: -1 if flip_x else 1]
-        if px.shape[:2] != (tile, tile):
-            px = pad_to_tile(np.ascontiguousarray(px), tile)
-            window = px
+        window, px = _tile_pixels(image, x, y, tile, flip_x, flip_y)
         # The stained fraction does not depend on mirroring: measured on the unmirrored window.
         if skip_background and is_background(window):
             continue
         yield Tile(index=i, x=x, y=y, pixels=px)
+
+
+def tile_at(image: np.ndarray, index: int, x: int, y: int, tile: int, flip_x: bool = False,
+            flip_y: bool = False) -> Tile:
+    """The tile at offset (x, y) of `image` or of its mirror image, anywhere (not only on the
+    grid), cut and padded as `iter_tiles` cuts its tiles."""
+    return Tile(index=index, x=x, y=y, pixels=_tile_pixels(image, x, y, tile, flip_x, flip_y)[1])
+
+
+def _tile_pixels(image: np.ndarray, x: int, y: int, tile: int, flip_x: bool, flip_y: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(the unmirrored window, the tile's pixels) at offset (x, y) of the (mirrored) image."""
+    h, w = image.shape[:2]
+    r0, r1, c0, c1 = y, min(y + tile, h), x, min(x + tile, w)
+    if flip_y:
+        r0, r1 = h - r1, h - r0
+    if flip_x:
+        c0, c1 = w - c1, w - c0
+    window = image[r0:r1, c0:c1]
+    px = window[:: -1 if flip_y else 1, :: -1 if flip_x else 1]
+    if px.shape[:2] != (tile, tile):
+        px = pad_to_tile(np.ascontiguousarray(px), tile)
+        window = px
+    return window, px
 
 
 def make_tiles(canonical_image: np.ndarray, tile: int, overlap: float, skip_background: bool = True) -> list[Tile]:

@@ -137,6 +137,77 @@ def tiles_for_boxes(windows: Sequence[tuple[int, int, int, int]], boxes: np.ndar
     return sorted(chosen)
 
 
+#: A placed tile shows a box whole when the box keeps this far from the tile's sides inside the
+#: frame (beyond segment.EDGE_MARGIN_PX, within which a box counts as cut).
+PLACE_MARGIN_PX = 8.0
+
+
+def boxes_in_view(boxes: np.ndarray, view: str, frame_width: int, frame_height: int) -> np.ndarray:
+    """Frame boxes (n, 4) in the coordinates of `view` of the frame."""
+    b = np.asarray(boxes, float).reshape(-1, 4).copy()
+    fx, fy = _flips(view)
+    if fx:
+        b[:, [0, 2]] = frame_width - b[:, [2, 0]]
+    if fy:
+        b[:, [1, 3]] = frame_height - b[:, [3, 1]]
+    return b
+
+
+def place_tiles(boxes: np.ndarray, frame_width: int, frame_height: int, tile: int,
+                margin: float = PLACE_MARGIN_PX) -> list[tuple[int, int]]:
+    """Offsets (x, y) of few tiles, placed anywhere in the frame (not on the tiling grid), that
+    show every box whole (`margin` from each tile side that is not the frame's edge).
+
+    Greedy cover: the first box (reading order) not yet shown gets the tile, among those that show
+    it with a side flush with a nearby box's side (or centred on it), that shows the most boxes
+    not yet shown. Linear in the boxes for a given density (only boxes within a tile's reach of
+    each other are compared).
+    A box too large for any tile gets none."""
+    b = np.asarray(boxes, float).reshape(-1, 4)
+    max_x, max_y = max(0, frame_width - tile), max(0, frame_height - tile)
+
+    def shows(xs: np.ndarray, ys: np.ndarray, bb: np.ndarray) -> np.ndarray:
+        """(len(xs), len(ys), len(bb)): tile (x, y) shows box bb[k] whole."""
+        x, y = xs[:, None, None], ys[None, :, None]
+        x0, y0, x1, y1 = (bb[None, None, :, c] for c in range(4))
+        return (((x0 - margin >= x) | (x == 0)) & ((y0 - margin >= y) | (y == 0))
+                & ((x1 + margin <= x + tile) | (x + tile >= frame_width))
+                & ((y1 + margin <= y + tile) | (y + tile >= frame_height)))
+
+    def positions(values: list[float], hi: int) -> np.ndarray:
+        return np.unique(np.clip(np.floor(np.asarray(values, float)), 0, hi)).astype(int)
+
+    left = np.ones(len(b), bool)
+    out: list[tuple[int, int]] = []
+    for i in np.lexsort((b[:, 0], b[:, 1])):
+        if not left[i]:
+            continue
+        left[i] = False
+        x0, y0, x1, y1 = b[i]
+        if x1 - x0 + 2 * margin > tile and (x0 > 0 or x1 < frame_width):
+            continue  # wider than a tile shows whole
+        if y1 - y0 + 2 * margin > tile and (y0 > 0 or y1 < frame_height):
+            continue
+        # boxes still to show that could share a tile with this one; tile sides flush (with the
+        # margin) with one of their sides, or centred on this box
+        near = np.flatnonzero(left & (b[:, 2] <= x0 + tile) & (b[:, 0] >= x1 - tile)
+                              & (b[:, 3] <= y0 + tile) & (b[:, 1] >= y1 - tile))
+        nb = b[near]
+        xs = positions([x0 - margin, x1 + margin - tile, (x0 + x1 - tile) / 2, *(nb[:, 0] - margin),
+                        *(nb[:, 2] + margin - tile)], max_x)
+        ys = positions([y0 - margin, y1 + margin - tile, (y0 + y1 - tile) / 2, *(nb[:, 1] - margin),
+                        *(nb[:, 3] + margin - tile)], max_y)
+        own = shows(xs, ys, b[i : i + 1])[..., 0]
+        if not own.any():
+            continue
+        count = np.where(own, shows(xs, ys, nb).sum(axis=2), -1)
+        ix, iy = np.unravel_index(int(np.argmax(count)), count.shape)  # first best: smallest x, then y
+        x, y = int(xs[ix]), int(ys[iy])
+        left[near[shows(xs[ix : ix + 1], ys[iy : iy + 1], nb)[0, 0]]] = False
+        out.append((x, y))
+    return out
+
+
 class Coverage:
     """Which part of the frame each extra view saw, on a raster of `cell` pixels.
 
