@@ -1,0 +1,136 @@
+"""The lamp correction (service.analysis.illumination) on rendered fields with a known lamp.
+
+The renderer exposes each field as lamp x (1 - vignetting x r^2) x exp(-OD): its glass is the lamp
+and nothing else. After the correction the glass must read `TARGET_WHITE` in every channel, in
+the middle and in the corners; the reported white point and uniformity must be the lamp's own.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from smearscope.device.synthetic import render_field
+from smearscope.device.synthetic_cells import StainParams
+from smearscope.service.analysis.illumination import (
+    TARGET_WHITE,
+    apply_illumination,
+    correct_illumination,
+    estimate_illumination,
+)
+from smearscope.service.analysis.scale import resample_to_canonical
+
+LAMPS = {  # background_rgb, vignetting
+    "neutral, even": ((234.0, 229.0, 233.0), 0.0),
+    "warm, vignetted": ((250.0, 205.0, 160.0), 0.4),
+    "dim, bluish, strongly vignetted": ((120.0, 150.0, 190.0), 0.55),
+}
+
+
+def _field(lamp: str, width: int = 1280, height: int = 960, mpp: float = 0.1, density: float = 0.3, seed: int = 3):
+    rgb, vignetting = LAMPS[lamp]
+    stain = StainParams(background_rgb=rgb, vignetting=vignetting, noise_dn=1.0)
+    return render_field(seed, width=width, height=height, microns_per_pixel=mpp, stain=stain, rbc_density=density,
+                        n_wbc=2, n_platelets=3)
+
+
+def _glass(field, grow: int = 6) -> np.ndarray:
+    """Pixels at least `grow` pixels away from every drawn cell."""
+    h, w = field.frame.pixels.shape[:2]
+    cells = np.zeros((h, w), np.uint8)
+    for c in field.cells:
+        x0, y0, x1, y1 = c.bbox
+        cells[y0:y1, x0:x1] |= c.mask.astype(np.uint8)
+    return cv2.dilate(cells, np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)) == 0
+
+
+def _lamp_light(lamp: str, w: int, h: int) -> np.ndarray:
+    """The renderer's lamp (h, w, 3) in BGR, exactly as it lit the field."""
+    rgb, vignetting = LAMPS[lamp]
+    norm = (w / 2) ** 2 + (h / 2) ** 2
+    xx = ((np.arange(w) - w / 2) ** 2 / norm)[None, :]
+    yy = ((np.arange(h) - h / 2) ** 2 / norm)[:, None]
+    return (1.0 - vignetting * (xx + yy))[..., None] * np.asarray(rgb[::-1], float)
+
+
+@pytest.mark.parametrize("lamp", LAMPS)
+def test_the_glass_reads_the_target_white_everywhere_after_correction(lamp):
+    f = _field(lamp)
+    out = correct_illumination(f.frame.pixels)
+    assert out.applied
+    glass = _glass(f)
+    h, w = glass.shape
+    centre = np.zeros_like(glass)
+    centre[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3] = True
+    corners = np.zeros_like(glass)
+    for ys in (slice(0, h // 6), slice(h - h // 6, h)):
+        for xs in (slice(0, w // 6), slice(w - w // 6, w)):
+            corners[ys, xs] = True
+    px = out.pixels.astype(float)
+    for region in (centre & glass, corners & glass):
+        assert region.sum() > 2000
+        np.testing.assert_allclose(px[region].mean(axis=0), TARGET_WHITE, atol=4.0)
+
+
+@pytest.mark.parametrize("lamp", LAMPS)
+def test_white_point_and_uniformity_are_the_lamps(lamp):
+    f = _field(lamp)
+    h, w = f.frame.pixels.shape[:2]
+    light = _lamp_light(lamp, w, h)
+    ill = estimate_illumination(f.frame.pixels)
+    np.testing.assert_allclose(ill.white_bgr, np.median(light.reshape(-1, 3), axis=0), rtol=0.03)
+    lum = light.mean(axis=2)
+    assert ill.uniformity == pytest.approx(lum.min() / lum.max(), abs=0.04)
+    assert not ill.greyscale
+
+
+def test_a_crowded_field_still_gets_its_lamp():
+    """Little glass left between the cells: the white point comes from the brightest blocks."""
+    f = _field("warm, vignetted", density=0.7)
+    h, w = f.frame.pixels.shape[:2]
+    ill = estimate_illumination(f.frame.pixels)
+    np.testing.assert_allclose(ill.white_bgr, np.median(_lamp_light("warm, vignetted", w, h).reshape(-1, 3), axis=0),
+                               rtol=0.06)
+
+
+def test_the_gain_applies_at_the_canonical_scale_too():
+    """Measured on the input frame, applied to the frame resampled to 0.2 um/px: the glass there
+    reads the target white as well (the gain map spans the frame at any resolution)."""
+    f = _field("dim, bluish, strongly vignetted")
+    ill = estimate_illumination(f.frame.pixels)
+    canon = apply_illumination(resample_to_canonical(f.frame.pixels, 0.1), ill)
+    glass = cv2.resize(_glass(f).astype(np.uint8), (canon.shape[1], canon.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+    glass = cv2.erode(glass.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    np.testing.assert_allclose(canon[glass].astype(float).mean(axis=0), TARGET_WHITE, atol=4.0)
+
+
+@pytest.mark.parametrize(("width", "height"), [(640, 480), (4000, 3000), (333, 517)])
+def test_frame_size_does_not_change_the_lamp_measured(width, height):
+    """The frame is shrunk before the lamp is fitted (a 12 MP frame halved first): any size,
+    odd ones included, gives the same white point."""
+    f = _field("warm, vignetted", width=width, height=height, mpp=0.1)
+    light = _lamp_light("warm, vignetted", width, height)
+    ill = estimate_illumination(f.frame.pixels)
+    np.testing.assert_allclose(ill.white_bgr, np.median(light.reshape(-1, 3), axis=0), rtol=0.03)
+
+
+def test_greyscale_is_recognised():
+    f = _field("neutral, even")
+    grey = cv2.cvtColor(cv2.cvtColor(f.frame.pixels, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+    ill = estimate_illumination(grey)
+    assert ill.greyscale and ill.applied
+
+
+def test_a_dark_frame_is_passed_through_with_the_reason():
+    dark = np.full((480, 640, 3), 6, np.uint8)
+    out = correct_illumination(dark)
+    assert not out.applied and out.reason == "no_lit_background"
+    assert out.pixels is dark
+
+
+def test_wrong_input_is_refused():
+    with pytest.raises(ValueError, match="uint8"):
+        estimate_illumination(np.zeros((100, 100), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        estimate_illumination(np.zeros((100, 100, 3), np.float32))
