@@ -58,30 +58,8 @@ def resample_to_canonical(image: np.ndarray, microns_per_pixel: float,
                           f"{max_pixels} px")
     if abs(factor - 1.0) < 1e-3:
         return image
-    if factor >= 1.0:
-        return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-    return area_resize(image, factor, size)
-
-
-def area_resize(image: np.ndarray, factor: float, size: tuple[int, int]) -> np.ndarray:
-    """Shrink to `size` (w, h; about `factor` < 1 of the frame) averaging each output pixel's
-    footprint, as OpenCV's INTER_AREA does.
-
-    INTER_AREA is fast for whole-number ratios and several times slower otherwise (a 640x480
-    frame from 0.072 to 0.2 um/px: 1.4 ms). When the ratio is k >= 2 or more and k divides both
-    sides, the shrink is taken in two steps: exact k x k block means, then INTER_AREA for the rest
-    (0.6 ms there). Each output pixel averages the same footprint of the frame, except that a
-    block the footprint cuts counts by its mean, and grey levels are rounded between the steps:
-    a fraction of a grey level on average, a few at sharp edges (tests/test_area_resize.py).
-    """
-    k = int(1.0 / factor + 1e-9)
-    h, w = image.shape[:2]
-    if k < 2 or w % k or h % k:
-        return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    small = cv2.resize(image, (w // k, h // k), interpolation=cv2.INTER_AREA)
-    if small.shape[1] == size[0] and small.shape[0] == size[1]:
-        return small
-    return cv2.resize(small, size, interpolation=cv2.INTER_AREA)
+    interp = cv2.INTER_AREA if factor < 1.0 else cv2.INTER_LINEAR
+    return cv2.resize(image, size, interpolation=interp)
 
 
 def scale_from_rbc_diameters(diameters_px: np.ndarray, min_cells: int = 5) -> float | None:
