@@ -337,3 +337,28 @@ def test_a_searched_scale_that_keeps_moving_is_taken_only_with_many_red_cells(n_
         assert "search" in out.reason and "did not settle" in out.reason
     else:
         assert out.estimate.microns_per_pixel == pytest.approx(0.042)
+
+
+def test_a_drifting_refinement_keeps_the_scale_that_showed_the_most_red_cells():
+    """A pale camera (a Raspberry Pi station): the first guess reads a tenth of the scale and finds
+    two "red cells"; the search finds many whole ones near the true scale, but the detector sees
+    them larger than they are, so each refinement moves the scale further down while the cells
+    thin out, never settling. The pass that showed the most whole red cells is kept (flagged
+    uncertain), not the absurd guess."""
+    from smearscope.service.analysis.scale import ScaleEstimate
+    from smearscope.service.analysis.scale_search import find_scale
+
+    true = 0.135
+
+    def detect_at(mpp: float, quick: bool):
+        from smearscope.service.analysis.scale_search import Attempt
+
+        r = mpp / true
+        n = 2 if r < 0.4 else max(0, round(45 - 120 * abs(np.log(r))))  # most near the truth
+        size = 37.5 / r * 1.2 if r >= 0.4 else 37.5  # seen 20 % large: refining pulls the scale down
+        return Attempt(mpp, [CellDetection(CellKind.RBC, Box(0, 0, size, size), 0.9) for _ in range(n)], None, quick)
+
+    out = find_scale(detect_at, ScaleEstimate(0.02, "rbc_size_classical"), 10**6)
+    assert out.estimate.microns_per_pixel == pytest.approx(true, rel=0.2)
+    assert out.uncertain and "search" in out.reason
+    assert not out.attempt.quick

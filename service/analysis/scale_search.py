@@ -14,7 +14,9 @@ the analyzer infers micrometres per pixel from red-cell size, a normal red cell 
    With a few, the field may be sparse or the guess wrong (a detector finds a few "red cells" at
    any scale: a Raspberry Pi station's first guess reads a third of its scale): the searched
    scale is kept only where `SEARCH_WINS_FACTOR` times as many whole red cells show and
-   refining from them settles, or keeps at least `UNSETTLED_MIN_RBC`;
+   refining from them settles, or keeps at least `UNSETTLED_MIN_RBC`; where the refinement
+   drifts (each pass moves the scale on and shows fewer cells: a pale camera's cells measured
+   large), the pass that showed the most whole red cells is kept if it showed that many;
 4. refinement from the detected red cells' box size (at least `MIN_RBC_FOR_SCALE` of them),
    repeated until it agrees, because a detector sees cells far from the canonical size as
    nearer to it than they are.
@@ -165,10 +167,18 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
             # settles or keeps finding many more of them (a detector may see a camera's cells a
             # little large and converge slowly). At an absurd scale the "cells" are pieces: their
             # size points out of the plausible range, or the refinement loses them.
+            n_before = len(tried)
             refined, how = refine(found)
             many = max(UNSETTLED_MIN_RBC, SEARCH_WINS_FACTOR * len(guessed.whole_rbc))
+            # the refinement's passes from the searched scale, the searched pass included
+            chain = [found, *(a for a in tried[n_before:] if not a.quick)]
+            held = max(chain, key=lambda a: len(a.whole_rbc))
             if how == "settled" or (how == "unsettled" and len(refined.whole_rbc) >= many):
                 searched, current, ending = True, refined, how
+            elif how == "unsettled" and len(held.whole_rbc) >= many:
+                # the size keeps pulling the scale away while the cells thin out (a camera's pale
+                # cells measured large): the pass that showed the most whole red cells is kept
+                searched, current, ending = True, held, "most cells"
             else:
                 logger.info("searched scale %.4f did not hold: the guess %.4f is kept", found.mpp, guessed.mpp)
     few = len(current.whole_rbc) < MIN_RBC_FOR_SCALE
@@ -177,7 +187,7 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
         reasons.append("found by searching the plausible range")
     if few:
         reasons.append(f"only {len(current.whole_rbc)} whole red cells")
-    if ending != "settled":
+    if ending is None or ending == "unsettled":
         current, ending = refine(current)
     if ending != "settled" and len(current.whole_rbc) >= MIN_RBC_FOR_SCALE:
         reasons.append("the refinement from red-cell size did not settle")
