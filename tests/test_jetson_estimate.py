@@ -61,4 +61,6 @@ def test_estimate_runs_on_the_committed_models(capsys):
     rows = [line.split() for line in out.splitlines() if line.endswith(("  CPU", "  GPU", "  either"))]
     assert len(rows) == 3 * 2 * 2  # fields x configurations x Jetsons
     assert {r[0] for r in rows} == set(jetson_estimate.FIELDS)
+    # no time below zero (the CPU side is the sum of the stages that are not engines)
+    assert not any(v.startswith("-") for r in rows for v in r), [r for r in rows if any(v.startswith("-") for v in r)]
     assert "GFLOP per tile" in out and "GFLOP per crop" in out
