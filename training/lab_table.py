@@ -2,7 +2,7 @@
 
     python -m training.lab_table [--models models] [--split val|test] [--scale estimated|given|both]
                                  [--labs bccd,rpi] [--stain auto|none|macenko|vahadane] [--json out.json]
-                                 [--views identity,hflip] [--views-where everywhere|unsure]
+                                 [--views identity,hflip] [--views-where everywhere|unsure] [--unsure-band 0.2,0.8]
 
 A lab is one microscope, camera and stain (`training.labs`). Each row is one lab's held-out
 images, analysed by the same `Analyzer` the station runs, scored in the form that lab's labels
@@ -306,7 +306,7 @@ def main() -> None:
     ap.add_argument("--labs", default=",".join(DETECTOR_LABS))
     ap.add_argument("--limit", type=int, default=None, help="first N images per lab (quick looks)")
     ap.add_argument("--views", default=None, help="detector views, e.g. identity (default: the manifest's)")
-    ap.add_argument("--views-where", choices=("everywhere", "unsure", "cells"), default="unsure",
+    ap.add_argument("--views-where", choices=("everywhere", "unsure"), default="unsure",
                     help="where the detector's views after the first run (AnalyzerOptions.detector_views_where)")
     ap.add_argument("--stain", choices=("auto", *available_methods()), default="auto",
                     help="stain normalization for every model (default: each manifest's)")
