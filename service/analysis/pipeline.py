@@ -101,7 +101,7 @@ class AnalyzerOptions:
     detector_conf: float = 0.25
     #: Test-time views of the detector; None = the manifest's (the views its scores are calibrated for).
     detector_views: tuple[str, ...] | None = None
-    #: "unsure": the views after the first run only on their tiles that overlap a cell the first view
+    #: "unsure": the views after the first run only on tiles placed around the cells the first view
     #: was unsure of or cut (service.analysis.tta); "everywhere": every view on the whole frame.
     detector_views_where: Literal["everywhere", "unsure"] = "unsure"
     #: With "unsure": the first view's calibrated scores in [low, high) are unsure.

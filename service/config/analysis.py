@@ -71,8 +71,8 @@ class AnalysisConfig(StationBaseModel):
     detector_views_where: Literal["everywhere", "unsure"] = Field(
         default="unsure",
         title="Where the detector's extra views run",
-        description="'unsure' (default): the first view runs everywhere and the others only on their "
-        "tiles that overlap a cell the first view was unsure of (calibrated score within "
+        description="'unsure' (default): the first view runs everywhere and the others only on tiles "
+        "placed around the cells the first view was unsure of (calibrated score within "
         "detector_unsure_band) or that a tile border cut; on the lab table every lab's figure stays "
         "within 0.005 of 'everywhere', where each view runs on the whole frame.",
     )
