@@ -238,7 +238,7 @@ class StationWorkers:
         share = getattr(self.analyzer, "batch_across_fields", None)
         if self.concurrent_fields > 1 and share is not None:
             share(lambda: pool.active() - 1, self.batch_delay_s)
-        ended = False
+        ended = paused = False
         try:
             while not ended or pool.pending:
                 done = pool.next_done(timeout=0.0 if pool.has_room() and not ended else TICK_S)
@@ -255,8 +255,12 @@ class StationWorkers:
                 if closed is not None:
                     self.emit_closed(closed)
                 if self.disk_full and not self._stop.is_set():
+                    if not paused:  # whichever write hit the full disk first (a field, a live run update)
+                        logger.error("the outbox's disk is full: analysis paused until a write succeeds")
+                        paused = True
                     time.sleep(TICK_S)  # back-pressure: the frames queue fills, capture waits
                     continue
+                paused = False
                 try:
                     item = self.frames.get(timeout=TICK_S)
                 except queue.Empty:
