@@ -95,22 +95,11 @@ class _Outgoing:
 class StationWorkers:
     """capture -> analysis -> outbox writer, with their queues, counters and ledger."""
 
-    def __init__(
-        self,
-        *,
-        source_kind: str,
-        gate: QualityGate,
-        tracker: SpecimenTracker,
-        requests: RequestQueue,
-        watchdog: ProgressWatchdog,
-        stop: threading.Event,
-        request_stop: Callable[[str], None],
-        max_fields: int | None,
-        scale_override: float | None,
-        clinic: ClinicFeed | None = None,
-        concurrent_fields: int = 1,
-        batch_delay_s: float = 0.004,
-    ) -> None:
+    def __init__(self, *, source_kind: str, gate: QualityGate, tracker: SpecimenTracker,
+                 requests: RequestQueue, watchdog: ProgressWatchdog, stop: threading.Event,
+                 request_stop: Callable[[str], None], max_fields: int | None,
+                 scale_override: float | None, clinic: ClinicFeed | None = None,
+                 concurrent_fields: int = 1, batch_delay_s: float = 0.004) -> None:
         self.gate, self.tracker, self.watchdog = gate, tracker, watchdog
         #: Commands' work on the specimen state, served by the analysis thread between frames.
         self.requests = requests
@@ -255,8 +244,9 @@ class StationWorkers:
                 if closed is not None:
                     self.emit_closed(closed)
                 if self.disk_full and not self._stop.is_set():
-                    if not paused:  # whichever write hit the full disk first (a field, a live run update)
-                        logger.error("the outbox's disk is full: analysis paused until a write succeeds")
+                    if not paused:  # said once, whichever write hit the full disk first
+                        logger.error("the outbox's disk is full: analysis paused until a write "
+                                     "succeeds")
                         paused = True
                     time.sleep(TICK_S)  # back-pressure: the frames queue fills, capture waits
                     continue
