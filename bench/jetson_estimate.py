@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{field:<10} {config:<9} {tiles:>5.0f} {r.cells * head_work:>9.0f} "
                       f"{flops / 1e9:>6.1f} {r.cpu_side_ms:>10.1f}  {j.name:<14} {span(gpu):>8} "
                       f"{span(cpu):>9} {span(total):>9}  {dom}")
-    print("\ntiles: the grid x detector views (views where unsure: x the bench's detector-engine ms over one-view's); crop runs: cells x the head views they ran (bench's "
+    print("\ntiles: the grid x detector views (views where unsure: x the bench's detector-engine "
+          "ms over one-view's); crop runs: cells x the head views they ran (bench's "
           "head-engine ms over one-view's);\nGPU ms: engine compute only (no launches, copies or "
           "TensorRT's own choices); CPU ms: everything else the bench\ntimed, one stage after "
           "another; field ms: the two in sequence (fields pipelined on the spare cores: the larger)")

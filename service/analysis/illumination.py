@@ -72,11 +72,12 @@ def _design(xs: np.ndarray, ys: np.ndarray, order: int) -> np.ndarray:
 def _block_samples(reduced: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per block: centre (x, y in [-1, 1]) and the mean colour of its brightest pixels.
 
-    `reduced` is uint8 (or float holding whole grey levels): luminance is summed in integers."""
+    `reduced` is uint8: luminance is summed in integers."""
     h, w = reduced.shape[:2]
     bh, bw = max(1, h // _BLOCK), max(1, w // _BLOCK)
     sy, sx = h // bh, w // bw
-    img = reduced[: bh * sy, : bw * sx].reshape(bh, sy, bw, sx, 3).swapaxes(1, 2).reshape(bh * bw, sy * sx, 3)
+    img = reduced[: bh * sy, : bw * sx].reshape(bh, sy, bw, sx, 3).swapaxes(1, 2)
+    img = img.reshape(bh * bw, sy * sx, 3)
     lum = img.sum(axis=2, dtype=np.int32)
     k = int(np.clip(round(lum.shape[1] * _BRIGHT_PERCENTILE / 100.0), 0, lum.shape[1] - 1))
     thr = np.partition(lum, k, axis=1)[:, k : k + 1]
@@ -128,7 +129,8 @@ def _reduce(image_bgr: np.ndarray, width: int, height: int) -> np.ndarray:
     halving (the background is smooth)."""
     while image_bgr.shape[1] >= 16 * width and image_bgr.shape[0] >= 16 * height:
         h, w = image_bgr.shape[:2]
-        image_bgr = cv2.resize(image_bgr[: h - h % 2, : w - w % 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+        image_bgr = cv2.resize(image_bgr[: h - h % 2, : w - w % 2], (w // 2, h // 2),
+                               interpolation=cv2.INTER_AREA)
     return cv2.resize(image_bgr, (width, height), interpolation=cv2.INTER_AREA)
 
 

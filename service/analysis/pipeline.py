@@ -50,7 +50,7 @@ from smearscope.service.analysis.scale import (
 )
 from smearscope.service.analysis.scale_search import Attempt, ScaleOutcome, find_scale
 from smearscope.service.analysis.segment import Segmenter
-from smearscope.service.analysis.tiling import tile_at, tile_grid
+from smearscope.service.analysis.tiling import tile_grid
 from smearscope.service.analysis.tta import (
     Coverage,
     boxes_in_view,
@@ -58,6 +58,7 @@ from smearscope.service.analysis.tta import (
     place_tiles,
     tiles_for_boxes,
     unview,
+    view_tile_at,
     view_tiles,
     view_window,
 )
@@ -257,8 +258,8 @@ class Analyzer:
             tiles = list(view_tiles(canonical, view, o.tile_size, o.tile_overlap))  # windows, not copies
             on_grid = tiles_for_boxes([view_window(t, view, o.tile_size, w, h) for t in tiles], unsure)
             if len(placed) < len(on_grid):
-                fx, fy = view in ("hflip", "rot180"), view in ("vflip", "rot180")
-                chosen = [tile_at(canonical, k * grid + j, x, y, o.tile_size, fx, fy) for j, (x, y) in enumerate(placed)]
+                chosen = [view_tile_at(canonical, k * grid + j, x, y, o.tile_size, view)
+                          for j, (x, y) in enumerate(placed)]
             else:
                 chosen = [dataclasses.replace(tiles[i], index=k * grid + tiles[i].index) for i in on_grid]
             for t in chosen:

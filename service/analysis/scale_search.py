@@ -170,9 +170,8 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
             n_before = len(tried)
             refined, how = refine(found)
             many = max(UNSETTLED_MIN_RBC, SEARCH_WINS_FACTOR * len(guessed.whole_rbc))
-            # the refinement's passes from the searched scale, the searched pass included
-            chain = [found, *(a for a in tried[n_before:] if not a.quick)]
-            held = max(chain, key=lambda a: len(a.whole_rbc))
+            # the searched pass and the refinement's passes from it
+            held = max([found, *tried[n_before:]], key=lambda a: len(a.whole_rbc))
             if how == "settled" or (how == "unsettled" and len(refined.whole_rbc) >= many):
                 searched, current, ending = True, refined, how
             elif how == "unsettled" and len(held.whole_rbc) >= many:
@@ -187,7 +186,7 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
         reasons.append("found by searching the plausible range")
     if few:
         reasons.append(f"only {len(current.whole_rbc)} whole red cells")
-    if ending is None or ending == "unsettled":
+    if ending not in ("settled", "most cells"):  # a pass kept for its many cells is not refined again
         current, ending = refine(current)
     if ending != "settled" and len(current.whole_rbc) >= MIN_RBC_FOR_SCALE:
         reasons.append("the refinement from red-cell size did not settle")

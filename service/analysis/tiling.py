@@ -81,7 +81,8 @@ def tile_at(image: np.ndarray, index: int, x: int, y: int, tile: int, flip_x: bo
     return Tile(index=index, x=x, y=y, pixels=_tile_pixels(image, x, y, tile, flip_x, flip_y)[1])
 
 
-def _tile_pixels(image: np.ndarray, x: int, y: int, tile: int, flip_x: bool, flip_y: bool) -> tuple[np.ndarray, np.ndarray]:
+def _tile_pixels(image: np.ndarray, x: int, y: int, tile: int, flip_x: bool,
+                 flip_y: bool) -> tuple[np.ndarray, np.ndarray]:
     """(the unmirrored window, the tile's pixels) at offset (x, y) of the (mirrored) image."""
     h, w = image.shape[:2]
     r0, r1, c0, c1 = y, min(y + tile, h), x, min(x + tile, w)

@@ -25,8 +25,8 @@ Views where they pay (`AnalyzerOptions.detector_views_where = "unsure"`): the fi
 everywhere; the other views run only on tiles that show, whole, the cells the first view was
 unsure of (calibrated score inside a band around the counting threshold) or that the merge left
 cut by a tile edge: tiles placed around those cells (`place_tiles`, a greedy cover) or the grid's
-tiles that hold them (`tiles_for_boxes`), whichever are fewer. `Coverage` records which part of the frame each view saw; a cell's fused score is
-the sum of its members' scores over the number of views that saw it whole. A cell only the first
+tiles that hold them (`tiles_for_boxes`), whichever are fewer. `Coverage` records which part of
+the frame each view saw; a cell's fused score is the sum of its members' scores over the number of views that saw it whole. A cell only the first
 view saw keeps its own score (where every view runs, the others' would have been averaged in, so
 a sure cell's score can read higher than full fusion gives it); a cell every view saw is fused as
 when every view runs everywhere, except that an extra view's cross-tile merge only had the tiles
@@ -45,7 +45,7 @@ from smearscope.engines.manifest import TestTimeView
 from smearscope.service.analysis.boxes import inside_fraction, overlapping_pairs, pair_iou
 from smearscope.service.analysis.merge import mask_window
 from smearscope.service.analysis.records import Box, CellDetection, CellKind, Tile
-from smearscope.service.analysis.tiling import iter_tiles
+from smearscope.service.analysis.tiling import iter_tiles, tile_at
 
 #: Views a model can run in (engines.manifest.TestTimeView); each is its own inverse.
 VIEWS: tuple[str, ...] = get_args(TestTimeView)
@@ -82,6 +82,13 @@ def view_tiles(pixels: np.ndarray, view: str, tile: int, overlap: float,
     (service.analysis.tiling.iter_tiles); offsets are in the view's coordinates."""
     fx, fy = _flips(view)
     return iter_tiles(pixels, tile, overlap, skip_background, flip_x=fx, flip_y=fy)
+
+
+def view_tile_at(pixels: np.ndarray, index: int, x: int, y: int, tile: int, view: str) -> Tile:
+    """The tile at offset (x, y) of `view_frame(pixels, view)`, anywhere (not only on the grid),
+    cut as `view_tiles` cuts its tiles (service.analysis.tiling.tile_at)."""
+    fx, fy = _flips(view)
+    return tile_at(pixels, index, x, y, tile, flip_x=fx, flip_y=fy)
 
 
 def view_crops(crops: np.ndarray, view: str) -> np.ndarray:
