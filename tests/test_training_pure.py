@@ -175,3 +175,50 @@ def test_txl_boxes_turn_yolo_labels_into_pixel_boxes(tmp_path, monkeypatch):
     assert [b.kind for b in boxes] == ["rbc", "wbc"]
     assert np.allclose([[b.x0, b.y0, b.x1, b.y1] for b in boxes], [[90, 40, 110, 60], [0, 50, 100, 100]])
     assert txl_boxes(image.with_name("unlabelled.jpg"), "val", 200, 100) == []
+
+
+def test_auroc_is_the_pairwise_probability_with_ties_counted_half():
+    from training.metrics import auroc
+
+    rng = np.random.default_rng(3)
+    pos, neg = rng.integers(0, 12, 40).astype(float), rng.integers(0, 9, 55).astype(float)
+    pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
+    assert auroc(pos, neg) == pytest.approx(pairs, abs=1e-12)
+    assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert auroc(np.array([0.0]), np.array([1.0])) == 0.0
+    assert auroc(np.array([1.0, 1.0]), np.array([1.0])) == 0.5
+
+
+def _rbc_sets(n: int = 60) -> tuple[dict, np.ndarray]:
+    from training.rbc_data import CLASSES
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 4, n)
+    labs = np.array(["chula"] * (n - 10) + ["idb1"] * 10)
+    y[labs == "idb1"] = np.where(np.arange(10) < 5, CLASSES.index("sickle"), 0)
+    return {"val_labels": y, "val_labs": labs}, y
+
+
+def _onehot(pred: np.ndarray, k: int) -> np.ndarray:
+    return np.eye(k)[pred]
+
+
+def test_rbc_selection_takes_the_worst_of_in_domain_looks_and_sickle():
+    """training.train_rbc keeps the checkpoint with the best `worst`: with `looks_probs` the Chula
+    macro-F1 under random lab looks joins it; without the spherocyte term the BCCD share is
+    reported but left to the prior shift."""
+    from training.rbc_data import CLASSES, figures
+
+    k = len(CLASSES)
+    sets, y = _rbc_sets()
+    right = _onehot(y, k)
+    wrong_half = y.copy()
+    chula = np.nonzero(sets["val_labs"] == "chula")[0]
+    wrong_half[chula[::2]] = (y[chula[::2]] + 1) % 4  # half the Chula cells typed wrong
+    all_sphero = _onehot(np.full(30, CLASSES.index("spherocyte")), k)
+    f = figures(right, sets, "val", all_sphero, _onehot(wrong_half, k), spherocyte_in_worst=False)
+    assert f["chula_macro_f1"] == 1.0 and f["idb1_sickle_vs_not"] == 1.0 and f["bccd_spherocyte_share"] == 1.0
+    assert f["chula_macro_f1_looks"] < 0.7
+    assert f["worst"] == f["chula_macro_f1_looks"]  # the looks term, not the spherocyte share
+    g = figures(right, sets, "val", all_sphero)
+    assert g["worst"] == 0.0 and "chula_macro_f1_looks" not in g  # 1 - spherocyte share

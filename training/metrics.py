@@ -200,3 +200,13 @@ def detection_confusion(per_image: list[dict], classes: tuple[str, ...], iou_thr
         per[c] = {"precision": float(cm[i, i] / n_pred) if n_pred else 0.0,
                   "recall": float(cm[i, i] / n_truth) if n_truth else 0.0, "n_pred": n_pred, "n_truth": n_truth}
     return {"classes": names, "matrix": cm.tolist(), "per_class": per}
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score of a held-out cell > score of a known cell), ties counted half (Mann-Whitney U)."""
+    allv = np.concatenate([pos, neg])
+    _, inv, counts = np.unique(allv, return_inverse=True, return_counts=True)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    mid_rank = first + (counts + 1) / 2.0  # average 1-based rank of each distinct value
+    r = mid_rank[inv][: len(pos)].sum()
+    return float((r - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))

@@ -96,25 +96,50 @@ def build_sets(cache: Path | None = None) -> dict:
     return arrays
 
 
-def figures(probs: np.ndarray, sets: dict, split: str, bccd_probs: np.ndarray) -> dict:
+def _macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
+    f1s = []
+    for c in sorted(set(y.tolist())):
+        tp = int(((pred == c) & (y == c)).sum())
+        pr, rc = tp / max(int((pred == c).sum()), 1), tp / max(int((y == c).sum()), 1)
+        f1s.append(2 * pr * rc / (pr + rc) if pr + rc else 0.0)
+    return float(np.mean(f1s))
+
+
+def figures(probs: np.ndarray, sets: dict, split: str, bccd_probs: np.ndarray,
+            looks_probs: np.ndarray | None = None, spherocyte_in_worst: bool = True) -> dict:
+    """Chula macro-F1 and accuracy, IDB1 sickle-vs-not, the share of BCCD red cells typed
+    spherocyte; `worst` is the lowest of them (with `spherocyte_in_worst`: 1 - that share).
+
+    `looks_probs`: the same split's crops drawn through random lab looks (a fixed seed, see
+    `looks_crops`), whose Chula macro-F1 stands in for another lab's camera and stain and joins
+    `worst`. Without the spherocyte term, the share is left to the prior shift fitted after
+    training (`training.prior_shift`), which is how the analyzer runs the head."""
     y, labs = sets[f"{split}_labels"], sets[f"{split}_labs"]
     pred = probs.argmax(1)
     m = labs == "chula"
-    f1s = []
-    for c in sorted(set(y[m].tolist())):
-        tp = int(((pred[m] == c) & (y[m] == c)).sum())
-        pr, rc = tp / max(int((pred[m] == c).sum()), 1), tp / max(int((y[m] == c).sum()), 1)
-        f1s.append(2 * pr * rc / (pr + rc) if pr + rc else 0.0)
+    chula_f1 = _macro_f1(y[m], pred[m])
     mi = labs == "idb1"
     sickle = CLASSES.index("sickle")
     idb = float(((pred[mi] == sickle) == (y[mi] == sickle)).mean()) if mi.any() else 1.0
     sph = float((bccd_probs.argmax(1) == CLASSES.index("spherocyte")).mean()) if len(bccd_probs) else 0.0
-    out = {"chula_macro_f1": round(float(np.mean(f1s)), 4), "chula_accuracy": round(float((pred[m] == y[m]).mean()), 4),
+    out = {"chula_macro_f1": round(chula_f1, 4), "chula_accuracy": round(float((pred[m] == y[m]).mean()), 4),
            "idb1_sickle_vs_not": round(idb, 4), "bccd_spherocyte_share": round(sph, 4),
            "bccd_label_shares": {CLASSES[k]: round(float(v), 4) for k, v in
                                  zip(*np.unique(bccd_probs.argmax(1), return_counts=True)) if v} if len(bccd_probs) else {}}
     if out["bccd_label_shares"]:
         n = len(bccd_probs)
         out["bccd_label_shares"] = {k: round(v / n, 4) for k, v in out["bccd_label_shares"].items()}
-    out["worst"] = round(min(out["chula_macro_f1"], idb, 1.0 - sph), 4)
+    terms = [out["chula_macro_f1"], idb] + ([1.0 - sph] if spherocyte_in_worst else [])
+    if looks_probs is not None:
+        out["chula_macro_f1_looks"] = round(_macro_f1(y[m], looks_probs.argmax(1)[m]), 4)
+        terms.append(out["chula_macro_f1_looks"])
+    out["worst"] = round(min(terms), 4)
     return out
+
+
+def looks_crops(images: np.ndarray, seed: int = 7) -> np.ndarray:
+    """`images`' head crops, each drawn through a random lab's look (fixed seed: the same set every
+    time), then lamp-corrected and cut as the analyzer does."""
+    from training.wbc_data import to_crops
+
+    return to_crops(images, CROP, rng=np.random.default_rng(seed), p_look=1.0)

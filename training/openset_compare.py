@@ -1,0 +1,180 @@
+"""Open-set scores compared on leave-one-class-out WBC heads (`training.train_wbc --exclude-class`).
+
+    python -m training.openset_compare build/wbc/wbc_no_basophil build/wbc/wbc_no_monocyte [--quantile 0.95]
+
+For each run: the head's features (global-average-pooled output of each ResNet stage) and
+logits on every train, val and test crop, cut as in training without a look (evaluation), then
+candidate scores of "unlike every trained class", each fitted on the run's training crops of the
+classes it kept:
+
+- `md_lN`: Mahalanobis distance to the nearest class mean, one shared covariance (Lee et al.
+  2018), on stage N's features (`md_l4` is the committed head's `ood` output);
+- `rmd_l4`: the relative Mahalanobis distance (Ren et al. 2021): minus the distance to one
+  Gaussian of all training features;
+- `knn_lN`: cosine distance to the 10th nearest training feature (Sun et al. 2022);
+- `energy`, `msp`: from the logits (Liu et al. 2020; the calibrated top probability);
+- `md_l34`, `md_l234`, `md_l34+msp`: sums of those scores, each standardized by its validation
+  median and interquartile range.
+
+Each score's threshold is set as the analyzer's is: the `--quantile` of every training lab's
+validation scores, the largest of them (at most 1 - q of any lab's normal cells to review). A
+crop goes to review when its calibrated top probability is under 0.5 or its score is beyond the
+threshold. Printed per score: the share of the held-out class's test cells still typed as a
+known class (issue bar: <= 0.20), the share of each lab's known-class test cells sent to review
+(bar: <= 0.10), and the held-out class's AUROC against the known cells (threshold-free).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.head_data import PBC_CLASSES
+from training.metrics import auroc, fit_temperature, softmax
+from training.train_head import Deployable, build_net, to_tensor
+from training.train_wbc import fit_mahalanobis, mahalanobis_min
+from training.wbc_data import load_contexts, to_crops
+
+logger = logging.getLogger(__name__)
+LAYERS = ("l1", "l2", "l3", "l4")
+Scores = tuple[np.ndarray, np.ndarray]  # (val, test)
+
+
+def stage_features(model: Deployable, images: np.ndarray, batch: int = 256) -> dict[str, np.ndarray]:
+    """Pooled features of each ResNet stage and the logits."""
+    net = model.net
+    out: dict[str, list[np.ndarray]] = {k: [] for k in (*LAYERS, "logits")}
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            x = (to_tensor(images[i:i + batch]) - model.mean) / model.std
+            x = net.maxpool(net.act1(net.bn1(net.conv1(x))))
+            for k, layer in zip(LAYERS, (net.layer1, net.layer2, net.layer3, net.layer4)):
+                x = layer(x)
+                out[k].append(x.mean((2, 3)).numpy())
+            out["logits"].append(net.fc(x.mean((2, 3))).numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def run_features(run: Path) -> tuple[dict[str, dict[str, np.ndarray]], list[int]]:
+    """Features of train / val / test (cached in the run folder) and the held-out class indices."""
+    state = torch.load(run / "best.pt", weights_only=False)
+    classes = list(state["classes"])
+    held = [classes.index(c) for c in PBC_CLASSES if f"_no_{c}" in run.name]
+    cache = run / "stage_features.npz"
+    sets: dict[str, dict[str, np.ndarray]] = {}
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        for s in ("train", "val", "test"):
+            sets[s] = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith(f"{s}/")}
+        return sets, held
+    model = Deployable(build_net(state["arch"], len(classes)))
+    model.load_state_dict(state["model"])
+    for s in ("train", "val", "test"):
+        cs = load_contexts(s)
+        sets[s] = {**stage_features(model, to_crops(cs.images)), "labels": cs.labels, "labs": cs.labs.astype(str)}
+    np.savez(cache, **{f"{s}/{k}": v for s, d in sets.items() for k, v in d.items()})
+    return sets, held
+
+
+def candidate_scores(tr: dict, va: dict, te: dict, present: np.ndarray, temperature: float) -> dict[str, Scores]:
+    n = len(present)
+
+    def md(layer: str, relative: bool = False) -> Scores:
+        means, prec = fit_mahalanobis(tr[layer], tr["labels"], n)
+        mu = tr[layer].mean(0)
+        cov = np.cov(tr[layer].T)
+        p0 = np.linalg.inv(0.95 * cov + 0.05 * np.diag(np.diag(cov)) + 1e-6 * np.eye(len(mu)))
+
+        def s(f: np.ndarray) -> np.ndarray:
+            d = mahalanobis_min(f, means, prec, present)
+            if relative:
+                x = f - mu
+                d = d - np.einsum("nd,de,ne->n", x, p0, x)
+            return d
+        return s(va[layer]), s(te[layer])
+
+    def knn(layer: str, k: int = 10) -> Scores:
+        bank = tr[layer] / np.linalg.norm(tr[layer], axis=1, keepdims=True)
+
+        def s(f: np.ndarray) -> np.ndarray:
+            sim = (f / np.linalg.norm(f, axis=1, keepdims=True)) @ bank.T
+            return -np.sort(sim, axis=1)[:, -k]
+        return s(va[layer]), s(te[layer])
+
+    def from_logits(fn: Callable[[np.ndarray], np.ndarray]) -> Scores:
+        def s(logits: np.ndarray) -> np.ndarray:
+            masked = np.where(present[None], logits, -1e9)
+            return fn(masked)
+        return s(va["logits"]), s(te["logits"])
+
+    def energy(lg: np.ndarray) -> np.ndarray:
+        m = lg.max(1)
+        return -(m + np.log(np.exp(lg - m[:, None]).sum(1)))
+
+    out: dict[str, Scores] = {"md_l4": md("l4"), "rmd_l4": md("l4", True), "md_l3": md("l3"), "md_l2": md("l2"),
+                              "knn_l4": knn("l4"), "knn_l3": knn("l3"), "energy": from_logits(energy),
+                              "msp": from_logits(lambda lg: -softmax(lg / temperature).max(1))}
+
+    def standardized(*names: str) -> Scores:
+        v = t = 0.0
+        for name in names:
+            pv, pt = out[name]
+            mid, spread = np.median(pv), max(float(np.subtract(*np.percentile(pv, [75, 25]))), 1e-9)
+            v, t = v + (pv - mid) / spread, t + (pt - mid) / spread
+        return np.asarray(v), np.asarray(t)
+
+    out["md_l234"] = standardized("md_l2", "md_l3", "md_l4")
+    out["md_l34"] = standardized("md_l3", "md_l4")
+    out["md_l34+msp"] = standardized("md_l3", "md_l4", "msp")
+    return out
+
+
+def compare(run: Path, quantile: float) -> list[dict]:
+    sets, held = run_features(run)
+    n = sets["train"]["logits"].shape[1]
+    present = np.ones(n, bool)
+    present[held] = False
+
+    def known(d: dict) -> dict:
+        m = np.isin(d["labels"], np.nonzero(present)[0])
+        return {k: v[m] for k, v in d.items()}
+    tr, va, te = known(sets["train"]), known(sets["val"]), sets["test"]
+    temperature = fit_temperature(va["logits"], va["labels"])
+    conf = softmax(np.where(present[None], te["logits"], -1e9) / temperature).max(1)
+    is_known = np.isin(te["labels"], np.nonzero(present)[0])
+    is_held = np.isin(te["labels"], held)
+    labs = sorted(set(va["labs"].tolist()))
+    rows = []
+    for name, (vs, ts) in candidate_scores(tr, va, te, present, temperature).items():
+        thr = max(np.quantile(vs[va["labs"] == lab], quantile) for lab in labs)
+        review = (conf < 0.5) | (ts > thr)
+        rows.append({"run": run.name, "score": name, "typed_as_known": float((~review[is_held]).mean()),
+                     "review": {lab: float(review[is_known & (te["labs"] == lab)].mean()) for lab in labs},
+                     "auroc": auroc(ts[is_held], ts[is_known])})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", type=Path, nargs="+")
+    ap.add_argument("--quantile", type=float, default=0.95)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    print("| run | score | held-out class typed as known (bar <= 0.20) | known cells to review per lab (bar <= 0.10) | AUROC |")
+    print("|---|---|---|---|---|")
+    for run in args.runs:
+        for r in compare(run, args.quantile):
+            review = ", ".join(f"{k} {v:.3f}" for k, v in r["review"].items())
+            print(f"| {r['run']} | {r['score']} | {r['typed_as_known']:.3f} | {review} | {r['auroc']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
