@@ -14,7 +14,9 @@ classes it kept:
 - `knn_lN`: cosine distance to the 10th nearest training feature (Sun et al. 2022);
 - `energy`, `msp`: from the logits (Liu et al. 2020; the calibrated top probability);
 - `md_l34`, `md_l234`, `md_l34+msp`: sums of those scores, each standardized by its validation
-  median and interquartile range.
+  median and interquartile range;
+- `md_l4 or energy`: either test beyond its own threshold (the analyzer's rule when the manifest
+  has both, `engines.manifest.OpenSet.energy_threshold`).
 
 Each score's threshold is set as the analyzer's is: the `--quantile` of every training lab's
 validation scores, the largest of them (at most 1 - q of any lab's normal cells to review). A
@@ -151,12 +153,17 @@ def compare(run: Path, quantile: float) -> list[dict]:
     is_held = np.isin(te["labels"], held)
     labs = sorted(set(va["labs"].tolist()))
     rows = []
-    for name, (vs, ts) in candidate_scores(tr, va, te, present, temperature).items():
-        thr = max(np.quantile(vs[va["labs"] == lab], quantile) for lab in labs)
-        review = (conf < 0.5) | (ts > thr)
+    scores = candidate_scores(tr, va, te, present, temperature)
+
+    def beyond(name: str) -> np.ndarray:
+        vs, ts = scores[name]
+        return ts > max(np.quantile(vs[va["labs"] == lab], quantile) for lab in labs)
+    for name, (vs, ts) in [*scores.items(), ("md_l4 or energy", (None, None))]:
+        either = " or " in name
+        review = (conf < 0.5) | (beyond("md_l4") | beyond("energy") if either else beyond(name))
         rows.append({"run": run.name, "score": name, "typed_as_known": float((~review[is_held]).mean()),
                      "review": {lab: float(review[is_known & (te["labs"] == lab)].mean()) for lab in labs},
-                     "auroc": auroc(ts[is_held], ts[is_known])})
+                     "auroc": float("nan") if either else auroc(ts[is_held], ts[is_known])})
     return rows
 
 

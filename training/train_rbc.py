@@ -167,8 +167,7 @@ def export_rbc(run: Path, out: Path, views: list[str]) -> Path:
                                "the analyzer's ruler: training.measure_scale), erythrocytesIDB1 "
                                "(train 85/15, test held out), rendered fields",
                        "recipe": "training.train_rbc (random lab looks, lamp correction, the analyzer's crops; kept: "
-                                 "the best worst of Chula val macro-F1, IDB1 val sickle-vs-not, 1 - BCCD val "
-                                 "spherocyte share)", "run": str(run),
+                                 "the best worst figure on validation, see train_rbc --select)", "run": str(run),
                        "run_val_best_worst": result.get("val_best_worst")},
         split_hashes={})
     eng = create_engine("onnxruntime", path).load()
