@@ -61,15 +61,27 @@ class CropInfo(BaseModel):
 
 
 class OpenSet(BaseModel):
-    """A classifier's open-set score: a second graph output and the threshold above which a crop is
-    unlike every trained class (sent for review, never typed)."""
+    """A classifier's open-set score and the threshold above which a crop is unlike every trained
+    class (sent for review, never typed)."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["mahalanobis"] = Field(description="mahalanobis: squared distance of the penultimate features "
-                                           "to the nearest class mean under one shared covariance")
-    output: str = Field(description="name of the graph output holding the score (one value per crop)")
+    method: Literal["mahalanobis", "energy"] = Field(
+        description="mahalanobis: squared distance of the penultimate features to the nearest class mean under "
+                    "one shared covariance, read from the graph output `output`; energy: the free energy of the "
+                    "head's logits, -logsumexp(logits) (Liu et al. 2020), computed by the classifier from the "
+                    "logits averaged over the views a crop ran in")
+    output: str | None = Field(None, description="mahalanobis: name of the graph output holding the score "
+                                                 "(one value per crop); energy: none")
     threshold: float = Field(description="scores above this are atypical")
     calibration: str = Field("", description="how the threshold was chosen")
+
+    @model_validator(mode="after")
+    def _output_matches_method(self) -> OpenSet:
+        if self.method == "mahalanobis" and not self.output:
+            raise ValueError("open_set method 'mahalanobis' needs the graph output that holds the distance")
+        if self.method == "energy" and self.output:
+            raise ValueError("open_set method 'energy' is computed from the logits: no output")
+        return self
 
 
 class ModelManifest(BaseModel):

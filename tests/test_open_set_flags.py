@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -51,12 +52,14 @@ class _Head:
     """Engine double: every crop gets the same logits (and open-set distance)."""
 
     def __init__(self, logits: dict[str, float], classes=WBC, temperature=1.0, ood=None, threshold=10.0,
-                 extent_um=25.6, size=96) -> None:
+                 extent_um=25.6, size=96, energy_threshold=None) -> None:
         outputs = [TensorSpec(name="logits", shape=[-1, len(classes)])]
         open_set = None
         if ood is not None:
             outputs.append(TensorSpec(name="ood", shape=[-1]))
             open_set = OpenSet(method="mahalanobis", output="ood", threshold=threshold)
+        if energy_threshold is not None:
+            open_set = OpenSet(method="energy", threshold=energy_threshold)
         self.manifest = ModelManifest(
             name="head", task="classification", file="x.onnx", sha256="0" * 64, opset=17,
             inputs=[TensorSpec(name="input", shape=[-1, 3, size, size])], outputs=outputs,
@@ -104,6 +107,42 @@ def test_open_set_distance_sends_a_confident_cell_to_review():
     assert [r.label for r in near] == ["lymphocyte"] * 3 and not any(r.atypical for r in near)
     assert [r.label for r in far] == [UNIDENTIFIED] * 3 and all(r.atypical and r.score > 0.99 for r in far)
     assert far[0].ood == pytest.approx(40.0)
+
+
+def test_energy_sends_a_cell_no_class_claims_strongly_to_review():
+    """The energy test (the committed WBC head's): -logsumexp of the crop's logits above the
+    threshold is atypical however sure the softmax is; large logits for one class pass."""
+    weak = {"lymphocyte": 3.0, "neutrophil": -4.0}  # softmax 0.74 on lymphocyte, but no class claims it strongly
+    strong = {"lymphocyte": 12.0}
+    w = CropClassifier(_Head(weak, energy_threshold=-5.0), 0.5).classify(_crops())
+    s = CropClassifier(_Head(strong, energy_threshold=-5.0), 0.5).classify(_crops())
+    lw = np.array([[weak.get(c, 0.0) for c in WBC]])
+    assert w[0].ood == pytest.approx(-float(np.log(np.exp(lw).sum())), rel=1e-5)
+    assert w[0].score > 0.5 and all(r.label == UNIDENTIFIED and r.atypical for r in w)
+    assert [r.label for r in s] == ["lymphocyte"] * 3 and not any(r.atypical for r in s)
+    assert s[0].ood == pytest.approx(-12.0, abs=1e-2)
+    # the same weak crop with no open-set test is typed
+    assert CropClassifier(_Head(weak), 0.5).classify(_crops())[0].label == "lymphocyte"
+
+
+def test_open_set_method_and_output_agree():
+    with pytest.raises(ValueError, match="needs the graph output"):
+        OpenSet(method="mahalanobis", threshold=1.0)
+    with pytest.raises(ValueError, match="no output"):
+        OpenSet(method="energy", output="ood", threshold=1.0)
+
+
+def test_the_committed_wbc_head_tests_energy_at_its_fitted_threshold():
+    from smearscope.engines.manifest import load_manifest
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    if not (models / "wbc_head.json").exists():
+        pytest.skip("committed models absent")
+    m = load_manifest(models / "wbc_head.json", verify_hash=False)
+    assert m.open_set is not None and m.open_set.method == "energy"
+    fitted = json.loads(m.open_set.calibration.split(": ", 1)[1].split(" (", 1)[0])
+    assert m.open_set.threshold == pytest.approx(max(fitted.values()), abs=1e-3)
+    assert max(m.metrics["test_review_rate"].values()) <= 0.10
 
 
 def test_open_set_output_must_exist():

@@ -9,10 +9,11 @@ two-view figure with 5 %). Softmax uses the manifest's calibration temperature, 
 lab's round red cells and small ones are not called spherocytes and schistocytes by the balanced
 training mix's prior); a cell
 whose top probability is below the head's threshold becomes UNIDENTIFIED (sent for human
-review), never a guessed class. A head whose manifest has an `open_set` score (the WBC head: the
-Mahalanobis distance of the crop's features to the nearest trained class, computed in the graph)
-also sends a crop beyond that score's calibrated threshold to UNIDENTIFIED, marked atypical: a
-blast or a smudge cell is confidently "some class" to a softmax, but far from every class.
+review), never a guessed class. A head whose manifest has an `open_set` score also sends a crop
+beyond that score's calibrated threshold to UNIDENTIFIED, marked atypical: a blast or a smudge
+cell can be confidently "some class" to a softmax. The score is either the free energy of the
+logits (`energy`, -logsumexp; the WBC head) or a graph output such as the Mahalanobis distance
+of the crop's features to the nearest trained class (`mahalanobis`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ CHUNK_CROPS = 512
 EXTRA_VIEWS_BELOW = 0.9
 
 
+def energy(logits: np.ndarray) -> np.ndarray:
+    """Free energy of (N, K) logits, -logsumexp per row (Liu et al. 2020): high where no class
+    has a large logit, as for a cell unlike every trained class."""
+    m = logits.max(axis=1)
+    return -(m + np.log(np.exp(logits - m[:, None]).sum(axis=1)))
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax of (N, K) logits, shifted by each row's maximum for stability."""
     z = logits - logits.max(axis=1, keepdims=True)
@@ -52,9 +60,9 @@ class HeadResult:
     score: float
     #: Calibrated probabilities over the head's classes (the manifest's order).
     probs: tuple[float, ...] = ()
-    #: The open-set distance (manifest `open_set`), None when the head has none.
+    #: The open-set score (manifest `open_set`: energy or distance), None when the head has none.
     ood: float | None = None
-    #: The distance is beyond the calibrated threshold: unlike every trained class.
+    #: The score is beyond the calibrated threshold: unlike every trained class.
     atypical: bool = False
 
 
@@ -71,10 +79,12 @@ class CropClassifier:
         #: Added to the raw logits: the manifest's prior shift in calibrated units, times the temperature.
         self.logit_shift = np.array([m.class_log_prior_shift.get(c, 0.0) for c in self.classes], np.float32) * m.temperature
         self.min_confidence = min_confidence
-        #: Open-set score (a second graph output and its calibrated threshold), if the head has one.
+        #: Open-set score (energy of the logits, or a graph output) and its threshold, if the head has one.
         self.open_set = m.open_set if use_open_set else None
-        if self.open_set is not None and self.open_set.output not in engine.output_names:
-            raise ValueError(f"{m.name}: open_set output {self.open_set.output!r} is not among {engine.output_names}")
+        #: The graph output holding the open-set score (None: none, or computed from the logits).
+        self.score_output = self.open_set.output if self.open_set is not None else None
+        if self.score_output is not None and self.score_output not in engine.output_names:
+            raise ValueError(f"{m.name}: open_set output {self.score_output!r} is not among {engine.output_names}")
         #: Test-time views of each crop; the temperature was fitted for the manifest's (m.tta).
         self.views = check_views(m.tta if views is None else views)
         #: Views after the first run only on crops whose first-view top probability is below this
@@ -85,10 +95,11 @@ class CropClassifier:
                            "off their calibration", m.name, "+".join(self.views), "+".join(m.tta))
 
     def outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Logits (N, classes) of N crops (N, S, S, 3 uint8 BGR) and the open-set distance (N,)
-        when the head has one, each averaged over the views the crop ran in: all of them, or
-        only the first where the head is sure of it there (`extra_views_below`). The logits
-        carry the manifest's prior shift (`logit_shift`).
+        """Logits (N, classes) of N crops (N, S, S, 3 uint8 BGR) and the open-set score (N,)
+        when the head has one: a graph output averaged over the views the crop ran in (all of
+        them, or only the first where the head is sure of it there: `extra_views_below`), or
+        the energy of the view-averaged logits. The logits carry the manifest's prior shift
+        (`logit_shift`); the energy is taken before it.
 
         Crops go to the engine in chunks of CHUNK_CROPS, so memory stays bounded however many
         cells a field holds; each pass sends all its views to the engine in one batched run."""
@@ -96,8 +107,12 @@ class CropClassifier:
         if n == 0:
             return np.zeros((0, len(self.classes)), np.float32), None if self.open_set is None else np.zeros(0, np.float32)
         parts = [self._chunk_outputs(pixels[i : i + CHUNK_CROPS]) for i in range(0, n, CHUNK_CROPS)]
-        dist = np.concatenate([p[1] for p in parts]) if self.open_set is not None else None
-        return np.concatenate([p[0] for p in parts]), dist
+        logits = np.concatenate([p[0] for p in parts])
+        if self.open_set is None:
+            return logits, None
+        if self.open_set.method == "energy":
+            return logits, energy(logits - self.logit_shift)
+        return logits, np.concatenate([p[1] for p in parts])
 
     def _shifted(self, logits: np.ndarray) -> np.ndarray:
         return logits + self.logit_shift if self.logit_shift.any() else logits
@@ -123,8 +138,8 @@ class CropClassifier:
         logits = self._shifted(out[self.engine.output_names[0]])
         logits = logits.reshape(len(views), n, logits.shape[-1])
         dist = None
-        if self.open_set is not None:
-            dist = out[self.open_set.output].reshape(len(views), n)
+        if self.score_output is not None:
+            dist = out[self.score_output].reshape(len(views), n)
         return logits, dist
 
     def _views_mean(self, pixels: np.ndarray, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -136,7 +151,7 @@ class CropClassifier:
 
     def classify(self, crops: Sequence[CellCrop]) -> list[HeadResult]:
         """Calibrated class per crop; UNIDENTIFIED below the confidence threshold or, for a head
-        with an open-set score, beyond its distance threshold (then also `atypical`)."""
+        with an open-set score, beyond its threshold (then also `atypical`)."""
         if not crops:
             return []
         logits, dist = self.outputs(np.stack([c.pixels for c in crops]))
