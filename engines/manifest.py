@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: The scale every model sees (micrometres per pixel): frames and training images are resampled to it
 #: before tiling or cropping (service.analysis.scale), and each manifest records it
@@ -101,7 +101,9 @@ class ModelManifest(BaseModel):
     classes: list[str]
     crop: CropInfo | None = None
     temperature: float = Field(1.0, description="softmax temperature from calibration (classifiers)")
-    open_set: OpenSet | None = Field(None, description="classifiers: open-set score for unidentified/atypical cells")
+    open_set: list[OpenSet] = Field(default_factory=list, description="classifiers: open-set tests for "
+                                    "unidentified/atypical cells; a crop beyond any test's threshold is atypical "
+                                    "(one object is read as a list of one)")
     class_log_prior_shift: dict[str, float] = Field(
         {}, description="classifiers: per class, a constant added to its calibrated log-odds (logits / temperature) "
         "before the softmax: a prior shift from the balanced training mix toward what stations meet, "
@@ -119,6 +121,13 @@ class ModelManifest(BaseModel):
     metrics: dict[str, Any] = {}
     created_at: str = ""
     producer: dict[str, str] = {}
+
+    @field_validator("open_set", mode="before")
+    @classmethod
+    def _one_test_is_a_list_of_one(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        return [v] if isinstance(v, (dict, OpenSet)) else v
 
     @model_validator(mode="after")
     def _shift_names_classes(self) -> ModelManifest:

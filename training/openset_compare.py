@@ -16,7 +16,7 @@ classes it kept:
 - `md_l34`, `md_l234`, `md_l34+msp`: sums of those scores, each standardized by its validation
   median and interquartile range;
 - `md_l4 or energy`: either test beyond its own threshold (the analyzer's rule when the manifest
-  has both, `engines.manifest.OpenSet.energy_threshold`).
+  lists both tests; the energy's quantile may differ, `--energy-quantile`).
 
 Each score's threshold is set as the analyzer's is: the `--quantile` of every training lab's
 validation scores, the largest of them (at most 1 - q of any lab's normal cells to review). A
@@ -137,7 +137,7 @@ def candidate_scores(tr: dict, va: dict, te: dict, present: np.ndarray, temperat
     return out
 
 
-def compare(run: Path, quantile: float) -> list[dict]:
+def compare(run: Path, quantile: float, energy_quantile: float | None = None) -> list[dict]:
     sets, held = run_features(run)
     n = sets["train"]["logits"].shape[1]
     present = np.ones(n, bool)
@@ -155,12 +155,13 @@ def compare(run: Path, quantile: float) -> list[dict]:
     rows = []
     scores = candidate_scores(tr, va, te, present, temperature)
 
-    def beyond(name: str) -> np.ndarray:
+    def beyond(name: str, q: float = quantile) -> np.ndarray:
         vs, ts = scores[name]
-        return ts > max(np.quantile(vs[va["labs"] == lab], quantile) for lab in labs)
+        return ts > max(np.quantile(vs[va["labs"] == lab], q) for lab in labs)
     for name, (vs, ts) in [*scores.items(), ("md_l4 or energy", (None, None))]:
         either = " or " in name
-        review = (conf < 0.5) | (beyond("md_l4") | beyond("energy") if either else beyond(name))
+        review = (conf < 0.5) | (beyond("md_l4") | beyond("energy", energy_quantile or quantile) if either
+                                 else beyond(name))
         rows.append({"run": run.name, "score": name, "typed_as_known": float((~review[is_held]).mean()),
                      "review": {lab: float(review[is_known & (te["labs"] == lab)].mean()) for lab in labs},
                      "auroc": float("nan") if either else auroc(ts[is_held], ts[is_known])})
@@ -171,6 +172,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--quantile", type=float, default=0.95)
+    ap.add_argument("--energy-quantile", type=float, default=None,
+                    help="the energy test's quantile in the 'md_l4 or energy' row (default: --quantile)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -178,7 +181,7 @@ def main() -> None:
     print("| run | score | held-out class typed as known (bar <= 0.20) | known cells to review per lab (bar <= 0.10) | AUROC |")
     print("|---|---|---|---|---|")
     for run in args.runs:
-        for r in compare(run, args.quantile):
+        for r in compare(run, args.quantile, args.energy_quantile):
             review = ", ".join(f"{k} {v:.3f}" for k, v in r["review"].items())
             print(f"| {r['run']} | {r['score']} | {r['typed_as_known']:.3f} | {review} | {r['auroc']:.3f} |")
 

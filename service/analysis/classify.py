@@ -60,9 +60,9 @@ class HeadResult:
     score: float
     #: Calibrated probabilities over the head's classes (the manifest's order).
     probs: tuple[float, ...] = ()
-    #: The open-set score (manifest `open_set`: energy or distance), None when the head has none.
+    #: The first open-set test's score (manifest `open_set`: energy or distance), None when the head has none.
     ood: float | None = None
-    #: The score is beyond the calibrated threshold: unlike every trained class.
+    #: A test's score is beyond its calibrated threshold: unlike every trained class.
     atypical: bool = False
 
 
@@ -79,12 +79,14 @@ class CropClassifier:
         #: Added to the raw logits: the manifest's prior shift in calibrated units, times the temperature.
         self.logit_shift = np.array([m.class_log_prior_shift.get(c, 0.0) for c in self.classes], np.float32) * m.temperature
         self.min_confidence = min_confidence
-        #: Open-set score (energy of the logits, or a graph output) and its threshold, if the head has one.
-        self.open_set = m.open_set if use_open_set else None
-        #: The graph output holding the open-set score (None: none, or computed from the logits).
-        self.score_output = self.open_set.output if self.open_set is not None else None
-        if self.score_output is not None and self.score_output not in engine.output_names:
-            raise ValueError(f"{m.name}: open_set output {self.score_output!r} is not among {engine.output_names}")
+        #: Open-set tests (energy of the logits, or a graph output) and their thresholds: a crop
+        #: beyond any of them is atypical.
+        self.open_sets = list(m.open_set) if use_open_set else []
+        #: Graph outputs holding open-set scores, in the order of their tests.
+        self.score_outputs = [t.output for t in self.open_sets if t.output is not None]
+        for name in self.score_outputs:
+            if name not in engine.output_names:
+                raise ValueError(f"{m.name}: open_set output {name!r} is not among {engine.output_names}")
         #: Test-time views of each crop; the temperature was fitted for the manifest's (m.tta).
         self.views = check_views(m.tta if views is None else views)
         #: Views after the first run only on crops whose first-view top probability is below this
@@ -95,24 +97,25 @@ class CropClassifier:
                            "off their calibration", m.name, "+".join(self.views), "+".join(m.tta))
 
     def outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Logits (N, classes) of N crops (N, S, S, 3 uint8 BGR) and the open-set score (N,)
-        when the head has one: a graph output averaged over the views the crop ran in (all of
-        them, or only the first where the head is sure of it there: `extra_views_below`), or
-        the energy of the view-averaged logits. The logits carry the manifest's prior shift
-        (`logit_shift`); the energy is taken before it.
+        """Logits (N, classes) of N crops (N, S, S, 3 uint8 BGR) and the open-set scores (N,
+        tests) when the head has any: a graph output averaged over the views the crop ran in
+        (all of them, or only the first where the head is sure of it there:
+        `extra_views_below`), or the energy of the view-averaged logits. The logits carry the
+        manifest's prior shift (`logit_shift`); the energy is taken before it.
 
         Crops go to the engine in chunks of CHUNK_CROPS, so memory stays bounded however many
         cells a field holds; each pass sends all its views to the engine in one batched run."""
         n = len(pixels)
         if n == 0:
-            return np.zeros((0, len(self.classes)), np.float32), None if self.open_set is None else np.zeros(0, np.float32)
+            return (np.zeros((0, len(self.classes)), np.float32),
+                    np.zeros((0, len(self.open_sets)), np.float32) if self.open_sets else None)
         parts = [self._chunk_outputs(pixels[i : i + CHUNK_CROPS]) for i in range(0, n, CHUNK_CROPS)]
         logits = np.concatenate([p[0] for p in parts])
-        if self.open_set is None:
+        if not self.open_sets:
             return logits, None
-        if self.open_set.method == "energy":
-            return logits, energy(logits - self.logit_shift)
-        return logits, np.concatenate([p[1] for p in parts])
+        graph = iter(np.concatenate([p[1] for p in parts]).T) if self.score_outputs else iter(())
+        cols = [energy(logits - self.logit_shift) if t.method == "energy" else next(graph) for t in self.open_sets]
+        return logits, np.stack(cols, axis=1)
 
     def _shifted(self, logits: np.ndarray) -> np.ndarray:
         return logits + self.logit_shift if self.logit_shift.any() else logits
@@ -131,15 +134,16 @@ class CropClassifier:
         return logits, dist
 
     def views_out(self, pixels: np.ndarray, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Per view, logits (V, N, classes) with `logit_shift` added, and open-set distances (V, N) or None."""
+        """Per view, logits (V, N, classes) with `logit_shift` added, and the graph's open-set scores
+        (V, N, outputs) or None."""
         n = len(pixels)
         stacked = pixels if tuple(views) == ("identity",) else np.concatenate([view_crops(pixels, v) for v in views])
         out = run_batched(self.engine, to_model_input(stacked, self.engine.manifest.preprocessing))
         logits = self._shifted(out[self.engine.output_names[0]])
         logits = logits.reshape(len(views), n, logits.shape[-1])
         dist = None
-        if self.score_output is not None:
-            dist = out[self.score_output].reshape(len(views), n)
+        if self.score_outputs:
+            dist = np.stack([out[name].reshape(len(views), n) for name in self.score_outputs], axis=-1)
         return logits, dist
 
     def _views_mean(self, pixels: np.ndarray, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -154,14 +158,15 @@ class CropClassifier:
         with an open-set score, beyond its threshold (then also `atypical`)."""
         if not crops:
             return []
-        logits, dist = self.outputs(np.stack([c.pixels for c in crops]))
+        logits, scores = self.outputs(np.stack([c.pixels for c in crops]))
         probs = softmax(logits / self.temperature)
         idx = probs.argmax(1)
+        thresholds = np.array([t.threshold for t in self.open_sets])
         out = []
         for i, k in enumerate(idx):
             p = float(probs[i, k])
-            d = None if dist is None else float(dist[i])
-            atypical = d is not None and d > self.open_set.threshold  # type: ignore[union-attr]
+            d = None if scores is None else float(scores[i, 0])
+            atypical = scores is not None and bool((scores[i] > thresholds).any())
             label = self.classes[k] if p >= self.min_confidence and not atypical else UNIDENTIFIED
             out.append(HeadResult(label, p, tuple(float(v) for v in probs[i]), d, atypical))
         return out
