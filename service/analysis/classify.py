@@ -2,18 +2,18 @@
 
 Each crop runs in the head's first test-time view (manifest `tta`, service.analysis.tta); the crops
 the head is unsure of there (top probability below `EXTRA_VIEWS_BELOW`) run in its other views too
-and their views' logits are averaged: the views pay where the answer can change (on Chula val the
-RBC head keeps its four-view macro-F1, 0.893, with 15 % of the crops in four views; the WBC head its
-two-view figure with 5 %). Softmax uses the manifest's calibration temperature, after its
-`class_log_prior_shift` (the RBC head: spherocyte -3.25 and schistocyte -3.0, so a normal-looking
+and their views' logits are averaged: the views pay where the answer can change (with the heads
+of 2026-11-27, about 15 % of red and 5 % of white cells ran in the other views, and each head kept
+its every-view macro-F1). Softmax uses the manifest's calibration temperature, after its
+`class_log_prior_shift` (the RBC head: spherocyte -0.75 and schistocyte -2.25, so a normal-looking
 lab's round red cells and small ones are not called spherocytes and schistocytes by the balanced
-training mix's prior); a cell
-whose top probability is below the head's threshold becomes UNIDENTIFIED (sent for human
-review), never a guessed class. A head whose manifest has an `open_set` score also sends a crop
-beyond that score's calibrated threshold to UNIDENTIFIED, marked atypical: a blast or a smudge
-cell can be confidently "some class" to a softmax. The score is either the free energy of the
-logits (`energy`, -logsumexp; the WBC head) or a graph output such as the Mahalanobis distance
-of the crop's features to the nearest trained class (`mahalanobis`).
+training mix's prior); a cell whose top probability is below the head's threshold becomes UNIDENTIFIED (sent for human
+review), never a guessed class. A head whose manifest has `open_set` tests also sends a crop
+beyond any test's calibrated threshold to UNIDENTIFIED, marked atypical: a blast or a smudge
+cell can be confidently "some class" to a softmax. A test reads either a graph output (the WBC
+head's Mahalanobis distance of the crop's features to the nearest trained class: far from
+everything it was trained on, such as another lab's cells) or the free energy of the logits
+(`energy`, -logsumexp: no class claims the crop strongly, as for a cell type it never saw).
 """
 
 from __future__ import annotations
