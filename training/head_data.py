@@ -9,7 +9,10 @@ Every crop goes through `service.analysis.scale.resample_to_canonical` and `serv
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -304,3 +307,18 @@ def held_out_metrics(head: str, sets: dict, logits_of, temperature: float) -> di
         pred_sickle = il.argmax(1) == classes.index("sickle")
         out["idb1_test_sickle_vs_not_accuracy"] = float((pred_sickle == sets["idb1_test_is_sickle"]).mean())
     return out
+
+
+@contextmanager
+def head_engine(manifest: Path, classes: Sequence[str]) -> Iterator:
+    """The head's ONNX Runtime engine, loaded and closed again; SystemExit when its classes are
+    not `classes` (a training tool measuring the wrong head)."""
+    from smearscope.engines.registry import create_engine
+
+    eng = create_engine("onnxruntime", manifest).load()
+    try:
+        if list(eng.manifest.classes) != list(classes):
+            raise SystemExit(f"{manifest}: classes {eng.manifest.classes} are not {list(classes)}")
+        yield eng
+    finally:
+        eng.close()

@@ -32,9 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from smearscope.engines.manifest import OpenSet
-from smearscope.engines.registry import create_engine
 from smearscope.service.analysis.classify import CropClassifier, energy, softmax
-from training.head_data import PBC_CLASSES
+from training.head_data import PBC_CLASSES, head_engine
 from training.metrics import per_lab_report
 from training.wbc_data import load_contexts, to_crops
 
@@ -45,19 +44,13 @@ def fit(models: Path, quantile: float) -> tuple[list[dict], dict]:
     """(new open_set tests, metrics) for the head in `models`, measured as the analyzer runs it:
     the manifest's graph-output tests (the Mahalanobis distance) kept as they are, the energy
     test fitted and added (or refitted)."""
-    path = models / "wbc_head.json"
-    eng = create_engine("onnxruntime", path).load()
-    try:
+    with head_engine(models / "wbc_head.json", PBC_CLASSES) as eng:
         m = eng.manifest
-        if list(m.classes) != list(PBC_CLASSES):
-            raise SystemExit(f"{path}: classes {m.classes} are not {PBC_CLASSES}")
         illum = m.preprocessing.illumination == "flatfield"
         clf = CropClassifier(eng, 0.5)
         val, test = load_contexts("val"), load_contexts("test")
         vl, _ = clf.outputs(to_crops(val.images, illumination=illum))
         tl, tscores = clf.outputs(to_crops(test.images, illumination=illum))
-    finally:
-        eng.close()
     graph = [(k, t) for k, t in enumerate(m.open_set) if t.method != "energy"]
     shift = clf.logit_shift
     ve, te = energy(vl - shift), energy(tl - shift)

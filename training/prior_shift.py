@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from smearscope.engines.registry import create_engine
 from smearscope.service.analysis.classify import CHUNK_CROPS, CropClassifier, softmax
 from smearscope.service.analysis.crops import CropSpec
+from training.head_data import head_engine
 from training.plausibility import _crops_for
 from training.rbc_data import CLASSES, build_sets, figures
 
@@ -75,20 +75,14 @@ def score(vl: dict, shift: np.ndarray, sets: dict, split: str, temperature: floa
 def load_view_logits(models: Path, splits=("val", "test")) -> tuple[dict, dict, object, float | None]:
     """Every view's logits of Chula + IDB1 and BCCD red cells per split, the sets, the manifest
     and the classifier's gating threshold."""
-    path = models / "rbc_head.json"
-    eng = create_engine("onnxruntime", path).load()
-    try:
+    with head_engine(models / "rbc_head.json", CLASSES) as eng:
         m = eng.manifest
-        if list(m.classes) != list(CLASSES):
-            raise SystemExit(f"{path}: classes {m.classes} are not training.rbc_data's {CLASSES}")
         clf = CropClassifier(eng, 0.0)
         spec = CropSpec(m.crop.extent_um, m.crop.input_size)
         sets = build_sets()
         vl = {k: view_logits(clf, _crops_for(m.preprocessing, sets[f"{k}_images"], spec))
               for split in splits for k in (split, f"bccd_{split}")}
         return vl, sets, m, clf.extra_views_below
-    finally:
-        eng.close()
 
 
 def main() -> None:
