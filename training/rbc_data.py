@@ -92,6 +92,7 @@ def build_sets(cache: Path | None = None) -> dict:
                 if b.kind == "rbc" and b.x0 > 2 and b.y0 > 2 and b.x1 < img.shape[1] - 2 and b.y1 < img.shape[0] - 2:
                     add(f"bccd_{split}", "bccd", _ctx(canon, ((b.x0 + b.x1) / 2 * bf, (b.y0 + b.y1) / 2 * bf)), -1)
     arrays = {k: np.stack(v) if k.endswith("images") else np.array(v) for k, v in out.items()}
+    cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **arrays)
     return arrays
 
