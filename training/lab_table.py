@@ -33,6 +33,7 @@ reference was fitted on lamp-corrected fields: pair it with `--illumination flat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -253,7 +254,7 @@ def run_lab(analyzer: Analyzer, lab: str, split: str, mode: str, limit: int | No
         pooled = float(np.median([o["mpp"] for o in outs])) if outs else None
         known = [im.known_mpp for im in images if im.known_mpp]
         pooled_over_known = pooled / float(np.median(known)) if known and pooled else None
-        images = [LabImage(im.lab, im.path, pooled, im.boxes, im.extra) for im in images]
+        images = [dataclasses.replace(im, known_mpp=pooled) for im in images]
         outs = [analyse(analyzer, im, "given") for im in tqdm(images, desc=f"{lab} {split} at {pooled:.4f}", mininterval=10)]
     row: dict = {"lab": lab, "split": split, "scale": mode, "n": len(images), "pooled_mpp": pooled,
                  "pooled_over_known": pooled_over_known,

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smearscope.service.analysis.classify import energy
 from training.head_data import PBC_CLASSES
 from training.metrics import auroc, fit_temperature, softmax
 from training.train_head import Deployable, build_net, to_tensor
@@ -89,9 +90,10 @@ def candidate_scores(tr: dict, va: dict, te: dict, present: np.ndarray, temperat
 
     def md(layer: str, relative: bool = False) -> Scores:
         means, prec = fit_mahalanobis(tr[layer], tr["labels"], n)
-        mu = tr[layer].mean(0)
-        cov = np.cov(tr[layer].T)
-        p0 = np.linalg.inv(0.95 * cov + 0.05 * np.diag(np.diag(cov)) + 1e-6 * np.eye(len(mu)))
+        if relative:  # one Gaussian of all training features, shrunk as fit_mahalanobis shrinks
+            mu = tr[layer].mean(0)
+            cov = np.cov(tr[layer].T)
+            p0 = np.linalg.inv(0.95 * cov + 0.05 * np.diag(np.diag(cov)) + 1e-6 * np.eye(len(mu)))
 
         def s(f: np.ndarray) -> np.ndarray:
             d = mahalanobis_min(f, means, prec, present)
@@ -114,10 +116,6 @@ def candidate_scores(tr: dict, va: dict, te: dict, present: np.ndarray, temperat
             masked = np.where(present[None], logits, -1e9)
             return fn(masked)
         return s(va["logits"]), s(te["logits"])
-
-    def energy(lg: np.ndarray) -> np.ndarray:
-        m = lg.max(1)
-        return -(m + np.log(np.exp(lg - m[:, None]).sum(1)))
 
     out: dict[str, Scores] = {"md_l4": md("l4"), "rmd_l4": md("l4", True), "md_l3": md("l3"), "md_l2": md("l2"),
                               "knn_l4": knn("l4"), "knn_l3": knn("l3"), "energy": from_logits(energy),
@@ -152,19 +150,20 @@ def compare(run: Path, quantile: float, energy_quantile: float | None = None) ->
     is_known = np.isin(te["labels"], np.nonzero(present)[0])
     is_held = np.isin(te["labels"], held)
     labs = sorted(set(va["labs"].tolist()))
-    rows = []
     scores = candidate_scores(tr, va, te, present, temperature)
 
     def beyond(name: str, q: float = quantile) -> np.ndarray:
         vs, ts = scores[name]
         return ts > max(np.quantile(vs[va["labs"] == lab], q) for lab in labs)
-    for name, (vs, ts) in [*scores.items(), ("md_l4 or energy", (None, None))]:
-        either = " or " in name
-        review = (conf < 0.5) | (beyond("md_l4") | beyond("energy", energy_quantile or quantile) if either
-                                 else beyond(name))
-        rows.append({"run": run.name, "score": name, "typed_as_known": float((~review[is_held]).mean()),
-                     "review": {lab: float(review[is_known & (te["labs"] == lab)].mean()) for lab in labs},
-                     "auroc": float("nan") if either else auroc(ts[is_held], ts[is_known])})
+
+    def row(name: str, review: np.ndarray, auc: float) -> dict:
+        return {"run": run.name, "score": name, "typed_as_known": float((~review[is_held]).mean()),
+                "review": {lab: float(review[is_known & (te["labs"] == lab)].mean()) for lab in labs},
+                "auroc": auc}
+    unsure = conf < 0.5
+    rows = [row(name, unsure | beyond(name), auroc(ts[is_held], ts[is_known])) for name, (_, ts) in scores.items()]
+    both = beyond("md_l4") | beyond("energy", energy_quantile or quantile)
+    rows.append(row("md_l4 or energy", unsure | both, float("nan")))
     return rows
 
 

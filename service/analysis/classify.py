@@ -113,8 +113,8 @@ class CropClassifier:
         logits = np.concatenate([p[0] for p in parts])
         if not self.open_sets:
             return logits, None
-        graph = iter(np.concatenate([p[1] for p in parts]).T) if self.score_outputs else iter(())
-        cols = [energy(logits - self.logit_shift) if t.method == "energy" else next(graph) for t in self.open_sets]
+        graph = dict(zip(self.score_outputs, np.concatenate([p[1] for p in parts]).T)) if self.score_outputs else {}
+        cols = [energy(logits - self.logit_shift) if t.method == "energy" else graph[t.output] for t in self.open_sets]
         return logits, np.stack(cols, axis=1)
 
     def _shifted(self, logits: np.ndarray) -> np.ndarray:
