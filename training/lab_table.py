@@ -331,6 +331,8 @@ def main() -> None:
     ap.add_argument("--unsure-band", default=None,
                     help="LOW,HIGH: the first view's calibrated scores the extra views look again at "
                          "(AnalyzerOptions.detector_unsure_band; default its own)")
+    ap.add_argument("--no-nucleated-recheck", action="store_true",
+                    help="every red-cell detection stays a red cell (AnalyzerOptions.nucleated_recheck off)")
     args = ap.parse_args()
     global GREYSCALE
     GREYSCALE = args.greyscale
@@ -338,6 +340,7 @@ def main() -> None:
     options = AnalyzerOptions(detector_views=tuple(args.views.split(",")) if args.views else None,
                               detector_views_where=args.views_where,
                               illumination=args.illumination, stain_method=args.stain,
+                              nucleated_recheck=not args.no_nucleated_recheck,
                               **({"detector_unsure_band": tuple(float(v) for v in args.unsure_band.split(","))}
                                  if args.unsure_band else {}))
     analyzer = Analyzer.from_models_dir(args.models, options=options)

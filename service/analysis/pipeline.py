@@ -29,7 +29,9 @@ from smearscope.service.analysis.illumination import Illumination, estimate_illu
 from smearscope.service.analysis.merge import merge_detections
 from smearscope.service.analysis.morphology import SIZE_BASED, shape_label
 from smearscope.service.analysis.prepare import CanonicalField, Preparation
-from smearscope.service.analysis.records import CellDetection, CellKind, ClassifiedCell, Tile
+from smearscope.service.analysis.crops import crop_cell
+from smearscope.service.analysis.nucleated import RBC_SIZED_NUCLEATED, accepts, dense_interiors
+from smearscope.service.analysis.records import CellCrop, CellDetection, CellKind, ClassifiedCell, Tile
 from smearscope.service.analysis.report import (
     CellRecord,
     Flag,
@@ -107,6 +109,8 @@ class AnalyzerOptions:
     detector_views_where: Literal["everywhere", "unsure"] = "unsure"
     #: With "unsure": the first view's calibrated scores in [low, high) are unsure.
     detector_unsure_band: tuple[float, float] = (0.2, 0.8)
+    #: Red-cell detections with a nucleus' density are typed by the WBC head too (service.analysis.nucleated).
+    nucleated_recheck: bool = True
     wbc_min_confidence: float = 0.5
     rbc_min_confidence: float = 0.3
     #: Test-time views of each crop per head; None = the manifest's (the views its temperature is fitted for).
@@ -318,17 +322,28 @@ class Analyzer:
         rbc_frame = field_.pixels(self._prep["rbc_head"])
         wbc_frame = field_.pixels(self._prep["wbc_head"])
         routed = route(rbc_frame, wbc_frame, kept, rbc_spec or _NO_CROP, wbc_spec or _NO_CROP)
+        # Red-cell detections with a nucleus' density are typed by the WBC head too (stage 7b).
+        recheck = (dense_interiors(rbc_frame, routed.rbc) if self.wbc_head and self.options.nucleated_recheck
+                   else [])
+        second = [CellCrop(routed.rbc[i].detection, crop_cell(wbc_frame, routed.rbc[i].detection.box.center, wbc_spec))
+                  for i in recheck]
         timing["roi_ms"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
         rbc_res = self.rbc_head.classify(routed.rbc) if self.rbc_head else []
-        wbc_res = self.wbc_head.classify(routed.wbc) if self.wbc_head else []
+        wbc_res = self.wbc_head.classify(routed.wbc + second) if self.wbc_head else []
         timing["classify_ms"] = (time.perf_counter() - t) * 1000
+        extra = dict(zip(recheck, zip(second, list(wbc_res)[len(routed.wbc):])))  # red-cell index -> (crop, result)
+        nucleated = {i: pair for i, pair in extra.items() if accepts(pair[1])}
+        rbc_pairs = [(c, r) for i, (c, r) in enumerate(zip(routed.rbc, rbc_res)) if i not in nucleated]
+        wbc_pairs = [*zip(routed.wbc, wbc_res), *nucleated.values()]
         cells = []
         shape = field_.shape
         calibrated = est.method == "given"
         rbc_classes = self.rbc_head.classes if self.rbc_head else []
-        for crop, res in [*zip(routed.rbc, rbc_res), *zip(routed.wbc, wbc_res)]:
+        for crop, res in [*rbc_pairs, *wbc_pairs]:
             kind = KIND_FROM_HEAD_LABEL.get(res.label)
+            if crop.detection.kind is CellKind.RBC and kind is None and res.label in RBC_SIZED_NUCLEATED:
+                kind = CellKind.WBC  # a lymphocyte the detector took for a red cell
             if kind is None:
                 label, unassessed = res.label, None
                 if crop.detection.kind is CellKind.RBC and not calibrated and res.label in SIZE_BASED and res.probs:
@@ -339,7 +354,7 @@ class Analyzer:
                                          size_calibrated=calibrated, unassessed_label=unassessed))
             else:  # the head knows this is not the kind it serves: count it where it belongs
                 det = dataclasses.replace(crop.detection, kind=kind)
-                label = res.label if kind is CellKind.NRBC else None
+                label = res.label if kind in (CellKind.NRBC, CellKind.WBC) else None
                 cells.append(_classified(det, label, res.score if label else None, shape,
                                          detected_as=crop.detection.kind, size_calibrated=calibrated))
         if not self.rbc_head:

@@ -82,6 +82,14 @@ class AnalysisConfig(StationBaseModel):
         description="With detector_views_where = 'unsure': the first view's calibrated scores in "
         "[low, high) send the tiles around that cell through the other views.",
     )
+    nucleated_recheck: bool = Field(
+        default=True,
+        title="Second opinion on red cells with a nucleus",
+        description="Red-cell detections whose interior absorbs at least 1.8x the field's median red "
+        "cell's red light are typed by the WBC head too, and counted as lymphocytes (or nucleated red "
+        "cells) when the head says so with confidence: a pale camera's small lymphocytes look like red "
+        "cells to the detector. Off: every red-cell detection stays a red cell.",
+    )
     rbc_head_views: list[TestTimeView] | None = Field(
         default=None,
         title="RBC head test-time views",

@@ -1,0 +1,90 @@
+"""Stage 7b (service.analysis.nucleated): red-cell detections with a nucleus' density get the WBC
+head's opinion, and a pale station's lymphocytes are counted as white cells again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from realdata import DATA
+
+from smearscope.device.frame import Frame
+from smearscope.service.analysis.boxes import box_iou
+from smearscope.service.analysis.classify import HeadResult
+from smearscope.service.analysis.nucleated import accepts, dense_interiors, interior_density
+from smearscope.service.analysis.records import Box, CellCrop, CellDetection, CellKind
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def _disc_field(reds: list[int], radius: int = 14) -> tuple[np.ndarray, list[CellCrop]]:
+    """Lamp-white glass with one stained disc per entry of `reds` (its red channel)."""
+    n = len(reds)
+    img = np.full((64, 40 * n + 24, 3), 235, np.uint8)
+    crops = []
+    yy, xx = np.mgrid[: 2 * radius + 1, : 2 * radius + 1]
+    mask = (xx - radius) ** 2 + (yy - radius) ** 2 <= radius**2
+    for k, red in enumerate(reds):
+        x0, y0 = 12 + 40 * k, 12
+        patch = img[y0:y0 + 2 * radius + 1, x0:x0 + 2 * radius + 1]
+        patch[mask] = (150, 120, red)  # BGR: haemoglobin absorbs green, a nucleus red too
+        det = CellDetection(CellKind.RBC, Box(x0, y0, x0 + 2 * radius, y0 + 2 * radius), 0.9, mask=mask)
+        crops.append(CellCrop(det, np.zeros((1, 1, 3), np.uint8)))
+    return img, crops
+
+
+def test_only_the_dense_interior_is_rechecked():
+    reds = [215, 210, 220, 212, 218, 214, 216, 211, 213, 219, 90, 200]
+    img, crops = _disc_field(reds)
+    assert dense_interiors(img, crops) == [10]
+    # the densities are the red channel's optical density against the corrected white
+    assert interior_density(img, crops[10]) == pytest.approx(-np.log(91 / 236), abs=1e-6)
+    assert interior_density(img, crops[0]) == pytest.approx(-np.log(216 / 236), abs=1e-6)
+
+
+def test_no_reference_no_recheck():
+    img, crops = _disc_field([215, 210, 90])
+    assert dense_interiors(img, crops) == []  # three red cells are no field median
+    assert dense_interiors(img, crops, min_reference=3) == [2]
+    maskless = [CellCrop(CellDetection(CellKind.RBC, c.detection.box, 0.9), c.pixels) for c in crops]
+    assert dense_interiors(img, maskless, min_reference=1) == []
+
+
+def test_only_confident_rbc_sized_nucleated_cells_are_accepted():
+    assert accepts(HeadResult("lymphocyte", 0.95))
+    assert accepts(HeadResult("erythroblast", 0.9))
+    assert not accepts(HeadResult("lymphocyte", 0.95, atypical=True))
+    assert not accepts(HeadResult("neutrophil", 0.99))  # not of red-cell size: stays a red cell
+    assert not accepts(HeadResult("unidentified", 0.3))
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (DATA / "chula_wbc_rpi").is_dir(), reason=f"chula_wbc_rpi not found under {DATA}")
+@pytest.mark.skipif(not (MODELS / "seg.json").exists(), reason="committed models absent")
+def test_a_pale_stations_lymphocytes_are_counted_as_white_cells():
+    """rpi validation fields at the given scale: with the recheck, most labelled lymphocytes are
+    counted white cells typed lymphocyte; without it, most are lost among the red cells."""
+    from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
+    from training.lab_table import lab_images
+
+    images = [im for im in lab_images("rpi", "val") if any(t.cls == "lymphocyte" for t in im.extra)][:10]
+    found = {}
+    for on in (True, False):
+        analyzer = Analyzer.from_models_dir(MODELS, options=AnalyzerOptions(nucleated_recheck=on), warmup=False)
+        hits = total = 0
+        try:
+            for im in images:
+                pixels = cv2.imread(str(im.path))
+                rep = analyzer.analyze(Frame(pixels, im.path.name, "rpi", microns_per_pixel=im.known_mpp)).report
+                lymph = [c.bbox for c in rep.cells if c.kind == "wbc" and c.label == "lymphocyte"]
+                truth = [[t.box.x0, t.box.y0, t.box.x1, t.box.y1] for t in im.extra if t.cls == "lymphocyte"]
+                total += len(truth)
+                if lymph:
+                    hits += int((box_iou(np.array(truth), np.array(lymph)).max(1) >= 0.5).sum())
+        finally:
+            analyzer.close()
+        found[on] = hits / total
+    assert total >= 10
+    assert found[True] >= 0.6 and found[False] <= 0.35, found
