@@ -25,13 +25,19 @@ from smearscope.engines.registry import create_engine
 from smearscope.service.analysis import stain as stain_stage
 from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
 from smearscope.service.analysis.classify import CropClassifier
+from smearscope.service.analysis.crops import crop_cell
 from smearscope.service.analysis.illumination import Illumination, estimate_illumination
 from smearscope.service.analysis.merge import merge_detections
 from smearscope.service.analysis.morphology import SIZE_BASED, shape_label
-from smearscope.service.analysis.prepare import CanonicalField, Preparation
-from smearscope.service.analysis.crops import crop_cell
 from smearscope.service.analysis.nucleated import RBC_SIZED_NUCLEATED, accepts, dense_interiors
-from smearscope.service.analysis.records import CellCrop, CellDetection, CellKind, ClassifiedCell, Tile
+from smearscope.service.analysis.prepare import CanonicalField, Preparation
+from smearscope.service.analysis.records import (
+    CellCrop,
+    CellDetection,
+    CellKind,
+    ClassifiedCell,
+    Tile,
+)
 from smearscope.service.analysis.report import (
     CellRecord,
     Flag,
