@@ -44,6 +44,16 @@ def test_only_the_dense_interior_is_rechecked():
     assert interior_density(img, crops[0]) == pytest.approx(-np.log(216 / 236), abs=1e-6)
 
 
+def test_interior_density_is_the_density_of_the_median_red_inside_the_mask():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        img = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        mask = rng.random((30, 30)) < rng.uniform(0.05, 1.0)
+        det = CellDetection(CellKind.RBC, Box(3, 4, 33, 34), 0.9, mask=mask)
+        red = float(np.median(img[4:34, 3:33, 2][mask]))  # odd and even counts alike
+        assert interior_density(img, CellCrop(det, img)) == pytest.approx(-np.log(min(red + 1, 236) / 236), abs=1e-9)
+
+
 def test_no_reference_no_recheck():
     img, crops = _disc_field([215, 210, 90])
     assert dense_interiors(img, crops) == []  # three red cells are no field median

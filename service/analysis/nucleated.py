@@ -56,10 +56,14 @@ def interior_density(frame_bgr: np.ndarray, crop: CellCrop) -> float | None:
         return None
     x0, y0 = int(d.box.x0), int(d.box.y0)
     red = frame_bgr[y0:y0 + m.shape[0], x0:x0 + m.shape[1], 2]
-    inside = red[m[: red.shape[0], : red.shape[1]].astype(bool)]
+    inside = red[m[: red.shape[0], : red.shape[1]].astype(bool, copy=False)]
     if inside.size == 0:
         return None
-    r = float(np.median(inside))
+    # the median of 8-bit values from their histogram (np.median sorts: 5x slower per cell)
+    cum = np.cumsum(np.bincount(inside, minlength=256))
+    n = int(cum[-1])
+    lo, hi = int(np.searchsorted(cum, (n - 1) // 2, side="right")), int(np.searchsorted(cum, n // 2, side="right"))
+    r = (lo + hi) / 2.0
     return float(-np.log(min(r + 1.0, _WHITE) / _WHITE))
 
 
