@@ -58,6 +58,7 @@ from smearscope.service.analysis.scale import (
 )
 from smearscope.service.analysis.scale_search import Attempt, ScaleOutcome, find_scale
 from smearscope.service.analysis.segment import Segmenter
+from smearscope.service.analysis.size_gate import MAX_LYMPHOCYTE_DIAMETER_UM, gate_lymphocyte_size
 from smearscope.service.analysis.tiling import tile_grid
 from smearscope.service.analysis.tta import (
     Coverage,
@@ -117,6 +118,8 @@ class AnalyzerOptions:
     detector_unsure_band: tuple[float, float] = (0.2, 0.8)
     #: Red-cell detections with a nucleus' density are typed by the WBC head too (service.analysis.nucleated).
     nucleated_recheck: bool = True
+    #: A white cell typed lymphocyte wider than this (um) is unidentified and atypical (service.analysis.size_gate); None: off.
+    max_lymphocyte_diameter_um: float | None = MAX_LYMPHOCYTE_DIAMETER_UM
     wbc_min_confidence: float = 0.5
     rbc_min_confidence: float = 0.3
     #: Test-time views of each crop per head; None = the manifest's (the views its temperature is fitted for).
@@ -368,6 +371,7 @@ class Analyzer:
         if not self.wbc_head:
             cells += [_classified(c.detection, None, None, shape, size_calibrated=calibrated) for c in routed.wbc]
         cells += [_classified(d, None, None, shape, size_calibrated=calibrated) for d in routed.platelets]
+        cells = gate_lymphocyte_size(cells, self.options.max_lymphocyte_diameter_um)
         agg = aggregate(cells, self.options.thresholds)
         flags = list(agg.flags)
         skipped = [f"{m}: {r.reason}" for m, r in field_.stain_results.items() if not r.applied]

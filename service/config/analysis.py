@@ -90,6 +90,15 @@ class AnalysisConfig(StationBaseModel):
         "cells) when the head says so with confidence: a pale camera's small lymphocytes look like red "
         "cells to the detector. Off: every red-cell detection stays a red cell.",
     )
+    max_lymphocyte_diameter_um: float | None = Field(
+        default=15.0,
+        title="Largest lymphocyte",
+        description="A white cell typed lymphocyte wider than this (micrometres, from its outline) is "
+        "reported unidentified and atypical, for review: the WBC head has no blast class and types "
+        "blasts it never saw mostly as lymphocytes, which are smaller (no validation lymphocyte "
+        "exceeded 14.8 um). Unset: off.",
+        gt=0,
+    )
     rbc_head_views: list[TestTimeView] | None = Field(
         default=None,
         title="RBC head test-time views",
