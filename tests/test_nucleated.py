@@ -13,7 +13,12 @@ from realdata import DATA
 from smearscope.device.frame import Frame
 from smearscope.service.analysis.boxes import box_iou
 from smearscope.service.analysis.classify import HeadResult
-from smearscope.service.analysis.nucleated import accepts, dense_interiors, interior_density
+from smearscope.service.analysis.nucleated import (
+    accepts,
+    dense_interiors,
+    diameter_um,
+    interior_density,
+)
 from smearscope.service.analysis.records import Box, CellCrop, CellDetection, CellKind
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -30,7 +35,7 @@ def _disc_field(reds: list[int], radius: int = 14) -> tuple[np.ndarray, list[Cel
         x0, y0 = 12 + 40 * k, 12
         patch = img[y0:y0 + 2 * radius + 1, x0:x0 + 2 * radius + 1]
         patch[mask] = (150, 120, red)  # BGR: haemoglobin absorbs green, a nucleus red too
-        det = CellDetection(CellKind.RBC, Box(x0, y0, x0 + 2 * radius, y0 + 2 * radius), 0.9, mask=mask)
+        det = CellDetection(CellKind.RBC, Box(x0, y0, x0 + 2 * radius + 1, y0 + 2 * radius + 1), 0.9, mask=mask)
         crops.append(CellCrop(det, np.zeros((1, 1, 3), np.uint8)))
     return img, crops
 
@@ -62,12 +67,35 @@ def test_no_reference_no_recheck():
     assert dense_interiors(img, maskless, min_reference=1) == []
 
 
-def test_only_confident_rbc_sized_nucleated_cells_are_accepted():
-    assert accepts(HeadResult("lymphocyte", 0.95))
-    assert accepts(HeadResult("erythroblast", 0.9))
-    assert not accepts(HeadResult("lymphocyte", 0.95, atypical=True))
-    assert not accepts(HeadResult("neutrophil", 0.99))  # not of red-cell size: stays a red cell
-    assert not accepts(HeadResult("unidentified", 0.3))
+def _disc(diameter_um: float) -> CellDetection:
+    r = diameter_um / 0.2 / 2
+    yy, xx = np.mgrid[: int(2 * r) + 1, : int(2 * r) + 1]
+    mask = (xx - r) ** 2 + (yy - r) ** 2 <= r**2
+    return CellDetection(CellKind.RBC, Box(0, 0, mask.shape[1], mask.shape[0]), 0.9, mask=mask)
+
+
+def test_a_type_is_accepted_only_where_the_cells_size_allows_it():
+    rbc_sized, large = _disc(8.0), _disc(10.0)
+    assert diameter_um(rbc_sized) == pytest.approx(8.0, abs=0.15)
+    assert accepts(HeadResult("lymphocyte", 0.95), rbc_sized, 15.0)
+    assert accepts(HeadResult("erythroblast", 0.9), rbc_sized, 15.0)
+    assert not accepts(HeadResult("lymphocyte", 0.95), _disc(16.0), 15.0)  # a clump, not a lymphocyte
+    assert accepts(HeadResult("lymphocyte", 0.95), _disc(16.0), None)
+    assert not accepts(HeadResult("lymphocyte", 0.95, atypical=True), rbc_sized, 15.0)
+    assert not accepts(HeadResult("neutrophil", 0.99), rbc_sized, 15.0)  # a red cell's size: stays a red cell
+    assert accepts(HeadResult("neutrophil", 0.99), large, 15.0)
+    assert accepts(HeadResult("monocyte", 0.99), large, 15.0)
+    assert not accepts(HeadResult("platelet", 0.99), large, 15.0)
+    assert not accepts(HeadResult("unidentified", 0.3), large, 15.0)
+
+
+def test_a_box_past_the_frames_top_left_reads_only_its_visible_part():
+    img, crops = _disc_field([90, 215])  # the dense disc's box starts at x = 12
+    det = crops[0].detection
+    cut = img[:, 22:]  # in this frame its box starts at x = -10: 10 mask columns lie before it
+    moved = CellDetection(CellKind.RBC, Box(det.box.x0 - 22, det.box.y0, det.box.x1 - 22, det.box.y1), 0.9,
+                          mask=det.mask)
+    assert interior_density(cut, CellCrop(moved, crops[0].pixels)) == pytest.approx(-np.log(91 / 236), abs=1e-9)
 
 
 @pytest.mark.realdata
@@ -98,3 +126,67 @@ def test_a_pale_stations_lymphocytes_are_counted_as_white_cells():
         found[on] = hits / total
     assert total >= 10
     assert found[True] >= 0.6 and found[False] <= 0.35, found
+
+
+class _WhiteCellsAsRed:
+    """The oracle detector, except that it reports every white cell as a red cell (a detector that
+    takes a pale station's white cells for red cells)."""
+
+    def __init__(self, field) -> None:
+        from oracle import OracleSegmenter
+
+        self._oracle = OracleSegmenter(field)
+        self.views = self._oracle.views
+
+    def __getattr__(self, name):
+        return getattr(self._oracle, name)
+
+    def detect(self, tiles, frame_width, frame_height, calibrate=True):
+        import dataclasses
+
+        return [dataclasses.replace(d, kind=CellKind.RBC) if d.kind is CellKind.WBC else d
+                for d in self._oracle.detect(tiles, frame_width, frame_height, calibrate)]
+
+
+@pytest.mark.parametrize("winner, recounted_as", [("lymphocyte", "wbc"), ("erythroblast", "nrbc"),
+                                                  ("neutrophil", "wbc"), ("platelet", None)])
+@pytest.mark.parametrize("with_rbc_head", [True, False])
+def test_red_cell_detections_with_a_nucleus_are_recounted_once(winner, recounted_as, with_rbc_head):
+    """Rendered field, white cells reported as red cells: with the recheck they are counted as what
+    the WBC head types them as (never twice, never lost); a type the head may not move them to
+    (platelet) leaves them red cells; without the recheck they stay red cells."""
+    from test_reclassify import RBC_CLASSES, _FixedHead
+
+    from smearscope.device.synthetic import render_field
+    from smearscope.engines.manifest import Preprocessing
+    from smearscope.service.analysis.classify import CropClassifier
+    from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
+
+    field = render_field(5, width=600, height=500, n_wbc=3)
+    truth = {k: sum(c.kind == k for c in field.cells) for k in ("rbc", "wbc", "platelet")}
+    assert truth["wbc"] == 3
+
+    def lamp_corrected(head):  # the recheck reads densities against a lamp-corrected white
+        head.manifest = head.manifest.model_copy(update={"preprocessing": Preprocessing(illumination="flatfield")})
+        return head
+
+    def run(recheck: bool, detector=_WhiteCellsAsRed):
+        rbc_head = (CropClassifier(lamp_corrected(_FixedHead("normal", RBC_CLASSES, 11.2, 40)), 0.3)
+                    if with_rbc_head else None)
+        analyzer = Analyzer(detector(field), rbc_head, CropClassifier(lamp_corrected(_FixedHead(winner)), 0.5),
+                            options=AnalyzerOptions(nucleated_recheck=recheck, max_lymphocyte_diameter_um=None))
+        return analyzer.analyze(field.frame).report
+
+    from oracle import OracleSegmenter
+
+    plain = run(False, OracleSegmenter)  # the white cells found as white cells
+    n = plain.counts.wbc + plain.counts.nrbc + plain.counts.platelet - truth["platelet"] if winner != "platelet" else 3
+    on, off = run(True), run(False)
+    assert (off.counts.rbc, off.counts.wbc, off.counts.nrbc) == (plain.counts.rbc + 3, 0, 0)
+    assert on.counts.rbc == off.counts.rbc - (n if recounted_as else 0)
+    moved = {"wbc": on.counts.wbc, "nrbc": on.counts.nrbc}
+    assert moved == {k: (n if k == recounted_as else 0) for k in moved}
+    assert n == 3
+    assert len(on.cells) == len(off.cells)
+    if recounted_as == "wbc":
+        assert [s.label for s in on.wbc_differential] == [winner]

@@ -29,7 +29,7 @@ from smearscope.service.analysis.crops import crop_cell
 from smearscope.service.analysis.illumination import Illumination, estimate_illumination
 from smearscope.service.analysis.merge import merge_detections
 from smearscope.service.analysis.morphology import SIZE_BASED, shape_label
-from smearscope.service.analysis.nucleated import RBC_SIZED_NUCLEATED, accepts, dense_interiors
+from smearscope.service.analysis.nucleated import accepts, dense_interiors
 from smearscope.service.analysis.prepare import CanonicalField, Preparation
 from smearscope.service.analysis.records import (
     CellCrop,
@@ -332,8 +332,9 @@ class Analyzer:
         wbc_frame = field_.pixels(self._prep["wbc_head"])
         routed = route(rbc_frame, wbc_frame, kept, rbc_spec or _NO_CROP, wbc_spec or _NO_CROP)
         # Red-cell detections with a nucleus' density are typed by the WBC head too (stage 7b).
-        recheck = (dense_interiors(rbc_frame, routed.rbc) if self.wbc_head and self.options.nucleated_recheck
-                   else [])
+        lamp_corrected = illumination.applied and self._prep["wbc_head"].illumination == "flatfield"
+        recheck = (dense_interiors(wbc_frame, routed.rbc)
+                   if self.wbc_head and self.options.nucleated_recheck and lamp_corrected else [])
         second = [CellCrop(routed.rbc[i].detection, crop_cell(wbc_frame, routed.rbc[i].detection.box.center, wbc_spec))
                   for i in recheck]
         timing["roi_ms"] = (time.perf_counter() - t) * 1000
@@ -342,7 +343,9 @@ class Analyzer:
         wbc_res = self.wbc_head.classify(routed.wbc + second) if self.wbc_head else []
         timing["classify_ms"] = (time.perf_counter() - t) * 1000
         extra = dict(zip(recheck, zip(second, list(wbc_res)[len(routed.wbc):])))  # red-cell index -> (crop, result)
-        nucleated = {i: pair for i, pair in extra.items() if accepts(pair[1])}
+        nucleated = {i: (c, r) for i, (c, r) in extra.items()
+                     if accepts(r, c.detection, self.options.max_lymphocyte_diameter_um)}
+        recounted = {id(c) for c, _ in nucleated.values()}
         rbc_pairs = [(c, r) for i, (c, r) in enumerate(zip(routed.rbc, rbc_res)) if i not in nucleated]
         wbc_pairs = [*zip(routed.wbc, wbc_res), *nucleated.values()]
         cells = []
@@ -351,8 +354,8 @@ class Analyzer:
         rbc_classes = self.rbc_head.classes if self.rbc_head else []
         for crop, res in [*rbc_pairs, *wbc_pairs]:
             kind = KIND_FROM_HEAD_LABEL.get(res.label)
-            if crop.detection.kind is CellKind.RBC and kind is None and res.label in RBC_SIZED_NUCLEATED:
-                kind = CellKind.WBC  # a lymphocyte the detector took for a red cell
+            if id(crop) in recounted and kind is None:
+                kind = CellKind.WBC  # a white cell the detector took for a red cell
             if kind is None:
                 label, unassessed = res.label, None
                 if crop.detection.kind is CellKind.RBC and not calibrated and res.label in SIZE_BASED and res.probs:
@@ -367,7 +370,8 @@ class Analyzer:
                 cells.append(_classified(det, label, res.score if label else None, shape,
                                          detected_as=crop.detection.kind, size_calibrated=calibrated))
         if not self.rbc_head:
-            cells += [_classified(c.detection, None, None, shape, size_calibrated=calibrated) for c in routed.rbc]
+            cells += [_classified(c.detection, None, None, shape, size_calibrated=calibrated)
+                      for i, c in enumerate(routed.rbc) if i not in nucleated]
         if not self.wbc_head:
             cells += [_classified(c.detection, None, None, shape, size_calibrated=calibrated) for c in routed.wbc]
         cells += [_classified(d, None, None, shape, size_calibrated=calibrated) for d in routed.platelets]

@@ -86,9 +86,10 @@ class AnalysisConfig(StationBaseModel):
         default=True,
         title="Second opinion on red cells with a nucleus",
         description="Red-cell detections whose interior absorbs at least 1.8x the field's median red "
-        "cell's red light are typed by the WBC head too, and counted as lymphocytes (or nucleated red "
-        "cells) when the head says so with confidence: a pale camera's small lymphocytes look like red "
-        "cells to the detector. Off: every red-cell detection stays a red cell.",
+        "cell's red light are typed by the WBC head too, and counted as the white cell (or nucleated red "
+        "cell) it confidently types them as, where their size allows that type (granulocytes and "
+        "monocytes from 8.8 um up): a pale camera's small lymphocytes look like red cells to the "
+        "detector. Needs the lamp correction. Off: every red-cell detection stays a red cell.",
     )
     max_lymphocyte_diameter_um: float | None = Field(
         default=15.0,
@@ -96,7 +97,7 @@ class AnalysisConfig(StationBaseModel):
         description="A white cell typed lymphocyte wider than this (micrometres, from its outline) is "
         "reported unidentified and atypical, for review: the WBC head has no blast class and types "
         "blasts it never saw mostly as lymphocytes, which are smaller (no validation lymphocyte "
-        "exceeded 14.8 um). Unset: off.",
+        "exceeded 14.8 um). inf turns the gate off.",
         gt=0,
     )
     rbc_head_views: list[TestTimeView] | None = Field(
