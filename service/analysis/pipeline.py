@@ -56,7 +56,12 @@ from smearscope.service.analysis.scale import (
     first_scale_guess,
     resample_factor,
 )
-from smearscope.service.analysis.scale_search import Attempt, ScaleOutcome, find_scale
+from smearscope.service.analysis.scale_search import (
+    Attempt,
+    ScaleOutcome,
+    find_scale,
+    measurable_red_cells,
+)
 from smearscope.service.analysis.segment import Segmenter
 from smearscope.service.analysis.size_gate import MAX_LYMPHOCYTE_DIAMETER_UM, gate_lymphocyte_size
 from smearscope.service.analysis.tiling import tile_grid
@@ -297,9 +302,10 @@ class Analyzer:
         t = time.perf_counter()
         dets = self._detect(seg_frame, self.segmenter.views[:1] if quick else None)
         timing["detect_ms"] = timing.get("detect_ms", 0.0) + (time.perf_counter() - t) * 1000
+        h, w = field_.shape[:2]
         whole = [d for d in dets if d.kind is CellKind.RBC and d.score >= SCALE_MIN_SCORE
                  and not _touches_frame(d, field_.shape)]
-        return Attempt(mpp, whole, (field_, dets), quick)
+        return Attempt(mpp, whole, (field_, dets), quick, measured=measurable_red_cells(dets, w, h, SCALE_MIN_SCORE))
 
     def _scale_and_detect(self, frame: Frame, timing: dict[str, float]) -> tuple[ScaleOutcome, Illumination]:
         """Measure the lamp, find the scale (given, or from the red cells) and detect at it."""

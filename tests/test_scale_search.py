@@ -1,0 +1,55 @@
+"""Scale search (service.analysis.scale_search): red cells cut by the frame still measure the
+scale when whole ones are too few (a crop a few red cells wide)."""
+
+from __future__ import annotations
+
+import pytest
+
+from smearscope.service.analysis.records import Box, CellDetection, CellKind
+from smearscope.service.analysis.scale import ScaleEstimate
+from smearscope.service.analysis.scale_search import Attempt, find_scale, measurable_red_cells
+
+W, H = 200, 150
+
+
+def _rbc(x0, y0, x1, y1, score=0.9, kind=CellKind.RBC) -> CellDetection:
+    return CellDetection(kind, Box(x0, y0, x1, y1), score)
+
+
+def test_whole_cells_alone_when_they_are_enough():
+    whole = [_rbc(20 + 30 * k, 50, 50 + 30 * k, 80) for k in range(5)]
+    cut = _rbc(0, 100, 25, 130)
+    assert measurable_red_cells([*whole, cut], W, H, 0.3) == whole
+
+
+def test_cells_cut_by_one_side_measure_by_their_uncut_side():
+    whole = [_rbc(60, 60, 90, 90)]
+    left = _rbc(0, 10, 20, 40)  # 20 of 30 visible: the centre shows, its height is the diameter
+    right = _rbc(180, 100, W, 130)
+    top = _rbc(100, 0, 130, 16)
+    sliver = _rbc(0, 100, 10, 130)  # a third visible: its height is a chord, not the diameter
+    corner = _rbc(0, 0, 25, 25)  # cut by two sides
+    other = [_rbc(120, 60, 150, 90, score=0.1), _rbc(20, 60, 50, 90, kind=CellKind.WBC)]
+    got = measurable_red_cells([*whole, left, right, top, sliver, corner, *other], W, H, 0.3)
+    assert [(d.box.x0, d.box.y0, d.box.x1, d.box.y1) for d in got] == [
+        (60, 60, 90, 90), (-10, 10, 20, 40), (180, 100, 210, 130), (100, -14, 130, 16)]
+
+
+def test_refinement_reads_the_cut_cells_where_whole_ones_are_too_few():
+    """A field with 2 whole and 6 measurable red cells of 7.5 um at 0.1 um/px, first guessed at 0.08."""
+    true_mpp = 0.1
+
+    def detect_at(mpp: float, quick: bool) -> Attempt:
+        side = 37.5 * mpp / true_mpp  # a 7.5 um cell at the canonical 0.2 um/px, resampled from `mpp`
+        cells = [_rbc(10 + 60 * k, 10, 10 + 60 * k + side, 10 + side) for k in range(6)]
+        return Attempt(mpp, cells[:2], None, quick, measured=cells)
+
+    out = find_scale(detect_at, ScaleEstimate(0.08, "rbc_size_classical"), 640 * 480)
+    assert out.estimate.microns_per_pixel == pytest.approx(true_mpp, rel=0.05)
+
+    def whole_only(mpp: float, quick: bool) -> Attempt:
+        a = detect_at(mpp, quick)
+        return Attempt(a.mpp, a.whole_rbc, None, quick)
+
+    stuck = find_scale(whole_only, ScaleEstimate(0.08, "rbc_size_classical"), 640 * 480)
+    assert stuck.estimate.microns_per_pixel == pytest.approx(0.08) and stuck.uncertain
