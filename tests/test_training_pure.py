@@ -222,3 +222,21 @@ def test_rbc_selection_takes_the_worst_of_in_domain_looks_and_sickle():
     assert f["worst"] == f["chula_macro_f1_looks"]  # the looks term, not the spherocyte share
     g = figures(right, sets, "val", all_sphero)
     assert g["worst"] == 0.0 and "chula_macro_f1_looks" not in g  # 1 - spherocyte share
+
+
+def test_outlier_exposure_crops_swap_the_centre_with_another_class():
+    """training.train_wbc --outlier-mix: each near outlier is its own crop outside the centre and
+    another class's crop inside it (needs torch: the training extra)."""
+    torch = pytest.importorskip("torch")
+    from training.train_wbc import centre_swapped
+
+    x = torch.arange(8, dtype=torch.float32)[:, None, None, None].expand(8, 3, 10, 10).contiguous()
+    y = torch.tensor([0, 1] * 4)  # crop k holds the value k: even ones class 0, odd ones class 1
+    g = torch.Generator().manual_seed(0)
+    out = centre_swapped(x, y, g)
+    assert out is not None and 1 <= len(out) <= 4
+    for crop in out:
+        outer, inner = int(crop[0, 0, 0]), int(crop[0, 5, 5])
+        assert outer % 2 != inner % 2  # the centre came from a crop of the other class
+        assert torch.all(crop[:, 4:6, 4:6] == inner) and torch.all(crop[:, :3, :] == outer)
+    assert centre_swapped(x[::2], y[::2], g) is None  # one class: no outliers

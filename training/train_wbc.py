@@ -99,6 +99,22 @@ def mahalanobis_min(feats: np.ndarray, means: np.ndarray, precision: np.ndarray,
     return d.min(1)
 
 
+def centre_swapped(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, share: float = 0.3) -> torch.Tensor | None:
+    """Near outliers for outlier exposure: up to half a batch of crops, each with its central square
+    (`share` of the side: where the cell's nucleus lies) taken from a crop of another class in the
+    batch. None when the batch holds one class only."""
+    perm = torch.randperm(len(y), generator=g)
+    other = y[perm] != y
+    if not bool(other.any()):
+        return None
+    keep = other.nonzero().flatten()[: max(1, len(y) // 2)]  # half a batch more: 1.5x the step's cost
+    src, dst = x[perm][keep], x[keep].clone()
+    s = x.shape[-1]
+    a = round(s * (1 - share) / 2)
+    dst[..., a:s - a, a:s - a] = src[..., a:s - a, a:s - a]
+    return dst.contiguous(memory_format=torch.channels_last)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=40.0)
@@ -115,6 +131,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("build/wbc"))
     ap.add_argument("--name", default=None)
     ap.add_argument("--export", type=Path, default=None, help="write wbc_head.onnx + manifest into this models dir")
+    ap.add_argument("--outlier-mix", type=float, default=0.0,
+                    help="outlier exposure (Hendrycks et al. 2019) with near outliers: this weight on a "
+                         "uniform-target loss for crops whose centre (a nucleus) is pasted from a cell of "
+                         "another class; 0 (default): off")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--init", type=Path, default=None,
                     help="warm start from a committed head ONNX (training.recover_head); only where that head "
@@ -184,7 +204,14 @@ def main() -> None:
             crops = to_crops(train.images[b], rng=rng, jitter_um=1.0)
             x = augment(to_tensor(crops), g, 0.1).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(train.labels[b])
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+            if args.outlier_mix > 0:
+                mixed = centre_swapped(x, y, g)
+                logits = model(torch.cat([x, mixed]) if mixed is not None else x)
+                loss = F.cross_entropy(logits[: len(y)], y, label_smoothing=0.1)
+                if mixed is not None:  # unlike every class: the uniform target's cross-entropy
+                    loss = loss - args.outlier_mix * F.log_softmax(logits[len(y):], 1).mean()
+            else:
+                loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
