@@ -4,6 +4,7 @@ and enough of them raise atypical_wbc_present."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
 from smearscope.service.analysis.records import Box, CellDetection, CellKind, ClassifiedCell
@@ -39,7 +40,6 @@ def test_the_analyzer_applies_its_bound():
     """PBC test lymphocytes through the analyzer: typed lymphocyte under the default bound, and
     every one of those unidentified and atypical when the bound is below their size."""
     import cv2
-    import pytest
     from realdata import DATA, ROOT
 
     if not (DATA / "pbc").is_dir() or not (ROOT / "models" / "seg.json").exists():

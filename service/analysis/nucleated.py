@@ -99,7 +99,7 @@ def dense_interiors(frame_bgr: np.ndarray, rbc: Sequence[CellCrop], ratio: float
 
 def diameter_um(det: CellDetection) -> float:
     """Equivalent-area diameter of the detection's outline at the canonical scale."""
-    return 2.0 * math.sqrt(det.mask_area_px / math.pi) * CANONICAL_UM_PER_PX
+    return det.diameter_px * CANONICAL_UM_PER_PX
 
 
 def accepts(result: HeadResult, det: CellDetection, max_rbc_sized_um: float | None = None) -> bool:

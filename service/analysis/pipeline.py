@@ -61,6 +61,7 @@ from smearscope.service.analysis.scale_search import (
     ScaleOutcome,
     find_scale,
     measurable_red_cells,
+    whole_red_cells,
 )
 from smearscope.service.analysis.segment import Segmenter
 from smearscope.service.analysis.size_gate import MAX_LYMPHOCYTE_DIAMETER_UM, gate_lymphocyte_size
@@ -303,9 +304,8 @@ class Analyzer:
         dets = self._detect(seg_frame, self.segmenter.views[:1] if quick else None)
         timing["detect_ms"] = timing.get("detect_ms", 0.0) + (time.perf_counter() - t) * 1000
         h, w = field_.shape[:2]
-        whole = [d for d in dets if d.kind is CellKind.RBC and d.score >= SCALE_MIN_SCORE
-                 and not _touches_frame(d, field_.shape)]
-        return Attempt(mpp, whole, (field_, dets), quick, measured=measurable_red_cells(dets, w, h, SCALE_MIN_SCORE))
+        return Attempt(mpp, whole_red_cells(dets, w, h, SCALE_MIN_SCORE), (field_, dets), quick,
+                       measured=measurable_red_cells(dets, w, h, SCALE_MIN_SCORE))
 
     def _scale_and_detect(self, frame: Frame, timing: dict[str, float]) -> tuple[ScaleOutcome, Illumination]:
         """Measure the lamp, find the scale (given, or from the red cells) and detect at it."""
@@ -348,20 +348,19 @@ class Analyzer:
         rbc_res = self.rbc_head.classify(routed.rbc) if self.rbc_head else []
         wbc_res = self.wbc_head.classify(routed.wbc + second) if self.wbc_head else []
         timing["classify_ms"] = (time.perf_counter() - t) * 1000
-        extra = dict(zip(recheck, zip(second, list(wbc_res)[len(routed.wbc):])))  # red-cell index -> (crop, result)
-        nucleated = {i: (c, r) for i, (c, r) in extra.items()
+        # red-cell index -> (its crop as a white cell, the WBC head's result), where the head's type stands
+        nucleated = {i: (c, r) for i, c, r in zip(recheck, second, wbc_res[len(routed.wbc):])
                      if accepts(r, c.detection, self.options.max_lymphocyte_diameter_um)}
-        recounted = {id(c) for c, _ in nucleated.values()}
-        rbc_pairs = [(c, r) for i, (c, r) in enumerate(zip(routed.rbc, rbc_res)) if i not in nucleated]
-        wbc_pairs = [*zip(routed.wbc, wbc_res), *nucleated.values()]
+        # (crop, head result, the kind a re-counted red-cell detection takes unless the label says otherwise)
+        results = [*((c, r, None) for i, (c, r) in enumerate(zip(routed.rbc, rbc_res)) if i not in nucleated),
+                   *((c, r, None) for c, r in zip(routed.wbc, wbc_res)),
+                   *((c, r, CellKind.WBC) for c, r in nucleated.values())]
         cells = []
         shape = field_.shape
         calibrated = est.method == "given"
         rbc_classes = self.rbc_head.classes if self.rbc_head else []
-        for crop, res in [*rbc_pairs, *wbc_pairs]:
-            kind = KIND_FROM_HEAD_LABEL.get(res.label)
-            if id(crop) in recounted and kind is None:
-                kind = CellKind.WBC  # a white cell the detector took for a red cell
+        for crop, res, recounted_as in results:
+            kind = KIND_FROM_HEAD_LABEL.get(res.label, recounted_as)
             if kind is None:
                 label, unassessed = res.label, None
                 if crop.detection.kind is CellKind.RBC and not calibrated and res.label in SIZE_BASED and res.probs:
@@ -473,6 +472,6 @@ def _classified(d: CellDetection, label: str | None, score: float | None, shape,
     area_px = d.mask_area_px
     area_um2 = area_px * CANONICAL_UM_PER_PX**2
     return ClassifiedCell(detection=d, label=label, label_score=score,
-                          diameter_um=2.0 * float(np.sqrt(area_um2 / np.pi)), area_um2=area_um2,
+                          diameter_um=d.diameter_px * CANONICAL_UM_PER_PX, area_um2=area_um2,
                           touches_frame_edge=_touches_frame(d, shape), detected_as=detected_as, **extra)
 

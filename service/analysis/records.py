@@ -89,6 +89,11 @@ class CellDetection:
     def mask_area_px(self) -> float:
         return float(self.mask.sum()) if self.mask is not None else self.box.area * np.pi / 4.0
 
+    @property
+    def diameter_px(self) -> float:
+        """Equivalent-area diameter of the outline (canonical pixels)."""
+        return 2.0 * float(np.sqrt(self.mask_area_px / np.pi))
+
 
 @dataclass(frozen=True)
 class CellCrop:

@@ -79,6 +79,18 @@ MAX_SEARCH_CANONICAL_PIXELS = 12_000_000
 FRAME_EDGE_PX = 2.0
 
 
+def _cut_sides(b: Box, width: int, height: int, edge_px: float) -> tuple[bool, bool, bool, bool]:
+    """Whether the box reaches the frame's left, right, top and bottom side."""
+    return b.x0 <= edge_px, b.x1 >= width - edge_px, b.y0 <= edge_px, b.y1 >= height - edge_px
+
+
+def whole_red_cells(dets: list[CellDetection], width: int, height: int, min_score: float,
+                    edge_px: float = FRAME_EDGE_PX) -> list[CellDetection]:
+    """The confident red cells (`min_score`) no side of the frame cuts."""
+    return [d for d in dets if d.kind is CellKind.RBC and d.score >= min_score
+            and not any(_cut_sides(d.box, width, height, edge_px))]
+
+
 def measurable_red_cells(dets: list[CellDetection], width: int, height: int, min_score: float,
                          edge_px: float = FRAME_EDGE_PX, enough: int = MIN_RBC_FOR_SCALE) -> list[CellDetection]:
     """The red cells whose diameter their box shows (confident ones, `min_score`).
@@ -93,9 +105,7 @@ def measurable_red_cells(dets: list[CellDetection], width: int, height: int, min
     every field moved the Raspberry Pi station's estimates further from its scale (validation,
     white cells found 0.765 -> 0.588).
     """
-    whole = [d for d in dets if d.kind is CellKind.RBC and d.score >= min_score
-             and not (d.box.x0 <= edge_px or d.box.y0 <= edge_px or d.box.x1 >= width - edge_px
-                      or d.box.y1 >= height - edge_px)]
+    whole = whole_red_cells(dets, width, height, min_score, edge_px)
     if len(whole) >= enough:
         return whole
     out = []
@@ -103,7 +113,7 @@ def measurable_red_cells(dets: list[CellDetection], width: int, height: int, min
         if d.kind is not CellKind.RBC or d.score < min_score:
             continue
         b = d.box
-        cut = (b.x0 <= edge_px, b.x1 >= width - edge_px, b.y0 <= edge_px, b.y1 >= height - edge_px)
+        cut = _cut_sides(b, width, height, edge_px)
         if not any(cut):
             out.append(d)
         elif sum(cut) > 1:
