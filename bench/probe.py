@@ -35,6 +35,8 @@ STAGE_TARGETS: tuple[tuple[str, str, str], ...] = (
     ("illumination", PIPELINE, "estimate_illumination"),
     ("illumination", PREPARE, "apply_illumination"),
     ("scale estimate", PIPELINE, "first_scale_guess"),
+    ("scale estimate", PIPELINE, "whole_red_cells"),
+    ("scale estimate", PIPELINE, "measurable_red_cells"),
     ("resample", PREPARE, "resample_to_canonical"),
     ("tile", PIPELINE, "view_tiles"),
     ("preprocess tiles", DECODE, "to_model_input"),
@@ -46,6 +48,7 @@ STAGE_TARGETS: tuple[tuple[str, str, str], ...] = (
     ("roi filter", f"{ROI}:RoiFilter", "apply"),
     ("roi filter", f"{ROI}:RoiFilter", "below_confidence"),
     ("crop", PIPELINE, "route"),
+    ("nucleated recheck", PIPELINE, "dense_interiors"),
     ("preprocess crops", CLASSIFY, "to_model_input"),
     ("classify glue", f"{CLASSIFY}:CropClassifier", "classify"),
     ("aggregate", PIPELINE, "aggregate"),
@@ -53,7 +56,7 @@ STAGE_TARGETS: tuple[tuple[str, str, str], ...] = (
 ENGINE_STAGES = {"segmentation": "detector engine", "classification": "head engines"}
 STAGE_ORDER = ("illumination", "scale estimate", "resample", "normalize", "tile", "preprocess tiles", "detector engine",
                "decode masks", "detector glue", "merge tiles", "fuse views", "roi filter", "crop",
-               "preprocess crops", "head engines", "classify glue", "aggregate", "other")
+               "nucleated recheck", "preprocess crops", "head engines", "classify glue", "aggregate", "other")
 
 
 class Probe:

@@ -71,6 +71,33 @@ def test_box_mask_equals_the_whole_tile_mask_in_its_window():
         np.testing.assert_array_equal(box_mask(coeff, protos, 256, (y0, x0, y1, x1)), whole)
 
 
+def test_box_masks_of_many_boxes_at_once_equal_each_whole_tile_mask():
+    """A tile's boxes are decoded together (grouped by size, gathered, upsampled as channels of
+    one resize): each mask must still be the whole tile's mask cut to its box, for boxes of every
+    size, at the map's borders and empty ones."""
+    import cv2
+
+    from smearscope.service.analysis.yolo_decode import box_masks
+
+    rng = np.random.default_rng(11)
+    for _ in range(10):
+        protos = rng.normal(0.0, 1.0, (32, 64, 64)).astype(np.float32)
+        n = int(rng.integers(1, 150))
+        coeffs = rng.normal(0.0, 1.0, (n, 32)).astype(np.float32)
+        windows = []
+        for _ in range(n):
+            size = int(rng.choice([3, 12, 40, 120, 256]))
+            x0, y0 = (int(v) for v in rng.integers(0, 256, 2))
+            x1, y1 = min(256, x0 + int(rng.integers(0, size + 1))), min(256, y0 + int(rng.integers(0, size + 1)))
+            windows.append((y0, x0, y1, x1))
+        masks = box_masks(coeffs, protos, 256, windows)
+        assert len(masks) == n
+        for coeff, (y0, x0, y1, x1), mask in zip(coeffs, windows, masks):
+            lowres = 1.0 / (1.0 + np.exp(-np.einsum("c,chw->hw", coeff, protos)))
+            whole = cv2.resize(lowres, (256, 256), interpolation=cv2.INTER_LINEAR)[y0:y1, x0:x1] > 0.5
+            np.testing.assert_array_equal(mask, whole)
+
+
 class _FakeEngine:
     """Stands in for an engine: returns a fixed raw output per tile (decode is what is tested)."""
 

@@ -80,10 +80,10 @@ def _pairs_iou_ios(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return iou, ios
 
 
-def _checked_mask(det: CellDetection) -> np.ndarray | None:
+def _checked_mask(det: CellDetection, window: tuple[int, int, int, int] | None = None) -> np.ndarray | None:
     if det.mask is None:
         return None
-    r0, c0, r1, c1 = mask_window(det.box)
+    r0, c0, r1, c1 = mask_window(det.box) if window is None else window
     if det.mask.shape != (r1 - r0, c1 - c0):
         raise ValueError(
             f"mask shape {det.mask.shape} does not cover box {det.box} "
@@ -92,16 +92,18 @@ def _checked_mask(det: CellDetection) -> np.ndarray | None:
     return det.mask.astype(bool, copy=False)
 
 
-def _mask_ios(a: np.ndarray, a_win: tuple[int, int, int, int], b: np.ndarray, b_win) -> float:
-    """Intersection over the smaller mask area of two masks placed in frame coordinates."""
+def _mask_ios(a: np.ndarray, a_win: tuple[int, int, int, int], b: np.ndarray, b_win,
+              a_area: int | None = None, b_area: int | None = None) -> float:
+    """Intersection over the smaller mask area of two masks placed in frame coordinates (the
+    masks' areas may be given when known)."""
     r0, c0 = max(a_win[0], b_win[0]), max(a_win[1], b_win[1])
     r1, c1 = min(a_win[2], b_win[2]), min(a_win[3], b_win[3])
-    smaller = min(int(a.sum()), int(b.sum()))
+    smaller = min(np.count_nonzero(a) if a_area is None else a_area, np.count_nonzero(b) if b_area is None else b_area)
     if r0 >= r1 or c0 >= c1 or smaller == 0:
         return 0.0
     sa = a[r0 - a_win[0] : r1 - a_win[0], c0 - a_win[1] : c1 - a_win[1]]
     sb = b[r0 - b_win[0] : r1 - b_win[0], c0 - b_win[1] : c1 - b_win[1]]
-    return float(np.logical_and(sa, sb).sum()) / smaller
+    return np.count_nonzero(sa & sb) / smaller
 
 
 @dataclass
@@ -170,7 +172,10 @@ def _merge_one_kind(
     if n == 0:
         return []
     boxes = np.array([d.box.as_list() for d in dets], dtype=np.float64).reshape(n, 4)
-    masks = [_checked_mask(d) for d in dets]
+    # mask_window of every box at once (floor of y0, x0; ceil of y1, x1)
+    windows = [tuple(w) for w in np.concatenate([np.floor(boxes[:, [1, 0]]), np.ceil(boxes[:, [3, 2]])],
+                                                 axis=1).astype(np.int64).tolist()]
+    masks = [_checked_mask(d, w) for d, w in zip(dets, windows)]
     cut = np.array([d.cut_by_tile_edge for d in dets], bool)
     scores = np.array([d.score for d in dets], np.float64)
     # An unknown tile (-1) is a tile of its own, so such detections can merge with anything.
@@ -188,6 +193,10 @@ def _merge_one_kind(
     pair_i, pair_j = overlapping_pairs(boxes)
     row = np.searchsorted(pair_i, np.arange(n + 1))
     pair_iou, pair_ios = _pairs_iou_ios(boxes[pair_i], boxes[pair_j])
+    # Most detections overlap no detection of another tile: they stand alone, without a search.
+    alone = np.ones(n, bool)
+    alone[pair_i[tiles[pair_i] != tiles[pair_j]]] = False
+    areas = [None if m is None else np.count_nonzero(m) for m in masks]
     by_x0 = np.argsort(boxes[:, 0], kind="stable")
     x0_sorted = boxes[by_x0, 0]
     widest = float(np.max(boxes[:, 2] - boxes[:, 0]))
@@ -198,6 +207,9 @@ def _merge_one_kind(
         if consumed[i]:
             continue
         consumed[i] = True
+        if alone[i]:
+            result.append(dets[i])
+            continue
         group = _Group(dets[i], boxes[i].copy(), masks[i], {int(tiles[i])})
         while True:
             if not group.united:  # the detection's own box: its precomputed overlaps
@@ -216,9 +228,10 @@ def _merge_one_kind(
                 break
             if group.mask is not None:
                 win = group.window
-                for k, j in enumerate(cand):
+                area = areas[i] if not group.united else None
+                for k, j in enumerate(cand.tolist()):
                     if masks[j] is not None:
-                        ios[k] = _mask_ios(group.mask, win, masks[j], mask_window(dets[j].box))
+                        ios[k] = _mask_ios(group.mask, win, masks[j], windows[j], area, areas[j])
             match = (iou >= iou_threshold) | (ios >= ios_threshold)
             cand, iou = cand[match], iou[match]
             if cand.size == 0:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+import numpy as np
+
 from smearscope.service.analysis.records import Box, CellDetection, Tile
 
 #: A box within this many pixels of a tile edge counts as touching it.
@@ -41,10 +43,18 @@ class Segmenter(Protocol):
 
 def touches_interior_tile_edge(box_in_frame: Box, tile: Tile, frame_width: int, frame_height: int) -> bool:
     """True when the box touches a tile edge that is not also the frame's edge (a cut cell)."""
+    b = box_in_frame
+    return bool(cut_by_interior_tile_edges(np.array([[b.x0, b.y0, b.x1, b.y1]]), tile, frame_width, frame_height)[0])
+
+
+def cut_by_interior_tile_edges(boxes_in_frame: np.ndarray, tile: Tile, frame_width: int,
+                               frame_height: int) -> np.ndarray:
+    """`touches_interior_tile_edge` of each (x0, y0, x1, y1) row, at once."""
+    b = np.asarray(boxes_in_frame, np.float64).reshape(-1, 4)
     size = tile.pixels.shape[0]
     m = EDGE_MARGIN_PX
-    left = box_in_frame.x0 <= tile.x + m and tile.x > 0
-    top = box_in_frame.y0 <= tile.y + m and tile.y > 0
-    right = box_in_frame.x1 >= tile.x + size - m and tile.x + size < frame_width
-    bottom = box_in_frame.y1 >= tile.y + size - m and tile.y + size < frame_height
-    return left or top or right or bottom
+    left = (b[:, 0] <= tile.x + m) & (tile.x > 0)
+    top = (b[:, 1] <= tile.y + m) & (tile.y > 0)
+    right = (b[:, 2] >= tile.x + size - m) & (tile.x + size < frame_width)
+    bottom = (b[:, 3] >= tile.y + size - m) & (tile.y + size < frame_height)
+    return left | top | right | bottom

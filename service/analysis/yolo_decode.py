@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import cv2
@@ -19,7 +20,7 @@ from smearscope.engines.base import Engine
 from smearscope.engines.batching import run_batched
 from smearscope.engines.preprocess import to_model_input
 from smearscope.service.analysis.records import SEG_CLASSES, Box, CellDetection, Tile
-from smearscope.service.analysis.segment import touches_interior_tile_edge
+from smearscope.service.analysis.segment import cut_by_interior_tile_edges
 from smearscope.service.analysis.tta import check_views
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,12 @@ def platt(score: float, a: float, b: float) -> float:
     s = min(max(score, 1e-6), 1 - 1e-6)
     z = a * float(np.log(s / (1 - s))) + b
     return float(1.0 / (1.0 + np.exp(-z)))
+
+
+def platt_array(scores: np.ndarray, a: float, b: float) -> np.ndarray:
+    """`platt` of each score (the same arithmetic, in float64)."""
+    s = np.clip(np.asarray(scores, np.float64), 1e-6, 1 - 1e-6)
+    return 1.0 / (1.0 + np.exp(-(a * np.log(s / (1 - s)) + b)))
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
@@ -73,16 +80,9 @@ def decode_tile(pred: np.ndarray, protos: np.ndarray | None, input_size: int, n_
     coeffs = pred[4 + n_classes :].T[sel] if protos is not None else None
     # class-aware NMS: offset boxes by class so different classes never suppress each other
     keep = nms(boxes + cls[:, None] * (input_size + 1.0), score, iou_threshold)[:max_det]
-    out = []
-    for k in keep:
-        mask = None
-        b = boxes[k]
-        if protos is not None:
-            x0, y0 = int(b[0]), int(b[1])
-            x1, y1 = int(np.ceil(b[2])), int(np.ceil(b[3]))
-            mask = box_mask(coeffs[k], protos, input_size, (y0, x0, y1, x1))
-        out.append((int(cls[k]), b, float(score[k]), mask))
-    return out
+    windows = [(int(b[1]), int(b[0]), int(np.ceil(b[3])), int(np.ceil(b[2]))) for b in boxes[keep]]
+    masks = box_masks(coeffs[keep], protos, input_size, windows) if protos is not None else [None] * len(keep)
+    return [(int(cls[k]), boxes[k], float(score[k]), mask) for k, mask in zip(keep, masks)]
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -91,30 +91,66 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
 
 def box_mask(coeff: np.ndarray, protos: np.ndarray, input_size: int,
              window: tuple[int, int, int, int]) -> np.ndarray:
-    """`resize(sigmoid(coeff . protos), input_size)[window] > 0.5`, computed on the prototype
-    cells under the window only.
+    """`resize(sigmoid(coeff . protos), input_size)[window] > 0.5` (one box; see `box_masks`)."""
+    return box_masks(coeff[None], protos, input_size, [window])[0]
+
+
+#: Boxes whose prototype windows are computed and upsampled together (cv2.resize takes at most
+#: 512 channels; a group shares the largest window of its members, so it holds similar sizes).
+_GROUP = 64
+
+
+def box_masks(coeffs: np.ndarray, protos: np.ndarray, input_size: int,
+              windows: Sequence[tuple[int, int, int, int]]) -> list[np.ndarray]:
+    """Each box's `resize(sigmoid(coeff . protos), input_size)[window] > 0.5`, computed on the
+    prototype cells under its window only, for a tile's boxes at once.
 
     Bilinear upsampling by an integer stride reads, for output pixel y, the low-resolution rows
-    around (y + 0.5) / stride - 0.5. A sub-grid with one spare cell on each side (none beyond the
-    map's own border, where both clamp alike) therefore gives the window the very values of the
-    whole map's resize (same weights, same source values), at the cost of the box instead of the
-    tile. The dot product is an einsum, not BLAS: a BLAS call per box would wake BLAS's thread pool,
-    which then competes with the inference engine's threads for the cores."""
-    y0, x0, y1, x1 = window
+    around (y + 0.5) / stride - 0.5. A sub-grid with one spare cell on each side gives the window
+    the very values of the whole map's resize (same weights, same source values), at the cost of
+    the box instead of the tile; beyond the map's own border the sub-grid repeats the edge cell,
+    which is how the resize clamps there. Boxes of similar size share one sub-grid size: their
+    cells are gathered into one (rows, cols, boxes) array, the dot products are one einsum (not
+    BLAS: a BLAS call would wake BLAS's thread pool, which then competes with the inference
+    engine's threads for the cores), and one `cv2.resize` upsamples every box as a channel."""
     _, ph, pw = protos.shape
     stride = input_size // ph
+    win = np.asarray(windows, np.int64).reshape(-1, 4)
+    coeffs = np.asarray(coeffs, protos.dtype).reshape(len(win), -1)
     if stride * ph != input_size or stride * pw != input_size:  # not an integer stride: whole map
-        lowres = _sigmoid(np.einsum("c,chw->hw", coeff, protos))
-        up = cv2.resize(lowres, (input_size, input_size), interpolation=cv2.INTER_LINEAR)
-        return up[y0:y1, x0:x1] > 0.5
-    r0, c0 = max(0, y0 // stride - 1), max(0, x0 // stride - 1)
-    r1, c1 = min(ph, -(-y1 // stride) + 1), min(pw, -(-x1 // stride) + 1)
-    if r1 <= r0 or c1 <= c0:
-        return np.zeros((max(0, y1 - y0), max(0, x1 - x0)), bool)
-    lowres = _sigmoid(np.einsum("c,chw->hw", coeff, protos[:, r0:r1, c0:c1]))
-    sub = cv2.resize(lowres, (stride * (c1 - c0), stride * (r1 - r0)), interpolation=cv2.INTER_LINEAR)
-    oy, ox = stride * r0, stride * c0
-    return sub[y0 - oy : y1 - oy, x0 - ox : x1 - ox] > 0.5
+        out = []
+        for coeff, (y0, x0, y1, x1) in zip(coeffs, win):
+            lowres = _sigmoid(np.einsum("c,chw->hw", coeff, protos))
+            up = cv2.resize(lowres, (input_size, input_size), interpolation=cv2.INTER_LINEAR)
+            out.append(up[y0:y1, x0:x1] > 0.5)
+        return out
+    y0, x0, y1, x1 = win.T
+    r0, c0 = np.maximum(0, y0 // stride - 1), np.maximum(0, x0 // stride - 1)
+    r1, c1 = np.minimum(ph, -(-y1 // stride) + 1), np.minimum(pw, -(-x1 // stride) + 1)
+    rows, cols = np.maximum(r1 - r0, 1), np.maximum(c1 - c0, 1)
+    out: list[np.ndarray | None] = [None] * len(win)
+    # (ph * pw, 32): a gather then takes whole cells (cv2.transpose: 10x numpy's copy of a transpose)
+    cells_last = cv2.transpose(np.ascontiguousarray(protos).reshape(len(protos), ph * pw))
+    ys0, xs0, ys1, xs1, rs0, cs0, rs1, cs1 = (a.tolist() for a in (y0, x0, y1, x1, r0, c0, r1, c1))
+    order = np.argsort(np.maximum(rows, cols), kind="stable")
+    for start in range(0, len(order), _GROUP):
+        g = order[start : start + _GROUP]
+        gh, gw = int(rows[g].max()), int(cols[g].max())
+        ri = np.minimum(r0[g, None] + np.arange(gh), ph - 1)  # (boxes, gh)
+        ci = np.minimum(c0[g, None] + np.arange(gw), pw - 1)  # (boxes, gw)
+        cells = np.take(cells_last, (ri[:, :, None] * pw + ci[:, None, :]).ravel(), axis=0)
+        cells = cells.reshape(len(g), gh, gw, -1)  # (boxes, gh, gw, 32)
+        lowres = _sigmoid(np.einsum("bhwc,bc->hwb", cells, coeffs[g]))
+        up = cv2.resize(np.ascontiguousarray(lowres), (stride * gw, stride * gh), interpolation=cv2.INTER_LINEAR)
+        # one threshold for the group, boxes first: each mask is then a view of whole rows
+        above = cv2.transpose(up.reshape(-1, len(g))).reshape(len(g), stride * gh, stride * gw) > 0.5
+        for j, k in enumerate(g.tolist()):
+            oy, ox = stride * rs0[k], stride * cs0[k]
+            if rs1[k] <= rs0[k] or cs1[k] <= cs0[k]:
+                out[k] = np.zeros((max(0, ys1[k] - ys0[k]), max(0, xs1[k] - xs0[k])), bool)
+            else:
+                out[k] = above[j, ys0[k] - oy : ys1[k] - oy, xs0[k] - ox : xs1[k] - ox]
+    return out
 
 
 class YoloSegmenter:
@@ -142,12 +178,14 @@ class YoloSegmenter:
 
     def finish(self, dets: Sequence[CellDetection]) -> list[CellDetection]:
         """Raw-scored detections -> calibrated scores, those below `conf_threshold` dropped."""
-        out = []
-        for d in dets:
-            score = self.calibrated(d.kind.value, d.score)
-            if score >= self.conf_threshold:
-                out.append(dataclasses.replace(d, score=score))
-        return out
+        raw = np.array([d.score for d in dets], np.float64)
+        score = raw.copy()
+        kinds = np.array([d.kind.value for d in dets], object)
+        for kind, (a, b) in self.calibration.items():
+            sel = kinds == kind
+            if sel.any():
+                score[sel] = platt_array(raw[sel], a, b)
+        return [dataclasses.replace(d, score=float(s)) for d, s in zip(dets, score) if s >= self.conf_threshold]
 
     def detect(self, tiles: Iterable[Tile], frame_width: int, frame_height: int,
                calibrate: bool = True) -> list[CellDetection]:
@@ -170,20 +208,23 @@ class YoloSegmenter:
 
     def _tile_detections(self, tile: Tile, pred: np.ndarray, protos: np.ndarray | None,
                          frame_width: int, frame_height: int) -> list[CellDetection]:
+        decoded = decode_tile(pred, protos, self.input_size, len(self.classes), RAW_SCORE_FLOOR, self.iou_threshold)
+        if not decoded:
+            return []
+        # frame coordinates, clipped to the real frame (tiles may extend into padding)
+        b = np.array([d[1] for d in decoded], np.float64) + [tile.x, tile.y, tile.x, tile.y]
+        b = np.minimum(b, [frame_width, frame_height, frame_width, frame_height])
+        cut = cut_by_interior_tile_edges(b, tile, frame_width, frame_height)
         dets = []
-        for ci, b, raw, mask in decode_tile(pred, protos, self.input_size, len(self.classes), RAW_SCORE_FLOOR,
-                                            self.iou_threshold):
-            box = Box(float(b[0]) + tile.x, float(b[1]) + tile.y, float(b[2]) + tile.x, float(b[3]) + tile.y)
-            # clip to the real frame (tiles may extend into padding)
-            box = Box(min(box.x0, frame_width), min(box.y0, frame_height), min(box.x1, frame_width), min(box.y1, frame_height))
-            if box.width <= 1 or box.height <= 1:
+        for (ci, _, raw, mask), (x0, y0, x1, y1), c in zip(decoded, b.tolist(), cut.tolist()):
+            if x1 - x0 <= 1 or y1 - y0 <= 1:
                 continue
             if mask is not None:
-                h = int(np.ceil(box.y1)) - int(box.y0)
-                w = int(np.ceil(box.x1)) - int(box.x0)
+                h = math.ceil(y1) - int(y0)
+                w = math.ceil(x1) - int(x0)
                 mask = np.ascontiguousarray(mask[:h, :w])
-            dets.append(CellDetection(kind=self.classes[ci], box=box, score=raw, mask=mask, tile_index=tile.index,
-                                      cut_by_tile_edge=touches_interior_tile_edge(box, tile, frame_width, frame_height)))
+            dets.append(CellDetection(kind=self.classes[ci], box=Box(x0, y0, x1, y1), score=raw, mask=mask,
+                                      tile_index=tile.index, cut_by_tile_edge=c))
         return dets
 
 
