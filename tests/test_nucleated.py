@@ -17,11 +17,44 @@ from smearscope.service.analysis.nucleated import (
     accepts,
     dense_interiors,
     diameter_um,
+    interior_densities,
     interior_density,
 )
 from smearscope.service.analysis.records import Box, CellCrop, CellDetection, CellKind
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def test_interior_densities_of_a_field_are_each_cells_median_density():
+    """The field's medians come from one 2-D histogram; each must equal np.median of its own
+    cell's red values (odd and even counts, masks cut by the frame, a cell without a mask, an
+    empty mask)."""
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    crops = []
+    for _ in range(60):
+        x0, y0 = (int(v) for v in rng.integers(-6, 150, 2))
+        w, h = (int(v) for v in rng.integers(1, 25, 2))
+        mask = rng.random((h, w)) < rng.uniform(0.0, 1.0)
+        det = CellDetection(CellKind.RBC, Box(x0, y0, x0 + w, y0 + h), 0.9, mask=mask)
+        crops.append(CellCrop(det, np.zeros((1, 1, 3), np.uint8)))
+    crops.append(CellCrop(CellDetection(CellKind.RBC, Box(5, 5, 20, 20), 0.9), np.zeros((1, 1, 3), np.uint8)))
+    got = interior_densities(img, crops)
+    for c, d in zip(crops, got):
+        b, m = c.detection.box, c.detection.mask
+        if m is None:
+            assert d is None
+            continue
+        full = np.zeros(img.shape[:2], bool)  # the mask placed in the frame, what lies outside dropped
+        ys, xs = np.nonzero(m)
+        ys, xs = ys + int(b.y0), xs + int(b.x0)
+        keep = (ys >= 0) & (xs >= 0) & (ys < img.shape[0]) & (xs < img.shape[1])
+        full[ys[keep], xs[keep]] = True
+        inside = img[..., 2][full]
+        if inside.size == 0:
+            assert d is None
+        else:
+            assert d == pytest.approx(-np.log(min(float(np.median(inside)) + 1.0, 236.0) / 236.0), abs=1e-12)
 
 
 def _disc_field(reds: list[int], radius: int = 14) -> tuple[np.ndarray, list[CellCrop]]:
