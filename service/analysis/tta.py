@@ -257,13 +257,15 @@ def _vote(members: list[CellDetection], box: Box) -> np.ndarray | None:
     if any(m.mask is None for m in members):
         return None
     wins = [mask_window(m.box) for m in members]
+    fr0, fc0, fr1, fc1 = mask_window(box)
+    if len(members) == 1 and wins[0] == (fr0, fc0, fr1, fc1) and members[0].mask.shape == (fr1 - fr0, fc1 - fc0):
+        return members[0].mask  # one voter on its own window: its mask (records are never written to)
     r0, c0 = min(w[0] for w in wins), min(w[1] for w in wins)
     r1, c1 = max(w[2] for w in wins), max(w[3] for w in wins)
-    votes = np.zeros((r1 - r0, c1 - c0), np.float32)
+    votes = np.zeros((r1 - r0, c1 - c0), np.uint8)
     for m, (mr0, mc0, mr1, mc1) in zip(members, wins):
         mk = m.mask[: mr1 - mr0, : mc1 - mc0]  # never wider than its window
-        votes[mr0 - r0 : mr0 - r0 + mk.shape[0], mc0 - c0 : mc0 - c0 + mk.shape[1]] += mk
-    fr0, fc0, fr1, fc1 = mask_window(box)
+        votes[mr0 - r0 : mr0 - r0 + mk.shape[0], mc0 - c0 : mc0 - c0 + mk.shape[1]] += mk.astype(bool, copy=False)
     return np.ascontiguousarray(votes[fr0 - r0 : fr1 - r0, fc0 - c0 : fc1 - c0] >= len(members) / 2.0)
 
 
@@ -294,9 +296,10 @@ def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float
                     taken[j] = True
                     seen[sel[j][0]] = sel[j][1].score
                     members.append(sel[j][1])
-            w = np.array([m.score for m in members])
-            fused = (np.array([m.box.as_list() for m in members]) * w[:, None]).sum(0) / max(w.sum(), 1e-12)
-            box = Box(*(float(v) for v in fused))
+            # the score-weighted mean box (summed in member order, as numpy's sum over a few rows does)
+            total = max(sum(m.score for m in members), 1e-12)
+            box = Box(*(sum(m.score * v for m in members for v in (getattr(m.box, a),)) / total
+                        for a in ("x0", "y0", "x1", "y1")))
             clusters.append((members[0], box, _vote(members, box), seen))
         if kind in absorb_kinds:
             clusters = _absorb_pieces(clusters)
