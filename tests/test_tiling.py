@@ -9,7 +9,9 @@ import pytest
 
 from smearscope.service.analysis.tiling import (
     PAD_VALUE,
+    StainedArea,
     is_background,
+    iter_tiles,
     make_tiles,
     tile_grid,
     tile_starts,
@@ -118,3 +120,31 @@ def test_background_tiles_are_skipped_and_indices_stay_grid_indices() -> None:
 def test_padding_alone_is_background() -> None:
     assert is_background(np.full((TILE, TILE, 3), PAD_VALUE, np.uint8))
     assert not is_background(_stained(TILE, TILE))
+
+
+@pytest.mark.parametrize("flip_x,flip_y", [(False, False), (True, False), (False, True), (True, True)])
+def test_tiles_skipped_on_the_frames_stained_area_are_those_is_background_skips(flip_x: bool, flip_y: bool) -> None:
+    """Background is measured once per frame (an integral image of stained pixels): the tiles
+    kept must be exactly those whose own pixels `is_background` keeps, in every mirrored view and
+    for frames smaller than a tile (padding counts as unstained), near the threshold too."""
+    rng = np.random.default_rng(3)
+    for h, w in [(600, 900), (200, 700), (180, 150), (513, 260)]:
+        img = np.full((h, w, 3), (233, 229, 234), np.uint8)
+        for _ in range(int(rng.integers(0, 6))):  # a few stained specks, some tiny (near 0.2 % of a tile)
+            y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+            s = int(rng.choice([3, 8, 11, 12, 40]))
+            img[y : y + s, x : x + s] = (160, 90, 220)
+        got = list(iter_tiles(img, TILE, 0.15, flip_x=flip_x, flip_y=flip_y))
+        every = list(iter_tiles(img, TILE, 0.15, skip_background=False, flip_x=flip_x, flip_y=flip_y))
+        assert [t.index for t in got] == [t.index for t in every if not is_background(t.pixels)]
+        shared = StainedArea(img)  # one area serves every view
+        assert [t.index for t in iter_tiles(img, TILE, 0.15, flip_x=flip_x, flip_y=flip_y, stained=shared)] == \
+            [t.index for t in got]
+    # A frame smaller than a tile: 81 stained pixels are under 0.2 % of the padded tile (131 px)
+    # though over 0.2 % of the frame itself: background, as is_background says of the padded tile.
+    img = np.full((180, 150, 3), (233, 229, 234), np.uint8)
+    img[50:59, 60:69] = (160, 90, 220)
+    (padded,) = iter_tiles(img, TILE, 0.15, skip_background=False)
+    assert is_background(padded.pixels) and list(iter_tiles(img, TILE, 0.15)) == []
+    img[50:62, 60:72] = (160, 90, 220)  # 144 px: stained
+    assert len(list(iter_tiles(img, TILE, 0.15))) == 1

@@ -155,7 +155,7 @@ def analyse(analyzer: Analyzer, img: LabImage, mode: str) -> dict:
              if d.score >= ALL_CONF]
     return {"counted": counted, "every": counted + below, "mpp": rep.scale.microns_per_pixel,
             "scale_method": rep.scale.method, "flags": [f.code for f in rep.flags], "ms": rep.timing_ms.get("total_ms", 0.0),
-            "w": w, "h": h, "labels": [(c.kind, c.label) for c in rep.cells]}
+            "detect_ms": rep.timing_ms.get("detect_ms", 0.0), "w": w, "h": h, "labels": [(c.kind, c.label) for c in rep.cells]}
 
 
 def score_boxed(images: list[LabImage], outs: list[dict]) -> dict:
@@ -259,6 +259,7 @@ def run_lab(analyzer: Analyzer, lab: str, split: str, mode: str, limit: int | No
     row: dict = {"lab": lab, "split": split, "scale": mode, "n": len(images), "pooled_mpp": pooled,
                  "pooled_over_known": pooled_over_known,
                  "median_ms": float(np.median([o["ms"] for o in outs])) if outs else None,
+                 "median_detect_ms": float(np.median([o["detect_ms"] for o in outs])) if outs else None,
                  "no_cells_fields": sum("no_cells_found" in o["flags"] for o in outs)}
     errs = [o["mpp"] / im.known_mpp - 1 for im, o in zip(images, outs) if im.known_mpp]
     if errs and mode == "estimated":
@@ -331,6 +332,9 @@ def main() -> None:
     ap.add_argument("--unsure-band", default=None,
                     help="LOW,HIGH: the first view's calibrated scores the extra views look again at "
                          "(AnalyzerOptions.detector_unsure_band; default its own)")
+    ap.add_argument("--unsure-kinds", default=None,
+                    help="KIND,...: the kinds whose unsure or cut cells call for the extra views "
+                         "(AnalyzerOptions.detector_unsure_kinds; default every kind)")
     ap.add_argument("--no-nucleated-recheck", action="store_true",
                     help="every red-cell detection stays a red cell (AnalyzerOptions.nucleated_recheck off)")
     args = ap.parse_args()
@@ -342,7 +346,8 @@ def main() -> None:
                               illumination=args.illumination, stain_method=args.stain,
                               nucleated_recheck=not args.no_nucleated_recheck,
                               **({"detector_unsure_band": tuple(float(v) for v in args.unsure_band.split(","))}
-                                 if args.unsure_band else {}))
+                                 if args.unsure_band else {}),
+                              **({"detector_unsure_kinds": tuple(args.unsure_kinds.split(","))} if args.unsure_kinds else {}))
     analyzer = Analyzer.from_models_dir(args.models, options=options)
     if args.stain != "auto" and analyzer.stain_method != args.stain:
         analyzer.close()

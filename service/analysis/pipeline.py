@@ -65,7 +65,7 @@ from smearscope.service.analysis.scale_search import (
 )
 from smearscope.service.analysis.segment import Segmenter
 from smearscope.service.analysis.size_gate import MAX_LYMPHOCYTE_DIAMETER_UM, gate_lymphocyte_size
-from smearscope.service.analysis.tiling import tile_grid
+from smearscope.service.analysis.tiling import StainedArea, tile_grid
 from smearscope.service.analysis.tta import (
     Coverage,
     boxes_in_view,
@@ -122,6 +122,8 @@ class AnalyzerOptions:
     detector_views_where: Literal["everywhere", "unsure"] = "unsure"
     #: With "unsure": the first view's calibrated scores in [low, high) are unsure.
     detector_unsure_band: tuple[float, float] = (0.2, 0.8)
+    #: With "unsure": the kinds whose unsure or cut cells call for the extra views.
+    detector_unsure_kinds: tuple[str, ...] = ("rbc", "wbc", "platelet")
     #: Red-cell detections with a nucleus' density are typed by the WBC head too (service.analysis.nucleated).
     nucleated_recheck: bool = True
     #: A white cell typed lymphocyte wider than this (um) is unidentified and atypical (service.analysis.size_gate); None: off.
@@ -235,8 +237,10 @@ class Analyzer:
         if len(views) > 1 and o.detector_views_where == "unsure":
             return self._detect_where_unsure(canonical, views)
         grid = self._grid_size(w, h)
+        stained = StainedArea(canonical)
         tiles = itertools.chain.from_iterable(
-            (dataclasses.replace(t, index=k * grid + t.index) for t in view_tiles(canonical, v, o.tile_size, o.tile_overlap))
+            (dataclasses.replace(t, index=k * grid + t.index)
+             for t in view_tiles(canonical, v, o.tile_size, o.tile_overlap, stained=stained))
             for k, v in enumerate(views))
         raw = self.segmenter.detect(tiles, w, h, calibrate=False)
         per_view = [_view_cells(raw, k, v, grid, w, h) for k, v in enumerate(views)]
@@ -258,12 +262,14 @@ class Analyzer:
         o = self.options
         h, w = canonical.shape[:2]
         grid = self._grid_size(w, h)
-        first_raw = self.segmenter.detect(view_tiles(canonical, views[0], o.tile_size, o.tile_overlap), w, h,
-                                          calibrate=False)
+        stained = StainedArea(canonical)
+        first_raw = self.segmenter.detect(view_tiles(canonical, views[0], o.tile_size, o.tile_overlap, stained=stained),
+                                          w, h, calibrate=False)
         first = _view_cells(first_raw, 0, views[0], grid, w, h)
         low, high = o.detector_unsure_band
-        unsure = np.array([d.box.as_list() for d in first
-                           if d.cut_by_tile_edge or low <= self.segmenter.calibrated(d.kind.value, d.score) < high],
+        kinds = set(o.detector_unsure_kinds)
+        unsure = np.array([d.box.as_list() for d in first if d.kind.value in kinds and (
+                           d.cut_by_tile_edge or low <= self.segmenter.calibrated(d.kind.value, d.score) < high)],
                           float).reshape(-1, 4)
         if not len(unsure):
             return self.segmenter.finish(first)
@@ -274,7 +280,7 @@ class Analyzer:
             # fills `coverage` as the engine consumes the tiles: complete once `detect` returns
             # the fewer of: tiles placed around the unsure cells, the grid's tiles that hold them
             placed = place_tiles(boxes_in_view(unsure, view, w, h), w, h, o.tile_size)
-            tiles = list(view_tiles(canonical, view, o.tile_size, o.tile_overlap))  # windows, not copies
+            tiles = list(view_tiles(canonical, view, o.tile_size, o.tile_overlap, stained=stained))  # windows, not copies
             on_grid = tiles_for_boxes([view_window(t, view, o.tile_size, w, h) for t in tiles], unsure)
             if len(placed) < len(on_grid):
                 chosen = [view_tile_at(canonical, k * grid + j, x, y, o.tile_size, view)

@@ -53,25 +53,55 @@ def pad_to_tile(image: np.ndarray, tile: int) -> np.ndarray:
     return out
 
 
-def is_background(tile_pixels: np.ndarray, min_stained_fraction: float = 0.002, sat_threshold: int = 40) -> bool:
+#: A tile with fewer stained pixels than this share is background: no cell can be there.
+MIN_STAINED_FRACTION = 0.002
+#: A pixel is stained above this HSV saturation (OpenCV's 8-bit scale).
+STAINED_SATURATION = 40
+
+
+def is_background(tile_pixels: np.ndarray, min_stained_fraction: float = MIN_STAINED_FRACTION,
+                  sat_threshold: int = STAINED_SATURATION) -> bool:
     """True when (almost) nothing in the tile is stained: no cell can be there."""
     sat = cv2.cvtColor(tile_pixels, cv2.COLOR_BGR2HSV)[:, :, 1]
     return float((sat > sat_threshold).mean()) < min_stained_fraction
 
 
+class StainedArea:
+    """Stained pixels of a whole frame, countable in any window at once (an integral image).
+
+    One saturation map per frame serves every tile of every view: tiles overlap, and a mirrored
+    view's tiles are other windows of the same pixels. `background(...)` answers what
+    `is_background` answers for the tile cut at that window (padding is grey: never stained)."""
+
+    def __init__(self, image: np.ndarray, sat_threshold: int = STAINED_SATURATION) -> None:
+        stained = (cv2.cvtColor(image, cv2.COLOR_BGR2HSV)[:, :, 1] > sat_threshold).view(np.uint8)
+        self._sums = cv2.integral(stained, sdepth=cv2.CV_32S)  # (h + 1, w + 1)
+
+    def count(self, r0: int, r1: int, c0: int, c1: int) -> int:
+        s = self._sums
+        return int(s[r1, c1]) - int(s[r0, c1]) - int(s[r1, c0]) + int(s[r0, c0])
+
+    def background(self, r0: int, r1: int, c0: int, c1: int, tile: int,
+                   min_stained_fraction: float = MIN_STAINED_FRACTION) -> bool:
+        return self.count(r0, r1, c0, c1) / float(tile * tile) < min_stained_fraction
+
+
 def iter_tiles(image: np.ndarray, tile: int, overlap: float, skip_background: bool = True,
-               flip_x: bool = False, flip_y: bool = False) -> Iterator[Tile]:
+               flip_x: bool = False, flip_y: bool = False, stained: StainedArea | None = None) -> Iterator[Tile]:
     """The tiles of `image`, or of its mirror image (`flip_x` left-right, `flip_y` top-bottom),
     one at a time. Each tile's pixels are a window of `image` (mirrored by strides), padded
     bottom/right only where the (mirrored) image is smaller than a tile, exactly as
-    `make_tiles(mirrored image)` would cut them; `x`, `y` are offsets in the mirrored image."""
+    `make_tiles(mirrored image)` would cut them; `x`, `y` are offsets in the mirrored image.
+    Background tiles (`is_background`) are skipped, measured on `stained` (the image's
+    `StainedArea`, made here when not given: pass one to share it between views)."""
     h, w = image.shape[:2]
+    if skip_background and stained is None:
+        stained = StainedArea(image)
     for i, (x, y) in enumerate(tile_grid(max(w, tile), max(h, tile), tile, overlap)):
-        window, px = _tile_pixels(image, x, y, tile, flip_x, flip_y)
         # The stained fraction does not depend on mirroring: measured on the unmirrored window.
-        if skip_background and is_background(window):
+        if skip_background and stained.background(*_window(h, w, x, y, tile, flip_x, flip_y), tile):
             continue
-        yield Tile(index=i, x=x, y=y, pixels=px)
+        yield Tile(index=i, x=x, y=y, pixels=_tile_pixels(image, x, y, tile, flip_x, flip_y)[1])
 
 
 def tile_at(image: np.ndarray, index: int, x: int, y: int, tile: int, flip_x: bool = False,
@@ -84,18 +114,23 @@ def tile_at(image: np.ndarray, index: int, x: int, y: int, tile: int, flip_x: bo
 def _tile_pixels(image: np.ndarray, x: int, y: int, tile: int, flip_x: bool,
                  flip_y: bool) -> tuple[np.ndarray, np.ndarray]:
     """(the unmirrored window, the tile's pixels) at offset (x, y) of the (mirrored) image."""
-    h, w = image.shape[:2]
-    r0, r1, c0, c1 = y, min(y + tile, h), x, min(x + tile, w)
-    if flip_y:
-        r0, r1 = h - r1, h - r0
-    if flip_x:
-        c0, c1 = w - c1, w - c0
+    r0, r1, c0, c1 = _window(*image.shape[:2], x, y, tile, flip_x, flip_y)
     window = image[r0:r1, c0:c1]
     px = window[:: -1 if flip_y else 1, :: -1 if flip_x else 1]
     if px.shape[:2] != (tile, tile):
         px = pad_to_tile(np.ascontiguousarray(px), tile)
         window = px
     return window, px
+
+
+def _window(h: int, w: int, x: int, y: int, tile: int, flip_x: bool, flip_y: bool) -> tuple[int, int, int, int]:
+    """Rows r0:r1 and columns c0:c1 of the image that the (mirrored) image's tile at (x, y) shows."""
+    r0, r1, c0, c1 = y, min(y + tile, h), x, min(x + tile, w)
+    if flip_y:
+        r0, r1 = h - r1, h - r0
+    if flip_x:
+        c0, c1 = w - c1, w - c0
+    return r0, r1, c0, c1
 
 
 def make_tiles(canonical_image: np.ndarray, tile: int, overlap: float, skip_background: bool = True) -> list[Tile]:

@@ -45,7 +45,7 @@ from smearscope.engines.manifest import TestTimeView
 from smearscope.service.analysis.boxes import inside_fraction, overlapping_pairs, pair_iou
 from smearscope.service.analysis.merge import mask_window
 from smearscope.service.analysis.records import Box, CellDetection, CellKind, Tile
-from smearscope.service.analysis.tiling import iter_tiles, tile_at
+from smearscope.service.analysis.tiling import StainedArea, iter_tiles, tile_at
 
 #: Views a model can run in (engines.manifest.TestTimeView); each is its own inverse.
 VIEWS: tuple[str, ...] = get_args(TestTimeView)
@@ -77,11 +77,12 @@ def view_frame(pixels: np.ndarray, view: str) -> np.ndarray:
 
 
 def view_tiles(pixels: np.ndarray, view: str, tile: int, overlap: float,
-               skip_background: bool = True) -> Iterator[Tile]:
+               skip_background: bool = True, stained: StainedArea | None = None) -> Iterator[Tile]:
     """The tiles of `view_frame(pixels, view)`, lazily and without copying the frame
-    (service.analysis.tiling.iter_tiles); offsets are in the view's coordinates."""
+    (service.analysis.tiling.iter_tiles; `stained`: the frame's StainedArea, shared between
+    views); offsets are in the view's coordinates."""
     fx, fy = _flips(view)
-    return iter_tiles(pixels, tile, overlap, skip_background, flip_x=fx, flip_y=fy)
+    return iter_tiles(pixels, tile, overlap, skip_background, flip_x=fx, flip_y=fy, stained=stained)
 
 
 def view_tile_at(pixels: np.ndarray, index: int, x: int, y: int, tile: int, view: str) -> Tile:
