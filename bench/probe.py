@@ -39,6 +39,7 @@ STAGE_TARGETS: tuple[tuple[str, str, str], ...] = (
     ("scale estimate", PIPELINE, "measurable_red_cells"),
     ("resample", PREPARE, "resample_to_canonical"),
     ("tile", PIPELINE, "view_tiles"),
+    ("tile", PIPELINE, "StainedArea"),
     ("preprocess tiles", DECODE, "to_model_input"),
     ("decode masks", DECODE, "decode_tile"),
     ("detector glue", f"{DECODE}:YoloSegmenter", "detect"),

@@ -169,8 +169,10 @@ def test_model_input_is_the_plain_conversion(color, layout):
     from smearscope.engines.preprocess import to_model_input
 
     pre = Preprocessing(color=color, scale=1 / 255, layout=layout)
-    x = np.random.default_rng(2).integers(0, 256, (4, 21, 17, 3), dtype=np.uint8)
-    for images in (x, x[:, ::-1, ::-1]):  # tiles of a mirrored frame are strided views
+    rng = np.random.default_rng(2)
+    small = rng.integers(0, 256, (4, 21, 17, 3), dtype=np.uint8)  # head crops
+    large = rng.integers(0, 256, (2, 131, 129, 3), dtype=np.uint8)  # detector tiles (split into planes)
+    for images in (small, small[:, ::-1, ::-1], large, large[:, ::-1, ::-1]):  # mirrored tiles: strided views
         want = images[..., ::-1] if color == "RGB" else images
         want = want.astype(np.float32) * np.float32(1 / 255)
         want = np.ascontiguousarray(want.transpose(0, 3, 1, 2) if layout == "NCHW" else want)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from smearscope.service.analysis.classify import energy
 from training.head_data import PBC_CLASSES
@@ -135,7 +136,38 @@ def candidate_scores(tr: dict, va: dict, te: dict, present: np.ndarray, temperat
     return out
 
 
-def compare(run: Path, quantile: float, energy_quantile: float | None = None) -> list[dict]:
+def centre_diameters(split: str, models: Path = Path("models"), cache_dir: Path = Path("build/wbc_contexts")) -> np.ndarray:
+    """The analyzer's diameter (um) of the cell at the centre of each context of `split`: the
+    committed models run on the context window at the canonical scale (given), the counted cell
+    whose box centre lies nearest the window's centre (NaN when none is counted). Cached."""
+    import math
+
+    from smearscope.device.frame import Frame
+    from smearscope.service.analysis.pipeline import Analyzer
+    from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
+
+    contexts = load_contexts(split)
+    f = cache_dir / f"{split}_{contexts.images.shape[1]}_centre_diameter.npy"
+    if f.exists():
+        return np.load(f)
+    out = np.full(len(contexts.images), np.nan)
+    analyzer = Analyzer.from_models_dir(models)
+    try:
+        for i, ctx in enumerate(tqdm(contexts.images, desc=f"{split} centre cells", mininterval=10)):
+            res = analyzer.analyze(Frame(np.ascontiguousarray(ctx), f"{split}-{i}", "context",
+                                         microns_per_pixel=CANONICAL_UM_PER_PX))
+            c = ctx.shape[1] / 2.0
+            cells = [(math.dist(cell.detection.box.center, (c, c)), cell.diameter_um) for cell in res.cells]
+            if cells:
+                out[i] = min(cells)[1]
+    finally:
+        analyzer.close()
+    np.save(f, out)
+    return out
+
+
+def compare(run: Path, quantile: float, energy_quantile: float | None = None,
+            max_lymphocyte_um: float | None = None) -> list[dict]:
     sets, held = run_features(run)
     n = sets["train"]["logits"].shape[1]
     present = np.ones(n, bool)
@@ -164,6 +196,12 @@ def compare(run: Path, quantile: float, energy_quantile: float | None = None) ->
     rows = [row(name, unsure | beyond(name), auroc(ts[is_held], ts[is_known])) for name, (_, ts) in scores.items()]
     both = beyond("md_l4") | beyond("energy", energy_quantile or quantile)
     rows.append(row("md_l4 or energy", unsure | both, float("nan")))
+    if max_lymphocyte_um is not None:
+        # the analyzer's size gate (service.analysis.size_gate): typed lymphocyte, wider than the bound
+        pred = np.where(present[None], te["logits"], -1e9).argmax(1)
+        wide = centre_diameters("test") > max_lymphocyte_um  # NaN (no cell counted): not gated
+        gate = (pred == PBC_CLASSES.index("lymphocyte")) & wide
+        rows.append(row(f"md_l4 or energy, size gate {max_lymphocyte_um:g} um", unsure | both | gate, float("nan")))
     return rows
 
 
@@ -174,13 +212,16 @@ def main() -> None:
     ap.add_argument("--energy-quantile", type=float, default=None,
                     help="the energy test's quantile in the 'md_l4 or energy' row (default: --quantile)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size-gate", type=float, default=None, metavar="UM",
+                    help="also a row with the analyzer's lymphocyte size gate at UM (the cells' diameters measured by "
+                         "the committed models on each test context, cached)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     print("| run | score | held-out class typed as known (bar <= 0.20) | known cells to review per lab (bar <= 0.10) | AUROC |")
     print("|---|---|---|---|---|")
     for run in args.runs:
-        for r in compare(run, args.quantile, args.energy_quantile):
+        for r in compare(run, args.quantile, args.energy_quantile, args.size_gate):
             review = ", ".join(f"{k} {v:.3f}" for k, v in r["review"].items())
             print(f"| {r['run']} | {r['score']} | {r['typed_as_known']:.3f} | {review} | {r['auroc']:.3f} |")
 
