@@ -7,7 +7,6 @@ import numpy as np
 
 from smearscope.engines.manifest import Preprocessing
 
-
 #: Images of at least this many pixels are split into planes first (see `to_model_input`).
 _SPLIT_FROM_PIXELS = 128 * 128
 
