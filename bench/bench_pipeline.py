@@ -9,7 +9,7 @@ Per field size, smearscope runs with the manifests' test-time views ("default") 
 per model ("one-view"); each run's "floor" is the same tiles and crops (the batches the engines
 were given) through the same ONNX Runtime sessions, without any pre- or post-processing. Each
 field runs `--runs` times per configuration (each run followed by its floor); total and floor are
-the fastest of those runs, the stage breakdown is the first (probed) run's.
+the fastest of those runs, each stage's time its median over the runs (every run is probed).
 Measurements are interleaved field by field (one-view, its floor, default, its floor, SAHI), so
 load that comes and goes hits every column alike. "SAHI" is SAHI sliced prediction + Ultralytics
 with the committed detector + a per-crop head loop (bench/sahi_baseline.py), run in the `bench`

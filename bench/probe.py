@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
@@ -171,24 +172,26 @@ def floor_ms(batches: list[tuple[Any, Any]]) -> float:
 
 
 def probe_field(analyzer: Any, frame: Any, runs: int = 1) -> tuple[float, dict[str, float], float, int]:
-    """(total ms, stage breakdown, floor ms, cells) of one field; floor measured right after.
+    """(total ms, stage breakdown, floor ms, cells) of one field, each run followed by its floor.
 
-    With `runs` > 1 the field is analyzed again that many times more without the probe, each run
-    followed by its floor: total and floor are then the fastest of their runs (as `timeit` does:
-    the minimum is the run least disturbed by the rest of the machine), the breakdown is the
-    probed run's.
+    With `runs` > 1 the field is analyzed that many times: total and floor are the fastest of
+    their runs (as `timeit` does: the minimum is the run least disturbed by the rest of the
+    machine), and each stage's time is its median over the runs (a single run's breakdown, the
+    first one's especially, swings with what else the machine does). Every run is probed: the
+    probe adds a few microseconds per stage call.
     """
-    with Probe(analyzer) as probe:
-        t = time.perf_counter()
-        report = analyzer.analyze(frame).report
-        total = (time.perf_counter() - t) * 1000
-    for name in probe.missing:
-        logger.debug("probe: %s not found", name)
-    floor = floor_ms(probe.batches)
-    breakdown = probe.breakdown(total)
-    for _ in range(runs - 1):
-        t = time.perf_counter()
-        analyzer.analyze(frame)
-        total = min(total, (time.perf_counter() - t) * 1000)
-        floor = min(floor, floor_ms(probe.batches))
-    return total, breakdown, floor, len(report.cells)
+    totals, floors, breakdowns = [], [], []
+    cells = 0
+    for _ in range(max(1, runs)):
+        with Probe(analyzer) as probe:
+            t = time.perf_counter()
+            report = analyzer.analyze(frame).report
+            total = (time.perf_counter() - t) * 1000
+        for name in probe.missing:
+            logger.debug("probe: %s not found", name)
+        totals.append(total)
+        breakdowns.append(probe.breakdown(total))
+        floors.append(floor_ms(probe.batches))
+        cells = len(report.cells)
+    breakdown = {k: float(np.median([b[k] for b in breakdowns])) for k in breakdowns[0]}
+    return min(totals), breakdown, min(floors), cells
