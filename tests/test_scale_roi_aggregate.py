@@ -88,6 +88,27 @@ def test_roi_candidates_are_plausible_cells_below_the_confidence_only():
     assert not set(map(id, f.apply(dets))) & set(map(id, f.below_confidence(dets)))
 
 
+def test_platelets_are_counted_from_their_own_threshold():
+    """Platelets (small, faint: scored lower by the detector) count from `platelet_min_confidence`;
+    cells keep `min_confidence`; a platelet between the two is counted, not a candidate."""
+    f = RoiFilter(min_confidence=0.5, min_area_um2=2.0, max_aspect=5.0, platelet_min_confidence=0.35)
+    plt = _det(CellKind.PLATELET, 0, 0, 12, 12, score=0.4)  # ~4.5 um^2
+    rbc = _det(CellKind.RBC, 0, 0, 37, 37, score=0.4)
+    faint = _det(CellKind.PLATELET, 0, 0, 12, 12, score=0.3)
+    assert f.apply([plt, rbc, faint]) == [plt]
+    assert f.below_confidence([plt, rbc, faint]) == [rbc, faint]
+    assert f.lowest_threshold == 0.35
+    same = RoiFilter(min_confidence=0.5, platelet_min_confidence=None)
+    assert same.apply([plt, rbc]) == [] and same.lowest_threshold == 0.5
+
+
+def test_the_station_config_counts_platelets_as_the_analyzer_does():
+    from smearscope.service.analysis.roi import PLATELET_MIN_CONFIDENCE
+    from smearscope.service.config.analysis import AnalysisConfig
+
+    assert AnalysisConfig().platelet_min_confidence == PLATELET_MIN_CONFIDENCE == RoiFilter().platelet_min_confidence
+
+
 def test_overlay_marks_candidates_only_at_their_box_corners():
     from smearscope.service.analysis.overlay import draw_overlay
 

@@ -15,14 +15,31 @@ from smearscope.service.analysis.records import CellCrop, CellDetection, CellKin
 from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
 
 
+#: The platelets' counting threshold, chosen on validation (models/README.md, "Platelets counted
+#: from 0.35"): the detector scores platelets, small and faint, lower than the cells.
+PLATELET_MIN_CONFIDENCE = 0.35
+
+
 @dataclass(frozen=True)
 class RoiFilter:
     min_confidence: float = 0.5
     min_area_um2: float = 2.0  # 50 px at 0.2 um/px
     max_aspect: float = 5.0
+    #: Platelets are counted from this (calibrated) score; None: `min_confidence` as for the cells.
+    platelet_min_confidence: float | None = PLATELET_MIN_CONFIDENCE
+
+    def threshold(self, kind: CellKind) -> float:
+        """The score from which a detection of `kind` is counted."""
+        if kind is CellKind.PLATELET and self.platelet_min_confidence is not None:
+            return self.platelet_min_confidence
+        return self.min_confidence
+
+    @property
+    def lowest_threshold(self) -> float:
+        return min(self.threshold(k) for k in CellKind)
 
     def keep(self, det: CellDetection) -> bool:
-        return det.score >= self.min_confidence and self.plausible(det)
+        return det.score >= self.threshold(det.kind) and self.plausible(det)
 
     def plausible(self, det: CellDetection) -> bool:
         """Size and shape of a cell, whatever the confidence."""
@@ -38,7 +55,7 @@ class RoiFilter:
     def below_confidence(self, dets: Sequence[CellDetection]) -> list[CellDetection]:
         """Plausible cells set aside for confidence alone: the candidates a reviewer (or a
         ranking metric such as mAP) looks at below the counting threshold."""
-        return [d for d in dets if d.score < self.min_confidence and self.plausible(d)]
+        return [d for d in dets if d.score < self.threshold(d.kind) and self.plausible(d)]
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,15 @@ class AnalysisConfig(StationBaseModel):
         ge=0.0,
         le=1.0,
     )
+    platelet_min_confidence: float | None = Field(
+        default=0.35,
+        title="Platelet minimum confidence",
+        description="Platelets are counted from this score (small and faint, the detector scores them "
+        "lower than cells; chosen on validation, models/README.md); null counts them from "
+        "min_confidence like the cells.",
+        ge=0.0,
+        le=1.0,
+    )
     min_area_um2: float = Field(
         default=2.0,
         title="Minimum area (um^2)",

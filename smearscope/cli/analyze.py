@@ -122,7 +122,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from smearscope.service.analysis.pipeline import AnalyzerOptions
 
     defaults = AnalyzerOptions(stain_method=args.stain)
-    counting = defaults.roi.min_confidence
+    counting = defaults.roi.lowest_threshold
     if args.detections is not None and not (0.0 < args.detections_floor < counting):
         return _error("bad_floor", f"--detections-floor {args.detections_floor} outside (0, {counting})", args.json)
     try:
