@@ -14,7 +14,6 @@ from smearscope.service.analysis.crops import CropSpec, crop_cell
 from smearscope.service.analysis.records import CellCrop, CellDetection, CellKind
 from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
 
-
 #: The platelets' counting threshold, chosen on validation (models/README.md, "Platelets counted
 #: from 0.35"): the detector scores platelets, small and faint, lower than the cells.
 PLATELET_MIN_CONFIDENCE = 0.35
