@@ -240,3 +240,20 @@ def test_outlier_exposure_crops_swap_the_centre_with_another_class():
         assert outer % 2 != inner % 2  # the centre came from a crop of the other class
         assert torch.all(crop[:, 4:6, 4:6] == inner) and torch.all(crop[:, :3, :] == outer)
     assert centre_swapped(x[::2], y[::2], g) is None  # one class: no outliers
+
+
+def test_count_threshold_sweep_counts_the_kinds_set_aside_detections_from_each_threshold():
+    """A platelet the run set aside at 0.4 is counted from 0.4 down (recall 0 -> 1), one at 0.3 from
+    0.3 down (a false platelet: precision falls); the other kinds' counts never change."""
+    from training.count_threshold import sweep
+    from training.data import BoxAnnotation
+    from training.lab_table import LabImage
+
+    im = LabImage("bccd", Path("x.jpg"), 0.1, (BoxAnnotation("platelet", 10, 10, 20, 20),
+                                               BoxAnnotation("rbc", 50, 50, 90, 90)))
+    counted = [("rbc", [50, 50, 90, 90], 0.9)]
+    below = [("platelet", [10, 10, 20, 20], 0.4), ("platelet", [200, 200, 210, 210], 0.3), ("rbc", [300, 300, 340, 340], 0.45)]
+    rows = sweep({"bccd": [(im, {"counted": counted, "every": counted + below})]}, "platelet", [0.5, 0.4, 0.3])
+    got = [(r["threshold"], r["labs"]["bccd"]["recall"], r["labs"]["bccd"]["precision"]) for r in rows]
+    assert got[0][1] == 0.0 and got[1][1:] == (1.0, 1.0) and got[2][1:] == (1.0, 0.5)
+    assert rows[1]["mean_f1"] == 1.0
