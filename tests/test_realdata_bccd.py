@@ -85,7 +85,7 @@ def test_bccd_whole_pipeline_within_three_points_of_model_level(bccd_cli):
     ids, _, records = bccd_cli
     cli = detection_map50([{"pred": [(d["kind"], d["bbox"], d["score"]) for d in rec["detections"]],
                             "truth": bccd_truth(i)} for i, rec in zip(ids, records)], KINDS)
-    options = AnalyzerOptions(detector_conf=FLOOR, roi=RoiFilter(min_confidence=FLOOR, platelet_min_confidence=None))
+    options = AnalyzerOptions(detector_conf=FLOOR, roi=RoiFilter.every_kind_from(FLOOR))
     analyzer = Analyzer.from_models_dir(options=options, warmup=False)
     per_image = []
     for i in ids:

@@ -98,15 +98,21 @@ def test_platelets_are_counted_from_their_own_threshold():
     assert f.apply([plt, rbc, faint]) == [plt]
     assert f.below_confidence([plt, rbc, faint]) == [rbc, faint]
     assert f.lowest_threshold == 0.35
-    same = RoiFilter(min_confidence=0.5, platelet_min_confidence=None)
+    same = RoiFilter(min_confidence=0.5, platelet_min_confidence=None, red_cell_min_confidence=None)
     assert same.apply([plt, rbc]) == [] and same.lowest_threshold == 0.5
+    reds = RoiFilter(min_confidence=0.5, platelet_min_confidence=None, red_cell_min_confidence=0.35)
+    wbc = _det(CellKind.WBC, 0, 0, 60, 60, score=0.4)
+    assert reds.apply([plt, rbc, wbc]) == [rbc] and reds.below_confidence([plt, rbc, wbc]) == [plt, wbc]
+    every = RoiFilter.every_kind_from(0.01)
+    assert every.apply([plt, rbc, wbc, faint]) == [plt, rbc, wbc, faint] and every.lowest_threshold == 0.01
 
 
 def test_the_station_config_counts_platelets_as_the_analyzer_does():
-    from smearscope.service.analysis.roi import PLATELET_MIN_CONFIDENCE
+    from smearscope.service.analysis.roi import PLATELET_MIN_CONFIDENCE, RED_CELL_MIN_CONFIDENCE
     from smearscope.service.config.analysis import AnalysisConfig
 
     assert AnalysisConfig().platelet_min_confidence == PLATELET_MIN_CONFIDENCE == RoiFilter().platelet_min_confidence
+    assert AnalysisConfig().red_cell_min_confidence == RED_CELL_MIN_CONFIDENCE == RoiFilter().red_cell_min_confidence
 
 
 def test_overlay_marks_candidates_only_at_their_box_corners():

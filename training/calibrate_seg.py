@@ -180,7 +180,7 @@ def main() -> None:
     # class's calibration is fitted on that class's detections, before any head re-types a cell.
     engine = create_engine("onnxruntime", args.manifest)
     engine.load()
-    options = AnalyzerOptions(detector_conf=0.05, roi=RoiFilter(min_confidence=0.0, platelet_min_confidence=None), detector_views=views)
+    options = AnalyzerOptions(detector_conf=0.05, roi=RoiFilter.every_kind_from(0.0), detector_views=views)
     analyzer = Analyzer(YoloSegmenter(engine, conf_threshold=0.05, views=views), None, None, options)
     cal = manifest.get("score_calibration", {})
     scale_of: dict[str, float] = {}

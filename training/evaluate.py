@@ -328,7 +328,7 @@ def main() -> None:
         # The model level, as published detectors report mAP: the models as the analyzer runs them
         # (views, fusion, calibration, the heads' re-assignments), in this process, every
         # detection down to a confidence of ALL_CONF ranked on the precision-recall curve.
-        everything = AnalyzerOptions(stain_method=args.stain, detector_conf=ALL_CONF, roi=RoiFilter(min_confidence=ALL_CONF, platelet_min_confidence=None))
+        everything = AnalyzerOptions(stain_method=args.stain, detector_conf=ALL_CONF, roi=RoiFilter.every_kind_from(ALL_CONF))
         analyzer_all = Analyzer.from_models_dir(args.models, backend=args.backend, options=everything, warmup=False)
         res[f"seg_bccd_{sp}_model_level"] = bccd_all = eval_bccd(
             ids, in_process_reports(analyzer_all, bccd_paths, mpp, f"BCCD {sp} model level"))

@@ -47,6 +47,7 @@ from tqdm import tqdm
 from smearscope.device.frame import Frame
 from smearscope.service.analysis.boxes import box_iou
 from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions, input_bbox
+from smearscope.service.analysis.roi import RoiFilter
 from smearscope.service.analysis.scale import resample_factor
 from smearscope.service.analysis.stain import available_methods
 from training.data import (
@@ -311,6 +312,18 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def count_from(spec: str) -> RoiFilter:
+    """`rbc=0.3,platelet=0.35` -> the RoiFilter counting those kinds from those scores."""
+    names = {"rbc": "red_cell_min_confidence", "platelet": "platelet_min_confidence", "cells": "min_confidence"}
+    kw = {}
+    for item in spec.split(","):
+        kind, _, value = item.partition("=")
+        if kind not in names:
+            raise SystemExit(f"--count-from: unknown kind {kind!r} (one of {', '.join(names)})")
+        kw[names[kind]] = float(value)
+    return RoiFilter(**kw)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=Path("models"))
@@ -335,6 +348,8 @@ def main() -> None:
     ap.add_argument("--unsure-kinds", default=None,
                     help="KIND,...: the kinds whose unsure or cut cells call for the extra views "
                          "(AnalyzerOptions.detector_unsure_kinds; default every kind)")
+    ap.add_argument("--count-from", default=None,
+                    help="KIND=SCORE,...: counting thresholds per kind (rbc, platelet; RoiFilter), e.g. rbc=0.3")
     ap.add_argument("--no-nucleated-recheck", action="store_true",
                     help="every red-cell detection stays a red cell (AnalyzerOptions.nucleated_recheck off)")
     args = ap.parse_args()
@@ -347,7 +362,8 @@ def main() -> None:
                               nucleated_recheck=not args.no_nucleated_recheck,
                               **({"detector_unsure_band": tuple(float(v) for v in args.unsure_band.split(","))}
                                  if args.unsure_band else {}),
-                              **({"detector_unsure_kinds": tuple(args.unsure_kinds.split(","))} if args.unsure_kinds else {}))
+                              **({"detector_unsure_kinds": tuple(args.unsure_kinds.split(","))} if args.unsure_kinds else {}),
+                              **({"roi": count_from(args.count_from)} if args.count_from else {}))
     analyzer = Analyzer.from_models_dir(args.models, options=options)
     if args.stain != "auto" and analyzer.stain_method != args.stain:
         analyzer.close()

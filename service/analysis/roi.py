@@ -17,6 +17,8 @@ from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
 #: The platelets' counting threshold, chosen on validation (models/README.md, "Platelets counted
 #: from 0.35"): the detector scores platelets, small and faint, lower than the cells.
 PLATELET_MIN_CONFIDENCE = 0.35
+#: The red cells' counting threshold (None: the cells' `min_confidence`).
+RED_CELL_MIN_CONFIDENCE: float | None = None
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,18 @@ class RoiFilter:
     max_aspect: float = 5.0
     #: Platelets are counted from this (calibrated) score; None: `min_confidence` as for the cells.
     platelet_min_confidence: float | None = PLATELET_MIN_CONFIDENCE
+    #: Red cells are counted from this score; None: `min_confidence`.
+    red_cell_min_confidence: float | None = RED_CELL_MIN_CONFIDENCE
+
+    @classmethod
+    def every_kind_from(cls, score: float, **kw) -> RoiFilter:
+        """A filter counting every kind from `score` (evaluations that rank every detection)."""
+        return cls(min_confidence=score, platelet_min_confidence=None, red_cell_min_confidence=None, **kw)
 
     def threshold(self, kind: CellKind) -> float:
         """The score from which a detection of `kind` is counted."""
-        if kind is CellKind.PLATELET and self.platelet_min_confidence is not None:
-            return self.platelet_min_confidence
-        return self.min_confidence
+        own = {CellKind.PLATELET: self.platelet_min_confidence, CellKind.RBC: self.red_cell_min_confidence}.get(kind)
+        return self.min_confidence if own is None else own
 
     @property
     def lowest_threshold(self) -> float:

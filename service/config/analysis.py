@@ -57,6 +57,14 @@ class AnalysisConfig(StationBaseModel):
         ge=0.0,
         le=1.0,
     )
+    red_cell_min_confidence: float | None = Field(
+        default=None,
+        title="Red-cell minimum confidence",
+        description="Red cells are counted from this score; null counts them from min_confidence "
+        "like the white cells.",
+        ge=0.0,
+        le=1.0,
+    )
     min_area_um2: float = Field(
         default=2.0,
         title="Minimum area (um^2)",

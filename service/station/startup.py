@@ -62,7 +62,8 @@ def build_analyzer(config: StationConfig) -> AnalyzerLike:
         rbc_views=None if a.rbc_head_views is None else tuple(a.rbc_head_views),
         wbc_views=None if a.wbc_head_views is None else tuple(a.wbc_head_views),
         roi=RoiFilter(min_confidence=a.min_confidence, min_area_um2=a.min_area_um2,
-                      max_aspect=a.max_aspect_ratio, platelet_min_confidence=a.platelet_min_confidence),
+                      max_aspect=a.max_aspect_ratio, platelet_min_confidence=a.platelet_min_confidence,
+                      red_cell_min_confidence=a.red_cell_min_confidence),
         thresholds=AggregateThresholds(**config.flags.model_dump()),
     )
     engine_options: dict = {"intra_op_threads": a.onnxruntime_threads, "spin": a.onnxruntime_spin}
