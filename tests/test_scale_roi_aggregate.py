@@ -70,7 +70,7 @@ def _det(kind, x0, y0, x1, y1, score=0.9):
 
 
 def test_roi_filter_rules():
-    f = RoiFilter(min_confidence=0.5, min_area_um2=2.0, max_aspect=5.0)
+    f = RoiFilter(min_confidence=0.5, min_area_um2=2.0, max_aspect=5.0, red_cell_min_confidence=None)
     good = _det(CellKind.RBC, 0, 0, 37, 37)
     assert f.keep(good)
     assert not f.keep(_det(CellKind.RBC, 0, 0, 37, 37, score=0.49))
@@ -91,7 +91,8 @@ def test_roi_candidates_are_plausible_cells_below_the_confidence_only():
 def test_platelets_are_counted_from_their_own_threshold():
     """Platelets (small, faint: scored lower by the detector) count from `platelet_min_confidence`;
     cells keep `min_confidence`; a platelet between the two is counted, not a candidate."""
-    f = RoiFilter(min_confidence=0.5, min_area_um2=2.0, max_aspect=5.0, platelet_min_confidence=0.35)
+    f = RoiFilter(min_confidence=0.5, min_area_um2=2.0, max_aspect=5.0, platelet_min_confidence=0.35,
+                  red_cell_min_confidence=None)
     plt = _det(CellKind.PLATELET, 0, 0, 12, 12, score=0.4)  # ~4.5 um^2
     rbc = _det(CellKind.RBC, 0, 0, 37, 37, score=0.4)
     faint = _det(CellKind.PLATELET, 0, 0, 12, 12, score=0.3)

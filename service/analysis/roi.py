@@ -17,8 +17,8 @@ from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
 #: The platelets' counting threshold, chosen on validation (models/README.md, "Platelets counted
 #: from 0.35"): the detector scores platelets, small and faint, lower than the cells.
 PLATELET_MIN_CONFIDENCE = 0.35
-#: The red cells' counting threshold (None: the cells' `min_confidence`).
-RED_CELL_MIN_CONFIDENCE: float | None = None
+#: The red cells' counting threshold, chosen on validation as the platelets' (models/README.md).
+RED_CELL_MIN_CONFIDENCE: float | None = 0.35
 
 
 @dataclass(frozen=True)
