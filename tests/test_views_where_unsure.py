@@ -144,18 +144,33 @@ def _partner(c, b):
     return same[int(iou.argmax())]
 
 
-def _matched(a, b) -> bool:
-    """Every counted cell of `a` is one of `b`'s (same kind, IoU >= 0.8) and the counts agree."""
-    from smearscope.service.analysis.boxes import pair_iou
+#: A counted cell within this of its kind's counting threshold may be counted in one mode only.
+BORDERLINE = 0.05
 
-    if sorted(c.detection.kind.value for c in a.cells) != sorted(c.detection.kind.value for c in b.cells):
-        return False
-    for c in a.cells:
-        same = [d for d in b.cells if d.detection.kind is c.detection.kind]
-        iou = pair_iou(np.array([c.detection.box.as_list()] * len(same)), np.array([d.detection.box.as_list() for d in same]))
-        if iou.max() < 0.8:
-            return False
-    return True
+
+def _matched(a, b) -> bool:
+    """Every counted cell of either result clearly above its kind's counting threshold is one of
+    the other's counted cells (same kind, IoU >= 0.8), and the counts differ by no more than the
+    cells within BORDERLINE of the threshold: fused scores differ a little between the modes (a
+    cell only the first view saw keeps its own score), so a cell right at the threshold may fall
+    on either side of it."""
+    from smearscope.service.analysis.boxes import pair_iou
+    from smearscope.service.analysis.roi import RoiFilter
+
+    roi = RoiFilter()
+    borderline = 0
+    for x, y in ((a, b), (b, a)):
+        for c in x.cells:
+            if c.detection.score < roi.threshold(c.detection.kind) + BORDERLINE:
+                borderline += 1
+                continue
+            same = [d for d in y.cells if d.detection.kind is c.detection.kind]
+            if not same:
+                return False
+            iou = pair_iou(np.array([c.detection.box.as_list()] * len(same)), np.array([d.detection.box.as_list() for d in same]))
+            if iou.max() < 0.8:
+                return False
+    return abs(len(a.cells) - len(b.cells)) <= borderline
 
 
 FIELDS = {  # (seed, width, height, rendered density, most tiles the unsure mode may run, as a share)
