@@ -52,8 +52,8 @@ class AnalysisConfig(StationBaseModel):
         default=0.35,
         title="Platelet minimum confidence",
         description="Platelets are counted from this score (small and faint, the detector scores them "
-        "lower than cells; chosen on validation, models/README.md); null counts them from "
-        "min_confidence like the cells.",
+        "lower than cells; chosen on validation, models/README.md); set it to min_confidence to "
+        "count them like the white cells.",
         ge=0.0,
         le=1.0,
     )
@@ -61,8 +61,8 @@ class AnalysisConfig(StationBaseModel):
         default=0.35,
         title="Red-cell minimum confidence",
         description="Red cells are counted from this score (chosen on validation, models/README.md: "
-        "from 0.5 the fully annotated labs' red cells were under-counted by 10 to 20 %); null counts "
-        "them from min_confidence like the white cells.",
+        "from 0.5 the fully annotated labs' red cells were under-counted by 10 to 20 %); set it to "
+        "min_confidence to count them like the white cells.",
         ge=0.0,
         le=1.0,
     )
