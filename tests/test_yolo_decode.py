@@ -58,7 +58,7 @@ def test_box_mask_equals_the_whole_tile_mask_in_its_window():
     tile's mask cut to the box."""
     import cv2
 
-    from smearscope.service.analysis.yolo_decode import box_mask
+    from smearscope.service.analysis.yolo_decode import box_masks
 
     rng = np.random.default_rng(7)
     for _ in range(200):
@@ -68,7 +68,7 @@ def test_box_mask_equals_the_whole_tile_mask_in_its_window():
         x1, y1 = int(rng.integers(x0 + 1, 257)), int(rng.integers(y0 + 1, 257))
         lowres = 1.0 / (1.0 + np.exp(-np.einsum("c,chw->hw", coeff, protos)))
         whole = cv2.resize(lowres, (256, 256), interpolation=cv2.INTER_LINEAR)[y0:y1, x0:x1] > 0.5
-        np.testing.assert_array_equal(box_mask(coeff, protos, 256, (y0, x0, y1, x1)), whole)
+        np.testing.assert_array_equal(box_masks(coeff[None], protos, 256, [(y0, x0, y1, x1)])[0], whole)
 
 
 def test_box_masks_of_many_boxes_at_once_equal_each_whole_tile_mask():

@@ -80,10 +80,11 @@ def _pairs_iou_ios(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return iou, ios
 
 
-def _checked_mask(det: CellDetection, window: tuple[int, int, int, int] | None = None) -> np.ndarray | None:
+def _checked_mask(det: CellDetection, window: tuple[int, int, int, int]) -> np.ndarray | None:
+    """The detection's mask as bool, checked to cover `window` (its `mask_window`)."""
     if det.mask is None:
         return None
-    r0, c0, r1, c1 = mask_window(det.box) if window is None else window
+    r0, c0, r1, c1 = window
     if det.mask.shape != (r1 - r0, c1 - c0):
         raise ValueError(
             f"mask shape {det.mask.shape} does not cover box {det.box} "

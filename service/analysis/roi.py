@@ -38,7 +38,8 @@ class RoiFilter:
 
     def threshold(self, kind: CellKind) -> float:
         """The score from which a detection of `kind` is counted."""
-        own = {CellKind.PLATELET: self.platelet_min_confidence, CellKind.RBC: self.red_cell_min_confidence}.get(kind)
+        own = (self.platelet_min_confidence if kind is CellKind.PLATELET
+               else self.red_cell_min_confidence if kind is CellKind.RBC else None)
         return self.min_confidence if own is None else own
 
     @property

@@ -101,26 +101,24 @@ def iter_tiles(image: np.ndarray, tile: int, overlap: float, skip_background: bo
         # The stained fraction does not depend on mirroring: measured on the unmirrored window.
         if skip_background and stained.background(*_window(h, w, x, y, tile, flip_x, flip_y), tile):
             continue
-        yield Tile(index=i, x=x, y=y, pixels=_tile_pixels(image, x, y, tile, flip_x, flip_y)[1])
+        yield Tile(index=i, x=x, y=y, pixels=_tile_pixels(image, x, y, tile, flip_x, flip_y))
 
 
 def tile_at(image: np.ndarray, index: int, x: int, y: int, tile: int, flip_x: bool = False,
             flip_y: bool = False) -> Tile:
     """The tile at offset (x, y) of `image` or of its mirror image, anywhere (not only on the
     grid), cut and padded as `iter_tiles` cuts its tiles."""
-    return Tile(index=index, x=x, y=y, pixels=_tile_pixels(image, x, y, tile, flip_x, flip_y)[1])
+    return Tile(index=index, x=x, y=y, pixels=_tile_pixels(image, x, y, tile, flip_x, flip_y))
 
 
-def _tile_pixels(image: np.ndarray, x: int, y: int, tile: int, flip_x: bool,
-                 flip_y: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(the unmirrored window, the tile's pixels) at offset (x, y) of the (mirrored) image."""
+def _tile_pixels(image: np.ndarray, x: int, y: int, tile: int, flip_x: bool, flip_y: bool) -> np.ndarray:
+    """The tile's pixels at offset (x, y) of the (mirrored) image: a window of `image`, padded
+    bottom/right where the (mirrored) image is smaller than a tile."""
     r0, r1, c0, c1 = _window(*image.shape[:2], x, y, tile, flip_x, flip_y)
-    window = image[r0:r1, c0:c1]
-    px = window[:: -1 if flip_y else 1, :: -1 if flip_x else 1]
+    px = image[r0:r1, c0:c1][:: -1 if flip_y else 1, :: -1 if flip_x else 1]
     if px.shape[:2] != (tile, tile):
         px = pad_to_tile(np.ascontiguousarray(px), tile)
-        window = px
-    return window, px
+    return px
 
 
 def _window(h: int, w: int, x: int, y: int, tile: int, flip_x: bool, flip_y: bool) -> tuple[int, int, int, int]:

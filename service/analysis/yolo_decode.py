@@ -35,9 +35,7 @@ RAW_SCORE_FLOOR = 0.05
 
 def platt(score: float, a: float, b: float) -> float:
     """Platt scaling of a probability-like score: sigmoid(a * logit(score) + b)."""
-    s = min(max(score, 1e-6), 1 - 1e-6)
-    z = a * float(np.log(s / (1 - s))) + b
-    return float(1.0 / (1.0 + np.exp(-z)))
+    return float(platt_array(np.array([score]), a, b)[0])
 
 
 def platt_array(scores: np.ndarray, a: float, b: float) -> np.ndarray:
@@ -87,12 +85,6 @@ def decode_tile(pred: np.ndarray, protos: np.ndarray | None, input_size: int, n_
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-logits))
-
-
-def box_mask(coeff: np.ndarray, protos: np.ndarray, input_size: int,
-             window: tuple[int, int, int, int]) -> np.ndarray:
-    """`resize(sigmoid(coeff . protos), input_size)[window] > 0.5` (one box; see `box_masks`)."""
-    return box_masks(coeff[None], protos, input_size, [window])[0]
 
 
 #: Boxes whose prototype windows are computed and upsampled together (cv2.resize takes at most
