@@ -25,6 +25,7 @@ from typing_extensions import Self
 logger = logging.getLogger(__name__)
 
 PIPELINE = "smearscope.service.analysis.pipeline"
+DETECT = "smearscope.service.analysis.detect_views"
 PREPARE = "smearscope.service.analysis.prepare"
 DECODE = "smearscope.service.analysis.yolo_decode"
 CLASSIFY = "smearscope.service.analysis.classify"
@@ -39,14 +40,18 @@ STAGE_TARGETS: tuple[tuple[str, str, str], ...] = (
     ("scale estimate", PIPELINE, "whole_red_cells"),
     ("scale estimate", PIPELINE, "measurable_red_cells"),
     ("resample", PREPARE, "resample_to_canonical"),
-    ("tile", PIPELINE, "view_tiles"),
-    ("tile", PIPELINE, "StainedArea"),
+    ("tile", DETECT, "view_tiles"),
+    ("tile", DETECT, "StainedArea"),
+    ("tile", DETECT, "view_tile_at"),
+    ("tile", DETECT, "plan_windows"),
+    ("tile", DETECT, "packed_tiles"),
     ("preprocess tiles", DECODE, "to_model_input"),
     ("decode masks", DECODE, "decode_tile"),
     ("detector glue", f"{DECODE}:YoloSegmenter", "detect"),
-    ("merge tiles", PIPELINE, "merge_detections"),
-    ("fuse views", PIPELINE, "unview"),
-    ("fuse views", PIPELINE, "fuse_views"),
+    ("merge tiles", DETECT, "merge_detections"),
+    ("merge tiles", DETECT, "unpack"),
+    ("fuse views", DETECT, "unview"),
+    ("fuse views", DETECT, "fuse_views"),
     ("roi filter", f"{ROI}:RoiFilter", "apply"),
     ("roi filter", f"{ROI}:RoiFilter", "below_confidence"),
     ("crop", PIPELINE, "route"),

@@ -47,12 +47,12 @@ def test_probe_sees_every_stage_and_every_engine_batch(analyzer):
 
 
 def test_probe_restores_the_analyzer_and_best_of_runs_keeps_one_breakdown(analyzer):
-    from smearscope.service.analysis import pipeline
+    from smearscope.service.analysis import detect_views
 
-    before = (pipeline.merge_detections, analyzer.segmenter.engine.run)
+    before = (detect_views.merge_detections, analyzer.segmenter.engine.run)
     frame = render_field(102, width=640, height=480, microns_per_pixel=0.1).frame
     total, stages, floor, cells = probe_field(analyzer, frame, runs=2)
-    assert (pipeline.merge_detections, analyzer.segmenter.engine.run) == before
+    assert (detect_views.merge_detections, analyzer.segmenter.engine.run) == before
     assert "run" not in vars(analyzer.segmenter.engine)  # the instance attribute is gone again
     assert cells == len(analyzer.analyze(frame).report.cells) > 0
     assert total > 0 and floor > 0 and set(stages) == set(STAGE_ORDER)

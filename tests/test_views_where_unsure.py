@@ -189,8 +189,10 @@ def analyzers():
                                           options=AnalyzerOptions(detector_views_where="everywhere"))
     unsure = Analyzer.from_models_dir(MODELS, warmup=False, intra_op_threads=1,
                                       options=AnalyzerOptions(detector_views_where="unsure"))
-    tiles: dict[str, list[int]] = {"everywhere": [], "unsure": []}
-    for name, analyzer in (("everywhere", everywhere), ("unsure", unsure)):
+    whole = Analyzer.from_models_dir(MODELS, warmup=False, intra_op_threads=1,
+                                     options=AnalyzerOptions(detector_views_where="unsure", detector_view_windows=False))
+    tiles: dict[str, list[int]] = {"everywhere": [], "unsure": [], "whole tiles": []}
+    for name, analyzer in (("everywhere", everywhere), ("unsure", unsure), ("whole tiles", whole)):
         original = analyzer.segmenter.detect
 
         def counting(ts, *args, _original=original, _seen=tiles[name], **kw):
@@ -199,24 +201,28 @@ def analyzers():
             return _original(iter(ts), *args, **kw)
 
         analyzer.segmenter.detect = counting
-    yield everywhere, unsure, tiles
+    yield everywhere, unsure, whole, tiles
     everywhere.close()
     unsure.close()
+    whole.close()
 
 
 @pytest.mark.skipif(not (MODELS / "seg.onnx").exists(), reason="committed models missing (models/)")
 @pytest.mark.parametrize("kind", FIELDS)
 def test_views_where_unsure_count_the_same_cells_as_every_view_everywhere_with_fewer_tiles(analyzers, kind):
-    everywhere, unsure, tiles = analyzers
+    everywhere, unsure, whole, tiles = analyzers
     assert len(everywhere.segmenter.views) == 3
     seed, width, height, density, most = FIELDS[kind]
     field = render_field(seed, width=width, height=height, rbc_density=density, n_wbc=1, n_platelets=3,
                          microns_per_pixel=0.1)
     for t in tiles.values():
         t.clear()
-    a, b = everywhere.analyze(field.frame), unsure.analyze(field.frame)
-    assert len(a.cells) >= 10 and _matched(a, b)
-    assert sum(tiles["unsure"]) <= most * sum(tiles["everywhere"]), tiles
+    a, b, c = everywhere.analyze(field.frame), unsure.analyze(field.frame), whole.analyze(field.frame)
+    assert len(a.cells) >= 10 and _matched(a, b) and _matched(a, c)
+    assert sum(tiles["whole tiles"]) <= most * sum(tiles["everywhere"]), tiles
+    # the extra views on windows around the unsure cells, packed into tiles (the default): fewer
+    # detector inputs than whole tiles around them (service.analysis.view_windows)
+    assert sum(tiles["unsure"]) < sum(tiles["whole tiles"]), tiles
     # the counted cells' scores mostly agree (a cell only the first view saw keeps its own score,
     # where full fusion would have averaged the other views' in)
     diffs = np.array([abs(c.detection.score - _partner(c, b).detection.score) for c in a.cells])

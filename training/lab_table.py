@@ -350,6 +350,10 @@ def main() -> None:
                          "(AnalyzerOptions.detector_unsure_kinds; default every kind)")
     ap.add_argument("--count-from", default=None,
                     help="KIND=SCORE,...: counting thresholds per kind (rbc, platelet; RoiFilter), e.g. rbc=0.3")
+    ap.add_argument("--no-view-windows", action="store_true",
+                    help="extra detector views on whole tiles, not packed windows (AnalyzerOptions.detector_view_windows)")
+    ap.add_argument("--window-margin", type=int, default=None,
+                    help="context around an unsure cell in its window (AnalyzerOptions.detector_window_margin)")
     ap.add_argument("--no-nucleated-recheck", action="store_true",
                     help="every red-cell detection stays a red cell (AnalyzerOptions.nucleated_recheck off)")
     args = ap.parse_args()
@@ -360,6 +364,8 @@ def main() -> None:
                               detector_views_where=args.views_where,
                               illumination=args.illumination, stain_method=args.stain,
                               nucleated_recheck=not args.no_nucleated_recheck,
+                              detector_view_windows=not args.no_view_windows,
+                              **({"detector_window_margin": args.window_margin} if args.window_margin is not None else {}),
                               **({"detector_unsure_band": tuple(float(v) for v in args.unsure_band.split(","))}
                                  if args.unsure_band else {}),
                               **({"detector_unsure_kinds": tuple(args.unsure_kinds.split(","))} if args.unsure_kinds else {}),
@@ -374,7 +380,8 @@ def main() -> None:
         for lab in args.labs.split(","):
             for mode in modes:
                 rows.append({**run_lab(analyzer, lab, args.split, mode, args.limit), "stain": analyzer.stain_method,
-                             "detector_views": "+".join(analyzer.segmenter.views), "views_where": args.views_where})
+                             "detector_views": "+".join(analyzer.segmenter.views), "views_where": args.views_where,
+                             "view_windows": options.detector_view_windows, "window_margin": options.detector_window_margin})
                 logger.warning("%s", json.dumps(rows[-1]))
     finally:
         analyzer.close()

@@ -7,11 +7,10 @@ frame -> scale -> stain -> tiles -> detections -> merge -> ROI filter -> crops -
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,8 +25,8 @@ from smearscope.service.analysis import stain as stain_stage
 from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
 from smearscope.service.analysis.classify import CropClassifier
 from smearscope.service.analysis.crops import crop_cell
+from smearscope.service.analysis.detect_views import ViewSettings, detect_views
 from smearscope.service.analysis.illumination import Illumination, estimate_illumination
-from smearscope.service.analysis.merge import merge_detections
 from smearscope.service.analysis.morphology import SIZE_BASED, shape_label
 from smearscope.service.analysis.nucleated import accepts, dense_interiors
 from smearscope.service.analysis.prepare import CanonicalField, Preparation
@@ -36,7 +35,6 @@ from smearscope.service.analysis.records import (
     CellDetection,
     CellKind,
     ClassifiedCell,
-    Tile,
 )
 from smearscope.service.analysis.report import (
     CellRecord,
@@ -65,18 +63,7 @@ from smearscope.service.analysis.scale_search import (
 )
 from smearscope.service.analysis.segment import Segmenter
 from smearscope.service.analysis.size_gate import MAX_LYMPHOCYTE_DIAMETER_UM, gate_lymphocyte_size
-from smearscope.service.analysis.tiling import StainedArea, tile_grid
-from smearscope.service.analysis.tta import (
-    Coverage,
-    boxes_in_view,
-    fuse_views,
-    place_tiles,
-    tiles_for_boxes,
-    unview,
-    view_tile_at,
-    view_tiles,
-    view_window,
-)
+from smearscope.service.analysis.view_windows import WINDOW_MARGIN_PX
 from smearscope.service.analysis.yolo_decode import YoloSegmenter
 
 logger = logging.getLogger(__name__)
@@ -96,12 +83,6 @@ SCALE_MIN_SCORE = 0.3
 #: for a red cell) would be counted as a platelet, not a red cell (the committed RBC head has no
 #: such class: one was tried and not adopted, see models/README.md).
 KIND_FROM_HEAD_LABEL = {"platelet": CellKind.PLATELET, "erythroblast": CellKind.NRBC}
-
-
-def _view_cells(raw: list[CellDetection], k: int, view: str, grid: int, w: int, h: int) -> list[CellDetection]:
-    """View `k`'s raw detections (tile indices offset by k x `grid`) merged across its tiles and
-    mapped back to the frame."""
-    return [unview(d, view, w, h) for d in merge_detections([d for d in raw if d.tile_index // grid == k])]
 
 
 @dataclass(frozen=True)
@@ -124,6 +105,11 @@ class AnalyzerOptions:
     detector_unsure_band: tuple[float, float] = (0.2, 0.8)
     #: With "unsure": the kinds whose unsure or cut cells call for the extra views.
     detector_unsure_kinds: tuple[str, ...] = ("rbc", "wbc", "platelet")
+    #: With "unsure": the extra views run on small windows around the unsure cells, packed into
+    #: tiles (service.analysis.view_windows), where that needs fewer detector inputs than whole tiles.
+    detector_view_windows: bool = True
+    #: Context (canonical px) kept around an unsure cell in its window.
+    detector_window_margin: int = WINDOW_MARGIN_PX
     #: Red-cell detections with a nucleus' density are typed by the WBC head too (service.analysis.nucleated).
     nucleated_recheck: bool = True
     #: A white cell typed lymphocyte wider than this (um) is unidentified and atypical (service.analysis.size_gate); None: off.
@@ -226,77 +212,12 @@ class Analyzer:
 
     # -- stages -------------------------------------------------------------------------------
     def _detect(self, canonical: np.ndarray, views: tuple[str, ...] | None = None) -> list[CellDetection]:
+        """The frame's cells in the detector's views (the manifest's unless given), merged and fused
+        (service.analysis.detect_views)."""
         o = self.options
-        h, w = canonical.shape[:2]
-        # Raw scores (every detection above the detector's fixed floor) through the merge and the
-        # fusion of the views (service.analysis.tta; one view fuses to itself); the calibrated threshold
-        # comes last, so it changes nothing above it. The views' tiles are cut lazily and streamed
-        # through the engine together (a small field's views share one batch), so memory stays
-        # linear in the frame; a tile's index says its view, so the merge never joins two views.
-        views = self.segmenter.views if views is None else views
-        if len(views) > 1 and o.detector_views_where == "unsure":
-            return self._detect_where_unsure(canonical, views)
-        grid = self._grid_size(w, h)
-        stained = StainedArea(canonical)
-        tiles = itertools.chain.from_iterable(
-            (dataclasses.replace(t, index=k * grid + t.index)
-             for t in view_tiles(canonical, v, o.tile_size, o.tile_overlap, stained=stained))
-            for k, v in enumerate(views))
-        raw = self.segmenter.detect(tiles, w, h, calibrate=False)
-        per_view = [_view_cells(raw, k, v, grid, w, h) for k, v in enumerate(views)]
-        return self.segmenter.finish(fuse_views(per_view))
-
-    def _grid_size(self, w: int, h: int) -> int:
-        """Tiles in one view's grid: a view's tile indices are offset by this times its number."""
-        o = self.options
-        return len(tile_grid(max(w, o.tile_size), max(h, o.tile_size), o.tile_size, o.tile_overlap))
-
-    def _detect_where_unsure(self, canonical: np.ndarray, views: tuple[str, ...]) -> list[CellDetection]:
-        """The first view everywhere, the others only on their tiles that show an unsure cell whole.
-
-        Unsure: a calibrated score in `detector_unsure_band`, or a cell the merge left cut by a
-        tile edge (the other views' grids show it whole and, when it is a piece, vote it down).
-        What each extra view ran is recorded (tta.Coverage); its cells cut by a tile edge (at the
-        border of the region it ran) or not seen whole are dropped, and each fused cell's score
-        is divided by the number of views that saw it whole."""
-        o = self.options
-        h, w = canonical.shape[:2]
-        grid = self._grid_size(w, h)
-        stained = StainedArea(canonical)
-        first_raw = self.segmenter.detect(view_tiles(canonical, views[0], o.tile_size, o.tile_overlap, stained=stained),
-                                          w, h, calibrate=False)
-        first = _view_cells(first_raw, 0, views[0], grid, w, h)
-        low, high = o.detector_unsure_band
-        kinds = set(o.detector_unsure_kinds)
-        unsure = np.array([d.box.as_list() for d in first if d.kind.value in kinds and (
-                           d.cut_by_tile_edge or low <= self.segmenter.calibrated(d.kind.value, d.score) < high)],
-                          float).reshape(-1, 4)
-        if not len(unsure):
-            return self.segmenter.finish(first)
-        coverage = Coverage(w, h, len(views))
-        coverage.add(0, (0, 0, w, h))
-
-        def tiles_where_unsure(k: int, view: str) -> Iterator[Tile]:
-            # fills `coverage` as the engine consumes the tiles: complete once `detect` returns
-            # the fewer of: tiles placed around the unsure cells, the grid's tiles that hold them
-            placed = place_tiles(boxes_in_view(unsure, view, w, h), w, h, o.tile_size)
-            tiles = list(view_tiles(canonical, view, o.tile_size, o.tile_overlap, stained=stained))  # windows, not copies
-            on_grid = tiles_for_boxes([view_window(t, view, o.tile_size, w, h) for t in tiles], unsure)
-            if len(placed) < len(on_grid):
-                chosen = [view_tile_at(canonical, k * grid + j, x, y, o.tile_size, view)
-                          for j, (x, y) in enumerate(placed)]
-            else:
-                chosen = [dataclasses.replace(tiles[i], index=k * grid + tiles[i].index) for i in on_grid]
-            for t in chosen:
-                coverage.add(k, view_window(t, view, o.tile_size, w, h))
-                yield t
-
-        tiles = itertools.chain.from_iterable(tiles_where_unsure(k, v) for k, v in enumerate(views) if k)
-        raw = self.segmenter.detect(tiles, w, h, calibrate=False)
-        per_view = [first] + [[d for d in _view_cells(raw, k, v, grid, w, h)
-                               if not d.cut_by_tile_edge and coverage.sees(k, d.box)]
-                              for k, v in enumerate(views) if k]
-        return self.segmenter.finish(fuse_views(per_view, seen_by=coverage.views_seeing))
+        return detect_views(self.segmenter, canonical, self.segmenter.views if views is None else views,
+                            ViewSettings(o.tile_size, o.tile_overlap, o.detector_views_where, o.detector_unsure_band,
+                                         o.detector_unsure_kinds, o.detector_view_windows, o.detector_window_margin))
 
     def _detect_at(self, frame: Frame, mpp: float, illumination: Illumination, timing: dict[str, float],
                    quick: bool = False) -> Attempt:

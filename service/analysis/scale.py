@@ -58,8 +58,15 @@ def resample_to_canonical(image: np.ndarray, microns_per_pixel: float,
                           f"{max_pixels} px")
     if abs(factor - 1.0) < 1e-3:
         return image
-    interp = cv2.INTER_AREA if factor < 1.0 else cv2.INTER_LINEAR
-    return cv2.resize(image, size, interpolation=interp)
+    if factor >= 1.0:
+        return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    # OpenCV's area resize is several times faster at a factor of exactly 1/2 than at others:
+    # halve first while the rest still shrinks by more than half (averages of 2x2 blocks, then
+    # the remaining area resize; within a few grey levels of the one-step resize)
+    while size[0] * 2 <= w and size[1] * 2 <= h and w % 2 == 0 and h % 2 == 0:
+        image = cv2.resize(image, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+        h, w = image.shape[:2]
+    return image if (w, h) == size else cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 def scale_from_rbc_diameters(diameters_px: np.ndarray, min_cells: int = 5) -> float | None:

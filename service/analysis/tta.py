@@ -25,7 +25,9 @@ Views where they pay (`AnalyzerOptions.detector_views_where = "unsure"`): the fi
 everywhere; the other views run only on tiles that show, whole, the cells the first view was
 unsure of (calibrated score inside a band around the counting threshold) or that the merge left
 cut by a tile edge: tiles placed around those cells (`place_tiles`, a greedy cover) or the grid's
-tiles that hold them (`tiles_for_boxes`), whichever are fewer. `Coverage` records which part of
+tiles that hold them (`tiles_for_boxes`), whichever are fewer; or, by default, small windows
+around those cells packed into tiles (service.analysis.view_windows), when that needs fewer
+detector inputs still. `Coverage` records which part of
 the frame each view saw; a cell's fused score is the sum of its members' scores over the number of views that saw it whole. A cell only the first
 view saw keeps its own score (where every view runs, the others' would have been averaged in, so
 a sure cell's score can read higher than full fusion gives it); a cell every view saw is fused as

@@ -58,6 +58,7 @@ def build_analyzer(config: StationConfig) -> AnalyzerLike:
         tile_size=a.tile_size, tile_overlap=a.tile_overlap, stain_method=a.stain_normalization,
         detector_views=None if a.detector_views is None else tuple(a.detector_views),
         detector_views_where=a.detector_views_where, detector_unsure_band=tuple(a.detector_unsure_band),
+        detector_view_windows=a.detector_view_windows,
         nucleated_recheck=a.nucleated_recheck, max_lymphocyte_diameter_um=a.max_lymphocyte_diameter_um,
         rbc_views=None if a.rbc_head_views is None else tuple(a.rbc_head_views),
         wbc_views=None if a.wbc_head_views is None else tuple(a.wbc_head_views),

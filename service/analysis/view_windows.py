@@ -1,0 +1,239 @@
+"""Stage 5b: the detector's extra views on small windows around the unsure cells, packed into tiles.
+
+With views where they pay (service.analysis.tta), the views after the first run only where the
+first view was unsure. A whole tile (256 px) around each unsure cell shows mostly cells the
+first view was sure of; a window of the unsure cell and `WINDOW_MARGIN_PX` of context around it
+is a few percent of a tile. Here the windows of every extra view are cut from the (mirrored)
+frame and packed side by side, `WINDOW_GAP_PX` of padding grey apart, into tiles of the
+detector's input size: the engine's input keeps its one static shape (TensorRT engines are
+built for it) and a field's extra views cost a tile or two instead of one tile per unsure cell.
+
+Pure functions on coordinates and pixels; the pipeline runs the packed tiles through the
+segmenter as ordinary tiles of a frame the size of one tile and hands the detections to
+`unpack`, which keeps those lying whole inside a window and maps them to the view's coordinates
+(those cut by a window side inside the frame are dropped: another window or the first view shows
+them). Windows larger than a tile are left to the caller (`plan_windows(...).left_over`), which
+places whole tiles around those cells as before.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from smearscope.service.analysis.records import Box, CellDetection, Tile
+from smearscope.service.analysis.segment import EDGE_MARGIN_PX
+from smearscope.service.analysis.tiling import PAD_VALUE
+
+#: Context kept around an unsure cell in its window (9.6 um at the canonical 0.2 um/px: with 4.8 um,
+#: Chula val lost 0.026 of its labelled red cells against whole tiles; with 9.6 um, 0.003).
+WINDOW_MARGIN_PX = 48
+#: Padding grey between two windows packed into one tile.
+WINDOW_GAP_PX = 16
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Window (x0, y0, x1, y1) of view `view_index` (the view's coordinates) at (cx, cy) of
+    packed tile `tile`."""
+
+    view_index: int
+    window: tuple[int, int, int, int]
+    tile: int
+    cx: int
+    cy: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        x0, y0, x1, y1 = self.window
+        return x1 - x0, y1 - y0
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Where the windows went: `placements` in `n_tiles` packed tiles; `left_over[k]` the indices
+    of view k's boxes whose window is larger than a tile."""
+
+    placements: tuple[Placement, ...]
+    n_tiles: int
+    left_over: tuple[tuple[int, ...], ...]
+
+
+def unsure_windows(boxes: np.ndarray, frame_width: int, frame_height: int, side: int,
+                   margin: int = WINDOW_MARGIN_PX) -> tuple[list[tuple[int, int, int, int]], list[int]]:
+    """Windows (integer x0, y0, x1, y1, inside the frame) that show each box with `margin` around
+    it, joined where one window over two costs no more pixels than both; and the indices of the
+    boxes whose window would be wider or taller than `side`."""
+    b = np.asarray(boxes, float).reshape(-1, 4)
+    wins: list[list[int]] = []
+    too_big: list[int] = []
+    for i, (x0, y0, x1, y1) in enumerate(b.tolist()):
+        win = [max(0, math.floor(x0 - margin)), max(0, math.floor(y0 - margin)),
+               min(frame_width, math.ceil(x1 + margin)), min(frame_height, math.ceil(y1 + margin))]
+        if win[2] - win[0] > side or win[3] - win[1] > side:
+            too_big.append(i)
+        elif win[2] > win[0] and win[3] > win[1]:
+            wins.append(win)
+
+    # join greedily: each window with the neighbour whose union adds the fewest pixels (none
+    # added over the two), until no pair qualifies; vectorized over the others, so a few hundred
+    # windows (a 12 MP field) take milliseconds
+    arr = np.array(wins, np.int64).reshape(-1, 4)
+    alive = np.ones(len(arr), bool)
+    joined = True
+    while joined:
+        joined = False
+        for i in range(len(arr)):
+            if not alive[i]:
+                continue
+            u = np.concatenate([np.minimum(arr[:, :2], arr[i, :2]), np.maximum(arr[:, 2:], arr[i, 2:])], axis=1)
+            uw, uh = u[:, 2] - u[:, 0], u[:, 3] - u[:, 1]
+            areas = (arr[:, 2] - arr[:, 0]) * (arr[:, 3] - arr[:, 1])
+            extra = uw * uh - areas - areas[i]
+            ok = alive & (uw <= side) & (uh <= side) & (extra <= 0)
+            ok[i] = False
+            if ok.any():
+                j = int(np.flatnonzero(ok)[np.argmin(extra[ok])])
+                arr[i] = u[j]
+                alive[j] = False
+                joined = True
+    wins = arr[alive].tolist()
+    return [tuple(w) for w in wins], too_big  # type: ignore[misc]
+
+
+#: The packer's occupancy raster (pixels per cell).
+_CELL = 8
+
+
+def pack(sizes: Sequence[tuple[int, int]], side: int, gap: int = WINDOW_GAP_PX,
+         flush: Sequence[tuple[bool, bool, bool, bool]] | None = None) -> list[tuple[int, int, int]]:
+    """(tile, x, y) for each (width, height) <= side, `gap` apart, largest first, first fit.
+
+    `flush[i]` = (left, top, right, bottom): window i ends at that edge of the frame, so it goes
+    against the same edge of its tile: the detector then sees the frame's edge as the edge of its
+    input, as it does in the frame's own tiles (not as padding grey)."""
+    flush = list(flush) if flush is not None else [(False, False, False, False)] * len(sizes)
+    n = -(-side // _CELL)
+    order = sorted(range(len(sizes)), key=lambda i: (-sum(flush[i]), -sizes[i][0] * sizes[i][1], i))
+    used: list[np.ndarray] = []  # per tile: raster cells taken (windows grown by the gap)
+    sums: list[np.ndarray] = []  # per tile: the raster's integral image
+    failed: list[list[tuple[int, int]]] = []  # per tile: sizes that found no room (tiles only fill up)
+    out: list[tuple[int, int, int]] = [(0, 0, 0)] * len(sizes)
+    for i in order:
+        w, h = sizes[i]
+        left, top, right, bottom = flush[i]
+        xs = np.array([0] if left else [side - w] if right else range(0, side - w + 1, _CELL))
+        ys = np.array([0] if top else [side - h] if bottom else range(0, side - h + 1, _CELL))
+        x0, x1 = xs[None, :] // _CELL, -(-(xs[None, :] + w) // _CELL)
+        y0, y1 = ys[:, None] // _CELL, -(-(ys[:, None] + h) // _CELL)
+        need = (w // _CELL) * (h // _CELL)
+        free_to_move = not (left or top or right or bottom)
+        for t in range(len(used) + 1):
+            if t == len(used):
+                used.append(np.zeros((n, n), bool))
+                sums.append(np.zeros((n + 1, n + 1), np.int32))
+                failed.append([])
+            s_ = sums[t]
+            if n * n - s_[n, n] < need or (free_to_move and any(w >= fw and h >= fh for fw, fh in failed[t])):
+                continue  # no room left for it in this tile
+            # cells taken under each candidate position
+            taken = s_[y1, x1] - s_[y0, x1] - s_[y1, x0] + s_[y0, x0]
+            free = np.flatnonzero(taken.ravel() == 0)
+            if free.size:  # the first free position in reading order
+                r, c = divmod(int(free[0]), len(xs))
+                x, y = int(xs[c]), int(ys[r])
+                used[t][max(0, y - gap) // _CELL : -(-(y + h + gap) // _CELL),
+                        max(0, x - gap) // _CELL : -(-(x + w + gap) // _CELL)] = True
+                s_[1:, 1:] = used[t].cumsum(0).cumsum(1)
+                out[i] = (t, x, y)
+                break
+            if free_to_move:
+                failed[t].append((w, h))
+    return out
+
+
+def plan_windows(boxes_per_view: Sequence[np.ndarray], frame_width: int, frame_height: int, side: int,
+                 margin: int = WINDOW_MARGIN_PX, gap: int = WINDOW_GAP_PX) -> WindowPlan:
+    """Windows around each view's boxes (given in that view's coordinates), packed together."""
+    wins: list[tuple[int, tuple[int, int, int, int]]] = []
+    left_over = []
+    for k, boxes in enumerate(boxes_per_view):
+        found, too_big = unsure_windows(boxes, frame_width, frame_height, side, margin)
+        wins += [(k, w) for w in found]
+        left_over.append(tuple(too_big))
+    spots = pack([(w[2] - w[0], w[3] - w[1]) for _, w in wins], side, gap,
+                 [(w[0] == 0, w[1] == 0, w[2] == frame_width, w[3] == frame_height) for _, w in wins])
+    placements = tuple(Placement(k, w, t, x, y) for (k, w), (t, x, y) in zip(wins, spots))
+    return WindowPlan(placements, 1 + max((p.tile for p in placements), default=-1), tuple(left_over))
+
+
+def packed_tiles(view_pixels: Sequence[np.ndarray], plan: WindowPlan, side: int,
+                 first_index: int = 0) -> list[Tile]:
+    """The plan's tiles (side x side, padding grey around the windows); `view_pixels[k]`: view k
+    of the frame (service.analysis.tta.view_frame, or any array that reads the same)."""
+    canvases = [np.full((side, side, 3), PAD_VALUE, np.uint8) for _ in range(plan.n_tiles)]
+    for p in plan.placements:
+        x0, y0, x1, y1 = p.window
+        canvases[p.tile][p.cy : p.cy + y1 - y0, p.cx : p.cx + x1 - x0] = view_pixels[p.view_index][y0:y1, x0:x1]
+    return [Tile(index=first_index + t, x=0, y=0, pixels=c) for t, c in enumerate(canvases)]
+
+
+def unpack(detections: Sequence[CellDetection], plan: WindowPlan, first_index: int, frame_width: int,
+           frame_height: int, index_of: Sequence[int]) -> list[list[CellDetection]]:
+    """Detections on the packed tiles (tile coordinates, `tile_index` = first_index + tile) ->
+    per view, those lying whole inside a window, in the view's coordinates, with tile index
+    `index_of[placement number]`. A detection belongs to the window holding its box centre; one
+    within EDGE_MARGIN_PX of a window side inside the frame is cut there and dropped; a side on
+    the frame's edge clips it (as a tile's padding does)."""
+    n_views = 1 + max((p.view_index for p in plan.placements), default=-1)
+    out: list[list[CellDetection]] = [[] for _ in range(n_views)]
+    by_tile: dict[int, list[int]] = {}
+    for n, p in enumerate(plan.placements):
+        by_tile.setdefault(p.tile, []).append(n)
+    m = EDGE_MARGIN_PX
+    for d in detections:
+        b = d.box
+        cx, cy = (b.x0 + b.x1) / 2, (b.y0 + b.y1) / 2
+        for n in by_tile.get(d.tile_index - first_index, ()):
+            p = plan.placements[n]
+            w, h = p.size
+            if not (p.cx <= cx < p.cx + w and p.cy <= cy < p.cy + h):
+                continue
+            wx0, wy0, wx1, wy1 = p.window
+            # window sides inside the frame: a box within m of them is cut
+            if ((wx0 > 0 and b.x0 <= p.cx + m) or (wy0 > 0 and b.y0 <= p.cy + m)
+                    or (wx1 < frame_width and b.x1 >= p.cx + w - m) or (wy1 < frame_height and b.y1 >= p.cy + h - m)):
+                break
+            out[p.view_index].append(_moved(d, p, index_of[n]))
+            break
+    return out
+
+
+def _moved(d: CellDetection, p: Placement, tile_index: int) -> CellDetection:
+    """`d` clipped to placement `p` (only sides on the frame's edge can still cut it) and moved to
+    the view's coordinates; the mask keeps covering the box rounded outward."""
+    w, h = p.size
+    b = d.box
+    x0, y0 = max(b.x0, p.cx), max(b.y0, p.cy)
+    x1, y1 = min(b.x1, p.cx + w), min(b.y1, p.cy + h)
+    mask = d.mask
+    if mask is not None:
+        r0, c0 = int(y0) - int(b.y0), int(x0) - int(b.x0)
+        mask = np.ascontiguousarray(mask[r0 : r0 + math.ceil(y1) - int(y0), c0 : c0 + math.ceil(x1) - int(x0)])
+    dx, dy = p.window[0] - p.cx, p.window[1] - p.cy
+    return replace(d, box=Box(x0 + dx, y0 + dy, x1 + dx, y1 + dy), mask=mask, tile_index=tile_index,
+                   cut_by_tile_edge=False)
+
+
+def frame_window(window: tuple[int, int, int, int], fx: bool, fy: bool, frame_width: int,
+                 frame_height: int) -> tuple[int, int, int, int]:
+    """A window of a view mirrored (fx, fy) back to the frame's coordinates."""
+    x0, y0, x1, y1 = window
+    if fx:
+        x0, x1 = frame_width - x1, frame_width - x0
+    if fy:
+        y0, y1 = frame_height - y1, frame_height - y0
+    return x0, y0, x1, y1

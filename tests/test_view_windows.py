@@ -1,0 +1,170 @@
+"""The detector's extra views on windows around the unsure cells, packed into tiles
+(service.analysis.view_windows): the windows, the packing, the packed pixels and the way back.
+
+The analyzer-level check (the counted cells match every view everywhere, with fewer detector
+inputs than whole tiles) is in tests/test_views_where_unsure.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from smearscope.device.synthetic import render_field
+from smearscope.service.analysis.records import Box, CellDetection, CellKind
+from smearscope.service.analysis.segment import EDGE_MARGIN_PX
+from smearscope.service.analysis.tiling import PAD_VALUE
+from smearscope.service.analysis.tta import boxes_in_view, view_frame
+from smearscope.service.analysis.view_windows import (
+    WINDOW_GAP_PX,
+    frame_window,
+    pack,
+    packed_tiles,
+    plan_windows,
+    unpack,
+    unsure_windows,
+)
+
+
+def _holds(win, box, margin, w, h) -> bool:
+    """`win` shows `box` with `margin` on every side that is not the frame's edge."""
+    x0, y0, x1, y1 = win
+    return ((box[0] - margin >= x0 or x0 == 0) and (box[1] - margin >= y0 or y0 == 0)
+            and (box[2] + margin <= x1 or x1 == w) and (box[3] + margin <= y1 or y1 == h))
+
+
+def test_windows_show_every_box_with_its_margin_and_join_only_when_that_costs_no_pixels():
+    w, h = 600, 400
+    boxes = np.array([[100, 100, 140, 140],   # these two nearly touch: one window
+                      [150, 105, 190, 145],
+                      [400, 250, 430, 280],   # far from the others: its own window
+                      [5, 380, 30, 400],      # at the frame's corner: clipped there
+                      [200, 10, 480, 60]],    # wider than a tile with its margin
+                     float)
+    wins, too_big = unsure_windows(boxes, w, h, side=256, margin=24)
+    assert too_big == [4]
+    assert len(wins) == 3
+    for box in boxes[:4]:
+        assert any(_holds(win, box, 24, w, h) for win in wins), box
+    for x0, y0, x1, y1 in wins:
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and x1 - x0 <= 256 and y1 - y0 <= 256
+    joined = [win for win in wins if _holds(win, boxes[0], 24, w, h)][0]
+    assert _holds(joined, boxes[1], 24, w, h)
+    assert (0, 356, 54, 400) in wins  # clipped by the frame, not shifted
+    assert unsure_windows(np.zeros((0, 4)), w, h, 256) == ([], [])
+
+
+def test_packed_windows_keep_the_gap_stay_inside_their_tile_and_frame_edges_go_to_tile_edges():
+    rng = np.random.default_rng(3)
+    side = 256
+    sizes = [(int(a), int(b)) for a, b in rng.integers(30, 140, (40, 2))]
+    flush = [tuple(bool(v) for v in rng.random(4) < 0.15) for _ in sizes]
+    flush = [(l, t, r and not l, b and not t) for l, t, r, b in flush]
+    spots = pack(sizes, side, WINDOW_GAP_PX, flush)
+    assert 1 < len({t for t, _, _ in spots}) < len(sizes)  # several per tile
+    for i, ((t, x, y), (w, h), (left, top, right, bottom)) in enumerate(zip(spots, sizes, flush)):
+        assert 0 <= x and x + w <= side and 0 <= y and y + h <= side
+        assert (not left or x == 0) and (not top or y == 0)
+        assert (not right or x + w == side) and (not bottom or y + h == side)
+        for j in range(i + 1, len(sizes)):
+            t2, x2, y2 = spots[j]
+            w2, h2 = sizes[j]
+            if t2 == t:  # apart by at least the gap along one axis
+                assert (x2 >= x + w + WINDOW_GAP_PX or x >= x2 + w2 + WINDOW_GAP_PX
+                        or y2 >= y + h + WINDOW_GAP_PX or y >= y2 + h2 + WINDOW_GAP_PX), (i, j)
+
+
+@pytest.fixture(scope="module")
+def field():
+    return render_field(11, width=700, height=520, rbc_density=0.2, n_wbc=2, n_platelets=4, microns_per_pixel=0.2)
+
+
+VIEWS = ("hflip", "vflip", "rot180")
+
+
+def _plan(field):
+    frame = field.frame.pixels
+    h, w = frame.shape[:2]
+    truth = np.array([c.bbox for c in field.cells[::4]], float)
+    per_view = [boxes_in_view(truth, v, w, h) for v in VIEWS]
+    return frame, w, h, per_view, plan_windows(per_view, w, h, 256)
+
+
+class _Mirror:
+    def __init__(self, frame, view):
+        self.pixels = view_frame(frame, view)
+
+    def __getitem__(self, key):
+        return self.pixels[key]
+
+
+def test_packed_tiles_hold_each_views_window_and_padding_grey_between(field):
+    frame, w, h, _, plan = _plan(field)
+    assert len(plan.placements) > 3 and plan.n_tiles >= 1
+    tiles = packed_tiles([_Mirror(frame, v) for v in VIEWS], plan, 256, first_index=50)
+    assert [t.index for t in tiles] == list(range(50, 50 + plan.n_tiles))
+    covered = [np.zeros((256, 256), bool) for _ in tiles]
+    for p in plan.placements:
+        x0, y0, x1, y1 = p.window
+        got = tiles[p.tile].pixels[p.cy : p.cy + y1 - y0, p.cx : p.cx + x1 - x0]
+        np.testing.assert_array_equal(got, view_frame(frame, VIEWS[p.view_index])[y0:y1, x0:x1])
+        covered[p.tile][p.cy : p.cy + y1 - y0, p.cx : p.cx + x1 - x0] = True
+        # the window mapped back to the frame is the same pixels, unmirrored
+        fx0, fy0, fx1, fy1 = frame_window(p.window, VIEWS[p.view_index] in ("hflip", "rot180"),
+                                          VIEWS[p.view_index] in ("vflip", "rot180"), w, h)
+        np.testing.assert_array_equal(view_frame(frame[fy0:fy1, fx0:fx1], VIEWS[p.view_index]), got)
+    for t, c in zip(tiles, covered):
+        assert (t.pixels[~c] == PAD_VALUE).all()
+
+
+def test_unpack_returns_whole_cells_in_the_views_coordinates_and_drops_cut_ones(field):
+    frame, w, h, per_view, plan = _plan(field)
+    first = 100
+    dets, expected = [], [[] for _ in VIEWS]
+    rng = np.random.default_rng(5)
+    for n, p in enumerate(plan.placements):
+        x0, y0, x1, y1 = p.window
+        dx, dy = p.cx - x0, p.cy - y0
+        for box in per_view[p.view_index]:
+            if not (box[0] >= x0 and box[1] >= y0 and box[2] <= x1 and box[3] <= y1):
+                continue
+            bx0, by0, bx1, by1 = (float(v) + s * rng.uniform(0.1, 0.9) for v, s in zip(box, (1, 1, -1, -1)))
+            mask = rng.random((int(np.ceil(by1)) - int(by0), int(np.ceil(bx1)) - int(bx0))) > 0.5
+            d = CellDetection(CellKind.RBC, Box(bx0 + dx, by0 + dy, bx1 + dx, by1 + dy), 0.7, mask, tile_index=first + p.tile)
+            dets.append(d)
+            expected[p.view_index].append((n, Box(bx0, by0, bx1, by1), mask))
+        # a cell running into the window's side inside the frame: cut there, dropped
+        if x1 < w:
+            cut = Box(p.cx + (x1 - x0) - 20, p.cy + 30, p.cx + (x1 - x0) - 1, p.cy + 50)
+            dets.append(CellDetection(CellKind.RBC, cut, 0.9, np.ones((20, 19), bool), tile_index=first + p.tile))
+    # a detection in the padding between windows belongs to no window
+    inside = np.zeros((256, 256), bool)
+    for p in plan.placements:
+        if p.tile == 0:
+            inside[p.cy : p.cy + p.size[1], p.cx : p.cx + p.size[0]] = True
+    gy, gx = np.argwhere(~inside)[len(np.argwhere(~inside)) // 2]
+    dets.append(CellDetection(CellKind.WBC, Box(gx - 2.0, gy - 2.0, gx + 2.0, gy + 2.0), 0.9, None, tile_index=first))
+    index_of = [1000 + n for n in range(len(plan.placements))]
+    out = unpack(dets, plan, first, w, h, index_of)
+    assert [len(o) for o in out] == [len(e) for e in expected] and sum(map(len, out)) >= 5
+    for got, want in zip(out, expected):
+        for d, (n, box, mask) in zip(got, want):
+            assert d.tile_index == index_of[n] and not d.cut_by_tile_edge
+            assert d.box.as_list() == pytest.approx(box.as_list(), abs=1e-9)
+            np.testing.assert_array_equal(d.mask, mask)
+
+
+def test_a_window_on_the_frames_edge_clips_a_cell_running_into_the_padding():
+    w, h = 300, 200
+    plan = plan_windows([np.array([[0.0, 60, 30, 90]])], w, h, 256)  # on the frame's left edge
+    (p,) = plan.placements
+    assert p.window[0] == 0 and p.cx == 0
+    # the detector put the cell a little beyond the tile's left edge: it is clipped, not dropped
+    d = CellDetection(CellKind.RBC, Box(p.cx + 0.0, p.cy + 36.4, p.cx + 30.6, p.cy + 66.2), 0.8,
+                      np.ones((31, 31), bool), tile_index=7)
+    (got,), = unpack([d], plan, 7, w, h, [3])
+    assert got.box.x0 == 0 and got.box.y0 == pytest.approx(p.window[1] + 36.4)
+    assert got.mask.shape == (int(np.ceil(got.box.y1)) - int(got.box.y0), int(np.ceil(got.box.x1)) - int(got.box.x0))
+    # the same cell touching the window's right side (inside the frame) is cut
+    x1 = p.cx + p.window[2] - p.window[0]
+    cut = CellDetection(CellKind.RBC, Box(x1 - 25, p.cy + 36, x1 - EDGE_MARGIN_PX / 2, p.cy + 60), 0.8, None, tile_index=7)
+    assert unpack([cut], plan, 7, w, h, [3]) == [[]]
