@@ -47,7 +47,7 @@ def test_windows_show_every_box_with_its_margin_and_join_only_when_that_costs_no
         assert any(_holds(win, box, 24, w, h) for win in wins), box
     for x0, y0, x1, y1 in wins:
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and x1 - x0 <= 256 and y1 - y0 <= 256
-    joined = [win for win in wins if _holds(win, boxes[0], 24, w, h)][0]
+    joined = next(win for win in wins if _holds(win, boxes[0], 24, w, h))
     assert _holds(joined, boxes[1], 24, w, h)
     assert (0, 356, 54, 400) in wins  # clipped by the frame, not shifted
     assert unsure_windows(np.zeros((0, 4)), w, h, 256) == ([], [])
@@ -117,7 +117,7 @@ def test_packed_tiles_hold_each_views_window_and_padding_grey_between(field):
 
 
 def test_unpack_returns_whole_cells_in_the_views_coordinates_and_drops_cut_ones(field):
-    frame, w, h, per_view, plan = _plan(field)
+    _frame, w, h, per_view, plan = _plan(field)
     first = 100
     dets, expected = [], [[] for _ in VIEWS]
     rng = np.random.default_rng(5)
