@@ -13,10 +13,9 @@ from smearscope.device.synthetic import render_field
 from smearscope.service.analysis.records import Box, CellDetection, CellKind
 from smearscope.service.analysis.segment import EDGE_MARGIN_PX
 from smearscope.service.analysis.tiling import PAD_VALUE
-from smearscope.service.analysis.tta import boxes_in_view, view_frame
+from smearscope.service.analysis.tta import boxes_in_view, frame_window, view_frame
 from smearscope.service.analysis.view_windows import (
     WINDOW_GAP_PX,
-    frame_window,
     pack,
     packed_tiles,
     plan_windows,
@@ -109,8 +108,7 @@ def test_packed_tiles_hold_each_views_window_and_padding_grey_between(field):
         np.testing.assert_array_equal(got, view_frame(frame, VIEWS[p.view_index])[y0:y1, x0:x1])
         covered[p.tile][p.cy : p.cy + y1 - y0, p.cx : p.cx + x1 - x0] = True
         # the window mapped back to the frame is the same pixels, unmirrored
-        fx0, fy0, fx1, fy1 = frame_window(p.window, VIEWS[p.view_index] in ("hflip", "rot180"),
-                                          VIEWS[p.view_index] in ("vflip", "rot180"), w, h)
+        fx0, fy0, fx1, fy1 = frame_window(p.window, VIEWS[p.view_index], w, h)
         np.testing.assert_array_equal(view_frame(frame[fy0:fy1, fx0:fx1], VIEWS[p.view_index]), got)
     for t, c in zip(tiles, covered):
         assert (t.pixels[~c] == PAD_VALUE).all()

@@ -22,19 +22,18 @@ from smearscope.service.analysis.segment import Segmenter
 from smearscope.service.analysis.tiling import StainedArea, tile_grid
 from smearscope.service.analysis.tta import (
     Coverage,
-    _flips,
     boxes_in_view,
+    frame_window,
     fuse_views,
     place_tiles,
     tiles_for_boxes,
     unview,
+    view_frame,
     view_tile_at,
     view_tiles,
     view_window,
 )
 from smearscope.service.analysis.view_windows import (
-    WINDOW_MARGIN_PX,
-    frame_window,
     packed_tiles,
     plan_windows,
     unpack,
@@ -43,15 +42,15 @@ from smearscope.service.analysis.view_windows import (
 
 @dataclass(frozen=True)
 class ViewSettings:
-    """How the views run (the detection part of pipeline.AnalyzerOptions)."""
+    """How the views run: the detection part of pipeline.AnalyzerOptions (its defaults)."""
 
-    tile_size: int = 256
-    tile_overlap: float = 0.15
-    where: Literal["everywhere", "unsure"] = "unsure"
-    unsure_band: tuple[float, float] = (0.2, 0.8)
-    unsure_kinds: tuple[str, ...] = ("rbc", "wbc", "platelet")
-    windows: bool = True
-    window_margin: int = WINDOW_MARGIN_PX
+    tile_size: int
+    tile_overlap: float
+    where: Literal["everywhere", "unsure"]
+    unsure_band: tuple[float, float]
+    unsure_kinds: tuple[str, ...]
+    windows: bool
+    window_margin: int
 
 
 def view_cells(raw: list[CellDetection], k: int, view: str, stride: int, w: int, h: int) -> list[CellDetection]:
@@ -144,7 +143,7 @@ def _where_unsure(segmenter: Segmenter, canonical: np.ndarray, views: tuple[str,
                                   calibrate=False)
         index_of = [(p.view_index + 1) * stride + grid + n for n, p in enumerate(plan.placements)]
         for p in plan.placements:
-            coverage.add(p.view_index + 1, frame_window(p.window, *_flips(views[p.view_index + 1]), w, h))
+            coverage.add(p.view_index + 1, frame_window(p.window, views[p.view_index + 1], w, h))
         for dets in unpack(packed, plan, first_index, w, h, index_of):
             raw += dets
     per_view = [first] + [[d for d in view_cells(raw, k, views[k], stride, w, h)
@@ -156,10 +155,10 @@ class _ViewPixels:
     """A view of the frame that reads windows without mirroring the whole frame."""
 
     def __init__(self, frame: np.ndarray, view: str) -> None:
-        self.frame, self.fx, self.fy = frame, *_flips(view)
+        self.frame, self.view = frame, view
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         rows, cols = key
         h, w = self.frame.shape[:2]
-        x0, y0, x1, y1 = frame_window((cols.start, rows.start, cols.stop, rows.stop), self.fx, self.fy, w, h)
-        return self.frame[y0:y1, x0:x1][:: -1 if self.fy else 1, :: -1 if self.fx else 1]
+        x0, y0, x1, y1 = frame_window((cols.start, rows.start, cols.stop, rows.stop), self.view, w, h)
+        return view_frame(self.frame[y0:y1, x0:x1], self.view)

@@ -120,9 +120,15 @@ def unview(det: CellDetection, view: str, frame_width: int, frame_height: int) -
 def view_window(tile: Tile, view: str, tile_size: int, frame_width: int, frame_height: int) -> tuple[int, int, int, int]:
     """The part of the frame (x0, y0, x1, y1) that a tile of `view` (offsets in the view's
     coordinates, service.analysis.tiling.iter_tiles) shows."""
+    return frame_window((tile.x, tile.y, min(tile.x + tile_size, frame_width), min(tile.y + tile_size, frame_height)),
+                        view, frame_width, frame_height)
+
+
+def frame_window(window: tuple[int, int, int, int], view: str, frame_width: int,
+                 frame_height: int) -> tuple[int, int, int, int]:
+    """A window (x0, y0, x1, y1) of `view` of a frame, mapped back to the frame's coordinates."""
     fx, fy = _flips(view)
-    x0, x1 = tile.x, min(tile.x + tile_size, frame_width)
-    y0, y1 = tile.y, min(tile.y + tile_size, frame_height)
+    x0, y0, x1, y1 = window
     if fx:
         x0, x1 = frame_width - x1, frame_width - x0
     if fy:

@@ -226,14 +226,3 @@ def _moved(d: CellDetection, p: Placement, tile_index: int) -> CellDetection:
     dx, dy = p.window[0] - p.cx, p.window[1] - p.cy
     return replace(d, box=Box(x0 + dx, y0 + dy, x1 + dx, y1 + dy), mask=mask, tile_index=tile_index,
                    cut_by_tile_edge=False)
-
-
-def frame_window(window: tuple[int, int, int, int], fx: bool, fy: bool, frame_width: int,
-                 frame_height: int) -> tuple[int, int, int, int]:
-    """A window of a view mirrored (fx, fy) back to the frame's coordinates."""
-    x0, y0, x1, y1 = window
-    if fx:
-        x0, x1 = frame_width - x1, frame_width - x0
-    if fy:
-        y0, y1 = frame_height - y1, frame_height - y0
-    return x0, y0, x1, y1
