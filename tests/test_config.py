@@ -42,7 +42,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert isinstance(config.source, SimulatedSourceConfig)
     a = config.analysis
     assert (a.tile_size, a.tile_overlap, a.min_confidence, a.min_area_um2, a.max_aspect_ratio) == (
-        256, 0.15, 0.5, 2.0, 5.0)
+        256, 0.15, 0.35, 2.0, 5.0)
     assert (a.stain_normalization, a.engine_backend) == ("auto", "onnxruntime")
     assert config.specimen.target_wbc_count == 100
     assert config.log_level == "INFO"

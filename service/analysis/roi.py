@@ -19,11 +19,14 @@ from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
 PLATELET_MIN_CONFIDENCE = 0.35
 #: The red cells' counting threshold, chosen on validation as the platelets' (models/README.md).
 RED_CELL_MIN_CONFIDENCE: float | None = 0.35
+#: The white cells' (and any kind without its own) counting threshold, chosen on validation by the
+#: worst lab's white cells found (models/README.md, "White cells counted from 0.35").
+CELL_MIN_CONFIDENCE = 0.35
 
 
 @dataclass(frozen=True)
 class RoiFilter:
-    min_confidence: float = 0.5
+    min_confidence: float = CELL_MIN_CONFIDENCE
     min_area_um2: float = 2.0  # 50 px at 0.2 um/px
     max_aspect: float = 5.0
     #: Platelets are counted from this (calibrated) score; None: `min_confidence` as for the cells.

@@ -42,9 +42,11 @@ class AnalysisConfig(StationBaseModel):
         lt=0.5,
     )
     min_confidence: float = Field(
-        default=0.5,
+        default=0.35,
         title="Minimum confidence",
-        description="Detections below this score are discarded.",
+        description="White cells (and any kind without its own threshold) are counted from this "
+        "calibrated score (chosen on validation by the worst lab's white cells found, "
+        "models/README.md); detections below it are not counted.",
         ge=0.0,
         le=1.0,
     )
