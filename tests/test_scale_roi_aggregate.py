@@ -130,7 +130,11 @@ def test_platelets_are_counted_from_their_own_threshold():
 
 
 def test_the_station_config_counts_platelets_as_the_analyzer_does():
-    from smearscope.service.analysis.roi import CELL_MIN_CONFIDENCE, PLATELET_MIN_CONFIDENCE, RED_CELL_MIN_CONFIDENCE
+    from smearscope.service.analysis.roi import (
+        CELL_MIN_CONFIDENCE,
+        PLATELET_MIN_CONFIDENCE,
+        RED_CELL_MIN_CONFIDENCE,
+    )
     from smearscope.service.config.analysis import AnalysisConfig
 
     assert AnalysisConfig().platelet_min_confidence == PLATELET_MIN_CONFIDENCE == RoiFilter().platelet_min_confidence
