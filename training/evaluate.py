@@ -350,7 +350,7 @@ def main() -> None:
             ("segmentation", "  rbc / wbc / platelet AP50", "{rbc:.3f} / {wbc:.3f} / {platelet:.3f}".format(**bccd_all), ""),
             ("CLI", f"BCCD {sp} mAP50, every detection (--detections)", cli_all["mAP50"], "within 3 pts of model level"),
             ("CLI", "  rbc / wbc / platelet AP50", "{rbc:.3f} / {wbc:.3f} / {platelet:.3f}".format(**cli_all), ""),
-            ("CLI", f"BCCD {sp} mAP50, counted cells (conf>=0.5)", bccd["mAP50"], ">= 0.80 (issue 2)"),
+            ("CLI", f"BCCD {sp} mAP50, counted cells (as reported)", bccd["mAP50"], ">= 0.80 (issue 2)"),
             ("CLI", "  rbc / wbc / platelet AP50", "{rbc:.3f} / {wbc:.3f} / {platelet:.3f}".format(**bccd), ""),
             ("CLI", f"BCCD {sp} WBC count agreement", bccd["wbc_count_agreement"], ">= 0.90"),
             rows[0],
