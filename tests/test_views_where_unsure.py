@@ -173,11 +173,14 @@ def _matched(a, b) -> bool:
     return abs(len(a.cells) - len(b.cells)) <= borderline
 
 
-FIELDS = {  # (seed, width, height, rendered density, most tiles the unsure mode may run, as a share)
-    "sparse": (7, 1400, 1000, 0.04, 0.6),
+FIELDS = {  # (seed, width, height, rendered density, most tiles the unsure mode may run, as a share,
+    #          whether packed windows must need fewer detector inputs than whole tiles)
+    "sparse": (7, 1400, 1000, 0.04, 0.6, True),
     # dense: nearly every tile holds a cell cut by its edge; an extra view's own cut pieces (at the
     # border of the region it ran) must not be counted
-    "dense": (1, 1280, 960, 0.38, 0.75),
+    # border of the region it ran) must not be counted; with unsure cells in nearly every tile the
+    # windows are packed no tighter than whole tiles, and never into more inputs than they
+    "dense": (1, 1280, 960, 0.38, 0.75, False),
 }
 
 
@@ -212,7 +215,7 @@ def analyzers():
 def test_views_where_unsure_count_the_same_cells_as_every_view_everywhere_with_fewer_tiles(analyzers, kind):
     everywhere, unsure, whole, tiles = analyzers
     assert len(everywhere.segmenter.views) == 3
-    seed, width, height, density, most = FIELDS[kind]
+    seed, width, height, density, most, windows_save = FIELDS[kind]
     field = render_field(seed, width=width, height=height, rbc_density=density, n_wbc=1, n_platelets=3,
                          microns_per_pixel=0.1)
     for t in tiles.values():
@@ -221,8 +224,10 @@ def test_views_where_unsure_count_the_same_cells_as_every_view_everywhere_with_f
     assert len(a.cells) >= 10 and _matched(a, b) and _matched(a, c)
     assert sum(tiles["whole tiles"]) <= most * sum(tiles["everywhere"]), tiles
     # the extra views on windows around the unsure cells, packed into tiles (the default): fewer
-    # detector inputs than whole tiles around them (service.analysis.view_windows)
-    assert sum(tiles["unsure"]) < sum(tiles["whole tiles"]), tiles
+    # detector inputs than whole tiles around them (service.analysis.view_windows), never more
+    assert sum(tiles["unsure"]) <= sum(tiles["whole tiles"]), tiles
+    if windows_save:
+        assert sum(tiles["unsure"]) < sum(tiles["whole tiles"]), tiles
     # the counted cells' scores mostly agree (a cell only the first view saw keeps its own score,
     # where full fusion would have averaged the other views' in)
     diffs = np.array([abs(c.detection.score - _partner(c, b).detection.score) for c in a.cells])
