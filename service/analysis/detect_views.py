@@ -42,7 +42,7 @@ from smearscope.service.analysis.view_windows import (
 
 @dataclass(frozen=True)
 class ViewSettings:
-    """How the views run: the detection part of pipeline.AnalyzerOptions (its defaults)."""
+    """How the views run: the detection part of pipeline.AnalyzerOptions (which holds the defaults)."""
 
     tile_size: int
     tile_overlap: float

@@ -107,8 +107,8 @@ class AnalysisConfig(StationBaseModel):
         title="Extra views on packed windows",
         description="With detector_views_where = 'unsure': the other views run on small windows "
         "around the unsure cells (48 px of context at 0.2 um/px), packed into the detector's tiles, "
-        "where that needs fewer detector inputs than whole tiles around them; false: whole tiles. "
-        "On the validation lab table every lab's figure stays within 0.003 of whole tiles.",
+        "where that needs fewer detector inputs than whole tiles around them; false: whole tiles "
+        "(both measured on the validation lab table, models/README.md).",
     )
     nucleated_recheck: bool = Field(
         default=True,
