@@ -16,9 +16,6 @@ class Frame:
     source does not know its scale; the pipeline then estimates it from red-cell size.
     `input_key` names the input's content (a watched folder's file: its hash) where analysing it
     twice would count its cells twice: a station that stored its report once skips it.
-    `scale_hint` (um/px), for a frame of unknown scale: where the scale search starts instead of
-    the model-free first guess (a station passes what its previous fields measured,
-    `service.station.scale_memory`); the field's own red cells still decide its scale.
     """
 
     pixels: np.ndarray
@@ -27,11 +24,8 @@ class Frame:
     captured_at: float = field(default_factory=time.time)
     microns_per_pixel: float | None = None
     input_key: str | None = None
-    scale_hint: float | None = None
 
     def __post_init__(self) -> None:
-        if self.scale_hint is not None and not (np.isfinite(self.scale_hint) and self.scale_hint > 0):
-            raise ValueError(f"scale_hint must be a positive number of um/px, got {self.scale_hint!r}")
         if self.pixels.ndim != 3 or self.pixels.shape[2] != 3 or self.pixels.dtype != np.uint8:
             raise ValueError(
                 f"Frame pixels must be HxWx3 uint8, got {self.pixels.shape} {self.pixels.dtype}"

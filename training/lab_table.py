@@ -18,11 +18,8 @@ have:
 - rpi (typed white-cell boxes): white cells found (a counted white cell with IoU >= 0.5), extra
   white cells per field (the annotators sometimes leave a second one unboxed).
 
-Scale: `estimated` analyses each field on its own, as an uncalibrated station analyses its first
-field (the analyzer measures the scale); `hinted` analyses the fields in order, each one's scale
-search starting where the previous fields settled, as an uncalibrated station runs
-(`service.station.scale_memory`); `given` passes the lab's known scale (a calibrated station);
-`pooled` analyses every field again
+Scale: `estimated` runs as an uncalibrated station does (the analyzer measures the scale);
+`given` passes the lab's known scale (a calibrated station); `pooled` analyses every field again
 at the median of the fields' own estimates (a station that would learn one scale from its fields:
 on rpi val, 30 fields, 0.471 against 0.529 per field and 0.676 given, so stations do not pool). The estimate's error against the
 known scale is reported. Models are chosen by their **worst** lab on `--split val`.
@@ -53,7 +50,6 @@ from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions, inpu
 from smearscope.service.analysis.roi import RoiFilter
 from smearscope.service.analysis.scale import resample_factor
 from smearscope.service.analysis.stain import available_methods
-from smearscope.service.station.scale_memory import ScaleMemory
 from training.data import (
     BoxAnnotation,
     bccd_boxes,
@@ -146,12 +142,12 @@ def _box(b: BoxAnnotation) -> list[float]:
 GREYSCALE = False
 
 
-def analyse(analyzer: Analyzer, img: LabImage, mode: str, hint: float | None = None) -> dict:
+def analyse(analyzer: Analyzer, img: LabImage, mode: str) -> dict:
     pixels = cv2.imread(str(img.path))
     if GREYSCALE:
         pixels = cv2.cvtColor(cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
     mpp = img.known_mpp if mode == "given" else None
-    res = analyzer.analyze(Frame(pixels, img.path.name, img.lab, microns_per_pixel=mpp, scale_hint=hint))
+    res = analyzer.analyze(Frame(pixels, img.path.name, img.lab, microns_per_pixel=mpp))
     rep = res.report
     h, w = pixels.shape[:2]
     # A nucleated red cell is the detector's white cell re-typed by the WBC head: scored as found.
@@ -159,7 +155,7 @@ def analyse(analyzer: Analyzer, img: LabImage, mode: str, hint: float | None = N
     below = [(d.kind.value, input_bbox(d.box, res.input_to_canonical, w, h), d.score) for d in res.candidates
              if d.score >= ALL_CONF]
     return {"counted": counted, "every": counted + below, "mpp": rep.scale.microns_per_pixel,
-            "scale_method": rep.scale.method, "scale": rep.scale, "flags": [f.code for f in rep.flags], "ms": rep.timing_ms.get("total_ms", 0.0),
+            "scale_method": rep.scale.method, "flags": [f.code for f in rep.flags], "ms": rep.timing_ms.get("total_ms", 0.0),
             "detect_ms": rep.timing_ms.get("detect_ms", 0.0), "w": w, "h": h, "labels": [(c.kind, c.label) for c in rep.cells]}
 
 
@@ -252,14 +248,8 @@ def run_lab(analyzer: Analyzer, lab: str, split: str, mode: str, limit: int | No
         images = images[:limit]
     if mode == "given":
         images = [im for im in images if im.known_mpp is not None]
-    if mode == "hinted":  # as a station: each field's search starts where the previous fields settled
-        memory, outs = ScaleMemory(), []
-        for im in tqdm(images, desc=f"{lab} {split} {mode}", mininterval=10):
-            outs.append(analyse(analyzer, im, "estimated", memory.hint()))
-            memory.record(outs[-1]["scale"])
-    else:
-        outs = [analyse(analyzer, im, "estimated" if mode == "pooled" else mode)
-                for im in tqdm(images, desc=f"{lab} {split} {mode}", mininterval=10)]
+    outs = [analyse(analyzer, im, "estimated" if mode == "pooled" else mode)
+            for im in tqdm(images, desc=f"{lab} {split} {mode}", mininterval=10)]
     pooled = pooled_over_known = None
     if mode == "pooled":  # every field again at the median of the fields' own estimates
         pooled = float(np.median([o["mpp"] for o in outs])) if outs else None
@@ -273,7 +263,7 @@ def run_lab(analyzer: Analyzer, lab: str, split: str, mode: str, limit: int | No
                  "median_detect_ms": float(np.median([o["detect_ms"] for o in outs])) if outs else None,
                  "no_cells_fields": sum("no_cells_found" in o["flags"] for o in outs)}
     errs = [o["mpp"] / im.known_mpp - 1 for im, o in zip(images, outs) if im.known_mpp]
-    if errs and mode in ("estimated", "hinted"):
+    if errs and mode == "estimated":
         row["scale_error_median_abs"] = float(np.median(np.abs(errs)))
         row["scale_within_15pct"] = float(np.mean(np.abs(errs) <= 0.15))
     if lab == "bccd" or lab.startswith("txl_"):
@@ -338,11 +328,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=Path("models"))
     ap.add_argument("--split", choices=("val", "test"), default="val")
-    ap.add_argument("--scale", choices=("estimated", "given", "both", "pooled", "hinted"), default="both",
+    ap.add_argument("--scale", choices=("estimated", "given", "both", "pooled"), default="both",
                     help="pooled: each field's own estimate first, then every field again at their median "
-                         "(a station that learns one scale from its fields); hinted: the fields in order, "
-                         "each one's scale search starting where the previous fields settled "
-                         "(service.station.scale_memory, as a station runs)")
+                         "(a station that learns one scale from its fields)")
     ap.add_argument("--labs", default=",".join(DETECTOR_LABS))
     ap.add_argument("--limit", type=int, default=None, help="first N images per lab (quick looks)")
     ap.add_argument("--views", default=None, help="detector views, e.g. identity (default: the manifest's)")

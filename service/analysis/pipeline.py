@@ -247,7 +247,7 @@ class Analyzer:
         timing["scale_ms"] = (time.perf_counter() - t) * 1000
         h, w = frame.pixels.shape[:2]
         outcome = find_scale(lambda mpp, quick: self._detect_at(frame, mpp, illumination, timing, quick), first, h * w,
-                             self.options.scale_refine_tolerance, hint=frame.scale_hint)
+                             self.options.scale_refine_tolerance)
         return outcome, illumination
 
     def analyze(self, frame: Frame, run_id: str | None = None) -> FieldResult:

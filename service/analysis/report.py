@@ -31,11 +31,7 @@ class SourceInfo(_Strict):
 
 class ScaleInfo(_Strict):
     microns_per_pixel: float = Field(description="scale of the INPUT image")
-    method: Literal["given", "rbc_size_classical", "rbc_size_detection", "previous_fields", "default"] = Field(
-        description="given (calibrated); rbc_size_detection (measured on this field's red cells); "
-                    "rbc_size_classical (a model-free guess from stained blobs); previous_fields (this "
-                    "field showed no red cells to measure: the scale the station's previous fields "
-                    "measured); default (nothing to go on)")
+    method: Literal["given", "rbc_size_classical", "rbc_size_detection", "default"]
     canonical_microns_per_pixel: float
     uncertain: bool = Field(False, description="estimated from the red cells but resting on a search, on few "
                             "cells or on a refinement that did not settle (flag scale_uncertain)")

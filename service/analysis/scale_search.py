@@ -159,17 +159,11 @@ def search_grid() -> list[float]:
 
 
 def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate, input_pixels: int,
-               tolerance: float = 0.05, hint: float | None = None) -> ScaleOutcome:
+               tolerance: float = 0.05) -> ScaleOutcome:
     """Run detection passes until the scale is known, searched or refined (see the module doc).
 
     `detect_at(mpp, quick)` runs one pass; quick passes (the other guesses and the search) only
     count red cells, so they may use fewer views; the outcome's attempt is always a full pass.
-
-    `hint` (um/px, what a station's previous fields measured: service.station.scale_memory) is
-    tried first: it is taken where its pass shows enough whole red cells and refining from them
-    settles within a guess step (`GUESS_STEP`) of it. Otherwise the search runs from `first` as
-    without a hint (one pass more); a field whose search finds no red cell at all takes the hint,
-    flagged uncertain (method "previous_fields").
     """
     if first.method == "given":
         return ScaleOutcome(first, detect_at(first.microns_per_pixel, False), uncertain=False)
@@ -182,6 +176,13 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
 
     def best() -> Attempt:
         return max(tried, key=lambda a: (len(a.whole_rbc), not a.quick))
+
+    g = clamp(first.microns_per_pixel)
+    for i, mpp in enumerate((g, clamp(g * GUESS_STEP), clamp(g / GUESS_STEP))):
+        if any(abs(mpp / a.mpp - 1) < 0.05 for a in tried):
+            continue
+        if len(attempt(mpp, quick=i > 0).whole_rbc) >= MIN_RBC_FOR_SCALE:
+            break
 
     def refine(current: Attempt) -> tuple[Attempt, str]:
         """Refine from the whole red cells' size until the scale agrees with itself. Returns the
@@ -206,25 +207,6 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
                 return current, "unsettled"
             current = nxt
         return current, "unsettled"
-
-    hinted = None
-    if hint is not None:
-        hinted = attempt(clamp(hint), quick=False)
-        if len(hinted.whole_rbc) >= MIN_RBC_FOR_SCALE:
-            refined, how = refine(hinted)
-            if how == "settled" and 1 / GUESS_STEP <= refined.mpp / hinted.mpp <= GUESS_STEP:
-                return ScaleOutcome(ScaleEstimate(refined.mpp, "rbc_size_detection", len(refined.whole_rbc)),
-                                    refined, uncertain=False)
-        logger.info("the previous fields' scale %.4f did not hold here: searching from %.4f", hinted.mpp,
-                    first.microns_per_pixel)
-        tried.clear()  # the search below runs as without a hint
-
-    g = clamp(first.microns_per_pixel)
-    for i, mpp in enumerate((g, clamp(g * GUESS_STEP), clamp(g / GUESS_STEP))):
-        if any(abs(mpp / a.mpp - 1) < 0.05 for a in tried):
-            continue
-        if len(attempt(mpp, quick=i > 0).whole_rbc) >= MIN_RBC_FOR_SCALE:
-            break
 
     searched, ending = False, None
     guessed = best()
@@ -261,9 +243,6 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
                 searched, current, ending = True, held, "most cells"
             else:
                 logger.info("searched scale %.4f did not hold: the guess %.4f is kept", found.mpp, guessed.mpp)
-    if hinted is not None and not any(a.whole_rbc for a in tried):
-        return ScaleOutcome(ScaleEstimate(hinted.mpp, "previous_fields"), hinted, uncertain=True,
-                            reason="no red cells to measure here: the scale the previous fields measured")
     few = len(current.whole_rbc) < MIN_RBC_FOR_SCALE
     reasons = []
     if searched:

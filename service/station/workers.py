@@ -53,7 +53,6 @@ from smearscope.service.station.field_pool import FieldPool
 from smearscope.service.station.messages import report_messages
 from smearscope.service.station.notify import ProgressWatchdog
 from smearscope.service.station.requests import RequestQueue
-from smearscope.service.station.scale_memory import ScaleMemory
 from smearscope.service.station.specimen import ClosedRun, SpecimenTracker
 from smearscope.service.station.startup import AnalyzerLike
 from smearscope.service.station.work_queue import SENTINEL, TICK_S, BoundedQueue, DropPolicy
@@ -107,7 +106,6 @@ class StationWorkers:
         self._stop, self._request_stop = stop, request_stop
         self.max_fields = max_fields
         self.scale_override = scale_override
-        self.scale_memory = ScaleMemory()
         #: Fields analysed at once (service.station.field_pool), and how long an engine batch
         #: waits for another field's to join it (engines.coalesce).
         self.concurrent_fields = concurrent_fields
@@ -200,12 +198,8 @@ class StationWorkers:
         return not self._stop.is_set()
 
     def with_scale(self, frame: Frame) -> Frame:
-        """The frame at `analysis.microns_per_pixel` when the config overrides the scale; else, at
-        an unknown scale, with the previous fields' as where its search starts (scale_memory)."""
+        """The frame at `analysis.microns_per_pixel` when the config overrides the scale."""
         override = self.scale_override
-        if override is None and frame.microns_per_pixel is None and frame.scale_hint is None:
-            hint = self.scale_memory.hint()
-            return frame if hint is None else dataclasses.replace(frame, scale_hint=hint)
         if override is None or frame.microns_per_pixel == override:
             return frame
         return dataclasses.replace(frame, microns_per_pixel=override)
@@ -336,7 +330,6 @@ class StationWorkers:
         self.tracker.run_for_next_field()
         open_run = self.tracker.open_run()
         result, closed = self.tracker.add(result)
-        self.scale_memory.record(result.report.scale)
         run = None
         if open_run is not None and result.report.run_id == open_run.run_id:
             run = RunMeta(open_run.run_id, open_run.started_at, open_run.started_by,
