@@ -7,7 +7,12 @@ import pytest
 
 from smearscope.service.analysis.records import Box, CellDetection, CellKind
 from smearscope.service.analysis.scale import ScaleEstimate
-from smearscope.service.analysis.scale_search import Attempt, find_scale, measurable_red_cells
+from smearscope.service.analysis.scale_search import (
+    DETECTED_RBC_DIAMETER_UM,
+    Attempt,
+    find_scale,
+    measurable_red_cells,
+)
 
 W, H = 200, 150
 
@@ -40,7 +45,7 @@ def test_refinement_reads_the_cut_cells_where_whole_ones_are_too_few():
     true_mpp = 0.1
 
     def detect_at(mpp: float, quick: bool) -> Attempt:
-        side = 37.5 * mpp / true_mpp  # a 7.5 um cell at the canonical 0.2 um/px, resampled from `mpp`
+        side = DETECTED_RBC_DIAMETER_UM / 0.2 * mpp / true_mpp  # a normal cell's box at 0.2 um/px, resampled from `mpp`
         cells = [_rbc(10 + 60 * k, 10, 10 + 60 * k + side, 10 + side) for k in range(6)]
         return Attempt(mpp, cells[:2], None, quick, measured=cells)
 

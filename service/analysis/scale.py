@@ -69,8 +69,11 @@ def resample_to_canonical(image: np.ndarray, microns_per_pixel: float,
     return image if (w, h) == size else cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def scale_from_rbc_diameters(diameters_px: np.ndarray, min_cells: int = 5) -> float | None:
-    """um/px implied by a set of red-cell diameters in pixels (median of the middle half).
+def scale_from_rbc_diameters(diameters_px: np.ndarray, min_cells: int = 5,
+                             normal_um: float = NORMAL_RBC_DIAMETER_UM) -> float | None:
+    """um/px implied by a set of red-cell diameters in pixels (median of the middle half), a
+    normal red cell measuring `normal_um` by the ruler that measured them (7.5 um: BCCD's boxes,
+    the convention the datasets' scales were set with).
 
     Returns None with fewer than `min_cells` cells: too few to trust.
     """
@@ -81,7 +84,7 @@ def scale_from_rbc_diameters(diameters_px: np.ndarray, min_cells: int = 5) -> fl
     lo, hi = np.percentile(d, [25, 75])
     core = d[(d >= lo) & (d <= hi)]
     median = float(np.median(core if core.size else d))
-    return float(np.clip(NORMAL_RBC_DIAMETER_UM / median, MIN_UM_PER_PX, MAX_UM_PER_PX))
+    return float(np.clip(normal_um / median, MIN_UM_PER_PX, MAX_UM_PER_PX))
 
 
 def estimate_scale_classical(image_bgr: np.ndarray) -> ScaleEstimate | None:

@@ -2,7 +2,8 @@
 
 A station should be calibrated (`smearscope calibrate-scale`, a stage micrometer). Without it,
 the analyzer infers micrometres per pixel from red-cell size, a normal red cell being 7.5 um
-(the convention the datasets' scales were measured with):
+(the convention the datasets' scales were measured with), which the detector's boxes read as
+`DETECTED_RBC_DIAMETER_UM`:
 
 1. a model-free first guess from the size of round stained blobs (on the frame as stored, else
    on the lamp-corrected frame: `scale.first_scale_guess`);
@@ -73,6 +74,14 @@ SEARCH_WINS_FACTOR = 4
 UNSETTLED_MIN_RBC = 20
 #: A search pass that would resample the frame beyond this many canonical pixels is skipped.
 MAX_SEARCH_CANONICAL_PIXELS = 12_000_000
+#: The refinement's ruler: what the detector's box of a normal red cell measures (um), at the
+#: scales its training labs were given. Those scales rest on BCCD's boxes (a normal red cell
+#: 7.5 um, `scale.NORMAL_RBC_DIAMETER_UM`); the committed detector's boxes of whole red cells at
+#: those scales measure 7.37 um on BCCD, 7.65 to 7.84 on the three TXL-PBC sources and 8.30 on the
+#: Raspberry Pi station (median, 12 validation fields each). On the lab table at an estimated
+#: scale (validation, every lab) 7.5 x 1.06 was no lab's loss against 7.5 and found 0.895 of the
+#: station's white cells instead of 0.825 (models/README.md, "The refinement's ruler").
+DETECTED_RBC_DIAMETER_UM = 7.95
 
 
 #: Within this many pixels of the frame's side a box counts as cut by it.
@@ -191,7 +200,8 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
         for _ in range(REFINE_ROUNDS):
             cells = current.whole_rbc if current.measured is None else current.measured
             diam_canon = [(d.box.width + d.box.height) / 2.0 for d in cells]
-            implied = scale_from_rbc_diameters(np.array(diam_canon), min_cells=MIN_RBC_FOR_SCALE)
+            implied = scale_from_rbc_diameters(np.array(diam_canon), min_cells=MIN_RBC_FOR_SCALE,
+                                               normal_um=DETECTED_RBC_DIAMETER_UM)
             if implied is None:
                 return current, "unsettled"
             implied_mpp = current.mpp * implied / CANONICAL_UM_PER_PX
