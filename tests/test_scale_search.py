@@ -12,6 +12,7 @@ from smearscope.service.analysis.scale_search import (
     Attempt,
     find_scale,
     measurable_red_cells,
+    plausible,
 )
 
 W, H = 200, 150
@@ -58,3 +59,28 @@ def test_refinement_reads_the_cut_cells_where_whole_ones_are_too_few():
 
     stuck = find_scale(whole_only, ScaleEstimate(0.08, "rbc_size_classical"), 640 * 480)
     assert stuck.estimate.microns_per_pixel == pytest.approx(0.08) and stuck.uncertain
+
+
+def test_a_searched_scale_that_shows_white_cells_by_the_dozen_is_not_blood():
+    """A pale camera searched far above its scale: its red cells are seen large and taken for white
+    cells while their pieces pass for many red cells of the right size (they settle at any scale).
+    Such a pass is not blood; the search keeps the plausible pass near the true scale."""
+    true_mpp = 0.135
+    side = DETECTED_RBC_DIAMETER_UM / 0.2
+
+    def detect_at(mpp: float, quick: bool) -> Attempt:
+        r = mpp / true_mpp
+        if abs(mpp / 0.042 - 1) < 0.45:  # the first guess and its neighbours: two "red cells"
+            return Attempt(mpp, [_rbc(0, 0, 30, 30)] * 2, None, quick)
+        if 0.8 < r < 1.25:  # near the truth: red cells sized as the scale says, one white cell
+            s_ = side * r
+            return Attempt(mpp, [_rbc(0, 0, s_, s_)] * 20, None, quick, n_wbc=1)
+        if mpp > 0.25:  # far above: pieces of the right size, and the red cells seen as white ones
+            return Attempt(mpp, [_rbc(0, 0, side, side)] * 90, None, quick, n_wbc=25)
+        return Attempt(mpp, [], None, quick)
+
+    out = find_scale(detect_at, ScaleEstimate(0.042, "rbc_size_classical"), 640 * 480)
+    assert out.estimate.microns_per_pixel == pytest.approx(true_mpp, rel=0.1)
+    assert plausible(Attempt(0.1, [_rbc(0, 0, 9, 9)] * 100, None, n_wbc=9))  # one per 11 red cells
+    assert not plausible(Attempt(0.1, [_rbc(0, 0, 9, 9)] * 100, None, n_wbc=10))
+    assert plausible(Attempt(0.1, [_rbc(0, 0, 9, 9)] * 10, None, n_wbc=4))  # a few: a crop around white cells

@@ -74,6 +74,8 @@ DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 FALLBACK_UM_PER_PX = 0.1
 #: Red cells this confident take part in measuring the scale (sizes, not counts, matter here).
 SCALE_MIN_SCORE = 0.3
+#: White cells this confident count against a searched scale (scale_search.plausible).
+SCALE_WBC_MIN_SCORE = 0.5
 
 
 #: Head classes that are not the kind the head serves. A "platelet" from the WBC head (PBC's
@@ -232,7 +234,8 @@ class Analyzer:
         timing["detect_ms"] = timing.get("detect_ms", 0.0) + (time.perf_counter() - t) * 1000
         h, w = field_.shape[:2]
         return Attempt(mpp, whole_red_cells(dets, w, h, SCALE_MIN_SCORE), (field_, dets), quick,
-                       measured=measurable_red_cells(dets, w, h, SCALE_MIN_SCORE))
+                       measured=measurable_red_cells(dets, w, h, SCALE_MIN_SCORE),
+                       n_wbc=sum(d.kind is CellKind.WBC and d.score >= SCALE_WBC_MIN_SCORE for d in dets))
 
     def _scale_and_detect(self, frame: Frame, timing: dict[str, float]) -> tuple[ScaleOutcome, Illumination]:
         """Measure the lamp, find the scale (given, or from the red cells) and detect at it."""

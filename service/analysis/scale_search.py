@@ -28,6 +28,10 @@ the analyzer infers micrometres per pixel from red-cell size, a normal red cell 
    TXL-PBC 360 0.001 lower. Counting the cut cells in those decisions too lost the station's
    white cells (0.765 -> 0.676 found): they made wrong first guesses look measured.
 
+A searched pass that is not blood at its scale (`plausible`: white cells by the dozen, one or
+more per ten whole red cells) is never taken: far above its scale a pale camera's red cells are
+seen large and taken for white cells while their pieces pass for red cells of the right size.
+
 A search pass that upsamples a sparse field finds "red cells" at an absurd scale: on TXL-PBC
 test (other labs' fields, scale estimated) taking the search's best whenever fewer than three
 whole red cells were found, and guessing on the lamp-corrected frame first, lowered counted-cell
@@ -74,6 +78,11 @@ SEARCH_WINS_FACTOR = 4
 UNSETTLED_MIN_RBC = 20
 #: A search pass that would resample the frame beyond this many canonical pixels is skipped.
 MAX_SEARCH_CANONICAL_PIXELS = 12_000_000
+#: A searched pass with at least this many confident white cells, and at least
+#: `IMPLAUSIBLE_WBC_PER_RBC` of them per whole red cell, is not blood at its scale (`plausible`):
+#: even a leukaemic smear with 200 000 white cells per uL has about one per 15 red cells.
+IMPLAUSIBLE_WBC_MIN = 5
+IMPLAUSIBLE_WBC_PER_RBC = 0.1
 #: The refinement's ruler: what the detector's box of a normal red cell measures (um), at the
 #: scales its training labs were given. Those scales rest on BCCD's boxes (a normal red cell
 #: 7.5 um, `scale.NORMAL_RBC_DIAMETER_UM`); the committed detector's boxes of whole red cells at
@@ -147,6 +156,17 @@ class Attempt:
     quick: bool = False  # a search pass (one detector view), not the analysis itself
     #: The red cells whose size the refinement reads (`measurable_red_cells`); None: `whole_rbc`.
     measured: list[CellDetection] | None = None
+    #: Confident white cells this pass found (`plausible`).
+    n_wbc: int = 0
+
+
+def plausible(a: Attempt) -> bool:
+    """Whether a searched pass could be blood at its scale: not `IMPLAUSIBLE_WBC_MIN` or more white
+    cells at `IMPLAUSIBLE_WBC_PER_RBC` or more per whole red cell. Far above its true scale a pale
+    camera's red cells are seen large, and the detector takes them for white cells while their
+    pieces pass for red cells (a Raspberry Pi station's test field searched to 2.6 times its scale
+    showed 101 "red cells" and 38 "white cells")."""
+    return a.n_wbc < IMPLAUSIBLE_WBC_MIN or a.n_wbc < IMPLAUSIBLE_WBC_PER_RBC * len(a.whole_rbc)
 
 
 @dataclass(frozen=True)
@@ -228,11 +248,12 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
             if canonical_pixels > MAX_SEARCH_CANONICAL_PIXELS or any(abs(mpp / a.mpp - 1) < 0.2 for a in tried):
                 continue
             attempt(mpp, quick=True)
-        found = max(tried[n_guessed:], key=lambda a: len(a.whole_rbc), default=guessed)
+        found = max((a for a in tried[n_guessed:] if plausible(a)), key=lambda a: len(a.whole_rbc), default=guessed)
         logger.info("scale searched over %d passes: best %.4f um/px with %d whole red cells (guesses: %d)",
                     len(tried), found.mpp, len(found.whole_rbc), len(guessed.whole_rbc))
         if len(guessed.whole_rbc) < MIN_RBC_TO_SKIP_SEARCH:
-            searched, current = True, best()
+            searched, current = True, max((a for a in tried if plausible(a)), default=guessed,
+                                          key=lambda a: (len(a.whole_rbc), not a.quick))
         elif len(found.whole_rbc) >= max(MIN_RBC_FOR_SCALE, SEARCH_WINS_FACTOR * len(guessed.whole_rbc)):
             # A few whole red cells at the guesses: the field may be sparse (the guess is right) or
             # the guess wrong (a detector finds a few "red cells" at any scale). The searched scale
@@ -244,8 +265,9 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
             refined, how = refine(found)
             many = max(UNSETTLED_MIN_RBC, SEARCH_WINS_FACTOR * len(guessed.whole_rbc))
             # the searched pass and the refinement's passes from it
-            held = max([found, *tried[n_before:]], key=lambda a: len(a.whole_rbc))
-            if how == "settled" or (how == "unsettled" and len(refined.whole_rbc) >= many):
+            held = max([a for a in (found, *tried[n_before:]) if plausible(a)], key=lambda a: len(a.whole_rbc),
+                       default=found)
+            if (how == "settled" or (how == "unsettled" and len(refined.whole_rbc) >= many)) and plausible(refined):
                 searched, current, ending = True, refined, how
             elif how == "unsettled" and len(held.whole_rbc) >= many:
                 # the size keeps pulling the scale away while the cells thin out (a camera's pale

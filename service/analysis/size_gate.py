@@ -11,8 +11,8 @@ open-set thresholds (report flag `atypical_wbc_present` when there are enough of
 The bound is the largest lymphocyte diameter on validation (the detector's mask, equivalent-area
 diameter at 0.2 um/px, given scale): PBC 14.8 um (100 cells, median 11.7), BCCD 13.0 (9), the
 Raspberry Pi station 11.9 (12); rounded up to 15.0 um. The scale being estimated from red cells
-(a red cell taken as 7.5 um) keeps a cell's size relative to the red cells, so the gate holds
-without calibration too.
+(a red cell's box taken as `scale_search.DETECTED_RBC_DIAMETER_UM`) keeps a cell's size relative
+to the red cells, so the gate holds without calibration too.
 """
 
 from __future__ import annotations
