@@ -84,3 +84,38 @@ def test_a_searched_scale_that_shows_white_cells_by_the_dozen_is_not_blood():
     assert plausible(Attempt(0.1, [_rbc(0, 0, 9, 9)] * 100, None, n_wbc=9))  # one per 11 red cells
     assert not plausible(Attempt(0.1, [_rbc(0, 0, 9, 9)] * 100, None, n_wbc=10))
     assert plausible(Attempt(0.1, [_rbc(0, 0, 9, 9)] * 10, None, n_wbc=4))  # a few: a crop around white cells
+    assert not plausible(Attempt(0.1, [_rbc(0, 0, 9, 9)] * 10, None, n_wbc=5))
+
+
+def test_with_no_red_cell_at_the_guesses_the_search_takes_the_most_red_cells_that_are_blood():
+    """No whole red cell at the guesses: the search's pass with the most whole red cells is taken,
+    unless it is not blood; then the next one that is."""
+    true_mpp = 0.135
+    side = DETECTED_RBC_DIAMETER_UM / 0.2
+
+    def detect_at(mpp: float, quick: bool) -> Attempt:
+        r = mpp / true_mpp
+        if 0.8 < r < 1.25:
+            return Attempt(mpp, [_rbc(0, 0, side * r, side * r)] * 3, None, quick, n_wbc=0)
+        if mpp > 0.25:  # more "red cells", and white cells by the dozen: not blood
+            return Attempt(mpp, [_rbc(0, 0, side, side)] * 40, None, quick, n_wbc=12)
+        return Attempt(mpp, [], None, quick, n_wbc=6 if mpp < 0.05 else 0)  # the guesses: white cells only
+
+    out = find_scale(detect_at, ScaleEstimate(0.035, "rbc_size_classical"), 640 * 480)
+    assert out.estimate.microns_per_pixel == pytest.approx(0.152, rel=0.01)  # the search's step nearest the truth
+    assert out.uncertain and "search" in out.reason
+
+
+def test_refining_a_searched_scale_does_not_walk_out_of_blood():
+    """The searched pass shows three red cells that point to a scale twice as large, where the
+    red cells are seen as white cells by the dozen: the searched pass stands, flagged."""
+    def detect_at(mpp: float, quick: bool) -> Attempt:
+        if abs(mpp / 0.1519 - 1) < 0.01:  # the search's best: three red cells that look small
+            return Attempt(mpp, [_rbc(0, 0, 20, 20)] * 5, None, quick, n_wbc=0)
+        if mpp > 0.25:
+            return Attempt(mpp, [_rbc(0, 0, 20, 20)] * 5, None, quick, n_wbc=30)
+        return Attempt(mpp, [], None, quick)
+
+    out = find_scale(detect_at, ScaleEstimate(0.035, "rbc_size_classical"), 640 * 480)
+    assert out.estimate.microns_per_pixel == pytest.approx(0.1519, rel=0.01)
+    assert out.uncertain and "did not settle" in out.reason

@@ -225,8 +225,8 @@ class Analyzer:
                    quick: bool = False) -> Attempt:
         """Resample to canonical assuming `mpp`, prepare, detect; also the whole, confident RBCs.
 
-        A quick pass (a scale guess or search: only red cells are counted) runs the detector's
-        first view alone."""
+        A quick pass (a scale guess or search: only red cells, and the white cells that tell a
+        scale is not blood, are counted) runs the detector's first view alone."""
         field_ = CanonicalField(frame.pixels, mpp, illumination, self.normalizers, timing)
         seg_frame = field_.pixels(self._prep["segmentation"])
         t = time.perf_counter()

@@ -28,8 +28,9 @@ the analyzer infers micrometres per pixel from red-cell size, a normal red cell 
    TXL-PBC 360 0.001 lower. Counting the cut cells in those decisions too lost the station's
    white cells (0.765 -> 0.676 found): they made wrong first guesses look measured.
 
-A searched pass that is not blood at its scale (`plausible`: white cells by the dozen, one or
-more per ten whole red cells) is never taken: far above its scale a pale camera's red cells are
+A searched pass that is not blood at its scale (`plausible`: five or more confident white cells,
+at least one per ten whole red cells) is never taken, nor a refinement from a searched scale that
+walks into one: far above its scale a pale camera's red cells are
 seen large and taken for white cells while their pieces pass for red cells of the right size.
 
 A search pass that upsamples a sparse field finds "red cells" at an absurd scale: on TXL-PBC
@@ -252,7 +253,7 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
         logger.info("scale searched over %d passes: best %.4f um/px with %d whole red cells (guesses: %d)",
                     len(tried), found.mpp, len(found.whole_rbc), len(guessed.whole_rbc))
         if len(guessed.whole_rbc) < MIN_RBC_TO_SKIP_SEARCH:
-            searched, current = True, max((a for a in tried if plausible(a)), default=guessed,
+            searched, current = True, max((a for a in tried if plausible(a) and a.whole_rbc), default=guessed,
                                           key=lambda a: (len(a.whole_rbc), not a.quick))
         elif len(found.whole_rbc) >= max(MIN_RBC_FOR_SCALE, SEARCH_WINS_FACTOR * len(guessed.whole_rbc)):
             # A few whole red cells at the guesses: the field may be sparse (the guess is right) or
@@ -282,7 +283,11 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
     if few:
         reasons.append(f"only {len(current.whole_rbc)} whole red cells")
     if ending not in ("settled", "most cells"):  # a pass kept for its many cells is not refined again
-        current, ending = refine(current)
+        refined, ending = refine(current)
+        if searched and not plausible(refined):  # refining a searched scale must not walk out of blood
+            ending = "unsettled"
+        else:
+            current = refined
     if ending != "settled" and len(current.whole_rbc) >= MIN_RBC_FOR_SCALE:
         reasons.append("the refinement from red-cell size did not settle")
     if current.quick:
