@@ -294,10 +294,11 @@ def test_calibrate_scale_command(tmp_path):
 
 def _fake_pass(true_mpp: float, cells_px: float | None = None):
     """A detection pass that finds whole red cells only near the true scale, sized as a detector sees them."""
+    from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
     from smearscope.service.analysis.scale_search import DETECTED_RBC_DIAMETER_UM, Attempt
 
     calls = []
-    cells_px = DETECTED_RBC_DIAMETER_UM / 0.2 if cells_px is None else cells_px
+    cells_px = DETECTED_RBC_DIAMETER_UM / CANONICAL_UM_PER_PX if cells_px is None else cells_px
 
     def detect_at(mpp: float, quick: bool):
         calls.append((round(mpp, 4), quick))

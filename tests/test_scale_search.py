@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from smearscope.service.analysis.records import Box, CellDetection, CellKind
-from smearscope.service.analysis.scale import ScaleEstimate
+from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX, ScaleEstimate
 from smearscope.service.analysis.scale_search import (
     DETECTED_RBC_DIAMETER_UM,
     Attempt,
@@ -46,7 +46,7 @@ def test_refinement_reads_the_cut_cells_where_whole_ones_are_too_few():
     true_mpp = 0.1
 
     def detect_at(mpp: float, quick: bool) -> Attempt:
-        side = DETECTED_RBC_DIAMETER_UM / 0.2 * mpp / true_mpp  # a normal cell's box at 0.2 um/px, resampled from `mpp`
+        side = DETECTED_RBC_DIAMETER_UM / CANONICAL_UM_PER_PX * mpp / true_mpp  # a normal cell's box at 0.2 um/px, resampled from `mpp`
         cells = [_rbc(10 + 60 * k, 10, 10 + 60 * k + side, 10 + side) for k in range(6)]
         return Attempt(mpp, cells[:2], None, quick, measured=cells)
 
@@ -66,7 +66,7 @@ def test_a_searched_scale_that_shows_white_cells_by_the_dozen_is_not_blood():
     cells while their pieces pass for many red cells of the right size (they settle at any scale).
     Such a pass is not blood; the search keeps the plausible pass near the true scale."""
     true_mpp = 0.135
-    side = DETECTED_RBC_DIAMETER_UM / 0.2
+    side = DETECTED_RBC_DIAMETER_UM / CANONICAL_UM_PER_PX
 
     def detect_at(mpp: float, quick: bool) -> Attempt:
         r = mpp / true_mpp
@@ -91,7 +91,7 @@ def test_with_no_red_cell_at_the_guesses_the_search_takes_the_most_red_cells_tha
     """No whole red cell at the guesses: the search's pass with the most whole red cells is taken,
     unless it is not blood; then the next one that is."""
     true_mpp = 0.135
-    side = DETECTED_RBC_DIAMETER_UM / 0.2
+    side = DETECTED_RBC_DIAMETER_UM / CANONICAL_UM_PER_PX
 
     def detect_at(mpp: float, quick: bool) -> Attempt:
         r = mpp / true_mpp

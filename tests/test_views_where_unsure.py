@@ -177,7 +177,6 @@ FIELDS = {  # (seed, width, height, rendered density, most tiles the unsure mode
     #          whether packed windows must need fewer detector inputs than whole tiles)
     "sparse": (7, 1400, 1000, 0.04, 0.6, True),
     # dense: nearly every tile holds a cell cut by its edge; an extra view's own cut pieces (at the
-    # border of the region it ran) must not be counted
     # border of the region it ran) must not be counted; with unsure cells in nearly every tile the
     # windows are packed no tighter than whole tiles, and never into more inputs than they
     "dense": (1, 1280, 960, 0.38, 0.75, False),

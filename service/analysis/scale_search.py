@@ -30,8 +30,8 @@ the analyzer infers micrometres per pixel from red-cell size, a normal red cell 
 
 A searched pass that is not blood at its scale (`plausible`: five or more confident white cells,
 at least one per ten whole red cells) is never taken, nor a refinement from a searched scale that
-walks into one: far above its scale a pale camera's red cells are
-seen large and taken for white cells while their pieces pass for red cells of the right size.
+walks into one: far above its scale a pale camera's red cells are seen large and taken for white
+cells while their pieces pass for red cells of the right size.
 
 A search pass that upsamples a sparse field finds "red cells" at an absurd scale: on TXL-PBC
 test (other labs' fields, scale estimated) taking the search's best whenever fewer than three
