@@ -84,8 +84,6 @@ class ICudaEngine:
         self.tensors = [*spec["inputs"], *spec["outputs"]]
         self._by_name = {t["name"]: t for t in self.tensors}
         self.executor = _make_executor(spec)
-        self._shapes: dict[tuple, dict[str, tuple[int, ...]]] = {}
-        self._shape_session = None
 
     @property
     def num_io_tensors(self) -> int:
@@ -102,21 +100,6 @@ class ICudaEngine:
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._by_name[name]["shape"])
-
-    def output_shape(self, name: str, input_shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
-        """Output `name`'s shape (batch axis -1) for inputs of `input_shapes`: shape inference
-        by running the ONNX graph once on zeros per input shape (cached)."""
-        key = tuple(sorted((n, tuple(s[1:])) for n, s in input_shapes.items()))
-        if key not in self._shapes:
-            import onnxruntime as ort
-
-            if self._shape_session is None:
-                self._shape_session = ort.InferenceSession(self.spec["onnx"], providers=["CPUExecutionProvider"])
-            feeds = {n: np.zeros((1, *s), np.float32) for n, s in key}
-            outs = self._shape_session.run(None, feeds)
-            names = [o.name for o in self._shape_session.get_outputs()]
-            self._shapes[key] = {n: (-1, *o.shape[1:]) for n, o in zip(names, outs)}
-        return self._shapes[key][name]
 
     def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
         if profile != 0:
@@ -157,12 +140,7 @@ class IExecutionContext:
         if name in self.input_shapes:
             return self.input_shapes[name]
         batch = next(iter(self.input_shapes.values()), (-1,))[0]
-        static = self.engine.get_tensor_shape(name)
-        smaller = {n: s for n, s in self.input_shapes.items()
-                   if tuple(s[1:]) != tuple(self.engine.get_tensor_shape(n)[1:])}
-        if smaller:  # an input smaller than the profile's largest (a spatial profile): as TensorRT, the
-            static = self.engine.output_shape(name, smaller)  # network's own shapes for it
-        return tuple(batch if d < 0 else d for d in static)
+        return tuple(batch if d < 0 else d for d in self.engine.get_tensor_shape(name))
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         e = self.engine

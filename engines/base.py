@@ -62,18 +62,9 @@ class Engine(abc.ABC):
         if not prof.min <= n <= prof.max:
             raise EngineError(f"{self.manifest.name}: batch {n} outside profile [{prof.min}, {prof.max}]")
         expected = tuple(self.manifest.inputs[0].shape[1:])
-        if tuple(batch.shape[1:]) != expected and not self._smaller_input_accepted(batch.shape[1:]):
+        if tuple(batch.shape[1:]) != expected:
             raise EngineError(f"{self.manifest.name}: input shape {batch.shape[1:]} != {expected}")
         return self._run(np.ascontiguousarray(batch, dtype=np.float32))
-
-    def _smaller_input_accepted(self, shape: tuple[int, ...]) -> bool:
-        """An image input whose spatial size the manifest's `spatial` profile allows."""
-        m = self.manifest
-        if m.spatial is None or len(shape) != 3:
-            return False
-        nchw = m.preprocessing.layout == "NCHW"
-        c, h, w = shape if nchw else (shape[2], shape[0], shape[1])
-        return c == m.inputs[0].shape[1 if nchw else 3] and m.accepts_hw(h, w)
 
     def warmup(self, iterations: int = 2) -> float:
         """Run the optimal batch a few times so first-use graph building happens now; returns s."""

@@ -39,24 +39,6 @@ class BatchProfile(BaseModel):
     max: int = 32
 
 
-class SpatialProfile(BaseModel):
-    """Spatial sizes a fully convolutional model accepts besides its square `input_size`: any
-    height and width that are multiples of `multiple`, from `min` to `input_size`. The detector
-    then runs a frame smaller than a tile, and its packed view windows, at the smallest such
-    shape that holds them instead of padding to a whole tile (TensorRT: the optimisation profile
-    spans these shapes, its optimum stays the square tile)."""
-
-    model_config = ConfigDict(extra="forbid")
-    multiple: int = Field(32, ge=1, description="height and width must be multiples of this (the network's largest stride)")
-    min: int = Field(32, ge=1, description="smallest height or width")
-
-    @model_validator(mode="after")
-    def _min_is_a_multiple(self) -> SpatialProfile:
-        if self.min % self.multiple:
-            raise ValueError(f"spatial.min {self.min} is not a multiple of {self.multiple}")
-        return self
-
-
 class Preprocessing(BaseModel):
     model_config = ConfigDict(extra="forbid")
     color: Literal["RGB", "BGR"] = "RGB"
@@ -114,8 +96,6 @@ class ModelManifest(BaseModel):
     outputs: list[TensorSpec]
     batch: BatchProfile = BatchProfile()
     input_size: int = Field(description="square spatial input side in pixels")
-    spatial: SpatialProfile | None = Field(None, description="smaller inputs the model also accepts (fully "
-                                           "convolutional detectors); none: only input_size x input_size")
     canonical_um_per_px: float
     preprocessing: Preprocessing = Preprocessing()
     classes: list[str]
@@ -155,32 +135,6 @@ class ModelManifest(BaseModel):
         if unknown:
             raise ValueError(f"class_log_prior_shift names classes the model does not have: {unknown}")
         return self
-
-    @model_validator(mode="after")
-    def _spatial_fits_the_input(self) -> ModelManifest:
-        sp = self.spatial
-        if sp is not None and (self.input_size % sp.multiple or sp.min > self.input_size):
-            raise ValueError(f"spatial {sp} does not fit input_size {self.input_size}")
-        return self
-
-    def input_hw(self, height: int, width: int) -> tuple[int, int]:
-        """The smallest input (height, width) the model accepts that holds `height` x `width`
-        pixels (at most input_size each): the square tile unless `spatial` allows less."""
-        s = self.input_size
-        sp = self.spatial
-        if sp is None:
-            return s, s
-        def up(n: int) -> int:
-            return min(s, max(sp.min, -(-n // sp.multiple) * sp.multiple))
-        return up(height), up(width)
-
-    def accepts_hw(self, height: int, width: int) -> bool:
-        """Whether an input of `height` x `width` is one the model takes."""
-        s = self.input_size
-        sp = self.spatial
-        if sp is None:
-            return (height, width) == (s, s)
-        return all(sp.min <= n <= s and n % sp.multiple == 0 for n in (height, width))
 
     def model_path(self, manifest_path: Path) -> Path:
         return manifest_path.parent / self.file

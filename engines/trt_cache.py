@@ -18,8 +18,7 @@ def engine_filename(manifest: ModelManifest, trt_version: str, precision: str) -
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     ver = re.sub(r"[^0-9.]", "", trt_version) or "unknown"
-    hw = f"-hw{manifest.spatial.min}" if manifest.spatial is not None else ""  # a profile over image sizes
-    return f"{manifest.name}-{manifest.sha256[:12]}-trt{ver}-{precision}-b{manifest.batch.max}{hw}.engine"
+    return f"{manifest.name}-{manifest.sha256[:12]}-trt{ver}-{precision}-b{manifest.batch.max}.engine"
 
 
 def engine_path(cache_dir: Path, manifest: ModelManifest, trt_version: str, precision: str) -> Path:
@@ -34,9 +33,5 @@ def profile_shapes(manifest: ModelManifest) -> dict[str, tuple[tuple[int, ...], 
         rest = tuple(t.shape[1:])
         if any(d < 0 for d in rest):
             raise ValueError(f"{manifest.name}: only the batch axis may be dynamic, got {t.shape}")
-        smallest = rest
-        if manifest.spatial is not None:  # smaller images too (the optimum stays the square tile)
-            m = manifest.spatial.min
-            smallest = (rest[0], m, m) if manifest.preprocessing.layout == "NCHW" else (m, m, rest[2])
-        out[t.name] = ((b.min, *smallest), (b.opt, *rest), (b.max, *rest))
+        out[t.name] = ((b.min, *rest), (b.opt, *rest), (b.max, *rest))
     return out

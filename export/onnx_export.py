@@ -21,7 +21,6 @@ from smearscope.engines.manifest import (
     ModelManifest,
     OpenSet,
     Preprocessing,
-    SpatialProfile,
     TensorSpec,
     sha256_file,
 )
@@ -115,8 +114,7 @@ def export_yolo_seg(weights: Path, *, name: str, imgsz: int, classes: list[str],
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     probe = sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 3, imgsz, imgsz), np.float32)})
-    # Spatial axes are exported dynamic: the manifest pins the square tile as the input shape and
-    # lets the detector run smaller multiples of the stride (`spatial`) for frames smaller than a tile.
+    # Spatial axes are exported dynamic, but the analyzer always feeds imgsz tiles: pin them.
     ins = [TensorSpec(name=sess.get_inputs()[0].name, shape=[-1, 3, imgsz, imgsz])]
     outs = [TensorSpec(name=o.name, shape=[-1, *p.shape[1:]]) for o, p in zip(sess.get_outputs(), probe)]
     wanted = [tuple(p.shape[1:]) for p in probe]
@@ -144,7 +142,7 @@ def export_yolo_seg(weights: Path, *, name: str, imgsz: int, classes: list[str],
     manifest = ModelManifest(
         name=name, task="segmentation", file=onnx_path.name, sha256=sha256_file(onnx_path), opset=OPSET,
         inputs=ins, outputs=outs, batch=BatchProfile(min=1, opt=4, max=16), input_size=imgsz,
-        spatial=SpatialProfile(multiple=32, min=32), canonical_um_per_px=CANONICAL_UM_PER_PX, classes=classes, preprocessing=preprocessing or Preprocessing(),
+        canonical_um_per_px=CANONICAL_UM_PER_PX, classes=classes, preprocessing=preprocessing or Preprocessing(),
         architecture=architecture or "ultralytics yolo11n-seg (yaml), from scratch",
         training_data=training_data, split_hashes=split_hashes,
         metrics={**metrics, "onnx_parity_max_abs_diff": diff},

@@ -27,7 +27,6 @@ class OracleSegmenter:
     that are final already (`calibrate` and `finish` change nothing)."""
 
     views: tuple[str, ...] = ("identity",)
-    spatial = None  # whole tiles only
 
     def __init__(self, field: SyntheticField) -> None:
         mpp = field.frame.microns_per_pixel

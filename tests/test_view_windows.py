@@ -166,3 +166,15 @@ def test_a_window_on_the_frames_edge_clips_a_cell_running_into_the_padding():
     x1 = p.cx + p.window[2] - p.window[0]
     cut = CellDetection(CellKind.RBC, Box(x1 - 25, p.cy + 36, x1 - EDGE_MARGIN_PX / 2, p.cy + 60), 0.8, None, tile_index=7)
     assert unpack([cut], plan, 7, w, h, [3]) == [[]]
+
+
+def test_a_window_judges_only_the_cells_well_inside_its_sides_within_the_frame():
+    from smearscope.service.analysis.view_windows import WINDOW_SEES_INSET_PX, judged_region
+
+    m = WINDOW_SEES_INSET_PX
+    assert m > 0
+    # inside the frame on every side: inset on every side
+    assert judged_region((100, 80, 300, 240), 640, 480) == (100 + m, 80 + m, 300 - m, 240 - m)
+    # on the frame's left and bottom edges: those sides stay (the frame's edge is the edge there)
+    assert judged_region((0, 300, 200, 480), 640, 480) == (0, 300 + m, 200 - m, 480)
+    assert judged_region((0, 0, 640, 480), 640, 480) == (0, 0, 640, 480)

@@ -250,3 +250,26 @@ def test_unsure_is_the_default_of_the_analyzer_and_of_the_station_config():
 
     assert AnalyzerOptions().detector_views_where == "unsure"
     assert AnalysisConfig().detector_views_where == "unsure"
+
+
+@pytest.mark.skipif(not (MODELS / "seg.onnx").exists(), reason="committed models missing (models/)")
+def test_packed_windows_on_a_dense_field_keep_the_cells_they_show_with_little_context(analyzers, monkeypatch):
+    """Windows chosen even where whole tiles would be as few (here whole tiles are made to look
+    dear): every window then shows, near its sides, confident cells it was not placed for; its
+    view must not vote them down. Without the inset (view_windows.judged_region) a confident red
+    cell 18 px inside a window side, missed by both extra views there, lost two thirds of its
+    score and was not counted."""
+    import smearscope.service.analysis.detect_views as dv
+
+    everywhere, unsure, _, _ = analyzers
+    monkeypatch.setattr(dv, "place_tiles", lambda boxes, *a, **k: [(0, 0)] * 1000)
+    monkeypatch.setattr(dv, "tiles_for_boxes", lambda windows, boxes: list(range(len(windows))))
+    planned = []
+    original = dv.plan_windows
+    monkeypatch.setattr(dv, "plan_windows", lambda *a, **k: planned.append(original(*a, **k)) or planned[-1])
+    seed, width, height, density, _, _ = FIELDS["dense"]
+    field = render_field(seed, width=width, height=height, rbc_density=density, n_wbc=1, n_platelets=3,
+                         microns_per_pixel=0.1)
+    a, b = everywhere.analyze(field.frame), unsure.analyze(field.frame)
+    assert planned and planned[0].n_tiles >= 2  # the windows ran
+    assert len(a.cells) >= 50 and _matched(a, b)

@@ -52,9 +52,6 @@ class ViewSettings:
     unsure_kinds: tuple[str, ...]
     windows: bool
     window_margin: int
-    #: (multiple, smallest): the detector also takes inputs of these sides (the segmenter's
-    #: `spatial`), so packed windows run on canvases cut to fit them; None: whole tiles only.
-    canvas: tuple[int, int] | None = None
 
 
 def view_cells(raw: list[CellDetection], k: int, view: str, stride: int, w: int, h: int) -> list[CellDetection]:
@@ -114,7 +111,7 @@ def _where_unsure(segmenter: Segmenter, canonical: np.ndarray, views: tuple[str,
         return segmenter.finish(first)
     extra = range(1, len(views))
     plan = plan_windows([boxes_in_view(unsure, views[k], w, h) for k in extra], w, h, s.tile_size,
-                        s.window_margin, shrink=s.canvas) if s.windows else None
+                        s.window_margin) if s.windows else None
     stride = grid + (len(plan.placements) if plan is not None else 0)  # room for the windows' indices
 
     def whole_tiles(k: int, boxes: np.ndarray) -> list[Tile]:
@@ -132,7 +129,7 @@ def _where_unsure(segmenter: Segmenter, canonical: np.ndarray, views: tuple[str,
     tiled = {k: whole_tiles(k, unsure if plan is None else unsure[list(plan.left_over[k - 1])]) for k in extra}
     if plan is not None:
         everywhere = {k: whole_tiles(k, unsure) for k in extra}
-        if plan.cost(s.tile_size) + sum(map(len, tiled.values())) >= sum(map(len, everywhere.values())):
+        if plan.n_tiles + sum(map(len, tiled.values())) >= sum(map(len, everywhere.values())):
             plan, tiled = None, everywhere  # windows save no detector input here; whole tiles give more context
     coverage = Coverage(w, h, len(views))
     coverage.add(0, (0, 0, w, h))

@@ -219,8 +219,7 @@ class Analyzer:
         o = self.options
         return detect_views(self.segmenter, canonical, self.segmenter.views if views is None else views,
                             ViewSettings(o.tile_size, o.tile_overlap, o.detector_views_where, o.detector_unsure_band,
-                                         o.detector_unsure_kinds, o.detector_view_windows, o.detector_window_margin,
-                                         _canvas(self.segmenter)))
+                                         o.detector_unsure_kinds, o.detector_view_windows, o.detector_window_margin))
 
     def _detect_at(self, frame: Frame, mpp: float, illumination: Illumination, timing: dict[str, float],
                    quick: bool = False) -> Attempt:
@@ -389,12 +388,6 @@ def _touches_frame(d: CellDetection, shape: tuple[int, ...], margin: float = 2.0
     h, w = shape[:2]
     b = d.box
     return b.x0 <= margin or b.y0 <= margin or b.x1 >= w - margin or b.y1 >= h - margin
-
-
-def _canvas(segmenter: Segmenter) -> tuple[int, int] | None:
-    """(multiple, smallest) of the inputs the detector takes besides whole tiles, if any."""
-    sp = segmenter.spatial
-    return None if sp is None else (sp.multiple, sp.min)
 
 
 def input_bbox(box, factor: float, width: int, height: int) -> list[float]:

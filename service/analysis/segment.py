@@ -8,7 +8,7 @@ interior tile edge (`cut_by_tile_edge`) so the merge step can prefer whole views
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -25,9 +25,6 @@ class Segmenter(Protocol):
 
     #: Test-time views of the frame the pipeline runs and fuses; ("identity",) for one pass.
     views: tuple[str, ...]
-    #: Smaller inputs the detector takes besides whole tiles (engines.manifest.SpatialProfile: its
-    #: `multiple` and `min`), used to cut packed view windows to fit; None: whole tiles only.
-    spatial: Any
 
     def detect(self, tiles: Iterable[Tile], frame_width: int, frame_height: int,
                calibrate: bool = True) -> list[CellDetection]:
@@ -54,10 +51,10 @@ def cut_by_interior_tile_edges(boxes_in_frame: np.ndarray, tile: Tile, frame_wid
                                frame_height: int) -> np.ndarray:
     """`touches_interior_tile_edge` of each (x0, y0, x1, y1) row, at once."""
     b = np.asarray(boxes_in_frame, np.float64).reshape(-1, 4)
-    th, tw = tile.pixels.shape[:2]
+    size = tile.pixels.shape[0]
     m = EDGE_MARGIN_PX
     left = (b[:, 0] <= tile.x + m) & (tile.x > 0)
     top = (b[:, 1] <= tile.y + m) & (tile.y > 0)
-    right = (b[:, 2] >= tile.x + tw - m) & (tile.x + tw < frame_width)
-    bottom = (b[:, 3] >= tile.y + th - m) & (tile.y + th < frame_height)
+    right = (b[:, 2] >= tile.x + size - m) & (tile.x + size < frame_width)
+    bottom = (b[:, 3] >= tile.y + size - m) & (tile.y + size < frame_height)
     return left | top | right | bottom

@@ -59,17 +59,12 @@ class Placement:
 
 @dataclass(frozen=True)
 class WindowPlan:
-    """Where the windows went: `placements` in `n_tiles` packed tiles of `sizes` (width, height)
-    each; `left_over[k]` the indices of view k's boxes whose window is larger than a tile."""
+    """Where the windows went: `placements` in `n_tiles` packed tiles; `left_over[k]` the indices
+    of view k's boxes whose window is larger than a tile."""
 
     placements: tuple[Placement, ...]
     n_tiles: int
     left_over: tuple[tuple[int, ...], ...]
-    sizes: tuple[tuple[int, int], ...] = ()
-
-    def cost(self, side: int) -> float:
-        """The packed tiles' pixels in whole tiles of `side` (what they cost the detector, roughly)."""
-        return sum(w * h for w, h in self.sizes) / (side * side)
 
 
 def unsure_windows(boxes: np.ndarray, frame_width: int, frame_height: int, side: int,
@@ -118,17 +113,15 @@ def unsure_windows(boxes: np.ndarray, frame_width: int, frame_height: int, side:
 _CELL = 8
 
 
-def pack(sizes: Sequence[tuple[int, int]], side: int | tuple[int, int], gap: int = WINDOW_GAP_PX,
+def pack(sizes: Sequence[tuple[int, int]], side: int, gap: int = WINDOW_GAP_PX,
          flush: Sequence[tuple[bool, bool, bool, bool]] | None = None) -> list[tuple[int, int, int]]:
-    """(tile, x, y) for each (width, height) that fits a tile, `gap` apart, largest first, first
-    fit; `side`: the tiles' side, or their (width, height).
+    """(tile, x, y) for each (width, height) <= side, `gap` apart, largest first, first fit.
 
     `flush[i]` = (left, top, right, bottom): window i ends at that edge of the frame, so it goes
     against the same edge of its tile: the detector then sees the frame's edge as the edge of its
     input, as it does in the frame's own tiles (not as padding grey)."""
     flush = list(flush) if flush is not None else [(False, False, False, False)] * len(sizes)
-    side_w, side_h = (side, side) if isinstance(side, int) else side
-    nx, ny = -(-side_w // _CELL), -(-side_h // _CELL)
+    n = -(-side // _CELL)
     order = sorted(range(len(sizes)), key=lambda i: (-sum(flush[i]), -sizes[i][0] * sizes[i][1], i))
     used: list[np.ndarray] = []  # per tile: raster cells taken (windows grown by the gap)
     sums: list[np.ndarray] = []  # per tile: the raster's integral image
@@ -137,19 +130,19 @@ def pack(sizes: Sequence[tuple[int, int]], side: int | tuple[int, int], gap: int
     for i in order:
         w, h = sizes[i]
         left, top, right, bottom = flush[i]
-        xs = np.array([0] if left else [side_w - w] if right else range(0, side_w - w + 1, _CELL))
-        ys = np.array([0] if top else [side_h - h] if bottom else range(0, side_h - h + 1, _CELL))
+        xs = np.array([0] if left else [side - w] if right else range(0, side - w + 1, _CELL))
+        ys = np.array([0] if top else [side - h] if bottom else range(0, side - h + 1, _CELL))
         x0, x1 = xs[None, :] // _CELL, -(-(xs[None, :] + w) // _CELL)
         y0, y1 = ys[:, None] // _CELL, -(-(ys[:, None] + h) // _CELL)
         need = (w // _CELL) * (h // _CELL)
         free_to_move = not (left or top or right or bottom)
         for t in range(len(used) + 1):
             if t == len(used):
-                used.append(np.zeros((ny, nx), bool))
-                sums.append(np.zeros((ny + 1, nx + 1), np.int32))
+                used.append(np.zeros((n, n), bool))
+                sums.append(np.zeros((n + 1, n + 1), np.int32))
                 failed.append([])
             s_ = sums[t]
-            if nx * ny - s_[ny, nx] < need or (free_to_move and any(w >= fw and h >= fh for fw, fh in failed[t])):
+            if n * n - s_[n, n] < need or (free_to_move and any(w >= fw and h >= fh for fw, fh in failed[t])):
                 continue  # no room left for it in this tile
             # cells taken under each candidate position
             taken = s_[y1, x1] - s_[y0, x1] - s_[y1, x0] + s_[y0, x0]
@@ -168,14 +161,8 @@ def pack(sizes: Sequence[tuple[int, int]], side: int | tuple[int, int], gap: int
 
 
 def plan_windows(boxes_per_view: Sequence[np.ndarray], frame_width: int, frame_height: int, side: int,
-                 margin: int = WINDOW_MARGIN_PX, gap: int = WINDOW_GAP_PX,
-                 shrink: tuple[int, int] | None = None) -> WindowPlan:
-    """Windows around each view's boxes (given in that view's coordinates), packed together.
-
-    `shrink` = (multiple, smallest): the detector also takes inputs whose sides are multiples of
-    `multiple` from `smallest` up (engines.manifest.SpatialProfile); each packed tile is then
-    re-packed into the smallest such canvas that holds its windows, so a few unsure cells cost a
-    strip, not a whole tile. None: every packed tile is side x side."""
+                 margin: int = WINDOW_MARGIN_PX, gap: int = WINDOW_GAP_PX) -> WindowPlan:
+    """Windows around each view's boxes (given in that view's coordinates), packed together."""
     wins: list[tuple[int, tuple[int, int, int, int]]] = []
     left_over = []
     for k, boxes in enumerate(boxes_per_view):
@@ -184,67 +171,8 @@ def plan_windows(boxes_per_view: Sequence[np.ndarray], frame_width: int, frame_h
         left_over.append(tuple(too_big))
     spots = pack([(w[2] - w[0], w[3] - w[1]) for _, w in wins], side, gap,
                  [(w[0] == 0, w[1] == 0, w[2] == frame_width, w[3] == frame_height) for _, w in wins])
-    placements = [Placement(k, w, t, x, y) for (k, w), (t, x, y) in zip(wins, spots)]
-    n_tiles = 1 + max((p.tile for p in placements), default=-1)
-    sizes = [(side, side)] * n_tiles
-    if shrink is not None:
-        for t in range(n_tiles):
-            mine = [i for i, p in enumerate(placements) if p.tile == t]
-            spot = _smallest_canvas([placements[i] for i in mine], side, gap, shrink, frame_width, frame_height)
-            if spot is not None:
-                sizes[t], moved = spot
-                for i, (x, y) in zip(mine, moved):
-                    placements[i] = replace(placements[i], cx=x, cy=y)
-    return WindowPlan(tuple(placements), n_tiles, tuple(left_over), tuple(sizes))
-
-
-def _smallest_canvas(tile: Sequence[Placement], side: int, gap: int, shrink: tuple[int, int], frame_width: int,
-                     frame_height: int) -> tuple[tuple[int, int], list[tuple[int, int]]] | None:
-    """A small canvas (width, height; sides multiples of shrink[0], at least shrink[1], at most
-    `side`) that `pack` fits one tile's windows into, with their new positions; None when only
-    the whole tile does. Two bisections (the fewest rows at the full width, as the packer fills
-    rows first, then the fewest columns at those rows) keep it to about six packings."""
-    multiple, smallest = shrink
-    sizes = [p.size for p in tile]
-    flush = [(p.window[0] == 0, p.window[1] == 0, p.window[2] == frame_width, p.window[3] == frame_height) for p in tile]
-    first = max(smallest, multiple)
-    ws = [w for w in range(first, side + 1, multiple) if w >= max(s[0] for s in sizes)]
-    hs = [h for h in range(first, side + 1, multiple) if h >= max(s[1] for s in sizes)]
-
-    def fit(w: int, h: int) -> list[tuple[int, int]] | None:
-        spots = pack(sizes, (w, h), gap, flush)
-        return [(x, y) for _, x, y in spots] if all(t == 0 for t, _, _ in spots) else None
-
-    def fewest(options: list[int], make) -> tuple[int, list[tuple[int, int]]] | None:
-        """The smallest option whose canvas fits (bisection: a larger canvas of the same other
-        side fits whatever a smaller one does, up to the packer's first-fit order)."""
-        lo, hi, best = 0, len(options) - 1, None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            spots = fit(*make(options[mid]))
-            if spots is not None:
-                best, hi = (options[mid], spots), mid - 1
-            else:
-                lo = mid + 1
-        return best
-
-    if (ws[0] if ws else side) * (hs[0] if hs else side) >= side * side or \
-            sum(w * h for w, h in sizes) > 0.75 * side * side:
-        return None  # nothing smaller can hold them
-    found = []
-    for by_rows in (True,):
-        first_side = fewest(hs if by_rows else ws, (lambda h: (side, h)) if by_rows else (lambda w: (w, side)))
-        if first_side is None:
-            continue
-        n = first_side[0]
-        other = fewest(ws if by_rows else hs, (lambda w, n=n: (w, n)) if by_rows else (lambda h, n=n: (n, h)))
-        if other is not None:
-            wh = (other[0], n) if by_rows else (n, other[0])
-            found.append((wh[0] * wh[1], wh, other[1]))
-    if not found:
-        return None
-    _, wh, spots = min(found, key=lambda f: f[0])
-    return None if wh == (side, side) else (wh, spots)
+    placements = tuple(Placement(k, w, t, x, y) for (k, w), (t, x, y) in zip(wins, spots))
+    return WindowPlan(placements, 1 + max((p.tile for p in placements), default=-1), tuple(left_over))
 
 
 def judged_region(window: tuple[int, int, int, int], frame_width: int, frame_height: int,
@@ -258,11 +186,9 @@ def judged_region(window: tuple[int, int, int, int], frame_width: int, frame_hei
 
 def packed_tiles(view_pixels: Sequence[np.ndarray], plan: WindowPlan, side: int,
                  first_index: int = 0) -> list[Tile]:
-    """The plan's tiles (its `sizes`, else side x side; padding grey around the windows);
-    `view_pixels[k]`: view k of the frame (service.analysis.tta.view_frame, or any array that
-    reads the same)."""
-    sizes = plan.sizes or ((side, side),) * plan.n_tiles
-    canvases = [np.full((h, w, 3), PAD_VALUE, np.uint8) for w, h in sizes]
+    """The plan's tiles (side x side, padding grey around the windows); `view_pixels[k]`: view k
+    of the frame (service.analysis.tta.view_frame, or any array that reads the same)."""
+    canvases = [np.full((side, side, 3), PAD_VALUE, np.uint8) for _ in range(plan.n_tiles)]
     for p in plan.placements:
         x0, y0, x1, y1 = p.window
         canvases[p.tile][p.cy : p.cy + y1 - y0, p.cx : p.cx + x1 - x0] = view_pixels[p.view_index][y0:y1, x0:x1]

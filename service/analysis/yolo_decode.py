@@ -61,11 +61,9 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, np.int64).ravel()
 
 
-def decode_tile(pred: np.ndarray, protos: np.ndarray | None, input_size: int | tuple[int, int], n_classes: int,
+def decode_tile(pred: np.ndarray, protos: np.ndarray | None, input_size: int, n_classes: int,
                 conf_threshold: float, iou_threshold: float, max_det: int = 1000):
-    """One tile's raw outputs -> list of (class_index, box[4], score, mask|None) in tile pixels.
-    `input_size`: the input's side, or its (height, width) when it was not square."""
-    ih, iw = (input_size, input_size) if isinstance(input_size, int) else input_size
+    """One tile's raw outputs -> list of (class_index, box[4], score, mask|None) in tile pixels."""
     scores_all = pred[4 : 4 + n_classes].T  # anchors x classes
     cls = scores_all.argmax(1)
     score = scores_all[np.arange(len(cls)), cls]
@@ -75,13 +73,13 @@ def decode_tile(pred: np.ndarray, protos: np.ndarray | None, input_size: int | t
     xywh = pred[:4].T[sel]
     boxes = np.stack([xywh[:, 0] - xywh[:, 2] / 2, xywh[:, 1] - xywh[:, 3] / 2,
                       xywh[:, 0] + xywh[:, 2] / 2, xywh[:, 1] + xywh[:, 3] / 2], 1)
-    boxes = boxes.clip(0, [iw, ih, iw, ih])
+    boxes = boxes.clip(0, input_size)
     cls, score = cls[sel], score[sel]
     coeffs = pred[4 + n_classes :].T[sel] if protos is not None else None
     # class-aware NMS: offset boxes by class so different classes never suppress each other
-    keep = nms(boxes + cls[:, None] * (max(ih, iw) + 1.0), score, iou_threshold)[:max_det]
+    keep = nms(boxes + cls[:, None] * (input_size + 1.0), score, iou_threshold)[:max_det]
     windows = [(int(b[1]), int(b[0]), int(np.ceil(b[3])), int(np.ceil(b[2]))) for b in boxes[keep]]
-    masks = box_masks(coeffs[keep], protos, (ih, iw), windows) if protos is not None else [None] * len(keep)
+    masks = box_masks(coeffs[keep], protos, input_size, windows) if protos is not None else [None] * len(keep)
     return [(int(cls[k]), boxes[k], float(score[k]), mask) for k, mask in zip(keep, masks)]
 
 
@@ -94,11 +92,10 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
 _GROUP = 64
 
 
-def box_masks(coeffs: np.ndarray, protos: np.ndarray, input_size: int | tuple[int, int],
+def box_masks(coeffs: np.ndarray, protos: np.ndarray, input_size: int,
               windows: Sequence[tuple[int, int, int, int]]) -> list[np.ndarray]:
-    """Each box's `resize(sigmoid(coeff . protos), input size)[window] > 0.5`, computed on the
-    prototype cells under its window only, for a tile's boxes at once (`input_size`: the side of
-    a square input, or its (height, width)).
+    """Each box's `resize(sigmoid(coeff . protos), input_size)[window] > 0.5`, computed on the
+    prototype cells under its window only, for a tile's boxes at once.
 
     Bilinear upsampling by an integer stride reads, for output pixel y, the low-resolution rows
     around (y + 0.5) / stride - 0.5. A sub-grid with one spare cell on each side gives the window
@@ -109,15 +106,14 @@ def box_masks(coeffs: np.ndarray, protos: np.ndarray, input_size: int | tuple[in
     BLAS: a BLAS call would wake BLAS's thread pool, which then competes with the inference
     engine's threads for the cores), and one `cv2.resize` upsamples every box as a channel."""
     _, ph, pw = protos.shape
-    ih, iw = (input_size, input_size) if isinstance(input_size, int) else input_size
-    stride = ih // ph
+    stride = input_size // ph
     win = np.asarray(windows, np.int64).reshape(-1, 4)
     coeffs = np.asarray(coeffs, protos.dtype).reshape(len(win), -1)
-    if stride * ph != ih or stride * pw != iw:  # not an integer stride: whole map
+    if stride * ph != input_size or stride * pw != input_size:  # not an integer stride: whole map
         out = []
         for coeff, (y0, x0, y1, x1) in zip(coeffs, win):
             lowres = _sigmoid(np.einsum("c,chw->hw", coeff, protos))
-            up = cv2.resize(lowres, (iw, ih), interpolation=cv2.INTER_LINEAR)
+            up = cv2.resize(lowres, (input_size, input_size), interpolation=cv2.INTER_LINEAR)
             out.append(up[y0:y1, x0:x1] > 0.5)
         return out
     y0, x0, y1, x1 = win.T
@@ -162,8 +158,6 @@ class YoloSegmenter:
             logger.warning("detector runs views %s but its scores were calibrated for %s: scores will shift",
                            "+".join(self.views), "+".join(m.tta))
         self.input_size = m.input_size
-        #: Smaller inputs the engine takes (engines.manifest.SpatialProfile); None: whole tiles only.
-        self.spatial = m.spatial
         self.classes = [SEG_CLASSES[[k.value for k in SEG_CLASSES].index(c)] for c in m.classes]
         self.conf_threshold = conf_threshold  # on the CALIBRATED score, applied last (`finish`)
         self.iou_threshold = iou_threshold
@@ -191,14 +185,9 @@ class YoloSegmenter:
         floor) for the merge and test-time fusion, after which the caller applies `finish`.
 
         Tiles are taken (and may be made) one engine batch at a time, so memory holds one batch
-        of tiles and the detections, whatever the frame's size. Where the engine takes smaller
-        inputs (`spatial`), a tile reaching past the frame's right or bottom edge runs cut to the
-        smallest accepted shape that holds the frame's part of it, instead of padded to a whole
-        tile: a frame smaller than a tile costs its own area. Tiles of one shape share a batch."""
+        of tiles and the detections, whatever the frame's size."""
         dets: list[CellDetection] = []
         names = self.engine.output_names
-        if self.spatial is not None:
-            tiles = (self._tight(t, frame_width, frame_height) for t in tiles)
         for chunk in _batches(tiles, self.engine.manifest.batch.max):
             batch = to_model_input(np.stack([t.pixels for t in chunk]), self.engine.manifest.preprocessing)
             outs = run_batched(self.engine, batch)
@@ -209,24 +198,9 @@ class YoloSegmenter:
                                               frame_width, frame_height)
         return self.finish(dets) if calibrate else dets
 
-    def _tight(self, tile: Tile, frame_width: int, frame_height: int) -> Tile:
-        """`tile` cut (or padded) to the smallest input the engine takes that holds the frame's
-        part of it (the part left of and above the frame's right and bottom edges)."""
-        ph, pw = tile.pixels.shape[:2]
-        h, w = self.engine.manifest.input_hw(max(1, min(ph, frame_height - tile.y)), max(1, min(pw, frame_width - tile.x)))
-        if (h, w) == (ph, pw):
-            return tile
-        px = tile.pixels[:h, :w]
-        if px.shape[:2] != (h, w):
-            pad = np.full((h, w, *px.shape[2:]), self.engine.manifest.preprocessing.pad_value, px.dtype)
-            pad[: px.shape[0], : px.shape[1]] = px
-            px = pad
-        return dataclasses.replace(tile, pixels=px)
-
     def _tile_detections(self, tile: Tile, pred: np.ndarray, protos: np.ndarray | None,
                          frame_width: int, frame_height: int) -> list[CellDetection]:
-        decoded = decode_tile(pred, protos, tile.pixels.shape[:2], len(self.classes), RAW_SCORE_FLOOR,
-                              self.iou_threshold)
+        decoded = decode_tile(pred, protos, self.input_size, len(self.classes), RAW_SCORE_FLOOR, self.iou_threshold)
         if not decoded:
             return []
         # frame coordinates, clipped to the real frame (tiles may extend into padding)
@@ -247,7 +221,7 @@ class YoloSegmenter:
 
 
 def _batches(tiles: Iterable[Tile], size: int) -> Iterator[list[Tile]]:
-    """Consecutive lists of at most `size` tiles of one shape."""
-    for _, same in itertools.groupby(tiles, key=lambda t: t.pixels.shape):
-        while chunk := list(itertools.islice(same, size)):
-            yield chunk
+    """Consecutive lists of at most `size` tiles."""
+    it = iter(tiles)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
