@@ -64,7 +64,7 @@ def test_analyze_rendered_field_json_and_overlay(tmp_path):
     assert len(lines) == 1
     rep = json.loads(lines[0])
     assert rep["scale"] == {"microns_per_pixel": 0.1, "method": "given", "canonical_microns_per_pixel": 0.2,
-                            "uncertain": False, "rbc_count": 0}
+                            "uncertain": False, "rbc_count": 0, "field_estimate_microns_per_pixel": None}
     assert rep["counts"]["rbc"] > 0 and len(rep["cells"]) == sum(rep["counts"].values())
     for c in rep["cells"]:
         x0, y0, x1, y1 = c["bbox"]

@@ -95,7 +95,7 @@ class PoolAnalyzer:
     calls: int = 0
     analysed_ids: list[str] = field(default_factory=list)
 
-    def analyze(self, frame: Frame, run_id: str | None = None) -> FieldResult:
+    def analyze(self, frame: Frame, run_id: str | None = None, specimen_scale: float | None = None) -> FieldResult:
         i = self.calls
         self.calls += 1
         if i in self.fail_on:

@@ -21,8 +21,12 @@ have:
 Scale: `estimated` runs as an uncalibrated station does (the analyzer measures the scale);
 `given` passes the lab's known scale (a calibrated station); `pooled` analyses every field again
 at the median of the fields' own estimates (a station that would learn one scale from its fields:
-on rpi val, 30 fields, 0.471 against 0.529 per field and 0.676 given, so stations do not pool). The estimate's error against the
-known scale is reported. Models are chosen by their **worst** lab on `--split val`.
+on rpi val, 30 fields, 0.471 against 0.529 per field and 0.676 given, so stations do not pool);
+`specimen` runs as an uncalibrated station does over a specimen (service.analysis.specimen_scale):
+the fields in capture order, each given the scale its specimen's earlier fields agree on, which
+replaces its own estimate only when that is far off (a specimen: one rpi slide; one source of
+each other lab, its one microscope and camera). The estimate's error against the known scale is
+reported. Models are chosen by their **worst** lab on `--split val`.
 
 Stain: `auto` (default) gives each model frames normalized as its manifest says, as the station
 does; `none`, `macenko` or `vahadane` forces that one for every model (`AnalyzerOptions.stain_method`),
@@ -49,6 +53,7 @@ from smearscope.service.analysis.boxes import box_iou
 from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions, input_bbox
 from smearscope.service.analysis.roi import RoiFilter
 from smearscope.service.analysis.scale import resample_factor
+from smearscope.service.analysis.specimen_scale import SpecimenScale
 from smearscope.service.analysis.stain import available_methods
 from training.data import (
     BoxAnnotation,
@@ -73,6 +78,7 @@ from training.labs import (
     rpi_boxes,
     rpi_dir,
     rpi_splits,
+    slide_frame,
     txl_images_by_source,
 )
 from training.metrics import detection_confusion, detection_map50
@@ -142,12 +148,12 @@ def _box(b: BoxAnnotation) -> list[float]:
 GREYSCALE = False
 
 
-def analyse(analyzer: Analyzer, img: LabImage, mode: str) -> dict:
+def analyse(analyzer: Analyzer, img: LabImage, mode: str, specimen_scale: float | None = None) -> dict:
     pixels = cv2.imread(str(img.path))
     if GREYSCALE:
         pixels = cv2.cvtColor(cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
     mpp = img.known_mpp if mode == "given" else None
-    res = analyzer.analyze(Frame(pixels, img.path.name, img.lab, microns_per_pixel=mpp))
+    res = analyzer.analyze(Frame(pixels, img.path.name, img.lab, microns_per_pixel=mpp), specimen_scale=specimen_scale)
     rep = res.report
     h, w = pixels.shape[:2]
     # A nucleated red cell is the detector's white cell re-typed by the WBC head: scored as found.
@@ -155,7 +161,8 @@ def analyse(analyzer: Analyzer, img: LabImage, mode: str) -> dict:
     below = [(d.kind.value, input_bbox(d.box, res.input_to_canonical, w, h), d.score) for d in res.candidates
              if d.score >= ALL_CONF]
     return {"counted": counted, "every": counted + below, "mpp": rep.scale.microns_per_pixel,
-            "scale_method": rep.scale.method, "flags": [f.code for f in rep.flags], "ms": rep.timing_ms.get("total_ms", 0.0),
+            "scale_method": rep.scale.method, "field_estimate": rep.scale.field_estimate_microns_per_pixel,
+            "flags": [f.code for f in rep.flags], "ms": rep.timing_ms.get("total_ms", 0.0),
             "detect_ms": rep.timing_ms.get("detect_ms", 0.0), "w": w, "h": h, "labels": [(c.kind, c.label) for c in rep.cells]}
 
 
@@ -248,8 +255,11 @@ def run_lab(analyzer: Analyzer, lab: str, split: str, mode: str, limit: int | No
         images = images[:limit]
     if mode == "given":
         images = [im for im in images if im.known_mpp is not None]
-    outs = [analyse(analyzer, im, "estimated" if mode == "pooled" else mode)
-            for im in tqdm(images, desc=f"{lab} {split} {mode}", mininterval=10)]
+    if mode == "specimen":
+        outs = _as_specimens(analyzer, images, desc=f"{lab} {split} {mode}")
+    else:
+        outs = [analyse(analyzer, im, "estimated" if mode == "pooled" else mode)
+                for im in tqdm(images, desc=f"{lab} {split} {mode}", mininterval=10)]
     pooled = pooled_over_known = None
     if mode == "pooled":  # every field again at the median of the fields' own estimates
         pooled = float(np.median([o["mpp"] for o in outs])) if outs else None
@@ -263,7 +273,7 @@ def run_lab(analyzer: Analyzer, lab: str, split: str, mode: str, limit: int | No
                  "median_detect_ms": float(np.median([o["detect_ms"] for o in outs])) if outs else None,
                  "no_cells_fields": sum("no_cells_found" in o["flags"] for o in outs)}
     errs = [o["mpp"] / im.known_mpp - 1 for im, o in zip(images, outs) if im.known_mpp]
-    if errs and mode == "estimated":
+    if errs and mode in ("estimated", "specimen"):
         row["scale_error_median_abs"] = float(np.median(np.abs(errs)))
         row["scale_within_15pct"] = float(np.mean(np.abs(errs) <= 0.15))
     if lab == "bccd" or lab.startswith("txl_"):
@@ -275,6 +285,25 @@ def run_lab(analyzer: Analyzer, lab: str, split: str, mode: str, limit: int | No
     elif lab == "rpi":
         row.update(score_rpi(images, outs))
     return row
+
+
+def specimen_of(img: LabImage) -> str:
+    """The specimen a lab image belongs to: its slide (rpi), else its lab (one microscope and camera)."""
+    return slide_frame(img.path.stem)[0] if img.lab == "rpi" else img.lab
+
+
+def _as_specimens(analyzer: Analyzer, images: list[LabImage], desc: str) -> list[dict]:
+    """Each image at an estimated scale, in capture order within its specimen, given the scale
+    the specimen's earlier fields agree on (as service.station.specimen keeps it)."""
+    order = sorted(range(len(images)), key=lambda i: (specimen_of(images[i]), slide_frame(images[i].path.stem)[1],
+                                                      images[i].path.name))
+    scales: dict[str, SpecimenScale] = {}
+    outs: list[dict] = [{}] * len(images)
+    for i in tqdm(order, desc=desc, mininterval=10):
+        pool = scales.setdefault(specimen_of(images[i]), SpecimenScale())
+        o = outs[i] = analyse(analyzer, images[i], "estimated", specimen_scale=pool.scale())
+        pool.add(o["scale_method"], o["mpp"], o["field_estimate"])
+    return outs
 
 
 def headline(row: dict) -> float:
@@ -328,9 +357,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=Path("models"))
     ap.add_argument("--split", choices=("val", "test"), default="val")
-    ap.add_argument("--scale", choices=("estimated", "given", "both", "pooled"), default="both",
+    ap.add_argument("--scale", choices=("estimated", "given", "both", "pooled", "specimen"), default="both",
                     help="pooled: each field's own estimate first, then every field again at their median "
-                         "(a station that learns one scale from its fields)")
+                         "(a station that learns one scale from its fields); specimen: in capture order, each "
+                         "field given the scale its specimen's earlier fields agree on (a station's specimen run)")
     ap.add_argument("--labs", default=",".join(DETECTOR_LABS))
     ap.add_argument("--limit", type=int, default=None, help="first N images per lab (quick looks)")
     ap.add_argument("--views", default=None, help="detector views, e.g. identity (default: the manifest's)")

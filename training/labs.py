@@ -78,7 +78,8 @@ def rpi_boxes(stem: str, width: int, height: int) -> list[TypedBox]:
     return out
 
 
-def _slide_frame(stem: str) -> tuple[str, int]:
+def slide_frame(stem: str) -> tuple[str, int]:
+    """An rpi field's slide and frame number, from its file stem (SLIDE_FRAME)."""
     m = re.match(r"(.+)_(\d+)$", stem)
     return (m.group(1), int(m.group(2))) if m else (stem, 0)
 
@@ -93,7 +94,7 @@ def rpi_splits(fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> dic
     stems = sorted(p.stem for p in (rpi_dir() / "images").glob("*.jpg") if (rpi_dir() / "labels" / f"{p.stem}.txt").exists())
     by_slide: dict[str, list[tuple[int, str]]] = {}
     for s in stems:
-        slide, frame = _slide_frame(s)
+        slide, frame = slide_frame(s)
         by_slide.setdefault(slide, []).append((frame, s))
     out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for slide in sorted(by_slide):

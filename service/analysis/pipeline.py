@@ -63,6 +63,7 @@ from smearscope.service.analysis.scale_search import (
 )
 from smearscope.service.analysis.segment import Segmenter
 from smearscope.service.analysis.size_gate import MAX_LYMPHOCYTE_DIAMETER_UM, gate_lymphocyte_size
+from smearscope.service.analysis.specimen_scale import replaces
 from smearscope.service.analysis.view_windows import WINDOW_MARGIN_PX
 from smearscope.service.analysis.yolo_decode import YoloSegmenter
 
@@ -237,8 +238,11 @@ class Analyzer:
                        measured=measurable_red_cells(dets, w, h, SCALE_MIN_SCORE),
                        n_wbc=sum(d.kind is CellKind.WBC and d.score >= SCALE_WBC_MIN_SCORE for d in dets))
 
-    def _scale_and_detect(self, frame: Frame, timing: dict[str, float]) -> tuple[ScaleOutcome, Illumination]:
-        """Measure the lamp, find the scale (given, or from the red cells) and detect at it."""
+    def _scale_and_detect(self, frame: Frame, timing: dict[str, float],
+                          specimen_scale: float | None = None) -> tuple[ScaleOutcome, Illumination, float | None]:
+        """Measure the lamp, find the scale (given, or from the red cells) and detect at it; where
+        the field's own estimate gives way to its specimen's scale (service.analysis.specimen_scale),
+        detect again at that one. Also returns the field's own estimate when it was replaced."""
         t = time.perf_counter()
         illumination = estimate_illumination(frame.pixels)
         timing["illumination_ms"] = (time.perf_counter() - t) * 1000
@@ -249,14 +253,23 @@ class Analyzer:
             first = first_scale_guess(frame.pixels, illumination) or ScaleEstimate(FALLBACK_UM_PER_PX, "default")
         timing["scale_ms"] = (time.perf_counter() - t) * 1000
         h, w = frame.pixels.shape[:2]
-        outcome = find_scale(lambda mpp, quick: self._detect_at(frame, mpp, illumination, timing, quick), first, h * w,
-                             self.options.scale_refine_tolerance)
-        return outcome, illumination
+        detect_at = lambda mpp, quick: self._detect_at(frame, mpp, illumination, timing, quick)
+        outcome = find_scale(detect_at, first, h * w, self.options.scale_refine_tolerance)
+        own = outcome.estimate
+        if not replaces(own.microns_per_pixel, own.method, specimen_scale):
+            return outcome, illumination, None
+        assert specimen_scale is not None
+        at = detect_at(specimen_scale, False)
+        return (ScaleOutcome(ScaleEstimate(specimen_scale, "specimen", len(at.whole_rbc)), at, uncertain=False),
+                illumination, None if own.method == "default" else own.microns_per_pixel)
 
-    def analyze(self, frame: Frame, run_id: str | None = None) -> FieldResult:
+    def analyze(self, frame: Frame, run_id: str | None = None, specimen_scale: float | None = None) -> FieldResult:
+        """One field. `specimen_scale`: the scale (um/px of the input) the field's specimen agrees
+        on so far (service.analysis.specimen_scale); used only when the frame's scale is not
+        given and the field's own estimate is far from it."""
         timing: dict[str, float] = {}
         t_all = time.perf_counter()
-        outcome, illumination = self._scale_and_detect(frame, timing)
+        outcome, illumination, own_scale = self._scale_and_detect(frame, timing, specimen_scale)
         est = outcome.estimate
         field_, dets = outcome.attempt.payload
         t = time.perf_counter()
@@ -317,7 +330,7 @@ class Analyzer:
         if skipped:
             flags.append(Flag(code="stain_normalization_skipped", severity="info",
                               message=f"stain normalization not applied ({'; '.join(skipped)})"))
-        flags += scale_and_lamp_flags(est, outcome, illumination)
+        flags += scale_and_lamp_flags(est, outcome, illumination, own_scale)
         factor = resample_factor(est.microns_per_pixel)
         h, w = frame.pixels.shape[:2]
         records = [
@@ -335,7 +348,8 @@ class Analyzer:
                               image=ImageInfo(width=w, height=h)),
             scale=ScaleInfo(microns_per_pixel=round(est.microns_per_pixel, 5), method=est.method,
                             canonical_microns_per_pixel=CANONICAL_UM_PER_PX, uncertain=outcome.uncertain,
-                            rbc_count=est.rbc_count),
+                            rbc_count=est.rbc_count,
+                            field_estimate_microns_per_pixel=None if own_scale is None else round(own_scale, 5)),
             illumination=IlluminationInfo(applied=illumination.applied, white_bgr=list(illumination.white_bgr),
                                           uniformity=illumination.uniformity, greyscale=illumination.greyscale,
                                           reason=illumination.reason),
@@ -354,9 +368,16 @@ class Analyzer:
 UNEVEN_ILLUMINATION = 0.5
 
 
-def scale_and_lamp_flags(est: ScaleEstimate, outcome: ScaleOutcome, illumination: Illumination) -> list[Flag]:
+def scale_and_lamp_flags(est: ScaleEstimate, outcome: ScaleOutcome, illumination: Illumination,
+                         own_scale: float | None = None) -> list[Flag]:
     flags = []
-    if est.method == "default":
+    if est.method == "specimen":
+        own = "no red cell to measure" if own_scale is None else f"its red cells pointed to {own_scale:.4f} um/px"
+        flags.append(Flag(code="scale_from_specimen", severity="info",
+                          message=f"this field was analysed at {est.microns_per_pixel:.4f} um/px, the scale its "
+                                  f"specimen's fields agree on ({own}); calibrate the station (smearscope "
+                                  "calibrate-scale) to measure sizes"))
+    elif est.method == "default":
         flags.append(Flag(code="scale_unknown", severity="warning",
                           message=f"scale could not be measured; assumed {est.microns_per_pixel} um/px"))
     elif outcome.uncertain:

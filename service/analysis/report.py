@@ -31,11 +31,17 @@ class SourceInfo(_Strict):
 
 class ScaleInfo(_Strict):
     microns_per_pixel: float = Field(description="scale of the INPUT image")
-    method: Literal["given", "rbc_size_classical", "rbc_size_detection", "default"]
+    method: Literal["given", "rbc_size_classical", "rbc_size_detection", "specimen", "default"] = Field(
+        description="given: calibrated (station config or frame); rbc_size_*: estimated from this field's red cells; "
+                    "specimen: the scale the specimen's fields agree on, which replaced this field's own estimate "
+                    "(service.analysis.specimen_scale, flag scale_from_specimen); default: nothing to measure")
     canonical_microns_per_pixel: float
     uncertain: bool = Field(False, description="estimated from the red cells but resting on a search, on few "
                             "cells or on a refinement that did not settle (flag scale_uncertain)")
     rbc_count: int = Field(0, description="whole red cells the estimate rests on (0 when given)")
+    field_estimate_microns_per_pixel: float | None = Field(
+        None, description="method specimen: this field's own estimate, which the specimen's scale replaced (none: the "
+                          "field had no red cell to measure)")
 
 
 class IlluminationInfo(_Strict):

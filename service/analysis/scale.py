@@ -34,7 +34,7 @@ MAX_CANONICAL_PIXELS = 17_000_000
 @dataclass(frozen=True)
 class ScaleEstimate:
     microns_per_pixel: float
-    method: str  # "given" | "rbc_size_classical" | "rbc_size_detection" | "default"
+    method: str  # "given" | "rbc_size_classical" | "rbc_size_detection" | "specimen" | "default"
     rbc_count: int = 0
 
 

@@ -24,6 +24,7 @@ from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.records import CellKind, ClassifiedCell
 from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Report
+from smearscope.service.analysis.specimen_scale import SpecimenScale
 from smearscope.service.config import SpecimenConfig
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class SpecimenRun:
     models: dict[str, ModelInfo] = field(default_factory=dict)
     classified_wbc: int = 0
     last_field_at: float | None = None
+    #: The scale its fields agree on, for an uncalibrated station (service.analysis.specimen_scale).
+    scale: SpecimenScale = field(default_factory=SpecimenScale)
 
     @property
     def complete(self) -> bool:
@@ -110,6 +113,9 @@ class SpecimenRun:
         self.classified_wbc += sum(1 for c in result.cells if is_classified_wbc(c))
         self.models = self.models or dict(report.models)
         self.last_field_at = now
+        if report.scale is not None:
+            self.scale.add(report.scale.method, report.scale.microns_per_pixel,
+                           report.scale.field_estimate_microns_per_pixel)
         return True
 
     def report(
@@ -214,6 +220,12 @@ class SpecimenTracker:
                 return None
             return RunProgress(run.run_id, run.started_by, run.started_at, len(run.field_ids),
                                run.classified_wbc, run.target_wbc)
+
+    def specimen_scale(self) -> float | None:
+        """The scale the open run's fields agree on so far (None: no run, or too few estimates)."""
+        with self._lock:
+            run = self._run
+        return None if run is None else run.scale.scale()
 
     def interim_report(self) -> Report | None:
         """The open run's report so far (not published by the daemon; for review and tests)."""

@@ -22,7 +22,7 @@ EXIT_FAILURE = 1
 
 
 class AnalyzerLike(Protocol):
-    def analyze(self, frame: Frame, run_id: str | None = None) -> FieldResult: ...
+    def analyze(self, frame: Frame, run_id: str | None = None, specimen_scale: float | None = None) -> FieldResult: ...
 
 
 AnalyzerFactory = Callable[[StationConfig], AnalyzerLike]

@@ -298,7 +298,11 @@ class StationWorkers:
         assert self.analyzer is not None
         unit = "analysis" if self.concurrent_fields == 1 else f"analysis ({threading.current_thread().name})"
         with self.watchdog.working(unit):
-            return self.analyzer.analyze(work.frame, work.run_id)
+            return self.analyzer.analyze(work.frame, work.run_id, self._specimen_scale(work.frame))
+
+    def _specimen_scale(self, frame: Frame) -> float | None:
+        """The open run's agreed scale for a frame whose own scale is not given."""
+        return None if frame.microns_per_pixel else self.tracker.specimen_scale()
 
     def analyse(self, frame: Frame) -> dict[str, Any]:
         """Analyse one accepted frame here; never raises for a bad frame. A command answer."""
@@ -307,7 +311,7 @@ class StationWorkers:
         result, error = None, None
         try:
             with self.watchdog.working("analysis"):
-                result = self.analyzer.analyze(frame, run_id)
+                result = self.analyzer.analyze(frame, run_id, self._specimen_scale(frame))
         except Exception as exc:  # noqa: BLE001 - reported by _finish with its reason code
             error = exc
         return self._finish(frame, result, error)
