@@ -167,3 +167,34 @@ def test_analyze_lists_and_output_paths_are_checked_before_any_work(tmp_path):
         proc = smearscope("analyze", *args, "--json")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1000:]
         assert json.loads(proc.stdout)["error"]["code"] == code, args
+
+
+@needs_models
+def test_analyze_specimen_gives_a_far_off_field_the_scale_the_earlier_fields_agree_on(tmp_path):
+    """Five fields of one slide, then an empty one whose scale falls back to a guess: with
+    --specimen it is analysed at the scale the five agree on and says so; without, it keeps the
+    guess; with --microns-per-pixel nothing is pooled."""
+    folder = tmp_path / "slide"
+    folder.mkdir()
+    for k in range(5):
+        field = render_field(40 + k, width=640, height=480, microns_per_pixel=0.15)
+        cv2.imwrite(str(folder / f"f{k}.png"), np.asarray(field.frame.pixels))
+    glass = np.clip(np.random.default_rng(0).normal(225, 3, (480, 640, 3)), 0, 255).astype(np.uint8)
+    cv2.imwrite(str(folder / "f5.png"), glass)
+
+    def scales(*extra):
+        proc = smearscope("analyze", str(folder), "--json", *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        reports = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
+        return [r["scale"] for r in reports], [{f["code"] for f in r["flags"]} for r in reports]
+
+    alone, _ = scales()
+    own = [s["microns_per_pixel"] for s in alone[:5]]
+    assert all(abs(m / 0.15 - 1) < 0.15 for m in own) and abs(alone[5]["microns_per_pixel"] / 0.15 - 1) > 0.2
+    pooled, flags = scales("--specimen")
+    assert pooled[:5] == alone[:5]
+    assert pooled[5]["method"] == "specimen" and "scale_from_specimen" in flags[5]
+    assert pooled[5]["microns_per_pixel"] == pytest.approx(float(np.median(own)), rel=1e-3)
+    assert pooled[5]["field_estimate_microns_per_pixel"] == pytest.approx(alone[5]["microns_per_pixel"], rel=1e-3)
+    given, _ = scales("--specimen", "--microns-per-pixel", "0.15")
+    assert all(s["method"] == "given" for s in given)

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "any was rejected).")
     a.add_argument("images", nargs="+", metavar="IMAGE")
     a.add_argument("--microns-per-pixel", type=float, default=None, help="input scale; estimated when omitted")
+    a.add_argument("--specimen", action="store_true",
+                   help="the images are fields of one specimen, in capture order: without --microns-per-pixel, "
+                   "a field whose own scale estimate is far from the one the earlier fields agree on is analysed "
+                   "at theirs (scale method 'specimen', as a station's specimen run does)")
     a.add_argument("--json", action="store_true",
                    help="print one JSON line per image on stdout: its report or its error")
     a.add_argument("--overlay", type=Path, help="write the input with outlines and labels to this PNG "

@@ -155,6 +155,9 @@ def _analyze(args: argparse.Namespace) -> int:
         if det_out is not None:
             det_out.close()
         return _error("engine_unavailable", f"{type(exc).__name__}: {exc}", args.json)
+    from smearscope.service.analysis.specimen_scale import SpecimenScale
+
+    specimen = SpecimenScale() if args.specimen and args.microns_per_pixel is None else None
     failed = 0
     used: set[Path] = set()
     fhir_used: set[Path] = set()
@@ -174,7 +177,7 @@ def _analyze(args: argparse.Namespace) -> int:
             frame = Frame(pixels=img.pixels, frame_id=shown(path.name), source=shown(path),
                           microns_per_pixel=args.microns_per_pixel)
             try:
-                result = analyzer.analyze(frame)
+                result = analyzer.analyze(frame, specimen_scale=specimen.scale() if specimen else None)
             except IngestError as exc:  # e.g. too_large_at_scale: judged once the scale is known
                 failed += 1
                 _batch_error(path, exc.code.value, str(exc.message), args.json, det_out)
@@ -184,6 +187,9 @@ def _analyze(args: argparse.Namespace) -> int:
                 failed += 1
                 _batch_error(path, "analysis_failed", f"{type(exc).__name__}: {exc}", args.json, det_out)
                 continue
+            if specimen is not None and result.report.scale is not None:
+                s = result.report.scale
+                specimen.add(s.method, s.microns_per_pixel, s.field_estimate_microns_per_pixel)
             if args.overlay is not None and not _overlay(args, path, img.pixels, result, folder, used, guard,
                                                          defaults.detector_conf):
                 failed += 1  # the report below stands; the exit status says something failed
