@@ -1,6 +1,7 @@
 """The lab table: the detector (and the stages before it) on held-out fields of every lab.
 
-    python -m training.lab_table [--models models] [--split val|test] [--scale estimated|given|both]
+    python -m training.lab_table [--models models] [--split val|test|val+test]
+                                 [--scale estimated|given|both|pooled|specimen]
                                  [--labs bccd,rpi] [--stain auto|none|macenko|vahadane] [--json out.json]
                                  [--views identity,hflip] [--views-where everywhere|unsure] [--unsure-band 0.2,0.8]
 
@@ -108,6 +109,8 @@ def _txl_mpp(boxes, w: int, h: int) -> float | None:
 
 
 def lab_images(lab: str, split: str) -> list[LabImage]:
+    if split == "val+test":  # both held-out parts (longer specimen runs); never for choosing
+        return lab_images(lab, "val") + lab_images(lab, "test")
     if lab == "bccd":
         mpp = bccd_microns_per_pixel()
         return [LabImage(lab, bccd_image_path(i), mpp, tuple(bccd_boxes(i))) for i in bccd_split(split)]
@@ -356,7 +359,9 @@ def count_from(spec: str) -> RoiFilter:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=Path("models"))
-    ap.add_argument("--split", choices=("val", "test"), default="val")
+    ap.add_argument("--split", choices=("val", "test", "val+test"), default="val",
+                    help="val+test: both held-out parts together, e.g. for --scale specimen, whose runs need "
+                         "several fields of a slide (never for choosing a model)")
     ap.add_argument("--scale", choices=("estimated", "given", "both", "pooled", "specimen"), default="both",
                     help="pooled: each field's own estimate first, then every field again at their median "
                          "(a station that learns one scale from its fields); specimen: in capture order, each "
