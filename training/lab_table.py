@@ -164,7 +164,7 @@ def analyse(analyzer: Analyzer, img: LabImage, mode: str, specimen_scale: float 
     below = [(d.kind.value, input_bbox(d.box, res.input_to_canonical, w, h), d.score) for d in res.candidates
              if d.score >= ALL_CONF]
     return {"counted": counted, "every": counted + below, "mpp": rep.scale.microns_per_pixel,
-            "scale_method": rep.scale.method, "field_estimate": rep.scale.field_estimate_microns_per_pixel,
+            "scale_method": rep.scale.method, "scale": rep.scale,
             "flags": [f.code for f in rep.flags], "ms": rep.timing_ms.get("total_ms", 0.0),
             "detect_ms": rep.timing_ms.get("detect_ms", 0.0), "w": w, "h": h, "labels": [(c.kind, c.label) for c in rep.cells]}
 
@@ -305,7 +305,7 @@ def _as_specimens(analyzer: Analyzer, images: list[LabImage], desc: str) -> list
     for i in tqdm(order, desc=desc, mininterval=10):
         pool = scales.setdefault(specimen_of(images[i]), SpecimenScale())
         o = outs[i] = analyse(analyzer, images[i], "estimated", specimen_scale=pool.scale())
-        pool.add(o["scale_method"], o["mpp"], o["field_estimate"])
+        pool.add_report(o["scale"])
     return outs
 
 

@@ -13,10 +13,12 @@ kept beside it, flag `scale_from_specimen`).
 The median is over the last `SPECIMEN_SCALE_WINDOW` fields and counts only when at least
 `SPECIMEN_SCALE_MIN_FIELDS` of them have an estimate and `SPECIMEN_SCALE_AGREEMENT` of those lie
 within the tolerance of it: a slide's first fields, two of them far off, once pulled a
-three-field median to 0.41 of the truth, which a good field would then have had to take. A
-specimen whose scale really changes (another objective) is followed within half a window; a
-calibrated scale (given) always wins and is never pooled. Pure bookkeeping: the analyzer takes the specimen's scale as an argument,
-and the station keeps one `SpecimenScale` per specimen run (service.station.specimen).
+three-field median to 0.41 of the truth, which a good field would then have had to take. When a
+specimen's scale really changes (another objective), up to a third of a window of fields still
+take the old scale, the next keep their own estimates, and the new scale holds once the window
+agrees on it; a calibrated scale (given) always wins and is never pooled. Pure bookkeeping: the
+analyzer takes the specimen's scale as an argument, and the station keeps one `SpecimenScale` per
+specimen run (service.station.specimen).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import threading
 from collections import deque
 
 import numpy as np
+
+from smearscope.service.analysis.report import ScaleInfo
 
 #: A field's own estimate further than this (relative) from its specimen's scale is replaced by it.
 SPECIMEN_SCALE_TOLERANCE = 0.2
@@ -73,6 +77,11 @@ class SpecimenScale:
             return
         with self._lock:
             self._own.append(float(own))
+
+    def add_report(self, scale: ScaleInfo | None) -> None:
+        """`add` of one field report's `scale` block (none: nothing to pool)."""
+        if scale is not None:
+            self.add(scale.method, scale.microns_per_pixel, scale.field_estimate_microns_per_pixel)
 
     def scale(self) -> float | None:
         """The specimen's scale (um/px of the input), or None: fewer than `min_fields` estimates,

@@ -113,9 +113,7 @@ class SpecimenRun:
         self.classified_wbc += sum(1 for c in result.cells if is_classified_wbc(c))
         self.models = self.models or dict(report.models)
         self.last_field_at = now
-        if report.scale is not None:
-            self.scale.add(report.scale.method, report.scale.microns_per_pixel,
-                           report.scale.field_estimate_microns_per_pixel)
+        self.scale.add_report(report.scale)
         return True
 
     def report(

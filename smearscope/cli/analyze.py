@@ -187,9 +187,8 @@ def _analyze(args: argparse.Namespace) -> int:
                 failed += 1
                 _batch_error(path, "analysis_failed", f"{type(exc).__name__}: {exc}", args.json, det_out)
                 continue
-            if specimen is not None and result.report.scale is not None:
-                s = result.report.scale
-                specimen.add(s.method, s.microns_per_pixel, s.field_estimate_microns_per_pixel)
+            if specimen is not None:
+                specimen.add_report(result.report.scale)
             if args.overlay is not None and not _overlay(args, path, img.pixels, result, folder, used, guard,
                                                          defaults.detector_conf):
                 failed += 1  # the report below stands; the exit status says something failed
