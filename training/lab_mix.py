@@ -1,10 +1,13 @@
 """Reweight the labs of a prepared detector set by listing tiles more or fewer times.
 
     python -m training.lab_mix --data build/seg_labsB --weights bccd=3,chula=0.5,rpi=1
+    python -m training.lab_mix --data build/seg_labs --weights chula=0 --name no_chula   # leave one lab out
 
 ultralytics samples every listed image once per epoch, so a lab's weight is how many times its
-tiles are listed (fractions: a seeded subset). Writes `train_mix.txt` and `data_mix.yaml` beside
-the set; validation stays as prepared.
+tiles are listed (fractions: a seeded subset). Writes `train_NAME.txt` and `data_NAME.yaml`
+(NAME: `mix` unless `--name`) beside the set. Validation stays as prepared, except that a lab of
+weight 0 leaves it too (`val_NAME.txt`): a leave-one-lab-out run must not pick its checkpoint on
+the lab it is tested on.
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ def lab_of(name: str) -> str:
     raise ValueError(f"{name}: no lab prefix")
 
 
-def mix(data: Path, weights: dict[str, float], seed: int = 0) -> dict[str, int]:
+def mix(data: Path, weights: dict[str, float], seed: int = 0, name: str = "mix") -> dict[str, int]:
+    """Tiles listed per lab in the training list (see the module docstring)."""
+    unknown = set(weights) - set(PREFIX)
+    if unknown:
+        raise ValueError(f"unknown labs {sorted(unknown)}; labs are {sorted(PREFIX)}")
     files = sorted((data / "images" / "train").glob("*.png"))
     rng = random.Random(seed)
     out, counts = [], {}
@@ -36,19 +43,25 @@ def mix(data: Path, weights: dict[str, float], seed: int = 0) -> dict[str, int]:
         listed = mine * int(w) + rng.sample(mine, round((w - int(w)) * len(mine)))
         out += listed
         counts[lab] = len(listed)
-    (data / "train_mix.txt").write_text("".join(f"{f.resolve()}\n" for f in out))
-    yaml = (data / "data.yaml").read_text().replace("train: images/train", "train: train_mix.txt")
-    (data / "data_mix.yaml").write_text(yaml)
+    (data / f"train_{name}.txt").write_text("".join(f"{f.resolve()}\n" for f in out))
+    yaml = (data / "data.yaml").read_text().replace("train: images/train", f"train: train_{name}.txt")
+    left_out = {lab for lab, w in weights.items() if w == 0}
+    if left_out:
+        val = [f for f in sorted((data / "images" / "val").glob("*.png")) if lab_of(f.name) not in left_out]
+        (data / f"val_{name}.txt").write_text("".join(f"{f.resolve()}\n" for f in val))
+        yaml = yaml.replace("val: images/val", f"val: val_{name}.txt")
+    (data / f"data_{name}.yaml").write_text(yaml)
     return counts
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--weights", default="", help="lab=weight,... (default 1 each)")
+    ap.add_argument("--weights", default="", help="lab=weight,... (default 1 each; 0 leaves the lab out)")
+    ap.add_argument("--name", default="mix", help="writes train_NAME.txt, data_NAME.yaml (and val_NAME.txt)")
     args = ap.parse_args()
     weights = {k: float(v) for k, v in (kv.split("=") for kv in args.weights.split(",") if kv)}
-    print(json.dumps(mix(args.data, weights)))
+    print(json.dumps(mix(args.data, weights, name=args.name)))
 
 
 if __name__ == "__main__":
