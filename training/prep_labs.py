@@ -276,8 +276,10 @@ def rpi_field(stem: str, analyzer, mpp: float) -> LabField | None:
         inst = Instance(d.kind.value, x0, y0, m)
         if _overlaps(inst, lf.instances, 0.1):
             continue
-        if d.kind.value == "wbc":
-            lf.paint.append(inst)  # an untyped white cell the annotators left out, or a false one
+        if d.kind.value == "wbc" or d.kind.value not in CLASS_INDEX:
+            # an untyped white cell the annotators left out, or a false one; or a red-cell detection
+            # the WBC head re-typed as nucleated (nrbc): no detector class says what it is
+            lf.paint.append(inst)
         elif d.score >= 0.5:
             lf.instances.append(inst)
     # The detector that labels rpi never saw it and misses many of its pale, haloed red cells: every
