@@ -396,6 +396,7 @@ def main() -> None:
     if not args.heads_only and not args.no_labs:
         res["lab_table"] = lab_section(args, sp, limit)
     res["held_out_runs"] = held_out_runs_section()
+    res["detector_held_out_labs"] = detector_held_out_section()
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
 
@@ -427,6 +428,19 @@ def lab_section(args, split: str, limit: int | None) -> list[dict]:
         analyzer.close()
     print(f"\nLab table ({split}; python -m training.lab_table):")
     print(format_table(rows))
+    return rows
+
+
+def detector_held_out_section(root: Path = Path("build/lolo")) -> list[dict]:
+    """Leave-one-lab-out detectors (training.lolo_seg: one lab table per run), if present."""
+    from training.lolo_seg import format_rows, held_out_rows, load
+
+    tables, start = load(root) if root.is_dir() else ({}, None)
+    if not tables:
+        return []
+    rows = held_out_rows(tables, start)
+    print(f"\nDetectors trained without one lab (validation lab tables in {root}; python -m training.lolo_seg):")
+    print(format_rows(rows))
     return rows
 
 
