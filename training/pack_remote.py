@@ -160,7 +160,9 @@ def main() -> None:
     pack_site(args.out / "site.tgz")
     n = pack_seg(args.seg, args.out / "seg.tgz", mix=args.mix, ext=args.format)
     save_start_half(args.init, args.out / "start.pt")
-    shutil.copytree(Path("build") / "yolo_config", args.out / "yolo_config", dirs_exist_ok=True)
+    # ultralytics reads YOLO_CONFIG_DIR/Ultralytics; the font beside it is a spare (0.76 MB)
+    shutil.copytree(Path("build") / "yolo_config" / "Ultralytics", args.out / "yolo_config" / "Ultralytics",
+                    dirs_exist_ok=True)
     total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     logger.info("packed %d images; %s holds %.1f MB (the device carries at most 64 MiB with the tree)",
                 n, args.out, total / 1e6)

@@ -20,25 +20,32 @@ DEVICE=${DEVICE:-0}
 WORKERS=${WORKERS:-5}
 OUT=${OUT:-build/remote_out}
 WORK=${WORK:-/tmp/smearscope_gpu}
-G=${GPU_DIR:-.gpu}
+G=$(cd "${GPU_DIR:-.gpu}" && pwd) || exit 1
+REPO=$PWD
 mkdir -p "$WORK" "$OUT"
+OUT=$(cd "$OUT" && pwd)   # paths absolute: the runs start in $WORK (below)
+[ -n "${CONTINUE:-}" ] && CONTINUE=$(realpath "$CONTINUE")
 tar xzf "$G/site.tgz" -C "$WORK" && tar xzf "$G/seg.tgz" -C "$WORK" || exit 1
-# the smearscope package as pyproject maps it (smearscope/ plus the top-level folders), not installed there
+# the smearscope package as pyproject maps it (smearscope/ plus the top-level folders), not installed
+# there; Python runs from $WORK so that the repository's own smearscope/ (first on sys.path from
+# the working directory) does not hide the mapped one
 mkdir -p "$WORK/pkg/smearscope" || exit 1
-for f in smearscope/*; do ln -sfn "$PWD/$f" "$WORK/pkg/smearscope/"; done
-for d in device engines export models service; do ln -sfn "$PWD/$d" "$WORK/pkg/smearscope/$d"; done
-export PYTHONPATH="$WORK/site:$WORK/pkg:$PWD" PYTHONUNBUFFERED=1
+for f in smearscope/*; do ln -sfn "$REPO/$f" "$WORK/pkg/smearscope/"; done
+for d in device engines export models service; do ln -sfn "$REPO/$d" "$WORK/pkg/smearscope/$d"; done
+export PYTHONPATH="$WORK/site:$WORK/pkg:$REPO" PYTHONUNBUFFERED=1
 # the config dir training.env.offline_ultralytics uses, set here too for the import check below
 mkdir -p build && cp -r "$G/yolo_config" build/ || exit 1
-export YOLO_OFFLINE=1 YOLO_AUTOINSTALL=False YOLO_CONFIG_DIR="$PWD/build/yolo_config"
+export YOLO_OFFLINE=1 YOLO_AUTOINSTALL=False YOLO_CONFIG_DIR="$REPO/build/yolo_config"
 TRAIN=images/train VAL=images/val
 [ -f "$WORK/seg/train.txt" ] && TRAIN=train.txt VAL=val.txt
 printf 'path: %s\ntrain: %s\nval: %s\nnames: {0: rbc, 1: wbc, 2: platelet}\n' \
     "$WORK/seg" "$TRAIN" "$VAL" > "$WORK/seg/data.yaml"
 PY=${PY:-python3}
+case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac   # not realpath: a venv's python is a link
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+cd "$WORK" || exit 1
 $PY -c "import torch, ultralytics; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'ultralytics', ultralytics.__version__)" || exit 1
-$PY -c "import smearscope.service.analysis.illumination, training.look" || exit 1
+$PY -c "import smearscope.service.analysis.illumination as m, training.look; print('smearscope from', m.__file__)" || exit 1
 
 run() {  # name, then train_seg options
     local name=$1; shift
