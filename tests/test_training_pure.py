@@ -257,3 +257,27 @@ def test_count_threshold_sweep_counts_the_kinds_set_aside_detections_from_each_t
     got = [(r["threshold"], r["labs"]["bccd"]["recall"], r["labs"]["bccd"]["precision"]) for r in rows]
     assert got[0][1] == 0.0 and got[1][1:] == (1.0, 1.0) and got[2][1:] == (1.0, 0.5)
     assert rows[1]["mean_f1"] == 1.0
+
+
+def test_lab_table_counts_labelled_cells_and_warns_when_the_worst_lab_rests_on_few():
+    """score_boxed reports how many cells of each kind are labelled; the table prints them, and a
+    worst lab whose mAP50 averages a kind with fewer than THIN_KIND labelled cells says so."""
+    from training.data import BoxAnnotation
+    from training.lab_table import LabImage, format_table, score_boxed
+
+    boxes = [BoxAnnotation("rbc", 40 * i, 0, 40 * i + 30, 30) for i in range(12)]
+    boxes += [BoxAnnotation("wbc", 40 * i, 100, 40 * i + 30, 130) for i in range(12)]
+    boxes += [BoxAnnotation("platelet", 40 * i, 200, 40 * i + 8, 208) for i in range(3)]
+    im = LabImage("txl_575", Path("x.jpg"), 0.1, tuple(boxes))
+    found = [(b.kind, [b.x0, b.y0, b.x1, b.y1], 0.9) for b in boxes[:-2]]  # two platelets missed
+    row = score_boxed([im], [{"counted": found, "every": found}])
+    assert row["labelled"] == {"rbc": 12, "wbc": 12, "platelet": 3}
+    assert abs(row["recall"]["platelet"] - 1 / 3) < 1e-9
+    good = {"lab": "bccd", "scale": "given", "n": 1, "counted_map50": 0.9, "recall": {}, "labelled": {"rbc": 50, "wbc": 20, "platelet": 30}}
+    table = format_table([dict(row, lab="txl_575", scale="given", n=1), good])
+    assert "| 12 / 12 / 3 |" in table
+    assert "worst lab: txl_575" in table and "platelet: 3" in table
+    # the warning belongs to the worst lab only: a thin kind elsewhere says nothing
+    table = format_table([dict(good, labelled={"rbc": 50, "wbc": 20, "platelet": 4}),
+                          dict(good, lab="rpi", counted_map50=0.5)])
+    assert "few labelled cells" not in table

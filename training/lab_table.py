@@ -177,6 +177,7 @@ def score_boxed(images: list[LabImage], outs: list[dict]) -> dict:
     return {"counted_map50": m["mAP50"], "counted_ap50": {k: m[k] for k in KINDS},
             "every_map50": detection_map50(every, KINDS)["mAP50"],
             "recall": {k: conf["per_class"][k]["recall"] for k in KINDS if conf["per_class"][k]["n_truth"]},
+            "labelled": {k: conf["per_class"][k]["n_truth"] for k in KINDS},
             "precision": {k: conf["per_class"][k]["precision"] for k in KINDS if conf["per_class"][k]["n_pred"]},
             "recall_all": _pooled_recall(conf)}
 
@@ -320,9 +321,18 @@ def headline(row: dict) -> float:
     return row.get("wbc_found", 0.0)
 
 
+#: A kind with fewer labelled cells than this in a lab moves its mAP50 by a large step per cell.
+THIN_KIND = 10
+
+
+def thin_kinds(row: dict) -> dict[str, int]:
+    """Kinds of a boxed lab whose AP (a third of its mAP50) rests on fewer than THIN_KIND cells."""
+    return {k: n for k, n in row.get("labelled", {}).items() if 0 < n < THIN_KIND}
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = ["| lab | scale | n | headline | counted mAP50 | every mAP50 | recall rbc / wbc / plt | other | scale err |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| lab | scale | n | headline | counted mAP50 | every mAP50 | recall rbc / wbc / plt | labelled rbc / wbc / plt | other | scale err |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rec = r.get("recall", {})
         other = ""
@@ -336,11 +346,17 @@ def format_table(rows: list[dict]) -> str:
         fmt = lambda v: "—" if v is None else f"{v:.3f}"
         lines.append(
             f"| {r['lab']} | {r['scale']} | {r['n']} | {headline(r):.3f} | {fmt(r.get('counted_map50'))} | {fmt(r.get('every_map50'))} | "
-            f"{' / '.join(fmt(rec.get(k)) for k in KINDS) if rec else '—'} | {other} | "
+            f"{' / '.join(fmt(rec.get(k)) for k in KINDS) if rec else '—'} | "
+            f"{' / '.join(str(r['labelled'][k]) for k in KINDS) if 'labelled' in r else '—'} | {other} | "
             f"{fmt(r.get('scale_error_median_abs'))} |")
     worst = min(rows, key=headline) if rows else None
     if worst:
         lines.append(f"\nworst lab: {worst['lab']} ({worst['scale']} scale) {headline(worst):.3f}")
+        thin = thin_kinds(worst)
+        if thin:
+            lines.append("  its mAP50 averages kinds with few labelled cells (" +
+                         ", ".join(f"{k}: {n}" for k, n in thin.items()) +
+                         "): one cell found or missed moves it by a large step; compare those kinds' cells, not the headline")
     return "\n".join(lines)
 
 
