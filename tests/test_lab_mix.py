@@ -50,3 +50,26 @@ def test_a_lab_at_weight_zero_leaves_training_and_validation(tmp_path):
 def test_an_unknown_lab_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown labs"):
         mix(_prepared_set(tmp_path), {"chulaa": 0})
+
+
+def test_the_txl_group_leaves_out_every_txl_source_and_a_source_keeps_its_own_weight(tmp_path):
+    data = _prepared_set(tmp_path)
+    for i in range(4):
+        (data / "images" / "train" / f"txl_416_{i:03d}.png").touch()
+        (data / "images" / "val" / f"txl_416_{i:03d}.png").touch()
+    mix(data, {"txl": 0}, name="no_txl")
+    assert not {"txl_575", "txl_416"} & set(_listed(data / "train_no_txl.txt"))
+    assert not {"txl_575", "txl_416"} & set(_listed(data / "val_no_txl.txt"))
+    mix(data, {"txl": 2, "txl_416": 0.5})
+    listed = _listed(data / "train_mix.txt")
+    assert listed["txl_575"] == 20 and listed["txl_416"] == 2
+
+
+def test_a_mix_renamed_without_a_lab_left_out_drops_the_earlier_validation_list(tmp_path):
+    """Otherwise pack_remote would ship the earlier, smaller validation list with the new mix."""
+    data = _prepared_set(tmp_path)
+    mix(data, {"chula": 0}, name="run")
+    assert (data / "val_run.txt").exists()
+    mix(data, {"chula": 0.5}, name="run")
+    assert not (data / "val_run.txt").exists()
+    assert "val: images/val" in (data / "data_run.yaml").read_text()

@@ -2,6 +2,7 @@
 
     python -m training.lab_mix --data build/seg_labsB --weights bccd=3,chula=0.5,rpi=1
     python -m training.lab_mix --data build/seg_labs --weights chula=0 --name no_chula   # leave one lab out
+    python -m training.lab_mix --data build/seg_labs --weights txl=0 --name no_txl       # the three TXL-PBC sources
 
 ultralytics samples every listed image once per epoch, so a lab's weight is how many times its
 tiles are listed (fractions: a seeded subset). Writes `train_NAME.txt` and `data_NAME.yaml`
@@ -29,11 +30,26 @@ def lab_of(name: str) -> str:
     raise ValueError(f"{name}: no lab prefix")
 
 
+#: Names that stand for several labs: `txl=0` leaves out the three TXL-PBC sources.
+GROUPS = {"txl": ("txl_575", "txl_416", "txl_360")}
+
+
+def expand_groups(weights: dict[str, float]) -> dict[str, float]:
+    """A group name's weight applies to each of its labs; a lab named on its own keeps its weight."""
+    out = {}
+    for lab, w in weights.items():
+        for member in GROUPS.get(lab, (lab,)):
+            out.setdefault(member, w)
+    out.update({lab: w for lab, w in weights.items() if lab not in GROUPS})
+    return out
+
+
 def mix(data: Path, weights: dict[str, float], seed: int = 0, name: str = "mix") -> dict[str, int]:
     """Tiles listed per lab in the training list (see the module docstring)."""
+    weights = expand_groups(weights)
     unknown = set(weights) - set(PREFIX)
     if unknown:
-        raise ValueError(f"unknown labs {sorted(unknown)}; labs are {sorted(PREFIX)}")
+        raise ValueError(f"unknown labs {sorted(unknown)}; labs are {sorted(PREFIX)} and groups {sorted(GROUPS)}")
     files = sorted((data / "images" / "train").glob("*.png"))
     rng = random.Random(seed)
     out, counts = [], {}
@@ -46,6 +62,7 @@ def mix(data: Path, weights: dict[str, float], seed: int = 0, name: str = "mix")
     (data / f"train_{name}.txt").write_text("".join(f"{f.resolve()}\n" for f in out))
     yaml = (data / "data.yaml").read_text().replace("train: images/train", f"train: train_{name}.txt")
     left_out = {lab for lab, w in weights.items() if w == 0}
+    (data / f"val_{name}.txt").unlink(missing_ok=True)  # an earlier mix of this name may have left a lab out
     if left_out:
         val = [f for f in sorted((data / "images" / "val").glob("*.png")) if lab_of(f.name) not in left_out]
         (data / f"val_{name}.txt").write_text("".join(f"{f.resolve()}\n" for f in val))

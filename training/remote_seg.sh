@@ -23,8 +23,10 @@ WORK=${WORK:-/tmp/smearscope_gpu}
 G=$(cd "${GPU_DIR:-.gpu}" && pwd) || exit 1
 REPO=$PWD
 mkdir -p "$WORK" "$OUT"
+WORK=$(cd "$WORK" && pwd)
 OUT=$(cd "$OUT" && pwd)   # paths absolute: the runs start in $WORK (below)
 [ -n "${CONTINUE:-}" ] && CONTINUE=$(realpath "$CONTINUE")
+rm -rf "$WORK/seg" "$WORK/site"   # a warm machine may hold an earlier pack (its lists would be used)
 tar xzf "$G/site.tgz" -C "$WORK" && tar xzf "$G/seg.tgz" -C "$WORK" || exit 1
 # the smearscope package as pyproject maps it (smearscope/ plus the top-level folders), not installed
 # there; Python runs from $WORK so that the repository's own smearscope/ (first on sys.path from
