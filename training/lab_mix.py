@@ -18,6 +18,8 @@ import json
 import random
 from pathlib import Path
 
+from training.labs import TXL_SOURCES
+
 #: File-name prefix of each lab's tiles (training.prep_labs).
 PREFIX = {"bccd": "BloodImage", "chula": "chula_", "txl_575": "txl_575_", "txl_416": "txl_416_",
           "txl_360": "txl_360_", "pbc": "pbc_", "rpi": "rpi_", "synthetic": "synthetic_"}
@@ -31,15 +33,12 @@ def lab_of(name: str) -> str:
 
 
 #: Names that stand for several labs: `txl=0` leaves out the three TXL-PBC sources.
-GROUPS = {"txl": ("txl_575", "txl_416", "txl_360")}
+GROUPS = {"txl": TXL_SOURCES}
 
 
 def expand_groups(weights: dict[str, float]) -> dict[str, float]:
     """A group name's weight applies to each of its labs; a lab named on its own keeps its weight."""
-    out = {}
-    for lab, w in weights.items():
-        for member in GROUPS.get(lab, (lab,)):
-            out.setdefault(member, w)
+    out = {member: w for lab, w in weights.items() if lab in GROUPS for member in GROUPS[lab]}
     out.update({lab: w for lab, w in weights.items() if lab not in GROUPS})
     return out
 

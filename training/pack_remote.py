@@ -51,6 +51,12 @@ def _skip_cache(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
 FORMATS = {".jpg": (cv2.IMWRITE_JPEG_QUALITY, 93), ".webp": (cv2.IMWRITE_WEBP_QUALITY, 90)}
 
 
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
 def pack_site(out: Path) -> None:
     import thop
     import ultralytics
@@ -60,10 +66,7 @@ def pack_site(out: Path) -> None:
         for mod in (ultralytics, ultralytics_platform, thop):
             src = Path(mod.__file__).parent
             tar.add(src, arcname=f"site/{src.name}", filter=_skip_cache)
-        data = POLARS_STANDIN.encode()
-        info = tarfile.TarInfo("site/polars/__init__.py")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+        _add_bytes(tar, "site/polars/__init__.py", POLARS_STANDIN.encode())
 
 
 def pack_seg(seg: Path, out: Path, quality: int | None = None, mix: str | None = None, ext: str = ".jpg") -> int:
@@ -81,10 +84,7 @@ def pack_seg(seg: Path, out: Path, quality: int | None = None, mix: str | None =
                 if img is None:
                     raise SystemExit(f"{f}: not an image")
                 _, buf = cv2.imencode(ext, img, [flag, quality])
-                data = buf.tobytes()
-                info = tarfile.TarInfo(f"seg/images/{split}/{f.stem}{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+                _add_bytes(tar, f"seg/images/{split}/{f.stem}{ext}", buf.tobytes())
                 label = seg / "labels" / split / f"{f.stem}.txt"
                 if label.exists():
                     tar.add(label, arcname=f"seg/labels/{split}/{label.name}")
@@ -95,12 +95,6 @@ def pack_seg(seg: Path, out: Path, quality: int | None = None, mix: str | None =
 def _entry(line: str, ext: str) -> str:
     f = Path(line.strip())
     return f"./images/{f.parent.name}/{f.stem}{ext}\n"
-
-
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 def pack_mix(seg: Path, name: str, tar: tarfile.TarFile, ext: str = ".jpg") -> dict[str, int]:
