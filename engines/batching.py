@@ -48,4 +48,5 @@ def run_batched(engine: Engine, batch: np.ndarray) -> dict[str, np.ndarray]:
         out = engine.run(chunk)
         for name, collected in parts.items():
             collected.append(out[name][: stop - start])
-    return {name: np.concatenate(v) for name, v in parts.items()}
+    # One chunk (a field's few tiles or crops): its outputs as they are, not copied once more.
+    return {name: v[0] if len(v) == 1 else np.concatenate(v) for name, v in parts.items()}

@@ -162,11 +162,13 @@ class CropClassifier:
         probs = softmax(logits / self.temperature)
         idx = probs.argmax(1)
         thresholds = np.array([t.threshold for t in self.open_sets])
+        beyond = None if scores is None else (scores > thresholds).any(axis=1).tolist()
+        rows = probs.tolist()  # Python floats, as float(v) of each would give
         out = []
-        for i, k in enumerate(idx):
-            p = float(probs[i, k])
+        for i, k in enumerate(idx.tolist()):
+            p = rows[i][k]
             d = None if scores is None else float(scores[i, 0])
-            atypical = scores is not None and bool((scores[i] > thresholds).any())
+            atypical = beyond is not None and beyond[i]
             label = self.classes[k] if p >= self.min_confidence and not atypical else UNIDENTIFIED
-            out.append(HeadResult(label, p, tuple(float(v) for v in probs[i]), d, atypical))
+            out.append(HeadResult(label, p, tuple(rows[i]), d, atypical))
         return out
