@@ -332,6 +332,11 @@ class MqttPublisher:
         )
         with self._state_lock:
             repeated = self._state.status == "refused" and self._state.last_reason_code == code
+        # Logged before the state says "refused", so whoever sees that state finds the reason in
+        # the journal already (paho calls back on its one network thread: no second refusal can
+        # come between). Same refusal again (paho retries with backoff): keep the journal readable.
+        logger.log(logging.DEBUG if repeated else logging.ERROR, "%s", message)
+        with self._state_lock:
             self._state = replace(
                 self._state,
                 status="refused",
@@ -340,8 +345,6 @@ class MqttPublisher:
                 connected_since=None,
                 refusals=self._state.refusals + 1,
             )
-        # Same refusal again (paho retries with backoff): keep the journal readable.
-        logger.log(logging.DEBUG if repeated else logging.ERROR, "%s", message)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # paho calls this inside its `except OSError` (ssl.SSLError is one): the reason is there.
@@ -352,10 +355,11 @@ class MqttPublisher:
         message = f"cannot reach broker {self.config.host}:{self.config.port} ({reason}); retrying"
         with self._state_lock:
             repeated = self._state.last_error == message
+        logger.log(logging.DEBUG if repeated else logging.WARNING, "%s", message)  # before the state, as above
+        with self._state_lock:
             self._state = replace(
                 self._state, status="disconnected", last_error=message, last_reason_code=None
             )
-        logger.log(logging.DEBUG if repeated else logging.WARNING, "%s", message)
 
     def _on_disconnect(
         self,
