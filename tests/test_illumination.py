@@ -134,3 +134,17 @@ def test_wrong_input_is_refused():
         estimate_illumination(np.zeros((100, 100), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         estimate_illumination(np.zeros((100, 100, 3), np.float32))
+
+
+@pytest.mark.parametrize("height,width", [(40, 640), (100, 2000), (480, 40)])
+def test_a_strip_of_a_frame_gets_its_lamp(height, width):
+    """A frame one or two blocks high (or wide) does not span every term of the surface: the fit
+    still gives the lamp (no singular-matrix error) and the glass reads the target white."""
+    field = _field("warm, vignetted", width=1280, height=960)
+    y0, x0 = 480 - height // 2, 640 - width // 2
+    strip = np.ascontiguousarray(field.frame.pixels[y0 : y0 + height, x0 : x0 + width])
+    ill = estimate_illumination(strip)
+    assert ill.applied
+    glass = _glass(field)[y0 : y0 + height, x0 : x0 + width]
+    corrected = apply_illumination(strip, ill)[glass].astype(float)
+    assert np.abs(np.median(corrected, axis=0) - TARGET_WHITE).max() < 6

@@ -118,13 +118,19 @@ def _fit_surface(xs: np.ndarray, ys: np.ndarray, colour: np.ndarray) -> np.ndarr
     a = _design(xs, ys, order)
     log_lum = np.log(np.maximum(colour.mean(axis=1), 1.0))
     weights = np.ones(n)
+    # Weighted least squares by its normal equations where the blocks span every term (a 6 x 6
+    # solve costs a fraction of an SVD-based lstsq per iteration; weights 0.02 or 1 keep it well
+    # conditioned). A frame a block or two high (a strip: every block at one or two y) does not
+    # span y or y^2: there the SVD's minimum-norm solution, as lstsq gives it.
+    full_rank = np.linalg.matrix_rank(a) == a.shape[1]
     coef = None
     for _ in range(5):
-        # Weighted least squares by its normal equations: at most six terms on blocks spread
-        # over [-1, 1]^2 with weights 0.02 or 1 are well conditioned, and a 6 x 6 solve costs a
-        # fraction of an SVD-based lstsq per iteration.
-        aw = a.T * weights
-        coef = np.linalg.solve(aw @ a, aw @ colour)
+        if full_rank:
+            aw = a.T * weights
+            coef = np.linalg.solve(aw @ a, aw @ colour)
+        else:
+            sw = np.sqrt(weights)[:, None]
+            coef, *_ = np.linalg.lstsq(a * sw, colour * sw, rcond=None)
         resid = log_lum - np.log(np.maximum((a @ coef).mean(axis=1), 1.0))
         new = np.where(resid < -_CELL_RESIDUAL, 0.02, 1.0)
         if np.array_equal(new, weights):
