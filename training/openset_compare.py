@@ -205,6 +205,62 @@ def compare(run: Path, quantile: float, energy_quantile: float | None = None,
     return rows
 
 
+def station_rows(run: Path, budget: float, quantile: float, energy_quantile: float | None = None) -> list[dict]:
+    """Each lab as a station that fits its own open-set thresholds on its own normal cells.
+
+    The analyzer's rule (`compare`) takes, per test, the largest of the labs' validation
+    quantiles: a station that looks like the best-matched lab inherits the threshold the worst
+    lab needed. Here each lab is a station calibrated on its validation cells (its first normal
+    specimens, `smearscope calibrate-openset`): its thresholds are the Mahalanobis distance's and
+    the energy's quantile q of its own validation cells, q the lowest on a grid for which at most
+    `budget` of them go to review (the low-confidence ones included). Rows per lab: the held-out
+    class's test cells of that lab still typed as a known class, and that lab's normal test cells
+    sent to review, next to the same figures under the analyzer's rule."""
+    sets, held = run_features(run)
+    n = sets["train"]["logits"].shape[1]
+    present = np.ones(n, bool)
+    present[held] = False
+    known_tr = np.isin(sets["train"]["labels"], np.nonzero(present)[0])
+    known_va = np.isin(sets["val"]["labels"], np.nonzero(present)[0])
+    tr = {k: v[known_tr] for k, v in sets["train"].items()}
+    va = {k: v[known_va] for k, v in sets["val"].items()}
+    te = sets["test"]
+    temperature = fit_temperature(va["logits"], va["labels"])
+    scores = candidate_scores(tr, va, te, present, temperature)
+    (md_v, md_t), (en_v, en_t) = scores["md_l4"], scores["energy"]
+
+    def unsure(logits: np.ndarray) -> np.ndarray:
+        return softmax(np.where(present[None], logits, -1e9) / temperature).max(1) < 0.5
+    un_v, un_t = unsure(va["logits"]), unsure(te["logits"])
+    labs = sorted(set(va["labs"].tolist()))
+    g_md = max(np.quantile(md_v[va["labs"] == lab], quantile) for lab in labs)
+    g_en = max(np.quantile(en_v[va["labs"] == lab], energy_quantile or quantile) for lab in labs)
+    is_known = np.isin(te["labels"], np.nonzero(present)[0])
+    is_held = np.isin(te["labels"], held)
+    rows = []
+    for lab in labs:
+        lv, lt = va["labs"] == lab, te["labs"] == lab
+        chosen = None
+        for q in np.round(np.arange(0.80, 0.9995, 0.0025), 4):
+            t_md, t_en = np.quantile(md_v[lv], q), np.quantile(en_v[lv], q)
+            if (un_v[lv] | (md_v[lv] > t_md) | (en_v[lv] > t_en)).mean() <= budget:
+                chosen = (float(q), float(t_md), float(t_en))
+                break
+        if chosen is None:
+            chosen = (1.0, float(md_v[lv].max()), float(en_v[lv].max()))
+        q, t_md, t_en = chosen
+        station = un_t | (md_t > t_md) | (en_t > t_en)
+        analyzer = un_t | (md_t > g_md) | (en_t > g_en)
+        held_here = is_held & lt
+        rows.append({"run": run.name, "lab": lab, "q": q, "md": t_md, "energy": t_en, "global_md": float(g_md),
+                     "global_energy": float(g_en), "n_held": int(held_here.sum()),
+                     "typed_as_known": float((~station[held_here]).mean()) if held_here.any() else float("nan"),
+                     "typed_as_known_global": float((~analyzer[held_here]).mean()) if held_here.any() else float("nan"),
+                     "review": float(station[is_known & lt].mean()),
+                     "review_global": float(analyzer[is_known & lt].mean())})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path, nargs="+")
@@ -215,9 +271,22 @@ def main() -> None:
     ap.add_argument("--size-gate", type=float, default=None, metavar="UM",
                     help="also a row with the analyzer's lymphocyte size gate at UM (the cells' diameters measured by "
                          "the committed models on each test context, cached)")
+    ap.add_argument("--station-budget", type=float, default=None, metavar="SHARE",
+                    help="instead: each lab as a station with its own thresholds, the lowest quantile of its "
+                    "validation cells that sends at most SHARE of them to review (station_rows)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    if args.station_budget is not None:
+        print("| run | station | its quantile (distance / energy threshold) | held-out class typed as known: station / "
+              "analyzer's rule (n) | its normal test cells to review: station / analyzer's rule |")
+        print("|---|---|---|---|---|")
+        for run in args.runs:
+            for r in station_rows(run, args.station_budget, args.quantile, args.energy_quantile):
+                print(f"| {r['run']} | {r['lab']} | {r['q']:.4f} ({r['md']:.0f} / {r['energy']:.2f}; analyzer "
+                      f"{r['global_md']:.0f} / {r['global_energy']:.2f}) | {r['typed_as_known']:.3f} / "
+                      f"{r['typed_as_known_global']:.3f} ({r['n_held']}) | {r['review']:.3f} / {r['review_global']:.3f} |")
+        return
     print("| run | score | held-out class typed as known (bar <= 0.20) | known cells to review per lab (bar <= 0.10) | AUROC |")
     print("|---|---|---|---|---|")
     for run in args.runs:

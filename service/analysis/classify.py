@@ -14,12 +14,17 @@ cell can be confidently "some class" to a softmax. A test reads either a graph o
 head's Mahalanobis distance of the crop's features to the nearest trained class: far from
 everything it was trained on, such as another lab's cells) or the free energy of the logits
 (`energy`, -logsumexp: no class claims the crop strongly, as for a cell type it never saw).
+
+A station may tighten a test's threshold (`open_set_thresholds`: fitted on its own normal
+specimens by `smearscope calibrate-atypical`), never loosen it: the manifest's threshold is the
+one validated across every training lab, and a threshold above it would let through cells the
+model itself calls unlike anything it knows.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,11 +69,18 @@ class HeadResult:
     ood: float | None = None
     #: A test's score is beyond its calibrated threshold: unlike every trained class.
     atypical: bool = False
+    #: Every open-set test's score, in the manifest's order (what a station calibrates on).
+    open_set_scores: tuple[float, ...] = ()
+
+
+class OpenSetThresholdError(ValueError):
+    """A station's open-set thresholds do not fit the head: an unknown test, or looser than the model's."""
 
 
 class CropClassifier:
     def __init__(self, engine: Engine, min_confidence: float, views: Sequence[str] | None = None,
-                 use_open_set: bool = True, extra_views_below: float | None = EXTRA_VIEWS_BELOW) -> None:
+                 use_open_set: bool = True, extra_views_below: float | None = EXTRA_VIEWS_BELOW,
+                 open_set_thresholds: Mapping[str, float] | None = None) -> None:
         self.engine = engine
         m = engine.manifest
         if m.crop is None:
@@ -82,6 +94,9 @@ class CropClassifier:
         #: Open-set tests (energy of the logits, or a graph output) and their thresholds: a crop
         #: beyond any of them is atypical.
         self.open_sets = list(m.open_set) if use_open_set else []
+        #: Each test's threshold: the manifest's, or the station's tighter one (`open_set_thresholds`,
+        #: by method).
+        self.thresholds = self._thresholds(m.name, dict(open_set_thresholds or {}))
         #: Graph outputs holding open-set scores, in the order of their tests.
         self.score_outputs = [t.output for t in self.open_sets if t.output is not None]
         for name in self.score_outputs:
@@ -95,6 +110,22 @@ class CropClassifier:
         if self.views != tuple(m.tta):
             logger.warning("%s runs in views %s but its temperature was fitted for %s: confidences are "
                            "off their calibration", m.name, "+".join(self.views), "+".join(m.tta))
+
+    def _thresholds(self, name: str, station: dict[str, float]) -> np.ndarray:
+        methods = [t.method for t in self.open_sets]
+        unknown = sorted(set(station) - set(methods))
+        if unknown:
+            raise OpenSetThresholdError(f"{name}: station open-set thresholds for {', '.join(unknown)}, but the head's "
+                                        f"tests are {', '.join(methods) or 'none'}")
+        out = []
+        for t in self.open_sets:
+            v = station.get(t.method, t.threshold)
+            if not np.isfinite(v) or v > t.threshold:
+                raise OpenSetThresholdError(
+                    f"{name}: station threshold {t.method} = {v:g} is looser than the model's {t.threshold:g}; "
+                    "a station may only tighten it (smearscope calibrate-atypical)")
+            out.append(v)
+        return np.array(out, np.float64)
 
     def outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (N, classes) of N crops (N, S, S, 3 uint8 BGR) and the open-set scores (N,
@@ -161,14 +192,14 @@ class CropClassifier:
         logits, scores = self.outputs(np.stack([c.pixels for c in crops]))
         probs = softmax(logits / self.temperature)
         idx = probs.argmax(1)
-        thresholds = np.array([t.threshold for t in self.open_sets])
-        beyond = None if scores is None else (scores > thresholds).any(axis=1).tolist()
+        beyond = None if scores is None else (scores > self.thresholds).any(axis=1).tolist()
+        score_rows = [] if scores is None else scores.tolist()
         rows = probs.tolist()  # Python floats, as float(v) of each would give
         out = []
         for i, k in enumerate(idx.tolist()):
             p = rows[i][k]
-            d = None if scores is None else float(scores[i, 0])
+            d = None if scores is None else score_rows[i][0]
             atypical = beyond is not None and beyond[i]
             label = self.classes[k] if p >= self.min_confidence and not atypical else UNIDENTIFIED
-            out.append(HeadResult(label, p, tuple(rows[i]), d, atypical))
+            out.append(HeadResult(label, p, tuple(rows[i]), d, atypical, tuple(score_rows[i]) if score_rows else ()))
         return out

@@ -119,6 +119,10 @@ class AnalyzerOptions:
     max_lymphocyte_diameter_um: float | None = MAX_LYMPHOCYTE_DIAMETER_UM
     wbc_min_confidence: float = 0.5
     rbc_min_confidence: float = 0.3
+    #: The station's own, tighter thresholds for the WBC head's open-set tests ((method, threshold)
+    #: pairs, e.g. (("mahalanobis", 300.0),)): fitted on its normal specimens by `smearscope
+    #: calibrate-atypical`; empty: the manifest's. Looser than the manifest's is refused.
+    wbc_open_set_thresholds: tuple[tuple[str, float], ...] = ()
     #: Test-time views of each crop per head; None = the manifest's (the views its temperature is fitted for).
     rbc_views: tuple[str, ...] | None = None
     wbc_views: tuple[str, ...] | None = None
@@ -172,17 +176,26 @@ class Analyzer:
                         options: AnalyzerOptions = AnalyzerOptions(), station_id: str | None = None,
                         warmup: bool = True, **engine_options) -> Analyzer:
         engines = {role: create_engine(backend, Path(models_dir) / f, **engine_options) for role, f in MODEL_FILES.items()}
-        for e in engines.values():
-            e.load()
-            if warmup:
-                e.warmup()
+        station_open_set = dict(options.wbc_open_set_thresholds)
+        try:
+            for e in engines.values():
+                e.load()
+                if warmup:
+                    e.warmup()
+            heads = (CropClassifier(engines["rbc_head"], options.rbc_min_confidence, views=options.rbc_views),
+                     CropClassifier(engines["wbc_head"], options.wbc_min_confidence, views=options.wbc_views,
+                                    open_set_thresholds=station_open_set))
+        except BaseException:
+            for e in engines.values():
+                e.close()
+            raise
+        models = {role: ModelInfo(name=e.manifest.name, sha256=e.manifest.sha256, backend=e.backend_name)
+                  for role, e in engines.items()}
+        if station_open_set:
+            models["wbc_head"] = models["wbc_head"].model_copy(update={"open_set_thresholds": station_open_set})
         analyzer = cls(
             YoloSegmenter(engines["segmentation"], conf_threshold=options.detector_conf, views=options.detector_views),
-            CropClassifier(engines["rbc_head"], options.rbc_min_confidence, views=options.rbc_views),
-            CropClassifier(engines["wbc_head"], options.wbc_min_confidence, views=options.wbc_views),
-            options,
-            {role: ModelInfo(name=e.manifest.name, sha256=e.manifest.sha256, backend=e.backend_name) for role, e in engines.items()},
-            station_id,
+            *heads, options, models, station_id,
         )
         analyzer._engines = list(engines.values())
         return analyzer
@@ -311,7 +324,8 @@ class Analyzer:
                     label, unassessed = shape_label(rbc_classes, np.array(res.probs)), res.label
                 score = res.probs[rbc_classes.index(label)] if unassessed else res.score
                 cells.append(_classified(crop.detection, label, score, shape, atypical=res.atypical,
-                                         size_calibrated=calibrated, unassessed_label=unassessed))
+                                         size_calibrated=calibrated, unassessed_label=unassessed,
+                                         open_set_scores=res.open_set_scores))
             else:  # the head knows this is not the kind it serves: count it where it belongs
                 det = dataclasses.replace(crop.detection, kind=kind)
                 label = res.label if kind in (CellKind.NRBC, CellKind.WBC) else None

@@ -62,6 +62,9 @@ class ModelInfo(_Strict):
     name: str
     sha256: str
     backend: str
+    open_set_thresholds: dict[str, float] | None = Field(
+        None, description="the WBC head's open-set thresholds where the station tightened them on its own normal "
+        "specimens (smearscope calibrate-atypical); absent: the model's own")
 
 
 class CellRecord(_Strict):

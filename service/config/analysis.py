@@ -14,6 +14,29 @@ from smearscope.service.config.base import StationBaseModel
 logger = logging.getLogger(__name__)
 
 
+class WbcOpenSetConfig(StationBaseModel):
+    """The station's own open-set thresholds for the WBC head (`smearscope calibrate-atypical`)."""
+
+    thresholds: dict[Literal["mahalanobis", "energy"], float] = Field(
+        title="Thresholds",
+        description="Per open-set test of the WBC head's manifest, the station's threshold: a white cell "
+        "scoring above it is unidentified and atypical (sent to review). Fitted on the station's own normal "
+        "specimens; each must be at or below the model's own threshold (a station may tighten, never loosen).",
+        min_length=1,
+    )
+    model_sha256: str = Field(
+        title="WBC head they were fitted for",
+        description="sha256 of the WBC head (its manifest's) the thresholds were fitted with: another model's "
+        "scores are on another scale, so the station refuses to start with a different head.",
+        pattern=r"^[0-9a-f]{64}$",
+    )
+    fitted: str = Field(
+        default="",
+        title="How they were fitted",
+        description="Free text written by calibrate-atypical: when, on how many white cells, the review budget.",
+    )
+
+
 class AnalysisConfig(StationBaseModel):
     """How each accepted frame is analyzed."""
 
@@ -142,6 +165,13 @@ class AnalysisConfig(StationBaseModel):
         title="WBC head test-time views",
         description="As rbc_head_views, for the WBC head's crops.",
         min_length=1,
+    )
+    wbc_open_set: WbcOpenSetConfig | None = Field(
+        default=None,
+        title="Station open-set thresholds",
+        description="The WBC head's open-set thresholds fitted on this station's normal specimens "
+        "(`smearscope calibrate-atypical` prints the section); unset: the model's own, the largest "
+        "any training lab needed.",
     )
     concurrent_fields: int = Field(
         default=1,

@@ -46,6 +46,7 @@ def build_analyzer(config: StationConfig) -> AnalyzerLike:
     from smearscope.engines.base import EngineError
     from smearscope.engines.manifest import ManifestError
     from smearscope.service.analysis.aggregate import AggregateThresholds
+    from smearscope.service.analysis.classify import OpenSetThresholdError
     from smearscope.service.analysis.pipeline import MODEL_FILES, Analyzer, AnalyzerOptions
     from smearscope.service.analysis.roi import RoiFilter
 
@@ -54,6 +55,19 @@ def build_analyzer(config: StationConfig) -> AnalyzerLike:
     if missing:
         raise StartupError("analysis.models_dir", f"{a.models_dir} has no {', '.join(missing)}; "
                            "train and export the models or point analysis.models_dir at them")
+    open_set: tuple[tuple[str, float], ...] = ()
+    if a.wbc_open_set is not None:
+        from smearscope.engines.manifest import load_manifest
+
+        try:
+            head_sha = load_manifest(a.models_dir / MODEL_FILES["wbc_head"]).sha256
+        except ManifestError as exc:
+            raise StartupError("analysis.models_dir", str(exc)) from exc
+        if head_sha != a.wbc_open_set.model_sha256:
+            raise StartupError("analysis.wbc_open_set", f"fitted for WBC head {a.wbc_open_set.model_sha256[:12]}, but "
+                               f"{a.models_dir} holds {head_sha[:12]}: run smearscope calibrate-atypical again "
+                               "with this head, or remove the section")
+        open_set = tuple(a.wbc_open_set.thresholds.items())
     options = AnalyzerOptions(
         tile_size=a.tile_size, tile_overlap=a.tile_overlap, stain_method=a.stain_normalization,
         detector_views=None if a.detector_views is None else tuple(a.detector_views),
@@ -62,6 +76,7 @@ def build_analyzer(config: StationConfig) -> AnalyzerLike:
         nucleated_recheck=a.nucleated_recheck, max_lymphocyte_diameter_um=a.max_lymphocyte_diameter_um,
         rbc_views=None if a.rbc_head_views is None else tuple(a.rbc_head_views),
         wbc_views=None if a.wbc_head_views is None else tuple(a.wbc_head_views),
+        wbc_open_set_thresholds=open_set,
         roi=RoiFilter(min_confidence=a.min_confidence, min_area_um2=a.min_area_um2,
                       max_aspect=a.max_aspect_ratio, platelet_min_confidence=a.platelet_min_confidence,
                       red_cell_min_confidence=a.red_cell_min_confidence),
@@ -73,5 +88,7 @@ def build_analyzer(config: StationConfig) -> AnalyzerLike:
     try:
         return Analyzer.from_models_dir(a.models_dir, backend=a.engine_backend, options=options,
                                         station_id=config.station_id, **engine_options)
+    except OpenSetThresholdError as exc:
+        raise StartupError("analysis.wbc_open_set", str(exc)) from exc
     except (EngineError, ManifestError) as exc:
         raise StartupError("analysis.models_dir", str(exc)) from exc

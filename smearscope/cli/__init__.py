@@ -107,6 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="one JSON line instead of text")
     c.set_defaults(func=_lazy("calibrate", "cmd_calibrate_scale"))
 
+    ca = sub.add_parser("calibrate-atypical", help="fit the WBC head's open-set thresholds on this station's normal specimens",
+                        description="Analyze fields of specimens known to be normal and print the station config "
+                        "section [analysis.wbc_open_set]: the WBC head's open-set thresholds tightened to the "
+                        "lowest quantile of this station's own white cells that sends at most --budget of them to "
+                        "review (never looser than the model's). A new cell type such as a blast is then caught "
+                        "more often wherever the station's normal cells lie well inside the model's limits. "
+                        "Exit status 2 with an error code when there are too few white cells or nothing to tighten.")
+    ca.add_argument("images", nargs="+", metavar="IMAGE", help="fields of normal specimens (files, folders, @LIST)")
+    ca.add_argument("--config", type=Path, default=None,
+                    help="the station's TOML: its models and analysis settings (default: the packaged models)")
+    ca.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="models folder when no --config")
+    ca.add_argument("--microns-per-pixel", type=float, default=None,
+                    help="the fields' scale (default: the config's, else estimated per field)")
+    ca.add_argument("--budget", type=float, default=0.05,
+                    help="largest share of these normal white cells sent to review (default 0.05)")
+    ca.add_argument("--min-cells", type=int, default=200, help="fewest white cells to fit on (default 200)")
+    ca.add_argument("--json", action="store_true", help="one JSON line instead of the TOML section")
+    ca.set_defaults(func=_lazy("calibrate", "cmd_calibrate_atypical"))
+
     db = sub.add_parser("dashboard", help="serve the clinic dashboard (MQTT over WebSockets in the browser)",
                         description="Serve the static dashboard page; the browser connects to the broker's "
                         "WebSockets listener itself (docs/MQTT.md). Without --password-file and with "

@@ -1,9 +1,13 @@
-"""`smearscope calibrate-scale`: a station's micrometres per pixel from a stage micrometer image."""
+"""Station calibration: `calibrate-scale` (micrometres per pixel from a stage micrometer image) and
+`calibrate-atypical` (the WBC head's open-set thresholds from the station's own normal specimens)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+
+logger = logging.getLogger(__name__)
 
 
 def cmd_calibrate_scale(args: argparse.Namespace) -> int:
@@ -29,3 +33,115 @@ def cmd_calibrate_scale(args: argparse.Namespace) -> int:
         print("put in the station config, [analysis] section:")
         print(f"microns_per_pixel = {r.microns_per_pixel:.5f}")
     return 0
+
+
+def cmd_calibrate_atypical(args: argparse.Namespace) -> int:
+    """Fit the station's WBC open-set thresholds on fields of normal specimens; print the TOML section."""
+    import time
+
+    import numpy as np
+
+    from smearscope.cli.analyze_io import InputError, expand_inputs, shown
+    from smearscope.device.frame import Frame
+    from smearscope.service.analysis.open_set_fit import fit_station_thresholds
+    from smearscope.service.analysis.records import CellKind
+    from smearscope.service.ingest import IngestError, load_image
+
+    def error(code: str, message: str) -> int:
+        print(json.dumps({"error": {"code": code, "message": message}}))
+        return 2
+
+    if not 0.0 < args.budget < 0.5:
+        return error("bad_budget", f"--budget {args.budget} outside (0, 0.5)")
+    try:
+        images, _ = expand_inputs(args.images)
+    except InputError as exc:
+        return error(exc.code, exc.message)
+    if not images:
+        return error("no_images", "no image files given")
+    from smearscope.engines.base import EngineError
+    from smearscope.engines.manifest import ManifestError
+    from smearscope.service.config import ConfigError
+    from smearscope.service.station.startup import StartupError
+
+    try:
+        analyzer, mpp = _station_analyzer(args)
+    except (ConfigError, StartupError) as exc:
+        return error("bad_config", str(exc))
+    except (EngineError, ManifestError, OSError) as exc:
+        return error("engine_unavailable", f"{type(exc).__name__}: {exc}")
+    head = analyzer.wbc_head
+    if head is None or not head.open_sets:
+        analyzer.close()
+        return error("no_open_set", "the WBC head has no open-set test to calibrate")
+    scores: list[tuple[float, ...]] = []
+    unsure: list[bool] = []
+    fields = skipped = 0
+    try:
+        for item in images:
+            if item.error is not None:
+                skipped += 1
+                logger.warning("%s: %s", shown(item.path), item.error.message)
+                continue
+            try:
+                img = load_image(item.path)
+                result = analyzer.analyze(Frame(img.pixels, shown(item.path.name), shown(item.path),
+                                                microns_per_pixel=mpp))
+            except IngestError as exc:
+                skipped += 1
+                logger.warning("%s: %s: %s", shown(item.path), exc.code.value, exc.message)
+                continue
+            fields += 1
+            for c in result.cells:
+                # white cells the WBC head typed (or could not type), not re-counted red cells
+                if c.detection.kind is CellKind.WBC and c.detected_as is None and c.open_set_scores:
+                    scores.append(c.open_set_scores)
+                    unsure.append((c.label_score or 0.0) < head.min_confidence)
+    finally:
+        analyzer.close()
+    methods = [t.method for t in head.open_sets]
+    model = [t.threshold for t in head.open_sets]
+    fit = fit_station_thresholds(np.array(scores, np.float64).reshape(len(scores), len(methods)),
+                                 np.array(unsure, bool), methods, model, args.budget, args.min_cells)
+    sha = analyzer.models["wbc_head"].sha256
+    summary = {"white_cells": fit.n_cells, "fields": fields, "skipped": skipped, "budget": args.budget,
+               "review_share_model": round(fit.review_share_model, 4), "model_thresholds": dict(zip(methods, model)),
+               "model_sha256": sha}
+    if fit.thresholds is None:
+        reason = {"too_few_white_cells": f"{fit.n_cells} white cells in {fields} fields; at least {args.min_cells} "
+                                         "are needed (add fields of normal specimens)",
+                  "over_budget": f"with the model's own thresholds {fit.review_share_model:.1%} of these normal white "
+                                 f"cells already go to review, over the budget of {args.budget:.0%}: nothing to "
+                                 "tighten; keep the model's thresholds (leave [analysis.wbc_open_set] out)"}[fit.reason or ""]
+        print(json.dumps({"error": {"code": fit.reason, "message": reason}, **summary}))
+        return 2
+    fitted = (f"{time.strftime('%Y-%m-%d')}: {fit.n_cells} white cells in {fields} fields of normal specimens, "
+              f"review budget {args.budget:.0%} ({fit.review_share:.1%} of them to review; model's thresholds "
+              f"{fit.review_share_model:.1%}), quantile {fit.quantile}")
+    if args.json:
+        print(json.dumps({"thresholds": fit.thresholds, "quantile": fit.quantile,
+                          "review_share": round(fit.review_share, 4), "fitted": fitted, **summary}))
+        return 0
+    print(f"# {fitted}")
+    print("# put in the station config:")
+    print("[analysis.wbc_open_set]")
+    print("thresholds = { " + ", ".join(f"{m} = {v}" for m, v in fit.thresholds.items()) + " }")
+    print(f'model_sha256 = "{sha}"')
+    print(f'fitted = "{fitted}"')
+    return 0
+
+
+def _station_analyzer(args: argparse.Namespace):
+    """The analyzer the station runs (its config's analysis settings and models), and the scale to give."""
+    if args.config is None:
+        from smearscope.service.analysis.pipeline import Analyzer
+
+        return Analyzer.from_models_dir(args.models, warmup=False), args.microns_per_pixel
+    from smearscope.service.config import load_config
+    from smearscope.service.station.startup import build_analyzer
+
+    config = load_config(args.config)
+    # scores do not depend on thresholds; a section fitted for an earlier head must not stop a refit
+    config = config.model_copy(update={"analysis": config.analysis.model_copy(update={"wbc_open_set": None})})
+    mpp = args.microns_per_pixel if args.microns_per_pixel is not None else config.analysis.microns_per_pixel
+    return build_analyzer(config), mpp

@@ -2,7 +2,9 @@
 (the models the wheel carries, copied where the configuration points, hashes checked).
 
 Doctor's checks: the configuration (and the files it names), the models in `analysis.models_dir`
-(each manifest and the sha256 of its ONNX file), the inference backend the configuration chooses
+(each manifest and the sha256 of its ONNX file), the WBC head's open-set thresholds (the
+station's own, `[analysis.wbc_open_set]`, fitted for this head and never looser than the model's;
+or the model's), the inference backend the configuration chooses
 (ONNX Runtime and its providers; TensorRT, its version and a CUDA binding), the outbox (its folder
 writable, free space, not held by another process), the MQTT broker (TCP, and TLS with the
 configured CA). Each line says OK, WARN or FAIL and, when not OK, what is missing; exit 1 when any
@@ -63,6 +65,32 @@ def model_checks(models_dir: Path) -> list[Check]:
             continue
         checks.append(("OK", f"model {role}", f"{models_dir / manifest.file}, sha256 {manifest.sha256[:12]}"))
     return checks
+
+
+def open_set_checks(analysis) -> list[Check]:
+    """The WBC head's open-set thresholds: the station's (fitted for this head, never looser) or the model's."""
+    from smearscope.engines.manifest import ManifestError, load_manifest
+    from smearscope.service.analysis.pipeline import MODEL_FILES
+
+    section = analysis.wbc_open_set
+    try:
+        head = load_manifest(analysis.models_dir / MODEL_FILES["wbc_head"], verify_hash=False)
+    except (ManifestError, OSError, ValueError):
+        return []  # the model check above says why
+    model = {t.method: t.threshold for t in head.open_set}
+    if section is None:
+        text = ", ".join(f"{m} {v:g}" for m, v in model.items()) or "none"
+        return [("OK", "open set", (f"the model's thresholds ({text}); a station can tighten them on its own "
+                 "normal specimens: smearscope calibrate-atypical"))]
+    if section.model_sha256 != head.sha256:
+        return [("FAIL", "open set", (f"[analysis.wbc_open_set] was fitted for WBC head {section.model_sha256[:12]}, "
+                 f"the models hold {head.sha256[:12]}: run smearscope calibrate-atypical again"))]
+    bad = [f"{m} {v:g} (model {model.get(m)})" for m, v in section.thresholds.items()
+           if m not in model or v > model[m]]
+    if bad:
+        return [("FAIL", "open set", f"looser than the model's or not one of its tests: {', '.join(bad)}")]
+    text = ", ".join(f"{m} {v:g} (model {model[m]:g})" for m, v in section.thresholds.items())
+    return [("OK", "open set", f"the station's thresholds {text}; {section.fitted or 'fitted: not recorded'}")]
 
 
 def _backend_checks(backend: str) -> list[Check]:
@@ -143,7 +171,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if config is not None:
         analysis, mqtt = config.analysis, config.mqtt  # type: ignore[attr-defined]
         steps: list[Callable[[], list[Check]]] = [
-            lambda: model_checks(analysis.models_dir), lambda: _backend_checks(analysis.engine_backend),
+            lambda: model_checks(analysis.models_dir), lambda: open_set_checks(analysis),
+            lambda: _backend_checks(analysis.engine_backend),
             lambda: _outbox_checks(mqtt.outbox.path), lambda: _broker_checks(mqtt)]
         for step in steps:
             try:

@@ -1,0 +1,221 @@
+"""A station tightens the WBC head's open-set thresholds on its own normal specimens, never loosens them.
+
+The fit (`service.analysis.open_set_fit`), the classifier's use of the station's thresholds, the
+config section and its checks at start-up, and `smearscope calibrate-atypical` end to end on
+rendered fields with the committed models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tomllib
+from realdata import DATA
+from test_open_set_flags import _crops, _Head
+
+from smearscope.device.synthetic import render_field
+from smearscope.engines.manifest import load_manifest
+from smearscope.service.analysis.classify import UNIDENTIFIED, CropClassifier, OpenSetThresholdError
+from smearscope.service.analysis.open_set_fit import fit_station_thresholds
+from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+from smearscope.service.config import parse_config
+from smearscope.service.config.analysis import AnalysisConfig
+from smearscope.service.station.startup import StartupError, build_analyzer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- the fit ----------------------------------------------------------------------------------
+
+def _station(n=1000, seed=0):
+    """A well-matched station's normal cells: distances around 100, energies around -6, far
+    below the model's thresholds (430, -2); 2 % of them unsure."""
+    rng = np.random.default_rng(seed)
+    scores = np.stack([rng.normal(100, 20, n), rng.normal(-6, 0.5, n)], axis=1)
+    unsure = rng.random(n) < 0.02
+    return scores, unsure
+
+
+def test_a_well_matched_station_tightens_to_its_budget():
+    scores, unsure = _station()
+    fit = fit_station_thresholds(scores, unsure, ["mahalanobis", "energy"], [430.0, -2.0], budget=0.05)
+    assert fit.thresholds is not None and fit.reason is None
+    md, en = fit.thresholds["mahalanobis"], fit.thresholds["energy"]
+    assert md < 200 and en < -4  # far tighter than the model's 430 / -2
+    # within budget, and the lowest such quantile: one grid step lower is over it
+    review = (unsure | (scores[:, 0] > md) | (scores[:, 1] > en)).mean()
+    assert review <= 0.05 and fit.review_share == pytest.approx(review)
+    lower = np.quantile(scores, fit.quantile - 0.0025, axis=0)
+    assert (unsure | (scores > lower).any(axis=1)).mean() > 0.05
+    assert fit.review_share_model == pytest.approx(unsure.mean())
+
+
+def test_a_station_never_loosens_a_threshold():
+    """A station whose distances run high: the distance threshold stays the model's (capped), the
+    energy, well inside, is tightened."""
+    scores, unsure = _station()
+    scores[:, 0] += 320  # around 420: a third of the cells beyond the model's 430
+    fit = fit_station_thresholds(scores, np.zeros(len(unsure), bool), ["mahalanobis", "energy"], [430.0, -2.0],
+                                 budget=0.40)
+    assert fit.thresholds is not None
+    assert np.quantile(scores[:, 0], fit.quantile) > 430.0  # its own quantile would have loosened it
+    assert fit.thresholds["mahalanobis"] <= 430.0
+    assert fit.thresholds["energy"] < -2.0
+
+
+def test_over_budget_and_too_few_cells_keep_the_models_thresholds():
+    scores, unsure = _station()
+    unsure[:100] = True  # 10 % unsure whatever the thresholds
+    fit = fit_station_thresholds(scores, unsure, ["mahalanobis", "energy"], [430.0, -2.0], budget=0.05)
+    assert fit.thresholds is None and fit.reason == "over_budget"
+    few = fit_station_thresholds(scores[:50], unsure[:50] & False, ["mahalanobis", "energy"], [430.0, -2.0], 0.05)
+    assert few.thresholds is None and few.reason == "too_few_white_cells" and few.n_cells == 50
+
+
+# -- the classifier ---------------------------------------------------------------------------
+
+def test_the_station_threshold_sends_a_cell_between_it_and_the_models_to_review():
+    head = _Head({"neutrophil": 8.0}, ood=300.0, threshold=430.0)
+    model = CropClassifier(head, 0.5).classify(_crops(1))[0]
+    station = CropClassifier(head, 0.5, open_set_thresholds={"mahalanobis": 250.0}).classify(_crops(1))[0]
+    assert model.label == "neutrophil" and not model.atypical
+    assert station.label == UNIDENTIFIED and station.atypical
+    assert station.open_set_scores == (300.0,)
+
+
+def test_a_looser_or_unknown_station_threshold_is_refused():
+    head = _Head({"neutrophil": 8.0}, ood=300.0, threshold=430.0)
+    with pytest.raises(OpenSetThresholdError, match="looser"):
+        CropClassifier(head, 0.5, open_set_thresholds={"mahalanobis": 431.0})
+    with pytest.raises(OpenSetThresholdError, match="energy"):
+        CropClassifier(head, 0.5, open_set_thresholds={"energy": -3.0})
+
+
+# -- the config and start-up ------------------------------------------------------------------
+
+def _config(tmp_path: Path, section: str):
+    text = f"""
+station_id = "bench-1"
+[source]
+kind = "simulated"
+[analysis]
+models_dir = "{DEFAULT_MODELS_DIR}"
+{section}
+[mqtt.outbox]
+path = "{tmp_path / 'outbox.sqlite'}"
+"""
+    return parse_config(tomllib.loads(text), environ={})
+
+
+def _wbc_sha() -> str:
+    return load_manifest(DEFAULT_MODELS_DIR / "wbc_head.json").sha256
+
+
+def test_start_up_applies_the_station_thresholds_and_reports_them(tmp_path):
+    model = load_manifest(DEFAULT_MODELS_DIR / "wbc_head.json")
+    tighter = {t.method: round(t.threshold * 0.5 if t.threshold > 0 else t.threshold - 1.0, 3) for t in model.open_set}
+    thresholds = ", ".join(f"{m} = {v}" for m, v in tighter.items())
+    cfg = _config(tmp_path, f'[analysis.wbc_open_set]\nthresholds = {{ {thresholds} }}\nmodel_sha256 = "{_wbc_sha()}"')
+    analyzer = build_analyzer(cfg)
+    try:
+        assert analyzer.wbc_head.thresholds.tolist() == list(tighter.values())
+        report = analyzer.analyze(render_field(3, width=320, height=240).frame).report
+        assert report.models["wbc_head"].open_set_thresholds == tighter
+    finally:
+        analyzer.close()
+
+
+def test_start_up_refuses_thresholds_of_another_head_or_looser_ones(tmp_path):
+    model = load_manifest(DEFAULT_MODELS_DIR / "wbc_head.json")
+    md = next(t.threshold for t in model.open_set if t.method == "mahalanobis")
+    other = _config(tmp_path, f'[analysis.wbc_open_set]\nthresholds = {{ mahalanobis = {md / 2} }}\n'
+                              f'model_sha256 = "{"0" * 64}"')
+    with pytest.raises(StartupError) as exc:
+        build_analyzer(other)
+    assert exc.value.field == "analysis.wbc_open_set" and "calibrate-atypical" in exc.value.reason
+    looser = _config(tmp_path, f'[analysis.wbc_open_set]\nthresholds = {{ mahalanobis = {md + 1} }}\n'
+                               f'model_sha256 = "{_wbc_sha()}"')
+    with pytest.raises(StartupError) as exc:
+        build_analyzer(looser)
+    assert exc.value.field == "analysis.wbc_open_set" and "looser" in exc.value.reason
+
+
+def test_the_section_is_strict():
+    with pytest.raises(ValueError):
+        AnalysisConfig.model_validate({"wbc_open_set": {"thresholds": {"cosine": 1.0}, "model_sha256": _wbc_sha()}})
+    with pytest.raises(ValueError):
+        AnalysisConfig.model_validate({"wbc_open_set": {"thresholds": {}, "model_sha256": _wbc_sha()}})
+
+
+# -- the command ------------------------------------------------------------------------------
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smearscope", *args], check=False, capture_output=True,
+                          text=True, timeout=600, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def normal_fields(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("normal")
+    for seed in range(6):
+        f = render_field(40 + seed, width=640, height=480, microns_per_pixel=0.1)
+        cv2.imwrite(str(folder / f"field{seed}.png"), f.frame.pixels)
+    return folder
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (DATA / "pbc").is_dir(), reason=f"PBC not found under {DATA} (set SMEARSCOPE_DATA)")
+def test_calibrate_atypical_prints_a_section_the_station_starts_with(tmp_path):
+    """PBC's normal white cells as a station's normal specimens (one CellaVision lab, 0.165 um/px
+    by the analyzer's ruler): 50 crops of each mature type. The model's thresholds were set for
+    the worst-matched lab, so this well-matched one gets tighter ones, within its budget."""
+    listing = tmp_path / "normal.txt"
+    paths = [p for cls in ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
+             for p in sorted((DATA / "pbc" / cls).glob("*.jpg"))[:50]]
+    listing.write_text("\n".join(map(str, paths)) + "\n")
+    out = _cli("calibrate-atypical", f"@{listing}", "--microns-per-pixel", "0.165", "--budget", "0.05")
+    assert out.returncode == 0, out.stdout + out.stderr
+    section = tomllib.loads(out.stdout)["analysis"]["wbc_open_set"]
+    assert section["model_sha256"] == _wbc_sha() and "in 250 fields" in section["fitted"]
+    model = {t.method: t.threshold for t in load_manifest(DEFAULT_MODELS_DIR / "wbc_head.json").open_set}
+    assert set(section["thresholds"]) == set(model)
+    assert all(section["thresholds"][m] <= model[m] for m in model)
+    assert any(section["thresholds"][m] < 0.9 * model[m] if model[m] > 0 else section["thresholds"][m] < model[m] - 0.5
+               for m in model)
+    thresholds = ", ".join(f"{m} = {v}" for m, v in section["thresholds"].items())
+    cfg = _config(tmp_path, f'[analysis.wbc_open_set]\nthresholds = {{ {thresholds} }}\n'
+                            f'model_sha256 = "{section["model_sha256"]}"')
+    build_analyzer(cfg).close()
+
+
+def test_calibrate_atypical_needs_enough_white_cells(normal_fields):
+    out = _cli("calibrate-atypical", str(normal_fields), "--microns-per-pixel", "0.1", "--json")
+    assert out.returncode == 2
+    line = json.loads(out.stdout)
+    assert line["error"]["code"] == "too_few_white_cells" and line["white_cells"] < 200
+
+
+def test_doctor_says_whose_thresholds_and_fails_a_stale_section(tmp_path):
+    from smearscope.cli.doctor import open_set_checks
+
+    model = {t.method: t.threshold for t in load_manifest(DEFAULT_MODELS_DIR / "wbc_head.json").open_set}
+    (status, _, detail), = open_set_checks(_config(tmp_path, "").analysis)
+    assert status == "OK" and "the model's thresholds" in detail
+    md = model["mahalanobis"]
+    fitted = _config(tmp_path, f'[analysis.wbc_open_set]\nthresholds = {{ mahalanobis = {md / 2} }}\n'
+                               f'model_sha256 = "{_wbc_sha()}"\nfitted = "300 white cells"')
+    (status, _, detail), = open_set_checks(fitted.analysis)
+    assert status == "OK" and "the station's thresholds" in detail and "300 white cells" in detail
+    stale = _config(tmp_path, f'[analysis.wbc_open_set]\nthresholds = {{ mahalanobis = {md / 2} }}\n'
+                              f'model_sha256 = "{"1" * 64}"')
+    (status, _, detail), = open_set_checks(stale.analysis)
+    assert status == "FAIL" and "calibrate-atypical" in detail
+    looser = _config(tmp_path, f'[analysis.wbc_open_set]\nthresholds = {{ mahalanobis = {md * 2} }}\n'
+                               f'model_sha256 = "{_wbc_sha()}"')
+    (status, _, detail), = open_set_checks(looser.analysis)
+    assert status == "FAIL" and "looser" in detail
