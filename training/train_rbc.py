@@ -19,6 +19,7 @@ a head that over-calls spherocytes in another lab loses however well it does on 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import time
@@ -49,10 +50,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--arch", choices=sorted(ARCHS), default="resnet10t-half")
     ap.add_argument("--init", type=Path, default=None, help="warm start from a committed head ONNX")
+    ap.add_argument("--resume", action="store_true", help="continue this run's last.pt (same arguments)")
     ap.add_argument("--init-pt", type=Path, default=None, help="continue from a run's best.pt (new schedule)")
     ap.add_argument("--p-look", type=float, default=0.8)
     ap.add_argument("--out", type=Path, default=Path("build/rbc"))
     ap.add_argument("--name", default="rbc")
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="keep an exponential moving average of the weights with this decay per step "
+                    "(e.g. 0.998); validation, selection and the kept checkpoint use the average")
     ap.add_argument("--select", choices=("looks", "spherocyte"), default="looks",
                     help="what the kept checkpoint's worst figure includes (see above)")
     args = ap.parse_args()
@@ -91,10 +96,24 @@ def main() -> None:
         model.load_state_dict(torch.load(args.init_pt, weights_only=False)["model"])
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    # The average of the weights along the low-learning-rate end of a run: a flatter, usually
+    # better-generalizing point than the last step (buffers such as BatchNorm statistics copied).
+    ema = copy.deepcopy(model).eval() if args.ema > 0 else None
+    if args.resume and (run_dir / "last.pt").exists():
+        ck = torch.load(run_dir / "last.pt", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
     g = torch.Generator().manual_seed(1)
     epoch, elapsed, planned, history, best = 0, 0.0, args.max_epochs, [], (-1.0, None)
     start = val_figures(model)
     logger.info("start: %s", start)
+    if args.resume and (run_dir / "last.pt").exists():
+        epoch, history = ck["epoch"], ck["history"]
+        elapsed, planned = ck.get("elapsed", 0.0), ck.get("planned", planned)
+        best = (ck.get("best_worst", -1.0), ck.get("best_state"))
+        logger.info("resumed after epoch %d of %d", epoch, planned)
     while epoch < planned:
         t0 = time.time()
         rng = np.random.default_rng(2000 + epoch)
@@ -112,18 +131,29 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for e, v in zip(ema.state_dict().values(), model.state_dict().values()):
+                        if e.dtype.is_floating_point:
+                            e.mul_(args.ema).add_(v.detach(), alpha=1 - args.ema)
+                        else:
+                            e.copy_(v)
             losses.append(float(loss.detach()))
         elapsed += time.time() - t0
-        fig = val_figures(model)
+        kept = ema if ema is not None else model
+        fig = val_figures(kept)
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **fig})
         logger.info("epoch %d loss %.3f %s (%.0f s)", epoch + 1, np.mean(losses), fig, elapsed)
         if fig["worst"] > best[0]:
-            best = (fig["worst"], {k: v.clone() for k, v in model.state_dict().items()})
+            best = (fig["worst"], {k: v.clone() for k, v in kept.state_dict().items()})
         epoch += 1
         if epoch == 1:
             planned = int(min(args.max_epochs, max(2, args.minutes * 60 // max(elapsed, 1))))
             logger.info("%.0f s per epoch: planning %d epochs", elapsed, planned)
-        torch.save({"model": model.state_dict(), "epoch": epoch, "history": history}, run_dir / "last.pt")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                    "ema": None if ema is None else ema.state_dict(), "epoch": epoch, "history": history,
+                    "elapsed": elapsed, "planned": planned, "best_worst": best[0], "best_state": best[1]},
+                   run_dir / "last.pt")
     model.load_state_dict(best[1])
     val_logits = predict_logits(model, val_crops)
     temperature = fit_temperature(val_logits, sets["val_labels"])
