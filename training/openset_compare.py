@@ -213,7 +213,8 @@ def station_rows(run: Path, budget: float, quantile: float, energy_quantile: flo
     lab needed. Here each lab is a station calibrated on its validation cells (its first normal
     specimens, `smearscope calibrate-openset`): its thresholds are the Mahalanobis distance's and
     the energy's quantile q of its own validation cells, q the lowest on a grid for which at most
-    `budget` of them go to review (the low-confidence ones included). Rows per lab: the held-out
+    `budget` of them go to review (the low-confidence ones included), each capped at the analyzer's
+    rule's threshold (a station may tighten, never loosen). Rows per lab: the held-out
     class's test cells of that lab still typed as a known class, and that lab's normal test cells
     sent to review, next to the same figures under the analyzer's rule."""
     sets, held = run_features(run)
@@ -242,12 +243,13 @@ def station_rows(run: Path, budget: float, quantile: float, energy_quantile: flo
         lv, lt = va["labs"] == lab, te["labs"] == lab
         chosen = None
         for q in np.round(np.arange(0.80, 0.9995, 0.0025), 4):
-            t_md, t_en = np.quantile(md_v[lv], q), np.quantile(en_v[lv], q)
+            # never looser than the analyzer's rule (service.analysis.open_set_fit caps the same way)
+            t_md, t_en = min(np.quantile(md_v[lv], q), g_md), min(np.quantile(en_v[lv], q), g_en)
             if (un_v[lv] | (md_v[lv] > t_md) | (en_v[lv] > t_en)).mean() <= budget:
                 chosen = (float(q), float(t_md), float(t_en))
                 break
-        if chosen is None:
-            chosen = (1.0, float(md_v[lv].max()), float(en_v[lv].max()))
+        if chosen is None:  # over budget even at the analyzer's thresholds: the station keeps them
+            chosen = (1.0, float(g_md), float(g_en))
         q, t_md, t_en = chosen
         station = un_t | (md_t > t_md) | (en_t > t_en)
         analyzer = un_t | (md_t > g_md) | (en_t > g_en)

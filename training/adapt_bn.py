@@ -1,0 +1,100 @@
+"""A WBC head trained without a lab, adapted to that lab's look by its BatchNorm statistics alone.
+
+    python -m training.adapt_bn build/wbc/wbc_no_rpi_init [--cells 50,100,200,0] [--json out.json]
+
+Test-time BatchNorm adaptation (AdaBN, Li et al. 2016): every BatchNorm layer's running mean and
+variance are re-estimated on a new station's own cells, unlabelled, and nothing else changes. A
+station could do this on its first normal specimens. Measured leave-one-lab-out: the run was
+trained without lab X (`training.train_wbc --exclude-lab X`); its statistics are re-estimated on
+the first N crops of X's validation split (the seeded split; N = 0: all of them), and X's test
+cells are typed (closed set: accuracy and macro-F1 over the classes X has) before and after. The
+other labs' test figures after adapting to X say what the adapted head would cost them (an
+adapted head is the station's, never shipped to another lab). Variants: every BatchNorm layer
+(`all`), or only the stem and the first stage (`early`: colour, illumination, texture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.metrics import per_lab_report
+from training.train_head import Deployable, build_net, predict_logits, to_tensor
+from training.wbc_data import load_contexts, to_crops
+
+logger = logging.getLogger(__name__)
+
+
+def adapted(model: Deployable, crops: np.ndarray, layers: str = "all", batch: int = 128) -> Deployable:
+    """A copy of `model` whose BatchNorm statistics (all, or the stem's and first stage's) are those
+    of `crops` (cumulative average over batches; weights untouched)."""
+    out = copy.deepcopy(model)
+    net = out.net
+    early = {id(m) for part in (net.conv1, net.bn1, net.layer1) for m in part.modules()}
+    chosen = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) and (layers == "all" or id(m) in early)]
+    for m in chosen:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative: every batch counts alike
+    out.eval()
+    for m in chosen:
+        m.train()
+    with torch.inference_mode():
+        for i in range(0, len(crops), batch):
+            x = to_tensor(crops[i:i + batch])
+            out(x)
+    out.eval()
+    return out
+
+
+def figures(model: Deployable, crops: np.ndarray, labels: np.ndarray, labs: np.ndarray, n_classes: int) -> dict:
+    pred = predict_logits(model, crops).argmax(1)
+    return per_lab_report(labels, pred, labs, n_classes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--lab", default=None, help="the held-out lab (default: the run's --exclude-lab)")
+    ap.add_argument("--cells", default="50,100,200,0", help="how many of the lab's validation crops adapt (0: all)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    state = torch.load(args.run / "best.pt", weights_only=False)
+    classes = list(state["classes"])
+    model = Deployable(build_net(state["arch"], len(classes)))
+    model.load_state_dict(state["model"])
+    model.eval()
+    result_file = args.run / "result.json"
+    lab = args.lab or (json.loads(result_file.read_text()).get("exclude_lab") if result_file.exists() else None)
+    if lab is None:
+        raise SystemExit("no --lab and the run names no held-out lab")
+    val, test = load_contexts("val"), load_contexts("test")
+    val_crops = to_crops(val.images[val.labs == lab])
+    test_crops = to_crops(test.images)
+    rows = {"before": figures(model, test_crops, test.labels, test.labs, len(classes))}
+    for layers in ("all", "early"):
+        for n in (int(v) for v in args.cells.split(",")):
+            use = val_crops if n <= 0 else val_crops[:n]
+            rows[f"{layers} n={len(use)}"] = figures(adapted(model, use, layers), test_crops, test.labels, test.labs,
+                                                     len(classes))
+    print(f"\nWBC head {args.run.name} (trained without {lab}), test, accuracy / macro-F1 per lab:")
+    labs = sorted(rows["before"])
+    print("| BatchNorm statistics | " + " | ".join(labs) + " |")
+    print("|---|" + "---|" * len(labs))
+    for name, rep in rows.items():
+        print(f"| {name} | " + " | ".join(f"{rep[k]['accuracy']:.3f} / {rep[k]['macro_f1']:.3f}" for k in labs) + " |")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"run": str(args.run), "lab": lab, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
