@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.metrics import per_lab_report
-from training.train_head import Deployable, build_net, predict_logits, to_tensor
+from training.metrics import per_lab_report, softmax
+from training.train_head import Deployable, build_net, to_tensor
+from training.train_wbc import features, mahalanobis_min
 from training.wbc_data import load_contexts, to_crops
 
 logger = logging.getLogger(__name__)
@@ -52,16 +53,30 @@ def adapted(model: Deployable, crops: np.ndarray, layers: str = "all", batch: in
     return out
 
 
-def figures(model: Deployable, crops: np.ndarray, labels: np.ndarray, labs: np.ndarray, n_classes: int) -> dict:
-    pred = predict_logits(model, crops).argmax(1)
-    return per_lab_report(labels, pred, labs, n_classes)
+def figures(model: Deployable, crops: np.ndarray, labels: np.ndarray, labs: np.ndarray, n_classes: int,
+            open_set: dict | None = None) -> dict:
+    """Closed-set accuracy and macro-F1 per lab; with the run's open-set fit (temperature,
+    Mahalanobis means, precision and threshold: open_set.npz), also the share of each lab's cells
+    sent to review (top probability under 0.5 or distance beyond the threshold)."""
+    feats, logits = features(model, crops)
+    out = per_lab_report(labels, logits.argmax(1), labs, n_classes)
+    if open_set is not None:
+        conf = softmax(logits / float(open_set["temperature"])).max(1)
+        present = np.ones(n_classes, bool)
+        dist = mahalanobis_min(feats, open_set["means"], open_set["precision"], present)
+        review = (conf < 0.5) | (dist > float(open_set["threshold"]))
+        for lab in out:
+            out[lab]["review"] = round(float(review[labs == lab].mean()), 4)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
     ap.add_argument("--lab", default=None, help="the held-out lab (default: the run's --exclude-lab)")
-    ap.add_argument("--cells", default="50,100,200,0", help="how many of the lab's validation crops adapt (0: all)")
+    ap.add_argument("--cells", default="20,0", help="how many of the lab's unlabelled crops adapt (0: all)")
+    ap.add_argument("--pool", default="val", help="the lab's splits whose crops (unlabelled) adapt: val, or val,train "
+                    "(a held-out lab's train split is as unseen by the run as its validation split)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -77,21 +92,26 @@ def main() -> None:
     lab = args.lab or (json.loads(result_file.read_text()).get("exclude_lab") if result_file.exists() else None)
     if lab is None:
         raise SystemExit("no --lab and the run names no held-out lab")
-    val, test = load_contexts("val"), load_contexts("test")
-    val_crops = to_crops(val.images[val.labs == lab])
+    pools = [load_contexts(s) for s in args.pool.split(",")]
+    val_crops = np.concatenate([to_crops(p.images[p.labs == lab]) for p in pools])
+    test = load_contexts("test")
     test_crops = to_crops(test.images)
-    rows = {"before": figures(model, test_crops, test.labels, test.labs, len(classes))}
+    osf = args.run / "open_set.npz"
+    open_set = dict(np.load(osf)) if osf.exists() else None
+    rows = {"before": figures(model, test_crops, test.labels, test.labs, len(classes), open_set)}
     for layers in ("all", "early"):
         for n in (int(v) for v in args.cells.split(",")):
             use = val_crops if n <= 0 else val_crops[:n]
             rows[f"{layers} n={len(use)}"] = figures(adapted(model, use, layers), test_crops, test.labels, test.labs,
-                                                     len(classes))
-    print(f"\nWBC head {args.run.name} (trained without {lab}), test, accuracy / macro-F1 per lab:")
+                                                     len(classes), open_set)
+    print(f"\nWBC head {args.run.name} (trained without {lab}), adapted on {lab}'s {args.pool} crops; test, "
+          "accuracy / macro-F1 (/ share to review, with the run's unadapted open-set fit) per lab:")
     labs = sorted(rows["before"])
     print("| BatchNorm statistics | " + " | ".join(labs) + " |")
     print("|---|" + "---|" * len(labs))
     for name, rep in rows.items():
-        print(f"| {name} | " + " | ".join(f"{rep[k]['accuracy']:.3f} / {rep[k]['macro_f1']:.3f}" for k in labs) + " |")
+        print(f"| {name} | " + " | ".join(f"{rep[k]['accuracy']:.3f} / {rep[k]['macro_f1']:.3f}"
+                                          + (f" / {rep[k]['review']:.3f}" if "review" in rep[k] else "") for k in labs) + " |")
     if args.json is not None:
         args.json.write_text(json.dumps({"run": str(args.run), "lab": lab, "rows": rows}, indent=2))
 
