@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from smearscope.service.analysis.classify import energy
+from smearscope.service.analysis.open_set_fit import fit_station_thresholds
 from training.head_data import PBC_CLASSES
 from training.metrics import auroc, fit_temperature, softmax
 from training.train_head import Deployable, build_net, to_tensor
@@ -241,16 +242,12 @@ def station_rows(run: Path, budget: float, quantile: float, energy_quantile: flo
     rows = []
     for lab in labs:
         lv, lt = va["labs"] == lab, te["labs"] == lab
-        chosen = None
-        for q in np.round(np.arange(0.80, 0.9995, 0.0025), 4):
-            # never looser than the analyzer's rule (service.analysis.open_set_fit caps the same way)
-            t_md, t_en = min(np.quantile(md_v[lv], q), g_md), min(np.quantile(en_v[lv], q), g_en)
-            if (un_v[lv] | (md_v[lv] > t_md) | (en_v[lv] > t_en)).mean() <= budget:
-                chosen = (float(q), float(t_md), float(t_en))
-                break
-        if chosen is None:  # over budget even at the analyzer's thresholds: the station keeps them
-            chosen = (1.0, float(g_md), float(g_en))
-        q, t_md, t_en = chosen
+        # the station's own fit, as `smearscope calibrate-atypical` makes it (capped at the analyzer's rule);
+        # over budget even there: the station keeps the analyzer's thresholds
+        fit = fit_station_thresholds(np.stack([md_v[lv], en_v[lv]], axis=1), un_v[lv], ("mahalanobis", "energy"),
+                                     (g_md, g_en), budget, min_cells=0)
+        t_md, t_en = (fit.thresholds["mahalanobis"], fit.thresholds["energy"]) if fit.thresholds else (g_md, g_en)
+        q = fit.quantile if fit.quantile is not None else 1.0
         station = un_t | (md_t > t_md) | (en_t > t_en)
         analyzer = un_t | (md_t > g_md) | (en_t > g_en)
         held_here = is_held & lt

@@ -31,6 +31,7 @@ import numpy as np
 
 from smearscope.engines.base import Engine
 from smearscope.engines.batching import run_batched
+from smearscope.engines.manifest import OpenSet
 from smearscope.engines.preprocess import to_model_input
 from smearscope.service.analysis.crops import CropSpec
 from smearscope.service.analysis.records import CellCrop
@@ -65,16 +66,38 @@ class HeadResult:
     score: float
     #: Calibrated probabilities over the head's classes (the manifest's order).
     probs: tuple[float, ...] = ()
-    #: The first open-set test's score (manifest `open_set`: energy or distance), None when the head has none.
-    ood: float | None = None
     #: A test's score is beyond its calibrated threshold: unlike every trained class.
     atypical: bool = False
     #: Every open-set test's score, in the manifest's order (what a station calibrates on).
     open_set_scores: tuple[float, ...] = ()
 
+    @property
+    def ood(self) -> float | None:
+        """The first open-set test's score (manifest `open_set`: energy or distance), None when the head has none."""
+        return self.open_set_scores[0] if self.open_set_scores else None
+
 
 class OpenSetThresholdError(ValueError):
     """A station's open-set thresholds do not fit the head: an unknown test, or looser than the model's."""
+
+
+def station_thresholds(name: str, tests: Sequence[OpenSet], station: Mapping[str, float]) -> np.ndarray:
+    """Each test's threshold: the manifest's, or the station's (by method) where it is at or below
+    it. OpenSetThresholdError for a method the head has no test for, or a looser threshold."""
+    methods = [t.method for t in tests]
+    unknown = sorted(set(station) - set(methods))
+    if unknown:
+        raise OpenSetThresholdError(f"{name}: station open-set thresholds for {', '.join(unknown)}, but the head's "
+                                    f"tests are {', '.join(methods) or 'none'}")
+    out = []
+    for t in tests:
+        v = station.get(t.method, t.threshold)
+        if not np.isfinite(v) or v > t.threshold:
+            raise OpenSetThresholdError(
+                f"{name}: station threshold {t.method} = {v:g} is looser than the model's {t.threshold:g}; "
+                "a station may only tighten it (smearscope calibrate-atypical)")
+        out.append(v)
+    return np.array(out, np.float64)
 
 
 class CropClassifier:
@@ -96,7 +119,7 @@ class CropClassifier:
         self.open_sets = list(m.open_set) if use_open_set else []
         #: Each test's threshold: the manifest's, or the station's tighter one (`open_set_thresholds`,
         #: by method).
-        self.thresholds = self._thresholds(m.name, dict(open_set_thresholds or {}))
+        self.thresholds = station_thresholds(m.name, self.open_sets, open_set_thresholds or {})
         #: Graph outputs holding open-set scores, in the order of their tests.
         self.score_outputs = [t.output for t in self.open_sets if t.output is not None]
         for name in self.score_outputs:
@@ -110,22 +133,6 @@ class CropClassifier:
         if self.views != tuple(m.tta):
             logger.warning("%s runs in views %s but its temperature was fitted for %s: confidences are "
                            "off their calibration", m.name, "+".join(self.views), "+".join(m.tta))
-
-    def _thresholds(self, name: str, station: dict[str, float]) -> np.ndarray:
-        methods = [t.method for t in self.open_sets]
-        unknown = sorted(set(station) - set(methods))
-        if unknown:
-            raise OpenSetThresholdError(f"{name}: station open-set thresholds for {', '.join(unknown)}, but the head's "
-                                        f"tests are {', '.join(methods) or 'none'}")
-        out = []
-        for t in self.open_sets:
-            v = station.get(t.method, t.threshold)
-            if not np.isfinite(v) or v > t.threshold:
-                raise OpenSetThresholdError(
-                    f"{name}: station threshold {t.method} = {v:g} is looser than the model's {t.threshold:g}; "
-                    "a station may only tighten it (smearscope calibrate-atypical)")
-            out.append(v)
-        return np.array(out, np.float64)
 
     def outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (N, classes) of N crops (N, S, S, 3 uint8 BGR) and the open-set scores (N,
@@ -198,8 +205,7 @@ class CropClassifier:
         out = []
         for i, k in enumerate(idx.tolist()):
             p = rows[i][k]
-            d = None if scores is None else score_rows[i][0]
             atypical = beyond is not None and beyond[i]
             label = self.classes[k] if p >= self.min_confidence and not atypical else UNIDENTIFIED
-            out.append(HeadResult(label, p, tuple(rows[i]), d, atypical, tuple(score_rows[i]) if score_rows else ()))
+            out.append(HeadResult(label, p, tuple(rows[i]), atypical, tuple(score_rows[i]) if score_rows else ()))
         return out

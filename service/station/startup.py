@@ -41,6 +41,27 @@ class StartupError(Exception):
         return EXIT_CONFIG if self.field else EXIT_FAILURE
 
 
+def station_open_set(analysis) -> tuple[tuple[str, float], ...]:
+    """`[analysis.wbc_open_set]` as (method, threshold) pairs, empty when unset; StartupError when it
+    was fitted for another WBC head than the one in `analysis.models_dir`. Whether each threshold
+    fits the head (a test it has, not looser) is `classify.station_thresholds`' to say."""
+    section = analysis.wbc_open_set
+    if section is None:
+        return ()
+    from smearscope.engines.manifest import ManifestError, load_manifest
+    from smearscope.service.analysis.pipeline import MODEL_FILES
+
+    try:
+        head_sha = load_manifest(analysis.models_dir / MODEL_FILES["wbc_head"]).sha256
+    except ManifestError as exc:
+        raise StartupError("analysis.models_dir", str(exc)) from exc
+    if head_sha != section.model_sha256:
+        raise StartupError("analysis.wbc_open_set", f"fitted for WBC head {section.model_sha256[:12]}, but "
+                           f"{analysis.models_dir} holds {head_sha[:12]}: run smearscope calibrate-atypical again "
+                           "with this head, or remove the section")
+    return tuple(section.thresholds.items())
+
+
 def build_analyzer(config: StationConfig) -> AnalyzerLike:
     """The production analyzer: engines from `analysis.models_dir`, loaded and warmed up."""
     from smearscope.engines.base import EngineError
@@ -55,19 +76,7 @@ def build_analyzer(config: StationConfig) -> AnalyzerLike:
     if missing:
         raise StartupError("analysis.models_dir", f"{a.models_dir} has no {', '.join(missing)}; "
                            "train and export the models or point analysis.models_dir at them")
-    open_set: tuple[tuple[str, float], ...] = ()
-    if a.wbc_open_set is not None:
-        from smearscope.engines.manifest import load_manifest
-
-        try:
-            head_sha = load_manifest(a.models_dir / MODEL_FILES["wbc_head"]).sha256
-        except ManifestError as exc:
-            raise StartupError("analysis.models_dir", str(exc)) from exc
-        if head_sha != a.wbc_open_set.model_sha256:
-            raise StartupError("analysis.wbc_open_set", f"fitted for WBC head {a.wbc_open_set.model_sha256[:12]}, but "
-                               f"{a.models_dir} holds {head_sha[:12]}: run smearscope calibrate-atypical again "
-                               "with this head, or remove the section")
-        open_set = tuple(a.wbc_open_set.thresholds.items())
+    open_set = station_open_set(a)
     options = AnalyzerOptions(
         tile_size=a.tile_size, tile_overlap=a.tile_overlap, stain_method=a.stain_normalization,
         detector_views=None if a.detector_views is None else tuple(a.detector_views),

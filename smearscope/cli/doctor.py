@@ -70,25 +70,24 @@ def model_checks(models_dir: Path) -> list[Check]:
 def open_set_checks(analysis) -> list[Check]:
     """The WBC head's open-set thresholds: the station's (fitted for this head, never looser) or the model's."""
     from smearscope.engines.manifest import ManifestError, load_manifest
+    from smearscope.service.analysis.classify import OpenSetThresholdError, station_thresholds
     from smearscope.service.analysis.pipeline import MODEL_FILES
+    from smearscope.service.station.startup import StartupError, station_open_set
 
-    section = analysis.wbc_open_set
     try:
         head = load_manifest(analysis.models_dir / MODEL_FILES["wbc_head"], verify_hash=False)
     except (ManifestError, OSError, ValueError):
         return []  # the model check above says why
     model = {t.method: t.threshold for t in head.open_set}
+    section = analysis.wbc_open_set
     if section is None:
         text = ", ".join(f"{m} {v:g}" for m, v in model.items()) or "none"
         return [("OK", "open set", (f"the model's thresholds ({text}); a station can tighten them on its own "
                  "normal specimens: smearscope calibrate-atypical"))]
-    if section.model_sha256 != head.sha256:
-        return [("FAIL", "open set", (f"[analysis.wbc_open_set] was fitted for WBC head {section.model_sha256[:12]}, "
-                 f"the models hold {head.sha256[:12]}: run smearscope calibrate-atypical again"))]
-    bad = [f"{m} {v:g} (model {model.get(m)})" for m, v in section.thresholds.items()
-           if m not in model or v > model[m]]
-    if bad:
-        return [("FAIL", "open set", f"looser than the model's or not one of its tests: {', '.join(bad)}")]
+    try:
+        station_thresholds(head.name, head.open_set, dict(station_open_set(analysis)))
+    except (StartupError, OpenSetThresholdError) as exc:
+        return [("FAIL", "open set", str(exc))]
     text = ", ".join(f"{m} {v:g} (model {model[m]:g})" for m, v in section.thresholds.items())
     return [("OK", "open set", f"the station's thresholds {text}; {section.fitted or 'fitted: not recorded'}")]
 
