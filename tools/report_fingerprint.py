@@ -4,7 +4,9 @@
 
 Every test image (72) is analysed as `smearscope analyze --detections` analyses it (the station's
 options, candidates down to 0.001) at BCCD's known scale, and again with the scale unknown
-(estimation and refinement). Per image it keeps the counts, the scale, the flags, each
+(estimation and refinement). Then the bench's rendered fields (`bench.bench_pipeline`: 3 seeds each
+of 1280x960 and 1920x1080 at 0.1 um/px and one 4000x3000; many tiles, so the cross-tile merge
+and the views' fusion count too), at their known scale. Per image it keeps the counts, the scale, the flags, each
 counted cell (kind, label, bbox, scores) and each candidate (kind, bbox, score); timings and ids
 are left out. `--compare` exits 1 when the two files differ and names the first images that do.
 """
@@ -19,11 +21,15 @@ import sys
 from pathlib import Path
 
 from smearscope.device.frame import Frame
+from smearscope.device.synthetic import render_field
 from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR, Analyzer, AnalyzerOptions
 from smearscope.service.ingest import load_image
 from training.data import bccd_image_path, bccd_microns_per_pixel, bccd_split
 
 logger = logging.getLogger(__name__)
+
+#: Rendered fields: (width, height, um/px, seeds), the bench's multi-tile sizes and seeds.
+RENDERED = ((1280, 960, 0.1, (100, 101, 102)), (1920, 1080, 0.1, (100, 101, 102)), (4000, 3000, 0.1, (100,)))
 
 #: The `--detections` floor evaluate uses: candidates below the counting threshold are kept too.
 CANDIDATE_FLOOR = 0.001
@@ -54,6 +60,11 @@ def run(models: Path) -> dict:
             out[image_id] = fingerprint(analyzer.analyze(Frame(pixels, path.name, "fingerprint", microns_per_pixel=mpp)))
             out[f"{image_id}@unknown-scale"] = fingerprint(analyzer.analyze(Frame(pixels, path.name, "fingerprint")))
             logger.info("%s done", image_id)
+        for width, height, mpp_r, seeds in RENDERED:
+            for seed in seeds:
+                f = render_field(seed, width=width, height=height, microns_per_pixel=mpp_r)
+                out[f"rendered-{width}x{height}-{seed}"] = fingerprint(analyzer.analyze(f.frame))
+                logger.info("rendered %dx%d seed %d done", width, height, seed)
     finally:
         analyzer.close()
     return out
