@@ -46,7 +46,7 @@ STAGE_TARGETS: tuple[tuple[str, str, str], ...] = (
     ("tile", DETECT, "plan_windows"),
     ("tile", DETECT, "packed_tiles"),
     ("preprocess tiles", DECODE, "to_model_input"),
-    ("decode masks", DECODE, "decode_tile"),
+    ("decode masks", DECODE, "decode_batch"),
     ("detector glue", f"{DECODE}:YoloSegmenter", "detect"),
     ("merge tiles", DETECT, "merge_detections"),
     ("merge tiles", DETECT, "unpack"),

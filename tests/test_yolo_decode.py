@@ -98,6 +98,43 @@ def test_box_masks_of_many_boxes_at_once_equal_each_whole_tile_mask():
             np.testing.assert_array_equal(mask, whole)
 
 
+def test_decode_batch_decodes_each_tile_on_its_own():
+    """A batch is decoded as its tiles one by one would be: the same boxes at the same place in
+    two tiles both stay (no suppression across tiles), each tile's masks come from its own
+    prototypes, and a tile with no candidate gives an empty list."""
+    from smearscope.service.analysis.yolo_decode import decode_batch
+
+    coeff = np.zeros(32, np.float32)
+    coeff[0] = 1.0
+    same = [(50, 50, 40, 40, 0, 0.9, coeff), (52, 50, 40, 40, 0, 0.6, coeff), (150, 60, 30, 30, 1, 0.8, coeff)]
+    low = (90, 90, 20, 20, 2, 0.1, coeff)  # below the threshold
+    preds = np.stack([_pred(same), _pred([low, low, low]), _pred(same)])
+    protos = np.full((3, 32, 64, 64), -10.0, np.float32)
+    protos[0, 0, 10:15, 10:15] = 10.0  # tile 0: a blob under the rbc; tile 2: none
+    out = decode_batch(preds, protos, 256, 3, 0.25, 0.5)
+    assert [len(t) for t in out] == [2, 0, 2]
+    for t in (0, 2):
+        alone = decode_tile(preds[t], protos[t], 256, 3, 0.25, 0.5)
+        assert [(c, s) for c, _, s, _ in out[t]] == [(c, s) for c, _, s, _ in alone]
+        for (_, box, _, mask), (_, box1, _, mask1) in zip(out[t], alone):
+            np.testing.assert_array_equal(box, box1)
+            np.testing.assert_array_equal(mask, mask1)
+    assert out[0][0][3].any() and not out[2][0][3].any()
+    rng = np.random.default_rng(3)  # many random candidates per tile: the same lists as tile by tile
+    preds = rng.uniform(0, 1, (4, 4 + 3 + 32, 300)).astype(np.float32)
+    preds[:, :2] *= 256
+    preds[:, 2:4] *= 60
+    protos = rng.normal(0, 1, (4, 32, 64, 64)).astype(np.float32)
+    out = decode_batch(preds, protos, 256, 3, 0.05, 0.6)
+    for t in range(4):
+        alone = decode_tile(preds[t], protos[t], 256, 3, 0.05, 0.6)
+        assert len(out[t]) == len(alone) > 0
+        for a, b in zip(out[t], alone):
+            assert a[0] == b[0] and a[2] == b[2]
+            np.testing.assert_array_equal(a[1], b[1])
+            np.testing.assert_array_equal(a[3], b[3])
+
+
 class _FakeEngine:
     """Stands in for an engine: returns a fixed raw output per tile (decode is what is tested)."""
 

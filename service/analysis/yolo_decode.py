@@ -64,23 +64,50 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 def decode_tile(pred: np.ndarray, protos: np.ndarray | None, input_size: int, n_classes: int,
                 conf_threshold: float, iou_threshold: float, max_det: int = 1000):
     """One tile's raw outputs -> list of (class_index, box[4], score, mask|None) in tile pixels."""
-    scores_all = pred[4 : 4 + n_classes].T  # anchors x classes
-    cls = scores_all.argmax(1)
-    score = scores_all[np.arange(len(cls)), cls]
-    sel = score >= conf_threshold
-    if not sel.any():
-        return []
-    xywh = pred[:4].T[sel]
+    return decode_batch(pred[None], None if protos is None else protos[None], input_size, n_classes,
+                        conf_threshold, iou_threshold, max_det)[0]
+
+
+def decode_batch(preds: np.ndarray, protos: np.ndarray | None, input_size: int, n_classes: int,
+                 conf_threshold: float, iou_threshold: float, max_det: int = 1000) -> list[list[tuple]]:
+    """Per tile of a batch (preds: B x (4 + classes + 32) x anchors; protos: B x 32 x H/4 x W/4),
+    the list of (class_index, box[4], score, mask|None) in tile pixels.
+
+    Each tile's candidates are those at or above `conf_threshold` under their best class,
+    suppressed by class-aware greedy NMS within the tile (kept best score first, ties in anchor
+    order), at most `max_det` per tile; its masks come from its own prototypes (`box_masks`).
+    The best class, the threshold and the boxes are computed for the whole batch at once; the
+    NMS runs per tile (one call over every tile's candidates would compare each with every kept
+    box of the batch: slower)."""
+    n_tiles = len(preds)
+    out: list[list[tuple]] = [[] for _ in range(n_tiles)]
+    scores_all = preds[:, 4 : 4 + n_classes]  # tiles x classes x anchors
+    cls_all = scores_all.argmax(1)  # tiles x anchors
+    score_all = np.take_along_axis(scores_all, cls_all[:, None, :], 1)[:, 0]
+    tile_of, anchor = np.nonzero(score_all >= conf_threshold)  # tile by tile, anchors ascending
+    if tile_of.size == 0:
+        return out
+    xywh = preds[tile_of, :4, anchor]  # candidates x 4
     boxes = np.stack([xywh[:, 0] - xywh[:, 2] / 2, xywh[:, 1] - xywh[:, 3] / 2,
                       xywh[:, 0] + xywh[:, 2] / 2, xywh[:, 1] + xywh[:, 3] / 2], 1)
     boxes = boxes.clip(0, input_size)
-    cls, score = cls[sel], score[sel]
-    coeffs = pred[4 + n_classes :].T[sel] if protos is not None else None
+    cls, score = cls_all[tile_of, anchor], score_all[tile_of, anchor]
     # class-aware NMS: offset boxes by class so different classes never suppress each other
-    keep = nms(boxes + cls[:, None] * (input_size + 1.0), score, iou_threshold)[:max_det]
-    windows = [(int(b[1]), int(b[0]), int(np.ceil(b[3])), int(np.ceil(b[2]))) for b in boxes[keep]]
-    masks = box_masks(coeffs[keep], protos, input_size, windows) if protos is not None else [None] * len(keep)
-    return [(int(cls[k]), boxes[k], float(score[k]), mask) for k, mask in zip(keep, masks)]
+    offset = boxes + cls[:, None] * (input_size + 1.0)
+    bounds = np.searchsorted(tile_of, np.arange(n_tiles + 1))
+    for t in range(n_tiles):
+        lo, hi = int(bounds[t]), int(bounds[t + 1])
+        if lo == hi:
+            continue
+        k_t = lo + nms(offset[lo:hi], score[lo:hi], iou_threshold)[:max_det]
+        windows = [(int(b[1]), int(b[0]), int(np.ceil(b[3])), int(np.ceil(b[2]))) for b in boxes[k_t]]
+        if protos is not None:
+            coeffs = np.ascontiguousarray(preds[t][4 + n_classes :, anchor[k_t]].T)  # kept x 32
+            masks = box_masks(coeffs, protos[t], input_size, windows)
+        else:
+            masks = [None] * len(k_t)
+        out[t] = [(int(cls[k]), boxes[k], float(score[k]), mask) for k, mask in zip(k_t.tolist(), masks)]
+    return out
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -193,14 +220,15 @@ class YoloSegmenter:
             outs = run_batched(self.engine, batch)
             preds = outs[names[0]]
             protos = outs[names[1]] if len(names) > 1 else None
-            for i, tile in enumerate(chunk):
-                dets += self._tile_detections(tile, preds[i], None if protos is None else protos[i],
-                                              frame_width, frame_height)
+            decoded = decode_batch(preds, protos, self.input_size, len(self.classes), RAW_SCORE_FLOOR,
+                                   self.iou_threshold)
+            for tile, tile_decoded in zip(chunk, decoded):
+                dets += self._tile_detections(tile, tile_decoded, frame_width, frame_height)
         return self.finish(dets) if calibrate else dets
 
-    def _tile_detections(self, tile: Tile, pred: np.ndarray, protos: np.ndarray | None,
-                         frame_width: int, frame_height: int) -> list[CellDetection]:
-        decoded = decode_tile(pred, protos, self.input_size, len(self.classes), RAW_SCORE_FLOOR, self.iou_threshold)
+    def _tile_detections(self, tile: Tile, decoded: list[tuple], frame_width: int,
+                         frame_height: int) -> list[CellDetection]:
+        """One tile's decoded detections (`decode_batch`) in frame coordinates."""
         if not decoded:
             return []
         # frame coordinates, clipped to the real frame (tiles may extend into padding)
