@@ -200,5 +200,6 @@ def test_the_stations_onnxruntime_threading_reaches_every_session(spin, threads)
             opts = e._session.get_session_options()
             assert opts.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
             assert opts.intra_op_num_threads == threads
+            assert e.split_sessions == (0 if threads == 1 else 2)  # "auto": one per thread, none for one
     finally:
         analyzer.close()

@@ -231,6 +231,16 @@ class AnalysisConfig(StationBaseModel):
         description="Intra-op threads of each model's session; 0: one per core. "
         "engine_backend 'onnxruntime' only.",
     )
+    onnxruntime_sessions: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        title="ONNX Runtime sessions per model",
+        description="On the CPU, a batch of two or more inputs (tiles, crops) is split over this "
+        "many single-threaded sessions of the model, run side by side; 0: one per thread the "
+        "model would otherwise have (onnxruntime_threads, or one per core; at most 4); 1: never "
+        "split. Outputs are the same either way. engine_backend 'onnxruntime' only.",
+    )
     onnxruntime_spin: bool = Field(
         default=False,
         title="ONNX Runtime thread spinning",

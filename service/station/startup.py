@@ -91,7 +91,8 @@ def build_analyzer(config: StationConfig) -> AnalyzerLike:
                       red_cell_min_confidence=a.red_cell_min_confidence),
         thresholds=AggregateThresholds(**config.flags.model_dump()),
     )
-    engine_options: dict = {"intra_op_threads": a.onnxruntime_threads, "spin": a.onnxruntime_spin}
+    engine_options: dict = {"intra_op_threads": a.onnxruntime_threads, "spin": a.onnxruntime_spin,
+                            "sessions": a.onnxruntime_sessions}
     if a.engine_backend == "tensorrt":
         engine_options = {"precision": a.tensorrt_precision, "lanes": a.tensorrt_lanes, "cuda": a.cuda_api}
     try:

@@ -1,0 +1,71 @@
+"""ONNX Runtime batches split over single-threaded sessions: every input keeps its own outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smearscope.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+needs_models = pytest.mark.skipif(not (MODELS / "seg.json").exists(), reason="models/seg.json not trained yet")
+
+
+class _Counting:
+    """A session that counts the inputs it was given (and passes the call on)."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.inputs: list[int] = []
+
+    def run(self, names, feed):
+        self.inputs.append(len(next(iter(feed.values()))))
+        return self.session.run(names, feed)
+
+
+@needs_models
+@pytest.mark.parametrize("model", ["seg", "rbc_head", "wbc_head"])
+def test_a_split_batch_gives_every_input_the_outputs_of_one_session(model):
+    """Split over three sessions (parts of sizes differing by one at most, in order), each input's
+    outputs equal those of the same batch on one session; a batch of one is not split."""
+    one = OnnxRuntimeEngine(MODELS / f"{model}.json", sessions=1).load()
+    split = OnnxRuntimeEngine(MODELS / f"{model}.json", sessions=3).load()
+    try:
+        assert one.split_sessions == 0 and split.split_sessions == 3
+        counters = [_Counting(s) for s in split._split]
+        split._split = counters
+        shape = tuple(one.manifest.inputs[0].shape[1:])
+        rng = np.random.default_rng(5)
+        for n in (1, 2, 5, 7):
+            batch = rng.random((n, *shape), dtype=np.float32)  # every input different: order shows
+            want, got = one.run(batch), split.run(batch)
+            assert set(got) == set(want)
+            for name in want:
+                assert got[name].shape == want[name].shape
+                np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+            sizes = [c.inputs.pop() for c in counters if c.inputs]
+            assert sizes == ([] if n == 1 else [n * (i + 1) // min(3, n) - n * i // min(3, n) for i in range(min(3, n))])
+            assert not any(c.inputs for c in counters)
+    finally:
+        one.close()
+        split.close()
+
+
+@needs_models
+def test_sessions_follow_the_models_threads_and_are_validated():
+    """"Auto" makes one session per thread the model would have: none with one thread; a
+    negative count is refused."""
+    e = OnnxRuntimeEngine(MODELS / "rbc_head.json", intra_op_threads=1).load()
+    try:
+        assert e.split_sessions == 0
+    finally:
+        e.close()
+    e = OnnxRuntimeEngine(MODELS / "rbc_head.json", intra_op_threads=2).load()
+    try:
+        assert e.split_sessions == 2
+    finally:
+        e.close()
+    with pytest.raises(ValueError, match="sessions"):
+        OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=-1)
