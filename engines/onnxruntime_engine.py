@@ -108,11 +108,29 @@ class OnnxRuntimeEngine(Engine):
         k = min(len(self._split), n)
         bounds = [n * i // k for i in range(k + 1)]  # contiguous parts, sizes differing by one at most
         assert self._pool is not None
-        later = [self._pool.submit(self._split[i].run, self.output_names, {self.input_name: batch[bounds[i]:bounds[i + 1]]})
+        shapes = [o.shape[1:] for o in self.manifest.outputs]
+        if any(d < 0 for shape in shapes for d in shape):  # an output's size unknown: join the parts' outputs
+            later = [self._pool.submit(self._split[i].run, self.output_names,
+                                       {self.input_name: batch[bounds[i]:bounds[i + 1]]}) for i in range(1, k)]
+            parts = [self._split[0].run(self.output_names, {self.input_name: batch[bounds[0]:bounds[1]]})]
+            parts += [f.result() for f in later]
+            return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(self.output_names)}
+        # Each part's outputs written straight into its rows of the batch's (no copies to join)
+        outs = {name: np.empty((n, *shape), np.float32) for name, shape in zip(self.output_names, shapes)}
+        later = [self._pool.submit(self._run_part, self._split[i], batch, outs, bounds[i], bounds[i + 1])
                  for i in range(1, k)]
-        parts = [self._split[0].run(self.output_names, {self.input_name: batch[bounds[0]:bounds[1]]})]
-        parts += [f.result() for f in later]
-        return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(self.output_names)}
+        self._run_part(self._split[0], batch, outs, bounds[0], bounds[1])
+        for f in later:
+            f.result()
+        return outs
+
+    def _run_part(self, session, batch: np.ndarray, outs: dict[str, np.ndarray], lo: int, hi: int) -> None:
+        binding = session.io_binding()
+        binding.bind_cpu_input(self.input_name, batch[lo:hi])
+        for name, out in outs.items():
+            rows = out[lo:hi]  # contiguous: whole rows of a C-ordered array
+            binding.bind_output(name, "cpu", 0, np.float32, list(rows.shape), rows.ctypes.data)
+        session.run_with_iobinding(binding)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -14,7 +14,7 @@ needs_models = pytest.mark.skipif(not (MODELS / "seg.json").exists(), reason="mo
 
 
 class _Counting:
-    """A session that counts the inputs it was given (and passes the call on)."""
+    """A session that counts the inputs it was given (and passes every call on)."""
 
     def __init__(self, session) -> None:
         self.session = session
@@ -23,6 +23,24 @@ class _Counting:
     def run(self, names, feed):
         self.inputs.append(len(next(iter(feed.values()))))
         return self.session.run(names, feed)
+
+    def io_binding(self):
+        return _CountingBinding(self, self.session.io_binding())
+
+    def run_with_iobinding(self, binding):
+        return self.session.run_with_iobinding(binding.binding)
+
+
+class _CountingBinding:
+    def __init__(self, counter: _Counting, binding) -> None:
+        self.counter, self.binding = counter, binding
+
+    def bind_cpu_input(self, name, array):
+        self.counter.inputs.append(len(array))
+        return self.binding.bind_cpu_input(name, array)
+
+    def bind_output(self, *args, **kwargs):
+        return self.binding.bind_output(*args, **kwargs)
 
 
 @needs_models
