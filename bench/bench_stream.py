@@ -30,11 +30,12 @@ from smearscope.service.station.embedded import embedded_document
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_stream(recording: Path, state: Path, n_fields: int, mpp: float, concurrent: int, fps: float) -> dict:
+def run_stream(recording: Path, state: Path, n_fields: int, mpp: float, concurrent: int, fps: float,
+               sessions: int = 0) -> dict:
     doc = embedded_document({})
     doc["source"] = {"kind": "replay", "path": str(recording), "fps": fps}
     doc["analysis"] = {**doc.get("analysis", {}), "models_dir": str(REPO / "models"), "microns_per_pixel": mpp,
-                       "concurrent_fields": concurrent}
+                       "concurrent_fields": concurrent, "onnxruntime_sessions": sessions}
     doc["mqtt"] = {**doc.get("mqtt", {}), "port": 1, "outbox": {"path": str(state / f"outbox-{concurrent}-{fps}.db")}}
     daemon = StationDaemon(parse_config(doc, {}), max_fields=n_fields, environ={})
     emitted: dict[str, float] = {}
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--fields", type=int, default=24)
     ap.add_argument("--size", default="1280x960", choices=list(SIZES))
     ap.add_argument("--concurrent", default="1,2")
+    ap.add_argument("--onnxruntime-sessions", type=int, default=0,
+                    help="analysis.onnxruntime_sessions (0: the default, one per thread; 1: batches never split)")
     args = ap.parse_args()
     w, h, mpp = SIZES[args.size]
     print(f"machine: {machine()}")
@@ -74,16 +77,17 @@ def main() -> None:
         for k in range(args.fields):
             cv2.imwrite(str(recording / f"field{k:03d}.png"), render_field(900 + k, width=w, height=h,
                                                                           microns_per_pixel=mpp).frame.pixels)
-        print(f"\n{args.fields} fields of {args.size} at {mpp} um/px, default views, reports into the outbox")
+        print(f"\n{args.fields} fields of {args.size} at {mpp} um/px, default views, reports into the outbox, "
+              f"analysis.onnxruntime_sessions = {args.onnxruntime_sessions}")
         print(f"{'stream':<22}{'fields at once':>15}{'fields/s':>10}{'latency p50 s':>15}{'p90 s':>8}")
         base = None
         for concurrent in (int(c) for c in args.concurrent.split(",")):
-            r = run_stream(recording, state, args.fields, mpp, concurrent, 0.0)
+            r = run_stream(recording, state, args.fields, mpp, concurrent, 0.0, args.onnxruntime_sessions)
             base = base or r["fps"]
             print(f"{'saturated':<22}{concurrent:>15}{r['fps']:>10.2f}{r['p50']:>15.2f}{r['p90']:>8.2f}", flush=True)
         paced = 0.8 * (base or 1.0)
         for concurrent in (int(c) for c in args.concurrent.split(",")):
-            r = run_stream(recording, state, args.fields, mpp, concurrent, paced)
+            r = run_stream(recording, state, args.fields, mpp, concurrent, paced, args.onnxruntime_sessions)
             print(f"{f'paced {paced:.2f}/s':<22}{concurrent:>15}{r['fps']:>10.2f}{r['p50']:>15.2f}{r['p90']:>8.2f}",
                   flush=True)
     print(f"\nend: {time.strftime('%Y-%m-%d %H:%M')}, {load()}")
