@@ -53,6 +53,21 @@ def adapted(model: Deployable, crops: np.ndarray, layers: str = "all", batch: in
     return out
 
 
+def load_run(run: Path, lab: str | None = None) -> tuple[Deployable, list[str], str]:
+    """A `train_wbc` run's best weights (in eval mode), its classes, and the lab held out of it
+    (`lab`, or the run's --exclude-lab)."""
+    state = torch.load(run / "best.pt", weights_only=False)
+    classes = list(state["classes"])
+    model = Deployable(build_net(state["arch"], len(classes)))
+    model.load_state_dict(state["model"])
+    model.eval()
+    result_file = run / "result.json"
+    lab = lab or (json.loads(result_file.read_text()).get("exclude_lab") if result_file.exists() else None)
+    if lab is None:
+        raise SystemExit("no --lab and the run names no held-out lab")
+    return model, classes, lab
+
+
 def figures(model: Deployable, crops: np.ndarray, labels: np.ndarray, labs: np.ndarray, n_classes: int,
             open_set: dict | None = None) -> dict:
     """Closed-set accuracy and macro-F1 per lab; with the run's open-set fit (temperature,
@@ -83,15 +98,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    state = torch.load(args.run / "best.pt", weights_only=False)
-    classes = list(state["classes"])
-    model = Deployable(build_net(state["arch"], len(classes)))
-    model.load_state_dict(state["model"])
-    model.eval()
-    result_file = args.run / "result.json"
-    lab = args.lab or (json.loads(result_file.read_text()).get("exclude_lab") if result_file.exists() else None)
-    if lab is None:
-        raise SystemExit("no --lab and the run names no held-out lab")
+    model, classes, lab = load_run(args.run, args.lab)
     pools = [load_contexts(s) for s in args.pool.split(",")]
     val_crops = np.concatenate([to_crops(p.images[p.labs == lab]) for p in pools])
     test = load_contexts("test")

@@ -31,8 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.adapt_bn import adapted
-from training.train_head import Deployable, build_net
+from training.adapt_bn import adapted, load_run
 from training.train_wbc import features
 from training.wbc_data import load_contexts, to_crops
 
@@ -80,14 +79,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    state = torch.load(args.run / "best.pt", weights_only=False)
-    classes = list(state["classes"])
-    base = Deployable(build_net(state["arch"], len(classes)))
-    base.load_state_dict(state["model"])
-    base.eval()
-    lab = args.lab or json.loads((args.run / "result.json").read_text()).get("exclude_lab")
-    if lab is None:
-        raise SystemExit("no --lab and the run names no held-out lab")
+    base, classes, lab = load_run(args.run, args.lab)
     open_set = dict(np.load(args.run / "open_set.npz"))
     pool, test = load_contexts("train"), load_contexts("test")
     pool_x, pool_y = to_crops(pool.images[pool.labs == lab]), pool.labels[pool.labs == lab]
