@@ -53,9 +53,11 @@ def adapted(model: Deployable, crops: np.ndarray, layers: str = "all", batch: in
     return out
 
 
-def load_run(run: Path, lab: str | None = None) -> tuple[Deployable, list[str], str]:
+def load_run(run: Path, lab: str | None = None, threads: int = 2) -> tuple[Deployable, list[str], str]:
     """A `train_wbc` run's best weights (in eval mode), its classes, and the lab held out of it
-    (`lab`, or the run's --exclude-lab)."""
+    (`lab`, or the run's --exclude-lab); torch on `threads` threads, seeded."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
     state = torch.load(run / "best.pt", weights_only=False)
     classes = list(state["classes"])
     model = Deployable(build_net(state["arch"], len(classes)))
@@ -96,9 +98,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model, classes, lab = load_run(args.run, args.lab)
+    model, classes, lab = load_run(args.run, args.lab, args.threads)
     pools = [load_contexts(s) for s in args.pool.split(",")]
     val_crops = np.concatenate([to_crops(p.images[p.labs == lab]) for p in pools])
     test = load_contexts("test")

@@ -77,9 +77,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    base, classes, lab = load_run(args.run, args.lab)
+    base, classes, lab = load_run(args.run, args.lab, args.threads)
     open_set = dict(np.load(args.run / "open_set.npz"))
     pool, test = load_contexts("train"), load_contexts("test")
     pool_x, pool_y = to_crops(pool.images[pool.labs == lab]), pool.labels[pool.labs == lab]
