@@ -87,3 +87,33 @@ def test_sessions_follow_the_models_threads_and_are_validated():
         e.close()
     with pytest.raises(ValueError, match="sessions"):
         OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=-1)
+
+
+@needs_models
+def test_outputs_of_unknown_size_are_joined_from_the_parts():
+    """A model whose output size the manifest leaves open (-1 beyond the batch axis) cannot have
+    its outputs bound in advance: the parts' outputs are joined, in order."""
+    one = OnnxRuntimeEngine(MODELS / "wbc_head.json", sessions=1).load()
+    split = OnnxRuntimeEngine(MODELS / "wbc_head.json", sessions=2).load()
+    try:
+        open_outputs = [o.model_copy(update={"shape": [-1] * len(o.shape)}) for o in split.manifest.outputs]
+        split.manifest = split.manifest.model_copy(update={"outputs": open_outputs})
+        batch = np.random.default_rng(9).random((5, *one.manifest.inputs[0].shape[1:]), dtype=np.float32)
+        want, got = one.run(batch), split.run(batch)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+    finally:
+        one.close()
+        split.close()
+
+
+@needs_models
+def test_warmup_reaches_the_session_a_single_input_runs_on():
+    """Where batches are split, a batch of one runs on the main session: the warm-up runs it too."""
+    e = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=2).load()
+    try:
+        e._session = _Counting(e._session)
+        e.warmup(iterations=2)
+        assert e._session.inputs == [1, 1]
+    finally:
+        e.close()

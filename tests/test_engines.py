@@ -182,8 +182,9 @@ def test_model_input_is_the_plain_conversion(color, layout):
 
 
 @needs_models
-@pytest.mark.parametrize("spin,threads", [(False, 1), (True, 2)])
-def test_the_stations_onnxruntime_threading_reaches_every_session(spin, threads):
+@pytest.mark.parametrize("spin,threads,sessions,split", [(False, 1, 0, 0), (True, 2, 0, 2), (False, 2, 1, 0),
+                                                         (False, 1, 3, 3)])
+def test_the_stations_onnxruntime_threading_reaches_every_session(spin, threads, sessions, split):
     """`analysis.onnxruntime_spin` / `onnxruntime_threads` end up in each model's ONNX Runtime
     session (spinning off by default: the pools would take the cores the station shares)."""
     from smearscope.service.config.station import StationConfig
@@ -192,7 +193,8 @@ def test_the_stations_onnxruntime_threading_reaches_every_session(spin, threads)
     base = {"station_id": "t", "source": {"kind": "simulated"}}
     assert StationConfig.model_validate(base).analysis.onnxruntime_spin is False
     cfg = StationConfig.model_validate({**base, "analysis": {"models_dir": str(MODELS), "onnxruntime_spin": spin,
-                                                             "onnxruntime_threads": threads}})
+                                                             "onnxruntime_threads": threads,
+                                                             "onnxruntime_sessions": sessions}})
     analyzer = build_analyzer(cfg)
     try:
         engines = [analyzer.segmenter.engine, analyzer.rbc_head.engine, analyzer.wbc_head.engine]
@@ -200,6 +202,6 @@ def test_the_stations_onnxruntime_threading_reaches_every_session(spin, threads)
             opts = e._session.get_session_options()
             assert opts.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
             assert opts.intra_op_num_threads == threads
-            assert e.split_sessions == (0 if threads == 1 else 2)  # "auto": one per thread, none for one
+            assert e.split_sessions == split  # "auto" (0): one per thread, none for one thread
     finally:
         analyzer.close()

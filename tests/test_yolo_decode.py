@@ -120,19 +120,45 @@ def test_decode_batch_decodes_each_tile_on_its_own():
             np.testing.assert_array_equal(box, box1)
             np.testing.assert_array_equal(mask, mask1)
     assert out[0][0][3].any() and not out[2][0][3].any()
-    rng = np.random.default_rng(3)  # many random candidates per tile: the same lists as tile by tile
-    preds = rng.uniform(0, 1, (4, 4 + 3 + 32, 300)).astype(np.float32)
-    preds[:, :2] *= 256
-    preds[:, 2:4] *= 60
-    protos = rng.normal(0, 1, (4, 32, 64, 64)).astype(np.float32)
-    out = decode_batch(preds, protos, 256, 3, 0.05, 0.6)
-    for t in range(4):
-        alone = decode_tile(preds[t], protos[t], 256, 3, 0.05, 0.6)
-        assert len(out[t]) == len(alone) > 0
-        for a, b in zip(out[t], alone):
-            assert a[0] == b[0] and a[2] == b[2]
-            np.testing.assert_array_equal(a[1], b[1])
-            np.testing.assert_array_equal(a[3], b[3])
+    rng = np.random.default_rng(3)  # many random candidates per tile: the plain per-tile decoding's lists
+    for max_det, with_protos in ((1000, True), (5, True), (1000, False)):
+        preds = rng.uniform(0, 1, (4, 4 + 3 + 32, 300)).astype(np.float32)
+        preds[:, :2] *= 256
+        preds[:, 2:4] *= 60
+        preds[2, 4:7] *= 0.01  # a tile with no candidate between others
+        protos = rng.normal(0, 1, (4, 32, 64, 64)).astype(np.float32) if with_protos else None
+        out = decode_batch(preds, protos, 256, 3, 0.05, 0.6, max_det)
+        for t in range(4):
+            alone = _plain_decode_tile(preds[t], None if protos is None else protos[t], 256, 3, 0.05, 0.6, max_det)
+            assert len(out[t]) == len(alone) and (len(alone) > 0) == (t != 2)
+            for a, b in zip(out[t], alone):
+                assert a[0] == b[0] and a[2] == b[2]
+                np.testing.assert_array_equal(a[1], b[1])
+                if with_protos:
+                    np.testing.assert_array_equal(a[3], b[3])
+                else:
+                    assert a[3] is None and b[3] is None
+
+
+def _plain_decode_tile(pred, protos, input_size, n_classes, conf_threshold, iou_threshold, max_det):
+    """One tile decoded on its own, step by step: the reference `decode_batch` must reproduce."""
+    from smearscope.service.analysis.yolo_decode import box_masks
+
+    scores_all = pred[4 : 4 + n_classes].T
+    cls = scores_all.argmax(1)
+    score = scores_all[np.arange(len(cls)), cls]
+    sel = score >= conf_threshold
+    if not sel.any():
+        return []
+    xywh = pred[:4].T[sel]
+    boxes = np.stack([xywh[:, 0] - xywh[:, 2] / 2, xywh[:, 1] - xywh[:, 3] / 2,
+                      xywh[:, 0] + xywh[:, 2] / 2, xywh[:, 1] + xywh[:, 3] / 2], 1).clip(0, input_size)
+    cls, score = cls[sel], score[sel]
+    keep = nms(boxes + cls[:, None] * (input_size + 1.0), score, iou_threshold)[:max_det]
+    windows = [(int(b[1]), int(b[0]), int(np.ceil(b[3])), int(np.ceil(b[2]))) for b in boxes[keep]]
+    masks = (box_masks(pred[4 + n_classes :].T[sel][keep], protos, input_size, windows) if protos is not None
+             else [None] * len(keep))
+    return [(int(cls[k]), boxes[k], float(score[k]), mask) for k, mask in zip(keep, masks)]
 
 
 class _FakeEngine:

@@ -76,6 +76,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    unknown = set(args.adapt_bn.split(",")) - {"none", "early", "all"}
+    if unknown:
+        ap.error(f"--adapt-bn takes none, early, all; not {sorted(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base, classes, lab = load_run(args.run, args.lab, args.threads)
     open_set = dict(np.load(args.run / "open_set.npz"))

@@ -238,8 +238,9 @@ class AnalysisConfig(StationBaseModel):
         title="ONNX Runtime sessions per model",
         description="On the CPU, a batch of two or more inputs (tiles, crops) is split over this "
         "many single-threaded sessions of the model, run side by side; 0: one per thread the "
-        "model would otherwise have (onnxruntime_threads, or one per core; at most 4); 1: never "
-        "split. Outputs are the same either way. engine_backend 'onnxruntime' only.",
+        "model would otherwise have (onnxruntime_threads, or one per logical CPU; at most 4); 1: "
+        "never split. Outputs are the same either way; each session holds its own copy of the "
+        "model. engine_backend 'onnxruntime' only.",
     )
     onnxruntime_spin: bool = Field(
         default=False,
