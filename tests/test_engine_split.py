@@ -117,3 +117,24 @@ def test_warmup_reaches_the_session_a_single_input_runs_on():
         assert e._session.inputs == [1, 1]
     finally:
         e.close()
+
+
+@needs_models
+def test_two_threads_running_one_split_engine_each_get_their_own_outputs():
+    """The daemon analyses two fields at once: two threads share a model's engine, and each
+    batch's outputs must be its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    one = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=1).load()
+    split = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=2).load()
+    try:
+        rng = np.random.default_rng(13)
+        batches = [rng.random((int(n), *one.manifest.inputs[0].shape[1:]), dtype=np.float32)
+                   for n in rng.integers(2, 40, 16)]
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(split.run, batches))
+        for batch, out in zip(batches, got):
+            np.testing.assert_allclose(out["logits"], one.run(batch)["logits"], rtol=1e-5, atol=1e-5)
+    finally:
+        one.close()
+        split.close()
