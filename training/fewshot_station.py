@@ -15,6 +15,8 @@ typed by:
   Mahalanobis fit in the run's open_set.npz), over the classes the station labelled;
 - `probe`: the head's last layer refitted on the k-shot cells (L-BFGS, cross-entropy plus an L2
   pull towards the trained weights);
+- `ncm` where it beats the head: what a station could decide on its own typed cells, station
+  means (leave one out) against the head as trained, the better one typing the test cells;
 - either after the head's BatchNorm statistics were re-estimated on every crop of X's train split,
   unlabelled (`training.adapt_bn`; `early`: the stem and first stage only).
 
@@ -43,6 +45,23 @@ def mahalanobis(feats: np.ndarray, means: np.ndarray, precision: np.ndarray) -> 
     pf = feats @ precision
     return ((pf * feats).sum(1, keepdims=True) - 2 * pf @ means.T
             + np.einsum("kd,de,ke->k", means, precision, means)[None])
+
+
+def loo_ncm_accuracy(feats: np.ndarray, labels: np.ndarray, precision: np.ndarray, model_means: np.ndarray) -> float:
+    """Leave-one-out accuracy of the nearest station class mean on the station's own typed cells
+    (a class whose only typed cell is left out drops out of that vote)."""
+    correct = 0
+    for i in range(len(labels)):
+        others = np.arange(len(labels)) != i
+        means = model_means.copy()
+        present = np.zeros(len(means), bool)
+        for c in np.unique(labels[others]):
+            means[c] = feats[others & (labels == c)].mean(0)
+            present[c] = True
+        d = mahalanobis(feats[i : i + 1], means, precision)
+        d[:, ~present] = np.inf
+        correct += int(d.argmin(1)[0] == labels[i])
+    return correct / len(labels)
 
 
 def refit_last_layer(weight: np.ndarray, bias: np.ndarray, feats: np.ndarray, labels: np.ndarray,
@@ -91,7 +110,7 @@ def main() -> None:
     rows: dict[str, dict[str, list[float]]] = {}
     for bn in args.adapt_bn.split(","):
         model = base if bn == "none" else adapted(base, pool_x, bn)
-        pool_f, _ = features(model, pool_x)
+        pool_f, pool_logits = features(model, pool_x)
         test_f, test_logits = features(model, test_x)
         clf = model.net.get_classifier()
         weight, bias = clf.weight.detach().numpy().copy(), clf.bias.detach().numpy().copy()
@@ -108,8 +127,14 @@ def main() -> None:
                     means[c] = pool_f[idx][pool_y[idx] == c].mean(0)
                 d = mahalanobis(test_f, means, open_set["precision"])
                 d[:, ~present] = np.inf
-                rows.setdefault(f"BN {bn}, ncm", {}).setdefault(str(k), []).append(
-                    float((d.argmin(1) == test_y).mean()))
+                ncm_acc = float((d.argmin(1) == test_y).mean())
+                rows.setdefault(f"BN {bn}, ncm", {}).setdefault(str(k), []).append(ncm_acc)
+                # what a station can check on its own typed cells: station means (leave one out)
+                # against the head as trained; the better one types the test cells
+                own = loo_ncm_accuracy(pool_f[idx], pool_y[idx], open_set["precision"], open_set["means"])
+                head_own = float((pool_logits[idx].argmax(1) == pool_y[idx]).mean())
+                rows.setdefault(f"BN {bn}, ncm where it beats the head on the typed cells (leave one out)", {}) \
+                    .setdefault(str(k), []).append(ncm_acc if own > head_own else float((test_logits.argmax(1) == test_y).mean()))
                 w, b = refit_last_layer(weight, bias, pool_f[idx], pool_y[idx], args.pull)
                 s = test_f @ w.T + b
                 s[:, ~present] = -np.inf
