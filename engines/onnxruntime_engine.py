@@ -98,32 +98,36 @@ class OnnxRuntimeEngine(Engine):
         return len(self._split)
 
     @property
+    def _bindable(self) -> bool:
+        """Every output's size per input is known: the parts can write into one preallocated output."""
+        return all(d >= 0 for o in self.manifest.outputs for d in o.shape[1:])
+
+    @property
     def providers(self) -> list[str]:
         return list(self._session.get_providers()) if self._session else []
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         n = len(batch)
-        if len(self._split) < 2 or n < 2:
+        if not self._split or n < 2:
             outs = self._session.run(self.output_names, {self.input_name: batch})
             return dict(zip(self.output_names, outs))
         k = min(len(self._split), n)
         bounds = [n * i // k for i in range(k + 1)]  # contiguous parts, sizes differing by one at most
-        assert self._pool is not None
-        shapes = [o.shape[1:] for o in self.manifest.outputs]
-        if any(d < 0 for shape in shapes for d in shape):  # an output's size unknown: join the parts' outputs
-            later = [self._pool.submit(self._split[i].run, self.output_names,
-                                       {self.input_name: batch[bounds[i]:bounds[i + 1]]}) for i in range(1, k)]
-            parts = [self._split[0].run(self.output_names, {self.input_name: batch[bounds[0]:bounds[1]]})]
-            parts += [f.result() for f in later]
+        if not self._bindable:  # an output's size unknown: join the parts' outputs
+            parts = self._side_by_side(k, lambda i: self._split[i].run(
+                self.output_names, {self.input_name: batch[bounds[i]:bounds[i + 1]]}))
             return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(self.output_names)}
         # Each part's outputs written straight into its rows of the batch's (no copies to join)
         outs = {o.name: np.empty((n, *o.shape[1:]), np.dtype(o.dtype)) for o in self.manifest.outputs}
-        later = [self._pool.submit(self._run_part, self._split[i], batch, outs, bounds[i], bounds[i + 1])
-                 for i in range(1, k)]
-        self._run_part(self._split[0], batch, outs, bounds[0], bounds[1])
-        for f in later:
-            f.result()
+        self._side_by_side(k, lambda i: self._run_part(self._split[i], batch, outs, bounds[i], bounds[i + 1]))
         return outs
+
+    def _side_by_side(self, k: int, job) -> list:
+        """`job(i)` for i in 0..k-1, part 0 on this thread and the others on the pool; results in order."""
+        assert self._pool is not None
+        later = [self._pool.submit(job, i) for i in range(1, k)]
+        first = job(0)
+        return [first, *(f.result() for f in later)]
 
     def _run_part(self, session, batch: np.ndarray, outs: dict[str, np.ndarray], lo: int, hi: int) -> None:
         binding = session.io_binding()

@@ -114,7 +114,8 @@ def main() -> None:
         test_f, test_logits = features(model, test_x)
         clf = model.net.get_classifier()
         weight, bias = clf.weight.detach().numpy().copy(), clf.bias.detach().numpy().copy()
-        rows[f"BN {bn}, head as trained"] = {"0": [float((test_logits.argmax(1) == test_y).mean())]}
+        head_test = float((test_logits.argmax(1) == test_y).mean())
+        rows[f"BN {bn}, head as trained"] = {"0": [head_test]}
         rng = np.random.default_rng(0)
         for k in (int(v) for v in args.shots.split(",")):
             for _ in range(args.draws):
@@ -134,7 +135,7 @@ def main() -> None:
                 own = loo_ncm_accuracy(pool_f[idx], pool_y[idx], open_set["precision"], open_set["means"])
                 head_own = float((pool_logits[idx].argmax(1) == pool_y[idx]).mean())
                 rows.setdefault(f"BN {bn}, ncm where it beats the head on the typed cells (leave one out)", {}) \
-                    .setdefault(str(k), []).append(ncm_acc if own > head_own else float((test_logits.argmax(1) == test_y).mean()))
+                    .setdefault(str(k), []).append(ncm_acc if own > head_own else head_test)
                 w, b = refit_last_layer(weight, bias, pool_f[idx], pool_y[idx], args.pull)
                 s = test_f @ w.T + b
                 s[:, ~present] = -np.inf
