@@ -48,6 +48,7 @@ STAGE_TARGETS: tuple[tuple[str, str, str], ...] = (
     ("preprocess tiles", DECODE, "to_model_input"),
     ("decode masks", DECODE, "decode_batch"),
     ("detector glue", f"{DECODE}:YoloSegmenter", "detect"),
+    ("detector glue", f"{DECODE}:YoloSegmenter", "_tile_detections"),
     ("merge tiles", DETECT, "merge_detections"),
     ("merge tiles", DETECT, "unpack"),
     ("fuse views", DETECT, "unview"),
@@ -133,17 +134,26 @@ class Probe:
         for name, normalizer in getattr(self.analyzer, "normalizers", {}).items():
             self._patch(normalizer, "normalize", self._timed("normalize", normalizer.normalize), f"normalizer {name}")
         for engine in self._engines():
-            self._patch(engine, "run", self._recording(engine), f"{engine.manifest.name}.run")
+            run, run_parts = self._recording(engine)
+            self._patch(engine, "run", run, f"{engine.manifest.name}.run")
+            self._patch(engine, "run_parts", run_parts, f"{engine.manifest.name}.run_parts")
         return self
 
     def _recording(self, engine: Any) -> Callable:
         timed_run = self._timed(ENGINE_STAGES.get(engine.manifest.task, "head engines"), engine.run)
 
+        timed_parts = self._timed(ENGINE_STAGES.get(engine.manifest.task, "head engines"), engine.run_parts)
+
         def run(batch):
             self.batches.append((engine, batch))
             return timed_run(batch)
 
-        return run
+        def run_parts(batch, on_part):
+            # what the caller does with a part while the others run is its own stage, nested here
+            self.batches.append((engine, batch))
+            return timed_parts(batch, on_part)
+
+        return run, run_parts
 
     def __exit__(self, *exc) -> None:
         for undo in reversed(self._undo):

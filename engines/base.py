@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,9 @@ import numpy as np
 from smearscope.engines.manifest import ModelManifest, load_manifest
 
 logger = logging.getLogger(__name__)
+
+#: Called with (lo, hi, outputs of rows lo:hi) as a batch's rows become ready (`Engine.run_parts`).
+PartCallback = Callable[[int, int, dict[str, np.ndarray]], None]
 
 
 class EngineError(RuntimeError):
@@ -56,6 +60,20 @@ class Engine(abc.ABC):
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run one batch whose size lies inside the manifest's batch profile."""
+        return self._run(self._checked(batch))
+
+    def run_parts(self, batch: np.ndarray, on_part: PartCallback) -> dict[str, np.ndarray]:
+        """`run`, handing the batch's rows to `on_part(lo, hi, outputs of rows lo:hi)` on this
+        thread as they are ready: consecutive ranges covering the batch, in order, before this
+        returns the whole batch's outputs. A backend that runs a batch in parts
+        (engines.onnxruntime_engine's split sessions) calls it for a part that is done while the
+        others still run, so the caller's work on it overlaps theirs; the others call it once."""
+        outs = self._run(self._checked(batch))
+        on_part(0, len(batch), outs)
+        return outs
+
+    def _checked(self, batch: np.ndarray) -> np.ndarray:
+        """The batch, loaded and checked against the profile, as contiguous float32."""
         self.load()
         n = batch.shape[0]
         prof = self.manifest.batch
@@ -64,7 +82,7 @@ class Engine(abc.ABC):
         expected = tuple(self.manifest.inputs[0].shape[1:])
         if tuple(batch.shape[1:]) != expected:
             raise EngineError(f"{self.manifest.name}: input shape {batch.shape[1:]} != {expected}")
-        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
+        return np.ascontiguousarray(batch, dtype=np.float32)
 
     def warmup(self, iterations: int = 2) -> float:
         """Run the optimal batch a few times so first-use graph building happens now; returns s."""

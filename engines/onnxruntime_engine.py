@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 
-from smearscope.engines.base import Engine, EngineError
+from smearscope.engines.base import Engine, EngineError, PartCallback
 
 logger = logging.getLogger(__name__)
 
@@ -107,19 +107,57 @@ class OnnxRuntimeEngine(Engine):
         return list(self._session.get_providers()) if self._session else []
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return self._run_split(batch, None)
+
+    def run_parts(self, batch: np.ndarray, on_part: PartCallback) -> dict[str, np.ndarray]:
+        """Where a batch is split, each part's rows go to `on_part` as soon as that part and
+        those before it are done. The first part runs on this thread and is never the larger
+        one, so the caller works on its rows while the other sessions finish theirs: a 15-tile
+        detector batch splits 7 + 8, and this thread's core would otherwise wait a tile's time.
+
+        Tried and not kept: sessions taking the next tile whenever they are free, this thread
+        reporting finished tiles once none is left to start. It overlaps the same work for an odd
+        number of tiles but runs a tile at a time, which cost 1.5 ms on an even batch (6 tiles:
+        43.9 against 42.4 ms, median of 16 alternating runs)."""
+        batch = self._checked(batch)
+        if not self._split or len(batch) < 2 or not self._bindable:
+            outs = self._run(batch)
+            on_part(0, len(batch), outs)
+            return outs
+        return self._run_bound(batch, on_part)
+
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         n = len(batch)
         if not self._split or n < 2:
-            outs = self._session.run(self.output_names, {self.input_name: batch})
-            return dict(zip(self.output_names, outs))
-        k = min(len(self._split), n)
-        bounds = [n * i // k for i in range(k + 1)]  # contiguous parts, sizes differing by one at most
+            return dict(zip(self.output_names, self._session.run(self.output_names, {self.input_name: batch})))
         if not self._bindable:  # an output's size unknown: join the parts' outputs
+            k = min(len(self._split), n)
+            bounds = [n * i // k for i in range(k + 1)]
             parts = self._side_by_side(k, lambda i: self._split[i].run(
                 self.output_names, {self.input_name: batch[bounds[i]:bounds[i + 1]]}))
             return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(self.output_names)}
-        # Each part's outputs written straight into its rows of the batch's (no copies to join)
+        return self._run_bound(batch, None)
+
+    def _run_bound(self, batch: np.ndarray, on_part: PartCallback | None) -> dict[str, np.ndarray]:
+        """The split batch, each part's outputs written straight into its rows of the batch's (no
+        copies to join); `on_part` gets each part's rows in order, on this thread."""
+        assert self._pool is not None
+        n = len(batch)
+        k = min(len(self._split), n)
+        bounds = [n * i // k for i in range(k + 1)]  # contiguous parts, sizes differing by one at most
         outs = {o.name: np.empty((n, *o.shape[1:]), np.dtype(o.dtype)) for o in self.manifest.outputs}
-        self._side_by_side(k, lambda i: self._run_part(self._split[i], batch, outs, bounds[i], bounds[i + 1]))
+        later = [self._pool.submit(self._run_part, self._split[i], batch, outs, bounds[i], bounds[i + 1])
+                 for i in range(1, k)]
+        try:
+            self._run_part(self._split[0], batch, outs, bounds[0], bounds[1])
+            for i in range(k):
+                if i:
+                    later[i - 1].result()
+                if on_part is not None:
+                    lo, hi = bounds[i], bounds[i + 1]
+                    on_part(lo, hi, {name: v[lo:hi] for name, v in outs.items()})
+        finally:
+            wait(later)  # never leave a part writing into outputs nobody holds
         return outs
 
     def _side_by_side(self, k: int, job) -> list:

@@ -138,3 +138,140 @@ def test_two_threads_running_one_split_engine_each_get_their_own_outputs():
     finally:
         one.close()
         split.close()
+
+
+class _Gated(_Counting):
+    """A session whose runs wait for `gate` (at most `timeout` seconds) before they start."""
+
+    def __init__(self, session, gate, timeout: float = 10.0) -> None:
+        super().__init__(session)
+        self.gate, self.timeout, self.opened = gate, timeout, []
+
+    def run_with_iobinding(self, binding):
+        self.opened.append(self.gate.wait(self.timeout))
+        return super().run_with_iobinding(binding)
+
+
+@needs_models
+def test_run_parts_hands_over_the_first_part_while_the_others_still_run():
+    """`run_parts` on a split engine: consecutive ranges covering the batch, in order, each with
+    the rows `run` gives. The second session cannot start its part until the caller has been
+    handed the first one: an engine that waited for every part before reporting would keep it
+    waiting (its gate times out and the test fails)."""
+    import threading
+
+    one = OnnxRuntimeEngine(MODELS / "seg.json", sessions=1).load()
+    split = OnnxRuntimeEngine(MODELS / "seg.json", sessions=2).load()
+    try:
+        gate = threading.Event()
+        gated = _Gated(split._split[1], gate, timeout=10.0)
+        split._split[1] = gated
+        batch = np.random.default_rng(21).random((5, *one.manifest.inputs[0].shape[1:]), dtype=np.float32)
+        want = one.run(batch)
+        parts = []
+
+        def on_part(lo, hi, outs):
+            parts.append((lo, hi, {k: v.copy() for k, v in outs.items()}))
+            gate.set()  # the second part may run once the first is in the caller's hands
+
+        got = split.run_parts(batch, on_part)
+        assert gated.opened == [True]
+        assert [(lo, hi) for lo, hi, _ in parts] == [(0, 2), (2, 5)]
+        for lo, hi, outs in parts:
+            for name in want:
+                np.testing.assert_allclose(outs[name], want[name][lo:hi], rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(got[name][lo:hi], want[name][lo:hi], rtol=1e-5, atol=1e-5)
+    finally:
+        one.close()
+        split.close()
+
+
+@needs_models
+def test_a_failing_part_callback_waits_for_the_running_parts():
+    """An error in the caller's part callback comes back to the caller, after the other parts
+    are done writing (nothing runs on into outputs nobody holds)."""
+    split = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=2).load()
+    try:
+        batch = np.zeros((6, *split.manifest.inputs[0].shape[1:]), np.float32)
+        counter = _Counting(split._split[1])
+        split._split[1] = counter
+
+        def boom(lo, hi, outs):
+            raise RuntimeError("caller failed")
+
+        with pytest.raises(RuntimeError, match="caller failed"):
+            split.run_parts(batch, boom)
+        assert counter.inputs == [3]  # the second part ran to its end
+        assert split.run(batch)["logits"].shape == (6, len(split.manifest.classes))  # still usable
+    finally:
+        split.close()
+
+
+@needs_models
+def test_run_batched_hands_over_real_rows_in_the_batch_numbering():
+    """run_batched's `on_part` over several padded chunks: ranges in the whole batch's numbering,
+    covering it once and in order, no padding rows, outputs those of `run_batched` without it;
+    an engine that is not an `Engine` (a wrapper) hands over each chunk whole."""
+    from smearscope.engines.batching import run_batched
+    from smearscope.engines.manifest import BatchProfile
+
+    engine = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=2).load()
+    try:
+        engine.manifest = engine.manifest.model_copy(update={"batch": BatchProfile(min=4, opt=4, max=5)})
+        batch = np.random.default_rng(3).random((11, *engine.manifest.inputs[0].shape[1:]), dtype=np.float32)
+        want = run_batched(engine, batch)["logits"]
+
+        class Wrapper:  # what engines.coalesce's CoalescingEngine looks like to run_batched
+            def __init__(self, inner):
+                self.inner, self.manifest, self.output_names, self.pads_to_opt = (
+                    inner, inner.manifest, inner.output_names, False)
+
+            def run(self, b):
+                return self.inner.run(b)
+
+        for eng, expected in ((engine, [(0, 2), (2, 5), (5, 7), (7, 10), (10, 11)]),
+                              (Wrapper(engine), [(0, 5), (5, 10), (10, 11)])):
+            seen: list = []
+            got = run_batched(eng, batch, on_part=lambda lo, hi, outs, seen=seen: seen.append(
+                (lo, hi, outs["logits"].copy())))
+            assert [(lo, hi) for lo, hi, _ in seen] == expected
+            for lo, hi, rows in seen:
+                np.testing.assert_allclose(rows, want[lo:hi], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got["logits"], want, rtol=1e-5, atol=1e-5)
+    finally:
+        engine.close()
+
+
+@needs_models
+def test_the_detector_decodes_each_part_into_the_detections_of_an_unsplit_engine():
+    """The segmenter decodes each part of a split batch as it is handed over: the detections
+    (tile, kind, box, score, mask) are those of one session decoding the whole batch."""
+    import cv2
+
+    from smearscope.device.synthetic import render_field
+    from smearscope.service.analysis.records import Tile
+    from smearscope.service.analysis.tiling import tile_grid
+    from smearscope.service.analysis.yolo_decode import YoloSegmenter
+
+    frame = cv2.resize(render_field(7, width=1000, height=700, microns_per_pixel=0.1).frame.pixels, (500, 350),
+                       interpolation=cv2.INTER_AREA)
+    tiles = []
+    for i, (x, y) in enumerate(tile_grid(500, 350, 256, 0.15)):
+        px = np.zeros((256, 256, 3), np.uint8)
+        window = frame[y:y + 256, x:x + 256]
+        px[: window.shape[0], : window.shape[1]] = window
+        tiles.append(Tile(i, x, y, px))
+    engines = [OnnxRuntimeEngine(MODELS / "seg.json", sessions=s).load() for s in (1, 2, 3)]
+    try:
+        found = [YoloSegmenter(e).detect(tiles, 500, 350, calibrate=False) for e in engines]
+        assert len(found[0]) > 20
+        for other in found[1:]:
+            assert [(d.tile_index, d.kind, d.cut_by_tile_edge) for d in other] == [
+                (d.tile_index, d.kind, d.cut_by_tile_edge) for d in found[0]]
+            for a, b in zip(found[0], other):
+                assert a.box.as_list() == pytest.approx(b.box.as_list(), abs=1e-3)
+                assert a.score == pytest.approx(b.score, abs=1e-5)
+                assert np.array_equal(a.mask, b.mask)
+    finally:
+        for e in engines:
+            e.close()

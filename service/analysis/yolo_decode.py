@@ -217,13 +217,17 @@ class YoloSegmenter:
         names = self.engine.output_names
         for chunk in _batches(tiles, self.engine.manifest.batch.max):
             batch = to_model_input(np.stack([t.pixels for t in chunk]), self.engine.manifest.preprocessing)
-            outs = run_batched(self.engine, batch)
-            preds = outs[names[0]]
-            protos = outs[names[1]] if len(names) > 1 else None
-            decoded = decode_batch(preds, protos, self.input_size, len(self.classes), RAW_SCORE_FLOOR,
-                                   self.iou_threshold)
-            for tile, tile_decoded in zip(chunk, decoded):
-                dets += self._tile_detections(tile, tile_decoded, frame_width, frame_height)
+
+            def decode(lo: int, hi: int, outs: dict[str, np.ndarray], chunk: list[Tile] = chunk) -> None:
+                # tiles lo:hi, as soon as their part of the batch is ready (run_batched's on_part):
+                # where the engine splits a batch, the first part is decoded while the rest still runs
+                protos = outs[names[1]] if len(names) > 1 else None
+                decoded = decode_batch(outs[names[0]], protos, self.input_size, len(self.classes), RAW_SCORE_FLOOR,
+                                       self.iou_threshold)
+                for tile, tile_decoded in zip(chunk[lo:hi], decoded):
+                    dets.extend(self._tile_detections(tile, tile_decoded, frame_width, frame_height))
+
+            run_batched(self.engine, batch, on_part=decode)
         return self.finish(dets) if calibrate else dets
 
     def _tile_detections(self, tile: Tile, decoded: list[tuple], frame_width: int,
