@@ -62,7 +62,14 @@ def test_the_committed_rbc_head_carries_the_shifts_fitted_on_validation() -> Non
     m = load_manifest(MODELS / "rbc_head.json")
     record = m.metrics["class_log_prior_shift"]
     assert m.class_log_prior_shift == record["chosen"]
-    assert set(record["chosen"]) == {"spherocyte", "schistocyte"}
+    assert set(record["chosen"]) == {"normal", "spherocyte", "schistocyte"}
+    assert record["chosen"]["normal"] > 0 > max(record["chosen"]["spherocyte"], record["chosen"]["schistocyte"])
+    # normal's shift is the best Chula val macro-F1 of its sweep, and no higher than it needs to be
+    sweep = record["val_by_shift_last_sweep"]["normal"]
+    chosen = sweep[f"{record['chosen']['normal']:.2f}"]
+    assert chosen["chula_macro_f1"] == max(r["chula_macro_f1"] for r in sweep.values()
+                                           if r["idb1_sickle_vs_not"] >= record["val_unshifted"]["idb1_sickle_vs_not"])
+    assert chosen["chula_macro_f1"] >= sweep["0.00"]["chula_macro_f1"] + 0.002
     val = record["val_shifted"]
     assert val["bccd_spherocyte_share"] <= 0.10 and val["bccd_schistocyte_share"] <= 0.02
     cost = record.get("max_f1_cost", 0.01)  # training.prior_shift --max-f1-cost, recorded with the shifts
