@@ -1,7 +1,7 @@
 """Where one field's time goes, and the bare-engine floor under it (for bench.bench_pipeline).
 
 `Probe` wraps, for the length of one `analyze` call, the analyzer's stage functions (by name, in
-the modules that call them) and its engines' `run`: wall time per stage, exclusive of the stages
+the modules that call them) and its engines' `run` and `run_parts`: wall time per stage, exclusive of the stages
 nested in it, and every batch each engine was given. `floor_ms` replays exactly those batches
 through the same engines: the time the models alone need for that field, without any pre- or
 post-processing. A stage the code no longer has is listed in `Probe.missing`, never an error, so
@@ -136,24 +136,28 @@ class Probe:
         for engine in self._engines():
             run, run_parts = self._recording(engine)
             self._patch(engine, "run", run, f"{engine.manifest.name}.run")
-            self._patch(engine, "run_parts", run_parts, f"{engine.manifest.name}.run_parts")
+            if run_parts is not None:
+                self._patch(engine, "run_parts", run_parts, f"{engine.manifest.name}.run_parts")
         return self
 
     def _recording(self, engine: Any) -> Callable:
         timed_run = self._timed(ENGINE_STAGES.get(engine.manifest.task, "head engines"), engine.run)
 
-        timed_parts = self._timed(ENGINE_STAGES.get(engine.manifest.task, "head engines"), engine.run_parts)
+        original_parts = getattr(engine, "run_parts", None)
+        timed_parts = (None if original_parts is None
+                       else self._timed(ENGINE_STAGES.get(engine.manifest.task, "head engines"), original_parts))
 
         def run(batch):
             self.batches.append((engine, batch))
             return timed_run(batch)
 
         def run_parts(batch, on_part):
-            # what the caller does with a part while the others run is its own stage, nested here
+            # the probed stages the caller runs on a part while the others run (decode_batch,
+            # _tile_detections) are nested here and subtracted; its unprobed glue counts as engine
             self.batches.append((engine, batch))
             return timed_parts(batch, on_part)
 
-        return run, run_parts
+        return run, (run_parts if timed_parts is not None else None)
 
     def __exit__(self, *exc) -> None:
         for undo in reversed(self._undo):

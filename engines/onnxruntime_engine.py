@@ -106,12 +106,10 @@ class OnnxRuntimeEngine(Engine):
     def providers(self) -> list[str]:
         return list(self._session.get_providers()) if self._session else []
 
-    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        return self._run_split(batch, None)
-
     def run_parts(self, batch: np.ndarray, on_part: PartCallback) -> dict[str, np.ndarray]:
-        """Where a batch is split, each part's rows go to `on_part` as soon as that part and
-        those before it are done. The first part runs on this thread and is never the larger
+        """Where a batch is split and its outputs can be bound (every output's size known), each
+        part's rows go to `on_part` as soon as that part and those before it are done; otherwise
+        the whole batch's, once. The first part runs on this thread and is never the larger
         one, so the caller works on its rows while the other sessions finish theirs: a 15-tile
         detector batch splits 7 + 8, and this thread's core would otherwise wait a tile's time.
 

@@ -35,6 +35,7 @@ def test_probe_sees_every_stage_and_every_engine_batch(analyzer):
     assert [c.label for c in probed.cells] == [c.label for c in plain.cells]
     names = [engine.manifest.name for engine, _ in probe.batches]
     assert "seg" in names and "rbc_head" in names
+    assert names.count("seg") == 1  # the detector's one batch, through run_parts, recorded once
     rbc_crops = sum(len(b) for engine, b in probe.batches if engine.manifest.name == "rbc_head")
     typed_rbc = sum(1 for c in probed.cells if c.kind == "rbc" and c.label is not None)
     assert rbc_crops == typed_rbc > 0  # one view: every typed red cell is one crop, nothing else
@@ -53,6 +54,7 @@ def test_probe_restores_the_analyzer_and_best_of_runs_keeps_one_breakdown(analyz
     frame = render_field(102, width=640, height=480, microns_per_pixel=0.1).frame
     total, stages, floor, cells = probe_field(analyzer, frame, runs=2)
     assert (detect_views.merge_detections, analyzer.segmenter.engine.run) == before
-    assert "run" not in vars(analyzer.segmenter.engine)  # the instance attribute is gone again
+    # the instance attributes are gone again
+    assert "run" not in vars(analyzer.segmenter.engine) and "run_parts" not in vars(analyzer.segmenter.engine)
     assert cells == len(analyzer.analyze(frame).report.cells) > 0
     assert total > 0 and floor > 0 and set(stages) == set(STAGE_ORDER)

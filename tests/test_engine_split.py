@@ -186,23 +186,64 @@ def test_run_parts_hands_over_the_first_part_while_the_others_still_run():
         split.close()
 
 
+class _Slow(_Counting):
+    """A session whose runs take at least `delay` seconds longer and record when they end."""
+
+    def __init__(self, session, delay: float) -> None:
+        super().__init__(session)
+        self.delay, self.finished = delay, 0
+
+    def run_with_iobinding(self, binding):
+        import time
+
+        time.sleep(self.delay)
+        out = super().run_with_iobinding(binding)
+        self.finished += 1
+        return out
+
+
+class _Failing(_Counting):
+    def run_with_iobinding(self, binding):
+        raise RuntimeError("session failed")
+
+
 @needs_models
 def test_a_failing_part_callback_waits_for_the_running_parts():
-    """An error in the caller's part callback comes back to the caller, after the other parts
-    are done writing (nothing runs on into outputs nobody holds)."""
+    """An error in the caller's part callback comes back to the caller only after the other
+    parts are done writing (nothing runs on into outputs nobody holds); the engine stays usable."""
     split = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=2).load()
     try:
         batch = np.zeros((6, *split.manifest.inputs[0].shape[1:]), np.float32)
-        counter = _Counting(split._split[1])
-        split._split[1] = counter
+        slow = _Slow(split._split[1], delay=0.3)
+        split._split[1] = slow
+        seen = []
 
         def boom(lo, hi, outs):
+            seen.append((lo, hi))
             raise RuntimeError("caller failed")
 
         with pytest.raises(RuntimeError, match="caller failed"):
             split.run_parts(batch, boom)
-        assert counter.inputs == [3]  # the second part ran to its end
-        assert split.run(batch)["logits"].shape == (6, len(split.manifest.classes))  # still usable
+        assert seen == [(0, 3)] and slow.finished == 1  # the second part had ended when the error came back
+        assert split.run(batch)["logits"].shape == (6, len(split.manifest.classes))
+    finally:
+        split.close()
+
+
+@needs_models
+def test_a_failing_session_part_reaches_the_caller_after_the_others_end():
+    """A part whose session fails: the error reaches the caller, the parts before it were handed
+    over, and the slower part on another session had ended first."""
+    split = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=3).load()
+    try:
+        batch = np.zeros((6, *split.manifest.inputs[0].shape[1:]), np.float32)
+        split._split[1] = _Failing(split._split[1])
+        slow = _Slow(split._split[2], delay=0.3)
+        split._split[2] = slow
+        seen = []
+        with pytest.raises(RuntimeError, match="session failed"):
+            split.run_parts(batch, lambda lo, hi, outs: seen.append((lo, hi)))
+        assert seen == [(0, 2)] and slow.finished == 1
     finally:
         split.close()
 

@@ -70,6 +70,8 @@ def test_the_committed_rbc_head_carries_the_shifts_fitted_on_validation() -> Non
     assert chosen["chula_macro_f1"] == max(r["chula_macro_f1"] for r in sweep.values()
                                            if r["idb1_sickle_vs_not"] >= record["val_unshifted"]["idb1_sickle_vs_not"])
     assert chosen["chula_macro_f1"] >= sweep["0.00"]["chula_macro_f1"] + 0.002
+    assert not any(float(k) < record["chosen"]["normal"] and r["chula_macro_f1"] == chosen["chula_macro_f1"]
+                   for k, r in sweep.items())  # the smallest shift with that figure
     val = record["val_shifted"]
     assert val["bccd_spherocyte_share"] <= 0.10 and val["bccd_schistocyte_share"] <= 0.02
     cost = record.get("max_f1_cost", 0.01)  # training.prior_shift --max-f1-cost, recorded with the shifts

@@ -17,7 +17,9 @@ comparisons are checked, as a hematologist would read the reports side by side:
 With `--looks`, the comparisons are made again once per seed with every Chula test cell drawn
 through that seed's one random lab look (training.look: stain, lamp, focus, camera; then the
 analyzer's lamp correction and crop), as a lab in no dataset would show all its cells: how many of
-the five still point the right way, per look.
+the five still point the right way, per look. Every draw of a look comes from the seed; the
+sensor noise's pattern comes from OpenCV's own generator (training.look), so a seed's figures
+repeat for the same `--looks` list, and may move slightly in another.
 
 It also prints, for a normal-looking lab, the share of BCCD test red cells (annotated boxes) typed
 spherocyte and how many BCCD test images would raise the critical sickle flag at the default
@@ -144,7 +146,7 @@ def run(models: Path, n_smears: int, n_cells: int, seed: int = 0, look_seeds: tu
             r = virtual_smears(looked_labels, truth, n_smears, n_cells, seed)
             per_look[str(s)] = {"checks_passed": r["checks_passed"],
                                 "failed": [k for k, ok in r["checks"].items() if not ok],
-                                "chula_test_accuracy": round(float((looked.argmax(1) == truth).mean()), 4),
+                                "chula_test_accuracy": round(float((looked_labels == np.array(CLASSES)[truth]).mean()), 4),
                                 "typed_normal": round(float((looked_labels == "normal").mean()), 4)}
         passed = [int(v["checks_passed"].split()[0]) for v in per_look.values()]
         out["lab_looks"] = {"per_look": per_look, "comparisons_passed": f"{sum(passed)} of {5 * len(passed)}",

@@ -5,7 +5,7 @@ the head is unsure of there (top probability below `EXTRA_VIEWS_BELOW`) run in i
 and their views' logits are averaged: the views pay where the answer can change (with the heads
 of 2026-11-27, about 15 % of red and 5 % of white cells ran in the other views, and each head kept
 its every-view macro-F1). Softmax uses the manifest's calibration temperature, after its
-`class_log_prior_shift` (the RBC head: spherocyte -0.75, schistocyte -2.5 and normal +0.5, so a
+`class_log_prior_shift` (the RBC head: spherocyte -0.5, schistocyte -2.5 and normal +0.5, so a
 normal-looking lab's round red cells and small ones are not called spherocytes and schistocytes
 by the balanced training mix's prior, nor its normal ones stomatocytes or microcytes); a cell whose top probability is below the head's threshold becomes UNIDENTIFIED (sent for human
 review), never a guessed class. A head whose manifest has `open_set` tests also sends a crop
