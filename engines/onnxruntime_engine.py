@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -16,6 +18,8 @@ logger = logging.getLogger(__name__)
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 #: Most split sessions "auto" makes (one per core up to this).
 MAX_AUTO_SESSIONS = 4
+#: Inputs a split session runs at a time where the caller takes rows as they are ready (run_parts).
+PART_STEP = 2
 
 
 def available_cores() -> int:
@@ -108,10 +112,11 @@ class OnnxRuntimeEngine(Engine):
 
     def run_parts(self, batch: np.ndarray, on_part: PartCallback) -> dict[str, np.ndarray]:
         """Where a batch is split and its outputs can be bound (every output's size known), each
-        part's rows go to `on_part` as soon as that part and those before it are done; otherwise
-        the whole batch's, once. The first part runs on this thread and is never the larger
-        one, so the caller works on its rows while the other sessions finish theirs: a 15-tile
-        detector batch splits 7 + 8, and this thread's core would otherwise wait a tile's time.
+        part's rows go to `on_part` in order as soon as they are done (the other parts'
+        `PART_STEP` inputs at a time); otherwise the whole batch's, once. The first part runs on
+        this thread and is never the larger one, so the caller works on its rows while the other
+        sessions finish theirs (a 15-tile detector batch splits 7 + 8, and this thread's core
+        would otherwise wait a tile's time), then on theirs as they come.
 
         Tried and not kept: sessions taking the next tile whenever they are free, this thread
         reporting finished tiles once none is left to start. It overlaps the same work for an odd
@@ -138,25 +143,62 @@ class OnnxRuntimeEngine(Engine):
 
     def _run_bound(self, batch: np.ndarray, on_part: PartCallback | None) -> dict[str, np.ndarray]:
         """The split batch, each part's outputs written straight into its rows of the batch's (no
-        copies to join); `on_part` gets each part's rows in order, on this thread."""
+        copies to join); `on_part` gets the rows in order, on this thread: the first part's when
+        this thread has run it, the others' `PART_STEP` inputs at a time as their sessions finish
+        them, so the caller's work on them overlaps the rest of their part."""
         assert self._pool is not None
         n = len(batch)
         k = min(len(self._split), n)
         bounds = [n * i // k for i in range(k + 1)]  # contiguous parts, sizes differing by one at most
         outs = {o.name: np.empty((n, *o.shape[1:]), np.dtype(o.dtype)) for o in self.manifest.outputs}
-        later = [self._pool.submit(self._run_part, self._split[i], batch, outs, bounds[i], bounds[i + 1])
-                 for i in range(1, k)]
+        if on_part is None:
+            later = [self._pool.submit(self._run_part, self._split[i], batch, outs, bounds[i], bounds[i + 1])
+                     for i in range(1, k)]
+        else:
+            steps: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(1, k)]
+            stop = threading.Event()  # set when the caller gives up: no part starts another step
+            later = [self._pool.submit(self._run_steps, self._split[i], batch, outs, bounds[i], bounds[i + 1],
+                                       steps[i - 1], stop) for i in range(1, k)]
         try:
             self._run_part(self._split[0], batch, outs, bounds[0], bounds[1])
-            for i in range(k):
-                if i:
-                    later[i - 1].result()
-                if on_part is not None:
-                    lo, hi = bounds[i], bounds[i + 1]
+            if on_part is None:
+                for f in later:
+                    f.result()
+                return outs
+            on_part(bounds[0], bounds[1], {name: v[bounds[0]:bounds[1]] for name, v in outs.items()})
+            for q in steps:
+                while True:
+                    got = q.get()
+                    if got is None:  # the part is done
+                        break
+                    if isinstance(got, BaseException):
+                        raise got
+                    lo, hi = got
                     on_part(lo, hi, {name: v[lo:hi] for name, v in outs.items()})
         finally:
+            if on_part is not None:
+                stop.set()
             wait(later)  # never leave a part writing into outputs nobody holds
         return outs
+
+    def _run_steps(self, session, batch: np.ndarray, outs: dict[str, np.ndarray], lo: int, hi: int,
+                   done: queue.SimpleQueue, stop: threading.Event) -> None:
+        """A part run `PART_STEP` inputs at a time, each finished range put on `done`, then None
+        (or the error); it stops early once `stop` is set. A single-threaded session runs a
+        detector tile as fast alone as in a batch (8 tiles: 99 ms in one batch, 98 ms one at a
+        time); 15 tiles decoded as they came, 2 at a time: 121.6 ms against 127.5 with the
+        second part handed over whole and 122.9 one tile at a time (floor 115.3; medians of 20
+        alternating runs)."""
+        try:
+            for a in range(lo, hi, PART_STEP):
+                if stop.is_set():
+                    break
+                b = min(hi, a + PART_STEP)
+                self._run_part(session, batch, outs, a, b)
+                done.put((a, b))
+            done.put(None)
+        except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread
+            done.put(exc)
 
     def _side_by_side(self, k: int, job) -> list:
         """`job(i)` for i in 0..k-1, part 0 on this thread and the others on the pool; results in order."""

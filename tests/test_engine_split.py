@@ -154,10 +154,10 @@ class _Gated(_Counting):
 
 @needs_models
 def test_run_parts_hands_over_the_first_part_while_the_others_still_run():
-    """`run_parts` on a split engine: consecutive ranges covering the batch, in order, each with
-    the rows `run` gives. The second session cannot start its part until the caller has been
-    handed the first one: an engine that waited for every part before reporting would keep it
-    waiting (its gate times out and the test fails)."""
+    """`run_parts` on a split engine: consecutive ranges covering the batch, in order (the second
+    part in steps of PART_STEP), each with the rows `run` gives. The second session cannot start
+    its part until the caller has been handed the first one: an engine that waited for every
+    part before reporting would keep it waiting (its gate times out and the test fails)."""
     import threading
 
     one = OnnxRuntimeEngine(MODELS / "seg.json", sessions=1).load()
@@ -175,8 +175,8 @@ def test_run_parts_hands_over_the_first_part_while_the_others_still_run():
             gate.set()  # the second part may run once the first is in the caller's hands
 
         got = split.run_parts(batch, on_part)
-        assert gated.opened == [True]
-        assert [(lo, hi) for lo, hi, _ in parts] == [(0, 2), (2, 5)]
+        assert gated.opened == [True, True]
+        assert [(lo, hi) for lo, hi, _ in parts] == [(0, 2), (2, 4), (4, 5)]
         for lo, hi, outs in parts:
             for name in want:
                 np.testing.assert_allclose(outs[name], want[name][lo:hi], rtol=1e-5, atol=1e-5)
@@ -187,15 +187,16 @@ def test_run_parts_hands_over_the_first_part_while_the_others_still_run():
 
 
 class _Slow(_Counting):
-    """A session whose runs take at least `delay` seconds longer and record when they end."""
+    """A session whose runs take at least `delay` seconds longer; counts runs begun and ended."""
 
     def __init__(self, session, delay: float) -> None:
         super().__init__(session)
-        self.delay, self.finished = delay, 0
+        self.delay, self.begun, self.finished = delay, 0, 0
 
     def run_with_iobinding(self, binding):
         import time
 
+        self.begun += 1
         time.sleep(self.delay)
         out = super().run_with_iobinding(binding)
         self.finished += 1
@@ -219,12 +220,18 @@ def test_a_failing_part_callback_waits_for_the_running_parts():
         seen = []
 
         def boom(lo, hi, outs):
+            import time
+
             seen.append((lo, hi))
+            deadline = time.monotonic() + 5
+            while not slow.begun and time.monotonic() < deadline:  # the second part's first step is running
+                time.sleep(0.001)
             raise RuntimeError("caller failed")
 
         with pytest.raises(RuntimeError, match="caller failed"):
             split.run_parts(batch, boom)
-        assert seen == [(0, 3)] and slow.finished == 1  # the second part had ended when the error came back
+        # the second part's running step had ended when the error came back, and no step began after it
+        assert seen == [(0, 3)] and slow.finished == slow.begun == 1
         assert split.run(batch)["logits"].shape == (6, len(split.manifest.classes))
     finally:
         split.close()
@@ -270,7 +277,7 @@ def test_run_batched_hands_over_real_rows_in_the_batch_numbering():
             def run(self, b):
                 return self.inner.run(b)
 
-        for eng, expected in ((engine, [(0, 2), (2, 5), (5, 7), (7, 10), (10, 11)]),
+        for eng, expected in ((engine, [(0, 2), (2, 4), (4, 5), (5, 7), (7, 9), (9, 10), (10, 11)]),
                               (Wrapper(engine), [(0, 5), (5, 10), (10, 11)])):
             seen: list = []
             got = run_batched(eng, batch, on_part=lambda lo, hi, outs, seen=seen: seen.append(
