@@ -323,3 +323,35 @@ def test_the_detector_decodes_each_part_into_the_detections_of_an_unsplit_engine
     finally:
         for e in engines:
             e.close()
+
+
+@needs_models
+def test_two_threads_taking_parts_from_one_split_engine_each_get_their_own_rows():
+    """Two fields analysed at once may both ask one split engine for parts: each caller's
+    hand-overs cover its own batch, in order, with its own rows."""
+    import itertools
+    from concurrent.futures import ThreadPoolExecutor
+
+    one = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=1).load()
+    split = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=2).load()
+    try:
+        rng = np.random.default_rng(17)
+        batches = [rng.random((int(n), *one.manifest.inputs[0].shape[1:]), dtype=np.float32)
+                   for n in rng.integers(2, 30, 12)]
+
+        def take(batch):
+            got = []
+            split.run_parts(batch, lambda lo, hi, outs: got.append((lo, hi, outs["logits"].copy())))
+            return got
+
+        with ThreadPoolExecutor(2) as pool:
+            handed = list(pool.map(take, batches))
+        for batch, got in zip(batches, handed):
+            assert got[0][0] == 0 and got[-1][1] == len(batch)
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(got))  # consecutive, in order
+            want = one.run(batch)["logits"]
+            for lo, hi, rows in got:
+                np.testing.assert_allclose(rows, want[lo:hi], rtol=1e-5, atol=1e-5)
+    finally:
+        one.close()
+        split.close()
