@@ -62,8 +62,18 @@ def test_the_committed_rbc_head_carries_the_shifts_fitted_on_validation() -> Non
     m = load_manifest(MODELS / "rbc_head.json")
     record = m.metrics["class_log_prior_shift"]
     assert m.class_log_prior_shift == record["chosen"]
-    assert set(record["chosen"]) == {"normal", "spherocyte", "schistocyte"}
-    assert record["chosen"]["normal"] > 0 > max(record["chosen"]["spherocyte"], record["chosen"]["schistocyte"])
+    # only the classes the fit may move, each the way its rule moves it (a zero shift is left out)
+    assert set(record["chosen"]) <= {"normal", "spherocyte", "schistocyte"} and "normal" in record["chosen"]
+    assert record["chosen"]["normal"] > 0
+    assert all(record["chosen"].get(c, 0.0) <= 0 for c in ("spherocyte", "schistocyte"))
+    # each ceiling class's shift is the smallest of its sweep that meets the ceiling
+    for c, ceiling in (("spherocyte", 0.10), ("schistocyte", 0.02)):
+        rows = record["val_by_shift_last_sweep"][c]
+        chosen_c = abs(record["chosen"].get(c, 0.0))
+        assert rows[f"{chosen_c:.2f}"][f"bccd_{c}_share"] <= ceiling
+        assert all(r[f"bccd_{c}_share"] > ceiling or r["chula_macro_f1"] < record["val_unshifted"]["chula_macro_f1"] - 0.01
+                   or r["idb1_sickle_vs_not"] < record["val_unshifted"]["idb1_sickle_vs_not"]
+                   for k, r in rows.items() if float(k) < chosen_c)
     # normal's shift is the best Chula val macro-F1 of its sweep, and no higher than it needs to be
     sweep = record["val_by_shift_last_sweep"]["normal"]
     chosen = sweep[f"{record['chosen']['normal']:.2f}"]
