@@ -9,8 +9,8 @@ JPEG. The models are then trained on `correct_illumination(randomize_look(x))`, 
 analyzer feeds them, so the lamp part is mostly undone and what remains is what the correction
 cannot remove.
 
-Pure numpy/OpenCV, seeded by the caller's `numpy.random.Generator`; used by the detector's and
-the heads' training.
+Pure numpy/OpenCV, seeded by the caller's `numpy.random.Generator` (the same generator state
+gives the same look, sensor noise included); used by the detector's and the heads' training.
 """
 
 from __future__ import annotations
@@ -130,7 +130,11 @@ def randomize_look(image_bgr: np.ndarray, rng: np.random.Generator, cfg: LookCon
         img = cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
     if rng.random() < cfg.p_noise:
         noise = np.empty_like(img)
-        cv2.randn(noise, 0.0, rng.uniform(*cfg.noise_sigma) / 255.0)
+        sigma = rng.uniform(*cfg.noise_sigma) / 255.0
+        # OpenCV draws from its own (thread-global) generator: seed it from ours, so a look is
+        # fixed by the caller's generator alone, whatever ran before in the process
+        cv2.setRNGSeed(int(rng.integers(2**31 - 1)))
+        cv2.randn(noise, 0.0, sigma)
         img = img + noise
     out = cv2.convertScaleAbs(np.clip(img, 0.0, 1.0), alpha=255.0)
     if rng.random() < cfg.p_jpeg:

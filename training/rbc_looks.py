@@ -1,10 +1,10 @@
 """RBC heads as the analyzer runs them, on their crops as stored and drawn through other labs' looks.
 
-    python -m training.rbc_looks models [other_models_dir ...]
+    python -m training.rbc_looks models [other_models_dir ...] [--seeds 7,8]
 
 For each models folder: Chula macro-F1 and IDB1 sickle-vs-not on val and test, with the crops as
-stored and with every crop drawn through a random lab's look (`training.look`; seeds 7 and 8, the
-same crops for every head), each cut as the head's manifest says (lamp-corrected or raw) and
+stored and with every crop drawn through a random lab's look (`training.look`; seeds 7 and 8
+unless `--seeds` says otherwise, the same crops for every head), each cut as the head's manifest says (lamp-corrected or raw) and
 classified with its views gated and its prior shifts (`training.prior_shift.gated_probs`), plus
 the shares of BCCD's annotated red cells typed normal, spherocyte and schistocyte. The looks are
 a stand-in for a lab in no dataset (and the augmentation a head trained with looks has seen).
@@ -28,7 +28,7 @@ from training.wbc_data import to_crops
 SEEDS = (7, 8)
 
 
-def measure(models: Path, sets: dict) -> list[str]:
+def measure(models: Path, sets: dict, seeds: tuple[int, ...] = SEEDS) -> list[str]:
     lines = []
     with head_engine(models / "rbc_head.json", CLASSES) as eng:
         m = eng.manifest
@@ -38,7 +38,7 @@ def measure(models: Path, sets: dict) -> list[str]:
         for split in ("val", "test"):
             bccd = view_logits(clf, to_crops(sets[f"bccd_{split}_images"], CROP, illumination=illum))
             cells = []
-            for seed in (None, *SEEDS):
+            for seed in (None, *seeds):
                 rng = None if seed is None else np.random.default_rng(seed)
                 crops = to_crops(sets[f"{split}_images"], CROP, rng=rng, p_look=1.0, illumination=illum)
                 f = figures(gated_probs(view_logits(clf, crops), shift, m.temperature, clf.extra_views_below),
@@ -53,14 +53,16 @@ def measure(models: Path, sets: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", type=Path, nargs="+")
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="look seeds, comma-separated")
     args = ap.parse_args()
+    seeds = tuple(int(v) for v in args.seeds.split(","))
     logging.basicConfig(level=logging.WARNING)
     sets = build_sets()
-    print("| models | split | Chula macro-F1 / IDB1, as stored | looks seed 7 | looks seed 8 | "
-          "BCCD red cells normal / spherocyte / schistocyte |")
-    print("|---|---|---|---|---|---|")
+    print("| models | split | Chula macro-F1 / IDB1, as stored | " + " | ".join(f"looks seed {s}" for s in seeds)
+          + " | BCCD red cells normal / spherocyte / schistocyte |")
+    print("|---|---|---|" + "---|" * len(seeds) + "---|")
     for models in args.models:
-        for line in measure(models, sets):
+        for line in measure(models, sets, seeds):
             print(line)
 
 
