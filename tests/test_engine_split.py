@@ -119,6 +119,13 @@ def test_warmup_reaches_the_session_a_single_input_runs_on():
         e.close()
 
 
+def _random_batches(engine, seed: int, count: int, most: int) -> list[np.ndarray]:
+    """`count` batches of 2 to `most` - 1 random inputs for `engine`, every input different."""
+    rng = np.random.default_rng(seed)
+    return [rng.random((int(n), *engine.manifest.inputs[0].shape[1:]), dtype=np.float32)
+            for n in rng.integers(2, most, count)]
+
+
 @needs_models
 def test_two_threads_running_one_split_engine_each_get_their_own_outputs():
     """The daemon analyses two fields at once: two threads share a model's engine, and each
@@ -128,9 +135,7 @@ def test_two_threads_running_one_split_engine_each_get_their_own_outputs():
     one = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=1).load()
     split = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=2).load()
     try:
-        rng = np.random.default_rng(13)
-        batches = [rng.random((int(n), *one.manifest.inputs[0].shape[1:]), dtype=np.float32)
-                   for n in rng.integers(2, 40, 16)]
+        batches = _random_batches(one, seed=13, count=16, most=40)
         with ThreadPoolExecutor(2) as pool:
             got = list(pool.map(split.run, batches))
         for batch, out in zip(batches, got):
@@ -204,7 +209,18 @@ class _Slow(_Counting):
 
 
 class _Failing(_Counting):
+    """A session that fails, once `ready()` holds (or after 5 s)."""
+
+    def __init__(self, session, ready=lambda: True) -> None:
+        super().__init__(session)
+        self.ready = ready
+
     def run_with_iobinding(self, binding):
+        import time
+
+        deadline = time.monotonic() + 5
+        while not self.ready() and time.monotonic() < deadline:
+            time.sleep(0.001)
         raise RuntimeError("session failed")
 
 
@@ -244,9 +260,9 @@ def test_a_failing_session_part_reaches_the_caller_after_the_others_end():
     split = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=3).load()
     try:
         batch = np.zeros((6, *split.manifest.inputs[0].shape[1:]), np.float32)
-        split._split[1] = _Failing(split._split[1])
         slow = _Slow(split._split[2], delay=0.3)
         split._split[2] = slow
+        split._split[1] = _Failing(split._split[1], ready=lambda: slow.begun > 0)  # fails while the slow part runs
         seen = []
         with pytest.raises(RuntimeError, match="session failed"):
             split.run_parts(batch, lambda lo, hi, outs: seen.append((lo, hi)))
@@ -335,9 +351,7 @@ def test_two_threads_taking_parts_from_one_split_engine_each_get_their_own_rows(
     one = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=1).load()
     split = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=2).load()
     try:
-        rng = np.random.default_rng(17)
-        batches = [rng.random((int(n), *one.manifest.inputs[0].shape[1:]), dtype=np.float32)
-                   for n in rng.integers(2, 30, 12)]
+        batches = _random_batches(one, seed=17, count=12, most=30)
 
         def take(batch):
             got = []
