@@ -47,20 +47,28 @@ def mahalanobis(feats: np.ndarray, means: np.ndarray, precision: np.ndarray) -> 
             + np.einsum("kd,de,ke->k", means, precision, means)[None])
 
 
+def ncm_predict(query: np.ndarray, feats: np.ndarray, labels: np.ndarray, precision: np.ndarray,
+                model_means: np.ndarray) -> np.ndarray:
+    """Each query's nearest station class mean (the typed cells' `feats` averaged per class in
+    `labels`), only among the classes typed at all."""
+    means = model_means.copy()
+    present = np.zeros(len(means), bool)
+    for c in np.unique(labels):
+        means[c] = feats[labels == c].mean(0)
+        present[c] = True
+    d = mahalanobis(query, means, precision)
+    d[:, ~present] = np.inf
+    return d.argmin(1)
+
+
 def loo_ncm_accuracy(feats: np.ndarray, labels: np.ndarray, precision: np.ndarray, model_means: np.ndarray) -> float:
     """Leave-one-out accuracy of the nearest station class mean on the station's own typed cells
     (a class whose only typed cell is left out drops out of that vote)."""
     correct = 0
     for i in range(len(labels)):
         others = np.arange(len(labels)) != i
-        means = model_means.copy()
-        present = np.zeros(len(means), bool)
-        for c in np.unique(labels[others]):
-            means[c] = feats[others & (labels == c)].mean(0)
-            present[c] = True
-        d = mahalanobis(feats[i : i + 1], means, precision)
-        d[:, ~present] = np.inf
-        correct += int(d.argmin(1)[0] == labels[i])
+        guess = ncm_predict(feats[i : i + 1], feats[others], labels[others], precision, model_means)
+        correct += int(guess[0] == labels[i])
     return correct / len(labels)
 
 
@@ -123,12 +131,8 @@ def main() -> None:
                                                  replace=False) for c in np.unique(pool_y)])
                 present = np.zeros(len(classes), bool)
                 present[np.unique(pool_y[idx])] = True
-                means = open_set["means"].copy()
-                for c in np.flatnonzero(present):
-                    means[c] = pool_f[idx][pool_y[idx] == c].mean(0)
-                d = mahalanobis(test_f, means, open_set["precision"])
-                d[:, ~present] = np.inf
-                ncm_acc = float((d.argmin(1) == test_y).mean())
+                guess = ncm_predict(test_f, pool_f[idx], pool_y[idx], open_set["precision"], open_set["means"])
+                ncm_acc = float((guess == test_y).mean())
                 rows.setdefault(f"BN {bn}, ncm", {}).setdefault(str(k), []).append(ncm_acc)
                 # what a station can check on its own typed cells: station means (leave one out)
                 # against the head as trained; the better one types the test cells

@@ -17,9 +17,8 @@ comparisons are checked, as a hematologist would read the reports side by side:
 With `--looks`, the comparisons are made again once per seed with every Chula test cell drawn
 through that seed's one random lab look (training.look: stain, lamp, focus, camera; then the
 analyzer's lamp correction and crop), as a lab in no dataset would show all its cells: how many of
-the five still point the right way, per look. Every draw of a look comes from the seed; the
-sensor noise's pattern comes from OpenCV's own generator (training.look), so a seed's figures
-repeat for the same `--looks` list, and may move slightly in another.
+the five still point the right way, per look. Every draw of a look, its sensor noise included,
+comes from the seed (training.look), so a seed's figures repeat in any `--looks` list.
 
 It also prints, for a normal-looking lab, the share of BCCD test red cells (annotated boxes) typed
 spherocyte and how many BCCD test images would raise the critical sickle flag at the default
