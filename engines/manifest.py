@@ -84,6 +84,20 @@ class OpenSet(BaseModel):
         return self
 
 
+class FeatureSpace(BaseModel):
+    """A classifier's penultimate features (a graph output) and the space they are compared in: the
+    trained class means and one shared precision matrix, in a sidecar file (what a station's own
+    class means are fitted in and compared against: service.analysis.station_means)."""
+
+    model_config = ConfigDict(extra="forbid")
+    output: str = Field(description="graph output holding the features (one row of `dim` per crop)")
+    file: str = Field(description="sidecar .npz beside the manifest: means (classes x dim), precision (dim x dim), "
+                                  "classes")
+    sha256: str = Field(description="sha256 of the sidecar file")
+    dim: int = Field(gt=0)
+    check: str = Field("", description="how the sidecar was checked against the graph")
+
+
 class ModelManifest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     schema_version: Literal[1] = 1
@@ -111,6 +125,9 @@ class ModelManifest(BaseModel):
     score_calibration: dict[str, list[float]] = Field(
         {}, description="detectors: per class [a, b] of Platt scaling, p = sigmoid(a * logit(score) + b), "
         "fitted on the validation split so that a score is the probability of a real cell")
+    feature_space: FeatureSpace | None = Field(
+        None, description="classifiers: the penultimate features as a graph output and their Mahalanobis space "
+        "(export.feature_space); lets a station type cells by its own class means (smearscope adapt-wbc)")
     tta: list[TestTimeView] = Field(
         ["identity"], min_length=1, description="test-time views (service.analysis.tta). Detectors: views of the frame that "
         "are detected and fused; score_calibration is fitted for exactly these views. Classifiers: views of "
@@ -134,6 +151,8 @@ class ModelManifest(BaseModel):
         unknown = sorted(set(self.class_log_prior_shift) - set(self.classes))
         if unknown:
             raise ValueError(f"class_log_prior_shift names classes the model does not have: {unknown}")
+        if self.feature_space is not None and self.feature_space.output not in [o.name for o in self.outputs]:
+            raise ValueError(f"feature_space output {self.feature_space.output!r} is not among the outputs")
         return self
 
     def model_path(self, manifest_path: Path) -> Path:

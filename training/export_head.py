@@ -35,7 +35,7 @@ def _views_features(model: Deployable, crops: np.ndarray, views: list[str]) -> t
     return np.stack(feats), np.mean(logits, axis=0)
 
 
-def export_wbc(run: Path, out: Path, views: list[str], quantile: float) -> Path:
+def export_wbc(run: Path, out: Path, views: list[str], quantile: float, run_open_set: bool = False) -> Path:
     from smearscope.engines.registry import create_engine
     from smearscope.export.onnx_export import export_classifier
     from smearscope.service.analysis.classify import CropClassifier
@@ -49,14 +49,22 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float) -> Path:
     model.eval()
     train, val, test = (load_contexts(s) for s in ("train", "val", "test"))
     val_crops, test_crops = to_crops(val.images), to_crops(test.images)
-    tf, _ = features(model, to_crops(train.images))
-    means, precision = fit_mahalanobis(tf, train.labels, len(PBC_CLASSES))
-    present = np.ones(len(PBC_CLASSES), bool)
     vfeats, vlogits = _views_features(model, val_crops, views)
-    temperature = fit_temperature(vlogits, val.labels)
-    vd = np.mean([mahalanobis_min(f, means, precision, present) for f in vfeats], axis=0)
-    per_lab_q = {lab: float(np.quantile(vd[val.labs == lab], quantile)) for lab in sorted(set(val.labs.tolist()))}
-    threshold = max(per_lab_q.values())
+    if run_open_set:
+        # the run's own fit (train_wbc: only the labs and classes it trained on), e.g. for a head
+        # held out of a lab, whose means must not have seen that lab
+        z = np.load(run / "open_set.npz")
+        means, precision = z["means"], z["precision"]
+        temperature, threshold = float(z["temperature"]), float(z["threshold"])
+        per_lab_q = {"run": threshold}
+    else:
+        tf, _ = features(model, to_crops(train.images))
+        means, precision = fit_mahalanobis(tf, train.labels, len(PBC_CLASSES))
+        present = np.ones(len(PBC_CLASSES), bool)
+        temperature = fit_temperature(vlogits, val.labels)
+        vd = np.mean([mahalanobis_min(f, means, precision, present) for f in vfeats], axis=0)
+        per_lab_q = {lab: float(np.quantile(vd[val.labs == lab], quantile)) for lab in sorted(set(val.labs.tolist()))}
+        threshold = max(per_lab_q.values())
     head = OpenSetHead(model, means, precision).eval()
     open_set = OpenSet(method="mahalanobis", output="ood", threshold=threshold,
                        calibration=f"largest per-lab {quantile:.2f} quantile of validation distances (views "
@@ -83,7 +91,7 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float) -> Path:
 
     probs = softmax(logits / temperature)
     pred = probs.argmax(1)
-    review = (probs.max(1) < 0.5) | (dist > threshold)
+    review = (probs.max(1) < 0.5) | (dist[:, 0] > threshold)  # the Mahalanobis test (the first)
     final = np.where(review, -1, pred)
     metrics = {"val_closed_set": per_lab_report(val.labels, val_logits.argmax(1), val.labs, len(PBC_CLASSES)),
                "test_closed_set": per_lab_report(test.labels, pred, test.labs, len(PBC_CLASSES)),
@@ -105,11 +113,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("models"))
     ap.add_argument("--views", default="identity,hflip")
     ap.add_argument("--ood-quantile", type=float, default=0.95)
+    ap.add_argument("--run-open-set", action="store_true",
+                    help="WBC: class means, precision, temperature and threshold from the run's open_set.npz (fitted "
+                         "only on the labs it trained on) instead of refitting them on every lab's train split")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(1)
     if args.head == "wbc":
-        export_wbc(args.run, args.out, args.views.split(","), args.ood_quantile)
+        export_wbc(args.run, args.out, args.views.split(","), args.ood_quantile, args.run_open_set)
     else:
         from training.train_rbc import export_rbc
 

@@ -34,7 +34,8 @@ from smearscope.engines.batching import run_batched
 from smearscope.engines.manifest import OpenSet
 from smearscope.engines.preprocess import to_model_input
 from smearscope.service.analysis.crops import CropSpec
-from smearscope.service.analysis.records import CellCrop
+from smearscope.service.analysis.records import CellCrop, HeadFeatures
+from smearscope.service.analysis.station_means import FeatureSpace, StationMeans
 from smearscope.service.analysis.tta import check_views, view_crops
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class HeadResult:
     atypical: bool = False
     #: Every open-set test's score, in the manifest's order (what a station calibrates on).
     open_set_scores: tuple[float, ...] = ()
+    #: Features and the head's own class, when the classifier keeps them (`keep_features`).
+    head_features: HeadFeatures | None = None
 
     @property
     def ood(self) -> float | None:
@@ -103,7 +106,8 @@ def station_thresholds(name: str, tests: Sequence[OpenSet], station: Mapping[str
 class CropClassifier:
     def __init__(self, engine: Engine, min_confidence: float, views: Sequence[str] | None = None,
                  use_open_set: bool = True, extra_views_below: float | None = EXTRA_VIEWS_BELOW,
-                 open_set_thresholds: Mapping[str, float] | None = None) -> None:
+                 open_set_thresholds: Mapping[str, float] | None = None,
+                 station: tuple[FeatureSpace, StationMeans] | None = None, keep_features: bool = False) -> None:
         self.engine = engine
         m = engine.manifest
         if m.crop is None:
@@ -115,8 +119,12 @@ class CropClassifier:
         self.logit_shift = np.array([m.class_log_prior_shift.get(c, 0.0) for c in self.classes], np.float32) * m.temperature
         self.min_confidence = min_confidence
         #: Open-set tests (energy of the logits, or a graph output) and their thresholds: a crop
-        #: beyond any of them is atypical.
+        #: beyond any of them is atypical. Station means may carry the station's energy threshold.
         self.open_sets = list(m.open_set) if use_open_set else []
+        if station is not None and station[1].energy_threshold is not None:
+            self.open_sets = [t.model_copy(update={"threshold": station[1].energy_threshold,
+                                                   "calibration": "the station's typed cells (adapt-wbc)"})
+                              if t.method == "energy" else t for t in self.open_sets]
         #: Each test's threshold: the manifest's, or the station's tighter one (`open_set_thresholds`,
         #: by method).
         self.thresholds = station_thresholds(m.name, self.open_sets, open_set_thresholds or {})
@@ -125,6 +133,19 @@ class CropClassifier:
         for name in self.score_outputs:
             if name not in engine.output_names:
                 raise ValueError(f"{m.name}: open_set output {name!r} is not among {engine.output_names}")
+        #: A station's own class means (service.analysis.station_means) in the head's feature space:
+        #: crops are typed by the nearest of them, and the Mahalanobis test reads the distance to it.
+        self.station = station
+        if station is not None and station[1].model_sha256 != m.sha256:
+            raise ValueError(f"{m.name}: station means were fitted for another head")
+        #: Each crop's features and closed-set class go into its result (smearscope adapt-wbc).
+        self.keep_features = keep_features
+        #: Graph output holding the penultimate features, read only when something uses them.
+        self.features_output = None
+        if station is not None or keep_features:
+            if m.feature_space is None or m.feature_space.output not in engine.output_names:
+                raise ValueError(f"{m.name}: no features output (manifest feature_space): station means need one")
+            self.features_output = m.feature_space.output
         #: Test-time views of each crop; the temperature was fitted for the manifest's (m.tta).
         self.views = check_views(m.tta if views is None else views)
         #: Views after the first run only on crops whose first-view top probability is below this
@@ -139,21 +160,37 @@ class CropClassifier:
         tests) when the head has any: a graph output averaged over the views the crop ran in
         (all of them, or only the first where the head is sure of it there:
         `extra_views_below`), or the energy of the view-averaged logits. The logits carry the
-        manifest's prior shift (`logit_shift`); the energy is taken before it.
+        manifest's prior shift (`logit_shift`); the energy is taken before it. With station
+        means the Mahalanobis test's score is the distance of the view-averaged features to the
+        nearest station mean.
 
         Crops go to the engine in chunks of CHUNK_CROPS, so memory stays bounded however many
         cells a field holds; each pass sends all its views to the engine in one batched run."""
+        logits, scores, _ = self.forward(pixels)
+        return logits, scores
+
+    def forward(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """`outputs`, and the view-averaged features (N, dim) when the classifier reads them."""
         n = len(pixels)
         if n == 0:
+            dim = self.engine.manifest.feature_space.dim if self.features_output else 0
             return (np.zeros((0, len(self.classes)), np.float32),
-                    np.zeros((0, len(self.open_sets)), np.float32) if self.open_sets else None)
+                    np.zeros((0, len(self.open_sets)), np.float32) if self.open_sets else None,
+                    np.zeros((0, dim), np.float32) if self.features_output else None)
         parts = [self._chunk_outputs(pixels[i : i + CHUNK_CROPS]) for i in range(0, n, CHUNK_CROPS)]
         logits = np.concatenate([p[0] for p in parts])
+        graph = np.concatenate([p[1] for p in parts]) if parts[0][1] is not None else None
+        k = len(self.score_outputs)
+        feats = graph[:, k:] if self.features_output else None
         if not self.open_sets:
-            return logits, None
-        graph = dict(zip(self.score_outputs, np.concatenate([p[1] for p in parts]).T)) if self.score_outputs else {}
-        cols = [energy(logits - self.logit_shift) if t.method == "energy" else graph[t.output] for t in self.open_sets]
-        return logits, np.stack(cols, axis=1)
+            return logits, None, feats
+        cols = dict(zip(self.score_outputs, graph[:, :k].T)) if k else {}
+        if self.station is not None:
+            space, means = self.station
+            nearest = means.logits(space, feats)[1]
+            cols = {t.output: nearest for t in self.open_sets if t.method == "mahalanobis"}
+        scores = [energy(logits - self.logit_shift) if t.method == "energy" else cols[t.output] for t in self.open_sets]
+        return logits, np.stack(scores, axis=1), feats
 
     def _shifted(self, logits: np.ndarray) -> np.ndarray:
         return logits + self.logit_shift if self.logit_shift.any() else logits
@@ -173,16 +210,16 @@ class CropClassifier:
 
     def views_out(self, pixels: np.ndarray, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """Per view, logits (V, N, classes) with `logit_shift` added, and the graph's open-set scores
-        (V, N, outputs) or None."""
+        then features when read (V, N, outputs + dim) or None."""
         n = len(pixels)
         stacked = pixels if tuple(views) == ("identity",) else np.concatenate([view_crops(pixels, v) for v in views])
         out = run_batched(self.engine, to_model_input(stacked, self.engine.manifest.preprocessing))
         logits = self._shifted(out[self.engine.output_names[0]])
         logits = logits.reshape(len(views), n, logits.shape[-1])
-        dist = None
-        if self.score_outputs:
-            dist = np.stack([out[name].reshape(len(views), n) for name in self.score_outputs], axis=-1)
-        return logits, dist
+        cols = [out[name].reshape(len(views), n, 1) for name in self.score_outputs]
+        if self.features_output:
+            cols.append(out[self.features_output].reshape(len(views), n, -1))
+        return logits, np.concatenate(cols, axis=-1) if cols else None
 
     def _views_mean(self, pixels: np.ndarray, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
         logits, dist = self.views_out(pixels, views)
@@ -196,9 +233,16 @@ class CropClassifier:
         with an open-set score, beyond its threshold (then also `atypical`)."""
         if not crops:
             return []
-        logits, scores = self.outputs(np.stack([c.pixels for c in crops]))
-        probs = softmax(logits / self.temperature)
+        logits, scores, feats = self.forward(np.stack([c.pixels for c in crops]))
+        head_probs = softmax(logits / self.temperature)
+        if self.station is not None:
+            space, means = self.station
+            probs = softmax(means.logits(space, feats)[0])
+        else:
+            probs = head_probs
         idx = probs.argmax(1)
+        kept = ([HeadFeatures(tuple(f), self.classes[h]) for f, h in zip(feats.tolist(), head_probs.argmax(1).tolist())]
+                if self.keep_features else None)
         beyond = None if scores is None else (scores > self.thresholds).any(axis=1).tolist()
         score_rows = [] if scores is None else scores.tolist()
         rows = probs.tolist()  # Python floats, as float(v) of each would give
@@ -207,5 +251,6 @@ class CropClassifier:
             p = rows[i][k]
             atypical = beyond is not None and beyond[i]
             label = self.classes[k] if p >= self.min_confidence and not atypical else UNIDENTIFIED
-            out.append(HeadResult(label, p, tuple(rows[i]), atypical, tuple(score_rows[i]) if score_rows else ()))
+            out.append(HeadResult(label, p, tuple(rows[i]), atypical, tuple(score_rows[i]) if score_rows else (),
+                                  kept[i] if kept else None))
         return out

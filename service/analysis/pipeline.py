@@ -46,6 +46,7 @@ from smearscope.service.analysis.report import (
     ScaleInfo,
     SourceInfo,
     StainInfo,
+    StationMeansInfo,
 )
 from smearscope.service.analysis.roi import RoiFilter, route
 from smearscope.service.analysis.scale import (
@@ -64,6 +65,7 @@ from smearscope.service.analysis.scale_search import (
 from smearscope.service.analysis.segment import Segmenter
 from smearscope.service.analysis.size_gate import MAX_LYMPHOCYTE_DIAMETER_UM, gate_lymphocyte_size
 from smearscope.service.analysis.specimen_scale import replaces
+from smearscope.service.analysis.station_means import load_feature_space, load_station_means
 from smearscope.service.analysis.view_windows import WINDOW_MARGIN_PX
 from smearscope.service.analysis.yolo_decode import YoloSegmenter
 
@@ -123,6 +125,11 @@ class AnalyzerOptions:
     #: pairs, e.g. (("mahalanobis", 300.0),)): fitted on its normal specimens by `smearscope
     #: calibrate-atypical`; empty: the manifest's. Looser than the manifest's is refused.
     wbc_open_set_thresholds: tuple[tuple[str, float], ...] = ()
+    #: The station's own white-cell class means (`smearscope adapt-wbc`, service.analysis.station_means):
+    #: white cells are typed by the nearest of them; None: by the head as trained.
+    wbc_station_means: Path | None = None
+    #: Keep each white cell's features and the head's own class in its record (adapt-wbc fits on them).
+    keep_wbc_features: bool = False
     #: Test-time views of each crop per head; None = the manifest's (the views its temperature is fitted for).
     rbc_views: tuple[str, ...] | None = None
     wbc_views: tuple[str, ...] | None = None
@@ -177,14 +184,20 @@ class Analyzer:
                         warmup: bool = True, **engine_options) -> Analyzer:
         engines = {role: create_engine(backend, Path(models_dir) / f, **engine_options) for role, f in MODEL_FILES.items()}
         station_open_set = dict(options.wbc_open_set_thresholds)
+        station = None
         try:
+            if options.wbc_station_means is not None:
+                wbc = engines["wbc_head"].manifest
+                space = load_feature_space(wbc, Path(models_dir))
+                station = (space, load_station_means(options.wbc_station_means, wbc, space))
             for e in engines.values():
                 e.load()
                 if warmup:
                     e.warmup()
             heads = (CropClassifier(engines["rbc_head"], options.rbc_min_confidence, views=options.rbc_views),
                      CropClassifier(engines["wbc_head"], options.wbc_min_confidence, views=options.wbc_views,
-                                    open_set_thresholds=station_open_set))
+                                    open_set_thresholds=station_open_set, station=station,
+                                    keep_features=options.keep_wbc_features))
         except BaseException:
             for e in engines.values():
                 e.close()
@@ -193,6 +206,11 @@ class Analyzer:
                   for role, e in engines.items()}
         if station_open_set:
             models["wbc_head"] = models["wbc_head"].model_copy(update={"open_set_thresholds": station_open_set})
+        if station is not None:
+            sm = station[1]
+            models["wbc_head"] = models["wbc_head"].model_copy(update={"station_means": StationMeansInfo(
+                cells=dict(sm.cells), leave_one_out_accuracy=round(sm.loo_accuracy, 4),
+                head_accuracy=round(sm.head_accuracy, 4), fitted=sm.fitted, energy_threshold=sm.energy_threshold)})
         analyzer = cls(
             YoloSegmenter(engines["segmentation"], conf_threshold=options.detector_conf, views=options.detector_views),
             *heads, options, models, station_id,
@@ -325,7 +343,7 @@ class Analyzer:
                 score = res.probs[rbc_classes.index(label)] if unassessed else res.score
                 cells.append(_classified(crop.detection, label, score, shape, atypical=res.atypical,
                                          size_calibrated=calibrated, unassessed_label=unassessed,
-                                         open_set_scores=res.open_set_scores))
+                                         open_set_scores=res.open_set_scores, head_features=res.head_features))
             else:  # the head knows this is not the kind it serves: count it where it belongs
                 det = dataclasses.replace(crop.detection, kind=kind)
                 label = res.label if kind in (CellKind.NRBC, CellKind.WBC) else None

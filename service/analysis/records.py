@@ -107,6 +107,15 @@ class CellCrop:
 
 
 @dataclass(frozen=True)
+class HeadFeatures:
+    """A crop's penultimate features (its views averaged) and the head's own most likely class
+    (before the confidence gate, the open-set tests and any station means)."""
+
+    features: tuple[float, ...]
+    closed_set_label: str
+
+
+@dataclass(frozen=True)
 class ClassifiedCell:
     detection: CellDetection
     label: str | None
@@ -126,3 +135,6 @@ class ClassifiedCell:
     #: The head's open-set scores (its manifest's tests, in order; empty for a head without any):
     #: what `smearscope calibrate-atypical` fits a station's thresholds on. Not in the report.
     open_set_scores: tuple[float, ...] = ()
+    #: The head's features and its own closed-set class, kept only when the analyzer is asked to
+    #: (`smearscope adapt-wbc` fits a station's class means on them). Not in the report.
+    head_features: HeadFeatures | None = None

@@ -58,6 +58,19 @@ class StainInfo(_Strict):
     reason: str | None = None
 
 
+class StationMeansInfo(_Strict):
+    """The WBC head adapted to this station: white cells typed by the nearest of the station's own class means."""
+
+    cells: dict[str, int] = Field(description="typed cells per class the station's means were fitted on (other "
+                                  "classes keep the head's trained mean)")
+    leave_one_out_accuracy: float = Field(description="those cells typed right by the station means, each left out "
+                                          "of its own class' mean")
+    head_accuracy: float = Field(description="the same cells typed right by the head as trained")
+    energy_threshold: float | None = Field(None, description="the energy test's threshold at this station (its typed "
+                                           "cells' 0.99 quantile, where above the model's); absent: the model's")
+    fitted: str = Field("", description="when and on what (smearscope adapt-wbc)")
+
+
 class ModelInfo(_Strict):
     name: str
     sha256: str
@@ -65,6 +78,9 @@ class ModelInfo(_Strict):
     open_set_thresholds: dict[str, float] | None = Field(
         None, description="the WBC head's open-set thresholds where the station tightened them on its own normal "
         "specimens (smearscope calibrate-atypical); absent: the model's own")
+    station_means: StationMeansInfo | None = Field(
+        None, description="the WBC head types white cells by this station's own class means (smearscope "
+        "adapt-wbc); absent: by the head as trained")
 
 
 class CellRecord(_Strict):

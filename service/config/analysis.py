@@ -173,6 +173,15 @@ class AnalysisConfig(StationBaseModel):
         "(`smearscope calibrate-atypical` prints the section); unset: the model's own, the largest "
         "any training lab needed.",
     )
+    wbc_station_means: Path | None = Field(
+        default=None,
+        title="Station white-cell class means",
+        description="File written by `smearscope adapt-wbc` from white cells this station's technician typed: "
+        "the WBC head then types white cells by the nearest of the station's own class means in its "
+        "feature space (a new lab's microscope, camera and stain move its cells away from the trained "
+        "ones). Fitted for one WBC head: the station refuses to start with another. Unset: the head as "
+        "trained.",
+    )
     concurrent_fields: int = Field(
         default=1,
         ge=1,

@@ -62,14 +62,16 @@ def station_open_set(analysis) -> tuple[tuple[str, float], ...]:
     return tuple(section.thresholds.items())
 
 
-def build_analyzer(config: StationConfig) -> AnalyzerLike:
-    """The production analyzer: engines from `analysis.models_dir`, loaded and warmed up."""
+def build_analyzer(config: StationConfig, keep_wbc_features: bool = False) -> AnalyzerLike:
+    """The production analyzer: engines from `analysis.models_dir`, loaded and warmed up
+    (`keep_wbc_features`: white cells' features kept in their records, for smearscope adapt-wbc)."""
     from smearscope.engines.base import EngineError
     from smearscope.engines.manifest import ManifestError
     from smearscope.service.analysis.aggregate import AggregateThresholds
     from smearscope.service.analysis.classify import OpenSetThresholdError
     from smearscope.service.analysis.pipeline import MODEL_FILES, Analyzer, AnalyzerOptions
     from smearscope.service.analysis.roi import RoiFilter
+    from smearscope.service.analysis.station_means import StationMeansError
 
     a = config.analysis
     missing = [f for f in MODEL_FILES.values() if not (a.models_dir / f).is_file()]
@@ -85,7 +87,7 @@ def build_analyzer(config: StationConfig) -> AnalyzerLike:
         nucleated_recheck=a.nucleated_recheck, max_lymphocyte_diameter_um=a.max_lymphocyte_diameter_um,
         rbc_views=None if a.rbc_head_views is None else tuple(a.rbc_head_views),
         wbc_views=None if a.wbc_head_views is None else tuple(a.wbc_head_views),
-        wbc_open_set_thresholds=open_set,
+        wbc_open_set_thresholds=open_set, wbc_station_means=a.wbc_station_means, keep_wbc_features=keep_wbc_features,
         roi=RoiFilter(min_confidence=a.min_confidence, min_area_um2=a.min_area_um2,
                       max_aspect=a.max_aspect_ratio, platelet_min_confidence=a.platelet_min_confidence,
                       red_cell_min_confidence=a.red_cell_min_confidence),
@@ -100,5 +102,7 @@ def build_analyzer(config: StationConfig) -> AnalyzerLike:
                                         station_id=config.station_id, **engine_options)
     except OpenSetThresholdError as exc:
         raise StartupError("analysis.wbc_open_set", str(exc)) from exc
+    except StationMeansError as exc:
+        raise StartupError("analysis.wbc_station_means", f"{exc.code}: {exc.message}") from exc
     except (EngineError, ManifestError) as exc:
         raise StartupError("analysis.models_dir", str(exc)) from exc

@@ -126,6 +126,27 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--json", action="store_true", help="one JSON line instead of the TOML section")
     ca.set_defaults(func=_lazy("calibrate", "cmd_calibrate_atypical"))
 
+    aw = sub.add_parser("adapt-wbc", help="fit this station's white-cell class means from cells its technician typed",
+                        description="Analyze the station's own fields, find the white cell under each typed mark "
+                        "(--labels CSV: image,x,y,type; type one of the WBC head's classes) and write the station's "
+                        "class means in the WBC head's feature space (--out) for [analysis] wbc_station_means: "
+                        "white cells are then typed by the nearest of them. A class needs --min-cells typed cells "
+                        "(the others keep the head's means). Refused (exit 2, code head_better) when the means "
+                        "type the typed cells worse, each left out, than the head as trained; too_few_cells when "
+                        "no class has enough.")
+    aw.add_argument("--labels", type=Path, required=True,
+                    help="CSV with header image,x,y,type (image relative to the CSV's folder; x, y in its pixels)")
+    aw.add_argument("--out", type=Path, required=True, help="station means file to write (JSON)")
+    aw.add_argument("--config", type=Path, default=None,
+                    help="the station's TOML: its models and analysis settings (default: the packaged models)")
+    aw.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="models folder when no --config")
+    aw.add_argument("--microns-per-pixel", type=float, default=None,
+                    help="the fields' scale (default: the config's, else estimated per field)")
+    aw.add_argument("--min-cells", type=int, default=10,
+                    help="typed cells a class needs for a station mean (default 10; with 3 the leave-one-out check is noise)")
+    aw.add_argument("--json", action="store_true", help="one JSON line instead of the TOML lines")
+    aw.set_defaults(func=_lazy("adapt", "cmd_adapt_wbc"))
+
     db = sub.add_parser("dashboard", help="serve the clinic dashboard (MQTT over WebSockets in the browser)",
                         description="Serve the static dashboard page; the browser connects to the broker's "
                         "WebSockets listener itself (docs/MQTT.md). Without --password-file and with "

@@ -1,0 +1,236 @@
+"""A station's own white-cell class means: the WBC head adapted to a new lab by cells its technician typed.
+
+A head types the labs it was trained on well and a new lab's cells much worse (another
+microscope, camera, lamp and stain move every cell's features). Measured with heads trained
+without a lab (models/README.md, "a new station's own cells, a few typed by its technician"),
+ten typed cells per class at that lab, used as the class means of the head's own penultimate
+features under its shared precision matrix (nearest class mean, Mensink et al. 2013; the head's
+Mahalanobis space, Lee et al. 2018), lift the lab's typing from 0.46 to 0.74 (Raspberry Pi
+station) and 0.36 to 0.63 (PBC), where retraining is out of a station's reach.
+
+`smearscope adapt-wbc` fits this file from fields and the technician's typed points;
+`[analysis.wbc_station]` in the station config makes the analyzer use it. What it holds and how
+it is used:
+
+- per typed class with at least `min_cells` cells, the mean of those cells' features (the head's
+  views averaged, as the analyzer runs them); every other class keeps the head's trained mean;
+- a temperature fitted on the typed cells by leave-one-out (each cell against means that left it
+  out), so the confidence gate (`wbc_min_confidence`) means what it means for the head;
+- the cells' leave-one-out accuracy under station means and the head's accuracy on the same
+  cells: the command refuses to write a file that types the station's own cells worse than the
+  head does (with 3 cells per class that check is noise; from 10 it picked station means in
+  every draw on all three labs);
+- the sha256 of the head and of its feature-space sidecar: a station file fitted for another head
+  is refused at start, never silently applied.
+
+At analysis a white cell's class is its nearest mean (softmax of -distance / 2T over the classes),
+and the head's Mahalanobis open-set test reads the distance to the nearest of these means against
+the same threshold (a station's cells now sit near its own means; a blast still sits far from
+all of them). The energy test keeps reading the head's own logits; its threshold was the largest
+per-lab 0.99 quantile over the model's validation labs, and the station joins those labs by the
+same rule: the 0.99 quantile of its typed cells' energies where that is higher (a head unsure of
+a whole new lab would otherwise send its normal cells to review by the dozen). A station's
+`[analysis.wbc_open_set]` may still tighten either test.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from smearscope.engines.manifest import ModelManifest, sha256_file
+
+SCHEMA = "smearscope.wbc_station_means/1"
+#: A class needs this many typed cells for a station mean (fewer: the head's trained mean stays).
+MIN_CELLS = 10
+#: The energy test at a station with its own means: this quantile of its typed cells' energies,
+#: where above the model's threshold (the model's is the largest per-lab 0.99 quantile of its
+#: validation labs: the station joins them by the same rule).
+ENERGY_QUANTILE = 0.99
+#: Leave-one-out temperatures searched (distances are squared Mahalanobis, hundreds apart).
+TEMPERATURES = np.geomspace(0.5, 2000.0, 161)
+
+
+class StationMeansError(ValueError):
+    """A station means file that cannot be used with this head (wrong head, bad content)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class FeatureSpace:
+    """The head's trained class means (classes x dim) and shared precision (dim x dim)."""
+
+    classes: tuple[str, ...]
+    means: np.ndarray
+    precision: np.ndarray
+    sha256: str
+
+    def distances(self, feats: np.ndarray, means: np.ndarray | None = None) -> np.ndarray:
+        """Squared Mahalanobis distances (N x classes) of features (N x dim) to `means` (the trained ones by default)."""
+        m = self.means if means is None else means
+        pf = feats @ self.precision
+        return ((pf * feats).sum(1, keepdims=True) - 2.0 * pf @ m.T
+                + np.einsum("kd,de,ke->k", m, self.precision, m)[None])
+
+
+def load_feature_space(manifest: ModelManifest, models_dir: Path) -> FeatureSpace:
+    """The sidecar the manifest names, checked against its sha256 and the head's classes."""
+    fs = manifest.feature_space
+    if fs is None:
+        raise StationMeansError("no_feature_space", f"{manifest.name} has no feature_space (features output and "
+                                "sidecar; python -m smearscope.export.feature_space)")
+    path = Path(models_dir) / fs.file
+    try:
+        if sha256_file(path) != fs.sha256:
+            raise StationMeansError("feature_space_mismatch", f"{path}: sha256 differs from {manifest.name}'s manifest")
+        with np.load(path, allow_pickle=False) as z:
+            means, precision, classes = z["means"].astype(np.float64), z["precision"].astype(np.float64), z["classes"]
+    except OSError as exc:
+        raise StationMeansError("feature_space_unreadable", f"{path}: {exc}") from exc
+    if [str(c) for c in classes] != list(manifest.classes) or means.shape != (len(manifest.classes), fs.dim) \
+            or precision.shape != (fs.dim, fs.dim):
+        raise StationMeansError("feature_space_mismatch", f"{path}: classes or shapes do not fit {manifest.name}")
+    return FeatureSpace(tuple(manifest.classes), means, precision, fs.sha256)
+
+
+@dataclass(frozen=True)
+class StationMeans:
+    """Class means in the head's feature space: the station's where it typed enough cells, else the head's."""
+
+    model_sha256: str
+    feature_sha256: str
+    means: np.ndarray  # classes x dim
+    temperature: float
+    #: typed cells per class (only classes with a station mean)
+    cells: dict[str, int] = field(default_factory=dict)
+    loo_accuracy: float = float("nan")
+    head_accuracy: float = float("nan")
+    fitted: str = ""
+    #: The energy test's threshold at this station: the model's, or the typed cells' ENERGY_QUANTILE
+    #: quantile where higher (the station as one more lab of the model's calibration); None: the model's.
+    energy_threshold: float | None = None
+
+    def logits(self, space: FeatureSpace, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(-distance / 2T per class, distance to the nearest mean) for features (N x dim)."""
+        d = space.distances(np.asarray(feats, np.float64), self.means)
+        return -d / (2.0 * self.temperature), d.min(1)
+
+    def to_json(self, classes: Sequence[str]) -> dict:
+        return {"schema": SCHEMA, "model_sha256": self.model_sha256, "feature_sha256": self.feature_sha256,
+                "temperature": self.temperature, "fitted": self.fitted, "energy_threshold": self.energy_threshold,
+                "leave_one_out": {"station_means": self.loo_accuracy, "head": self.head_accuracy},
+                "classes": {c: {"cells": self.cells[c], "mean": [round(float(v), 6) for v in self.means[k]]}
+                            for k, c in enumerate(classes) if c in self.cells}}
+
+
+def load_station_means(path: Path, manifest: ModelManifest, space: FeatureSpace) -> StationMeans:
+    """A station means file for this head: its sha256s must match, its classes be the head's."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise StationMeansError("station_means_unreadable", f"{path}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise StationMeansError("station_means_invalid", f"{path}: not a {SCHEMA} file")
+    if doc.get("model_sha256") != manifest.sha256 or doc.get("feature_sha256") != space.sha256:
+        raise StationMeansError(
+            "station_means_stale", f"{path} was fitted for the WBC head {str(doc.get('model_sha256'))[:12]}, the models "
+            f"hold {manifest.sha256[:12]}: run smearscope adapt-wbc again on the station's typed cells")
+    means = space.means.copy()
+    cells: dict[str, int] = {}
+    try:
+        temperature = float(doc["temperature"])
+        for name, entry in dict(doc["classes"]).items():
+            if name not in space.classes:
+                raise StationMeansError("station_means_invalid", f"{path}: class {name!r} is not the head's")
+            mean = np.asarray(entry["mean"], np.float64)
+            if mean.shape != (means.shape[1],) or not np.isfinite(mean).all():
+                raise StationMeansError("station_means_invalid", f"{path}: {name}'s mean is not {means.shape[1]} numbers")
+            means[space.classes.index(name)] = mean
+            cells[name] = int(entry["cells"])
+        loo = doc.get("leave_one_out", {})
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, StationMeansError):
+            raise
+        raise StationMeansError("station_means_invalid", f"{path}: {exc}") from exc
+    if not (np.isfinite(temperature) and temperature > 0) or not cells:
+        raise StationMeansError("station_means_invalid", f"{path}: needs a positive temperature and at least one class")
+    energy_threshold = doc.get("energy_threshold")
+    model_energy = next((t.threshold for t in manifest.open_set if t.method == "energy"), None)
+    if energy_threshold is not None:
+        if not isinstance(energy_threshold, (int, float)) or not np.isfinite(energy_threshold) or model_energy is None \
+                or energy_threshold < model_energy:
+            raise StationMeansError("station_means_invalid", f"{path}: energy_threshold {energy_threshold!r} is not a "
+                                    "number at or above the model's energy threshold")
+        energy_threshold = float(energy_threshold)
+    return StationMeans(manifest.sha256, space.sha256, means, temperature, cells,
+                        float(loo.get("station_means", "nan")), float(loo.get("head", "nan")), str(doc.get("fitted", "")),
+                        energy_threshold)
+
+
+@dataclass(frozen=True)
+class StationFit:
+    means: StationMeans | None
+    #: why no means were fitted: too_few_cells (no class reached min_cells) or head_better
+    reason: str | None
+    loo_accuracy: float
+    head_accuracy: float
+    cells: dict[str, int]
+
+
+def _softmax_nll(logits: np.ndarray, labels: np.ndarray) -> float:
+    z = logits - logits.max(1, keepdims=True)
+    return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(labels)), labels]))
+
+
+def leave_one_out_distances(space: FeatureSpace, feats: np.ndarray, labels: np.ndarray, means: np.ndarray,
+                            counts: np.ndarray) -> np.ndarray:
+    """Each typed cell's distances to every class mean, its own class' mean taken without it."""
+    d = space.distances(feats, means)
+    for i, (f, c) in enumerate(zip(feats, labels)):
+        if counts[c] > 1:
+            own = (means[c] * counts[c] - f) / (counts[c] - 1)
+            d[i, c] = space.distances(f[None], own[None])[0, 0]
+    return d
+
+
+def fit_station_means(space: FeatureSpace, feats: np.ndarray, labels: Sequence[str], head_labels: Sequence[str],
+                      model_sha256: str, min_cells: int = MIN_CELLS, fitted: str = "",
+                      energies: np.ndarray | None = None, model_energy: float | None = None) -> StationFit:
+    """Station means from typed cells' features (N x dim) and types; `head_labels` what the head
+    typed each as (its closed-set argmax), for the leave-one-out comparison; `energies` the
+    cells' energy scores when the head has that test (threshold `model_energy`)."""
+    feats = np.asarray(feats, np.float64)
+    idx = np.array([space.classes.index(c) for c in labels], int)
+    all_counts = {c: int((idx == k).sum()) for k, c in enumerate(space.classes) if (idx == k).any()}
+    typed = [k for k, c in enumerate(space.classes) if all_counts.get(c, 0) >= min_cells]
+    if not typed:
+        return StationFit(None, "too_few_cells", float("nan"), float("nan"), all_counts)
+    keep = np.isin(idx, typed)
+    feats, idx = feats[keep], idx[keep]
+    head = np.array([h == space.classes[k] for h, k in zip(np.asarray(head_labels)[keep], idx)])
+    means = space.means.copy()
+    counts = np.zeros(len(space.classes), int)
+    for k in typed:
+        means[k] = feats[idx == k].mean(0)
+        counts[k] = int((idx == k).sum())
+    d = leave_one_out_distances(space, feats, idx, means, counts)
+    loo = float((d.argmin(1) == idx).mean())
+    head_acc = float(head.mean())
+    cells = {space.classes[k]: int(counts[k]) for k in typed}
+    if loo < head_acc:
+        return StationFit(None, "head_better", loo, head_acc, cells)
+    temperature = float(min(TEMPERATURES, key=lambda t: _softmax_nll(-d / (2.0 * t), idx)))
+    energy_threshold = None
+    if energies is not None and model_energy is not None:
+        e = np.asarray(energies, np.float64)[keep]
+        energy_threshold = float(max(model_energy, np.quantile(e, ENERGY_QUANTILE)))
+    return StationFit(StationMeans(model_sha256, space.sha256, means, temperature, cells, loo, head_acc, fitted,
+                                   energy_threshold), None, loo, head_acc, cells)

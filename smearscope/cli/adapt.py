@@ -1,0 +1,207 @@
+"""`adapt-wbc`: the WBC head adapted to a new station from white cells its technician typed.
+
+The technician marks white cells on a few of the station's own fields and types them (a CSV:
+`image,x,y,type`, one cell per row, x/y in the image's pixels anywhere inside the cell; type one of
+the WBC head's classes). The command analyses those fields as the station does, finds the white
+cell under each mark, takes the head's features of it, and writes the station's class means
+(service.analysis.station_means) where a class has at least --min-cells typed cells. It refuses
+to write means that type the station's own cells worse (leave one out) than the head does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+LABEL_COLUMNS = ("image", "x", "y", "type")
+
+
+class LabelsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TypedPoint:
+    image: Path
+    x: float
+    y: float
+    type: str
+    line: int
+
+
+def read_labels(path: Path, classes: list[str]) -> list[TypedPoint]:
+    """The technician's typed points; an image path is relative to the CSV's folder unless absolute.
+    LabelsError names the first bad line."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+            header = rows and list(rows[0].keys())
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise LabelsError(f"{path}: {exc}") from exc
+    if not rows:
+        raise LabelsError(f"{path}: no typed cells (a header {','.join(LABEL_COLUMNS)} and one row per cell)")
+    missing = [c for c in LABEL_COLUMNS if c not in (header or [])]
+    if missing:
+        raise LabelsError(f"{path}: columns {', '.join(missing)} missing (needs {','.join(LABEL_COLUMNS)})")
+    out = []
+    for line, row in enumerate(rows, start=2):
+        kind = (row["type"] or "").strip().lower()
+        if kind not in classes:
+            raise LabelsError(f"{path}:{line}: type {row['type']!r} is not one of the WBC head's classes "
+                              f"({', '.join(classes)})")
+        try:
+            x, y = float(row["x"]), float(row["y"])
+        except (TypeError, ValueError) as exc:
+            raise LabelsError(f"{path}:{line}: x and y must be numbers") from exc
+        if not (np.isfinite(x) and np.isfinite(y)):
+            raise LabelsError(f"{path}:{line}: x and y must be finite")
+        image = Path((row["image"] or "").strip())
+        if not str(image):
+            raise LabelsError(f"{path}:{line}: no image")
+        out.append(TypedPoint(image if image.is_absolute() else path.parent / image, x, y, kind, line))
+    return out
+
+
+def cell_at(cells, x: float, y: float, factor: float, shape, typed_only: bool = True) -> int | None:
+    """Index of the white cell (one the WBC head typed, its features kept; with `typed_only` off,
+    any counted cell) whose box holds (x, y) in input pixels, the nearest centre where several do;
+    None when none does."""
+    from smearscope.service.analysis.pipeline import input_bbox
+
+    h, w = shape[:2]
+    best, best_d = None, np.inf
+    for i, c in enumerate(cells):
+        if typed_only and c.head_features is None:
+            continue
+        x0, y0, x1, y1 = input_bbox(c.detection.box, factor, w, h)
+        if x0 <= x <= x1 and y0 <= y <= y1:
+            d = ((x0 + x1) / 2 - x) ** 2 + ((y0 + y1) / 2 - y) ** 2
+            if d < best_d:
+                best, best_d = i, d
+    return best
+
+
+def cmd_adapt_wbc(args: argparse.Namespace) -> int:
+    from smearscope.device.frame import Frame
+    from smearscope.engines.base import EngineError
+    from smearscope.engines.manifest import ManifestError
+    from smearscope.service.analysis.station_means import (
+        StationMeansError,
+        fit_station_means,
+        load_feature_space,
+    )
+    from smearscope.service.config import ConfigError
+    from smearscope.service.ingest import IngestError, load_image
+    from smearscope.service.station.startup import StartupError
+
+    def error(code: str, message: str, **extra) -> int:
+        print(json.dumps({"error": {"code": code, "message": message}, **extra}))
+        return 2
+
+    try:
+        analyzer, mpp, models_dir = _adapting_analyzer(args)
+    except (ConfigError, StartupError) as exc:
+        return error("bad_config", str(exc))
+    except (EngineError, ManifestError, OSError) as exc:
+        return error("engine_unavailable", f"{type(exc).__name__}: {exc}")
+    try:
+        head = analyzer.wbc_head
+        if head is None:
+            return error("no_wbc_head", "the models have no WBC head")
+        manifest = head.engine.manifest
+        try:
+            space = load_feature_space(manifest, models_dir)
+            points = read_labels(args.labels, list(manifest.classes))
+        except StationMeansError as exc:
+            return error(exc.code, exc.message)
+        except LabelsError as exc:
+            return error("bad_labels", str(exc))
+        by_image: dict[Path, list[TypedPoint]] = {}
+        for p in points:
+            by_image.setdefault(p.image, []).append(p)
+        feats, types, head_types, energies, unmatched, unreadable = [], [], [], [], [], []
+        methods = [t.method for t in head.open_sets]
+        model_energy = next((t.threshold for t in head.open_sets if t.method == "energy"), None)
+        for image, marks in by_image.items():
+            try:
+                img = load_image(str(image))
+                res = analyzer.analyze(Frame(img.pixels, image.name, str(image), microns_per_pixel=mpp))
+            except IngestError as exc:
+                logger.warning("%s: %s: %s", image, exc.code.value, exc.message)
+                unreadable.append(str(image))
+                continue
+            taken: set[int] = set()
+            for p in marks:
+                i = cell_at(res.cells, p.x, p.y, res.input_to_canonical, img.pixels.shape)
+                if i is None or i in taken:
+                    unmatched.append(f"{p.image.name}:{p.line}")
+                    continue
+                taken.add(i)
+                hf = res.cells[i].head_features
+                feats.append(hf.features)
+                types.append(p.type)
+                head_types.append(hf.closed_set_label)
+                if model_energy is not None:
+                    energies.append(res.cells[i].open_set_scores[methods.index("energy")])
+    finally:
+        analyzer.close()
+    n_typed = len(types)
+    fitted = (f"{time.strftime('%Y-%m-%d')}: {n_typed} typed white cells in {len(by_image) - len(unreadable)} fields "
+              f"({args.labels.name}), at least {args.min_cells} per class for a station mean")
+    fit = fit_station_means(space, np.array(feats, np.float64).reshape(n_typed, space.means.shape[1]), types,
+                            head_types, manifest.sha256, args.min_cells, fitted,
+                            energies=np.array(energies) if model_energy is not None else None, model_energy=model_energy)
+    summary = {"typed": len(points), "matched": n_typed, "unmatched": unmatched[:50], "unmatched_count": len(unmatched),
+               "unreadable": unreadable, "cells_per_class": fit.cells,
+               "leave_one_out_accuracy": None if np.isnan(fit.loo_accuracy) else round(fit.loo_accuracy, 4),
+               "head_accuracy": None if np.isnan(fit.head_accuracy) else round(fit.head_accuracy, 4),
+               "model_sha256": manifest.sha256}
+    if fit.means is None:
+        reason = {"too_few_cells": f"no class has {args.min_cells} typed white cells matched to a detected white cell "
+                                   "(type more, or check the marks fall inside the cells)",
+                  "head_better": f"station means type these cells right {fit.loo_accuracy:.1%} of the time (each left "
+                                 f"out), the head as trained {fit.head_accuracy:.1%}: keep the head (leave "
+                                 "wbc_station_means unset), or type more cells"}[fit.reason or ""]
+        return error(fit.reason or "", reason, **summary)
+    args.out.write_text(json.dumps(fit.means.to_json(manifest.classes), indent=1) + "\n")
+    if args.json:
+        print(json.dumps({"written": str(args.out), "temperature": round(fit.means.temperature, 3),
+                          "energy_threshold": fit.means.energy_threshold, "model_energy_threshold": model_energy,
+                          **summary}))
+        return 0
+    print(f"# {fitted}")
+    print(f"# typed cells matched: {n_typed} of {len(points)}; per class {fit.cells}")
+    print(f"# leave-one-out: station means {fit.loo_accuracy:.1%}, head as trained {fit.head_accuracy:.1%}")
+    if fit.means.energy_threshold is not None and fit.means.energy_threshold > model_energy:
+        print(f"# energy test: {fit.means.energy_threshold:.3f} (the typed cells' 0.99 quantile; the model's "
+              f"{model_energy:.3f})")
+    print("# put in the station config:")
+    print("[analysis]")
+    print(f'wbc_station_means = "{args.out.resolve()}"')
+    return 0
+
+
+def _adapting_analyzer(args: argparse.Namespace):
+    """The station's analyzer keeping white cells' features, without any earlier station means;
+    the scale to give; the models folder."""
+    from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
+
+    if args.config is None:
+        analyzer = Analyzer.from_models_dir(args.models, options=AnalyzerOptions(keep_wbc_features=True), warmup=False)
+        return analyzer, args.microns_per_pixel, args.models
+    from smearscope.service.config import load_config
+    from smearscope.service.station.startup import build_analyzer
+
+    config = load_config(args.config)
+    config = config.model_copy(update={"analysis": config.analysis.model_copy(update={"wbc_station_means": None})})
+    mpp = args.microns_per_pixel if args.microns_per_pixel is not None else config.analysis.microns_per_pixel
+    return build_analyzer(config, keep_wbc_features=True), mpp, config.analysis.models_dir

@@ -1,0 +1,417 @@
+"""A station types white cells by its own class means, fitted on cells its technician typed.
+
+The fit (leave-one-out, temperature, refusals), the file and its checks against the head, the
+features output added to the committed WBC head, the classifier typing by station means, start-up
+and the report, and `smearscope adapt-wbc` end to end on rendered fields: the project's renderer
+is a lab the committed head never saw (it sends most rendered white cells to review)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tomllib
+
+from smearscope.device.synthetic import render_field
+from smearscope.engines.manifest import load_manifest
+from smearscope.export.feature_space import add_feature_space
+from smearscope.service.analysis.classify import UNIDENTIFIED, CropClassifier
+from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR, Analyzer, AnalyzerOptions
+from smearscope.service.analysis.station_means import (
+    FeatureSpace,
+    StationMeans,
+    StationMeansError,
+    fit_station_means,
+    leave_one_out_distances,
+    load_feature_space,
+    load_station_means,
+)
+from smearscope.service.config import parse_config
+from smearscope.service.station.startup import StartupError, build_analyzer
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("a", "b", "c")
+
+
+def _space(dim=4) -> FeatureSpace:
+    means = np.zeros((3, dim))
+    means[0, 0], means[1, 1], means[2, 2] = 4.0, 4.0, 4.0
+    return FeatureSpace(CLASSES, means, np.eye(dim), "f" * 64)
+
+
+def _lab(space, shift, n=12, seed=0, classes=(0, 1)):
+    """A new lab's cells of `classes`: the trained means moved by `shift`, unit noise."""
+    rng = np.random.default_rng(seed)
+    feats = np.concatenate([space.means[k] + shift + rng.normal(0, 0.5, (n, space.means.shape[1])) for k in classes])
+    labels = [CLASSES[k] for k in classes for _ in range(n)]
+    return feats, labels
+
+
+# -- the fit ----------------------------------------------------------------------------------
+
+def test_a_shifted_lab_gets_its_own_means_and_untyped_classes_keep_the_heads():
+    space = _space()
+    shift = np.array([-3.0, 3.0, 0.0, 0.0])  # class a's cells now sit nearest b's trained mean
+    feats, labels = _lab(space, shift)
+    head = [CLASSES[k] for k in space.distances(feats).argmin(1)]
+    fit = fit_station_means(space, feats, labels, head, "e" * 64, min_cells=10)
+    assert fit.reason is None and fit.means is not None
+    assert fit.head_accuracy < 0.6 and fit.loo_accuracy == 1.0
+    lab = np.array(labels)
+    assert np.allclose(fit.means.means[0], feats[lab == "a"].mean(0))
+    assert np.allclose(fit.means.means[1], feats[lab == "b"].mean(0))
+    assert np.array_equal(fit.means.means[2], space.means[2])  # c: not typed, the head's mean stays
+    assert fit.cells == {"a": 12, "b": 12}
+    assert 0.5 <= fit.means.temperature <= 2000
+
+
+def test_the_energy_threshold_widens_to_the_typed_cells_never_narrows():
+    space = _space()
+    feats, labels = _lab(space, np.array([-3.0, 3.0, 0.0, 0.0]))
+    head = [CLASSES[k] for k in space.distances(feats).argmin(1)]
+    energies = np.linspace(-5.0, -1.0, len(labels))
+    fit = fit_station_means(space, feats, labels, head, "e" * 64, energies=energies, model_energy=-2.0)
+    assert fit.means.energy_threshold == pytest.approx(np.quantile(energies, 0.99))
+    fit = fit_station_means(space, feats, labels, head, "e" * 64, energies=energies - 10, model_energy=-2.0)
+    assert fit.means.energy_threshold == -2.0
+    assert fit_station_means(space, feats, labels, head, "e" * 64).means.energy_threshold is None
+
+
+def test_a_class_with_too_few_cells_keeps_the_heads_mean_and_none_at_all_is_refused():
+    space = _space()
+    feats, labels = _lab(space, np.zeros(4), n=6)
+    head = list(labels)
+    fit = fit_station_means(space, feats, labels, head, "e" * 64, min_cells=10)
+    assert fit.means is None and fit.reason == "too_few_cells" and fit.cells == {"a": 6, "b": 6}
+    feats2 = np.concatenate([feats, _lab(space, np.zeros(4), n=10, seed=3, classes=(0,))[0]])
+    labels2 = labels + ["a"] * 10
+    fit = fit_station_means(space, feats2, labels2, labels2, "e" * 64, min_cells=10)
+    assert fit.means is not None and fit.cells == {"a": 16}
+    assert np.array_equal(fit.means.means[1], space.means[1])
+
+
+def test_means_that_type_the_cells_worse_than_the_head_are_refused():
+    """Noise wider than the classes' spread apart: leave-one-out misses some, the head (told right here) none."""
+    space = _space()
+    rng = np.random.default_rng(5)
+    feats = np.concatenate([space.means[k] + rng.normal(0, 2.5, (10, 4)) for k in (0, 1)])
+    labels = ["a"] * 10 + ["b"] * 10
+    fit = fit_station_means(space, feats, labels, labels, "e" * 64)
+    assert fit.means is None and fit.reason == "head_better"
+    assert fit.loo_accuracy < fit.head_accuracy == 1.0
+
+
+def test_leave_one_out_takes_each_cell_out_of_its_own_mean():
+    space = _space()
+    feats, labels = _lab(space, np.ones(4), n=5, seed=2)
+    idx = np.array([CLASSES.index(c) for c in labels])
+    means = space.means.copy()
+    counts = np.zeros(3, int)
+    for k in (0, 1):
+        means[k], counts[k] = feats[idx == k].mean(0), (idx == k).sum()
+    d = leave_one_out_distances(space, feats, idx, means, counts)
+    for i in range(len(feats)):
+        others = (idx == idx[i]) & (np.arange(len(feats)) != i)
+        own = feats[others].mean(0)
+        assert d[i, idx[i]] == pytest.approx(float(((feats[i] - own) ** 2).sum()))
+        other = 1 - idx[i]
+        assert d[i, other] == pytest.approx(float(((feats[i] - means[other]) ** 2).sum()))
+
+
+def test_the_temperature_is_the_leave_one_out_likelihoods_best():
+    space = _space()
+    rng = np.random.default_rng(4)
+    feats = np.concatenate([space.means[k] + rng.normal(0, 1.6, (15, 4)) for k in (0, 1)])
+    labels = ["a"] * 15 + ["b"] * 15
+    fit = fit_station_means(space, feats, labels, ["c"] * 30, "e" * 64)
+    t = fit.means.temperature
+    assert 0.5 < t < 2000  # inside the searched range: classes that overlap a little
+    idx = np.array([CLASSES.index(c) for c in labels])
+    counts = np.bincount(idx, minlength=3)
+    d = leave_one_out_distances(space, feats, idx, fit.means.means, counts)
+
+    def nll(temp):
+        z = -d / (2 * temp)
+        z = z - z.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(idx)), idx]))
+
+    assert nll(t) <= min(nll(t * 2), nll(t / 2))
+
+
+# -- the file ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def head():
+    manifest = load_manifest(DEFAULT_MODELS_DIR / "wbc_head.json")
+    return manifest, load_feature_space(manifest, DEFAULT_MODELS_DIR)
+
+
+def _station_file(tmp_path, manifest, space, shift_class="lymphocyte", **over) -> Path:
+    means = space.means.copy()
+    k = space.classes.index(shift_class)
+    means[k] = means[k] + 1.0
+    sm = StationMeans(manifest.sha256, space.sha256, means, 50.0, {shift_class: 12}, 0.9, 0.5, "test")
+    doc = sm.to_json(space.classes)
+    doc.update(over)
+    path = tmp_path / "station.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_a_station_file_round_trips_and_is_refused_for_another_head(tmp_path, head):
+    manifest, space = head
+    loaded = load_station_means(_station_file(tmp_path, manifest, space), manifest, space)
+    k = space.classes.index("lymphocyte")
+    assert np.allclose(loaded.means[k], space.means[k] + 1.0, atol=1e-5)
+    others = [i for i in range(len(space.classes)) if i != k]
+    assert np.array_equal(loaded.means[others], space.means[others])
+    assert loaded.cells == {"lymphocyte": 12} and loaded.temperature == 50.0
+    with pytest.raises(StationMeansError) as exc:
+        load_station_means(_station_file(tmp_path, manifest, space, model_sha256="0" * 64), manifest, space)
+    assert exc.value.code == "station_means_stale" and "adapt-wbc" in exc.value.message
+    bad = _station_file(tmp_path, manifest, space)
+    doc = json.loads(bad.read_text())
+    doc["classes"]["blast"] = doc["classes"]["lymphocyte"]
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(StationMeansError) as exc:
+        load_station_means(bad, manifest, space)
+    assert exc.value.code == "station_means_invalid"
+    with pytest.raises(StationMeansError) as exc:
+        load_station_means(_station_file(tmp_path, manifest, space, temperature=-1), manifest, space)
+    assert exc.value.code == "station_means_invalid"
+    model_energy = next(t.threshold for t in manifest.open_set if t.method == "energy")
+    wider = load_station_means(_station_file(tmp_path, manifest, space, energy_threshold=model_energy + 1), manifest, space)
+    assert wider.energy_threshold == model_energy + 1
+    with pytest.raises(StationMeansError, match="energy_threshold"):
+        load_station_means(_station_file(tmp_path, manifest, space, energy_threshold=model_energy - 1), manifest, space)
+
+
+def test_a_tampered_sidecar_is_refused(tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(DEFAULT_MODELS_DIR, models)
+    manifest = load_manifest(models / "wbc_head.json")
+    side = models / manifest.feature_space.file
+    with np.load(side) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["means"] = arrays["means"] + 1.0
+    np.savez(side, **arrays)
+    with pytest.raises(StationMeansError) as exc:
+        load_feature_space(manifest, models)
+    assert exc.value.code == "feature_space_mismatch"
+
+
+# -- the committed head's features output -----------------------------------------------------
+
+def _wbc_crops(n_fields=3):
+    """Crops of rendered white cells, as the analyzer cuts them."""
+    from smearscope.service.analysis.crops import WBC_CROP, crop_cell
+
+    crops = []
+    for s in range(n_fields):
+        f = render_field(300 + s, width=640, height=480, microns_per_pixel=0.1, n_wbc=3)
+        canonical = cv2.resize(f.frame.pixels, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+        for t in f.cells:
+            if t.kind == "wbc" and not t.cut_by_frame_edge:
+                crops.append(crop_cell(canonical, (t.center[0] / 2, t.center[1] / 2), WBC_CROP))
+    return np.stack(crops)
+
+
+def test_the_sidecar_reproduces_the_graphs_distance_on_real_crops(head):
+    from smearscope.engines.registry import create_engine
+
+    manifest, space = head
+    engine = create_engine("onnxruntime", DEFAULT_MODELS_DIR / "wbc_head.json").load()
+    try:
+        clf = CropClassifier(engine, 0.5, views=["identity"], keep_features=True)
+        crops = _wbc_crops()
+        _, scores, feats = clf.forward(crops)
+        ood = scores[:, [t.method for t in clf.open_sets].index("mahalanobis")]
+        assert feats.shape == (len(crops), manifest.feature_space.dim)
+        assert np.allclose(space.distances(feats.astype(np.float64)).min(1), ood, rtol=1e-3, atol=0.5)
+    finally:
+        engine.close()
+
+
+def test_adding_the_feature_space_is_idempotent_and_keeps_the_outputs(tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(DEFAULT_MODELS_DIR, models)
+    before = load_manifest(models / "wbc_head.json")
+    after = add_feature_space(models / "wbc_head.json")
+    assert after.sha256 == before.sha256 and after.feature_space == before.feature_space
+    assert [o.name for o in after.outputs] == [o.name for o in before.outputs]
+
+
+# -- typing by station means ------------------------------------------------------------------
+
+def test_the_classifier_types_by_the_station_means_and_measures_distance_to_them(head):
+    """A station whose eosinophil mean sits on one crop's features: that crop is typed eosinophil
+    (whatever the head said) with a Mahalanobis score of about zero."""
+    from smearscope.engines.registry import create_engine
+    from smearscope.service.analysis.records import CellCrop
+
+    manifest, space = head
+    engine = create_engine("onnxruntime", DEFAULT_MODELS_DIR / "wbc_head.json").load()
+    try:
+        plain = CropClassifier(engine, 0.5, keep_features=True)
+        crops = _wbc_crops(2)
+        records = [CellCrop(None, c) for c in crops]
+        before = plain.classify(records)
+        target = next(i for i, r in enumerate(before) if r.head_features.closed_set_label != "eosinophil")
+        means = space.means.copy()
+        k = space.classes.index("eosinophil")
+        means[k] = np.array(before[target].head_features.features)
+        station = StationMeans(manifest.sha256, space.sha256, means, 20.0, {"eosinophil": 10})
+        adapted = CropClassifier(engine, 0.5, station=(space, station)).classify(records)
+        assert adapted[target].label == "eosinophil" and adapted[target].probs[k] > 0.9
+        md = [t.method for t in plain.open_sets].index("mahalanobis")
+        assert adapted[target].open_set_scores[md] == pytest.approx(0.0, abs=1.0)
+        assert before[target].open_set_scores[md] > 50
+        # the energy test still reads the head's own logits
+        en = [t.method for t in plain.open_sets].index("energy")
+        assert adapted[target].open_set_scores[en] == pytest.approx(before[target].open_set_scores[en], rel=1e-5)
+        wide = StationMeans(manifest.sha256, space.sha256, means, 20.0, {"eosinophil": 10}, energy_threshold=5.0)
+        clf = CropClassifier(engine, 0.5, station=(space, wide))
+        assert clf.thresholds[en] == 5.0 and clf.thresholds[md] == plain.thresholds[md]
+        with pytest.raises(ValueError, match="another head"):
+            CropClassifier(engine, 0.5, station=(space, StationMeans("0" * 64, space.sha256, means, 20.0, {"a": 1})))
+    finally:
+        engine.close()
+
+
+def _config(tmp_path: Path, analysis: str):
+    text = f"""
+station_id = "bench-1"
+[source]
+kind = "simulated"
+[analysis]
+models_dir = "{DEFAULT_MODELS_DIR}"
+{analysis}
+[mqtt.outbox]
+path = "{tmp_path / 'outbox.sqlite'}"
+"""
+    return parse_config(tomllib.loads(text), environ={})
+
+
+def test_start_up_reports_the_station_means_and_refuses_a_stale_file(tmp_path, head):
+    manifest, space = head
+    good = _station_file(tmp_path, manifest, space)
+    analyzer = build_analyzer(_config(tmp_path, f'wbc_station_means = "{good}"'))
+    try:
+        info = analyzer.analyze(render_field(3, width=320, height=240).frame).report.models["wbc_head"].station_means
+        assert info is not None and info.cells == {"lymphocyte": 12} and info.leave_one_out_accuracy == 0.9
+    finally:
+        analyzer.close()
+    stale = _station_file(tmp_path, manifest, space, model_sha256="1" * 64)
+    with pytest.raises(StartupError) as exc:
+        build_analyzer(_config(tmp_path, f'wbc_station_means = "{stale}"'))
+    assert exc.value.field == "analysis.wbc_station_means" and "station_means_stale" in exc.value.reason
+    plain = build_analyzer(_config(tmp_path, ""))
+    try:
+        assert plain.analyze(render_field(3, width=320, height=240).frame).report.models["wbc_head"].station_means is None
+    finally:
+        plain.close()
+
+
+# -- the command, end to end on rendered fields -----------------------------------------------
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smearscope", *args], check=False, capture_output=True,
+                          text=True, timeout=900, cwd=REPO)
+
+
+MIX = {"neutrophil": 0.5, "lymphocyte": 0.5}
+
+
+def _fields(folder: Path, seeds) -> list[tuple[Path, tuple]]:
+    """Rendered 640x480 fields at 0.1 um/px with four white cells each; their white cells' truth."""
+    out = []
+    for s in seeds:
+        f = render_field(s, width=640, height=480, microns_per_pixel=0.1, n_wbc=4, wbc_mix=MIX)
+        path = folder / f"field{s}.png"
+        cv2.imwrite(str(path), f.frame.pixels)
+        out.append((path, tuple(t for t in f.cells if t.kind == "wbc" and not t.cut_by_frame_edge)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("station")
+    train, test = _fields(folder, range(500, 512)), _fields(folder, range(600, 606))
+    labels = folder / "typed.csv"
+    with open(labels, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "x", "y", "type"])
+        for path, cells in train:
+            w.writerows([path.name, round(t.center[0], 1), round(t.center[1], 1), t.subtype] for t in cells)
+    return folder, labels, test
+
+
+def _typed(analyzer: Analyzer, test) -> tuple[int, int, int]:
+    """(test white cells under a counted cell, typed right as reported, sent to review)."""
+    from smearscope.cli.adapt import cell_at
+    from smearscope.device.frame import Frame
+
+    found = right = review = 0
+    for path, cells in test:
+        pixels = cv2.imread(str(path))
+        res = analyzer.analyze(Frame(pixels, path.name, str(path), microns_per_pixel=0.1))
+        for t in cells:
+            i = cell_at(res.cells, t.center[0], t.center[1], res.input_to_canonical, pixels.shape, typed_only=False)
+            if i is not None:
+                found += 1
+                right += res.cells[i].label == t.subtype
+                review += res.cells[i].label == UNIDENTIFIED
+    return found, right, review
+
+
+def test_adapt_wbc_types_a_new_labs_cells_the_head_sent_to_review(rendered, tmp_path):
+    _, labels, test = rendered
+    out = tmp_path / "station.json"
+    run = _cli("adapt-wbc", "--labels", str(labels), "--out", str(out), "--microns-per-pixel", "0.1", "--json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    line = json.loads(run.stdout)
+    assert line["written"] == str(out) and set(line["cells_per_class"]) == set(MIX)
+    assert line["leave_one_out_accuracy"] > line["head_accuracy"]
+    # the head is unsure of this whole lab: its energy test is widened to the typed cells' 0.99 quantile
+    assert line["energy_threshold"] > line["model_energy_threshold"]
+    assert line["matched"] >= 20 and line["unmatched_count"] <= line["typed"] - line["matched"]
+    plain = Analyzer.from_models_dir(options=AnalyzerOptions(keep_wbc_features=True), warmup=False)
+    adapted = Analyzer.from_models_dir(options=AnalyzerOptions(keep_wbc_features=True, wbc_station_means=out),
+                                       warmup=False)
+    try:
+        found, right_plain, review_plain = _typed(plain, test)
+        found2, right_adapted, review_adapted = _typed(adapted, test)
+    finally:
+        plain.close()
+        adapted.close()
+    assert found == found2 >= 10
+    # the head as trained sends most of these cells to review; the station's means type them
+    assert review_plain / found > 0.5 and right_plain / found < 0.4
+    assert right_adapted / found >= 0.8 and review_adapted / found < 0.2
+    # the TOML lines it prints start the station
+    text = _cli("adapt-wbc", "--labels", str(labels), "--out", str(out), "--microns-per-pixel", "0.1").stdout
+    assert tomllib.loads(text)["analysis"]["wbc_station_means"] == str(out.resolve())
+
+
+def test_adapt_wbc_refuses_bad_labels_and_too_few_cells(rendered, tmp_path):
+    folder, labels, _ = rendered
+    bad = folder / "bad.csv"
+    bad.write_text("image,x,y,type\nfield500.png,10,10,blast\n")
+    run = _cli("adapt-wbc", "--labels", str(bad), "--out", str(tmp_path / "s.json"), "--json")
+    assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == "bad_labels"
+    assert "blast" in json.loads(run.stdout)["error"]["message"]
+    nocols = folder / "nocols.csv"
+    nocols.write_text("file,x,y\nfield500.png,10,10\n")
+    run = _cli("adapt-wbc", "--labels", str(nocols), "--out", str(tmp_path / "s.json"), "--json")
+    assert run.returncode == 2 and "image" in json.loads(run.stdout)["error"]["message"]
+    run = _cli("adapt-wbc", "--labels", str(labels), "--out", str(tmp_path / "s.json"), "--microns-per-pixel", "0.1",
+               "--min-cells", "500", "--json")
+    line = json.loads(run.stdout)
+    assert run.returncode == 2 and line["error"]["code"] == "too_few_cells" and not (tmp_path / "s.json").exists()
