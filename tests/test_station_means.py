@@ -415,3 +415,23 @@ def test_adapt_wbc_refuses_bad_labels_and_too_few_cells(rendered, tmp_path):
                "--min-cells", "500", "--json")
     line = json.loads(run.stdout)
     assert run.returncode == 2 and line["error"]["code"] == "too_few_cells" and not (tmp_path / "s.json").exists()
+
+
+def test_doctor_names_the_station_means_and_fails_a_stale_file(tmp_path, head):
+    from smearscope.cli.doctor import model_checks, station_means_checks
+
+    manifest, space = head
+    (status, _, detail), = station_means_checks(_config(tmp_path, "").analysis)
+    assert status == "OK" and "adapt-wbc" in detail
+    good = _station_file(tmp_path, manifest, space)
+    (status, _, detail), = station_means_checks(_config(tmp_path, f'wbc_station_means = "{good}"').analysis)
+    assert status == "OK" and "lymphocyte 12" in detail and "leave-one-out 90.0%" in detail
+    stale = _station_file(tmp_path, manifest, space, model_sha256="2" * 64)
+    (status, _, detail), = station_means_checks(_config(tmp_path, f'wbc_station_means = "{stale}"').analysis)
+    assert status == "FAIL" and "station_means_stale" in detail
+    assert ("features wbc_head" in [w for _, w, _ in model_checks(DEFAULT_MODELS_DIR)])
+    models = tmp_path / "models"
+    shutil.copytree(DEFAULT_MODELS_DIR, models)
+    (models / manifest.feature_space.file).write_bytes(b"not the sidecar")
+    failed = [(s, d) for s, w, d in model_checks(models) if w == "features wbc_head"]
+    assert failed and failed[0][0] == "FAIL" and "install-models" in failed[0][1]
