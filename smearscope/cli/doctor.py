@@ -65,25 +65,32 @@ def model_checks(models_dir: Path) -> list[Check]:
             continue
         checks.append(("OK", f"model {role}", f"{models_dir / manifest.file}, sha256 {manifest.sha256[:12]}"))
         if manifest.feature_space is not None:
-            from smearscope.service.analysis.station_means import StationMeansError, load_feature_space
+            from smearscope.service.analysis.station_means import (
+                StationMeansError,
+                load_feature_space,
+            )
 
             try:
                 load_feature_space(manifest, models_dir)
                 checks.append(("OK", f"features {role}", f"{models_dir / manifest.feature_space.file}"))
             except StationMeansError as exc:
-                checks.append(("FAIL", f"features {role}", f"{exc.message} (install them: smearscope install-models "
-                               f"{models_dir})"))
+                checks.append(("FAIL", f"features {role}", (f"{exc.message} (install them: smearscope "
+                               f"install-models {models_dir})")))
     return checks
 
 
 def station_means_checks(analysis) -> list[Check]:
     """The station's own white-cell class means (smearscope adapt-wbc), when the config names a file."""
     if analysis.wbc_station_means is None:
-        return [("OK", "station means", "none: white cells typed by the head as trained (a new lab: smearscope "
-                 "adapt-wbc)")]
+        return [("OK", "station means", ("none: white cells typed by the head as trained (a new lab: smearscope "
+                 "adapt-wbc)"))]
     from smearscope.engines.manifest import ManifestError, load_manifest
     from smearscope.service.analysis.pipeline import MODEL_FILES
-    from smearscope.service.analysis.station_means import StationMeansError, load_feature_space, load_station_means
+    from smearscope.service.analysis.station_means import (
+        StationMeansError,
+        load_feature_space,
+        load_station_means,
+    )
 
     try:
         head = load_manifest(analysis.models_dir / MODEL_FILES["wbc_head"], verify_hash=False)
@@ -94,8 +101,8 @@ def station_means_checks(analysis) -> list[Check]:
     except StationMeansError as exc:
         return [("FAIL", "station means", f"{exc.code}: {exc.message}")]
     cells = ", ".join(f"{c} {n}" for c, n in sm.cells.items())
-    return [("OK", "station means", f"{analysis.wbc_station_means}: {cells}; leave-one-out {sm.loo_accuracy:.1%} "
-             f"(head {sm.head_accuracy:.1%}); {sm.fitted or 'fitted: not recorded'}")]
+    return [("OK", "station means", (f"{analysis.wbc_station_means}: {cells}; leave-one-out {sm.loo_accuracy:.1%} "
+             f"(head {sm.head_accuracy:.1%}); {sm.fitted or 'fitted: not recorded'}"))]
 
 
 def open_set_checks(analysis) -> list[Check]:
