@@ -72,16 +72,25 @@ def test_a_shifted_lab_gets_its_own_means_and_untyped_classes_keep_the_heads():
     assert 0.5 <= fit.means.temperature <= 2000
 
 
-def test_the_energy_threshold_widens_to_the_typed_cells_never_narrows():
+def test_the_open_set_thresholds_widen_to_the_typed_cells_never_narrow():
+    """Each test: the typed cells' quantile by the model's rule (0.95 of the leave-one-out
+    distance to the nearest mean, 0.99 of the energy) where above the model's threshold."""
     space = _space()
     feats, labels = _lab(space, np.array([-3.0, 3.0, 0.0, 0.0]))
     head = [CLASSES[k] for k in space.distances(feats).argmin(1)]
     energies = np.linspace(-5.0, -1.0, len(labels))
-    fit = fit_station_means(space, feats, labels, head, "e" * 64, energies=energies, model_energy=-2.0)
-    assert fit.means.energy_threshold == pytest.approx(np.quantile(energies, 0.99))
-    fit = fit_station_means(space, feats, labels, head, "e" * 64, energies=energies - 10, model_energy=-2.0)
-    assert fit.means.energy_threshold == -2.0
-    assert fit_station_means(space, feats, labels, head, "e" * 64).means.energy_threshold is None
+    fit = fit_station_means(space, feats, labels, head, "e" * 64, model_thresholds={"mahalanobis": 0.1, "energy": -2.0},
+                            energies=energies)
+    idx = np.array([CLASSES.index(c) for c in labels])
+    d = leave_one_out_distances(space, feats, idx, fit.means.means, np.bincount(idx, minlength=3))
+    assert fit.means.thresholds["energy"] == pytest.approx(np.quantile(energies, 0.99))
+    assert fit.means.thresholds["mahalanobis"] == pytest.approx(np.quantile(d.min(1), 0.95))
+    fit = fit_station_means(space, feats, labels, head, "e" * 64, model_thresholds={"mahalanobis": 1e6, "energy": -2.0},
+                            energies=energies - 10)
+    assert fit.means.thresholds == {"mahalanobis": 1e6, "energy": -2.0}
+    # no energies: the energy test is not touched
+    fit = fit_station_means(space, feats, labels, head, "e" * 64, model_thresholds={"mahalanobis": 0.1, "energy": -2.0})
+    assert set(fit.means.thresholds) == {"mahalanobis"}
 
 
 def test_a_class_with_too_few_cells_keeps_the_heads_mean_and_none_at_all_is_refused():
@@ -186,11 +195,13 @@ def test_a_station_file_round_trips_and_is_refused_for_another_head(tmp_path, he
     with pytest.raises(StationMeansError) as exc:
         load_station_means(_station_file(tmp_path, manifest, space, temperature=-1), manifest, space)
     assert exc.value.code == "station_means_invalid"
-    model_energy = next(t.threshold for t in manifest.open_set if t.method == "energy")
-    wider = load_station_means(_station_file(tmp_path, manifest, space, energy_threshold=model_energy + 1), manifest, space)
-    assert wider.energy_threshold == model_energy + 1
-    with pytest.raises(StationMeansError, match="energy_threshold"):
-        load_station_means(_station_file(tmp_path, manifest, space, energy_threshold=model_energy - 1), manifest, space)
+    model = {t.method: t.threshold for t in manifest.open_set}
+    wider = load_station_means(_station_file(tmp_path, manifest, space,
+                                             open_set_thresholds={"energy": model["energy"] + 1}), manifest, space)
+    assert wider.thresholds == {"energy": model["energy"] + 1}
+    for bad in ({"energy": model["energy"] - 1}, {"mahalanobis": model["mahalanobis"] / 2}, {"cosine": 1.0}):
+        with pytest.raises(StationMeansError, match="open_set_thresholds"):
+            load_station_means(_station_file(tmp_path, manifest, space, open_set_thresholds=bad), manifest, space)
 
 
 def test_a_tampered_sidecar_is_refused(tmp_path):
@@ -276,7 +287,7 @@ def test_the_classifier_types_by_the_station_means_and_measures_distance_to_them
         # the energy test still reads the head's own logits
         en = [t.method for t in plain.open_sets].index("energy")
         assert adapted[target].open_set_scores[en] == pytest.approx(before[target].open_set_scores[en], rel=1e-5)
-        wide = StationMeans(manifest.sha256, space.sha256, means, 20.0, {"eosinophil": 10}, energy_threshold=5.0)
+        wide = StationMeans(manifest.sha256, space.sha256, means, 20.0, {"eosinophil": 10}, thresholds={"energy": 5.0})
         clf = CropClassifier(engine, 0.5, station=(space, wide))
         assert clf.thresholds[en] == 5.0 and clf.thresholds[md] == plain.thresholds[md]
         with pytest.raises(ValueError, match="another head"):
@@ -380,7 +391,8 @@ def test_adapt_wbc_types_a_new_labs_cells_the_head_sent_to_review(rendered, tmp_
     assert line["written"] == str(out) and set(line["cells_per_class"]) == set(MIX)
     assert line["leave_one_out_accuracy"] > line["head_accuracy"]
     # the head is unsure of this whole lab: its energy test is widened to the typed cells' 0.99 quantile
-    assert line["energy_threshold"] > line["model_energy_threshold"]
+    assert line["open_set_thresholds"]["energy"] > line["model_open_set_thresholds"]["energy"]
+    assert line["open_set_thresholds"]["mahalanobis"] >= line["model_open_set_thresholds"]["mahalanobis"]
     assert line["matched"] >= 20 and line["unmatched_count"] <= line["typed"] - line["matched"]
     plain = Analyzer.from_models_dir(options=AnalyzerOptions(keep_wbc_features=True), warmup=False)
     adapted = Analyzer.from_models_dir(options=AnalyzerOptions(keep_wbc_features=True, wbc_station_means=out),

@@ -119,12 +119,14 @@ class CropClassifier:
         self.logit_shift = np.array([m.class_log_prior_shift.get(c, 0.0) for c in self.classes], np.float32) * m.temperature
         self.min_confidence = min_confidence
         #: Open-set tests (energy of the logits, or a graph output) and their thresholds: a crop
-        #: beyond any of them is atypical. Station means may carry the station's energy threshold.
+        #: beyond any of them is atypical. Station means carry the station's thresholds (never tighter
+        #: than the model's: the station joins the model's calibration labs).
         self.open_sets = list(m.open_set) if use_open_set else []
-        if station is not None and station[1].energy_threshold is not None:
-            self.open_sets = [t.model_copy(update={"threshold": station[1].energy_threshold,
-                                                   "calibration": "the station's typed cells (adapt-wbc)"})
-                              if t.method == "energy" else t for t in self.open_sets]
+        if station is not None:
+            wider = station[1].thresholds
+            self.open_sets = [t.model_copy(update={"threshold": max(t.threshold, wider[t.method]),
+                                                   "calibration": "with the station's typed cells (adapt-wbc)"})
+                              if t.method in wider else t for t in self.open_sets]
         #: Each test's threshold: the manifest's, or the station's tighter one (`open_set_thresholds`,
         #: by method).
         self.thresholds = station_thresholds(m.name, self.open_sets, open_set_thresholds or {})

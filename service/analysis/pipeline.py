@@ -210,7 +210,7 @@ class Analyzer:
             sm = station[1]
             models["wbc_head"] = models["wbc_head"].model_copy(update={"station_means": StationMeansInfo(
                 cells=dict(sm.cells), leave_one_out_accuracy=round(sm.loo_accuracy, 4),
-                head_accuracy=round(sm.head_accuracy, 4), fitted=sm.fitted, energy_threshold=sm.energy_threshold)})
+                head_accuracy=round(sm.head_accuracy, 4), fitted=sm.fitted, open_set_thresholds=dict(sm.thresholds))})
         analyzer = cls(
             YoloSegmenter(engines["segmentation"], conf_threshold=options.detector_conf, views=options.detector_views),
             *heads, options, models, station_id,
@@ -348,7 +348,8 @@ class Analyzer:
                 det = dataclasses.replace(crop.detection, kind=kind)
                 label = res.label if kind in (CellKind.NRBC, CellKind.WBC) else None
                 cells.append(_classified(det, label, res.score if label else None, shape,
-                                         detected_as=crop.detection.kind, size_calibrated=calibrated))
+                                         detected_as=crop.detection.kind, size_calibrated=calibrated,
+                                         head_features=res.head_features))
         if not self.rbc_head:
             cells += [_classified(c.detection, None, None, shape, size_calibrated=calibrated)
                       for i, c in enumerate(routed.rbc) if i not in nucleated]

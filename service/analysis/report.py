@@ -66,8 +66,9 @@ class StationMeansInfo(_Strict):
     leave_one_out_accuracy: float = Field(description="those cells typed right by the station means, each left out "
                                           "of its own class' mean")
     head_accuracy: float = Field(description="the same cells typed right by the head as trained")
-    energy_threshold: float | None = Field(None, description="the energy test's threshold at this station (its typed "
-                                           "cells' 0.99 quantile, where above the model's); absent: the model's")
+    open_set_thresholds: dict[str, float] = Field(
+        {}, description="per open-set test, its threshold with the station's typed cells (their quantile by the "
+        "model's rule, where above the model's threshold); a test not named keeps the model's")
     fitted: str = Field("", description="when and on what (smearscope adapt-wbc)")
 
 

@@ -26,11 +26,12 @@ it is used:
 At analysis a white cell's class is its nearest mean (softmax of -distance / 2T over the classes),
 and the head's Mahalanobis open-set test reads the distance to the nearest of these means against
 the same threshold (a station's cells now sit near its own means; a blast still sits far from
-all of them). The energy test keeps reading the head's own logits; its threshold was the largest
-per-lab 0.99 quantile over the model's validation labs, and the station joins those labs by the
-same rule: the 0.99 quantile of its typed cells' energies where that is higher (a head unsure of
-a whole new lab would otherwise send its normal cells to review by the dozen). A station's
-`[analysis.wbc_open_set]` may still tighten either test.
+all of them). The energy test keeps reading the head's own logits. Each test's threshold was the
+largest per-lab quantile over the model's validation labs (0.95 of the distances, 0.99 of the
+energies); the station joins those labs by the same rule, its typed cells' quantile (the distance
+of each to the nearest mean with itself left out) where that is higher: a head unsure of a whole
+new lab, and class means from ten cells each, would otherwise send the station's normal cells to
+review by the dozen. A station's `[analysis.wbc_open_set]` may still tighten either test.
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ from smearscope.engines.manifest import ModelManifest, sha256_file
 SCHEMA = "smearscope.wbc_station_means/1"
 #: A class needs this many typed cells for a station mean (fewer: the head's trained mean stays).
 MIN_CELLS = 10
-#: The energy test at a station with its own means: this quantile of its typed cells' energies,
-#: where above the model's threshold (the model's is the largest per-lab 0.99 quantile of its
-#: validation labs: the station joins them by the same rule).
-ENERGY_QUANTILE = 0.99
+#: The open-set tests at a station with its own means: this quantile of its typed cells' scores
+#: (distance to the nearest station mean, each cell left out of its own; the head's energy), where
+#: above the model's threshold. The model's are the largest per-lab quantile over its validation
+#: labs by these same rules (0.95 distance, 0.99 energy): the station joins them as one more lab.
+QUANTILES = {"mahalanobis": 0.95, "energy": 0.99}
 #: Leave-one-out temperatures searched (distances are squared Mahalanobis, hundreds apart).
 TEMPERATURES = np.geomspace(0.5, 2000.0, 161)
 
@@ -114,9 +116,9 @@ class StationMeans:
     loo_accuracy: float = float("nan")
     head_accuracy: float = float("nan")
     fitted: str = ""
-    #: The energy test's threshold at this station: the model's, or the typed cells' ENERGY_QUANTILE
-    #: quantile where higher (the station as one more lab of the model's calibration); None: the model's.
-    energy_threshold: float | None = None
+    #: Per open-set test, its threshold at this station: the model's, or the typed cells' quantile
+    #: (QUANTILES) where higher; a test not named keeps the model's.
+    thresholds: dict[str, float] = field(default_factory=dict)
 
     def logits(self, space: FeatureSpace, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(-distance / 2T per class, distance to the nearest mean) for features (N x dim)."""
@@ -125,7 +127,7 @@ class StationMeans:
 
     def to_json(self, classes: Sequence[str]) -> dict:
         return {"schema": SCHEMA, "model_sha256": self.model_sha256, "feature_sha256": self.feature_sha256,
-                "temperature": self.temperature, "fitted": self.fitted, "energy_threshold": self.energy_threshold,
+                "temperature": self.temperature, "fitted": self.fitted, "open_set_thresholds": self.thresholds,
                 "leave_one_out": {"station_means": self.loo_accuracy, "head": self.head_accuracy},
                 "classes": {c: {"cells": self.cells[c], "mean": [round(float(v), 6) for v in self.means[k]]}
                             for k, c in enumerate(classes) if c in self.cells}}
@@ -162,17 +164,16 @@ def load_station_means(path: Path, manifest: ModelManifest, space: FeatureSpace)
         raise StationMeansError("station_means_invalid", f"{path}: {exc}") from exc
     if not (np.isfinite(temperature) and temperature > 0) or not cells:
         raise StationMeansError("station_means_invalid", f"{path}: needs a positive temperature and at least one class")
-    energy_threshold = doc.get("energy_threshold")
-    model_energy = next((t.threshold for t in manifest.open_set if t.method == "energy"), None)
-    if energy_threshold is not None:
-        if not isinstance(energy_threshold, (int, float)) or not np.isfinite(energy_threshold) or model_energy is None \
-                or energy_threshold < model_energy:
-            raise StationMeansError("station_means_invalid", f"{path}: energy_threshold {energy_threshold!r} is not a "
-                                    "number at or above the model's energy threshold")
-        energy_threshold = float(energy_threshold)
+    model = {t.method: t.threshold for t in manifest.open_set}
+    thresholds = doc.get("open_set_thresholds") or {}
+    if not isinstance(thresholds, dict) or any(
+            m not in model or not isinstance(v, (int, float)) or not np.isfinite(v) or v < model[m]
+            for m, v in thresholds.items()):
+        raise StationMeansError("station_means_invalid", f"{path}: open_set_thresholds {thresholds!r} must name the "
+                                f"head's tests ({', '.join(model) or 'none'}) with numbers at or above the model's")
     return StationMeans(manifest.sha256, space.sha256, means, temperature, cells,
                         float(loo.get("station_means", "nan")), float(loo.get("head", "nan")), str(doc.get("fitted", "")),
-                        energy_threshold)
+                        {m: float(v) for m, v in thresholds.items()})
 
 
 @dataclass(frozen=True)
@@ -203,10 +204,11 @@ def leave_one_out_distances(space: FeatureSpace, feats: np.ndarray, labels: np.n
 
 def fit_station_means(space: FeatureSpace, feats: np.ndarray, labels: Sequence[str], head_labels: Sequence[str],
                       model_sha256: str, min_cells: int = MIN_CELLS, fitted: str = "",
-                      energies: np.ndarray | None = None, model_energy: float | None = None) -> StationFit:
+                      model_thresholds: dict[str, float] | None = None, energies: np.ndarray | None = None) -> StationFit:
     """Station means from typed cells' features (N x dim) and types; `head_labels` what the head
-    typed each as (its closed-set argmax), for the leave-one-out comparison; `energies` the
-    cells' energy scores when the head has that test (threshold `model_energy`)."""
+    typed each as (its closed-set argmax), for the leave-one-out comparison; `model_thresholds`
+    the head's open-set tests (method: threshold) to widen to the station's cells, with
+    `energies` the cells' energy scores when the head has that test."""
     feats = np.asarray(feats, np.float64)
     idx = np.array([space.classes.index(c) for c in labels], int)
     all_counts = {c: int((idx == k).sum()) for k, c in enumerate(space.classes) if (idx == k).any()}
@@ -228,9 +230,10 @@ def fit_station_means(space: FeatureSpace, feats: np.ndarray, labels: Sequence[s
     if loo < head_acc:
         return StationFit(None, "head_better", loo, head_acc, cells)
     temperature = float(min(TEMPERATURES, key=lambda t: _softmax_nll(-d / (2.0 * t), idx)))
-    energy_threshold = None
-    if energies is not None and model_energy is not None:
-        e = np.asarray(energies, np.float64)[keep]
-        energy_threshold = float(max(model_energy, np.quantile(e, ENERGY_QUANTILE)))
+    station_scores = {"mahalanobis": d.min(1)}
+    if energies is not None:
+        station_scores["energy"] = np.asarray(energies, np.float64)[keep]
+    thresholds = {m: float(max(v, np.quantile(station_scores[m], QUANTILES[m])))
+                  for m, v in (model_thresholds or {}).items() if m in station_scores}
     return StationFit(StationMeans(model_sha256, space.sha256, means, temperature, cells, loo, head_acc, fitted,
-                                   energy_threshold), None, loo, head_acc, cells)
+                                   thresholds), None, loo, head_acc, cells)

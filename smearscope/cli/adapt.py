@@ -130,7 +130,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
             by_image.setdefault(p.image, []).append(p)
         feats, types, head_types, energies, unmatched, unreadable = [], [], [], [], [], []
         methods = [t.method for t in head.open_sets]
-        model_energy = next((t.threshold for t in head.open_sets if t.method == "energy"), None)
+        model_thresholds = {t.method: t.threshold for t in head.open_sets}
         for image, marks in by_image.items():
             try:
                 img = load_image(str(image))
@@ -150,7 +150,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
                 feats.append(hf.features)
                 types.append(p.type)
                 head_types.append(hf.closed_set_label)
-                if model_energy is not None:
+                if "energy" in methods:
                     energies.append(res.cells[i].open_set_scores[methods.index("energy")])
     finally:
         analyzer.close()
@@ -159,7 +159,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
               f"({args.labels.name}), at least {args.min_cells} per class for a station mean")
     fit = fit_station_means(space, np.array(feats, np.float64).reshape(n_typed, space.means.shape[1]), types,
                             head_types, manifest.sha256, args.min_cells, fitted,
-                            energies=np.array(energies) if model_energy is not None else None, model_energy=model_energy)
+                            model_thresholds, np.array(energies) if "energy" in methods else None)
     summary = {"typed": len(points), "matched": n_typed, "unmatched": unmatched[:50], "unmatched_count": len(unmatched),
                "unreadable": unreadable, "cells_per_class": fit.cells,
                "leave_one_out_accuracy": None if np.isnan(fit.loo_accuracy) else round(fit.loo_accuracy, 4),
@@ -175,15 +175,15 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
     args.out.write_text(json.dumps(fit.means.to_json(manifest.classes), indent=1) + "\n")
     if args.json:
         print(json.dumps({"written": str(args.out), "temperature": round(fit.means.temperature, 3),
-                          "energy_threshold": fit.means.energy_threshold, "model_energy_threshold": model_energy,
+                          "open_set_thresholds": fit.means.thresholds, "model_open_set_thresholds": model_thresholds,
                           **summary}))
         return 0
     print(f"# {fitted}")
     print(f"# typed cells matched: {n_typed} of {len(points)}; per class {fit.cells}")
     print(f"# leave-one-out: station means {fit.loo_accuracy:.1%}, head as trained {fit.head_accuracy:.1%}")
-    if fit.means.energy_threshold is not None and fit.means.energy_threshold > model_energy:
-        print(f"# energy test: {fit.means.energy_threshold:.3f} (the typed cells' 0.99 quantile; the model's "
-              f"{model_energy:.3f})")
+    for m, v in fit.means.thresholds.items():
+        if v > model_thresholds[m]:
+            print(f"# open-set test {m}: {v:.3f} with the typed cells (the model's {model_thresholds[m]:.3f})")
     print("# put in the station config:")
     print("[analysis]")
     print(f'wbc_station_means = "{args.out.resolve()}"')
