@@ -56,7 +56,7 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float, run_open
         z = np.load(run / "open_set.npz")
         means, precision = z["means"], z["precision"]
         temperature, threshold = float(z["temperature"]), float(z["threshold"])
-        per_lab_q = {"run": threshold}
+        per_lab_q = {}
     else:
         tf, _ = features(model, to_crops(train.images))
         means, precision = fit_mahalanobis(tf, train.labels, len(PBC_CLASSES))
@@ -67,8 +67,9 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float, run_open
         threshold = max(per_lab_q.values())
     head = OpenSetHead(model, means, precision).eval()
     open_set = OpenSet(method="mahalanobis", output="ood", threshold=threshold,
-                       calibration=f"largest per-lab {quantile:.2f} quantile of validation distances (views "
-                                   f"{'+'.join(views)} averaged): {json.dumps({k: round(v, 1) for k, v in per_lab_q.items()})}")
+                       calibration=(f"largest per-lab {quantile:.2f} quantile of validation distances (views "
+                                    f"{'+'.join(views)} averaged): {json.dumps({k: round(v, 1) for k, v in per_lab_q.items()})}"
+                                    if per_lab_q else f"the run's own (train_wbc, {run.name}/open_set.npz)"))
     run_result = json.loads((run / "result.json").read_text()) if (run / "result.json").exists() else {}
     path = export_classifier(
         head, name="wbc_head", classes=list(PBC_CLASSES), crop=WBC_CROP, arch=state["arch"], temperature=temperature,

@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 #: PBC test crops analysed per draw (seeded sample; the whole test split is 1709).
 PBC_TEST_SAMPLE = 400
+#: PBC train crops per class a draw's typed cells are taken from.
+PBC_POOL_PER_CLASS = 40
 
 
 @dataclass(frozen=True)
@@ -60,23 +62,33 @@ class Truth:
     type: str
 
 
-def lab_cells(lab: str, split: str) -> tuple[list[Truth], float]:
-    """Every typed white cell of a lab's split (its centre in the stored image), and the lab's scale."""
+def lab_cells(lab: str, split: str, only: str | None = None) -> tuple[list[Truth], float]:
+    """Every typed white cell of a lab's split (its centre in the stored image; `only`: of that
+    type, every one of them), and the lab's scale."""
     if lab == "rpi":
         out = []
         for stem in rpi_splits()[split]:
             p = rpi_dir() / "images" / f"{stem}.jpg"
             h, w = cv2.imread(str(p), cv2.IMREAD_REDUCED_GRAYSCALE_2).shape[:2]
             for t in rpi_boxes(stem, w * 2, h * 2):
+                if only is not None and t.cls != only:
+                    continue
                 b = t.box
                 out.append(Truth(p, (b.x0 + b.x1) / 2, (b.y0 + b.y1) / 2, t.cls))
         return out, RPI_MICRONS_PER_PIXEL
     if lab == "pbc":
         root = data_root() / "pbc"
         items = list(pbc_splits()[split])
-        if split != "train":
+        if only is not None:
+            items = [(rel, ci) for rel, ci in items if PBC_CLASSES[ci] == only]
+        elif split != "train":
             random.Random(20261205).shuffle(items)
             items = items[:PBC_TEST_SAMPLE]
+        else:  # a technician's pool: PBC_POOL_PER_CLASS seeded crops of each class
+            rng = random.Random(20261206)
+            items = [x for ci in range(len(PBC_CLASSES))
+                     for x in rng.sample([y for y in items if y[1] == ci],
+                                         min(PBC_POOL_PER_CLASS, sum(y[1] == ci for y in items)))]
         out = []
         for rel, ci in items:
             out.append(Truth(root / rel, 0.0, 0.0, PBC_CLASSES[ci]))  # centre filled in when read
@@ -143,8 +155,11 @@ def score(rows: list[dict]) -> dict:
     right = sum(r["label"] == r["type"] for r in found)
     review = sum(r["label"] == UNIDENTIFIED for r in found)
     kept = len(found) - review
+    # a cell of a type the head never saw (--held-out-class) is right only in review
+    known = sum(r["label"] not in (UNIDENTIFIED, None) for r in found)
     return {"cells": len(rows), "found": len(found), "typed_right": right / n, "review": review / n,
-            "right_of_typed": right / max(kept, 1), "closed_set": sum(r["closed"] == r["type"] for r in found) / n}
+            "right_of_typed": right / max(kept, 1), "closed_set": sum(r["closed"] == r["type"] for r in found) / n,
+            "typed_as_known": known / n}
 
 
 def main() -> None:
@@ -155,13 +170,24 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=10)
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--held-out-class", default=None,
+                    help="MODELS' head was trained without this class (train_wbc --exclude-class): it is not typed "
+                         "by the technician, and every test cell of it is scored apart (typed as known: the price "
+                         "of station means for a cell type no model knows, such as a blast)")
     args = ap.parse_args()
     pool, mpp = lab_cells(args.lab, "train")
     test, _ = lab_cells(args.lab, "test")
+    novel: list[Truth] = []
+    if args.held_out_class:
+        pool = [t for t in pool if t.type != args.held_out_class]
+        test = [t for t in test if t.type != args.held_out_class]
+        novel = lab_cells(args.lab, "test", only=args.held_out_class)[0]
     # A technician types white cells the station found (marks on its overlay): draw among those.
     found = analyse(args.models, pool, mpp, None, f"{args.lab} train, cells the station finds")
     pool = [t for t, r in zip(pool, found) if r["found"] and r["typed"]]
     base = score(analyse(args.models, test, mpp, None, f"{args.lab} test, head as trained"))
+    if novel:
+        base["novel_typed_as_known"] = score(analyse(args.models, novel, mpp, None, "held-out class"))["typed_as_known"]
     print(f"{args.lab} head as trained: {json.dumps({k: round(v, 3) for k, v in base.items()})}", flush=True)
     draws = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,10 +209,12 @@ def main() -> None:
                 draws.append({"refused": line.get("error", {}).get("code"), **base})
                 continue
             s = score(analyse(args.models, test, mpp, station, f"{args.lab} test, station means {d}"))
+            if novel:
+                s["novel_typed_as_known"] = score(analyse(args.models, novel, mpp, station, "held-out class"))["typed_as_known"]
             s.update({"matched": line["matched"], "loo": line["leave_one_out_accuracy"], "head_loo": line["head_accuracy"]})
             print(f"draw {d}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()})}", flush=True)
             draws.append(s)
-    keys = ("typed_right", "review", "right_of_typed", "closed_set")
+    keys = ("typed_right", "review", "right_of_typed", "closed_set") + (("novel_typed_as_known",) if novel else ())
     summary = {k: (round(float(np.mean([x[k] for x in draws])), 3), round(float(np.std([x[k] for x in draws])), 3))
                for k in keys}
     print(f"{args.lab}, {args.shots} cells per class, {args.draws} draws, mean (sd): {json.dumps(summary)}")

@@ -349,7 +349,7 @@ class Analyzer:
                 label = res.label if kind in (CellKind.NRBC, CellKind.WBC) else None
                 cells.append(_classified(det, label, res.score if label else None, shape,
                                          detected_as=crop.detection.kind, size_calibrated=calibrated,
-                                         head_features=res.head_features))
+                                         open_set_scores=res.open_set_scores, head_features=res.head_features))
         if not self.rbc_head:
             cells += [_classified(c.detection, None, None, shape, size_calibrated=calibrated)
                       for i, c in enumerate(routed.rbc) if i not in nucleated]

@@ -9,7 +9,7 @@ Mahalanobis space, Lee et al. 2018), lift the lab's typing from 0.46 to 0.74 (Ra
 station) and 0.36 to 0.63 (PBC), where retraining is out of a station's reach.
 
 `smearscope adapt-wbc` fits this file from fields and the technician's typed points;
-`[analysis.wbc_station]` in the station config makes the analyzer use it. What it holds and how
+`wbc_station_means` in the station config's `[analysis]` makes the analyzer use it. What it holds and how
 it is used:
 
 - per typed class with at least `min_cells` cells, the mean of those cells' features (the head's
@@ -17,21 +17,24 @@ it is used:
 - a temperature fitted on the typed cells by leave-one-out (each cell against means that left it
   out), so the confidence gate (`wbc_min_confidence`) means what it means for the head;
 - the cells' leave-one-out accuracy under station means and the head's accuracy on the same
-  cells: the command refuses to write a file that types the station's own cells worse than the
-  head does (with 3 cells per class that check is noise; from 10 it picked station means in
+  cells (every typed cell, those of classes that kept the head's mean too): the command refuses
+  to write a file that types the station's own cells worse than the head does (with 3 cells per class that check is noise; from 10 it picked station means in
   every draw on all three labs);
 - the sha256 of the head and of its feature-space sidecar: a station file fitted for another head
   is refused at start, never silently applied.
 
 At analysis a white cell's class is its nearest mean (softmax of -distance / 2T over the classes),
-and the head's Mahalanobis open-set test reads the distance to the nearest of these means against
-the same threshold (a station's cells now sit near its own means; a blast still sits far from
-all of them). The energy test keeps reading the head's own logits. Each test's threshold was the
-largest per-lab quantile over the model's validation labs (0.95 of the distances, 0.99 of the
-energies); the station joins those labs by the same rule, its typed cells' quantile (the distance
-of each to the nearest mean with itself left out) where that is higher: a head unsure of a whole
-new lab, and class means from ten cells each, would otherwise send the station's normal cells to
-review by the dozen. A station's `[analysis.wbc_open_set]` may still tighten either test.
+and the head's Mahalanobis open-set test reads the distance to the nearest of these means (a
+station's cells now sit near its own means; a blast still sits far from all of them). Fit and
+analysis both take the distance of the crop's features averaged over the views it ran in; the
+graph's own test averages each view's distance instead, which for a crop that ran in two views
+is larger (by about 12 % on rendered crops; a crop the head is sure of runs in one). The energy
+test keeps reading the head's own logits. Each test's threshold is the model's, or the station's
+typed cells' STATION_QUANTILE quantile (for the distance, each cell left out of its own mean)
+where that is higher: the model's were set on the labs it was trained on, and a head unsure of a
+whole new lab, with class means from ten cells each, would otherwise send the station's normal
+cells to review by the dozen. A station's `[analysis.wbc_open_set]` may still tighten either
+test (fit it with the means in place: `smearscope calibrate-atypical` records which means).
 """
 
 from __future__ import annotations
@@ -51,8 +54,10 @@ MIN_CELLS = 10
 #: The open-set tests at a station with its own means: this quantile of its typed cells' scores
 #: (distance to the nearest station mean, each cell left out of its own; the head's energy), where
 #: above the model's threshold. The model's are the largest per-lab quantile over its validation
-#: labs by these same rules (0.95 distance, 0.99 energy): the station joins them as one more lab.
-QUANTILES = {"mahalanobis": 0.95, "energy": 0.99}
+#: labs (0.95 of the distances, 0.99 of the energies, over hundreds of cells a lab); a station
+#: types tens, whose 0.99 quantile is their largest: 0.95 for both, so that two or three odd
+#: typed cells in fifty cannot set it.
+STATION_QUANTILE = 0.95
 #: Leave-one-out temperatures searched (distances are squared Mahalanobis, hundreds apart).
 TEMPERATURES = np.geomspace(0.5, 2000.0, 161)
 
@@ -116,9 +121,12 @@ class StationMeans:
     loo_accuracy: float = float("nan")
     head_accuracy: float = float("nan")
     fitted: str = ""
-    #: Per open-set test, its threshold at this station: the model's, or the typed cells' quantile
-    #: (QUANTILES) where higher; a test not named keeps the model's.
+    #: Per open-set test, its threshold at this station: the model's, or the typed cells'
+    #: STATION_QUANTILE quantile where higher; a test not named keeps the model's.
     thresholds: dict[str, float] = field(default_factory=dict)
+    #: sha256 of the file it was read from ("" when fitted in memory): what thresholds fitted with
+    #: these means (`[analysis.wbc_open_set]`) are tied to.
+    file_sha256: str = ""
 
     def logits(self, space: FeatureSpace, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(-distance / 2T per class, distance to the nearest mean) for features (N x dim)."""
@@ -147,33 +155,50 @@ def load_station_means(path: Path, manifest: ModelManifest, space: FeatureSpace)
             f"hold {manifest.sha256[:12]}: run smearscope adapt-wbc again on the station's typed cells")
     means = space.means.copy()
     cells: dict[str, int] = {}
+
+    def number(v, what: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            raise StationMeansError("station_means_invalid", f"{path}: {what} must be a finite number, not {v!r}")
+        return float(v)
+
     try:
-        temperature = float(doc["temperature"])
-        for name, entry in dict(doc["classes"]).items():
+        temperature = number(doc.get("temperature"), "temperature")
+        classes = doc.get("classes")
+        if not isinstance(classes, dict):
+            raise StationMeansError("station_means_invalid", f"{path}: classes must be an object of class: entry")
+        for name, entry in classes.items():
             if name not in space.classes:
                 raise StationMeansError("station_means_invalid", f"{path}: class {name!r} is not the head's")
-            mean = np.asarray(entry["mean"], np.float64)
-            if mean.shape != (means.shape[1],) or not np.isfinite(mean).all():
+            if not isinstance(entry, dict) or not isinstance(entry.get("mean"), list):
+                raise StationMeansError("station_means_invalid", f"{path}: {name} needs cells and a mean list")
+            mean = np.asarray([number(v, f"{name}'s mean") for v in entry["mean"]], np.float64)
+            if mean.shape != (means.shape[1],):
                 raise StationMeansError("station_means_invalid", f"{path}: {name}'s mean is not {means.shape[1]} numbers")
+            n = entry.get("cells")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise StationMeansError("station_means_invalid", f"{path}: {name}'s cells must be a positive count")
             means[space.classes.index(name)] = mean
-            cells[name] = int(entry["cells"])
-        loo = doc.get("leave_one_out", {})
-    except (KeyError, TypeError, ValueError) as exc:
+            cells[name] = n
+        loo = doc.get("leave_one_out")
+        if not isinstance(loo, dict):
+            raise StationMeansError("station_means_invalid", f"{path}: leave_one_out must be an object")
+        loo_acc, head_acc = number(loo.get("station_means"), "leave_one_out.station_means"), number(
+            loo.get("head"), "leave_one_out.head")
+    except (TypeError, ValueError) as exc:
         if isinstance(exc, StationMeansError):
             raise
         raise StationMeansError("station_means_invalid", f"{path}: {exc}") from exc
-    if not (np.isfinite(temperature) and temperature > 0) or not cells:
+    if temperature <= 0 or not cells:
         raise StationMeansError("station_means_invalid", f"{path}: needs a positive temperature and at least one class")
     model = {t.method: t.threshold for t in manifest.open_set}
     thresholds = doc.get("open_set_thresholds") or {}
     if not isinstance(thresholds, dict) or any(
-            m not in model or not isinstance(v, (int, float)) or not np.isfinite(v) or v < model[m]
-            for m, v in thresholds.items()):
+            m not in model or isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v)
+            or v < model[m] for m, v in thresholds.items()):
         raise StationMeansError("station_means_invalid", f"{path}: open_set_thresholds {thresholds!r} must name the "
                                 f"head's tests ({', '.join(model) or 'none'}) with numbers at or above the model's")
-    return StationMeans(manifest.sha256, space.sha256, means, temperature, cells,
-                        float(loo.get("station_means", "nan")), float(loo.get("head", "nan")), str(doc.get("fitted", "")),
-                        {m: float(v) for m, v in thresholds.items()})
+    return StationMeans(manifest.sha256, space.sha256, means, temperature, cells, loo_acc, head_acc,
+                        str(doc.get("fitted", "")), {m: float(v) for m, v in thresholds.items()}, sha256_file(Path(path)))
 
 
 @dataclass(frozen=True)
@@ -209,15 +234,17 @@ def fit_station_means(space: FeatureSpace, feats: np.ndarray, labels: Sequence[s
     typed each as (its closed-set argmax), for the leave-one-out comparison; `model_thresholds`
     the head's open-set tests (method: threshold) to widen to the station's cells, with
     `energies` the cells' energy scores when the head has that test."""
+    if min_cells < 2:
+        raise ValueError(f"min_cells must be at least 2 (a class' only cell cannot be left out of it), got {min_cells}")
     feats = np.asarray(feats, np.float64)
     idx = np.array([space.classes.index(c) for c in labels], int)
     all_counts = {c: int((idx == k).sum()) for k, c in enumerate(space.classes) if (idx == k).any()}
     typed = [k for k, c in enumerate(space.classes) if all_counts.get(c, 0) >= min_cells]
     if not typed:
         return StationFit(None, "too_few_cells", float("nan"), float("nan"), all_counts)
-    keep = np.isin(idx, typed)
-    feats, idx = feats[keep], idx[keep]
-    head = np.array([h == space.classes[k] for h, k in zip(np.asarray(head_labels)[keep], idx)])
+    # Every typed cell is scored, those of classes left with the head's mean too: station means
+    # for some classes must not pull the others' cells away unseen.
+    head = np.array([h == space.classes[k] for h, k in zip(head_labels, idx)])
     means = space.means.copy()
     counts = np.zeros(len(space.classes), int)
     for k in typed:
@@ -232,8 +259,8 @@ def fit_station_means(space: FeatureSpace, feats: np.ndarray, labels: Sequence[s
     temperature = float(min(TEMPERATURES, key=lambda t: _softmax_nll(-d / (2.0 * t), idx)))
     station_scores = {"mahalanobis": d.min(1)}
     if energies is not None:
-        station_scores["energy"] = np.asarray(energies, np.float64)[keep]
-    thresholds = {m: float(max(v, np.quantile(station_scores[m], QUANTILES[m])))
+        station_scores["energy"] = np.asarray(energies, np.float64)
+    thresholds = {m: float(max(v, np.quantile(station_scores[m], STATION_QUANTILE)))
                   for m, v in (model_thresholds or {}).items() if m in station_scores}
     return StationFit(StationMeans(model_sha256, space.sha256, means, temperature, cells, loo, head_acc, fitted,
                                    thresholds), None, loo, head_acc, cells)

@@ -35,6 +35,14 @@ class WbcOpenSetConfig(StationBaseModel):
         title="How they were fitted",
         description="Free text written by calibrate-atypical: when, on how many white cells, the review budget.",
     )
+    station_means_sha256: str | None = Field(
+        default=None,
+        title="Station means they were fitted with",
+        description="sha256 of the wbc_station_means file in place when the thresholds were fitted (written by "
+        "calibrate-atypical); the station refuses to start when the means in the config are other ones (the "
+        "scores move with the means). Unset: fitted without station means.",
+        pattern=r"^[0-9a-f]{64}$",
+    )
 
 
 class AnalysisConfig(StationBaseModel):

@@ -59,6 +59,20 @@ def station_open_set(analysis) -> tuple[tuple[str, float], ...]:
         raise StartupError("analysis.wbc_open_set", f"fitted for WBC head {section.model_sha256[:12]}, but "
                            f"{analysis.models_dir} holds {head_sha[:12]}: run smearscope calibrate-atypical again "
                            "with this head, or remove the section")
+    means_sha = None
+    if analysis.wbc_station_means is not None:
+        from smearscope.engines.manifest import sha256_file
+
+        try:
+            means_sha = sha256_file(analysis.wbc_station_means)
+        except OSError as exc:
+            raise StartupError("analysis.wbc_station_means", f"{analysis.wbc_station_means}: {exc}") from exc
+    if means_sha != section.station_means_sha256:
+        had = (f"with station means {section.station_means_sha256[:12]}" if section.station_means_sha256
+               else "without station means")
+        now = f"the config's wbc_station_means is {means_sha[:12]}" if means_sha else "the config has none"
+        raise StartupError("analysis.wbc_open_set", f"fitted {had}, but {now}: the open-set scores move with the "
+                           "means; run smearscope calibrate-atypical again, or remove the section")
     return tuple(section.thresholds.items())
 
 

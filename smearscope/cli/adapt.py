@@ -42,31 +42,36 @@ def read_labels(path: Path, classes: list[str]) -> list[TypedPoint]:
     """The technician's typed points; an image path is relative to the CSV's folder unless absolute.
     LabelsError names the first bad line."""
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-            header = rows and list(rows[0].keys())
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is not a column
+            reader = csv.reader(f)
+            header = [h.strip().lower() for h in next(reader, [])]
+            rows = [(reader.line_num, row) for row in reader if any(v.strip() for v in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise LabelsError(f"{path}: {exc}") from exc
+    missing = [c for c in LABEL_COLUMNS if c not in header]
+    if missing:
+        raise LabelsError(f"{path}: columns {', '.join(missing)} missing (needs a header {','.join(LABEL_COLUMNS)})")
     if not rows:
         raise LabelsError(f"{path}: no typed cells (a header {','.join(LABEL_COLUMNS)} and one row per cell)")
-    missing = [c for c in LABEL_COLUMNS if c not in (header or [])]
-    if missing:
-        raise LabelsError(f"{path}: columns {', '.join(missing)} missing (needs {','.join(LABEL_COLUMNS)})")
+    col = {c: header.index(c) for c in LABEL_COLUMNS}
     out = []
-    for line, row in enumerate(rows, start=2):
-        kind = (row["type"] or "").strip().lower()
+    for line, row in rows:
+        if len(row) < len(header):
+            raise LabelsError(f"{path}:{line}: {len(row)} values, the header has {len(header)}")
+        kind = row[col["type"]].strip().lower()
         if kind not in classes:
-            raise LabelsError(f"{path}:{line}: type {row['type']!r} is not one of the WBC head's classes "
+            raise LabelsError(f"{path}:{line}: type {row[col['type']]!r} is not one of the WBC head's classes "
                               f"({', '.join(classes)})")
         try:
-            x, y = float(row["x"]), float(row["y"])
-        except (TypeError, ValueError) as exc:
+            x, y = float(row[col["x"]]), float(row[col["y"]])
+        except ValueError as exc:
             raise LabelsError(f"{path}:{line}: x and y must be numbers") from exc
         if not (np.isfinite(x) and np.isfinite(y)):
             raise LabelsError(f"{path}:{line}: x and y must be finite")
-        image = Path((row["image"] or "").strip())
-        if not str(image):
+        name = row[col["image"]].strip()
+        if not name:
             raise LabelsError(f"{path}:{line}: no image")
+        image = Path(name)
         out.append(TypedPoint(image if image.is_absolute() else path.parent / image, x, y, kind, line))
     return out
 
@@ -107,8 +112,13 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
         print(json.dumps({"error": {"code": code, "message": message}, **extra}))
         return 2
 
+    if args.min_cells < 2:
+        return error("bad_min_cells", f"--min-cells {args.min_cells}: at least 2 (a class' only cell cannot be left "
+                     "out of its own mean)")
     try:
         analyzer, mpp, models_dir = _adapting_analyzer(args)
+    except StationMeansError as exc:
+        return error(exc.code, exc.message)
     except (ConfigError, StartupError) as exc:
         return error("bad_config", str(exc))
     except (EngineError, ManifestError, OSError) as exc:
@@ -139,10 +149,12 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
                 logger.warning("%s: %s: %s", image, exc.code.value, exc.message)
                 unreadable.append(str(image))
                 continue
+            except EngineError as exc:
+                return error("engine_failed", f"{image}: {exc}")
             taken: set[int] = set()
             for p in marks:
                 i = cell_at(res.cells, p.x, p.y, res.input_to_canonical, img.pixels.shape)
-                if i is None or i in taken:
+                if i is None or i in taken or len(res.cells[i].open_set_scores) != len(methods):
                     unmatched.append(f"{p.image.name}:{p.line}")
                     continue
                 taken.add(i)
@@ -172,7 +184,10 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
                                  f"out), the head as trained {fit.head_accuracy:.1%}: keep the head (leave "
                                  "wbc_station_means unset), or type more cells"}[fit.reason or ""]
         return error(fit.reason or "", reason, **summary)
-    args.out.write_text(json.dumps(fit.means.to_json(manifest.classes), indent=1) + "\n")
+    try:
+        args.out.write_text(json.dumps(fit.means.to_json(manifest.classes), indent=1) + "\n")
+    except OSError as exc:
+        return error("cannot_write", f"{args.out}: {exc}", **summary)
     if args.json:
         print(json.dumps({"written": str(args.out), "temperature": round(fit.means.temperature, 3),
                           "open_set_thresholds": fit.means.thresholds, "model_open_set_thresholds": model_thresholds,
@@ -193,15 +208,24 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
 def _adapting_analyzer(args: argparse.Namespace):
     """The station's analyzer keeping white cells' features, without any earlier station means;
     the scale to give; the models folder."""
-    from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
+    from smearscope.engines.manifest import load_manifest
+    from smearscope.service.analysis.pipeline import MODEL_FILES, Analyzer, AnalyzerOptions
+    from smearscope.service.analysis.station_means import load_feature_space
 
     if args.config is None:
+        # a head without a features output says so (no_feature_space) before anything loads
+        load_feature_space(load_manifest(args.models / MODEL_FILES["wbc_head"]), args.models)
         analyzer = Analyzer.from_models_dir(args.models, options=AnalyzerOptions(keep_wbc_features=True), warmup=False)
         return analyzer, args.microns_per_pixel, args.models
     from smearscope.service.config import load_config
     from smearscope.service.station.startup import build_analyzer
 
     config = load_config(args.config)
-    config = config.model_copy(update={"analysis": config.analysis.model_copy(update={"wbc_station_means": None})})
+    models_dir = config.analysis.models_dir
+    load_feature_space(load_manifest(models_dir / MODEL_FILES["wbc_head"]), models_dir)
+    # features do not depend on earlier means or thresholds; sections fitted for an earlier head
+    # or earlier means must not stop a refit
+    config = config.model_copy(update={"analysis": config.analysis.model_copy(
+        update={"wbc_station_means": None, "wbc_open_set": None})})
     mpp = args.microns_per_pixel if args.microns_per_pixel is not None else config.analysis.microns_per_pixel
-    return build_analyzer(config, keep_wbc_features=True), mpp, config.analysis.models_dir
+    return build_analyzer(config, keep_wbc_features=True), mpp, models_dir

@@ -104,9 +104,10 @@ def cmd_calibrate_atypical(args: argparse.Namespace) -> int:
     fit = fit_station_thresholds(np.array(scores, np.float64).reshape(len(scores), len(methods)),
                                  np.array(unsure, bool), methods, model, args.budget, args.min_cells)
     sha = analyzer.models["wbc_head"].sha256
+    station = head.station[1] if head.station is not None else None
     summary = {"white_cells": fit.n_cells, "fields": fields, "skipped": skipped, "budget": args.budget,
                "review_share_model": round(fit.review_share_model, 4), "model_thresholds": dict(zip(methods, model)),
-               "model_sha256": sha}
+               "model_sha256": sha, "station_means_sha256": station.file_sha256 if station else None}
     if fit.thresholds is None:
         reason = {"too_few_white_cells": f"{fit.n_cells} white cells in {fields} fields; at least {args.min_cells} "
                                          "are needed (add fields of normal specimens)",
@@ -127,6 +128,8 @@ def cmd_calibrate_atypical(args: argparse.Namespace) -> int:
     print("[analysis.wbc_open_set]")
     print("thresholds = { " + ", ".join(f"{m} = {v}" for m, v in fit.thresholds.items()) + " }")
     print(f'model_sha256 = "{sha}"')
+    if station is not None:
+        print(f'station_means_sha256 = "{station.file_sha256}"')
     print(f'fitted = "{fitted}"')
     return 0
 
