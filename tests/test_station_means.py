@@ -201,7 +201,7 @@ def test_a_station_file_round_trips_and_is_refused_for_another_head(tmp_path, he
     assert np.allclose(loaded.means[k], space.means[k] + 1.0, atol=1e-5)
     others = [i for i in range(len(space.classes)) if i != k]
     assert np.array_equal(loaded.means[others], space.means[others])
-    assert loaded.cells == {"lymphocyte": 12} and loaded.temperature == 50.0
+    assert loaded.cells == {"lymphocyte": 12} and loaded.temperature == 50.0 and loaded.views == ()
     with pytest.raises(StationMeansError) as exc:
         load_station_means(_station_file(tmp_path, manifest, space, model_sha256="0" * 64), manifest, space)
     assert exc.value.code == "station_means_stale" and "adapt-wbc" in exc.value.message
@@ -290,6 +290,43 @@ def test_adding_the_feature_space_is_idempotent_and_keeps_the_outputs(tmp_path):
 
 # -- typing by station means ------------------------------------------------------------------
 
+def test_station_means_equal_to_the_heads_give_the_graphs_distance_in_every_view(head):
+    """Means that are the head's own: the distance test reads what the graph's does, each view's
+    distance averaged (not the distance of the averaged features, which is smaller)."""
+    from smearscope.engines.registry import create_engine
+
+    manifest, space = head
+    engine = create_engine("onnxruntime", DEFAULT_MODELS_DIR / "wbc_head.json").load()
+    try:
+        crops = _wbc_crops(2)
+        md = [t.method for t in manifest.open_set].index("mahalanobis")
+        plain = CropClassifier(engine, 0.5, extra_views_below=None, keep_features=True)
+        _, graph_scores, feats = plain.forward(crops)
+        same = StationMeans(manifest.sha256, space.sha256, space.means.copy(), 20.0, {"neutrophil": 10})
+        _, station_scores, _ = CropClassifier(engine, 0.5, extra_views_below=None, station=(space, same)).forward(crops)
+        assert np.allclose(station_scores[:, md], graph_scores[:, md], rtol=1e-3, atol=0.5)
+        of_mean = space.distances(feats.astype(np.float64)).min(1)
+        assert (of_mean < graph_scores[:, md] - 1.0).mean() > 0.5  # the averaged features' distance is smaller
+    finally:
+        engine.close()
+
+
+def test_means_fitted_in_other_views_are_refused(head):
+    from smearscope.engines.registry import create_engine
+
+    manifest, space = head
+    engine = create_engine("onnxruntime", DEFAULT_MODELS_DIR / "wbc_head.json").load()
+    try:
+        fitted = StationMeans(manifest.sha256, space.sha256, space.means.copy(), 20.0, {"neutrophil": 10},
+                              views=("identity",))
+        CropClassifier(engine, 0.5, views=["identity"], station=(space, fitted))
+        with pytest.raises(StationMeansError) as exc:
+            CropClassifier(engine, 0.5, station=(space, fitted))  # the manifest's identity+hflip
+        assert exc.value.code == "station_means_stale" and "views" in exc.value.message
+    finally:
+        engine.close()
+
+
 def test_the_classifier_types_by_the_station_means_and_measures_distance_to_them(head):
     """A station whose eosinophil mean sits on one crop's features: that crop is typed eosinophil
     (whatever the head said) with a Mahalanobis score of about zero."""
@@ -299,7 +336,7 @@ def test_the_classifier_types_by_the_station_means_and_measures_distance_to_them
     manifest, space = head
     engine = create_engine("onnxruntime", DEFAULT_MODELS_DIR / "wbc_head.json").load()
     try:
-        plain = CropClassifier(engine, 0.5, keep_features=True)
+        plain = CropClassifier(engine, 0.5, views=["identity"], keep_features=True)
         crops = _wbc_crops(2)
         records = [CellCrop(None, c) for c in crops]
         before = plain.classify(records)
@@ -308,7 +345,7 @@ def test_the_classifier_types_by_the_station_means_and_measures_distance_to_them
         k = space.classes.index("eosinophil")
         means[k] = np.array(before[target].head_features.features)
         station = StationMeans(manifest.sha256, space.sha256, means, 20.0, {"eosinophil": 10})
-        adapted = CropClassifier(engine, 0.5, station=(space, station)).classify(records)
+        adapted = CropClassifier(engine, 0.5, views=["identity"], station=(space, station)).classify(records)
         assert adapted[target].label == "eosinophil" and adapted[target].probs[k] > 0.9
         md = [t.method for t in plain.open_sets].index("mahalanobis")
         assert adapted[target].open_set_scores[md] == pytest.approx(0.0, abs=1.0)
@@ -317,7 +354,7 @@ def test_the_classifier_types_by_the_station_means_and_measures_distance_to_them
         en = [t.method for t in plain.open_sets].index("energy")
         assert adapted[target].open_set_scores[en] == pytest.approx(before[target].open_set_scores[en], rel=1e-5)
         wide = StationMeans(manifest.sha256, space.sha256, means, 20.0, {"eosinophil": 10}, thresholds={"energy": 5.0})
-        clf = CropClassifier(engine, 0.5, station=(space, wide))
+        clf = CropClassifier(engine, 0.5, views=["identity"], station=(space, wide))
         assert clf.thresholds[en] == 5.0 and clf.thresholds[md] == plain.thresholds[md]
         with pytest.raises(ValueError, match="another head"):
             CropClassifier(engine, 0.5, station=(space, StationMeans("0" * 64, space.sha256, means, 20.0, {"a": 1})))
@@ -418,6 +455,7 @@ def test_adapt_wbc_types_a_new_labs_cells_the_head_sent_to_review(rendered, tmp_
     assert run.returncode == 0, run.stdout + run.stderr
     line = json.loads(run.stdout)
     assert line["written"] == str(out) and set(line["cells_per_class"]) == set(MIX)
+    assert json.loads(out.read_text())["views"] == list(load_manifest(DEFAULT_MODELS_DIR / "wbc_head.json").tta)
     assert line["leave_one_out_accuracy"] > line["head_accuracy"]
     # the head is unsure of this whole lab: its energy test is widened to the typed cells' 0.99 quantile
     assert line["open_set_thresholds"]["energy"] > line["model_open_set_thresholds"]["energy"]

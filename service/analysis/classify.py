@@ -35,7 +35,7 @@ from smearscope.engines.manifest import OpenSet
 from smearscope.engines.preprocess import to_model_input
 from smearscope.service.analysis.crops import CropSpec
 from smearscope.service.analysis.records import CellCrop, HeadFeatures
-from smearscope.service.analysis.station_means import FeatureSpace, StationMeans
+from smearscope.service.analysis.station_means import FeatureSpace, StationMeans, StationMeansError
 from smearscope.service.analysis.tta import check_views, view_crops
 
 logger = logging.getLogger(__name__)
@@ -140,6 +140,12 @@ class CropClassifier:
         self.station = station
         if station is not None and station[1].model_sha256 != m.sha256:
             raise ValueError(f"{m.name}: station means were fitted for another head")
+        if station is not None and station[1].views and tuple(station[1].views) != check_views(
+                m.tta if views is None else views):
+            raise StationMeansError("station_means_stale", f"the station means were fitted with the WBC head in views "
+                                    f"{'+'.join(station[1].views)}, the analyzer runs it in "
+                                    f"{'+'.join(check_views(m.tta if views is None else views))}: run smearscope "
+                                    "adapt-wbc again, or set wbc_head_views back")
         #: Each crop's features and closed-set class go into its result (smearscope adapt-wbc).
         self.keep_features = keep_features
         #: Graph output holding the penultimate features, read only when something uses them.
@@ -163,8 +169,8 @@ class CropClassifier:
         (all of them, or only the first where the head is sure of it there:
         `extra_views_below`), or the energy of the view-averaged logits. The logits carry the
         manifest's prior shift (`logit_shift`); the energy is taken before it. With station
-        means the Mahalanobis test's score is the distance of the view-averaged features to the
-        nearest station mean.
+        means the Mahalanobis test's score is each view's distance to the nearest station mean,
+        averaged over the views (as the graph's own distance is).
 
         Crops go to the engine in chunks of CHUNK_CROPS, so memory stays bounded however many
         cells a field holds; each pass sends all its views to the engine in one batched run."""
@@ -182,15 +188,14 @@ class CropClassifier:
         parts = [self._chunk_outputs(pixels[i : i + CHUNK_CROPS]) for i in range(0, n, CHUNK_CROPS)]
         logits = np.concatenate([p[0] for p in parts])
         graph = np.concatenate([p[1] for p in parts]) if parts[0][1] is not None else None
-        k = len(self.score_outputs)
+        k = len(self.score_outputs) + (self.station is not None)
         feats = graph[:, k:] if self.features_output else None
         if not self.open_sets:
             return logits, None, feats
-        cols = dict(zip(self.score_outputs, graph[:, :k].T)) if k else {}
+        cols = dict(zip(self.score_outputs, graph[:, : len(self.score_outputs)].T)) if self.score_outputs else {}
         if self.station is not None:
-            space, means = self.station
-            nearest = means.logits(space, feats)[1]
-            cols = {t.output: nearest for t in self.open_sets if t.method == "mahalanobis"}
+            # each view's distance to the nearest station mean, averaged as the graph's own is
+            cols = {t.output: graph[:, k - 1] for t in self.open_sets if t.method == "mahalanobis"}
         scores = [energy(logits - self.logit_shift) if t.method == "energy" else cols[t.output] for t in self.open_sets]
         return logits, np.stack(scores, axis=1), feats
 
@@ -211,8 +216,9 @@ class CropClassifier:
         return logits, dist
 
     def views_out(self, pixels: np.ndarray, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Per view, logits (V, N, classes) with `logit_shift` added, and the graph's open-set scores
-        then features when read (V, N, outputs + dim) or None."""
+        """Per view, logits (V, N, classes) with `logit_shift` added, and the graph's open-set scores,
+        then with station means the distance to the nearest, then features when read (V, N,
+        outputs [+ 1] + dim), or None."""
         n = len(pixels)
         stacked = pixels if tuple(views) == ("identity",) else np.concatenate([view_crops(pixels, v) for v in views])
         out = run_batched(self.engine, to_model_input(stacked, self.engine.manifest.preprocessing))
@@ -220,7 +226,12 @@ class CropClassifier:
         logits = logits.reshape(len(views), n, logits.shape[-1])
         cols = [out[name].reshape(len(views), n, 1) for name in self.score_outputs]
         if self.features_output:
-            cols.append(out[self.features_output].reshape(len(views), n, -1))
+            feats = out[self.features_output].reshape(len(views), n, -1)
+            if self.station is not None:
+                space, means = self.station
+                nearest = means.logits(space, feats.reshape(len(views) * n, -1))[1]
+                cols.append(nearest.reshape(len(views), n, 1))
+            cols.append(feats)
         return logits, np.concatenate(cols, axis=-1) if cols else None
 
     def _views_mean(self, pixels: np.ndarray, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:

@@ -25,10 +25,11 @@ it is used:
 
 At analysis a white cell's class is its nearest mean (softmax of -distance / 2T over the classes),
 and the head's Mahalanobis open-set test reads the distance to the nearest of these means (a
-station's cells now sit near its own means; a blast still sits far from all of them). Fit and
-analysis both take the distance of the crop's features averaged over the views it ran in; the
-graph's own test averages each view's distance instead, which for a crop that ran in two views
-is larger (by about 12 % on rendered crops; a crop the head is sure of runs in one). The energy
+station's cells now sit near its own means; a blast still sits far from all of them), each view's
+distance averaged as the graph's own test averages them, so the model's threshold keeps its
+meaning. The fit's typed cells are measured with their features averaged over the views first,
+which for a crop that ran in two views gives a smaller distance (about 12 % on rendered crops; a
+crop the head is sure of runs in one): their quantile errs low, towards review. The energy
 test keeps reading the head's own logits. Each test's threshold is the model's, or the station's
 typed cells' STATION_QUANTILE quantile (for the distance, each cell left out of its own mean)
 where that is higher: the model's were set on the labs it was trained on, and a head unsure of a
@@ -127,6 +128,9 @@ class StationMeans:
     #: sha256 of the file it was read from ("" when fitted in memory): what thresholds fitted with
     #: these means (`[analysis.wbc_open_set]`) are tied to.
     file_sha256: str = ""
+    #: The head's test-time views the features were averaged over (empty: not recorded); the
+    #: analyzer refuses the means when it runs the head in others.
+    views: tuple[str, ...] = ()
 
     def logits(self, space: FeatureSpace, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(-distance / 2T per class, distance to the nearest mean) for features (N x dim)."""
@@ -136,6 +140,7 @@ class StationMeans:
     def to_json(self, classes: Sequence[str]) -> dict:
         return {"schema": SCHEMA, "model_sha256": self.model_sha256, "feature_sha256": self.feature_sha256,
                 "temperature": self.temperature, "fitted": self.fitted, "open_set_thresholds": self.thresholds,
+                "views": list(self.views),
                 "leave_one_out": {"station_means": self.loo_accuracy, "head": self.head_accuracy},
                 "classes": {c: {"cells": self.cells[c], "mean": [round(float(v), 6) for v in self.means[k]]}
                             for k, c in enumerate(classes) if c in self.cells}}
@@ -197,8 +202,12 @@ def load_station_means(path: Path, manifest: ModelManifest, space: FeatureSpace)
             or v < model[m] for m, v in thresholds.items()):
         raise StationMeansError("station_means_invalid", f"{path}: open_set_thresholds {thresholds!r} must name the "
                                 f"head's tests ({', '.join(model) or 'none'}) with numbers at or above the model's")
+    views = doc.get("views", [])
+    if not isinstance(views, list) or not all(isinstance(v, str) for v in views):
+        raise StationMeansError("station_means_invalid", f"{path}: views must be a list of view names")
     return StationMeans(manifest.sha256, space.sha256, means, temperature, cells, loo_acc, head_acc,
-                        str(doc.get("fitted", "")), {m: float(v) for m, v in thresholds.items()}, sha256_file(Path(path)))
+                        str(doc.get("fitted", "")), {m: float(v) for m, v in thresholds.items()}, sha256_file(Path(path)),
+                        tuple(views))
 
 
 @dataclass(frozen=True)
@@ -229,7 +238,8 @@ def leave_one_out_distances(space: FeatureSpace, feats: np.ndarray, labels: np.n
 
 def fit_station_means(space: FeatureSpace, feats: np.ndarray, labels: Sequence[str], head_labels: Sequence[str],
                       model_sha256: str, min_cells: int = MIN_CELLS, fitted: str = "",
-                      model_thresholds: dict[str, float] | None = None, energies: np.ndarray | None = None) -> StationFit:
+                      model_thresholds: dict[str, float] | None = None, energies: np.ndarray | None = None,
+                      views: Sequence[str] = ()) -> StationFit:
     """Station means from typed cells' features (N x dim) and types; `head_labels` what the head
     typed each as (its closed-set argmax), for the leave-one-out comparison; `model_thresholds`
     the head's open-set tests (method: threshold) to widen to the station's cells, with
@@ -263,4 +273,4 @@ def fit_station_means(space: FeatureSpace, feats: np.ndarray, labels: Sequence[s
     thresholds = {m: float(max(v, np.quantile(station_scores[m], STATION_QUANTILE)))
                   for m, v in (model_thresholds or {}).items() if m in station_scores}
     return StationFit(StationMeans(model_sha256, space.sha256, means, temperature, cells, loo, head_acc, fitted,
-                                   thresholds), None, loo, head_acc, cells)
+                                   thresholds, views=tuple(views)), None, loo, head_acc, cells)

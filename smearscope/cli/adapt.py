@@ -171,7 +171,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
               f"({args.labels.name}), at least {args.min_cells} per class for a station mean")
     fit = fit_station_means(space, np.array(feats, np.float64).reshape(n_typed, space.means.shape[1]), types,
                             head_types, manifest.sha256, args.min_cells, fitted,
-                            model_thresholds, np.array(energies) if "energy" in methods else None)
+                            model_thresholds, np.array(energies) if "energy" in methods else None, views=head.views)
     summary = {"typed": len(points), "matched": n_typed, "unmatched": unmatched[:50], "unmatched_count": len(unmatched),
                "unreadable": unreadable, "cells_per_class": fit.cells,
                "leave_one_out_accuracy": None if np.isnan(fit.loo_accuracy) else round(fit.loo_accuracy, 4),
