@@ -379,10 +379,18 @@ path = "{tmp_path / 'outbox.sqlite'}"
 def test_start_up_reports_the_station_means_and_refuses_a_stale_file(tmp_path, head):
     manifest, space = head
     good = _station_file(tmp_path, manifest, space)
+    from smearscope.engines.manifest import sha256_file
+    from smearscope.service.fhir.bundle import report_bundle
+
     analyzer = build_analyzer(_config(tmp_path, f'wbc_station_means = "{good}"'))
     try:
-        info = analyzer.analyze(render_field(3, width=320, height=240).frame).report.models["wbc_head"].station_means
+        report = analyzer.analyze(render_field(3, width=320, height=240).frame).report
+        info = report.models["wbc_head"].station_means
         assert info is not None and info.cells == {"lymphocyte": 12} and info.leave_one_out_accuracy == 0.9
+        assert info.sha256 == sha256_file(good)
+        # the FHIR Device names the means beside the models
+        device = next(e["resource"] for e in report_bundle(report)["entry"] if e["resource"]["resourceType"] == "Device")
+        assert {"type": {"text": "wbc_head station means"}, "value": f"sha256:{info.sha256}"} in device["version"]
     finally:
         analyzer.close()
     stale = _station_file(tmp_path, manifest, space, model_sha256="1" * 64)

@@ -209,7 +209,7 @@ class Analyzer:
         if station is not None:
             sm = station[1]
             models["wbc_head"] = models["wbc_head"].model_copy(update={"station_means": StationMeansInfo(
-                cells=dict(sm.cells), leave_one_out_accuracy=round(sm.loo_accuracy, 4),
+                sha256=sm.file_sha256, cells=dict(sm.cells), leave_one_out_accuracy=round(sm.loo_accuracy, 4),
                 head_accuracy=round(sm.head_accuracy, 4), fitted=sm.fitted, open_set_thresholds=dict(sm.thresholds))})
         analyzer = cls(
             YoloSegmenter(engines["segmentation"], conf_threshold=options.detector_conf, views=options.detector_views),

@@ -61,6 +61,7 @@ class StainInfo(_Strict):
 class StationMeansInfo(_Strict):
     """The WBC head adapted to this station: white cells typed by the nearest of the station's own class means."""
 
+    sha256: str = Field("", description="sha256 of the station means file (smearscope adapt-wbc wrote it)")
     cells: dict[str, int] = Field(description="typed cells per class the station's means were fitted on (other "
                                   "classes keep the head's trained mean)")
     leave_one_out_accuracy: float = Field(description="those cells typed right by the station means, each left out "

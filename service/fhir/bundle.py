@@ -141,6 +141,9 @@ def _device(b: _Builder) -> None:
     if r.models:
         device["version"] = [{"type": {"text": role}, "value": f"{m.name} sha256:{m.sha256} ({m.backend})"}
                              for role, m in sorted(r.models.items())]
+        # a head adapted to this station (smearscope adapt-wbc): which class means typed the cells
+        device["version"] += [{"type": {"text": f"{role} station means"}, "value": f"sha256:{m.station_means.sha256}"}
+                              for role, m in sorted(r.models.items()) if m.station_means is not None]
     if r.station_id:
         device["identifier"] = [{"system": codes.ID_STATION, "value": r.station_id}]
     b.add("device", device)
