@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import pytest
 import tomllib
+from test_station_open_set import _config
 
 from smearscope.device.synthetic import render_field
 from smearscope.engines.manifest import load_manifest
@@ -33,7 +34,6 @@ from smearscope.service.analysis.station_means import (
     load_feature_space,
     load_station_means,
 )
-from smearscope.service.config import parse_config
 from smearscope.service.station.startup import StartupError, build_analyzer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -360,20 +360,6 @@ def test_the_classifier_types_by_the_station_means_and_measures_distance_to_them
             CropClassifier(engine, 0.5, station=(space, StationMeans("0" * 64, space.sha256, means, 20.0, {"a": 1})))
     finally:
         engine.close()
-
-
-def _config(tmp_path: Path, analysis: str):
-    text = f"""
-station_id = "bench-1"
-[source]
-kind = "simulated"
-[analysis]
-models_dir = "{DEFAULT_MODELS_DIR}"
-{analysis}
-[mqtt.outbox]
-path = "{tmp_path / 'outbox.sqlite'}"
-"""
-    return parse_config(tomllib.loads(text), environ={})
 
 
 def test_start_up_reports_the_station_means_and_refuses_a_stale_file(tmp_path, head):

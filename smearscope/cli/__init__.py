@@ -1,5 +1,5 @@
 """`smearscope` command line: analyze, demo, run, validate-config, doctor, install-models, schema,
-calibrate-scale, dashboard, build-engines.
+calibrate-scale, calibrate-atypical, adapt-wbc, dashboard, build-engines.
 
 Each command lives in its own module, imported when chosen; nothing below the CLI imports it.
 """
@@ -30,6 +30,17 @@ class _Parser(argparse.ArgumentParser):
         if _Parser.json_errors:
             print(json.dumps({"error": {"code": "bad_arguments", "message": message}}), flush=True)
         super().error(message)
+
+
+def _station_analysis_args(p: argparse.ArgumentParser) -> None:
+    """--config / --models / --microns-per-pixel: the analyzer a station calibration command runs."""
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    p.add_argument("--config", type=Path, default=None,
+                   help="the station's TOML: its models and analysis settings (default: the packaged models)")
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="models folder when no --config")
+    p.add_argument("--microns-per-pixel", type=float, default=None,
+                   help="the fields' scale (default: the config's, else estimated per field)")
 
 
 def _lazy(module: str, function: str):
@@ -115,11 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "more often wherever the station's normal cells lie well inside the model's limits. "
                         "Exit status 2 with an error code when there are too few white cells or nothing to tighten.")
     ca.add_argument("images", nargs="+", metavar="IMAGE", help="fields of normal specimens (files, folders, @LIST)")
-    ca.add_argument("--config", type=Path, default=None,
-                    help="the station's TOML: its models and analysis settings (default: the packaged models)")
-    ca.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="models folder when no --config")
-    ca.add_argument("--microns-per-pixel", type=float, default=None,
-                    help="the fields' scale (default: the config's, else estimated per field)")
+    _station_analysis_args(ca)
     ca.add_argument("--budget", type=float, default=0.05,
                     help="largest share of these normal white cells sent to review (default 0.05)")
     ca.add_argument("--min-cells", type=int, default=200, help="fewest white cells to fit on (default 200)")
@@ -137,11 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     aw.add_argument("--labels", type=Path, required=True,
                     help="CSV with header image,x,y,type (image relative to the CSV's folder; x, y in its pixels)")
     aw.add_argument("--out", type=Path, required=True, help="station means file to write (JSON)")
-    aw.add_argument("--config", type=Path, default=None,
-                    help="the station's TOML: its models and analysis settings (default: the packaged models)")
-    aw.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="models folder when no --config")
-    aw.add_argument("--microns-per-pixel", type=float, default=None,
-                    help="the fields' scale (default: the config's, else estimated per field)")
+    _station_analysis_args(aw)
     aw.add_argument("--min-cells", type=int, default=10,
                     help="typed cells a class needs for a station mean (default 10; with 3 the leave-one-out check is noise)")
     aw.add_argument("--json", action="store_true", help="one JSON line instead of the TOML lines")
