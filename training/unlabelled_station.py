@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model, classes, lab = load_run(args.run, args.lab, args.threads)
+    model, _, lab = load_run(args.run, args.lab, args.threads)
     z = np.load(args.run / "open_set.npz")
     means, precision = z["means"].astype(np.float64), z["precision"].astype(np.float64)
     present = np.abs(means).sum(1) > 0
