@@ -561,3 +561,47 @@ def test_open_set_thresholds_are_tied_to_the_means_they_were_fitted_with(tmp_pat
     with pytest.raises(StartupError) as exc:  # fitted with means no longer configured
         build_analyzer(_config(tmp_path, tied))
     assert "the config has none" in exc.value.reason
+
+
+def test_a_template_of_the_stations_white_cells_typed_and_fitted(rendered, tmp_path):
+    """--template lists every white cell the station finds (type left empty, numbered as on the
+    overlays); the technician types the ones they are sure of, and the same file fits the means."""
+    folder, _, _ = rendered
+    fields = sorted(folder.glob("field5*.png"))
+    template, overlays = tmp_path / "typed.csv", tmp_path / "overlays"
+    run = _cli("adapt-wbc", *map(str, fields), "--template", str(template), "--overlays", str(overlays),
+               "--microns-per-pixel", "0.1", "--json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    line = json.loads(run.stdout)
+    with open(template, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert line["white_cells"] == len(rows) >= 20 and line["overlays"] == len(list(overlays.glob("*.cells.png"))) > 0
+    assert all(r["type"] == "" and r["suggested"] for r in rows)
+    per_field = {}
+    for r in rows:
+        per_field.setdefault(r["image"], []).append(int(r["cell"]))
+    assert all(ns == list(range(1, len(ns) + 1)) for ns in per_field.values())
+    # the technician: each row typed from the truth under it, one in five left empty
+    truth = {}
+    for s in range(500, 512):
+        f = render_field(s, width=640, height=480, microns_per_pixel=0.1, n_wbc=4, wbc_mix=MIX)
+        truth[f"field{s}.png"] = [t for t in f.cells if t.kind == "wbc"]
+    for i, r in enumerate(rows):
+        x, y = float(r["x"]), float(r["y"])
+        near = min(truth[Path(r["image"]).name], key=lambda t: (t.center[0] - x) ** 2 + (t.center[1] - y) ** 2)
+        if i % 5 and (near.center[0] - x) ** 2 + (near.center[1] - y) ** 2 < 15**2:
+            r["type"] = near.subtype
+    typed = sum(bool(r["type"]) for r in rows)
+    with open(template, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "station.json"
+    run = _cli("adapt-wbc", "--labels", str(template), "--out", str(out), "--microns-per-pixel", "0.1", "--min-cells",
+               "5", "--json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    fit = json.loads(run.stdout)
+    assert fit["typed"] == typed and fit["matched"] == typed  # every typed row is a white cell the station found
+    assert fit["leave_one_out_accuracy"] > fit["head_accuracy"]
+    run = _cli("adapt-wbc", "--labels", str(template), "--json")
+    assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == "bad_arguments"

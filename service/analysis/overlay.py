@@ -48,3 +48,18 @@ def draw_overlay(image_bgr: np.ndarray, cells: Sequence[ClassifiedCell], input_t
             cv2.putText(out, text, (int(b.x0), max(10, int(b.y0) - 3)), cv2.FONT_HERSHEY_SIMPLEX,
                         0.35 * thick + 0.05, colour, thick, cv2.LINE_AA)
     return out
+
+
+def draw_numbered(image_bgr: np.ndarray, cells: Sequence[ClassifiedCell], input_to_canonical: float) -> np.ndarray:
+    """Each cell's box and its number (1, 2, ... in the given order) on the input image: the rows
+    of `smearscope adapt-wbc --template`, for a technician to type."""
+    out = image_bgr.copy()
+    inv = 1.0 / input_to_canonical
+    thick = max(1, round(min(out.shape[:2]) / 400))
+    for n, c in enumerate(cells, start=1):
+        b = c.detection.box.scaled(inv)
+        colour = COLOURS[c.detection.kind]
+        cv2.rectangle(out, (int(b.x0), int(b.y0)), (int(b.x1), int(b.y1)), colour, thick)
+        cv2.putText(out, str(n), (int(b.x0) + 2, max(12, int(b.y0) - 4)), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.5 * thick + 0.1, colour, thick + 1, cv2.LINE_AA)
+    return out

@@ -141,9 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the others keep the head's means). Refused (exit 2, code head_better) when the means "
                         "type the typed cells worse, each left out, than the head as trained; too_few_cells when "
                         "no class has enough.")
-    aw.add_argument("--labels", type=Path, required=True,
-                    help="CSV with header image,x,y,type (image relative to the CSV's folder; x, y in its pixels)")
-    aw.add_argument("--out", type=Path, required=True, help="station means file to write (JSON)")
+    aw.add_argument("images", nargs="*", metavar="FIELD",
+                    help="with --template: the station's fields to find white cells on (files, folders, @LIST)")
+    aw.add_argument("--template", type=Path, default=None,
+                    help="write a CSV of the white cells found on FIELDS to type (type column empty, the head's "
+                         "guess beside it, numbered as on --overlays) instead of fitting")
+    aw.add_argument("--overlays", type=Path, default=None, help="with --template: a folder for numbered overlays")
+    aw.add_argument("--labels", type=Path, default=None,
+                    help="CSV with header image,x,y,type (image relative to the CSV's folder; x, y in its pixels; "
+                         "rows with an empty type are skipped)")
+    aw.add_argument("--out", type=Path, default=None, help="station means file to write (JSON)")
     _station_analysis_args(aw)
     aw.add_argument("--min-cells", type=int, default=10,
                     help="typed cells a class needs for a station mean (default 10; with 3 the leave-one-out check is noise)")

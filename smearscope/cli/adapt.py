@@ -52,13 +52,15 @@ def read_labels(path: Path, classes: list[str]) -> list[TypedPoint]:
     if missing:
         raise LabelsError(f"{path}: columns {', '.join(missing)} missing (needs a header {','.join(LABEL_COLUMNS)})")
     if not rows:
-        raise LabelsError(f"{path}: no typed cells (a header {','.join(LABEL_COLUMNS)} and one row per cell)")
+        raise LabelsError(f"{path}: no cells (a header {','.join(LABEL_COLUMNS)} and one row per cell)")
     col = {c: header.index(c) for c in LABEL_COLUMNS}
     out = []
     for line, row in rows:
         if len(row) < len(header):
             raise LabelsError(f"{path}:{line}: {len(row)} values, the header has {len(header)}")
         kind = row[col["type"]].strip().lower()
+        if not kind:  # a template row the technician left untyped (unsure, or not a white cell)
+            continue
         if kind not in classes:
             raise LabelsError(f"{path}:{line}: type {row[col['type']]!r} is not one of the WBC head's classes "
                               f"({', '.join(classes)})")
@@ -73,6 +75,8 @@ def read_labels(path: Path, classes: list[str]) -> list[TypedPoint]:
             raise LabelsError(f"{path}:{line}: no image")
         image = Path(name)
         out.append(TypedPoint(image if image.is_absolute() else path.parent / image, x, y, kind, line))
+    if not out:
+        raise LabelsError(f"{path}: no row has a type (fill the type column of the cells you are sure of)")
     return out
 
 
@@ -112,6 +116,11 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
         print(json.dumps({"error": {"code": code, "message": message}, **extra}))
         return 2
 
+    if args.template is not None:
+        return _write_template(args, error)
+    if args.labels is None or args.out is None or args.images:
+        return error("bad_arguments", "fit with --labels TYPED.csv --out STATION_WBC.json; or write a CSV to type with "
+                     "FIELDS... --template TYPED.csv")
     if args.min_cells < 2:
         return error("bad_min_cells", f"--min-cells {args.min_cells}: at least 2 (a class' only cell cannot be left "
                      "out of its own mean)")
@@ -229,3 +238,96 @@ def _adapting_analyzer(args: argparse.Namespace):
         update={"wbc_station_means": None, "wbc_open_set": None})})
     mpp = args.microns_per_pixel if args.microns_per_pixel is not None else config.analysis.microns_per_pixel
     return build_analyzer(config, keep_wbc_features=True), mpp, models_dir
+
+
+TEMPLATE_COLUMNS = ("image", "x", "y", "type", "cell", "suggested", "confidence")
+
+
+def _write_template(args: argparse.Namespace, error) -> int:
+    """The white cells the station finds on FIELDS, one CSV row each with `type` left empty for the
+    technician, numbered as drawn on an overlay per field (--overlays)."""
+    import os
+
+    import cv2
+
+    from smearscope.cli.analyze_io import InputError, expand_inputs, shown
+    from smearscope.device.frame import Frame
+    from smearscope.engines.base import EngineError
+    from smearscope.engines.manifest import ManifestError
+    from smearscope.service.analysis.overlay import draw_numbered
+    from smearscope.service.analysis.station_means import StationMeansError
+    from smearscope.service.config import ConfigError
+    from smearscope.service.ingest import IngestError, load_image
+    from smearscope.service.station.startup import StartupError
+
+    if not args.images:
+        return error("no_images", "--template needs the fields to find white cells on (files, folders, @LIST)")
+    try:
+        images, _ = expand_inputs(args.images)
+    except InputError as exc:
+        return error(exc.code, exc.message)
+    try:
+        analyzer, mpp, _ = _adapting_analyzer(args)
+    except StationMeansError as exc:
+        return error(exc.code, exc.message)
+    except (ConfigError, StartupError) as exc:
+        return error("bad_config", str(exc))
+    except (EngineError, ManifestError, OSError) as exc:
+        return error("engine_unavailable", f"{type(exc).__name__}: {exc}")
+    from smearscope.service.analysis.pipeline import input_bbox
+
+    rows, skipped, written = [], [], []
+    if args.overlays is not None:
+        args.overlays.mkdir(parents=True, exist_ok=True)
+    base = args.template.resolve().parent
+    try:
+        for item in images:
+            if item.error is not None:
+                skipped.append(shown(item.path))
+                continue
+            try:
+                img = load_image(str(item.path))
+                res = analyzer.analyze(Frame(img.pixels, shown(item.path.name), shown(item.path), microns_per_pixel=mpp))
+            except IngestError as exc:
+                logger.warning("%s: %s: %s", shown(item.path), exc.code.value, exc.message)
+                skipped.append(shown(item.path))
+                continue
+            except EngineError as exc:
+                return error("engine_failed", f"{shown(item.path)}: {exc}")
+            path = item.path.resolve()
+            name = os.path.relpath(path, base) if path.is_relative_to(base) else str(path)
+            h, w = img.pixels.shape[:2]
+            numbered = []
+            for c in res.cells:
+                if c.head_features is None:
+                    continue
+                x0, y0, x1, y1 = input_bbox(c.detection.box, res.input_to_canonical, w, h)
+                numbered.append(c)
+                rows.append([name, round((x0 + x1) / 2, 1), round((y0 + y1) / 2, 1), "", len(numbered),
+                             c.head_features.closed_set_label, round(c.label_score or 0.0, 3)])
+            if args.overlays is not None and numbered:
+                out = args.overlays / f"{path.stem}.cells.png"
+                if not cv2.imwrite(str(out), draw_numbered(img.pixels, numbered, res.input_to_canonical)):
+                    return error("cannot_write", f"{out}: not written")
+                written.append(str(out))
+    finally:
+        analyzer.close()
+    try:
+        with open(args.template, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(TEMPLATE_COLUMNS)
+            writer.writerows(rows)
+    except OSError as exc:
+        return error("cannot_write", f"{args.template}: {exc}")
+    summary = {"template": str(args.template), "white_cells": len(rows), "fields": len(images) - len(skipped),
+               "skipped": skipped, "overlays": len(written)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{len(rows)} white cells in {summary['fields']} fields written to {args.template}"
+              + (f"; numbered on the overlays in {args.overlays}" if written else ""))
+        print("fill the type column of the cells you are sure of (suggested: the head's guess; leave a row empty "
+              "to skip it), then:")
+        print(f"smearscope adapt-wbc --labels {args.template} --out station_wbc.json"
+              + (f" --config {args.config}" if args.config else ""))
+    return 0
