@@ -311,6 +311,41 @@ def test_station_means_equal_to_the_heads_give_the_graphs_distance_in_every_view
         engine.close()
 
 
+def test_kept_features_per_view_are_what_the_distance_test_reads(head):
+    """Each crop's kept features per view: one view where the head was sure, every view where not,
+    averaging to its features; the station's distance score is their distances averaged, which
+    the fit's leave-one-out score reproduces for a single view."""
+    from smearscope.engines.registry import create_engine
+    from smearscope.service.analysis.records import CellCrop
+    from smearscope.service.analysis.station_means import loo_view_distances
+
+    manifest, space = head
+    engine = create_engine("onnxruntime", DEFAULT_MODELS_DIR / "wbc_head.json").load()
+    try:
+        records = [CellCrop(None, c) for c in _wbc_crops(3)]
+        means = space.means + 0.5
+        station = StationMeans(manifest.sha256, space.sha256, means, 20.0, {"neutrophil": 10})
+        out = CropClassifier(engine, 0.5, station=(space, station), keep_features=True).classify(records)
+        views = [len(r.head_features.view_features) for r in out]
+        assert set(views) <= {1, 2} and 2 in views
+        md = [t.method for t in manifest.open_set].index("mahalanobis")
+        for r in out:
+            v = np.array(r.head_features.view_features)
+            assert np.allclose(v.mean(0), r.head_features.features, atol=1e-5)
+            assert r.open_set_scores[md] == pytest.approx(space.distances(v, means).min(1).mean(), rel=1e-4)
+    finally:
+        engine.close()
+    feats, labels = _lab(_space(), np.zeros(4), n=6)
+    sp = _space()
+    idx = np.array([CLASSES.index(c) for c in labels])
+    counts = np.bincount(idx, minlength=3)
+    m = sp.means.copy()
+    for k in (0, 1):
+        m[k] = feats[idx == k].mean(0)
+    assert np.allclose(loo_view_distances(sp, feats, idx, m, counts, [f[None] for f in feats]),
+                       leave_one_out_distances(sp, feats, idx, m, counts).min(1))
+
+
 def test_means_fitted_in_other_views_are_refused(head):
     from smearscope.engines.registry import create_engine
 

@@ -179,41 +179,63 @@ class CropClassifier:
 
     def forward(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """`outputs`, and the view-averaged features (N, dim) when the classifier reads them."""
+        logits, scores, feats, _ = self._forward(pixels)
+        return logits, scores, feats
+
+    def _forward(self, pixels: np.ndarray):
+        """`forward`, and with `keep_features` each crop's features per view it ran in."""
         n = len(pixels)
         if n == 0:
             dim = self.engine.manifest.feature_space.dim if self.features_output else 0
             return (np.zeros((0, len(self.classes)), np.float32),
                     np.zeros((0, len(self.open_sets)), np.float32) if self.open_sets else None,
-                    np.zeros((0, dim), np.float32) if self.features_output else None)
+                    np.zeros((0, dim), np.float32) if self.features_output else None, [])
         parts = [self._chunk_outputs(pixels[i : i + CHUNK_CROPS]) for i in range(0, n, CHUNK_CROPS)]
+        per_view = [f for p in parts for f in p[2]] if self.keep_features else None
         logits = np.concatenate([p[0] for p in parts])
         graph = np.concatenate([p[1] for p in parts]) if parts[0][1] is not None else None
         k = len(self.score_outputs) + (self.station is not None)
         feats = graph[:, k:] if self.features_output else None
         if not self.open_sets:
-            return logits, None, feats
+            return logits, None, feats, per_view
         cols = dict(zip(self.score_outputs, graph[:, : len(self.score_outputs)].T)) if self.score_outputs else {}
         if self.station is not None:
             # each view's distance to the nearest station mean, averaged as the graph's own is
             cols = {t.output: graph[:, k - 1] for t in self.open_sets if t.method == "mahalanobis"}
         scores = [energy(logits - self.logit_shift) if t.method == "energy" else cols[t.output] for t in self.open_sets]
-        return logits, np.stack(scores, axis=1), feats
+        return logits, np.stack(scores, axis=1), feats, per_view
 
     def _shifted(self, logits: np.ndarray) -> np.ndarray:
         return logits + self.logit_shift if self.logit_shift.any() else logits
 
-    def _chunk_outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _chunk_outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray] | None]:
+        """View-averaged logits and graph columns, and with `keep_features` each crop's features in
+        every view it ran in (views x dim)."""
         first, rest = self.views[:1], self.views[1:]
         if not rest or self.extra_views_below is None:
-            return self._views_mean(pixels, self.views)
-        logits, dist = self._views_mean(pixels, first)
+            logits, graph = self.views_out(pixels, self.views)
+            per_view = self._per_view(graph, range(len(pixels)))
+            return logits.mean(0), None if graph is None else graph.mean(0), per_view
+        logits, graph = self.views_out(pixels, first)
+        per_view = self._per_view(graph, range(len(pixels)))
+        logits, dist = logits[0], None if graph is None else graph[0]
         unsure = np.flatnonzero(softmax(logits / self.temperature).max(1) < self.extra_views_below)
         if unsure.size:
             more, more_dist = self.views_out(pixels[unsure], rest)
             logits[unsure] = np.concatenate([logits[unsure][None], more]).mean(0)
             if dist is not None and more_dist is not None:
                 dist[unsure] = np.concatenate([dist[unsure][None], more_dist]).mean(0)
-        return logits, dist
+            if per_view is not None:
+                for j, i in enumerate(unsure.tolist()):
+                    per_view[i] = np.concatenate([per_view[i], more_dist[:, j, -per_view[i].shape[1]:]])
+        return logits, dist, per_view
+
+    def _per_view(self, graph: np.ndarray | None, crops) -> list[np.ndarray] | None:
+        """Each crop's features per view (views x dim) from per-view graph columns, when kept."""
+        if not self.keep_features or graph is None:
+            return None
+        dim = self.engine.manifest.feature_space.dim
+        return [graph[:, i, -dim:].copy() for i in crops]
 
     def views_out(self, pixels: np.ndarray, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """Per view, logits (V, N, classes) with `logit_shift` added, and the graph's open-set scores,
@@ -234,10 +256,6 @@ class CropClassifier:
             cols.append(feats)
         return logits, np.concatenate(cols, axis=-1) if cols else None
 
-    def _views_mean(self, pixels: np.ndarray, views: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        logits, dist = self.views_out(pixels, views)
-        return logits.mean(0), None if dist is None else dist.mean(0)
-
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         return self.outputs(pixels)[0]
 
@@ -246,7 +264,7 @@ class CropClassifier:
         with an open-set score, beyond its threshold (then also `atypical`)."""
         if not crops:
             return []
-        logits, scores, feats = self.forward(np.stack([c.pixels for c in crops]))
+        logits, scores, feats, per_view = self._forward(np.stack([c.pixels for c in crops]))
         head_probs = softmax(logits / self.temperature)
         if self.station is not None:
             space, means = self.station
@@ -254,7 +272,8 @@ class CropClassifier:
         else:
             probs = head_probs
         idx = probs.argmax(1)
-        kept = ([HeadFeatures(tuple(f), self.classes[h]) for f, h in zip(feats.tolist(), head_probs.argmax(1).tolist())]
+        kept = ([HeadFeatures(tuple(f), self.classes[h], tuple(map(tuple, v.tolist())))
+                 for f, h, v in zip(feats.tolist(), head_probs.argmax(1).tolist(), per_view)]
                 if self.keep_features else None)
         beyond = None if scores is None else (scores > self.thresholds).any(axis=1).tolist()
         score_rows = [] if scores is None else scores.tolist()

@@ -113,6 +113,8 @@ class HeadFeatures:
 
     features: tuple[float, ...]
     closed_set_label: str
+    #: The features in each view the crop ran in (one row per view; their mean is `features`).
+    view_features: tuple[tuple[float, ...], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,8 @@ At analysis a white cell's class is its nearest mean (softmax of -distance / 2T 
 and the head's Mahalanobis open-set test reads the distance to the nearest of these means (a
 station's cells now sit near its own means; a blast still sits far from all of them), each view's
 distance averaged as the graph's own test averages them, so the model's threshold keeps its
-meaning. The fit's typed cells are measured with their features averaged over the views first,
-which for a crop that ran in two views gives a smaller distance (about 12 % on rendered crops; a
-crop the head is sure of runs in one): their quantile errs low, towards review. The energy
+meaning; the fit measures its typed cells the same way (the distance of the averaged features
+would be smaller for a crop that ran in two views, about 12 % on rendered crops). The energy
 test keeps reading the head's own logits. Each test's threshold is the model's, or the station's
 typed cells' STATION_QUANTILE quantile (for the distance, each cell left out of its own mean)
 where that is higher: the model's were set on the labs it was trained on, and a head unsure of a
@@ -236,14 +235,30 @@ def leave_one_out_distances(space: FeatureSpace, feats: np.ndarray, labels: np.n
     return d
 
 
+def loo_view_distances(space: FeatureSpace, feats: np.ndarray, idx: np.ndarray, means: np.ndarray,
+                       counts: np.ndarray, view_feats: Sequence[np.ndarray]) -> np.ndarray:
+    """Each typed cell's distance test score as the analyzer takes it, each view's distance to the
+    nearest mean averaged over its views, its own class' mean without it."""
+    out = np.empty(len(feats))
+    for i, (f, c) in enumerate(zip(feats, idx)):
+        m = means
+        if counts[c] > 1:
+            m = means.copy()
+            m[c] = (means[c] * counts[c] - f) / (counts[c] - 1)
+        out[i] = space.distances(np.asarray(view_feats[i], np.float64), m).min(1).mean()
+    return out
+
+
 def fit_station_means(space: FeatureSpace, feats: np.ndarray, labels: Sequence[str], head_labels: Sequence[str],
                       model_sha256: str, min_cells: int = MIN_CELLS, fitted: str = "",
                       model_thresholds: dict[str, float] | None = None, energies: np.ndarray | None = None,
-                      views: Sequence[str] = ()) -> StationFit:
+                      views: Sequence[str] = (), view_feats: Sequence[np.ndarray] | None = None) -> StationFit:
     """Station means from typed cells' features (N x dim) and types; `head_labels` what the head
     typed each as (its closed-set argmax), for the leave-one-out comparison; `model_thresholds`
     the head's open-set tests (method: threshold) to widen to the station's cells, with
-    `energies` the cells' energy scores when the head has that test."""
+    `energies` the cells' energy scores when the head has that test, and `view_feats` each cell's
+    features in every view it ran in (views x dim): the distance test's score is each view's
+    distance averaged, as at analysis (without them, the averaged features' distance: lower)."""
     if min_cells < 2:
         raise ValueError(f"min_cells must be at least 2 (a class' only cell cannot be left out of it), got {min_cells}")
     feats = np.asarray(feats, np.float64)
@@ -267,7 +282,8 @@ def fit_station_means(space: FeatureSpace, feats: np.ndarray, labels: Sequence[s
     if loo < head_acc:
         return StationFit(None, "head_better", loo, head_acc, cells)
     temperature = float(min(TEMPERATURES, key=lambda t: _softmax_nll(-d / (2.0 * t), idx)))
-    station_scores = {"mahalanobis": d.min(1)}
+    station_scores = {"mahalanobis": d.min(1) if view_feats is None
+                      else loo_view_distances(space, feats, idx, means, counts, view_feats)}
     if energies is not None:
         station_scores["energy"] = np.asarray(energies, np.float64)
     thresholds = {m: float(max(v, np.quantile(station_scores[m], STATION_QUANTILE)))

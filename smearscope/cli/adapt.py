@@ -147,7 +147,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
         by_image: dict[Path, list[TypedPoint]] = {}
         for p in points:
             by_image.setdefault(p.image, []).append(p)
-        feats, types, head_types, energies, unmatched, unreadable = [], [], [], [], [], []
+        feats, view_feats, types, head_types, energies, unmatched, unreadable = [], [], [], [], [], [], []
         methods = [t.method for t in head.open_sets]
         model_thresholds = {t.method: t.threshold for t in head.open_sets}
         for image, marks in by_image.items():
@@ -169,6 +169,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
                 taken.add(i)
                 hf = res.cells[i].head_features
                 feats.append(hf.features)
+                view_feats.append(np.array(hf.view_features, np.float64))
                 types.append(p.type)
                 head_types.append(hf.closed_set_label)
                 if "energy" in methods:
@@ -180,7 +181,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
               f"({args.labels.name}), at least {args.min_cells} per class for a station mean")
     fit = fit_station_means(space, np.array(feats, np.float64).reshape(n_typed, space.means.shape[1]), types,
                             head_types, manifest.sha256, args.min_cells, fitted,
-                            model_thresholds, np.array(energies) if "energy" in methods else None, views=head.views)
+                            model_thresholds, np.array(energies) if "energy" in methods else None, views=head.views, view_feats=view_feats)
     summary = {"typed": len(points), "matched": n_typed, "unmatched": unmatched[:50], "unmatched_count": len(unmatched),
                "unreadable": unreadable, "cells_per_class": fit.cells,
                "leave_one_out_accuracy": None if np.isnan(fit.loo_accuracy) else round(fit.loo_accuracy, 4),
