@@ -640,3 +640,16 @@ def test_a_template_of_the_stations_white_cells_typed_and_fitted(rendered, tmp_p
     assert fit["leave_one_out_accuracy"] > fit["head_accuracy"]
     run = _cli("adapt-wbc", "--labels", str(template), "--json")
     assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == "bad_arguments"
+
+
+def test_a_few_cells_of_a_class_without_a_station_mean_do_not_flatten_the_temperature():
+    """Two classes with station means, three stray cells of a third class whose trained mean is
+    nowhere near them (a class the head never saw): the temperature is the two classes' own."""
+    space = _space()
+    feats, labels = _lab(space, np.array([-3.0, 3.0, 0.0, 0.0]))
+    head = [CLASSES[k] for k in space.distances(feats).argmin(1)]
+    alone = fit_station_means(space, feats, labels, head, "e" * 64)
+    stray = np.array([[40.0, 40.0, 0.0, 0.0]] * 3)
+    with_stray = fit_station_means(space, np.concatenate([feats, stray]), labels + ["c"] * 3, head + ["c"] * 3, "e" * 64)
+    assert with_stray.means is not None
+    assert with_stray.means.temperature == alone.means.temperature
