@@ -14,8 +14,9 @@ it is used:
 
 - per typed class with at least `min_cells` cells, the mean of those cells' features (the head's
   views averaged, as the analyzer runs them); every other class keeps the head's trained mean;
-- a temperature fitted on the typed cells by leave-one-out (each cell against means that left it
-  out), so the confidence gate (`wbc_min_confidence`) means what it means for the head;
+- a temperature fitted by leave-one-out on the typed cells of classes with a station mean (each
+  cell against means that left it out), so the confidence gate (`wbc_min_confidence`) means what
+  it means for the head;
 - the cells' leave-one-out accuracy under station means and the head's accuracy on the same
   cells (every typed cell, those of classes that kept the head's mean too): the command refuses
   to write a file that types the station's own cells worse than the head does (with 3 cells per class that check is noise; from 10 it picked station means in
@@ -281,7 +282,11 @@ def fit_station_means(space: FeatureSpace, feats: np.ndarray, labels: Sequence[s
     cells = {space.classes[k]: int(counts[k]) for k in typed}
     if loo < head_acc:
         return StationFit(None, "head_better", loo, head_acc, cells)
-    temperature = float(min(TEMPERATURES, key=lambda t: _softmax_nll(-d / (2.0 * t), idx)))
+    # The temperature is fitted on the cells of classes with a station mean: a class that kept
+    # the head's mean may have none worth the name (a class the head never saw trained), and its
+    # few cells, far from it, would flatten every probability.
+    own = np.isin(idx, typed)
+    temperature = float(min(TEMPERATURES, key=lambda t: _softmax_nll(-d[own] / (2.0 * t), idx[own])))
     station_scores = {"mahalanobis": d.min(1) if view_feats is None
                       else loo_view_distances(space, feats, idx, means, counts, view_feats)}
     if energies is not None:

@@ -102,15 +102,12 @@ def cell_at(cells, x: float, y: float, factor: float, shape, typed_only: bool = 
 def cmd_adapt_wbc(args: argparse.Namespace) -> int:
     from smearscope.device.frame import Frame
     from smearscope.engines.base import EngineError
-    from smearscope.engines.manifest import ManifestError
     from smearscope.service.analysis.station_means import (
         StationMeansError,
         fit_station_means,
         load_feature_space,
     )
-    from smearscope.service.config import ConfigError
     from smearscope.service.ingest import IngestError, load_image
-    from smearscope.service.station.startup import StartupError
 
     def error(code: str, message: str, **extra) -> int:
         print(json.dumps({"error": {"code": code, "message": message}, **extra}))
@@ -124,14 +121,10 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
     if args.min_cells < 2:
         return error("bad_min_cells", f"--min-cells {args.min_cells}: at least 2 (a class' only cell cannot be left "
                      "out of its own mean)")
-    try:
-        analyzer, mpp, models_dir = _adapting_analyzer(args)
-    except StationMeansError as exc:
-        return error(exc.code, exc.message)
-    except (ConfigError, StartupError) as exc:
-        return error("bad_config", str(exc))
-    except (EngineError, ManifestError, OSError) as exc:
-        return error("engine_unavailable", f"{type(exc).__name__}: {exc}")
+    opened = _analyzer_or_error(args, error)
+    if isinstance(opened, int):
+        return opened
+    analyzer, mpp, models_dir = opened
     try:
         head = analyzer.wbc_head
         if head is None:
@@ -215,6 +208,24 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyzer_or_error(args: argparse.Namespace, error):
+    """`_adapting_analyzer`, or the exit status of the error it reports."""
+    from smearscope.engines.base import EngineError
+    from smearscope.engines.manifest import ManifestError
+    from smearscope.service.analysis.station_means import StationMeansError
+    from smearscope.service.config import ConfigError
+    from smearscope.service.station.startup import StartupError
+
+    try:
+        return _adapting_analyzer(args)
+    except StationMeansError as exc:
+        return error(exc.code, exc.message)
+    except (ConfigError, StartupError) as exc:
+        return error("bad_config", str(exc))
+    except (EngineError, ManifestError, OSError) as exc:
+        return error("engine_unavailable", f"{type(exc).__name__}: {exc}")
+
+
 def _adapting_analyzer(args: argparse.Namespace):
     """The station's analyzer keeping white cells' features, without any earlier station means;
     the scale to give; the models folder."""
@@ -254,12 +265,8 @@ def _write_template(args: argparse.Namespace, error) -> int:
     from smearscope.cli.analyze_io import InputError, expand_inputs, shown
     from smearscope.device.frame import Frame
     from smearscope.engines.base import EngineError
-    from smearscope.engines.manifest import ManifestError
     from smearscope.service.analysis.overlay import draw_numbered
-    from smearscope.service.analysis.station_means import StationMeansError
-    from smearscope.service.config import ConfigError
     from smearscope.service.ingest import IngestError, load_image
-    from smearscope.service.station.startup import StartupError
 
     if not args.images:
         return error("no_images", "--template needs the fields to find white cells on (files, folders, @LIST)")
@@ -267,14 +274,10 @@ def _write_template(args: argparse.Namespace, error) -> int:
         images, _ = expand_inputs(args.images)
     except InputError as exc:
         return error(exc.code, exc.message)
-    try:
-        analyzer, mpp, _ = _adapting_analyzer(args)
-    except StationMeansError as exc:
-        return error(exc.code, exc.message)
-    except (ConfigError, StartupError) as exc:
-        return error("bad_config", str(exc))
-    except (EngineError, ManifestError, OSError) as exc:
-        return error("engine_unavailable", f"{type(exc).__name__}: {exc}")
+    opened = _analyzer_or_error(args, error)
+    if isinstance(opened, int):
+        return opened
+    analyzer, mpp, _ = opened
     from smearscope.service.analysis.pipeline import input_bbox
 
     rows, skipped, written = [], [], []
