@@ -93,6 +93,26 @@ def test_the_open_set_thresholds_widen_to_the_typed_cells_never_narrow():
     assert set(fit.means.thresholds) == {"mahalanobis"}
 
 
+def test_the_distance_quantile_is_taken_per_view_as_the_analyzer_takes_it():
+    """Cells that ran in two views: the fitted threshold is the 0.95 quantile of each view's
+    distance averaged (leave one out), above that of the averaged features."""
+    from smearscope.service.analysis.station_means import loo_view_distances
+
+    space = _space()
+    feats, labels = _lab(space, np.array([-3.0, 3.0, 0.0, 0.0]))
+    rng = np.random.default_rng(7)
+    spread = rng.normal(0, 0.8, feats.shape)
+    view_feats = [np.stack([f + e, f - e]) for f, e in zip(feats, spread)]  # two views averaging to f
+    head = [CLASSES[k] for k in space.distances(feats).argmin(1)]
+    fit = fit_station_means(space, feats, labels, head, "e" * 64, model_thresholds={"mahalanobis": 0.0},
+                            view_feats=view_feats)
+    plain = fit_station_means(space, feats, labels, head, "e" * 64, model_thresholds={"mahalanobis": 0.0})
+    idx = np.array([CLASSES.index(c) for c in labels])
+    per_view = loo_view_distances(space, feats, idx, fit.means.means, np.bincount(idx, minlength=3), view_feats)
+    assert fit.means.thresholds["mahalanobis"] == pytest.approx(np.quantile(per_view, 0.95))
+    assert fit.means.thresholds["mahalanobis"] > plain.means.thresholds["mahalanobis"] + 0.5
+
+
 def test_a_class_with_too_few_cells_keeps_the_heads_mean_and_none_at_all_is_refused():
     space = _space()
     feats, labels = _lab(space, np.zeros(4), n=6)
@@ -186,7 +206,8 @@ def _station_file(tmp_path, manifest, space, shift_class="lymphocyte", **over) -
     means = space.means.copy()
     k = space.classes.index(shift_class)
     means[k] = means[k] + 1.0
-    sm = StationMeans(manifest.sha256, space.sha256, means, 50.0, {shift_class: 12}, 0.9, 0.5, "test")
+    sm = StationMeans(manifest.sha256, space.sha256, means, 50.0, {shift_class: 12}, 0.9, 0.5, "test",
+                      views=tuple(manifest.tta))
     doc = sm.to_json(space.classes)
     doc.update(over)
     path = tmp_path / "station.json"
@@ -201,7 +222,10 @@ def test_a_station_file_round_trips_and_is_refused_for_another_head(tmp_path, he
     assert np.allclose(loaded.means[k], space.means[k] + 1.0, atol=1e-5)
     others = [i for i in range(len(space.classes)) if i != k]
     assert np.array_equal(loaded.means[others], space.means[others])
-    assert loaded.cells == {"lymphocyte": 12} and loaded.temperature == 50.0 and loaded.views == ()
+    assert loaded.cells == {"lymphocyte": 12} and loaded.temperature == 50.0 and loaded.views == tuple(manifest.tta)
+    with pytest.raises(StationMeansError) as exc:  # written before files said which views they were fitted in
+        load_station_means(_station_file(tmp_path, manifest, space, views=None), manifest, space)
+    assert exc.value.code == "station_means_stale"
     with pytest.raises(StationMeansError) as exc:
         load_station_means(_station_file(tmp_path, manifest, space, model_sha256="0" * 64), manifest, space)
     assert exc.value.code == "station_means_stale" and "adapt-wbc" in exc.value.message
@@ -488,7 +512,6 @@ def test_adapt_wbc_types_a_new_labs_cells_the_head_sent_to_review(rendered, tmp_
     assert line["leave_one_out_accuracy"] > line["head_accuracy"]
     # the head is unsure of this whole lab: its energy test is widened to the typed cells' 0.99 quantile
     assert line["open_set_thresholds"]["energy"] > line["model_open_set_thresholds"]["energy"]
-    assert line["open_set_thresholds"]["mahalanobis"] >= line["model_open_set_thresholds"]["mahalanobis"]
     assert line["matched"] >= 20 and line["unmatched_count"] == line["typed"] - line["matched"]
     plain = Analyzer.from_models_dir(options=AnalyzerOptions(keep_wbc_features=True), warmup=False)
     adapted = Analyzer.from_models_dir(options=AnalyzerOptions(keep_wbc_features=True, wbc_station_means=out),
@@ -560,10 +583,11 @@ def test_a_spreadsheets_csv_reads_as_typed(tmp_path):
     from smearscope.cli.adapt import LabelsError, read_labels
 
     path = tmp_path / "typed.csv"
-    path.write_text("\ufeffImage, x , y ,Type\nf1.png,10,20,Neutrophil\n\nf2.png,30,40,lymphocyte\n", encoding="utf-8")
+    path.write_text("\ufeffImage, x , y ,Type\nf1.png,10,20,Neutrophil\n\nsub\\f2.png,30,40,lymphocyte\n",
+                    encoding="utf-8")
     points = read_labels(path, ["neutrophil", "lymphocyte"])
-    assert [(p.image.name, p.x, p.y, p.type, p.line) for p in points] == [
-        ("f1.png", 10.0, 20.0, "neutrophil", 2), ("f2.png", 30.0, 40.0, "lymphocyte", 4)]
+    assert [(p.image.relative_to(tmp_path).as_posix(), p.x, p.y, p.type, p.line) for p in points] == [
+        ("f1.png", 10.0, 20.0, "neutrophil", 2), ("sub/f2.png", 30.0, 40.0, "lymphocyte", 4)]
     path.write_text("image,x,y,type\nf1.png,10,20,neutrophil\n\nf2.png,30,40,blast\n")
     with pytest.raises(LabelsError, match=":4:"):
         read_labels(path, ["neutrophil"])
@@ -640,6 +664,34 @@ def test_a_template_of_the_stations_white_cells_typed_and_fitted(rendered, tmp_p
     assert fit["leave_one_out_accuracy"] > fit["head_accuracy"]
     run = _cli("adapt-wbc", "--labels", str(template), "--json")
     assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == "bad_arguments"
+    # the template's fields were analysed at 0.1 um/px: a fit at an estimated scale is refused
+    run = _cli("adapt-wbc", "--labels", str(template), "--out", str(out), "--min-cells", "5", "--json")
+    assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == "scale_mismatch"
+
+
+def test_template_overlays_of_fields_with_one_name_do_not_overwrite_each_other(rendered, tmp_path):
+    folder, _, _ = rendered
+    for sub, seed in (("a", "field500.png"), ("b", "field501.png")):
+        (tmp_path / sub).mkdir()
+        shutil.copy(folder / seed, tmp_path / sub / "field.png")
+    template, overlays = tmp_path / "typed.csv", tmp_path / "overlays"
+    run = _cli("adapt-wbc", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a" / "field.png"),
+               "--template", str(template), "--overlays", str(overlays), "--microns-per-pixel", "0.1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    with open(template, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["image"] for r in rows} == {"a/field.png", "b/field.png"}  # a field named twice is listed once
+    by_image = {r["image"]: r["overlay"] for r in rows}
+    assert by_image["a/field.png"] != by_image["b/field.png"]
+    assert sorted(p.name for p in overlays.iterdir()) == sorted(set(by_image.values()))
+    assert {r["microns_per_pixel"] for r in rows} == {"0.1"}
+    assert "--microns-per-pixel 0.1" in run.stdout  # the printed next step fits at the same scale
+    run = _cli("adapt-wbc", str(tmp_path / "a"), "--template", str(template), "--labels", str(template), "--json")
+    assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == "bad_arguments"
+    (tmp_path / "plain").write_text("")
+    run = _cli("adapt-wbc", str(tmp_path / "a"), "--template", str(template), "--overlays", str(tmp_path / "plain"),
+               "--json")
+    assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == "cannot_write"
 
 
 def test_a_few_cells_of_a_class_without_a_station_mean_do_not_flatten_the_temperature():

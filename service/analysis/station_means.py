@@ -202,8 +202,11 @@ def load_station_means(path: Path, manifest: ModelManifest, space: FeatureSpace)
             or v < model[m] for m, v in thresholds.items()):
         raise StationMeansError("station_means_invalid", f"{path}: open_set_thresholds {thresholds!r} must name the "
                                 f"head's tests ({', '.join(model) or 'none'}) with numbers at or above the model's")
-    views = doc.get("views", [])
-    if not isinstance(views, list) or not all(isinstance(v, str) for v in views):
+    views = doc.get("views")
+    if views is None:
+        raise StationMeansError("station_means_stale", f"{path} does not say which views of the WBC head it was "
+                                "fitted in: run smearscope adapt-wbc again")
+    if not isinstance(views, list) or not views or not all(isinstance(v, str) for v in views):
         raise StationMeansError("station_means_invalid", f"{path}: views must be a list of view names")
     return StationMeans(manifest.sha256, space.sha256, means, temperature, cells, loo_acc, head_acc,
                         str(doc.get("fitted", "")), {m: float(v) for m, v in thresholds.items()}, sha256_file(Path(path)),

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
@@ -36,6 +36,8 @@ class TypedPoint:
     y: float
     type: str
     line: int
+    #: The scale the row's field was analysed at when the template was made (None: not recorded, or estimated).
+    scale: float | None = None
 
 
 def read_labels(path: Path, classes: list[str]) -> list[TypedPoint]:
@@ -73,8 +75,16 @@ def read_labels(path: Path, classes: list[str]) -> list[TypedPoint]:
         name = row[col["image"]].strip()
         if not name:
             raise LabelsError(f"{path}:{line}: no image")
+        if "\\" in name and not Path(name).is_absolute():  # a relative name written on Windows
+            name = PureWindowsPath(name).as_posix()
         image = Path(name)
-        out.append(TypedPoint(image if image.is_absolute() else path.parent / image, x, y, kind, line))
+        scale = None
+        if "microns_per_pixel" in header and row[header.index("microns_per_pixel")].strip():
+            try:
+                scale = float(row[header.index("microns_per_pixel")])
+            except ValueError as exc:
+                raise LabelsError(f"{path}:{line}: microns_per_pixel must be a number") from exc
+        out.append(TypedPoint(image if image.is_absolute() else path.parent / image, x, y, kind, line, scale))
     if not out:
         raise LabelsError(f"{path}: no row has a type (fill the type column of the cells you are sure of)")
     return out
@@ -137,6 +147,11 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
             return error(exc.code, exc.message)
         except LabelsError as exc:
             return error("bad_labels", str(exc))
+        made_at = {p.scale for p in points if p.scale is not None}
+        if made_at and (mpp is None or any(abs(v - mpp) > 0.01 * v for v in made_at)):
+            return error("scale_mismatch", f"the template's fields were analysed at {sorted(made_at)} um/px, this fit "
+                         f"at {'an estimated scale' if mpp is None else f'{mpp} um/px'}: the features differ; give "
+                         "the same --microns-per-pixel (or the config's)")
         by_image: dict[Path, list[TypedPoint]] = {}
         for p in points:
             by_image.setdefault(p.image, []).append(p)
@@ -252,13 +267,14 @@ def _adapting_analyzer(args: argparse.Namespace):
     return build_analyzer(config, keep_wbc_features=True), mpp, models_dir
 
 
-TEMPLATE_COLUMNS = ("image", "x", "y", "type", "cell", "suggested", "confidence")
+TEMPLATE_COLUMNS = ("image", "x", "y", "type", "cell", "suggested", "confidence", "overlay", "microns_per_pixel")
 
 
 def _write_template(args: argparse.Namespace, error) -> int:
     """The white cells the station finds on FIELDS, one CSV row each with `type` left empty for the
     technician, numbered as drawn on an overlay per field (--overlays)."""
     import os
+    import shlex
 
     import cv2
 
@@ -270,68 +286,88 @@ def _write_template(args: argparse.Namespace, error) -> int:
 
     if not args.images:
         return error("no_images", "--template needs the fields to find white cells on (files, folders, @LIST)")
+    if args.labels is not None or args.out is not None:
+        return error("bad_arguments", "--template writes a CSV to type; fit it afterwards with --labels and --out")
     try:
         images, _ = expand_inputs(args.images)
     except InputError as exc:
         return error(exc.code, exc.message)
-    opened = _analyzer_or_error(args, error)
-    if isinstance(opened, int):
-        return opened
-    analyzer, mpp, _ = opened
-    from smearscope.service.analysis.pipeline import input_bbox
-
-    rows, skipped, written = [], [], []
-    if args.overlays is not None:
-        args.overlays.mkdir(parents=True, exist_ok=True)
-    base = args.template.resolve().parent
-    try:
-        for item in images:
-            if item.error is not None:
-                skipped.append(shown(item.path))
-                continue
-            try:
-                img = load_image(str(item.path))
-                res = analyzer.analyze(Frame(img.pixels, shown(item.path.name), shown(item.path), microns_per_pixel=mpp))
-            except IngestError as exc:
-                logger.warning("%s: %s: %s", shown(item.path), exc.code.value, exc.message)
-                skipped.append(shown(item.path))
-                continue
-            except EngineError as exc:
-                return error("engine_failed", f"{shown(item.path)}: {exc}")
-            path = item.path.resolve()
-            name = os.path.relpath(path, base) if path.is_relative_to(base) else str(path)
-            h, w = img.pixels.shape[:2]
-            numbered = []
-            for c in res.cells:
-                if c.head_features is None:
-                    continue
-                x0, y0, x1, y1 = input_bbox(c.detection.box, res.input_to_canonical, w, h)
-                numbered.append(c)
-                rows.append([name, round((x0 + x1) / 2, 1), round((y0 + y1) / 2, 1), "", len(numbered),
-                             c.head_features.closed_set_label, round(c.label_score or 0.0, 3)])
-            if args.overlays is not None and numbered:
-                out = args.overlays / f"{path.stem}.cells.png"
-                if not cv2.imwrite(str(out), draw_numbered(img.pixels, numbered, res.input_to_canonical)):
-                    return error("cannot_write", f"{out}: not written")
-                written.append(str(out))
-    finally:
-        analyzer.close()
-    try:
-        with open(args.template, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(TEMPLATE_COLUMNS)
-            writer.writerows(rows)
+    seen: set[Path] = set()  # a field named twice (a folder and one of its files) is listed once
+    images = [i for i in images if i.error is not None or not (i.path.resolve() in seen or seen.add(i.path.resolve()))]
+    try:  # where the results go, before anything is analysed
+        if args.overlays is not None:
+            args.overlays.mkdir(parents=True, exist_ok=True)
+        out_csv = open(args.template, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed by the with below)
     except OSError as exc:
-        return error("cannot_write", f"{args.template}: {exc}")
-    summary = {"template": str(args.template), "white_cells": len(rows), "fields": len(images) - len(skipped),
+        return error("cannot_write", f"{exc}")
+    with out_csv:
+        opened = _analyzer_or_error(args, error)
+        if isinstance(opened, int):
+            return opened
+        analyzer, mpp, _ = opened
+        from smearscope.service.analysis.pipeline import input_bbox
+
+        writer = csv.writer(out_csv)
+        writer.writerow(TEMPLATE_COLUMNS)
+        n_rows, skipped, written = 0, [], []
+        base = args.template.resolve().parent
+        try:
+            for item in images:
+                if item.error is not None:
+                    skipped.append(shown(item.path))
+                    continue
+                try:
+                    img = load_image(str(item.path))
+                    res = analyzer.analyze(Frame(img.pixels, shown(item.path.name), shown(item.path),
+                                                 microns_per_pixel=mpp))
+                except IngestError as exc:
+                    logger.warning("%s: %s: %s", shown(item.path), exc.code.value, exc.message)
+                    skipped.append(shown(item.path))
+                    continue
+                except EngineError as exc:
+                    return error("engine_failed", f"{shown(item.path)}: {exc}")
+                path = item.path.resolve()
+                # relative to the CSV, '/'-separated, valid UTF-8 (a name that is not stays unreadable, shown as \xNN)
+                name = shown(Path(os.path.relpath(path, base)).as_posix() if path.is_relative_to(base) else path.as_posix())
+                # one overlay per field, numbered in input order: two fields of one name never share it
+                overlay = f"{len(written) + len(skipped) + 1:04d}-{shown(path.stem)}.cells.png" if args.overlays else ""
+                h, w = img.pixels.shape[:2]
+                numbered = []
+                for c in res.cells:
+                    if c.head_features is None:
+                        continue
+                    x0, y0, x1, y1 = input_bbox(c.detection.box, res.input_to_canonical, w, h)
+                    numbered.append(c)
+                    writer.writerow([name, round((x0 + x1) / 2, 1), round((y0 + y1) / 2, 1), "", len(numbered),
+                                     c.head_features.closed_set_label, round(c.label_score or 0.0, 3), overlay,
+                                     "" if mpp is None else mpp])
+                n_rows += len(numbered)
+                if args.overlays is not None:
+                    target = args.overlays / overlay
+                    if not cv2.imwrite(str(target), draw_numbered(img.pixels, numbered, res.input_to_canonical)):
+                        return error("cannot_write", f"{shown(target)}: not written")
+                    written.append(shown(target))
+        except OSError as exc:
+            return error("cannot_write", f"{args.template}: {exc}")
+        finally:
+            analyzer.close()
+    summary = {"template": str(args.template), "white_cells": n_rows, "fields": len(images) - len(skipped),
                "skipped": skipped, "overlays": len(written)}
     if args.json:
         print(json.dumps(summary))
-    else:
-        print(f"{len(rows)} white cells in {summary['fields']} fields written to {args.template}"
-              + (f"; numbered on the overlays in {args.overlays}" if written else ""))
-        print("fill the type column of the cells you are sure of (suggested: the head's guess; leave a row empty "
-              "to skip it), then:")
-        print(f"smearscope adapt-wbc --labels {args.template} --out station_wbc.json"
-              + (f" --config {args.config}" if args.config else ""))
+        return 0
+    print(f"{n_rows} white cells in {summary['fields']} fields written to {args.template}"
+          + (f"; numbered on the overlays in {args.overlays}" if written else ""))
+    print("fill the type column of the cells you are sure of (suggested: the head's guess; leave a row empty "
+          "to skip it), then:")
+    same = [*(["--config", str(args.config)] if args.config else []),
+            *(["--models", str(args.models)] if args.config is None and args.models != _default_models() else []),
+            *(["--microns-per-pixel", str(args.microns_per_pixel)] if args.microns_per_pixel is not None else [])]
+    print(shlex.join(["smearscope", "adapt-wbc", "--labels", str(args.template), "--out", "station_wbc.json", *same]))
     return 0
+
+
+def _default_models() -> Path:
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    return DEFAULT_MODELS_DIR
