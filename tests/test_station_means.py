@@ -501,6 +501,36 @@ def _typed(analyzer: Analyzer, test) -> tuple[int, int, int]:
     return found, right, review
 
 
+def _per_view_threshold(analyzer: Analyzer, labels: Path, station: Path) -> float:
+    """The 0.95 quantile of the typed cells' per-view distances to the station's means (each left
+    out of its own), as the fit should have taken it."""
+    from smearscope.cli.adapt import cell_at, read_labels
+    from smearscope.device.frame import Frame
+    from smearscope.service.analysis.station_means import loo_view_distances
+
+    manifest = analyzer.wbc_head.engine.manifest
+    space = load_feature_space(manifest, DEFAULT_MODELS_DIR)
+    sm = load_station_means(station, manifest, space)
+    points = read_labels(labels, list(manifest.classes))
+    feats, views, idx = [], [], []
+    for image in dict.fromkeys(p.image for p in points):
+        pixels = cv2.imread(str(image))
+        res = analyzer.analyze(Frame(pixels, image.name, str(image), microns_per_pixel=0.1))
+        taken = set()
+        for p in (p for p in points if p.image == image):
+            i = cell_at(res.cells, p.x, p.y, res.input_to_canonical, pixels.shape)
+            if i is None or i in taken:
+                continue
+            taken.add(i)
+            feats.append(res.cells[i].head_features.features)
+            views.append(np.array(res.cells[i].head_features.view_features))
+            idx.append(space.classes.index(p.type))
+    idx = np.array(idx)
+    counts = np.array([sm.cells.get(c, 0) for c in space.classes])
+    per_view = loo_view_distances(space, np.array(feats), idx, sm.means, counts, views)
+    return float(np.quantile(per_view, 0.95))
+
+
 def test_adapt_wbc_types_a_new_labs_cells_the_head_sent_to_review(rendered, tmp_path):
     _, labels, test = rendered
     out = tmp_path / "station.json"
@@ -510,7 +540,7 @@ def test_adapt_wbc_types_a_new_labs_cells_the_head_sent_to_review(rendered, tmp_
     assert line["written"] == str(out) and set(line["cells_per_class"]) == set(MIX)
     assert json.loads(out.read_text())["views"] == list(load_manifest(DEFAULT_MODELS_DIR / "wbc_head.json").tta)
     assert line["leave_one_out_accuracy"] > line["head_accuracy"]
-    # the head is unsure of this whole lab: its energy test is widened to the typed cells' 0.99 quantile
+    # the head is unsure of this whole lab: its energy test is widened to the typed cells' 0.95 quantile
     assert line["open_set_thresholds"]["energy"] > line["model_open_set_thresholds"]["energy"]
     assert line["matched"] >= 20 and line["unmatched_count"] == line["typed"] - line["matched"]
     plain = Analyzer.from_models_dir(options=AnalyzerOptions(keep_wbc_features=True), warmup=False)
@@ -519,9 +549,12 @@ def test_adapt_wbc_types_a_new_labs_cells_the_head_sent_to_review(rendered, tmp_
     try:
         found, right_plain, review_plain = _typed(plain, test)
         found2, right_adapted, review_adapted = _typed(adapted, test)
+        expected_md = _per_view_threshold(plain, labels, out)
     finally:
         plain.close()
         adapted.close()
+    # the distance test's quantile is of each typed cell's per-view distances, as analysis reads them
+    assert line["typed_cells_quantiles"]["mahalanobis"] == pytest.approx(expected_md, rel=1e-3)
     assert found == found2 >= 10
     # the head as trained sends most of these cells to review; the station's means type them
     assert review_plain / found > 0.5 and right_plain / found < 0.4

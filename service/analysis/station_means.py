@@ -221,6 +221,8 @@ class StationFit:
     loo_accuracy: float
     head_accuracy: float
     cells: dict[str, int]
+    #: per open-set test, the typed cells' STATION_QUANTILE quantile (what widened its threshold, where above)
+    quantiles: dict[str, float] = field(default_factory=dict)
 
 
 def _softmax_nll(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -294,7 +296,8 @@ def fit_station_means(space: FeatureSpace, feats: np.ndarray, labels: Sequence[s
                       else loo_view_distances(space, feats, idx, means, counts, view_feats)}
     if energies is not None:
         station_scores["energy"] = np.asarray(energies, np.float64)
-    thresholds = {m: float(max(v, np.quantile(station_scores[m], STATION_QUANTILE)))
-                  for m, v in (model_thresholds or {}).items() if m in station_scores}
+    quantiles = {m: float(np.quantile(station_scores[m], STATION_QUANTILE))
+                 for m in (model_thresholds or {}) if m in station_scores}
+    thresholds = {m: max(v, quantiles[m]) for m, v in (model_thresholds or {}).items() if m in quantiles}
     return StationFit(StationMeans(model_sha256, space.sha256, means, temperature, cells, loo, head_acc, fitted,
-                                   thresholds, views=tuple(views)), None, loo, head_acc, cells)
+                                   thresholds, views=tuple(views)), None, loo, head_acc, cells, quantiles)

@@ -209,6 +209,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"written": str(args.out), "temperature": round(fit.means.temperature, 3),
                           "open_set_thresholds": fit.means.thresholds, "model_open_set_thresholds": model_thresholds,
+                          "typed_cells_quantiles": {m: round(v, 4) for m, v in fit.quantiles.items()},
                           **summary}))
         return 0
     print(f"# {fitted}")
