@@ -33,18 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smearscope.export.feature_space import mahalanobis
 from training.adapt_bn import adapted, load_run
 from training.train_wbc import features
 from training.wbc_data import load_contexts, to_crops
 
 logger = logging.getLogger(__name__)
-
-
-def mahalanobis(feats: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """Squared distances (cells x classes) under one shared precision matrix."""
-    pf = feats @ precision
-    return ((pf * feats).sum(1, keepdims=True) - 2 * pf @ means.T
-            + np.einsum("kd,de,ke->k", means, precision, means)[None])
 
 
 def ncm_predict(query: np.ndarray, feats: np.ndarray, labels: np.ndarray, precision: np.ndarray,

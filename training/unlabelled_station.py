@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from smearscope.export.feature_space import mahalanobis
 from training.adapt_bn import load_run
-from training.fewshot_station import mahalanobis
 from training.train_wbc import features
 from training.wbc_data import load_contexts, to_crops
 

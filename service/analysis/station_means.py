@@ -230,14 +230,19 @@ def _softmax_nll(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(labels)), labels]))
 
 
+def _without(means: np.ndarray, counts: np.ndarray, c: int, f: np.ndarray) -> np.ndarray:
+    """Class `c`'s mean of `counts[c]` cells with the cell `f` left out (unchanged for a class
+    with a single cell or none: the head's mean)."""
+    return (means[c] * counts[c] - f) / (counts[c] - 1) if counts[c] > 1 else means[c]
+
+
 def leave_one_out_distances(space: FeatureSpace, feats: np.ndarray, labels: np.ndarray, means: np.ndarray,
                             counts: np.ndarray) -> np.ndarray:
     """Each typed cell's distances to every class mean, its own class' mean taken without it."""
     d = space.distances(feats, means)
     for i, (f, c) in enumerate(zip(feats, labels)):
         if counts[c] > 1:
-            own = (means[c] * counts[c] - f) / (counts[c] - 1)
-            d[i, c] = space.distances(f[None], own[None])[0, 0]
+            d[i, c] = space.distances(f[None], _without(means, counts, c, f)[None])[0, 0]
     return d
 
 
@@ -247,10 +252,8 @@ def loo_view_distances(space: FeatureSpace, feats: np.ndarray, idx: np.ndarray, 
     nearest mean averaged over its views, its own class' mean without it."""
     out = np.empty(len(feats))
     for i, (f, c) in enumerate(zip(feats, idx)):
-        m = means
-        if counts[c] > 1:
-            m = means.copy()
-            m[c] = (means[c] * counts[c] - f) / (counts[c] - 1)
+        m = means.copy()
+        m[c] = _without(means, counts, c, f)
         out[i] = space.distances(np.asarray(view_feats[i], np.float64), m).min(1).mean()
     return out
 

@@ -112,11 +112,7 @@ def cell_at(cells, x: float, y: float, factor: float, shape, typed_only: bool = 
 def cmd_adapt_wbc(args: argparse.Namespace) -> int:
     from smearscope.device.frame import Frame
     from smearscope.engines.base import EngineError
-    from smearscope.service.analysis.station_means import (
-        StationMeansError,
-        fit_station_means,
-        load_feature_space,
-    )
+    from smearscope.service.analysis.station_means import fit_station_means
     from smearscope.service.ingest import IngestError, load_image
 
     def error(code: str, message: str, **extra) -> int:
@@ -134,17 +130,12 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
     opened = _analyzer_or_error(args, error)
     if isinstance(opened, int):
         return opened
-    analyzer, mpp, models_dir = opened
+    analyzer, mpp, space = opened
     try:
         head = analyzer.wbc_head
-        if head is None:
-            return error("no_wbc_head", "the models have no WBC head")
         manifest = head.engine.manifest
         try:
-            space = load_feature_space(manifest, models_dir)
             points = read_labels(args.labels, list(manifest.classes))
-        except StationMeansError as exc:
-            return error(exc.code, exc.message)
         except LabelsError as exc:
             return error("bad_labels", str(exc))
         made_at = {p.scale for p in points if p.scale is not None}
@@ -244,28 +235,31 @@ def _analyzer_or_error(args: argparse.Namespace, error):
 
 def _adapting_analyzer(args: argparse.Namespace):
     """The station's analyzer keeping white cells' features, without any earlier station means;
-    the scale to give; the models folder."""
+    the scale to give; the WBC head's feature space (checked before anything loads, so a head
+    without a features output says so: no_feature_space)."""
     from smearscope.engines.manifest import load_manifest
     from smearscope.service.analysis.pipeline import MODEL_FILES, Analyzer, AnalyzerOptions
     from smearscope.service.analysis.station_means import load_feature_space
 
-    if args.config is None:
-        # a head without a features output says so (no_feature_space) before anything loads
-        load_feature_space(load_manifest(args.models / MODEL_FILES["wbc_head"]), args.models)
-        analyzer = Analyzer.from_models_dir(args.models, options=AnalyzerOptions(keep_wbc_features=True), warmup=False)
-        return analyzer, args.microns_per_pixel, args.models
-    from smearscope.service.config import load_config
+    config = None
+    models_dir, mpp = args.models, args.microns_per_pixel
+    if args.config is not None:
+        from smearscope.service.config import load_config
+
+        config = load_config(args.config)
+        models_dir = config.analysis.models_dir
+        mpp = mpp if mpp is not None else config.analysis.microns_per_pixel
+    space = load_feature_space(load_manifest(models_dir / MODEL_FILES["wbc_head"]), models_dir)
+    if config is None:
+        return Analyzer.from_models_dir(models_dir, options=AnalyzerOptions(keep_wbc_features=True), warmup=False), \
+            mpp, space
     from smearscope.service.station.startup import build_analyzer
 
-    config = load_config(args.config)
-    models_dir = config.analysis.models_dir
-    load_feature_space(load_manifest(models_dir / MODEL_FILES["wbc_head"]), models_dir)
     # features do not depend on earlier means or thresholds; sections fitted for an earlier head
     # or earlier means must not stop a refit
     config = config.model_copy(update={"analysis": config.analysis.model_copy(
         update={"wbc_station_means": None, "wbc_open_set": None})})
-    mpp = args.microns_per_pixel if args.microns_per_pixel is not None else config.analysis.microns_per_pixel
-    return build_analyzer(config, keep_wbc_features=True), mpp, models_dir
+    return build_analyzer(config, keep_wbc_features=True), mpp, space
 
 
 TEMPLATE_COLUMNS = ("image", "x", "y", "type", "cell", "suggested", "confidence", "overlay", "microns_per_pixel")
