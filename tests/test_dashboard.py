@@ -79,6 +79,7 @@ def _station_config(tmp_path: Path, broker: MosquittoBroker) -> Path:
         "source": {"kind": "simulated", "fps": 2.0, "width": 480, "height": 360, "seed": 3, "fields": 100_000},
         "analysis": {"models_dir": str(ROOT / "models")},
         "specimen": {"target_wbc_count": 200, "idle_timeout_s": 600.0, "auto_start": False},
+        "review": {"white_cells": "all"},
         "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive": 5, "username": "station",
                  "password_credential": "mqtt-password", "reconnect_min_delay_s": 1,
                  "reconnect_max_delay_s": 1, "telemetry_interval_s": 2.0, "stop_drain_timeout_s": 5,
@@ -222,9 +223,26 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
               30, logs)
         states = [json.loads(m.payload) for m in observer.on_topic(f"{BASE}/run")]
         closed = next(s for s in states if s["run_id"] == run_id and s["state"] == "closed")
-        if closed["review"]["cells"]:  # the cells to review, as crops
-            _wait("the review gallery", lambda: len(driver.find_elements(
-                By.CSS_SELECTOR, f"{card} .gallery figure img")) > 0, 30, logs)
+        # every white cell is in the gallery (review white_cells = "all"), each with a type to pick
+        assert closed["review"]["cells"] >= 1
+        _wait("the review gallery", lambda: len(driver.find_elements(
+            By.CSS_SELECTOR, f"{card} .gallery figure select.type")) > 0, 30, logs)
+        from selenium.webdriver.support.ui import Select
+
+        picker = driver.find_element(By.CSS_SELECTOR, f"{card} .gallery figure select.type")
+        assert picker.get_attribute("data-state") == "untyped"
+        Select(picker).select_by_value("monocyte")
+        _wait("the typed cell stored", lambda: seen(f"{card} .gallery select.type[data-state='saved']") is not None,
+              30, logs)
+        assert "monocyte 1" in (seen(f"{card} .typed-count") or "")
+        from smearscope.service.station.typed_cells import TypedCellStore
+
+        store = TypedCellStore(tmp_path / "state" / "typed_cells.sqlite3", read_only=True)
+        try:
+            wbc_sha = json.loads((ROOT / "models" / "wbc_head.json").read_text())["sha256"]
+            assert store.counts(wbc_sha) == {"monocyte": 1}
+        finally:
+            store.close()
         driver.save_screenshot(str(tmp_path / "dashboard-final.png"))
 
         # The broker dies: the page says so; it comes back: the page reconnects by itself and

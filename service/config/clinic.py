@@ -1,14 +1,17 @@
 """`[fhir]` and `[review]`: what the station gives clinic systems besides its JSON reports.
 
 `[fhir]`: a FHIR R4 Bundle per specimen report, stored in the outbox like the report itself.
-`[review]`: small crops of the cells a technician should look at (unidentified and atypical ones),
-served by the `get_review` command, and each field's overlay kept on disk for the run.
+`[review]`: small crops of the cells a technician should look at (unidentified and atypical ones,
+or every white cell), served by the `get_review` command, and each field's overlay kept on disk for
+the run; white cells the technician types there (`type_cells`) are kept for `smearscope adapt-wbc
+--station`.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -55,3 +58,17 @@ class ReviewConfig(StationBaseModel):
         default=48, ge=8, le=1024, title="Largest review message (KB)",
         description="Each get_review answer and live run message stays below this (a page of crops; "
         "ask again with next_offset); keep it under the broker's max_packet_size.")
+    white_cells: Literal["review", "all"] = Field(
+        default="review", title="White cells in the gallery",
+        description="'review': only the white cells the analyzer did not decide (unidentified, atypical); "
+        "'all': every white cell of the run after those, so a technician can type a new station's cells "
+        "(command type_cells) for its station means (smearscope adapt-wbc --station).")
+    typing: bool = Field(
+        default=True, title="Technicians type white cells",
+        description="Keep each white cell's features (the WBC head's feature space) with its crop, so the "
+        "type a technician gives it (command type_cells) is stored for smearscope adapt-wbc --station. Off "
+        "by itself (with a warning) when the WBC head has no features output.")
+    typed_cells_path: Path | None = Field(
+        default=None, title="Typed cells file",
+        description="SQLite file (WAL) of the white cells technicians typed; default: typed_cells.sqlite3 "
+        "beside the outbox file.")

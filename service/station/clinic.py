@@ -10,7 +10,8 @@ specimen report, the live state of the open run for dashboards, and the review g
   `state: "closed"`. It goes through the outbox as an evictable message (kind `field`), so after
   an outage the states arrive in order and the last one stays retained.
 - Review gallery (`[review]`): crops and overlays (service.station.review), served by the
-  `get_review` command.
+  `get_review` command; white cells a technician types there (`type_cells`) are stored in the
+  typed-cells file (service.station.typed_cells) for `smearscope adapt-wbc --station`.
 All of it runs beside the analysis: a failure here is logged and never costs a field or a report.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,11 +33,14 @@ from smearscope.service.config import MqttConfig, StationConfig
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.fhir.report_view import rbc_grades
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, StateWriter
-from smearscope.service.station.review import ReviewGallery
+from smearscope.service.station.review import ReviewGallery, WbcTyping
 from smearscope.service.station.specimen import ClosedRun, SpecimenTracker
+from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore, default_path
 
 logger = logging.getLogger(__name__)
 
+#: Cells one type_cells command may type.
+MAX_TYPED_PER_COMMAND = 500
 RUN_TOPIC = "run"
 RUN_SCHEMA = "run-1"
 FHIR_CONTENT_TYPE = "application/fhir+json; fhirVersion=4.0"
@@ -66,8 +71,32 @@ class ClinicFeed:
         if config.review.enabled:
             directory = config.review.directory or Path(config.mqtt.outbox.path).parent / "review"
             self.gallery = ReviewGallery(config.review, directory, config.mqtt.max_packet_size)
+        self.typed_cells_path = config.review.typed_cells_path or default_path(config.mqtt.outbox.path)
+        self._typing_wanted = config.review.enabled and config.review.typing
+        self._store: TypedCellStore | None = None
         # below the station's packet limit too (topic, properties and envelope need room)
         self.max_state_bytes = min(config.review.max_message_kb * 1024, config.mqtt.max_packet_size - 1024)
+
+    def attach_wbc_head(self, wbc_head: Any) -> None:
+        """The analyzer's WBC head (service.analysis.classify.CropClassifier, or None): with typing
+        on and the head keeping its features, the gallery keeps them with each white cell's crop."""
+        if self.gallery is None:
+            return
+        typing = None
+        if self._typing_wanted and wbc_head is not None:
+            if getattr(wbc_head, "keep_features", False):
+                m = wbc_head.engine.manifest
+                typing = WbcTyping(tuple(m.classes), m.sha256, tuple(wbc_head.views),
+                                   tuple(t.method for t in wbc_head.open_sets))
+            else:
+                logger.warning("[review] typing is on but the WBC head keeps no features (no features output: "
+                               "python -m smearscope.export.feature_space); technicians cannot type cells")
+        self.gallery.set_wbc_typing(typing)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     # ------------------------------------------------------------------ FHIR
 
@@ -139,3 +168,78 @@ class ClinicFeed:
             return {"ok": False, "error": "offset must be a non-negative integer"}
         return self.gallery.page(run_id, offset)
 
+
+    def type_cells(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """`cmd/type_cells {"run_id": ..., "cells": [{"field_id": ..., "cell": 3, "type": "lymphocyte"}]}`
+        (on the command thread): store the types a technician gave white cells of the gallery; an
+        empty type (or null) removes a cell's. Each cell is answered on its own (`errors` by index)."""
+        gallery = self.gallery
+        if gallery is None:
+            return {"ok": False, "error": "review_off", "message": "the review gallery is off ([review] enabled = false)"}
+        typing = gallery.typing
+        if typing is None:
+            return {"ok": False, "error": "typing_off", "message": "this station keeps no white-cell features "
+                    "([review] typing = false, or the WBC head has no features output)"}
+        run_id, cells = arguments.get("run_id"), arguments.get("cells")
+        if run_id is not None and not isinstance(run_id, str):
+            return {"ok": False, "error": "bad_arguments", "message": "run_id must be a string"}
+        run_id = run_id or gallery.latest_run()
+        if not isinstance(cells, list) or not cells or len(cells) > MAX_TYPED_PER_COMMAND:
+            return {"ok": False, "error": "bad_arguments",
+                    "message": f"cells must be a list of 1 to {MAX_TYPED_PER_COMMAND} "
+                    '{"field_id": ..., "cell": N, "type": ...}'}
+        try:
+            store = self._open_store()
+        except TypedCellsError as exc:
+            logger.error("typed cells: %s", exc.message)
+            return {"ok": False, "error": exc.code, "message": exc.message}
+        stored = removed = 0
+        errors: list[dict[str, Any]] = []
+        done: list[dict[str, Any]] = []
+        for k, item in enumerate(cells):
+            field_id = item.get("field_id") if isinstance(item, dict) else None
+            cell = item.get("cell") if isinstance(item, dict) else None
+            type_ = item.get("type") if isinstance(item, dict) else None
+            if (not isinstance(field_id, str) or not isinstance(cell, int) or isinstance(cell, bool)
+                    or not (type_ is None or isinstance(type_, str))):
+                errors.append({"index": k, "error": "bad_cell", "message": "expected field_id (string), cell "
+                               "(integer) and type (string or null)"})
+                continue
+            if type_ and type_ not in typing.classes:
+                errors.append({"index": k, "field_id": field_id, "cell": cell, "error": "unknown_type",
+                               "message": f"{type_!r} is not a type of the WBC head ({', '.join(typing.classes)})"})
+                continue
+            found = gallery.typeable(run_id, field_id, cell) if run_id else None
+            if found is None:
+                errors.append({"index": k, "field_id": field_id, "cell": cell, "error": "not_typeable", "message": f"run {run_id!r} field {field_id!r} "
+                               f"cell {cell}: not a white cell of the gallery (its run no longer kept?)"})
+                continue
+            try:
+                if not type_:
+                    removed += store.remove(run_id, field_id, cell)
+                elif store.put(run_id, field_id, cell, type_, found):
+                    stored += 1
+                else:
+                    errors.append({"index": k, "field_id": field_id, "cell": cell, "error": "typed_cells_full",
+                                   "message": f"{store.path} holds {store.max_rows} typed cells; fit the station "
+                                   "means (smearscope adapt-wbc --station) and move the file away to type more"})
+                    continue
+            except (sqlite3.Error, OSError) as exc:  # answered, never raised into the command thread
+                logger.error("typed cells: storing %s/%s/%s failed: %s", run_id, field_id, cell, exc)
+                errors.append({"index": k, "field_id": field_id, "cell": cell, "error": "typed_cells_unavailable",
+                               "message": str(exc)})
+                continue
+            gallery.mark_typed(run_id, field_id, cell, type_ or None)
+            done.append({"field_id": field_id, "cell": cell, "type": type_ or None})
+        try:
+            totals = store.counts(typing.model_sha256)
+        except sqlite3.Error as exc:
+            logger.error("typed cells: counting failed: %s", exc)
+            totals = None
+        return {"ok": not errors, "run_id": run_id, "stored": stored, "removed": removed, "cells": done, "errors": errors,
+                "typed_per_type": totals, "model_sha256": typing.model_sha256}
+
+    def _open_store(self) -> TypedCellStore:
+        if self._store is None:
+            self._store = TypedCellStore(self.typed_cells_path)
+        return self._store

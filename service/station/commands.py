@@ -1,5 +1,5 @@
 """The station's MQTT commands (`cmd/<name>`): status, reload, start_run, stop_run, analyze_file,
-get_review.
+get_review, type_cells.
 
 Commands arrive on the publisher's command thread and never touch another thread's state
 themselves: whatever touches the specimen state is run by the analysis thread, which owns it
@@ -24,7 +24,7 @@ from smearscope.service.station.workers import StationWorkers
 
 logger = logging.getLogger(__name__)
 
-COMMAND_NAMES = ("analyze_file", "get_review", "reload", "start_run", "status", "stop_run")
+COMMAND_NAMES = ("analyze_file", "get_review", "reload", "start_run", "status", "stop_run", "type_cells")
 
 
 class StationCommands:
@@ -32,7 +32,8 @@ class StationCommands:
 
     def __init__(self, *, workers: StationWorkers, tracker: SpecimenTracker, analysis: RequestQueue,
                  status: Callable[[], Mapping[str, Any]], reload: Callable[[], dict[str, Any]],
-                 review: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+                 review: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 type_cells: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self._workers = workers
         self._tracker = tracker
         #: Served by the analysis thread, which owns the specimen state.
@@ -42,6 +43,8 @@ class StationCommands:
         self._reload = reload
         #: The review gallery's pages (service.station.clinic; thread-safe, served right here).
         self._review = review
+        #: Stores the types a technician gave white cells of the gallery (service.station.clinic).
+        self._type_cells = type_cells
 
     def handle(self, name: str, arguments: dict[str, Any]) -> Mapping[str, Any]:
         """MQTT cmd/<name> (called on the publisher's command thread); the response body."""
@@ -61,6 +64,8 @@ class StationCommands:
             return self._analyze_file(arguments.get("path"))
         if name == "get_review" and self._review is not None:
             return self._review(arguments)
+        if name == "type_cells" and self._type_cells is not None:
+            return self._type_cells(arguments)
         return {"ok": False, "error": f"unknown command {name!r}", "commands": list(COMMAND_NAMES)}
 
     def _analyze_file(self, path: object) -> dict[str, Any]:

@@ -135,6 +135,7 @@ class StationDaemon:
             workers=self.workers, tracker=self.tracker, analysis=analysis_requests,
             status=self.status, reload=lambda: self._control.call("reload", self.reload),
             review=self.workers.clinic.get_review if self.workers.clinic else None,
+            type_cells=self.workers.clinic.type_cells if self.workers.clinic else None,
         )
         self.stats, self.ledger, self.outcomes = (self.workers.stats, self.workers.ledger,
                                                   self.workers.outcomes)
@@ -208,6 +209,8 @@ class StationDaemon:
         t0 = time.monotonic()
         self.analyzer = self._analyzer_factory(cfg)  # loads and warms the engines
         logger.info("engines loaded and warm in %.1f s", time.monotonic() - t0)
+        if self.workers.clinic is not None:
+            self.workers.clinic.attach_wbc_head(getattr(self.analyzer, "wbc_head", None))
         self.publisher.start()
         self.workers.start(self.source, self.analyzer, self.publisher)
         self._started_at = time.monotonic()
@@ -290,6 +293,8 @@ class StationDaemon:
             close()
         if self.source is not None:
             self.source.close()
+        if self.workers.clinic is not None:
+            self.workers.clinic.close()
         self._telemetry_reader.close()
         if self.outbox is not None:
             self.outbox.close()

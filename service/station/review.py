@@ -6,6 +6,11 @@ ones) are cut from the field's input image around the report's boxes and held in
 message (the `get_review` command). Each field's overlay (outlines and labels on the input) is
 written to disk under `<directory>/<run_id>/`, with a size cap over all runs: the oldest files,
 oldest run first, are deleted above it.
+
+With `[review] white_cells = "all"` every white cell of the run follows the review cells, and with
+typing on (`set_wbc_typing`: the WBC head keeps its features) each white cell's crop is marked
+`typeable` and its features are kept here beside it, so the type a technician gives it
+(`type_cells`, service.station.clinic) can be stored (service.station.typed_cells).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from smearscope.service.analysis.overlay import draw_overlay
 from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.report import CellRecord
 from smearscope.service.config import ReviewConfig
+from smearscope.service.station.typed_cells import TypeableCell
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +46,17 @@ _JPEG = [int(cv2.IMWRITE_JPEG_QUALITY), 80]
 _THUMBNAIL_JPEG = [int(cv2.IMWRITE_JPEG_QUALITY), 70]
 THUMBNAIL_WIDTH = 320
 _SAFE = re.compile(r"[^A-Za-z0-9_.@-]+")
+
+
+@dataclass(frozen=True)
+class WbcTyping:
+    """The WBC head whose features the gallery keeps: its classes (the types a technician picks
+    from), sha256, views and open-set methods (in the order of a cell's open_set_scores)."""
+
+    classes: tuple[str, ...]
+    model_sha256: str
+    views: tuple[str, ...]
+    methods: tuple[str, ...]
 
 
 def needs_review(cell: CellRecord) -> int | None:
@@ -88,6 +105,10 @@ class _RunGallery:
     not_kept: int = 0
     overlays: list[Path] = field(default_factory=list)
     latest_thumbnail: dict[str, Any] | None = None
+    #: (field_id, cell) -> what storing a technician's type for that crop needs.
+    typeable: dict[tuple[str, int], TypeableCell] = field(default_factory=dict)
+    #: (field_id, cell) -> the type a technician gave it (shown again on later pages).
+    typed: dict[tuple[str, int], str] = field(default_factory=dict)
 
 
 class ReviewGallery:
@@ -103,18 +124,56 @@ class ReviewGallery:
             self.page_bytes = min(self.page_bytes, max_packet_size - 1024)
         self._lock = threading.Lock()
         self._runs: OrderedDict[str, _RunGallery] = OrderedDict()
+        self._typing: WbcTyping | None = None
+
+    def set_wbc_typing(self, typing: WbcTyping | None) -> None:
+        """The WBC head whose features come with the fields (None: no typing)."""
+        with self._lock:
+            self._typing = typing
+
+    @property
+    def typing(self) -> WbcTyping | None:
+        return self._typing
+
+    def _typeable(self, result: FieldResult, i: int, typing: WbcTyping | None) -> TypeableCell | None:
+        if typing is None or i >= len(result.cells):
+            return None
+        c = result.cells[i]
+        hf = c.head_features
+        if hf is None or len(c.open_set_scores) != len(typing.methods):
+            return None
+        scale = result.report.scale
+        return TypeableCell(np.asarray(hf.features, np.float32), np.asarray(hf.view_features, np.float32),
+                            hf.closed_set_label, dict(zip(typing.methods, c.open_set_scores)), typing.model_sha256,
+                            typing.views, scale.microns_per_pixel if scale is not None else None)
 
     def add_field(self, run_id: str, image: np.ndarray, result: FieldResult) -> int:
         """Take the field's review crops and write its overlay; the number of crops kept."""
         report = result.report
         field_id = report.source.frame_id if report.source is not None else report.report_id
         image = _as_bgr8(image)
+        every_wbc = self.config.white_cells == "all"
+        typing = self._typing
+
+        def priority(c: CellRecord) -> int | None:
+            p = needs_review(c)
+            if p is None and every_wbc and c.kind in ("wbc", "nrbc") and c.label is not None:
+                return 2
+            return p
+
         wanted = sorted(((p, i, c) for i, c in enumerate(report.cells)
-                         if (p := needs_review(c)) is not None), key=lambda t: (t[0], t[1]))
-        crops = [{"field_id": field_id, "cell": i, "kind": c.kind, "label": c.label,
-                  "label_score": c.label_score, "bbox": c.bbox,
-                  "jpeg": base64.b64encode(_jpeg(pixels)).decode()}
-                 for _, i, c in wanted if (pixels := cell_crop(image, c.bbox, self.config.crop_px)) is not None]
+                         if (p := priority(c)) is not None), key=lambda t: (t[0], t[1]))
+        crops, typeable = [], {}
+        for _, i, c in wanted:
+            pixels = cell_crop(image, c.bbox, self.config.crop_px)
+            if pixels is None:
+                continue
+            t = self._typeable(result, i, typing)
+            crops.append({"field_id": field_id, "cell": i, "kind": c.kind, "label": c.label,
+                          "label_score": c.label_score, "bbox": c.bbox, "typeable": t is not None,
+                          "jpeg": base64.b64encode(_jpeg(pixels)).decode()})
+            if t is not None:
+                typeable[(field_id, i)] = t
         overlay = draw_overlay(image, result.cells, result.input_to_canonical)
         thumb_w = min(THUMBNAIL_WIDTH, overlay.shape[1])
         thumbnail = cv2.resize(overlay, (thumb_w, max(1, round(overlay.shape[0] * thumb_w / overlay.shape[1]))),
@@ -125,6 +184,10 @@ class ReviewGallery:
             self._runs.move_to_end(run_id)
             room = max(0, self.config.max_cells_per_run - len(gallery.crops))
             gallery.crops += crops[:room]
+            for crop in crops[:room]:
+                key = (crop["field_id"], crop["cell"])
+                if key in typeable:
+                    gallery.typeable[key] = typeable[key]
             gallery.not_kept += len(crops) - min(room, len(crops))
             if path is not None:
                 gallery.overlays.append(path)
@@ -142,6 +205,23 @@ class ReviewGallery:
             return {"cells": len(g.crops) if g else 0, "not_kept": g.not_kept if g else 0,
                     "overlays": len(g.overlays) if g else 0}
 
+    def typeable(self, run_id: str, field_id: str, cell: int) -> TypeableCell | None:
+        """What storing a type for this crop needs; None when the gallery does not hold it (another
+        run's, one of a run no longer kept, or a cell without features)."""
+        with self._lock:
+            g = self._runs.get(run_id)
+            return g.typeable.get((field_id, cell)) if g is not None else None
+
+    def mark_typed(self, run_id: str, field_id: str, cell: int, type_: str | None) -> None:
+        with self._lock:
+            g = self._runs.get(run_id)
+            if g is None:
+                return
+            if type_:
+                g.typed[(field_id, cell)] = type_
+            else:
+                g.typed.pop((field_id, cell), None)
+
     def latest_run(self) -> str | None:
         with self._lock:
             return next(reversed(self._runs), None)
@@ -156,9 +236,13 @@ class ReviewGallery:
                 return {"ok": False, "error": f"no review material for run {run_id!r}",
                         "runs": list(self._runs)}
             crops, thumbnail, not_kept, overlays = list(g.crops), g.latest_thumbnail, g.not_kept, len(g.overlays)
+            typed = dict(g.typed)
+            typing = self._typing
         budget = self.page_bytes
         out: dict[str, Any] = {"ok": True, "run_id": run_id, "total": len(crops), "not_kept": not_kept,
-                               "overlays_on_disk": overlays, "offset": offset, "cells": [], "overlay": None}
+                               "overlays_on_disk": overlays, "offset": offset, "cells": [], "overlay": None,
+                               "wbc_types": list(typing.classes) if typing is not None else None}
+        crops = [{**c, "typed": typed.get((c["field_id"], c["cell"]))} if c.get("typeable") else c for c in crops]
         used = 0
         if offset == 0 and thumbnail is not None and len(thumbnail["jpeg"]) + 200 < budget * 0.6:
             out["overlay"] = thumbnail

@@ -93,6 +93,14 @@ def build_analyzer(config: StationConfig, keep_wbc_features: bool = False) -> An
         raise StartupError("analysis.models_dir", f"{a.models_dir} has no {', '.join(missing)}; "
                            "train and export the models or point analysis.models_dir at them")
     open_set = station_open_set(a)
+    if not keep_wbc_features and config.review.enabled and config.review.typing:
+        # technicians type white cells in the gallery: their features are kept where the head has them
+        from smearscope.engines.manifest import load_manifest
+
+        try:
+            keep_wbc_features = load_manifest(a.models_dir / MODEL_FILES["wbc_head"]).feature_space is not None
+        except (ManifestError, OSError):
+            pass  # the engines' own loading below reports it
     options = AnalyzerOptions(
         tile_size=a.tile_size, tile_overlap=a.tile_overlap, stain_method=a.stain_normalization,
         detector_views=None if a.detector_views is None else tuple(a.detector_views),

@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     aw.add_argument("--labels", type=Path, default=None,
                     help="CSV with header image,x,y,type (image relative to the CSV's folder; x, y in its pixels; "
                          "rows with an empty type are skipped)")
+    aw.add_argument("--station", action="store_true",
+                    help="fit from the white cells the station's technicians typed in the dashboard's review "
+                         "gallery (the typed-cells file of --config) instead of --labels")
     aw.add_argument("--out", type=Path, default=None, help="station means file to write (JSON)")
     _station_analysis_args(aw)
     aw.add_argument("--min-cells", type=int, default=10,

@@ -6,6 +6,10 @@ the WBC head's classes). The command analyses those fields as the station does, 
 cell under each mark, takes the head's features of it, and writes the station's class means
 (service.analysis.station_means) where a class has at least --min-cells typed cells. It refuses
 to write means that type the station's own cells worse (leave one out) than the head does.
+
+`--station`: the cells come from the station itself instead: those its technicians typed in the
+dashboard's review gallery (`cmd/type_cells`), stored with their features in the station's
+typed-cells file (service.station.typed_cells); nothing is analysed again.
 """
 
 from __future__ import annotations
@@ -112,7 +116,6 @@ def cell_at(cells, x: float, y: float, factor: float, shape, typed_only: bool = 
 def cmd_adapt_wbc(args: argparse.Namespace) -> int:
     from smearscope.device.frame import Frame
     from smearscope.engines.base import EngineError
-    from smearscope.service.analysis.station_means import fit_station_means
     from smearscope.service.ingest import IngestError, load_image
 
     def error(code: str, message: str, **extra) -> int:
@@ -121,6 +124,8 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
 
     if args.template is not None:
         return _write_template(args, error)
+    if args.station:
+        return _fit_from_station(args, error)
     if args.labels is None or args.out is None or args.images:
         return error("bad_arguments", "fit with --labels TYPED.csv --out STATION_WBC.json; or write a CSV to type with "
                      "FIELDS... --template TYPED.csv")
@@ -178,11 +183,24 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
     n_typed = len(types)
     fitted = (f"{time.strftime('%Y-%m-%d')}: {n_typed} typed white cells in {len(by_image) - len(unreadable)} fields "
               f"({args.labels.name}), at least {args.min_cells} per class for a station mean")
-    fit = fit_station_means(space, np.array(feats, np.float64).reshape(n_typed, space.means.shape[1]), types,
-                            head_types, manifest.sha256, args.min_cells, fitted,
-                            model_thresholds, np.array(energies) if "energy" in methods else None, views=head.views, view_feats=view_feats)
-    summary = {"typed": len(points), "matched": n_typed, "unmatched": unmatched[:50], "unmatched_count": len(unmatched),
-               "unreadable": unreadable, "cells_per_class": fit.cells,
+    return _fit_and_write(args, error, space, manifest, head.views, model_thresholds,
+                          np.array(feats, np.float64).reshape(n_typed, space.means.shape[1]), view_feats, types,
+                          head_types, np.array(energies) if "energy" in methods else None, fitted,
+                          {"typed": len(points), "matched": n_typed, "unmatched": unmatched[:50],
+                           "unmatched_count": len(unmatched), "unreadable": unreadable})
+
+
+def _fit_and_write(args, error, space, manifest, views, model_thresholds: dict[str, float], feats: np.ndarray,
+                   view_feats: list, types: list[str], head_types: list[str], energies: np.ndarray | None,
+                   fitted: str, counts: dict) -> int:
+    """Fit the station means from typed cells' features, write them to --out, print what to put in
+    the config (or --json); the exit status."""
+    from smearscope.service.analysis.station_means import fit_station_means
+
+    n_typed = len(types)
+    fit = fit_station_means(space, feats, types, head_types, manifest.sha256, args.min_cells, fitted,
+                            model_thresholds, energies, views=views, view_feats=view_feats)
+    summary = {**counts, "cells_per_class": fit.cells,
                "leave_one_out_accuracy": None if np.isnan(fit.loo_accuracy) else round(fit.loo_accuracy, 4),
                "head_accuracy": None if np.isnan(fit.head_accuracy) else round(fit.head_accuracy, 4),
                "model_sha256": manifest.sha256}
@@ -204,7 +222,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
                           **summary}))
         return 0
     print(f"# {fitted}")
-    print(f"# typed cells matched: {n_typed} of {len(points)}; per class {fit.cells}")
+    print(f"# typed cells used: {n_typed}; per class {fit.cells}")
     print(f"# leave-one-out: station means {fit.loo_accuracy:.1%}, head as trained {fit.head_accuracy:.1%}")
     for m, v in fit.means.thresholds.items():
         if v > model_thresholds[m]:
@@ -213,6 +231,59 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
     print("[analysis]")
     print(f'wbc_station_means = "{args.out.resolve()}"')
     return 0
+
+
+def _fit_from_station(args: argparse.Namespace, error) -> int:
+    """adapt-wbc --station: the cells the station's technicians typed in the review gallery."""
+    from smearscope.engines.manifest import ManifestError, load_manifest
+    from smearscope.service.analysis.pipeline import MODEL_FILES
+    from smearscope.service.analysis.station_means import StationMeansError, load_feature_space
+    from smearscope.service.analysis.tta import check_views
+    from smearscope.service.config import ConfigError, load_config
+    from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore, default_path
+
+    if args.config is None or args.out is None or args.labels is not None or args.images:
+        return error("bad_arguments", "fit from the station's typed cells with --station --config STATION.toml "
+                     "--out STATION_WBC.json")
+    if args.min_cells < 2:
+        return error("bad_min_cells", f"--min-cells {args.min_cells}: at least 2 (a class' only cell cannot be left "
+                     "out of its own mean)")
+    try:
+        config = load_config(args.config)
+    except (ConfigError, OSError) as exc:
+        return error("bad_config", str(exc))
+    a = config.analysis
+    try:
+        manifest = load_manifest(a.models_dir / MODEL_FILES["wbc_head"])
+        space = load_feature_space(manifest, a.models_dir)
+    except StationMeansError as exc:
+        return error(exc.code, exc.message)
+    except (ManifestError, OSError) as exc:
+        return error("engine_unavailable", f"{type(exc).__name__}: {exc}")
+    views = check_views(manifest.tta if a.wbc_head_views is None else a.wbc_head_views)
+    path = config.review.typed_cells_path or default_path(config.mqtt.outbox.path)
+    try:
+        store = TypedCellStore(path, read_only=True)
+        try:
+            typed = store.load(manifest.sha256, views)
+        finally:
+            store.close()
+    except TypedCellsError as exc:
+        return error(exc.code, exc.message)
+    # the model's own open-set tests, as the fit from --labels takes them (earlier station
+    # thresholds or means are not what the new means are widened from)
+    thresholds = {t.method: t.threshold for t in manifest.open_set}
+    missing = [i for i, s in enumerate(typed.open_set_scores) if set(s) != set(thresholds)]
+    if missing:
+        return error("typed_cells_invalid", f"{path}: {len(missing)} typed cells were scored by other open-set tests "
+                     f"than this head's ({', '.join(sorted(thresholds))})")
+    energies = (np.array([s["energy"] for s in typed.open_set_scores]) if "energy" in thresholds else None)
+    fitted = (f"{time.strftime('%Y-%m-%d')}: {len(typed.types)} white cells typed in the station's review gallery "
+              f"({typed.runs} runs), at least {args.min_cells} per class for a station mean")
+    return _fit_and_write(args, error, space, manifest, views, thresholds, typed.features, typed.view_features,
+                          typed.types, typed.head_types, energies, fitted,
+                          {"typed": len(typed.types), "runs": typed.runs, "typed_cells": str(path),
+                           "other_head": typed.other_head, "other_views": typed.other_views})
 
 
 def _analyzer_or_error(args: argparse.Namespace, error):

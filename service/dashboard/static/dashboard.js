@@ -144,6 +144,7 @@ function renderReview(st, answer) {
     img.alt = c.kind + " " + (c.label || "");
     fig.append(img, el("figcaption", "", c.kind + ": " + (c.label || "?") +
       (c.label_score !== null ? " " + Math.round(100 * c.label_score) + "%" : "")));
+    if (c.typeable && Array.isArray(answer.wbc_types)) fig.append(typeSelect(st, answer.run_id, c, answer.wbc_types));
     gallery.append(fig);
   }
   st.node.querySelector(".review-count").textContent =
@@ -156,6 +157,45 @@ function renderReview(st, answer) {
     img.alt = "overlay of field " + answer.overlay.field_id;
     img.hidden = false;
     st.node.querySelector(".overlay-none").hidden = true;
+  }
+}
+
+// A white cell's type as the technician sees it (station means: smearscope adapt-wbc --station).
+function typeSelect(st, runId, c, types) {
+  const select = el("select", "type");
+  select.title = "type this white cell (kept for the station's own class means)";
+  select.dataset.field = c.field_id;
+  select.dataset.cell = String(c.cell);
+  select.dataset.state = c.typed ? "saved" : "untyped";
+  select.append(el("option", "", "type…"));
+  select.firstChild.value = "";
+  for (const t of types) {
+    const o = el("option", "", t);
+    o.value = t;
+    select.append(o);
+  }
+  select.value = c.typed || "";
+  select.addEventListener("change", () => {
+    if (!client || !client.connected) { select.dataset.state = "error"; return; }
+    select.dataset.state = "saving";
+    client.publish(prefix + "/" + st.id + "/cmd/type_cells", JSON.stringify({
+      run_id: runId, cells: [{ field_id: c.field_id, cell: c.cell, type: select.value || null }] }), { qos: 1 });
+  });
+  return select;
+}
+
+function typedAnswer(st, msg) {
+  // The station answers per cell: stored or removed (`cells`), or refused (`errors`).
+  const find = (c) => [...st.node.querySelectorAll(".gallery select.type")]
+    .find((s) => s.dataset.field === c.field_id && s.dataset.cell === String(c.cell));
+  if (msg.run_id === st.reviewRun) {
+    for (const c of msg.cells || []) { const s = find(c); if (s) s.dataset.state = c.type ? "saved" : "untyped"; }
+    for (const e of msg.errors || []) { const s = e.field_id !== undefined && find(e); if (s) { s.dataset.state = "error"; s.title = e.message || e.error; } }
+  }
+  const line = st.node.querySelector(".typed-count");
+  if (msg.typed_per_type) {
+    line.textContent = "typed on this station: " + (Object.entries(msg.typed_per_type)
+      .map(([k, v]) => k + " " + v).join(", ") || "none");
   }
 }
 
@@ -202,6 +242,8 @@ function onMessage(topic, payload) {
     st.telemetry = msg; renderTelemetry(st);
   } else if (kind === "cmd_response/get_review" && msg.ok && msg.run_id === st.reviewRun) {
     renderReview(st, msg);
+  } else if (kind === "cmd_response/type_cells") {
+    typedAnswer(st, msg);
   }
 }
 
@@ -214,7 +256,7 @@ function connect(cfg, username, password) {
   });
   client.on("connect", () => {
     setBroker("connected");
-    const topics = ["status", "run", "report", "telemetry", "cmd_response/get_review"].map((t) => prefix + "/+/" + t);
+    const topics = ["status", "run", "report", "telemetry", "cmd_response/get_review", "cmd_response/type_cells"].map((t) => prefix + "/+/" + t);
     client.subscribe(topics, { qos: 1 });
     for (const st of stations.values()) if (st.reviewRun) scheduleReview(st);
   });

@@ -1,0 +1,173 @@
+"""White cells a technician typed in the review gallery, kept for the station's own class means.
+
+A station in a new lab types white cells worse than the labs its head was trained on; a few typed
+cells per class fix most of that (station means, service.analysis.station_means). The gallery
+offers each white cell's crop; the technician picks its type on the dashboard (`cmd/type_cells`)
+and the station stores it here with what a fit needs and the crop no longer has: the WBC head's
+penultimate features (views averaged, and per view), the class the head gave it, its open-set
+scores, the head's sha256 and views, and the field's scale. `smearscope adapt-wbc --station`
+fits the means from the rows of the head the station runs.
+
+SQLite (WAL), one row per cell (run, field, cell index): typing a cell again replaces its type,
+an empty type removes it. At most `MAX_ROWS` rows (a few MB): past that the command answers
+`typed_cells_full` and nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+#: Rows the file may hold (a row is a few kB: far more typed cells than a fit needs).
+MAX_ROWS = 20_000
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS typed_white_cells (
+    run_id TEXT NOT NULL, field_id TEXT NOT NULL, cell INTEGER NOT NULL,
+    type TEXT NOT NULL, head_type TEXT NOT NULL, model_sha256 TEXT NOT NULL, views TEXT NOT NULL,
+    dim INTEGER NOT NULL, features BLOB NOT NULL, view_features BLOB NOT NULL,
+    open_set_scores TEXT NOT NULL, microns_per_pixel REAL, typed_at REAL NOT NULL,
+    PRIMARY KEY (run_id, field_id, cell))"""
+
+
+class TypedCellsError(Exception):
+    """A typed-cells file that cannot be opened or read (`code`: typed_cells_unavailable)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TypeableCell:
+    """What the gallery keeps of a white cell so that a technician's type can be stored."""
+
+    features: np.ndarray
+    view_features: np.ndarray
+    head_type: str
+    open_set_scores: Mapping[str, float]
+    model_sha256: str
+    views: tuple[str, ...]
+    microns_per_pixel: float | None
+
+
+@dataclass(frozen=True)
+class TypedCells:
+    """The typed cells of one head and view set, as a fit takes them; and how many rows were
+    left out because another head (or the head in other views) gave their features."""
+
+    features: np.ndarray
+    view_features: list[np.ndarray]
+    types: list[str]
+    head_types: list[str]
+    open_set_scores: list[dict[str, float]]
+    runs: int = 0
+    other_head: int = 0
+    other_views: int = 0
+    scales: list[float | None] = field(default_factory=list)
+
+
+class TypedCellStore:
+    """The typed-cells file; one connection shared under a lock (the command thread writes, a
+    CLI may read the same file at the same time: WAL)."""
+
+    def __init__(self, path: Path, read_only: bool = False, max_rows: int = MAX_ROWS) -> None:
+        self.path = Path(path)
+        self.max_rows = max_rows
+        self._lock = threading.Lock()
+        try:
+            if read_only:
+                if not self.path.is_file():
+                    raise TypedCellsError("no_typed_cells", f"{self.path}: no typed-cells file (nothing typed yet "
+                                          "on this station, or another [review] typed_cells_path)")
+                self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
+                                           timeout=10)
+                self._db.execute("SELECT count(*) FROM typed_white_cells").fetchone()
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute(_SCHEMA)
+                self._db.commit()
+        except (sqlite3.Error, OSError) as exc:
+            raise TypedCellsError("typed_cells_unavailable", f"{self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def put(self, run_id: str, field_id: str, cell: int, type_: str, c: TypeableCell) -> bool:
+        """Store (or retype) one cell; False when the file is full and the cell is new."""
+        feats = np.asarray(c.features, np.float32).ravel()
+        views = np.asarray(c.view_features, np.float32).reshape(-1, feats.size)
+        with self._lock, self._db:
+            known = self._db.execute("SELECT 1 FROM typed_white_cells WHERE run_id=? AND field_id=? AND cell=?",
+                                     (run_id, field_id, cell)).fetchone()
+            if known is None and self._count() >= self.max_rows:
+                return False
+            self._db.execute(
+                "INSERT OR REPLACE INTO typed_white_cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (run_id, field_id, cell, type_, c.head_type, c.model_sha256, json.dumps(list(c.views)), feats.size,
+                 feats.tobytes(), views.tobytes(), json.dumps({k: float(v) for k, v in c.open_set_scores.items()}),
+                 c.microns_per_pixel, time.time()))
+        return True
+
+    def remove(self, run_id: str, field_id: str, cell: int) -> bool:
+        with self._lock, self._db:
+            cur = self._db.execute("DELETE FROM typed_white_cells WHERE run_id=? AND field_id=? AND cell=?",
+                                   (run_id, field_id, cell))
+        return cur.rowcount > 0
+
+    def _count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM typed_white_cells").fetchone()[0])
+
+    def counts(self, model_sha256: str) -> dict[str, int]:
+        """Typed cells per type for this head."""
+        with self._lock:
+            rows = self._db.execute("SELECT type, count(*) FROM typed_white_cells WHERE model_sha256=? "
+                                    "GROUP BY type ORDER BY type", (model_sha256,)).fetchall()
+        return {t: int(n) for t, n in rows}
+
+    def load(self, model_sha256: str, views: Sequence[str]) -> TypedCells:
+        """Every cell typed with features of this head in these views (the others counted)."""
+        try:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT run_id, type, head_type, model_sha256, views, dim, features, view_features, "
+                    "open_set_scores, microns_per_pixel FROM typed_white_cells ORDER BY typed_at, run_id, field_id, "
+                    "cell").fetchall()
+        except sqlite3.Error as exc:
+            raise TypedCellsError("typed_cells_unavailable", f"{self.path}: {exc}") from exc
+        want = list(views)
+        feats, view_feats, types, head_types, scores, scales, runs = [], [], [], [], [], [], set()
+        other_head = other_views = 0
+        for run_id, type_, head_type, sha, row_views, dim, f, vf, s, mpp in rows:
+            if sha != model_sha256:
+                other_head += 1
+                continue
+            if json.loads(row_views) != want:
+                other_views += 1
+                continue
+            feats.append(np.frombuffer(f, np.float32).astype(np.float64))
+            view_feats.append(np.frombuffer(vf, np.float32).astype(np.float64).reshape(-1, dim))
+            types.append(type_)
+            head_types.append(head_type)
+            scores.append(json.loads(s))
+            scales.append(mpp)
+            runs.add(run_id)
+        dim = len(feats[0]) if feats else 0
+        return TypedCells(np.array(feats, np.float64).reshape(len(feats), dim), view_feats, types, head_types,
+                          scores, len(runs), other_head, other_views, scales)
+
+
+def default_path(outbox_path: Path) -> Path:
+    """Where a station keeps its typed cells unless `[review] typed_cells_path` says otherwise."""
+    return Path(outbox_path).parent / "typed_cells.sqlite3"

@@ -1,0 +1,236 @@
+"""Technicians type white cells in the review gallery; the station fits its means from them.
+
+The typed-cells file (store, retype, remove, bounds, filters by head and views), the gallery
+keeping each white cell's features beside its crop (`[review] white_cells = "all"`), the
+`type_cells` command's answers, and `smearscope adapt-wbc --station` end to end on rendered
+fields: a lab the committed head never saw, typed through the gallery, then typed right by the
+station's means."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tomllib
+from test_station_means import MIX, _fields, _typed
+
+from smearscope.device.frame import Frame
+from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR, Analyzer, AnalyzerOptions
+from smearscope.service.config import parse_config
+from smearscope.service.station.clinic import ClinicFeed
+from smearscope.service.station.review import needs_review
+from smearscope.service.station.startup import build_analyzer
+from smearscope.service.station.typed_cells import TypeableCell, TypedCellsError, TypedCellStore, default_path
+
+SHA = "a" * 64
+
+
+def _cell(head_type="lymphocyte", sha=SHA, views=("identity", "hflip"), value=1.0) -> TypeableCell:
+    feats = np.full(4, value, np.float32)
+    return TypeableCell(feats, np.stack([feats - 0.5, feats + 0.5]), head_type, {"mahalanobis": 3.0, "energy": -5.0},
+                        sha, views, 0.1)
+
+
+def test_the_store_keeps_one_type_per_cell_and_filters_by_head_and_views(tmp_path):
+    store = TypedCellStore(tmp_path / "typed.sqlite3", max_rows=3)
+    try:
+        assert store.put("r1", "f1", 0, "neutrophil", _cell(value=1.0))
+        assert store.put("r1", "f1", 0, "monocyte", _cell(value=1.0))  # typed again: replaced
+        assert store.put("r1", "f2", 4, "lymphocyte", _cell(value=2.0))
+        assert store.put("r2", "f1", 0, "lymphocyte", _cell(sha="b" * 64))
+        assert store.counts(SHA) == {"lymphocyte": 1, "monocyte": 1}
+        # full: a new cell is refused, a known one may still be retyped
+        assert not store.put("r3", "f9", 1, "eosinophil", _cell())
+        assert store.put("r1", "f2", 4, "eosinophil", _cell(value=2.0))
+        assert store.remove("r1", "f1", 0) and not store.remove("r1", "f1", 0)
+        assert store.put("r1", "f3", 2, "basophil", _cell(views=("identity",), value=3.0))
+    finally:
+        store.close()
+    reader = TypedCellStore(tmp_path / "typed.sqlite3", read_only=True)
+    try:
+        got = reader.load(SHA, ("identity", "hflip"))
+    finally:
+        reader.close()
+    assert got.types == ["eosinophil"] and got.head_types == ["lymphocyte"]
+    assert got.other_head == 1 and got.other_views == 1 and got.runs == 1
+    assert got.features.tolist() == [[2.0] * 4]
+    assert got.view_features[0].tolist() == [[1.5] * 4, [2.5] * 4]
+    assert got.open_set_scores == [{"mahalanobis": 3.0, "energy": -5.0}] and got.scales == [pytest.approx(0.1)]
+    with pytest.raises(TypedCellsError) as exc:
+        TypedCellStore(tmp_path / "none.sqlite3", read_only=True)
+    assert exc.value.code == "no_typed_cells"
+
+
+# -- the gallery, the command and adapt-wbc --station on rendered fields ----------------------
+
+def _config_text(tmp_path: Path, review: str) -> str:
+    return f"""
+station_id = "bench-1"
+[source]
+kind = "simulated"
+microns_per_pixel = 0.1
+[analysis]
+models_dir = "{DEFAULT_MODELS_DIR}"
+microns_per_pixel = 0.1
+[review]
+{review}
+[mqtt.outbox]
+path = "{tmp_path / 'state' / 'outbox.sqlite3'}"
+"""
+
+
+def _station(tmp_path: Path, review: str = 'white_cells = "all"'):
+    text = _config_text(tmp_path, review)
+    path = tmp_path / "station.toml"
+    path.write_text(text)
+    cfg = parse_config(tomllib.loads(text), environ={})
+    analyzer = build_analyzer(cfg)
+    feed = ClinicFeed(cfg)
+    feed.attach_wbc_head(analyzer.wbc_head)
+    return path, analyzer, feed
+
+
+def _gallery_cells(feed: ClinicFeed, run_id: str) -> tuple[list[dict], dict]:
+    cells, offset, first = [], 0, None
+    while offset is not None:
+        page = feed.get_review({"run_id": run_id, "offset": offset})
+        assert page["ok"], page
+        first = first or page
+        cells += page["cells"]
+        offset = page["next_offset"]
+    return cells, first
+
+
+def _truth_type(crop: dict, truths) -> str | None:
+    x0, y0, x1, y1 = crop["bbox"]
+    inside = [t for t in truths if x0 <= t.center[0] <= x1 and y0 <= t.center[1] <= y1]
+    return inside[0].subtype if len(inside) == 1 else None
+
+
+@pytest.fixture(scope="module")
+def typed_station(tmp_path_factory):
+    """A station whose technician typed every white cell of 12 rendered fields in the gallery."""
+    tmp = tmp_path_factory.mktemp("typing")
+    path, analyzer, feed = _station(tmp)
+    train, test = _fields(tmp, range(500, 512)), _fields(tmp, range(600, 606))
+    try:
+        truths, wbc_cells = {}, []
+        for image, cells in train:
+            pixels = cv2.imread(str(image))
+            result = analyzer.analyze(Frame(pixels, image.name, str(image), microns_per_pixel=0.1), run_id="run-1")
+            feed.gallery.add_field("run-1", pixels, result)
+            truths[image.name] = cells
+            wbc_cells += [c for c in result.report.cells if c.kind in ("wbc", "nrbc") and c.label is not None]
+        crops, first = _gallery_cells(feed, "run-1")
+        typed = [{"field_id": c["field_id"], "cell": c["cell"], "type": t} for c in crops
+                 if c["typeable"] and (t := _truth_type(c, truths[c["field_id"]])) is not None]
+        answer = feed.type_cells({"run_id": "run-1", "cells": typed})
+    finally:
+        analyzer.close()
+    yield tmp, path, feed, crops, first, typed, answer, test, wbc_cells
+    feed.close()
+
+
+def test_every_white_cell_is_offered_with_the_heads_types_and_typed_ones_are_stored(typed_station):
+    tmp, _, feed, crops, first, typed, answer, _, wbc_cells = typed_station
+    classes = list(feed.gallery.typing.classes)
+    assert first["wbc_types"] == classes and "lymphocyte" in classes
+    wbc = [c for c in crops if c["kind"] in ("wbc", "nrbc")]
+    # white_cells = "all": every white cell, the confident ones too, not only those to review
+    assert len(wbc) == len(wbc_cells) >= 30 and sum(needs_review(c) is None for c in wbc_cells) >= 3
+    assert all(c["typeable"] for c in wbc) and not any(c["typeable"] for c in crops if c["kind"] == "rbc")
+    assert answer["ok"] and answer["stored"] == len(typed) >= 20 and answer["errors"] == []
+    assert answer["typed_per_type"] == {t: sum(c["type"] == t for c in typed) for t in {c["type"] for c in typed}}
+    # the file beside the outbox holds them, with the head's sha256 and views
+    store = TypedCellStore(default_path(tmp / "state" / "outbox.sqlite3"), read_only=True)
+    try:
+        got = store.load(feed.gallery.typing.model_sha256, feed.gallery.typing.views)
+    finally:
+        store.close()
+    assert sorted(got.types) == sorted(c["type"] for c in typed) and got.other_head == 0
+    # a later page shows what was typed
+    page, _ = _gallery_cells(feed, "run-1")
+    shown = {(c["field_id"], c["cell"]): c.get("typed") for c in page if c["typeable"]}
+    assert all(shown[(c["field_id"], c["cell"])] == c["type"] for c in typed)
+
+
+def test_the_command_answers_each_bad_cell_and_retypes_or_removes(typed_station):
+    _, _, feed, crops, _, typed, _, _, _ = typed_station
+    one = typed[0]
+    key = {"field_id": one["field_id"], "cell": one["cell"]}
+    before = feed.type_cells({"run_id": "run-1", "cells": [{**key, "type": one["type"]}]})["typed_per_type"]
+    rbc = next(c for c in crops if c["kind"] == "rbc") if any(c["kind"] == "rbc" for c in crops) else None
+    bad = [{**key, "type": "blast"}, {"field_id": "nope", "cell": 0, "type": "lymphocyte"}, {"cell": "x"}]
+    if rbc is not None:
+        bad.append({"field_id": rbc["field_id"], "cell": rbc["cell"], "type": "lymphocyte"})
+    answer = feed.type_cells({"run_id": "run-1", "cells": bad})
+    assert not answer["ok"] and answer["stored"] == 0
+    assert [e["error"] for e in answer["errors"]] == ["unknown_type", "not_typeable", "bad_cell"] + (
+        ["not_typeable"] if rbc is not None else [])
+    assert answer["typed_per_type"] == before
+    for args, code in (({"run_id": "run-1"}, "bad_arguments"), ({"run_id": 3, "cells": [key]}, "bad_arguments"),
+                       ({"run_id": "run-1", "cells": [key] * 501}, "bad_arguments")):
+        got = feed.type_cells(args)
+        assert not got["ok"] and got["error"] == code
+    other = next(t for t in feed.gallery.typing.classes if t != one["type"])
+    moved = feed.type_cells({"run_id": "run-1", "cells": [{**key, "type": other}]})
+    assert moved["ok"] and moved["typed_per_type"][other] == before.get(other, 0) + 1
+    removed = feed.type_cells({"run_id": "run-1", "cells": [{**key, "type": None}]})
+    assert removed["removed"] == 1 and sum(removed["typed_per_type"].values()) == sum(before.values()) - 1
+    back = feed.type_cells({"run_id": "run-1", "cells": [{**key, "type": one["type"]}]})
+    assert back["typed_per_type"] == before
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smearscope", *args], check=False, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_adapt_wbc_station_fits_the_means_from_the_gallerys_typed_cells(typed_station):
+    tmp, path, _, _, _, typed, _, test, _ = typed_station
+    out = tmp / "station_wbc.json"
+    run = _cli("adapt-wbc", "--station", "--config", str(path), "--out", str(out), "--json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    line = json.loads(run.stdout)
+    assert line["written"] == str(out) and line["typed"] == len(typed) and line["runs"] == 1
+    assert set(line["cells_per_class"]) == set(MIX)
+    assert line["leave_one_out_accuracy"] > line["head_accuracy"]
+    plain = Analyzer.from_models_dir(options=AnalyzerOptions(), warmup=False)
+    adapted = Analyzer.from_models_dir(options=AnalyzerOptions(wbc_station_means=out), warmup=False)
+    try:
+        found, right_plain, _ = _typed(plain, test)
+        found2, right_adapted, review_adapted = _typed(adapted, test)
+    finally:
+        plain.close()
+        adapted.close()
+    assert found == found2 >= 10
+    assert right_plain / found < 0.4 and right_adapted / found >= 0.8 and review_adapted / found < 0.2
+    # too few per class for a mean: refused with its code, nothing written
+    out2 = tmp / "none.json"
+    few = _cli("adapt-wbc", "--station", "--config", str(path), "--out", str(out2), "--min-cells", "500")
+    assert few.returncode == 2 and json.loads(few.stdout)["error"]["code"] == "too_few_cells" and not out2.exists()
+    bad = _cli("adapt-wbc", "--station", "--out", str(out2))
+    assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["code"] == "bad_arguments"
+
+
+def test_nothing_typed_yet_and_typing_off_say_so(tmp_path):
+    path, analyzer, feed = _station(tmp_path, "typing = false")
+    try:
+        image = _fields(tmp_path, [500])[0][0]
+        pixels = cv2.imread(str(image))
+        result = analyzer.analyze(Frame(pixels, "f", str(image), microns_per_pixel=0.1), run_id="run-1")
+        assert all(c.head_features is None for c in result.cells)
+        feed.gallery.add_field("run-1", pixels, result)
+        answer = feed.type_cells({"run_id": "run-1", "cells": [{"field_id": "f", "cell": 0, "type": "lymphocyte"}]})
+        assert not answer["ok"] and answer["error"] == "typing_off"
+        assert feed.get_review({"run_id": "run-1"})["wbc_types"] is None
+    finally:
+        analyzer.close()
+        feed.close()
+    none = _cli("adapt-wbc", "--station", "--config", str(path), "--out", str(tmp_path / "x.json"))
+    assert none.returncode == 2 and json.loads(none.stdout)["error"]["code"] == "no_typed_cells"
