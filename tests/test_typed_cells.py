@@ -25,7 +25,12 @@ from smearscope.service.config import parse_config
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.review import needs_review
 from smearscope.service.station.startup import build_analyzer
-from smearscope.service.station.typed_cells import TypeableCell, TypedCellsError, TypedCellStore, default_path
+from smearscope.service.station.typed_cells import (
+    TypeableCell,
+    TypedCellsError,
+    TypedCellStore,
+    default_path,
+)
 
 SHA = "a" * 64
 
