@@ -9,8 +9,9 @@ scores, the head's sha256 and views, and the field's scale. `smearscope adapt-wb
 fits the means from the rows of the head the station runs.
 
 SQLite (WAL), one row per cell (run, field, cell index): typing a cell again replaces its type,
-an empty type removes it. At most `MAX_ROWS` rows (a few MB): past that the command answers
-`typed_cells_full` and nothing is overwritten.
+an empty type removes it. At most `MAX_ROWS` rows (about 3 kB each with the committed head's 256
+features in two views: 15 MB): past that the command answers `typed_cells_full` and nothing is
+overwritten.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-#: Rows the file may hold (a row is a few kB: far more typed cells than a fit needs).
-MAX_ROWS = 20_000
+#: Rows the file may hold (a fit needs ten or more per class: this is hundreds of fits' worth).
+MAX_ROWS = 5_000
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS typed_white_cells (
     run_id TEXT NOT NULL, field_id TEXT NOT NULL, cell INTEGER NOT NULL,
