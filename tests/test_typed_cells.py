@@ -239,3 +239,23 @@ def test_nothing_typed_yet_and_typing_off_say_so(tmp_path):
         feed.close()
     none = _cli("adapt-wbc", "--station", "--config", str(path), "--out", str(tmp_path / "x.json"))
     assert none.returncode == 2 and json.loads(none.stdout)["error"]["code"] == "no_typed_cells"
+
+
+def test_doctor_counts_the_typed_cells_per_type(typed_station, tmp_path):
+    from smearscope.cli.doctor import typed_cells_checks
+    from smearscope.service.config import load_config
+
+    _, path, _, _, _, typed, _, _, _ = typed_station
+    (status, what, detail), = typed_cells_checks(load_config(path))
+    counts = {t: sum(c["type"] == t for c in typed) for t in {c["type"] for c in typed}}
+    assert status == "OK" and what == "typed cells"
+    assert all(f"{t} {n}" in detail for t, n in counts.items())
+    assert ("adapt-wbc --station" in detail) == any(n >= 10 for n in counts.values())
+    fresh = tmp_path / "fresh.toml"
+    fresh.write_text(_config_text(tmp_path, ""))
+    (status, _, detail), = typed_cells_checks(load_config(fresh))
+    assert status == "OK" and "none yet" in detail
+    off = tmp_path / "off.toml"
+    off.write_text(_config_text(tmp_path, "typing = false"))
+    (status, _, detail), = typed_cells_checks(load_config(off))
+    assert status == "OK" and "typing off" in detail

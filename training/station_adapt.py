@@ -19,6 +19,11 @@ when a counted cell covers its centre, whatever its kind):
   the head's own closed-set class without the means.
 
 Mean and spread over the draws; the fields the means were fitted on are never test fields.
+
+`--typed-from review`: the typed cells are drawn only among those the head as trained sent to
+review (unidentified or atypical, or typed `ig` / `erythroblast`): what a technician types on the
+dashboard when the station's gallery shows the review cells alone (`[review] white_cells =
+"review"`), against every white cell (`"all"`, the default here).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from smearscope.device.frame import Frame
 from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
 from smearscope.service.analysis.station_means import load_feature_space, load_station_means
+from smearscope.service.station.review import ATYPICAL_LABELS
 from training.head_data import PBC_CLASSES, PBC_MICRONS_PER_PIXEL, pbc_splits
 from training.labs import RPI_MICRONS_PER_PIXEL, data_root, rpi_boxes, rpi_dir, rpi_splits
 
@@ -143,7 +149,8 @@ def analyse(models: Path, cells: list[Truth], mpp: float, station: Path | None, 
                               else c.head_features.closed_set_label)
                 # typed: the WBC head typed it (a red cell, or a white cell it re-counted as a platelet, is not)
                 out[n] = {"type": t.type, "found": True, "typed": c.head_features is not None,
-                          "label": c.label, "closed": closed}
+                          "label": c.label, "closed": closed,
+                          "to_review": c.label == UNIDENTIFIED or c.label in ATYPICAL_LABELS or c.atypical}
     finally:
         analyzer.close()
     return out
@@ -170,6 +177,9 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=10)
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--typed-from", choices=("all", "review"), default="all",
+                    help="draw the typed cells among every white cell the station finds, or only among those the "
+                         "head as trained sent to review (a gallery of review cells alone)")
     ap.add_argument("--held-out-class", default=None,
                     help="MODELS' head was trained without this class (train_wbc --exclude-class): it is not typed "
                          "by the technician, and every test cell of it is scored apart (typed as known: the price "
@@ -184,7 +194,9 @@ def main() -> None:
         novel = lab_cells(args.lab, "test", only=args.held_out_class)[0]
     # A technician types white cells the station found (marks on its overlay): draw among those.
     found = analyse(args.models, pool, mpp, None, f"{args.lab} train, cells the station finds")
-    pool = [t for t, r in zip(pool, found) if r["found"] and r["typed"]]
+    pool = [t for t, r in zip(pool, found) if r["found"] and r["typed"]
+            and (args.typed_from == "all" or r["to_review"])]
+    logger.info("typed cells drawn from %d white cells (%s)", len(pool), args.typed_from)
     base = score(analyse(args.models, test, mpp, None, f"{args.lab} test, head as trained"))
     if novel:
         base["novel_typed_as_known"] = score(analyse(args.models, novel, mpp, None, "held-out class"))["typed_as_known"]
@@ -220,7 +232,8 @@ def main() -> None:
     print(f"{args.lab}, {args.shots} cells per class, {args.draws} draws, mean (sd): {json.dumps(summary)}")
     print(f"{args.lab}, head as trained: {json.dumps({k: round(base[k], 3) for k in keys})}")
     if args.json:
-        args.json.write_text(json.dumps({"lab": args.lab, "shots": args.shots, "base": base, "draws": draws,
+        args.json.write_text(json.dumps({"lab": args.lab, "shots": args.shots, "typed_from": args.typed_from,
+                                         "base": base, "draws": draws,
                                          "summary": summary}, indent=1))
 
 

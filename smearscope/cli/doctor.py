@@ -7,7 +7,8 @@ station's own, `[analysis.wbc_open_set]`, fitted for this head and never looser 
 or the model's), the inference backend the configuration chooses
 (ONNX Runtime and its providers; TensorRT, its version and a CUDA binding), the outbox (its folder
 writable, free space, not held by another process), the MQTT broker (TCP, and TLS with the
-configured CA). Each line says OK, WARN or FAIL and, when not OK, what is missing; exit 1 when any
+configured CA), the white cells technicians typed on the dashboard (per type, for `adapt-wbc
+--station`). Each line says OK, WARN or FAIL and, when not OK, what is missing; exit 1 when any
 check FAILs.
 """
 
@@ -103,6 +104,44 @@ def station_means_checks(analysis) -> list[Check]:
     cells = ", ".join(f"{c} {n}" for c, n in sm.cells.items())
     return [("OK", "station means", (f"{analysis.wbc_station_means}: {cells}; leave-one-out {sm.loo_accuracy:.1%} "
              f"(head {sm.head_accuracy:.1%}); {sm.fitted or 'fitted: not recorded'}"))]
+
+
+def typed_cells_checks(config) -> list[Check]:
+    """The white cells technicians typed on the dashboard (cmd/type_cells), for adapt-wbc --station."""
+    review = config.review
+    if not (review.enabled and review.typing):
+        return [("OK", "typed cells", "typing off ([review] typing): technicians cannot type white cells")]
+    from smearscope.engines.manifest import ManifestError, load_manifest
+    from smearscope.service.analysis.pipeline import MODEL_FILES
+    from smearscope.service.analysis.station_means import MIN_CELLS
+    from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore, default_path
+
+    try:
+        head = load_manifest(config.analysis.models_dir / MODEL_FILES["wbc_head"], verify_hash=False)
+    except (ManifestError, OSError, ValueError):
+        return []  # the model check above says why
+    if head.feature_space is None:
+        return [("WARN", "typed cells", ("[review] typing is on but the WBC head has no features output: "
+                 "python -m smearscope.export.feature_space, or smearscope install-models"))]
+    path = review.typed_cells_path or default_path(config.mqtt.outbox.path)
+    try:
+        store = TypedCellStore(path, read_only=True)
+    except TypedCellsError as exc:
+        if exc.code == "no_typed_cells":
+            return [("OK", "typed cells", (f"none yet ({path}); with [review] white_cells = \"all\" technicians "
+                     "type every white cell on the dashboard"))]
+        return [("FAIL", "typed cells", f"{exc.code}: {exc.message}")]
+    try:
+        counts = store.counts(head.sha256)
+    except sqlite3.Error as exc:
+        return [("FAIL", "typed cells", f"typed_cells_unavailable: {path}: {exc}")]
+    finally:
+        store.close()
+    ready = sorted(c for c, n in counts.items() if n >= MIN_CELLS)
+    text = ", ".join(f"{c} {n}" for c, n in counts.items()) or "none for this WBC head"
+    hint = (f"; {', '.join(ready)} ready for a station mean: smearscope adapt-wbc --station" if ready
+            else f"; a class needs {MIN_CELLS} for a station mean")
+    return [("OK", "typed cells", f"{path}: {text}{hint}")]
 
 
 def open_set_checks(analysis) -> list[Check]:
@@ -209,7 +248,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         analysis, mqtt = config.analysis, config.mqtt  # type: ignore[attr-defined]
         steps: list[Callable[[], list[Check]]] = [
             lambda: model_checks(analysis.models_dir), lambda: open_set_checks(analysis),
-            lambda: station_means_checks(analysis),
+            lambda: station_means_checks(analysis), lambda: typed_cells_checks(config),
             lambda: _backend_checks(analysis.engine_backend),
             lambda: _outbox_checks(mqtt.outbox.path), lambda: _broker_checks(mqtt)]
         for step in steps:
