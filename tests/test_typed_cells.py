@@ -42,6 +42,7 @@ def _cell(head_type="lymphocyte", sha=SHA, views=("identity", "hflip"), value=1.
 
 
 def test_the_store_keeps_one_type_per_cell_and_filters_by_head_and_views(tmp_path):
+    tmp_path = tmp_path / "a folder #1 ?%"  # the read-only URI must not take these for its own syntax
     store = TypedCellStore(tmp_path / "typed.sqlite3", max_rows=3)
     try:
         assert store.put("r1", "f1", 0, "neutrophil", _cell(value=1.0))
@@ -54,6 +55,7 @@ def test_the_store_keeps_one_type_per_cell_and_filters_by_head_and_views(tmp_pat
         assert store.put("r1", "f2", 4, "eosinophil", _cell(value=2.0))
         assert store.remove("r1", "f1", 0) and not store.remove("r1", "f1", 0)
         assert store.put("r1", "f3", 2, "basophil", _cell(views=("identity",), value=3.0))
+        assert store.retype("r2", "f1", 0, "neutrophil") and not store.retype("r9", "f1", 0, "neutrophil")
     finally:
         store.close()
     reader = TypedCellStore(tmp_path / "typed.sqlite3", read_only=True)
@@ -66,6 +68,15 @@ def test_the_store_keeps_one_type_per_cell_and_filters_by_head_and_views(tmp_pat
     assert got.features.tolist() == [[2.0] * 4]
     assert got.view_features[0].tolist() == [[1.5] * 4, [2.5] * 4]
     assert got.open_set_scores == [{"mahalanobis": 3.0, "energy": -5.0}] and got.scales == [pytest.approx(0.1)]
+    # a calibrated station takes only cells analysed at its scale (within 1 %)
+    reader = TypedCellStore(tmp_path / "typed.sqlite3", read_only=True)
+    try:
+        assert reader.load(SHA, ("identity", "hflip"), 0.1005).types == ["eosinophil"]
+        other = reader.load(SHA, ("identity", "hflip"), 0.2)
+        assert other.types == [] and other.other_scale == 1 and other.features.shape == (0, 0)
+        assert reader.counts("b" * 64) == {"neutrophil": 1}
+    finally:
+        reader.close()
     with pytest.raises(TypedCellsError) as exc:
         TypedCellStore(tmp_path / "none.sqlite3", read_only=True)
     assert exc.value.code == "no_typed_cells"
@@ -259,3 +270,92 @@ def test_doctor_counts_the_typed_cells_per_type(typed_station, tmp_path):
     off.write_text(_config_text(tmp_path, "typing = false"))
     (status, _, detail), = typed_cells_checks(load_config(off))
     assert status == "OK" and "typing off" in detail
+
+
+def test_a_cell_typed_before_is_retyped_or_removed_after_its_run_left_the_gallery(typed_station):
+    _, path, feed, _, _, typed, _, _, _ = typed_station
+    one = typed[0]
+    key = {"field_id": one["field_id"], "cell": one["cell"]}
+    before = feed.type_cells({"run_id": "run-1", "cells": [{**key, "type": one["type"]}]})["typed_per_type"]
+    # a restarted station: an empty gallery, the same typed-cells file
+    restarted = ClinicFeed(parse_config(tomllib.loads(path.read_text()), environ={}))
+    restarted.gallery.set_wbc_typing(feed.gallery.typing)
+    try:
+        other = next(t for t in feed.gallery.typing.classes if t != one["type"])
+        moved = restarted.type_cells({"run_id": "run-1", "cells": [{**key, "type": other}]})
+        assert moved["ok"] and moved["stored"] == 1 and moved["typed_per_type"][other] == before.get(other, 0) + 1
+        never = restarted.type_cells({"run_id": "run-1", "cells": [{"field_id": one["field_id"], "cell": 9999,
+                                                                    "type": other}]})
+        assert [e["error"] for e in never["errors"]] == ["not_typeable"]
+        gone = restarted.type_cells({"run_id": "run-1", "cells": [{**key, "type": None}]})
+        assert gone["ok"] and gone["removed"] == 1 and sum(gone["typed_per_type"].values()) == sum(before.values()) - 1
+    finally:
+        restarted.close()
+    back = feed.type_cells({"run_id": "run-1", "cells": [{**key, "type": one["type"]}]})
+    assert back["typed_per_type"] == before
+
+
+def test_a_full_file_refuses_new_cells_with_its_code(typed_station, tmp_path):
+    _, _, feed, _, _, typed, _, _, _ = typed_station
+    full = TypedCellStore(tmp_path / "full.sqlite3", max_rows=1)
+    saved, feed._store = feed._store, full
+    try:
+        answer = feed.type_cells({"run_id": "run-1", "cells": typed[:2]})
+    finally:
+        feed._store = saved
+        full.close()
+    assert answer["stored"] == 1 and [e["error"] for e in answer["errors"]] == ["typed_cells_full"]
+    assert answer["errors_count"] == 1 and answer["cells_count"] == 1
+
+
+def test_with_every_white_cell_shown_the_cells_to_review_keep_their_place_at_the_cap(tmp_path):
+    from smearscope.service.config import ReviewConfig
+    from smearscope.service.station.review import ReviewGallery, cell_crop
+
+    _, analyzer, _ = _station(tmp_path)
+    try:
+        results = []
+        for image, _ in _fields(tmp_path, range(500, 512)):
+            pixels = cv2.imread(str(image))
+            results.append((pixels, analyzer.analyze(Frame(pixels, image.name, str(image), microns_per_pixel=0.1))))
+    finally:
+        analyzer.close()
+    # the cells with a crop (a box cut by the frame's edge may have none)
+    cells = [(r.report.source.frame_id, i, c) for pixels, r in results for i, c in enumerate(r.report.cells)
+             if cell_crop(pixels, c.bbox, 80) is not None]
+    review = [(f, i) for f, i, c in cells if needs_review(c) is not None]
+    others = [(f, i) for f, i, c in cells if needs_review(c) is None and c.kind in ("wbc", "nrbc") and c.label is not None]
+    assert len(others) >= 3 and len(review) >= 3
+    cap = len(review) + 2
+    gallery = ReviewGallery(ReviewConfig(white_cells="all", max_cells_per_run=cap), tmp_path / "review")
+    for pixels, r in results:
+        gallery.add_field("run", pixels, r)
+    page = gallery.page("run")
+    crops = [(c["field_id"], c["cell"]) for c in page["cells"]]
+    while page["next_offset"] is not None:
+        page = gallery.page("run", page["next_offset"])
+        crops += [(c["field_id"], c["cell"]) for c in page["cells"]]
+    # every cell to review of every field is kept; two of the others fill the rest, the earliest;
+    # in arrival order (per field: review cells first)
+    arrival = [(r.report.source.frame_id, i) for _, r in results
+               for _, i in sorted((needs_review(c) if needs_review(c) is not None else 2, i)
+                                  for i, c in enumerate(r.report.cells))]
+    assert crops == [k for k in arrival if k in set(review) | set(others[:2])]
+    assert page["not_kept"] == len(others) - 2
+
+
+def test_an_open_run_does_not_hold_the_white_cells_features(tmp_path):
+    from smearscope.service.station.specimen import SpecimenRun
+
+    _, analyzer, _ = _station(tmp_path)
+    try:
+        image = _fields(tmp_path, [503])[0][0]
+        pixels = cv2.imread(str(image))
+        result = analyzer.analyze(Frame(pixels, image.name, str(image), microns_per_pixel=0.1))
+    finally:
+        analyzer.close()
+    assert sum(c.head_features is not None for c in result.cells) >= 2  # typing on: the field has them
+    run = SpecimenRun(run_id="r", started_at=0.0, started_by="command", target_wbc=100)
+    assert run.add(result, 1.0)
+    assert len(run.cells) == len(result.cells) and all(c.head_features is None for c in run.cells)
+    assert [c.label for c in run.cells] == [c.label for c in result.cells]

@@ -61,8 +61,9 @@ class ReviewConfig(StationBaseModel):
     white_cells: Literal["review", "all"] = Field(
         default="review", title="White cells in the gallery",
         description="'review': only the white cells the analyzer did not decide (unidentified, atypical); "
-        "'all': every white cell of the run after those, so a technician can type a new station's cells "
-        "(command type_cells) for its station means (smearscope adapt-wbc --station).")
+        "'all': every white cell of the run too, so a technician can type a new station's cells "
+        "(command type_cells) for its station means (smearscope adapt-wbc --station); at max_cells_per_run a "
+        "cell to review takes the place of the newest white cell kept only for typing.")
     typing: bool = Field(
         default=True, title="Technicians type white cells",
         description="Keep each white cell's features (the WBC head's feature space) with its crop, so the "

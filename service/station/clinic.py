@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 #: Cells one type_cells command may type.
 MAX_TYPED_PER_COMMAND = 500
+#: Cells and errors an answer lists (the rest counted: `cells_count`, `errors_count`), so it stays small.
+MAX_LISTED = 20
+#: Longest field id a typed cell may name (the station's own are far shorter).
+MAX_FIELD_ID = 256
 RUN_TOPIC = "run"
 RUN_SCHEMA = "run-1"
 FHIR_CONTENT_TYPE = "application/fhir+json; fhirVersion=4.0"
@@ -74,6 +79,7 @@ class ClinicFeed:
         self.typed_cells_path = config.review.typed_cells_path or default_path(config.mqtt.outbox.path)
         self._typing_wanted = config.review.enabled and config.review.typing
         self._store: TypedCellStore | None = None
+        self._store_lock = threading.Lock()
         # below the station's packet limit too (topic, properties and envelope need room)
         self.max_state_bytes = min(config.review.max_message_kb * 1024, config.mqtt.max_packet_size - 1024)
 
@@ -94,9 +100,10 @@ class ClinicFeed:
         self.gallery.set_wbc_typing(typing)
 
     def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        with self._store_lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
 
     # ------------------------------------------------------------------ FHIR
 
@@ -171,8 +178,10 @@ class ClinicFeed:
 
     def type_cells(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """`cmd/type_cells {"run_id": ..., "cells": [{"field_id": ..., "cell": 3, "type": "lymphocyte"}]}`
-        (on the command thread): store the types a technician gave white cells of the gallery; an
-        empty type (or null) removes a cell's. Each cell is answered on its own (`errors` by index)."""
+        (on the command thread): store the types a technician gave white cells of the gallery (a
+        cell typed before may be retyped after its run left the gallery: its features are in the
+        file); an empty type (or null) removes a cell's from the file. Each cell is answered on its
+        own (`errors` by index)."""
         gallery = self.gallery
         if gallery is None:
             return {"ok": False, "error": "review_off", "message": "the review gallery is off ([review] enabled = false)"}
@@ -184,6 +193,8 @@ class ClinicFeed:
         if run_id is not None and not isinstance(run_id, str):
             return {"ok": False, "error": "bad_arguments", "message": "run_id must be a string"}
         run_id = run_id or gallery.latest_run()
+        if not run_id:
+            return {"ok": False, "error": "bad_arguments", "message": "no run_id given and no run in the gallery"}
         if not isinstance(cells, list) or not cells or len(cells) > MAX_TYPED_PER_COMMAND:
             return {"ok": False, "error": "bad_arguments",
                     "message": f"cells must be a list of 1 to {MAX_TYPED_PER_COMMAND} "
@@ -200,34 +211,36 @@ class ClinicFeed:
             field_id = item.get("field_id") if isinstance(item, dict) else None
             cell = item.get("cell") if isinstance(item, dict) else None
             type_ = item.get("type") if isinstance(item, dict) else None
-            if (not isinstance(field_id, str) or not isinstance(cell, int) or isinstance(cell, bool)
+            if (not isinstance(field_id, str) or not 0 < len(field_id) <= MAX_FIELD_ID
+                    or not isinstance(cell, int) or isinstance(cell, bool)
                     or not (type_ is None or isinstance(type_, str))):
-                errors.append({"index": k, "error": "bad_cell", "message": "expected field_id (string), cell "
-                               "(integer) and type (string or null)"})
+                errors.append({"index": k, "error": "bad_cell", "message": "expected field_id (a string of 1 to "
+                               f"{MAX_FIELD_ID} characters), cell (integer) and type (string or null)"})
                 continue
+            where = {"index": k, "field_id": field_id, "cell": cell}
             if type_ and type_ not in typing.classes:
-                errors.append({"index": k, "field_id": field_id, "cell": cell, "error": "unknown_type",
-                               "message": f"{type_!r} is not a type of the WBC head ({', '.join(typing.classes)})"})
-                continue
-            found = gallery.typeable(run_id, field_id, cell) if run_id else None
-            if found is None:
-                errors.append({"index": k, "field_id": field_id, "cell": cell, "error": "not_typeable", "message": f"run {run_id!r} field {field_id!r} "
-                               f"cell {cell}: not a white cell of the gallery (its run no longer kept?)"})
+                errors.append({**where, "error": "unknown_type",
+                               "message": f"not a type of the WBC head ({', '.join(typing.classes)})"})
                 continue
             try:
-                if not type_:
+                if not type_:  # removed from the file, whether or not the gallery still holds the cell
                     removed += store.remove(run_id, field_id, cell)
-                elif store.put(run_id, field_id, cell, type_, found):
+                elif (found := gallery.typeable(run_id, field_id, cell)) is not None:
+                    if not store.put(run_id, field_id, cell, type_, found):
+                        errors.append({**where, "error": "typed_cells_full",
+                                       "message": f"the typed-cells file holds {store.max_rows} cells; fit the "
+                                       "station means (smearscope adapt-wbc --station) and move it away to type more"})
+                        continue
+                    stored += 1
+                elif store.retype(run_id, field_id, cell, type_):  # typed before: its features are stored
                     stored += 1
                 else:
-                    errors.append({"index": k, "field_id": field_id, "cell": cell, "error": "typed_cells_full",
-                                   "message": f"{store.path} holds {store.max_rows} typed cells; fit the station "
-                                   "means (smearscope adapt-wbc --station) and move the file away to type more"})
+                    errors.append({**where, "error": "not_typeable", "message": "not a white cell of the gallery "
+                                   "(of a run it no longer holds?) and not typed before"})
                     continue
             except (sqlite3.Error, OSError) as exc:  # answered, never raised into the command thread
                 logger.error("typed cells: storing %s/%s/%s failed: %s", run_id, field_id, cell, exc)
-                errors.append({"index": k, "field_id": field_id, "cell": cell, "error": "typed_cells_unavailable",
-                               "message": str(exc)})
+                errors.append({**where, "error": "typed_cells_unavailable", "message": str(exc)[:200]})
                 continue
             gallery.mark_typed(run_id, field_id, cell, type_ or None)
             done.append({"field_id": field_id, "cell": cell, "type": type_ or None})
@@ -236,10 +249,13 @@ class ClinicFeed:
         except sqlite3.Error as exc:
             logger.error("typed cells: counting failed: %s", exc)
             totals = None
-        return {"ok": not errors, "run_id": run_id, "stored": stored, "removed": removed, "cells": done, "errors": errors,
-                "typed_per_type": totals, "model_sha256": typing.model_sha256}
+        # the answer stays small whatever was sent: lists trimmed, their lengths given
+        return {"ok": not errors, "run_id": run_id, "stored": stored, "removed": removed,
+                "cells": done[:MAX_LISTED], "cells_count": len(done), "errors": errors[:MAX_LISTED],
+                "errors_count": len(errors), "typed_per_type": totals, "model_sha256": typing.model_sha256}
 
     def _open_store(self) -> TypedCellStore:
-        if self._store is None:
-            self._store = TypedCellStore(self.typed_cells_path)
-        return self._store
+        with self._store_lock:
+            if self._store is None:
+                self._store = TypedCellStore(self.typed_cells_path)
+            return self._store

@@ -101,7 +101,10 @@ def _jpeg(image: np.ndarray, params: list[int] = _JPEG) -> bytes:
 
 @dataclass
 class _RunGallery:
+    #: Kept crops in arrival order (pages stay put as fields arrive).
     crops: list[dict[str, Any]] = field(default_factory=list)
+    #: Each kept crop's priority (needs_review's, 2 for a white cell shown for typing only).
+    priorities: list[int] = field(default_factory=list)
     not_kept: int = 0
     overlays: list[Path] = field(default_factory=list)
     latest_thumbnail: dict[str, Any] | None = None
@@ -164,14 +167,14 @@ class ReviewGallery:
         wanted = sorted(((p, i, c) for i, c in enumerate(report.cells)
                          if (p := priority(c)) is not None), key=lambda t: (t[0], t[1]))
         crops, typeable = [], {}
-        for _, i, c in wanted:
+        for p, i, c in wanted:
             pixels = cell_crop(image, c.bbox, self.config.crop_px)
             if pixels is None:
                 continue
             t = self._typeable(result, i, typing)
-            crops.append({"field_id": field_id, "cell": i, "kind": c.kind, "label": c.label,
-                          "label_score": c.label_score, "bbox": c.bbox, "typeable": t is not None,
-                          "jpeg": base64.b64encode(_jpeg(pixels)).decode()})
+            crops.append((p, {"field_id": field_id, "cell": i, "kind": c.kind, "label": c.label,
+                              "label_score": c.label_score, "bbox": c.bbox, "typeable": t is not None,
+                              "jpeg": base64.b64encode(_jpeg(pixels)).decode()}))
             if t is not None:
                 typeable[(field_id, i)] = t
         overlay = draw_overlay(image, result.cells, result.input_to_canonical)
@@ -182,13 +185,8 @@ class ReviewGallery:
         with self._lock:
             gallery = self._runs.setdefault(run_id, _RunGallery())
             self._runs.move_to_end(run_id)
-            room = max(0, self.config.max_cells_per_run - len(gallery.crops))
-            gallery.crops += crops[:room]
-            for crop in crops[:room]:
-                key = (crop["field_id"], crop["cell"])
-                if key in typeable:
-                    gallery.typeable[key] = typeable[key]
-            gallery.not_kept += len(crops) - min(room, len(crops))
+            kept = sum(self._keep(gallery, p, crop, typeable) for p, crop in crops)
+            gallery.not_kept += len(crops) - kept
             if path is not None:
                 gallery.overlays.append(path)
             gallery.latest_thumbnail = {"field_id": field_id, "width": thumbnail.shape[1],
@@ -197,7 +195,27 @@ class ReviewGallery:
             while len(self._runs) > KEEP_RUNS + 1:
                 self._runs.popitem(last=False)
         self._enforce_disk_cap()
-        return min(room, len(crops))
+        return kept
+
+    def _keep(self, gallery: _RunGallery, priority: int, crop: dict[str, Any],
+              typeable: dict[tuple[str, int], TypeableCell]) -> bool:
+        """Keep one crop, in arrival order. At the cap a crop that needs review takes the place of
+        the newest crop shown for typing only (priority 2; later pages move up by one); otherwise
+        it is not kept. Under the gallery's lock."""
+        if len(gallery.crops) >= self.config.max_cells_per_run:
+            lower = [k for k, p in enumerate(gallery.priorities) if p == 2] if priority < 2 else []
+            if not lower:
+                return False
+            gone = gallery.crops.pop(lower[-1])
+            gallery.priorities.pop(lower[-1])
+            gallery.not_kept += 1
+            gallery.typeable.pop((gone["field_id"], gone["cell"]), None)
+        gallery.crops.append(crop)
+        gallery.priorities.append(priority)
+        key = (crop["field_id"], crop["cell"])
+        if key in typeable:
+            gallery.typeable[key] = typeable[key]
+        return True
 
     def summary(self, run_id: str) -> dict[str, int]:
         with self._lock:

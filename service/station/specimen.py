@@ -108,7 +108,10 @@ class SpecimenRun:
             raise ValueError(
                 f"field {fid}: {len(report.cells)} records for {len(result.cells)} cells")
         self.field_ids.append(fid)
-        self.cells.extend(result.cells)
+        # a run keeps its cells until it closes: not the WBC head's features (kept for typing by
+        # the review gallery, a few kB per white cell)
+        self.cells.extend(replace(c, head_features=None) if c.head_features is not None else c
+                          for c in result.cells)
         self.records.extend(r.model_copy(update={"field_id": fid}) for r in report.cells)
         self.classified_wbc += sum(1 for c in result.cells if is_classified_wbc(c))
         self.models = self.models or dict(report.models)

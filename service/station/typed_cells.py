@@ -72,6 +72,7 @@ class TypedCells:
     runs: int = 0
     other_head: int = 0
     other_views: int = 0
+    other_scale: int = 0
     scales: list[float | None] = field(default_factory=list)
 
 
@@ -88,9 +89,7 @@ class TypedCellStore:
                 if not self.path.is_file():
                     raise TypedCellsError("no_typed_cells", f"{self.path}: no typed-cells file (nothing typed yet "
                                           "on this station, or another [review] typed_cells_path)")
-                self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
-                                           timeout=10)
-                self._db.execute("SELECT count(*) FROM typed_white_cells").fetchone()
+                self._db = self._open_read_only()
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
@@ -100,6 +99,23 @@ class TypedCellStore:
                 self._db.commit()
         except (sqlite3.Error, OSError) as exc:
             raise TypedCellsError("typed_cells_unavailable", f"{self.path}: {exc}") from exc
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """A read-only connection. Reading a WAL file needs its -shm beside it: a reader that may not
+        write the folder (another user than the station's) can read it only while no -wal file is
+        left (the station stopped cleanly), then as an immutable file."""
+        uri = self.path.resolve().as_uri()
+        try:
+            db = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False, timeout=10)
+            db.execute("SELECT count(*) FROM typed_white_cells").fetchone()
+            return db
+        except sqlite3.OperationalError as exc:
+            if Path(f"{self.path}-wal").exists() and Path(f"{self.path}-wal").stat().st_size > 0:
+                raise TypedCellsError("typed_cells_unavailable", f"{self.path}: {exc} (read it as the station's "
+                                      "user, e.g. sudo -u smearscope)") from exc
+        db = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False, timeout=10)
+        db.execute("SELECT count(*) FROM typed_white_cells").fetchone()
+        return db
 
     def close(self) -> None:
         with self._lock:
@@ -121,6 +137,13 @@ class TypedCellStore:
                  c.microns_per_pixel, time.time()))
         return True
 
+    def retype(self, run_id: str, field_id: str, cell: int, type_: str) -> bool:
+        """A stored cell's type changed (its features stay); False when the file does not hold it."""
+        with self._lock, self._db:
+            cur = self._db.execute("UPDATE typed_white_cells SET type=?, typed_at=? WHERE run_id=? AND field_id=? "
+                                   "AND cell=?", (type_, time.time(), run_id, field_id, cell))
+        return cur.rowcount > 0
+
     def remove(self, run_id: str, field_id: str, cell: int) -> bool:
         with self._lock, self._db:
             cur = self._db.execute("DELETE FROM typed_white_cells WHERE run_id=? AND field_id=? AND cell=?",
@@ -137,8 +160,11 @@ class TypedCellStore:
                                     "GROUP BY type ORDER BY type", (model_sha256,)).fetchall()
         return {t: int(n) for t, n in rows}
 
-    def load(self, model_sha256: str, views: Sequence[str]) -> TypedCells:
-        """Every cell typed with features of this head in these views (the others counted)."""
+    def load(self, model_sha256: str, views: Sequence[str], microns_per_pixel: float | None = None) -> TypedCells:
+        """Every cell typed with features of this head in these views (the others counted); with
+        `microns_per_pixel` (a calibrated station) only cells analysed at that scale, within 1 %:
+        features depend on the resample to the canonical scale, so cells typed before a
+        recalibration, or at an estimated scale, are left out and counted."""
         try:
             with self._lock:
                 rows = self._db.execute(
@@ -149,13 +175,16 @@ class TypedCellStore:
             raise TypedCellsError("typed_cells_unavailable", f"{self.path}: {exc}") from exc
         want = list(views)
         feats, view_feats, types, head_types, scores, scales, runs = [], [], [], [], [], [], set()
-        other_head = other_views = 0
+        other_head = other_views = other_scale = 0
         for run_id, type_, head_type, sha, row_views, dim, f, vf, s, mpp in rows:
             if sha != model_sha256:
                 other_head += 1
                 continue
             if json.loads(row_views) != want:
                 other_views += 1
+                continue
+            if microns_per_pixel is not None and (mpp is None or abs(mpp - microns_per_pixel) > 0.01 * microns_per_pixel):
+                other_scale += 1
                 continue
             feats.append(np.frombuffer(f, np.float32).astype(np.float64))
             view_feats.append(np.frombuffer(vf, np.float32).astype(np.float64).reshape(-1, dim))
@@ -166,7 +195,7 @@ class TypedCellStore:
             runs.add(run_id)
         dim = len(feats[0]) if feats else 0
         return TypedCells(np.array(feats, np.float64).reshape(len(feats), dim), view_feats, types, head_types,
-                          scores, len(runs), other_head, other_views, scales)
+                          scores, len(runs), other_head, other_views, other_scale, scales)
 
 
 def default_path(outbox_path: Path) -> Path:

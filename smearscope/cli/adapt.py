@@ -265,7 +265,7 @@ def _fit_from_station(args: argparse.Namespace, error) -> int:
     try:
         store = TypedCellStore(path, read_only=True)
         try:
-            typed = store.load(manifest.sha256, views)
+            typed = store.load(manifest.sha256, views, a.microns_per_pixel)
         finally:
             store.close()
     except TypedCellsError as exc:
@@ -283,7 +283,8 @@ def _fit_from_station(args: argparse.Namespace, error) -> int:
     return _fit_and_write(args, error, space, manifest, views, thresholds, typed.features, typed.view_features,
                           typed.types, typed.head_types, energies, fitted,
                           {"typed": len(typed.types), "runs": typed.runs, "typed_cells": str(path),
-                           "other_head": typed.other_head, "other_views": typed.other_views})
+                           "other_head": typed.other_head, "other_views": typed.other_views,
+                           "other_scale": typed.other_scale})
 
 
 def _analyzer_or_error(args: argparse.Namespace, error):

@@ -176,15 +176,27 @@ function typeSelect(st, runId, c, types) {
   }
   select.value = c.typed || "";
   select.addEventListener("change", () => {
-    if (!client || !client.connected) { select.dataset.state = "error"; return; }
+    select.blur();  // the gallery may refresh again (it waits while a type is being picked)
+    if (!client || !client.connected) { select.dataset.state = "error"; select.title = "not connected"; return; }
     select.dataset.state = "saving";
     client.publish(prefix + "/" + st.id + "/cmd/type_cells", JSON.stringify({
       run_id: runId, cells: [{ field_id: c.field_id, cell: c.cell, type: select.value || null }] }), { qos: 1 });
+    setTimeout(() => {
+      if (select.dataset.state === "saving") { select.dataset.state = "error"; select.title = "no answer from the station"; }
+    }, 15000);
   });
   return select;
 }
 
 function typedAnswer(st, msg) {
+  // A refusal of the whole command (typing off, a busy station...): every pick waiting fails.
+  if (!msg.ok && !Array.isArray(msg.errors)) {
+    for (const s of st.node.querySelectorAll(".gallery select.type[data-state='saving']")) {
+      s.dataset.state = "error";
+      s.title = String(msg.message || msg.error || "refused");
+    }
+    return;
+  }
   // The station answers per cell: stored or removed (`cells`), or refused (`errors`).
   const find = (c) => [...st.node.querySelectorAll(".gallery select.type")]
     .find((s) => s.dataset.field === c.field_id && s.dataset.cell === String(c.cell));
@@ -215,9 +227,16 @@ function requestReview(st, offset) {
                  JSON.stringify({ run_id: st.reviewRun, offset: offset || 0 }), { qos: 1 });
 }
 
+function typing(st) {
+  // A type being picked or saved: the gallery is not rebuilt under the technician's hand.
+  const gallery = st.node.querySelector(".gallery");
+  return (gallery.contains(document.activeElement) && document.activeElement.tagName === "SELECT")
+    || gallery.querySelector("select.type[data-state='saving']") !== null;
+}
+
 function scheduleReview(st) {
   clearTimeout(st.reviewTimer);
-  st.reviewTimer = setTimeout(() => requestReview(st, 0), 800);
+  st.reviewTimer = setTimeout(() => (typing(st) ? scheduleReview(st) : requestReview(st, 0)), 800);
 }
 
 function onMessage(topic, payload) {
