@@ -18,6 +18,7 @@ from typing import Any
 
 from smearscope.device.frame import Frame
 from smearscope.service.ingest import IngestError, load_image
+from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.requests import RequestQueue
 from smearscope.service.station.specimen import RunAlreadyOpen, SpecimenTracker
 from smearscope.service.station.workers import StationWorkers
@@ -32,8 +33,7 @@ class StationCommands:
 
     def __init__(self, *, workers: StationWorkers, tracker: SpecimenTracker, analysis: RequestQueue,
                  status: Callable[[], Mapping[str, Any]], reload: Callable[[], dict[str, Any]],
-                 review: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 type_cells: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+                 clinic: ClinicFeed | None = None) -> None:
         self._workers = workers
         self._tracker = tracker
         #: Served by the analysis thread, which owns the specimen state.
@@ -41,10 +41,9 @@ class StationCommands:
         self._status = status
         #: Re-reads and applies the config on the daemon's own thread; returns its answer.
         self._reload = reload
-        #: The review gallery's pages (service.station.clinic; thread-safe, served right here).
-        self._review = review
-        #: Stores the types a technician gave white cells of the gallery (service.station.clinic).
-        self._type_cells = type_cells
+        #: The review gallery's pages and the types a technician gives its white cells
+        #: (service.station.clinic; thread-safe, served right here).
+        self._clinic = clinic
 
     def handle(self, name: str, arguments: dict[str, Any]) -> Mapping[str, Any]:
         """MQTT cmd/<name> (called on the publisher's command thread); the response body."""
@@ -62,10 +61,10 @@ class StationCommands:
             return self._analysis.call(name, self._stop_run)
         if name == "analyze_file":
             return self._analyze_file(arguments.get("path"))
-        if name == "get_review" and self._review is not None:
-            return self._review(arguments)
-        if name == "type_cells" and self._type_cells is not None:
-            return self._type_cells(arguments)
+        if name == "get_review" and self._clinic is not None:
+            return self._clinic.get_review(arguments)
+        if name == "type_cells" and self._clinic is not None:
+            return self._clinic.type_cells(arguments)
         return {"ok": False, "error": f"unknown command {name!r}", "commands": list(COMMAND_NAMES)}
 
     def _analyze_file(self, path: object) -> dict[str, Any]:

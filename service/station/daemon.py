@@ -134,8 +134,7 @@ class StationDaemon:
         self.commands = StationCommands(
             workers=self.workers, tracker=self.tracker, analysis=analysis_requests,
             status=self.status, reload=lambda: self._control.call("reload", self.reload),
-            review=self.workers.clinic.get_review if self.workers.clinic else None,
-            type_cells=self.workers.clinic.type_cells if self.workers.clinic else None,
+            clinic=self.workers.clinic,
         )
         self.stats, self.ledger, self.outcomes = (self.workers.stats, self.workers.ledger,
                                                   self.workers.outcomes)
@@ -209,8 +208,6 @@ class StationDaemon:
         t0 = time.monotonic()
         self.analyzer = self._analyzer_factory(cfg)  # loads and warms the engines
         logger.info("engines loaded and warm in %.1f s", time.monotonic() - t0)
-        if self.workers.clinic is not None:
-            self.workers.clinic.attach_wbc_head(getattr(self.analyzer, "wbc_head", None))
         self.publisher.start()
         self.workers.start(self.source, self.analyzer, self.publisher)
         self._started_at = time.monotonic()
@@ -288,13 +285,9 @@ class StationDaemon:
                                  "parked": self.publisher.state.parked if self.publisher else 0}
             self.evicted_seqs = set(self.outbox.evicted_seqs)
         self.watchdog.stop()
-        close = getattr(self.analyzer, "close", None)
-        if close is not None:
-            close()
-        if self.source is not None:
-            self.source.close()
-        if self.workers.clinic is not None:
-            self.workers.clinic.close()
+        for part in (self.analyzer, self.source, self.workers.clinic):
+            if getattr(part, "close", None) is not None:
+                part.close()  # type: ignore[union-attr]
         self._telemetry_reader.close()
         if self.outbox is not None:
             self.outbox.close()
