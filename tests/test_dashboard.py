@@ -243,6 +243,31 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
             assert store.counts(wbc_sha) == {"monocyte": 1}
         finally:
             store.close()
+        typed_cell = (picker.get_attribute("data-field"), int(picker.get_attribute("data-cell")))
+
+        # The technician signs the run: its report comes again with the typed cell counted, and
+        # the page shows the verified report.
+        assert command("verify_run", {"run_id": "nope", "verified_by": "AB"})["error"] == "unknown_run"
+        assert command("verify_run", {"run_id": run_id})["error"] == "bad_arguments"
+        driver.find_element(By.CSS_SELECTOR, f"{card} .verify-by").send_keys("AB")
+        driver.find_element(By.CSS_SELECTOR, f"{card} .verify-run").click()
+        _wait("the verified report on the page", lambda: seen(card, "data-verified-by") == "AB", 30, logs)
+        assert "verified: 1 typed" in (seen(f"{card} .verify-state") or "")
+        verified = Report.model_validate(json.loads(observer.on_topic(f"{BASE}/report")[-1].payload)["body"])
+        v = verified.verification
+        assert v is not None and v.verified_by == "AB" and v.supersedes == report.report_id and v.typed_cells == 1
+        assert verified.run_id == run_id and verified.report_id != report.report_id
+        # the typed cell is reclassified unless the analyzer had called it a monocyte too
+        assert [(r.field_id, r.cell, r.label) for r in v.reclassified] in ([], [(*typed_cell, "monocyte")])
+        assert all(r.machine_label != "monocyte" for r in v.reclassified)
+        count = {s.label: s.count for s in verified.wbc_differential}.get("monocyte", 0)
+        was = {s.label: s.count for s in report.wbc_differential}.get("monocyte", 0)
+        assert count == was + len(v.reclassified)
+        _wait("its FHIR bundle", lambda: any(json.loads(m.payload)["identifier"]["value"] == verified.report_id
+                                             for m in observer.on_topic(f"{BASE}/fhir")), 30, logs)
+        bundle = next(json.loads(m.payload) for m in observer.on_topic(f"{BASE}/fhir")
+                      if json.loads(m.payload)["identifier"]["value"] == verified.report_id)
+        assert bundle["entry"][0]["resource"]["status"] == "final"
         driver.save_screenshot(str(tmp_path / "dashboard-final.png"))
 
         # The broker dies: the page says so; it comes back: the page reconnects by itself and

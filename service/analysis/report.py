@@ -97,6 +97,8 @@ class CellRecord(_Strict):
     atypical: bool = Field(False, description="the head's open-set score put the cell outside every trained type")
     unassessed_label: str | None = Field(None, description="a size-based class the head gave that an estimated scale "
                                          "cannot support (the label is then the most likely shape class)")
+    machine_label: str | None = Field(None, description="verified reports: the label the analyzer gave a cell a "
+                                      "technician typed otherwise (`label` is then the technician's)")
 
 
 class ClassShare(_Strict):
@@ -145,6 +147,23 @@ class Flag(_Strict):
                                     "cell list, for review and overlays")
 
 
+class Reclassified(_Strict):
+    field_id: str
+    cell: int = Field(description="the cell's index in its field report")
+    machine_label: str | None
+    label: str
+
+
+class Verification(_Strict):
+    """A technician reviewed the run's cells; the report counts the types they gave."""
+
+    verified_by: str = Field(description="who verified (as they signed, e.g. initials)")
+    verified_at: float
+    supersedes: str = Field(description="report_id of the run's report this one replaces")
+    typed_cells: int = Field(description="white cells of the run the technician typed")
+    reclassified: list[Reclassified] = Field(description="the typed cells whose type differs from the analyzer's")
+
+
 class CellDetail(_Strict):
     """Where the per-cell detail of a report a station publishes went (docs/MQTT.md)."""
 
@@ -178,6 +197,8 @@ class Report(_Strict):
     cell_detail: CellDetail | None = Field(None, description="set when a station published this "
                                            "report compact: the cells travel in separate messages")
     timing_ms: dict[str, float] = {}
+    verification: Verification | None = Field(None, description="specimen reports a technician verified "
+                                              "(command verify_run); absent: the analyzer's preliminary result")
 
 
 def report_json_schema() -> dict:

@@ -1,7 +1,9 @@
 """A report as a FHIR R4 `Bundle` (type `collection`): DiagnosticReport, Specimen, Device and one
 Observation per result. Plain dicts, ready for `json.dumps`; docs/FHIR.md documents the mapping.
 
-Everything is `preliminary`: a machine's result until a technician confirms it. No patient is
+Everything is `preliminary`, a machine's result, until a technician verifies the run
+(`Report.verification`, command verify_run): that report's bundle is `final`, names who verified
+it (`performer`, by display name) and the report it replaces. No patient is
 named: the only identifiers are those the station was given (station id, run id, frame id) and
 the report id. Resource ids are UUIDs derived from the report id, so the same report always
 gives the same bundle (consumers dedupe by `Bundle.identifier`).
@@ -73,6 +75,7 @@ class _Builder:
             self.effective = _instant(report.source.captured_at)
         self.specimen_ref = f"urn:uuid:{_uuid(self.rid, 'specimen')}"
         self.device_ref = f"urn:uuid:{_uuid(self.rid, 'device')}"
+        self.status = "final" if report.verification is not None else "preliminary"
 
     def add(self, name: str, resource: Resource) -> str:
         full_url = f"urn:uuid:{_uuid(self.rid, name)}"
@@ -82,7 +85,7 @@ class _Builder:
 
     def observation(self, name: str, code: dict[str, Any], **fields: Any) -> None:
         ref = self.add(name, {
-            "resourceType": "Observation", "status": "preliminary",
+            "resourceType": "Observation", "status": self.status,
             "category": [_concept(codes.Code(codes.OBSERVATION_CATEGORY, "laboratory", "Laboratory"))],
             "code": code, "effectiveDateTime": self.effective, "issued": self.issued,
             "specimen": {"reference": self.specimen_ref}, "device": {"reference": self.device_ref},
@@ -100,17 +103,23 @@ def report_bundle(report: Report) -> Resource:
     _sizes_and_counts(b)
     flags = sorted(report.flags, key=lambda f: ("critical", "warning", "info").index(f.severity))
     conclusion = "; ".join(f"{f.severity}: {f.message}" for f in flags) or "no flags"
+    v = report.verification
     b.entries.insert(0, {"fullUrl": f"urn:uuid:{_uuid(b.rid, 'report')}", "resource": {
         "resourceType": "DiagnosticReport", "id": _uuid(b.rid, "report"),
         "identifier": [{"system": codes.ID_REPORT, "value": b.rid}],
-        "status": "preliminary",
+        "status": b.status,
         "category": [_concept(codes.Code(codes.DIAGNOSTIC_SERVICE, "HM", "Hematology"))],
         "code": _concept(codes.PANEL, text="Automated differential and red-cell morphology "
-                         "(digital smear analysis, not reviewed)"),
+                         + ("(digital smear analysis, verified by a technician)" if v is not None
+                            else "(digital smear analysis, not reviewed)")),
         "effectiveDateTime": b.effective, "issued": b.issued,
         "specimen": [{"reference": b.specimen_ref}], "result": b.results,
-        "conclusion": f"Preliminary, machine result; a qualified person must review it. {conclusion}",
+        "conclusion": (f"Preliminary, machine result; a qualified person must review it. {conclusion}" if v is None
+                       else f"Verified by {v.verified_by}: {v.typed_cells} white cells typed, "
+                       f"{len(v.reclassified)} reclassified; replaces report {v.supersedes}. {conclusion}"),
     }})
+    if v is not None:
+        b.entries[0]["resource"]["performer"] = [{"display": v.verified_by}]
     if flags:
         b.entries[0]["resource"]["conclusionCode"] = [
             _concept(codes.local(f.code, codes.LOCAL_FLAG, f.message)) for f in flags]

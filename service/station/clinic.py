@@ -22,6 +22,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,7 +35,7 @@ from smearscope.service.config import MqttConfig, StationConfig
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.fhir.report_view import rbc_grades
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, StateWriter
-from smearscope.service.station.review import ReviewGallery, WbcTyping
+from smearscope.service.station.review import KEEP_RUNS, ReviewGallery, WbcTyping
 from smearscope.service.station.specimen import ClosedRun, SpecimenTracker
 from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore, default_path
 
@@ -80,6 +81,8 @@ class ClinicFeed:
         self._typing_wanted = config.review.enabled and config.review.typing
         self._store: TypedCellStore | None = None
         self._store_lock = threading.Lock()
+        #: The last closed runs, with their cells, for a technician's verification (verify_run).
+        self._closed: OrderedDict[str, ClosedRun] = OrderedDict()
         # below the station's packet limit too (topic, properties and envelope need room)
         self.max_state_bytes = min(config.review.max_message_kb * 1024, config.mqtt.max_packet_size - 1024)
 
@@ -135,6 +138,11 @@ class ClinicFeed:
     def run_closed(self, closed: ClosedRun, publisher: OutboxPublisher | None) -> None:
         if closed.report is None:
             return
+        with self._store_lock:
+            self._closed[closed.run_id] = closed
+            self._closed.move_to_end(closed.run_id)
+            while len(self._closed) > KEEP_RUNS:
+                self._closed.popitem(last=False)
         try:
             progress = {"run_id": closed.run_id, "fields": closed.fields,
                         "classified_wbc": closed.classified_wbc, "target_wbc": closed.target_wbc}
@@ -253,6 +261,17 @@ class ClinicFeed:
         return {"ok": not errors, "run_id": run_id, "stored": stored, "removed": removed,
                 "cells": done[:MAX_LISTED], "cells_count": len(done), "errors": errors[:MAX_LISTED],
                 "errors_count": len(errors), "typed_per_type": totals, "model_sha256": typing.model_sha256}
+
+    def closed_run(self, run_id: str) -> ClosedRun | None:
+        """One of the last closed runs (its latest report: a verified one after verify_run)."""
+        with self._store_lock:
+            return self._closed.get(run_id)
+
+    def run_types(self, run_id: str) -> dict[tuple[str, int], str]:
+        """The types technicians gave this run's cells ({} with typing off or nothing typed)."""
+        if self.gallery is None or self.gallery.typing is None:
+            return {}
+        return self._open_store().types_of_run(run_id)
 
     def _open_store(self) -> TypedCellStore:
         with self._store_lock:

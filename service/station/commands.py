@@ -1,5 +1,5 @@
 """The station's MQTT commands (`cmd/<name>`): status, reload, start_run, stop_run, analyze_file,
-get_review, type_cells.
+get_review, type_cells, verify_run.
 
 Commands arrive on the publisher's command thread and never touch another thread's state
 themselves: whatever touches the specimen state is run by the analysis thread, which owns it
@@ -12,20 +12,26 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from smearscope.device.frame import Frame
+from smearscope.service.analysis.report import Verification
 from smearscope.service.ingest import IngestError, load_image
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.requests import RequestQueue
-from smearscope.service.station.specimen import RunAlreadyOpen, SpecimenTracker
+from smearscope.service.station.specimen import ClosedRun, RunAlreadyOpen, SpecimenTracker
+from smearscope.service.station.typed_cells import TypedCellsError
 from smearscope.service.station.workers import StationWorkers
 
 logger = logging.getLogger(__name__)
 
-COMMAND_NAMES = ("analyze_file", "get_review", "reload", "start_run", "status", "stop_run", "type_cells")
+COMMAND_NAMES = ("analyze_file", "get_review", "reload", "start_run", "status", "stop_run", "type_cells",
+                 "verify_run")
+#: Longest name a verification may be signed with.
+MAX_VERIFIED_BY = 64
 
 
 class StationCommands:
@@ -65,6 +71,12 @@ class StationCommands:
             return self._clinic.get_review(arguments)
         if name == "type_cells" and self._clinic is not None:
             return self._clinic.type_cells(arguments)
+        if name == "verify_run" and self._clinic is not None:
+            run_id, by = arguments.get("run_id"), arguments.get("verified_by")
+            if not isinstance(run_id, str) or not isinstance(by, str) or not 0 < len(by.strip()) <= MAX_VERIFIED_BY:
+                return {"ok": False, "error": "bad_arguments", "message": "verify_run needs {\"run_id\": \"...\", "
+                        f"\"verified_by\": \"initials\"}} (1 to {MAX_VERIFIED_BY} characters)"}
+            return self._analysis.call(name, lambda: self._verify_run(run_id, by.strip()))
         return {"ok": False, "error": f"unknown command {name!r}", "commands": list(COMMAND_NAMES)}
 
     def _analyze_file(self, path: object) -> dict[str, Any]:
@@ -102,6 +114,31 @@ class StationCommands:
         progress = tracker.progress()
         target_wbc = progress.target_wbc if progress else None
         return {"ok": True, "run_id": run_id, "target_wbc": target_wbc}
+
+    def _verify_run(self, run_id: str, by: str) -> dict[str, Any]:
+        """On the analysis thread: the run's report again, counting the types a technician gave
+        its cells, signed; it goes out like the run's report did and supersedes it."""
+        assert self._clinic is not None
+        closed = self._clinic.closed_run(run_id)
+        if closed is None or closed.run is None or closed.report is None:
+            open_run = self._tracker.progress()
+            code = "run_open" if open_run is not None and open_run.run_id == run_id else "unknown_run"
+            return {"ok": False, "error": code, "message": f"run {run_id!r}: " + (
+                "still open: stop it first (stop_run)" if code == "run_open" else
+                "not one of the station's last closed runs (since it started)")}
+        try:
+            types = self._clinic.run_types(run_id)
+        except (TypedCellsError, sqlite3.Error) as exc:
+            return {"ok": False, "error": "typed_cells_unavailable", "message": str(exc)[:200]}
+        run, changed, typed = closed.run.verified(types)
+        report = self._tracker.final_report(run, closed.end_reason)
+        report = report.model_copy(update={"verification": Verification(
+            verified_by=by, verified_at=report.created_at, supersedes=closed.report.report_id, typed_cells=typed,
+            reclassified=changed)})
+        self._workers.emit_closed(ClosedRun(run_id, closed.end_reason, closed.fields, run.classified_wbc,
+                                            closed.target_wbc, report, run))
+        return {"ok": True, "run_id": run_id, "report_id": report.report_id, "supersedes": closed.report.report_id,
+                "typed_cells": typed, "reclassified": len(changed)}
 
     def _stop_run(self) -> dict[str, Any]:
         """On the analysis thread: the closed run's report goes out like any other."""

@@ -23,7 +23,7 @@ from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
 from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.records import CellKind, ClassifiedCell
-from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Report
+from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Reclassified, Report
 from smearscope.service.analysis.specimen_scale import SpecimenScale
 from smearscope.service.config import SpecimenConfig
 
@@ -119,6 +119,32 @@ class SpecimenRun:
         self.scale.add_report(report.scale)
         return True
 
+    def verified(self, types: dict[tuple[str, int], str]) -> tuple[SpecimenRun, list[Reclassified], int]:
+        """A copy of the run with the types a technician gave its cells, keyed (field id, the cell's
+        index in its field report); the cells whose type changed, and how many typed cells it
+        holds. A cell retyped earlier keeps the analyzer's label as `machine_label`."""
+        cells, records = list(self.cells), list(self.records)
+        position: dict[str, int] = {}
+        changed: list[Reclassified] = []
+        typed = 0
+        for g, rec in enumerate(records):
+            k = position.get(rec.field_id or "", 0)
+            position[rec.field_id or ""] = k + 1
+            new = types.get((rec.field_id or "", k))
+            if new is None:
+                continue
+            typed += 1
+            machine = rec.machine_label if rec.machine_label is not None else rec.label
+            if new != rec.label:
+                cells[g] = replace(cells[g], label=new, atypical=False)
+                records[g] = rec.model_copy(update={"label": new, "atypical": False,
+                                                    "machine_label": machine if new != machine else None})
+            if new != machine:
+                changed.append(Reclassified(field_id=rec.field_id or "", cell=k, machine_label=machine, label=new))
+        run = replace(self, cells=cells, records=records, field_ids=list(self.field_ids),
+                      classified_wbc=sum(1 for c in cells if is_classified_wbc(c)))
+        return run, changed, typed
+
     def report(
         self,
         *,
@@ -177,6 +203,8 @@ class ClosedRun:
     classified_wbc: int
     target_wbc: int
     report: Report | None
+    #: The run's cells, for a technician's verification (service.station.commands, verify_run).
+    run: SpecimenRun | None = field(default=None, compare=False, repr=False)
 
     @property
     def complete(self) -> bool:
@@ -303,4 +331,4 @@ class SpecimenTracker:
                     run.run_id, end_reason, len(run.field_ids), run.classified_wbc,
                     run.target_wbc, "" if report else "; no fields, no report")
         return ClosedRun(run.run_id, end_reason, len(run.field_ids), run.classified_wbc,
-                         run.target_wbc, report)
+                         run.target_wbc, report, run)

@@ -153,6 +153,13 @@ class TypedCellStore:
     def _count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM typed_white_cells").fetchone()[0])
 
+    def types_of_run(self, run_id: str) -> dict[tuple[str, int], str]:
+        """The types given to one run's cells, keyed (field id, cell index)."""
+        with self._lock:
+            rows = self._db.execute("SELECT field_id, cell, type FROM typed_white_cells WHERE run_id=?",
+                                    (run_id,)).fetchall()
+        return {(f, int(c)): t for f, c, t in rows}
+
     def counts(self, model_sha256: str) -> dict[str, int]:
         """Typed cells per type for this head."""
         with self._lock:

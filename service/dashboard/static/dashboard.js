@@ -29,6 +29,7 @@ function station(id) {
   node.dataset.station = id;
   node.querySelector(".station-id").textContent = id;
   node.querySelector(".more").addEventListener("click", () => requestReview(st, st.reviewNext));
+  node.querySelector(".verify-run").addEventListener("click", () => verifyRun(st));
   document.getElementById("empty")?.remove();
   const main = document.getElementById("stations");
   const after = [...main.children].find((n) => n.dataset.station > id);
@@ -73,7 +74,10 @@ function renderRun(st) {
   st.node.dataset.shown = view.final ? "final" : "interim";
   line.textContent = "run " + (view.runId || "-").slice(0, 8) + " · " + r.fields_analyzed +
     (r.fields_analyzed === 1 ? " field · " : " fields · ") +
-    (view.final ? "final specimen report (preliminary, needs review)" : "in progress (" + (view.state || "open") + ")");
+    (view.final ? (r.verification ? "verified specimen report (" + r.verification.verified_by + ")"
+                  : "final specimen report (preliminary, needs review)") : "in progress (" + (view.state || "open") + ")");
+  st.node.dataset.verifiedBy = r.verification ? r.verification.verified_by : "";
+  st.node.querySelector(".verify").hidden = !view.final;
   st.node.querySelector(".diff-source").textContent = view.final ? "final" : "interim";
   const p = view.progress;
   const bar = st.node.querySelector(".progress-bar");
@@ -211,6 +215,26 @@ function typedAnswer(st, msg) {
   }
 }
 
+// The technician signs the run: the station publishes its report again with their types counted.
+function verifyRun(st) {
+  const by = st.node.querySelector(".verify-by").value.trim();
+  const state = st.node.querySelector(".verify-state");
+  const view = shown(st);
+  if (!by || !view || !view.final) { state.dataset.state = "error"; state.textContent = "initials needed"; return; }
+  if (!client || !client.connected) { state.dataset.state = "error"; state.textContent = "not connected"; return; }
+  state.dataset.state = "saving";
+  state.textContent = "verifying…";
+  client.publish(prefix + "/" + st.id + "/cmd/verify_run", JSON.stringify({ run_id: view.runId, verified_by: by }),
+                 { qos: 1 });
+}
+
+function verifiedAnswer(st, msg) {
+  const state = st.node.querySelector(".verify-state");
+  state.dataset.state = msg.ok ? "saved" : "error";
+  state.textContent = msg.ok ? "verified: " + msg.typed_cells + " typed, " + msg.reclassified + " reclassified"
+    : String(msg.message || msg.error || "refused");
+}
+
 function clearReview(st) {
   st.node.querySelector(".gallery").replaceChildren();
   st.node.querySelector(".review-count").textContent = "";
@@ -263,6 +287,8 @@ function onMessage(topic, payload) {
     renderReview(st, msg);
   } else if (kind === "cmd_response/type_cells") {
     typedAnswer(st, msg);
+  } else if (kind === "cmd_response/verify_run") {
+    verifiedAnswer(st, msg);
   }
 }
 
@@ -275,7 +301,8 @@ function connect(cfg, username, password) {
   });
   client.on("connect", () => {
     setBroker("connected");
-    const topics = ["status", "run", "report", "telemetry", "cmd_response/get_review", "cmd_response/type_cells"].map((t) => prefix + "/+/" + t);
+    const topics = ["status", "run", "report", "telemetry", "cmd_response/get_review", "cmd_response/type_cells",
+                    "cmd_response/verify_run"].map((t) => prefix + "/+/" + t);
     client.subscribe(topics, { qos: 1 });
     for (const st of stations.values()) if (st.reviewRun) scheduleReview(st);
   });
