@@ -7,22 +7,30 @@ is in tests/test_dashboard.py."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+
 import cv2
+import numpy as np
 import pytest
 from test_fhir import validate
 from test_station_means import _fields
 from test_typed_cells import _station
 
 from smearscope.device.frame import Frame
+from smearscope.service.analysis.records import CellKind
 from smearscope.service.analysis.report import Verification
+from smearscope.service.fhir import codes
 from smearscope.service.fhir.bundle import report_bundle
-from smearscope.service.station.specimen import SpecimenRun
+from smearscope.service.station.specimen import ClosedRun, SpecimenRun
+from smearscope.service.station.typed_cells import TypeableCell
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def station(tmp_path_factory):
+    """A run of four rendered fields, and the station's clinic feed (typing on)."""
     tmp = tmp_path_factory.mktemp("verify")
-    _, analyzer, _ = _station(tmp)
+    _, analyzer, feed = _station(tmp)
     out = SpecimenRun(run_id="r", started_at=0.0, started_by="command", target_wbc=100)
     try:
         for image, _ in _fields(tmp, range(500, 504)):
@@ -30,7 +38,13 @@ def run(tmp_path_factory):
             assert out.add(analyzer.analyze(Frame(pixels, image.name, str(image), microns_per_pixel=0.1)), 1.0)
     finally:
         analyzer.close()
-    return out
+    yield out, feed
+    feed.close()
+
+
+@pytest.fixture(scope="module")
+def run(station):
+    return station[0]
 
 
 def _count(report, label) -> int:
@@ -58,11 +72,9 @@ def test_typed_cells_are_counted_as_typed_and_the_analyzers_label_is_kept(run):
     assert verified.classified_wbc == run.classified_wbc + (in_field[k].label == "unidentified")
     # the run itself is untouched
     assert run.records[g].label == in_field[k].label and run.cells[g].label == in_field[k].label
-    # typed again: the analyzer's label stays the one recorded; typed back to it, no longer reclassified
-    again, changed2, _ = verified.verified({(third, k): "monocyte" if new != "monocyte" else "neutrophil"})
-    assert again.records[g].machine_label == in_field[k].label and changed2[0].machine_label == in_field[k].label
-    back, changed3, _ = verified.verified({(third, k): in_field[k].label})
-    assert changed3 == [] and back.records[g].machine_label is None and back.records[g].label == in_field[k].label
+    # typed as the analyzer had it: typed, not reclassified
+    same_run, changed3, typed3 = run.verified({(third, k): in_field[k].label})
+    assert changed3 == [] and typed3 == 1 and same_run.records[g].machine_label is None
 
 
 def test_a_verified_reports_bundle_is_final_and_signed(run):
@@ -74,6 +86,75 @@ def test_a_verified_reports_bundle_is_final_and_signed(run):
     validate(bundle)
     dr = bundle["entry"][0]["resource"]
     assert dr["status"] == "final" and dr["performer"] == [{"display": "AB"}]
+    # both versions of the run's report carry its run id
+    assert {"system": codes.ID_RUN, "value": "r"} in dr["identifier"]
+    assert {"system": codes.ID_RUN, "value": "r"} in report_bundle(report)["entry"][0]["resource"]["identifier"]
     assert "Verified by AB" in dr["conclusion"] and "r-0" in dr["conclusion"]
     assert all(e["resource"]["status"] == "final" for e in bundle["entry"]
                if e["resource"]["resourceType"] == "Observation")
+
+
+def test_a_typed_cell_is_counted_where_its_type_belongs(run):
+    first = run.field_ids[0]
+    in_field = [r for r in run.records if r.field_id == first]
+    wbc = [k for k, r in enumerate(in_field) if r.kind == "wbc" and r.label is not None]
+    rbc = next(k for k, r in enumerate(in_field) if r.kind == "rbc")
+    assert len(wbc) >= 2
+    # one of them made a nucleated red cell, as the analyzer counts an erythroblast
+    g_nrbc = run.records.index(in_field[wbc[0]])
+    cells, records = list(run.cells), list(run.records)
+    cells[g_nrbc] = replace(cells[g_nrbc], detection=replace(cells[g_nrbc].detection, kind=CellKind.NRBC),
+                            label="erythroblast")
+    records[g_nrbc] = records[g_nrbc].model_copy(update={"kind": "nrbc", "label": "erythroblast"})
+    base = replace(run, cells=cells, records=records)
+    before = base.report(station_id=None, now=2.0, end_reason="stopped")
+    g_wbc = base.records.index(in_field[wbc[1]])
+    types = {(first, wbc[0]): "lymphocyte", (first, wbc[1]): "platelet", (first, rbc): "lymphocyte"}
+    verified, _, typed = base.verified(types)
+    after = verified.report(station_id=None, now=3.0, end_reason="stopped")
+    assert typed == 2  # the red cell's type is ignored: only white cells and nucleated red cells are typed
+    assert after.cells[g_nrbc].kind == "wbc" and after.cells[g_nrbc].label == "lymphocyte"
+    assert after.cells[g_wbc].kind == "platelet" and after.cells[g_wbc].label is None
+    assert after.cells[g_wbc].machine_label == in_field[wbc[1]].label
+    assert verified.cells[g_wbc].detected_as is CellKind.WBC
+    assert after.counts.nrbc == before.counts.nrbc - 1 and after.counts.platelet == before.counts.platelet + 1
+    assert after.counts.wbc == before.counts.wbc  # one in, one out
+    assert _count(after, "lymphocyte") == _count(before, "lymphocyte") + 1
+    assert not any(s.label == "platelet" for s in after.wbc_differential)
+
+
+def test_verifying_again_starts_from_the_analyzers_run_and_only_the_last_closed_run_moves_the_live_state(station):
+    run, feed = station
+    first = run.field_ids[1]
+    in_field = [r for r in run.records if r.field_id == first]
+    k = next(k for k, r in enumerate(in_field) if r.kind == "wbc" and r.label not in (None, "basophil"))
+    g = run.records.index(in_field[k])
+    final = lambda r, end: r.report(station_id="s", now=time.time(), end_reason=end)
+    report = final(run, "stopped")
+    feed.run_closed(ClosedRun("r", "stopped", 4, run.classified_wbc, 100, report, run), None)
+    store = feed._open_store()
+    typing = feed.gallery.typing
+    store.put("r", first, k, "basophil", TypeableCell(np.zeros(4, np.float32), np.zeros((1, 4), np.float32),
+                                                     in_field[k].label, {}, typing.model_sha256, typing.views, 0.1))
+    one, live, answer = feed.verify("r", "AB", final, None)
+    assert answer["ok"] and answer["typed_cells"] == 1 and answer["reclassified"] == 1 and live
+    assert one.report.cells[g].label == "basophil" and one.report.verification.supersedes == report.report_id
+    feed.run_closed(one, None, live)
+    assert feed.closed_run("r").report.report_id == one.report.report_id
+    # the type removed, verified again: the analyzer's label is back, nothing reclassified
+    assert store.remove("r", first, k)
+    two, _, answer = feed.verify("r", "AB", final, None)
+    assert answer["typed_cells"] == 0 and two.report.verification.reclassified == []
+    assert two.report.cells[g].label == in_field[k].label and two.report.cells[g].machine_label is None
+    assert two.report.verification.supersedes == one.report.report_id
+    assert _count(two.report, "basophil") == _count(report, "basophil")
+    feed.run_closed(two, None, False)
+    # a run open, or a later run closed: the retained live state stays theirs
+    assert feed.verify("r", "AB", final, "r-open")[1] is False
+    assert feed.verify("r-open", "AB", final, "r-open")[2]["error"] == "run_open"
+    assert feed.verify("nope", "AB", final, None)[2]["error"] == "unknown_run"
+    later = final(run, "stopped").model_copy(update={"run_id": "r2"})
+    feed.run_closed(ClosedRun("r2", "stopped", 4, run.classified_wbc, 100, later, run), None)
+    assert feed.verify("r", "AB", final, None)[1] is False
+    # the run kept for it holds no masks
+    assert all(c.detection.mask is None for c in feed.closed_run("r").run.cells)

@@ -98,7 +98,9 @@ class CellRecord(_Strict):
     unassessed_label: str | None = Field(None, description="a size-based class the head gave that an estimated scale "
                                          "cannot support (the label is then the most likely shape class)")
     machine_label: str | None = Field(None, description="verified reports: the label the analyzer gave a cell a "
-                                      "technician typed otherwise (`label` is then the technician's)")
+                                      "technician typed otherwise (`label` and `kind` are then the technician's); a "
+                                      "report published compact keeps its field cells messages as sent: apply "
+                                      "`verification.reclassified` to them")
 
 
 class ClassShare(_Strict):

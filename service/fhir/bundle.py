@@ -106,7 +106,9 @@ def report_bundle(report: Report) -> Resource:
     v = report.verification
     b.entries.insert(0, {"fullUrl": f"urn:uuid:{_uuid(b.rid, 'report')}", "resource": {
         "resourceType": "DiagnosticReport", "id": _uuid(b.rid, "report"),
-        "identifier": [{"system": codes.ID_REPORT, "value": b.rid}],
+        # a run's reports share its run identifier: a verified one and the one it supersedes
+        "identifier": [{"system": codes.ID_REPORT, "value": b.rid}]
+        + ([{"system": codes.ID_RUN, "value": report.run_id}] if report.kind == "specimen" and report.run_id else []),
         "status": b.status,
         "category": [_concept(codes.Code(codes.DIAGNOSTIC_SERVICE, "HM", "Hematology"))],
         "code": _concept(codes.PANEL, text="Automated differential and red-cell morphology "

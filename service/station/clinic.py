@@ -17,26 +17,27 @@ All of it runs beside the analysis: a failure here is logged and never costs a f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from smearscope.service.analysis.pipeline import FieldResult
-from smearscope.service.analysis.report import Report
+from smearscope.service.analysis.report import Report, Verification
 from smearscope.service.config import MqttConfig, StationConfig
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.fhir.report_view import rbc_grades
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, StateWriter
 from smearscope.service.station.review import KEEP_RUNS, ReviewGallery, WbcTyping
-from smearscope.service.station.specimen import ClosedRun, SpecimenTracker
+from smearscope.service.station.specimen import ClosedRun, EndReason, SpecimenRun, SpecimenTracker
 from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore, default_path
 
 logger = logging.getLogger(__name__)
@@ -135,14 +136,19 @@ class ClinicFeed:
             logger.exception("review/live state of field %s failed (the field report stands)",
                              result.report.report_id)
 
-    def run_closed(self, closed: ClosedRun, publisher: OutboxPublisher | None) -> None:
+    def run_closed(self, closed: ClosedRun, publisher: OutboxPublisher | None, live: bool = True) -> None:
+        """A run's report went out: kept for verification (the analyzer's run, without masks),
+        and, when `live`, published as the retained run state."""
         if closed.report is None:
             return
         with self._store_lock:
-            self._closed[closed.run_id] = closed
-            self._closed.move_to_end(closed.run_id)
+            known = self._closed.get(closed.run_id)
+            run = known.run if known is not None else (closed.run.without_masks() if closed.run else None)
+            self._closed[closed.run_id] = dataclasses.replace(closed, run=run)  # a verified one keeps its place
             while len(self._closed) > KEEP_RUNS:
                 self._closed.popitem(last=False)
+        if not live:
+            return
         try:
             progress = {"run_id": closed.run_id, "fields": closed.fields,
                         "classified_wbc": closed.classified_wbc, "target_wbc": closed.target_wbc}
@@ -263,9 +269,37 @@ class ClinicFeed:
                 "errors_count": len(errors), "typed_per_type": totals, "model_sha256": typing.model_sha256}
 
     def closed_run(self, run_id: str) -> ClosedRun | None:
-        """One of the last closed runs (its latest report: a verified one after verify_run)."""
+        """One of the last closed runs: its latest report (a verified one after verify_run) and
+        the analyzer's run."""
         with self._store_lock:
             return self._closed.get(run_id)
+
+    def verify(self, run_id: str, by: str, final_report: Callable[[SpecimenRun, EndReason], Report],
+               open_run: str | None) -> tuple[ClosedRun | None, bool, dict[str, Any]]:
+        """A closed run signed by a technician: its report again from the analyzer's run with the
+        types given to its cells, superseding its latest report; whether the retained run state
+        should follow (it is the last run closed and none is open); the command's answer."""
+        closed = self.closed_run(run_id)
+        if closed is None or closed.run is None or closed.report is None:
+            code = "run_open" if open_run == run_id else "unknown_run"
+            return None, False, {"ok": False, "error": code, "message": f"run {run_id!r}: " + (
+                "still open: stop it first (stop_run)" if code == "run_open" else
+                "not one of the station's last closed runs (since it started)")}
+        try:
+            types = self.run_types(run_id)
+        except (TypedCellsError, sqlite3.Error) as exc:
+            return None, False, {"ok": False, "error": "typed_cells_unavailable", "message": str(exc)[:200]}
+        run, changed, typed = closed.run.verified(types)
+        report = final_report(run, closed.end_reason)
+        report = report.model_copy(update={"verification": Verification(
+            verified_by=by, verified_at=report.created_at, supersedes=closed.report.report_id, typed_cells=typed,
+            reclassified=changed)})
+        with self._store_lock:
+            live = open_run is None and next(reversed(self._closed), None) == run_id
+        return (ClosedRun(run_id, closed.end_reason, closed.fields, run.classified_wbc, closed.target_wbc, report,
+                          closed.run), live,
+                {"ok": True, "run_id": run_id, "report_id": report.report_id,
+                 "supersedes": closed.report.report_id, "typed_cells": typed, "reclassified": len(changed)})
 
     def run_types(self, run_id: str) -> dict[tuple[str, int], str]:
         """The types technicians gave this run's cells ({} with typing off or nothing typed)."""

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sqlite3
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from smearscope.device.frame import Frame
-from smearscope.service.analysis.report import Verification
 from smearscope.service.ingest import IngestError, load_image
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.requests import RequestQueue
-from smearscope.service.station.specimen import ClosedRun, RunAlreadyOpen, SpecimenTracker
-from smearscope.service.station.typed_cells import TypedCellsError
+from smearscope.service.station.specimen import RunAlreadyOpen, SpecimenTracker
 from smearscope.service.station.workers import StationWorkers
 
 logger = logging.getLogger(__name__)
@@ -119,26 +116,12 @@ class StationCommands:
         """On the analysis thread: the run's report again, counting the types a technician gave
         its cells, signed; it goes out like the run's report did and supersedes it."""
         assert self._clinic is not None
-        closed = self._clinic.closed_run(run_id)
-        if closed is None or closed.run is None or closed.report is None:
-            open_run = self._tracker.progress()
-            code = "run_open" if open_run is not None and open_run.run_id == run_id else "unknown_run"
-            return {"ok": False, "error": code, "message": f"run {run_id!r}: " + (
-                "still open: stop it first (stop_run)" if code == "run_open" else
-                "not one of the station's last closed runs (since it started)")}
-        try:
-            types = self._clinic.run_types(run_id)
-        except (TypedCellsError, sqlite3.Error) as exc:
-            return {"ok": False, "error": "typed_cells_unavailable", "message": str(exc)[:200]}
-        run, changed, typed = closed.run.verified(types)
-        report = self._tracker.final_report(run, closed.end_reason)
-        report = report.model_copy(update={"verification": Verification(
-            verified_by=by, verified_at=report.created_at, supersedes=closed.report.report_id, typed_cells=typed,
-            reclassified=changed)})
-        self._workers.emit_closed(ClosedRun(run_id, closed.end_reason, closed.fields, run.classified_wbc,
-                                            closed.target_wbc, report, run))
-        return {"ok": True, "run_id": run_id, "report_id": report.report_id, "supersedes": closed.report.report_id,
-                "typed_cells": typed, "reclassified": len(changed)}
+        progress = self._tracker.progress()
+        closed, live, answer = self._clinic.verify(run_id, by, self._tracker.final_report,
+                                                   progress.run_id if progress else None)
+        if closed is not None:
+            self._workers.emit_closed(closed, live)
+        return answer
 
     def _stop_run(self) -> dict[str, Any]:
         """On the analysis thread: the closed run's report goes out like any other."""

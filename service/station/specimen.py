@@ -21,7 +21,7 @@ from typing import Literal
 
 from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
 from smearscope.service.analysis.classify import UNIDENTIFIED
-from smearscope.service.analysis.pipeline import FieldResult
+from smearscope.service.analysis.pipeline import KIND_FROM_HEAD_LABEL, FieldResult
 from smearscope.service.analysis.records import CellKind, ClassifiedCell
 from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Reclassified, Report
 from smearscope.service.analysis.specimen_scale import SpecimenScale
@@ -120,30 +120,43 @@ class SpecimenRun:
         return True
 
     def verified(self, types: dict[tuple[str, int], str]) -> tuple[SpecimenRun, list[Reclassified], int]:
-        """A copy of the run with the types a technician gave its cells, keyed (field id, the cell's
-        index in its field report); the cells whose type changed, and how many typed cells it
-        holds. A cell retyped earlier keeps the analyzer's label as `machine_label`."""
+        """A copy of the run with the types a technician gave its white cells (and nucleated red
+        cells), keyed (field id, the cell's index in its field report), each counted where its
+        type belongs (`platelet` a platelet, `erythroblast` a nucleated red cell, as the analyzer
+        counts the WBC head's own calls); the cells whose type differs from the analyzer's; how
+        many typed cells it holds. Typed keys on other cells are ignored. The run must be the
+        analyzer's (never an earlier verified copy): `machine_label` is its label."""
         cells, records = list(self.cells), list(self.records)
         position: dict[str, int] = {}
         changed: list[Reclassified] = []
         typed = 0
         for g, rec in enumerate(records):
-            k = position.get(rec.field_id or "", 0)
-            position[rec.field_id or ""] = k + 1
-            new = types.get((rec.field_id or "", k))
-            if new is None:
+            fid = rec.field_id or ""
+            k = position.get(fid, 0)
+            position[fid] = k + 1
+            new = types.get((fid, k))
+            c = cells[g]
+            if new is None or c.detection.kind not in (CellKind.WBC, CellKind.NRBC):
                 continue
             typed += 1
-            machine = rec.machine_label if rec.machine_label is not None else rec.label
-            if new != rec.label:
-                cells[g] = replace(cells[g], label=new, atypical=False)
-                records[g] = rec.model_copy(update={"label": new, "atypical": False,
-                                                    "machine_label": machine if new != machine else None})
-            if new != machine:
-                changed.append(Reclassified(field_id=rec.field_id or "", cell=k, machine_label=machine, label=new))
+            if new == rec.label:
+                continue
+            kind = KIND_FROM_HEAD_LABEL.get(new, CellKind.WBC)
+            label = new if kind in (CellKind.WBC, CellKind.NRBC) else None
+            detected_as = c.detected_as or c.detection.kind if kind is not c.detection.kind else c.detected_as
+            cells[g] = replace(c, detection=replace(c.detection, kind=kind), label=label, label_score=None,
+                               atypical=False, detected_as=detected_as)
+            records[g] = rec.model_copy(update={"kind": kind.value, "label": label, "label_score": None,
+                                                "atypical": False, "machine_label": rec.label})
+            changed.append(Reclassified(field_id=fid, cell=k, machine_label=rec.label, label=new))
         run = replace(self, cells=cells, records=records, field_ids=list(self.field_ids),
                       classified_wbc=sum(1 for c in cells if is_classified_wbc(c)))
         return run, changed, typed
+
+    def without_masks(self) -> SpecimenRun:
+        """A copy without the cells' masks (what a verification's recount needs, a fraction of
+        the memory: kept for the last closed runs)."""
+        return replace(self, cells=[replace(c, detection=replace(c.detection, mask=None)) for c in self.cells])
 
     def report(
         self,

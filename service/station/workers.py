@@ -363,12 +363,12 @@ class StationWorkers:
             logger.error("%s report %s LOST: the outbox writer is gone", item.kind,
                          item.report.report_id)
 
-    def emit_closed(self, closed: ClosedRun) -> None:
+    def emit_closed(self, closed: ClosedRun, live: bool = True) -> None:
         """Send the final report of a run that ended (none when it had no field)."""
         if closed.report is not None:
             self._emit(_Outgoing("report", closed.report))
         if self.clinic is not None:
-            self.clinic.run_closed(closed, self.publisher)
+            self.clinic.run_closed(closed, self.publisher, live)
 
     # ------------------------------------------------------------------ outbox writer
 
