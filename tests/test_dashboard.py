@@ -226,10 +226,10 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         # every white cell is in the gallery (review white_cells = "all"), each with a type to pick
         assert closed["review"]["cells"] >= 1
         _wait("the review gallery", lambda: len(driver.find_elements(
-            By.CSS_SELECTOR, f"{card} .gallery figure select.type")) > 0, 30, logs)
+            By.CSS_SELECTOR, f"{card} .gallery figure select.type[data-kind='wbc']")) > 0, 30, logs)
         from selenium.webdriver.support.ui import Select
 
-        picker = driver.find_element(By.CSS_SELECTOR, f"{card} .gallery figure select.type")
+        picker = driver.find_element(By.CSS_SELECTOR, f"{card} .gallery figure select.type[data-kind='wbc']")
         assert picker.get_attribute("data-state") == "untyped"
         Select(picker).select_by_value("monocyte")
         _wait("the typed cell stored", lambda: seen(f"{card} .gallery select.type[data-state='saved']") is not None,

@@ -55,7 +55,8 @@ def test_the_store_keeps_one_type_per_cell_and_filters_by_head_and_views(tmp_pat
         assert store.put("r1", "f2", 4, "eosinophil", _cell(value=2.0))
         assert store.remove("r1", "f1", 0) and not store.remove("r1", "f1", 0)
         assert store.put("r1", "f3", 2, "basophil", _cell(views=("identity",), value=3.0))
-        assert store.retype("r2", "f1", 0, "neutrophil") and not store.retype("r9", "f1", 0, "neutrophil")
+        assert store.retype("r2", "f1", 0, "neutrophil", "wbc") and not store.retype("r9", "f1", 0, "neutrophil", "wbc")
+        assert not store.retype("r2", "f1", 0, "normal", "rbc")  # a white cell is not retyped a red one
     finally:
         store.close()
     reader = TypedCellStore(tmp_path / "typed.sqlite3", read_only=True)
@@ -107,7 +108,7 @@ def _station(tmp_path: Path, review: str = 'white_cells = "all"'):
     cfg = parse_config(tomllib.loads(text), environ={})
     analyzer = build_analyzer(cfg)
     feed = ClinicFeed(cfg)
-    feed.attach_wbc_head(analyzer.wbc_head)
+    feed.attach_wbc_head(analyzer.wbc_head, analyzer.rbc_head)
     return path, analyzer, feed
 
 
@@ -159,7 +160,10 @@ def test_every_white_cell_is_offered_with_the_heads_types_and_typed_ones_are_sto
     wbc = [c for c in crops if c["kind"] in ("wbc", "nrbc")]
     # white_cells = "all": every white cell, the confident ones too, not only those to review
     assert len(wbc) == len(wbc_cells) >= 30 and sum(needs_review(c) is None for c in wbc_cells) >= 3
-    assert all(c["typeable"] for c in wbc) and not any(c["typeable"] for c in crops if c["kind"] == "rbc")
+    assert all(c["typeable"] for c in wbc)
+    # red cells to review are typed with the RBC head's classes
+    assert first["rbc_types"] and "sickle" in first["rbc_types"]
+    assert all(c["typeable"] == (c["label"] is not None) for c in crops if c["kind"] == "rbc")
     assert answer["ok"] and answer["stored"] == len(typed) >= 20 and answer["errors"] == []
     assert answer["typed_per_type"] == {t: sum(c["type"] == t for c in typed) for t in {c["type"] for c in typed}}
     # the file beside the outbox holds them, with the head's sha256 and views
@@ -186,8 +190,9 @@ def test_the_command_answers_each_bad_cell_and_retypes_or_removes(typed_station)
         bad.append({"field_id": rbc["field_id"], "cell": rbc["cell"], "type": "lymphocyte"})
     answer = feed.type_cells({"run_id": "run-1", "cells": bad})
     assert not answer["ok"] and answer["stored"] == 0
+    # a red cell takes the RBC head's types only
     assert [e["error"] for e in answer["errors"]] == ["unknown_type", "not_typeable", "bad_cell"] + (
-        ["not_typeable"] if rbc is not None else [])
+        ["unknown_type"] if rbc is not None else [])
     assert answer["typed_per_type"] == before
     for args, code in (({"run_id": "run-1"}, "bad_arguments"), ({"run_id": 3, "cells": [key]}, "bad_arguments"),
                        ({"run_id": "run-1", "cells": [key] * 501}, "bad_arguments")):
@@ -359,3 +364,24 @@ def test_an_open_run_does_not_hold_the_white_cells_features(tmp_path):
     assert run.add(result, 1.0)
     assert len(run.cells) == len(result.cells) and all(c.head_features is None for c in run.cells)
     assert [c.label for c in run.cells] == [c.label for c in result.cells]
+
+
+def test_a_red_cell_to_review_is_typed_with_the_rbc_heads_classes_and_kept_out_of_the_means(typed_station):
+    tmp, _, feed, crops, _, _, _, _, _ = typed_station
+    rbc = [c for c in crops if c["kind"] == "rbc" and c["typeable"]]
+    assert rbc, "the rendered fields hold red cells to review"
+    c = rbc[0]
+    new = "normal" if c["label"] != "normal" else "target"
+    wbc_before = feed.type_cells({"run_id": "run-1", "cells": [{"field_id": c["field_id"], "cell": c["cell"],
+                                                                "type": new}]})
+    assert wbc_before["ok"] and wbc_before["stored"] == 1
+    store = TypedCellStore(default_path(tmp / "state" / "outbox.sqlite3"), read_only=True)
+    try:
+        assert store.types_of_run("run-1")[(c["field_id"], c["cell"])] == ("rbc", new)
+        got = store.load(feed.gallery.typing.model_sha256, feed.gallery.typing.views)
+        assert new not in got.types  # the WBC means never see a red cell
+        assert new not in (wbc_before["typed_per_type"] or {})
+    finally:
+        store.close()
+    gone = feed.type_cells({"run_id": "run-1", "cells": [{"field_id": c["field_id"], "cell": c["cell"], "type": None}]})
+    assert gone["removed"] == 1

@@ -60,7 +60,7 @@ def test_typed_cells_are_counted_as_typed_and_the_analyzers_label_is_kept(run):
     k, same = wbc[1], wbc[0]
     before = run.report(station_id=None, now=2.0, end_reason="stopped")
     new = "basophil" if in_field[k].label != "basophil" else "eosinophil"
-    verified, changed, typed = run.verified({(third, k): new, (third, same): in_field[same].label})
+    verified, changed, typed = run.verified({(third, k): ("wbc", new), (third, same): ("wbc", in_field[same].label)})
     assert typed == 2 and [(c.field_id, c.cell, c.machine_label, c.label) for c in changed] == [
         (third, k, in_field[k].label, new)]
     after = verified.report(station_id=None, now=3.0, end_reason="stopped")
@@ -73,7 +73,7 @@ def test_typed_cells_are_counted_as_typed_and_the_analyzers_label_is_kept(run):
     # the run itself is untouched
     assert run.records[g].label == in_field[k].label and run.cells[g].label == in_field[k].label
     # typed as the analyzer had it: typed, not reclassified
-    same_run, changed3, typed3 = run.verified({(third, k): in_field[k].label})
+    same_run, changed3, typed3 = run.verified({(third, k): ("wbc", in_field[k].label)})
     assert changed3 == [] and typed3 == 1 and same_run.records[g].machine_label is None
 
 
@@ -109,10 +109,11 @@ def test_a_typed_cell_is_counted_where_its_type_belongs(run):
     base = replace(run, cells=cells, records=records)
     before = base.report(station_id=None, now=2.0, end_reason="stopped")
     g_wbc = base.records.index(in_field[wbc[1]])
-    types = {(first, wbc[0]): "lymphocyte", (first, wbc[1]): "platelet", (first, rbc): "lymphocyte"}
+    types = {(first, wbc[0]): ("wbc", "lymphocyte"), (first, wbc[1]): ("wbc", "platelet"),
+             (first, rbc): ("wbc", "lymphocyte")}
     verified, _, typed = base.verified(types)
     after = verified.report(station_id=None, now=3.0, end_reason="stopped")
-    assert typed == 2  # the red cell's type is ignored: only white cells and nucleated red cells are typed
+    assert typed == 2  # a white-cell type on a red cell is ignored
     assert after.cells[g_nrbc].kind == "wbc" and after.cells[g_nrbc].label == "lymphocyte"
     assert after.cells[g_wbc].kind == "platelet" and after.cells[g_wbc].label is None
     assert after.cells[g_wbc].machine_label == in_field[wbc[1]].label
@@ -158,3 +159,18 @@ def test_verifying_again_starts_from_the_analyzers_run_and_only_the_last_closed_
     assert feed.verify("r", "AB", final, None)[1] is False
     # the run kept for it holds no masks
     assert all(c.detection.mask is None for c in feed.closed_run("r").run.cells)
+
+
+def test_a_red_cell_typed_by_the_technician_is_counted_in_the_morphology(run):
+    second = run.field_ids[1]
+    in_field = [r for r in run.records if r.field_id == second]
+    k = next(k for k, r in enumerate(in_field) if r.kind == "rbc" and r.label not in (None, "normal"))
+    w = next(k for k, r in enumerate(in_field) if r.kind == "wbc")
+    before = run.report(station_id=None, now=2.0, end_reason="stopped")
+    verified, changed, typed = run.verified({(second, k): ("rbc", "normal"), (second, w): ("rbc", "normal")})
+    after = verified.report(station_id=None, now=3.0, end_reason="stopped")
+    assert typed == 1 and [(c.cell, c.machine_label, c.label) for c in changed] == [(k, in_field[k].label, "normal")]
+    rbc_count = lambda r, label: next((s.count for s in r.rbc_morphology if s.label == label), 0)  # noqa: E731
+    assert rbc_count(after, "normal") == rbc_count(before, "normal") + 1
+    assert rbc_count(after, in_field[k].label) == rbc_count(before, in_field[k].label) - 1
+    assert after.counts == before.counts  # still a red cell

@@ -87,17 +87,20 @@ class ClinicFeed:
         # below the station's packet limit too (topic, properties and envelope need room)
         self.max_state_bytes = min(config.review.max_message_kb * 1024, config.mqtt.max_packet_size - 1024)
 
-    def attach_wbc_head(self, wbc_head: Any) -> None:
+    def attach_wbc_head(self, wbc_head: Any, rbc_head: Any = None) -> None:
         """The analyzer's WBC head (service.analysis.classify.CropClassifier, or None): with typing
-        on and the head keeping its features, the gallery keeps them with each white cell's crop."""
+        on and the head keeping its features, the gallery keeps them with each white cell's crop;
+        red cells to review are typed with the RBC head's classes (`rbc_head`, when there is one)."""
         if self.gallery is None:
             return
         typing = None
         if self._typing_wanted and wbc_head is not None:
             if getattr(wbc_head, "keep_features", False):
                 m = wbc_head.engine.manifest
+                rbc = rbc_head.engine.manifest if rbc_head is not None else None
                 typing = WbcTyping(tuple(m.classes), m.sha256, tuple(wbc_head.views),
-                                   tuple(t.method for t in wbc_head.open_sets))
+                                   tuple(t.method for t in wbc_head.open_sets),
+                                   tuple(rbc.classes) if rbc else (), rbc.sha256 if rbc else "")
             else:
                 logger.warning("[review] typing is on but the WBC head keeps no features (no features output: "
                                "python -m smearscope.export.feature_space); technicians cannot type cells")
@@ -232,21 +235,25 @@ class ClinicFeed:
                                f"{MAX_FIELD_ID} characters), cell (integer) and type (string or null)"})
                 continue
             where = {"index": k, "field_id": field_id, "cell": cell}
-            if type_ and type_ not in typing.classes:
+            found = gallery.typeable(run_id, field_id, cell)
+            # a white cell takes the WBC head's types, a red cell the RBC head's
+            kind = found.kind if found is not None else ("rbc" if type_ in typing.rbc_classes else "wbc")
+            allowed = typing.rbc_classes if kind == "rbc" else typing.classes
+            if type_ and type_ not in allowed:
                 errors.append({**where, "error": "unknown_type",
-                               "message": f"not a type of the WBC head ({', '.join(typing.classes)})"})
+                               "message": f"not a type of the {kind.upper()} head ({', '.join(allowed)})"})
                 continue
             try:
                 if not type_:  # removed from the file, whether or not the gallery still holds the cell
                     removed += store.remove(run_id, field_id, cell)
-                elif (found := gallery.typeable(run_id, field_id, cell)) is not None:
+                elif found is not None:
                     if not store.put(run_id, field_id, cell, type_, found):
                         errors.append({**where, "error": "typed_cells_full",
                                        "message": f"the typed-cells file holds {store.max_rows} cells; fit the "
                                        "station means (smearscope adapt-wbc --station) and move it away to type more"})
                         continue
                     stored += 1
-                elif store.retype(run_id, field_id, cell, type_):  # typed before: its features are stored
+                elif store.retype(run_id, field_id, cell, type_, kind):  # typed before: its features are stored
                     stored += 1
                 else:
                     errors.append({**where, "error": "not_typeable", "message": "not a white cell of the gallery "
@@ -301,7 +308,7 @@ class ClinicFeed:
                 {"ok": True, "run_id": run_id, "report_id": report.report_id,
                  "supersedes": closed.report.report_id, "typed_cells": typed, "reclassified": len(changed)})
 
-    def run_types(self, run_id: str) -> dict[tuple[str, int], str]:
+    def run_types(self, run_id: str) -> dict[tuple[str, int], tuple[str, str]]:
         """The types technicians gave this run's cells ({} with typing off or nothing typed)."""
         if self.gallery is None or self.gallery.typing is None:
             return {}

@@ -31,6 +31,7 @@ import numpy as np
 
 from smearscope.service.analysis.overlay import draw_overlay
 from smearscope.service.analysis.pipeline import FieldResult
+from smearscope.service.analysis.records import CellKind
 from smearscope.service.analysis.report import CellRecord
 from smearscope.service.config import ReviewConfig
 from smearscope.service.station.typed_cells import TypeableCell
@@ -57,6 +58,9 @@ class WbcTyping:
     model_sha256: str
     views: tuple[str, ...]
     methods: tuple[str, ...]
+    #: The RBC head's classes and sha256: red cells to review are typed with them (no features).
+    rbc_classes: tuple[str, ...] = ()
+    rbc_sha256: str = ""
 
 
 def needs_review(cell: CellRecord) -> int | None:
@@ -142,13 +146,19 @@ class ReviewGallery:
         if typing is None or i >= len(result.cells):
             return None
         c = result.cells[i]
+        scale = result.report.scale
+        mpp = scale.microns_per_pixel if scale is not None else None
+        if c.detection.kind is CellKind.RBC:
+            if not typing.rbc_classes or c.label is None:
+                return None
+            empty = np.zeros((0,), np.float32)
+            return TypeableCell(empty, empty.reshape(0, 0), c.label, {}, typing.rbc_sha256, (), mpp, kind="rbc")
         hf = c.head_features
         if hf is None or len(c.open_set_scores) != len(typing.methods):
             return None
-        scale = result.report.scale
         return TypeableCell(np.asarray(hf.features, np.float32), np.asarray(hf.view_features, np.float32),
                             hf.closed_set_label, dict(zip(typing.methods, c.open_set_scores)), typing.model_sha256,
-                            typing.views, scale.microns_per_pixel if scale is not None else None)
+                            typing.views, mpp)
 
     def add_field(self, run_id: str, image: np.ndarray, result: FieldResult) -> int:
         """Take the field's review crops and write its overlay; the number of crops kept."""
@@ -259,7 +269,9 @@ class ReviewGallery:
         budget = self.page_bytes
         out: dict[str, Any] = {"ok": True, "run_id": run_id, "total": len(crops), "not_kept": not_kept,
                                "overlays_on_disk": overlays, "offset": offset, "cells": [], "overlay": None,
-                               "wbc_types": list(typing.classes) if typing is not None else None}
+                               "wbc_types": list(typing.classes) if typing is not None else None,
+                               "rbc_types": list(typing.rbc_classes) if typing is not None and typing.rbc_classes
+                               else None}
         crops = [{**c, "typed": typed.get((c["field_id"], c["cell"]))} if c.get("typeable") else c for c in crops]
         used = 0
         if offset == 0 and thumbnail is not None and len(thumbnail["jpeg"]) + 200 < budget * 0.6:

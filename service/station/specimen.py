@@ -119,13 +119,15 @@ class SpecimenRun:
         self.scale.add_report(report.scale)
         return True
 
-    def verified(self, types: dict[tuple[str, int], str]) -> tuple[SpecimenRun, list[Reclassified], int]:
-        """A copy of the run with the types a technician gave its white cells (and nucleated red
-        cells), keyed (field id, the cell's index in its field report), each counted where its
-        type belongs (`platelet` a platelet, `erythroblast` a nucleated red cell, as the analyzer
-        counts the WBC head's own calls); the cells whose type differs from the analyzer's; how
-        many typed cells it holds. Typed keys on other cells are ignored. The run must be the
-        analyzer's (never an earlier verified copy): `machine_label` is its label."""
+    def verified(self, types: dict[tuple[str, int], tuple[str, str]]
+                 ) -> tuple[SpecimenRun, list[Reclassified], int]:
+        """A copy of the run with the types a technician gave its cells, keyed (field id, the
+        cell's index in its field report) -> (kind, type): "wbc" types on white cells and
+        nucleated red cells, each counted where its type belongs (`platelet` a platelet,
+        `erythroblast` a nucleated red cell, as the analyzer counts the WBC head's own calls);
+        "rbc" types on red cells. Returns the cells whose type differs from the analyzer's and
+        how many typed cells it holds; a type of one kind on a cell of another is ignored. The
+        run must be the analyzer's (never an earlier verified copy): `machine_label` is its label."""
         cells, records = list(self.cells), list(self.records)
         position: dict[str, int] = {}
         changed: list[Reclassified] = []
@@ -134,15 +136,19 @@ class SpecimenRun:
             fid = rec.field_id or ""
             k = position.get(fid, 0)
             position[fid] = k + 1
-            new = types.get((fid, k))
+            kind_and_type = types.get((fid, k))
             c = cells[g]
-            if new is None or c.detection.kind not in (CellKind.WBC, CellKind.NRBC):
+            if kind_and_type is None:
+                continue
+            head, new = kind_and_type
+            if (head == "rbc") != (c.detection.kind is CellKind.RBC) or c.detection.kind not in (
+                    CellKind.WBC, CellKind.NRBC, CellKind.RBC):
                 continue
             typed += 1
             if new == rec.label:
                 continue
-            kind = KIND_FROM_HEAD_LABEL.get(new, CellKind.WBC)
-            label = new if kind in (CellKind.WBC, CellKind.NRBC) else None
+            kind = CellKind.RBC if head == "rbc" else KIND_FROM_HEAD_LABEL.get(new, CellKind.WBC)
+            label = new if kind in (CellKind.WBC, CellKind.NRBC, CellKind.RBC) else None
             detected_as = c.detected_as or c.detection.kind if kind is not c.detection.kind else c.detected_as
             cells[g] = replace(c, detection=replace(c.detection, kind=kind), label=label, label_score=None,
                                atypical=False, detected_as=detected_as)

@@ -1,5 +1,9 @@
 """White cells a technician typed in the review gallery, kept for the station's own class means.
 
+Red cells the gallery shows for review (a sickle call, an unidentified one) can be typed too, with
+the RBC head's classes (`kind` "rbc", no features): their types count in a verified report
+(verify_run) and nowhere else.
+
 A station in a new lab types white cells worse than the labs its head was trained on; a few typed
 cells per class fix most of that (station means, service.analysis.station_means). The gallery
 offers each white cell's crop; the technician picks its type on the dashboard (`cmd/type_cells`)
@@ -30,7 +34,7 @@ import numpy as np
 MAX_ROWS = 5_000
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS typed_white_cells (
-    run_id TEXT NOT NULL, field_id TEXT NOT NULL, cell INTEGER NOT NULL,
+    run_id TEXT NOT NULL, field_id TEXT NOT NULL, cell INTEGER NOT NULL, kind TEXT NOT NULL,
     type TEXT NOT NULL, head_type TEXT NOT NULL, model_sha256 TEXT NOT NULL, views TEXT NOT NULL,
     dim INTEGER NOT NULL, features BLOB NOT NULL, view_features BLOB NOT NULL,
     open_set_scores TEXT NOT NULL, microns_per_pixel REAL, typed_at REAL NOT NULL,
@@ -57,6 +61,9 @@ class TypeableCell:
     model_sha256: str
     views: tuple[str, ...]
     microns_per_pixel: float | None
+    #: "wbc": a cell the WBC head typed (features kept, for station means); "rbc": a red cell the
+    #: RBC head typed (no features: its type counts in a verified report only).
+    kind: str = "wbc"
 
 
 @dataclass(frozen=True)
@@ -124,24 +131,26 @@ class TypedCellStore:
     def put(self, run_id: str, field_id: str, cell: int, type_: str, c: TypeableCell) -> bool:
         """Store (or retype) one cell; False when the file is full and the cell is new."""
         feats = np.asarray(c.features, np.float32).ravel()
-        views = np.asarray(c.view_features, np.float32).reshape(-1, feats.size)
+        views = (np.asarray(c.view_features, np.float32).reshape(-1, feats.size) if feats.size
+                 else np.zeros((0, 0), np.float32))
         with self._lock, self._db:
             known = self._db.execute("SELECT 1 FROM typed_white_cells WHERE run_id=? AND field_id=? AND cell=?",
                                      (run_id, field_id, cell)).fetchone()
             if known is None and self._count() >= self.max_rows:
                 return False
             self._db.execute(
-                "INSERT OR REPLACE INTO typed_white_cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (run_id, field_id, cell, type_, c.head_type, c.model_sha256, json.dumps(list(c.views)), feats.size,
+                "INSERT OR REPLACE INTO typed_white_cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (run_id, field_id, cell, c.kind, type_, c.head_type, c.model_sha256, json.dumps(list(c.views)), feats.size,
                  feats.tobytes(), views.tobytes(), json.dumps({k: float(v) for k, v in c.open_set_scores.items()}),
                  c.microns_per_pixel, time.time()))
         return True
 
-    def retype(self, run_id: str, field_id: str, cell: int, type_: str) -> bool:
-        """A stored cell's type changed (its features stay); False when the file does not hold it."""
+    def retype(self, run_id: str, field_id: str, cell: int, type_: str, kind: str) -> bool:
+        """A stored cell of `kind` given another type (its features stay); False when the file
+        holds no such cell."""
         with self._lock, self._db:
             cur = self._db.execute("UPDATE typed_white_cells SET type=?, typed_at=? WHERE run_id=? AND field_id=? "
-                                   "AND cell=?", (type_, time.time(), run_id, field_id, cell))
+                                   "AND cell=? AND kind=?", (type_, time.time(), run_id, field_id, cell, kind))
         return cur.rowcount > 0
 
     def remove(self, run_id: str, field_id: str, cell: int) -> bool:
@@ -153,17 +162,17 @@ class TypedCellStore:
     def _count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM typed_white_cells").fetchone()[0])
 
-    def types_of_run(self, run_id: str) -> dict[tuple[str, int], str]:
-        """The types given to one run's cells, keyed (field id, cell index)."""
+    def types_of_run(self, run_id: str) -> dict[tuple[str, int], tuple[str, str]]:
+        """The types given to one run's cells: (field id, cell index) -> (kind, type)."""
         with self._lock:
-            rows = self._db.execute("SELECT field_id, cell, type FROM typed_white_cells WHERE run_id=?",
+            rows = self._db.execute("SELECT field_id, cell, kind, type FROM typed_white_cells WHERE run_id=?",
                                     (run_id,)).fetchall()
-        return {(f, int(c)): t for f, c, t in rows}
+        return {(f, int(c)): (k, t) for f, c, k, t in rows}
 
     def counts(self, model_sha256: str) -> dict[str, int]:
         """Typed cells per type for this head."""
         with self._lock:
-            rows = self._db.execute("SELECT type, count(*) FROM typed_white_cells WHERE model_sha256=? "
+            rows = self._db.execute("SELECT type, count(*) FROM typed_white_cells WHERE model_sha256=? AND kind='wbc' "
                                     "GROUP BY type ORDER BY type", (model_sha256,)).fetchall()
         return {t: int(n) for t, n in rows}
 
@@ -176,8 +185,8 @@ class TypedCellStore:
             with self._lock:
                 rows = self._db.execute(
                     "SELECT run_id, type, head_type, model_sha256, views, dim, features, view_features, "
-                    "open_set_scores, microns_per_pixel FROM typed_white_cells ORDER BY typed_at, run_id, field_id, "
-                    "cell").fetchall()
+                    "open_set_scores, microns_per_pixel FROM typed_white_cells WHERE kind='wbc' "
+                    "ORDER BY typed_at, run_id, field_id, cell").fetchall()
         except sqlite3.Error as exc:
             raise TypedCellsError("typed_cells_unavailable", f"{self.path}: {exc}") from exc
         want = list(views)

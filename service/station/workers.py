@@ -140,7 +140,7 @@ class StationWorkers:
         first (each producer checks that its consumer lives)."""
         self.source, self.analyzer, self.publisher = source, analyzer, publisher
         if self.clinic is not None:  # typing in the review gallery needs the WBC head's features
-            self.clinic.attach_wbc_head(getattr(analyzer, "wbc_head", None))
+            self.clinic.attach_wbc_head(getattr(analyzer, "wbc_head", None), getattr(analyzer, "rbc_head", None))
         self.state = StationState(publisher.outbox)
         self._close_runs_left_open()
         for name, target in (("report-writer", self._report_loop),

@@ -148,7 +148,9 @@ function renderReview(st, answer) {
     img.alt = c.kind + " " + (c.label || "");
     fig.append(img, el("figcaption", "", c.kind + ": " + (c.label || "?") +
       (c.label_score !== null ? " " + Math.round(100 * c.label_score) + "%" : "")));
-    if (c.typeable && Array.isArray(answer.wbc_types)) fig.append(typeSelect(st, answer.run_id, c, answer.wbc_types));
+    // a white cell takes the WBC head's types, a red cell to review the RBC head's
+    const types = c.kind === "rbc" ? answer.rbc_types : answer.wbc_types;
+    if (c.typeable && Array.isArray(types)) fig.append(typeSelect(st, answer.run_id, c, types));
     gallery.append(fig);
   }
   st.node.querySelector(".review-count").textContent =
@@ -167,9 +169,11 @@ function renderReview(st, answer) {
 // A white cell's type as the technician sees it (station means: smearscope adapt-wbc --station).
 function typeSelect(st, runId, c, types) {
   const select = el("select", "type");
-  select.title = "type this white cell (kept for the station's own class means)";
+  select.title = c.kind === "rbc" ? "type this red cell (counted when the run is verified)"
+    : "type this white cell (kept for the station's own class means, counted when the run is verified)";
   select.dataset.field = c.field_id;
   select.dataset.cell = String(c.cell);
+  select.dataset.kind = c.kind === "rbc" ? "rbc" : "wbc";
   select.dataset.state = c.typed ? "saved" : "untyped";
   select.append(el("option", "", "type…"));
   select.firstChild.value = "";
