@@ -170,7 +170,7 @@ def test_a_red_cell_typed_by_the_technician_is_counted_in_the_morphology(run):
     verified, changed, typed = run.verified({(second, k): ("rbc", "normal"), (second, w): ("rbc", "normal")})
     after = verified.report(station_id=None, now=3.0, end_reason="stopped")
     assert typed == 1 and [(c.cell, c.machine_label, c.label) for c in changed] == [(k, in_field[k].label, "normal")]
-    rbc_count = lambda r, label: next((s.count for s in r.rbc_morphology if s.label == label), 0)  # noqa: E731
+    rbc_count = lambda r, label: next((s.count for s in r.rbc_morphology if s.label == label), 0)
     assert rbc_count(after, "normal") == rbc_count(before, "normal") + 1
     assert rbc_count(after, in_field[k].label) == rbc_count(before, in_field[k].label) - 1
     assert after.counts == before.counts  # still a red cell
