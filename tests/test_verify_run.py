@@ -174,3 +174,17 @@ def test_a_red_cell_typed_by_the_technician_is_counted_in_the_morphology(run):
     assert rbc_count(after, "normal") == rbc_count(before, "normal") + 1
     assert rbc_count(after, in_field[k].label) == rbc_count(before, in_field[k].label) - 1
     assert after.counts == before.counts  # still a red cell
+
+
+def test_sickle_cells_the_technician_confirms_count_as_sure(run):
+    # five red cells typed sickle: confirmed by a person, they raise the critical flag whatever
+    # the head's confidence was (its threshold: AggregateThresholds.sickle_min_confidence)
+    rbc = [(r.field_id, k) for f in run.field_ids
+           for k, r in enumerate([r for r in run.records if r.field_id == f]) if r.kind == "rbc"][:5]
+    before = run.report(station_id=None, now=2.0, end_reason="stopped")
+    assert "sickle_cells_present" not in {f.code for f in before.flags}
+    verified, changed, typed = run.verified({key: ("rbc", "sickle") for key in rbc})
+    after = verified.report(station_id=None, now=3.0, end_reason="stopped")
+    assert typed == 5 and "sickle_cells_present" in {f.code for f in after.flags if f.severity == "critical"}
+    g = [i for i, r in enumerate(after.cells) if r.label == "sickle"]
+    assert len(g) >= 5 and all(after.cells[i].label_score == 1.0 for i in g if after.cells[i].machine_label)

@@ -145,16 +145,19 @@ class SpecimenRun:
                     CellKind.WBC, CellKind.NRBC, CellKind.RBC):
                 continue
             typed += 1
-            if new == rec.label:
-                continue
             kind = CellKind.RBC if head == "rbc" else KIND_FROM_HEAD_LABEL.get(new, CellKind.WBC)
             label = new if kind in (CellKind.WBC, CellKind.NRBC, CellKind.RBC) else None
+            # the technician's type is certain: confidence 1 (a sickle cell they confirm counts
+            # toward the critical flag however unsure the head was); a platelet has no label
+            score = 1.0 if label is not None else None
             detected_as = c.detected_as or c.detection.kind if kind is not c.detection.kind else c.detected_as
-            cells[g] = replace(c, detection=replace(c.detection, kind=kind), label=label, label_score=None,
+            cells[g] = replace(c, detection=replace(c.detection, kind=kind), label=label, label_score=score,
                                atypical=False, detected_as=detected_as)
-            records[g] = rec.model_copy(update={"kind": kind.value, "label": label, "label_score": None,
-                                                "atypical": False, "machine_label": rec.label})
-            changed.append(Reclassified(field_id=fid, cell=k, machine_label=rec.label, label=new))
+            records[g] = rec.model_copy(update={"kind": kind.value, "label": label, "label_score": score,
+                                                "atypical": False,
+                                                "machine_label": rec.label if new != rec.label else None})
+            if new != rec.label:
+                changed.append(Reclassified(field_id=fid, cell=k, machine_label=rec.label, label=new))
         run = replace(self, cells=cells, records=records, field_ids=list(self.field_ids),
                       classified_wbc=sum(1 for c in cells if is_classified_wbc(c)))
         return run, changed, typed
