@@ -183,7 +183,7 @@ def test_sickle_cells_the_technician_confirms_count_as_sure(run):
            for k, r in enumerate([r for r in run.records if r.field_id == f]) if r.kind == "rbc"][:5]
     before = run.report(station_id=None, now=2.0, end_reason="stopped")
     assert "sickle_cells_present" not in {f.code for f in before.flags}
-    verified, changed, typed = run.verified({key: ("rbc", "sickle") for key in rbc})
+    verified, _, typed = run.verified({key: ("rbc", "sickle") for key in rbc})
     after = verified.report(station_id=None, now=3.0, end_reason="stopped")
     assert typed == 5 and "sickle_cells_present" in {f.code for f in after.flags if f.severity == "critical"}
     g = [i for i, r in enumerate(after.cells) if r.label == "sickle"]
