@@ -244,6 +244,22 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         finally:
             store.close()
         typed_cell = (picker.get_attribute("data-field"), int(picker.get_attribute("data-cell")))
+        # a red cell to review is typed with the RBC head's classes, a white cell with the WBC head's
+        page = command("get_review", {"run_id": run_id})  # the page re-renders on this answer too
+        by_key = {(c["field_id"], c["cell"]): c for c in page["cells"]}
+        time.sleep(1)
+        pickers = driver.execute_script(
+            "return [...arguments[0].querySelectorAll('.gallery figure select.type')].map((s) => "
+            "({field: s.dataset.field, cell: Number(s.dataset.cell), kind: s.dataset.kind, "
+            "options: [...s.options].slice(1).map((o) => o.value)}))",
+            driver.find_element(By.CSS_SELECTOR, card))
+        shown = {"rbc": 0, "wbc": 0}
+        for p in pickers:
+            crop = by_key.get((p["field"], p["cell"]))
+            if crop is not None:
+                assert p["options"] == (crop.get("types") or page[f"{p['kind']}_types"]), p
+                shown[p["kind"]] += 1
+        assert shown["rbc"] >= 1 and shown["wbc"] >= 1, shown
 
         # The technician signs the run: its report comes again with the typed cell counted, and
         # the page shows the verified report.

@@ -385,3 +385,55 @@ def test_a_red_cell_to_review_is_typed_with_the_rbc_heads_classes_and_kept_out_o
         store.close()
     gone = feed.type_cells({"run_id": "run-1", "cells": [{"field_id": c["field_id"], "cell": c["cell"], "type": None}]})
     assert gone["removed"] == 1
+
+
+def test_a_file_from_before_red_cells_were_typed_gets_its_kind_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("""CREATE TABLE typed_white_cells (
+        run_id TEXT NOT NULL, field_id TEXT NOT NULL, cell INTEGER NOT NULL,
+        type TEXT NOT NULL, head_type TEXT NOT NULL, model_sha256 TEXT NOT NULL, views TEXT NOT NULL,
+        dim INTEGER NOT NULL, features BLOB NOT NULL, view_features BLOB NOT NULL,
+        open_set_scores TEXT NOT NULL, microns_per_pixel REAL, typed_at REAL NOT NULL,
+        PRIMARY KEY (run_id, field_id, cell))""")
+    feats = np.ones(4, np.float32)
+    db.execute("INSERT INTO typed_white_cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+               ("r", "f", 1, "monocyte", "lymphocyte", SHA, '["identity", "hflip"]', 4, feats.tobytes(),
+                np.stack([feats, feats]).tobytes(), "{}", 0.1, 1.0))
+    db.commit()
+    db.close()
+    store = TypedCellStore(path)
+    try:
+        assert store.counts(SHA) == {"monocyte": 1} and store.kind_of("r", "f", 1) == "wbc"
+        assert store.put("r", "f", 2, "neutrophil", _cell())
+        assert store.types_of_run("r") == {("f", 1): ("wbc", "monocyte"), ("f", 2): ("wbc", "neutrophil")}
+    finally:
+        store.close()
+
+
+def test_red_cells_at_an_estimated_scale_are_offered_no_size_based_type(tmp_path):
+    _, analyzer, feed = _station(tmp_path)
+    plain = ClinicFeed(parse_config(tomllib.loads(_config_text(tmp_path, 'white_cells = "all"')), environ={}))
+    plain.attach_wbc_head(analyzer.wbc_head)  # no RBC head: red cells are not typeable
+    try:
+        image = _fields(tmp_path, [505])[0][0]
+        pixels = cv2.imread(str(image))
+        result = analyzer.analyze(Frame(pixels, image.name, str(image)))  # no scale: estimated
+        assert result.report.scale.method != "given"
+        feed.gallery.add_field("est", pixels, result)
+        plain.gallery.add_field("est", pixels, result)
+    finally:
+        analyzer.close()
+    crops, first = _gallery_cells(feed, "est")
+    rbc = [c for c in crops if c["kind"] == "rbc" and c["typeable"]]
+    assert rbc and all(set(c["types"]) == set(first["rbc_types"]) - {"microcyte", "macrocyte", "spherocyte"}
+                       for c in rbc)
+    answer = feed.type_cells({"run_id": "est", "cells": [{"field_id": rbc[0]["field_id"], "cell": rbc[0]["cell"],
+                                                          "type": "spherocyte"}]})
+    assert [e["error"] for e in answer["errors"]] == ["unknown_type"]
+    other, page = _gallery_cells(plain, "est")
+    assert page["rbc_types"] is None and not any(c["typeable"] for c in other if c["kind"] == "rbc")
+    feed.close()
+    plain.close()

@@ -188,3 +188,46 @@ def test_sickle_cells_the_technician_confirms_count_as_sure(run):
     assert typed == 5 and "sickle_cells_present" in {f.code for f in after.flags if f.severity == "critical"}
     g = [i for i, r in enumerate(after.cells) if r.label == "sickle"]
     assert len(g) >= 5 and all(after.cells[i].label_score == 1.0 for i in g if after.cells[i].machine_label)
+
+
+def test_a_confirmed_sickle_call_counts_as_sure(run):
+    # five red cells the analyzer called sickle, unsure (below the critical flag's confidence):
+    # confirmed by the technician with the same type, they count as sure
+    rbc = [i for i, r in enumerate(run.records) if r.kind == "rbc"][:5]
+    cells, records = list(run.cells), list(run.records)
+    for i in rbc:
+        cells[i] = replace(cells[i], label="sickle", label_score=0.5)
+        records[i] = records[i].model_copy(update={"label": "sickle", "label_score": 0.5})
+    base = replace(run, cells=cells, records=records)
+    before = base.report(station_id=None, now=2.0, end_reason="stopped")
+    assert "sickle_cells_present" not in {f.code for f in before.flags}
+    assert "sickle_cells_review" in {f.code for f in before.flags}
+    position = {}
+    keys = []
+    for i, r in enumerate(base.records):
+        k = position.get(r.field_id, 0)
+        position[r.field_id] = k + 1
+        if i in rbc:
+            keys.append((r.field_id, k))
+    verified, changed, typed = base.verified({key: ("rbc", "sickle") for key in keys})
+    after = verified.report(station_id=None, now=3.0, end_reason="stopped")
+    assert typed == 5 and changed == []
+    assert "sickle_cells_present" in {f.code for f in after.flags if f.severity == "critical"}
+    assert all(after.cells[i].label_score == 1.0 and after.cells[i].machine_label is None for i in rbc)
+
+
+def test_a_size_based_type_is_not_taken_at_an_estimated_scale(run):
+    f = run.field_ids[0]
+    in_field = [r for r in run.records if r.field_id == f]
+    k = next(k for k, r in enumerate(in_field) if r.kind == "rbc" and r.label not in (None, "normal", "target"))
+    g = run.records.index(in_field[k])
+    cells, records = list(run.cells), list(run.records)
+    cells[g] = replace(cells[g], size_calibrated=False, unassessed_label="spherocyte")
+    records[g] = records[g].model_copy(update={"unassessed_label": "spherocyte"})
+    base = replace(run, cells=cells, records=records)
+    same, changed, typed = base.verified({(f, k): ("rbc", "microcyte")})
+    assert typed == 0 and changed == [] and same.records[g].label == in_field[k].label
+    typed_target, changed, typed = base.verified({(f, k): ("rbc", "target")})
+    assert typed == 1 and typed_target.records[g].label == "target"
+    # the analyzer's unassessed size call goes with its label
+    assert typed_target.records[g].unassessed_label is None and typed_target.cells[g].unassessed_label is None

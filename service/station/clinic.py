@@ -236,21 +236,24 @@ class ClinicFeed:
                 continue
             where = {"index": k, "field_id": field_id, "cell": cell}
             found = gallery.typeable(run_id, field_id, cell)
-            # a white cell takes the WBC head's types, a red cell the RBC head's
-            kind = found.kind if found is not None else ("rbc" if type_ in typing.rbc_classes else "wbc")
-            allowed = typing.rbc_classes if kind == "rbc" else typing.classes
-            if type_ and type_ not in allowed:
-                errors.append({**where, "error": "unknown_type",
-                               "message": f"not a type of the {kind.upper()} head ({', '.join(allowed)})"})
-                continue
             try:
+                # a white cell takes the WBC head's types, a red cell the RBC head's (at an
+                # estimated scale, none of the size-based ones)
+                kind = found.kind if found is not None else (store.kind_of(run_id, field_id, cell) or "wbc")
+                allowed = (found.types if found is not None and found.types is not None
+                           else typing.rbc_classes if kind == "rbc" else typing.classes)
+                if type_ and type_ not in allowed:
+                    errors.append({**where, "error": "unknown_type",
+                                   "message": f"not a type this {kind.upper()} cell can be given ({', '.join(allowed)})"})
+                    continue
                 if not type_:  # removed from the file, whether or not the gallery still holds the cell
                     removed += store.remove(run_id, field_id, cell)
                 elif found is not None:
                     if not store.put(run_id, field_id, cell, type_, found):
                         errors.append({**where, "error": "typed_cells_full",
                                        "message": f"the typed-cells file holds {store.max_rows} cells; fit the "
-                                       "station means (smearscope adapt-wbc --station) and move it away to type more"})
+                                       "station means (smearscope adapt-wbc --station), verify the runs still to "
+                                       "verify, then move it away to type more"})
                         continue
                     stored += 1
                 elif store.retype(run_id, field_id, cell, type_, kind):  # typed before: its features are stored

@@ -29,6 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from smearscope.service.analysis.morphology import SIZE_BASED
 from smearscope.service.analysis.overlay import draw_overlay
 from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.records import CellKind
@@ -152,7 +153,10 @@ class ReviewGallery:
             if not typing.rbc_classes or c.label is None:
                 return None
             empty = np.zeros((0,), np.float32)
-            return TypeableCell(empty, empty.reshape(0, 0), c.label, {}, typing.rbc_sha256, (), mpp, kind="rbc")
+            # at an estimated scale no size-based class can be judged (the analyzer reports none)
+            types = None if c.size_calibrated else tuple(t for t in typing.rbc_classes if t not in SIZE_BASED)
+            return TypeableCell(empty, empty.reshape(0, 0), c.label, {}, typing.rbc_sha256, (), mpp, kind="rbc",
+                                types=types)
         hf = c.head_features
         if hf is None or len(c.open_set_scores) != len(typing.methods):
             return None
@@ -182,9 +186,12 @@ class ReviewGallery:
             if pixels is None:
                 continue
             t = self._typeable(result, i, typing)
-            crops.append((p, {"field_id": field_id, "cell": i, "kind": c.kind, "label": c.label,
-                              "label_score": c.label_score, "bbox": c.bbox, "typeable": t is not None,
-                              "jpeg": base64.b64encode(_jpeg(pixels)).decode()}))
+            crop = {"field_id": field_id, "cell": i, "kind": c.kind, "label": c.label,
+                    "label_score": c.label_score, "bbox": c.bbox, "typeable": t is not None,
+                    "jpeg": base64.b64encode(_jpeg(pixels)).decode()}
+            if t is not None and t.types is not None:
+                crop["types"] = list(t.types)  # fewer than the head's classes
+            crops.append((p, crop))
             if t is not None:
                 typeable[(field_id, i)] = t
         overlay = draw_overlay(image, result.cells, result.input_to_canonical)

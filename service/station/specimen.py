@@ -21,6 +21,7 @@ from typing import Literal
 
 from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
 from smearscope.service.analysis.classify import UNIDENTIFIED
+from smearscope.service.analysis.morphology import SIZE_BASED
 from smearscope.service.analysis.pipeline import KIND_FROM_HEAD_LABEL, FieldResult
 from smearscope.service.analysis.records import CellKind, ClassifiedCell
 from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Reclassified, Report
@@ -144,6 +145,8 @@ class SpecimenRun:
             if (head == "rbc") != (c.detection.kind is CellKind.RBC) or c.detection.kind not in (
                     CellKind.WBC, CellKind.NRBC, CellKind.RBC):
                 continue
+            if head == "rbc" and new in SIZE_BASED and not c.size_calibrated:
+                continue  # a size-based class at an estimated scale: no one can judge it (the report says so)
             typed += 1
             kind = CellKind.RBC if head == "rbc" else KIND_FROM_HEAD_LABEL.get(new, CellKind.WBC)
             label = new if kind in (CellKind.WBC, CellKind.NRBC, CellKind.RBC) else None
@@ -151,10 +154,12 @@ class SpecimenRun:
             # toward the critical flag however unsure the head was); a platelet has no label
             score = 1.0 if label is not None else None
             detected_as = c.detected_as or c.detection.kind if kind is not c.detection.kind else c.detected_as
+            # a red cell the technician typed otherwise drops the analyzer's unassessed size call
+            unassessed = c.unassessed_label if new == rec.label else None
             cells[g] = replace(c, detection=replace(c.detection, kind=kind), label=label, label_score=score,
-                               atypical=False, detected_as=detected_as)
+                               atypical=False, detected_as=detected_as, unassessed_label=unassessed)
             records[g] = rec.model_copy(update={"kind": kind.value, "label": label, "label_score": score,
-                                                "atypical": False,
+                                                "atypical": False, "unassessed_label": unassessed,
                                                 "machine_label": rec.label if new != rec.label else None})
             if new != rec.label:
                 changed.append(Reclassified(field_id=fid, cell=k, machine_label=rec.label, label=new))

@@ -64,6 +64,9 @@ class TypeableCell:
     #: "wbc": a cell the WBC head typed (features kept, for station means); "rbc": a red cell the
     #: RBC head typed (no features: its type counts in a verified report only).
     kind: str = "wbc"
+    #: The types this cell may be given when not every class of its head (a red cell of a field
+    #: whose scale was estimated: no size-based class); None: every class.
+    types: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,9 +106,14 @@ class TypedCellStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.execute(_SCHEMA)
+                if "kind" not in self._columns():  # a file from before red cells were typed
+                    self._db.execute("ALTER TABLE typed_white_cells ADD COLUMN kind TEXT NOT NULL DEFAULT 'wbc'")
                 self._db.commit()
         except (sqlite3.Error, OSError) as exc:
             raise TypedCellsError("typed_cells_unavailable", f"{self.path}: {exc}") from exc
+
+    def _columns(self) -> list[str]:
+        return [r[1] for r in self._db.execute("PRAGMA table_info(typed_white_cells)").fetchall()]
 
     def _open_read_only(self) -> sqlite3.Connection:
         """A read-only connection. Reading a WAL file needs its -shm beside it: a reader that may not
@@ -139,7 +147,9 @@ class TypedCellStore:
             if known is None and self._count() >= self.max_rows:
                 return False
             self._db.execute(
-                "INSERT OR REPLACE INTO typed_white_cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO typed_white_cells (run_id, field_id, cell, kind, type, head_type, "
+                "model_sha256, views, dim, features, view_features, open_set_scores, microns_per_pixel, typed_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (run_id, field_id, cell, c.kind, type_, c.head_type, c.model_sha256, json.dumps(list(c.views)), feats.size,
                  feats.tobytes(), views.tobytes(), json.dumps({k: float(v) for k, v in c.open_set_scores.items()}),
                  c.microns_per_pixel, time.time()))
@@ -161,6 +171,13 @@ class TypedCellStore:
 
     def _count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM typed_white_cells").fetchone()[0])
+
+    def kind_of(self, run_id: str, field_id: str, cell: int) -> str | None:
+        """The kind of a stored cell ("wbc" / "rbc"); None when the file does not hold it."""
+        with self._lock:
+            row = self._db.execute("SELECT kind FROM typed_white_cells WHERE run_id=? AND field_id=? AND cell=?",
+                                   (run_id, field_id, cell)).fetchone()
+        return row[0] if row else None
 
     def types_of_run(self, run_id: str) -> dict[tuple[str, int], tuple[str, str]]:
         """The types given to one run's cells: (field id, cell index) -> (kind, type)."""

@@ -149,7 +149,7 @@ function renderReview(st, answer) {
     fig.append(img, el("figcaption", "", c.kind + ": " + (c.label || "?") +
       (c.label_score !== null ? " " + Math.round(100 * c.label_score) + "%" : "")));
     // a white cell takes the WBC head's types, a red cell to review the RBC head's
-    const types = c.kind === "rbc" ? answer.rbc_types : answer.wbc_types;
+    const types = c.types || (c.kind === "rbc" ? answer.rbc_types : answer.wbc_types);
     if (c.typeable && Array.isArray(types)) fig.append(typeSelect(st, answer.run_id, c, types));
     gallery.append(fig);
   }
