@@ -148,3 +148,51 @@ def test_station_publishes_fhir_live_state_and_review(
     finally:
         late.close()
     assert wait_until(lambda: len(list(review_dir.glob("*.jpg"))) == report.fields_analyzed, 5)
+
+
+@pytest.mark.broker
+def test_a_run_closed_before_a_restart_can_still_be_verified(
+    tmp_path: Path, broker: Any, credentials_dir: Path,
+) -> None:
+    observer = Subscriber(broker.port, "observer", "observer-secret", [f"{BASE}/#"])
+    observer.wait_ready()
+    per_field = classified_wbc_per_field()
+    source = {"kind": "simulated", "fields": 500, "fps": 8.0, "width": 480, "height": 360, "seed": 0}
+    config = write_station(tmp_path, broker.port, target_wbc=per_field[0] + per_field[1], source=source)
+
+    def run_daemon(until) -> None:
+        daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(), config_path=config)
+        runner = threading.Thread(target=daemon.run, daemon=True)
+        runner.start()
+        try:
+            assert until()
+        finally:
+            daemon.request_stop("test step over")
+            runner.join(30)
+        assert not runner.is_alive()
+
+    try:
+        # a first process closes a run (its WBC target reached) and stops
+        run_daemon(lambda: observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 30))
+        first = Report.model_validate(envelopes(observer, f"{BASE}/report")[0]["body"])
+        assert first.end_reason == "target_reached"
+
+        # the next process verifies it
+        seen_status = len(observer.on_topic(f"{BASE}/status"))
+
+        def verified() -> bool:
+            assert observer.wait_for(lambda ms: any(m.payload == b"online" for m in
+                                                    [m for m in ms if m.topic == f"{BASE}/status"][seen_status:]), 30)
+            observer.client.publish(f"{BASE}/cmd/verify_run", json.dumps({"run_id": first.run_id,
+                                                                           "verified_by": "AB"}), qos=1)
+            return observer.wait_for(lambda ms: any(m.topic == f"{BASE}/cmd_response/verify_run" for m in ms), 30)
+
+        run_daemon(verified)
+    finally:
+        observer.close()
+    answer = json.loads(observer.on_topic(f"{BASE}/cmd_response/verify_run")[0].payload)
+    assert answer["ok"] and answer["supersedes"] == first.report_id, answer
+    again = [Report.model_validate(e["body"]) for e in envelopes(observer, f"{BASE}/report")
+             if e["body"]["report_id"] == answer["report_id"]]
+    assert again and again[0].verification is not None and again[0].verification.verified_by == "AB"
+    assert again[0].run_id == first.run_id and again[0].wbc_differential == first.wbc_differential

@@ -231,3 +231,49 @@ def test_a_size_based_type_is_not_taken_at_an_estimated_scale(run):
     assert typed == 1 and typed_target.records[g].label == "target"
     # the analyzer's unassessed size call goes with its label
     assert typed_target.records[g].unassessed_label is None and typed_target.cells[g].unassessed_label is None
+
+
+def test_the_last_closed_runs_survive_a_restart_for_verification(run, tmp_path):
+    from smearscope.service.mqtt.outbox import Outbox
+    from smearscope.service.station.durable import KEEP_CLOSED_RUNS, RunMeta, StationState
+
+    def stored(state, outbox, r: SpecimenRun, run_id: str) -> None:
+        meta = RunMeta(run_id, r.started_at, r.started_by, r.target_wbc)
+        for fid in r.field_ids:
+            idx = [i for i, rec in enumerate(r.records) if rec.field_id == fid]
+            w = state.field_stored(report_id=f"{run_id}-{fid}", input_key=None, run=meta, field_id=fid,
+                                   cells=[r.cells[i] for i in idx], records=[r.records[i] for i in idx],
+                                   models=r.models)
+            outbox.write(lambda conn, w=w: w(conn, []))
+
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    try:
+        state = StationState(outbox)
+        stored(state, outbox, run, "r1")
+        assert [o.run_id for o in state.open_runs()] == ["r1"] and state.closed_runs() == []
+        report = replace(run, run_id="r1").report(station_id="s", now=5.0, end_reason="stopped")
+        outbox.write(lambda conn: state.run_closed(report)(conn, []))
+        # closed: no longer open (a restart does not close it again), kept for verification
+        assert state.open_runs() == []
+        (kept,) = state.closed_runs()
+        assert kept.run_id == "r1" and kept.end_reason == "stopped" and kept.report.report_id == report.report_id
+        assert [r.label for r in kept.run.records] == [r.label for r in run.records]
+        assert all(c.size_calibrated == o.size_calibrated for c, o in zip(kept.run.cells, run.cells))
+        # the restored run verifies to the same counts as the analyzer's own
+        again = kept.run.report(station_id="s", now=6.0, end_reason="stopped")
+        assert again.wbc_differential == report.wbc_differential and again.rbc_morphology == report.rbc_morphology
+        assert [f.code for f in again.flags] == [f.code for f in report.flags]
+        # a verified report takes the run's place; older runs go, fields and all
+        verified = report.model_copy(update={"report_id": "v1"})
+        outbox.write(lambda conn: state.run_closed(verified)(conn, []))
+        assert [(c.run_id, c.report.report_id) for c in state.closed_runs()] == [("r1", "v1")]
+        for k in range(2, KEEP_CLOSED_RUNS + 2):
+            stored(state, outbox, run, f"r{k}")
+            later = replace(run, run_id=f"r{k}").report(station_id="s", now=5.0 + k, end_reason="stopped")
+            outbox.write(lambda conn, later=later: state.run_closed(later)(conn, []))
+        ids = [c.run_id for c in state.closed_runs()]
+        assert ids == [f"r{k}" for k in range(2, KEEP_CLOSED_RUNS + 2)]
+        left = outbox.read(lambda conn: conn.execute("SELECT COUNT(*) FROM specimen_fields WHERE run_id='r1'").fetchone())
+        assert left[0] == 0
+    finally:
+        outbox.close()

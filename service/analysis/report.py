@@ -199,6 +199,8 @@ class Report(_Strict):
     cell_detail: CellDetail | None = Field(None, description="set when a station published this "
                                            "report compact: the cells travel in separate messages")
     timing_ms: dict[str, float] = {}
+    end_reason: str | None = Field(None, description="final specimen reports: why the run ended (target_reached, "
+                                   "stopped, idle_timeout, shutdown, restart, ...); absent while it is open")
     verification: Verification | None = Field(None, description="specimen reports a technician verified "
                                               "(command verify_run); absent: the analyzer's preliminary result")
 

@@ -36,7 +36,8 @@ from smearscope.service.config import MqttConfig, StationConfig
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.fhir.report_view import rbc_grades
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, StateWriter
-from smearscope.service.station.review import KEEP_RUNS, ReviewGallery, WbcTyping
+from smearscope.service.station.durable import KEEP_CLOSED_RUNS
+from smearscope.service.station.review import ReviewGallery, WbcTyping
 from smearscope.service.station.specimen import ClosedRun, EndReason, SpecimenRun, SpecimenTracker
 from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore, default_path
 
@@ -86,6 +87,13 @@ class ClinicFeed:
         self._closed: OrderedDict[str, ClosedRun] = OrderedDict()
         # below the station's packet limit too (topic, properties and envelope need room)
         self.max_state_bytes = min(config.review.max_message_kb * 1024, config.mqtt.max_packet_size - 1024)
+
+    def start(self, analyzer: Any, closed: Sequence[ClosedRun]) -> None:
+        """The station starts: the analyzer's heads for typing (`attach_wbc_head`), and the runs
+        closed before (service.station.durable, oldest first) for verification."""
+        self.attach_wbc_head(getattr(analyzer, "wbc_head", None), getattr(analyzer, "rbc_head", None))
+        for run in closed:
+            self.run_closed(run, None, live=False)
 
     def attach_wbc_head(self, wbc_head: Any, rbc_head: Any = None) -> None:
         """The analyzer's WBC head (service.analysis.classify.CropClassifier, or None): with typing
@@ -148,7 +156,7 @@ class ClinicFeed:
             known = self._closed.get(closed.run_id)
             run = known.run if known is not None else (closed.run.without_masks() if closed.run else None)
             self._closed[closed.run_id] = dataclasses.replace(closed, run=run)  # a verified one keeps its place
-            while len(self._closed) > KEEP_RUNS:
+            while len(self._closed) > KEEP_CLOSED_RUNS:
                 self._closed.popitem(last=False)
         if not live:
             return
@@ -294,7 +302,7 @@ class ClinicFeed:
             code = "run_open" if open_run == run_id else "unknown_run"
             return None, False, {"ok": False, "error": code, "message": f"run {run_id!r}: " + (
                 "still open: stop it first (stop_run)" if code == "run_open" else
-                "not one of the station's last closed runs (since it started)")}
+                "not one of the station's last closed runs")}
         try:
             types = self.run_types(run_id)
         except (TypedCellsError, sqlite3.Error) as exc:

@@ -1,15 +1,20 @@
 """What a station must remember across a crash, kept in its outbox file beside the messages.
 
-Two tables, each written in the same transaction as the message that changes them
+Three tables, each written in the same transaction as the message that changes them
 (`Outbox.put_many(..., also=...)`), so a message and its state are stored together or not at all:
 
   station_inputs   the inputs (a watched folder's files, by content hash: `Frame.input_key`)
                    whose field message is stored; a file found again after a crash is not
                    analysed twice
   specimen_fields  the cells of every field of the open specimen runs, with the run's start,
-                   target and models; the final specimen report deletes its run's rows. A run
-                   whose rows survive a crash (or a stop on a full disk) is closed by the next
-                   start with `specimen_incomplete` (end reason `restart`)
+                   target and models, and of the last `KEEP_CLOSED_RUNS` closed ones. A run
+                   whose rows survive a crash (or a stop on a full disk) without a closed_runs
+                   row is closed by the next start with `specimen_incomplete` (end reason
+                   `restart`)
+  closed_runs      the runs whose final (or verified) specimen report is stored: its report
+                   (without cells) and why it ended, so a technician can still verify one of
+                   the last runs after a restart (verify_run); older ones are deleted with
+                   their fields
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from smearscope.service.analysis.records import Box, CellDetection, CellKind, ClassifiedCell
-from smearscope.service.analysis.report import CellRecord, ModelInfo
+from smearscope.service.analysis.report import CellRecord, ModelInfo, Report
 from smearscope.service.mqtt.outbox import Outbox, StateWriter
-from smearscope.service.station.specimen import SpecimenRun, StartedBy, is_classified_wbc
+from smearscope.service.station.specimen import ClosedRun, SpecimenRun, StartedBy, is_classified_wbc
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +41,11 @@ _SCHEMA = (
         started_at REAL NOT NULL, started_by TEXT NOT NULL, target_wbc INTEGER NOT NULL,
         models TEXT NOT NULL, cells TEXT NOT NULL, stored_at REAL NOT NULL,
         PRIMARY KEY (run_id, field_id))""",
+    """CREATE TABLE IF NOT EXISTS closed_runs (
+        run_id TEXT PRIMARY KEY, end_reason TEXT NOT NULL, report TEXT NOT NULL, closed_at REAL NOT NULL)""",
 )
+#: Closed runs whose cells are kept (for verify_run, also after a restart).
+KEEP_CLOSED_RUNS = 4
 #: Inputs remembered at most (a folder's files analysed; older ones cannot come back after days).
 MAX_INPUTS = 100_000
 
@@ -54,7 +63,7 @@ class RunMeta:
 def _cell_json(cell: ClassifiedCell, record: CellRecord) -> dict[str, object]:
     detected_as = cell.detected_as.value if cell.detected_as is not None else None
     return {**record.model_dump(), "touches_frame_edge": cell.touches_frame_edge,
-            "detected_as": detected_as}
+            "detected_as": detected_as, "size_calibrated": cell.size_calibrated}
 
 
 def _cell_from_json(item: dict[str, object], field_id: str) -> tuple[ClassifiedCell, CellRecord]:
@@ -62,11 +71,13 @@ def _cell_from_json(item: dict[str, object], field_id: str) -> tuple[ClassifiedC
     kept as `area_um2`), and its record."""
     edge = bool(item.pop("touches_frame_edge", False))
     detected_as = item.pop("detected_as", None)
+    calibrated = bool(item.pop("size_calibrated", False))
     record = CellRecord.model_validate({**item, "field_id": field_id})
     detection = CellDetection(kind=CellKind(record.kind), box=Box(*record.bbox), score=record.score)
     cell = ClassifiedCell(detection=detection, label=record.label, label_score=record.label_score,
                           diameter_um=record.diameter_um, area_um2=record.area_um2,
-                          touches_frame_edge=edge,
+                          touches_frame_edge=edge, size_calibrated=calibrated,
+                          unassessed_label=record.unassessed_label,
                           detected_as=CellKind(str(detected_as)) if detected_as else None)
     return cell, record
 
@@ -106,16 +117,29 @@ class StationState:
 
         return write
 
-    def run_closed(self, run_id: str) -> StateWriter:
-        """The state a stored final specimen report brings: its run is no longer open."""
-        return lambda conn, seqs: conn.execute("DELETE FROM specimen_fields WHERE run_id = ?",
-                                               (run_id,))
+    def run_closed(self, report: Report) -> StateWriter:
+        """The state a stored final (or verified) specimen report brings: its run is closed, kept
+        with the last closed ones (a verified report replaces the run's report, its place kept);
+        older closed runs go with their fields."""
+        slim = report.model_copy(update={"cells": [], "cell_detail": None}).model_dump_json()
 
-    def open_runs(self) -> list[SpecimenRun]:
-        """The runs a previous process left open (crash, or a stop that could not store)."""
+        def write(conn: sqlite3.Connection, seqs: list[int]) -> None:
+            conn.execute("INSERT INTO closed_runs VALUES (?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET "
+                         "report = excluded.report", (report.run_id or "", report.end_reason or "restart", slim,
+                                                      time.time()))
+            old = [r[0] for r in conn.execute("SELECT run_id FROM closed_runs ORDER BY closed_at DESC, rowid DESC "
+                                              "LIMIT -1 OFFSET ?", (KEEP_CLOSED_RUNS,)).fetchall()]
+            for run_id in old:
+                conn.execute("DELETE FROM specimen_fields WHERE run_id = ?", (run_id,))
+                conn.execute("DELETE FROM closed_runs WHERE run_id = ?", (run_id,))
+
+        return write
+
+    def _runs(self, closed: bool) -> list[SpecimenRun]:
         rows = self.outbox.read(lambda conn: conn.execute(
             "SELECT run_id, field_id, started_at, started_by, target_wbc, models, cells, stored_at "
-            "FROM specimen_fields ORDER BY run_id, position").fetchall())
+            f"FROM specimen_fields WHERE run_id {'' if closed else 'NOT '}IN (SELECT run_id FROM closed_runs) "
+            "ORDER BY run_id, position").fetchall())
         runs: dict[str, SpecimenRun] = {}
         for run_id, field_id, started_at, started_by, target, models, cells, stored_at in rows:
             run = runs.get(run_id)
@@ -132,3 +156,22 @@ class StationState:
             run.field_ids.append(field_id)
             run.last_field_at = float(stored_at)
         return list(runs.values())
+
+    def open_runs(self) -> list[SpecimenRun]:
+        """The runs a previous process left open (crash, or a stop that could not store)."""
+        return self._runs(closed=False)
+
+    def closed_runs(self) -> list[ClosedRun]:
+        """The last closed runs, oldest first: their cells and latest report (without cells)."""
+        runs = {r.run_id: r for r in self._runs(closed=True)}
+        rows = self.outbox.read(lambda conn: conn.execute(
+            "SELECT run_id, end_reason, report FROM closed_runs ORDER BY closed_at, rowid").fetchall())
+        out = []
+        for run_id, end_reason, text in rows:
+            run = runs.get(run_id)
+            if run is None:
+                continue
+            report = Report.model_validate_json(text)
+            out.append(ClosedRun(run_id, end_reason, len(run.field_ids), run.classified_wbc, run.target_wbc,
+                                 report, run))
+        return out

@@ -199,7 +199,7 @@ class SpecimenRun:
             rbc_morphology=agg.rbc_morphology, rbc_size=agg.rbc_size, nrbc_per_100_wbc=agg.nrbc_per_100_wbc,
             ratios=agg.ratios,
             flags=flags, cells=list(self.records),
-            timing_ms={"run_ms": round(1000.0 * (now - self.started_at), 1)},
+            timing_ms={"run_ms": round(1000.0 * (now - self.started_at), 1)}, end_reason=end_reason,
         )
 
 

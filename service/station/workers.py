@@ -139,10 +139,10 @@ class StationWorkers:
         """Close the runs a previous process left open, then start the threads, consumers
         first (each producer checks that its consumer lives)."""
         self.source, self.analyzer, self.publisher = source, analyzer, publisher
-        if self.clinic is not None:  # typing in the review gallery needs the WBC head's features
-            self.clinic.attach_wbc_head(getattr(analyzer, "wbc_head", None), getattr(analyzer, "rbc_head", None))
         self.state = StationState(publisher.outbox)
         self._close_runs_left_open()
+        if self.clinic is not None:  # typing needs the heads; verification the runs closed before
+            self.clinic.start(analyzer, self.state.closed_runs())
         for name, target in (("report-writer", self._report_loop),
                              ("analysis", self._analysis_loop), ("capture", self._capture_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -452,7 +452,7 @@ class StationWorkers:
         items += [("cells", report.report_id, body, SCHEMA_VERSION) for body in messages.cells]
         also: StateWriter
         if item.kind == "report":
-            also = self.state.run_closed(report.run_id or "")
+            also = self.state.run_closed(report)
         else:
             field_id = report.source.frame_id if report.source is not None else report.report_id
             also = self.state.field_stored(
