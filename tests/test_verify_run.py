@@ -233,7 +233,7 @@ def test_a_size_based_type_is_not_taken_at_an_estimated_scale(run):
     assert typed_target.records[g].unassessed_label is None and typed_target.cells[g].unassessed_label is None
 
 
-def test_the_last_closed_runs_survive_a_restart_for_verification(run, tmp_path):
+def test_the_last_closed_runs_survive_a_restart_for_verification(run, tmp_path, monkeypatch):
     from smearscope.service.mqtt.outbox import Outbox
     from smearscope.service.station.durable import KEEP_CLOSED_RUNS, RunMeta, StationState
 
@@ -262,7 +262,7 @@ def test_the_last_closed_runs_survive_a_restart_for_verification(run, tmp_path):
         # the restored run verifies to the same counts as the analyzer's own
         again = kept.run.report(station_id="s", now=6.0, end_reason="stopped")
         assert again.wbc_differential == report.wbc_differential and again.rbc_morphology == report.rbc_morphology
-        assert [f.code for f in again.flags] == [f.code for f in report.flags]
+        assert [(f.code, f.message) for f in again.flags] == [(f.code, f.message) for f in report.flags]
         # a verified report takes the run's place; older runs go, fields and all
         verified = report.model_copy(update={"report_id": "v1"})
         outbox.write(lambda conn: state.run_closed(verified)(conn, []))
@@ -275,5 +275,16 @@ def test_the_last_closed_runs_survive_a_restart_for_verification(run, tmp_path):
         assert ids == [f"r{k}" for k in range(2, KEEP_CLOSED_RUNS + 2)]
         left = outbox.read(lambda conn: conn.execute("SELECT COUNT(*) FROM specimen_fields WHERE run_id='r1'").fetchone())
         assert left[0] == 0
+        # a clock set back does not make the run just closed the oldest
+        yesterday = time.time() - 86_400.0
+        with monkeypatch.context() as m:
+            m.setattr(time, "time", lambda: yesterday)
+            stored(state, outbox, run, "late")
+            late = replace(run, run_id="late").report(station_id="s", now=1.0, end_reason="stopped")
+            outbox.write(lambda conn: state.run_closed(late)(conn, []))
+        assert state.closed_runs()[-1].run_id == "late"
+        # a kept row this code cannot read: left out, the rest still load
+        outbox.write(lambda conn: conn.execute("UPDATE closed_runs SET report = '{\"unknown\": 1}' WHERE run_id = 'late'"))
+        assert "late" not in [c.run_id for c in state.closed_runs()] and len(state.closed_runs()) == KEEP_CLOSED_RUNS - 1
     finally:
         outbox.close()

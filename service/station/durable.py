@@ -76,7 +76,7 @@ def _cell_from_json(item: dict[str, object], field_id: str) -> tuple[ClassifiedC
     detection = CellDetection(kind=CellKind(record.kind), box=Box(*record.bbox), score=record.score)
     cell = ClassifiedCell(detection=detection, label=record.label, label_score=record.label_score,
                           diameter_um=record.diameter_um, area_um2=record.area_um2,
-                          touches_frame_edge=edge, size_calibrated=calibrated,
+                          touches_frame_edge=edge, size_calibrated=calibrated, atypical=record.atypical,
                           unassessed_label=record.unassessed_label,
                           detected_as=CellKind(str(detected_as)) if detected_as else None)
     return cell, record
@@ -127,7 +127,9 @@ class StationState:
             conn.execute("INSERT INTO closed_runs VALUES (?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET "
                          "report = excluded.report", (report.run_id or "", report.end_reason or "restart", slim,
                                                       time.time()))
-            old = [r[0] for r in conn.execute("SELECT run_id FROM closed_runs ORDER BY closed_at DESC, rowid DESC "
+            # by rowid, which only grows (the newest row is never pruned): a clock set back must
+            # not make the run just closed the oldest
+            old = [r[0] for r in conn.execute("SELECT run_id FROM closed_runs ORDER BY rowid DESC "
                                               "LIMIT -1 OFFSET ?", (KEEP_CLOSED_RUNS,)).fetchall()]
             for run_id in old:
                 conn.execute("DELETE FROM specimen_fields WHERE run_id = ?", (run_id,))
@@ -162,16 +164,26 @@ class StationState:
         return self._runs(closed=False)
 
     def closed_runs(self) -> list[ClosedRun]:
-        """The last closed runs, oldest first: their cells and latest report (without cells)."""
-        runs = {r.run_id: r for r in self._runs(closed=True)}
+        """The last closed runs, oldest first: their cells and latest report (without cells).
+        Rows this code cannot read (another version's) are left out with an error logged: the
+        station starts, those runs cannot be verified."""
+        try:
+            runs = {r.run_id: r for r in self._runs(closed=True)}
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.error("closed runs kept for verification cannot be read (%s); none can be verified", exc)
+            return []
         rows = self.outbox.read(lambda conn: conn.execute(
-            "SELECT run_id, end_reason, report FROM closed_runs ORDER BY closed_at, rowid").fetchall())
+            "SELECT run_id, end_reason, report FROM closed_runs ORDER BY rowid").fetchall())
         out = []
         for run_id, end_reason, text in rows:
             run = runs.get(run_id)
             if run is None:
                 continue
-            report = Report.model_validate_json(text)
+            try:
+                report = Report.model_validate_json(text)
+            except ValueError as exc:
+                logger.error("closed run %s: its report cannot be read (%s); it cannot be verified", run_id, exc)
+                continue
             out.append(ClosedRun(run_id, end_reason, len(run.field_ids), run.classified_wbc, run.target_wbc,
                                  report, run))
         return out
