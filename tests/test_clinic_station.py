@@ -85,16 +85,22 @@ def test_overlays_are_kept_per_run_under_the_disk_cap(tmp_path: Path) -> None:
     assert gallery.summary("run-2")["overlays"] == 2 and gallery.summary("run-1")["overlays"] == 0
 
 
-@pytest.mark.broker
-def test_station_publishes_fhir_live_state_and_review(
-    tmp_path: Path, broker: Any, credentials_dir: Path,
-) -> None:
+def _two_field_station(tmp_path: Path, broker: Any, **extra: Any) -> tuple[Subscriber, Path, list[int]]:
+    """An observer of the station's topics, and a simulated station whose run reaches its WBC
+    target on its second field; the WBC classified per field."""
     observer = Subscriber(broker.port, "observer", "observer-secret", [f"{BASE}/#"])
     observer.wait_ready()
     per_field = classified_wbc_per_field()
     source = {"kind": "simulated", "fields": 500, "fps": 8.0, "width": 480, "height": 360, "seed": 0}
-    config = write_station(tmp_path, broker.port, target_wbc=per_field[0] + per_field[1], source=source,
-                           review={"max_message_kb": 16})
+    config = write_station(tmp_path, broker.port, target_wbc=per_field[0] + per_field[1], source=source, **extra)
+    return observer, config, per_field
+
+
+@pytest.mark.broker
+def test_station_publishes_fhir_live_state_and_review(
+    tmp_path: Path, broker: Any, credentials_dir: Path,
+) -> None:
+    observer, config, per_field = _two_field_station(tmp_path, broker, review={"max_message_kb": 16})
     daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(), config_path=config)
     runner = threading.Thread(target=daemon.run, daemon=True)
     runner.start()
@@ -154,11 +160,7 @@ def test_station_publishes_fhir_live_state_and_review(
 def test_a_run_closed_before_a_restart_can_still_be_verified(
     tmp_path: Path, broker: Any, credentials_dir: Path,
 ) -> None:
-    observer = Subscriber(broker.port, "observer", "observer-secret", [f"{BASE}/#"])
-    observer.wait_ready()
-    per_field = classified_wbc_per_field()
-    source = {"kind": "simulated", "fields": 500, "fps": 8.0, "width": 480, "height": 360, "seed": 0}
-    config = write_station(tmp_path, broker.port, target_wbc=per_field[0] + per_field[1], source=source)
+    observer, config, _ = _two_field_station(tmp_path, broker)
 
     def run_daemon(until) -> None:
         daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(), config_path=config)
