@@ -173,8 +173,9 @@ def test_every_white_cell_is_offered_with_the_heads_types_and_typed_ones_are_sto
     finally:
         store.close()
     assert sorted(got.types) == sorted(c["type"] for c in typed) and got.other_head == 0
-    # a later page shows what was typed
-    page, _ = _gallery_cells(feed, "run-1")
+    # a later page shows what was typed, and the first page the station's counts
+    page, head = _gallery_cells(feed, "run-1")
+    assert head["typed_per_type"] == answer["typed_per_type"]
     shown = {(c["field_id"], c["cell"]): c.get("typed") for c in page if c["typeable"]}
     assert all(shown[(c["field_id"], c["cell"])] == c["type"] for c in typed)
 

@@ -198,7 +198,14 @@ class ClinicFeed:
             return {"ok": False, "error": "run_id must be a string"}
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             return {"ok": False, "error": "offset must be a non-negative integer"}
-        return self.gallery.page(run_id, offset)
+        page = self.gallery.page(run_id, offset)
+        typing = self.gallery.typing
+        if page.get("ok") and offset == 0 and typing is not None:  # what the station has typed so far
+            try:
+                page["typed_per_type"] = self._open_store().counts(typing.model_sha256)
+            except (TypedCellsError, sqlite3.Error) as exc:
+                logger.warning("typed cells: counting failed: %s", exc)
+        return page
 
 
     def type_cells(self, arguments: dict[str, Any]) -> dict[str, Any]:

@@ -155,6 +155,7 @@ function renderReview(st, answer) {
   }
   st.node.querySelector(".review-count").textContent =
     "(" + gallery.children.length + " of " + answer.total + (answer.not_kept ? ", " + answer.not_kept + " more not kept" : "") + ")";
+  if (answer.typed_per_type) showTyped(st, answer.typed_per_type);
   st.reviewNext = answer.next_offset;
   st.node.querySelector(".more").hidden = answer.next_offset === null;
   if (answer.overlay) {
@@ -212,11 +213,12 @@ function typedAnswer(st, msg) {
     for (const c of msg.cells || []) { const s = find(c); if (s) s.dataset.state = c.type ? "saved" : "untyped"; }
     for (const e of msg.errors || []) { const s = e.field_id !== undefined && find(e); if (s) { s.dataset.state = "error"; s.title = e.message || e.error; } }
   }
-  const line = st.node.querySelector(".typed-count");
-  if (msg.typed_per_type) {
-    line.textContent = "typed on this station: " + (Object.entries(msg.typed_per_type)
-      .map(([k, v]) => k + " " + v).join(", ") || "none");
-  }
+  if (msg.typed_per_type) showTyped(st, msg.typed_per_type);
+}
+
+function showTyped(st, counts) {
+  st.node.querySelector(".typed-count").textContent = "white cells typed on this station: " +
+    (Object.entries(counts).map(([k, v]) => k + " " + v).join(", ") || "none");
 }
 
 // The technician signs the run: the station publishes its report again with their types counted.
