@@ -231,6 +231,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
 
         picker = driver.find_element(By.CSS_SELECTOR, f"{card} .gallery figure select.type[data-kind='wbc']")
         assert picker.get_attribute("data-state") == "untyped"
+        assert (seen(f"{card} .typed-count") or "").endswith(": none")  # the station's counts, from the start
         Select(picker).select_by_value("monocyte")
         _wait("the typed cell stored", lambda: seen(f"{card} .gallery select.type[data-state='saved']") is not None,
               30, logs)
