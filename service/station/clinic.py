@@ -39,7 +39,7 @@ from smearscope.service.mqtt.outbox import MessageKind, NewMessage, StateWriter
 from smearscope.service.station.durable import KEEP_CLOSED_RUNS
 from smearscope.service.station.review import ReviewGallery, WbcTyping
 from smearscope.service.station.specimen import ClosedRun, EndReason, SpecimenRun, SpecimenTracker
-from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore, default_path
+from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore, typed_cells_path
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +79,11 @@ class ClinicFeed:
         if config.review.enabled:
             directory = config.review.directory or Path(config.mqtt.outbox.path).parent / "review"
             self.gallery = ReviewGallery(config.review, directory, config.mqtt.max_packet_size)
-        self.typed_cells_path = config.review.typed_cells_path or default_path(config.mqtt.outbox.path)
+        self.typed_cells_path = typed_cells_path(config)
         self._typing_wanted = config.review.enabled and config.review.typing
         self._store: TypedCellStore | None = None
-        self._store_lock = threading.Lock()
+        #: Guards the typed-cells connection and the closed runs (command and analysis threads).
+        self._lock = threading.Lock()
         #: The last closed runs, with their cells, for a technician's verification (verify_run).
         self._closed: OrderedDict[str, ClosedRun] = OrderedDict()
         # below the station's packet limit too (topic, properties and envelope need room)
@@ -115,7 +116,7 @@ class ClinicFeed:
         self.gallery.set_wbc_typing(typing)
 
     def close(self) -> None:
-        with self._store_lock:
+        with self._lock:
             if self._store is not None:
                 self._store.close()
                 self._store = None
@@ -152,7 +153,7 @@ class ClinicFeed:
         and, when `live`, published as the retained run state."""
         if closed.report is None:
             return
-        with self._store_lock:
+        with self._lock:
             known = self._closed.get(closed.run_id)
             run = known.run if known is not None else (closed.run.without_masks() if closed.run else None)
             self._closed[closed.run_id] = dataclasses.replace(closed, run=run)  # a verified one keeps its place
@@ -296,7 +297,7 @@ class ClinicFeed:
     def closed_run(self, run_id: str) -> ClosedRun | None:
         """One of the last closed runs: its latest report (a verified one after verify_run) and
         the analyzer's run."""
-        with self._store_lock:
+        with self._lock:
             return self._closed.get(run_id)
 
     def verify(self, run_id: str, by: str, final_report: Callable[[SpecimenRun, EndReason], Report],
@@ -319,7 +320,7 @@ class ClinicFeed:
         report = report.model_copy(update={"verification": Verification(
             verified_by=by, verified_at=report.created_at, supersedes=closed.report.report_id, typed_cells=typed,
             reclassified=changed)})
-        with self._store_lock:
+        with self._lock:
             live = open_run is None and next(reversed(self._closed), None) == run_id
         return (ClosedRun(run_id, closed.end_reason, closed.fields, run.classified_wbc, closed.target_wbc, report,
                           closed.run), live,
@@ -333,7 +334,7 @@ class ClinicFeed:
         return self._open_store().types_of_run(run_id)
 
     def _open_store(self) -> TypedCellStore:
-        with self._store_lock:
+        with self._lock:
             if self._store is None:
                 self._store = TypedCellStore(self.typed_cells_path)
             return self._store

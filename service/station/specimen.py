@@ -153,7 +153,8 @@ class SpecimenRun:
             # the technician's type is certain: confidence 1 (a sickle cell they confirm counts
             # toward the critical flag however unsure the head was); a platelet has no label
             score = 1.0 if label is not None else None
-            detected_as = c.detected_as or c.detection.kind if kind is not c.detection.kind else c.detected_as
+            # the detector's kind is kept when the technician's type moves the cell to another one
+            detected_as = (c.detected_as or c.detection.kind) if kind is not c.detection.kind else c.detected_as
             # a red cell the technician typed otherwise drops the analyzer's unassessed size call
             unassessed = c.unassessed_label if new == rec.label else None
             cells[g] = replace(c, detection=replace(c.detection, kind=kind), label=label, label_score=score,

@@ -27,8 +27,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from smearscope.service.config import StationConfig
 
 #: Rows the file may hold (a fit needs ten or more per class: this is hundreds of fits' worth).
 MAX_ROWS = 5_000
@@ -234,3 +238,8 @@ class TypedCellStore:
 def default_path(outbox_path: Path) -> Path:
     """Where a station keeps its typed cells unless `[review] typed_cells_path` says otherwise."""
     return Path(outbox_path).parent / "typed_cells.sqlite3"
+
+
+def typed_cells_path(config: StationConfig) -> Path:
+    """The station's typed-cells file: `[review] typed_cells_path`, or beside its outbox."""
+    return config.review.typed_cells_path or default_path(config.mqtt.outbox.path)

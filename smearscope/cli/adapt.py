@@ -130,8 +130,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
         return error("bad_arguments", "fit with --labels TYPED.csv --out STATION_WBC.json; or write a CSV to type with "
                      "FIELDS... --template TYPED.csv")
     if args.min_cells < 2:
-        return error("bad_min_cells", f"--min-cells {args.min_cells}: at least 2 (a class' only cell cannot be left "
-                     "out of its own mean)")
+        return _bad_min_cells(args, error)
     opened = _analyzer_or_error(args, error)
     if isinstance(opened, int):
         return opened
@@ -190,6 +189,11 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
                            "unmatched_count": len(unmatched), "unreadable": unreadable})
 
 
+def _bad_min_cells(args: argparse.Namespace, error) -> int:
+    return error("bad_min_cells", f"--min-cells {args.min_cells}: at least 2 (a class' only cell cannot be left "
+                 "out of its own mean)")
+
+
 def _fit_and_write(args, error, space, manifest, views, model_thresholds: dict[str, float], feats: np.ndarray,
                    view_feats: list, types: list[str], head_types: list[str], energies: np.ndarray | None,
                    fitted: str, counts: dict) -> int:
@@ -240,14 +244,17 @@ def _fit_from_station(args: argparse.Namespace, error) -> int:
     from smearscope.service.analysis.station_means import StationMeansError, load_feature_space
     from smearscope.service.analysis.tta import check_views
     from smearscope.service.config import ConfigError, load_config
-    from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore, default_path
+    from smearscope.service.station.typed_cells import (
+        TypedCellsError,
+        TypedCellStore,
+        typed_cells_path,
+    )
 
     if args.config is None or args.out is None or args.labels is not None or args.images:
         return error("bad_arguments", "fit from the station's typed cells with --station --config STATION.toml "
                      "--out STATION_WBC.json")
     if args.min_cells < 2:
-        return error("bad_min_cells", f"--min-cells {args.min_cells}: at least 2 (a class' only cell cannot be left "
-                     "out of its own mean)")
+        return _bad_min_cells(args, error)
     try:
         config = load_config(args.config)
     except (ConfigError, OSError) as exc:
@@ -261,7 +268,7 @@ def _fit_from_station(args: argparse.Namespace, error) -> int:
     except (ManifestError, OSError) as exc:
         return error("engine_unavailable", f"{type(exc).__name__}: {exc}")
     views = check_views(manifest.tta if a.wbc_head_views is None else a.wbc_head_views)
-    path = config.review.typed_cells_path or default_path(config.mqtt.outbox.path)
+    path = typed_cells_path(config)
     try:
         store = TypedCellStore(path, read_only=True)
         try:

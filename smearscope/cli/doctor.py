@@ -114,7 +114,11 @@ def typed_cells_checks(config) -> list[Check]:
     from smearscope.engines.manifest import ManifestError, load_manifest
     from smearscope.service.analysis.pipeline import MODEL_FILES
     from smearscope.service.analysis.station_means import MIN_CELLS
-    from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore, default_path
+    from smearscope.service.station.typed_cells import (
+        TypedCellsError,
+        TypedCellStore,
+        typed_cells_path,
+    )
 
     try:
         head = load_manifest(config.analysis.models_dir / MODEL_FILES["wbc_head"], verify_hash=False)
@@ -123,7 +127,7 @@ def typed_cells_checks(config) -> list[Check]:
     if head.feature_space is None:
         return [("WARN", "typed cells", ("[review] typing is on but the WBC head has no features output: "
                  "python -m smearscope.export.feature_space, or smearscope install-models"))]
-    path = review.typed_cells_path or default_path(config.mqtt.outbox.path)
+    path = typed_cells_path(config)
     try:
         store = TypedCellStore(path, read_only=True)
     except TypedCellsError as exc:
