@@ -1,0 +1,214 @@
+"""The boundaries of what a clinician reads: flags at their exact thresholds (schistocytes over 1 %,
+critical sickle cells at the confidence bound, atypical white cells at 3 cells and 10 %), ICSH
+grades of every graded morphology and the grades at the ends of their intervals, ratios and the
+differential's cell count without nucleated red cells, red-cell size statistics, size-based
+classes withheld at an estimated scale, the lymphocyte size bound, and the nucleated re-check's
+reference and size rules. Each test was written against a mutation of the code it guards that
+the suite let pass (a flipped comparison, a moved bound, a wrong denominator or cell list)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
+from smearscope.service.analysis.classify import UNIDENTIFIED, HeadResult
+from smearscope.service.analysis.morphology import (
+    SIZE_BASED,
+    icsh_grade,
+    shape_label,
+    size_distribution,
+)
+from smearscope.service.analysis.nucleated import accepts, dense_interiors, interior_density
+from smearscope.service.analysis.records import (
+    Box,
+    CellCrop,
+    CellDetection,
+    CellKind,
+    ClassifiedCell,
+)
+from smearscope.service.analysis.size_gate import gate_lymphocyte_size
+
+
+def _cell(kind, label, score=0.95, calibrated=True, d_um=7.5, atypical=False, unassessed=None):
+    det = CellDetection(kind, Box(0, 0, 10, 10), 0.9)
+    return ClassifiedCell(det, label, score, d_um, math.pi * d_um**2 / 4, size_calibrated=calibrated,
+                          atypical=atypical, unassessed_label=unassessed)
+
+
+def _codes(cells, th: AggregateThresholds | None = None):
+    return {f.code for f in aggregate(cells, th or AggregateThresholds()).flags}
+
+
+# -- morphology() grades and their CI ends
+def _target_row(k, n=100):
+    cells = [_cell(CellKind.RBC, "normal")] * (n - k) + [_cell(CellKind.RBC, "target")] * k
+    return next(s for s in aggregate(cells).rbc_morphology if s.label == "target")
+
+
+def test_grade_and_its_interval_ends_each_from_their_own_share():
+    six = _target_row(6)   # 6 % (95 % CI 2.8-12.5 %): 1+, low end none, high end 1+
+    assert (six.grade, six.grade_ci_low, six.grade_ci_high) == ("1+", "none", "1+")
+    eighteen = _target_row(18)  # 18 % (CI 11.7-26.7 %): 1+, low 1+, high 2+
+    assert (eighteen.grade, eighteen.grade_ci_low, eighteen.grade_ci_high) == ("1+", "1+", "2+")
+
+
+# -- ratios
+def test_ratios_use_their_own_denominators_and_leave_nrbc_out():
+    cells = ([_cell(CellKind.RBC, "normal")] * 10 + [_cell(CellKind.WBC, "neutrophil")] * 4
+             + [_cell(CellKind.NRBC, "erythroblast")] * 2 + [_cell(CellKind.PLATELET, None, None)] * 3)
+    r = aggregate(cells).ratios
+    assert r["platelet_rbc"] == 0.3 and r["wbc_rbc"] == 0.4
+
+
+# -- too_few_wbc_for_differential
+def test_differential_needs_100_white_cells_and_nrbc_do_not_count_toward_them():
+    assert "too_few_wbc_for_differential" not in _codes([_cell(CellKind.WBC, "neutrophil")] * 100)
+    assert "too_few_wbc_for_differential" in _codes([_cell(CellKind.WBC, "neutrophil")] * 99)
+    assert "too_few_wbc_for_differential" in _codes(
+        [_cell(CellKind.WBC, "neutrophil")] * 95 + [_cell(CellKind.NRBC, "erythroblast")] * 10)
+
+
+# -- many_unidentified_*
+def test_many_unidentified_red_cells_and_the_share_is_of_that_kind():
+    rbc = [_cell(CellKind.RBC, "normal")] * 8 + [_cell(CellKind.RBC, UNIDENTIFIED)] * 2  # 20 % of RBC
+    assert "many_unidentified_rbc" in _codes(rbc)
+    exactly_ten = [_cell(CellKind.RBC, "normal")] * 9 + [_cell(CellKind.RBC, UNIDENTIFIED)]
+    assert "many_unidentified_rbc" not in _codes(exactly_ten)  # 10 % is not "many"
+    wbc = [_cell(CellKind.WBC, "neutrophil")] * 8 + [_cell(CellKind.WBC, UNIDENTIFIED)] * 2  # 20 % of WBC
+    assert "many_unidentified_wbc" in _codes(wbc + [_cell(CellKind.RBC, "normal")] * 200)
+
+
+# -- calibration of a pooled specimen
+def test_sizes_are_assessable_only_when_every_red_cell_is_calibrated():
+    cells = [_cell(CellKind.RBC, "normal", calibrated=True)] * 5 + [_cell(CellKind.RBC, "normal", calibrated=False)] * 5
+    a = aggregate(cells)
+    assert not a.rbc_size.calibrated and a.rbc_size.mean_diameter_um is None
+    assert "size_not_assessable_without_calibration" in {f.code for f in a.flags}
+
+
+# -- atypical_wbc_present boundaries with the default thresholds
+def test_atypical_flag_at_exactly_three_cells_and_exactly_ten_percent():
+    cells = [_cell(CellKind.WBC, UNIDENTIFIED, atypical=True)] * 3 + [_cell(CellKind.WBC, "neutrophil")] * 27
+    assert "atypical_wbc_present" in _codes(cells)  # 3 cells, 3/30 = 10 %: both "at least"
+
+
+# -- sickle flags
+def test_sickle_critical_at_exactly_the_confidence_and_lists_every_sickle_cell():
+    normal = [_cell(CellKind.RBC, "normal")] * 200
+    at_bound = aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.8)] * 5)
+    assert any(f.code == "sickle_cells_present" for f in at_bound.flags)  # ">= 0.8"
+    mixed = aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.95)] * 5 + [_cell(CellKind.RBC, "sickle", 0.5)] * 3)
+    crit = next(f for f in mixed.flags if f.code == "sickle_cells_present")
+    assert crit.cells == list(range(200, 208))  # the unsure ones listed for review too
+    no_score = aggregate(normal + [_cell(CellKind.RBC, "sickle", None)] * 5)
+    assert {f.code for f in no_score.flags} >= {"sickle_cells_review"}
+    assert "sickle_cells_present" not in {f.code for f in no_score.flags}
+
+
+# -- schistocytes_present
+def test_schistocyte_flag_over_one_percent_of_red_cells_with_at_least_three_cells():
+    def schisto(k, n_rbc, n_wbc=0):
+        return ([_cell(CellKind.RBC, "normal")] * (n_rbc - k) + [_cell(CellKind.RBC, "schistocyte")] * k
+                + [_cell(CellKind.WBC, "neutrophil")] * n_wbc)
+    flag = next(f for f in aggregate(schisto(4, 300, n_wbc=200)).flags if f.code == "schistocytes_present")
+    assert flag.severity == "warning" and flag.cells == list(range(296, 300))  # 1.33 %, WBC do not dilute it
+    assert "schistocytes_present" not in _codes(schisto(3, 300))  # exactly 1 %: not "more than 1 %"
+    assert "schistocytes_present" not in _codes(schisto(2, 100))  # 2 % but only 2 cells
+
+
+# -- nucleated_rbc_present lists the NRBC
+def test_nrbc_flag_lists_the_nucleated_red_cells():
+    cells = [_cell(CellKind.WBC, "neutrophil")] * 4 + [_cell(CellKind.NRBC, "erythroblast")] * 2
+    flag = next(f for f in aggregate(cells).flags if f.code == "nucleated_rbc_present")
+    assert flag.cells == [4, 5]
+
+
+# -- ICSH table
+@pytest.mark.parametrize("feature", ["microcyte", "macrocyte", "hypochromia"])
+def test_icsh_size_and_colour_grades(feature):
+    assert [icsh_grade(feature, p) for p in (10.9, 11.0, 20.9, 21.0, 50.0, 50.1)] == \
+        ["none", "1+", "1+", "2+", "2+", "3+"]
+
+
+@pytest.mark.parametrize("feature", ["spherocyte", "target", "stomatocyte", "ovalocyte", "elliptocyte",
+                                     "teardrop", "burr", "other_poikilocyte"])
+def test_icsh_shape_grades(feature):
+    assert [icsh_grade(feature, p) for p in (4.9, 5.0, 20.9, 21.0, 50.0, 50.1)] == \
+        ["none", "1+", "1+", "2+", "2+", "3+"]
+
+
+def test_sickle_cells_are_graded_like_schistocytes():
+    assert [icsh_grade("sickle", p) for p in (0.0, 0.5, 1.0, 2.0, 2.5)] == ["none", "1+", "2+", "2+", "3+"]
+
+
+# -- size statistics
+def test_rbc_size_sd_is_the_sample_sd_and_cv_a_percent():
+    d = size_distribution([7.0, 8.0, 9.0, float("nan")])
+    assert d.n == 3 and d.mean_um == 8.0 and d.sd_um == 1.0 and d.cv_percent == 12.5
+
+
+# -- size-based classes
+def test_every_size_class_is_withheld_at_an_estimated_scale():
+    assert SIZE_BASED == {"microcyte", "macrocyte", "spherocyte"}
+    assert shape_label(["macrocyte", "microcyte", "spherocyte", "target"], np.array([0.5, 0.2, 0.2, 0.1])) == "target"
+
+
+# -- size gate bound
+def test_a_lymphocyte_just_over_15_um_goes_to_review_by_default():
+    out = gate_lymphocyte_size([_cell(CellKind.WBC, "lymphocyte", d_um=15.5)])
+    assert (out[0].label, out[0].atypical) == (UNIDENTIFIED, True)
+
+
+# -- nucleated re-check
+def _disc_field(reds, radius=14):
+    n = len(reds)
+    img = np.full((64, 40 * n + 24, 3), 235, np.uint8)
+    crops = []
+    yy, xx = np.mgrid[: 2 * radius + 1, : 2 * radius + 1]
+    mask = (xx - radius) ** 2 + (yy - radius) ** 2 <= radius**2
+    for k, red in enumerate(reds):
+        x0, y0 = 12 + 40 * k, 12
+        patch = img[y0:y0 + 2 * radius + 1, x0:x0 + 2 * radius + 1]
+        patch[mask] = (150, 120, red)
+        det = CellDetection(CellKind.RBC, Box(x0, y0, x0 + 2 * radius + 1, y0 + 2 * radius + 1), 0.9, mask=mask)
+        crops.append(CellCrop(det, np.zeros((1, 1, 3), np.uint8)))
+    return img, crops
+
+
+def test_dense_ratio_is_1_8_times_the_median():
+    # median red 214 -> density -ln(215/236) = 0.0932; 1.8x = 0.1678 -> red+1 <= 236*exp(-0.1678) = 199.6
+    img, crops = _disc_field([214] * 11 + [197, 202])  # 197: 1.88x (re-checked); 202: 1.62x (not)
+    assert dense_interiors(img, crops) == [11]
+
+
+def test_ten_measurable_red_cells_are_a_reference():
+    img, crops = _disc_field([215] * 9 + [90])
+    assert dense_interiors(img, crops) == [9]
+
+
+def test_a_field_whose_median_red_cell_reads_as_glass_is_no_reference():
+    img, crops = _disc_field([235] * 10 + [90])
+    assert dense_interiors(img, crops) == []
+
+
+def test_a_cell_brighter_than_the_white_point_has_density_zero():
+    img, crops = _disc_field([250])
+    assert interior_density(img, crops[0]) == 0.0
+
+
+def _disc(diameter_um):
+    r = diameter_um / 0.2 / 2
+    yy, xx = np.mgrid[: int(2 * r) + 1, : int(2 * r) + 1]
+    mask = (xx - r) ** 2 + (yy - r) ** 2 <= r**2
+    return CellDetection(CellKind.RBC, Box(0, 0, mask.shape[1], mask.shape[0]), 0.9, mask=mask)
+
+
+def test_granulocytes_are_accepted_from_8_8_um():
+    assert accepts(HeadResult("eosinophil", 0.99), _disc(10.0), 15.0)
+    assert accepts(HeadResult("basophil", 0.99), _disc(10.0), 15.0)
+    assert accepts(HeadResult("ig", 0.99), _disc(10.0), 15.0)
+    assert accepts(HeadResult("neutrophil", 0.99), _disc(9.2), 15.0)  # the station's shrunken neutrophils
+    assert not accepts(HeadResult("neutrophil", 0.99), _disc(8.4), 15.0)  # a red cell's size
