@@ -1,0 +1,349 @@
+"""Contracts of the specimen report, its crash-safe state and its FHIR bundle that no test held:
+a specimen report carries NRBC per 100 WBC, ratios, models and the atypical / nucleated flags its
+cells raise; erythroblasts do not count toward the WBC target; blank fields still close a run; a
+restored run keeps every cell attribute (a confident sickle cell stays confident) and its fields'
+arrival order; a stored input is remembered; unreadable closed-run rows do not stop the station;
+verification leaves platelets alone and keeps the detector's kind and held size calls; the FHIR
+bundle's denominators, units, effective time, station identifier, critical-first conclusion and
+LOINC codes (as docs/FHIR.md lists them). Each test was written against a mutation of the code it
+guards that the suite let pass."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from test_fhir import by_code, component, current_report, graded_report, resources, validate
+
+from smearscope.service.analysis.pipeline import FieldResult
+from smearscope.service.analysis.records import Box, CellDetection, CellKind, ClassifiedCell
+from smearscope.service.analysis.report import (
+    CellRecord,
+    ClassShare,
+    Counts,
+    Flag,
+    ImageInfo,
+    ModelInfo,
+    Report,
+    SizeStats,
+    SourceInfo,
+    Verification,
+)
+from smearscope.service.fhir import codes, report_view
+from smearscope.service.fhir.bundle import report_bundle
+from smearscope.service.station.specimen import SpecimenPolicy, SpecimenRun, SpecimenTracker
+
+
+def cell(kind, label, score=0.95, *, d=7.5, edge=False, detected_as=None, atypical=False, calibrated=True,
+         unassessed=None, i=0):
+    box = Box(10.0 * i, 0.0, 10.0 * i + 8.0, 8.0)
+    c = ClassifiedCell(CellDetection(kind, box, 0.9), label, score, d, 44.0, touches_frame_edge=edge,
+                       detected_as=detected_as, atypical=atypical, size_calibrated=calibrated,
+                       unassessed_label=unassessed)
+    r = CellRecord(kind=kind.value, bbox=box.as_list(), score=0.9, label=label, label_score=score,
+                   diameter_um=d, area_um2=44.0, atypical=atypical, unassessed_label=unassessed)
+    return c, r
+
+
+MODELS = {"seg": ModelInfo(name="seg-v1", sha256="ab" * 32, backend="onnx")}
+
+
+def field(frame_id, pairs, models=MODELS):
+    cells = tuple(c for c, _ in pairs)
+    recs = [r for _, r in pairs]
+    report = Report(report_id=str(uuid.uuid4()), kind="field", created_at=0.0,
+                    source=SourceInfo(frame_id=frame_id, source="t", captured_at=0.0,
+                                      image=ImageInfo(width=640, height=480)),
+                    models=models, counts=Counts(rbc=0, wbc=0, platelet=0), wbc_differential=[], rbc_morphology=[],
+                    rbc_size=SizeStats(n=0, mean_diameter_um=None, sd_um=None, cv_percent=None, median_diameter_um=None),
+                    ratios={}, flags=[], cells=recs)
+    return FieldResult(report, cells, 1.0)
+
+
+def wbcs(n, label="neutrophil", start=0, **kw):
+    return [cell(CellKind.WBC, label, i=start + i, **kw) for i in range(n)]
+
+
+def rbcs(n, label="normal", start=100, **kw):
+    return [cell(CellKind.RBC, label, i=start + i, **kw) for i in range(n)]
+
+
+# -- specimen.py
+def test_nrbc_do_not_count_toward_the_wbc_target():
+    run = SpecimenRun(target_wbc=10, started_at=0.0)
+    run.add(field("f0", wbcs(8) + [cell(CellKind.NRBC, "erythroblast", i=50 + i) for i in range(5)]), 1.0)
+    assert run.classified_wbc == 8 and not run.complete
+
+
+def test_specimen_report_carries_nrbc_ratios_models_and_flags():
+    run = SpecimenRun(target_wbc=1000, started_at=0.0)
+    pairs = (wbcs(20) + wbcs(10, "lymphocyte", start=20) + wbcs(5, "unidentified", start=40, atypical=True)
+             + [cell(CellKind.NRBC, "erythroblast", i=60 + i) for i in range(2)] + rbcs(50))
+    run.add(field("f0", pairs), 1.0)
+    rep = run.report(station_id="s", now=2.0, end_reason="stopped")
+    assert rep.nrbc_per_100_wbc == round(100 * 2 / 35, 2)                       # S28
+    assert rep.ratios["neutrophil_lymphocyte"] == 2.0                           # S29
+    assert rep.models == MODELS                                                  # S27
+    codes_ = {f.code for f in rep.flags}
+    assert {"atypical_wbc_present", "nucleated_rbc_present"} <= codes_           # S31, S32
+    nrbc = by_code(report_bundle(rep), codes.LOINC, "58413-6")
+    assert nrbc["valueQuantity"]["value"] == rep.nrbc_per_100_wbc
+
+
+def test_a_run_of_fields_without_cells_still_reports():
+    t = SpecimenTracker(SpecimenPolicy(10, 60.0, True), clock=lambda: 5.0)
+    t.start()
+    t.add(field("blank", []))
+    closed = t.stop()
+    assert closed.report is not None and closed.report.fields_analyzed == 1
+
+
+def test_incomplete_is_a_warning():
+    run = SpecimenRun(target_wbc=100, started_at=0.0)
+    run.add(field("f0", wbcs(3)), 1.0)
+    flag = run.report(station_id=None, now=2.0, end_reason="stopped").flags[-1]
+    assert flag.code == "specimen_incomplete" and flag.severity == "warning"
+
+
+def test_idle_timeout_at_exactly_the_timeout():
+    now = [0.0]
+    t = SpecimenTracker(SpecimenPolicy(100, 30.0, True), clock=lambda: now[0])
+    t.run_for_next_field()
+    t.add(field("f0", wbcs(1)))
+    now[0] = 30.0
+    assert t.check_idle() is not None
+
+
+def test_auto_started_runs_say_so():
+    t = SpecimenTracker(SpecimenPolicy(100, 30.0, True), clock=lambda: 0.0)
+    t.run_for_next_field()
+    assert t.progress().started_by == "auto"
+
+
+def test_records_and_cells_must_match():
+    r = field("f0", wbcs(2))
+    bad = FieldResult(r.report, r.cells[:1], 1.0)
+    with pytest.raises(ValueError):
+        SpecimenRun(target_wbc=10, started_at=0.0).add(bad, 1.0)
+
+
+def test_a_platelet_detection_is_not_typed():
+    plt = cell(CellKind.PLATELET, None, None, i=70)
+    run = SpecimenRun(target_wbc=10, started_at=0.0)
+    run.add(field("f0", wbcs(2) + [plt]), 1.0)
+    v, changed, typed = run.verified({("f0", 2): ("wbc", "lymphocyte")})
+    assert typed == 0 and changed == [] and v.records[2].kind == "platelet"
+
+
+def test_the_detectors_kind_survives_a_second_move():
+    # the WBC head called a white-cell detection an erythroblast (kind NRBC, detected_as WBC);
+    # the technician types it a platelet: it was found as a white cell -> platelet clump flag
+    nrbc = cell(CellKind.NRBC, "erythroblast", detected_as=CellKind.WBC, i=80)
+    run = SpecimenRun(target_wbc=10, started_at=0.0)
+    run.add(field("f0", wbcs(2) + [nrbc]), 1.0)
+    v, _, typed = run.verified({("f0", 2): ("wbc", "platelet")})
+    assert typed == 1 and v.cells[2].detected_as is CellKind.WBC
+    assert "platelet_clumps_suspected" in {f.code for f in v.report(station_id=None, now=1.0).flags}
+
+
+def test_confirming_the_shape_keeps_the_unassessed_size_call():
+    # estimated scale: the head's spherocyte call is held as unassessed, the label is the shape class
+    c = cell(CellKind.RBC, "normal", calibrated=False, unassessed="spherocyte", i=90)
+    run = SpecimenRun(target_wbc=10, started_at=0.0)
+    run.add(field("f0", wbcs(2, calibrated=False) + rbcs(5, calibrated=False) + [c]), 1.0)
+    v, changed, typed = run.verified({("f0", 7): ("rbc", "normal")})
+    assert typed == 1 and changed == []
+    assert v.records[7].unassessed_label == "spherocyte" and v.cells[7].unassessed_label == "spherocyte"
+    share = next(s for s in v.report(station_id=None, now=1.0).rbc_morphology if s.label == "spherocyte")
+    assert share.assessable is False and share.count == 1
+
+
+# -- durable.py
+from smearscope.service.mqtt.outbox import Outbox
+from smearscope.service.station.durable import RunMeta, StationState
+
+
+def _store(state, outbox, run, run_id, input_key=None):
+    meta = RunMeta(run_id, run.started_at, run.started_by, run.target_wbc)
+    for fid in run.field_ids:
+        idx = [i for i, rec in enumerate(run.records) if rec.field_id == fid]
+        w = state.field_stored(report_id=f"{run_id}-{fid}", input_key=input_key, run=meta, field_id=fid,
+                               cells=[run.cells[i] for i in idx], records=[run.records[i] for i in idx],
+                               models=run.models)
+        outbox.write(lambda conn, w=w: w(conn, []))
+
+
+def test_restored_run_keeps_every_cell_attribute(tmp_path):
+    run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
+    pairs = (wbcs(10) + rbcs(20, calibrated=False) + [cell(CellKind.RBC, "normal", calibrated=False, unassessed="spherocyte", i=300)]
+             + [cell(CellKind.RBC, "sickle", 0.95, calibrated=False, i=200 + i) for i in range(5)]
+             + [cell(CellKind.RBC, "normal", d=12.0, edge=True, calibrated=False, i=250)]
+             + [cell(CellKind.PLATELET, None, None, detected_as=CellKind.WBC, i=260)])
+    run.add(field("f0", pairs), 1.0)
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        state = StationState(outbox)
+        _store(state, outbox, run, "r")
+        (back,) = state.open_runs()
+        for a, b in zip(back.cells, run.cells):
+            assert (a.detected_as, a.touches_frame_edge, a.unassessed_label, a.label_score) == \
+                   (b.detected_as, b.touches_frame_edge, b.unassessed_label, b.label_score)
+        before = run.report(station_id=None, now=1.0, end_reason="restart")
+        after = back.report(station_id=None, now=1.0, end_reason="restart")
+        assert [(f.code, f.severity) for f in after.flags] == [(f.code, f.severity) for f in before.flags]
+        assert after.rbc_morphology == before.rbc_morphology and after.rbc_size == before.rbc_size
+    finally:
+        outbox.close()
+
+
+def test_edge_cells_stay_out_of_sizes_after_restore(tmp_path):
+    run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
+    run.add(field("f0", wbcs(2) + rbcs(20) + [cell(CellKind.RBC, "normal", d=12.0, edge=True, i=250)]), 1.0)
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        state = StationState(outbox)
+        _store(state, outbox, run, "r")
+        (back,) = state.open_runs()
+        assert back.report(station_id=None, now=1.0).rbc_size == run.report(station_id=None, now=1.0).rbc_size
+    finally:
+        outbox.close()
+
+
+def test_restored_fields_keep_arrival_order(tmp_path):
+    run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
+    for fid in ("f9", "f10", "a1"):
+        run.add(field(fid, wbcs(1)), 1.0)
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        state = StationState(outbox)
+        _store(state, outbox, run, "r")
+        (back,) = state.open_runs()
+        assert back.field_ids == ["f9", "f10", "a1"]
+    finally:
+        outbox.close()
+
+
+def test_a_stored_input_is_remembered(tmp_path):
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        state = StationState(outbox)
+        assert not state.input_stored("k1")
+        for k in ("k1", "k2"):
+            w = state.field_stored(report_id="r-" + k, input_key=k, run=None, field_id=k, cells=[], records=[], models={})
+            outbox.write(lambda conn, w=w: w(conn, []))
+        assert state.input_stored("k1") and state.input_stored("k2") and not state.input_stored("k3")
+    finally:
+        outbox.close()
+
+
+def test_unreadable_closed_run_fields_do_not_stop_the_station(tmp_path):
+    run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
+    run.add(field("f0", wbcs(2)), 1.0)
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        state = StationState(outbox)
+        _store(state, outbox, run, "r")
+        rep = run.report(station_id=None, now=1.0, end_reason="stopped")
+        outbox.write(lambda conn: state.run_closed(rep)(conn, []))
+        outbox.write(lambda conn: conn.execute("UPDATE specimen_fields SET cells = '[{\"kind\": \"alien\"}]'"))
+        assert state.closed_runs() == []
+    finally:
+        outbox.close()
+
+
+def test_closed_report_is_stored_without_cells(tmp_path):
+    run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
+    run.add(field("f0", wbcs(2)), 1.0)
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        state = StationState(outbox)
+        _store(state, outbox, run, "r")
+        rep = run.report(station_id=None, now=1.0, end_reason="stopped")
+        outbox.write(lambda conn: state.run_closed(rep)(conn, []))
+        (kept,) = state.closed_runs()
+        assert kept.report.cells == [] and len(kept.run.records) == 2
+    finally:
+        outbox.close()
+
+
+# -- fhir
+def test_effective_is_the_run_start():
+    b = report_bundle(graded_report())          # created 2e9, run_ms 60 000
+    dr = b["entry"][0]["resource"]
+    assert dr["effectiveDateTime"] == "2033-05-18T03:32:20.000+00:00" and dr["issued"] == "2033-05-18T03:33:20.000+00:00"
+
+
+def test_conclusion_lists_flags_critical_first_also_when_verified():
+    flags = [Flag(code="i", severity="info", message="info-msg"), Flag(code="w", severity="warning", message="warn-msg"),
+             Flag(code="c", severity="critical", message="crit-msg")]
+    rep = graded_report(flags)
+    dr = report_bundle(rep)["entry"][0]["resource"]
+    assert dr["conclusion"].index("crit-msg") < dr["conclusion"].index("warn-msg") < dr["conclusion"].index("info-msg")
+    assert [c["coding"][0]["code"] for c in dr["conclusionCode"]] == ["c", "w", "i"]
+    v = rep.model_copy(update={"verification": Verification(verified_by="AB", verified_at=1.0, supersedes="r-0",
+                                                             typed_cells=1, reclassified=[])})
+    assert "critical: crit-msg" in report_bundle(v)["entry"][0]["resource"]["conclusion"]
+
+
+def test_device_names_the_station():
+    (dev,) = resources(report_bundle(graded_report()), "Device")
+    assert dev["identifier"] == [{"system": codes.ID_STATION, "value": "lab-7"}]
+
+
+def test_denominators_and_counts():
+    b = report_bundle(current_report())          # counts rbc 1000, wbc 105, nrbc 5
+    assert component(by_code(b, codes.LOINC, "770-8"), "denominator")["valueInteger"] == 105
+    assert component(by_code(b, codes.LOINC, "800-3"), "denominator")["valueInteger"] == 1000
+    assert component(by_code(b, codes.LOINC, "738-5"), "count")["valueInteger"] == 7
+
+
+def test_normal_is_not_a_finding():
+    b = report_bundle(graded_report())
+    assert not any(c["code"] == "normal" for o in resources(b, "Observation") for c in o["code"]["coding"])
+
+
+def test_unidentified_red_cells_carry_their_share():
+    rep = graded_report()
+    rep = rep.model_copy(update={"rbc_morphology": [*rep.rbc_morphology, ClassShare(label="unidentified", count=20, percent=2.0)]})
+    obs = by_code(report_bundle(rep), codes.LOCAL_OBSERVATION, "rbc-unidentified")
+    assert obs["valueQuantity"] == {"value": 2.0, "unit": "%", "system": codes.UCUM, "code": "%"}
+
+
+def test_size_components_units_and_values():
+    size = by_code(report_bundle(graded_report()), codes.LOCAL_OBSERVATION, "rbc-diameter")
+    assert component(size, "cv")["valueQuantity"] == {"value": 8.1, "unit": "%", "system": codes.UCUM, "code": "%"}
+    assert component(size, "median")["valueQuantity"]["value"] == 7.3
+    assert component(size, "sd")["valueQuantity"] == {"value": 0.6, "unit": "um", "system": codes.UCUM, "code": "um"}
+
+
+def test_only_erythroblasts_is_not_measurable():
+    rep = graded_report()
+    rep = rep.model_copy(update={"counts": Counts(rbc=10, wbc=3, platelet=0),
+                                 "wbc_differential": [ClassShare(label="erythroblast", count=3, percent=100.0)]})
+    assert report_view.nrbc_per_100_wbc(rep) is None
+    validate(report_bundle(rep))
+
+
+def test_rbc_grades_say_not_assessable_at_an_estimated_scale():
+    flag = Flag(code="size_not_assessable_without_calibration", severity="info", message="estimated")
+    g = report_view.rbc_grades(graded_report([flag]))
+    assert g["spherocyte"] == "not assessable" and g["schistocyte"] == "2+"
+
+
+def test_code_tables_match_docs():
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "FHIR.md").read_text()
+    rows = dict(re.findall(r"^\| (\w+)(?: \(\w+\))? \| (\d+-\d) \|", doc, re.MULTILINE))
+    for table in (codes.WBC_LOINC, codes.RBC_LOINC):
+        for label, code in table.items():
+            if label == "echinocyte":
+                continue
+            assert rows[label] == code.code, label
+
+
+def test_field_reports_carry_no_run_identifier():
+    rep = graded_report().model_copy(update={"kind": "field", "run_id": "run-1"})
+    ids = report_bundle(rep)["entry"][0]["resource"]["identifier"]
+    assert ids == [{"system": codes.ID_REPORT, "value": "r-1"}]
