@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+from test_nucleated import _disc_field
 
 from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
 from smearscope.service.analysis.classify import UNIDENTIFIED, HeadResult
@@ -24,7 +25,6 @@ from smearscope.service.analysis.morphology import (
 from smearscope.service.analysis.nucleated import accepts, dense_interiors, interior_density
 from smearscope.service.analysis.records import (
     Box,
-    CellCrop,
     CellDetection,
     CellKind,
     ClassifiedCell,
@@ -162,22 +162,7 @@ def test_a_lymphocyte_just_over_15_um_goes_to_review_by_default():
     assert (out[0].label, out[0].atypical) == (UNIDENTIFIED, True)
 
 
-# -- nucleated re-check
-def _disc_field(reds, radius=14):
-    n = len(reds)
-    img = np.full((64, 40 * n + 24, 3), 235, np.uint8)
-    crops = []
-    yy, xx = np.mgrid[: 2 * radius + 1, : 2 * radius + 1]
-    mask = (xx - radius) ** 2 + (yy - radius) ** 2 <= radius**2
-    for k, red in enumerate(reds):
-        x0, y0 = 12 + 40 * k, 12
-        patch = img[y0:y0 + 2 * radius + 1, x0:x0 + 2 * radius + 1]
-        patch[mask] = (150, 120, red)
-        det = CellDetection(CellKind.RBC, Box(x0, y0, x0 + 2 * radius + 1, y0 + 2 * radius + 1), 0.9, mask=mask)
-        crops.append(CellCrop(det, np.zeros((1, 1, 3), np.uint8)))
-    return img, crops
-
-
+# -- nucleated re-check (fields of stained discs: tests/test_nucleated.py)
 def test_dense_ratio_is_1_8_times_the_median():
     # median red 214 -> density -ln(215/236) = 0.0932; 1.8x = 0.1678 -> red+1 <= 236*exp(-0.1678) = 199.6
     img, crops = _disc_field([214] * 11 + [197, 202])  # 197: 1.88x (re-checked); 202: 1.62x (not)

@@ -10,6 +10,7 @@ guards that the suite let pass."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
 import pytest
@@ -31,6 +32,8 @@ from smearscope.service.analysis.report import (
 )
 from smearscope.service.fhir import codes, report_view
 from smearscope.service.fhir.bundle import report_bundle
+from smearscope.service.mqtt.outbox import Outbox
+from smearscope.service.station.durable import RunMeta, StationState
 from smearscope.service.station.specimen import SpecimenPolicy, SpecimenRun, SpecimenTracker
 
 
@@ -159,8 +162,6 @@ def test_confirming_the_shape_keeps_the_unassessed_size_call():
 
 
 # -- durable.py
-from smearscope.service.mqtt.outbox import Outbox
-from smearscope.service.station.durable import RunMeta, StationState
 
 
 def _store(state, outbox, run, run_id, input_key=None):
@@ -236,7 +237,9 @@ def test_a_stored_input_is_remembered(tmp_path):
         outbox.close()
 
 
-def test_unreadable_closed_run_fields_do_not_stop_the_station(tmp_path):
+@contextlib.contextmanager
+def _closed_run_stored(tmp_path):
+    """A run of two white cells stored field by field and closed, in an outbox: (outbox, state)."""
     run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
     run.add(field("f0", wbcs(2)), 1.0)
     outbox = Outbox(tmp_path / "o.sqlite3")
@@ -245,25 +248,21 @@ def test_unreadable_closed_run_fields_do_not_stop_the_station(tmp_path):
         _store(state, outbox, run, "r")
         rep = run.report(station_id=None, now=1.0, end_reason="stopped")
         outbox.write(lambda conn: state.run_closed(rep)(conn, []))
-        outbox.write(lambda conn: conn.execute("UPDATE specimen_fields SET cells = '[{\"kind\": \"alien\"}]'"))
-        assert state.closed_runs() == []
+        yield outbox, state
     finally:
         outbox.close()
+
+
+def test_unreadable_closed_run_fields_do_not_stop_the_station(tmp_path):
+    with _closed_run_stored(tmp_path) as (outbox, state):
+        outbox.write(lambda conn: conn.execute("UPDATE specimen_fields SET cells = '[{\"kind\": \"alien\"}]'"))
+        assert state.closed_runs() == []
 
 
 def test_closed_report_is_stored_without_cells(tmp_path):
-    run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
-    run.add(field("f0", wbcs(2)), 1.0)
-    outbox = Outbox(tmp_path / "o.sqlite3")
-    try:
-        state = StationState(outbox)
-        _store(state, outbox, run, "r")
-        rep = run.report(station_id=None, now=1.0, end_reason="stopped")
-        outbox.write(lambda conn: state.run_closed(rep)(conn, []))
+    with _closed_run_stored(tmp_path) as (_, state):
         (kept,) = state.closed_runs()
         assert kept.report.cells == [] and len(kept.run.records) == 2
-    finally:
-        outbox.close()
 
 
 # -- fhir
