@@ -108,6 +108,16 @@ def test_incomplete_is_a_warning():
     assert flag.code == "specimen_incomplete" and flag.severity == "warning"
 
 
+def test_a_run_closed_at_restart_is_reported_incomplete_for_that_reason():
+    t = SpecimenTracker(SpecimenPolicy(100, 30.0, True), clock=lambda: 5.0)
+    run = SpecimenRun(target_wbc=100, started_at=0.0)
+    run.add(field("f0", wbcs(3)), 1.0)
+    rep = t.final_report(run, "restart")
+    flag = rep.flags[-1]
+    assert rep.end_reason == "restart" and rep.kind == "specimen"
+    assert flag.code == "specimen_incomplete" and flag.severity == "warning" and "restart" in flag.message
+
+
 def test_idle_timeout_at_exactly_the_timeout():
     now = [0.0]
     t = SpecimenTracker(SpecimenPolicy(100, 30.0, True), clock=lambda: now[0])
