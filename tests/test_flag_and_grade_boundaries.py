@@ -8,11 +8,10 @@ the suite let pass (a flipped comparison, a moved bound, a wrong denominator or 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
-from test_nucleated import _disc_field
+from test_nucleated import _disc, _disc_field
+from test_open_set_flags import _cell
 
 from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
 from smearscope.service.analysis.classify import UNIDENTIFIED, HeadResult
@@ -24,18 +23,9 @@ from smearscope.service.analysis.morphology import (
 )
 from smearscope.service.analysis.nucleated import accepts, dense_interiors, interior_density
 from smearscope.service.analysis.records import (
-    Box,
-    CellDetection,
     CellKind,
-    ClassifiedCell,
 )
 from smearscope.service.analysis.size_gate import gate_lymphocyte_size
-
-
-def _cell(kind, label, score=0.95, calibrated=True, d_um=7.5, atypical=False, unassessed=None):
-    det = CellDetection(kind, Box(0, 0, 10, 10), 0.9)
-    return ClassifiedCell(det, label, score, d_um, math.pi * d_um**2 / 4, size_calibrated=calibrated,
-                          atypical=atypical, unassessed_label=unassessed)
 
 
 def _codes(cells, th: AggregateThresholds | None = None):
@@ -162,7 +152,7 @@ def test_a_lymphocyte_just_over_15_um_goes_to_review_by_default():
     assert (out[0].label, out[0].atypical) == (UNIDENTIFIED, True)
 
 
-# -- nucleated re-check (fields of stained discs: tests/test_nucleated.py)
+# -- nucleated re-check (stained discs and their fields: tests/test_nucleated.py)
 def test_dense_ratio_is_1_8_times_the_median():
     # median red 214 -> density -ln(215/236) = 0.0932; 1.8x = 0.1678 -> red+1 <= 236*exp(-0.1678) = 199.6
     img, crops = _disc_field([214] * 11 + [197, 202])  # 197: 1.88x (re-checked); 202: 1.62x (not)
@@ -182,13 +172,6 @@ def test_a_field_whose_median_red_cell_reads_as_glass_is_no_reference():
 def test_a_cell_brighter_than_the_white_point_has_density_zero():
     img, crops = _disc_field([250])
     assert interior_density(img, crops[0]) == 0.0
-
-
-def _disc(diameter_um):
-    r = diameter_um / 0.2 / 2
-    yy, xx = np.mgrid[: int(2 * r) + 1, : int(2 * r) + 1]
-    mask = (xx - r) ** 2 + (yy - r) ** 2 <= r**2
-    return CellDetection(CellKind.RBC, Box(0, 0, mask.shape[1], mask.shape[0]), 0.9, mask=mask)
 
 
 def test_granulocytes_are_accepted_from_8_8_um():

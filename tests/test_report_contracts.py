@@ -11,56 +11,40 @@ guards that the suite let pass."""
 from __future__ import annotations
 
 import contextlib
-import uuid
+import re
+from pathlib import Path
 
 import pytest
 from test_fhir import by_code, component, current_report, graded_report, resources, validate
+from test_specimen import cell_pair, field_of
+from test_verify_run import store_run
 
 from smearscope.service.analysis.pipeline import FieldResult
-from smearscope.service.analysis.records import Box, CellDetection, CellKind, ClassifiedCell
+from smearscope.service.analysis.records import CellKind
 from smearscope.service.analysis.report import (
-    CellRecord,
     ClassShare,
     Counts,
     Flag,
-    ImageInfo,
     ModelInfo,
-    Report,
-    SizeStats,
-    SourceInfo,
     Verification,
 )
 from smearscope.service.fhir import codes, report_view
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.mqtt.outbox import Outbox
-from smearscope.service.station.durable import RunMeta, StationState
+from smearscope.service.station.durable import StationState
 from smearscope.service.station.specimen import SpecimenPolicy, SpecimenRun, SpecimenTracker
 
 
-def cell(kind, label, score=0.95, *, d=7.5, edge=False, detected_as=None, atypical=False, calibrated=True,
-         unassessed=None, i=0):
-    box = Box(10.0 * i, 0.0, 10.0 * i + 8.0, 8.0)
-    c = ClassifiedCell(CellDetection(kind, box, 0.9), label, score, d, 44.0, touches_frame_edge=edge,
-                       detected_as=detected_as, atypical=atypical, size_calibrated=calibrated,
-                       unassessed_label=unassessed)
-    r = CellRecord(kind=kind.value, bbox=box.as_list(), score=0.9, label=label, label_score=score,
-                   diameter_um=d, area_um2=44.0, atypical=atypical, unassessed_label=unassessed)
-    return c, r
+def cell(kind, label, score=0.95, *, calibrated=True, **kw):
+    """`cell_pair` with a confident, calibrated cell by default."""
+    return cell_pair(kind, label, score, calibrated=calibrated, **kw)
 
 
 MODELS = {"seg": ModelInfo(name="seg-v1", sha256="ab" * 32, backend="onnx")}
 
 
-def field(frame_id, pairs, models=MODELS):
-    cells = tuple(c for c, _ in pairs)
-    recs = [r for _, r in pairs]
-    report = Report(report_id=str(uuid.uuid4()), kind="field", created_at=0.0,
-                    source=SourceInfo(frame_id=frame_id, source="t", captured_at=0.0,
-                                      image=ImageInfo(width=640, height=480)),
-                    models=models, counts=Counts(rbc=0, wbc=0, platelet=0), wbc_differential=[], rbc_morphology=[],
-                    rbc_size=SizeStats(n=0, mean_diameter_um=None, sd_um=None, cv_percent=None, median_diameter_um=None),
-                    ratios={}, flags=[], cells=recs)
-    return FieldResult(report, cells, 1.0)
+def field(frame_id, pairs):
+    return field_of(frame_id, pairs, models=MODELS)
 
 
 def wbcs(n, label="neutrophil", start=0, **kw):
@@ -84,11 +68,11 @@ def test_specimen_report_carries_nrbc_ratios_models_and_flags():
              + [cell(CellKind.NRBC, "erythroblast", i=60 + i) for i in range(2)] + rbcs(50))
     run.add(field("f0", pairs), 1.0)
     rep = run.report(station_id="s", now=2.0, end_reason="stopped")
-    assert rep.nrbc_per_100_wbc == round(100 * 2 / 35, 2)                       # S28
-    assert rep.ratios["neutrophil_lymphocyte"] == 2.0                           # S29
-    assert rep.models == MODELS                                                  # S27
+    assert rep.nrbc_per_100_wbc == round(100 * 2 / 35, 2)
+    assert rep.ratios["neutrophil_lymphocyte"] == 2.0
+    assert rep.models == MODELS
     codes_ = {f.code for f in rep.flags}
-    assert {"atypical_wbc_present", "nucleated_rbc_present"} <= codes_           # S31, S32
+    assert {"atypical_wbc_present", "nucleated_rbc_present"} <= codes_
     nrbc = by_code(report_bundle(rep), codes.LOINC, "58413-6")
     assert nrbc["valueQuantity"]["value"] == rep.nrbc_per_100_wbc
 
@@ -174,16 +158,6 @@ def test_confirming_the_shape_keeps_the_unassessed_size_call():
 # -- durable.py
 
 
-def _store(state, outbox, run, run_id, input_key=None):
-    meta = RunMeta(run_id, run.started_at, run.started_by, run.target_wbc)
-    for fid in run.field_ids:
-        idx = [i for i, rec in enumerate(run.records) if rec.field_id == fid]
-        w = state.field_stored(report_id=f"{run_id}-{fid}", input_key=input_key, run=meta, field_id=fid,
-                               cells=[run.cells[i] for i in idx], records=[run.records[i] for i in idx],
-                               models=run.models)
-        outbox.write(lambda conn, w=w: w(conn, []))
-
-
 def test_restored_run_keeps_every_cell_attribute(tmp_path):
     run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
     pairs = (wbcs(10) + rbcs(20, calibrated=False) + [cell(CellKind.RBC, "normal", calibrated=False, unassessed="spherocyte", i=300)]
@@ -194,7 +168,7 @@ def test_restored_run_keeps_every_cell_attribute(tmp_path):
     outbox = Outbox(tmp_path / "o.sqlite3")
     try:
         state = StationState(outbox)
-        _store(state, outbox, run, "r")
+        store_run(state, outbox, run, "r")
         (back,) = state.open_runs()
         for a, b in zip(back.cells, run.cells):
             assert (a.detected_as, a.touches_frame_edge, a.unassessed_label, a.label_score) == \
@@ -213,7 +187,7 @@ def test_edge_cells_stay_out_of_sizes_after_restore(tmp_path):
     outbox = Outbox(tmp_path / "o.sqlite3")
     try:
         state = StationState(outbox)
-        _store(state, outbox, run, "r")
+        store_run(state, outbox, run, "r")
         (back,) = state.open_runs()
         assert back.report(station_id=None, now=1.0).rbc_size == run.report(station_id=None, now=1.0).rbc_size
     finally:
@@ -227,7 +201,7 @@ def test_restored_fields_keep_arrival_order(tmp_path):
     outbox = Outbox(tmp_path / "o.sqlite3")
     try:
         state = StationState(outbox)
-        _store(state, outbox, run, "r")
+        store_run(state, outbox, run, "r")
         (back,) = state.open_runs()
         assert back.field_ids == ["f9", "f10", "a1"]
     finally:
@@ -255,7 +229,7 @@ def _closed_run_stored(tmp_path):
     outbox = Outbox(tmp_path / "o.sqlite3")
     try:
         state = StationState(outbox)
-        _store(state, outbox, run, "r")
+        store_run(state, outbox, run, "r")
         rep = run.report(station_id=None, now=1.0, end_reason="stopped")
         outbox.write(lambda conn: state.run_closed(rep)(conn, []))
         yield outbox, state
@@ -340,9 +314,6 @@ def test_rbc_grades_say_not_assessable_at_an_estimated_scale():
 
 
 def test_code_tables_match_docs():
-    import re
-    from pathlib import Path
-
     doc = (Path(__file__).resolve().parents[1] / "docs" / "FHIR.md").read_text()
     rows = dict(re.findall(r"^\| (\w+)(?: \(\w+\))? \| (\d+-\d) \|", doc, re.MULTILINE))
     for table in (codes.WBC_LOINC, codes.RBC_LOINC):

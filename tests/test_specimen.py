@@ -15,6 +15,7 @@ from smearscope.service.analysis.report import (
     CellRecord,
     Counts,
     ImageInfo,
+    ModelInfo,
     Report,
     SizeStats,
     SourceInfo,
@@ -35,29 +36,42 @@ class FakeClock:
         return self.now
 
 
-def fake_field(frame_id: str, wbc: Mapping[str, int], rbc: int = 10,
-               run_id: str | None = None) -> FieldResult:
-    """A field whose cells are `rbc` normal red cells and WBC with the given labels."""
-    cells: list[ClassifiedCell] = []
-    records: list[CellRecord] = []
-    kinds = [(CellKind.RBC, "normal")] * rbc + [
-        (CellKind.WBC, label) for label, n in wbc.items() for _ in range(n)]
-    for i, (kind, label) in enumerate(kinds):
-        box = Box(10.0 * i, 0.0, 10.0 * i + 8.0, 8.0)
-        cells.append(ClassifiedCell(CellDetection(kind, box, 0.9), label, 0.9, 7.5, 44.0))
-        records.append(CellRecord(kind=kind.value, bbox=box.as_list(), score=0.9, label=label,
-                                  label_score=0.9, diameter_um=7.5, area_um2=44.0,
-                                  field_id=None))
+def cell_pair(kind: CellKind, label: str | None, score: float | None = 0.9, *, d: float = 7.5, edge: bool = False,
+              detected_as: CellKind | None = None, atypical: bool = False, calibrated: bool = False,
+              unassessed: str | None = None, i: int = 0) -> tuple[ClassifiedCell, CellRecord]:
+    """One cell as the analyzer hands it on and as its field report lists it, the `i`-th box of a row."""
+    box = Box(10.0 * i, 0.0, 10.0 * i + 8.0, 8.0)
+    c = ClassifiedCell(CellDetection(kind, box, 0.9), label, score, d, 44.0, touches_frame_edge=edge,
+                       detected_as=detected_as, atypical=atypical, size_calibrated=calibrated,
+                       unassessed_label=unassessed)
+    r = CellRecord(kind=kind.value, bbox=box.as_list(), score=0.9, label=label, label_score=score,
+                   diameter_um=d, area_um2=44.0, atypical=atypical, unassessed_label=unassessed)
+    return c, r
+
+
+def field_of(frame_id: str, pairs: list[tuple[ClassifiedCell, CellRecord]], run_id: str | None = None,
+             models: Mapping[str, ModelInfo] | None = None) -> FieldResult:
+    """A field result of these (cell, record) pairs (`cell_pair`)."""
+    kinds = [c.detection.kind for c, _ in pairs]
     report = Report(
         report_id=str(uuid.uuid4()), kind="field", created_at=0.0, run_id=run_id,
         source=SourceInfo(frame_id=frame_id, source="test", captured_at=0.0,
                           image=ImageInfo(width=640, height=480)),
-        counts=Counts(rbc=rbc, wbc=sum(wbc.values()), platelet=0), wbc_differential=[],
-        rbc_morphology=[], rbc_size=SizeStats(n=0, mean_diameter_um=None, sd_um=None,
-                                              cv_percent=None, median_diameter_um=None),
-        ratios={}, flags=[], cells=records,
+        models=dict(models or {}),
+        counts=Counts(rbc=kinds.count(CellKind.RBC), wbc=kinds.count(CellKind.WBC), platelet=kinds.count(CellKind.PLATELET)),
+        wbc_differential=[], rbc_morphology=[], rbc_size=SizeStats(n=0, mean_diameter_um=None, sd_um=None,
+                                                                   cv_percent=None, median_diameter_um=None),
+        ratios={}, flags=[], cells=[r for _, r in pairs],
     )
-    return FieldResult(report, tuple(cells), 1.0)
+    return FieldResult(report, tuple(c for c, _ in pairs), 1.0)
+
+
+def fake_field(frame_id: str, wbc: Mapping[str, int], rbc: int = 10,
+               run_id: str | None = None) -> FieldResult:
+    """A field whose cells are `rbc` normal red cells and WBC with the given labels."""
+    kinds = [(CellKind.RBC, "normal")] * rbc + [
+        (CellKind.WBC, label) for label, n in wbc.items() for _ in range(n)]
+    return field_of(frame_id, [cell_pair(kind, label, i=i) for i, (kind, label) in enumerate(kinds)], run_id)
 
 
 MIX = {"neutrophil": 6, "lymphocyte": 3, "monocyte": 1}

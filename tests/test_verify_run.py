@@ -26,6 +26,19 @@ from smearscope.service.station.specimen import ClosedRun, SpecimenRun
 from smearscope.service.station.typed_cells import TypeableCell
 
 
+def store_run(state, outbox, r: SpecimenRun, run_id: str) -> None:
+    """`r`'s fields written to the station state as the daemon writes them, one outbox write each."""
+    from smearscope.service.station.durable import RunMeta
+
+    meta = RunMeta(run_id, r.started_at, r.started_by, r.target_wbc)
+    for fid in r.field_ids:
+        idx = [i for i, rec in enumerate(r.records) if rec.field_id == fid]
+        w = state.field_stored(report_id=f"{run_id}-{fid}", input_key=None, run=meta, field_id=fid,
+                               cells=[r.cells[i] for i in idx], records=[r.records[i] for i in idx],
+                               models=r.models)
+        outbox.write(lambda conn, w=w: w(conn, []))
+
+
 @pytest.fixture(scope="module")
 def station(tmp_path_factory):
     """A run of four rendered fields, and the station's clinic feed (typing on)."""
@@ -235,21 +248,12 @@ def test_a_size_based_type_is_not_taken_at_an_estimated_scale(run):
 
 def test_the_last_closed_runs_survive_a_restart_for_verification(run, tmp_path, monkeypatch):
     from smearscope.service.mqtt.outbox import Outbox
-    from smearscope.service.station.durable import KEEP_CLOSED_RUNS, RunMeta, StationState
-
-    def stored(state, outbox, r: SpecimenRun, run_id: str) -> None:
-        meta = RunMeta(run_id, r.started_at, r.started_by, r.target_wbc)
-        for fid in r.field_ids:
-            idx = [i for i, rec in enumerate(r.records) if rec.field_id == fid]
-            w = state.field_stored(report_id=f"{run_id}-{fid}", input_key=None, run=meta, field_id=fid,
-                                   cells=[r.cells[i] for i in idx], records=[r.records[i] for i in idx],
-                                   models=r.models)
-            outbox.write(lambda conn, w=w: w(conn, []))
+    from smearscope.service.station.durable import KEEP_CLOSED_RUNS, StationState
 
     outbox = Outbox(tmp_path / "outbox.sqlite3")
     try:
         state = StationState(outbox)
-        stored(state, outbox, run, "r1")
+        store_run(state, outbox, run, "r1")
         assert [o.run_id for o in state.open_runs()] == ["r1"] and state.closed_runs() == []
         report = replace(run, run_id="r1").report(station_id="s", now=5.0, end_reason="stopped")
         outbox.write(lambda conn: state.run_closed(report)(conn, []))
@@ -268,7 +272,7 @@ def test_the_last_closed_runs_survive_a_restart_for_verification(run, tmp_path, 
         outbox.write(lambda conn: state.run_closed(verified)(conn, []))
         assert [(c.run_id, c.report.report_id) for c in state.closed_runs()] == [("r1", "v1")]
         for k in range(2, KEEP_CLOSED_RUNS + 2):
-            stored(state, outbox, run, f"r{k}")
+            store_run(state, outbox, run, f"r{k}")
             later = replace(run, run_id=f"r{k}").report(station_id="s", now=5.0 + k, end_reason="stopped")
             outbox.write(lambda conn, later=later: state.run_closed(later)(conn, []))
         ids = [c.run_id for c in state.closed_runs()]
@@ -279,7 +283,7 @@ def test_the_last_closed_runs_survive_a_restart_for_verification(run, tmp_path, 
         yesterday = time.time() - 86_400.0
         with monkeypatch.context() as m:
             m.setattr(time, "time", lambda: yesterday)
-            stored(state, outbox, run, "late")
+            store_run(state, outbox, run, "late")
             late = replace(run, run_id="late").report(station_id="s", now=1.0, end_reason="stopped")
             outbox.write(lambda conn: state.run_closed(late)(conn, []))
         assert state.closed_runs()[-1].run_id == "late"
