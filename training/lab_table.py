@@ -407,6 +407,8 @@ def main() -> None:
                     help="context around an unsure cell in its window (AnalyzerOptions.detector_window_margin)")
     ap.add_argument("--no-nucleated-recheck", action="store_true",
                     help="every red-cell detection stays a red cell (AnalyzerOptions.nucleated_recheck off)")
+    ap.add_argument("--no-platelet-rescue", action="store_true",
+                    help="faint platelets are not confirmed by colour (AnalyzerOptions.platelet_rescue off)")
     args = ap.parse_args()
     global GREYSCALE
     GREYSCALE = args.greyscale
@@ -415,6 +417,7 @@ def main() -> None:
                               detector_views_where=args.views_where,
                               illumination=args.illumination, stain_method=args.stain,
                               nucleated_recheck=not args.no_nucleated_recheck,
+                              platelet_rescue=not args.no_platelet_rescue,
                               detector_view_windows=not args.no_view_windows,
                               **({"detector_window_margin": args.window_margin} if args.window_margin is not None else {}),
                               **({"detector_unsure_band": tuple(float(v) for v in args.unsure_band.split(","))}

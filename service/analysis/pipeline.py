@@ -29,6 +29,8 @@ from smearscope.service.analysis.detect_views import ViewSettings, detect_views
 from smearscope.service.analysis.illumination import Illumination, estimate_illumination
 from smearscope.service.analysis.morphology import SIZE_BASED, shape_label
 from smearscope.service.analysis.nucleated import accepts, dense_interiors
+from smearscope.service.analysis.platelet_rescue import MIN_SCORE as RESCUE_MIN_SCORE
+from smearscope.service.analysis.platelet_rescue import rescue_platelets
 from smearscope.service.analysis.prepare import CanonicalField, Preparation
 from smearscope.service.analysis.records import (
     CellCrop,
@@ -117,6 +119,9 @@ class AnalyzerOptions:
     detector_window_margin: int = WINDOW_MARGIN_PX
     #: Red-cell detections with a nucleus' density are typed by the WBC head too (service.analysis.nucleated).
     nucleated_recheck: bool = True
+    #: Faint platelet detections markedly bluer than the field's red cells are counted
+    #: (service.analysis.platelet_rescue); needs the lamp-corrected frame.
+    platelet_rescue: bool = True
     #: A white cell typed lymphocyte wider than this (um) is unidentified and atypical (service.analysis.size_gate); None: off.
     max_lymphocyte_diameter_um: float | None = MAX_LYMPHOCYTE_DIAMETER_UM
     wbc_min_confidence: float = 0.5
@@ -212,7 +217,9 @@ class Analyzer:
                 sha256=sm.file_sha256, cells=dict(sm.cells), leave_one_out_accuracy=round(sm.loo_accuracy, 4),
                 head_accuracy=round(sm.head_accuracy, 4), fitted=sm.fitted, open_set_thresholds=dict(sm.thresholds))})
         analyzer = cls(
-            YoloSegmenter(engines["segmentation"], conf_threshold=options.detector_conf, views=options.detector_views),
+            YoloSegmenter(engines["segmentation"], conf_threshold=options.detector_conf, views=options.detector_views,
+                          platelet_conf_threshold=min(options.detector_conf, RESCUE_MIN_SCORE)
+                          if options.platelet_rescue else None),
             *heads, options, models, station_id,
         )
         analyzer._engines = list(engines.values())
@@ -304,6 +311,11 @@ class Analyzer:
         est = outcome.estimate
         field_, dets = outcome.attempt.payload
         t = time.perf_counter()
+        if self.options.platelet_rescue:
+            seg_prep = self._prep["segmentation"]
+            lit = illumination.applied and seg_prep.illumination == "flatfield"
+            dets = (rescue_platelets(dets, field_.pixels(seg_prep), self.options.roi, self.options.detector_conf)
+                    if lit else [d for d in dets if d.score >= self.options.detector_conf])
         kept = self.options.roi.apply(dets)
         candidates = tuple(self.options.roi.below_confidence(dets))
         rbc_spec = self.rbc_head.crop_spec if self.rbc_head else None

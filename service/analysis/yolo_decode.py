@@ -19,7 +19,7 @@ import numpy as np
 from smearscope.engines.base import Engine
 from smearscope.engines.batching import run_batched
 from smearscope.engines.preprocess import to_model_input
-from smearscope.service.analysis.records import SEG_CLASSES, Box, CellDetection, Tile
+from smearscope.service.analysis.records import SEG_CLASSES, Box, CellDetection, CellKind, Tile
 from smearscope.service.analysis.segment import cut_by_interior_tile_edges
 from smearscope.service.analysis.tta import check_views
 
@@ -176,7 +176,7 @@ class YoloSegmenter:
     """Runs the segmentation engine over tiles and returns frame-coordinate detections."""
 
     def __init__(self, engine: Engine, conf_threshold: float = 0.25, iou_threshold: float = 0.6,
-                 views: Sequence[str] | None = None) -> None:
+                 views: Sequence[str] | None = None, platelet_conf_threshold: float | None = None) -> None:
         self.engine = engine
         m = engine.manifest
         #: Test-time views the pipeline runs (service.analysis.tta); the calibration was fitted for m.tta.
@@ -187,6 +187,9 @@ class YoloSegmenter:
         self.input_size = m.input_size
         self.classes = [SEG_CLASSES[[k.value for k in SEG_CLASSES].index(c)] for c in m.classes]
         self.conf_threshold = conf_threshold  # on the CALIBRATED score, applied last (`finish`)
+        #: Platelets are kept from this score instead (service.analysis.platelet_rescue looks at
+        #: the faint ones); None: `conf_threshold`.
+        self.platelet_conf_threshold = conf_threshold if platelet_conf_threshold is None else platelet_conf_threshold
         self.iou_threshold = iou_threshold
         self.calibration = {k: tuple(v) for k, v in m.score_calibration.items()}
 
@@ -204,7 +207,8 @@ class YoloSegmenter:
             sel = kinds == kind
             if sel.any():
                 score[sel] = platt_array(raw[sel], a, b)
-        return [dataclasses.replace(d, score=float(s)) for d, s in zip(dets, score) if s >= self.conf_threshold]
+        floor = np.where(kinds == CellKind.PLATELET.value, self.platelet_conf_threshold, self.conf_threshold)
+        return [dataclasses.replace(d, score=float(s)) for d, s, f in zip(dets, score, floor) if s >= f]
 
     def detect(self, tiles: Iterable[Tile], frame_width: int, frame_height: int,
                calibrate: bool = True) -> list[CellDetection]:
