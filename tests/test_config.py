@@ -202,6 +202,25 @@ def test_where_the_detector_views_run_reaches_the_analyzer_and_a_bad_band_is_ref
         assert err.value.errors[0][0] == f"analysis.{key}"
 
 
+def test_platelet_rescue_reaches_the_analyzer_and_the_segmenter(tmp_path: Path) -> None:
+    from smearscope.service.station.startup import build_analyzer
+
+    base = MINIMAL + f'[analysis]\nengine_backend = "onnxruntime"\nmodels_dir = "{REPO / "models"}"\n'
+    default = build_analyzer(load_config(_write(tmp_path, base), environ={}))
+    off = build_analyzer(load_config(_write(tmp_path, base + "platelet_rescue = false\n"), environ={}))
+    try:
+        assert default.options.platelet_rescue and not off.options.platelet_rescue
+        # with it, the detector keeps the faint platelets the rescue looks at; without, none under its threshold
+        assert default.segmenter.platelet_conf_threshold < default.options.detector_conf
+        assert off.segmenter.platelet_conf_threshold == off.options.detector_conf
+    finally:
+        default.close()
+        off.close()
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, base + 'platelet_rescue = "sometimes"\n'), environ={})
+    assert err.value.errors[0][0] == "analysis.platelet_rescue"
+
+
 def test_head_views_reach_the_heads_and_bad_views_are_refused(tmp_path: Path) -> None:
     from smearscope.service.station.startup import build_analyzer
 

@@ -150,6 +150,15 @@ class AnalysisConfig(StationBaseModel):
         "monocytes from 8.8 um up): a pale camera's small lymphocytes look like red cells to the "
         "detector. Needs the lamp correction. Off: every red-cell detection stays a red cell.",
     )
+    platelet_rescue: bool = Field(
+        default=True,
+        title="Faint platelets confirmed by their colour",
+        description="A platelet detection the detector scored from 0.05 to under platelet_min_confidence "
+        "that overlaps no counted cell and is at least 30 grey levels bluer (blue minus red) than the "
+        "field's red cells on the lamp-corrected frame is counted, with the score 0.68 (such platelets' "
+        "precision on validation; none when platelet_min_confidence is above it). Needs the lamp "
+        "correction. Off: platelets are counted from the detector's score alone.",
+    )
     max_lymphocyte_diameter_um: float | None = Field(
         default=15.0,
         title="Largest lymphocyte",
