@@ -202,20 +202,21 @@ def test_where_the_detector_views_run_reaches_the_analyzer_and_a_bad_band_is_ref
         assert err.value.errors[0][0] == f"analysis.{key}"
 
 
-def test_platelet_rescue_reaches_the_analyzer_and_the_segmenter(tmp_path: Path) -> None:
+def test_platelet_rescue_is_off_by_default_and_reaches_the_analyzer_and_the_segmenter(tmp_path: Path) -> None:
+    from smearscope.service.analysis.platelet_rescue import PlateletRescue
     from smearscope.service.station.startup import build_analyzer
 
     base = MINIMAL + f'[analysis]\nengine_backend = "onnxruntime"\nmodels_dir = "{REPO / "models"}"\n'
     default = build_analyzer(load_config(_write(tmp_path, base), environ={}))
-    off = build_analyzer(load_config(_write(tmp_path, base + "platelet_rescue = false\n"), environ={}))
+    on = build_analyzer(load_config(_write(tmp_path, base + "platelet_rescue = true\n"), environ={}))
     try:
-        assert default.options.platelet_rescue and not off.options.platelet_rescue
-        # with it, the detector keeps the faint platelets the rescue looks at; without, none under its threshold
-        assert default.segmenter.platelet_conf_threshold < default.options.detector_conf
-        assert off.segmenter.platelet_conf_threshold == off.options.detector_conf
+        assert default.options.platelet_rescue is None and on.options.platelet_rescue == PlateletRescue()
+        # with it, the detector keeps the faint platelets the rule looks at; without, none under its threshold
+        assert on.segmenter.platelet_conf_threshold == PlateletRescue().min_score < on.options.detector_conf
+        assert default.segmenter.platelet_conf_threshold == default.options.detector_conf
     finally:
         default.close()
-        off.close()
+        on.close()
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, base + 'platelet_rescue = "sometimes"\n'), environ={})
     assert err.value.errors[0][0] == "analysis.platelet_rescue"

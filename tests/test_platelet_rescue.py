@@ -1,7 +1,8 @@
 """Faint platelets confirmed by their colour (service.analysis.platelet_rescue).
 
 Fields are painted as the lamp correction leaves them: neutral glass at 235, red cells pink (blue
-about red), platelets violet (blue well above red)."""
+about red), platelets violet (blue well above red): a platelet's granules are a few dense pixels
+in a paler body, so its colour is read from the bright end (95th percentile) of its box."""
 
 from __future__ import annotations
 
@@ -10,18 +11,20 @@ import pytest
 from realdata import BCCD, BCCD_MICRONS_PER_PIXEL, ROOT, bccd_truth, needs_bccd, needs_models
 from test_yolo_decode import _FakeEngine, _pred
 
+from smearscope.device.frame import Frame
 from smearscope.service.analysis.platelet_rescue import (
-    MIN_CONTRAST,
-    MIN_SCORE,
-    RESCUED_SCORE,
+    PlateletRescue,
+    blue_excess,
     rescue_platelets,
 )
 from smearscope.service.analysis.records import Box, CellDetection, CellKind, Tile
 from smearscope.service.analysis.roi import RoiFilter
 
+RULE = PlateletRescue()
 FLOOR = 0.25  # the detector's usual threshold (AnalyzerOptions.detector_conf)
 GLASS = (235, 235, 235)
 PINK = (178, 150, 175)  # BGR: blue - red = 3, as a red cell after the lamp correction
+PLATELET = (100, 100, 114, 114)
 
 
 def _field() -> np.ndarray:
@@ -37,67 +40,95 @@ def _det(kind: CellKind, box: tuple[int, int, int, int], score: float) -> CellDe
     return CellDetection(kind, Box(*map(float, box)), score)
 
 
-def _red_cells(img: np.ndarray, bgr: tuple[int, int, int] = PINK) -> list[CellDetection]:
-    boxes = [(10 + 45 * i, 10, 48 + 45 * i, 48) for i in range(5)]
-    for b in boxes:
-        _paint(img, b, bgr)
+def _red_cells(img: np.ndarray, excesses: tuple[float, ...] = (3, 3, 3, 3, 3)) -> list[CellDetection]:
+    """Red cells whose blue exceeds their red by `excesses` grey levels (PINK's is 3)."""
+    boxes = [(10 + 45 * i, 10, 48 + 45 * i, 48) for i in range(len(excesses))]
+    for b, e in zip(boxes, excesses):
+        _paint(img, b, (int(PINK[2] + e), PINK[1], PINK[2]))
     return [_det(CellKind.RBC, b, 0.9) for b in boxes]
 
 
-def _violet(excess: float) -> tuple[int, int, int]:
-    """A platelet's colour `excess` grey levels bluer (blue - red) than PINK's red cells."""
+def _platelet(img: np.ndarray, excess: float, box: tuple[int, int, int, int] = PLATELET) -> None:
+    """A pale violet body with a cluster of dense granules (a sixth of the box) `excess` grey
+    levels bluer than PINK's red cells; the body itself only a third as blue."""
+    x0, y0, x1, y1 = box
     red = 140
-    return (int(red + PINK[0] - PINK[2] + excess), 120, red)
+    _paint(img, box, (int(red + (PINK[0] - PINK[2] + excess) / 3), 150, red))
+    gx, gy = (x1 - x0) // 2, (y1 - y0) // 2
+    _paint(img, (x0 + gx - 3, y0 + gy - 3, x0 + gx + 3, y0 + gy + 3), (int(red + PINK[0] - PINK[2] + excess), 120, red))
 
 
 def test_a_faint_platelet_bluer_than_the_red_cells_is_counted_others_under_the_floor_dropped() -> None:
     img = _field()
     cells = _red_cells(img)
-    _paint(img, (100, 100, 114, 114), _violet(60))  # violet: a platelet
+    _platelet(img, 60)
     _paint(img, (150, 100, 164, 114), PINK)  # a pink fragment of a red cell
-    _paint(img, (200, 100, 238, 138), _violet(60))  # violet, but the detector's faint call is a red cell
-    faint = [_det(CellKind.PLATELET, (100, 100, 114, 114), 0.1), _det(CellKind.PLATELET, (150, 100, 164, 114), 0.1),
+    _paint(img, (200, 100, 238, 138), (int(140 + PINK[0] - PINK[2] + 60), 120, 140))  # violet, but called a red cell
+    faint = [_det(CellKind.PLATELET, PLATELET, 0.1), _det(CellKind.PLATELET, (150, 100, 164, 114), 0.1),
              _det(CellKind.RBC, (200, 100, 238, 138), 0.1)]
-    out = rescue_platelets(cells + faint, img, RoiFilter(), FLOOR)
+    out = rescue_platelets(cells + faint, img, RoiFilter(), FLOOR, RULE)
     assert out[: len(cells)] == cells  # counted cells untouched, in order
-    assert [(d.kind, d.box.x0, d.score) for d in out[len(cells):]] == [(CellKind.PLATELET, 100.0, RESCUED_SCORE)]
+    assert [(d.kind, d.box.x0, d.score) for d in out[len(cells):]] == [(CellKind.PLATELET, 100.0, RULE.score)]
     assert RoiFilter().keep(out[-1])
 
 
-@pytest.mark.parametrize(("excess", "rescued"), [(MIN_CONTRAST + 4, True), (MIN_CONTRAST - 4, False)])
+def test_the_colour_is_read_from_the_dense_granules_not_the_pale_body() -> None:
+    img = _field()
+    _platelet(img, 60)
+    assert blue_excess(img, PLATELET) == pytest.approx(PINK[0] - PINK[2] + 60, abs=1)
+    # outside the frame: nothing to read
+    assert blue_excess(img, (-30.0, -30.0, -5.0, -5.0)) == 0.0 == blue_excess(img, (400.0, 10.0, 420.0, 30.0))
+
+
+@pytest.mark.parametrize(("excess", "rescued"), [(RULE.min_contrast + 4, True), (RULE.min_contrast - 4, False)])
 def test_the_colour_is_judged_against_the_fields_own_red_cells(excess: float, rescued: bool) -> None:
     for shift in (0, 40):  # a lab whose red cells are bluer: its platelets must be bluer still
         img = _field()
-        red = (PINK[0] + shift, PINK[1], PINK[2])
-        cells = _red_cells(img, red)
-        b, g, r = _violet(excess)
-        _paint(img, (100, 100, 114, 114), (b + shift, g, r))
-        out = rescue_platelets([*cells, _det(CellKind.PLATELET, (100, 100, 114, 114), 0.1)], img, RoiFilter(), FLOOR)
+        # the reference is the red cells' median: two bluish cells of five do not move it
+        cells = _red_cells(img, (3 + shift, 3 + shift, 3 + shift + 35, 3 + shift + 35, 3 + shift))
+        _platelet(img, excess + shift)
+        out = rescue_platelets([*cells, _det(CellKind.PLATELET, PLATELET, 0.1)], img, RoiFilter(), FLOOR, RULE)
         assert (len(out) == len(cells) + 1) is rescued, (excess, shift)
 
 
 def test_without_red_cells_the_glass_is_the_reference() -> None:
     img = _field()
-    _paint(img, (100, 100, 114, 114), (int(140 + MIN_CONTRAST + 15), 150, 140))  # bluer than the neutral glass
-    out = rescue_platelets([_det(CellKind.PLATELET, (100, 100, 114, 114), 0.1)], img, RoiFilter(), FLOOR)
-    assert [d.score for d in out] == [RESCUED_SCORE]
+    _platelet(img, RULE.min_contrast + 15 - (PINK[0] - PINK[2]))  # that much bluer than the neutral glass
+    out = rescue_platelets([_det(CellKind.PLATELET, PLATELET, 0.1)], img, RoiFilter(), FLOOR, RULE)
+    assert [d.score for d in out] == [RULE.score]
 
 
-def test_too_faint_overlapping_a_counted_cell_or_a_stricter_station_is_not_rescued() -> None:
+def test_too_faint_inside_or_overlapping_a_cell_implausible_or_a_stricter_station_is_not_rescued() -> None:
     img = _field()
     cells = _red_cells(img)
-    _paint(img, (100, 100, 114, 114), _violet(60))
-    _paint(img, (12, 12, 26, 26), _violet(60))  # inside a counted red cell (a dot on it)
-    below = _det(CellKind.PLATELET, (100, 100, 114, 114), MIN_SCORE * 0.9)
+    wbc = _det(CellKind.WBC, (150, 80, 230, 160), 0.9)
+    _platelet(img, 60)
+    _platelet(img, 60, (180, 110, 194, 124))  # a nucleus' lobe, as blue as a platelet
+    _platelet(img, 60, (12, 12, 26, 26))  # on a counted red cell
+    counted = [*cells, wbc]
+    below = _det(CellKind.PLATELET, PLATELET, RULE.min_score * 0.9)
+    in_wbc = _det(CellKind.PLATELET, (180, 110, 194, 124), 0.1)  # IoU with the white cell 0.03, all inside it
     overlapping = _det(CellKind.PLATELET, (14, 12, 44, 44), 0.1)  # IoU with its red cell > 0.3
-    assert rescue_platelets([*cells, below, overlapping], img, RoiFilter(), FLOOR) == cells
+    tiny = _det(CellKind.PLATELET, (105, 105, 108, 108), 0.1)  # under the ROI filter's smallest area
+    assert rescue_platelets([*counted, below, in_wbc, overlapping, tiny], img, RoiFilter(), FLOOR, RULE) == counted
+    # a dot on a red cell is not that cell: a platelet lying on a red cell is counted
+    on_red = rescue_platelets([*counted, _det(CellKind.PLATELET, (12, 12, 26, 26), 0.1)], img, RoiFilter(), FLOOR, RULE)
+    assert [d.score for d in on_red[len(counted):]] == [RULE.score]
     # a station counting platelets from above the rule's precision keeps its own threshold
-    strict = RoiFilter(platelet_min_confidence=RESCUED_SCORE + 0.1)
-    faint = _det(CellKind.PLATELET, (100, 100, 114, 114), 0.1)
-    assert rescue_platelets([*cells, faint], img, strict, FLOOR) == cells
+    strict = RoiFilter(platelet_min_confidence=RULE.score + 0.1)
+    faint = _det(CellKind.PLATELET, PLATELET, 0.1)
+    assert rescue_platelets([*counted, faint], img, strict, FLOOR, RULE) == counted
     # already counted: left as it is
-    counted = _det(CellKind.PLATELET, (100, 100, 114, 114), 0.5)
-    assert rescue_platelets([*cells, counted], img, RoiFilter(), FLOOR)[-1] is counted
+    sure = _det(CellKind.PLATELET, PLATELET, 0.5)
+    assert rescue_platelets([*counted, sure], img, RoiFilter(), FLOOR, RULE)[-1] is sure
+
+
+def test_two_faint_boxes_of_one_platelet_count_it_once_the_surer_one() -> None:
+    img = _field()
+    _platelet(img, 60)
+    a, b = _det(CellKind.PLATELET, PLATELET, 0.1), _det(CellKind.PLATELET, (103, 100, 117, 114), 0.2)  # IoU 0.65
+    out = rescue_platelets([a, b], img, RoiFilter(), FLOOR, RULE)
+    assert [(d.box.x0, d.score) for d in out] == [(103.0, RULE.score)]
 
 
 def test_the_segmenter_keeps_platelets_from_their_own_lower_floor() -> None:
@@ -112,6 +143,36 @@ def test_the_segmenter_keeps_platelets_from_their_own_lower_floor() -> None:
         ("platelet", 0.1), ("platelet", 0.3)]
 
 
+def test_without_a_lamp_corrected_frame_nothing_is_rescued_and_the_faint_are_dropped() -> None:
+    img = _field()
+    cells = _red_cells(img)
+    _platelet(img, 60)
+    faint = _det(CellKind.PLATELET, PLATELET, 0.1)
+    assert rescue_platelets([*cells, faint], None, RoiFilter(), FLOOR, RULE) == cells
+
+
+@needs_models
+def test_the_analyzer_counts_platelets_by_colour_and_leaves_nothing_under_the_detectors_threshold() -> None:
+    """The segmenter hands the analyzer faint platelets; none under `detector_conf` reaches the
+    report or the candidates, and the rule is what counts some of them (a rendered field's)."""
+    from smearscope.device.synthetic import render_field
+    from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
+
+    frame = render_field(101, width=1920, height=1080, microns_per_pixel=0.1).frame
+    rescued = {}
+    for rule in (RULE, None):
+        analyzer = Analyzer.from_models_dir(ROOT / "models", options=AnalyzerOptions(platelet_rescue=rule))
+        try:
+            assert analyzer.segmenter.platelet_conf_threshold == (FLOOR if rule is None else RULE.min_score)
+            res = analyzer.analyze(frame)
+        finally:
+            analyzer.close()
+        scores = [c.detection.score for c in res.cells] + [d.score for d in res.candidates]
+        assert min(scores) >= analyzer.options.detector_conf
+        rescued[rule] = sum(c.detection.kind is CellKind.PLATELET and c.detection.score == RULE.score for c in res.cells)
+    assert rescued[RULE] >= 1 and rescued[None] == 0, rescued
+
+
 @needs_bccd
 @needs_models
 @pytest.mark.realdata
@@ -120,14 +181,13 @@ def test_on_bccd_val_the_rescued_platelets_are_labelled_ones() -> None:
     detector scored under the count, and few that are not labelled."""
     import cv2
 
-    from smearscope.device.frame import Frame
     from smearscope.service.analysis.boxes import box_iou
     from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
 
     ids = (BCCD / "ImageSets" / "Main" / "val.txt").read_text().split()
     found, rescued, right = {}, 0, 0
     for on in (False, True):
-        analyzer = Analyzer.from_models_dir(ROOT / "models", options=AnalyzerOptions(platelet_rescue=on))
+        analyzer = Analyzer.from_models_dir(ROOT / "models", options=AnalyzerOptions(platelet_rescue=RULE if on else None))
         hits = 0
         for i in ids:
             px = cv2.imread(str(BCCD / "JPEGImages" / f"{i}.jpg"))
@@ -138,7 +198,7 @@ def test_on_bccd_val_the_rescued_platelets_are_labelled_ones() -> None:
                     continue
                 hit = bool(len(truth)) and box_iou(np.array(c.bbox), truth).max() >= 0.5
                 hits += hit
-                if on and c.score == RESCUED_SCORE:
+                if on and c.score == RULE.score:
                     rescued, right = rescued + 1, right + hit
         analyzer.close()
         found[on] = hits

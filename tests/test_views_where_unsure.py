@@ -153,18 +153,15 @@ def _matched(a, b) -> bool:
     the other's counted cells (same kind, IoU >= 0.8), and the counts differ by no more than the
     cells within BORDERLINE of the threshold: fused scores differ a little between the modes (a
     cell only the first view saw keeps its own score), so a cell right at the threshold may fall
-    on either side of it. A platelet counted by its colour (service.analysis.platelet_rescue) was
-    scored under the threshold by the detector: borderline too, whatever score it is counted with."""
+    on either side of it."""
     from smearscope.service.analysis.boxes import pair_iou
-    from smearscope.service.analysis.platelet_rescue import RESCUED_SCORE
     from smearscope.service.analysis.roi import RoiFilter
 
     roi = RoiFilter()
     borderline = 0
     for x, y in ((a, b), (b, a)):
         for c in x.cells:
-            rescued = c.detection.kind is CellKind.PLATELET and c.detection.score == RESCUED_SCORE
-            if rescued or c.detection.score < roi.threshold(c.detection.kind) + BORDERLINE:
+            if c.detection.score < roi.threshold(c.detection.kind) + BORDERLINE:
                 borderline += 1
                 continue
             same = [d for d in y.cells if d.detection.kind is c.detection.kind]

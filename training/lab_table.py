@@ -52,6 +52,7 @@ from tqdm import tqdm
 from smearscope.device.frame import Frame
 from smearscope.service.analysis.boxes import box_iou
 from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions, input_bbox
+from smearscope.service.analysis.platelet_rescue import PlateletRescue
 from smearscope.service.analysis.roi import RoiFilter
 from smearscope.service.analysis.scale import resample_factor
 from smearscope.service.analysis.specimen_scale import SpecimenScale
@@ -360,6 +361,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rescue_rule(spec: str) -> PlateletRescue:
+    """`--platelet-rescue CONTRAST,FROM`; empty: the station's rule."""
+    if not spec:
+        return PlateletRescue()
+    contrast, start = (float(v) for v in spec.split(","))
+    return PlateletRescue(min_score=start, min_contrast=contrast)
+
+
 def count_from(spec: str) -> RoiFilter:
     """`rbc=0.3,platelet=0.35` -> the RoiFilter counting those kinds from those scores."""
     names = {"rbc": "red_cell_min_confidence", "platelet": "platelet_min_confidence", "cells": "min_confidence"}
@@ -407,8 +416,10 @@ def main() -> None:
                     help="context around an unsure cell in its window (AnalyzerOptions.detector_window_margin)")
     ap.add_argument("--no-nucleated-recheck", action="store_true",
                     help="every red-cell detection stays a red cell (AnalyzerOptions.nucleated_recheck off)")
-    ap.add_argument("--no-platelet-rescue", action="store_true",
-                    help="faint platelets are not confirmed by colour (AnalyzerOptions.platelet_rescue off)")
+    ap.add_argument("--platelet-rescue", nargs="?", const="", default=None, metavar="CONTRAST,FROM",
+                    help="faint platelets confirmed by colour (service.analysis.platelet_rescue, a station option): "
+                         "the rule as the station config turns it on, or this contrast (grey levels) and the "
+                         "detector score it looks from, e.g. 40,0.05")
     args = ap.parse_args()
     global GREYSCALE
     GREYSCALE = args.greyscale
@@ -417,7 +428,7 @@ def main() -> None:
                               detector_views_where=args.views_where,
                               illumination=args.illumination, stain_method=args.stain,
                               nucleated_recheck=not args.no_nucleated_recheck,
-                              platelet_rescue=not args.no_platelet_rescue,
+                              platelet_rescue=None if args.platelet_rescue is None else rescue_rule(args.platelet_rescue),
                               detector_view_windows=not args.no_view_windows,
                               **({"detector_window_margin": args.window_margin} if args.window_margin is not None else {}),
                               **({"detector_unsure_band": tuple(float(v) for v in args.unsure_band.split(","))}

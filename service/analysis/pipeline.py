@@ -29,8 +29,7 @@ from smearscope.service.analysis.detect_views import ViewSettings, detect_views
 from smearscope.service.analysis.illumination import Illumination, estimate_illumination
 from smearscope.service.analysis.morphology import SIZE_BASED, shape_label
 from smearscope.service.analysis.nucleated import accepts, dense_interiors
-from smearscope.service.analysis.platelet_rescue import MIN_SCORE as RESCUE_MIN_SCORE
-from smearscope.service.analysis.platelet_rescue import rescue_platelets
+from smearscope.service.analysis.platelet_rescue import PlateletRescue, rescue_platelets
 from smearscope.service.analysis.prepare import CanonicalField, Preparation
 from smearscope.service.analysis.records import (
     CellCrop,
@@ -119,9 +118,10 @@ class AnalyzerOptions:
     detector_window_margin: int = WINDOW_MARGIN_PX
     #: Red-cell detections with a nucleus' density are typed by the WBC head too (service.analysis.nucleated).
     nucleated_recheck: bool = True
-    #: Faint platelet detections markedly bluer than the field's red cells are counted
-    #: (service.analysis.platelet_rescue); needs the lamp-corrected frame.
-    platelet_rescue: bool = True
+    #: Faint platelet detections markedly bluer than the field's red cells are counted by this rule
+    #: (service.analysis.platelet_rescue, e.g. PlateletRescue()); None (default): off, its test
+    #: figures did not hold up (models/README.md, "Faint platelets confirmed by colour").
+    platelet_rescue: PlateletRescue | None = None
     #: A white cell typed lymphocyte wider than this (um) is unidentified and atypical (service.analysis.size_gate); None: off.
     max_lymphocyte_diameter_um: float | None = MAX_LYMPHOCYTE_DIAMETER_UM
     wbc_min_confidence: float = 0.5
@@ -218,8 +218,8 @@ class Analyzer:
                 head_accuracy=round(sm.head_accuracy, 4), fitted=sm.fitted, open_set_thresholds=dict(sm.thresholds))})
         analyzer = cls(
             YoloSegmenter(engines["segmentation"], conf_threshold=options.detector_conf, views=options.detector_views,
-                          platelet_conf_threshold=min(options.detector_conf, RESCUE_MIN_SCORE)
-                          if options.platelet_rescue else None),
+                          platelet_conf_threshold=None if options.platelet_rescue is None
+                          else min(options.detector_conf, options.platelet_rescue.min_score)),
             *heads, options, models, station_id,
         )
         analyzer._engines = list(engines.values())
@@ -311,11 +311,10 @@ class Analyzer:
         est = outcome.estimate
         field_, dets = outcome.attempt.payload
         t = time.perf_counter()
-        if self.options.platelet_rescue:
-            seg_prep = self._prep["segmentation"]
-            lit = illumination.applied and seg_prep.illumination == "flatfield"
-            dets = (rescue_platelets(dets, field_.pixels(seg_prep), self.options.roi, self.options.detector_conf)
-                    if lit else [d for d in dets if d.score >= self.options.detector_conf])
+        rule = self.options.platelet_rescue
+        if rule is not None:  # the colour is read on the lamp-corrected frame, whatever the models take
+            dets = rescue_platelets(dets, field_.pixels(LAMP_CORRECTED) if illumination.applied else None,
+                                    self.options.roi, self.options.detector_conf, rule)
         kept = self.options.roi.apply(dets)
         candidates = tuple(self.options.roi.below_confidence(dets))
         rbc_spec = self.rbc_head.crop_spec if self.rbc_head else None
@@ -448,6 +447,8 @@ class _NoCrop:
 
 
 _NO_CROP = _NoCrop()  # type: ignore[assignment]
+#: The frame with its lamp divided out and nothing else (service.analysis.prepare caches it).
+LAMP_CORRECTED = Preparation("flatfield", "none")
 
 
 def _touches_frame(d: CellDetection, shape: tuple[int, ...], margin: float = 2.0) -> bool:

@@ -84,6 +84,7 @@ def build_analyzer(config: StationConfig, keep_wbc_features: bool = False) -> An
     from smearscope.service.analysis.aggregate import AggregateThresholds
     from smearscope.service.analysis.classify import OpenSetThresholdError
     from smearscope.service.analysis.pipeline import MODEL_FILES, Analyzer, AnalyzerOptions
+    from smearscope.service.analysis.platelet_rescue import PlateletRescue
     from smearscope.service.analysis.roi import RoiFilter
     from smearscope.service.analysis.station_means import StationMeansError
 
@@ -106,7 +107,7 @@ def build_analyzer(config: StationConfig, keep_wbc_features: bool = False) -> An
         detector_views=None if a.detector_views is None else tuple(a.detector_views),
         detector_views_where=a.detector_views_where, detector_unsure_band=tuple(a.detector_unsure_band),
         detector_view_windows=a.detector_view_windows,
-        nucleated_recheck=a.nucleated_recheck, platelet_rescue=a.platelet_rescue,
+        nucleated_recheck=a.nucleated_recheck, platelet_rescue=PlateletRescue() if a.platelet_rescue else None,
         max_lymphocyte_diameter_um=a.max_lymphocyte_diameter_um,
         rbc_views=None if a.rbc_head_views is None else tuple(a.rbc_head_views),
         wbc_views=None if a.wbc_head_views is None else tuple(a.wbc_head_views),
