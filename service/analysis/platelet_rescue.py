@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from smearscope.service.analysis.boxes import box_iou
+from smearscope.service.analysis.boxes import box_iou, inside_fraction
 from smearscope.service.analysis.records import CellDetection, CellKind
 from smearscope.service.analysis.roi import RoiFilter
 
@@ -94,16 +94,6 @@ def _reference(image_bgr: np.ndarray, red_cells: Sequence[CellDetection]) -> flo
     return float(np.median([blue_excess(image_bgr, _box(red_cells[i])) for i in picked]))
 
 
-def _inside_share(box: tuple[float, float, float, float], others: np.ndarray) -> float:
-    """The largest share of `box`'s area inside any of `others` (N x 4)."""
-    if not len(others):
-        return 0.0
-    iw = np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
-    ih = np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    return float((iw * ih).max() / area) if area > 0 else 0.0
-
-
 def rescue_platelets(dets: Sequence[CellDetection], image_bgr: np.ndarray | None, roi: RoiFilter, floor: float,
                      rule: PlateletRescue = PlateletRescue()) -> list[CellDetection]:
     """`dets` with each faint platelet that its colour confirms counted (score `rule.score`), and
@@ -121,13 +111,13 @@ def rescue_platelets(dets: Sequence[CellDetection], image_bgr: np.ndarray | None
     if faint:
         counted = [d for d in dets if roi.keep(d)]
         taken = [_box(d) for d in counted]  # boxes a candidate must not overlap (grows as platelets are confirmed)
-        holders = np.array([_box(d) for d in counted if d.kind is not CellKind.RBC]).reshape(-1, 4)
+        holders = [_box(d) for d in counted if d.kind is not CellKind.RBC]  # white cells (and platelets)
         ref = None
         for i in sorted(faint, key=lambda i: -dets[i].score):  # the detector's surest first
             b = _box(dets[i])
             if taken and box_iou(np.array(b), np.array(taken)).max() >= MAX_OVERLAP_IOU:
                 continue
-            if _inside_share(b, holders) >= MAX_INSIDE:
+            if any(inside_fraction(b, h) >= MAX_INSIDE for h in holders):
                 continue
             if ref is None:
                 ref = _reference(image_bgr, [d for d in counted if d.kind is CellKind.RBC])
