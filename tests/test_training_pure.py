@@ -277,6 +277,9 @@ def test_lab_table_counts_labelled_cells_and_warns_when_the_worst_lab_rests_on_f
     table = format_table([dict(row, lab="txl_575", scale="given", n=1), good])
     assert "| 12 / 12 / 3 |" in table
     assert "worst lab: txl_575" in table and "platelet: 3" in table
+    # and which lab is worst on the kinds it holds enough of: here txl_575's red and white cells are
+    # all found (AP 1.0), so the other lab (0.9) is
+    assert "without kinds of fewer than 10 labelled cells, the worst lab: bccd (given scale) 0.900" in table
     # the warning belongs to the worst lab only: a thin kind elsewhere says nothing
     table = format_table([dict(good, labelled={"rbc": 50, "wbc": 20, "platelet": 4}),
                           dict(good, lab="rpi", counted_map50=0.5)])
