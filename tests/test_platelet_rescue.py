@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from realdata import BCCD, BCCD_MICRONS_PER_PIXEL, ROOT, bccd_truth, needs_bccd, needs_models
+from test_merge import det
 from test_yolo_decode import _FakeEngine, _pred
 
 from smearscope.device.frame import Frame
@@ -17,7 +18,7 @@ from smearscope.service.analysis.platelet_rescue import (
     blue_excess,
     rescue_platelets,
 )
-from smearscope.service.analysis.records import Box, CellDetection, CellKind, Tile
+from smearscope.service.analysis.records import CellDetection, CellKind, Tile
 from smearscope.service.analysis.roi import RoiFilter
 
 RULE = PlateletRescue()
@@ -36,16 +37,12 @@ def _paint(img: np.ndarray, box: tuple[int, int, int, int], bgr: tuple[int, int,
     img[y0:y1, x0:x1] = bgr
 
 
-def _det(kind: CellKind, box: tuple[int, int, int, int], score: float) -> CellDetection:
-    return CellDetection(kind, Box(*map(float, box)), score)
-
-
 def _red_cells(img: np.ndarray, excesses: tuple[float, ...] = (3, 3, 3, 3, 3)) -> list[CellDetection]:
     """Red cells whose blue exceeds their red by `excesses` grey levels (PINK's is 3)."""
     boxes = [(10 + 45 * i, 10, 48 + 45 * i, 48) for i in range(len(excesses))]
     for b, e in zip(boxes, excesses):
         _paint(img, b, (int(PINK[2] + e), PINK[1], PINK[2]))
-    return [_det(CellKind.RBC, b, 0.9) for b in boxes]
+    return [det(CellKind.RBC, b, 0.9) for b in boxes]
 
 
 def _platelet(img: np.ndarray, excess: float, box: tuple[int, int, int, int] = PLATELET) -> None:
@@ -64,8 +61,8 @@ def test_a_faint_platelet_bluer_than_the_red_cells_is_counted_others_under_the_f
     _platelet(img, 60)
     _paint(img, (150, 100, 164, 114), PINK)  # a pink fragment of a red cell
     _paint(img, (200, 100, 238, 138), (int(140 + PINK[0] - PINK[2] + 60), 120, 140))  # violet, but called a red cell
-    faint = [_det(CellKind.PLATELET, PLATELET, 0.1), _det(CellKind.PLATELET, (150, 100, 164, 114), 0.1),
-             _det(CellKind.RBC, (200, 100, 238, 138), 0.1)]
+    faint = [det(CellKind.PLATELET, PLATELET, 0.1), det(CellKind.PLATELET, (150, 100, 164, 114), 0.1),
+             det(CellKind.RBC, (200, 100, 238, 138), 0.1)]
     out = rescue_platelets(cells + faint, img, RoiFilter(), FLOOR, RULE)
     assert out[: len(cells)] == cells  # counted cells untouched, in order
     assert [(d.kind, d.box.x0, d.score) for d in out[len(cells):]] == [(CellKind.PLATELET, 100.0, RULE.score)]
@@ -87,46 +84,46 @@ def test_the_colour_is_judged_against_the_fields_own_red_cells(excess: float, re
         # the reference is the red cells' median: two bluish cells of five do not move it
         cells = _red_cells(img, (3 + shift, 3 + shift, 3 + shift + 35, 3 + shift + 35, 3 + shift))
         _platelet(img, excess + shift)
-        out = rescue_platelets([*cells, _det(CellKind.PLATELET, PLATELET, 0.1)], img, RoiFilter(), FLOOR, RULE)
+        out = rescue_platelets([*cells, det(CellKind.PLATELET, PLATELET, 0.1)], img, RoiFilter(), FLOOR, RULE)
         assert (len(out) == len(cells) + 1) is rescued, (excess, shift)
 
 
 def test_without_red_cells_the_glass_is_the_reference() -> None:
     img = _field()
     _platelet(img, RULE.min_contrast + 15 - (PINK[0] - PINK[2]))  # that much bluer than the neutral glass
-    out = rescue_platelets([_det(CellKind.PLATELET, PLATELET, 0.1)], img, RoiFilter(), FLOOR, RULE)
+    out = rescue_platelets([det(CellKind.PLATELET, PLATELET, 0.1)], img, RoiFilter(), FLOOR, RULE)
     assert [d.score for d in out] == [RULE.score]
 
 
 def test_too_faint_inside_or_overlapping_a_cell_implausible_or_a_stricter_station_is_not_rescued() -> None:
     img = _field()
     cells = _red_cells(img)
-    wbc = _det(CellKind.WBC, (150, 80, 230, 160), 0.9)
+    wbc = det(CellKind.WBC, (150, 80, 230, 160), 0.9)
     _platelet(img, 60)
     _platelet(img, 60, (180, 110, 194, 124))  # a nucleus' lobe, as blue as a platelet
     _platelet(img, 60, (12, 12, 26, 26))  # on a counted red cell
     counted = [*cells, wbc]
-    below = _det(CellKind.PLATELET, PLATELET, RULE.min_score * 0.9)
-    in_wbc = _det(CellKind.PLATELET, (180, 110, 194, 124), 0.1)  # IoU with the white cell 0.03, all inside it
-    overlapping = _det(CellKind.PLATELET, (14, 12, 44, 44), 0.1)  # IoU with its red cell > 0.3
-    tiny = _det(CellKind.PLATELET, (105, 105, 108, 108), 0.1)  # under the ROI filter's smallest area
+    below = det(CellKind.PLATELET, PLATELET, RULE.min_score * 0.9)
+    in_wbc = det(CellKind.PLATELET, (180, 110, 194, 124), 0.1)  # IoU with the white cell 0.03, all inside it
+    overlapping = det(CellKind.PLATELET, (14, 12, 44, 44), 0.1)  # IoU with its red cell > 0.3
+    tiny = det(CellKind.PLATELET, (105, 105, 108, 108), 0.1)  # under the ROI filter's smallest area
     assert rescue_platelets([*counted, below, in_wbc, overlapping, tiny], img, RoiFilter(), FLOOR, RULE) == counted
     # a dot on a red cell is not that cell: a platelet lying on a red cell is counted
-    on_red = rescue_platelets([*counted, _det(CellKind.PLATELET, (12, 12, 26, 26), 0.1)], img, RoiFilter(), FLOOR, RULE)
+    on_red = rescue_platelets([*counted, det(CellKind.PLATELET, (12, 12, 26, 26), 0.1)], img, RoiFilter(), FLOOR, RULE)
     assert [d.score for d in on_red[len(counted):]] == [RULE.score]
     # a station counting platelets from above the rule's precision keeps its own threshold
     strict = RoiFilter(platelet_min_confidence=RULE.score + 0.1)
-    faint = _det(CellKind.PLATELET, PLATELET, 0.1)
+    faint = det(CellKind.PLATELET, PLATELET, 0.1)
     assert rescue_platelets([*counted, faint], img, strict, FLOOR, RULE) == counted
     # already counted: left as it is
-    sure = _det(CellKind.PLATELET, PLATELET, 0.5)
+    sure = det(CellKind.PLATELET, PLATELET, 0.5)
     assert rescue_platelets([*counted, sure], img, RoiFilter(), FLOOR, RULE)[-1] is sure
 
 
 def test_two_faint_boxes_of_one_platelet_count_it_once_the_surer_one() -> None:
     img = _field()
     _platelet(img, 60)
-    a, b = _det(CellKind.PLATELET, PLATELET, 0.1), _det(CellKind.PLATELET, (103, 100, 117, 114), 0.2)  # IoU 0.65
+    a, b = det(CellKind.PLATELET, PLATELET, 0.1), det(CellKind.PLATELET, (103, 100, 117, 114), 0.2)  # IoU 0.65
     out = rescue_platelets([a, b], img, RoiFilter(), FLOOR, RULE)
     assert [(d.box.x0, d.score) for d in out] == [(103.0, RULE.score)]
 
@@ -147,7 +144,7 @@ def test_without_a_lamp_corrected_frame_nothing_is_rescued_and_the_faint_are_dro
     img = _field()
     cells = _red_cells(img)
     _platelet(img, 60)
-    faint = _det(CellKind.PLATELET, PLATELET, 0.1)
+    faint = det(CellKind.PLATELET, PLATELET, 0.1)
     assert rescue_platelets([*cells, faint], None, RoiFilter(), FLOOR, RULE) == cells
 
 

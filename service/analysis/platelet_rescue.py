@@ -65,7 +65,7 @@ def _p95(values: np.ndarray) -> float:
     return float(part[lo] + (part[hi] - part[lo]) * (k - lo))
 
 
-def blue_excess(image_bgr: np.ndarray, box: tuple[float, float, float, float]) -> float:
+def blue_excess(image_bgr: np.ndarray, box: Sequence[float]) -> float:
     """95th percentile of blue minus red (3 x 3 blurred) inside `box` (canonical pixels); 0 for a
     box outside the frame."""
     h, w = image_bgr.shape[:2]
@@ -81,17 +81,13 @@ def blue_excess(image_bgr: np.ndarray, box: tuple[float, float, float, float]) -
     return _p95(diff[y0 - py0 : y1 - py0, x0 - px0 : x1 - px0])
 
 
-def _box(d: CellDetection) -> tuple[float, float, float, float]:
-    return (d.box.x0, d.box.y0, d.box.x1, d.box.y1)
-
-
 def _reference(image_bgr: np.ndarray, red_cells: Sequence[CellDetection]) -> float:
     """The field's red cells' blue excess (median over up to `REFERENCE_CELLS`, evenly spaced in
     the detections' order); 0 (the glass, neutral after the lamp correction) without any."""
     if not red_cells:
         return 0.0
     picked = np.unique(np.linspace(0, len(red_cells) - 1, min(len(red_cells), REFERENCE_CELLS)).round().astype(int))
-    return float(np.median([blue_excess(image_bgr, _box(red_cells[i])) for i in picked]))
+    return float(np.median([blue_excess(image_bgr, red_cells[i].box.as_list()) for i in picked]))
 
 
 def rescue_platelets(dets: Sequence[CellDetection], image_bgr: np.ndarray | None, roi: RoiFilter, floor: float,
@@ -110,11 +106,11 @@ def rescue_platelets(dets: Sequence[CellDetection], image_bgr: np.ndarray | None
     out = list(dets)
     if faint:
         counted = [d for d in dets if roi.keep(d)]
-        taken = [_box(d) for d in counted]  # boxes a candidate must not overlap (grows as platelets are confirmed)
-        holders = [_box(d) for d in counted if d.kind is not CellKind.RBC]  # white cells (and platelets)
+        taken = [d.box.as_list() for d in counted]  # boxes a candidate must not overlap (grows as platelets are confirmed)
+        holders = [d.box.as_list() for d in counted if d.kind is not CellKind.RBC]  # white cells (and platelets)
         ref = None
         for i in sorted(faint, key=lambda i: -dets[i].score):  # the detector's surest first
-            b = _box(dets[i])
+            b = dets[i].box.as_list()
             if taken and box_iou(np.array(b), np.array(taken)).max() >= MAX_OVERLAP_IOU:
                 continue
             if any(inside_fraction(b, h) >= MAX_INSIDE for h in holders):
