@@ -164,6 +164,26 @@ def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path: Path
     assert lines(proc)[0]["error"]["code"] == "bad_output" and field.read_bytes() == before
 
 
+def test_two_outputs_on_one_file_or_an_output_on_the_list_are_refused_before_any_work(
+        tmp_path: Path, field: Path) -> None:
+    same = tmp_path / "same.json"
+    proc = run("analyze", str(field), "--json", "--detections", str(same), "--fhir", str(same))
+    assert proc.returncode == 2 and lines(proc)[0]["error"]["code"] == "bad_output"
+    assert "--fhir" in lines(proc)[0]["error"]["message"] and not same.exists()
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{field}\n")
+    proc = run("analyze", f"@{listing}", "--json", "--detections", str(listing))
+    assert proc.returncode == 2 and lines(proc)[0]["error"]["code"] == "bad_output"
+    assert listing.read_text() == f"{field}\n"
+
+
+def test_an_output_directory_that_cannot_be_written_is_refused_before_any_work(field: Path) -> None:
+    # /proc/sys takes no new files even for root; the analysis must not run first
+    for option, target in (("--fhir", "/proc/sys/x.json"), ("--overlay", "/proc/sys/x.png")):
+        proc = run("analyze", str(field), "--json", option, target, "--models", "/nonexistent")
+        assert proc.returncode == 2 and lines(proc)[0]["error"]["code"] == "bad_output", (option, proc.stdout)
+
+
 def test_an_output_that_is_a_fifo_is_refused_without_hanging(tmp_path: Path, field: Path) -> None:
     fifo = tmp_path / "out.png"
     os.mkfifo(fifo)

@@ -48,3 +48,38 @@ def test_doctor_names_what_is_missing_and_install_models_fixes_it(
     shutil.copy(DEFAULT_MODELS_DIR / "rbc_head.onnx", models / "wbc_head.onnx")  # wrong file
     assert main(["doctor", "--config", str(config)]) == 1
     assert "sha256 of wbc_head.onnx does not match" in capsys.readouterr().out
+
+
+def test_doctor_fails_what_run_would_refuse(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing watched folder, an outbox under a file, a credential that cannot be read: `run`
+    refuses each, so doctor must not say 0 failed."""
+    config = tmp_path / "station.toml"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    config.write_text(to_toml({
+        "station_id": "doc-2", "source": {"kind": "folder", "path": str(tmp_path / "inbox")},
+        "analysis": {"models_dir": str(DEFAULT_MODELS_DIR)},
+        "mqtt": {"host": "127.0.0.1", "port": 1, "password_credential": "mqtt-password", "username": "st",
+                 "outbox": {"path": str(blocker / "outbox.sqlite3")}}}) + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+    assert main(["doctor", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  config files     source.path: watched folder" in out, out
+    assert "FAIL  outbox" in out and "is a file, not a directory" in out, out
+    assert "FAIL  broker password" in out, out
+    assert main(["validate-config", str(config)]) == 78  # run and validate-config refuse it too
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "mqtt-password").write_text("secret\n")
+    config.write_text(config.read_text().replace(str(blocker / "outbox.sqlite3"),
+                                                 str(tmp_path / "state" / "outbox.sqlite3")))
+    capsys.readouterr()
+    assert main(["doctor", "--config", str(config)]) == 0, capsys.readouterr().out
+
+
+def test_doctor_reports_a_bad_environment_override_of_the_embedded_station(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMEARSCOPE__MQTT__PORT", "abc")
+    assert main(["doctor"]) == 1
+    assert "SMEARSCOPE__MQTT__PORT" in capsys.readouterr().out

@@ -290,6 +290,10 @@ def test_calibrate_scale_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "smearscope", "calibrate-scale", str(blank)],
                           check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "no_ruling"
+    # a ruling measured, but the division given is wrong for it: 0.12 x 100 = 12 um/px is no station's scale
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "calibrate-scale", str(path), "--division-um", "1000"],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "implausible_scale", proc.stdout
 
 
 def _fake_pass(true_mpp: float, cells_px: float | None = None):

@@ -700,6 +700,18 @@ def test_a_template_of_the_stations_white_cells_typed_and_fitted(rendered, tmp_p
     # the template's fields were analysed at 0.1 um/px: a fit at an estimated scale is refused
     run = _cli("adapt-wbc", "--labels", str(template), "--out", str(out), "--min-cells", "5", "--json")
     assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == "scale_mismatch"
+    # the template command run again over the typed file, or onto a field, writes nothing; nor
+    # does a fit whose --out is the typed file
+    before = template.read_bytes()
+    for target, code in ((template, "would_overwrite_types"), (fields[0], "bad_output")):
+        kept = target.read_bytes()
+        run = _cli("adapt-wbc", *map(str, fields), "--template", str(target), "--microns-per-pixel", "0.1", "--json")
+        assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == code, run.stdout
+        assert target.read_bytes() == kept
+    run = _cli("adapt-wbc", "--labels", str(template), "--out", str(template), "--microns-per-pixel", "0.1",
+               "--min-cells", "5", "--json")
+    assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == "bad_output"
+    assert template.read_bytes() == before
 
 
 def test_template_overlays_of_fields_with_one_name_do_not_overwrite_each_other(rendered, tmp_path):

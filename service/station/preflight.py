@@ -2,7 +2,8 @@
 
 The config models stay pure (they never open files); this is the one place that looks at the
 files they name and would otherwise fail deep inside a library at start-up: the TLS CA, client
-certificate and key are loaded here as the TLS layer will load them. Each problem is
+certificate and key are loaded here as the TLS layer will load them; a folder source's folder and
+a replay's recording must exist. Each problem is
 (`field.path`, reason), like a config error, so both exit 78 (restarting cannot fix a file).
 """
 
@@ -26,9 +27,22 @@ def _unreadable(path: Path) -> str | None:
     return None
 
 
+def _source_problems(source) -> list[tuple[str, str]]:
+    """The folder a folder source watches must be a directory; a replay's recording must exist (the
+    sources say so again when they open, after the models have loaded)."""
+    from smearscope.device.source_config import FolderSourceConfig, ReplaySourceConfig
+
+    path = getattr(source, "path", None)
+    if isinstance(source, FolderSourceConfig) and not path.is_dir():
+        return [("source.path", f"watched folder {path} is not a directory (create it, or fix the path)")]
+    if isinstance(source, ReplaySourceConfig) and not (path.is_dir() or path.is_file()):
+        return [("source.path", f"recording {path} does not exist")]
+    return []
+
+
 def file_problems(config: StationConfig) -> list[tuple[str, str]]:
     """What is wrong with the files the configuration names; empty when they are usable."""
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple[str, str]] = _source_problems(config.source)
     tls = config.mqtt.tls
     if tls is not None:
         reason = _unreadable(tls.ca_file)

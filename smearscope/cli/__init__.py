@@ -9,15 +9,50 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
 logger = logging.getLogger("smearscope")
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: The input scales a command accepts (um/px): 100x oil objectives give about 0.05-0.2, a 10x
+#: objective about 1; outside this a red cell is under 4 or over 800 pixels across.
+SCALE_RANGE_UM = (0.01, 2.0)
+#: Sysexits EX_IOERR: an output (stdout, a file) could not be written.
+EXIT_OUTPUT = 74
+
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _number(kind, low, high, what: str):
+    """An argparse type: a finite `kind` in [low, high] (None: unbounded), else a usage error."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
+        if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
+            bounds = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+        return v
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+_scale = _number(float, *SCALE_RANGE_UM, "scale in um/px")
+_port = _number(int, 1, 65535, "TCP port")
+_count = _number(int, 1, None, "positive whole number")
+_seed = _number(int, 0, 2**32 - 1, "seed (0 to 2**32-1)")
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,8 +74,9 @@ def _station_analysis_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="the station's TOML: its models and analysis settings (default: the packaged models)")
     p.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="models folder when no --config")
-    p.add_argument("--microns-per-pixel", type=float, default=None,
-                   help="the fields' scale (default: the config's, else estimated per field)")
+    p.add_argument("--microns-per-pixel", type=_scale, default=None,
+                   help=f"the fields' scale, {SCALE_RANGE_UM[0]} to {SCALE_RANGE_UM[1]} (default: the config's, "
+                   "else estimated per field)")
 
 
 def _lazy(module: str, function: str):
@@ -57,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
 
     ap = _Parser(prog="smearscope", description="Point-of-care blood-smear analyzer")
-    ap.add_argument("--log-level", default=None,
+    ap.add_argument("--log-level", default=None, type=_log_level,
                     help="log threshold (DEBUG, INFO, WARNING, ERROR); default WARNING, and for "
                     "`run` the config's log_level, which an explicit --log-level overrides")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -93,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_lazy("analyze", "cmd_analyze"))
 
     d = sub.add_parser("demo", help="analyze fields from the built-in synthetic microscope")
-    d.add_argument("--fields", type=int, default=3)
-    d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--fields", type=_count, default=3)
+    d.add_argument("--seed", type=_seed, default=1)
     d.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
     d.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     d.set_defaults(func=_lazy("demo", "cmd_demo"))
@@ -109,12 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the station daemon")
     r.add_argument("--config", type=Path, default=None, help="station TOML (default: the embedded simulated station)")
-    r.add_argument("--max-fields", type=int, default=None, help="stop after this many analysed fields")
+    r.add_argument("--max-fields", type=_count, default=None, help="stop after this many analysed fields")
     r.set_defaults(func=_lazy("station", "cmd_run"))
 
     c = sub.add_parser("calibrate-scale", help="measure um/px from a stage micrometer image")
     c.add_argument("image", type=Path, help="image of a stage micrometer through the station's objective and camera")
-    c.add_argument("--division-um", type=float, default=10.0, help="the micrometer's line spacing (default 10 um)")
+    c.add_argument("--division-um", type=_number(float, 0.5, 1000.0, "spacing in um"), default=10.0,
+                   help="the micrometer's line spacing, 0.5 to 1000 um (default 10 um)")
     c.add_argument("--json", action="store_true", help="one JSON line instead of text")
     c.set_defaults(func=_lazy("calibrate", "cmd_calibrate_scale"))
 
@@ -129,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _station_analysis_args(ca)
     ca.add_argument("--budget", type=float, default=0.05,
                     help="largest share of these normal white cells sent to review (default 0.05)")
-    ca.add_argument("--min-cells", type=int, default=200, help="fewest white cells to fit on (default 200)")
+    ca.add_argument("--min-cells", type=_count, default=200, help="fewest white cells to fit on (default 200)")
     ca.add_argument("--json", action="store_true", help="one JSON line instead of the TOML section")
     ca.set_defaults(func=_lazy("calibrate", "cmd_calibrate_atypical"))
 
@@ -165,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "WebSockets listener itself (docs/MQTT.md). Without --password-file and with "
                         "--username, the page asks for the password.")
     db.add_argument("--broker", required=True, help="broker WebSocket URL, ws://HOST:9001 or wss://HOST:PORT")
-    db.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
+    db.add_argument("--port", type=_port, default=8080, help="HTTP port (default 8080)")
     db.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     db.add_argument("--topic-prefix", default="smearscope", help="the stations' mqtt.topic_prefix")
     db.add_argument("--username", default=None, help="the dashboard's own broker account (its ACL: docs/MQTT.md)")
@@ -199,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     _setup_logging(args.log_level or "WARNING")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a full disk or a closed pipe shows here, not as a traceback at exit
+        return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # e.g. `smearscope analyze ... | head`: the reader left, not an error
@@ -207,3 +246,13 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # stdout or a file the command writes could not be written
+        import os
+
+        logger.debug("%s failed", args.command, exc_info=True)
+        print(f"smearscope {args.command}: {exc}", file=sys.stderr)
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except OSError:
+            pass
+        return EXIT_OUTPUT

@@ -142,6 +142,12 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
             points = read_labels(args.labels, list(manifest.classes))
         except LabelsError as exc:
             return error("bad_labels", str(exc))
+        from smearscope.cli.analyze_io import Input, InputError, OutputGuard
+
+        try:  # the means file never replaces the typed cells or a field they were typed on
+            OutputGuard([Input(p.image) for p in points], [args.labels]).check(args.out, "--out")
+        except InputError as exc:
+            return error(exc.code, exc.message)
         made_at = {p.scale for p in points if p.scale is not None}
         if made_at and (mpp is None or any(abs(v - mpp) > 0.01 * v for v in made_at)):
             return error("scale_mismatch", f"the template's fields were analysed at {sorted(made_at)} um/px, this fit "
@@ -341,6 +347,20 @@ def _adapting_analyzer(args: argparse.Namespace):
     return build_analyzer(config, keep_wbc_features=True), mpp, space
 
 
+def _typed_rows(path: Path) -> int:
+    """How many rows of an existing CSV have a type filled in (0: none, not a CSV, or no file)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = [h.strip().lower() for h in next(reader, [])]
+            if "type" not in header:
+                return 0
+            col = header.index("type")
+            return sum(1 for row in reader if len(row) > col and row[col].strip())
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return 0
+
+
 TEMPLATE_COLUMNS = ("image", "x", "y", "type", "cell", "suggested", "confidence", "overlay", "microns_per_pixel")
 
 
@@ -352,7 +372,7 @@ def _write_template(args: argparse.Namespace, error) -> int:
 
     import cv2
 
-    from smearscope.cli.analyze_io import InputError, expand_inputs, shown
+    from smearscope.cli.analyze_io import InputError, OutputGuard, expand_inputs, list_files, shown
     from smearscope.device.frame import Frame
     from smearscope.engines.base import EngineError
     from smearscope.service.analysis.overlay import draw_numbered
@@ -368,17 +388,30 @@ def _write_template(args: argparse.Namespace, error) -> int:
         return error(exc.code, exc.message)
     seen: set[Path] = set()  # a field named twice (a folder and one of its files) is listed once
     images = [i for i in images if i.error is not None or not (i.path.resolve() in seen or seen.add(i.path.resolve()))]
-    try:  # where the results go, before anything is analysed
+    try:  # where the results go, before anything is analysed: never over an input or typed cells
+        guard = OutputGuard(images, list_files(args.images))
+        guard.check(args.template, "--template")
+        guard.check_directory(args.template.parent, "--template")
         if args.overlays is not None:
             args.overlays.mkdir(parents=True, exist_ok=True)
-        out_csv = open(args.template, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed by the with below)
+    except InputError as exc:
+        return error(exc.code, exc.message)
     except OSError as exc:
         return error("cannot_write", f"{exc}")
+    typed = _typed_rows(args.template)
+    if typed:
+        return error("would_overwrite_types", f"{args.template} already holds {typed} typed cells; fit them with "
+                     f"--labels {args.template}, or write the new template to another file")
+    opened = _analyzer_or_error(args, error)
+    if isinstance(opened, int):
+        return opened
+    analyzer, mpp, _ = opened
+    try:  # opened (and an untyped old template replaced) only once the analyzer runs
+        out_csv = open(args.template, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:
+        analyzer.close()
+        return error("cannot_write", f"{exc}")
     with out_csv:
-        opened = _analyzer_or_error(args, error)
-        if isinstance(opened, int):
-            return opened
-        analyzer, mpp, _ = opened
         from smearscope.service.analysis.pipeline import input_bbox
 
         writer = csv.writer(out_csv)

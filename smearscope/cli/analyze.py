@@ -10,11 +10,13 @@ import math
 import sys
 from pathlib import Path
 
+from smearscope.cli import EXIT_OUTPUT, SCALE_RANGE_UM
 from smearscope.cli.analyze_io import (
     IMAGE_SUFFIXES,
     InputError,
     OutputGuard,
     expand_inputs,
+    list_files,
     shown,
 )
 from smearscope.cli.fhir_out import FhirOutputError, bundle_path, check_fhir_output, write_bundle
@@ -23,8 +25,6 @@ from smearscope.cli.summary import summarize
 logger = logging.getLogger(__name__)
 
 EXIT_REJECTED = 2
-#: stdout or --detections could not be written (sysexits EX_IOERR): the batch stops.
-EXIT_OUTPUT = 74
 
 
 class OutputFailed(Exception):
@@ -81,11 +81,13 @@ def _check_outputs(args: argparse.Namespace, folder: bool, guard: OutputGuard):
                 args.overlay.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise InputError("bad_output", f"--overlay {shown(args.overlay)}: not a usable directory ({exc})") from exc
+            guard.check_directory(args.overlay, "--overlay")
         elif args.overlay.suffix.lower() not in IMAGE_SUFFIXES or not args.overlay.parent.is_dir():
             raise InputError("bad_output", f"--overlay {shown(args.overlay)}: needs an existing directory and an "
                              f"image suffix ({', '.join(sorted(IMAGE_SUFFIXES))})")
         else:
             guard.check(args.overlay, "--overlay")
+            guard.check_directory(args.overlay.parent, "--overlay")
     if args.detections is None:
         return None
     guard.check(args.detections, "--detections")
@@ -117,8 +119,9 @@ def _analyze(args: argparse.Namespace) -> int:
     from smearscope.device.frame import Frame
     from smearscope.service.ingest import IngestError, load_image
 
-    if args.microns_per_pixel is not None and not (0.01 <= args.microns_per_pixel <= 2.0):
-        return _error("bad_scale", f"--microns-per-pixel {args.microns_per_pixel} outside 0.01..2.0", args.json)
+    lo, hi = SCALE_RANGE_UM
+    if args.microns_per_pixel is not None and not (lo <= args.microns_per_pixel <= hi):
+        return _error("bad_scale", f"--microns-per-pixel {args.microns_per_pixel} outside {lo}..{hi}", args.json)
     from smearscope.service.analysis.pipeline import AnalyzerOptions
 
     defaults = AnalyzerOptions(stain_method=args.stain)
@@ -129,11 +132,12 @@ def _analyze(args: argparse.Namespace) -> int:
         images, folder = expand_inputs(args.images)
         if not images:
             raise InputError("no_images", f"no image files in {' '.join(shown(a) for a in args.images)}")
-        guard = OutputGuard(images)
+        guard = OutputGuard(images, list_files(args.images))
         if args.fhir is not None:  # before --detections is opened
             check_fhir_output(args.fhir, folder)
             if not folder:
                 guard.check(args.fhir, "--fhir")
+            guard.check_directory(args.fhir if folder else args.fhir.parent, "--fhir")
         det_out = _check_outputs(args, folder, guard)
     except FhirOutputError as exc:
         return _error("bad_output", str(exc), args.json)

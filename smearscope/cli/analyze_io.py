@@ -5,8 +5,9 @@ Inputs: files, directories (their image files) and `@LIST` files. A list file mu
 file of at most `MAX_LIST_BYTES` (a FIFO would block, `/dev/zero` would fill the memory). A
 directory that cannot be listed is one rejected input, not the end of the batch.
 
-Outputs (`--detections`, `--overlay`): never an input (writing would truncate it before it is
-read), never a FIFO or socket (opening one blocks until a reader comes), written with Python's
+Outputs (`--detections`, `--overlay`, `--fhir`): never an input image or `@LIST` (writing would
+truncate it before it is read), never another option's output, never a FIFO or socket (opening
+one blocks until a reader comes), in a directory checked writable before any work, written with Python's
 file API (OpenCV's writer crashed on a file name that is not UTF-8). Names are printed with the
 bytes that are not UTF-8 escaped (`\\xff`), so every line stays valid UTF-8 JSON.
 """
@@ -68,6 +69,11 @@ def _read_list(name: str) -> list[str]:
     return [os.fsdecode(line.strip()) for line in data.splitlines() if line.strip()]
 
 
+def list_files(items: list[str]) -> list[Path]:
+    """The `@LIST` files among `items` (inputs too: no output may replace one)."""
+    return [Path(item[1:]) for item in items if item.startswith("@")]
+
+
 def expand_inputs(items: list[str]) -> tuple[list[Input], bool]:
     """The images to analyze, in order, and whether the inputs name a set (not one image file).
 
@@ -108,13 +114,21 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 class OutputGuard:
-    """Knows the inputs, so no output replaces one; refuses outputs that would block."""
+    """Knows the inputs (images and `@LIST` files), so no output replaces one; refuses outputs that
+    would block, two options writing one file, and directories that cannot be written."""
 
-    def __init__(self, inputs: list[Input]) -> None:
-        self._inputs = {ident for i in inputs if (ident := _identity(i.path)) is not None}
+    def __init__(self, inputs: list[Input], lists: list[Path] | tuple[Path, ...] = ()) -> None:
+        self._inputs = {ident for i in [*(x.path for x in inputs), *lists] if (ident := _identity(i)) is not None}
+        self._claimed: dict[Path, str] = {}  # an output's resolved path -> the option writing it
 
     def check(self, path: Path, option: str) -> None:
-        """InputError("bad_output") when `path` is an input, a FIFO, socket or directory."""
+        """InputError("bad_output") when `path` is an input, another option's output, a FIFO,
+        socket or directory."""
+        key = path.resolve()
+        owner = self._claimed.setdefault(key, option)
+        if owner != option:
+            raise InputError("bad_output", f"{option} {shown(path)} is also {owner}'s output; they would overwrite "
+                             "each other")
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -126,6 +140,19 @@ class OutputGuard:
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
             raise InputError("bad_output", f"{option} {shown(path)} is not a regular file (a FIFO, socket "
                              "or directory would block or cannot be written)")
+
+    @staticmethod
+    def check_directory(directory: Path, option: str) -> None:
+        """InputError("bad_output") unless a file can be created in `directory` (tried with a
+        temporary file, removed at once): found before any work, not after the first image."""
+        import tempfile
+
+        try:
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as exc:
+            raise InputError("bad_output", f"{option}: cannot write in {shown(directory)} "
+                             f"({exc.strerror or exc})") from exc
 
     def write_image(self, path: Path, pixels: object, option: str) -> None:
         """Encode by the path's suffix and write (OSError, InputError or ValueError on failure)."""

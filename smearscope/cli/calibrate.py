@@ -23,6 +23,14 @@ def cmd_calibrate_scale(args: argparse.Namespace) -> int:
     except MicrometerError as exc:
         print(json.dumps({"error": {"code": "no_ruling", "message": str(exc)}}))
         return 2
+    from smearscope.cli import SCALE_RANGE_UM
+
+    lo, hi = SCALE_RANGE_UM
+    if not lo <= r.microns_per_pixel <= hi:  # a wrong --division-um, or not a micrometer at this magnification
+        print(json.dumps({"error": {"code": "implausible_scale", "message": (
+            f"{r.microns_per_pixel:.5g} um/px ({r.period_px:.2f} px per {args.division_um:g} um division) is outside "
+            f"{lo}..{hi}, the scales the analyzer accepts: check --division-um against the micrometer's ruling")}}))
+        return 2
     if args.json:
         print(json.dumps({"microns_per_pixel": round(r.microns_per_pixel, 6), "period_px": round(r.period_px, 3),
                           "angle_deg": round(r.angle_deg, 2), "periods_seen": round(r.periods_seen, 1),

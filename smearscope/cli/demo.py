@@ -86,4 +86,13 @@ def run_demo(fields: int = 3, seed: int = 1, models: Path | None = None, backend
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return run_demo(fields=args.fields, seed=args.seed, models=args.models, backend=args.backend)
+    import sys
+
+    from smearscope.engines.base import EngineError
+    from smearscope.engines.manifest import ManifestError
+
+    try:
+        return run_demo(fields=args.fields, seed=args.seed, models=args.models, backend=args.backend)
+    except (EngineError, ManifestError, FileNotFoundError) as exc:  # the models, not the demo
+        print(f"smearscope demo: cannot load the models in {args.models}: {exc}", file=sys.stderr)
+        return 2

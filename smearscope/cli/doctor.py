@@ -7,7 +7,7 @@ station's own, `[analysis.wbc_open_set]`, fitted for this head and never looser 
 or the model's), the inference backend the configuration chooses
 (ONNX Runtime and its providers; TensorRT, its version and a CUDA binding), the outbox (its folder
 writable, free space, not held by another process), the MQTT broker (TCP, and TLS with the
-configured CA), the white cells technicians typed on the dashboard (per type, for `adapt-wbc
+configured CA; the password credential where systemd provides one), the white cells technicians typed on the dashboard (per type, for `adapt-wbc
 --station`). Each line says OK, WARN or FAIL and, when not OK, what is missing; exit 1 when any
 check FAILs.
 """
@@ -38,14 +38,15 @@ def _config_checks(path: Path | None) -> tuple[list[Check], object | None]:
     from smearscope.service.config import ConfigError, load_config
     from smearscope.service.station.preflight import file_problems
 
-    if path is None:
-        from smearscope.service.station.embedded import embedded_config
-
-        return [("OK", "config", "no --config: the embedded simulated station")], embedded_config()
     try:
+        if path is None:
+            from smearscope.service.station.embedded import embedded_config
+
+            # SMEARSCOPE__ environment overrides apply to the embedded station too
+            return [("OK", "config", "no --config: the embedded simulated station")], embedded_config()
         config = load_config(path)
     except ConfigError as exc:
-        return [("FAIL", "config", f"{path}: {loc}: {msg}") for loc, msg in exc.errors], None
+        return [("FAIL", "config", f"{path or 'embedded station'}: {loc}: {msg}") for loc, msg in exc.errors], None
     checks: list[Check] = [("OK", "config", f"{path} (station {config.station_id})")]
     checks += [("FAIL", "config files", f"{loc}: {msg}") for loc, msg in file_problems(config)]
     return checks, config
@@ -202,13 +203,38 @@ def _backend_checks(backend: str) -> list[Check]:
     return checks
 
 
+def _credential_checks(mqtt) -> list[Check]:
+    """The broker password's systemd credential. Only systemd sets $CREDENTIALS_DIRECTORY (the
+    unit's LoadCredential=): run from a shell, doctor can only warn."""
+    from smearscope.service.mqtt.credentials import CredentialError, read_password
+
+    if mqtt.password_credential is None:
+        return []
+    if not os.environ.get("CREDENTIALS_DIRECTORY"):
+        return [("WARN", "broker password", (f"credential {mqtt.password_credential!r} not checked: "
+                 "$CREDENTIALS_DIRECTORY is not set (systemd sets it from the unit's LoadCredential=; "
+                 "`smearscope run` outside systemd refuses this config)"))]
+    try:
+        read_password(mqtt)
+    except CredentialError as exc:
+        return [("FAIL", "broker password", str(exc))]
+    return [("OK", "broker password", f"credential {mqtt.password_credential!r} readable")]
+
+
 def _outbox_checks(path: Path) -> list[Check]:
     from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
 
     folder = path.parent
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK):
-        return [("FAIL", "outbox", f"{folder} cannot be created or written by this user")]
+    if existing is not None and not existing.is_dir():
+        return [("FAIL", "outbox", f"{folder} cannot be created: {existing} is a file, not a directory")]
+    try:  # what the station will do: create the folder (here a scratch one, removed) and a file in it
+        if existing is None:
+            raise OSError("no existing parent")
+        with tempfile.TemporaryDirectory(dir=existing) as scratch, tempfile.TemporaryFile(dir=scratch):
+            pass
+    except OSError as exc:
+        return [("FAIL", "outbox", f"{folder} cannot be created or written by this user ({exc})")]
     free = shutil.disk_usage(existing).free
     checks: list[Check] = [("WARN" if free < LOW_DISK_BYTES else "OK", "outbox disk",
                             f"{free / 1e6:.0f} MB free under {existing}")]
@@ -254,7 +280,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             lambda: model_checks(analysis.models_dir), lambda: open_set_checks(analysis),
             lambda: station_means_checks(analysis), lambda: typed_cells_checks(config),
             lambda: _backend_checks(analysis.engine_backend),
-            lambda: _outbox_checks(mqtt.outbox.path), lambda: _broker_checks(mqtt)]
+            lambda: _outbox_checks(mqtt.outbox.path), lambda: _credential_checks(mqtt), lambda: _broker_checks(mqtt)]
         for step in steps:
             try:
                 checks += step()
@@ -276,13 +302,17 @@ def cmd_install_models(args: argparse.Namespace) -> int:
     if not files:
         print(f"smearscope install-models: no models in {source}")
         return 1
-    dest.mkdir(parents=True, exist_ok=True)
-    for path in files:
-        with tempfile.NamedTemporaryFile(dir=dest, prefix=f".{path.name}.", delete=False) as tmp, \
-                open(path, "rb") as fh:
-            shutil.copyfileobj(fh, tmp)
-        os.replace(tmp.name, dest / path.name)
-        os.chmod(dest / path.name, 0o644)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            with tempfile.NamedTemporaryFile(dir=dest, prefix=f".{path.name}.", delete=False) as tmp, \
+                    open(path, "rb") as fh:
+                shutil.copyfileobj(fh, tmp)
+            os.replace(tmp.name, dest / path.name)
+            os.chmod(dest / path.name, 0o644)
+    except OSError as exc:
+        print(f"smearscope install-models: cannot write the models to {dest}: {exc.strerror or exc}")
+        return 1
     checks = model_checks(dest)
     for status, what, detail in checks:
         print(f"{status:<4}  {what:<16} {detail}")

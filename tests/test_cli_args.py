@@ -1,0 +1,55 @@
+"""Command-line arguments that cannot be right are usage errors (exit 2, the option named), and an
+output that cannot be written is one line on stderr with exit 74, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from test_cli import ROOT
+
+from smearscope.cli import build_parser
+
+
+@pytest.mark.parametrize("argv", [
+    ["--log-level", "BOGUS", "schema"],
+    ["calibrate-scale", "m.png", "--division-um", "nan"],
+    ["calibrate-scale", "m.png", "--division-um", "0"],
+    ["calibrate-scale", "m.png", "--division-um", "inf"],
+    ["calibrate-atypical", "x.png", "--min-cells", "0"],
+    ["calibrate-atypical", "x.png", "--microns-per-pixel", "-1"],
+    ["adapt-wbc", "--labels", "t.csv", "--out", "o.json", "--microns-per-pixel", "0"],
+    ["adapt-wbc", "--labels", "t.csv", "--out", "o.json", "--microns-per-pixel", "3"],
+    ["dashboard", "--broker", "ws://localhost:9001", "--port", "70000"],
+    ["demo", "--seed", "-1"],
+    ["demo", "--fields", "0"],
+    ["run", "--max-fields", "0"],
+])
+def test_arguments_out_of_range_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    option = next((a for a in argv if a.startswith("--") and a != "--labels" and a != "--out"
+                   and a != "--broker"), None)
+    assert option in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--log-level", "debug", "schema"],
+    ["calibrate-scale", "m.png", "--division-um", "2.5"],
+    ["calibrate-atypical", "x.png", "--microns-per-pixel", "0.1", "--min-cells", "1"],
+    ["dashboard", "--broker", "ws://localhost:9001", "--port", "65535"],
+    ["demo", "--seed", "0"],
+])
+def test_arguments_in_range_are_taken(argv):
+    args = build_parser().parse_args(argv)
+    assert args.command == argv[-1] or args.command in argv
+
+
+def test_a_full_stdout_is_a_one_line_error_not_a_traceback():
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "smearscope", "schema"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=120, cwd=ROOT, check=False)
+    assert proc.returncode == 74, proc.stderr
+    assert "Traceback" not in proc.stderr and "smearscope schema:" in proc.stderr
