@@ -297,6 +297,8 @@ def test_commands_over_mqtt(
                 lambda ms: sum(m.topic == f"{BASE}/cmd_response/{name}" for m in ms) > before, 15)
             return json.loads(observer.on_topic(f"{BASE}/cmd_response/{name}")[-1].payload)
 
+        too_many = command("start_run", {"target_wbc": 10**23})  # SQLite could not store it: refused
+        assert not too_many["ok"] and "1 to 1000" in too_many["error"]
         started = command("start_run", {"target_wbc": 500})
         assert started["ok"] and started["target_wbc"] == 500
         assert not command("start_run")["ok"]  # one run at a time
@@ -311,6 +313,7 @@ def test_commands_over_mqtt(
         text.write_text("not an image")
         assert command("analyze_file", {"path": str(text)})["error"] == "not_an_image"
         assert command("analyze_file", {"path": "relative.png"})["ok"] is False
+        assert command("analyze_file", {"path": f"{image}\0.txt"})["error"] == "not_found"
         status = command("status")
         assert status["fields_analysed"] == 1 and status["run"]["fields"] == 1
         assert status["failed"] == {"not_an_image": 1} and status["broker"]["status"] == "connected"

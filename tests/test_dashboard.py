@@ -266,6 +266,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         # the page shows the verified report.
         assert command("verify_run", {"run_id": "nope", "verified_by": "AB"})["error"] == "unknown_run"
         assert command("verify_run", {"run_id": run_id})["error"] == "bad_arguments"
+        assert command("verify_run", {"run_id": run_id, "verified_by": "\u0000<b>"})["error"] == "bad_arguments"
         driver.find_element(By.CSS_SELECTOR, f"{card} .verify-by").send_keys("AB")
         driver.find_element(By.CSS_SELECTOR, f"{card} .verify-run").click()
         _wait("the verified report on the page", lambda: seen(card, "data-verified-by") == "AB", 30, logs)

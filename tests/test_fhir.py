@@ -196,6 +196,12 @@ def test_the_reports_own_grades_nrbc_flags_and_histogram_are_used() -> None:
     assert nrbc["valueQuantity"]["value"] == 4.76
     assert (component(nrbc, "count")["valueInteger"], component(nrbc, "denominator")["valueInteger"]) == (5, 105)
     assert by_code(bundle, codes.LOCAL_OBSERVATION, "atypical-wbc")["valueBoolean"] is True
+    no_wbc = current_report().model_copy(update={"counts": Counts(rbc=1000, wbc=0, platelet=80, nrbc=0),
+                                                  "wbc_differential": [], "nrbc_per_100_wbc": None, "flags": []})
+    bundle_no_wbc = report_bundle(no_wbc)
+    validate(bundle_no_wbc)
+    atypical = by_code(bundle_no_wbc, codes.LOCAL_OBSERVATION, "atypical-wbc")
+    assert "valueBoolean" not in atypical and atypical["dataAbsentReason"]["coding"][0]["code"] == "no-wbc-seen"
     size = by_code(bundle, codes.LOCAL_OBSERVATION, "rbc-diameter")
     bins = [(c["code"]["text"], c["valueInteger"]) for c in size["component"] if c["code"]["coding"][0]["code"] == "diameter-bin"]
     assert bins == [("< 6 um", 10), ("6 to < 7 um", 300), ("7 to < 8 um", 500), (">= 8 um", 90)]

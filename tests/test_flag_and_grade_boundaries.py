@@ -59,6 +59,10 @@ def test_differential_needs_100_white_cells_and_nrbc_do_not_count_toward_them():
     assert "too_few_wbc_for_differential" in _codes([_cell(CellKind.WBC, "neutrophil")] * 99)
     assert "too_few_wbc_for_differential" in _codes(
         [_cell(CellKind.WBC, "neutrophil")] * 95 + [_cell(CellKind.NRBC, "erythroblast")] * 10)
+    # unidentified white cells go to review: they are not part of the 100
+    flags = aggregate([_cell(CellKind.WBC, "neutrophil")] * 95 + [_cell(CellKind.WBC, UNIDENTIFIED)] * 10).flags
+    few = next(f for f in flags if f.code == "too_few_wbc_for_differential")
+    assert few.message.startswith("95 WBC classified (10 more unidentified)")
 
 
 # -- many_unidentified_*
@@ -73,10 +77,28 @@ def test_many_unidentified_red_cells_and_the_share_is_of_that_kind():
 
 # -- calibration of a pooled specimen
 def test_sizes_are_assessable_only_when_every_red_cell_is_calibrated():
-    cells = [_cell(CellKind.RBC, "normal", calibrated=True)] * 5 + [_cell(CellKind.RBC, "normal", calibrated=False)] * 5
+    cells = [_cell(CellKind.RBC, "normal", calibrated=False)] * 10
     a = aggregate(cells)
-    assert not a.rbc_size.calibrated and a.rbc_size.mean_diameter_um is None
+    assert not a.rbc_size.calibrated and a.rbc_size.mean_diameter_um is None and a.rbc_size.n == 10
     assert "size_not_assessable_without_calibration" in {f.code for f in a.flags}
+
+
+def test_a_run_mixing_calibrated_and_estimated_fields_sizes_only_the_calibrated_cells():
+    """One spherocyte row, a share of the calibrated fields' red cells; no not-assessable rows
+    beside it; counts add up to the red cells; diameters of the calibrated cells only."""
+    cells = ([_cell(CellKind.RBC, "normal", calibrated=True, d_um=7.0)] * 70
+             + [_cell(CellKind.RBC, "spherocyte", calibrated=True, d_um=6.0)] * 10
+             + [_cell(CellKind.RBC, "normal", calibrated=False, d_um=30.0)] * 15
+             + [_cell(CellKind.RBC, "target", calibrated=False, unassessed="spherocyte", d_um=30.0)] * 5)
+    a = aggregate(cells)
+    rows = {r.label: r for r in a.rbc_morphology}
+    assert len(rows) == len(a.rbc_morphology) and set(rows) == {"normal", "spherocyte", "target"}
+    assert sum(r.count for r in a.rbc_morphology) == a.counts.rbc == 100
+    assert rows["spherocyte"].percent == 12.5 and rows["spherocyte"].of_cells == 80 and rows["spherocyte"].assessable
+    assert rows["normal"].percent == 85.0 and rows["normal"].of_cells is None and rows["target"].percent == 5.0
+    assert a.rbc_size.calibrated and a.rbc_size.n == 80 and a.rbc_size.mean_diameter_um < 7.0
+    codes = {f.code for f in a.flags}
+    assert "sizes_from_calibrated_fields_only" in codes and "size_not_assessable_without_calibration" not in codes
 
 
 # -- atypical_wbc_present boundaries with the default thresholds

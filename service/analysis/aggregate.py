@@ -37,15 +37,16 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def shares(labels: Iterable[str], with_ci: bool) -> list[ClassShare]:
+def shares(labels: Iterable[str], with_ci: bool, of: int | None = None) -> list[ClassShare]:
+    """Each label's count and percent (of `of` cells when given, else of the labels)."""
     c = Counter(labels)
-    n = sum(c.values())
+    n = sum(c.values()) if of is None else of
     out = []
     for label, k in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])):
         lo, hi = wilson_interval(k, n) if with_ci else (None, None)
         out.append(ClassShare(label=label, count=k, percent=round(100.0 * k / n, 2),
                               ci95_low=None if lo is None else round(100 * lo, 2),
-                              ci95_high=None if hi is None else round(100 * hi, 2)))
+                              ci95_high=None if hi is None else round(100 * hi, 2), of_cells=of))
     return out
 
 
@@ -96,20 +97,35 @@ def morphology(rbc: Sequence[ClassifiedCell], calibrated: bool) -> list[ClassSha
     """RBC morphology shares with ICSH grades (and the grades at the ends of the 95 % interval).
 
     Size-based classes at an estimated scale are listed as not assessable, with the number of
-    cells the head would have given them (those cells are counted under their shape class)."""
+    cells the head would have given them (those cells are counted under their shape class). Where
+    only some cells were at a calibrated scale (a specimen run that took a field without one),
+    size-based classes are shares of those cells alone (`of_cells`), shape classes of all."""
+    n_calibrated = sum(c.size_calibrated for c in rbc)
+    mixed = 0 < n_calibrated < len(rbc)
+    rows = shares([c.label or UNIDENTIFIED for c in rbc if not (mixed and c.label in SIZE_BASED)], with_ci=True,
+                  of=len(rbc) if mixed else None)
+    if mixed:  # a size-based label is only ever given at a calibrated scale
+        rows += shares([c.label for c in rbc if c.label in SIZE_BASED], with_ci=True, of=n_calibrated)
+        rows = [r.model_copy(update={"of_cells": r.of_cells if r.label in SIZE_BASED else None}) for r in rows]
+        rows.sort(key=lambda r: (-r.count, r.label))
     out = []
-    for share in shares([c.label or UNIDENTIFIED for c in rbc], with_ci=True):
+    for share in rows:
         if share.label in ICSH_THRESHOLDS:
             share = share.model_copy(update={
                 "grade": icsh_grade(share.label, share.percent),
                 "grade_ci_low": icsh_grade(share.label, share.ci95_low or 0.0),
                 "grade_ci_high": icsh_grade(share.label, share.ci95_high or 0.0)})
         out.append(share)
-    if rbc and not calibrated:
+    if rbc and not calibrated and not mixed:
         held = Counter(c.unassessed_label for c in rbc if c.unassessed_label)
         for label in sorted(SIZE_BASED):
             out.append(ClassShare(label=label, count=held.get(label, 0), percent=0.0, assessable=False))
     return out
+
+
+def is_classified_wbc(cell: ClassifiedCell) -> bool:
+    """A white cell the head named with confidence (unidentified cells go to review, not count)."""
+    return cell.detection.kind is CellKind.WBC and cell.label not in (None, UNIDENTIFIED)
 
 
 def _indices(cells: Sequence[ClassifiedCell], pick) -> list[int]:
@@ -127,7 +143,9 @@ def aggregate(cells: Sequence[ClassifiedCell], th: AggregateThresholds = Aggrega
     calibrated = bool(rbc) and all(c.size_calibrated for c in rbc)
     diff = shares(wbc_labels, with_ci=True)
     morph = morphology(rbc, calibrated)
-    sizes = size_stats([c.diameter_um for c in rbc if not c.touches_frame_edge], calibrated)
+    # diameters are measured only where the scale was calibrated (in a mixed run: those fields' cells)
+    sized = [c for c in rbc if c.size_calibrated] or rbc
+    sizes = size_stats([c.diameter_um for c in sized if not c.touches_frame_edge], sized[0].size_calibrated if sized else False)
     wc = Counter(wbc_labels)
     ratios = {
         "neutrophil_lymphocyte": _ratio(wc["neutrophil"], wc["lymphocyte"]),
@@ -137,9 +155,11 @@ def aggregate(cells: Sequence[ClassifiedCell], th: AggregateThresholds = Aggrega
     flags: list[Flag] = []
     if not cells:
         flags.append(Flag(code="no_cells_found", severity="warning", message="no cells were detected in this image"))
-    if len(wbc) < th.min_wbc_for_differential:
+    typed = sum(map(is_classified_wbc, wbc))  # unidentified cells go to review: no differential counts them
+    if typed < th.min_wbc_for_differential:
         flags.append(Flag(code="too_few_wbc_for_differential", severity="info",
-                          message=f"{len(wbc)} WBC classified; a differential needs at least {th.min_wbc_for_differential}"))
+                          message=f"{typed} WBC classified ({len(wbc) - typed} more unidentified); a differential "
+                                  f"needs at least {th.min_wbc_for_differential}"))
     for name, labels in (("wbc", wbc_labels), ("rbc", rbc_labels)):
         if labels:
             frac = labels.count(UNIDENTIFIED) / len(labels)
@@ -186,7 +206,13 @@ def _evidence_flags(cells, wbc, rbc, plt, nrbc, calibrated: bool, th: AggregateT
         flags.append(Flag(code="nucleated_rbc_present", severity="warning",
                           cells=_indices(cells, lambda c: c.detection.kind is CellKind.NRBC),
                           message=f"{len(nrbc)} nucleated red cells (erythroblasts) seen, counted apart from the white cells"))
-    if rbc and not calibrated:
+    n_calibrated = sum(c.size_calibrated for c in rbc)
+    if rbc and 0 < n_calibrated < len(rbc):
+        flags.append(Flag(code="sizes_from_calibrated_fields_only", severity="info",
+                          message=f"{len(rbc) - n_calibrated} of {len(rbc)} red cells came from fields at an estimated "
+                                  f"scale: microcytes, macrocytes, spherocytes and red-cell sizes are from the "
+                                  f"{n_calibrated} red cells of the calibrated fields only"))
+    elif rbc and not calibrated:
         flags.append(Flag(code="size_not_assessable_without_calibration", severity="info",
                           message="the scale was estimated from the red cells themselves, so microcytes, macrocytes and "
                                   "spherocytes cannot be judged and red-cell sizes are not reported; calibrate the station "

@@ -115,6 +115,9 @@ class ClassShare(_Strict):
     grade_ci_high: Literal["none", "1+", "2+", "3+"] | None = Field(None, description="grade at the interval's high end")
     assessable: bool = Field(True, description="false for size-based morphology at an estimated scale: `count` is "
                              "how many cells the head gave this class; they are counted under their shape class")
+    of_cells: int | None = Field(None, description="the red cells `percent` and its interval are of, when not every "
+                                 "counted one: in a specimen mixing calibrated fields and fields at an estimated scale, "
+                                 "size-based classes are shares of the calibrated fields' red cells only")
 
 
 class SizeHistogram(_Strict):
@@ -162,7 +165,7 @@ class Verification(_Strict):
     verified_by: str = Field(description="who verified (as they signed, e.g. initials)")
     verified_at: float
     supersedes: str = Field(description="report_id of the run's report this one replaces")
-    typed_cells: int = Field(description="white cells of the run the technician typed")
+    typed_cells: int = Field(description="cells of the run (white or red) the technician typed")
     reclassified: list[Reclassified] = Field(description="the typed cells whose type differs from the analyzer's")
 
 

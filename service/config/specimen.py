@@ -10,6 +10,9 @@ from smearscope.service.config.base import StationBaseModel
 
 logger = logging.getLogger(__name__)
 
+#: The largest white-cell target a run takes (the config's, or cmd/start_run's).
+MAX_TARGET_WBC = 1000
+
 
 class SpecimenConfig(StationBaseModel):
     """When a specimen run (one slide) starts and when it is complete."""
@@ -20,7 +23,7 @@ class SpecimenConfig(StationBaseModel):
         description="White cells to classify before the differential is reported (100 or 200 "
         "are usual).",
         ge=1,
-        le=1000,
+        le=MAX_TARGET_WBC,
     )
     idle_timeout_s: float = Field(
         default=300.0,

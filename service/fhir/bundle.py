@@ -117,7 +117,7 @@ def report_bundle(report: Report) -> Resource:
         "effectiveDateTime": b.effective, "issued": b.issued,
         "specimen": [{"reference": b.specimen_ref}], "result": b.results,
         "conclusion": (f"Preliminary, machine result; a qualified person must review it. {conclusion}" if v is None
-                       else f"Verified by {v.verified_by}: {v.typed_cells} white cells typed, "
+                       else f"Verified by {v.verified_by}: {v.typed_cells} cells typed, "
                        f"{len(v.reclassified)} reclassified; replaces report {v.supersedes}. {conclusion}"),
     }})
     if v is not None:
@@ -178,8 +178,12 @@ def _differential(b: _Builder) -> None:
         b.observation("nrbc", _concept(codes.NRBC), valueQuantity=_quantity(value, "/100 WBC", "/100{WBCs}"),
                       component=[_component("count", valueInteger=count),
                                  _component("denominator", valueInteger=leukocytes)])
-    b.observation("atypical-wbc", _concept(codes.local("atypical-wbc")),
-                  valueBoolean=report_view.atypical_wbc_present(r))
+    if r.counts.wbc:
+        b.observation("atypical-wbc", _concept(codes.local("atypical-wbc")),
+                      valueBoolean=report_view.atypical_wbc_present(r))
+    else:  # no white cell seen: nothing says there are none atypical
+        b.observation("atypical-wbc", _concept(codes.local("atypical-wbc")),
+                      dataAbsentReason=_concept(codes.local("no-wbc-seen")))
 
 
 def _morphology(b: _Builder) -> None:

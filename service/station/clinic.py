@@ -49,6 +49,8 @@ MAX_TYPED_PER_COMMAND = 500
 MAX_LISTED = 20
 #: Longest field id a typed cell may name (the station's own are far shorter).
 MAX_FIELD_ID = 256
+#: Above any field's cell count (SQLite integers are 64-bit; a larger index is no cell).
+MAX_CELL_INDEX = 2**31
 RUN_TOPIC = "run"
 RUN_SCHEMA = "run-1"
 FHIR_CONTENT_TYPE = "application/fhir+json; fhirVersion=4.0"
@@ -245,10 +247,11 @@ class ClinicFeed:
             cell = item.get("cell") if isinstance(item, dict) else None
             type_ = item.get("type") if isinstance(item, dict) else None
             if (not isinstance(field_id, str) or not 0 < len(field_id) <= MAX_FIELD_ID
-                    or not isinstance(cell, int) or isinstance(cell, bool)
+                    or not isinstance(cell, int) or isinstance(cell, bool) or not 0 <= cell < MAX_CELL_INDEX
                     or not (type_ is None or isinstance(type_, str))):
                 errors.append({"index": k, "error": "bad_cell", "message": "expected field_id (a string of 1 to "
-                               f"{MAX_FIELD_ID} characters), cell (integer) and type (string or null)"})
+                               f"{MAX_FIELD_ID} characters), cell (integer from 0 to {MAX_CELL_INDEX - 1}) and "
+                               "type (string or null)"})
                 continue
             where = {"index": k, "field_id": field_id, "cell": cell}
             found = gallery.typeable(run_id, field_id, cell)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from smearscope.device.frame import Frame
+from smearscope.service.config.specimen import MAX_TARGET_WBC
 from smearscope.service.ingest import IngestError, load_image
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.requests import RequestQueue
@@ -57,8 +58,8 @@ class StationCommands:
         if name == "start_run":
             target = arguments.get("target_wbc")
             if target is not None and (not isinstance(target, int) or isinstance(target, bool)
-                                       or target < 1):
-                return {"ok": False, "error": "target_wbc must be a positive integer"}
+                                       or not 1 <= target <= MAX_TARGET_WBC):
+                return {"ok": False, "error": f"target_wbc must be an integer from 1 to {MAX_TARGET_WBC}"}
             return self._analysis.call(name, lambda: self._start_run(target))
         if name == "stop_run":
             return self._analysis.call(name, self._stop_run)
@@ -70,9 +71,10 @@ class StationCommands:
             return self._clinic.type_cells(arguments)
         if name == "verify_run" and self._clinic is not None:
             run_id, by = arguments.get("run_id"), arguments.get("verified_by")
-            if not isinstance(run_id, str) or not isinstance(by, str) or not 0 < len(by.strip()) <= MAX_VERIFIED_BY:
+            if (not isinstance(run_id, str) or not isinstance(by, str) or not 0 < len(by.strip()) <= MAX_VERIFIED_BY
+                    or any(ord(ch) < 32 or ord(ch) == 127 for ch in by)):  # no control characters (FHIR strings)
                 return {"ok": False, "error": "bad_arguments", "message": "verify_run needs {\"run_id\": \"...\", "
-                        f"\"verified_by\": \"initials\"}} (1 to {MAX_VERIFIED_BY} characters)"}
+                        f"\"verified_by\": \"initials\"}} (1 to {MAX_VERIFIED_BY} characters, no control characters)"}
             return self._analysis.call(name, lambda: self._verify_run(run_id, by.strip()))
         return {"ok": False, "error": f"unknown command {name!r}", "commands": list(COMMAND_NAMES)}
 
@@ -81,6 +83,8 @@ class StationCommands:
             return {"ok": False, "error": "analyze_file needs {\"path\": \"/absolute/file\"}"}
         if not Path(path).is_absolute():
             return {"ok": False, "error": "path must be absolute"}
+        if "\0" in path:  # no file has that name; the OS would refuse it with a ValueError
+            return {"ok": False, "error": "not_found", "message": "the path holds a NUL character"}
         workers = self._workers
         try:
             image = load_image(path)

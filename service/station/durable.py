@@ -26,10 +26,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from smearscope.service.analysis.aggregate import is_classified_wbc
 from smearscope.service.analysis.records import Box, CellDetection, CellKind, ClassifiedCell
 from smearscope.service.analysis.report import CellRecord, ModelInfo, Report
 from smearscope.service.mqtt.outbox import Outbox, StateWriter
-from smearscope.service.station.specimen import ClosedRun, SpecimenRun, StartedBy, is_classified_wbc
+from smearscope.service.station.specimen import ClosedRun, SpecimenRun, StartedBy
 
 logger = logging.getLogger(__name__)
 

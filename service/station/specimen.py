@@ -19,8 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
-from smearscope.service.analysis.classify import UNIDENTIFIED
+from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate, is_classified_wbc
 from smearscope.service.analysis.morphology import SIZE_BASED
 from smearscope.service.analysis.pipeline import KIND_FROM_HEAD_LABEL, FieldResult
 from smearscope.service.analysis.records import CellKind, ClassifiedCell
@@ -62,11 +61,6 @@ class SpecimenPolicy:
             idle_timeout_s=specimen_config.idle_timeout_s,
             auto_start=specimen_config.auto_start,
         )
-
-
-def is_classified_wbc(cell: ClassifiedCell) -> bool:
-    """A white cell the head named with confidence (unidentified cells go to review, not count)."""
-    return cell.detection.kind is CellKind.WBC and cell.label not in (None, UNIDENTIFIED)
 
 
 def field_id_of(report: Report) -> str:
