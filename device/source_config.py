@@ -7,10 +7,11 @@ Each source kind owns its config model; `SourceConfig` is what the station confi
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from smearscope.device.config_fields import ConfigPath
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class FolderSourceConfig(_CommonSourceFields):
     kind: Literal["folder"] = Field(
         default="folder", title="Source kind", description="Selects the watched-folder source."
     )
-    path: Path = Field(
+    path: ConfigPath = Field(
         title="Watched directory",
         description="Directory polled for new image files (must exist when the source opens).",
     )
@@ -142,7 +143,7 @@ class FolderSourceConfig(_CommonSourceFields):
         description="Subdirectory of `path` for rejected files, each with a .reason.txt sidecar.",
         pattern=r"^[A-Za-z0-9_.-]+$",
     )
-    state_file: Path | None = Field(
+    state_file: ConfigPath | None = Field(
         default=None,
         title="State file",
         description="Append-only record of processed files so a restart never reprocesses one; "
@@ -170,7 +171,7 @@ class ReplaySourceConfig(_CommonSourceFields):
     kind: Literal["replay"] = Field(
         default="replay", title="Source kind", description="Selects the replay source."
     )
-    path: Path = Field(
+    path: ConfigPath = Field(
         title="Recording",
         description="A directory of image files (played in name order) or a video file.",
     )

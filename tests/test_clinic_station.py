@@ -50,11 +50,18 @@ def test_gallery_pages_fit_the_message_budget_and_cover_every_crop(tmp_path: Pat
         offset, pages = page["next_offset"], pages + 1
     assert len(seen) == len(set(seen)) == kept == page["total"]
     assert pages >= 2
-    assert ReviewGallery.page(gallery, "run-a")["overlay"] is None  # 8 KB: no room for the thumbnail
+    # 8 KB: no room for a thumbnail beside the first crop (a page always carries a crop: paging moves)
+    assert ReviewGallery.page(gallery, "run-a")["overlay"] is None
     roomy = ReviewGallery(ReviewConfig(max_message_kb=48), tmp_path / "review2")
     roomy.add_field("run-b", _image(oracle_pool()[0]), oracle_pool()[0])
     thumbnail = roomy.page("run-b")["overlay"]
     assert thumbnail["width"] == 320 and len(thumbnail["jpeg"]) > 1000
+    # a busy 1280x960 field at the default budget: its thumbnail on the first page, the page in budget
+    busy = ReviewGallery(ReviewConfig(), tmp_path / "review5")
+    big = np.asarray(render_field(7, width=1280, height=960, microns_per_pixel=0.1).frame.pixels)
+    busy.add_field("run-e", big, oracle_pool()[0])
+    first = busy.page("run-e")
+    assert first["overlay"] is not None and len(json.dumps(first)) <= ReviewConfig().max_message_kb * 1024
     labels = {c["label"] for c in gallery.page("run-a")["cells"]}
     assert labels <= {"unidentified", "sickle", "erythroblast", "ig", "atypical"}
     assert [c["label"] for c in gallery.page("run-a")["cells"]][:1] == ["sickle"]  # arrival order: pages stay put

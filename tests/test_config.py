@@ -268,6 +268,20 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path, capsys
     assert "not UTF-8" in capsys.readouterr().err
 
 
+def test_a_config_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    path = tmp_path / "station.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())  # as Windows Notepad saves UTF-8
+    assert load_config(path) == load_config(_write(tmp_path, MINIMAL))
+
+
+def test_an_empty_path_is_an_error_not_the_working_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, MINIMAL + '[review]\ndirectory = ""\n[mqtt.outbox]\npath = " "\n'))
+    locs = {loc for loc, _ in exc.value.errors}
+    assert {"review.directory", "mqtt.outbox.path"} <= locs, exc.value.errors
+    assert all("empty path" in msg for _, msg in exc.value.errors)
+
+
 def test_a_boolean_is_not_a_number(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(_write(tmp_path, MINIMAL + "[mqtt]\nport = true\nmax_inflight = true\n"))

@@ -146,6 +146,29 @@ def test_png_sbit_declared_depth_wins_over_inference(tmp_path: Path, field: np.n
     assert np.abs(img.pixels.astype(int) - expected).max() <= 1
 
 
+def test_png_sbit_of_a_file_scaled_to_16_bits_as_the_spec_says(tmp_path: Path, field: np.ndarray) -> None:
+    """PNG's sBIT records the source's precision; the samples themselves span 16 bits (12-bit
+    values shifted up with bit replication). Read as 12-bit maxima, the frame was all white."""
+    twelve = np.rint(field.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    scaled = (twelve << 4) | (twelve >> 8)
+    img = _load(tmp_path, "a.png", _with_sbit(hostile.encode(".png", scaled), 12))
+    assert img.significant_bits == 16
+    assert np.abs(img.pixels.astype(int) - field).max() <= 1
+
+
+def test_16bit_rgba_converted_in_row_blocks_as_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        field: np.ndarray) -> None:
+    """The 8-bit conversion runs in row blocks (bounded memory on 64 MP frames): the same pixels."""
+    from smearscope.device.ingest import decode
+
+    rgba = np.dstack([field.astype(np.uint16) * 257, np.linspace(0, 65535, field.size // 3).reshape(
+        field.shape[:2]).astype(np.uint16)])
+    data = hostile.encode(".png", rgba)
+    whole = _load(tmp_path, "a.png", data).pixels
+    monkeypatch.setattr(decode, "_CONVERT_SAMPLES", 7 * field.shape[1] * 3)  # 7 rows a block, an odd last one
+    np.testing.assert_array_equal(_load(tmp_path, "b.png", data).pixels, whole)
+
+
 def test_png_grayscale(tmp_path: Path, field: np.ndarray) -> None:
     grey = field[:, :, 1]
     img = _load(tmp_path, "g.png", hostile.encode(".png", grey))
@@ -197,6 +220,21 @@ def test_tiff_16bit_rgb_planar_and_compressed(tmp_path: Path, field: np.ndarray)
     img = load_image(tmp_path / "a.tif")
     np.testing.assert_array_equal(img.pixels, field)
     assert (img.original_bit_depth, img.significant_bits) == (16, 16)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_tiff_lzw_the_commonest_compression_decodes(tmp_path: Path, field: np.ndarray, channels: int,
+                                                   dtype: type) -> None:
+    """LZW (OpenCV's and many microscope programs' default) needs a package tifffile does not
+    have here: OpenCV's libtiff decodes it, to the same pixels."""
+    pixels = (field if channels == 3 else field[:, :, 1]).astype(dtype) * (257 if dtype == np.uint16 else 1)
+    path = tmp_path / "lzw.tif"
+    assert cv2.imwrite(str(path), pixels)  # OpenCV writes LZW
+    assert int(tifffile.TiffFile(path).pages[0].compression) == 5
+    img = load_image(path)
+    expected = field if channels == 3 else np.repeat(field[:, :, 1:2], 3, axis=2)
+    np.testing.assert_array_equal(img.pixels, expected)
 
 
 def test_tiff_12bit_grey_in_16bit(tmp_path: Path, field: np.ndarray) -> None:

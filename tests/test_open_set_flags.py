@@ -339,6 +339,8 @@ def test_scale_with_no_red_cells_anywhere_stays_plausible_and_uncertain():
     out = find_scale(lambda mpp, quick: Attempt(mpp, [], None, quick), ScaleEstimate(0.01, "rbc_size_classical"), 10**6)
     assert PLAUSIBLE_UM_PER_PX[0] <= out.estimate.microns_per_pixel <= PLAUSIBLE_UM_PER_PX[1]
     assert out.uncertain and not out.attempt.quick
+    # nothing was measured: the report says scale_unknown, not a scale "from red-cell size" of 0 cells
+    assert out.estimate.method == "default" and out.estimate.rbc_count == 0
 
 
 def test_a_sparse_field_keeps_its_guess_when_the_searched_cells_do_not_settle():

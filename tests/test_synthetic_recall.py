@@ -48,3 +48,23 @@ def test_scale_unknown_is_estimated_on_rendered_field(analyzer):
     rep = analyzer.analyze(frame).report
     assert rep.scale.method in ("rbc_size_classical", "rbc_size_detection")
     assert abs(rep.scale.microns_per_pixel / 0.13 - 1) < 0.15
+
+
+@pytest.mark.parametrize("look", ["greyscale", "faded stain"])
+def test_a_greyscale_or_faded_field_is_analysed_not_a_silent_zero(analyzer, look):
+    """A monochrome camera or a weak stain has cells without colour: a tile is background only
+    when nothing in it is stained or dark (before, every greyscale tile was skipped: 0 cells)."""
+    import cv2
+    import numpy as np
+
+    f = render_field(900, width=1024, height=768, microns_per_pixel=0.1, n_wbc=3)
+    if look == "greyscale":
+        pixels = cv2.cvtColor(cv2.cvtColor(f.frame.pixels, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+    else:
+        hsv = cv2.cvtColor(f.frame.pixels, cv2.COLOR_BGR2HSV)
+        hsv[..., 1] = (hsv[..., 1] * 0.3).astype(np.uint8)
+        pixels = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    rep = analyzer.analyze(type(f.frame)(pixels=pixels, frame_id="x", source="t", microns_per_pixel=0.1)).report
+    found = score_cells([(c.kind, c.bbox) for c in rep.cells], [(c.kind, c.bbox) for c in f.cells])
+    assert found["rbc"].matched >= 0.85 * found["rbc"].truth, (look, found)
+    assert found["wbc"].matched >= 1 and "no_cells_found" not in {fl.code for fl in rep.flags}

@@ -117,6 +117,16 @@ def test_background_tiles_are_skipped_and_indices_stay_grid_indices() -> None:
     assert len(make_tiles(img, TILE, 0.0, skip_background=False)) == 6
 
 
+def test_a_grey_or_faint_cell_is_not_background() -> None:
+    """Greyscale cameras and weak stains: no saturation, but the cell absorbs light."""
+    img = np.full((TILE, TILE, 3), 235, np.uint8)  # lamp-corrected glass
+    assert is_background(img)
+    img[100:140, 100:140] = 190  # a grey red cell
+    assert not is_background(img) and len(make_tiles(img, TILE, 0.0)) == 1
+    img[100:140, 100:140] = 215  # fainter than the dark bound, colourless: background
+    assert is_background(img)
+
+
 def test_padding_alone_is_background() -> None:
     assert is_background(np.full((TILE, TILE, 3), PAD_VALUE, np.uint8))
     assert not is_background(_stained(TILE, TILE))

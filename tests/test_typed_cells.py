@@ -439,3 +439,21 @@ def test_red_cells_at_an_estimated_scale_are_offered_no_size_based_type(tmp_path
     assert page["rbc_types"] is None and not any(c["typeable"] for c in other if c["kind"] == "rbc")
     feed.close()
     plain.close()
+
+
+def test_a_station_says_at_start_when_its_typed_cells_file_is_unusable(tmp_path, caplog):
+    """A corrupt file (or a directory) is told at start, not at a technician's first typed cell."""
+    cfg = parse_config(tomllib.loads(_config_text(tmp_path, 'white_cells = "all"')), environ={})
+    feed = ClinicFeed(cfg)
+    feed.typed_cells_path.parent.mkdir(parents=True, exist_ok=True)
+    feed.typed_cells_path.write_bytes(b"not a database" * 100)
+    with caplog.at_level("WARNING"):
+        feed.start(None, [])
+    assert any("typed cells" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records), caplog.text
+    caplog.clear()
+    feed.typed_cells_path.unlink()
+    feed.typed_cells_path.mkdir()
+    with caplog.at_level("WARNING"):
+        feed.start(None, [])
+    assert any("is not a file" in r.getMessage() for r in caplog.records), caplog.text
+    feed.close()

@@ -38,6 +38,7 @@ from smearscope.device.ingest.headers import (
     ImageHeader,
     check_tiff_directory_offset,
     jpeg_header,
+    opencv_tiff,
     png_header,
     tiff_header,
 )
@@ -281,11 +282,30 @@ def _load_tiff(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             header, page, photometric = tiff_header(tif, len(data), name)
             _check_geometry(header, name, limits)
+            if opencv_tiff(page):  # geometry checked above: the size OpenCV will allocate is bounded
+                return _decode_tiff_opencv(data, page, header, name), header
             return _decode_tiff(page, header, photometric, name)
     except IngestError:
         raise
     except Exception as exc:  # tifffile raises many types on malformed files; all mean corrupt
         raise IngestError(RejectReason.CORRUPT, f"{name}: unreadable TIFF: {exc}") from exc
+
+
+def _decode_tiff_opencv(data: bytes, page: tifffile.TiffPage, header: ImageHeader, name: str) -> np.ndarray:
+    """An LZW or JPEG compressed grey or RGB page through OpenCV's libtiff, as `_decode_tiff`
+    returns pages (BGR(A) order, the container's dtype, orientation not yet applied)."""
+    if len(page.parent.pages) > 1:  # OpenCV reads the first page; a z-stack was refused already
+        logger.info("%s: TIFF of %d pages; using the first", name, len(page.parent.pages))
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # UNCHANGED: no EXIF turn
+    if arr is None:
+        raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF ({page.compression!r}) could not be decoded")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.shape[:2] != (header.height, header.width) or arr.dtype != np.dtype(page.dtype):
+        raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF decoded to {arr.shape} {arr.dtype}")
+    if arr.shape[2] in (2, 4) and tuple(page.extrasamples)[:1] == (1,):
+        arr = _unpremultiply(arr)
+    return np.ascontiguousarray(arr)
 
 
 def _decode_tiff(
@@ -320,11 +340,13 @@ def _decode_tiff(
 def _unpremultiply(arr: np.ndarray) -> np.ndarray:
     """Associated (premultiplied) alpha to straight alpha, so compositing is the same for all."""
     full = float(np.iinfo(arr.dtype).max)
-    colour = arr[..., :-1].astype(np.float32)
-    alpha = arr[..., -1:].astype(np.float32)
-    straight = np.where(alpha > 0, colour * full / np.maximum(alpha, 1.0), 0.0)
     out = arr.copy()
-    out[..., :-1] = np.clip(np.rint(straight), 0, full).astype(arr.dtype)
+    step = _rows(arr.shape)
+    for r in range(0, arr.shape[0], step):  # in row blocks: the memory stays bounded
+        colour = arr[r : r + step, ..., :-1].astype(np.float32)
+        alpha = arr[r : r + step, ..., -1:].astype(np.float32)
+        straight = np.where(alpha > 0, colour * full / np.maximum(alpha, 1.0), 0.0)
+        out[r : r + step, ..., :-1] = np.clip(np.rint(straight), 0, full).astype(arr.dtype)
     return out
 
 
@@ -344,10 +366,22 @@ def _significant_bits(colour: np.ndarray, declared: int | None) -> int:
     """
     if colour.dtype == np.uint8:
         return 8
-    if declared is not None:
-        return declared
     top = int(colour.max()) if colour.size else 0
+    if declared is not None:
+        # PNG's sBIT only records the source's precision: a file that follows the spec has its
+        # samples scaled to the full 16 bits already (a sample above 2**sBIT - 1 says so)
+        return declared if top < (1 << declared) else 8 * colour.dtype.itemsize
     return next(d for d in _SENSOR_DEPTHS if top < (1 << d))
+
+
+#: Samples converted to 8 bits at a time (float32 temporaries of this many samples, about 16 MB):
+#: a 64 MP 16-bit RGBA frame converted at once needed 3.5 GB beside the decoded array.
+_CONVERT_SAMPLES = 1 << 22
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    """Rows per conversion step for an array of this shape."""
+    return max(1, _CONVERT_SAMPLES // max(1, int(np.prod(shape[1:]))))
 
 
 def _to_bgr8(samples: np.ndarray, declared_bits: int | None) -> tuple[np.ndarray, int]:
@@ -362,11 +396,15 @@ def _to_bgr8(samples: np.ndarray, declared_bits: int | None) -> tuple[np.ndarray
     bits = _significant_bits(colour, declared_bits)
     white = float((1 << bits) - 1)
     if has_alpha or colour.dtype != np.uint8:
-        values = colour.astype(np.float32)
-        if has_alpha:
-            alpha = img[:, :, -1:].astype(np.float32) / float(np.iinfo(img.dtype).max)
-            values = values * alpha + white * (1.0 - alpha)
-        colour = np.clip(np.rint(values * (255.0 / white)), 0, 255).astype(np.uint8)
+        out = np.empty(colour.shape, np.uint8)
+        step, full = _rows(colour.shape), float(np.iinfo(img.dtype).max)
+        for r in range(0, colour.shape[0], step):  # in row blocks: the memory stays bounded
+            values = colour[r : r + step].astype(np.float32)
+            if has_alpha:
+                alpha = img[r : r + step, :, -1:].astype(np.float32) / full
+                values = values * alpha + white * (1.0 - alpha)
+            out[r : r + step] = np.clip(np.rint(values * (255.0 / white)), 0, 255).astype(np.uint8)
+        colour = out
     if colour.shape[2] == 1:
         return cv2.cvtColor(colour, cv2.COLOR_GRAY2BGR), bits
     return np.ascontiguousarray(colour), bits

@@ -184,6 +184,25 @@ def check_tiff_directory_offset(data: bytes, name: str) -> None:
         raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF directory beyond end of file")
 
 
+#: TIFF compressions tifffile decodes only with the optional imagecodecs package (LZW, the
+#: commonest, and old-style JPEG): OpenCV's libtiff decodes them, for grey and RGB pages.
+OPENCV_TIFF_COMPRESSIONS = frozenset({5, 7})
+
+
+def tiff_decodable(page: tifffile.TiffPage) -> bool:
+    """tifffile can decode this page's compression itself."""
+    try:
+        tifffile.TIFF.DECOMPRESSORS[page.compression]
+    except KeyError:
+        return False
+    return True
+
+
+def opencv_tiff(page: tifffile.TiffPage) -> bool:
+    """The page is decoded by OpenCV instead (its compression needs a package not installed)."""
+    return not tiff_decodable(page) and int(page.compression) in OPENCV_TIFF_COMPRESSIONS
+
+
 def tiff_header(
     tif: tifffile.TiffFile, file_size: int, name: str
 ) -> tuple[ImageHeader, tifffile.TiffPage, str]:
@@ -223,12 +242,13 @@ def tiff_header(
         raise IngestError(
             RejectReason.UNSUPPORTED_FORMAT, f"{name}: TIFF photometric {page.photometric!r}"
         )
-    try:
-        tifffile.TIFF.DECOMPRESSORS[page.compression]
-    except KeyError as exc:
+    if not tiff_decodable(page) and not (
+        opencv_tiff(page) and photometric in ("minisblack", "rgb")
+    ):
         raise IngestError(
-            RejectReason.UNSUPPORTED_FORMAT, f"{name}: TIFF compression: {exc.args[0]}"
-        ) from None
+            RejectReason.UNSUPPORTED_FORMAT,
+            f"{name}: TIFF compression {page.compression!r} with photometric {photometric}",
+        )
     frames = [n for n, ax in zip(series.shape, series.axes) if ax not in "YXS" and n != 1]
     if frames:
         raise IngestError(

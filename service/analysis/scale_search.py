@@ -292,6 +292,7 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
         reasons.append("the refinement from red-cell size did not settle")
     if current.quick:
         current = attempt(current.mpp, quick=False)
-    method = "rbc_size_detection" if current.whole_rbc or searched else first.method
+    # no whole red cell measured in the end: a searched scale is no measurement (scale_unknown)
+    method = "rbc_size_detection" if current.whole_rbc else "default" if searched else first.method
     est = ScaleEstimate(current.mpp, method, len(current.whole_rbc))
     return ScaleOutcome(est, current, uncertain=bool(reasons), reason="; ".join(reasons) or None)

@@ -57,24 +57,35 @@ def pad_to_tile(image: np.ndarray, tile: int) -> np.ndarray:
 MIN_STAINED_FRACTION = 0.002
 #: A pixel is stained above this HSV saturation (OpenCV's 8-bit scale).
 STAINED_SATURATION = 40
+#: ...or when it absorbs light whatever its colour: darker than this grey level on the
+#: lamp-corrected frame (glass at 235, an optical density above 0.06). A greyscale camera, a
+#: faded or weak stain shows its cells only so; by saturation alone every tile was background.
+STAINED_BELOW_GREY = 205
+
+
+def stained_mask(pixels: np.ndarray, sat_threshold: int = STAINED_SATURATION) -> np.ndarray:
+    """Pixels that are stained (saturated) or absorb light (dark), as a bool array."""
+    sat = cv2.cvtColor(pixels, cv2.COLOR_BGR2HSV)[:, :, 1] > sat_threshold
+    return sat | (cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY) < STAINED_BELOW_GREY)
 
 
 def is_background(tile_pixels: np.ndarray, min_stained_fraction: float = MIN_STAINED_FRACTION,
                   sat_threshold: int = STAINED_SATURATION) -> bool:
-    """True when (almost) nothing in the tile is stained: no cell can be there."""
-    sat = cv2.cvtColor(tile_pixels, cv2.COLOR_BGR2HSV)[:, :, 1]
-    return float((sat > sat_threshold).mean()) < min_stained_fraction
+    """True when (almost) nothing in the tile is stained or dark: no cell can be there. The
+    padding's grey (PAD_VALUE in every channel) is neither: padding is never a cell."""
+    mask = stained_mask(tile_pixels, sat_threshold) & ~(tile_pixels == PAD_VALUE).all(axis=2)
+    return float(mask.mean()) < min_stained_fraction
 
 
 class StainedArea:
-    """Stained pixels of a whole frame, countable in any window at once (an integral image).
+    """Stained (or dark) pixels of a whole frame, countable in any window at once (an integral image).
 
     One saturation map per frame serves every tile of every view: tiles overlap, and a mirrored
     view's tiles are other windows of the same pixels. `background(...)` answers what
     `is_background` answers for the tile cut at that window (padding is grey: never stained)."""
 
     def __init__(self, image: np.ndarray, sat_threshold: int = STAINED_SATURATION) -> None:
-        stained = (cv2.cvtColor(image, cv2.COLOR_BGR2HSV)[:, :, 1] > sat_threshold).view(np.uint8)
+        stained = stained_mask(image, sat_threshold).view(np.uint8)
         self._sums = cv2.integral(stained, sdepth=cv2.CV_32S)  # (h + 1, w + 1)
 
     def count(self, r0: int, r1: int, c0: int, c1: int) -> int:

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from smearscope.device.config_fields import ConfigPath
 from smearscope.engines.manifest import TestTimeView
 from smearscope.service.config.base import StationBaseModel
 
@@ -192,7 +193,7 @@ class AnalysisConfig(StationBaseModel):
         "(`smearscope calibrate-atypical` prints the section); unset: the model's own, the largest "
         "any training lab needed.",
     )
-    wbc_station_means: Path | None = Field(
+    wbc_station_means: ConfigPath | None = Field(
         default=None,
         title="Station white-cell class means",
         description="File written by `smearscope adapt-wbc` from white cells this station's technician typed: "
@@ -277,7 +278,7 @@ class AnalysisConfig(StationBaseModel):
         "other threads (capture, MQTT) and the three models' pools share the cores, and spinning "
         "threads take them. engine_backend 'onnxruntime' only.",
     )
-    models_dir: Path = Field(
+    models_dir: ConfigPath = Field(
         default=Path("/var/lib/smearscope/models"),
         title="Models directory",
         description="Directory holding the model artifacts and their manifests.",

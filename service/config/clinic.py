@@ -10,11 +10,11 @@ the run; white cells the technician types there (`type_cells`) are kept for `sme
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
+from smearscope.device.config_fields import ConfigPath
 from smearscope.service.config.base import StationBaseModel
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class ReviewConfig(StationBaseModel):
         default=True, title="Review gallery",
         description="Keep crops of unidentified and atypical cells per run (command get_review) "
         "and each field's overlay on disk.")
-    directory: Path | None = Field(
+    directory: ConfigPath | None = Field(
         default=None, title="Overlay directory",
         description="Where per-field overlays are written, one folder per run; default: 'review' "
         "beside the outbox file.")
@@ -69,7 +69,7 @@ class ReviewConfig(StationBaseModel):
         description="Keep each white cell's features (the WBC head's feature space) with its crop, so the "
         "type a technician gives it (command type_cells) is stored for smearscope adapt-wbc --station. Off "
         "by itself (with a warning) when the WBC head has no features output.")
-    typed_cells_path: Path | None = Field(
+    typed_cells_path: ConfigPath | None = Field(
         default=None, title="Typed cells file",
         description="SQLite file (WAL) of the white cells technicians typed; default: typed_cells.sqlite3 "
         "beside the outbox file.")

@@ -145,7 +145,9 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> S
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read()
+        # a byte-order mark (Windows Notepad writes one) is not TOML, but it is not a mistake either
+        data = tomllib.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except OSError as exc:
         raise ConfigError([(str(path), f"cannot read: {exc.strerror or exc}")]) from None
     except tomllib.TOMLDecodeError as exc:

@@ -9,11 +9,11 @@ The broker password is never part of this model: it names a systemd credential
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from smearscope.device.config_fields import ConfigPath
 from smearscope.service.config.outbox import OutboxConfig
 
 logger = logging.getLogger(__name__)
@@ -24,16 +24,16 @@ class MqttTlsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ca_file: Path = Field(
+    ca_file: ConfigPath = Field(
         title="CA certificate",
         description="PEM file of the certificate authority that signed the broker's certificate.",
     )
-    certfile: Path | None = Field(
+    certfile: ConfigPath | None = Field(
         default=None,
         title="Client certificate",
         description="PEM client certificate for mutual TLS; set together with keyfile.",
     )
-    keyfile: Path | None = Field(
+    keyfile: ConfigPath | None = Field(
         default=None,
         title="Client key",
         description="PEM private key of the client certificate; set together with certfile.",

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from smearscope.device.config_fields import ConfigPath
+
 logger = logging.getLogger(__name__)
 
 #: What happens above a bound (see service.mqtt.outbox).
@@ -22,7 +24,7 @@ class OutboxConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    path: Path = Field(
+    path: ConfigPath = Field(
         default=Path("/var/lib/smearscope/outbox.sqlite3"),
         title="Outbox file",
         description="SQLite file (WAL mode) holding every message until the broker acknowledges it.",

@@ -97,6 +97,12 @@ class ClinicFeed:
         self.attach_wbc_head(getattr(analyzer, "wbc_head", None), getattr(analyzer, "rbc_head", None))
         for run in closed:
             self.run_closed(run, None, live=False)
+        if self._typing_wanted and self.typed_cells_path.exists():  # said now, not at the first typed cell
+            try:
+                TypedCellStore(self.typed_cells_path, read_only=True).close()
+            except (TypedCellsError, sqlite3.Error) as exc:
+                logger.warning("typed cells: %s: technicians' types cannot be stored or read until it is fixed "
+                               "(smearscope doctor)", getattr(exc, "message", exc))
 
     def attach_wbc_head(self, wbc_head: Any, rbc_head: Any = None) -> None:
         """The analyzer's WBC head (service.analysis.classify.CropClassifier, or None): with typing

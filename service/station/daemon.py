@@ -222,7 +222,8 @@ class StationDaemon:
             self._control.serve_pending()
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
-                logger.info("reload: %s", self.reload())
+                result = self.reload()
+                (logger.info if result.get("ok") else logger.warning)("reload: %s", result)
             line = self.status_line()
             if line != last_status:
                 self.notifier.status(line)
@@ -268,11 +269,12 @@ class StationDaemon:
         snap = self.stats.snapshot()
         left = self.final_outbox or {}
         logger.info("stopped: %d fields analysed, %d rejected, %d failed, %d frames dropped "
-                    "(keep_newest), %d left in the queue; %d reports stored, %d lost, %d deferred "
+                    "(%s), %d left in the queue; %d reports stored, %d lost, %d deferred "
                     "to the next start; outbox: %d messages waiting (%d reports, %d parked), %d "
-                    "field messages evicted", snap["analysed"], sum(snap["rejected"].values()),
-                    sum(snap["failed"].values()), self.workers.frames.dropped, snap["pending"],
-                    snap["stored"], snap["lost"], snap["deferred"], left.get("messages", 0),
+                    "field messages evicted", snap["analysed"],
+                    sum(snap["rejected"].values()) + getattr(self.source, "rejected_count", 0),
+                    sum(snap["failed"].values()), self.workers.frames.dropped, self.workers.frames.policy,
+                    snap["pending"], snap["stored"], snap["lost"], snap["deferred"], left.get("messages", 0),
                     left.get("reports", 0), left.get("parked", 0), left.get("evicted_fields", 0))
         failed = self._fatal or self.workers.failures or snap["lost"]
         return EXIT_FAILURE if failed else EXIT_OK

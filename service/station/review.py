@@ -45,8 +45,11 @@ ATYPICAL_LABELS = frozenset({"atypical", "erythroblast", "ig", "sickle"})
 #: Closed runs whose galleries stay in memory (the open run is always kept).
 KEEP_RUNS = 4
 _JPEG = [int(cv2.IMWRITE_JPEG_QUALITY), 80]
-_THUMBNAIL_JPEG = [int(cv2.IMWRITE_JPEG_QUALITY), 70]
 THUMBNAIL_WIDTH = 320
+#: The first page's share its overlay thumbnail may take.
+THUMBNAIL_SHARE = 0.6
+#: Room per WBC class for the first page's `typed_per_type` (added by the clinic feed).
+TYPED_COUNT_BYTES = 40
 _SAFE = re.compile(r"[^A-Za-z0-9_.@-]+")
 
 
@@ -195,9 +198,7 @@ class ReviewGallery:
             if t is not None:
                 typeable[(field_id, i)] = t
         overlay = draw_overlay(image, result.cells, result.input_to_canonical)
-        thumb_w = min(THUMBNAIL_WIDTH, overlay.shape[1])
-        thumbnail = cv2.resize(overlay, (thumb_w, max(1, round(overlay.shape[0] * thumb_w / overlay.shape[1]))),
-                               interpolation=cv2.INTER_AREA)
+        thumbnail, thumb_jpeg = self._thumbnail(overlay)
         path = self._write_overlay(run_id, field_id, overlay)
         with self._lock:
             gallery = self._runs.setdefault(run_id, _RunGallery())
@@ -207,12 +208,27 @@ class ReviewGallery:
             if path is not None:
                 gallery.overlays.append(path)
             gallery.latest_thumbnail = {"field_id": field_id, "width": thumbnail.shape[1],
-                                        "height": thumbnail.shape[0],
-                                        "jpeg": base64.b64encode(_jpeg(thumbnail, _THUMBNAIL_JPEG)).decode()}
+                                        "height": thumbnail.shape[0], "jpeg": thumb_jpeg}
             while len(self._runs) > KEEP_RUNS + 1:
                 self._runs.popitem(last=False)
         self._enforce_disk_cap()
         return kept
+
+    def _thumbnail(self, overlay: np.ndarray) -> tuple[np.ndarray, str]:
+        """The overlay shrunk to THUMBNAIL_WIDTH and JPEG-encoded (base64) small enough for the
+        first page (THUMBNAIL_SHARE of its budget): a busy 1280x960 overlay at quality 70 took
+        38 kB, over the 29 kB the default 48 kB page allows, and no page ever carried one. Lower
+        quality first, then narrower."""
+        limit = THUMBNAIL_SHARE * self.page_bytes - 200
+        for width in (THUMBNAIL_WIDTH, THUMBNAIL_WIDTH * 3 // 4, THUMBNAIL_WIDTH // 2, THUMBNAIL_WIDTH * 3 // 8):
+            w = min(width, overlay.shape[1])
+            small = cv2.resize(overlay, (w, max(1, round(overlay.shape[0] * w / overlay.shape[1]))),
+                               interpolation=cv2.INTER_AREA)
+            for quality in (70, 50, 35):
+                data = base64.b64encode(_jpeg(small, [int(cv2.IMWRITE_JPEG_QUALITY), quality])).decode()
+                if len(data) <= limit:
+                    return small, data
+        return small, data  # a page too small for any: page() leaves it out
 
     def _keep(self, gallery: _RunGallery, priority: int, crop: dict[str, Any],
               typeable: dict[tuple[str, int], TypeableCell]) -> bool:
@@ -280,14 +296,19 @@ class ReviewGallery:
                                "rbc_types": list(typing.rbc_classes) if typing is not None and typing.rbc_classes
                                else None}
         crops = [{**c, "typed": typed.get((c["field_id"], c["cell"]))} if c.get("typeable") else c for c in crops]
-        used = 0
-        if offset == 0 and thumbnail is not None and len(thumbnail["jpeg"]) + 200 < budget * 0.6:
-            out["overlay"] = thumbnail
-            used += len(thumbnail["jpeg"]) + 200
+        # the answer's own keys count too, and the typed counts the clinic adds to the first page
+        header = len(json.dumps(out)) + 32 + (TYPED_COUNT_BYTES * len(typing.classes) if typing is not None else 0)
+        used = header
+        if offset == 0 and thumbnail is not None and len(thumbnail["jpeg"]) + 200 <= budget * THUMBNAIL_SHARE:
+            first = len(json.dumps(crops[0])) if crops else 0
+            # never at the cost of the first crop: a page must hold a crop, or paging would not move
+            if not crops or header + first > budget or used + len(thumbnail["jpeg"]) + 200 + first <= budget:
+                out["overlay"] = thumbnail
+                used += len(thumbnail["jpeg"]) + 200
         i, out["skipped_too_large"] = max(0, offset), 0
         while i < len(crops):
             size = len(json.dumps(crops[i]))
-            if size > budget:  # one crop alone over the limit (a tiny max_packet_size): skipped
+            if header + size > budget:  # one crop alone over the limit (a tiny max_packet_size): skipped
                 out["skipped_too_large"] += 1
             elif used + size > budget:
                 break

@@ -100,6 +100,9 @@ class TypedCellStore:
         self._lock = threading.Lock()
         try:
             if read_only:
+                if self.path.exists() and not self.path.is_file():
+                    raise TypedCellsError("typed_cells_unavailable", f"{self.path} is not a file (a directory?): "
+                                          "[review] typed_cells_path must name the typed-cells file")
                 if not self.path.is_file():
                     raise TypedCellsError("no_typed_cells", f"{self.path}: no typed-cells file (nothing typed yet "
                                           "on this station, or another [review] typed_cells_path)")

@@ -23,6 +23,10 @@ def _password(args: argparse.Namespace) -> str | None:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from smearscope.service.dashboard.server import DashboardServer, DashboardSettings
 
+    if args.password_file is not None and not args.username:
+        print("smearscope dashboard: --password-file needs --username (the broker account it is the password of)",
+              file=sys.stderr)
+        return 2
     try:
         settings = DashboardSettings(args.broker, args.topic_prefix, args.username,
                                      _password(args) if args.username else None)
