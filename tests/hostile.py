@@ -54,6 +54,13 @@ def jpeg_set_sof_size(jpeg: bytes, width: int, height: int) -> bytes:
     return bytes(b)
 
 
+def jpeg_set_precision(jpeg: bytes, bits: int) -> bytes:
+    """Rewrite the frame header's sample precision (12-bit JPEG: medical and scientific cameras)."""
+    b = bytearray(jpeg)
+    b[b.index(b"\xff\xc0") + 4] = bits
+    return bytes(b)
+
+
 def exif_app1(orientation: int, big_endian: bool = True) -> bytes:
     """A minimal APP1 EXIF segment whose IFD0 holds only the Orientation tag (0x0112)."""
     o = ">" if big_endian else "<"
@@ -222,6 +229,11 @@ CASES: list[HostileCase] = [
     ),
     HostileCase("tiff_cmyk", "unsupported_format", _tiff_cmyk),
     HostileCase("tiff_unknown_compression", "unsupported_format", _tiff_unknown_compression),
+    HostileCase(
+        "jpeg_12bit",
+        "unsupported_format",
+        lambda d: _write(d, "twelve.jpg", jpeg_set_precision(encode(".jpg", smear_like(100, 100)), 12)),
+    ),
     HostileCase("jpeg_truncated", "truncated", _jpeg_truncated),
     HostileCase(
         "jpeg_no_eoi",

@@ -160,6 +160,10 @@ def jpeg_header(data: bytes, name: str) -> ImageHeader:
         )
     if components not in (1, 3, 4):
         raise IngestError(RejectReason.BAD_CHANNELS, f"{name}: JPEG with {components} components")
+    if precision != 8:  # 12-bit (medical/scientific) JPEG: a valid file the decoder cannot read
+        raise IngestError(
+            RejectReason.UNSUPPORTED_FORMAT, f"{name}: {precision}-bit JPEG (8-bit JPEG, PNG or TIFF are read)"
+        )
     # Entropy-coded data stuffs every 0xFF as FF 00, so FF D9 after the scan header can only be
     # the real end-of-image marker. Bytes after it (camera trailers) are allowed.
     if data.find(b"\xff\xd9", pos) < 0:

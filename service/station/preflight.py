@@ -40,9 +40,19 @@ def _source_problems(source) -> list[tuple[str, str]]:
     return []
 
 
+def outbox_parent_problem(path: Path) -> str | None:
+    """Why the outbox's folder cannot be created: a file where a folder on its path must be."""
+    existing = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{path.parent} cannot be created: {existing} is a file, not a directory"
+    return None
+
+
 def file_problems(config: StationConfig) -> list[tuple[str, str]]:
     """What is wrong with the files the configuration names; empty when they are usable."""
     problems: list[tuple[str, str]] = _source_problems(config.source)
+    if (reason := outbox_parent_problem(config.mqtt.outbox.path)) is not None:
+        problems.append(("mqtt.outbox.path", reason))
     tls = config.mqtt.tls
     if tls is not None:
         reason = _unreadable(tls.ca_file)

@@ -223,11 +223,12 @@ def _credential_checks(mqtt) -> list[Check]:
 
 def _outbox_checks(path: Path) -> list[Check]:
     from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
+    from smearscope.service.station.preflight import outbox_parent_problem
 
     folder = path.parent
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        return [("FAIL", "outbox", f"{folder} cannot be created: {existing} is a file, not a directory")]
+    if (reason := outbox_parent_problem(path)) is not None:
+        return [("FAIL", "outbox", reason)]
     try:  # what the station will do: create the folder (here a scratch one, removed) and a file in it
         if existing is None:
             raise OSError("no existing parent")
