@@ -170,6 +170,11 @@ def test_two_outputs_on_one_file_or_an_output_on_the_list_are_refused_before_any
     proc = run("analyze", str(field), "--json", "--detections", str(same), "--fhir", str(same))
     assert proc.returncode == 2 and lines(proc)[0]["error"]["code"] == "bad_output"
     assert "--fhir" in lines(proc)[0]["error"]["message"] and not same.exists()
+    det, linked = tmp_path / "det.jsonl", tmp_path / "det-link.jsonl"
+    det.write_text("kept\n")
+    os.link(det, linked)  # one file under two names
+    proc = run("analyze", str(field), "--json", "--detections", str(det), "--fhir", str(linked))
+    assert lines(proc)[0]["error"]["code"] == "bad_output" and det.read_text() == "kept\n"
     listing = tmp_path / "list.txt"
     listing.write_text(f"{field}\n")
     proc = run("analyze", f"@{listing}", "--json", "--detections", str(listing))

@@ -213,6 +213,22 @@ def test_the_reports_own_grades_nrbc_flags_and_histogram_are_used() -> None:
     assert "valueQuantity" not in size and size["dataAbsentReason"]["coding"][0]["code"] == "size-not-assessable"
 
 
+def test_a_mixed_runs_size_based_share_names_its_own_denominator() -> None:
+    """In a run mixing calibrated and estimated fields, spherocytes are a share of the calibrated
+    fields' red cells (`of_cells`): the Observation's denominator is that, not every red cell."""
+    base = current_report()
+    rows = [s for s in base.rbc_morphology if s.label != "spherocyte"]
+    rows.append(ClassShare(label="spherocyte", count=10, percent=12.5, ci95_low=6.9, ci95_high=21.5, of_cells=80))
+    bundle = report_bundle(base.model_copy(update={"rbc_morphology": rows}))
+    validate(bundle)
+    sphero = by_code(bundle, codes.LOINC, "802-9")
+    assert component(sphero, "count")["valueInteger"] == 10 and component(sphero, "denominator")["valueInteger"] == 80
+    shape = next(s for s in rows if s.label not in ("normal", "spherocyte", "macrocyte", "microcyte")
+                 and s.label in codes.RBC_LOINC)
+    other = by_code(bundle, codes.LOINC, codes.RBC_LOINC[shape.label].code)
+    assert component(other, "denominator")["valueInteger"] == base.counts.rbc  # a shape class: of every red cell
+
+
 def test_size_based_calls_are_absent_when_the_scale_was_not_calibrated() -> None:
     flag = Flag(code="size_not_assessable_without_calibration", severity="info", message="estimated scale")
     bundle = report_bundle(graded_report([flag]))

@@ -237,6 +237,35 @@ def test_tiff_lzw_the_commonest_compression_decodes(tmp_path: Path, field: np.nd
     np.testing.assert_array_equal(img.pixels, expected)
 
 
+def test_tiff_lzw_only_through_opencv_where_opencv_decodes_what_was_checked(tmp_path: Path, field: np.ndarray) -> None:
+    """OpenCV decodes a file's first directory whatever it is, and premultiplies 8-bit alpha: an
+    LZW page that is not the first (its size checked, a huge first page allocated) or that has
+    alpha is refused, not decoded wrong or unbounded."""
+    rgba = np.dstack([field, np.full(field.shape[:2], 128, np.uint8)])
+    path = tmp_path / "alpha.tif"
+    assert cv2.imwrite(str(path), rgba)  # LZW with alpha
+    with pytest.raises(IngestError) as exc:
+        load_image(path)
+    assert exc.value.code.value == "unsupported_format"
+    # an OME-TIFF whose image is its second directory, tagged LZW; the first is larger
+    xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'
+           '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" SizeX="200" SizeY="120" '
+           'SizeC="3" SizeZ="1" SizeT="1"><Channel ID="Channel:0" SamplesPerPixel="3"/><TiffData IFD="1" '
+           'PlaneCount="1"/></Pixels></Image></OME>')
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tw:
+        tw.write(np.zeros((900, 900, 3), np.uint8), photometric="rgb", compression="zlib", description=xml,
+                 metadata=None)
+        tw.write(field[:, :, ::-1], photometric="rgb", metadata=None, description="x")
+    data = bytearray(buf.getvalue())
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as t:
+        assert t.series[0].pages[0].index == 1
+        struct.pack_into("<H", data, t.pages[1].tags[259].offset + 8, 5)  # its Compression: LZW
+    with pytest.raises(IngestError) as exc:
+        load_image(bytes(data))
+    assert exc.value.code.value == "unsupported_format"
+
+
 def test_tiff_12bit_grey_in_16bit(tmp_path: Path, field: np.ndarray) -> None:
     grey12 = field[:, :, 0].astype(np.uint16) * 16  # max 4080 < 4096
     tifffile.imwrite(tmp_path / "g.tif", grey12, photometric="minisblack")

@@ -708,6 +708,10 @@ def test_a_template_of_the_stations_white_cells_typed_and_fitted(rendered, tmp_p
         run = _cli("adapt-wbc", *map(str, fields), "--template", str(target), "--microns-per-pixel", "0.1", "--json")
         assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == code, run.stdout
         assert target.read_bytes() == kept
+    resaved = tmp_path / "resaved.csv"  # a spreadsheet's re-save in another encoding: cannot be judged safe
+    resaved.write_bytes(before.replace(b"image,", b"im\xe4ge,", 1))
+    run = _cli("adapt-wbc", *map(str, fields), "--template", str(resaved), "--microns-per-pixel", "0.1", "--json")
+    assert json.loads(run.stdout)["error"]["code"] == "would_overwrite_types" and resaved.read_bytes()[:5] == b"im\xe4ge"
     run = _cli("adapt-wbc", "--labels", str(template), "--out", str(template), "--microns-per-pixel", "0.1",
                "--min-cells", "5", "--json")
     assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == "bad_output"

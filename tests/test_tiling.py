@@ -128,7 +128,9 @@ def test_a_grey_or_faint_cell_is_not_background() -> None:
 
 
 def test_padding_alone_is_background() -> None:
-    assert is_background(np.full((TILE, TILE, 3), PAD_VALUE, np.uint8))
+    padded = np.full((TILE, TILE, 3), PAD_VALUE, np.uint8)  # grey 114: dark, but no frame pixel
+    padded[:100, :80] = 235  # the frame's glass
+    assert is_background(padded, content_hw=(100, 80)) and not is_background(padded)
     assert not is_background(_stained(TILE, TILE))
 
 
@@ -143,10 +145,11 @@ def test_tiles_skipped_on_the_frames_stained_area_are_those_is_background_skips(
         for _ in range(int(rng.integers(0, 6))):  # a few stained specks, some tiny (near 0.2 % of a tile)
             y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
             s = int(rng.choice([3, 8, 11, 12, 40]))
-            img[y : y + s, x : x + s] = (160, 90, 220)
+            img[y : y + s, x : x + s] = (160, 90, 220) if rng.random() < 0.5 else (150, 150, 150)  # or grey, dark
         got = list(iter_tiles(img, TILE, 0.15, flip_x=flip_x, flip_y=flip_y))
         every = list(iter_tiles(img, TILE, 0.15, skip_background=False, flip_x=flip_x, flip_y=flip_y))
-        assert [t.index for t in got] == [t.index for t in every if not is_background(t.pixels)]
+        content = (min(TILE, h), min(TILE, w))  # a tile shows the frame there, padding beyond
+        assert [t.index for t in got] == [t.index for t in every if not is_background(t.pixels, content_hw=content)]
         shared = StainedArea(img)  # one area serves every view
         assert [t.index for t in iter_tiles(img, TILE, 0.15, flip_x=flip_x, flip_y=flip_y, stained=shared)] == \
             [t.index for t in got]
@@ -155,6 +158,6 @@ def test_tiles_skipped_on_the_frames_stained_area_are_those_is_background_skips(
     img = np.full((180, 150, 3), (233, 229, 234), np.uint8)
     img[50:59, 60:69] = (160, 90, 220)
     (padded,) = iter_tiles(img, TILE, 0.15, skip_background=False)
-    assert is_background(padded.pixels) and list(iter_tiles(img, TILE, 0.15)) == []
+    assert is_background(padded.pixels, content_hw=(180, 150)) and list(iter_tiles(img, TILE, 0.15)) == []
     img[50:62, 60:72] = (160, 90, 220)  # 144 px: stained
     assert len(list(iter_tiles(img, TILE, 0.15))) == 1

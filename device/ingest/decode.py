@@ -292,10 +292,8 @@ def _load_tiff(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray
 
 
 def _decode_tiff_opencv(data: bytes, page: tifffile.TiffPage, header: ImageHeader, name: str) -> np.ndarray:
-    """An LZW or JPEG compressed grey or RGB page through OpenCV's libtiff, as `_decode_tiff`
-    returns pages (BGR(A) order, the container's dtype, orientation not yet applied)."""
-    if len(page.parent.pages) > 1:  # OpenCV reads the first page; a z-stack was refused already
-        logger.info("%s: TIFF of %d pages; using the first", name, len(page.parent.pages))
+    """An LZW or JPEG compressed grey or RGB first page through OpenCV's libtiff, as
+    `_decode_tiff` returns pages (BGR order, the container's dtype, orientation not yet applied)."""
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # UNCHANGED: no EXIF turn
     if arr is None:
         raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF ({page.compression!r}) could not be decoded")
@@ -303,8 +301,6 @@ def _decode_tiff_opencv(data: bytes, page: tifffile.TiffPage, header: ImageHeade
         arr = arr[:, :, None]
     if arr.shape[:2] != (header.height, header.width) or arr.dtype != np.dtype(page.dtype):
         raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF decoded to {arr.shape} {arr.dtype}")
-    if arr.shape[2] in (2, 4) and tuple(page.extrasamples)[:1] == (1,):
-        arr = _unpremultiply(arr)
     return np.ascontiguousarray(arr)
 
 

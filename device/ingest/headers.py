@@ -203,8 +203,11 @@ def tiff_decodable(page: tifffile.TiffPage) -> bool:
 
 
 def opencv_tiff(page: tifffile.TiffPage) -> bool:
-    """The page is decoded by OpenCV instead (its compression needs a package not installed)."""
-    return not tiff_decodable(page) and int(page.compression) in OPENCV_TIFF_COMPRESSIONS
+    """The page is decoded by OpenCV instead (its compression needs a package not installed):
+    only the file's first directory (the one OpenCV decodes, so the size checked is the size it
+    allocates) and only grey or RGB without alpha (OpenCV premultiplies 8-bit alpha)."""
+    return (not tiff_decodable(page) and int(page.compression) in OPENCV_TIFF_COMPRESSIONS
+            and page.index == 0 and int(page.samplesperpixel) in (1, 3))
 
 
 def tiff_header(
@@ -246,9 +249,7 @@ def tiff_header(
         raise IngestError(
             RejectReason.UNSUPPORTED_FORMAT, f"{name}: TIFF photometric {page.photometric!r}"
         )
-    if not tiff_decodable(page) and not (
-        opencv_tiff(page) and photometric in ("minisblack", "rgb")
-    ):
+    if not tiff_decodable(page) and not (opencv_tiff(page) and photometric in ("minisblack", "rgb")):
         raise IngestError(
             RejectReason.UNSUPPORTED_FORMAT,
             f"{name}: TIFF compression {page.compression!r} with photometric {photometric}",

@@ -70,11 +70,13 @@ def stained_mask(pixels: np.ndarray, sat_threshold: int = STAINED_SATURATION) ->
 
 
 def is_background(tile_pixels: np.ndarray, min_stained_fraction: float = MIN_STAINED_FRACTION,
-                  sat_threshold: int = STAINED_SATURATION) -> bool:
-    """True when (almost) nothing in the tile is stained or dark: no cell can be there. The
-    padding's grey (PAD_VALUE in every channel) is neither: padding is never a cell."""
-    mask = stained_mask(tile_pixels, sat_threshold) & ~(tile_pixels == PAD_VALUE).all(axis=2)
-    return float(mask.mean()) < min_stained_fraction
+                  sat_threshold: int = STAINED_SATURATION, content_hw: tuple[int, int] | None = None) -> bool:
+    """True when (almost) nothing in the tile is stained or dark: no cell can be there. Only the
+    top-left `content_hw` (rows, columns) holds the frame where a tile was padded: padding is
+    never a cell, so the share is of the whole tile, counted in its content."""
+    h, w = content_hw if content_hw is not None else tile_pixels.shape[:2]
+    stained = stained_mask(np.ascontiguousarray(tile_pixels[:h, :w]), sat_threshold).sum() if h and w else 0
+    return float(stained) / (tile_pixels.shape[0] * tile_pixels.shape[1]) < min_stained_fraction
 
 
 class StainedArea:

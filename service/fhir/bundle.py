@@ -199,7 +199,7 @@ def _morphology(b: _Builder) -> None:
         else:
             local = codes.local(share.label, codes.LOCAL_RBC_MORPHOLOGY, share.label)
         components = [_component("percent", valueQuantity=_quantity(share.percent, "%", "%")),
-                      *_share_components(share, r.counts.rbc)]
+                      *_share_components(share, share.of_cells or r.counts.rbc)]  # of_cells: a mixed run's sizes
         grade = report_view.grade(share)
         interval = report_view.grade_interval(share)
         grade_components = [_component("grade-ci95", valueString=f"{interval[0]} to {interval[1]}")] \

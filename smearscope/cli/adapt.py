@@ -348,17 +348,20 @@ def _adapting_analyzer(args: argparse.Namespace):
 
 
 def _typed_rows(path: Path) -> int:
-    """How many rows of an existing CSV have a type filled in (0: none, not a CSV, or no file)."""
+    """How many rows of an existing CSV have a type filled in (0: no file, an empty one, or a
+    template with none typed; -1: a file that cannot be read as one, so cannot be judged safe)."""
     try:
+        if not path.exists() or path.stat().st_size == 0:
+            return 0
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = [h.strip().lower() for h in next(reader, [])]
             if "type" not in header:
-                return 0
+                return -1
             col = header.index("type")
             return sum(1 for row in reader if len(row) > col and row[col].strip())
     except (OSError, UnicodeDecodeError, csv.Error):
-        return 0
+        return -1
 
 
 TEMPLATE_COLUMNS = ("image", "x", "y", "type", "cell", "suggested", "confidence", "overlay", "microns_per_pixel")
@@ -400,8 +403,9 @@ def _write_template(args: argparse.Namespace, error) -> int:
         return error("cannot_write", f"{exc}")
     typed = _typed_rows(args.template)
     if typed:
-        return error("would_overwrite_types", f"{args.template} already holds {typed} typed cells; fit them with "
-                     f"--labels {args.template}, or write the new template to another file")
+        held = f"already holds {typed} typed cells" if typed > 0 else "is not an untyped template (another file?)"
+        return error("would_overwrite_types", f"{args.template} {held}; fit typed cells with --labels "
+                     f"{args.template}, or write the new template to another file")
     opened = _analyzer_or_error(args, error)
     if isinstance(opened, int):
         return opened

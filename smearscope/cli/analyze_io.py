@@ -119,16 +119,16 @@ class OutputGuard:
 
     def __init__(self, inputs: list[Input], lists: list[Path] | tuple[Path, ...] = ()) -> None:
         self._inputs = {ident for i in [*(x.path for x in inputs), *lists] if (ident := _identity(i)) is not None}
-        self._claimed: dict[Path, str] = {}  # an output's resolved path -> the option writing it
+        self._claimed: dict[object, str] = {}  # an output's resolved path or (dev, inode) -> its option
 
     def check(self, path: Path, option: str) -> None:
         """InputError("bad_output") when `path` is an input, another option's output, a FIFO,
         socket or directory."""
-        key = path.resolve()
-        owner = self._claimed.setdefault(key, option)
-        if owner != option:
-            raise InputError("bad_output", f"{option} {shown(path)} is also {owner}'s output; they would overwrite "
-                             "each other")
+        for key in (path.resolve(), _identity(path)):  # a name, and an existing file under any name
+            owner = self._claimed.setdefault(key, option) if key is not None else option
+            if owner != option:
+                raise InputError("bad_output", f"{option} {shown(path)} is also {owner}'s output; they would "
+                                 "overwrite each other")
         try:
             st = os.stat(path)
         except FileNotFoundError:

@@ -43,7 +43,9 @@ def _config_checks(path: Path | None) -> tuple[list[Check], object | None]:
             from smearscope.service.station.embedded import embedded_config
 
             # SMEARSCOPE__ environment overrides apply to the embedded station too
-            return [("OK", "config", "no --config: the embedded simulated station")], embedded_config()
+            config = embedded_config()
+            checks: list[Check] = [("OK", "config", "no --config: the embedded simulated station")]
+            return checks + [("FAIL", "config files", f"{loc}: {msg}") for loc, msg in file_problems(config)], config
         config = load_config(path)
     except ConfigError as exc:
         return [("FAIL", "config", f"{path or 'embedded station'}: {loc}: {msg}") for loc, msg in exc.errors], None
@@ -227,8 +229,8 @@ def _outbox_checks(path: Path) -> list[Check]:
 
     folder = path.parent
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if (reason := outbox_parent_problem(path)) is not None:
-        return [("FAIL", "outbox", reason)]
+    if outbox_parent_problem(path) is not None:
+        return []  # the config files check names it
     try:  # what the station will do: create the folder (here a scratch one, removed) and a file in it
         if existing is None:
             raise OSError("no existing parent")
