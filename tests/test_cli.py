@@ -198,3 +198,15 @@ def test_analyze_specimen_gives_a_far_off_field_the_scale_the_earlier_fields_agr
     assert pooled[5]["field_estimate_microns_per_pixel"] == pytest.approx(alone[5]["microns_per_pixel"], rel=1e-3)
     given, _ = scales("--specimen", "--microns-per-pixel", "0.15")
     assert all(s["method"] == "given" for s in given)
+
+
+@needs_models
+def test_analyze_prints_its_summary_at_an_estimated_scale_and_at_a_given_one(tmp_path):
+    """The human-readable lines (no --json): the red-cell diameter only where it was measured."""
+    path = tmp_path / "field.png"
+    _render(path, 3)
+    estimated = smearscope("analyze", str(path))
+    assert estimated.returncode == 0 and "Traceback" not in estimated.stderr, estimated.stderr[-800:]
+    assert "RBC " in estimated.stdout and "RBC diameter" not in estimated.stdout
+    given = smearscope("analyze", str(path), "--microns-per-pixel", "0.1")
+    assert given.returncode == 0 and "RBC diameter" in given.stdout, given.stdout

@@ -45,6 +45,13 @@ def test_grade_and_its_interval_ends_each_from_their_own_share():
     assert (eighteen.grade, eighteen.grade_ci_low, eighteen.grade_ci_high) == ("1+", "1+", "2+")
 
 
+def test_a_grade_comes_from_the_exact_share_not_the_rounded_percent():
+    """One schistocyte in 25 000 red cells is 0.004 %: printed 0.0 %, but ICSH's 1+ (any under 1 %)."""
+    cells = [_cell(CellKind.RBC, "normal")] * 24_999 + [_cell(CellKind.RBC, "schistocyte")]
+    row = next(s for s in aggregate(cells).rbc_morphology if s.label == "schistocyte")
+    assert row.percent == 0.0 and row.grade == "1+"
+
+
 # -- ratios
 def test_ratios_use_their_own_denominators_and_leave_nrbc_out():
     cells = ([_cell(CellKind.RBC, "normal")] * 10 + [_cell(CellKind.WBC, "neutrophil")] * 4
@@ -118,6 +125,9 @@ def test_sickle_critical_at_exactly_the_confidence_and_lists_every_sickle_cell()
     no_score = aggregate(normal + [_cell(CellKind.RBC, "sickle", None)] * 5)
     assert {f.code for f in no_score.flags} >= {"sickle_cells_review"}
     assert "sickle_cells_present" not in {f.code for f in no_score.flags}
+    four_sure = aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.95)] * 4 + [_cell(CellKind.RBC, "sickle", 0.5)])
+    review = next(f for f in four_sure.flags if f.code == "sickle_cells_review")
+    assert review.message.startswith("5 possible sickle cell(s), 4 at confidence >= 0.8")  # says which fall short
 
 
 # -- schistocytes_present

@@ -14,6 +14,7 @@ from smearscope.service.analysis.records import Box, CellDetection, CellKind, Cl
 from smearscope.service.analysis.report import (
     CellRecord,
     Counts,
+    Flag,
     ImageInfo,
     ModelInfo,
     Report,
@@ -215,3 +216,21 @@ def test_policy_from_station_config_defaults_auto_start() -> None:
     manual = SpecimenPolicy.from_config(SpecimenConfig(auto_start=False))
     assert manual.auto_start is False
     assert SpecimenTracker(manual).run_for_next_field() is None  # fields stand alone
+
+
+def test_a_fields_scale_and_preparation_flags_reach_the_specimen_report() -> None:
+    """The pooled cells cannot say a field's scale was guessed: the specimen report must."""
+    t = tracker(target=30)
+    assert t.run_for_next_field() is not None
+    plain = fake_field("f0", MIX)
+    guessed = fake_field("f1", MIX)
+    flagged = guessed.report.model_copy(update={"flags": [
+        Flag(code="scale_unknown", severity="warning", message="assumed 0.1 um/px"),
+        Flag(code="too_few_wbc_for_differential", severity="info", message="10 WBC")]})
+    t.add(plain)
+    t.add(FieldResult(flagged, guessed.cells, 1.0))
+    report = t.interim_report()
+    carried = [f for f in report.flags if f.code == "scale_unknown"]
+    assert len(carried) == 1 and carried[0].severity == "warning" and carried[0].message.startswith("1 of 2 fields")
+    # a field's own count flags are recomputed over the pooled cells, not carried
+    assert sum(f.code == "too_few_wbc_for_differential" for f in report.flags) == 1

@@ -110,9 +110,10 @@ def morphology(rbc: Sequence[ClassifiedCell], calibrated: bool) -> list[ClassSha
         rows.sort(key=lambda r: (-r.count, r.label))
     out = []
     for share in rows:
-        if share.label in ICSH_THRESHOLDS:
+        if share.label in ICSH_THRESHOLDS:  # graded on the exact share, not the rounded percent
+            exact = 100.0 * share.count / (share.of_cells or len(rbc))  # every red cell is in one row
             share = share.model_copy(update={
-                "grade": icsh_grade(share.label, share.percent),
+                "grade": icsh_grade(share.label, exact),
                 "grade_ci_low": icsh_grade(share.label, share.ci95_low or 0.0),
                 "grade_ci_high": icsh_grade(share.label, share.ci95_high or 0.0)})
         out.append(share)
@@ -189,8 +190,9 @@ def _evidence_flags(cells, wbc, rbc, plt, nrbc, calibrated: bool, th: AggregateT
                                   f"{th.sickle_min_confidence}): review"))
     elif sickle:
         flags.append(Flag(code="sickle_cells_review", severity="warning", cells=sickle,
-                          message=f"{len(sickle)} possible sickle cell(s), fewer than the {th.sickle_critical_min_cells} "
-                                  f"confident ones a critical flag needs: review the listed cells"))
+                          message=f"{len(sickle)} possible sickle cell(s), {len(sure)} at confidence >= "
+                                  f"{th.sickle_min_confidence}, fewer than the {th.sickle_critical_min_cells} a critical "
+                                  "flag needs: review the listed cells"))
     schisto = _indices(cells, lambda c: c.detection.kind is CellKind.RBC and c.label == "schistocyte")
     if rbc and len(schisto) >= th.schistocyte_min_cells and len(schisto) / len(rbc) > 0.01:
         flags.append(Flag(code="schistocytes_present", severity="warning", cells=schisto,

@@ -63,6 +63,19 @@ class SpecimenPolicy:
         )
 
 
+#: What a field's own flags say that its specimen's report must say too (the pooled cells cannot):
+#: how the scale was found and how the frame was prepared.
+FIELD_FLAGS = {
+    "scale_unknown": "no scale could be measured; a default was assumed (sizes and counts may be off)",
+    "scale_uncertain": "the scale estimate was uncertain (sizes and counts may be off): calibrate the station",
+    "scale_from_specimen": "analysed at the scale the specimen's fields agree on, not their own estimate",
+    "stain_normalization_skipped": "too little stained material to normalize the stain",
+    "no_background_found": "no lit glass to measure the lamp on; used as it came",
+    "uneven_illumination": "the lamp lit the field unevenly (corrected): check the condenser and lamp",
+    "greyscale_input": "no colour in the image: cells found and typed from shape and density only",
+}
+
+
 def field_id_of(report: Report) -> str:
     return report.source.frame_id if report.source is not None else report.report_id
 
@@ -83,6 +96,8 @@ class SpecimenRun:
     last_field_at: float | None = None
     #: The scale its fields agree on, for an uncalibrated station (service.analysis.specimen_scale).
     scale: SpecimenScale = field(default_factory=SpecimenScale)
+    #: Field-level flags the specimen report carries on (FIELD_FLAGS): code -> (severity, fields).
+    field_flags: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -112,6 +127,9 @@ class SpecimenRun:
         self.models = self.models or dict(report.models)
         self.last_field_at = now
         self.scale.add_report(report.scale)
+        for f in report.flags:
+            if f.code in FIELD_FLAGS:
+                self.field_flags[f.code] = (f.severity, self.field_flags.get(f.code, (f.severity, 0))[1] + 1)
         return True
 
     def verified(self, types: dict[tuple[str, int], tuple[str, str]]
@@ -178,6 +196,8 @@ class SpecimenRun:
         """The specimen report over every cell so far; `end_reason` None gives an interim one."""
         agg = aggregate(self.cells, thresholds)
         flags = list(agg.flags)
+        flags += [Flag(code=code, severity=severity, message=f"{n} of {len(self.field_ids)} fields: {FIELD_FLAGS[code]}")
+                  for code, (severity, n) in self.field_flags.items()]
         progress = (f"{self.classified_wbc} of {self.target_wbc} target WBC classified in "
                     f"{len(self.field_ids)} fields")
         if self.complete:

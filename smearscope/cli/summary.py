@@ -21,8 +21,10 @@ def summarize(report: Report) -> str:
         lines.append("  WBC: " + ", ".join(f"{s.label} {s.count} ({s.percent:.0f}%)" for s in r.wbc_differential))
     if r.rbc_morphology:
         lines.append("  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" for s in r.rbc_morphology[:6]))
-    if r.rbc_size.n:
-        lines.append(f"  RBC diameter {r.rbc_size.mean_diameter_um:.2f} um (CV {r.rbc_size.cv_percent:.1f}%, n={r.rbc_size.n})")
+    size = r.rbc_size
+    if size.n and size.mean_diameter_um is not None:  # measured only at a calibrated scale
+        cv = f"CV {size.cv_percent:.1f}%, " if size.cv_percent is not None else ""
+        lines.append(f"  RBC diameter {size.mean_diameter_um:.2f} um ({cv}n={size.n})")
     for f in r.flags:
         lines.append(f"  [{f.severity}] {f.code}: {f.message}")
     return "\n".join(lines)
