@@ -292,3 +292,39 @@ def test_the_last_closed_runs_survive_a_restart_for_verification(run, tmp_path, 
         assert "late" not in [c.run_id for c in state.closed_runs()] and len(state.closed_runs()) == KEEP_CLOSED_RUNS - 1
     finally:
         outbox.close()
+
+
+def test_an_open_runs_field_flags_survive_a_restart_and_an_old_file_opens(run, tmp_path):
+    """A field analysed at a guessed scale: the restored run's report still says so. A file written
+    before flags were kept gets the column and opens (its rows carry none)."""
+    import sqlite3
+
+    from smearscope.service.analysis.report import Flag
+    from smearscope.service.mqtt.outbox import Outbox
+    from smearscope.service.station.durable import RunMeta, StationState
+
+    old = tmp_path / "old.sqlite3"
+    with sqlite3.connect(old) as conn:  # the table as an earlier version made it
+        conn.execute("CREATE TABLE specimen_fields (run_id TEXT NOT NULL, field_id TEXT NOT NULL, position INTEGER "
+                     "NOT NULL, started_at REAL NOT NULL, started_by TEXT NOT NULL, target_wbc INTEGER NOT NULL, "
+                     "models TEXT NOT NULL, cells TEXT NOT NULL, stored_at REAL NOT NULL, PRIMARY KEY (run_id, field_id))")
+        conn.execute("INSERT INTO specimen_fields VALUES ('r0', 'f', 0, 1.0, 'auto', 100, '{}', '[]', 2.0)")
+    outbox = Outbox(old)
+    try:
+        state = StationState(outbox)
+        (restored,) = state.open_runs()
+        assert restored.run_id == "r0" and restored.field_flags == {}
+        meta = RunMeta("r1", run.started_at, run.started_by, run.target_wbc)
+        fid = run.field_ids[0]
+        idx = [i for i, rec in enumerate(run.records) if rec.field_id == fid]
+        w = state.field_stored(report_id="x", input_key=None, run=meta, field_id=fid, cells=[run.cells[i] for i in idx],
+                               records=[run.records[i] for i in idx], models=run.models,
+                               flags=[Flag(code="scale_uncertain", severity="warning", message="searched"),
+                                      Flag(code="too_few_wbc_for_differential", severity="info", message="3 WBC")])
+        outbox.write(lambda conn: w(conn, []))
+        r1 = next(r for r in state.open_runs() if r.run_id == "r1")
+        assert r1.field_flags == {"scale_uncertain": ("warning", 1)}
+        report = r1.report(station_id="s", now=9.0, end_reason="restart")
+        assert any(f.code == "scale_uncertain" and f.message.startswith("1 of 1 fields") for f in report.flags)
+    finally:
+        outbox.close()

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 from smearscope.service.analysis.aggregate import is_classified_wbc
 from smearscope.service.analysis.records import Box, CellDetection, CellKind, ClassifiedCell
-from smearscope.service.analysis.report import CellRecord, ModelInfo, Report
+from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Report
 from smearscope.service.mqtt.outbox import Outbox, StateWriter
-from smearscope.service.station.specimen import ClosedRun, SpecimenRun, StartedBy
+from smearscope.service.station.specimen import FIELD_FLAGS, ClosedRun, SpecimenRun, StartedBy
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +83,19 @@ def _cell_from_json(item: dict[str, object], field_id: str) -> tuple[ClassifiedC
     return cell, record
 
 
+def _add_flags_column(conn: sqlite3.Connection) -> None:
+    """Files written before fields' flags were kept get the column, empty for their rows."""
+    if "flags" not in [row[1] for row in conn.execute("PRAGMA table_info(specimen_fields)")]:
+        conn.execute("ALTER TABLE specimen_fields ADD COLUMN flags TEXT NOT NULL DEFAULT '[]'")
+
+
 class StationState:
     """The station's durable state in an open outbox (tables made on open)."""
 
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
         outbox.write(lambda conn: [conn.execute(statement) for statement in _SCHEMA])
+        outbox.write(_add_flags_column)
 
     def input_stored(self, input_key: str) -> bool:
         row = self.outbox.read(lambda conn: conn.execute(
@@ -97,8 +104,10 @@ class StationState:
 
     def field_stored(self, *, report_id: str, input_key: str | None, run: RunMeta | None,
                      field_id: str, cells: Sequence[ClassifiedCell], records: Sequence[CellRecord],
-                     models: dict[str, ModelInfo]) -> StateWriter:
-        """The state a stored field message brings: its input, and its cells in its run."""
+                     models: dict[str, ModelInfo], flags: Sequence[Flag] = ()) -> StateWriter:
+        """The state a stored field message brings: its input, and its cells (and the flags its
+        run's report carries on, FIELD_FLAGS) in its run."""
+        carried = json.dumps([[f.code, f.severity] for f in flags if f.code in FIELD_FLAGS])
         now = time.time()
 
         def write(conn: sqlite3.Connection, seqs: list[int]) -> None:
@@ -111,10 +120,11 @@ class StationState:
                 position = conn.execute("SELECT COUNT(*) FROM specimen_fields WHERE run_id = ?",
                                         (run.run_id,)).fetchone()[0]
                 conn.execute(
-                    "INSERT OR IGNORE INTO specimen_fields VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO specimen_fields (run_id, field_id, position, started_at, started_by, "
+                    "target_wbc, models, cells, stored_at, flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (run.run_id, field_id, position, run.started_at, run.started_by,
                      run.target_wbc, json.dumps({k: m.model_dump() for k, m in models.items()}),
-                     json.dumps([_cell_json(c, r) for c, r in zip(cells, records)]), now))
+                     json.dumps([_cell_json(c, r) for c, r in zip(cells, records)]), now, carried))
 
         return write
 
@@ -140,11 +150,11 @@ class StationState:
 
     def _runs(self, closed: bool) -> list[SpecimenRun]:
         rows = self.outbox.read(lambda conn: conn.execute(
-            "SELECT run_id, field_id, started_at, started_by, target_wbc, models, cells, stored_at "
+            "SELECT run_id, field_id, started_at, started_by, target_wbc, models, cells, stored_at, flags "
             f"FROM specimen_fields WHERE run_id {'' if closed else 'NOT '}IN (SELECT run_id FROM closed_runs) "
             "ORDER BY run_id, position").fetchall())
         runs: dict[str, SpecimenRun] = {}
-        for run_id, field_id, started_at, started_by, target, models, cells, stored_at in rows:
+        for run_id, field_id, started_at, started_by, target, models, cells, stored_at, flags in rows:
             run = runs.get(run_id)
             if run is None:
                 run = runs[run_id] = SpecimenRun(
@@ -158,6 +168,7 @@ class StationState:
                 run.classified_wbc += is_classified_wbc(cell)
             run.field_ids.append(field_id)
             run.last_field_at = float(stored_at)
+            run.count_field_flags((str(code), str(severity)) for code, severity in json.loads(flags))
         return list(runs.values())
 
     def open_runs(self) -> list[SpecimenRun]:

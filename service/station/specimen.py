@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -127,10 +127,14 @@ class SpecimenRun:
         self.models = self.models or dict(report.models)
         self.last_field_at = now
         self.scale.add_report(report.scale)
-        for f in report.flags:
-            if f.code in FIELD_FLAGS:
-                self.field_flags[f.code] = (f.severity, self.field_flags.get(f.code, (f.severity, 0))[1] + 1)
+        self.count_field_flags((f.code, f.severity) for f in report.flags)
         return True
+
+    def count_field_flags(self, flags: Iterable[tuple[str, str]]) -> None:
+        """One field's (code, severity) flags: those the specimen report carries on are counted."""
+        for code, severity in flags:
+            if code in FIELD_FLAGS:
+                self.field_flags[code] = (severity, self.field_flags.get(code, (severity, 0))[1] + 1)
 
     def verified(self, types: dict[tuple[str, int], tuple[str, str]]
                  ) -> tuple[SpecimenRun, list[Reclassified], int]:
