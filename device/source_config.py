@@ -15,7 +15,9 @@ from smearscope.device.config_fields import ConfigPath
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: The files a folder or replay source picks up: what the decoder reads (BMP, WebP and GIF it
+#: refuses, so a scanner's BMP would only ever land in rejected/).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 class SourceBaseModel(BaseModel):
@@ -116,7 +118,7 @@ class FolderSourceConfig(_CommonSourceFields):
         default=30.0,
         title="Undecodable grace (s)",
         description="How long a settled file that does not decode is retried before it is "
-        "rejected as 'undecodable' (a writer may pause mid-file).",
+        "rejected with the decoder's reason (a writer may pause mid-file).",
         ge=0.0,
     )
     max_file_mb: float = Field(
@@ -203,7 +205,7 @@ class SimulatedSourceConfig(_CommonSourceFields):
     fields: int | None = Field(
         default=20,
         title="Number of fields",
-        description="How many fields to render before the source ends; unset for unbounded.",
+        description="How many fields to render before the source ends (default 20).",
         ge=1,
     )
     width: int = Field(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 logger = logging.getLogger("smearscope")
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # as the config's log_level
 #: The input scales a command accepts (um/px): 100x oil objectives give about 0.05-0.2, a 10x
 #: objective about 1; outside this a red cell is under 4 or over 800 pixels across.
 SCALE_RANGE_UM = (0.01, 2.0)
