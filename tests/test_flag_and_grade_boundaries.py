@@ -175,7 +175,12 @@ def test_rbc_size_sd_is_the_sample_sd_and_cv_a_percent():
 # -- size-based classes
 def test_every_size_class_is_withheld_at_an_estimated_scale():
     assert SIZE_BASED == {"microcyte", "macrocyte", "spherocyte"}
-    assert shape_label(["macrocyte", "microcyte", "spherocyte", "target"], np.array([0.5, 0.2, 0.2, 0.1])) == "target"
+    # a size call is a normal outline at a size no one can judge: its probability is normal's, so
+    # the runner-up abnormal shape is not inflated by it ...
+    classes = ["macrocyte", "microcyte", "spherocyte", "target", "normal"]
+    assert shape_label(classes, np.array([0.5, 0.2, 0.1, 0.15, 0.05])) == "normal"
+    # ... and a shape the head saw more strongly than every size call together stays
+    assert shape_label(classes, np.array([0.2, 0.05, 0.05, 0.6, 0.1])) == "target"
 
 
 # -- size gate bound

@@ -253,9 +253,10 @@ def test_size_based_morphology_needs_a_calibrated_scale():
     assert sph.assessable and sph.count == given.counts.rbc and sph.grade == "3+"
     assert given.rbc_size.calibrated and given.rbc_size.histogram is not None
     assert not any(f.code == "size_not_assessable_without_calibration" for f in given.flags)
-    # estimated scale: the size call is withheld, the cell keeps its most likely shape class
+    # estimated scale: the size call is withheld; a spherocyte's outline is normal (its probability
+    # joins normal's, far above the runner-up target)
     labels = {c.label for c in estimated.cells if c.kind == "rbc"}
-    assert labels == {"target"} and {c.unassessed_label for c in estimated.cells if c.kind == "rbc"} == {"spherocyte"}
+    assert labels == {"normal"} and {c.unassessed_label for c in estimated.cells if c.kind == "rbc"} == {"spherocyte"}
     row = next(s for s in estimated.rbc_morphology if s.label == "spherocyte")
     assert not row.assessable and row.count == estimated.counts.rbc and row.grade is None
     assert not estimated.rbc_size.calibrated and estimated.rbc_size.mean_diameter_um is None

@@ -27,7 +27,7 @@ from smearscope.service.analysis.classify import CropClassifier
 from smearscope.service.analysis.crops import crop_cell
 from smearscope.service.analysis.detect_views import ViewSettings, detect_views
 from smearscope.service.analysis.illumination import Illumination, estimate_illumination
-from smearscope.service.analysis.morphology import SIZE_BASED, shape_label
+from smearscope.service.analysis.morphology import SIZE_BASED, shape_label, shape_probs
 from smearscope.service.analysis.nucleated import accepts, dense_interiors
 from smearscope.service.analysis.platelet_rescue import PlateletRescue, rescue_platelets
 from smearscope.service.analysis.prepare import CanonicalField, Preparation
@@ -351,7 +351,7 @@ class Analyzer:
                 if crop.detection.kind is CellKind.RBC and not calibrated and res.label in SIZE_BASED and res.probs:
                     # size calls rest on micrometres this field only estimated: keep the shape
                     label, unassessed = shape_label(rbc_classes, np.array(res.probs)), res.label
-                score = res.probs[rbc_classes.index(label)] if unassessed else res.score
+                score = shape_probs(rbc_classes, np.array(res.probs))[label] if unassessed else res.score
                 cells.append(_classified(crop.detection, label, score, shape, atypical=res.atypical,
                                          size_calibrated=calibrated, unassessed_label=unassessed,
                                          open_set_scores=res.open_set_scores, head_features=res.head_features))
