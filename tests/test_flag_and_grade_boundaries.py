@@ -72,6 +72,16 @@ def test_differential_needs_100_white_cells_and_nrbc_do_not_count_toward_them():
     assert few.message.startswith("95 WBC classified (10 more unidentified)")
 
 
+# -- too_few_rbc_for_morphology
+def test_morphology_on_a_handful_of_red_cells_says_so():
+    assert "too_few_rbc_for_morphology" in _codes([_cell(CellKind.RBC, "schistocyte")])
+    assert "too_few_rbc_for_morphology" in _codes([_cell(CellKind.RBC, "normal")] * 199)
+    assert "too_few_rbc_for_morphology" not in _codes([_cell(CellKind.RBC, "normal")] * 200)
+    assert "too_few_rbc_for_morphology" not in _codes([_cell(CellKind.WBC, "neutrophil")])  # no red cell: nothing graded
+    assert "too_few_rbc_for_morphology" not in _codes([_cell(CellKind.RBC, "normal")] * 20,
+                                                      AggregateThresholds(min_rbc_for_morphology=20))
+
+
 # -- many_unidentified_*
 def test_many_unidentified_red_cells_and_the_share_is_of_that_kind():
     rbc = [_cell(CellKind.RBC, "normal")] * 8 + [_cell(CellKind.RBC, UNIDENTIFIED)] * 2  # 20 % of RBC

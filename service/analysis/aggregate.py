@@ -66,6 +66,8 @@ def size_stats(diameters: Sequence[float], calibrated: bool) -> SizeStats:
 @dataclass(frozen=True)
 class AggregateThresholds:
     min_wbc_for_differential: int = 100
+    #: Below this many counted red cells the morphology grades rest on too few to be read alone.
+    min_rbc_for_morphology: int = 200
     max_unidentified_fraction: float = 0.1
     #: `atypical_wbc_present` needs at least this many unidentified white cells AND this share.
     atypical_wbc_min_count: int = 3
@@ -161,6 +163,10 @@ def aggregate(cells: Sequence[ClassifiedCell], th: AggregateThresholds = Aggrega
         flags.append(Flag(code="too_few_wbc_for_differential", severity="info",
                           message=f"{typed} WBC classified ({len(wbc) - typed} more unidentified); a differential "
                                   f"needs at least {th.min_wbc_for_differential}"))
+    if 0 < len(rbc) < th.min_rbc_for_morphology:
+        flags.append(Flag(code="too_few_rbc_for_morphology", severity="info",
+                          message=f"{len(rbc)} red cells counted; morphology grades need at least "
+                                  f"{th.min_rbc_for_morphology} (read them with their intervals, or over the specimen)"))
     for name, labels in (("wbc", wbc_labels), ("rbc", rbc_labels)):
         if labels:
             frac = labels.count(UNIDENTIFIED) / len(labels)

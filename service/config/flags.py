@@ -13,6 +13,9 @@ class FlagsConfig(StationBaseModel):
     min_wbc_for_differential: int = Field(
         default=100, ge=1, le=1000, title="WBC for a differential",
         description="Below this many white cells a report says the differential is not yet reliable.")
+    min_rbc_for_morphology: int = Field(
+        default=200, ge=1, le=100_000, title="Red cells for morphology grades",
+        description="Below this many red cells a report says its morphology grades rest on too few cells.")
     max_unidentified_fraction: float = Field(
         default=0.1, gt=0.0, le=1.0, title="Unidentified share for 'many_unidentified'",
         description="Share of white or red cells the heads could not type above which the report says so.")
