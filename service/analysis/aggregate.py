@@ -95,14 +95,14 @@ def _ratio(a: int, b: int) -> float | None:
     return round(a / b, 3) if b else None
 
 
-def morphology(rbc: Sequence[ClassifiedCell], calibrated: bool) -> list[ClassShare]:
+def morphology(rbc: Sequence[ClassifiedCell], n_calibrated: int) -> list[ClassShare]:
     """RBC morphology shares with ICSH grades (and the grades at the ends of the 95 % interval).
 
     Size-based classes at an estimated scale are listed as not assessable, with the number of
     cells the head would have given them (those cells are counted under their shape class). Where
     only some cells were at a calibrated scale (a specimen run that took a field without one),
-    size-based classes are shares of those cells alone (`of_cells`), shape classes of all."""
-    n_calibrated = sum(c.size_calibrated for c in rbc)
+    size-based classes are shares of those cells alone (`of_cells`), shape classes of all.
+    `n_calibrated`: how many of `rbc` were at a calibrated scale."""
     mixed = 0 < n_calibrated < len(rbc)
     rows = shares([c.label or UNIDENTIFIED for c in rbc if not (mixed and c.label in SIZE_BASED)], with_ci=True,
                   of=len(rbc) if mixed else None)
@@ -119,7 +119,7 @@ def morphology(rbc: Sequence[ClassifiedCell], calibrated: bool) -> list[ClassSha
                 "grade_ci_low": icsh_grade(share.label, share.ci95_low or 0.0),
                 "grade_ci_high": icsh_grade(share.label, share.ci95_high or 0.0)})
         out.append(share)
-    if rbc and not calibrated and not mixed:
+    if rbc and n_calibrated == 0:
         held = Counter(c.unassessed_label for c in rbc if c.unassessed_label)
         for label in sorted(SIZE_BASED):
             out.append(ClassShare(label=label, count=held.get(label, 0), percent=0.0, assessable=False))
@@ -143,9 +143,9 @@ def aggregate(cells: Sequence[ClassifiedCell], th: AggregateThresholds = Aggrega
     counts = Counts(rbc=len(rbc), wbc=len(wbc), platelet=len(plt), nrbc=len(nrbc))
     wbc_labels = [c.label or UNIDENTIFIED for c in wbc]
     rbc_labels = [c.label or UNIDENTIFIED for c in rbc]
-    calibrated = bool(rbc) and all(c.size_calibrated for c in rbc)
+    n_calibrated = sum(c.size_calibrated for c in rbc)
     diff = shares(wbc_labels, with_ci=True)
-    morph = morphology(rbc, calibrated)
+    morph = morphology(rbc, n_calibrated)
     # diameters are measured only where the scale was calibrated (in a mixed run: those fields' cells)
     sized = [c for c in rbc if c.size_calibrated] or rbc
     sizes = size_stats([c.diameter_um for c in sized if not c.touches_frame_edge], sized[0].size_calibrated if sized else False)
@@ -173,12 +173,12 @@ def aggregate(cells: Sequence[ClassifiedCell], th: AggregateThresholds = Aggrega
             if frac > th.max_unidentified_fraction:
                 flags.append(Flag(code=f"many_unidentified_{name}", severity="warning",
                                   message=f"{100 * frac:.0f}% of {name.upper()} could not be classified with confidence: review"))
-    flags += _evidence_flags(cells, wbc, rbc, plt, nrbc, calibrated, th)
+    flags += _evidence_flags(cells, wbc, rbc, plt, nrbc, n_calibrated, th)
     nrbc_100 = round(100.0 * len(nrbc) / len(wbc), 2) if wbc else None
     return Aggregates(counts, diff, morph, sizes, ratios, flags, nrbc_100)
 
 
-def _evidence_flags(cells, wbc, rbc, plt, nrbc, calibrated: bool, th: AggregateThresholds) -> list[Flag]:
+def _evidence_flags(cells, wbc, rbc, plt, nrbc, n_calibrated: int, th: AggregateThresholds) -> list[Flag]:
     """Flags proportionate to evidence, each listing its cells (indices into `cells`) for review."""
     flags: list[Flag] = []
     unid = _indices(cells, lambda c: c.detection.kind is CellKind.WBC and (c.label or UNIDENTIFIED) == UNIDENTIFIED)
@@ -214,13 +214,12 @@ def _evidence_flags(cells, wbc, rbc, plt, nrbc, calibrated: bool, th: AggregateT
         flags.append(Flag(code="nucleated_rbc_present", severity="warning",
                           cells=_indices(cells, lambda c: c.detection.kind is CellKind.NRBC),
                           message=f"{len(nrbc)} nucleated red cells (erythroblasts) seen, counted apart from the white cells"))
-    n_calibrated = sum(c.size_calibrated for c in rbc)
     if rbc and 0 < n_calibrated < len(rbc):
         flags.append(Flag(code="sizes_from_calibrated_fields_only", severity="info",
                           message=f"{len(rbc) - n_calibrated} of {len(rbc)} red cells came from fields at an estimated "
                                   f"scale: microcytes, macrocytes, spherocytes and red-cell sizes are from the "
                                   f"{n_calibrated} red cells of the calibrated fields only"))
-    elif rbc and not calibrated:
+    elif rbc and n_calibrated == 0:
         flags.append(Flag(code="size_not_assessable_without_calibration", severity="info",
                           message="the scale was estimated from the red cells themselves, so microcytes, macrocytes and "
                                   "spherocytes cannot be judged and red-cell sizes are not reported; calibrate the station "

@@ -40,9 +40,14 @@ def _source_problems(source) -> list[tuple[str, str]]:
     return []
 
 
+def nearest_existing(folder: Path) -> Path | None:
+    """`folder`, or its closest ancestor that exists (where creating it would start)."""
+    return next((p for p in (folder, *folder.parents) if p.exists()), None)
+
+
 def outbox_parent_problem(path: Path) -> str | None:
     """Why the outbox's folder cannot be created: a file where a folder on its path must be."""
-    existing = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    existing = nearest_existing(path.parent)
     if existing is not None and not existing.is_dir():
         return f"{path.parent} cannot be created: {existing} is a file, not a directory"
     return None

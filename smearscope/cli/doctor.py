@@ -36,20 +36,15 @@ Check = tuple[str, str, str]  # (OK | WARN | FAIL, what, detail)
 
 def _config_checks(path: Path | None) -> tuple[list[Check], object | None]:
     from smearscope.service.config import ConfigError, load_config
+    from smearscope.service.station.embedded import embedded_config
     from smearscope.service.station.preflight import file_problems
 
-    try:
-        if path is None:
-            from smearscope.service.station.embedded import embedded_config
-
-            # SMEARSCOPE__ environment overrides apply to the embedded station too
-            config = embedded_config()
-            checks: list[Check] = [("OK", "config", "no --config: the embedded simulated station")]
-            return checks + [("FAIL", "config files", f"{loc}: {msg}") for loc, msg in file_problems(config)], config
-        config = load_config(path)
+    try:  # SMEARSCOPE__ environment overrides apply to the embedded station too
+        config = embedded_config() if path is None else load_config(path)
     except ConfigError as exc:
         return [("FAIL", "config", f"{path or 'embedded station'}: {loc}: {msg}") for loc, msg in exc.errors], None
-    checks: list[Check] = [("OK", "config", f"{path} (station {config.station_id})")]
+    what = "no --config: the embedded simulated station" if path is None else f"{path} (station {config.station_id})"
+    checks: list[Check] = [("OK", "config", what)]
     checks += [("FAIL", "config files", f"{loc}: {msg}") for loc, msg in file_problems(config)]
     return checks, config
 
@@ -225,12 +220,12 @@ def _credential_checks(mqtt) -> list[Check]:
 
 def _outbox_checks(path: Path) -> list[Check]:
     from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
-    from smearscope.service.station.preflight import outbox_parent_problem
+    from smearscope.service.station.preflight import nearest_existing, outbox_parent_problem
 
-    folder = path.parent
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if outbox_parent_problem(path) is not None:
         return []  # the config files check names it
+    folder = path.parent
+    existing = nearest_existing(folder)
     try:  # what the station will do: create the folder (here a scratch one, removed) and a file in it
         if existing is None:
             raise OSError("no existing parent")
