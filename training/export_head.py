@@ -110,7 +110,8 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float, run_open
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--head", choices=("wbc", "rbc"), required=True)
-    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--run", type=Path, nargs="+", required=True,
+                    help="RBC: several runs export the mean of their logits as one head (training.ensemble_rbc)")
     ap.add_argument("--out", type=Path, default=Path("models"))
     ap.add_argument("--views", default="identity,hflip")
     ap.add_argument("--ood-quantile", type=float, default=0.95)
@@ -121,7 +122,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(1)
     if args.head == "wbc":
-        export_wbc(args.run, args.out, args.views.split(","), args.ood_quantile, args.run_open_set)
+        if len(args.run) > 1:
+            ap.error("--run: one WBC run")
+        export_wbc(args.run[0], args.out, args.views.split(","), args.ood_quantile, args.run_open_set)
     else:
         from training.train_rbc import export_rbc
 

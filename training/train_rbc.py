@@ -58,12 +58,14 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=0.0,
                     help="keep an exponential moving average of the weights with this decay per step "
                     "(e.g. 0.998); validation, selection and the kept checkpoint use the average")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seeds the weights, the sampling and the augmentation (0: the runs before this option)")
     ap.add_argument("--select", choices=("looks", "spherocyte"), default="looks",
                     help="what the kept checkpoint's worst figure includes (see above)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     run_dir = args.out / args.name
     run_dir.mkdir(parents=True, exist_ok=True)
     sets = build_sets()
@@ -105,7 +107,7 @@ def main() -> None:
         opt.load_state_dict(ck["opt"])
         if ema is not None and ck.get("ema") is not None:
             ema.load_state_dict(ck["ema"])
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(1 + args.seed)
     epoch, elapsed, planned, history, best = 0, 0.0, args.max_epochs, [], (-1.0, None)
     start = val_figures(model)
     logger.info("start: %s", start)
@@ -116,7 +118,7 @@ def main() -> None:
         logger.info("resumed after epoch %d of %d", epoch, planned)
     while epoch < planned:
         t0 = time.time()
-        rng = np.random.default_rng(2000 + epoch)
+        rng = np.random.default_rng(2000 + epoch + 100_000 * args.seed)
         model.train()
         lr = args.lr * 0.5 * (1 + np.cos(np.pi * epoch / max(1, planned)))
         for pg in opt.param_groups:
@@ -172,33 +174,35 @@ if __name__ == "__main__":
     main()
 
 
-def export_rbc(run: Path, out: Path, views: list[str]) -> Path:
-    """The run's best head as models' rbc_head (lamp-corrected crops), temperature fitted for `views`
-    on validation, measured through the analyzer's classifier on the test crops."""
+def export_rbc(runs: list[Path], out: Path, views: list[str]) -> Path:
+    """The run's best head (several runs: the mean of their logits in one graph, `ensemble_rbc`) as
+    models' rbc_head (lamp-corrected crops), temperature fitted for `views` on validation, measured
+    through the analyzer's classifier on the test crops."""
     from smearscope.engines.manifest import Preprocessing
     from smearscope.engines.registry import create_engine
     from smearscope.export.onnx_export import export_classifier
     from smearscope.service.analysis.classify import CropClassifier
     from smearscope.service.analysis.tta import view_crops
+    from training.ensemble_rbc import load_head
 
-    state = torch.load(run / "best.pt", weights_only=False)
-    model = Deployable(build_net(state["arch"], len(CLASSES)))
-    model.load_state_dict(state["model"])
-    model.eval()
+    model, arch, architecture = load_head(runs)
     sets = build_sets()
     val_crops = to_crops(sets["val_images"], CROP)
     vlogits = np.mean([predict_logits(model, view_crops(val_crops, v)) for v in views], axis=0)
     temperature = fit_temperature(vlogits, sets["val_labels"])
-    result = json.loads((run / "result.json").read_text()) if (run / "result.json").exists() else {}
+    best = [json.loads((r / "result.json").read_text()).get("val_best_worst") if (r / "result.json").exists()
+            else None for r in runs]
     path = export_classifier(
-        model, name="rbc_head", classes=list(CLASSES), crop=CROP, arch=state["arch"], temperature=temperature,
+        model, name="rbc_head", classes=list(CLASSES), crop=CROP, arch=arch, temperature=temperature,
+        architecture=architecture,
         metrics={}, out_dir=out, preprocessing=Preprocessing(illumination="flatfield"), tta=views,
         training_data={"labs": f"Chula RBC-12 (centres, split by image 80/10/10, at {hd.CHULA_MICRONS_PER_PIXEL} um/px, "
                                "the analyzer's ruler: training.measure_scale), erythrocytesIDB1 "
                                "(train 85/15, test held out), rendered fields",
                        "recipe": "training.train_rbc (random lab looks, lamp correction, the analyzer's crops; kept: "
-                                 "the best worst figure on validation, see train_rbc --select)", "run": str(run),
-                       "run_val_best_worst": result.get("val_best_worst")},
+                                 "the best worst figure on validation, see train_rbc --select)",
+                       "run": str(runs[0]) if len(runs) == 1 else [str(r) for r in runs],
+                       "run_val_best_worst": best[0] if len(runs) == 1 else best},
         split_hashes={})
     eng = create_engine("onnxruntime", path).load()
     clf = CropClassifier(eng, 0.0)
