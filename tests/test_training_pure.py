@@ -284,3 +284,33 @@ def test_lab_table_counts_labelled_cells_and_warns_when_the_worst_lab_rests_on_f
     table = format_table([dict(good, labelled={"rbc": 50, "wbc": 20, "platelet": 4}),
                           dict(good, lab="rpi", counted_map50=0.5)])
     assert "few labelled cells" not in table
+
+
+def test_rbc_ensemble_is_the_mean_of_its_members_logits_and_refuses_other_classes(tmp_path):
+    """training.ensemble_rbc: the exported head of several runs averages their logits (needs torch)."""
+    torch = pytest.importorskip("torch")
+    from training.ensemble_rbc import MeanLogits, load_head
+    from training.rbc_data import CLASSES
+    from training.train_head import Deployable, build_net
+
+    runs = []
+    for k in range(2):
+        torch.manual_seed(k)
+        net = Deployable(build_net("resnet10t-half", len(CLASSES))).eval()
+        (tmp_path / f"r{k}").mkdir()
+        torch.save({"model": net.state_dict(), "arch": "resnet10t-half", "classes": list(CLASSES)},
+                   tmp_path / f"r{k}" / "best.pt")
+        runs.append((tmp_path / f"r{k}", net))
+    x = torch.rand(3, 3, 56, 56)
+    head, arch, text = load_head([r for r, _ in runs])
+    assert isinstance(head, MeanLogits) and arch == "resnet10t-half" and "2 timm" in text
+    with torch.inference_mode():
+        want = (runs[0][1](x) + runs[1][1](x)) / 2
+        assert torch.allclose(head(x), want, atol=1e-5)
+        assert not torch.allclose(head(x), runs[0][1](x), atol=1e-3)
+    single, _, none = load_head([runs[0][0]])
+    assert none is None and not isinstance(single, MeanLogits)
+    torch.save({"model": runs[0][1].state_dict(), "arch": "resnet10t-half", "classes": list(CLASSES)[::-1]},
+               tmp_path / "r0" / "best.pt")
+    with pytest.raises(SystemExit, match="classes"):
+        load_head([runs[0][0]])
