@@ -60,6 +60,11 @@ def main() -> None:
                     "(e.g. 0.998); validation, selection and the kept checkpoint use the average")
     ap.add_argument("--seed", type=int, default=0,
                     help="seeds the weights, the sampling and the augmentation (0: the runs before this option)")
+    ap.add_argument("--teacher", type=Path, nargs="+", default=None,
+                    help="distil: runs whose mean logits (training.ensemble_rbc) the head also learns from, on the "
+                    "same augmented crops (one head's cost for an ensemble's decisions)")
+    ap.add_argument("--distill-weight", type=float, default=0.7, help="the teacher's share of the loss")
+    ap.add_argument("--distill-t", type=float, default=2.0, help="temperature both sides are softened by")
     ap.add_argument("--select", choices=("looks", "spherocyte"), default="looks",
                     help="what the kept checkpoint's worst figure includes (see above)")
     args = ap.parse_args()
@@ -97,6 +102,13 @@ def main() -> None:
     if args.init_pt is not None:
         model.load_state_dict(torch.load(args.init_pt, weights_only=False)["model"])
     model = model.to(memory_format=torch.channels_last)
+    teacher = None
+    if args.teacher:
+        from training.ensemble_rbc import load_head
+
+        teacher = load_head(args.teacher)[0].to(memory_format=torch.channels_last)
+        logger.info("distilling from %s (weight %.2f, T %.1f)", [str(t) for t in args.teacher],
+                    args.distill_weight, args.distill_t)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     # The average of the weights along the low-learning-rate end of a run: a flatter, usually
     # better-generalizing point than the last step (buffers such as BatchNorm statistics copied).
@@ -128,8 +140,14 @@ def main() -> None:
         for s in tqdm(range(args.steps_per_epoch), desc=f"rbc epoch {epoch + 1}/{planned}", mininterval=20):
             b = idx[s * args.batch:(s + 1) * args.batch]
             x = augment(to_tensor(to_crops(tr_x[b], CROP, rng=rng, p_look=args.p_look, jitter_um=0.4)), g, 0.0)
-            loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), torch.from_numpy(tr_y[b]),
-                                   label_smoothing=0.1)
+            x = x.contiguous(memory_format=torch.channels_last)
+            out = model(x)
+            loss = F.cross_entropy(out, torch.from_numpy(tr_y[b]), label_smoothing=0.1)
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = F.softmax(teacher(x) / args.distill_t, dim=1)
+                kd = F.kl_div(F.log_softmax(out / args.distill_t, dim=1), soft, reduction="batchmean")
+                loss = (1 - args.distill_weight) * loss + args.distill_weight * args.distill_t ** 2 * kd
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
