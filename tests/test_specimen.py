@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from smearscope.service.analysis.classify import UNIDENTIFIED
@@ -165,6 +167,30 @@ def test_idle_timeout_ends_the_run_as_incomplete() -> None:
     assert t.check_idle() is None
 
 
+def test_a_run_that_reaches_its_field_limit_ends_incomplete_and_keeps_no_masks() -> None:
+    """The field limit bounds an open run's memory: a run short of its target ends there, and the
+    cells it holds carry no masks (the report and a verification never read them)."""
+    t = SpecimenTracker(SpecimenPolicy(target_wbc=100, max_fields=3), station_id="st", clock=FakeClock())
+    run_id = t.run_for_next_field()
+    closed = None
+    for i in range(3):
+        c, r = cell_pair(CellKind.RBC, "normal")
+        masked = FieldResult(field_of(f"f{i}", [(c, r)]).report,
+                             (replace(c, detection=replace(c.detection, mask=np.ones((8, 8), bool))),), 1.0)
+        assert closed is None
+        _, closed = t.add(masked)
+        if closed is None:
+            assert all(x.detection.mask is None for x in t.open_run().cells)
+    assert closed is not None and closed.run_id == run_id and closed.end_reason == "field_limit"
+    assert not closed.complete and closed.fields == 3
+    flag = closed.report.flags[-1]
+    assert flag.code == "specimen_incomplete" and "field_limit" in flag.message
+    assert all(x.detection.mask is None for x in closed.run.cells)
+    assert t.progress() is None and t.run_for_next_field() != run_id
+    with pytest.raises(ValueError):
+        SpecimenPolicy(max_fields=0)
+
+
 def test_a_run_without_fields_ends_without_a_report() -> None:
     clock = FakeClock()
     t = tracker(idle=5.0, clock=clock)
@@ -209,8 +235,9 @@ def test_the_same_field_is_counted_once() -> None:
 def test_policy_from_station_config_defaults_auto_start() -> None:
     from smearscope.service.config import SpecimenConfig
 
-    policy = SpecimenPolicy.from_config(SpecimenConfig(target_wbc_count=200, idle_timeout_s=90))
-    assert policy == SpecimenPolicy(target_wbc=200, idle_timeout_s=90.0, auto_start=True)
+    policy = SpecimenPolicy.from_config(SpecimenConfig(target_wbc_count=200, idle_timeout_s=90,
+                                                       max_fields_per_run=400))
+    assert policy == SpecimenPolicy(target_wbc=200, idle_timeout_s=90.0, auto_start=True, max_fields=400)
     with pytest.raises(ValueError):
         SpecimenPolicy(target_wbc=0)
     manual = SpecimenPolicy.from_config(SpecimenConfig(auto_start=False))

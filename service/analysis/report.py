@@ -203,7 +203,7 @@ class Report(_Strict):
                                            "report compact: the cells travel in separate messages")
     timing_ms: dict[str, float] = {}
     end_reason: str | None = Field(None, description="final specimen reports: why the run ended (target_reached, "
-                                   "stopped, idle_timeout, shutdown, restart, ...); absent while it is open")
+                                   "stopped, idle_timeout, field_limit, shutdown, restart, ...); absent while it is open")
     verification: Verification | None = Field(None, description="specimen reports a technician verified "
                                               "(command verify_run); absent: the analyzer's preliminary result")
 

@@ -38,3 +38,12 @@ class SpecimenConfig(StationBaseModel):
         description="The first accepted field without an open run starts one; when false, "
         "runs start only by the start_run command and fields outside a run stand alone.",
     )
+    max_fields_per_run: int = Field(
+        default=1000,
+        title="Fields per run at most",
+        description="A run that reaches this many fields without its target ends (end reason "
+        "field_limit, reported as incomplete). An open run holds every cell of its fields in memory "
+        "(about 1.5 kB each: 1000 fields of 400 cells, about 0.6 GB), so this bounds it.",
+        ge=1,
+        le=100_000,
+    )

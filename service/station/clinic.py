@@ -157,13 +157,13 @@ class ClinicFeed:
                              result.report.report_id)
 
     def run_closed(self, closed: ClosedRun, publisher: OutboxPublisher | None, live: bool = True) -> None:
-        """A run's report went out: kept for verification (the analyzer's run, without masks),
+        """A run's report went out: kept for verification (the analyzer's run; its cells hold no masks),
         and, when `live`, published as the retained run state."""
         if closed.report is None:
             return
         with self._lock:
             known = self._closed.get(closed.run_id)
-            run = known.run if known is not None else (closed.run.without_masks() if closed.run else None)
+            run = known.run if known is not None else closed.run
             self._closed[closed.run_id] = dataclasses.replace(closed, run=run)  # a verified one keeps its place
             while len(self._closed) > KEEP_CLOSED_RUNS:
                 self._closed.popitem(last=False)

@@ -33,7 +33,8 @@ DEFAULT_THRESHOLDS = AggregateThresholds()
 
 #: "restart": the run was left open by a process that crashed (or could not store its report at
 #: stop), and the next start closed it from the outbox database (service.station.durable).
-EndReason = Literal["target_reached", "stopped", "idle_timeout", "shutdown", "restart"]
+#: "field_limit": the run reached `max_fields` fields without its target (its memory's bound).
+EndReason = Literal["target_reached", "stopped", "idle_timeout", "shutdown", "restart", "field_limit"]
 StartedBy = Literal["auto", "command"]
 
 
@@ -48,10 +49,13 @@ class SpecimenPolicy:
     target_wbc: int = 100
     idle_timeout_s: float = 300.0
     auto_start: bool = True
+    #: A run that reaches this many fields without its target ends ("field_limit"): an open run
+    #: holds every cell of its fields in memory (about 1.5 kB each), so this bounds it.
+    max_fields: int = 1000
 
     def __post_init__(self) -> None:
-        if self.target_wbc < 1 or self.idle_timeout_s <= 0:
-            raise ValueError("target_wbc must be >= 1 and idle_timeout_s > 0")
+        if self.target_wbc < 1 or self.idle_timeout_s <= 0 or self.max_fields < 1:
+            raise ValueError("target_wbc and max_fields must be >= 1 and idle_timeout_s > 0")
 
     @classmethod
     def from_config(cls, specimen_config: SpecimenConfig) -> SpecimenPolicy:
@@ -60,6 +64,7 @@ class SpecimenPolicy:
             target_wbc=specimen_config.target_wbc_count,
             idle_timeout_s=specimen_config.idle_timeout_s,
             auto_start=specimen_config.auto_start,
+            max_fields=specimen_config.max_fields_per_run,
         )
 
 
@@ -118,9 +123,10 @@ class SpecimenRun:
             raise ValueError(
                 f"field {fid}: {len(report.cells)} records for {len(result.cells)} cells")
         self.field_ids.append(fid)
-        # a run keeps its cells until it closes: not the WBC head's features (kept for typing by
-        # the review gallery, a few kB per white cell)
-        self.cells.extend(replace(c, head_features=None) if c.head_features is not None else c
+        # a run keeps its cells until it closes, without what its report and a verification do not
+        # read: the masks (1.2 kB per cell on average, as much again as the rest of the cell) and the
+        # WBC head's features (kept for typing by the review gallery, a few kB per white cell)
+        self.cells.extend(replace(c, head_features=None, detection=replace(c.detection, mask=None))
                           for c in result.cells)
         self.records.extend(r.model_copy(update={"field_id": fid}) for r in report.cells)
         self.classified_wbc += sum(1 for c in result.cells if is_classified_wbc(c))
@@ -183,11 +189,6 @@ class SpecimenRun:
         run = replace(self, cells=cells, records=records, field_ids=list(self.field_ids),
                       classified_wbc=sum(1 for c in cells if is_classified_wbc(c)))
         return run, changed, typed
-
-    def without_masks(self) -> SpecimenRun:
-        """A copy without the cells' masks (what a verification's recount needs, a fraction of
-        the memory: kept for the last closed runs)."""
-        return replace(self, cells=[replace(c, detection=replace(c.detection, mask=None)) for c in self.cells])
 
     def report(
         self,
@@ -348,6 +349,8 @@ class SpecimenTracker:
             run.add(result, self._clock())
         if run.complete:
             return result, self.stop("target_reached")
+        if len(run.field_ids) >= self._policy.max_fields:
+            return result, self.stop("field_limit")
         return result, None
 
     def check_idle(self) -> ClosedRun | None:
