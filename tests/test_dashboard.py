@@ -231,6 +231,8 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
 
         picker = driver.find_element(By.CSS_SELECTOR, f"{card} .gallery figure select.type[data-kind='wbc']")
         assert picker.get_attribute("data-state") == "untyped"
+        # read before typing: the page re-renders its gallery when the answer comes (the element goes stale)
+        typed_cell = (picker.get_attribute("data-field"), int(picker.get_attribute("data-cell")))
         assert (seen(f"{card} .typed-count") or "").endswith(": none")  # the station's counts, from the start
         Select(picker).select_by_value("monocyte")
         _wait("the typed cell stored", lambda: seen(f"{card} .gallery select.type[data-state='saved']") is not None,
@@ -244,7 +246,6 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
             assert store.counts(wbc_sha) == {"monocyte": 1}
         finally:
             store.close()
-        typed_cell = (picker.get_attribute("data-field"), int(picker.get_attribute("data-cell")))
         # a red cell to review is typed with the RBC head's classes, a white cell with the WBC head's
         page = command("get_review", {"run_id": run_id})  # the page re-renders on this answer too
         by_key = {(c["field_id"], c["cell"]): c for c in page["cells"]}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from test_fhir import validate
 from test_station_means import _fields
-from test_typed_cells import _station
+from test_typed_cells import _config_text, _station
 
 from smearscope.device.frame import Frame
 from smearscope.service.analysis.records import CellKind
@@ -290,6 +290,41 @@ def test_the_last_closed_runs_survive_a_restart_for_verification(run, tmp_path, 
         # a kept row this code cannot read: left out, the rest still load
         outbox.write(lambda conn: conn.execute("UPDATE closed_runs SET report = '{\"unknown\": 1}' WHERE run_id = 'late'"))
         assert "late" not in [c.run_id for c in state.closed_runs()] and len(state.closed_runs()) == KEEP_CLOSED_RUNS - 1
+    finally:
+        outbox.close()
+
+
+def test_with_the_station_state_a_closed_run_is_verified_from_the_database_not_from_memory(station, tmp_path):
+    """The daemon hands the clinic `StationState.run_cells`: a closed run's cells stay in the outbox
+    file, not in memory, and a verification reads them back; a run whose fields are not all
+    stored cannot be verified (its recount would be short)."""
+    import tomllib
+
+    from smearscope.service.config import parse_config
+    from smearscope.service.mqtt.outbox import Outbox
+    from smearscope.service.station.clinic import ClinicFeed
+    from smearscope.service.station.durable import StationState
+
+    run = station[0]
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    try:
+        state = StationState(outbox)
+        store_run(state, outbox, run, "db")
+        final = lambda r, end: r.report(station_id="s", now=time.time(), end_reason=end)
+        report = final(replace(run, run_id="db"), "stopped")
+        outbox.write(lambda conn: state.run_closed(report)(conn, []))
+        db_feed = ClinicFeed(parse_config(tomllib.loads(_config_text(tmp_path, 'white_cells = "all"')), environ={}))
+        db_feed.start(None, [], state.run_cells)
+        db_feed.run_closed(ClosedRun("db", "stopped", 4, run.classified_wbc, 100, report, run), None, False)
+        assert db_feed.closed_run("db").run is None  # nothing held: the file has it
+        verified, _, answer = db_feed.verify("db", "AB", final, None)
+        assert answer["ok"] and answer["typed_cells"] == 0 and answer["supersedes"] == report.report_id
+        assert verified.report.wbc_differential == report.wbc_differential
+        assert verified.report.rbc_morphology == report.rbc_morphology
+        assert [c.label for c in verified.report.cells] == [c.label for c in report.cells]
+        db_feed.run_closed(replace(verified, fields=5), None, False)  # a field the file never got
+        assert db_feed.verify("db", "AB", final, None)[2]["error"] == "unknown_run"
+        db_feed.close()
     finally:
         outbox.close()
 

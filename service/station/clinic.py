@@ -86,14 +86,20 @@ class ClinicFeed:
         self._store: TypedCellStore | None = None
         #: Guards the typed-cells connection and the closed runs (command and analysis threads).
         self._lock = threading.Lock()
-        #: The last closed runs, with their cells, for a technician's verification (verify_run).
+        #: The last closed runs, for a technician's verification (verify_run): their cells in
+        #: memory only without `_load_run` (the station's outbox database, which holds them).
         self._closed: OrderedDict[str, ClosedRun] = OrderedDict()
+        self._load_run: Callable[[str], SpecimenRun | None] | None = None
         # below the station's packet limit too (topic, properties and envelope need room)
         self.max_state_bytes = min(config.review.max_message_kb * 1024, config.mqtt.max_packet_size - 1024)
 
-    def start(self, analyzer: Any, closed: Sequence[ClosedRun]) -> None:
+    def start(self, analyzer: Any, closed: Sequence[ClosedRun],
+              load_run: Callable[[str], SpecimenRun | None] | None = None) -> None:
         """The station starts: the analyzer's heads for typing (`attach_wbc_head`), and the runs
-        closed before (service.station.durable, oldest first) for verification."""
+        closed before (service.station.durable, oldest first) for verification. With `load_run`
+        (`StationState.run_cells`) a closed run's cells are read back when it is verified instead
+        of held in memory: an open run is then the only one whose cells the station holds."""
+        self._load_run = load_run
         self.attach_wbc_head(getattr(analyzer, "wbc_head", None), getattr(analyzer, "rbc_head", None))
         for run in closed:
             self.run_closed(run, None, live=False)
@@ -163,7 +169,7 @@ class ClinicFeed:
             return
         with self._lock:
             known = self._closed.get(closed.run_id)
-            run = known.run if known is not None else closed.run
+            run = None if self._load_run is not None else known.run if known is not None else closed.run
             self._closed[closed.run_id] = dataclasses.replace(closed, run=run)  # a verified one keeps its place
             while len(self._closed) > KEEP_CLOSED_RUNS:
                 self._closed.popitem(last=False)
@@ -315,6 +321,10 @@ class ClinicFeed:
         types given to its cells, superseding its latest report; whether the retained run state
         should follow (it is the last run closed and none is open); the command's answer."""
         closed = self.closed_run(run_id)
+        if closed is not None and closed.run is None and self._load_run is not None:
+            run = self._load_run(run_id)  # the analyzer's run as stored, if all its fields are
+            closed = dataclasses.replace(closed, run=run if run is not None and len(run.field_ids) == closed.fields
+                                         else None)
         if closed is None or closed.run is None or closed.report is None:
             code = "run_open" if open_run == run_id else "unknown_run"
             return None, False, {"ok": False, "error": code, "message": f"run {run_id!r}: " + (

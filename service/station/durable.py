@@ -148,11 +148,13 @@ class StationState:
 
         return write
 
-    def _runs(self, closed: bool) -> list[SpecimenRun]:
+    def _runs(self, closed: bool, only: str | None = None) -> list[SpecimenRun]:
+        """The open (or closed) runs' fields and cells as stored; with `only`, that run's."""
+        where, params = (("run_id = ?", (only,)) if only is not None else
+                         (f"run_id {'' if closed else 'NOT '}IN (SELECT run_id FROM closed_runs)", ()))
         rows = self.outbox.read(lambda conn: conn.execute(
             "SELECT run_id, field_id, started_at, started_by, target_wbc, models, cells, stored_at, flags "
-            f"FROM specimen_fields WHERE run_id {'' if closed else 'NOT '}IN (SELECT run_id FROM closed_runs) "
-            "ORDER BY run_id, position").fetchall())
+            f"FROM specimen_fields WHERE {where} ORDER BY run_id, position", params).fetchall())
         runs: dict[str, SpecimenRun] = {}
         for run_id, field_id, started_at, started_by, target, models, cells, stored_at, flags in rows:
             run = runs.get(run_id)
@@ -170,6 +172,17 @@ class StationState:
             run.last_field_at = float(stored_at)
             run.count_field_flags((str(code), str(severity)) for code, severity in json.loads(flags))
         return list(runs.values())
+
+    def run_cells(self, run_id: str) -> SpecimenRun | None:
+        """One closed run's fields and cells as stored (the last `KEEP_CLOSED_RUNS` are), for a
+        verification: the station keeps them here, not in memory. None when none are stored or
+        this code cannot read them."""
+        try:
+            runs = self._runs(closed=True, only=run_id)
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.error("closed run %s: its cells cannot be read (%s); it cannot be verified", run_id, exc)
+            return None
+        return runs[0] if runs else None
 
     def open_runs(self) -> list[SpecimenRun]:
         """The runs a previous process left open (crash, or a stop that could not store)."""
