@@ -52,9 +52,13 @@ class _Rejected:
     retries: int
 
 
-#: Refusals a file still being written can get; retried within the grace, re-checked after.
-MAYBE_INCOMPLETE = frozenset({RejectReason.EMPTY_FILE, RejectReason.TRUNCATED,
-                              RejectReason.CORRUPT})
+#: Refusals a file still being written can get (also one whose writer set its full size first and
+#: fills it in: zeros where the rest will be), or a file not readable yet; retried within the
+#: grace, re-checked after. The others (too large, too small, a strip, a z-stack) are definitive.
+MAYBE_INCOMPLETE = frozenset({RejectReason.EMPTY_FILE, RejectReason.TRUNCATED, RejectReason.CORRUPT,
+                              RejectReason.NOT_AN_IMAGE, RejectReason.UNSUPPORTED_FORMAT,
+                              RejectReason.BAD_DTYPE, RejectReason.BAD_CHANNELS,
+                              RejectReason.BLANK_IMAGE, RejectReason.UNREADABLE})
 #: How long a file rejected as possibly incomplete is watched for a change, and how often a file
 #: may come back from `rejected/`.
 RECHECK_S = 600.0
@@ -69,11 +73,12 @@ class ProcessedLog:
         self._keys: set[str] = set()
         lines: list[str] = []
         if path.exists():
-            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            lines = [ln for ln in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+                     if ln.strip()]
         if len(lines) > max_entries:
             lines = lines[-max_entries:]
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
+            tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8", errors="surrogateescape")
             os.replace(tmp, path)
         self._keys = {ln.split("\t", 1)[0] for ln in lines}
 
@@ -81,7 +86,7 @@ class ProcessedLog:
         return key in self._keys
 
     def record(self, key: str, status: str, name: str) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
+        with open(self.path, "a", encoding="utf-8", errors="surrogateescape") as fh:  # any file name
             fh.write(f"{key}\t{status}\t{name}\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -89,12 +94,19 @@ class ProcessedLog:
 
 
 def file_key(name: str, size: int, mtime_ns: int) -> str:
-    """Stable identity of one version of one file."""
-    return hashlib.sha1(f"{name}|{size}|{mtime_ns}".encode()).hexdigest()[:16]
+    """Stable identity of one version of one file (its name as the file system's bytes: a name
+    that is not UTF-8, as an SMB share can give, has one too)."""
+    return hashlib.sha1(os.fsencode(name) + f"|{size}|{mtime_ns}".encode()).hexdigest()[:16]
+
+
+def shown(name: str) -> str:
+    """A file name as logs, frame ids and reports can carry it: bytes that are not UTF-8 as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 #: Names writers use while a file is incomplete; such files are left alone, not rejected.
-TEMP_SUFFIXES: tuple[str, ...] = (".part", ".partial", ".tmp", ".crdownload", ".filepart", "~")
+TEMP_SUFFIXES: tuple[str, ...] = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".filepart",
+                                  ".download", ".inprogress", ".writing", "~")
 
 
 def _unique_target(directory: Path, name: str, key: str) -> Path:
@@ -126,14 +138,16 @@ class FolderSource(FrameSource):
         self._log = ProcessedLog(state, config.state_max_entries)
         self._pending: dict[str, _Candidate] = {}
         self._stuck: set[str] = set()  # keys we could not move away; not retried every poll
-        #: frame_id -> (file name, key) of frames handed out and not yet done().
-        self._handed: dict[str, tuple[str, str]] = {}
+        #: frame_id -> (file name, key, size, mtime_ns) of frames handed out and not yet done().
+        self._handed: dict[str, tuple[str, str, int, int]] = {}
         self._handed_names: set[str] = set()
         self._watch: dict[str, _Rejected] = {}  # rejected/ path -> a maybe-incomplete file
         self._recheck_counts: dict[str, int] = {}
         #: The capture thread scans; the station's writer thread calls done(): moves and the log.
         self._lock = threading.Lock()
         self.rejected_count = 0
+        self._list_error: str | None = None  # said once until the folder can be listed again
+        self._subfolders_said: set[str] = set()
 
     def _next_frame(self) -> Frame | None:
         while not self._stop.is_set():
@@ -143,16 +157,31 @@ class FolderSource(FrameSource):
             self._stop.wait(self._config.poll_interval_s)
         return None
 
-    def done(self, frame: Frame) -> None:
+    def done(self, frame: Frame, refused: str | None = None) -> None:
         """The station stored this frame's result (or will never analyse it): record the file
-        as processed and move it to `done/`."""
+        as processed and move it to `done/`; one the station `refused` (quality gate, decoder,
+        analysis: the reason code) goes to `rejected/` with its reason. A file that changed since
+        it was read (a writer that set its size first and was still filling it in) stays: its new
+        version is analysed too."""
         with self._lock:
             handed = self._handed.pop(frame.frame_id, None)
             if handed is None:
                 return
-            fname, key = handed
+            fname, key, size, mtime_ns = handed
             self._handed_names.discard(fname)
+            if refused is not None:
+                self._reject(fname, key, f"{refused}: refused by the station (quality gate or analysis)",
+                             counted=False)  # the station counts its own refusals
+                return
             self._log.record(key, "done", fname)
+            try:
+                st = os.stat(self._root / fname)
+            except OSError:
+                return  # gone already
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                logger.warning("%s: %s changed after it was read (its writer was not done): its new "
+                               "version is analysed too", self.name, shown(fname))
+                return
             self._move(fname, self._done, key)
 
     def scan_once(self, now: float | None = None) -> Frame | None:
@@ -166,19 +195,34 @@ class FolderSource(FrameSource):
         try:
             entries = [e for e in os.scandir(self._root) if not e.name.startswith(".")]
         except OSError as exc:
-            logger.error("%s: cannot list %s: %s", self.name, self._root, exc)
+            if str(exc) != self._list_error:  # once, not every poll, until it lists again
+                logger.error("%s: cannot list %s: %s", self.name, self._root, exc)
+            self._list_error = str(exc)
             return None
+        if self._list_error is not None:
+            logger.warning("%s: %s can be listed again", self.name, self._root)
+            self._list_error = None
         seen: set[str] = set()
         files = []
+        skip = {self._done.name, self._rejected.name}
         for entry in entries:
             try:
                 if entry.is_file():
                     files.append((entry.stat(), entry.name))
+                elif entry.is_dir() and entry.name not in skip and entry.name not in self._subfolders_said:
+                    self._subfolders_said.add(entry.name)
+                    logger.warning("%s: %s is a folder: only files directly in %s are analysed", self.name,
+                                   shown(entry.name), self._root)
             except OSError:
                 continue  # vanished between listing and stat
         for st, fname in sorted(files, key=lambda f: (f[0].st_mtime_ns, f[1])):
             seen.add(fname)
-            frame = self._consider(fname, st, now)
+            try:
+                frame = self._consider(fname, st, now)
+            except Exception:  # one file must never stop the station: left alone, said once
+                logger.exception("%s: %s could not be handled; left where it is", self.name, shown(fname))
+                self._stuck.add(file_key(fname, st.st_size, st.st_mtime_ns))
+                continue
             if frame is not None:
                 return frame
         for gone in set(self._pending) - seen:
@@ -192,7 +236,7 @@ class FolderSource(FrameSource):
         if key in self._stuck:
             return None
         if key in self._log:  # processed before a crash, never moved: finish the move only
-            logger.info("%s: %s already processed; moving it to %s", self.name, fname, self._done)
+            logger.info("%s: %s already processed; moving it to %s", self.name, shown(fname), self._done)
             self._move(fname, self._done, key)
             return None
         cand = self._pending.get(fname)
@@ -203,21 +247,20 @@ class FolderSource(FrameSource):
         ext = os.path.splitext(fname)[1].lower()
         problem = None
         if ext not in self._config.extensions:
-            problem = f"not an image (extension {ext or 'none'!r})"
+            problem = f"{RejectReason.NOT_AN_IMAGE.value}: extension {ext or 'none'!r} is not one of {self._config.extensions}"
         elif st.st_size > self._config.max_file_mb * 1e6:
-            problem = f"too large ({st.st_size} bytes)"
+            problem = f"{RejectReason.FILE_TOO_LARGE.value}: {st.st_size} bytes, above max_file_mb"
         if problem is not None:
             self._reject(fname, key, problem)
             return None
         try:
-            data = (self._root / fname).read_bytes() if st.st_size else b""
-        except OSError as exc:
-            logger.warning("%s: cannot read %s: %s", self.name, fname, exc)
-            return None
-        if len(data) != st.st_size:
-            return None  # changed while read: the next scan sees it settle again
-        try:
-            image = load_image(data, limits=self._limits(), source_name=fname)
+            try:
+                data = (self._root / fname).read_bytes() if st.st_size else b""
+            except OSError as exc:  # not readable (yet): the grace, then rejected/ (said once, not every poll)
+                raise IngestError(RejectReason.UNREADABLE, f"{shown(fname)}: {exc.strerror or exc}") from exc
+            if len(data) != st.st_size:
+                return None  # changed while read: the next scan sees it settle again
+            image = load_image(data, limits=self._limits(), source_name=shown(fname))
         except IngestError as exc:
             if exc.code in MAYBE_INCOMPLETE:  # its writer may not be done: wait, then reject
                 cand.undecodable_since = cand.undecodable_since or now
@@ -226,8 +269,8 @@ class FolderSource(FrameSource):
             self._reject(fname, key, f"{exc.code.value}: {exc.message}", watch=exc.code in MAYBE_INCOMPLETE)
             return None
         del self._pending[fname]
-        frame_id = f"{self.name}:{fname}@{key[:12]}"
-        self._handed[frame_id] = (fname, key)
+        frame_id = f"{self.name}:{shown(fname)}@{key[:12]}"
+        self._handed[frame_id] = (fname, key, st.st_size, st.st_mtime_ns)
         self._handed_names.add(fname)
         return Frame(
             pixels=image.pixels,
@@ -261,18 +304,18 @@ class FolderSource(FrameSource):
                 os.replace(r.path, back)
                 r.path.with_name(r.path.name + ".reason.txt").unlink(missing_ok=True)
             except OSError as exc:
-                logger.error("%s: cannot move %s back for another try: %s", self.name, r.path, exc)
+                logger.error("%s: cannot move %s back for another try: %s", self.name, shown(str(r.path)), exc)
                 continue
             self._recheck_counts[r.name] = r.retries
             logger.warning("%s: %s changed after it was rejected (its writer was slow): trying it "
-                           "again", self.name, r.name)
+                           "again", self.name, shown(r.name))
 
-    def _reject(self, fname: str, key: str, reason: str, watch: bool = False) -> None:
+    def _reject(self, fname: str, key: str, reason: str, watch: bool = False, counted: bool = True) -> None:
         cand = self._pending.get(fname)
         self._pending.pop(fname, None)
         self._log.record(key, "rejected", fname)
-        self.rejected_count += 1
-        logger.warning("%s: rejected %s: %s", self.name, fname, reason)
+        self.rejected_count += counted
+        logger.warning("%s: rejected %s: %s", self.name, shown(fname), reason)
         target = self._move(fname, self._rejected, key)
         retries = self._recheck_counts.pop(fname, 0)
         if target is not None and watch and cand is not None and retries < MAX_RECHECKS:
@@ -281,18 +324,22 @@ class FolderSource(FrameSource):
         if target is not None:
             sidecar = target.with_name(target.name + ".reason.txt")
             try:
-                sidecar.write_text(f"{reason}\n", encoding="utf-8")
+                sidecar.write_text(f"{reason}\n", encoding="utf-8", errors="backslashreplace")
             except OSError as exc:
                 logger.error("%s: cannot write %s: %s", self.name, sidecar, exc)
 
     def _move(self, fname: str, directory: Path, key: str) -> Path | None:
+        try:
+            directory.mkdir(exist_ok=True)  # the folder may have gone and come back without it
+        except OSError:
+            pass  # the move below says why
         target = _unique_target(directory, fname, key)
         try:
             os.replace(self._root / fname, target)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            logger.error("%s: cannot move %s to %s: %s", self.name, fname, directory, exc)
+            logger.error("%s: cannot move %s to %s: %s", self.name, shown(fname), directory, exc)
             self._stuck.add(key)
             return None
         return target

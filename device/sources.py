@@ -102,9 +102,11 @@ class FrameSource(ABC):
     def _release(self) -> None:
         """Free the capture resource (called once)."""
 
-    def done(self, frame: Frame) -> None:
-        """The station has stored what `frame` produced, or will never analyse it (any thread).
-        A source that keeps its input until then (the watched folder) lets go of it now."""
+    def done(self, frame: Frame, refused: str | None = None) -> None:
+        """The station has stored what `frame` produced, or will never analyse it (any thread;
+        `refused`: the reason code, when the station refused it: the quality gate, the decoder
+        or the analysis). A source that keeps its input until then (the watched folder) lets go
+        of it now."""
 
     @property
     def closed(self) -> bool:

@@ -261,7 +261,7 @@ def test_folder_burst_of_100_files_each_analysed_once_or_rejected(tmp_path: Path
             done = len(list((inbox / "done").iterdir()))
             rejected = [p for p in (inbox / "rejected").iterdir()
                         if not p.name.endswith(".reason.txt")]
-            return done + len(rejected) == 100 and len(daemon.outcomes) == done
+            return done + len(rejected) == 100 and len(daemon.outcomes) == len(good) + len(slow)
 
         assert wait_until(accounted, 60), (len(daemon.outcomes), list(inbox.iterdir()))
     finally:
@@ -270,18 +270,20 @@ def test_folder_burst_of_100_files_each_analysed_once_or_rejected(tmp_path: Path
     assert not runner.is_alive()
 
     done = sorted(p.name for p in (inbox / "done").iterdir())
-    assert done == sorted([*good, *slow])
-    outcomes = Counter(fid.split(":", 1)[1].split("@", 1)[0] for fid, _, _ in daemon.outcomes)
-    assert set(outcomes) == set(done) and set(outcomes.values()) == {1}  # each exactly once
+    name = lambda fid: fid.split(":", 1)[1].split("@", 1)[0]
+    outcomes = Counter(name(fid) for fid, _, _ in daemon.outcomes)
+    assert set(outcomes) == {*good, *slow} and set(outcomes.values()) == {1}  # each exactly once
     analysed = [o for o in daemon.outcomes if o[1] == "analysed"]
     gate = Counter(o[2] for o in daemon.outcomes if o[1] == "rejected")
+    # done/ holds the analysed files only; the quality gate's go to rejected/ with its reason
+    assert done == sorted(name(o[0]) for o in analysed)
     field_reports = [r for r in daemon.ledger if r.kind == "field"]
     assert len(field_reports) == len(analysed) == len({r.field_id for r in field_reports})
     reasons = Counter(p.read_text().split(":")[0].strip()
                       for p in (inbox / "rejected").glob("*.reason.txt"))
-    # The truncated PNGs (20) and the noise (5) are refused by the one decoder with its codes.
-    assert reasons == {"truncated": 20, "not_an_image": 5, "not an image (extension '.txt')": 10,
-                       "not an image (extension '.csv')": 5}
+    # The truncated PNGs (20) and the noise (5) are refused by the one decoder with its codes, the
+    # text files (15) by their extension, and the gate's refusals carry its code.
+    assert reasons == {"truncated": 20, "not_an_image": 20, **gate}
     print("\nfolder burst: analysed", len(analysed), "quality-gate rejected", dict(gate),
           "source rejected", dict(reasons))
     assert len(analysed) + sum(gate.values()) == 60

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -178,11 +179,107 @@ def test_folder_rejects_non_images_and_undecodable_files_with_a_reason(tmp_path:
     assert (src._root / "upload.png.part").exists()
     rejected = src._root / "rejected"
     reasons = {p.name: p.read_text().strip() for p in rejected.glob("*.reason.txt")}
-    assert reasons["notes.txt.reason.txt"] == "not an image (extension '.txt')"
+    assert reasons["notes.txt.reason.txt"].startswith("not_an_image: extension '.txt' is not one of")
     assert reasons["broken.png.reason.txt"].startswith("corrupt: ")
     assert reasons["empty.jpg.reason.txt"].startswith("empty_file: ")
     assert {p.name for p in rejected.iterdir()} >= {"notes.txt", "broken.png", "empty.jpg"}
     assert src.rejected_count == 3
+    src.close()
+
+
+def test_a_file_name_that_is_not_utf8_is_analysed_and_moved_not_fatal(tmp_path: Path) -> None:
+    """An SMB share can hand over Latin-1 names: the file is analysed and moved like any other;
+    logs, the frame id and the processed log carry the name (not UTF-8 bytes as \\xNN)."""
+    src = _folder(tmp_path)
+    raw = os.fsdecode(b"caf\xe9.png")  # a lone surrogate in the str: not encodable as UTF-8
+    (src._root / raw).write_bytes(_png(1))
+    frame = src.scan_once()
+    assert frame is not None and "caf\\xe9.png" in frame.frame_id
+    frame.frame_id.encode("utf-8")  # travels in reports as it is
+    src.done(frame)
+    assert (src._root / "done" / raw).exists() and not (src._root / raw).exists()
+    again = FolderSource(src._config)  # the processed log reads the name back after a restart
+    assert file_key(raw, 1, 2) != file_key("cafe.png", 1, 2) and len(again._log._keys) == 1
+    # a file that breaks in a way no code foresaw is left alone, the others still go through
+    (src._root / "a.png").write_bytes(_png(3))  # the older: tried first
+    (src._root / "b.png").write_bytes(_png(2))
+    os.utime(src._root / "b.png", ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    import smearscope.device.folder_source as fs
+
+    real = fs.load_image
+    def boom(data, **kw):
+        if kw.get("source_name") == "a.png":
+            raise RuntimeError("unforeseen")
+        return real(data, **kw)
+    fs.load_image = boom
+    try:
+        frame = src.scan_once()
+    finally:
+        fs.load_image = real
+    assert frame is not None and "b.png" in frame.frame_id and (src._root / "a.png").exists()
+    src.close()
+
+
+def test_a_refused_frame_goes_to_rejected_with_its_reason_and_a_changed_file_is_not_moved(tmp_path: Path) -> None:
+    """The quality gate or the analysis refused it: rejected/, the station's code in its reason
+    (counted by the station, not twice). A file whose writer went on after it was read (same name,
+    new size or time) stays and is handed out again as its new version."""
+    src = _folder(tmp_path)
+    (src._root / "blurred.png").write_bytes(_png(1))
+    frame = src.scan_once()
+    src.done(frame, "out_of_focus")
+    reason = (src._root / "rejected" / "blurred.png.reason.txt").read_text()
+    assert reason.startswith("out_of_focus: ") and src.rejected_count == 0
+    assert not (src._root / "done" / "blurred.png").exists()
+    path = src._root / "late.png"
+    path.write_bytes(_png(2))
+    first = src.scan_once()
+    path.write_bytes(_png(3))  # the writer was not done
+    os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    src.done(first)
+    assert path.exists() and not (src._root / "done" / "late.png").exists()
+    second = src.scan_once()
+    assert second is not None and second.frame_id != first.frame_id and second.input_key != first.input_key
+    src.done(second)
+    assert (src._root / "done" / "late.png").exists()
+    src.close()
+
+
+def test_a_folder_that_goes_and_comes_back_is_said_once_and_its_subfolders_come_back(tmp_path: Path, caplog) -> None:
+    import shutil
+
+    src = _folder(tmp_path)
+    shutil.rmtree(src._root)
+    with caplog.at_level("ERROR"):
+        for _ in range(5):
+            assert src.scan_once() is None
+    assert sum("cannot list" in r.getMessage() for r in caplog.records) == 1
+    src._root.mkdir()
+    (src._root / "slide_0042").mkdir()  # a subfolder: said once, not analysed
+    (src._root / "f.png").write_bytes(_png(1))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        frame = src.scan_once()
+        src.scan_once()
+    assert sum("slide_0042 is a folder" in r.getMessage() for r in caplog.records) == 1
+    src.done(frame)
+    assert (src._root / "done" / "f.png").exists()  # done/ made again
+    src.close()
+
+
+def test_a_file_that_cannot_be_read_is_rejected_after_the_grace_said_once(tmp_path: Path, caplog, monkeypatch) -> None:
+    src = _folder(tmp_path, decode_grace_s=0.5)
+    (src._root / "secret.png").write_bytes(_png(1))
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if p.name == "secret.png" else real(p))
+    with caplog.at_level("WARNING"):
+        t0 = time.monotonic()
+        assert src.scan_once(now=t0) is None and src.scan_once(now=t0 + 0.2) is None
+        assert (src._root / "secret.png").exists()  # within the grace: waited for, quietly
+        assert src.scan_once(now=t0 + 1.0) is None
+    assert (src._root / "rejected" / "secret.png.reason.txt").read_text().startswith("unreadable: ")
+    assert sum("secret.png" in r.getMessage() for r in caplog.records) == 1
     src.close()
 
 

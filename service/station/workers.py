@@ -178,7 +178,7 @@ class StationWorkers:
                 verdict = self.gate.check(frame)
                 if not verdict.accepted:
                     self.reject(frame.frame_id, "rejected", verdict.reason or "unknown")
-                    self.source.done(frame)
+                    self.source.done(frame, verdict.reason or "unknown")
                     continue
                 self.stats.add("pending")
                 work = _Work(frame, on_drop=functools.partial(self._dropped, frame.frame_id))
@@ -284,8 +284,8 @@ class StationWorkers:
         again after a crash) or the station stops on a full disk (the file stays for next time)."""
         assert self.state is not None and self.source is not None
         if frame.input_key is not None and self.state.input_stored(frame.input_key):
-            logger.info("frame %s: its field message was stored before a restart; not analysed "
-                        "again", frame.frame_id)
+            logger.info("frame %s: a field message for the same content was stored before; not "
+                        "analysed again", frame.frame_id)
             self.outcomes.append((frame.frame_id, "skipped", "already_stored"))
             self.source.done(frame)
             return False
@@ -324,12 +324,12 @@ class StationWorkers:
             reason = getattr(error.code, "value", str(error.code))
             logger.warning("frame %s refused (%s): %s", frame.frame_id, reason, error)
             self.reject(frame.frame_id, "failed", reason)
-            self._done(frame)
+            self._done(frame, reason)
             return {"ok": False, "frame_id": frame.frame_id, "error": reason, "message": str(error)}
         if error is not None or result is None:
             logger.error("frame %s: analysis failed (analysis_error)", frame.frame_id, exc_info=error)
             self.reject(frame.frame_id, "failed", "analysis_error")
-            self._done(frame)
+            self._done(frame, "analysis_error")
             return {"ok": False, "frame_id": frame.frame_id, "error": "analysis_error",
                     "message": f"{type(error).__name__}: {error}"}
         # A field analysed while its run ended joins the run open now or one the policy starts.
@@ -353,9 +353,9 @@ class StationWorkers:
         return {"ok": True, "frame_id": frame.frame_id, "report_id": r.report_id,
                 "run_id": r.run_id, "counts": r.counts.model_dump()}
 
-    def _done(self, frame: Frame) -> None:
+    def _done(self, frame: Frame, refused: str | None = None) -> None:
         if self.source is not None:
-            self.source.done(frame)
+            self.source.done(frame, refused)
 
     def _emit(self, item: _Outgoing) -> None:
         if not self._reports.put(item, self.threads["report-writer"].is_alive):
