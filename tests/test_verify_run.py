@@ -316,7 +316,9 @@ def test_with_the_station_state_a_closed_run_is_verified_from_the_database_not_f
         db_feed = ClinicFeed(parse_config(tomllib.loads(_config_text(tmp_path, 'white_cells = "all"')), environ={}))
         db_feed.start(None, [], state.run_cells)
         db_feed.run_closed(ClosedRun("db", "stopped", 4, run.classified_wbc, 100, report, run), None, False)
-        assert db_feed.closed_run("db").run is None  # nothing held: the file has it
+        kept = db_feed.closed_run("db")
+        assert kept.run is None and kept.report.cells == []  # nothing held: the file has them
+        assert kept.report.report_id == report.report_id and len(report.cells) > 100
         verified, _, answer = db_feed.verify("db", "AB", final, None)
         assert answer["ok"] and answer["typed_cells"] == 0 and answer["supersedes"] == report.report_id
         assert verified.report.wbc_differential == report.wbc_differential

@@ -170,7 +170,10 @@ class ClinicFeed:
         with self._lock:
             known = self._closed.get(closed.run_id)
             run = None if self._load_run is not None else known.run if known is not None else closed.run
-            self._closed[closed.run_id] = dataclasses.replace(closed, run=run)  # a verified one keeps its place
+            # its report without the cell list (as the outbox file keeps it): a verification reads
+            # only its id, and the cells of 4 long runs would be most of the station's memory
+            slim = closed.report.model_copy(update={"cells": [], "cell_detail": None})
+            self._closed[closed.run_id] = dataclasses.replace(closed, run=run, report=slim)  # a verified one keeps its place
             while len(self._closed) > KEEP_CLOSED_RUNS:
                 self._closed.popitem(last=False)
         if not live:
