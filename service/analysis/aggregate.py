@@ -181,14 +181,20 @@ def aggregate(cells: Sequence[ClassifiedCell], th: AggregateThresholds = Aggrega
 def _evidence_flags(cells, wbc, rbc, plt, nrbc, n_calibrated: int, th: AggregateThresholds) -> list[Flag]:
     """Flags proportionate to evidence, each listing its cells (indices into `cells`) for review."""
     flags: list[Flag] = []
-    unid = _indices(cells, lambda c: c.detection.kind is CellKind.WBC and (c.label or UNIDENTIFIED) == UNIDENTIFIED)
+    # one pass for the three lists (a specimen's interim report runs this over every cell of the run)
+    unid, sickle, schisto = [], [], []
+    for i, c in enumerate(cells):
+        kind = c.detection.kind
+        if kind is CellKind.WBC and (c.label or UNIDENTIFIED) == UNIDENTIFIED:
+            unid.append(i)
+        elif kind is CellKind.RBC and c.label in ("sickle", "schistocyte"):
+            (sickle if c.label == "sickle" else schisto).append(i)
     if wbc and len(unid) >= th.atypical_wbc_min_count and len(unid) / len(wbc) >= th.atypical_wbc_share:
         n_atyp = sum(cells[i].atypical for i in unid)
         flags.append(Flag(code="atypical_wbc_present", severity="warning", cells=unid,
                           message=f"{len(unid)} of {len(wbc)} white cells ({100 * len(unid) / len(wbc):.0f}%) could not be "
                                   f"typed ({n_atyp} unlike any trained type): blasts or other abnormal cells are possible; "
                                   "review the smear"))
-    sickle = _indices(cells, lambda c: c.detection.kind is CellKind.RBC and c.label == "sickle")
     sure = [i for i in sickle if (cells[i].label_score or 0.0) >= th.sickle_min_confidence]
     if len(sure) >= th.sickle_critical_min_cells:
         flags.append(Flag(code="sickle_cells_present", severity="critical", cells=sickle,
@@ -199,7 +205,6 @@ def _evidence_flags(cells, wbc, rbc, plt, nrbc, n_calibrated: int, th: Aggregate
                           message=f"{len(sickle)} possible sickle cell(s), {len(sure)} at confidence >= "
                                   f"{th.sickle_min_confidence}, fewer than the {th.sickle_critical_min_cells} a critical "
                                   "flag needs: review the listed cells"))
-    schisto = _indices(cells, lambda c: c.detection.kind is CellKind.RBC and c.label == "schistocyte")
     if rbc and len(schisto) >= th.schistocyte_min_cells and len(schisto) / len(rbc) > 0.01:
         flags.append(Flag(code="schistocytes_present", severity="warning", cells=schisto,
                           message=f"schistocytes {100 * len(schisto) / len(rbc):.1f}% of red cells (over 1%: suspicious of "
