@@ -38,6 +38,7 @@ class _Candidate:
     mtime_ns: int
     stable_since: float
     undecodable_since: float | None = None
+    read_error: str | None = None  # the last one said in the log
 
 
 @dataclass
@@ -161,27 +162,37 @@ class FolderSource(FrameSource):
         """The station stored this frame's result (or will never analyse it): record the file
         as processed and move it to `done/`; one the station `refused` (quality gate, decoder,
         analysis: the reason code) goes to `rejected/` with its reason. A file that changed since
-        it was read (a writer that set its size first and was still filling it in) stays: its new
-        version is analysed too."""
+        it was read (a writer that set its size first and was still filling it in) stays either
+        way: its new version is analysed too. Never raises (any thread calls it): a folder or
+        state file that cannot be written leaves the file where it is, said in the log."""
         with self._lock:
             handed = self._handed.pop(frame.frame_id, None)
             if handed is None:
                 return
             fname, key, size, mtime_ns = handed
             self._handed_names.discard(fname)
-            if refused is not None:
-                self._reject(fname, key, f"{refused}: refused by the station (quality gate or analysis)",
-                             counted=False)  # the station counts its own refusals
-                return
-            self._log.record(key, "done", fname)
             try:
-                st = os.stat(self._root / fname)
-            except OSError:
-                return  # gone already
-            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-                logger.warning("%s: %s changed after it was read (its writer was not done): its new "
-                               "version is analysed too", self.name, shown(fname))
-                return
+                self._let_go(fname, key, size, mtime_ns, refused)
+            except OSError as exc:
+                logger.error("%s: %s: cannot record or move it (%s); left where it is", self.name, shown(fname), exc)
+                self._stuck.add(key)
+
+    def _let_go(self, fname: str, key: str, size: int, mtime_ns: int, refused: str | None) -> None:
+        try:
+            st = os.stat(self._root / fname)
+        except FileNotFoundError:
+            st = None  # gone already: recorded, nothing to move
+        if st is not None and (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            self._log.record(key, "done", fname)  # this version is handled; the file is not
+            logger.warning("%s: %s changed after it was read (its writer was not done): its new "
+                           "version is analysed too", self.name, shown(fname))
+            return
+        if refused is not None:
+            self._reject(fname, key, f"{refused}: refused by the station (quality gate or analysis)",
+                         counted=False)  # the station counts its own refusals
+            return
+        self._log.record(key, "done", fname)
+        if st is not None:
             self._move(fname, self._done, key)
 
     def scan_once(self, now: float | None = None) -> Frame | None:
@@ -256,9 +267,15 @@ class FolderSource(FrameSource):
         try:
             try:
                 data = (self._root / fname).read_bytes() if st.st_size else b""
-            except OSError as exc:  # not readable (yet): the grace, then rejected/ (said once, not every poll)
+                after = os.stat(self._root / fname)
+            except PermissionError as exc:  # not readable (yet): the grace, then rejected/ (said once)
                 raise IngestError(RejectReason.UNREADABLE, f"{shown(fname)}: {exc.strerror or exc}") from exc
-            if len(data) != st.st_size:
+            except OSError as exc:  # a share's passing I/O error: tried again next scan, said once
+                if cand.read_error != str(exc):
+                    logger.warning("%s: cannot read %s: %s (trying again)", self.name, shown(fname), exc)
+                cand.read_error = str(exc)
+                return None
+            if len(data) != st.st_size or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
                 return None  # changed while read: the next scan sees it settle again
             image = load_image(data, limits=self._limits(), source_name=shown(fname))
         except IngestError as exc:
@@ -268,17 +285,17 @@ class FolderSource(FrameSource):
                     return None
             self._reject(fname, key, f"{exc.code.value}: {exc.message}", watch=exc.code in MAYBE_INCOMPLETE)
             return None
-        del self._pending[fname]
-        frame_id = f"{self.name}:{shown(fname)}@{key[:12]}"
-        self._handed[frame_id] = (fname, key, st.st_size, st.st_mtime_ns)
-        self._handed_names.add(fname)
-        return Frame(
+        frame = Frame(
             pixels=image.pixels,
-            frame_id=frame_id,
+            frame_id=f"{self.name}:{shown(fname)}@{key[:12]}",
             source=self.name,
             microns_per_pixel=self._config.microns_per_pixel,
             input_key=f"{self.name}:sha256:{hashlib.sha256(data).hexdigest()}",
         )
+        del self._pending[fname]
+        self._handed[frame.frame_id] = (fname, key, st.st_size, st.st_mtime_ns)
+        self._handed_names.add(fname)
+        return frame
 
     def _limits(self) -> IngestLimits:
         return IngestLimits(max_file_bytes=int(self._config.max_file_mb * 1e6))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -199,7 +200,7 @@ def test_a_file_name_that_is_not_utf8_is_analysed_and_moved_not_fatal(tmp_path: 
     src.done(frame)
     assert (src._root / "done" / raw).exists() and not (src._root / raw).exists()
     again = FolderSource(src._config)  # the processed log reads the name back after a restart
-    assert file_key(raw, 1, 2) != file_key("cafe.png", 1, 2) and len(again._log._keys) == 1
+    assert file_key(raw, 1, 2) == hashlib.sha1(b"caf\xe9.png|1|2").hexdigest()[:16] and len(again._log._keys) == 1
     # a file that breaks in a way no code foresaw is left alone, the others still go through
     (src._root / "a.png").write_bytes(_png(3))  # the older: tried first
     (src._root / "b.png").write_bytes(_png(2))
@@ -242,6 +243,27 @@ def test_a_refused_frame_goes_to_rejected_with_its_reason_and_a_changed_file_is_
     assert second is not None and second.frame_id != first.frame_id and second.input_key != first.input_key
     src.done(second)
     assert (src._root / "done" / "late.png").exists()
+    src.close()
+
+
+def test_a_refused_file_that_changed_after_it_was_read_stays_and_done_never_raises(tmp_path: Path, caplog) -> None:
+    """A half-filled file the gate refused (its zeros look underexposed) is not lost to rejected/:
+    its finished version is analysed. A state file that cannot be written leaves the file, said."""
+    src = _folder(tmp_path)
+    path = src._root / "filling.png"
+    path.write_bytes(_png(1))
+    first = src.scan_once()
+    path.write_bytes(_png(2))
+    os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    src.done(first, "underexposed")
+    assert path.exists() and not (src._root / "rejected" / "filling.png").exists()
+    second = src.scan_once()
+    assert second is not None and second.input_key != first.input_key
+    src._log.path = tmp_path / "gone" / "state"  # its folder is gone: the record cannot be written
+    with caplog.at_level("ERROR"):
+        src.done(second)
+    assert path.exists() and any("cannot record or move" in r.getMessage() for r in caplog.records)
+    assert src.scan_once() is None  # left alone, not handed out again every poll
     src.close()
 
 

@@ -170,8 +170,6 @@ def test_verifying_again_starts_from_the_analyzers_run_and_only_the_last_closed_
     later = final(run, "stopped").model_copy(update={"run_id": "r2"})
     feed.run_closed(ClosedRun("r2", "stopped", 4, run.classified_wbc, 100, later, run), None)
     assert feed.verify("r", "AB", final, None)[1] is False
-    # the run kept for it holds no masks
-    assert all(c.detection.mask is None for c in feed.closed_run("r").run.cells)
 
 
 def test_a_red_cell_typed_by_the_technician_is_counted_in_the_morphology(run):
@@ -261,6 +259,9 @@ def test_the_last_closed_runs_survive_a_restart_for_verification(run, tmp_path, 
         assert state.open_runs() == []
         (kept,) = state.closed_runs()
         assert kept.run_id == "r1" and kept.end_reason == "stopped" and kept.report.report_id == report.report_id
+        (summary,) = state.closed_runs(cells=False)  # what the daemon starts with: no cells read
+        assert summary.run is None and (summary.fields, summary.classified_wbc, summary.target_wbc) == (
+            kept.fields, kept.classified_wbc, kept.target_wbc) == (4, run.classified_wbc, run.target_wbc)
         assert [r.label for r in kept.run.records] == [r.label for r in run.records]
         assert all(c.size_calibrated == o.size_calibrated for c, o in zip(kept.run.cells, run.cells))
         # the restored run verifies to the same counts as the analyzer's own
@@ -324,8 +325,17 @@ def test_with_the_station_state_a_closed_run_is_verified_from_the_database_not_f
         assert verified.report.wbc_differential == report.wbc_differential
         assert verified.report.rbc_morphology == report.rbc_morphology
         assert [c.label for c in verified.report.cells] == [c.label for c in report.cells]
-        db_feed.run_closed(replace(verified, fields=5), None, False)  # a field the file never got
-        assert db_feed.verify("db", "AB", final, None)[2]["error"] == "unknown_run"
+        # a run whose last field is not in the file yet (the writer behind): refused, not recounted short
+        short = replace(run, field_ids=run.field_ids[:3],
+                        records=[r for r in run.records if r.field_id in run.field_ids[:3]])
+        short = replace(short, cells=run.cells[:len(short.records)])
+        store_run(state, outbox, short, "short")
+        behind = final(replace(run, run_id="short"), "stopped")
+        outbox.write(lambda conn: state.run_closed(behind)(conn, []))
+        db_feed.run_closed(ClosedRun("short", "stopped", 4, run.classified_wbc, 100, behind, run), None, False)
+        answer = db_feed.verify("short", "AB", final, None)[2]
+        assert answer["error"] == "run_not_stored" and "3 of its 4 fields" in answer["message"]
+        assert db_feed.verify("nope", "AB", final, None)[2]["error"] == "unknown_run"
         db_feed.close()
     finally:
         outbox.close()

@@ -324,10 +324,14 @@ class ClinicFeed:
         types given to its cells, superseding its latest report; whether the retained run state
         should follow (it is the last run closed and none is open); the command's answer."""
         closed = self.closed_run(run_id)
-        if closed is not None and closed.run is None and self._load_run is not None:
-            run = self._load_run(run_id)  # the analyzer's run as stored, if all its fields are
-            closed = dataclasses.replace(closed, run=run if run is not None and len(run.field_ids) == closed.fields
-                                         else None)
+        if closed is not None and closed.report is not None and closed.run is None and self._load_run is not None:
+            run = self._load_run(run_id)  # the analyzer's run as stored: every field its report counted
+            if run is None or len(run.field_ids) != closed.report.fields_analyzed:
+                stored = 0 if run is None else len(run.field_ids)
+                return None, False, {"ok": False, "error": "run_not_stored", "message": (
+                    f"run {run_id!r}: {stored} of its {closed.report.fields_analyzed} fields are stored; "
+                    "a verification needs them all (the station may still be writing them: try again)")}
+            closed = dataclasses.replace(closed, run=run)
         if closed is None or closed.run is None or closed.report is None:
             code = "run_open" if open_run == run_id else "unknown_run"
             return None, False, {"ok": False, "error": code, "message": f"run {run_id!r}: " + (

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from smearscope.service.analysis.aggregate import is_classified_wbc
+from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.records import Box, CellDetection, CellKind, ClassifiedCell
 from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Report
 from smearscope.service.mqtt.outbox import Outbox, StateWriter
@@ -149,9 +150,9 @@ class StationState:
         return write
 
     def _runs(self, closed: bool, only: str | None = None) -> list[SpecimenRun]:
-        """The open (or closed) runs' fields and cells as stored; with `only`, that run's."""
-        where, params = (("run_id = ?", (only,)) if only is not None else
-                         (f"run_id {'' if closed else 'NOT '}IN (SELECT run_id FROM closed_runs)", ()))
+        """The open (or closed) runs' fields and cells as stored; with `only`, that one of them."""
+        where = f"run_id {'' if closed else 'NOT '}IN (SELECT run_id FROM closed_runs)"
+        where, params = (f"{where} AND run_id = ?", (only,)) if only is not None else (where, ())
         rows = self.outbox.read(lambda conn: conn.execute(
             "SELECT run_id, field_id, started_at, started_by, target_wbc, models, cells, stored_at, flags "
             f"FROM specimen_fields WHERE {where} ORDER BY run_id, position", params).fetchall())
@@ -188,12 +189,20 @@ class StationState:
         """The runs a previous process left open (crash, or a stop that could not store)."""
         return self._runs(closed=False)
 
-    def closed_runs(self) -> list[ClosedRun]:
+    def closed_runs(self, cells: bool = True) -> list[ClosedRun]:
         """The last closed runs, oldest first: their cells and latest report (without cells).
-        Rows this code cannot read (another version's) are left out with an error logged: the
-        station starts, those runs cannot be verified."""
+        `cells=False`: without their cells too (`run` None; fields counted, classified white cells
+        from the report), for a station that reads a run back only when it is verified
+        (`run_cells`). Rows this code cannot read (another version's) are left out with an error
+        logged: the station starts, those runs cannot be verified."""
         try:
-            runs = {r.run_id: r for r in self._runs(closed=True)}
+            if cells:
+                runs = {r.run_id: (len(r.field_ids), r.target_wbc, r) for r in self._runs(closed=True)}
+            else:
+                runs = {run_id: (int(n), int(target), None) for run_id, n, target in self.outbox.read(
+                    lambda conn: conn.execute(
+                        "SELECT run_id, COUNT(*), MAX(target_wbc) FROM specimen_fields WHERE run_id IN "
+                        "(SELECT run_id FROM closed_runs) GROUP BY run_id").fetchall())}
         except (ValueError, KeyError, TypeError) as exc:
             logger.error("closed runs kept for verification cannot be read (%s); none can be verified", exc)
             return []
@@ -201,14 +210,15 @@ class StationState:
             "SELECT run_id, end_reason, report FROM closed_runs ORDER BY rowid").fetchall())
         out = []
         for run_id, end_reason, text in rows:
-            run = runs.get(run_id)
-            if run is None:
+            if run_id not in runs:
                 continue
+            fields, target, run = runs[run_id]
             try:
                 report = Report.model_validate_json(text)
             except ValueError as exc:
                 logger.error("closed run %s: its report cannot be read (%s); it cannot be verified", run_id, exc)
                 continue
-            out.append(ClosedRun(run_id, end_reason, len(run.field_ids), run.classified_wbc, run.target_wbc,
-                                 report, run))
+            classified = run.classified_wbc if run is not None else sum(
+                s.count for s in report.wbc_differential if s.label != UNIDENTIFIED)
+            out.append(ClosedRun(run_id, end_reason, fields, classified, target, report, run))
         return out

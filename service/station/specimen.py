@@ -280,7 +280,8 @@ class SpecimenTracker:
         return self._policy
 
     def set_policy(self, policy: SpecimenPolicy) -> None:
-        """New target applies to runs started from now on; the idle timeout applies at once."""
+        """New target applies to runs started from now on; the idle timeout and the field limit apply
+        at once (a lowered limit ends the open run at its next field)."""
         with self._lock:
             self._policy = policy
 

@@ -142,7 +142,7 @@ class StationWorkers:
         self.state = StationState(publisher.outbox)
         self._close_runs_left_open()
         if self.clinic is not None:  # typing needs the heads; verification the runs closed before
-            self.clinic.start(analyzer, self.state.closed_runs(), self.state.run_cells)
+            self.clinic.start(analyzer, self.state.closed_runs(cells=False), self.state.run_cells)
         for name, target in (("report-writer", self._report_loop),
                              ("analysis", self._analysis_loop), ("capture", self._capture_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
