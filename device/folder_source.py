@@ -71,7 +71,7 @@ class ProcessedLog:
 
     def __init__(self, path: Path, max_entries: int) -> None:
         self.path = path
-        self._keys: set[str] = set()
+        self._keys: dict[str, str] = {}  # key -> its last status ("done" or "rejected")
         lines: list[str] = []
         if path.exists():
             lines = [ln for ln in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
@@ -81,17 +81,21 @@ class ProcessedLog:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8", errors="surrogateescape")
             os.replace(tmp, path)
-        self._keys = {ln.split("\t", 1)[0] for ln in lines}
+        self._keys = {parts[0]: parts[1] if len(parts) > 1 else "done"
+                      for parts in (ln.split("\t", 2) for ln in lines)}
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
+
+    def status(self, key: str) -> str | None:
+        return self._keys.get(key)
 
     def record(self, key: str, status: str, name: str) -> None:
         with open(self.path, "a", encoding="utf-8", errors="surrogateescape") as fh:  # any file name
             fh.write(f"{key}\t{status}\t{name}\n")
             fh.flush()
             os.fsync(fh.fileno())
-        self._keys.add(key)
+        self._keys[key] = status
 
 
 def file_key(name: str, size: int, mtime_ns: int) -> str:
@@ -247,8 +251,9 @@ class FolderSource(FrameSource):
         if key in self._stuck:
             return None
         if key in self._log:  # processed before a crash, never moved: finish the move only
-            logger.info("%s: %s already processed; moving it to %s", self.name, shown(fname), self._done)
-            self._move(fname, self._done, key)
+            to = self._rejected if self._log.status(key) == "rejected" else self._done
+            logger.info("%s: %s already processed; moving it to %s", self.name, shown(fname), to)
+            self._move(fname, to, key)
             return None
         cand = self._pending.get(fname)
         if cand is None or (cand.size, cand.mtime_ns) != (st.st_size, st.st_mtime_ns):

@@ -267,6 +267,22 @@ def test_a_refused_file_that_changed_after_it_was_read_stays_and_done_never_rais
     src.close()
 
 
+def test_a_move_a_crash_cut_short_is_finished_to_the_folder_its_record_names(tmp_path: Path) -> None:
+    """Recorded, then the process died before the move: the next start moves a rejected file to
+    rejected/ and a processed one to done/, so done/ never holds a file that was refused."""
+    src = _folder(tmp_path)
+    for name, status in (("refused.png", "rejected"), ("stored.png", "done")):
+        path = src._root / name
+        path.write_bytes(_png(len(name)))
+        st = path.stat()
+        src._log.record(file_key(name, st.st_size, st.st_mtime_ns), status, name)
+    again = FolderSource(src._config)  # the next start reads the record
+    assert again.scan_once() is None
+    assert (src._root / "rejected" / "refused.png").exists() and (src._root / "done" / "stored.png").exists()
+    src.close()
+    again.close()
+
+
 def test_a_folder_that_goes_and_comes_back_is_said_once_and_its_subfolders_come_back(tmp_path: Path, caplog) -> None:
     import shutil
 
