@@ -290,6 +290,10 @@ class FolderSource(FrameSource):
                     return None
             self._reject(fname, key, f"{exc.code.value}: {exc.message}", watch=exc.code in MAYBE_INCOMPLETE)
             return None
+        if not image.pixels[-1].any():  # a black last row: in brightfield, the zeros of a file its
+            cand.undecodable_since = cand.undecodable_since or now  # writer sized first and is filling
+            if now - cand.undecodable_since < self._config.decode_grace_s:
+                return None  # waited for; after the grace it is analysed as it is
         frame = Frame(
             pixels=image.pixels,
             frame_id=f"{self.name}:{shown(fname)}@{key[:12]}",

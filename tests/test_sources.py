@@ -267,6 +267,29 @@ def test_a_refused_file_that_changed_after_it_was_read_stays_and_done_never_rais
     src.close()
 
 
+def test_a_file_whose_last_rows_are_still_zeros_is_waited_for_then_analysed(tmp_path: Path) -> None:
+    """A writer that set the full size first (uncompressed TIFF) leaves zeros at the end, which
+    decode: a black last row in brightfield is waited for within the grace; the finished file is
+    what is analysed, and one that stays so is analysed after the grace."""
+    src = _folder(tmp_path, decode_grace_s=5.0)
+    full = _image(1)
+    part = full.copy()
+    part[full.shape[0] // 2:] = 0
+    path = src._root / "filling.tif"
+    assert cv2.imwrite(str(path), part)
+    t0 = time.monotonic()
+    assert src.scan_once(now=t0) is None and path.exists()
+    assert cv2.imwrite(str(path), full)
+    frame = src.scan_once(now=t0 + 1.0)
+    assert frame is not None and frame.pixels[-1].any()
+    src.done(frame)
+    assert cv2.imwrite(str(src._root / "dark.tif"), part)
+    assert src.scan_once(now=t0 + 2.0) is None
+    late = src.scan_once(now=t0 + 8.0)
+    assert late is not None and "dark.tif" in late.frame_id
+    src.close()
+
+
 def test_a_move_a_crash_cut_short_is_finished_to_the_folder_its_record_names(tmp_path: Path) -> None:
     """Recorded, then the process died before the move: the next start moves a rejected file to
     rejected/ and a processed one to done/, so done/ never holds a file that was refused."""
