@@ -7,11 +7,14 @@ moved to `done/`. A crash before that leaves the file in the folder, so the next
 again; the station recognises a file whose report it already stored by the frame's `input_key`
 (the content's hash) and does not count it twice.
 
-A file that can never be an image goes to `rejected/` with a `.reason.txt` beside it. One that
-may still be being written (empty, truncated, or corrupt the way a half-written JPEG is) is
-retried for `decode_grace_s` from its last change before it is rejected; and if it changes after
-that (its writer was only slow), it is moved back and tried again. Files under a writer's
-temporary name are left alone. Registered as the "folder" kind in `device.sources`.
+A file that can never be an image goes to `rejected/` with a `.reason.txt` beside it (its reason
+code first), and so does one the station refused (`done(frame, refused)`). One that may still be
+being written (`MAYBE_INCOMPLETE`: empty, truncated, corrupt the way a half-written file is, not
+readable yet; or decoded with a black last row, the zeros of a file its writer sized first) is
+retried for `decode_grace_s` from its last change; and if it changes after it was rejected (its
+writer was only slow), it is moved back and tried again, as one that changed after it was read
+stays for its new version. Files under a writer's temporary name are left alone; file names need
+not be UTF-8. Registered as the "folder" kind in `device.sources`.
 """
 
 from __future__ import annotations
