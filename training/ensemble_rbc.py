@@ -51,14 +51,15 @@ def load_run(run: Path) -> tuple[Deployable, str]:
 
 
 def load_head(runs: list[Path]) -> tuple[nn.Module, str, str | None]:
-    """One run's head, or the mean of several; (model, arch of the first, architecture text or None)."""
+    """One run's head, or the mean of several; (model, its arch or the members' joined by "+",
+    architecture text or None)."""
     loaded = [load_run(r) for r in runs]
     if len(loaded) == 1:
         return loaded[0][0], loaded[0][1], None
     archs = sorted({a for _, a in loaded})
     text = (f"mean of the logits of {len(loaded)} timm {'/'.join(archs)} heads in one graph, each from scratch "
             f"or fine-tuned from an earlier head (runs: {', '.join(r.name for r in runs)})")
-    return MeanLogits([m for m, _ in loaded]).eval(), loaded[0][1], text
+    return MeanLogits([m for m, _ in loaded]).eval(), "+".join(archs), text
 
 
 def main() -> None:

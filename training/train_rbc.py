@@ -182,7 +182,9 @@ def main() -> None:
                    softmax(predict_logits(model, looks_crops(sets["test_images"])) / temperature),
                    spherocyte_in_worst=args.select == "spherocyte")
     result = {"val_best_worst": best[0], "temperature": temperature, "test": test, "history": history,
-              "start_val": start}
+              "start_val": start,  # and how it was trained (seed, teacher, distillation, rates)
+              "args": {k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+                       for k, v in vars(args).items()}}
     torch.save({"model": model.state_dict(), "arch": args.arch, "classes": CLASSES}, run_dir / "best.pt")
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     logger.info("test %s", test)
@@ -208,8 +210,9 @@ def export_rbc(runs: list[Path], out: Path, views: list[str]) -> Path:
     val_crops = to_crops(sets["val_images"], CROP)
     vlogits = np.mean([predict_logits(model, view_crops(val_crops, v)) for v in views], axis=0)
     temperature = fit_temperature(vlogits, sets["val_labels"])
-    best = [json.loads((r / "result.json").read_text()).get("val_best_worst") if (r / "result.json").exists()
-            else None for r in runs]
+    results = [json.loads((r / "result.json").read_text()) if (r / "result.json").exists() else {} for r in runs]
+    best = [r.get("val_best_worst") for r in results]
+    how = [r.get("args") for r in results]  # seed, teacher, rates: runs from before these were kept have none
     path = export_classifier(
         model, name="rbc_head", classes=list(CLASSES), crop=CROP, arch=arch, temperature=temperature,
         architecture=architecture,
@@ -220,7 +223,8 @@ def export_rbc(runs: list[Path], out: Path, views: list[str]) -> Path:
                        "recipe": "training.train_rbc (random lab looks, lamp correction, the analyzer's crops; kept: "
                                  "the best worst figure on validation, see train_rbc --select)",
                        "run": str(runs[0]) if len(runs) == 1 else [str(r) for r in runs],
-                       "run_val_best_worst": best[0] if len(runs) == 1 else best},
+                       "run_val_best_worst": best[0] if len(runs) == 1 else best,
+                       "run_args": how[0] if len(runs) == 1 else how},
         split_hashes={})
     eng = create_engine("onnxruntime", path).load()
     clf = CropClassifier(eng, 0.0)
