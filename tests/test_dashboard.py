@@ -272,7 +272,12 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         driver.find_element(By.CSS_SELECTOR, f"{card} .verify-run").click()
         _wait("the verified report on the page", lambda: seen(card, "data-verified-by") == "AB", 30, logs)
         assert "verified: 1 typed" in (seen(f"{card} .verify-state") or "")
-        verified = Report.model_validate(json.loads(observer.on_topic(f"{BASE}/report")[-1].payload)["body"])
+
+        def last_report() -> Report:
+            return Report.model_validate(json.loads(observer.on_topic(f"{BASE}/report")[-1].payload)["body"])
+        # the page follows the run's live state, which may arrive before the report from the outbox
+        _wait("the verified report on its topic", lambda: last_report().verification is not None, 30, logs)
+        verified = last_report()
         v = verified.verification
         assert v is not None and v.verified_by == "AB" and v.supersedes == report.report_id and v.typed_cells == 1
         assert verified.run_id == run_id and verified.report_id != report.report_id
