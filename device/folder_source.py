@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smearscope.device.frame import Frame
-from smearscope.device.ingest import IngestError, IngestLimits, RejectReason, load_image
+from smearscope.device.ingest import IngestError, IngestLimits, RejectReason, load_image, shown
 from smearscope.device.source_config import FolderSourceConfig
 from smearscope.device.sources import FrameSource, SourceConfigurationError
 
@@ -105,11 +105,6 @@ def file_key(name: str, size: int, mtime_ns: int) -> str:
     """Stable identity of one version of one file (its name as the file system's bytes: a name
     that is not UTF-8, as an SMB share can give, has one too)."""
     return hashlib.sha1(os.fsencode(name) + f"|{size}|{mtime_ns}".encode()).hexdigest()[:16]
-
-
-def shown(name: str) -> str:
-    """A file name as logs, frame ids and reports can carry it: bytes that are not UTF-8 as \\xNN."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 #: Names writers use while a file is incomplete; such files are left alone, not rejected.

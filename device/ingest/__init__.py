@@ -8,6 +8,6 @@ commands and the evaluation reach it as `smearscope.service.ingest` (stage 1 of 
 """
 
 from smearscope.device.ingest.decode import DecodedImage, ImageSource, IngestLimits, load_image
-from smearscope.device.ingest.errors import IngestError, RejectReason
+from smearscope.device.ingest.errors import IngestError, RejectReason, shown
 
-__all__ = ["DecodedImage", "ImageSource", "IngestError", "IngestLimits", "RejectReason", "load_image"]
+__all__ = ["DecodedImage", "ImageSource", "IngestError", "IngestLimits", "RejectReason", "load_image", "shown"]

@@ -7,6 +7,7 @@ both names, and the header parsers (`device.ingest.headers`) raise the same erro
 from __future__ import annotations
 
 import logging
+import os
 from enum import Enum
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,12 @@ class RejectReason(str, Enum):
     MULTI_FRAME = "multi_frame"
     #: Every pixel (nearly) the same value: lens cap on, shutter closed, saturated sensor.
     BLANK_IMAGE = "blank_image"
+
+
+def shown(path: os.PathLike[str] | str) -> str:
+    """A file name or path as valid UTF-8 text (for messages, logs, frame ids and reports): bytes
+    that are not UTF-8, as an SMB share's Latin-1 names give, appear as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 class IngestError(Exception):

@@ -20,6 +20,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from smearscope.device.ingest import shown  # the name as messages show it; re-exported for the CLI
+
 logger = logging.getLogger(__name__)
 
 #: Files a directory given to `analyze` contributes (named files are always tried, and rejected if bad).
@@ -40,11 +42,6 @@ class Input:
 
     path: Path
     error: InputError | None = None
-
-
-def shown(path: os.PathLike[str] | str) -> str:
-    """A path as valid UTF-8 text: bytes that are not UTF-8 appear as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _read_list(name: str) -> list[str]:
