@@ -261,3 +261,18 @@ def test_a_fields_scale_and_preparation_flags_reach_the_specimen_report() -> Non
     assert len(carried) == 1 and carried[0].severity == "warning" and carried[0].message.startswith("1 of 2 fields")
     # a field's own count flags are recomputed over the pooled cells, not carried
     assert sum(f.code == "too_few_wbc_for_differential" for f in report.flags) == 1
+
+
+def test_interim_reports_at_every_field_count_each_cell_once_at_its_place_in_the_run() -> None:
+    """The run's tally adds each field's cells once: counts and the cells a flag lists (positions in
+    the run) match the run's cells however often a report was made."""
+    t = tracker(target=10**6)
+    t.run_for_next_field()
+    for i in range(4):
+        t.add(fake_field(f"f{i}", {"neutrophil": 2, UNIDENTIFIED: 3}, rbc=3 + i))
+        report = t.interim_report(with_cells=i % 2 == 0)
+        assert report is not None and report.counts.rbc == sum(3 + k for k in range(i + 1))
+        assert report.counts.wbc == 5 * (i + 1) and len(report.cells) == (len(t.open_run().cells) if i % 2 == 0 else 0)
+        atypical = next(f for f in report.flags if f.code == "atypical_wbc_present")
+        assert atypical.cells == [g for g, c in enumerate(t.open_run().cells) if c.label == UNIDENTIFIED]
+    assert {s.label: s.count for s in report.wbc_differential} == {"neutrophil": 8, UNIDENTIFIED: 12}

@@ -37,9 +37,8 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def shares(labels: Iterable[str], with_ci: bool, of: int | None = None) -> list[ClassShare]:
-    """Each label's count and percent (of `of` cells when given, else of the labels)."""
-    c = Counter(labels)
+def share_rows(c: Counter[str], with_ci: bool, of: int | None = None) -> list[ClassShare]:
+    """Each label's count and percent (of `of` cells when given, else of the counted labels)."""
     n = sum(c.values()) if of is None else of
     out = []
     for label, k in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -50,17 +49,20 @@ def shares(labels: Iterable[str], with_ci: bool, of: int | None = None) -> list[
     return out
 
 
-def size_stats(diameters: Sequence[float], calibrated: bool) -> SizeStats:
-    """Red-cell diameters: mean, SD, CV (RDW-like), median and a histogram, from a calibrated scale
-    only. With an estimated scale the sizes are circular (the scale came from them) and are left out."""
-    if not calibrated:
-        return SizeStats(n=len(diameters), mean_diameter_um=None, sd_um=None, cv_percent=None, median_diameter_um=None,
-                         calibrated=False)
+def size_stats(diameters: Sequence[float]) -> SizeStats:
+    """Red-cell diameters at a calibrated scale: mean, SD, CV (RDW-like), median and a histogram."""
     dist = size_distribution(diameters)
     d = np.asarray(diameters, float)
     return SizeStats(n=dist.n, mean_diameter_um=dist.mean_um, sd_um=dist.sd_um, cv_percent=dist.cv_percent,
                      median_diameter_um=round(float(np.median(d)), 3) if d.size else None, calibrated=True,
                      histogram=SizeHistogram(bin_edges_um=list(dist.bin_edges_um), counts=list(dist.counts)))
+
+
+def sizes_not_assessed(n: int) -> SizeStats:
+    """`n` red cells at an estimated scale: their sizes are circular (the scale came from them) and
+    are left out."""
+    return SizeStats(n=n, mean_diameter_um=None, sd_um=None, cv_percent=None, median_diameter_um=None,
+                     calibrated=False)
 
 
 @dataclass(frozen=True)
@@ -95,35 +97,191 @@ def _ratio(a: int, b: int) -> float | None:
     return round(a / b, 3) if b else None
 
 
-def morphology(rbc: Sequence[ClassifiedCell], n_calibrated: int) -> list[ClassShare]:
-    """RBC morphology shares with ICSH grades (and the grades at the ends of the 95 % interval).
+class CellTally:
+    """What `aggregate` reads of a list of cells, accumulated in one pass. A specimen run adds each
+    field's cells once (`extend`), so its interim report costs the new field's cells, not every cell
+    of the run again (at 300 red cells a field, 0.36 s a report after 1000 fields re-reading them).
+    Cells are only ever appended: indices in the flags are positions in that list."""
 
-    Size-based classes at an estimated scale are listed as not assessable, with the number of
-    cells the head would have given them (those cells are counted under their shape class). Where
-    only some cells were at a calibrated scale (a specimen run that took a field without one),
-    size-based classes are shares of those cells alone (`of_cells`), shape classes of all.
-    `n_calibrated`: how many of `rbc` were at a calibrated scale."""
-    mixed = 0 < n_calibrated < len(rbc)
-    rows = shares([c.label or UNIDENTIFIED for c in rbc if not (mixed and c.label in SIZE_BASED)], with_ci=True,
-                  of=len(rbc) if mixed else None)
-    if mixed:  # a size-based label is only ever given at a calibrated scale
-        rows += shares([c.label for c in rbc if c.label in SIZE_BASED], with_ci=True, of=n_calibrated)
-        rows = [r.model_copy(update={"of_cells": r.of_cells if r.label in SIZE_BASED else None}) for r in rows]
-        rows.sort(key=lambda r: (-r.count, r.label))
-    out = []
-    for share in rows:
-        if share.label in ICSH_THRESHOLDS:  # graded on the exact share, not the rounded percent
-            exact = 100.0 * share.count / (share.of_cells or len(rbc))  # every red cell is in one row
-            share = share.model_copy(update={
-                "grade": icsh_grade(share.label, exact),
-                "grade_ci_low": icsh_grade(share.label, share.ci95_low or 0.0),
-                "grade_ci_high": icsh_grade(share.label, share.ci95_high or 0.0)})
-        out.append(share)
-    if rbc and n_calibrated == 0:
-        held = Counter(c.unassessed_label for c in rbc if c.unassessed_label)
-        for label in sorted(SIZE_BASED):
-            out.append(ClassShare(label=label, count=held.get(label, 0), percent=0.0, assessable=False))
-    return out
+    def __init__(self) -> None:
+        self.of: list[ClassifiedCell] | None = None  # the list `caught_up` follows
+        self.n = 0
+        self.kinds: Counter[CellKind] = Counter()
+        self.wbc_labels: Counter[str] = Counter()
+        self.rbc_labels: Counter[str] = Counter()
+        self.unassessed: Counter[str] = Counter()  # red cells' size calls held back at an estimated scale
+        self.n_calibrated = 0  # red cells at a calibrated scale
+        self.typed_wbc = 0
+        self.diameters_calibrated: list[float] = []  # red cells off the frame edge, calibrated scale
+        self.n_sized_estimated = 0  # red cells off the frame edge at an estimated scale
+        self.unidentified_wbc: list[int] = []
+        self.atypical_wbc = 0
+        self.sickle: list[tuple[int, float]] = []  # (index, head confidence)
+        self.schistocytes: list[int] = []
+        self.regrouped_platelets: list[int] = []  # found as white cells, typed as platelets
+        self.nrbc: list[int] = []
+
+    def extend(self, cells: Iterable[ClassifiedCell]) -> CellTally:
+        i = self.n
+        for c in cells:
+            kind = c.detection.kind
+            self.kinds[kind] += 1
+            if kind is CellKind.RBC:
+                label = c.label or UNIDENTIFIED
+                self.rbc_labels[label] += 1
+                if c.unassessed_label:
+                    self.unassessed[c.unassessed_label] += 1
+                if c.size_calibrated:
+                    self.n_calibrated += 1
+                    if not c.touches_frame_edge:
+                        self.diameters_calibrated.append(c.diameter_um)
+                elif not c.touches_frame_edge:
+                    self.n_sized_estimated += 1
+                if label == "sickle":
+                    self.sickle.append((i, c.label_score or 0.0))
+                elif label == "schistocyte":
+                    self.schistocytes.append(i)
+            elif kind is CellKind.WBC:
+                label = c.label or UNIDENTIFIED
+                self.wbc_labels[label] += 1
+                if label == UNIDENTIFIED:
+                    self.unidentified_wbc.append(i)
+                    self.atypical_wbc += bool(c.atypical)
+                else:
+                    self.typed_wbc += 1
+            elif kind is CellKind.PLATELET:
+                if c.detected_as is CellKind.WBC:
+                    self.regrouped_platelets.append(i)
+            elif kind is CellKind.NRBC:
+                self.nrbc.append(i)
+            i += 1
+        self.n = i
+        return self
+
+    @classmethod
+    def caught_up(cls, tally: CellTally | None, cells: list[ClassifiedCell]) -> CellTally:
+        """`tally` with the cells of `cells` past those it counted (a list only ever appended to);
+        a new tally when `tally` counted another list (a copy of a run with other cells)."""
+        if tally is None or tally.of is not cells:
+            tally = cls()
+            tally.of = cells
+        return tally.extend(cells[tally.n:]) if len(cells) > tally.n else tally
+
+    def aggregates(self, th: AggregateThresholds = AggregateThresholds()) -> Aggregates:
+        n_rbc, n_wbc = self.kinds[CellKind.RBC], self.kinds[CellKind.WBC]
+        n_plt, n_nrbc = self.kinds[CellKind.PLATELET], self.kinds[CellKind.NRBC]
+        counts = Counts(rbc=n_rbc, wbc=n_wbc, platelet=n_plt, nrbc=n_nrbc)
+        diff = share_rows(self.wbc_labels, with_ci=True)
+        morph = self.morphology()
+        # diameters are measured only where the scale was calibrated (in a mixed run: those fields' cells)
+        sizes = (size_stats(self.diameters_calibrated) if self.n_calibrated
+                 else sizes_not_assessed(self.n_sized_estimated))
+        wc = self.wbc_labels
+        ratios = {
+            "neutrophil_lymphocyte": _ratio(wc["neutrophil"], wc["lymphocyte"]),
+            "platelet_rbc": _ratio(n_plt, n_rbc),
+            "wbc_rbc": _ratio(n_wbc, n_rbc),
+        }
+        flags: list[Flag] = []
+        if not self.n:
+            flags.append(Flag(code="no_cells_found", severity="warning", message="no cells were detected in this image"))
+        typed = self.typed_wbc  # unidentified cells go to review: no differential counts them
+        if typed < th.min_wbc_for_differential:
+            flags.append(Flag(code="too_few_wbc_for_differential", severity="info",
+                              message=f"{typed} WBC classified ({n_wbc - typed} more unidentified); a differential "
+                                      f"needs at least {th.min_wbc_for_differential}"))
+        if 0 < n_rbc < th.min_rbc_for_morphology:
+            flags.append(Flag(code="too_few_rbc_for_morphology", severity="info",
+                              message=f"{n_rbc} red cells counted; morphology grades need at least "
+                                      f"{th.min_rbc_for_morphology} (read them with their intervals, or over the specimen)"))
+        for name, labels, n in (("wbc", self.wbc_labels, n_wbc), ("rbc", self.rbc_labels, n_rbc)):
+            if n:
+                frac = labels[UNIDENTIFIED] / n
+                if frac > th.max_unidentified_fraction:
+                    flags.append(Flag(code=f"many_unidentified_{name}", severity="warning",
+                                      message=f"{100 * frac:.0f}% of {name.upper()} could not be classified with confidence: review"))
+        flags += self._evidence_flags(th)
+        nrbc_100 = round(100.0 * n_nrbc / n_wbc, 2) if n_wbc else None
+        return Aggregates(counts, diff, morph, sizes, ratios, flags, nrbc_100)
+
+    def morphology(self) -> list[ClassShare]:
+        """RBC morphology shares with ICSH grades (and the grades at the ends of the 95 % interval).
+
+        Size-based classes at an estimated scale are listed as not assessable, with the number of
+        cells the head would have given them (those cells are counted under their shape class). Where
+        only some cells were at a calibrated scale (a specimen run that took a field without one),
+        size-based classes are shares of those cells alone (`of_cells`), shape classes of all."""
+        n_rbc, n_calibrated = self.kinds[CellKind.RBC], self.n_calibrated
+        mixed = 0 < n_calibrated < n_rbc
+        if mixed:  # a size-based label is only ever given at a calibrated scale
+            rows = share_rows(Counter({k: v for k, v in self.rbc_labels.items() if k not in SIZE_BASED}),
+                              with_ci=True, of=n_rbc)
+            rows += share_rows(Counter({k: v for k, v in self.rbc_labels.items() if k in SIZE_BASED}),
+                               with_ci=True, of=n_calibrated)
+            rows = [r.model_copy(update={"of_cells": r.of_cells if r.label in SIZE_BASED else None}) for r in rows]
+            rows.sort(key=lambda r: (-r.count, r.label))
+        else:
+            rows = share_rows(self.rbc_labels, with_ci=True)
+        out = []
+        for share in rows:
+            if share.label in ICSH_THRESHOLDS:  # graded on the exact share, not the rounded percent
+                exact = 100.0 * share.count / (share.of_cells or n_rbc)  # every red cell is in one row
+                share = share.model_copy(update={
+                    "grade": icsh_grade(share.label, exact),
+                    "grade_ci_low": icsh_grade(share.label, share.ci95_low or 0.0),
+                    "grade_ci_high": icsh_grade(share.label, share.ci95_high or 0.0)})
+            out.append(share)
+        if n_rbc and n_calibrated == 0:
+            for label in sorted(SIZE_BASED):
+                out.append(ClassShare(label=label, count=self.unassessed.get(label, 0), percent=0.0, assessable=False))
+        return out
+
+    def _evidence_flags(self, th: AggregateThresholds) -> list[Flag]:
+        """Flags proportionate to evidence, each listing its cells (indices into the cells) for review."""
+        flags: list[Flag] = []
+        n_rbc, n_wbc = self.kinds[CellKind.RBC], self.kinds[CellKind.WBC]
+        unid, n_calibrated = self.unidentified_wbc, self.n_calibrated
+        if n_wbc and len(unid) >= th.atypical_wbc_min_count and len(unid) / n_wbc >= th.atypical_wbc_share:
+            flags.append(Flag(code="atypical_wbc_present", severity="warning", cells=list(unid),
+                              message=f"{len(unid)} of {n_wbc} white cells ({100 * len(unid) / n_wbc:.0f}%) could not be "
+                                      f"typed ({self.atypical_wbc} unlike any trained type): blasts or other abnormal cells "
+                                      "are possible; review the smear"))
+        sickle = [i for i, _ in self.sickle]
+        n_sure = sum(score >= th.sickle_min_confidence for _, score in self.sickle)
+        if n_sure >= th.sickle_critical_min_cells:
+            flags.append(Flag(code="sickle_cells_present", severity="critical", cells=sickle,
+                              message=f"{len(sickle)} sickle cells seen ({n_sure} at confidence >= "
+                                      f"{th.sickle_min_confidence}): review"))
+        elif sickle:
+            flags.append(Flag(code="sickle_cells_review", severity="warning", cells=sickle,
+                              message=f"{len(sickle)} possible sickle cell(s), {n_sure} at confidence >= "
+                                      f"{th.sickle_min_confidence}, fewer than the {th.sickle_critical_min_cells} a critical "
+                                      "flag needs: review the listed cells"))
+        schisto = self.schistocytes
+        if n_rbc and len(schisto) >= th.schistocyte_min_cells and len(schisto) / n_rbc > 0.01:
+            flags.append(Flag(code="schistocytes_present", severity="warning", cells=list(schisto),
+                              message=f"schistocytes {100 * len(schisto) / n_rbc:.1f}% of red cells (over 1%: suspicious of "
+                                      "a thrombotic microangiopathy): review"))
+        if self.regrouped_platelets:
+            flags.append(Flag(code="platelet_clumps_suspected", severity="warning", cells=list(self.regrouped_platelets),
+                              message=f"{len(self.regrouped_platelets)} object(s) found as white cells were typed as "
+                                      "platelets (giant platelets or platelet clumps) and counted as platelets, not WBC: "
+                                      "review the smear"))
+        if self.nrbc:
+            flags.append(Flag(code="nucleated_rbc_present", severity="warning", cells=list(self.nrbc),
+                              message=f"{len(self.nrbc)} nucleated red cells (erythroblasts) seen, counted apart from the "
+                                      "white cells"))
+        if n_rbc and 0 < n_calibrated < n_rbc:
+            flags.append(Flag(code="sizes_from_calibrated_fields_only", severity="info",
+                              message=f"{n_rbc - n_calibrated} of {n_rbc} red cells came from fields at an estimated "
+                                      f"scale: microcytes, macrocytes, spherocytes and red-cell sizes are from the "
+                                      f"{n_calibrated} red cells of the calibrated fields only"))
+        elif n_rbc and n_calibrated == 0:
+            flags.append(Flag(code="size_not_assessable_without_calibration", severity="info",
+                              message="the scale was estimated from the red cells themselves, so microcytes, macrocytes and "
+                                      "spherocytes cannot be judged and red-cell sizes are not reported; calibrate the station "
+                                      "(smearscope calibrate-scale) to assess them"))
+        return flags
 
 
 def is_classified_wbc(cell: ClassifiedCell) -> bool:
@@ -131,102 +289,6 @@ def is_classified_wbc(cell: ClassifiedCell) -> bool:
     return cell.detection.kind is CellKind.WBC and cell.label not in (None, UNIDENTIFIED)
 
 
-def _indices(cells: Sequence[ClassifiedCell], pick) -> list[int]:
-    return [i for i, c in enumerate(cells) if pick(c)]
-
-
 def aggregate(cells: Sequence[ClassifiedCell], th: AggregateThresholds = AggregateThresholds()) -> Aggregates:
-    by_kind: dict[CellKind, list[ClassifiedCell]] = {k: [] for k in CellKind}
-    for c in cells:
-        by_kind[c.detection.kind].append(c)
-    rbc, wbc, plt, nrbc = (by_kind[k] for k in (CellKind.RBC, CellKind.WBC, CellKind.PLATELET, CellKind.NRBC))
-    counts = Counts(rbc=len(rbc), wbc=len(wbc), platelet=len(plt), nrbc=len(nrbc))
-    wbc_labels = [c.label or UNIDENTIFIED for c in wbc]
-    rbc_labels = [c.label or UNIDENTIFIED for c in rbc]
-    n_calibrated = sum(c.size_calibrated for c in rbc)
-    diff = shares(wbc_labels, with_ci=True)
-    morph = morphology(rbc, n_calibrated)
-    # diameters are measured only where the scale was calibrated (in a mixed run: those fields' cells)
-    sized = [c for c in rbc if c.size_calibrated] or rbc
-    sizes = size_stats([c.diameter_um for c in sized if not c.touches_frame_edge], sized[0].size_calibrated if sized else False)
-    wc = Counter(wbc_labels)
-    ratios = {
-        "neutrophil_lymphocyte": _ratio(wc["neutrophil"], wc["lymphocyte"]),
-        "platelet_rbc": _ratio(len(plt), len(rbc)),
-        "wbc_rbc": _ratio(len(wbc), len(rbc)),
-    }
-    flags: list[Flag] = []
-    if not cells:
-        flags.append(Flag(code="no_cells_found", severity="warning", message="no cells were detected in this image"))
-    typed = sum(map(is_classified_wbc, wbc))  # unidentified cells go to review: no differential counts them
-    if typed < th.min_wbc_for_differential:
-        flags.append(Flag(code="too_few_wbc_for_differential", severity="info",
-                          message=f"{typed} WBC classified ({len(wbc) - typed} more unidentified); a differential "
-                                  f"needs at least {th.min_wbc_for_differential}"))
-    if 0 < len(rbc) < th.min_rbc_for_morphology:
-        flags.append(Flag(code="too_few_rbc_for_morphology", severity="info",
-                          message=f"{len(rbc)} red cells counted; morphology grades need at least "
-                                  f"{th.min_rbc_for_morphology} (read them with their intervals, or over the specimen)"))
-    for name, labels in (("wbc", wbc_labels), ("rbc", rbc_labels)):
-        if labels:
-            frac = labels.count(UNIDENTIFIED) / len(labels)
-            if frac > th.max_unidentified_fraction:
-                flags.append(Flag(code=f"many_unidentified_{name}", severity="warning",
-                                  message=f"{100 * frac:.0f}% of {name.upper()} could not be classified with confidence: review"))
-    flags += _evidence_flags(cells, wbc, rbc, plt, nrbc, n_calibrated, th)
-    nrbc_100 = round(100.0 * len(nrbc) / len(wbc), 2) if wbc else None
-    return Aggregates(counts, diff, morph, sizes, ratios, flags, nrbc_100)
-
-
-def _evidence_flags(cells, wbc, rbc, plt, nrbc, n_calibrated: int, th: AggregateThresholds) -> list[Flag]:
-    """Flags proportionate to evidence, each listing its cells (indices into `cells`) for review."""
-    flags: list[Flag] = []
-    # one pass for the three lists (a specimen's interim report runs this over every cell of the run)
-    unid, sickle, schisto = [], [], []
-    for i, c in enumerate(cells):
-        kind = c.detection.kind
-        if kind is CellKind.WBC and (c.label or UNIDENTIFIED) == UNIDENTIFIED:
-            unid.append(i)
-        elif kind is CellKind.RBC and c.label in ("sickle", "schistocyte"):
-            (sickle if c.label == "sickle" else schisto).append(i)
-    if wbc and len(unid) >= th.atypical_wbc_min_count and len(unid) / len(wbc) >= th.atypical_wbc_share:
-        n_atyp = sum(cells[i].atypical for i in unid)
-        flags.append(Flag(code="atypical_wbc_present", severity="warning", cells=unid,
-                          message=f"{len(unid)} of {len(wbc)} white cells ({100 * len(unid) / len(wbc):.0f}%) could not be "
-                                  f"typed ({n_atyp} unlike any trained type): blasts or other abnormal cells are possible; "
-                                  "review the smear"))
-    sure = [i for i in sickle if (cells[i].label_score or 0.0) >= th.sickle_min_confidence]
-    if len(sure) >= th.sickle_critical_min_cells:
-        flags.append(Flag(code="sickle_cells_present", severity="critical", cells=sickle,
-                          message=f"{len(sickle)} sickle cells seen ({len(sure)} at confidence >= "
-                                  f"{th.sickle_min_confidence}): review"))
-    elif sickle:
-        flags.append(Flag(code="sickle_cells_review", severity="warning", cells=sickle,
-                          message=f"{len(sickle)} possible sickle cell(s), {len(sure)} at confidence >= "
-                                  f"{th.sickle_min_confidence}, fewer than the {th.sickle_critical_min_cells} a critical "
-                                  "flag needs: review the listed cells"))
-    if rbc and len(schisto) >= th.schistocyte_min_cells and len(schisto) / len(rbc) > 0.01:
-        flags.append(Flag(code="schistocytes_present", severity="warning", cells=schisto,
-                          message=f"schistocytes {100 * len(schisto) / len(rbc):.1f}% of red cells (over 1%: suspicious of "
-                                  "a thrombotic microangiopathy): review"))
-    n_regrouped = sum(c.detected_as is CellKind.WBC for c in plt)
-    if n_regrouped:
-        flags.append(Flag(code="platelet_clumps_suspected", severity="warning",
-                          cells=_indices(cells, lambda c: c.detection.kind is CellKind.PLATELET and c.detected_as is CellKind.WBC),
-                          message=f"{n_regrouped} object(s) found as white cells were typed as platelets (giant platelets or "
-                                  f"platelet clumps) and counted as platelets, not WBC: review the smear"))
-    if nrbc:
-        flags.append(Flag(code="nucleated_rbc_present", severity="warning",
-                          cells=_indices(cells, lambda c: c.detection.kind is CellKind.NRBC),
-                          message=f"{len(nrbc)} nucleated red cells (erythroblasts) seen, counted apart from the white cells"))
-    if rbc and 0 < n_calibrated < len(rbc):
-        flags.append(Flag(code="sizes_from_calibrated_fields_only", severity="info",
-                          message=f"{len(rbc) - n_calibrated} of {len(rbc)} red cells came from fields at an estimated "
-                                  f"scale: microcytes, macrocytes, spherocytes and red-cell sizes are from the "
-                                  f"{n_calibrated} red cells of the calibrated fields only"))
-    elif rbc and n_calibrated == 0:
-        flags.append(Flag(code="size_not_assessable_without_calibration", severity="info",
-                          message="the scale was estimated from the red cells themselves, so microcytes, macrocytes and "
-                                  "spherocytes cannot be judged and red-cell sizes are not reported; calibrate the station "
-                                  "(smearscope calibrate-scale) to assess them"))
-    return flags
+    """A field's (or any list of cells') aggregates: `CellTally` over the cells at once."""
+    return CellTally().extend(cells).aggregates(th)

@@ -155,7 +155,7 @@ class ClinicFeed:
             if self.gallery is not None:
                 self.gallery.add_field(run_id, image, result)
             progress = tracker.progress()
-            interim = tracker.interim_report() if progress is not None else None
+            interim = tracker.interim_report(with_cells=False) if progress is not None else None
             if progress is not None and interim is not None and progress.run_id == run_id:
                 self._publish(publisher, interim, "open", progress.as_dict(), None)
         except Exception:
