@@ -52,6 +52,24 @@ def test_a_grade_comes_from_the_exact_share_not_the_rounded_percent():
     assert row.percent == 0.0 and row.grade == "1+"
 
 
+def test_sickle_cells_graded_only_on_the_calls_as_sure_as_the_critical_flag_needs():
+    """One unsure sickle call is counted (audit) and listed for review, but not graded 1+: the
+    report must not read "sickle cells present" on evidence the flag calls too weak."""
+    normal = [_cell(CellKind.RBC, "normal")] * 300
+    one_unsure = next(s for s in aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.5)]).rbc_morphology
+                      if s.label == "sickle")
+    assert (one_unsure.count, one_unsure.graded_count, one_unsure.grade) == (1, 0, "none")
+    assert (one_unsure.grade_ci_low, one_unsure.grade_ci_high) == ("none", "2+")  # Wilson of 0/301: up to 1.26 %
+    cells = normal + [_cell(CellKind.RBC, "sickle", 0.95)] * 4 + [_cell(CellKind.RBC, "sickle", 0.3)] * 4
+    row = next(s for s in aggregate(cells).rbc_morphology if s.label == "sickle")
+    assert (row.count, row.graded_count, row.grade) == (8, 4, "2+")  # 4 / 308 = 1.3 %; all 8 would be 2.6 %: 3+
+    sure = next(s for s in aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.8)]).rbc_morphology
+                if s.label == "sickle")
+    assert (sure.count, sure.graded_count, sure.grade) == (1, None, "1+")  # at the bound: every call graded
+    lowered = aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.5)], AggregateThresholds(sickle_min_confidence=0.5))
+    assert next(s for s in lowered.rbc_morphology if s.label == "sickle").grade == "1+"
+
+
 # -- ratios
 def test_ratios_use_their_own_denominators_and_leave_nrbc_out():
     cells = ([_cell(CellKind.RBC, "normal")] * 10 + [_cell(CellKind.WBC, "neutrophil")] * 4

@@ -172,7 +172,7 @@ class CellTally:
         n_plt, n_nrbc = self.kinds[CellKind.PLATELET], self.kinds[CellKind.NRBC]
         counts = Counts(rbc=n_rbc, wbc=n_wbc, platelet=n_plt, nrbc=n_nrbc)
         diff = share_rows(self.wbc_labels, with_ci=True)
-        morph = self.morphology()
+        morph = self.morphology(th)
         # diameters are measured only where the scale was calibrated (in a mixed run: those fields' cells)
         sizes = (size_stats(self.diameters_calibrated) if self.n_calibrated
                  else sizes_not_assessed(self.n_sized_estimated))
@@ -204,7 +204,7 @@ class CellTally:
         nrbc_100 = round(100.0 * n_nrbc / n_wbc, 2) if n_wbc else None
         return Aggregates(counts, diff, morph, sizes, ratios, flags, nrbc_100)
 
-    def morphology(self) -> list[ClassShare]:
+    def morphology(self, th: AggregateThresholds) -> list[ClassShare]:
         """RBC morphology shares with ICSH grades (and the grades at the ends of the 95 % interval).
 
         Size-based classes at an estimated scale are listed as not assessable, with the number of
@@ -222,14 +222,20 @@ class CellTally:
             rows.sort(key=lambda r: (-r.count, r.label))
         else:
             rows = share_rows(self.rbc_labels, with_ci=True)
+        # a sickle call graded only when the head was as sure as the critical flag needs: one unsure
+        # call must not print "sickle cells 1+" (it is listed for review by the flag instead)
+        n_sure_sickle = sum(score >= th.sickle_min_confidence for _, score in self.sickle)
         out = []
         for share in rows:
             if share.label in ICSH_THRESHOLDS:  # graded on the exact share, not the rounded percent
-                exact = 100.0 * share.count / (share.of_cells or n_rbc)  # every red cell is in one row
+                of = share.of_cells or n_rbc  # every red cell is in one row
+                k = n_sure_sickle if share.label == "sickle" else share.count
+                lo, hi = wilson_interval(k, of)
                 share = share.model_copy(update={
-                    "grade": icsh_grade(share.label, exact),
-                    "grade_ci_low": icsh_grade(share.label, share.ci95_low or 0.0),
-                    "grade_ci_high": icsh_grade(share.label, share.ci95_high or 0.0)})
+                    "grade": icsh_grade(share.label, 100.0 * k / of),
+                    "grade_ci_low": icsh_grade(share.label, round(100 * lo, 2)),
+                    "grade_ci_high": icsh_grade(share.label, round(100 * hi, 2)),
+                    "graded_count": k if k != share.count else None})
             out.append(share)
         if n_rbc and n_calibrated == 0:
             for label in sorted(SIZE_BASED):

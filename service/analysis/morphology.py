@@ -9,7 +9,9 @@ red cells showing the feature, with thresholds per feature:
   echinocytes/burr cells, other poikilocytes): 1+ 5-20 %, 2+ 21-50 %, 3+ > 50 %;
 - schistocytes, graded on their own lower thresholds (ICSH 2012/2021, Zini et al.: more than
   1 % is suspicious of a thrombotic microangiopathy): 1+ < 1 %, 2+ 1-2 %, 3+ > 2 %;
-- sickle cells: reported present (graded like schistocytes, every sickle cell matters).
+- sickle cells: reported present (graded like schistocytes, every sickle cell matters), on the
+  calls the head made at the confidence the critical flag needs (`graded_count`); less sure calls
+  are counted and listed for review by the flag, not graded.
 
 Below 1+ the grade is "none" (the count stays in the report for audit). Each grade comes with
 the grades at the ends of the share's Wilson 95 % interval, so a grade resting on a handful of

@@ -118,6 +118,10 @@ class ClassShare(_Strict):
     of_cells: int | None = Field(None, description="the red cells `percent` and its interval are of, when not every "
                                  "counted one: in a specimen mixing calibrated fields and fields at an estimated scale, "
                                  "size-based classes are shares of the calibrated fields' red cells only")
+    graded_count: int | None = Field(None, description="the cells the grade rests on, when fewer than `count`: for "
+                                     "sickle cells, those the head called at or above the confidence the critical flag "
+                                     "needs (flags.sickle_min_confidence); the others are listed for review by the "
+                                     "`sickle_cells_review` or `sickle_cells_present` flag")
 
 
 class SizeHistogram(_Strict):
