@@ -1,7 +1,8 @@
 """Stage 9: counts, WBC differential with confidence intervals, RBC morphology, size, ratios, flags.
 
-Works on any list of classified cells, so a specimen report is the same function over the cells
-of all its fields.
+Works on any list of classified cells (`aggregate`) through a tally of what it reads
+(`CellTally`), so a specimen report is the same tally kept over the cells of all its fields as
+they arrive.
 """
 
 from __future__ import annotations
