@@ -5,20 +5,53 @@ Imaged through the station's objective and camera, its line spacing in pixels gi
 that the station config's `microns_per_pixel` should hold: stations should be calibrated, not
 guessed from the cells.
 
-Method: the ruling is a periodic pattern, so its spacing is the strongest peak of the image's
-2-D Fourier spectrum (any orientation). The peak gives the direction of the lines; the image is
-then projected along them into a 1-D profile, whose spectrum (zero-padded, peak interpolated)
-gives the period to a small fraction of a pixel. Longer lines every 5 or 10 divisions add
-sub-harmonics; the fundamental is the highest-frequency strong peak whose period is a whole
-fraction of theirs, so those never win.
+Method:
+
+1. Direction: the ruling is a periodic pattern, so the strongest peak of the 2-D Fourier spectrum
+   of the image's detail (less the lamp) gives the direction of its lines.
+2. Profile: the image is turned so the lines are vertical and each row is weighed by how much of
+   the ruling it crosses (its detail across the lines): real reticles have short ticks with longer
+   ones every 5 and 10 divisions, often along one edge of the field, and only the rows through
+   every tick carry the division itself. The weighted column means, less a smooth polynomial (an
+   uneven lamp or vignetting, which would otherwise add a plateau to the autocorrelation), are the
+   profile; the angle is refined once from the shift between the profiles of the band's two halves.
+   The same measured across the lines tells a grid (a warning: the division given must be the
+   spacing of the lines measured).
+3. Period: in the profile's autocorrelation (unbiased), the division is the shortest lag whose peak
+   is nearly as strong as the strongest one; longer ticks every few divisions only add peaks at
+   multiples of it. The period is then refined on the peaks at 2, 4, 8 ... periods, each searched
+   near where the last estimate puts it, to a small fraction of a pixel.
+4. Checks: the lines must stand out from the field (the folded profile's depth at least
+   `MIN_CONTRAST` of the field's brightness: faint lamp flicker bands are not a ruling), every
+   division must look alike (one division's mean shape explains at least `MIN_REGULARITY` of the
+   profile where the lines are: a field of cells does not) and at least two divisions must be in
+   view. What fails says why.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+
+#: The ruling's depth (the folded profile's peak to peak) over the field's brightness, at least (a lamp's
+#: flicker bands reach a few per cent; rulings in focus 10 to 90 %).
+MIN_CONTRAST = 0.08
+#: The share of the profile's variance one division's mean shape explains, at least (more over
+#: few divisions, where chance explains more).
+MIN_REGULARITY = 0.5
+#: Divisions the ruling must span in view (four lines): over two, chance makes anything look regular.
+MIN_DIVISIONS = 3
+#: The autocorrelation's peak at one division over its trough at half of one, at least.
+MIN_PROMINENCE = 0.6
+#: A lag's autocorrelation peak, as a share of the strongest peak, to be the division.
+PEAK_SHARE = 0.6
+#: Lines across the ruling as alike as this make it a grid (the ends of ticks of different lengths,
+#: also periodic across the lines, are far less alike: 0.55 where rendered grids reach 1.0).
+GRID_REGULARITY = 0.8
+#: Fewer divisions in view than this measure the scale less precisely (a warning).
+FEW_DIVISIONS = 5
 
 
 class MicrometerError(ValueError):
@@ -31,7 +64,9 @@ class MicrometerResult:
     period_px: float
     angle_deg: float  # direction of the ruling's lines, degrees from the image's x axis
     periods_seen: float  # how many divisions the measurement spans
-    prominence: float  # spectral peak over the spectrum's median: the ruling's clarity
+    prominence: float  # the division's autocorrelation peak over the profile's at half a division
+    contrast: float = 0.0  # the ruling's depth over the field's brightness
+    warnings: tuple[str, ...] = field(default=())
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
@@ -48,86 +83,221 @@ def _parabolic(y: np.ndarray, i: int) -> float:
     return float(i)
 
 
-def _direction(g: np.ndarray, min_period: float) -> tuple[float, float]:
-    """(angle of the lines' normal in radians, rough period in px) from the 2-D spectrum."""
+def _direction(g: np.ndarray, min_period: float) -> float:
+    """The angle of the lines' normal in radians, from the 2-D spectrum's strongest peak."""
     n = 512
     small = cv2.resize(g, (n, n), interpolation=cv2.INTER_AREA) if max(g.shape) > n else g
     h, w = small.shape
+    # less the lamp: a strong gradient or vignetting would otherwise be the spectrum's peak
+    detail = small - cv2.GaussianBlur(small, (0, 0), min(h, w) / 16)
     win = np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
-    f = np.abs(np.fft.fftshift(np.fft.fft2((small - small.mean()) * win)))
+    f = np.abs(np.fft.fftshift(np.fft.fft2(detail * win)))
     cy, cx = h // 2, w // 2
     yy, xx = np.mgrid[0:h, 0:w]
     fy, fx = (yy - cy) / h, (xx - cx) / w
     rad = np.hypot(fx, fy)
     scale = g.shape[1] / w  # small-image px -> image px (the resize keeps the aspect only when square)
     f[(rad < 2.0 / min(h, w)) | (rad > 1.0 / max(min_period / scale, 2.0))] = 0
-    i = int(np.argmax(f))
-    py, px = divmod(i, w)
-    # back to the full image's cycles per pixel (the resize may differ per axis)
-    fxx, fyy = fx[py, px] * w / g.shape[1], fy[py, px] * h / g.shape[0]
-    freq = float(np.hypot(fxx, fyy))
-    if freq <= 0:
+    if float(f.max()) <= 0:
         raise MicrometerError("no periodic ruling found")
-    return float(np.arctan2(fyy, fxx)), 1.0 / freq
+    py, px = divmod(int(np.argmax(f)), w)
+    # back to the full image's cycles per pixel (the resize may differ per axis)
+    return float(np.arctan2(fy[py, px] * h / g.shape[0], fx[py, px] * w / g.shape[1]))
+
+
+def _band_profiles(g: np.ndarray, theta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """The image turned so the lines are vertical: (profile of the rows through the ruling, the
+    profiles of that band's upper and lower halves, the vertical distance between the halves, the
+    field's brightness there). Rows are weighed by their detail across the lines. Worked in blocks
+    of rows, so a 48-megapixel frame needs about its own size again."""
+    h, w = g.shape
+    rot = cv2.getRotationMatrix2D((w / 2, h / 2), np.degrees(theta), 1.0)
+    r = cv2.warpAffine(g, rot, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    valid = cv2.warpAffine(np.ones(g.shape, np.uint8), rot, (w, h), flags=cv2.INTER_NEAREST,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+    # keep the columns valid in at least half the rows (the rotation's corners are empty)
+    cols = valid.sum(axis=0) >= 0.5 * h
+    if cols.sum() < 32:
+        raise MicrometerError("image too small to measure")
+    x0, x1 = int(np.argmax(cols)), len(cols) - int(np.argmax(cols[::-1]))
+    r, valid = r[:, x0:x1], valid[:, x0:x1]
+    block = 256
+    energy = np.zeros(h)
+    rows = valid.sum(axis=1) >= 0.5 * (x1 - x0)
+    for y in range(0, h, block):
+        rb, vb = r[y:y + block], valid[y:y + block]
+        dx = np.diff(rb, axis=1)
+        both = vb[:, 1:] & vb[:, :-1]
+        energy[y:y + block] = (dx * dx * both).sum(axis=1) / np.maximum(both.sum(axis=1), 1)
+    energy[~rows] = 0.0
+    # the rows through every tick: at least half as much detail as the busiest ones (over 3 rows:
+    # not one row of noise); where plain ticks are short, the 5th and 10th alone cross far more rows
+    ref = float(np.convolve(energy, np.ones(3) / 3, mode="same").max())
+    if ref <= 0:
+        raise MicrometerError("image is blank")
+    band = np.flatnonzero(energy >= 0.5 * ref)
+    half = len(band) // 2
+    part = np.zeros(h, np.int8)  # 1: the band's upper half, 2: its lower half
+    part[band[:max(half, 1)]] = 1
+    part[band[half:]] = 2 if half else 1
+    sums = np.zeros((3, x1 - x0))
+    counts = np.zeros((3, x1 - x0))
+    for y in range(0, h, block):
+        pb = part[y:y + block]
+        for k in (1, 2):
+            m = pb == k
+            if m.any():
+                vb = valid[y:y + block][m]
+                sums[k] += (r[y:y + block][m] * vb).sum(axis=0)
+                counts[k] += vb.sum(axis=0)
+    sums[0], counts[0] = sums[1] + sums[2], counts[1] + counts[2]
+    profiles = sums / np.maximum(counts, 1.0)
+    distance = float(band[half:].mean() - band[:half].mean()) if half else 0.0
+    sample = band[::max(1, len(band) // 64)]  # the lit field (or bright lines on a dark one)
+    level = float(np.percentile(r[sample][valid[sample]], 95))
+    return profiles[0], profiles[1], profiles[2], distance, level
+
+
+def _detrend(p: np.ndarray) -> np.ndarray:
+    """The profile less a smooth polynomial (lamp shading, vignetting)."""
+    x = np.linspace(-1.0, 1.0, len(p))
+    return (p - np.polyval(np.polyfit(x, p, 4), x)).astype(np.float64)
+
+
+def _autocorrelation(p: np.ndarray) -> np.ndarray:
+    """Unbiased, normalised autocorrelation of `p` (lags 0 .. len - 1)."""
+    n = len(p)
+    spec = np.fft.rfft(p, n=2 * n)
+    ac = np.fft.irfft(np.abs(spec) ** 2)[:n]
+    ac = ac / (n - np.arange(n))
+    return ac / max(float(ac[0]), 1e-12)
+
+
+def _period(ac: np.ndarray, lag_min: int) -> tuple[float, int]:
+    """(the division in px, the lag of its first peak) from the autocorrelation; MicrometerError when none."""
+    n = len(ac)
+    top = n // 2
+    lags = np.arange(lag_min, top)
+    if lags.size < 3:
+        raise MicrometerError("image too small to measure")
+    peaks = lags[(ac[lags] > ac[lags - 1]) & (ac[lags] >= ac[lags + 1]) & (ac[lags] > 0.2)]
+    if peaks.size == 0:
+        raise MicrometerError("no periodic ruling found (no lines, or fewer than two divisions in view)")
+    strongest = float(ac[peaks].max())
+    first = int(peaks[np.argmax(ac[peaks] >= PEAK_SHARE * strongest)])
+    p = _parabolic(ac, first)
+    k = 1
+    while 2 * k * p <= top:  # each step doubles the span the period is measured over
+        j = 2 * k * p
+        half = max(2.0, 0.15 * p)
+        lo, hi = max(1, int(np.floor(j - half))), min(n - 1, int(np.ceil(j + half)) + 1)
+        jj = lo + int(np.argmax(ac[lo:hi]))
+        # a real peak of the same ruling (not the edge of the window, not noise where few lines overlap)
+        if jj in (lo, hi - 1) or ac[jj] < 0.5 * ac[first]:
+            break
+        k *= 2
+        p = _parabolic(ac, jj) / k
+    return p, first
+
+
+@dataclass(frozen=True)
+class _Ruling:
+    period: float
+    theta: float
+    profile_px: int
+    prominence: float
+    contrast: float
+    regularity: float
+
+
+def _ruling(g: np.ndarray, theta: float, lag_min: int, refine_angle: bool) -> _Ruling:
+    """The ruling whose lines' normal is at `theta`: its period, checked (MicrometerError if none)."""
+    profile, upper, lower, distance, level = _band_profiles(g, theta)
+    period, first = _period(_autocorrelation(_detrend(profile)), lag_min)
+    if refine_angle and distance >= 8:
+        # the band's halves are shifted by the angle's error times their distance
+        a, b = _detrend(upper), _detrend(lower)
+        xc = np.fft.irfft(np.fft.rfft(a, 2 * len(a)) * np.conj(np.fft.rfft(b, 2 * len(b))))
+        span = int(max(1, period // 2))
+        vals = np.concatenate([xc[-span:], xc[:span + 1]])  # lags -span .. span
+        i = int(np.argmax(vals))
+        shift = _parabolic(vals, i) - span
+        dtheta = float(np.arctan2(shift, distance))
+        if abs(dtheta) > np.radians(0.05):
+            theta += dtheta
+            profile, _, _, _, level = _band_profiles(g, theta)
+            period, first = _period(_autocorrelation(_detrend(profile)), lag_min)
+    d = _detrend(profile)
+    ac = _autocorrelation(d)
+    # how clearly the profile repeats: its peak at one division over its trough at half of one
+    mid = ac[max(1, int(0.3 * period)):max(2, int(0.7 * period) + 1)]
+    prominence = float(ac[first] - (mid.min() if mid.size else 0.0))
+    # the ruling's extent: where the profile varies (lines may fill part of the field only)
+    win = max(round(period), 1)
+    local = np.convolve(d * d, np.ones(win) / win, mode="same")
+    on = np.flatnonzero(local >= 0.1 * float(local.max()))
+    a, b = (int(on[0]), int(on[-1]) + 1) if on.size else (0, 0)
+    folds = (b - a) / period
+    if folds < MIN_DIVISIONS:
+        raise MicrometerError(
+            f"fewer than {MIN_DIVISIONS} divisions in view ({max(folds, 0.0):.1f} of {period:.1f} px, if this is a "
+            "ruling): use a lower magnification or move the micrometer to fill the field")
+    span = d[a:b]
+    bins = np.minimum(((np.arange(len(span)) % period) / period * win).astype(int), win - 1)
+    folded = np.bincount(bins, span, win) / np.maximum(np.bincount(bins, minlength=win), 1)
+    # how much of the profile one division's mean shape explains: every division of a ruling
+    # looks alike, a field of cells or dust does not
+    regularity = 1.0 - float(((span - folded[bins]) ** 2).sum()) / max(float((span ** 2).sum()), 1e-12)
+    contrast = float(np.ptp(folded)) / max(level, 1.0)
+    # by chance, the mean of n divisions explains about 1/n of any profile: over few, ask more
+    need = max(MIN_REGULARITY, 0.35 + 1.0 / folds)
+    if contrast < MIN_CONTRAST or regularity < need or prominence < MIN_PROMINENCE:
+        raise MicrometerError(
+            f"no clear ruling: a pattern every {period:.1f} px, {100 * contrast:.1f} % deep (a ruling's lines need "
+            f"at least {100 * MIN_CONTRAST:.0f} %), its divisions alike by {regularity:.2f} and repeating by "
+            f"{prominence:.2f} (a ruling's, at least {need:.2f} and {MIN_PROMINENCE}): focus on the "
+            "micrometer's lines and fill the field with them")
+    return _Ruling(period, theta, b - a, prominence, contrast, regularity)
 
 
 def measure_micrometer(image: np.ndarray, division_um: float = 10.0, min_period_px: float = 3.0) -> MicrometerResult:
     """Micrometres per pixel of `image`, a stage micrometer ruled every `division_um`."""
-    if division_um <= 0:
+    if not division_um > 0:
         raise MicrometerError("the division must be positive")
     g = _grey(image)
     if min(g.shape) < 32:
         raise MicrometerError(f"image too small ({g.shape[1]}x{g.shape[0]})")
     if float(g.std()) < 1.0:
         raise MicrometerError("image is blank")
-    theta, rough = _direction(g, min_period_px)
-    # Rotate so the normal is the x axis, keep the central part free of rotation borders, and
-    # average along the lines into one profile.
-    h, w = g.shape
-    rot = cv2.getRotationMatrix2D((w / 2, h / 2), np.degrees(theta), 1.0)
-    r = cv2.warpAffine(g, rot, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-    side = int(min(h, w) / np.sqrt(2))
-    y0, x0 = (h - side) // 2, (w - side) // 2
-    core = r[y0:y0 + side, x0:x0 + side]
-    profile = core.mean(axis=0)
-    profile = profile - profile.mean()
-    n = len(profile)
-    # Autocorrelation (via the zero-padded spectrum): every division line matches the next one at
-    # a lag of one period, so the first strong peak after lag 0 is the division spacing; longer
-    # lines every few divisions only add weaker peaks at multiples of it.
-    spec = np.fft.rfft(profile, n=2 * n)
-    ac = np.fft.irfft(np.abs(spec) ** 2)[:n]
-    ac = ac / max(float(ac[0]), 1e-9)
     lag_min = max(2, int(min_period_px))
-    first = None
-    for i in range(lag_min, n // 2):
-        if ac[i] > ac[i - 1] and ac[i] >= ac[i + 1] and ac[i] > 0.3:
-            first = i
-            break
-    if first is None:
-        raise MicrometerError("no periodic ruling found")
-    # Precision: the peak nearest k periods for the largest k that fits, divided by k.
-    p0 = _parabolic(ac, first)
-    k = max(1, int((n // 2) / p0) - 1)
-    j = round(k * p0)
-    lo, hi = max(1, j - 3), min(n - 1, j + 4)
-    jj = lo + int(np.argmax(ac[lo:hi]))
-    period = _parabolic(ac, jj) / k
-    if abs(period - p0) > 0.5 + 0.02 * p0:
-        period = p0  # the k-th peak was not the same ruling: keep the first
-    prominence = float(ac[first] / max(float(np.median(np.abs(ac[lag_min:n // 2]))), 1e-6))
-    if ac[first] < 0.3 or prominence < 2.0:
-        raise MicrometerError(f"no clear ruling (autocorrelation peak {ac[first]:.2f})")
-    del rough
-    return MicrometerResult(microns_per_pixel=float(division_um / period), period_px=float(period),
-                            angle_deg=float((np.degrees(theta) + 90.0) % 180.0), periods_seen=float(side / period),
-                            prominence=float(prominence))
+    r = _ruling(g, _direction(g, min_period_px), lag_min, refine_angle=True)
+    seen = r.profile_px / r.period
+    warnings = []
+    if seen < FEW_DIVISIONS:
+        warnings.append(f"only {seen:.1f} divisions in view: a lower magnification or a larger field measures "
+                        "the scale more precisely")
+    try:  # lines across these too (as alike as a grid's, not tick ends): the division may name their spacing
+        across = _ruling(g, r.theta + np.pi / 2, lag_min, refine_angle=False)
+        if across.regularity >= GRID_REGULARITY:
+            warnings.append(f"lines in two directions (a grid, the other lines every {across.period:.2f} px): the "
+                            f"division given must be the spacing of the lines measured, every {r.period:.2f} px")
+    except MicrometerError:
+        pass
+    return MicrometerResult(microns_per_pixel=float(division_um / r.period), period_px=float(r.period),
+                            angle_deg=float((np.degrees(r.theta) + 90.0) % 180.0), periods_seen=float(seen),
+                            prominence=r.prominence, contrast=round(r.contrast, 4), warnings=tuple(warnings))
 
 
 def render_micrometer(width: int, height: int, microns_per_pixel: float, division_um: float = 10.0,
-                      angle_deg: float = 0.0, long_every: int = 5, line_um: float = 1.2, blur_px: float = 1.0,
-                      noise: float = 4.0, seed: int = 0) -> np.ndarray:
-    """A rendered stage micrometer (BGR uint8): dark lines on a lit field, for tests and demos."""
+                      angle_deg: float = 0.0, line_um: float = 1.2, blur_px: float = 1.0, noise: float = 4.0,
+                      seed: int = 0, ticks_um: tuple[float, float, float] | None = (20.0, 40.0, 40.0),
+                      ticks_at: float = 0.0, lamp: float = 0.0, grid: bool = False) -> np.ndarray:
+    """A rendered stage micrometer (BGR uint8): dark lines on a lit field, for tests and demos.
+
+    `ticks_um`: each tick's half length for a plain division, every 5th and every 10th (None: lines
+    across the whole field), centred `ticks_at` of the half height below the centre (0.8: along the
+    bottom edge); `lamp`: the light falls by this share across the field; `grid`: lines the other
+    way too, at the same spacing."""
     rng = np.random.default_rng(seed)
     ss = 4  # supersampling
     H, W = height * ss, width * ss
@@ -137,11 +307,16 @@ def render_micrometer(width: int, height: int, microns_per_pixel: float, divisio
     u = ((xx - width / 2) * np.cos(t) + (yy - height / 2) * np.sin(t)) * microns_per_pixel
     v = (-(xx - width / 2) * np.sin(t) + (yy - height / 2) * np.cos(t)) * microns_per_pixel
     k = np.round(u / division_um)
-    d = np.abs(u - k * division_um)
-    length = np.where(k % long_every == 0, 40.0, 20.0)
-    line = (d < line_um / 2) & (np.abs(v) < length * 1.0 + 1e9 * (long_every <= 0))
+    line = np.abs(u - k * division_um) < line_um / 2
+    if ticks_um is not None:
+        length = np.where(k % 10 == 0, ticks_um[2], np.where(k % 5 == 0, ticks_um[1], ticks_um[0]))
+        line &= np.abs(v - ticks_at * height / 2 * microns_per_pixel) < length
+    if grid:
+        line |= np.abs(v - np.round(v / division_um) * division_um) < line_um / 2
     img = np.where(line, 60.0, 225.0).astype(np.float32)
     img = cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA)
+    if lamp:
+        img *= np.linspace(1.0, 1.0 - lamp, width, dtype=np.float32)[None, :]
     if blur_px > 0:
         img = cv2.GaussianBlur(img, (0, 0), blur_px)
     img = img + rng.normal(0, noise, img.shape).astype(np.float32)

@@ -34,11 +34,15 @@ def cmd_calibrate_scale(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"microns_per_pixel": round(r.microns_per_pixel, 6), "period_px": round(r.period_px, 3),
                           "angle_deg": round(r.angle_deg, 2), "periods_seen": round(r.periods_seen, 1),
-                          "prominence": round(r.prominence, 2), "division_um": args.division_um}))
+                          "prominence": round(r.prominence, 2), "contrast": round(r.contrast, 3),
+                          "division_um": args.division_um, "warnings": list(r.warnings),
+                          "config_key": "source.microns_per_pixel"}))
     else:
         print(f"{r.microns_per_pixel:.5f} um/px  ({r.period_px:.2f} px per {args.division_um:g} um division, "
               f"lines at {r.angle_deg:.1f} deg, {r.periods_seen:.1f} divisions measured)")
-        print("put in the station config, [analysis] section:")
+        for w in r.warnings:
+            print(f"warning: {w}")
+        print("put in the station config, [source] section (the camera through this objective):")
         print(f"microns_per_pixel = {r.microns_per_pixel:.5f}")
     return 0
 

@@ -1,0 +1,113 @@
+"""The stage-micrometer calibration (`smearscope calibrate-scale`): the scale a station's sizes rest
+on, so a wrong number must never come out with a clean exit. Rendered rulings as technicians
+photograph them: short ticks with longer ones every 5th and 10th division along one edge of the
+field, an uneven lamp, defocus, lines a few pixels apart, few divisions in view, a grid; and
+fields that are no ruling at all (cells, lamp flicker bands)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from smearscope.service.analysis.micrometer import (
+    MicrometerError,
+    measure_micrometer,
+    render_micrometer,
+)
+
+
+@pytest.mark.parametrize(("mpp", "angle", "size"), [(0.1, 0.0, (1280, 960)), (0.135, 17.0, (1008, 630)),
+                                                    (0.3, -35.0, (800, 600)), (0.05, 3.0, (1920, 1080))])
+def test_micrometer_calibration_on_rendered_rulings(mpp, angle, size):
+    img = render_micrometer(size[0], size[1], mpp, angle_deg=angle, seed=int(mpp * 1000))
+    r = measure_micrometer(img, 10.0)
+    assert r.microns_per_pixel == pytest.approx(mpp, rel=0.005)
+
+
+def test_micrometer_refuses_what_is_not_a_ruling():
+    with pytest.raises(MicrometerError):
+        measure_micrometer(np.full((200, 200, 3), 180, np.uint8))
+    noise = (np.random.default_rng(0).random((300, 300, 3)) * 255).astype(np.uint8)
+    with pytest.raises(MicrometerError):
+        measure_micrometer(noise)
+
+
+def test_calibrate_scale_command(tmp_path):
+    path = tmp_path / "micrometer.png"
+    cv2.imwrite(str(path), render_micrometer(1024, 768, 0.12, angle_deg=8.0))
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "calibrate-scale", str(path), "--json"],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["microns_per_pixel"] == pytest.approx(0.12, rel=0.005)
+    assert out["warnings"] == [] and out["config_key"] == "source.microns_per_pixel"
+    blank = tmp_path / "noise.png"
+    cv2.imwrite(str(blank), (np.random.default_rng(1).random((300, 300, 3)) * 255).astype(np.uint8))
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "calibrate-scale", str(blank)],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "no_ruling"
+    # a ruling measured, but the division given is wrong for it: 0.12 x 100 = 12 um/px is no station's scale
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "calibrate-scale", str(path), "--division-um", "1000"],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "implausible_scale", proc.stdout
+
+
+@pytest.mark.parametrize(("case", "mpp", "kwargs"), [
+    # short ticks, longer every 5th and 10th, along the bottom edge: the division, not the 5th tick
+    ("ticks_at_edge", 0.2, {"ticks_um": (3.0, 8.0, 14.0), "ticks_at": 0.8, "angle_deg": 3.0}),
+    ("short_ticks", 0.25, {"ticks_um": (2.0, 20.0, 40.0), "angle_deg": -2.0}),
+    # the lamp falling by half across the field (a plateau in the autocorrelation before)
+    ("uneven_lamp", 0.3333, {"lamp": 0.6, "ticks_um": None}),
+    # ... with ticks: their ends repeat across the lines too, which is no grid
+    ("ticks_and_lamp", 0.3333, {"lamp": 0.5, "angle_deg": 5.0}),
+    ("defocused", 0.5, {"blur_px": 3.0, "ticks_um": None, "angle_deg": 3.0}),
+    ("lines_4px_apart", 1.19, {"ticks_um": None, "line_um": 1.5, "blur_px": 0.4}),
+])
+def test_micrometer_measures_real_reticles_to_a_fraction_of_a_percent(case, mpp, kwargs):
+    img = render_micrometer(1280, 960, mpp, 10.0 if case != "lines_4px_apart" else 5.0, **kwargs)
+    r = measure_micrometer(img, 10.0 if case != "lines_4px_apart" else 5.0)
+    assert r.microns_per_pixel == pytest.approx(mpp, rel=0.003), case
+    assert not r.warnings
+
+
+def test_a_grid_is_measured_with_a_warning_and_few_divisions_are_said():
+    grid = measure_micrometer(render_micrometer(1024, 768, 0.25, ticks_um=None, grid=True, angle_deg=4.0))
+    assert grid.microns_per_pixel == pytest.approx(0.25, rel=0.003)
+    assert any("two directions" in w for w in grid.warnings)
+    few = measure_micrometer(render_micrometer(640, 480, 0.05, ticks_um=None, line_um=2.0))  # 200 px apart
+    assert few.microns_per_pixel == pytest.approx(0.05, rel=0.003)
+    assert few.periods_seen < 5 and any("divisions in view" in w for w in few.warnings)
+
+
+def _cells(seed=0):
+    """A blood-smear-like field: pale-centred discs, 70 % of the field covered."""
+    rng = np.random.default_rng(seed)
+    img = np.full((960, 1280), 215, np.float32)
+    for _ in range(189):
+        x, y, r = int(rng.integers(0, 1280)), int(rng.integers(0, 960)), int(38 * rng.uniform(0.85, 1.15))
+        cv2.circle(img, (x, y), r, 150, -1, cv2.LINE_AA)
+        cv2.circle(img, (x, y), r // 2, 185, -1, cv2.LINE_AA)
+    return np.clip(cv2.GaussianBlur(img, (0, 0), 1.5) + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+
+
+def _flicker(period: float, amp: float, seed: int):
+    """A lit field without a micrometer, with a PWM lamp's faint rolling-shutter bands."""
+    yy, xx = np.mgrid[0:720, 0:960].astype(np.float32)
+    g = 200 * (1 - 0.3 * ((xx - 480) ** 2 + (yy - 360) ** 2) / (480 ** 2 + 360 ** 2))
+    g = g + amp * np.sin(2 * np.pi * yy / period) + np.random.default_rng(seed).normal(0, 3, g.shape)
+    return np.clip(g, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fields_that_are_no_ruling_are_refused_not_measured(seed):
+    """Cells make patterns a few hundred pixels across that chance makes look regular over two or
+    three of them; a lamp's flicker is regular but shallow."""
+    with pytest.raises(MicrometerError, match="no clear ruling|no periodic ruling|divisions in view"):
+        measure_micrometer(_cells(seed))
+    with pytest.raises(MicrometerError, match="no clear ruling"):
+        measure_micrometer(_flicker(period=45.0 + 5 * seed, amp=6.0, seed=seed))
