@@ -229,12 +229,27 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
             By.CSS_SELECTOR, f"{card} .gallery figure select.type[data-kind='wbc']")) > 0, 30, logs)
         from selenium.webdriver.support.ui import Select
 
-        picker = driver.find_element(By.CSS_SELECTOR, f"{card} .gallery figure select.type[data-kind='wbc']")
-        assert picker.get_attribute("data-state") == "untyped"
-        # read before typing: the page re-renders its gallery when the answer comes (the element goes stale)
-        typed_cell = (picker.get_attribute("data-field"), int(picker.get_attribute("data-cell")))
+        # the page re-renders its gallery as live states and answers arrive (an element found before
+        # may go stale): the picker's attributes are read in one script, and it is found again to type
+        first = driver.execute_script(
+            "const s = document.querySelector(arguments[0]); "
+            "return s && {state: s.dataset.state, field: s.dataset.field, cell: Number(s.dataset.cell)};",
+            f"{card} .gallery figure select.type[data-kind='wbc']")
+        assert first is not None and first["state"] == "untyped", first
+        typed_cell = (first["field"], first["cell"])
         assert (seen(f"{card} .typed-count") or "").endswith(": none")  # the station's counts, from the start
-        Select(picker).select_by_value("monocyte")
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        for attempt in range(5):
+            try:
+                Select(driver.find_element(
+                    By.CSS_SELECTOR, f"{card} .gallery select.type[data-field='{typed_cell[0]}']"
+                                     f"[data-cell='{typed_cell[1]}']")).select_by_value("monocyte")
+                break
+            except StaleElementReferenceException:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2)
         _wait("the typed cell stored", lambda: seen(f"{card} .gallery select.type[data-state='saved']") is not None,
               30, logs)
         assert "monocyte 1" in (seen(f"{card} .typed-count") or "")
