@@ -45,8 +45,6 @@ MIN_REGULARITY = 0.5
 MIN_DIVISIONS = 3
 #: The autocorrelation's peak at one division over its trough at half of one, at least.
 MIN_PROMINENCE = 0.6
-#: A lag's autocorrelation peak, as a share of the strongest peak, to be the division.
-PEAK_SHARE = 0.6
 #: Lines across the ruling as alike as this make it a grid (the ends of ticks of different lengths,
 #: also periodic across the lines, are far less alike: 0.55 where rendered grids reach 1.0).
 GRID_REGULARITY = 0.8
@@ -83,26 +81,59 @@ def _parabolic(y: np.ndarray, i: int) -> float:
     return float(i)
 
 
-def _direction(g: np.ndarray, min_period: float) -> float:
-    """The angle of the lines' normal in radians, from the 2-D spectrum's strongest peak."""
-    n = 512
-    small = cv2.resize(g, (n, n), interpolation=cv2.INTER_AREA) if max(g.shape) > n else g
-    h, w = small.shape
+def _spectrum_directions(img: np.ndarray, min_period: float, scale: tuple[float, float], k: int) -> list[tuple[float, float]]:
+    """Up to `k` (strength, angle of the lines' normal) from `img`'s 2-D spectrum, at least 5 degrees
+    apart; `scale` maps its pixels to the image's (x, y)."""
+    h, w = img.shape
     # less the lamp: a strong gradient or vignetting would otherwise be the spectrum's peak
-    detail = small - cv2.GaussianBlur(small, (0, 0), min(h, w) / 16)
+    detail = img - cv2.GaussianBlur(img, (0, 0), min(h, w) / 16)
     win = np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
-    f = np.abs(np.fft.fftshift(np.fft.fft2(detail * win)))
-    cy, cx = h // 2, w // 2
+    full = np.abs(np.fft.fftshift(np.fft.fft2(detail * win)))
+    f = full.copy()
     yy, xx = np.mgrid[0:h, 0:w]
-    fy, fx = (yy - cy) / h, (xx - cx) / w
+    fy, fx = (yy - h // 2) / h / scale[1], (xx - w // 2) / w / scale[0]  # cycles per image pixel
     rad = np.hypot(fx, fy)
-    scale = g.shape[1] / w  # small-image px -> image px (the resize keeps the aspect only when square)
-    f[(rad < 2.0 / min(h, w)) | (rad > 1.0 / max(min_period / scale, 2.0))] = 0
-    if float(f.max()) <= 0:
+    f[(rad < 2.0 / min(h * scale[1], w * scale[0])) | (rad > 1.0 / max(min_period, 2.0 * max(scale)))] = 0
+    f[: h // 2] = 0  # the spectrum is symmetric: one half (with the centre row) holds every direction
+    out: list[tuple[float, float]] = []
+    for i in np.argsort(f, axis=None)[::-1][:2000]:
+        py, px = divmod(int(i), w)
+        if f[py, px] <= 0:
+            break
+        # the peak between bins (a bin is 0.5 degrees at 4 px spacing in 512 px: lines 900 px
+        # long would drift by two divisions)
+        ox = _parabolic(full[py], px) - px if 0 < px < w - 1 else 0.0
+        oy = _parabolic(full[:, px], py) - py if 0 < py < h - 1 else 0.0
+        angle = float(np.arctan2(fy[py, px] + oy / h / scale[1], fx[py, px] + ox / w / scale[0]))
+        if all(abs((angle - o + np.pi / 2) % np.pi - np.pi / 2) > np.radians(5) for _, o in out):
+            out.append((float(f[py, px]), angle))
+            if len(out) == k:
+                break
+    return out
+
+
+def _directions(g: np.ndarray, min_period: float) -> list[float]:
+    """Candidate angles of the lines' normal (radians), strongest first: from the whole image
+    shrunk to 512 px (coarse rulings) and, for a larger image, from its central 512 px at full
+    resolution (fine rulings the shrinking would alias). A ruling's baseline or the edge of a strip
+    of ticks can make the strongest peak; the next ones are tried too."""
+    n = 512
+    h, w = g.shape
+    found = []
+    if max(h, w) > n:
+        small = cv2.resize(g, (n, n), interpolation=cv2.INTER_AREA)
+        found += _spectrum_directions(small, min_period, (w / n, h / n), 3)
+        y0, x0 = max(0, (h - n) // 2), max(0, (w - n) // 2)
+        found += _spectrum_directions(g[y0:y0 + n, x0:x0 + n], min_period, (1.0, 1.0), 2)
+    else:
+        found += _spectrum_directions(g, min_period, (1.0, 1.0), 3)
+    if not found:
         raise MicrometerError("no periodic ruling found")
-    py, px = divmod(int(np.argmax(f)), w)
-    # back to the full image's cycles per pixel (the resize may differ per axis)
-    return float(np.arctan2(fy[py, px] * h / g.shape[0], fx[py, px] * w / g.shape[1]))
+    angles: list[float] = []
+    for _, a in sorted(found, key=lambda t: -t[0]):
+        if all(abs((a - o + np.pi / 2) % np.pi - np.pi / 2) > np.radians(1) for o in angles):
+            angles.append(a)
+    return angles
 
 
 def _band_profiles(g: np.ndarray, theta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
@@ -111,37 +142,36 @@ def _band_profiles(g: np.ndarray, theta: float) -> tuple[np.ndarray, np.ndarray,
     field's brightness there). Rows are weighed by their detail across the lines. Worked in blocks
     of rows, so a 48-megapixel frame needs about its own size again."""
     h, w = g.shape
+    c, s_ = abs(np.cos(theta)), abs(np.sin(theta))
+    nw, nh = int(np.ceil(w * c + h * s_)), int(np.ceil(w * s_ + h * c))  # the whole image, turned
     rot = cv2.getRotationMatrix2D((w / 2, h / 2), np.degrees(theta), 1.0)
-    r = cv2.warpAffine(g, rot, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    valid = cv2.warpAffine(np.ones(g.shape, np.uint8), rot, (w, h), flags=cv2.INTER_NEAREST,
-                           borderMode=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
-    # keep the columns valid in at least half the rows (the rotation's corners are empty)
-    cols = valid.sum(axis=0) >= 0.5 * h
-    if cols.sum() < 32:
-        raise MicrometerError("image too small to measure")
-    x0, x1 = int(np.argmax(cols)), len(cols) - int(np.argmax(cols[::-1]))
-    r, valid = r[:, x0:x1], valid[:, x0:x1]
+    rot[0, 2] += (nw - w) / 2
+    rot[1, 2] += (nh - h) / 2
+    r = cv2.warpAffine(g, rot, (nw, nh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    # lit pixels only, 3 px in from the border (those next to it are blended with the black fill)
+    valid = cv2.erode(cv2.warpAffine(np.ones(g.shape, np.uint8), rot, (nw, nh), flags=cv2.INTER_NEAREST,
+                                     borderMode=cv2.BORDER_CONSTANT, borderValue=0), np.ones((7, 7), np.uint8)).astype(bool)
+    h, w = nh, nw
     block = 256
     energy = np.zeros(h)
-    rows = valid.sum(axis=1) >= 0.5 * (x1 - x0)
     for y in range(0, h, block):
         rb, vb = r[y:y + block], valid[y:y + block]
         dx = np.diff(rb, axis=1)
         both = vb[:, 1:] & vb[:, :-1]
         energy[y:y + block] = (dx * dx * both).sum(axis=1) / np.maximum(both.sum(axis=1), 1)
-    energy[~rows] = 0.0
-    # the rows through every tick: at least half as much detail as the busiest ones (over 3 rows:
-    # not one row of noise); where plain ticks are short, the 5th and 10th alone cross far more rows
+    energy[valid.sum(axis=1) < 32] = 0.0
+    # the rows through every tick: at least 0.7 of the detail of the busiest ones (over 3 rows: not
+    # one row of noise); rows through only the longer ticks (every 2nd: half) are left out
     ref = float(np.convolve(energy, np.ones(3) / 3, mode="same").max())
     if ref <= 0:
         raise MicrometerError("image is blank")
-    band = np.flatnonzero(energy >= 0.5 * ref)
+    band = np.flatnonzero(energy >= 0.7 * ref)
     half = len(band) // 2
     part = np.zeros(h, np.int8)  # 1: the band's upper half, 2: its lower half
     part[band[:max(half, 1)]] = 1
     part[band[half:]] = 2 if half else 1
-    sums = np.zeros((3, x1 - x0))
-    counts = np.zeros((3, x1 - x0))
+    sums = np.zeros((3, w))
+    counts = np.zeros((3, w))
     for y in range(0, h, block):
         pb = part[y:y + block]
         for k in (1, 2):
@@ -151,7 +181,12 @@ def _band_profiles(g: np.ndarray, theta: float) -> tuple[np.ndarray, np.ndarray,
                 sums[k] += (r[y:y + block][m] * vb).sum(axis=0)
                 counts[k] += vb.sum(axis=0)
     sums[0], counts[0] = sums[1] + sums[2], counts[1] + counts[2]
-    profiles = sums / np.maximum(counts, 1.0)
+    # the columns every band row reaches (at the band's ends, fewer rows would make false lines)
+    full = np.flatnonzero((counts[0] >= 0.9 * counts[0].max()) & (counts[1] > 0) & (counts[2] > 0 if half else True))
+    if full.size < 32:
+        raise MicrometerError("image too small to measure")
+    x0, x1 = int(full[0]), int(full[-1]) + 1
+    profiles = sums[:, x0:x1] / np.maximum(counts[:, x0:x1], 1.0)
     distance = float(band[half:].mean() - band[:half].mean()) if half else 0.0
     sample = band[::max(1, len(band) // 64)]  # the lit field (or bright lines on a dark one)
     level = float(np.percentile(r[sample][valid[sample]], 95))
@@ -173,47 +208,98 @@ def _autocorrelation(p: np.ndarray) -> np.ndarray:
     return ac / max(float(ac[0]), 1e-12)
 
 
-def _period(ac: np.ndarray, lag_min: int) -> tuple[float, int]:
-    """(the division in px, the lag of its first peak) from the autocorrelation; MicrometerError when none."""
-    n = len(ac)
-    top = n // 2
+def _peak_near(ac: np.ndarray, x: float, half: float) -> int | None:
+    """The autocorrelation's local maximum within `half` of lag `x`, if there is one."""
+    lo, hi = max(1, int(np.floor(x - half))), min(len(ac) - 1, int(np.ceil(x + half)) + 1)
+    if hi - lo < 1:
+        return None
+    j = lo + int(np.argmax(ac[lo:hi]))
+    return j if 0 < j < len(ac) - 1 and ac[j] >= ac[j - 1] and ac[j] >= ac[j + 1] else None
+
+
+def _period(ac: np.ndarray, lag_min: int) -> tuple[float, int, int]:
+    """(the division in px, the lag of its first peak, the number of divisions between the
+    strongest peak's lines) from the autocorrelation; MicrometerError when there is none.
+
+    The division is the shortest lag whose multiples all peak, up to the strongest peak: bolder or
+    longer lines every 2nd, 5th or 10th division make the strongest peak at their spacing, while
+    every line still matches its neighbour one division on."""
+    top = len(ac) // 2
     lags = np.arange(lag_min, top)
     if lags.size < 3:
         raise MicrometerError("image too small to measure")
-    peaks = lags[(ac[lags] > ac[lags - 1]) & (ac[lags] >= ac[lags + 1]) & (ac[lags] > 0.2)]
+    peaks = lags[(ac[lags] > ac[lags - 1]) & (ac[lags] >= ac[lags + 1]) & (ac[lags] > 0.1)]
     if peaks.size == 0:
         raise MicrometerError("no periodic ruling found (no lines, or fewer than two divisions in view)")
-    strongest = float(ac[peaks].max())
-    first = int(peaks[np.argmax(ac[peaks] >= PEAK_SHARE * strongest)])
+    strongest = int(peaks[np.argmax(ac[peaks])])
+    at = _parabolic(ac, strongest)
+    first, multiple = strongest, 1
+    for c in peaks[peaks <= strongest]:
+        pc = _parabolic(ac, int(c))
+        m = round(at / pc)
+        if m < 1 or abs(at - m * pc) > max(1.5, 0.03 * at) or ac[c] < 0.15 * ac[strongest]:
+            continue
+        trough = ac[max(1, int(0.3 * pc)):int(0.7 * pc) + 1]
+        if trough.size and ac[c] - trough.min() < 0.15:
+            continue
+        if all((j := _peak_near(ac, k * pc, min(max(1.5, 0.1 * pc), 0.4 * pc))) is not None and ac[j] >= 0.5 * ac[c]
+               for k in range(1, min(m, 10) + 1)):
+            # lines that differ every m-th: only when their peak clearly stands above the division's
+            first, multiple = int(c), m if ac[strongest] >= 1.25 * ac[c] else 1
+            break
     p = _parabolic(ac, first)
+    if not 0.5 * first <= p <= first + 0.5:
+        p = float(first)
     k = 1
     while 2 * k * p <= top:  # each step doubles the span the period is measured over
-        j = 2 * k * p
-        half = max(2.0, 0.15 * p)
-        lo, hi = max(1, int(np.floor(j - half))), min(n - 1, int(np.ceil(j + half)) + 1)
-        jj = lo + int(np.argmax(ac[lo:hi]))
-        # a real peak of the same ruling (not the edge of the window, not noise where few lines overlap)
-        if jj in (lo, hi - 1) or ac[jj] < 0.5 * ac[first]:
+        jj = _peak_near(ac, 2 * k * p, min(max(2.0, 0.15 * p), 0.4 * p))
+        # a real peak of the same ruling (not noise where few lines overlap)
+        if jj is None or ac[jj] < 0.5 * ac[first] or jj <= k * p:
             break
         k *= 2
-        p = _parabolic(ac, jj) / k
-    return p, first
+        p = min(max(_parabolic(ac, jj), jj - 0.5), jj + 0.5) / k
+    return p, first, multiple
 
 
 @dataclass(frozen=True)
 class _Ruling:
     period: float
     theta: float
-    profile_px: int
+    divisions: float  # between the first and the last line in view
     prominence: float
     contrast: float
     regularity: float
+    alternate: bool  # every second line differs (longer or bolder)
+
+
+def _fold(d: np.ndarray, period: float) -> tuple[np.ndarray, np.ndarray]:
+    """(one division's mean shape, each sample's place in it) of profile `d`."""
+    win = max(round(period), 1)
+    bins = np.minimum(((np.arange(len(d)) % period) / period * win).astype(int), win - 1)
+    folded = np.bincount(bins, d, win) / np.maximum(np.bincount(bins, minlength=win), 1)
+    return folded, bins
+
+
+def _divisions(d: np.ndarray, period: float) -> float:
+    """Divisions between the first and the last line of profile `d`: lines where one division's
+    mean shape has its line, standing at least half as far out as the mean line does."""
+    if len(d) < 2 * period:
+        return 0.0
+    folded, _ = _fold(d, period)
+    centre = folded - folded.mean()
+    at = int(np.argmax(np.abs(centre)))
+    depth, sign = abs(float(centre[at])), np.sign(centre[at])
+    xs = np.arange((at + 0.5) / len(folded) * period, len(d), period)
+    half = max(1, int(0.15 * period))
+    lines = [x for x in xs
+             if (sign * (d[max(0, int(x) - half):int(x) + half + 1] - folded.mean())).max(initial=-np.inf) >= 0.5 * depth]
+    return float(len(lines) - 1) if lines else 0.0
 
 
 def _ruling(g: np.ndarray, theta: float, lag_min: int, refine_angle: bool) -> _Ruling:
     """The ruling whose lines' normal is at `theta`: its period, checked (MicrometerError if none)."""
     profile, upper, lower, distance, level = _band_profiles(g, theta)
-    period, first = _period(_autocorrelation(_detrend(profile)), lag_min)
+    period, first, multiple = _period(_autocorrelation(_detrend(profile)), lag_min)
     if refine_angle and distance >= 8:
         # the band's halves are shifted by the angle's error times their distance
         a, b = _detrend(upper), _detrend(lower)
@@ -226,7 +312,7 @@ def _ruling(g: np.ndarray, theta: float, lag_min: int, refine_angle: bool) -> _R
         if abs(dtheta) > np.radians(0.05):
             theta += dtheta
             profile, _, _, _, level = _band_profiles(g, theta)
-            period, first = _period(_autocorrelation(_detrend(profile)), lag_min)
+            period, first, multiple = _period(_autocorrelation(_detrend(profile)), lag_min)
     d = _detrend(profile)
     ac = _autocorrelation(d)
     # how clearly the profile repeats: its peak at one division over its trough at half of one
@@ -237,27 +323,50 @@ def _ruling(g: np.ndarray, theta: float, lag_min: int, refine_angle: bool) -> _R
     local = np.convolve(d * d, np.ones(win) / win, mode="same")
     on = np.flatnonzero(local >= 0.1 * float(local.max()))
     a, b = (int(on[0]), int(on[-1]) + 1) if on.size else (0, 0)
-    folds = (b - a) / period
-    if folds < MIN_DIVISIONS:
+    divisions = _divisions(d[a:b], period)
+    if divisions < MIN_DIVISIONS:
         raise MicrometerError(
-            f"fewer than {MIN_DIVISIONS} divisions in view ({max(folds, 0.0):.1f} of {period:.1f} px, if this is a "
-            "ruling): use a lower magnification or move the micrometer to fill the field")
+            f"fewer than {MIN_DIVISIONS} divisions in view ({max(divisions, 0.0):.1f} of {period:.1f} px, if this is "
+            "a ruling): use a lower magnification or move the micrometer to fill the field")
     span = d[a:b]
-    bins = np.minimum(((np.arange(len(span)) % period) / period * win).astype(int), win - 1)
-    folded = np.bincount(bins, span, win) / np.maximum(np.bincount(bins, minlength=win), 1)
+    folded, bins = _fold(span, period)
     # how much of the profile one division's mean shape explains: every division of a ruling
     # looks alike, a field of cells or dust does not
-    regularity = 1.0 - float(((span - folded[bins]) ** 2).sum()) / max(float((span ** 2).sum()), 1e-12)
+    residual = span - folded[bins]
+    regularity = 1.0 - float((residual ** 2).sum()) / max(float((span ** 2).sum()), 1e-12)
     contrast = float(np.ptp(folded)) / max(level, 1.0)
     # by chance, the mean of n divisions explains about 1/n of any profile: over few, ask more
-    need = max(MIN_REGULARITY, 0.35 + 1.0 / folds)
+    need = max(MIN_REGULARITY, 0.35 + 1.0 / (divisions + 1.0))
     if contrast < MIN_CONTRAST or regularity < need or prominence < MIN_PROMINENCE:
         raise MicrometerError(
             f"no clear ruling: a pattern every {period:.1f} px, {100 * contrast:.1f} % deep (a ruling's lines need "
             f"at least {100 * MIN_CONTRAST:.0f} %), its divisions alike by {regularity:.2f} and repeating by "
             f"{prominence:.2f} (a ruling's, at least {need:.2f} and {MIN_PROMINENCE}): focus on the "
             "micrometer's lines and fill the field with them")
-    return _Ruling(period, theta, b - a, prominence, contrast, regularity)
+    _no_second_ruling(residual, period, level, lag_min)
+    return _Ruling(period, theta, divisions, prominence, contrast, regularity, multiple == 2)
+
+
+def _no_second_ruling(residual: np.ndarray, period: float, level: float, lag_min: int) -> None:
+    """MicrometerError when what the division's shape leaves unexplained is a ruling of its own, at
+    a spacing that is no multiple of the division (an eyepiece reticle photographed over the stage
+    micrometer, two scales side by side): which one the division names cannot be told."""
+    if len(residual) < 4 * lag_min:
+        return
+    ac = _autocorrelation(residual - residual.mean())
+    try:
+        q, _, _ = _period(ac, lag_min)
+    except MicrometerError:
+        return
+    ratio = q / period if q >= period else period / q
+    if abs(ratio - round(ratio)) < 0.03 * ratio:
+        return  # longer ticks every few divisions, or half-division ticks
+    folded, bins = _fold(residual, q)
+    alike = 1.0 - float(((residual - folded[bins]) ** 2).sum()) / max(float((residual ** 2).sum()), 1e-12)
+    if float(np.ptp(folded)) / max(level, 1.0) >= MIN_CONTRAST and alike >= MIN_REGULARITY:
+        raise MicrometerError(
+            f"two rulings in view, one every {period:.2f} px and one every {q:.2f} px (an eyepiece reticle over the "
+            "stage micrometer, or two scales): photograph the stage micrometer's scale alone")
 
 
 def measure_micrometer(image: np.ndarray, division_um: float = 10.0, min_period_px: float = 3.0) -> MicrometerResult:
@@ -270,12 +379,25 @@ def measure_micrometer(image: np.ndarray, division_um: float = 10.0, min_period_
     if float(g.std()) < 1.0:
         raise MicrometerError("image is blank")
     lag_min = max(2, int(min_period_px))
-    r = _ruling(g, _direction(g, min_period_px), lag_min, refine_angle=True)
-    seen = r.profile_px / r.period
+    errors: list[MicrometerError] = []
+    for theta in _directions(g, min_period_px):
+        try:
+            r = _ruling(g, theta, lag_min, refine_angle=True)
+            break
+        except MicrometerError as exc:
+            errors.append(exc)
+    else:
+        two = [e for e in errors if str(e).startswith("two rulings")]
+        raise (two or errors)[0]
+    seen = r.divisions
     warnings = []
     if seen < FEW_DIVISIONS:
         warnings.append(f"only {seen:.1f} divisions in view: a lower magnification or a larger field measures "
                         "the scale more precisely")
+    if r.alternate:
+        warnings.append(f"every second line differs (longer or bolder, as where half divisions are ruled): "
+                        f"{r.period:.2f} px is the spacing of neighbouring lines, which --division-um must name "
+                        f"(if it names every second line's, the scale is {2 * division_um / r.period:.5f} um/px)")
     try:  # lines across these too (as alike as a grid's, not tick ends): the division may name their spacing
         across = _ruling(g, r.theta + np.pi / 2, lag_min, refine_angle=False)
         if across.regularity >= GRID_REGULARITY:
