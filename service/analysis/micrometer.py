@@ -218,8 +218,8 @@ def _peak_near(ac: np.ndarray, x: float, half: float) -> int | None:
 
 
 def _period(ac: np.ndarray, lag_min: int) -> tuple[float, int, int]:
-    """(the division in px, the lag of its first peak, the number of divisions between the
-    strongest peak's lines) from the autocorrelation; MicrometerError when there is none.
+    """(the division in px, the lag of its first peak, the divisions spanned by the strongest
+    peak) from the autocorrelation; MicrometerError when there is none.
 
     The division is the shortest lag whose multiples all peak, up to the strongest peak: bolder or
     longer lines every 2nd, 5th or 10th division make the strongest peak at their spacing, while
@@ -244,8 +244,7 @@ def _period(ac: np.ndarray, lag_min: int) -> tuple[float, int, int]:
             continue
         if all((j := _peak_near(ac, k * pc, min(max(1.5, 0.1 * pc), 0.4 * pc))) is not None and ac[j] >= 0.5 * ac[c]
                for k in range(1, min(m, 10) + 1)):
-            # lines that differ every m-th: only when their peak clearly stands above the division's
-            first, multiple = int(c), m if ac[strongest] >= 1.25 * ac[c] else 1
+            first, multiple = int(c), m
             break
     p = _parabolic(ac, first)
     if not 0.5 * first <= p <= first + 0.5:
@@ -315,9 +314,21 @@ def _ruling(g: np.ndarray, theta: float, lag_min: int, refine_angle: bool) -> _R
             period, first, multiple = _period(_autocorrelation(_detrend(profile)), lag_min)
     d = _detrend(profile)
     ac = _autocorrelation(d)
-    # how clearly the profile repeats: its peak at one division over its trough at half of one
+    # the group of divisions the profile repeats best at: one, or the few between bolder lines
+    near = min(max(1.5, 0.1 * period), 0.4 * period)
+    top = _peak_near(ac, multiple * period, near)
+    group, at = 1, first
+    for k in range(2, multiple + 1):
+        j = _peak_near(ac, k * period, near)
+        if top is not None and j is not None and ac[j] >= 0.9 * ac[top]:
+            group, at = k, j
+            break
+    # how clearly the profile repeats: its peak at one division (or group) over its trough at half of one
     mid = ac[max(1, int(0.3 * period)):max(2, int(0.7 * period) + 1)]
     prominence = float(ac[first] - (mid.min() if mid.size else 0.0))
+    if group > 1:
+        mid = ac[int((group - 0.7) * period):int((group - 0.3) * period) + 1]
+        prominence = max(prominence, float(ac[at] - (mid.min() if mid.size else 0.0)))
     # the ruling's extent: where the profile varies (lines may fill part of the field only)
     win = max(round(period), 1)
     local = np.convolve(d * d, np.ones(win) / win, mode="same")
@@ -333,10 +344,17 @@ def _ruling(g: np.ndarray, theta: float, lag_min: int, refine_angle: bool) -> _R
     # how much of the profile one division's mean shape explains: every division of a ruling
     # looks alike, a field of cells or dust does not
     residual = span - folded[bins]
-    regularity = 1.0 - float((residual ** 2).sum()) / max(float((span ** 2).sum()), 1e-12)
-    contrast = float(np.ptp(folded)) / max(level, 1.0)
+    energy = max(float((span ** 2).sum()), 1e-12)
+    regularity = 1.0 - float((residual ** 2).sum()) / energy
     # by chance, the mean of n divisions explains about 1/n of any profile: over few, ask more
     need = max(MIN_REGULARITY, 0.35 + 1.0 / (divisions + 1.0))
+    if group > 1 and len(span) >= 3 * group * period:  # or every group (bolder lines every few) alike
+        grouped, gbins = _fold(span, group * period)
+        alike = 1.0 - float(((span - grouped[gbins]) ** 2).sum()) / energy
+        group_need = max(MIN_REGULARITY, 0.35 + group * period / len(span))
+        if alike - group_need > regularity - need:
+            regularity, need = alike, group_need
+    contrast = float(np.ptp(folded)) / max(level, 1.0)
     if contrast < MIN_CONTRAST or regularity < need or prominence < MIN_PROMINENCE:
         raise MicrometerError(
             f"no clear ruling: a pattern every {period:.1f} px, {100 * contrast:.1f} % deep (a ruling's lines need "
@@ -344,7 +362,9 @@ def _ruling(g: np.ndarray, theta: float, lag_min: int, refine_angle: bool) -> _R
             f"{prominence:.2f} (a ruling's, at least {need:.2f} and {MIN_PROMINENCE}): focus on the "
             "micrometer's lines and fill the field with them")
     _no_second_ruling(residual, period, level, lag_min)
-    return _Ruling(period, theta, divisions, prominence, contrast, regularity, multiple == 2)
+    # every second line differs: only when their peak clearly stands above the division's
+    alternate = group == 2 and ac[at] >= 1.25 * ac[first]
+    return _Ruling(period, theta, divisions, prominence, contrast, regularity, alternate)
 
 
 def _no_second_ruling(residual: np.ndarray, period: float, level: float, lag_min: int) -> None:
