@@ -90,7 +90,7 @@ def test_a_grid_is_measured_with_a_warning_and_few_divisions_are_said():
     grid = measure_micrometer(render_micrometer(1024, 768, 0.25, ticks_um=None, grid=True, angle_deg=4.0))
     assert grid.microns_per_pixel == pytest.approx(0.25, rel=0.003)
     assert any("two directions" in w for w in grid.warnings)
-    few = measure_micrometer(render_micrometer(900, 480, 0.05, ticks_um=None, line_um=2.0))  # 200 px apart
+    few = measure_micrometer(render_micrometer(1000, 480, 0.05, ticks_um=None, line_um=2.0))  # 200 px apart
     assert few.microns_per_pixel == pytest.approx(0.05, rel=0.003)
     assert few.periods_seen < 5 and any("divisions in view" in w for w in few.warnings)
 

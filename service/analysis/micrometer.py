@@ -41,8 +41,8 @@ MIN_CONTRAST = 0.08
 #: The share of the profile's variance one division's mean shape explains, at least (more over
 #: few divisions, where chance explains more).
 MIN_REGULARITY = 0.5
-#: Divisions the ruling must span in view (four lines): over two, chance makes anything look regular.
-MIN_DIVISIONS = 3
+#: Divisions the ruling must span in view (five lines): over few, chance makes a field of cells look regular.
+MIN_DIVISIONS = 4
 #: The autocorrelation's peak at one division over its trough at half of one, at least.
 MIN_PROMINENCE = 0.6
 #: Lines across the ruling as alike as this make it a grid (the ends of ticks of different lengths,
