@@ -24,7 +24,7 @@ Method:
 4. Checks: the lines must stand out from the field (the folded profile's depth at least
    `MIN_CONTRAST` of the field's brightness: faint lamp flicker bands are not a ruling), every
    division must look alike (one division's mean shape explains at least `MIN_REGULARITY` of the
-   profile where the lines are: a field of cells does not) and at least two divisions must be in
+   profile where the lines are: a field of cells does not) and at least four divisions (five lines) must be in
    view. What fails says why.
 """
 
