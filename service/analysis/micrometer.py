@@ -17,15 +17,18 @@ Method:
    profile; the angle is refined once from the shift between the profiles of the band's two halves.
    The same measured across the lines tells a grid (a warning: the division given must be the
    spacing of the lines measured).
-3. Period: in the profile's autocorrelation (unbiased), the division is the shortest lag whose peak
-   is nearly as strong as the strongest one; longer ticks every few divisions only add peaks at
-   multiples of it. The period is then refined on the peaks at 2, 4, 8 ... periods, each searched
-   near where the last estimate puts it, to a small fraction of a pixel.
+3. Period: in the profile's autocorrelation (unbiased), the division is the shortest lag all of
+   whose multiples peak up to the strongest peak: longer or bolder lines every 2nd, 5th or 10th
+   division make the strongest peak at their spacing, while every line still matches its
+   neighbour one division on. The period is then refined on the peaks at 2, 4, 8 ... periods,
+   each searched near where the last estimate puts it, to a small fraction of a pixel. What the
+   division's mean shape leaves unexplained must not be a second ruling at an unrelated spacing
+   (an eyepiece reticle over the micrometer).
 4. Checks: the lines must stand out from the field (the folded profile's depth at least
    `MIN_CONTRAST` of the field's brightness: faint lamp flicker bands are not a ruling), every
    division must look alike (one division's mean shape explains at least `MIN_REGULARITY` of the
-   profile where the lines are: a field of cells does not) and at least four divisions (five lines) must be in
-   view. What fails says why.
+   profile where the lines are, or every group between bolder lines does: a field of cells does
+   not) and at least four divisions (five lines) must be in view. What fails says why.
 """
 
 from __future__ import annotations
