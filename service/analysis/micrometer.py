@@ -7,8 +7,10 @@ guessed from the cells.
 
 Method:
 
-1. Direction: the ruling is a periodic pattern, so the strongest peak of the 2-D Fourier spectrum
-   of the image's detail (less the lamp) gives the direction of its lines.
+1. Direction: the ruling is a periodic pattern, so the strongest peaks of the 2-D Fourier spectrum
+   of the image's detail (less the lamp), shrunk to 512 px and from a full-resolution central
+   crop (fine rulings the shrinking would alias), give candidate directions of its lines, located
+   between bins, tried strongest first (a baseline or a strip's edge can be the strongest).
 2. Profile: the image is turned so the lines are vertical and each row is weighed by how much of
    the ruling it crosses (its detail across the lines): real reticles have short ticks with longer
    ones every 5 and 10 divisions, often along one edge of the field, and only the rows through
