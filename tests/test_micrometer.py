@@ -58,10 +58,10 @@ def test_calibrate_scale_command(tmp_path):
 
 
 @pytest.mark.parametrize(("case", "mpp", "kwargs"), [
-    # short ticks, longer every 5th and 10th, along the bottom edge: the division, not the 5th tick
+    # short ticks, longer every 5th and 10th, along the bottom edge: the division, not the 5th tick's
     ("ticks_at_edge", 0.2, {"ticks_um": (3.0, 8.0, 14.0), "ticks_at": 0.8, "angle_deg": 3.0}),
     ("short_ticks", 0.25, {"ticks_um": (2.0, 20.0, 40.0), "angle_deg": -2.0}),
-    # the lamp falling by half across the field (a plateau in the autocorrelation before)
+    # the lamp falling by 60 % across the field (a plateau in the autocorrelation, unless detrended)
     ("uneven_lamp", 0.3333, {"lamp": 0.6, "ticks_um": None}),
     # ... with ticks: their ends repeat across the lines too, which is no grid
     ("ticks_and_lamp", 0.3333, {"lamp": 0.5, "angle_deg": 5.0}),
@@ -75,15 +75,28 @@ def test_micrometer_measures_real_reticles_to_a_fraction_of_a_percent(case, mpp,
     assert not r.warnings
 
 
-@pytest.mark.parametrize("bold", [4.0, 6.0])
+@pytest.mark.parametrize("bold", [4.0, 6.0, 10.0])
 def test_bolder_lines_every_fifth_division_do_not_make_the_division(bold):
-    """The 5th lines drawn wider (as many reticles have) dominate the autocorrelation; the division is
-    still the spacing every line repeats at (this measured 5 divisions, -80 %, before)."""
+    """The 5th lines drawn wider (as many reticles have) dominate the autocorrelation, the thin
+    lines' own peak falling below zero; the division is still the spacing every line repeats at,
+    not five of them."""
     base = render_micrometer(1280, 960, 0.3333, ticks_um=None, line_um=0.7, blur_px=2.0, seed=3).astype(np.float32)
     wide = render_micrometer(1280, 960, 0.3333, 50.0, ticks_um=None, line_um=0.7 * bold, blur_px=2.0, seed=4)
     img = np.minimum(base, wide.astype(np.float32)).astype(np.uint8)  # lines every 10 um, every 5th wider
     r = measure_micrometer(img, 10.0)
     assert r.microns_per_pixel == pytest.approx(0.3333, rel=0.003)
+
+
+def test_every_second_line_bolder_is_said_with_the_other_reading():
+    """A half-division reticle whose half lines are thinner: the spacing of neighbouring lines is
+    measured, and the warning gives the scale if --division-um named every second line's."""
+    thin = render_micrometer(1280, 960, 0.25, 5.0, ticks_um=None, line_um=0.6, seed=5).astype(np.float32)
+    bold = render_micrometer(1280, 960, 0.25, 10.0, ticks_um=None, line_um=2.4, seed=6)
+    r = measure_micrometer(np.minimum(thin, bold.astype(np.float32)).astype(np.uint8), 10.0)
+    assert r.period_px == pytest.approx(20.0, rel=0.003)  # 5 um at 0.25 um/px
+    warning = next(w for w in r.warnings if "every second line" in w)
+    other = float(warning.split("the scale is ")[1].split(" um/px")[0])
+    assert other == pytest.approx(10.0 / 40.0, rel=0.003)  # 10 um over two lines' 40 px
 
 
 def test_a_grid_is_measured_with_a_warning_and_few_divisions_are_said():

@@ -61,6 +61,11 @@ class MicrometerError(ValueError):
     """No usable ruling in the image (the message says why)."""
 
 
+class TwoRulings(MicrometerError):
+    """Two rulings at unrelated spacings: no other direction is tried (which one the division names
+    cannot be told)."""
+
+
 @dataclass(frozen=True)
 class MicrometerResult:
     microns_per_pixel: float
@@ -233,22 +238,30 @@ def _period(ac: np.ndarray, lag_min: int) -> tuple[float, int, int]:
     lags = np.arange(lag_min, top)
     if lags.size < 3:
         raise MicrometerError("image too small to measure")
-    peaks = lags[(ac[lags] > ac[lags - 1]) & (ac[lags] >= ac[lags + 1]) & (ac[lags] > 0.1)]
+    maxima = lags[(ac[lags] > ac[lags - 1]) & (ac[lags] >= ac[lags + 1])]
+    peaks = maxima[ac[maxima] > 0.1]
     if peaks.size == 0:
         raise MicrometerError("no periodic ruling found (no lines, or fewer than two divisions in view)")
     strongest = int(peaks[np.argmax(ac[peaks])])
     at = _parabolic(ac, strongest)
+
+    def rise(j: int, width: float) -> float:
+        """How far a peak stands above the lowest point within `width` on either side (thin lines
+        beside much bolder ones peak below zero, but still above their troughs)."""
+        w = max(1, int(width))
+        return float(ac[j] - ac[max(1, j - w):j + w + 1].min())
+
     first, multiple = strongest, 1
-    for c in peaks[peaks <= strongest]:
+    for c in maxima[maxima <= strongest]:
         pc = _parabolic(ac, int(c))
         m = round(at / pc)
-        if m < 1 or abs(at - m * pc) > max(1.5, 0.03 * at) or ac[c] < 0.15 * ac[strongest]:
+        if m < 1 or abs(at - m * pc) > max(1.5, 0.03 * at):
             continue
-        trough = ac[max(1, int(0.3 * pc)):int(0.7 * pc) + 1]
-        if trough.size and ac[c] - trough.min() < 0.15:
+        height = rise(int(c), 0.5 * pc)
+        if height < max(0.05, 0.1 * float(ac[strongest])):
             continue
-        if all((j := _peak_near(ac, k * pc, min(max(1.5, 0.1 * pc), 0.4 * pc))) is not None and ac[j] >= 0.5 * ac[c]
-               for k in range(1, min(m, 10) + 1)):
+        if all((j := _peak_near(ac, k * pc, min(max(1.5, 0.1 * pc), 0.4 * pc))) is not None
+               and rise(j, 0.5 * pc) >= 0.5 * height for k in range(1, min(m, 10) + 1)):
             first, multiple = int(c), m
             break
     p = _parabolic(ac, first)
@@ -258,7 +271,7 @@ def _period(ac: np.ndarray, lag_min: int) -> tuple[float, int, int]:
     while 2 * k * p <= top:  # each step doubles the span the period is measured over
         jj = _peak_near(ac, 2 * k * p, min(max(2.0, 0.15 * p), 0.4 * p))
         # a real peak of the same ruling (not noise where few lines overlap)
-        if jj is None or ac[jj] < 0.5 * ac[first] or jj <= k * p:
+        if jj is None or rise(jj, 0.5 * p) < 0.5 * rise(first, 0.5 * p) or jj <= k * p:
             break
         k *= 2
         p = min(max(_parabolic(ac, jj), jj - 0.5), jj + 0.5) / k
@@ -372,6 +385,14 @@ def _ruling(g: np.ndarray, theta: float, lag_min: int, refine_angle: bool) -> _R
     return _Ruling(period, theta, divisions, prominence, contrast, regularity, alternate)
 
 
+def _related(q: float, period: float) -> bool:
+    """Spacing `q` belongs to the ruling of `period`: lines every few divisions (q a multiple of the
+    division), or every few half divisions (twice q a multiple: bolder lines every 5th of a finer
+    ruling's half ticks)."""
+    return any(round(a * q / period) >= 1 and abs(a * q - round(a * q / period) * period) <= max(1.5, 0.01 * a * q)
+               for a in (1, 2))
+
+
 def _no_second_ruling(residual: np.ndarray, period: float, level: float, lag_min: int) -> None:
     """MicrometerError when what the division's shape leaves unexplained is a ruling of its own, at
     a spacing that is no multiple of the division (an eyepiece reticle photographed over the stage
@@ -383,13 +404,12 @@ def _no_second_ruling(residual: np.ndarray, period: float, level: float, lag_min
         q, _, _ = _period(ac, lag_min)
     except MicrometerError:
         return
-    ratio = q / period if q >= period else period / q
-    if abs(ratio - round(ratio)) < 0.03 * ratio:
-        return  # longer ticks every few divisions, or half-division ticks
+    if _related(q, period):
+        return
     folded, bins = _fold(residual, q)
     alike = 1.0 - float(((residual - folded[bins]) ** 2).sum()) / max(float((residual ** 2).sum()), 1e-12)
     if float(np.ptp(folded)) / max(level, 1.0) >= MIN_CONTRAST and alike >= MIN_REGULARITY:
-        raise MicrometerError(
+        raise TwoRulings(
             f"two rulings in view, one every {period:.2f} px and one every {q:.2f} px (an eyepiece reticle over the "
             "stage micrometer, or two scales): photograph the stage micrometer's scale alone")
 
@@ -405,15 +425,31 @@ def measure_micrometer(image: np.ndarray, division_um: float = 10.0, min_period_
         raise MicrometerError("image is blank")
     lag_min = max(2, int(min_period_px))
     errors: list[MicrometerError] = []
-    for theta in _directions(g, min_period_px):
+    candidates = _directions(g, min_period_px)
+    for i, theta in enumerate(candidates):
         try:
             r = _ruling(g, theta, lag_min, refine_angle=True)
             break
+        except TwoRulings:
+            raise
         except MicrometerError as exc:
             errors.append(exc)
     else:
-        two = [e for e in errors if str(e).startswith("two rulings")]
-        raise (two or errors)[0]
+        raise errors[0]
+    for other in candidates[i + 1:]:  # a ruling at another angle too (a grid's other lines are checked below)
+        off = abs((other - r.theta + np.pi / 2) % np.pi - np.pi / 2)
+        if np.radians(10) < off < np.radians(80):
+            try:
+                second = _ruling(g, other, lag_min, refine_angle=False)
+            except MicrometerError:
+                continue
+            seen_across = second.period * np.cos(off)  # the same lines, seen at an angle, measure about this
+            if abs(seen_across - r.period) <= 0.03 * r.period or _related(seen_across, r.period):
+                continue
+            raise TwoRulings(
+                f"two rulings in view, one every {r.period:.2f} px and one every {second.period:.2f} px at "
+                f"{np.degrees(off):.0f} deg to it (an eyepiece reticle over the stage micrometer, or two scales): "
+                "photograph the stage micrometer's scale alone")
     seen = r.divisions
     warnings = []
     if seen < FEW_DIVISIONS:
@@ -422,7 +458,7 @@ def measure_micrometer(image: np.ndarray, division_um: float = 10.0, min_period_
     if r.alternate:
         warnings.append(f"every second line differs (longer or bolder, as where half divisions are ruled): "
                         f"{r.period:.2f} px is the spacing of neighbouring lines, which --division-um must name "
-                        f"(if it names every second line's, the scale is {2 * division_um / r.period:.5f} um/px)")
+                        f"(if it names every second line's, the scale is {division_um / (2 * r.period):.5f} um/px)")
     try:  # lines across these too (as alike as a grid's, not tick ends): the division may name their spacing
         across = _ruling(g, r.theta + np.pi / 2, lag_min, refine_angle=False)
         if across.regularity >= GRID_REGULARITY:
