@@ -176,6 +176,7 @@ def current_report() -> Report:
     rbc = [s.model_copy(update={"grade": "3+", "grade_ci_low": "2+", "grade_ci_high": "3+"})
            if s.label == "schistocyte" else s for s in base.rbc_morphology]
     rbc.append(ClassShare(label="macrocyte", count=7, percent=0.0, assessable=False))
+    rbc.append(ClassShare(label="sickle", count=3, percent=0.3, grade="1+", graded_count=1))  # 2 unsure calls
     size = base.rbc_size.model_copy(update={"histogram": SizeHistogram(bin_edges_um=[6.0, 7.0, 8.0],
                                                                        counts=[10, 300, 500, 90])})
     return base.model_copy(update={"wbc_differential": wbc, "rbc_morphology": rbc, "rbc_size": size,
@@ -189,6 +190,10 @@ def test_the_reports_own_grades_nrbc_flags_and_histogram_are_used() -> None:
     schisto = by_code(bundle, codes.LOINC, "800-3")  # the report says 3+ (derived would be 2+)
     assert schisto["valueCodeableConcept"]["coding"][0]["code"] == "3+"
     assert component(schisto, "grade-ci95")["valueString"] == "2+ to 3+"
+    sickle = by_code(bundle, codes.LOINC, "801-1")
+    assert component(sickle, "graded-count")["valueInteger"] == 1 and component(sickle, "count")["valueInteger"] == 3
+    # only where the grade rests on fewer cells than the count
+    assert "graded-count" not in [c["code"]["coding"][0]["code"] for c in schisto["component"]]
     macro = by_code(bundle, codes.LOINC, "738-5")
     assert "valueCodeableConcept" not in macro and macro["dataAbsentReason"]["coding"][0]["code"] == "size-not-assessable"
     assert [c["code"]["coding"][0]["code"] for c in macro["component"]] == ["count"]

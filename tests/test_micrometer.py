@@ -13,12 +13,9 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from reticles import render_micrometer
 
-from smearscope.service.analysis.micrometer import (
-    MicrometerError,
-    measure_micrometer,
-    render_micrometer,
-)
+from smearscope.service.analysis.micrometer import MicrometerError, measure_micrometer
 
 
 @pytest.mark.parametrize(("mpp", "angle", "size"), [(0.1, 0.0, (1280, 960)), (0.135, 17.0, (1008, 630)),

@@ -38,15 +38,14 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def share_rows(c: Counter[str], with_ci: bool, of: int | None = None) -> list[ClassShare]:
+def share_rows(c: Counter[str], of: int | None = None) -> list[ClassShare]:
     """Each label's count and percent (of `of` cells when given, else of the counted labels)."""
     n = sum(c.values()) if of is None else of
     out = []
     for label, k in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])):
-        lo, hi = wilson_interval(k, n) if with_ci else (None, None)
+        lo, hi = wilson_interval(k, n)
         out.append(ClassShare(label=label, count=k, percent=round(100.0 * k / n, 2),
-                              ci95_low=None if lo is None else round(100 * lo, 2),
-                              ci95_high=None if hi is None else round(100 * hi, 2), of_cells=of))
+                              ci95_low=round(100 * lo, 2), ci95_high=round(100 * hi, 2), of_cells=of))
     return out
 
 
@@ -54,6 +53,7 @@ def size_stats(diameters: Sequence[float]) -> SizeStats:
     """Red-cell diameters at a calibrated scale: mean, SD, CV (RDW-like), median and a histogram."""
     dist = size_distribution(diameters)
     d = np.asarray(diameters, float)
+    d = d[np.isfinite(d)]  # as the distribution's mean and SD
     return SizeStats(n=dist.n, mean_diameter_um=dist.mean_um, sd_um=dist.sd_um, cv_percent=dist.cv_percent,
                      median_diameter_um=round(float(np.median(d)), 3) if d.size else None, calibrated=True,
                      histogram=SizeHistogram(bin_edges_um=list(dist.bin_edges_um), counts=list(dist.counts)))
@@ -143,13 +143,12 @@ class CellTally:
                 elif label == "schistocyte":
                     self.schistocytes.append(i)
             elif kind is CellKind.WBC:
-                label = c.label or UNIDENTIFIED
-                self.wbc_labels[label] += 1
-                if label == UNIDENTIFIED:
+                self.wbc_labels[c.label or UNIDENTIFIED] += 1
+                if is_classified_wbc(c):
+                    self.typed_wbc += 1
+                else:
                     self.unidentified_wbc.append(i)
                     self.atypical_wbc += bool(c.atypical)
-                else:
-                    self.typed_wbc += 1
             elif kind is CellKind.PLATELET:
                 if c.detected_as is CellKind.WBC:
                     self.regrouped_platelets.append(i)
@@ -163,7 +162,7 @@ class CellTally:
     def caught_up(cls, tally: CellTally | None, cells: list[ClassifiedCell]) -> CellTally:
         """`tally` with the cells of `cells` past those it counted (a list only ever appended to);
         a new tally when `tally` counted another list (a copy of a run with other cells)."""
-        if tally is None or tally.of is not cells:
+        if tally is None or tally.of is not cells or len(cells) < tally.n:
             tally = cls()
             tally.of = cells
         return tally.extend(cells[tally.n:]) if len(cells) > tally.n else tally
@@ -172,7 +171,7 @@ class CellTally:
         n_rbc, n_wbc = self.kinds[CellKind.RBC], self.kinds[CellKind.WBC]
         n_plt, n_nrbc = self.kinds[CellKind.PLATELET], self.kinds[CellKind.NRBC]
         counts = Counts(rbc=n_rbc, wbc=n_wbc, platelet=n_plt, nrbc=n_nrbc)
-        diff = share_rows(self.wbc_labels, with_ci=True)
+        diff = share_rows(self.wbc_labels)
         morph = self.morphology(th)
         # diameters are measured only where the scale was calibrated (in a mixed run: those fields' cells)
         sizes = (size_stats(self.diameters_calibrated) if self.n_calibrated
@@ -216,16 +215,16 @@ class CellTally:
         mixed = 0 < n_calibrated < n_rbc
         if mixed:  # a size-based label is only ever given at a calibrated scale
             rows = share_rows(Counter({k: v for k, v in self.rbc_labels.items() if k not in SIZE_BASED}),
-                              with_ci=True, of=n_rbc)
+                              of=n_rbc)
             rows += share_rows(Counter({k: v for k, v in self.rbc_labels.items() if k in SIZE_BASED}),
-                               with_ci=True, of=n_calibrated)
+                               of=n_calibrated)
             rows = [r.model_copy(update={"of_cells": r.of_cells if r.label in SIZE_BASED else None}) for r in rows]
             rows.sort(key=lambda r: (-r.count, r.label))
         else:
-            rows = share_rows(self.rbc_labels, with_ci=True)
+            rows = share_rows(self.rbc_labels)
         # a sickle call graded only when the head was as sure as the critical flag needs: one unsure
         # call must not print "sickle cells 1+" (it is listed for review by the flag instead)
-        n_sure_sickle = sum(score >= th.sickle_min_confidence for _, score in self.sickle)
+        n_sure_sickle = self.sure_sickle(th)
         out = []
         for share in rows:
             if share.label in ICSH_THRESHOLDS:  # graded on the exact share, not the rounded percent
@@ -243,6 +242,10 @@ class CellTally:
                 out.append(ClassShare(label=label, count=self.unassessed.get(label, 0), percent=0.0, assessable=False))
         return out
 
+    def sure_sickle(self, th: AggregateThresholds) -> int:
+        """Sickle calls at or above the confidence the critical flag (and the grade) need."""
+        return sum(score >= th.sickle_min_confidence for _, score in self.sickle)
+
     def _evidence_flags(self, th: AggregateThresholds) -> list[Flag]:
         """Flags proportionate to evidence, each listing its cells (indices into the cells) for review."""
         flags: list[Flag] = []
@@ -254,7 +257,7 @@ class CellTally:
                                       f"typed ({self.atypical_wbc} unlike any trained type): blasts or other abnormal cells "
                                       "are possible; review the smear"))
         sickle = [i for i, _ in self.sickle]
-        n_sure = sum(score >= th.sickle_min_confidence for _, score in self.sickle)
+        n_sure = self.sure_sickle(th)
         if n_sure >= th.sickle_critical_min_cells:
             flags.append(Flag(code="sickle_cells_present", severity="critical", cells=sickle,
                               message=f"{len(sickle)} sickle cells seen ({n_sure} at confidence >= "

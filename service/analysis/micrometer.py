@@ -11,12 +11,12 @@ Method:
    of the image's detail (less the lamp), shrunk to 512 px and from a full-resolution central
    crop (fine rulings the shrinking would alias), give candidate directions of its lines, located
    between bins, tried strongest first (a baseline or a strip's edge can be the strongest).
-2. Profile: the image is turned so the lines are vertical and each row is weighed by how much of
-   the ruling it crosses (its detail across the lines): real reticles have short ticks with longer
-   ones every 5 and 10 divisions, often along one edge of the field, and only the rows through
-   every tick carry the division itself. The weighted column means, less a smooth polynomial (an
-   uneven lamp or vignetting, which would otherwise add a plateau to the autocorrelation), are the
-   profile; the angle is refined once from the shift between the profiles of the band's two halves.
+2. Profile: the image is turned so the lines are vertical and only the rows that cross every tick
+   are kept (at least 0.7 of the detail across the lines of the busiest rows): real reticles have
+   short ticks with longer ones every 5 and 10 divisions, often along one edge of the field, and
+   only the rows through every tick carry the division itself. Their column means, less a smooth
+   polynomial (an uneven lamp or vignetting, which would otherwise add a plateau to the
+   autocorrelation), are the profile; the angle is refined once from the shift between the profiles of the band's two halves.
    The same measured across the lines tells a grid (a warning: the division given must be the
    spacing of the lines measured).
 3. Period: in the profile's autocorrelation (unbiased), the division is the shortest lag all of
@@ -48,7 +48,7 @@ MIN_CONTRAST = 0.08
 MIN_REGULARITY = 0.5
 #: Divisions the ruling must span in view (five lines): over few, chance makes a field of cells look regular.
 MIN_DIVISIONS = 4
-#: The autocorrelation's peak at one division over its trough at half of one, at least.
+#: The autocorrelation's peak at one division less its trough at half of one, at least.
 MIN_PROMINENCE = 0.6
 #: Lines across the ruling as alike as this make it a grid (the ends of ticks of different lengths,
 #: also periodic across the lines, are far less alike: 0.55 where rendered grids reach 1.0).
@@ -72,9 +72,19 @@ class MicrometerResult:
     period_px: float
     angle_deg: float  # direction of the ruling's lines, degrees from the image's x axis
     periods_seen: float  # how many divisions the measurement spans
-    prominence: float  # the division's autocorrelation peak over the profile's at half a division
-    contrast: float = 0.0  # the ruling's depth over the field's brightness
+    prominence: float  # the division's autocorrelation peak less its trough at half a division
+    contrast: float  # the ruling's depth over the field's brightness
     warnings: tuple[str, ...] = field(default=())
+
+
+def _apart(a: float, b: float) -> float:
+    """The angle between two line directions (radians, 0 to pi/2)."""
+    return abs((a - b + np.pi / 2) % np.pi - np.pi / 2)
+
+
+def _explained(span: np.ndarray, model: np.ndarray) -> float:
+    """The share of `span`'s variance `model` (one division's, or group's, mean shape) explains."""
+    return 1.0 - float(((span - model) ** 2).sum()) / max(float((span ** 2).sum()), 1e-12)
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
@@ -115,7 +125,7 @@ def _spectrum_directions(img: np.ndarray, min_period: float, scale: tuple[float,
         ox = _parabolic(full[py], px) - px if 0 < px < w - 1 else 0.0
         oy = _parabolic(full[:, px], py) - py if 0 < py < h - 1 else 0.0
         angle = float(np.arctan2(fy[py, px] + oy / h / scale[1], fx[py, px] + ox / w / scale[0]))
-        if all(abs((angle - o + np.pi / 2) % np.pi - np.pi / 2) > np.radians(5) for _, o in out):
+        if all(_apart(angle, o) > np.radians(5) for _, o in out):
             out.append((float(f[py, px]), angle))
             if len(out) == k:
                 break
@@ -141,7 +151,7 @@ def _directions(g: np.ndarray, min_period: float) -> list[float]:
         raise MicrometerError("no periodic ruling found")
     angles: list[float] = []
     for _, a in sorted(found, key=lambda t: -t[0]):
-        if all(abs((a - o + np.pi / 2) % np.pi - np.pi / 2) > np.radians(1) for o in angles):
+        if all(_apart(a, o) > np.radians(1) for o in angles):
             angles.append(a)
     return angles
 
@@ -149,7 +159,7 @@ def _directions(g: np.ndarray, min_period: float) -> list[float]:
 def _band_profiles(g: np.ndarray, theta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
     """The image turned so the lines are vertical: (profile of the rows through the ruling, the
     profiles of that band's upper and lower halves, the vertical distance between the halves, the
-    field's brightness there). Rows are weighed by their detail across the lines. Worked in blocks
+    field's brightness there), from the rows crossing every tick. Worked in blocks
     of rows, so a 48-megapixel frame needs about its own size again."""
     h, w = g.shape
     c, s_ = abs(np.cos(theta)), abs(np.sin(theta))
@@ -298,8 +308,9 @@ def _fold(d: np.ndarray, period: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _divisions(d: np.ndarray, period: float) -> float:
-    """Divisions between the first and the last line of profile `d`: lines where one division's
-    mean shape has its line, standing at least half as far out as the mean line does."""
+    """Lines found in profile `d`, less one: places one division apart where the division's mean
+    shape has its line, each standing at least half as far out as the mean line does (a line
+    missing between others counts as none)."""
     if len(d) < 2 * period:
         return 0.0
     folded, _ = _fold(d, period)
@@ -362,13 +373,12 @@ def _ruling(g: np.ndarray, theta: float, lag_min: int, refine_angle: bool) -> _R
     # how much of the profile one division's mean shape explains: every division of a ruling
     # looks alike, a field of cells or dust does not
     residual = span - folded[bins]
-    energy = max(float((span ** 2).sum()), 1e-12)
-    regularity = 1.0 - float((residual ** 2).sum()) / energy
+    regularity = _explained(span, folded[bins])
     # by chance, the mean of n divisions explains about 1/n of any profile: over few, ask more
     need = max(MIN_REGULARITY, 0.35 + 1.0 / (divisions + 1.0))
     if group > 1 and len(span) >= 3 * group * period:  # or every group (bolder lines every few) alike
         grouped, gbins = _fold(span, group * period)
-        alike = 1.0 - float(((span - grouped[gbins]) ** 2).sum()) / energy
+        alike = _explained(span, grouped[gbins])
         group_need = max(MIN_REGULARITY, 0.35 + group * period / len(span))
         if alike - group_need > regularity - need:
             regularity, need = alike, group_need
@@ -407,7 +417,7 @@ def _no_second_ruling(residual: np.ndarray, period: float, level: float, lag_min
     if _related(q, period):
         return
     folded, bins = _fold(residual, q)
-    alike = 1.0 - float(((residual - folded[bins]) ** 2).sum()) / max(float((residual ** 2).sum()), 1e-12)
+    alike = _explained(residual, folded[bins])
     if float(np.ptp(folded)) / max(level, 1.0) >= MIN_CONTRAST and alike >= MIN_REGULARITY:
         raise TwoRulings(
             f"two rulings in view, one every {period:.2f} px and one every {q:.2f} px (an eyepiece reticle over the "
@@ -437,7 +447,7 @@ def measure_micrometer(image: np.ndarray, division_um: float = 10.0, min_period_
     else:
         raise errors[0]
     for other in candidates[i + 1:]:  # a ruling at another angle too (a grid's other lines are checked below)
-        off = abs((other - r.theta + np.pi / 2) % np.pi - np.pi / 2)
+        off = _apart(other, r.theta)
         if np.radians(10) < off < np.radians(80):
             try:
                 second = _ruling(g, other, lag_min, refine_angle=False)
@@ -469,39 +479,3 @@ def measure_micrometer(image: np.ndarray, division_um: float = 10.0, min_period_
     return MicrometerResult(microns_per_pixel=float(division_um / r.period), period_px=float(r.period),
                             angle_deg=float((np.degrees(r.theta) + 90.0) % 180.0), periods_seen=float(seen),
                             prominence=r.prominence, contrast=round(r.contrast, 4), warnings=tuple(warnings))
-
-
-def render_micrometer(width: int, height: int, microns_per_pixel: float, division_um: float = 10.0,
-                      angle_deg: float = 0.0, line_um: float = 1.2, blur_px: float = 1.0, noise: float = 4.0,
-                      seed: int = 0, ticks_um: tuple[float, float, float] | None = (20.0, 40.0, 40.0),
-                      ticks_at: float = 0.0, lamp: float = 0.0, grid: bool = False) -> np.ndarray:
-    """A rendered stage micrometer (BGR uint8): dark lines on a lit field, for tests and demos.
-
-    `ticks_um`: each tick's half length for a plain division, every 5th and every 10th (None: lines
-    across the whole field), centred `ticks_at` of the half height below the centre (0.8: along the
-    bottom edge); `lamp`: the light falls by this share across the field; `grid`: lines the other
-    way too, at the same spacing."""
-    rng = np.random.default_rng(seed)
-    ss = 4  # supersampling
-    H, W = height * ss, width * ss
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32) / ss
-    t = np.radians(angle_deg)
-    # coordinate across the lines (um) and along them
-    u = ((xx - width / 2) * np.cos(t) + (yy - height / 2) * np.sin(t)) * microns_per_pixel
-    v = (-(xx - width / 2) * np.sin(t) + (yy - height / 2) * np.cos(t)) * microns_per_pixel
-    k = np.round(u / division_um)
-    line = np.abs(u - k * division_um) < line_um / 2
-    if ticks_um is not None:
-        length = np.where(k % 10 == 0, ticks_um[2], np.where(k % 5 == 0, ticks_um[1], ticks_um[0]))
-        line &= np.abs(v - ticks_at * height / 2 * microns_per_pixel) < length
-    if grid:
-        line |= np.abs(v - np.round(v / division_um) * division_um) < line_um / 2
-    img = np.where(line, 60.0, 225.0).astype(np.float32)
-    img = cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA)
-    if lamp:
-        img *= np.linspace(1.0, 1.0 - lamp, width, dtype=np.float32)[None, :]
-    if blur_px > 0:
-        img = cv2.GaussianBlur(img, (0, 0), blur_px)
-    img = img + rng.normal(0, noise, img.shape).astype(np.float32)
-    grey = np.clip(img, 0, 255).astype(np.uint8)
-    return cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
