@@ -245,3 +245,9 @@ def test_granulocytes_are_accepted_from_8_8_um():
     assert accepts(HeadResult("ig", 0.99), _disc(10.0), 15.0)
     assert accepts(HeadResult("neutrophil", 0.99), _disc(9.2), 15.0)  # the station's shrunken neutrophils
     assert not accepts(HeadResult("neutrophil", 0.99), _disc(8.4), 15.0)  # a red cell's size
+
+
+def test_a_diameter_that_could_not_be_measured_leaves_the_size_statistics_to_the_others():
+    cells = [_cell(CellKind.RBC, "normal", d_um=d) for d in (7.0, 7.5, 8.0)] + [_cell(CellKind.RBC, "normal", d_um=float("nan"))]
+    size = aggregate(cells).rbc_size
+    assert (size.n, size.median_diameter_um, size.mean_diameter_um) == (3, 7.5, 7.5)
