@@ -112,7 +112,6 @@ class CellTally:
         self.rbc_labels: Counter[str] = Counter()
         self.unassessed: Counter[str] = Counter()  # red cells' size calls held back at an estimated scale
         self.n_calibrated = 0  # red cells at a calibrated scale
-        self.typed_wbc = 0
         self.diameters_calibrated: list[float] = []  # red cells off the frame edge, calibrated scale
         self.n_sized_estimated = 0  # red cells off the frame edge at an estimated scale
         self.unidentified_wbc: list[int] = []
@@ -144,9 +143,7 @@ class CellTally:
                     self.schistocytes.append(i)
             elif kind is CellKind.WBC:
                 self.wbc_labels[c.label or UNIDENTIFIED] += 1
-                if is_classified_wbc(c):
-                    self.typed_wbc += 1
-                else:
+                if not is_classified_wbc(c):
                     self.unidentified_wbc.append(i)
                     self.atypical_wbc += bool(c.atypical)
             elif kind is CellKind.PLATELET:
@@ -185,7 +182,7 @@ class CellTally:
         flags: list[Flag] = []
         if not self.n:
             flags.append(Flag(code="no_cells_found", severity="warning", message="no cells were detected in this image"))
-        typed = self.typed_wbc  # unidentified cells go to review: no differential counts them
+        typed = n_wbc - len(self.unidentified_wbc)  # unidentified cells go to review: no differential counts them
         if typed < th.min_wbc_for_differential:
             flags.append(Flag(code="too_few_wbc_for_differential", severity="info",
                               message=f"{typed} WBC classified ({n_wbc - typed} more unidentified); a differential "

@@ -65,6 +65,11 @@ class TwoRulings(MicrometerError):
     """Two rulings at unrelated spacings: no other direction is tried (which one the division names
     cannot be told)."""
 
+    @classmethod
+    def of(cls, period: float, other: float, where: str = "") -> TwoRulings:
+        return cls(f"two rulings in view, one every {period:.2f} px and one every {other:.2f} px{where} (an eyepiece "
+                   "reticle over the stage micrometer, or two scales): photograph the stage micrometer's scale alone")
+
 
 @dataclass(frozen=True)
 class MicrometerResult:
@@ -307,13 +312,12 @@ def _fold(d: np.ndarray, period: float) -> tuple[np.ndarray, np.ndarray]:
     return folded, bins
 
 
-def _divisions(d: np.ndarray, period: float) -> float:
+def _divisions(d: np.ndarray, period: float, folded: np.ndarray) -> float:
     """Lines found in profile `d`, less one: places one division apart where the division's mean
-    shape has its line, each standing at least half as far out as the mean line does (a line
-    missing between others counts as none)."""
+    shape (`folded`) has its line, each standing at least half as far out as the mean line does (a
+    line missing between others counts as none)."""
     if len(d) < 2 * period:
         return 0.0
-    folded, _ = _fold(d, period)
     centre = folded - folded.mean()
     at = int(np.argmax(np.abs(centre)))
     depth, sign = abs(float(centre[at])), np.sign(centre[at])
@@ -327,7 +331,9 @@ def _divisions(d: np.ndarray, period: float) -> float:
 def _ruling(g: np.ndarray, theta: float, lag_min: int, refine_angle: bool) -> _Ruling:
     """The ruling whose lines' normal is at `theta`: its period, checked (MicrometerError if none)."""
     profile, upper, lower, distance, level = _band_profiles(g, theta)
-    period, first, multiple = _period(_autocorrelation(_detrend(profile)), lag_min)
+    d = _detrend(profile)
+    ac = _autocorrelation(d)
+    period, first, multiple = _period(ac, lag_min)
     if refine_angle and distance >= 8:
         # the band's halves are shifted by the angle's error times their distance
         a, b = _detrend(upper), _detrend(lower)
@@ -340,9 +346,9 @@ def _ruling(g: np.ndarray, theta: float, lag_min: int, refine_angle: bool) -> _R
         if abs(dtheta) > np.radians(0.05):
             theta += dtheta
             profile, _, _, _, level = _band_profiles(g, theta)
-            period, first, multiple = _period(_autocorrelation(_detrend(profile)), lag_min)
-    d = _detrend(profile)
-    ac = _autocorrelation(d)
+            d = _detrend(profile)
+            ac = _autocorrelation(d)
+            period, first, multiple = _period(ac, lag_min)
     # the group of divisions the profile repeats best at: one, or the few between bolder lines
     near = min(max(1.5, 0.1 * period), 0.4 * period)
     top = _peak_near(ac, multiple * period, near)
@@ -363,13 +369,13 @@ def _ruling(g: np.ndarray, theta: float, lag_min: int, refine_angle: bool) -> _R
     local = np.convolve(d * d, np.ones(win) / win, mode="same")
     on = np.flatnonzero(local >= 0.1 * float(local.max()))
     a, b = (int(on[0]), int(on[-1]) + 1) if on.size else (0, 0)
-    divisions = _divisions(d[a:b], period)
+    span = d[a:b]
+    folded, bins = _fold(span, period)
+    divisions = _divisions(span, period, folded)
     if divisions < MIN_DIVISIONS:
         raise MicrometerError(
             f"fewer than {MIN_DIVISIONS} divisions in view ({max(divisions, 0.0):.1f} of {period:.1f} px, if this is "
             "a ruling): use a lower magnification or move the micrometer to fill the field")
-    span = d[a:b]
-    folded, bins = _fold(span, period)
     # how much of the profile one division's mean shape explains: every division of a ruling
     # looks alike, a field of cells or dust does not
     residual = span - folded[bins]
@@ -419,9 +425,7 @@ def _no_second_ruling(residual: np.ndarray, period: float, level: float, lag_min
     folded, bins = _fold(residual, q)
     alike = _explained(residual, folded[bins])
     if float(np.ptp(folded)) / max(level, 1.0) >= MIN_CONTRAST and alike >= MIN_REGULARITY:
-        raise TwoRulings(
-            f"two rulings in view, one every {period:.2f} px and one every {q:.2f} px (an eyepiece reticle over the "
-            "stage micrometer, or two scales): photograph the stage micrometer's scale alone")
+        raise TwoRulings.of(period, q)
 
 
 def measure_micrometer(image: np.ndarray, division_um: float = 10.0, min_period_px: float = 3.0) -> MicrometerResult:
@@ -456,10 +460,7 @@ def measure_micrometer(image: np.ndarray, division_um: float = 10.0, min_period_
             seen_across = second.period * np.cos(off)  # the same lines, seen at an angle, measure about this
             if abs(seen_across - r.period) <= 0.03 * r.period or _related(seen_across, r.period):
                 continue
-            raise TwoRulings(
-                f"two rulings in view, one every {r.period:.2f} px and one every {second.period:.2f} px at "
-                f"{np.degrees(off):.0f} deg to it (an eyepiece reticle over the stage micrometer, or two scales): "
-                "photograph the stage micrometer's scale alone")
+            raise TwoRulings.of(r.period, second.period, f" at {np.degrees(off):.0f} deg to it")
     seen = r.divisions
     warnings = []
     if seen < FEW_DIVISIONS:

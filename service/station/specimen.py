@@ -2,11 +2,12 @@
 
 A `SpecimenRun` accumulates the classified cells of the fields a technician moves through; its
 report is the aggregates of all of them, kept as a running tally (`CellTally`: each field's cells
-counted once; the differential's Wilson 95% intervals narrow as cells accumulate). A run starts by command or automatically on the first field (`auto_start`), and ends
-when its target of classified WBC is reached, by command, after `idle_timeout_s` without a field,
-or at shutdown; only the target makes it complete. `SpecimenTracker` holds at most one open run
-and applies that policy; it is driven by one thread (the daemon's analysis thread) and may be read
-from any thread. Time comes from an injected clock, so all of this is testable without waiting.
+counted once; the differential's Wilson 95% intervals narrow as cells accumulate). A run starts
+by command or automatically on the first field (`auto_start`), and ends when its target of
+classified WBC is reached, by command, after `idle_timeout_s` without a field, or at shutdown;
+only the target makes it complete. `SpecimenTracker` holds at most one open run and applies that
+policy; it is driven by one thread (the daemon's analysis thread) and may be read from any
+thread. Time comes from an injected clock, so all of this is testable without waiting.
 """
 
 from __future__ import annotations
