@@ -447,6 +447,42 @@ def test_os_read_error_is_unreadable(
     assert err.value.code is RejectReason.UNREADABLE
 
 
+# --- PNG pixel data: cut short or damaged inside whole chunks -----------------------------------
+
+
+def _png_with_idat(transform) -> bytes:
+    """A field PNG re-chunked with its joined IDAT data passed through `transform`, every CRC
+    valid: the damage is only in the deflate stream."""
+    png = hostile.encode(".png", hostile.smear_like(240, 320, seed=4))
+    chunks, pos = [], 8
+    while pos < len(png):
+        length, ctype = struct.unpack(">I4s", png[pos : pos + 8])
+        chunks.append((ctype, png[pos + 8 : pos + 8 + length]))
+        pos += 12 + length
+    idat = transform(b"".join(body for ctype, body in chunks if ctype == b"IDAT"))
+    out, placed = bytearray(png[:8]), False
+    for ctype, body in chunks:
+        if ctype == b"IDAT":
+            if placed:
+                continue
+            body, placed = idat, True
+        out += struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
+    return bytes(out)
+
+
+def test_a_png_whose_pixel_data_stops_early_is_truncated_and_a_damaged_one_corrupt() -> None:
+    assert load_image(_png_with_idat(lambda d: d)).pixels.shape == (240, 320, 3)
+    # a writer that closed the file early: the deflate stream stops, every chunk is whole
+    with pytest.raises(IngestError) as exc:
+        load_image(_png_with_idat(lambda d: d[: len(d) // 2]))
+    assert exc.value.code is RejectReason.TRUNCATED
+    # the same length of data, but noise after its first bytes: damage that the inflater reports
+    noise = np.random.default_rng(5).integers(0, 256, 1 << 16, np.uint8).tobytes()
+    with pytest.raises(IngestError) as exc:
+        load_image(_png_with_idat(lambda d: d[:100] + noise[: len(d) - 100]))
+    assert exc.value.code is RejectReason.CORRUPT
+
+
 # --- damaged JPEG streams (issue 18, item 11) -------------------------------------------------
 
 

@@ -40,6 +40,7 @@ from smearscope.device.ingest.headers import (
     jpeg_header,
     opencv_tiff,
     png_header,
+    png_pixel_data_cut_short,
     tiff_header,
 )
 
@@ -254,7 +255,12 @@ def _load_png(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray,
     header = png_header(data, name)
     _check_geometry(header, name, limits)
     # UNCHANGED keeps 16 bit and alpha; orientation is applied by us from the eXIf chunk.
-    return _imdecode(data, cv2.IMREAD_UNCHANGED, header, name), header
+    try:
+        return _imdecode(data, cv2.IMREAD_UNCHANGED, header, name), header
+    except IngestError as exc:
+        if png_pixel_data_cut_short(data):
+            raise IngestError(RejectReason.TRUNCATED, f"{name}: PNG pixel data ends early") from exc
+        raise
 
 
 def _load_jpeg(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray, ImageHeader]:

@@ -109,6 +109,28 @@ def png_header(data: bytes, name: str) -> ImageHeader:
     )
 
 
+def png_pixel_data_cut_short(data: bytes) -> bool:
+    """Whether a PNG whose chunks are whole (as `png_header` found them) holds a deflate stream
+    that stops before its end: a writer that closed the file early, not damage. Inflated in
+    pieces of at most 1 MiB that are dropped at once, so a large frame never stands in memory."""
+    inflate = zlib.decompressobj()
+    pos = len(PNG_SIGNATURE)
+    try:
+        while pos + 12 <= len(data):
+            length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
+            if ctype == b"IDAT":
+                rest = data[pos + 8 : pos + 8 + length]
+                while rest and not inflate.eof:
+                    inflate.decompress(rest, 1 << 20)
+                    rest = inflate.unconsumed_tail
+            elif ctype == b"IEND":
+                break
+            pos += 12 + length
+    except zlib.error:
+        return False  # damaged, not cut short
+    return not inflate.eof
+
+
 # --- JPEG ------------------------------------------------------------------------------------
 
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
