@@ -470,6 +470,58 @@ def _png_with_idat(transform) -> bytes:
     return bytes(out)
 
 
+def _png_from_rows(width: int, height: int, raw: bytes, interlace: int = 0) -> bytes:
+    """An 8-bit RGB PNG of `raw` (filtered scanlines, as IHDR's interlace method lays them out),
+    deflated whole: every chunk and the deflate stream are complete whatever `raw`'s length."""
+    def chunk(ctype: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, interlace)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _adam7_rows(width: int, height: int, filter_byte: int = 0) -> bytes:
+    """Every Adam7 pass's rows of a width x height RGB image, each row a filter byte and a ramp."""
+    out = bytearray()
+    for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+                           (0, 1, 1, 2)):
+        w, h = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+        if w > 0 and h > 0:
+            out += (bytes([filter_byte]) + (bytes(range(256)) * (3 * w // 256 + 1))[: 3 * w]) * h
+    return bytes(out)
+
+
+def test_a_png_whose_deflate_stream_stops_is_truncated_and_one_that_disagrees_with_its_header_corrupt() -> None:
+    w, h = 333, 250  # not multiples of 8: Adam7's passes are uneven
+    row = b"\x00" + bytes(range(256)) * (3 * w // 256) + bytes(3 * w % 256)
+    plain, adam7 = row * h, _adam7_rows(w, h)
+    assert load_image(_png_from_rows(w, h, plain)).pixels.shape == (h, w, 3)
+    assert load_image(_png_from_rows(w, h, adam7, interlace=1)).pixels.shape == (h, w, 3)
+
+    def stream_cut(png: bytes, keep: int | None = None) -> bytes:
+        """The IDAT's deflate stream cut (at half, or at `keep`), its chunk whole."""
+        start, iend = png.index(b"IDAT") + 4, png.index(b"IEND") - 4  # IDAT's data, IEND's chunk
+        stream = png[start : iend - 4]
+        body = stream[: len(stream) // 2 if keep is None else keep]
+        return (png[: start - 8] + struct.pack(">I", len(body)) + b"IDAT" + body
+                + struct.pack(">I", zlib.crc32(b"IDAT" + body)) + png[iend:])
+
+    cases = {RejectReason.TRUNCATED: (stream_cut(_png_from_rows(w, h, plain)),
+                                      stream_cut(_png_from_rows(w, h, adam7, interlace=1))),
+             # a complete stream of fewer rows than IHDR declares: the header and the data disagree
+             RejectReason.CORRUPT: (_png_from_rows(w, h, row * 200), _png_from_rows(w, h, adam7[:-50], interlace=1),
+                                    # every byte there, but rows of an undefined filter type (9)
+                                    _png_from_rows(w, h, (b"\x09" + row[1:]) * h),
+                                    _png_from_rows(w, h, _adam7_rows(w, h, 9), interlace=1),
+                                    # every declared row there, only the stream's checksum missing:
+                                    # inflating stops at the declared rows (a bomb cannot run on)
+                                    stream_cut(_png_from_rows(w, h, plain), keep=-4))}
+    for code, pngs in cases.items():
+        for png in pngs:
+            with pytest.raises(IngestError) as exc:
+                load_image(png)
+            assert exc.value.code is code
+
+
 def test_a_png_whose_pixel_data_stops_early_is_truncated_and_a_damaged_one_corrupt() -> None:
     assert load_image(_png_with_idat(lambda d: d)).pixels.shape == (240, 320, 3)
     # a writer that closed the file early: the deflate stream stops, every chunk is whole
