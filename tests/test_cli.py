@@ -210,5 +210,10 @@ def test_analyze_prints_its_summary_at_an_estimated_scale_and_at_a_given_one(tmp
     estimated = smearscope("analyze", str(path))
     assert estimated.returncode == 0 and "Traceback" not in estimated.stderr, estimated.stderr[-800:]
     assert "RBC " in estimated.stdout and "RBC diameter" not in estimated.stdout
+    # size-based classes are not assessable there: never printed as a share (0.0% reads "none seen")
+    assert "RBC macrocyte, microcyte, spherocyte: not assessable" in estimated.stdout, estimated.stdout
+    shares = next(line for line in estimated.stdout.splitlines() if line.startswith("  RBC: "))
+    assert not any(label in shares for label in ("macrocyte", "microcyte", "spherocyte")), shares
     given = smearscope("analyze", str(path), "--microns-per-pixel", "0.1")
     assert given.returncode == 0 and "RBC diameter" in given.stdout, given.stdout
+    assert "not assessable" not in given.stdout, given.stdout

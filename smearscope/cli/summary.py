@@ -19,8 +19,12 @@ def summarize(report: Report) -> str:
     ]
     if r.wbc_differential:
         lines.append("  WBC: " + ", ".join(f"{s.label} {s.count} ({s.percent:.0f}%)" for s in r.wbc_differential))
-    if r.rbc_morphology:
-        lines.append("  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" for s in r.rbc_morphology[:6]))
+    shares = [s for s in r.rbc_morphology if s.assessable]
+    if shares:
+        lines.append("  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" for s in shares[:6]))
+    unassessed = [s.label for s in r.rbc_morphology if not s.assessable]
+    if unassessed:  # an estimated scale: a share of 0 would read as "none seen"
+        lines.append(f"  RBC {', '.join(unassessed)}: not assessable at an estimated scale")
     size = r.rbc_size
     if size.n and size.mean_diameter_um is not None:  # measured only at a calibrated scale
         cv = f"CV {size.cv_percent:.1f}%, " if size.cv_percent is not None else ""
