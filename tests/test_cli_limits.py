@@ -122,6 +122,15 @@ def test_names_that_are_not_utf8_work_for_inputs_and_overlays(tmp_path: Path, fi
     report = lines(proc)[0]
     assert report["source"]["frame_id"] == "f\\xff\\xfe.png"
     assert os.path.getsize(overlay) > 0
+    # a refused one: its message names it as the report does, valid UTF-8 (no lone surrogate)
+    junk = os.fsencode(tmp_path) + b"/bad\xff.png"
+    Path(os.fsdecode(junk)).write_bytes(b"not an image")
+    proc = run("analyze", os.fsdecode(junk), "--json")
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-800:])
+    error = lines(proc)[0]
+    assert error["error"]["code"] == "not_an_image" and "bad\\xff.png" in error["error"]["message"], error
+    assert "\\udc" not in proc.stdout and "\\udc" not in proc.stderr, (proc.stdout, proc.stderr)
+    proc.stderr.encode("utf-8")  # strict: what a journal or a log shipper reads
 
 
 @needs_models
