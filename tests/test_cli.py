@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,16 +151,34 @@ def test_analyze_refuses_a_bad_floor_and_an_empty_folder(tmp_path):
     assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "no_images"
 
 
+def test_a_folder_gives_a_line_for_every_entry_named_as_an_image(tmp_path):
+    """A broken link or a FIFO named .jpg is an input that cannot be read, not silently left out;
+    a directory named .png and a file of another suffix are no inputs."""
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    (folder / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    os.mkfifo(folder / "pipe.png")
+    (folder / "sub.png").mkdir()
+    (folder / "notes.txt").write_text("not an input")
+    proc = smearscope("analyze", str(folder), "--json")
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-800:]
+    assert [(Path(ln["image"]).name, ln["error"]["code"]) for ln in lines] == [("dangling.jpg", "not_found"),
+                                                                             ("pipe.png", "not_a_file")]
+
+
 def test_analyze_lists_and_output_paths_are_checked_before_any_work(tmp_path):
-    """@LIST lines are paths taken literally (blank lines skipped, a line starting with - is a
-    file, not an option); an unreadable list or an unusable output path is refused up front."""
+    """@LIST lines are paths, not quoted or globbed (spaces around a line and a Windows line end
+    trimmed, blank lines skipped, a line starting with - is a file, not an option); an unreadable
+    list or an unusable output path is refused up front."""
     img = tmp_path / "f.png"
     cv2.imwrite(str(img), hostile.smear_like(200, 200))
     listing = tmp_path / "list.txt"
-    listing.write_text(f"\n{tmp_path / 'missing.png'}\n\n--microns-per-pixel\n")
+    listing.write_bytes(f"\n{tmp_path / 'missing.png'}\n\n--microns-per-pixel\n \t{tmp_path}/ spaced*.png \r\n".encode())
     proc = smearscope("analyze", f"@{listing}", "--json")
     lines = [json.loads(ln) for ln in proc.stdout.splitlines()]
-    assert proc.returncode == 2 and [ln["image"] for ln in lines] == [str(tmp_path / "missing.png"), "--microns-per-pixel"]
+    assert proc.returncode == 2 and [ln["image"] for ln in lines] == [str(tmp_path / "missing.png"), "--microns-per-pixel",
+                                                                      f"{tmp_path}/ spaced*.png"]
     assert all("error" in ln for ln in lines)
     for args, code in (([f"@{tmp_path / 'nope.txt'}"], "bad_list"),
                        ([str(img), "--detections", str(tmp_path / "no" / "such" / "d.jsonl")], "bad_output"),

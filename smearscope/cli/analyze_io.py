@@ -75,8 +75,9 @@ def expand_inputs(items: list[str]) -> tuple[list[Input], bool]:
     """The images to analyze, in order, and whether the inputs name a set (not one image file).
 
     A directory adds its image files (by suffix), sorted by name; `@LIST` adds the paths a text
-    file lists, one per line, taken literally (blank lines skipped; `./@name` names a file whose
-    name starts with @). Named files are always tried (and rejected if bad). An unusable list is
+    file lists, one per line, no quoting or globbing (spaces around a line trimmed, blank lines
+    skipped; `./@name` names a file whose name starts with @, `./ name` one that starts with a
+    space). Named files are always tried (and rejected if bad). An unusable list is
     an InputError (the whole call); a directory that cannot be listed is one rejected input.
     """
     out: list[Input] = []
@@ -96,7 +97,8 @@ def expand_inputs(items: list[str]) -> tuple[list[Input], bool]:
             continue
         is_set = True
         try:
-            out += [Input(q) for q in sorted(p.iterdir()) if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()]
+            # every entry named as an image but a directory: a broken link or a FIFO gets its error line
+            out += [Input(q) for q in sorted(p.iterdir()) if q.suffix.lower() in IMAGE_SUFFIXES and not q.is_dir()]
         except OSError as exc:
             out.append(Input(p, InputError("unreadable", f"cannot list directory {shown(p)}: {exc.strerror or exc}")))
     return out, is_set
