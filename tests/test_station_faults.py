@@ -165,3 +165,7 @@ def test_a_crash_loop_over_a_watched_folder_loses_no_file_and_no_run(
     assert {b["run_id"]: b["fields_analyzed"] for b in specimens} == dict(run_fields)
     restarts = [b for b in specimens if any("restart" in f["message"] for f in b["flags"])]
     assert restarts, "no run was left open by a kill?"
+    # and the dashboards' retained live state of each says closed at restart, not "open" forever
+    states = _arrivals(sub, "run")
+    closed_at_restart = {s["run_id"] for s in states if s["state"] == "closed" and s["end_reason"] == "restart"}
+    assert {b["run_id"] for b in restarts} <= closed_at_restart, [(s["run_id"], s["state"]) for s in states]

@@ -482,18 +482,19 @@ class StationWorkers:
                          item.kind, report.report_id, attempts, exc)
 
     def _close_runs_left_open(self) -> None:
-        """Runs a previous process left open get their final report now (end reason restart);
-        if it cannot be stored, the next start tries again."""
+        """Runs a previous process left open get their final report now (end reason restart) and
+        the retained live state says so; if it cannot be stored, the next start tries again."""
         assert self.state is not None
         for run in self.state.open_runs():
-            report = self.tracker.final_report(run, "restart")
+            closed = self.tracker.close_restored(run, "restart")
             try:
-                seq = self._store_once(_Outgoing("report", report))
+                seq = self._store_once(_Outgoing("report", closed.report))
             except (sqlite3.Error, OSError) as exc:
                 logger.error("run %s left open by the previous process: its final report could "
                              "not be stored (%s); tried again at the next start", run.run_id, exc)
                 continue
             self.stats.add("stored")
-            logger.info("stored report message report_id=%s seq=%d run=%s field=None (run left "
-                        "open by the previous process, closed: restart)", report.report_id, seq,
-                        run.run_id)
+            logger.info("stored report message report_id=%s seq=%d run=%s field=None (run left open by the "
+                        "previous process, closed: restart)", closed.report.report_id, seq, run.run_id)
+            if self.clinic is not None:  # the dashboards' retained state: closed, not "open" forever
+                self.clinic.run_closed(closed, self.publisher)
