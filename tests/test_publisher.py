@@ -467,3 +467,25 @@ def test_other_paho_errors_stay_errors(
         assert wait_until(lambda: bool(_errors(caplog)), 5)
     assert any("smearscope.service.mqtt.publisher.paho: Caught exception in on_subscribe" in e
                for e in _errors(caplog)), _errors(caplog)
+
+
+def test_a_stop_while_disconnected_says_what_waits_in_the_outbox(
+    broker: MosquittoBroker,
+    credentials_dir: Path,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Stopped while the broker is down: nothing can drain; the log says how many messages wait
+    for the next start (and why), as a stop that ran out of drain time does."""
+    with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt.publisher"):
+        publisher = start_publisher(make_config(tmp_path, broker.port), started)
+        assert publisher.wait_until_connected(5)
+        broker.stop()
+        assert wait_until(lambda: publisher.state.status == "disconnected", 10)
+        publisher.publish_report("report", "r-1", b'{"report_id": "r-1"}', "1")
+        publisher.stop()
+    waiting = [r.getMessage() for r in caplog.records if "stopping with" in r.getMessage()]
+    assert waiting == [("stopping with 1 messages still in the outbox (not connected to the broker); they are "
+                        "sent on next start")], waiting
+    assert not _errors(caplog), _errors(caplog)
