@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from smearscope.service.mqtt.outbox import MessageKind, Outbox, OutboxLockedError
+from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, OutboxLockedError
 
 
 def put(outbox: Outbox, kind: MessageKind, n: int, size: int = 10) -> int:
@@ -89,6 +89,19 @@ def test_over_message_bound_evicts_oldest_fields_and_never_reports(
         counts = outbox.counts()
         assert counts.over_bound and counts.messages == 6 and counts.evicted_fields == 4
         assert any("reports are never evicted" in r.getMessage() for r in caplog.records)
+
+
+def test_a_report_and_its_bundle_over_the_bound_say_so_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A specimen report and its FHIR Bundle, stored in one transaction over the bound: one error
+    line for the report (both are kept), not one per message."""
+    with Outbox(tmp_path / "o.db", max_messages=1) as outbox:
+        put(outbox, "report", 0)
+        with caplog.at_level(logging.ERROR, logger="smearscope.service.mqtt.outbox"):
+            outbox.put_many([NewMessage("report", "s/report", b"{}", "rep-1", "1"),
+                             NewMessage("report", "s/fhir", b"{}", "rep-1", "1")])
+        lines = [r.getMessage() for r in caplog.records if "reports are never evicted" in r.getMessage()]
+        assert len(lines) == 1 and "report rep-1 kept" in lines[0], lines
+        assert outbox.counts().messages == 3
 
 
 def test_over_byte_bound_evicts_fields_by_size(tmp_path: Path) -> None:

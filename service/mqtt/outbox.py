@@ -339,8 +339,8 @@ class Outbox:
             self._evicted_since_log += len(evicted)
             if len(self.evicted_seqs) < 1_000_000:
                 self.evicted_seqs.update(evicted)
-        for r in rows:
-            self._log_bound_state(r[0], r[5], len(evicted))
+        for kind, report_id in dict.fromkeys((r[0], r[5]) for r in rows):  # a report and its FHIR Bundle: one line
+            self._log_bound_state(kind, report_id, len(evicted))
         return seqs
 
     def _enforce_bounds(
