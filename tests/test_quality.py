@@ -52,15 +52,31 @@ def test_focus_threshold_holds_across_camera_scales() -> None:
     fine = synthetic.render_field(seed=3, width=640, height=480, microns_per_pixel=0.1).frame
     gate = QualityGate()
     sharp = gate.check(fine)
-    blurred = gate.check(_frame(cv2.GaussianBlur(fine.pixels, (0, 0), 8), mpp=0.1))
+    blurred = gate.check(_frame(cv2.GaussianBlur(fine.pixels, (0, 0), 10), mpp=0.1))  # 1 um
     assert sharp.accepted, sharp.metrics
     assert blurred.reason == OUT_OF_FOCUS
+
+
+def test_focus_is_not_judged_at_an_unknown_scale(caplog: pytest.LogCaptureFixture) -> None:
+    """At a fixed width a finely sampled sharp field reads as blurred (a rendered field at 0.1 um/px
+    shown 512 px wide: about 50): without a scale the gate does not refuse for focus, says so once,
+    and still measures; the same frames with their scale are judged."""
+    fine = synthetic.render_field(seed=3, width=1280, height=960, microns_per_pixel=0.1).frame.pixels
+    blurred = cv2.GaussianBlur(fine, (0, 0), 10)
+    gate = QualityGate()
+    with caplog.at_level("WARNING", logger="smearscope.device.quality"):
+        verdicts = [gate.check(_frame(p, mpp=None)) for p in (fine, blurred)]
+    assert all(v.accepted for v in verdicts), [v.metrics for v in verdicts]
+    assert verdicts[0].metrics["focus"] < 60 and verdicts[1].metrics["focus"] < verdicts[0].metrics["focus"]
+    assert sum("focus is not judged" in r.getMessage() for r in caplog.records) == 1
+    known = QualityGate()
+    assert [known.check(_frame(p, mpp=0.1)).reason for p in (fine, blurred)] == [None, OUT_OF_FOCUS]
 
 
 @pytest.mark.parametrize(
     ("degrade", "reason"),
     [
-        (lambda p: cv2.GaussianBlur(p, (0, 0), 4), OUT_OF_FOCUS),
+        (lambda p: cv2.GaussianBlur(p, (0, 0), 5), OUT_OF_FOCUS),  # 1 um at 0.2 um/px
         (lambda p: (p * 0.05).astype(np.uint8), UNDEREXPOSED),
         (lambda p: np.clip(p.astype(int) + 70, 0, 255).astype(np.uint8), OVEREXPOSED),
         (lambda p: np.full_like(p, (233, 229, 234)), EMPTY_FIELD),
@@ -113,3 +129,26 @@ def test_config_is_strict() -> None:
         QualityGateConfig(dark_level=200, clipped_level=100)
     with pytest.raises(ValidationError, match="Extra inputs"):
         QualityGateConfig(min_sharpness=3)  # type: ignore[call-arg]
+
+
+@pytest.mark.realdata
+def test_real_labs_fields_pass_the_default_focus_bar_and_a_micron_of_blur_does_not() -> None:
+    """Every validation field of BCCD and of the Raspberry Pi station (the palest camera) at its
+    lab's scale passes the default focus threshold; each blurred by 1 um is refused."""
+    from realdata import BCCD, BCCD_MICRONS_PER_PIXEL, DATA
+
+    from training.labs import RPI_MICRONS_PER_PIXEL, rpi_splits
+    if not (BCCD / "ImageSets" / "Main" / "val.txt").exists() or not (DATA / "chula_wbc_rpi").is_dir():
+        pytest.skip(f"BCCD or chula_wbc_rpi not found under {DATA} (set SMEARSCOPE_DATA)")
+    fields = [(BCCD / "JPEGImages" / f"{i}.jpg", BCCD_MICRONS_PER_PIXEL)
+              for i in (BCCD / "ImageSets" / "Main" / "val.txt").read_text().split()]
+    fields += [(DATA / "chula_wbc_rpi" / "train" / "images" / f"{stem}.jpg", RPI_MICRONS_PER_PIXEL)
+               for stem in rpi_splits()["val"]]
+    sharp, blurred = [], []
+    for path, mpp in fields:  # a gate each: a blurred copy is not judged against its original
+        pixels = cv2.imread(str(path))
+        sharp.append(QualityGate().check(_frame(pixels, mpp=mpp)))
+        blurred.append(QualityGate().check(_frame(cv2.GaussianBlur(pixels, (0, 0), 1.0 / mpp), mpp=mpp)))
+    assert len(sharp) >= 100
+    assert [v.metrics["focus"] for v in sharp if not v.accepted] == []
+    assert {v.reason for v in blurred} == {OUT_OF_FOCUS}, [v.metrics["focus"] for v in blurred if v.accepted]
