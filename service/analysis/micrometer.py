@@ -374,8 +374,9 @@ def _ruling(g: np.ndarray, theta: float, lag_min: int, refine_angle: bool) -> _R
     divisions = _divisions(span, period, folded)
     if divisions < MIN_DIVISIONS:
         raise MicrometerError(
-            f"fewer than {MIN_DIVISIONS} divisions in view ({max(divisions, 0.0):.1f} of {period:.1f} px, if this is "
-            "a ruling): use a lower magnification or move the micrometer to fill the field")
+            f"fewer than {MIN_DIVISIONS} evenly spaced divisions in view ({max(divisions, 0.0):.1f} of {period:.1f} px): "
+            "not a ruling (a field of cells?), or one too magnified or filling part of the field: photograph the "
+            "stage micrometer's lines at a lower magnification, filling the field")
     # how much of the profile one division's mean shape explains: every division of a ruling
     # looks alike, a field of cells or dust does not
     residual = span - folded[bins]
