@@ -52,6 +52,11 @@ def test_calibrate_scale_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "smearscope", "calibrate-scale", str(path), "--division-um", "1000"],
                           check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "implausible_scale", proc.stdout
+    # an image that cannot be read: the reader's code, and its message as analyze gives it
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "calibrate-scale", str(tmp_path / "nothere.png")],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and json.loads(proc.stdout)["error"] == {
+        "code": "not_found", "message": f"{tmp_path / 'nothere.png'}: no such file"}, proc.stdout
 
 
 @pytest.mark.parametrize(("case", "mpp", "kwargs"), [

@@ -18,7 +18,7 @@ def cmd_calibrate_scale(args: argparse.Namespace) -> int:
         image = load_image(str(args.image)).pixels
         r = measure_micrometer(image, args.division_um)
     except IngestError as exc:
-        print(json.dumps({"error": {"code": str(getattr(exc.code, "value", exc.code)), "message": str(exc)}}))
+        print(json.dumps({"error": {"code": exc.code.value, "message": exc.message}}))  # as analyze says it
         return 2
     except MicrometerError as exc:
         print(json.dumps({"error": {"code": "no_ruling", "message": str(exc)}}))
