@@ -119,3 +119,33 @@ def test_refining_a_searched_scale_does_not_walk_out_of_blood():
     out = find_scale(detect_at, ScaleEstimate(0.035, "rbc_size_classical"), 640 * 480)
     assert out.estimate.microns_per_pixel == pytest.approx(0.1519, rel=0.01)
     assert out.uncertain and "did not settle" in out.reason
+
+
+def test_a_handful_of_red_cells_at_the_guess_is_checked_at_larger_scales():
+    """A first guess misled by clumps of cells: five huge "red cells" that settle at the guess.
+    2.5 times the guess shows far more, and refining from them settles at the true scale
+    (flagged: searched); a sparse field whose handful of red cells no larger scale outnumbers
+    fourfold keeps its guess."""
+    true_mpp = 0.13
+    side = DETECTED_RBC_DIAMETER_UM / CANONICAL_UM_PER_PX
+
+    def clumps(mpp: float, quick: bool) -> Attempt:
+        r = mpp / true_mpp
+        if abs(mpp / 0.042 - 1) < 0.05:  # the guess: five cells sized as that scale says
+            return Attempt(mpp, [_rbc(0, 0, side, side)] * 5, None, quick)
+        if 0.75 < r < 1.35:
+            return Attempt(mpp, [_rbc(0, 0, side * r, side * r)] * 100, None, quick, n_wbc=1)
+        return Attempt(mpp, [_rbc(0, 0, side, side)] * 3, None, quick)
+
+    out = find_scale(clumps, ScaleEstimate(0.042, "rbc_size_classical"), 1008 * 630)
+    assert out.estimate.microns_per_pixel == pytest.approx(true_mpp, rel=0.06)
+    assert out.uncertain and "search" in out.reason
+
+    def sparse(mpp: float, quick: bool) -> Attempt:  # eight red cells at the truth, pieces elsewhere
+        r = mpp / true_mpp
+        n = 8 if 0.75 < r < 1.35 else 12
+        return Attempt(mpp, [_rbc(0, 0, side * r, side * r)] * n, None, quick)
+
+    kept = find_scale(sparse, ScaleEstimate(true_mpp, "rbc_size_classical"), 640 * 480)
+    assert kept.estimate.microns_per_pixel == pytest.approx(true_mpp, rel=0.01)
+    assert not kept.uncertain
