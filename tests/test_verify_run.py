@@ -375,3 +375,40 @@ def test_an_open_runs_field_flags_survive_a_restart_and_an_old_file_opens(run, t
         assert any(f.code == "scale_uncertain" and f.message.startswith("1 of 1 fields") for f in report.flags)
     finally:
         outbox.close()
+
+
+def test_a_run_closed_at_restart_keeps_its_place_is_announced_once_and_can_be_signed(station, tmp_path):
+    """At a start the runs closed before come oldest first, the one a crash left open (closed at
+    this start) last: it takes the newest place, so a run that closes next pushes out the oldest,
+    not it; and only it publishes its retained live state (closed, restart)."""
+    import json
+    from types import SimpleNamespace
+
+    import tomllib
+
+    from smearscope.service.config import parse_config
+    from smearscope.service.station.clinic import ClinicFeed
+
+    run = station[0]
+    published = []
+    publisher = SimpleNamespace(config=SimpleNamespace(topic_prefix="smearscope"), station_id="s",
+                                publish_many=lambda items, also=None, extra=(): published.extend(extra) or [])
+    final = lambda r, end: r.report(station_id="s", now=time.time(), end_reason=end)
+
+    def closed(run_id: str, end: str) -> ClosedRun:
+        r = replace(run, run_id=run_id)
+        return ClosedRun(run_id, end, 4, run.classified_wbc, 100, final(r, end), r)
+
+    feed = ClinicFeed(parse_config(tomllib.loads(_config_text(tmp_path, 'white_cells = "all"')), environ={}))
+    try:
+        feed.start(None, [closed("a", "stopped"), closed("b", "stopped"), closed("c", "stopped"),
+                          closed("r", "restart")], None, publisher, announce=["r"])
+        states = [json.loads(m.payload) for m in published]
+        assert [(s["run_id"], s["state"], s["end_reason"]) for s in states] == [("r", "closed", "restart")]
+        assert all(m.retain and m.topic == "smearscope/s/run" for m in published)
+        feed.run_closed(closed("n", "stopped"), None, live=False)  # the next run ends: the oldest goes
+        assert feed.closed_run("a") is None and feed.closed_run("r") is not None
+        answer = feed.verify("r", "AB", final, None)[2]
+        assert answer["ok"] and answer["run_id"] == "r", answer
+    finally:
+        feed.close()

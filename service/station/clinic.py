@@ -24,7 +24,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -94,15 +94,18 @@ class ClinicFeed:
         self.max_state_bytes = min(config.review.max_message_kb * 1024, config.mqtt.max_packet_size - 1024)
 
     def start(self, analyzer: Any, closed: Sequence[ClosedRun],
-              load_run: Callable[[str], SpecimenRun | None] | None = None) -> None:
+              load_run: Callable[[str], SpecimenRun | None] | None = None,
+              publisher: OutboxPublisher | None = None, announce: Collection[str] = ()) -> None:
         """The station starts: the analyzer's heads for typing (`attach_wbc_head`), and the runs
         closed before (service.station.durable, oldest first) for verification. With `load_run`
         (`StationState.run_cells`) a closed run's cells are read back when it is verified instead
-        of held in memory: an open run is then the only one whose cells the station holds."""
+        of held in memory: an open run is then the only one whose cells the station holds. The
+        runs in `announce` (those a previous process left open, closed at this start) publish
+        their retained live state, closed, as a run that ends does: not "open" until the next run."""
         self._load_run = load_run
         self.attach_wbc_head(getattr(analyzer, "wbc_head", None), getattr(analyzer, "rbc_head", None))
         for run in closed:
-            self.run_closed(run, None, live=False)
+            self.run_closed(run, publisher, live=run.run_id in announce)
         if self._typing_wanted and self.typed_cells_path.exists():  # said now, not at the first typed cell
             try:
                 TypedCellStore(self.typed_cells_path, read_only=True).close()

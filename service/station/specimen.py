@@ -374,11 +374,6 @@ class SpecimenTracker:
         return run.report(station_id=self._station_id, now=self._clock(), end_reason=end_reason,
                           thresholds=self._thresholds)
 
-    def close_restored(self, run: SpecimenRun, end_reason: EndReason) -> ClosedRun:
-        """A run this tracker does not hold (one restored after a crash), closed with its final report."""
-        return ClosedRun(run.run_id, end_reason, len(run.field_ids), run.classified_wbc, run.target_wbc,
-                         self.final_report(run, end_reason), run)
-
     def stop(self, end_reason: EndReason = "stopped") -> ClosedRun | None:
         """Close the open run and build its final report; None when no run is open."""
         with self._lock:

@@ -33,7 +33,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -140,9 +140,10 @@ class StationWorkers:
         first (each producer checks that its consumer lives)."""
         self.source, self.analyzer, self.publisher = source, analyzer, publisher
         self.state = StationState(publisher.outbox)
-        self._close_runs_left_open()
+        left_open = list(self._close_runs_left_open())
         if self.clinic is not None:  # typing needs the heads; verification the runs closed before
-            self.clinic.start(analyzer, self.state.closed_runs(cells=False), self.state.run_cells)
+            self.clinic.start(analyzer, self.state.closed_runs(cells=False), self.state.run_cells,
+                              publisher, announce=left_open)
         for name, target in (("report-writer", self._report_loop),
                              ("analysis", self._analysis_loop), ("capture", self._capture_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -481,20 +482,19 @@ class StationWorkers:
             logger.error("%s report %s LOST: outbox write failed %d times while stopping: %s",
                          item.kind, report.report_id, attempts, exc)
 
-    def _close_runs_left_open(self) -> None:
-        """Runs a previous process left open get their final report now (end reason restart) and
-        the retained live state says so; if it cannot be stored, the next start tries again."""
+    def _close_runs_left_open(self) -> Iterator[str]:
+        """Close the runs a previous process left open (end reason restart); yields those stored."""
         assert self.state is not None
         for run in self.state.open_runs():
-            closed = self.tracker.close_restored(run, "restart")
+            report = self.tracker.final_report(run, "restart")
             try:
-                seq = self._store_once(_Outgoing("report", closed.report))
+                seq = self._store_once(_Outgoing("report", report))
             except (sqlite3.Error, OSError) as exc:
                 logger.error("run %s left open by the previous process: its final report could "
                              "not be stored (%s); tried again at the next start", run.run_id, exc)
                 continue
             self.stats.add("stored")
-            logger.info("stored report message report_id=%s seq=%d run=%s field=None (run left open by the "
-                        "previous process, closed: restart)", closed.report.report_id, seq, run.run_id)
-            if self.clinic is not None:  # the dashboards' retained state: closed, not "open" forever
-                self.clinic.run_closed(closed, self.publisher)
+            logger.info("stored report message report_id=%s seq=%d run=%s field=None (run left "
+                        "open by the previous process, closed: restart)", report.report_id, seq,
+                        run.run_id)
+            yield run.run_id
