@@ -470,13 +470,17 @@ def _png_with_idat(transform) -> bytes:
     return bytes(out)
 
 
-def _png_from_rows(width: int, height: int, raw: bytes, interlace: int = 0) -> bytes:
-    """An 8-bit RGB PNG of `raw` (filtered scanlines, as IHDR's interlace method lays them out),
-    deflated whole: every chunk and the deflate stream are complete whatever `raw`'s length."""
+def _png_from_rows(width: int, height: int, raw: bytes, interlace: int = 0, grey: bool = False,
+                   ended: bool = True) -> bytes:
+    """An 8-bit RGB (or grey) PNG of `raw` (filtered scanlines, as IHDR's interlace method lays them
+    out) in one IDAT: every chunk complete, and the deflate stream too unless `ended` is False
+    (then it stops after `raw`, flushed, without its end)."""
     def chunk(ctype: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, interlace)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0 if grey else 2, 0, 0, interlace)
+    deflate = zlib.compressobj()
+    body = deflate.compress(raw) + deflate.flush(zlib.Z_FINISH if ended else zlib.Z_SYNC_FLUSH)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
 
 
 def _adam7_rows(width: int, height: int, filter_byte: int = 0) -> bytes:
@@ -515,6 +519,15 @@ def test_a_png_whose_deflate_stream_stops_is_truncated_and_one_that_disagrees_wi
                                     # every declared row there, only the stream's checksum missing:
                                     # inflating stops at the declared rows (a bomb cannot run on)
                                     stream_cut(_png_from_rows(w, h, plain), keep=-4))}
+    # interlaced rows cut between the byte count of plain rows and that of Adam7's passes (more
+    # filter bytes): still short of what IHDR declares; and a large grey frame, every row there,
+    # only the stream's end missing, its rows inflating to more than one piece
+    cases[RejectReason.TRUNCATED] += (_png_from_rows(w, h, adam7[: len(plain) + 40], interlace=1, ended=False),)
+    assert len(plain) + 40 < len(adam7)
+    big = bytes(range(256)) * 8
+    big_rows = (b"\x00" + big[:1054]) * 994  # 1 MB of rows: inflated in two pieces
+    cases[RejectReason.CORRUPT] += (_png_from_rows(1054, 994, big_rows, grey=True, ended=False),
+                                    stream_cut(_png_from_rows(1054, 994, big_rows, grey=True), keep=-4))
     for code, pngs in cases.items():
         for png in pngs:
             with pytest.raises(IngestError) as exc:

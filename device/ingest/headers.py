@@ -127,8 +127,8 @@ def png_pixel_data_cut_short(data: bytes) -> bool:
     that stops before its end and before the rows its IHDR declares: a writer that closed the
     file early, not damage (an error the inflater reports) and not a header that declares more
     rows than a complete stream holds. Inflated in pieces of at most 1 MiB that are dropped at
-    once, and never beyond the declared rows, so neither a large frame nor a deflate bomb stands
-    in memory or runs long."""
+    once, and never beyond the declared rows: neither a large frame nor a deflate bomb stands in
+    memory (a frame at the pixel limit is inflated once more, on this refusal's path only)."""
     w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
     expected = _png_raw_bytes(w, h, depth, colour, interlace == 1)
     inflate = zlib.decompressobj()
@@ -138,9 +138,11 @@ def png_pixel_data_cut_short(data: bytes) -> bool:
             length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
             if ctype == b"IDAT":
                 rest = data[pos + 8 : pos + 8 + length]
-                while rest and not inflate.eof and got < expected:
-                    got += len(inflate.decompress(rest, 1 << 20))
-                    rest = inflate.unconsumed_tail
+                while not inflate.eof and got < expected:  # also what the last piece left inside
+                    out = inflate.decompress(rest, 1 << 20)
+                    got, rest = got + len(out), inflate.unconsumed_tail
+                    if not out and not rest:
+                        break
             elif ctype == b"IEND":
                 break
             pos += 12 + length
