@@ -68,9 +68,9 @@ class QualityGateConfig(BaseModel):
     min_focus: float = Field(
         default=15.0,
         title="Minimum focus",
-        description="Variance of the Laplacian of the gray image at metric_microns_per_pixel; "
-        "below is out_of_focus. Judged only where the frame's scale is known: at an unknown "
-        "scale a finely sampled sharp field reads as blurred.",
+        description="Variance of the Laplacian of the gray image at metric_microns_per_pixel (or "
+        "the frame's own scale if coarser); below is out_of_focus. Judged only where the frame's "
+        "scale is known: at an unknown scale a finely sampled sharp field reads as blurred.",
         ge=0.0,
     )
     dark_level: int = Field(

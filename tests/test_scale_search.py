@@ -139,7 +139,7 @@ def test_a_handful_of_red_cells_at_the_guess_is_checked_at_larger_scales():
 
     out = find_scale(clumps, ScaleEstimate(0.042, "rbc_size_classical"), 1008 * 630)
     assert out.estimate.microns_per_pixel == pytest.approx(true_mpp, rel=0.06)
-    assert out.uncertain and "search" in out.reason
+    assert out.uncertain and out.reason == "found at 2.5 times the first guess's scale, where 5 whole red cells showed"
 
     def sparse(mpp: float, quick: bool) -> Attempt:  # eight red cells at the truth, pieces elsewhere
         r = mpp / true_mpp

@@ -73,7 +73,7 @@ SEARCH_STEP = 1.5
 REFINE_ROUNDS = 3
 MIN_RBC_FOR_SCALE = 5
 #: Below this many whole red cells at the guesses (but at least MIN_RBC_FOR_SCALE) the scales
-#: `UPWARD_CHECK` times the guess are tried too: a first guess misled by clumps of cells finds a
+#: `UPWARD_CHECK` times the best guess are tried instead of the full search: a first guess misled by clumps of cells finds a
 #: handful of huge "red cells" that settle at its scale (a Raspberry Pi station's field read 0.042
 #: um/px from 5 of them, where 108 show at its scale of about 0.13). On the lab table (validation,
 #: estimated scale) the Raspberry Pi station's estimates within 15 % rose from 0.811 to 0.849 and
@@ -251,7 +251,7 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
             current = nxt
         return current, "unsettled"
 
-    searched, ending = False, None
+    searched, ending, few = False, None, False
     guessed = best()
     current = guessed
     if len(guessed.whole_rbc) < SEARCH_BELOW_RBC:
@@ -291,7 +291,9 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
                 logger.info("searched scale %.4f did not hold: the guess %.4f is kept", found.mpp, guessed.mpp)
     reasons = []
     if searched:
-        reasons.append("found by searching the plausible range")
+        reasons.append("found by searching the plausible range" if few else
+                       f"found at {' or '.join(f'{f:g}' for f in UPWARD_CHECK)} times the first guess's scale, "
+                       f"where {len(guessed.whole_rbc)} whole red cells showed")
     if len(current.whole_rbc) < MIN_RBC_FOR_SCALE:
         reasons.append(f"only {len(current.whole_rbc)} whole red cells")
     if ending not in ("settled", "most cells"):  # a pass kept for its many cells is not refined again
