@@ -4,7 +4,7 @@
 
 The question: do features a hematologist would name (nucleus size and shape, lobes, chromatin
 and cytoplasm colour relative to the field's own red cells, granularity, N:C ratio), measured on
-the analyzer's own lamp-corrected crops at the canonical scale, carry a cell's type to a lab the
+the analyzer's own lamp-corrected head crops (25.6 um in 96 px), carry a cell's type to a lab the
 classifier never saw better than the CNN head does? Features per crop (`features`): the nucleus is
 the Otsu mask of the red-light optical density (a nucleus absorbs red light, a red cell and most
 cytoplasm do not), kept within 7 um of the crop centre; the cytoplasm a ring 1-4 um outside it;
@@ -28,11 +28,14 @@ import numpy as np
 from scipy.optimize import minimize
 from tqdm import tqdm
 
-from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX as UM
+from smearscope.service.analysis.crops import WBC_CROP
 from training.head_data import PBC_CLASSES
 from training.wbc_data import WBC_LABS, load_contexts, to_crops
 
 logger = logging.getLogger(__name__)
+
+#: A crop pixel (um): the head's crop, 25.6 um in 96 px.
+UM = WBC_CROP.extent_um / WBC_CROP.input_size
 
 #: Nucleus pieces this close to the crop centre are lobes of the centre cell's nucleus (um).
 LOBE_REACH_UM = 7.0
@@ -75,7 +78,7 @@ def _shape(keep: np.ndarray) -> dict[str, float]:
 
 
 def features(crop: np.ndarray) -> dict[str, float]:
-    """Named features of one lamp-corrected BGR crop at the canonical scale."""
+    """Named features of one lamp-corrected BGR head crop (`UM` per pixel)."""
     od = -np.log((crop.astype(np.float32) + 1.0) / 256.0)
     total = od.sum(axis=2)
     h, w = total.shape
