@@ -655,6 +655,32 @@ def test_open_set_thresholds_are_tied_to_the_means_they_were_fitted_with(tmp_pat
     assert "the config has none" in exc.value.reason
 
 
+def test_a_station_section_is_judged_against_the_thresholds_the_means_widened_by_doctor_as_at_start(tmp_path, head):
+    """Station means widen the distance test (adapt-wbc): a station's own section may then go up to
+    the widened threshold, not beyond it; doctor says what start-up does, and names both."""
+    from smearscope.cli.doctor import open_set_checks
+    from smearscope.engines.manifest import sha256_file
+
+    manifest, space = head
+    md = next(t.threshold for t in manifest.open_set if t.method == "mahalanobis")
+    means = _station_file(tmp_path, manifest, space, open_set_thresholds={"mahalanobis": md + 10})
+    tied = f'model_sha256 = "{manifest.sha256}"\nstation_means_sha256 = "{sha256_file(means)}"'
+    (status, _, detail), = open_set_checks(_config(tmp_path, f'wbc_station_means = "{means}"').analysis)
+    assert status == "OK" and f"with the station means thresholds (mahalanobis {md + 10:g}" in detail, detail
+    between = _config(tmp_path, f'wbc_station_means = "{means}"\n[analysis.wbc_open_set]\n'
+                                f'thresholds = {{ mahalanobis = {md + 5} }}\n{tied}')
+    build_analyzer(between).close()  # above the model's, within the means': starts
+    (status, _, detail), = open_set_checks(between.analysis)
+    assert status == "OK" and f"mahalanobis {md + 5:g} (the model's with the station means {md + 10:g})" in detail
+    beyond = _config(tmp_path, f'wbc_station_means = "{means}"\n[analysis.wbc_open_set]\n'
+                               f'thresholds = {{ mahalanobis = {md + 20} }}\n{tied}')
+    with pytest.raises(StartupError) as exc:
+        build_analyzer(beyond)
+    (status, _, detail), = open_set_checks(beyond.analysis)
+    assert status == "FAIL" and detail == exc.value.reason, (detail, exc.value.reason)
+    assert "(with the station means)" in detail
+
+
 def test_a_template_of_the_stations_white_cells_typed_and_fitted(rendered, tmp_path):
     """--template lists every white cell the station finds (type left empty, numbered as on the
     overlays); the technician types the ones they are sure of, and the same file fits the means."""

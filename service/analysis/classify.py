@@ -84,6 +84,19 @@ class OpenSetThresholdError(ValueError):
     """A station's open-set thresholds do not fit the head: an unknown test, or looser than the model's."""
 
 
+#: The calibration a test widened by station means is said to have.
+WITH_STATION_MEANS = "with the station's typed cells (adapt-wbc)"
+
+
+def with_station_means(tests: Sequence[OpenSet], means_thresholds: Mapping[str, float]) -> list[OpenSet]:
+    """The head's open-set tests where station means are in place: each widened to the threshold the
+    means file carries (never tighter than the model's: the station joins the model's calibration
+    labs). What a station's own `[analysis.wbc_open_set]` may then only tighten."""
+    return [t.model_copy(update={"threshold": max(t.threshold, means_thresholds[t.method]),
+                                 "calibration": WITH_STATION_MEANS})
+            if t.method in means_thresholds else t for t in tests]
+
+
 def station_thresholds(name: str, tests: Sequence[OpenSet], station: Mapping[str, float]) -> np.ndarray:
     """Each test's threshold: the manifest's, or the station's (by method) where it is at or below
     it. OpenSetThresholdError for a method the head has no test for, or a looser threshold."""
@@ -97,7 +110,8 @@ def station_thresholds(name: str, tests: Sequence[OpenSet], station: Mapping[str
         v = station.get(t.method, t.threshold)
         if not np.isfinite(v) or v > t.threshold:
             raise OpenSetThresholdError(
-                f"{name}: station threshold {t.method} = {v:g} is looser than the model's {t.threshold:g}; "
+                f"{name}: station threshold {t.method} = {v:g} is looser than the model's {t.threshold:g}"
+                f"{' (with the station means)' if t.calibration == WITH_STATION_MEANS else ''}; "
                 "a station may only tighten it (smearscope calibrate-atypical)")
         out.append(v)
     return np.array(out, np.float64)
@@ -119,14 +133,10 @@ class CropClassifier:
         self.logit_shift = np.array([m.class_log_prior_shift.get(c, 0.0) for c in self.classes], np.float32) * m.temperature
         self.min_confidence = min_confidence
         #: Open-set tests (energy of the logits, or a graph output) and their thresholds: a crop
-        #: beyond any of them is atypical. Station means carry the station's thresholds (never tighter
-        #: than the model's: the station joins the model's calibration labs).
+        #: beyond any of them is atypical. Station means carry the station's thresholds.
         self.open_sets = list(m.open_set) if use_open_set else []
         if station is not None:
-            wider = station[1].thresholds
-            self.open_sets = [t.model_copy(update={"threshold": max(t.threshold, wider[t.method]),
-                                                   "calibration": "with the station's typed cells (adapt-wbc)"})
-                              if t.method in wider else t for t in self.open_sets]
+            self.open_sets = with_station_means(self.open_sets, station[1].thresholds)
         #: Each test's threshold: the manifest's, or the station's tighter one (`open_set_thresholds`,
         #: by method).
         self.thresholds = station_thresholds(m.name, self.open_sets, open_set_thresholds or {})
