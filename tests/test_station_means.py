@@ -681,6 +681,41 @@ def test_a_station_section_is_judged_against_the_thresholds_the_means_widened_by
     assert "(with the station means)" in detail
 
 
+def test_validate_config_refuses_an_open_set_section_the_station_would_refuse(tmp_path, head, capsys):
+    """validate-config says what start-up says of the section: fitted with means the config lacks,
+    for another head, or looser than the thresholds the station runs with."""
+    from smearscope.cli.station import validate_config_main
+    from smearscope.engines.manifest import sha256_file
+
+    manifest, space = head
+    md = next(t.threshold for t in manifest.open_set if t.method == "mahalanobis")
+    means = _station_file(tmp_path, manifest, space)
+    base = f"""
+station_id = "bench-1"
+[source]
+kind = "simulated"
+[mqtt.outbox]
+path = "{tmp_path / 'outbox.sqlite'}"
+[analysis]
+models_dir = "{DEFAULT_MODELS_DIR}"
+"""
+    cases = {"ok": (f'wbc_station_means = "{means}"', md / 2, manifest.sha256, sha256_file(means)),
+             "no means": ("", md / 2, manifest.sha256, sha256_file(means)),
+             "other head": ("", md / 2, "3" * 64, None),
+             "looser": ("", md + 1, manifest.sha256, None)}
+    codes = {}
+    for name, (means_line, value, sha, means_sha) in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.toml"
+        tied = f'\nstation_means_sha256 = "{means_sha}"' if means_sha else ""
+        path.write_text(f'{base}{means_line}\n[analysis.wbc_open_set]\nthresholds = {{ mahalanobis = {value} }}\n'
+                        f'model_sha256 = "{sha}"{tied}\n')
+        codes[name] = validate_config_main(path, environ={})
+        said = capsys.readouterr()
+        out = said.out + said.err
+        assert (codes[name] == 0) == ("OK" in out) and (codes[name] == 0 or "analysis.wbc_open_set" in out), out
+    assert codes == {"ok": 0, "no means": 78, "other head": 78, "looser": 78}
+
+
 def test_a_template_of_the_stations_white_cells_typed_and_fitted(rendered, tmp_path):
     """--template lists every white cell the station finds (type left empty, numbered as on the
     overlays); the technician types the ones they are sure of, and the same file fits the means."""

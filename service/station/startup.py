@@ -76,6 +76,52 @@ def station_open_set(analysis) -> tuple[tuple[str, float], ...]:
     return tuple(section.thresholds.items())
 
 
+def open_set_verdict(analysis) -> tuple[bool, str] | None:
+    """Whether the WBC head's open-set thresholds the station would run with fit, and what they
+    are or why not: the station's section (fitted for this head and these station means, never
+    looser) or the model's, widened by the station means where the config names them (what
+    `smearscope doctor` and `validate-config` say). None when the head or the means cannot be read
+    (their own checks say why)."""
+    from smearscope.engines.manifest import ManifestError, load_manifest
+    from smearscope.service.analysis.classify import (
+        OpenSetThresholdError,
+        station_thresholds,
+        with_station_means,
+    )
+    from smearscope.service.analysis.pipeline import MODEL_FILES
+    from smearscope.service.analysis.station_means import (
+        StationMeansError,
+        load_feature_space,
+        load_station_means,
+    )
+
+    try:
+        head = load_manifest(analysis.models_dir / MODEL_FILES["wbc_head"], verify_hash=False)
+    except (ManifestError, OSError, ValueError):
+        return None
+    tests, whose = list(head.open_set), "the model's"
+    if analysis.wbc_station_means is not None:
+        try:
+            means = load_station_means(analysis.wbc_station_means, head, load_feature_space(head, analysis.models_dir))
+        except StationMeansError:
+            return None
+        tests, whose = with_station_means(tests, means.thresholds), "the model's with the station means"
+    model = {t.method: t.threshold for t in tests}
+    section = analysis.wbc_open_set
+    if section is None:
+        text = ", ".join(f"{m} {v:g}" for m, v in model.items()) or "none"
+        return True, (f"{whose} thresholds ({text}); a station can tighten them on its own normal specimens: "
+                      "smearscope calibrate-atypical")
+    try:
+        station_thresholds(head.name, tests, dict(station_open_set(analysis)))
+    except StartupError as exc:
+        return False, exc.reason
+    except OpenSetThresholdError as exc:
+        return False, str(exc)
+    text = ", ".join(f"{m} {v:g} ({whose} {model[m]:g})" for m, v in section.thresholds.items())
+    return True, f"the station's thresholds {text}; {section.fitted or 'fitted: not recorded'}"
+
+
 def build_analyzer(config: StationConfig, keep_wbc_features: bool = False) -> AnalyzerLike:
     """The production analyzer: engines from `analysis.models_dir`, loaded and warmed up
     (`keep_wbc_features`: white cells' features kept in their records, for smearscope adapt-wbc)."""

@@ -147,45 +147,11 @@ def typed_cells_checks(config) -> list[Check]:
 
 
 def open_set_checks(analysis) -> list[Check]:
-    """The WBC head's open-set thresholds: the station's (fitted for this head, never looser) or the
-    model's, widened by the station means where the config names them, as the station runs them."""
-    from smearscope.engines.manifest import ManifestError, load_manifest
-    from smearscope.service.analysis.classify import (
-        OpenSetThresholdError,
-        station_thresholds,
-        with_station_means,
-    )
-    from smearscope.service.analysis.pipeline import MODEL_FILES
-    from smearscope.service.analysis.station_means import (
-        StationMeansError,
-        load_feature_space,
-        load_station_means,
-    )
-    from smearscope.service.station.startup import StartupError, station_open_set
+    """The WBC head's open-set thresholds as the station would run them (`startup.open_set_verdict`)."""
+    from smearscope.service.station.startup import open_set_verdict
 
-    try:
-        head = load_manifest(analysis.models_dir / MODEL_FILES["wbc_head"], verify_hash=False)
-    except (ManifestError, OSError, ValueError):
-        return []  # the model check above says why
-    tests, whose = list(head.open_set), "the model's"
-    if analysis.wbc_station_means is not None:
-        try:
-            means = load_station_means(analysis.wbc_station_means, head, load_feature_space(head, analysis.models_dir))
-        except StationMeansError:
-            return []  # the station means check says why
-        tests, whose = with_station_means(tests, means.thresholds), "the model's with the station means"
-    model = {t.method: t.threshold for t in tests}
-    section = analysis.wbc_open_set
-    if section is None:
-        text = ", ".join(f"{m} {v:g}" for m, v in model.items()) or "none"
-        return [("OK", "open set", (f"{whose} thresholds ({text}); a station can tighten them on its own "
-                 "normal specimens: smearscope calibrate-atypical"))]
-    try:
-        station_thresholds(head.name, tests, dict(station_open_set(analysis)))
-    except (StartupError, OpenSetThresholdError) as exc:
-        return [("FAIL", "open set", str(exc))]
-    text = ", ".join(f"{m} {v:g} ({whose} {model[m]:g})" for m, v in section.thresholds.items())
-    return [("OK", "open set", f"the station's thresholds {text}; {section.fitted or 'fitted: not recorded'}")]
+    verdict = open_set_verdict(analysis)
+    return [] if verdict is None else [("OK" if verdict[0] else "FAIL", "open set", verdict[1])]
 
 
 def _backend_checks(backend: str) -> list[Check]:

@@ -20,15 +20,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def validate_config_main(path: str | Path, environ: Mapping[str, str] | None = None) -> int:
     """`smearscope validate-config FILE`: print each problem as `field.path: reason` (the
-    files it names too: a TLS CA must exist and hold a certificate).
+    files it names too: a TLS CA must exist and hold a certificate; a station's open-set section
+    must fit the WBC head and station means it names, as start-up requires).
 
     Returns 0 when valid, EXIT_CONFIG (78) otherwise.
     """
     from smearscope.service.station.preflight import file_problems
+    from smearscope.service.station.startup import open_set_verdict
 
     try:
         config = load_config(path, environ)
         problems = file_problems(config)
+        verdict = open_set_verdict(config.analysis)
+        if verdict is not None and not verdict[0]:
+            problems.append(("analysis.wbc_open_set", verdict[1]))
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:
