@@ -559,9 +559,19 @@ def test_adapt_wbc_types_a_new_labs_cells_the_head_sent_to_review(rendered, tmp_
     # the head as trained sends most of these cells to review; the station's means type them
     assert review_plain / found > 0.5 and right_plain / found < 0.4
     assert right_adapted / found >= 0.8 and review_adapted / found < 0.2
-    # the TOML lines it prints start the station
+    # the TOML lines it prints start the station, and say which marks were not used
     text = _cli("adapt-wbc", "--labels", str(labels), "--out", str(out), "--microns-per-pixel", "0.1").stdout
     assert tomllib.loads(text)["analysis"]["wbc_station_means"] == str(out.resolve())
+    assert (f"# {line['unmatched_count']} marks found no white cell" in text) == (line["unmatched_count"] > 0), text
+    # every mark twice: the second of each on a cell already marked, counted once and said so
+    twice = labels.with_name("twice.csv")  # beside it: image paths are relative to the file
+    rows = labels.read_text().splitlines()
+    twice.write_text("\n".join([rows[0], *rows[1:], *rows[1:]]) + "\n")
+    run = _cli("adapt-wbc", "--labels", str(twice), "--out", str(tmp_path / "twice.json"), "--microns-per-pixel",
+               "0.1", "--json")
+    again = json.loads(run.stdout)
+    assert (again["matched"], again["unmatched_count"]) == (line["matched"], 2 * line["unmatched_count"])
+    assert again["duplicate_count"] == line["matched"] and again["cells_per_class"] == line["cells_per_class"]
 
 
 def test_adapt_wbc_refuses_bad_labels_and_too_few_cells(rendered, tmp_path):

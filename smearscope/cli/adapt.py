@@ -157,6 +157,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
         for p in points:
             by_image.setdefault(p.image, []).append(p)
         feats, view_feats, types, head_types, energies, unmatched, unreadable = [], [], [], [], [], [], []
+        duplicates: list[str] = []  # a second mark on a cell already marked: counted once
         methods = [t.method for t in head.open_sets]
         model_thresholds = {t.method: t.threshold for t in head.open_sets}
         for image, marks in by_image.items():
@@ -172,7 +173,10 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
             taken: set[int] = set()
             for p in marks:
                 i = cell_at(res.cells, p.x, p.y, res.input_to_canonical, img.pixels.shape)
-                if i is None or i in taken or len(res.cells[i].open_set_scores) != len(methods):
+                if i is not None and i in taken:
+                    duplicates.append(f"{p.image.name}:{p.line}")
+                    continue
+                if i is None or len(res.cells[i].open_set_scores) != len(methods):
                     unmatched.append(f"{p.image.name}:{p.line}")
                     continue
                 taken.add(i)
@@ -192,7 +196,8 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
                           np.array(feats, np.float64).reshape(n_typed, space.means.shape[1]), view_feats, types,
                           head_types, np.array(energies) if "energy" in methods else None, fitted,
                           {"typed": len(points), "matched": n_typed, "unmatched": unmatched[:50],
-                           "unmatched_count": len(unmatched), "unreadable": unreadable})
+                           "unmatched_count": len(unmatched), "duplicates": duplicates[:50],
+                           "duplicate_count": len(duplicates), "unreadable": unreadable})
 
 
 def _bad_min_cells(args: argparse.Namespace, error) -> int:
@@ -233,6 +238,14 @@ def _fit_and_write(args, error, space, manifest, views, model_thresholds: dict[s
         return 0
     print(f"# {fitted}")
     print(f"# typed cells used: {n_typed}; per class {fit.cells}")
+    for count_key, list_key, what in (  # the labels' marks not used, and why
+            ("unmatched_count", "unmatched", "marks found no white cell (check they fall inside the cells)"),
+            ("duplicate_count", "duplicates", "marks fell on a cell marked before (counted once)")):
+        if counts.get(count_key):
+            more = ", ..." if counts[count_key] > 5 else ""
+            print(f"# {counts[count_key]} {what}: {', '.join(counts[list_key][:5])}{more}")
+    if counts.get("unreadable"):
+        print(f"# {len(counts['unreadable'])} images could not be read: {', '.join(counts['unreadable'][:5])}")
     print(f"# leave-one-out: station means {fit.loo_accuracy:.1%}, head as trained {fit.head_accuracy:.1%}")
     for m, v in fit.means.thresholds.items():
         if v > model_thresholds[m]:
