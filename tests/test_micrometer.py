@@ -77,6 +77,14 @@ def test_micrometer_measures_real_reticles_to_a_fraction_of_a_percent(case, mpp,
     assert not r.warnings
 
 
+@pytest.mark.parametrize("spacing_px", [200, 300])
+def test_a_few_wide_divisions_are_measured_not_taken_for_two_rulings(spacing_px):
+    """Six or four divisions across the field, ticks every other one: what the division's shape
+    leaves unexplained repeats a few times at most by chance, which is no second ruling."""
+    r = measure_micrometer(render_micrometer(1280, 960, 10.0 / spacing_px), 10.0)
+    assert r.period_px == pytest.approx(spacing_px, rel=0.003) and r.periods_seen >= 4
+
+
 @pytest.mark.parametrize("bold", [4.0, 6.0, 10.0])
 def test_bolder_lines_every_fifth_division_do_not_make_the_division(bold):
     """The 5th lines drawn wider (as many reticles have) dominate the autocorrelation, the thin

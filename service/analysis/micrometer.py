@@ -421,7 +421,7 @@ def _no_second_ruling(residual: np.ndarray, period: float, level: float, lag_min
         q, _, _ = _period(ac, lag_min)
     except MicrometerError:
         return
-    if _related(q, period):
+    if _related(q, period) or len(residual) < MIN_DIVISIONS * q:  # repeating fewer times is no ruling
         return
     folded, bins = _fold(residual, q)
     alike = _explained(residual, folded[bins])
