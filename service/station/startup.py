@@ -76,35 +76,45 @@ def station_open_set(analysis) -> tuple[tuple[str, float], ...]:
     return tuple(section.thresholds.items())
 
 
+def wbc_head_and_means(analysis):
+    """The WBC head's manifest in `analysis.models_dir` and the station means the config names
+    (None when it names none); None when the manifest cannot be read (the model checks say why).
+    StationMeansError for a means file this head cannot use."""
+    from smearscope.engines.manifest import ManifestError, load_manifest
+    from smearscope.service.analysis.pipeline import MODEL_FILES
+    from smearscope.service.analysis.station_means import load_feature_space, load_station_means
+
+    try:
+        head = load_manifest(analysis.models_dir / MODEL_FILES["wbc_head"], verify_hash=False)
+    except (ManifestError, OSError, ValueError):
+        return None
+    if analysis.wbc_station_means is None:
+        return head, None
+    return head, load_station_means(analysis.wbc_station_means, head, load_feature_space(head, analysis.models_dir))
+
+
 def open_set_verdict(analysis) -> tuple[bool, str] | None:
     """Whether the WBC head's open-set thresholds the station would run with fit, and what they
     are or why not: the station's section (fitted for this head and these station means, never
     looser) or the model's, widened by the station means where the config names them (what
     `smearscope doctor` and `validate-config` say). None when the head or the means cannot be read
     (their own checks say why)."""
-    from smearscope.engines.manifest import ManifestError, load_manifest
     from smearscope.service.analysis.classify import (
         OpenSetThresholdError,
         station_thresholds,
         with_station_means,
     )
-    from smearscope.service.analysis.pipeline import MODEL_FILES
-    from smearscope.service.analysis.station_means import (
-        StationMeansError,
-        load_feature_space,
-        load_station_means,
-    )
+    from smearscope.service.analysis.station_means import StationMeansError
 
     try:
-        head = load_manifest(analysis.models_dir / MODEL_FILES["wbc_head"], verify_hash=False)
-    except (ManifestError, OSError, ValueError):
+        loaded = wbc_head_and_means(analysis)
+    except StationMeansError:
         return None
+    if loaded is None:
+        return None
+    head, means = loaded
     tests, whose = list(head.open_set), "the model's"
-    if analysis.wbc_station_means is not None:
-        try:
-            means = load_station_means(analysis.wbc_station_means, head, load_feature_space(head, analysis.models_dir))
-        except StationMeansError:
-            return None
+    if means is not None:
         tests, whose = with_station_means(tests, means.thresholds), "the model's with the station means"
     model = {t.method: t.threshold for t in tests}
     section = analysis.wbc_open_set

@@ -83,22 +83,16 @@ def station_means_checks(analysis) -> list[Check]:
     if analysis.wbc_station_means is None:
         return [("OK", "station means", ("none: white cells typed by the head as trained (a new lab: smearscope "
                  "adapt-wbc)"))]
-    from smearscope.engines.manifest import ManifestError, load_manifest
-    from smearscope.service.analysis.pipeline import MODEL_FILES
-    from smearscope.service.analysis.station_means import (
-        StationMeansError,
-        load_feature_space,
-        load_station_means,
-    )
+    from smearscope.service.analysis.station_means import StationMeansError
+    from smearscope.service.station.startup import wbc_head_and_means
 
     try:
-        head = load_manifest(analysis.models_dir / MODEL_FILES["wbc_head"], verify_hash=False)
-    except (ManifestError, OSError, ValueError):
-        return []  # the model check above says why
-    try:
-        sm = load_station_means(analysis.wbc_station_means, head, load_feature_space(head, analysis.models_dir))
+        loaded = wbc_head_and_means(analysis)
     except StationMeansError as exc:
         return [("FAIL", "station means", f"{exc.code}: {exc.message}")]
+    if loaded is None:
+        return []  # the model check above says why
+    sm = loaded[1]
     cells = ", ".join(f"{c} {n}" for c, n in sm.cells.items())
     return [("OK", "station means", (f"{analysis.wbc_station_means}: {cells}; leave-one-out {sm.loo_accuracy:.1%} "
              f"(head {sm.head_accuracy:.1%}); {sm.fitted or 'fitted: not recorded'}"))]
