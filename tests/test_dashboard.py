@@ -149,6 +149,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
     options.binary_location = CHROMIUM
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console
     driver = None
     try:
         observer.wait_ready()
@@ -176,6 +177,10 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         # The station comes online (retained status through the broker's WebSockets listener).
         _wait("the station online on the page", lambda: seen(f"{card} .status") == "online", 90, logs)
         assert seen("#broker", "data-state") == "connected"
+        # nothing the page runs is refused by its own Content-Security-Policy (MQTT.js's keepalive
+        # timers in a blob worker were: the broker then closed the page's connection every 30 s)
+        refused = [e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
+        assert refused == [], refused
 
         # A run: the page follows it live, then shows its final specimen report.
         run_id = command("start_run", {"target_wbc": 200})["run_id"]
@@ -308,6 +313,21 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
                       if json.loads(m.payload)["identifier"]["value"] == verified.report_id)
         assert bundle["entry"][0]["resource"]["status"] == "final"
         driver.save_screenshot(str(tmp_path / "dashboard-final.png"))
+
+        # The preliminary report delivered again (at least once): the verified one it was replaced
+        # by stays on the page; a marker on another topic, sent after it, shows the page read it.
+        first = next(m for m in observer.on_topic(f"{BASE}/report") if json.loads(m.payload)["report_id"] == report.report_id)
+        observer.client.publish(f"{BASE}/report", first.payload, qos=1)
+        marker = f"{BASE.rsplit('/', 1)[0]}/zz-marker"  # another station's status: its card shows it was read
+        observer.client.publish(f"{marker}/status", "online", qos=1)
+        _wait("the marker on the page", lambda: seen("section.station[data-station='zz-marker'] .status") == "online",
+              30, logs)
+        assert seen(card, "data-verified-by") == "AB" and seen(card, "data-run-id") == run_id
+        # A reload: the closed run from its retained live state, final and verified, can be signed again.
+        driver.refresh()
+        _wait("the closed run after a reload", lambda: seen(card, "data-run-id") == run_id
+              and seen(card, "data-shown") == "final" and seen(card, "data-verified-by") == "AB", 60, logs)
+        assert driver.find_element(By.CSS_SELECTOR, f"{card} .verify").get_attribute("hidden") is None
 
         # The broker dies: the page says so; it comes back: the page reconnects by itself and
         # live data flows again (a new run, started after the restart).

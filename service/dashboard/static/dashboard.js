@@ -35,20 +35,21 @@ function station(id) {
   const after = [...main.children].find((n) => n.dataset.station > id);
   main.insertBefore(node, after || null);
   st = { id, node, status: null, run: null, final: null, telemetry: null, reviewRun: null,
-         reviewShown: -1, reviewNext: null, reviewTimer: null };
+         reviewShown: -1, reviewNext: null, reviewTimer: null, superseded: new Set() };
   stations.set(id, st);
   return st;
 }
 
 function shown(st) {
-  // The final specimen report of the displayed run wins over its live (interim) state.
-  const run = st.run;
-  if (st.final && (!run || run.run_id === st.final.run_id || run.updated_at < st.final.created_at)) {
-    return { report: st.final, final: true, runId: st.final.run_id,
-             grades: run && run.run_id === st.final.run_id ? run.rbc_grades : null,
-             progress: run && run.run_id === st.final.run_id ? run.progress : null };
+  // The station's current run (its retained live state): its final specimen report once it is
+  // closed (the report itself where it arrived, else the closed state's aggregates, as after a
+  // reload: the report topic is not retained).
+  const run = st.run, fin = st.final;
+  if (fin && (!run || run.run_id === fin.run_id)) {
+    return { report: fin, final: true, runId: fin.run_id, grades: run ? run.rbc_grades : null,
+             progress: run ? run.progress : null };
   }
-  if (run) return { report: run.report, final: false, runId: run.run_id, grades: run.rbc_grades,
+  if (run) return { report: run.report, final: run.state === "closed", runId: run.run_id, grades: run.rbc_grades,
                     progress: run.progress, state: run.state };
   return null;
 }
@@ -232,6 +233,9 @@ function verifyRun(st) {
   state.textContent = "verifying…";
   client.publish(prefix + "/" + st.id + "/cmd/verify_run", JSON.stringify({ run_id: view.runId, verified_by: by }),
                  { qos: 1 });
+  setTimeout(() => {  // an offline station gets no command: say so rather than wait for ever
+    if (state.dataset.state === "saving") { state.dataset.state = "error"; state.textContent = "no answer from the station"; }
+  }, 15000);
 }
 
 function verifiedAnswer(st, msg) {
@@ -285,7 +289,12 @@ function onMessage(topic, payload) {
     if (msg.run_id !== st.reviewRun) { st.reviewRun = msg.run_id; st.reviewShown = -1; clearReview(st); }
     if (cells !== st.reviewShown || msg.state === "closed") { st.reviewShown = cells; scheduleReview(st); }
   } else if (kind === "report" && msg.body && msg.body.kind === "specimen") {
-    st.final = msg.body;
+    // Reports arrive at least once: one a verified report superseded stays replaced, and a report
+    // of another run than the station's current one (an older run verified) does not take its place.
+    const body = msg.body;
+    if (body.verification && body.verification.supersedes) st.superseded.add(body.verification.supersedes);
+    if (st.superseded.has(body.report_id) || (st.run && st.run.run_id !== body.run_id)) return;
+    st.final = body;
     renderRun(st);
   } else if (kind === "telemetry") {
     st.telemetry = msg; renderTelemetry(st);
@@ -298,10 +307,14 @@ function onMessage(topic, payload) {
   }
 }
 
-function connect(cfg, username, password) {
+function connect(cfg, username, password, login) {
   prefix = cfg.topicPrefix;
+  // timerVariant native: MQTT.js's default keepalive timers run in a worker made from a blob,
+  // which the page's Content-Security-Policy refuses; without them the broker closed the page's
+  // connection every keepalive period.
   client = mqtt.connect(cfg.broker, {
     protocolVersion: 5, clean: true, keepalive: 15, reconnectPeriod: 1000, connectTimeout: 5000,
+    timerVariant: "native",
     clientId: "smearscope-dashboard-" + Math.random().toString(16).slice(2, 10),
     username: username || undefined, password: password || undefined,
   });
@@ -314,7 +327,17 @@ function connect(cfg, username, password) {
   });
   client.on("reconnect", () => setBroker("reconnecting"));
   client.on("close", () => { if (document.getElementById("broker").dataset.state === "connected") setBroker("reconnecting"); });
-  client.on("error", (err) => setBroker("reconnecting", err && err.message));
+  client.on("error", (err) => {
+    const refused = err && /not authori[sz]ed|bad user ?name or password/i.test(err.message || "");
+    if (refused && login) {  // a password typed wrong: ask again, rather than retry it every second
+      client.end(true);
+      setBroker("refused", err.message);
+      login.hidden = false;
+      login.elements.password.value = "";
+      return;
+    }
+    setBroker("reconnecting", err && err.message);
+  });
   client.on("message", (topic, payload) => onMessage(topic, payload));
 }
 
@@ -327,7 +350,8 @@ async function main() {
     form.addEventListener("submit", (ev) => {
       ev.preventDefault();
       form.hidden = true;
-      connect(cfg, form.elements.username.value, form.elements.password.value);
+      if (client) client.end(true);
+      connect(cfg, form.elements.username.value, form.elements.password.value, form);
     });
     return;
   }
