@@ -353,3 +353,44 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         dashboard.stop()
         daemon.stop()
     assert daemon.proc.returncode == 0, (tmp_path / "daemon.log").read_text()[-3000:]
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_a_password_typed_wrong_is_asked_again_not_retried(tmp_path: Path, ws_broker: MosquittoBroker) -> None:
+    """A dashboard without a password file asks for one; the broker refuses a wrong one: the page
+    says so and asks again (it did retry the same password every second), and the right one connects."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    log = tmp_path / "dashboard.log"
+    http_port = free_port()
+    dashboard = _Proc([sys.executable, "-m", "smearscope", "dashboard", "--port", str(http_port),
+                       "--broker", f"ws://127.0.0.1:{ws_broker.ws_port}", "--username", "observer"], log)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = None
+    try:
+        wait_for_port(http_port, 20, dashboard.proc)
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        driver.get(f"http://127.0.0.1:{http_port}/")
+        form = lambda: driver.find_element(By.ID, "login")
+        state = lambda: driver.find_element(By.ID, "broker").get_attribute("data-state")
+        _wait("the login form", lambda: form().is_displayed(), 20, [log])
+        form().find_element(By.NAME, "password").send_keys("not-the-password")
+        form().find_element(By.CSS_SELECTOR, "button").click()
+        _wait("the refusal, and the form again", lambda: state() == "refused" and form().is_displayed(), 20, [log])
+        time.sleep(2.5)  # no retry of the wrong password meanwhile
+        assert state() == "refused" and form().find_element(By.NAME, "password").get_attribute("value") == ""
+        form().find_element(By.NAME, "password").send_keys(MQTT_USERS["observer"])
+        form().find_element(By.CSS_SELECTOR, "button").click()
+        _wait("connected with the right password", lambda: state() == "connected" and not form().is_displayed(),
+              20, [log])
+    finally:
+        if driver is not None:
+            driver.quit()
+        dashboard.stop()
