@@ -117,6 +117,18 @@ class _Proc:
                 self.proc.wait(5)
 
 
+def _chromium_options(tmp_path: Path) -> Any:
+    """Headless Chromium's options for a test: its own profile, the page's console kept."""
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console
+    return options
+
+
 def _wait(what: str, predicate: Callable[[], bool], timeout: float, logs: list[Path]) -> None:
     if not wait_until(predicate, timeout):
         tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
@@ -145,11 +157,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
                        "--broker", f"ws://127.0.0.1:{ws_broker.ws_port}", "--username", "observer",
                        "--password-file", str(password_file)], logs[1])
     observer = Subscriber(ws_broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console
+    options = _chromium_options(tmp_path)
     driver = None
     try:
         observer.wait_ready()
@@ -369,10 +377,7 @@ def test_a_password_typed_wrong_is_asked_again_not_retried(tmp_path: Path, ws_br
     http_port = free_port()
     dashboard = _Proc([sys.executable, "-m", "smearscope", "dashboard", "--port", str(http_port),
                        "--broker", f"ws://127.0.0.1:{ws_broker.ws_port}", "--username", "observer"], log)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
+    options = _chromium_options(tmp_path)
     driver = None
     try:
         wait_for_port(http_port, 20, dashboard.proc)

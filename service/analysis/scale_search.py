@@ -12,8 +12,9 @@ the analyzer infers micrometres per pixel from red-cell size, a normal red cell 
 3. when none finds enough (`MIN_RBC_FOR_SCALE`) whole red cells, a search over the whole
    plausible range of microscope scales (`PLAUSIBLE_UM_PER_PX`); when the best finds only a
    handful (`SEARCH_BELOW_RBC`), a check at 2.5 times its scale (`UPWARD_CHECK`: clumps of cells
-   taken for single red cells read the scale small), under the same rules. With not a single one at the
-   guesses (a pale camera, an odd magnification) the scale whose pass finds the most is kept.
+   taken for single red cells read the scale small), under the same rules. With not a single
+   one at the guesses (a pale camera, an odd magnification) the scale whose pass finds the most
+   is kept.
    With a few, the field may be sparse or the guess wrong (a detector finds a few "red cells" at
    any scale: a Raspberry Pi station's first guess reads a third of its scale): the searched
    scale is kept only where `SEARCH_WINS_FACTOR` times as many whole red cells show and
@@ -73,13 +74,13 @@ SEARCH_STEP = 1.5
 REFINE_ROUNDS = 3
 MIN_RBC_FOR_SCALE = 5
 #: Below this many whole red cells at the guesses (but at least MIN_RBC_FOR_SCALE) the scales
-#: `UPWARD_CHECK` times the best guess are tried instead of the full search: a first guess misled by clumps of cells finds a
-#: handful of huge "red cells" that settle at its scale (a Raspberry Pi station's field read 0.042
-#: um/px from 5 of them, where 108 show at its scale of about 0.13). On the lab table (validation,
-#: estimated scale) the Raspberry Pi station's estimates within 15 % rose from 0.811 to 0.849 and
-#: its white cells found from 0.895 to 0.912, every other lab unchanged; one check at 2.5 times
-#: did better than two at 2 and 3 times (0.830) for less time (BCCD's median field 208 -> 244 ms
-#: against 442: a larger scale resamples the frame larger).
+#: `UPWARD_CHECK` times the best guess are tried instead of the full search: a first guess misled
+#: by clumps of cells finds a handful of huge "red cells" that settle at its scale (a Raspberry Pi
+#: station's field read 0.042 um/px from 5 of them, where 108 show at its scale of about 0.13). On
+#: the lab table (validation, estimated scale) the Raspberry Pi station's estimates within 15 %
+#: rose from 0.811 to 0.849 and its white cells found from 0.895 to 0.912, every other lab
+#: unchanged; one check at 2.5 times did better than two at 2 and 3 times (0.830) for less time
+#: (BCCD's median field 208 -> 244 ms against 442: a larger scale resamples the frame larger).
 SEARCH_BELOW_RBC = 15
 UPWARD_CHECK = (2.5,)
 #: Below this many whole red cells at every guess (none), the search's best scale is taken.

@@ -202,10 +202,12 @@ class MqttPublisher:
         if client is None:
             return
         timeout = self.config.stop_drain_timeout_s if drain_timeout is None else drain_timeout
-        if not (self.state.connected and self.wait_until_drained(timeout)) and self.outbox.counts().messages:
+        drained = self.state.connected and self.wait_until_drained(timeout)
+        waiting = 0 if drained else self.outbox.counts().messages
+        if waiting:
             logger.warning(
                 "stopping with %d messages still in the outbox%s; they are sent on next start",
-                self.outbox.counts().messages, "" if self.state.connected else " (not connected to the broker)",
+                waiting, "" if self.state.connected else " (not connected to the broker)",
             )
         self._stop_workers.set()
         self._wake.set()
