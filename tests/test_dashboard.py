@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber, free_port, wait_for_port, wait_until
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from test_daemon import to_toml
 
 from smearscope.service.analysis.report import Report
@@ -147,9 +149,9 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    logs = [tmp_path / "daemon.log", tmp_path / "dashboard.log"]
-    daemon = _Proc([sys.executable, "-m", "smearscope", "run", "--config", str(_station_config(tmp_path, ws_broker))],
-                   logs[0], {"CREDENTIALS_DIRECTORY": str(credentials_dir)})
+    logs = [tmp_path / "daemon.log", tmp_path / "dashboard.log", tmp_path / "daemon-restarted.log"]
+    station_args = [sys.executable, "-m", "smearscope", "run", "--config", str(_station_config(tmp_path, ws_broker))]
+    daemon = _Proc(station_args, logs[0], {"CREDENTIALS_DIRECTORY": str(credentials_dir)})
     password_file = tmp_path / "dashboard-password"
     password_file.write_text(MQTT_USERS["observer"] + "\n")
     http_port = free_port()
@@ -176,9 +178,12 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
                 return None
 
         def command(name: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+            # sent as another dashboard would: MQTT 5 correlation data of its own
             topic = f"{BASE}/cmd_response/{name}"
             before = len(observer.on_topic(topic))
-            observer.client.publish(f"{BASE}/cmd/{name}", json.dumps(body or {}), qos=1)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.CorrelationData = b"another-dashboard-1"
+            observer.client.publish(f"{BASE}/cmd/{name}", json.dumps(body or {}), qos=1, properties=props)
             _wait(f"answer to {name}", lambda: len(observer.on_topic(topic)) > before, 30, logs)
             return json.loads(observer.on_topic(topic)[-1].payload)
 
@@ -275,7 +280,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         finally:
             store.close()
         # a red cell to review is typed with the RBC head's classes, a white cell with the WBC head's
-        page = command("get_review", {"run_id": run_id})  # the page re-renders on this answer too
+        page = command("get_review", {"run_id": run_id})
         by_key = {(c["field_id"], c["cell"]): c for c in page["cells"]}
         time.sleep(1)
         pickers = driver.execute_script(
@@ -290,6 +295,16 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
                 assert p["options"] == (crop.get("types") or page[f"{p['kind']}_types"]), p
                 shown[p["kind"]] += 1
         assert shown["rbc"] >= 1 and shown["wbc"] >= 1, shown
+        # Another dashboard's answers are not this page's: its page of the gallery from the second
+        # crop on does not land in this one (a page that ignored correlation data would append it).
+        def in_gallery() -> int:
+            return len(driver.find_elements(By.CSS_SELECTOR, f"{card} .gallery figure"))
+        before = in_gallery()
+        assert before >= 2 and command("get_review", {"run_id": run_id, "offset": 1})["cells"]
+        observer.client.publish(f"{BASE.rsplit('/', 1)[0]}/zz-sync/status", "online", qos=1)
+        _wait("the sync marker on the page", lambda: seen("section.station[data-station='zz-sync'] .status") == "online",
+              30, logs)
+        assert in_gallery() == before
 
         # The technician signs the run: its report comes again with the typed cell counted, and
         # the page shows the verified report.
@@ -342,6 +357,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         ws_broker.kill()
         _wait("the page to notice the broker is gone",
               lambda: seen("#broker", "data-state") == "reconnecting", 30, logs)
+        assert seen(f"{card} .status") == "unknown (broker unreachable)"  # not the last status it had
         time.sleep(2)
         ws_broker.start()
         _wait("the page reconnected", lambda: seen("#broker", "data-state") == "connected", 60, logs)
@@ -352,15 +368,26 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         time.sleep(1)  # its subscription renewed in on_connect
         second = command("start_run", {"target_wbc": 200})["run_id"]
         _wait("the new run on the page", lambda: seen(card, "data-run-id") == second, 90, logs)
-        assert seen(card, "data-shown") == "interim"
+        assert seen(card, "data-shown") == "interim" and seen(card, "data-halted") == "false"
         driver.save_screenshot(str(tmp_path / "dashboard-recovered.png"))
+
+        # The station is killed mid-run: the broker's last will says it is offline and the page
+        # shows the open run halted; restarted, the station closes the run and the page shows it so.
+        daemon.proc.kill()
+        daemon.proc.wait(10)
+        _wait("the station offline on the page", lambda: seen(f"{card} .status") == "offline", 30, logs)
+        assert seen(card, "data-halted") == "true" and "went offline" in (seen(f"{card} .run-line") or "")
+        daemon = _Proc(station_args, logs[2], {"CREDENTIALS_DIRECTORY": str(credentials_dir)})
+        _wait("the run closed after the restart", lambda: seen(f"{card} .status") == "online"
+              and seen(card, "data-run-id") == second and seen(card, "data-shown") == "final", 90, logs)
+        assert seen(card, "data-halted") == "false"
     finally:
         if driver is not None:
             driver.quit()
         observer.close()
         dashboard.stop()
         daemon.stop()
-    assert daemon.proc.returncode == 0, (tmp_path / "daemon.log").read_text()[-3000:]
+    assert daemon.proc.returncode == 0, daemon.log.read_text()[-3000:]
 
 
 @pytest.mark.broker

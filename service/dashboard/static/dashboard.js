@@ -7,6 +7,12 @@ const SEVERITY = { critical: 0, warning: 1, info: 2 };
 const stations = new Map();
 let client = null;
 let prefix = "smearscope";
+let brokerUp = false;
+// Command answers reach every page subscribed to the station: each request this page sends carries
+// MQTT 5 correlation data starting with this page's token, and only answers carrying it (or none,
+// from a station speaking MQTT 3.1.1) change what this page shows.
+const pageToken = "dashboard-" + Math.random().toString(16).slice(2, 10) + "-";
+let requestSeq = 0;
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -20,6 +26,16 @@ function setBroker(state, detail) {
   b.className = "badge " + state;
   b.dataset.state = state;
   b.textContent = "broker: " + state + (detail ? " (" + detail + ")" : "");
+  const up = state === "connected";
+  if (up !== brokerUp) {
+    brokerUp = up;  // without the broker no station's status is known (its retained one comes again)
+    for (const st of stations.values()) renderStatus(st);
+  }
+}
+
+function sendCommand(st, name, body) {
+  client.publish(prefix + "/" + st.id + "/cmd/" + name, JSON.stringify(body),
+                 { qos: 1, properties: { correlationData: pageToken + ++requestSeq } });
 }
 
 function station(id) {
@@ -56,10 +72,11 @@ function shown(st) {
 
 function renderStatus(st) {
   const badge = st.node.querySelector(".status");
-  const value = st.status || "unknown";
+  const value = brokerUp ? st.status || "unknown" : "unknown";
   badge.className = "badge status " + (value === "online" || value === "offline" ? value : "unknown");
   badge.dataset.status = value;
-  badge.textContent = value;
+  badge.textContent = brokerUp ? value : "unknown (broker unreachable)";
+  if (st.run) renderRun(st);
 }
 
 function renderRun(st) {
@@ -76,7 +93,10 @@ function renderRun(st) {
   line.textContent = "run " + (view.runId || "-").slice(0, 8) + " · " + r.fields_analyzed +
     (r.fields_analyzed === 1 ? " field · " : " fields · ") +
     (view.final ? (r.verification ? "verified specimen report (" + r.verification.verified_by + ")"
-                  : "final specimen report (preliminary, needs review)") : "in progress (" + (view.state || "open") + ")");
+                  : "final specimen report (preliminary, needs review)")
+      : brokerUp && st.status === "offline" ? "halted: the station went offline (the run is closed when it restarts)"
+      : "in progress (" + (view.state || "open") + ")");
+  st.node.dataset.halted = !view.final && brokerUp && st.status === "offline" ? "true" : "false";
   st.node.dataset.verifiedBy = r.verification ? r.verification.verified_by : "";
   st.node.querySelector(".verify").hidden = !view.final;
   st.node.querySelector(".diff-source").textContent = view.final ? "final" : "interim";
@@ -189,8 +209,8 @@ function typeSelect(st, runId, c, types) {
     select.blur();  // the gallery may refresh again (it waits while a type is being picked)
     if (!client || !client.connected) { select.dataset.state = "error"; select.title = "not connected"; return; }
     select.dataset.state = "saving";
-    client.publish(prefix + "/" + st.id + "/cmd/type_cells", JSON.stringify({
-      run_id: runId, cells: [{ field_id: c.field_id, cell: c.cell, type: select.value || null }] }), { qos: 1 });
+    sendCommand(st, "type_cells", {
+      run_id: runId, cells: [{ field_id: c.field_id, cell: c.cell, type: select.value || null }] });
     setTimeout(() => {
       if (select.dataset.state === "saving") { select.dataset.state = "error"; select.title = "no answer from the station"; }
     }, 15000);
@@ -198,7 +218,9 @@ function typeSelect(st, runId, c, types) {
   return select;
 }
 
-function typedAnswer(st, msg) {
+function typedAnswer(st, msg, mine) {
+  if (msg.typed_per_type) showTyped(st, msg.typed_per_type);  // the station's counts, whoever typed
+  if (!mine) return;
   // A refusal of the whole command (typing off, a busy station...): every pick waiting fails.
   if (!msg.ok && !Array.isArray(msg.errors)) {
     for (const s of st.node.querySelectorAll(".gallery select.type[data-state='saving']")) {
@@ -214,7 +236,6 @@ function typedAnswer(st, msg) {
     for (const c of msg.cells || []) { const s = find(c); if (s) s.dataset.state = c.type ? "saved" : "untyped"; }
     for (const e of msg.errors || []) { const s = e.field_id !== undefined && find(e); if (s) { s.dataset.state = "error"; s.title = e.message || e.error; } }
   }
-  if (msg.typed_per_type) showTyped(st, msg.typed_per_type);
 }
 
 function showTyped(st, counts) {
@@ -231,8 +252,7 @@ function verifyRun(st) {
   if (!client || !client.connected) { state.dataset.state = "error"; state.textContent = "not connected"; return; }
   state.dataset.state = "saving";
   state.textContent = "verifying…";
-  client.publish(prefix + "/" + st.id + "/cmd/verify_run", JSON.stringify({ run_id: view.runId, verified_by: by }),
-                 { qos: 1 });
+  sendCommand(st, "verify_run", { run_id: view.runId, verified_by: by });
   setTimeout(() => {  // an offline station gets no command: say so rather than wait for ever
     if (state.dataset.state === "saving") { state.dataset.state = "error"; state.textContent = "no answer from the station"; }
   }, 15000);
@@ -257,8 +277,7 @@ function clearReview(st) {
 
 function requestReview(st, offset) {
   if (!client || !client.connected || !st.reviewRun) return;
-  client.publish(prefix + "/" + st.id + "/cmd/get_review",
-                 JSON.stringify({ run_id: st.reviewRun, offset: offset || 0 }), { qos: 1 });
+  sendCommand(st, "get_review", { run_id: st.reviewRun, offset: offset || 0 });
 }
 
 function typing(st) {
@@ -273,7 +292,7 @@ function scheduleReview(st) {
   st.reviewTimer = setTimeout(() => (typing(st) ? scheduleReview(st) : requestReview(st, 0)), 800);
 }
 
-function onMessage(topic, payload) {
+function onMessage(topic, payload, packet) {
   const parts = topic.split("/");
   if (parts[0] !== prefix || parts.length < 3) return;
   const st = station(parts[1]);
@@ -298,12 +317,12 @@ function onMessage(topic, payload) {
     renderRun(st);
   } else if (kind === "telemetry") {
     st.telemetry = msg; renderTelemetry(st);
-  } else if (kind === "cmd_response/get_review" && msg.ok && msg.run_id === st.reviewRun) {
-    renderReview(st, msg);
-  } else if (kind === "cmd_response/type_cells") {
-    typedAnswer(st, msg);
-  } else if (kind === "cmd_response/verify_run") {
-    verifiedAnswer(st, msg);
+  } else if (kind.startsWith("cmd_response/")) {
+    const correlation = packet && packet.properties && packet.properties.correlationData;
+    const mine = !correlation || new TextDecoder().decode(correlation).startsWith(pageToken);
+    if (kind === "cmd_response/get_review" && mine && msg.ok && msg.run_id === st.reviewRun) renderReview(st, msg);
+    else if (kind === "cmd_response/type_cells") typedAnswer(st, msg, mine);
+    else if (kind === "cmd_response/verify_run" && mine) verifiedAnswer(st, msg);
   }
 }
 
@@ -338,7 +357,7 @@ function connect(cfg, username, password, login) {
     }
     setBroker("reconnecting", err && err.message);
   });
-  client.on("message", (topic, payload) => onMessage(topic, payload));
+  client.on("message", (topic, payload, packet) => onMessage(topic, payload, packet));
 }
 
 async function main() {
