@@ -26,6 +26,7 @@ from smearscope.export.feature_space import add_feature_space
 from smearscope.service.analysis.classify import UNIDENTIFIED, CropClassifier
 from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR, Analyzer, AnalyzerOptions
 from smearscope.service.analysis.station_means import (
+    TEMPERATURES,
     FeatureSpace,
     StationMeans,
     StationMeansError,
@@ -192,6 +193,28 @@ def test_the_temperature_is_the_leave_one_out_likelihoods_best():
         return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(idx)), idx]))
 
     assert nll(t) <= min(nll(t * 2), nll(t / 2))
+
+
+def test_one_typed_class_does_not_make_every_cell_certain():
+    """Every typed cell nearest its own mean: the likelihood alone takes the smallest temperature
+    searched (each cell's probability 1.0, no confidence gate ever bites); instead the cells' mean
+    probability of their own type is the rule of succession's (n + 1) / (n + 2), and no more."""
+    space = _space()
+    feats, labels = _lab(space, np.zeros(4), n=16, seed=3, classes=(0,))
+    fit = fit_station_means(space, feats, labels, labels, "e" * 64, min_cells=10)
+    assert fit.means is not None and fit.cells == {"a": 16}
+    t = fit.means.temperature
+    idx = np.array([CLASSES.index(c) for c in labels])
+    d = leave_one_out_distances(space, feats, idx, fit.means.means, np.bincount(idx, minlength=3))
+    assert (d.argmin(1) == idx).all()
+
+    def confidence(temp):
+        z = -d / (2 * temp)
+        p = np.exp(z - z.max(1, keepdims=True))
+        return float(np.mean(p[:, 0] / p.sum(1)))
+
+    assert t > TEMPERATURES[0] and confidence(TEMPERATURES[0]) > 0.999
+    assert confidence(t) <= 17 / 18 < confidence(TEMPERATURES[list(TEMPERATURES).index(t) - 1])
 
 
 # -- the file ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ it is used:
   views averaged, as the analyzer runs them); every other class keeps the head's trained mean;
 - a temperature fitted by leave-one-out on the typed cells of classes with a station mean (each
   cell against means that left it out), so the confidence gate (`wbc_min_confidence`) means what
-  it means for the head;
+  it means for the head (never certainty where every typed cell is nearest its own mean);
 - the cells' leave-one-out accuracy under station means and the head's accuracy on the same
   cells (every typed cell, those of classes that kept the head's mean too): the command refuses
   to write a file that types the station's own cells worse than the head does (with 3 cells per class that check is noise; from 10 it picked station means in
@@ -230,6 +230,29 @@ def _softmax_nll(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(labels)), labels]))
 
 
+def _own_confidence(d: np.ndarray, labels: np.ndarray, t: float) -> float:
+    """Mean softmax(-d / 2t) probability of each cell's own class."""
+    z = -d / (2.0 * t)
+    z = z - z.max(1, keepdims=True)
+    p = np.exp(z)
+    return float(np.mean(p[np.arange(len(labels)), labels] / p.sum(1)))
+
+
+def _fit_temperature(d: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature of the typed cells' leave-one-out distances `d` (cells x classes): the one
+    with the best likelihood of their types. When every cell is nearest its own class' mean (one
+    class typed, or classes apart), the likelihood only rises as the temperature falls, and the
+    smallest searched would make every cell certain: then it is the smallest at which the cells'
+    mean probability of their own type is at most (n + 1) / (n + 2), the rule of succession's
+    estimate of how often means that typed n of n cells right are right."""
+    temperature = float(min(TEMPERATURES, key=lambda t: _softmax_nll(-d / (2.0 * t), labels)))
+    if (d.argmin(1) == labels).all():
+        target = (len(labels) + 1) / (len(labels) + 2)
+        temperature = max(temperature, float(next((t for t in TEMPERATURES if _own_confidence(d, labels, t) <= target),
+                                                  TEMPERATURES[-1])))
+    return temperature
+
+
 def _without(means: np.ndarray, counts: np.ndarray, c: int, f: np.ndarray) -> np.ndarray:
     """Class `c`'s mean of `counts[c]` cells with the cell `f` left out (unchanged for a class
     with a single cell or none: the head's mean)."""
@@ -294,7 +317,7 @@ def fit_station_means(space: FeatureSpace, feats: np.ndarray, labels: Sequence[s
     # the head's mean may have none worth the name (a class the head never saw trained), and its
     # few cells, far from it, would flatten every probability.
     own = np.isin(idx, typed)
-    temperature = float(min(TEMPERATURES, key=lambda t: _softmax_nll(-d[own] / (2.0 * t), idx[own])))
+    temperature = _fit_temperature(d[own], idx[own])
     station_scores = {"mahalanobis": d.min(1) if view_feats is None
                       else loo_view_distances(space, feats, idx, means, counts, view_feats)}
     if energies is not None:
