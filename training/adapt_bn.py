@@ -58,7 +58,7 @@ def load_run(run: Path, lab: str | None = None, threads: int = 2) -> tuple[Deplo
     (`lab`, or the run's --exclude-lab); torch on `threads` threads, seeded."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    state = torch.load(run / "best.pt", weights_only=False)
+    state = torch.load(run / "best.pt", weights_only=False, map_location="cpu")
     classes = list(state["classes"])
     model = Deployable(build_net(state["arch"], len(classes)))
     model.load_state_dict(state["model"])

@@ -42,7 +42,7 @@ class MeanLogits(nn.Module):
 
 
 def load_run(run: Path) -> tuple[Deployable, str]:
-    state = torch.load(run / "best.pt", weights_only=False)
+    state = torch.load(run / "best.pt", weights_only=False, map_location="cpu")
     if list(state["classes"]) != list(CLASSES):
         raise SystemExit(f"{run}: classes {state['classes']} are not the RBC head's {CLASSES}")
     model = Deployable(build_net(state["arch"], len(CLASSES)))

@@ -43,7 +43,7 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float, run_open
     from training.head_data import PBC_CLASSES
     from training.wbc_data import load_contexts, to_crops
 
-    state = torch.load(run / "best.pt", weights_only=False)
+    state = torch.load(run / "best.pt", weights_only=False, map_location="cpu")
     model = Deployable(build_net(state["arch"], len(PBC_CLASSES)))
     model.load_state_dict(state["model"])
     model.eval()

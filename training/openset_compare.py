@@ -68,7 +68,7 @@ def stage_features(model: Deployable, images: np.ndarray, batch: int = 256) -> d
 
 def run_features(run: Path) -> tuple[dict[str, dict[str, np.ndarray]], list[int]]:
     """Features of train / val / test (cached in the run folder) and the held-out class indices."""
-    state = torch.load(run / "best.pt", weights_only=False)
+    state = torch.load(run / "best.pt", weights_only=False, map_location="cpu")
     classes = list(state["classes"])
     held = [classes.index(c) for c in PBC_CLASSES if f"_no_{c}" in run.name]
     cache = run / "stage_features.npz"

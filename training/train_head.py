@@ -107,6 +107,22 @@ def augment(x: torch.Tensor, g: torch.Generator, stain_sigma: float = 0.0) -> to
     return (x.clamp(1e-4, 1).pow(gamma) * gain + offset).clamp(0, 1)
 
 
+def training_device(name: str) -> torch.device:
+    """`--device`: `auto` is CUDA where torch sees a GPU, else the CPU; `cuda` (or `cuda:N`) where
+    torch sees none is refused plainly rather than failing at the first tensor moved."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu or auto")
+    return device
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights on the CPU (a checkpoint that loads on any machine)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def predict_logits(model: nn.Module, images: np.ndarray, batch: int = 256) -> np.ndarray:
     model.eval()
     device = next(model.parameters()).device
@@ -126,7 +142,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="auto", help="auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N")
     ap.add_argument("--out", type=Path, default=Path("build/heads"))
     ap.add_argument("--models", type=Path, default=Path("models"))
     ap.add_argument("--resume", action="store_true")
@@ -152,7 +168,7 @@ def main() -> None:
     logger.info("%s head: train %d, val %d, test %d crops", args.head, len(train.labels), len(val.labels), len(test.labels))
 
     net = build_net(arch, len(classes))
-    device = torch.device(args.device)
+    device = training_device(args.device)
     model = Deployable(net).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     counts = np.bincount(train.labels, minlength=len(classes)).astype(float)

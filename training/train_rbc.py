@@ -33,7 +33,16 @@ from tqdm import tqdm
 from training import head_data as hd
 from training.metrics import fit_temperature, softmax
 from training.rbc_data import CLASSES, CROP, build_sets, figures, looks_crops
-from training.train_head import ARCHS, Deployable, augment, build_net, predict_logits, to_tensor
+from training.train_head import (
+    ARCHS,
+    Deployable,
+    augment,
+    build_net,
+    cpu_state,
+    predict_logits,
+    to_tensor,
+    training_device,
+)
 from training.wbc_data import to_crops
 
 logger = logging.getLogger(__name__)
@@ -48,6 +57,7 @@ def main() -> None:
     ap.add_argument("--steps-per-epoch", type=int, default=60)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="auto", help="auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N")
     ap.add_argument("--arch", choices=sorted(ARCHS), default="resnet10t-half")
     ap.add_argument("--init", type=Path, default=None, help="warm start from a committed head ONNX")
     ap.add_argument("--resume", action="store_true", help="continue this run's last.pt (same arguments)")
@@ -71,6 +81,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = training_device(args.device)
     run_dir = args.out / args.name
     run_dir.mkdir(parents=True, exist_ok=True)
     sets = build_sets()
@@ -100,13 +111,14 @@ def main() -> None:
     else:
         model = Deployable(build_net(args.arch, len(CLASSES)))
     if args.init_pt is not None:
-        model.load_state_dict(torch.load(args.init_pt, weights_only=False)["model"])
-    model = model.to(memory_format=torch.channels_last)
+        model.load_state_dict(torch.load(args.init_pt, weights_only=False, map_location="cpu")["model"])
+    model = model.to(device).to(memory_format=torch.channels_last)
+    logger.info("training on %s", device)
     teacher = None
     if args.teacher:
         from training.ensemble_rbc import load_head
 
-        teacher = load_head(args.teacher)[0].to(memory_format=torch.channels_last)
+        teacher = load_head(args.teacher)[0].to(device).to(memory_format=torch.channels_last)
         logger.info("distilling from %s (weight %.2f, T %.1f)", [str(t) for t in args.teacher],
                     args.distill_weight, args.distill_t)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
@@ -114,7 +126,7 @@ def main() -> None:
     # better-generalizing point than the last step (buffers such as BatchNorm statistics copied).
     ema = copy.deepcopy(model).eval() if args.ema > 0 else None
     if args.resume and (run_dir / "last.pt").exists():
-        ck = torch.load(run_dir / "last.pt", weights_only=False)
+        ck = torch.load(run_dir / "last.pt", weights_only=False, map_location=device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         if ema is not None and ck.get("ema") is not None:
@@ -140,9 +152,9 @@ def main() -> None:
         for s in tqdm(range(args.steps_per_epoch), desc=f"rbc epoch {epoch + 1}/{planned}", mininterval=20):
             b = idx[s * args.batch:(s + 1) * args.batch]
             x = augment(to_tensor(to_crops(tr_x[b], CROP, rng=rng, p_look=args.p_look, jitter_um=0.4)), g, 0.0)
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
             out = model(x)
-            loss = F.cross_entropy(out, torch.from_numpy(tr_y[b]), label_smoothing=0.1)
+            loss = F.cross_entropy(out, torch.from_numpy(tr_y[b]).to(device), label_smoothing=0.1)
             if teacher is not None:
                 with torch.no_grad():
                     soft = F.softmax(teacher(x) / args.distill_t, dim=1)
@@ -165,7 +177,7 @@ def main() -> None:
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), **fig})
         logger.info("epoch %d loss %.3f %s (%.0f s)", epoch + 1, np.mean(losses), fig, elapsed)
         if fig["worst"] > best[0]:
-            best = (fig["worst"], {k: v.clone() for k, v in kept.state_dict().items()})
+            best = (fig["worst"], cpu_state(kept))
         epoch += 1
         if epoch == 1:
             planned = int(min(args.max_epochs, max(2, args.minutes * 60 // max(elapsed, 1))))
@@ -185,7 +197,7 @@ def main() -> None:
               "start_val": start,  # and how it was trained (seed, teacher, distillation, rates)
               "args": {k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
                        for k, v in vars(args).items()}}
-    torch.save({"model": model.state_dict(), "arch": args.arch, "classes": CLASSES}, run_dir / "best.pt")
+    torch.save({"model": cpu_state(model), "arch": args.arch, "classes": CLASSES}, run_dir / "best.pt")
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     logger.info("test %s", test)
 

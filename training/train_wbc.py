@@ -36,7 +36,16 @@ from tqdm import tqdm
 
 from training.head_data import PBC_CLASSES
 from training.metrics import fit_temperature, per_lab_report, softmax
-from training.train_head import ARCHS, Deployable, augment, build_net, predict_logits, to_tensor
+from training.train_head import (
+    ARCHS,
+    Deployable,
+    augment,
+    build_net,
+    cpu_state,
+    predict_logits,
+    to_tensor,
+    training_device,
+)
 from training.wbc_data import WBC_LABS, ContextSet, load_contexts, to_crops
 
 logger = logging.getLogger(__name__)
@@ -65,14 +74,15 @@ class OpenSetHead(nn.Module):
 
 def features(model: Deployable, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
+    device = next(model.parameters()).device
     feats, logits = [], []
     with torch.inference_mode():
         for i in range(0, len(images), batch):
-            x = to_tensor(images[i:i + batch]).contiguous(memory_format=torch.channels_last)
+            x = to_tensor(images[i:i + batch]).to(device).contiguous(memory_format=torch.channels_last)
             net = model.net
             f = net.forward_head(net.forward_features((x - model.mean) / model.std), pre_logits=True)
-            feats.append(f.numpy())
-            logits.append(net.get_classifier()(f).numpy())
+            feats.append(f.float().cpu().numpy())
+            logits.append(net.get_classifier()(f).float().cpu().numpy())
     return np.concatenate(feats), np.concatenate(logits)
 
 
@@ -103,7 +113,7 @@ def centre_swapped(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, share: 
     """Near outliers for outlier exposure: up to half a batch of crops, each with its central square
     (`share` of the side: where the cell's nucleus lies) taken from a crop of another class in the
     batch. None when the batch holds one class only."""
-    perm = torch.randperm(len(y), generator=g)
+    perm = torch.randperm(len(y), generator=g).to(y.device)
     other = y[perm] != y
     if not bool(other.any()):
         return None
@@ -123,6 +133,7 @@ def main() -> None:
     ap.add_argument("--steps-per-epoch", type=int, default=60)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="auto", help="auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, cuda:N")
     ap.add_argument("--arch", choices=sorted(ARCHS), default="resnet18-half")
     ap.add_argument("--exclude-lab", choices=WBC_LABS, default=None)
     ap.add_argument("--exclude-class", choices=PBC_CLASSES, action="append", default=[])
@@ -130,7 +141,6 @@ def main() -> None:
     ap.add_argument("--ood-quantile", type=float, default=0.95)
     ap.add_argument("--out", type=Path, default=Path("build/wbc"))
     ap.add_argument("--name", default=None)
-    ap.add_argument("--export", type=Path, default=None, help="write wbc_head.onnx + manifest into this models dir")
     ap.add_argument("--outlier-mix", type=float, default=0.0,
                     help="outlier exposure (Hendrycks et al. 2019) with near outliers: this weight on a "
                          "uniform-target loss for crops whose centre (a nucleus) is pasted from a cell of "
@@ -143,6 +153,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = training_device(args.device)
     name = args.name or ("wbc" + (f"_no_{args.exclude_lab}" if args.exclude_lab else "")
                          + "".join(f"_no_{c}" for c in args.exclude_class))
     run_dir = args.out / name
@@ -177,15 +188,16 @@ def main() -> None:
         from training.recover_head import recover_head
 
         calib = to_crops(train.images[np.random.default_rng(0).choice(len(train.labels), 512, replace=False)])
-        model = recover_head(args.init, args.arch, calib).to(memory_format=torch.channels_last)
+        model = recover_head(args.init, args.arch, calib).to(device).to(memory_format=torch.channels_last)
     else:
-        model = Deployable(build_net(args.arch, len(classes))).to(memory_format=torch.channels_last)
+        model = Deployable(build_net(args.arch, len(classes))).to(device).to(memory_format=torch.channels_last)
+    logger.info("training on %s", device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     ckpt = run_dir / "last.pt"
     epoch, elapsed, history, best = 0, 0.0, [], (-1.0, None)
     planned = args.max_epochs
     if args.resume and ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
+        st = torch.load(ckpt, weights_only=False, map_location=device)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         epoch, elapsed, history, planned, best = st["epoch"], st["elapsed"], st["history"], st["planned"], st["best"]
@@ -202,8 +214,8 @@ def main() -> None:
         for s in tqdm(range(args.steps_per_epoch), desc=f"{name} epoch {epoch + 1}/{planned}", mininterval=20):
             b = idx[s * args.batch:(s + 1) * args.batch]
             crops = to_crops(train.images[b], rng=rng, jitter_um=1.0)
-            x = augment(to_tensor(crops), g, 0.1).contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(train.labels[b])
+            x = augment(to_tensor(crops), g, 0.1).to(device).contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(train.labels[b]).to(device)
             if args.outlier_mix > 0:
                 mixed = centre_swapped(x, y, g)
                 logits = model(torch.cat([x, mixed]) if mixed is not None else x)
@@ -224,7 +236,7 @@ def main() -> None:
         logger.info("epoch %d loss %.3f val %s worst %.4f (%.0f s)", epoch + 1, np.mean(losses),
                     {k: (v["accuracy"], v["macro_f1"]) for k, v in rep.items()}, worst, elapsed)
         if worst > best[0]:
-            best = (worst, {k: v.clone() for k, v in model.state_dict().items()})
+            best = (worst, cpu_state(model))
         epoch += 1
         if len(history) == 1 and not args.resume:
             planned = int(min(args.max_epochs, max(2, args.minutes * 60 // max(elapsed, 1))))
@@ -232,7 +244,7 @@ def main() -> None:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "elapsed": elapsed,
                     "history": history, "planned": planned, "best": best}, ckpt)
     model.load_state_dict(best[1])
-    torch.save({"model": model.state_dict(), "arch": args.arch, "classes": classes, "history": history}, run_dir / "best.pt")
+    torch.save({"model": cpu_state(model), "arch": args.arch, "classes": classes, "history": history}, run_dir / "best.pt")
     evaluate_run(model, full, train, val, val_crops, classes, excluded, args, run_dir, name)
 
 
@@ -278,13 +290,7 @@ def evaluate_run(model, full, train, val, val_crops, classes, excluded, args, ru
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     logger.info("result %s", json.dumps(result))
     np.savez(run_dir / "open_set.npz", means=means, precision=precision, threshold=threshold, temperature=temperature)
-    if args.export is not None:
-        export_open_set(model, means, precision, temperature, threshold, classes, result, args.export)
     return result
-
-
-def export_open_set(model, means, precision, temperature, threshold, classes, result, models_dir: Path) -> None:
-    raise NotImplementedError("export of the open-set head is wired once the manifest carries open_set")
 
 
 if __name__ == "__main__":
