@@ -371,6 +371,36 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         assert seen(card, "data-shown") == "interim" and seen(card, "data-halted") == "false"
         driver.save_screenshot(str(tmp_path / "dashboard-recovered.png"))
 
+        # The first run, signed, is no longer the station's current one: the page lists it among
+        # the earlier runs (cmd/get_runs), shows it when picked (its report, its gallery), signs
+        # it again there, and "current run" brings the open run back.
+        runs = f"{card} select.runs"
+        def listed() -> str | None:
+            return driver.execute_script(
+                "const s = document.querySelector(arguments[0]); const o = s && [...s.options]"
+                ".find((o) => o.value === arguments[1]); return o ? o.textContent : null;", runs, run_id)
+        _wait("the earlier run listed", lambda: listed() is not None, 30, logs)
+        assert "verified (AB)" in listed() and seen(f"{card} .runs-pick", "hidden") is None
+        Select(driver.find_element(By.CSS_SELECTOR, runs)).select_by_value(run_id)
+        _wait("the earlier run shown", lambda: seen(card, "data-run-id") == run_id
+              and seen(card, "data-shown") == "final", 30, logs)
+        assert seen(card, "data-verified-by") == "AB" and (seen(f"{card} .run-line") or "").startswith("earlier run")
+        _wait("its gallery", lambda: len(driver.find_elements(By.CSS_SELECTOR, f"{card} .gallery figure")) > 0,
+              30, logs)
+        signer = driver.find_element(By.CSS_SELECTOR, f"{card} .verify-by")
+        signer.clear()
+        signer.send_keys("CD")
+        driver.find_element(By.CSS_SELECTOR, f"{card} .verify-run").click()
+        _wait("the earlier run signed again", lambda: seen(card, "data-verified-by") == "CD"
+              and "verified (CD)" in (listed() or ""), 30, logs)
+        assert seen(card, "data-run-id") == run_id
+        _wait("its report on the topic", lambda: any(
+            b["run_id"] == run_id and (b.get("verification") or {}).get("verified_by") == "CD"
+            for b in (json.loads(m.payload)["body"] for m in observer.on_topic(f"{BASE}/report"))), 30, logs)
+        Select(driver.find_element(By.CSS_SELECTOR, runs)).select_by_value("")
+        _wait("the current run again", lambda: seen(card, "data-run-id") == second
+              and seen(card, "data-shown") == "interim", 30, logs)
+
         # The station is killed mid-run: the broker's last will says it is offline and the page
         # shows the open run halted; restarted, the station closes the run and the page shows it so.
         daemon.proc.kill()

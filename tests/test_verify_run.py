@@ -412,3 +412,51 @@ def test_a_run_closed_at_restart_keeps_its_place_is_announced_once_and_can_be_si
         assert answer["ok"] and answer["run_id"] == "r", answer
     finally:
         feed.close()
+
+
+def test_get_runs_lists_the_last_closed_runs_newest_first_each_with_its_latest_report(station, tmp_path):
+    """What a dashboard shows of runs that are no longer the station's current one: the last 4
+    closed, newest first, as closed run states without cells; a verified run's entry carries its
+    verified report in the same place; an answer over the message bound leaves the oldest out."""
+    import json
+
+    import tomllib
+
+    from smearscope.service.config import parse_config
+    from smearscope.service.station.clinic import ClinicFeed
+    from smearscope.service.station.commands import COMMAND_NAMES
+    from smearscope.service.station.durable import KEEP_CLOSED_RUNS
+
+    run = station[0]
+    final = lambda r, end: r.report(station_id="s", now=time.time(), end_reason=end)
+    feed = ClinicFeed(parse_config(tomllib.loads(_config_text(tmp_path, 'white_cells = "all"')), environ={}))
+    try:
+        assert feed.get_runs() == {"ok": True, "runs": [], "omitted": 0} and "get_runs" in COMMAND_NAMES
+        ids = [f"run-{i}" for i in range(KEEP_CLOSED_RUNS + 2)]
+        for i, run_id in enumerate(ids):
+            r = replace(run, run_id=run_id)
+            feed.run_closed(ClosedRun(run_id, "stopped", 4, run.classified_wbc, 100 + i, final(r, "stopped"), r), None)
+        answer = feed.get_runs()
+        newest = ids[::-1][:KEEP_CLOSED_RUNS]
+        assert answer["ok"] and answer["omitted"] == 0 and [s["run_id"] for s in answer["runs"]] == newest
+        for s in answer["runs"]:
+            assert s["state"] == "closed" and s["end_reason"] == "stopped" and s["report"]["run_id"] == s["run_id"]
+            assert "cells" not in s["report"] and s["report"]["verification"] is None
+            assert s["progress"] == {"run_id": s["run_id"], "fields": 4, "classified_wbc": run.classified_wbc,
+                                     "target_wbc": 100 + ids.index(s["run_id"])}
+        # an older run signed: its entry keeps its place and carries the verified report
+        older = newest[2]
+        verified, live, signed = feed.verify(older, "AB", final, None)
+        assert signed["ok"] and not live
+        feed.run_closed(verified, None, live)
+        again = feed.get_runs()["runs"]
+        assert [s["run_id"] for s in again] == newest
+        assert again[2]["report"]["report_id"] == signed["report_id"]
+        assert again[2]["report"]["verification"]["verified_by"] == "AB"
+        assert all(s["report"]["verification"] is None for k, s in enumerate(again) if k != 2)
+        # a bound that holds two of them: the two newest, the others counted
+        feed.max_state_bytes = len(json.dumps(again[:2])) + 256 + 1
+        bounded = feed.get_runs()
+        assert [s["run_id"] for s in bounded["runs"]] == newest[:2] and bounded["omitted"] == KEEP_CLOSED_RUNS - 2
+    finally:
+        feed.close()

@@ -315,6 +315,26 @@ class ClinicFeed:
                 "cells": done[:MAX_LISTED], "cells_count": len(done), "errors": errors[:MAX_LISTED],
                 "errors_count": len(errors), "typed_per_type": totals, "model_sha256": typing.model_sha256}
 
+    def get_runs(self) -> dict[str, Any]:
+        """`cmd/get_runs` (on the command thread): the last closed runs, newest first, each as its
+        closed run state (its latest report, a verified one after verify_run, without cells), for
+        a dashboard to show and sign a run that is no longer the station's current one. Runs that
+        would take the answer past the message bound are left out, oldest first (`omitted`)."""
+        with self._lock:
+            closed = list(reversed(self._closed.values()))
+        runs = []
+        for c in closed:
+            if c.report is None:
+                continue
+            state = self.run_state(c.report, "closed", {"run_id": c.run_id, "fields": c.fields,
+                                   "classified_wbc": c.classified_wbc, "target_wbc": c.target_wbc}, c.end_reason)
+            runs.append(state)
+        omitted = 0
+        while runs and len(json.dumps(runs)) > self.max_state_bytes - 256:
+            runs.pop()
+            omitted += 1
+        return {"ok": True, "runs": runs, "omitted": omitted}
+
     def closed_run(self, run_id: str) -> ClosedRun | None:
         """One of the last closed runs: its latest report (a verified one after verify_run) and
         the analyzer's run."""

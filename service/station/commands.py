@@ -1,5 +1,5 @@
 """The station's MQTT commands (`cmd/<name>`): status, reload, start_run, stop_run, analyze_file,
-get_review, type_cells, verify_run.
+get_review, get_runs, type_cells, verify_run.
 
 Commands arrive on the publisher's command thread and never touch another thread's state
 themselves: whatever touches the specimen state is run by the analysis thread, which owns it
@@ -26,8 +26,8 @@ from smearscope.service.station.workers import StationWorkers
 
 logger = logging.getLogger(__name__)
 
-COMMAND_NAMES = ("analyze_file", "get_review", "reload", "start_run", "status", "stop_run", "type_cells",
-                 "verify_run")
+COMMAND_NAMES = ("analyze_file", "get_review", "get_runs", "reload", "start_run", "status", "stop_run",
+                 "type_cells", "verify_run")
 #: Longest name a verification may be signed with.
 MAX_VERIFIED_BY = 64
 
@@ -67,6 +67,8 @@ class StationCommands:
             return self._analyze_file(arguments.get("path"))
         if name == "get_review" and self._clinic is not None:
             return self._clinic.get_review(arguments)
+        if name == "get_runs" and self._clinic is not None:
+            return self._clinic.get_runs()
         if name == "type_cells" and self._clinic is not None:
             return self._clinic.type_cells(arguments)
         if name == "verify_run" and self._clinic is not None:

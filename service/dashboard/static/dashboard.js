@@ -46,20 +46,27 @@ function station(id) {
   node.querySelector(".station-id").textContent = id;
   node.querySelector(".more").addEventListener("click", () => requestReview(st, st.reviewNext));
   node.querySelector(".verify-run").addEventListener("click", () => verifyRun(st));
+  node.querySelector(".runs").addEventListener("change", (ev) => pickRun(st, ev.target.value));
   document.getElementById("empty")?.remove();
   const main = document.getElementById("stations");
   const after = [...main.children].find((n) => n.dataset.station > id);
   main.insertBefore(node, after || null);
   st = { id, node, status: null, run: null, final: null, telemetry: null, reviewRun: null,
-         reviewShown: -1, reviewNext: null, reviewTimer: null, superseded: new Set() };
+         reviewShown: -1, reviewNext: null, reviewTimer: null, superseded: new Set(),
+         runs: [], pinned: null };
   stations.set(id, st);
   return st;
 }
 
 function shown(st) {
-  // The station's current run (its retained live state): its final specimen report once it is
-  // closed (the report itself where it arrived, else the closed state's aggregates, as after a
-  // reload: the report topic is not retained).
+  // An earlier closed run the user picked (the station's get_runs), else the station's current run
+  // (its retained live state): its final specimen report once it is closed (the report itself
+  // where it arrived, else the closed state's aggregates, as after a reload: the report topic is
+  // not retained).
+  if (st.pinned) {
+    return { report: st.pinned.report, final: true, runId: st.pinned.run_id, grades: st.pinned.rbc_grades,
+             progress: null, earlier: true };
+  }
   const run = st.run, fin = st.final;
   if (fin && (!run || run.run_id === fin.run_id)) {
     return { report: fin, final: true, runId: fin.run_id, grades: run ? run.rbc_grades : null,
@@ -90,7 +97,7 @@ function renderRun(st) {
   const r = view.report;
   st.node.dataset.runId = view.runId || "";
   st.node.dataset.shown = view.final ? "final" : "interim";
-  line.textContent = "run " + (view.runId || "-").slice(0, 8) + " · " + r.fields_analyzed +
+  line.textContent = (view.earlier ? "earlier run " : "run ") + (view.runId || "-").slice(0, 8) + " · " + r.fields_analyzed +
     (r.fields_analyzed === 1 ? " field · " : " fields · ") +
     (view.final ? (r.verification ? "verified specimen report (" + r.verification.verified_by + ")"
                   : "final specimen report (preliminary, needs review)")
@@ -259,10 +266,47 @@ function verifyRun(st) {
 }
 
 function verifiedAnswer(st, msg) {
+  if (msg.ok) requestRuns(st);  // the signed run's list entry
   const state = st.node.querySelector(".verify-state");
   state.dataset.state = msg.ok ? "saved" : "error";
   state.textContent = msg.ok ? "verified: " + msg.typed_cells + " typed, " + msg.reclassified + " reclassified"
     : String(msg.message || msg.error || "refused");
+}
+
+// The station's last closed runs (get_runs), to show and sign one that is no longer its current run.
+function requestRuns(st) {
+  if (client && client.connected) sendCommand(st, "get_runs", {});
+}
+
+function renderRuns(st) {
+  const select = st.node.querySelector(".runs");
+  const current = st.run ? st.run.run_id : null;
+  const earlier = st.runs.filter((r) => r.run_id !== current);
+  const options = [el("option", "", "current run")];
+  options[0].value = "";
+  for (const r of earlier) {
+    const v = r.report.verification;
+    const o = el("option", "", "run " + r.run_id.slice(0, 8) + " · " + new Date(r.report.created_at * 1000).toLocaleString() +
+      " · " + r.progress.fields + (r.progress.fields === 1 ? " field · " : " fields · ") +
+      (v ? "verified (" + v.verified_by + ")" : "not verified"));
+    o.value = r.run_id;
+    options.push(o);
+  }
+  select.replaceChildren(...options);
+  select.value = st.pinned ? st.pinned.run_id : "";
+  st.node.querySelector(".runs-pick").hidden = earlier.length === 0 && !st.pinned;
+}
+
+function pickRun(st, runId) {
+  st.pinned = (runId && st.runs.find((r) => r.run_id === runId)) || null;
+  st.reviewRun = st.pinned ? st.pinned.run_id : st.run ? st.run.run_id : null;
+  st.reviewShown = -1;
+  clearReview(st);
+  const state = st.node.querySelector(".verify-state");
+  state.textContent = "";
+  delete state.dataset.state;
+  if (st.reviewRun) requestReview(st, 0);
+  renderRun(st);
 }
 
 function clearReview(st) {
@@ -302,8 +346,11 @@ function onMessage(topic, payload, packet) {
   let msg;
   try { msg = JSON.parse(text); } catch (e) { console.warn("not JSON on", topic); return; }
   if (kind === "run") {
+    const changed = !st.run || st.run.run_id !== msg.run_id || st.run.state !== msg.state;
     st.run = msg;
     renderRun(st);
+    if (changed) requestRuns(st);  // a run started or closed: the list of earlier runs moves
+    if (st.pinned) return;  // an earlier run's gallery stays until the user goes back to the current run
     const cells = msg.review ? msg.review.cells : 0;
     if (msg.run_id !== st.reviewRun) { st.reviewRun = msg.run_id; st.reviewShown = -1; clearReview(st); }
     if (cells !== st.reviewShown || msg.state === "closed") { st.reviewShown = cells; scheduleReview(st); }
@@ -312,7 +359,13 @@ function onMessage(topic, payload, packet) {
     // of another run than the station's current one (an older run verified) does not take its place.
     const body = msg.body;
     if (body.verification && body.verification.supersedes) st.superseded.add(body.verification.supersedes);
-    if (st.superseded.has(body.report_id) || (st.run && st.run.run_id !== body.run_id)) return;
+    if (st.superseded.has(body.report_id)) return;
+    if (st.pinned && st.pinned.run_id === body.run_id) {  // the earlier run shown, signed (here or elsewhere)
+      st.pinned = { ...st.pinned, report: body };
+      renderRun(st);
+      return;
+    }
+    if (st.run && st.run.run_id !== body.run_id) return;
     st.final = body;
     renderRun(st);
   } else if (kind === "telemetry") {
@@ -323,6 +376,14 @@ function onMessage(topic, payload, packet) {
     if (kind === "cmd_response/get_review" && mine && msg.ok && msg.run_id === st.reviewRun) renderReview(st, msg);
     else if (kind === "cmd_response/type_cells") typedAnswer(st, msg, mine);
     else if (kind === "cmd_response/verify_run" && mine) verifiedAnswer(st, msg);
+    else if (kind === "cmd_response/get_runs" && mine && msg.ok && Array.isArray(msg.runs)) {
+      st.runs = msg.runs;
+      if (st.pinned) {  // the entry again (a verified report in its place), or gone: back to the current run
+        const again = st.runs.find((r) => r.run_id === st.pinned.run_id);
+        if (again) { st.pinned = again; renderRun(st); } else pickRun(st, "");
+      }
+      renderRuns(st);
+    }
   }
 }
 
@@ -339,10 +400,13 @@ function connect(cfg, username, password, login) {
   });
   client.on("connect", () => {
     setBroker("connected");
-    const topics = ["status", "run", "report", "telemetry", "cmd_response/get_review", "cmd_response/type_cells",
-                    "cmd_response/verify_run"].map((t) => prefix + "/+/" + t);
+    const topics = ["status", "run", "report", "telemetry", "cmd_response/get_review", "cmd_response/get_runs",
+                    "cmd_response/type_cells", "cmd_response/verify_run"].map((t) => prefix + "/+/" + t);
     client.subscribe(topics, { qos: 1 });
-    for (const st of stations.values()) if (st.reviewRun) scheduleReview(st);
+    for (const st of stations.values()) {
+      if (st.reviewRun) scheduleReview(st);
+      requestRuns(st);
+    }
   });
   client.on("reconnect", () => setBroker("reconnecting"));
   client.on("close", () => { if (document.getElementById("broker").dataset.state === "connected") setBroker("reconnecting"); });
