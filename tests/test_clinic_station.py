@@ -205,3 +205,73 @@ def test_a_run_closed_before_a_restart_can_still_be_verified(
              if e["body"]["report_id"] == answer["report_id"]]
     assert again and again[0].verification is not None and again[0].verification.verified_by == "AB"
     assert again[0].run_id == first.run_id and again[0].wbc_differential == first.wbc_differential
+
+
+@pytest.mark.broker
+def test_the_retained_run_state_comes_back_when_the_broker_lost_it(
+    tmp_path: Path, broker: Any, credentials_dir: Path,
+) -> None:
+    """A broker that comes back without its retained messages (no persistence, or a crash before
+    its last save) gets the station's run state again: from the station once it reconnects, and
+    from a station that starts while the broker holds none."""
+    observer = Subscriber(broker.port, "observer", "observer-secret", [f"{BASE}/#"])
+    observer.wait_ready()
+    per_field = classified_wbc_per_field()
+    source = {"kind": "simulated", "fields": 500, "fps": 8.0, "width": 480, "height": 360, "seed": 0}
+    config = write_station(tmp_path, broker.port, source=source, specimen={  # no run opens by itself
+        "target_wbc_count": per_field[0] + per_field[1], "idle_timeout_s": 60.0, "auto_start": False})
+
+    def retained() -> dict[str, Any] | None:
+        late = Subscriber(broker.port, "observer", "observer-secret", [f"{BASE}/run"])
+        try:
+            late.wait_ready()
+            return json.loads(late.messages[0].payload) if late.wait_for(lambda ms: len(ms) > 0, 2) else None
+        finally:
+            late.close()
+
+    def online_again(seen: int) -> bool:
+        return observer.wait_for(lambda ms: sum(m.topic == f"{BASE}/status" and m.payload == b"online"
+                                                for m in ms) > seen, 30)
+
+    def start() -> tuple[StationDaemon, threading.Thread]:
+        daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(), config_path=config)
+        runner = threading.Thread(target=daemon.run, daemon=True)
+        runner.start()
+        return daemon, runner
+
+    def stop(daemon: StationDaemon, runner: threading.Thread) -> None:
+        daemon.request_stop("test step over")
+        runner.join(30)
+        assert not runner.is_alive()
+
+    onlines = lambda: sum(m.topic == f"{BASE}/status" and m.payload == b"online" for m in observer.messages)
+    try:
+        daemon, runner = start()
+        try:
+            assert online_again(0)
+            observer.client.publish(f"{BASE}/cmd/start_run", "{}", qos=1)
+            assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/run" and json.loads(m.payload)["state"]
+                                                    == "closed" for m in ms), 60)
+            closed = json.loads(observer.on_topic(f"{BASE}/run")[-1].payload)
+            assert retained() == closed
+            seen = onlines()
+            broker.kill()
+            broker.start()  # without persistence: no retained message left
+            assert online_again(seen)
+            assert wait_until(lambda: retained() == closed, 20)
+        finally:
+            stop(daemon, runner)
+        broker.kill()
+        broker.start()  # the station away: the broker comes back empty
+        assert retained() is None
+        seen = onlines()
+        daemon, runner = start()
+        try:
+            assert online_again(seen) and wait_until(lambda: retained() is not None, 20)
+            again = retained()
+            assert again is not None and again["run_id"] == closed["run_id"] and again["state"] == "closed"
+            assert again["report"]["report_id"] == closed["report"]["report_id"]
+        finally:
+            stop(daemon, runner)
+    finally:
+        observer.close()

@@ -104,11 +104,13 @@ class MqttPublisher:
         self._stop_workers = threading.Event()
         #: Outbox messages handed to paho and not yet acknowledged (the drain thread's).
         self._inflight = InFlight(outbox, config.max_inflight)
-        self._commands = CommandWorker(
-            on_command, self._respond, self._stop_workers, tick_s=_DRAIN_TICK_S
-        )
+        self._commands = CommandWorker(on_command, self._respond, self._stop_workers, tick_s=_DRAIN_TICK_S)
         self._paho_logger = logger.getChild("paho")  # filterable apart from ours
         self._threads: list[threading.Thread] = []
+        #: Called on the drain thread after each reconnect (not the first connect), before the
+        #: outbox's messages are sent again: e.g. retained state the broker may have lost (a crash
+        #: without persistence) or restored older than the last sent (from its last save).
+        self.on_reconnected: Callable[[], None] | None = None
 
     # ----------------------------------------------------------------- public API
 
@@ -138,13 +140,9 @@ class MqttPublisher:
         for thread in self._threads:
             thread.start()
 
-    def publish_report(
-        self, kind: MessageKind, report_id: str, payload: bytes, schema_version: str
-    ) -> int:
-        """Store a field/report/cells message (JSON body) in the outbox and wake the sender.
-
-        Returns the outbox sequence number. Never touches the network.
-        """
+    def publish_report(self, kind: MessageKind, report_id: str, payload: bytes, schema_version: str) -> int:
+        """A field/report/cells message (JSON body) into the outbox, the sender woken; its outbox
+        sequence number. Never touches the network."""
         return self.publish_many([(kind, report_id, payload, schema_version)])[0]
 
     def publish_many(self, items: list[tuple[MessageKind, str, bytes, str]],
@@ -194,10 +192,8 @@ class MqttPublisher:
         return True
 
     def stop(self, drain_timeout: float | None = None) -> None:
-        """Drain (bounded), publish retained "offline", disconnect and join the workers.
-
-        What is not acknowledged stays in the outbox for the next start.
-        """
+        """Drain (bounded), publish retained "offline", disconnect and join the workers. What is not
+        acknowledged stays in the outbox for the next start."""
         client = self._client
         if client is None:
             return
@@ -205,10 +201,8 @@ class MqttPublisher:
         drained = self.state.connected and self.wait_until_drained(timeout)
         waiting = 0 if drained else self.outbox.counts().messages
         if waiting:
-            logger.warning(
-                "stopping with %d messages still in the outbox%s; they are sent on next start",
-                waiting, "" if self.state.connected else " (not connected to the broker)",
-            )
+            logger.warning("stopping with %d messages still in the outbox%s; they are sent on next start",
+                           waiting, "" if self.state.connected else " (not connected to the broker)")
         self._stop_workers.set()
         self._wake.set()
         self._commands.wake_to_stop()
@@ -319,11 +313,8 @@ class MqttPublisher:
 
     def _on_refused(self, reason_code: ReasonCode) -> None:
         code = int(reason_code.value)
-        if (
-            code == _UNSUPPORTED_PROTOCOL_VERSION
-            and self.config.protocol == "auto"
-            and self._protocol == MQTTProtocolVersion.MQTTv5
-        ):
+        if (code == _UNSUPPORTED_PROTOCOL_VERSION and self.config.protocol == "auto"
+                and self._protocol == MQTTProtocolVersion.MQTTv5):
             logger.warning("broker refused MQTT 5 (%s); falling back to MQTT 3.1.1", reason_code)
             self._fallback_requested = True
             self._wake.set()
@@ -432,6 +423,8 @@ class MqttPublisher:
                     rewind_at = time.monotonic() + _FAILED_ACK_RETRY_S
                 if epoch != epoch_seen:
                     self._inflight.new_connection(self._packet_limit)
+                    if epoch_seen:
+                        self._reconnected_hook()
                 if epoch != epoch_seen or (rewind_at is not None and time.monotonic() >= rewind_at):
                     # New connection or retry due: start over from the oldest unacked message.
                     epoch_seen, cursor, rewind_at = epoch, 0, None
@@ -445,6 +438,13 @@ class MqttPublisher:
                 # A broken outbox or client must not kill the thread silently; retry next tick.
                 logger.exception("MQTT drain loop error")
                 time.sleep(_DRAIN_TICK_S)
+
+    def _reconnected_hook(self) -> None:
+        try:
+            if self.on_reconnected is not None:
+                self.on_reconnected()
+        except Exception:  # whatever it failed to send, the outbox's messages go on
+            logger.exception("MQTT on-reconnect hook failed")
 
     def _send_batch(self, cursor: int) -> int:
         client = self._client

@@ -62,6 +62,7 @@ class OutboxPublisher(Protocol):
 
     config: MqttConfig
     station_id: str
+    on_reconnected: Callable[[], None] | None
 
     def publish_many(self, items: list[tuple[MessageKind, str, bytes, str]],
                      also: StateWriter | None = None, extra: Sequence[NewMessage] = ()) -> list[int]: ...
@@ -92,6 +93,10 @@ class ClinicFeed:
         self._load_run: Callable[[str], SpecimenRun | None] | None = None
         # below the station's packet limit too (topic, properties and envelope need room)
         self.max_state_bytes = min(config.review.max_message_kb * 1024, config.mqtt.max_packet_size - 1024)
+        #: The last live run state handed to the outbox (topic, payload, run id), sent again after
+        #: each reconnect; its lock keeps the outbox's order of run states their order here.
+        self._live: tuple[str, bytes, str] | None = None
+        self._live_lock = threading.Lock()
 
     def start(self, analyzer: Any, closed: Sequence[ClosedRun],
               load_run: Callable[[str], SpecimenRun | None] | None = None,
@@ -101,11 +106,16 @@ class ClinicFeed:
         (`StationState.run_cells`) a closed run's cells are read back when it is verified instead
         of held in memory: an open run is then the only one whose cells the station holds. The
         runs in `announce` (those a previous process left open, closed at this start) publish
-        their retained live state, closed, as a run that ends does: not "open" until the next run."""
+        their retained live state, closed, as a run that ends does: not "open" until the next run;
+        without any, the last run closed publishes its state again (a broker restarted while the
+        station was away may hold none, or an older one). The last live state goes out again
+        after every reconnect of `publisher`, for the same reason."""
         self._load_run = load_run
         self.attach_wbc_head(getattr(analyzer, "wbc_head", None), getattr(analyzer, "rbc_head", None))
-        for run in closed:
-            self.run_closed(run, publisher, live=run.run_id in announce)
+        for i, run in enumerate(closed):
+            self.run_closed(run, publisher, live=run.run_id in announce or (not announce and i == len(closed) - 1))
+        if publisher is not None:
+            publisher.on_reconnected = lambda: self.republish(publisher)
         if self._typing_wanted and self.typed_cells_path.exists():  # said now, not at the first typed cell
             try:
                 TypedCellStore(self.typed_cells_path, read_only=True).close()
@@ -206,9 +216,21 @@ class ClinicFeed:
             logger.warning("live run state of %s is %d bytes, above review.max_message_kb; not sent",
                            report.run_id, len(payload))
             return
-        publisher.publish_many([], extra=[NewMessage("field", _topic(publisher, RUN_TOPIC), payload,
-                                                     report.run_id or report.report_id, RUN_SCHEMA,
-                                                     qos=1, retain=True)])
+        with self._live_lock:
+            self._live = (_topic(publisher, RUN_TOPIC), payload, report.run_id or report.report_id)
+            self._send_live(publisher)
+
+    def republish(self, publisher: OutboxPublisher) -> None:
+        """The last live run state again (MqttPublisher.on_reconnected: the broker may have lost its
+        retained copy, or restored an older one from its last save)."""
+        with self._live_lock:
+            self._send_live(publisher)
+
+    def _send_live(self, publisher: OutboxPublisher) -> None:
+        if self._live is not None:
+            topic, payload, key = self._live
+            publisher.publish_many([], extra=[NewMessage("field", topic, payload, key, RUN_SCHEMA, qos=1,
+                                                         retain=True)])
 
     def get_review(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """`cmd/get_review {"run_id": ..., "offset": 0}` (on the command thread)."""
