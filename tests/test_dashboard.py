@@ -231,9 +231,14 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
             assert float(percent) == pct
             low, high = (float(v) for v in ci.split("–"))
             assert (low, high) == (lo, hi)
-        morphology = {r.get_attribute("data-label"): r.find_elements(By.TAG_NAME, "td")[2].text
+        morphology = {r.get_attribute("data-label"): [td.text for td in r.find_elements(By.TAG_NAME, "td")[2:4]]
                       for r in driver.find_elements(By.CSS_SELECTOR, f"{card} table.morphology tbody tr")}
-        assert {k: float(v) for k, v in morphology.items()} == {s.label: s.percent for s in report.rbc_morphology}
+        assert {k: float(v[0]) for k, v in morphology.items()} == {s.label: s.percent for s in report.rbc_morphology}
+        # ICSH's "none" (a share below 1+) is not shown as "none" beside a count
+        grades = {s.label: s.grade for s in report.rbc_morphology}
+        assert "none" in grades.values(), grades
+        assert all(v[1] == ("below 1+" if grades[k] == "none" else grades[k] or "") for k, v in morphology.items())
+        assert seen(f"{card} .diff-source") == "final, preliminary (not verified)"
         flag = driver.find_element(By.CSS_SELECTOR, f"{card} li.flag[data-code='specimen_incomplete']")
         assert flag.is_displayed() and "warning" in flag.get_attribute("class")
         assert "run ended (stopped)" in flag.text
@@ -315,6 +320,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         driver.find_element(By.CSS_SELECTOR, f"{card} .verify-run").click()
         _wait("the verified report on the page", lambda: seen(card, "data-verified-by") == "AB", 30, logs)
         assert "verified: 1 typed" in (seen(f"{card} .verify-state") or "")
+        assert seen(f"{card} .diff-source") == "verified" and seen(f"{card} .verify-run") == "Sign again"
 
         def last_report() -> Report:
             return Report.model_validate(json.loads(observer.on_topic(f"{BASE}/report")[-1].payload)["body"])
@@ -379,9 +385,12 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
             return driver.execute_script(
                 "const s = document.querySelector(arguments[0]); const o = s && [...s.options]"
                 ".find((o) => o.value === arguments[1]); return o ? o.textContent : null;", runs, run_id)
+        def pick(value: str) -> None:  # as a user picks an option (the list's options are re-rendered)
+            driver.execute_script("const s = document.querySelector(arguments[0]); s.value = arguments[1]; "
+                                  "s.dispatchEvent(new Event('change'));", runs, value)
         _wait("the earlier run listed", lambda: listed() is not None, 30, logs)
         assert "verified (AB)" in listed() and seen(f"{card} .runs-pick", "hidden") is None
-        Select(driver.find_element(By.CSS_SELECTOR, runs)).select_by_value(run_id)
+        pick(run_id)
         _wait("the earlier run shown", lambda: seen(card, "data-run-id") == run_id
               and seen(card, "data-shown") == "final", 30, logs)
         assert seen(card, "data-verified-by") == "AB" and (seen(f"{card} .run-line") or "").startswith("earlier run")
@@ -397,9 +406,12 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         _wait("its report on the topic", lambda: any(
             b["run_id"] == run_id and (b.get("verification") or {}).get("verified_by") == "CD"
             for b in (json.loads(m.payload)["body"] for m in observer.on_topic(f"{BASE}/report"))), 30, logs)
-        Select(driver.find_element(By.CSS_SELECTOR, runs)).select_by_value("")
+        pick("")
         _wait("the current run again", lambda: seen(card, "data-run-id") == second
               and seen(card, "data-shown") == "interim", 30, logs)
+        # signed on another dashboard while this page shows the current run: its list says so
+        assert command("verify_run", {"run_id": run_id, "verified_by": "EF"})["ok"]
+        _wait("the other signature in the list", lambda: "verified (EF)" in (listed() or ""), 30, logs)
 
         # The station is killed mid-run: the broker's last will says it is offline and the page
         # shows the open run halted; restarted, the station closes the run and the page shows it so.
@@ -411,6 +423,9 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         _wait("the run closed after the restart", lambda: seen(f"{card} .status") == "online"
               and seen(card, "data-run-id") == second and seen(card, "data-shown") == "final", 90, logs)
         assert seen(card, "data-halted") == "false"
+        # the restarted station kept no crops of it: the page says so rather than show an empty gallery
+        _wait("the gallery's absence explained", lambda: "keeps no crops" in (seen(f"{card} .review-count") or ""),
+              30, logs)
     finally:
         if driver is not None:
             driver.quit()

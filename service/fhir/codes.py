@@ -102,7 +102,8 @@ def local(code: str, system: str = LOCAL_OBSERVATION, display: str | None = None
     return Code(system, code, display if display is not None else LOCAL_CODES.get(code, code))
 
 
-GRADE_DISPLAY = {"none": "none seen (below 1+)", "1+": "1+ (slight)", "2+": "2+ (moderate)",
+# ICSH's "none": a share below the finding's 1+ threshold (not significant), cells may be counted
+GRADE_DISPLAY = {"none": "below 1+ (not significant)", "1+": "1+ (slight)", "2+": "2+ (moderate)",
                  "3+": "3+ (marked)"}
 
 

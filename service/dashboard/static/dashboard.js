@@ -99,14 +99,17 @@ function renderRun(st) {
   st.node.dataset.shown = view.final ? "final" : "interim";
   line.textContent = (view.earlier ? "earlier run " : "run ") + (view.runId || "-").slice(0, 8) + " · " + r.fields_analyzed +
     (r.fields_analyzed === 1 ? " field · " : " fields · ") +
-    (view.final ? (r.verification ? "verified specimen report (" + r.verification.verified_by + ")"
+    (view.final ? (r.verification ? "verified specimen report (" + r.verification.verified_by + ", " +
+                    new Date(r.verification.verified_at * 1000).toLocaleString() + ")"
                   : "final specimen report (preliminary, needs review)")
       : brokerUp && st.status === "offline" ? "halted: the station went offline (the run is closed when it restarts)"
       : "in progress (" + (view.state || "open") + ")");
   st.node.dataset.halted = !view.final && brokerUp && st.status === "offline" ? "true" : "false";
   st.node.dataset.verifiedBy = r.verification ? r.verification.verified_by : "";
   st.node.querySelector(".verify").hidden = !view.final;
-  st.node.querySelector(".diff-source").textContent = view.final ? "final" : "interim";
+  st.node.querySelector(".verify-run").textContent = r.verification ? "Sign again" : "Verify run";
+  st.node.querySelector(".diff-source").textContent =
+    view.final ? (r.verification ? "verified" : "final, preliminary (not verified)") : "interim";
   const p = view.progress;
   const bar = st.node.querySelector(".progress-bar");
   const text = st.node.querySelector(".progress-text");
@@ -114,6 +117,7 @@ function renderRun(st) {
     bar.style.width = Math.min(100, 100 * p.classified_wbc / Math.max(1, p.target_wbc)) + "%";
     text.textContent = p.classified_wbc + " / " + p.target_wbc + " WBC classified";
   } else {
+    bar.style.width = "0%";  // no target to measure against (an earlier run, or a report alone)
     text.textContent = r.counts.wbc + " WBC";
   }
   for (const s of r.wbc_differential) {
@@ -132,8 +136,10 @@ function renderRun(st) {
   for (const s of r.rbc_morphology) {
     const tr = el("tr");
     tr.dataset.label = s.label;
+    // ICSH's "none" is a share below its 1+ threshold, not an absence: said so beside a count
+    const grade = s.grade || grades[s.label] || "";
     tr.append(el("td", "label", s.label), el("td", "count", String(s.count)), el("td", "percent", String(s.percent)),
-              el("td", "grade", s.grade || grades[s.label] || ""));
+              el("td", "grade", grade === "none" ? "below 1+" : grade));
     morph.append(tr);
   }
   const sorted = [...r.flags].sort((a, b) => SEVERITY[a.severity] - SEVERITY[b.severity]);
@@ -360,6 +366,11 @@ function onMessage(topic, payload, packet) {
     const body = msg.body;
     if (body.verification && body.verification.supersedes) st.superseded.add(body.verification.supersedes);
     if (st.superseded.has(body.report_id)) return;
+    const listed = st.runs.find((r) => r.run_id === body.run_id);
+    if (listed && body.verification) {  // an earlier run signed (here or on another page): its entry says so
+      listed.report = body;
+      renderRuns(st);
+    }
     if (st.pinned && st.pinned.run_id === body.run_id) {  // the earlier run shown, signed (here or elsewhere)
       st.pinned = { ...st.pinned, report: body };
       renderRun(st);
@@ -374,6 +385,11 @@ function onMessage(topic, payload, packet) {
     const correlation = packet && packet.properties && packet.properties.correlationData;
     const mine = !correlation || new TextDecoder().decode(correlation).startsWith(pageToken);
     if (kind === "cmd_response/get_review" && mine && msg.ok && msg.run_id === st.reviewRun) renderReview(st, msg);
+    else if (kind === "cmd_response/get_review" && mine && !msg.ok) {
+      st.node.querySelector(".review-count").textContent = /^no review material/.test(String(msg.error))
+        ? "(the station keeps no crops of this run: it restarted since, or the run is older than its last 4)"
+        : "(" + String(msg.message || msg.error || "refused") + ")";
+    }
     else if (kind === "cmd_response/type_cells") typedAnswer(st, msg, mine);
     else if (kind === "cmd_response/verify_run" && mine) verifiedAnswer(st, msg);
     else if (kind === "cmd_response/get_runs" && mine && msg.ok && Array.isArray(msg.runs)) {
