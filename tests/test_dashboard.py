@@ -389,7 +389,8 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
             driver.execute_script("const s = document.querySelector(arguments[0]); s.value = arguments[1]; "
                                   "s.dispatchEvent(new Event('change'));", runs, value)
         _wait("the earlier run listed", lambda: listed() is not None, 30, logs)
-        assert "verified (AB)" in listed() and seen(f"{card} .runs-pick", "hidden") is None
+        entry = listed()
+        assert "verified (AB)" in entry and seen(f"{card} .runs-pick", "hidden") is None
         pick(run_id)
         _wait("the earlier run shown", lambda: seen(card, "data-run-id") == run_id
               and seen(card, "data-shown") == "final", 30, logs)
@@ -403,6 +404,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         _wait("the earlier run signed again", lambda: seen(card, "data-verified-by") == "CD"
               and "verified (CD)" in (listed() or ""), 30, logs)
         assert seen(card, "data-run-id") == run_id
+        assert listed() == entry.replace("(AB)", "(CD)")  # the run's start, not the signing time
         _wait("its report on the topic", lambda: any(
             b["run_id"] == run_id and (b.get("verification") or {}).get("verified_by") == "CD"
             for b in (json.loads(m.payload)["body"] for m in observer.on_topic(f"{BASE}/report"))), 30, logs)

@@ -292,7 +292,9 @@ function renderRuns(st) {
   options[0].value = "";
   for (const r of earlier) {
     const v = r.report.verification;
-    const o = el("option", "", "run " + r.run_id.slice(0, 8) + " · " + new Date(r.report.created_at * 1000).toLocaleString() +
+    // when the run started (its report's time less the run's length: the same after it is signed)
+    const started = r.report.created_at - ((r.report.timing_ms || {}).run_ms || 0) / 1000;
+    const o = el("option", "", "run " + r.run_id.slice(0, 8) + " · " + new Date(started * 1000).toLocaleString() +
       " · " + r.progress.fields + (r.progress.fields === 1 ? " field · " : " fields · ") +
       (v ? "verified (" + v.verified_by + ")" : "not verified"));
     o.value = r.run_id;
