@@ -576,3 +576,14 @@ def test_an_intact_jpeg_decodes_to_opencvs_pixels() -> None:
     data = _field_jpeg()
     expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     assert np.array_equal(load_image(data).pixels, expected)
+
+
+def test_a_refusal_never_repeats_the_files_content(tmp_path: Path) -> None:
+    """The message goes back over MQTT (analyze_file) and into reason files: a secret the service
+    can read (its broker password) must not leak through it, not even its first bytes."""
+    secret = tmp_path / "mqtt-password"
+    secret.write_bytes(b"s3cret-password\n")
+    with pytest.raises(IngestError) as err:
+        load_image(secret)
+    assert err.value.code == RejectReason.NOT_AN_IMAGE
+    assert "s3c" not in err.value.message and "cret" not in err.value.message and str(secret) in err.value.message
