@@ -120,6 +120,28 @@ def _unique_target(directory: Path, name: str, key: str) -> Path:
     return target
 
 
+def folder_problem(config: FolderSourceConfig) -> str | None:
+    """Why the station could not work the watched folder (None: it can): it must be a directory
+    the station's user can list and write, for it moves each file into `done/` or `rejected/`
+    (created there) and keeps its log of processed files beside them. Said at start (exit 78,
+    `smearscope doctor`), not as a crash loop at the first file."""
+    root = config.path
+    if not root.is_dir():
+        return f"watched folder {root} is not a directory"
+    if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+        return (f"watched folder {root} is not writable by this user (read-only, or another owner): the station "
+                f"moves each file to {config.done_dir}/ or {config.rejected_dir}/ in it (under systemd: "
+                "ReadWritePaths=, and a group shared with the camera software)")
+    for sub in (config.done_dir, config.rejected_dir):
+        d = root / sub
+        if d.exists() and not (d.is_dir() and os.access(d, os.W_OK | os.X_OK)):
+            return f"{d} is not a folder this user can write"
+    state = config.state_file
+    if state is not None and not os.access(state if state.exists() else state.parent, os.W_OK):
+        return f"state_file {state} (or its folder) is not writable by this user"
+    return None
+
+
 class FolderSource(FrameSource):
     """Polls a directory; each settled image is handed out, and moved to `done/` by `done()`.
 
@@ -129,8 +151,9 @@ class FolderSource(FrameSource):
 
     def __init__(self, config: FolderSourceConfig) -> None:
         super().__init__(config.name)
-        if not config.path.is_dir():
-            raise SourceConfigurationError(f"watched folder {config.path} is not a directory")
+        problem = folder_problem(config)
+        if problem is not None:
+            raise SourceConfigurationError(problem)
         self._config = config
         self._root = config.path
         self._done = self._root / config.done_dir

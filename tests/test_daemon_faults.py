@@ -288,3 +288,35 @@ def test_folder_burst_of_100_files_each_analysed_once_or_rejected(tmp_path: Path
           "source rejected", dict(reasons))
     assert len(analysed) + sum(gate.values()) == 60
     assert len(analysed) >= 55  # distinct synthetic fields pass the gate
+
+
+def test_a_copy_of_an_analysed_image_is_refused_not_counted_twice(tmp_path: Path) -> None:
+    """The same image again under another name (a technician re-submitting a file) would count its
+    cells twice in the specimen: it goes to rejected/ as duplicate_content, naming the field it
+    repeats, and is counted as a refusal; the file itself found again is not (a crash recovery)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.2,
+              "microns_per_pixel": 0.2}
+    config = write_station(tmp_path, free_port(), credentials=False, source=source)
+    daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory())
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    png = lambda seed: cv2.imencode(".png", render_field(seed, width=256, height=192).frame.pixels)[1].tobytes()
+    runner.start()
+    try:
+        assert wait_until(lambda: daemon.analyzer is not None, 10)
+        for seed in (7, 8, 9):  # other fields after it: the quality gate's same-field check is for the last ones
+            (inbox / f"field-{seed}.png").write_bytes(png(seed))
+            assert wait_until(lambda seed=seed: (inbox / "done" / f"field-{seed}.png").exists(), 20)
+        (inbox / "field-7 copy.png").write_bytes(png(7))
+        reason = inbox / "rejected" / "field-7 copy.png.reason.txt"
+        assert wait_until(reason.exists, 20), list(inbox.rglob("*"))
+    finally:
+        daemon.request_stop("test over")
+        runner.join(30)
+    assert not runner.is_alive()
+    first = next(fid for fid, outcome, _ in daemon.outcomes if outcome == "analysed")
+    assert reason.read_text().startswith(f"duplicate_content: the same image as {first} was analysed before")
+    assert [(o, r) for _, o, r in daemon.outcomes] == [("analysed", None)] * 3 + [("rejected", "duplicate_content")]
+    assert daemon.workers.stats.snapshot()["rejected"] == {"duplicate_content": 1}
+    assert sum(r.kind == "field" for r in daemon.ledger) == 3

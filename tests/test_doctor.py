@@ -83,3 +83,49 @@ def test_doctor_reports_a_bad_environment_override_of_the_embedded_station(
     monkeypatch.setenv("SMEARSCOPE__MQTT__PORT", "abc")
     assert main(["doctor"]) == 1
     assert "SMEARSCOPE__MQTT__PORT" in capsys.readouterr().out
+
+
+def test_a_watched_folder_the_station_cannot_write_is_refused_before_it_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The station moves each file into done/ or rejected/ and logs it beside them: a folder where
+    it cannot (done/ a file, a state file in a folder that does not exist, or a read-only mount)
+    is a config problem said by validate-config, doctor and start-up (exit 78), not a crash loop."""
+    from smearscope.device.folder_source import FolderSource
+    from smearscope.device.source_config import FolderSourceConfig
+    from smearscope.device.sources import SourceConfigurationError
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "done").write_text("not a folder")
+    config = tmp_path / "station.toml"
+    doc = {"station_id": "doc-3", "source": {"kind": "folder", "path": str(inbox)},
+           "analysis": {"models_dir": str(DEFAULT_MODELS_DIR)},
+           "mqtt": {"host": "127.0.0.1", "port": 1, "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}}}
+    config.write_text(to_toml(doc) + "\n")
+    assert main(["validate-config", str(config)]) == 78
+    assert "source.path:" in capsys.readouterr().err
+    assert main(["doctor", "--config", str(config)]) == 1
+    assert f"FAIL  config files     source.path: {inbox / 'done'} is not a folder this user can write" in \
+        capsys.readouterr().out
+    with pytest.raises(SourceConfigurationError, match="done"):
+        FolderSource(FolderSourceConfig(path=inbox))
+    (inbox / "done").unlink()
+    with pytest.raises(SourceConfigurationError, match="state_file"):
+        FolderSource(FolderSourceConfig(path=inbox, state_file=tmp_path / "no-such-folder" / "processed"))
+    FolderSource(FolderSourceConfig(path=inbox)).close()  # writable: it opens
+    assert main(["validate-config", str(config)]) == 0
+    capsys.readouterr()
+
+
+def test_validate_config_says_the_models_are_missing_as_start_up_would(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    assert main(["validate-config", str(_config(tmp_path, 1, models))]) == 78
+    err = capsys.readouterr().err
+    assert "analysis.models_dir:" in err and f"smearscope install-models {models}" in err, err
+    assert main(["install-models", str(models)]) == 0
+    capsys.readouterr()
+    assert main(["validate-config", str(_config(tmp_path, 1, models))]) == 0

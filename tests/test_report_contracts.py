@@ -212,11 +212,12 @@ def test_a_stored_input_is_remembered(tmp_path):
     outbox = Outbox(tmp_path / "o.sqlite3")
     try:
         state = StationState(outbox)
-        assert not state.input_stored("k1")
+        assert state.stored_field("k1") is None
         for k in ("k1", "k2"):
-            w = state.field_stored(report_id="r-" + k, input_key=k, run=None, field_id=k, cells=[], records=[], models={})
+            w = state.field_stored(report_id="r-" + k, input_key=k, run=None, field_id="f-" + k, cells=[], records=[],
+                                   models={})
             outbox.write(lambda conn, w=w: w(conn, []))
-        assert state.input_stored("k1") and state.input_stored("k2") and not state.input_stored("k3")
+        assert (state.stored_field("k1"), state.stored_field("k2"), state.stored_field("k3")) == ("f-k1", "f-k2", None)
     finally:
         outbox.close()
 

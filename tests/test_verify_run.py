@@ -356,9 +356,13 @@ def test_an_open_runs_field_flags_survive_a_restart_and_an_old_file_opens(run, t
                      "NOT NULL, started_at REAL NOT NULL, started_by TEXT NOT NULL, target_wbc INTEGER NOT NULL, "
                      "models TEXT NOT NULL, cells TEXT NOT NULL, stored_at REAL NOT NULL, PRIMARY KEY (run_id, field_id))")
         conn.execute("INSERT INTO specimen_fields VALUES ('r0', 'f', 0, 1.0, 'auto', 100, '{}', '[]', 2.0)")
+        conn.execute("CREATE TABLE station_inputs (input_key TEXT PRIMARY KEY, report_id TEXT NOT NULL, "
+                     "stored_at REAL NOT NULL)")
+        conn.execute("INSERT INTO station_inputs VALUES ('k-old', 'r', 1.0)")
     outbox = Outbox(old)
     try:
         state = StationState(outbox)
+        assert state.stored_field("k-old") == ""  # stored before fields were kept: taken as the same file
         (restored,) = state.open_runs()
         assert restored.run_id == "r0" and restored.field_flags == {}
         meta = RunMeta("r1", run.started_at, run.started_by, run.target_wbc)

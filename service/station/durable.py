@@ -4,8 +4,8 @@ Three tables, each written in the same transaction as the message that changes t
 (`Outbox.put_many(..., also=...)`), so a message and its state are stored together or not at all:
 
   station_inputs   the inputs (a watched folder's files, by content hash: `Frame.input_key`)
-                   whose field message is stored; a file found again after a crash is not
-                   analysed twice
+                   whose field message is stored, with its field (frame id); a file found again
+                   after a crash is not analysed twice, a copy of it is refused
   specimen_fields  the cells of every field of the open specimen runs, with the run's start,
                    target and models, and of the last `KEEP_CLOSED_RUNS` closed ones. A run
                    whose rows survive a crash (or a stop on a full disk) without a closed_runs
@@ -84,10 +84,13 @@ def _cell_from_json(item: dict[str, object], field_id: str) -> tuple[ClassifiedC
     return cell, record
 
 
-def _add_flags_column(conn: sqlite3.Connection) -> None:
-    """Files written before fields' flags were kept get the column, empty for their rows."""
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Files written before fields' flags (or an input's field) were kept get the column, empty
+    for their rows."""
     if "flags" not in [row[1] for row in conn.execute("PRAGMA table_info(specimen_fields)")]:
         conn.execute("ALTER TABLE specimen_fields ADD COLUMN flags TEXT NOT NULL DEFAULT '[]'")
+    if "field_id" not in [row[1] for row in conn.execute("PRAGMA table_info(station_inputs)")]:
+        conn.execute("ALTER TABLE station_inputs ADD COLUMN field_id TEXT NOT NULL DEFAULT ''")
 
 
 class StationState:
@@ -96,12 +99,14 @@ class StationState:
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
         outbox.write(lambda conn: [conn.execute(statement) for statement in _SCHEMA])
-        outbox.write(_add_flags_column)
+        outbox.write(_add_columns)
 
-    def input_stored(self, input_key: str) -> bool:
+    def stored_field(self, input_key: str) -> str | None:
+        """The field (frame id) whose message stored this input, "" for one stored before field
+        ids were kept; None when it was never stored."""
         row = self.outbox.read(lambda conn: conn.execute(
-            "SELECT 1 FROM station_inputs WHERE input_key = ?", (input_key,)).fetchone())
-        return row is not None
+            "SELECT field_id FROM station_inputs WHERE input_key = ?", (input_key,)).fetchone())
+        return None if row is None else str(row[0])
 
     def field_stored(self, *, report_id: str, input_key: str | None, run: RunMeta | None,
                      field_id: str, cells: Sequence[ClassifiedCell], records: Sequence[CellRecord],
@@ -113,8 +118,8 @@ class StationState:
 
         def write(conn: sqlite3.Connection, seqs: list[int]) -> None:
             if input_key is not None:
-                conn.execute("INSERT OR REPLACE INTO station_inputs VALUES (?, ?, ?)",
-                             (input_key, report_id, now))
+                conn.execute("INSERT OR REPLACE INTO station_inputs (input_key, report_id, stored_at, field_id) "
+                             "VALUES (?, ?, ?, ?)", (input_key, report_id, now, field_id))
                 conn.execute("DELETE FROM station_inputs WHERE rowid <= "
                              "(SELECT MAX(rowid) FROM station_inputs) - ?", (MAX_INPUTS,))
             if run is not None:

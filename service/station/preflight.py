@@ -28,13 +28,17 @@ def _unreadable(path: Path) -> str | None:
 
 
 def _source_problems(source) -> list[tuple[str, str]]:
-    """The folder a folder source watches must be a directory; a replay's recording must exist (the
-    sources say so again when they open, after the models have loaded)."""
+    """The folder a folder source watches must be a directory this user can write
+    (device.folder_source.folder_problem); a replay's recording must exist (the sources say so
+    again when they open, after the models have loaded)."""
+    from smearscope.device.folder_source import folder_problem
     from smearscope.device.source_config import FolderSourceConfig, ReplaySourceConfig
 
     path = getattr(source, "path", None)
     if isinstance(source, FolderSourceConfig) and not path.is_dir():
         return [("source.path", f"watched folder {path} is not a directory (create it, or fix the path)")]
+    if isinstance(source, FolderSourceConfig) and (problem := folder_problem(source)) is not None:
+        return [("source.path", problem)]
     if isinstance(source, ReplaySourceConfig) and not (path.is_dir() or path.is_file()):
         return [("source.path", f"recording {path} does not exist")]
     return []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from smearscope.device.frame import Frame
@@ -132,6 +133,16 @@ def open_set_verdict(analysis) -> tuple[bool, str] | None:
     return True, f"the station's thresholds {text}; {section.fitted or 'fitted: not recorded'}"
 
 
+def models_problem(models_dir: Path) -> str | None:
+    """What the models folder lacks for a station to start (None: nothing)."""
+    from smearscope.service.analysis.pipeline import MODEL_FILES
+
+    missing = [f for f in MODEL_FILES.values() if not (models_dir / f).is_file()]
+    return None if not missing else (
+        f"{models_dir} has no {', '.join(missing)}; install the models that come with smearscope there "
+        f"(smearscope install-models {models_dir}) or point analysis.models_dir at a folder that has them")
+
+
 def build_analyzer(config: StationConfig, keep_wbc_features: bool = False) -> AnalyzerLike:
     """The production analyzer: engines from `analysis.models_dir`, loaded and warmed up
     (`keep_wbc_features`: white cells' features kept in their records, for smearscope adapt-wbc)."""
@@ -145,10 +156,8 @@ def build_analyzer(config: StationConfig, keep_wbc_features: bool = False) -> An
     from smearscope.service.analysis.station_means import StationMeansError
 
     a = config.analysis
-    missing = [f for f in MODEL_FILES.values() if not (a.models_dir / f).is_file()]
-    if missing:
-        raise StartupError("analysis.models_dir", f"{a.models_dir} has no {', '.join(missing)}; "
-                           "train and export the models or point analysis.models_dir at them")
+    if (problem := models_problem(a.models_dir)) is not None:
+        raise StartupError("analysis.models_dir", problem)
     open_set = station_open_set(a)
     if not keep_wbc_features and config.review.enabled and config.review.typing:
         # technicians type white cells in the gallery: their features are kept where the head has them

@@ -60,9 +60,8 @@ from smearscope.service.station.work_queue import SENTINEL, TICK_S, BoundedQueue
 logger = logging.getLogger(__name__)
 
 #: Live sources may drop stale frames; recorded ones must block (see the module docstring).
-FRAME_POLICY: Mapping[str, DropPolicy] = {
-    "camera": "keep_newest", "simulated": "keep_newest", "folder": "block", "replay": "block",
-}
+FRAME_POLICY: Mapping[str, DropPolicy] = {"camera": "keep_newest", "simulated": "keep_newest",
+                                          "folder": "block", "replay": "block"}
 #: The order in which shutdown joins the threads: producers first.
 THREAD_NAMES = ("capture", "analysis", "report-writer")
 
@@ -104,12 +103,10 @@ class StationWorkers:
         #: Commands' work on the specimen state, served by the analysis thread between frames.
         self.requests = requests
         self._stop, self._request_stop = stop, request_stop
-        self.max_fields = max_fields
-        self.scale_override = scale_override
+        self.max_fields, self.scale_override = max_fields, scale_override
         #: Fields analysed at once (service.station.field_pool), and how long an engine batch
         #: waits for another field's to join it (engines.coalesce).
-        self.concurrent_fields = concurrent_fields
-        self.batch_delay_s = batch_delay_s
+        self.concurrent_fields, self.batch_delay_s = concurrent_fields, batch_delay_s
         #: FHIR bundles, live run state and the review gallery (service.station.clinic).
         self.clinic = clinic
         self.stats = Stats()
@@ -131,8 +128,7 @@ class StationWorkers:
     @property
     def disk_full(self) -> bool:
         """The outbox's disk is full: analysis is paused until a write succeeds."""
-        outbox_full = self.publisher is not None and self.publisher.outbox.disk_full
-        return self._store_failing or outbox_full
+        return self._store_failing or (self.publisher is not None and self.publisher.outbox.disk_full)
 
     def start(self, source: FrameSource, analyzer: AnalyzerLike,
               publisher: MqttPublisher) -> None:
@@ -216,7 +212,7 @@ class StationWorkers:
         self.stats.add(outcome, reason=reason)
         self.outcomes.append((frame_id, outcome, reason))
         if outcome == "rejected":
-            logger.info("frame %s rejected by the quality gate: %s", frame_id, reason)
+            logger.info("frame %s rejected: %s", frame_id, reason)
 
     # ------------------------------------------------------------------ analysis
 
@@ -281,14 +277,18 @@ class StationWorkers:
                 self._reports.put_sentinel(writer_alive)
 
     def _analysable(self, frame: Frame) -> bool:
-        """A captured frame is analysed unless its result is stored already (a folder file found
-        again after a crash) or the station stops on a full disk (the file stays for next time)."""
+        """Analysed unless stored already (a folder file found again after a crash; a copy of an
+        analysed image, refused: its cells would count twice) or stopping on a full disk."""
         assert self.state is not None and self.source is not None
-        if frame.input_key is not None and self.state.input_stored(frame.input_key):
-            logger.info("frame %s: a field message for the same content was stored before; not "
-                        "analysed again", frame.frame_id)
+        stored = self.state.stored_field(frame.input_key) if frame.input_key is not None else None
+        if stored in ("", frame.frame_id):  # this very file again ("": stored before ids were kept)
+            logger.info("frame %s: its field message was stored before; not analysed again", frame.frame_id)
             self.outcomes.append((frame.frame_id, "skipped", "already_stored"))
             self.source.done(frame)
+            return False
+        if stored is not None:
+            self.reject(frame.frame_id, "rejected", "duplicate_content")
+            self.source.done(frame, f"duplicate_content: the same image as {stored} was analysed before")
             return False
         if self.disk_full:  # stopping: what could not be stored is not analysed
             self.stats.add("deferred")
