@@ -314,6 +314,8 @@ def test_commands_get_responses_with_correlation_data(
     assert publisher.wait_until_connected(5)
     assert wait_until(lambda: publisher.state.connected, 5)
     time.sleep(0.2)  # subscription made in on_connect reaches the broker
+    # a retained command being cleared (an empty retained message, delivered live) is not run
+    observer.client.publish(f"{BASE}/cmd/stop_run", b"", qos=1, retain=True)
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.CorrelationData = b"req-42"
     observer.client.publish(
