@@ -94,6 +94,7 @@ class PoolAnalyzer:
     fail_on: dict[int, BaseException] = field(default_factory=dict)
     calls: int = 0
     analysed_ids: list[str] = field(default_factory=list)
+    analysed_scales: list[float | None] = field(default_factory=list)  # each frame's microns_per_pixel
 
     def analyze(self, frame: Frame, run_id: str | None = None, specimen_scale: float | None = None) -> FieldResult:
         i = self.calls
@@ -110,6 +111,7 @@ class PoolAnalyzer:
             "report_id": str(uuid.uuid4()), "run_id": run_id, "created_at": time.time(),
             "source": source})
         self.analysed_ids.append(frame.frame_id)
+        self.analysed_scales.append(frame.microns_per_pixel)
         return FieldResult(report, base.cells, base.input_to_canonical)
 
 
@@ -276,12 +278,13 @@ def test_simulated_station_end_to_end_then_sigterm(
 
 @pytest.mark.broker
 def test_commands_over_mqtt(
-    tmp_path: Path, broker: Any, credentials_dir: Path, observer: Subscriber,
+    tmp_path: Path, broker: Any, credentials_dir: Path, observer: Subscriber, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """start_run, analyze_file, stop_run, status, reload and an unknown command, with answers."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    config = write_station(tmp_path, broker.port, source={"kind": "folder", "path": str(inbox)})
+    config = write_station(tmp_path, broker.port, source={"kind": "folder", "path": str(inbox),
+                                                          "microns_per_pixel": 0.21})
     daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(),
                            config_path=config)
     runner = threading.Thread(target=daemon.run, daemon=True)
@@ -306,6 +309,7 @@ def test_commands_over_mqtt(
         cv2.imwrite(str(image), render_field(3, width=320, height=240).frame.pixels)
         analysed = command("analyze_file", {"path": str(image)})
         assert analysed["ok"] and analysed["run_id"] == started["run_id"], analysed
+        assert daemon.analyzer.analysed_scales == [0.21]  # the station's microscope's calibrated scale
         again = command("analyze_file", {"path": str(image)})
         assert again == {"ok": False, "frame_id": analysed["frame_id"],
                          "error": "duplicate_frame_id"}
@@ -328,7 +332,11 @@ def test_commands_over_mqtt(
         text_before = config.read_text()
         config.write_text(text_before.replace("target_wbc_count = 100", "target_wbc_count = 200")
                           .replace("keepalive = 5", "keepalive = 7"))
-        reloaded = command("reload")
+        with caplog.at_level(logging.WARNING, logger="smearscope.service.station.daemon"):
+            reloaded = command("reload")
+            daemon.request_reload()  # as SIGHUP does: its result is only logged
+            assert wait_until(lambda: "reload:" in caplog.text, 10)  # a change that needs a restart, said loudly
+        assert "restart the station to apply them" in caplog.text
         assert reloaded["ok"] and reloaded["applied"] == ["specimen"]
         assert reloaded["requires_restart"] == ["mqtt"]
         assert daemon.tracker.policy.target_wbc == 200

@@ -37,7 +37,7 @@ class StationCommands:
 
     def __init__(self, *, workers: StationWorkers, tracker: SpecimenTracker, analysis: RequestQueue,
                  status: Callable[[], Mapping[str, Any]], reload: Callable[[], dict[str, Any]],
-                 clinic: ClinicFeed | None = None) -> None:
+                 clinic: ClinicFeed | None = None, file_scale: float | None = None) -> None:
         self._workers = workers
         self._tracker = tracker
         #: Served by the analysis thread, which owns the specimen state.
@@ -48,6 +48,8 @@ class StationCommands:
         #: The review gallery's pages and the types a technician gives its white cells
         #: (service.station.clinic; thread-safe, served right here).
         self._clinic = clinic
+        #: The scale of a file analyze_file names: the source's configured one (the station's microscope).
+        self._file_scale = file_scale
 
     def handle(self, name: str, arguments: dict[str, Any]) -> Mapping[str, Any]:
         """MQTT cmd/<name> (called on the publisher's command thread); the response body."""
@@ -96,7 +98,8 @@ class StationCommands:
             return {"ok": False, "error": reason, "message": str(exc)}
         digest = hashlib.sha1(image.pixels.tobytes()).hexdigest()[:12]
         frame_id = f"file:{Path(path).name}@{digest}"
-        frame = workers.with_scale(Frame(pixels=image.pixels, frame_id=frame_id, source="command"))
+        frame = workers.with_scale(Frame(pixels=image.pixels, frame_id=frame_id, source="command",
+                                         microns_per_pixel=self._file_scale))
 
         def run() -> dict[str, Any]:
             verdict = workers.gate.check(frame)

@@ -112,10 +112,8 @@ class StationDaemon:
         self._started_at = time.monotonic()
         self._broker_noticed = False
         self.notifier = SystemdNotifier(environ=environ)
-        self.watchdog = ProgressWatchdog(
-            self.notifier, interval_s=watchdog_interval_from_env(environ),
-            stall_timeout_s=config.watchdog.stall_timeout_s,
-        )
+        self.watchdog = ProgressWatchdog(self.notifier, interval_s=watchdog_interval_from_env(environ),
+                                         stall_timeout_s=config.watchdog.stall_timeout_s)
         self.gate = QualityGate(config.quality)
         self.tracker = SpecimenTracker(SpecimenPolicy.from_config(config.specimen),
                                        station_id=config.station_id,
@@ -134,8 +132,8 @@ class StationDaemon:
         self.commands = StationCommands(
             workers=self.workers, tracker=self.tracker, analysis=analysis_requests,
             status=self.status, reload=lambda: self._control.call("reload", self.reload),
-            clinic=self.workers.clinic,
-        )
+            clinic=self.workers.clinic,  # a file the command names is from this microscope (not a rendered one's)
+            file_scale=None if config.source.kind == "simulated" else config.source.microns_per_pixel)
         self.stats, self.ledger, self.outcomes = (self.workers.stats, self.workers.ledger,
                                                   self.workers.outcomes)
         self._telemetry_reader = TelemetryReader()
@@ -223,7 +221,9 @@ class StationDaemon:
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
                 result = self.reload()
-                (logger.info if result.get("ok") else logger.warning)("reload: %s", result)
+                restart = result.get("requires_restart")  # changed sections a reload cannot apply: said louder
+                (logger.info if result.get("ok") and not restart else logger.warning)(
+                    "reload: %s%s", result, " (restart the station to apply them)" if restart else "")
             line = self.status_line()
             if line != last_status:
                 self.notifier.status(line)
