@@ -14,22 +14,34 @@ from smearscope.cli import main
 from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
 
 
-def _config(tmp_path: Path, port: int, models: Path) -> Path:
+def _config(tmp_path: Path, port: int, models: Path, **mqtt: str) -> Path:
     path = tmp_path / "station.toml"
     path.write_text(to_toml({
         "station_id": "doc-1", "source": {"kind": "simulated"},
         "analysis": {"models_dir": str(models)},
-        "mqtt": {"host": "127.0.0.1", "port": port,
+        "mqtt": {"host": "127.0.0.1", "port": port, **mqtt,
                  "outbox": {"path": str(tmp_path / "state" / "outbox.sqlite3")}}}) + "\n")
     return path
 
 
 @pytest.mark.broker
-def test_doctor_passes_a_complete_station(tmp_path: Path, broker: MosquittoBroker,
+def test_doctor_passes_a_complete_station(tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["doctor", "--config", str(_config(tmp_path, broker.port, DEFAULT_MODELS_DIR))]) == 0
+    """... and logs in as the station would: a password the broker refuses is a failure, not a
+    TCP connection that looks fine."""
+    login = {"username": "station", "password_credential": "mqtt-password"}
+    assert main(["doctor", "--config", str(_config(tmp_path, broker.port, DEFAULT_MODELS_DIR, **login))]) == 0
     out = capsys.readouterr().out
-    assert "OK    model segmentation" in out and f"127.0.0.1:{broker.port} accepts" in out, out
+    assert "OK    model segmentation" in out and f"127.0.0.1:{broker.port} accepts TCP" in out, out
+    assert f"OK    broker login     127.0.0.1:{broker.port} accepts user 'station'" in out, out
+    credentials_dir.chmod(0o700)
+    (credentials_dir / "wrong").write_text("not-the-password\n")
+    wrong = {**login, "password_credential": "wrong"}
+    assert main(["doctor", "--config", str(_config(tmp_path, broker.port, DEFAULT_MODELS_DIR, **wrong))]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL  broker login     127.0.0.1:{broker.port} refuses user 'station': Not authorized" in out, out
+    assert main(["doctor", "--config", str(_config(tmp_path, broker.port, DEFAULT_MODELS_DIR))]) == 1  # anonymous
+    assert "refuses anonymous" in capsys.readouterr().out
 
 
 def test_doctor_names_what_is_missing_and_install_models_fixes_it(

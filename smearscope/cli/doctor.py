@@ -236,7 +236,7 @@ def _broker_checks(mqtt, timeout: float = 3.0) -> list[Check]:
                  "its outbox until it does"))]
     with sock:
         if mqtt.tls is None:
-            return [("OK", "broker", f"{where} accepts TCP connections")]
+            return [("OK", "broker", f"{where} accepts TCP connections"), *_login_checks(mqtt, timeout)]
         try:
             context = ssl.create_default_context(cafile=str(mqtt.tls.ca_file))
             context.check_hostname = not mqtt.tls.insecure
@@ -244,7 +244,52 @@ def _broker_checks(mqtt, timeout: float = 3.0) -> list[Check]:
                 pass
         except (ssl.SSLError, OSError, ValueError) as exc:
             return [("FAIL", "broker TLS", f"{where}: {type(exc).__name__}: {exc}")]
-    return [("OK", "broker", f"{where} accepts TLS connections with {mqtt.tls.ca_file}")]
+    return [("OK", "broker", f"{where} accepts TLS connections with {mqtt.tls.ca_file}"),
+            *_login_checks(mqtt, timeout)]
+
+
+def _login_checks(mqtt, timeout: float) -> list[Check]:
+    """An MQTT CONNECT with the station's user and password, as the station will send it (its own
+    client id, no Last Will: the station's status is not touched): a password the broker refuses
+    is found here, not in the journal after the start."""
+    import threading
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    from smearscope.service.mqtt.credentials import CredentialError, read_password
+
+    try:
+        password = read_password(mqtt)
+    except CredentialError:
+        return []  # the broker password check says why
+    who = f"user {mqtt.username!r}" if mqtt.username is not None else "anonymous"
+    protocol = MQTTProtocolVersion.MQTTv311 if mqtt.protocol == "3.1.1" else MQTTProtocolVersion.MQTTv5
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                         client_id=f"smearscope-doctor-{os.getpid()}", protocol=protocol)
+    if mqtt.username is not None:
+        client.username_pw_set(mqtt.username, password)
+    if mqtt.tls is not None:
+        client.tls_set(ca_certs=str(mqtt.tls.ca_file), certfile=str(mqtt.tls.certfile) if mqtt.tls.certfile else None,
+                       keyfile=str(mqtt.tls.keyfile) if mqtt.tls.keyfile else None)
+        client.tls_insecure_set(mqtt.tls.insecure)
+    answered, codes = threading.Event(), []
+    client.on_connect = lambda c, userdata, flags, code, props: (codes.append(code), answered.set())
+    try:
+        client.connect(mqtt.host, mqtt.port, keepalive=10)
+        client.loop_start()
+        answered.wait(timeout)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        return [("WARN", "broker login", f"{who}: could not connect ({type(exc).__name__}: {exc})")]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if not codes:
+        return [("WARN", "broker login", f"{who}: no answer to CONNECT within {timeout:.0f} s")]
+    if codes[0].is_failure:
+        return [("FAIL", "broker login", (f"{mqtt.host}:{mqtt.port} refuses {who}: {codes[0].getName()} "
+                 f"(reason code 0x{int(codes[0].value):02x}); the station would retry for ever"))]
+    return [("OK", "broker login", f"{mqtt.host}:{mqtt.port} accepts {who}")]
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
