@@ -223,3 +223,29 @@ def test_a_full_disk_raises_sqlite_full_and_clears_when_space_returns(tmp_path: 
         filler.unlink()
         put(outbox, "report", 999, size=4000)
         assert not outbox.disk_full and outbox.counts().messages == stored + 1
+
+
+def test_on_a_full_disk_acknowledged_messages_are_still_deleted_and_new_ones_fit(tmp_path: Path) -> None:
+    """A disk that filled while the broker was away: the acknowledgements that arrive when it is
+    back must free the outbox's pages, or the station stays paused until someone frees space by
+    hand. The reserve beside the outbox is given up for those deletes, and new messages then fit
+    on a disk still full."""
+    from smallfs import fill, small_tmpfs
+
+    from smearscope.service.mqtt.reserve import RESERVE_BYTES
+
+    with small_tmpfs(tmp_path / "small", 8192) as small, Outbox(small / "o.db") as outbox:
+        reserve = small / "o.db.reserve"
+        assert reserve.stat().st_size == RESERVE_BYTES and reserve.stat().st_blocks * 512 >= RESERVE_BYTES
+        for i in range(60):
+            put(outbox, "field", i, size=4000)
+        fill(small)
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            for i in range(60, 400):
+                put(outbox, "field", i, size=4000)
+        assert outbox.disk_full
+        seqs = [m.seq for m in outbox.pending(limit=1000)]
+        assert outbox.ack_many(seqs) == len(seqs) and not reserve.exists()  # the disk is still full
+        for i in range(400, 420):
+            put(outbox, "field", i, size=4000)
+        assert not outbox.disk_full and outbox.counts().messages == 20

@@ -48,7 +48,8 @@ def test_disk_full_pauses_the_analysis_and_nothing_is_lost(tmp_path: Path,
                                                            credentials_dir: Path) -> None:
     """The outbox on an 8 MB tmpfs, filled; the broker is down while the disk fills (so nothing drains),
     comes back while it is full, and space returns later. Wanted: SQLite's real error in the log,
-    analysis paused (status disk_full), no duplicate storm, no report lost, resumed afterwards."""
+    analysis paused (status disk_full), resumed once the acknowledged messages are deleted (the
+    disk still full), no duplicate storm, no report lost."""
     # Broker persistence: the observer's session (and what it missed) survives the outage.
     broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
     broker.start()
@@ -70,7 +71,10 @@ def test_disk_full_pauses_the_analysis_and_nothing_is_lost(tmp_path: Path,
             assert len(daemon.stored()) <= paused_at + 1, "analysis went on with a full disk"
             broker.start()  # acknowledgements arrive while the disk is still full
             sub.wait_ready(15)
-            time.sleep(8.0)
+            # their deletes take the outbox's reserve (service.mqtt.reserve) and free its pages:
+            # the analysis resumes on a disk still full
+            assert wait_until(lambda: len(daemon.stored()) >= paused_at + 3, 60), "\n".join(daemon.lines[-30:])
+            assert any("reserve" in ln and "given up" in ln for ln in daemon.lines)
             filler.unlink()  # space returns
             assert wait_until(lambda: len(daemon.stored()) >= paused_at + 10, 60), daemon.lines[-20:]
             daemon.signal(signal.SIGTERM)

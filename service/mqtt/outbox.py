@@ -19,7 +19,8 @@ using more disk.
 
 A full disk is not a bound: a write that fails is rolled back (without masking SQLite's own error,
 e.g. SQLITE_FULL), raised to the caller, and `disk_full` stays True until a write succeeds again;
-the station pauses its analysis meanwhile (service.station.workers).
+the station pauses its analysis meanwhile (service.station.workers). A reserve file beside the
+outbox is given up so that acknowledged messages can still be deleted (service.mqtt.reserve).
 
 Other tables may share the file and its transactions (`put_many(..., also=...)`, `write`,
 `read`): the station keeps its specimen runs and the inputs it has stored there, so a message
@@ -42,6 +43,7 @@ from typing import Literal, TypeVar
 from typing_extensions import Self  # typing.Self needs Python 3.11
 
 from smearscope.service.config.outbox import OutboxConfig, OverflowPolicy
+from smearscope.service.mqtt.reserve import DiskReserve
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +198,8 @@ class Outbox:
                 raise OutboxLockedError(f"outbox {self.path} is in use by another process") from exc
             raise
         self._count, self._bytes, self._reports = self._measure()
+        self._reserve = DiskReserve(self.path.with_name(self.path.name + ".reserve"))
+        self._reserve.make()
         logger.info(
             "outbox %s opened: %d messages (%d reports), %d bytes",
             self.path,
@@ -267,6 +271,7 @@ class Outbox:
                 self._disk_full = True
             raise
         self._disk_full = False
+        self._reserve.make()
         return result
 
     def probe(self) -> None:
@@ -455,7 +460,12 @@ class Outbox:
             return row
 
         with self._lock:
-            row = self._transaction(delete)
+            try:
+                row = self._transaction(delete)
+            except sqlite3.Error as exc:
+                if not (is_disk_full(exc) and self._reserve.release()):
+                    raise
+                row = self._transaction(delete)  # with the reserve's room: it frees pages for new messages
             self._count -= int(row[0])
             self._bytes -= int(row[1])
             self._reports -= int(row[2])

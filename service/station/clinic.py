@@ -172,7 +172,7 @@ class ClinicFeed:
             if progress is not None and interim is not None and progress.run_id == run_id:
                 self._publish(publisher, interim, "open", progress.as_dict(), None)
         except Exception:
-            logger.exception("review/live state of field %s failed (the field report stands)",
+            logger.exception("review/live state of field %s failed (its analysis and report are not affected)",
                              result.report.report_id)
 
     def run_closed(self, closed: ClosedRun, publisher: OutboxPublisher | None, live: bool = True) -> None:

@@ -1,0 +1,57 @@
+"""Space kept aside beside the outbox for a full disk.
+
+Deleting the messages the broker acknowledged needs room too (SQLite writes the delete to its
+WAL first): on a disk that filled while the broker was away, the acknowledgements that arrive
+when it comes back could not be deleted, no page would be freed, and the station would stay
+paused until someone freed space by hand. A file of RESERVE_BYTES (`<outbox>.reserve`) is kept
+beside the outbox and given up when such a delete fails for lack of space; the deletes then free
+pages that new messages reuse, so the station resumes on a disk still full. It is made again
+once the disk has room for it twice over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: The reserve's size: room to delete a few hundred acknowledged messages.
+RESERVE_BYTES = 2 * 1024 * 1024
+#: How often (s) a missing reserve is looked at again (each write may ask).
+RECHECK_S = 30.0
+
+
+class DiskReserve:
+    """A file of `size` bytes at `path`, allocated on the disk (not sparse)."""
+
+    def __init__(self, path: Path, size: int = RESERVE_BYTES) -> None:
+        self.path, self.size = path, size
+        self._checked = -RECHECK_S
+
+    def make(self) -> None:
+        """The file, where the disk has room for it twice over (looked at every RECHECK_S)."""
+        if time.monotonic() - self._checked < RECHECK_S or self.path.exists():
+            return
+        self._checked = time.monotonic()
+        try:
+            if shutil.disk_usage(self.path.parent).free > 2 * self.size:
+                with open(self.path, "wb") as fh:
+                    os.posix_fallocate(fh.fileno(), 0, self.size)
+        except OSError as exc:
+            logger.warning("cannot keep the reserve file %s (%s)", self.path, exc)
+            self.path.unlink(missing_ok=True)
+
+    def release(self) -> bool:
+        """Give the space back; False when there was none to give."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        logger.warning("disk full: the %.0f MB reserve %s given up, so acknowledged messages can be deleted",
+                       self.size / 2**20, self.path)
+        self._checked = time.monotonic()  # not made again at once, on a disk still full
+        return True
