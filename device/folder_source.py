@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +173,8 @@ class FolderSource(FrameSource):
         #: The capture thread scans; the station's writer thread calls done(): moves and the log.
         self._lock = threading.Lock()
         self.rejected_count = 0
+        #: The files it rejected itself, per reason code (the decoder's, not_an_image, file_too_large).
+        self.rejected_reasons: Counter[str] = Counter()
         self._list_error: str | None = None  # said once until the folder can be listed again
         self._subfolders_said: set[str] = set()
 
@@ -362,6 +365,8 @@ class FolderSource(FrameSource):
         self._pending.pop(fname, None)
         self._log.record(key, "rejected", fname)
         self.rejected_count += counted
+        if counted:
+            self.rejected_reasons[reason.split(":", 1)[0].strip()] += 1
         logger.warning("%s: rejected %s: %s", self.name, shown(fname), reason)
         target = self._move(fname, self._rejected, key)
         retries = self._recheck_counts.pop(fname, 0)

@@ -318,9 +318,12 @@ def test_commands_over_mqtt(
         assert command("analyze_file", {"path": str(text)})["error"] == "not_an_image"
         assert command("analyze_file", {"path": "relative.png"})["ok"] is False
         assert command("analyze_file", {"path": f"{image}\0.txt"})["error"] == "not_found"
+        (inbox / "notes.txt").write_text("not an image either")  # the folder source refuses it itself
+        assert wait_until(lambda: (inbox / "rejected" / "notes.txt").exists(), 15)
         status = command("status")
         assert status["fields_analysed"] == 1 and status["run"]["fields"] == 1
         assert status["failed"] == {"not_an_image": 1} and status["broker"]["status"] == "connected"
+        assert status["source_rejected"] == {"not_an_image": 1} and status["source_rejected_files"] == 1
 
         stopped = command("stop_run")
         assert stopped["ok"] and stopped["fields"] == 1 and not stopped["complete"]

@@ -343,10 +343,10 @@ class StationDaemon:
             "rejected": snap["rejected"],
             "failed": snap["failed"],
             "frames_dropped": self.workers.frames.dropped,
-            "source_rejected_files": getattr(self.source, "rejected_count", 0),
+            "source_rejected_files": getattr(self.source, "rejected_count", 0),  # by its reason code:
+            "source_rejected": dict(getattr(self.source, "rejected_reasons", {})),
             "reports_stored": snap["stored"],
-            "reports_lost": snap["lost"],
-            "reports_deferred": snap["deferred"],
+            "reports_lost": snap["lost"], "reports_deferred": snap["deferred"],
             "run": progress.as_dict() if progress else None,
             "stalled_work": self.watchdog.stalled_work(),
         }
@@ -379,8 +379,8 @@ class StationDaemon:
 
     def _telemetry(self) -> dict[str, Any]:
         snap = self.stats.snapshot()
-        pipeline = {"fields_analysed": snap["analysed"],
-                    "rejected": sum(snap["rejected"].values()),
+        pipeline = {"fields_analysed": snap["analysed"],  # rejected: by the station and by its source
+                    "rejected": sum(snap["rejected"].values()) + getattr(self.source, "rejected_count", 0),
                     "failed": sum(snap["failed"].values()),
                     "frames_dropped": self.workers.frames.dropped,
                     "disk_full": self.workers.disk_full,
