@@ -9,7 +9,7 @@ import sys
 import pytest
 from test_cli import ROOT
 
-from smearscope.cli import build_parser
+from smearscope.cli import build_parser, main
 
 
 @pytest.mark.parametrize("argv", [
@@ -53,3 +53,11 @@ def test_a_full_stdout_is_a_one_line_error_not_a_traceback():
                               text=True, timeout=120, cwd=ROOT, check=False)
     assert proc.returncode == 74, proc.stderr
     assert "Traceback" not in proc.stderr and "smearscope schema:" in proc.stderr
+
+
+def test_version_is_the_installed_packages(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"smearscope {version('smearscope')}"

@@ -89,10 +89,20 @@ def _lazy(module: str, function: str):
     return run
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("smearscope")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
 
     ap = _Parser(prog="smearscope", description="Point-of-care blood-smear analyzer")
+    ap.add_argument("--version", action="version", version=f"smearscope {_version()}")
     ap.add_argument("--log-level", default=None, type=_log_level,
                     help="log threshold (DEBUG, INFO, WARNING, ERROR); default WARNING, and for "
                     "`run` the config's log_level, which an explicit --log-level overrides")
