@@ -269,9 +269,9 @@ class StationDaemon:
         snap = self.stats.snapshot()
         left = self.final_outbox or {}
         logger.info("stopped: %d fields analysed, %d rejected, %d failed, %d frames dropped "
-                    "(%s), %d left in the queue; %d reports stored, %d lost, %d deferred "
-                    "to the next start; outbox: %d messages waiting (%d reports, %d parked), %d "
-                    "field messages evicted", snap["analysed"],
+                    "(%s), %d left in the queue; %d reports stored, %d lost, %d deferred to the next "
+                    "start; outbox: %d messages waiting (%d final: specimen reports, FHIR bundles; "
+                    "%d parked), %d field messages evicted", snap["analysed"],
                     sum(snap["rejected"].values()) + getattr(self.source, "rejected_count", 0),
                     sum(snap["failed"].values()), self.workers.frames.dropped, self.workers.frames.policy,
                     snap["pending"], snap["stored"], snap["lost"], snap["deferred"], left.get("messages", 0),

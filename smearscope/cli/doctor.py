@@ -217,7 +217,8 @@ def _outbox_checks(path: Path) -> list[Check]:
         try:
             with Outbox(path) as box:
                 counts = box.counts()
-            checks.append(("OK", "outbox", f"{path}: {counts.messages} messages waiting ({counts.reports} reports)"))
+            checks.append(("OK", "outbox", (f"{path}: {counts.messages} messages waiting ({counts.reports} final: "
+                           "specimen reports, FHIR bundles)")))
         except OutboxLockedError:
             checks.append(("OK", "outbox", f"{path}: held by a running station"))
         except (sqlite3.Error, OSError, RuntimeError) as exc:
