@@ -300,6 +300,13 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
                 assert p["options"] == (crop.get("types") or page[f"{p['kind']}_types"]), p
                 shown[p["kind"]] += 1
         assert shown["rbc"] >= 1 and shown["wbc"] >= 1, shown
+        # an unidentified cell's score is its best guess's: never shown as if sure of "unidentified"
+        captions = driver.execute_script("return [...document.querySelectorAll(arguments[0])].map((f) => f.textContent)",
+                                         f"{card} .gallery figcaption")
+        assert captions and not any(re.search(r"unidentified \d+%", t) for t in captions), captions
+        if any(c["label"] == "unidentified" for c in page["cells"]):
+            assert any(re.search(r"unidentified \((unlike every trained type|no type sure enough: best \d+%)\)", t)
+                       for t in captions), captions
         # Another dashboard's answers are not this page's: its page of the gallery from the second
         # crop on does not land in this one (a page that ignored correlation data would append it).
         def in_gallery() -> int:

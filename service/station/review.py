@@ -190,7 +190,7 @@ class ReviewGallery:
                 continue
             t = self._typeable(result, i, typing)
             crop = {"field_id": field_id, "cell": i, "kind": c.kind, "label": c.label,
-                    "label_score": c.label_score, "bbox": c.bbox, "typeable": t is not None,
+                    "label_score": c.label_score, "atypical": c.atypical, "bbox": c.bbox, "typeable": t is not None,
                     "jpeg": base64.b64encode(_jpeg(pixels)).decode()}
             if t is not None and t.types is not None:
                 crop["types"] = list(t.types)  # fewer than the head's classes

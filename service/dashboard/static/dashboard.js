@@ -180,8 +180,11 @@ function renderReview(st, answer) {
     const img = el("img");
     img.src = "data:image/jpeg;base64," + c.jpeg;
     img.alt = c.kind + " " + (c.label || "");
-    fig.append(img, el("figcaption", "", c.kind + ": " + (c.label || "?") +
-      (c.label_score !== null ? " " + Math.round(100 * c.label_score) + "%" : "")));
+    // an unidentified cell's score is the head's best guess's, not a certainty of "unidentified"
+    const why = c.label !== "unidentified" ? (c.label_score !== null ? " " + Math.round(100 * c.label_score) + "%" : "")
+      : c.atypical ? " (unlike every trained type)" : " (no type sure enough" +
+        (c.label_score !== null ? ": best " + Math.round(100 * c.label_score) + "%" : "") + ")";
+    fig.append(img, el("figcaption", "", c.kind + ": " + (c.label || "?") + why));
     // a white cell takes the WBC head's types, a red cell to review the RBC head's
     const types = c.types || (c.kind === "rbc" ? answer.rbc_types : answer.wbc_types);
     if (c.typeable && Array.isArray(types)) fig.append(typeSelect(st, answer.run_id, c, types));
