@@ -135,8 +135,13 @@ password_credential = "mqtt-password"
 def test_validate_config_ok_and_unreadable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], tls_material: TlsMaterial
 ) -> None:
-    # The example names /etc/smearscope/ca.pem, which validate-config must find: a real CA here.
+    # The example names /etc/smearscope/ca.pem and the models in /var/lib/smearscope/models, which
+    # validate-config must find (install-models puts them there): a real CA and models here.
     example = EXAMPLE.read_text().replace("/etc/smearscope/ca.pem", str(tls_material.ca_cert))
+    if not Path("/var/lib/smearscope/models/seg.json").exists():  # a machine with no station installed
+        assert validate_config_main(_write(tmp_path, example), environ={}) == 78
+        assert "analysis.models_dir:" in capsys.readouterr().err
+    example = example.replace("/var/lib/smearscope/models", str(REPO / "models"))
     assert validate_config_main(_write(tmp_path, example), environ={}) == 0
     assert "OK" in capsys.readouterr().out
     assert validate_config_main(tmp_path / "missing.toml", environ={}) != 0
