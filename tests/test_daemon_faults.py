@@ -293,7 +293,8 @@ def test_folder_burst_of_100_files_each_analysed_once_or_rejected(tmp_path: Path
 def test_a_copy_of_an_analysed_image_is_refused_not_counted_twice(tmp_path: Path) -> None:
     """The same image again under another name (a technician re-submitting a file) would count its
     cells twice in the specimen: it goes to rejected/ as duplicate_content, naming the field it
-    repeats, and is counted as a refusal; the file itself found again is not (a crash recovery)."""
+    repeats, and is counted as a refusal; the file itself found again (rewritten, or after a crash
+    between its store and its move) goes to done/ without a second analysis."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.2,
@@ -311,12 +312,15 @@ def test_a_copy_of_an_analysed_image_is_refused_not_counted_twice(tmp_path: Path
         (inbox / "field-7 copy.png").write_bytes(png(7))
         reason = inbox / "rejected" / "field-7 copy.png.reason.txt"
         assert wait_until(reason.exists, 20), list(inbox.rglob("*"))
+        (inbox / "field-8.png").write_bytes(png(8))  # the file itself again, rewritten (a new time)
+        assert wait_until(lambda: len(list((inbox / "done").iterdir())) == 4, 20), list(inbox.rglob("*"))
     finally:
         daemon.request_stop("test over")
         runner.join(30)
     assert not runner.is_alive()
     first = next(fid for fid, outcome, _ in daemon.outcomes if outcome == "analysed")
     assert reason.read_text().startswith(f"duplicate_content: the same image as {first} was analysed before")
-    assert [(o, r) for _, o, r in daemon.outcomes] == [("analysed", None)] * 3 + [("rejected", "duplicate_content")]
+    assert [(o, r) for _, o, r in daemon.outcomes] == [("analysed", None)] * 3 + [
+        ("rejected", "duplicate_content"), ("skipped", "already_stored")]
     assert daemon.workers.stats.snapshot()["rejected"] == {"duplicate_content": 1}
     assert sum(r.kind == "field" for r in daemon.ledger) == 3

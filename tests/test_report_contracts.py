@@ -31,7 +31,7 @@ from smearscope.service.analysis.report import (
 from smearscope.service.fhir import codes, report_view
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.mqtt.outbox import Outbox
-from smearscope.service.station.durable import StationState
+from smearscope.service.station.durable import StationState, same_file
 from smearscope.service.station.specimen import SpecimenPolicy, SpecimenRun, SpecimenTracker
 
 
@@ -218,8 +218,15 @@ def test_a_stored_input_is_remembered(tmp_path):
                                    models={})
             outbox.write(lambda conn, w=w: w(conn, []))
         assert (state.stored_field("k1"), state.stored_field("k2"), state.stored_field("k3")) == ("f-k1", "f-k2", None)
+        # taken for analysis and not stored yet: a copy that comes meanwhile is one too, until it fails
+        state.taken("k3", "scope:a.png@1")
+        assert state.stored_field("k3") == "scope:a.png@1"
+        state.released("k3")
+        assert state.stored_field("k3") is None
     finally:
         outbox.close()
+    assert same_file("scope:a@b.png@111", "scope:a@b.png@222") and same_file("", "scope:x.png@1")
+    assert not same_file("scope:a@b.png@111", "scope:a@c.png@111")
 
 
 @contextlib.contextmanager

@@ -50,6 +50,15 @@ _SCHEMA = (
 KEEP_CLOSED_RUNS = 4
 #: Inputs remembered at most (a folder's files analysed; older ones cannot come back after days).
 MAX_INPUTS = 100_000
+#: Inputs taken for analysis remembered in memory (StationState.taken), far more than can wait.
+MAX_TAKEN = 10_000
+
+
+def same_file(stored_field: str, frame_id: str) -> bool:
+    """Whether the field stored for an input (`StationState.stored_field`) is the frame's own file:
+    a source's frame id is `source:name@key`, the key its size and time, which a file keeps
+    unless rewritten; "" is a field stored before field ids were kept (taken as the same file)."""
+    return stored_field.rsplit("@", 1)[0] in ("", frame_id.rsplit("@", 1)[0])
 
 
 @dataclass(frozen=True)
@@ -100,13 +109,29 @@ class StationState:
         self.outbox = outbox
         outbox.write(lambda conn: [conn.execute(statement) for statement in _SCHEMA])
         outbox.write(_add_columns)
+        #: Inputs taken for analysis by this process (input key -> frame id; the analysis
+        #: thread's), the last MAX_TAKEN: a copy that comes while its original is analysed or
+        #: waits to be stored is a copy all the same.
+        self._taken: dict[str, str] = {}
 
     def stored_field(self, input_key: str) -> str | None:
-        """The field (frame id) whose message stored this input, "" for one stored before field
-        ids were kept; None when it was never stored."""
+        """The field (frame id) whose message stored this input, or that is being analysed ("" for
+        one stored before field ids were kept); None when it was neither."""
+        if input_key in self._taken:
+            return self._taken[input_key]
         row = self.outbox.read(lambda conn: conn.execute(
             "SELECT field_id FROM station_inputs WHERE input_key = ?", (input_key,)).fetchone())
         return None if row is None else str(row[0])
+
+    def taken(self, input_key: str, frame_id: str) -> None:
+        """An input taken for analysis (see `stored_field`)."""
+        self._taken[input_key] = frame_id
+        while len(self._taken) > MAX_TAKEN:
+            del self._taken[next(iter(self._taken))]
+
+    def released(self, input_key: str) -> None:
+        """An input taken whose analysis failed: it was not stored, a copy is not one."""
+        self._taken.pop(input_key, None)
 
     def field_stored(self, *, report_id: str, input_key: str | None, run: RunMeta | None,
                      field_id: str, cells: Sequence[ClassifiedCell], records: Sequence[CellRecord],

@@ -48,7 +48,7 @@ from smearscope.service.mqtt.outbox import MessageKind, StateWriter, is_disk_ful
 from smearscope.service.mqtt.publisher import MqttPublisher
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.daemon_summary import Stats, StoredReport
-from smearscope.service.station.durable import RunMeta, StationState
+from smearscope.service.station.durable import RunMeta, StationState, same_file
 from smearscope.service.station.field_pool import FieldPool
 from smearscope.service.station.messages import report_messages
 from smearscope.service.station.notify import ProgressWatchdog
@@ -199,9 +199,8 @@ class StationWorkers:
     def with_scale(self, frame: Frame) -> Frame:
         """The frame at `analysis.microns_per_pixel` when the config overrides the scale."""
         override = self.scale_override
-        if override is None or frame.microns_per_pixel == override:
-            return frame
-        return dataclasses.replace(frame, microns_per_pixel=override)
+        keep = override is None or frame.microns_per_pixel == override
+        return frame if keep else dataclasses.replace(frame, microns_per_pixel=override)
 
     def _dropped(self, frame_id: str) -> None:
         self.stats.add("pending", -1)
@@ -244,8 +243,7 @@ class StationWorkers:
                     self.emit_closed(closed)
                 if self.disk_full and not self._stop.is_set():
                     if not paused:  # said once, whichever write hit the full disk first
-                        logger.error("the outbox's disk is full: analysis paused until a write "
-                                     "succeeds")
+                        logger.error("the outbox's disk is full: analysis paused until a write succeeds")
                         paused = True
                     time.sleep(TICK_S)  # back-pressure: the frames queue fills, capture waits
                     continue
@@ -281,7 +279,7 @@ class StationWorkers:
         analysed image, refused: its cells would count twice) or stopping on a full disk."""
         assert self.state is not None and self.source is not None
         stored = self.state.stored_field(frame.input_key) if frame.input_key is not None else None
-        if stored in ("", frame.frame_id):  # this very file again ("": stored before ids were kept)
+        if stored is not None and same_file(stored, frame.frame_id):  # this very file again
             logger.info("frame %s: its field message was stored before; not analysed again", frame.frame_id)
             self.outcomes.append((frame.frame_id, "skipped", "already_stored"))
             self.source.done(frame)
@@ -294,6 +292,8 @@ class StationWorkers:
             self.stats.add("deferred")
             self.outcomes.append((frame.frame_id, "deferred", "disk_full"))
             return False
+        if frame.input_key is not None:  # a copy that comes before it is stored is refused too
+            self.state.taken(frame.input_key, frame.frame_id)
         return True
 
     def _analyse_field(self, work: _Field) -> FieldResult:
@@ -355,14 +355,15 @@ class StationWorkers:
                 "run_id": r.run_id, "counts": r.counts.model_dump()}
 
     def _done(self, frame: Frame, refused: str | None = None) -> None:
+        if refused is not None and frame.input_key is not None and self.state is not None:
+            self.state.released(frame.input_key)  # never stored: a copy of it is not one
         if self.source is not None:
             self.source.done(frame, refused)
 
     def _emit(self, item: _Outgoing) -> None:
         if not self._reports.put(item, self.threads["report-writer"].is_alive):
             self.stats.add("lost")
-            logger.error("%s report %s LOST: the outbox writer is gone", item.kind,
-                         item.report.report_id)
+            logger.error("%s report %s LOST: the outbox writer is gone", item.kind, item.report.report_id)
 
     def emit_closed(self, closed: ClosedRun, live: bool = True) -> None:
         """Send the final report of a run that ended (none when it had no field)."""
@@ -390,8 +391,7 @@ class StationWorkers:
                 self.stats.add("lost")
 
     def _probe_disk(self) -> None:
-        """With nothing to store, find out whether space came back (the acks' deletes may be
-        the only other writes, and there may be none)."""
+        """With nothing to store: has space come back? (The acks' deletes may be the only writes.)"""
         if self.publisher is None or not self.publisher.outbox.disk_full:
             return
         try:
