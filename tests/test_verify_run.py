@@ -396,7 +396,7 @@ def test_a_run_closed_at_restart_keeps_its_place_is_announced_once_and_can_be_si
     run = station[0]
     published = []
     publisher = SimpleNamespace(config=SimpleNamespace(topic_prefix="smearscope"), station_id="s",
-                                publish_many=lambda items, also=None, extra=(): published.extend(extra) or [])
+                                publish_many=lambda items, also=None, extra=(): published.extend(extra) or [len(published)])
     final = lambda r, end: r.report(station_id="s", now=time.time(), end_reason=end)
 
     def closed(run_id: str, end: str) -> ClosedRun:
@@ -445,6 +445,7 @@ def test_get_runs_lists_the_last_closed_runs_newest_first_each_with_its_latest_r
         assert answer["ok"] and answer["omitted"] == 0 and [s["run_id"] for s in answer["runs"]] == newest
         for s in answer["runs"]:
             assert s["state"] == "closed" and s["end_reason"] == "stopped" and s["report"]["run_id"] == s["run_id"]
+            assert s["updated_at"] == s["report"]["created_at"]  # the same answer for the same runs
             assert "cells" not in s["report"] and s["report"]["verification"] is None
             assert s["progress"] == {"run_id": s["run_id"], "fields": 4, "classified_wbc": run.classified_wbc,
                                      "target_wbc": 100 + ids.index(s["run_id"])}
@@ -464,3 +465,41 @@ def test_get_runs_lists_the_last_closed_runs_newest_first_each_with_its_latest_r
         assert [s["run_id"] for s in bounded["runs"]] == newest[:2] and bounded["omitted"] == KEEP_CLOSED_RUNS - 2
     finally:
         feed.close()
+
+
+def test_a_connection_that_keeps_dropping_adds_no_copies_of_the_run_state(station, tmp_path):
+    """After each reconnect the last run state goes out again, unless its copy still waits in the
+    outbox: a connection dropping every second would otherwise fill the outbox with copies that
+    push out real field messages."""
+    import json
+    from types import SimpleNamespace
+
+    import tomllib
+
+    from smearscope.service.config import parse_config
+    from smearscope.service.mqtt.outbox import Outbox
+    from smearscope.service.station.clinic import ClinicFeed
+
+    run = station[0]
+    final = lambda r, end: r.report(station_id="s", now=time.time(), end_reason=end)
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    publisher = SimpleNamespace(config=SimpleNamespace(topic_prefix="smearscope"), station_id="s", outbox=outbox,
+                                on_reconnected=None,
+                                publish_many=lambda items, also=None, extra=(): outbox.put_many(list(extra), also))
+    feed = ClinicFeed(parse_config(tomllib.loads(_config_text(tmp_path, 'white_cells = "all"')), environ={}))
+    try:
+        r = replace(run, run_id="a")
+        feed.start(None, [ClosedRun("a", "stopped", 4, run.classified_wbc, 100, final(r, "stopped"), r)], None,
+                   publisher)  # a start with no run left open: the last closed run's state goes out
+        (first,) = outbox.pending(limit=10)
+        assert json.loads(first.payload)["run_id"] == "a" and first.retain and first.topic == "smearscope/s/run"
+        for _ in range(5):  # reconnects while it still waits: no copy
+            publisher.on_reconnected()
+        assert [m.seq for m in outbox.pending(limit=10)] == [first.seq]
+        outbox.ack(first.seq)  # delivered; the broker may lose it: the next reconnect sends it again
+        publisher.on_reconnected()
+        (again,) = outbox.pending(limit=10)
+        assert again.seq != first.seq and again.payload == first.payload
+    finally:
+        feed.close()
+        outbox.close()

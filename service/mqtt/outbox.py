@@ -396,6 +396,10 @@ class Outbox:
                 self._last_eviction_log = now
                 self._evicted_since_log = 0
 
+    def holds(self, seq: int) -> bool:
+        """Whether message `seq` still waits (not yet acknowledged, nor evicted)."""
+        return self.read(lambda conn: conn.execute("SELECT 1 FROM outbox WHERE seq = ?", (seq,)).fetchone()) is not None
+
     def pending(self, limit: int = 100, after_seq: int = 0) -> list[OutboxMessage]:
         """Up to `limit` unacknowledged messages with seq > after_seq, oldest first."""
         with self._lock:

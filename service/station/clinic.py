@@ -35,7 +35,7 @@ from smearscope.service.analysis.report import Report, Verification
 from smearscope.service.config import MqttConfig, StationConfig
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.fhir.report_view import rbc_grades
-from smearscope.service.mqtt.outbox import MessageKind, NewMessage, StateWriter
+from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, StateWriter
 from smearscope.service.station.durable import KEEP_CLOSED_RUNS
 from smearscope.service.station.review import ReviewGallery, WbcTyping
 from smearscope.service.station.specimen import ClosedRun, EndReason, SpecimenRun, SpecimenTracker
@@ -62,6 +62,7 @@ class OutboxPublisher(Protocol):
 
     config: MqttConfig
     station_id: str
+    outbox: Outbox
     on_reconnected: Callable[[], None] | None
 
     def publish_many(self, items: list[tuple[MessageKind, str, bytes, str]],
@@ -96,6 +97,7 @@ class ClinicFeed:
         #: The last live run state handed to the outbox (topic, payload, run id), sent again after
         #: each reconnect; its lock keeps the outbox's order of run states their order here.
         self._live: tuple[str, bytes, str] | None = None
+        self._live_seq: int | None = None  # its copy in the outbox
         self._live_lock = threading.Lock()
 
     def start(self, analyzer: Any, closed: Sequence[ClosedRun],
@@ -222,15 +224,17 @@ class ClinicFeed:
 
     def republish(self, publisher: OutboxPublisher) -> None:
         """The last live run state again (MqttPublisher.on_reconnected: the broker may have lost its
-        retained copy, or restored an older one from its last save)."""
+        retained copy, or restored an older one from its last save), unless its copy still waits
+        in the outbox (a connection that keeps dropping would add one each time)."""
         with self._live_lock:
-            self._send_live(publisher)
+            if self._live_seq is None or not publisher.outbox.holds(self._live_seq):
+                self._send_live(publisher)
 
     def _send_live(self, publisher: OutboxPublisher) -> None:
         if self._live is not None:
             topic, payload, key = self._live
-            publisher.publish_many([], extra=[NewMessage("field", topic, payload, key, RUN_SCHEMA, qos=1,
-                                                         retain=True)])
+            self._live_seq = publisher.publish_many([], extra=[NewMessage(
+                "field", topic, payload, key, RUN_SCHEMA, qos=1, retain=True)])[-1]
 
     def get_review(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """`cmd/get_review {"run_id": ..., "offset": 0}` (on the command thread)."""
@@ -350,7 +354,7 @@ class ClinicFeed:
                 continue
             state = self.run_state(c.report, "closed", {"run_id": c.run_id, "fields": c.fields,
                                    "classified_wbc": c.classified_wbc, "target_wbc": c.target_wbc}, c.end_reason)
-            runs.append(state)
+            runs.append({**state, "updated_at": c.report.created_at})  # when its latest report was made
         omitted = 0
         while runs and len(json.dumps(runs)) > self.max_state_bytes - 256:
             runs.pop()
