@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from broker import MosquittoBroker
+from broker import MosquittoBroker, Mqtt311OnlyProxy
 from test_daemon import to_toml
 
 from smearscope.cli import main
@@ -42,6 +42,14 @@ def test_doctor_passes_a_complete_station(tmp_path: Path, broker: MosquittoBroke
     assert f"FAIL  broker login     127.0.0.1:{broker.port} refuses user 'station': Not authorized" in out, out
     assert main(["doctor", "--config", str(_config(tmp_path, broker.port, DEFAULT_MODELS_DIR))]) == 1  # anonymous
     assert "refuses anonymous" in capsys.readouterr().out
+    # a broker that speaks MQTT 3.1.1 only: the station falls back to it (protocol "auto"), so does doctor
+    proxy = Mqtt311OnlyProxy(broker.port)
+    try:
+        assert main(["doctor", "--config", str(_config(tmp_path, proxy.port, DEFAULT_MODELS_DIR, **login))]) == 0
+        assert f"OK    broker login     127.0.0.1:{proxy.port} accepts user 'station'" in capsys.readouterr().out
+        assert proxy.refused_v5 >= 1
+    finally:
+        proxy.close()
 
 
 def test_doctor_names_what_is_missing_and_install_models_fixes_it(

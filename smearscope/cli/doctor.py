@@ -5,9 +5,10 @@ Doctor's checks: the configuration (and the files it names), the models in `anal
 (each manifest and the sha256 of its ONNX file), the WBC head's open-set thresholds (the
 station's own, `[analysis.wbc_open_set]`, fitted for this head and never looser than the model's;
 or the model's), the inference backend the configuration chooses
-(ONNX Runtime and its providers; TensorRT, its version and a CUDA binding), the outbox (its folder
-writable, free space, not held by another process), the MQTT broker (TCP, and TLS with the
-configured CA; the password credential where systemd provides one), the white cells technicians typed on the dashboard (per type, for `adapt-wbc
+(ONNX Runtime and its providers; TensorRT, its version and a CUDA binding), a watched folder
+(writable: among the configuration's files), the outbox (its folder writable, free space, not
+held by another process), the MQTT broker (TCP, TLS with the configured CA, and a login with the
+station's user and password; the password credential where systemd provides one), the white cells technicians typed on the dashboard (per type, for `adapt-wbc
 --station`). Each line says OK, WARN or FAIL and, when not OK, what is missing; exit 1 when any
 check FAILs.
 """
@@ -250,13 +251,11 @@ def _broker_checks(mqtt, timeout: float = 3.0) -> list[Check]:
 
 
 def _login_checks(mqtt, timeout: float) -> list[Check]:
-    """An MQTT CONNECT with the station's user and password, as the station will send it (its own
-    client id, no Last Will: the station's status is not touched): a password the broker refuses
-    is found here, not in the journal after the start."""
-    import threading
-
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+    """An MQTT CONNECT with the station's user and password, as the station sends it (its client
+    settings and protocol, falling back to 3.1.1 as it does; its own client id and no Last Will,
+    so the station's status is not touched): a password the broker refuses is found here, not in
+    the journal after the start."""
+    from paho.mqtt.enums import MQTTProtocolVersion
 
     from smearscope.service.mqtt.credentials import CredentialError, read_password
 
@@ -265,32 +264,39 @@ def _login_checks(mqtt, timeout: float) -> list[Check]:
     except CredentialError:
         return []  # the broker password check says why
     who = f"user {mqtt.username!r}" if mqtt.username is not None else "anonymous"
-    protocol = MQTTProtocolVersion.MQTTv311 if mqtt.protocol == "3.1.1" else MQTTProtocolVersion.MQTTv5
-    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                         client_id=f"smearscope-doctor-{os.getpid()}", protocol=protocol)
-    if mqtt.username is not None:
-        client.username_pw_set(mqtt.username, password)
-    if mqtt.tls is not None:
-        client.tls_set(ca_certs=str(mqtt.tls.ca_file), certfile=str(mqtt.tls.certfile) if mqtt.tls.certfile else None,
-                       keyfile=str(mqtt.tls.keyfile) if mqtt.tls.keyfile else None)
-        client.tls_insecure_set(mqtt.tls.insecure)
+    v5, v311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
+    try:
+        code = _connack(mqtt, v311 if mqtt.protocol == "3.1.1" else v5, password, timeout)
+        if code is not None and int(code.value) == 0x84 and mqtt.protocol == "auto":  # as the station falls back
+            code = _connack(mqtt, v311, password, timeout)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        return [("WARN", "broker login", f"{who}: could not connect ({type(exc).__name__}: {exc})")]
+    if code is None:
+        return [("WARN", "broker login", f"{who}: no answer to CONNECT within {timeout:.0f} s")]
+    if code.is_failure:
+        return [("FAIL", "broker login", (f"{mqtt.host}:{mqtt.port} refuses {who}: {code.getName()} "
+                 f"(reason code 0x{int(code.value):02x}); the station would retry for ever"))]
+    return [("OK", "broker login", f"{mqtt.host}:{mqtt.port} accepts {who}")]
+
+
+def _connack(mqtt, protocol, password: str | None, timeout: float):
+    """The broker's CONNACK reason code to one CONNECT (None: no answer within `timeout`)."""
+    import threading
+
+    from smearscope.service.mqtt.paho_client import configured_client
+
+    client = configured_client(mqtt, f"smearscope-doctor-{os.getpid()}", protocol, password, "smearscope/doctor")
+    client.will_clear()
     answered, codes = threading.Event(), []
     client.on_connect = lambda c, userdata, flags, code, props: (codes.append(code), answered.set())
     try:
         client.connect(mqtt.host, mqtt.port, keepalive=10)
         client.loop_start()
         answered.wait(timeout)
-    except (OSError, ValueError, ssl.SSLError) as exc:
-        return [("WARN", "broker login", f"{who}: could not connect ({type(exc).__name__}: {exc})")]
     finally:
         client.disconnect()
         client.loop_stop()
-    if not codes:
-        return [("WARN", "broker login", f"{who}: no answer to CONNECT within {timeout:.0f} s")]
-    if codes[0].is_failure:
-        return [("FAIL", "broker login", (f"{mqtt.host}:{mqtt.port} refuses {who}: {codes[0].getName()} "
-                 f"(reason code 0x{int(codes[0].value):02x}); the station would retry for ever"))]
-    return [("OK", "broker login", f"{mqtt.host}:{mqtt.port} accepts {who}")]
+    return codes[0] if codes else None
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
