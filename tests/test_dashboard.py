@@ -149,7 +149,8 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    logs = [tmp_path / "daemon.log", tmp_path / "dashboard.log", tmp_path / "daemon-restarted.log"]
+    logs = [tmp_path / "daemon.log", tmp_path / "dashboard.log", tmp_path / "daemon-restarted.log",
+            tmp_path / "daemon-third.log"]
     station_args = [sys.executable, "-m", "smearscope", "run", "--config", str(_station_config(tmp_path, ws_broker))]
     daemon = _Proc(station_args, logs[0], {"CREDENTIALS_DIRECTORY": str(credentials_dir)})
     password_file = tmp_path / "dashboard-password"
@@ -311,6 +312,8 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         # crop on does not land in this one (a page that ignored correlation data would append it).
         def in_gallery() -> int:
             return len(driver.find_elements(By.CSS_SELECTOR, f"{card} .gallery figure"))
+        # the page's own refresh after the run closed: its gallery holds the first page as it is now
+        _wait("the page's gallery up to date", lambda: in_gallery() == len(page["cells"]), 30, logs)
         before = in_gallery()
         assert before >= 2 and command("get_review", {"run_id": run_id, "offset": 1})["cells"]
         observer.client.publish(f"{BASE.rsplit('/', 1)[0]}/zz-sync/status", "online", qos=1)
@@ -435,6 +438,20 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         # the restarted station kept no crops of it: the page says so rather than show an empty gallery
         _wait("the gallery's absence explained", lambda: "keeps no crops" in (seen(f"{card} .review-count") or ""),
               30, logs)
+        assert driver.find_elements(By.CSS_SELECTOR, f"{card} .gallery figure") == []  # none left to type
+
+        # The broker goes away and the station dies meanwhile (no Last Will reaches anyone): when
+        # the broker is back without it, the page does not show the station's last status as current.
+        ws_broker.kill()
+        _wait("the broker gone", lambda: seen("#broker", "data-state") == "reconnecting", 30, logs)
+        daemon.proc.kill()
+        daemon.proc.wait(10)
+        ws_broker.start()
+        _wait("the page reconnected", lambda: seen("#broker", "data-state") == "connected", 60, logs)
+        time.sleep(2)  # the retained statuses, had there been any, came with the subscription
+        assert seen(f"{card} .status") == "unknown", seen(f"{card} .status")
+        daemon = _Proc(station_args, logs[3], {"CREDENTIALS_DIRECTORY": str(credentials_dir)})
+        _wait("the station back", lambda: seen(f"{card} .status") == "online", 90, logs)
     finally:
         if driver is not None:
             driver.quit()

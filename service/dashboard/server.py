@@ -4,9 +4,9 @@ The page (static/) is served as files; `/config.json` gives it the broker's WebS
 (`ws://` or `wss://`), the topic prefix and, when configured, the dashboard's broker account.
 The browser connects to the broker itself: this server never touches MQTT. Whoever can load the
 page can read that account's password from /config.json, so give the dashboard an account that
-may only read `<prefix>/#` and publish `<prefix>/+/cmd/get_review`, `<prefix>/+/cmd/type_cells` and
-`<prefix>/+/cmd/verify_run` (technicians typing white cells and signing runs), and bind the server to the
-lab network (docs/MQTT.md).
+may only read `<prefix>/#` and publish `<prefix>/+/cmd/get_review`, `<prefix>/+/cmd/get_runs`,
+`<prefix>/+/cmd/type_cells` and `<prefix>/+/cmd/verify_run` (technicians typing white cells and
+signing runs), and bind the server to the lab network (docs/MQTT.md).
 """
 
 from __future__ import annotations

@@ -34,8 +34,10 @@ function setBroker(state, detail) {
 }
 
 function sendCommand(st, name, body) {
+  const correlation = pageToken + ++requestSeq;
   client.publish(prefix + "/" + st.id + "/cmd/" + name, JSON.stringify(body),
-                 { qos: 1, properties: { correlationData: pageToken + ++requestSeq } });
+                 { qos: 1, properties: { correlationData: correlation } });
+  return correlation;
 }
 
 function station(id) {
@@ -52,7 +54,7 @@ function station(id) {
   const after = [...main.children].find((n) => n.dataset.station > id);
   main.insertBefore(node, after || null);
   st = { id, node, status: null, run: null, final: null, telemetry: null, reviewRun: null,
-         reviewShown: -1, reviewNext: null, reviewTimer: null, superseded: new Set(),
+         reviewShown: -1, reviewNext: null, reviewTimer: null, reviewAsk: null, superseded: new Set(),
          runs: [], pinned: null };
   stations.set(id, st);
   return st;
@@ -332,7 +334,7 @@ function clearReview(st) {
 
 function requestReview(st, offset) {
   if (!client || !client.connected || !st.reviewRun) return;
-  sendCommand(st, "get_review", { run_id: st.reviewRun, offset: offset || 0 });
+  st.reviewAsk = sendCommand(st, "get_review", { run_id: st.reviewRun, offset: offset || 0 });
 }
 
 function typing(st) {
@@ -387,10 +389,12 @@ function onMessage(topic, payload, packet) {
   } else if (kind === "telemetry") {
     st.telemetry = msg; renderTelemetry(st);
   } else if (kind.startsWith("cmd_response/")) {
-    const correlation = packet && packet.properties && packet.properties.correlationData;
-    const mine = !correlation || new TextDecoder().decode(correlation).startsWith(pageToken);
+    const cd = packet && packet.properties && packet.properties.correlationData;
+    const correlation = cd ? new TextDecoder().decode(cd) : null;
+    const mine = !correlation || correlation.startsWith(pageToken);
     if (kind === "cmd_response/get_review" && mine && msg.ok && msg.run_id === st.reviewRun) renderReview(st, msg);
-    else if (kind === "cmd_response/get_review" && mine && !msg.ok) {
+    else if (kind === "cmd_response/get_review" && mine && !msg.ok && (!correlation || correlation === st.reviewAsk)) {
+      clearReview(st);  // the answer to the gallery's last request: no crop of it is left to type
       st.node.querySelector(".review-count").textContent = /^no review material/.test(String(msg.error))
         ? "(the station keeps no crops of this run: it restarted since, or the run is older than its last 4)"
         : "(" + String(msg.message || msg.error || "refused") + ")";
@@ -420,6 +424,9 @@ function connect(cfg, username, password, login) {
     username: username || undefined, password: password || undefined,
   });
   client.on("connect", () => {
+    // every station's status comes again, retained, with the subscription: until then it is not known
+    // (one that died while the broker was away left no Last Will)
+    for (const st of stations.values()) st.status = null;
     setBroker("connected");
     const topics = ["status", "run", "report", "telemetry", "cmd_response/get_review", "cmd_response/get_runs",
                     "cmd_response/type_cells", "cmd_response/verify_run"].map((t) => prefix + "/+/" + t);
