@@ -323,8 +323,10 @@ def test_commands_get_responses_with_correlation_data(
     )
     observer.client.publish(f"{BASE}/cmd/fail", b"{}", qos=1)
     observer.client.publish(f"{BASE}/cmd/recalibrate", b"not json", qos=1)
-    assert observer.wait_for(lambda m: len([x for x in m if "/cmd_response/" in x.topic]) >= 3, 5)
+    assert observer.wait_for(lambda m: len([x for x in m if "/cmd_response/" in x.topic]) >= 4, 5)
     responses = [x for x in observer.messages if "/cmd_response/" in x.topic]
+    cleared = responses.pop(0)  # answered, not run
+    assert cleared.topic.endswith("/cmd_response/stop_run") and json.loads(cleared.payload)["error"] == "empty_command"
     first = responses[0]
     assert first.topic == publisher.command_response_topic("recalibrate")
     assert json.loads(first.payload) == {"ok": True, "echo": {"stage": 2}}

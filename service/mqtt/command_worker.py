@@ -7,7 +7,8 @@ publisher (`respond`), which sends it. The queue is bounded: `submit()` refuses 
 is full, and the publisher hands it to `refuse()`, whose "busy" answer this thread sends first
 (at most `BUSY_BACKLOG` of them wait; beyond that a refusal is only logged). Nothing here talks MQTT.
 
-Every command gets an answer, whatever its payload: one over `MAX_PAYLOAD_BYTES` or nested deeper
+Every command gets an answer, whatever its payload: an empty one is refused (`empty_command`: a
+retained command being cleared arrives so, and must not run), one over `MAX_PAYLOAD_BYTES` or nested deeper
 than `MAX_DEPTH` is refused before it is parsed (Python's JSON parser recurses, and a 100 000-deep
 array would raise RecursionError), and any exception of the handler is answered as an error. The
 publisher replaces this thread should it ever end (service.mqtt.publisher).
@@ -158,8 +159,11 @@ class CommandWorker:
                     f"{MAX_PAYLOAD_BYTES}"}
         if nesting_depth(payload) > MAX_DEPTH:
             return {"ok": False, "error": f"payload nested deeper than {MAX_DEPTH} levels"}
+        if not payload.strip():  # not {}: clearing a retained command publishes an empty one, live
+            return {"ok": False, "error": "empty_command", "message": "a command needs a JSON object payload "
+                    "({} for none); an empty one, as clearing a retained command sends, is not run"}
         try:
-            arguments = json.loads(payload) if payload.strip() else {}
+            arguments = json.loads(payload)
         except (ValueError, RecursionError) as exc:
             return {"ok": False, "error": f"payload is not JSON: {exc}"}
         if not isinstance(arguments, dict):

@@ -392,8 +392,8 @@ class MqttPublisher:
         if not message.topic.startswith(self._command_prefix):
             return
         name = message.topic[len(self._command_prefix) :]
-        if message.retain or not message.payload:  # stale, or a retained command being cleared
-            logger.warning("ignoring %s command %r", "retained (stale)" if message.retain else "an empty", name)
+        if message.retain:
+            logger.warning("ignoring retained (stale) command %r", name)
             return
         props = getattr(message, "properties", None)
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
