@@ -137,8 +137,9 @@ def folder_problem(config: FolderSourceConfig) -> str | None:
         d = root / sub
         if d.exists() and not (d.is_dir() and os.access(d, os.W_OK | os.X_OK)):
             return f"{d} is not a folder this user can write"
-    state = config.state_file
-    if state is not None and not os.access(state if state.exists() else state.parent, os.W_OK):
+    state = config.state_file  # rewritten through a file beside it when compacted: its folder too
+    if state is not None and not (os.access(state.parent, os.W_OK | os.X_OK)
+                                  and (not state.exists() or os.access(state, os.W_OK))):
         return f"state_file {state} (or its folder) is not writable by this user"
     return None
 

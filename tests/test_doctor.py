@@ -4,6 +4,7 @@ where a config points, hashes checked (issue 18, item 12)."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,17 @@ def test_a_watched_folder_the_station_cannot_write_is_refused_before_it_starts(
     FolderSource(FolderSourceConfig(path=inbox)).close()  # writable: it opens
     assert main(["validate-config", str(config)]) == 0
     capsys.readouterr()
+    # read-only: a bind mount remounted so (root only; elsewhere this part skips)
+    if subprocess.run(["mount", "--bind", str(inbox), str(inbox)], check=False, capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (needs root): the read-only case is not checked")
+    try:
+        assert subprocess.run(["mount", "-o", "remount,bind,ro", str(inbox)], check=False, capture_output=True).returncode == 0
+        with pytest.raises(SourceConfigurationError, match="not writable by this user"):
+            FolderSource(FolderSourceConfig(path=inbox))
+        assert main(["validate-config", str(config)]) == 78
+        assert "is not writable by this user" in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", "-l", str(inbox)], check=False, capture_output=True)
 
 
 def test_validate_config_says_the_models_are_missing_as_start_up_would(

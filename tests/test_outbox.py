@@ -249,3 +249,15 @@ def test_on_a_full_disk_acknowledged_messages_are_still_deleted_and_new_ones_fit
         for i in range(400, 420):
             put(outbox, "field", i, size=4000)
         assert not outbox.disk_full and outbox.counts().messages == 20
+
+
+def test_a_reserve_a_crash_cut_short_is_made_whole_again(tmp_path: Path) -> None:
+    from smearscope.service.mqtt.reserve import RESERVE_BYTES
+
+    with Outbox(tmp_path / "o.db"):
+        pass
+    reserve = tmp_path / "o.db.reserve"
+    assert reserve.stat().st_size == RESERVE_BYTES
+    reserve.write_bytes(b"")  # a crash between its creation and its allocation
+    with Outbox(tmp_path / "o.db"):
+        assert reserve.stat().st_size == RESERVE_BYTES and reserve.stat().st_blocks * 512 >= RESERVE_BYTES

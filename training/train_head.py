@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--input-size", type=int, default=None,
                     help="head input side in pixels (RBC head; the physical crop extent stays the same)")
     args = ap.parse_args()
+    device = training_device(args.device)  # before the data: a GPU asked for and missing stops at once
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -168,7 +169,6 @@ def main() -> None:
     logger.info("%s head: train %d, val %d, test %d crops", args.head, len(train.labels), len(val.labels), len(test.labels))
 
     net = build_net(arch, len(classes))
-    device = training_device(args.device)
     model = Deployable(net).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     counts = np.bincount(train.labels, minlength=len(classes)).astype(float)

@@ -34,7 +34,7 @@ class DiskReserve:
 
     def make(self) -> None:
         """The file, where the disk has room for it twice over (looked at every RECHECK_S)."""
-        if time.monotonic() - self._checked < RECHECK_S or self.path.exists():
+        if time.monotonic() - self._checked < RECHECK_S or self._whole():
             return
         self._checked = time.monotonic()
         try:
@@ -44,6 +44,14 @@ class DiskReserve:
         except OSError as exc:
             logger.warning("cannot keep the reserve file %s (%s)", self.path, exc)
             self.path.unlink(missing_ok=True)
+
+    def _whole(self) -> bool:
+        """The file is there and allocated in full (not one a crash cut short, or sparse)."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return False
+        return st.st_size >= self.size and st.st_blocks * 512 >= self.size
 
     def release(self) -> bool:
         """Give the space back; False when there was none to give."""
