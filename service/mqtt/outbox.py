@@ -43,7 +43,7 @@ from typing import Literal, TypeVar
 from typing_extensions import Self  # typing.Self needs Python 3.11
 
 from smearscope.service.config.outbox import OutboxConfig, OverflowPolicy
-from smearscope.service.mqtt.reserve import DiskReserve
+from smearscope.service.mqtt.reserve import DiskReserve, shrink_wal
 
 logger = logging.getLogger(__name__)
 
@@ -455,21 +455,21 @@ class Outbox:
 
     def _delete(self, where: str, params: Sequence[object]) -> int:
         def delete() -> tuple[int, int, int]:
-            row = self._conn.execute(
-                f"SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(kind = 'report'), 0) "
-                f"FROM outbox WHERE {where}",
-                params,
-            ).fetchone()
+            row = self._conn.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(kind = 'report'), 0) "
+                                     f"FROM outbox WHERE {where}", params).fetchone()
             self._conn.execute(f"DELETE FROM outbox WHERE {where}", params)
             return row
 
         with self._lock:
+            full = self._disk_full  # a delete on a full disk gives the room its WAL holds back after it
             try:
                 row = self._transaction(delete)
             except sqlite3.Error as exc:
                 if not (is_disk_full(exc) and self._reserve.release()):
                     raise
-                row = self._transaction(delete)  # with the reserve's room: it frees pages for new messages
+                row, full = self._transaction(delete), True  # with the reserve's room
+            if full and row[0]:
+                shrink_wal(self._conn, self.path)  # the pages the delete freed then take new messages
             self._count -= int(row[0])
             self._bytes -= int(row[1])
             self._reports -= int(row[2])

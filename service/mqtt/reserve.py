@@ -2,11 +2,12 @@
 
 Deleting the messages the broker acknowledged needs room too (SQLite writes the delete to its
 WAL first): on a disk that filled while the broker was away, the acknowledgements that arrive
-when it comes back could not be deleted, no page would be freed, and the station would stay
-paused until someone freed space by hand. A file of RESERVE_BYTES (`<outbox>.reserve`) is kept
-beside the outbox and given up when such a delete fails for lack of space; the deletes then free
-pages that new messages reuse, so the station resumes on a disk still full. It is made again
-once the disk has room for it twice over.
+when it comes back could not be deleted, and every reconnect would send those messages again.
+A file of RESERVE_BYTES (`<outbox>.reserve`) is kept beside the outbox and given up when such a
+delete fails for lack of space. It is made again once the disk has room for it twice over. After
+a delete on a full disk the WAL is emptied (`shrink_wal`), so that the room its file holds goes
+back to the disk; a new message's write still needs room for its WAL frames, which the pages
+the deletes freed inside the database do not give: the analysis resumes when space is freed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 
@@ -63,3 +65,11 @@ class DiskReserve:
                        self.size / 2**20, self.path)
         self._checked = time.monotonic()  # not made again at once, on a disk still full
         return True
+
+
+def shrink_wal(conn: sqlite3.Connection, path: Path) -> None:
+    """A TRUNCATE checkpoint: the WAL's pages written into the database and its file emptied."""
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.Error as exc:
+        logger.warning("outbox %s: cannot empty its WAL on a full disk (%s)", path, exc)
