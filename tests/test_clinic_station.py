@@ -5,6 +5,7 @@ gallery (crops on demand within a message budget, overlays on disk under a size 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,26 @@ def test_overlays_are_kept_per_run_under_the_disk_cap(tmp_path: Path) -> None:
     assert sum(p.stat().st_size for p in files) <= cap_mb * 1024 * 1024
     assert [p.parent.name for p in files] == ["run-2", "run-2"]  # oldest run (and run-0) deleted first
     assert gallery.summary("run-2")["overlays"] == 2 and gallery.summary("run-1")["overlays"] == 0
+
+
+def test_overlays_give_way_to_the_outbox_on_a_disk_low_on_space(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Below `min_free_disk_mb` free, the oldest overlays are deleted and none is written (said once):
+    the outbox, beside them by default, needs the room more. Here the floor is set above what this
+    disk has free, so the disk is low whatever it holds."""
+    import shutil
+
+    review = tmp_path / "review"
+    pool = oracle_pool()
+    ReviewGallery(ReviewConfig(), review).add_field("run-0", _image(pool[0]), pool[0])
+    assert len(list(review.rglob("*.jpg"))) == 1
+    floor_mb = shutil.disk_usage(tmp_path).free / 2**20 + 1024
+    gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=floor_mb), review)
+    with caplog.at_level(logging.WARNING, logger="smearscope.service.station.review"):
+        for result in pool[:3]:
+            assert gallery.add_field("run-1", _image(result), result) >= 0  # the crops are still kept
+    assert list(review.rglob("*.jpg")) == []  # the old one deleted, none written
+    assert gallery.summary("run-1")["overlays"] == 0 and gallery.summary("run-1")["cells"] > 0
+    assert sum("min_free_disk_mb" in r.getMessage() for r in caplog.records) == 1
 
 
 def _two_field_station(tmp_path: Path, broker: Any, **extra: Any) -> tuple[Subscriber, Path, list[int]]:

@@ -48,6 +48,10 @@ class ReviewConfig(StationBaseModel):
     max_disk_mb: float = Field(
         default=200.0, gt=0, title="Overlay disk cap (MB)",
         description="Above this many megabytes of overlays the oldest are deleted, oldest run first.")
+    min_free_disk_mb: float = Field(
+        default=256.0, ge=0, title="Disk kept free (MB)",
+        description="Overlays give way to the outbox: while the disk that holds them has less free "
+        "space than this, the oldest are deleted and a new one is written only when that makes room.")
     crop_px: int = Field(
         default=80, ge=32, le=256, title="Crop size (px)",
         description="Side of each cell crop sent for review (JPEG, the cell and some context).")

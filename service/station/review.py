@@ -19,6 +19,7 @@ import base64
 import json
 import logging
 import re
+import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -136,6 +137,7 @@ class ReviewGallery:
         self._lock = threading.Lock()
         self._runs: OrderedDict[str, _RunGallery] = OrderedDict()
         self._typing: WbcTyping | None = None
+        self._low_disk_said = False  # the low-disk warning, once until there is room again
 
     def set_wbc_typing(self, typing: WbcTyping | None) -> None:
         """The WBC head whose features come with the fields (None: no typing)."""
@@ -319,7 +321,26 @@ class ReviewGallery:
         out["next_offset"] = i if i < len(crops) else None
         return out
 
+    def _free(self) -> int:
+        """Free bytes on the disk that holds the overlays (their folder, or its nearest parent)."""
+        where = next((p for p in (self.directory, *self.directory.parents) if p.exists()), Path("/"))
+        try:
+            return shutil.disk_usage(where).free
+        except OSError:
+            return 0
+
     def _write_overlay(self, run_id: str, field_id: str, overlay: np.ndarray) -> Path | None:
+        floor = int(self.config.min_free_disk_mb * 1024 * 1024)
+        if self._free() < floor:  # the outbox needs the disk more: the oldest overlays make room first
+            self._enforce_disk_cap()
+            if self._free() < floor:
+                if not self._low_disk_said:
+                    logger.warning("review overlays not written while %s has under %.0f MB free ([review] "
+                                   "min_free_disk_mb): the outbox needs the room", self.directory,
+                                   self.config.min_free_disk_mb)
+                    self._low_disk_said = True
+                return None
+        self._low_disk_said = False
         folder = self.directory / _SAFE.sub("_", run_id)
         path = folder / f"{_SAFE.sub('_', field_id)[:120]}.jpg"
         try:
@@ -338,9 +359,9 @@ class ReviewGallery:
         except OSError as exc:
             logger.warning("cannot measure the overlays under %s: %s", self.directory, exc)
             return
-        removed = 0
+        removed, floor = 0, int(self.config.min_free_disk_mb * 1024 * 1024)
         for old in files:
-            if total <= cap:
+            if total <= cap and self._free() >= floor:
                 break
             try:
                 total -= old.stat().st_size
@@ -351,7 +372,8 @@ class ReviewGallery:
             except OSError as exc:
                 logger.warning("cannot remove overlay %s: %s", old, exc)
         if removed:
-            logger.info("review overlays above %.0f MB: %d oldest deleted", self.config.max_disk_mb, removed)
+            logger.info("review overlays above %.0f MB or the disk's free space under %.0f MB: %d oldest deleted",
+                        self.config.max_disk_mb, self.config.min_free_disk_mb, removed)
             with self._lock:
                 for g in self._runs.values():
                     g.overlays = [p for p in g.overlays if p.exists()]
