@@ -80,11 +80,11 @@ def test_gallery_pages_fit_the_message_budget_and_cover_every_crop(tmp_path: Pat
 def test_overlays_are_kept_per_run_under_the_disk_cap(tmp_path: Path) -> None:
     review = tmp_path / "review"
     pool = oracle_pool()
-    one = ReviewGallery(ReviewConfig(), review)
+    one = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)  # whatever this disk has free
     one.add_field("run-0", _image(pool[0]), pool[0])
     size = sum(p.stat().st_size for p in review.rglob("*.jpg"))
     cap_mb = 2.5 * size / 1024 / 1024  # room for two overlays
-    gallery = ReviewGallery(ReviewConfig(max_disk_mb=cap_mb), review)
+    gallery = ReviewGallery(ReviewConfig(max_disk_mb=cap_mb, min_free_disk_mb=0), review)
     for i, result in enumerate(pool):
         gallery.add_field("run-1" if i < 2 else "run-2", _image(result), result)
     files = sorted(review.rglob("*.jpg"))
@@ -101,7 +101,7 @@ def test_overlays_give_way_to_the_outbox_on_a_disk_low_on_space(tmp_path: Path, 
 
     review = tmp_path / "review"
     pool = oracle_pool()
-    ReviewGallery(ReviewConfig(), review).add_field("run-0", _image(pool[0]), pool[0])
+    ReviewGallery(ReviewConfig(min_free_disk_mb=0), review).add_field("run-0", _image(pool[0]), pool[0])
     assert len(list(review.rglob("*.jpg"))) == 1
     floor_mb = shutil.disk_usage(tmp_path).free / 2**20 + 1024
     gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=floor_mb), review)
@@ -128,7 +128,7 @@ def _two_field_station(tmp_path: Path, broker: Any, **extra: Any) -> tuple[Subsc
 def test_station_publishes_fhir_live_state_and_review(
     tmp_path: Path, broker: Any, credentials_dir: Path,
 ) -> None:
-    observer, config, per_field = _two_field_station(tmp_path, broker, review={"max_message_kb": 16})
+    observer, config, per_field = _two_field_station(tmp_path, broker, review={"max_message_kb": 16, "min_free_disk_mb": 0})
     daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(), config_path=config)
     runner = threading.Thread(target=daemon.run, daemon=True)
     runner.start()

@@ -324,3 +324,43 @@ def test_a_copy_of_an_analysed_image_is_refused_not_counted_twice(tmp_path: Path
         ("rejected", "duplicate_content"), ("skipped", "already_stored")]
     assert daemon.workers.stats.snapshot()["rejected"] == {"duplicate_content": 1}
     assert sum(r.kind == "field" for r in daemon.ledger) == 3
+
+
+def test_a_copy_that_comes_while_its_original_is_analysed_is_refused_and_a_failed_ones_is_not(
+    tmp_path: Path,
+) -> None:
+    """Two fields at a time: a copy that arrives while its original is still being analysed (not
+    yet stored) is refused as duplicate_content; an image whose analysis failed was never counted,
+    so a copy of it is analysed. (The quality gate is off, so that its same-field check, which
+    refuses a copy right after its original, does not take the station's place.)"""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.2,
+              "microns_per_pixel": 0.2}
+    config = write_station(tmp_path, free_port(), credentials=False, source=source,
+                           analysis={"concurrent_fields": 2}, quality={"enabled": False})
+    # call 0 (the original) takes 3 s; call 1 fails
+    daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(
+        stall_on=frozenset({0}), stall_s=3.0, fail_on={1: RuntimeError("engine exploded")}))
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    png = lambda seed: cv2.imencode(".png", render_field(seed, width=256, height=192).frame.pixels)[1].tobytes()
+    outcome = lambda name: [(o, r) for fid, o, r in daemon.outcomes if fid.split(":", 1)[1].startswith(name + "@")]
+    runner.start()
+    try:
+        assert wait_until(lambda: daemon.analyzer is not None, 10)
+        (inbox / "a.png").write_bytes(png(7))
+        assert wait_until(lambda: daemon.analyzer.calls == 1, 20)  # a is being analysed (3 s)
+        (inbox / "a copy.png").write_bytes(png(7))
+        assert wait_until(lambda: outcome("a copy.png") != [], 20), list(daemon.outcomes)
+        assert outcome("a.png") == []  # still being analysed when its copy was refused
+        (inbox / "c.png").write_bytes(png(9))  # call 1: fails
+        assert wait_until(lambda: outcome("c.png") == [("failed", "analysis_error")], 20), list(daemon.outcomes)
+        (inbox / "c again.png").write_bytes(png(9))
+        assert wait_until(lambda: outcome("c again.png") != [], 20), list(daemon.outcomes)
+    finally:
+        daemon.request_stop("test over")
+        runner.join(30)
+    assert not runner.is_alive()
+    assert outcome("a copy.png") == [("rejected", "duplicate_content")]
+    assert outcome("a.png") == [("analysed", None)] and outcome("c again.png") == [("analysed", None)]
+    assert (inbox / "rejected" / "a copy.png.reason.txt").read_text().startswith("duplicate_content")

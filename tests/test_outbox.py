@@ -225,11 +225,13 @@ def test_a_full_disk_raises_sqlite_full_and_clears_when_space_returns(tmp_path: 
         assert not outbox.disk_full and outbox.counts().messages == stored + 1
 
 
-def test_on_a_full_disk_acknowledged_messages_are_still_deleted_and_new_ones_fit(tmp_path: Path) -> None:
+def test_on_a_full_disk_acknowledged_messages_are_still_deleted_and_the_wal_gives_its_room_back(
+    tmp_path: Path,
+) -> None:
     """A disk that filled while the broker was away: the acknowledgements that arrive when it is
-    back must free the outbox's pages, or the station stays paused until someone frees space by
-    hand. The reserve beside the outbox is given up for those deletes, and new messages then fit
-    on a disk still full."""
+    back must leave the outbox, or every reconnect sends them again. The reserve beside the outbox
+    is given up for those deletes, the WAL is emptied after them, and here (a WAL that held the
+    sixty messages' frames) a few new messages fit on the disk still full."""
     from smallfs import fill, small_tmpfs
 
     from smearscope.service.mqtt.reserve import RESERVE_BYTES

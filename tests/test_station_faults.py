@@ -71,8 +71,9 @@ def test_disk_full_pauses_the_analysis_and_nothing_is_lost(tmp_path: Path,
             assert len(daemon.stored()) <= paused_at + 1, "analysis went on with a full disk"
             broker.start()  # acknowledgements arrive while the disk is still full
             sub.wait_ready(15)
-            # they are deleted from the outbox (with its reserve's room where the disk has none:
-            # service.mqtt.reserve), not sent again at every reconnect
+            # they are deleted from the outbox on the disk still full, not sent again at every reconnect
+            # (where the disk has no room left at all for the deletes, the outbox's reserve gives it:
+            # test_outbox.py)
             def waiting() -> int | None:  # the station's telemetry says how many messages its outbox holds
                 last = [m for m in list(sub.messages) if m.topic == f"{BASE}/telemetry"][-1:]
                 return json.loads(last[0].payload)["pipeline"]["outbox_messages"] if last else None

@@ -500,6 +500,14 @@ def test_a_connection_that_keeps_dropping_adds_no_copies_of_the_run_state(statio
         publisher.on_reconnected()
         (again,) = outbox.pending(limit=10)
         assert again.seq != first.seq and again.payload == first.payload
+        # a newer state whose store failed (a full disk): the next reconnect sends it, not skips it
+        put_many = publisher.publish_many
+        publisher.publish_many = lambda items, also=None, extra=(): (_ for _ in ()).throw(OSError("disk full"))
+        b = replace(run, run_id="b")
+        feed.run_closed(ClosedRun("b", "stopped", 4, run.classified_wbc, 100, final(b, "stopped"), b), publisher)
+        publisher.publish_many = put_many
+        publisher.on_reconnected()
+        assert [json.loads(m.payload)["run_id"] for m in outbox.pending(limit=10)] == ["a", "b"]
     finally:
         feed.close()
         outbox.close()

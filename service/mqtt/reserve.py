@@ -6,8 +6,9 @@ when it comes back could not be deleted, and every reconnect would send those me
 A file of RESERVE_BYTES (`<outbox>.reserve`) is kept beside the outbox and given up when such a
 delete fails for lack of space. It is made again once the disk has room for it twice over. After
 a delete on a full disk the WAL is emptied (`shrink_wal`), so that the room its file holds goes
-back to the disk; a new message's write still needs room for its WAL frames, which the pages
-the deletes freed inside the database do not give: the analysis resumes when space is freed.
+back to the disk. A new message's write needs room for its WAL frames, which the pages the
+deletes freed inside the database do not give: the WAL's room given back may take a few; the
+analysis resumes for good when space is freed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class DiskReserve:
     def __init__(self, path: Path, size: int = RESERVE_BYTES) -> None:
         self.path, self.size = path, size
         self._checked = -RECHECK_S
+        self._made = False  # made by this process: trusted whole even where the disk keeps zeros as holes
 
     def make(self) -> None:
         """The file, where the disk has room for it twice over (looked at every RECHECK_S)."""
@@ -43,6 +45,7 @@ class DiskReserve:
             if shutil.disk_usage(self.path.parent).free > 2 * self.size:
                 with open(self.path, "wb") as fh:
                     os.posix_fallocate(fh.fileno(), 0, self.size)
+                self._made = True
         except OSError as exc:
             logger.warning("cannot keep the reserve file %s (%s)", self.path, exc)
             self.path.unlink(missing_ok=True)
@@ -53,7 +56,7 @@ class DiskReserve:
             st = self.path.stat()
         except FileNotFoundError:
             return False
-        return st.st_size >= self.size and st.st_blocks * 512 >= self.size
+        return st.st_size >= self.size and (self._made or st.st_blocks * 512 >= self.size)
 
     def release(self) -> bool:
         """Give the space back; False when there was none to give."""

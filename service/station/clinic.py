@@ -220,6 +220,7 @@ class ClinicFeed:
             return
         with self._live_lock:
             self._live = (_topic(publisher, RUN_TOPIC), payload, report.run_id or report.report_id)
+            self._live_seq = None  # the copy waiting, if any, is of an older state
             self._send_live(publisher)
 
     def republish(self, publisher: OutboxPublisher) -> None:

@@ -138,6 +138,7 @@ class ReviewGallery:
         self._runs: OrderedDict[str, _RunGallery] = OrderedDict()
         self._typing: WbcTyping | None = None
         self._low_disk_said = False  # the low-disk warning, once until there is room again
+        self._cap_enforced = False
 
     def set_wbc_typing(self, typing: WbcTyping | None) -> None:
         """The WBC head whose features come with the fields (None: no typing)."""
@@ -213,7 +214,9 @@ class ReviewGallery:
                                         "height": thumbnail.shape[0], "jpeg": thumb_jpeg}
             while len(self._runs) > KEEP_RUNS + 1:
                 self._runs.popitem(last=False)
-        self._enforce_disk_cap()
+        if not self._cap_enforced:  # not again when writing the overlay did it just now
+            self._enforce_disk_cap()
+        self._cap_enforced = False
         return kept
 
     def _thumbnail(self, overlay: np.ndarray) -> tuple[np.ndarray, str]:
@@ -321,18 +324,20 @@ class ReviewGallery:
         out["next_offset"] = i if i < len(crops) else None
         return out
 
-    def _free(self) -> int:
-        """Free bytes on the disk that holds the overlays (their folder, or its nearest parent)."""
-        where = next((p for p in (self.directory, *self.directory.parents) if p.exists()), Path("/"))
+    def _free(self) -> float:
+        """Free bytes on the disk that holds the overlays (their folder, or its nearest parent);
+        infinite when that cannot be read (a disk that cannot be measured deletes nothing)."""
         try:
+            where = next((p for p in (self.directory, *self.directory.parents) if p.exists()), Path("/"))
             return shutil.disk_usage(where).free
         except OSError:
-            return 0
+            return float("inf")
 
     def _write_overlay(self, run_id: str, field_id: str, overlay: np.ndarray) -> Path | None:
         floor = int(self.config.min_free_disk_mb * 1024 * 1024)
         if self._free() < floor:  # the outbox needs the disk more: the oldest overlays make room first
             self._enforce_disk_cap()
+            self._cap_enforced = True
             if self._free() < floor:
                 if not self._low_disk_said:
                     logger.warning("review overlays not written while %s has under %.0f MB free ([review] "

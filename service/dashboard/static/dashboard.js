@@ -393,9 +393,12 @@ function onMessage(topic, payload, packet) {
     const correlation = cd ? new TextDecoder().decode(cd) : null;
     const mine = !correlation || correlation.startsWith(pageToken);
     if (kind === "cmd_response/get_review" && mine && msg.ok && msg.run_id === st.reviewRun) renderReview(st, msg);
-    else if (kind === "cmd_response/get_review" && mine && !msg.ok && (!correlation || correlation === st.reviewAsk)) {
-      clearReview(st);  // the answer to the gallery's last request: no crop of it is left to type
-      st.node.querySelector(".review-count").textContent = /^no review material/.test(String(msg.error))
+    else if (kind === "cmd_response/get_review" && !msg.ok && correlation === st.reviewAsk) {
+      // the answer to the gallery's last request: a run the station keeps no crops of empties it (none
+      // is left to type); another refusal (a busy station) leaves what it shows
+      const gone = /^no review material/.test(String(msg.error));
+      if (gone) clearReview(st);
+      st.node.querySelector(".review-count").textContent = gone
         ? "(the station keeps no crops of this run: it restarted since, or the run is older than its last 4)"
         : "(" + String(msg.message || msg.error || "refused") + ")";
     }
