@@ -337,8 +337,8 @@ class ReviewGallery:
         floor = int(self.config.min_free_disk_mb * 1024 * 1024)
         if self._free() < floor:  # the outbox needs the disk more: the oldest overlays make room first
             self._enforce_disk_cap()
-            self._cap_enforced = True
             if self._free() < floor:
+                self._cap_enforced = True  # and nothing written: no need to look again after it
                 if not self._low_disk_said:
                     logger.warning("review overlays not written while %s has under %.0f MB free ([review] "
                                    "min_free_disk_mb): the outbox needs the room", self.directory,
