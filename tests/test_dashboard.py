@@ -329,7 +329,11 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         driver.find_element(By.CSS_SELECTOR, f"{card} .verify-by").send_keys("AB")
         driver.find_element(By.CSS_SELECTOR, f"{card} .verify-run").click()
         _wait("the verified report on the page", lambda: seen(card, "data-verified-by") == "AB", 30, logs)
-        assert "verified: 1 typed" in (seen(f"{card} .verify-state") or "")
+        verified_text = seen(f"{card} .verify-state") or ""
+        assert "verified: 1 typed" in verified_text
+        left = json.loads(observer.on_topic(f"{BASE}/cmd_response/verify_run")[-1].payload)
+        assert left["ok"] and (f"{left['left_to_review']} cells sent to review were not typed" in verified_text) == (
+            left["left_to_review"] > 0)
         assert seen(f"{card} .diff-source") == "verified" and seen(f"{card} .verify-run") == "Sign again"
 
         def last_report() -> Report:

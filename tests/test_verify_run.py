@@ -22,6 +22,7 @@ from smearscope.service.analysis.records import CellKind
 from smearscope.service.analysis.report import Verification
 from smearscope.service.fhir import codes
 from smearscope.service.fhir.bundle import report_bundle
+from smearscope.service.station.review import needs_review
 from smearscope.service.station.specimen import ClosedRun, SpecimenRun
 from smearscope.service.station.typed_cells import TypeableCell
 
@@ -152,6 +153,17 @@ def test_verifying_again_starts_from_the_analyzers_run_and_only_the_last_closed_
                                                      in_field[k].label, {}, typing.model_sha256, typing.views, 0.1))
     one, live, answer = feed.verify("r", "AB", final, None)
     assert answer["ok"] and answer["typed_cells"] == 1 and answer["reclassified"] == 1 and live
+    # the cells sent to review that were not typed: signed with them, and said so
+    to_review = sum(needs_review(r) is not None for r in run.records)
+    left = to_review - (needs_review(in_field[k]) is not None)
+    assert to_review > 0 and answer["left_to_review"] == left
+    g2 = next(i for i, r in enumerate(run.records) if needs_review(r) is not None and r.kind == "wbc" and i != g)
+    fid2 = run.records[g2].field_id
+    k2 = [i for i, r in enumerate(run.records) if r.field_id == fid2].index(g2)
+    store.put("r", fid2, k2, "lymphocyte", TypeableCell(np.zeros(4, np.float32), np.zeros((1, 4), np.float32),
+                                                       run.records[g2].label, {}, typing.model_sha256, typing.views, 0.1))
+    assert feed.verify("r", "AB", final, None)[2]["left_to_review"] == left - 1  # one of them typed
+    assert store.remove("r", fid2, k2)
     assert one.report.cells[g].label == "basophil" and one.report.verification.supersedes == report.report_id
     feed.run_closed(one, None, live)
     assert feed.closed_run("r").report.report_id == one.report.report_id

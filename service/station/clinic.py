@@ -31,13 +31,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from smearscope.service.analysis.pipeline import FieldResult
-from smearscope.service.analysis.report import Report, Verification
+from smearscope.service.analysis.report import CellRecord, Report, Verification
 from smearscope.service.config import MqttConfig, StationConfig
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.fhir.report_view import rbc_grades
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, StateWriter
 from smearscope.service.station.durable import KEEP_CLOSED_RUNS
-from smearscope.service.station.review import ReviewGallery, WbcTyping
+from smearscope.service.station.review import ReviewGallery, WbcTyping, needs_review
 from smearscope.service.station.specimen import ClosedRun, EndReason, SpecimenRun, SpecimenTracker
 from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore, typed_cells_path
 
@@ -67,6 +67,18 @@ class OutboxPublisher(Protocol):
 
     def publish_many(self, items: list[tuple[MessageKind, str, bytes, str]],
                      also: StateWriter | None = None, extra: Sequence[NewMessage] = ()) -> list[int]: ...
+
+
+def _left_to_review(records: Sequence[CellRecord], types: dict[tuple[str, int], tuple[str, str]]) -> int:
+    """The run's cells the analyzer sent to review (unidentified, atypical) that no one typed:
+    a signed run says how many it was signed with (its crops may be gone after a restart)."""
+    position: dict[str, int] = {}
+    left = 0
+    for rec in records:
+        fid = rec.field_id or ""
+        k = position[fid] = position.get(fid, -1) + 1
+        left += needs_review(rec) is not None and (fid, k) not in types
+    return left
 
 
 def _topic(publisher: OutboxPublisher, name: str) -> str:
@@ -401,7 +413,8 @@ class ClinicFeed:
         return (ClosedRun(run_id, closed.end_reason, closed.fields, run.classified_wbc, closed.target_wbc, report,
                           closed.run), live,
                 {"ok": True, "run_id": run_id, "report_id": report.report_id,
-                 "supersedes": closed.report.report_id, "typed_cells": typed, "reclassified": len(changed)})
+                 "supersedes": closed.report.report_id, "typed_cells": typed, "reclassified": len(changed),
+                 "left_to_review": _left_to_review(closed.run.records, types)})
 
     def run_types(self, run_id: str) -> dict[tuple[str, int], tuple[str, str]]:
         """The types technicians gave this run's cells ({} with typing off or nothing typed)."""

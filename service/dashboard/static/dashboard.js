@@ -280,7 +280,8 @@ function verifiedAnswer(st, msg) {
   if (msg.ok) requestRuns(st);  // the signed run's list entry
   const state = st.node.querySelector(".verify-state");
   state.dataset.state = msg.ok ? "saved" : "error";
-  state.textContent = msg.ok ? "verified: " + msg.typed_cells + " typed, " + msg.reclassified + " reclassified"
+  state.textContent = msg.ok ? "verified: " + msg.typed_cells + " typed, " + msg.reclassified + " reclassified" +
+      (msg.left_to_review ? "; " + msg.left_to_review + " cells sent to review were not typed" : "")
     : String(msg.message || msg.error || "refused");
 }
 
