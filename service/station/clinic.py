@@ -38,7 +38,13 @@ from smearscope.service.fhir.report_view import rbc_grades
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, StateWriter
 from smearscope.service.station.durable import KEEP_CLOSED_RUNS
 from smearscope.service.station.review import ReviewGallery, WbcTyping, needs_review
-from smearscope.service.station.specimen import ClosedRun, EndReason, SpecimenRun, SpecimenTracker
+from smearscope.service.station.specimen import (
+    ClosedRun,
+    EndReason,
+    SpecimenRun,
+    SpecimenTracker,
+    cell_keys,
+)
 from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore, typed_cells_path
 
 logger = logging.getLogger(__name__)
@@ -72,13 +78,7 @@ class OutboxPublisher(Protocol):
 def _left_to_review(records: Sequence[CellRecord], types: dict[tuple[str, int], tuple[str, str]]) -> int:
     """The run's cells the analyzer sent to review (unidentified, atypical) that no one typed:
     a signed run says how many it was signed with (its crops may be gone after a restart)."""
-    position: dict[str, int] = {}
-    left = 0
-    for rec in records:
-        fid = rec.field_id or ""
-        k = position[fid] = position.get(fid, -1) + 1
-        left += needs_review(rec) is not None and (fid, k) not in types
-    return left
+    return sum(needs_review(rec) is not None and key not in types for key, rec in zip(cell_keys(records), records))
 
 
 def _topic(publisher: OutboxPublisher, name: str) -> str:

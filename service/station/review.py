@@ -138,7 +138,6 @@ class ReviewGallery:
         self._runs: OrderedDict[str, _RunGallery] = OrderedDict()
         self._typing: WbcTyping | None = None
         self._low_disk_said = False  # the low-disk warning, once until there is room again
-        self._cap_enforced = False
 
     def set_wbc_typing(self, typing: WbcTyping | None) -> None:
         """The WBC head whose features come with the fields (None: no typing)."""
@@ -214,9 +213,8 @@ class ReviewGallery:
                                         "height": thumbnail.shape[0], "jpeg": thumb_jpeg}
             while len(self._runs) > KEEP_RUNS + 1:
                 self._runs.popitem(last=False)
-        if not self._cap_enforced:  # not again when writing the overlay did it just now
+        if path is not None:  # a new overlay: the cap and the disk's floor again
             self._enforce_disk_cap()
-        self._cap_enforced = False
         return kept
 
     def _thumbnail(self, overlay: np.ndarray) -> tuple[np.ndarray, str]:
@@ -324,6 +322,11 @@ class ReviewGallery:
         out["next_offset"] = i if i < len(crops) else None
         return out
 
+    @property
+    def _floor(self) -> int:
+        """Bytes the overlays leave free on their disk (`min_free_disk_mb`)."""
+        return int(self.config.min_free_disk_mb * 1024 * 1024)
+
     def _free(self) -> float:
         """Free bytes on the disk that holds the overlays (their folder, or its nearest parent);
         infinite when that cannot be read (a disk that cannot be measured deletes nothing)."""
@@ -334,11 +337,9 @@ class ReviewGallery:
             return float("inf")
 
     def _write_overlay(self, run_id: str, field_id: str, overlay: np.ndarray) -> Path | None:
-        floor = int(self.config.min_free_disk_mb * 1024 * 1024)
-        if self._free() < floor:  # the outbox needs the disk more: the oldest overlays make room first
+        if self._free() < self._floor:  # the outbox needs the disk more: the oldest overlays make room first
             self._enforce_disk_cap()
-            if self._free() < floor:
-                self._cap_enforced = True  # and nothing written: no need to look again after it
+            if self._free() < self._floor:
                 if not self._low_disk_said:
                     logger.warning("review overlays not written while %s has under %.0f MB free ([review] "
                                    "min_free_disk_mb): the outbox needs the room", self.directory,
@@ -364,9 +365,9 @@ class ReviewGallery:
         except OSError as exc:
             logger.warning("cannot measure the overlays under %s: %s", self.directory, exc)
             return
-        removed, floor = 0, int(self.config.min_free_disk_mb * 1024 * 1024)
+        removed = 0
         for old in files:
-            if total <= cap and self._free() >= floor:
+            if total <= cap and self._free() >= self._floor:
                 break
             try:
                 total -= old.stat().st_size

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -84,6 +84,15 @@ FIELD_FLAGS = {
 
 def field_id_of(report: Report) -> str:
     return report.source.frame_id if report.source is not None else report.report_id
+
+
+def cell_keys(records: Sequence[CellRecord]) -> Iterator[tuple[str, int]]:
+    """Each cell's key as technicians' types name it: (its field id, its index in that field's report)."""
+    position: dict[str, int] = {}
+    for rec in records:
+        fid = rec.field_id or ""
+        position[fid] = position.get(fid, -1) + 1
+        yield fid, position[fid]
 
 
 @dataclass
@@ -155,13 +164,9 @@ class SpecimenRun:
         how many typed cells it holds; a type of one kind on a cell of another is ignored. The
         run must be the analyzer's (never an earlier verified copy): `machine_label` is its label."""
         cells, records = list(self.cells), list(self.records)
-        position: dict[str, int] = {}
         changed: list[Reclassified] = []
         typed = 0
-        for g, rec in enumerate(records):
-            fid = rec.field_id or ""
-            k = position.get(fid, 0)
-            position[fid] = k + 1
+        for g, ((fid, k), rec) in enumerate(zip(cell_keys(records), records)):
             kind_and_type = types.get((fid, k))
             c = cells[g]
             if kind_and_type is None:
