@@ -310,12 +310,19 @@ def test_commands_get_responses_with_correlation_data(
             raise RuntimeError("camera busy")
         return {"ok": True, "echo": payload}
 
+    # A command left retained on the broker reaches the station at its subscription: not run.
+    observer.client.publish(f"{BASE}/cmd/stop_run", b'{"stale": 1}', qos=1, retain=True).wait_for_publish(5)
     publisher = start_publisher(make_config(tmp_path, broker.port), started, on_command=on_command)
     assert publisher.wait_until_connected(5)
     assert wait_until(lambda: publisher.state.connected, 5)
     time.sleep(0.2)  # subscription made in on_connect reaches the broker
-    # a retained command being cleared (an empty retained message, delivered live) is not run
+    # one published retained while the station listens arrives live (MQTT 5 keeps its flag): not run
+    observer.client.publish(f"{BASE}/cmd/start_run", b'{"live": 1}', qos=1, retain=True)
+    # clearing a retained command (empty and retained) is neither run nor answered; an empty one
+    # without the flag (how MQTT 3.1.1 delivers a clearing live) is answered and not run
+    observer.client.publish(f"{BASE}/cmd/start_run", b"", qos=1, retain=True)
     observer.client.publish(f"{BASE}/cmd/stop_run", b"", qos=1, retain=True)
+    observer.client.publish(f"{BASE}/cmd/stop_run", b"", qos=1)
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.CorrelationData = b"req-42"
     observer.client.publish(
@@ -323,10 +330,16 @@ def test_commands_get_responses_with_correlation_data(
     )
     observer.client.publish(f"{BASE}/cmd/fail", b"{}", qos=1)
     observer.client.publish(f"{BASE}/cmd/recalibrate", b"not json", qos=1)
-    assert observer.wait_for(lambda m: len([x for x in m if "/cmd_response/" in x.topic]) >= 4, 5)
+    assert observer.wait_for(lambda m: len([x for x in m if "/cmd_response/" in x.topic]) >= 6, 5)
+    time.sleep(0.3)  # an answer to a clearing would come by now
     responses = [x for x in observer.messages if "/cmd_response/" in x.topic]
-    cleared = responses.pop(0)  # answered, not run
-    assert cleared.topic.endswith("/cmd_response/stop_run") and json.loads(cleared.payload)["error"] == "empty_command"
+    assert len(responses) == 6
+    for command in ("stop_run", "start_run"):  # the stored one, the live one
+        retained = responses.pop(0)
+        assert retained.topic.endswith(f"/cmd_response/{command}")
+        assert json.loads(retained.payload)["error"] == "retained_command"
+    empty = responses.pop(0)
+    assert empty.topic.endswith("/cmd_response/stop_run") and json.loads(empty.payload)["error"] == "empty_command"
     first = responses[0]
     assert first.topic == publisher.command_response_topic("recalibrate")
     assert json.loads(first.payload) == {"ok": True, "echo": {"stage": 2}}

@@ -7,8 +7,11 @@ publisher (`respond`), which sends it. The queue is bounded: `submit()` refuses 
 is full, and the publisher hands it to `refuse()`, whose "busy" answer this thread sends first
 (at most `BUSY_BACKLOG` of them wait; beyond that a refusal is only logged). Nothing here talks MQTT.
 
-Every command gets an answer, whatever its payload: an empty one is refused (`empty_command`: a
-retained command being cleared arrives so, and must not run), one over `MAX_PAYLOAD_BYTES` or nested deeper
+Every command gets an answer, whatever its payload: one that arrives with the retain flag is
+refused (`retained_command`: a command left on the broker would run again at every reconnect),
+and an empty one too (`empty_command`: under MQTT 3.1.1 clearing a retained command arrives so,
+live, and must not run); clearing a retained one under MQTT 5 (empty and retained) is not
+answered. One over `MAX_PAYLOAD_BYTES` or nested deeper
 than `MAX_DEPTH` is refused before it is parsed (Python's JSON parser recurses, and a 100 000-deep
 array would raise RecursionError), and any exception of the handler is answered as an error. The
 publisher replaces this thread should it ever end (service.mqtt.publisher).
@@ -77,7 +80,7 @@ class CommandWorker:
         self._respond = respond
         self._stop = stop
         self._tick_s = tick_s
-        self._queue: queue.Queue[tuple[str, bytes, bytes | None] | None] = queue.Queue(QUEUE_SIZE)
+        self._queue: queue.Queue[tuple[str, bytes, bytes | None, bool] | None] = queue.Queue(QUEUE_SIZE)
         self._busy: deque[tuple[str, bytes | None]] = deque()
         self._busy_lock = threading.Lock()
         self.refused_unanswered = 0
@@ -99,10 +102,15 @@ class CommandWorker:
         """Every thread started, for the publisher to join at stop."""
         return list(self._threads)
 
-    def submit(self, name: str, payload: bytes, correlation: bytes | None) -> bool:
-        """Queue a command; False when the queue is full (the caller answers "busy")."""
+    def submit(self, name: str, payload: bytes, correlation: bytes | None, *,
+               retained: bool = False) -> bool:
+        """Queue a command (`retained`: it came with the retain flag); False when the queue is
+        full (the caller answers "busy"). A retained command's clearing is dropped here."""
+        if retained and not payload:
+            logger.info("retained command %r cleared on the broker", name)
+            return True
         try:
-            self._queue.put_nowait((name, payload, correlation))
+            self._queue.put_nowait((name, payload, correlation, retained))
             return True
         except queue.Full:
             return False
@@ -145,15 +153,20 @@ class CommandWorker:
                     continue
                 if item is None:
                     break
-                name, payload, correlation = item
-                self._respond(name, self.answer(name, payload), correlation)
+                name, payload, correlation, retained = item
+                self._respond(name, self.answer(name, payload, retained=retained), correlation)
             except Exception:  # the responder failed: this command is lost, the thread is not
                 logger.exception("command thread: answering a command failed")
 
-    def answer(self, name: str, payload: bytes) -> Mapping[str, Any]:
+    def answer(self, name: str, payload: bytes, *, retained: bool = False) -> Mapping[str, Any]:
         """The response body for one command; never raises."""
         if self.handler is None:
             return {"ok": False, "error": "this station accepts no commands"}
+        if retained:
+            logger.warning("command %r arrived retained: not run", name)
+            return {"ok": False, "error": "retained_command", "message": "a command is published "
+                    "without the retain flag; one left retained on the broker would run again at "
+                    "every reconnect: clear it with an empty retained message on its topic"}
         if len(payload) > MAX_PAYLOAD_BYTES:
             return {"ok": False, "error": f"payload of {len(payload)} bytes is over the limit of "
                     f"{MAX_PAYLOAD_BYTES}"}

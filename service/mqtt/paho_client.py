@@ -15,6 +15,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, LogLevel, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from smearscope.service.config.mqtt import MqttConfig
 
@@ -56,6 +57,16 @@ def configured_client(config: MqttConfig, client_id: str, protocol: MQTTProtocol
     client.max_queued_messages_set(config.max_inflight + STATUS_SLACK)
     client.reconnect_delay_set(config.reconnect_min_delay_s, config.reconnect_max_delay_s)
     return client
+
+
+def subscribe_commands(client: mqtt.Client, command_filter: str, protocol: MQTTProtocolVersion) -> None:
+    """Subscribe to the station's commands at QoS 1. Under MQTT 5 with Retain As Published, so a
+    command published with the retain flag arrives with it whether live or stored, and is not run;
+    MQTT 3.1.1 clears the flag on live delivery, so there only a stored one is told apart."""
+    if protocol == MQTTProtocolVersion.MQTTv5:
+        client.subscribe(command_filter, options=SubscribeOptions(qos=1, retainAsPublished=True))
+    else:
+        client.subscribe(command_filter, qos=1)
 
 
 def paho_log_level(level: int, line: str, not_connected: bool) -> int:

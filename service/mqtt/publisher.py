@@ -33,6 +33,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from smearscope.service.config.mqtt import MqttConfig
+from smearscope.service.mqtt import paho_client
 from smearscope.service.mqtt.command_worker import CommandHandler, CommandWorker
 from smearscope.service.mqtt.credentials import read_password
 from smearscope.service.mqtt.envelope import build_envelope, message_properties, response_properties
@@ -308,7 +309,7 @@ class MqttPublisher:
             flags.session_present,
         )
         client.publish(self.status_topic, "online", qos=1, retain=True)
-        client.subscribe(self.command_filter, qos=1)
+        paho_client.subscribe_commands(client, self.command_filter, self._protocol)
         self._wake.set()
 
     def _on_refused(self, reason_code: ReasonCode) -> None:
@@ -392,12 +393,10 @@ class MqttPublisher:
         if not message.topic.startswith(self._command_prefix):
             return
         name = message.topic[len(self._command_prefix) :]
-        if message.retain:
-            logger.warning("ignoring retained (stale) command %r", name)
-            return
         props = getattr(message, "properties", None)
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        if not self._commands.submit(name, bytes(message.payload), correlation):
+        payload, retained = bytes(message.payload), bool(message.retain)
+        if not self._commands.submit(name, payload, correlation, retained=retained):
             # Answered "busy" by the command thread: publishing here could not wait for room.
             self._commands.refuse(name, correlation)
 
