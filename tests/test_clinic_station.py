@@ -111,6 +111,59 @@ def test_overlays_give_way_to_the_outbox_on_a_disk_low_on_space(tmp_path: Path, 
     assert list(review.rglob("*.jpg")) == []  # the old one deleted, none written
     assert gallery.summary("run-1")["overlays"] == 0 and gallery.summary("run-1")["cells"] > 0
     assert sum("min_free_disk_mb" in r.getMessage() for r in caplog.records) == 1
+    # nor are its crops written to the gallery's file: in memory only until there is room
+    assert ReviewGallery(ReviewConfig(min_free_disk_mb=0), review).run_ids() == ["run-0"]
+
+
+def _pages(gallery: ReviewGallery, run_id: str) -> list[dict[str, Any]]:
+    pages, offset = [], 0
+    while offset is not None:
+        pages.append(gallery.page(run_id, offset))
+        offset = pages[-1]["next_offset"]
+    return pages
+
+
+def test_the_gallery_comes_back_after_a_restart_and_keeps_only_its_last_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A station stopped (or its power cut) between analysing a run and its review: the next
+    process serves the same pages (crops, counts, thumbnail, overlays); the runs the gallery let go
+    are gone from its file too; an unreadable file is set aside and the station starts anyway."""
+    import sqlite3
+
+    from smearscope.service.station.gallery_store import FILE_NAME
+    from smearscope.service.station.review import KEEP_RUNS
+
+    review, pool = tmp_path / "review", oracle_pool()
+    config = ReviewConfig(min_free_disk_mb=0, max_message_kb=16)
+    gallery = ReviewGallery(config, review)
+    runs = [f"run-{k}" for k in range(KEEP_RUNS + 2)]
+    for k, run_id in enumerate(runs):
+        for result in (pool[k % len(pool)], pool[(k + 1) % len(pool)]):
+            gallery.add_field(run_id, _image(result), result)
+    gallery.add_field(runs[1], _image(pool[0]), pool[0])  # an older run touched again stays
+    kept = gallery.run_ids()
+    assert runs[0] not in kept and len(kept) == KEEP_RUNS + 1 and kept[-1] == runs[1]
+    assert sum(gallery.summary(r)["cells"] for r in kept) >= 3
+    again = ReviewGallery(config, review)
+    assert again.run_ids() == kept
+    for run_id in kept:
+        assert _pages(again, run_id) == _pages(gallery, run_id)
+    with sqlite3.connect(review / FILE_NAME) as db:
+        assert {r for (r,) in db.execute("SELECT DISTINCT run_id FROM crops")} <= set(kept)
+        assert runs[0] not in {r for (r,) in db.execute("SELECT run_id FROM runs")}
+
+    gallery._store.close()
+    again._store.close()
+    for name in (FILE_NAME, f"{FILE_NAME}-wal", f"{FILE_NAME}-shm"):
+        (review / name).unlink(missing_ok=True)
+    (review / FILE_NAME).write_bytes(b"not a gallery " * 512)
+    with caplog.at_level(logging.ERROR, logger="smearscope.service.station.gallery_store"):
+        fresh = ReviewGallery(config, review)
+    assert fresh.run_ids() == [] and len(list(review.glob(f"{FILE_NAME}.unreadable-*"))) == 1
+    assert any("set aside" in r.getMessage() for r in caplog.records)
+    fresh.add_field("run-new", _image(pool[0]), pool[0])
+    assert ReviewGallery(config, review).run_ids() == ["run-new"]
 
 
 def _two_field_station(tmp_path: Path, broker: Any, **extra: Any) -> tuple[Subscriber, Path, list[int]]:
@@ -213,6 +266,9 @@ def test_a_run_closed_before_a_restart_can_still_be_verified(
         def verified() -> bool:
             assert observer.wait_for(lambda ms: any(m.payload == b"online" for m in
                                                     [m for m in ms if m.topic == f"{BASE}/status"][seen_status:]), 30)
+            # its review material too (the gallery's file)
+            observer.client.publish(f"{BASE}/cmd/get_review", json.dumps({"run_id": first.run_id}), qos=1)
+            assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/cmd_response/get_review" for m in ms), 30)
             observer.client.publish(f"{BASE}/cmd/verify_run", json.dumps({"run_id": first.run_id,
                                                                            "verified_by": "AB"}), qos=1)
             return observer.wait_for(lambda ms: any(m.topic == f"{BASE}/cmd_response/verify_run" for m in ms), 30)
@@ -222,6 +278,13 @@ def test_a_run_closed_before_a_restart_can_still_be_verified(
         observer.close()
     answer = json.loads(observer.on_topic(f"{BASE}/cmd_response/verify_run")[0].payload)
     assert answer["ok"] and answer["supersedes"] == first.report_id, answer
+    review = json.loads(observer.on_topic(f"{BASE}/cmd_response/get_review")[0].payload)
+    closed = [json.loads(m.payload) for m in observer.on_topic(f"{BASE}/run")]
+    closed = [c for c in closed if c["run_id"] == first.run_id and c["state"] == "closed"][0]
+    # the crops the first process kept, from the second
+    assert review["ok"] and review["run_id"] == first.run_id, review
+    assert review["total"] == closed["review"]["cells"] >= 1
+    assert answer["left_to_review"] >= review["total"]  # nothing typed: every crop to review is left
     again = [Report.model_validate(e["body"]) for e in envelopes(observer, f"{BASE}/report")
              if e["body"]["report_id"] == answer["report_id"]]
     assert again and again[0].verification is not None and again[0].verification.verified_by == "AB"

@@ -284,8 +284,11 @@ def test_a_cell_typed_before_is_retyped_or_removed_after_its_run_left_the_galler
     one = typed[0]
     key = {"field_id": one["field_id"], "cell": one["cell"]}
     before = feed.type_cells({"run_id": "run-1", "cells": [{**key, "type": one["type"]}]})["typed_per_type"]
-    # a restarted station: an empty gallery, the same typed-cells file
-    restarted = ClinicFeed(parse_config(tomllib.loads(path.read_text()), environ={}))
+    # a station whose gallery no longer holds the run (another review folder), the same typed-cells file
+    cfg = parse_config(tomllib.loads(path.read_text()), environ={})
+    restarted = ClinicFeed(cfg.model_copy(update={"review": cfg.review.model_copy(
+        update={"directory": path.parent / "elsewhere"})}))
+    assert restarted.gallery.run_ids() == []
     restarted.gallery.set_wbc_typing(feed.gallery.typing)
     try:
         other = next(t for t in feed.gallery.typing.classes if t != one["type"])
@@ -300,6 +303,39 @@ def test_a_cell_typed_before_is_retyped_or_removed_after_its_run_left_the_galler
         restarted.close()
     back = feed.type_cells({"run_id": "run-1", "cells": [{**key, "type": one["type"]}]})
     assert back["typed_per_type"] == before
+
+
+def test_a_restarted_station_shows_the_gallery_with_its_types_and_types_from_it(typed_station):
+    """Stopped between analysis and review (a power cut, the end of a day): the next process shows
+    the same crops, the types given before it, and takes new types for the crops it read back."""
+    _, path, feed, _, _, typed, _, _, _ = typed_station
+    before, first = _gallery_cells(feed, "run-1")
+    assert sum(c.get("typed") is not None for c in before) >= 3
+    cfg = parse_config(tomllib.loads(path.read_text()), environ={})
+    restarted, analyzer = ClinicFeed(cfg), build_analyzer(cfg)
+    try:
+        restarted.attach_wbc_head(analyzer.wbc_head, analyzer.rbc_head)
+        after, first_after = _gallery_cells(restarted, "run-1")
+        assert after == before and first_after["overlay"] == first["overlay"]
+        assert first_after["typed_per_type"] == first["typed_per_type"]
+        one = typed[0]
+        a, b = (g.gallery.typeable("run-1", one["field_id"], one["cell"]) for g in (feed, restarted))
+        assert np.array_equal(a.features, b.features) and np.array_equal(a.view_features, b.view_features)
+        assert (a.head_type, dict(a.open_set_scores), a.model_sha256, a.views, a.microns_per_pixel, a.kind,
+                a.types) == (b.head_type, dict(b.open_set_scores), b.model_sha256, b.views, b.microns_per_pixel,
+                             b.kind, b.types)
+        current = next(c["typed"] for c in after if (c["field_id"], c["cell"]) == (one["field_id"], one["cell"]))
+        other = next(t for t in feed.gallery.typing.classes if t != current)
+        moved = restarted.type_cells({"run_id": "run-1", "cells": [{**one, "type": other}]})
+        assert moved["ok"] and moved["stored"] == 1
+        shown = next(c for c in _gallery_cells(restarted, "run-1")[0]
+                     if (c["field_id"], c["cell"]) == (one["field_id"], one["cell"]))
+        assert shown["typed"] == other
+        back = restarted.type_cells({"run_id": "run-1", "cells": [{**one, "type": current}]})
+        assert back["typed_per_type"] == first["typed_per_type"]
+    finally:
+        analyzer.close()
+        restarted.close()
 
 
 def test_a_full_file_refuses_new_cells_with_its_code(typed_station, tmp_path):
@@ -349,6 +385,14 @@ def test_with_every_white_cell_shown_the_cells_to_review_keep_their_place_at_the
                                   for i, c in enumerate(r.report.cells))]
     assert crops == [k for k in arrival if k in set(review) | set(others[:2])]
     assert page["not_kept"] == len(others) - 2
+    # read back after a restart: the same crops, those displaced at the cap not among them
+    again = ReviewGallery(ReviewConfig(white_cells="all", max_cells_per_run=cap), tmp_path / "review")
+    offset, pages = 0, []
+    while offset is not None:
+        pages.append(again.page("run", offset))
+        offset = pages[-1]["next_offset"]
+    assert [(c["field_id"], c["cell"]) for p in pages for c in p["cells"]] == crops
+    assert pages[-1]["not_kept"] == len(others) - 2
 
 
 def test_an_open_run_does_not_hold_the_white_cells_features(tmp_path):

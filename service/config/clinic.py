@@ -57,7 +57,8 @@ class ReviewConfig(StationBaseModel):
         description="Side of each cell crop sent for review (JPEG, the cell and some context).")
     max_cells_per_run: int = Field(
         default=300, ge=1, le=5000, title="Crops per run",
-        description="Crops kept in memory per run (unidentified cells first); later ones are counted.")
+        description="Crops kept per run (unidentified cells first), in memory and in the review "
+        "directory's gallery.sqlite (read back at start); later ones are counted.")
     max_message_kb: int = Field(
         default=48, ge=8, le=1024, title="Largest review message (KB)",
         description="Each get_review answer and live run message stays below this (a page of crops; "

@@ -155,6 +155,14 @@ class ClinicFeed:
                 logger.warning("[review] typing is on but the WBC head keeps no features (no features output: "
                                "python -m smearscope.export.feature_space); technicians cannot type cells")
         self.gallery.set_wbc_typing(typing)
+        if typing is not None and self.typed_cells_path.exists():  # runs kept across a restart: their types
+            try:
+                for run_id in self.gallery.run_ids():
+                    for (field_id, cell), (_, type_) in self.run_types(run_id).items():
+                        self.gallery.mark_typed(run_id, field_id, cell, type_)
+            except (TypedCellsError, sqlite3.Error) as exc:
+                logger.warning("typed cells: the types given before this start are not shown: %s",
+                               getattr(exc, "message", exc))
 
     def close(self) -> None:
         with self._lock:

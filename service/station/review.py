@@ -2,7 +2,8 @@
 
 Per specimen run, small JPEG crops of the cells to review (unidentified first, then atypical
 ones) are cut from the field's input image around the report's boxes and held in memory
-(bounded per run, the last few runs kept); `page()` serves them in pages that fit one MQTT
+(bounded per run, the last few runs kept) and in a SQLite file beside the overlays
+(service.station.gallery_store), read back at start: a restart loses no review material; `page()` serves them in pages that fit one MQTT
 message (the `get_review` command). Each field's overlay (outlines and labels on the input) is
 written to disk under `<directory>/<run_id>/`, with a size cap over all runs: the oldest files,
 oldest run first, are deleted above it.
@@ -36,6 +37,7 @@ from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.records import CellKind
 from smearscope.service.analysis.report import CellRecord
 from smearscope.service.config import ReviewConfig
+from smearscope.service.station.gallery_store import FILE_NAME, GalleryStore
 from smearscope.service.station.typed_cells import TypeableCell
 
 logger = logging.getLogger(__name__)
@@ -138,6 +140,20 @@ class ReviewGallery:
         self._runs: OrderedDict[str, _RunGallery] = OrderedDict()
         self._typing: WbcTyping | None = None
         self._low_disk_said = False  # the low-disk warning, once until there is room again
+        self._store = GalleryStore(directory / FILE_NAME)
+        for stored in self._store.load(KEEP_RUNS + 1):  # the runs kept before a restart
+            g = _RunGallery(not_kept=stored.not_kept, latest_thumbnail=stored.thumbnail)
+            for priority, crop, typeable in stored.crops:
+                g.crops.append(crop)
+                g.priorities.append(priority)
+                if typeable is not None:
+                    g.typeable[(crop["field_id"], crop["cell"])] = typeable
+            try:
+                g.overlays = sorted(directory.joinpath(_SAFE.sub("_", stored.run_id)).glob("*.jpg"),
+                                    key=lambda p: p.stat().st_mtime)
+            except OSError:
+                pass
+            self._runs[stored.run_id] = g
 
     def set_wbc_typing(self, typing: WbcTyping | None) -> None:
         """The WBC head whose features come with the fields (None: no typing)."""
@@ -205,16 +221,25 @@ class ReviewGallery:
         with self._lock:
             gallery = self._runs.setdefault(run_id, _RunGallery())
             self._runs.move_to_end(run_id)
-            kept = sum(self._keep(gallery, p, crop, typeable) for p, crop in crops)
+            added: list[tuple[int, dict[str, Any], TypeableCell | None]] = []
+            displaced: list[tuple[str, int]] = []
+            for p, crop in crops:
+                if self._keep(gallery, p, crop, typeable, displaced):
+                    added.append((p, crop, typeable.get((crop["field_id"], crop["cell"]))))
+            kept = len(added)  # never displaced in its own field: a field's crops to review come first
             gallery.not_kept += len(crops) - kept
             if path is not None:
                 gallery.overlays.append(path)
             gallery.latest_thumbnail = {"field_id": field_id, "width": thumbnail.shape[1],
                                         "height": thumbnail.shape[0], "jpeg": thumb_jpeg}
+            dropped = []
             while len(self._runs) > KEEP_RUNS + 1:
-                self._runs.popitem(last=False)
+                dropped.append(self._runs.popitem(last=False)[0])
+            not_kept, latest = gallery.not_kept, gallery.latest_thumbnail
         if path is not None:  # a new overlay: the cap and the disk's floor again
             self._enforce_disk_cap()
+        if path is not None or self._free() >= self._floor:  # on a disk low on space the outbox comes first
+            self._store.save_field(run_id, added, displaced, not_kept, latest, dropped)
         return kept
 
     def _thumbnail(self, overlay: np.ndarray) -> tuple[np.ndarray, str]:
@@ -234,10 +259,10 @@ class ReviewGallery:
         return small, data  # a page too small for any: page() leaves it out
 
     def _keep(self, gallery: _RunGallery, priority: int, crop: dict[str, Any],
-              typeable: dict[tuple[str, int], TypeableCell]) -> bool:
+              typeable: dict[tuple[str, int], TypeableCell], displaced: list[tuple[str, int]]) -> bool:
         """Keep one crop, in arrival order. At the cap a crop that needs review takes the place of
-        the newest crop shown for typing only (priority 2; later pages move up by one); otherwise
-        it is not kept. Under the gallery's lock."""
+        the newest crop shown for typing only (priority 2; later pages move up by one; its key
+        goes to `displaced`); otherwise it is not kept. Under the gallery's lock."""
         if len(gallery.crops) >= self.config.max_cells_per_run:
             lower = [k for k, p in enumerate(gallery.priorities) if p == 2] if priority < 2 else []
             if not lower:
@@ -246,6 +271,7 @@ class ReviewGallery:
             gallery.priorities.pop(lower[-1])
             gallery.not_kept += 1
             gallery.typeable.pop((gone["field_id"], gone["cell"]), None)
+            displaced.append((gone["field_id"], gone["cell"]))
         gallery.crops.append(crop)
         gallery.priorities.append(priority)
         key = (crop["field_id"], crop["cell"])
@@ -275,6 +301,11 @@ class ReviewGallery:
                 g.typed[(field_id, cell)] = type_
             else:
                 g.typed.pop((field_id, cell), None)
+
+    def run_ids(self) -> list[str]:
+        """The runs the gallery holds, oldest first."""
+        with self._lock:
+            return list(self._runs)
 
     def latest_run(self) -> str | None:
         with self._lock:

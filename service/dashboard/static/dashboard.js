@@ -400,7 +400,7 @@ function onMessage(topic, payload, packet) {
       const gone = /^no review material/.test(String(msg.error));
       if (gone) clearReview(st);
       st.node.querySelector(".review-count").textContent = gone
-        ? "(the station keeps no crops of this run: it restarted since, or the run is older than its last 4)"
+        ? "(the station keeps no crops of this run: it is older than its last 4)"
         : "(" + String(msg.message || msg.error || "refused") + ")";
     }
     else if (kind === "cmd_response/type_cells") typedAnswer(st, msg, mine);

@@ -1,0 +1,196 @@
+"""The review gallery on disk: each kept run's crops, what typing them needs and its latest overlay
+thumbnail, in one SQLite file (WAL) beside the overlays, so that a restart (a power cut, the end of
+a working day) loses no review material: a run analysed in the afternoon is reviewed and signed
+the next morning.
+
+The gallery (service.station.review) keeps its runs in memory and writes each field's changes
+here in one transaction: the crops it kept, the crops shown for typing only that a review cell
+displaced, the run's count of crops not kept and its thumbnail; runs it lets go are deleted. At
+start it reads back the runs it would have kept, in the order it last touched them. A file that
+cannot be opened or read is set aside (renamed `.unreadable-<time>`) and a new one begun: review
+material is never worth a station that does not start. Failures to write are logged, and the
+gallery goes on in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smearscope.service.station.typed_cells import TypeableCell
+
+logger = logging.getLogger(__name__)
+
+FILE_NAME = "gallery.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id    TEXT PRIMARY KEY,
+    touched   INTEGER NOT NULL,
+    not_kept  INTEGER NOT NULL,
+    thumbnail TEXT
+);
+CREATE TABLE IF NOT EXISTS crops (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id    TEXT NOT NULL,
+    field_id  TEXT NOT NULL,
+    cell      INTEGER NOT NULL,
+    priority  INTEGER NOT NULL,
+    crop      TEXT NOT NULL,
+    typeable  TEXT,
+    UNIQUE (run_id, field_id, cell)
+);
+"""
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """One run as read back: its crops in arrival order, each with its priority and what typing it
+    needs (None: not typeable)."""
+
+    run_id: str
+    not_kept: int
+    thumbnail: dict[str, Any] | None
+    crops: list[tuple[int, dict[str, Any], TypeableCell | None]]
+
+
+def _array(data: str, shape: Sequence[int]) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(data), dtype="<f4").reshape(tuple(shape)).astype(np.float32)
+
+
+def typeable_json(t: TypeableCell) -> str:
+    f, v = np.ascontiguousarray(t.features, "<f4"), np.ascontiguousarray(t.view_features, "<f4")
+    return json.dumps({
+        "features": base64.b64encode(f.tobytes()).decode(), "shape": list(f.shape),
+        "view_features": base64.b64encode(v.tobytes()).decode(), "view_shape": list(v.shape),
+        "head_type": t.head_type, "open_set_scores": dict(t.open_set_scores), "model_sha256": t.model_sha256,
+        "views": list(t.views), "microns_per_pixel": t.microns_per_pixel, "kind": t.kind,
+        "types": None if t.types is None else list(t.types)})
+
+
+def typeable_from_json(text: str) -> TypeableCell:
+    d = json.loads(text)
+    return TypeableCell(
+        _array(d["features"], d["shape"]), _array(d["view_features"], d["view_shape"]), str(d["head_type"]),
+        {str(k): float(v) for k, v in d["open_set_scores"].items()}, str(d["model_sha256"]),
+        tuple(d["views"]), None if d["microns_per_pixel"] is None else float(d["microns_per_pixel"]),
+        kind=str(d["kind"]), types=None if d["types"] is None else tuple(d["types"]))
+
+
+class GalleryStore:
+    """The gallery's SQLite file; every method may be called from any thread (one lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._failing = False  # a write failed: said once, until one succeeds
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(_SCHEMA)
+            except sqlite3.Error:
+                db.close()
+                raise
+            self._db = db
+        return self._db
+
+    def load(self, keep: int) -> list[StoredRun]:
+        """The last `keep` runs touched, oldest first (those before are deleted); [] with no file.
+        An unreadable file is set aside and a new one begun."""
+        if not self.path.exists():
+            return []
+        with self._lock:
+            try:
+                return self._load(keep)
+            except (sqlite3.Error, OSError, ValueError, KeyError, TypeError) as exc:
+                self._set_aside(exc)
+                return []
+
+    def _load(self, keep: int) -> list[StoredRun]:
+        db = self._connect()
+        runs = db.execute("SELECT run_id, not_kept, thumbnail FROM runs ORDER BY touched").fetchall()
+        gone, runs = runs[:max(0, len(runs) - keep)], runs[max(0, len(runs) - keep):]
+        if gone:
+            self._delete(db, [r[0] for r in gone])
+        out = []
+        for run_id, not_kept, thumbnail in runs:
+            rows = db.execute("SELECT priority, crop, typeable FROM crops WHERE run_id=? ORDER BY id",
+                              (run_id,)).fetchall()
+            crops = [(int(p), json.loads(c), None if t is None else typeable_from_json(t)) for p, c, t in rows]
+            out.append(StoredRun(run_id, int(not_kept), None if thumbnail is None else json.loads(thumbnail),
+                                 crops))
+        return out
+
+    def _set_aside(self, exc: BaseException) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
+        logger.error("review gallery file %s unreadable (%s): set aside as %s, review material of the runs "
+                     "before this start is not shown", self.path, exc, aside.name)
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                Path(f"{self.path}{suffix}").rename(f"{aside}{suffix}")
+            except OSError:
+                pass
+
+    def save_field(self, run_id: str, added: Iterable[tuple[int, dict[str, Any], TypeableCell | None]],
+                   displaced: Iterable[tuple[str, int]], not_kept: int, thumbnail: dict[str, Any] | None,
+                   dropped: Sequence[str] = ()) -> bool:
+        """One field's changes to one run, and the runs let go, in one transaction; False (logged)
+        when they could not be written."""
+        rows = [(run_id, crop["field_id"], int(crop["cell"]), p, json.dumps(crop),
+                 None if t is None else typeable_json(t)) for p, crop, t in added]
+        with self._lock:
+            try:
+                db = self._connect()
+                with db:
+                    db.execute("BEGIN IMMEDIATE")
+                    touched = db.execute("SELECT COALESCE(MAX(touched), 0) + 1 FROM runs").fetchone()[0]
+                    db.execute("INSERT INTO runs (run_id, touched, not_kept, thumbnail) VALUES (?, ?, ?, ?) "
+                               "ON CONFLICT(run_id) DO UPDATE SET touched=excluded.touched, "
+                               "not_kept=excluded.not_kept, thumbnail=excluded.thumbnail",
+                               (run_id, touched, not_kept, None if thumbnail is None else json.dumps(thumbnail)))
+                    db.executemany("DELETE FROM crops WHERE run_id=? AND field_id=? AND cell=?",
+                                   [(run_id, f, c) for f, c in displaced])
+                    db.executemany("INSERT OR REPLACE INTO crops (run_id, field_id, cell, priority, crop, typeable) "
+                                   "VALUES (?, ?, ?, ?, ?, ?)", rows)
+                    self._delete(db, dropped)
+            except (sqlite3.Error, OSError) as exc:
+                if not self._failing:
+                    logger.warning("review gallery file %s not written (%s): the review material of this "
+                                   "run is kept in memory only until a write succeeds", self.path, exc)
+                self._failing = True
+                return False
+        if self._failing:
+            logger.info("review gallery file %s written again", self.path)
+            self._failing = False
+        return True
+
+    @staticmethod
+    def _delete(db: sqlite3.Connection, run_ids: Sequence[str]) -> None:
+        for run_id in run_ids:
+            db.execute("DELETE FROM crops WHERE run_id=?", (run_id,))
+            db.execute("DELETE FROM runs WHERE run_id=?", (run_id,))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
