@@ -349,6 +349,38 @@ def test_commands_get_responses_with_correlation_data(
     assert calls == [("recalibrate", {"stage": 2}), ("fail", {})]
 
 
+def test_a_callback_that_raises_does_not_end_the_network_thread(
+    broker: MosquittoBroker,
+    observer: Subscriber,
+    credentials_dir: Path,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    publisher = start_publisher(make_config(tmp_path, broker.port), started,
+                                on_command=lambda name, payload: {"ok": True, "name": name})
+    assert publisher.wait_until_connected(5)
+    time.sleep(0.2)  # subscription made in on_connect reaches the broker
+    submit = publisher._commands.submit
+    calls: list[str] = []
+
+    def failing_once(name: str, *args: Any, **kwargs: Any) -> bool:
+        calls.append(name)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in on_message")
+        return submit(name, *args, **kwargs)
+
+    publisher._commands.submit = failing_once  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR):
+        observer.client.publish(f"{BASE}/cmd/first", b"{}", qos=1)
+        assert wait_until(lambda: calls == ["first"], 5)
+        observer.client.publish(f"{BASE}/cmd/second", b"{}", qos=1)
+        assert observer.wait_for(lambda m: any(x.topic.endswith("/cmd_response/second") for x in m), 5)
+    assert any("a bug in on_message" in r.getMessage() for r in caplog.records)
+    publisher.publish_report("report", "after-bug", b"{}", "1")
+    assert observer.wait_for(lambda m: any(x.topic == f"{BASE}/report" for x in m), 5)
+
+
 def test_telemetry_is_qos0_and_not_stored(
     broker: MosquittoBroker,
     observer: Subscriber,

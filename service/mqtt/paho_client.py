@@ -33,8 +33,8 @@ STATUS_SLACK = 32
 
 def configured_client(config: MqttConfig, client_id: str, protocol: MQTTProtocolVersion,
                       password: str | None, status_topic: str) -> mqtt.Client:
-    """A paho client with credentials, TLS, the retained "offline" Last Will, bounds and backoff;
-    no callbacks yet, not connected."""
+    """A paho client with credentials, TLS, the retained "offline" Last Will, bounds, backoff and
+    callbacks that cannot end its network thread; no callbacks yet, not connected."""
     client = mqtt.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -56,6 +56,9 @@ def configured_client(config: MqttConfig, client_id: str, protocol: MQTTProtocol
     client.max_inflight_messages_set(config.max_inflight + STATUS_SLACK)
     client.max_queued_messages_set(config.max_inflight + STATUS_SLACK)
     client.reconnect_delay_set(config.reconnect_min_delay_s, config.reconnect_max_delay_s)
+    # An exception in a callback is logged by paho (its ERR line) and the network thread goes on:
+    # raised, it would end that thread, and with it every publish and command, for good.
+    client.suppress_exceptions = True
     return client
 
 
