@@ -280,7 +280,7 @@ def test_a_run_closed_before_a_restart_can_still_be_verified(
     assert answer["ok"] and answer["supersedes"] == first.report_id, answer
     review = json.loads(observer.on_topic(f"{BASE}/cmd_response/get_review")[0].payload)
     closed = [json.loads(m.payload) for m in observer.on_topic(f"{BASE}/run")]
-    closed = [c for c in closed if c["run_id"] == first.run_id and c["state"] == "closed"][0]
+    closed = next(c for c in closed if c["run_id"] == first.run_id and c["state"] == "closed")
     # the crops the first process kept, from the second
     assert review["ok"] and review["run_id"] == first.run_id, review
     assert review["total"] == closed["review"]["cells"] >= 1

@@ -297,6 +297,9 @@ def test_a_cell_typed_before_is_retyped_or_removed_after_its_run_left_the_galler
         never = restarted.type_cells({"run_id": "run-1", "cells": [{"field_id": one["field_id"], "cell": 9999,
                                                                     "type": other}]})
         assert [e["error"] for e in never["errors"]] == ["not_typeable"]
+        red = restarted.type_cells({"run_id": "run-1", "cells": [{"field_id": one["field_id"], "cell": 9999,
+                                                                  "type": feed.gallery.typing.rbc_classes[0]}]})
+        assert [e["error"] for e in red["errors"]] == ["not_typeable"]  # not "unknown_type" for a white cell
         gone = restarted.type_cells({"run_id": "run-1", "cells": [{**key, "type": None}]})
         assert gone["ok"] and gone["removed"] == 1 and sum(gone["typed_per_type"].values()) == sum(before.values()) - 1
     finally:

@@ -323,7 +323,12 @@ class ClinicFeed:
             try:
                 # a white cell takes the WBC head's types, a red cell the RBC head's (at an
                 # estimated scale, none of the size-based ones)
-                kind = found.kind if found is not None else (store.kind_of(run_id, field_id, cell) or "wbc")
+                kind = found.kind if found is not None else store.kind_of(run_id, field_id, cell)
+                if kind is None and type_:  # whatever the type: which head's types it takes is not known
+                    errors.append({**where, "error": "not_typeable", "message": "not a cell of the gallery "
+                                   "(of a run it no longer holds?) and not typed before"})
+                    continue
+                kind = kind or "wbc"
                 allowed = (found.types if found is not None and found.types is not None
                            else typing.rbc_classes if kind == "rbc" else typing.classes)
                 if type_ and type_ not in allowed:
@@ -342,8 +347,8 @@ class ClinicFeed:
                     stored += 1
                 elif store.retype(run_id, field_id, cell, type_, kind):  # typed before: its features are stored
                     stored += 1
-                else:
-                    errors.append({**where, "error": "not_typeable", "message": "not a white cell of the gallery "
+                else:  # typed before, its row removed meanwhile (another page)
+                    errors.append({**where, "error": "not_typeable", "message": "not a cell of the gallery "
                                    "(of a run it no longer holds?) and not typed before"})
                     continue
             except (sqlite3.Error, OSError) as exc:  # answered, never raised into the command thread
