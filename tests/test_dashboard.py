@@ -343,6 +343,9 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         verified = last_report()
         v = verified.verification
         assert v is not None and v.verified_by == "AB" and v.supersedes == report.report_id and v.typed_cells == 1
+        assert v.left_to_review == left["left_to_review"]  # the signed report says what was signed unseen
+        assert (f"{v.left_to_review} sent to review signed as the analyzer called them" in (
+            seen(f"{card} .run-line") or "")) == (v.left_to_review > 0)
         assert verified.run_id == run_id and verified.report_id != report.report_id
         # the typed cell is reclassified unless the analyzer had called it a monocyte too
         assert [(r.field_id, r.cell, r.label) for r in v.reclassified] in ([], [(*typed_cell, "monocyte")])

@@ -157,6 +157,10 @@ def test_verifying_again_starts_from_the_analyzers_run_and_only_the_last_closed_
     to_review = sum(needs_review(r) is not None for r in run.records)
     left = to_review - (needs_review(in_field[k]) is not None)
     assert to_review > 0 and answer["left_to_review"] == left
+    # the signed report itself says so, and its FHIR conclusion
+    assert one.report.verification.left_to_review == left
+    assert f"{left} sent to review left as the analyzer called them" in report_bundle(one.report)["entry"][0][
+        "resource"]["conclusion"]
     g2 = next(i for i, r in enumerate(run.records) if needs_review(r) is not None and r.kind == "wbc" and i != g)
     fid2 = run.records[g2].field_id
     k2 = [i for i, r in enumerate(run.records) if r.field_id == fid2].index(g2)

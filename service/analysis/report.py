@@ -171,6 +171,8 @@ class Verification(_Strict):
     supersedes: str = Field(description="report_id of the run's report this one replaces")
     typed_cells: int = Field(description="cells of the run (white or red) the technician typed")
     reclassified: list[Reclassified] = Field(description="the typed cells whose type differs from the analyzer's")
+    left_to_review: int = Field(0, description="cells the analyzer sent to review (unidentified, atypical, rare or "
+                                "critical calls) that no one typed before signing: counted as the analyzer called them")
 
 
 class CellDetail(_Strict):

@@ -118,7 +118,8 @@ def report_bundle(report: Report) -> Resource:
         "specimen": [{"reference": b.specimen_ref}], "result": b.results,
         "conclusion": (f"Preliminary, machine result; a qualified person must review it. {conclusion}" if v is None
                        else f"Verified by {v.verified_by}: {v.typed_cells} cells typed, "
-                       f"{len(v.reclassified)} reclassified; replaces report {v.supersedes}. {conclusion}"),
+                       f"{len(v.reclassified)} reclassified, {v.left_to_review} sent to review left as the "
+                       f"analyzer called them; replaces report {v.supersedes}. {conclusion}"),
     }})
     if v is not None:
         b.entries[0]["resource"]["performer"] = [{"display": v.verified_by}]

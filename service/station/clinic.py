@@ -417,17 +417,18 @@ class ClinicFeed:
         except (TypedCellsError, sqlite3.Error) as exc:
             return None, False, {"ok": False, "error": "typed_cells_unavailable", "message": str(exc)[:200]}
         run, changed, typed = closed.run.verified(types)
+        left = _left_to_review(closed.run.records, types)
         report = final_report(run, closed.end_reason)
         report = report.model_copy(update={"verification": Verification(
             verified_by=by, verified_at=report.created_at, supersedes=closed.report.report_id, typed_cells=typed,
-            reclassified=changed)})
+            reclassified=changed, left_to_review=left)})
         with self._lock:
             live = open_run is None and next(reversed(self._closed), None) == run_id
         return (ClosedRun(run_id, closed.end_reason, closed.fields, run.classified_wbc, closed.target_wbc, report,
                           closed.run), live,
                 {"ok": True, "run_id": run_id, "report_id": report.report_id,
                  "supersedes": closed.report.report_id, "typed_cells": typed, "reclassified": len(changed),
-                 "left_to_review": _left_to_review(closed.run.records, types)})
+                 "left_to_review": left})
 
     def run_types(self, run_id: str) -> dict[tuple[str, int], tuple[str, str]]:
         """The types technicians gave this run's cells ({} with typing off or nothing typed)."""

@@ -102,7 +102,9 @@ function renderRun(st) {
   line.textContent = (view.earlier ? "earlier run " : "run ") + (view.runId || "-").slice(0, 8) + " · " + r.fields_analyzed +
     (r.fields_analyzed === 1 ? " field · " : " fields · ") +
     (view.final ? (r.verification ? "verified specimen report (" + r.verification.verified_by + ", " +
-                    new Date(r.verification.verified_at * 1000).toLocaleString() + ")"
+                    new Date(r.verification.verified_at * 1000).toLocaleString() +
+                    (r.verification.left_to_review ? "; " + r.verification.left_to_review +
+                     " sent to review signed as the analyzer called them" : "") + ")"
                   : "final specimen report (preliminary, needs review)")
       : brokerUp && st.status === "offline" ? "halted: the station went offline (the run is closed when it restarts)"
       : "in progress (" + (view.state || "open") + ")");
