@@ -167,6 +167,38 @@ def test_idle_timeout_ends_the_run_as_incomplete() -> None:
     assert t.check_idle() is None
 
 
+def test_a_run_left_open_by_a_crash_goes_on_within_its_idle_timeout() -> None:
+    """After a crash the latest run left open is taken back when it would still be open (a field
+    within the idle timeout, target and field limit not reached); the others are to be closed."""
+    clock = FakeClock()
+    before = tracker(target=100, idle=30.0, clock=clock)
+    runs = []
+    for name in ("older", "latest"):
+        before.start()
+        before.add(fake_field(f"{name}-f0", MIX))
+        runs.append(before.open_run())
+        before._run = None  # the process died with it open
+        clock.now += 10.0
+    older, latest = runs
+    t = tracker(target=100, idle=30.0, clock=clock)
+    assert t.resume_one([latest, older]) == [older]
+    assert t.open_run() is latest and t.run_for_next_field() == latest.run_id
+    result, _ = t.add(fake_field("latest-f1", MIX))  # its next field joins the same run
+    assert result.report.run_id == latest.run_id and t.interim_report().fields_analyzed == 2
+    # a run already open here: nothing taken back
+    assert t.resume_one([older]) == [older] and t.open_run() is latest
+    # its last field longer ago than the idle timeout: closed, not resumed
+    stale = tracker(target=100, idle=30.0, clock=clock)
+    clock.now += 30.0
+    assert stale.resume_one([older, latest]) == [older, latest] and stale.open_run() is None
+    # its target reached (the process died before closing it): closed
+    clock.now = latest.last_activity + 1.0
+    reached = replace(latest, target_wbc=latest.classified_wbc)
+    done = tracker(target=100, idle=30.0, clock=clock)
+    assert done.resume_one([reached]) == [reached] and done.open_run() is None
+    assert tracker(target=100, idle=30.0, clock=clock).resume_one([latest]) == []
+
+
 def test_a_run_that_reaches_its_field_limit_ends_incomplete_and_keeps_no_masks() -> None:
     """The field limit bounds an open run's memory: a run short of its target ends there, and the
     cells it holds carry no masks (the report and a verification never read them)."""

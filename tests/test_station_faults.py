@@ -6,8 +6,10 @@ lost, duplicated), the rows of the reliability table in docs/RESULTS.md.
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
+import re
 import signal
 import time
 from collections import Counter
@@ -114,8 +116,10 @@ def test_a_crash_loop_over_a_watched_folder_loses_no_file_and_no_run(
 ) -> None:
     """100 files in a watched folder; the daemon is SIGKILLed again and again while it works,
     then runs to the end and is stopped. Every file's field report is delivered once per file
-    (never analysed twice), every field belongs to exactly one specimen report, and runs left
-    open by a kill are closed at the next start (specimen_incomplete, restart)."""
+    (never analysed twice) and every field belongs to exactly one specimen report. A run left
+    open by a kill goes on at a start within its idle timeout (its fields stored by two
+    processes, one report); after a longer pause it is closed at the start (specimen_incomplete,
+    restart)."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     names = [f"field-{i:03d}.png" for i in range(100)]
@@ -127,20 +131,27 @@ def test_a_crash_loop_over_a_watched_folder_loses_no_file_and_no_run(
                      client_id="crash-loop-observer", persistent=True)
     source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
               "decode_grace_s": 0.0, "microns_per_pixel": 0.2}
-    config = write_station(tmp_path, broker.port, source=source, target_wbc=30)
+    idle_s = 8.0
+    config = write_station(tmp_path, broker.port, source=source,
+                           specimen={"target_wbc_count": 30, "idle_timeout_s": idle_s})
     pool = _pool_file(tmp_path)
     stored: list[tuple[str, str, int]] = []
+    processes: list[DaemonProcess] = []
     kills = 0
     try:
         sub.wait_ready()
         while kills < 8 and any((inbox / n).exists() for n in names):
             daemon = DaemonProcess(config, pool)
+            processes.append(daemon)
             wait_until(lambda d=daemon: sum(k == "field" for k, _, _ in d.stored()) >= 6, 30)
             daemon.signal(signal.SIGKILL)
             daemon.wait(10)
             stored += daemon.stored()
             kills += 1
+            if kills % 2 == 0:  # the power back after a while: the run left open is over
+                time.sleep(idle_s + 1)
         final = DaemonProcess(config, pool)
+        processes.append(final)
         assert wait_until(lambda: not any((inbox / n).exists() for n in names), 120), (
             final.lines[-20:])
         time.sleep(0.5)
@@ -173,6 +184,13 @@ def test_a_crash_loop_over_a_watched_folder_loses_no_file_and_no_run(
     assert {b["run_id"]: b["fields_analyzed"] for b in specimens} == dict(run_fields)
     restarts = [b for b in specimens if any("restart" in f["message"] for f in b["flags"])]
     assert restarts, "no run was left open by a kill?"
+    # runs resumed at a quick restart: their fields stored by two processes, in one report
+    runs_of = [{m[1] for m in (re.search(r"stored field message .* run=(\S+) ", ln) for ln in p.lines) if m}
+               for p in processes]
+    spanning = {r for a, b in itertools.pairwise(runs_of) for r in a & b if r != "None"}
+    assert spanning and spanning <= set(run_fields), (spanning, [p.lines[-5:] for p in processes])
+    assert sum("resumed: left open by the previous process" in ln for p in processes for ln in p.lines) >= len(spanning)
+    assert not spanning & {b["run_id"] for b in restarts}
     # and the dashboards' retained live state of each says closed at restart, not "open" forever
     states = _arrivals(sub, "run")
     closed_at_restart = {s["run_id"] for s in states if s["state"] == "closed" and s["end_reason"] == "restart"}

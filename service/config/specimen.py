@@ -29,7 +29,7 @@ class SpecimenConfig(StationBaseModel):
         default=300.0,
         title="Idle timeout (s)",
         description="A run with no accepted frame for this long is closed and reported as "
-        "incomplete.",
+        "incomplete; a run a crashed process left open is taken back at a start within it.",
         gt=0.0,
     )
     auto_start: bool = Field(

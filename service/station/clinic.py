@@ -114,7 +114,8 @@ class ClinicFeed:
 
     def start(self, analyzer: Any, closed: Sequence[ClosedRun],
               load_run: Callable[[str], SpecimenRun | None] | None = None,
-              publisher: OutboxPublisher | None = None, announce: Collection[str] = ()) -> None:
+              publisher: OutboxPublisher | None = None, announce: Collection[str] = (),
+              tracker: Any = None) -> None:
         """The station starts: the analyzer's heads for typing (`attach_wbc_head`), and the runs
         closed before (service.station.durable, oldest first) for verification. With `load_run`
         (`StationState.run_cells`) a closed run's cells are read back when it is verified instead
@@ -123,11 +124,16 @@ class ClinicFeed:
         their retained live state, closed, as a run that ends does: not "open" until the next run;
         without any, the last run closed publishes its state again (a broker restarted while the
         station was away may hold none, or an older one). The last live state goes out again
-        after every reconnect of `publisher`, for the same reason."""
+        after every reconnect of `publisher`, for the same reason. A run the `tracker`
+        (SpecimenTracker) resumed, left open by the previous process, publishes its state, open."""
         self._load_run = load_run
         self.attach_wbc_head(getattr(analyzer, "wbc_head", None), getattr(analyzer, "rbc_head", None))
+        progress = tracker.progress() if tracker is not None else None
         for i, run in enumerate(closed):
-            self.run_closed(run, publisher, live=run.run_id in announce or (not announce and i == len(closed) - 1))
+            self.run_closed(run, publisher, live=run.run_id in announce or (
+                not announce and progress is None and i == len(closed) - 1))
+        if progress is not None and (interim := tracker.interim_report(with_cells=False)) is not None:
+            self._publish(publisher, interim, "open", progress.as_dict(), None)
         if publisher is not None:
             publisher.on_reconnected = lambda: self.republish(publisher)
         if self._typing_wanted and self.typed_cells_path.exists():  # said now, not at the first typed cell

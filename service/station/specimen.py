@@ -338,6 +338,24 @@ class SpecimenTracker:
                         self._run.run_id, started_by, target)
             return self._run.run_id
 
+    def resume_one(self, left_open: Sequence[SpecimenRun]) -> list[SpecimenRun]:
+        """Of the runs a previous process left open (a crash, a power cut), take the latest back as
+        the open run when it would still be open had that process lived: its last field within the
+        idle timeout, its target and field limit not reached, no run open here. The technician goes
+        on with the same slide and its fields join the same report. The others are returned, to be
+        closed (end reason restart)."""
+        runs = sorted(left_open, key=lambda r: r.last_activity)
+        with self._lock:
+            last = runs[-1] if runs and self._run is None else None
+            if (last is not None and self._clock() - last.last_activity < self._policy.idle_timeout_s
+                    and not last.complete and len(last.field_ids) < self._policy.max_fields):
+                self._run = last
+                logger.info("specimen run %s resumed: left open by the previous process %.0f s ago, "
+                            "%d fields, %d/%d WBC classified", last.run_id, self._clock() - last.last_activity,
+                            len(last.field_ids), last.classified_wbc, last.target_wbc)
+                return runs[:-1]
+        return runs
+
     def run_for_next_field(self) -> str | None:
         """The run the next field joins: the open one, or a new one when auto-start is on."""
         with self._lock:

@@ -139,7 +139,7 @@ class StationWorkers:
         left_open = list(self._close_runs_left_open())
         if self.clinic is not None:  # typing needs the heads; verification the runs closed before
             self.clinic.start(analyzer, self.state.closed_runs(cells=False), self.state.run_cells,
-                              publisher, announce=left_open)
+                              publisher, announce=left_open, tracker=self.tracker)
         for name, target in (("report-writer", self._report_loop),
                              ("analysis", self._analysis_loop), ("capture", self._capture_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -483,9 +483,9 @@ class StationWorkers:
                          item.kind, report.report_id, attempts, exc)
 
     def _close_runs_left_open(self) -> Iterator[str]:
-        """Close the runs a previous process left open (end reason restart); yields those stored."""
+        """Close the runs a previous process left open (restart) but one it resumes; yields those stored."""
         assert self.state is not None
-        for run in self.state.open_runs():
+        for run in self.tracker.resume_one(self.state.open_runs()):  # the latest may go on
             report = self.tracker.final_report(run, "restart")
             try:
                 seq = self._store_once(_Outgoing("report", report))

@@ -106,7 +106,7 @@ function renderRun(st) {
                     (r.verification.left_to_review ? "; " + r.verification.left_to_review +
                      " sent to review signed as the analyzer called them" : "") + ")"
                   : "final specimen report (preliminary, needs review)")
-      : brokerUp && st.status === "offline" ? "halted: the station went offline (the run is closed when it restarts)"
+      : brokerUp && st.status === "offline" ? "halted: the station went offline (the run goes on if it restarts within its idle timeout)"
       : "in progress (" + (view.state || "open") + ")");
   st.node.dataset.halted = !view.final && brokerUp && st.status === "offline" ? "true" : "false";
   st.node.dataset.verifiedBy = r.verification ? r.verification.verified_by : "";
