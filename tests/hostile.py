@@ -172,6 +172,31 @@ def _tiff_bomb(d: Path) -> Path:
     return path
 
 
+def one_strip_tiff(strip: bytes, compression: int, width: int = 256, height: int = 256) -> bytes:
+    """A baseline 8-bit RGB TIFF of one strip holding `strip` as stored (compressed) bytes:
+    8 deflate, 32773 PackBits, 1 none."""
+    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, compression), (262, 3, 2),
+            (273, 4, 8), (277, 3, 3), (278, 4, height), (279, 4, len(strip))]
+    pad = len(strip) & 1
+    entries = b"".join(struct.pack("<HHII", t, ty, 1, v) if ty == 4 else struct.pack("<HHIHH", t, ty, 1, v, 0)
+                       for t, ty, v in tags)
+    return (b"II*\0" + struct.pack("<I", 8 + len(strip) + pad) + strip + b"\0" * pad
+            + struct.pack("<H", len(tags)) + entries + b"\0" * 4)
+
+
+def packbits(data: bytes) -> bytes:
+    """PackBits of `data` as literal runs of up to 128 bytes (what an encoder that finds no
+    repeats writes)."""
+    return b"".join(bytes([len(part) - 1]) + part for part in (data[i:i + 128] for i in range(0, len(data), 128)))
+
+
+def deflate_bomb(inflated_mb: int) -> bytes:
+    """A 256 x 256 RGB TIFF whose one deflate strip inflates to `inflated_mb` MB (192 kB fit)."""
+    squeeze = zlib.compressobj(9)
+    strip = b"".join(squeeze.compress(bytes(1 << 20)) for _ in range(inflated_mb)) + squeeze.flush()
+    return one_strip_tiff(strip, 8)
+
+
 def _tiff_unknown_compression(d: Path) -> Path:
     path = _tiff(d, "weird_codec.tif", smear_like(100, 100), photometric="rgb")
     tiff_patch_tag(path, "Compression", 60123)
@@ -353,6 +378,9 @@ CASES: list[HostileCase] = [
         "blank_image",
         lambda d: _write(d, "grey.jpg", encode(".jpg", np.full((200, 300, 3), 128, np.uint8))),
     ),
+    HostileCase("tiff_deflate_bomb", "corrupt", lambda d: _write(d, "inflates.tif", deflate_bomb(64))),
+    HostileCase("tiff_packbits_bomb", "corrupt",  # runs of 128 zeros from 2 bytes each: 64 MB
+                lambda d: _write(d, "packbits.tif", one_strip_tiff(b"\x81\x00" * (1 << 19), 32773))),
     HostileCase(
         "flat_16bit_tiff",
         "blank_image",

@@ -94,6 +94,51 @@ def test_bomb_is_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.Mon
     assert err.value.code is RejectReason.TOO_LARGE_PIXELS
 
 
+def test_a_compressed_tiff_strip_is_never_inflated_past_its_size() -> None:
+    """A 256 x 256 TIFF whose 64 kB deflate strip inflates to 64 MB, and a PackBits strip of runs
+    that would decode 64-fold past the strip: refused, with memory of the order of the strip."""
+    import tracemalloc
+
+    cases = [(hostile.deflate_bomb(64), "inflates beyond"),
+             # short enough to be a PackBits strip of 192 kB, runs of 128 from 2 bytes each
+             (hostile.one_strip_tiff(b"\x81\x00" * 150_000, 32773), "inflates beyond"),
+             (hostile.one_strip_tiff(b"\x80" * 500_000, 32773), "bytes of PackBits")]
+    for data, says in cases:
+        tracemalloc.start()
+        try:
+            with pytest.raises(IngestError) as err:
+                load_image(data)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert err.value.code is RejectReason.CORRUPT and says in err.value.message
+        assert peak < 8 * 2**20, peak  # the 64 MB are never allocated
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    progressive = hostile.encode(".jpg", hostile.smear_like(200, 300), [int(cv2.IMWRITE_JPEG_PROGRESSIVE), 1])
+    assert 2 <= progressive.count(b"\xff\xda") <= 20
+    assert load_image(progressive).pixels.shape == (200, 300, 3)  # a progressive JPEG reads
+    first = progressive.index(b"\xff\xda")
+    end = progressive.rindex(b"\xff\xd9")
+    scan = progressive[first:progressive.index(b"\xff\xda", first + 2)]
+    many = progressive[:first] + scan * 101 + progressive[first:end] + b"\xff\xd9"
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decoder called")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
+    with pytest.raises(IngestError) as err:
+        load_image(many)
+    assert err.value.code is RejectReason.UNSUPPORTED_FORMAT and "scans" in err.value.message
+
+
+def test_a_packbits_tiff_decodes() -> None:
+    bgr = hostile.smear_like(256, 256, seed=4)
+    img = load_image(hostile.one_strip_tiff(hostile.packbits(np.ascontiguousarray(bgr[:, :, ::-1]).tobytes()), 32773))
+    np.testing.assert_array_equal(img.pixels, bgr)
+
+
 # --- good inputs ----------------------------------------------------------------------------
 
 

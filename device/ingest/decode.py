@@ -37,6 +37,7 @@ from smearscope.device.ingest.headers import (
     PNG_SIGNATURE,
     ImageHeader,
     check_tiff_directory_offset,
+    check_tiff_inflation,
     jpeg_header,
     opencv_tiff,
     png_header,
@@ -290,6 +291,7 @@ def _load_tiff(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray
             _check_geometry(header, name, limits)
             if opencv_tiff(page):  # geometry checked above: the size OpenCV will allocate is bounded
                 return _decode_tiff_opencv(data, page, header, name), header
+            check_tiff_inflation(data, page, name)  # before tifffile inflates each strip in full
             return _decode_tiff(page, header, photometric, name)
     except IngestError:
         raise

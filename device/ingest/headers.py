@@ -3,7 +3,9 @@
 PNG   every chunk is walked (length, CRC, order); IHDR, sBIT and eXIf are read, no IDAT inflated.
 JPEG  marker segments up to the first scan (frame header, EXIF), then an end-of-image marker.
 TIFF  the first directory offset on the raw bytes, then tifffile's metadata of the first page:
-      sample type, samples per pixel, colour model, compression, frame count, data extent.
+      sample type, samples per pixel, colour model, compression, frame count, data extent; and
+      before tifffile inflates a compressed page (it inflates each strip in full, unbounded), each
+      strip or tile inflated here up to its segment's size and no further (`check_tiff_inflation`).
 EXIF  the orientation in IFD0 of an embedded TIFF block; damage there never rejects a frame.
 
 Each parser returns an `ImageHeader` or raises `IngestError` with a stable `RejectReason`;
@@ -13,6 +15,7 @@ geometry limits are judged by the caller (device.ingest.decode), still before an
 from __future__ import annotations
 
 import logging
+import lzma
 import struct
 import zlib
 from dataclasses import dataclass
@@ -157,6 +160,10 @@ _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD
 _STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}
 
 
+#: Scans a JPEG may have (progressive JPEGs from cameras and encoders have about 10).
+MAX_JPEG_SCANS = 100
+
+
 def jpeg_header(data: bytes, name: str) -> ImageHeader:
     """Walk the marker segments up to the first scan, then require an end-of-image marker."""
     pos = 2
@@ -208,8 +215,16 @@ def jpeg_header(data: bytes, name: str) -> ImageHeader:
         )
     # Entropy-coded data stuffs every 0xFF as FF 00, so FF D9 after the scan header can only be
     # the real end-of-image marker. Bytes after it (camera trailers) are allowed.
-    if data.find(b"\xff\xd9", pos) < 0:
+    end = data.find(b"\xff\xd9", pos)
+    if end < 0:
         raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG has no end-of-image marker")
+    # Each scan of a progressive JPEG is a pass over every coefficient: hundreds of tiny scans make
+    # a small file cost the decoder minutes (a 210 kB file of 883 scans took 19 s). Cameras and
+    # encoders write 1 (baseline) to about 10.
+    scans = data.count(b"\xff\xda", pos, end)
+    if scans > MAX_JPEG_SCANS:
+        raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of {scans} scans (at most "
+                          f"{MAX_JPEG_SCANS} are read)")
     return ImageHeader("jpeg", w, h, precision, components, orientation)
 
 
@@ -242,6 +257,57 @@ def tiff_decodable(page: tifffile.TiffPage) -> bool:
     except KeyError:
         return False
     return True
+
+
+#: Compressions tifffile inflates in full whatever the page's size, and how far each inflates at most.
+_BOUNDED_INFLATE = {8: "zlib", 32946: "zlib", 34925: "lzma", 32773: "packbits"}
+
+
+def _packbits_size(raw: bytes, limit: int) -> int:
+    """Bytes a PackBits segment decodes to, counted (nothing allocated) until `limit`."""
+    i, n, out = 0, len(raw), 0
+    while i < n and out < limit:
+        h = raw[i]
+        if h < 128:
+            out, i = out + h + 1, i + h + 2
+        elif h > 128:
+            out, i = out + 257 - h, i + 2
+        else:
+            i += 1
+    return out
+
+
+def _inflated_size(kind: str, raw: bytes, limit: int) -> int:
+    """Bytes a compressed segment inflates to, at most `limit` of them produced."""
+    if kind == "zlib":
+        return len(zlib.decompressobj().decompress(raw, limit))
+    if kind == "lzma":
+        return len(lzma.LZMADecompressor().decompress(raw, max_length=limit))
+    return _packbits_size(raw, limit)
+
+
+def check_tiff_inflation(data: bytes, page: tifffile.TiffPage, name: str) -> None:
+    """Refuse (`corrupt`) a page whose strips or tiles inflate beyond their segment's size, or that
+    has more segments than its geometry holds: a few megabytes of deflate or PackBits that declare
+    256 x 256 pixels and inflate to gigabytes (tifffile inflates a strip in full before comparing
+    it with the page; its PackBits decoder holds 8 bytes per output byte). Each segment is inflated
+    here up to one byte past its size and no further (zlib and lzma in C, PackBits counted)."""
+    kind = _BOUNDED_INFLATE.get(int(page.compression))
+    if kind is None:
+        return
+    segment = int(np.prod(page.chunks)) * page.dtype.itemsize
+    segments = int(np.prod(page.chunked))
+    if len(page.dataoffsets) > segments:
+        raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF lists {len(page.dataoffsets)} data segments "
+                          f"where its geometry holds {segments}")
+    for k, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
+        raw = data[offset:offset + count]
+        if kind == "packbits" and len(raw) > 2 * segment + 16:  # longer than any encoding of a segment
+            raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF segment {k} holds {len(raw)} bytes of "
+                              f"PackBits for {segment} bytes of pixels")
+        if _inflated_size(kind, raw, segment + 1) > segment:
+            raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF segment {k} inflates beyond the "
+                              f"{segment} bytes its geometry holds (a decompression bomb)")
 
 
 def opencv_tiff(page: tifffile.TiffPage) -> bool:
