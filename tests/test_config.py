@@ -273,6 +273,32 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path, capsys
     assert "not UTF-8" in capsys.readouterr().err
 
 
+def test_a_config_nested_too_deeply_or_not_a_file_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Python's TOML parser recurses (RecursionError at a few thousand brackets), and /dev/zero or a
+    FIFO would be read forever: each is a `path: reason` line and exit 78, never a traceback."""
+    import os
+
+    deep = _write(tmp_path, MINIMAL + "log_level = " + "[" * 5000 + "]" * 5000 + "\n")
+    fifo = tmp_path / "station.fifo"
+    os.mkfifo(fifo)  # nobody writes: opening it blocking would wait for ever
+    big = tmp_path / "big.toml"
+    big.write_text(MINIMAL + "#" * (2 * 1024 * 1024) + "\n")
+    for path, says in ((deep, "nested too deeply"), (Path("/dev/zero"), "not a regular file"),
+                       (fifo, "not a regular file"), (big, "larger than 1024 KiB")):
+        with pytest.raises(ConfigError) as exc:
+            load_config(path)
+        assert exc.value.errors == [(str(path), exc.value.errors[0][1])] and says in exc.value.errors[0][1]
+        assert validate_config_main(path) == 78
+    assert "Traceback" not in capsys.readouterr().err
+    # an override from the environment nested as deep is reported against its field
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"station_id": "b", "source": {"kind": "simulated"}},
+                     {"SMEARSCOPE__LOG_LEVEL": "[" * 5000 + "]" * 5000})
+    assert [loc for loc, _ in exc.value.errors] == ["log_level"]
+
+
 def test_a_config_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
     path = tmp_path / "station.toml"
     path.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())  # as Windows Notepad saves UTF-8

@@ -346,6 +346,11 @@ def test_commands_over_mqtt(
         config.write_text(text_before.replace("target_wbc_count = 100", "target_wbc_count = 0"))
         bad = command("reload")
         assert not bad["ok"] and any("specimen.target_wbc_count" in p for p in bad["problems"])
+        config.write_text(text_before + "\nlog_level = " + "[" * 5000 + "]" * 5000 + "\n")
+        daemon.request_reload()  # SIGHUP with a file its parser chokes on: the station goes on
+        deep = command("reload")
+        assert not deep["ok"] and any("nested too deeply" in p for p in deep["problems"]), deep
+        assert runner.is_alive() and command("status")["state"] == "running"
         assert command("self_destruct")["error"] == "unknown command 'self_destruct'"
     finally:
         daemon.request_stop("test over")

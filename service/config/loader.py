@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +38,10 @@ ENV_PREFIX = "SMEARSCOPE__"
 EXIT_CONFIG = 78
 
 
+#: Largest config file read (the example is about 10 KiB).
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
 class ConfigError(Exception):
     """The configuration could not be loaded; `errors` lists (field.path, reason) pairs."""
 
@@ -50,7 +55,7 @@ def _parse_env_value(raw: str) -> Any:
     if text[:1] in ("[", "{"):
         try:
             return tomllib.loads(f"value = {text}")["value"]
-        except tomllib.TOMLDecodeError:
+        except (tomllib.TOMLDecodeError, RecursionError):
             return raw  # let validation report it against the field
     return raw
 
@@ -144,14 +149,21 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> S
     """Read, override and validate the station config; raises ConfigError with every problem."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        # not blocking: opening a FIFO for reading would wait for a writer
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # a FIFO, /dev/zero: never read to the end
+                raise ConfigError([(str(path), "not a regular file")])
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError([(str(path), f"larger than {MAX_CONFIG_BYTES // 1024} KiB: not a station config")])
         # a byte-order mark (Windows Notepad writes one) is not TOML, but it is not a mistake either
         data = tomllib.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except OSError as exc:
         raise ConfigError([(str(path), f"cannot read: {exc.strerror or exc}")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([(str(path), f"TOML syntax error: {exc}")]) from None
+    except RecursionError:  # tomllib recurses into nested arrays and tables
+        raise ConfigError([(str(path), "TOML nested too deeply")]) from None
     except UnicodeDecodeError as exc:
         reason = f"not UTF-8 text (byte {exc.start}): a TOML file must be UTF-8"
         raise ConfigError([(str(path), reason)]) from None

@@ -309,9 +309,10 @@ class StationDaemon:
             return {"ok": False, "error": "no config file (embedded station); nothing to reload"}
         try:
             new = load_config(self.config_path, self._environ)
-        except ConfigError as exc:
+        except Exception as exc:  # noqa: BLE001 - or a file no check foresaw: SIGHUP never ends the station
+            problems = exc.errors if isinstance(exc, ConfigError) else [(type(exc).__name__, str(exc))]
             return {"ok": False, "error": "invalid config; nothing changed",
-                    "problems": [f"{loc}: {msg}" for loc, msg in exc.errors]}
+                    "problems": [f"{loc}: {msg}" for loc, msg in problems]}
         change = compare(self.config, new)
         if "log_level" in change.applied:  # a --log-level given on the command line still wins
             logging.getLogger().setLevel(self.log_level_override or new.log_level)
@@ -339,9 +340,7 @@ class StationDaemon:
                      "paused: disk_full" if self.workers.disk_full else "running",
             "disk_full": self.workers.disk_full,
             "uptime_s": round(time.monotonic() - self._started_at, 1),
-            "fields_analysed": snap["analysed"],
-            "rejected": snap["rejected"],
-            "failed": snap["failed"],
+            "fields_analysed": snap["analysed"], "rejected": snap["rejected"], "failed": snap["failed"],
             "frames_dropped": self.workers.frames.dropped,
             "source_rejected_files": getattr(self.source, "rejected_count", 0),  # by its reason code:
             "source_rejected": dict(getattr(self.source, "rejected_reasons", {})),
