@@ -113,11 +113,31 @@ TEMP_SUFFIXES: tuple[str, ...] = (".part", ".partial", ".tmp", ".temp", ".crdown
                                   ".download", ".inprogress", ".writing", "~")
 
 
+#: Longest name a file keeps in done/ or rejected/: its `.reason.txt` beside it must fit the file
+#: system's 255 bytes.
+MAX_NAME_BYTES = 255 - len(".reason.txt")
+
+
+def _kind(entry: os.DirEntry[str]) -> str:
+    """"file" (or a symlink to one), "dir" (or a symlink to one) or "other" (a FIFO, a device, a
+    socket, a dangling symlink or a loop); an OSError when the entry vanished."""
+    try:
+        return "file" if entry.is_file() else "dir" if entry.is_dir() else "other"
+    except OSError:  # a symlink loop (ELOOP)
+        if entry.is_symlink():
+            return "other"
+        raise
+
+
 def _unique_target(directory: Path, name: str, key: str) -> Path:
+    """`directory/name`, or with the version's key in it when that is taken or too long (then the
+    name is cut to fit, the key keeping it apart)."""
     target = directory / name
-    if target.exists():
-        stem, suffix = os.path.splitext(name)
-        target = directory / f"{stem}-{key[:8]}{suffix}"
+    if target.exists() or len(os.fsencode(name)) > MAX_NAME_BYTES:
+        stem, suffix = (os.fsencode(part) for part in os.path.splitext(name))
+        suffix = suffix[:16]
+        stem = stem[:MAX_NAME_BYTES - 9 - len(suffix)]
+        target = directory / os.fsdecode(stem + b"-" + key[:8].encode() + suffix)
     return target
 
 
@@ -247,12 +267,19 @@ class FolderSource(FrameSource):
         skip = {self._done.name, self._rejected.name}
         for entry in entries:
             try:
-                if entry.is_file():
+                kind = _kind(entry)
+                if kind == "file":
                     files.append((entry.stat(), entry.name))
-                elif entry.is_dir() and entry.name not in skip and entry.name not in self._subfolders_said:
-                    self._subfolders_said.add(entry.name)
-                    logger.warning("%s: %s is a folder: only files directly in %s are analysed", self.name,
-                                   shown(entry.name), self._root)
+                elif kind == "dir":
+                    if entry.name not in skip and entry.name not in self._subfolders_said:
+                        self._subfolders_said.add(entry.name)
+                        logger.warning("%s: %s is a folder: only files directly in %s are analysed",
+                                       self.name, shown(entry.name), self._root)
+                else:  # a FIFO, a device, a socket, a dangling symlink or a loop: never an image
+                    st = entry.stat(follow_symlinks=False)
+                    what = "a symbolic link to nothing readable" if entry.is_symlink() else "not a regular file"
+                    self._reject(entry.name, file_key(entry.name, st.st_size, st.st_mtime_ns),
+                                 f"not_a_file: {what}")
             except OSError:
                 continue  # vanished between listing and stat
         for st, fname in sorted(files, key=lambda f: (f[0].st_mtime_ns, f[1])):

@@ -188,6 +188,45 @@ def test_folder_rejects_non_images_and_undecodable_files_with_a_reason(tmp_path:
     src.close()
 
 
+def test_what_is_not_a_regular_file_goes_to_rejected_with_its_reason(tmp_path: Path) -> None:
+    """A FIFO named like an image, a dangling symlink, a symlink loop and a symlink to a device are
+    never images: each goes to rejected/ with its reason, counted (they stayed in the folder,
+    unsaid). A symlink to an image is the image."""
+    src = _folder(tmp_path, decode_grace_s=0.0)
+    root = src._root
+    os.mkfifo(root / "camera.png")
+    (root / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "loop.png").symlink_to(root / "loop.png")
+    (root / "zero.png").symlink_to("/dev/zero")
+    (tmp_path / "real.png").write_bytes(_png(5))
+    (root / "linked.png").symlink_to(tmp_path / "real.png")
+    frame = src.scan_once()
+    assert frame is not None and "linked.png" in frame.frame_id
+    reasons = {p.name: p.read_text().strip() for p in (root / "rejected").glob("*.reason.txt")}
+    assert reasons == {"camera.png.reason.txt": "not_a_file: not a regular file",
+                       "gone.png.reason.txt": "not_a_file: a symbolic link to nothing readable",
+                       "loop.png.reason.txt": "not_a_file: a symbolic link to nothing readable",
+                       "zero.png.reason.txt": "not_a_file: a symbolic link to nothing readable"}, reasons
+    assert {p.name for p in root.iterdir() if not p.name.startswith(".")} == {"linked.png", "rejected", "done"}
+    assert src.rejected_count == 4 and src.rejected_reasons["not_a_file"] == 4
+    src.close()
+
+
+def test_a_file_name_too_long_for_its_reason_file_is_cut_to_fit(tmp_path: Path) -> None:
+    src = _folder(tmp_path, decode_grace_s=0.0)
+    long = "x" * 242 + ".png"  # 246 bytes: its .reason.txt would be 257
+    for _ in range(2):  # the second one's name taken in rejected/ too
+        (src._root / long).write_text("not an image")
+        assert src.scan_once() is None
+    rejected = src._root / "rejected"
+    names = sorted(p.name for p in rejected.iterdir())
+    assert len(names) == 4 and all(len(n.encode()) <= 255 for n in names), names
+    assert all((rejected / (n + ".reason.txt")).read_text().startswith("not_an_image") for n in names
+               if not n.endswith(".reason.txt"))
+    assert not (src._root / long).exists() and src.rejected_count == 2
+    src.close()
+
+
 def test_a_file_name_that_is_not_utf8_is_analysed_and_moved_not_fatal(tmp_path: Path) -> None:
     """An SMB share can hand over Latin-1 names: the file is analysed and moved like any other;
     logs, the frame id and the processed log carry the name (not UTF-8 bytes as \\xNN)."""
