@@ -156,7 +156,7 @@ def typed_station(tmp_path_factory):
 def test_every_white_cell_is_offered_with_the_heads_types_and_typed_ones_are_stored(typed_station):
     tmp, _, feed, crops, first, typed, answer, _, wbc_cells = typed_station
     classes = list(feed.gallery.typing.classes)
-    assert first["wbc_types"] == classes and "lymphocyte" in classes
+    assert first["wbc_types"] == [*classes, "artefact"] and "lymphocyte" in classes  # or no cell at all
     wbc = [c for c in crops if c["kind"] in ("wbc", "nrbc")]
     # white_cells = "all": every white cell, the confident ones too, not only those to review
     assert len(wbc) == len(wbc_cells) >= 30 and sum(needs_review(c) is None for c in wbc_cells) >= 3
@@ -178,6 +178,30 @@ def test_every_white_cell_is_offered_with_the_heads_types_and_typed_ones_are_sto
     assert head["typed_per_type"] == answer["typed_per_type"]
     shown = {(c["field_id"], c["cell"]): c.get("typed") for c in page if c["typeable"]}
     assert all(shown[(c["field_id"], c["cell"])] == c["type"] for c in typed)
+
+
+def test_an_object_typed_artefact_is_stored_and_left_out_of_the_station_means(typed_station):
+    tmp, _, feed, crops, _, typed, _, _, _ = typed_station
+    done = {(c["field_id"], c["cell"]) for c in typed}
+    spare = next(c for c in crops if c["typeable"] and c["kind"] == "wbc" and (c["field_id"], c["cell"]) not in done)
+    key = {"field_id": spare["field_id"], "cell": spare["cell"]}
+    path = default_path(tmp / "state" / "outbox.sqlite3")
+
+    def loaded() -> list[str]:
+        store = TypedCellStore(path, read_only=True)
+        try:
+            return store.load(feed.gallery.typing.model_sha256, feed.gallery.typing.views).types
+        finally:
+            store.close()
+
+    before = loaded()
+    answer = feed.type_cells({"run_id": "run-1", "cells": [{**key, "type": "artefact"}]})
+    try:
+        assert answer["ok"] and answer["stored"] == 1 and answer["typed_per_type"]["artefact"] == 1
+        assert loaded() == before  # no class of the head: the station means never see it
+        assert feed.run_types("run-1")[(spare["field_id"], spare["cell"])] == ("wbc", "artefact")
+    finally:
+        assert feed.type_cells({"run_id": "run-1", "cells": [{**key, "type": None}]})["removed"] == 1
 
 
 def test_the_command_answers_each_bad_cell_and_retypes_or_removes(typed_station):

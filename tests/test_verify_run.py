@@ -23,7 +23,7 @@ from smearscope.service.analysis.report import Verification
 from smearscope.service.fhir import codes
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.station.review import needs_review
-from smearscope.service.station.specimen import ClosedRun, SpecimenRun
+from smearscope.service.station.specimen import ClosedRun, SpecimenRun, cell_keys
 from smearscope.service.station.typed_cells import TypeableCell
 
 
@@ -136,6 +136,28 @@ def test_a_typed_cell_is_counted_where_its_type_belongs(run):
     assert after.counts.wbc == before.counts.wbc  # one in, one out
     assert _count(after, "lymphocyte") == _count(before, "lymphocyte") + 1
     assert not any(s.label == "platelet" for s in after.wbc_differential)
+
+
+def test_an_object_typed_artefact_leaves_every_count_but_its_own(run):
+    """Debris or a red cell the analyzer called a white cell, and debris it called a red cell: typed
+    `artefact`, they leave the WBC count, the differential and the red-cell morphology."""
+    keys = list(cell_keys(run.records))
+    g = next(i for i, r in enumerate(run.records) if r.kind == "wbc" and r.label not in (None, "unidentified"))
+    h = next(i for i, r in enumerate(run.records) if r.kind == "rbc")
+    before = run.report(station_id=None, now=2.0, end_reason="stopped")
+    verified, changed, typed = run.verified({keys[g]: ("wbc", "artefact"), keys[h]: ("rbc", "artefact")})
+    after = verified.report(station_id=None, now=3.0, end_reason="stopped")
+    assert typed == 2 and {((c.field_id, c.cell), c.label) for c in changed} == {(keys[g], "artefact"),
+                                                                                (keys[h], "artefact")}
+    assert after.counts.artefact == 2 and before.counts.artefact == 0
+    assert after.counts.wbc == before.counts.wbc - 1 and after.counts.rbc == before.counts.rbc - 1
+    label = run.records[g].label
+    assert _count(after, label) == _count(before, label) - 1
+    assert sum(s.count for s in after.wbc_differential) == sum(s.count for s in before.wbc_differential) - 1
+    assert sum(s.count for s in after.rbc_morphology) == sum(s.count for s in before.rbc_morphology) - 1
+    assert after.cells[g].kind == "artefact" and after.cells[g].label is None
+    assert after.cells[g].machine_label == label
+    validate(report_bundle(after))
 
 
 def test_verifying_again_starts_from_the_analyzers_run_and_only_the_last_closed_run_moves_the_live_state(station):

@@ -167,7 +167,7 @@ class CellTally:
     def aggregates(self, th: AggregateThresholds = AggregateThresholds()) -> Aggregates:
         n_rbc, n_wbc = self.kinds[CellKind.RBC], self.kinds[CellKind.WBC]
         n_plt, n_nrbc = self.kinds[CellKind.PLATELET], self.kinds[CellKind.NRBC]
-        counts = Counts(rbc=n_rbc, wbc=n_wbc, platelet=n_plt, nrbc=n_nrbc)
+        counts = Counts(rbc=n_rbc, wbc=n_wbc, platelet=n_plt, nrbc=n_nrbc, artefact=self.kinds[CellKind.ARTEFACT])
         diff = share_rows(self.wbc_labels)
         morph = self.morphology(th)
         # diameters are measured only where the scale was calibrated (in a mixed run: those fields' cells)

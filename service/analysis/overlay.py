@@ -15,7 +15,7 @@ import numpy as np
 from smearscope.service.analysis.records import CellDetection, CellKind, ClassifiedCell
 
 COLOURS = {CellKind.RBC: (40, 40, 220), CellKind.WBC: (220, 80, 20), CellKind.PLATELET: (30, 170, 30),
-           CellKind.NRBC: (200, 40, 200)}
+           CellKind.NRBC: (200, 40, 200), CellKind.ARTEFACT: (128, 128, 128)}
 #: Length of a candidate's corner brackets, as a fraction of its box side.
 BRACKET = 0.3
 

@@ -20,6 +20,13 @@ class CellKind(str, Enum):
     #: A nucleated red cell (erythroblast): found by the detector as a white cell, typed by the WBC
     #: head, and counted apart from the white cells (per 100 WBC, as ICSH reports it).
     NRBC = "nrbc"
+    #: Not a cell (debris, stain precipitate, an object the detector took for one): given only by a
+    #: technician's verification (type `ARTEFACT`), counted apart and in no other count.
+    ARTEFACT = "artefact"
+
+
+#: The type a technician gives an object of the review gallery that is not a cell.
+ARTEFACT = CellKind.ARTEFACT.value
 
 
 #: Class order of the segmentation model's outputs.

@@ -86,7 +86,7 @@ class ModelInfo(_Strict):
 
 
 class CellRecord(_Strict):
-    kind: Literal["rbc", "wbc", "platelet", "nrbc"]
+    kind: Literal["rbc", "wbc", "platelet", "nrbc", "artefact"]
     bbox: list[float] = Field(description="[x0, y0, x1, y1] in the INPUT image's pixels", min_length=4, max_length=4)
     score: float = Field(description="detector confidence")
     label: str | None = Field(description="head class, 'unidentified' below its threshold, null for platelets")
@@ -146,6 +146,8 @@ class Counts(_Strict):
     wbc: int = Field(description="white cells, nucleated red cells not included (ICSH)")
     platelet: int
     nrbc: int = Field(0, description="nucleated red cells (erythroblasts), counted apart from the white cells")
+    artefact: int = Field(0, description="verified reports: objects a technician typed as no cell (debris, stain "
+                          "precipitate), in no other count")
 
 
 class Flag(_Strict):

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from smearscope.service.analysis.pipeline import FieldResult
+from smearscope.service.analysis.records import ARTEFACT
 from smearscope.service.analysis.report import CellRecord, Report, Verification
 from smearscope.service.config import MqttConfig, StationConfig
 from smearscope.service.fhir.bundle import report_bundle
@@ -335,8 +336,8 @@ class ClinicFeed:
                                    "(of a run it no longer holds?) and not typed before"})
                     continue
                 kind = kind or "wbc"
-                allowed = (found.types if found is not None and found.types is not None
-                           else typing.rbc_classes if kind == "rbc" else typing.classes)
+                allowed = (*(found.types if found is not None and found.types is not None
+                             else typing.rbc_classes if kind == "rbc" else typing.classes), ARTEFACT)
                 if type_ and type_ not in allowed:
                     errors.append({**where, "error": "unknown_type",
                                    "message": f"not a type this {kind.upper()} cell can be given ({', '.join(allowed)})"})

@@ -34,7 +34,7 @@ import numpy as np
 from smearscope.service.analysis.morphology import SIZE_BASED
 from smearscope.service.analysis.overlay import draw_overlay
 from smearscope.service.analysis.pipeline import FieldResult
-from smearscope.service.analysis.records import CellKind
+from smearscope.service.analysis.records import ARTEFACT, CellKind
 from smearscope.service.analysis.report import CellRecord
 from smearscope.service.config import ReviewConfig
 from smearscope.service.station.gallery_store import FILE_NAME, GalleryStore
@@ -211,7 +211,7 @@ class ReviewGallery:
                     "label_score": c.label_score, "atypical": c.atypical, "bbox": c.bbox, "typeable": t is not None,
                     "jpeg": base64.b64encode(_jpeg(pixels)).decode()}
             if t is not None and t.types is not None:
-                crop["types"] = list(t.types)  # fewer than the head's classes
+                crop["types"] = [*t.types, ARTEFACT]  # fewer than the head's classes
             crops.append((p, crop))
             if t is not None:
                 typeable[(field_id, i)] = t
@@ -326,8 +326,8 @@ class ReviewGallery:
         budget = self.page_bytes
         out: dict[str, Any] = {"ok": True, "run_id": run_id, "total": len(crops), "not_kept": not_kept,
                                "overlays_on_disk": overlays, "offset": offset, "cells": [], "overlay": None,
-                               "wbc_types": list(typing.classes) if typing is not None else None,
-                               "rbc_types": list(typing.rbc_classes) if typing is not None and typing.rbc_classes
+                               "wbc_types": [*typing.classes, ARTEFACT] if typing is not None else None,
+                               "rbc_types": [*typing.rbc_classes, ARTEFACT] if typing is not None and typing.rbc_classes
                                else None}
         crops = [{**c, "typed": typed.get((c["field_id"], c["cell"]))} if c.get("typeable") else c for c in crops]
         # the answer's own keys count too, and the typed counts the clinic adds to the first page

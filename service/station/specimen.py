@@ -23,7 +23,7 @@ from typing import Literal
 from smearscope.service.analysis.aggregate import AggregateThresholds, CellTally, is_classified_wbc
 from smearscope.service.analysis.morphology import SIZE_BASED
 from smearscope.service.analysis.pipeline import KIND_FROM_HEAD_LABEL, FieldResult
-from smearscope.service.analysis.records import CellKind, ClassifiedCell
+from smearscope.service.analysis.records import ARTEFACT, CellKind, ClassifiedCell
 from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Reclassified, Report
 from smearscope.service.analysis.specimen_scale import SpecimenScale
 from smearscope.service.config import SpecimenConfig
@@ -160,7 +160,7 @@ class SpecimenRun:
         cell's index in its field report) -> (kind, type): "wbc" types on white cells and
         nucleated red cells, each counted where its type belongs (`platelet` a platelet,
         `erythroblast` a nucleated red cell, as the analyzer counts the WBC head's own calls);
-        "rbc" types on red cells. Returns the cells whose type differs from the analyzer's and
+        "rbc" types on red cells; `artefact` on any of them: no cell, in no count but its own. Returns the cells whose type differs from the analyzer's and
         how many typed cells it holds; a type of one kind on a cell of another is ignored. The
         run must be the analyzer's (never an earlier verified copy): `machine_label` is its label."""
         cells, records = list(self.cells), list(self.records)
@@ -178,7 +178,8 @@ class SpecimenRun:
             if head == "rbc" and new in SIZE_BASED and not c.size_calibrated:
                 continue  # a size-based class at an estimated scale: no one can judge it (the report says so)
             typed += 1
-            kind = CellKind.RBC if head == "rbc" else KIND_FROM_HEAD_LABEL.get(new, CellKind.WBC)
+            kind = (CellKind.ARTEFACT if new == ARTEFACT else CellKind.RBC if head == "rbc"
+                    else KIND_FROM_HEAD_LABEL.get(new, CellKind.WBC))
             label = new if kind in (CellKind.WBC, CellKind.NRBC, CellKind.RBC) else None
             # the technician's type is certain: confidence 1 (a sickle cell they confirm counts
             # toward the critical flag however unsure the head was); a platelet has no label

@@ -201,7 +201,8 @@ class TypedCellStore:
         return {t: int(n) for t, n in rows}
 
     def load(self, model_sha256: str, views: Sequence[str], microns_per_pixel: float | None = None) -> TypedCells:
-        """Every cell typed with features of this head in these views (the others counted); with
+        """Every white cell typed with features of this head in these views (the others counted;
+        an artefact is no class of the head: left out); with
         `microns_per_pixel` (a calibrated station) only cells analysed at that scale, within 1 %:
         features depend on the resample to the canonical scale, so cells typed before a
         recalibration, or at an estimated scale, are left out and counted."""
@@ -209,7 +210,7 @@ class TypedCellStore:
             with self._lock:
                 rows = self._db.execute(
                     "SELECT run_id, type, head_type, model_sha256, views, dim, features, view_features, "
-                    "open_set_scores, microns_per_pixel FROM typed_white_cells WHERE kind='wbc' "
+                    "open_set_scores, microns_per_pixel FROM typed_white_cells WHERE kind='wbc' AND type != 'artefact' "
                     "ORDER BY typed_at, run_id, field_id, cell").fetchall()
         except sqlite3.Error as exc:
             raise TypedCellsError("typed_cells_unavailable", f"{self.path}: {exc}") from exc
