@@ -79,13 +79,13 @@ class CameraSourceConfig(_CommonSourceFields):
         default=1.0,
         title="First reconnect delay (s)",
         description="Wait before the first reconnect attempt after the camera vanishes.",
-        gt=0.0,
+        gt=0.0, le=3600.0,
     )
     reconnect_max_s: float = Field(
         default=60.0,
         title="Longest reconnect delay (s)",
         description="Cap of the exponential reconnect backoff.",
-        gt=0.0,
+        gt=0.0, le=3600.0,
     )
 
     @model_validator(mode="after")
@@ -106,26 +106,27 @@ class FolderSourceConfig(_CommonSourceFields):
         description="Directory polled for new image files (must exist when the source opens).",
     )
     poll_interval_s: float = Field(
-        default=1.0, title="Poll interval (s)", description="Time between directory scans.", gt=0.0
+        default=1.0, title="Poll interval (s)", description="Time between directory scans (10 ms to "
+        "an hour: shorter would keep a core busy listing the folder).", ge=0.01, le=3600.0
     )
     settle_s: float = Field(
         default=2.0,
         title="Settle period (s)",
         description="A file is read only after its size and mtime have not changed for this long.",
-        ge=0.0,
+        ge=0.0, le=3600.0,
     )
     decode_grace_s: float = Field(
         default=30.0,
         title="Undecodable grace (s)",
         description="How long a settled file that does not decode is retried before it is "
-        "rejected with the decoder's reason (a writer may pause mid-file).",
-        ge=0.0,
+        "rejected with the decoder's reason (a writer may pause mid-file; at most a day).",
+        ge=0.0, le=86400.0,
     )
     max_file_mb: float = Field(
         default=200.0,
         title="Largest file (MB)",
-        description="Larger files are rejected unread.",
-        gt=0.0,
+        description="Larger files are rejected unread (the decoder reads at most 256 MB).",
+        gt=0.0, le=256.0,
     )
     extensions: tuple[str, ...] = Field(
         default=IMAGE_EXTENSIONS,

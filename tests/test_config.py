@@ -299,6 +299,15 @@ def test_a_config_nested_too_deeply_or_not_a_file_is_a_config_error(
     assert [loc for loc, _ in exc.value.errors] == ["log_level"]
 
 
+def test_folder_timings_that_would_busy_loop_or_never_reject_are_refused(tmp_path: Path) -> None:
+    text = (f'station_id = "bench"\n[source]\nkind = "folder"\npath = "{tmp_path}"\npoll_interval_s = 1e-300\n'
+            "decode_grace_s = 1e308\nsettle_s = 1e9\nmax_file_mb = 1e6\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, text))
+    assert {loc for loc, _ in exc.value.errors} == {"source.poll_interval_s", "source.decode_grace_s",
+                                                    "source.settle_s", "source.max_file_mb"}, exc.value.errors
+
+
 def test_a_config_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
     path = tmp_path / "station.toml"
     path.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())  # as Windows Notepad saves UTF-8
