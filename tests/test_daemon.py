@@ -302,6 +302,9 @@ def test_commands_over_mqtt(
 
         too_many = command("start_run", {"target_wbc": 10**23})  # SQLite could not store it: refused
         assert not too_many["ok"] and "1 to 1000" in too_many["error"]
+        misspelt = command("start_run", {"target_wbcs": 500})  # not a run at the default target
+        assert misspelt["error"] == "bad_arguments" and "'target_wbcs'" in misspelt["message"]
+        assert command("status", {"verbose": True})["error"] == "bad_arguments"
         started = command("start_run", {"target_wbc": 500})
         assert started["ok"] and started["target_wbc"] == 500
         assert not command("start_run")["ok"]  # one run at a time

@@ -26,8 +26,13 @@ from smearscope.service.station.workers import StationWorkers
 
 logger = logging.getLogger(__name__)
 
-COMMAND_NAMES = ("analyze_file", "get_review", "get_runs", "reload", "start_run", "status", "stop_run",
-                 "type_cells", "verify_run")
+#: Each command and the arguments it takes; any other is refused (`bad_arguments`), as a config's
+#: unknown key is: a misspelt `target_wbc` must not start a run with the default target.
+COMMAND_ARGUMENTS: dict[str, frozenset[str]] = {
+    "analyze_file": frozenset({"path"}), "get_review": frozenset({"run_id", "offset"}), "get_runs": frozenset(),
+    "reload": frozenset(), "start_run": frozenset({"target_wbc"}), "status": frozenset(), "stop_run": frozenset(),
+    "type_cells": frozenset({"run_id", "cells"}), "verify_run": frozenset({"run_id", "verified_by"})}
+COMMAND_NAMES = tuple(COMMAND_ARGUMENTS)
 #: Longest name a verification may be signed with.
 MAX_VERIFIED_BY = 64
 
@@ -53,6 +58,11 @@ class StationCommands:
 
     def handle(self, name: str, arguments: dict[str, Any]) -> Mapping[str, Any]:
         """MQTT cmd/<name> (called on the publisher's command thread); the response body."""
+        unknown = sorted(set(arguments) - COMMAND_ARGUMENTS.get(name, frozenset(arguments)))
+        if unknown:
+            takes = ", ".join(sorted(COMMAND_ARGUMENTS[name])) or "none"
+            return {"ok": False, "error": "bad_arguments", "message": f"{name} does not take "
+                    f"{', '.join(map(repr, unknown))[:200]} (its arguments: {takes})"}
         if name == "status":
             return {"ok": True, **self._status()}
         if name == "reload":
