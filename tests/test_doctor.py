@@ -127,8 +127,9 @@ def test_a_watched_folder_the_station_cannot_write_is_refused_before_it_starts(
     assert main(["validate-config", str(config)]) == 78
     assert "source.path:" in capsys.readouterr().err
     assert main(["doctor", "--config", str(config)]) == 1
-    assert f"FAIL  config files     source.path: {inbox / 'done'} is not a folder this user can write" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"FAIL  config files     source.path: {inbox / 'done'} is not a folder this user can write" in out
+    assert "watched folder" not in out
     with pytest.raises(SourceConfigurationError, match="done"):
         FolderSource(FolderSourceConfig(path=inbox))
     (inbox / "done").unlink()
@@ -136,7 +137,8 @@ def test_a_watched_folder_the_station_cannot_write_is_refused_before_it_starts(
         FolderSource(FolderSourceConfig(path=inbox, state_file=tmp_path / "no-such-folder" / "processed"))
     FolderSource(FolderSourceConfig(path=inbox)).close()  # writable: it opens
     assert main(["validate-config", str(config)]) == 0
-    capsys.readouterr()
+    main(["doctor", "--config", str(config)])  # (no broker here: its own check fails)
+    assert f"OK    watched folder   {inbox} (a directory the station can write" in capsys.readouterr().out
     # read-only: a bind mount remounted so (root only; elsewhere this part skips)
     if not shutil.which("mount") or subprocess.run(["mount", "--bind", str(inbox), str(inbox)], check=False,
                                                    capture_output=True).returncode != 0:

@@ -46,7 +46,11 @@ def _config_checks(path: Path | None) -> tuple[list[Check], object | None]:
         return [("FAIL", "config", f"{path or 'embedded station'}: {loc}: {msg}") for loc, msg in exc.errors], None
     what = "no --config: the embedded simulated station" if path is None else f"{path} (station {config.station_id})"
     checks: list[Check] = [("OK", "config", what)]
-    checks += [("FAIL", "config files", f"{loc}: {msg}") for loc, msg in file_problems(config)]
+    problems = file_problems(config)
+    checks += [("FAIL", "config files", f"{loc}: {msg}") for loc, msg in problems]
+    source = config.source
+    if source.kind == "folder" and not any(loc == "source.path" for loc, _ in problems):
+        checks.append(("OK", "watched folder", f"{source.path} (a directory the station can write: done/, rejected/)"))
     return checks, config
 
 
