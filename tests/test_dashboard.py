@@ -238,7 +238,15 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         # ICSH's "none" (a share below 1+) is not shown as "none" beside a count
         grades = {s.label: s.grade for s in report.rbc_morphology}
         assert "none" in grades.values(), grades
-        assert all(v[1] == ("below 1+" if grades[k] == "none" else grades[k] or "") for k, v in morphology.items())
+
+        def shown(g: str | None) -> str:
+            return "below 1+" if g == "none" else g or ""
+        # a grade whose interval spans other grades shows them
+        want = {s.label: shown(s.grade) + (f" ({shown(s.grade_ci_low)} to {shown(s.grade_ci_high)})"
+                                           if s.grade and s.grade_ci_low != s.grade_ci_high else "")
+                for s in report.rbc_morphology}
+        assert any(s.grade and s.grade_ci_low != s.grade_ci_high for s in report.rbc_morphology)
+        assert {k: v[1] for k, v in morphology.items()} == want
         assert seen(f"{card} .diff-source") == "final, preliminary (not verified)"
         flag = driver.find_element(By.CSS_SELECTOR, f"{card} li.flag[data-code='specimen_incomplete']")
         assert flag.is_displayed() and "warning" in flag.get_attribute("class")

@@ -140,10 +140,14 @@ function renderRun(st) {
   for (const s of r.rbc_morphology) {
     const tr = el("tr");
     tr.dataset.label = s.label;
-    // ICSH's "none" is a share below its 1+ threshold, not an absence: said so beside a count
+    // ICSH's "none" is a share below its 1+ threshold, not an absence: said so beside a count; a
+    // grade whose 95% interval spans others (few red cells: 2 sickle cells of 86 read 3+) shows it
+    const shown = (g) => g === "none" ? "below 1+" : g;
     const grade = s.grade || grades[s.label] || "";
+    const spans = grade && s.grade_ci_low && s.grade_ci_high && s.grade_ci_low !== s.grade_ci_high;
     tr.append(el("td", "label", s.label), el("td", "count", String(s.count)), el("td", "percent", String(s.percent)),
-              el("td", "grade", grade === "none" ? "below 1+" : grade));
+              el("td", "grade", shown(grade) + (spans ? " (" + shown(s.grade_ci_low) + " to " +
+                                                 shown(s.grade_ci_high) + ")" : "")));
     morph.append(tr);
   }
   const sorted = [...r.flags].sort((a, b) => SEVERITY[a.severity] - SEVERITY[b.severity]);
