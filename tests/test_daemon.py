@@ -324,7 +324,7 @@ def test_commands_over_mqtt(
         (inbox / "notes.txt").write_text("not an image either")  # the folder source refuses it itself
         assert wait_until(lambda: (inbox / "rejected" / "notes.txt").exists(), 15)
         status = command("status")
-        assert status["fields_analysed"] == 1 and status["run"]["fields"] == 1
+        assert status["fields_analysed"] == 1 and status["run"]["fields"] == 1 and status["fields_outside_runs"] == 0
         assert status["failed"] == {"not_an_image": 1} and status["broker"]["status"] == "connected"
         assert status["source_rejected"] == {"not_an_image": 1} and status["source_rejected_files"] == 1
 

@@ -199,6 +199,21 @@ def test_a_run_left_open_by_a_crash_goes_on_within_its_idle_timeout() -> None:
     assert tracker(target=100, idle=30.0, clock=clock).resume_one([latest]) == []
 
 
+def test_fields_with_no_run_open_are_counted_and_said_once_per_stretch(caplog: pytest.LogCaptureFixture) -> None:
+    t = tracker(auto=False)
+    with caplog.at_level("WARNING", logger="smearscope.service.station.specimen"):
+        for i in range(2):
+            result, closed = t.add(fake_field(f"loose-{i}", MIX))
+            assert result.report.run_id is None and closed is None
+        t.start()
+        t.add(fake_field("in-run", MIX))
+        t.stop()
+        t.add(fake_field("loose-2", MIX))
+    assert t.fields_outside_runs == 3
+    said = [r.getMessage() for r in caplog.records if "no specimen run open" in r.getMessage()]
+    assert len(said) == 2 and "loose-0" in said[0] and "loose-2" in said[1]
+
+
 def test_a_run_that_reaches_its_field_limit_ends_incomplete_and_keeps_no_masks() -> None:
     """The field limit bounds an open run's memory: a run short of its target ends there, and the
     cells it holds carry no masks (the report and a verification never read them)."""

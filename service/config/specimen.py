@@ -36,7 +36,8 @@ class SpecimenConfig(StationBaseModel):
         default=True,
         title="Start runs automatically",
         description="The first accepted field without an open run starts one; when false, "
-        "runs start only by the start_run command and fields outside a run stand alone.",
+        "runs start only by the start_run command and fields outside a run stand alone (in no "
+        "specimen report; counted in status as fields_outside_runs).",
     )
     max_fields_per_run: int = Field(
         default=1000,

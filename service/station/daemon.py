@@ -346,7 +346,7 @@ class StationDaemon:
             "source_rejected": dict(getattr(self.source, "rejected_reasons", {})),
             "reports_stored": snap["stored"],
             "reports_lost": snap["lost"], "reports_deferred": snap["deferred"],
-            "run": progress.as_dict() if progress else None,
+            "run": progress.as_dict() if progress else None, "fields_outside_runs": self.tracker.fields_outside_runs,
             "stalled_work": self.watchdog.stalled_work(),
         }
         if self.outbox is not None:

@@ -287,6 +287,9 @@ class SpecimenTracker:
         self._clock = clock
         self._lock = threading.Lock()
         self._run: SpecimenRun | None = None
+        #: Fields analysed with no run open (auto-start off): in no specimen report.
+        self.fields_outside_runs = 0
+        self._outside_said = False  # said once until a run opens
 
     @property
     def policy(self) -> SpecimenPolicy:
@@ -335,6 +338,7 @@ class SpecimenTracker:
                 raise ValueError("target_wbc must be >= 1")
             self._run = SpecimenRun(target_wbc=target, started_at=self._clock(),
                                     started_by=started_by)
+            self._outside_said = False
             logger.info("specimen run %s started (%s, target %d WBC)",
                         self._run.run_id, started_by, target)
             return self._run.run_id
@@ -374,6 +378,12 @@ class SpecimenTracker:
         if run is None:
             if result.report.run_id is not None:
                 result = replace(result, report=result.report.model_copy(update={"run_id": None}))
+            self.fields_outside_runs += 1
+            if not self._outside_said:
+                self._outside_said = True
+                logger.warning("field %s analysed with no specimen run open (specimen.auto_start = false): it is in "
+                               "no specimen report; start_run before the next slide's fields (said once until a "
+                               "run opens)", field_id_of(result.report))
             return result, None
         if result.report.run_id != run.run_id:  # the run changed while the field was analysed
             result = replace(result, report=result.report.model_copy(update={"run_id": run.run_id}))
