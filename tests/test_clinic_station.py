@@ -111,8 +111,15 @@ def test_overlays_give_way_to_the_outbox_on_a_disk_low_on_space(tmp_path: Path, 
     assert list(review.rglob("*.jpg")) == []  # the old one deleted, none written
     assert gallery.summary("run-1")["overlays"] == 0 and gallery.summary("run-1")["cells"] > 0
     assert sum("min_free_disk_mb" in r.getMessage() for r in caplog.records) == 1
-    # nor are its crops written to the gallery's file: in memory only until there is room
+    # nor are its crops written to the gallery's file: in memory only until there is room, then the
+    # run is written whole (the file never drifts from memory)
     assert ReviewGallery(ReviewConfig(min_free_disk_mb=0), review).run_ids() == ["run-0"]
+    gallery.config = ReviewConfig(min_free_disk_mb=0)
+    gallery.add_field("run-2", _image(pool[3]), pool[3])
+    again = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
+    assert again.run_ids() == gallery.run_ids() == ["run-0", "run-1", "run-2"]
+    for run_id in ("run-1", "run-2"):
+        assert _pages(again, run_id) == _pages(gallery, run_id)
 
 
 def _pages(gallery: ReviewGallery, run_id: str) -> list[dict[str, Any]]:

@@ -197,6 +197,9 @@ def test_a_run_left_open_by_a_crash_goes_on_within_its_idle_timeout() -> None:
     done = tracker(target=100, idle=30.0, clock=clock)
     assert done.resume_one([reached]) == [reached] and done.open_run() is None
     assert tracker(target=100, idle=30.0, clock=clock).resume_one([latest]) == []
+    # a clock set back (a station without a real-time clock, before network time): closed
+    clock.now = latest.last_activity - 3600.0
+    assert tracker(target=100, idle=30.0, clock=clock).resume_one([latest]) == [latest]
 
 
 def test_fields_with_no_run_open_are_counted_and_said_once_per_stretch(caplog: pytest.LogCaptureFixture) -> None:

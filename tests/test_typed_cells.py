@@ -8,6 +8,7 @@ station's means."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -363,6 +364,16 @@ def test_a_restarted_station_shows_the_gallery_with_its_types_and_types_from_it(
     finally:
         analyzer.close()
         restarted.close()
+    # a WBC head installed since: the crops read back are not typeable with it (another feature space)
+    other = ClinicFeed(cfg)
+    try:
+        other.gallery.set_wbc_typing(dataclasses.replace(feed.gallery.typing, model_sha256="0" * 64))
+        crops = _gallery_cells(other, "run-1")[0]
+        assert not any(c["typeable"] for c in crops if c["kind"] in ("wbc", "nrbc"))
+        assert any(c["typeable"] for c in crops if c["kind"] == "rbc")  # the RBC head is the same
+        assert other.gallery.typeable("run-1", one["field_id"], one["cell"]) is None
+    finally:
+        other.close()
 
 
 def test_a_full_file_refuses_new_cells_with_its_code(typed_station, tmp_path):

@@ -161,17 +161,19 @@ class ClinicFeed:
             else:
                 logger.warning("[review] typing is on but the WBC head keeps no features (no features output: "
                                "python -m smearscope.export.feature_space); technicians cannot type cells")
-        self.gallery.set_wbc_typing(typing)
-        if typing is not None and self.typed_cells_path.exists():  # runs kept across a restart: their types
-            try:
+        if typing is not None and self.typed_cells_path.exists():  # runs kept across a restart: their types,
+            try:  # shown before typing opens (a type given meanwhile would be overwritten by an older one)
                 for run_id in self.gallery.run_ids():
-                    for (field_id, cell), (_, type_) in self.run_types(run_id).items():
+                    for (field_id, cell), (_, type_) in self._open_store().types_of_run(run_id).items():
                         self.gallery.mark_typed(run_id, field_id, cell, type_)
             except (TypedCellsError, sqlite3.Error) as exc:
                 logger.warning("typed cells: the types given before this start are not shown: %s",
                                getattr(exc, "message", exc))
+        self.gallery.set_wbc_typing(typing)
 
     def close(self) -> None:
+        if self.gallery is not None:
+            self.gallery.close()
         with self._lock:
             if self._store is not None:
                 self._store.close()

@@ -5,7 +5,9 @@ the next morning.
 
 The gallery (service.station.review) keeps its runs in memory and writes each field's changes
 here in one transaction: the crops it kept, the crops shown for typing only that a review cell
-displaced, the run's count of crops not kept and its thumbnail; runs it lets go are deleted. At
+displaced, the run's count of crops not kept and its thumbnail; runs it lets go are deleted. A
+run whose changes could not be written (a full disk, a disk under the gallery's floor) is
+written whole at the next write, so the file never drifts from memory. At
 start it reads back the runs it would have kept, in the order it last touched them. A file that
 cannot be opened or read is set aside (renamed `.unreadable-<time>`) and a new one begun: review
 material is never worth a station that does not start. Failures to write are logged, and the
@@ -64,6 +66,18 @@ class StoredRun:
     crops: list[tuple[int, dict[str, Any], TypeableCell | None]]
 
 
+@dataclass(frozen=True)
+class RunChange:
+    """One field's change to a run: the crops it kept, those shown for typing only that a review
+    cell displaced, the run's count of crops not kept and its latest thumbnail."""
+
+    run_id: str
+    added: list[tuple[int, dict[str, Any], TypeableCell | None]]
+    displaced: list[tuple[str, int]]
+    not_kept: int
+    thumbnail: dict[str, Any] | None
+
+
 def _array(data: str, shape: Sequence[int]) -> np.ndarray:
     return np.frombuffer(base64.b64decode(data), dtype="<f4").reshape(tuple(shape)).astype(np.float32)
 
@@ -102,7 +116,7 @@ class GalleryStore:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             try:
                 db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA synchronous=FULL")  # a power cut keeps what was written
                 db.executescript(_SCHEMA)
             except sqlite3.Error:
                 db.close()
@@ -118,6 +132,11 @@ class GalleryStore:
         with self._lock:
             try:
                 return self._load(keep)
+            except sqlite3.OperationalError as exc:  # locked, or an I/O error: the file is kept as it is
+                logger.error("review gallery file %s not read (%s): review material of the runs before this "
+                             "start is not shown", self.path, exc)
+                self.close_locked()
+                return []
             except (sqlite3.Error, OSError, ValueError, KeyError, TypeError) as exc:
                 self._set_aside(exc)
                 return []
@@ -150,38 +169,46 @@ class GalleryStore:
             except OSError:
                 pass
 
-    def save_field(self, run_id: str, added: Iterable[tuple[int, dict[str, Any], TypeableCell | None]],
-                   displaced: Iterable[tuple[str, int]], not_kept: int, thumbnail: dict[str, Any] | None,
-                   dropped: Sequence[str] = ()) -> bool:
-        """One field's changes to one run, and the runs let go, in one transaction; False (logged)
-        when they could not be written."""
-        rows = [(run_id, crop["field_id"], int(crop["cell"]), p, json.dumps(crop),
-                 None if t is None else typeable_json(t)) for p, crop, t in added]
+    def write(self, order: Sequence[str], change: RunChange | None = None, whole: Sequence[StoredRun] = (),
+              dropped: Iterable[str] = ()) -> bool:
+        """In one transaction: one field's `change` to its run, the runs in `whole` written anew
+        (their earlier changes could not be written), the runs let go deleted, and every run's
+        place in `order` (the gallery's, oldest first); False (logged) when it could not be written."""
         with self._lock:
             try:
                 db = self._connect()
                 with db:
                     db.execute("BEGIN IMMEDIATE")
-                    touched = db.execute("SELECT COALESCE(MAX(touched), 0) + 1 FROM runs").fetchone()[0]
-                    db.execute("INSERT INTO runs (run_id, touched, not_kept, thumbnail) VALUES (?, ?, ?, ?) "
-                               "ON CONFLICT(run_id) DO UPDATE SET touched=excluded.touched, "
-                               "not_kept=excluded.not_kept, thumbnail=excluded.thumbnail",
-                               (run_id, touched, not_kept, None if thumbnail is None else json.dumps(thumbnail)))
-                    db.executemany("DELETE FROM crops WHERE run_id=? AND field_id=? AND cell=?",
-                                   [(run_id, f, c) for f, c in displaced])
-                    db.executemany("INSERT OR REPLACE INTO crops (run_id, field_id, cell, priority, crop, typeable) "
-                                   "VALUES (?, ?, ?, ?, ?, ?)", rows)
-                    self._delete(db, dropped)
+                    self._delete(db, list(dropped))
+                    for run in whole:
+                        self._delete(db, [run.run_id])
+                        self._put(db, run.run_id, run.not_kept, run.thumbnail, run.crops, ())
+                    if change is not None:
+                        self._put(db, change.run_id, change.not_kept, change.thumbnail, change.added, change.displaced)
+                    db.executemany("UPDATE runs SET touched=? WHERE run_id=?", [(k, r) for k, r in enumerate(order)])
             except (sqlite3.Error, OSError) as exc:
                 if not self._failing:
-                    logger.warning("review gallery file %s not written (%s): the review material of this "
-                                   "run is kept in memory only until a write succeeds", self.path, exc)
+                    logger.warning("review gallery file %s not written (%s): the runs changed meanwhile are "
+                                   "written whole at the next write that succeeds", self.path, exc)
                 self._failing = True
                 return False
         if self._failing:
             logger.info("review gallery file %s written again", self.path)
             self._failing = False
         return True
+
+    @staticmethod
+    def _put(db: sqlite3.Connection, run_id: str, not_kept: int, thumbnail: dict[str, Any] | None,
+             added: Iterable[tuple[int, dict[str, Any], TypeableCell | None]], displaced: Iterable[tuple[str, int]],
+             ) -> None:
+        db.execute("INSERT INTO runs (run_id, touched, not_kept, thumbnail) VALUES (?, 0, ?, ?) "
+                   "ON CONFLICT(run_id) DO UPDATE SET not_kept=excluded.not_kept, thumbnail=excluded.thumbnail",
+                   (run_id, not_kept, None if thumbnail is None else json.dumps(thumbnail)))
+        db.executemany("DELETE FROM crops WHERE run_id=? AND field_id=? AND cell=?",
+                       [(run_id, f, c) for f, c in displaced])
+        db.executemany("INSERT OR REPLACE INTO crops (run_id, field_id, cell, priority, crop, typeable) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", [(run_id, crop["field_id"], int(crop["cell"]), p, json.dumps(crop),
+                                                     None if t is None else typeable_json(t)) for p, crop, t in added])
 
     @staticmethod
     def _delete(db: sqlite3.Connection, run_ids: Sequence[str]) -> None:
@@ -191,6 +218,9 @@ class GalleryStore:
 
     def close(self) -> None:
         with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            self.close_locked()
+
+    def close_locked(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None

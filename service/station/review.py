@@ -37,7 +37,7 @@ from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.records import ARTEFACT, CellKind
 from smearscope.service.analysis.report import CellRecord
 from smearscope.service.config import ReviewConfig
-from smearscope.service.station.gallery_store import FILE_NAME, GalleryStore
+from smearscope.service.station.gallery_store import FILE_NAME, GalleryStore, RunChange, StoredRun
 from smearscope.service.station.typed_cells import TypeableCell
 
 logger = logging.getLogger(__name__)
@@ -141,6 +141,9 @@ class ReviewGallery:
         self._typing: WbcTyping | None = None
         self._low_disk_said = False  # the low-disk warning, once until there is room again
         self._store = GalleryStore(directory / FILE_NAME)
+        #: Runs whose changes the file lacks (written whole at the next write), runs to delete from it.
+        self._unsaved: set[str] = set()
+        self._drops: set[str] = set()
         for stored in self._store.load(KEEP_RUNS + 1):  # the runs kept before a restart
             g = _RunGallery(not_kept=stored.not_kept, latest_thumbnail=stored.thumbnail)
             for priority, crop, typeable in stored.crops:
@@ -156,9 +159,20 @@ class ReviewGallery:
             self._runs[stored.run_id] = g
 
     def set_wbc_typing(self, typing: WbcTyping | None) -> None:
-        """The WBC head whose features come with the fields (None: no typing)."""
+        """The WBC head whose features come with the fields (None: no typing). Crops read back from
+        the file that another head typed (a model installed since) are no longer typeable: their
+        features are of that head's space."""
         with self._lock:
             self._typing = typing
+            for g in self._runs.values():
+                stale = {k for k, t in g.typeable.items() if typing is None
+                         or t.model_sha256 != (typing.rbc_sha256 if t.kind == "rbc" else typing.model_sha256)}
+                for k in stale:
+                    del g.typeable[k]
+                g.crops = [{**c, "typeable": False} if (c["field_id"], c["cell"]) in stale else c for c in g.crops]
+
+    def close(self) -> None:
+        self._store.close()
 
     @property
     def typing(self) -> WbcTyping | None:
@@ -232,15 +246,37 @@ class ReviewGallery:
                 gallery.overlays.append(path)
             gallery.latest_thumbnail = {"field_id": field_id, "width": thumbnail.shape[1],
                                         "height": thumbnail.shape[0], "jpeg": thumb_jpeg}
-            dropped = []
             while len(self._runs) > KEEP_RUNS + 1:
-                dropped.append(self._runs.popitem(last=False)[0])
-            not_kept, latest = gallery.not_kept, gallery.latest_thumbnail
+                gone = self._runs.popitem(last=False)[0]
+                self._drops.add(gone)
+                self._unsaved.discard(gone)
+            change = RunChange(run_id, added, displaced, gallery.not_kept, gallery.latest_thumbnail)
         if path is not None:  # a new overlay: the cap and the disk's floor again
             self._enforce_disk_cap()
-        if path is not None or self._free() >= self._floor:  # on a disk low on space the outbox comes first
-            self._store.save_field(run_id, added, displaced, not_kept, latest, dropped)
+        self._persist(change, path is not None or self._free() >= self._floor)
         return kept
+
+    def _persist(self, change: RunChange, room: bool) -> None:
+        """A field's change to the gallery's file (on the analysis thread, the one that changes
+        crops). On a disk low on space (the outbox comes first) or a failed write the run is
+        marked, and written whole at the next write."""
+        with self._lock:
+            if not room:
+                self._unsaved.add(change.run_id)
+                return
+            whole = [StoredRun(r, g.not_kept, g.latest_thumbnail,
+                               [(p, c, g.typeable.get((c["field_id"], c["cell"])))
+                                for p, c in zip(g.priorities, g.crops)])
+                     for r, g in self._runs.items() if r in self._unsaved]
+            order, drops = list(self._runs), set(self._drops)
+        own = None if change.run_id in self._unsaved else change
+        if self._store.write(order, own, whole, drops):
+            with self._lock:
+                self._unsaved -= {r.run_id for r in whole}
+                self._drops -= drops
+        else:
+            with self._lock:
+                self._unsaved.add(change.run_id)
 
     def _thumbnail(self, overlay: np.ndarray) -> tuple[np.ndarray, str]:
         """The overlay shrunk to THUMBNAIL_WIDTH and JPEG-encoded (base64) small enough for the

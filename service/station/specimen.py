@@ -352,7 +352,8 @@ class SpecimenTracker:
         runs = sorted(left_open, key=lambda r: r.last_activity)
         with self._lock:
             last = runs[-1] if runs and self._run is None else None
-            if (last is not None and self._clock() - last.last_activity < self._policy.idle_timeout_s
+            # a clock behind the run's last field (no RTC, no network time yet) proves nothing: closed
+            if (last is not None and 0 <= self._clock() - last.last_activity < self._policy.idle_timeout_s
                     and not last.complete and len(last.field_ids) < self._policy.max_fields):
                 self._run = last
                 logger.info("specimen run %s resumed: left open by the previous process %.0f s ago, "
