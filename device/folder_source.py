@@ -19,6 +19,7 @@ not be UTF-8. Registered as the "folder" kind in `device.sources`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -123,8 +124,8 @@ def _kind(entry: os.DirEntry[str]) -> str:
     socket, a dangling symlink or a loop); an OSError when the entry vanished."""
     try:
         return "file" if entry.is_file() else "dir" if entry.is_dir() else "other"
-    except OSError:  # a symlink loop (ELOOP)
-        if entry.is_symlink():
+    except OSError as exc:  # a symlink loop; anything else (a share's passing EIO) is tried again
+        if exc.errno == errno.ELOOP and entry.is_symlink():
             return "other"
         raise
 
@@ -277,9 +278,10 @@ class FolderSource(FrameSource):
                                        self.name, shown(entry.name), self._root)
                 else:  # a FIFO, a device, a socket, a dangling symlink or a loop: never an image
                     st = entry.stat(follow_symlinks=False)
-                    what = "a symbolic link to nothing readable" if entry.is_symlink() else "not a regular file"
-                    self._reject(entry.name, file_key(entry.name, st.st_size, st.st_mtime_ns),
-                                 f"not_a_file: {what}")
+                    key = file_key(entry.name, st.st_size, st.st_mtime_ns)
+                    if key not in self._stuck and key not in self._log:  # once: it may not be movable
+                        what = "a symbolic link to nothing readable" if entry.is_symlink() else "not a regular file"
+                        self._reject(entry.name, key, f"not_a_file: {what}")
             except OSError:
                 continue  # vanished between listing and stat
         for st, fname in sorted(files, key=lambda f: (f[0].st_mtime_ns, f[1])):

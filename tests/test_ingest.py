@@ -115,6 +115,17 @@ def test_a_compressed_tiff_strip_is_never_inflated_past_its_size() -> None:
         assert peak < 8 * 2**20, peak  # the 64 MB are never allocated
 
 
+def test_a_tiff_compression_whose_inflation_is_not_bounded_is_refused() -> None:
+    """zstd (tifffile lists a decoder for it, which inflates in full: unbounded with Python 3.14's
+    zstd) or any codec imagecodecs would add: refused as a format, never handed to that decoder."""
+    assert 50000 in tifffile.TIFF.DECOMPRESSORS
+    zstd = bytearray(hostile.one_strip_tiff(b"\0" * 64, 8))
+    struct.pack_into("<H", zstd, zstd.index(struct.pack("<HHIHH", 259, 3, 1, 8, 0)) + 8, 50000)
+    with pytest.raises(IngestError) as err:
+        load_image(bytes(zstd))
+    assert err.value.code is RejectReason.UNSUPPORTED_FORMAT
+
+
 def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     progressive = hostile.encode(".jpg", hostile.smear_like(200, 300), [int(cv2.IMWRITE_JPEG_PROGRESSIVE), 1])
     assert 2 <= progressive.count(b"\xff\xda") <= 20

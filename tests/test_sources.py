@@ -212,11 +212,29 @@ def test_what_is_not_a_regular_file_goes_to_rejected_with_its_reason(tmp_path: P
     src.close()
 
 
+def test_an_entry_that_cannot_be_moved_is_rejected_once_not_at_every_poll(tmp_path: Path, monkeypatch) -> None:
+    src = _folder(tmp_path, decode_grace_s=0.0)
+    os.mkfifo(src._root / "pipe.png")  # e.g. another user's, in a sticky-bit folder
+    real = os.replace
+
+    def refuse(a, b, *args, **kwargs):
+        if str(a).endswith("pipe.png"):
+            raise PermissionError(1, "Operation not permitted")
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    for _ in range(3):
+        assert src.scan_once() is None
+    assert src.rejected_count == 1 and (src._root / "pipe.png").exists()
+    src.close()
+
+
 def test_a_file_name_too_long_for_its_reason_file_is_cut_to_fit(tmp_path: Path) -> None:
     src = _folder(tmp_path, decode_grace_s=0.0)
     long = "x" * 242 + ".png"  # 246 bytes: its .reason.txt would be 257
-    for _ in range(2):  # the second one's name taken in rejected/ too
+    for k in range(2):  # the second one's name taken in rejected/ too
         (src._root / long).write_text("not an image")
+        os.utime(src._root / long, ns=(10**18 + k, 10**18 + k))  # another version: another key
         assert src.scan_once() is None
     rejected = src._root / "rejected"
     names = sorted(p.name for p in rejected.iterdir())

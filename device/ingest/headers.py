@@ -250,17 +250,23 @@ def check_tiff_directory_offset(data: bytes, name: str) -> None:
 OPENCV_TIFF_COMPRESSIONS = frozenset({5, 7})
 
 
+#: Compressions tifffile inflates in full whatever the page's size, and how far each inflates at most.
+_BOUNDED_INFLATE = {8: "zlib", 32946: "zlib", 34925: "lzma", 32773: "packbits"}
+#: What tifffile decodes here: none, and the compressions whose inflation is bounded first
+#: (`check_tiff_inflation`). Others it may decode (zstd on Python 3.14, anything with imagecodecs
+#: installed) are inflated unbounded: refused, or decoded by OpenCV (OPENCV_TIFF_COMPRESSIONS).
+TIFFFILE_COMPRESSIONS = frozenset({1, *_BOUNDED_INFLATE})
+
+
 def tiff_decodable(page: tifffile.TiffPage) -> bool:
-    """tifffile can decode this page's compression itself."""
+    """tifffile decodes this page's compression, and its inflation is bounded first."""
+    if int(page.compression) not in TIFFFILE_COMPRESSIONS:
+        return False
     try:
         tifffile.TIFF.DECOMPRESSORS[page.compression]
     except KeyError:
         return False
     return True
-
-
-#: Compressions tifffile inflates in full whatever the page's size, and how far each inflates at most.
-_BOUNDED_INFLATE = {8: "zlib", 32946: "zlib", 34925: "lzma", 32773: "packbits"}
 
 
 def _packbits_size(raw: bytes, limit: int) -> int:
