@@ -354,6 +354,19 @@ def test_commands_over_mqtt(
         deep = command("reload")
         assert not deep["ok"] and any("nested too deeply" in p for p in deep["problems"]), deep
         assert runner.is_alive() and command("status")["state"] == "running"
+        import smearscope.service.station.daemon as daemon_module
+
+        def unforeseen(*args: Any, **kwargs: Any) -> None:
+            raise MemoryError("a file no check foresaw")
+        real_load = daemon_module.load_config
+        daemon_module.load_config = unforeseen  # type: ignore[assignment]
+        try:
+            daemon.request_reload()
+            odd = command("reload")
+        finally:
+            daemon_module.load_config = real_load
+        assert not odd["ok"] and odd["problems"] == ["MemoryError: a file no check foresaw"]
+        assert runner.is_alive() and command("status")["state"] == "running"
         assert command("self_destruct")["error"] == "unknown command 'self_destruct'"
     finally:
         daemon.request_stop("test over")

@@ -190,7 +190,6 @@ def test_a_crash_loop_over_a_watched_folder_loses_no_file_and_no_run(
     spanning = {r for a, b in itertools.pairwise(runs_of) for r in a & b if r != "None"}
     assert spanning and spanning <= set(run_fields), (spanning, [p.lines[-5:] for p in processes])
     assert sum("resumed: left open by the previous process" in ln for p in processes for ln in p.lines) >= len(spanning)
-    assert not spanning & {b["run_id"] for b in restarts}
     # and the dashboards' retained live state of each says closed at restart, not "open" forever
     states = _arrivals(sub, "run")
     closed_at_restart = {s["run_id"] for s in states if s["state"] == "closed" and s["end_reason"] == "restart"}

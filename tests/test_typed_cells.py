@@ -181,8 +181,12 @@ def test_every_white_cell_is_offered_with_the_heads_types_and_typed_ones_are_sto
     assert all(shown[(c["field_id"], c["cell"])] == c["type"] for c in typed)
 
 
-def test_an_object_typed_artefact_is_stored_and_left_out_of_the_station_means(typed_station):
-    tmp, _, feed, crops, _, typed, _, _, _ = typed_station
+def test_an_object_typed_artefact_is_stored_and_left_out_of_the_station_means(typed_station, monkeypatch):
+    from smearscope.cli.doctor import typed_cells_checks
+    from smearscope.service.analysis import station_means
+    from smearscope.service.config import load_config
+
+    tmp, config, feed, crops, _, typed, _, _, _ = typed_station
     done = {(c["field_id"], c["cell"]) for c in typed}
     spare = next(c for c in crops if c["typeable"] and c["kind"] == "wbc" and (c["field_id"], c["cell"]) not in done)
     key = {"field_id": spare["field_id"], "cell": spare["cell"]}
@@ -201,6 +205,10 @@ def test_an_object_typed_artefact_is_stored_and_left_out_of_the_station_means(ty
         assert answer["ok"] and answer["stored"] == 1 and answer["typed_per_type"]["artefact"] == 1
         assert loaded() == before  # no class of the head: the station means never see it
         assert feed.run_types("run-1")[(spare["field_id"], spare["cell"])] == ("wbc", "artefact")
+        monkeypatch.setattr(station_means, "MIN_CELLS", 1)  # doctor: every typed class is ready, no artefact
+        (_, _, detail), = typed_cells_checks(load_config(config))
+        assert "artefact 1" in detail and "ready for a station mean" in detail
+        assert "artefact" not in detail.split("; ", 1)[1].split(" ready")[0]
     finally:
         assert feed.type_cells({"run_id": "run-1", "cells": [{**key, "type": None}]})["removed"] == 1
 

@@ -93,6 +93,7 @@ LOCAL_CODES: dict[str, str] = {
     "no-wbc-seen": "No white cell was counted: atypical white cells cannot be judged",
     "diameter-bin": "Red cells in this diameter bin (the code's text names the bin)",
     "nrbc": "Nucleated red cells",
+    "artefact": "Objects a technician typed as no cell (verified reports)",
     "sd": "Standard deviation", "cv": "Coefficient of variation (RDW-like)", "median": "Median",
     "n": "Cells measured", "rbc": "Red cells", "wbc": "White cells", "platelet": "Platelets",
 }

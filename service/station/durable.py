@@ -9,8 +9,9 @@ Three tables, each written in the same transaction as the message that changes t
   specimen_fields  the cells of every field of the open specimen runs, with the run's start,
                    target and models, and of the last `KEEP_CLOSED_RUNS` closed ones. A run
                    whose rows survive a crash (or a stop on a full disk) without a closed_runs
-                   row is closed by the next start with `specimen_incomplete` (end reason
-                   `restart`)
+                   row is taken back by the next start within its idle timeout
+                   (SpecimenTracker.resume_one), else closed with `specimen_incomplete` (end
+                   reason `restart`)
   closed_runs      the runs whose final (or verified) specimen report is stored: its report
                    (without cells) and why it ended, so a technician can still verify one of
                    the last runs after a restart (verify_run); older ones are deleted with

@@ -471,7 +471,7 @@ class StationWorkers:
         if item.kind == "report" and report.run_id:
             self.stats.add("deferred")
             logger.error("specimen report %s not stored at stop (%s); run %s stays in the outbox "
-                         "database and the next start closes it", report.report_id, exc,
+                         "database: the next start closes it, or goes on with it", report.report_id, exc,
                          report.run_id)
         elif item.frame is not None and item.frame.input_key is not None:
             self.stats.add("deferred")
