@@ -197,6 +197,21 @@ def test_aggregate_counts_differential_flags():
     assert "many_unidentified_wbc" not in codes  # exactly 10% is not "many"
 
 
+def test_red_cells_of_a_size_no_blood_has_flag_the_calibration():
+    """A station calibrated 2x wrong measures normal red cells as 15 or 3.7 um: said, once enough
+    whole red cells are measured at the calibrated scale; blood's own range is not flagged."""
+    def codes(d_um, n=30, calibrated=True):
+        return {f.code for f in aggregate([_cell(CellKind.RBC, "normal", d_um, calibrated=calibrated)] * n).flags}
+
+    assert "rbc_size_implausible" in codes(15.0) and "rbc_size_implausible" in codes(3.7)
+    assert not {"rbc_size_implausible"} & (codes(7.4) | codes(5.2) | codes(10.2))  # micro-, normo-, macrocytic
+    assert "rbc_size_implausible" not in codes(15.0, n=19)  # too few to judge
+    assert "rbc_size_implausible" not in codes(15.0, calibrated=False)  # an estimated scale measures no size
+    message = next(f.message for f in aggregate([_cell(CellKind.RBC, "normal", 15.0)] * 30).flags
+                   if f.code == "rbc_size_implausible")
+    assert "15.0 um" in message and "calibrate-scale" in message
+
+
 def test_aggregate_empty_flags_no_cells():
     assert {f.code for f in aggregate([]).flags} >= {"no_cells_found"}
 

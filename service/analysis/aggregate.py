@@ -66,6 +66,14 @@ def sizes_not_assessed(n: int) -> SizeStats:
                      calibrated=False)
 
 
+#: Median red-cell diameter (um, calibrated scale) any blood has: normal cells 6 to 9 um; the
+#: median of a microcytic or spherocytic smear stays above 5, a macrocytic one's below 10.5. Outside
+#: it the calibration is wrong (a scale 2x off reads 15 or 3.7 um).
+PLAUSIBLE_RBC_DIAMETER_UM = (5.0, 10.5)
+#: Whole red cells measured before the median is judged.
+MIN_RBC_FOR_SIZE_CHECK = 20
+
+
 @dataclass(frozen=True)
 class AggregateThresholds:
     min_wbc_for_differential: int = 100
@@ -191,6 +199,15 @@ class CellTally:
             flags.append(Flag(code="too_few_rbc_for_morphology", severity="info",
                               message=f"{n_rbc} red cells counted; morphology grades need at least "
                                       f"{th.min_rbc_for_morphology} (read them with their intervals, or over the specimen)"))
+        median = sizes.median_diameter_um
+        if sizes.calibrated and sizes.n >= MIN_RBC_FOR_SIZE_CHECK and median is not None and not (
+                PLAUSIBLE_RBC_DIAMETER_UM[0] <= median <= PLAUSIBLE_RBC_DIAMETER_UM[1]):
+            low, high = PLAUSIBLE_RBC_DIAMETER_UM
+            flags.append(Flag(code="rbc_size_implausible", severity="warning",
+                              message=f"red cells measure a median {median:.1f} um at the calibrated scale ({sizes.n} "
+                                      f"whole cells), where blood's lie between {low:g} and {high:g} um even in micro- "
+                                      "or macrocytic anaemia: check the station's calibration (smearscope "
+                                      "calibrate-scale) before reading sizes and size-based morphology"))
         for name, labels, n in (("wbc", self.wbc_labels, n_wbc), ("rbc", self.rbc_labels, n_rbc)):
             if n:
                 frac = labels[UNIDENTIFIED] / n
