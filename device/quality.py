@@ -70,7 +70,8 @@ class QualityGateConfig(BaseModel):
         title="Minimum focus",
         description="Variance of the Laplacian of the gray image at metric_microns_per_pixel (or "
         "the frame's own scale if coarser); below is out_of_focus. Judged only where the frame's "
-        "scale is known: at an unknown scale a finely sampled sharp field reads as blurred.",
+        "scale is known, or its open run's fields agree on one: at an unknown scale a finely sampled "
+        "sharp field reads as blurred.",
         ge=0.0,
     )
     dark_level: int = Field(
@@ -193,21 +194,23 @@ class QualityGate:
         self._accepted = 0
         self._said_no_scale = False
 
-    def check(self, frame: Frame) -> QualityVerdict:
-        """Judge one frame."""
+    def check(self, frame: Frame, scale_hint: float | None = None) -> QualityVerdict:
+        """Judge one frame; `scale_hint`: the scale a frame of unknown scale is judged at (an
+        uncalibrated station's open run: the scale its fields agree on), focus unjudged without."""
         cfg = self.config
+        mpp = frame.microns_per_pixel or scale_hint
         with self._lock:
             if frame.frame_id in self._seen:
                 return self._verdict(frame, DUPLICATE_FRAME_ID, {})
             self._remember(frame.frame_id)
             prev = self._previous_thumb
         # Metrics outside the lock: the expensive part, and it touches no shared state.
-        metrics, thumb = measure(frame.pixels, cfg, frame.microns_per_pixel)
-        if not frame.microns_per_pixel and cfg.enabled and not self._said_no_scale:
+        metrics, thumb = measure(frame.pixels, cfg, mpp)
+        if not mpp and cfg.enabled and not self._said_no_scale:
             self._said_no_scale = True
-            logger.warning("frames of unknown scale: focus is not judged (a finely sampled sharp field "
-                           "reads as blurred at a fixed width); give [source] microns_per_pixel "
-                           "(smearscope calibrate-scale)")
+            logger.warning("frames of unknown scale: focus is not judged until a run's fields agree on a "
+                           "scale (a finely sampled sharp field reads as blurred at a fixed width); give "
+                           "[source] microns_per_pixel (smearscope calibrate-scale)")
         if prev is not None:
             metrics["same_field_ncc"] = normalized_cross_correlation(prev, thumb)
         reason: str | None = None
@@ -218,7 +221,7 @@ class QualityGate:
                 reason = OVEREXPOSED
             elif metrics["stained_fraction"] < cfg.min_stained_fraction:
                 reason = EMPTY_FIELD
-            elif frame.microns_per_pixel and metrics["focus"] < cfg.min_focus:
+            elif mpp and metrics["focus"] < cfg.min_focus:
                 reason = OUT_OF_FOCUS
             elif metrics.get("same_field_ncc", -1.0) >= cfg.same_field_correlation:
                 reason = SAME_FIELD

@@ -71,6 +71,9 @@ def test_focus_is_not_judged_at_an_unknown_scale(caplog: pytest.LogCaptureFixtur
     assert sum("focus is not judged" in r.getMessage() for r in caplog.records) == 1
     known = QualityGate()
     assert [known.check(_frame(p, mpp=0.1)).reason for p in (fine, blurred)] == [None, OUT_OF_FOCUS]
+    # an uncalibrated station once its run's fields agree on a scale: judged at that scale
+    hinted = QualityGate()
+    assert [hinted.check(_frame(p, mpp=None), scale_hint=0.1).reason for p in (fine, blurred)] == [None, OUT_OF_FOCUS]
 
 
 @pytest.mark.parametrize(

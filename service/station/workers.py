@@ -172,7 +172,7 @@ class StationWorkers:
                 # A frame already taken (a folder file is moved on read) is handled even if
                 # stop was requested meanwhile: the analysis thread drains the queue.
                 frame = self.with_scale(frame)
-                verdict = self.gate.check(frame)
+                verdict = self.gate.check(frame, self.tracker.specimen_scale())  # uncalibrated: the run's
                 if not verdict.accepted:
                     self.reject(frame.frame_id, "rejected", verdict.reason or "unknown")
                     self.source.done(frame, verdict.reason or "unknown")
