@@ -333,6 +333,34 @@ def test_the_last_closed_runs_survive_a_restart_for_verification(run, tmp_path, 
         outbox.close()
 
 
+def test_a_run_stopped_before_its_report_was_stored_is_closed_as_stopped_not_taken_back(run, tmp_path):
+    """stop_run keeps the run's end at once: a crash (or a full disk) before its report is stored
+    leaves it open in the file, and the next start closes it as stopped instead of resuming it."""
+    from smearscope.service.mqtt.outbox import Outbox
+    from smearscope.service.station.durable import StationState
+    from smearscope.service.station.specimen import SpecimenPolicy, SpecimenTracker
+
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    try:
+        state = StationState(outbox)
+        store_run(state, outbox, run, "r1")
+        (left,) = StationState(outbox).open_runs()  # a crash before the stop: taken back
+        assert left.end_requested is None
+        tracker = SpecimenTracker(SpecimenPolicy(10_000, 1e9, False), clock=lambda: left.last_activity + 1)
+        assert tracker.resume_one([left]) == [] and tracker.open_run() is left
+        state.run_ending("r1", "stopped")
+        (left,) = StationState(outbox).open_runs()  # a crash after it: closed, for that reason
+        assert left.end_requested == "stopped"
+        tracker = SpecimenTracker(SpecimenPolicy(10_000, 1e9, False), clock=lambda: left.last_activity + 1)
+        assert tracker.resume_one([left]) == [left] and tracker.open_run() is None
+        assert tracker.final_report(left, left.end_requested or "restart").end_reason == "stopped"
+        report = replace(run, run_id="r1").report(station_id="s", now=5.0, end_reason="stopped")
+        outbox.write(lambda conn: state.run_closed(report)(conn, []))  # its report stored: the mark goes
+        assert outbox.read(lambda conn: conn.execute("SELECT COUNT(*) FROM ending_runs").fetchone()[0]) == 0
+    finally:
+        outbox.close()
+
+
 def test_with_the_station_state_a_closed_run_is_verified_from_the_database_not_from_memory(station, tmp_path):
     """The daemon hands the clinic `StationState.run_cells`: a closed run's cells stay in the outbox
     file, not in memory, and a verification reads them back; a run whose fields are not all

@@ -147,6 +147,8 @@ class StationCommands:
         closed = self._tracker.stop("stopped")
         if closed is None:
             return {"ok": False, "error": "no specimen run is open"}
+        if closed.report is not None and self._workers.state is not None:
+            self._workers.state.run_ending(closed.run_id, "stopped")  # never taken back by a restart
         self._workers.emit_closed(closed)
         return {"ok": True, "run_id": closed.run_id, "fields": closed.fields,
                 "classified_wbc": closed.classified_wbc, "target_wbc": closed.target_wbc,

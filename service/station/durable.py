@@ -46,6 +46,10 @@ _SCHEMA = (
         PRIMARY KEY (run_id, field_id))""",
     """CREATE TABLE IF NOT EXISTS closed_runs (
         run_id TEXT PRIMARY KEY, end_reason TEXT NOT NULL, report TEXT NOT NULL, closed_at REAL NOT NULL)""",
+    # a run a technician stopped, written at once: until its report is stored (a crash, a full
+    # disk) the next start closes it for that reason rather than take it back
+    """CREATE TABLE IF NOT EXISTS ending_runs (
+        run_id TEXT PRIMARY KEY, end_reason TEXT NOT NULL, at REAL NOT NULL)""",
 )
 #: Closed runs whose cells are kept (for verify_run, also after a restart).
 KEEP_CLOSED_RUNS = 4
@@ -167,6 +171,7 @@ class StationState:
         slim = report.model_copy(update={"cells": [], "cell_detail": None}).model_dump_json()
 
         def write(conn: sqlite3.Connection, seqs: list[int]) -> None:
+            conn.execute("DELETE FROM ending_runs WHERE run_id = ?", (report.run_id or "",))
             conn.execute("INSERT INTO closed_runs VALUES (?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET "
                          "report = excluded.report", (report.run_id or "", report.end_reason or "restart", slim,
                                                       time.time()))
@@ -217,8 +222,25 @@ class StationState:
         return runs[0] if runs else None
 
     def open_runs(self) -> list[SpecimenRun]:
-        """The runs a previous process left open (crash, or a stop that could not store)."""
-        return self._runs(closed=False)
+        """The runs a previous process left open (crash, or a stop that could not store), each
+        with the end a technician asked for, if any (`end_requested`)."""
+        ending = dict(self.outbox.read(lambda conn: conn.execute(
+            "SELECT run_id, end_reason FROM ending_runs").fetchall()))
+        runs = self._runs(closed=False)
+        for run in runs:
+            run.end_requested = ending.get(run.run_id)
+        return runs
+
+    def run_ending(self, run_id: str, end_reason: str) -> None:
+        """A technician ended the run (on the analysis thread, before its report is queued): kept
+        at once, so a crash before the report is stored never takes the run back. A write that
+        fails (a full disk) is logged: the run is then treated as any run left open."""
+        try:
+            self.outbox.write(lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO ending_runs VALUES (?, ?, ?)", (run_id, end_reason, time.time())))
+        except (sqlite3.Error, OSError) as exc:
+            logger.warning("run %s: its end (%s) could not be kept before its report (%s); a restart "
+                           "within its idle timeout would take it back", run_id, end_reason, exc)
 
     def closed_runs(self, cells: bool = True) -> list[ClosedRun]:
         """The last closed runs, oldest first: their cells and latest report (without cells).

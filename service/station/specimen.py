@@ -113,6 +113,8 @@ class SpecimenRun:
     scale: SpecimenScale = field(default_factory=SpecimenScale)
     #: Field-level flags the specimen report carries on (FIELD_FLAGS): code -> (severity, fields).
     field_flags: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: A run left open by a previous process: the end a technician had asked for (StationState).
+    end_requested: EndReason | None = None
     #: `cells` counted so far for the report (caught up at each report: one pass over new cells only).
     tally: CellTally | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -347,13 +349,14 @@ class SpecimenTracker:
         """Of the runs a previous process left open (a crash, a power cut), take the latest back as
         the open run when it would still be open had that process lived: its last field within the
         idle timeout, its target and field limit not reached, no run open here. The technician goes
-        on with the same slide and its fields join the same report. The others are returned, to be
-        closed (end reason restart)."""
+        on with the same slide and its fields join the same report; never one a technician stopped.
+        The others are returned, to be closed (end reason restart, or the end asked for)."""
         runs = sorted(left_open, key=lambda r: r.last_activity)
         with self._lock:
             last = runs[-1] if runs and self._run is None else None
             # a clock behind the run's last field (no RTC, no network time yet) proves nothing: closed
-            if (last is not None and 0 <= self._clock() - last.last_activity < self._policy.idle_timeout_s
+            if (last is not None and last.end_requested is None
+                    and 0 <= self._clock() - last.last_activity < self._policy.idle_timeout_s
                     and not last.complete and len(last.field_ids) < self._policy.max_fields):
                 self._run = last
                 logger.info("specimen run %s resumed: left open by the previous process %.0f s ago, "

@@ -486,7 +486,7 @@ class StationWorkers:
         """Close the runs a previous process left open (restart) but one it resumes; yields those stored."""
         assert self.state is not None
         for run in self.tracker.resume_one(self.state.open_runs()):  # the latest may go on
-            report = self.tracker.final_report(run, "restart")
+            report = self.tracker.final_report(run, run.end_requested or "restart")
             try:
                 seq = self._store_once(_Outgoing("report", report))
             except (sqlite3.Error, OSError) as exc:
@@ -495,6 +495,6 @@ class StationWorkers:
                 continue
             self.stats.add("stored")
             logger.info("stored report message report_id=%s seq=%d run=%s field=None (run left "
-                        "open by the previous process, closed: restart)", report.report_id, seq,
-                        run.run_id)
+                        "open by the previous process, closed: %s)", report.report_id, seq,
+                        run.run_id, report.end_reason)
             yield run.run_id
