@@ -154,6 +154,8 @@ def test_the_gallery_comes_back_after_a_restart_and_keeps_only_its_last_runs(
     assert sum(gallery.summary(r)["cells"] for r in kept) >= 3
     again = ReviewGallery(config, review)
     assert again.run_ids() == kept
+    gone = again.page(runs[0])  # a run let go: a code to act on, the runs it holds
+    assert gone["error"] == "no_review_material" and gone["runs"] == kept
     for run_id in kept:
         assert _pages(again, run_id) == _pages(gallery, run_id)
     with sqlite3.connect(review / FILE_NAME) as db:

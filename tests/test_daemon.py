@@ -301,7 +301,7 @@ def test_commands_over_mqtt(
             return json.loads(observer.on_topic(f"{BASE}/cmd_response/{name}")[-1].payload)
 
         too_many = command("start_run", {"target_wbc": 10**23})  # SQLite could not store it: refused
-        assert not too_many["ok"] and "1 to 1000" in too_many["error"]
+        assert too_many["error"] == "bad_arguments" and "1 to 1000" in too_many["message"]
         misspelt = command("start_run", {"target_wbcs": 500})  # not a run at the default target
         assert misspelt["error"] == "bad_arguments" and "'target_wbcs'" in misspelt["message"]
         assert command("status", {"verbose": True})["error"] == "bad_arguments"
@@ -337,7 +337,7 @@ def test_commands_over_mqtt(
         assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 10)
         body = envelopes(observer, f"{BASE}/report")[-1]["body"]
         assert body["report_id"] == stopped["report_id"] and body["fields_analyzed"] == 1
-        assert command("stop_run") == {"ok": False, "error": "no specimen run is open"}
+        assert command("stop_run") == {"ok": False, "error": "no_run_open", "message": "no specimen run is open"}
 
         text_before = config.read_text()
         config.write_text(text_before.replace("target_wbc_count = 100", "target_wbc_count = 200")
@@ -371,7 +371,8 @@ def test_commands_over_mqtt(
             daemon_module.load_config = real_load
         assert not odd["ok"] and odd["problems"] == ["MemoryError: a file no check foresaw"]
         assert runner.is_alive() and command("status")["state"] == "running"
-        assert command("self_destruct")["error"] == "unknown command 'self_destruct'"
+        unknown = command("self_destruct")
+        assert unknown["error"] == "unknown_command" and unknown["message"] == "unknown command 'self_destruct'"
     finally:
         daemon.request_stop("test over")
         runner.join(30)

@@ -384,6 +384,26 @@ def test_a_restarted_station_shows_the_gallery_with_its_types_and_types_from_it(
         other.close()
 
 
+def test_a_size_based_type_is_refused_for_a_red_cell_the_gallery_no_longer_holds(typed_station):
+    """Whether the red cell's scale was calibrated is known from its crop only: without it a
+    size-based type (which the signed report would then drop) is refused; a shape type is taken."""
+    _, path, feed, crops, _, _, _, _, _ = typed_station
+    red = next(c for c in crops if c["kind"] == "rbc" and c["typeable"])
+    key = {"field_id": red["field_id"], "cell": red["cell"]}
+    assert feed.type_cells({"run_id": "run-1", "cells": [{**key, "type": "target"}]})["ok"]
+    cfg = parse_config(tomllib.loads(path.read_text()), environ={})
+    elsewhere = ClinicFeed(cfg.model_copy(update={"review": cfg.review.model_copy(
+        update={"directory": path.parent / "elsewhere-2"})}))
+    elsewhere.gallery.set_wbc_typing(feed.gallery.typing)
+    try:
+        sized = elsewhere.type_cells({"run_id": "run-1", "cells": [{**key, "type": "macrocyte"}]})
+        assert [e["error"] for e in sized["errors"]] == ["unknown_type"] and "size-based" in sized["errors"][0]["message"]
+        assert elsewhere.type_cells({"run_id": "run-1", "cells": [{**key, "type": "stomatocyte"}]})["ok"]
+    finally:
+        elsewhere.close()
+        assert feed.type_cells({"run_id": "run-1", "cells": [{**key, "type": None}]})["removed"] == 1
+
+
 def test_a_full_file_refuses_new_cells_with_its_code(typed_station, tmp_path):
     _, _, feed, _, _, typed, _, _, _ = typed_station
     full = TypedCellStore(tmp_path / "full.sqlite3", max_rows=1)

@@ -280,6 +280,15 @@ def test_a_size_based_type_is_not_taken_at_an_estimated_scale(run):
     assert typed == 1 and typed_target.records[g].label == "target"
     # the analyzer's unassessed size call goes with its label
     assert typed_target.records[g].unassessed_label is None and typed_target.cells[g].unassessed_label is None
+    # a cell to review whose only type does not count is left to review, as the signed report says
+    from smearscope.service.station.clinic import _left_to_review
+
+    records[g] = records[g].model_copy(update={"label": "unidentified"})
+    cells[g] = replace(cells[g], label="unidentified")
+    base = replace(run, cells=cells, records=records)
+    left = _left_to_review(base, {})
+    assert left >= 1 and _left_to_review(base, {(f, k): ("rbc", "microcyte")}) == left
+    assert _left_to_review(base, {(f, k): ("rbc", "target")}) == left - 1
 
 
 def test_the_last_closed_runs_survive_a_restart_for_verification(run, tmp_path, monkeypatch):

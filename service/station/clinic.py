@@ -30,9 +30,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from smearscope.service.analysis.morphology import SIZE_BASED
 from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.records import ARTEFACT
-from smearscope.service.analysis.report import CellRecord, Report, Verification
+from smearscope.service.analysis.report import Report, Verification
 from smearscope.service.config import MqttConfig, StationConfig
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.fhir.report_view import rbc_grades
@@ -45,6 +46,7 @@ from smearscope.service.station.specimen import (
     SpecimenRun,
     SpecimenTracker,
     cell_keys,
+    type_applies,
 )
 from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore, typed_cells_path
 
@@ -76,10 +78,11 @@ class OutboxPublisher(Protocol):
                      also: StateWriter | None = None, extra: Sequence[NewMessage] = ()) -> list[int]: ...
 
 
-def _left_to_review(records: Sequence[CellRecord], types: dict[tuple[str, int], tuple[str, str]]) -> int:
-    """The run's cells the analyzer sent to review (unidentified, atypical) that no one typed:
-    a signed run says how many it was signed with (its crops may be gone after a restart)."""
-    return sum(needs_review(rec) is not None and key not in types for key, rec in zip(cell_keys(records), records))
+def _left_to_review(run: SpecimenRun, types: dict[tuple[str, int], tuple[str, str]]) -> int:
+    """The run's cells the analyzer sent to review (unidentified, atypical) that no one typed with a
+    type that counts (`type_applies`): a signed run says how many it was signed with."""
+    return sum(needs_review(rec) is not None and not (key in types and type_applies(cell, *types[key]))
+               for key, rec, cell in zip(cell_keys(run.records), run.records, run.cells))
 
 
 def _topic(publisher: OutboxPublisher, name: str) -> str:
@@ -269,12 +272,12 @@ class ClinicFeed:
     def get_review(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """`cmd/get_review {"run_id": ..., "offset": 0}` (on the command thread)."""
         if self.gallery is None:
-            return {"ok": False, "error": "the review gallery is off ([review] enabled = false)"}
+            return {"ok": False, "error": "review_off", "message": "the review gallery is off ([review] enabled = false)"}
         run_id, offset = arguments.get("run_id"), arguments.get("offset", 0)
         if run_id is not None and not isinstance(run_id, str):
-            return {"ok": False, "error": "run_id must be a string"}
+            return {"ok": False, "error": "bad_arguments", "message": "run_id must be a string"}
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-            return {"ok": False, "error": "offset must be a non-negative integer"}
+            return {"ok": False, "error": "bad_arguments", "message": "offset must be a non-negative integer"}
         page = self.gallery.page(run_id, offset)
         typing = self.gallery.typing
         if page.get("ok") and offset == 0 and typing is not None:  # what the station has typed so far
@@ -336,6 +339,10 @@ class ClinicFeed:
                 if kind is None and type_:  # whatever the type: which head's types it takes is not known
                     errors.append({**where, "error": "not_typeable", "message": "not a cell of the gallery "
                                    "(of a run it no longer holds?) and not typed before"})
+                    continue
+                if found is None and kind == "rbc" and type_ in SIZE_BASED:  # whether its scale was calibrated
+                    errors.append({**where, "error": "unknown_type", "message": "a size-based type for a red "
+                                   "cell the gallery no longer holds: whether its scale was calibrated is not known"})
                     continue
                 kind = kind or "wbc"
                 allowed = (*(found.types if found is not None and found.types is not None
@@ -426,7 +433,7 @@ class ClinicFeed:
         except (TypedCellsError, sqlite3.Error) as exc:
             return None, False, {"ok": False, "error": "typed_cells_unavailable", "message": str(exc)[:200]}
         run, changed, typed = closed.run.verified(types)
-        left = _left_to_review(closed.run.records, types)
+        left = _left_to_review(closed.run, types)
         report = final_report(run, closed.end_reason)
         report = report.model_copy(update={"verification": Verification(
             verified_by=by, verified_at=report.created_at, supersedes=closed.report.report_id, typed_cells=typed,

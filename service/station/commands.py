@@ -71,7 +71,8 @@ class StationCommands:
             target = arguments.get("target_wbc")
             if target is not None and (not isinstance(target, int) or isinstance(target, bool)
                                        or not 1 <= target <= MAX_TARGET_WBC):
-                return {"ok": False, "error": f"target_wbc must be an integer from 1 to {MAX_TARGET_WBC}"}
+                return {"ok": False, "error": "bad_arguments",
+                        "message": f"target_wbc must be an integer from 1 to {MAX_TARGET_WBC}"}
             return self._analysis.call(name, lambda: self._start_run(target))
         if name == "stop_run":
             return self._analysis.call(name, self._stop_run)
@@ -90,13 +91,14 @@ class StationCommands:
                 return {"ok": False, "error": "bad_arguments", "message": "verify_run needs {\"run_id\": \"...\", "
                         f"\"verified_by\": \"initials\"}} (1 to {MAX_VERIFIED_BY} characters, no control characters)"}
             return self._analysis.call(name, lambda: self._verify_run(run_id, by.strip()))
-        return {"ok": False, "error": f"unknown command {name!r}", "commands": list(COMMAND_NAMES)}
+        return {"ok": False, "error": "unknown_command", "message": f"unknown command {name!r}",
+                "commands": list(COMMAND_NAMES)}
 
     def _analyze_file(self, path: object) -> dict[str, Any]:
         if not isinstance(path, str) or not path:
-            return {"ok": False, "error": "analyze_file needs {\"path\": \"/absolute/file\"}"}
+            return {"ok": False, "error": "bad_arguments", "message": "analyze_file needs {\"path\": \"/absolute/file\"}"}
         if not Path(path).is_absolute():
-            return {"ok": False, "error": "path must be absolute"}
+            return {"ok": False, "error": "bad_arguments", "message": "path must be absolute"}
         if "\0" in path:  # no file has that name; the OS would refuse it with a ValueError
             return {"ok": False, "error": "not_found", "message": "the path holds a NUL character"}
         workers = self._workers
@@ -146,7 +148,7 @@ class StationCommands:
         """On the analysis thread: the closed run's report goes out like any other."""
         closed = self._tracker.stop("stopped")
         if closed is None:
-            return {"ok": False, "error": "no specimen run is open"}
+            return {"ok": False, "error": "no_run_open", "message": "no specimen run is open"}
         if closed.report is not None and self._workers.state is not None:
             self._workers.state.run_ending(closed.run_id, "stopped")  # never taken back by a restart
         self._workers.emit_closed(closed)

@@ -354,7 +354,7 @@ class ReviewGallery:
         with self._lock:
             g = self._runs.get(run_id) if run_id else None
             if g is None:
-                return {"ok": False, "error": f"no review material for run {run_id!r}",
+                return {"ok": False, "error": "no_review_material", "message": f"no review material for run {run_id!r}",
                         "runs": list(self._runs)}
             crops, thumbnail, not_kept, overlays = list(g.crops), g.latest_thumbnail, g.not_kept, len(g.overlays)
             typed = dict(g.typed)

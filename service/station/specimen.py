@@ -86,6 +86,16 @@ def field_id_of(report: Report) -> str:
     return report.source.frame_id if report.source is not None else report.report_id
 
 
+def type_applies(cell: ClassifiedCell, head: str, new: str) -> bool:
+    """Whether a technician's type (`head` "wbc" or "rbc", the type) counts for this cell: a head's
+    types on its own kind of cell only, and no size-based class on a red cell at an estimated
+    scale (no one can judge it there; the report says so)."""
+    kind = cell.detection.kind
+    if (head == "rbc") != (kind is CellKind.RBC) or kind not in (CellKind.WBC, CellKind.NRBC, CellKind.RBC):
+        return False
+    return not (head == "rbc" and new in SIZE_BASED and not cell.size_calibrated)
+
+
 def cell_keys(records: Sequence[CellRecord]) -> Iterator[tuple[str, int]]:
     """Each cell's key as technicians' types name it: (its field id, its index in that field's report)."""
     position: dict[str, int] = {}
@@ -174,11 +184,8 @@ class SpecimenRun:
             if kind_and_type is None:
                 continue
             head, new = kind_and_type
-            if (head == "rbc") != (c.detection.kind is CellKind.RBC) or c.detection.kind not in (
-                    CellKind.WBC, CellKind.NRBC, CellKind.RBC):
+            if not type_applies(c, head, new):
                 continue
-            if head == "rbc" and new in SIZE_BASED and not c.size_calibrated:
-                continue  # a size-based class at an estimated scale: no one can judge it (the report says so)
             typed += 1
             kind = (CellKind.ARTEFACT if new == ARTEFACT else CellKind.RBC if head == "rbc"
                     else KIND_FROM_HEAD_LABEL.get(new, CellKind.WBC))

@@ -403,7 +403,7 @@ function onMessage(topic, payload, packet) {
     else if (kind === "cmd_response/get_review" && !msg.ok && correlation === st.reviewAsk) {
       // the answer to the gallery's last request: a run the station keeps no crops of empties it (none
       // is left to type); another refusal (a busy station) leaves what it shows
-      const gone = /^no review material/.test(String(msg.error));
+      const gone = msg.error === "no_review_material";
       if (gone) clearReview(st);
       st.node.querySelector(".review-count").textContent = gone
         ? "(the station keeps no crops of this run: it is older than its last 4)"
