@@ -216,5 +216,10 @@ class Report(_Strict):
                                               "(command verify_run); absent: the analyzer's preliminary result")
 
 
+SCHEMA_ID = "https://smearscope.invalid/schemas/report.schema.json"
+
+
 def report_json_schema() -> dict:
-    return Report.model_json_schema()
+    """The report's JSON Schema (draft 2020-12, as pydantic writes it), named by `$schema`/`$id`."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
+            **Report.model_json_schema()}

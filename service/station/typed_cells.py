@@ -194,10 +194,10 @@ class TypedCellStore:
         return {(f, int(c)): (k, t) for f, c, k, t in rows}
 
     def counts(self, model_sha256: str) -> dict[str, int]:
-        """Typed cells per type for this head."""
+        """Typed white cells per class of this head (artefacts are no class: left out)."""
         with self._lock:
             rows = self._db.execute("SELECT type, count(*) FROM typed_white_cells WHERE model_sha256=? AND kind='wbc' "
-                                    "GROUP BY type ORDER BY type", (model_sha256,)).fetchall()
+                                    "AND type != 'artefact' GROUP BY type ORDER BY type", (model_sha256,)).fetchall()
         return {t: int(n) for t, n in rows}
 
     def load(self, model_sha256: str, views: Sequence[str], microns_per_pixel: float | None = None) -> TypedCells:

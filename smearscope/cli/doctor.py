@@ -110,7 +110,6 @@ def typed_cells_checks(config) -> list[Check]:
         return [("OK", "typed cells", "typing off ([review] typing): technicians cannot type white cells")]
     from smearscope.engines.manifest import ManifestError, load_manifest
     from smearscope.service.analysis.pipeline import MODEL_FILES
-    from smearscope.service.analysis.records import ARTEFACT
     from smearscope.service.analysis.station_means import MIN_CELLS
     from smearscope.service.station.typed_cells import (
         TypedCellsError,
@@ -139,7 +138,7 @@ def typed_cells_checks(config) -> list[Check]:
         return [("FAIL", "typed cells", f"typed_cells_unavailable: {path}: {exc}")]
     finally:
         store.close()
-    ready = sorted(c for c, n in counts.items() if n >= MIN_CELLS and c != ARTEFACT)  # artefacts: no class
+    ready = sorted(c for c, n in counts.items() if n >= MIN_CELLS)
     text = ", ".join(f"{c} {n}" for c, n in counts.items()) or "none for this WBC head"
     hint = (f"; {', '.join(ready)} ready for a station mean: smearscope adapt-wbc --station" if ready
             else f"; a class needs {MIN_CELLS} for a station mean")
