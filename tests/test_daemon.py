@@ -307,7 +307,7 @@ def test_commands_over_mqtt(
         assert command("status", {"verbose": True})["error"] == "bad_arguments"
         started = command("start_run", {"target_wbc": 500})
         assert started["ok"] and started["target_wbc"] == 500
-        assert not command("start_run")["ok"]  # one run at a time
+        assert command("start_run")["error"] == "run_open"  # one run at a time
         image = tmp_path / "field.png"
         cv2.imwrite(str(image), render_field(3, width=320, height=240).frame.pixels)
         analysed = command("analyze_file", {"path": str(image)})
@@ -431,7 +431,7 @@ def test_reload_command_is_applied_on_the_daemons_own_thread(tmp_path: Path) -> 
         daemon.request_stop("test over")
         runner.join(30)
     assert not runner.is_alive()
-    assert daemon.handle_command("reload", {})["error"] == "station is shutting down"
+    assert daemon.handle_command("reload", {})["error"] == "shutting_down"
 
 
 def test_config_errors_exit_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

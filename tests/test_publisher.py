@@ -344,7 +344,8 @@ def test_commands_get_responses_with_correlation_data(
     assert first.topic == publisher.command_response_topic("recalibrate")
     assert json.loads(first.payload) == {"ok": True, "echo": {"stage": 2}}
     assert first.correlation_data == b"req-42"
-    assert json.loads(responses[1].payload) == {"ok": False, "error": "RuntimeError: camera busy"}
+    assert json.loads(responses[1].payload) == {"ok": False, "error": "command_failed",
+                                                "message": "RuntimeError: camera busy"}
     assert json.loads(responses[2].payload)["ok"] is False
     assert calls == [("recalibrate", {"stage": 2}), ("fail", {})]
 

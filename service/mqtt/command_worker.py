@@ -132,7 +132,7 @@ class CommandWorker:
                 if not self._busy:
                     return
                 name, correlation = self._busy.popleft()
-            self._respond(name, {"ok": False, "error": "busy: too many commands waiting"},
+            self._respond(name, {"ok": False, "error": "busy", "message": "too many commands waiting"},
                           correlation)
 
     def wake_to_stop(self) -> None:
@@ -161,28 +161,28 @@ class CommandWorker:
     def answer(self, name: str, payload: bytes, *, retained: bool = False) -> Mapping[str, Any]:
         """The response body for one command; never raises."""
         if self.handler is None:
-            return {"ok": False, "error": "this station accepts no commands"}
+            return {"ok": False, "error": "no_commands", "message": "this station accepts no commands"}
         if retained:
             logger.warning("command %r arrived retained: not run", name)
             return {"ok": False, "error": "retained_command", "message": "a command is published "
                     "without the retain flag; one left retained on the broker would run again at "
                     "every reconnect: clear it with an empty retained message on its topic"}
         if len(payload) > MAX_PAYLOAD_BYTES:
-            return {"ok": False, "error": f"payload of {len(payload)} bytes is over the limit of "
-                    f"{MAX_PAYLOAD_BYTES}"}
+            return {"ok": False, "error": "payload_too_large", "message": f"payload of {len(payload)} bytes "
+                    f"is over the limit of {MAX_PAYLOAD_BYTES}"}
         if nesting_depth(payload) > MAX_DEPTH:
-            return {"ok": False, "error": f"payload nested deeper than {MAX_DEPTH} levels"}
+            return {"ok": False, "error": "payload_too_deep", "message": f"payload nested deeper than {MAX_DEPTH} levels"}
         if not payload.strip():  # not {}: clearing a retained command publishes an empty one, live
             return {"ok": False, "error": "empty_command", "message": "a command needs a JSON object payload "
                     "({} for none); an empty one, as clearing a retained command sends, is not run"}
         try:
             arguments = json.loads(payload)
         except (ValueError, RecursionError) as exc:
-            return {"ok": False, "error": f"payload is not JSON: {exc}"}
+            return {"ok": False, "error": "not_json", "message": f"payload is not JSON: {exc}"}
         if not isinstance(arguments, dict):
-            return {"ok": False, "error": "payload must be a JSON object"}
+            return {"ok": False, "error": "not_an_object", "message": "payload must be a JSON object"}
         try:
             return self.handler(name, arguments)
         except Exception as exc:
             logger.exception("command %r failed", name)
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            return {"ok": False, "error": "command_failed", "message": f"{type(exc).__name__}: {exc}"}

@@ -235,7 +235,7 @@ class ClinicFeed:
     def run_state(self, report: Report, state: str, progress: dict[str, Any],
                   end_reason: str | None) -> dict[str, Any]:
         """The live run message: the run's aggregates (no cells), progress and review counts."""
-        body = report.model_dump(mode="json", exclude={"cells"})
+        body = report.model_dump(mode="json", exclude={"cells", "cell_detail"})
         review = self.gallery.summary(report.run_id) if self.gallery and report.run_id else None
         return {"station_id": self.station_id, "run_id": report.run_id, "state": state,
                 "end_reason": end_reason, "updated_at": time.time(), "progress": progress,

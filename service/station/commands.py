@@ -128,7 +128,7 @@ class StationCommands:
         try:
             run_id = tracker.start(started_by="command", target_wbc=target)
         except RunAlreadyOpen as exc:
-            return {"ok": False, "error": str(exc)}
+            return {"ok": False, "error": "run_open", "message": str(exc)}
         progress = tracker.progress()
         target_wbc = progress.target_wbc if progress else None
         return {"ok": True, "run_id": run_id, "target_wbc": target_wbc}

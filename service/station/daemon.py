@@ -306,12 +306,12 @@ class StationDaemon:
         say which other changed sections need a restart. Runs on the daemon's main thread (SIGHUP,
         the reload command through the control queue) or on a caller that has not started it."""
         if self.config_path is None:
-            return {"ok": False, "error": "no config file (embedded station); nothing to reload"}
+            return {"ok": False, "error": "no_config", "message": "no config file (embedded station); nothing to reload"}
         try:
             new = load_config(self.config_path, self._environ)
         except Exception as exc:  # noqa: BLE001 - or a file no check foresaw: SIGHUP never ends the station
             problems = exc.errors if isinstance(exc, ConfigError) else [(type(exc).__name__, str(exc))]
-            return {"ok": False, "error": "invalid config; nothing changed",
+            return {"ok": False, "error": "invalid_config", "message": "invalid config; nothing changed",
                     "problems": [f"{loc}: {msg}" for loc, msg in problems]}
         change = compare(self.config, new)
         if "log_level" in change.applied:  # a --log-level given on the command line still wins

@@ -46,14 +46,14 @@ class RequestQueue:
              timeout: float = COMMAND_TIMEOUT_S) -> dict[str, Any]:
         """Have the owner run `run` and wait for its answer (called by any other thread)."""
         if self._owner_done.is_set():
-            return {"ok": False, "error": "station is shutting down"}
+            return {"ok": False, "error": "shutting_down", "message": "the station is shutting down"}
         request = CommandRequest(name, run)
         if not self._requests.put(request):
-            return {"ok": False, "error": "busy: too many commands waiting"}
+            return {"ok": False, "error": "busy", "message": "too many commands waiting"}
         deadline = time.monotonic() + timeout
         while not request.done.wait(TICK_S):
             if self._owner_done.is_set() and not request.done.is_set():
-                return {"ok": False, "error": "station is shutting down"}
+                return {"ok": False, "error": "shutting_down", "message": "the station is shutting down"}
             if time.monotonic() >= deadline:
                 return {"ok": True, "accepted": True, "done": False,
                         "note": f"still waiting for the station after {timeout:.0f} s; "
