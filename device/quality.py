@@ -2,7 +2,9 @@
 
 All metrics are computed on a downscaled copy (at a fixed um/px when the frame's scale is known,
 else at a fixed width), so thresholds do not depend on the camera's resolution. Focus is judged
-only at a known scale: the Laplacian's variance at a fixed width reads a finely sampled sharp
+only at a known scale, or at the scale an uncalibrated station's open run agrees on (a fifth
+finer: an estimate too coarse must not refuse sharp fields; and not at all once it refused five
+fields in a row, until it moves): the Laplacian's variance at a fixed width reads a finely sampled sharp
 field as blurred (BCCD's 640x480 fields at 0.072 um/px: 7 to 11, where its fields at 0.5 um/px
 read 82 to 314 and a 1 um blur of them 4 to 7). The default threshold passes every validation
 field of the seven labs in `training.labs` at its scale (the palest, a Raspberry Pi camera, from
@@ -178,6 +180,12 @@ def normalized_cross_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float((da * db).sum() / denom)
 
 
+#: A scale hint is judged at this share of itself (finer: lenient), and is taken as moved beyond it.
+HINT_MARGIN = 0.8
+#: Focus refusals in a row at one scale hint before focus is no longer judged at it.
+HINTED_REFUSALS_MAX = 5
+
+
 class QualityGate:
     """Decides which frames are worth analyzing; counts rejections per reason.
 
@@ -193,12 +201,33 @@ class QualityGate:
         self._rejections: Counter[str] = Counter()
         self._accepted = 0
         self._said_no_scale = False
+        #: Focus refusals in a row judged at a scale hint; the hint focus is not judged at (after
+        #: HINTED_REFUSALS_MAX of them) until the hint moves.
+        self._hinted_refusals = 0
+        self._hint_off: float | None = None
+
+    def _judging_scale(self, frame: Frame, hint: float | None) -> tuple[float | None, bool]:
+        """(the scale focus is judged at, whether it is a hint). A hint is the run's agreed scale,
+        an estimate: judged at HINT_MARGIN of it (finer reads sharper: a hint too coarse must not
+        refuse sharp fields), and not at all once it refused HINTED_REFUSALS_MAX fields in a row
+        (a wrong estimate, an objective changed mid-run: only fields it lets through can move it)
+        until it moves by more than that margin."""
+        if frame.microns_per_pixel:
+            return frame.microns_per_pixel, False
+        if not hint:
+            return None, False
+        with self._lock:
+            off = self._hint_off
+            if off is not None and abs(hint / off - 1) <= 1 - HINT_MARGIN:
+                return None, False
+            self._hint_off = None
+        return hint * HINT_MARGIN, True
 
     def check(self, frame: Frame, scale_hint: float | None = None) -> QualityVerdict:
         """Judge one frame; `scale_hint`: the scale a frame of unknown scale is judged at (an
         uncalibrated station's open run: the scale its fields agree on), focus unjudged without."""
         cfg = self.config
-        mpp = frame.microns_per_pixel or scale_hint
+        mpp, hinted = self._judging_scale(frame, scale_hint)
         with self._lock:
             if frame.frame_id in self._seen:
                 return self._verdict(frame, DUPLICATE_FRAME_ID, {})
@@ -228,6 +257,13 @@ class QualityGate:
         with self._lock:
             if reason is None:
                 self._previous_thumb = thumb
+            self._hinted_refusals = self._hinted_refusals + 1 if hinted and reason == OUT_OF_FOCUS else 0
+            if self._hinted_refusals >= HINTED_REFUSALS_MAX:
+                self._hint_off, self._hinted_refusals = scale_hint, 0
+                logger.warning("%d fields in a row out of focus at the scale the run's fields agree on (%.4f um/px): "
+                               "focus is not judged at it until it moves (a wrong estimate, or an objective "
+                               "changed); calibrate the station (smearscope calibrate-scale)",
+                               HINTED_REFUSALS_MAX, scale_hint)
             return self._verdict(frame, reason, metrics)
 
     def _verdict(

@@ -72,8 +72,32 @@ def test_focus_is_not_judged_at_an_unknown_scale(caplog: pytest.LogCaptureFixtur
     known = QualityGate()
     assert [known.check(_frame(p, mpp=0.1)).reason for p in (fine, blurred)] == [None, OUT_OF_FOCUS]
     # an uncalibrated station once its run's fields agree on a scale: judged at that scale
-    hinted = QualityGate()
-    assert [hinted.check(_frame(p, mpp=None), scale_hint=0.1).reason for p in (fine, blurred)] == [None, OUT_OF_FOCUS]
+    hinted = QualityGate()  # (judged at a fifth finer than the hint: lenient, a 1.5 um blur is refused)
+    very = cv2.GaussianBlur(fine, (0, 0), 15)
+    assert [hinted.check(_frame(p, mpp=None), scale_hint=0.1).reason for p in (fine, very)] == [None, OUT_OF_FOCUS]
+
+
+def test_a_scale_hint_that_refuses_field_after_field_is_let_go_until_it_moves(caplog: pytest.LogCaptureFixture) -> None:
+    """The run's agreed scale is an estimate: one far too coarse (an objective changed mid-run)
+    reads every sharp field as blurred, and only fields let through can move it. After
+    HINTED_REFUSALS_MAX refusals in a row focus is not judged at it (said once); judged again once
+    the hint moves."""
+    from smearscope.device.quality import HINTED_REFUSALS_MAX
+
+    # a camera's soft but sharp enough fields (0.3 um of blur at 0.1 um/px: focus 100 at their scale)
+    fields = [cv2.GaussianBlur(synthetic.render_field(seed=s, width=1280, height=960, microns_per_pixel=0.1)
+                               .frame.pixels, (0, 0), 3) for s in range(30, 30 + HINTED_REFUSALS_MAX + 3)]
+    # a hint 2x too coarse is judged a fifth finer: lenient (at 0.2 itself this field reads 9, refused)
+    assert QualityGate().check(_frame(fields[0], mpp=None), scale_hint=0.2).accepted
+    gate = QualityGate()
+    with caplog.at_level("WARNING", logger="smearscope.device.quality"):
+        reasons = [gate.check(_frame(p, mpp=None), scale_hint=0.35).reason for p in fields[:-1]]  # 3.5x too coarse
+    assert reasons[:HINTED_REFUSALS_MAX] == [OUT_OF_FOCUS] * HINTED_REFUSALS_MAX
+    assert reasons[HINTED_REFUSALS_MAX:] == [None] * (len(reasons) - HINTED_REFUSALS_MAX)
+    assert sum("out of focus at the scale the run's fields agree on" in r.getMessage() for r in caplog.records) == 1
+    # the scale moved to where the fields are: judged again, there
+    assert gate.check(_frame(fields[-1], mpp=None), scale_hint=0.1).accepted
+    assert gate.check(_frame(cv2.GaussianBlur(fields[-1], (0, 0), 15), mpp=None), scale_hint=0.1).reason == OUT_OF_FOCUS
 
 
 @pytest.mark.parametrize(

@@ -114,7 +114,7 @@ class StationCommands:
                                          microns_per_pixel=self._file_scale))
 
         def run() -> dict[str, Any]:
-            verdict = workers.gate.check(frame)
+            verdict = workers.gate.check(frame, self._tracker.specimen_scale())  # uncalibrated: the run's
             if not verdict.accepted:
                 workers.reject(frame.frame_id, "rejected", verdict.reason or "unknown")
                 return {"ok": False, "frame_id": frame.frame_id, "error": verdict.reason}
