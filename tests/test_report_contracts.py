@@ -258,6 +258,22 @@ def test_closed_report_is_stored_without_cells(tmp_path):
 
 
 # -- fhir
+def test_sizes_of_a_calibration_no_blood_fits_are_not_read():
+    """With rbc_size_implausible the diameters and the size-based morphology are not assessable:
+    the FHIR diameter has a dataAbsentReason, a spherocyte share no grade, the dashboard's grades
+    say so; shape classes keep theirs."""
+    flag = Flag(code="rbc_size_implausible", severity="warning", message="median 15.0 um")
+    plain, odd = graded_report(), graded_report([flag])
+    assert report_view.rbc_grades(plain)["spherocyte"] != report_view.NOT_ASSESSABLE
+    grades = report_view.rbc_grades(odd)
+    assert grades["spherocyte"] == report_view.NOT_ASSESSABLE and grades["schistocyte"] != report_view.NOT_ASSESSABLE
+    bundle = report_bundle(odd)
+    validate(bundle)
+    diameter = by_code(bundle, codes.LOCAL_OBSERVATION, "rbc-diameter")
+    assert "dataAbsentReason" in diameter and "valueQuantity" not in diameter
+    assert "valueQuantity" in by_code(report_bundle(plain), codes.LOCAL_OBSERVATION, "rbc-diameter")
+
+
 def test_effective_is_the_run_start():
     b = report_bundle(graded_report())          # created 2e9, run_ms 60 000
     dr = b["entry"][0]["resource"]

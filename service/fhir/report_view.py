@@ -19,6 +19,8 @@ from smearscope.service.analysis.report import ClassShare, Report
 logger = logging.getLogger(__name__)
 
 SIZE_FLAG = "size_not_assessable_without_calibration"
+#: A calibrated scale no blood's red cells fit (service.analysis.aggregate): sizes not assessable either.
+IMPLAUSIBLE_SIZE_FLAG = "rbc_size_implausible"
 ATYPICAL_FLAG = "atypical_wbc_present"
 #: The WBC head's NRBC class (older reports had it in the differential).
 NRBC_LABEL = "erythroblast"
@@ -26,7 +28,12 @@ NOT_ASSESSABLE = "not assessable"
 
 
 def size_not_assessable(report: Report) -> bool:
-    return any(f.code == SIZE_FLAG for f in report.flags)
+    """Sizes cannot be read: the scale was estimated, or the calibration is one no blood fits."""
+    return any(f.code in (SIZE_FLAG, IMPLAUSIBLE_SIZE_FLAG) for f in report.flags)
+
+
+def size_implausible(report: Report) -> bool:
+    return any(f.code == IMPLAUSIBLE_SIZE_FLAG for f in report.flags)
 
 
 def assessable(report: Report, share: ClassShare) -> bool:
