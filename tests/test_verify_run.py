@@ -366,6 +366,9 @@ def test_a_run_stopped_before_its_report_was_stored_is_closed_as_stopped_not_tak
         report = replace(run, run_id="r1").report(station_id="s", now=5.0, end_reason="stopped")
         outbox.write(lambda conn: state.run_closed(report)(conn, []))  # its report stored: the mark goes
         assert outbox.read(lambda conn: conn.execute("SELECT COUNT(*) FROM ending_runs").fetchone()[0]) == 0
+        state.run_ending("r0", "stopped")  # stopped before any field of it was stored: dropped at open
+        StationState(outbox)
+        assert outbox.read(lambda conn: conn.execute("SELECT COUNT(*) FROM ending_runs").fetchone()[0]) == 0
     finally:
         outbox.close()
 

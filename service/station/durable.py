@@ -1,7 +1,8 @@
 """What a station must remember across a crash, kept in its outbox file beside the messages.
 
 Three tables, each written in the same transaction as the message that changes them
-(`Outbox.put_many(..., also=...)`), so a message and its state are stored together or not at all:
+(`Outbox.put_many(..., also=...)`), so a message and its state are stored together or not at all,
+and a fourth written at once:
 
   station_inputs   the inputs (a watched folder's files, by content hash: `Frame.input_key`)
                    whose field message is stored, with its field (frame id); a file found again
@@ -10,12 +11,15 @@ Three tables, each written in the same transaction as the message that changes t
                    target and models, and of the last `KEEP_CLOSED_RUNS` closed ones. A run
                    whose rows survive a crash (or a stop on a full disk) without a closed_runs
                    row is taken back by the next start within its idle timeout
-                   (SpecimenTracker.resume_one), else closed with `specimen_incomplete` (end
-                   reason `restart`)
+                   (SpecimenTracker.resume_one) unless `ending_runs` holds it, else closed with
+                   `specimen_incomplete` (end reason `restart`, or the end asked for)
   closed_runs      the runs whose final (or verified) specimen report is stored: its report
                    (without cells) and why it ended, so a technician can still verify one of
                    the last runs after a restart (verify_run); older ones are deleted with
                    their fields
+  ending_runs      the runs `stop_run` ended, written at once (`run_ending`), deleted with the
+                   run's stored report: a crash before it is stored never takes the run back;
+                   a row whose run has no field stored is dropped at open
 """
 
 from __future__ import annotations
@@ -114,6 +118,8 @@ class StationState:
         self.outbox = outbox
         outbox.write(lambda conn: [conn.execute(statement) for statement in _SCHEMA])
         outbox.write(_add_columns)
+        outbox.write(lambda conn: conn.execute(  # a run stopped before any of its fields was stored
+            "DELETE FROM ending_runs WHERE run_id NOT IN (SELECT run_id FROM specimen_fields)"))
         #: Inputs taken for analysis by this process (input key -> frame id; the analysis
         #: thread's), the last MAX_TAKEN: a copy that comes while its original is analysed or
         #: waits to be stored is a copy all the same.

@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_THRESHOLDS = AggregateThresholds()
 
 #: "restart": the run was left open by a process that crashed (or could not store its report at
-#: stop), and the next start closed it from the outbox database (service.station.durable).
+#: stop), and the next start closed it from the outbox database (service.station.durable) rather
+#: than take it back (SpecimenTracker.resume_one); a run stop_run ended is closed as "stopped".
 #: "field_limit": the run reached `max_fields` fields without its target (its memory's bound).
 EndReason = Literal["target_reached", "stopped", "idle_timeout", "shutdown", "restart", "field_limit"]
 StartedBy = Literal["auto", "command"]
