@@ -483,7 +483,7 @@ class MqttPublisher:
         try:
             body = json.dumps(dict(response), default=str)
         except (TypeError, ValueError, RecursionError) as exc:
-            body = json.dumps({"ok": False, "error": f"response not serialisable: {exc}"})
+            body = json.dumps({"ok": False, "error": "command_failed", "message": f"response not serialisable: {exc}"})
         # paho refuses a message when its queue is full (a burst of commands): wait for room
         # rather than lose the answer; give up (logged) only after a while or at stop.
         publish_waiting(lambda: self._client or client, self.command_response_topic(name), body,

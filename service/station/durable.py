@@ -118,8 +118,11 @@ class StationState:
         self.outbox = outbox
         outbox.write(lambda conn: [conn.execute(statement) for statement in _SCHEMA])
         outbox.write(_add_columns)
-        outbox.write(lambda conn: conn.execute(  # a run stopped before any of its fields was stored
-            "DELETE FROM ending_runs WHERE run_id NOT IN (SELECT run_id FROM specimen_fields)"))
+        try:  # a run stopped before any of its fields was stored (a full disk may refuse: left for later)
+            outbox.write(lambda conn: conn.execute(
+                "DELETE FROM ending_runs WHERE run_id NOT IN (SELECT run_id FROM specimen_fields)"))
+        except (sqlite3.Error, OSError) as exc:
+            logger.warning("stopped runs without fields not dropped: %s", exc)
         #: Inputs taken for analysis by this process (input key -> frame id; the analysis
         #: thread's), the last MAX_TAKEN: a copy that comes while its original is analysed or
         #: waits to be stored is a copy all the same.

@@ -58,7 +58,9 @@ class RequestQueue:
                 return {"ok": True, "accepted": True, "done": False,
                         "note": f"still waiting for the station after {timeout:.0f} s; "
                                 "its result will be published"}
-        return request.response or {"ok": False, "error": "no response"}
+        if request.response is None:
+            return {"ok": False, "error": "command_failed", "message": "the station gave no response"}
+        return request.response
 
     def serve_pending(self) -> None:
         """Run every waiting request (called by the owning thread between its own work)."""
@@ -71,7 +73,7 @@ class RequestQueue:
                 request.response = request.run()
             except Exception as exc:
                 logger.exception("command %s failed", request.name)
-                request.response = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                request.response = {"ok": False, "error": "command_failed", "message": f"{type(exc).__name__}: {exc}"}
             request.done.set()
 
     def close(self) -> None:

@@ -1,0 +1,36 @@
+"""Commands the daemon's threads serve (station.requests): every answer has a code, whatever the
+work does."""
+
+from __future__ import annotations
+
+import threading
+
+from smearscope.service.station.requests import RequestQueue
+
+
+def _served(queue: RequestQueue, stop: threading.Event) -> threading.Thread:
+    def owner() -> None:
+        while not stop.is_set():
+            queue.serve_pending()
+            stop.wait(0.01)
+    thread = threading.Thread(target=owner, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_work_that_raises_or_answers_nothing_is_command_failed_and_an_empty_answer_stands() -> None:
+    queue, stop = RequestQueue("test"), threading.Event()
+    owner = _served(queue, stop)
+    try:
+        def boom() -> dict:
+            raise KeyError("run")
+        failed = queue.call("stop_run", boom, timeout=5)
+        assert failed == {"ok": False, "error": "command_failed", "message": "KeyError: 'run'"}
+        assert queue.call("status", dict, timeout=5) == {}  # an answer, even empty, is the answer
+        none = queue.call("status", lambda: None, timeout=5)  # type: ignore[arg-type,return-value]
+        assert none["error"] == "command_failed"
+    finally:
+        stop.set()
+        owner.join(2)
+    queue.close()
+    assert queue.call("reload", lambda: {"ok": True})["error"] == "shutting_down"
