@@ -3,8 +3,9 @@
 All metrics are computed on a downscaled copy (at a fixed um/px when the frame's scale is known,
 else at a fixed width), so thresholds do not depend on the camera's resolution. Focus is judged
 only at a known scale, or at the scale an uncalibrated station's open run agrees on (a fifth
-finer: an estimate too coarse must not refuse sharp fields; and not at all once it refused five
-fields in a row, until it moves): the Laplacian's variance at a fixed width reads a finely sampled sharp
+finer: an estimate too coarse must not refuse sharp fields, so a 1 um blur may pass there; and
+not at all once it refused five fields in a row, until a field is sharp there or it moves): the
+Laplacian's variance at a fixed width reads a finely sampled sharp
 field as blurred (BCCD's 640x480 fields at 0.072 um/px: 7 to 11, where its fields at 0.5 um/px
 read 82 to 314 and a 1 um blur of them 4 to 7). The default threshold passes every validation
 field of the seven labs in `training.labs` at its scale (the palest, a Raspberry Pi camera, from
@@ -206,28 +207,29 @@ class QualityGate:
         self._hinted_refusals = 0
         self._hint_off: float | None = None
 
-    def _judging_scale(self, frame: Frame, hint: float | None) -> tuple[float | None, bool]:
-        """(the scale focus is judged at, whether it is a hint). A hint is the run's agreed scale,
-        an estimate: judged at HINT_MARGIN of it (finer reads sharper: a hint too coarse must not
-        refuse sharp fields), and not at all once it refused HINTED_REFUSALS_MAX fields in a row
-        (a wrong estimate, an objective changed mid-run: only fields it lets through can move it)
-        until it moves by more than that margin."""
+    def _judging_scale(self, frame: Frame, hint: float | None) -> tuple[float | None, bool, bool]:
+        """(the scale metrics are measured at, whether focus is judged there, whether it is a hint).
+        A hint is the run's agreed scale, an estimate: judged at HINT_MARGIN of it (finer reads
+        sharper: a hint too coarse must not refuse sharp fields). Once it refused
+        HINTED_REFUSALS_MAX fields in a row (a wrong estimate, an objective changed mid-run: only
+        fields it lets through can move it) focus is measured there but not judged, until a field
+        passes there (the technician refocused: the hint was right) or the hint moves by more
+        than the margin."""
         if frame.microns_per_pixel:
-            return frame.microns_per_pixel, False
+            return frame.microns_per_pixel, True, False
         if not hint:
-            return None, False
+            return None, False, False
         with self._lock:
             off = self._hint_off
-            if off is not None and abs(hint / off - 1) <= 1 - HINT_MARGIN:
-                return None, False
-            self._hint_off = None
-        return hint * HINT_MARGIN, True
+            if off is not None and abs(hint / off - 1) > 1 - HINT_MARGIN:
+                self._hint_off = off = None
+        return hint * HINT_MARGIN, off is None, True
 
     def check(self, frame: Frame, scale_hint: float | None = None) -> QualityVerdict:
         """Judge one frame; `scale_hint`: the scale a frame of unknown scale is judged at (an
         uncalibrated station's open run: the scale its fields agree on), focus unjudged without."""
         cfg = self.config
-        mpp, hinted = self._judging_scale(frame, scale_hint)
+        mpp, judged, hinted = self._judging_scale(frame, scale_hint)
         with self._lock:
             if frame.frame_id in self._seen:
                 return self._verdict(frame, DUPLICATE_FRAME_ID, {})
@@ -250,19 +252,25 @@ class QualityGate:
                 reason = OVEREXPOSED
             elif metrics["stained_fraction"] < cfg.min_stained_fraction:
                 reason = EMPTY_FIELD
-            elif mpp and metrics["focus"] < cfg.min_focus:
+            elif judged and metrics["focus"] < cfg.min_focus:
                 reason = OUT_OF_FOCUS
             elif metrics.get("same_field_ncc", -1.0) >= cfg.same_field_correlation:
                 reason = SAME_FIELD
         with self._lock:
             if reason is None:
                 self._previous_thumb = thumb
-            self._hinted_refusals = self._hinted_refusals + 1 if hinted and reason == OUT_OF_FOCUS else 0
+            if hinted and reason not in (UNDEREXPOSED, OVEREXPOSED, EMPTY_FIELD):  # fields whose focus says something
+                sharp = metrics["focus"] >= cfg.min_focus
+                if not judged and sharp:
+                    self._hint_off = None  # a sharp field at the hint: it fits the optics, judged again
+                    logger.info("a field is sharp at the run's scale again: focus is judged there")
+                elif judged:
+                    self._hinted_refusals = 0 if sharp else self._hinted_refusals + 1
             if self._hinted_refusals >= HINTED_REFUSALS_MAX:
                 self._hint_off, self._hinted_refusals = scale_hint, 0
                 logger.warning("%d fields in a row out of focus at the scale the run's fields agree on (%.4f um/px): "
-                               "focus is not judged at it until it moves (a wrong estimate, or an objective "
-                               "changed); calibrate the station (smearscope calibrate-scale)",
+                               "focus is not judged at it until a field is sharp there or it moves (a wrong "
+                               "estimate, or an objective changed); calibrate the station (smearscope calibrate-scale)",
                                HINTED_REFUSALS_MAX, scale_hint)
             return self._verdict(frame, reason, metrics)
 

@@ -98,6 +98,16 @@ def test_a_scale_hint_that_refuses_field_after_field_is_let_go_until_it_moves(ca
     # the scale moved to where the fields are: judged again, there
     assert gate.check(_frame(fields[-1], mpp=None), scale_hint=0.1).accepted
     assert gate.check(_frame(cv2.GaussianBlur(fields[-1], (0, 0), 15), mpp=None), scale_hint=0.1).reason == OUT_OF_FOCUS
+    # a right hint and a technician refocusing: five blurred fields in a row let the hint go, the
+    # next sharp field at it takes it back (focus judged again at once, not for good lost)
+    right = QualityGate()
+    sharp = [synthetic.render_field(seed=s, width=1280, height=960, microns_per_pixel=0.1).frame.pixels
+             for s in (60, 61, 62)]
+    hazy = [cv2.GaussianBlur(f, (0, 0), 15) for f in fields[:HINTED_REFUSALS_MAX]]
+    assert [right.check(_frame(p, mpp=None), scale_hint=0.1).reason for p in hazy] == [OUT_OF_FOCUS] * len(hazy)
+    assert right.check(_frame(cv2.GaussianBlur(sharp[0], (0, 0), 15), mpp=None), scale_hint=0.1).accepted  # let go
+    assert right.check(_frame(sharp[1], mpp=None), scale_hint=0.1).accepted
+    assert right.check(_frame(cv2.GaussianBlur(sharp[2], (0, 0), 15), mpp=None), scale_hint=0.1).reason == OUT_OF_FOCUS
 
 
 @pytest.mark.parametrize(
