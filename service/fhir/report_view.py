@@ -37,7 +37,8 @@ def size_implausible(report: Report) -> bool:
 
 
 def assessable(report: Report, share: ClassShare) -> bool:
-    """False for a size-based finding at an estimated scale (the share has no value then)."""
+    """False for a size-based finding at an estimated scale, or of a report whose calibration no
+    blood fits (rbc_size_implausible): the share has no value then."""
     return share.assessable and not (share.label in SIZE_BASED and size_not_assessable(report))
 
 
@@ -58,7 +59,8 @@ def grade_interval(share: ClassShare) -> tuple[str, str] | None:
 
 
 def rbc_grades(report: Report) -> dict[str, str]:
-    """Grade per red-cell morphology; size-based ones 'not assessable' without calibration."""
+    """Grade per red-cell morphology; size-based ones 'not assessable' without calibration or with a
+    calibration no blood fits."""
     out = {}
     for share in report.rbc_morphology:
         g = grade(share) if assessable(report, share) else NOT_ASSESSABLE

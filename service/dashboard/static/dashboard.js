@@ -3,6 +3,7 @@
 // No build step. Text from the broker is only ever set with textContent.
 "use strict";
 
+const SIZE_BASED = ["microcyte", "macrocyte", "spherocyte"];  // service.analysis.morphology.SIZE_BASED
 const SEVERITY = { critical: 0, warning: 1, info: 2 };
 const stations = new Map();
 let client = null;
@@ -137,14 +138,16 @@ function renderRun(st) {
     tbody.append(tr);
   }
   const grades = view.grades || {};
+  // a calibration no blood fits (flag rbc_size_implausible): sizes and size-based grades not read
+  const sizesOff = r.flags.some((f) => f.code === "rbc_size_implausible");
   for (const s of r.rbc_morphology) {
     const tr = el("tr");
     tr.dataset.label = s.label;
     // ICSH's "none" is a share below its 1+ threshold, not an absence: said so beside a count; a
     // grade whose 95% interval spans others (few red cells: 2 sickle cells of 86 read 3+) shows it
     const shown = (g) => g === "none" ? "below 1+" : g;
-    const grade = s.grade || grades[s.label] || "";
-    const spans = grade && s.grade_ci_low && s.grade_ci_high && s.grade_ci_low !== s.grade_ci_high;
+    const grade = sizesOff && SIZE_BASED.includes(s.label) ? "not assessable" : s.grade || grades[s.label] || "";
+    const spans = grade !== "not assessable" && grade && s.grade_ci_low && s.grade_ci_high && s.grade_ci_low !== s.grade_ci_high;
     tr.append(el("td", "label", s.label), el("td", "count", String(s.count)), el("td", "percent", String(s.percent)),
               el("td", "grade", shown(grade) + (spans ? " (" + shown(s.grade_ci_low) + " to " +
                                                  shown(s.grade_ci_high) + ")" : "")));
