@@ -272,6 +272,11 @@ def test_sizes_of_a_calibration_no_blood_fits_are_not_read():
     diameter = by_code(bundle, codes.LOCAL_OBSERVATION, "rbc-diameter")
     assert "dataAbsentReason" in diameter and "valueQuantity" not in diameter
     assert "valueQuantity" in by_code(report_bundle(plain), codes.LOCAL_OBSERVATION, "rbc-diameter")
+    # and the lines a technician reads
+    from smearscope.cli.summary import summarize
+
+    assert "RBC diameter" in summarize(plain) and "RBC diameter" not in summarize(odd)
+    assert "spherocyte: not assessable with a calibration no blood fits" in summarize(odd)
 
 
 def test_effective_is_the_run_start():
