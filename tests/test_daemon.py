@@ -302,6 +302,7 @@ def test_commands_over_mqtt(
 
         too_many = command("start_run", {"target_wbc": 10**23})  # SQLite could not store it: refused
         assert too_many["error"] == "bad_arguments" and "1 to 1000" in too_many["message"]
+        assert command("start_run", {"target_wbc": None})["error"] == "bad_arguments"  # leave it out instead
         misspelt = command("start_run", {"target_wbcs": 500})  # not a run at the default target
         assert misspelt["error"] == "bad_arguments" and "'target_wbcs'" in misspelt["message"]
         assert command("status", {"verbose": True})["error"] == "bad_arguments"
@@ -320,7 +321,7 @@ def test_commands_over_mqtt(
         text.write_text("not an image")
         assert command("analyze_file", {"path": str(text)})["error"] == "not_an_image"
         assert command("analyze_file", {"path": "relative.png"})["ok"] is False
-        assert command("analyze_file", {"path": f"{image}\0.txt"})["error"] == "not_found"
+        assert command("analyze_file", {"path": f"{image}\0.txt"})["error"] == "bad_arguments"
         (inbox / "notes.txt").write_text("not an image either")  # the folder source refuses it itself
         assert wait_until(lambda: (inbox / "rejected" / "notes.txt").exists(), 15)
         status = command("status")

@@ -219,13 +219,15 @@ def test_the_command_answers_each_bad_cell_and_retypes_or_removes(typed_station)
     before = feed.type_cells({"run_id": "run-1", "cells": [{**key, "type": one["type"]}]})["typed_per_type"]
     rbc = next(c for c in crops if c["kind"] == "rbc") if any(c["kind"] == "rbc" for c in crops) else None
     bad = [{**key, "type": "blast"}, {"field_id": "nope", "cell": 0, "type": "lymphocyte"}, {"cell": "x"},
-           {"field_id": one["field_id"], "cell": 10**30, "type": "lymphocyte"}]  # beyond SQLite's integers
+           {"field_id": one["field_id"], "cell": 10**30, "type": "lymphocyte"},  # beyond SQLite's integers
+           {**key, "type": one["type"], "typ": "lymphocyte"}]  # a misspelt key is not ignored
     if rbc is not None:
         bad.append({"field_id": rbc["field_id"], "cell": rbc["cell"], "type": "lymphocyte"})
     answer = feed.type_cells({"run_id": "run-1", "cells": bad})
     assert not answer["ok"] and answer["stored"] == 0
     # a red cell takes the RBC head's types only
-    assert [e["error"] for e in answer["errors"]] == ["unknown_type", "not_typeable", "bad_cell", "bad_cell"] + (
+    assert [e["error"] for e in answer["errors"]] == ["unknown_type", "not_typeable", "bad_cell", "bad_cell",
+                                                      "bad_cell"] + (
         ["unknown_type"] if rbc is not None else [])
     assert answer["typed_per_type"] == before
     for args, code in (({"run_id": "run-1"}, "bad_arguments"), ({"run_id": 3, "cells": [key]}, "bad_arguments"),

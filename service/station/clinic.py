@@ -323,12 +323,13 @@ class ClinicFeed:
             field_id = item.get("field_id") if isinstance(item, dict) else None
             cell = item.get("cell") if isinstance(item, dict) else None
             type_ = item.get("type") if isinstance(item, dict) else None
-            if (not isinstance(field_id, str) or not 0 < len(field_id) <= MAX_FIELD_ID
+            if (not isinstance(item, dict) or not set(item) <= {"field_id", "cell", "type"}
+                    or not isinstance(field_id, str) or not 0 < len(field_id) <= MAX_FIELD_ID
                     or not isinstance(cell, int) or isinstance(cell, bool) or not 0 <= cell < MAX_CELL_INDEX
                     or not (type_ is None or isinstance(type_, str))):
                 errors.append({"index": k, "error": "bad_cell", "message": "expected field_id (a string of 1 to "
                                f"{MAX_FIELD_ID} characters), cell (integer from 0 to {MAX_CELL_INDEX - 1}) and "
-                               "type (string or null)"})
+                               "type (string or null), and nothing else"})
                 continue
             where = {"index": k, "field_id": field_id, "cell": cell}
             found = gallery.typeable(run_id, field_id, cell)

@@ -69,8 +69,8 @@ class StationCommands:
             return self._reload()
         if name == "start_run":
             target = arguments.get("target_wbc")
-            if target is not None and (not isinstance(target, int) or isinstance(target, bool)
-                                       or not 1 <= target <= MAX_TARGET_WBC):
+            if "target_wbc" in arguments and (not isinstance(target, int) or isinstance(target, bool)
+                                              or not 1 <= target <= MAX_TARGET_WBC):  # null too: leave it out
                 return {"ok": False, "error": "bad_arguments",
                         "message": f"target_wbc must be an integer from 1 to {MAX_TARGET_WBC}"}
             return self._analysis.call(name, lambda: self._start_run(target))
@@ -100,7 +100,7 @@ class StationCommands:
         if not Path(path).is_absolute():
             return {"ok": False, "error": "bad_arguments", "message": "path must be absolute"}
         if "\0" in path:  # no file has that name; the OS would refuse it with a ValueError
-            return {"ok": False, "error": "not_found", "message": "the path holds a NUL character"}
+            return {"ok": False, "error": "bad_arguments", "message": "the path holds a NUL character"}
         workers = self._workers
         try:
             image = load_image(path)
