@@ -203,7 +203,7 @@ class QualityGate:
         self._accepted = 0
         self._said_no_scale = False
         #: Focus refusals in a row judged at a scale hint; the hint focus is not judged at (after
-        #: HINTED_REFUSALS_MAX of them) until the hint moves.
+        #: HINTED_REFUSALS_MAX of them) until a field is sharp there or the hint moves.
         self._hinted_refusals = 0
         self._hint_off: float | None = None
 

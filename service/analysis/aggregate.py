@@ -72,6 +72,8 @@ def sizes_not_assessed(n: int) -> SizeStats:
 PLAUSIBLE_RBC_DIAMETER_UM = (5.0, 10.5)
 #: Whole red cells measured before the median is judged.
 MIN_RBC_FOR_SIZE_CHECK = 20
+#: The flag a median outside PLAUSIBLE_RBC_DIAMETER_UM raises.
+RBC_SIZE_IMPLAUSIBLE = "rbc_size_implausible"
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,7 @@ class CellTally:
         if sizes.calibrated and sizes.n >= MIN_RBC_FOR_SIZE_CHECK and median is not None and not (
                 PLAUSIBLE_RBC_DIAMETER_UM[0] <= median <= PLAUSIBLE_RBC_DIAMETER_UM[1]):
             low, high = PLAUSIBLE_RBC_DIAMETER_UM
-            flags.append(Flag(code="rbc_size_implausible", severity="warning",
+            flags.append(Flag(code=RBC_SIZE_IMPLAUSIBLE, severity="warning",
                               message=f"red cells measure a median {median:.1f} um at the calibrated scale ({sizes.n} "
                                       f"whole cells), where blood's lie between {low:g} and {high:g} um even in micro- "
                                       "or macrocytic anaemia: check the station's calibration (smearscope "

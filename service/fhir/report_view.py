@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+from smearscope.service.analysis.aggregate import RBC_SIZE_IMPLAUSIBLE
 from smearscope.service.analysis.morphology import ICSH_THRESHOLDS, SIZE_BASED, icsh_grade
 from smearscope.service.analysis.report import ClassShare, Report
 
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 SIZE_FLAG = "size_not_assessable_without_calibration"
 #: A calibrated scale no blood's red cells fit (service.analysis.aggregate): sizes not assessable either.
-IMPLAUSIBLE_SIZE_FLAG = "rbc_size_implausible"
+IMPLAUSIBLE_SIZE_FLAG = RBC_SIZE_IMPLAUSIBLE
 ATYPICAL_FLAG = "atypical_wbc_present"
 #: The WBC head's NRBC class (older reports had it in the differential).
 NRBC_LABEL = "erythroblast"

@@ -119,7 +119,7 @@ class ClinicFeed:
     def start(self, analyzer: Any, closed: Sequence[ClosedRun],
               load_run: Callable[[str], SpecimenRun | None] | None = None,
               publisher: OutboxPublisher | None = None, announce: Collection[str] = (),
-              tracker: Any = None) -> None:
+              tracker: SpecimenTracker | None = None) -> None:
         """The station starts: the analyzer's heads for typing (`attach_wbc_head`), and the runs
         closed before (service.station.durable, oldest first) for verification. With `load_run`
         (`StationState.run_cells`) a closed run's cells are read back when it is verified instead

@@ -152,7 +152,7 @@ class ReviewGallery:
                 if typeable is not None:
                     g.typeable[(crop["field_id"], crop["cell"])] = typeable
             try:
-                g.overlays = sorted(directory.joinpath(_SAFE.sub("_", stored.run_id)).glob("*.jpg"),
+                g.overlays = sorted(self._run_folder(stored.run_id).glob("*.jpg"),
                                     key=lambda p: p.stat().st_mtime)
             except OSError:
                 pass
@@ -269,7 +269,7 @@ class ReviewGallery:
                                 for p, c in zip(g.priorities, g.crops)])
                      for r, g in self._runs.items() if r in self._unsaved]
             order, drops = list(self._runs), set(self._drops)
-        own = None if change.run_id in self._unsaved else change
+            own = None if change.run_id in self._unsaved else change  # else among `whole`
         if self._store.write(order, own, whole, drops):
             with self._lock:
                 self._unsaved -= {r.run_id for r in whole}
@@ -403,6 +403,10 @@ class ReviewGallery:
         except OSError:
             return float("inf")
 
+    def _run_folder(self, run_id: str) -> Path:
+        """Where a run's overlays are written."""
+        return self.directory / _SAFE.sub("_", run_id)
+
     def _write_overlay(self, run_id: str, field_id: str, overlay: np.ndarray) -> Path | None:
         if self._free() < self._floor:  # the outbox needs the disk more: the oldest overlays make room first
             self._enforce_disk_cap()
@@ -414,7 +418,7 @@ class ReviewGallery:
                     self._low_disk_said = True
                 return None
         self._low_disk_said = False
-        folder = self.directory / _SAFE.sub("_", run_id)
+        folder = self._run_folder(run_id)
         path = folder / f"{_SAFE.sub('_', field_id)[:120]}.jpg"
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -173,8 +173,8 @@ class SpecimenRun:
         cell's index in its field report) -> (kind, type): "wbc" types on white cells and
         nucleated red cells, each counted where its type belongs (`platelet` a platelet,
         `erythroblast` a nucleated red cell, as the analyzer counts the WBC head's own calls);
-        "rbc" types on red cells; `artefact` on any of them: no cell, in no count but its own. Returns the cells whose type differs from the analyzer's and
-        how many typed cells it holds; a type of one kind on a cell of another is ignored. The
+        "rbc" types on red cells; `artefact` on any of them: no cell, in no count but its own.
+        Returns the cells whose type differs from the analyzer's and how many typed cells it holds; a type of one kind on a cell of another is ignored. The
         run must be the analyzer's (never an earlier verified copy): `machine_label` is its label."""
         cells, records = list(self.cells), list(self.records)
         changed: list[Reclassified] = []
