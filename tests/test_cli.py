@@ -64,8 +64,10 @@ def test_analyze_rendered_field_json_and_overlay(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1
     rep = json.loads(lines[0])
+    own = rep["scale"].pop("field_estimate_microns_per_pixel")  # the calibration checked against the red cells
     assert rep["scale"] == {"microns_per_pixel": 0.1, "method": "given", "canonical_microns_per_pixel": 0.2,
-                            "uncertain": False, "rbc_count": 0, "field_estimate_microns_per_pixel": None}
+                            "uncertain": False, "rbc_count": 0}
+    assert own == pytest.approx(0.1, rel=0.15) and "calibration_suspect" not in {f["code"] for f in rep["flags"]}
     assert rep["counts"]["rbc"] > 0 and len(rep["cells"]) == sum(rep["counts"].values())
     for c in rep["cells"]:
         x0, y0, x1, y1 = c["bbox"]
@@ -219,6 +221,32 @@ def test_analyze_specimen_gives_a_far_off_field_the_scale_the_earlier_fields_agr
     assert pooled[5]["field_estimate_microns_per_pixel"] is None  # it had no estimate of its own
     given, _ = scales("--specimen", "--microns-per-pixel", "0.15")
     assert all(s["method"] == "given" for s in given)
+
+
+@needs_models
+def test_analyze_checks_the_first_images_calibration(tmp_path):
+    """Fields at 0.1 um/px analysed as 0.25 (a calibration made for another objective): the first
+    --check-calibration images say calibration_suspect with their own estimate, the later ones
+    run no check; 0 runs none."""
+    folder = tmp_path / "slide"
+    folder.mkdir()
+    for k in range(3):
+        cv2.imwrite(str(folder / f"f{k}.png"), np.asarray(render_field(60 + k, width=640, height=480,
+                                                                       microns_per_pixel=0.1).frame.pixels))
+
+    def checked(n: str) -> list[tuple[bool, float | None]]:
+        proc = smearscope("analyze", str(folder), "--json", "--microns-per-pixel", "0.25", "--check-calibration", n)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        reports = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
+        return [("calibration_suspect" in {f["code"] for f in r["flags"]}, r["scale"]["field_estimate_microns_per_pixel"])
+                for r in reports]
+
+    two = checked("2")
+    assert [flagged for flagged, _ in two] == [True, True, False]
+    assert all(own == pytest.approx(0.1, rel=0.15) for _, own in two[:2]) and two[2][1] is None
+    assert checked("0") == [(False, None)] * 3
+    proc = smearscope("analyze", str(folder), "--check-calibration", "-1")
+    assert proc.returncode != 0 and "--check-calibration: -1 is outside 0..inf" in proc.stderr
 
 
 @needs_models

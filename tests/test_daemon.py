@@ -95,8 +95,10 @@ class PoolAnalyzer:
     calls: int = 0
     analysed_ids: list[str] = field(default_factory=list)
     analysed_scales: list[float | None] = field(default_factory=list)  # each frame's microns_per_pixel
+    checked_calibration: list[bool] = field(default_factory=list)  # each frame's check_calibration
 
-    def analyze(self, frame: Frame, run_id: str | None = None, specimen_scale: float | None = None) -> FieldResult:
+    def analyze(self, frame: Frame, run_id: str | None = None, specimen_scale: float | None = None,
+                check_calibration: bool = False) -> FieldResult:
         i = self.calls
         self.calls += 1
         if i in self.fail_on:
@@ -112,6 +114,7 @@ class PoolAnalyzer:
             "source": source})
         self.analysed_ids.append(frame.frame_id)
         self.analysed_scales.append(frame.microns_per_pixel)
+        self.checked_calibration.append(check_calibration)
         return FieldResult(report, base.cells, base.input_to_canonical)
 
 
@@ -399,6 +402,24 @@ def test_embedded_station_without_broker(
     assert sum("/embedded-sim/report " in ln for ln in lines) == 1
     assert (tmp_path / "state" / "outbox.sqlite3").is_file()
     assert "4 reports: 0 delivered" in out
+
+
+def test_a_runs_first_calibrated_fields_check_the_calibration(tmp_path: Path) -> None:
+    """The station asks the analyzer to check the calibration on a run's first
+    `specimen.calibration_check_fields` calibrated fields only (a scale search each); 0: never."""
+    for n, expected in (("2", [True, True, False, False]), ("0", [False] * 4)):
+        made: list[PoolAnalyzer] = []
+
+        def factory(config: StationConfig, made: list[PoolAnalyzer] = made) -> PoolAnalyzer:
+            made.append(PoolAnalyzer(oracle_pool()))
+            return made[-1]
+        environ = {"STATE_DIRECTORY": str(tmp_path / f"state{n}"), "SMEARSCOPE__MQTT__PORT": str(free_port()),
+                   "SMEARSCOPE__SOURCE__FPS": "20", "SMEARSCOPE__SOURCE__WIDTH": "320",
+                   "SMEARSCOPE__SOURCE__HEIGHT": "240", "SMEARSCOPE__SPECIMEN__CALIBRATION_CHECK_FIELDS": n}
+        assert run_daemon(None, 4, analyzer_factory=factory, environ=environ) == 0
+        (analyzer,) = made
+        assert all(analyzer.analysed_scales), "the simulated microscope's fields carry its scale"
+        assert analyzer.checked_calibration == expected
 
 
 def test_reload_command_is_applied_on_the_daemons_own_thread(tmp_path: Path) -> None:

@@ -328,27 +328,30 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         _wait("the sync marker on the page", lambda: seen("section.station[data-station='zz-sync'] .status") == "online",
               30, logs)
         assert in_gallery() == before
-        # A station calibrated 2x off: its report's flag makes the page read no size-based grade
-        # (the shares carry the analyzer's own), shape classes keep theirs.
-        odd = report.model_copy(update={
-            "flags": [*report.flags, Flag(code="rbc_size_implausible", severity="warning", message="15 um")],
-            "rbc_morphology": [*report.rbc_morphology, ClassShare(label="macrocyte", count=40, percent=40.0,
-                                                                  grade="3+", grade_ci_low="3+", grade_ci_high="3+")]})
-        state = {"station_id": "zz-odd", "run_id": "odd-1", "state": "closed", "end_reason": "stopped",
-                 "updated_at": time.time(), "progress": {"run_id": "odd-1", "fields": 1, "classified_wbc": 0,
-                                                         "target_wbc": 100},
-                 "report": odd.model_dump(mode="json", exclude={"cells", "cell_detail"}),
-                 "rbc_grades": {}, "review": None}
-        observer.client.publish(f"{BASE.rsplit('/', 1)[0]}/zz-odd/run", json.dumps(state), qos=1)
-        odd_card = "section.station[data-station='zz-odd']"
+        # A station calibrated 2x off: its report's flag (a median size no blood has, or red cells
+        # pointing to another scale) makes the page read no size-based grade (the shares carry the
+        # analyzer's own), shape classes keep theirs.
+        for code, odd_station in (("rbc_size_implausible", "zz-odd"), ("calibration_suspect", "zz-odd2")):
+            odd = report.model_copy(update={
+                "flags": [*report.flags, Flag(code=code, severity="warning", message="15 um")],
+                "rbc_morphology": [*report.rbc_morphology, ClassShare(label="macrocyte", count=40, percent=40.0,
+                                                                      grade="3+", grade_ci_low="3+", grade_ci_high="3+")]})
+            state = {"station_id": odd_station, "run_id": "odd-1", "state": "closed", "end_reason": "stopped",
+                     "updated_at": time.time(), "progress": {"run_id": "odd-1", "fields": 1, "classified_wbc": 0,
+                                                             "target_wbc": 100},
+                     "report": odd.model_dump(mode="json", exclude={"cells", "cell_detail"}),
+                     "rbc_grades": {}, "review": None}
+            observer.client.publish(f"{BASE.rsplit('/', 1)[0]}/{odd_station}/run", json.dumps(state), qos=1)
+            odd_card = f"section.station[data-station='{odd_station}']"
 
-        def odd_grades() -> dict[str, str]:
-            rows = driver.find_elements(By.CSS_SELECTOR, f"{odd_card} table.morphology tbody tr")
-            return {r.get_attribute("data-label"): r.find_elements(By.TAG_NAME, "td")[3].text for r in rows}
-        _wait("the odd station's morphology", lambda: "macrocyte" in odd_grades(), 30, logs)
-        shown_odd = odd_grades()
-        assert shown_odd["macrocyte"] == "not assessable"
-        assert all(v != "not assessable" for k, v in shown_odd.items() if k not in ("macrocyte", "microcyte", "spherocyte"))
+            def odd_grades(odd_card=odd_card) -> dict[str, str]:
+                rows = driver.find_elements(By.CSS_SELECTOR, f"{odd_card} table.morphology tbody tr")
+                return {r.get_attribute("data-label"): r.find_elements(By.TAG_NAME, "td")[3].text for r in rows}
+            _wait(f"the {code} station's morphology", lambda: "macrocyte" in odd_grades(), 30, logs)
+            shown_odd = odd_grades()
+            assert shown_odd["macrocyte"] == "not assessable"
+            assert all(v != "not assessable" for k, v in shown_odd.items()
+                       if k not in ("macrocyte", "microcyte", "spherocyte"))
 
         # The technician signs the run: its report comes again with the typed cell counted, and
         # the page shows the verified report.

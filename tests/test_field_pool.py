@@ -66,7 +66,8 @@ class _StaggeredAnalyzer:
     def batch_across_fields(self, peers: Any, max_delay_s: float) -> None:
         self.shared_with = (peers, max_delay_s)
 
-    def analyze(self, frame: Frame, run_id: str | None = None, specimen_scale: float | None = None) -> FieldResult:
+    def analyze(self, frame: Frame, run_id: str | None = None, specimen_scale: float | None = None,
+                check_calibration: bool = False) -> FieldResult:
         with self.lock:
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)

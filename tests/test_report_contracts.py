@@ -258,11 +258,13 @@ def test_closed_report_is_stored_without_cells(tmp_path):
 
 
 # -- fhir
-def test_sizes_of_a_calibration_no_blood_fits_are_not_read():
-    """With rbc_size_implausible the diameters and the size-based morphology are not assessable:
+@pytest.mark.parametrize("code", ["rbc_size_implausible", "calibration_suspect"])
+def test_sizes_of_a_calibration_in_doubt_are_not_read(code):
+    """With rbc_size_implausible (a calibration no blood fits) or calibration_suspect (the red
+    cells point to another scale) the diameters and the size-based morphology are not assessable:
     the FHIR diameter has a dataAbsentReason, a spherocyte share no grade, the dashboard's grades
     say so; shape classes keep theirs."""
-    flag = Flag(code="rbc_size_implausible", severity="warning", message="median 15.0 um")
+    flag = Flag(code=code, severity="warning", message="median 15.0 um")
     plain, odd = graded_report(), graded_report([flag])
     assert report_view.rbc_grades(plain)["spherocyte"] != report_view.NOT_ASSESSABLE
     grades = report_view.rbc_grades(odd)
@@ -276,7 +278,7 @@ def test_sizes_of_a_calibration_no_blood_fits_are_not_read():
     from smearscope.cli.summary import summarize
 
     assert "RBC diameter" in summarize(plain) and "RBC diameter" not in summarize(odd)
-    assert "spherocyte: not assessable with a calibration no blood fits" in summarize(odd)
+    assert "spherocyte: not assessable with a calibration in doubt" in summarize(odd)
 
 
 def test_effective_is_the_run_start():

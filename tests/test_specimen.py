@@ -326,3 +326,32 @@ def test_interim_reports_at_every_field_count_each_cell_once_at_its_place_in_the
         atypical = next(f for f in report.flags if f.code == "atypical_wbc_present")
         assert atypical.cells == [g for g, c in enumerate(t.open_run().cells) if c.label == UNIDENTIFIED]
     assert {s.label: s.count for s in report.wbc_differential} == {"neutrophil": 8, UNIDENTIFIED: 12}
+
+
+def test_a_runs_first_fields_check_the_calibration_and_its_report_carries_a_suspect_one() -> None:
+    """The first `calibration_check_fields` fields of a run check their calibration (a scale
+    search each), the field that opens a run too; a field's calibration_suspect flag stays on its
+    specimen's report with the number of fields that raised it. 0 never checks."""
+    policy = SpecimenPolicy(1000, 60.0, True, calibration_check_fields=2)
+    t = SpecimenTracker(policy, station_id="st", clock=FakeClock())
+    assert t.checks_calibration()  # no run open yet: the next field opens one
+    assert t.run_for_next_field() is not None
+    checks = []
+    for i in range(4):
+        checks.append(t.checks_calibration())
+        result = fake_field(f"f{i}", MIX)
+        if i == 1:
+            flag = Flag(code="calibration_suspect", severity="warning", message="its red cells fit 0.08 um/px")
+            result = replace(result, report=result.report.model_copy(update={"flags": [flag]}))
+        t.add(result)
+    assert checks == [True, True, False, False]
+    report = t.interim_report()
+    assert report is not None
+    (carried,) = [f for f in report.flags if f.code == "calibration_suspect"]
+    assert carried.severity == "warning" and carried.message.startswith("1 of 4 fields")
+    t.stop()
+    assert t.checks_calibration()  # a new run checks again
+    off = SpecimenTracker(replace(policy, calibration_check_fields=0), station_id="st", clock=FakeClock())
+    assert not off.checks_calibration()
+    with pytest.raises(ValueError, match="calibration_check_fields"):
+        SpecimenPolicy(calibration_check_fields=-1)

@@ -146,7 +146,7 @@ class _EstimatingAnalyzer:
 
         self.pool, self.own, self.given, self.calls = oracle_pool(), own, [], 0
 
-    def analyze(self, frame, run_id=None, specimen_scale=None):
+    def analyze(self, frame, run_id=None, specimen_scale=None, check_calibration=False):
         from smearscope.service.analysis.pipeline import FieldResult
 
         i = self.calls

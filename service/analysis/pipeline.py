@@ -23,6 +23,7 @@ from smearscope.engines.coalesce import CoalescingEngine
 from smearscope.engines.registry import create_engine
 from smearscope.service.analysis import stain as stain_stage
 from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
+from smearscope.service.analysis.calibration_check import CalibrationCheck, against_own_scale
 from smearscope.service.analysis.classify import CropClassifier
 from smearscope.service.analysis.crops import crop_cell
 from smearscope.service.analysis.detect_views import ViewSettings, detect_views
@@ -276,11 +277,14 @@ class Analyzer:
                        measured=measurable_red_cells(dets, w, h, SCALE_MIN_SCORE),
                        n_wbc=sum(d.kind is CellKind.WBC and d.score >= SCALE_WBC_MIN_SCORE for d in dets))
 
-    def _scale_and_detect(self, frame: Frame, timing: dict[str, float],
-                          specimen_scale: float | None = None) -> tuple[ScaleOutcome, Illumination, float | None]:
+    def _scale_and_detect(self, frame: Frame, timing: dict[str, float], specimen_scale: float | None = None,
+                          check_calibration: bool = False) -> tuple[ScaleOutcome, Illumination, float | None,
+                                                                    CalibrationCheck | None]:
         """Measure the lamp, find the scale (given, or from the red cells) and detect at it; where
         the field's own estimate gives way to its specimen's scale (service.analysis.specimen_scale),
-        detect again at that one. Also returns the field's own estimate when it was replaced."""
+        detect again at that one. Also returns the field's own estimate when it was replaced, and
+        with `check_calibration` a given scale's check against the field's own estimate
+        (service.analysis.calibration_check)."""
         t = time.perf_counter()
         illumination = estimate_illumination(frame.pixels)
         timing["illumination_ms"] = (time.perf_counter() - t) * 1000
@@ -294,20 +298,40 @@ class Analyzer:
         detect_at = lambda mpp, quick: self._detect_at(frame, mpp, illumination, timing, quick)
         outcome = find_scale(detect_at, first, h * w, self.options.scale_refine_tolerance)
         own = outcome.estimate
+        if first.method == "given":
+            if not check_calibration:
+                return outcome, illumination, None, None
+            t = time.perf_counter()  # the check's passes are timed apart
+            guess = first_scale_guess(frame.pixels, illumination) or ScaleEstimate(FALLBACK_UM_PER_PX, "default")
+            check = against_own_scale(frame.pixels, illumination, outcome, guess, lambda mpp, quick: self._detect_at(
+                frame, mpp, illumination, {}, quick), self.options.scale_refine_tolerance)
+            timing["calibration_check_ms"] = (time.perf_counter() - t) * 1000
+            return outcome, illumination, None, check
         if not replaces(own.microns_per_pixel, own.method, specimen_scale):
-            return outcome, illumination, None
+            return outcome, illumination, None, None
         assert specimen_scale is not None
         at = detect_at(specimen_scale, False)
         return (ScaleOutcome(ScaleEstimate(specimen_scale, "specimen", len(at.whole_rbc)), at, uncertain=False),
-                illumination, None if own.method == "default" else own.microns_per_pixel)
+                illumination, None if own.method == "default" else own.microns_per_pixel, None)
 
-    def analyze(self, frame: Frame, run_id: str | None = None, specimen_scale: float | None = None) -> FieldResult:
+    def calibration_check(self, frame: Frame) -> CalibrationCheck | None:
+        """The calibration check alone (the detector's passes, no heads, no report); None for a
+        frame without a given scale."""
+        return self._scale_and_detect(frame, {}, None, True)[3] if frame.microns_per_pixel else None
+
+    def analyze(self, frame: Frame, run_id: str | None = None, specimen_scale: float | None = None,
+                check_calibration: bool = False) -> FieldResult:
         """One field. `specimen_scale`: the scale (um/px of the input) the field's specimen agrees
         on so far (service.analysis.specimen_scale); used only when the frame's scale is not
-        given and the field's own estimate is far from it."""
+        given and the field's own estimate is far from it. `check_calibration`: a given scale is
+        checked against the field's own estimate (flag `calibration_suspect`; a scale search's
+        cost: a station does it on a run's first fields)."""
         timing: dict[str, float] = {}
         t_all = time.perf_counter()
-        outcome, illumination, own_scale = self._scale_and_detect(frame, timing, specimen_scale)
+        outcome, illumination, own_scale, check = self._scale_and_detect(frame, timing, specimen_scale,
+                                                                         check_calibration)
+        if check is not None:
+            own_scale = check.own_mpp
         est = outcome.estimate
         field_, dets = outcome.attempt.payload
         t = time.perf_counter()
@@ -375,6 +399,8 @@ class Analyzer:
             flags.append(Flag(code="stain_normalization_skipped", severity="info",
                               message=f"stain normalization not applied ({'; '.join(skipped)})"))
         flags += scale_and_lamp_flags(est, outcome, illumination, own_scale)
+        suspect = check.flag() if check is not None else None
+        flags += [suspect] if suspect is not None else []
         factor = resample_factor(est.microns_per_pixel)
         h, w = frame.pixels.shape[:2]
         records = [

@@ -41,7 +41,9 @@ class ScaleInfo(_Strict):
     rbc_count: int = Field(0, description="whole red cells the estimate rests on (0 when given)")
     field_estimate_microns_per_pixel: float | None = Field(
         None, description="method specimen: this field's own estimate, which the specimen's scale replaced (none: the "
-                          "field had no red cell to measure)")
+                          "field had no red cell to measure); method given, where the calibration was checked against "
+                          "the field's red cells (a run's first fields): their own estimate (none: too few to "
+                          "measure; flag calibration_suspect where it is far off)")
 
 
 class IlluminationInfo(_Strict):

@@ -48,3 +48,13 @@ class SpecimenConfig(StationBaseModel):
         ge=1,
         le=100_000,
     )
+    calibration_check_fields: int = Field(
+        default=3,
+        title="Fields that check the calibration",
+        description="The first this many fields of each run whose scale is calibrated are also "
+        "analysed as an uncalibrated station would (a scale search: a few detector passes); where "
+        "their red cells point to a scale 1.8 times or more off the calibration the report is "
+        "flagged calibration_suspect (a changed objective, camera resolution or station). 0: never.",
+        ge=0,
+        le=1000,
+    )

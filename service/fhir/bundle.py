@@ -222,7 +222,7 @@ def _sizes_and_counts(b: _Builder) -> None:
     r = b.report
     s = r.rbc_size
     code = _concept(codes.local("rbc-diameter"))
-    if not s.calibrated or report_view.size_implausible(r):  # circular, or a calibration no blood fits: left out
+    if not s.calibrated or report_view.calibration_in_doubt(r):  # circular, or a calibration in doubt: left out
         b.observation("rbc-diameter", code, component=[_component("n", valueInteger=s.n)],
                       dataAbsentReason=_concept(codes.local("size-not-assessable")))
     elif s.n and s.mean_diameter_um is not None:

@@ -90,7 +90,7 @@ LOCAL_CODES: dict[str, str] = {
     "ci95": "Wilson score 95% confidence interval of the share",
     "grade-ci95": "ICSH grades at the ends of the share's 95% confidence interval",
     "size-not-assessable": "Size-based call not assessable: the scale was estimated, not calibrated, or "
-                           "is a calibration no blood's red cells fit (flag rbc_size_implausible)",
+                           "is a calibration in doubt (flags rbc_size_implausible, calibration_suspect)",
     "no-wbc-seen": "No white cell was counted: atypical white cells cannot be judged",
     "diameter-bin": "Red cells in this diameter bin (the code's text names the bin)",
     "nrbc": "Nucleated red cells",

@@ -14,14 +14,16 @@ from __future__ import annotations
 import logging
 
 from smearscope.service.analysis.aggregate import RBC_SIZE_IMPLAUSIBLE
+from smearscope.service.analysis.calibration_check import CALIBRATION_SUSPECT
 from smearscope.service.analysis.morphology import ICSH_THRESHOLDS, SIZE_BASED, icsh_grade
 from smearscope.service.analysis.report import ClassShare, Report
 
 logger = logging.getLogger(__name__)
 
 SIZE_FLAG = "size_not_assessable_without_calibration"
-#: A calibrated scale no blood's red cells fit (service.analysis.aggregate): sizes not assessable either.
-IMPLAUSIBLE_SIZE_FLAG = RBC_SIZE_IMPLAUSIBLE
+#: A calibrated scale no blood's red cells fit (service.analysis.aggregate), or one the field's red
+#: cells point far away from (service.analysis.calibration_check): sizes not assessable either.
+CALIBRATION_DOUBT_FLAGS = (RBC_SIZE_IMPLAUSIBLE, CALIBRATION_SUSPECT)
 ATYPICAL_FLAG = "atypical_wbc_present"
 #: The WBC head's NRBC class (older reports had it in the differential).
 NRBC_LABEL = "erythroblast"
@@ -29,17 +31,23 @@ NOT_ASSESSABLE = "not assessable"
 
 
 def size_not_assessable(report: Report) -> bool:
-    """Sizes cannot be read: the scale was estimated, or the calibration is one no blood fits."""
-    return any(f.code in (SIZE_FLAG, IMPLAUSIBLE_SIZE_FLAG) for f in report.flags)
+    """Sizes cannot be read: the scale was estimated, or the calibration is in doubt."""
+    return report_flagged(report, SIZE_FLAG, *CALIBRATION_DOUBT_FLAGS)
 
 
-def size_implausible(report: Report) -> bool:
-    return any(f.code == IMPLAUSIBLE_SIZE_FLAG for f in report.flags)
+def calibration_in_doubt(report: Report) -> bool:
+    """A calibrated scale no blood fits (rbc_size_implausible) or the red cells point away from
+    (calibration_suspect): sizes are not read."""
+    return report_flagged(report, *CALIBRATION_DOUBT_FLAGS)
+
+
+def report_flagged(report: Report, *codes: str) -> bool:
+    return any(f.code in codes for f in report.flags)
 
 
 def assessable(report: Report, share: ClassShare) -> bool:
-    """False for a size-based finding at an estimated scale, or of a report whose calibration no
-    blood fits (rbc_size_implausible): the share has no value then."""
+    """False for a size-based finding at an estimated scale, or of a report whose calibration is in
+    doubt (rbc_size_implausible, calibration_suspect): the share has no value then."""
     return share.assessable and not (share.label in SIZE_BASED and size_not_assessable(report))
 
 

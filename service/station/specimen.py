@@ -54,10 +54,13 @@ class SpecimenPolicy:
     #: A run that reaches this many fields without its target ends ("field_limit"): an open run
     #: holds every cell of its fields in memory (about 1.5 kB each), so this bounds it.
     max_fields: int = 1000
+    #: The first this many calibrated fields of a run check the calibration (calibration_check).
+    calibration_check_fields: int = 3
 
     def __post_init__(self) -> None:
-        if self.target_wbc < 1 or self.idle_timeout_s <= 0 or self.max_fields < 1:
-            raise ValueError("target_wbc and max_fields must be >= 1 and idle_timeout_s > 0")
+        if self.target_wbc < 1 or self.idle_timeout_s <= 0 or self.max_fields < 1 or self.calibration_check_fields < 0:
+            raise ValueError("target_wbc and max_fields must be >= 1, idle_timeout_s > 0, "
+                             "calibration_check_fields >= 0")
 
     @classmethod
     def from_config(cls, specimen_config: SpecimenConfig) -> SpecimenPolicy:
@@ -67,6 +70,7 @@ class SpecimenPolicy:
             idle_timeout_s=specimen_config.idle_timeout_s,
             auto_start=specimen_config.auto_start,
             max_fields=specimen_config.max_fields_per_run,
+            calibration_check_fields=specimen_config.calibration_check_fields,
         )
 
 
@@ -80,6 +84,8 @@ FIELD_FLAGS = {
     "no_background_found": "no lit glass to measure the lamp on; used as it came",
     "uneven_illumination": "the lamp lit the field unevenly (corrected): check the condenser and lamp",
     "greyscale_input": "no colour in the image: cells found and typed from shape and density only",
+    "calibration_suspect": "the red cells pointed to a scale far from the calibration (a run's first fields are "
+                           "checked): check the objective and the calibration (smearscope calibrate-scale)",
 }
 
 
@@ -323,6 +329,14 @@ class SpecimenTracker:
                 return None
             return RunProgress(run.run_id, run.started_by, run.started_at, len(run.field_ids),
                                run.classified_wbc, run.target_wbc)
+
+    def checks_calibration(self) -> bool:
+        """Whether the next calibrated field checks its calibration (calibration_check): the open
+        run's first `calibration_check_fields` fields; with none open, the field that starts one
+        (or stands alone)."""
+        with self._lock:
+            done = len(self._run.field_ids) if self._run is not None else 0
+            return done < self._policy.calibration_check_fields
 
     def specimen_scale(self) -> float | None:
         """The scale the open run's fields agree on so far (None: no run, or too few estimates)."""

@@ -23,7 +23,8 @@ EXIT_FAILURE = 1
 
 
 class AnalyzerLike(Protocol):
-    def analyze(self, frame: Frame, run_id: str | None = None, specimen_scale: float | None = None) -> FieldResult: ...
+    def analyze(self, frame: Frame, run_id: str | None = None, specimen_scale: float | None = None,
+                check_calibration: bool = False) -> FieldResult: ...
 
 
 AnalyzerFactory = Callable[[StationConfig], AnalyzerLike]

@@ -108,14 +108,12 @@ class StationWorkers:
         #: waits for another field's to join it (engines.coalesce).
         self.concurrent_fields, self.batch_delay_s = concurrent_fields, batch_delay_s
         #: FHIR bundles, live run state and the review gallery (service.station.clinic).
-        self.clinic = clinic
-        self.stats = Stats()
+        self.clinic, self.stats = clinic, Stats()
         self.ledger: deque[StoredReport] = deque(maxlen=10_000)
         self.outcomes: deque[tuple[str, str, str | None]] = deque(maxlen=10_000)
         #: Why a worker failed; any entry makes the daemon exit non-zero.
         self.failures: list[str] = []
-        self.frames: BoundedQueue[_Work] = BoundedQueue(
-            "frames", 2, FRAME_POLICY.get(source_kind, "block"))
+        self.frames: BoundedQueue[_Work] = BoundedQueue("frames", 2, FRAME_POLICY.get(source_kind, "block"))
         self._reports: BoundedQueue[_Outgoing] = BoundedQueue("reports", 64, "block")
         self.threads: dict[str, threading.Thread] = {}
         self.source: FrameSource | None = None
@@ -301,11 +299,13 @@ class StationWorkers:
         assert self.analyzer is not None
         unit = "analysis" if self.concurrent_fields == 1 else f"analysis ({threading.current_thread().name})"
         with self.watchdog.working(unit):
-            return self.analyzer.analyze(work.frame, work.run_id, self._specimen_scale(work.frame))
+            return self.analyzer.analyze(work.frame, work.run_id, **self._scale_args(work.frame))
 
-    def _specimen_scale(self, frame: Frame) -> float | None:
-        """The open run's agreed scale for a frame whose own scale is not given."""
-        return None if frame.microns_per_pixel else self.tracker.specimen_scale()
+    def _scale_args(self, frame: Frame) -> dict[str, Any]:
+        """A calibrated frame checks its calibration on a run's first fields; others get the run's scale."""
+        if frame.microns_per_pixel:
+            return {"check_calibration": self.tracker.checks_calibration()}
+        return {"specimen_scale": self.tracker.specimen_scale()}
 
     def analyse(self, frame: Frame) -> dict[str, Any]:
         """Analyse one accepted frame here; never raises for a bad frame. A command answer."""
@@ -314,7 +314,7 @@ class StationWorkers:
         result, error = None, None
         try:
             with self.watchdog.working("analysis"):
-                result = self.analyzer.analyze(frame, run_id, self._specimen_scale(frame))
+                result = self.analyzer.analyze(frame, run_id, **self._scale_args(frame))
         except Exception as exc:  # noqa: BLE001 - reported by _finish with its reason code
             error = exc
         return self._finish(frame, result, error)

@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the images are fields of one specimen, in capture order: without --microns-per-pixel, "
                    "a field whose own scale estimate is far from the one the earlier fields agree on is analysed "
                    "at theirs (scale method 'specimen', as a station's specimen run does)")
+    a.add_argument("--check-calibration", type=_number(int, 0, None, "whole number, 0 or more"), default=3,
+                   metavar="N", help="with --microns-per-pixel: the first N images analysed are also analysed as "
+                   "if uncalibrated, and flagged calibration_suspect where their red cells point to a scale 1.8 "
+                   "times or more off the given one (a changed objective or camera setting; default 3, 0: never)")
     a.add_argument("--json", action="store_true",
                    help="print one JSON line per image on stdout: its report or its error")
     a.add_argument("--overlay", type=Path, help="write the input with outlines and labels to this PNG "

@@ -162,7 +162,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from smearscope.service.analysis.specimen_scale import SpecimenScale
 
     specimen = SpecimenScale() if args.specimen and args.microns_per_pixel is None else None
-    failed = 0
+    failed = analysed = 0
     used: set[Path] = set()
     fhir_used: set[Path] = set()
     try:
@@ -181,7 +181,9 @@ def _analyze(args: argparse.Namespace) -> int:
             frame = Frame(pixels=img.pixels, frame_id=shown(path.name), source=shown(path),
                           microns_per_pixel=args.microns_per_pixel)
             try:
-                result = analyzer.analyze(frame, specimen_scale=specimen.scale() if specimen else None)
+                result = analyzer.analyze(frame, specimen_scale=specimen.scale() if specimen else None,
+                                          check_calibration=analysed < args.check_calibration)
+                analysed += 1
             except IngestError as exc:  # e.g. too_large_at_scale: judged once the scale is known
                 failed += 1
                 _batch_error(path, exc.code.value, str(exc.message), args.json, det_out)

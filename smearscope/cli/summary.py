@@ -20,16 +20,16 @@ def summarize(report: Report) -> str:
     ]
     if r.wbc_differential:
         lines.append("  WBC: " + ", ".join(f"{s.label} {s.count} ({s.percent:.0f}%)" for s in r.wbc_differential))
-    implausible = report_view.size_implausible(r)  # a calibration no blood fits: sizes not read
+    doubted = report_view.calibration_in_doubt(r)  # a calibration in doubt: sizes not read
     shares = [s for s in r.rbc_morphology if report_view.assessable(r, s)]
     if shares:
         lines.append("  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" for s in shares[:6]))
     unassessed = [s.label for s in r.rbc_morphology if not report_view.assessable(r, s)]
     if unassessed:  # an estimated scale: a share of 0 would read as "none seen"
-        why = "with a calibration no blood fits" if implausible else "at an estimated scale"
+        why = "with a calibration in doubt" if doubted else "at an estimated scale"
         lines.append(f"  RBC {', '.join(unassessed)}: not assessable {why}")
     size = r.rbc_size
-    if size.n and size.mean_diameter_um is not None and not implausible:  # measured only at a calibrated scale
+    if size.n and size.mean_diameter_um is not None and not doubted:  # measured only at a calibrated scale
         cv = f"CV {size.cv_percent:.1f}%, " if size.cv_percent is not None else ""
         lines.append(f"  RBC diameter {size.mean_diameter_um:.2f} um ({cv}n={size.n})")
     for f in r.flags:

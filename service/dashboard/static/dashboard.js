@@ -138,8 +138,8 @@ function renderRun(st) {
     tbody.append(tr);
   }
   const grades = view.grades || {};
-  // a calibration no blood fits (flag rbc_size_implausible): sizes and size-based grades not read
-  const sizesOff = r.flags.some((f) => f.code === "rbc_size_implausible");
+  // a calibration in doubt (flags rbc_size_implausible, calibration_suspect): size-based grades not read
+  const sizesOff = r.flags.some((f) => f.code === "rbc_size_implausible" || f.code === "calibration_suspect");
   for (const s of r.rbc_morphology) {
     const tr = el("tr");
     tr.dataset.label = s.label;

@@ -1,0 +1,100 @@
+"""A calibrated field checked against its own red cells (service.analysis.calibration_check):
+a calibration 2.5 times off (a changed objective) is flagged, a right one is not, and what
+reads sizes treats a suspect calibration as not assessable."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import pytest
+from realdata import BCCD, BCCD_MICRONS_PER_PIXEL, ROOT, bccd_test_ids, needs_bccd
+
+from smearscope.device.frame import Frame
+from smearscope.device.synthetic import render_field
+from smearscope.service.analysis.calibration_check import (
+    CALIBRATION_SUSPECT,
+    SUSPECT_RATIO,
+    CalibrationCheck,
+)
+from smearscope.service.analysis.pipeline import Analyzer
+from smearscope.service.analysis.scale_search import MIN_RBC_FOR_SCALE
+from smearscope.service.fhir import report_view
+
+
+@pytest.mark.parametrize(("own", "own_rbc", "given_rbc", "suspect"), [
+    (0.1 * SUSPECT_RATIO, 20, 3, True),           # the cells fit a scale 1.8 times the calibration
+    (0.1 / SUSPECT_RATIO, 20, 3, True),           # ... or 1/1.8 of it
+    (0.1 * SUSPECT_RATIO * 0.99, 20, 3, False),   # nearer: an estimate's own error (0.80-1.51 on six labs)
+    (0.1 / SUSPECT_RATIO / 0.99, 20, 3, False),
+    (0.25, MIN_RBC_FOR_SCALE - 1, 0, False),      # too few red cells at its own scale to say
+    (0.25, MIN_RBC_FOR_SCALE, 0, True),
+    (0.25, 12, 12, False),                        # the calibration shows as many: it is not the worse one
+    (0.25, 13, 12, True),
+    (None, 0, 0, False),                          # no scale measured from the cells
+])
+def test_suspect_only_far_off_and_on_more_red_cells(own, own_rbc, given_rbc, suspect):
+    check = CalibrationCheck(0.1, given_rbc, own, own_rbc)
+    assert check.suspect is suspect
+    flag = check.flag()
+    assert (flag is not None) is suspect
+    if flag is not None:
+        assert flag.code == CALIBRATION_SUSPECT and flag.severity == "warning"
+        assert f"{own:.4f} um/px" in flag.message and "calibrated 0.1000 um/px" in flag.message
+
+
+@pytest.fixture(scope="module")
+def analyzer() -> Analyzer:
+    return Analyzer.from_models_dir(ROOT / "models", warmup=False)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_calibration_off_by_a_changed_objective_is_flagged(analyzer, seed):
+    """A rendered field at 0.1 um/px told 0.25 (a 100x calibration used at 40x) or 0.04: its red
+    cells fit about 0.1, the report says so (flag, the field's own estimate) and its sizes are not
+    read; told its true scale, no flag; not asked to check, no check at all."""
+    field = render_field(seed, width=640, height=480, microns_per_pixel=0.1).frame
+
+    def at(mpp: float, check: bool = True):
+        return analyzer.analyze(dataclasses.replace(field, microns_per_pixel=mpp), check_calibration=check).report
+
+    right = at(0.1)
+    assert CALIBRATION_SUSPECT not in {f.code for f in right.flags}
+    assert right.scale.field_estimate_microns_per_pixel == pytest.approx(0.1, rel=0.15)
+    assert not report_view.calibration_in_doubt(right) and not report_view.size_not_assessable(right)
+    for wrong in (0.25, 0.04):
+        rep = at(wrong)
+        (flag,) = [f for f in rep.flags if f.code == CALIBRATION_SUSPECT]
+        assert rep.scale.method == "given" and rep.scale.microns_per_pixel == wrong  # the calibration stands
+        assert rep.scale.field_estimate_microns_per_pixel == pytest.approx(0.1, rel=0.15)
+        assert f"calibrated {wrong:.4f} um/px" in flag.message
+        assert report_view.calibration_in_doubt(rep) and report_view.size_not_assessable(rep)
+        assert rep.timing_ms["calibration_check_ms"] > 0
+    unchecked = at(0.25, check=False)
+    assert CALIBRATION_SUSPECT not in {f.code for f in unchecked.flags}
+    assert unchecked.scale.field_estimate_microns_per_pixel is None and "calibration_check_ms" not in unchecked.timing_ms
+
+
+def test_an_uncalibrated_field_is_not_checked(analyzer):
+    """Without a given scale there is nothing to check: the field's estimate is its scale."""
+    field = dataclasses.replace(render_field(3, width=640, height=480, microns_per_pixel=0.1).frame,
+                                microns_per_pixel=None)
+    rep = analyzer.analyze(field, check_calibration=True).report
+    assert rep.scale.method != "given" and "calibration_check_ms" not in rep.timing_ms
+    assert CALIBRATION_SUSPECT not in {f.code for f in rep.flags}
+
+
+@pytest.mark.realdata
+@needs_bccd
+def test_a_bccd_field_calibrated_for_another_objective(analyzer):
+    """A BCCD test field told 0.2 um/px (its scale is 0.072): 10 red cells counted there, with a
+    sickle review flag among them, and nothing said of the scale before this check."""
+    image = cv2.imread(str(BCCD / "JPEGImages" / f"{bccd_test_ids()[0]}.jpg"))
+    field = Frame(image, "bccd", "bccd")
+
+    def flags(mpp: float) -> set[str]:
+        rep = analyzer.analyze(dataclasses.replace(field, microns_per_pixel=mpp), check_calibration=True).report
+        return {f.code for f in rep.flags}
+    assert CALIBRATION_SUSPECT in flags(0.2)
+    assert CALIBRATION_SUSPECT in flags(0.03)
+    assert CALIBRATION_SUSPECT not in flags(BCCD_MICRONS_PER_PIXEL)
