@@ -6,6 +6,7 @@ Nothing here copies images into the repository; prepared training data goes unde
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import os
 import random
@@ -40,9 +41,26 @@ def bccd_dir() -> Path:
     return data_root() / "bccd" / "BCCD"
 
 
-def bccd_split(name: str) -> list[str]:
-    """Image ids of BCCD's own VOC split (train | val | test); test is the held-out split."""
+def _voc_ids(name: str) -> list[str]:
     return (bccd_dir() / "ImageSets" / "Main" / f"{name}.txt").read_text().split()
+
+
+def bccd_split(name: str) -> list[str]:
+    """Image ids of BCCD's own VOC split (train | val | test; test is the held-out split); val and
+    test without the images that copy one a model fits on (BCCD train, TXL-PBC train and val as
+    the models saw them: training.overlap)."""
+    return list(_bccd_split(str(data_root()), name))
+
+
+@functools.lru_cache(maxsize=8)
+def _bccd_split(root: str, name: str) -> tuple[str, ...]:
+    if name not in ("val", "test"):
+        return tuple(_voc_ids(name))
+    from training.overlap import held_out_parts
+
+    parts = {s: _voc_ids(s) for s in ("train", "val", "test")}
+    fitted = [*_txl_raw("train"), *_txl_raw("val")] if txl_dir().is_dir() else []
+    return tuple(held_out_parts(parts, bccd_image_path, fitted)[name])
 
 
 def bccd_boxes(image_id: str) -> list[BoxAnnotation]:
@@ -111,9 +129,26 @@ def txl_dir() -> Path:
     return data_root() / "txl_pbc" / "TXL_PBC"
 
 
-def txl_images(split: str) -> list[Path]:
-    """TXL-PBC images of its own split (train | val | test; test is held out), sorted by name."""
+def _txl_raw(split: str) -> list[Path]:
     return sorted((txl_dir() / "images" / split).iterdir())
+
+
+def txl_images(split: str) -> list[Path]:
+    """TXL-PBC images of its own split (train | val | test; test is held out), sorted by name,
+    without the BCCD fields TXL-PBC gathered (no other lab's), val and test without copies of
+    its train images (training.overlap)."""
+    return list(_txl_images(str(data_root()), split))
+
+
+@functools.lru_cache(maxsize=8)
+def _txl_images(root: str, split: str) -> tuple[Path, ...]:
+    from training.overlap import copies, held_out_parts
+
+    parts = {s: [str(p) for p in _txl_raw(s)] for s in ("train", "val", "test")}
+    kept = [Path(p) for p in held_out_parts(parts, Path)[split]]
+    bccd = [bccd_image_path(i) for s in ("train", "val", "test") for i in _voc_ids(s)] if bccd_dir().is_dir() else []
+    of_bccd = copies(kept, bccd)
+    return tuple(p for p in kept if p not in of_bccd)
 
 
 def txl_boxes(image: Path, split: str, width: int, height: int) -> list[BoxAnnotation]:

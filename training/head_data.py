@@ -8,6 +8,7 @@ Every crop goes through `service.analysis.scale.resample_to_canonical` and `serv
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -84,13 +85,21 @@ def _stack(crops: list[np.ndarray], labels: list[int], groups: list[str], size: 
 
 
 def pbc_splits() -> dict[str, list[tuple[str, int]]]:
-    root = data_root() / "pbc"
+    """PBC's seeded split per class; val and test without copies of train images (training.overlap)."""
+    return {k: list(v) for k, v in _pbc_splits(str(data_root())).items()}
+
+
+@functools.lru_cache(maxsize=2)
+def _pbc_splits(root_name: str) -> dict[str, tuple[tuple[str, int], ...]]:
+    from training.overlap import held_out_parts
+
+    root = Path(root_name) / "pbc"
     out: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
     for ci, cls in enumerate(PBC_CLASSES):
         files = [str(p.relative_to(root)) for p in sorted((root / cls).glob("*.jpg"))]
-        for split, ids in seeded_split(files, (0.8, 0.1, 0.1)).items():
+        for split, ids in held_out_parts(seeded_split(files, (0.8, 0.1, 0.1)), lambda rel: root / rel).items():
             out[split] += [(f, ci) for f in ids]
-    return out
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def pbc_crops(split: str) -> CropSet:
@@ -135,8 +144,19 @@ def bccd_wbc_crops(split: str) -> CropSet:
 
 
 def chula_splits() -> dict[str, list[str]]:
-    ids = [p.stem for p in (data_root() / "chula_rbc12" / "Dataset").glob("*.jpg")]
-    return seeded_split(ids, (0.8, 0.1, 0.1))
+    """Chula RBC-12's seeded split by image; val and test without copies of train images (some
+    are byte-identical with their own label files: training.overlap)."""
+    return {k: list(v) for k, v in _chula_splits(str(data_root())).items()}
+
+
+@functools.lru_cache(maxsize=2)
+def _chula_splits(root_name: str) -> dict[str, tuple[str, ...]]:
+    from training.overlap import held_out_parts
+
+    folder = Path(root_name) / "chula_rbc12" / "Dataset"
+    ids = [p.stem for p in folder.glob("*.jpg")]
+    parts = held_out_parts(seeded_split(ids, (0.8, 0.1, 0.1)), lambda i: folder / f"{i}.jpg")
+    return {k: tuple(v) for k, v in parts.items()}
 
 
 def chula_points(image_id: str) -> list[tuple[float, float, str]]:

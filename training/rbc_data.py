@@ -18,7 +18,14 @@ from tqdm import tqdm
 from smearscope.service.analysis.crops import CropSpec, crop_cell
 from smearscope.service.analysis.scale import resample_factor, resample_to_canonical
 from training import head_data as hd
-from training.data import bccd_boxes, bccd_image_path, bccd_microns_per_pixel, bccd_split, data_root
+from training.data import (
+    bccd_boxes,
+    bccd_image_path,
+    bccd_microns_per_pixel,
+    bccd_split,
+    data_root,
+    split_hash,
+)
 
 CLASSES = hd.RBC_CLASSES
 CROP = CropSpec(extent_um=11.2, input_size=56)
@@ -30,8 +37,10 @@ def _ctx(canon: np.ndarray, xy: tuple[float, float]) -> np.ndarray:
 
 
 def build_sets(cache: Path | None = None) -> dict:
-    # the cache is keyed by Chula's scale: contexts cut at another ruler are other crops
-    cache = cache or Path(f"build/rbc_contexts_chula{hd.CHULA_MICRONS_PER_PIXEL:g}.npz")
+    # the cache is keyed by Chula's scale (contexts cut at another ruler are other crops) and by its
+    # split (cleared of copies: training.overlap)
+    members = [f"{k}/{i}" for k, ids in hd.chula_splits().items() for i in ids]
+    cache = cache or Path(f"build/rbc_contexts_chula{hd.CHULA_MICRONS_PER_PIXEL:g}_{split_hash(members)}.npz")
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         return {k: z[k] for k in z.files}

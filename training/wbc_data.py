@@ -38,6 +38,7 @@ from training.data import (
     bccd_split,
     bccd_wbc_types,
     data_root,
+    split_hash,
 )
 from training.head_data import PBC_CLASSES, PBC_MICRONS_PER_PIXEL, pbc_splits
 from training.labs import RPI_MICRONS_PER_PIXEL, rpi_boxes, rpi_dir, rpi_splits
@@ -132,7 +133,9 @@ def rpi_contexts(split: str, mpp: float = RPI_MICRONS_PER_PIXEL) -> ContextSet:
 def load_contexts(split: str, cache_dir: Path = Path("build/wbc_contexts")) -> ContextSet:
     """Every lab's contexts of a split (cached as .npz under build/)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    f = cache_dir / f"{split}_{context_px()}.npz"
+    # keyed by the split's members too: a split cleared of copies (training.overlap) is another set
+    members = [rel for rel, _ in pbc_splits()[split]] + bccd_split(split) + rpi_splits()[split]
+    f = cache_dir / f"{split}_{context_px()}_{split_hash(members)}.npz"
     if f.exists():
         z = np.load(f, allow_pickle=False)
         return ContextSet(z["images"], z["labels"], z["labs"], list(z["groups"]))
