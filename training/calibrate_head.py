@@ -4,8 +4,10 @@
     python -m training.calibrate_head --head rbc --candidates identity identity,hflip --write
 
 Each candidate view set (service.analysis.tta: each crop flipped, logits averaged, as the analyzer runs
-it) is scored on the head's validation crops by macro-F1 (the split `train_head` selects on:
-for the RBC head Chula val + IDB1 train's 15 % + rendered cells). The choice is the SMALLEST set
+it) is scored on the head's validation crops by macro-F1, prepared as the head's manifest says
+(`preprocessing.illumination`: lamp-corrected or raw) and from the labs `training.evaluate`
+measures it on (RBC: Chula val and IDB1 train's seeded 15 %; WBC: PBC, BCCD and the Raspberry Pi
+station's val). The choice is the SMALLEST set
 within `--tolerance` of the best one (every view costs one more head run per cell). With
 `--write`, the manifest gets that set as `tta`, a temperature fitted on validation for those
 views, and held-out figures measured with them (`metrics.test`, IDB1 / BCCD test); the ONNX
@@ -18,6 +20,8 @@ import argparse
 import json
 import logging
 from pathlib import Path
+
+import numpy as np
 
 from smearscope.engines.manifest import load_manifest
 from smearscope.engines.registry import create_engine
@@ -39,6 +43,24 @@ def choose(scores: dict[tuple[str, ...], float], tolerance: float) -> tuple[str,
     return min(ok, key=lambda v: (len(v), -scores[v]))
 
 
+def manifest_sets(head: str, manifest: Path, crop: CropSpec) -> dict:
+    """Validation and held-out crop sets prepared as the head's manifest says (training.evaluate's
+    sets), in the form `head_data.held_out_metrics` reads: RBC Chula val + IDB1 val, Chula test and
+    IDB1 test; WBC every lab's val, PBC test and BCCD test."""
+    from training.evaluate import rbc_crop_sets, wbc_crop_sets
+
+    def joined(parts: list[tuple]) -> hd.CropSet:
+        return hd.CropSet(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), [])
+
+    if head == "rbc":
+        val, test = rbc_crop_sets(manifest, crop, "val"), rbc_crop_sets(manifest, crop, "test")
+        return {"val": joined([val["chula"], val["idb1"]]), "test": joined([test["chula"]]),
+                "idb1_test": joined([test["idb1"]]), "idb1_test_is_sickle": test["idb1"][2]}
+    val, test = wbc_crop_sets(manifest, "val"), wbc_crop_sets(manifest, "test")
+    return {"val": joined([val["pbc"], val["bccd"], val["rpi"]]), "test": joined([test["pbc"]]),
+            "bccd_test": joined([test["bccd"]])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--head", choices=("rbc", "wbc"), required=True)
@@ -57,7 +79,7 @@ def main() -> None:
     if m.name != f"{args.head}_head":
         raise SystemExit(f"{path}: manifest name {m.name!r}, expected {args.head}_head (it is rewritten under its name)")
     crop = CropSpec(m.crop.extent_um, m.crop.input_size)
-    sets = hd.head_sets(args.head, crop)
+    sets = manifest_sets(args.head, path, crop)
     val = sets["val"]
     classes = list(m.classes)
     if classes != list(hd.PBC_CLASSES if args.head == "wbc" else hd.RBC_CLASSES):

@@ -40,6 +40,7 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float, run_open
     from smearscope.export.onnx_export import export_classifier
     from smearscope.service.analysis.classify import CropClassifier
     from smearscope.service.analysis.crops import WBC_CROP
+    from training import head_data as hd
     from training.head_data import PBC_CLASSES
     from training.wbc_data import load_contexts, to_crops
 
@@ -81,7 +82,7 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float, run_open
                                "frames)", "recipe": "training.train_wbc (lab-balanced batches, random lab looks, lamp "
                                                     "correction, the analyzer's crops; kept: best worst-lab val macro-F1)",
                        "run": str(run), "run_result": run_result},
-        split_hashes={})
+        split_hashes=hd.split_manifest())
     # Measure the exported file the way the analyzer runs it.
     eng = create_engine("onnxruntime", path).load()
     clf = CropClassifier(eng, 0.5)

@@ -241,9 +241,11 @@ def idb1_train_val_split(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def split_manifest() -> dict[str, str]:
     """Hashes of every held-out list, written into the model manifests."""
+    from training.labs import rpi_splits
+
     pbc = pbc_splits()
     ch = chula_splits()
-    return {
+    out = {
         "pbc_test": split_hash([f for f, _ in pbc["test"]]),
         "pbc_val": split_hash([f for f, _ in pbc["val"]]),
         "chula_test": split_hash(ch["test"]),
@@ -251,6 +253,12 @@ def split_manifest() -> dict[str, str]:
         "bccd_test": split_hash(bccd_split("test")),
         "bccd_val": split_hash(bccd_split("val")),
     }
+    try:
+        rpi = rpi_splits()
+        out |= {"rpi_test": split_hash(rpi["test"]), "rpi_val": split_hash(rpi["val"])}
+    except FileNotFoundError:  # the station's set absent: its lists are not held out here
+        pass
+    return out
 
 
 #: Synthetic renderer morphology -> RBC head class (the renderer's echinocyte is a burr cell).

@@ -422,7 +422,8 @@ def main() -> None:
                     help="KIND,...: the kinds whose unsure or cut cells call for the extra views "
                          "(AnalyzerOptions.detector_unsure_kinds; default every kind)")
     ap.add_argument("--count-from", default=None,
-                    help="KIND=SCORE,...: counting thresholds per kind (rbc, platelet; RoiFilter), e.g. rbc=0.3")
+                    help="KIND=SCORE,...: counting thresholds per kind (rbc, platelet, or cells: every kind; "
+                    "RoiFilter), e.g. rbc=0.3")
     ap.add_argument("--no-view-windows", action="store_true",
                     help="extra detector views on whole tiles, not packed windows (AnalyzerOptions.detector_view_windows)")
     ap.add_argument("--window-margin", type=int, default=None,

@@ -91,6 +91,8 @@ def rpi_splits(fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> dic
     project's split seed and dealt to train / val / test per slide, so every slide (and so every
     white-cell type: the slides are one type each) is in every split.
     """
+    if not (rpi_dir() / "images").is_dir():  # not an empty split: a wrong data path says so
+        raise FileNotFoundError(f"chula_wbc_rpi not found: no {rpi_dir() / 'images'} (set SMEARSCOPE_DATA)")
     stems = sorted(p.stem for p in (rpi_dir() / "images").glob("*.jpg") if (rpi_dir() / "labels" / f"{p.stem}.txt").exists())
     by_slide: dict[str, list[tuple[int, str]]] = {}
     for s in stems:

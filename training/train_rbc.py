@@ -237,7 +237,7 @@ def export_rbc(runs: list[Path], out: Path, views: list[str]) -> Path:
                        "run": str(runs[0]) if len(runs) == 1 else [str(r) for r in runs],
                        "run_val_best_worst": best[0] if len(runs) == 1 else best,
                        "run_args": how[0] if len(runs) == 1 else how},
-        split_hashes={})
+        split_hashes=hd.split_manifest())
     eng = create_engine("onnxruntime", path).load()
     clf = CropClassifier(eng, 0.0)
     probs = softmax(clf.logits(to_crops(sets["test_images"], CROP)) / temperature)
