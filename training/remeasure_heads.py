@@ -2,11 +2,14 @@
 
     python -m training.remeasure_heads                  # models/wbc_head.json and models/rbc_head.json
     python -m training.remeasure_heads --dry-run        # print only
+    python -m training.remeasure_heads --keep-as test_with_copies   # the held-out parts changed
 
 A head's manifest figures must be what `service.analysis.classify` gives with that head: when the
 runtime changes how it runs a head (e.g. the other test-time views only for crops the first view is
 unsure of, `classify.EXTRA_VIEWS_BELOW`), the figures are measured again on the same held-out split.
-The figures they replace stay in the manifest under `metrics.test_every_view` for audit.
+The figures they replace stay in the manifest under `metrics.test_every_view` for audit, or under
+`metrics.<KEEP_AS>` with `--keep-as` (when the held-out parts changed: training.overlap); the
+manifest's `split_hashes` become those of the held-out lists measured.
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=MODELS)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--keep-as", default=None, metavar="KEY",
+                    help="keep the figures replaced under metrics[KEY] (e.g. test_with_copies, when the held-out "
+                    "parts changed) instead of metrics.test_every_view")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     for name, new in tqdm(remeasure(args.models).items(), desc="manifests"):
@@ -80,10 +86,13 @@ def main() -> None:
                             value["accuracy"], was.get("macro_f1", float("nan")), value["macro_f1"])
             else:
                 logger.info("%s %s: %s -> %s", name, key, was, value)
-            if key == "test" and "test_every_view" not in old:
+            if args.keep_as:
+                old.setdefault(args.keep_as, {})[key] = was
+            elif key == "test" and "test_every_view" not in old:
                 old["test_every_view"] = was
             old[key] = value
         old["extra_views_below"] = EXTRA_VIEWS_BELOW
+        m["split_hashes"] = hd.split_manifest()
         if not args.dry_run:
             path.write_text(json.dumps(m, indent=2) + "\n")
 
