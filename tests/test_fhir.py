@@ -297,3 +297,23 @@ def test_analyze_writes_a_valid_bundle_for_each_image(tmp_path: Path) -> None:
     bad = subprocess.run([*run, str(images / "f3.png"), "--fhir", str(tmp_path / "no" / "x.json")],
                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["code"] == "bad_output"
+
+
+def test_an_older_reports_grade_interval_and_nrbc_are_derived_or_left_out() -> None:
+    """A report from before grades carries a share's 95 % interval: its ends' ICSH grades are the
+    grade-ci95 component (schistocytes 0.3 to 2.5 %: 1+ to 3+). One from before NRBC were counted
+    apart and without an erythroblast row measured no NRBC: no NRBC observation, not a 0."""
+    old = graded_report()
+    rbc = [s.model_copy(update={"ci95_low": 0.3, "ci95_high": 2.5}) if s.label == "schistocyte" else s
+           for s in old.rbc_morphology]
+    report = old.model_copy(update={"rbc_morphology": rbc})
+    bundle = report_bundle(report)
+    validate(bundle)
+    schisto = by_code(bundle, codes.LOINC, "800-3")
+    assert component(schisto, "grade-ci95")["valueString"] == "1+ to 3+"
+    no_nrbc = report.model_copy(update={"wbc_differential": [s for s in report.wbc_differential
+                                                             if s.label != "erythroblast"]})
+    bundle = report_bundle(no_nrbc)
+    validate(bundle)
+    assert not [o for o in resources(bundle, "Observation")
+                if any(c.get("code") == "58413-6" for c in o["code"].get("coding", []))]

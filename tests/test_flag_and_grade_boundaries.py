@@ -136,10 +136,23 @@ def test_a_run_mixing_calibrated_and_estimated_fields_sizes_only_the_calibrated_
     assert "sizes_from_calibrated_fields_only" in codes and "size_not_assessable_without_calibration" not in codes
 
 
+def test_a_mixed_runs_size_based_grade_is_of_the_calibrated_cells():
+    """20 spherocytes among 80 calibrated red cells (25 %: 2+) in a run of 100 (20 %: it would read 1+)."""
+    cells = ([_cell(CellKind.RBC, "normal", calibrated=True, d_um=7.0)] * 60
+             + [_cell(CellKind.RBC, "spherocyte", calibrated=True, d_um=6.0)] * 20
+             + [_cell(CellKind.RBC, "normal", calibrated=False, d_um=30.0)] * 20)
+    row = next(r for r in aggregate(cells).rbc_morphology if r.label == "spherocyte")
+    assert (row.percent, row.of_cells, row.grade) == (25.0, 80, "2+")
+
+
 # -- atypical_wbc_present boundaries with the default thresholds
 def test_atypical_flag_at_exactly_three_cells_and_exactly_ten_percent():
     cells = [_cell(CellKind.WBC, UNIDENTIFIED, atypical=True)] * 3 + [_cell(CellKind.WBC, "neutrophil")] * 27
     assert "atypical_wbc_present" in _codes(cells)  # 3 cells, 3/30 = 10 %: both "at least"
+    # the message tells the cells unlike any trained type from those merely unsure
+    cells = cells[:2] + [_cell(CellKind.WBC, UNIDENTIFIED)] + cells[3:]
+    flag = next(f for f in aggregate(cells).flags if f.code == "atypical_wbc_present")
+    assert "3 of 30 white cells (10%) could not be typed (2 unlike any trained type)" in flag.message
 
 
 # -- sickle flags

@@ -206,10 +206,13 @@ def test_red_cells_of_a_size_no_blood_has_flag_the_calibration():
     assert "rbc_size_implausible" in codes(15.0) and "rbc_size_implausible" in codes(3.7)
     assert not {"rbc_size_implausible"} & (codes(7.4) | codes(5.2) | codes(10.2))  # micro-, normo-, macrocytic
     assert "rbc_size_implausible" not in codes(15.0, n=19)  # too few to judge
+    assert "rbc_size_implausible" in codes(15.0, n=20)  # 20 are enough
+    # the range's ends are blood's own: 5 and 10.5 um pass, a little beyond does not
+    assert not {"rbc_size_implausible"} & (codes(5.0) | codes(10.5))
+    assert "rbc_size_implausible" in codes(4.95) and "rbc_size_implausible" in codes(10.55)
     assert "rbc_size_implausible" not in codes(15.0, calibrated=False)  # an estimated scale measures no size
-    message = next(f.message for f in aggregate([_cell(CellKind.RBC, "normal", 15.0)] * 30).flags
-                   if f.code == "rbc_size_implausible")
-    assert "15.0 um" in message and "calibrate-scale" in message
+    (flag,) = [f for f in aggregate([_cell(CellKind.RBC, "normal", 15.0)] * 30).flags if f.code == "rbc_size_implausible"]
+    assert flag.severity == "warning" and "15.0 um" in flag.message and "calibrate-scale" in flag.message
 
 
 def test_aggregate_empty_flags_no_cells():
