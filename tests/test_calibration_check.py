@@ -98,3 +98,42 @@ def test_a_bccd_field_calibrated_for_another_objective(analyzer):
     assert CALIBRATION_SUSPECT in flags(0.2)
     assert CALIBRATION_SUSPECT in flags(0.03)
     assert CALIBRATION_SUSPECT not in flags(BCCD_MICRONS_PER_PIXEL)
+
+
+def test_the_check_stays_within_the_fields_own_memory_and_never_fails_the_field():
+    """A pass that would resample the frame beyond both the search's bound and the calibrated
+    pass's size is not run (it finds nothing); a pass the frame cannot take (too_large_at_scale)
+    leaves the check without a verdict instead of failing a field analysed at its calibration."""
+    import numpy as np
+
+    from smearscope.service.analysis.calibration_check import against_own_scale
+    from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX, ScaleEstimate
+    from smearscope.service.analysis.scale_search import (
+        MAX_SEARCH_CANONICAL_PIXELS,
+        Attempt,
+        ScaleOutcome,
+    )
+    from smearscope.service.ingest import IngestError, RejectReason
+
+    pixels = np.zeros((3000, 4000, 3), np.uint8)  # 12 MP: at 0.2 um/px, 12 MP canonical
+    given = ScaleOutcome(ScaleEstimate(0.2, "given"), Attempt(0.2, [], None), uncertain=False)
+    limit = max(MAX_SEARCH_CANONICAL_PIXELS, pixels.shape[0] * pixels.shape[1])
+    asked: list[float] = []
+
+    def detect_at(mpp: float, quick: bool) -> Attempt:
+        asked.append(mpp)
+        assert pixels.shape[0] * pixels.shape[1] * (mpp / CANONICAL_UM_PER_PX) ** 2 <= limit
+        return Attempt(mpp, [], None, quick)
+    check = against_own_scale(pixels, _no_lamp(), given, ScaleEstimate(0.4, "rbc_size_classical"), detect_at, 0.05)
+    assert check.own_mpp is None and not check.suspect and all(m <= 0.2 + 1e-9 for m in asked)
+
+    def refusing(mpp: float, quick: bool) -> Attempt:
+        raise IngestError(RejectReason.TOO_LARGE_AT_SCALE, "too large")
+    check = against_own_scale(pixels, _no_lamp(), given, ScaleEstimate(0.1, "rbc_size_classical"), refusing, 0.05)
+    assert check.own_mpp is None and check.flag() is None
+
+
+def _no_lamp():
+    from smearscope.service.analysis.illumination import Illumination
+
+    return Illumination(None, reason="no_lit_background")

@@ -34,7 +34,7 @@ from smearscope.service.analysis.classify import UNIDENTIFIED, HeadResult
 from smearscope.service.analysis.crops import RBC_CROP, WBC_CROP, CropSpec
 from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions, FieldResult
 from smearscope.service.analysis.records import CellCrop
-from smearscope.service.analysis.report import Report
+from smearscope.service.analysis.report import Report, ScaleInfo
 from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
 from smearscope.service.config import EXIT_CONFIG, StationConfig, load_config
 from smearscope.service.station.daemon import StationDaemon, run_daemon
@@ -86,7 +86,9 @@ def oracle_pool(n: int = 4, seed: int = 500) -> tuple[FieldResult, ...]:
 class PoolAnalyzer:
     """Analyzer-like: frame i gets pool[i % n], re-stamped with the frame's id and the run id.
 
-    `stall_s` sleeps on the calls in `stall_on`; `fail_on` maps call index -> exception."""
+    `stall_s` sleeps on the calls in `stall_on`; `fail_on` maps call index -> exception;
+    `scale_estimate`: each field's own scale estimate from its red cells (an uncalibrated
+    station's fields), else the pool's given scale."""
 
     pool: Sequence[FieldResult]
     stall_on: frozenset[int] = frozenset()
@@ -96,6 +98,7 @@ class PoolAnalyzer:
     analysed_ids: list[str] = field(default_factory=list)
     analysed_scales: list[float | None] = field(default_factory=list)  # each frame's microns_per_pixel
     checked_calibration: list[bool] = field(default_factory=list)  # each frame's check_calibration
+    scale_estimate: float | None = None
 
     def analyze(self, frame: Frame, run_id: str | None = None, specimen_scale: float | None = None,
                 check_calibration: bool = False) -> FieldResult:
@@ -109,9 +112,12 @@ class PoolAnalyzer:
         assert base.report.source is not None
         source = base.report.source.model_copy(update={"frame_id": frame.frame_id,
                                                        "source": frame.source})
-        report = base.report.model_copy(update={
-            "report_id": str(uuid.uuid4()), "run_id": run_id, "created_at": time.time(),
-            "source": source})
+        update: dict[str, Any] = {"report_id": str(uuid.uuid4()), "run_id": run_id,
+                                  "created_at": time.time(), "source": source}
+        if self.scale_estimate is not None:
+            update["scale"] = ScaleInfo(microns_per_pixel=self.scale_estimate, method="rbc_size_detection",
+                                        canonical_microns_per_pixel=CANONICAL_UM_PER_PX)
+        report = base.report.model_copy(update=update)
         self.analysed_ids.append(frame.frame_id)
         self.analysed_scales.append(frame.microns_per_pixel)
         self.checked_calibration.append(check_calibration)
@@ -454,6 +460,47 @@ def test_reload_command_is_applied_on_the_daemons_own_thread(tmp_path: Path) -> 
         runner.join(30)
     assert not runner.is_alive()
     assert daemon.handle_command("reload", {})["error"] == "shutting_down"
+
+
+def test_analyze_file_on_an_uncalibrated_station_refuses_a_blurred_file_at_its_runs_scale(tmp_path: Path) -> None:
+    """A station without a calibrated scale cannot judge a file's focus on its own, so analyze_file
+    analyses the run's first file however blurred; once the open run's fields agree on a scale,
+    a blurred file is refused as out_of_focus, judged at that scale, and not analysed."""
+    from smearscope.service.analysis.specimen_scale import SPECIMEN_SCALE_MIN_FIELDS
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    doc = station_document(tmp_path, free_port(), credentials=False, target_wbc=1000,
+                           source={"kind": "folder", "path": str(inbox)})  # no microns_per_pixel
+    config = tmp_path / "station.toml"
+    config.write_text(to_toml(doc))
+    daemon = StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(scale_estimate=0.1),
+                           config_path=config, environ={})
+
+    def field_file(seed: int, blur: bool = False) -> str:
+        pixels = render_field(seed, width=640, height=480, microns_per_pixel=0.1).frame.pixels
+        path = tmp_path / f"field-{seed}.png"
+        assert cv2.imwrite(str(path), cv2.GaussianBlur(pixels, (0, 0), 20) if blur else pixels)  # 2 um
+        return str(path)
+
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    try:
+        assert wait_until(lambda: daemon.publisher is not None and daemon.workers.threads, 15)
+        assert daemon.handle_command("start_run", {})["ok"]
+        first = daemon.handle_command("analyze_file", {"path": field_file(40, blur=True)})
+        assert first["ok"], first  # no scale yet: its focus is not judged
+        for seed in range(41, 40 + SPECIMEN_SCALE_MIN_FIELDS):
+            assert daemon.handle_command("analyze_file", {"path": field_file(seed)})["ok"]
+        assert daemon.tracker.specimen_scale() == pytest.approx(0.1)
+        blurred = daemon.handle_command("analyze_file", {"path": field_file(50, blur=True)})
+        assert not blurred["ok"] and blurred["error"] == "out_of_focus", blurred
+        assert daemon.analyzer.calls == SPECIMEN_SCALE_MIN_FIELDS
+        assert daemon.stats.snapshot()["rejected"] == {"out_of_focus": 1}
+    finally:
+        daemon.request_stop("test over")
+        runner.join(30)
+    assert not runner.is_alive()
 
 
 def test_config_errors_exit_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

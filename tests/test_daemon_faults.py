@@ -290,6 +290,35 @@ def test_folder_burst_of_100_files_each_analysed_once_or_rejected(tmp_path: Path
     assert len(analysed) >= 55  # distinct synthetic fields pass the gate
 
 
+def test_a_file_the_quality_gate_refuses_goes_to_rejected_with_its_reason(tmp_path: Path) -> None:
+    """A blurred image dropped into the watched folder is refused by the quality gate: it goes to
+    rejected/ with out_of_focus as its reason, never to done/ with the analysed fields."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.2,
+              "microns_per_pixel": 0.2}
+    config = write_station(tmp_path, free_port(), credentials=False, source=source)
+    daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory())
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    pixels = render_field(11, width=256, height=192).frame.pixels
+    runner.start()
+    try:
+        assert wait_until(lambda: daemon.analyzer is not None, 10)
+        assert cv2.imwrite(str(inbox / "sharp.png"), pixels)
+        assert wait_until((inbox / "done" / "sharp.png").exists, 20), list(inbox.rglob("*"))
+        assert cv2.imwrite(str(inbox / "blurred.png"), cv2.GaussianBlur(pixels, (0, 0), 5))  # 1 um
+        moved = lambda: (inbox / "done" / "blurred.png").exists() or (inbox / "rejected" / "blurred.png").exists()
+        assert wait_until(moved, 20), list(inbox.rglob("*"))
+    finally:
+        daemon.request_stop("test over")
+        runner.join(30)
+    assert not runner.is_alive()
+    assert [(o, r) for _, o, r in daemon.outcomes] == [("analysed", None), ("rejected", "out_of_focus")]
+    assert sorted(p.name for p in (inbox / "done").iterdir()) == ["sharp.png"]
+    assert (inbox / "rejected" / "blurred.png").exists()
+    assert (inbox / "rejected" / "blurred.png.reason.txt").read_text().startswith("out_of_focus: ")
+
+
 def test_a_copy_of_an_analysed_image_is_refused_not_counted_twice(tmp_path: Path) -> None:
     """The same image again under another name (a technician re-submitting a file) would count its
     cells twice in the specimen: it goes to rejected/ as duplicate_content, naming the field it

@@ -115,6 +115,80 @@ def test_a_compressed_tiff_strip_is_never_inflated_past_its_size() -> None:
         assert peak < 8 * 2**20, peak  # the 64 MB are never allocated
 
 
+def _tiled_tiff(rgb: np.ndarray, tile: int = 16, listed: int | None = None) -> bytes:
+    """An 8-bit RGB TIFF of deflate tiles; its TileOffsets and TileByteCounts list `listed` tiles
+    (the real ones over and over past their number): tifffile keeps what a tiled page lists."""
+    h, w, _ = rgb.shape
+    tiles = [zlib.compress(np.ascontiguousarray(rgb[y:y + tile, x:x + tile]).tobytes())
+             for y in range(0, h, tile) for x in range(0, w, tile)]
+    listed = len(tiles) if listed is None else listed
+    out, offsets = bytearray(b"II*\0\0\0\0\0"), []
+    for t in tiles:
+        offsets.append(len(out))
+        out += t + b"\0" * (len(t) & 1)
+    offsets_at = len(out)
+    out += struct.pack(f"<{listed}I", *(offsets[k % len(tiles)] for k in range(listed)))
+    counts_at = len(out)
+    out += struct.pack(f"<{listed}I", *(len(tiles[k % len(tiles)]) for k in range(listed)))
+    tags = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 2), (277, 3, 1, 3),
+            (322, 4, 1, tile), (323, 4, 1, tile), (324, 4, listed, offsets_at), (325, 4, listed, counts_at)]
+    struct.pack_into("<I", out, 4, len(out))  # the directory, after the arrays
+    out += struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHII", t, ty, n, v) if ty == 4 else struct.pack("<HHIHH", t, ty, n, v, 0)
+        for t, ty, n, v in tags)
+    return bytes(out + b"\0" * 4)
+
+
+def test_a_tiff_listing_more_tiles_than_its_geometry_holds_is_refused_before_any_is_inflated(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """100 000 tiles listed for a frame of 96: refused as corrupt at once, not inflated tile by
+    tile (a few hundred kilobytes of offsets would keep the station inflating for as long as the
+    list is long; tifffile itself reads the frame's 96 and ignores the rest)."""
+    from smearscope.device.ingest import headers
+
+    inflated: list[int] = []
+    real = headers._inflated_size
+    monkeypatch.setattr(headers, "_inflated_size", lambda *a: inflated.append(1) or real(*a))
+    bgr = hostile.smear_like(128, 192, seed=6)
+    rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+    np.testing.assert_array_equal(load_image(_tiled_tiff(rgb)).pixels, bgr)  # a tiled TIFF reads
+    assert len(inflated) == 96  # each tile bounded first
+    inflated.clear()
+    with pytest.raises(IngestError) as err:
+        load_image(_tiled_tiff(rgb, listed=100_000))
+    assert err.value.code is RejectReason.CORRUPT
+    assert "lists 100000 data segments where its geometry holds 96" in err.value.message
+    assert not inflated
+
+
+def test_an_lzma_tiff_decodes_and_an_lzma_bomb_is_refused_unexpanded(field: np.ndarray) -> None:
+    """LZMA is one of the TIFF compressions read here (bounded like deflate): a frame reads
+    exactly, and a strip of 10 kB that inflates to 64 MB is refused as a bomb, never expanded."""
+    import lzma
+    import tracemalloc
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, field[:, :, ::-1], photometric="rgb", compression="lzma")
+    with tifffile.TiffFile(io.BytesIO(buf.getvalue())) as tif:
+        assert int(tif.pages[0].compression) == 34925
+    img = load_image(buf.getvalue())
+    np.testing.assert_array_equal(img.pixels, field)
+    assert (img.format, img.original_channels) == ("tiff", 3)
+
+    squeeze = lzma.LZMACompressor(preset=0)
+    strip = b"".join(squeeze.compress(bytes(1 << 20)) for _ in range(64)) + squeeze.flush()
+    bomb = hostile.one_strip_tiff(strip, 34925)  # 256 x 256 RGB: 192 kB fit
+    tracemalloc.start()
+    try:
+        with pytest.raises(IngestError) as err:
+            load_image(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.code is RejectReason.CORRUPT and "inflates beyond" in err.value.message
+    assert peak < 8 * 2**20, peak  # the 64 MB are never allocated
+
+
 def test_a_tiff_compression_whose_inflation_is_not_bounded_is_refused() -> None:
     """zstd (tifffile lists a decoder for it, which inflates in full: unbounded with Python 3.14's
     zstd) or any codec imagecodecs would add: refused as a format, never handed to that decoder."""
@@ -142,6 +216,63 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(monkeypatch: pytest
     with pytest.raises(IngestError) as err:
         load_image(many)
     assert err.value.code is RejectReason.UNSUPPORTED_FORMAT and "scans" in err.value.message
+
+
+def _progressive_jpeg(scans: int, blocks: np.ndarray) -> bytes:
+    """A valid progressive grey JPEG of `scans` scans (64 to 126) whose 8 x 8 blocks are flat at
+    `blocks` + 128: a DC scan, one scan per AC coefficient (each zero everywhere), and as many of
+    those coefficients as the count needs sent in two bit planes (a first scan and a refinement)."""
+    assert 64 <= scans <= 126
+    refined = scans - 64
+
+    def segment(marker: int, body: bytes) -> bytes:
+        return struct.pack(">BBH", 0xFF, marker, len(body) + 2) + body
+
+    def entropy(bits: str) -> bytes:
+        bits += "1" * (-len(bits) % 8)
+        return bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)).replace(b"\xff", b"\xff\x00")
+
+    def sos(ss: int, se: int, ah: int, al: int) -> bytes:
+        return segment(0xDA, bytes([1, 1, 0x00, ss, se, ah << 4 | al]))
+
+    dc, prev = [], 0
+    for value in blocks.ravel().tolist():
+        diff, prev = value - prev, value
+        size = abs(diff).bit_length()
+        dc.append(format(size, "04b") + (format(diff if diff >= 0 else diff + (1 << size) - 1, f"0{size}b")
+                                         if size else ""))
+    rows, cols = blocks.shape
+    out = b"\xff\xd8" + segment(0xDB, b"\x00" + bytes([8] * 64))  # every quantiser 8: DC = mean - 128
+    out += segment(0xC2, struct.pack(">BHHBBBB", 8, rows * 8, cols * 8, 1, 1, 0x11, 0))
+    out += segment(0xC4, b"\x00" + bytes([0, 0, 0, 12] + [0] * 12) + bytes(range(12)))  # DC sizes: 4-bit codes
+    out += segment(0xC4, b"\x10" + bytes([1] + [0] * 15) + b"\x00")  # AC: only end-of-band, code "0"
+    out += sos(0, 0, 0, 0) + entropy("".join(dc))
+    end_of_band = entropy("0" * blocks.size)
+    for k in range(1, 64):
+        out += sos(k, k, 0, 1 if k <= refined else 0) + end_of_band
+    for k in range(1, refined + 1):
+        out += sos(k, k, 1, 0) + end_of_band
+    return out + b"\xff\xd9"
+
+
+def test_a_jpeg_of_exactly_the_most_scans_read_decodes_and_one_more_is_refused() -> None:
+    """The scan limit is inclusive: a valid progressive JPEG of MAX_JPEG_SCANS scans decodes to
+    its pixels; the same picture in one scan more (as valid: OpenCV reads it) is refused."""
+    from smearscope.device.ingest.headers import MAX_JPEG_SCANS
+
+    blocks = np.arange(64).reshape(8, 8) * 2 - 88
+    expected = np.kron(blocks + 128, np.ones((8, 8), int))
+    at_limit, over = _progressive_jpeg(MAX_JPEG_SCANS, blocks), _progressive_jpeg(MAX_JPEG_SCANS + 1, blocks)
+    assert (at_limit.count(b"\xff\xda"), over.count(b"\xff\xda")) == (MAX_JPEG_SCANS, MAX_JPEG_SCANS + 1)
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(over, np.uint8), cv2.IMREAD_GRAYSCALE), expected)
+    img = load_image(at_limit)
+    assert (img.format, img.original_channels) == ("jpeg", 1)
+    for c in range(3):
+        np.testing.assert_array_equal(img.pixels[:, :, c], expected)
+    with pytest.raises(IngestError) as err:
+        load_image(over)
+    assert err.value.code is RejectReason.UNSUPPORTED_FORMAT
+    assert f"JPEG of {MAX_JPEG_SCANS + 1} scans" in err.value.message
 
 
 def test_a_packbits_tiff_decodes() -> None:

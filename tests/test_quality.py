@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 
 import cv2
@@ -108,6 +109,71 @@ def test_a_scale_hint_that_refuses_field_after_field_is_let_go_until_it_moves(ca
     assert right.check(_frame(cv2.GaussianBlur(sharp[0], (0, 0), 15), mpp=None), scale_hint=0.1).accepted  # let go
     assert right.check(_frame(sharp[1], mpp=None), scale_hint=0.1).accepted
     assert right.check(_frame(cv2.GaussianBlur(sharp[2], (0, 0), 15), mpp=None), scale_hint=0.1).reason == OUT_OF_FOCUS
+
+
+@pytest.fixture(scope="module")
+def fine_fields() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Sharp fields of an uncalibrated station's camera at 0.1 um/px (focus 250 to 700 at the
+    scales their run may agree on), and the same fields blurred by 2 um (focus 3 there)."""
+    sharp = [synthetic.render_field(seed=s, width=640, height=480, microns_per_pixel=0.1).frame.pixels
+             for s in (80, 81, 82, 83)]
+    return sharp, [cv2.GaussianBlur(p, (0, 0), 20) for p in sharp]
+
+
+def test_dark_or_empty_fields_do_not_let_a_scale_hint_go(
+    fine_fields: tuple[list[np.ndarray], list[np.ndarray]],
+) -> None:
+    """A lamp turned down or the stage run off the smear says nothing about focus: however many
+    such fields in a row an uncalibrated station sees, focus is still judged at its run's scale,
+    so the next blurred field is refused, not analysed."""
+    from smearscope.device.quality import HINTED_REFUSALS_MAX
+
+    (field, *_), (blurred, *_) = fine_fields
+    dark = (field * 0.05).astype(np.uint8)
+    empty = np.full_like(field, (233, 229, 234))
+    gate = QualityGate()
+    reasons = [gate.check(_frame(p, mpp=None), scale_hint=0.1).reason for p in [dark, empty] * HINTED_REFUSALS_MAX]
+    assert reasons == [UNDEREXPOSED, EMPTY_FIELD] * HINTED_REFUSALS_MAX
+    assert gate.check(_frame(blurred, mpp=None), scale_hint=0.1).reason == OUT_OF_FOCUS
+
+
+def test_only_blurred_fields_in_a_row_let_a_scale_hint_go(
+    fine_fields: tuple[list[np.ndarray], list[np.ndarray]],
+) -> None:
+    """A technician whose focus drifts now and then, refocusing in between: each blurred field is
+    refused at the run's scale however many there are, as long as a sharp one comes before
+    HINTED_REFUSALS_MAX of them in a row."""
+    from smearscope.device.quality import HINTED_REFUSALS_MAX
+
+    sharp, blurred = fine_fields
+    gate = QualityGate()
+    hazy = [blurred[k % len(blurred)] for k in range(HINTED_REFUSALS_MAX - 1)]
+    sequence = [*hazy, sharp[0], *hazy, sharp[1], *hazy]
+    reasons = [gate.check(_frame(p, mpp=None), scale_hint=0.1).reason for p in sequence]
+    assert reasons == [*[OUT_OF_FOCUS] * len(hazy), None] * 2 + [OUT_OF_FOCUS] * len(hazy)
+
+
+def test_a_scale_hint_let_go_is_judged_again_once_it_moves_by_more_than_the_margin(
+    fine_fields: tuple[list[np.ndarray], list[np.ndarray]],
+) -> None:
+    """An objective changed mid-run moves the run's agreed scale by a quarter or a third: focus is
+    judged again at the new scale at once (a blurred field refused), not left unjudged; a move
+    within the margin (a tenth) leaves it let go."""
+    from smearscope.device.quality import HINT_MARGIN, HINTED_REFUSALS_MAX
+
+    blurred = itertools.cycle(fine_fields[1])  # one after another: a let-go field is the next one's reference
+    gate = QualityGate()
+
+    def reason(hint: float) -> str | None:
+        return gate.check(_frame(next(blurred), mpp=None), scale_hint=hint).reason
+
+    assert [reason(0.1) for _ in range(HINTED_REFUSALS_MAX)] == [OUT_OF_FOCUS] * HINTED_REFUSALS_MAX
+    assert reason(0.1) is None and reason(0.11) is None  # let go, and still within the margin
+    assert 0.3 > 1 - HINT_MARGIN
+    assert reason(0.13) == OUT_OF_FOCUS  # 30 % coarser: judged again
+    assert [reason(0.13) for _ in range(HINTED_REFUSALS_MAX - 1)] == [OUT_OF_FOCUS] * (HINTED_REFUSALS_MAX - 1)
+    assert reason(0.13) is None  # let go at the new scale
+    assert reason(0.0975) == OUT_OF_FOCUS  # 25 % finer: judged again
 
 
 @pytest.mark.parametrize(

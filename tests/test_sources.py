@@ -229,6 +229,31 @@ def test_an_entry_that_cannot_be_moved_is_rejected_once_not_at_every_poll(tmp_pa
     src.close()
 
 
+def test_an_unmovable_entry_is_not_rejected_and_counted_again_after_a_restart(tmp_path: Path, monkeypatch) -> None:
+    """A FIFO the station cannot move away is rejected once: a restart reads its record and
+    leaves it, neither a second reason in the log nor a second count."""
+    src = _folder(tmp_path, decode_grace_s=0.0)
+    os.mkfifo(src._root / "pipe.png")  # e.g. another user's, in a sticky-bit folder
+    real = os.replace
+
+    def refuse(a, b, *args, **kwargs):
+        if str(a).endswith("pipe.png"):
+            raise PermissionError(1, "Operation not permitted")
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    assert src.scan_once() is None and src.rejected_count == 1
+    src.close()
+    for _ in range(2):  # two restarts
+        again = FolderSource(src._config)
+        assert again.scan_once() is None and again.scan_once() is None
+        assert again.rejected_count == 0 and not again.rejected_reasons
+        again.close()
+    lines = src._log.path.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("\trejected\tpipe.png")
+    assert (src._root / "pipe.png").exists()
+
+
 def test_a_file_name_too_long_for_its_reason_file_is_cut_to_fit(tmp_path: Path) -> None:
     src = _folder(tmp_path, decode_grace_s=0.0)
     long = "x" * 242 + ".png"  # 246 bytes: its .reason.txt would be 257
@@ -398,6 +423,104 @@ def test_a_file_that_cannot_be_read_is_rejected_after_the_grace_said_once(tmp_pa
         assert src.scan_once(now=t0 + 1.0) is None
     assert (src._root / "rejected" / "secret.png.reason.txt").read_text().startswith("unreadable: ")
     assert sum("secret.png" in r.getMessage() for r in caplog.records) == 1
+    src.close()
+
+
+def test_a_passing_io_error_on_a_symlink_is_tried_again_not_rejected(tmp_path: Path, monkeypatch) -> None:
+    """A share's passing EIO while the station looks at a symlink to an image (not a symlink
+    loop): the file is left for the next scan, which hands it out, not moved to rejected/."""
+    import errno
+
+    src = _folder(tmp_path, decode_grace_s=0.0)
+    (tmp_path / "real.png").write_bytes(_png(4))
+    (src._root / "linked.png").symlink_to(tmp_path / "real.png")
+    real_scandir = os.scandir
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    class Flaky:
+        def __init__(self, entry: os.DirEntry) -> None:
+            self._entry = entry
+
+        def __getattr__(self, name: str):
+            return getattr(self._entry, name)
+
+        def is_file(self, *args, **kwargs) -> bool:
+            if self._entry.name == "linked.png" and failures:
+                raise failures.pop()
+            return self._entry.is_file(*args, **kwargs)
+
+    def scandir(path):
+        return [Flaky(e) for e in real_scandir(path)]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert src.scan_once() is None and not failures  # the error came
+    assert (src._root / "linked.png").is_symlink() and src.rejected_count == 0
+    assert not list((src._root / "rejected").iterdir())
+    frame = src.scan_once()
+    assert frame is not None and "linked.png" in frame.frame_id
+    np.testing.assert_array_equal(frame.pixels, _image(4))
+    src.close()
+
+
+def test_a_file_rewritten_at_the_same_size_while_read_is_not_analysed_torn(tmp_path: Path, monkeypatch) -> None:
+    """A writer replaces an uncompressed TIFF by another of the same size while the station reads
+    it: what was read (its first half old, its second new) is never handed out; the new version is."""
+    import tifffile
+
+    src = _folder(tmp_path)
+    path = src._root / "field.tif"
+    tifffile.imwrite(path, _image(1)[:, :, ::-1], photometric="rgb")
+    old = path.read_bytes()
+    tifffile.imwrite(tmp_path / "new.tif", _image(2)[:, :, ::-1], photometric="rgb")
+    new = (tmp_path / "new.tif").read_bytes()
+    assert len(new) == len(old)
+    real = Path.read_bytes
+    rewrites = []
+
+    def read_during_a_rewrite(p: Path) -> bytes:
+        if p.name != "field.tif" or rewrites:
+            return real(p)
+        half = len(old) // 2
+        p.write_bytes(new)  # the writer, halfway through the read
+        mtime = p.stat().st_mtime_ns + 10**9  # a later time, whatever the clock's resolution
+        os.utime(p, ns=(mtime, mtime))
+        rewrites.append(mtime)
+        return old[:half] + new[half:]
+
+    monkeypatch.setattr(Path, "read_bytes", read_during_a_rewrite)
+    assert src.scan_once() is None and rewrites  # the torn read was made and dropped
+    assert path.exists() and src.rejected_count == 0
+    frame = src.scan_once()
+    assert frame is not None
+    np.testing.assert_array_equal(frame.pixels, _image(2))
+    st = path.stat()
+    assert frame.frame_id.endswith(file_key("field.tif", st.st_size, st.st_mtime_ns)[:12])
+    src.done(frame)
+    assert (src._root / "done" / "field.tif").exists()
+    src.close()
+
+
+def test_a_rejected_file_that_keeps_changing_comes_back_at_most_max_rechecks_times(tmp_path: Path, caplog) -> None:
+    """A file rejected as truncated that changes in rejected/ comes back for another try, but a
+    file that keeps changing and never decodes (a log some program appends to, named .png) comes
+    back MAX_RECHECKS times and then stays in rejected/ with its reason."""
+    from smearscope.device.folder_source import MAX_RECHECKS
+
+    src = _folder(tmp_path, decode_grace_s=0.0)
+    data = _png(9)
+    (src._root / "growing.png").write_bytes(data[: len(data) // 2])
+    parked = src._root / "rejected" / "growing.png"
+    with caplog.at_level("WARNING"):
+        assert src.scan_once() is None and parked.exists() and src.rejected_count == 1
+        for _ in range(MAX_RECHECKS + 3):
+            with open(parked, "ab") as fh:  # its writer adds a little more, never a whole PNG
+                fh.write(b"\0" * 16)
+            assert src.scan_once() is None  # back, tried and rejected again; or left there
+            assert parked.exists() and not (src._root / "growing.png").exists()
+    assert src.rejected_count == 1 + MAX_RECHECKS
+    came_back = [r for r in caplog.records if "changed after it was rejected" in r.getMessage()]
+    assert len(came_back) == MAX_RECHECKS
+    assert (src._root / "rejected" / "growing.png.reason.txt").read_text().startswith("truncated: ")
     src.close()
 
 

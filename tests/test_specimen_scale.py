@@ -187,3 +187,36 @@ def test_the_station_gives_each_field_its_specimens_scale_unless_calibrated(tmp_
         assert all(mpp is None for mpp, _ in analyzer.given)
         assert [spec for _, spec in analyzer.given[:SPECIMEN_SCALE_MIN_FIELDS]] == [None] * SPECIMEN_SCALE_MIN_FIELDS
         assert analyzer.given[-1][1] == pytest.approx(0.10)
+
+
+def test_an_uncalibrated_station_refuses_blurred_fields_once_its_run_agrees_on_a_scale(tmp_path):
+    """Focus cannot be judged at an unknown scale, so an uncalibrated station analyses its very
+    first field however blurred; once the open run's fields agree on a scale, a blurred field is
+    refused as out_of_focus at that scale and never analysed."""
+    import cv2
+    from test_daemon import station_document, to_toml
+
+    from smearscope.device.quality import OUT_OF_FOCUS
+    from smearscope.service.config import load_config
+    from smearscope.service.station.daemon import StationDaemon
+
+    recording = tmp_path / "recording"
+    recording.mkdir()
+    blurred = {0, 10, 12}  # the capture thread is at most 3 fields ahead of the analysis: 10 comes
+    for k in range(14):    # after the run's first SPECIMEN_SCALE_MIN_FIELDS fields are analysed
+        pixels = render_field(920 + k, width=640, height=480, microns_per_pixel=0.1).frame.pixels
+        if k in blurred:
+            pixels = cv2.GaussianBlur(pixels, (0, 0), 20)  # 2 um
+        assert cv2.imwrite(str(recording / f"f{k:02d}.png"), pixels)
+    doc = station_document(tmp_path, 1, credentials=False, target_wbc=1000,
+                           source={"kind": "replay", "path": str(recording), "fps": 0.0})
+    (tmp_path / "station.toml").write_text(to_toml(doc))
+    analyzer = _EstimatingAnalyzer([0.10] * 14)  # each field's own estimate: its true scale
+    daemon = StationDaemon(load_config(tmp_path / "station.toml", {}), analyzer_factory=lambda cfg: analyzer,
+                           environ={})
+    assert daemon.run() == 0
+    outcome = {fid.rsplit(":", 1)[1]: (o, r) for fid, o, r in daemon.outcomes}
+    assert outcome["f00.png"] == ("analysed", None)  # no scale yet: its focus not judged
+    assert outcome["f10.png"] == outcome["f12.png"] == ("rejected", OUT_OF_FOCUS)
+    assert analyzer.calls == 12
+    assert daemon.stats.snapshot()["rejected"] == {OUT_OF_FOCUS: 2}

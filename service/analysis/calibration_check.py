@@ -37,13 +37,15 @@ import numpy as np
 
 from smearscope.service.analysis.illumination import Illumination
 from smearscope.service.analysis.report import Flag
-from smearscope.service.analysis.scale import ScaleEstimate
+from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX, ScaleEstimate
 from smearscope.service.analysis.scale_search import (
+    MAX_SEARCH_CANONICAL_PIXELS,
     MIN_RBC_FOR_SCALE,
     Attempt,
     ScaleOutcome,
     find_scale,
 )
+from smearscope.service.ingest import IngestError
 
 CALIBRATION_SUSPECT = "calibration_suspect"
 #: The red cells' own scale this many times off the calibrated one (either way) is suspect.
@@ -89,8 +91,21 @@ class CalibrationCheck:
 def against_own_scale(pixels: np.ndarray, illumination: Illumination, given: ScaleOutcome, guess: ScaleEstimate,
                       detect_at: Callable[[float, bool], Attempt], tolerance: float) -> CalibrationCheck:
     """The calibrated pass `given` against the field's scale found as an uncalibrated station finds
-    it (`find_scale` from the model-free first `guess`, by `detect_at` passes)."""
-    own = find_scale(detect_at, guess, pixels.shape[0] * pixels.shape[1], tolerance).estimate
+    it (`find_scale` from the model-free first `guess`, by `detect_at` passes). The check never
+    costs more memory than the field's own analysis or a scale search may: a pass that would
+    resample the frame beyond both (`MAX_SEARCH_CANONICAL_PIXELS`, the calibrated pass's size)
+    finds nothing, and a pass the frame cannot take at its scale leaves the check without a verdict."""
+    input_pixels = pixels.shape[0] * pixels.shape[1]
+    limit = max(MAX_SEARCH_CANONICAL_PIXELS, input_pixels * (given.estimate.microns_per_pixel / CANONICAL_UM_PER_PX) ** 2)
+
+    def bounded(mpp: float, quick: bool) -> Attempt:
+        if input_pixels * (mpp / CANONICAL_UM_PER_PX) ** 2 > limit:
+            return Attempt(mpp, [], None, quick)
+        return detect_at(mpp, quick)
+    try:
+        own = find_scale(bounded, guess, input_pixels, tolerance).estimate
+    except IngestError:  # e.g. too_large_at_scale: the field itself was analysed at its calibration
+        return CalibrationCheck(given.estimate.microns_per_pixel, len(given.attempt.whole_rbc), None, 0)
     measured = own.method == "rbc_size_detection"
     return CalibrationCheck(given.estimate.microns_per_pixel, len(given.attempt.whole_rbc),
                             own.microns_per_pixel if measured else None, own.rbc_count if measured else 0)
