@@ -175,6 +175,151 @@ def test_the_gallery_comes_back_after_a_restart_and_keeps_only_its_last_runs(
     assert ReviewGallery(config, review).run_ids() == ["run-new"]
 
 
+def test_a_confident_call_the_open_set_check_marked_atypical_goes_to_review(tmp_path: Path) -> None:
+    """A white cell given a trained type yet outside every trained type by the head's open-set test
+    (atypical): a technician sees its crop in the gallery, after the field's unidentified cells,
+    and a signed run counts it among the cells left to review until someone types it."""
+    from dataclasses import replace
+
+    from smearscope.service.station.clinic import _left_to_review
+    from smearscope.service.station.specimen import SpecimenRun
+
+    plain = oracle_pool()[1]  # confident calls only: nothing for review
+    k = next(i for i, c in enumerate(plain.report.cells) if c.kind == "wbc" and c.label not in (None, "unidentified"))
+    label = plain.report.cells[k].label
+    cells = [c.model_copy(update={"atypical": True}) if i == k else c for i, c in enumerate(plain.report.cells)]
+    result = replace(plain, report=plain.report.model_copy(update={"cells": cells}),
+                     cells=tuple(replace(c, atypical=True) if i == k else c for i, c in enumerate(plain.cells)))
+    gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=0), tmp_path / "review")
+    assert ReviewGallery(ReviewConfig(min_free_disk_mb=0), tmp_path / "plain").add_field("p", _image(plain), plain) == 0
+    assert gallery.add_field("run-a", _image(plain), result) == 1
+    (crop,) = gallery.page("run-a")["cells"]
+    assert (crop["cell"], crop["label"], crop["atypical"]) == (k, label, True)
+    run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="run-a")
+    assert run.add(result, 1.0) and _left_to_review(run, {}) == 1
+
+
+def test_a_gallery_write_refused_by_a_locked_file_is_made_good_at_the_next_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another process holds the gallery's file locked while a field arrives (a backup, a sqlite3
+    shell): the field's crops stay in memory, and the next write that succeeds writes the run
+    whole, so a restart still serves every crop the technician saw."""
+    import sqlite3
+
+    from smearscope.service.station.gallery_store import FILE_NAME
+
+    review, pool = tmp_path / "review", oracle_pool()
+    config = ReviewConfig(min_free_disk_mb=0)
+    gallery = ReviewGallery(config, review)
+    gallery.add_field("run-1", _image(pool[2]), pool[2])  # the file exists
+    gallery._store._connect().execute("PRAGMA busy_timeout = 50")  # the lock is held throughout: no need to wait
+    locker = sqlite3.connect(review / FILE_NAME, isolation_level=None, timeout=0)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        with caplog.at_level(logging.WARNING, logger="smearscope.service.station.gallery_store"):
+            assert gallery.add_field("run-1", _image(pool[0]), pool[0]) >= 1  # the sickle cell: kept in memory
+        assert any("not written" in r.getMessage() for r in caplog.records)
+    finally:
+        locker.rollback()
+        locker.close()
+    gallery.add_field("run-1", _image(pool[3]), pool[3])
+    again = ReviewGallery(config, review)
+    assert _pages(again, "run-1") == _pages(gallery, "run-1")
+    assert "sickle" in {c["label"] for p in _pages(again, "run-1") for c in p["cells"]}
+
+
+def test_only_the_first_page_carries_the_overlay_thumbnail(tmp_path: Path) -> None:
+    """The overlay thumbnail comes once, with the first page: a later page (next_offset) is all
+    room for crops, and a dashboard paging through a run does not fetch the overlay again."""
+    gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=0), tmp_path / "review")
+    for result in oracle_pool():
+        gallery.add_field("run-a", _image(result), result)
+    first = gallery.page("run-a")
+    assert first["overlay"] is not None and first["total"] >= 3
+    later = gallery.page("run-a", 1)
+    assert later["overlay"] is None and later["cells"] == first["cells"][1:]
+
+
+def test_a_locked_gallery_file_at_start_is_left_as_it_is(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file another process holds locked when the station starts is not read (said), and not set
+    aside as unreadable: once the lock goes, the next start reads the runs back."""
+    import functools
+    import sqlite3
+
+    from smearscope.service.station import gallery_store
+    from smearscope.service.station.gallery_store import FILE_NAME
+
+    review, pool = tmp_path / "review", oracle_pool()
+    config = ReviewConfig(min_free_disk_mb=0)
+    before = ReviewGallery(config, review)
+    before.add_field("run-1", _image(pool[0]), pool[0])
+    before.close()  # that process ended
+    locker = sqlite3.connect(review / FILE_NAME, isolation_level=None, timeout=0)
+    try:
+        locker.execute("PRAGMA locking_mode = EXCLUSIVE")
+        locker.execute("BEGIN EXCLUSIVE")  # no other connection may read it
+        # the lock is held throughout: no need to wait the default 5 s for it
+        monkeypatch.setattr(gallery_store.sqlite3, "connect", functools.partial(sqlite3.connect, timeout=0.05))
+        with caplog.at_level(logging.ERROR, logger="smearscope.service.station.gallery_store"):
+            locked = ReviewGallery(config, review)
+        assert locked.run_ids() == []
+        assert any("not read" in r.getMessage() for r in caplog.records)
+        assert not any("set aside" in r.getMessage() for r in caplog.records)
+    finally:
+        locker.rollback()
+        locker.close()
+    monkeypatch.undo()
+    assert list(review.glob(f"{FILE_NAME}.unreadable-*")) == []
+    assert ReviewGallery(config, review).run_ids() == ["run-1"]
+
+
+def test_a_run_the_gallery_lets_go_leaves_its_file_at_once(tmp_path: Path) -> None:
+    """The gallery keeps its last runs: one it lets go is deleted from its file in the same write,
+    not left there (its crops on disk) until the next start."""
+    import sqlite3
+
+    from smearscope.service.station.gallery_store import FILE_NAME
+    from smearscope.service.station.review import KEEP_RUNS
+
+    review, pool = tmp_path / "review", oracle_pool()
+    gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
+    runs = [f"run-{k}" for k in range(KEEP_RUNS + 2)]
+    for run_id in runs:
+        gallery.add_field(run_id, _image(pool[0]), pool[0])
+    kept = gallery.run_ids()
+    assert kept == runs[1:]  # the open run and KEEP_RUNS closed ones
+    db = sqlite3.connect(review / FILE_NAME)
+    try:
+        assert [r for (r,) in db.execute("SELECT run_id FROM runs ORDER BY touched")] == kept
+        assert {r for (r,) in db.execute("SELECT DISTINCT run_id FROM crops")} == set(kept)
+    finally:
+        db.close()
+
+
+def test_a_run_written_whole_after_a_low_disk_keeps_out_the_crops_it_displaced(tmp_path: Path) -> None:
+    """With every white cell shown (for typing) and the run at its cap, a cell to review takes the
+    place of the newest white cell while the disk is low (the change held in memory); the run
+    written whole once there is room again does not bring that white cell back at the next start."""
+    import shutil
+
+    review, pool = tmp_path / "review", oracle_pool()
+    wbc = sum(c.kind == "wbc" and c.label is not None for c in pool[1].report.cells)
+    config = ReviewConfig(white_cells="all", max_cells_per_run=wbc, min_free_disk_mb=0)
+    gallery = ReviewGallery(config, review)
+    assert gallery.add_field("run-1", _image(pool[1]), pool[1]) == wbc  # typing only: the cap reached
+    gallery.config = config.model_copy(update={"min_free_disk_mb": shutil.disk_usage(tmp_path).free / 2**20 + 1024})
+    assert gallery.add_field("run-1", _image(pool[0]), pool[0]) == 1  # the sickle cell, in place of a white cell
+    gallery.config = config
+    gallery.add_field("run-2", _image(pool[2]), pool[2])  # room again: run-1 written whole
+    shown = _pages(gallery, "run-1")
+    assert sum(len(p["cells"]) for p in shown) == wbc and "sickle" in {c["label"] for c in shown[0]["cells"]}
+    again = ReviewGallery(config, review)
+    assert _pages(again, "run-1") == shown
+
+
 def _two_field_station(tmp_path: Path, broker: Any, **extra: Any) -> tuple[Subscriber, Path, list[int]]:
     """An observer of the station's topics, and a simulated station whose run reaches its WBC
     target on its second field; the WBC classified per field."""

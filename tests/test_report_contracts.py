@@ -229,6 +229,27 @@ def test_a_stored_input_is_remembered(tmp_path):
     assert not same_file("scope:a@b.png@111", "scope:a@c.png@111")
 
 
+def test_the_inputs_remembered_are_bounded_newest_kept(tmp_path, monkeypatch):
+    """A watched folder fed for months: the station remembers its last MAX_INPUTS inputs, not
+    every file it ever analysed (the outbox file would grow without end); the newest are the ones
+    a crash or a copy can bring back."""
+    from smearscope.service.station import durable
+
+    monkeypatch.setattr(durable, "MAX_INPUTS", 3)
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        state = StationState(outbox)
+        keys = [f"k{i}" for i in range(6)]
+        for k in keys:
+            w = state.field_stored(report_id="r-" + k, input_key=k, run=None, field_id="f-" + k, cells=[], records=[],
+                                   models={})
+            outbox.write(lambda conn, w=w: w(conn, []))
+        assert [state.stored_field(k) for k in keys] == [None, None, None, "f-k3", "f-k4", "f-k5"]
+        assert outbox.read(lambda conn: conn.execute("SELECT COUNT(*) FROM station_inputs").fetchone()[0]) == 3
+    finally:
+        outbox.close()
+
+
 @contextlib.contextmanager
 def _closed_run_stored(tmp_path):
     """A run of two white cells stored field by field and closed, in an outbox: (outbox, state)."""

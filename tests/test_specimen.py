@@ -202,6 +202,39 @@ def test_a_run_left_open_by_a_crash_goes_on_within_its_idle_timeout() -> None:
     assert tracker(target=100, idle=30.0, clock=clock).resume_one([latest]) == [latest]
 
 
+def test_a_run_left_open_at_its_field_limit_is_closed_not_taken_back() -> None:
+    """A crash just after a run's last allowed field (before the field limit closed it), or a limit
+    lowered since: the next start closes it (field_limit bounds a run's memory), however recent."""
+    clock = FakeClock()
+    policy = SpecimenPolicy(target_wbc=1000, idle_timeout_s=30.0, max_fields=3)
+    before = SpecimenTracker(replace(policy, max_fields=10), station_id="st", clock=clock)
+    before.start()
+    for i in range(3):
+        before.add(fake_field(f"f{i}", MIX))
+    left = before.open_run()  # the process died with it open
+    clock.now += 1.0
+    assert SpecimenTracker(replace(policy, max_fields=4), station_id="st", clock=clock).resume_one([left]) == []
+    at_limit = SpecimenTracker(policy, station_id="st", clock=clock)
+    assert at_limit.resume_one([left]) == [left] and at_limit.open_run() is None
+    lowered = SpecimenTracker(replace(policy, max_fields=2), station_id="st", clock=clock)
+    assert lowered.resume_one([left]) == [left] and lowered.open_run() is None
+
+
+def test_the_run_taken_back_is_the_one_with_the_latest_field_not_the_latest_start() -> None:
+    """Of the runs left open, the one whose last field is newest is the slide on the stage: a run
+    started earlier but still fed fields is taken back, not a later one that went quiet."""
+    clock = FakeClock()
+    long = SpecimenRun(target_wbc=1000, started_at=clock.now, started_by="command", run_id="long")
+    quiet = SpecimenRun(target_wbc=1000, started_at=clock.now + 5.0, started_by="command", run_id="quiet")
+    quiet.add(fake_field("q0", MIX), clock.now + 5.0)
+    for i, t in enumerate((10.0, 25.0, 40.0)):
+        long.add(fake_field(f"l{i}", MIX), clock.now + t)
+    clock.now += 45.0  # the long run's last field 5 s ago, the quiet one's 40 s
+    t = tracker(target=1000, idle=30.0, clock=clock)
+    assert t.resume_one([long, quiet]) == [quiet] and t.open_run() is long
+    assert tracker(target=1000, idle=30.0, clock=clock).resume_one([quiet, long]) == [quiet]
+
+
 def test_fields_with_no_run_open_are_counted_and_said_once_per_stretch(caplog: pytest.LogCaptureFixture) -> None:
     t = tracker(auto=False)
     with caplog.at_level("WARNING", logger="smearscope.service.station.specimen"):

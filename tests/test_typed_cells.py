@@ -405,6 +405,23 @@ def test_a_size_based_type_is_refused_for_a_red_cell_the_gallery_no_longer_holds
         assert feed.type_cells({"run_id": "run-1", "cells": [{**key, "type": None}]})["removed"] == 1
 
 
+def test_a_large_command_gets_an_answer_that_lists_a_few_and_counts_the_rest(typed_station):
+    """A dashboard that sends a whole run's types at once, some entries bad: the answer lists the
+    first MAX_LISTED cells typed and errors and counts them all, so it stays one small message
+    whatever was sent."""
+    from smearscope.service.station.clinic import MAX_LISTED
+
+    _, _, feed, _, _, typed, answer, _, _ = typed_station
+    again = typed * 2  # the same types again: nothing changes in the file
+    bad = [{"cell": "x"}] * (MAX_LISTED + 5)
+    assert MAX_LISTED < len(again) and len(again) + len(bad) <= 500
+    got = feed.type_cells({"run_id": "run-1", "cells": again + bad})
+    assert got["stored"] == got["cells_count"] == len(again) and got["errors_count"] == len(bad)
+    assert got["cells"] == again[:MAX_LISTED]
+    assert [e["index"] for e in got["errors"]] == list(range(len(again), len(again) + MAX_LISTED))
+    assert got["typed_per_type"] == answer["typed_per_type"]
+
+
 def test_a_full_file_refuses_new_cells_with_its_code(typed_station, tmp_path):
     _, _, feed, _, _, typed, _, _, _ = typed_station
     full = TypedCellStore(tmp_path / "full.sqlite3", max_rows=1)

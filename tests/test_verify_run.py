@@ -421,7 +421,10 @@ def test_with_the_station_state_a_closed_run_is_verified_from_the_database_not_f
 
 def test_an_open_runs_field_flags_survive_a_restart_and_an_old_file_opens(run, tmp_path):
     """A field analysed at a guessed scale: the restored run's report still says so. A file written
-    before flags were kept gets the column and opens (its rows carry none)."""
+    before flags were kept gets the column and opens (its rows carry none); its cells, stored
+    before whether their scale was calibrated was kept, read as measured at an estimated scale:
+    no sizes reported from them, and no size-based type a technician gives them counts."""
+    import json
     import sqlite3
 
     from smearscope.service.analysis.report import Flag
@@ -433,7 +436,11 @@ def test_an_open_runs_field_flags_survive_a_restart_and_an_old_file_opens(run, t
         conn.execute("CREATE TABLE specimen_fields (run_id TEXT NOT NULL, field_id TEXT NOT NULL, position INTEGER "
                      "NOT NULL, started_at REAL NOT NULL, started_by TEXT NOT NULL, target_wbc INTEGER NOT NULL, "
                      "models TEXT NOT NULL, cells TEXT NOT NULL, stored_at REAL NOT NULL, PRIMARY KEY (run_id, field_id))")
-        conn.execute("INSERT INTO specimen_fields VALUES ('r0', 'f', 0, 1.0, 'auto', 100, '{}', '[]', 2.0)")
+        # a red cell as that version stored it: its record, nothing said of its scale
+        g = next(i for i, c in enumerate(run.cells) if c.detection.kind is CellKind.RBC and c.size_calibrated
+                 and not c.touches_frame_edge and run.records[i].label not in (None, "microcyte"))
+        conn.execute("INSERT INTO specimen_fields VALUES ('r0', 'f', 0, 1.0, 'auto', 100, '{}', ?, 2.0)",
+                     (json.dumps([run.records[g].model_dump(mode="json", exclude={"field_id"})]),))
         conn.execute("CREATE TABLE station_inputs (input_key TEXT PRIMARY KEY, report_id TEXT NOT NULL, "
                      "stored_at REAL NOT NULL)")
         conn.execute("INSERT INTO station_inputs VALUES ('k-old', 'r', 1.0)")
@@ -443,6 +450,10 @@ def test_an_open_runs_field_flags_survive_a_restart_and_an_old_file_opens(run, t
         assert state.stored_field("k-old") == ""  # stored before fields were kept: taken as the same file
         (restored,) = state.open_runs()
         assert restored.run_id == "r0" and restored.field_flags == {}
+        assert [c.size_calibrated for c in restored.cells] == [False]
+        sizes = restored.report(station_id="s", now=9.0, end_reason="restart").rbc_size
+        assert sizes.n == 1 and sizes.calibrated is False and sizes.mean_diameter_um is None
+        assert restored.verified({("f", 0): ("rbc", "microcyte")})[2] == 0  # not counted: no one can judge it
         meta = RunMeta("r1", run.started_at, run.started_by, run.target_wbc)
         fid = run.field_ids[0]
         idx = [i for i, rec in enumerate(run.records) if rec.field_id == fid]
@@ -543,6 +554,44 @@ def test_get_runs_lists_the_last_closed_runs_newest_first_each_with_its_latest_r
         assert [s["run_id"] for s in bounded["runs"]] == newest[:2] and bounded["omitted"] == KEEP_CLOSED_RUNS - 2
     finally:
         feed.close()
+
+
+def test_a_live_run_state_over_the_message_bound_is_not_published(station, tmp_path, caplog):
+    """A broker that takes packets of 4 KB at most (`max_packet_size`): a run state over the bound
+    it leaves (the topic, properties and envelope need room) is not sent, said in the log, rather
+    than have the broker drop the station's connection over it; under the bound it goes out."""
+    import json
+    from types import SimpleNamespace
+
+    import tomllib
+
+    from smearscope.service.config import parse_config
+    from smearscope.service.station.clinic import ClinicFeed
+
+    run = station[0]
+    final = lambda r, end: r.report(station_id="s", now=time.time(), end_reason=end)
+    published = []
+    publisher = SimpleNamespace(config=SimpleNamespace(topic_prefix="smearscope"), station_id="s",
+                                publish_many=lambda items, also=None, extra=(): published.extend(extra) or [len(published)])
+    r = replace(run, run_id="big")
+    closed = ClosedRun("big", "stopped", 4, run.classified_wbc, 100, final(r, "stopped"), r)
+    text = _config_text(tmp_path, 'white_cells = "all"')
+    small = ClinicFeed(parse_config(tomllib.loads(text + "[mqtt]\nmax_packet_size = 4096\n"), environ={}))
+    roomy = ClinicFeed(parse_config(tomllib.loads(text), environ={}))
+    try:
+        assert small.max_state_bytes == 4096 - 1024
+        size = len(json.dumps(small.run_state(closed.report, "closed", {}, "stopped")))
+        assert small.max_state_bytes < size < roomy.max_state_bytes
+        with caplog.at_level("WARNING", logger="smearscope.service.station.clinic"):
+            small.run_closed(closed, publisher)
+        assert published == [] and any("not sent" in m.getMessage() for m in caplog.records)
+        assert small.closed_run("big") is not None  # kept for verification all the same
+        roomy.run_closed(closed, publisher)
+        (state,) = published
+        assert json.loads(state.payload)["run_id"] == "big" and state.retain
+    finally:
+        small.close()
+        roomy.close()
 
 
 def test_a_connection_that_keeps_dropping_adds_no_copies_of_the_run_state(station, tmp_path):
