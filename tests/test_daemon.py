@@ -315,6 +315,9 @@ def test_commands_over_mqtt(
         misspelt = command("start_run", {"target_wbcs": 500})  # not a run at the default target
         assert misspelt["error"] == "bad_arguments" and "'target_wbcs'" in misspelt["message"]
         assert command("status", {"verbose": True})["error"] == "bad_arguments"
+        # JSON true is no count (Python calls it the integer 1): refused, not a run of one white cell
+        yes = command("start_run", {"target_wbc": True})
+        assert not yes["ok"] and yes["error"] == "bad_arguments" and "1 to 1000" in yes["message"], yes
         started = command("start_run", {"target_wbc": 500})
         assert started["ok"] and started["target_wbc"] == 500
         assert command("start_run")["error"] == "run_open"  # one run at a time
@@ -337,6 +340,13 @@ def test_commands_over_mqtt(
         assert status["fields_analysed"] == 1 and status["run"]["fields"] == 1 and status["fields_outside_runs"] == 0
         assert status["failed"] == {"not_an_image": 1} and status["broker"]["status"] == "connected"
         assert status["source_rejected"] == {"not_an_image": 1} and status["source_rejected_files"] == 1
+        # the rejected count systemd's STATUS= line and the telemetry give: the station's (the
+        # repeated file) and the files the folder source set aside itself
+        assert status["rejected"] == {"duplicate_frame_id": 1}
+        assert "1 fields analysed, 2 rejected, 1 failed" in daemon.status_line(), daemon.status_line()
+        assert observer.wait_for(lambda ms: any(
+            json.loads(m.payload)["pipeline"]["rejected"] == 2 for m in ms if m.topic == f"{BASE}/telemetry"), 10), [
+            json.loads(m.payload)["pipeline"] for m in observer.on_topic(f"{BASE}/telemetry")][-3:]
 
         state, ended = daemon.workers.state, []
         real_ending = state.run_ending
@@ -455,6 +465,16 @@ def test_reload_command_is_applied_on_the_daemons_own_thread(tmp_path: Path) -> 
         assert applied_on == ["station-main"]
         assert daemon.config.specimen.target_wbc_count == 150
         assert daemon.tracker.policy.target_wbc == 150
+        # new quality thresholds reach the gate at once: a field every station would take, once
+        # stained material must cover it all, is refused as empty
+        image = tmp_path / "field.png"
+        cv2.imwrite(str(image), render_field(3, width=320, height=240).frame.pixels)
+        doc["quality"] = {"min_stained_fraction": 1.0}
+        config.write_text(to_toml(doc))
+        answer = daemon.handle_command("reload", {})
+        assert answer["ok"] and answer["applied"] == ["quality"], answer
+        refused = daemon.handle_command("analyze_file", {"path": str(image)})
+        assert refused["ok"] is False and refused["error"] == "empty_field", refused
     finally:
         daemon.request_stop("test over")
         runner.join(30)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from paho.mqtt.properties import Properties
 from test_publisher import BASE, make_config, start_publisher
 
 import smearscope.service.mqtt.publisher as publisher_module
-from smearscope.service.mqtt.command_worker import MAX_DEPTH, nesting_depth
+from smearscope.service.mqtt import command_worker
+from smearscope.service.mqtt.command_worker import MAX_DEPTH, QUEUE_SIZE, nesting_depth
 from smearscope.service.mqtt.publisher import MqttPublisher
 
 pytestmark = pytest.mark.broker
@@ -45,12 +47,14 @@ def test_a_deeply_nested_command_is_answered_and_the_next_one_too(
     deep = b"[" * 30_000 + b"]" * 30_000  # 60 KB: under the size bound, far over the depth bound
     observer.client.publish(f"{BASE}/cmd/status", deep, qos=1)
     observer.client.publish(f"{BASE}/cmd/status", b"{" * 100_000, qos=1)  # over the size bound
+    observer.client.publish(f"{BASE}/cmd/status", b" \r\n\t ", qos=1)  # blank: as empty, not "not JSON"
     observer.client.publish(f"{BASE}/cmd/status", b"{}", qos=1)
-    assert observer.wait_for(lambda m: len(_responses(observer)) >= 3, 10), _responses(observer)
+    assert observer.wait_for(lambda m: len(_responses(observer)) >= 4, 10), _responses(observer)
     answers = [json.loads(r.payload) for r in _responses(observer)]
     assert answers[0]["error"] == "payload_too_deep" and "deeper" in answers[0]["message"]
     assert answers[1]["error"] == "payload_too_large" and "limit" in answers[1]["message"]
-    assert answers[2] == {"ok": True, "name": "status"}
+    assert answers[2]["error"] == "empty_command", answers[2]
+    assert answers[3] == {"ok": True, "name": "status"}
 
 
 def test_nesting_depth_ignores_brackets_in_strings() -> None:
@@ -86,6 +90,48 @@ def test_every_command_of_a_burst_gets_an_answer(
     busy = [v for v in got.values() if not v["ok"]]
     assert all(v["error"] == "busy" for v in busy)
     assert answered, "some commands were served"
+
+
+def test_busy_answers_waiting_are_bounded_under_a_flood(
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path,
+    started: list[MqttPublisher], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While a command runs and the queue is full, each further command waits for a "busy" answer;
+    beyond BUSY_BACKLOG of them a refusal is only counted and logged, so a flood cannot grow the
+    station's memory without bound. The bound made 5 here: 32 queued, 8 refused, 5 answered busy."""
+    monkeypatch.setattr(command_worker, "BUSY_BACKLOG", 5)
+    entered, release = threading.Event(), threading.Event()
+
+    def handler(name: str, args: dict[str, Any]) -> dict[str, Any]:
+        if name == "hold":
+            entered.set()
+            release.wait(30)
+        return {"ok": True, "name": name, **args}
+
+    publisher = start_publisher(make_config(tmp_path, broker.port), started, on_command=handler)
+    assert publisher.wait_until_connected(5)
+
+    def listening() -> bool:  # the subscription made in on_connect has reached the broker
+        observer.client.publish(f"{BASE}/cmd/probe", b"{}", qos=1)
+        return observer.wait_for(lambda m: any(r.topic.endswith("/cmd_response/probe") for r in m), 1)
+    assert wait_until(listening, 10)
+    try:
+        observer.client.publish(f"{BASE}/cmd/hold", b"{}", qos=1)
+        assert entered.wait(10)  # the command thread is busy with it, its queue empty
+        for i in range(QUEUE_SIZE + 8):
+            observer.client.publish(f"{BASE}/cmd/echo", json.dumps({"n": i}), qos=1)
+        assert wait_until(lambda: publisher._commands.refused_unanswered == 3, 10), \
+            publisher._commands.refused_unanswered
+    finally:
+        release.set()
+    echoes = lambda: [json.loads(r.payload) for r in _responses(observer) if r.topic.endswith("/echo")]
+    assert observer.wait_for(lambda m: len(echoes()) >= QUEUE_SIZE + 5, 10), len(echoes())
+    observer.client.publish(f"{BASE}/cmd/last", b"{}", qos=1)  # answered after any busy answer left
+    assert observer.wait_for(lambda m: any(r.topic.endswith("/cmd_response/last") for r in m), 10)
+    busy = [a for a in echoes() if not a["ok"]]
+    assert len(busy) == 5 and all(a["error"] == "busy" for a in busy)
+    assert sorted(a["n"] for a in echoes() if a["ok"]) == list(range(QUEUE_SIZE))  # the queued ones, all served
+    assert publisher._commands.refused_unanswered == 3
 
 
 def test_a_rejected_message_is_retried_although_rejections_keep_coming(

@@ -225,6 +225,31 @@ def test_a_full_disk_raises_sqlite_full_and_clears_when_space_returns(tmp_path: 
         assert not outbox.disk_full and outbox.counts().messages == stored + 1
 
 
+def test_a_quota_reached_is_a_full_disk_too(tmp_path: Path) -> None:
+    """A user or project quota refuses writes with EDQUOT where a full file system says ENOSPC: the
+    station must pause as for a full disk (and say so), not retry it as some other error."""
+    import errno
+
+    from smearscope.service.mqtt.outbox import is_disk_full
+
+    quota = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(tmp_path / "o.db-wal"))
+    assert is_disk_full(quota) and is_disk_full(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    assert not is_disk_full(OSError(errno.EACCES, os.strerror(errno.EACCES)))
+    with Outbox(tmp_path / "o.db") as outbox:
+        with pytest.raises(sqlite3.OperationalError) as other:
+            outbox.write(lambda conn: conn.execute("INSERT INTO no_such_table VALUES (1)"))
+        assert not is_disk_full(other.value) and not outbox.disk_full
+
+        def over_quota(conn: sqlite3.Connection) -> None:
+            raise quota
+
+        with pytest.raises(OSError):
+            outbox.write(over_quota)
+        assert outbox.disk_full and outbox.counts().disk_full
+        put(outbox, "report", 1)  # room again: no longer full
+        assert not outbox.disk_full
+
+
 def test_on_a_full_disk_acknowledged_messages_are_still_deleted_and_the_wal_gives_its_room_back(
     tmp_path: Path,
 ) -> None:

@@ -350,6 +350,48 @@ def test_commands_get_responses_with_correlation_data(
     assert calls == [("recalibrate", {"stage": 2}), ("fail", {})]
 
 
+def test_an_answer_that_cannot_be_sent_as_json_is_answered_command_failed(
+    broker: MosquittoBroker,
+    observer: Subscriber,
+    credentials_dir: Path,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+) -> None:
+    """A handler's answer JSON cannot carry (a key that is no string, a loop, a nesting too deep
+    for the encoder): the caller still gets an answer, command_failed saying why, with its
+    correlation data, and the next command is served."""
+    looped: dict[str, Any] = {"ok": True}
+    looped["self"] = looped
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    answers: dict[str, Any] = {"tuple_key": {"ok": True, ("a", 1): 2}, "loop": looped,
+                               "deep": {"ok": True, "deep": deep}, "status": {"ok": True}}
+    publisher = start_publisher(make_config(tmp_path, broker.port), started,
+                                on_command=lambda name, payload: answers.get(name, {"ok": True}))
+    assert publisher.wait_until_connected(5)
+
+    def listening() -> bool:  # the subscription made in on_connect has reached the broker
+        observer.client.publish(f"{BASE}/cmd/probe", b"{}", qos=1)
+        return observer.wait_for(lambda m: any(x.topic.endswith("/cmd_response/probe") for x in m), 1)
+    assert wait_until(listening, 10)
+    for name in answers:
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.CorrelationData = f"req-{name}".encode()
+        observer.client.publish(f"{BASE}/cmd/{name}", b"{}", qos=1, properties=props)
+    assert observer.wait_for(lambda m: any(x.topic.endswith("/cmd_response/status") for x in m), 5), [
+        x.topic for x in observer.messages]
+    responses = {x.topic.rsplit("/", 1)[1]: x for x in observer.messages
+                 if "/cmd_response/" in x.topic and not x.topic.endswith("/probe")}
+    assert list(responses) == list(answers)
+    for name in ("tuple_key", "loop", "deep"):
+        body = json.loads(responses[name].payload)
+        assert body["ok"] is False and body["error"] == "command_failed", (name, body)
+        assert body["message"].startswith("response not serialisable: "), (name, body)
+        assert responses[name].correlation_data == f"req-{name}".encode()
+    assert json.loads(responses["status"].payload) == {"ok": True}
+
+
 def test_a_callback_that_raises_does_not_end_the_network_thread(
     broker: MosquittoBroker,
     observer: Subscriber,

@@ -638,3 +638,45 @@ def test_a_connection_that_keeps_dropping_adds_no_copies_of_the_run_state(statio
     finally:
         feed.close()
         outbox.close()
+
+
+def test_a_verification_is_signed_with_a_name_of_1_to_64_printable_characters(tmp_path):
+    """verify_run's signature goes into the verified report and its FHIR bundle (performer, conclusion):
+    a blank name, one over 64 characters or one holding a control character (DEL too) is refused
+    before anything is looked up; a name of 1 to 64 characters, spaces around it, goes on to the run."""
+    import threading
+
+    import tomllib
+
+    from smearscope.service.config import parse_config
+    from smearscope.service.station.clinic import ClinicFeed
+    from smearscope.service.station.commands import MAX_VERIFIED_BY, StationCommands
+    from smearscope.service.station.requests import RequestQueue
+    from smearscope.service.station.specimen import SpecimenPolicy, SpecimenTracker
+
+    feed = ClinicFeed(parse_config(tomllib.loads(_config_text(tmp_path, 'white_cells = "all"')), environ={}))
+    analysis, stop = RequestQueue("requests"), threading.Event()
+
+    def analysis_thread() -> None:  # the analysis thread, serving commands between its fields
+        while not stop.is_set():
+            analysis.serve_pending()
+            stop.wait(0.01)
+
+    owner = threading.Thread(target=analysis_thread, daemon=True)
+    owner.start()
+    commands = StationCommands(workers=None, tracker=SpecimenTracker(SpecimenPolicy()),  # type: ignore[arg-type]
+                               analysis=analysis, status=dict, reload=dict, clinic=feed)
+    try:
+        def verify(by: str) -> str:
+            return commands.handle("verify_run", {"run_id": "nope", "verified_by": by})["error"]
+
+        assert MAX_VERIFIED_BY == 64
+        for by in ("AB", " AB ", "A" * 64, " " + "A" * 64 + " ", "Dr. Ana María O'Neil-Lund"):  # checked: on to the run (none here)
+            assert verify(by) == "unknown_run", by
+        for by in ("", "   ", "\t", "A" * 65, " " + "A" * 64 + "B", "A\x7fB", "AB\x7f", "A\x1fB", "A\nB"):
+            assert verify(by) == "bad_arguments", repr(by)
+    finally:
+        stop.set()
+        owner.join(2)
+        analysis.close()
+        feed.close()
