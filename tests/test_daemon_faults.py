@@ -290,16 +290,22 @@ def test_folder_burst_of_100_files_each_analysed_once_or_rejected(tmp_path: Path
     assert len(analysed) >= 55  # distinct synthetic fields pass the gate
 
 
-def test_a_file_the_quality_gate_refuses_goes_to_rejected_with_its_reason(tmp_path: Path) -> None:
-    """A blurred image dropped into the watched folder is refused by the quality gate: it goes to
-    rejected/ with out_of_focus as its reason, never to done/ with the analysed fields."""
+def _folder_station(tmp_path: Path) -> tuple[Path, StationDaemon, threading.Thread]:
+    """A station watching tmp_path/inbox (calibrated, 0.2 um/px) with the oracle analyzer, and the
+    thread to run it on (not started)."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.2,
               "microns_per_pixel": 0.2}
     config = write_station(tmp_path, free_port(), credentials=False, source=source)
     daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory())
-    runner = threading.Thread(target=daemon.run, daemon=True)
+    return inbox, daemon, threading.Thread(target=daemon.run, daemon=True)
+
+
+def test_a_file_the_quality_gate_refuses_goes_to_rejected_with_its_reason(tmp_path: Path) -> None:
+    """A blurred image dropped into the watched folder is refused by the quality gate: it goes to
+    rejected/ with out_of_focus as its reason, never to done/ with the analysed fields."""
+    inbox, daemon, runner = _folder_station(tmp_path)
     pixels = render_field(11, width=256, height=192).frame.pixels
     runner.start()
     try:
@@ -324,13 +330,7 @@ def test_a_copy_of_an_analysed_image_is_refused_not_counted_twice(tmp_path: Path
     cells twice in the specimen: it goes to rejected/ as duplicate_content, naming the field it
     repeats, and is counted as a refusal; the file itself found again (rewritten, or after a crash
     between its store and its move) goes to done/ without a second analysis."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.2,
-              "microns_per_pixel": 0.2}
-    config = write_station(tmp_path, free_port(), credentials=False, source=source)
-    daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory())
-    runner = threading.Thread(target=daemon.run, daemon=True)
+    inbox, daemon, runner = _folder_station(tmp_path)
     png = lambda seed: cv2.imencode(".png", render_field(seed, width=256, height=192).frame.pixels)[1].tobytes()
     runner.start()
     try:
