@@ -155,7 +155,6 @@ def test_the_committed_wbc_head_tests_distance_and_energy_at_their_fitted_thresh
     for t in m.open_set:  # each threshold is the largest of the labs' fitted quantiles it records
         fitted = json.loads("{" + t.calibration.split("{", 1)[1].split("}", 1)[0] + "}")
         assert t.threshold == pytest.approx(max(fitted.values()), rel=1e-3, abs=2e-3)  # rounded in the record
-    assert max(m.metrics["test_review_rate"].values()) <= 0.11
 
 
 def test_open_set_output_must_exist():

@@ -47,7 +47,7 @@ def test_a_resized_copy_is_found_and_left_out_of_the_held_out_parts(tmp_path):
     assert kept["test"] == ["f4"] and kept["val"] == ["f2", "f3"]
 
 
-def test_a_held_out_frame_showing_a_train_frames_cell_is_seen(tmp_path):
+def test_a_held_out_frame_showing_a_train_frames_cell_is_seen(tmp_path, monkeypatch):
     """Two frames of one slide overlapping by half a field (the scan came back) and a frame of
     another part of the slide: only the overlapping one is seen in train."""
     slide = _field(9, width=1280, height=480)
@@ -57,7 +57,18 @@ def test_a_held_out_frame_showing_a_train_frames_cell_is_seen(tmp_path):
     # S_1's right half) or not (S_3 shares nothing with S_1)
     cells = {"S_2": [(100, 150, 200, 250)], "S_3": [(400, 150, 500, 250)], "T_1": [(100, 150, 200, 250)]}
     parts = {"train": ["S_1"], "val": ["S_2", "T_1"], "test": ["S_3"]}
-    seen = overlap.rpi_revisited(parts, paths.__getitem__, lambda s, w, h: cells[s], lambda s: s.split("_")[0])
-    assert seen == {"S_2"}
-    assert (tmp_path / "cache").is_dir()  # cached: asked again, the same answer without matching
-    assert overlap.rpi_revisited(parts, paths.__getitem__, lambda s, w, h: [], lambda s: s.split("_")[0]) == {"S_2"}
+    def cells_of(s, w, h):
+        return cells.get(s, [])
+
+    def slide_of(s):
+        return s.split("_")[0]
+
+    assert overlap.rpi_revisited(parts, paths.__getitem__, cells_of, slide_of) == {"S_2"}
+    # cached: asked again, the same answer without matching; other labels are another question
+    def no_matching(*args, **kwargs):
+        raise AssertionError("matched again")
+    monkeypatch.setattr(overlap.cv2, "matchTemplate", no_matching)
+    assert overlap.rpi_revisited(parts, paths.__getitem__, cells_of, slide_of) == {"S_2"}
+    cells["S_2"] = [(400, 150, 500, 250)]  # relabelled: the key changes, the matching runs again
+    with pytest.raises(AssertionError, match="matched again"):
+        overlap.rpi_revisited(parts, paths.__getitem__, cells_of, slide_of)

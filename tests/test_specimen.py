@@ -363,8 +363,9 @@ def test_interim_reports_at_every_field_count_each_cell_once_at_its_place_in_the
 
 def test_a_runs_first_fields_check_the_calibration_and_its_report_carries_a_suspect_one() -> None:
     """The first `calibration_check_fields` fields of a run check their calibration (a scale
-    search each), the field that opens a run too; a field's calibration_suspect flag stays on its
-    specimen's report with the number of fields that raised it. 0 never checks."""
+    search each), the field that opens a run too, not a field that stands alone (auto_start off, no
+    run open); a field's calibration_suspect flag stays on its specimen's report with the number of
+    fields that raised it. 0 never checks."""
     policy = SpecimenPolicy(1000, 60.0, True, calibration_check_fields=2)
     t = SpecimenTracker(policy, station_id="st", clock=FakeClock())
     assert t.checks_calibration()  # no run open yet: the next field opens one
@@ -386,5 +387,7 @@ def test_a_runs_first_fields_check_the_calibration_and_its_report_carries_a_susp
     assert t.checks_calibration()  # a new run checks again
     off = SpecimenTracker(replace(policy, calibration_check_fields=0), station_id="st", clock=FakeClock())
     assert not off.checks_calibration()
+    alone = SpecimenTracker(replace(policy, auto_start=False), station_id="st", clock=FakeClock())
+    assert not alone.checks_calibration()  # a field with no run open stands alone: not a run's first field
     with pytest.raises(ValueError, match="calibration_check_fields"):
         SpecimenPolicy(calibration_check_fields=-1)

@@ -2,7 +2,7 @@
 
     python -m tools.report_fingerprint [--out build/fingerprint.json] [--compare OTHER.json]
 
-Every held-out test image (65 of the 72: `training.overlap`) is analysed as `smearscope analyze --detections` analyses it (the station's
+Every held-out test image (65 of the 72: `training.overlap`) is analysed as `smearscope analyze --detections` analyses it, without the calibration check (the station's
 options, candidates down to 0.001) at BCCD's known scale, and again with the scale unknown
 (estimation and refinement). Then the bench's rendered fields (`bench.bench_pipeline`: 3 seeds each
 of 1280x960 and 1920x1080 at 0.1 um/px and one 4000x3000; many tiles, so the cross-tile merge

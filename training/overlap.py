@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -38,15 +39,26 @@ THUMB = 24
 SAME = 0.97
 #: A held-out Raspberry Pi cell matching a train frame of its slide this well is the same cell.
 SAME_CELL = 0.9
-CACHE = Path("build/overlap")
+CACHE = Path(__file__).resolve().parents[1] / "build" / "overlap"
 
 
 def _key(paths: Sequence[Path], extra: str = "") -> str:
     h = hashlib.sha256(extra.encode())
     for p in paths:
-        st = p.stat()
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = p.stat()
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # unreadable: it matches nothing, and its absence is part of the key
+            h.update(f"{p}\0missing\n".encode())
     return h.hexdigest()[:16]
+
+
+def _write_atomically(path: Path, write) -> None:
+    """`write(tmp)` then a rename: another process never reads half a cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def thumbnails(paths: Sequence[Path]) -> np.ndarray:
@@ -65,8 +77,10 @@ def thumbnails(paths: Sequence[Path]) -> np.ndarray:
         t -= t.mean()
         n = float(np.linalg.norm(t))
         out[i] = t / n if n > 0 else t
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.save(cache, out)
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save adds no suffix to it
+            np.save(f, out, allow_pickle=False)
+    _write_atomically(cache, save)
     return out
 
 
@@ -115,7 +129,11 @@ def rpi_revisited(parts: dict[str, list[str]], image_of, cells_of, slide_of) -> 
     """Held-out Raspberry Pi frames (val, test) with a labelled cell that a train frame of the same
     slide shows too (template match >= `SAME_CELL` at half resolution); cached by the split."""
     held = [s for k in ("val", "test") for s in parts.get(k, [])]
-    cache = CACHE / f"rpi-{_key([image_of(s) for s in sorted({*parts['train'], *held})], str(SAME_CELL))}.json"
+    # keyed by the partition itself and by each frame's image and labelled cells
+    stems = sorted({*parts["train"], *held})
+    boxes = {s: cells_of(s, 2, 2) for s in stems}  # in a 2x2 frame: only the labels' own numbers matter here
+    partition = json.dumps({k: sorted(v) for k, v in parts.items()}, sort_keys=True) + json.dumps(boxes, sort_keys=True)
+    cache = CACHE / f"rpi-{_key([image_of(s) for s in stems], f'{SAME_CELL}{partition}')}.json"
     if cache.exists():
         return set(json.loads(cache.read_text()))
     train_by_slide: dict[str, list[str]] = {}
@@ -141,6 +159,5 @@ def rpi_revisited(parts: dict[str, list[str]], image_of, cells_of, slide_of) -> 
                    and grey(o).shape[1] >= tpl.shape[1]):
                 revisited.add(stem)
                 break
-    CACHE.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(sorted(revisited)))
+    _write_atomically(cache, lambda tmp: tmp.write_text(json.dumps(sorted(revisited))))
     return revisited

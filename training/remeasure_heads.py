@@ -86,8 +86,8 @@ def main() -> None:
                             value["accuracy"], was.get("macro_f1", float("nan")), value["macro_f1"])
             else:
                 logger.info("%s %s: %s -> %s", name, key, was, value)
-            if args.keep_as:
-                old.setdefault(args.keep_as, {})[key] = was
+            if args.keep_as:  # kept once: a second run must not overwrite what it kept with its own figures
+                old.setdefault(args.keep_as, {}).setdefault(key, was)
             elif key == "test" and "test_every_view" not in old:
                 old["test_every_view"] = was
             old[key] = value

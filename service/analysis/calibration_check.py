@@ -91,17 +91,20 @@ class CalibrationCheck:
 def against_own_scale(pixels: np.ndarray, illumination: Illumination, given: ScaleOutcome, guess: ScaleEstimate,
                       detect_at: Callable[[float, bool], Attempt], tolerance: float) -> CalibrationCheck:
     """The calibrated pass `given` against the field's scale found as an uncalibrated station finds
-    it (`find_scale` from the model-free first `guess`, by `detect_at` passes). The check never
-    costs more memory than the field's own analysis or a scale search may: a pass that would
-    resample the frame beyond both (`MAX_SEARCH_CANONICAL_PIXELS`, the calibrated pass's size)
-    finds nothing, and a pass the frame cannot take at its scale leaves the check without a verdict."""
+    it (`find_scale` from the model-free first `guess`, by `detect_at` passes). A pass that would
+    resample the frame beyond both a scale search's bound (`MAX_SEARCH_CANONICAL_PIXELS`) and the
+    calibrated pass's size finds nothing, a pass's resampled field is let go once its cells are
+    counted (the calibrated pass's is held meanwhile: at most about twice a field's own peak), and
+    a pass the frame cannot take at its scale leaves the check without a verdict."""
     input_pixels = pixels.shape[0] * pixels.shape[1]
     limit = max(MAX_SEARCH_CANONICAL_PIXELS, input_pixels * (given.estimate.microns_per_pixel / CANONICAL_UM_PER_PX) ** 2)
 
     def bounded(mpp: float, quick: bool) -> Attempt:
         if input_pixels * (mpp / CANONICAL_UM_PER_PX) ** 2 > limit:
             return Attempt(mpp, [], None, quick)
-        return detect_at(mpp, quick)
+        a = detect_at(mpp, quick)
+        a.payload = None  # the check reads the cells found, not the resampled field: one held at a time
+        return a
     try:
         own = find_scale(bounded, guess, input_pixels, tolerance).estimate
     except IngestError:  # e.g. too_large_at_scale: the field itself was analysed at its calibration

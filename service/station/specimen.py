@@ -333,10 +333,11 @@ class SpecimenTracker:
     def checks_calibration(self) -> bool:
         """Whether the next calibrated field checks its calibration (calibration_check): the open
         run's first `calibration_check_fields` fields; with none open, the field that starts one
-        (or stands alone)."""
+        (with auto_start), not a field that stands alone."""
         with self._lock:
-            done = len(self._run.field_ids) if self._run is not None else 0
-            return done < self._policy.calibration_check_fields
+            if self._run is None:
+                return self._policy.auto_start and self._policy.calibration_check_fields > 0
+            return len(self._run.field_ids) < self._policy.calibration_check_fields
 
     def specimen_scale(self) -> float | None:
         """The scale the open run's fields agree on so far (None: no run, or too few estimates)."""
