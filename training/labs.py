@@ -109,11 +109,19 @@ def rpi_splits(fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> dic
         for i, b in enumerate(blocks):
             split = "test" if i < n_test else ("val" if i < n_test + n_val else "train")
             out[split] += b
-    # the scan comes back to fields it passed: a held-out frame showing a train frame's cell is left out
+    # the scan comes back to fields it passed: a held-out frame showing a train frame's cell is left
+    # out, and a test frame showing a val frame's (validation chose the models)
     from training.overlap import rpi_revisited
 
-    seen = rpi_revisited(out, lambda s: rpi_dir() / "images" / f"{s}.jpg", _rpi_cell_boxes, lambda s: slide_frame(s)[0])
-    return {k: sorted(s for s in v if k == "train" or s not in seen) for k, v in out.items()}
+    def image(s: str) -> Path:
+        return rpi_dir() / "images" / f"{s}.jpg"
+
+    def slide(s: str) -> str:
+        return slide_frame(s)[0]
+    seen = rpi_revisited(out, image, _rpi_cell_boxes, slide)
+    out = {k: sorted(s for s in v if k == "train" or s not in seen) for k, v in out.items()}
+    seen = rpi_revisited({"train": out["val"], "val": [], "test": out["test"]}, image, _rpi_cell_boxes, slide)
+    return {**out, "test": [s for s in out["test"] if s not in seen]}
 
 
 def _rpi_cell_boxes(stem: str, width: int, height: int) -> list[tuple[float, float, float, float]]:
