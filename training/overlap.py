@@ -99,14 +99,6 @@ def copies(candidates: Sequence[Path], pool: Iterable[Path], same: float = SAME)
     return {p for p, h in zip(candidates, hit) if h}
 
 
-def within(paths: Sequence[Path], same: float = SAME) -> list[tuple[Path, Path]]:
-    """Pairs of copies among `paths` (each pair once)."""
-    t = thumbnails(paths)
-    s = t @ t.T
-    np.fill_diagonal(s, -1.0)
-    return [(paths[i], paths[j]) for i, j in np.argwhere(np.triu(s >= same, 1))]
-
-
 def held_out_parts(parts: dict[str, list[str]], path_of, fitted: Iterable[Path] = ()) -> dict[str, list[str]]:
     """A seeded split with its val and test parts cleared of copies: val of train's (and of
     `fitted`, images of other datasets the models fit on), test of train's, val's and `fitted`'s."""

@@ -27,6 +27,7 @@ from smearscope.service.analysis.classify import EXTRA_VIEWS_BELOW
 from training import head_data as hd
 from training.evaluate import eval_head, head_crop, rbc_crop_sets, wbc_crop_sets
 from training.metrics import per_lab_report
+from training.review_rate import review_rates
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,11 @@ def remeasure(models: Path) -> dict[str, dict]:
         for lab, (images, labels) in wbc_crop_sets(wbc, "test").items():
             _, probs, _ = eval_head(wbc, images, labels, hd.PBC_CLASSES)
             closed |= per_lab_report(labels, probs.argmax(1), np.full(len(labels), lab), len(hd.PBC_CLASSES))
-        out["wbc_head.json"] = {"test_closed_set": closed}
+        rates = review_rates(models)  # every held-out cell is of a trained class: each sent to review is a price
+        out["wbc_head.json"] = {"test_closed_set": closed,
+                                "test_review_rate": {lab: round(r, 4) for lab, (_, r, _) in rates.items()},
+                                "test_review_rate_command": "python -m training.review_rate (test parts cleared "
+                                                            "of copies: training.overlap)"}
     elif wbc.exists():
         pbc = hd.pbc_crops("test")
         rep, _, _ = eval_head(wbc, pbc.images, pbc.labels, hd.PBC_CLASSES)

@@ -24,23 +24,33 @@ from smearscope.service.analysis.records import Box, CellCrop, CellDetection, Ce
 from training.evaluate import wbc_crop_sets
 
 
+def review_rates(models: Path, split: str = "test") -> dict[str, tuple[int, float, float]]:
+    """Per lab: (cells, share sent to review, share the open-set tests called atypical)."""
+    analyzer = Analyzer.from_models_dir(models, warmup=False)
+    head = analyzer.wbc_head
+    assert head is not None, "no WBC head in the models folder"
+    det = CellDetection(kind=CellKind.WBC, box=Box(0, 0, 1, 1), score=1.0)  # the crop is all the head sees
+    out = {}
+    try:
+        for lab, (images, _) in wbc_crop_sets(models / "wbc_head.json", split).items():
+            results = head.classify([CellCrop(det, im) for im in images])
+            review = float(np.mean([r.label == UNIDENTIFIED for r in results])) if results else float("nan")
+            atypical = float(np.mean([bool(r.atypical) for r in results])) if results else float("nan")
+            out[lab] = (len(results), review, atypical)
+    finally:
+        analyzer.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=Path("models"))
     ap.add_argument("--split", default="test", choices=("val", "test"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    analyzer = Analyzer.from_models_dir(args.models, warmup=False)
-    head = analyzer.wbc_head
-    assert head is not None, "no WBC head in the models folder"
-    det = CellDetection(kind=CellKind.WBC, box=Box(0, 0, 1, 1), score=1.0)  # the crop is all the head sees
     print(f"{'lab':6s} {'cells':>5s} {'to review':>9s} {'open-set':>8s}")
-    for lab, (images, _) in wbc_crop_sets(args.models / "wbc_head.json", args.split).items():
-        results = head.classify([CellCrop(det, im) for im in images])
-        review = float(np.mean([r.label == UNIDENTIFIED for r in results])) if results else float("nan")
-        atypical = float(np.mean([bool(r.atypical) for r in results])) if results else float("nan")
-        print(f"{lab:6s} {len(results):>5d} {100 * review:>8.1f}% {100 * atypical:>7.1f}%")
-    analyzer.close()
+    for lab, (n, review, atypical) in review_rates(args.models, args.split).items():
+        print(f"{lab:6s} {n:>5d} {100 * review:>8.1f}% {100 * atypical:>7.1f}%")
 
 
 if __name__ == "__main__":

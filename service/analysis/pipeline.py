@@ -289,10 +289,8 @@ class Analyzer:
         illumination = estimate_illumination(frame.pixels)
         timing["illumination_ms"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
-        if frame.microns_per_pixel:
-            first = ScaleEstimate(frame.microns_per_pixel, "given")
-        else:
-            first = first_scale_guess(frame.pixels, illumination) or ScaleEstimate(FALLBACK_UM_PER_PX, "default")
+        guess = lambda: first_scale_guess(frame.pixels, illumination) or ScaleEstimate(FALLBACK_UM_PER_PX, "default")
+        first = ScaleEstimate(frame.microns_per_pixel, "given") if frame.microns_per_pixel else guess()
         timing["scale_ms"] = (time.perf_counter() - t) * 1000
         h, w = frame.pixels.shape[:2]
         detect_at = lambda mpp, quick: self._detect_at(frame, mpp, illumination, timing, quick)
@@ -302,8 +300,7 @@ class Analyzer:
             if not check_calibration:
                 return outcome, illumination, None, None
             t = time.perf_counter()  # the check's passes are timed apart
-            guess = first_scale_guess(frame.pixels, illumination) or ScaleEstimate(FALLBACK_UM_PER_PX, "default")
-            check = against_own_scale(frame.pixels, illumination, outcome, guess, lambda mpp, quick: self._detect_at(
+            check = against_own_scale(frame.pixels, illumination, outcome, guess(), lambda mpp, quick: self._detect_at(
                 frame, mpp, illumination, {}, quick), self.options.scale_refine_tolerance)
             timing["calibration_check_ms"] = (time.perf_counter() - t) * 1000
             return outcome, illumination, None, check

@@ -92,4 +92,4 @@ def nrbc_per_100_wbc(report: Report) -> tuple[float, int, int] | None:
 
 
 def atypical_wbc_present(report: Report) -> bool:
-    return any(f.code == ATYPICAL_FLAG for f in report.flags)
+    return report_flagged(report, ATYPICAL_FLAG)
