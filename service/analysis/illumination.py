@@ -80,13 +80,48 @@ def _grid_design(gh: int, gw: int) -> np.ndarray:
     return d
 
 
-def _block_samples(reduced: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per block: centre (x, y in [-1, 1]) and the mean colour of its brightest pixels.
+@dataclass(frozen=True)
+class _BlockGrid:
+    """A reduced image's blocks and the fit's design over their centres: the same for every
+    frame of a size, so made once per size (`_block_grid`; its arrays are read-only, shared).
 
-    `reduced` is uint8: luminance is summed in integers."""
-    h, w = reduced.shape[:2]
+    `rows` x `cols` blocks of `height` x `width` pixels; `rank`: the bright-pixel percentile's
+    rank within a block; `xs`, `ys`: block centres in [-1, 1]; `design`: the surface's terms at
+    the centres (quadratic from 24 blocks, linear from 6, else constant); `full_rank`: whether
+    the blocks span every term."""
+
+    rows: int
+    cols: int
+    height: int
+    width: int
+    rank: int
+    xs: np.ndarray
+    ys: np.ndarray
+    design: np.ndarray
+    full_rank: bool
+
+
+@functools.lru_cache(maxsize=16)
+def _block_grid(h: int, w: int) -> _BlockGrid:
     bh, bw = max(1, h // _BLOCK), max(1, w // _BLOCK)
     sy, sx = h // bh, w // bw
+    rank = min(max(round(sy * sx * _BRIGHT_PERCENTILE / 100.0), 0), sy * sx - 1)
+    cy, cx = np.meshgrid((np.arange(bh) + 0.5) * sy, (np.arange(bw) + 0.5) * sx, indexing="ij")
+    xs = (cx.ravel() / w) * 2.0 - 1.0
+    ys = (cy.ravel() / h) * 2.0 - 1.0
+    n = len(xs)
+    design = _design(xs, ys, 2 if n >= 24 else (1 if n >= 6 else 0))
+    full_rank = bool(np.linalg.matrix_rank(design) == design.shape[1])
+    for arr in (xs, ys, design):
+        arr.flags.writeable = False
+    return _BlockGrid(bh, bw, sy, sx, rank, xs, ys, design, full_rank)
+
+
+def _block_colours(reduced: np.ndarray, grid: _BlockGrid) -> np.ndarray:
+    """Per block of `grid`: the mean colour of its brightest pixels.
+
+    `reduced` is uint8: luminance is summed in integers."""
+    bh, bw, sy, sx = grid.rows, grid.cols, grid.height, grid.width
     img = reduced[: bh * sy, : bw * sx].reshape(bh, sy, bw, sx, 3).swapaxes(1, 2)
     img = img.reshape(bh * bw, sy * sx, 3)
     # Three uint8 planes summed in uint16 (at most 765): a third of the time of an int32 sum
@@ -94,38 +129,30 @@ def _block_samples(reduced: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     lum = img[..., 0].astype(np.uint16)
     lum += img[..., 1]
     lum += img[..., 2]
-    k = int(np.clip(round(lum.shape[1] * _BRIGHT_PERCENTILE / 100.0), 0, lum.shape[1] - 1))
-    thr = np.partition(lum, k, axis=1)[:, k : k + 1]
+    thr = np.partition(lum, grid.rank, axis=1)[:, grid.rank : grid.rank + 1]
     sel = (lum >= thr).astype(np.float32)
     # Per block, the selected pixels' colour sum as one batched (1 x p) @ (p x 3) product.
-    colour = (np.matmul(sel[:, None, :], img.astype(np.float32))[:, 0, :]
-              / np.maximum(sel.sum(axis=1), 1)[:, None])
-    cy, cx = np.meshgrid((np.arange(bh) + 0.5) * sy, (np.arange(bw) + 0.5) * sx, indexing="ij")
-    xs = (cx.ravel() / w) * 2.0 - 1.0
-    ys = (cy.ravel() / h) * 2.0 - 1.0
-    return xs, ys, colour
+    return (np.matmul(sel[:, None, :], img.astype(np.float32))[:, 0, :]
+            / np.maximum(sel.sum(axis=1), 1)[:, None])
 
 
-def _fit_surface(xs: np.ndarray, ys: np.ndarray, colour: np.ndarray) -> np.ndarray:
+def _fit_surface(grid: _BlockGrid, colour: np.ndarray) -> np.ndarray:
     """Coefficients (terms x 3) of the robust upper-envelope fit of the background colour.
 
     The surface is quadratic in x and y in linear intensity, as a lamp's fall-off towards the
     corners is (vignetting ~ 1 - k r^2); fitted in log intensity it overshot the corners of a
     strongly vignetted field by 8 to 19 % (tests/test_illumination.py). Blocks well below the
     surface (relative residual, `_CELL_RESIDUAL` in log units) are cells and lose their weight."""
-    n = len(xs)
-    order = 2 if n >= 24 else (1 if n >= 6 else 0)
-    a = _design(xs, ys, order)
+    a = grid.design
     log_lum = np.log(np.maximum(colour.mean(axis=1), 1.0))
-    weights = np.ones(n)
+    weights = np.ones(len(a))
     # Weighted least squares by its normal equations where the blocks span every term (a 6 x 6
     # solve costs a fraction of an SVD-based lstsq per iteration; weights 0.02 or 1 keep it well
     # conditioned). A frame a block or two high (a strip: every block at one or two y) does not
     # span y or y^2: there the SVD's minimum-norm solution, as lstsq gives it.
-    full_rank = np.linalg.matrix_rank(a) == a.shape[1]
     coef = None
     for _ in range(5):
-        if full_rank:
+        if grid.full_rank:
             aw = a.T * weights
             coef = np.linalg.solve(aw @ a, aw @ colour)
         else:
@@ -137,7 +164,7 @@ def _fit_surface(xs: np.ndarray, ys: np.ndarray, colour: np.ndarray) -> np.ndarr
             break
         weights = new
     assert coef is not None
-    if order < 2:  # pad to the quadratic's six terms so callers see one shape
+    if coef.shape[0] < 6:  # pad to the quadratic's six terms so callers see one shape
         full = np.zeros((6, 3))
         full[: coef.shape[0]] = coef
         coef = full
@@ -170,10 +197,11 @@ def estimate_background(image_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray] 
     scale = min(1.0, _REDUCED_LONG_SIDE / max(h, w))
     rw, rh = max(_BLOCK, round(w * scale)), max(_BLOCK, round(h * scale))
     reduced = _reduce(image_bgr, rw, rh)
-    xs, ys, colour = _block_samples(reduced)
+    grid = _block_grid(rh, rw)
+    colour = _block_colours(reduced, grid)
     if float(np.median(colour.mean(axis=1))) < _MIN_WHITE:
         return None
-    coef = _fit_surface(xs, ys, colour)
+    coef = _fit_surface(grid, colour)
     gh = max(2, round(_SURFACE_GRID * rh / max(rh, rw)))
     gw = max(2, round(_SURFACE_GRID * rw / max(rh, rw)))
     surf = _grid_design(gh, gw) @ coef

@@ -83,7 +83,7 @@ def decode_batch(preds: np.ndarray, protos: np.ndarray | None, input_size: int, 
     out: list[list[tuple]] = [[] for _ in range(n_tiles)]
     scores_all = preds[:, 4 : 4 + n_classes]  # tiles x classes x anchors
     cls_all = scores_all.argmax(1)  # tiles x anchors
-    score_all = np.take_along_axis(scores_all, cls_all[:, None, :], 1)[:, 0]
+    score_all = scores_all.max(1)  # the best class's score
     tile_of, anchor = np.nonzero(score_all >= conf_threshold)  # tile by tile, anchors ascending
     if tile_of.size == 0:
         return out
@@ -149,7 +149,7 @@ def box_masks(coeffs: np.ndarray, protos: np.ndarray, input_size: int,
     rows, cols = np.maximum(r1 - r0, 1), np.maximum(c1 - c0, 1)
     out: list[np.ndarray | None] = [None] * len(win)
     # (ph * pw, 32): a gather then takes whole cells (cv2.transpose: 10x numpy's copy of a transpose)
-    cells_last = cv2.transpose(np.ascontiguousarray(protos).reshape(len(protos), ph * pw))
+    flat = np.ascontiguousarray(protos).reshape(len(protos), ph * pw)
     ys0, xs0, ys1, xs1, rs0, cs0, rs1, cs1 = (a.tolist() for a in (y0, x0, y1, x1, r0, c0, r1, c1))
     order = np.argsort(np.maximum(rows, cols), kind="stable")
     for start in range(0, len(order), _GROUP):
@@ -157,9 +157,9 @@ def box_masks(coeffs: np.ndarray, protos: np.ndarray, input_size: int,
         gh, gw = int(rows[g].max()), int(cols[g].max())
         ri = np.minimum(r0[g, None] + np.arange(gh), ph - 1)  # (boxes, gh)
         ci = np.minimum(c0[g, None] + np.arange(gw), pw - 1)  # (boxes, gw)
-        cells = np.take(cells_last, (ri[:, :, None] * pw + ci[:, None, :]).ravel(), axis=0)
-        cells = cells.reshape(len(g), gh, gw, -1)  # (boxes, gh, gw, 32)
-        lowres = _sigmoid(np.einsum("bhwc,bc->hwb", cells, coeffs[g]))
+        cells = np.take(flat, (ri[:, :, None] * pw + ci[:, None, :]).ravel(), axis=1)
+        cells = cells.reshape(-1, len(g), gh, gw)  # (32, boxes, gh, gw)
+        lowres = _sigmoid(np.einsum("cbhw,bc->hwb", cells, coeffs[g]))
         up = cv2.resize(np.ascontiguousarray(lowres), (stride * gw, stride * gh), interpolation=cv2.INTER_LINEAR)
         # one threshold for the group, boxes first: each mask is then a view of whole rows
         above = cv2.transpose(up.reshape(-1, len(g))).reshape(len(g), stride * gh, stride * gw) > 0.5
