@@ -98,6 +98,7 @@ class PoolAnalyzer:
     analysed_ids: list[str] = field(default_factory=list)
     analysed_scales: list[float | None] = field(default_factory=list)  # each frame's microns_per_pixel
     checked_calibration: list[bool] = field(default_factory=list)  # each frame's check_calibration
+    checked_by_frame: dict[str, bool] = field(default_factory=dict)  # the same by frame id (pool threads)
     scale_estimate: float | None = None
 
     def analyze(self, frame: Frame, run_id: str | None = None, specimen_scale: float | None = None,
@@ -121,6 +122,7 @@ class PoolAnalyzer:
         self.analysed_ids.append(frame.frame_id)
         self.analysed_scales.append(frame.microns_per_pixel)
         self.checked_calibration.append(check_calibration)
+        self.checked_by_frame[frame.frame_id] = check_calibration
         return FieldResult(report, base.cells, base.input_to_canonical)
 
 
@@ -436,6 +438,30 @@ def test_a_runs_first_calibrated_fields_check_the_calibration(tmp_path: Path) ->
         (analyzer,) = made
         assert all(analyzer.analysed_scales), "the simulated microscope's fields carry its scale"
         assert analyzer.checked_calibration == expected
+
+
+def test_fields_analysed_at_once_claim_no_more_calibration_checks_than_asked(tmp_path: Path) -> None:
+    """With three fields analysed at once (the first three stalled, so they overlap), a run still
+    checks its calibration on its first two fields in capture order, not on every field that
+    started before the first one finished."""
+    made: list[PoolAnalyzer] = []
+
+    def factory(config: StationConfig) -> PoolAnalyzer:
+        made.append(PoolAnalyzer(oracle_pool(), stall_on=frozenset({0, 1, 2}), stall_s=0.3))
+        return made[-1]
+    environ = {"STATE_DIRECTORY": str(tmp_path / "state"), "SMEARSCOPE__MQTT__PORT": str(free_port()),
+               "SMEARSCOPE__SOURCE__FPS": "50", "SMEARSCOPE__SOURCE__WIDTH": "320",
+               "SMEARSCOPE__SOURCE__HEIGHT": "240", "SMEARSCOPE__SPECIMEN__CALIBRATION_CHECK_FIELDS": "2",
+               "SMEARSCOPE__ANALYSIS__CONCURRENT_FIELDS": "3"}
+    assert run_daemon(None, 6, analyzer_factory=factory, environ=environ) == 0
+    (analyzer,) = made
+    assert len(analyzer.checked_by_frame) == 6
+    in_capture_order = [analyzer.checked_by_frame[f] for f in sorted(analyzer.checked_by_frame, key=_frame_number)]
+    assert in_capture_order == [True, True, False, False, False, False]
+
+
+def _frame_number(frame_id: str) -> int:
+    return int("".join(ch for ch in frame_id if ch.isdigit()) or -1)
 
 
 def test_reload_command_is_applied_on_the_daemons_own_thread(tmp_path: Path) -> None:

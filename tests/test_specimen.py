@@ -368,26 +368,32 @@ def test_a_runs_first_fields_check_the_calibration_and_its_report_carries_a_susp
     fields that raised it. 0 never checks."""
     policy = SpecimenPolicy(1000, 60.0, True, calibration_check_fields=2)
     t = SpecimenTracker(policy, station_id="st", clock=FakeClock())
-    assert t.checks_calibration()  # no run open yet: the next field opens one
-    assert t.run_for_next_field() is not None
-    checks = []
+    run_id = t.run_for_next_field()  # the field that opens a run is one of its first
+    assert run_id is not None
+    # Fields are claimed as they are handed out: four analysed at once claim two checks, not four.
+    assert [t.claim_calibration_check(run_id) for _ in range(4)] == [True, True, False, False]
     for i in range(4):
-        checks.append(t.checks_calibration())
         result = fake_field(f"f{i}", MIX)
         if i == 1:
             flag = Flag(code="calibration_suspect", severity="warning", message="its red cells fit 0.08 um/px")
             result = replace(result, report=result.report.model_copy(update={"flags": [flag]}))
         t.add(result)
-    assert checks == [True, True, False, False]
     report = t.interim_report()
     assert report is not None
     (carried,) = [f for f in report.flags if f.code == "calibration_suspect"]
     assert carried.severity == "warning" and carried.message.startswith("1 of 4 fields")
     t.stop()
-    assert t.checks_calibration()  # a new run checks again
+    again = t.run_for_next_field()
+    assert again not in (None, run_id) and t.claim_calibration_check(again)  # a new run checks again
+    # A run holding fields already (resumed after a restart) counts them: one of its two is left.
+    held = SpecimenTracker(policy, station_id="st", clock=FakeClock())
+    resumed = held.run_for_next_field()
+    held.add(fake_field("g0", MIX))
+    assert [held.claim_calibration_check(resumed) for _ in range(2)] == [True, False]
     off = SpecimenTracker(replace(policy, calibration_check_fields=0), station_id="st", clock=FakeClock())
-    assert not off.checks_calibration()
+    assert not off.claim_calibration_check(off.run_for_next_field())
     alone = SpecimenTracker(replace(policy, auto_start=False), station_id="st", clock=FakeClock())
-    assert not alone.checks_calibration()  # a field with no run open stands alone: not a run's first field
+    assert alone.run_for_next_field() is None
+    assert not alone.claim_calibration_check(None)  # a field with no run open stands alone: not a run's first field
     with pytest.raises(ValueError, match="calibration_check_fields"):
         SpecimenPolicy(calibration_check_fields=-1)

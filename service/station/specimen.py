@@ -306,6 +306,7 @@ class SpecimenTracker:
         #: Fields analysed with no run open (auto-start off): in no specimen report.
         self.fields_outside_runs = 0
         self._outside_said = False  # said once until a run opens
+        self._checks_claimed: tuple[str | None, int] = (None, 0)  # calibration checks handed to a run
 
     @property
     def policy(self) -> SpecimenPolicy:
@@ -330,14 +331,23 @@ class SpecimenTracker:
             return RunProgress(run.run_id, run.started_by, run.started_at, len(run.field_ids),
                                run.classified_wbc, run.target_wbc)
 
-    def checks_calibration(self) -> bool:
-        """Whether the next calibrated field checks its calibration (calibration_check): the open
-        run's first `calibration_check_fields` fields; with none open, the field that starts one
-        (with auto_start), not a field that stands alone."""
+    def claim_calibration_check(self, run_id: str | None) -> bool:
+        """Whether a calibrated field handed to run `run_id` (`run_for_next_field`) checks its
+        calibration (calibration_check): the first `calibration_check_fields` fields handed to a
+        run, counted as they are handed out, so fields analysed at once (concurrent_fields) claim
+        no more checks than that; a resumed run counts the fields it holds. A field outside any
+        run (auto_start off, no run open) never checks."""
         with self._lock:
-            if self._run is None:
-                return self._policy.auto_start and self._policy.calibration_check_fields > 0
-            return len(self._run.field_ids) < self._policy.calibration_check_fields
+            if run_id is None or self._policy.calibration_check_fields == 0:
+                return False
+            if self._checks_claimed[0] != run_id:
+                held = self._run.field_ids if self._run is not None and self._run.run_id == run_id else ()
+                self._checks_claimed = (run_id, len(held))
+            claimed = self._checks_claimed[1]
+            if claimed >= self._policy.calibration_check_fields:
+                return False
+            self._checks_claimed = (run_id, claimed + 1)
+            return True
 
     def specimen_scale(self) -> float | None:
         """The scale the open run's fields agree on so far (None: no run, or too few estimates)."""

@@ -10,17 +10,16 @@ Queues and what each does when full (named policies, see service.station.work_qu
             until its field message is stored, `FrameSource.done`)
   reports   block (reports are never dropped; the outbox behind it is durable)
 
-A report is stored compact, with its cells in separate messages (service.station.messages), in
-one outbox transaction with the state it changes (service.station.durable): the input it came
-from, its specimen run's cells. A full disk pauses the analysis (back-pressure: nothing is
-analysed that could not be stored; status, STATUS= and telemetry say `disk_full`) until a write
-succeeds again; the report in hand waits, it is not dropped.
+A report is stored compact, with its cells in separate messages (service.station.messages), in one
+outbox transaction with the state it changes (service.station.durable): the input it came from, its
+specimen run's cells. A full disk pauses the analysis (back-pressure: nothing is analysed that could
+not be stored; status, STATUS= and telemetry say `disk_full`) until a write succeeds again; the
+report in hand waits, it is not dropped.
 
 The capture thread watches the daemon's stop Event; the analysis and writer threads stop only at
-their sentinels, so whatever was captured is drained. At its end the analysis thread serves the
-last command requests and closes an open specimen run, so its final report is stored. A frame
-that fails (bad input, analysis exception) is logged with its reason code, counted, and the
-workers go on.
+their sentinels, so whatever was captured is drained. At its end the analysis thread serves the last
+command requests and closes an open specimen run, so its final report is stored. A frame that fails
+(bad input, analysis exception) is logged with its reason code, counted, and the workers go on.
 """
 
 from __future__ import annotations
@@ -76,6 +75,7 @@ class _Work:
 class _Field:
     frame: Frame
     run_id: str | None  # the specimen run it was meant for
+    scale_args: dict[str, Any]  # decided when handed to its run (Workers._scale_args)
 
 
 #: While the disk is full and nothing is to be stored, how often the writer tries a write.
@@ -167,8 +167,8 @@ class StationWorkers:
                     if not self._stop.is_set():
                         self._request_stop(f"source {self.source.name} ended")
                     break
-                # A frame already taken (a folder file is moved on read) is handled even if
-                # stop was requested meanwhile: the analysis thread drains the queue.
+                # A frame already taken (a folder file is moved on read) is handled even if stop
+                # was requested meanwhile: the analysis thread drains the queue.
                 frame = self.with_scale(frame)
                 verdict = self.gate.check(frame, self.tracker.specimen_scale())  # uncalibrated: the run's
                 if not verdict.accepted:
@@ -214,10 +214,9 @@ class StationWorkers:
     # ------------------------------------------------------------------ analysis
 
     def _analysis_loop(self) -> None:
-        """Frames and command requests -> field reports and specimen reports. Up to
-        `concurrent_fields` frames are analysed at once (service.station.field_pool), finished in
-        capture order; commands, the idle check and the disk-full pause are served whenever the
-        pool has room (with one field at a time: between two fields)."""
+        """Frames and command requests -> field reports and specimen reports. Up to `concurrent_fields`
+        frames are analysed at once (service.station.field_pool), finished in capture order; commands,
+        the idle check and the disk-full pause are served whenever the pool has room."""
         writer_alive = self.threads["report-writer"].is_alive
         pool: FieldPool[_Field, FieldResult] = FieldPool(self._analyse_field, self.concurrent_fields)
         share = getattr(self.analyzer, "batch_across_fields", None)
@@ -253,7 +252,8 @@ class StationWorkers:
                 if item is SENTINEL:
                     ended = True
                 elif self._analysable(item.frame):
-                    pool.submit(_Field(item.frame, self.tracker.run_for_next_field()))
+                    run_id = self.tracker.run_for_next_field()
+                    pool.submit(_Field(item.frame, run_id, self._scale_args(item.frame, run_id)))
                 else:
                     self.stats.add("pending", -1)
         except Exception:
@@ -299,12 +299,12 @@ class StationWorkers:
         assert self.analyzer is not None
         unit = "analysis" if self.concurrent_fields == 1 else f"analysis ({threading.current_thread().name})"
         with self.watchdog.working(unit):
-            return self.analyzer.analyze(work.frame, work.run_id, **self._scale_args(work.frame))
+            return self.analyzer.analyze(work.frame, work.run_id, **work.scale_args)
 
-    def _scale_args(self, frame: Frame) -> dict[str, Any]:
-        """A calibrated frame checks its calibration on a run's first fields; others get the run's scale."""
+    def _scale_args(self, frame: Frame, run_id: str | None) -> dict[str, Any]:
+        """As a field is handed to its run: a calibration check (its first fields) or the run's scale."""
         if frame.microns_per_pixel:
-            return {"check_calibration": self.tracker.checks_calibration()}
+            return {"check_calibration": self.tracker.claim_calibration_check(run_id)}
         return {"specimen_scale": self.tracker.specimen_scale()}
 
     def analyse(self, frame: Frame) -> dict[str, Any]:
@@ -314,7 +314,7 @@ class StationWorkers:
         result, error = None, None
         try:
             with self.watchdog.working("analysis"):
-                result = self.analyzer.analyze(frame, run_id, **self._scale_args(frame))
+                result = self.analyzer.analyze(frame, run_id, **self._scale_args(frame, run_id))
         except Exception as exc:  # noqa: BLE001 - reported by _finish with its reason code
             error = exc
         return self._finish(frame, result, error)
