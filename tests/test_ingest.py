@@ -774,3 +774,51 @@ def test_a_refusal_never_repeats_the_files_content(tmp_path: Path) -> None:
         load_image(secret)
     assert err.value.code == RejectReason.NOT_AN_IMAGE
     assert "s3c" not in err.value.message and "cret" not in err.value.message and str(secret) in err.value.message
+
+
+def _with_segment_after_first_scan(jpeg: bytes, marker: int, body: bytes, copies: int = 1) -> bytes:
+    """`jpeg` with `copies` segments (`marker`, `body`) between its first and second scans."""
+    second = jpeg.index(b"\xff\xda", jpeg.index(b"\xff\xda") + 2)
+    segment = struct.pack(">BBH", 0xFF, marker, len(body) + 2) + body
+    return jpeg[:second] + segment * copies + jpeg[second:]
+
+
+def test_scan_and_end_markers_inside_a_comment_between_scans_are_not_read_as_such() -> None:
+    """A comment segment between two scans may hold any bytes: 150 FF DA pairs in one are no
+    scans (the file is read, as OpenCV reads it), and an FF D9 pair in one is no end of the image
+    (the scans after it still count: one over the limit is refused)."""
+    from smearscope.device.ingest.headers import MAX_JPEG_SCANS
+
+    blocks = np.arange(64).reshape(8, 8) * 2 - 88
+    expected = np.kron(blocks + 128, np.ones((8, 8), int))
+    commented = _with_segment_after_first_scan(_progressive_jpeg(MAX_JPEG_SCANS, blocks), 0xFE, b"\xff\xda" * 150)
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(commented, np.uint8), cv2.IMREAD_GRAYSCALE), expected)
+    img = load_image(commented)
+    np.testing.assert_array_equal(img.pixels[:, :, 0], expected)
+    early_end = _with_segment_after_first_scan(_progressive_jpeg(MAX_JPEG_SCANS + 1, blocks), 0xFE, b"\xff\xd9")
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(early_end, np.uint8), cv2.IMREAD_GRAYSCALE), expected)
+    with pytest.raises(IngestError) as err:
+        load_image(early_end)
+    assert err.value.code is RejectReason.UNSUPPORTED_FORMAT
+    assert f"JPEG of {MAX_JPEG_SCANS + 1} scans" in err.value.message
+
+
+def test_a_jpeg_of_too_many_segments_between_scans_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thousands of tiny comment segments between two scans (each read one at a time) are refused
+    as soon as the walk passes MAX_JPEG_SEGMENTS, with that reason; as many as the limit allows are read."""
+    from smearscope.device.ingest.headers import MAX_JPEG_SEGMENTS
+
+    base = _progressive_jpeg(64, np.arange(64).reshape(8, 8) * 2 - 88)
+    segments_in_base = 64 + 1  # 64 scans and the end-of-image marker, no table between them
+    allowed = _with_segment_after_first_scan(base, 0xFE, b"", MAX_JPEG_SEGMENTS - segments_in_base)
+    assert load_image(allowed).pixels.shape == (64, 64, 3)
+    too_many = _with_segment_after_first_scan(base, 0xFE, b"", MAX_JPEG_SEGMENTS - segments_in_base + 1)
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decoder called")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
+    with pytest.raises(IngestError) as err:
+        load_image(too_many)
+    assert err.value.code is RejectReason.UNSUPPORTED_FORMAT
+    assert f"more than {MAX_JPEG_SEGMENTS} segments" in err.value.message

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import lzma
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -164,6 +165,42 @@ _STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}
 MAX_JPEG_SCANS = 100
 
 
+#: Where entropy-coded data ends: a 0xFF followed by a byte that makes it no stuffed FF 00, no
+#: restart marker and no fill byte (the last 0xFF of a run of them).
+_MARKER_AFTER_ENTROPY = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+#: Between segments: bytes that are no marker, fill bytes and standalone markers, skipped at once.
+_BETWEEN_SEGMENTS = re.compile(rb"(?:[^\xff]|\xff(?=\xff)|\xff[\x01\xd0-\xd7])*")
+#: Segments read after the first scan header (tables and comments between scans, the scans): a
+#: progressive JPEG has a few per scan; a file of millions of tiny segments is refused unread.
+MAX_JPEG_SEGMENTS = 4096
+
+
+def _scans_to_end(data: bytes, pos: int, name: str) -> int | None:
+    """The scans from the first scan header at `pos` to the end-of-image marker, walking the
+    segments between scans (tables, comments: their bodies may hold any bytes, FF DA or FF D9
+    among them) and skipping each scan's entropy-coded data; None without an end-of-image marker.
+    Bytes after it (camera trailers) are not read; more than `MAX_JPEG_SEGMENTS` are refused."""
+    scans, n = 0, len(data)
+    for _ in range(MAX_JPEG_SEGMENTS):
+        pos = _BETWEEN_SEGMENTS.match(data, pos).end()  # type: ignore[union-attr]
+        if pos + 2 > n:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return scans
+        if pos + 4 > n:
+            return None
+        pos += 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        if marker == 0xDA:
+            scans += 1
+            found = _MARKER_AFTER_ENTROPY.search(data, pos)
+            if found is None:
+                return None
+            pos = found.start()
+    raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of more than {MAX_JPEG_SEGMENTS} "
+                      "segments after its first scan header")
+
+
 def jpeg_header(data: bytes, name: str) -> ImageHeader:
     """Walk the marker segments up to the first scan, then require an end-of-image marker."""
     pos = 2
@@ -213,15 +250,12 @@ def jpeg_header(data: bytes, name: str) -> ImageHeader:
         raise IngestError(
             RejectReason.UNSUPPORTED_FORMAT, f"{name}: {precision}-bit JPEG (8-bit JPEG, PNG or TIFF are read)"
         )
-    # Entropy-coded data stuffs every 0xFF as FF 00, so FF D9 after the scan header can only be
-    # the real end-of-image marker. Bytes after it (camera trailers) are allowed.
-    end = data.find(b"\xff\xd9", pos)
-    if end < 0:
-        raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG has no end-of-image marker")
     # Each scan of a progressive JPEG is a pass over every coefficient: hundreds of tiny scans make
     # a small file cost the decoder minutes (a 210 kB file of 883 scans took 19 s). Cameras and
     # encoders write 1 (baseline) to about 10.
-    scans = data.count(b"\xff\xda", pos, end)
+    scans = _scans_to_end(data, pos, name)
+    if scans is None:
+        raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG has no end-of-image marker")
     if scans > MAX_JPEG_SCANS:
         raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of {scans} scans (at most "
                           f"{MAX_JPEG_SCANS} are read)")
