@@ -821,4 +821,20 @@ def test_a_jpeg_of_too_many_segments_between_scans_is_refused_before_decoding(mo
     with pytest.raises(IngestError) as err:
         load_image(too_many)
     assert err.value.code is RejectReason.UNSUPPORTED_FORMAT
-    assert f"more than {MAX_JPEG_SEGMENTS} segments" in err.value.message
+    assert f"more than {MAX_JPEG_SEGMENTS} segments after its first scan header" in err.value.message
+
+
+def test_a_jpeg_of_millions_of_tiny_segments_or_fill_bytes_before_its_scan_is_refused_at_once() -> None:
+    """32 MB of empty comment segments (8 million) before the first scan are refused after
+    MAX_JPEG_SEGMENTS of them (read one by one they took 15 s of CPU); 32 MB of fill bytes before
+    a camera's segments are skipped as one run, and the file reads."""
+    from smearscope.device.ingest.headers import MAX_JPEG_SEGMENTS
+
+    comments = b"\xff\xd8" + b"\xff\xfe\x00\x02" * 8_000_000 + b"\xff\xd9"
+    with pytest.raises(IngestError) as err:
+        load_image(comments)
+    assert err.value.code is RejectReason.UNSUPPORTED_FORMAT
+    assert f"more than {MAX_JPEG_SEGMENTS} segments before its first scan" in err.value.message
+    fill = _field_jpeg()
+    fill = fill[:2] + b"\xff" * 32_000_000 + fill[2:]
+    assert load_image(fill).pixels.shape == load_image(_field_jpeg()).pixels.shape  # fill bytes are allowed

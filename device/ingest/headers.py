@@ -168,10 +168,12 @@ MAX_JPEG_SCANS = 100
 #: Where entropy-coded data ends: a 0xFF followed by a byte that makes it no stuffed FF 00, no
 #: restart marker and no fill byte (the last 0xFF of a run of them).
 _MARKER_AFTER_ENTROPY = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_FILL = re.compile(rb"\xff+")
 #: Between segments: bytes that are no marker, fill bytes and standalone markers, skipped at once.
 _BETWEEN_SEGMENTS = re.compile(rb"(?:[^\xff]|\xff(?=\xff)|\xff[\x01\xd0-\xd7])*")
-#: Segments read after the first scan header (tables and comments between scans, the scans): a
-#: progressive JPEG has a few per scan; a file of millions of tiny segments is refused unread.
+#: Segments read before the first scan and after its header (each counted apart: tables, comments,
+#: the scans): a camera's JPEG has tens, a progressive one a few per scan; a file of millions of
+#: tiny segments (seconds of reading) is refused unread.
 MAX_JPEG_SEGMENTS = 4096
 
 
@@ -206,14 +208,14 @@ def jpeg_header(data: bytes, name: str) -> ImageHeader:
     pos = 2
     sof: tuple[int, int, int, int] | None = None
     orientation = 1
-    while True:
+    for _ in range(MAX_JPEG_SEGMENTS):
         if pos + 2 > len(data):
             raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG ends inside its header")
         if data[pos] != 0xFF:
             raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG marker expected at {pos}")
         marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
+        if marker == 0xFF:  # fill bytes
+            pos = _FILL.match(data, pos).end() - 1  # type: ignore[union-attr]
             continue
         if marker in _STANDALONE_MARKERS:
             pos += 2
@@ -237,6 +239,9 @@ def jpeg_header(data: bytes, name: str) -> ImageHeader:
         elif marker == 0xDA:
             break
         pos += 2 + length
+    else:
+        raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of more than {MAX_JPEG_SEGMENTS} "
+                          "segments before its first scan")
     if sof is None:
         raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG scan before any frame header")
     precision, h, w, components = sof
