@@ -838,3 +838,31 @@ def test_a_jpeg_of_millions_of_tiny_segments_or_fill_bytes_before_its_scan_is_re
     fill = _field_jpeg()
     fill = fill[:2] + b"\xff" * 32_000_000 + fill[2:]
     assert load_image(fill).pixels.shape == load_image(_field_jpeg()).pixels.shape  # fill bytes are allowed
+
+
+def _png_chunk(ctype: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
+
+
+def test_a_png_of_millions_of_tiny_chunks_is_refused_unread_and_small_image_chunks_read() -> None:
+    """2.7 million empty ancillary chunks (32 MB: 6.8 s of CRCs and decoding) are refused after
+    4096 plus one per 4 KiB of file; the same picture with its image data in 1 KiB chunks (4
+    times smaller than any writer's) reads to the same pixels."""
+    bgr = hostile.smear_like(120, 160)
+    png = hostile.encode(".png", bgr)
+    first = png.index(b"IDAT") - 4
+    tiny = png[:first] + _png_chunk(b"aaAa", b"") * 2_700_000 + png[first:]
+    with pytest.raises(IngestError) as err:
+        load_image(tiny)
+    assert err.value.code is RejectReason.UNSUPPORTED_FORMAT and "PNG of more than" in err.value.message
+    stream, pos = b"", 8
+    while pos < len(png):
+        (length,), ctype = struct.unpack(">I", png[pos:pos + 4]), png[pos + 4:pos + 8]
+        if ctype == b"IDAT":
+            stream += png[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    split = b"".join(_png_chunk(b"IDAT", stream[i:i + 1024]) for i in range(0, len(stream), 1024))
+    last = png.index(b"IEND") - 4
+    small = png[:first] + split + png[last:]
+    assert small.count(b"IDAT") > 20
+    np.testing.assert_array_equal(load_image(small).pixels, load_image(png).pixels)

@@ -70,13 +70,21 @@ _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 
 
+#: Chunks a PNG may have: a few ancillary ones and its image data, which writers split into
+#: chunks of 8 KiB (libpng, OpenCV) or more; one per 4 KiB of file and 4096 besides. Millions of
+#: tiny chunks (seconds of CRCs) are refused unread.
+_PNG_CHUNKS_BESIDES = 4096
+_PNG_BYTES_PER_CHUNK = 4096
+
+
 def png_header(data: bytes, name: str) -> ImageHeader:
     """Walk every chunk (length, CRC, order) without inflating any image data."""
     pos = len(PNG_SIGNATURE)
     header: ImageHeader | None = None
     sig_bits: int | None = None
     orientation = 1
-    while True:
+    most = _PNG_CHUNKS_BESIDES + len(data) // _PNG_BYTES_PER_CHUNK
+    for _ in range(most):
         if pos + 12 > len(data):
             raise IngestError(RejectReason.TRUNCATED, f"{name}: PNG ends before its IEND chunk")
         length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
@@ -106,6 +114,10 @@ def png_header(data: bytes, name: str) -> ImageHeader:
         elif ctype == b"IEND":
             break
         pos = end
+    else:
+        raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: PNG of more than {most} chunks "
+                          f"({_PNG_CHUNKS_BESIDES} and one per {_PNG_BYTES_PER_CHUNK} bytes of file)")
+    assert header is not None
     if sig_bits is not None and not 1 <= sig_bits <= header.bit_depth:
         sig_bits = None
     return ImageHeader(
