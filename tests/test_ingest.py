@@ -866,3 +866,31 @@ def test_a_png_of_millions_of_tiny_chunks_is_refused_unread_and_small_image_chun
     small = png[:first] + split + png[last:]
     assert small.count(b"IDAT") > 20
     np.testing.assert_array_equal(load_image(small).pixels, load_image(png).pixels)
+
+
+def _tiff_with_directories(field: np.ndarray, pages: int = 0, subifds: int = 0) -> bytes:
+    """`field` as the first page, then `pages` one-pixel pages or `subifds` one-pixel SubIFDs."""
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tw:
+        tw.write(field, photometric="rgb", metadata=None, subifds=subifds or None)
+        for _ in range(subifds):
+            tw.write(field[:1, :1], photometric="rgb", metadata=None, subfiletype=1)
+        for _ in range(pages):
+            tw.write(field[:1, :1], photometric="rgb", contiguous=False, metadata=None)
+    return buf.getvalue()
+
+
+def test_a_tiff_of_more_image_directories_than_read_is_refused_before_its_series_are_made(field: np.ndarray) -> None:
+    """A field with 63 more pages or 63 SubIFDs reads to its first page (64 directories); one
+    more of either is refused as multi_frame before tifffile groups them into series (which took
+    two minutes for a 4.5 MB file of 20 000 one-pixel pages)."""
+    from smearscope.device.ingest.headers import MAX_TIFF_DIRECTORIES
+
+    rgb = np.ascontiguousarray(field[:, :, ::-1])
+    for extra in ("pages", "subifds"):
+        ok = load_image(_tiff_with_directories(rgb, **{extra: MAX_TIFF_DIRECTORIES - 1}))
+        np.testing.assert_array_equal(ok.pixels, field)
+        with pytest.raises(IngestError) as err:
+            load_image(_tiff_with_directories(rgb, **{extra: MAX_TIFF_DIRECTORIES}))
+        assert err.value.code is RejectReason.MULTI_FRAME
+        assert f"more than {MAX_TIFF_DIRECTORIES} image directories" in err.value.message

@@ -375,12 +375,38 @@ def opencv_tiff(page: tifffile.TiffPage) -> bool:
             and page.index == 0 and int(page.samplesperpixel) in (1, 3))
 
 
+#: Image directories a TIFF may hold (pages and their SubIFDs): a field, perhaps a thumbnail or a
+#: few resolutions. tifffile groups them into series in time that grows faster than their number
+#: (a 5 MB file of 20 000 one-pixel pages took two minutes, 2000 SubIFDs 1.2 s); more are refused
+#: before any series is made.
+MAX_TIFF_DIRECTORIES = 64
+
+
+def _directories(tif: tifffile.TiffFile, most: int) -> int:
+    """The file's pages and SubIFDs, read page by page and counted up to one past `most`."""
+    n = 0
+    for k in range(most + 1):
+        try:
+            page = tif.pages[k]
+        except IndexError:
+            break
+        n += 1 + len(getattr(page, "subifds", None) or ())
+        if n > most:
+            break
+    return n
+
+
 def tiff_header(
     tif: tifffile.TiffFile, file_size: int, name: str
 ) -> tuple[ImageHeader, tifffile.TiffPage, str]:
     """(header, first page, photometric name) of the first series, every check short of
     geometry and decoding; tifffile's own exceptions are the caller's to map to `corrupt`."""
-    if not tif.pages or not tif.series:
+    if not tif.pages:
+        raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF without images")
+    if _directories(tif, MAX_TIFF_DIRECTORIES) > MAX_TIFF_DIRECTORIES:
+        raise IngestError(RejectReason.MULTI_FRAME, f"{name}: TIFF of more than {MAX_TIFF_DIRECTORIES} "
+                          "image directories")
+    if not tif.series:
         raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF without images")
     if len(tif.series) > 1:
         logger.info("%s: TIFF holds %d series; using the first", name, len(tif.series))
