@@ -137,3 +137,44 @@ def _no_lamp():
     from smearscope.service.analysis.illumination import Illumination
 
     return Illumination(None, reason="no_lit_background")
+
+
+def test_the_flag_says_which_way_the_calibration_is_off():
+    coarse = CalibrationCheck(0.1, 3, 0.25, 20)  # the red cells fit 2.5 times the calibrated scale
+    assert coarse.ratio == pytest.approx(2.5)
+    assert "(2.5 times the calibration" in coarse.flag().message
+    fine = CalibrationCheck(0.25, 3, 0.1, 20)  # ... or 1/2.5 of it
+    assert fine.ratio == pytest.approx(0.4)
+    assert "(1/2.5 of the calibration" in fine.flag().message
+
+
+def test_the_check_may_run_passes_as_large_as_the_calibrated_one_and_holds_one_field_at_a_time():
+    """A 12 MP frame calibrated at 0.22 um/px is 14.5 MP canonical, over the search's 12 MP bound:
+    the check's own passes may be that large too (its first guess, 0.22), not larger (0.31). Each
+    pass's resampled field is let go once its cells are counted."""
+    import weakref
+
+    import numpy as np
+
+    from smearscope.service.analysis.calibration_check import against_own_scale
+    from smearscope.service.analysis.scale import ScaleEstimate
+    from smearscope.service.analysis.scale_search import Attempt, ScaleOutcome
+
+    pixels = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (3000, 4000, 3))
+    given = ScaleOutcome(ScaleEstimate(0.22, "given"), Attempt(0.22, [], None), uncertain=False)
+    asked: list[float] = []
+    held: list[weakref.ref] = []
+
+    class Field:
+        pass
+
+    def detect_at(mpp: float, quick: bool) -> Attempt:
+        assert all(r() is None for r in held), "an earlier pass's field is still held"
+        asked.append(mpp)
+        field = Field()
+        held.append(weakref.ref(field))
+        return Attempt(mpp, [], field, quick)
+
+    check = against_own_scale(pixels, _no_lamp(), given, ScaleEstimate(0.22, "rbc_size_classical"), detect_at, 0.05)
+    assert asked[0] == pytest.approx(0.22) and max(asked) <= 0.22 + 1e-9 and len(asked) > 3
+    assert check.own_mpp is None and not check.suspect

@@ -224,3 +224,21 @@ def test_red_cell_detections_with_a_nucleus_are_recounted_once(winner, recounted
     assert len(on.cells) == len(off.cells)
     if recounted_as == "wbc":
         assert [s.label for s in on.wbc_differential] == [winner]
+
+
+def test_a_field_whose_red_cells_absorb_nothing_is_no_reference():
+    """Red cells as white as the corrected glass: their median density is 0, nothing is 1.8 times it."""
+    img, crops = _disc_field([235] * 12)
+    assert dense_interiors(img, crops) == []
+
+
+def test_an_interior_brighter_than_the_white_point_reads_no_density():
+    img, crops = _disc_field([250, 215])
+    assert interior_density(img, crops[0]) == 0.0
+
+
+def test_larger_white_cells_are_taken_from_8_8_um_of_every_such_type():
+    assert accepts(HeadResult("neutrophil", 0.99), _disc(9.0), 15.0)  # a shrunk neutrophil (8.9 to 10.1 um seen)
+    assert not accepts(HeadResult("neutrophil", 0.99), _disc(8.5), 15.0)
+    for label in ("eosinophil", "basophil", "monocyte", "ig"):
+        assert accepts(HeadResult(label, 0.99), _disc(10.0), 15.0), label

@@ -201,3 +201,20 @@ def test_on_bccd_val_the_rescued_platelets_are_labelled_ones() -> None:
         found[on] = hits
     assert found[True] >= found[False] + 5, found
     assert rescued >= 5 and right / rescued >= 0.6, (rescued, right)
+
+
+def test_the_colour_in_a_box_is_read_as_over_the_whole_blurred_frame() -> None:
+    """The blur inside a box sees the box's neighbours: the box's figure is the whole frame's
+    3 x 3 blurred blue minus red, cut to the box, at its 95th percentile."""
+    import cv2
+
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    full = cv2.GaussianBlur(img[..., 0].astype(np.float32) - img[..., 2], (3, 3), 0)
+    for x0, y0, x1, y1 in [(10, 12, 24, 26), (30, 5, 41, 20), (0, 0, 9, 9), (70, 50, 80, 60)]:
+        assert blue_excess(img, (x0, y0, x1, y1)) == pytest.approx(np.percentile(full[y0:y1, x0:x1], 95), abs=1e-3)
+
+
+def test_a_detection_at_the_floor_is_kept() -> None:
+    at_floor = det(CellKind.RBC, (10, 10, 48, 48), FLOOR)
+    assert rescue_platelets([at_floor], None, RoiFilter(), FLOOR, RULE) == [at_floor]

@@ -18,10 +18,16 @@ from smearscope.service.analysis.report import report_json_schema
 from smearscope.service.analysis.roi import RoiFilter, route
 from smearscope.service.analysis.scale import (
     CANONICAL_UM_PER_PX,
+    MAX_CANONICAL_PIXELS,
+    MAX_UM_PER_PX,
+    MIN_UM_PER_PX,
+    NORMAL_RBC_DIAMETER_UM,
     estimate_scale_classical,
+    first_scale_guess,
     resample_to_canonical,
     scale_from_rbc_diameters,
 )
+from smearscope.service.ingest import IngestError, RejectReason
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +81,76 @@ def test_classical_scale_estimate_blank_field_is_none():
     assert estimate_scale_classical(np.full((200, 200, 3), 235, np.uint8)) is None
 
 
+def test_a_frame_over_the_canonical_pixel_limit_is_refused_one_at_it_is_not():
+    """The limit is on the frame's size at the canonical scale, inclusive; the default is the cap."""
+    img = np.zeros((100, 100, 3), np.uint8)
+    assert resample_to_canonical(img, 0.4, max_pixels=200 * 200).shape == (200, 200, 3)  # exactly at it
+    with pytest.raises(IngestError) as err:
+        resample_to_canonical(img, 0.4, max_pixels=200 * 200 - 1)
+    assert err.value.code is RejectReason.TOO_LARGE_AT_SCALE
+    # the default cap: a 4760x3570 field at 0.2 um/px is under it, 5000x4200 is not (no pixels needed)
+    at_cap = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (3570, 4760, 3))
+    assert 4760 * 3570 <= MAX_CANONICAL_PIXELS < 5000 * 4200
+    assert resample_to_canonical(at_cap, CANONICAL_UM_PER_PX) is at_cap
+    with pytest.raises(IngestError):
+        resample_to_canonical(np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (4200, 5000, 3)), CANONICAL_UM_PER_PX)
+
+
+def test_scale_from_rbc_diameters_counts_only_real_sizes_and_stays_in_range():
+    normal = NORMAL_RBC_DIAMETER_UM
+    assert scale_from_rbc_diameters(np.array([50.0] * 5), min_cells=5) == pytest.approx(normal / 50.0)  # just enough
+    assert scale_from_rbc_diameters(np.array([50.0] * 4), min_cells=5) is None
+    # zero, negative and missing sizes are no cells: four real ones are too few
+    assert scale_from_rbc_diameters(np.array([50.0] * 4 + [0.0, -3.0, np.nan, np.inf]), min_cells=5) is None
+    # the median of the middle half (41..60 here: 43), not its mean (46)
+    d = np.array([10.0, 40.0, 41.0, 42.0, 43.0, 44.0, 60.0, 61.0, 200.0])
+    assert scale_from_rbc_diameters(d) == pytest.approx(normal / 43.0)
+    # sizes no microscope gives are held to the plausible range
+    assert scale_from_rbc_diameters(np.array([1.0] * 10)) == MAX_UM_PER_PX
+    assert scale_from_rbc_diameters(np.array([1000.0] * 10)) == MIN_UM_PER_PX
+
+
+def _discs(radii: list[int], bgr=(180, 120, 200), size=(480, 640)) -> np.ndarray:
+    """Glass at 235 with one filled disc of each radius, laid out on a grid without touching."""
+    img = np.full((*size, 3), 235, np.uint8)
+    step = 2 * max(radii) + 12
+    cols = (size[1] - 6) // step
+    for k, r in enumerate(radii):
+        cx, cy = 6 + step // 2 + step * (k % cols), 6 + step // 2 + step * (k // cols)
+        cv2.circle(img, (cx, cy), r, bgr, -1)
+    return img
+
+
+def test_classical_estimate_needs_stain_and_three_blobs():
+    """Blobs 7 grey levels darker than the glass and colourless are not stain; fewer than three
+    stained blobs are no estimate; three are, read from their radius (7.5 um over the diameter)."""
+    assert estimate_scale_classical(_discs([20] * 12, bgr=(228, 228, 228))) is None
+    assert estimate_scale_classical(_discs([20, 20])) is None
+    est = estimate_scale_classical(_discs([20, 20, 20]))
+    assert est is not None and est.rbc_count == 3
+    assert est.microns_per_pixel == pytest.approx(NORMAL_RBC_DIAMETER_UM / 40.0, rel=0.1)
+
+
+def test_classical_estimate_weighs_blobs_by_area_so_red_cells_outvote_platelets():
+    """Ten red cells of radius 20 px and thirty platelets of radius 5: the area-weighted median
+    radius is the red cells' (the plain median would be a platelet's, four times too small)."""
+    est = estimate_scale_classical(_discs([20] * 10 + [5] * 30))
+    assert est is not None and est.rbc_count == 40
+    assert est.microns_per_pixel == pytest.approx(NORMAL_RBC_DIAMETER_UM / 40.0, rel=0.1)
+
+
+def test_the_first_guess_on_a_large_frame_is_at_the_frames_own_scale():
+    """A frame over the guess's size is reduced for it; the guess is still in the frame's um/px."""
+    from smearscope.service.analysis.illumination import Illumination
+
+    field = np.asarray(render_field(1, width=640, height=480, microns_per_pixel=0.1).frame.pixels)
+    big = np.tile(field, (4, 4, 1))  # 2560x1920: reduced to 2 MP for the guess
+    guess = first_scale_guess(big, Illumination(None, reason="no_lit_background"))
+    own = estimate_scale_classical(field)
+    assert guess is not None and own is not None
+    assert guess.microns_per_pixel == pytest.approx(own.microns_per_pixel, rel=0.1)
+
+
 def test_crop_has_fixed_physical_extent_and_pads_at_borders():
     img = np.zeros((300, 300, 3), np.uint8)
     img[140:160, 140:160] = 255
@@ -84,6 +160,31 @@ def test_crop_has_fixed_physical_extent_and_pads_at_borders():
     corner = crop_cell(img, (0, 0), RBC_CROP)  # padded by replication, still full size
     assert corner.shape == (RBC_CROP.input_size, RBC_CROP.input_size, 3)
     assert WBC_CROP.extent_px == 128 and RBC_CROP.extent_px == 56
+
+
+def test_a_crop_is_the_window_centred_on_the_nearest_pixel_and_full_size_at_every_border():
+    """Unresized (input size = extent), a crop is exactly the frame's window starting at
+    round(centre - side / 2), and padded to full size past the right and bottom borders too."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    spec = CropSpec(extent_um=11.2, input_size=56)
+    side = spec.extent_px
+    c = crop_cell(img, (100.7, 80.6), spec)  # window from x = round(72.7) = 73, y = round(52.6) = 53
+    np.testing.assert_array_equal(c, img[53:53 + side, 73:73 + side])
+    corner = crop_cell(img, (299.0, 199.0), spec)  # 27 columns and rows lie past the frame
+    assert corner.shape == (side, side, 3)
+    np.testing.assert_array_equal(corner[:side - 27, :side - 27], img[199 - 28:, 299 - 28:])
+    np.testing.assert_array_equal(corner[-1, -1], img[-1, -1])  # padded by replicating the edge
+
+
+def test_a_crop_shrunk_to_the_heads_size_averages_the_area_each_pixel_covers():
+    """WBC crops shrink 128 -> 96 px: each output pixel covers 4/3 of a column, so 1-px stripes of
+    0 and 255 average to between a third and two thirds of mixed (64..191), none keeps one stripe."""
+    img = np.zeros((300, 300, 3), np.uint8)
+    img[:, ::2] = 255
+    c = crop_cell(img, (150, 150), WBC_CROP)
+    assert c.shape == (WBC_CROP.input_size, WBC_CROP.input_size, 3)
+    assert c.min() >= 63 and c.max() <= 192
 
 
 def _det(kind, x0, y0, x1, y1, score=0.9):

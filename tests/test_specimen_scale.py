@@ -220,3 +220,37 @@ def test_an_uncalibrated_station_refuses_blurred_fields_once_its_run_agrees_on_a
     assert outcome["f10.png"] == outcome["f12.png"] == ("rejected", OUT_OF_FOCUS)
     assert analyzer.calls == 12
     assert daemon.stats.snapshot()["rejected"] == {OUT_OF_FOCUS: 2}
+
+
+def test_only_real_estimates_are_pooled():
+    """A missing, infinite, zero or negative estimate is no scale (a field whose measurement failed)."""
+    pool = SpecimenScale()
+    for v in (float("nan"), float("inf"), 0.0, -0.1):
+        pool.add("rbc_size_detection", v)
+        pool.add("specimen", 0.1, field_estimate=v)
+    assert len(pool) == 0
+
+
+def test_a_pool_holds_to_its_own_window_agreement_and_tolerance():
+    # agreement is inclusive: 7 of 10 within the tolerance of the median is 0.7 of them
+    pool = SpecimenScale(window=10, min_fields=10, agreement=0.7)
+    for v in [0.1] * 7 + [0.3] * 3:
+        pool.add("rbc_size_detection", v)
+    assert pool.scale() == pytest.approx(0.1)
+    pool.add("rbc_size_detection", 0.3)  # the oldest 0.1 leaves the window: 6 of 10
+    assert pool.scale() is None
+    # a wider tolerance takes estimates 40 % off the median as agreeing; the default does not
+    wide, default = SpecimenScale(tolerance=0.5), SpecimenScale()
+    for v in (0.1, 0.1, 0.1, 0.14, 0.14):
+        wide.add("rbc_size_detection", v)
+        default.add("rbc_size_detection", v)
+    assert wide.scale() == pytest.approx(0.1) and default.scale() is None
+
+
+@pytest.mark.parametrize("args", [
+    {"window": 0}, {"min_fields": 0}, {"window": 4, "min_fields": 5}, {"agreement": 1.5}, {"agreement": -0.1},
+    {"tolerance": 0.0},
+])
+def test_a_pool_refuses_settings_that_cannot_agree(args):
+    with pytest.raises(ValueError):
+        SpecimenScale(**args)
