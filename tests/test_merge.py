@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from smearscope.service.analysis.boxes import overlapping_pairs
 from smearscope.service.analysis.merge import box_iou_ios, mask_window, merge_detections
 from smearscope.service.analysis.records import Box, CellDetection, CellKind
 
@@ -188,3 +189,81 @@ def test_two_thousand_detections_merge_quickly() -> None:
     elapsed = time.perf_counter() - start
     assert len(merged) == 1000 and not any(d.cut_by_tile_edge for d in merged)
     assert elapsed < 5.0  # ~0.15 s on a laptop core; generous for a loaded CI box
+
+
+def test_a_growing_cell_finds_a_piece_that_starts_far_to_its_left() -> None:
+    """A united cell looks again for pieces among boxes that may start a whole widest box to its
+    left (not the narrowest: a small cell elsewhere must not narrow the search)."""
+    top_right = det(RBC, (130, 0, 160, 60), 0.9, tile=1, cut=True)
+    bottom_right = det(RBC, (100, 30, 160, 100), 0.8, tile=2, cut=True)  # IoS 0.5 with top_right
+    # IoS 0.17 with top_right alone, but 0.58 of the united (100, 0, 160, 100)
+    left = det(RBC, (0, 0, 135, 100), 0.5, tile=0, cut=True)
+    small = det(RBC, (500, 500, 510, 510), 0.9, tile=3)  # the narrowest box of the field
+    merged = merge_detections([top_right, bottom_right, left, small])
+    assert sorted(d.box.as_list() for d in merged) == [[0, 0, 160, 100], [500, 500, 510, 510]]
+    assert not any(d.cut_by_tile_edge for d in merged)
+
+
+def test_a_united_cell_takes_no_second_view_from_a_tile_it_already_has() -> None:
+    a = det(RBC, (100, 0, 140, 60), 0.9, tile=0, cut=True)
+    b = det(RBC, (110, 0, 170, 60), 0.8, tile=1, cut=True)  # another tile's view of a's cell
+    # tile 0's own detector kept this apart from a: a different cell, even if the union holds it
+    c = det(RBC, (140, 10, 170, 50), 0.5, tile=0, cut=True)
+    merged = merge_detections([a, b, c])
+    assert sorted(d.box.as_list() for d in merged) == [[100, 0, 170, 60], [140, 10, 170, 50]]
+
+
+def test_a_united_cells_mask_overlap_is_over_its_whole_united_mask() -> None:
+    """Once pieces are united, a further piece must cover half of the smaller of the UNITED mask
+    and its own, not half of the first piece's mask."""
+    def full(box):
+        return np.ones((box[3] - box[1], box[2] - box[0]), bool)
+
+    a, b, c = (0, 0, 20, 20), (5, 0, 105, 20), (70, 0, 170, 20)
+    # a and b: IoS 300 / 400 = 0.75, united into (0, 0, 105, 20) of 2100 px; c meets that in
+    # 700 px: 700 / min(2100, 2000) = 0.35 (but 700 / 400 > 1 over a's mask alone)
+    dets = [det(RBC, a, 0.9, tile=0, cut=True, mask=full(a)), det(RBC, b, 0.8, tile=1, cut=True, mask=full(b)),
+            det(RBC, c, 0.7, tile=2, cut=True, mask=full(c))]
+    merged = merge_detections(dets)
+    assert sorted(d.box.as_list() for d in merged) == [[0, 0, 105, 20], [70, 0, 170, 20]]
+
+
+def test_an_overlap_exactly_at_the_threshold_merges() -> None:
+    # boxes: IoS = 20 * 40 / (40 * 40) = 0.5 exactly (IoU 0.2): the thresholds are inclusive
+    a = det(RBC, (0, 0, 40, 40), 0.9, tile=0, cut=True)
+    b = det(RBC, (20, 0, 100, 40), 0.8, tile=1, cut=True)
+    (merged,) = merge_detections([a, b])
+    assert merged.box == Box(0, 0, 100, 40) and not merged.cut_by_tile_edge
+    # IoU = 40 * 40 / (60 * 40 + 60 * 40 - 40 * 40) = 0.5 exactly, with an IoS threshold out of reach
+    c = det(RBC, (0, 0, 60, 40), 0.9, tile=0)
+    d = det(RBC, (20, 0, 80, 40), 0.8, tile=1)
+    assert merge_detections([c, d], iou_threshold=0.5, ios_threshold=1.01) == [c]
+
+
+def test_same_tile_detections_stay_apart_in_a_field_of_several_tiles() -> None:
+    # as in test_same_tile_detections_are_never_merged (IoU ~0.51), but with another tile's view
+    # of a in the field, so the merge runs: a absorbs that view, never its own tile's b
+    a = det(RBC, (100, 100, 137, 137), 0.9, tile=3)
+    b = det(RBC, (112, 100, 149, 137), 0.8, tile=3)
+    a_again = det(RBC, (100, 100, 137, 137), 0.85, tile=4)
+    assert merge_detections([a, b, a_again]) == [a, b]
+
+
+def test_overlapping_pairs_are_the_pairs_sharing_a_positive_area() -> None:
+    """The grid search (boxes.overlapping_pairs) finds exactly the pairs a comparison of every
+    pair finds, boxes sharing only an edge or a corner excluded, on boxes of mixed sizes on an
+    integer grid (so many touch) that reach across several grid cells."""
+    rng = np.random.default_rng(2)
+    xy = rng.integers(0, 200, (120, 2))
+    wh = np.where(rng.random((120, 1)) < 0.1, rng.integers(60, 150, (120, 2)), rng.integers(5, 30, (120, 2)))
+    boxes = np.concatenate([xy, xy + wh], 1).astype(float)
+    boxes[1] = [boxes[0, 2], boxes[0, 1], boxes[0, 2] + 10, boxes[0, 3]]  # edge-adjacent to box 0
+    boxes[2] = [boxes[0, 2], boxes[0, 3], boxes[0, 2] + 10, boxes[0, 3] + 10]  # corner-adjacent
+    i, j = overlapping_pairs(boxes)
+    a, b = boxes[:, None, :], boxes[None, :, :]
+    inter = ((np.minimum(a[..., 2], b[..., 2]) > np.maximum(a[..., 0], b[..., 0]))
+             & (np.minimum(a[..., 3], b[..., 3]) > np.maximum(a[..., 1], b[..., 1])))
+    want_i, want_j = np.nonzero(inter)  # row-major: sorted by i, then j
+    np.testing.assert_array_equal(i, want_i)
+    np.testing.assert_array_equal(j, want_j)
+    assert (0, 1) not in set(zip(i.tolist(), j.tolist())) and (0, 2) not in set(zip(i.tolist(), j.tolist()))

@@ -323,3 +323,43 @@ def test_aggregate_empty_flags_no_cells():
 def test_committed_report_schema_matches_model():
     committed = json.loads((ROOT / "schemas" / "report.schema.json").read_text())
     assert committed == report_json_schema(), "run `smearscope schema --write` and commit the file"
+
+
+def test_roi_limits_are_inclusive_and_the_aspect_is_judged_whichever_way_the_cell_lies():
+    """A score equal to its kind's threshold is counted (so it is no candidate), an area equal to
+    `min_area_um2` and an aspect equal to `max_aspect` are plausible; the aspect is the long side
+    over the short one, so a tall cell is judged as a wide one."""
+    f = RoiFilter(min_confidence=0.5, min_area_um2=2.0, max_aspect=5.0, red_cell_min_confidence=None)
+    at = _det(CellKind.RBC, 0, 0, 37, 37, score=0.5)
+    assert f.keep(at) and f.below_confidence([at]) == []
+    under = _det(CellKind.RBC, 0, 0, 37, 37, score=0.4999)
+    assert not f.keep(under) and f.below_confidence([under]) == [under]
+    # area: a mask of exactly the minimum area (in canonical pixels) is plausible, one pixel less is not
+    box = Box(0, 0, 10, 10)
+    mask = np.zeros((10, 10), bool)
+    mask.flat[:50] = True
+    exact = RoiFilter(min_confidence=0.5, min_area_um2=50 * CANONICAL_UM_PER_PX**2)
+    assert exact.plausible(CellDetection(CellKind.PLATELET, box, 0.9, mask))
+    mask.flat[49] = False
+    assert not exact.plausible(CellDetection(CellKind.PLATELET, box, 0.9, mask))
+    # aspect: 5 is allowed, 6 is not, lying either way
+    assert f.keep(_det(CellKind.RBC, 0, 0, 50, 10)) and f.keep(_det(CellKind.RBC, 0, 0, 10, 50))
+    assert not f.keep(_det(CellKind.RBC, 0, 0, 60, 10)) and not f.keep(_det(CellKind.RBC, 0, 0, 10, 60))
+
+
+def test_every_kind_from_counts_red_cells_and_platelets_from_that_score_too():
+    """An evaluation that ranks every detection must see red cells and platelets below the
+    station's own thresholds for them."""
+    every = RoiFilter.every_kind_from(0.1)
+    assert {k: every.threshold(k) for k in CellKind} == {k: 0.1 for k in CellKind}
+    low = [_det(CellKind.RBC, 0, 0, 37, 37, score=0.2), _det(CellKind.PLATELET, 0, 0, 12, 12, score=0.2),
+           _det(CellKind.WBC, 0, 0, 60, 60, score=0.2)]
+    assert every.apply(low) == low and every.below_confidence(low) == []
+
+
+def test_route_cuts_each_heads_crops_from_that_heads_frame_variant():
+    rbc_image = np.full((200, 200, 3), 10, np.uint8)  # e.g. the raw canonical frame
+    wbc_image = np.full((200, 200, 3), 200, np.uint8)  # e.g. the stain-normalized one
+    dets = [_det(CellKind.RBC, 10, 10, 47, 47), _det(CellKind.WBC, 50, 50, 110, 110)]
+    r = route(rbc_image, wbc_image, dets, RBC_CROP, WBC_CROP)
+    assert (r.rbc[0].pixels == 10).all() and (r.wbc[0].pixels == 200).all()

@@ -219,3 +219,51 @@ def test_a_single_view_head_runs_in_that_view_and_an_empty_batch_is_empty():
             assert clf.logits(crops[:0]).shape == (0, len(engine.manifest.classes))
     finally:
         engine.close()
+
+
+def test_a_white_cell_is_a_piece_of_a_larger_one_from_four_fifths_inside_it():
+    wbc = CellKind.WBC
+    whole = (0, 0, 60, 60)
+    # 40 of its 50 px wide lie inside the whole cell: 0.8 (IoU 0.49, so not fused): a piece
+    piece = (20, 0, 70, 50)
+    fused = fuse_views([[_det(wbc, whole, 0.9)], [_det(wbc, piece, 0.6)]])
+    assert len(fused) == 1 and fused[0].score == pytest.approx((0.9 + 0.6) / 2)
+    # 30 of 50 px inside (0.6): a cell beside it that the large one overlaps, kept apart
+    beside = (30, 0, 80, 50)
+    fused = fuse_views([[_det(wbc, whole, 0.9)], [_det(wbc, beside, 0.6)]])
+    assert sorted(d.score for d in fused) == pytest.approx([0.6 / 2, 0.9 / 2])
+
+
+def test_a_pixel_half_the_views_vote_for_is_in_the_fused_mask():
+    a = np.zeros((20, 20), bool)
+    a[5:15, 5:15] = True
+    b = a.copy()
+    b[5:15, 5:8] = False  # the other view misses a strip: one vote of two keeps it
+    fused = fuse_views([[_det(CellKind.WBC, (0, 0, 20, 20), 0.9, mask=m)] for m in (a, b)])
+    assert len(fused) == 1 and np.array_equal(fused[0].mask, a)
+
+
+def test_a_cluster_takes_one_cell_from_each_view():
+    rbc = CellKind.RBC
+    # the second view holds two overlapping cells over the first view's one: only its best joins
+    views = [[_det(rbc, (0, 0, 20, 20), 0.9)], [_det(rbc, (1, 0, 21, 20), 0.8), _det(rbc, (0, 1, 20, 21), 0.7)]]
+    fused = fuse_views(views)
+    assert sorted(d.score for d in fused) == pytest.approx([0.7 / 2, (0.9 + 0.8) / 2])
+
+
+def test_views_of_a_cell_overlapping_exactly_at_the_fusion_iou_are_fused():
+    from smearscope.service.analysis.tta import FUSE_IOU
+
+    a, b = (0, 0, 31, 10), (9, 0, 40, 10)  # IoU 22 / 40 = 0.55
+    assert FUSE_IOU == 0.55
+    fused = fuse_views([[_det(CellKind.RBC, a, 0.9)], [_det(CellKind.RBC, b, 0.7)]])
+    assert len(fused) == 1 and fused[0].score == pytest.approx((0.9 + 0.7) / 2)
+
+
+def test_a_cluster_takes_from_each_view_the_cell_overlapping_its_lead_most():
+    rbc = CellKind.RBC
+    lead = _det(rbc, (0, 0, 20, 20), 0.9)
+    close = _det(rbc, (1, 0, 21, 20), 0.5)  # IoU 0.90 with the lead
+    shifted = _det(rbc, (4, 0, 24, 20), 0.8)  # IoU 0.67: scored higher, overlaps less
+    fused = fuse_views([[lead], [shifted, close]])
+    assert sorted(d.score for d in fused) == pytest.approx([0.8 / 2, (0.9 + 0.5) / 2])

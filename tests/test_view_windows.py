@@ -178,3 +178,65 @@ def test_a_window_judges_only_the_cells_well_inside_its_sides_within_the_frame()
     # on the frame's left and bottom edges: those sides stay (the frame's edge is the edge there)
     assert judged_region((0, 300, 200, 480), 640, 480) == (0, 300 + m, 200 - m, 480)
     assert judged_region((0, 0, 640, 480), 640, 480) == (0, 0, 640, 480)
+
+
+def test_a_window_rounds_outward_and_may_be_exactly_a_tile_wide():
+    w, h = 600, 400
+    # fractional box: the window rounds outward, keeping the whole margin
+    assert unsure_windows(np.array([[100.5, 100.5, 140.5, 140.5]]), w, h, side=256, margin=24) == (
+        [(76, 76, 165, 165)], [])
+    # a window of exactly the tile's side (76..332) fits a tile; one pixel more does not
+    wins, too_big = unsure_windows(np.array([[100, 100, 308, 140], [100, 200, 309, 240]], float), w, h, 256, 24)
+    assert wins == [(76, 76, 332, 164)] and too_big == [1]
+
+
+def test_two_windows_that_abut_are_joined_as_their_union_costs_no_pixel():
+    boxes = np.array([[124, 124, 150, 176], [198, 124, 226, 176]], float)  # windows 100..174 and 174..250
+    wins, _ = unsure_windows(boxes, 600, 400, side=256, margin=24)
+    assert wins == [(100, 100, 250, 200)]
+
+
+def test_windows_on_the_frames_right_and_bottom_edges_go_to_those_edges_of_their_tile():
+    from smearscope.service.analysis.view_windows import WINDOW_MARGIN_PX as m
+
+    w, h = 600, 400
+    plan = plan_windows([np.array([[570.0, 370, 600, 400]])], w, h, 256)  # the frame's bottom-right corner
+    (p,) = plan.placements
+    assert p.window == (570 - m, 370 - m, 600, 400)  # the margin of context, clipped by the frame
+    assert p.cx + p.size[0] == 256 and p.cy + p.size[1] == 256
+
+
+def test_a_window_drops_a_cell_within_the_edge_margin_of_its_left_or_top_side_inside_the_frame():
+    w, h = 600, 400
+    plan = plan_windows([np.array([[200.0, 150, 230, 180]])], w, h, 256)  # well inside the frame
+    (p,) = plan.placements
+    inside = Box(p.cx + 30, p.cy + 30, p.cx + 60, p.cy + 60)
+    near_left = Box(p.cx + EDGE_MARGIN_PX / 2, p.cy + 30, p.cx + 40, p.cy + 60)
+    near_top = Box(p.cx + 30, p.cy + EDGE_MARGIN_PX / 2, p.cx + 60, p.cy + 40)
+    dets = [CellDetection(CellKind.RBC, b, 0.8, None, tile_index=7) for b in (inside, near_left, near_top)]
+    (got,) = unpack(dets, plan, 7, w, h, [3])
+    assert [d.box.as_list() for d in got] == [[p.window[0] + 30, p.window[1] + 30, p.window[0] + 60, p.window[1] + 60]]
+
+
+def test_a_cell_running_beyond_the_tile_at_a_frame_edge_is_clipped_with_its_mask_and_is_whole():
+    w, h = 300, 200
+    plan = plan_windows([np.array([[0.0, 60, 30, 90]])], w, h, 256)  # on the frame's left edge
+    (p,) = plan.placements
+    assert p.cx == 0
+    # a box starting 2 px left of the tile's edge; mask columns numbered to follow them
+    mask = np.tile(np.arange(32), (20, 1)) % 3 == 0
+    d = CellDetection(CellKind.RBC, Box(-2.0, p.cy + 40, 30.0, p.cy + 60), 0.8, mask, tile_index=7,
+                      cut_by_tile_edge=True)
+    ((got,),) = unpack([d], plan, 7, w, h, [3])
+    assert got.box.as_list() == [0.0, p.window[1] + 40, 30.0, p.window[1] + 60]
+    np.testing.assert_array_equal(got.mask, mask[:, 2:])  # the frame's columns 0..29
+    assert not got.cut_by_tile_edge  # whole inside its window: not a piece
+
+
+def test_a_window_does_not_judge_a_cell_18_px_inside_its_side():
+    """The case that set the inset (view_windows.WINDOW_SEES_INSET_PX): a confident red cell 18 px
+    inside a window side, missed by both extra views there, must keep the first view's verdict."""
+    from smearscope.service.analysis.view_windows import judged_region
+
+    x0, y0, x1, y1 = judged_region((100, 80, 300, 240), 640, 480)
+    assert x0 > 100 + 18 and y0 > 80 + 18 and x1 < 300 - 18 and y1 < 240 - 18

@@ -273,3 +273,75 @@ def test_packed_windows_on_a_dense_field_keep_the_cells_they_show_with_little_co
     a, b = everywhere.analyze(field.frame), unsure.analyze(field.frame)
     assert planned and planned[0].n_tiles >= 2  # the windows ran
     assert len(a.cells) >= 50 and _matched(a, b)
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_a_tile_of_a_frame_smaller_than_a_tile_shows_the_whole_frame(view):
+    frame = np.zeros((90, 100, 3), np.uint8)
+    fx, fy = view in ("hflip", "rot180"), view in ("vflip", "rot180")
+    (t,) = iter_tiles(frame, 128, 0.15, skip_background=False, flip_x=fx, flip_y=fy)
+    assert view_window(t, view, 128, 100, 90) == (0, 0, 100, 90)
+
+
+def test_a_box_flush_with_a_window_side_is_held_whole_by_that_window():
+    windows = [(0, 0, 100, 100), (80, 0, 180, 100)]
+    assert tiles_for_boxes(windows, np.array([[20, 10, 100, 20]], float)) == [0]
+
+
+def test_a_placed_tile_keeps_the_margin_on_every_side_inside_the_frame():
+    """A tile placed for a neighbour that would also take the first box with only 4 px on its
+    left side does not count as showing it."""
+    w, h, tile, m = 960, 540, 256, PLACE_MARGIN_PX
+    boxes = np.array([[300, 200, 330, 230], [304, 240, 334, 270], [514, 205, 544, 235]], float)
+    placed = place_tiles(boxes, w, h, tile)
+    for b in boxes:
+        assert any((b[0] - m >= x or x == 0) and (b[1] - m >= y or y == 0)
+                   and (b[2] + m <= x + tile or x + tile >= w) and (b[3] + m <= y + tile or y + tile >= h)
+                   for x, y in placed), b
+
+
+def test_a_box_on_the_frames_right_edge_gets_a_tile_flush_with_that_edge():
+    w, h, tile = 960, 540, 256
+    (placed,) = place_tiles(np.array([[w - 30, 100, w, 130]], float), w, h, tile)
+    assert placed[0] == w - tile
+
+
+def test_coverage_does_not_see_a_box_that_starts_just_outside_a_window():
+    cov = Coverage(200, 100, n_views=2, cell=4)
+    cov.add(1, (10, 0, 100, 100))  # starts inside raster cell 2 (x 8..12)
+    assert not cov.sees(1, Box(9, 10, 30, 30))  # its first column lies outside the window
+    assert cov.sees(1, Box(12, 10, 30, 30))
+
+
+def test_a_fused_score_is_never_divided_by_fewer_views_than_voted():
+    per_view = [[_det((10, 10, 30, 30), 0.9)], [_det((10, 10, 30, 30), 0.6)], []]
+    (fused,) = fuse_views(per_view, seen_by=lambda box: 1)  # coverage says one view; two found it
+    assert fused.score == pytest.approx((0.9 + 0.6) / 2)
+
+
+def test_a_cell_is_unsure_from_the_bands_low_end_up_to_but_not_at_its_high_end():
+    """The unsure band is [low, high): the other views run for a cell scored exactly `low`, not for
+    one scored exactly `high`. Through the oracle (tests/oracle.py), which scores a whole cell 1.0,
+    on a field of one tile (no cell cut by a tile edge, so only the score makes a cell unsure)."""
+    from oracle import OracleSegmenter
+
+    from smearscope.service.analysis.detect_views import ViewSettings, detect_views
+
+    field = render_field(3, width=220, height=200, rbc_density=0.1, n_wbc=0, n_platelets=0, microns_per_pixel=0.2)
+
+    class Counting(OracleSegmenter):
+        def __init__(self, f):
+            super().__init__(f)
+            self.calls: list[int] = []
+
+        def detect(self, tiles, *args, **kw):
+            tiles = list(tiles)
+            self.calls.append(len(tiles))
+            return super().detect(tiles, *args, **kw)
+
+    for band, calls in (((1.0, 1.5), [1, 1]), ((0.5, 1.0), [1])):
+        seg = Counting(field)
+        s = ViewSettings(256, 0.1, "unsure", band, ("rbc", "wbc", "platelet"), windows=False, window_margin=48)
+        cells = detect_views(seg, field.frame.pixels, ("identity", "identity"), s)
+        assert seg.calls == calls, band
+        assert len(cells) == len(field.cells) and all(d.score == pytest.approx(1.0) for d in cells)
