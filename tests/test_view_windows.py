@@ -240,3 +240,22 @@ def test_a_window_does_not_judge_a_cell_18_px_inside_its_side():
 
     x0, y0, x1, y1 = judged_region((100, 80, 300, 240), 640, 480)
     assert x0 > 100 + 18 and y0 > 80 + 18 and x1 < 300 - 18 and y1 < 240 - 18
+
+
+def test_a_mask_starting_at_a_fractional_negative_coordinate_is_cut_where_it_was_laid_out() -> None:
+    """A mask covers its box rounded outward (merge.mask_window: floor of the start), so a box
+    starting at x = -0.6 has a mask whose first column is frame column -1: clipped to the frame,
+    the kept columns are frame columns 0 onward (int() would have kept -1 onward, one off)."""
+    from smearscope.service.analysis.merge import mask_window
+
+    w, h = 300, 200
+    plan = plan_windows([np.array([[0.0, 60, 30, 90]])], w, h, 256)
+    (p,) = plan.placements
+    box = Box(-0.6, p.cy + 40, 30.6, p.cy + 60)
+    r0, c0, r1, c1 = mask_window(box)
+    assert c0 == -1
+    mask = np.tile(np.arange(c0, c1) % 3 == 0, (r1 - r0, 1))  # each column marks its frame column
+    ((got,),) = unpack([CellDetection(CellKind.RBC, box, 0.8, mask, tile_index=7)], plan, 7, w, h, [3])
+    g0, gc0, g1, gc1 = mask_window(got.box)
+    assert got.mask is not None and got.mask.shape == (g1 - g0, gc1 - gc0)
+    np.testing.assert_array_equal(got.mask, np.tile(np.arange(gc0, gc1) % 3 == 0, (g1 - g0, 1)))

@@ -235,8 +235,10 @@ def _moved(d: CellDetection, p: Placement, tile_index: int) -> CellDetection:
     x1, y1 = min(b.x1, p.cx + w), min(b.y1, p.cy + h)
     mask = d.mask
     if mask is not None:
-        r0, c0 = int(y0) - int(b.y0), int(x0) - int(b.x0)
-        mask = np.ascontiguousarray(mask[r0 : r0 + math.ceil(y1) - int(y0), c0 : c0 + math.ceil(x1) - int(x0)])
+        # floor, as the mask is laid out (merge.mask_window): int() would truncate a negative start
+        r0, c0 = math.floor(y0) - math.floor(b.y0), math.floor(x0) - math.floor(b.x0)
+        mask = np.ascontiguousarray(mask[r0 : r0 + math.ceil(y1) - math.floor(y0),
+                                         c0 : c0 + math.ceil(x1) - math.floor(x0)])
     dx, dy = p.window[0] - p.cx, p.window[1] - p.cy
     return replace(d, box=Box(x0 + dx, y0 + dy, x1 + dx, y1 + dy), mask=mask, tile_index=tile_index,
                    cut_by_tile_edge=False)
