@@ -8,17 +8,20 @@ the suite let pass (a flipped comparison, a moved bound, a wrong denominator or 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from test_nucleated import _disc, _disc_field
 from test_open_set_flags import _cell
 
-from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
+from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate, is_classified_wbc
 from smearscope.service.analysis.classify import UNIDENTIFIED, HeadResult
 from smearscope.service.analysis.morphology import (
     SIZE_BASED,
     icsh_grade,
     shape_label,
+    shape_probs,
     size_distribution,
 )
 from smearscope.service.analysis.nucleated import accepts, dense_interiors, interior_density
@@ -264,3 +267,95 @@ def test_a_diameter_that_could_not_be_measured_leaves_the_size_statistics_to_the
     cells = [_cell(CellKind.RBC, "normal", d_um=d) for d in (7.0, 7.5, 8.0)] + [_cell(CellKind.RBC, "normal", d_um=float("nan"))]
     size = aggregate(cells).rbc_size
     assert (size.n, size.median_diameter_um, size.mean_diameter_um) == (3, 7.5, 7.5)
+
+
+# -- rows, rounding and the size statistics a report prints (each against a mutation the suite let pass)
+def test_rows_are_listed_most_frequent_first_then_by_name_and_percents_keep_two_decimals():
+    wbc = ([_cell(CellKind.WBC, "neutrophil")] * 5 + [_cell(CellKind.WBC, "monocyte")] * 3
+           + [_cell(CellKind.WBC, "lymphocyte")] * 3 + [_cell(CellKind.WBC, "eosinophil")])
+    assert [s.label for s in aggregate(wbc).wbc_differential] == ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
+    thirds = aggregate([_cell(CellKind.WBC, "neutrophil")] * 2 + [_cell(CellKind.WBC, "eosinophil")]).wbc_differential
+    assert [(s.label, s.percent) for s in thirds] == [("neutrophil", 66.67), ("eosinophil", 33.33)]  # 200/3, 100/3
+    # a run mixing calibrated and estimated fields: shape rows and size rows in one order too
+    mixed = ([_cell(CellKind.RBC, "normal")] * 50 + [_cell(CellKind.RBC, "spherocyte", d_um=6.0)] * 30
+             + [_cell(CellKind.RBC, "target", calibrated=False)] * 10 + [_cell(CellKind.RBC, "normal", calibrated=False)] * 10)
+    assert [(s.label, s.count) for s in aggregate(mixed).rbc_morphology] == [("normal", 60), ("spherocyte", 30), ("target", 10)]
+
+
+def test_a_fully_calibrated_run_gives_size_rows_of_every_red_cell_and_no_mixed_run_note():
+    cells = [_cell(CellKind.RBC, "normal")] * 80 + [_cell(CellKind.RBC, "spherocyte", d_um=6.0)] * 20
+    a = aggregate(cells)
+    row = next(s for s in a.rbc_morphology if s.label == "spherocyte")
+    assert (row.percent, row.of_cells, row.grade) == (20.0, None, "1+")  # of every red cell: no `of_cells`
+    assert "sizes_from_calibrated_fields_only" not in {f.code for f in a.flags}
+
+
+def test_median_and_histogram_of_red_cell_diameters_with_open_ends():
+    """Bins 0.5 um wide from 3 to 12 um plus one below 3 and one from 12 up: a 2 um fragment and
+    a 14 um cell are counted, not dropped; the median is the middle diameter, not the mean."""
+    diameters = (2.0, 6.0, 7.0, 7.2, 7.5, 12.0, 14.0)
+    size = aggregate([_cell(CellKind.RBC, "normal", d_um=d) for d in diameters]).rbc_size
+    assert size.median_diameter_um == 7.2 and size.mean_diameter_um == round(sum(diameters) / 7, 3)
+    edges, counts = size.histogram.bin_edges_um, size.histogram.counts
+    assert edges == [3.0 + 0.5 * i for i in range(19)]  # 3.0 .. 12.0
+    assert len(counts) == len(edges) + 1 and sum(counts) == 7
+    # counts[0] below 3 um, counts[1 + i] from edges[i], counts[-1] from 12 um up
+    expected = [0] * 20
+    expected[0] = 1  # 2.0
+    expected[1 + 6] = 1  # 6.0 in [6.0, 6.5)
+    expected[1 + 8] = 2  # 7.0, 7.2 in [7.0, 7.5)
+    expected[1 + 9] = 1  # 7.5 in [7.5, 8.0)
+    expected[-1] = 2  # 12.0 and 14.0
+    assert counts == expected
+
+
+def test_one_measured_red_cell_has_no_spread():
+    d = size_distribution([7.0])
+    assert (d.n, d.mean_um, d.sd_um, d.cv_percent) == (1, 7.0, 0.0, 0.0)  # a number, not NaN, in the report
+
+
+def test_red_cells_cut_by_the_frame_edge_are_not_sized_at_either_scale():
+    estimated = ([_cell(CellKind.RBC, "normal", calibrated=False)] * 10
+                 + [replace(_cell(CellKind.RBC, "normal", calibrated=False), touches_frame_edge=True)] * 2)
+    a = aggregate(estimated)
+    assert (a.counts.rbc, a.rbc_size.n, a.rbc_size.calibrated) == (12, 10, False)
+    # a calibrated field whose red cells all touch its edge: calibrated, with no whole cell to size
+    edge_only = aggregate([replace(_cell(CellKind.RBC, "normal"), touches_frame_edge=True)] * 3)
+    assert (edge_only.rbc_size.calibrated, edge_only.rbc_size.n, edge_only.rbc_size.mean_diameter_um) == (True, 0, None)
+    assert "size_not_assessable_without_calibration" not in {f.code for f in edge_only.flags}
+
+
+def test_no_cells_found_only_when_there_is_no_cell_of_any_kind():
+    assert "no_cells_found" not in _codes([_cell(CellKind.WBC, "neutrophil")] * 3)
+    assert "no_cells_found" not in _codes([_cell(CellKind.PLATELET, None, None)])
+    assert "no_cells_found" in _codes([])
+
+
+def test_three_schistocytes_over_one_percent_flag_and_the_message_is_of_red_cells():
+    cells = ([_cell(CellKind.RBC, "normal")] * 197 + [_cell(CellKind.RBC, "schistocyte")] * 3
+             + [_cell(CellKind.WBC, "neutrophil")] * 100)
+    flag = next(f for f in aggregate(cells).flags if f.code == "schistocytes_present")  # 3 cells, 1.5 %: both met
+    assert flag.cells == [197, 198, 199] and flag.message.startswith("schistocytes 1.5% of red cells")
+
+
+def test_a_white_cell_no_head_named_is_not_a_classified_one():
+    """An analyzer without a WBC head leaves white cells unlabelled: none of them is part of a
+    differential (or of a specimen's target)."""
+    unlabelled = _cell(CellKind.WBC, None, None)
+    assert not is_classified_wbc(unlabelled) and is_classified_wbc(_cell(CellKind.WBC, "neutrophil"))
+    few = next(f for f in aggregate([unlabelled] * 100).flags if f.code == "too_few_wbc_for_differential")
+    assert few.message.startswith("0 WBC classified (100 more unidentified)")
+
+
+def test_platelet_clump_flag_lists_only_the_platelets_found_as_white_cells():
+    regrouped = replace(_cell(CellKind.PLATELET, None, None), detected_as=CellKind.WBC)
+    cells = [_cell(CellKind.RBC, "normal")] * 3 + [_cell(CellKind.PLATELET, None, None), regrouped]
+    flag = next(f for f in aggregate(cells).flags if f.code == "platelet_clumps_suspected")
+    assert flag.cells == [4] and flag.message.startswith("1 object(s)")
+
+
+def test_shape_probabilities_give_the_size_classes_to_normal():
+    classes = ["macrocyte", "microcyte", "spherocyte", "target", "normal"]
+    probs = shape_probs(classes, np.array([0.5, 0.2, 0.1, 0.15, 0.05]))
+    assert set(probs) == {"target", "normal"}  # no size class left
+    assert probs["target"] == pytest.approx(0.15) and probs["normal"] == pytest.approx(0.05 + 0.5 + 0.2 + 0.1)

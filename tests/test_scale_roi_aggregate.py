@@ -363,3 +363,23 @@ def test_route_cuts_each_heads_crops_from_that_heads_frame_variant():
     dets = [_det(CellKind.RBC, 10, 10, 47, 47), _det(CellKind.WBC, 50, 50, 110, 110)]
     r = route(rbc_image, wbc_image, dets, RBC_CROP, WBC_CROP)
     assert (r.rbc[0].pixels == 10).all() and (r.wbc[0].pixels == 200).all()
+
+
+def test_wilson_interval_of_no_cells_is_the_whole_range():
+    assert wilson_interval(0, 0) == (0.0, 1.0)  # nothing counted: any share is possible
+
+
+def test_caught_up_tally_of_another_list_starts_over():
+    """A tally kept over one run's cells, handed a copy of the run with other cells of the same
+    number (a technician's types), counts the copy's cells, not the first list's."""
+    from smearscope.service.analysis.aggregate import CellTally
+
+    first = [_cell(CellKind.WBC, "neutrophil")] * 4
+    tally = CellTally.caught_up(None, first)
+    other = [_cell(CellKind.WBC, "lymphocyte")] * 3 + [_cell(CellKind.WBC, "monocyte")]
+    again = CellTally.caught_up(tally, other)
+    assert {s.label: s.count for s in again.aggregates().wbc_differential} == {"lymphocyte": 3, "monocyte": 1}
+    first.append(_cell(CellKind.WBC, "eosinophil"))  # the first list grown: only its new cell is added
+    grown = CellTally.caught_up(tally, first)
+    assert grown is tally and {s.label: s.count for s in grown.aggregates().wbc_differential} == {
+        "neutrophil": 4, "eosinophil": 1}
