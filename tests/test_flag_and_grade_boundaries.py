@@ -55,6 +55,15 @@ def test_a_grade_comes_from_the_exact_share_not_the_rounded_percent():
     assert row.percent == 0.0 and row.grade == "1+"
 
 
+def test_the_interval_ends_are_graded_on_their_exact_shares_too():
+    """Five schistocytes in 300 000 red cells: the interval's low end is 0.0007 %, printed 0.0 %
+    but above ICSH's 1+ bound (0.0001 %), so the low end grades 1+ as the share does; graded from
+    the rounded percent it read "none"."""
+    cells = [_cell(CellKind.RBC, "normal")] * 299_995 + [_cell(CellKind.RBC, "schistocyte")] * 5
+    row = next(s for s in aggregate(cells).rbc_morphology if s.label == "schistocyte")
+    assert row.ci95_low == 0.0 and (row.grade, row.grade_ci_low, row.grade_ci_high) == ("1+", "1+", "1+")
+
+
 def test_sickle_cells_graded_only_on_the_calls_as_sure_as_the_critical_flag_needs():
     """One unsure sickle call is counted (audit) and listed for review, but not graded 1+: the
     report must not read "sickle cells present" on evidence the flag calls too weak."""

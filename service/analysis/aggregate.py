@@ -192,7 +192,7 @@ class CellTally:
         flags: list[Flag] = []
         if not self.n:
             flags.append(Flag(code="no_cells_found", severity="warning", message="no cells were detected in this image"))
-        typed = n_wbc - len(self.unidentified_wbc)  # unidentified cells go to review: no differential counts them
+        typed = n_wbc - len(self.unidentified_wbc)  # a differential needs typed cells: unidentified ones go to review
         if typed < th.min_wbc_for_differential:
             flags.append(Flag(code="too_few_wbc_for_differential", severity="info",
                               message=f"{typed} WBC classified ({n_wbc - typed} more unidentified); a differential "
@@ -249,8 +249,8 @@ class CellTally:
                 lo, hi = wilson_interval(k, of)
                 share = share.model_copy(update={
                     "grade": icsh_grade(share.label, 100.0 * k / of),
-                    "grade_ci_low": icsh_grade(share.label, round(100 * lo, 2)),
-                    "grade_ci_high": icsh_grade(share.label, round(100 * hi, 2)),
+                    "grade_ci_low": icsh_grade(share.label, 100.0 * lo),
+                    "grade_ci_high": icsh_grade(share.label, 100.0 * hi),
                     "graded_count": k if k != share.count else None})
             out.append(share)
         if n_rbc and n_calibrated == 0:
