@@ -82,7 +82,7 @@ def png_header(data: bytes, name: str) -> ImageHeader:
     pos = len(PNG_SIGNATURE)
     header: ImageHeader | None = None
     sig_bits: int | None = None
-    orientation = 1
+    orientation, exif_read = 1, False
     most = _PNG_CHUNKS_BESIDES + len(data) // _PNG_BYTES_PER_CHUNK
     for _ in range(most):
         if pos + 12 > len(data):
@@ -109,8 +109,8 @@ def png_header(data: bytes, name: str) -> ImageHeader:
             header = ImageHeader("png", w, h, depth, _PNG_CHANNELS[color])
         elif ctype == b"sBIT" and length >= 1:
             sig_bits = max(body)
-        elif ctype == b"eXIf":
-            orientation = exif_orientation(body)
+        elif ctype == b"eXIf" and not exif_read:  # one per file (PNG 1.5); a repeat is not read
+            orientation, exif_read = exif_orientation(body), True
         elif ctype == b"IEND":
             break
         pos = end
@@ -219,7 +219,7 @@ def jpeg_header(data: bytes, name: str) -> ImageHeader:
     """Walk the marker segments up to the first scan, then require an end-of-image marker."""
     pos = 2
     sof: tuple[int, int, int, int] | None = None
-    orientation = 1
+    orientation, exif_read = 1, False
     for _ in range(MAX_JPEG_SEGMENTS):
         if pos + 2 > len(data):
             raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG ends inside its header")
@@ -246,8 +246,8 @@ def jpeg_header(data: bytes, name: str) -> ImageHeader:
             if len(body) < 6:
                 raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG frame header too short")
             sof = struct.unpack(">BHHB", body[:6])
-        elif marker == 0xE1 and body.startswith(b"Exif\x00\x00"):
-            orientation = exif_orientation(body[6:])
+        elif marker == 0xE1 and body.startswith(b"Exif\x00\x00") and not exif_read:
+            orientation, exif_read = exif_orientation(body[6:]), True  # the first EXIF block, as readers take
         elif marker == 0xDA:
             break
         pos += 2 + length
