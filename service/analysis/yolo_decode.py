@@ -148,7 +148,8 @@ def box_masks(coeffs: np.ndarray, protos: np.ndarray, input_size: int,
     r1, c1 = np.minimum(ph, -(-y1 // stride) + 1), np.minimum(pw, -(-x1 // stride) + 1)
     rows, cols = np.maximum(r1 - r0, 1), np.maximum(c1 - c0, 1)
     out: list[np.ndarray | None] = [None] * len(win)
-    # (ph * pw, 32): a gather then takes whole cells (cv2.transpose: 10x numpy's copy of a transpose)
+    # (32, ph * pw): a gather takes each prototype's cells under the windows only (a transpose to
+    # cells x prototypes first copied the whole map: 0.14 ms a tile)
     flat = np.ascontiguousarray(protos).reshape(len(protos), ph * pw)
     ys0, xs0, ys1, xs1, rs0, cs0, rs1, cs1 = (a.tolist() for a in (y0, x0, y1, x1, r0, c0, r1, c1))
     order = np.argsort(np.maximum(rows, cols), kind="stable")
