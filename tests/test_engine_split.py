@@ -369,3 +369,82 @@ def test_two_threads_taking_parts_from_one_split_engine_each_get_their_own_rows(
     finally:
         one.close()
         split.close()
+
+
+@needs_models
+def test_run_batched_hands_over_no_empty_range_where_the_real_rows_end_with_a_part():
+    """A padded chunk whose real rows end exactly where a split part ends: the part after them,
+    all padding, is not handed over at all (no empty range)."""
+    from smearscope.engines.batching import run_batched
+    from smearscope.engines.manifest import BatchProfile
+
+    engine = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=2).load()
+    try:
+        engine.manifest = engine.manifest.model_copy(update={"batch": BatchProfile(min=4, opt=4, max=5)})
+        batch = np.random.default_rng(8).random((7, *engine.manifest.inputs[0].shape[1:]), dtype=np.float32)
+        seen = []
+        run_batched(engine, batch, on_part=lambda lo, hi, outs: seen.append((lo, hi, len(outs["logits"]))))
+        # rows 0:5 split 2 + 3 (the second part 2 at a time); rows 5:7 padded to 4 and split 2 + 2: the
+        # first part holds both real rows, the second only padding
+        assert seen == [(0, 2, 2), (2, 4, 2), (4, 5, 1), (5, 7, 2)]
+    finally:
+        engine.close()
+
+
+class _Meeting(_Counting):
+    """A session whose runs wait (at most 10 s) until every session of `barrier` runs too."""
+
+    def __init__(self, session, barrier) -> None:
+        super().__init__(session)
+        self.barrier, self.met = barrier, []
+
+    def run_with_iobinding(self, binding):
+        import threading
+
+        try:
+            self.barrier.wait()
+            self.met.append(True)
+        except threading.BrokenBarrierError:
+            self.met.append(False)
+        return super().run_with_iobinding(binding)
+
+
+@needs_models
+@pytest.mark.parametrize("parts", [False, True])
+def test_the_parts_of_a_split_batch_run_side_by_side(parts):
+    """Every session of a split batch runs its part at the same time as the others (each part
+    waits for all three to have begun; parts run one after another would time out)."""
+    import threading
+
+    split = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=3).load()
+    try:
+        barrier = threading.Barrier(3, timeout=10)
+        split._split = [_Meeting(s, barrier) for s in split._split]
+        batch = np.random.default_rng(2).random((3, *split.manifest.inputs[0].shape[1:]), dtype=np.float32)
+        if parts:
+            split.run_parts(batch, lambda lo, hi, outs: None)
+        else:
+            split.run(batch)
+        assert [s.met for s in split._split] == [[True]] * 3
+    finally:
+        split.close()
+
+
+@needs_models
+def test_one_output_of_unknown_size_is_enough_to_join_the_parts():
+    """Only the logits' size left open (the distance's and the features' known): the outputs still
+    cannot all be bound in advance, so the parts' outputs are joined and handed over once."""
+    one = OnnxRuntimeEngine(MODELS / "wbc_head.json", sessions=1).load()
+    split = OnnxRuntimeEngine(MODELS / "wbc_head.json", sessions=2).load()
+    try:
+        split.manifest = split.manifest.model_copy(update={"outputs": [
+            o.model_copy(update={"shape": [-1, -1]}) if o.name == "logits" else o for o in split.manifest.outputs]})
+        batch = np.random.default_rng(10).random((5, *one.manifest.inputs[0].shape[1:]), dtype=np.float32)
+        want, handed = one.run(batch), []
+        for got in (split.run(batch), split.run_parts(batch, lambda lo, hi, outs: handed.append((lo, hi)))):
+            for name in want:
+                np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+        assert handed == [(0, 5)]
+    finally:
+        one.close()
+        split.close()

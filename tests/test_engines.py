@@ -205,3 +205,127 @@ def test_the_stations_onnxruntime_threading_reaches_every_session(spin, threads,
             assert e.split_sessions == split  # "auto" (0): one per thread, none for one thread
     finally:
         analyzer.close()
+
+
+@needs_models
+def test_run_batched_on_no_inputs_gives_empty_outputs_of_the_manifests_shapes():
+    """A field without crops: every output has no rows and the manifest's other axes; an axis the
+    manifest leaves open (-1) has no size to give, so it is empty too."""
+    eng = create_engine("onnxruntime", MODELS / "wbc_head.json")
+    s = eng.manifest.input_size
+    none = np.zeros((0, 3, s, s), np.float32)
+    out = run_batched(eng, none)
+    assert {k: v.shape for k, v in out.items()} == {
+        "logits": (0, len(eng.manifest.classes)), "ood": (0,), "features": (0, eng.manifest.feature_space.dim)}
+    assert all(v.dtype == np.float32 for v in out.values())
+    eng.manifest = eng.manifest.model_copy(update={"outputs": [
+        o.model_copy(update={"shape": [-1] * len(o.shape)}) for o in eng.manifest.outputs]})
+    assert {k: v.shape for k, v in run_batched(eng, none).items()} == {"logits": (0, 0), "ood": (0,), "features": (0, 0)}
+
+
+def test_a_backend_whose_module_cannot_be_imported_is_an_engine_error(monkeypatch):
+    from smearscope.engines import registry
+
+    monkeypatch.setitem(registry.BACKENDS, "openvino", "smearscope.engines.no_such_backend:OpenVinoEngine")
+    with pytest.raises(EngineError, match="'openvino' is not installed here"):
+        engine_class("openvino")
+
+
+def _edited_manifest(tmp_path, edit, name="rbc_head", with_model=True) -> Path:
+    """A copy of a committed manifest (and its model) in `tmp_path`, `edit(json dict)` applied."""
+    if with_model:
+        shutil.copy(MODELS / f"{name}.onnx", tmp_path / f"{name}.onnx")
+    m = json.loads((MODELS / f"{name}.json").read_text())
+    edit(m)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(m))
+    return path
+
+
+@needs_models
+def test_a_misspelt_preprocessing_key_is_refused(tmp_path):
+    """`colour` for `color` must not leave the model fed the default colour order unnoticed."""
+    path = _edited_manifest(tmp_path, lambda m: m["preprocessing"].update(colour="BGR"))
+    with pytest.raises(ManifestError, match="invalid manifest"):
+        load_manifest(path)
+
+
+@needs_models
+def test_a_manifest_without_preprocessing_feeds_rgb_in_0_to_1_planes(tmp_path):
+    """The default preprocessing is what the exported models are trained on (ultralytics, timm):
+    RGB, uint8 / 255, channels first, letterbox grey 114, normalisation inside the graph."""
+    m = load_manifest(_edited_manifest(tmp_path, lambda m: m.pop("preprocessing")))
+    pre = m.preprocessing
+    assert (pre.color, pre.layout, pre.pad_value, pre.normalization_in_graph) == ("RGB", "NCHW", 114, True)
+    assert pre.scale == pytest.approx(1 / 255) and (pre.illumination, pre.stain) == ("none", "none")
+
+
+@needs_models
+def test_a_manifest_of_another_schema_version_is_refused(tmp_path):
+    with pytest.raises(ManifestError, match="invalid manifest"):
+        load_manifest(_edited_manifest(tmp_path, lambda m: m.update(schema_version=2)))
+
+
+@needs_models
+def test_a_feature_space_output_the_model_lacks_is_refused(tmp_path):
+    def edit(m):
+        m["feature_space"]["output"] = "penultimate"
+
+    with pytest.raises(ManifestError, match="feature_space output 'penultimate' is not among the outputs"):
+        load_manifest(_edited_manifest(tmp_path, edit, name="wbc_head", with_model=False))
+
+
+@needs_models
+def test_a_manifest_whose_model_file_is_missing_is_refused_with_or_without_the_hash(tmp_path):
+    path = _edited_manifest(tmp_path, lambda m: None, with_model=False)
+    for verify in (True, False):
+        with pytest.raises(ManifestError, match="model file .*rbc_head.onnx is missing"):
+            load_manifest(path, verify_hash=verify)
+
+
+@needs_models
+def test_a_manifest_naming_an_input_the_model_lacks_fails_at_load(tmp_path):
+    path = _edited_manifest(tmp_path, lambda m: m["inputs"][0].update(name="pixels"))
+    with pytest.raises(EngineError, match="input 'pixels' not in model inputs"):
+        create_engine("onnxruntime", path, sessions=1).load()
+
+
+@needs_models
+@pytest.mark.parametrize("sessions", [1, 2])
+def test_outputs_are_matched_by_name_not_by_their_order_in_the_manifest(tmp_path, sessions):
+    """The manifest may list a model's outputs in another order than the graph: each name gets its
+    own tensor (logits of one row per class, one distance per crop, the features)."""
+    path = _edited_manifest(tmp_path, lambda m: m["outputs"].reverse(), name="wbc_head")
+    want = create_engine("onnxruntime", MODELS / "wbc_head.json", sessions=1)
+    got = create_engine("onnxruntime", path, sessions=sessions)
+    try:
+        assert got.output_names == ["features", "ood", "logits"]
+        x = np.random.default_rng(4).random((3, 3, 96, 96), dtype=np.float32)
+        a, b = want.run(x), got.run(x)
+        assert b["logits"].shape == (3, len(want.manifest.classes)) and b["ood"].shape == (3,)
+        for name in a:
+            np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-5)
+    finally:
+        want.close()
+        got.close()
+
+
+@needs_models
+def test_trt_cache_key_refuses_unknown_precisions_and_follows_the_profile_maximum():
+    """An engine is built for one profile: a manifest whose maximum batch changed must not find the
+    engine built for the old one."""
+    m = load_manifest(MODELS / "rbc_head.json")
+    with pytest.raises(ValueError, match="precision"):
+        engine_filename(m, "10.3.0", "fp8")
+    wider = m.model_copy(update={"batch": BatchProfile(min=1, opt=m.batch.opt, max=2 * m.batch.max)})
+    assert engine_filename(wider, "10.3.0", "fp16") != engine_filename(m, "10.3.0", "fp16")
+    assert engine_filename(wider, "10.3.0", "fp16").endswith(f"-b{2 * m.batch.max}.engine")
+
+
+@needs_models
+def test_profile_shapes_refuse_a_dynamic_axis_other_than_the_batch():
+    m = load_manifest(MODELS / "rbc_head.json")
+    s = m.input_size
+    dynamic = m.model_copy(update={"inputs": [m.inputs[0].model_copy(update={"shape": [-1, 3, -1, s]})]})
+    with pytest.raises(ValueError, match="only the batch axis may be dynamic"):
+        profile_shapes(dynamic)

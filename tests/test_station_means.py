@@ -335,6 +335,32 @@ def test_adding_the_feature_space_is_idempotent_and_keeps_the_outputs(tmp_path):
     assert [o.name for o in after.outputs] == [o.name for o in before.outputs]
 
 
+def test_a_graph_whose_distance_the_sidecar_cannot_reproduce_is_refused(tmp_path):
+    """The sidecar is written only where the distances recomputed from it equal the graph's `ood`:
+    a head whose graph doubles its distance (a score that is not the plain squared Mahalanobis
+    distance) is refused, and its manifest and sidecar are left as they were."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from smearscope.export.feature_space import FeatureSpaceError
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("wbc_head.json", "wbc_head.features.npz"):
+        shutil.copy(DEFAULT_MODELS_DIR / name, models / name)
+    model = onnx.load(str(DEFAULT_MODELS_DIR / "wbc_head.onnx"))
+    g = model.graph
+    last = next(n for n in g.node if "ood" in n.output)
+    last.output[list(last.output).index("ood")] = "ood_single"
+    g.initializer.append(numpy_helper.from_array(np.array(2.0, np.float32), "ood_twice"))
+    g.node.append(helper.make_node("Mul", ["ood_single", "ood_twice"], ["ood"]))
+    onnx.save(model, str(models / "wbc_head.onnx"))
+    before = {p.name: p.read_bytes() for p in models.iterdir() if p.suffix != ".onnx"}
+    with pytest.raises(FeatureSpaceError, match="differ from the graph's 'ood'"):
+        add_feature_space(models / "wbc_head.json", check_batch=2)
+    assert {p.name: p.read_bytes() for p in models.iterdir() if p.suffix != ".onnx"} == before
+
+
 # -- typing by station means ------------------------------------------------------------------
 
 def test_station_means_equal_to_the_heads_give_the_graphs_distance_in_every_view(head):

@@ -47,3 +47,20 @@ def test_build_all_without_tensorrt_says_so(tmp_path, capsys):
 
     assert build_all(tmp_path, tmp_path) == 1
     assert "jetson extra" in capsys.readouterr().out
+
+
+def test_trtexec_command_reserves_a_gib_of_workspace():
+    cmd = trtexec_command(_manifest(), Path("m.onnx"), Path("m.engine"), "fp16")
+    assert "--memPoolSize=workspace:1024M" in cmd.split()  # WORKSPACE_BYTES, 1 GiB, in MiB
+    assert "--fp16" in cmd.split() and "--calib" not in cmd
+
+
+def test_calibration_batches_take_at_most_limit_images_in_name_order(tmp_path):
+    for i in range(5):
+        rows = 10 * i + np.arange(40, dtype=np.uint8)  # not blank; row 0 is 10 * i
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.repeat(rows[:, None, None], 40, 1).repeat(3, 2))
+    batches = list(calibration_batches(tmp_path, _manifest(), batch_size=2, limit=3))
+    assert [len(b) for b in batches] == [2, 1]
+    # the first rows of images 0, 1, 2 (grey 0, 10, 20): the first three names, scaled by 1/255
+    np.testing.assert_allclose(np.concatenate(batches)[:, :, 0, 0], np.array([[0] * 3, [10] * 3, [20] * 3]) / 255,
+                               rtol=1e-6)
