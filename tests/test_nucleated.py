@@ -122,6 +122,20 @@ def test_a_type_is_accepted_only_where_the_cells_size_allows_it():
     assert not accepts(HeadResult("unidentified", 0.3), large, 15.0)
 
 
+def test_the_size_bounds_take_a_cell_exactly_at_them():
+    """A red-cell sized type is taken up to and including the largest lymphocyte's width (as the
+    size gate keeps a lymphocyte exactly that wide), a larger type from exactly 8.8 um. A box
+    without a mask is its inscribed ellipse: a w x w box is w px across, 0.2 um a pixel."""
+    at_8_8 = CellDetection(CellKind.RBC, Box(0, 0, 44, 44), 0.9)  # 44 px = 8.8 um
+    at_15 = CellDetection(CellKind.RBC, Box(0, 0, 75, 75), 0.9)  # 75 px = 15.0 um
+    assert diameter_um(at_8_8) == 8.8 and diameter_um(at_15) == 15.0
+    assert accepts(HeadResult("neutrophil", 0.99), at_8_8, 15.0)
+    assert accepts(HeadResult("monocyte", 0.99), at_8_8, 15.0)
+    assert accepts(HeadResult("lymphocyte", 0.95), at_15, 15.0)
+    assert accepts(HeadResult("erythroblast", 0.95), at_15, 15.0)
+    assert not accepts(HeadResult("lymphocyte", 0.95), at_15, 14.99)
+
+
 def test_a_box_past_the_frames_top_left_reads_only_its_visible_part():
     img, crops = _disc_field([90, 215])  # the dense disc's box starts at x = 12
     det = crops[0].detection

@@ -118,6 +118,42 @@ def test_energy_sends_a_cell_no_class_claims_strongly_to_review():
     assert CropClassifier(_Head(weak), 0.5).classify(_crops())[0].label == "lymphocyte"
 
 
+def test_a_top_probability_exactly_at_the_minimum_confidence_is_typed():
+    """Only a top probability *below* the head's threshold is unidentified: one exactly at it is typed."""
+    logits = {"neutrophil": 2.0}
+    p = CropClassifier(_Head(logits), 0.0).classify(_crops(1))[0].score
+    at = CropClassifier(_Head(logits), p).classify(_crops(1))[0]
+    above = CropClassifier(_Head(logits), float(np.nextafter(p, 1.0))).classify(_crops(1))[0]
+    assert at.label == "neutrophil" and at.score == p
+    assert above.label == UNIDENTIFIED and not above.atypical
+
+
+def test_a_score_exactly_at_the_open_set_threshold_is_not_beyond_it():
+    """Atypical means *beyond* a test's threshold (the calibrated quantile itself is in-set, as the
+    station fit counts it); a hair above it is atypical."""
+    confident = {"lymphocyte": 12.0}
+    at = CropClassifier(_Head(confident, ood=10.0, threshold=10.0), 0.5).classify(_crops(1))[0]
+    over = CropClassifier(_Head(confident, ood=10.001, threshold=10.0), 0.5).classify(_crops(1))[0]
+    assert at.label == "lymphocyte" and not at.atypical
+    assert over.label == UNIDENTIFIED and over.atypical
+
+
+def test_the_energy_test_reads_the_logits_before_the_prior_shift():
+    """A prior shift favouring a class must not make a crop no class claims strongly look
+    claimed: the energy is of the head's own logits. Raw logits lymphocyte 3, neutrophil -4, six
+    zeros: energy -log(e^3 + e^-4 + 6) = -3.26, beyond -5; shifted by +3 on lymphocyte it would
+    read -log(e^6 + e^-4 + 6) = -6.01, inside."""
+    weak = {"lymphocyte": 3.0, "neutrophil": -4.0}
+    head = _Head(weak, energy_threshold=-5.0)
+    head.manifest = head.manifest.model_copy(update={"class_log_prior_shift": {"lymphocyte": 3.0}})
+    res = CropClassifier(head, 0.5).classify(_crops(2))
+    raw = np.array([weak.get(c, 0.0) for c in WBC])
+    assert res[0].ood == pytest.approx(-math.log(np.exp(raw).sum()), rel=1e-5)
+    assert all(r.atypical and r.label == UNIDENTIFIED for r in res)
+    # the shift does move the probabilities: lymphocyte now e^6 / (e^6 + e^-4 + 6)
+    assert res[0].score == pytest.approx(math.exp(6) / (math.exp(6) + math.exp(-4) + 6), rel=1e-5)
+
+
 def test_open_set_method_and_output_agree():
     with pytest.raises(ValueError, match="needs the graph output"):
         OpenSet(method="mahalanobis", threshold=1.0)

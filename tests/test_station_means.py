@@ -280,6 +280,14 @@ def test_a_station_file_round_trips_and_is_refused_for_another_head(tmp_path, he
             load_station_means(_station_file(tmp_path, manifest, space, open_set_thresholds=bad), manifest, space)
 
 
+def test_a_station_file_with_a_zero_temperature_is_refused(tmp_path, head):
+    """-distance / 2T at T = 0 is no probability at all: a file saying so is refused, not applied."""
+    manifest, space = head
+    with pytest.raises(StationMeansError) as exc:
+        load_station_means(_station_file(tmp_path, manifest, space, temperature=0.0), manifest, space)
+    assert exc.value.code == "station_means_invalid"
+
+
 def test_a_tampered_sidecar_is_refused(tmp_path):
     models = tmp_path / "models"
     shutil.copytree(DEFAULT_MODELS_DIR, models)
@@ -292,6 +300,36 @@ def test_a_tampered_sidecar_is_refused(tmp_path):
     with pytest.raises(StationMeansError) as exc:
         load_feature_space(manifest, models)
     assert exc.value.code == "feature_space_mismatch"
+
+
+def test_station_class_scores_are_minus_the_distance_over_twice_the_temperature():
+    """A cell on class a's mean is 0 from it and 32 (squared) from b's and c's: its class scores
+    are -d / 2T, so at T = 4 it is a with probability 1 / (1 + 2 e^-4) = 0.9647, at T = 1 with
+    1 / (1 + 2 e^-16): the station's temperature is what the confidence gate reads."""
+    from smearscope.service.analysis.classify import softmax
+
+    space = _space()
+    feats = space.means[:1].copy()
+    for t, p in ((4.0, 1.0 / (1.0 + 2.0 * np.exp(-4.0))), (1.0, 1.0 / (1.0 + 2.0 * np.exp(-16.0)))):
+        sm = StationMeans("0" * 64, space.sha256, space.means, t, {"a": 10})
+        logits, nearest = sm.logits(space, feats)
+        np.testing.assert_allclose(logits, [[0.0, -32.0 / (2 * t), -32.0 / (2 * t)]], atol=1e-9)
+        assert nearest == pytest.approx([0.0], abs=1e-9)
+        assert softmax(logits)[0, 0] == pytest.approx(p, rel=1e-9)
+
+
+def test_station_means_widen_a_test_never_tighten_it_below_the_models():
+    """With station means each test's threshold is the model's or the means' where higher; a test
+    the means do not name keeps the model's."""
+    from smearscope.engines.manifest import OpenSet
+    from smearscope.service.analysis.classify import WITH_STATION_MEANS, with_station_means
+
+    tests = [OpenSet(method="mahalanobis", output="ood", threshold=430.0), OpenSet(method="energy", threshold=-2.0)]
+    wider = with_station_means(tests, {"mahalanobis": 500.0, "energy": -3.0})
+    assert [t.threshold for t in wider] == [500.0, -2.0]
+    assert all(t.calibration == WITH_STATION_MEANS for t in wider)
+    only = with_station_means(tests, {"energy": -1.0})
+    assert [t.threshold for t in only] == [430.0, -1.0] and only[0] == tests[0]
 
 
 # -- the committed head's features output -----------------------------------------------------

@@ -77,6 +77,60 @@ def test_over_budget_and_too_few_cells_keep_the_models_thresholds():
     assert few.thresholds is None and few.reason == "too_few_white_cells" and few.n_cells == 50
 
 
+def test_exactly_the_budget_with_exactly_the_fewest_cells_fits():
+    """200 normal cells (MIN_CELLS, enough) scoring 0..199, none unsure, budget 5 %: the 0.95
+    quantile (189.05) sends cells 190..199, exactly 10 = 5 %, to review; that is within budget, and
+    the 0.9475 quantile (188.55) sends 11."""
+    scores = np.arange(200, dtype=np.float64)[:, None]
+    fit = fit_station_thresholds(scores, np.zeros(200, bool), ["mahalanobis"], [1000.0], budget=0.05)
+    assert fit.reason is None and fit.n_cells == 200
+    assert fit.quantile == pytest.approx(0.95) and fit.review_share == 0.05
+    assert 189.0 < fit.thresholds["mahalanobis"] < 190.0
+
+
+def test_the_fitted_share_counts_cells_beyond_the_threshold_not_at_it():
+    """The fit counts review as the classifier decides it (a score above its threshold): 190 cells
+    at 1.0 and 10 at 2.0 fit at the first quantile (0.80 reads 1.0), 10 of 200 beyond it."""
+    scores = np.array([1.0] * 190 + [2.0] * 10)[:, None]
+    fit = fit_station_thresholds(scores, np.zeros(200, bool), ["mahalanobis"], [5.0], budget=0.05)
+    assert fit.thresholds == {"mahalanobis": 1.0} and fit.quantile == pytest.approx(0.80)
+    assert fit.review_share == 0.05
+    head = _Head({"neutrophil": 8.0}, ood=1.0, threshold=5.0)
+    at = CropClassifier(head, 0.5, open_set_thresholds=fit.thresholds).classify(_crops(1))[0]
+    assert at.label == "neutrophil" and not at.atypical  # a cell at the fitted threshold is typed
+
+
+def test_a_capped_threshold_never_reads_above_the_models():
+    """A model threshold with more decimals than the fit keeps (430.123456): a capped test's
+    threshold is rounded down (430.1234), so the station may use it; rounded to nearest it would read
+    430.1235, looser than the model's, and be refused."""
+    scores, _ = _station()
+    scores[:, 0] += 320  # around 420: the distance test is capped at the model's
+    model = [430.123456, -2.0]
+    fit = fit_station_thresholds(scores, np.zeros(len(scores), bool), ["mahalanobis", "energy"], model, budget=0.40)
+    assert fit.thresholds is not None and np.quantile(scores[:, 0], fit.quantile) > model[0]
+    assert fit.thresholds["mahalanobis"] == 430.1234
+    head = _Head({"neutrophil": 8.0}, ood=300.0, threshold=model[0], energy_threshold=model[1])
+    clf = CropClassifier(head, 0.5, open_set_thresholds=fit.thresholds)
+    assert clf.thresholds[0] == 430.1234
+
+
+def test_a_station_whose_only_fit_is_the_models_own_thresholds_writes_none():
+    """188 cells at 10 and 12 exactly at the model's 100: every grid quantile reading 10 sends the
+    12 (6 %) to review, over a 5 % budget; the first reading 100 (0.945) is the model's own
+    threshold: nothing tighter fits, so the station keeps the model's (no thresholds of its own)."""
+    scores = np.array([10.0] * 188 + [100.0] * 12)[:, None]
+    fit = fit_station_thresholds(scores, np.zeros(200, bool), ["mahalanobis"], [100.0], budget=0.05)
+    assert fit.thresholds is None and fit.quantile is None and fit.review_share_model == 0.0
+
+
+def test_a_budget_must_be_a_share_strictly_between_nothing_and_everything():
+    scores, unsure = _station()
+    for budget in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="budget"):
+            fit_station_thresholds(scores, unsure, ["mahalanobis", "energy"], [430.0, -2.0], budget=budget)
+
+
 # -- the classifier ---------------------------------------------------------------------------
 
 def test_the_station_threshold_sends_a_cell_between_it_and_the_models_to_review():
@@ -94,6 +148,15 @@ def test_a_looser_or_unknown_station_threshold_is_refused():
         CropClassifier(head, 0.5, open_set_thresholds={"mahalanobis": 431.0})
     with pytest.raises(OpenSetThresholdError, match="energy"):
         CropClassifier(head, 0.5, open_set_thresholds={"energy": -3.0})
+
+
+def test_a_station_threshold_that_is_not_a_number_is_refused():
+    """NaN compares false both ways: taken as a threshold no score would ever be beyond it, and
+    every cell, a blast too, would be typed."""
+    head = _Head({"neutrophil": 8.0}, ood=300.0, threshold=430.0, energy_threshold=-2.0)
+    for bad in ({"mahalanobis": float("nan")}, {"energy": float("nan")}):
+        with pytest.raises(OpenSetThresholdError, match="looser"):
+            CropClassifier(head, 0.5, open_set_thresholds=bad)
 
 
 # -- the config and start-up ------------------------------------------------------------------
