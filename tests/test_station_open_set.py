@@ -118,10 +118,12 @@ def test_a_capped_threshold_never_reads_above_the_models():
 def test_a_station_whose_only_fit_is_the_models_own_thresholds_writes_none():
     """188 cells at 10 and 12 exactly at the model's 100: every grid quantile reading 10 sends the
     12 (6 %) to review, over a 5 % budget; the first reading 100 (0.945) is the model's own
-    threshold: nothing tighter fits, so the station keeps the model's (no thresholds of its own)."""
+    threshold: nothing tighter fits, so the station keeps the model's (no thresholds of its own),
+    and says so: not "over budget", which the model's thresholds (none of these to review) are not."""
     scores = np.array([10.0] * 188 + [100.0] * 12)[:, None]
     fit = fit_station_thresholds(scores, np.zeros(200, bool), ["mahalanobis"], [100.0], budget=0.05)
     assert fit.thresholds is None and fit.quantile is None and fit.review_share_model == 0.0
+    assert fit.reason == "nothing_tighter"
 
 
 def test_a_budget_must_be_a_share_strictly_between_nothing_and_everything():

@@ -8,7 +8,8 @@ its own: from the white cells of specimens it knows to be normal, the lowest com
 (on a grid from `Q_GRID_FROM` up) of each test's scores such that at most `budget` of those
 cells go to review (a top probability under the head's minimum confidence, or a score beyond a
 threshold). A threshold is never set above the model's: a station may tighten, never loosen (a
-station whose normal cells already need more review than its budget keeps the model's).
+station whose normal cells already need more review than its budget keeps the model's, as does
+one where only the model's own thresholds keep within it).
 
 Measured with heads trained without one white-cell type (`python -m training.openset_compare
 --station-budget`, models/README.md): how much more of the unseen type each lab catches with
@@ -39,7 +40,7 @@ class OpenSetFit:
     review_share: float
     review_share_model: float
     quantile: float | None = None
-    reason: str | None = None  # too_few_white_cells | over_budget
+    reason: str | None = None  # too_few_white_cells | over_budget | nothing_tighter
 
 
 def _review(scores: np.ndarray, unsure: np.ndarray, thresholds: np.ndarray) -> float:
@@ -67,8 +68,8 @@ def fit_station_thresholds(scores: np.ndarray, unsure: np.ndarray, methods: Sequ
         t = np.minimum(np.quantile(scores, q, axis=0), model)
         share = _review(scores, unsure, t)
         if share <= budget:
-            if np.array_equal(t, model):
-                break  # nothing tighter fits the budget
+            if np.array_equal(t, model):  # the model's are within budget, nothing tighter is
+                return OpenSetFit(None, n, at_model, at_model, reason="nothing_tighter")
             # rounded down, so a threshold capped at the model's never reads above it
             return OpenSetFit({m: float(np.floor(v * 1e4) / 1e4) for m, v in zip(methods, t)}, n, share, at_model,
                               quantile=round(float(q), 4))
