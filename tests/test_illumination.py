@@ -105,6 +105,32 @@ def test_the_gain_applies_at_the_canonical_scale_too():
     np.testing.assert_allclose(canon[glass].astype(float).mean(axis=0), TARGET_WHITE, atol=4.0)
 
 
+def test_each_model_gets_the_frame_its_training_images_had():
+    """A field at the canonical scale (stages 2-3): none | flatfield, then the stain method, each
+    variant built from the one before it, once per field, the stain result kept for the report."""
+    from smearscope.service.analysis.prepare import CanonicalField, Preparation
+    from smearscope.service.analysis.stain import MacenkoNormalizer
+
+    f = _field("warm, vignetted", width=640, height=480, mpp=0.1)
+    ill = estimate_illumination(f.frame.pixels)
+    macenko = MacenkoNormalizer.from_reference_file()
+    timing: dict[str, float] = {}
+    field = CanonicalField(f.frame.pixels, 0.1, ill, {"macenko": macenko}, timing)
+    raw = resample_to_canonical(f.frame.pixels, 0.1)
+    lamp = apply_illumination(raw, ill)
+    assert field.shape == raw.shape and not np.array_equal(lamp, raw)  # a vignetted lamp: it matters
+    np.testing.assert_array_equal(field.pixels(Preparation()), raw)
+    np.testing.assert_array_equal(field.pixels(Preparation("flatfield")), lamp)
+    want = macenko.normalize(lamp)
+    got = field.pixels(Preparation("flatfield", "macenko"))
+    np.testing.assert_array_equal(got, want.pixels)
+    assert field.pixels(Preparation("flatfield", "macenko")) is got  # once per field
+    assert field.stain_results["macenko"].applied == want.applied
+    assert field.stain_results["macenko"].reason == want.reason
+    np.testing.assert_array_equal(field.pixels(Preparation("none", "macenko")), macenko.normalize(raw).pixels)
+    assert {"resample_ms", "illumination_ms", "stain_ms"} <= set(timing)
+
+
 @pytest.mark.parametrize(("width", "height"), [(640, 480), (4000, 3000), (333, 517)])
 def test_frame_size_does_not_change_the_lamp_measured(width, height):
     """The frame is shrunk before the lamp is fitted (a 12 MP frame halved first): any size,

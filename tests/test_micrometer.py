@@ -24,6 +24,9 @@ def test_micrometer_calibration_on_rendered_rulings(mpp, angle, size):
     img = render_micrometer(size[0], size[1], mpp, angle_deg=angle, seed=int(mpp * 1000))
     r = measure_micrometer(img, 10.0)
     assert r.microns_per_pixel == pytest.approx(mpp, rel=0.005)
+    # rendered across u = x cos(angle) + y sin(angle) (y down): the lines run at angle + 90 degrees
+    off = (r.angle_deg - (angle + 90.0)) % 180.0
+    assert min(off, 180.0 - off) < 0.5, r.angle_deg
 
 
 def test_micrometer_refuses_what_is_not_a_ruling():
@@ -32,6 +35,10 @@ def test_micrometer_refuses_what_is_not_a_ruling():
     noise = (np.random.default_rng(0).random((300, 300, 3)) * 255).astype(np.uint8)
     with pytest.raises(MicrometerError):
         measure_micrometer(noise)
+    # under 32 pixels across: too few to measure, though the strip shows a ruling
+    strip = render_micrometer(400, 300, 0.25, ticks_um=None)[:24]
+    with pytest.raises(MicrometerError, match=r"image too small \(400x24\)"):
+        measure_micrometer(strip)
 
 
 def test_calibrate_scale_command(tmp_path):

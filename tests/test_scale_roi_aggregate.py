@@ -177,6 +177,30 @@ def test_a_crop_is_the_window_centred_on_the_nearest_pixel_and_full_size_at_ever
     np.testing.assert_array_equal(corner[-1, -1], img[-1, -1])  # padded by replicating the edge
 
 
+def test_a_crop_past_one_border_is_padded_on_that_side_only():
+    """Unresized: near the left border (x0 = round(10 - 28) = -18, y0 = 72) the first 18 columns
+    replicate the frame's first column and the rest is the frame; near the top (y0 = round(5 - 28)
+    = -23, x0 = 122) the same with rows."""
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    spec = CropSpec(extent_um=11.2, input_size=56)
+    left = crop_cell(img, (10.0, 100.0), spec)
+    assert left.shape == (56, 56, 3)
+    np.testing.assert_array_equal(left[:, 18:], img[72:128, 0:38])
+    np.testing.assert_array_equal(left[:, :18], np.repeat(img[72:128, :1], 18, axis=1))
+    top = crop_cell(img, (150.0, 5.0), spec)
+    assert top.shape == (56, 56, 3)
+    np.testing.assert_array_equal(top[23:], img[0:33, 122:178])
+    np.testing.assert_array_equal(top[:23], np.repeat(img[:1, 122:178], 23, axis=0))
+
+
+def test_a_crop_wholly_past_the_right_or_bottom_border_is_still_full_size():
+    img = np.random.default_rng(2).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    spec = CropSpec(extent_um=11.2, input_size=56)  # unresized: the padding alone makes the size
+    for centre in [(400.0, 100.0), (150.0, 300.0), (400.0, 300.0)]:
+        assert crop_cell(img, centre, spec).shape == (56, 56, 3), centre
+
+
 def test_a_crop_shrunk_to_the_heads_size_averages_the_area_each_pixel_covers():
     """WBC crops shrink 128 -> 96 px: each output pixel covers 4/3 of a column, so 1-px stripes of
     0 and 255 average to between a third and two thirds of mixed (64..191), none keeps one stripe."""

@@ -234,6 +234,28 @@ def test_unusable_fields_pass_through(
     np.testing.assert_array_equal(result.pixels, field)
 
 
+def _stained_pixels(n: int, height: int = 240, width: int = 320) -> np.ndarray:
+    """Glass (245: optical density below 0 at io 240) with `n` pixels of both reference stains
+    in random amounts (0.8-1.5 purple, 0.5-1.2 pink: OD over 0.5 in every channel, stained)."""
+    amounts = np.random.default_rng(n).uniform([0.8, 0.5], [1.5, 1.2], (n, 2))
+    rgb = np.rint(240.0 * np.exp(-amounts @ REFERENCE_STAINS.T)).astype(np.uint8)
+    field = np.full((height * width, 3), 245, np.uint8)
+    field[:n] = rgb[:, ::-1]
+    return field.reshape(height, width, 3)
+
+
+def test_the_fewest_stained_pixels_a_field_is_normalized_on(fitted: MacenkoNormalizer) -> None:
+    """At least 1000 stained pixels, or 0.1 % of a larger frame's pixels (1200 of 1200 x 1000)."""
+    assert not fitted.normalize(_stained_pixels(999)).applied
+    assert fitted.normalize(_stained_pixels(999)).reason == "too_few_stained_pixels"
+    assert fitted.normalize(_stained_pixels(1000)).applied
+    big = fitted.normalize(_stained_pixels(1199, 1000, 1200))
+    assert not big.applied and big.reason == "too_few_stained_pixels"
+    # counted enough (1.3 % stained at 1000 above normalizes; 0.1 % passes the count, though its
+    # 99th-percentile concentrations fall on the glass)
+    assert fitted.normalize(_stained_pixels(1200, 1000, 1200)).reason != "too_few_stained_pixels"
+
+
 def test_single_direction_stain_is_degenerate(fitted: MacenkoNormalizer) -> None:
     """Every stained pixel on one OD ray (one dye, varying amount): no plane, no second stain."""
     amount = np.linspace(0.3, 1.5, 240 * 320).reshape(240, 320)
@@ -298,6 +320,11 @@ def test_reference_validation_and_round_trip() -> None:
         StainReference(REFERENCE_STAINS, np.array([1.0, 0.0]))
     with pytest.raises(ValueError):
         StainReference.from_json(json.dumps({"method": "vahadane"}))
+    # alpha is the percentile each extreme angle is taken at: 0 <= alpha < 50
+    for bad in ({"alpha": 50.0}, {"alpha": -1.0}, {"io": 0.0}, {"beta": -0.1}):
+        with pytest.raises(ValueError, match="parameters"):
+            StainReference(REFERENCE_STAINS, np.array([1.0, 1.0]), **bad)  # type: ignore[arg-type]
+    StainReference(REFERENCE_STAINS, np.array([1.0, 1.0]), alpha=0.0, beta=0.0)
 
 
 def test_daemon_imports_stay_torch_free() -> None:

@@ -109,3 +109,14 @@ def test_empty_frame_and_validation() -> None:
         StainTransform(2 * FIELD, REFERENCE, np.ones(2), code_lambda=0.01)
     with pytest.raises(ValueError, match="coincide"):
         StainTransform(np.column_stack([FIELD[:, 0]] * 2), REFERENCE, np.ones(2), code_lambda=0.01)
+    # a microradian apart: the Gram matrix of the closed-form lasso is singular to working precision
+    turned = FIELD[:, 0] + 1e-6 * np.cross(FIELD[:, 0], FIELD[:, 1])
+    with pytest.raises(ValueError, match="coincide"):
+        StainTransform(np.column_stack([FIELD[:, 0], turned / np.linalg.norm(turned)]), REFERENCE, np.ones(2),
+                       code_lambda=0.01)
+    with pytest.raises(ValueError, match="code_lambda"):
+        StainTransform(FIELD, REFERENCE, np.ones(2), code_lambda=-0.01)
+    for io in (0.0, -240.0):
+        with pytest.raises(ValueError, match="io must be positive"):
+            StainTransform(FIELD, REFERENCE, np.ones(2), io)
+    StainTransform(FIELD, REFERENCE, np.ones(2), code_lambda=0.0)  # no penalty: still the lasso's bound

@@ -22,7 +22,7 @@ from smearscope.device.synthetic import render_field
 
 # The renderer's per-stain optical densities and hue tilt: the ground truth of its stains.
 from smearscope.device.synthetic_cells import _OD_NUCLEUS, _OD_RBC, StainParams, _tilt
-from smearscope.service.analysis.illumination import correct_illumination
+from smearscope.service.analysis.illumination import TARGET_WHITE, correct_illumination
 from smearscope.service.analysis.stain import StainNormalizer, create_normalizer
 from smearscope.service.analysis.stain_transform import nonnegative_lasso_codes
 from smearscope.service.analysis.stain_vahadane import (
@@ -193,6 +193,82 @@ def test_one_nucleus_is_enough(fitted: VahadaneNormalizer) -> None:
     fit = fitted.transform_for(correct_illumination(frame).pixels)
     assert fit.transform is not None and fit.reason is None, fit.detail
     assert _angle(fit.transform.source_stains[:, 0], rendered_stains(OTHER_LAB)[:, 0]) < 5.0
+
+
+def _drawn_field(light_od: tuple[float, float], dark_stain: np.ndarray, dark_pixels: int,
+                 dark_od: float, seed: int = 0, light_pixels: int = 38400) -> np.ndarray:
+    """240 x 320, illumination-corrected: glass at the stain stage's white (optical density 0),
+    `light_pixels` of the shipped reference's eosin alone in amounts `light_od`, and `dark_pixels`
+    along `dark_stain` at about `dark_od` (each pixel drawn as io * exp(-OD) - 1, the LUT's inverse)."""
+    ref = VahadaneReference.from_json(DEFAULT_REFERENCE_FILE.read_text())
+    rng = np.random.default_rng(seed)
+    od = np.zeros((240 * 320, 3))
+    od[:light_pixels] = rng.uniform(*light_od, (light_pixels, 1)) * ref.stain_matrix_rgb[:, 1]
+    od[light_pixels:light_pixels + dark_pixels] = dark_od * rng.uniform(0.9, 1.1, (dark_pixels, 1)) * _unit(dark_stain)
+    rgb = np.clip(np.rint(ref.io * np.exp(-od) - 1.0), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(rgb[:, ::-1]).reshape(240, 320, 3)
+
+
+def test_a_few_nuclei_on_pale_red_cells_leave_the_azure_to_the_reference() -> None:
+    """Pale red cells (OD 0.18-0.28: over `tissue_od` 0.15, so stain) and 50 dark azure pixels:
+    twice the median OD or more, but fewer than max(100, 0.3 % of 38450) = 115: the azure is
+    absent (the reference's stands in), the eosin is learned from the red cells."""
+    normalizer = VahadaneNormalizer.default()
+    ref = normalizer.reference
+    assert ref is not None
+    fit = normalizer.transform_for(_drawn_field((0.18, 0.28), ref.stain_matrix_rgb[:, 0], 50, 1.0))
+    assert fit.transform is not None and fit.reason == "azure_stain_absent", fit.detail
+    np.testing.assert_allclose(fit.transform.source_stains[:, 0], ref.stain_matrix_rgb[:, 0])
+    assert _angle(fit.transform.source_stains[:, 1], ref.stain_matrix_rgb[:, 1]) < 1.0
+
+
+def test_a_field_needs_twice_the_minimum_of_one_stain_in_stained_pixels() -> None:
+    """Fewer than 2 x `min_stain_pixels` (200) stained pixels is too few, even where one stain
+    alone (120 pale red-cell pixels, over the 100 minimum) could be learned."""
+    normalizer = VahadaneNormalizer.default()
+    ref = normalizer.reference
+    assert ref is not None
+    few = _drawn_field((0.3, 0.6), ref.stain_matrix_rgb[:, 0], 30, 1.5, light_pixels=120)  # 150 stained
+    result = normalizer.normalize(few)
+    assert not result.applied and result.reason == "too_few_stained_pixels"
+    np.testing.assert_array_equal(result.pixels, few)
+
+
+def test_a_dark_artefact_far_from_the_azure_is_no_azure() -> None:
+    """600 dark pixels absorbing blue (a yellow mark: 66 degrees from the reference's azure, more
+    than `max_azure_deviation_deg` 45) are enough pixels, but no azure: the reference's stands in."""
+    normalizer = VahadaneNormalizer.default()
+    ref = normalizer.reference
+    assert ref is not None
+    fit = normalizer.transform_for(_drawn_field((0.3, 0.6), np.array([0.2, 0.2, 1.0]), 600, 1.5))
+    assert fit.transform is not None and fit.reason == "azure_stain_absent", fit.detail
+    assert "from reference" in fit.detail
+    np.testing.assert_allclose(fit.transform.source_stains[:, 0], ref.stain_matrix_rgb[:, 0])
+    # the same count of real azure pixels is learned
+    found = normalizer.transform_for(_drawn_field((0.3, 0.6), ref.stain_matrix_rgb[:, 0], 600, 1.5))
+    assert found.transform is not None and found.reason is None, found.detail
+
+
+def test_glass_at_the_illumination_stages_white_is_no_stain() -> None:
+    """Frames come with their glass at TARGET_WHITE: its optical density is 0 for a normalizer
+    fitted now, and a fitted one works at the shipped reference's light level."""
+    fresh = VahadaneNormalizer()
+    assert fresh._od_lut[int(TARGET_WHITE)] == pytest.approx(0.0, abs=1e-12)
+    assert fresh.io == VahadaneNormalizer.default().io
+
+
+def test_learned_stain_vectors_are_projected_onto_non_negative_ones() -> None:
+    """Pixels of one stain or the other, their blue read 0.05 OD under the glass (brighter than
+    `io`): the first stain's unconstrained blue is negative, its projection is exactly 0."""
+    truth = np.column_stack([[0.6, 0.8, 0.0], [0.0, 0.6, 0.8]])
+    codes = np.random.default_rng(0).uniform(0.2, 1.0, (3000, 2))
+    codes[:1500, 1] = 0.0
+    codes[1500:, 0] = 0.0
+    od = codes @ truth.T - np.array([0.0, 0.0, 0.05])
+    w = learn_stain_vectors(od, ROMANOWSKY_PRIOR, 0.1)
+    assert (w >= 0).all() and np.allclose(np.linalg.norm(w, axis=0), 1.0)
+    assert w[2, 0] == 0.0
+    assert _angle(w[:, 0], truth[:, 0]) < 0.5
 
 
 def _greyscale() -> np.ndarray:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from smearscope.engines.manifest import load_manifest
 from smearscope.service.analysis.tiling import (
     PAD_VALUE,
     StainedArea,
@@ -17,6 +19,7 @@ from smearscope.service.analysis.tiling import (
     tile_starts,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 TILE = 256
 SIZES = [(256, 256), (257, 300), (600, 500), (1280, 960), (513, 1000), (4000, 300)]
 
@@ -102,8 +105,13 @@ def test_frame_narrower_than_tile_is_padded_in_one_direction_only() -> None:
     tiles = make_tiles(img, TILE, 0.1)
     assert {t.x for t in tiles} == {0} and len(tiles) == len(tile_starts(600, TILE, 0.1))
     for t in tiles:
+        assert t.pixels.shape == (TILE, TILE, 3)  # full size: padded across, though tall enough
         np.testing.assert_array_equal(t.pixels[:, :120], img[t.y : t.y + TILE])
         assert (t.pixels[:, 120:] == PAD_VALUE).all()
+    # ... and a frame wider than a tile but shorter: padded below only, every tile full size
+    for t in make_tiles(np.ascontiguousarray(img.transpose(1, 0, 2)), TILE, 0.1):
+        assert t.y == 0 and t.pixels.shape == (TILE, TILE, 3)
+        assert (t.pixels[120:] == PAD_VALUE).all()
 
 
 def test_background_tiles_are_skipped_and_indices_stay_grid_indices() -> None:
@@ -125,6 +133,36 @@ def test_a_grey_or_faint_cell_is_not_background() -> None:
     assert not is_background(img) and len(make_tiles(img, TILE, 0.0)) == 1
     img[100:140, 100:140] = 215  # fainter than the dark bound, colourless: background
     assert is_background(img)
+
+
+def test_tiles_are_padded_with_the_grey_the_models_were_trained_with() -> None:
+    """The pad is the letterbox grey each shipped model's manifest declares (preprocessing.pad_value)."""
+    manifests = sorted((REPO / "models").glob("*.json"))
+    assert manifests
+    for path in manifests:
+        assert load_manifest(path, verify_hash=False).preprocessing.pad_value == PAD_VALUE, path.name
+    (tile,) = make_tiles(_stained(100, 180), TILE, 0.2)
+    assert (tile.pixels[100:] == PAD_VALUE).all()
+
+
+def test_a_pale_but_coloured_cell_is_stained_by_its_saturation() -> None:
+    """Pale pink BGR (200, 190, 240): lighter than the dark bound (grey 0.114*200 + 0.587*190 +
+    0.299*240 = 206), but its saturation (240 - 190) / 240 * 255 = 53 is over 40. A tint of
+    saturation (235 - 210) / 235 * 255 = 27, grey 218, is glass."""
+    img = np.full((TILE, TILE, 3), 235, np.uint8)
+    img[100:140, 100:140] = (200, 190, 240)  # 1600 px, 2.4 % of the tile
+    assert not is_background(img) and len(make_tiles(img, TILE, 0.0)) == 1
+    img[100:140, 100:140] = (215, 210, 235)
+    assert is_background(img) and make_tiles(img, TILE, 0.0) == []
+
+
+def test_a_tile_with_exactly_the_minimum_stained_share_is_kept() -> None:
+    """Background means FEWER stained pixels than 0.2 %: of a 250 px tile that is 125 pixels."""
+    img = np.full((250, 250, 3), 235, np.uint8)
+    img[10:15, 20:45] = (160, 90, 220)  # 5 x 25 = 125 stained pixels
+    assert not is_background(img) and len(make_tiles(img, 250, 0.0)) == 1
+    img[14, 44] = 235  # 124
+    assert is_background(img) and make_tiles(img, 250, 0.0) == []
 
 
 def test_padding_alone_is_background() -> None:
