@@ -201,6 +201,17 @@ def test_a_crop_wholly_past_the_right_or_bottom_border_is_still_full_size():
         assert crop_cell(img, centre, spec).shape == (56, 56, 3), centre
 
 
+def test_a_crop_wholly_past_the_left_or_top_border_is_full_size_and_blank_as_past_the_others():
+    """A centre more than half a crop before the left or top border: a slice end below 0 would
+    count from the frame's far side (a 256 x 356 crop of the far corner); the crop is blank and
+    full size, as one wholly past the right or bottom border is."""
+    img = np.random.default_rng(2).integers(1, 256, (200, 300, 3), dtype=np.uint8)
+    spec = CropSpec(extent_um=11.2, input_size=56)
+    for centre in [(-100.0, -100.0), (-100.0, 100.0), (150.0, -60.0), (400.0, -100.0), (400.0, 300.0)]:
+        crop = crop_cell(img, centre, spec)
+        assert crop.shape == (56, 56, 3) and not crop.any(), centre
+
+
 def test_a_crop_shrunk_to_the_heads_size_averages_the_area_each_pixel_covers():
     """WBC crops shrink 128 -> 96 px: each output pixel covers 4/3 of a column, so 1-px stripes of
     0 and 255 average to between a third and two thirds of mixed (64..191), none keeps one stripe."""

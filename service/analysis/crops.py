@@ -38,11 +38,12 @@ def crop_cell(canonical_image: np.ndarray, center_xy: tuple[float, float], spec:
     h, w = canonical_image.shape[:2]
     pad_l, pad_t = max(0, -x0), max(0, -y0)
     pad_r, pad_b = max(0, x0 + side - w), max(0, y0 + side - h)
-    window = canonical_image[max(0, y0) : min(h, y0 + side), max(0, x0) : min(w, x0 + side)]
+    # ends kept at 0 or more: a negative end would count from the frame's far side
+    window = canonical_image[max(0, y0) : max(0, min(h, y0 + side)), max(0, x0) : max(0, min(w, x0 + side))]
     if pad_l or pad_t or pad_r or pad_b:
-        if window.size == 0:
+        if window.size == 0:  # wholly off the frame, on any side: a blank crop
             window = np.zeros((1, 1, canonical_image.shape[2]), canonical_image.dtype)
-            pad_b, pad_r = side - 1, side - 1
+            pad_t, pad_l, pad_b, pad_r = 0, 0, side - 1, side - 1
         window = cv2.copyMakeBorder(window, pad_t, pad_b, pad_l, pad_r, cv2.BORDER_REPLICATE)
     if side != spec.input_size:
         interp = cv2.INTER_AREA if spec.input_size < side else cv2.INTER_LINEAR
