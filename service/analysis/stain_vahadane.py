@@ -275,6 +275,11 @@ class VahadaneNormalizer:
             if separation < self.min_separation_deg or deviation > self.max_azure_deviation_deg:
                 detail += f"; azure {separation:.1f} deg from eosin, {deviation:.1f} from reference"
                 absent[0] = True
+                if separation >= self.min_separation_deg:
+                    # A third colour, neither stain (a scale bar, a mark): left out of the eosin's
+                    # fit and range. Dark pixels near the eosin (its darkest red cells) stay in.
+                    tissue = tissue[~dark]
+                    sample = self._evenly(tissue)
                 w = self._learn(sample, prior, absent)
         if all(absent):
             return _FieldStains(None, None, (True, True), PassThroughReason.TOO_FEW_STAINED_PIXELS,
