@@ -329,3 +329,26 @@ def test_profile_shapes_refuse_a_dynamic_axis_other_than_the_batch():
     dynamic = m.model_copy(update={"inputs": [m.inputs[0].model_copy(update={"shape": [-1, 3, -1, s]})]})
     with pytest.raises(ValueError, match="only the batch axis may be dynamic"):
         profile_shapes(dynamic)
+
+
+@needs_models
+def test_a_detector_trained_with_another_tile_pad_is_refused(tmp_path):
+    """The analysis pads tiles and packed windows with one grey (tiling.PAD_VALUE, what the
+    committed detector was trained with): a detector whose manifest says it was trained with
+    another pad is refused with both values, not fed a grey it never saw."""
+    from smearscope.service.analysis.tiling import PAD_VALUE
+    from smearscope.service.analysis.yolo_decode import YoloSegmenter
+
+    assert load_manifest(MODELS / "seg.json").preprocessing.pad_value == PAD_VALUE
+    committed = create_engine("onnxruntime", MODELS / "seg.json", sessions=1).load()
+    try:
+        assert YoloSegmenter(committed).input_size == committed.manifest.input_size
+    finally:
+        committed.close()
+    path = _edited_manifest(tmp_path, lambda m: m["preprocessing"].update(pad_value=0), name="seg")
+    engine = create_engine("onnxruntime", path, sessions=1).load()
+    try:
+        with pytest.raises(ManifestError, match=f"padded with 0; the analysis pads them with {PAD_VALUE}"):
+            YoloSegmenter(engine)
+    finally:
+        engine.close()

@@ -18,9 +18,11 @@ import numpy as np
 
 from smearscope.engines.base import Engine
 from smearscope.engines.batching import run_batched
+from smearscope.engines.manifest import ManifestError
 from smearscope.engines.preprocess import to_model_input
 from smearscope.service.analysis.records import SEG_CLASSES, Box, CellDetection, CellKind, Tile
 from smearscope.service.analysis.segment import cut_by_interior_tile_edges
+from smearscope.service.analysis.tiling import PAD_VALUE
 from smearscope.service.analysis.tta import check_views
 
 logger = logging.getLogger(__name__)
@@ -180,6 +182,9 @@ class YoloSegmenter:
                  views: Sequence[str] | None = None, platelet_conf_threshold: float | None = None) -> None:
         self.engine = engine
         m = engine.manifest
+        if m.preprocessing.pad_value != PAD_VALUE:  # tiles and packed windows are padded with it
+            raise ManifestError(f"{m.name}: trained with tiles padded with {m.preprocessing.pad_value}; the analysis "
+                                f"pads them with {PAD_VALUE}")
         #: Test-time views the pipeline runs (service.analysis.tta); the calibration was fitted for m.tta.
         self.views = check_views(m.tta if views is None else views)
         if self.views != tuple(m.tta) and m.score_calibration:
