@@ -264,3 +264,103 @@ def test_analyze_prints_its_summary_at_an_estimated_scale_and_at_a_given_one(tmp
     given = smearscope("analyze", str(path), "--microns-per-pixel", "0.1")
     assert given.returncode == 0 and "RBC diameter" in given.stdout, given.stdout
     assert "not assessable" not in given.stdout, given.stdout
+
+
+def test_scale_and_floor_limits_are_the_documented_ones(tmp_path):
+    """--microns-per-pixel 0.01 to 2 and a --detections-floor above 0 and under the counting
+    threshold are taken (here the missing models are the next thing said); outside, bad_scale or
+    bad_floor before any work."""
+    p = tmp_path / "f.png"
+    cv2.imwrite(str(p), hostile.smear_like(200, 200))
+    none = str(tmp_path / "no-models")
+    for extra, code in ((["--microns-per-pixel", "2.5"], "bad_scale"), (["--microns-per-pixel", "0.005"], "bad_scale"),
+                        (["--microns-per-pixel", "2"], "engine_unavailable"),
+                        (["--microns-per-pixel", "0.01"], "engine_unavailable"),
+                        (["--detections", str(tmp_path / "d.jsonl"), "--detections-floor", "0"], "bad_floor"),
+                        (["--detections", str(tmp_path / "d.jsonl"), "--detections-floor", "-0.1"], "bad_floor"),
+                        (["--detections", str(tmp_path / "d.jsonl"), "--detections-floor", "0.3"], "engine_unavailable")):
+        proc = smearscope("analyze", str(p), "--json", "--models", none, *extra)
+        assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == code, (extra, proc.stdout)
+
+
+@needs_models
+def test_an_overlay_or_bundle_that_cannot_be_written_makes_the_exit_status_2_and_the_report_stands(tmp_path):
+    """OUT/STEM.overlay.png or OUT/STEM.fhir.json a link into a folder that does not exist: the
+    path passes the checks before work, the write fails; it is logged, the report is printed, and
+    the exit status says something failed."""
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    _render(folder / "f.png", 21)
+    for option, name in (("--overlay", "f.overlay.png"), ("--fhir", "f.fhir.json")):
+        out = tmp_path / option.strip("-")
+        out.mkdir()
+        (out / name).symlink_to(tmp_path / "gone" / name)
+        proc = smearscope("analyze", str(folder), "--json", "--microns-per-pixel", "0.1", option, str(out))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (option, proc.stderr[-1000:])
+        (report,) = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
+        assert report["counts"]["rbc"] > 0 and "error" not in report, option
+        assert not (tmp_path / "gone").exists()
+
+
+@needs_models
+def test_two_inputs_of_one_name_get_an_overlay_and_a_bundle_each(tmp_path):
+    """x/f.png and y/f.png: neither image's overlay or FHIR bundle replaces the other's."""
+    for sub, seed in (("x", 22), ("y", 23)):
+        (tmp_path / sub).mkdir()
+        _render(tmp_path / sub / "f.png", seed)
+    overlays, bundles = tmp_path / "overlays", tmp_path / "fhir"
+    proc = smearscope("analyze", str(tmp_path / "x" / "f.png"), str(tmp_path / "y" / "f.png"), "--json",
+                      "--microns-per-pixel", "0.1", "--overlay", str(overlays), "--fhir", str(bundles))
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    reports = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(reports) == 2
+    drawn = sorted(overlays.iterdir())
+    assert len(drawn) == 2 and all(p.name.startswith("f") and p.name.endswith(".overlay.png") for p in drawn)
+    images = {s: cv2.imread(str(tmp_path / s / "f.png")).astype(int) for s in ("x", "y")}
+    nearest = set()
+    for p in drawn:  # each overlay is drawn on its own image
+        diff = {s: np.abs(cv2.imread(str(p)).astype(int) - own).mean() for s, own in images.items()}
+        nearest.add(min(diff, key=diff.get))
+        assert min(diff.values()) < max(diff.values()) / 2
+    assert nearest == {"x", "y"}
+    written = sorted(bundles.iterdir())
+    assert len(written) == 2 and all(p.name.endswith(".fhir.json") for p in written)
+    texts = [p.read_text() for p in written]
+    assert all(sum(r["report_id"] in t for t in texts) == 1 for r in reports)  # one bundle per report
+
+
+@needs_models
+def test_detections_are_ranked_by_score_down_to_the_floor_inclusive(tmp_path):
+    """--detections lists every detection sorted by score, highest first (as mAP ranks them), down
+    to and including --detections-floor."""
+    img = tmp_path / "f.png"
+    _render(img, 24)
+    dets = tmp_path / "d.jsonl"
+    proc = smearscope("analyze", str(img), "--json", "--microns-per-pixel", "0.1", "--detections", str(dets))
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    scores = [d["score"] for d in json.loads(dets.read_text())["detections"]]
+    assert len(scores) > 10 and scores == sorted(scores, reverse=True)
+    below = sorted(d["score"] for d in json.loads(dets.read_text())["detections"] if not d["counted"])
+    floor = below[len(below) // 2]  # a score written: a floor at it keeps it
+    proc = smearscope("analyze", str(img), "--json", "--microns-per-pixel", "0.1", "--detections", str(dets),
+                      "--detections-floor", str(floor))
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    again = [d["score"] for d in json.loads(dets.read_text())["detections"] if not d["counted"]]
+    assert min(again) == floor and sorted(again) == [s for s in below if s >= floor]
+
+
+@needs_models
+def test_the_summary_lists_the_flags_and_reads_no_sizes_under_a_calibration_in_doubt(tmp_path):
+    """The text lines: every flag as `[severity] code: message`; a field at 0.1 um/px given as 0.25
+    (calibration_suspect) prints no red-cell diameter and no size-based share, and says why."""
+    path = tmp_path / "field.png"
+    _render(path, 3)
+    proc = smearscope("analyze", str(path), "--microns-per-pixel", "0.25")
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    out = proc.stdout
+    assert "  [warning] calibration_suspect: " in out, out
+    assert "RBC diameter" not in out, out
+    doubted = next(ln for ln in out.splitlines() if ln.endswith(": not assessable with a calibration in doubt"))
+    shares = next((ln for ln in out.splitlines() if ln.startswith("  RBC: ")), "")
+    for label in ("macrocyte", "spherocyte"):  # size-based: said not assessable, never given a share
+        assert label in doubted and label not in shares, out

@@ -61,3 +61,36 @@ def test_version_is_the_installed_packages(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"smearscope {version('smearscope')}"
+
+
+def test_documented_defaults():
+    """The defaults docs/CLI.md promises, which a script that leaves an option out relies on."""
+    analyze = build_parser().parse_args(["analyze", "f.png"])
+    assert analyze.check_calibration == 3 and analyze.detections_floor == 0.001
+    assert build_parser().parse_args(["calibrate-scale", "m.png"]).division_um == 10.0
+    atypical = build_parser().parse_args(["calibrate-atypical", "f.png"])
+    assert atypical.budget == 0.05 and atypical.min_cells == 200
+    assert build_parser().parse_args(["adapt-wbc", "--labels", "t.csv", "--out", "o.json"]).min_cells == 10
+
+
+def test_the_log_threshold_is_warning_unless_given():
+    """--log-level (default WARNING) is the threshold of the whole process's log."""
+    probe = ("import logging, sys\n"
+             "from smearscope.cli import main\n"
+             "main(sys.argv[1:])\n"
+             "print(logging.getLevelName(logging.getLogger().getEffectiveLevel()), file=sys.stderr)\n")
+    for extra, level in (([], "WARNING"), (["--log-level", "debug"], "DEBUG"), (["--log-level", "ERROR"], "ERROR")):
+        proc = subprocess.run([sys.executable, "-c", probe, *extra, "schema"], capture_output=True, text=True,
+                              timeout=120, cwd=ROOT, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == level, (extra, proc.stderr)
+
+
+def test_a_reader_that_leaves_early_is_not_an_error():
+    """`smearscope ... | head`: stdout's reader gone before the output is written: exit 0, no
+    traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "smearscope", "schema"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, text=True)
+    proc.stdout.close()  # before the interpreter has even started writing
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err

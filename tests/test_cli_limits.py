@@ -204,3 +204,12 @@ def test_an_output_that_is_a_fifo_is_refused_without_hanging(tmp_path: Path, fie
     for option in ("--detections", "--overlay"):
         proc = run("analyze", str(field), "--json", option, str(fifo), timeout=30)
         assert proc.returncode == 2 and lines(proc)[0]["error"]["code"] == "bad_output", option
+
+
+def test_a_list_with_a_nul_byte_is_not_a_list_of_paths(tmp_path: Path, field: Path) -> None:
+    """A path cannot hold a NUL byte: a list with one is not text (bad_list), not a crash later."""
+    listing = tmp_path / "list.bin"
+    listing.write_bytes(str(field).encode() + b"\n" + b"x\0y.png\n")
+    proc = run("analyze", f"@{listing}", "--json", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-500:]
+    assert lines(proc)[0]["error"]["code"] == "bad_list"

@@ -164,3 +164,29 @@ def test_validate_config_says_the_models_are_missing_as_start_up_would(
     assert main(["install-models", str(models)]) == 0
     capsys.readouterr()
     assert main(["validate-config", str(_config(tmp_path, 1, models))]) == 0
+
+
+def test_doctor_only_warns_of_a_credential_it_cannot_see_from_a_shell(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from a shell ($CREDENTIALS_DIRECTORY unset), the broker password credential cannot be
+    checked: a warning, not a failure; the last line counts the lines above it."""
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    config = _config(tmp_path, 1, DEFAULT_MODELS_DIR, username="st", password_credential="mqtt-password")
+    assert main(["doctor", "--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(ln.startswith("WARN  broker password") and "CREDENTIALS_DIRECTORY" in ln for ln in lines), lines
+    statuses = [ln[:4] for ln in lines[:-1]]
+    assert lines[-1] == (f"{len(statuses)} checks: {statuses.count('FAIL')} failed, "
+                         f"{statuses.count('WARN')} warnings")
+    assert statuses.count("FAIL") == 0 and statuses.count("WARN") >= 2  # the credential, the broker
+
+
+def test_installed_models_are_readable_by_every_user(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """install-models runs as root and the station as its own user: each file is 0644."""
+    import stat
+
+    dest = tmp_path / "models"
+    assert main(["install-models", str(dest)]) == 0
+    installed = sorted(dest.iterdir())
+    assert {p.name for p in installed} >= {"seg.json", "wbc_head.json", "wbc_head.onnx"}
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in installed), [oct(p.stat().st_mode) for p in installed]

@@ -152,3 +152,40 @@ def test_fields_that_are_no_ruling_are_refused_not_measured(seed):
         measure_micrometer(_cells(seed))
     with pytest.raises(MicrometerError, match="no clear ruling"):
         measure_micrometer(_flicker(period=45.0 + 5 * seed, amp=6.0, seed=seed))
+
+
+def test_calibrate_scale_text_gives_the_config_line_and_the_warnings(tmp_path):
+    """Without --json: the `microns_per_pixel = ...` line for [source] (valid TOML), and each
+    warning as a `warning:` line (a grid: lines both ways); --json lists the same warnings."""
+    import tomllib
+
+    def calibrate(path, *extra):
+        return subprocess.run([sys.executable, "-m", "smearscope", "calibrate-scale", str(path), *extra],
+                              check=False, capture_output=True, text=True, timeout=120)
+
+    plain = tmp_path / "micrometer.png"
+    cv2.imwrite(str(plain), render_micrometer(1024, 768, 0.12, angle_deg=8.0))
+    proc = calibrate(plain)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert tomllib.loads(last)["microns_per_pixel"] == pytest.approx(0.12, rel=0.005), proc.stdout
+    assert "warning:" not in proc.stdout
+    grid = tmp_path / "grid.png"
+    cv2.imwrite(str(grid), render_micrometer(1024, 768, 0.25, ticks_um=None, grid=True, angle_deg=4.0))
+    proc = calibrate(grid)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [ln for ln in proc.stdout.splitlines() if ln.startswith("warning: ")]
+    assert any("two directions" in w for w in warnings), proc.stdout
+    assert tomllib.loads(proc.stdout.strip().splitlines()[-1])["microns_per_pixel"] == pytest.approx(0.25, rel=0.003)
+    as_json = json.loads(calibrate(grid, "--json").stdout)
+    assert [f"warning: {w}" for w in as_json["warnings"]] == warnings
+
+
+def test_a_scale_under_the_analyzers_range_is_implausible(tmp_path):
+    """A ruling at 0.12 um/px read with --division-um 0.5 gives 0.006 um/px, under 0.01: refused,
+    not printed as a calibration."""
+    path = tmp_path / "micrometer.png"
+    cv2.imwrite(str(path), render_micrometer(1024, 768, 0.12, angle_deg=8.0))
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "calibrate-scale", str(path), "--division-um", "0.5",
+                           "--json"], check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "implausible_scale", proc.stdout

@@ -912,3 +912,38 @@ def test_a_few_cells_of_a_class_without_a_station_mean_do_not_flatten_the_temper
     with_stray = fit_station_means(space, np.concatenate([feats, stray]), labels + ["c"] * 3, head + ["c"] * 3, "e" * 64)
     assert with_stray.means is not None
     assert with_stray.means.temperature == alone.means.temperature
+
+
+def test_adapt_wbc_refuses_options_that_do_not_go_together_before_any_work(tmp_path):
+    """Each mode takes its own options (exit 2, bad_arguments / no_images / bad_min_cells, said
+    before a config or model is read), and a template never replaces a CSV that is not an untyped
+    template (here another file with no type column)."""
+    field = tmp_path / "f.png"
+    cv2.imwrite(str(field), render_field(1, width=320, height=240).frame.pixels)
+    labels, out, config = tmp_path / "typed.csv", tmp_path / "s.json", tmp_path / "none.toml"
+    labels.write_text("image,x,y,type\nf.png,10,10,neutrophil\n")
+    for args, code in (((str(field), "--labels", str(labels), "--out", str(out)), "bad_arguments"),
+                       (("--station", "--config", str(config), "--out", str(out), "--labels", str(labels)), "bad_arguments"),
+                       (("--station", "--config", str(config), "--out", str(out), str(field)), "bad_arguments"),
+                       (("--station", "--config", str(config), "--out", str(out), "--min-cells", "1"), "bad_min_cells"),
+                       (("--template", str(tmp_path / "t.csv")), "no_images"),
+                       ((str(field), "--template", str(tmp_path / "t.csv"), "--out", str(out)), "bad_arguments")):
+        run = _cli("adapt-wbc", *args, "--models", str(tmp_path / "no-models"), "--json")
+        assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == code, (args, run.stdout)
+        assert not out.exists() and not (tmp_path / "t.csv").exists()
+    other = tmp_path / "counts.csv"
+    other.write_text("image,x,y,note\nf.png,10,10,a cell the technician circled\n")
+    kept = other.read_bytes()
+    run = _cli("adapt-wbc", str(field), "--template", str(other), "--models", str(tmp_path / "no-models"), "--json")
+    assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == "would_overwrite_types", run.stdout
+    assert other.read_bytes() == kept
+
+
+def test_adapt_wbc_refuses_a_fit_at_a_scale_a_percent_off_the_templates(tmp_path):
+    """The template's fields were analysed at 0.1 um/px: a fit at 0.102 (2 % off) takes other
+    features: scale_mismatch, nothing written."""
+    labels, out = tmp_path / "typed.csv", tmp_path / "s.json"
+    labels.write_text("image,x,y,type,microns_per_pixel\nf.png,10,10,neutrophil,0.1\n")
+    run = _cli("adapt-wbc", "--labels", str(labels), "--out", str(out), "--microns-per-pixel", "0.102", "--json")
+    assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == "scale_mismatch", run.stdout
+    assert not out.exists()

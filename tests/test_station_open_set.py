@@ -284,3 +284,19 @@ def test_doctor_says_whose_thresholds_and_fails_a_stale_section(tmp_path):
                                f'model_sha256 = "{_wbc_sha()}"')
     (status, _, detail), = open_set_checks(looser.analysis)
     assert status == "FAIL" and "looser" in detail
+
+
+def test_calibrate_atypical_refuses_a_budget_outside_a_share_and_no_fields_before_any_work(tmp_path):
+    """--budget must lie in (0, 0.5): 0 and 0.5 are refused (bad_budget); a folder without an
+    image is no_images, not a fit on no cells."""
+    image = tmp_path / "f.png"
+    cv2.imwrite(str(image), render_field(1, width=320, height=240).frame.pixels)
+    for budget in ("0", "0.5", "0.7", "-0.1"):
+        out = _cli("calibrate-atypical", str(image), "--budget", budget, "--models", str(tmp_path / "none"), "--json")
+        assert out.returncode == 2 and json.loads(out.stdout)["error"]["code"] == "bad_budget", (budget, out.stdout)
+    out = _cli("calibrate-atypical", str(image), "--budget", "0.49", "--models", str(tmp_path / "none"), "--json")
+    assert json.loads(out.stdout)["error"]["code"] == "engine_unavailable", out.stdout  # a budget taken
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = _cli("calibrate-atypical", str(empty), "--json")
+    assert out.returncode == 2 and json.loads(out.stdout)["error"]["code"] == "no_images", out.stdout
