@@ -230,6 +230,9 @@ def test_verdict_is_frozen(fields: list[np.ndarray]) -> None:
 def test_config_is_strict() -> None:
     with pytest.raises(ValidationError, match="dark_level must be below clipped_level"):
         QualityGateConfig(dark_level=200, clipped_level=100)
+    with pytest.raises(ValidationError, match="dark_level must be below clipped_level"):
+        QualityGateConfig(dark_level=100, clipped_level=100)  # a gray both dark and clipped
+    assert QualityGateConfig(dark_level=99, clipped_level=100).dark_level == 99
     with pytest.raises(ValidationError, match="Extra inputs"):
         QualityGateConfig(min_sharpness=3)  # type: ignore[call-arg]
 
@@ -255,3 +258,94 @@ def test_real_labs_fields_pass_the_default_focus_bar_and_a_micron_of_blur_does_n
     assert len(sharp) >= 100
     assert [v.metrics["focus"] for v in sharp if not v.accepted] == []
     assert {v.reason for v in blurred} == {OUT_OF_FOCUS}, [v.metrics["focus"] for v in blurred if v.accepted]
+
+
+# --- the thresholds' edges: "more than" and "at or above" as the config documents them ---------
+
+
+@pytest.fixture(scope="module")
+def coarse_field() -> np.ndarray:
+    """A rendered field at 0.5 um/px, 400 px wide: measured as it is (no resampling at an unknown
+    scale up to analysis_width), so a fraction of columns is exactly that fraction of pixels."""
+    pixels = synthetic.render_field(seed=4, width=400, height=300, microns_per_pixel=0.5).frame.pixels
+    gray = cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY)
+    assert gray.min() > 20 and gray.max() < 250  # nothing of its own is dark or clipped
+    return pixels
+
+
+def _with_columns(pixels: np.ndarray, n: int, value: int) -> np.ndarray:
+    out = pixels.copy()
+    out[:, :n] = value
+    return out
+
+
+def test_a_dark_or_clipped_share_is_refused_only_beyond_its_limit(coarse_field: np.ndarray) -> None:
+    """A lamp half blocked: exactly max_dark_fraction (0.5) of black columns is still a field,
+    one column more is underexposed, and so is 5/8 of the field; likewise max_clipped_fraction
+    (0.6) of saturated white columns (240 of 400)."""
+    def reason(pixels: np.ndarray) -> str | None:
+        return QualityGate().check(_frame(pixels, mpp=None)).reason
+
+    assert reason(_with_columns(coarse_field, 200, 0)) is None
+    assert reason(_with_columns(coarse_field, 201, 0)) == UNDEREXPOSED
+    assert reason(_with_columns(coarse_field, 250, 0)) == UNDEREXPOSED
+    assert reason(_with_columns(coarse_field, 240, 255)) is None
+    assert reason(_with_columns(coarse_field, 241, 255)) == OVEREXPOSED
+
+
+def test_the_dark_and_clipped_levels_are_inclusive(coarse_field: np.ndarray) -> None:
+    """dark_level: gray "at or below" is dark; clipped_level: "at or above" is clipped. A flat
+    frame at exactly 20 is underexposed and one at exactly 250 overexposed (not merely empty)."""
+    gate = QualityGate()
+    assert gate.check(_frame(np.full_like(coarse_field, 20), mpp=None)).reason == UNDEREXPOSED
+    assert gate.check(_frame(np.full_like(coarse_field, 21), mpp=None)).reason == EMPTY_FIELD
+    assert gate.check(_frame(np.full_like(coarse_field, 250), mpp=None)).reason == OVEREXPOSED
+    assert gate.check(_frame(np.full_like(coarse_field, 249), mpp=None)).reason == EMPTY_FIELD
+
+
+def test_stain_saturation_and_the_smallest_stained_share_are_inclusive(coarse_field: np.ndarray) -> None:
+    """HSV saturation is 255 * (max - min) / max: a flat (255, 215, 255) frame is exactly 40, at
+    stain_saturation, so stained; (255, 216, 255) is 39, empty. A blank field with a stained
+    strip of exactly min_stained_fraction (12 of 400 columns: 0.03) is a field, 11 columns empty."""
+    def reason(pixels: np.ndarray) -> str | None:
+        return QualityGate().check(_frame(pixels, mpp=None)).reason
+
+    at = np.full_like(coarse_field, (255, 215, 255))
+    assert int(cv2.cvtColor(at, cv2.COLOR_BGR2HSV)[0, 0, 1]) == 40
+    assert reason(at) is None
+    assert reason(np.full_like(coarse_field, (255, 216, 255))) == EMPTY_FIELD
+    blank = np.full_like(coarse_field, (233, 229, 234))
+    def strip(n: int) -> np.ndarray:
+        return np.where(np.arange(400)[None, :, None] < n, at, blank).astype(np.uint8)
+
+    assert reason(strip(12)) is None
+    assert reason(strip(11)) == EMPTY_FIELD
+
+
+def test_a_featureless_field_the_stage_did_not_leave_is_same_field() -> None:
+    """Two flat thumbnails have no variance to correlate: identical ones are the same field (1.0),
+    clearly different ones are not (0.0); at the gate an unmoved stage over an evenly stained
+    area is refused as same_field, a different flat colour is not."""
+    from smearscope.device.quality import normalized_cross_correlation
+
+    flat = np.full((64, 64), 180.0, np.float32)
+    assert normalized_cross_correlation(flat, flat.copy()) == 1.0
+    assert normalized_cross_correlation(flat, flat + 10) == 0.0
+    gate = QualityGate()
+    purple = np.full((300, 400, 3), (255, 200, 255), np.uint8)
+    assert gate.check(_frame(purple, mpp=None)).accepted
+    assert gate.check(_frame(purple.copy(), mpp=None)).reason == SAME_FIELD
+    assert gate.check(_frame(np.full_like(purple, (200, 120, 230)), mpp=None)).accepted
+
+
+def test_remembered_frame_ids_forget_the_oldest_first() -> None:
+    """remembered_frame_ids (1000 here) ids are refused as repeats; the 1001st forgets the
+    oldest, never the newest."""
+    gate = QualityGate(QualityGateConfig(enabled=False, remembered_frame_ids=1000))
+    tiny = np.full((8, 8, 3), 128, np.uint8)
+    assert all(gate.check(_frame(tiny, f"id{i}")).accepted for i in range(1000))
+    assert gate.check(_frame(tiny, "id0")).reason == DUPLICATE_FRAME_ID  # all 1000 remembered
+    assert gate.check(_frame(tiny, "id1000")).accepted
+    assert gate.check(_frame(tiny, "id1000")).reason == DUPLICATE_FRAME_ID  # the newest is kept
+    assert gate.check(_frame(tiny, "id1")).reason == DUPLICATE_FRAME_ID
+    assert gate.check(_frame(tiny, "id0")).accepted  # the oldest was forgotten

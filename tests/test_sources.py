@@ -29,10 +29,12 @@ from smearscope.device.sources import (
     FrameSource,
     ReplaySource,
     SourceConfigurationError,
+    as_bgr8,
     backoff_delay,
     capture_target,
     open_source,
     source_class,
+    within_limits,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +91,13 @@ def test_discriminated_union_picks_the_kind_and_rejects_unknown_keys(tmp_path: P
         adapter.validate_python({"kind": "camera", "fps": 5})
     with pytest.raises(ValidationError, match="reconnect_max_s"):
         CameraSourceConfig(reconnect_initial_s=10, reconnect_max_s=1)
+    assert CameraSourceConfig(reconnect_initial_s=5, reconnect_max_s=5).reconnect_max_s == 5  # a flat backoff
+    with pytest.raises(ValidationError, match="must differ"):
+        FolderSourceConfig(path=tmp_path, done_dir="out", rejected_dir="out")
+    with pytest.raises(ValidationError, match="lower-case"):
+        FolderSourceConfig(path=tmp_path, extensions=(".PNG",))
+    with pytest.raises(ValidationError, match="microns_per_pixel"):  # at load, not at the first render
+        SimulatedSourceConfig(microns_per_pixel=0.02)
 
 
 # --- folder ----------------------------------------------------------------------------------
@@ -617,6 +626,78 @@ def test_replay_video_file_at_fps(tmp_path: Path) -> None:
         ReplaySource(ReplaySourceConfig(path=tmp_path / "missing.avi"))
 
 
+def test_replay_picks_every_decodable_extension_in_any_case_and_carries_the_scale(tmp_path: Path) -> None:
+    names = ["a.jpeg", "b.JPG", "c.tif", "d.TIFF", "e.Png"]
+    for i, name in enumerate(names):
+        ok, buf = cv2.imencode(Path(name).suffix.lower(), _image(20 + i))
+        assert ok
+        (tmp_path / name).write_bytes(buf.tobytes())
+    ok, buf = cv2.imencode(".bmp", _image(30))
+    (tmp_path / "f.bmp").write_bytes(buf.tobytes())  # the decoder refuses BMP: not picked up
+    frames = list(ReplaySource(ReplaySourceConfig(path=tmp_path, fps=0, microns_per_pixel=0.25)))
+    assert [f.frame_id for f in frames] == [f"scope:p0:{n}" for n in names]
+    assert all(f.microns_per_pixel == 0.25 for f in frames)
+
+
+def test_a_looping_recording_with_nothing_decodable_ends_instead_of_spinning(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    result: list[list] = []
+    worker = threading.Thread(target=lambda: result.append(
+        list(ReplaySource(ReplaySourceConfig(path=tmp_path, fps=0, loop=True)))), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert result == [[]], "a loop over undecodable files never ended"
+
+
+def test_a_looping_video_starts_again_with_new_ids(tmp_path: Path) -> None:
+    video = tmp_path / "run.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48))
+    for i in range(3):
+        writer.write(np.full((48, 64, 3), 60 * i, np.uint8))
+    writer.release()
+    with ReplaySource(ReplaySourceConfig(path=video, fps=0, loop=True)) as looping:
+        frames = [next(looping) for _ in range(7)]
+    assert [f.frame_id for f in frames] == [f"scope:p{k // 3}:run#{k % 3 + 1:06d}" for k in range(7)]
+    assert [int(f.pixels.mean() + 30) // 60 for f in frames] == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_a_slow_consumer_does_not_get_a_burst_of_frames_afterwards(tmp_path: Path) -> None:
+    """Frames are spaced 1/fps apart from the one before, not from when they would have been
+    due: after a 0.4 s stall at 10 fps the next frames still come 0.1 s apart."""
+    for i in range(4):
+        (tmp_path / f"f{i}.png").write_bytes(_png(40 + i))
+    with ReplaySource(ReplaySourceConfig(path=tmp_path, fps=10)) as src:
+        next(src)
+        time.sleep(0.4)
+        next(src)
+        t0 = time.monotonic()
+        next(src)
+        next(src)
+        assert time.monotonic() - t0 >= 2 * 0.1 - 0.02
+
+
+def test_camera_frames_of_any_depth_and_layout_become_bgr8() -> None:
+    """16-bit samples keep their top byte; gray (2-D or one channel) and BGRA become BGR."""
+    deep = np.full((4, 5, 3), 0x12F0, np.uint16)
+    assert as_bgr8(deep).dtype == np.uint8 and (as_bgr8(deep) == 0x12).all()
+    gray = np.arange(20, dtype=np.uint8).reshape(4, 5)
+    for g in (gray, gray[..., None]):
+        out = as_bgr8(g)
+        assert out.shape == (4, 5, 3) and (out == gray[..., None]).all()
+    bgra = np.dstack([np.full((4, 5), v, np.uint8) for v in (10, 20, 30, 0)])
+    assert as_bgr8(bgra).shape == (4, 5, 3) and as_bgr8(bgra)[0, 0].tolist() == [10, 20, 30]
+    assert as_bgr8(np.zeros((4, 5, 2), np.uint8)) is None and as_bgr8(np.zeros((4, 5, 3), np.float32)) is None
+
+
+def test_a_camera_frame_over_the_pixel_limit_is_dropped() -> None:
+    from smearscope.device.ingest import IngestLimits
+
+    limits = IngestLimits(max_pixels=100)
+    assert within_limits(np.zeros((10, 10, 3), np.uint8), limits) is not None
+    assert within_limits(np.zeros((10, 11, 3), np.uint8), limits) is None
+
+
 # --- camera ----------------------------------------------------------------------------------
 
 
@@ -656,6 +737,30 @@ def test_camera_that_never_opens_retries_until_closed(tmp_path: Path) -> None:
     threading.Timer(0.3, cam.close).start()
     assert list(cam) == []
     assert cam.failures >= 3
+
+
+def test_a_camera_gone_for_long_logs_at_1_2_4_8_failures_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
+    """The capture factory is OpenCV's seam: here a camera absent for 9 opens, then a stream."""
+    opens = []
+
+    class _Stream:
+        def read(self) -> tuple[bool, np.ndarray]:
+            return True, np.full((48, 64, 3), 90, np.uint8)
+
+        def release(self) -> None:
+            pass
+
+    def factory(cfg: CameraSourceConfig) -> _Stream | None:
+        opens.append(cfg.device)
+        return _Stream() if len(opens) > 9 else None
+
+    cfg = CameraSourceConfig(device=3, reconnect_initial_s=0.001, reconnect_max_s=0.001)
+    with caplog.at_level("INFO", logger="smearscope.device.sources"), CameraSource(cfg, factory) as cam:
+        frame = next(cam)
+        assert cam.failures == 0 and frame.pixels.shape == (48, 64, 3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [int(m.split("retry ")[1].split()[0]) for m in warnings] == [1, 2, 4, 8], warnings
+    assert any("camera back after 9 failures" in r.getMessage() for r in caplog.records)
 
 
 # --- simulated -------------------------------------------------------------------------------
@@ -734,3 +839,37 @@ def test_read_telemetry_on_this_machine() -> None:
     snapshot = read_telemetry()
     assert snapshot["source"] in ("jtop", "psutil", "proc")
     assert isinstance(snapshot["temperatures_c"], dict) and snapshot["read_at"] > 0
+
+
+def test_thermal_zones_of_one_type_are_all_kept_and_an_unnamed_zone_goes_by_its_folder(tmp_path: Path) -> None:
+    from smearscope.device.telemetry import read_thermal_zones
+
+    for i, (kind, milli) in enumerate([("CPU-therm", "50000"), ("CPU-therm", "52500"), ("", "30000")]):
+        zone = tmp_path / f"thermal_zone{i}"
+        zone.mkdir()
+        (zone / "type").write_text(kind + "\n")
+        (zone / "temp").write_text(milli + "\n")
+    assert read_thermal_zones(tmp_path) == {"CPU-therm": 50.0, "CPU-therm.thermal_zone1": 52.5,
+                                            "thermal_zone2": 30.0}
+
+
+def test_proc_memory_and_cpu_figures_without_psutil(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/proc/meminfo in kB: used is total - available; /proc/stat: idle and iowait are not busy,
+    and the CPU percentage is the busy share of the ticks since the previous read."""
+    from smearscope.device import telemetry
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        8192000 kB\nMemFree:          100000 kB\n"
+                       "MemAvailable:    2048000 kB\nHugePages_Total:       0\n")
+    assert telemetry._proc_meminfo(meminfo) == {
+        "memory_total_mb": 8000.0, "memory_used_mb": 6000.0, "memory_percent": 75.0}
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal: busy 100 + 20 + 30 + 0 + 0 + 0, idle 800 + 50
+    stat.write_text("cpu  100 20 30 800 50 0 0 0 0 0\ncpu0 100 20 30 800 50 0 0 0 0 0\n")
+    assert telemetry._proc_cpu_times(stat) == (150, 1000)
+    monkeypatch.setattr(telemetry._proc_cpu_times, "__defaults__", (stat,))  # the reader's /proc/stat
+    reader = telemetry.TelemetryReader(thermal_root=tmp_path)
+    assert reader._proc_cpu_percent() is None  # the first sample gives no rate
+    assert reader._proc_cpu_percent() is None  # no tick since: no rate (not a division by zero)
+    stat.write_text("cpu  130 20 30 850 70 0 0 0 0 0\n")  # 100 ticks later, 30 of them busy
+    assert reader._proc_cpu_percent() == pytest.approx(30.0)

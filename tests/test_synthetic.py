@@ -251,3 +251,107 @@ def test_stain_variation_changes_colour_not_truth() -> None:
     varied = render_field(9, width=W, height=H, stain=StainParams.sample(np.random.default_rng(1)))
     assert [c.bbox for c in ref.cells] == [c.bbox for c in varied.cells]
     assert np.abs(ref.frame.pixels.astype(int) - varied.frame.pixels.astype(int)).mean() > 2
+
+
+def test_a_frame_is_bgr_uint8_with_three_channels() -> None:
+    Frame(np.zeros((4, 5, 3), np.uint8), "f", "t")
+    for bad in (np.zeros((4, 5, 4), np.uint8), np.zeros((4, 5), np.uint8), np.zeros((4, 5, 3), np.uint16)):
+        with pytest.raises(ValueError, match="HxWx3 uint8"):
+            Frame(bad, "f", "t")
+
+
+def test_the_truth_centre_is_where_the_cell_is_drawn(field: SyntheticField) -> None:
+    """Pixel (r, c) covers [c, c+1) x [r, r+1): a whole round red cell's mask centroid, at pixel
+    centres, is its `center` (a half-pixel shift would put every truth box off its cell)."""
+    offsets = []
+    for c in field.cells:
+        if c.kind == "rbc" and c.morphology == "normal" and not c.cut_by_frame_edge:
+            rows, cols = np.nonzero(c.mask)
+            offsets.append((cols.mean() + 0.5 + c.bbox[0] - c.center[0], rows.mean() + 0.5 + c.bbox[1] - c.center[1]))
+    assert len(offsets) >= 10
+    assert np.abs(np.mean(offsets, axis=0)).max() < 0.15, np.mean(offsets, axis=0)
+
+
+def test_an_empty_slide_is_the_lamp_with_its_vignetting_and_sensor_noise() -> None:
+    """No cells: each pixel is background * (1 - vignetting * r^2) (r = 1 at the corners), rounded
+    to the nearest level, plus read noise (1.5) and shot noise (variance 0.02 per level)."""
+    stain = StainParams()
+    f = render_field(1, width=W, height=H, rbc_density=0.0, n_wbc=0, n_platelets=0)
+    assert f.cells == ()
+    yy, xx = np.mgrid[0:H, 0:W].astype(float)
+    r2 = ((xx - W / 2) ** 2 + (yy - H / 2) ** 2) / ((W / 2) ** 2 + (H / 2) ** 2)
+    light = (1.0 - stain.vignetting * r2)[..., None] * np.array(stain.background_rgb[::-1])  # BGR
+    residual = f.frame.pixels.astype(float) - light
+    assert abs(residual.mean()) < 0.05  # unbiased: rounded, not truncated
+    corners = r2 > 0.8
+    assert abs(residual[corners].mean()) < 0.1  # darker towards the corners as documented
+    expected_sd = np.sqrt(stain.noise_dn**2 + 0.02 * light.mean() + 1 / 12)  # + quantisation
+    assert residual.std() == pytest.approx(expected_sd, rel=0.05)
+
+
+def test_white_cells_come_about_three_per_256_by_192_um() -> None:
+    """Eight fields of 512 x 384 um (four times the reference area): about 8 * 12 = 96 white cells
+    (Poisson, sd about 10)."""
+    n = sum(c.kind == "wbc" for seed in range(8)
+            for c in render_field(seed, width=1024, height=768, microns_per_pixel=0.5,
+                                  rbc_density=0.02, n_platelets=0).cells)
+    assert 70 <= n <= 125, n
+
+
+def test_cells_are_drawn_at_their_documented_sizes() -> None:
+    """Equivalent diameters of whole cells: neutrophil 10.5-12.5 um, lymphocyte 8.5-11, monocyte
+    13-16, eosinophil 11.5-14, basophil 10-12.5, platelets 2-3.2 (a few % for the wobbly outline
+    and the pixel grid); a lymphocyte's cytoplasm is sky blue (blue over red)."""
+    ranges = {"neutrophil": (10.5, 12.5), "lymphocyte": (8.5, 11.0), "monocyte": (13.0, 16.0),
+              "eosinophil": (11.5, 14.0), "basophil": (10.0, 12.5)}
+    platelets = []
+    for subtype, (lo, hi) in ranges.items():
+        f = render_field(21, width=400, height=400, microns_per_pixel=0.25, n_wbc=4, n_platelets=6,
+                         wbc_mix={subtype: 1.0}, rbc_density=0.05, touching_fraction=0.0)
+        whole = [c for c in f.cells if not c.cut_by_frame_edge]
+        wbc = [c.diameter_um for c in whole if c.kind == "wbc"]
+        assert wbc and all(lo * 0.95 <= d <= hi * 1.05 for d in wbc), (subtype, wbc)
+        platelets += [c.diameter_um for c in whole if c.kind == "platelet"]
+        if subtype == "lymphocyte":
+            for c in (c for c in whole if c.kind == "wbc"):
+                x0, y0, x1, y1 = c.bbox
+                px = f.frame.pixels[y0:y1, x0:x1].astype(float)
+                cytoplasm = c.mask & (px.mean(2) > 150)  # the dark nucleus left out
+                assert np.median(px[..., 0][cytoplasm] - px[..., 2][cytoplasm]) > 20
+    assert len(platelets) >= 10 and all(1.8 <= d <= 3.2 * 1.1 for d in platelets), platelets
+
+
+def test_eosin_hue_and_strength_tilt_red_cells_as_documented() -> None:
+    """eosin_hue > 0 is more orange (red over blue), < 0 more magenta; a stronger eosin makes red
+    cells darker in green (their main absorption)."""
+    def rbc_bgr(stain: StainParams) -> np.ndarray:
+        f = render_field(9, width=W, height=H, stain=stain)
+        inside = np.zeros((H, W), bool)
+        for c in f.cells:
+            if c.kind == "rbc":
+                inside |= c.full_mask(H, W)
+        return f.frame.pixels[inside].astype(float).mean(0)
+
+    orange, magenta = rbc_bgr(StainParams(eosin_hue=0.8)), rbc_bgr(StainParams(eosin_hue=-0.8))
+    assert orange[2] - orange[0] > magenta[2] - magenta[0] + 10
+    assert rbc_bgr(StainParams(eosin_strength=1.4))[1] < rbc_bgr(StainParams(eosin_strength=0.7))[1] - 15
+
+
+def test_a_red_cell_stains_no_further_than_its_mask_and_the_optical_blur() -> None:
+    """A cell's edge is anti-aliased over one pixel and blurred by 0.18 um (0.9 px): 2 to 3 px
+    outside every mask the slide is background (green within 2 levels of the field's far
+    background), not a stained halo."""
+    import cv2
+
+    f = render_field(12, width=640, height=480, rbc_density=0.15, n_wbc=0, n_platelets=0, touching_fraction=0.0)
+    cells = np.zeros((480, 640), np.uint8)
+    for c in f.cells:
+        cells |= c.full_mask(480, 640)
+
+    def grown(r: int) -> np.ndarray:
+        return cv2.dilate(cells, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))).astype(bool)
+
+    green = f.frame.pixels[..., 1].astype(float)
+    ring, far = grown(3) & ~grown(2), ~grown(8)
+    assert ring.sum() > 1000 and far.sum() > 10_000
+    assert green[far].mean() - green[ring].mean() < 2.0
