@@ -352,7 +352,8 @@ def test_detections_are_ranked_by_score_down_to_the_floor_inclusive(tmp_path):
 @needs_models
 def test_the_summary_lists_the_flags_and_reads_no_sizes_under_a_calibration_in_doubt(tmp_path):
     """The text lines: every flag as `[severity] code: message`; a field at 0.1 um/px given as 0.25
-    (calibration_suspect) prints no red-cell diameter and no size-based share, and says why."""
+    (calibration_suspect) prints no red-cell diameter and no size-based share, and says why for
+    each size-based class, seen in the field or not (as at an estimated scale)."""
     path = tmp_path / "field.png"
     _render(path, 3)
     proc = smearscope("analyze", str(path), "--microns-per-pixel", "0.25")
@@ -362,5 +363,5 @@ def test_the_summary_lists_the_flags_and_reads_no_sizes_under_a_calibration_in_d
     assert "RBC diameter" not in out, out
     doubted = next(ln for ln in out.splitlines() if ln.endswith(": not assessable with a calibration in doubt"))
     shares = next((ln for ln in out.splitlines() if ln.startswith("  RBC: ")), "")
-    for label in ("macrocyte", "spherocyte"):  # size-based: said not assessable, never given a share
+    for label in ("macrocyte", "microcyte", "spherocyte"):  # size-based: said not assessable, never given a share
         assert label in doubted and label not in shares, out

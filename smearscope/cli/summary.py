@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from smearscope.service.analysis.morphology import SIZE_BASED
 from smearscope.service.analysis.report import Report
 from smearscope.service.fhir import report_view
 
@@ -25,6 +26,8 @@ def summarize(report: Report) -> str:
     if shares:
         lines.append("  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" for s in shares[:6]))
     unassessed = [s.label for s in r.rbc_morphology if not report_view.assessable(r, s)]
+    if doubted:  # rows are only the classes seen: every size-based one goes unread, seen or not
+        unassessed += sorted(SIZE_BASED - set(unassessed))
     if unassessed:  # an estimated scale: a share of 0 would read as "none seen"
         why = "with a calibration in doubt" if doubted else "at an estimated scale"
         lines.append(f"  RBC {', '.join(unassessed)}: not assessable {why}")
