@@ -330,3 +330,99 @@ def test_a_boolean_is_not_a_number(tmp_path: Path) -> None:
     assert load_config(_write(tmp_path, MINIMAL + "[mqtt]\nport = 1884\n")).mqtt.port == 1884
     assert parse_config({"station_id": "b", "source": {"kind": "simulated"}, "mqtt": {}},
                         {"SMEARSCOPE__MQTT__PORT": "1885"}).mqtt.port == 1885
+
+
+# --- every bound is refused just past it and accepted at it (mutation audit) -------------------
+
+CAMERA = 'station_id = "bench"\n[source]\nkind = "camera"\n'
+_SHA = "0" * 64
+
+#: (TOML appended to a camera station's config, the field its error must name; None: it loads).
+#: Values just past each documented bound are refused with the field's path; values at it load.
+_BOUNDS = [
+    ('[analysis]\nmicrons_per_pixel = 0.0\n', "analysis.microns_per_pixel"),  # > 0
+    ('[analysis]\nmicrons_per_pixel = 10.5\n', "analysis.microns_per_pixel"),  # <= 10
+    ('[analysis]\nmicrons_per_pixel = 10.0\n', None),
+    ('[analysis]\ntile_size = 32\n', "analysis.tile_size"),  # a multiple of 32 but under 64
+    ('[analysis]\ntile_size = 64\n', None),
+    ('[analysis]\ntile_size = 2048\n', None),
+    ('[analysis]\ntile_size = 2080\n', "analysis.tile_size"),
+    ('[analysis]\ntile_size = 80\n', "analysis.tile_size"),  # a multiple of 16, not of 32
+    ('[analysis]\ntile_overlap = 0.5\n', "analysis.tile_overlap"),  # < 0.5
+    ('[analysis]\ntile_overlap = 0.49\n', None),
+    ('[analysis]\ndetector_unsure_band = [0.5, 0.5]\n', "analysis.detector_unsure_band"),  # low < high
+    ('[analysis]\ndetector_unsure_band = [-0.1, 0.5]\n', "analysis.detector_unsure_band"),  # 0 <= low
+    ('[analysis]\ndetector_unsure_band = [0.0, 1.0]\n', None),
+    ('[analysis]\nmax_lymphocyte_diameter_um = 0\n', "analysis.max_lymphocyte_diameter_um"),  # > 0
+    ('[analysis]\nmax_lymphocyte_diameter_um = inf\n', None),  # inf turns the gate off
+    ('[analysis]\nconcurrent_fields = 9\n', "analysis.concurrent_fields"),
+    ('[analysis]\nconcurrent_fields = 8\n', None),
+    ('[analysis]\nbatch_delay_ms = 100.5\n', "analysis.batch_delay_ms"),
+    ('[analysis.wbc_open_set]\nthresholds = {}\nmodel_sha256 = "' + _SHA + '"\n', "analysis.wbc_open_set.thresholds"),
+    ('[analysis.wbc_open_set]\nthresholds = {energy = 1.0}\nmodel_sha256 = "' + _SHA[:63] + '"\n',
+     "analysis.wbc_open_set.model_sha256"),
+    ('[analysis.wbc_open_set]\nthresholds = {energy = 1.0}\nmodel_sha256 = "' + _SHA + '"\n', None),
+    ('[mqtt]\nqos = 0\n', "mqtt.qos"),  # no acknowledgement: never
+    ('[mqtt]\ntopic_prefix = "lab/3"\n', "mqtt.topic_prefix"),
+    ('[mqtt]\nkeepalive = 4\n', "mqtt.keepalive"),
+    ('[mqtt]\nkeepalive = 5\n', None),
+    ('[mqtt]\nmax_packet_size = 4095\n', "mqtt.max_packet_size"),
+    ('[mqtt]\nreconnect_min_delay_s = 61\nreconnect_max_delay_s = 60\n', "mqtt"),
+    ('[mqtt]\nreconnect_min_delay_s = 60\nreconnect_max_delay_s = 60\n', None),
+    ('[mqtt.tls]\nca_file = "/ca.pem"\ncertfile = "/c.pem"\n', "mqtt.tls"),  # without its key
+    ('[mqtt.tls]\nca_file = "/ca.pem"\nkeyfile = "/k.pem"\n', "mqtt.tls"),  # a key without its certificate
+    ('[mqtt.tls]\nca_file = "/ca.pem"\ncertfile = "/c.pem"\nkeyfile = "/k.pem"\n', None),
+    ('[mqtt.outbox]\nmax_bytes = 1023\n', "mqtt.outbox.max_bytes"),
+    ('[specimen]\ntarget_wbc_count = 1001\n', "specimen.target_wbc_count"),
+    ('[specimen]\ntarget_wbc_count = 1000\n', None),
+    ('[specimen]\nidle_timeout_s = 0\n', "specimen.idle_timeout_s"),
+    ('[watchdog]\nstall_timeout_s = 4.9\n', "watchdog.stall_timeout_s"),
+    ('[watchdog]\nstall_timeout_s = 5\n', None),
+    ('[flags]\nmax_unidentified_fraction = 0\n', "flags.max_unidentified_fraction"),
+    ('[flags]\nmin_wbc_for_differential = 0\n', "flags.min_wbc_for_differential"),
+    ('[review]\ncrop_px = 31\n', "review.crop_px"),
+    ('[review]\ncrop_px = 32\n', None),
+]
+
+
+@pytest.mark.parametrize("text,loc", _BOUNDS, ids=[t.replace("\n", " ").strip() for t, _ in _BOUNDS])
+def test_each_bound_refuses_the_value_past_it_and_takes_the_value_at_it(tmp_path: Path, text: str, loc: str | None) -> None:
+    path = _write(tmp_path, CAMERA + text)
+    if loc is None:
+        load_config(path, environ={})
+        return
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, environ={})
+    assert [where for where, _ in exc.value.errors] == [loc], exc.value.errors
+
+
+def test_the_scale_override_wins_and_may_repeat_the_simulators_scale(tmp_path: Path) -> None:
+    camera = load_config(_write(tmp_path, CAMERA + "microns_per_pixel = 0.2\n[analysis]\nmicrons_per_pixel = 0.11\n"),
+                         environ={})
+    assert camera.microns_per_pixel == 0.11  # the analysis override, over the source's own
+    assert load_config(_write(tmp_path, CAMERA + "microns_per_pixel = 0.2\n"), environ={}).microns_per_pixel == 0.2
+    # an override that says what the simulated source renders at contradicts nothing
+    sim = parse_config({"station_id": "b", "source": {"kind": "simulated", "microns_per_pixel": 0.1},
+                        "analysis": {"microns_per_pixel": 0.1}}, environ={})
+    assert sim.microns_per_pixel == 0.1
+
+
+def test_documented_defaults_of_the_recheck_and_the_calibration_check(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, MINIMAL), environ={})
+    assert config.analysis.nucleated_recheck is True  # "Off: every red-cell detection stays a red cell"
+    assert config.analysis.max_lymphocyte_diameter_um == 15.0  # the analyzer's own size gate
+    assert config.specimen.calibration_check_fields == 3
+    assert config.analysis.platelet_rescue is False
+
+
+def test_a_boolean_is_not_a_decimal_number_either(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, MINIMAL + "[specimen]\nidle_timeout_s = true\n"), environ={})
+    assert exc.value.errors == [("specimen.idle_timeout_s", "expected a number, got the boolean true")]
+
+
+def test_an_override_setting_a_whole_section_is_named_in_the_errors_inside_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, MINIMAL), environ={"SMEARSCOPE__MQTT__TLS": '{certfile = "/c.pem"}'})
+    locs = {loc: msg for loc, msg in exc.value.errors}
+    assert "mqtt.tls.ca_file" in locs and "(set by SMEARSCOPE__MQTT__TLS)" in locs["mqtt.tls.ca_file"]

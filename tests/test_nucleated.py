@@ -256,3 +256,41 @@ def test_larger_white_cells_are_taken_from_8_8_um_of_every_such_type():
     assert not accepts(HeadResult("neutrophil", 0.99), _disc(8.5), 15.0)
     for label in ("eosinophil", "basophil", "monocyte", "ig"):
         assert accepts(HeadResult(label, 0.99), _disc(10.0), 15.0), label
+
+
+def _recheck_run(winner: str, lamp_corrected_heads: bool, recheck: bool, max_lymphocyte_um: float | None):
+    """The rendered field of the test above, its white cells reported as red cells (mutation audit)."""
+    from test_reclassify import _FixedHead
+
+    from smearscope.device.synthetic import render_field
+    from smearscope.engines.manifest import Preprocessing
+    from smearscope.service.analysis.classify import CropClassifier
+    from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
+
+    field = render_field(5, width=600, height=500, n_wbc=3)
+    head = _FixedHead(winner)
+    if lamp_corrected_heads:
+        head.manifest = head.manifest.model_copy(update={"preprocessing": Preprocessing(illumination="flatfield")})
+    analyzer = Analyzer(_WhiteCellsAsRed(field), None, CropClassifier(head, 0.5),
+                        options=AnalyzerOptions(nucleated_recheck=recheck,
+                                                max_lymphocyte_diameter_um=max_lymphocyte_um))
+    return analyzer.analyze(field.frame).report
+
+
+def test_the_recheck_needs_the_lamp_corrected_frame():
+    """Densities are read against a lamp-corrected white ("Needs the lamp correction"): a WBC head
+    fed uncorrected frames gives no second opinion, every red-cell detection stays a red cell."""
+    on = _recheck_run("neutrophil", lamp_corrected_heads=False, recheck=True, max_lymphocyte_um=None)
+    off = _recheck_run("neutrophil", lamp_corrected_heads=False, recheck=False, max_lymphocyte_um=None)
+    assert (on.counts.rbc, on.counts.wbc) == (off.counts.rbc, 0)
+    # the same heads on the lamp-corrected frame do recount them (the test above)
+    assert _recheck_run("neutrophil", lamp_corrected_heads=True, recheck=True, max_lymphocyte_um=None).counts.wbc == 3
+
+
+def test_a_red_cell_detection_wider_than_a_lymphocyte_is_not_recounted_as_one():
+    """The size gate bounds what the recheck may call a lymphocyte (nucleated.accepts): with a bound
+    below every rendered white cell's width, a lymphocyte call leaves them red cells."""
+    free = _recheck_run("lymphocyte", lamp_corrected_heads=True, recheck=True, max_lymphocyte_um=None)
+    gated = _recheck_run("lymphocyte", lamp_corrected_heads=True, recheck=True, max_lymphocyte_um=5.0)
+    assert free.counts.wbc == 3
+    assert (gated.counts.rbc, gated.counts.wbc) == (free.counts.rbc + 3, 0)

@@ -424,3 +424,25 @@ def test_a_drifting_refinement_keeps_the_scale_that_showed_the_most_red_cells():
     assert out.estimate.microns_per_pixel == pytest.approx(true, rel=0.2)
     assert out.uncertain and "search" in out.reason
     assert not out.attempt.quick
+
+
+def test_a_withheld_size_call_scores_its_shape_class_with_the_size_calls_probability():
+    """At an estimated scale a spherocyte call is reported as normal (its outline): the label's
+    score is the shape class' probability, which holds the spherocyte's own and normal's, so it
+    is above the spherocyte's score at a given scale (mutation audit)."""
+    field = render_field(6, width=600, height=500, n_wbc=1)
+    rbc_head = CropClassifier(_Head({"spherocyte": 6.0, "target": 3.0}, RBC, extent_um=11.2, size=40), 0.3)
+    analyzer = Analyzer(OracleSegmenter(field), rbc_head, None)
+    report = analyzer.analyze(field.frame).report
+    given = [c for c in report.cells if c.kind == "rbc"]
+    # no WBC head: the rendered white cell is still counted, untyped
+    assert report.counts.wbc == 1 and [c.label for c in report.cells if c.kind == "wbc"] == [None]
+    frame = type(field.frame)(field.frame.pixels, "f", "test", microns_per_pixel=None)
+    estimated = [c for c in analyzer.analyze(frame).report.cells if c.kind == "rbc"]
+    probs = softmax(np.array([[{"spherocyte": 6.0, "target": 3.0}.get(k, 0.0) for k in RBC]]))[0]
+    p = dict(zip(RBC, probs))
+    assert {c.label for c in given} == {"spherocyte"} and {c.label for c in estimated} == {"normal"}
+    assert all(c.label_score == pytest.approx(p["spherocyte"], abs=1e-4) for c in given)
+    # a microcyte, macrocyte or spherocyte has a normal outline: their probabilities are normal's
+    shape_normal = p["normal"] + p["microcyte"] + p["spherocyte"]
+    assert all(c.label_score == pytest.approx(shape_normal, abs=1e-4) for c in estimated)

@@ -418,3 +418,13 @@ def test_caught_up_tally_of_another_list_starts_over():
     grown = CellTally.caught_up(tally, first)
     assert grown is tally and {s.label: s.count for s in grown.aggregates().wbc_differential} == {
         "neutrophil": 4, "eosinophil": 1}
+
+
+@pytest.mark.parametrize("box", [(0.0, 40.0, 20.0, 60.0), (40.0, 1.0, 60.0, 21.0), (80.0, 40.0, 99.0, 60.0),
+                                 (40.0, 79.0, 60.0, 99.0)], ids=["left", "top", "right", "bottom"])
+def test_a_cell_at_any_of_the_four_borders_touches_the_frame(box):
+    """A cell the frame cuts on any side is kept out of the sizes (mutation audit)."""
+    from smearscope.service.analysis.pipeline import _touches_frame
+
+    assert _touches_frame(CellDetection(CellKind.RBC, Box(*box), 0.9), (100, 100, 3))
+    assert not _touches_frame(CellDetection(CellKind.RBC, Box(40.0, 40.0, 60.0, 60.0), 0.9), (100, 100, 3))

@@ -254,3 +254,17 @@ def test_a_pool_holds_to_its_own_window_agreement_and_tolerance():
 def test_a_pool_refuses_settings_that_cannot_agree(args):
     with pytest.raises(ValueError):
         SpecimenScale(**args)
+
+
+@pytest.mark.skipif(not (MODELS / "seg.onnx").exists(), reason="committed models missing (models/)")
+def test_a_field_with_no_red_cell_takes_its_specimens_scale_and_has_no_estimate_of_its_own(analyzer):
+    """Glass alone at an unknown scale: no estimate of its own (method default), so it gives way
+    to its specimen's scale; the report has no own estimate to show (None, not the assumed
+    fallback) and the flag says there was no red cell to measure (mutation audit)."""
+    blank = render_field(5, width=640, height=480, microns_per_pixel=0.12, rbc_density=0.0, n_wbc=0, n_platelets=0)
+    frame = dataclasses.replace(blank.frame, microns_per_pixel=None)
+    rep = analyzer.analyze(frame, specimen_scale=0.12).report
+    assert rep.scale.method == "specimen" and rep.scale.microns_per_pixel == pytest.approx(0.12)
+    assert rep.scale.field_estimate_microns_per_pixel is None
+    flag = next(f for f in rep.flags if f.code == "scale_from_specimen")
+    assert flag.severity == "info" and "no red cell to measure" in flag.message

@@ -242,6 +242,16 @@ def test_bad_options_are_refused():
         AnalyzerOptions(detector_unsure_band=(0.8, 0.2))
 
 
+@pytest.mark.parametrize("band", [(0.5, 0.5), (-0.1, 0.5), (0.2, 1.1)])
+def test_an_empty_or_out_of_range_unsure_band_is_refused(band):
+    """0 <= low < high <= 1: an empty band [x, x) or one past the scores' range is a mistake (mutation audit)."""
+    from smearscope.service.analysis.pipeline import AnalyzerOptions
+
+    with pytest.raises(ValueError, match="detector_unsure_band"):
+        AnalyzerOptions(detector_unsure_band=band)
+    assert AnalyzerOptions(detector_unsure_band=(0.0, 1.0)).detector_unsure_band == (0.0, 1.0)
+
+
 def test_unsure_is_the_default_of_the_analyzer_and_of_the_station_config():
     """Chosen on the lab table (val, every lab within 0.005 of every view everywhere, the worst lab
     unchanged): a station gets the cheaper mode unless its config asks for 'everywhere'."""
