@@ -611,12 +611,17 @@ def test_replay_folder_plays_in_name_order_and_loops_with_new_ids(tmp_path: Path
     assert len(set(ids)) == 7 and ids[3] == "scope:p1:f0.png"
 
 
-def test_replay_video_file_at_fps(tmp_path: Path) -> None:
-    video = tmp_path / "run.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48))
-    for i in range(4):
-        writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
+def _video(path: Path, greys: list[int]) -> Path:
+    """An MJPG video of 64 x 48 frames, each one grey level."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48))
+    for grey in greys:
+        writer.write(np.full((48, 64, 3), grey, np.uint8))
     writer.release()
+    return path
+
+
+def test_replay_video_file_at_fps(tmp_path: Path) -> None:
+    video = _video(tmp_path / "run.avi", [40 * i for i in range(4)])
     t0 = time.monotonic()
     frames = list(open_source(ReplaySourceConfig(path=video, fps=20, name="rec")))
     elapsed = time.monotonic() - t0
@@ -651,11 +656,7 @@ def test_a_looping_recording_with_nothing_decodable_ends_instead_of_spinning(tmp
 
 
 def test_a_looping_video_starts_again_with_new_ids(tmp_path: Path) -> None:
-    video = tmp_path / "run.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48))
-    for i in range(3):
-        writer.write(np.full((48, 64, 3), 60 * i, np.uint8))
-    writer.release()
+    video = _video(tmp_path / "run.avi", [60 * i for i in range(3)])
     with ReplaySource(ReplaySourceConfig(path=video, fps=0, loop=True)) as looping:
         frames = [next(looping) for _ in range(7)]
     assert [f.frame_id for f in frames] == [f"scope:p{k // 3}:run#{k % 3 + 1:06d}" for k in range(7)]
