@@ -805,14 +805,14 @@ def test_scan_and_end_markers_inside_a_comment_between_scans_are_not_read_as_suc
 
 def test_a_jpeg_of_too_many_segments_between_scans_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     """Thousands of tiny comment segments between two scans (each read one at a time) are refused
-    as soon as the walk passes MAX_JPEG_SEGMENTS, with that reason; as many as the limit allows are read."""
-    from smearscope.device.ingest.headers import MAX_JPEG_SEGMENTS
+    as soon as the walk passes MAX_JPEG_MARKERS, with that reason; as many as the limit allows are read."""
+    from smearscope.device.ingest.headers import MAX_JPEG_MARKERS
 
     base = _progressive_jpeg(64, np.arange(64).reshape(8, 8) * 2 - 88)
     segments_in_base = 64 + 1  # 64 scans and the end-of-image marker, no table between them
-    allowed = _with_segment_after_first_scan(base, 0xFE, b"", MAX_JPEG_SEGMENTS - segments_in_base)
+    allowed = _with_segment_after_first_scan(base, 0xFE, b"", MAX_JPEG_MARKERS - segments_in_base)
     assert load_image(allowed).pixels.shape == (64, 64, 3)
-    too_many = _with_segment_after_first_scan(base, 0xFE, b"", MAX_JPEG_SEGMENTS - segments_in_base + 1)
+    too_many = _with_segment_after_first_scan(base, 0xFE, b"", MAX_JPEG_MARKERS - segments_in_base + 1)
 
     def no_decoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("decoder called")
@@ -821,20 +821,20 @@ def test_a_jpeg_of_too_many_segments_between_scans_is_refused_before_decoding(mo
     with pytest.raises(IngestError) as err:
         load_image(too_many)
     assert err.value.code is RejectReason.UNSUPPORTED_FORMAT
-    assert f"more than {MAX_JPEG_SEGMENTS} segments after its first scan header" in err.value.message
+    assert f"more than {MAX_JPEG_MARKERS} markers after its first scan header" in err.value.message
 
 
 def test_a_jpeg_of_millions_of_tiny_segments_or_fill_bytes_before_its_scan_is_refused_at_once() -> None:
     """32 MB of empty comment segments (8 million) before the first scan are refused after
-    MAX_JPEG_SEGMENTS of them (read one by one they took 15 s of CPU); 32 MB of fill bytes before
+    MAX_JPEG_MARKERS of them (read one by one they took 15 s of CPU); 32 MB of fill bytes before
     a camera's segments are skipped as one run, and the file reads."""
-    from smearscope.device.ingest.headers import MAX_JPEG_SEGMENTS
+    from smearscope.device.ingest.headers import MAX_JPEG_MARKERS
 
     comments = b"\xff\xd8" + b"\xff\xfe\x00\x02" * 8_000_000 + b"\xff\xd9"
     with pytest.raises(IngestError) as err:
         load_image(comments)
     assert err.value.code is RejectReason.UNSUPPORTED_FORMAT
-    assert f"more than {MAX_JPEG_SEGMENTS} segments before its first scan" in err.value.message
+    assert f"more than {MAX_JPEG_MARKERS} markers before its first scan" in err.value.message
     fill = _field_jpeg()
     fill = fill[:2] + b"\xff" * 32_000_000 + fill[2:]
     assert load_image(fill).pixels.shape == load_image(_field_jpeg()).pixels.shape  # fill bytes are allowed
@@ -846,8 +846,8 @@ def _png_chunk(ctype: bytes, body: bytes) -> bytes:
 
 def test_a_png_of_millions_of_tiny_chunks_is_refused_unread_and_small_image_chunks_read() -> None:
     """2.7 million empty ancillary chunks (32 MB: 6.8 s of CRCs and decoding) are refused after
-    4096 plus one per 4 KiB of file; the same picture with its image data in 1 KiB chunks (4
-    times smaller than any writer's) reads to the same pixels."""
+    4096 plus one per KiB of file; the same picture with its image data in 1 KiB chunks (8 times
+    smaller than libpng's) reads to the same pixels, at any size (each chunk is over a KiB)."""
     bgr = hostile.smear_like(120, 160)
     png = hostile.encode(".png", bgr)
     first = png.index(b"IDAT") - 4
@@ -898,9 +898,29 @@ def test_a_tiff_of_more_image_directories_than_read_is_refused_before_its_series
 
 def test_only_a_jpegs_first_exif_block_is_read_as_opencv_reads_it() -> None:
     """Two EXIF blocks (orientation 6, then 3): the first is applied, as OpenCV's reader does, and
-    a later one is not parsed (4000 of them, 5400 entries each, took 8.6 s)."""
+    a later one is not parsed (4000 of them, 5400 entries each, took 8.6 s); a first block without
+    an orientation, or a broken one, gives way to the next (OpenCV reads that one too)."""
     jpeg = hostile.encode(".jpg", _marked(), [cv2.IMWRITE_JPEG_QUALITY, 95])
-    two = jpeg[:2] + hostile.exif_app1(6) + hostile.exif_app1(3) + jpeg[2:]
-    img = load_image(two)
-    np.testing.assert_array_equal(img.pixels, cv2.imdecode(np.frombuffer(two, np.uint8), cv2.IMREAD_COLOR))
-    np.testing.assert_array_equal(img.pixels, load_image(jpeg[:2] + hostile.exif_app1(6) + jpeg[2:]).pixels)
+    body = b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x010F, 2, 4, 0)
+    no_tag = b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
+    broken = b"\xff\xe1" + struct.pack(">H", 10) + b"Exif\x00\x00XX"
+    six = load_image(jpeg[:2] + hostile.exif_app1(6) + jpeg[2:]).pixels
+    for blocks in (hostile.exif_app1(6) + hostile.exif_app1(3), no_tag + hostile.exif_app1(6),
+                   broken + hostile.exif_app1(6) + hostile.exif_app1(3)):
+        data = jpeg[:2] + blocks + jpeg[2:]
+        img = load_image(data)
+        np.testing.assert_array_equal(img.pixels, cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
+        np.testing.assert_array_equal(img.pixels, six)
+
+
+def test_a_tiff_whose_directory_chain_loops_back_reads_its_first_page(field: np.ndarray) -> None:
+    """A one-page TIFF whose next-directory offset points back at its own directory is one image
+    (tifffile cuts the loop short), not 65 directories refused as multi_frame."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.ascontiguousarray(field[:, :, ::-1]), photometric="rgb", metadata=None)
+    data = bytearray(buf.getvalue())
+    assert data[:2] == b"II"
+    (first,) = struct.unpack_from("<I", data, 4)
+    (count,) = struct.unpack_from("<H", data, first)
+    struct.pack_into("<I", data, first + 2 + 12 * count, first)  # the next directory: itself
+    np.testing.assert_array_equal(load_image(bytes(data)).pixels, field)

@@ -124,6 +124,11 @@ def test_a_station_whose_only_fit_is_the_models_own_thresholds_writes_none():
     fit = fit_station_thresholds(scores, np.zeros(200, bool), ["mahalanobis"], [100.0], budget=0.05)
     assert fit.thresholds is None and fit.quantile is None and fit.review_share_model == 0.0
     assert fit.reason == "nothing_tighter"
+    # nothing on the grid fits a budget of 0.3 % (its last quantile, 0.9975, sends 0.33 % of 300 to
+    # review), but the model's threshold sends none: still nothing_tighter, not over_budget
+    uniform = np.random.default_rng(0).random((300, 1))
+    fit = fit_station_thresholds(uniform, np.zeros(300, bool), ["energy"], [5.0], budget=0.003)
+    assert fit.thresholds is None and fit.review_share_model == 0.0 and fit.reason == "nothing_tighter"
 
 
 def test_a_budget_must_be_a_share_strictly_between_nothing_and_everything():

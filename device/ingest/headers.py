@@ -42,15 +42,27 @@ class ImageHeader:
     significant_bits: int | None = None  # declared by PNG sBIT / TIFF MaxSampleValue
 
 
+#: EXIF blocks of a JPEG read for its orientation (each up to 5400 entries: thousands of them took
+#: seconds); the first that gives one is applied.
+MAX_EXIF_BLOCKS = 4
+
+
 def exif_orientation(tiff_bytes: bytes) -> int:
     """Orientation (1..8) from the IFD0 of an EXIF block; 1 when absent or unreadable.
 
     A broken EXIF block is metadata damage, not image damage: it never rejects the frame.
     """
+    found = _exif_orientation_tag(tiff_bytes)
+    return 1 if found is None else found
+
+
+def _exif_orientation_tag(tiff_bytes: bytes) -> int | None:
+    """The orientation tag's value (1..8; 1 for a value out of range), None when the block has
+    none or cannot be read."""
     try:
         order = {b"II": "<", b"MM": ">"}[tiff_bytes[:2]]
         if struct.unpack(order + "H", tiff_bytes[2:4])[0] != 42:
-            return 1
+            return None
         ifd = struct.unpack(order + "I", tiff_bytes[4:8])[0]
         (count,) = struct.unpack(order + "H", tiff_bytes[ifd : ifd + 2])
         for i in range(count):
@@ -61,7 +73,7 @@ def exif_orientation(tiff_bytes: bytes) -> int:
                 return value if 1 <= value <= 8 else 1
     except (KeyError, struct.error, IndexError):
         logger.warning("unreadable EXIF block; orientation not applied")
-    return 1
+    return None
 
 
 # --- PNG -------------------------------------------------------------------------------------
@@ -71,10 +83,11 @@ _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: 
 
 
 #: Chunks a PNG may have: a few ancillary ones and its image data, which writers split into
-#: chunks of 8 KiB (libpng, OpenCV) or more; one per 4 KiB of file and 4096 besides. Millions of
-#: tiny chunks (seconds of CRCs) are refused unread.
+#: chunks of 8 KiB (libpng, OpenCV) or more; one per KiB of file and 4096 besides (image data in
+#: chunks of 1 KiB always reads; 256 MB of them take 0.6 s to walk). Millions of tiny chunks
+#: (seconds of CRCs) are refused unread.
 _PNG_CHUNKS_BESIDES = 4096
-_PNG_BYTES_PER_CHUNK = 4096
+_PNG_BYTES_PER_CHUNK = 1024
 
 
 def png_header(data: bytes, name: str) -> ImageHeader:
@@ -177,29 +190,36 @@ _STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}
 MAX_JPEG_SCANS = 100
 
 
-#: Where entropy-coded data ends: a 0xFF followed by a byte that makes it no stuffed FF 00, no
-#: restart marker and no fill byte (the last 0xFF of a run of them).
-_MARKER_AFTER_ENTROPY = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _FILL = re.compile(rb"\xff+")
-#: Between segments: bytes that are no marker, fill bytes and standalone markers, skipped at once.
-_BETWEEN_SEGMENTS = re.compile(rb"(?:[^\xff]|\xff(?=\xff)|\xff[\x01\xd0-\xd7])*")
-#: Segments read before the first scan and after its header (each counted apart: tables, comments,
-#: the scans): a camera's JPEG has tens, a progressive one a few per scan; a file of millions of
-#: tiny segments (seconds of reading) is refused unread.
-MAX_JPEG_SEGMENTS = 4096
+_NOT_FF = re.compile(rb"[^\xff]*")
+#: A 0xFF that is no stuffed FF 00 and no restart marker: a marker, or the first of fill bytes.
+_FF_NOT_STUFFED = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+_STUFFED_OR_RESTART = frozenset({0x00, *range(0xD0, 0xD8)})
+#: Markers read before the first scan (its own included) and after its header (the end-of-image
+#: one included), each counted apart: segments, scans, restart markers between segments, runs of
+#: fill bytes. A camera's JPEG has tens, a progressive one a few per scan; a file of millions of
+#: tiny segments (seconds of reading one by one) is refused unread.
+MAX_JPEG_MARKERS = 4096
 
 
 def _scans_to_end(data: bytes, pos: int, name: str) -> int | None:
     """The scans from the first scan header at `pos` to the end-of-image marker, walking the
     segments between scans (tables, comments: their bodies may hold any bytes, FF DA or FF D9
     among them) and skipping each scan's entropy-coded data; None without an end-of-image marker.
-    Bytes after it (camera trailers) are not read; more than `MAX_JPEG_SEGMENTS` are refused."""
+    Bytes after it (camera trailers) are not read; more than `MAX_JPEG_MARKERS` markers (each scan
+    header, segment, restart marker between segments, and the end) are refused. Runs of stray or
+    fill bytes are skipped whole (in C): a long one costs no more than its length."""
     scans, n = 0, len(data)
-    for _ in range(MAX_JPEG_SEGMENTS):
-        pos = _BETWEEN_SEGMENTS.match(data, pos).end()  # type: ignore[union-attr]
+    for _ in range(MAX_JPEG_MARKERS):
+        pos = _NOT_FF.match(data, pos).end()  # type: ignore[union-attr]  # stray bytes
+        if pos < n:
+            pos = _FILL.match(data, pos).end() - 1  # type: ignore[union-attr]  # a run's last 0xFF
         if pos + 2 > n:
             return None
         marker = data[pos + 1]
+        if marker in _STANDALONE_MARKERS:
+            pos += 2
+            continue
         if marker == 0xD9:
             return scans
         if pos + 4 > n:
@@ -207,20 +227,35 @@ def _scans_to_end(data: bytes, pos: int, name: str) -> int | None:
         pos += 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
         if marker == 0xDA:
             scans += 1
-            found = _MARKER_AFTER_ENTROPY.search(data, pos)
-            if found is None:
+            pos = _entropy_end(data, pos)
+            if pos is None:
                 return None
-            pos = found.start()
-    raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of more than {MAX_JPEG_SEGMENTS} "
-                      "segments after its first scan header")
+    raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of more than {MAX_JPEG_MARKERS} "
+                      "markers after its first scan header")
+
+
+def _entropy_end(data: bytes, pos: int) -> int | None:
+    """Where a scan's entropy-coded data from `pos` ends: the last 0xFF before the marker that
+    ends it (stuffed FF 00 and restart markers are data); None at the end of the file. Fill bytes
+    before FF 00 or a restart marker (no valid scan has them) count toward `MAX_JPEG_MARKERS`."""
+    n = len(data)
+    for _ in range(MAX_JPEG_MARKERS):
+        found = _FF_NOT_STUFFED.search(data, pos)
+        if found is None:
+            return None
+        pos = _FILL.match(data, found.start()).end() - 1  # type: ignore[union-attr]
+        if pos + 1 >= n or data[pos + 1] not in _STUFFED_OR_RESTART:
+            return pos
+        pos += 2
+    return None
 
 
 def jpeg_header(data: bytes, name: str) -> ImageHeader:
     """Walk the marker segments up to the first scan, then require an end-of-image marker."""
     pos = 2
     sof: tuple[int, int, int, int] | None = None
-    orientation, exif_read = 1, False
-    for _ in range(MAX_JPEG_SEGMENTS):
+    orientation, exif_read = 1, 0
+    for _ in range(MAX_JPEG_MARKERS):
         if pos + 2 > len(data):
             raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG ends inside its header")
         if data[pos] != 0xFF:
@@ -246,14 +281,17 @@ def jpeg_header(data: bytes, name: str) -> ImageHeader:
             if len(body) < 6:
                 raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG frame header too short")
             sof = struct.unpack(">BHHB", body[:6])
-        elif marker == 0xE1 and body.startswith(b"Exif\x00\x00") and not exif_read:
-            orientation, exif_read = exif_orientation(body[6:]), True  # the first EXIF block, as readers take
+        elif marker == 0xE1 and body.startswith(b"Exif\x00\x00") and exif_read < MAX_EXIF_BLOCKS:
+            # the first EXIF block that gives an orientation, as OpenCV reads it
+            found, exif_read = _exif_orientation_tag(body[6:]), exif_read + 1
+            if found is not None:
+                orientation, exif_read = found, MAX_EXIF_BLOCKS
         elif marker == 0xDA:
             break
         pos += 2 + length
     else:
-        raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of more than {MAX_JPEG_SEGMENTS} "
-                          "segments before its first scan")
+        raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of more than {MAX_JPEG_MARKERS} "
+                          "markers before its first scan")
     if sof is None:
         raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG scan before any frame header")
     precision, h, w, components = sof
@@ -383,13 +421,17 @@ MAX_TIFF_DIRECTORIES = 64
 
 
 def _directories(tif: tifffile.TiffFile, most: int) -> int:
-    """The file's pages and SubIFDs, read page by page and counted up to one past `most`."""
-    n = 0
+    """The file's pages and SubIFDs, read page by page and counted up to one past `most` (a page
+    met again ends the count)."""
+    n, seen = 0, set()
     for k in range(most + 1):
         try:
             page = tif.pages[k]
         except IndexError:
             break
+        if page.offset in seen:  # a chain that loops back (tifffile cuts it short, later)
+            break
+        seen.add(page.offset)
         n += 1 + len(getattr(page, "subifds", None) or ())
         if n > most:
             break

@@ -73,4 +73,5 @@ def fit_station_thresholds(scores: np.ndarray, unsure: np.ndarray, methods: Sequ
             # rounded down, so a threshold capped at the model's never reads above it
             return OpenSetFit({m: float(np.floor(v * 1e4) / 1e4) for m, v in zip(methods, t)}, n, share, at_model,
                               quantile=round(float(q), 4))
-    return OpenSetFit(None, n, at_model, at_model, reason="over_budget")
+    # none fits: over budget only where the model's own thresholds are
+    return OpenSetFit(None, n, at_model, at_model, reason="over_budget" if at_model > budget else "nothing_tighter")

@@ -276,8 +276,9 @@ class VahadaneNormalizer:
                 detail += f"; azure {separation:.1f} deg from eosin, {deviation:.1f} from reference"
                 absent[0] = True
                 if separation >= self.min_separation_deg:
-                    # A third colour, neither stain (a scale bar, a mark): left out of the eosin's
-                    # fit and range. Dark pixels near the eosin (its darkest red cells) stay in.
+                    # A third colour, neither stain (a scale bar, a mark): the dark pixels are left
+                    # out of the eosin's fit and range, the densest red cells among them too (they
+                    # stay in where the azure was refused for lying near the eosin).
                     tissue = tissue[~dark]
                     sample = self._evenly(tissue)
                 w = self._learn(sample, prior, absent)

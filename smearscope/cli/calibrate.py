@@ -124,10 +124,10 @@ def cmd_calibrate_atypical(args: argparse.Namespace) -> int:
         reason = {"too_few_white_cells": f"{fit.n_cells} white cells in {fields} fields; at least {args.min_cells} "
                                          "are needed (add fields of normal specimens)",
                   "over_budget": f"with the model's own thresholds {fit.review_share_model:.1%} of these normal white "
-                                 f"cells already go to review, over the budget of {args.budget:.0%}: nothing to "
+                                 f"cells already go to review, over the budget of {args.budget:.1%}: nothing to "
                                  "tighten; keep the model's thresholds (leave [analysis.wbc_open_set] out)",
                   "nothing_tighter": f"with the model's own thresholds {fit.review_share_model:.1%} of these normal "
-                                     f"white cells go to review, within the budget of {args.budget:.0%}, and no "
+                                     f"white cells go to review, within the budget of {args.budget:.1%}, and no "
                                      "tighter threshold keeps within it: keep the model's thresholds (leave "
                                      "[analysis.wbc_open_set] out)"}[fit.reason or ""]
         print(json.dumps({"error": {"code": fit.reason, "message": reason}, **summary}))
