@@ -924,3 +924,26 @@ def test_a_tiff_whose_directory_chain_loops_back_reads_its_first_page(field: np.
     (count,) = struct.unpack_from("<H", data, first)
     struct.pack_into("<I", data, first + 2 + 12 * count, first)  # the next directory: itself
     np.testing.assert_array_equal(load_image(bytes(data)).pixels, field)
+
+
+def test_a_large_png_in_1_kib_image_chunks_reads_and_a_jpeg_with_fill_bytes_between_scans_too() -> None:
+    """A 6.8 MB PNG of a noisy 1500 x 1500 field with its image data in 1 KiB chunks (6600 of them,
+    over 4096 + one per 4 KiB of file) reads to the same pixels; so does a progressive JPEG with
+    a megabyte of fill bytes before its second scan (libjpeg skips them; the walk skips the run whole)."""
+    noisy = np.random.default_rng(5).integers(0, 256, (1500, 1500, 3), np.uint8)
+    png = hostile.encode(".png", noisy, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    first, last = png.index(b"IDAT") - 4, png.index(b"IEND") - 4
+    stream, pos = b"", 8
+    while pos < len(png):
+        (length,), ctype = struct.unpack(">I", png[pos:pos + 4]), png[pos + 4:pos + 8]
+        if ctype == b"IDAT":
+            stream += png[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    small = png[:first] + b"".join(_png_chunk(b"IDAT", stream[i:i + 1024])
+                                   for i in range(0, len(stream), 1024)) + png[last:]
+    assert small.count(b"IDAT") > 4096 + len(small) // 4096
+    np.testing.assert_array_equal(load_image(small).pixels, noisy)
+    jpeg = hostile.encode(".jpg", hostile.smear_like(200, 300), [int(cv2.IMWRITE_JPEG_PROGRESSIVE), 1])
+    second = jpeg.index(b"\xff\xda", jpeg.index(b"\xff\xda") + 2)
+    filled = jpeg[:second] + b"\xff" * 1_000_000 + jpeg[second:]
+    np.testing.assert_array_equal(load_image(filled).pixels, load_image(jpeg).pixels)
