@@ -844,6 +844,19 @@ def _png_chunk(ctype: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
 
 
+def _in_image_chunks_of(png: bytes, size: int) -> bytes:
+    """`png` (IDAT chunks consecutive, IEND last) with its image data in IDAT chunks of `size` bytes."""
+    stream, pos = b"", 8
+    while pos < len(png):
+        (length,), ctype = struct.unpack(">I", png[pos:pos + 4]), png[pos + 4:pos + 8]
+        if ctype == b"IDAT":
+            stream += png[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    first, last = png.index(b"IDAT") - 4, png.index(b"IEND") - 4
+    return png[:first] + b"".join(_png_chunk(b"IDAT", stream[i:i + size])
+                                  for i in range(0, len(stream), size)) + png[last:]
+
+
 def test_a_png_of_millions_of_tiny_chunks_is_refused_unread_and_small_image_chunks_read() -> None:
     """2.7 million empty ancillary chunks (32 MB: 6.8 s of CRCs and decoding) are refused after
     4096 plus one per KiB of file; the same picture with its image data in 1 KiB chunks (8 times
@@ -855,15 +868,7 @@ def test_a_png_of_millions_of_tiny_chunks_is_refused_unread_and_small_image_chun
     with pytest.raises(IngestError) as err:
         load_image(tiny)
     assert err.value.code is RejectReason.UNSUPPORTED_FORMAT and "PNG of more than" in err.value.message
-    stream, pos = b"", 8
-    while pos < len(png):
-        (length,), ctype = struct.unpack(">I", png[pos:pos + 4]), png[pos + 4:pos + 8]
-        if ctype == b"IDAT":
-            stream += png[pos + 8:pos + 8 + length]
-        pos += 12 + length
-    split = b"".join(_png_chunk(b"IDAT", stream[i:i + 1024]) for i in range(0, len(stream), 1024))
-    last = png.index(b"IEND") - 4
-    small = png[:first] + split + png[last:]
+    small = _in_image_chunks_of(png, 1024)
     assert small.count(b"IDAT") > 20
     np.testing.assert_array_equal(load_image(small).pixels, load_image(png).pixels)
 
@@ -932,15 +937,7 @@ def test_a_large_png_in_1_kib_image_chunks_reads_and_a_jpeg_with_fill_bytes_betw
     a megabyte of fill bytes before its second scan (libjpeg skips them; the walk skips the run whole)."""
     noisy = np.random.default_rng(5).integers(0, 256, (1500, 1500, 3), np.uint8)
     png = hostile.encode(".png", noisy, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    first, last = png.index(b"IDAT") - 4, png.index(b"IEND") - 4
-    stream, pos = b"", 8
-    while pos < len(png):
-        (length,), ctype = struct.unpack(">I", png[pos:pos + 4]), png[pos + 4:pos + 8]
-        if ctype == b"IDAT":
-            stream += png[pos + 8:pos + 8 + length]
-        pos += 12 + length
-    small = png[:first] + b"".join(_png_chunk(b"IDAT", stream[i:i + 1024])
-                                   for i in range(0, len(stream), 1024)) + png[last:]
+    small = _in_image_chunks_of(png, 1024)
     assert small.count(b"IDAT") > 4096 + len(small) // 4096
     np.testing.assert_array_equal(load_image(small).pixels, noisy)
     jpeg = hostile.encode(".jpg", hostile.smear_like(200, 300), [int(cv2.IMWRITE_JPEG_PROGRESSIVE), 1])
