@@ -27,7 +27,7 @@ def summarize(report: Report) -> str:
         lines.append("  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" for s in shares[:6]))
     unassessed = [s.label for s in r.rbc_morphology if not report_view.assessable(r, s)]
     if doubted:  # rows are only the classes seen: every size-based one goes unread, seen or not
-        unassessed += sorted(SIZE_BASED - set(unassessed))
+        unassessed = sorted(set(unassessed) | SIZE_BASED)
     if unassessed:  # an estimated scale: a share of 0 would read as "none seen"
         why = "with a calibration in doubt" if doubted else "at an estimated scale"
         lines.append(f"  RBC {', '.join(unassessed)}: not assessable {why}")
