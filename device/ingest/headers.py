@@ -82,10 +82,9 @@ _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 
 
-#: Chunks a PNG may have: a few ancillary ones and its image data, which writers split into
-#: chunks of 8 KiB (libpng, OpenCV) or more; one per KiB of file and 4096 besides (image data in
-#: chunks of 1 KiB always reads; 256 MB of them take 0.6 s to walk). Millions of tiny chunks
-#: (seconds of CRCs) are refused unread.
+#: Chunks a PNG may have: writers split image data into chunks of 8 KiB (libpng) or more; one per
+#: KiB of file and 4096 besides (1 KiB chunks always read; 256 MB of them walk in 0.6 s). Millions
+#: of tiny chunks (seconds of CRCs) are refused unread.
 _PNG_CHUNKS_BESIDES = 4096
 _PNG_BYTES_PER_CHUNK = 1024
 
@@ -203,12 +202,10 @@ MAX_JPEG_MARKERS = 4096
 
 
 def _scans_to_end(data: bytes, pos: int, name: str) -> int | None:
-    """The scans from the first scan header at `pos` to the end-of-image marker, walking the
-    segments between scans (tables, comments: their bodies may hold any bytes, FF DA or FF D9
-    among them) and skipping each scan's entropy-coded data; None without an end-of-image marker.
-    Bytes after it (camera trailers) are not read; more than `MAX_JPEG_MARKERS` markers (each scan
-    header, segment, restart marker between segments, and the end) are refused. Runs of stray or
-    fill bytes are skipped whole (in C): a long one costs no more than its length."""
+    """Scans from the first scan header at `pos` to the end-of-image marker (None without one),
+    walking the segments between scans (their bodies may hold any bytes, FF DA or FF D9 among them)
+    and skipping entropy-coded data and runs of stray or fill bytes whole (in C). Bytes after the
+    end (camera trailers) are not read; more than `MAX_JPEG_MARKERS` markers are refused."""
     scans, n = 0, len(data)
     for _ in range(MAX_JPEG_MARKERS):
         pos = _NOT_FF.match(data, pos).end()  # type: ignore[union-attr]  # stray bytes
@@ -235,9 +232,8 @@ def _scans_to_end(data: bytes, pos: int, name: str) -> int | None:
 
 
 def _entropy_end(data: bytes, pos: int) -> int | None:
-    """Where a scan's entropy-coded data from `pos` ends: the last 0xFF before the marker that
-    ends it (stuffed FF 00 and restart markers are data); None at the end of the file. Fill bytes
-    before FF 00 or a restart marker (no valid scan has them) count toward `MAX_JPEG_MARKERS`."""
+    """Where entropy-coded data from `pos` ends (the last 0xFF before its marker; FF 00 and restart
+    markers are data), None at the file's end; fill bytes inside it count toward the cap."""
     n = len(data)
     for _ in range(MAX_JPEG_MARKERS):
         found = _FF_NOT_STUFFED.search(data, pos)
