@@ -250,7 +250,8 @@ def jpeg_header(data: bytes, name: str) -> ImageHeader:
     """Walk the marker segments up to the first scan, then require an end-of-image marker."""
     pos = 2
     sof: tuple[int, int, int, int] | None = None
-    orientation, exif_read = 1, 0
+    orientation: int | None = None
+    exif_blocks = 0
     for _ in range(MAX_JPEG_MARKERS):
         if pos + 2 > len(data):
             raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG ends inside its header")
@@ -277,11 +278,9 @@ def jpeg_header(data: bytes, name: str) -> ImageHeader:
             if len(body) < 6:
                 raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG frame header too short")
             sof = struct.unpack(">BHHB", body[:6])
-        elif marker == 0xE1 and body.startswith(b"Exif\x00\x00") and exif_read < MAX_EXIF_BLOCKS:
-            # the first EXIF block that gives an orientation, as OpenCV reads it
-            found, exif_read = _exif_orientation_tag(body[6:]), exif_read + 1
-            if found is not None:
-                orientation, exif_read = found, MAX_EXIF_BLOCKS
+        elif (marker == 0xE1 and body.startswith(b"Exif\x00\x00") and orientation is None
+              and exif_blocks < MAX_EXIF_BLOCKS):  # the first EXIF block that gives one, as OpenCV reads it
+            orientation, exif_blocks = _exif_orientation_tag(body[6:]), exif_blocks + 1
         elif marker == 0xDA:
             break
         pos += 2 + length
@@ -310,7 +309,7 @@ def jpeg_header(data: bytes, name: str) -> ImageHeader:
     if scans > MAX_JPEG_SCANS:
         raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of {scans} scans (at most "
                           f"{MAX_JPEG_SCANS} are read)")
-    return ImageHeader("jpeg", w, h, precision, components, orientation)
+    return ImageHeader("jpeg", w, h, precision, components, orientation or 1)
 
 
 # --- TIFF ------------------------------------------------------------------------------------

@@ -83,20 +83,18 @@ def _grid_design(gh: int, gw: int) -> np.ndarray:
 @dataclass(frozen=True)
 class _BlockGrid:
     """A reduced image's blocks and the fit's design over their centres: the same for every
-    frame of a size, so made once per size (`_block_grid`; its arrays are read-only, shared).
+    frame of a size, so made once per size (`_block_grid`; its design is read-only, shared).
 
     `rows` x `cols` blocks of `height` x `width` pixels; `rank`: the bright-pixel percentile's
-    rank within a block; `xs`, `ys`: block centres in [-1, 1]; `design`: the surface's terms at
-    the centres (quadratic from 24 blocks, linear from 6, else constant); `full_rank`: whether
-    the blocks span every term."""
+    rank within a block; `design`: the surface's terms at the block centres (x, y in [-1, 1];
+    quadratic from 24 blocks, linear from 6, else constant); `full_rank`: whether the blocks span
+    every term."""
 
     rows: int
     cols: int
     height: int
     width: int
     rank: int
-    xs: np.ndarray
-    ys: np.ndarray
     design: np.ndarray
     full_rank: bool
 
@@ -112,9 +110,8 @@ def _block_grid(h: int, w: int) -> _BlockGrid:
     n = len(xs)
     design = _design(xs, ys, 2 if n >= 24 else (1 if n >= 6 else 0))
     full_rank = bool(np.linalg.matrix_rank(design) == design.shape[1])
-    for arr in (xs, ys, design):
-        arr.flags.writeable = False
-    return _BlockGrid(bh, bw, sy, sx, rank, xs, ys, design, full_rank)
+    design.flags.writeable = False
+    return _BlockGrid(bh, bw, sy, sx, rank, design, full_rank)
 
 
 def _block_colours(reduced: np.ndarray, grid: _BlockGrid) -> np.ndarray:

@@ -68,10 +68,10 @@ def fit_station_thresholds(scores: np.ndarray, unsure: np.ndarray, methods: Sequ
         t = np.minimum(np.quantile(scores, q, axis=0), model)
         share = _review(scores, unsure, t)
         if share <= budget:
-            if np.array_equal(t, model):  # the model's are within budget, nothing tighter is
-                return OpenSetFit(None, n, at_model, at_model, reason="nothing_tighter")
+            if np.array_equal(t, model):
+                break  # the model's own thresholds are the first within budget: nothing tighter is
             # rounded down, so a threshold capped at the model's never reads above it
             return OpenSetFit({m: float(np.floor(v * 1e4) / 1e4) for m, v in zip(methods, t)}, n, share, at_model,
                               quantile=round(float(q), 4))
-    # none fits: over budget only where the model's own thresholds are
+    # no tighter thresholds: over budget only where the model's own are
     return OpenSetFit(None, n, at_model, at_model, reason="over_budget" if at_model > budget else "nothing_tighter")
