@@ -460,6 +460,23 @@ def test_fields_analysed_at_once_claim_no_more_calibration_checks_than_asked(tmp
     assert in_capture_order == [True, True, False, False, False, False]
 
 
+def test_a_failed_field_gives_its_calibration_check_to_the_runs_next_field(tmp_path: Path) -> None:
+    """A run's first field fails in the analyzer: the check it claimed goes to the next field, so the
+    run still checks its calibration on two fields that were analysed."""
+    made: list[PoolAnalyzer] = []
+
+    def factory(config: StationConfig) -> PoolAnalyzer:
+        made.append(PoolAnalyzer(oracle_pool(), fail_on={0: RuntimeError("the engine failed")}))
+        return made[-1]
+    environ = {"STATE_DIRECTORY": str(tmp_path / "state"), "SMEARSCOPE__MQTT__PORT": str(free_port()),
+               "SMEARSCOPE__SOURCE__FPS": "20", "SMEARSCOPE__SOURCE__WIDTH": "320",
+               "SMEARSCOPE__SOURCE__HEIGHT": "240", "SMEARSCOPE__SPECIMEN__CALIBRATION_CHECK_FIELDS": "2"}
+    assert run_daemon(None, 5, analyzer_factory=factory, environ=environ) == 0
+    (analyzer,) = made
+    assert analyzer.calls == 6 and len(analyzer.analysed_ids) == 5  # the first raised, five analysed
+    assert analyzer.checked_calibration == [True, True, False, False, False]
+
+
 def _frame_number(frame_id: str) -> int:
     return int("".join(ch for ch in frame_id if ch.isdigit()) or -1)
 

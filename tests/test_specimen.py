@@ -397,3 +397,25 @@ def test_a_runs_first_fields_check_the_calibration_and_its_report_carries_a_susp
     assert not alone.claim_calibration_check(None)  # a field with no run open stands alone: not a run's first field
     with pytest.raises(ValueError, match="calibration_check_fields"):
         SpecimenPolicy(calibration_check_fields=-1)
+
+
+def test_a_failed_field_gives_its_calibration_check_back_to_its_run() -> None:
+    """A field that claimed a check and failed gives it back: the run's next field checks instead.
+    Only to the run it was claimed for, never below none claimed, and nothing for no run."""
+    policy = SpecimenPolicy(1000, 60.0, True, calibration_check_fields=2)
+    t = SpecimenTracker(policy, station_id="st", clock=FakeClock())
+    run_id = t.run_for_next_field()
+    assert run_id is not None
+    assert [t.claim_calibration_check(run_id) for _ in range(2)] == [True, True]
+    assert not t.claim_calibration_check(run_id)
+    t.release_calibration_check(run_id)  # one of the two failed
+    assert [t.claim_calibration_check(run_id) for _ in range(2)] == [True, False]
+    t.release_calibration_check("another-run")  # a field of a run that is no longer claiming
+    t.release_calibration_check(None)
+    assert not t.claim_calibration_check(run_id)
+    fresh = SpecimenTracker(policy, station_id="st", clock=FakeClock())
+    opened = fresh.run_for_next_field()
+    assert fresh.claim_calibration_check(opened)
+    fresh.release_calibration_check(opened)
+    fresh.release_calibration_check(opened)  # given back twice, claimed once: two to claim, not three
+    assert [fresh.claim_calibration_check(opened) for _ in range(3)] == [True, True, False]

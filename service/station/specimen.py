@@ -349,6 +349,13 @@ class SpecimenTracker:
             self._checks_claimed = (run_id, claimed + 1)
             return True
 
+    def release_calibration_check(self, run_id: str | None) -> None:
+        """A field that claimed a check for run `run_id` and failed gives it back: the run's next
+        field handed out checks instead (if the run is still the one claiming)."""
+        with self._lock:
+            if run_id is not None and self._checks_claimed[0] == run_id and self._checks_claimed[1] > 0:
+                self._checks_claimed = (run_id, self._checks_claimed[1] - 1)
+
     def specimen_scale(self) -> float | None:
         """The scale the open run's fields agree on so far (None: no run, or too few estimates)."""
         with self._lock:

@@ -16,10 +16,10 @@ specimen run's cells. A full disk pauses the analysis (back-pressure: nothing is
 not be stored; status, STATUS= and telemetry say `disk_full`) until a write succeeds again; the
 report in hand waits, it is not dropped.
 
-The capture thread watches the daemon's stop Event; the analysis and writer threads stop only at
-their sentinels, so whatever was captured is drained. At its end the analysis thread serves the last
-command requests and closes an open specimen run, so its final report is stored. A frame that fails
-(bad input, analysis exception) is logged with its reason code, counted, and the workers go on.
+The capture thread watches the daemon's stop Event; the analysis and writer threads stop only at their
+sentinels, so whatever was captured is drained. At its end the analysis thread serves the last command
+requests and closes an open specimen run, so its final report is stored. A frame that fails (bad
+input, analysis exception) is logged with its reason code, counted, and the workers go on.
 """
 
 from __future__ import annotations
@@ -61,8 +61,7 @@ logger = logging.getLogger(__name__)
 #: Live sources may drop stale frames; recorded ones must block (see the module docstring).
 FRAME_POLICY: Mapping[str, DropPolicy] = {"camera": "keep_newest", "simulated": "keep_newest",
                                           "folder": "block", "replay": "block"}
-#: The order in which shutdown joins the threads: producers first.
-THREAD_NAMES = ("capture", "analysis", "report-writer")
+THREAD_NAMES = ("capture", "analysis", "report-writer")  # the order shutdown joins them: producers first
 
 
 @dataclass
@@ -78,8 +77,7 @@ class _Field:
     scale_args: dict[str, Any]  # decided when handed to its run (Workers._scale_args)
 
 
-#: While the disk is full and nothing is to be stored, how often the writer tries a write.
-PROBE_S = 2.0
+PROBE_S = 2.0  # while the disk is full and nothing is to be stored, how often the writer tries a write
 
 
 @dataclass(frozen=True)
@@ -100,12 +98,10 @@ class StationWorkers:
                  scale_override: float | None, clinic: ClinicFeed | None = None,
                  concurrent_fields: int = 1, batch_delay_s: float = 0.004) -> None:
         self.gate, self.tracker, self.watchdog = gate, tracker, watchdog
-        #: Commands' work on the specimen state, served by the analysis thread between frames.
-        self.requests = requests
+        self.requests = requests  # commands' work on the specimen state, served between frames
         self._stop, self._request_stop = stop, request_stop
         self.max_fields, self.scale_override = max_fields, scale_override
-        #: Fields analysed at once (service.station.field_pool), and how long an engine batch
-        #: waits for another field's to join it (engines.coalesce).
+        #: Fields analysed at once (field_pool); how long an engine batch waits for another's (engines.coalesce).
         self.concurrent_fields, self.batch_delay_s = concurrent_fields, batch_delay_s
         #: FHIR bundles, live run state and the review gallery (service.station.clinic).
         self.clinic, self.stats = clinic, Stats()
@@ -124,8 +120,7 @@ class StationWorkers:
         self._store_failing = False
 
     @property
-    def disk_full(self) -> bool:
-        """The outbox's disk is full: analysis is paused until a write succeeds."""
+    def disk_full(self) -> bool:  # the outbox's disk is full: analysis paused until a write succeeds
         return self._store_failing or (self.publisher is not None and self.publisher.outbox.disk_full)
 
     def start(self, source: FrameSource, analyzer: AnalyzerLike,
@@ -200,7 +195,7 @@ class StationWorkers:
         keep = override is None or frame.microns_per_pixel == override
         return frame if keep else dataclasses.replace(frame, microns_per_pixel=override)
 
-    def _dropped(self, frame_id: str) -> None:
+    def _dropped(self, frame_id: str) -> None:  # a stale frame dropped for a newer one (keep_newest)
         self.stats.add("pending", -1)
         self.outcomes.append((frame_id, "dropped", "keep_newest"))
 
@@ -228,7 +223,7 @@ class StationWorkers:
                 done = pool.next_done(timeout=0.0 if pool.has_room() and not ended else TICK_S)
                 if done is not None:
                     try:
-                        self._finish(done.work.frame, done.result, done.error)
+                        self._finish(done.work, done.result, done.error)
                     finally:
                         self.stats.add("pending", -1)
                     continue
@@ -311,16 +306,21 @@ class StationWorkers:
         """Analyse one accepted frame here; never raises for a bad frame. A command answer."""
         assert self.analyzer is not None
         run_id = self.tracker.run_for_next_field()
+        work = _Field(frame, run_id, self._scale_args(frame, run_id))
         result, error = None, None
         try:
             with self.watchdog.working("analysis"):
-                result = self.analyzer.analyze(frame, run_id, **self._scale_args(frame, run_id))
+                result = self.analyzer.analyze(frame, work.run_id, **work.scale_args)
         except Exception as exc:  # noqa: BLE001 - reported by _finish with its reason code
             error = exc
-        return self._finish(frame, result, error)
+        return self._finish(work, result, error)
 
-    def _finish(self, frame: Frame, result: FieldResult | None, error: BaseException | None) -> dict[str, Any]:
-        """A field's report into its specimen run and the outbox, or its failure counted."""
+    def _finish(self, work: _Field, result: FieldResult | None, error: BaseException | None) -> dict[str, Any]:
+        """A field's report into its specimen run and the outbox, or its failure counted (a failed
+        field gives the calibration check it claimed back to its run)."""
+        frame = work.frame
+        if (error is not None or result is None) and work.scale_args.get("check_calibration"):
+            self.tracker.release_calibration_check(work.run_id)
         if isinstance(error, IngestError):
             reason = getattr(error.code, "value", str(error.code))
             logger.warning("frame %s refused (%s): %s", frame.frame_id, reason, error)
