@@ -840,6 +840,22 @@ def test_a_jpeg_of_millions_of_tiny_segments_or_fill_bytes_before_its_scan_is_re
     assert load_image(fill).pixels.shape == load_image(_field_jpeg()).pixels.shape  # fill bytes are allowed
 
 
+def test_a_jpeg_scan_of_thousands_of_fill_runs_is_refused_for_its_markers_not_as_truncated() -> None:
+    """Runs of fill bytes before restart markers inside a scan's entropy-coded data (no encoder
+    writes any) count toward MAX_JPEG_MARKERS like segments do: over it, the file is refused for
+    its markers, not read as one without an end-of-image marker (it has one)."""
+    from smearscope.device.ingest.headers import MAX_JPEG_MARKERS
+
+    jpeg = _field_jpeg()
+    sos = jpeg.index(b"\xff\xda")
+    data_at = sos + 2 + struct.unpack(">H", jpeg[sos + 2:sos + 4])[0]
+    hostile_scan = jpeg[:data_at] + b"\xff\xff\xd0" * (MAX_JPEG_MARKERS + 1) + jpeg[data_at:]
+    with pytest.raises(IngestError) as err:
+        load_image(hostile_scan)
+    assert err.value.code is RejectReason.UNSUPPORTED_FORMAT
+    assert f"more than {MAX_JPEG_MARKERS} markers inside a scan's entropy-coded data" in err.value.message
+
+
 def _png_chunk(ctype: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
 

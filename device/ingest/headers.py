@@ -194,10 +194,9 @@ _NOT_FF = re.compile(rb"[^\xff]*")
 #: A 0xFF that is no stuffed FF 00 and no restart marker: a marker, or the first of fill bytes.
 _FF_NOT_STUFFED = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 _STUFFED_OR_RESTART = frozenset({0x00, *range(0xD0, 0xD8)})
-#: Markers read before the first scan (its own included) and after its header (the end-of-image
-#: one included), each counted apart: segments, scans, restart markers between segments, runs of
-#: fill bytes. A camera's JPEG has tens, a progressive one a few per scan; a file of millions of
-#: tiny segments (seconds of reading one by one) is refused unread.
+#: Markers read before the first scan (its own included), after its header (the end-of-image one included)
+#: and inside one scan's data, each counted apart: segments, scans, restart markers between segments, runs
+#: of fill bytes. A camera's JPEG has tens, a progressive one a few per scan; millions (seconds) are refused.
 MAX_JPEG_MARKERS = 4096
 
 
@@ -224,16 +223,19 @@ def _scans_to_end(data: bytes, pos: int, name: str) -> int | None:
         pos += 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
         if marker == 0xDA:
             scans += 1
-            pos = _entropy_end(data, pos)
+            pos = _entropy_end(data, pos, name)
             if pos is None:
                 return None
-    raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of more than {MAX_JPEG_MARKERS} "
-                      "markers after its first scan header")
+    raise _too_many_markers(name, "after its first scan header")
 
 
-def _entropy_end(data: bytes, pos: int) -> int | None:
+def _too_many_markers(name: str, where: str) -> IngestError:
+    return IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of more than {MAX_JPEG_MARKERS} markers {where}")
+
+
+def _entropy_end(data: bytes, pos: int, name: str) -> int | None:
     """Where entropy-coded data from `pos` ends (the last 0xFF before its marker; FF 00 and restart
-    markers are data), None at the file's end; fill bytes inside it count toward the cap."""
+    markers are data), None at the file's end; runs of fill bytes inside it count toward the cap."""
     n = len(data)
     for _ in range(MAX_JPEG_MARKERS):
         found = _FF_NOT_STUFFED.search(data, pos)
@@ -243,7 +245,7 @@ def _entropy_end(data: bytes, pos: int) -> int | None:
         if pos + 1 >= n or data[pos + 1] not in _STUFFED_OR_RESTART:
             return pos
         pos += 2
-    return None
+    raise _too_many_markers(name, "inside a scan's entropy-coded data")
 
 
 def jpeg_header(data: bytes, name: str) -> ImageHeader:
@@ -285,8 +287,7 @@ def jpeg_header(data: bytes, name: str) -> ImageHeader:
             break
         pos += 2 + length
     else:
-        raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of more than {MAX_JPEG_MARKERS} "
-                          "markers before its first scan")
+        raise _too_many_markers(name, "before its first scan")
     if sof is None:
         raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG scan before any frame header")
     precision, h, w, components = sof
