@@ -44,8 +44,10 @@ from smearscope.device.ingest.headers import (
     png_pixel_data_cut_short,
     tiff_header,
 )
+from smearscope.device.ingest.packbits import use_bounded_packbits
 
 logger = logging.getLogger(__name__)
+use_bounded_packbits()  # PackBits strips decoded into one buffer of their size (device.ingest.packbits)
 
 __all__ = ["DecodedImage", "ImageSource", "IngestError", "IngestLimits", "RejectReason",
            "load_image"]

@@ -25,6 +25,7 @@ import numpy as np
 import tifffile
 
 from smearscope.device.ingest.errors import IngestError, RejectReason
+from smearscope.device.ingest.packbits import MAX_PACKBITS_RUNS, packbits_walk
 
 logger = logging.getLogger(__name__)
 
@@ -354,38 +355,24 @@ def tiff_decodable(page: tifffile.TiffPage) -> bool:
     return True
 
 
-def _packbits_size(raw: bytes, limit: int) -> int:
-    """Bytes a PackBits segment decodes to, counted (nothing allocated) until `limit`."""
-    i, n, out = 0, len(raw), 0
-    while i < n and out < limit:
-        h = raw[i]
-        if h < 128:
-            out, i = out + h + 1, i + h + 2
-        elif h > 128:
-            out, i = out + 257 - h, i + 2
-        else:
-            i += 1
-    return out
-
-
 def _inflated_size(kind: str, raw: bytes, limit: int) -> int:
     """Bytes a compressed segment inflates to, at most `limit` of them produced."""
     if kind == "zlib":
         return len(zlib.decompressobj().decompress(raw, limit))
-    if kind == "lzma":
-        return len(lzma.LZMADecompressor().decompress(raw, max_length=limit))
-    return _packbits_size(raw, limit)
+    return len(lzma.LZMADecompressor().decompress(raw, max_length=limit))
 
 
 def check_tiff_inflation(data: bytes, page: tifffile.TiffPage, name: str) -> None:
     """Refuse (`corrupt`) a page whose strips or tiles inflate beyond their segment's size, or that
     has more segments than its geometry holds: a few megabytes of deflate or PackBits that declare
     256 x 256 pixels and inflate to gigabytes (tifffile inflates a strip in full before comparing
-    it with the page; its PackBits decoder holds 8 bytes per output byte). Each segment is inflated
-    here up to one byte past its size and no further (zlib and lzma in C, PackBits counted)."""
+    it with the page). Each segment is inflated
+    here up to one byte past its size and no further (zlib and lzma in C, PackBits counted: more
+    than MAX_PACKBITS_RUNS runs in the file are refused, `unsupported_format`)."""
     kind = _BOUNDED_INFLATE.get(int(page.compression))
     if kind is None:
         return
+    runs_left = MAX_PACKBITS_RUNS
     segment = int(np.prod(page.chunks)) * page.dtype.itemsize
     segments = int(np.prod(page.chunked))
     if len(page.dataoffsets) > segments:
@@ -393,10 +380,18 @@ def check_tiff_inflation(data: bytes, page: tifffile.TiffPage, name: str) -> Non
                           f"where its geometry holds {segments}")
     for k, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
         raw = data[offset:offset + count]
-        if kind == "packbits" and len(raw) > 2 * segment + 16:  # longer than any encoding of a segment
-            raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF segment {k} holds {len(raw)} bytes of "
-                              f"PackBits for {segment} bytes of pixels")
-        if _inflated_size(kind, raw, segment + 1) > segment:
+        if kind == "packbits":
+            if len(raw) > 2 * segment + 16:  # longer than any encoding of a segment
+                raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF segment {k} holds {len(raw)} bytes of "
+                                  f"PackBits for {segment} bytes of pixels")
+            size, runs = packbits_walk(raw, segment, runs_left + 1)
+            if runs > runs_left:
+                raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: TIFF of more than {MAX_PACKBITS_RUNS} "
+                                  "PackBits runs (seconds to read; save the field uncompressed, deflate or LZW)")
+            runs_left -= runs
+        else:
+            size = _inflated_size(kind, raw, segment + 1)
+        if size > segment:
             raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF segment {k} inflates beyond the "
                               f"{segment} bytes its geometry holds (a decompression bomb)")
 
