@@ -277,6 +277,38 @@ def test_a_jpeg_of_exactly_the_most_scans_read_decodes_and_one_more_is_refused()
     assert f"JPEG of {MAX_JPEG_SCANS + 1} scans" in err.value.message
 
 
+def test_a_large_jpeg_may_have_fewer_scans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scans times pixels are bounded too (each scan is a pass over every pixel): a JPEG declaring
+    8000 x 8000 pixels in 13 scans is refused unread (at most 12 at 64 MP), one of 12 goes on to
+    the decoder. With the budget at 80 scans of its size, a valid 64 x 64 progressive
+    JPEG of 80 scans decodes and one of 81 is refused."""
+    from smearscope.device.ingest import headers
+
+    progressive = hostile.encode(".jpg", hostile.smear_like(200, 304), [int(cv2.IMWRITE_JPEG_PROGRESSIVE), 1])
+    sof = progressive.index(b"\xff\xc2")
+    large = progressive[:sof + 5] + struct.pack(">HH", 8000, 8000) + progressive[sof + 9:]
+    first, end = large.index(b"\xff\xda"), large.rindex(b"\xff\xd9")
+    scan = large[first:large.index(b"\xff\xda", first + 2)]
+
+    def with_scans(n: int) -> bytes:
+        return large[:first] + scan * (n - large.count(b"\xff\xda")) + large[first:end] + b"\xff\xd9"
+
+    with pytest.raises(IngestError) as err:
+        load_image(with_scans(13))
+    assert err.value.code is RejectReason.UNSUPPORTED_FORMAT
+    assert "JPEG of 13 scans over 8000x8000 pixels (at most 12" in err.value.message
+    with pytest.raises(IngestError) as err:  # past the scan limit: the decoder finds its data short
+        load_image(with_scans(12))
+    assert err.value.code is RejectReason.CORRUPT and "JPEG decoder" in err.value.message
+
+    monkeypatch.setattr(headers, "MAX_JPEG_SCAN_PIXELS", 80 * 64 * 64)
+    blocks = np.arange(64).reshape(8, 8) * 2 - 88
+    assert load_image(_progressive_jpeg(80, blocks)).pixels.shape == (64, 64, 3)
+    with pytest.raises(IngestError) as err:
+        load_image(_progressive_jpeg(81, blocks))
+    assert "JPEG of 81 scans over 64x64 pixels (at most 80 are read at that size)" in err.value.message
+
+
 def test_a_packbits_tiff_decodes() -> None:
     bgr = hostile.smear_like(256, 256, seed=4)
     img = load_image(hostile.one_strip_tiff(hostile.packbits(np.ascontiguousarray(bgr[:, :, ::-1]).tobytes()), 32773))

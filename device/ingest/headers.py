@@ -186,8 +186,11 @@ _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD
 _STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}
 
 
-#: Scans a JPEG may have (progressive JPEGs from cameras and encoders have about 10).
+#: Scans a JPEG may have (progressive JPEGs from cameras and encoders have about 10), and scans
+#: times pixels (each scan is a pass of the decoder over every pixel: 100 over 64 MP took 10 s), so
+#: a 64 MP field may have 12, one of 8 MP or less 100.
 MAX_JPEG_SCANS = 100
+MAX_JPEG_SCAN_PIXELS = 800_000_000
 
 
 _FILL = re.compile(rb"\xff+")
@@ -308,9 +311,10 @@ def jpeg_header(data: bytes, name: str) -> ImageHeader:
     scans = _scans_to_end(data, pos, name)
     if scans is None:
         raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG has no end-of-image marker")
-    if scans > MAX_JPEG_SCANS:
-        raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of {scans} scans (at most "
-                          f"{MAX_JPEG_SCANS} are read)")
+    most = max(1, min(MAX_JPEG_SCANS, MAX_JPEG_SCAN_PIXELS // (w * h)))
+    if scans > most:
+        raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of {scans} scans over {w}x{h} pixels "
+                          f"(at most {most} are read at that size)")
     return ImageHeader("jpeg", w, h, precision, components, orientation or 1)
 
 
