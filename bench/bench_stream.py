@@ -42,9 +42,10 @@ def run_stream(recording: Path, state: Path, n_fields: int, mpp: float, concurre
     captured: dict[str, float] = {}
     original_finish = daemon.workers._finish
 
-    def finish(frame, result, error):
+    def finish(work, result, error):
+        frame = work.frame
         captured[frame.frame_id] = frame.captured_at
-        answer = original_finish(frame, result, error)
+        answer = original_finish(work, result, error)
         emitted[frame.frame_id] = time.time()
         return answer
 

@@ -172,11 +172,12 @@ def _tiff_bomb(d: Path) -> Path:
     return path
 
 
-def one_strip_tiff(strip: bytes, compression: int, width: int = 256, height: int = 256) -> bytes:
+def one_strip_tiff(strip: bytes, compression: int, width: int = 256, height: int = 256,
+                   photometric: int = 2) -> bytes:
     """A baseline 8-bit RGB TIFF of one strip holding `strip` as stored (compressed) bytes:
-    8 deflate, 32773 PackBits, 1 none."""
-    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, compression), (262, 3, 2),
-            (273, 4, 8), (277, 3, 3), (278, 4, height), (279, 4, len(strip))]
+    8 deflate, 32773 PackBits, 1 none; grey (one sample) with `photometric` 0 or 1."""
+    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, compression), (262, 3, photometric),
+            (273, 4, 8), (277, 3, 3 if photometric == 2 else 1), (278, 4, height), (279, 4, len(strip))]
     pad = len(strip) & 1
     entries = b"".join(struct.pack("<HHII", t, ty, 1, v) if ty == 4 else struct.pack("<HHIHH", t, ty, 1, v, 0)
                        for t, ty, v in tags)

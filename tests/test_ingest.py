@@ -146,11 +146,11 @@ def test_a_tiff_listing_more_tiles_than_its_geometry_holds_is_refused_before_any
     """100 000 tiles listed for a frame of 96: refused as corrupt at once, not inflated tile by
     tile (a few hundred kilobytes of offsets would keep the station inflating for as long as the
     list is long; tifffile itself reads the frame's 96 and ignores the rest)."""
-    from smearscope.device.ingest import headers
+    from smearscope.device.ingest import tiff_segments
 
     inflated: list[int] = []
-    real = headers._inflated_size
-    monkeypatch.setattr(headers, "_inflated_size", lambda *a: inflated.append(1) or real(*a))
+    real = tiff_segments._inflated_size
+    monkeypatch.setattr(tiff_segments, "_inflated_size", lambda *a: inflated.append(1) or real(*a))
     bgr = hostile.smear_like(128, 192, seed=6)
     rgb = np.ascontiguousarray(bgr[:, :, ::-1])
     np.testing.assert_array_equal(load_image(_tiled_tiff(rgb)).pixels, bgr)  # a tiled TIFF reads
@@ -280,7 +280,7 @@ def test_a_jpeg_of_exactly_the_most_scans_read_decodes_and_one_more_is_refused()
 def test_a_large_jpeg_may_have_fewer_scans(monkeypatch: pytest.MonkeyPatch) -> None:
     """Scans times pixels are bounded too (each scan is a pass over every pixel): a JPEG declaring
     8000 x 8000 pixels in 13 scans is refused unread (at most 12 at 64 MP), one of 12 goes on to
-    the decoder. With the budget at 80 scans of its size, a valid 64 x 64 progressive
+    the decoder, one of 10 000 x 10 000 in 10 scans is refused for its size. With the budget at 80 scans of its size, a valid 64 x 64 progressive
     JPEG of 80 scans decodes and one of 81 is refused."""
     from smearscope.device.ingest import headers
 
@@ -300,6 +300,10 @@ def test_a_large_jpeg_may_have_fewer_scans(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(IngestError) as err:  # past the scan limit: the decoder finds its data short
         load_image(with_scans(12))
     assert err.value.code is RejectReason.CORRUPT and "JPEG decoder" in err.value.message
+    too_large = progressive[:sof + 5] + struct.pack(">HH", 10000, 10000) + progressive[sof + 9:]
+    with pytest.raises(IngestError) as err:  # over the pixel limit: refused for its size, whatever its scans
+        load_image(too_large)
+    assert err.value.code is RejectReason.TOO_LARGE_PIXELS
 
     monkeypatch.setattr(headers, "MAX_JPEG_SCAN_PIXELS", 80 * 64 * 64)
     blocks = np.arange(64).reshape(8, 8) * 2 - 88
@@ -350,27 +354,68 @@ def test_packbits_decodes_as_tifffiles_own_decoder_into_one_buffer() -> None:
     assert peak < 4 * rgb.nbytes, peak
 
 
-def test_a_packbits_tiff_of_millions_of_tiny_runs_is_refused_unread() -> None:
-    """A PackBits strip of one-byte literal runs (each a step of Python: 30 to 40 s for a 256 MB
-    file) is refused once the file passes MAX_PACKBITS_RUNS runs, as a format; one run fewer in
-    the same geometry reads."""
-    from smearscope.device.ingest.packbits import MAX_PACKBITS_RUNS
+def test_a_packbits_page_of_far_more_runs_than_any_encoder_writes_is_refused_unread() -> None:
+    """A PackBits page tifffile decodes (here grey, black as 255) whose strip of one-byte literal runs
+    (a step of Python each: 30 to 40 s for a 256 MB file) passes MAX_PACKBITS_RUNS runs, and one
+    per MIN_BYTES_PER_RUN bytes of its pixels, is refused as a format; one run fewer in the same
+    geometry reads."""
+    from smearscope.device.ingest.packbits import MAX_PACKBITS_RUNS, MIN_BYTES_PER_RUN
 
-    width, height = 1000, MAX_PACKBITS_RUNS // 3000 + 1  # room for every run's one byte
-    over = hostile.one_strip_tiff(b"\x00\x07" * (MAX_PACKBITS_RUNS + 1), 32773, width, height)
+    width, height = 1000, MAX_PACKBITS_RUNS // 1000 + 1  # room for every run's one byte
+    assert width * height // MIN_BYTES_PER_RUN < MAX_PACKBITS_RUNS
+    over = hostile.one_strip_tiff(b"\x00\x07" * (MAX_PACKBITS_RUNS + 1), 32773, width, height, photometric=0)
     with pytest.raises(IngestError) as err:
         load_image(over)
     assert err.value.code is RejectReason.UNSUPPORTED_FORMAT
     assert f"more than {MAX_PACKBITS_RUNS} PackBits runs" in err.value.message
     # The limit itself: one-byte literals, then runs repeating a byte 128 times, the last fewer.
-    pixels = width * height * 3
+    pixels = width * height
     repeats = -(-(pixels - MAX_PACKBITS_RUNS) // 127)
     singles = MAX_PACKBITS_RUNS - repeats
     last = pixels - singles - 128 * (repeats - 1)
     assert 1 <= last <= 128 and singles + repeats == MAX_PACKBITS_RUNS
     strip = b"\x00\x07" * singles + b"\x81\xc8" * (repeats - 1) + bytes([257 - last, 200])
-    img = load_image(hostile.one_strip_tiff(strip, 32773, width, height))
-    assert img.pixels.shape == (height, width, 3) and img.pixels[0, 0, 0] == 7 and img.pixels[-1, -1, 0] == 200
+    img = load_image(hostile.one_strip_tiff(strip, 32773, width, height, photometric=0))
+    assert img.pixels.shape == (height, width, 3) and img.pixels[0, 0, 0] == 255 - 7
+    assert img.pixels[-1, -1, 0] == 255 - 200
+
+
+def test_a_packbits_page_tifffile_decodes_may_have_one_run_per_8_bytes_of_pixels(monkeypatch: pytest.MonkeyPatch
+                                                                                ) -> None:
+    """Beyond MAX_PACKBITS_RUNS (here lowered to 500) a large page may hold one run per
+    MIN_BYTES_PER_RUN bytes of its pixels: a 300 x 400 grey page (black as 255) of 10 000 runs of
+    12 bytes reads, one of 15 001 runs is refused."""
+    from smearscope.device.ingest import tiff_segments
+
+    monkeypatch.setattr(tiff_segments, "MAX_PACKBITS_RUNS", 500)
+    runs = bytes([257 - 12, 40, 257 - 12, 160]) * 5000
+    img = load_image(hostile.one_strip_tiff(runs, 32773, 400, 300, photometric=0))
+    assert img.pixels[0, :24, 0].tolist() == [215] * 12 + [95] * 12
+    with pytest.raises(IngestError) as err:
+        load_image(hostile.one_strip_tiff(b"\x00\x07" * 15_001, 32773, 400, 300, photometric=0))
+    assert err.value.code is RejectReason.UNSUPPORTED_FORMAT and "more than 15000 PackBits runs" in err.value.message
+
+
+def test_a_grey_or_rgb_packbits_field_of_many_short_runs_reads_through_libtiff(monkeypatch: pytest.MonkeyPatch
+                                                                               ) -> None:
+    """libtiff's PackBits encoder writes a repeat run wherever three bytes are equal: a flat grey
+    field has one run per 14 bytes (a 30 MP one passes MAX_PACKBITS_RUNS). A grey or RGB first page
+    is decoded by OpenCV's libtiff, in C, each strip stopped at its size: with the runs counted
+    only up to the limit (here lowered to 500) it reads to the same pixels; a bomb within the limit
+    is still refused."""
+    from smearscope.device.ingest import tiff_segments
+
+    monkeypatch.setattr(tiff_segments, "MAX_PACKBITS_RUNS", 500)
+    rng = np.random.default_rng(3)
+    for field in (hostile.smear_like(300, 400, seed=2), np.repeat(rng.integers(0, 4, (300, 100), np.uint8) * 60, 4, 1)):
+        ok, buf = cv2.imencode(".tiff", field, [cv2.IMWRITE_TIFF_COMPRESSION, 32773])
+        assert ok and tifffile.TiffFile(io.BytesIO(buf.tobytes())).pages[0].compression == 32773
+        img = load_image(buf.tobytes())
+        expected = field if field.ndim == 3 else np.dstack([field] * 3)
+        np.testing.assert_array_equal(img.pixels, expected)
+    with pytest.raises(IngestError) as err:  # 97 runs of 128 zeros in a 64 x 64 RGB strip: 12 416 of 12 288 bytes
+        load_image(hostile.one_strip_tiff(b"\x81\x00" * 97, 32773, 64, 64))
+    assert err.value.code is RejectReason.CORRUPT and "inflates beyond" in err.value.message
 
 
 # --- good inputs ----------------------------------------------------------------------------

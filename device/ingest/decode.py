@@ -36,15 +36,15 @@ from smearscope.device.ingest.errors import IngestError, RejectReason, shown
 from smearscope.device.ingest.headers import (
     PNG_SIGNATURE,
     ImageHeader,
+    check_jpeg_scans,
     check_tiff_directory_offset,
-    check_tiff_inflation,
     jpeg_header,
-    opencv_tiff,
     png_header,
     png_pixel_data_cut_short,
     tiff_header,
 )
 from smearscope.device.ingest.packbits import use_bounded_packbits
+from smearscope.device.ingest.tiff_segments import check_tiff_inflation, opencv_tiff
 
 logger = logging.getLogger(__name__)
 use_bounded_packbits()  # PackBits strips decoded into one buffer of their size (device.ingest.packbits)
@@ -269,6 +269,7 @@ def _load_png(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray,
 def _load_jpeg(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray, ImageHeader]:
     header = jpeg_header(data, name)
     _check_geometry(header, name, limits)
+    check_jpeg_scans(header, name)
     # libjpeg-turbo in strict mode: a warning (damaged or missing entropy-coded data) is an
     # error, where OpenCV's decoder returns the image with the damage filled in. The same
     # library and settings as OpenCV's, so the pixels are the same. Orientation is ours to apply.
@@ -291,9 +292,10 @@ def _load_tiff(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             header, page, photometric = tiff_header(tif, len(data), name)
             _check_geometry(header, name, limits)
-            if opencv_tiff(page):  # geometry checked above: the size OpenCV will allocate is bounded
+            by_opencv = opencv_tiff(page)  # geometry checked above: the size OpenCV allocates is bounded
+            check_tiff_inflation(data, page, name, by_opencv)  # before tifffile inflates each strip in full
+            if by_opencv:
                 return _decode_tiff_opencv(data, page, header, name), header
-            check_tiff_inflation(data, page, name)  # before tifffile inflates each strip in full
             return _decode_tiff(page, header, photometric, name)
     except IngestError:
         raise
@@ -302,7 +304,7 @@ def _load_tiff(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray
 
 
 def _decode_tiff_opencv(data: bytes, page: tifffile.TiffPage, header: ImageHeader, name: str) -> np.ndarray:
-    """An LZW or JPEG compressed grey or RGB first page through OpenCV's libtiff, as
+    """An LZW, JPEG or PackBits compressed grey or RGB first page through OpenCV's libtiff, as
     `_decode_tiff` returns pages (BGR order, the container's dtype, orientation not yet applied)."""
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # UNCHANGED: no EXIF turn
     if arr is None:

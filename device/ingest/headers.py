@@ -4,8 +4,8 @@ PNG   every chunk is walked (length, CRC, order); IHDR, sBIT and eXIf are read, 
 JPEG  marker segments up to the first scan (frame header, EXIF), then an end-of-image marker.
 TIFF  the first directory offset on the raw bytes, then tifffile's metadata of the first page:
       sample type, samples per pixel, colour model, compression, frame count, data extent; and
-      before tifffile inflates a compressed page (it inflates each strip in full, unbounded), each
-      strip or tile inflated here up to its segment's size and no further (`check_tiff_inflation`).
+      which pages tifffile or OpenCV decodes, each strip or tile bounded first
+      (device.ingest.tiff_segments).
 EXIF  the orientation in IFD0 of an embedded TIFF block; damage there never rejects a frame.
 
 Each parser returns an `ImageHeader` or raises `IngestError` with a stable `RejectReason`;
@@ -15,7 +15,6 @@ geometry limits are judged by the caller (device.ingest.decode), still before an
 from __future__ import annotations
 
 import logging
-import lzma
 import re
 import struct
 import zlib
@@ -25,7 +24,7 @@ import numpy as np
 import tifffile
 
 from smearscope.device.ingest.errors import IngestError, RejectReason
-from smearscope.device.ingest.packbits import MAX_PACKBITS_RUNS, packbits_walk
+from smearscope.device.ingest.tiff_segments import opencv_tiff, tiff_decodable
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +40,7 @@ class ImageHeader:
     channels: int
     orientation: int = 1
     significant_bits: int | None = None  # declared by PNG sBIT / TIFF MaxSampleValue
+    scans: int = 1  # a JPEG's scans (progressive: several), each a pass over every pixel
 
 
 #: EXIF blocks of a JPEG read for its orientation (each up to 5400 entries: thousands of them took
@@ -311,11 +311,19 @@ def jpeg_header(data: bytes, name: str) -> ImageHeader:
     scans = _scans_to_end(data, pos, name)
     if scans is None:
         raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG has no end-of-image marker")
-    most = max(1, min(MAX_JPEG_SCANS, MAX_JPEG_SCAN_PIXELS // (w * h)))
-    if scans > most:
-        raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of {scans} scans over {w}x{h} pixels "
-                          f"(at most {most} are read at that size)")
-    return ImageHeader("jpeg", w, h, precision, components, orientation or 1)
+    if scans > MAX_JPEG_SCANS:
+        raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of {scans} scans (at most "
+                          f"{MAX_JPEG_SCANS} are read)")
+    return ImageHeader("jpeg", w, h, precision, components, orientation or 1, scans=scans)
+
+
+def check_jpeg_scans(header: ImageHeader, name: str) -> None:
+    """Scans times pixels within MAX_JPEG_SCAN_PIXELS (`unsupported_format`); after the geometry check,
+    so a frame over the pixel limit is refused for its size."""
+    most = max(1, min(MAX_JPEG_SCANS, MAX_JPEG_SCAN_PIXELS // (header.width * header.height)))
+    if header.scans > most:
+        raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: JPEG of {header.scans} scans over "
+                          f"{header.width}x{header.height} pixels (at most {most} are read at that size)")
 
 
 # --- TIFF ------------------------------------------------------------------------------------
@@ -333,79 +341,6 @@ def check_tiff_directory_offset(data: bytes, name: str) -> None:
     (first_ifd,) = struct.unpack(order + fmt, field)
     if first_ifd >= len(data):
         raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF directory beyond end of file")
-
-
-#: TIFF compressions tifffile decodes only with the optional imagecodecs package (LZW, the
-#: commonest, and old-style JPEG): OpenCV's libtiff decodes them, for grey and RGB pages.
-OPENCV_TIFF_COMPRESSIONS = frozenset({5, 7})
-
-
-#: Compressions tifffile inflates in full whatever the page's size, and how far each inflates at most.
-_BOUNDED_INFLATE = {8: "zlib", 32946: "zlib", 34925: "lzma", 32773: "packbits"}
-#: What tifffile decodes here: none, and the compressions whose inflation is bounded first
-#: (`check_tiff_inflation`). Others it may decode (zstd on Python 3.14, anything with imagecodecs
-#: installed) are inflated unbounded: refused, or decoded by OpenCV (OPENCV_TIFF_COMPRESSIONS).
-TIFFFILE_COMPRESSIONS = frozenset({1, *_BOUNDED_INFLATE})
-
-
-def tiff_decodable(page: tifffile.TiffPage) -> bool:
-    """tifffile decodes this page's compression, and its inflation is bounded first."""
-    if int(page.compression) not in TIFFFILE_COMPRESSIONS:
-        return False
-    try:
-        tifffile.TIFF.DECOMPRESSORS[page.compression]
-    except KeyError:
-        return False
-    return True
-
-
-def _inflated_size(kind: str, raw: bytes, limit: int) -> int:
-    """Bytes a compressed segment inflates to, at most `limit` of them produced."""
-    if kind == "zlib":
-        return len(zlib.decompressobj().decompress(raw, limit))
-    return len(lzma.LZMADecompressor().decompress(raw, max_length=limit))
-
-
-def check_tiff_inflation(data: bytes, page: tifffile.TiffPage, name: str) -> None:
-    """Refuse (`corrupt`) a page whose strips or tiles inflate beyond their segment's size, or that
-    has more segments than its geometry holds: a few megabytes of deflate or PackBits that declare
-    256 x 256 pixels and inflate to gigabytes (tifffile inflates a strip in full before comparing
-    it with the page). Each segment is inflated
-    here up to one byte past its size and no further (zlib and lzma in C, PackBits counted: more
-    than MAX_PACKBITS_RUNS runs in the file are refused, `unsupported_format`)."""
-    kind = _BOUNDED_INFLATE.get(int(page.compression))
-    if kind is None:
-        return
-    runs_left = MAX_PACKBITS_RUNS
-    segment = int(np.prod(page.chunks)) * page.dtype.itemsize
-    segments = int(np.prod(page.chunked))
-    if len(page.dataoffsets) > segments:
-        raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF lists {len(page.dataoffsets)} data segments "
-                          f"where its geometry holds {segments}")
-    for k, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
-        raw = data[offset:offset + count]
-        if kind == "packbits":
-            if len(raw) > 2 * segment + 16:  # longer than any encoding of a segment
-                raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF segment {k} holds {len(raw)} bytes of "
-                                  f"PackBits for {segment} bytes of pixels")
-            size, runs = packbits_walk(raw, segment, runs_left + 1)
-            if runs > runs_left:
-                raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: TIFF of more than {MAX_PACKBITS_RUNS} "
-                                  "PackBits runs (seconds to read; save the field uncompressed, deflate or LZW)")
-            runs_left -= runs
-        else:
-            size = _inflated_size(kind, raw, segment + 1)
-        if size > segment:
-            raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF segment {k} inflates beyond the "
-                              f"{segment} bytes its geometry holds (a decompression bomb)")
-
-
-def opencv_tiff(page: tifffile.TiffPage) -> bool:
-    """The page is decoded by OpenCV instead (its compression needs a package not installed):
-    only the file's first directory (the one OpenCV decodes, so the size checked is the size it
-    allocates) and only grey or RGB without alpha (OpenCV premultiplies 8-bit alpha)."""
-    return (not tiff_decodable(page) and int(page.compression) in OPENCV_TIFF_COMPRESSIONS
-            and page.index == 0 and int(page.samplesperpixel) in (1, 3))
 
 
 #: Image directories a TIFF may hold (pages and their SubIFDs): a field, perhaps a thumbnail or a

@@ -5,10 +5,10 @@ tifffile's own PackBits decoder is pure Python and gathers the output as a list 
 segment is decoded straight into one buffer of the size tifffile asks for (`packbits_decode`,
 registered as tifffile's decoder for PackBits by `use_bounded_packbits`), and before anything is
 decoded each segment's runs are walked to count what it decodes to (`packbits_walk`: nothing
-allocated), so that a bomb is refused and a file of millions of tiny runs (a Python step each:
-30 to 40 s for 256 MB of one-byte runs) is refused unread once the file's runs pass
-`MAX_PACKBITS_RUNS`. A camera's PackBits is mostly runs of 128 bytes: a 64 MP RGB field has
-about 1.5 million.
+allocated), so that a bomb is refused, and a page of far more runs than any encoder writes (a
+Python step each: 30 to 40 s for 256 MB of one-byte runs) is refused unread
+(device.ingest.tiff_segments). Grey and RGB first pages are decoded by OpenCV's libtiff instead,
+in C.
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from typing import Any
 
 import tifffile
 
-#: Runs (a header byte and its literal or repeated bytes) a TIFF's PackBits segments may hold in
-#: all: walking them costs about 0.3 us each, decoding them as much again.
+#: Runs (a header byte and its literal or repeated bytes) counted in a TIFF's PackBits segments:
+#: walking them costs about 0.3 us each, decoding them in Python 1 us. A page may have this many
+#: or one per MIN_BYTES_PER_RUN bytes of pixels (libtiff's encoder writes 14 to 58 on rendered
+#: fields, flat grey ones the fewest; one run per byte is a file built to stall the reader).
 MAX_PACKBITS_RUNS = 1 << 21
+MIN_BYTES_PER_RUN = 8
 
 
 def packbits_walk(raw: bytes, limit: int, max_runs: int) -> tuple[int, int]:

@@ -1,0 +1,104 @@
+"""Stage 1, step 3 (TIFF): which library decodes a page's pixel data, and its strips and tiles
+bounded before either does.
+
+tifffile inflates each strip or tile in full before comparing it with the page, so before it
+decodes a compressed page every segment is inflated here up to one byte past its size and no
+further (`check_tiff_inflation`): a few megabytes of deflate or PackBits that declare 256 x 256
+pixels and inflate to gigabytes are refused (`corrupt`) unread. OpenCV's libtiff decodes what
+tifffile cannot without optional packages (LZW, old-style JPEG) and, for grey and RGB first
+pages, PackBits (device.ingest.packbits: in C, each strip stopped at its size; tifffile's route
+costs a step of Python per run).
+"""
+
+from __future__ import annotations
+
+import lzma
+import zlib
+
+import numpy as np
+import tifffile
+
+from smearscope.device.ingest.errors import IngestError, RejectReason
+from smearscope.device.ingest.packbits import MAX_PACKBITS_RUNS, MIN_BYTES_PER_RUN, packbits_walk
+
+PACKBITS = 32773
+#: TIFF compressions tifffile decodes only with the optional imagecodecs package (LZW, the
+#: commonest, and old-style JPEG): OpenCV's libtiff decodes them, for grey and RGB pages.
+OPENCV_TIFF_COMPRESSIONS = frozenset({5, 7})
+
+
+#: Compressions tifffile inflates in full whatever the page's size, and how far each inflates at most.
+_BOUNDED_INFLATE = {8: "zlib", 32946: "zlib", 34925: "lzma", PACKBITS: "packbits"}
+#: What tifffile decodes here: none, and the compressions whose inflation is bounded first
+#: (`check_tiff_inflation`). Others it may decode (zstd on Python 3.14, anything with imagecodecs
+#: installed) are inflated unbounded: refused, or decoded by OpenCV (OPENCV_TIFF_COMPRESSIONS).
+TIFFFILE_COMPRESSIONS = frozenset({1, *_BOUNDED_INFLATE})
+
+
+def tiff_decodable(page: tifffile.TiffPage) -> bool:
+    """tifffile decodes this page's compression, and its inflation is bounded first."""
+    if int(page.compression) not in TIFFFILE_COMPRESSIONS:
+        return False
+    try:
+        tifffile.TIFF.DECOMPRESSORS[page.compression]
+    except KeyError:
+        return False
+    return True
+
+
+def _inflated_size(kind: str, raw: bytes, limit: int) -> int:
+    """Bytes a compressed segment inflates to, at most `limit` of them produced."""
+    if kind == "zlib":
+        return len(zlib.decompressobj().decompress(raw, limit))
+    return len(lzma.LZMADecompressor().decompress(raw, max_length=limit))
+
+
+def check_tiff_inflation(data: bytes, page: tifffile.TiffPage, name: str, by_opencv: bool = False) -> None:
+    """Refuse (`corrupt`) a page whose strips or tiles inflate beyond their segment's size, or that
+    has more segments than its geometry holds. Each segment is inflated here up to one byte past
+    its size and no further (zlib and lzma in C); PackBits runs are counted, at most
+    MAX_PACKBITS_RUNS of them in the file or one per MIN_BYTES_PER_RUN bytes of its page: beyond
+    that a page tifffile would decode is refused (`unsupported_format`: seconds of Python), and on
+    one OpenCV decodes (`by_opencv`, which stops each strip at its size) the rest goes unchecked."""
+    kind = _BOUNDED_INFLATE.get(int(page.compression))
+    if kind is None:
+        return
+    segment = int(np.prod(page.chunks)) * page.dtype.itemsize
+    segments = int(np.prod(page.chunked))
+    if len(page.dataoffsets) > segments:
+        raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF lists {len(page.dataoffsets)} data segments "
+                          f"where its geometry holds {segments}")
+    runs_left = MAX_PACKBITS_RUNS if by_opencv else max(MAX_PACKBITS_RUNS, segment * segments // MIN_BYTES_PER_RUN)
+    most = runs_left
+    for k, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
+        raw = data[offset:offset + count]
+        if kind == "packbits":
+            if len(raw) > 2 * segment + 16:  # longer than any encoding of a segment
+                raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF segment {k} holds {len(raw)} bytes of "
+                                  f"PackBits for {segment} bytes of pixels")
+            size, runs = packbits_walk(raw, segment, runs_left + 1)
+            if runs > runs_left and by_opencv:
+                return  # libtiff bounds the rest
+            if runs > runs_left:
+                raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: TIFF page of more than {most} "
+                                  "PackBits runs (seconds to read; save the field uncompressed, deflate or LZW)")
+            runs_left -= runs
+        else:
+            size = _inflated_size(kind, raw, segment + 1)
+        if size > segment:
+            raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF segment {k} inflates beyond the "
+                              f"{segment} bytes its geometry holds (a decompression bomb)")
+
+
+def opencv_tiff(page: tifffile.TiffPage) -> bool:
+    """The page is decoded by OpenCV instead: its compression needs a package not installed, or it
+    is PackBits of 8- or 16-bit grey or RGB samples (black is zero), interleaved, unpredicted or
+    with horizontal differencing. Only the file's first directory (the one OpenCV decodes, so the
+    size checked is the size it allocates) and only grey or RGB without alpha (OpenCV
+    premultiplies 8-bit alpha)."""
+    if page.index != 0 or int(page.samplesperpixel) not in (1, 3):
+        return False
+    if int(page.compression) == PACKBITS:
+        return (int(page.photometric) in (1, 2) and page.dtype in (np.uint8, np.uint16)
+                and int(page.planarconfig) == 1 and int(page.predictor) in (1, 2))
+    return not tiff_decodable(page) and int(page.compression) in OPENCV_TIFF_COMPRESSIONS
