@@ -477,6 +477,30 @@ def test_a_failed_field_gives_its_calibration_check_to_the_runs_next_field(tmp_p
     assert analyzer.checked_calibration == [True, True, False, False, False]
 
 
+def test_a_field_analysed_by_command_that_fails_gives_its_calibration_check_back() -> None:
+    """The analyze_file command's path (StationWorkers.analyse): a calibrated field that claimed its
+    run's one check and failed in the analyzer gives the check back to the run."""
+    from smearscope.device.quality import QualityGate
+    from smearscope.service.station.notify import ProgressWatchdog, SystemdNotifier
+    from smearscope.service.station.requests import RequestQueue
+    from smearscope.service.station.specimen import SpecimenPolicy, SpecimenTracker
+    from smearscope.service.station.workers import StationWorkers
+
+    tracker = SpecimenTracker(SpecimenPolicy(1000, 60.0, True, calibration_check_fields=1), station_id="st")
+    workers = StationWorkers(source_kind="folder", gate=QualityGate(), tracker=tracker, requests=RequestQueue("t"),
+                             watchdog=ProgressWatchdog(SystemdNotifier(environ={}), interval_s=0),
+                             stop=threading.Event(), request_stop=lambda why: None, max_fields=None,
+                             scale_override=None)
+    analyzer = PoolAnalyzer(oracle_pool(), fail_on={0: RuntimeError("the engine failed")})
+    workers.analyzer = analyzer
+    frame = Frame(render_field(3, width=320, height=240).frame.pixels, "f0", "command", microns_per_pixel=0.2)
+    answer = workers.analyse(frame)
+    assert answer["ok"] is False and answer["error"] == "analysis_error" and analyzer.calls == 1
+    run_id = tracker.run_for_next_field()
+    assert run_id is not None and tracker.claim_calibration_check(run_id)  # the one check is the run's again
+    assert not tracker.claim_calibration_check(run_id)
+
+
 def _frame_number(frame_id: str) -> int:
     return int("".join(ch for ch in frame_id if ch.isdigit()) or -1)
 
