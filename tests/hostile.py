@@ -185,6 +185,36 @@ def one_strip_tiff(strip: bytes, compression: int, width: int = 256, height: int
             + struct.pack("<H", len(tags)) + entries + b"\0" * 4)
 
 
+def with_short_tags(tiff: bytes, tags: dict[int, int]) -> bytes:
+    """`tiff` with SHORT tags added to (or replaced in) its first directory, written anew at the
+    file's end (values inline; the next-directory pointer kept)."""
+    order = "<" if tiff[:2] == b"II" else ">"
+    (first,) = struct.unpack(order + "I", tiff[4:8])
+    (n,) = struct.unpack(order + "H", tiff[first:first + 2])
+    entries = {struct.unpack(order + "H", tiff[first + 2 + 12 * k:first + 4 + 12 * k])[0]:
+               tiff[first + 2 + 12 * k:first + 14 + 12 * k] for k in range(n)}
+    following = tiff[first + 2 + 12 * n:first + 6 + 12 * n]
+    for tag, value in tags.items():
+        entries[tag] = struct.pack(order + "HHIHH", tag, 3, 1, value, 0)
+    body = tiff + b"\0" * (len(tiff) & 1)
+    return (body[:4] + struct.pack(order + "I", len(body)) + body[8:] + struct.pack(order + "H", len(entries))
+            + b"".join(entries[t] for t in sorted(entries)) + following)
+
+
+def strips_tiff(strips: list[bytes], compression: int, width: int, height: int, rows_per_strip: int) -> bytes:
+    """An 8-bit grey (black is zero) TIFF of several strips, each as stored (compressed) bytes."""
+    data = b"".join(strips)
+    offsets = [8 + sum(len(s) for s in strips[:k]) for k in range(len(strips))]
+    arrays = struct.pack(f"<{len(strips)}I", *offsets) + struct.pack(f"<{len(strips)}I", *map(len, strips))
+    at = 8 + len(data)
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, compression), (262, 3, 1, 1),
+            (273, 4, len(strips), at), (277, 3, 1, 1), (278, 4, 1, rows_per_strip),
+            (279, 4, len(strips), at + 4 * len(strips))]
+    entries = b"".join(struct.pack("<HHII", t, ty, c, v) if ty == 4 else struct.pack("<HHIHH", t, ty, c, v, 0)
+                       for t, ty, c, v in tags)
+    return b"II*\0" + struct.pack("<I", at + len(arrays)) + data + arrays + struct.pack("<H", len(tags)) + entries + b"\0" * 4
+
+
 def packbits(data: bytes) -> bytes:
     """PackBits of `data` as literal runs of up to 128 bytes (what an encoder that finds no
     repeats writes)."""

@@ -329,7 +329,7 @@ def test_packbits_decodes_as_tifffiles_own_decoder_into_one_buffer() -> None:
 
     from tifffile._imagecodecs import packbits_decode as tifffiles
 
-    from smearscope.device.ingest.packbits import packbits_decode
+    from smearscope.device.ingest.packbits import packbits_decode, packbits_walk
 
     assert tifffile.TIFF.DECOMPRESSORS[32773] is packbits_decode  # registered by the decoder's import
     rng = np.random.default_rng(11)
@@ -342,6 +342,7 @@ def test_packbits_decodes_as_tifffiles_own_decoder_into_one_buffer() -> None:
         assert bytes(packbits_decode(stream, out=len(whole) + 5)) == whole  # a strip cut short: what there is
         cut = int(rng.integers(0, len(whole) + 1))
         assert bytes(packbits_decode(stream, out=cut)) == whole[:cut]
+        assert packbits_walk(stream, 1 << 40, 1 << 40)[0] == len(whole)  # runs cut short counted as decoded
     rgb = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), np.uint8)
     data = hostile.one_strip_tiff(hostile.packbits(rgb.tobytes()), 32773, 1000, 1000)
     tracemalloc.start()
@@ -394,6 +395,53 @@ def test_a_packbits_page_tifffile_decodes_may_have_one_run_per_8_bytes_of_pixels
     with pytest.raises(IngestError) as err:
         load_image(hostile.one_strip_tiff(b"\x00\x07" * 15_001, 32773, 400, 300, photometric=0))
     assert err.value.code is RejectReason.UNSUPPORTED_FORMAT and "more than 15000 PackBits runs" in err.value.message
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_tiff_page_opencv_decodes_is_turned_by_its_orientation_once(orientation: int) -> None:
+    """OpenCV's TIFF decoder turns a page by its Orientation tag whatever the flags; an LZW and a
+    PackBits page (both decoded by OpenCV) read as the same page uncompressed (tifffile) does:
+    turned once."""
+    from smearscope.device.ingest.decode import _apply_orientation
+
+    bgr = hostile.smear_like(70, 90, seed=5)
+    expected = _apply_orientation(bgr, orientation)
+    plain = hostile.one_strip_tiff(np.ascontiguousarray(bgr[:, :, ::-1]).tobytes(), 1, 90, 70)
+    np.testing.assert_array_equal(load_image(hostile.with_short_tags(plain, {274: orientation})).pixels, expected)
+    for compression in (5, 32773):
+        ok, buf = cv2.imencode(".tiff", bgr, [cv2.IMWRITE_TIFF_COMPRESSION, compression])
+        assert ok and tifffile.TiffFile(io.BytesIO(buf.tobytes())).pages[0].compression == compression
+        turned = load_image(hostile.with_short_tags(buf.tobytes(), {274: orientation}))
+        np.testing.assert_array_equal(turned.pixels, expected)
+        assert turned.exif_orientation_applied is (orientation != 1)
+
+
+def test_packbits_pages_with_a_predictor_or_strips_cut_short() -> None:
+    """A PackBits page with horizontal differencing (libtiff ignores the predictor: tifffile decodes
+    it) reads to its pixels; a strip that decodes to fewer bytes than its rows hold is refused as
+    corrupt (libtiff would fill the rest with black), one that runs past the file's end as
+    truncated, and a last strip holding only the rows left reads."""
+    grey = np.random.default_rng(0).integers(0, 256, (64, 96), dtype=np.uint8)
+    differences = np.diff(grey.astype(np.int16), axis=1, prepend=0).astype(np.uint8)
+    predicted = hostile.with_short_tags(
+        hostile.one_strip_tiff(hostile.packbits(differences.tobytes()), 32773, 96, 64, photometric=1), {317: 2})
+    np.testing.assert_array_equal(load_image(predicted).pixels, np.dstack([grey] * 3))
+    strip = hostile.packbits(grey.tobytes())
+    with pytest.raises(IngestError) as err:
+        load_image(hostile.one_strip_tiff(strip[:len(strip) // 2], 32773, 96, 64, photometric=1))
+    assert err.value.code is RejectReason.CORRUPT and "cut short" in err.value.message
+    past_the_end = hostile.with_short_tags(hostile.one_strip_tiff(strip, 32773, 96, 64, photometric=1),
+                                           {279: len(strip) + 1000})  # its StripByteCounts
+    with pytest.raises(IngestError) as err:
+        load_image(past_the_end)
+    assert err.value.code is RejectReason.TRUNCATED and "past end of file" in err.value.message
+    rows = [grey[:40].tobytes(), grey[40:].tobytes()]  # 40 rows a strip: the last holds 24
+    np.testing.assert_array_equal(
+        load_image(hostile.strips_tiff([hostile.packbits(r) for r in rows], 32773, 96, 64, 40)).pixels,
+        np.dstack([grey] * 3))
+    with pytest.raises(IngestError) as err:  # the last strip short of its 24 rows
+        load_image(hostile.strips_tiff([hostile.packbits(rows[0]), hostile.packbits(rows[1][:-96])], 32773, 96, 64, 40))
+    assert "segment 1 decodes to 2208 of the 2304 bytes" in err.value.message
 
 
 def test_a_grey_or_rgb_packbits_field_of_many_short_runs_reads_through_libtiff(monkeypatch: pytest.MonkeyPatch

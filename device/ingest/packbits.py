@@ -27,14 +27,15 @@ MIN_BYTES_PER_RUN = 8
 
 def packbits_walk(raw: bytes, limit: int, max_runs: int) -> tuple[int, int]:
     """(bytes decoded, runs read) of a PackBits segment, its runs counted (nothing allocated) until
-    more than `limit` bytes or `max_runs` runs."""
+    more than `limit` bytes or `max_runs` runs; a run cut short by the segment's end counts what
+    there is of it, as `packbits_decode` decodes it."""
     i, n, out, runs = 0, len(raw), 0, 0
     while i < n and out <= limit and runs < max_runs:
         h = raw[i]
         if h < 128:
-            out, i = out + h + 1, i + h + 2
+            out, i = out + min(h + 1, n - i - 1), i + h + 2
         elif h > 128:
-            out, i = out + 257 - h, i + 2
+            out, i = out + (257 - h if i + 1 < n else 0), i + 2
         else:
             i += 1
         runs += 1

@@ -83,6 +83,9 @@ def check_tiff_inflation(data: bytes, page: tifffile.TiffPage, name: str, by_ope
                 raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: TIFF page of more than {most} "
                                   "PackBits runs (seconds to read; save the field uncompressed, deflate or LZW)")
             runs_left -= runs
+            if size < _needed(page, k, segment):  # libtiff would fill the rest of the strip with black
+                raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF segment {k} decodes to {size} of the "
+                                  f"{_needed(page, k, segment)} bytes its rows hold (cut short)")
         else:
             size = _inflated_size(kind, raw, segment + 1)
         if size > segment:
@@ -90,15 +93,25 @@ def check_tiff_inflation(data: bytes, page: tifffile.TiffPage, name: str, by_ope
                               f"{segment} bytes its geometry holds (a decompression bomb)")
 
 
+def _needed(page: tifffile.TiffPage, k: int, segment: int) -> int:
+    """Bytes segment `k` must decode to: a tile its whole size, a strip its rows (the last of each
+    plane holds the rows left)."""
+    if page.is_tiled:
+        return segment
+    rows_per, rows = int(page.chunks[0]), int(page.imagelength)
+    first_row = k % -(-rows // rows_per) * rows_per
+    return segment // rows_per * min(rows_per, rows - first_row)
+
+
 def opencv_tiff(page: tifffile.TiffPage) -> bool:
     """The page is decoded by OpenCV instead: its compression needs a package not installed, or it
-    is PackBits of 8- or 16-bit grey or RGB samples (black is zero), interleaved, unpredicted or
-    with horizontal differencing. Only the file's first directory (the one OpenCV decodes, so the
+    is PackBits of 8- or 16-bit grey or RGB samples (black is zero), interleaved, without a
+    predictor. Only the file's first directory (the one OpenCV decodes, so the
     size checked is the size it allocates) and only grey or RGB without alpha (OpenCV
     premultiplies 8-bit alpha)."""
     if page.index != 0 or int(page.samplesperpixel) not in (1, 3):
         return False
     if int(page.compression) == PACKBITS:
         return (int(page.photometric) in (1, 2) and page.dtype in (np.uint8, np.uint16)
-                and int(page.planarconfig) == 1 and int(page.predictor) in (1, 2))
+                and int(page.planarconfig) == 1 and int(page.predictor) == 1)  # libtiff ignores a predictor
     return not tiff_decodable(page) and int(page.compression) in OPENCV_TIFF_COMPRESSIONS
