@@ -416,6 +416,34 @@ def test_a_tiff_page_opencv_decodes_is_turned_by_its_orientation_once(orientatio
         assert turned.exif_orientation_applied is (orientation != 1)
 
 
+def test_opencv_is_given_a_tiff_page_as_stored_and_the_orientation_is_applied_after(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenCV's TIFF decoder turns a page by its Orientation tag whatever the flags (and scrambles
+    tiled 8-bit pages turned 2, 3, 6 or 7): it gets the file with the tag set to 1, in classic and
+    BigTIFF files (only those two bytes differ), the file itself when nothing is to be cleared."""
+    from smearscope.device.ingest.tiff_segments import orientation_cleared
+
+    bgr = hostile.smear_like(70, 90, seed=5)
+    ok, buf = cv2.imencode(".tiff", bgr, [cv2.IMWRITE_TIFF_COMPRESSION, 5])
+    assert ok
+    turned = hostile.with_short_tags(buf.tobytes(), {274: 6})
+    given: list[bytes] = []
+    real = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda data, flags: given.append(bytes(data)) or real(data, flags))
+    np.testing.assert_array_equal(load_image(turned).pixels, cv2.rotate(bgr, cv2.ROTATE_90_CLOCKWISE))
+    (seen,) = given
+    assert tifffile.TiffFile(io.BytesIO(seen)).pages[0].tags[274].value == 1
+    assert sum(a != b for a, b in zip(seen, turned)) == 1 and len(seen) == len(turned)
+    plain = buf.tobytes()
+    assert orientation_cleared(plain) is plain
+    big = io.BytesIO()
+    tifffile.imwrite(big, bgr[:, :, ::-1], photometric="rgb", bigtiff=True, extratags=[(274, "H", 1, 8, True)])
+    assert tifffile.TiffFile(io.BytesIO(big.getvalue())).pages[0].tags[274].value == 8
+    cleared = orientation_cleared(big.getvalue())
+    assert tifffile.TiffFile(io.BytesIO(cleared)).pages[0].tags[274].value == 1
+    assert sum(a != b for a, b in zip(cleared, big.getvalue())) == 1
+
+
 def test_packbits_pages_with_a_predictor_or_strips_cut_short() -> None:
     """A PackBits page with horizontal differencing (libtiff ignores the predictor: tifffile decodes
     it) reads to its pixels; a strip that decodes to fewer bytes than its rows hold is refused as

@@ -44,7 +44,11 @@ from smearscope.device.ingest.headers import (
     tiff_header,
 )
 from smearscope.device.ingest.packbits import use_bounded_packbits
-from smearscope.device.ingest.tiff_segments import check_tiff_inflation, opencv_tiff
+from smearscope.device.ingest.tiff_segments import (
+    check_tiff_inflation,
+    opencv_tiff,
+    orientation_cleared,
+)
 
 logger = logging.getLogger(__name__)
 use_bounded_packbits()  # PackBits strips decoded into one buffer of their size (device.ingest.packbits)
@@ -306,12 +310,9 @@ def _load_tiff(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray
 def _decode_tiff_opencv(data: bytes, page: tifffile.TiffPage, header: ImageHeader, name: str) -> np.ndarray:
     """An LZW, JPEG or PackBits compressed grey or RGB first page through OpenCV's libtiff, as
     `_decode_tiff` returns pages (BGR order, the container's dtype, orientation not yet applied)."""
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    arr = cv2.imdecode(np.frombuffer(orientation_cleared(data), np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF ({page.compression!r}) could not be decoded")
-    # OpenCV's TIFF decoder turns the page by its Orientation tag whatever the flags: turned back
-    # here (6 and 8 undo each other, the other turns themselves), so it is turned once, as others are.
-    arr = _apply_orientation(arr, {6: 8, 8: 6}.get(header.orientation, header.orientation))
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.shape[:2] != (header.height, header.width) or arr.dtype != np.dtype(page.dtype):

@@ -13,6 +13,7 @@ costs a step of Python per run).
 from __future__ import annotations
 
 import lzma
+import struct
 import zlib
 
 import numpy as np
@@ -115,3 +116,28 @@ def opencv_tiff(page: tifffile.TiffPage) -> bool:
         return (int(page.photometric) in (1, 2) and page.dtype in (np.uint8, np.uint16)
                 and int(page.planarconfig) == 1 and int(page.predictor) == 1)  # libtiff ignores a predictor
     return not tiff_decodable(page) and int(page.compression) in OPENCV_TIFF_COMPRESSIONS
+
+
+def orientation_cleared(data: bytes) -> bytes:
+    """The file with its first directory's Orientation entry set to 1 (or as it is without one):
+    OpenCV's TIFF decoder turns a page by the tag whatever the flags (and scrambles tiled 8-bit
+    pages turned 2, 3, 6 or 7), so it is given the page as stored and the tag applied after, once,
+    as for every other image. A copy of the file only when the tag turns the page."""
+    order = "<" if data[:2] == b"II" else ">"
+    if data[2:4] in (b"+\x00", b"\x00+"):  # BigTIFF: 8-byte count and offsets, 20-byte entries
+        (first,), count_fmt, size, value_at = struct.unpack(order + "Q", data[8:16]), "Q", 20, 12
+    else:
+        (first,), count_fmt, size, value_at = struct.unpack(order + "I", data[4:8]), "H", 12, 8
+    (count,) = struct.unpack_from(order + count_fmt, data, first)
+    start = first + struct.calcsize(count_fmt)
+    for k in range(min(count, (len(data) - start) // size)):
+        entry = start + k * size
+        tag, kind = struct.unpack_from(order + "HH", data, entry)
+        if tag == 274 and kind in (3, 4):  # SHORT or LONG
+            fmt = order + ("H" if kind == 3 else "I")
+            if struct.unpack_from(fmt, data, entry + value_at)[0] == 1:
+                return data
+            patched = bytearray(data)
+            struct.pack_into(fmt, patched, entry + value_at, 1)
+            return bytes(patched)
+    return data
