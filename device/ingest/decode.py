@@ -310,7 +310,7 @@ def _load_tiff(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray
 def _decode_tiff_opencv(data: bytes, page: tifffile.TiffPage, header: ImageHeader, name: str) -> np.ndarray:
     """An LZW, JPEG or PackBits compressed grey or RGB first page through OpenCV's libtiff, as
     `_decode_tiff` returns pages (BGR order, the container's dtype, orientation not yet applied)."""
-    arr = cv2.imdecode(np.frombuffer(orientation_cleared(data), np.uint8), cv2.IMREAD_UNCHANGED)
+    arr = cv2.imdecode(np.frombuffer(orientation_cleared(data, page), np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF ({page.compression!r}) could not be decoded")
     if arr.ndim == 2:

@@ -84,9 +84,10 @@ def check_tiff_inflation(data: bytes, page: tifffile.TiffPage, name: str, by_ope
                 raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: TIFF page of more than {most} "
                                   "PackBits runs (seconds to read; save the field uncompressed, deflate or LZW)")
             runs_left -= runs
-            if size < _needed(page, k, segment):  # libtiff would fill the rest of the strip with black
+            needed = _needed(page, k, segment)
+            if size < needed:  # libtiff would fill the rest of the strip with black
                 raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF segment {k} decodes to {size} of the "
-                                  f"{_needed(page, k, segment)} bytes its rows hold (cut short)")
+                                  f"{needed} bytes its rows hold (cut short)")
         else:
             size = _inflated_size(kind, raw, segment + 1)
         if size > segment:
@@ -118,26 +119,14 @@ def opencv_tiff(page: tifffile.TiffPage) -> bool:
     return not tiff_decodable(page) and int(page.compression) in OPENCV_TIFF_COMPRESSIONS
 
 
-def orientation_cleared(data: bytes) -> bytes:
-    """The file with its first directory's Orientation entry set to 1 (or as it is without one):
+def orientation_cleared(data: bytes, page: tifffile.TiffPage) -> bytes:
+    """The file with its first page's Orientation entry set to 1 (or as it is without one):
     OpenCV's TIFF decoder turns a page by the tag whatever the flags (and scrambles tiled 8-bit
     pages turned 2, 3, 6 or 7), so it is given the page as stored and the tag applied after, once,
     as for every other image. A copy of the file only when the tag turns the page."""
-    order = "<" if data[:2] == b"II" else ">"
-    if data[2:4] in (b"+\x00", b"\x00+"):  # BigTIFF: 8-byte count and offsets, 20-byte entries
-        (first,), count_fmt, size, value_at = struct.unpack(order + "Q", data[8:16]), "Q", 20, 12
-    else:
-        (first,), count_fmt, size, value_at = struct.unpack(order + "I", data[4:8]), "H", 12, 8
-    (count,) = struct.unpack_from(order + count_fmt, data, first)
-    start = first + struct.calcsize(count_fmt)
-    for k in range(min(count, (len(data) - start) // size)):
-        entry = start + k * size
-        tag, kind = struct.unpack_from(order + "HH", data, entry)
-        if tag == 274 and kind in (3, 4):  # SHORT or LONG
-            fmt = order + ("H" if kind == 3 else "I")
-            if struct.unpack_from(fmt, data, entry + value_at)[0] == 1:
-                return data
-            patched = bytearray(data)
-            struct.pack_into(fmt, patched, entry + value_at, 1)
-            return bytes(patched)
-    return data
+    tag = page.tags.get(274)
+    if tag is None or tag.value == 1 or int(tag.dtype) not in (3, 4):  # SHORT or LONG, as tifffile read it
+        return data
+    patched = bytearray(data)
+    struct.pack_into(page.parent.byteorder + ("H" if int(tag.dtype) == 3 else "I"), patched, tag.valueoffset, 1)
+    return bytes(patched)
