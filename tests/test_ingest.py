@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import lzma
 import struct
 import zlib
 from pathlib import Path
@@ -149,18 +150,37 @@ def test_a_tiff_listing_more_tiles_than_its_geometry_holds_is_refused_before_any
     from smearscope.device.ingest import tiff_segments
 
     inflated: list[int] = []
-    real = tiff_segments._inflated_size
-    monkeypatch.setattr(tiff_segments, "_inflated_size", lambda *a: inflated.append(1) or real(*a))
+    real = tiff_segments._INFLATE["zlib"]
+    monkeypatch.setitem(tiff_segments._INFLATE, "zlib", lambda data, limit: inflated.append(limit) or real(data, limit))
     bgr = hostile.smear_like(128, 192, seed=6)
     rgb = np.ascontiguousarray(bgr[:, :, ::-1])
     np.testing.assert_array_equal(load_image(_tiled_tiff(rgb)).pixels, bgr)  # a tiled TIFF reads
-    assert len(inflated) == 96  # each tile bounded first
+    assert inflated == [16 * 16 * 3] * 96  # each tile bounded by its size
     inflated.clear()
     with pytest.raises(IngestError) as err:
         load_image(_tiled_tiff(rgb, listed=100_000))
     assert err.value.code is RejectReason.CORRUPT
     assert "lists 100000 data segments where its geometry holds 96" in err.value.message
     assert not inflated
+
+
+def test_deflate_and_lzma_strips_are_read_as_their_libraries_read_them() -> None:
+    """The bounded inflaters tifffile is given read what zlib.decompress and lzma.decompress read:
+    bytes after a deflate stream's end ignored, LZMA streams one after another joined, a stream
+    cut short refused (`corrupt`), one byte past the strip's size a bomb."""
+    bgr = hostile.smear_like(64, 64, seed=8)
+    raw = np.ascontiguousarray(bgr[:, :, ::-1]).tobytes()  # one strip of 12 288 bytes
+    first, second = lzma.compress(raw[:5000]), lzma.compress(raw[5000:])
+    reads = [zlib.compress(raw) + b"after the stream", first + second, first + second + b"not a stream"]
+    for strip, compression in zip(reads, (8, 34925, 34925)):
+        np.testing.assert_array_equal(load_image(hostile.one_strip_tiff(strip, compression, 64, 64)).pixels, bgr)
+    for strip, compression, says in ((zlib.compress(raw)[:-6], 8, "truncated stream"),
+                                     (first + second[:-9], 34925, "end-of-stream marker"),
+                                     (zlib.compress(raw + b"\0"), 8, "inflates beyond the 12288 bytes"),
+                                     (first + lzma.compress(raw[5000:] + b"\0"), 34925, "inflates beyond")):
+        with pytest.raises(IngestError) as err:
+            load_image(hostile.one_strip_tiff(strip, compression, 64, 64))
+        assert err.value.code is RejectReason.CORRUPT and says in err.value.message, err.value.message
 
 
 def test_an_lzma_tiff_decodes_and_an_lzma_bomb_is_refused_unexpanded(field: np.ndarray) -> None:

@@ -1,10 +1,11 @@
 """Stage 1, step 3 (TIFF): which library decodes a page's pixel data, and its strips and tiles
 bounded before either does.
 
-tifffile inflates each strip or tile in full before comparing it with the page, so before it
-decodes a compressed page every segment is inflated here up to one byte past its size and no
-further (`check_tiff_inflation`): a few megabytes of deflate or PackBits that declare 256 x 256
-pixels and inflate to gigabytes are refused (`corrupt`) unread. OpenCV's libtiff decodes what
+tifffile's own decoders inflate each strip or tile in full before comparing it with the page, so
+deflate and LZMA segments are inflated by decoders registered here (`use_bounded_inflate`) that
+stop one byte past the size tifffile asks for, and PackBits runs are counted before anything is
+decoded (`check_tiff_inflation`): a few megabytes of deflate or PackBits that declare 256 x 256
+pixels and inflate to gigabytes are refused (`corrupt`) with memory of the order of a strip. OpenCV's libtiff decodes what
 tifffile cannot without optional packages (LZW, old-style JPEG) and, for grey and RGB first
 pages, PackBits (device.ingest.packbits: in C, each strip stopped at its size; tifffile's route
 costs a step of Python per run).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import lzma
 import struct
 import zlib
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -47,6 +49,77 @@ def tiff_decodable(page: tifffile.TiffPage) -> bool:
     return True
 
 
+class SegmentOverflow(ValueError):
+    """A strip or tile that inflates beyond the bytes its geometry holds (a decompression bomb)."""
+
+
+def _overflow(limit: int) -> SegmentOverflow:
+    return SegmentOverflow(f"TIFF segment inflates beyond the {limit} bytes its geometry holds (a decompression bomb)")
+
+
+def _zlib_inflate(data: bytes, limit: int) -> bytes:
+    """zlib.decompress(data) (trailing bytes after the stream ignored, a stream cut short an
+    error), inflating no more than one byte past `limit`."""
+    d = zlib.decompressobj()
+    out = d.decompress(data, limit + 1)
+    if len(out) > limit:
+        raise _overflow(limit)
+    if not d.eof:
+        raise zlib.error("Error -5 while decompressing data: incomplete or truncated stream")
+    return out
+
+
+def _lzma_inflate(data: bytes, limit: int) -> bytes:
+    """lzma.decompress(data) (concatenated streams joined, trailing bytes that are no stream
+    ignored, a stream cut short an error), inflating no more than one byte past `limit`."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        d = lzma.LZMADecompressor()
+        try:
+            part = d.decompress(data, max_length=limit + 1 - size)
+        except lzma.LZMAError:
+            if parts:
+                break
+            raise
+        parts.append(part)
+        size += len(part)
+        if size > limit:
+            raise _overflow(limit)
+        if not d.eof:
+            raise lzma.LZMAError("Compressed data ended before the end-of-stream marker was reached")
+        data = d.unused_data
+        if not data:
+            break
+    return b"".join(parts)
+
+
+_INFLATE = {"zlib": _zlib_inflate, "lzma": _lzma_inflate}
+#: Compressions whose tifffile decoder is one of the bounded ones here (`use_bounded_inflate`).
+_BOUNDED_BY_DECODER: set[int] = set()
+
+
+def _bounded_decoder(kind: str) -> Any:
+    def decode(data: bytes, /, *, out: Any = None, **_: Any) -> bytes:
+        if not isinstance(out, int):  # tifffile passes each segment's size; without it nothing bounds it
+            raise TypeError(f"{kind} segment of unknown size")
+        return _INFLATE[kind](data, out)
+
+    return decode
+
+
+def use_bounded_inflate() -> None:
+    """Make the bounded inflaters tifffile's decoders for deflate and LZMA (its codec table is
+    filled lazily from `_codecs`, consulted first; without that table each segment is inflated
+    once here, bounded, before tifffile inflates it again in full)."""
+    codecs = getattr(tifffile.TIFF.DECOMPRESSORS, "_codecs", None)
+    if isinstance(codecs, dict):
+        for compression, kind in _BOUNDED_INFLATE.items():
+            if kind in _INFLATE:
+                codecs[compression] = _bounded_decoder(kind)
+                _BOUNDED_BY_DECODER.add(compression)
+
+
 def _inflated_size(kind: str, raw: bytes, limit: int) -> int:
     """Bytes a compressed segment inflates to, at most `limit` of them produced."""
     if kind == "zlib":
@@ -56,8 +129,9 @@ def _inflated_size(kind: str, raw: bytes, limit: int) -> int:
 
 def check_tiff_inflation(data: bytes, page: tifffile.TiffPage, name: str, by_opencv: bool = False) -> None:
     """Refuse (`corrupt`) a page whose strips or tiles inflate beyond their segment's size, or that
-    has more segments than its geometry holds. Each segment is inflated here up to one byte past
-    its size and no further (zlib and lzma in C); PackBits runs are counted, at most
+    has more segments than its geometry holds. Deflate and LZMA segments are bounded as tifffile
+    inflates them (`use_bounded_inflate`; where that could not be set up, each is inflated here up
+    to one byte past its size and no further, in C); PackBits runs are counted, at most
     MAX_PACKBITS_RUNS of them in the file or one per MIN_BYTES_PER_RUN bytes of its page: beyond
     that a page tifffile would decode is refused (`unsupported_format`: seconds of Python), and on
     one OpenCV decodes (`by_opencv`, which stops each strip at its size) the rest goes unchecked."""
@@ -69,6 +143,8 @@ def check_tiff_inflation(data: bytes, page: tifffile.TiffPage, name: str, by_ope
     if len(page.dataoffsets) > segments:
         raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF lists {len(page.dataoffsets)} data segments "
                           f"where its geometry holds {segments}")
+    if int(page.compression) in _BOUNDED_BY_DECODER:
+        return  # each segment bounded as tifffile inflates it
     runs_left = MAX_PACKBITS_RUNS if by_opencv else max(MAX_PACKBITS_RUNS, segment * segments // MIN_BYTES_PER_RUN)
     most = runs_left
     for k, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
