@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: The scale every model sees (micrometres per pixel): frames and training images are resampled to it
 #: before tiling or cropping (service.analysis.scale), and each manifest records it
@@ -23,28 +23,55 @@ CANONICAL_UM_PER_PX = 0.2
 TestTimeView = Literal["identity", "hflip", "vflip", "rot180"]
 
 
+#: A finite number (JSON has no NaN or infinity, but Python's json module reads them).
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _plain_name(v: str) -> str:
+    if not v or v in (".", "..") or any(c in v for c in "/\\\x00"):
+        raise ValueError(f"{v!r} is not a file name beside the manifest (no folders)")
+    return v
+
+
+#: A file beside the manifest: a plain name, never a path out of the models folder.
+FileName = Annotated[str, AfterValidator(_plain_name)]
+
+
 class TensorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
+    name: str = Field(min_length=1)
     shape: list[int] = Field(description="-1 marks a dynamic axis (the batch axis)")
     dtype: Literal["float32", "float16", "int64", "int32", "uint8"] = "float32"
+
+    @field_validator("shape")
+    @classmethod
+    def _axes(cls, v: list[int]) -> list[int]:
+        if any(n < 1 and n != -1 for n in v):
+            raise ValueError(f"each axis is -1 (dynamic) or at least 1, not {v}")
+        return v
 
 
 class BatchProfile(BaseModel):
     """TensorRT-style optimisation profile for the batch axis; ONNX Runtime batches to `max`."""
 
     model_config = ConfigDict(extra="forbid")
-    min: int = 1
-    opt: int = 8
-    max: int = 32
+    min: int = Field(1, ge=1)
+    opt: int = Field(8, ge=1)
+    max: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BatchProfile:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"batch profile needs min <= opt <= max, not {self.min} / {self.opt} / {self.max}")
+        return self
 
 
 class Preprocessing(BaseModel):
     model_config = ConfigDict(extra="forbid")
     color: Literal["RGB", "BGR"] = "RGB"
-    scale: float = Field(1.0 / 255.0, description="pixel value multiplier applied to uint8 input")
+    scale: float = Field(1.0 / 255.0, gt=0, allow_inf_nan=False, description="pixel value multiplier applied to uint8 input")
     layout: Literal["NCHW", "NHWC"] = "NCHW"
-    pad_value: int = Field(114, description="fill value used when a tile/crop is padded")
+    pad_value: int = Field(114, ge=0, le=255, description="fill value used when a tile/crop is padded")
     normalization_in_graph: bool = Field(True, description="mean/std normalisation is inside the model")
     illumination: Literal["none", "flatfield"] = Field(
         "none", description="lamp correction the training images had (flatfield: each field divided by its own "
@@ -56,8 +83,8 @@ class Preprocessing(BaseModel):
 
 class CropInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    extent_um: float
-    input_size: int
+    extent_um: float = Field(gt=0, allow_inf_nan=False)
+    input_size: int = Field(gt=0)
 
 
 class OpenSet(BaseModel):
@@ -72,7 +99,7 @@ class OpenSet(BaseModel):
                     "logits averaged over the views a crop ran in")
     output: str | None = Field(None, description="mahalanobis: name of the graph output holding the score "
                                                  "(one value per crop); energy: none")
-    threshold: float = Field(description="scores above this are atypical")
+    threshold: Finite = Field(description="scores above this are atypical")
     calibration: str = Field("", description="how the threshold was chosen")
 
     @model_validator(mode="after")
@@ -91,9 +118,9 @@ class FeatureSpace(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     output: str = Field(description="graph output holding the features (one row of `dim` per crop)")
-    file: str = Field(description="sidecar .npz beside the manifest: means (classes x dim), precision (dim x dim), "
+    file: FileName = Field(description="sidecar .npz beside the manifest: means (classes x dim), precision (dim x dim), "
                                   "classes")
-    sha256: str = Field(description="sha256 of the sidecar file")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the sidecar file")
     dim: int = Field(gt=0)
     check: str = Field("", description="how the sidecar was checked against the graph")
 
@@ -103,26 +130,28 @@ class ModelManifest(BaseModel):
     schema_version: Literal[1] = 1
     name: str
     task: Literal["segmentation", "classification"]
-    file: str = Field(description="ONNX file name, relative to the manifest")
-    sha256: str
-    opset: int
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
+    file: FileName = Field(description="ONNX file name, beside the manifest")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    opset: int = Field(ge=1)
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
     batch: BatchProfile = BatchProfile()
-    input_size: int = Field(description="square spatial input side in pixels")
-    canonical_um_per_px: float
+    input_size: int = Field(gt=0, description="square spatial input side in pixels")
+    canonical_um_per_px: float = Field(description="the scale the model was trained at: this pipeline feeds "
+                                       f"{CANONICAL_UM_PER_PX} um/px only")
     preprocessing: Preprocessing = Preprocessing()
-    classes: list[str]
+    classes: list[str] = Field(min_length=1)
     crop: CropInfo | None = None
-    temperature: float = Field(1.0, description="softmax temperature from calibration (classifiers)")
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False,
+                               description="softmax temperature from calibration (classifiers)")
     open_set: list[OpenSet] = Field(default_factory=list, description="classifiers: open-set tests for "
                                     "unidentified/atypical cells; a crop beyond any test's threshold is atypical "
                                     "(one object is read as a list of one)")
-    class_log_prior_shift: dict[str, float] = Field(
+    class_log_prior_shift: dict[str, Finite] = Field(
         {}, description="classifiers: per class, a constant added to its calibrated log-odds (logits / temperature) "
         "before the softmax: a prior shift from the balanced training mix toward what stations meet, "
         "fitted on validation (how: `metrics.class_log_prior_shift`); classes not named get 0")
-    score_calibration: dict[str, list[float]] = Field(
+    score_calibration: dict[str, Annotated[list[Finite], Field(min_length=2, max_length=2)]] = Field(
         {}, description="detectors: per class [a, b] of Platt scaling, p = sigmoid(a * logit(score) + b), "
         "fitted on the validation split so that a score is the probability of a real cell")
     feature_space: FeatureSpace | None = Field(
@@ -148,9 +177,21 @@ class ModelManifest(BaseModel):
 
     @model_validator(mode="after")
     def _shift_names_classes(self) -> ModelManifest:
-        unknown = sorted(set(self.class_log_prior_shift) - set(self.classes))
-        if unknown:
-            raise ValueError(f"class_log_prior_shift names classes the model does not have: {unknown}")
+        if self.canonical_um_per_px != CANONICAL_UM_PER_PX:
+            raise ValueError(f"canonical_um_per_px {self.canonical_um_per_px}: this pipeline feeds every model "
+                             f"{CANONICAL_UM_PER_PX} um/px (a model trained at another scale would see cells "
+                             "of the wrong size)")
+        if len(set(self.classes)) != len(self.classes) or not all(self.classes):
+            raise ValueError(f"classes must be distinct, non-empty names: {self.classes}")
+        if self.task == "classification" and self.crop is None:
+            raise ValueError("a classification model needs its crop (extent_um, input_size)")
+        if self.crop is not None and self.crop.input_size != self.input_size:
+            raise ValueError(f"crop input_size {self.crop.input_size} is not the model's input_size {self.input_size}")
+        for what, names in (("class_log_prior_shift", self.class_log_prior_shift),
+                            ("score_calibration", self.score_calibration)):
+            unknown = sorted(set(names) - set(self.classes))
+            if unknown:
+                raise ValueError(f"{what} names classes the model does not have: {unknown}")
         if self.feature_space is not None and self.feature_space.output not in [o.name for o in self.outputs]:
             raise ValueError(f"feature_space output {self.feature_space.output!r} is not among the outputs")
         return self

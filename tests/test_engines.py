@@ -266,6 +266,53 @@ def test_a_manifest_of_another_schema_version_is_refused(tmp_path):
         load_manifest(_edited_manifest(tmp_path, lambda m: m.update(schema_version=2)))
 
 
+def _set(path: str, value):
+    """An edit that sets one key of the manifest, its path given as "a.b" (lists by index)."""
+    *parents, last = path.split(".")
+
+    def edit(m):
+        for key in parents:
+            m = m[int(key)] if isinstance(m, list) else m[key]
+        m[int(last) if isinstance(m, list) else last] = value
+    return edit
+
+
+@needs_models
+@pytest.mark.parametrize(("name", "key", "value", "says"), [
+    ("wbc_head", "temperature", -0.6, "temperature"),  # every white cell would go to review
+    ("wbc_head", "temperature", 0, "temperature"),
+    ("wbc_head", "temperature", float("nan"), "temperature"),  # Python's json reads NaN
+    ("rbc_head", "class_log_prior_shift.normal", float("inf"), "class_log_prior_shift"),
+    ("wbc_head", "open_set.0.threshold", float("nan"), "threshold"),
+    ("seg", "score_calibration.rbc", [1.5], "score_calibration"),
+    ("seg", "score_calibration.rbc", [1.5, float("nan")], "score_calibration"),
+    ("seg", "score_calibration.erythrocyte", [1.5, 0.5], "score_calibration names classes"),
+    ("seg", "canonical_um_per_px", 0.1, "feeds every model 0.2 um/px"),  # cells would be half their size
+    ("seg", "input_size", 0, "input_size"),
+    ("seg", "batch", {"min": 4, "opt": 2, "max": 16}, "min <= opt <= max"),
+    ("seg", "batch", {"min": 0, "opt": 2, "max": 16}, "batch.min"),
+    ("seg", "preprocessing.scale", 0, "scale"),
+    ("seg", "preprocessing.pad_value", 300, "pad_value"),
+    ("seg", "classes", ["rbc", "rbc", "platelet"], "distinct"),
+    ("seg", "classes", [], "classes"),
+    ("seg", "inputs.0.shape", [-1, 3, 0, 256], "axis"),
+    ("seg", "sha256", "not-a-hash", "sha256"),
+    ("seg", "file", "../seg.onnx", "not a file name"),
+    ("wbc_head", "feature_space.file", "/etc/features.npz", "not a file name"),
+    ("rbc_head", "crop", None, "needs its crop"),
+    ("rbc_head", "crop.input_size", 64, "is not the model's input_size 56"),
+    ("rbc_head", "crop.extent_um", -11.2, "extent_um"),
+])
+def test_a_manifest_value_no_model_can_have_is_refused_at_load(tmp_path, name, key, value, says):
+    """What the pipeline would otherwise read silently (a negative temperature sent every white
+    cell to review with no error; a model of another scale would be fed 0.2 um/px) is a
+    ManifestError naming the value."""
+    assert load_manifest(_edited_manifest(tmp_path, lambda m: None, name=name)).name == name  # as committed
+    with pytest.raises(ManifestError, match="invalid manifest") as err:
+        load_manifest(_edited_manifest(tmp_path, _set(key, value), name=name))
+    assert says in str(err.value)
+
+
 @needs_models
 def test_a_feature_space_output_the_model_lacks_is_refused(tmp_path):
     def edit(m):

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from smearscope.engines.manifest import BatchProfile, ModelManifest, TensorSpec
+from smearscope.engines.manifest import BatchProfile, CropInfo, ModelManifest, TensorSpec
 from smearscope.export.tensorrt_build import calibration_batches, trtexec_command
 
 
@@ -16,7 +16,8 @@ def _manifest(size=40):
     return ModelManifest(name="rbc_head", task="classification", file="rbc_head.onnx", sha256="ab" * 32, opset=17,
                          inputs=[TensorSpec(name="images", shape=[-1, 3, size, size])],
                          outputs=[TensorSpec(name="logits", shape=[-1, 13])], batch=BatchProfile(min=1, opt=32, max=128),
-                         input_size=size, canonical_um_per_px=0.2, classes=[str(i) for i in range(13)])
+                         input_size=size, canonical_um_per_px=0.2, classes=[str(i) for i in range(13)],
+                         crop=CropInfo(extent_um=11.2, input_size=size))
 
 
 def test_trtexec_command_has_profile_and_precision(tmp_path):
