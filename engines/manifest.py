@@ -185,6 +185,11 @@ class ModelManifest(BaseModel):
             raise ValueError(f"classes must be distinct, non-empty names: {self.classes}")
         if self.task == "classification" and self.crop is None:
             raise ValueError("a classification model needs its crop (extent_um, input_size)")
+        if self.task == "classification":
+            logits = next((o for o in self.outputs if o.name == "logits"), self.outputs[0])
+            if logits.shape[-1:] not in ([-1], [len(self.classes)]):
+                raise ValueError(f"output {logits.name!r} of shape {logits.shape} does not hold one logit per class "
+                                 f"({len(self.classes)})")
         if self.crop is not None and self.crop.input_size != self.input_size:
             raise ValueError(f"crop input_size {self.crop.input_size} is not the model's input_size {self.input_size}")
         for what, names in (("class_log_prior_shift", self.class_log_prior_shift),

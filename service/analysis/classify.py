@@ -31,7 +31,7 @@ import numpy as np
 
 from smearscope.engines.base import Engine
 from smearscope.engines.batching import run_batched
-from smearscope.engines.manifest import OpenSet
+from smearscope.engines.manifest import ManifestError, OpenSet
 from smearscope.engines.preprocess import to_model_input
 from smearscope.service.analysis.crops import CropSpec
 from smearscope.service.analysis.records import CellCrop, HeadFeatures
@@ -124,8 +124,11 @@ class CropClassifier:
                  station: tuple[FeatureSpace, StationMeans] | None = None, keep_features: bool = False) -> None:
         self.engine = engine
         m = engine.manifest
-        if m.crop is None:
-            raise ValueError(f"{m.name}: classifier manifest lacks crop geometry")
+        if m.task != "classification" or m.crop is None:
+            raise ManifestError(f"{m.name}: a {m.task} model{'' if m.crop else ' without crop geometry'} where a "
+                                "crop classifier belongs")
+        #: The output holding the logits: named so, else the first (a manifest may list outputs in any order).
+        self.logits_output = "logits" if "logits" in engine.output_names else engine.output_names[0]
         self.crop_spec = CropSpec(extent_um=m.crop.extent_um, input_size=m.crop.input_size)
         self.classes = list(m.classes)
         self.temperature = m.temperature
@@ -144,7 +147,7 @@ class CropClassifier:
         self.score_outputs = [t.output for t in self.open_sets if t.output is not None]
         for name in self.score_outputs:
             if name not in engine.output_names:
-                raise ValueError(f"{m.name}: open_set output {name!r} is not among {engine.output_names}")
+                raise ManifestError(f"{m.name}: open_set output {name!r} is not among {engine.output_names}")
         #: A station's own class means (service.analysis.station_means) in the head's feature space:
         #: crops are typed by the nearest of them, and the Mahalanobis test reads the distance to it.
         self.station = station
@@ -254,7 +257,7 @@ class CropClassifier:
         n = len(pixels)
         stacked = pixels if tuple(views) == ("identity",) else np.concatenate([view_crops(pixels, v) for v in views])
         out = run_batched(self.engine, to_model_input(stacked, self.engine.manifest.preprocessing))
-        logits = self._shifted(out[self.engine.output_names[0]])
+        logits = self._shifted(out[self.logits_output])
         logits = logits.reshape(len(views), n, logits.shape[-1])
         cols = [out[name].reshape(len(views), n, 1) for name in self.score_outputs]
         if self.features_output:

@@ -18,7 +18,7 @@ import numpy as np
 
 from smearscope.engines.base import Engine
 from smearscope.engines.batching import run_batched
-from smearscope.engines.manifest import ManifestError
+from smearscope.engines.manifest import ManifestError, ModelManifest
 from smearscope.engines.preprocess import to_model_input
 from smearscope.service.analysis.records import SEG_CLASSES, Box, CellDetection, CellKind, Tile
 from smearscope.service.analysis.segment import cut_by_interior_tile_edges
@@ -175,6 +175,31 @@ def box_masks(coeffs: np.ndarray, protos: np.ndarray, input_size: int,
     return out
 
 
+def _detector_contract(m: ModelManifest) -> tuple[list[CellKind], list[str]]:
+    """A detector's classes as cell kinds and its outputs' names (predictions of shape batch x (4 box +
+    classes + mask coefficients) x anchors, then the prototypes, batch x coefficients x h x w, where
+    the model has them), whatever order its manifest lists them in; ManifestError for a model that is
+    no such detector."""
+    if m.task != "segmentation":
+        raise ManifestError(f"{m.name}: a {m.task} model where the detector (segmentation) belongs")
+    known = {k.value: k for k in SEG_CLASSES}
+    unknown = [c for c in m.classes if c not in known]
+    if unknown:
+        raise ManifestError(f"{m.name}: classes {unknown} are none of the detector's {list(known)}")
+    by_rank = {len(o.shape): o for o in m.outputs}
+    pred, protos = by_rank.get(3), by_rank.get(4)
+    if pred is None or len(m.outputs) != 1 + (protos is not None):
+        raise ManifestError(f"{m.name}: a detector's outputs are its predictions (3 axes) and optionally its mask "
+                            f"prototypes (4 axes), not {[o.shape for o in m.outputs]}")
+    rows = 4 + len(m.classes) + (protos.shape[1] if protos is not None else 0)
+    have = pred.shape[1]  # without prototypes, rows past the classes are not read
+    if -1 not in (have, rows - 4 - len(m.classes) if protos is not None else 0) and (
+            have != rows if protos is not None else have < rows):
+        raise ManifestError(f"{m.name}: predictions of {have} rows where 4 box + {len(m.classes)} classes"
+                            f"{' + the prototypes' if protos is not None else ''} make {rows}")
+    return [known[c] for c in m.classes], [pred.name] + ([protos.name] if protos is not None else [])
+
+
 class YoloSegmenter:
     """Runs the segmentation engine over tiles and returns frame-coordinate detections."""
 
@@ -191,7 +216,7 @@ class YoloSegmenter:
             logger.warning("detector runs views %s but its scores were calibrated for %s: scores will shift",
                            "+".join(self.views), "+".join(m.tta))
         self.input_size = m.input_size
-        self.classes = [SEG_CLASSES[[k.value for k in SEG_CLASSES].index(c)] for c in m.classes]
+        self.classes, self._outputs = _detector_contract(m)
         self.conf_threshold = conf_threshold  # on the CALIBRATED score, applied last (`finish`)
         #: Platelets are kept from this score instead (service.analysis.platelet_rescue looks at
         #: the faint ones); None: `conf_threshold`.
@@ -224,7 +249,7 @@ class YoloSegmenter:
         Tiles are taken (and may be made) one engine batch at a time, so memory holds one batch
         of tiles and the detections, whatever the frame's size."""
         dets: list[CellDetection] = []
-        names = self.engine.output_names
+        names = self._outputs  # predictions, then the mask prototypes where the model has them
         for chunk in _batches(tiles, self.engine.manifest.batch.max):
             batch = to_model_input(np.stack([t.pixels for t in chunk]), self.engine.manifest.preprocessing)
 
