@@ -876,6 +876,29 @@ def test_a_template_of_the_stations_white_cells_typed_and_fitted(rendered, tmp_p
     assert template.read_bytes() == before
 
 
+def test_a_template_from_a_config_takes_the_scale_its_source_holds(rendered, tmp_path):
+    """A calibrated station keeps its scale in [source] (where calibrate-scale says to put it): the
+    template's fields are analysed at it (they were at an estimated scale when only [analysis]
+    was read)."""
+    folder, _, _ = rendered
+    config = tmp_path / "station.toml"
+    config.write_text(f"""station_id = "bench-1"
+[source]
+kind = "simulated"
+microns_per_pixel = 0.1
+[analysis]
+models_dir = "{DEFAULT_MODELS_DIR}"
+[mqtt.outbox]
+path = "{tmp_path / 'outbox.sqlite'}"
+""")
+    template = tmp_path / "typed.csv"
+    run = _cli("adapt-wbc", str(folder / "field500.png"), "--template", str(template), "--config", str(config), "--json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    with open(template, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {r["microns_per_pixel"] for r in rows} == {"0.1"}
+
+
 def test_template_overlays_of_fields_with_one_name_do_not_overwrite_each_other(rendered, tmp_path):
     folder, _, _ = rendered
     for sub, seed in (("a", "field500.png"), ("b", "field501.png")):

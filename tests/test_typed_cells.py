@@ -273,6 +273,18 @@ def test_adapt_wbc_station_fits_the_means_from_the_gallerys_typed_cells(typed_st
     assert few.returncode == 2 and json.loads(few.stdout)["error"]["code"] == "too_few_cells" and not out2.exists()
     bad = _cli("adapt-wbc", "--station", "--out", str(out2))
     assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["code"] == "bad_arguments"
+    # the scale where calibrate-scale tells it to go, [source], without an [analysis] override: the
+    # cells typed at 0.1 are the station's at 0.1 and left out at 0.2 (once read from [analysis] only)
+    for source_mpp, kept in (("0.1", len(typed)), ("0.2", 0)):
+        text = path.read_text().replace("microns_per_pixel = 0.1\n[review]", "[review]")
+        source_only = tmp / f"source_{source_mpp}.toml"
+        source_only.write_text(text.replace("microns_per_pixel = 0.1", f"microns_per_pixel = {source_mpp}"))
+        assert text.count("microns_per_pixel") == 1
+        got = _cli("adapt-wbc", "--station", "--config", str(source_only), "--out", str(tmp / "s.json"), "--json")
+        answer = json.loads(got.stdout)
+        assert (answer.get("typed", 0), answer.get("error", {}).get("code")) == (
+            (kept, None) if kept else (0, "too_few_cells")), answer
+        assert answer["other_scale"] == len(typed) - kept
 
 
 def test_nothing_typed_yet_and_typing_off_say_so(tmp_path):

@@ -291,7 +291,7 @@ def _fit_from_station(args: argparse.Namespace, error) -> int:
     try:
         store = TypedCellStore(path, read_only=True)
         try:
-            typed = store.load(manifest.sha256, views, a.microns_per_pixel)
+            typed = store.load(manifest.sha256, views, config.microns_per_pixel)
         finally:
             store.close()
     except TypedCellsError as exc:
@@ -346,7 +346,7 @@ def _adapting_analyzer(args: argparse.Namespace):
 
         config = load_config(args.config)
         models_dir = config.analysis.models_dir
-        mpp = mpp if mpp is not None else config.analysis.microns_per_pixel
+        mpp = mpp if mpp is not None else config.microns_per_pixel
     space = load_feature_space(load_manifest(models_dir / MODEL_FILES["wbc_head"]), models_dir)
     if config is None:
         return Analyzer.from_models_dir(models_dir, options=AnalyzerOptions(keep_wbc_features=True), warmup=False), \

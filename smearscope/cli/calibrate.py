@@ -162,5 +162,5 @@ def _station_analyzer(args: argparse.Namespace):
     config = load_config(args.config)
     # scores do not depend on thresholds; a section fitted for an earlier head must not stop a refit
     config = config.model_copy(update={"analysis": config.analysis.model_copy(update={"wbc_open_set": None})})
-    mpp = args.microns_per_pixel if args.microns_per_pixel is not None else config.analysis.microns_per_pixel
+    mpp = args.microns_per_pixel if args.microns_per_pixel is not None else config.microns_per_pixel
     return build_analyzer(config), mpp
