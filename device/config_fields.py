@@ -23,5 +23,10 @@ def _not_empty(value: object) -> object:
     return value
 
 
+#: The frame scales (um/px) the analysis accepts, from a config or a command: 100x oil objectives
+#: give about 0.05-0.2, a 10x objective about 1; outside this a red cell is under 4 or over 800
+#: pixels across.
+SCALE_RANGE_UM = (0.01, 2.0)
+
 #: A configured file or folder: a Path that an empty or blank string is not.
 ConfigPath = Annotated[Path, BeforeValidator(_not_empty)]

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from smearscope.device.config_fields import ConfigPath
+from smearscope.device.config_fields import SCALE_RANGE_UM, ConfigPath
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,11 @@ class _CommonSourceFields(SourceBaseModel):
     microns_per_pixel: float | None = Field(
         default=None,
         title="Scale (um/px)",
-        description="Micrometres per pixel of the captured image; leave unset to let the pipeline "
-        "estimate it from red-cell size.",
-        gt=0.0,
-        le=10.0,
+        description="Micrometres per pixel of the captured image (0.01 to 2; `smearscope calibrate-scale` "
+        "measures it); leave unset to let the pipeline estimate it from red-cell size.",
+        ge=SCALE_RANGE_UM[0],
+        le=SCALE_RANGE_UM[1],
+        allow_inf_nan=False,
     )
 
 

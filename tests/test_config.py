@@ -340,9 +340,14 @@ _SHA = "0" * 64
 #: (TOML appended to a camera station's config, the field its error must name; None: it loads).
 #: Values just past each documented bound are refused with the field's path; values at it load.
 _BOUNDS = [
-    ('[analysis]\nmicrons_per_pixel = 0.0\n', "analysis.microns_per_pixel"),  # > 0
-    ('[analysis]\nmicrons_per_pixel = 10.5\n', "analysis.microns_per_pixel"),  # <= 10
-    ('[analysis]\nmicrons_per_pixel = 10.0\n', None),
+    ('[analysis]\nmicrons_per_pixel = 0.0099\n', "analysis.microns_per_pixel"),  # 0.01 to 2, as the CLI
+    ('[analysis]\nmicrons_per_pixel = 0.01\n', None),
+    ('[analysis]\nmicrons_per_pixel = 2.01\n', "analysis.microns_per_pixel"),
+    ('[analysis]\nmicrons_per_pixel = 2.0\n', None),
+    ('[analysis]\nmicrons_per_pixel = nan\n', "analysis.microns_per_pixel"),  # TOML has nan
+    ('microns_per_pixel = 0.000001\n', "source.microns_per_pixel"),  # [source]'s: every field refused as
+    ('microns_per_pixel = 5\n', "source.microns_per_pixel"),  # empty or out of focus, once
+    ('microns_per_pixel = 2.0\n', None),
     ('[analysis]\ntile_size = 32\n', "analysis.tile_size"),  # a multiple of 32 but under 64
     ('[analysis]\ntile_size = 64\n', None),
     ('[analysis]\ntile_size = 2048\n', None),
@@ -394,6 +399,13 @@ def test_each_bound_refuses_the_value_past_it_and_takes_the_value_at_it(tmp_path
     with pytest.raises(ConfigError) as exc:
         load_config(path, environ={})
     assert [where for where, _ in exc.value.errors] == [loc], exc.value.errors
+
+
+def test_a_scale_that_is_not_a_number_is_told_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, CAMERA + "microns_per_pixel = nan\n"), environ={})
+    (where, why), = exc.value.errors
+    assert where == "source.microns_per_pixel" and "finite number" in why and "less than" not in why
 
 
 def test_the_scale_override_wins_and_may_repeat_the_simulators_scale(tmp_path: Path) -> None:

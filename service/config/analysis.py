@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from smearscope.device.config_fields import ConfigPath
+from smearscope.device.config_fields import SCALE_RANGE_UM, ConfigPath
 from smearscope.engines.manifest import TestTimeView
 from smearscope.service.config.base import StationBaseModel
 
@@ -52,10 +52,11 @@ class AnalysisConfig(StationBaseModel):
     microns_per_pixel: float | None = Field(
         default=None,
         title="Scale override (um/px)",
-        description="Overrides the source's scale for every frame; unset uses the source's "
+        description="Overrides the source's scale for every frame (0.01 to 2); unset uses the source's "
         "value, or estimates it from red-cell size when the source has none.",
-        gt=0.0,
-        le=10.0,
+        ge=SCALE_RANGE_UM[0],
+        le=SCALE_RANGE_UM[1],
+        allow_inf_nan=False,
     )
     tile_size: int = Field(
         default=256,

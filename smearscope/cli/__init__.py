@@ -13,12 +13,13 @@ import math
 import sys
 from pathlib import Path
 
+from smearscope.device.config_fields import (
+    SCALE_RANGE_UM,  # the scales a command accepts, as a config does
+)
+
 logger = logging.getLogger("smearscope")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # as the config's log_level
-#: The input scales a command accepts (um/px): 100x oil objectives give about 0.05-0.2, a 10x
-#: objective about 1; outside this a red cell is under 4 or over 800 pixels across.
-SCALE_RANGE_UM = (0.01, 2.0)
 #: Sysexits EX_IOERR: an output (stdout, a file) could not be written.
 EXIT_OUTPUT = 74
 
