@@ -984,6 +984,26 @@ def test_a_truncated_jpeg_with_an_end_marker_appended_is_corrupt() -> None:
     assert exc.value.code is RejectReason.CORRUPT
 
 
+def test_a_whole_jpeg_with_garbage_inside_its_scan_is_corrupt_not_truncated() -> None:
+    """Random bytes, or one stray SOI or TEM marker, written into the entropy-coded data of a file
+    that still ends with its end-of-image marker: damage (`corrupt`), not a copy cut short, which
+    would send a technician to copy the file again (the marker walk read garbage as segment
+    lengths and ran past the end)."""
+    data = _field_jpeg()
+    start = data.index(b"\xff\xda") + 300
+    rng = np.random.default_rng(0)
+    damaged = [data[:start] + rng.integers(0, 256, 400, np.uint8).tobytes() + data[start + 400:] for _ in range(8)]
+    damaged += [data[:start] + stray + data[start:] for stray in (b"\xff\xd8", b"\xff\x01")]
+    for bad in damaged:
+        assert bad.endswith(b"\xff\xd9")
+        with pytest.raises(IngestError) as exc:
+            load_image(bad)
+        assert exc.value.code is RejectReason.CORRUPT, exc.value.message
+    with pytest.raises(IngestError) as exc:  # cut short, no end marker: truncated as before
+        load_image(damaged[0][: len(data) * 3 // 4])
+    assert exc.value.code is RejectReason.TRUNCATED
+
+
 def test_a_jpeg_with_zeroed_entropy_data_is_corrupt() -> None:
     data = bytearray(_field_jpeg())
     start = data.index(b"\xff\xda") + 200  # inside the entropy-coded scan

@@ -309,6 +309,9 @@ def jpeg_header(data: bytes, name: str) -> ImageHeader:
     # a small file cost the decoder minutes (a 210 kB file of 883 scans took 19 s). Cameras and
     # encoders write 1 (baseline) to about 10.
     scans = _scans_to_end(data, pos, name)
+    if scans is None and data.find(b"\xff\xd9", pos) != -1:  # its end is there: damage derailed the walk
+        raise IngestError(RejectReason.CORRUPT, f"{name}: JPEG data damaged (its markers do not lead to the "
+                          "end-of-image marker it holds)")
     if scans is None:
         raise IngestError(RejectReason.TRUNCATED, f"{name}: JPEG has no end-of-image marker")
     if scans > MAX_JPEG_SCANS:
