@@ -181,6 +181,14 @@ def test_calibrate_scale_text_gives_the_config_line_and_the_warnings(tmp_path):
     assert [f"warning: {w}" for w in as_json["warnings"]] == warnings
 
 
+def test_a_scale_just_past_a_bound_is_never_shown_as_the_bound():
+    from smearscope.cli.calibrate import outside_shown
+
+    assert outside_shown(2.0000004, 0.01, 2.0) == "just over 2"  # it read "2 um/px ... is outside 0.01..2.0"
+    assert outside_shown(0.00999999, 0.01, 2.0) == "just under 0.01"
+    assert outside_shown(2.31, 0.01, 2.0) == "2.31" and outside_shown(0.006, 0.01, 2.0) == "0.006"
+
+
 def test_a_scale_under_the_analyzers_range_is_implausible(tmp_path):
     """A ruling at 0.12 um/px read with --division-um 0.5 gives 0.006 um/px, under 0.01: refused,
     not printed as a calibration."""

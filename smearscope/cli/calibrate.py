@@ -10,6 +10,14 @@ import logging
 logger = logging.getLogger(__name__)
 
 
+def outside_shown(value: float, lo: float, hi: float) -> str:
+    """A scale outside lo..hi as a message shows it: never rounded onto the bound it is outside of."""
+    shown = f"{value:.5g}"
+    if float(shown) in (lo, hi):
+        shown = f"{'just under' if value < lo else 'just over'} {shown}"
+    return shown
+
+
 def cmd_calibrate_scale(args: argparse.Namespace) -> int:
     from smearscope.service.analysis.micrometer import MicrometerError, measure_micrometer
     from smearscope.service.ingest import IngestError, load_image
@@ -28,7 +36,7 @@ def cmd_calibrate_scale(args: argparse.Namespace) -> int:
     lo, hi = SCALE_RANGE_UM
     if not lo <= r.microns_per_pixel <= hi:  # a wrong --division-um, or not a micrometer at this magnification
         print(json.dumps({"error": {"code": "implausible_scale", "message": (
-            f"{r.microns_per_pixel:.5g} um/px ({r.period_px:.2f} px per {args.division_um:g} um division) is outside "
+            f"{outside_shown(r.microns_per_pixel, lo, hi)} um/px ({r.period_px:.2f} px per {args.division_um:g} um division) is outside "
             f"{lo}..{hi}, the scales the analyzer accepts: check --division-um against the micrometer's ruling")}}))
         return 2
     if args.json:
