@@ -171,23 +171,29 @@ def test_a_folder_gives_a_line_for_every_entry_named_as_an_image(tmp_path):
 
 def test_analyze_lists_and_output_paths_are_checked_before_any_work(tmp_path):
     """@LIST lines are paths, not quoted or globbed (spaces around a line and a Windows line end
-    trimmed, blank lines skipped, a line starting with - is a file, not an option); an unreadable
-    list or an unusable output path is refused up front."""
+    trimmed, blank lines and # comment lines skipped, ./#name a file, a line starting with - is a
+    file, not an option); an unreadable list or an unusable output path is refused up front."""
     img = tmp_path / "f.png"
     cv2.imwrite(str(img), hostile.smear_like(200, 200))
     listing = tmp_path / "list.txt"
-    listing.write_bytes(f"\n{tmp_path / 'missing.png'}\n\n--microns-per-pixel\n \t{tmp_path}/ spaced*.png \r\n".encode())
+    listing.write_bytes(f"# the slide's fields\n{tmp_path / 'missing.png'}\n\n  # {img}\n--microns-per-pixel\n"
+                        f" \t{tmp_path}/ spaced*.png \r\n./#hash.png\n".encode())
     proc = smearscope("analyze", f"@{listing}", "--json")
     lines = [json.loads(ln) for ln in proc.stdout.splitlines()]
     assert proc.returncode == 2 and [ln["image"] for ln in lines] == [str(tmp_path / "missing.png"), "--microns-per-pixel",
-                                                                      f"{tmp_path}/ spaced*.png"]
+                                                                      f"{tmp_path}/ spaced*.png", "#hash.png"]
     assert all("error" in ln for ln in lines)
-    for args, code in (([f"@{tmp_path / 'nope.txt'}"], "bad_list"),
-                       ([str(img), "--detections", str(tmp_path / "no" / "such" / "d.jsonl")], "bad_output"),
-                       ([str(img), "--overlay", str(tmp_path / "overlay_without_suffix")], "bad_output")):
+    for args, code, says in (([f"@{tmp_path / 'nope.txt'}"], "bad_list", "cannot read image list"),
+                             ([str(img), "--detections", str(tmp_path / "no" / "such" / "d.jsonl")], "bad_output",
+                              "cannot be written (its folder does not exist)"),
+                             ([str(img), "--overlay", str(tmp_path / "overlay_without_suffix")], "bad_output",
+                              "an existing directory, or a file name with an image suffix"),
+                             ([str(img), "--detections-floor", "0.05"], "bad_arguments", "give --detections too"),
+                             ([str(img), "--specimen", "--microns-per-pixel", "0.1"], "bad_arguments", "give one")):
         proc = smearscope("analyze", *args, "--json")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1000:]
-        assert json.loads(proc.stdout)["error"]["code"] == code, args
+        error = json.loads(proc.stdout)["error"]
+        assert error["code"] == code and says in error["message"], (args, error)
 
 
 @needs_models
@@ -219,8 +225,6 @@ def test_analyze_specimen_gives_a_far_off_field_the_scale_the_earlier_fields_agr
     assert pooled[5]["method"] == "specimen" and "scale_from_specimen" in flags[5]
     assert pooled[5]["microns_per_pixel"] == pytest.approx(float(np.median(own)), rel=1e-3)
     assert pooled[5]["field_estimate_microns_per_pixel"] is None  # it had no estimate of its own
-    given, _ = scales("--specimen", "--microns-per-pixel", "0.15")
-    assert all(s["method"] == "given" for s in given)
 
 
 @needs_models
@@ -327,6 +331,23 @@ def test_two_inputs_of_one_name_get_an_overlay_and_a_bundle_each(tmp_path):
     assert len(written) == 2 and all(p.name.endswith(".fhir.json") for p in written)
     texts = [p.read_text() for p in written]
     assert all(sum(r["report_id"] in t for t in texts) == 1 for r in reports)  # one bundle per report
+
+
+@needs_models
+def test_one_image_writes_into_an_output_directory_that_exists(tmp_path):
+    """--overlay DIR and --fhir DIR with one image: DIR/STEM.overlay.png and DIR/STEM.fhir.json
+    (the overlay was refused as needing an image suffix, the bundle as needing a file name)."""
+    img = tmp_path / "f.png"
+    _render(img, 25)
+    overlays, bundles = tmp_path / "overlays", tmp_path / "fhir"
+    overlays.mkdir()
+    bundles.mkdir()
+    proc = smearscope("analyze", str(img), "--json", "--microns-per-pixel", "0.1", "--overlay", str(overlays),
+                      "--fhir", str(bundles))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-1000:]
+    report = json.loads(proc.stdout)
+    assert [p.name for p in overlays.iterdir()] == ["f.overlay.png"] and cv2.imread(str(overlays / "f.overlay.png")) is not None
+    assert [p.name for p in bundles.iterdir()] == ["f.fhir.json"] and report["report_id"] in (bundles / "f.fhir.json").read_text()
 
 
 @needs_models

@@ -66,7 +66,10 @@ def test_version_is_the_installed_packages(capsys):
 def test_documented_defaults():
     """The defaults docs/CLI.md promises, which a script that leaves an option out relies on."""
     analyze = build_parser().parse_args(["analyze", "f.png"])
-    assert analyze.check_calibration == 3 and analyze.detections_floor == 0.001
+    from smearscope.cli.analyze import DETECTIONS_FLOOR
+
+    # --detections-floor is left None so that one given without --detections is told; 0.001 is filled in
+    assert analyze.check_calibration == 3 and analyze.detections_floor is None and DETECTIONS_FLOOR == 0.001
     assert build_parser().parse_args(["calibrate-scale", "m.png"]).division_um == 10.0
     atypical = build_parser().parse_args(["calibrate-atypical", "f.png"])
     assert atypical.budget == 0.05 and atypical.min_cells == 200

@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "report, or its error; a rejected image never stops the batch (exit status 2 if "
                        "any was rejected).")
     a.add_argument("images", nargs="+", metavar="IMAGE")
-    a.add_argument("--microns-per-pixel", type=float, default=None, help="input scale; estimated when omitted")
+    a.add_argument("--microns-per-pixel", type=float, default=None,
+                   help=f"the images' scale in um/px, {SCALE_RANGE_UM[0]} to {SCALE_RANGE_UM[1]} (smearscope "
+                   "calibrate-scale measures it); estimated from the red cells when omitted")
     a.add_argument("--specimen", action="store_true",
                    help="the images are fields of one specimen, in capture order: without --microns-per-pixel, "
                    "a field whose own scale estimate is far from the one the earlier fields agree on is analysed "
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--detections", type=Path, default=None,
                    help="also write JSON lines, one per image: every detection down to --detections-floor, "
                    "the counted cells marked, with scores (for mAP against annotations and for review)")
-    a.add_argument("--detections-floor", type=float, default=0.001,
+    a.add_argument("--detections-floor", type=float, default=None,
                    help="lowest calibrated detector confidence written by --detections (default 0.001: "
                    "every detection above the detector's raw floor, as mAP evaluations rank them)")
     a.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
@@ -144,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_lazy("analyze", "cmd_analyze"))
 
     d = sub.add_parser("demo", help="analyze fields from the built-in synthetic microscope")
-    d.add_argument("--fields", type=_count, default=3)
-    d.add_argument("--seed", type=_seed, default=1)
+    d.add_argument("--fields", type=_count, default=3, help="fields to render and analyze (default 3)")
+    d.add_argument("--seed", type=_seed, default=1, help="the first field's seed; the same seed renders the same "
+                   "fields (default 1)")
     d.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
     d.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     d.set_defaults(func=_lazy("demo", "cmd_demo"))

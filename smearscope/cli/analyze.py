@@ -25,6 +25,8 @@ from smearscope.cli.summary import summarize
 logger = logging.getLogger(__name__)
 
 EXIT_REJECTED = 2
+#: What --detections writes down to by default: every detection above the detector's raw floor, as mAP ranks them.
+DETECTIONS_FLOOR = 0.001
 
 
 class OutputFailed(Exception):
@@ -83,8 +85,8 @@ def _check_outputs(args: argparse.Namespace, folder: bool, guard: OutputGuard):
                 raise InputError("bad_output", f"--overlay {shown(args.overlay)}: not a usable directory ({exc})") from exc
             guard.check_directory(args.overlay, "--overlay")
         elif args.overlay.suffix.lower() not in IMAGE_SUFFIXES or not args.overlay.parent.is_dir():
-            raise InputError("bad_output", f"--overlay {shown(args.overlay)}: needs an existing directory and an "
-                             f"image suffix ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise InputError("bad_output", f"--overlay {shown(args.overlay)}: an existing directory, or a file name "
+                             f"with an image suffix ({', '.join(sorted(IMAGE_SUFFIXES))}) in one")
         else:
             guard.check(args.overlay, "--overlay")
             guard.check_directory(args.overlay.parent, "--overlay")
@@ -94,7 +96,8 @@ def _check_outputs(args: argparse.Namespace, folder: bool, guard: OutputGuard):
     try:
         return args.detections.open("w", encoding="utf-8")
     except OSError as exc:
-        raise InputError("bad_output", f"--detections {shown(args.detections)}: {exc}") from exc
+        why = "its folder does not exist" if not args.detections.parent.is_dir() else exc.strerror or str(exc)
+        raise InputError("bad_output", f"--detections {shown(args.detections)}: cannot be written ({why})") from exc
 
 
 def _write(stream, line: str, what: str) -> None:
@@ -126,6 +129,13 @@ def _analyze(args: argparse.Namespace) -> int:
 
     defaults = AnalyzerOptions(stain_method=args.stain)
     counting = defaults.roi.lowest_threshold
+    if args.specimen and args.microns_per_pixel is not None:
+        return _error("bad_arguments", "--specimen agrees a scale over the fields from their red cells; with "
+                      "--microns-per-pixel every field has that scale: give one of them", args.json)
+    if args.detections_floor is not None and args.detections is None:
+        return _error("bad_arguments", "--detections-floor sets what --detections writes: give --detections too",
+                      args.json)
+    args.detections_floor = DETECTIONS_FLOOR if args.detections_floor is None else args.detections_floor
     if args.detections is not None and not (0.0 < args.detections_floor < counting):
         return _error("bad_floor", f"--detections-floor {args.detections_floor} outside (0, {counting})", args.json)
     try:
@@ -133,12 +143,16 @@ def _analyze(args: argparse.Namespace) -> int:
         if not images:
             raise InputError("no_images", f"no image files in {' '.join(shown(a) for a in args.images)}")
         guard = OutputGuard(images, list_files(args.images))
+        # a set of images writes its overlays and bundles into directories; one image into a file, or
+        # into a directory named that already exists
+        overlay_dir = folder or (args.overlay is not None and args.overlay.is_dir())
+        fhir_dir = folder or (args.fhir is not None and args.fhir.is_dir())
         if args.fhir is not None:  # before --detections is opened
-            check_fhir_output(args.fhir, folder)
-            if not folder:
+            check_fhir_output(args.fhir, fhir_dir)
+            if not fhir_dir:
                 guard.check(args.fhir, "--fhir")
-            guard.check_directory(args.fhir if folder else args.fhir.parent, "--fhir")
-        det_out = _check_outputs(args, folder, guard)
+            guard.check_directory(args.fhir if fhir_dir else args.fhir.parent, "--fhir")
+        det_out = _check_outputs(args, overlay_dir, guard)
     except FhirOutputError as exc:
         return _error("bad_output", str(exc), args.json)
     except InputError as exc:
@@ -161,7 +175,7 @@ def _analyze(args: argparse.Namespace) -> int:
         return _error("engine_unavailable", f"{type(exc).__name__}: {exc}", args.json)
     from smearscope.service.analysis.specimen_scale import SpecimenScale
 
-    specimen = SpecimenScale() if args.specimen and args.microns_per_pixel is None else None
+    specimen = SpecimenScale() if args.specimen else None
     failed = analysed = 0
     used: set[Path] = set()
     fhir_used: set[Path] = set()
@@ -195,10 +209,10 @@ def _analyze(args: argparse.Namespace) -> int:
                 continue
             if specimen is not None:
                 specimen.add_report(result.report.scale)
-            if args.overlay is not None and not _overlay(args, path, img.pixels, result, folder, used, guard,
+            if args.overlay is not None and not _overlay(args, path, img.pixels, result, overlay_dir, used, guard,
                                                          defaults.detector_conf):
                 failed += 1  # the report below stands; the exit status says something failed
-            if args.fhir is not None and not _fhir(args, path, result, folder, fhir_used, guard):
+            if args.fhir is not None and not _fhir(args, path, result, fhir_dir, fhir_used, guard):
                 failed += 1  # the report below stands; the exit status says something failed
             if det_out is not None:
                 _write(det_out, json.dumps(detections_record(path, result, args.detections_floor)), "--detections")
