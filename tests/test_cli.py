@@ -334,6 +334,16 @@ def test_two_inputs_of_one_name_get_an_overlay_and_a_bundle_each(tmp_path):
 
 
 @needs_models
+def test_a_broken_tiff_is_told_once_with_its_code_and_opencvs_own_lines_only_at_debug(tmp_path):
+    path = tmp_path / "cut.tif"
+    path.write_bytes(hostile.one_strip_tiff(b"", 7, 64, 64))  # an old-style JPEG strip of no bytes
+    for extra, opencv_said in (((), False), (("--log-level", "DEBUG"), True)):
+        proc = smearscope(*extra, "analyze", str(path), "--json")
+        assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "corrupt"
+        assert ("grfmt_tiff" in proc.stderr) == opencv_said, proc.stderr[-1000:]
+
+
+@needs_models
 def test_one_image_writes_into_an_output_directory_that_exists(tmp_path):
     """--overlay DIR and --fhir DIR with one image: DIR/STEM.overlay.png and DIR/STEM.fhir.json
     (the overlay was refused as needing an image suffix, the bundle as needing a file name)."""

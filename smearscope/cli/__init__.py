@@ -248,11 +248,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _quiet_opencv(level: str, command: str) -> None:
+    """OpenCV's own log lines on stderr (libtiff's complaints about a broken TIFF) beside the
+    command's own error line for that input, which names it with its code: shown with --log-level
+    DEBUG only. The station (`run`) keeps them: they may say why a camera does not open."""
+    if command != "run" and level.upper() != "DEBUG":
+        import cv2
+
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     _Parser.json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     _setup_logging(args.log_level or "WARNING")
+    _quiet_opencv(args.log_level or "WARNING", args.command)
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a full disk or a closed pipe shows here, not as a traceback at exit
