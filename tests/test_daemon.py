@@ -549,6 +549,39 @@ def test_reload_command_is_applied_on_the_daemons_own_thread(tmp_path: Path) -> 
     assert daemon.handle_command("reload", {})["error"] == "shutting_down"
 
 
+def test_a_file_of_a_name_that_is_not_utf8_is_analysed_and_its_report_stored(tmp_path: Path) -> None:
+    """analyze_file on a file named r\\xe9sultat.png in Latin-1 (as an SMB share writes it): answered ok and its
+    report stored, the name shown as \\xNN as the folder source shows it (the frame id carried the
+    raw name, the report could not be serialised, and it was lost after an ok answer); a string
+    that is not valid Unicode (a signature cut inside an emoji) is refused, never stored."""
+    doc = station_document(tmp_path, free_port(), credentials=False)
+    config = tmp_path / "station.toml"
+    config.write_text(to_toml(doc))
+    daemon = StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(), config_path=config,
+                           environ={})
+    runner = threading.Thread(target=daemon.run, name="station-main", daemon=True)
+    runner.start()
+    try:
+        assert wait_until(lambda: daemon.publisher is not None and daemon.workers.threads, 15)
+        image = tmp_path / os.fsdecode(b"r\xe9sultat.png")
+        cv2.imwrite(str(tmp_path / "plain.png"), render_field(3, width=320, height=240).frame.pixels)
+        (tmp_path / "plain.png").rename(image)
+        answer = daemon.handle_command("analyze_file", {"path": str(image)})
+        assert answer["ok"] and answer["frame_id"].startswith("file:r\\xe9sultat.png@"), answer
+        assert wait_until(lambda: daemon.status()["reports_stored"] >= 1, 15), daemon.status()
+        assert daemon.status()["reports_lost"] == 0
+        for name, body in (("verify_run", {"run_id": "r", "verified_by": "Dr \ud83d"}),
+                           ("analyze_file", {"path": "/tmp/\ud83d.png"}),
+                           ("type_cells", {"run_id": "r", "cells": [{"field_id": "f\ud83d", "cell": 0, "type": "x"}]})):
+            refused = daemon.handle_command(name, body)
+            assert refused["ok"] is False and refused["error"] == "bad_arguments", (name, refused)
+            assert "surrogate" in refused["message"], refused
+    finally:
+        daemon.request_stop("test over")
+        runner.join(30)
+    assert not runner.is_alive() and daemon.status()["reports_lost"] == 0
+
+
 def test_analyze_file_on_an_uncalibrated_station_refuses_a_blurred_file_at_its_runs_scale(tmp_path: Path) -> None:
     """A station without a calibrated scale cannot judge a file's focus on its own, so analyze_file
     analyses the run's first file however blurred; once the open run's fields agree on a scale,

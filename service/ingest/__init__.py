@@ -11,6 +11,7 @@ from smearscope.device.ingest import (
     IngestLimits,
     RejectReason,
     load_image,
+    shown,
 )
 
-__all__ = ["DecodedImage", "ImageSource", "IngestError", "IngestLimits", "RejectReason", "load_image"]
+__all__ = ["DecodedImage", "ImageSource", "IngestError", "IngestLimits", "RejectReason", "load_image", "shown"]

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from smearscope.device.frame import Frame
 from smearscope.service.config.specimen import MAX_TARGET_WBC
-from smearscope.service.ingest import IngestError, load_image
+from smearscope.service.ingest import IngestError, load_image, shown
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.requests import RequestQueue
 from smearscope.service.station.specimen import RunAlreadyOpen, SpecimenTracker
@@ -35,6 +36,26 @@ COMMAND_ARGUMENTS: dict[str, frozenset[str]] = {
 COMMAND_NAMES = tuple(COMMAND_ARGUMENTS)
 #: Longest name a verification may be signed with.
 MAX_VERIFIED_BY = 64
+
+
+def _not_unicode(value: Any, where: str = "arguments", depth: int = 0) -> str | None:
+    """Where `value` (a command's JSON) holds a string that is not valid Unicode: JSON may carry a
+    lone UTF-16 surrogate (a name cut inside an emoji), which no report can be written with."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if depth > 32:
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _not_unicode(key, f"{where} key", depth + 1) if isinstance(key, str) else None
+        found = found or _not_unicode(item, f"{key}" if where == "arguments" else f"{where}[{key!r}]", depth + 1)
+        if found is not None:
+            return found
+    return None
 
 
 class StationCommands:
@@ -63,6 +84,10 @@ class StationCommands:
             takes = ", ".join(sorted(COMMAND_ARGUMENTS[name])) or "none"
             return {"ok": False, "error": "bad_arguments", "message": f"{name} does not take "
                     f"{', '.join(map(repr, unknown))[:200]} (its arguments: {takes})"}
+        where = _not_unicode({k: v for k, v in arguments.items() if (name, k) != ("analyze_file", "path")})
+        if where is not None:  # a report or a signature holding it could never be stored or published
+            return {"ok": False, "error": "bad_arguments", "message": f"{name}: {where} holds a lone UTF-16 "
+                    "surrogate (text cut inside a character), not valid Unicode"}
         if name == "status":
             return {"ok": True, **self._status()}
         if name == "reload":
@@ -101,15 +126,20 @@ class StationCommands:
             return {"ok": False, "error": "bad_arguments", "message": "path must be absolute"}
         if "\0" in path:  # no file has that name; the OS would refuse it with a ValueError
             return {"ok": False, "error": "bad_arguments", "message": "the path holds a NUL character"}
+        try:  # a name that is not UTF-8 comes as surrogate escapes (\udc80-\udcff); other surrogates name nothing
+            os.fsencode(path)
+        except UnicodeEncodeError:
+            return {"ok": False, "error": "bad_arguments", "message": "the path holds a lone UTF-16 surrogate "
+                    "that is no file name's byte"}
         workers = self._workers
         try:
             image = load_image(path)
         except IngestError as exc:
             reason = getattr(exc.code, "value", str(exc.code))
-            workers.reject(f"file:{path}", "failed", reason)
+            workers.reject(f"file:{shown(path)}", "failed", reason)
             return {"ok": False, "error": reason, "message": str(exc)}
         digest = hashlib.sha1(image.pixels.tobytes()).hexdigest()[:12]
-        frame_id = f"file:{Path(path).name}@{digest}"
+        frame_id = f"file:{shown(Path(path).name)}@{digest}"  # a name that is not UTF-8 as \xNN, as the folder's
         frame = workers.with_scale(Frame(pixels=image.pixels, frame_id=frame_id, source="command",
                                          microns_per_pixel=self._file_scale))
 
