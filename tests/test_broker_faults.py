@@ -175,3 +175,46 @@ def wait_until(predicate: Any, timeout: float, poll: float = 0.02) -> bool:
             return False
         time.sleep(poll)
     return True
+
+
+def test_a_command_answered_while_the_broker_is_down_reaches_the_asker_after_the_restart(
+    tmp_path: Path,
+    credentials_dir: Path,
+) -> None:
+    """The broker dies while a command runs; its answer, published while the connection is down,
+    is sent when the station reconnects (the reconnect dropped every unacknowledged message paho
+    held, the command answers with the outbox's, so the asker never heard back)."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
+    broker.start()
+    answers = f"smearscope/{STATION}/cmd_response/status"
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [answers], client_id="cmd-observer",
+                     persistent=True)
+    asked, release = threading.Event(), threading.Event()
+
+    def on_command(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        asked.set()
+        release.wait(30)
+        return {"ok": True, "answered": "while the broker was down"}
+
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    publisher = MqttPublisher(make_config(tmp_path, broker.port), STATION, outbox, on_command=on_command)
+    try:
+        sub.wait_ready()
+        time.sleep(1.2)  # let autosave write the subscriber's session to disk
+        publisher.start()
+        assert publisher.wait_until_connected(5)
+        sub.client.publish(f"smearscope/{STATION}/cmd/status", b"{}", qos=1)
+        assert asked.wait(10)
+        broker.kill()
+        assert wait_until(lambda: not publisher.state.connected, 10)
+        release.set()
+        time.sleep(1.0)  # answered while down: paho keeps the message until it is connected again
+        assert not sub.on_topic(answers)
+        broker.start()
+        assert sub.wait_for(lambda ms: any(m.topic == answers for m in ms), 20), publisher.state
+        assert json.loads(sub.on_topic(answers)[-1].payload) == {"ok": True, "answered": "while the broker was down"}
+    finally:
+        publisher.stop(drain_timeout=0)
+        outbox.close()
+        sub.close()
+        broker.stop()

@@ -287,8 +287,13 @@ class MqttPublisher:
         # Unacked messages of the previous connection are re-sent from the outbox, in order, by
         # the drain loop; paho would otherwise re-send them itself, ahead of or behind new ones.
         # The drop events are queued before the epoch changes, so the drain loop sees them first.
-        for dropped in client.drop_out_messages():
-            self._inflight.post(client, dropped.mid, None)
+        dropped = client.drop_out_messages()
+        for m in dropped:
+            if not m.topic.startswith(self._response_prefix):
+                self._inflight.post(client, m.mid, None)
+        for m in dropped:  # command answers given while the connection was down are in no outbox: sent again
+            if m.topic.startswith(self._response_prefix):
+                client.publish(m.topic, m.payload, qos=m.qos, properties=m.properties)
         with self._state_lock:
             self._epoch += 1
             self._packet_limit = limit
@@ -301,13 +306,8 @@ class MqttPublisher:
                 connected_since=time.time(),
                 connects=self._state.connects + 1,
             )
-        logger.info(
-            "MQTT connected to %s:%d (%s, session present: %s)",
-            self.config.host,
-            self.config.port,
-            self._protocol_name(),
-            flags.session_present,
-        )
+        logger.info("MQTT connected to %s:%d (%s, session present: %s)", self.config.host, self.config.port,
+                    self._protocol_name(), flags.session_present)
         client.publish(self.status_topic, "online", qos=1, retain=True)
         paho_client.subscribe_commands(client, self.command_filter, self._protocol)
         self._wake.set()
