@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -438,3 +439,55 @@ def test_an_override_setting_a_whole_section_is_named_in_the_errors_inside_it(tm
         load_config(_write(tmp_path, MINIMAL), environ={"SMEARSCOPE__MQTT__TLS": '{certfile = "/c.pem"}'})
     locs = {loc: msg for loc, msg in exc.value.errors}
     assert "mqtt.tls.ca_file" in locs and "(set by SMEARSCOPE__MQTT__TLS)" in locs["mqtt.tls.ca_file"]
+
+
+def test_files_the_station_would_trip_on_at_start_are_named_by_validate_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each passed validate-config and then stopped the station at start: a folder source's
+    state_file that is a directory (a traceback, exit 1: restarted forever) or a FIFO (the start
+    hung, deaf to SIGTERM), station means that are missing or a directory, a review directory that
+    is a file (overlays and gallery lost with warnings only)."""
+    inbox, fifo, folder, plain = tmp_path / "inbox", tmp_path / "state.fifo", tmp_path / "adir", tmp_path / "plain"
+    for d in (inbox, folder):
+        d.mkdir()
+    os.mkfifo(fifo)
+    plain.write_text("a file\n")
+    analysis = f'[analysis]\nmodels_dir = "{REPO / "models"}"\n'
+    folder_source = f'[source]\nkind = "folder"\npath = "{inbox}"\n'
+    cases = [(folder_source + f'state_file = "{folder}"\n' + analysis, "source.state_file", "not a regular file"),
+             (folder_source + f'state_file = "{fifo}"\n' + analysis, "source.state_file", "not a regular file"),
+             (MINIMAL + analysis + f'[review]\ndirectory = "{plain}"\n', "review.directory", "is a file, not a folder")]
+    cases += [(MINIMAL + analysis + f'wbc_station_means = "{means}"\n', "analysis.wbc_station_means",
+               "station_means_unreadable") for means in (tmp_path / "missing.json", folder)]
+    for text, where, says in cases:
+        if not text.startswith("station_id"):
+            text = 'station_id = "bench"\n' + text
+        assert validate_config_main(_write(tmp_path, text), environ={}) == 78, text
+        err = capsys.readouterr().err
+        assert any(line.startswith(f"{where}:") and says in line for line in err.splitlines()), (text, err)
+    fine = 'station_id = "bench"\n' + folder_source + f'state_file = "{tmp_path / "log"}"\n' + analysis
+    assert validate_config_main(_write(tmp_path, fine), environ={}) == 0  # a state file not there yet: made at start
+
+
+def test_a_full_disk_at_start_exits_to_be_restarted_and_a_bad_outbox_path_as_misconfigured(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The outbox cannot be opened: on a full disk the station exits 1 (systemd starts it again,
+    and the disk may have room by then), not 78, which RestartPreventExitStatus= keeps down for
+    good; a path SQLite cannot open stays a config error."""
+    import errno
+    import sqlite3
+
+    from smearscope.service.mqtt.outbox import Outbox
+    from smearscope.service.station.daemon import run_daemon
+
+    path = _write(tmp_path, MINIMAL + f'[analysis]\nmodels_dir = "{REPO / "models"}"\n[mqtt.outbox]\n'
+                  f'path = "{tmp_path / "outbox.sqlite3"}"\n')
+    for error, code in ((sqlite3.OperationalError("database or disk is full"), 1),
+                        (OSError(errno.ENOSPC, "No space left on device"), 1),
+                        (sqlite3.OperationalError("unable to open database file"), 78)):
+        def refuse(*args: object, error: Exception = error, **kwargs: object) -> Outbox:
+            raise error
+
+        monkeypatch.setattr(Outbox, "from_config", refuse)
+        assert run_daemon(path, 1) == code, error
+        assert str(error) in capsys.readouterr().err

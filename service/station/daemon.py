@@ -56,7 +56,7 @@ from smearscope.service.station.notify import (
     SystemdNotifier,
     watchdog_interval_from_env,
 )
-from smearscope.service.station.preflight import file_problems
+from smearscope.service.station.preflight import disk_full, file_problems
 from smearscope.service.station.reload import compare
 from smearscope.service.station.requests import RequestQueue
 from smearscope.service.station.specimen import SpecimenPolicy, SpecimenTracker
@@ -189,8 +189,9 @@ class StationDaemon:
             self.outbox = Outbox.from_config(box)
         except OutboxLockedError as exc:
             raise StartupError(None, f"{exc} (is another smearscope running?)") from exc
-        except Exception as exc:  # sqlite3 or OS error: the configured path is unusable
-            raise StartupError("mqtt.outbox.path", f"cannot open {box.path}: {exc}") from exc
+        except Exception as exc:  # sqlite3 or OS error: the path unusable, or the disk full (exit 1: retried)
+            where = None if disk_full(exc) else "mqtt.outbox.path"
+            raise StartupError(where, f"cannot open {box.path}: {exc}") from exc
         try:
             self.publisher = MqttPublisher(cfg.mqtt, cfg.station_id, self.outbox,
                                            on_command=self.handle_command,
@@ -200,7 +201,7 @@ class StationDaemon:
             raise StartupError("mqtt.password_credential", str(exc)) from exc
         try:
             self.source = open_source(cfg.source)
-        except SourceConfigurationError as exc:
+        except (SourceConfigurationError, OSError) as exc:  # e.g. a state_file it cannot open
             raise StartupError("source.path" if hasattr(cfg.source, "path") else "source.kind",
                                str(exc)) from exc
         t0 = time.monotonic()

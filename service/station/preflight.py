@@ -9,6 +9,7 @@ a replay's recording must exist. Each problem is
 
 from __future__ import annotations
 
+import errno
 import logging
 import ssl
 from pathlib import Path
@@ -38,10 +39,16 @@ def _source_problems(source) -> list[tuple[str, str]]:
     if isinstance(source, FolderSourceConfig) and not path.is_dir():
         return [("source.path", f"watched folder {path} is not a directory (create it, or fix the path)")]
     if isinstance(source, FolderSourceConfig) and (problem := folder_problem(source)) is not None:
-        return [("source.path", problem)]
+        return [("source.state_file" if problem.startswith("state_file") else "source.path", problem)]
     if isinstance(source, ReplaySourceConfig) and not (path.is_dir() or path.is_file()):
         return [("source.path", f"recording {path} does not exist")]
     return []
+
+
+def disk_full(exc: BaseException) -> bool:
+    """The error says the disk is full (OSError ENOSPC, SQLite's 'database or disk is full'): a state
+    that passes, unlike a wrong path, so the station exits to be started again, not as misconfigured."""
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "disk is full" in str(exc)
 
 
 def nearest_existing(folder: Path) -> Path | None:
@@ -83,4 +90,7 @@ def file_problems(config: StationConfig) -> list[tuple[str, str]]:
                               f"key (PEM): {exc}")
                     bad = [("mqtt.tls.certfile", reason)]
             problems += bad
+    review = config.review.directory
+    if review is not None and review.exists() and not review.is_dir():
+        problems.append(("review.directory", f"{review} is a file, not a folder: overlays and the gallery go there"))
     return problems

@@ -25,14 +25,23 @@ def validate_config_main(path: str | Path, environ: Mapping[str, str] | None = N
 
     Returns 0 when valid, EXIT_CONFIG (78) otherwise.
     """
+    from smearscope.service.analysis.station_means import StationMeansError
     from smearscope.service.station.preflight import file_problems
-    from smearscope.service.station.startup import models_problem, open_set_verdict
+    from smearscope.service.station.startup import (
+        models_problem,
+        open_set_verdict,
+        wbc_head_and_means,
+    )
 
     try:
         config = load_config(path, environ)
         problems = file_problems(config)
         if (missing := models_problem(config.analysis.models_dir)) is not None:
             problems.append(("analysis.models_dir", missing))
+        try:  # the station means file, read as start-up reads it
+            wbc_head_and_means(config.analysis)
+        except StationMeansError as exc:
+            problems.append(("analysis.wbc_station_means", f"{exc.code}: {exc.message}"))
         verdict = open_set_verdict(config.analysis)
         if verdict is not None and not verdict[0]:
             problems.append(("analysis.wbc_open_set", verdict[1]))
