@@ -428,6 +428,20 @@ def test_documented_defaults_of_the_recheck_and_the_calibration_check(tmp_path: 
     assert config.analysis.platelet_rescue is False
 
 
+def test_a_string_in_the_file_is_not_a_number_but_an_environment_override_is_read_as_one(tmp_path: Path) -> None:
+    """`port = "18883"` and `target_wbc_count = "100"` were taken as numbers ("one strict TOML
+    file"); an environment variable is text and is read by the field's type."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, MINIMAL + '[mqtt]\nport = "18883"\n[specimen]\nidle_timeout_s = "30.5"\n'),
+                    environ={})
+    assert exc.value.errors == [
+        ("mqtt.port", "expected a number, got the string '18883' (write it without quotes)"),
+        ("specimen.idle_timeout_s", "expected a number, got the string '30.5' (write it without quotes)")]
+    config = load_config(_write(tmp_path, MINIMAL + "[mqtt]\nport = 18883\n"),
+                         environ={"SMEARSCOPE__SPECIMEN__IDLE_TIMEOUT_S": "30.5", "SMEARSCOPE__MQTT__PORT": "1890"})
+    assert (config.mqtt.port, config.specimen.idle_timeout_s) == (1890, 30.5)
+
+
 def test_a_boolean_is_not_a_decimal_number_either(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(_write(tmp_path, MINIMAL + "[specimen]\nidle_timeout_s = true\n"), environ={})

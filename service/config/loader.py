@@ -125,23 +125,30 @@ def parse_config(
         config = StationConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_validation_errors(exc, applied)) from None
-    coerced = _booleans_taken_as_numbers(merged, config)
+    coerced = _booleans_taken_as_numbers(merged, config, set(applied))
     if coerced:
         raise ConfigError(coerced)
     return config
 
 
-def _booleans_taken_as_numbers(data: Any, model: Any, loc: str = "") -> list[tuple[str, str]]:
-    """pydantic's lax mode reads `port = true` as 1; a boolean is never a number here."""
+def _booleans_taken_as_numbers(data: Any, model: Any, from_env: set[tuple[str, ...]],
+                               path: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """pydantic's lax mode reads `port = true` as 1 and `port = "1883"` as 1883: in the file a
+    boolean or a string is never a number (an environment override is text, read by the field's
+    type: `from_env` holds the paths they set)."""
     out: list[tuple[str, str]] = []
     if not isinstance(data, Mapping) or not isinstance(model, BaseModel):
         return out
     for key, value in data.items():
-        where = f"{loc}.{key}" if loc else str(key)
+        here = (*path, str(key).lower())
+        where = ".".join(here)
         parsed = getattr(model, str(key), None)
-        if isinstance(value, bool) and isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
-            out.append((where, f"expected a number, got the boolean {str(value).lower()}"))
-        out += _booleans_taken_as_numbers(value, parsed, where)
+        if isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
+            if isinstance(value, bool):
+                out.append((where, f"expected a number, got the boolean {str(value).lower()}"))
+            elif isinstance(value, str) and here not in from_env:
+                out.append((where, f"expected a number, got the string {value!r} (write it without quotes)"))
+        out += _booleans_taken_as_numbers(value, parsed, from_env, here)
     return out
 
 
