@@ -1,0 +1,193 @@
+"""systemd/install-jetson.sh's steps, run here with its functions sourced: pip and the venv's
+python are stubs (pip logs what it is asked; python answers for JetPack's TensorRT and OpenCV and
+hands everything else to this interpreter), `install -o/-g` and `chown` drop the ownership (the
+tests need not run as root). What pip would resolve on a Jetson is not run here."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+INSTALL = REPO / "systemd" / "install-jetson.sh"
+CONSTRAINTS = REPO / "systemd" / "jetpack-constraints.txt"
+
+FAKE_PIP = """#!/usr/bin/env bash
+printf '%s\\n' "$*" >> "$PIPLOG"
+if [[ "$1" == show ]]; then [[ -n "${PIP_HAS_ORT:-}" ]]; exit; fi
+"""
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+case "$*" in
+  *tensorrt*)
+    [[ -n "${FAKE_TRT:-}" ]] || exit 1
+    (( ${FAKE_TRT%%.*} >= 10 )) || exit 1
+    [[ "$*" == *print* ]] && echo "$FAKE_TRT"
+    exit 0 ;;
+  *GStreamer*) exit 1 ;;
+  *"import cv2, numpy, onnxruntime"*)
+    if [[ -n "${FAKE_IMPORT_ERROR:-}" ]]; then echo "$FAKE_IMPORT_ERROR" >&2; exit 1; fi ;;
+esac
+exec @PYTHON@ "$@"
+"""
+
+# Ownership needs root; the tests check the arguments instead.
+STUBS = """
+install() { local a=(); while (($#)); do case $1 in -o|-g) printf 'owner %s %s\\n' "$1" "$2" >> "$INSTALLLOG"; shift 2;;
+  *) a+=("$1"); shift;; esac; done; printf 'install %s\\n' "${a[*]}" >> "$INSTALLLOG"; command install "${a[@]}"; }
+chown() { :; }
+"""
+
+
+def _prefix(tmp_path: Path) -> Path:
+    prefix = tmp_path / "opt"
+    bin_dir = prefix / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "pip").write_text(FAKE_PIP)
+    (bin_dir / "python").write_text(FAKE_PYTHON.replace("@PYTHON@", shlex.quote(sys.executable)))
+    for name in ("pip", "python"):
+        (bin_dir / name).chmod(0o755)
+    return prefix
+
+
+def _run(tmp_path: Path, call: str, stdin=subprocess.DEVNULL, **env: str) -> subprocess.CompletedProcess:
+    prefix = _prefix(tmp_path) if not (tmp_path / "opt").exists() else tmp_path / "opt"
+    full_env = {**os.environ, "PREFIX": str(prefix), "CONF_DIR": str(tmp_path / "etc"),
+                "PIPLOG": str(tmp_path / "pip.log"), "INSTALLLOG": str(tmp_path / "install.log"), **env}
+    script = f"source {shlex.quote(str(INSTALL))}\n{STUBS}\n{call}\n"
+    return subprocess.run(["bash", "-c", script], env=full_env, stdin=stdin, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def _pip_calls(tmp_path: Path) -> list[str]:
+    return (tmp_path / "pip.log").read_text().splitlines()
+
+
+def test_sourcing_defines_the_steps_and_runs_nothing(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "declare -F install_packages install_jetson_extra state_dir mqtt_password")
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "pip.log").exists()  # not root, not a Jetson: sourcing ran no step
+
+
+def test_empty_extras_install_the_package_alone(tmp_path: Path) -> None:
+    """EXTRAS="" (JetPack 6.0, ONNX Runtime on the CPU): `pip install SRC`, never `SRC[]`."""
+    proc = _run(tmp_path, "install_packages", EXTRAS="")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = _pip_calls(tmp_path)
+    assert calls[-1] == f"install --quiet --constraint {CONSTRAINTS} {REPO}", calls
+    assert not any("[" in c or "jetson-ai-lab" in c or "uninstall" in c for c in calls), calls
+    assert "cv2 " in proc.stdout and "numpy " in proc.stdout  # the closing import check
+
+
+def test_other_extras_pass_through_without_jetson(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "install_packages", EXTRAS="jetson, test", FAKE_TRT="10.3.0", PIP_HAS_ORT="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"install --quiet --constraint {CONSTRAINTS} {REPO}[test]" in _pip_calls(tmp_path)
+
+
+def test_jetson_extra_the_jetpack_way(tmp_path: Path) -> None:
+    """tensorrt from JetPack (not pip); the CPU onnxruntime uninstalled before onnxruntime-gpu comes
+    from the Jetson AI Lab index; every install under the numpy<2 constraints."""
+    proc = _run(tmp_path, "install_packages", EXTRAS="jetson", FAKE_TRT="10.3.0", PIP_HAS_ORT="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = _pip_calls(tmp_path)
+    installs = [c for c in calls if c.startswith("install") and "--upgrade pip" not in c]
+    assert all(f"--constraint {CONSTRAINTS}" in c for c in installs), installs
+    assert installs[0].endswith(f" {REPO}")
+    uninstall = calls.index("uninstall --quiet --yes onnxruntime")
+    gpu = [i for i, c in enumerate(calls) if "onnxruntime-gpu" in c]
+    assert gpu and min(gpu) > uninstall, calls
+    extra = calls[min(gpu)]
+    assert "--extra-index-url https://pypi.jetson-ai-lab.io/jp6/cu126/+simple/" in extra
+    assert "--prefer-binary" in extra
+    for req in ("onnxruntime-gpu>=1.17", "pycuda>=2024.1", "jetson-stats>=4.2"):
+        assert req in extra.split(), extra
+    assert not any("tensorrt" in c for c in calls), calls
+    assert "--force-reinstall --no-deps onnxruntime-gpu>=1.17" in calls[-1]  # a re-run's CPU files
+    assert "tensorrt 10.3.0 from JetPack" in proc.stdout
+
+
+def test_jetson_extra_matches_pyproject() -> None:
+    """The script reads the extra from the package metadata; pyproject keeps the four members."""
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["jetson"]
+    assert [r.split(">")[0] for r in extra] == ["tensorrt", "pycuda", "onnxruntime-gpu", "jetson-stats"]
+
+
+def test_jetson_extra_without_jetpack_tensorrt_says_what_to_install(tmp_path: Path) -> None:
+    for trt in ("", "8.6.2"):  # none, or JetPack 6.0's
+        proc = _run(tmp_path, "install_packages", EXTRAS="jetson", FAKE_TRT=trt)
+        assert proc.returncode == 1
+        assert "apt install python3-libnvinfer" in proc.stderr and 'EXTRAS=""' in proc.stderr
+
+
+def test_numpy_is_constrained_below_2() -> None:
+    lines = [ln.strip() for ln in CONSTRAINTS.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines == ["numpy<2"]
+
+
+def test_a_venv_that_cannot_import_cv2_stops_the_install_with_a_reason(tmp_path: Path) -> None:
+    err = "ImportError: numpy.core.multiarray failed to import"
+    proc = _run(tmp_path, "install_packages", EXTRAS="", FAKE_IMPORT_ERROR=err)
+    assert proc.returncode == 1
+    assert "cannot import cv2, numpy and onnxruntime together" in proc.stderr
+    assert err in proc.stderr and "numpy < 2" in proc.stderr
+
+
+def test_state_dir_is_owned_by_the_service_user(tmp_path: Path) -> None:
+    state = tmp_path / "var" / "lib" / "smearscope"
+    proc = _run(tmp_path, f"STATE_DIR={shlex.quote(str(state))}; state_dir")
+    assert proc.returncode == 0, proc.stderr
+    log = (tmp_path / "install.log").read_text()
+    assert "owner -o smearscope" in log and "owner -g smearscope" in log
+    assert f"install -d -m 0750 {state}" in log and state.is_dir()
+    # ... and before the models directory beneath it is made (root-owned parents otherwise)
+    body = INSTALL.read_text().split("# 3. state directory and configuration")[-1]
+    assert body.index("state_dir") < body.index('install -d -m 0755 -o "$SERVICE_USER"')
+
+
+def _config(tmp_path: Path) -> Path:
+    etc = tmp_path / "etc"
+    etc.mkdir(exist_ok=True)
+    conf = etc / "station.toml"
+    conf.write_text((REPO / "config" / "station.example.toml").read_text())
+    return conf
+
+
+def _credential(conf: Path) -> str | None:
+    return tomllib.loads(conf.read_text())["mqtt"].get("password_credential")
+
+
+def test_no_password_on_a_new_config_names_no_credential(tmp_path: Path) -> None:
+    conf = _config(tmp_path)
+    proc = _run(tmp_path, "mqtt_password 1")  # stdin is not a terminal: no prompt
+    assert proc.returncode == 0, proc.stderr
+    password = tmp_path / "etc" / "mqtt-password"
+    assert password.exists() and password.stat().st_size == 0  # LoadCredential= needs the file
+    assert _credential(conf) is None
+    assert "names no password credential" in proc.stdout and "uncomment password_credential" in proc.stdout
+    assert "[mqtt]" in conf.read_text() and '# password_credential = "mqtt-password"' in conf.read_text()
+
+
+def test_no_password_with_an_existing_config_naming_one_is_a_warning(tmp_path: Path) -> None:
+    conf = _config(tmp_path)
+    proc = _run(tmp_path, 'mqtt_password 0; echo "problem=$PASSWORD_PROBLEM"')
+    assert proc.returncode == 0, proc.stderr
+    assert _credential(conf) == "mqtt-password"  # an operator's config is never rewritten
+    assert "would refuse to start (exit 78" in proc.stdout and "problem=1" in proc.stdout
+
+
+def test_a_password_keeps_the_credential(tmp_path: Path) -> None:
+    conf = _config(tmp_path)
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret")
+    proc = _run(tmp_path, 'PASSWORD_PROBLEM=0; mqtt_password 1; echo "problem=$PASSWORD_PROBLEM"',
+                MQTT_PASSWORD_FILE=str(secret))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "etc" / "mqtt-password").read_text() == "s3cret"
+    assert _credential(conf) == "mqtt-password" and "problem=0" in proc.stdout
+    assert "s3cret" not in proc.stdout + proc.stderr
