@@ -190,3 +190,123 @@ def test_installed_models_are_readable_by_every_user(tmp_path: Path, capsys: pyt
     installed = sorted(dest.iterdir())
     assert {p.name for p in installed} >= {"seg.json", "wbc_head.json", "wbc_head.onnx"}
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in installed), [oct(p.stat().st_mode) for p in installed]
+
+
+def _doc(tmp_path: Path, **sections: dict) -> Path:
+    """A station config here: simulated source and no broker unless `sections` say otherwise."""
+    doc = {"station_id": "doc-9", "source": {"kind": "simulated"},
+           "analysis": {"models_dir": str(DEFAULT_MODELS_DIR)},
+           "mqtt": {"host": "127.0.0.1", "port": 1, "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}}}
+    doc.update(sections)
+    path = tmp_path / "station.toml"
+    path.write_text(to_toml(doc) + "\n")
+    return path
+
+
+def _lines(out: str, what: str) -> list[str]:
+    return [ln for ln in out.splitlines() if ln[6:].startswith(what)]
+
+
+def test_doctor_checks_a_camera_device_node_without_capturing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A V4L2 index or /dev path: FAIL when the node is missing or cannot be opened for reading;
+    a pipeline or URL: INFO, not checked. Opening is all (a running station may hold the camera)."""
+    missing = 97
+    while Path(f"/dev/video{missing}").exists():
+        missing += 1
+    cases = {missing: "FAIL", str(missing): "FAIL", str(tmp_path / "video0"): "FAIL", "/dev/null": "OK",
+             "videotestsrc ! videoconvert ! appsink": "INFO", "rtsp://10.0.0.9/scope": "INFO"}
+    for device, status in cases.items():
+        main(["doctor", "--config", str(_doc(tmp_path, source={"kind": "camera", "device": device}))])
+        out = capsys.readouterr().out
+        camera = _lines(out, "camera")
+        assert len(camera) == 1 and camera[0].startswith(status), (device, out)
+        if status == "FAIL":
+            node = f"/dev/video{missing}" if isinstance(device, int) or device.isdigit() else device
+            assert f"{node} does not exist" in camera[0], camera
+    main(["doctor", "--config", str(_doc(tmp_path))])  # simulated: no camera line
+    assert not _lines(capsys.readouterr().out, "camera")
+
+
+def test_doctor_fails_a_review_directory_or_typed_cells_file_it_cannot_write(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    review = {"directory": str(blocker / "review"), "typed_cells_path": str(blocker / "t" / "typed.sqlite3")}
+    assert main(["doctor", "--config", str(_doc(tmp_path, review=review))]) == 1
+    out = capsys.readouterr().out
+    assert _lines(out, "review dir")[0].startswith(f"FAIL  review dir       {blocker / 'review'} cannot be created"), out
+    assert "overlays and the review gallery would be lost" in out
+    assert _lines(out, "typed cells file")[0].startswith("FAIL") and "typed white cells would not be kept" in out
+    assert main(["doctor", "--config", str(_doc(tmp_path))]) == 0  # the defaults, beside the outbox
+    out = capsys.readouterr().out
+    assert f"OK    review dir       {tmp_path / 'state' / 'review'} (writable)" in out, out
+    assert f"OK    typed cells file {tmp_path / 'state' / 'typed_cells.sqlite3'}" in out, out
+    assert not (tmp_path / "state").exists()  # checked, nothing created
+    main(["doctor", "--config", str(_doc(tmp_path, review={"enabled": False}))])
+    assert not _lines(capsys.readouterr().out, "review dir")
+
+
+def test_doctor_as_an_unprivileged_user_fails_a_root_owned_review_directory() -> None:
+    """The audit's case: the station's user (here nobody) cannot write a root-owned folder."""
+    import os
+    import sys
+    import tempfile
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run doctor as another user")
+    base = Path(tempfile.mkdtemp(prefix="doctor-nobody-", dir="/tmp"))  # pytest's tmp is root-only
+    try:
+        base.chmod(0o755)
+        rootonly, userstate = base / "rootonly", base / "userstate"
+        rootonly.mkdir(mode=0o755)
+        userstate.mkdir()
+        os.chown(userstate, 65534, 65534)
+        config = _doc(base, mqtt={"host": "127.0.0.1", "port": 1, "outbox": {"path": str(userstate / "o.sqlite3")}},
+                      review={"directory": str(rootonly / "review"), "typed_cells_path": str(rootonly / "t.sqlite3")})
+        config.chmod(0o644)
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", sys.executable,
+                               "-c", "import sys; from smearscope.cli import main; sys.exit(main(sys.argv[1:]))",
+                               "doctor", "--config", str(config)],
+                              capture_output=True, text=True, timeout=300, check=False,
+                              env={**os.environ, "HOME": str(userstate)})
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    if "review" not in proc.stdout:
+        pytest.skip(f"nobody cannot run doctor from this checkout here: {(proc.stdout + proc.stderr)[-300:]}")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"FAIL  review dir       {rootonly / 'review'} cannot be created or written" in proc.stdout
+    assert f"FAIL  typed cells file {rootonly} cannot be created or written" in proc.stdout
+    assert "OK    outbox" in proc.stdout, proc.stdout
+
+
+def test_doctor_says_how_to_check_a_login_it_cannot_read_the_password_for(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker that answers, a password only systemd can hand over: a WARN naming systemd-run."""
+    import socket
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        config = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": port, "username": "st",
+                                      "password_credential": "mqtt-password",
+                                      "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}})
+        assert main(["doctor", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    login = _lines(out, "broker login")
+    assert len(login) == 1 and login[0].startswith("WARN  broker login     not checked"), out
+    assert ("sudo systemd-run --pipe --wait -p User=smearscope -p LoadCredential=mqtt-password:"
+            f"/etc/smearscope/mqtt-password /opt/smearscope/venv/bin/smearscope doctor --config {config}") in login[0]
+
+
+def test_a_low_disk_names_the_threshold_and_the_fix(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from smearscope.cli import doctor
+
+    monkeypatch.setattr(doctor, "LOW_DISK_BYTES", 1 << 62)
+    main(["doctor", "--config", str(_doc(tmp_path))])
+    disk = _lines(capsys.readouterr().out, "outbox disk")
+    assert len(disk) == 1 and disk[0].startswith("WARN"), disk
+    assert f"under the {(1 << 62) / 1e6:.0f} MB doctor asks for" in disk[0]
+    assert "pauses its analysis" in disk[0] and "[review] min_free_disk_mb = 256" in disk[0]
+    assert "move mqtt.outbox.path to a larger disk" in disk[0]

@@ -6,11 +6,14 @@ Doctor's checks: the configuration (and the files it names), the models in `anal
 station's own, `[analysis.wbc_open_set]`, fitted for this head and never looser than the model's;
 or the model's), the inference backend the configuration chooses
 (ONNX Runtime and its providers; TensorRT, its version and a CUDA binding), a watched folder
-(writable: among the configuration's files), the outbox (its folder writable, free space, not
-held by another process), the MQTT broker (TCP, TLS with the configured CA, and a login with the
-station's user and password; the password credential where systemd provides one), the white cells technicians typed on the dashboard (per type, for `adapt-wbc
---station`). Each line says OK, WARN or FAIL and, when not OK, what is missing; exit 1 when any
-check FAILs.
+(writable: among the configuration's files), a camera's device node (exists and opens for
+reading; nothing is captured, the station may hold the camera; GStreamer pipelines and URLs are
+not checked), the outbox (its folder writable, free space, not held by another process), the review
+directory and the typed-cells file (writable), the MQTT broker (TCP, TLS with the configured CA,
+and a login with the station's user and password; the password credential where systemd provides
+one, else a warning saying how to run doctor with it), the white cells technicians typed on the
+dashboard (per type, for `adapt-wbc --station`). Each line says OK, INFO, WARN or FAIL and, when
+not OK, what is missing; exit 1 when any check FAILs.
 """
 
 from __future__ import annotations
@@ -153,6 +156,58 @@ def open_set_checks(analysis) -> list[Check]:
     return [] if verdict is None else [("OK" if verdict[0] else "FAIL", "open set", verdict[1])]
 
 
+def camera_checks(source) -> list[Check]:
+    """A V4L2 camera's device node exists and opens for reading. No frame is grabbed (a running
+    station may hold the camera); a GStreamer pipeline or a URL is not checked."""
+    if source.kind != "camera":
+        return []
+    device = source.device
+    if isinstance(device, int) or device.strip().isdigit():
+        node = Path(f"/dev/video{int(device)}")
+    elif device.startswith("/"):
+        node = Path(device)
+    else:
+        what = "URL" if "://" in device else "GStreamer pipeline"
+        return [("INFO", "camera", (f"a {what}: not checked here (no frame is captured); "
+                 "the station's log says whether it opens"))]
+    if not node.exists():
+        return [("FAIL", "camera", (f"{node} does not exist: camera unplugged, or another index "
+                 "(v4l2-ctl --list-devices)"))]
+    try:
+        fd = os.open(node, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        return [("FAIL", "camera", (f"{node} cannot be opened for reading by this user ({exc.strerror}): "
+                 "the station's user needs the video group"))]
+    os.close(fd)
+    return [("OK", "camera", f"{node} opens for reading (no frame captured)")]
+
+
+def review_file_checks(config) -> list[Check]:
+    """The review directory (overlays, gallery) and the typed-cells file are writable: the station
+    does not stop without them, it loses what it would keep there."""
+    review = config.review
+    if not review.enabled:
+        return []
+    from smearscope.service.station.preflight import outbox_parent_problem
+    from smearscope.service.station.typed_cells import typed_cells_path
+
+    outbox = Path(config.mqtt.outbox.path)
+    # beside an outbox whose folder cannot be created: the config files check names it once
+    said = outbox_parent_problem(outbox) is not None
+    directory = review.directory or outbox.parent / "review"
+    checks: list[Check] = []
+    if not (said and directory.is_relative_to(outbox.parent)):
+        problem = _unwritable(directory, directory / "gallery.sqlite")
+        checks.append(("FAIL", "review dir", f"{problem}: overlays and the review gallery would be lost")
+                      if problem else ("OK", "review dir", f"{directory} (writable)"))
+    path = typed_cells_path(config)
+    if review.typing and not (said and path.is_relative_to(outbox.parent)):
+        problem = _unwritable(path.parent, path)
+        checks.append(("FAIL", "typed cells file", f"{problem}: typed white cells would not be kept")
+                      if problem else ("OK", "typed cells file", f"{path} (its folder writable)"))
+    return checks
+
+
 def _backend_checks(backend: str) -> list[Check]:
     checks: list[Check] = []
     try:
@@ -200,13 +255,11 @@ def _credential_checks(mqtt) -> list[Check]:
     return [("OK", "broker password", f"credential {mqtt.password_credential!r} readable")]
 
 
-def _outbox_checks(path: Path) -> list[Check]:
-    from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
-    from smearscope.service.station.preflight import nearest_existing, outbox_parent_problem
+def _unwritable(folder: Path, file: Path | None = None) -> str | None:
+    """Why this user cannot create `folder` (or a folder in it) and write a file there, or `file`
+    in it when that exists; None when it can. Nothing is left behind."""
+    from smearscope.service.station.preflight import nearest_existing
 
-    if outbox_parent_problem(path) is not None:
-        return []  # the config files check names it
-    folder = path.parent
     existing = nearest_existing(folder)
     try:  # what the station will do: create the folder (here a scratch one, removed) and a file in it
         if existing is None:
@@ -214,10 +267,33 @@ def _outbox_checks(path: Path) -> list[Check]:
         with tempfile.TemporaryDirectory(dir=existing) as scratch, tempfile.TemporaryFile(dir=scratch):
             pass
     except OSError as exc:
-        return [("FAIL", "outbox", f"{folder} cannot be created or written by this user ({exc})")]
+        return f"{folder} cannot be created or written by this user ({exc})"
+    if file is not None and file.exists() and not os.access(file, os.R_OK | os.W_OK):
+        return f"{file} cannot be read and written by this user"
+    return None
+
+
+def _outbox_checks(path: Path, review_free_mb: float | None = None) -> list[Check]:
+    from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
+    from smearscope.service.station.preflight import nearest_existing, outbox_parent_problem
+
+    if outbox_parent_problem(path) is not None:
+        return []  # the config files check names it
+    folder = path.parent
+    if (problem := _unwritable(folder)) is not None:
+        return [("FAIL", "outbox", problem)]
+    existing = nearest_existing(folder)
+    assert existing is not None  # _unwritable found it
     free = shutil.disk_usage(existing).free
-    checks: list[Check] = [("WARN" if free < LOW_DISK_BYTES else "OK", "outbox disk",
-                            f"{free / 1e6:.0f} MB free under {existing}")]
+    detail = f"{free / 1e6:.0f} MB free under {existing}"
+    if free < LOW_DISK_BYTES:
+        overlays = ("" if review_free_mb is None else
+                    f"; overlays give way below [review] min_free_disk_mb = {review_free_mb:g}")
+        detail += (f", under the {LOW_DISK_BYTES / 1e6:.0f} MB doctor asks for: when the outbox cannot "
+                   f"grow the station pauses its analysis{overlays}. Free space on that file system "
+                   f"(du -xh -d 2 {existing} | sort -h; journalctl --vacuum-size=100M), or move "
+                   "mqtt.outbox.path to a larger disk")
+    checks: list[Check] = [("WARN" if free < LOW_DISK_BYTES else "OK", "outbox disk", detail)]
     if path.exists():
         try:
             with Outbox(path) as box:
@@ -233,7 +309,7 @@ def _outbox_checks(path: Path) -> list[Check]:
     return checks
 
 
-def _broker_checks(mqtt, timeout: float = 3.0) -> list[Check]:
+def _broker_checks(mqtt, timeout: float = 3.0, config_path: Path | None = None) -> list[Check]:
     where = f"{mqtt.host}:{mqtt.port}"
     try:
         sock = socket.create_connection((mqtt.host, mqtt.port), timeout=timeout)
@@ -242,7 +318,8 @@ def _broker_checks(mqtt, timeout: float = 3.0) -> list[Check]:
                  "its outbox until it does"))]
     with sock:
         if mqtt.tls is None:
-            return [("OK", "broker", f"{where} accepts TCP connections"), *_login_checks(mqtt, timeout)]
+            return [("OK", "broker", f"{where} accepts TCP connections"),
+                    *_login_checks(mqtt, timeout, config_path)]
         try:
             context = ssl.create_default_context(cafile=str(mqtt.tls.ca_file))
             context.check_hostname = not mqtt.tls.insecure
@@ -251,10 +328,22 @@ def _broker_checks(mqtt, timeout: float = 3.0) -> list[Check]:
         except (ssl.SSLError, OSError, ValueError) as exc:
             return [("FAIL", "broker TLS", f"{where}: {type(exc).__name__}: {exc}")]
     return [("OK", "broker", f"{where} accepts TLS connections with {mqtt.tls.ca_file}"),
-            *_login_checks(mqtt, timeout)]
+            *_login_checks(mqtt, timeout, config_path)]
 
 
-def _login_checks(mqtt, timeout: float) -> list[Check]:
+def _login_unchecked(mqtt, config_path: Path | None) -> list[Check]:
+    """The login needs the password; from a shell systemd has not provided it: say how to."""
+    if mqtt.password_credential is None or os.environ.get("CREDENTIALS_DIRECTORY"):
+        return []  # no password, or the broker password check says why it cannot be read
+    name = mqtt.password_credential
+    config = f" --config {config_path}" if config_path is not None else ""
+    return [("WARN", "broker login", (f"not checked: the password credential {name!r} cannot be read here. "
+             f"As the station would: sudo systemd-run --pipe --wait -p User=smearscope -p "
+             f"LoadCredential={name}:/etc/smearscope/mqtt-password "
+             f"/opt/smearscope/venv/bin/smearscope doctor{config}"))]
+
+
+def _login_checks(mqtt, timeout: float, config_path: Path | None = None) -> list[Check]:
     """An MQTT CONNECT with the station's user and password, as the station sends it (its client
     settings and protocol, falling back to 3.1.1 as it does; its own client id and no Last Will,
     so the station's status is not touched): a password the broker refuses is found here, not in
@@ -266,7 +355,7 @@ def _login_checks(mqtt, timeout: float) -> list[Check]:
     try:
         password = read_password(mqtt)
     except CredentialError:
-        return []  # the broker password check says why
+        return _login_unchecked(mqtt, config_path)
     who = f"user {mqtt.username!r}" if mqtt.username is not None else "anonymous"
     v5, v311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
     try:
@@ -307,11 +396,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     checks, config = _config_checks(args.config)
     if config is not None:
         analysis, mqtt = config.analysis, config.mqtt  # type: ignore[attr-defined]
+        review = config.review  # type: ignore[attr-defined]
+        review_free = review.min_free_disk_mb if review.enabled else None
         steps: list[Callable[[], list[Check]]] = [
             lambda: model_checks(analysis.models_dir), lambda: open_set_checks(analysis),
             lambda: station_means_checks(analysis), lambda: typed_cells_checks(config),
             lambda: _backend_checks(analysis.engine_backend),
-            lambda: _outbox_checks(mqtt.outbox.path), lambda: _credential_checks(mqtt), lambda: _broker_checks(mqtt)]
+            lambda: camera_checks(config.source),  # type: ignore[attr-defined]
+            lambda: _outbox_checks(mqtt.outbox.path, review_free), lambda: review_file_checks(config),
+            lambda: _credential_checks(mqtt), lambda: _broker_checks(mqtt, config_path=args.config)]
         for step in steps:
             try:
                 checks += step()
