@@ -666,6 +666,10 @@ def test_notify_ready_after_warmup_status_and_watchdog(tmp_path: Path) -> None:
         listener.close()
     ready = listener.lines("READY=1")
     assert len(ready) == 1 and ready[0][0] >= warm_at[0]
+    # the start timeout extended while the engines load, and not after (systemd/smearscope.service)
+    extends = listener.lines("EXTEND_TIMEOUT_USEC=")
+    assert extends and all(t <= warm_at[0] for t, _ in extends), extends
+    assert extends[0][1] == "EXTEND_TIMEOUT_USEC=120000000"
     statuses = [m for _, m in listener.lines("STATUS=")]
     assert statuses[0].startswith("STATUS=starting")
     assert any("4 fields analysed" in s and "outbox" in s and "broker" in s for s in statuses)

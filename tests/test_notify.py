@@ -136,3 +136,22 @@ def test_no_thread_without_a_systemd_watchdog() -> None:
     dog = ProgressWatchdog(SystemdNotifier(environ={}), interval_s=0)
     assert dog.start() is False
     dog.stop()
+
+
+def test_extending_sends_extend_timeout_while_the_block_runs_and_stops_at_its_limit(
+        listener: tuple[socket.socket, str]) -> None:
+    """EXTEND_TIMEOUT_USEC= at once and every step/3 while the block runs; nothing after the block,
+    and nothing past the limit (a hung load must still meet the unit's timeout)."""
+    sock, path = listener
+    notifier = SystemdNotifier(environ={"NOTIFY_SOCKET": path})
+    with notifier.extending(step_s=0.3, limit_s=5.0):
+        during = _drain(sock, 0.55)
+    assert during[0] == "EXTEND_TIMEOUT_USEC=300000" and 4 <= len(during) <= 7, during  # every 0.1 s
+    assert set(during) == {"EXTEND_TIMEOUT_USEC=300000"}
+    assert _drain(sock, 0.3) == []  # the block ended: no more
+    with notifier.extending(step_s=0.3, limit_s=0.25):
+        limited = _drain(sock, 0.8)
+    assert 1 <= len(limited) <= 3, limited  # sent at 0, 0.1, 0.2 s; none past the 0.25 s limit (else 8)
+    quiet = SystemdNotifier(environ={})
+    with quiet.extending(step_s=0.3):  # outside systemd: nothing to do, no thread
+        pass

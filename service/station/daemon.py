@@ -205,7 +205,8 @@ class StationDaemon:
             raise StartupError("source.path" if hasattr(cfg.source, "path") else "source.kind",
                                str(exc)) from exc
         t0 = time.monotonic()
-        self.analyzer = self._analyzer_factory(cfg)  # loads and warms the engines
+        with self.notifier.extending():  # EXTEND_TIMEOUT_USEC= while it takes
+            self.analyzer = self._analyzer_factory(cfg)  # loads and warms the engines
         logger.info("engines loaded and warm in %.1f s", time.monotonic() - t0)
         self.publisher.start()
         self.workers.start(self.source, self.analyzer, self.publisher)

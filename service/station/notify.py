@@ -21,6 +21,11 @@ from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
+#: While the engines load (TensorRT deserialization on a small Jetson), the start timeout is
+#: extended by EXTEND_STEP_S at a time, for at most EXTEND_LIMIT_S.
+EXTEND_STEP_S = 120.0
+EXTEND_LIMIT_S = 600.0
+
 
 def _socket_address(notify_socket: str) -> str | bytes:
     if notify_socket.startswith("@"):
@@ -79,6 +84,30 @@ class SystemdNotifier:
     def extend_timeout(self, seconds: float) -> bool:
         """EXTEND_TIMEOUT_USEC=: more time for a slow start or stop."""
         return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
+    @contextmanager
+    def extending(self, step_s: float = EXTEND_STEP_S, limit_s: float = EXTEND_LIMIT_S) -> Iterator[None]:
+        """While the block runs (engines loading), EXTEND_TIMEOUT_USEC=step_s now and every step_s/3:
+        a slow but live load is not killed by the unit's TimeoutStartSec=. Only limit_s long, so a
+        load that hangs still meets a timeout, at most step_s after that."""
+        if not self.enabled:
+            yield
+            return
+        done = threading.Event()
+
+        def extend() -> None:
+            end = time.monotonic() + limit_s
+            while not done.is_set() and time.monotonic() < end:
+                self.extend_timeout(step_s)
+                done.wait(step_s / 3)
+
+        thread = threading.Thread(target=extend, name="notify-extend", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=1.0)
 
     def stopping(self, status: str | None = None) -> bool:
         return self.notify("STOPPING=1", *([_status_line(status)] if status else []))
