@@ -505,3 +505,30 @@ def test_a_full_disk_at_start_exits_to_be_restarted_and_a_bad_outbox_path_as_mis
         monkeypatch.setattr(Outbox, "from_config", refuse)
         assert run_daemon(path, 1) == code, error
         assert str(error) in capsys.readouterr().err
+
+
+def test_a_source_that_cannot_be_opened_is_blamed_on_its_field_or_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Opening the source fails: a state_file the OS refuses is source.state_file (78); an I/O error
+    on a share or a full disk may pass, so the station exits 1 and systemd starts it again."""
+    import errno
+
+    from smearscope.service.station import daemon
+    from smearscope.service.station.daemon import run_daemon
+
+    inbox, state = tmp_path / "inbox", tmp_path / "seen.log"
+    inbox.mkdir()
+    path = _write(tmp_path, f'station_id = "bench"\n[source]\nkind = "folder"\npath = "{inbox}"\n'
+                  f'state_file = "{state}"\n[analysis]\nmodels_dir = "{REPO / "models"}"\n'
+                  f'[mqtt.outbox]\npath = "{tmp_path / "outbox.sqlite3"}"\n')
+    for error, code, field in ((OSError(errno.EISDIR, "Is a directory", str(state)), 78, "source.state_file"),
+                               (OSError(errno.EACCES, "Permission denied", str(inbox / "done")), 78, "source.path"),
+                               (OSError(errno.EIO, "Input/output error", str(inbox)), 1, None),
+                               (OSError(errno.ENOSPC, "No space left on device", str(state)), 1, None)):
+        def refuse(*args: object, error: Exception = error, **kwargs: object) -> None:
+            raise error
+
+        monkeypatch.setattr(daemon, "open_source", refuse)
+        assert run_daemon(path, 1) == code, error
+        err = capsys.readouterr().err
+        assert (f"{field}:" in err) if field else not any(f"{f}:" in err for f in ("source.path", "source.state_file"))

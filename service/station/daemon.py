@@ -56,7 +56,7 @@ from smearscope.service.station.notify import (
     SystemdNotifier,
     watchdog_interval_from_env,
 )
-from smearscope.service.station.preflight import disk_full, file_problems
+from smearscope.service.station.preflight import config_field, file_problems, source_field
 from smearscope.service.station.reload import compare
 from smearscope.service.station.requests import RequestQueue
 from smearscope.service.station.specimen import SpecimenPolicy, SpecimenTracker
@@ -189,9 +189,8 @@ class StationDaemon:
             self.outbox = Outbox.from_config(box)
         except OutboxLockedError as exc:
             raise StartupError(None, f"{exc} (is another smearscope running?)") from exc
-        except Exception as exc:  # sqlite3 or OS error: the path unusable, or the disk full (exit 1: retried)
-            where = None if disk_full(exc) else "mqtt.outbox.path"
-            raise StartupError(where, f"cannot open {box.path}: {exc}") from exc
+        except Exception as exc:  # sqlite3 or OS error: the path unusable (78), or the disk full (1: retried)
+            raise StartupError(config_field(exc, "mqtt.outbox.path"), f"cannot open {box.path}: {exc}") from exc
         try:
             self.publisher = MqttPublisher(cfg.mqtt, cfg.station_id, self.outbox,
                                            on_command=self.handle_command,
@@ -202,8 +201,7 @@ class StationDaemon:
         try:
             self.source = open_source(cfg.source)
         except (SourceConfigurationError, OSError) as exc:  # e.g. a state_file it cannot open
-            raise StartupError("source.path" if hasattr(cfg.source, "path") else "source.kind",
-                               str(exc)) from exc
+            raise StartupError(config_field(exc, source_field(cfg.source, exc)), str(exc)) from exc
         t0 = time.monotonic()
         with self.notifier.extending():  # EXTEND_TIMEOUT_USEC= while it takes
             self.analyzer = self._analyzer_factory(cfg)  # loads and warms the engines

@@ -51,6 +51,27 @@ def disk_full(exc: BaseException) -> bool:
     return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "disk is full" in str(exc)
 
 
+#: OS errors that say the configured path is wrong (exit 78); others (an I/O error on a share, a
+#: full disk) may pass, so the station exits 1 and systemd starts it again.
+_PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOENT, errno.ENXIO,
+                          errno.ELOOP, errno.EROFS, errno.ENAMETOOLONG})
+
+
+def config_field(exc: BaseException, field: str) -> str | None:
+    """The config field a start-up error is blamed on, or None when it is no configuration problem."""
+    if disk_full(exc) or (isinstance(exc, OSError) and exc.errno is not None and exc.errno not in _PATH_ERRNOS):
+        return None
+    return field
+
+
+def source_field(source, exc: BaseException) -> str:
+    """The source's field an error opening it names: its state_file, its path, or its kind."""
+    state = getattr(source, "state_file", None)
+    if state is not None and isinstance(exc, OSError) and exc.filename is not None and Path(exc.filename) == state:
+        return "source.state_file"
+    return "source.path" if hasattr(source, "path") else "source.kind"
+
+
 def nearest_existing(folder: Path) -> Path | None:
     """`folder`, or its closest ancestor that exists (where creating it would start)."""
     return next((p for p in (folder, *folder.parents) if p.exists()), None)
