@@ -183,6 +183,23 @@ def test_deflate_and_lzma_strips_are_read_as_their_libraries_read_them() -> None
         assert err.value.code is RejectReason.CORRUPT and says in err.value.message, err.value.message
 
 
+@pytest.mark.parametrize("compression", ["zlib", "lzma"])
+def test_a_last_strip_coded_at_full_height_reads_as_the_rows_the_page_has(compression: str) -> None:
+    """Some writers code the last strip at full RowsPerStrip height: the page reads as its 150 rows
+    (the strip is bounded by a whole strip, not by the rows left: it was refused as a bomb), and
+    another reader of TIFFs in this process (tifffile itself) reads it as before."""
+    bgr = hostile.smear_like(192, 128, seed=9)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.ascontiguousarray(bgr[:, :, ::-1]), photometric="rgb", compression=compression,
+                     rowsperstrip=64, metadata=None)
+    data = bytearray(buf.getvalue())
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        tag = tif.pages[0].tags[257]  # ImageLength: 192 -> 150, the last strip still codes 64 rows
+        struct.pack_into("<H" if int(tag.dtype) == 3 else "<I", data, tag.valueoffset, 150)
+    np.testing.assert_array_equal(load_image(bytes(data)).pixels, bgr[:150])
+    np.testing.assert_array_equal(tifffile.imread(io.BytesIO(bytes(data)))[:, :, ::-1], bgr[:150])
+
+
 def test_an_lzma_tiff_decodes_and_an_lzma_bomb_is_refused_unexpanded(field: np.ndarray) -> None:
     """LZMA is one of the TIFF compressions read here (bounded like deflate): a frame reads
     exactly, and a strip of 10 kB that inflates to 64 MB is refused as a bomb, never expanded."""

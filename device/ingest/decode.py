@@ -46,6 +46,7 @@ from smearscope.device.ingest.headers import (
 from smearscope.device.ingest.packbits import use_bounded_packbits
 from smearscope.device.ingest.tiff_segments import (
     SegmentOverflow,
+    bounded_segments,
     check_tiff_inflation,
     opencv_tiff,
     orientation_cleared,
@@ -328,7 +329,8 @@ def _decode_tiff_opencv(data: bytes, page: tifffile.TiffPage, header: ImageHeade
 def _decode_tiff(
     page: tifffile.TiffPage, header: ImageHeader, photometric: str, name: str
 ) -> tuple[np.ndarray, ImageHeader]:
-    arr = page.asarray()
+    with bounded_segments(page):  # deflate and LZMA strips inflated no further than a strip
+        arr = page.asarray(maxworkers=1)
     axes = page.axes
     arr = arr.reshape([n for n, ax in zip(arr.shape, axes) if ax in "YXS"])
     axes = "".join(ax for ax in axes if ax in "YXS")

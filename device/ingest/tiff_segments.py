@@ -13,9 +13,12 @@ costs a step of Python per run).
 
 from __future__ import annotations
 
+import contextlib
 import lzma
 import struct
+import threading
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -97,26 +100,43 @@ def _lzma_inflate(data: bytes, limit: int) -> bytes:
 _INFLATE = {"zlib": _zlib_inflate, "lzma": _lzma_inflate}
 #: Compressions whose tifffile decoder is one of the bounded ones here (`use_bounded_inflate`).
 _BOUNDED_BY_DECODER: set[int] = set()
+#: The segment size of the page this thread is decoding (`bounded_segments`); unset, tifffile's own
+#: decoder runs (another reader of TIFFs in this process).
+_decoding = threading.local()
 
 
-def _bounded_decoder(kind: str) -> Any:
-    def decode(data: bytes, /, *, out: Any = None, **_: Any) -> bytes:
-        if not isinstance(out, int):  # tifffile passes each segment's size; without it nothing bounds it
-            raise TypeError(f"{kind} segment of unknown size")
-        return _INFLATE[kind](data, out)
+@contextlib.contextmanager
+def bounded_segments(page: tifffile.TiffPage) -> Iterator[None]:
+    """While this thread decodes `page` (with tifffile's maxworkers=1: its own threads would not see
+    it), each deflate or LZMA segment inflates to at most a whole strip or tile of the page: a last
+    strip may be coded at full height, of which tifffile keeps the rows the page has."""
+    _decoding.segment_bytes = int(np.prod(page.chunks)) * page.dtype.itemsize
+    try:
+        yield
+    finally:
+        _decoding.segment_bytes = None
+
+
+def _bounded_decoder(kind: str, original: Any) -> Any:
+    def decode(data: bytes, /, *, out: Any = None, **kwargs: Any) -> bytes:
+        limit = getattr(_decoding, "segment_bytes", None)
+        if limit is None:
+            return original(data, out=out, **kwargs)
+        return _INFLATE[kind](data, limit)
 
     return decode
 
 
 def use_bounded_inflate() -> None:
-    """Make the bounded inflaters tifffile's decoders for deflate and LZMA (its codec table is
-    filled lazily from `_codecs`, consulted first; without that table each segment is inflated
-    once here, bounded, before tifffile inflates it again in full)."""
+    """Make the bounded inflaters tifffile's decoders for deflate and LZMA while a page is decoded
+    within `bounded_segments` (its codec table is filled lazily from `_codecs`, consulted first;
+    without that table each segment is inflated once here, bounded, before tifffile inflates it
+    again in full)."""
     codecs = getattr(tifffile.TIFF.DECOMPRESSORS, "_codecs", None)
     if isinstance(codecs, dict):
         for compression, kind in _BOUNDED_INFLATE.items():
-            if kind in _INFLATE:
-                codecs[compression] = _bounded_decoder(kind)
+            if kind in _INFLATE and compression not in _BOUNDED_BY_DECODER:
+                codecs[compression] = _bounded_decoder(kind, tifffile.TIFF.DECOMPRESSORS[compression])
                 _BOUNDED_BY_DECODER.add(compression)
 
 
