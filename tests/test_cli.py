@@ -189,6 +189,8 @@ def test_analyze_lists_and_output_paths_are_checked_before_any_work(tmp_path):
                              ([str(img), "--overlay", str(tmp_path / "overlay_without_suffix")], "bad_output",
                               "an existing directory, or a file name with an image suffix"),
                              ([str(img), "--detections-floor", "0.05"], "bad_arguments", "give --detections too"),
+                             ([str(img), "--overlay", str(tmp_path / ("a" * 300 + ".png"))], "bad_output", "--overlay"),
+                             ([str(img), "--fhir", str(tmp_path / ("a" * 300 + ".json"))], "bad_output", "--fhir"),
                              ([str(img), "--specimen", "--microns-per-pixel", "0.1"], "bad_arguments", "give one")):
         proc = smearscope("analyze", *args, "--json")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1000:]

@@ -19,7 +19,13 @@ from smearscope.cli.analyze_io import (
     list_files,
     shown,
 )
-from smearscope.cli.fhir_out import FhirOutputError, bundle_path, check_fhir_output, write_bundle
+from smearscope.cli.fhir_out import (
+    FhirOutputError,
+    bundle_path,
+    check_fhir_output,
+    is_directory,
+    write_bundle,
+)
 from smearscope.cli.summary import summarize
 
 logger = logging.getLogger(__name__)
@@ -145,8 +151,8 @@ def _analyze(args: argparse.Namespace) -> int:
         guard = OutputGuard(images, list_files(args.images))
         # a set of images writes its overlays and bundles into directories; one image into a file, or
         # into a directory named that already exists
-        overlay_dir = folder or (args.overlay is not None and args.overlay.is_dir())
-        fhir_dir = folder or (args.fhir is not None and args.fhir.is_dir())
+        overlay_dir = folder or (args.overlay is not None and is_directory(args.overlay))
+        fhir_dir = folder or (args.fhir is not None and is_directory(args.fhir))
         if args.fhir is not None:  # before --detections is opened
             check_fhir_output(args.fhir, fhir_dir)
             if not fhir_dir:

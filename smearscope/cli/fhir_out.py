@@ -17,13 +17,22 @@ class FhirOutputError(Exception):
     """--fhir names a path that cannot be written (a usage error, found before any work)."""
 
 
+def is_directory(path: Path) -> bool:
+    """An existing directory; False where the path cannot even be looked at (a name too long, a
+    folder this user may not enter): the output checks then say why, as `bad_output`."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def check_fhir_output(out: Path, folder: bool) -> None:
     if folder:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise FhirOutputError(f"--fhir {out}: not a usable directory ({exc})") from exc
-    elif out.is_dir() or not out.parent.is_dir():
+    elif is_directory(out) or not is_directory(out.parent):
         raise FhirOutputError(f"--fhir {out}: needs a file name in an existing directory")
 
 
