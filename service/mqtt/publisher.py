@@ -54,6 +54,8 @@ _FAILED_ACK_RETRY_S = 30.0
 _RESPONSE_WAIT_S = 10.0
 #: QoS>0 slots kept free of outbox traffic for the status message and command responses.
 _RESERVED_SLOTS = 4
+#: A connection the broker closes within this long counts toward the duplicate-client-id hint.
+_SHORT_LIVED_S = 5.0
 
 
 class MqttPublisher:
@@ -100,6 +102,7 @@ class MqttPublisher:
         self._epoch = 0  # successful connections so far; the drain loop rewinds on change
         self._packet_limit = config.max_packet_size  # this connection's; set in on_connect
         self._fallback_requested = False
+        self._short_lived = 0  # connections in a row the broker closed within _SHORT_LIVED_S
         self._stopping = False
         self._wake = threading.Event()
         self._stop_workers = threading.Event()
@@ -355,27 +358,21 @@ class MqttPublisher:
                 self._state, status="disconnected", last_error=message, last_reason_code=None
             )
 
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.DisconnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags, reason_code: ReasonCode,
+                       properties: Properties | None) -> None:
         if self._stopping:
             return
         with self._state_lock:
-            was_connected = self._state.status == "connected"
+            was_connected, since = self._state.status == "connected", self._state.connected_since or 0.0
             if was_connected:
-                self._state = replace(
-                    self._state,
-                    status="disconnected",
-                    connected_since=None,
-                    last_error=f"connection lost: {reason_code.getName()}",
-                )
-        if was_connected:
-            logger.warning("MQTT connection lost (%s); reconnecting with backoff", reason_code)
+                self._state = replace(self._state, status="disconnected", connected_since=None,
+                                      last_error=f"connection lost: {reason_code.getName()}")
+        if was_connected:  # a broker closes a client id's older connection when another one logs in with it
+            self._short_lived = self._short_lived + 1 if time.time() - since < _SHORT_LIVED_S else 0
+            hint = (f"; it lasted under {_SHORT_LIVED_S:g} s {self._short_lived} times in a row: does another client "
+                    f"use the client id {self.client_id!r} (a second station with this station_id)?"
+                    if self._short_lived >= 3 else "")
+            logger.warning("MQTT connection lost (%s)%s; reconnecting with backoff", reason_code, hint)
 
     def _on_publish(
         self,
