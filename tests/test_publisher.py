@@ -512,13 +512,8 @@ def test_broker_outage_and_reconnect_log_a_warning_not_an_error(
     assert not any("client id" in r.getMessage() for r in caplog.records)  # one outage is no duplicate
 
 
-def test_two_stations_with_one_station_id_are_told_in_the_log(
-    broker: MosquittoBroker,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_two_stations_with_one_station_id_are_told_in_the_log(broker: MosquittoBroker, credentials_dir: Path,
+        tmp_path: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture) -> None:
     """A cloned config: two stations log in with one client id and the broker closes each one's
     connection when the other connects. The station said only "connection lost"; after three
     connections in a row that lasted under 5 s it names the likely cause. One outage does not."""
