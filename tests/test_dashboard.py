@@ -232,9 +232,17 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
             assert float(percent) == pct
             low, high = (float(v) for v in ci.split("–"))
             assert (low, high) == (lo, hi)
-        morphology = {r.get_attribute("data-label"): [td.text for td in r.find_elements(By.TAG_NAME, "td")[2:4]]
+        morphology = {r.get_attribute("data-label"): [td.text for td in r.find_elements(By.TAG_NAME, "td")[1:4]]
                       for r in driver.find_elements(By.CSS_SELECTOR, f"{card} table.morphology tbody tr")}
-        assert {k: float(v[0]) for k, v in morphology.items()} == {s.label: s.percent for s in report.rbc_morphology}
+        # a share that cannot be assessed (a size class at an estimated scale) shows no placeholder 0
+        assert {k: v[1] if v[2] == "not assessable" else float(v[1]) for k, v in morphology.items()} == {
+            s.label: "–" if morphology[s.label][2] == "not assessable" else s.percent for s in report.rbc_morphology}
+        assert all(v[0] == "–" for v in morphology.values() if v[2] == "not assessable")
+        morphology = {k: v[1:] for k, v in morphology.items()}
+        # the counts beside the differential, as the report has them
+        counts = report.counts
+        assert (seen(f"{card} .counts") or "").startswith(
+            f"RBC {counts.rbc} · WBC {counts.wbc} · platelets {counts.platelet}"), seen(f"{card} .counts")
         # ICSH's "none" (a share below 1+) is not shown as "none" beside a count
         grades = {s.label: s.grade for s in report.rbc_morphology}
         assert "none" in grades.values(), grades
@@ -328,6 +336,17 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         _wait("the sync marker on the page", lambda: seen("section.station[data-station='zz-sync'] .status") == "online",
               30, logs)
         assert in_gallery() == before
+        # "More" opens the next page, and a refresh (the run's state again, as each new field of an
+        # open run sends it) keeps the pages opened: it went back to the first page every field
+        assert page["next_offset"] is not None, page["total"]
+        driver.find_element(By.CSS_SELECTOR, f"{card} .more").click()
+        _wait("the second page of the gallery", lambda: in_gallery() > before, 30, logs)
+        opened = in_gallery()
+        again = {**closed, "review": {**closed["review"], "cells": closed["review"]["cells"] + 1}}
+        observer.client.publish(f"{BASE}/run", json.dumps(again), qos=1, retain=True)
+        time.sleep(3)  # the page asks again 0.8 s after a state changes the gallery's count
+        _wait("the gallery refreshed with its pages", lambda: in_gallery() == opened, 30, logs)
+        assert in_gallery() == opened
         # A station calibrated 2x off: its report's flag (a median size no blood has, or red cells
         # pointing to another scale) makes the page read no size-based grade (the shares carry the
         # analyzer's own), shape classes keep theirs.
@@ -350,6 +369,8 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
             _wait(f"the {code} station's morphology", lambda: "macrocyte" in odd_grades(), 30, logs)
             shown_odd = odd_grades()
             assert shown_odd["macrocyte"] == "not assessable"
+            row = driver.find_element(By.CSS_SELECTOR, f"{odd_card} table.morphology tbody tr[data-label='macrocyte']")
+            assert [td.text for td in row.find_elements(By.TAG_NAME, "td")[1:3]] == ["–", "–"]  # not 40, 40.0
             assert all(v != "not assessable" for k, v in shown_odd.items()
                        if k not in ("macrocyte", "microcyte", "spherocyte"))
 
@@ -406,6 +427,24 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         _wait("the closed run after a reload", lambda: seen(card, "data-run-id") == run_id
               and seen(card, "data-shown") == "final" and seen(card, "data-verified-by") == "AB", 60, logs)
         assert driver.find_element(By.CSS_SELECTOR, f"{card} .verify").get_attribute("hidden") is None
+        # ... and the preliminary report delivered again to this fresh page, which never saw the
+        # verified report's own message, does not replace it (the run's retained state says signed)
+        observer.client.publish(f"{BASE}/report", first.payload, qos=1)
+        observer.client.publish(f"{marker}2/status", "online", qos=1)
+        _wait("the second marker", lambda: seen("section.station[data-station='zz-marker2'] .status") == "online",
+              30, logs)
+        assert seen(card, "data-verified-by") == "AB" and seen(f"{card} .diff-source") == "verified"
+        # a station sending one word of 3000 letters wraps it in its own card: the page stays as wide
+        # as the window (every card had been widened to 73 000 px)
+        long_state = {**closed, "station_id": "zz-long", "run_id": "long-1", "review": None}
+        long_state["report"] = {**long_state["report"], "flags": [
+            {"code": "x" * 200, "severity": "warning", "message": "y" * 3000}]}
+        observer.client.publish(f"{BASE.rsplit('/', 1)[0]}/{'z' * 300}/run", json.dumps(long_state), qos=1)
+        _wait("the long-worded station's flag", lambda: seen(
+            f"section.station[data-station='{'z' * 300}'] li.flag") is not None, 30, logs)
+        width, window = driver.execute_script(
+            "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        assert width <= window, (width, window)
 
         # The broker dies: the page says so; it comes back: the page reconnects by itself and
         # live data flows again (a new run, started after the restart).

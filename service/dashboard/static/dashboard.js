@@ -47,7 +47,10 @@ function station(id) {
   const node = document.getElementById("station-template").content.firstElementChild.cloneNode(true);
   node.dataset.station = id;
   node.querySelector(".station-id").textContent = id;
-  node.querySelector(".more").addEventListener("click", () => requestReview(st, st.reviewNext));
+  node.querySelector(".more").addEventListener("click", () => {
+    st.reviewPages = (st.reviewPages || 1) + 1;  // kept when a new field refreshes the gallery
+    requestReview(st, st.reviewNext);
+  });
   node.querySelector(".verify-run").addEventListener("click", () => verifyRun(st));
   node.querySelector(".runs").addEventListener("change", (ev) => pickRun(st, ev.target.value));
   document.getElementById("empty")?.remove();
@@ -59,6 +62,16 @@ function station(id) {
          runs: [], pinned: null };
   stations.set(id, st);
   return st;
+}
+
+function olderThanRun(st, body) {
+  // The run's retained state already holds a verified report of this run: a report delivered again
+  // (at least once) that is unverified, or verified earlier, does not replace it on a page opened
+  // after the signing (which never saw the signed report's own message).
+  const held = st.run && st.run.run_id === body.run_id ? st.run.report : null;
+  const v = held && held.verification;
+  if (!v || held.report_id === body.report_id) return false;
+  return !body.verification || body.verification.verified_at < v.verified_at;
 }
 
 function shown(st) {
@@ -96,6 +109,7 @@ function renderRun(st) {
   const morph = st.node.querySelector(".morphology tbody");
   const flags = st.node.querySelector(".flags");
   tbody.replaceChildren(); morph.replaceChildren(); flags.replaceChildren();
+  st.node.querySelector(".counts").textContent = "";
   if (!view) { line.textContent = "no specimen run yet"; return; }
   const r = view.report;
   st.node.dataset.runId = view.runId || "";
@@ -125,6 +139,10 @@ function renderRun(st) {
     bar.style.width = "0%";  // no target to measure against (an earlier run, or a report alone)
     text.textContent = r.counts.wbc + " WBC";
   }
+  const c = r.counts;  // what a count reads beside the differential: cells counted, NRBC per 100 WBC
+  st.node.querySelector(".counts").textContent = "RBC " + c.rbc + " · WBC " + c.wbc + " · platelets " + c.platelet +
+    (c.nrbc ? " · NRBC " + c.nrbc + (r.nrbc_per_100_wbc !== null && r.nrbc_per_100_wbc !== undefined
+                                      ? " (" + r.nrbc_per_100_wbc + " per 100 WBC)" : "") : "");
   for (const s of r.wbc_differential) {
     const tr = el("tr");
     tr.dataset.label = s.label;
@@ -148,7 +166,9 @@ function renderRun(st) {
     const shown = (g) => g === "none" ? "below 1+" : g;
     const grade = sizesOff && SIZE_BASED.includes(s.label) ? "not assessable" : s.grade || grades[s.label] || "";
     const spans = grade !== "not assessable" && grade && s.grade_ci_low && s.grade_ci_high && s.grade_ci_low !== s.grade_ci_high;
-    tr.append(el("td", "label", s.label), el("td", "count", String(s.count)), el("td", "percent", String(s.percent)),
+    const off = grade === "not assessable";  // its count and share are placeholders: not shown as 0
+    tr.append(el("td", "label", s.label), el("td", "count", off ? "–" : String(s.count)),
+              el("td", "percent", off ? "–" : String(s.percent)),
               el("td", "grade", shown(grade) + (spans ? " (" + shown(s.grade_ci_low) + " to " +
                                                  shown(s.grade_ci_high) + ")" : "")));
     morph.append(tr);
@@ -206,6 +226,9 @@ function renderReview(st, answer) {
   if (answer.typed_per_type) showTyped(st, answer.typed_per_type);
   st.reviewNext = answer.next_offset;
   st.node.querySelector(".more").hidden = answer.next_offset === null;
+  // a refresh (a new field) starts at the first page: the pages the technician opened are asked again
+  st.reviewLoaded = answer.offset === 0 ? 1 : (st.reviewLoaded || 1) + 1;
+  if (st.reviewLoaded < (st.reviewPages || 1) && answer.next_offset !== null) requestReview(st, answer.next_offset);
   if (answer.overlay) {
     const img = st.node.querySelector(".overlay");
     img.src = "data:image/jpeg;base64," + answer.overlay.jpeg;
@@ -333,6 +356,7 @@ function pickRun(st, runId) {
 }
 
 function clearReview(st) {
+  st.reviewPages = 1;
   st.node.querySelector(".gallery").replaceChildren();
   st.node.querySelector(".review-count").textContent = "";
   st.node.querySelector(".more").hidden = true;
@@ -371,6 +395,7 @@ function onMessage(topic, payload, packet) {
   if (kind === "run") {
     const changed = !st.run || st.run.run_id !== msg.run_id || st.run.state !== msg.state;
     st.run = msg;
+    if (st.final && olderThanRun(st, st.final)) st.final = null;  // the run signed since (on another page)
     renderRun(st);
     if (changed) requestRuns(st);  // a run started or closed: the list of earlier runs moves
     if (st.pinned) return;  // an earlier run's gallery stays until the user goes back to the current run
@@ -382,7 +407,7 @@ function onMessage(topic, payload, packet) {
     // of another run than the station's current one (an older run verified) does not take its place.
     const body = msg.body;
     if (body.verification && body.verification.supersedes) st.superseded.add(body.verification.supersedes);
-    if (st.superseded.has(body.report_id)) return;
+    if (st.superseded.has(body.report_id) || olderThanRun(st, body)) return;
     const listed = st.runs.find((r) => r.run_id === body.run_id);
     if (listed && body.verification) {  // an earlier run signed (here or on another page): its entry says so
       listed.report = body;
