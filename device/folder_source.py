@@ -23,6 +23,7 @@ import errno
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections import Counter
@@ -159,10 +160,17 @@ def folder_problem(config: FolderSourceConfig) -> str | None:
         if d.exists() and not (d.is_dir() and os.access(d, os.W_OK | os.X_OK)):
             return f"{d} is not a folder this user can write"
     state = config.state_file  # rewritten through a file beside it when compacted: its folder too
-    if state is not None and state.exists() and not state.is_file():  # a FIFO would hang the start
+    if state is None:
+        return None
+    try:
+        kind = os.stat(state).st_mode
+    except FileNotFoundError:
+        kind = None  # made at start
+    except OSError as exc:  # a folder on its path this user may not enter
+        return f"state_file {state} cannot be looked at by this user: {exc.strerror or exc}"
+    if kind is not None and not stat.S_ISREG(kind):  # a FIFO would hang the start
         return f"state_file {state} is not a regular file (a directory, FIFO or device): name a file, or leave it out"
-    if state is not None and not (os.access(state.parent, os.W_OK | os.X_OK)
-                                  and (not state.exists() or os.access(state, os.W_OK))):
+    if not (os.access(state.parent, os.W_OK | os.X_OK) and (kind is None or os.access(state, os.W_OK))):
         return f"state_file {state} (or its folder) is not writable by this user"
     return None
 

@@ -532,3 +532,25 @@ def test_a_source_that_cannot_be_opened_is_blamed_on_its_field_or_retried(
         assert run_daemon(path, 1) == code, error
         err = capsys.readouterr().err
         assert (f"{field}:" in err) if field else not any(f"{f}:" in err for f in ("source.path", "source.state_file"))
+
+
+def test_a_state_file_behind_a_folder_this_user_cannot_enter_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Looking at the state file raises (a folder on its path the service user may not enter; root,
+    as tests run, is never refused, so the refusal is the OS's answer played here): validate-config
+    names it (the check for a FIFO raised PermissionError: exit 74 here, 1 at start, retried forever)."""
+    inbox, state = tmp_path / "inbox", tmp_path / "locked" / "state.log"
+    inbox.mkdir()
+    real_stat = os.stat
+
+    def refusing_stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if os.fspath(path) == str(state):  # type: ignore[arg-type]
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", refusing_stat)
+    text = (f'station_id = "bench"\n[source]\nkind = "folder"\npath = "{inbox}"\nstate_file = "{state}"\n'
+            f'[analysis]\nmodels_dir = "{REPO / "models"}"\n')
+    assert validate_config_main(_write(tmp_path, text), environ={}) == 78
+    assert any(line.startswith("source.state_file:") and "cannot be looked at" in line
+               for line in capsys.readouterr().err.splitlines())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import ssl
 from pathlib import Path
 
@@ -112,6 +113,6 @@ def file_problems(config: StationConfig) -> list[tuple[str, str]]:
                     bad = [("mqtt.tls.certfile", reason)]
             problems += bad
     review = config.review.directory
-    if review is not None and review.exists() and not review.is_dir():
+    if review is not None and os.path.exists(review) and not os.path.isdir(review):  # neither raises
         problems.append(("review.directory", f"{review} is a file, not a folder: overlays and the gallery go there"))
     return problems
