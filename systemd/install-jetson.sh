@@ -148,7 +148,7 @@ mqtt_password() {
   if [[ -n "${MQTT_PASSWORD_FILE:-}" ]]; then
     install -m 0600 -o root -g root "$MQTT_PASSWORD_FILE" "$PASSWORD_PATH"
   elif [[ ! -f "$PASSWORD_PATH" ]]; then
-    if [[ -t 0 ]]; then read -rsp "MQTT password (empty for none): " password; echo; fi
+    if [[ -t 0 ]]; then read -rsp "MQTT password (empty for none): " password || password=""; echo; fi
     (umask 077; printf '%s' "$password" > "$PASSWORD_PATH")
   fi
   chown root:root "$PASSWORD_PATH"; chmod 0600 "$PASSWORD_PATH"
@@ -171,6 +171,19 @@ mqtt_password() {
   else
     log "warning: $conf names the password credential '$named' but $PASSWORD_PATH is empty: the station would refuse to start (exit 78, and systemd does not restart it). Put the broker password in $PASSWORD_PATH (root, mode 0600), or remove password_credential from [mqtt] for a broker without passwords"
     PASSWORD_PROBLEM=1
+  fi
+}
+
+# The example config where there is none (never overwritten). CONFIG_FRESH=1 when the config is the
+# example as this script installs it, now or by a run that stopped after copying it: ours to edit.
+install_config() {
+  CONFIG_FRESH=0
+  if [[ ! -f "$CONF_DIR/station.toml" ]]; then
+    log "installing example config to $CONF_DIR/station.toml: edit station_id, source and mqtt"
+    install -m 0640 -o root -g "$SERVICE_USER" "$SRC/config/station.example.toml" "$CONF_DIR/station.toml"
+    CONFIG_FRESH=1
+  elif cmp -s "$SRC/config/station.example.toml" "$CONF_DIR/station.toml"; then
+    CONFIG_FRESH=1
   fi
 }
 
@@ -204,12 +217,7 @@ install -m 0644 "$SRC/docs/STATION.md" "$PREFIX/docs/STATION.md"
 # 3. state directory and configuration --------------------------------------------------------
 state_dir
 install -d -m 0750 -o root -g "$SERVICE_USER" "$CONF_DIR"
-CONFIG_FRESH=0
-if [[ ! -f "$CONF_DIR/station.toml" ]]; then
-  log "installing example config to $CONF_DIR/station.toml: edit station_id, source and mqtt"
-  install -m 0640 -o root -g "$SERVICE_USER" "$SRC/config/station.example.toml" "$CONF_DIR/station.toml"
-  CONFIG_FRESH=1
-fi
+install_config
 # The models travel in the package; put them where the config looks, hashes checked.
 MODELS_DIR="$(config_value analysis.models_dir)" \
   || die "cannot read analysis.models_dir from $CONF_DIR/station.toml"

@@ -212,6 +212,11 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
               and fields_shown() >= 2 and classified_shown() >= 1, 120, logs)
         assert seen(card, "data-shown") == "interim"
         assert "WBC classified" in (seen(f"{card} .progress-text") or "")
+
+        def review_cells() -> int:  # the run's crops kept for review, as its live state says
+            states = [json.loads(m.payload) for m in observer.on_topic(f"{BASE}/run")]
+            return max([(s.get("review") or {}).get("cells", 0) for s in states if s["run_id"] == run_id] or [0])
+        _wait("more crops than one gallery page", lambda: review_cells() >= 24, 120, logs)  # "More" has a page to open
         stopped = command("stop_run")
         assert stopped["ok"] and stopped["run_id"] == run_id
         _wait("the specimen report", lambda: any(json.loads(m.payload)["report_id"] == stopped["report_id"]
@@ -347,6 +352,17 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         time.sleep(3)  # the page asks again 0.8 s after a state changes the gallery's count
         _wait("the gallery refreshed with its pages", lambda: in_gallery() == opened, 30, logs)
         assert in_gallery() == opened
+        # a page's answer delivered twice (QoS 1; an answer is sent again after a reconnect) is not
+        # added twice: the page's own answer of its second page, published once more
+        second = next(m for m in reversed(observer.on_topic(f"{BASE}/cmd_response/get_review"))
+                      if (m.correlation_data or b"").startswith(b"dashboard-") and json.loads(m.payload).get("offset"))
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.CorrelationData = second.correlation_data
+        observer.client.publish(f"{BASE}/cmd_response/get_review", second.payload, qos=1, properties=props)
+        observer.client.publish(f"{BASE.rsplit('/', 1)[0]}/zz-sync2/status", "online", qos=1)
+        _wait("the second sync marker",
+              lambda: seen("section.station[data-station='zz-sync2'] .status") == "online", 30, logs)
+        assert in_gallery() == opened
         # A station calibrated 2x off: its report's flag (a median size no blood has, or red cells
         # pointing to another scale) makes the page read no size-based grade (the shares carry the
         # analyzer's own), shape classes keep theirs.
@@ -445,6 +461,14 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         width, window = driver.execute_script(
             "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
         assert width <= window, (width, window)
+        # ... while the tables' figures stay whole: no count or share split over two lines
+        driver.set_window_size(1024, 900)
+        split = driver.execute_script(
+            "return [...document.querySelectorAll('table td.count, table td.percent, table td.label')]"
+            ".filter((td) => { const r = document.createRange(); r.selectNodeContents(td);"
+            " return new Set([...r.getClientRects()].map((b) => Math.round(b.top))).size > 1; })"
+            ".map((td) => td.textContent)")
+        assert split == [], split
 
         # The broker dies: the page says so; it comes back: the page reconnects by itself and
         # live data flows again (a new run, started after the restart).

@@ -181,6 +181,23 @@ def test_no_password_with_an_existing_config_naming_one_is_a_warning(tmp_path: P
     assert "would refuse to start (exit 78" in proc.stdout and "problem=1" in proc.stdout
 
 
+def test_a_rerun_after_a_stop_still_treats_the_example_config_as_its_own(tmp_path: Path) -> None:
+    """A first run copied the example config, then stopped (a failed step); the re-run with no
+    password comments out its password_credential as the first would have (it left the config
+    naming an empty credential: exit 78 at start); an operator's edited config stays as it is."""
+    (tmp_path / "etc").mkdir()
+    first = _run(tmp_path, 'install_config; echo "fresh=$CONFIG_FRESH"')
+    assert first.returncode == 0 and "fresh=1" in first.stdout, first.stderr
+    conf = tmp_path / "etc" / "station.toml"
+    again = _run(tmp_path, 'install_config; mqtt_password "$CONFIG_FRESH"; echo "fresh=$CONFIG_FRESH"')
+    assert again.returncode == 0 and "fresh=1" in again.stdout, again.stderr
+    assert _credential(conf) is None
+    example = (REPO / "config" / "station.example.toml").read_text()
+    conf.write_text(example.replace('station_id = "', 'station_id = "ward-3-', 1))  # the operator's edit
+    edited = _run(tmp_path, 'install_config; mqtt_password "$CONFIG_FRESH"; echo "fresh=$CONFIG_FRESH"')
+    assert "fresh=0" in edited.stdout and _credential(conf) == "mqtt-password"
+
+
 def test_a_password_keeps_the_credential(tmp_path: Path) -> None:
     conf = _config(tmp_path)
     secret = tmp_path / "pw"

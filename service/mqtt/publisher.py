@@ -103,6 +103,7 @@ class MqttPublisher:
         self._packet_limit = config.max_packet_size  # this connection's; set in on_connect
         self._fallback_requested = False
         self._short_lived = 0  # connections in a row the broker closed within _SHORT_LIVED_S
+        self._connected_at = 0.0  # time.monotonic() of this connection's CONNACK (a clock step cannot fake one)
         self._stopping = False
         self._wake = threading.Event()
         self._stop_workers = threading.Event()
@@ -297,6 +298,7 @@ class MqttPublisher:
         for m in dropped:  # command answers given while the connection was down are in no outbox: sent again
             if m.topic.startswith(self._response_prefix):
                 client.publish(m.topic, m.payload, qos=m.qos, properties=m.properties)
+        self._connected_at = time.monotonic()
         with self._state_lock:
             self._epoch += 1
             self._packet_limit = limit
@@ -306,7 +308,7 @@ class MqttPublisher:
                 max_packet_size=limit,
                 last_error=None,
                 last_reason_code=0,
-                connected_since=time.time(),
+                connected_since=time.time(),  # for people; _connected_at for durations
                 connects=self._state.connects + 1,
             )
         logger.info("MQTT connected to %s:%d (%s, session present: %s)", self.config.host, self.config.port,
@@ -363,12 +365,12 @@ class MqttPublisher:
         if self._stopping:
             return
         with self._state_lock:
-            was_connected, since = self._state.status == "connected", self._state.connected_since or 0.0
+            was_connected = self._state.status == "connected"
             if was_connected:
                 self._state = replace(self._state, status="disconnected", connected_since=None,
                                       last_error=f"connection lost: {reason_code.getName()}")
         if was_connected:  # a broker closes a client id's older connection when another one logs in with it
-            self._short_lived = self._short_lived + 1 if time.time() - since < _SHORT_LIVED_S else 0
+            self._short_lived = self._short_lived + 1 if time.monotonic() - self._connected_at < _SHORT_LIVED_S else 0
             hint = (f"; it lasted under {_SHORT_LIVED_S:g} s {self._short_lived} times in a row: does another client "
                     f"use the client id {self.client_id!r} (a second station with this station_id)?"
                     if self._short_lived >= 3 else "")

@@ -49,6 +49,7 @@ function station(id) {
   node.querySelector(".station-id").textContent = id;
   node.querySelector(".more").addEventListener("click", () => {
     st.reviewPages = (st.reviewPages || 1) + 1;  // kept when a new field refreshes the gallery
+    node.querySelector(".more").hidden = true;  // until that page is in
     requestReview(st, st.reviewNext);
   });
   node.querySelector(".verify-run").addEventListener("click", () => verifyRun(st));
@@ -205,6 +206,8 @@ function renderTelemetry(st) {
 
 function renderReview(st, answer) {
   const gallery = st.node.querySelector(".gallery");
+  // pages come in order from the first: an answer delivered twice, or one not asked for, is not added
+  if (answer.offset !== 0 && answer.offset !== st.reviewNext) return;
   if (answer.offset === 0) gallery.replaceChildren();
   for (const c of answer.cells) {
     const fig = el("figure", "cell");
@@ -228,7 +231,10 @@ function renderReview(st, answer) {
   st.node.querySelector(".more").hidden = answer.next_offset === null;
   // a refresh (a new field) starts at the first page: the pages the technician opened are asked again
   st.reviewLoaded = answer.offset === 0 ? 1 : (st.reviewLoaded || 1) + 1;
-  if (st.reviewLoaded < (st.reviewPages || 1) && answer.next_offset !== null) requestReview(st, answer.next_offset);
+  if (st.reviewLoaded < (st.reviewPages || 1) && answer.next_offset !== null) {
+    st.node.querySelector(".more").hidden = true;  // the pages opened before come first
+    requestReview(st, answer.next_offset);
+  }
   if (answer.overlay) {
     const img = st.node.querySelector(".overlay");
     img.src = "data:image/jpeg;base64," + answer.overlay.jpeg;
