@@ -483,6 +483,14 @@ def test_files_the_station_would_trip_on_at_start_are_named_by_validate_config(
     assert validate_config_main(_write(tmp_path, fine), environ={}) == 0  # a state file not there yet: made at start
 
 
+def _sqlite_error(message: str, code: int) -> Exception:
+    import sqlite3
+
+    error = sqlite3.OperationalError(message)
+    error.sqlite_errorcode = code  # as SQLite sets it
+    return error
+
+
 def test_a_full_disk_at_start_exits_to_be_restarted_and_a_bad_outbox_path_as_misconfigured(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """The outbox cannot be opened: on a full disk the station exits 1 (systemd starts it again,
@@ -498,6 +506,7 @@ def test_a_full_disk_at_start_exits_to_be_restarted_and_a_bad_outbox_path_as_mis
                   f'path = "{tmp_path / "outbox.sqlite3"}"\n')
     for error, code in ((sqlite3.OperationalError("database or disk is full"), 1),
                         (OSError(errno.ENOSPC, "No space left on device"), 1),
+                        (_sqlite_error("disk I/O error", 10 | (4 << 8)), 1),  # SQLITE_IOERR_SHORT_READ
                         (sqlite3.OperationalError("unable to open database file"), 78)):
         def refuse(*args: object, error: Exception = error, **kwargs: object) -> Outbox:
             raise error

@@ -315,6 +315,19 @@ def test_the_same_field_is_counted_once() -> None:
     assert run.field_ids == ["f0"] and run.classified_wbc == 10
 
 
+def test_a_field_the_open_run_holds_already_is_published_as_no_part_of_it() -> None:
+    """A source that replays its frame ids after a restart (simulated, replay): the run ignores the
+    field it already counted, and the field's report no longer carries the run's id (it did, so a
+    consumer read it as part of a run that did not count it)."""
+    t = tracker(auto=False)
+    run_id = t.start(target_wbc=100)
+    first, _ = t.add(fake_field("f0", MIX))
+    again, closed = t.add(fake_field("f0", MIX))
+    assert first.report.run_id == run_id and again.report.run_id is None and closed is None
+    progress = t.progress()
+    assert progress is not None and progress.fields == 1
+
+
 def test_policy_from_station_config_defaults_auto_start() -> None:
     from smearscope.service.config import SpecimenConfig
 

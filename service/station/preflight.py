@@ -58,9 +58,15 @@ _PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR
                           errno.ELOOP, errno.EROFS, errno.ENAMETOOLONG})
 
 
+_SQLITE_IOERR = 10  # SQLite's primary result code for I/O errors (extended codes carry it in their low byte)
+
+
 def config_field(exc: BaseException, field: str) -> str | None:
-    """The config field a start-up error is blamed on, or None when it is no configuration problem."""
+    """The config field a start-up error is blamed on, or None when it is no configuration problem
+    (a full disk, an I/O error: an OSError of another kind than a wrong path, SQLite's I/O errors)."""
     if disk_full(exc) or (isinstance(exc, OSError) and exc.errno is not None and exc.errno not in _PATH_ERRNOS):
+        return None
+    if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF == _SQLITE_IOERR:
         return None
     return field
 

@@ -432,7 +432,9 @@ class SpecimenTracker:
         if result.report.run_id != run.run_id:  # the run changed while the field was analysed
             result = replace(result, report=result.report.model_copy(update={"run_id": run.run_id}))
         with self._lock:
-            run.add(result, self._clock())
+            counted = run.add(result, self._clock())
+        if not counted:  # a field the run holds (a source replaying its frame ids after a restart): on its own
+            return replace(result, report=result.report.model_copy(update={"run_id": None})), None
         if run.complete:
             return result, self.stop("target_reached")
         if len(run.field_ids) >= self._policy.max_fields:
