@@ -69,7 +69,8 @@ class BatchProfile(BaseModel):
 class Preprocessing(BaseModel):
     model_config = ConfigDict(extra="forbid")
     color: Literal["RGB", "BGR"] = "RGB"
-    scale: float = Field(1.0 / 255.0, gt=0, allow_inf_nan=False, description="pixel value multiplier applied to uint8 input")
+    scale: float = Field(1.0 / 255.0, gt=0, allow_inf_nan=False,
+                         description="pixel value multiplier applied to uint8 input")
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     pad_value: int = Field(114, ge=0, le=255, description="fill value used when a tile/crop is padded")
     normalization_in_graph: bool = Field(True, description="mean/std normalisation is inside the model")
@@ -186,7 +187,7 @@ class ModelManifest(BaseModel):
         if self.task == "classification" and self.crop is None:
             raise ValueError("a classification model needs its crop (extent_um, input_size)")
         if self.task == "classification":
-            logits = next((o for o in self.outputs if o.name == "logits"), self.outputs[0])
+            logits = next(o for o in self.outputs if o.name == self.logits_output)
             if logits.shape[-1:] not in ([-1], [len(self.classes)]):
                 raise ValueError(f"output {logits.name!r} of shape {logits.shape} does not hold one logit per class "
                                  f"({len(self.classes)})")
@@ -200,6 +201,13 @@ class ModelManifest(BaseModel):
         if self.feature_space is not None and self.feature_space.output not in [o.name for o in self.outputs]:
             raise ValueError(f"feature_space output {self.feature_space.output!r} is not among the outputs")
         return self
+
+    @property
+    def logits_output(self) -> str:
+        """A classifier's output holding its logits: the one named so, else the first (a manifest
+        may list outputs in any order)."""
+        names = [o.name for o in self.outputs]
+        return "logits" if "logits" in names else names[0]
 
     def model_path(self, manifest_path: Path) -> Path:
         return manifest_path.parent / self.file

@@ -3,10 +3,10 @@ bounded before either does.
 
 tifffile's own decoders inflate each strip or tile in full before comparing it with the page, so
 deflate and LZMA segments are inflated by decoders registered here (`use_bounded_inflate`) that
-stop one byte past the size tifffile asks for, and PackBits runs are counted before anything is
+stop one byte past a whole strip or tile, and PackBits runs are counted before anything is
 decoded (`check_tiff_inflation`): a few megabytes of deflate or PackBits that declare 256 x 256
-pixels and inflate to gigabytes are refused (`corrupt`) with memory of the order of a strip. OpenCV's libtiff decodes what
-tifffile cannot without optional packages (LZW, old-style JPEG) and, for grey and RGB first
+pixels and inflate to gigabytes are refused (`corrupt`) with memory of the order of a strip.
+OpenCV's libtiff decodes what tifffile cannot without optional packages (LZW, old-style JPEG) and, for grey and RGB first
 pages, PackBits (device.ingest.packbits: in C, each strip stopped at its size; tifffile's route
 costs a step of Python per run).
 """
@@ -98,6 +98,13 @@ def _lzma_inflate(data: bytes, limit: int) -> bytes:
 
 
 _INFLATE = {"zlib": _zlib_inflate, "lzma": _lzma_inflate}
+
+
+def segment_bytes(page: tifffile.TiffPage) -> int:
+    """Bytes one whole strip or tile of the page holds."""
+    return int(np.prod(page.chunks)) * page.dtype.itemsize
+
+
 #: Compressions whose tifffile decoder is one of the bounded ones here (`use_bounded_inflate`).
 _BOUNDED_BY_DECODER: set[int] = set()
 #: The segment size of the page this thread is decoding (`bounded_segments`); unset, tifffile's own
@@ -110,7 +117,7 @@ def bounded_segments(page: tifffile.TiffPage) -> Iterator[None]:
     """While this thread decodes `page` (with tifffile's maxworkers=1: its own threads would not see
     it), each deflate or LZMA segment inflates to at most a whole strip or tile of the page: a last
     strip may be coded at full height, of which tifffile keeps the rows the page has."""
-    _decoding.segment_bytes = int(np.prod(page.chunks)) * page.dtype.itemsize
+    _decoding.segment_bytes = segment_bytes(page)
     try:
         yield
     finally:
@@ -158,7 +165,7 @@ def check_tiff_inflation(data: bytes, page: tifffile.TiffPage, name: str, by_ope
     kind = _BOUNDED_INFLATE.get(int(page.compression))
     if kind is None:
         return
-    segment = int(np.prod(page.chunks)) * page.dtype.itemsize
+    segment = segment_bytes(page)
     segments = int(np.prod(page.chunked))
     if len(page.dataoffsets) > segments:
         raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF lists {len(page.dataoffsets)} data segments "

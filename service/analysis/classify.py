@@ -124,11 +124,9 @@ class CropClassifier:
                  station: tuple[FeatureSpace, StationMeans] | None = None, keep_features: bool = False) -> None:
         self.engine = engine
         m = engine.manifest
-        if m.task != "classification" or m.crop is None:
-            raise ManifestError(f"{m.name}: a {m.task} model{'' if m.crop else ' without crop geometry'} where a "
-                                "crop classifier belongs")
-        #: The output holding the logits: named so, else the first (a manifest may list outputs in any order).
-        self.logits_output = "logits" if "logits" in engine.output_names else engine.output_names[0]
+        if m.task != "classification" or m.crop is None:  # a classification manifest has its crop
+            raise ManifestError(f"{m.name}: a {m.task} model where a crop classifier belongs")
+        self.logits_output = m.logits_output
         self.crop_spec = CropSpec(extent_um=m.crop.extent_um, input_size=m.crop.input_size)
         self.classes = list(m.classes)
         self.temperature = m.temperature

@@ -191,10 +191,10 @@ def _detector_contract(m: ModelManifest) -> tuple[list[CellKind], list[str]]:
     if pred is None or len(m.outputs) != 1 + (protos is not None):
         raise ManifestError(f"{m.name}: a detector's outputs are its predictions (3 axes) and optionally its mask "
                             f"prototypes (4 axes), not {[o.shape for o in m.outputs]}")
-    rows = 4 + len(m.classes) + (protos.shape[1] if protos is not None else 0)
-    have = pred.shape[1]  # without prototypes, rows past the classes are not read
-    if -1 not in (have, rows - 4 - len(m.classes) if protos is not None else 0) and (
-            have != rows if protos is not None else have < rows):
+    coefficients = protos.shape[1] if protos is not None else 0
+    rows, have = 4 + len(m.classes) + coefficients, pred.shape[1]
+    fits = have == rows if protos is not None else have >= rows  # without prototypes, rows past the classes unread
+    if -1 not in (have, coefficients) and not fits:
         raise ManifestError(f"{m.name}: predictions of {have} rows where 4 box + {len(m.classes)} classes"
                             f"{' + the prototypes' if protos is not None else ''} make {rows}")
     return [known[c] for c in m.classes], [pred.name] + ([protos.name] if protos is not None else [])

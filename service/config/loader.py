@@ -125,13 +125,13 @@ def parse_config(
         config = StationConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_validation_errors(exc, applied)) from None
-    coerced = _booleans_taken_as_numbers(merged, config, set(applied))
+    coerced = _taken_as_numbers(merged, config, set(applied))
     if coerced:
         raise ConfigError(coerced)
     return config
 
 
-def _booleans_taken_as_numbers(data: Any, model: Any, from_env: set[tuple[str, ...]],
+def _taken_as_numbers(data: Any, model: Any, from_env: set[tuple[str, ...]],
                                path: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     """pydantic's lax mode reads `port = true` as 1 and `port = "1883"` as 1883: in the file a
     boolean or a string is never a number (an environment override is text, read by the field's
@@ -148,7 +148,7 @@ def _booleans_taken_as_numbers(data: Any, model: Any, from_env: set[tuple[str, .
                 out.append((where, f"expected a number, got the boolean {str(value).lower()}"))
             elif isinstance(value, str) and here not in from_env:
                 out.append((where, f"expected a number, got the string {value!r} (write it without quotes)"))
-        out += _booleans_taken_as_numbers(value, parsed, from_env, here)
+        out += _taken_as_numbers(value, parsed, from_env, here)
     return out
 
 

@@ -291,13 +291,11 @@ class MqttPublisher:
         # Unacked messages of the previous connection are re-sent from the outbox, in order, by
         # the drain loop; paho would otherwise re-send them itself, ahead of or behind new ones.
         # The drop events are queued before the epoch changes, so the drain loop sees them first.
-        dropped = client.drop_out_messages()
-        for m in dropped:
-            if not m.topic.startswith(self._response_prefix):
-                self._inflight.post(client, m.mid, None)
-        for m in dropped:  # command answers given while the connection was down are in no outbox: sent again
-            if m.topic.startswith(self._response_prefix):
+        for m in client.drop_out_messages():
+            if m.topic.startswith(self._response_prefix):  # a command answer given while down: in no outbox
                 client.publish(m.topic, m.payload, qos=m.qos, properties=m.properties)
+            else:
+                self._inflight.post(client, m.mid, None)
         self._connected_at = time.monotonic()
         with self._state_lock:
             self._epoch += 1

@@ -25,7 +25,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -48,7 +47,12 @@ from smearscope.service.station.specimen import (
     cell_keys,
     type_applies,
 )
-from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore, typed_cells_path
+from smearscope.service.station.typed_cells import (
+    TypedCellsError,
+    TypedCellStore,
+    review_directory,
+    typed_cells_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +101,7 @@ class ClinicFeed:
         self.fhir_topic = config.fhir.topic if config.fhir.enabled else None
         self.gallery: ReviewGallery | None = None
         if config.review.enabled:
-            directory = config.review.directory or Path(config.mqtt.outbox.path).parent / "review"
-            self.gallery = ReviewGallery(config.review, directory, config.mqtt.max_packet_size)
+            self.gallery = ReviewGallery(config.review, review_directory(config), config.mqtt.max_packet_size)
         self.typed_cells_path = typed_cells_path(config)
         self._typing_wanted = config.review.enabled and config.review.typing
         self._store: TypedCellStore | None = None

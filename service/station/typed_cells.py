@@ -244,6 +244,12 @@ def default_path(outbox_path: Path) -> Path:
     return Path(outbox_path).parent / "typed_cells.sqlite3"
 
 
+def review_directory(config: StationConfig) -> Path:
+    """Where the station keeps its overlays and review gallery: `[review] directory`, or `review`
+    beside its outbox (as its typed cells)."""
+    return config.review.directory or Path(config.mqtt.outbox.path).parent / "review"
+
+
 def typed_cells_path(config: StationConfig) -> Path:
     """The station's typed-cells file: `[review] typed_cells_path`, or beside its outbox."""
     return config.review.typed_cells_path or default_path(config.mqtt.outbox.path)

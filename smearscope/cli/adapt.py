@@ -150,7 +150,8 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
             return error(exc.code, exc.message)
         made_at = {p.scale for p in points if p.scale is not None}
         if made_at and (mpp is None or any(abs(v - mpp) > 0.01 * v for v in made_at)):
-            return error("scale_mismatch", f"the template's fields were analysed at {', '.join(f'{v:g}' for v in sorted(made_at))} um/px, this fit "
+            scales = ", ".join(f"{v:g}" for v in sorted(made_at))
+            return error("scale_mismatch", f"the template's fields were analysed at {scales} um/px, this fit "
                          f"at {'an estimated scale' if mpp is None else f'{mpp} um/px'}: the features differ; give "
                          "the same --microns-per-pixel (or the config's)")
         by_image: dict[Path, list[TypedPoint]] = {}

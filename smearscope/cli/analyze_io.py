@@ -63,7 +63,8 @@ def _read_list(name: str) -> list[str]:
     if len(data) > MAX_LIST_BYTES or b"\0" in data:
         raise InputError("bad_list", f"image list {shown(name)} is not a text file of paths")
     # Paths are bytes on Linux: a name that is not UTF-8 is still a name (surrogate escapes).
-    return [os.fsdecode(line.strip()) for line in data.splitlines() if line.strip() and not line.strip().startswith(b"#")]
+    lines = (line.strip() for line in data.splitlines())
+    return [os.fsdecode(line) for line in lines if line and not line.startswith(b"#")]  # `#` starts a comment
 
 
 def list_files(items: list[str]) -> list[Path]:
@@ -77,8 +78,8 @@ def expand_inputs(items: list[str]) -> tuple[list[Input], bool]:
     A directory adds its image files (by suffix), sorted by name; `@LIST` adds the paths a text
     file lists, one per line, no quoting or globbing (spaces around a line trimmed, blank lines
     and lines starting with # skipped; `./@name`, `./#name` and `./ name` name files whose names
-    start with @, # or a space; relative paths from the current directory, as on the command line). Named files are always tried (and rejected if bad). An unusable list is
-    an InputError (the whole call); a directory that cannot be listed is one rejected input.
+    start with @, # or a space; relative paths from the current directory, as on the command
+    line). Named files are always tried (and rejected if bad). An unusable list is an InputError (the whole call); a directory that cannot be listed is one rejected input.
     """
     out: list[Input] = []
     is_set = len(items) > 1

@@ -36,7 +36,8 @@ def cmd_calibrate_scale(args: argparse.Namespace) -> int:
     lo, hi = SCALE_RANGE_UM
     if not lo <= r.microns_per_pixel <= hi:  # a wrong --division-um, or not a micrometer at this magnification
         print(json.dumps({"error": {"code": "implausible_scale", "message": (
-            f"{outside_shown(r.microns_per_pixel, lo, hi)} um/px ({r.period_px:.2f} px per {args.division_um:g} um division) is outside "
+            f"{outside_shown(r.microns_per_pixel, lo, hi)} um/px ({r.period_px:.2f} px per "
+            f"{args.division_um:g} um division) is outside "
             f"{lo}..{hi}, the scales the analyzer accepts: check --division-um against the micrometer's ruling")}}))
         return 2
     if args.json:

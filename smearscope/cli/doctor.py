@@ -189,12 +189,12 @@ def review_file_checks(config) -> list[Check]:
     if not review.enabled:
         return []
     from smearscope.service.station.preflight import outbox_parent_problem
-    from smearscope.service.station.typed_cells import typed_cells_path
+    from smearscope.service.station.typed_cells import review_directory, typed_cells_path
 
     outbox = Path(config.mqtt.outbox.path)
     # beside an outbox whose folder cannot be created: the config files check names it once
     said = outbox_parent_problem(outbox) is not None
-    directory = review.directory or outbox.parent / "review"
+    directory = review_directory(config)
     checks: list[Check] = []
     if not (said and directory.is_relative_to(outbox.parent)):
         problem = _unwritable(directory, directory / "gallery.sqlite")

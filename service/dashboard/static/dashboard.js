@@ -142,8 +142,8 @@ function renderRun(st) {
   }
   const c = r.counts;  // what a count reads beside the differential: cells counted, NRBC per 100 WBC
   st.node.querySelector(".counts").textContent = "RBC " + c.rbc + " · WBC " + c.wbc + " · platelets " + c.platelet +
-    (c.nrbc ? " · NRBC " + c.nrbc + (r.nrbc_per_100_wbc !== null && r.nrbc_per_100_wbc !== undefined
-                                      ? " (" + r.nrbc_per_100_wbc + " per 100 WBC)" : "") : "");
+    (c.nrbc ? " · NRBC " + c.nrbc + (r.nrbc_per_100_wbc != null ? " (" + r.nrbc_per_100_wbc + " per 100 WBC)" : "")
+            : "");
   for (const s of r.wbc_differential) {
     const tr = el("tr");
     tr.dataset.label = s.label;
@@ -228,13 +228,12 @@ function renderReview(st, answer) {
     "(" + gallery.children.length + " of " + answer.total + (answer.not_kept ? ", " + answer.not_kept + " more not kept" : "") + ")";
   if (answer.typed_per_type) showTyped(st, answer.typed_per_type);
   st.reviewNext = answer.next_offset;
-  st.node.querySelector(".more").hidden = answer.next_offset === null;
-  // a refresh (a new field) starts at the first page: the pages the technician opened are asked again
+  // a refresh (a new field) starts at the first page: the pages the technician opened are asked
+  // again, "More" hidden until they are in
   st.reviewLoaded = answer.offset === 0 ? 1 : (st.reviewLoaded || 1) + 1;
-  if (st.reviewLoaded < (st.reviewPages || 1) && answer.next_offset !== null) {
-    st.node.querySelector(".more").hidden = true;  // the pages opened before come first
-    requestReview(st, answer.next_offset);
-  }
+  const refetching = st.reviewLoaded < (st.reviewPages || 1) && answer.next_offset !== null;
+  st.node.querySelector(".more").hidden = answer.next_offset === null || refetching;
+  if (refetching) requestReview(st, answer.next_offset);
   if (answer.overlay) {
     const img = st.node.querySelector(".overlay");
     img.src = "data:image/jpeg;base64," + answer.overlay.jpeg;
