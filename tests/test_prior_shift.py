@@ -61,7 +61,12 @@ def test_a_shift_for_a_class_the_head_lacks_is_refused(tmp_path: Path) -> None:
 def test_the_committed_rbc_head_carries_the_shifts_fitted_on_validation() -> None:
     m = load_manifest(MODELS / "rbc_head.json")
     record = m.metrics["class_log_prior_shift"]
-    assert m.class_log_prior_shift == record["chosen"]
+    # the same raw logit shifts: chosen in calibrated units at the temperature of their fit, kept
+    # when the temperature was refitted (the decision rule chosen on validation unchanged)
+    fit_t = record.get("temperature", m.temperature)
+    assert set(m.class_log_prior_shift) == set(record["chosen"])
+    for c, s in record["chosen"].items():
+        assert m.class_log_prior_shift[c] * m.temperature == pytest.approx(s * fit_t, abs=2e-4)
     # only the classes the fit may move, each the way its rule moves it (a zero shift is left out)
     assert set(record["chosen"]) <= {"normal", "spherocyte", "schistocyte"} and "normal" in record["chosen"]
     assert record["chosen"]["normal"] > 0
