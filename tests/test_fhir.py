@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from test_daemon import oracle_pool
 
 from smearscope.device.synthetic import render_field
+from smearscope.service.analysis.pipeline import Analyzer
 from smearscope.service.analysis.report import (
     ClassShare,
     Counts,
@@ -317,3 +318,26 @@ def test_an_older_reports_grade_interval_and_nrbc_are_derived_or_left_out() -> N
     validate(bundle)
     assert not [o for o in resources(bundle, "Observation")
                 if any(c.get("code") == "58413-6" for c in o["code"].get("coding", []))]
+
+
+@pytest.mark.skipif(not (ROOT / "models" / "seg.json").exists(), reason="models/seg.json not present")
+def test_untyped_white_cells_too_few_for_the_flag_are_not_reported_as_no_atypical_cells() -> None:
+    """A rendered field whose one white cell the WBC head put outside every trained type: too few
+    for `atypical_wbc_present` (3 cells), yet not evidence that none is atypical, so the bundle's
+    atypical-WBC observation has no value (it read `false`); a field whose white cells were all
+    typed still says false, and a flagged one true."""
+    analyzer = Analyzer.from_models_dir(ROOT / "models", warmup=False)
+    field = render_field(2, width=640, height=480, microns_per_pixel=0.1).frame
+    report = analyzer.analyze(field).report
+    assert report.counts.wbc == 1 and [c.atypical for c in report.cells if c.kind == "wbc"] == [True]
+    assert "atypical_wbc_present" not in {f.code for f in report.flags}
+    bundle = report_bundle(report)
+    validate(bundle)
+    atypical = by_code(bundle, codes.LOCAL_OBSERVATION, "atypical-wbc")
+    assert "valueBoolean" not in atypical
+    assert atypical["dataAbsentReason"]["coding"][0]["code"] == "wbc-left-for-review"
+    typed = [s.model_copy(update={"label": "neutrophil"}) for s in report.wbc_differential]
+    all_typed = report_bundle(report.model_copy(update={"wbc_differential": typed}))
+    assert by_code(all_typed, codes.LOCAL_OBSERVATION, "atypical-wbc")["valueBoolean"] is False
+    flagged = report_bundle(current_report())
+    assert by_code(flagged, codes.LOCAL_OBSERVATION, "atypical-wbc")["valueBoolean"] is True

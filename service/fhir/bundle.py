@@ -179,12 +179,12 @@ def _differential(b: _Builder) -> None:
         b.observation("nrbc", _concept(codes.NRBC), valueQuantity=_quantity(value, "/100 WBC", "/100{WBCs}"),
                       component=[_component("count", valueInteger=count),
                                  _component("denominator", valueInteger=leukocytes)])
-    if r.counts.wbc:
+    atypical = report_view.atypical_wbc_present(r)
+    if atypical or (r.counts.wbc and not report_view.untyped_wbc(r)):
+        b.observation("atypical-wbc", _concept(codes.local("atypical-wbc")), valueBoolean=atypical)
+    else:  # no white cell seen, or untyped ones too few for the flag: nothing says there are none atypical
         b.observation("atypical-wbc", _concept(codes.local("atypical-wbc")),
-                      valueBoolean=report_view.atypical_wbc_present(r))
-    else:  # no white cell seen: nothing says there are none atypical
-        b.observation("atypical-wbc", _concept(codes.local("atypical-wbc")),
-                      dataAbsentReason=_concept(codes.local("no-wbc-seen")))
+                      dataAbsentReason=_concept(codes.local("wbc-left-for-review" if r.counts.wbc else "no-wbc-seen")))
 
 
 def _morphology(b: _Builder) -> None:

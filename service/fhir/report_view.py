@@ -15,6 +15,7 @@ import logging
 
 from smearscope.service.analysis.aggregate import RBC_SIZE_IMPLAUSIBLE
 from smearscope.service.analysis.calibration_check import CALIBRATION_SUSPECT
+from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.morphology import ICSH_THRESHOLDS, SIZE_BASED, icsh_grade
 from smearscope.service.analysis.report import ClassShare, Report
 
@@ -93,3 +94,8 @@ def nrbc_per_100_wbc(report: Report) -> tuple[float, int, int] | None:
 
 def atypical_wbc_present(report: Report) -> bool:
     return report_flagged(report, ATYPICAL_FLAG)
+
+
+def untyped_wbc(report: Report) -> int:
+    """White cells the analyzer left untyped (the differential's unidentified row): for review."""
+    return sum(s.count for s in report.wbc_differential if s.label == UNIDENTIFIED)
