@@ -204,15 +204,29 @@ def test_nrbc_flag_lists_the_nucleated_red_cells():
 # -- ICSH table
 @pytest.mark.parametrize("feature", ["microcyte", "macrocyte", "hypochromia"])
 def test_icsh_size_and_colour_grades(feature):
-    assert [icsh_grade(feature, p) for p in (10.9, 11.0, 20.9, 21.0, 50.0, 50.1)] == \
-        ["none", "1+", "1+", "2+", "2+", "3+"]
+    assert [icsh_grade(feature, p) for p in (10.0, 10.5, 11.0, 20.0, 20.5, 21.0, 50.0, 50.1)] == \
+        ["none", "1+", "1+", "1+", "2+", "2+", "2+", "3+"]
 
 
 @pytest.mark.parametrize("feature", ["spherocyte", "target", "stomatocyte", "ovalocyte", "elliptocyte",
                                      "teardrop", "burr", "other_poikilocyte"])
 def test_icsh_shape_grades(feature):
-    assert [icsh_grade(feature, p) for p in (4.9, 5.0, 20.9, 21.0, 50.0, 50.1)] == \
-        ["none", "1+", "1+", "2+", "2+", "3+"]
+    assert [icsh_grade(feature, p) for p in (4.9, 5.0, 20.0, 20.5, 21.0, 50.0, 50.1)] == \
+        ["none", "1+", "1+", "2+", "2+", "2+", "3+"]
+
+
+def test_a_share_between_icsh_ranges_takes_the_grade_above():
+    """ICSH's whole-percent ranges are contiguous: 41 target cells of 200 (20.5 %) are past 1+'s
+    "5-20 %" and read 2+, as 101 of 200 (50.5 %) read 3+ ("> 50 %"); 21 microcytes of 200
+    (10.5 %) are past "none" and read 1+. They read 1+, 3+ and none: 2+ started at 21 %, 3+ just
+    above 50 %."""
+    def row(label, k, n=200):
+        cells = [_cell(CellKind.RBC, "normal")] * (n - k) + [_cell(CellKind.RBC, label)] * k
+        return next(s for s in aggregate(cells).rbc_morphology if s.label == label)
+    assert (row("target", 41).percent, row("target", 41).grade) == (20.5, "2+")
+    assert row("target", 40).grade == "1+" and row("target", 101).grade == "3+" and row("target", 100).grade == "2+"
+    assert (row("microcyte", 21).percent, row("microcyte", 21).grade) == (10.5, "1+")
+    assert row("microcyte", 20).grade == "none" and row("hypochromia", 41).grade == "2+"
 
 
 def test_sickle_cells_are_graded_like_schistocytes():

@@ -259,9 +259,9 @@ def test_sickle_flag_is_critical_only_with_enough_confident_cells():
 
 
 def test_icsh_grades():
-    assert [icsh_grade("spherocyte", p) for p in (4.9, 5.0, 20.9, 21.0, 50.0, 50.1)] == \
+    assert [icsh_grade("spherocyte", p) for p in (4.9, 5.0, 20.0, 21.0, 50.0, 50.1)] == \
         ["none", "1+", "1+", "2+", "2+", "3+"]
-    assert [icsh_grade("microcyte", p) for p in (10.9, 11.0, 21.0, 51.0)] == ["none", "1+", "2+", "3+"]
+    assert [icsh_grade("microcyte", p) for p in (10.0, 11.0, 21.0, 51.0)] == ["none", "1+", "2+", "3+"]
     assert [icsh_grade("schistocyte", p) for p in (0.0, 0.5, 1.0, 2.0, 2.5)] == ["none", "1+", "2+", "2+", "3+"]
     cells = [_cell(CellKind.RBC, "normal")] * 70 + [_cell(CellKind.RBC, "target")] * 30
     target = next(s for s in aggregate(cells).rbc_morphology if s.label == "target")

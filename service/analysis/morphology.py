@@ -13,6 +13,11 @@ red cells showing the feature, with thresholds per feature:
   calls the head made at the confidence the critical flag needs (`graded_count`); less sure calls
   are counted and listed for review by the flag, not graded.
 
+ICSH writes its ranges in whole percent and they are contiguous: a share between two of them
+(20.5 % microcytes) is above the lower range and takes the grade above (2+), as 50.5 % takes 3+
+("> 50 %") and 2.5 % schistocytes 3+ ("> 2 %"); so 1+ of size and colour starts above 10 %, 2+
+above 20 %, 3+ above 50 %, and 1+ of shapes at 5 %.
+
 Below 1+ the grade is "none" (the count stays in the report for audit). Each grade comes with
 the grades at the ends of the share's Wilson 95 % interval, so a grade resting on a handful of
 cells says so.
@@ -26,6 +31,7 @@ to its most likely shape class, the size classes' probability counted as normal 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,10 +39,16 @@ import numpy as np
 #: Classes whose call rests on the cell's size in micrometres.
 SIZE_BASED = frozenset({"microcyte", "macrocyte", "spherocyte"})
 
+
+def _over(percent: float) -> float:
+    """The least share above `percent` (a bound that ICSH's "> x %" or the range after "..-x %" starts at)."""
+    return math.nextafter(percent, math.inf)
+
+
 #: (1+, 2+, 3+) lower bounds in percent of red cells; grade "1+" starts at the first bound.
-_SIZE_COLOUR = (11.0, 21.0, 50.0001)
-_SHAPE = (5.0, 21.0, 50.0001)
-_LOW = (0.0001, 1.0, 2.0001)
+_SIZE_COLOUR = (_over(10.0), _over(20.0), _over(50.0))
+_SHAPE = (5.0, _over(20.0), _over(50.0))
+_LOW = (_over(0.0), 1.0, _over(2.0))
 ICSH_THRESHOLDS: dict[str, tuple[float, float, float]] = {
     "microcyte": _SIZE_COLOUR, "macrocyte": _SIZE_COLOUR, "hypochromia": _SIZE_COLOUR,
     "spherocyte": _SHAPE, "target": _SHAPE, "stomatocyte": _SHAPE, "ovalocyte": _SHAPE,
