@@ -398,3 +398,26 @@ def test_the_summary_lists_the_flags_and_reads_no_sizes_under_a_calibration_in_d
     shares = next((ln for ln in out.splitlines() if ln.startswith("  RBC: ")), "")
     for label in ("macrocyte", "microcyte", "spherocyte"):  # size-based: said not assessable, never given a share
         assert label in doubted and label not in shares, out
+
+
+@needs_models
+@pytest.mark.realdata
+def test_the_summary_shows_every_graded_red_cell_finding_with_its_grade():
+    """Chula RBC-12 field 119 (scale estimated): 2 schistocytes of 91 red cells, ICSH 3+, too few for
+    the schistocyte flag and the 7th row by count. The summary printed the 6 most frequent rows
+    without grades, so a technician reading it never saw them; now every finding graded 1+ or more
+    is listed, each with its grade."""
+    from realdata import DATA
+
+    image = DATA / "chula_rbc12" / "Dataset" / "119.jpg"
+    if not image.is_file():
+        pytest.skip(f"Chula RBC-12 not found under {DATA} (set SMEARSCOPE_DATA)")
+    text = smearscope("analyze", str(image))
+    report = json.loads(smearscope("analyze", str(image), "--json").stdout)
+    assert text.returncode == 0, text.stderr[-800:]
+    shares = next(line for line in text.stdout.splitlines() if line.startswith("  RBC: "))
+    graded = [s for s in report["rbc_morphology"] if s["grade"] not in (None, "none")]
+    assert "schistocyte" in {s["label"] for s in graded} and "schistocytes_present" not in str(report["flags"])
+    assert [s["label"] for s in report["rbc_morphology"]].index("schistocyte") >= 6
+    for s in graded:
+        assert f"{s['label']} {s['percent']:.1f}% ({s['grade']})" in shares, shares

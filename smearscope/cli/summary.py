@@ -23,8 +23,12 @@ def summarize(report: Report) -> str:
         lines.append("  WBC: " + ", ".join(f"{s.label} {s.count} ({s.percent:.0f}%)" for s in r.wbc_differential))
     doubted = report_view.calibration_in_doubt(r)  # a calibration in doubt: sizes not read
     shares = [s for s in r.rbc_morphology if report_view.assessable(r, s)]
-    if shares:
-        lines.append("  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" for s in shares[:6]))
+    graded = {s.label: g for s in shares if (g := report_view.grade(s)) not in (None, "none")}
+    # the most frequent rows, and every finding graded 1+ or more however few its cells (schistocytes)
+    shown = [s for i, s in enumerate(shares) if i < 6 or s.label in graded]
+    if shown:
+        lines.append("  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" + (f" ({graded[s.label]})" if s.label in graded
+                                                                            else "") for s in shown))
     unassessed = [s.label for s in r.rbc_morphology if not report_view.assessable(r, s)]
     if doubted:  # rows are only the classes seen: every size-based one goes unread, seen or not
         unassessed = sorted(set(unassessed) | SIZE_BASED)
