@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from realdata import DATA, needs_models
 from test_fhir import validate
 from test_station_means import _fields
 from test_typed_cells import _config_text, _station
 
 from smearscope.device.frame import Frame
+from smearscope.service.analysis.pipeline import Analyzer
 from smearscope.service.analysis.records import CellKind
 from smearscope.service.analysis.report import Verification
 from smearscope.service.fhir import codes
 from smearscope.service.fhir.bundle import report_bundle
+from smearscope.service.station.clinic import _left_to_review
 from smearscope.service.station.review import needs_review
 from smearscope.service.station.specimen import ClosedRun, SpecimenRun, cell_keys
 from smearscope.service.station.typed_cells import TypeableCell
@@ -680,3 +684,23 @@ def test_a_verification_is_signed_with_a_name_of_1_to_64_printable_characters(tm
         owner.join(2)
         analysis.close()
         feed.close()
+
+
+@needs_models
+@pytest.mark.realdata
+def test_schistocyte_calls_are_sent_to_review_like_sickle_calls():
+    """Chula RBC-12 field 119: the RBC head calls 2 of 91 red cells schistocytes (ICSH 3+, a
+    thrombotic microangiopathy's clue). They were not cells to review: the gallery never offered
+    them, and a run signed without anyone seeing them said 'left to review: 0' of them."""
+    image = DATA / "chula_rbc12" / "Dataset" / "119.jpg"
+    if not image.is_file():
+        pytest.skip(f"Chula RBC-12 not found under {DATA} (set SMEARSCOPE_DATA)")
+    analyzer = Analyzer.from_models_dir(Path(__file__).resolve().parents[1] / "models", warmup=False)
+    result = analyzer.analyze(Frame(cv2.imread(str(image)), image.name, str(image)))
+    schisto = [i for i, c in enumerate(result.report.cells) if c.label == "schistocyte"]
+    assert len(schisto) == 2
+    assert all(needs_review(result.report.cells[i]) is not None for i in schisto)
+    run = SpecimenRun(run_id="s", started_at=0.0, started_by="command", target_wbc=100)
+    assert run.add(result, 1.0)
+    unsent = sum(needs_review(r) is not None for r in run.records if r.label != "schistocyte")
+    assert _left_to_review(run, {}) == unsent + 2

@@ -43,8 +43,9 @@ from smearscope.service.station.typed_cells import TypeableCell
 logger = logging.getLogger(__name__)
 
 UNIDENTIFIED = "unidentified"
-#: Labels a technician should see even when the head was confident (rare or critical calls).
-ATYPICAL_LABELS = frozenset({"atypical", "erythroblast", "ig", "sickle"})
+#: Labels a technician should see even when the head was confident (rare or critical calls:
+#: schistocytes over 1 % point to a thrombotic microangiopathy, and their flag asks for review).
+ATYPICAL_LABELS = frozenset({"atypical", "erythroblast", "ig", "sickle", "schistocyte"})
 #: Closed runs whose galleries stay in memory (the open run is always kept).
 KEEP_RUNS = 4
 _JPEG = [int(cv2.IMWRITE_JPEG_QUALITY), 80]
