@@ -15,7 +15,12 @@ import pytest
 from test_nucleated import _disc, _disc_field
 from test_open_set_flags import _cell
 
-from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate, is_classified_wbc
+from smearscope.service.analysis.aggregate import (
+    AggregateThresholds,
+    aggregate,
+    is_classified_wbc,
+    wilson_interval,
+)
 from smearscope.service.analysis.classify import UNIDENTIFIED, HeadResult
 from smearscope.service.analysis.morphology import (
     SIZE_BASED,
@@ -78,6 +83,11 @@ def test_sickle_cells_graded_only_on_the_calls_as_sure_as_the_critical_flag_need
     sure = next(s for s in aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.8)]).rbc_morphology
                 if s.label == "sickle")
     assert (sure.count, sure.graded_count, sure.grade) == (1, None, "1+")  # at the bound: every call graded
+    # no sure call among 3 red cells: the interval's low end is exactly 0, graded none
+    few = next(s for s in aggregate(normal[:2] + [_cell(CellKind.RBC, "sickle", 0.5)]).rbc_morphology
+               if s.label == "sickle")
+    assert (few.grade, few.grade_ci_low, few.grade_ci_high) == ("none", "none", "3+")
+    assert all(wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0 for n in range(1, 2000))
     lowered = aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.5)], AggregateThresholds(sickle_min_confidence=0.5))
     assert next(s for s in lowered.rbc_morphology if s.label == "sickle").grade == "1+"
 

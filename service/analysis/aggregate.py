@@ -35,7 +35,9 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exact at the ends (0 of n reaches down to 0, n of n up to 1): rounding left 5e-17 above 0,
+    # which an ICSH bound "above 0 %" (schistocytes, sickle cells) reads as 1+
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
 def share_rows(c: Counter[str], of: int | None = None) -> list[ClassShare]:
