@@ -341,3 +341,32 @@ def test_untyped_white_cells_too_few_for_the_flag_are_not_reported_as_no_atypica
     assert by_code(all_typed, codes.LOCAL_OBSERVATION, "atypical-wbc")["valueBoolean"] is False
     flagged = report_bundle(current_report())
     assert by_code(flagged, codes.LOCAL_OBSERVATION, "atypical-wbc")["valueBoolean"] is True
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (ROOT / "models" / "seg.json").exists(), reason="models/seg.json not present")
+def test_the_diameter_cv_is_not_presented_as_an_rdw() -> None:
+    """Normal-looking BCCD blood at its known scale: the red cells' diameters vary by about 7 %,
+    under the 11.5-14.5 % an RDW-CV (of volumes) reads for normal blood. Called 'RDW-like' in the
+    schema and the bundle, it read as a low RDW, and an anisocytosis's 10 % as a normal one; both
+    now say it is of diameters, not an RDW."""
+    from realdata import BCCD, BCCD_MICRONS_PER_PIXEL
+
+    from smearscope.device.frame import Frame
+    from smearscope.service.analysis.report import SizeStats
+
+    images = sorted((BCCD / "JPEGImages").glob("*.jpg"))[:100:25]
+    if not images:
+        pytest.skip(f"BCCD not found under {BCCD}")
+    analyzer = Analyzer.from_models_dir(ROOT / "models", warmup=False)
+    run = SpecimenRun(target_wbc=100, started_at=0.0)
+    for img in images:
+        assert run.add(analyzer.analyze(Frame(cv2.imread(str(img)), img.name, str(img),
+                                              microns_per_pixel=BCCD_MICRONS_PER_PIXEL)), 1.0)
+    report = run.report(station_id="s", now=2.0, end_reason="stopped")
+    assert report.rbc_size.calibrated and report.rbc_size.n >= 20 and report.rbc_size.cv_percent < 11.5
+    cv = component(by_code(report_bundle(report), codes.LOCAL_OBSERVATION, "rbc-diameter"), "cv")
+    assert cv["valueQuantity"]["value"] == report.rbc_size.cv_percent
+    for text in (cv["code"]["coding"][0]["display"], SizeStats.model_fields["cv_percent"].description):
+        assert "not an RDW" in text or "not volumes" in text, text
+        assert "RDW-like" not in text, text

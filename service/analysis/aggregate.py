@@ -52,7 +52,7 @@ def share_rows(c: Counter[str], of: int | None = None) -> list[ClassShare]:
 
 
 def size_stats(diameters: Sequence[float]) -> SizeStats:
-    """Red-cell diameters at a calibrated scale: mean, SD, CV (RDW-like), median and a histogram."""
+    """Red-cell diameters at a calibrated scale: mean, SD, CV (of diameters, not an RDW), median and a histogram."""
     dist = size_distribution(diameters)
     d = np.asarray(diameters, float)
     d = d[np.isfinite(d)]  # as the distribution's mean and SD

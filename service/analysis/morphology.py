@@ -70,7 +70,7 @@ def icsh_grade(feature: str, percent: float) -> str:
 
 @dataclass(frozen=True)
 class SizeDistribution:
-    """Red-cell equivalent diameters (calibrated scale only): an RDW-like CV and a histogram."""
+    """Red-cell equivalent diameters (calibrated scale only): their CV (anisocytosis; not an RDW, which is of volumes) and a histogram."""
 
     n: int
     mean_um: float | None

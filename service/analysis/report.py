@@ -136,7 +136,7 @@ class SizeStats(_Strict):
     n: int
     mean_diameter_um: float | None
     sd_um: float | None
-    cv_percent: float | None = Field(description="SD / mean of red-cell diameters, percent (an RDW-like figure)")
+    cv_percent: float | None = Field(description="SD / mean of red-cell diameters, percent: anisocytosis, but of diameters, not volumes as an analyzer's RDW-CV, so about half of it (normal-looking BCCD blood, calibrated: 7 %); RDW's reference range does not apply")
     median_diameter_um: float | None
     calibrated: bool = Field(True, description="sizes come from a given (calibrated) scale; false: the scale was "
                              "estimated from the red cells, so their sizes are not reported")

@@ -97,7 +97,7 @@ LOCAL_CODES: dict[str, str] = {
     "diameter-bin": "Red cells in this diameter bin (the code's text names the bin)",
     "nrbc": "Nucleated red cells",
     "artefact": "Objects a technician typed as no cell (verified reports)",
-    "sd": "Standard deviation", "cv": "Coefficient of variation (RDW-like)", "median": "Median",
+    "sd": "Standard deviation", "cv": "Coefficient of variation of red-cell diameters (not an RDW, which is of volumes: about half of it)", "median": "Median",
     "n": "Cells measured", "rbc": "Red cells", "wbc": "White cells", "platelet": "Platelets",
 }
 
