@@ -1,0 +1,170 @@
+"""The documents against the code: every option docs/CLI.md's synopsis names exists, every
+command line the README and the other documents show parses, every stable code a user may see is
+documented, and the keys the example config shows commented out are real ones."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+import typing
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from smearscope.cli import build_parser
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10, JetPack 6's
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "docs/CLI.md", "docs/STATION.md", "docs/MQTT.md", "docs/FHIR.md", "docs/RESULTS.md",
+        "models/README.md", "training/README.md")
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def _text(name: str) -> str:
+    return (ROOT / name).read_text(encoding="utf-8")
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    return {s for a in parser._actions for s in a.option_strings}
+
+
+def _synopsis() -> list[tuple[str, str]]:
+    """docs/CLI.md's first block, one (subcommand, its text) per `smearscope CMD` entry; an
+    indented line continues the entry above it."""
+    block = re.search(r"```sh\n(.*?)```", _text("docs/CLI.md"), re.DOTALL).group(1)  # type: ignore[union-attr]
+    entries: list[list[str]] = []
+    for line in block.splitlines():
+        if line.startswith("smearscope "):
+            entries.append([line])
+        elif line.startswith(" ") and line.strip().startswith("[") and entries:
+            entries[-1].append(line)
+    out = []
+    for lines in entries:
+        text = " ".join(line.split("#", 1)[0] for line in lines)
+        words = [w for w in text.split()[1:] if re.fullmatch(r"[a-z][a-z-]+", w)]
+        out.append((words[0] if words else "", text))  # "": the options of no subcommand
+    return out
+
+
+def test_the_synopsis_names_every_subcommand_and_only_options_that_exist():
+    commands = _subcommands()
+    entries = _synopsis()
+    assert {cmd for cmd, _ in entries if cmd} == set(commands), "CLI.md synopsis vs the parser"
+    top = _options(build_parser())
+    for cmd, text in entries:
+        known = top | (_options(commands[cmd]) if cmd in commands else set())
+        missing = sorted(set(OPTION.findall(text)) - known)
+        assert not missing, f"docs/CLI.md: smearscope {cmd}: {missing} not options of the command"
+
+
+def _command_lines() -> list[tuple[str, list[str]]]:
+    """Every concrete `smearscope ...` command line of the documents' code blocks and inline code
+    (the synopsis' notation, with [optional] parts and alternatives, left out)."""
+    found: list[tuple[str, list[str]]] = []
+    for name in DOCS:
+        text = _text(name)
+        blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.DOTALL)
+        if name == "docs/CLI.md":
+            blocks = blocks[1:]
+        lines = [(line, False) for block in blocks for line in re.sub(r"\\\n\s*", " ", block).splitlines()]
+        lines += [(line, True) for line in re.findall(r"`([^`\n]*\bsmearscope [a-z][^`\n]*)`", text)]
+        for line, inline in lines:
+            m = re.search(r"(?:^|[\s/])smearscope\s+((?:--log-level \S+ )?[a-z][a-z-]+\b.*)$", line)
+            if m is None:
+                continue
+            command = m.group(1).split(" #", 1)[0].strip()
+            if any(c in command for c in "[]|<>{}") or command.split()[0 if command[0] != "-" else 2] \
+                    not in _subcommands():
+                continue
+            words = shlex.split(command)  # "...": an option's value left out, or more of the same
+            argv = [w if w != "..." else "x" for i, w in enumerate(words)
+                    if w != "..." or (i and words[i - 1].startswith("--"))]
+            if inline and len(argv) < 3:  # a command named in a sentence ("what `smearscope analyze` prints")
+                continue
+            found.append((name, argv))
+    return found
+
+
+def test_every_documented_command_line_parses():
+    lines = _command_lines()
+    assert len(lines) > 20  # the documents show many; a broken search would check none
+    parser = build_parser()
+    for name, argv in lines:
+        try:
+            parser.parse_args(argv)
+        except SystemExit as exc:
+            pytest.fail(f"{name}: `smearscope {' '.join(argv)}` is refused by the parser (exit {exc.code})")
+
+
+def test_every_reject_code_of_the_decoder_is_documented():
+    """The codes are a stable contract (docs/CLI.md "Errors", which STATION.md and MQTT.md point to)."""
+    from smearscope.device.ingest.errors import RejectReason
+
+    cli = _text("docs/CLI.md")
+    missing = [r.value for r in RejectReason if f"`{r.value}`" not in cli]
+    assert not missing, f"docs/CLI.md does not name {missing}"
+
+
+def test_every_station_command_is_in_the_documents():
+    from smearscope.service.station.commands import COMMAND_ARGUMENTS
+
+    station, readme = _text("docs/STATION.md"), _text("README.md")
+    for name, arguments in COMMAND_ARGUMENTS.items():
+        row = re.search(rf"^\| `{name}` \| ([^|]*)\|", station, re.MULTILINE)
+        assert row is not None, f"docs/STATION.md's command table lacks {name}"
+        payload = json.loads(re.search(r"`(\{.*\})`", row.group(1)).group(1))  # type: ignore[union-attr]
+        assert set(payload) == set(arguments), f"docs/STATION.md: {name}'s arguments"
+        assert f"`{name}`" in readme, f"README's command list lacks {name}"
+
+
+def _section_fields(model: type[pydantic.BaseModel], path: list[str]) -> set[str]:
+    """The keys a TOML section may hold: `path` walked down the config models (a union's members
+    pooled, as for the source kinds)."""
+    models = [model]
+    for part in path:
+        nxt = []
+        for m in models:
+            field = m.model_fields[part]
+            stack = [field.annotation]
+            while stack:
+                t = stack.pop()
+                if isinstance(t, type) and issubclass(t, pydantic.BaseModel):
+                    nxt.append(t)
+                else:
+                    stack.extend(typing.get_args(t))
+        models = nxt
+    assert models, path
+    return {f for m in models for f in m.model_fields}
+
+
+def test_the_example_configs_commented_keys_are_real():
+    """config/station.example.toml shows options commented out (`# key = value`): each must be a
+    key of its section, or a user who uncomments it gets a config the station refuses."""
+    from smearscope.service.config.station import StationConfig
+
+    text = _text("config/station.example.toml")
+    tomllib.loads(text)  # the example itself is TOML
+    section: list[str] = []
+    checked = 0
+    for line in text.splitlines():
+        if m := re.match(r"^#?\s*\[([a-z_.]+)\]", line):
+            section = m.group(1).split(".")
+            continue
+        if m := re.match(r"^#\s*([a-z_]+) = \S", line):
+            assert m.group(1) in _section_fields(StationConfig, section), f"[{'.'.join(section)}] {m.group(1)}"
+            checked += 1
+    assert checked > 10
