@@ -168,3 +168,10 @@ def test_the_example_configs_commented_keys_are_real():
             assert m.group(1) in _section_fields(StationConfig, section), f"[{'.'.join(section)}] {m.group(1)}"
             checked += 1
     assert checked > 10
+
+
+def test_product_documents_describe_the_product_not_the_work_items():
+    """Bars are stated as what they are; a tracker's numbering ("issue 16") means nothing to a reader."""
+    for name in DOCS:
+        cited = re.findall(r"\b[Ii]ssue \d+", _text(name))
+        assert not cited, f"{name} cites {cited}"
