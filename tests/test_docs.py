@@ -175,3 +175,10 @@ def test_product_documents_describe_the_product_not_the_work_items():
     for name in DOCS:
         cited = re.findall(r"\b[Ii]ssue \d+", _text(name))
         assert not cited, f"{name} cites {cited}"
+
+
+def test_every_option_says_what_it_does_in_help():
+    """`smearscope CMD --help` is the first document a user reads: no option is left bare there."""
+    bare = [f"{name} {' '.join(a.option_strings) or a.dest}" for name, parser in _subcommands().items()
+            for a in parser._actions if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert not bare, f"options without help: {bare}"

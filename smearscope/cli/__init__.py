@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "one path per line) with the models loaded once. Each image gives one line on stdout: its "
                        "report, or its error; a rejected image never stops the batch (exit status 2 if "
                        "any was rejected).")
-    a.add_argument("images", nargs="+", metavar="IMAGE")
+    a.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (JPEG, PNG, TIFF), folders of them, or @LIST files naming one per line")
     a.add_argument("--microns-per-pixel", type=float, default=None,
                    help=f"the images' scale in um/px, {SCALE_RANGE_UM[0]} to {SCALE_RANGE_UM[1]} (smearscope "
                    "calibrate-scale measures it); estimated from the red cells when omitted")
@@ -139,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--detections-floor", type=float, default=None,
                    help="lowest calibrated detector confidence written by --detections (default 0.001: "
                    "every detection above the detector's raw floor, as mAP evaluations rank them)")
-    a.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
-    a.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    a.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR,
+                   help="folder of the models and their manifests (default: the packaged models)")
+    a.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="inference engine (default onnxruntime; tensorrt: engines from build-engines)")
     a.add_argument("--stain", default="auto", choices=["auto", "macenko", "vahadane", "none"],
                    help="auto: as each model was trained (manifest); macenko/vahadane/none: force for all models")
     a.set_defaults(func=_lazy("analyze", "cmd_analyze"))
@@ -149,16 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fields", type=_count, default=3, help="fields to render and analyze (default 3)")
     d.add_argument("--seed", type=_seed, default=1, help="the first field's seed; the same seed renders the same "
                    "fields (default 1)")
-    d.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
-    d.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    d.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR,
+                   help="folder of the models and their manifests (default: the packaged models)")
+    d.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="inference engine (default onnxruntime; tensorrt: engines from build-engines)")
     d.set_defaults(func=_lazy("demo", "cmd_demo"))
 
     s = sub.add_parser("schema", help="print (or --write) the report JSON Schema")
-    s.add_argument("--write", action="store_true")
+    s.add_argument("--write", action="store_true",
+                   help="rewrite schemas/report.schema.json in the source tree instead of printing")
     s.set_defaults(func=_lazy("artifacts", "cmd_schema"))
 
     v = sub.add_parser("validate-config", help="check a station config file and exit")
-    v.add_argument("config", type=Path)
+    v.add_argument("config", type=Path, help="the station TOML (e.g. /etc/smearscope/station.toml)")
     v.set_defaults(func=_lazy("station", "cmd_validate_config"))
 
     r = sub.add_parser("run", help="run the station daemon")
@@ -237,10 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_lazy("doctor", "cmd_install_models"))
 
     b = sub.add_parser("build-engines", help="build TensorRT engines for the models (Jetson only)")
-    b.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
+    b.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR,
+                   help="folder of the ONNX models and manifests (default: the packaged models)")
     b.add_argument("--cache", type=Path, default=None,
                    help="engine folder (default: MODELS/engines, where the tensorrt backend looks)")
-    b.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8"])
+    b.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8"],
+                   help="default fp16; int8 needs --calibration (or a saved calibration cache)")
     b.add_argument("--calibration", type=Path, default=None, help="folder of canonical tiles/crops for INT8")
     b.add_argument("--cuda-api", default="auto", choices=["auto", "pycuda", "cuda-python"],
                    help="CUDA binding for the INT8 calibrator's buffer (auto: pycuda, else cuda-python)")
