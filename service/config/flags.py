@@ -12,7 +12,8 @@ class FlagsConfig(StationBaseModel):
 
     min_wbc_for_differential: int = Field(
         default=100, ge=1, le=1000, title="WBC for a differential",
-        description="Below this many white cells a report says the differential is not yet reliable.")
+        description="Below this many typed white cells (unidentified ones, sent to review, do not count) a "
+        "report says the differential is not yet reliable (too_few_wbc_for_differential).")
     min_rbc_for_morphology: int = Field(
         default=200, ge=1, le=100_000, title="Red cells for morphology grades",
         description="Below this many red cells a report says its morphology grades rest on too few cells.")
