@@ -42,9 +42,9 @@ class ReviewConfig(StationBaseModel):
         description="Keep crops of unidentified and atypical cells per run (command get_review) "
         "and each field's overlay on disk.")
     directory: ConfigPath | None = Field(
-        default=None, title="Overlay directory",
-        description="Where per-field overlays are written, one folder per run; default: 'review' "
-        "beside the outbox file.")
+        default=None, title="Review directory",
+        description="Where per-field overlays are written, one folder per run, and the gallery's crops "
+        "are kept (gallery.sqlite); default: 'review' beside the outbox file.")
     max_disk_mb: float = Field(
         default=200.0, gt=0, title="Overlay disk cap (MB)",
         description="Above this many megabytes of overlays the oldest are deleted, oldest run first.")
