@@ -182,3 +182,28 @@ def test_every_option_says_what_it_does_in_help():
     bare = [f"{name} {' '.join(a.option_strings) or a.dest}" for name, parser in _subcommands().items()
             for a in parser._actions if not a.help and not isinstance(a, argparse._HelpAction)]
     assert not bare, f"options without help: {bare}"
+
+
+def test_every_config_key_is_named_in_a_document():
+    """A station's owner learns the keys from the example config and the documents (the models'
+    descriptions back them): a key named nowhere is one nobody knows to set."""
+    from smearscope.service.config.station import StationConfig
+
+    text = "".join(_text(n) for n in ("config/station.example.toml", "docs/STATION.md", "docs/MQTT.md",
+                                      "docs/CLI.md", "docs/FHIR.md", "README.md"))
+    unnamed: list[str] = []
+
+    def walk(model: type[pydantic.BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if not re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text):
+                unnamed.append(prefix + name)
+            stack = [field.annotation]
+            while stack:
+                t = stack.pop()
+                if isinstance(t, type) and issubclass(t, pydantic.BaseModel):
+                    walk(t, f"{prefix}{name}.")
+                else:
+                    stack.extend(typing.get_args(t))
+
+    walk(StationConfig, "")
+    assert not unnamed, f"config keys no document names: {unnamed}"
