@@ -143,8 +143,9 @@ class MqttConfig(BaseModel):
         ge=1,
         title="Field message expiry (s)",
         description=(
-            "MQTT 5 MessageExpiryInterval for per-field messages, counted from their creation; "
-            "field messages older than this are dropped from the outbox. Reports never expire."
+            "MQTT 5 MessageExpiryInterval for per-field messages (field, cells and the retained run "
+            "state), counted from their creation; such messages older than this are dropped from the "
+            "outbox. Reports and FHIR bundles never expire."
         ),
     )
     reconnect_min_delay_s: int = Field(
