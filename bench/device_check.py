@@ -2,7 +2,7 @@
 
     python -m bench.device_check --cuda cuda-python [--json OUT.json] [--fields 3] [--quick]
 
-Run by `bench/device_check.sh` on a lent GPU machine (no TensorRT there). For each model it
+Run by `bench/device_check.sh` on a GPU machine (no TensorRT there). For each model it
 loads `engines.tensorrt_engine.TensorRtEngine` with the stand-in (the ONNX network executed as
 PyTorch CUDA kernels on the stream the engine passes to execute_async_v3) and checks, against
 ONNX Runtime on the CPU:

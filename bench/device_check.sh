@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The TensorRT backend's CUDA side on a lent GPU machine (see bench/device_check.py).
+# The TensorRT backend's CUDA side on a GPU machine (see bench/device_check.py).
 #
 # Carried in the ignored folder .whl/: wheels for Python 3.12 the machine lacks (pydantic and its
 # parts, onnx2torch, pycuda's pure-Python dependencies) and pycuda's source archive. pycuda has no

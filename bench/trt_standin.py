@@ -13,7 +13,7 @@ bound, so every buffer, copy, lane and stream of the real backend is exercised:
                           enqueued on the stream handle given to execute_async_v3, asynchronously;
                           with `sleep_cycles` a GPU busy-wait is enqueued before the outputs are
                           written, so an engine that does not wait for its stream reads stale ones
-                          (`bench.device_check` on a lent GPU)
+                          (`bench.device_check` on a GPU)
 
 Install it with `install()` (puts it in `sys.modules["tensorrt"]`); `write_engine()` writes the
 "engine" file where `TensorRtEngine` looks for it. What it cannot tell: anything about TensorRT

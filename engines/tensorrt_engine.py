@@ -2,10 +2,10 @@
 CUDA streams, pinned host buffers sized to the profile's maximum batch.
 
 TensorRT itself has NOT RUN anywhere in this project (it cannot be installed on the development
-machines, and the lent GPU machines have no TensorRT either). Everything around it has: with
+machines, and the GPU machines used have no TensorRT either). Everything around it has: with
 `bench.trt_standin` in place of the `tensorrt` module (same calls, the network executed by ONNX
 Runtime on the host in `tests/test_tensorrt_engine.py`, by PyTorch's CUDA kernels on the given
-stream in `bench.device_check` on a lent H200), this class ran with real pinned memory, device
+stream in `bench.device_check` on an H200), this class ran with real pinned memory, device
 buffers, streams and asynchronous copies through both CUDA APIs (`engines.cuda_api`). See
 docs/RESULTS.md, "What was verified on which hardware".
 

@@ -1,7 +1,7 @@
 """ONNX -> TensorRT engine (FP16 / INT8) per model, keyed by TensorRT version + ONNX hash.
 
 NOT RUN anywhere in this project: TensorRT cannot be installed on the development machines, and
-the lent GPU machines have none either. Written against the TensorRT 10 Python API; the pure parts
+the GPU machines used have none either. Written against the TensorRT 10 Python API; the pure parts
 (engine naming, profiles, calibration batches, the printed trtexec command) are unit-tested, and
 the calibrator's CUDA calls go through `engines.cuda_api`, which ran on a GPU (bench.device_check).
 Build engines once, on the Jetson, before the service starts (`smearscope build-engines`), as

@@ -1,4 +1,4 @@
-"""training.pack_remote: the folder a lent GPU machine trains from keeps every image and label."""
+"""training.pack_remote: the folder a GPU machine trains from keeps every image and label."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pack what `training/remote_seg.sh` needs on a lent GPU machine into `.gpu/` (git-ignored).
+"""Pack what `training/remote_seg.sh` needs on a GPU machine into `.gpu/` (git-ignored).
 
     python -m training.pack_remote --seg build/seg_pbc3 --init build/wise/end30/weights/a30.pt
     python -m training.pack_remote --seg build/seg_labs --mix mix --init build/recovered/seg.pt   # prep_labs + lab_mix
@@ -6,7 +6,7 @@
 The GPU machine has PyTorch, torchvision, OpenCV and no network. This writes:
   .gpu/site.tgz     ultralytics, ultralytics_platform and thop from this environment (pure Python,
                     no __pycache__) and a polars stand-in (ultralytics reads results.csv back with
-                    polars inside a try/except; the real wheel is 170 MB, over the carry limit)
+                    polars inside a try/except; the real wheel is 170 MB, too large to carry along)
   .gpu/seg.tgz      the prep_seg folder's images as JPEG (quality 93; --format .webp: WebP 90) and
                     its labels, train + val;
                     with --mix NAME also lab_mix's lists as seg/train.txt and seg/val.txt (entries
@@ -35,7 +35,7 @@ from training.env import offline_ultralytics
 
 logger = logging.getLogger(__name__)
 
-POLARS_STANDIN = '''"""Stand-in for polars on the lent GPU machine (see training/pack_remote.py)."""
+POLARS_STANDIN = '''"""Stand-in for polars on the GPU machine (see training/pack_remote.py)."""
 
 
 def read_csv(*args, **kwargs):

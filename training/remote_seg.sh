@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Detector training runs on a lent GPU machine (no network there), several runs side by side.
+# Detector training runs on a GPU machine (no network there), several runs side by side.
 #
 # What travels in the ignored folder .gpu/ (`python -m training.pack_remote` builds it here):
 #   site.tgz     ultralytics, ultralytics_platform, thop (pure Python) and a polars stand-in
