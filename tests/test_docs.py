@@ -1,6 +1,8 @@
-"""The documents against the code: every option docs/CLI.md's synopsis names exists, every
-command line the README and the other documents show parses, every stable code a user may see is
-documented, and the keys the example config shows commented out are real ones."""
+"""The documents against the code: every option docs/CLI.md's synopsis names exists and every
+option has help, every command line the documents show parses, the decoder's reject codes and the
+station's commands are documented, every config key is named somewhere and the keys the example
+config shows commented out are real ones; and the product documents describe the product, not the
+work that made it."""
 
 from __future__ import annotations
 
