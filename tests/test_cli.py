@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from smearscope.device.synthetic import render_field
+from smearscope.service.analysis.morphology import SIZE_BASED
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_models = pytest.mark.skipif(not (ROOT / "models" / "seg.json").exists(), reason="models/seg.json not present")
@@ -240,16 +241,23 @@ def test_analyze_checks_the_first_images_calibration(tmp_path):
         cv2.imwrite(str(folder / f"f{k}.png"), np.asarray(render_field(60 + k, width=640, height=480,
                                                                        microns_per_pixel=0.1).frame.pixels))
 
+    doubted_rows: list[dict] = []
+
     def checked(n: str) -> list[tuple[bool, float | None]]:
         proc = smearscope("analyze", str(folder), "--json", "--microns-per-pixel", "0.25", "--check-calibration", n)
         assert proc.returncode == 0, proc.stderr[-2000:]
         reports = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
+        doubted_rows.extend(s for r in reports if "calibration_suspect" in {f["code"] for f in r["flags"]}
+                            for s in r["rbc_morphology"] if s["label"] in SIZE_BASED)
         return [("calibration_suspect" in {f["code"] for f in r["flags"]}, r["scale"]["field_estimate_microns_per_pixel"])
                 for r in reports]
 
     two = checked("2")
     assert [flagged for flagged, _ in two] == [True, True, False]
     assert all(own == pytest.approx(0.1, rel=0.15) for _, own in two[:2]) and two[2][1] is None
+    # the JSON itself says the flagged fields' size-based calls are not to be read (as FHIR, the
+    # dashboard and the summary do): no grade, the count kept for audit
+    assert doubted_rows and all(not s["assessable"] and s["grade"] is None and s["count"] > 0 for s in doubted_rows)
     assert checked("0") == [(False, None)] * 3
     proc = smearscope("analyze", str(folder), "--check-calibration", "-1")
     assert proc.returncode != 0 and "--check-calibration: -1 is outside 0..inf" in proc.stderr

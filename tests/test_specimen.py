@@ -432,3 +432,31 @@ def test_a_failed_field_gives_its_calibration_check_back_to_its_run() -> None:
     fresh.release_calibration_check(opened)
     fresh.release_calibration_check(opened)  # given back twice, claimed once: two to claim, not three
     assert [fresh.claim_calibration_check(opened) for _ in range(3)] == [True, True, False]
+
+
+def test_a_specimen_with_a_calibration_in_doubt_grades_no_size_based_call() -> None:
+    """A field that raised calibration_suspect puts its specimen's calibration in doubt: the
+    specimen report's size-based rows (spherocytes here) are not assessable and carry no grade,
+    their count kept for audit, while shape classes keep their grades; the same run without the
+    flag grades both."""
+    def run(suspect: bool) -> Report:
+        t = tracker(target=1000)
+        run_id = t.run_for_next_field()
+        for i in range(3):
+            pairs = ([cell_pair(CellKind.RBC, "normal", calibrated=True, i=k) for k in range(30)]
+                     + [cell_pair(CellKind.RBC, "spherocyte", calibrated=True, i=30 + k) for k in range(15)]
+                     + [cell_pair(CellKind.RBC, "target", calibrated=True, i=45 + k) for k in range(15)])
+            result = field_of(f"f{i}", pairs, run_id)
+            if suspect and i == 1:
+                flag = Flag(code="calibration_suspect", severity="warning", message="its red cells fit 0.08 um/px")
+                result = replace(result, report=result.report.model_copy(update={"flags": [flag]}))
+            t.add(result)
+        report = t.interim_report()
+        assert report is not None
+        return report
+
+    rows = {s.label: s for s in run(True).rbc_morphology}
+    assert not rows["spherocyte"].assessable and rows["spherocyte"].grade is None and rows["spherocyte"].count == 45
+    assert rows["target"].assessable and rows["target"].grade == "2+"
+    plain = {s.label: s for s in run(False).rbc_morphology}
+    assert plain["spherocyte"].assessable and plain["spherocyte"].grade == "2+"

@@ -76,6 +76,19 @@ PLAUSIBLE_RBC_DIAMETER_UM = (5.0, 10.5)
 MIN_RBC_FOR_SIZE_CHECK = 20
 #: The flag a median outside PLAUSIBLE_RBC_DIAMETER_UM raises.
 RBC_SIZE_IMPLAUSIBLE = "rbc_size_implausible"
+#: The flag a field raises when its red cells point far from the calibration (service.analysis.calibration_check).
+CALIBRATION_SUSPECT = "calibration_suspect"
+#: Flags that put a calibrated scale in doubt: sizes and size-based morphology are not to be read.
+CALIBRATION_DOUBT_FLAGS = (RBC_SIZE_IMPLAUSIBLE, CALIBRATION_SUSPECT)
+
+
+def sizes_in_doubt(rows: Sequence[ClassShare], flags: Sequence[Flag]) -> list[ClassShare]:
+    """`rows` with their size-based classes not assessable (no grade; count and share kept for
+    audit) when `flags` put the calibration in doubt, as every reader of the report treats them."""
+    if not any(f.code in CALIBRATION_DOUBT_FLAGS for f in flags):
+        return list(rows)
+    off = {"assessable": False, "grade": None, "grade_ci_low": None, "grade_ci_high": None}
+    return [r.model_copy(update=off) if r.label in SIZE_BASED else r for r in rows]
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from smearscope.service.analysis.aggregate import CALIBRATION_SUSPECT
 from smearscope.service.analysis.illumination import Illumination
 from smearscope.service.analysis.report import Flag
 from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX, ScaleEstimate
@@ -48,7 +49,6 @@ from smearscope.service.analysis.scale_search import (
 )
 from smearscope.service.ingest import IngestError
 
-CALIBRATION_SUSPECT = "calibration_suspect"
 #: The red cells' own scale this many times off the calibrated one (either way) is suspect.
 SUSPECT_RATIO = 1.8
 

@@ -22,7 +22,7 @@ from smearscope.engines.base import Engine
 from smearscope.engines.coalesce import CoalescingEngine
 from smearscope.engines.registry import create_engine
 from smearscope.service.analysis import stain as stain_stage
-from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate
+from smearscope.service.analysis.aggregate import AggregateThresholds, aggregate, sizes_in_doubt
 from smearscope.service.analysis.calibration_check import CalibrationCheck, against_own_scale
 from smearscope.service.analysis.classify import CropClassifier
 from smearscope.service.analysis.crops import crop_cell
@@ -424,8 +424,8 @@ class Analyzer:
                             applied=bool(field_.stain_results) and all(r.applied for r in field_.stain_results.values()),
                             reason="; ".join(skipped) or None),
             models=self.models, counts=agg.counts, wbc_differential=agg.wbc_differential,
-            rbc_morphology=agg.rbc_morphology, rbc_size=agg.rbc_size, nrbc_per_100_wbc=agg.nrbc_per_100_wbc,
-            ratios=agg.ratios, flags=flags,
+            rbc_morphology=sizes_in_doubt(agg.rbc_morphology, flags), rbc_size=agg.rbc_size,
+            nrbc_per_100_wbc=agg.nrbc_per_100_wbc, ratios=agg.ratios, flags=flags,
             cells=records, timing_ms={k: round(v, 1) for k, v in timing.items()},
         )
         return FieldResult(report, tuple(cells), factor, candidates)

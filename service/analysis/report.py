@@ -115,8 +115,10 @@ class ClassShare(_Strict):
         None, description="red-cell morphology: ICSH 2015 grade of the share (service.analysis.morphology)")
     grade_ci_low: Literal["none", "1+", "2+", "3+"] | None = Field(None, description="grade at the interval's low end")
     grade_ci_high: Literal["none", "1+", "2+", "3+"] | None = Field(None, description="grade at the interval's high end")
-    assessable: bool = Field(True, description="false for size-based morphology at an estimated scale: `count` is "
-                             "how many cells the head gave this class; they are counted under their shape class")
+    assessable: bool = Field(True, description="false for size-based morphology at an estimated scale (`count` is "
+                             "how many cells the head gave this class; they are counted under their shape class) or "
+                             "when a flag puts the calibration in doubt (rbc_size_implausible, calibration_suspect: "
+                             "`count` and `percent` kept for audit, no grade)")
     of_cells: int | None = Field(None, description="the red cells `percent` and its interval are of, when not every "
                                  "counted one: in a specimen mixing calibrated fields and fields at an estimated scale, "
                                  "size-based classes are shares of the calibrated fields' red cells only")

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from smearscope.service.analysis.aggregate import RBC_SIZE_IMPLAUSIBLE
-from smearscope.service.analysis.calibration_check import CALIBRATION_SUSPECT
+from smearscope.service.analysis.aggregate import CALIBRATION_DOUBT_FLAGS
 from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.morphology import ICSH_THRESHOLDS, SIZE_BASED, icsh_grade
 from smearscope.service.analysis.report import ClassShare, Report
@@ -22,9 +21,6 @@ from smearscope.service.analysis.report import ClassShare, Report
 logger = logging.getLogger(__name__)
 
 SIZE_FLAG = "size_not_assessable_without_calibration"
-#: A calibrated scale no blood's red cells fit (service.analysis.aggregate), or one the field's red
-#: cells point far away from (service.analysis.calibration_check): sizes not assessable either.
-CALIBRATION_DOUBT_FLAGS = (RBC_SIZE_IMPLAUSIBLE, CALIBRATION_SUSPECT)
 ATYPICAL_FLAG = "atypical_wbc_present"
 #: The WBC head's NRBC class (older reports had it in the differential).
 NRBC_LABEL = "erythroblast"

@@ -20,7 +20,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from smearscope.service.analysis.aggregate import AggregateThresholds, CellTally, is_classified_wbc
+from smearscope.service.analysis.aggregate import (
+    AggregateThresholds,
+    CellTally,
+    is_classified_wbc,
+    sizes_in_doubt,
+)
 from smearscope.service.analysis.morphology import SIZE_BASED
 from smearscope.service.analysis.pipeline import KIND_FROM_HEAD_LABEL, FieldResult
 from smearscope.service.analysis.records import ARTEFACT, CellKind, ClassifiedCell
@@ -245,9 +250,8 @@ class SpecimenRun:
             report_id=str(uuid.uuid4()), kind="specimen", created_at=now, station_id=station_id,
             run_id=self.run_id, fields_analyzed=len(self.field_ids), source=None,
             models=self.models, counts=agg.counts, wbc_differential=agg.wbc_differential,
-            rbc_morphology=agg.rbc_morphology, rbc_size=agg.rbc_size, nrbc_per_100_wbc=agg.nrbc_per_100_wbc,
-            ratios=agg.ratios,
-            flags=flags, cells=list(self.records) if with_cells else [],
+            rbc_morphology=sizes_in_doubt(agg.rbc_morphology, flags), rbc_size=agg.rbc_size,
+            nrbc_per_100_wbc=agg.nrbc_per_100_wbc, ratios=agg.ratios, flags=flags, cells=list(self.records) if with_cells else [],
             timing_ms={"run_ms": round(1000.0 * (now - self.started_at), 1)}, end_reason=end_reason,
         )
 
