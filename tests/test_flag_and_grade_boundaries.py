@@ -19,6 +19,7 @@ from smearscope.service.analysis.aggregate import (
     AggregateThresholds,
     aggregate,
     is_classified_wbc,
+    size_stats,
     wilson_interval,
 )
 from smearscope.service.analysis.classify import UNIDENTIFIED, HeadResult
@@ -343,8 +344,14 @@ def test_median_and_histogram_of_red_cell_diameters_with_open_ends():
 
 
 def test_one_measured_red_cell_has_no_spread():
+    """One cell measures no spread: SD and CV are absent (None, not NaN), never 0.0, which would
+    read as no anisocytosis; two cells have one."""
     d = size_distribution([7.0])
-    assert (d.n, d.mean_um, d.sd_um, d.cv_percent) == (1, 7.0, 0.0, 0.0)  # a number, not NaN, in the report
+    assert (d.n, d.mean_um, d.sd_um, d.cv_percent) == (1, 7.0, None, None)
+    s = size_stats([7.0])
+    assert s.sd_um is None and s.cv_percent is None and s.mean_diameter_um == 7.0
+    two = size_distribution([7.0, 8.0])
+    assert two.sd_um == pytest.approx(0.707, abs=1e-3) and two.cv_percent == pytest.approx(9.43, abs=0.01)
 
 
 def test_red_cells_cut_by_the_frame_edge_are_not_sized_at_either_scale():

@@ -92,7 +92,9 @@ def size_distribution(diameters_um) -> SizeDistribution:
     if d.size == 0:
         return SizeDistribution(0, None, None, None, DIAMETER_BIN_EDGES, tuple(int(c) for c in counts))
     mean = float(d.mean())
-    sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
+    if d.size < 2:  # one cell shows no spread: no SD rather than 0.0, which would read "no anisocytosis"
+        return SizeDistribution(1, round(mean, 3), None, None, DIAMETER_BIN_EDGES, tuple(int(c) for c in counts))
+    sd = float(d.std(ddof=1))
     return SizeDistribution(int(d.size), round(mean, 3), round(sd, 3), round(100 * sd / mean, 2) if mean else None,
                             DIAMETER_BIN_EDGES, tuple(int(c) for c in counts))
 
