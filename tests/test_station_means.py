@@ -970,3 +970,35 @@ def test_adapt_wbc_refuses_a_fit_at_a_scale_a_percent_off_the_templates(tmp_path
     run = _cli("adapt-wbc", "--labels", str(labels), "--out", str(out), "--microns-per-pixel", "0.102", "--json")
     assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == "scale_mismatch", run.stdout
     assert not out.exists()
+
+
+def test_a_reload_after_the_means_were_refitted_in_place_says_a_restart_is_needed(tmp_path, head):
+    """adapt-wbc --out onto the file the config already names changes no line of the config: the
+    reload must still say the running station types by the means it loaded, not the new ones."""
+    from smearscope.service.config import load_config
+    from smearscope.service.station.daemon import StationDaemon
+
+    manifest, space = head
+    means = _station_file(tmp_path, manifest, space)
+    config = tmp_path / "station.toml"
+    config.write_text(f"""
+station_id = "bench-1"
+[source]
+kind = "simulated"
+[analysis]
+models_dir = "{DEFAULT_MODELS_DIR}"
+wbc_station_means = "{means}"
+[mqtt.outbox]
+path = "{tmp_path / 'outbox.sqlite'}"
+""")
+    cfg = load_config(config, {})
+    daemon = StationDaemon(cfg, config_path=config, environ={})
+    daemon.analyzer = build_analyzer(cfg)  # as run() loads it
+    try:
+        assert daemon.reload()["requires_restart"] == []  # the file it loaded: nothing to do
+        _station_file(tmp_path, manifest, space, shift_class="monocyte")  # refitted, same path
+        assert daemon.reload()["requires_restart"] == ["analysis"]
+        means.unlink()  # gone: a restart would refuse it, and the running means are not the config's
+        assert daemon.reload()["requires_restart"] == ["analysis"]
+    finally:
+        daemon.analyzer.close()

@@ -313,7 +313,7 @@ class StationDaemon:
             problems = exc.errors if isinstance(exc, ConfigError) else [(type(exc).__name__, str(exc))]
             return {"ok": False, "error": "invalid_config", "message": "invalid config; nothing changed",
                     "problems": [f"{loc}: {msg}" for loc, msg in problems]}
-        change = compare(self.config, new)
+        change = compare(self.config, new, self.analyzer)
         if "log_level" in change.applied:  # a --log-level given on the command line still wins
             logging.getLogger().setLevel(self.log_level_override or new.log_level)
         if "quality" in change.applied:
