@@ -271,6 +271,15 @@ def test_adapt_wbc_station_fits_the_means_from_the_gallerys_typed_cells(typed_st
     out2 = tmp / "none.json"
     few = _cli("adapt-wbc", "--station", "--config", str(path), "--out", str(out2), "--min-cells", "500")
     assert few.returncode == 2 and json.loads(few.stdout)["error"]["code"] == "too_few_cells" and not out2.exists()
+    per_class = {t: sum(c["type"] == t for c in typed) for t in MIX}
+    message = json.loads(few.stdout)["error"]["message"]  # how many each class has, not the CSV's "marks"
+    assert all(f"{t} {n}" in message for t, n in per_class.items()) and "marks" not in message, message
+    # a class under --min-cells keeps the head's mean: said, with its count
+    fewest, most = min(per_class, key=per_class.get), max(per_class, key=per_class.get)
+    assert per_class[fewest] < per_class[most], per_class
+    some = _cli("adapt-wbc", "--station", "--config", str(path), "--out", str(out2), "--min-cells", str(per_class[most]))
+    assert some.returncode == 0, some.stdout
+    assert f"keeping the head's mean: {fewest} {per_class[fewest]}\n" in some.stdout, some.stdout
     bad = _cli("adapt-wbc", "--station", "--out", str(out2))
     assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["code"] == "bad_arguments"
     # the scale where calibrate-scale tells it to go, [source], without an [analysis] override: the
@@ -285,6 +294,8 @@ def test_adapt_wbc_station_fits_the_means_from_the_gallerys_typed_cells(typed_st
         assert (answer.get("typed", 0), answer.get("error", {}).get("code")) == (
             (kept, None) if kept else (0, "too_few_cells")), answer
         assert answer["other_scale"] == len(typed) - kept
+        if not kept:  # the cells are there: said why they were left out
+            assert f"left out: {len(typed)} typed at another scale" in answer["error"]["message"], answer
 
 
 def test_nothing_typed_yet_and_typing_off_say_so(tmp_path):

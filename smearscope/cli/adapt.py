@@ -24,6 +24,8 @@ from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
+from smearscope.cli.adapt_fit import bad_min_cells, fit_and_write
+
 logger = logging.getLogger(__name__)
 
 LABEL_COLUMNS = ("image", "x", "y", "type")
@@ -130,7 +132,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
         return error("bad_arguments", "fit with --labels TYPED.csv --out STATION_WBC.json; or write a CSV to type with "
                      "FIELDS... --template TYPED.csv")
     if args.min_cells < 2:
-        return _bad_min_cells(args, error)
+        return bad_min_cells(args, error)
     opened = _analyzer_or_error(args, error)
     if isinstance(opened, int):
         return opened
@@ -193,68 +195,12 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
     n_typed = len(types)
     fitted = (f"{time.strftime('%Y-%m-%d')}: {n_typed} typed white cells in {len(by_image) - len(unreadable)} fields "
               f"({args.labels.name}), at least {args.min_cells} per class for a station mean")
-    return _fit_and_write(args, error, space, manifest, head.views, model_thresholds,
-                          np.array(feats, np.float64).reshape(n_typed, space.means.shape[1]), view_feats, types,
-                          head_types, np.array(energies) if "energy" in methods else None, fitted,
-                          {"typed": len(points), "matched": n_typed, "unmatched": unmatched[:50],
-                           "unmatched_count": len(unmatched), "duplicates": duplicates[:50],
-                           "duplicate_count": len(duplicates), "unreadable": unreadable})
-
-
-def _bad_min_cells(args: argparse.Namespace, error) -> int:
-    return error("bad_min_cells", f"--min-cells {args.min_cells}: at least 2 (a class' only cell cannot be left "
-                 "out of its own mean)")
-
-
-def _fit_and_write(args, error, space, manifest, views, model_thresholds: dict[str, float], feats: np.ndarray,
-                   view_feats: list, types: list[str], head_types: list[str], energies: np.ndarray | None,
-                   fitted: str, counts: dict) -> int:
-    """Fit the station means from typed cells' features, write them to --out, print what to put in
-    the config (or --json); the exit status."""
-    from smearscope.service.analysis.station_means import fit_station_means
-
-    n_typed = len(types)
-    fit = fit_station_means(space, feats, types, head_types, manifest.sha256, args.min_cells, fitted,
-                            model_thresholds, energies, views=views, view_feats=view_feats)
-    summary = {**counts, "cells_per_class": fit.cells,
-               "leave_one_out_accuracy": None if np.isnan(fit.loo_accuracy) else round(fit.loo_accuracy, 4),
-               "head_accuracy": None if np.isnan(fit.head_accuracy) else round(fit.head_accuracy, 4),
-               "model_sha256": manifest.sha256}
-    if fit.means is None:
-        reason = {"too_few_cells": f"no class has {args.min_cells} typed white cells matched to a detected white cell "
-                                   "(type more, or check the marks fall inside the cells)",
-                  "head_better": f"station means type these cells right {fit.loo_accuracy:.1%} of the time (each left "
-                                 f"out), the head as trained {fit.head_accuracy:.1%}: keep the head (leave "
-                                 "wbc_station_means unset), or type more cells"}[fit.reason or ""]
-        return error(fit.reason or "", reason, **summary)
-    try:
-        args.out.write_text(json.dumps(fit.means.to_json(manifest.classes), indent=1) + "\n")
-    except OSError as exc:
-        return error("cannot_write", f"{args.out}: {exc}", **summary)
-    if args.json:
-        print(json.dumps({"written": str(args.out), "temperature": round(fit.means.temperature, 3),
-                          "open_set_thresholds": fit.means.thresholds, "model_open_set_thresholds": model_thresholds,
-                          "typed_cells_quantiles": {m: round(v, 4) for m, v in fit.quantiles.items()},
-                          **summary}))
-        return 0
-    print(f"# {fitted}")
-    print(f"# typed cells used: {n_typed}; per class {fit.cells}")
-    for count_key, list_key, what in (  # the labels' marks not used, and why
-            ("unmatched_count", "unmatched", "marks found no white cell (check they fall inside the cells)"),
-            ("duplicate_count", "duplicates", "marks fell on a cell marked before (counted once)")):
-        if counts.get(count_key):
-            more = ", ..." if counts[count_key] > 5 else ""
-            print(f"# {counts[count_key]} {what}: {', '.join(counts[list_key][:5])}{more}")
-    if counts.get("unreadable"):
-        print(f"# {len(counts['unreadable'])} images could not be read: {', '.join(counts['unreadable'][:5])}")
-    print(f"# leave-one-out: station means {fit.loo_accuracy:.1%}, head as trained {fit.head_accuracy:.1%}")
-    for m, v in fit.means.thresholds.items():
-        if v > model_thresholds[m]:
-            print(f"# open-set test {m}: {v:.3f} with the typed cells (the model's {model_thresholds[m]:.3f})")
-    print("# put in the station config:")
-    print("[analysis]")
-    print(f'wbc_station_means = "{args.out.resolve()}"')
-    return 0
+    return fit_and_write(args, error, space, manifest, head.views, model_thresholds,
+                         np.array(feats, np.float64).reshape(n_typed, space.means.shape[1]), view_feats, types,
+                         head_types, np.array(energies) if "energy" in methods else None, fitted,
+                         {"typed": len(points), "matched": n_typed, "unmatched": unmatched[:50],
+                          "unmatched_count": len(unmatched), "duplicates": duplicates[:50],
+                          "duplicate_count": len(duplicates), "unreadable": unreadable})
 
 
 def _fit_from_station(args: argparse.Namespace, error) -> int:
@@ -274,7 +220,7 @@ def _fit_from_station(args: argparse.Namespace, error) -> int:
         return error("bad_arguments", "fit from the station's typed cells with --station --config STATION.toml "
                      "--out STATION_WBC.json")
     if args.min_cells < 2:
-        return _bad_min_cells(args, error)
+        return bad_min_cells(args, error)
     try:
         config = load_config(args.config)
     except (ConfigError, OSError) as exc:
@@ -307,11 +253,11 @@ def _fit_from_station(args: argparse.Namespace, error) -> int:
     energies = (np.array([s["energy"] for s in typed.open_set_scores]) if "energy" in thresholds else None)
     fitted = (f"{time.strftime('%Y-%m-%d')}: {len(typed.types)} white cells typed in the station's review gallery "
               f"({typed.runs} runs), at least {args.min_cells} per class for a station mean")
-    return _fit_and_write(args, error, space, manifest, views, thresholds, typed.features, typed.view_features,
-                          typed.types, typed.head_types, energies, fitted,
-                          {"typed": len(typed.types), "runs": typed.runs, "typed_cells": str(path),
-                           "other_head": typed.other_head, "other_views": typed.other_views,
-                           "other_scale": typed.other_scale})
+    return fit_and_write(args, error, space, manifest, views, thresholds, typed.features, typed.view_features,
+                         typed.types, typed.head_types, energies, fitted,
+                         {"typed": len(typed.types), "runs": typed.runs, "typed_cells": str(path),
+                          "other_head": typed.other_head, "other_views": typed.other_views,
+                          "other_scale": typed.other_scale})
 
 
 def _analyzer_or_error(args: argparse.Namespace, error):

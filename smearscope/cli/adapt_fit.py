@@ -1,0 +1,83 @@
+"""`adapt-wbc`'s fit, from typed cells' features whichever way they were typed (a CSV of marks on
+fields, or the station's typed-cells file): the station means written and what to put in the
+config printed, or the reason nothing was written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+#: Typed cells the station's file holds that a fit from it leaves out (TypedCells' counts), and why.
+LEFT_OUT = {"other_head": "typed under another WBC head", "other_views": "typed with the head in other views",
+            "other_scale": "typed at another scale than the config's (before a recalibration, or estimated)"}
+
+
+def bad_min_cells(args: argparse.Namespace, error) -> int:
+    return error("bad_min_cells", f"--min-cells {args.min_cells}: at least 2 (a class' only cell cannot be left "
+                 "out of its own mean)")
+
+
+def fit_and_write(args, error, space, manifest, views, model_thresholds: dict[str, float], feats: np.ndarray,
+                   view_feats: list, types: list[str], head_types: list[str], energies: np.ndarray | None,
+                   fitted: str, counts: dict) -> int:
+    """Fit the station means from typed cells' features, write them to --out, print what to put in
+    the config (or --json); the exit status."""
+    from smearscope.service.analysis.station_means import fit_station_means
+
+    n_typed = len(types)
+    fit = fit_station_means(space, feats, types, head_types, manifest.sha256, args.min_cells, fitted,
+                            model_thresholds, energies, views=views, view_feats=view_feats)
+    typed_per_class = {c: types.count(c) for c in sorted(set(types))}
+    # the classes typed too few times for a station mean keep the head's, and cells left out: said
+    short = {c: n for c, n in typed_per_class.items() if fit.means is None or c not in fit.means.cells}
+    left_out = "; ".join(f"{n} {why}" for key, why in LEFT_OUT.items() if (n := counts.get(key)))
+    summary = {**counts, "cells_per_class": fit.cells, "kept_heads_mean": short,
+               "leave_one_out_accuracy": None if np.isnan(fit.loo_accuracy) else round(fit.loo_accuracy, 4),
+               "head_accuracy": None if np.isnan(fit.head_accuracy) else round(fit.head_accuracy, 4),
+               "model_sha256": manifest.sha256}
+    if fit.means is None:
+        per_class = ", ".join(f"{c} {n}" for c, n in typed_per_class.items()) or "none"
+        station = "other_scale" in counts  # --station: no marks, cells the file holds left out
+        reason = {"too_few_cells": f"no class has {args.min_cells} typed white cells "
+                                   f"{'usable for this fit' if station else 'matched to a detected white cell'} "
+                                   f"({per_class}{f'; left out: {left_out}' if left_out else ''}): type more"
+                                   f"{'' if station else ', or check the marks fall inside the cells'}",
+                  "head_better": f"station means type these cells right {fit.loo_accuracy:.1%} of the time (each left "
+                                 f"out), the head as trained {fit.head_accuracy:.1%}: keep the head (leave "
+                                 "wbc_station_means unset), or type more cells"}[fit.reason or ""]
+        return error(fit.reason or "", reason, **summary)
+    try:
+        args.out.write_text(json.dumps(fit.means.to_json(manifest.classes), indent=1) + "\n")
+    except OSError as exc:
+        return error("cannot_write", f"{args.out}: {exc}", **summary)
+    if args.json:
+        print(json.dumps({"written": str(args.out), "temperature": round(fit.means.temperature, 3),
+                          "open_set_thresholds": fit.means.thresholds, "model_open_set_thresholds": model_thresholds,
+                          "typed_cells_quantiles": {m: round(v, 4) for m, v in fit.quantiles.items()},
+                          **summary}))
+        return 0
+    print(f"# {fitted}")
+    print(f"# typed cells used: {n_typed}; per class {fit.cells}")
+    if short:
+        print(f"# fewer than {args.min_cells} typed, keeping the head's mean: "
+              + ", ".join(f"{c} {n}" for c, n in short.items()))
+    if left_out:
+        print(f"# left out: {left_out}")
+    for count_key, list_key, what in (  # the labels' marks not used, and why
+            ("unmatched_count", "unmatched", "marks found no white cell (check they fall inside the cells)"),
+            ("duplicate_count", "duplicates", "marks fell on a cell marked before (counted once)")):
+        if counts.get(count_key):
+            more = ", ..." if counts[count_key] > 5 else ""
+            print(f"# {counts[count_key]} {what}: {', '.join(counts[list_key][:5])}{more}")
+    if counts.get("unreadable"):
+        print(f"# {len(counts['unreadable'])} images could not be read: {', '.join(counts['unreadable'][:5])}")
+    print(f"# leave-one-out: station means {fit.loo_accuracy:.1%}, head as trained {fit.head_accuracy:.1%}")
+    for m, v in fit.means.thresholds.items():
+        if v > model_thresholds[m]:
+            print(f"# open-set test {m}: {v:.3f} with the typed cells (the model's {model_thresholds[m]:.3f})")
+    print("# put in the station config:")
+    print("[analysis]")
+    print(f'wbc_station_means = "{args.out.resolve()}"')
+    return 0
