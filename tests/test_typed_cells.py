@@ -326,6 +326,12 @@ def test_doctor_counts_the_typed_cells_per_type(typed_station, tmp_path):
     assert status == "OK" and what == "typed cells"
     assert all(f"{t} {n}" in detail for t, n in counts.items())
     assert ("adapt-wbc --station" in detail) == any(n >= 10 for n in counts.values())
+    # recalibrated since: the cells typed at 0.1 are none a fit at 0.2 takes, and doctor says so
+    recalibrated = tmp_path / "recalibrated.toml"
+    recalibrated.write_text(path.read_text().replace("microns_per_pixel = 0.1", "microns_per_pixel = 0.2"))
+    (status, _, detail), = typed_cells_checks(load_config(recalibrated))
+    assert status == "WARN" and "ready for a station mean" not in detail, detail
+    assert f"left out of a fit: {len(typed)} typed at another scale" in detail, detail
     fresh = tmp_path / "fresh.toml"
     fresh.write_text(_config_text(tmp_path, ""))
     (status, _, detail), = typed_cells_checks(load_config(fresh))

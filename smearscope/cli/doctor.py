@@ -111,9 +111,11 @@ def typed_cells_checks(config) -> list[Check]:
     review = config.review
     if not (review.enabled and review.typing):
         return [("OK", "typed cells", "typing off ([review] typing): technicians cannot type white cells")]
+    from smearscope.cli.adapt_fit import LEFT_OUT
     from smearscope.engines.manifest import ManifestError, load_manifest
     from smearscope.service.analysis.pipeline import MODEL_FILES
     from smearscope.service.analysis.station_means import MIN_CELLS
+    from smearscope.service.analysis.tta import check_views
     from smearscope.service.station.typed_cells import (
         TypedCellsError,
         TypedCellStore,
@@ -135,17 +137,23 @@ def typed_cells_checks(config) -> list[Check]:
             return [("OK", "typed cells", (f"none yet ({path}); with [review] white_cells = \"all\" technicians "
                      "type every white cell on the dashboard"))]
         return [("FAIL", "typed cells", f"{exc.code}: {exc.message}")]
-    try:
-        counts = store.counts(head.sha256)
-    except sqlite3.Error as exc:
+    a = config.analysis
+    try:  # the cells adapt-wbc --station would fit: this head, in the views and at the scale it runs
+        typed = store.load(head.sha256, check_views(head.tta if a.wbc_head_views is None else a.wbc_head_views),
+                           config.microns_per_pixel)
+    except (TypedCellsError, sqlite3.Error) as exc:
         return [("FAIL", "typed cells", f"typed_cells_unavailable: {path}: {exc}")]
     finally:
         store.close()
+    counts = {t: typed.types.count(t) for t in sorted(set(typed.types))}
     ready = sorted(c for c, n in counts.items() if n >= MIN_CELLS)
-    text = ", ".join(f"{c} {n}" for c, n in counts.items()) or "none for this WBC head"
+    left_out = "; ".join(f"{n} {why}" for key, why in LEFT_OUT.items() if (n := getattr(typed, key)))
+    text = ", ".join(f"{c} {n}" for c, n in counts.items()) or ("none a fit can use" if left_out
+                                                                else "none for this WBC head")
     hint = (f"; {', '.join(ready)} ready for a station mean: smearscope adapt-wbc --station" if ready
             else f"; a class needs {MIN_CELLS} for a station mean")
-    return [("OK", "typed cells", f"{path}: {text}{hint}")]
+    return [("WARN" if left_out else "OK", "typed cells",
+             f"{path}: {text}{hint}{f'; left out of a fit: {left_out}' if left_out else ''}")]
 
 
 def open_set_checks(analysis) -> list[Check]:
