@@ -614,3 +614,28 @@ def test_a_station_says_at_start_when_its_typed_cells_file_is_unusable(tmp_path,
         feed.start(None, [])
     assert any("is not a file" in r.getMessage() for r in caplog.records), caplog.text
     feed.close()
+
+
+def test_a_recalibrated_station_counts_only_the_cells_typed_at_its_scale(typed_station):
+    """The counts the dashboard shows (get_review, type_cells) are those adapt-wbc --station fits:
+    after a recalibration the cells typed at the old scale are not 'typed' towards a station mean."""
+    _, path, feed, _, _, _, answer, _, _ = typed_station
+    assert answer["typed_per_type"] and _gallery_cells(feed, "run-1")[1]["typed_per_type"] == answer["typed_per_type"]
+    text = path.read_text().replace("microns_per_pixel = 0.1", "microns_per_pixel = 0.2")
+    cfg = parse_config(tomllib.loads(text), environ={})
+    restarted, analyzer = ClinicFeed(cfg), build_analyzer(cfg)
+    try:
+        restarted.attach_wbc_head(analyzer.wbc_head, analyzer.rbc_head)
+        assert restarted.get_review({"run_id": "run-1", "offset": 0})["typed_per_type"] == {}
+        crop = next(c for c in _gallery_cells(restarted, "run-1")[0] if c["typeable"] and c.get("typed"))
+        again = restarted.type_cells({"run_id": "run-1", "cells": [
+            {"field_id": crop["field_id"], "cell": crop["cell"], "type": crop["typed"]}]})
+        assert again["ok"] and again["typed_per_type"] == {}, again
+    finally:
+        restarted.close()
+        analyzer.close()
+    store = TypedCellStore(default_path(cfg.mqtt.outbox.path), read_only=True)
+    try:
+        assert store.counts(analyzer.models["wbc_head"].sha256) == answer["typed_per_type"]  # all, unfiltered
+    finally:
+        store.close()

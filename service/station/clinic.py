@@ -103,6 +103,7 @@ class ClinicFeed:
         if config.review.enabled:
             self.gallery = ReviewGallery(config.review, review_directory(config), config.mqtt.max_packet_size)
         self.typed_cells_path = typed_cells_path(config)
+        self.microns_per_pixel = config.microns_per_pixel  # typed cells count at this scale (adapt-wbc --station)
         self._typing_wanted = config.review.enabled and config.review.typing
         self._store: TypedCellStore | None = None
         #: Guards the typed-cells connection and the closed runs (command and analysis threads).
@@ -285,7 +286,7 @@ class ClinicFeed:
         typing = self.gallery.typing
         if page.get("ok") and offset == 0 and typing is not None:  # what the station has typed so far
             try:
-                page["typed_per_type"] = self._open_store().counts(typing.model_sha256)
+                page["typed_per_type"] = self._open_store().counts(typing.model_sha256, typing.views, self.microns_per_pixel)
             except (TypedCellsError, sqlite3.Error) as exc:
                 logger.warning("typed cells: counting failed: %s", exc)
         return page
@@ -378,7 +379,7 @@ class ClinicFeed:
             gallery.mark_typed(run_id, field_id, cell, type_ or None)
             done.append({"field_id": field_id, "cell": cell, "type": type_ or None})
         try:
-            totals = store.counts(typing.model_sha256)
+            totals = store.counts(typing.model_sha256, typing.views, self.microns_per_pixel)
         except sqlite3.Error as exc:
             logger.error("typed cells: counting failed: %s", exc)
             totals = None

@@ -193,12 +193,18 @@ class TypedCellStore:
                                     (run_id,)).fetchall()
         return {(f, int(c)): (k, t) for f, c, k, t in rows}
 
-    def counts(self, model_sha256: str) -> dict[str, int]:
-        """Typed white cells per class of this head (artefacts are no class: left out)."""
+    def counts(self, model_sha256: str, views: Sequence[str] | None = None,
+               microns_per_pixel: float | None = None) -> dict[str, int]:
+        """Typed white cells per class of this head (artefacts are no class: left out); with `views`
+        and `microns_per_pixel`, only those `load` takes for a fit in these views at this scale."""
         with self._lock:
-            rows = self._db.execute("SELECT type, count(*) FROM typed_white_cells WHERE model_sha256=? AND kind='wbc' "
-                                    "AND type != 'artefact' GROUP BY type ORDER BY type", (model_sha256,)).fetchall()
-        return {t: int(n) for t, n in rows}
+            rows = self._db.execute("SELECT type, views, microns_per_pixel FROM typed_white_cells WHERE model_sha256=? "
+                                    "AND kind='wbc' AND type != 'artefact'", (model_sha256,)).fetchall()
+        out: dict[str, int] = {}
+        for type_, row_views, mpp in rows:
+            if (views is None or json.loads(row_views) == list(views)) and _same_scale(mpp, microns_per_pixel):
+                out[type_] = out.get(type_, 0) + 1
+        return dict(sorted(out.items()))
 
     def load(self, model_sha256: str, views: Sequence[str], microns_per_pixel: float | None = None) -> TypedCells:
         """Every white cell typed with features of this head in these views (the others counted;
@@ -224,7 +230,7 @@ class TypedCellStore:
             if json.loads(row_views) != want:
                 other_views += 1
                 continue
-            if microns_per_pixel is not None and (mpp is None or abs(mpp - microns_per_pixel) > 0.01 * microns_per_pixel):
+            if not _same_scale(mpp, microns_per_pixel):
                 other_scale += 1
                 continue
             feats.append(np.frombuffer(f, np.float32).astype(np.float64))
@@ -237,6 +243,11 @@ class TypedCellStore:
         dim = len(feats[0]) if feats else 0
         return TypedCells(np.array(feats, np.float64).reshape(len(feats), dim), view_feats, types, head_types,
                           scores, len(runs), other_head, other_views, other_scale, scales)
+
+
+def _same_scale(mpp: float | None, wanted: float | None) -> bool:
+    """A cell analysed at `mpp` fits a station at `wanted` (None: any): within 1 %."""
+    return wanted is None or (mpp is not None and abs(mpp - wanted) <= 0.01 * wanted)
 
 
 def default_path(outbox_path: Path) -> Path:
