@@ -35,6 +35,7 @@ from smearscope.service.analysis.station_means import (
     load_feature_space,
     load_station_means,
 )
+from smearscope.service.config import parse_config
 from smearscope.service.station.startup import StartupError, build_analyzer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -705,6 +706,39 @@ def test_doctor_names_the_station_means_and_fails_a_stale_file(tmp_path, head):
     (models / manifest.feature_space.file).write_bytes(b"not the sidecar")
     failed = [(s, d) for s, w, d in model_checks(models) if w == "features wbc_head"]
     assert failed and failed[0][0] == "FAIL" and "install-models" in failed[0][1]
+
+
+def test_means_fitted_in_other_views_fail_validate_config_and_doctor_as_they_fail_start_up(tmp_path, head, capsys):
+    """wbc_head_views changed after the fit (one view classifies faster): validate-config and
+    doctor had said OK of a config the station then refused at start (exit 78)."""
+    from smearscope.cli.doctor import station_means_checks
+    from smearscope.cli.station import validate_config_main
+
+    manifest, space = head
+    means = _station_file(tmp_path, manifest, space)  # fitted in the manifest's identity+hflip
+    config = tmp_path / "station.toml"
+    for views, ok in (("", True), ('wbc_head_views = ["identity"]', False)):
+        config.write_text(f"""
+station_id = "bench-1"
+[source]
+kind = "simulated"
+[mqtt.outbox]
+path = "{tmp_path / 'outbox.sqlite'}"
+[analysis]
+models_dir = "{DEFAULT_MODELS_DIR}"
+wbc_station_means = "{means}"
+{views}
+""")
+        analysis = parse_config(tomllib.loads(config.read_text()), environ={}).analysis
+        (status, _, detail), = station_means_checks(analysis)
+        assert (status == "OK") == ok, detail
+        assert (validate_config_main(config, {}) == 0) == ok
+        if not ok:
+            assert "station_means_stale" in detail and "views identity+hflip" in detail
+            assert "analysis.wbc_station_means: station_means_stale" in capsys.readouterr().err
+            with pytest.raises(StartupError) as exc:
+                build_analyzer(parse_config(tomllib.loads(config.read_text()), environ={}))
+            assert exc.value.field == "analysis.wbc_station_means" and "views" in exc.value.reason
 
 
 def test_a_spreadsheets_csv_reads_as_typed(tmp_path):

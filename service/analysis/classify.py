@@ -35,7 +35,7 @@ from smearscope.engines.manifest import ManifestError, OpenSet
 from smearscope.engines.preprocess import to_model_input
 from smearscope.service.analysis.crops import CropSpec
 from smearscope.service.analysis.records import CellCrop, HeadFeatures
-from smearscope.service.analysis.station_means import FeatureSpace, StationMeans, StationMeansError
+from smearscope.service.analysis.station_means import FeatureSpace, StationMeans, check_means_views
 from smearscope.service.analysis.tta import check_views, view_crops
 
 logger = logging.getLogger(__name__)
@@ -151,12 +151,8 @@ class CropClassifier:
         self.station = station
         if station is not None and station[1].model_sha256 != m.sha256:
             raise ValueError(f"{m.name}: station means were fitted for another head")
-        if station is not None and station[1].views and tuple(station[1].views) != check_views(
-                m.tta if views is None else views):
-            raise StationMeansError("station_means_stale", f"the station means were fitted with the WBC head in views "
-                                    f"{'+'.join(station[1].views)}, the analyzer runs it in "
-                                    f"{'+'.join(check_views(m.tta if views is None else views))}: run smearscope "
-                                    "adapt-wbc again, or set wbc_head_views back")
+        if station is not None:
+            check_means_views(station[1], check_views(m.tta if views is None else views))
         #: Each crop's features and closed-set class go into its result (smearscope adapt-wbc).
         self.keep_features = keep_features
         #: Graph output holding the penultimate features, read only when something uses them.

@@ -146,6 +146,15 @@ class StationMeans:
                             for k, c in enumerate(classes) if c in self.cells}}
 
 
+def check_means_views(means: StationMeans, views: Sequence[str]) -> None:
+    """StationMeansError when the means were averaged over other views of the head than the ones it
+    runs in (`views`): the features, and so the distances, differ."""
+    if means.views and tuple(means.views) != tuple(views):
+        raise StationMeansError("station_means_stale", f"the station means were fitted with the WBC head in views "
+                                f"{'+'.join(means.views)}, the analyzer runs it in {'+'.join(views)}: run smearscope "
+                                "adapt-wbc again, or set wbc_head_views back")
+
+
 def load_station_means(path: Path, manifest: ModelManifest, space: FeatureSpace) -> StationMeans:
     """A station means file for this head: its sha256s must match, its classes be the head's."""
     try:

@@ -81,10 +81,15 @@ def station_open_set(analysis) -> tuple[tuple[str, float], ...]:
 def wbc_head_and_means(analysis):
     """The WBC head's manifest in `analysis.models_dir` and the station means the config names
     (None when it names none); None when the manifest cannot be read (the model checks say why).
-    StationMeansError for a means file this head cannot use."""
+    StationMeansError for a means file this head, in the configured views, cannot use."""
     from smearscope.engines.manifest import ManifestError, load_manifest
     from smearscope.service.analysis.pipeline import MODEL_FILES
-    from smearscope.service.analysis.station_means import load_feature_space, load_station_means
+    from smearscope.service.analysis.station_means import (
+        check_means_views,
+        load_feature_space,
+        load_station_means,
+    )
+    from smearscope.service.analysis.tta import check_views
 
     try:
         head = load_manifest(analysis.models_dir / MODEL_FILES["wbc_head"], verify_hash=False)
@@ -92,7 +97,10 @@ def wbc_head_and_means(analysis):
         return None
     if analysis.wbc_station_means is None:
         return head, None
-    return head, load_station_means(analysis.wbc_station_means, head, load_feature_space(head, analysis.models_dir))
+    means = load_station_means(analysis.wbc_station_means, head, load_feature_space(head, analysis.models_dir))
+    # in the views the analyzer will run the head in, as it checks them at start
+    check_means_views(means, check_views(head.tta if analysis.wbc_head_views is None else analysis.wbc_head_views))
+    return head, means
 
 
 def open_set_verdict(analysis) -> tuple[bool, str] | None:
