@@ -21,6 +21,7 @@ import tomllib
 from test_station_means import MIX, _fields, _typed
 
 from smearscope.device.frame import Frame
+from smearscope.engines.manifest import load_manifest
 from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR, Analyzer, AnalyzerOptions
 from smearscope.service.config import parse_config
 from smearscope.service.station.clinic import ClinicFeed
@@ -639,3 +640,20 @@ def test_a_recalibrated_station_counts_only_the_cells_typed_at_its_scale(typed_s
         assert store.counts(analyzer.models["wbc_head"].sha256) == answer["typed_per_type"]  # all, unfiltered
     finally:
         store.close()
+
+
+def test_a_refit_says_when_the_configs_open_set_section_was_fitted_with_other_means(typed_station):
+    """Means refitted (more cells typed) under a config whose [analysis.wbc_open_set] was fitted
+    with the earlier means: the station refuses to start with that section, and the fit says so."""
+    tmp, path, _, _, _, _, _, _, _ = typed_station
+    sha = load_manifest(DEFAULT_MODELS_DIR / "wbc_head.json").sha256
+    section = (f'\n[analysis.wbc_open_set]\nthresholds = {{ energy = -3.0 }}\nmodel_sha256 = "{sha}"\n'
+               f'station_means_sha256 = "{"0" * 64}"\n')
+    for name, text, stale in (("plain", path.read_text(), False), ("section", path.read_text() + section, True)):
+        config = tmp / f"refit_{name}.toml"
+        config.write_text(text)
+        out = tmp / f"refit_{name}.json"
+        got = _cli("adapt-wbc", "--station", "--config", str(config), "--out", str(out), "--json")
+        assert got.returncode == 0 and json.loads(got.stdout)["open_set_section_stale"] is stale, got.stdout
+        printed = _cli("adapt-wbc", "--station", "--config", str(config), "--out", str(out)).stdout
+        assert ("refit [analysis.wbc_open_set]" in printed) is stale, printed

@@ -52,6 +52,7 @@ def fit_and_write(args, error, space, manifest, views, model_thresholds: dict[st
         args.out.write_text(json.dumps(fit.means.to_json(manifest.classes), indent=1) + "\n")
     except OSError as exc:
         return error("cannot_write", f"{args.out}: {exc}", **summary)
+    summary["open_set_section_stale"] = stale = _open_set_section_stale(args)
     if args.json:
         print(json.dumps({"written": str(args.out), "temperature": round(fit.means.temperature, 3),
                           "open_set_thresholds": fit.means.thresholds, "model_open_set_thresholds": model_thresholds,
@@ -80,4 +81,22 @@ def fit_and_write(args, error, space, manifest, views, model_thresholds: dict[st
     print("# put in the station config:")
     print("[analysis]")
     print(f'wbc_station_means = "{args.out.resolve()}"')
+    if stale:
+        print("# and refit [analysis.wbc_open_set] with these means in the config (smearscope calibrate-atypical), or "
+              "remove it: it was fitted with other means, and the station refuses to start with it")
     return 0
+
+
+def _open_set_section_stale(args) -> bool:
+    """Whether the config (--config) holds an `[analysis.wbc_open_set]` section fitted with other
+    station means than the file just written (or none): start-up refuses it with these means."""
+    if getattr(args, "config", None) is None:
+        return False
+    from smearscope.engines.manifest import sha256_file
+    from smearscope.service.config import ConfigError, load_config
+
+    try:
+        section = load_config(args.config).analysis.wbc_open_set
+        return section is not None and section.station_means_sha256 != sha256_file(args.out)
+    except (ConfigError, OSError):
+        return False  # the fit read the same config; nothing more to say here
