@@ -657,3 +657,24 @@ def test_a_refit_says_when_the_configs_open_set_section_was_fitted_with_other_me
         assert got.returncode == 0 and json.loads(got.stdout)["open_set_section_stale"] is stale, got.stdout
         printed = _cli("adapt-wbc", "--station", "--config", str(config), "--out", str(out)).stdout
         assert ("refit [analysis.wbc_open_set]" in printed) is stale, printed
+
+
+def test_means_fitted_at_one_scale_are_flagged_on_a_station_recalibrated_since(typed_station, caplog):
+    """The means file records the calibrated scale its cells were analysed at; a station at another
+    (recalibrated since) still loads it, but doctor WARNs and the start logs it: never silent."""
+    from smearscope.cli.doctor import station_means_checks
+
+    tmp, path, _, _, _, _, _, _, _ = typed_station
+    out = tmp / "scaled_wbc.json"
+    assert _cli("adapt-wbc", "--station", "--config", str(path), "--out", str(out)).returncode == 0
+    assert json.loads(out.read_text())["microns_per_pixel"] == pytest.approx(0.1)
+    for scale, flagged in (("0.1", False), ("0.1005", False), ("0.2", True)):
+        text = path.read_text().replace("microns_per_pixel = 0.1", f"microns_per_pixel = {scale}")
+        text = text.replace("[analysis]\n", f'[analysis]\nwbc_station_means = "{out}"\n', 1)
+        cfg = parse_config(tomllib.loads(text), environ={})
+        (status, _, detail), = station_means_checks(cfg.analysis, cfg.microns_per_pixel)
+        assert (status == "WARN") == flagged and ("analysed at 0.1 um/px" in detail) == flagged, detail
+        caplog.clear()
+        build_analyzer(cfg).close()
+        warned = [r for r in caplog.records if "wbc_station_means" in r.getMessage() and r.levelname == "WARNING"]
+        assert bool(warned) == flagged, [r.getMessage() for r in caplog.records]

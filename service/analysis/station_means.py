@@ -131,6 +131,9 @@ class StationMeans:
     #: The head's test-time views the features were averaged over (empty: not recorded); the
     #: analyzer refuses the means when it runs the head in others.
     views: tuple[str, ...] = ()
+    #: The calibrated scale (um/px) the typed cells were analysed at (None: estimated, or not
+    #: recorded): features move with the resample to the canonical scale.
+    microns_per_pixel: float | None = None
 
     def logits(self, space: FeatureSpace, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(-distance / 2T per class, distance to the nearest mean) for features (N x dim)."""
@@ -140,7 +143,7 @@ class StationMeans:
     def to_json(self, classes: Sequence[str]) -> dict:
         return {"schema": SCHEMA, "model_sha256": self.model_sha256, "feature_sha256": self.feature_sha256,
                 "temperature": self.temperature, "fitted": self.fitted, "open_set_thresholds": self.thresholds,
-                "views": list(self.views),
+                "views": list(self.views), "microns_per_pixel": self.microns_per_pixel,
                 "leave_one_out": {"station_means": self.loo_accuracy, "head": self.head_accuracy},
                 "classes": {c: {"cells": self.cells[c], "mean": [round(float(v), 6) for v in self.means[k]]}
                             for k, c in enumerate(classes) if c in self.cells}}
@@ -153,6 +156,17 @@ def check_means_views(means: StationMeans, views: Sequence[str]) -> None:
         raise StationMeansError("station_means_stale", f"the station means were fitted with the WBC head in views "
                                 f"{'+'.join(means.views)}, the analyzer runs it in {'+'.join(views)}: run smearscope "
                                 "adapt-wbc again, or set wbc_head_views back")
+
+
+def means_scale_problem(means: StationMeans, microns_per_pixel: float | None) -> str | None:
+    """Why means fitted on cells analysed at a calibrated scale do not fit a station at another
+    (more than 1 % off, or now estimated); None when they fit or the file does not say."""
+    fitted = means.microns_per_pixel
+    if fitted is None or (microns_per_pixel is not None and abs(microns_per_pixel - fitted) <= 0.01 * fitted):
+        return None
+    now = "estimates its scale" if microns_per_pixel is None else f"runs at {microns_per_pixel:g} um/px"
+    return (f"the station means were fitted on cells analysed at {fitted:g} um/px, the station {now} (recalibrated "
+            "since?): their features differ; type cells at this scale and run smearscope adapt-wbc again")
 
 
 def load_station_means(path: Path, manifest: ModelManifest, space: FeatureSpace) -> StationMeans:
@@ -217,9 +231,12 @@ def load_station_means(path: Path, manifest: ModelManifest, space: FeatureSpace)
                                 "fitted in: run smearscope adapt-wbc again")
     if not isinstance(views, list) or not views or not all(isinstance(v, str) for v in views):
         raise StationMeansError("station_means_invalid", f"{path}: views must be a list of view names")
+    scale = doc.get("microns_per_pixel")
+    if scale is not None and (number(scale, "microns_per_pixel") <= 0):
+        raise StationMeansError("station_means_invalid", f"{path}: microns_per_pixel must be positive")
     return StationMeans(manifest.sha256, space.sha256, means, temperature, cells, loo_acc, head_acc,
                         str(doc.get("fitted", "")), {m: float(v) for m, v in thresholds.items()}, sha256_file(Path(path)),
-                        tuple(views))
+                        tuple(views), None if scale is None else float(scale))
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,7 @@ def build_analyzer(config: StationConfig, keep_wbc_features: bool = False) -> An
     from smearscope.service.analysis.pipeline import MODEL_FILES, Analyzer, AnalyzerOptions
     from smearscope.service.analysis.platelet_rescue import PlateletRescue
     from smearscope.service.analysis.roi import RoiFilter
-    from smearscope.service.analysis.station_means import StationMeansError
+    from smearscope.service.analysis.station_means import StationMeansError, means_scale_problem
 
     a = config.analysis
     if (problem := models_problem(a.models_dir)) is not None:
@@ -196,11 +196,15 @@ def build_analyzer(config: StationConfig, keep_wbc_features: bool = False) -> An
     if a.engine_backend == "tensorrt":
         engine_options = {"precision": a.tensorrt_precision, "lanes": a.tensorrt_lanes, "cuda": a.cuda_api}
     try:
-        return Analyzer.from_models_dir(a.models_dir, backend=a.engine_backend, options=options,
-                                        station_id=config.station_id, **engine_options)
+        analyzer = Analyzer.from_models_dir(a.models_dir, backend=a.engine_backend, options=options,
+                                            station_id=config.station_id, **engine_options)
     except OpenSetThresholdError as exc:
         raise StartupError("analysis.wbc_open_set", str(exc)) from exc
     except StationMeansError as exc:
         raise StartupError("analysis.wbc_station_means", f"{exc.code}: {exc.message}") from exc
     except (EngineError, ManifestError) as exc:
         raise StartupError("analysis.models_dir", str(exc)) from exc
+    station = analyzer.wbc_head.station if analyzer.wbc_head is not None else None
+    if station is not None and (problem := means_scale_problem(station[1], config.microns_per_pixel)):
+        logger.warning("analysis.wbc_station_means: %s", problem)  # used, as doctor says: flagged, not refused
+    return analyzer

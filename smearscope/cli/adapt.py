@@ -200,7 +200,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
                          head_types, np.array(energies) if "energy" in methods else None, fitted,
                          {"typed": len(points), "matched": n_typed, "unmatched": unmatched[:50],
                           "unmatched_count": len(unmatched), "duplicates": duplicates[:50],
-                          "duplicate_count": len(duplicates), "unreadable": unreadable})
+                          "duplicate_count": len(duplicates), "unreadable": unreadable}, mpp)
 
 
 def _fit_from_station(args: argparse.Namespace, error) -> int:
@@ -257,7 +257,7 @@ def _fit_from_station(args: argparse.Namespace, error) -> int:
                          typed.types, typed.head_types, energies, fitted,
                          {"typed": len(typed.types), "runs": typed.runs, "typed_cells": str(path),
                           "other_head": typed.other_head, "other_views": typed.other_views,
-                          "other_scale": typed.other_scale})
+                          "other_scale": typed.other_scale}, config.microns_per_pixel)
 
 
 def _analyzer_or_error(args: argparse.Namespace, error):

@@ -21,9 +21,11 @@ def bad_min_cells(args: argparse.Namespace, error) -> int:
 
 def fit_and_write(args, error, space, manifest, views, model_thresholds: dict[str, float], feats: np.ndarray,
                    view_feats: list, types: list[str], head_types: list[str], energies: np.ndarray | None,
-                   fitted: str, counts: dict) -> int:
-    """Fit the station means from typed cells' features, write them to --out, print what to put in
-    the config (or --json); the exit status."""
+                   fitted: str, counts: dict, microns_per_pixel: float | None = None) -> int:
+    """Fit the station means from typed cells' features (analysed at `microns_per_pixel`, None:
+    estimated), write them to --out, print what to put in the config (or --json); the exit status."""
+    import dataclasses
+
     from smearscope.service.analysis.station_means import fit_station_means
 
     n_typed = len(types)
@@ -48,8 +50,9 @@ def fit_and_write(args, error, space, manifest, views, model_thresholds: dict[st
                                  f"out), the head as trained {fit.head_accuracy:.1%}: keep the head (leave "
                                  "wbc_station_means unset), or type more cells"}[fit.reason or ""]
         return error(fit.reason or "", reason, **summary)
+    means = dataclasses.replace(fit.means, microns_per_pixel=microns_per_pixel)
     try:
-        args.out.write_text(json.dumps(fit.means.to_json(manifest.classes), indent=1) + "\n")
+        args.out.write_text(json.dumps(means.to_json(manifest.classes), indent=1) + "\n")
     except OSError as exc:
         return error("cannot_write", f"{args.out}: {exc}", **summary)
     summary["open_set_section_stale"] = stale = _open_set_section_stale(args)

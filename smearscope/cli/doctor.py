@@ -86,12 +86,13 @@ def model_checks(models_dir: Path) -> list[Check]:
     return checks
 
 
-def station_means_checks(analysis) -> list[Check]:
-    """The station's own white-cell class means (smearscope adapt-wbc), when the config names a file."""
+def station_means_checks(analysis, microns_per_pixel: float | None = None) -> list[Check]:
+    """The station's own white-cell class means (smearscope adapt-wbc), when the config names a file;
+    WARN when they were fitted at another scale than the station's (`microns_per_pixel`)."""
     if analysis.wbc_station_means is None:
         return [("OK", "station means", ("none: white cells typed by the head as trained (a new lab: smearscope "
                  "adapt-wbc)"))]
-    from smearscope.service.analysis.station_means import StationMeansError
+    from smearscope.service.analysis.station_means import StationMeansError, means_scale_problem
     from smearscope.service.station.startup import wbc_head_and_means
 
     try:
@@ -102,8 +103,10 @@ def station_means_checks(analysis) -> list[Check]:
         return []  # the model check above says why
     sm = loaded[1]
     cells = ", ".join(f"{c} {n}" for c, n in sm.cells.items())
-    return [("OK", "station means", (f"{analysis.wbc_station_means}: {cells}; leave-one-out {sm.loo_accuracy:.1%} "
-             f"(head {sm.head_accuracy:.1%}); {sm.fitted or 'fitted: not recorded'}"))]
+    scale = means_scale_problem(sm, microns_per_pixel)
+    return [("WARN" if scale else "OK", "station means", (
+        f"{analysis.wbc_station_means}: {cells}; leave-one-out {sm.loo_accuracy:.1%} (head {sm.head_accuracy:.1%}); "
+        f"{sm.fitted or 'fitted: not recorded'}{f'; {scale}' if scale else ''}"))]
 
 
 def typed_cells_checks(config) -> list[Check]:
@@ -408,7 +411,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         review_free = review.min_free_disk_mb if review.enabled else None
         steps: list[Callable[[], list[Check]]] = [
             lambda: model_checks(analysis.models_dir), lambda: open_set_checks(analysis),
-            lambda: station_means_checks(analysis), lambda: typed_cells_checks(config),
+            lambda: station_means_checks(analysis, config.microns_per_pixel), lambda: typed_cells_checks(config),
             lambda: _backend_checks(analysis.engine_backend),
             lambda: camera_checks(config.source),  # type: ignore[attr-defined]
             lambda: _outbox_checks(mqtt.outbox.path, review_free), lambda: review_file_checks(config),
