@@ -19,7 +19,9 @@ from pydantic import ValidationError
 from test_daemon import oracle_pool
 
 from smearscope.device.synthetic import render_field
+from smearscope.service.analysis.aggregate import aggregate
 from smearscope.service.analysis.pipeline import Analyzer
+from smearscope.service.analysis.records import Box, CellDetection, CellKind, ClassifiedCell
 from smearscope.service.analysis.report import (
     ClassShare,
     Counts,
@@ -217,6 +219,16 @@ def test_the_reports_own_grades_nrbc_flags_and_histogram_are_used() -> None:
         n=900, mean_diameter_um=None, sd_um=None, cv_percent=None, median_diameter_um=None, calibrated=False)})
     size = by_code(report_bundle(uncalibrated), codes.LOCAL_OBSERVATION, "rbc-diameter")
     assert "valueQuantity" not in size and size["dataAbsentReason"]["coding"][0]["code"] == "size-not-assessable"
+    # no red cell at all (a calibrated field of white cells only): nothing was measured, and the
+    # reason is not an estimated scale
+    agg = aggregate([ClassifiedCell(CellDetection(CellKind.WBC, Box(0, 0, 60, 60), 0.9), "neutrophil", 0.9, 12.0,
+                                    110.0, size_calibrated=True)])
+    none_seen = current_report().model_copy(update={"counts": agg.counts, "rbc_size": agg.rbc_size,
+                                                    "rbc_morphology": [], "flags": agg.flags})
+    bundle_none = report_bundle(none_seen)
+    validate(bundle_none)
+    size = by_code(bundle_none, codes.LOCAL_OBSERVATION, "rbc-diameter")
+    assert "valueQuantity" not in size and size["dataAbsentReason"]["coding"][0]["code"] == "no-rbc-seen"
 
 
 def test_a_mixed_runs_size_based_share_names_its_own_denominator() -> None:

@@ -222,7 +222,9 @@ def _sizes_and_counts(b: _Builder) -> None:
     r = b.report
     s = r.rbc_size
     code = _concept(codes.local("rbc-diameter"))
-    if not s.calibrated or report_view.calibration_in_doubt(r):  # circular, or a calibration in doubt: left out
+    if not r.counts.rbc:  # nothing to measure, at whatever scale (an estimated one is not why)
+        b.observation("rbc-diameter", code, dataAbsentReason=_concept(codes.local("no-rbc-seen")))
+    elif not s.calibrated or report_view.calibration_in_doubt(r):  # circular, or a calibration in doubt: left out
         b.observation("rbc-diameter", code, component=[_component("n", valueInteger=s.n)],
                       dataAbsentReason=_concept(codes.local("size-not-assessable")))
     elif s.n and s.mean_diameter_um is not None:

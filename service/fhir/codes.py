@@ -92,6 +92,7 @@ LOCAL_CODES: dict[str, str] = {
     "size-not-assessable": "Size-based call not assessable: the scale was estimated, not calibrated, or "
                            "is a calibration in doubt (flags rbc_size_implausible, calibration_suspect)",
     "no-wbc-seen": "No white cell was counted: atypical white cells cannot be judged",
+    "no-rbc-seen": "No red cell was counted: no diameter to measure",
     "wbc-left-for-review": "White cells left untyped for review, fewer than the atypical_wbc_present flag "
                            "needs: atypical white cells neither shown nor excluded",
     "diameter-bin": "Red cells in this diameter bin (the code's text names the bin)",
