@@ -205,6 +205,24 @@ def test_schistocyte_flag_over_one_percent_of_red_cells_with_at_least_three_cell
     assert "schistocytes_present" not in _codes(schisto(2, 100))  # 2 % but only 2 cells
 
 
+
+def test_schistocyte_flag_and_grade_count_the_calls_at_their_confidence():
+    """A normal-looking lab's red cells draw a few unsure schistocyte calls (BCCD val: 2.5 % typed,
+    0.8 % at 0.6): only calls at or above schistocyte_min_confidence count toward the flag and the
+    grade; every call stays in the count and on the flag's list."""
+    normal = [_cell(CellKind.RBC, "normal")] * 288
+    unsure = aggregate(normal + [_cell(CellKind.RBC, "schistocyte", 0.55)] * 10 + [_cell(CellKind.RBC, "schistocyte", 0.9)] * 2)
+    assert "schistocytes_present" not in {f.code for f in unsure.flags}  # 4 % called, 0.67 % sure
+    (row,) = [s for s in unsure.rbc_morphology if s.label == "schistocyte"]
+    assert row.count == 12 and row.graded_count == 2 and row.grade == "1+"  # under 1 %, not 3+
+    at_bound = aggregate(normal + [_cell(CellKind.RBC, "schistocyte", 0.6)] * 4 + [_cell(CellKind.RBC, "schistocyte", 0.3)] * 8)
+    flag = next(f for f in at_bound.flags if f.code == "schistocytes_present")  # ">= 0.6": 4 of 300
+    assert flag.cells == list(range(288, 300)) and "1.3% of red cells at confidence >= 0.6 (12 called" in flag.message
+    stricter = aggregate(normal + [_cell(CellKind.RBC, "schistocyte", 0.6)] * 4 + [_cell(CellKind.RBC, "normal")] * 8,
+                         AggregateThresholds(schistocyte_min_confidence=0.7))
+    assert "schistocytes_present" not in {f.code for f in stricter.flags}
+
+
 # -- nucleated_rbc_present lists the NRBC
 def test_nrbc_flag_lists_the_nucleated_red_cells():
     cells = [_cell(CellKind.WBC, "neutrophil")] * 4 + [_cell(CellKind.NRBC, "erythroblast")] * 2

@@ -104,8 +104,10 @@ class AggregateThresholds:
     #: fewer (or less confident) ones raise `sickle_cells_review` with the cells listed.
     sickle_critical_min_cells: int = 5
     sickle_min_confidence: float = 0.8
-    #: `schistocytes_present`: more than 1 % schistocytes (ICSH 2021) and at least this many cells.
+    #: `schistocytes_present`: more than 1 % schistocytes (ICSH 2021) and at least this many cells,
+    #: counting the calls at or above this confidence (they are also what the grade rests on).
     schistocyte_min_cells: int = 3
+    schistocyte_min_confidence: float = 0.6
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ class CellTally:
         self.unidentified_wbc: list[int] = []
         self.atypical_wbc = 0
         self.sickle: list[tuple[int, float]] = []  # (index, head confidence)
-        self.schistocytes: list[int] = []
+        self.schistocytes: list[tuple[int, float]] = []  # (index, head confidence)
         self.regrouped_platelets: list[int] = []  # found as white cells, typed as platelets
         self.nrbc: list[int] = []
 
@@ -165,7 +167,7 @@ class CellTally:
                 if label == "sickle":
                     self.sickle.append((i, c.label_score or 0.0))
                 elif label == "schistocyte":
-                    self.schistocytes.append(i)
+                    self.schistocytes.append((i, c.label_score or 0.0))
             elif kind is CellKind.WBC:
                 self.wbc_labels[c.label or UNIDENTIFIED] += 1
                 if not is_classified_wbc(c):
@@ -253,14 +255,14 @@ class CellTally:
             rows.sort(key=lambda r: (-r.count, r.label))
         else:
             rows = share_rows(self.rbc_labels)
-        # a sickle call graded only when the head was as sure as the critical flag needs: one unsure
-        # call must not print "sickle cells 1+" (it is listed for review by the flag instead)
-        n_sure_sickle = self.sure_sickle(th)
+        # a sickle or schistocyte call graded only when the head was as sure as its flag needs: one
+        # unsure call must not print "sickle cells 1+" (it is listed for review by the flag instead)
+        sure = {"sickle": self.sure_sickle(th), "schistocyte": self.sure_schistocytes(th)}
         out = []
         for share in rows:
             if share.label in ICSH_THRESHOLDS:  # graded on the exact share, not the rounded percent
                 of = share.of_cells or n_rbc  # every red cell is in one row
-                k = n_sure_sickle if share.label == "sickle" else share.count
+                k = sure.get(share.label, share.count)
                 lo, hi = wilson_interval(k, of)
                 share = share.model_copy(update={
                     "grade": icsh_grade(share.label, 100.0 * k / of),
@@ -276,6 +278,10 @@ class CellTally:
     def sure_sickle(self, th: AggregateThresholds) -> int:
         """Sickle calls at or above the confidence the critical flag (and the grade) need."""
         return sum(score >= th.sickle_min_confidence for _, score in self.sickle)
+
+    def sure_schistocytes(self, th: AggregateThresholds) -> int:
+        """Schistocyte calls at or above the confidence the flag (and the grade) need."""
+        return sum(score >= th.schistocyte_min_confidence for _, score in self.schistocytes)
 
     def _evidence_flags(self, th: AggregateThresholds) -> list[Flag]:
         """Flags proportionate to evidence, each listing its cells (indices into the cells) for review."""
@@ -298,11 +304,12 @@ class CellTally:
                               message=f"{len(sickle)} possible sickle cell(s), {n_sure} at confidence >= "
                                       f"{th.sickle_min_confidence}, fewer than the {th.sickle_critical_min_cells} a critical "
                                       "flag needs: review the listed cells"))
-        schisto = self.schistocytes
-        if n_rbc and len(schisto) >= th.schistocyte_min_cells and len(schisto) / n_rbc > 0.01:
-            flags.append(Flag(code="schistocytes_present", severity="warning", cells=list(schisto),
-                              message=f"schistocytes {100 * len(schisto) / n_rbc:.1f}% of red cells (over 1%: suspicious of "
-                                      "a thrombotic microangiopathy): review"))
+        schisto, n_sure = [i for i, _ in self.schistocytes], self.sure_schistocytes(th)
+        if n_rbc and n_sure >= th.schistocyte_min_cells and n_sure / n_rbc > 0.01:
+            flags.append(Flag(code="schistocytes_present", severity="warning", cells=schisto,
+                              message=f"schistocytes {100 * n_sure / n_rbc:.1f}% of red cells at confidence >= "
+                                      f"{th.schistocyte_min_confidence} ({len(schisto)} called in all; over 1%: "
+                                      "suspicious of a thrombotic microangiopathy): review"))
         if self.regrouped_platelets:
             flags.append(Flag(code="platelet_clumps_suspected", severity="warning", cells=list(self.regrouped_platelets),
                               message=f"{len(self.regrouped_platelets)} object(s) found as white cells were typed as "

@@ -8,7 +8,9 @@ red cells showing the feature, with thresholds per feature:
 - shapes (spherocytes, target cells, stomatocytes, ovalocytes, elliptocytes, teardrop cells,
   echinocytes/burr cells, other poikilocytes): 1+ 5-20 %, 2+ 21-50 %, 3+ > 50 %;
 - schistocytes, graded on their own lower thresholds (ICSH 2012/2021, Zini et al.: more than
-  1 % is suspicious of a thrombotic microangiopathy): 1+ < 1 %, 2+ 1-2 %, 3+ > 2 %;
+  1 % is suspicious of a thrombotic microangiopathy): 1+ < 1 %, 2+ 1-2 %, 3+ > 2 %, on the calls
+  the head made at the confidence their flag needs (`graded_count`; a normal-looking lab's red
+  cells get a few unsure schistocyte calls, which go to review);
 - sickle cells: reported present (graded like schistocytes, every sickle cell matters), on the
   calls the head made at the confidence the critical flag needs (`graded_count`); less sure calls
   are counted and listed for review by the flag, not graded.

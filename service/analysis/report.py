@@ -125,7 +125,8 @@ class ClassShare(_Strict):
     graded_count: int | None = Field(None, description="the cells the grade rests on, when fewer than `count`: for "
                                      "sickle cells, those the head called at or above the confidence the critical flag "
                                      "needs (flags.sickle_min_confidence); the others are listed for review by the "
-                                     "`sickle_cells_review` or `sickle_cells_present` flag")
+                                     "`sickle_cells_review` or `sickle_cells_present` flag; for schistocytes, those at or "
+                                     "above flags.schistocyte_min_confidence (every call goes to review)")
 
 
 class SizeHistogram(_Strict):
