@@ -83,14 +83,44 @@ def test_overlays_are_kept_per_run_under_the_disk_cap(tmp_path: Path) -> None:
     one = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)  # whatever this disk has free
     one.add_field("run-0", _image(pool[0]), pool[0])
     size = sum(p.stat().st_size for p in review.rglob("*.jpg"))
-    cap_mb = 2.5 * size / 1024 / 1024  # room for two overlays
+    dry = ReviewGallery(ReviewConfig(min_free_disk_mb=0), tmp_path / "dry")  # what the gallery's file takes
+    for i, result in enumerate([pool[0], *pool]):
+        dry.add_field("run-0" if i < 1 else "run-1" if i < 3 else "run-2", _image(result), result)
+    crops = sum(p.stat().st_size for p in (tmp_path / "dry").glob("gallery.sqlite*"))
+    cap_mb = (crops + 2.5 * size) / 1024 / 1024  # room for the crops and two overlays
     gallery = ReviewGallery(ReviewConfig(max_disk_mb=cap_mb, min_free_disk_mb=0), review)
     for i, result in enumerate(pool):
         gallery.add_field("run-1" if i < 2 else "run-2", _image(result), result)
     files = sorted(review.rglob("*.jpg"))
-    assert sum(p.stat().st_size for p in files) <= cap_mb * 1024 * 1024
+    assert sum(p.stat().st_size for p in review.rglob("*") if p.is_file()) <= cap_mb * 1024 * 1024
     assert [p.parent.name for p in files] == ["run-2", "run-2"]  # oldest run (and run-0) deleted first
     assert gallery.summary("run-2")["overlays"] == 2 and gallery.summary("run-1")["overlays"] == 0
+
+
+def test_the_disk_cap_counts_the_gallery_file_and_overlays_give_way_to_it(tmp_path: Path) -> None:
+    """`max_disk_mb` is the review directory's cap: overlays and the gallery's file (crops, WAL)
+    together stay under it, the oldest overlays deleted to make room for the crops."""
+    pool = oracle_pool()
+    fields = [(f"run-{k}", result) for k in range(3) for result in pool]
+
+    def feed(gallery: ReviewGallery, directory: Path) -> list[int]:
+        used = []
+        for run_id, result in fields:
+            gallery.add_field(run_id, _image(result), result)
+            used.append(sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()))
+        return used
+
+    dry = tmp_path / "dry"
+    feed(ReviewGallery(ReviewConfig(min_free_disk_mb=0, white_cells="all"), dry), dry)
+    crops = sum(p.stat().st_size for p in dry.glob("gallery.sqlite*"))
+    overlay = max(p.stat().st_size for p in dry.rglob("*.jpg"))
+    assert crops > 4 * overlay  # the gallery's file is most of what the review keeps
+    cap_mb = (crops + 1.5 * overlay) / 2**20
+    review = tmp_path / "review"
+    gallery = ReviewGallery(ReviewConfig(max_disk_mb=cap_mb, min_free_disk_mb=0, white_cells="all"), review)
+    assert max(feed(gallery, review)) <= cap_mb * 2**20
+    assert gallery.summary("run-2")["cells"] > 0 and gallery.summary("run-2")["overlays"] >= 1
+    assert gallery.summary("run-0")["overlays"] == 0
 
 
 def test_overlays_give_way_to_the_outbox_on_a_disk_low_on_space(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -46,8 +46,10 @@ class ReviewConfig(StationBaseModel):
         description="Where per-field overlays are written, one folder per run, and the gallery's crops "
         "are kept (gallery.sqlite); default: 'review' beside the outbox file.")
     max_disk_mb: float = Field(
-        default=200.0, gt=0, title="Overlay disk cap (MB)",
-        description="Above this many megabytes of overlays the oldest are deleted, oldest run first.")
+        default=200.0, gt=0, title="Review disk cap (MB)",
+        description="Cap on what the review keeps in its directory: the overlays and the gallery's file "
+        "(gallery.sqlite, up to 5 runs of max_cells_per_run crops). Above it the oldest overlays are "
+        "deleted, oldest run first. The typed-cells file is not counted (its own bound: 5 000 cells).")
     min_free_disk_mb: float = Field(
         default=256.0, ge=0, title="Disk kept free (MB)",
         description="Overlays give way to the outbox: while the disk that holds them has less free "
@@ -58,7 +60,7 @@ class ReviewConfig(StationBaseModel):
     max_cells_per_run: int = Field(
         default=300, ge=1, le=5000, title="Crops per run",
         description="Crops kept per run (unidentified cells first), in memory and in the review "
-        "directory's gallery.sqlite (read back at start); later ones are counted.")
+        "directory's gallery.sqlite (read back at start; counted in max_disk_mb); later ones are counted.")
     max_message_kb: int = Field(
         default=48, ge=8, le=1024, title="Largest review message (KB)",
         description="Each get_review answer and live run message stays below this (a page of crops; "
@@ -76,5 +78,5 @@ class ReviewConfig(StationBaseModel):
         "by itself (with a warning) when the WBC head has no features output.")
     typed_cells_path: ConfigPath | None = Field(
         default=None, title="Typed cells file",
-        description="SQLite file (WAL) of the white cells technicians typed; default: typed_cells.sqlite3 "
-        "beside the outbox file.")
+        description="SQLite file (WAL) of the white cells technicians typed, at most 5 000 cells (about "
+        "15 MB; past that type_cells answers typed_cells_full); default: typed_cells.sqlite3 beside the outbox file.")

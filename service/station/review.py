@@ -5,8 +5,8 @@ ones) are cut from the field's input image around the report's boxes and held in
 (bounded per run, the last few runs kept) and in a SQLite file beside the overlays
 (service.station.gallery_store), read back at start: a restart loses no review material; `page()` serves them in pages that fit one MQTT
 message (the `get_review` command). Each field's overlay (outlines and labels on the input) is
-written to disk under `<directory>/<run_id>/`, with a size cap over all runs: the oldest files,
-oldest run first, are deleted above it.
+written to disk under `<directory>/<run_id>/`, with a size cap over all the directory holds
+(overlays and the gallery's file): the oldest overlays, oldest run first, are deleted above it.
 
 With `[review] white_cells = "all"` every white cell of the run follows the review cells, and with
 typing on (`set_wbc_typing`: the WBC head keeps its features) each white cell's crop is marked
@@ -141,6 +141,7 @@ class ReviewGallery:
         self._runs: OrderedDict[str, _RunGallery] = OrderedDict()
         self._typing: WbcTyping | None = None
         self._low_disk_said = False  # the low-disk warning, once until there is room again
+        self._over_cap_said = False  # the gallery's file alone over max_disk_mb: said once until it is not
         self._store = GalleryStore(directory / FILE_NAME)
         #: Runs whose changes the file lacks (written whole at the next write), runs to delete from it.
         self._unsaved: set[str] = set()
@@ -252,9 +253,8 @@ class ReviewGallery:
                 self._drops.add(gone)
                 self._unsaved.discard(gone)
             change = RunChange(run_id, added, displaced, gallery.not_kept, gallery.latest_thumbnail)
-        if path is not None:  # a new overlay: the cap and the disk's floor again
-            self._enforce_disk_cap()
         self._persist(change, path is not None or self._free() >= self._floor)
+        self._enforce_disk_cap()  # a new overlay or more crops in the gallery's file: the cap again
         return kept
 
     def _persist(self, change: RunChange, room: bool) -> None:
@@ -429,14 +429,33 @@ class ReviewGallery:
             return None
         return path
 
+    def _gallery_bytes(self) -> int:
+        """What the gallery's file takes on disk (with its WAL and shared memory)."""
+        size = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                size += Path(f"{self._store.path}{suffix}").stat().st_size
+            except OSError:
+                pass
+        return size
+
     def _enforce_disk_cap(self) -> None:
+        """`max_disk_mb` over all the review keeps in its directory: the overlays and the gallery's
+        file. The overlays give way, oldest first (the crops are what a technician reviews)."""
         cap = int(self.config.max_disk_mb * 1024 * 1024)
         try:
             files = sorted(self.directory.glob("*/*.jpg"), key=lambda p: p.stat().st_mtime)
-            total = sum(p.stat().st_size for p in files)
+            gallery = self._gallery_bytes()
+            total = gallery + sum(p.stat().st_size for p in files)
         except OSError as exc:
             logger.warning("cannot measure the overlays under %s: %s", self.directory, exc)
             return
+        if gallery > cap and not self._over_cap_said:
+            logger.warning("review gallery file %s takes %.0f MB, over [review] max_disk_mb (%.0f MB) by itself: "
+                           "no overlay is kept; raise max_disk_mb or lower max_cells_per_run (the gallery keeps "
+                           "up to %d runs of max_cells_per_run crops)", self._store.path, gallery / 2**20,
+                           self.config.max_disk_mb, KEEP_RUNS + 1)
+        self._over_cap_said = gallery > cap
         removed = 0
         for old in files:
             if total <= cap and self._free() >= self._floor:
@@ -450,7 +469,8 @@ class ReviewGallery:
             except OSError as exc:
                 logger.warning("cannot remove overlay %s: %s", old, exc)
         if removed:
-            logger.info("review overlays above %.0f MB or the disk's free space under %.0f MB: %d oldest deleted",
+            logger.info("review (overlays and gallery) above %.0f MB or the disk's free space under %.0f MB: %d "
+                        "oldest overlays deleted",
                         self.config.max_disk_mb, self.config.min_free_disk_mb, removed)
             with self._lock:
                 for g in self._runs.values():
