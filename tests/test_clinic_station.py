@@ -123,6 +123,26 @@ def test_the_disk_cap_counts_the_gallery_file_and_overlays_give_way_to_it(tmp_pa
     assert gallery.summary("run-0")["overlays"] == 0
 
 
+def test_a_clock_set_back_does_not_make_the_newest_overlays_the_oldest(tmp_path: Path) -> None:
+    """Overlays written after the wall clock moved back (a board without a clock battery after a
+    power cut) carry older times than the runs before; the cap still deletes the oldest run's."""
+    import os
+
+    review = tmp_path / "review"
+    pool = oracle_pool()
+    gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
+    for result in pool[:2]:
+        gallery.add_field("run-1", _image(result), result)
+    for p in review.rglob("*.jpg"):  # written in what is now the future
+        os.utime(p, (p.stat().st_mtime + 86400, p.stat().st_mtime + 86400))
+    used = sum(p.stat().st_size for p in review.rglob("*") if p.is_file())
+    overlay = max(p.stat().st_size for p in review.rglob("*.jpg"))
+    gallery.config = ReviewConfig(max_disk_mb=(used + 1.5 * overlay) / 2**20, min_free_disk_mb=0)
+    gallery.add_field("run-2", _image(pool[2]), pool[2])
+    assert gallery.summary("run-2")["overlays"] == 1 and gallery.summary("run-1")["overlays"] < 2
+    assert [p.parent.name for p in review.rglob("*.jpg")].count("run-2") == 1
+
+
 def test_overlays_give_way_to_the_outbox_on_a_disk_low_on_space(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Below `min_free_disk_mb` free, the oldest overlays are deleted and none is written (said once):
     the outbox, beside them by default, needs the room more. Here the floor is set above what this

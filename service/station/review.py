@@ -443,8 +443,12 @@ class ReviewGallery:
         """`max_disk_mb` over all the review keeps in its directory: the overlays and the gallery's
         file. The overlays give way, oldest first (the crops are what a technician reviews)."""
         cap = int(self.config.max_disk_mb * 1024 * 1024)
+        # oldest run first in the gallery's order (folders of runs it let go before them), by time
+        # only within a run: a clock set back must not make the newest run's overlays the oldest
+        with self._lock:
+            rank = {self._run_folder(r).name: k for k, r in enumerate(self._runs)}
         try:
-            files = sorted(self.directory.glob("*/*.jpg"), key=lambda p: p.stat().st_mtime)
+            files = sorted(self.directory.glob("*/*.jpg"), key=lambda p: (rank.get(p.parent.name, -1), p.stat().st_mtime))
             gallery = self._gallery_bytes()
             total = gallery + sum(p.stat().st_size for p in files)
         except OSError as exc:
