@@ -103,24 +103,39 @@ def test_the_disk_cap_counts_the_gallery_file_and_overlays_give_way_to_it(tmp_pa
     pool = oracle_pool()
     fields = [(f"run-{k}", result) for k in range(3) for result in pool]
 
-    def feed(gallery: ReviewGallery, directory: Path) -> list[int]:
+    def feed(gallery: ReviewGallery, directory: Path) -> list[tuple[int, int]]:
+        """After each field: what the directory holds, and the gallery's file of that."""
         used = []
         for run_id, result in fields:
             gallery.add_field(run_id, _image(result), result)
-            used.append(sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()))
+            used.append((sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()),
+                         sum(p.stat().st_size for p in directory.glob("gallery.sqlite*"))))
         return used
 
     dry = tmp_path / "dry"
-    feed(ReviewGallery(ReviewConfig(min_free_disk_mb=0, white_cells="all"), dry), dry)
-    crops = sum(p.stat().st_size for p in dry.glob("gallery.sqlite*"))
+    crops = max(g for _, g in feed(ReviewGallery(ReviewConfig(min_free_disk_mb=0, white_cells="all"), dry), dry))
     overlay = max(p.stat().st_size for p in dry.rglob("*.jpg"))
     assert crops > 4 * overlay  # the gallery's file is most of what the review keeps
     cap_mb = (crops + 1.5 * overlay) / 2**20
     review = tmp_path / "review"
     gallery = ReviewGallery(ReviewConfig(max_disk_mb=cap_mb, min_free_disk_mb=0, white_cells="all"), review)
-    assert max(feed(gallery, review)) <= cap_mb * 2**20
+    assert max(u for u, _ in feed(gallery, review)) <= cap_mb * 2**20
     assert gallery.summary("run-2")["cells"] > 0 and gallery.summary("run-2")["overlays"] >= 1
     assert gallery.summary("run-0")["overlays"] == 0
+
+
+def test_the_gallery_wal_is_checkpointed_and_cut_back(tmp_path: Path) -> None:
+    """The gallery's WAL counts in the review's disk cap: it is written into the file and cut back
+    at WAL_PAGES, not left at SQLite's default 4 MB (several times what a default gallery holds)."""
+    from smearscope.service.station.gallery_store import WAL_PAGES
+
+    review = tmp_path / "review"
+    gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=0, white_cells="all"), review)
+    for k in range(3):
+        for result in oracle_pool():
+            gallery.add_field(f"run-{k}", _image(result), result)
+            assert (review / "gallery.sqlite-wal").stat().st_size <= 2 * WAL_PAGES * 4096
+    assert (review / "gallery.sqlite").stat().st_size > WAL_PAGES * 4096  # the crops went into the file
 
 
 def test_a_clock_set_back_does_not_make_the_newest_overlays_the_oldest(tmp_path: Path) -> None:

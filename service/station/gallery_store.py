@@ -34,6 +34,8 @@ from smearscope.service.station.typed_cells import TypeableCell
 logger = logging.getLogger(__name__)
 
 FILE_NAME = "gallery.sqlite"
+#: WAL pages (4 kB) after which the gallery's WAL is written into its file and cut back.
+WAL_PAGES = 64
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -117,6 +119,10 @@ class GalleryStore:
             try:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")  # a power cut keeps what was written
+                # the WAL counts in [review] max_disk_mb: checkpointed well before SQLite's default
+                # 1000 pages (4 MB, many times a default gallery's own file), and cut back after
+                db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+                db.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
                 db.executescript(_SCHEMA)
             except sqlite3.Error:
                 db.close()

@@ -455,7 +455,7 @@ class ReviewGallery:
             logger.warning("cannot measure the overlays under %s: %s", self.directory, exc)
             return
         if gallery > cap and not self._over_cap_said:
-            logger.warning("review gallery file %s takes %.0f MB, over [review] max_disk_mb (%.0f MB) by itself: "
+            logger.warning("review gallery file %s takes %.1f MB, over [review] max_disk_mb (%.1f MB) by itself: "
                            "no overlay is kept; raise max_disk_mb or lower max_cells_per_run (the gallery keeps "
                            "up to %d runs of max_cells_per_run crops)", self._store.path, gallery / 2**20,
                            self.config.max_disk_mb, KEEP_RUNS + 1)
