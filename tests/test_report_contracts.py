@@ -104,7 +104,7 @@ def test_a_run_closed_at_restart_is_reported_incomplete_for_that_reason():
 
 def test_idle_timeout_at_exactly_the_timeout():
     now = [0.0]
-    t = SpecimenTracker(SpecimenPolicy(100, 30.0, True), clock=lambda: now[0])
+    t = SpecimenTracker(SpecimenPolicy(100, 30.0, True), clock=lambda: now[0], idle_clock=lambda: now[0])
     t.run_for_next_field()
     t.add(field("f0", wbcs(1)))
     now[0] = 30.0

@@ -82,8 +82,8 @@ MIX = {"neutrophil": 6, "lymphocyte": 3, "monocyte": 1}
 
 def tracker(target: int = 30, idle: float = 60.0, auto: bool = True,
             clock: FakeClock | None = None) -> SpecimenTracker:
-    return SpecimenTracker(SpecimenPolicy(target, idle, auto), station_id="st",
-                           clock=clock or FakeClock())
+    clock = clock or FakeClock()
+    return SpecimenTracker(SpecimenPolicy(target, idle, auto), station_id="st", clock=clock, idle_clock=clock)
 
 
 def test_fields_accumulate_into_one_specimen_report_with_field_ids() -> None:
@@ -165,6 +165,35 @@ def test_idle_timeout_ends_the_run_as_incomplete() -> None:
     assert flag.code == "specimen_incomplete" and "idle_timeout" in flag.message
     assert closed.report.timing_ms["run_ms"] == 60_000.0
     assert t.check_idle() is None
+
+
+def test_a_wall_clock_stepped_between_slides_does_not_move_the_idle_timeout() -> None:
+    """The wall clock set back (an operator correcting it, a board without a clock battery) after a
+    slide's last field must not keep its run open for the next slide's fields; set forward, it must
+    not end a run mid-slide: idleness is measured on the monotonic clock."""
+    wall, steady = FakeClock(), FakeClock()
+    t = SpecimenTracker(SpecimenPolicy(100, 30.0, True), station_id="st", clock=wall, idle_clock=steady)
+    first = t.run_for_next_field()
+    t.add(fake_field("slide1-f0", MIX))
+    wall.now -= 3600.0  # set back an hour
+    wall.now += 31.0
+    steady.now += 31.0
+    closed = t.check_idle()
+    assert closed is not None and closed.end_reason == "idle_timeout"
+    second = t.run_for_next_field()
+    assert second != first
+    t.add(fake_field("slide2-f0", MIX))
+    wall.now += 7200.0  # set forward two hours mid-slide
+    steady.now += 5.0
+    assert t.check_idle() is None and t.open_run() is not None and t.open_run().run_id == second
+    # a run taken back after a restart keeps the idle time its last field had left
+    left = t.open_run()
+    t._run = None  # the process died with it open
+    again = SpecimenTracker(SpecimenPolicy(100, 30.0, True), station_id="st", clock=wall, idle_clock=steady)
+    wall.now, steady.now = left.last_activity + 20.0, 50_000.0
+    assert again.resume_one([left]) == [] and again.check_idle() is None
+    steady.now += 10.0
+    assert again.check_idle() is not None
 
 
 def test_a_run_left_open_by_a_crash_goes_on_within_its_idle_timeout() -> None:

@@ -300,11 +300,17 @@ class SpecimenTracker:
         station_id: str | None = None,
         thresholds: AggregateThresholds = DEFAULT_THRESHOLDS,
         clock: Callable[[], float] = time.time,
+        idle_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._policy = policy
         self._station_id = station_id
         self._thresholds = thresholds
         self._clock = clock
+        #: The idle timeout is measured on a clock that never steps: a wall clock set back between
+        #: two slides must not keep a run open for the next patient's fields (nor one set forward
+        #: end a run mid-slide). `_active_at`: that clock at the open run's start or last field.
+        self._idle_clock = idle_clock
+        self._active_at = 0.0
         self._lock = threading.Lock()
         self._run: SpecimenRun | None = None
         #: Fields analysed with no run open (auto-start off): in no specimen report.
@@ -384,6 +390,7 @@ class SpecimenTracker:
                 raise ValueError("target_wbc must be >= 1")
             self._run = SpecimenRun(target_wbc=target, started_at=self._clock(),
                                     started_by=started_by)
+            self._active_at = self._idle_clock()
             self._outside_said = False
             logger.info("specimen run %s started (%s, target %d WBC)",
                         self._run.run_id, started_by, target)
@@ -403,6 +410,7 @@ class SpecimenTracker:
                     and 0 <= self._clock() - last.last_activity < self._policy.idle_timeout_s
                     and not last.complete and len(last.field_ids) < self._policy.max_fields):
                 self._run = last
+                self._active_at = self._idle_clock() - (self._clock() - last.last_activity)
                 logger.info("specimen run %s resumed: left open by the previous process %.0f s ago, "
                             "%d fields, %d/%d WBC classified", last.run_id, self._clock() - last.last_activity,
                             len(last.field_ids), last.classified_wbc, last.target_wbc)
@@ -437,6 +445,8 @@ class SpecimenTracker:
             result = replace(result, report=result.report.model_copy(update={"run_id": run.run_id}))
         with self._lock:
             counted = run.add(result, self._clock())
+            if counted:
+                self._active_at = self._idle_clock()
         if not counted:  # a field the run holds (a source replaying its frame ids after a restart): on its own
             return replace(result, report=result.report.model_copy(update={"run_id": None})), None
         if run.complete:
@@ -449,7 +459,7 @@ class SpecimenTracker:
         """End the open run if no field arrived for the idle timeout."""
         with self._lock:
             run = self._run
-            if run is None or self._clock() - run.last_activity < self._policy.idle_timeout_s:
+            if run is None or self._idle_clock() - self._active_at < self._policy.idle_timeout_s:
                 return None
         return self.stop("idle_timeout")
 
