@@ -69,6 +69,23 @@ def start_publisher(
     return publisher
 
 
+@pytest.mark.broker
+def test_a_field_stored_before_the_clock_was_set_back_expires_within_its_lifetime(
+    broker: MosquittoBroker, observer: Subscriber, tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+) -> None:
+    """A field message stored an hour 'later' than now (the wall clock set back since) goes out
+    with at most `field_message_expiry_s` to live, not the hour on top."""
+    config = make_config(tmp_path, broker.port, field_message_expiry_s=600)
+    with Outbox.from_config(config.outbox) as outbox:
+        outbox.put("field", f"{BASE}/field", b'{"field": 1}', report_id="ahead", schema_version="2.1",
+                   created_at=time.time() + 3600)
+    publisher = start_publisher(config, started)
+    assert publisher.wait_until_connected(5), publisher.state
+    assert observer.wait_for(lambda m: any(x.topic == f"{BASE}/field" for x in m), 10)
+    field = observer.on_topic(f"{BASE}/field")[0]
+    assert field.message_expiry is not None and 590 <= field.message_expiry <= 600
+
+
 def test_reports_arrive_with_qos1_properties_and_leave_the_outbox(
     broker: MosquittoBroker,
     observer: Subscriber,

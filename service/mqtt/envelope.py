@@ -60,7 +60,10 @@ def message_properties(message: OutboxMessage, field_expiry_s: int | None) -> Pr
         ("kind", message.kind),
     ]
     if field_expiry_s and message.kind != "report":
-        props.MessageExpiryInterval = max(1, int(field_expiry_s - (time.time() - message.created_at)))
+        # never more than the whole lifetime: one stored before the wall clock was set back seems
+        # to come from the future
+        age = time.time() - message.created_at
+        props.MessageExpiryInterval = max(1, min(field_expiry_s, int(field_expiry_s - age)))
     return props
 
 
