@@ -91,6 +91,21 @@ def test_over_message_bound_evicts_oldest_fields_and_never_reports(
         assert any("reports are never evicted" in r.getMessage() for r in caplog.records)
 
 
+def test_the_evicted_sequence_numbers_remembered_are_the_newest_and_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Weeks offline evict millions of field messages: the outbox remembers only the newest (those
+    the end-of-run ledger can name), not every one since it opened."""
+    from smearscope.service.mqtt import outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "EVICTED_KEPT", 40)
+    with Outbox(tmp_path / "o.db", max_messages=1) as outbox:
+        seqs = [put(outbox, "field", i) for i in range(100)]
+        assert outbox.counts().evicted_fields == 99
+        assert len(outbox.evicted_seqs) <= 40
+        assert seqs[-2] in outbox.evicted_seqs and seqs[-1] not in outbox.evicted_seqs
+
+
 def test_a_report_and_its_bundle_over_the_bound_say_so_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A specimen report and its FHIR Bundle, stored in one transaction over the bound: one error
     line for the report (both are kept), not one per message."""

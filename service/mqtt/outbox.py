@@ -57,6 +57,8 @@ T = TypeVar("T")
 
 _SCHEMA_VERSION = 2
 _EVICTION_LOG_INTERVAL_S = 60.0
+#: The newest evicted sequence numbers kept: the daemon's ledger's (10 000 reports), not 60 MB of them.
+EVICTED_KEPT = 200_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -180,7 +182,7 @@ class Outbox:
         self.overflow_policy = overflow_policy
         self._lock = threading.Lock()
         self._evicted = 0
-        #: Sequence numbers evicted since open (bounded), so a summary can say which were.
+        #: Sequence numbers evicted since open (the newest EVICTED_KEPT), so a summary can say which were.
         self.evicted_seqs: set[int] = set()
         self._disk_full = False
         self._evicted_since_log = 0
@@ -200,13 +202,8 @@ class Outbox:
         self._count, self._bytes, self._reports = self._measure()
         self._reserve = DiskReserve(self.path.with_name(self.path.name + ".reserve"))
         self._reserve.make()
-        logger.info(
-            "outbox %s opened: %d messages (%d reports), %d bytes",
-            self.path,
-            self._count,
-            self._reports,
-            self._bytes,
-        )
+        logger.info("outbox %s opened: %d messages (%d reports), %d bytes", self.path, self._count,
+                    self._reports, self._bytes)
 
     @classmethod
     def from_config(cls, config: OutboxConfig) -> Outbox:
@@ -342,8 +339,9 @@ class Outbox:
             self._count, self._bytes, self._reports = counts
             self._evicted += len(evicted)
             self._evicted_since_log += len(evicted)
-            if len(self.evicted_seqs) < 1_000_000:
-                self.evicted_seqs.update(evicted)
+            self.evicted_seqs.update(evicted)
+            if len(self.evicted_seqs) > EVICTED_KEPT:  # the oldest half goes
+                self.evicted_seqs = set(sorted(self.evicted_seqs)[-EVICTED_KEPT // 2:])
         for kind, report_id in dict.fromkeys((r[0], r[5]) for r in rows):  # a report and its FHIR Bundle: one line
             self._log_bound_state(kind, report_id, len(evicted))
         return seqs
