@@ -138,13 +138,15 @@ class FolderSourceConfig(_CommonSourceFields):
     done_dir: str = Field(
         default="done",
         title="Done subdirectory",
-        description="Subdirectory of `path` that processed files are moved into.",
+        description="Subdirectory of `path` that processed files are moved into (never emptied by the station: "
+        "prune it on a schedule).",
         pattern=r"^[A-Za-z0-9_.-]+$",
     )
     rejected_dir: str = Field(
         default="rejected",
         title="Rejected subdirectory",
-        description="Subdirectory of `path` for rejected files, each with a .reason.txt sidecar.",
+        description="Subdirectory of `path` for rejected files, each with a .reason.txt sidecar (never emptied "
+        "by the station: prune it on a schedule).",
         pattern=r"^[A-Za-z0-9_.-]+$",
     )
     state_file: ConfigPath | None = Field(
