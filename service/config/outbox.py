@@ -39,7 +39,8 @@ class OutboxConfig(BaseModel):
         default=256 * 1024 * 1024,
         ge=1024,
         title="Byte bound",
-        description="Above this many stored payload bytes the overflow policy evicts field messages.",
+        description="Above this many stored payload bytes the overflow policy evicts field messages. The "
+        "file also holds the open and last 4 closed specimen runs' cells, outside this bound (docs/MQTT.md).",
     )
     overflow_policy: OverflowPolicy = Field(
         default="drop_oldest_field_keep_reports",
