@@ -465,6 +465,33 @@ def test_a_full_file_refuses_new_cells_with_its_code(typed_station, tmp_path):
     assert answer["errors_count"] == 1 and answer["cells_count"] == 1
 
 
+def test_a_full_file_gives_up_red_cell_types_of_runs_no_longer_verifiable(typed_station, tmp_path):
+    """Red cells' types count in a verified report only, and only the gallery's runs can be
+    verified: in a file full of them from runs long gone, a technician's new types are stored (the
+    oldest such row gives its place); white cells' types (the station's means) are never given up."""
+    _, _, feed, crops, _, _, _, _, _ = typed_station
+    reds = [c for c in crops if c["kind"] == "rbc" and c["typeable"]]
+    assert len(reds) >= 2
+    gone = TypeableCell(np.zeros(0, np.float32), np.zeros((0, 0), np.float32), "normal", {}, "b" * 64, (), 0.1,
+                        kind="rbc")
+    full = TypedCellStore(tmp_path / "full.sqlite3", max_rows=2)
+    saved, feed._store = feed._store, full
+    try:
+        assert full.put("run-gone", "f0", 1, "target", gone) and full.put("run-gone", "f0", 2, "target", gone)
+        first = feed.type_cells({"run_id": "run-1", "cells": [
+            {"field_id": reds[0]["field_id"], "cell": reds[0]["cell"], "type": "stomatocyte"}]})
+        assert first["ok"] and first["stored"] == 1, first
+        assert full.types_of_run("run-gone") == {("f0", 2): ("rbc", "target")}  # the oldest gave its place
+        assert full.kind_of("run-1", reds[0]["field_id"], reds[0]["cell"]) == "rbc"
+        assert full.remove("run-gone", "f0", 2) and full.put("run-gone", "f0", 3, "lymphocyte", _cell())
+        second = feed.type_cells({"run_id": "run-1", "cells": [
+            {"field_id": reds[1]["field_id"], "cell": reds[1]["cell"], "type": "stomatocyte"}]})
+        assert [e["error"] for e in second["errors"]] == ["typed_cells_full"]  # a white cell's type stays
+    finally:
+        feed._store = saved
+        full.close()
+
+
 def test_with_every_white_cell_shown_the_cells_to_review_keep_their_place_at_the_cap(tmp_path):
     from smearscope.service.config import ReviewConfig
     from smearscope.service.station.review import ReviewGallery, cell_crop

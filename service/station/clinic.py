@@ -359,7 +359,7 @@ class ClinicFeed:
                 if not type_:  # removed from the file, whether or not the gallery still holds the cell
                     removed += store.remove(run_id, field_id, cell)
                 elif found is not None:
-                    if not store.put(run_id, field_id, cell, type_, found):
+                    if not store.put(run_id, field_id, cell, type_, found, live_runs=self._live_runs()):
                         errors.append({**where, "error": "typed_cells_full",
                                        "message": f"the typed-cells file holds {store.max_rows} cells; fit the "
                                        "station means (smearscope adapt-wbc --station), verify the runs still to "
@@ -387,6 +387,12 @@ class ClinicFeed:
         return {"ok": not errors, "run_id": run_id, "stored": stored, "removed": removed,
                 "cells": done[:MAX_LISTED], "cells_count": len(done), "errors": errors[:MAX_LISTED],
                 "errors_count": len(errors), "typed_per_type": totals, "model_sha256": typing.model_sha256}
+
+    def _live_runs(self) -> set[str]:
+        """The runs whose types still count: the gallery's and the closed ones that can be verified."""
+        with self._lock:
+            closed = set(self._closed)
+        return closed | set(self.gallery.run_ids() if self.gallery is not None else ())
 
     def get_runs(self) -> dict[str, Any]:
         """`cmd/get_runs` (on the command thread): the last closed runs, newest first, each as its

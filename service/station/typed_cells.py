@@ -14,8 +14,9 @@ fits the means from the rows of the head the station runs.
 
 SQLite (WAL), one row per cell (run, field, cell index): typing a cell again replaces its type,
 an empty type removes it. At most `MAX_ROWS` rows (about 3 kB each with the committed head's 256
-features in two views: 15 MB): past that the command answers `typed_cells_full` and nothing is
-overwritten.
+features in two views: 15 MB): past that a red cell's type of a run that can no longer be verified
+gives its place (it counts nowhere any more); with none such the command answers `typed_cells_full`
+and nothing is overwritten.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -143,15 +144,19 @@ class TypedCellStore:
         with self._lock:
             self._db.close()
 
-    def put(self, run_id: str, field_id: str, cell: int, type_: str, c: TypeableCell) -> bool:
-        """Store (or retype) one cell; False when the file is full and the cell is new."""
+    def put(self, run_id: str, field_id: str, cell: int, type_: str, c: TypeableCell,
+            live_runs: Collection[str] | None = None) -> bool:
+        """Store (or retype) one cell; False when the file is full and the cell is new. In a full
+        file a red cell's type of a run not in `live_runs` (the runs that can still be verified:
+        a red cell's type counts in a verified report only) gives its place, oldest first."""
         feats = np.asarray(c.features, np.float32).ravel()
         views = (np.asarray(c.view_features, np.float32).reshape(-1, feats.size) if feats.size
                  else np.zeros((0, 0), np.float32))
         with self._lock, self._db:
             known = self._db.execute("SELECT 1 FROM typed_white_cells WHERE run_id=? AND field_id=? AND cell=?",
                                      (run_id, field_id, cell)).fetchone()
-            if known is None and self._count() >= self.max_rows:
+            if known is None and self._count() >= self.max_rows and not (
+                    live_runs is not None and self._drop_stale_red_cell(live_runs)):
                 return False
             self._db.execute(
                 "INSERT OR REPLACE INTO typed_white_cells (run_id, field_id, cell, kind, type, head_type, "
@@ -161,6 +166,15 @@ class TypedCellStore:
                  feats.tobytes(), views.tobytes(), json.dumps({k: float(v) for k, v in c.open_set_scores.items()}),
                  c.microns_per_pixel, time.time()))
         return True
+
+    def _drop_stale_red_cell(self, live_runs: Collection[str]) -> bool:
+        """Delete the oldest red cell's row of a run not in `live_runs` (under the lock, in the
+        caller's transaction); False when there is none."""
+        runs = list(live_runs)
+        cur = self._db.execute(
+            "DELETE FROM typed_white_cells WHERE rowid = (SELECT rowid FROM typed_white_cells WHERE kind='rbc' AND "
+            f"run_id NOT IN ({','.join('?' * len(runs))}) ORDER BY rowid LIMIT 1)", runs)
+        return cur.rowcount > 0
 
     def retype(self, run_id: str, field_id: str, cell: int, type_: str, kind: str) -> bool:
         """A stored cell of `kind` given another type (its features stay); False when the file
