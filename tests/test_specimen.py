@@ -170,7 +170,8 @@ def test_idle_timeout_ends_the_run_as_incomplete() -> None:
 def test_a_wall_clock_stepped_between_slides_does_not_move_the_idle_timeout() -> None:
     """The wall clock set back (an operator correcting it, a board without a clock battery) after a
     slide's last field must not keep its run open for the next slide's fields; set forward, it must
-    not end a run mid-slide: idleness is measured on the monotonic clock."""
+    not end a run mid-slide: idleness, and a run's duration in its reports, are measured on the
+    monotonic clock."""
     wall, steady = FakeClock(), FakeClock()
     t = SpecimenTracker(SpecimenPolicy(100, 30.0, True), station_id="st", clock=wall, idle_clock=steady)
     first = t.run_for_next_field()
@@ -180,12 +181,14 @@ def test_a_wall_clock_stepped_between_slides_does_not_move_the_idle_timeout() ->
     steady.now += 31.0
     closed = t.check_idle()
     assert closed is not None and closed.end_reason == "idle_timeout"
+    assert closed.report is not None and closed.report.timing_ms["run_ms"] == 31_000.0  # not 31 s less an hour
     second = t.run_for_next_field()
     assert second != first
     t.add(fake_field("slide2-f0", MIX))
     wall.now += 7200.0  # set forward two hours mid-slide
     steady.now += 5.0
     assert t.check_idle() is None and t.open_run() is not None and t.open_run().run_id == second
+    assert t.interim_report().timing_ms["run_ms"] == 5_000.0
     # a run taken back after a restart keeps the idle time its last field had left
     left = t.open_run()
     t._run = None  # the process died with it open

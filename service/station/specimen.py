@@ -228,6 +228,7 @@ class SpecimenRun:
         end_reason: EndReason | None = None,
         thresholds: AggregateThresholds = DEFAULT_THRESHOLDS,
         with_cells: bool = True,
+        elapsed_s: float | None = None,
     ) -> Report:
         """The specimen report over every cell so far; `end_reason` None gives an interim one;
         without `with_cells`, without the cell list (the live run state: the list's records cost
@@ -251,8 +252,10 @@ class SpecimenRun:
             run_id=self.run_id, fields_analyzed=len(self.field_ids), source=None,
             models=self.models, counts=agg.counts, wbc_differential=agg.wbc_differential,
             rbc_morphology=sizes_in_doubt(agg.rbc_morphology, flags), rbc_size=agg.rbc_size,
-            nrbc_per_100_wbc=agg.nrbc_per_100_wbc, ratios=agg.ratios, flags=flags, cells=list(self.records) if with_cells else [],
-            timing_ms={"run_ms": round(1000.0 * (now - self.started_at), 1)}, end_reason=end_reason,
+            nrbc_per_100_wbc=agg.nrbc_per_100_wbc, ratios=agg.ratios, flags=flags,
+            cells=list(self.records) if with_cells else [],
+            timing_ms={"run_ms": round(1000.0 * (now - self.started_at if elapsed_s is None else elapsed_s), 1)},
+            end_reason=end_reason,
         )
 
 
@@ -311,6 +314,7 @@ class SpecimenTracker:
         #: end a run mid-slide). `_active_at`: that clock at the open run's start or last field.
         self._idle_clock = idle_clock
         self._active_at = 0.0
+        self._opened_at = 0.0  # that clock at the open run's start: its reports' run_ms
         self._lock = threading.Lock()
         self._run: SpecimenRun | None = None
         #: Fields analysed with no run open (auto-start off): in no specimen report.
@@ -377,8 +381,8 @@ class SpecimenTracker:
         with self._lock:
             if self._run is None:
                 return None
-            return self._run.report(station_id=self._station_id, now=self._clock(),
-                                    thresholds=self._thresholds, with_cells=with_cells)
+            return self._run.report(station_id=self._station_id, now=self._clock(), thresholds=self._thresholds,
+                                    with_cells=with_cells, elapsed_s=self._idle_clock() - self._opened_at)
 
     def start(self, started_by: StartedBy = "command", target_wbc: int | None = None) -> str:
         """Open a run and return its id; RunAlreadyOpen if one is open."""
@@ -390,7 +394,7 @@ class SpecimenTracker:
                 raise ValueError("target_wbc must be >= 1")
             self._run = SpecimenRun(target_wbc=target, started_at=self._clock(),
                                     started_by=started_by)
-            self._active_at = self._idle_clock()
+            self._active_at = self._opened_at = self._idle_clock()
             self._outside_said = False
             logger.info("specimen run %s started (%s, target %d WBC)",
                         self._run.run_id, started_by, target)
@@ -411,6 +415,7 @@ class SpecimenTracker:
                     and not last.complete and len(last.field_ids) < self._policy.max_fields):
                 self._run = last
                 self._active_at = self._idle_clock() - (self._clock() - last.last_activity)
+                self._opened_at = self._idle_clock() - (self._clock() - last.started_at)
                 logger.info("specimen run %s resumed: left open by the previous process %.0f s ago, "
                             "%d fields, %d/%d WBC classified", last.run_id, self._clock() - last.last_activity,
                             len(last.field_ids), last.classified_wbc, last.target_wbc)
@@ -472,12 +477,13 @@ class SpecimenTracker:
         """Close the open run and build its final report; None when no run is open."""
         with self._lock:
             run, self._run = self._run, None
+            elapsed = self._idle_clock() - self._opened_at
         if run is None:
             return None
         report = None
         if run.field_ids:
             report = run.report(station_id=self._station_id, now=self._clock(),
-                                end_reason=end_reason, thresholds=self._thresholds)
+                                end_reason=end_reason, thresholds=self._thresholds, elapsed_s=elapsed)
         logger.info("specimen run %s ended (%s): %d fields, %d/%d WBC classified%s",
                     run.run_id, end_reason, len(run.field_ids), run.classified_wbc,
                     run.target_wbc, "" if report else "; no fields, no report")
