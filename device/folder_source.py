@@ -77,18 +77,26 @@ class ProcessedLog:
 
     def __init__(self, path: Path, max_entries: int) -> None:
         self.path = path
+        self.max_entries = max_entries
         self._keys: dict[str, str] = {}  # key -> its last status ("done" or "rejected")
+        self._lines = 0  # lines in the file
+        self._compact()
+
+    def _compact(self) -> None:
+        """Keep the file's last `max_entries` lines (at open, and while it runs: a station up for
+        months must not hold every file it ever saw)."""
         lines: list[str] = []
-        if path.exists():
-            lines = [ln for ln in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+        if self.path.exists():
+            lines = [ln for ln in self.path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
                      if ln.strip()]
-        if len(lines) > max_entries:
-            lines = lines[-max_entries:]
-            tmp = path.with_name(path.name + ".tmp")
+        if len(lines) > self.max_entries:
+            lines = lines[-self.max_entries:]
+            tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8", errors="surrogateescape")
-            os.replace(tmp, path)
+            os.replace(tmp, self.path)
         self._keys = {parts[0]: parts[1] if len(parts) > 1 else "done"
                       for parts in (ln.split("\t", 2) for ln in lines)}
+        self._lines = len(lines)
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
@@ -102,6 +110,12 @@ class ProcessedLog:
             fh.flush()
             os.fsync(fh.fileno())
         self._keys[key] = status
+        self._lines += 1
+        if self._lines >= 2 * self.max_entries:
+            try:
+                self._compact()
+            except OSError as exc:  # a full disk: tried again at the next record
+                logger.warning("cannot compact the processed-files log %s: %s", self.path, exc)
 
 
 def file_key(name: str, size: int, mtime_ns: int) -> str:

@@ -158,7 +158,8 @@ class FolderSourceConfig(_CommonSourceFields):
     state_max_entries: int = Field(
         default=10_000,
         title="State entries kept",
-        description="The state file is compacted to this many most recent entries when opened.",
+        description="The state file (and what the station holds of it) is compacted to this many most recent "
+        "entries when opened, and again whenever it reaches twice as many.",
         ge=100,
     )
 

@@ -142,6 +142,19 @@ def test_folder_state_prevents_reprocessing_after_a_crash_before_the_move(tmp_pa
     src.close()
 
 
+def test_the_processed_files_log_stays_bounded_while_the_station_runs(tmp_path: Path) -> None:
+    """A station up for months records every file it handles: the log (file and memory) is
+    compacted to its last `state_max_entries` while it runs, not only at the next start."""
+    path = tmp_path / ".smearscope-processed"
+    log = ProcessedLog(path, 100)
+    for i in range(1000):
+        log.record(file_key(f"f{i}.png", i, i), "done", f"f{i}.png")
+        assert len(path.read_text().splitlines()) < 200 and len(log._keys) < 200
+    assert file_key("f999.png", 999, 999) in log and file_key("f0.png", 0, 0) not in log
+    again = ProcessedLog(path, 100)
+    assert file_key("f999.png", 999, 999) in again and file_key("f900.png", 900, 900) in again
+
+
 def test_a_file_handed_out_but_not_done_is_handed_out_again_after_a_crash(tmp_path: Path) -> None:
     """At least once (issue 18, item 2): the crash came between hand-out and stored report."""
     src = _folder(tmp_path)
