@@ -79,5 +79,5 @@ class ReviewConfig(StationBaseModel):
     typed_cells_path: ConfigPath | None = Field(
         default=None, title="Typed cells file",
         description="SQLite file (WAL) of the white cells technicians typed, at most 5 000 cells (about "
-        "15 MB; past that a red cell's type of a run no longer in the gallery gives its place, else type_cells "
+        "15 MB; past that a red cell's type of a run that can no longer be verified gives its place, else type_cells "
         "answers typed_cells_full); default: typed_cells.sqlite3 beside the outbox file.")

@@ -448,7 +448,8 @@ class ReviewGallery:
         with self._lock:
             rank = {self._run_folder(r).name: k for k, r in enumerate(self._runs)}
         try:
-            files = sorted(self.directory.glob("*/*.jpg"), key=lambda p: (rank.get(p.parent.name, -1), p.stat().st_mtime))
+            files = sorted(self.directory.glob("*/*.jpg"),
+                           key=lambda p: (rank.get(p.parent.name, -1), p.stat().st_mtime))
             gallery = self._gallery_bytes()
             total = gallery + sum(p.stat().st_size for p in files)
         except OSError as exc:
