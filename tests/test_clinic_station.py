@@ -195,6 +195,35 @@ def _pages(gallery: ReviewGallery, run_id: str) -> list[dict[str, Any]]:
     return pages
 
 
+def test_a_gallery_file_not_read_at_start_never_brings_its_old_runs_back_over_new_ones(tmp_path: Path) -> None:
+    """A start that cannot read the gallery's file for the moment (here another process holds it
+    locked; an I/O error or a full disk alike) starts with an empty gallery; the runs analysed
+    after it must be the ones the next start shows, the latest run the latest, not the earlier
+    runs the file still held mixed in by their old places."""
+    import sqlite3
+
+    review = tmp_path / "review"
+    pool = oracle_pool()
+    before = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
+    for k in range(5):
+        before.add_field(f"old-{k}", _image(pool[0]), pool[0])
+    before.close()
+    hold = sqlite3.connect(review / "gallery.sqlite", timeout=0.1)
+    hold.execute("PRAGMA locking_mode=EXCLUSIVE")
+    hold.execute("BEGIN EXCLUSIVE")
+    hold.execute("SELECT count(*) FROM runs").fetchone()
+    gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
+    hold.rollback()
+    hold.close()
+    assert gallery.run_ids() == []
+    for k in range(2):
+        gallery.add_field(f"new-{k}", _image(pool[1]), pool[1])
+    gallery.close()
+    again = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
+    assert again.run_ids() == ["new-0", "new-1"] and again.latest_run() == "new-1"
+    assert _pages(again, "new-0") == _pages(gallery, "new-0")
+
+
 def test_the_gallery_comes_back_after_a_restart_and_keeps_only_its_last_runs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -10,7 +10,9 @@ run whose changes could not be written (a full disk, a disk under the gallery's 
 written whole at the next write, so the file never drifts from memory. At
 start it reads back the runs it would have kept, in the order it last touched them. A file that
 cannot be opened or read is set aside (renamed `.unreadable-<time>`) and a new one begun: review
-material is never worth a station that does not start. Failures to write are logged, and the
+material is never worth a station that does not start. One that could not be read for the moment
+(locked, an I/O error, a full disk) stays, and its earlier runs, not shown, are deleted at the
+next write: their order no longer fits the gallery's. Failures to write are logged, and the
 gallery goes on in memory.
 """
 
@@ -178,14 +180,19 @@ class GalleryStore:
     def write(self, order: Sequence[str], change: RunChange | None = None, whole: Sequence[StoredRun] = (),
               dropped: Iterable[str] = ()) -> bool:
         """In one transaction: one field's `change` to its run, the runs in `whole` written anew
-        (their earlier changes could not be written), the runs let go deleted, and every run's
-        place in `order` (the gallery's, oldest first); False (logged) when it could not be written."""
+        (their earlier changes could not be written), the runs let go (and any not in `order`)
+        deleted, and every run's place in `order` (the gallery's, oldest first); False (logged)
+        when it could not be written."""
         with self._lock:
             try:
                 db = self._connect()
                 with db:
                     db.execute("BEGIN IMMEDIATE")
-                    self._delete(db, list(dropped))
+                    # and any run the gallery does not hold (a file it could not read at start, its
+                    # runs left there): the file holds what memory holds, in memory's order
+                    held = set(order)
+                    stale = [r for (r,) in db.execute("SELECT run_id FROM runs").fetchall() if r not in held]
+                    self._delete(db, [*dropped, *stale])
                     for run in whole:
                         self._delete(db, [run.run_id])
                         self._put(db, run.run_id, run.not_kept, run.thumbnail, run.crops, ())
