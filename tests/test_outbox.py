@@ -106,6 +106,22 @@ def test_the_evicted_sequence_numbers_remembered_are_the_newest_and_bounded(
         assert seqs[-2] in outbox.evicted_seqs and seqs[-1] not in outbox.evicted_seqs
 
 
+def test_the_wal_is_cut_back_after_a_large_delete(tmp_path: Path) -> None:
+    """Deleting many messages at once (the broker's acknowledgements after an outage, expired
+    fields, an old run's cells) writes every freed page to the WAL where SQLite deletes securely, as
+    Debian's and Ubuntu's do; the WAL file is then cut back at the next write, not kept at that size
+    for as long as the station runs."""
+    from smearscope.service.mqtt.outbox import WAL_LIMIT_BYTES
+
+    path = tmp_path / "o.db"
+    with Outbox(path) as outbox:
+        seqs = [outbox.put("field", "t", bytes([i]) * 100_000, report_id=str(i), schema_version="1")
+                for i in range(100)]
+        assert outbox.ack_many(seqs) == 100
+        outbox.put("field", "t", b"{}", report_id="next", schema_version="1")
+        assert Path(f"{path}-wal").stat().st_size <= WAL_LIMIT_BYTES + 64 * 1024
+
+
 def test_a_report_and_its_bundle_over_the_bound_say_so_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A specimen report and its FHIR Bundle, stored in one transaction over the bound: one error
     line for the report (both are kept), not one per message."""

@@ -59,6 +59,8 @@ _SCHEMA_VERSION = 2
 _EVICTION_LOG_INTERVAL_S = 60.0
 #: The newest evicted sequence numbers kept: the daemon's ledger's (10 000 reports), not 60 MB of them.
 EVICTED_KEPT = 200_000
+#: The WAL's file is cut back to this after a checkpoint (SQLite's 1000-page autocheckpoint).
+WAL_LIMIT_BYTES = 4 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -217,6 +219,8 @@ class Outbox:
         if str(mode).lower() != "wal":
             raise RuntimeError(f"outbox {self.path}: cannot enable WAL (journal_mode={mode})")
         conn.execute("PRAGMA synchronous=FULL")
+        # secure delete writes freed pages to the WAL: a large delete must not leave it that large
+        conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
         # A write transaction takes the exclusive lock now, not at the first put.
         conn.execute("BEGIN IMMEDIATE")
         for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
