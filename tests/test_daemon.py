@@ -36,7 +36,7 @@ from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions, Fiel
 from smearscope.service.analysis.records import CellCrop
 from smearscope.service.analysis.report import Report, ScaleInfo
 from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
-from smearscope.service.config import EXIT_CONFIG, StationConfig, load_config
+from smearscope.service.config import EXIT_CONFIG, MqttConfig, StationConfig, load_config
 from smearscope.service.station.daemon import StationDaemon, run_daemon
 
 STATION = "bench-1"
@@ -744,3 +744,35 @@ def test_the_final_summary_counts_evicted_messages_and_says_which(
     assert "evicted by the outbox bound" in text
     stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped:")]
     assert stopped and " 0 field messages evicted" not in stopped[0], stopped
+
+
+def test_the_end_of_run_ledger_reads_the_outbox_a_page_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--max-fields` prints each stored report's state from the outbox without reading it whole
+    (payloads and all: up to max_bytes at exit): pages of LEDGER_PAGE messages, up to the last
+    report's; a report on a later page is still seen as held, an acknowledged one as delivered."""
+    from smearscope.service.mqtt.outbox import Outbox
+    from smearscope.service.station.daemon_summary import LEDGER_PAGE, StoredReport, print_ledger
+
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as box:
+        seqs = [box.put("field", f"t/{i}", b"x" * 64, report_id=f"r{i}", schema_version="1")
+                for i in range(2 * LEDGER_PAGE + 50)]
+        box.ack(seqs[3])
+    reads: list[int] = []
+    real = Outbox.pending
+
+    def counted(self: Outbox, limit: int = 100, after_seq: int = 0) -> list:
+        reads.append(limit)
+        return real(self, limit, after_seq)
+
+    monkeypatch.setattr(Outbox, "pending", counted)
+    mqtt = MqttConfig.model_validate({"outbox": {"path": str(path)}})
+    ledger = [StoredReport("field", f"t/{i}", f"r{i}", seqs[i], None, f"f{i}", 1,
+                           {"rbc": 1, "wbc": 0, "platelet": 0}) for i in (3, 10, LEDGER_PAGE + 5)]
+    out = io.StringIO()
+    print_ledger(ledger, mqtt, out)
+    states = [ln.split()[0] for ln in out.getvalue().splitlines() if ln.split()[0] in ("delivered", "in-outbox", "evicted")]
+    assert states == ["delivered", "in-outbox", "in-outbox"]
+    assert reads and max(reads) <= LEDGER_PAGE and len(reads) == 2  # two pages reach seq LEDGER_PAGE + 6

@@ -63,6 +63,24 @@ class Stats:
                     "deferred": self.deferred, "pending": self.pending}
 
 
+#: Outbox messages read at a time to see which reports are still held (payloads come with them:
+#: an outbox at its max_bytes would otherwise be read into memory whole at exit).
+LEDGER_PAGE = 200
+
+
+def _still_held(box: Outbox, seqs: set[int]) -> set[int]:
+    """Those of `seqs` the outbox still holds, read a page at a time up to the largest."""
+    held: set[int] = set()
+    after, last = 0, max(seqs, default=0)
+    while after < last:
+        page = box.pending(limit=LEDGER_PAGE, after_seq=after)
+        if not page:
+            break
+        held.update(m.seq for m in page if m.seq in seqs)
+        after = page[-1].seq
+    return held
+
+
 def print_ledger(ledger: Iterable[StoredReport], mqtt: MqttConfig, out: TextIO,
                  evicted: set[int] | None = None) -> None:
     """One line per report this run stored: delivered (acknowledged), still in the outbox, or
@@ -73,7 +91,7 @@ def print_ledger(ledger: Iterable[StoredReport], mqtt: MqttConfig, out: TextIO,
     path = mqtt.outbox.path
     try:
         with Outbox(path) as box:
-            waiting = {m.seq for m in box.pending(limit=1_000_000)}
+            waiting = _still_held(box, {r.seq for r in reports})
     except (sqlite3.Error, OSError, OutboxLockedError) as exc:
         print(f"(cannot read the outbox {path}: {exc})", file=out)
     for r in reports:
