@@ -77,7 +77,7 @@ def test_gallery_pages_fit_the_message_budget_and_cover_every_crop(tmp_path: Pat
     assert page["cells"] == [] and page["skipped_too_large"] >= 1 and page["next_offset"] is None
 
 
-def test_overlays_are_kept_per_run_under_the_disk_cap(tmp_path: Path) -> None:
+def test_overlays_are_kept_per_run_under_the_disk_cap(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     review = tmp_path / "review"
     pool = oracle_pool()
     one = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)  # whatever this disk has free
@@ -89,12 +89,20 @@ def test_overlays_are_kept_per_run_under_the_disk_cap(tmp_path: Path) -> None:
     crops = sum(p.stat().st_size for p in (tmp_path / "dry").glob("gallery.sqlite*"))
     cap_mb = (crops + 2.5 * size) / 1024 / 1024  # room for the crops and two overlays
     gallery = ReviewGallery(ReviewConfig(max_disk_mb=cap_mb, min_free_disk_mb=0), review)
+    caplog.set_level(logging.DEBUG, logger="smearscope.service.station.review")
     for i, result in enumerate(pool):
         gallery.add_field("run-1" if i < 2 else "run-2", _image(result), result)
     files = sorted(review.rglob("*.jpg"))
     assert sum(p.stat().st_size for p in review.rglob("*") if p.is_file()) <= cap_mb * 1024 * 1024
     assert [p.parent.name for p in files] == ["run-2", "run-2"]  # oldest run (and run-0) deleted first
     assert gallery.summary("run-2")["overlays"] == 2 and gallery.summary("run-1")["overlays"] == 0
+    # at the cap every further field deletes one: the station's log says so once, not at every field
+    caplog.clear()
+    for result in [*pool, *pool]:
+        gallery.add_field("run-3", _image(result), result)
+    pruned = [r for r in caplog.records if "oldest overlays deleted" in r.getMessage()]
+    infos = [r.levelno for r in pruned].count(logging.INFO)  # again after a field that fitted (a run let go)
+    assert len(pruned) >= 4 and 1 <= infos <= len(pruned) // 2
 
 
 def test_the_disk_cap_counts_the_gallery_file_and_overlays_give_way_to_it(tmp_path: Path) -> None:

@@ -142,6 +142,7 @@ class ReviewGallery:
         self._typing: WbcTyping | None = None
         self._low_disk_said = False  # the low-disk warning, once until there is room again
         self._over_cap_said = False  # the gallery's file alone over max_disk_mb: said once until it is not
+        self._pruning_said = False  # overlays deleted for room: said once while every field needs it
         self._store = GalleryStore(directory / FILE_NAME)
         #: Runs whose changes the file lacks (written whole at the next write), runs to delete from it.
         self._unsaved: set[str] = set()
@@ -473,10 +474,12 @@ class ReviewGallery:
                     old.parent.rmdir()
             except OSError as exc:
                 logger.warning("cannot remove overlay %s: %s", old, exc)
-        if removed:
-            logger.info("review (overlays and gallery) above %.0f MB or the disk's free space under %.0f MB: %d "
-                        "oldest overlays deleted",
-                        self.config.max_disk_mb, self.config.min_free_disk_mb, removed)
+        if removed:  # at the cap every field deletes one: said once (then at DEBUG) until a field needs none
+            logger.log(logging.DEBUG if self._pruning_said else logging.INFO,
+                       "review (overlays and gallery) above %.0f MB or the disk's free space under %.0f MB: %d oldest "
+                       "overlays deleted (said again once the review fits without deleting)",
+                       self.config.max_disk_mb, self.config.min_free_disk_mb, removed)
             with self._lock:
                 for g in self._runs.values():
                     g.overlays = [p for p in g.overlays if p.exists()]
+        self._pruning_said = bool(removed)
