@@ -428,4 +428,24 @@ def test_the_summary_shows_every_graded_red_cell_finding_with_its_grade():
     assert "schistocyte" in {s["label"] for s in graded} and "schistocytes_present" not in str(report["flags"])
     assert [s["label"] for s in report["rbc_morphology"]].index("schistocyte") >= 6
     for s in graded:
-        assert f"{s['label']} {s['percent']:.1f}% ({s['grade']})" in shares, shares
+        assert f"{s['label']} {s['percent']:.1f}% ({s['grade']}" in shares, shares
+
+
+def test_the_summary_gives_a_grade_resting_on_few_cells_with_its_intervals_grades():
+    """2 schistocytes of 91 red cells grade 3+, but their 95 % interval reaches down to 1+: the
+    summary says so, as the dashboard does, instead of a bare '3+' (a flag tells the technician
+    to read the grades with their intervals); a grade whose interval stays within it is bare."""
+    from test_fhir import graded_report
+    from test_open_set_flags import _cell
+
+    from smearscope.cli.summary import summarize
+    from smearscope.service.analysis.aggregate import aggregate
+    from smearscope.service.analysis.records import CellKind
+
+    def summary_rbc(normal: int, schistocytes: int) -> str:
+        cells = [_cell(CellKind.RBC, "normal")] * normal + [_cell(CellKind.RBC, "schistocyte")] * schistocytes
+        report = graded_report().model_copy(update={"rbc_morphology": aggregate(cells).rbc_morphology})
+        return next(ln for ln in summarize(report).splitlines() if ln.startswith("  RBC: "))
+
+    assert "schistocyte 2.2% (3+, 95% interval 1+ to 3+)" in summary_rbc(89, 2)
+    assert "schistocyte 30.0% (3+)" in summary_rbc(700, 300)  # 3+ at both ends: nothing to add

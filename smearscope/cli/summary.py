@@ -5,10 +5,20 @@ from __future__ import annotations
 import logging
 
 from smearscope.service.analysis.morphology import SIZE_BASED
-from smearscope.service.analysis.report import Report
+from smearscope.service.analysis.report import ClassShare, Report
 from smearscope.service.fhir import report_view
 
 logger = logging.getLogger(__name__)
+
+
+def _grade_text(share: ClassShare, grade: str) -> str:
+    """The grade, and the grades at its 95 % interval's ends where they differ, as the dashboard
+    shows them: 2 schistocytes of 91 red cells read 3+ on a share that could be 1+."""
+    ends = report_view.grade_interval(share)
+    if ends is None or ends[0] == ends[1]:
+        return grade
+    low, high = ("below 1+" if g == "none" else g for g in ends)
+    return f"{grade}, 95% interval {low} to {high}"
 
 
 def summarize(report: Report) -> str:
@@ -23,7 +33,7 @@ def summarize(report: Report) -> str:
         lines.append("  WBC: " + ", ".join(f"{s.label} {s.count} ({s.percent:.0f}%)" for s in r.wbc_differential))
     doubted = report_view.calibration_in_doubt(r)  # a calibration in doubt: sizes not read
     shares = [s for s in r.rbc_morphology if report_view.assessable(r, s)]
-    graded = {s.label: g for s in shares if (g := report_view.grade(s)) not in (None, "none")}
+    graded = {s.label: _grade_text(s, g) for s in shares if (g := report_view.grade(s)) not in (None, "none")}
     # the most frequent rows, and every finding graded 1+ or more however few its cells (schistocytes)
     shown = [s for i, s in enumerate(shares) if i < 6 or s.label in graded]
     if shown:
