@@ -5,7 +5,8 @@ the head is unsure of there (top probability below `EXTRA_VIEWS_BELOW`) run in i
 and their views' logits are averaged: the views pay where the answer can change (with the heads
 of 2026-11-27, about 15 % of red and 5 % of white cells ran in the other views, and each head kept
 its every-view macro-F1). Softmax uses the manifest's calibration temperature, after its
-`class_log_prior_shift` (the RBC head: schistocyte -2.0 and normal +1.5, so a normal-looking
+`class_log_prior_shift` (the RBC head: schistocyte -2.0 and normal +1.5 at the temperature they
+were chosen at, the same logit shifts kept at its refitted one: -1.85 and +1.39, so a normal-looking
 lab's small red cells are not called schistocytes by the balanced training mix's prior, nor its
 normal ones spherocytes, stomatocytes or microcytes); a cell whose top probability is below the head's threshold becomes UNIDENTIFIED (sent for human
 review), never a guessed class. A head whose manifest has `open_set` tests also sends a crop
