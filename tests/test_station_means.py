@@ -8,6 +8,7 @@ is a lab the committed head never saw (it sends most rendered white cells to rev
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -1036,3 +1037,21 @@ path = "{tmp_path / 'outbox.sqlite'}"
         assert daemon.reload()["requires_restart"] == ["analysis"]
     finally:
         daemon.analyzer.close()
+
+
+def test_means_are_flagged_at_a_station_scale_whose_fit_would_leave_their_cells_out(head):
+    """doctor's and the start's warning about means fitted at another scale uses the rule a fit
+    leaves typed cells out by (within 1 % of the station's scale): means whose cells were analysed
+    at 0.101 um/px on a station at 0.1 were said to fit (1 % of 0.101), while a fit there leaves
+    those very cells out (other_scale)."""
+    from smearscope.service.analysis.station_means import means_scale_problem, same_scale
+
+    manifest, space = head
+    means = StationMeans(manifest.sha256, space.sha256, space.means.copy(), 50.0, {"lymphocyte": 12}, 0.9, 0.5,
+                         "test", views=tuple(manifest.tta))
+    for fitted, station in ((0.101, 0.1), (0.1, 0.101), (0.1, 0.1005), (0.1, 0.1), (0.135, 0.15), (0.2, 0.1)):
+        problem = means_scale_problem(dataclasses.replace(means, microns_per_pixel=fitted), station)
+        assert (problem is None) == same_scale(fitted, station), (fitted, station, problem)
+    assert means_scale_problem(dataclasses.replace(means, microns_per_pixel=0.101), 0.1) is not None
+    assert means_scale_problem(dataclasses.replace(means, microns_per_pixel=0.1), None) is not None  # now estimated
+    assert means_scale_problem(means, 0.1) is None  # the file does not say

@@ -158,11 +158,18 @@ def check_means_views(means: StationMeans, views: Sequence[str]) -> None:
                                 "adapt-wbc again, or set wbc_head_views back")
 
 
+def same_scale(analysed: float | None, station: float | None) -> bool:
+    """Whether a cell analysed at `analysed` um/px (None: an estimated scale) fits a station at
+    `station` (None: it estimates its scale, any fits): within 1 % of the station's."""
+    return station is None or (analysed is not None and abs(analysed - station) <= 0.01 * station)
+
+
 def means_scale_problem(means: StationMeans, microns_per_pixel: float | None) -> str | None:
     """Why means fitted on cells analysed at a calibrated scale do not fit a station at another
-    (more than 1 % off, or now estimated); None when they fit or the file does not say."""
+    (by `same_scale`, the rule a fit leaves typed cells out by, or now estimated); None when they
+    fit or the file does not say."""
     fitted = means.microns_per_pixel
-    if fitted is None or (microns_per_pixel is not None and abs(microns_per_pixel - fitted) <= 0.01 * fitted):
+    if fitted is None or (microns_per_pixel is not None and same_scale(fitted, microns_per_pixel)):
         return None
     now = "estimates its scale" if microns_per_pixel is None else f"runs at {microns_per_pixel:g} um/px"
     return (f"the station means were fitted on cells analysed at {fitted:g} um/px, the station {now} (recalibrated "

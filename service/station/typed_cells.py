@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from smearscope.service.analysis.station_means import same_scale
+
 if TYPE_CHECKING:
     from smearscope.service.config import StationConfig
 
@@ -216,7 +218,7 @@ class TypedCellStore:
                                     "AND kind='wbc' AND type != 'artefact'", (model_sha256,)).fetchall()
         out: dict[str, int] = {}
         for type_, row_views, mpp in rows:
-            if (views is None or json.loads(row_views) == list(views)) and _same_scale(mpp, microns_per_pixel):
+            if (views is None or json.loads(row_views) == list(views)) and same_scale(mpp, microns_per_pixel):
                 out[type_] = out.get(type_, 0) + 1
         return dict(sorted(out.items()))
 
@@ -244,7 +246,7 @@ class TypedCellStore:
             if json.loads(row_views) != want:
                 other_views += 1
                 continue
-            if not _same_scale(mpp, microns_per_pixel):
+            if not same_scale(mpp, microns_per_pixel):
                 other_scale += 1
                 continue
             feats.append(np.frombuffer(f, np.float32).astype(np.float64))
@@ -257,11 +259,6 @@ class TypedCellStore:
         dim = len(feats[0]) if feats else 0
         return TypedCells(np.array(feats, np.float64).reshape(len(feats), dim), view_feats, types, head_types,
                           scores, len(runs), other_head, other_views, other_scale, scales)
-
-
-def _same_scale(mpp: float | None, wanted: float | None) -> bool:
-    """A cell analysed at `mpp` fits a station at `wanted` (None: any): within 1 %."""
-    return wanted is None or (mpp is not None and abs(mpp - wanted) <= 0.01 * wanted)
 
 
 def default_path(outbox_path: Path) -> Path:
