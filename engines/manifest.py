@@ -126,6 +126,10 @@ class FeatureSpace(BaseModel):
     check: str = Field("", description="how the sidecar was checked against the graph")
 
 
+#: Manifest fields that describe a model (figures, data, provenance) and change nothing it does.
+PROVENANCE_FIELDS = frozenset({"architecture", "training_data", "split_hashes", "metrics", "created_at", "producer"})
+
+
 class ModelManifest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     schema_version: Literal[1] = 1
@@ -208,6 +212,13 @@ class ModelManifest(BaseModel):
         may list outputs in any order)."""
         names = [o.name for o in self.outputs]
         return "logits" if "logits" in names else names[0]
+
+    def runtime_sha256(self) -> str:
+        """sha256 of what the runtime reads from this manifest (tensors, scale, preprocessing, classes,
+        temperature, prior shifts, views, open-set and score calibration), not of its figures or
+        provenance: a head recalibrated on the same ONNX file (same `sha256`) gets another one."""
+        runtime = self.model_dump(mode="json", exclude=PROVENANCE_FIELDS)
+        return hashlib.sha256(json.dumps(runtime, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def model_path(self, manifest_path: Path) -> Path:
         return manifest_path.parent / self.file

@@ -92,3 +92,27 @@ def test_outputs_listed_in_another_order_give_the_same_cells(tmp_path) -> None:
     (folder / "wbc_head.json").write_text(json.dumps(m))
     got = _summary(Analyzer.from_models_dir(folder, options=one, warmup=False))
     assert got == want and any(kind.value == "wbc" and label == "neutrophil" for kind, label, *_ in got)
+
+
+def test_reports_tell_a_recalibrated_head_from_the_one_before(tmp_path) -> None:
+    """The same ONNX file with another temperature (a head recalibrated on validation) types cells
+    otherwise: its reports' models carry another manifest_sha256 (the FHIR Device's version says
+    it too), while new test figures in the manifest change nothing a report names."""
+    from smearscope.service.fhir.bundle import report_bundle
+
+    field = render_field(5, width=640, height=480, microns_per_pixel=0.1).frame
+    one = AnalyzerOptions(detector_views=("identity",), rbc_views=("identity",), wbc_views=("identity",))
+
+    def models_of(folder: Path) -> dict:
+        report = Analyzer.from_models_dir(folder, options=one, warmup=False).analyze(field).report
+        return {role: (m.sha256, m.manifest_sha256) for role, m in report.models.items()}, report
+
+    base, report = models_of(MODELS)
+    assert all(h is not None and len(h) == 64 for _, h in base.values())
+    recal, _ = models_of(_models(tmp_path / "t", "rbc_head", lambda m: m.update(temperature=m["temperature"] * 1.1)))
+    assert recal["rbc_head"][0] == base["rbc_head"][0] and recal["rbc_head"][1] != base["rbc_head"][1]
+    assert {k: v for k, v in recal.items() if k != "rbc_head"} == {k: v for k, v in base.items() if k != "rbc_head"}
+    figures, _ = models_of(_models(tmp_path / "f", "rbc_head", lambda m: m["metrics"].update(test={"macro_f1": 0.0})))
+    assert figures == base
+    device = next(e["resource"] for e in report_bundle(report)["entry"] if e["resource"]["resourceType"] == "Device")
+    assert any(f"manifest sha256:{base['rbc_head'][1]}" in v["value"] for v in device["version"])

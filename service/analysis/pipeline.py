@@ -208,8 +208,8 @@ class Analyzer:
             for e in engines.values():
                 e.close()
             raise
-        models = {role: ModelInfo(name=e.manifest.name, sha256=e.manifest.sha256, backend=e.backend_name)
-                  for role, e in engines.items()}
+        models = {role: ModelInfo(name=e.manifest.name, sha256=e.manifest.sha256, backend=e.backend_name,
+                                  manifest_sha256=e.manifest.runtime_sha256()) for role, e in engines.items()}
         if station_open_set:
             models["wbc_head"] = models["wbc_head"].model_copy(update={"open_set_thresholds": station_open_set})
         if station is not None:

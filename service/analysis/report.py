@@ -77,8 +77,12 @@ class StationMeansInfo(_Strict):
 
 class ModelInfo(_Strict):
     name: str
-    sha256: str
+    sha256: str = Field(description="sha256 of the model file (ONNX)")
     backend: str
+    manifest_sha256: str | None = Field(
+        None, description="sha256 of what the analyzer reads from the model's manifest (its calibration: temperature, "
+        "prior shifts, test-time views, open-set thresholds; not its figures): a model recalibrated on the same file "
+        "has another (engines.manifest.ModelManifest.runtime_sha256); absent in reports from before it was recorded")
     open_set_thresholds: dict[str, float] | None = Field(
         None, description="the WBC head's open-set thresholds where the station tightened them on its own normal "
         "specimens (smearscope calibrate-atypical); absent: the model's own")

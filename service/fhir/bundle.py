@@ -151,7 +151,8 @@ def _device(b: _Builder) -> None:
     device: Resource = {"resourceType": "Device",
                         "deviceName": [{"name": "smearscope", "type": "model-name"}]}
     if r.models:
-        device["version"] = [{"type": {"text": role}, "value": f"{m.name} sha256:{m.sha256} ({m.backend})"}
+        device["version"] = [{"type": {"text": role}, "value": f"{m.name} sha256:{m.sha256} ({m.backend})"
+                              + (f" manifest sha256:{m.manifest_sha256}" if m.manifest_sha256 else "")}
                              for role, m in sorted(r.models.items())]
         # a head adapted to this station (smearscope adapt-wbc): which class means typed the cells
         device["version"] += [{"type": {"text": f"{role} station means"}, "value": f"sha256:{m.station_means.sha256}"}
