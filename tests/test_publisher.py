@@ -615,3 +615,35 @@ def test_a_stop_while_disconnected_says_what_waits_in_the_outbox(
     assert waiting == [("stopping with 1 messages still in the outbox (not connected to the broker); they are "
                         "sent on next start")], waiting
     assert not _errors(caplog), _errors(caplog)
+
+
+def test_telemetry_goes_out_at_each_connection_not_a_period_later(
+    broker: MosquittoBroker,
+    observer: Subscriber,
+    credentials_dir: Path,
+    tmp_path: Path,
+    started: list[MqttPublisher],
+) -> None:
+    """A dashboard sees the station's state (a full disk, an outbox backlog) as soon as the station
+    is online again, not up to telemetry_interval_s (30 s by default) later: at each connection
+    the telemetry is sampled and sent at once, then every period as before."""
+    sampled: list[bool] = []  # whether the publisher was connected when the source was sampled
+    held: list[MqttPublisher] = []
+
+    def source() -> dict[str, int]:
+        sampled.append(bool(held) and held[0].state.connected)
+        return {"sample": len(sampled)}
+
+    config = make_config(tmp_path, broker.port, telemetry_interval_s=600.0)
+    publisher = MqttPublisher(config, STATION, Outbox.from_config(config.outbox), telemetry_source=source)
+    held.append(publisher)
+    started.append(publisher)
+    publisher.start()
+    assert observer.wait_for(lambda m: len([x for x in m if x.topic.endswith("/telemetry")]) >= 1, 10)
+    assert json.loads(observer.on_topic(f"{BASE}/telemetry")[0].payload) == {"sample": 1}
+    broker.stop()
+    assert wait_until(lambda: not publisher.state.connected, 15)
+    broker.start()
+    assert publisher.wait_until_connected(15), publisher.state
+    # sampled again on the new connection, connected (so sent), not 600 s later
+    assert wait_until(lambda: len(sampled) >= 2, 10) and sampled[:2] == [True, True]

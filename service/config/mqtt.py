@@ -158,7 +158,8 @@ class MqttConfig(BaseModel):
         default=30.0,
         gt=0,
         title="Telemetry period (s)",
-        description="How often the telemetry source is sampled and published (QoS 0, not stored).",
+        description="How often the telemetry source is sampled and published (QoS 0, not stored); it is also "
+        "sent at each connection to the broker.",
     )
     stop_drain_timeout_s: float = Field(
         default=10.0,

@@ -106,6 +106,7 @@ class MqttPublisher:
         self._connected_at = 0.0  # time.monotonic() of this connection's CONNACK (a clock step cannot fake one)
         self._stopping = False
         self._wake = threading.Event()
+        self._telemetry_now = threading.Event()  # a (re)connection: the station's state at once, not a period later
         self._stop_workers = threading.Event()
         #: Outbox messages handed to paho and not yet acknowledged (the drain thread's).
         self._inflight = InFlight(outbox, config.max_inflight)
@@ -210,6 +211,7 @@ class MqttPublisher:
                            waiting, "" if self.state.connected else " (not connected to the broker)")
         self._stop_workers.set()
         self._wake.set()
+        self._telemetry_now.set()
         self._commands.wake_to_stop()
         for thread in [*self._threads, *self._commands.threads()]:
             thread.join(timeout=5.0)
@@ -314,6 +316,7 @@ class MqttPublisher:
         client.publish(self.status_topic, "online", qos=1, retain=True)
         paho_client.subscribe_commands(client, self.command_filter, self._protocol)
         self._wake.set()
+        self._telemetry_now.set()
 
     def _on_refused(self, reason_code: ReasonCode) -> None:
         code = int(reason_code.value)
@@ -488,7 +491,8 @@ class MqttPublisher:
 
     def _telemetry_loop(self) -> None:
         assert self.telemetry_source is not None
-        while not self._stop_workers.wait(self.config.telemetry_interval_s):
+        while not (self._telemetry_now.wait(self.config.telemetry_interval_s) and self._stop_workers.is_set()):
+            self._telemetry_now.clear()
             try:
                 self.publish_telemetry(self.telemetry_source())
             except Exception:
