@@ -449,3 +449,28 @@ def test_the_summary_gives_a_grade_resting_on_few_cells_with_its_intervals_grade
 
     assert "schistocyte 2.2% (3+, 95% interval 1+ to 3+)" in summary_rbc(89, 2)
     assert "schistocyte 30.0% (3+)" in summary_rbc(700, 300)  # 3+ at both ends: nothing to add
+
+
+def test_the_summary_says_when_a_grade_rests_on_fewer_calls_than_its_share():
+    """A normal-looking lab's red cells draw unsure schistocyte calls: 12 of 300 (4.0 %), 2 of them
+    at the flag's confidence, grade 1+ (under 1 %). '4.0% (1+)' would read as a grade below its own
+    share; the summary says the grade rests on the 2 sure calls, and that none were where none are."""
+    import dataclasses
+
+    from test_fhir import graded_report
+    from test_open_set_flags import _cell
+
+    from smearscope.cli.summary import summarize
+    from smearscope.service.analysis.aggregate import aggregate
+    from smearscope.service.analysis.records import CellKind
+
+    def summary_rbc(sure: int, unsure: int) -> str:
+        called = _cell(CellKind.RBC, "schistocyte")
+        cells = ([_cell(CellKind.RBC, "normal")] * (300 - sure - unsure) + [called] * sure
+                 + [dataclasses.replace(called, label_score=0.55)] * unsure)
+        report = graded_report().model_copy(update={"rbc_morphology": aggregate(cells).rbc_morphology})
+        return next(ln for ln in summarize(report).splitlines() if ln.startswith("  RBC: "))
+
+    assert "schistocyte 4.0% (1+ on the 2 of 12 calls at its flag's confidence" in summary_rbc(2, 10)
+    assert "schistocyte 3.3% (below 1+ on the 0 of 10 calls at its flag's confidence" in summary_rbc(0, 10)
+    assert "schistocyte 4.0% (3+" in summary_rbc(12, 0)  # every call sure: the grade rests on them all

@@ -13,7 +13,11 @@ logger = logging.getLogger(__name__)
 
 def _grade_text(share: ClassShare, grade: str) -> str:
     """The grade, and the grades at its 95 % interval's ends where they differ, as the dashboard
-    shows them: 2 schistocytes of 91 red cells read 3+ on a share that could be 1+."""
+    shows them: 2 schistocytes of 91 red cells read 3+ on a share that could be 1+. A grade resting
+    on fewer calls than the share counts (`graded_count`: the sure sickle or schistocyte calls)
+    says so: '4.0% (1+)' would read as a grade below the share printed beside it."""
+    if share.graded_count is not None:
+        grade = f"{grade} on the {share.graded_count} of {share.count} calls at its flag's confidence"
     ends = report_view.grade_interval(share)
     if ends is None or ends[0] == ends[1]:
         return grade
@@ -34,10 +38,14 @@ def summarize(report: Report) -> str:
     doubted = report_view.calibration_in_doubt(r)  # a calibration in doubt: sizes not read
     shares = [s for s in r.rbc_morphology if report_view.assessable(r, s)]
     graded = {s.label: _grade_text(s, g) for s in shares if (g := report_view.grade(s)) not in (None, "none")}
+    # a share none of whose calls is sure enough for a grade: said, or its percent reads as a finding
+    unsure = {s.label: _grade_text(s, "below 1+") for s in shares if s.graded_count is not None
+              and s.label not in graded and report_view.grade(s) == "none"}
     # the most frequent rows, and every finding graded 1+ or more however few its cells (schistocytes)
     shown = [s for i, s in enumerate(shares) if i < 6 or s.label in graded]
     if shown:
-        lines.append("  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" + (f" ({graded[s.label]})" if s.label in graded
+        notes = {**unsure, **graded}
+        lines.append("  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" + (f" ({notes[s.label]})" if s.label in notes
                                                                             else "") for s in shown))
     unassessed = [s.label for s in r.rbc_morphology if not report_view.assessable(r, s)]
     if doubted:  # rows are only the classes seen: every size-based one goes unread, seen or not
