@@ -257,6 +257,8 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         # a grade whose interval spans other grades shows them
         want = {s.label: shown(s.grade) + (f" ({shown(s.grade_ci_low)} to {shown(s.grade_ci_high)})"
                                            if s.grade and s.grade_ci_low != s.grade_ci_high else "")
+                + (f" on {s.graded_count} of {s.count} calls at its flag's confidence"
+                   if s.grade and s.graded_count is not None else "")
                 for s in report.rbc_morphology}
         assert any(s.grade and s.grade_ci_low != s.grade_ci_high for s in report.rbc_morphology)
         assert {k: v[1] for k, v in morphology.items()} == want
@@ -367,10 +369,14 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         # pointing to another scale) makes the page read no size-based grade (the shares carry the
         # analyzer's own), shape classes keep theirs.
         for code, odd_station in (("rbc_size_implausible", "zz-odd"), ("calibration_suspect", "zz-odd2")):
+            # and a schistocyte grade resting on the 2 sure calls of 12 says so beside its 4 %
+            unsure = ClassShare(label="schistocyte", count=12, percent=4.0, grade="1+", grade_ci_low="1+",
+                                grade_ci_high="1+", graded_count=2)
             odd = report.model_copy(update={
                 "flags": [*report.flags, Flag(code=code, severity="warning", message="15 um")],
-                "rbc_morphology": [*report.rbc_morphology, ClassShare(label="macrocyte", count=40, percent=40.0,
-                                                                      grade="3+", grade_ci_low="3+", grade_ci_high="3+")]})
+                "rbc_morphology": [*(s for s in report.rbc_morphology if s.label != "schistocyte"), unsure,
+                                   ClassShare(label="macrocyte", count=40, percent=40.0, grade="3+", grade_ci_low="3+",
+                                              grade_ci_high="3+")]})
             state = {"station_id": odd_station, "run_id": "odd-1", "state": "closed", "end_reason": "stopped",
                      "updated_at": time.time(), "progress": {"run_id": "odd-1", "fields": 1, "classified_wbc": 0,
                                                              "target_wbc": 100},
@@ -385,6 +391,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
             _wait(f"the {code} station's morphology", lambda: "macrocyte" in odd_grades(), 30, logs)
             shown_odd = odd_grades()
             assert shown_odd["macrocyte"] == "not assessable"
+            assert shown_odd["schistocyte"] == "1+ on 2 of 12 calls at its flag's confidence"
             row = driver.find_element(By.CSS_SELECTOR, f"{odd_card} table.morphology tbody tr[data-label='macrocyte']")
             assert [td.text for td in row.find_elements(By.TAG_NAME, "td")[1:3]] == ["–", "–"]  # not 40, 40.0
             assert all(v != "not assessable" for k, v in shown_odd.items()

@@ -206,7 +206,7 @@ def _morphology(b: _Builder) -> None:
         interval = report_view.grade_interval(share)
         grade_components = [_component("grade-ci95", valueString=f"{interval[0]} to {interval[1]}")] \
             if interval else []
-        if share.graded_count is not None:  # the grade rests on fewer cells than the count (sickle cells)
+        if share.graded_count is not None:  # the grade rests on fewer cells than the count (sure sickle or schistocyte calls)
             grade_components.append(_component("graded-count", valueInteger=share.graded_count))
         if not report_view.assessable(r, share):  # count: cells the head gave this size-based class
             b.observation(f"rbc/{share.label}", _concept(loinc, local),

@@ -168,10 +168,14 @@ function renderRun(st) {
     const grade = sizesOff && SIZE_BASED.includes(s.label) ? "not assessable" : s.grade || grades[s.label] || "";
     const spans = grade !== "not assessable" && grade && s.grade_ci_low && s.grade_ci_high && s.grade_ci_low !== s.grade_ci_high;
     const off = grade === "not assessable";  // its count and share are placeholders: not shown as 0
+    // a sickle or schistocyte grade rests on the calls at its flag's confidence (graded_count),
+    // fewer than the count beside it: "4.0 %, 1+" would read as a grade below its own share
+    const sure = !off && grade && s.graded_count != null
+      ? " on " + s.graded_count + " of " + s.count + " calls at its flag's confidence" : "";
     tr.append(el("td", "label", s.label), el("td", "count", off ? "–" : String(s.count)),
               el("td", "percent", off ? "–" : String(s.percent)),
               el("td", "grade", shown(grade) + (spans ? " (" + shown(s.grade_ci_low) + " to " +
-                                                 shown(s.grade_ci_high) + ")" : "")));
+                                                 shown(s.grade_ci_high) + ")" : "") + sure));
     morph.append(tr);
   }
   const sorted = [...r.flags].sort((a, b) => SEVERITY[a.severity] - SEVERITY[b.severity]);
