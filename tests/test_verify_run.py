@@ -704,3 +704,30 @@ def test_schistocyte_calls_are_sent_to_review_like_sickle_calls():
     assert run.add(result, 1.0)
     unsent = sum(needs_review(r) is not None for r in run.records if r.label != "schistocyte")
     assert _left_to_review(run, {}) == unsent + 2
+
+
+def test_a_verified_report_keeps_the_start_its_run_had_when_the_wall_clock_stepped(station):
+    """A run's reports give its start as created_at less run_ms (the FHIR bundle's effective time,
+    the dashboard's list of runs), run_ms on the monotonic clock. The signed report took the wall
+    clock's now less the run's stored start: with the clock set back an hour during a 31 s run and
+    the run signed 10 minutes later, run_ms -2 969 000 and an effective time after the report's
+    issue. It keeps the start of the report it supersedes."""
+    run, feed = station
+    moved = replace(run, run_id="r-clock", started_at=10_000.0)  # its start on the wall clock of then
+    stopped_at = 10_000.0 + 31.0 - 3600.0  # the wall clock set back an hour during its 31 s
+    report = moved.report(station_id="s", now=stopped_at, end_reason="stopped", elapsed_s=31.0)
+    feed.run_closed(ClosedRun("r-clock", "stopped", 4, moved.classified_wbc, 100, report, moved), None, live=False)
+    final = lambda r, end: r.report(station_id="s", now=stopped_at + 600.0, end_reason=end)  # signed 10 min on
+    signed, _, answer = feed.verify("r-clock", "AB", final, None)
+    assert answer["ok"] and signed.report.timing_ms["run_ms"] == 631_000.0
+
+    def diagnostic(r) -> dict:
+        return next(e["resource"] for e in report_bundle(r)["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
+
+    assert diagnostic(signed.report)["effectiveDateTime"] == diagnostic(report)["effectiveDateTime"]
+    assert diagnostic(signed.report)["effectiveDateTime"] < diagnostic(signed.report)["issued"]
+    # signed again: the same start still
+    feed.run_closed(signed, None, False)
+    again, _, _ = feed.verify("r-clock", "AB", lambda r, end: r.report(station_id="s", now=stopped_at + 900.0,
+                                                                     end_reason=end), None)
+    assert again.report.timing_ms["run_ms"] == 931_000.0
