@@ -205,9 +205,10 @@ def _pages(gallery: ReviewGallery, run_id: str) -> list[dict[str, Any]]:
 
 def test_a_gallery_file_not_read_at_start_never_brings_its_old_runs_back_over_new_ones(tmp_path: Path) -> None:
     """A start that cannot read the gallery's file for the moment (here another process holds it
-    locked; an I/O error or a full disk alike) starts with an empty gallery; the runs analysed
-    after it must be the ones the next start shows, the latest run the latest, not the earlier
-    runs the file still held mixed in by their old places."""
+    locked; an I/O error or a full disk alike) starts with an empty gallery; the next start shows
+    the runs analysed since as the latest, in their order, and the earlier runs the file still
+    held as older ones, as far as its last runs leave room (their crops, which a technician may
+    still have to review before signing, are not deleted for the lock)."""
     import sqlite3
 
     review = tmp_path / "review"
@@ -228,8 +229,8 @@ def test_a_gallery_file_not_read_at_start_never_brings_its_old_runs_back_over_ne
         gallery.add_field(f"new-{k}", _image(pool[1]), pool[1])
     gallery.close()
     again = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
-    assert again.run_ids() == ["new-0", "new-1"] and again.latest_run() == "new-1"
-    assert _pages(again, "new-0") == _pages(gallery, "new-0")
+    assert again.run_ids() == ["old-2", "old-3", "old-4", "new-0", "new-1"] and again.latest_run() == "new-1"
+    assert _pages(again, "new-0") == _pages(gallery, "new-0") and _pages(again, "old-4") == _pages(before, "old-4")
 
 
 def test_the_gallery_comes_back_after_a_restart_and_keeps_only_its_last_runs(

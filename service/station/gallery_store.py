@@ -11,9 +11,10 @@ written whole at the next write, so the file never drifts from memory. At
 start it reads back the runs it would have kept, in the order it last touched them. A file that
 cannot be opened or read is set aside (renamed `.unreadable-<time>`) and a new one begun: review
 material is never worth a station that does not start. One that could not be read for the moment
-(locked, an I/O error, a full disk) stays, and its earlier runs, not shown, are deleted at the
-next write: their order no longer fits the gallery's. Failures to write are logged, and the
-gallery goes on in memory.
+(locked, an I/O error, a full disk) stays, and its earlier runs, not shown, are placed before the
+gallery's own at the next write: the next start reads them back as older than the runs analysed
+since, and keeps them only as far as its last runs leave room. Failures to write are logged, and
+the gallery goes on in memory.
 """
 
 from __future__ import annotations
@@ -180,25 +181,28 @@ class GalleryStore:
     def write(self, order: Sequence[str], change: RunChange | None = None, whole: Sequence[StoredRun] = (),
               dropped: Iterable[str] = ()) -> bool:
         """In one transaction: one field's `change` to its run, the runs in `whole` written anew
-        (their earlier changes could not be written), the runs let go (and any not in `order`)
-        deleted, and every run's place in `order` (the gallery's, oldest first); False (logged)
-        when it could not be written."""
+        (their earlier changes could not be written), the runs let go deleted, and every run's
+        place in `order` (the gallery's, oldest first; runs the file holds and the gallery does
+        not, from a start that could not read it, before them all); False (logged) when it could
+        not be written."""
         with self._lock:
             try:
                 db = self._connect()
                 with db:
                     db.execute("BEGIN IMMEDIATE")
-                    # and any run the gallery does not hold (a file it could not read at start, its
-                    # runs left there): the file holds what memory holds, in memory's order
+                    self._delete(db, list(dropped))
+                    # runs the gallery does not hold (a file it could not read at start, its runs
+                    # left there) go before its own: never read back as newer than those
                     held = set(order)
-                    stale = [r for (r,) in db.execute("SELECT run_id FROM runs").fetchall() if r not in held]
-                    self._delete(db, [*dropped, *stale])
+                    unread = [r for (r,) in db.execute("SELECT run_id FROM runs ORDER BY touched").fetchall()
+                              if r not in held]
                     for run in whole:
                         self._delete(db, [run.run_id])
                         self._put(db, run.run_id, run.not_kept, run.thumbnail, run.crops, ())
                     if change is not None:
                         self._put(db, change.run_id, change.not_kept, change.thumbnail, change.added, change.displaced)
-                    db.executemany("UPDATE runs SET touched=? WHERE run_id=?", [(k, r) for k, r in enumerate(order)])
+                    db.executemany("UPDATE runs SET touched=? WHERE run_id=?",
+                                   [(k - len(unread), r) for k, r in enumerate(unread)] + list(enumerate(order)))
             except (sqlite3.Error, OSError) as exc:
                 if not self._failing:
                     logger.warning("review gallery file %s not written (%s): the runs changed meanwhile are "
