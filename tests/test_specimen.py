@@ -492,3 +492,21 @@ def test_a_specimen_with_a_calibration_in_doubt_grades_no_size_based_call() -> N
     assert rows["target"].assessable and rows["target"].grade == "2+"
     plain = {s.label: s for s in run(False).rbc_morphology}
     assert plain["spherocyte"].assessable and plain["spherocyte"].grade == "2+"
+
+
+def test_a_run_closed_after_a_restart_with_the_clock_set_back_never_lasts_less_than_nothing() -> None:
+    """A run left open by a power cut is closed at the next start; a board without a clock battery
+    may come back with its wall clock before the run's start: its duration is 0, not negative (a
+    negative run_ms put the FHIR effective time after the report's issue)."""
+    clock = FakeClock()
+    clock.now = 10_000.0
+    t = tracker(clock=clock)
+    run_id = t.run_for_next_field()
+    t.add(fake_field("f0", MIX, run_id=run_id))
+    closed = t.stop("shutdown")
+    assert closed is not None
+    clock.now = 6_400.0
+    report = t.final_report(closed.run, "restart")
+    assert report.timing_ms["run_ms"] == 0.0 and report.end_reason == "restart"
+    clock.now = 10_031.0  # the clock right: the time down counts
+    assert t.final_report(closed.run, "restart").timing_ms["run_ms"] == 31_000.0

@@ -469,9 +469,12 @@ class SpecimenTracker:
         return self.stop("idle_timeout")
 
     def final_report(self, run: SpecimenRun, end_reason: EndReason) -> Report:
-        """The final report of a run this tracker does not hold (one restored after a crash)."""
-        return run.report(station_id=self._station_id, now=self._clock(), end_reason=end_reason,
-                          thresholds=self._thresholds)
+        """The final report of a run this tracker does not hold (one restored after a crash): it
+        lasted until now, the time down included, never less than nothing (a board without a clock
+        battery can come back with its wall clock before the run's start)."""
+        now = self._clock()
+        return run.report(station_id=self._station_id, now=now, end_reason=end_reason,
+                          thresholds=self._thresholds, elapsed_s=max(0.0, now - run.started_at))
 
     def stop(self, end_reason: EndReason = "stopped") -> ClosedRun | None:
         """Close the open run and build its final report; None when no run is open."""
