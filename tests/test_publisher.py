@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -647,3 +648,38 @@ def test_telemetry_goes_out_at_each_connection_not_a_period_later(
     assert publisher.wait_until_connected(15), publisher.state
     # sampled again on the new connection, connected (so sent), not 600 s later
     assert wait_until(lambda: len(sampled) >= 2, 10) and sampled[:2] == [True, True]
+
+
+def test_a_stop_between_the_telemetry_wait_and_its_clear_is_not_lost(tmp_path: Path, credentials_dir: Path) -> None:
+    """stop() sets the stop and then the telemetry's wake; the telemetry thread, woken by a
+    connection, clears that wake after its wait. A stop() landing between the two was wiped by
+    the clear: one more sample published after stop, then a whole telemetry_interval_s (30 s by
+    default) before the thread saw the stop, past stop()'s 5 s join."""
+    config = make_config(tmp_path, 1, telemetry_interval_s=600.0)
+    sampled: list[int] = []
+    publisher = MqttPublisher(config, STATION, Outbox.from_config(config.outbox),
+                              telemetry_source=lambda: sampled.append(1) or {"sample": len(sampled)})
+    wake = publisher._telemetry_now
+    real_clear = wake.clear
+    stopped = []
+
+    def clear() -> None:  # stop() runs just after the wait returned for a connection
+        if not stopped:
+            stopped.append(True)
+            publisher._stop_workers.set()
+            wake.set()
+        real_clear()
+
+    wake.clear = clear  # type: ignore[method-assign]
+    wake.set()  # a connection
+    thread = threading.Thread(target=publisher._telemetry_loop, daemon=True)
+    thread.start()
+    thread.join(2.0)
+    try:
+        assert not thread.is_alive(), "the telemetry thread missed the stop"
+        assert sampled == []
+    finally:
+        publisher._stop_workers.set()
+        real_clear()
+        wake.set()
+        thread.join(2.0)

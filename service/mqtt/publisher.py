@@ -491,8 +491,13 @@ class MqttPublisher:
 
     def _telemetry_loop(self) -> None:
         assert self.telemetry_source is not None
-        while not (self._telemetry_now.wait(self.config.telemetry_interval_s) and self._stop_workers.is_set()):
+        while True:
+            self._telemetry_now.wait(self.config.telemetry_interval_s)
+            # cleared before stop is looked at: a stop() setting both between the wait and the clear
+            # is seen here, never wiped by the clear (a tick after stop, then a whole period's wait)
             self._telemetry_now.clear()
+            if self._stop_workers.is_set():
+                return
             try:
                 self.publish_telemetry(self.telemetry_source())
             except Exception:
