@@ -731,3 +731,21 @@ def test_a_verified_report_keeps_the_start_its_run_had_when_the_wall_clock_stepp
     again, _, _ = feed.verify("r-clock", "AB", lambda r, end: r.report(station_id="s", now=stopped_at + 900.0,
                                                                      end_reason=end), None)
     assert again.report.timing_ms["run_ms"] == 931_000.0
+
+
+def test_a_verified_report_signed_after_the_wall_clock_was_set_back_never_lasts_less_than_nothing(station):
+    """The signed report's run_ms is the superseded report's plus the wall clock's time between
+    them: with the clock set back an hour after the preliminary report (a 31 s run signed 10
+    minutes on) that was 31 s - 50 min, a negative run_ms and a FHIR effective time after the
+    report's issue. It is 0 there, as for a run closed at the next start."""
+    run, feed = station
+    moved = replace(run, run_id="r-back", started_at=10_000.0)
+    report = moved.report(station_id="s", now=10_031.0, end_reason="stopped", elapsed_s=31.0)
+    feed.run_closed(ClosedRun("r-back", "stopped", 4, moved.classified_wbc, 100, report, moved), None, live=False)
+    signed_at = 10_031.0 - 3600.0 + 600.0  # the clock set back an hour since, signed 10 minutes on
+    signed, _, answer = feed.verify("r-back", "AB", lambda r, end: r.report(station_id="s", now=signed_at,
+                                                                            end_reason=end), None)
+    assert answer["ok"] and signed.report.timing_ms["run_ms"] == 0.0
+    diagnostic = next(e["resource"] for e in report_bundle(signed.report)["entry"]
+                      if e["resource"]["resourceType"] == "DiagnosticReport")
+    assert diagnostic["effectiveDateTime"] <= diagnostic["issued"]

@@ -448,10 +448,11 @@ class ClinicFeed:
         report = final_report(run, closed.end_reason)
         # the run's start as the report it supersedes gives it (created_at less run_ms, measured on
         # the monotonic clock): the wall clock's now less the run's stored start moved it by any
-        # step of the clock since (an hour set back: a negative run_ms, an effective time after issue)
+        # step of the clock since (an hour set back: a negative run_ms, an effective time after issue);
+        # never less than nothing (the clock set back between that report and this one)
         if (before_ms := closed.report.timing_ms.get("run_ms")) is not None:
             report = report.model_copy(update={"timing_ms": {**report.timing_ms, "run_ms": round(
-                before_ms + 1000.0 * (report.created_at - closed.report.created_at), 1)}})
+                max(0.0, before_ms + 1000.0 * (report.created_at - closed.report.created_at)), 1)}})
         report = report.model_copy(update={"verification": Verification(
             verified_by=by, verified_at=report.created_at, supersedes=closed.report.report_id, typed_cells=typed,
             reclassified=changed, left_to_review=left)})
