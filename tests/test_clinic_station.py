@@ -233,6 +233,39 @@ def test_a_gallery_file_not_read_at_start_never_brings_its_old_runs_back_over_ne
     assert _pages(again, "new-0") == _pages(gallery, "new-0") and _pages(again, "old-4") == _pages(before, "old-4")
 
 
+def test_starts_that_cannot_read_the_gallery_file_one_after_another_do_not_grow_it_without_end(
+        tmp_path: Path) -> None:
+    """Each start that cannot read the file leaves its runs there, before its own: two such starts
+    in a row held three galleries' runs, the next start reading back only the last of them and
+    every further such start adding one more gallery's crops (the file counts in max_disk_mb: the
+    overlays of the runs shown give way to crops no start shows)."""
+    import sqlite3
+
+    review = tmp_path / "review"
+    pool = oracle_pool()
+    first = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
+    for k in range(5):
+        first.add_field(f"a-{k}", _image(pool[0]), pool[0])
+    first.close()
+    for name in ("b", "c"):
+        hold = sqlite3.connect(review / "gallery.sqlite", timeout=0.1)
+        hold.execute("PRAGMA locking_mode=EXCLUSIVE")
+        hold.execute("BEGIN EXCLUSIVE")
+        hold.execute("SELECT count(*) FROM runs").fetchone()
+        gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
+        hold.rollback()
+        hold.close()
+        assert gallery.run_ids() == []
+        for k in range(3):
+            gallery.add_field(f"{name}-{k}", _image(pool[1]), pool[1])
+        gallery.close()
+    with sqlite3.connect(review / "gallery.sqlite") as db:
+        held = [r for (r,) in db.execute("SELECT run_id FROM runs ORDER BY touched")]
+    assert held == ["b-1", "b-2", "c-0", "c-1", "c-2"], held
+    again = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
+    assert again.run_ids() == held
+
+
 def test_the_gallery_comes_back_after_a_restart_and_keeps_only_its_last_runs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -179,12 +179,14 @@ class GalleryStore:
                 pass
 
     def write(self, order: Sequence[str], change: RunChange | None = None, whole: Sequence[StoredRun] = (),
-              dropped: Iterable[str] = ()) -> bool:
+              dropped: Iterable[str] = (), keep: int | None = None) -> bool:
         """In one transaction: one field's `change` to its run, the runs in `whole` written anew
         (their earlier changes could not be written), the runs let go deleted, and every run's
         place in `order` (the gallery's, oldest first; runs the file holds and the gallery does
-        not, from a start that could not read it, before them all); False (logged) when it could
-        not be written."""
+        not, from a start that could not read it, before them all, as many of the latest of them
+        as `keep` runs leave room for next to `order`: the next start reads back no more, and starts
+        that could not read the file, one after another, must not grow it without end); False
+        (logged) when it could not be written."""
         with self._lock:
             try:
                 db = self._connect()
@@ -196,6 +198,9 @@ class GalleryStore:
                     held = set(order)
                     unread = [r for (r,) in db.execute("SELECT run_id FROM runs ORDER BY touched").fetchall()
                               if r not in held]
+                    if keep is not None and (extra := len(unread) - max(0, keep - len(order))) > 0:
+                        self._delete(db, unread[:extra])
+                        unread = unread[extra:]
                     for run in whole:
                         self._delete(db, [run.run_id])
                         self._put(db, run.run_id, run.not_kept, run.thumbnail, run.crops, ())

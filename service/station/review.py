@@ -272,7 +272,7 @@ class ReviewGallery:
                      for r, g in self._runs.items() if r in self._unsaved]
             order, drops = list(self._runs), set(self._drops)
             own = None if change.run_id in self._unsaved else change  # else among `whole`
-        if self._store.write(order, own, whole, drops):
+        if self._store.write(order, own, whole, drops, keep=KEEP_RUNS + 1):
             with self._lock:
                 self._unsaved -= {r.run_id for r in whole}
                 self._drops -= drops
