@@ -302,15 +302,9 @@ class MqttPublisher:
         with self._state_lock:
             self._epoch += 1
             self._packet_limit = limit
-            self._state = replace(
-                self._state,
-                status="connected",
-                max_packet_size=limit,
-                last_error=None,
-                last_reason_code=0,
-                connected_since=time.time(),  # for people; _connected_at for durations
-                connects=self._state.connects + 1,
-            )
+            self._state = replace(self._state, status="connected", max_packet_size=limit, last_error=None,
+                                  last_reason_code=0, connects=self._state.connects + 1,
+                                  connected_since=time.time())  # for people; _connected_at for durations
         logger.info("MQTT connected to %s:%d (%s, session present: %s)", self.config.host, self.config.port,
                     self._protocol_name(), flags.session_present)
         client.publish(self.status_topic, "online", qos=1, retain=True)
@@ -493,9 +487,7 @@ class MqttPublisher:
         assert self.telemetry_source is not None
         while True:
             self._telemetry_now.wait(self.config.telemetry_interval_s)
-            # cleared before stop is looked at: a stop() setting both between the wait and the clear
-            # is seen here, never wiped by the clear (a tick after stop, then a whole period's wait)
-            self._telemetry_now.clear()
+            self._telemetry_now.clear()  # before stop is looked at: a stop() in between is never wiped
             if self._stop_workers.is_set():
                 return
             try:
