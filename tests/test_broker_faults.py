@@ -203,8 +203,13 @@ def test_a_command_answered_while_the_broker_is_down_reaches_the_asker_after_the
         time.sleep(1.2)  # let autosave write the subscriber's session to disk
         publisher.start()
         assert publisher.wait_until_connected(5)
-        sub.client.publish(f"smearscope/{STATION}/cmd/status", b"{}", qos=1)
-        assert asked.wait(10)
+        # connected is the CONNACK; the command subscription follows it: ask until the station hears
+        # (a command published in between reaches no subscriber; once it hears, it answers them all)
+        for _ in range(20):
+            sub.client.publish(f"smearscope/{STATION}/cmd/status", b"{}", qos=1)
+            if asked.wait(0.5):
+                break
+        assert asked.is_set()
         broker.kill()
         assert wait_until(lambda: not publisher.state.connected, 10)
         release.set()
