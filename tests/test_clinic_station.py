@@ -203,20 +203,11 @@ def _pages(gallery: ReviewGallery, run_id: str) -> list[dict[str, Any]]:
     return pages
 
 
-def test_a_gallery_file_not_read_at_start_never_brings_its_old_runs_back_over_new_ones(tmp_path: Path) -> None:
-    """A start that cannot read the gallery's file for the moment (here another process holds it
-    locked; an I/O error or a full disk alike) starts with an empty gallery; the next start shows
-    the runs analysed since as the latest, in their order, and the earlier runs the file still
-    held as older ones, as far as its last runs leave room (their crops, which a technician may
-    still have to review before signing, are not deleted for the lock)."""
+def _start_while_locked(review: Path) -> ReviewGallery:
+    """A gallery started while another process holds its file locked (an I/O error or a full disk
+    alike: the file cannot be read for the moment)."""
     import sqlite3
 
-    review = tmp_path / "review"
-    pool = oracle_pool()
-    before = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
-    for k in range(5):
-        before.add_field(f"old-{k}", _image(pool[0]), pool[0])
-    before.close()
     hold = sqlite3.connect(review / "gallery.sqlite", timeout=0.1)
     hold.execute("PRAGMA locking_mode=EXCLUSIVE")
     hold.execute("BEGIN EXCLUSIVE")
@@ -224,6 +215,22 @@ def test_a_gallery_file_not_read_at_start_never_brings_its_old_runs_back_over_ne
     gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
     hold.rollback()
     hold.close()
+    return gallery
+
+
+def test_a_gallery_file_not_read_at_start_never_brings_its_old_runs_back_over_new_ones(tmp_path: Path) -> None:
+    """A start that cannot read the gallery's file for the moment (here another process holds it
+    locked; an I/O error or a full disk alike) starts with an empty gallery; the next start shows
+    the runs analysed since as the latest, in their order, and the earlier runs the file still
+    held as older ones, as far as its last runs leave room (their crops, which a technician may
+    still have to review before signing, are not deleted for the lock)."""
+    review = tmp_path / "review"
+    pool = oracle_pool()
+    before = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
+    for k in range(5):
+        before.add_field(f"old-{k}", _image(pool[0]), pool[0])
+    before.close()
+    gallery = _start_while_locked(review)
     assert gallery.run_ids() == []
     for k in range(2):
         gallery.add_field(f"new-{k}", _image(pool[1]), pool[1])
@@ -248,13 +255,7 @@ def test_starts_that_cannot_read_the_gallery_file_one_after_another_do_not_grow_
         first.add_field(f"a-{k}", _image(pool[0]), pool[0])
     first.close()
     for name in ("b", "c"):
-        hold = sqlite3.connect(review / "gallery.sqlite", timeout=0.1)
-        hold.execute("PRAGMA locking_mode=EXCLUSIVE")
-        hold.execute("BEGIN EXCLUSIVE")
-        hold.execute("SELECT count(*) FROM runs").fetchone()
-        gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
-        hold.rollback()
-        hold.close()
+        gallery = _start_while_locked(review)
         assert gallery.run_ids() == []
         for k in range(3):
             gallery.add_field(f"{name}-{k}", _image(pool[1]), pool[1])

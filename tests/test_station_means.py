@@ -709,6 +709,19 @@ def test_doctor_names_the_station_means_and_fails_a_stale_file(tmp_path, head):
     assert failed and failed[0][0] == "FAIL" and "install-models" in failed[0][1]
 
 
+def _simulated_station(tmp_path: Path) -> str:
+    """A simulated station's config up to its [analysis] section's first keys (the committed models)."""
+    return f"""
+station_id = "bench-1"
+[source]
+kind = "simulated"
+[mqtt.outbox]
+path = "{tmp_path / 'outbox.sqlite'}"
+[analysis]
+models_dir = "{DEFAULT_MODELS_DIR}"
+"""
+
+
 def test_means_fitted_in_other_views_fail_validate_config_and_doctor_as_they_fail_start_up(tmp_path, head, capsys):
     """wbc_head_views changed after the fit (one view classifies faster): validate-config and
     doctor had said OK of a config the station then refused at start (exit 78)."""
@@ -719,17 +732,7 @@ def test_means_fitted_in_other_views_fail_validate_config_and_doctor_as_they_fai
     means = _station_file(tmp_path, manifest, space)  # fitted in the manifest's identity+hflip
     config = tmp_path / "station.toml"
     for views, ok in (("", True), ('wbc_head_views = ["identity"]', False)):
-        config.write_text(f"""
-station_id = "bench-1"
-[source]
-kind = "simulated"
-[mqtt.outbox]
-path = "{tmp_path / 'outbox.sqlite'}"
-[analysis]
-models_dir = "{DEFAULT_MODELS_DIR}"
-wbc_station_means = "{means}"
-{views}
-""")
+        config.write_text(f'{_simulated_station(tmp_path)}wbc_station_means = "{means}"\n{views}\n')
         analysis = parse_config(tomllib.loads(config.read_text()), environ={}).analysis
         (status, _, detail), = station_means_checks(analysis)
         assert (status == "OK") == ok, detail
@@ -822,15 +825,7 @@ def test_validate_config_refuses_an_open_set_section_the_station_would_refuse(tm
     manifest, space = head
     md = next(t.threshold for t in manifest.open_set if t.method == "mahalanobis")
     means = _station_file(tmp_path, manifest, space)
-    base = f"""
-station_id = "bench-1"
-[source]
-kind = "simulated"
-[mqtt.outbox]
-path = "{tmp_path / 'outbox.sqlite'}"
-[analysis]
-models_dir = "{DEFAULT_MODELS_DIR}"
-"""
+    base = _simulated_station(tmp_path)
     cases = {"ok": (f'wbc_station_means = "{means}"', md / 2, manifest.sha256, sha256_file(means)),
              "no means": ("", md / 2, manifest.sha256, sha256_file(means)),
              "other head": ("", md / 2, "3" * 64, None),
