@@ -474,3 +474,43 @@ def test_the_summary_says_when_a_grade_rests_on_fewer_calls_than_its_share():
     assert "schistocyte 4.0% (1+ on the 2 of 12 calls at its flag's confidence" in summary_rbc(2, 10)
     assert "schistocyte 3.3% (below 1+ on the 0 of 10 calls at its flag's confidence" in summary_rbc(0, 10)
     assert "schistocyte 4.0% (3+" in summary_rbc(12, 0)  # every call sure: the grade rests on them all
+
+
+def test_the_summary_reads_sickle_cells_present_or_none_never_graded():
+    """ICSH reports sickle cells present, not 1+ to 3+: 4 sure calls of 114 red cells (3.5 %, 3+ on
+    the schistocyte scale) read "present" beside the review flag, 5 beside the critical one; unsure
+    calls alone read "none" (not "below 1+": sickle cells have no 1+). An older report's sickle
+    "3+" reads present too, without its interval's grades."""
+    import re
+
+    from test_fhir import graded_report
+    from test_open_set_flags import _cell
+
+    from smearscope.cli.summary import summarize
+    from smearscope.service.analysis.aggregate import aggregate
+    from smearscope.service.analysis.records import CellKind
+    from smearscope.service.analysis.report import ClassShare
+
+    def summary(sure: int, unsure: int = 0, n_rbc: int = 114) -> list[str]:
+        cells = ([_cell(CellKind.RBC, "normal")] * (n_rbc - sure - unsure)
+                 + [_cell(CellKind.RBC, "sickle", 0.95)] * sure + [_cell(CellKind.RBC, "sickle", 0.5)] * unsure)
+        a = aggregate(cells)
+        return summarize(graded_report().model_copy(update={"rbc_morphology": a.rbc_morphology, "flags": a.flags}))\
+            .splitlines()
+
+    def rbc(lines: list[str]) -> str:
+        return next(ln for ln in lines if ln.startswith("  RBC: "))
+
+    four = summary(4)
+    assert "sickle 3.5% (present)" in rbc(four) and not re.search(r"sickle [\d.]+% \([123]\+", rbc(four))
+    assert any(ln.startswith("  [warning] sickle_cells_review:") for ln in four)
+    assert not any("sickle_cells_present" in ln for ln in four)
+    five = summary(5)
+    assert "sickle 4.4% (present)" in rbc(five) and any(ln.startswith("  [critical] sickle_cells_present:") for ln in five)
+    unsure = summary(0, unsure=3)
+    assert "sickle 2.6% (none on the 0 of 3 calls at its flag's confidence)" in rbc(unsure)
+    old = graded_report()
+    graded = ClassShare(label="sickle", count=4, percent=3.51, ci95_low=1.37, ci95_high=8.68, grade="3+",
+                        grade_ci_low="2+", grade_ci_high="3+")
+    assert "sickle 3.5% (present)" in rbc(summarize(old.model_copy(
+        update={"rbc_morphology": [*old.rbc_morphology, graded]})).splitlines())

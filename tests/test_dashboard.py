@@ -28,6 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from test_daemon import to_toml
 
+from smearscope.service.analysis.morphology import REPORTED_PRESENT, SIZE_BASED
 from smearscope.service.analysis.report import ClassShare, Flag, Report
 from smearscope.service.dashboard.server import STATIC, DashboardServer, DashboardSettings
 
@@ -47,6 +48,17 @@ def test_vendored_mqtt_js_is_the_npm_release_with_its_licence() -> None:
     assert hashlib.sha256((vendor / "mqtt.min.js").read_bytes()).hexdigest() == MQTT_JS_SHA256
     assert "MIT License" in (vendor / "mqtt.LICENSE.md").read_text()
     assert MQTT_JS_SHA256 in (vendor / "README.md").read_text()
+
+
+def test_the_pages_lists_of_findings_are_the_analyzers() -> None:
+    """The page reads size-based findings as not assessable under a calibration in doubt, and
+    sickle cells as present or none (never 1+ to 3+, also from a report that graded them): its
+    lists must be service.analysis.morphology's."""
+    script = (STATIC / "dashboard.js").read_text()
+    for name, want in (("SIZE_BASED", SIZE_BASED), ("REPORTED_PRESENT", REPORTED_PRESENT)):
+        found = re.search(rf"^const {name} = \[([^\]]*)\];", script, re.MULTILINE)
+        assert found, name
+        assert set(re.findall(r'"([^"]+)"', found.group(1))) == set(want), name
 
 
 def test_server_serves_the_page_and_its_config_and_nothing_else() -> None:
@@ -252,11 +264,12 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         grades = {s.label: s.grade for s in report.rbc_morphology}
         assert "none" in grades.values(), grades
 
-        def shown(g: str | None) -> str:
-            return "below 1+" if g == "none" else g or ""
+        def shown(label: str, g: str | None) -> str:  # sickle cells: present or none, no 1+ to be below
+            return "below 1+" if g == "none" and label not in REPORTED_PRESENT else g or ""
         # a grade whose interval spans other grades shows them
-        want = {s.label: shown(s.grade) + (f" ({shown(s.grade_ci_low)} to {shown(s.grade_ci_high)})"
-                                           if s.grade and s.grade_ci_low != s.grade_ci_high else "")
+        want = {s.label: shown(s.label, s.grade) + (f" ({shown(s.label, s.grade_ci_low)} to "
+                                                    f"{shown(s.label, s.grade_ci_high)})"
+                                                    if s.grade and s.grade_ci_low != s.grade_ci_high else "")
                 + (f" on {s.graded_count} of {s.count} calls at its flag's confidence"
                    if s.grade and s.graded_count is not None else "")
                 for s in report.rbc_morphology}
@@ -368,13 +381,22 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         # A station calibrated 2x off: its report's flag (a median size no blood has, or red cells
         # pointing to another scale) makes the page read no size-based grade (the shares carry the
         # analyzer's own), shape classes keep theirs.
+        # Sickle cells read present or none, never 1+ to 3+: a report from when they were graded
+        # (3+ on 2 of 86 red cells, its interval 1+ to 3+) reads present, with no interval; unsure
+        # calls alone read none, not "below 1+".
+        sickle_rows = {"zz-odd": (ClassShare(label="sickle", count=2, percent=2.33, grade="3+", grade_ci_low="1+",
+                                             grade_ci_high="3+"), "present"),
+                       "zz-odd2": (ClassShare(label="sickle", count=3, percent=3.0, grade="none", graded_count=0),
+                                   "none on 0 of 3 calls at its flag's confidence")}
         for code, odd_station in (("rbc_size_implausible", "zz-odd"), ("calibration_suspect", "zz-odd2")):
             # and a schistocyte grade resting on the 2 sure calls of 12 says so beside its 4 %
             unsure = ClassShare(label="schistocyte", count=12, percent=4.0, grade="1+", grade_ci_low="1+",
                                 grade_ci_high="1+", graded_count=2)
+            sickle, sickle_shown = sickle_rows[odd_station]
             odd = report.model_copy(update={
                 "flags": [*report.flags, Flag(code=code, severity="warning", message="15 um")],
-                "rbc_morphology": [*(s for s in report.rbc_morphology if s.label != "schistocyte"), unsure,
+                "rbc_morphology": [*(s for s in report.rbc_morphology if s.label not in ("schistocyte", "sickle")),
+                                   unsure, sickle,
                                    ClassShare(label="macrocyte", count=40, percent=40.0, grade="3+", grade_ci_low="3+",
                                               grade_ci_high="3+")]})
             state = {"station_id": odd_station, "run_id": "odd-1", "state": "closed", "end_reason": "stopped",
@@ -392,6 +414,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
             shown_odd = odd_grades()
             assert shown_odd["macrocyte"] == "not assessable"
             assert shown_odd["schistocyte"] == "1+ on 2 of 12 calls at its flag's confidence"
+            assert shown_odd["sickle"] == sickle_shown
             row = driver.find_element(By.CSS_SELECTOR, f"{odd_card} table.morphology tbody tr[data-label='macrocyte']")
             assert [td.text for td in row.find_elements(By.TAG_NAME, "td")[1:3]] == ["–", "–"]  # not 40, 40.0
             assert all(v != "not assessable" for k, v in shown_odd.items()

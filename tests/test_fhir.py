@@ -179,7 +179,7 @@ def current_report() -> Report:
     rbc = [s.model_copy(update={"grade": "3+", "grade_ci_low": "2+", "grade_ci_high": "3+"})
            if s.label == "schistocyte" else s for s in base.rbc_morphology]
     rbc.append(ClassShare(label="macrocyte", count=7, percent=0.0, assessable=False))
-    rbc.append(ClassShare(label="sickle", count=3, percent=0.3, grade="1+", graded_count=1))  # 2 unsure calls
+    rbc.append(ClassShare(label="sickle", count=3, percent=0.3, grade="present", graded_count=1))  # 2 unsure calls
     size = base.rbc_size.model_copy(update={"histogram": SizeHistogram(bin_edges_um=[6.0, 7.0, 8.0],
                                                                        counts=[10, 300, 500, 90])})
     return base.model_copy(update={"wbc_differential": wbc, "rbc_morphology": rbc, "rbc_size": size,
@@ -330,6 +330,57 @@ def test_an_older_reports_grade_interval_and_nrbc_are_derived_or_left_out() -> N
     validate(bundle)
     assert not [o for o in resources(bundle, "Observation")
                 if any(c.get("code") == "58413-6" for c in o["code"].get("coding", []))]
+
+
+def _sickle_bundle(sure: int, unsure: int = 0, n_rbc: int = 114) -> dict[str, Any]:
+    """The bundle of a report whose red cells, morphology and flags come from `aggregate` over
+    `n_rbc` red cells with `sure` sickle calls at 0.95 and `unsure` at 0.5."""
+    from test_open_set_flags import _cell
+    cells = ([_cell(CellKind.RBC, "normal")] * (n_rbc - sure - unsure) + [_cell(CellKind.RBC, "sickle", 0.95)] * sure
+             + [_cell(CellKind.RBC, "sickle", 0.5)] * unsure)
+    a = aggregate(cells)
+    report = graded_report().model_copy(update={"rbc_morphology": a.rbc_morphology, "flags": a.flags})
+    bundle = report_bundle(report)
+    validate(bundle)
+    return bundle
+
+
+def test_sickle_cells_are_present_or_none_in_fhir_never_a_grade() -> None:
+    """Sickle cells are an ICSH "present" (4 sure calls of 114 red cells, which a 1+ to 3+ scale
+    reads 3+), beside the flag that says review or critical; no grade-ci95 component; unsure calls
+    alone read "none" with the graded-count 0. An older report that graded them 3+ reads present."""
+    def sickle_value(bundle: dict[str, Any]) -> tuple[str, list[str]]:
+        obs = by_code(bundle, codes.LOINC, "801-1")
+        return (obs["valueCodeableConcept"]["coding"][0]["code"],
+                [c["code"]["coding"][0]["code"] for c in obs["component"]])
+
+    def flags(bundle: dict[str, Any]) -> set[str]:  # the report's conclusion codes
+        (dr,) = resources(bundle, "DiagnosticReport")
+        return {c["code"] for concept in dr.get("conclusionCode", []) for c in concept["coding"]
+                if c["system"] == codes.LOCAL_FLAG}
+
+    four = _sickle_bundle(4)
+    value, parts = sickle_value(four)
+    assert value == "present" and "grade-ci95" not in parts and {"count", "percent"} <= set(parts)
+    assert by_code(four, codes.LOINC, "801-1")["valueCodeableConcept"]["coding"][0] == codes.grade("present").coding()
+    assert {"sickle_cells_review"} == {f for f in flags(four) if f.startswith("sickle")}
+    five = _sickle_bundle(5)
+    assert sickle_value(five)[0] == "present" and {"sickle_cells_present"} == {
+        f for f in flags(five) if f.startswith("sickle")}
+    unsure = _sickle_bundle(0, unsure=3)
+    value, parts = sickle_value(unsure)
+    assert value == "none" and "grade-ci95" not in parts
+    assert component(by_code(unsure, codes.LOINC, "801-1"), "graded-count")["valueInteger"] == 0
+    old = graded_report()
+    graded = ClassShare(label="sickle", count=4, percent=3.51, ci95_low=1.37, ci95_high=8.68, grade="3+",
+                        grade_ci_low="2+", grade_ci_high="3+")
+    bundle = report_bundle(old.model_copy(update={"rbc_morphology": [*old.rbc_morphology, graded]}))
+    validate(bundle)
+    value, parts = sickle_value(bundle)
+    assert value == "present" and "grade-ci95" not in parts
+    ungraded = graded.model_copy(update={"grade": None, "grade_ci_low": None, "grade_ci_high": None})
+    bundle = report_bundle(old.model_copy(update={"rbc_morphology": [*old.rbc_morphology, ungraded]}))
+    assert sickle_value(bundle) == ("present", parts)  # from before grades: derived, no interval
 
 
 @pytest.mark.skipif(not (ROOT / "models" / "seg.json").exists(), reason="models/seg.json not present")

@@ -70,27 +70,57 @@ def test_the_interval_ends_are_graded_on_their_exact_shares_too():
     assert row.ci95_low == 0.0 and (row.grade, row.grade_ci_low, row.grade_ci_high) == ("1+", "1+", "1+")
 
 
-def test_sickle_cells_graded_only_on_the_calls_as_sure_as_the_critical_flag_needs():
-    """One unsure sickle call is counted (audit) and listed for review, but not graded 1+: the
-    report must not read "sickle cells present" on evidence the flag calls too weak."""
+def test_sickle_cells_reported_present_on_the_calls_as_sure_as_the_critical_flag_needs():
+    """One unsure sickle call is counted (audit) and listed for review, but the report does not
+    read "sickle cells present" on evidence the flag calls too weak; a sure call reads present."""
     normal = [_cell(CellKind.RBC, "normal")] * 300
     one_unsure = next(s for s in aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.5)]).rbc_morphology
                       if s.label == "sickle")
     assert (one_unsure.count, one_unsure.graded_count, one_unsure.grade) == (1, 0, "none")
-    assert (one_unsure.grade_ci_low, one_unsure.grade_ci_high) == ("none", "2+")  # Wilson of 0/301: up to 1.26 %
     cells = normal + [_cell(CellKind.RBC, "sickle", 0.95)] * 4 + [_cell(CellKind.RBC, "sickle", 0.3)] * 4
     row = next(s for s in aggregate(cells).rbc_morphology if s.label == "sickle")
-    assert (row.count, row.graded_count, row.grade) == (8, 4, "2+")  # 4 / 308 = 1.3 %; all 8 would be 2.6 %: 3+
+    assert (row.count, row.graded_count, row.grade) == (8, 4, "present")
     sure = next(s for s in aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.8)]).rbc_morphology
                 if s.label == "sickle")
-    assert (sure.count, sure.graded_count, sure.grade) == (1, None, "1+")  # at the bound: every call graded
-    # no sure call among 3 red cells: the interval's low end is exactly 0, graded none
-    few = next(s for s in aggregate(normal[:2] + [_cell(CellKind.RBC, "sickle", 0.5)]).rbc_morphology
-               if s.label == "sickle")
-    assert (few.grade, few.grade_ci_low, few.grade_ci_high) == ("none", "none", "3+")
+    assert (sure.count, sure.graded_count, sure.grade) == (1, None, "present")  # at the bound: every call counts
     assert all(wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0 for n in range(1, 2000))
     lowered = aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.5)], AggregateThresholds(sickle_min_confidence=0.5))
-    assert next(s for s in lowered.rbc_morphology if s.label == "sickle").grade == "1+"
+    assert next(s for s in lowered.rbc_morphology if s.label == "sickle").grade == "present"
+
+
+def _sickle(sure: int, unsure: int = 0, n_rbc: int = 114):
+    """A specimen of `n_rbc` red cells with `sure` sickle calls at 0.95 and `unsure` at 0.5: its
+    sickle row and its sickle flags' (code, severity)."""
+    cells = ([_cell(CellKind.RBC, "normal")] * (n_rbc - sure - unsure) + [_cell(CellKind.RBC, "sickle", 0.95)] * sure
+             + [_cell(CellKind.RBC, "sickle", 0.5)] * unsure)
+    a = aggregate(cells)
+    row = next(s for s in a.rbc_morphology if s.label == "sickle")
+    return row, {(f.code, f.severity) for f in a.flags if f.code.startswith("sickle")}
+
+
+def test_sickle_cells_read_present_or_none_never_a_grade_and_agree_with_their_flag():
+    """ICSH 2015 reports sickle cells present, not 1+ to 3+: 4 sure calls of 114 red cells (3.5 %,
+    which the schistocyte scale reads 3+) are "present" beside the review flag, 5 "present" beside
+    the critical one; unsure calls alone are "none" beside the review flag. The share and count
+    stay for audit, and no interval's grades are given (present or none has no 1+ to 3+)."""
+    four, flags = _sickle(4)
+    assert (four.grade, four.count, four.percent) == ("present", 4, round(100 * 4 / 114, 2))
+    assert (four.grade_ci_low, four.grade_ci_high, four.graded_count) == (None, None, None)
+    assert flags == {("sickle_cells_review", "warning")}
+    five, flags = _sickle(5)
+    assert (five.grade, five.grade_ci_low, five.grade_ci_high) == ("present", None, None)
+    assert flags == {("sickle_cells_present", "critical")}
+    unsure, flags = _sickle(0, unsure=3)
+    assert (unsure.grade, unsure.graded_count, unsure.count) == ("none", 0, 3)
+    assert (unsure.grade_ci_low, unsure.grade_ci_high) == (None, None)
+    assert flags == {("sickle_cells_review", "warning")}
+    many, flags = _sickle(30, n_rbc=100)  # 30 %: "3+" on any scale, still "present"
+    assert many.grade == "present" and flags == {("sickle_cells_present", "critical")}
+    assert [icsh_grade("sickle", p) for p in (0.0, 0.5, 1.0, 2.5, 60.0)] == ["none"] + ["present"] * 4
+    # schistocytes keep their ICSH scale and its interval's grades
+    schisto = next(s for s in aggregate([_cell(CellKind.RBC, "normal")] * 110 + [_cell(CellKind.RBC, "schistocyte")] * 4)
+                   .rbc_morphology if s.label == "schistocyte")
+    assert (schisto.grade, schisto.grade_ci_low, schisto.grade_ci_high) == ("3+", "2+", "3+")
 
 
 # -- ratios
@@ -256,10 +286,6 @@ def test_a_share_between_icsh_ranges_takes_the_grade_above():
     assert row("target", 40).grade == "1+" and row("target", 101).grade == "3+" and row("target", 100).grade == "2+"
     assert (row("microcyte", 21).percent, row("microcyte", 21).grade) == (10.5, "1+")
     assert row("microcyte", 20).grade == "none" and row("hypochromia", 41).grade == "2+"
-
-
-def test_sickle_cells_are_graded_like_schistocytes():
-    assert [icsh_grade("sickle", p) for p in (0.0, 0.5, 1.0, 2.0, 2.5)] == ["none", "1+", "2+", "2+", "3+"]
 
 
 # -- size statistics

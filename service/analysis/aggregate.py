@@ -16,7 +16,8 @@ import numpy as np
 
 from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.morphology import (
-    ICSH_THRESHOLDS,
+    GRADED,
+    REPORTED_PRESENT,
     SIZE_BASED,
     icsh_grade,
     size_distribution,
@@ -238,7 +239,8 @@ class CellTally:
         return Aggregates(counts, diff, morph, sizes, ratios, flags, nrbc_100)
 
     def morphology(self, th: AggregateThresholds) -> list[ClassShare]:
-        """RBC morphology shares with ICSH grades (and the grades at the ends of the 95 % interval).
+        """RBC morphology shares with ICSH grades (and the grades at the ends of the 95 % interval;
+        sickle cells "present" or "none", with no interval's grades: service.analysis.morphology).
 
         Size-based classes at an estimated scale are listed as not assessable, with the number of
         cells the head would have given them (those cells are counted under their shape class). Where
@@ -256,18 +258,19 @@ class CellTally:
         else:
             rows = share_rows(self.rbc_labels)
         # a sickle or schistocyte call graded only when the head was as sure as its flag needs: one
-        # unsure call must not print "sickle cells 1+" (it is listed for review by the flag instead)
+        # unsure call must not print "sickle cells present" (it is listed for review by the flag instead)
         sure = {"sickle": self.sure_sickle(th), "schistocyte": self.sure_schistocytes(th)}
         out = []
         for share in rows:
-            if share.label in ICSH_THRESHOLDS:  # graded on the exact share, not the rounded percent
+            if share.label in GRADED:  # graded on the exact share, not the rounded percent
                 of = share.of_cells or n_rbc  # every red cell is in one row
                 k = sure.get(share.label, share.count)
                 lo, hi = wilson_interval(k, of)
+                ends = (None, None) if share.label in REPORTED_PRESENT else (
+                    icsh_grade(share.label, 100.0 * lo), icsh_grade(share.label, 100.0 * hi))
                 share = share.model_copy(update={
                     "grade": icsh_grade(share.label, 100.0 * k / of),
-                    "grade_ci_low": icsh_grade(share.label, 100.0 * lo),
-                    "grade_ci_high": icsh_grade(share.label, 100.0 * hi),
+                    "grade_ci_low": ends[0], "grade_ci_high": ends[1],
                     "graded_count": k if k != share.count else None})
             out.append(share)
         if n_rbc and n_calibrated == 0:

@@ -11,18 +11,23 @@ red cells showing the feature, with thresholds per feature:
   1 % is suspicious of a thrombotic microangiopathy): 1+ < 1 %, 2+ 1-2 %, 3+ > 2 %, on the calls
   the head made at the confidence their flag needs (`graded_count`; a normal-looking lab's red
   cells get a few unsure schistocyte calls, which go to review);
-- sickle cells: reported present (graded like schistocytes, every sickle cell matters), on the
-  calls the head made at the confidence the critical flag needs (`graded_count`); less sure calls
-  are counted and listed for review by the flag, not graded.
+- sickle cells: not graded. ICSH reports them present, whatever their share, since any sickle
+  cell matters: the grade is "present" when the head made a call at the confidence the critical
+  flag needs (`graded_count`), else "none"; less sure calls are counted and listed for review by
+  the flag. How much they matter is the flag's to say (`sickle_cells_present`, critical, from
+  `sickle_critical_min_cells` sure calls; else `sickle_cells_review`), not a 1+ to 3+.
 
 ICSH writes its ranges in whole percent and they are contiguous: a share between two of them
 (20.5 % microcytes) is above the lower range and takes the grade above (2+), as 50.5 % takes 3+
 ("> 50 %") and 2.5 % schistocytes 3+ ("> 2 %"); so 1+ of size and colour starts above 10 %, 2+
 above 20 %, 3+ above 50 %, and 1+ of shapes at 5 %.
 
-Below 1+ the grade is "none" (the count stays in the report for audit). Each grade comes with
-the grades at the ends of the share's Wilson 95 % interval, so a grade resting on a handful of
-cells says so.
+Below 1+ the grade is "none" (the count stays in the report for audit). Each grade on the 1+ to
+3+ scale comes with the grades at the ends of the share's Wilson 95 % interval, so a grade resting
+on a handful of cells says so. "present" and a sickle "none" have no such ends: the interval of
+one sure call or more starts above 0 (present at both ends), and that of none always reaches above
+0 however many cells were counted (none to present), so the ends would say nothing the grade and
+its count do not.
 
 Size-based classes (microcyte, macrocyte, spherocyte) need micrometres: when the scale was
 estimated from the red cells themselves, a "small" cell is small only relative to its field,
@@ -55,13 +60,22 @@ ICSH_THRESHOLDS: dict[str, tuple[float, float, float]] = {
     "microcyte": _SIZE_COLOUR, "macrocyte": _SIZE_COLOUR, "hypochromia": _SIZE_COLOUR,
     "spherocyte": _SHAPE, "target": _SHAPE, "stomatocyte": _SHAPE, "ovalocyte": _SHAPE,
     "elliptocyte": _SHAPE, "teardrop": _SHAPE, "burr": _SHAPE, "other_poikilocyte": _SHAPE,
-    "schistocyte": _LOW, "sickle": _LOW,
+    "schistocyte": _LOW,
 }
 GRADES = ("none", "1+", "2+", "3+")
+#: The grade of a finding ICSH reports present rather than graded.
+PRESENT = "present"
+#: Findings ICSH reports present (any share above 0), never 1+ to 3+: every sickle cell matters.
+REPORTED_PRESENT = frozenset({"sickle"})
+#: Every red-cell finding the report gives a grade: graded ones and those reported present.
+GRADED = frozenset(ICSH_THRESHOLDS) | REPORTED_PRESENT
 
 
 def icsh_grade(feature: str, percent: float) -> str:
-    """The ICSH grade of `percent` of red cells showing `feature` ('none' below 1+)."""
+    """The ICSH grade of `percent` of red cells showing `feature` ('none' below 1+); 'present' or
+    'none' for a finding reported present (sickle cells)."""
+    if feature in REPORTED_PRESENT:
+        return PRESENT if percent > 0 else GRADES[0]
     bounds = ICSH_THRESHOLDS[feature]
     g = 0
     for i, b in enumerate(bounds):

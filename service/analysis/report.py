@@ -115,10 +115,14 @@ class ClassShare(_Strict):
     percent: float
     ci95_low: float | None = Field(None, description="Wilson 95% interval, percent")
     ci95_high: float | None = None
-    grade: Literal["none", "1+", "2+", "3+"] | None = Field(
-        None, description="red-cell morphology: ICSH 2015 grade of the share (service.analysis.morphology)")
-    grade_ci_low: Literal["none", "1+", "2+", "3+"] | None = Field(None, description="grade at the interval's low end")
-    grade_ci_high: Literal["none", "1+", "2+", "3+"] | None = Field(None, description="grade at the interval's high end")
+    grade: Literal["none", "1+", "2+", "3+", "present"] | None = Field(
+        None, description="red-cell morphology: ICSH 2015 grade of the share (service.analysis.morphology); sickle "
+        "cells are not graded but reported as ICSH does: \"present\" when the head called one at the confidence the "
+        "critical flag needs (`graded_count`), else \"none\" (the sickle flag says critical or review)")
+    grade_ci_low: Literal["none", "1+", "2+", "3+"] | None = Field(
+        None, description="grade at the interval's low end (null for sickle cells: present or none, not graded)")
+    grade_ci_high: Literal["none", "1+", "2+", "3+"] | None = Field(
+        None, description="grade at the interval's high end (null for sickle cells: present or none, not graded)")
     assessable: bool = Field(True, description="false for size-based morphology at an estimated scale (`count` is "
                              "how many cells the head gave this class; they are counted under their shape class) or "
                              "when a flag puts the calibration in doubt (rbc_size_implausible, calibration_suspect: "

@@ -59,7 +59,8 @@ NRBC = Code(LOINC, "58413-6",
             "Nucleated erythrocytes/100 leukocytes [Ratio] in Blood by Automated count")
 
 #: RBC head classes -> LOINC "<finding> [Presence] in Blood by Light microscopy" (ordinal scale:
-#: the value is the ICSH grade). Members of LOINC's Erythrocyte morphology panel (58408-6).
+#: the value is the ICSH grade, for sickle cells "present" or "none"). Members of LOINC's
+#: Erythrocyte morphology panel (58408-6).
 RBC_LOINC: dict[str, Code] = {
     "microcyte": Code(LOINC, "741-9", "Microcytes [Presence] in Blood by Light microscopy"),
     "macrocyte": Code(LOINC, "738-5", "Macrocytes [Presence] in Blood by Light microscopy"),
@@ -107,9 +108,12 @@ def local(code: str, system: str = LOCAL_OBSERVATION, display: str | None = None
     return Code(system, code, display if display is not None else LOCAL_CODES.get(code, code))
 
 
-# ICSH's "none": a share below the finding's 1+ threshold (not significant), cells may be counted
-GRADE_DISPLAY = {"none": "below 1+ (not significant)", "1+": "1+ (slight)", "2+": "2+ (moderate)",
-                 "3+": "3+ (marked)"}
+# ICSH's "none": a share below the finding's 1+ threshold (not significant), cells may be counted;
+# of sickle cells, which ICSH reports present and never grades, no call at the critical flag's
+# confidence (less sure ones are counted and listed by the review flag). One display per code.
+GRADE_DISPLAY = {"none": "none (below 1+, not significant; sickle cells: none at the critical flag's confidence)",
+                 "1+": "1+ (slight)", "2+": "2+ (moderate)", "3+": "3+ (marked)",
+                 "present": "present (sickle cells: reported present, not graded)"}
 
 
 def grade(value: str) -> Code:

@@ -5,8 +5,10 @@ are not assessable (size-based at an estimated scale), NRBC per 100 WBC, the
 `atypical_wbc_present` and `size_not_assessable_without_calibration` flags and a calibrated
 diameter histogram. A report from before those fields (an older outbox, a stored file) has
 none of them: then the grade is derived from the share with the analyzer's ICSH thresholds
-(service.analysis.morphology) and NRBC from erythroblasts in the differential. The FHIR bundle
-and the dashboard's live run state both read through this module.
+(service.analysis.morphology) and NRBC from erythroblasts in the differential. Sickle cells are
+reported present, never graded 1+ to 3+: a report from when they were graded reads "present"
+for any such grade, with no interval's grades. The FHIR bundle, the text summary and the
+dashboard's live run state all read through this module.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import logging
 
 from smearscope.service.analysis.aggregate import CALIBRATION_DOUBT_FLAGS
 from smearscope.service.analysis.classify import UNIDENTIFIED
-from smearscope.service.analysis.morphology import ICSH_THRESHOLDS, SIZE_BASED, icsh_grade
+from smearscope.service.analysis.morphology import (
+    GRADED,
+    PRESENT,
+    REPORTED_PRESENT,
+    SIZE_BASED,
+    icsh_grade,
+)
 from smearscope.service.analysis.report import ClassShare, Report
 
 logger = logging.getLogger(__name__)
@@ -49,19 +57,32 @@ def assessable(report: Report, share: ClassShare) -> bool:
 
 
 def grade(share: ClassShare) -> str | None:
-    """The share's ICSH grade: the report's, else from its percentage (None: not graded)."""
-    if share.grade is not None:
-        return share.grade
-    return icsh_grade(share.label, share.percent) if share.label in ICSH_THRESHOLDS else None
+    """The share's ICSH grade: the report's, else from its percentage (None: not graded); a sickle
+    row's "present" or "none", also where an older report graded it 1+ to 3+."""
+    g = share.grade if share.grade is not None else (
+        icsh_grade(share.label, share.percent) if share.label in GRADED else None)
+    if share.label in REPORTED_PRESENT and g not in (None, "none"):
+        return PRESENT
+    return g
 
 
 def grade_interval(share: ClassShare) -> tuple[str, str] | None:
-    """The grades at the ends of the share's 95 % interval (the report's, else derived)."""
+    """The grades at the ends of the share's 95 % interval (the report's, else derived); None for
+    sickle cells, reported present or not, never graded."""
+    if share.label in REPORTED_PRESENT:
+        return None
     if share.grade_ci_low is not None and share.grade_ci_high is not None:
         return share.grade_ci_low, share.grade_ci_high
-    if share.label in ICSH_THRESHOLDS and share.ci95_low is not None and share.ci95_high is not None:
+    if share.label in GRADED and share.ci95_low is not None and share.ci95_high is not None:
         return icsh_grade(share.label, share.ci95_low), icsh_grade(share.label, share.ci95_high)
     return None
+
+
+def shown_grade(label: str, grade: str) -> str:
+    """A grade as a reader sees it: ICSH's "none" of a graded finding is a share below its 1+
+    threshold (its cells still counted), so "below 1+"; a sickle row's "none" is no call at the
+    critical flag's confidence, and there is no 1+ to be below."""
+    return "below 1+" if grade == "none" and label not in REPORTED_PRESENT else grade
 
 
 def rbc_grades(report: Report) -> dict[str, str]:

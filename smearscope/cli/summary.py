@@ -15,14 +15,16 @@ def _grade_text(share: ClassShare, grade: str) -> str:
     """The grade, and the grades at its 95 % interval's ends where they differ, as the dashboard
     shows them: 2 schistocytes of 91 red cells read 3+ on a share that could be 1+. A grade resting
     on fewer calls than the share counts (`graded_count`: the sure sickle or schistocyte calls)
-    says so: '4.0% (1+)' would read as a grade below the share printed beside it."""
+    says so: '4.0% (1+)' would read as a grade below the share printed beside it. Sickle cells
+    read "present" or "none", never 1+ to 3+."""
+    text = report_view.shown_grade(share.label, grade)
     if share.graded_count is not None:
-        grade = f"{grade} on the {share.graded_count} of {share.count} calls at its flag's confidence"
+        text = f"{text} on the {share.graded_count} of {share.count} calls at its flag's confidence"
     ends = report_view.grade_interval(share)
     if ends is None or ends[0] == ends[1]:
-        return grade
-    low, high = ("below 1+" if g == "none" else g for g in ends)
-    return f"{grade}, 95% interval {low} to {high}"
+        return text
+    low, high = (report_view.shown_grade(share.label, g) for g in ends)
+    return f"{text}, 95% interval {low} to {high}"
 
 
 def summarize(report: Report) -> str:
@@ -39,9 +41,9 @@ def summarize(report: Report) -> str:
     shares = [s for s in r.rbc_morphology if report_view.assessable(r, s)]
     graded = {s.label: _grade_text(s, g) for s in shares if (g := report_view.grade(s)) not in (None, "none")}
     # a share none of whose calls is sure enough for a grade: said, or its percent reads as a finding
-    unsure = {s.label: _grade_text(s, "below 1+") for s in shares if s.graded_count is not None
+    unsure = {s.label: _grade_text(s, "none") for s in shares if s.graded_count is not None
               and s.label not in graded and report_view.grade(s) == "none"}
-    # the most frequent rows, and every finding graded 1+ or more however few its cells (schistocytes)
+    # the most frequent rows, and every finding graded 1+ or more (or present) however few its cells
     shown = [s for i, s in enumerate(shares) if i < 6 or s.label in graded]
     if shown:
         notes = {**unsure, **graded}

@@ -4,6 +4,7 @@
 "use strict";
 
 const SIZE_BASED = ["microcyte", "macrocyte", "spherocyte"];  // service.analysis.morphology.SIZE_BASED
+const REPORTED_PRESENT = ["sickle"];  // service.analysis.morphology.REPORTED_PRESENT: never 1+ to 3+
 const SEVERITY = { critical: 0, warning: 1, info: 2 };
 const stations = new Map();
 let client = null;
@@ -163,10 +164,15 @@ function renderRun(st) {
     const tr = el("tr");
     tr.dataset.label = s.label;
     // ICSH's "none" is a share below its 1+ threshold, not an absence: said so beside a count; a
-    // grade whose 95% interval spans others (few red cells: 2 sickle cells of 86 read 3+) shows it
-    const shown = (g) => g === "none" ? "below 1+" : g;
-    const grade = sizesOff && SIZE_BASED.includes(s.label) ? "not assessable" : s.grade || grades[s.label] || "";
-    const spans = grade !== "not assessable" && grade && s.grade_ci_low && s.grade_ci_high && s.grade_ci_low !== s.grade_ci_high;
+    // grade whose 95% interval spans others (few red cells: 2 schistocytes of 91 read 3+) shows it.
+    // Sickle cells are reported present or none, never graded (a report from when they were
+    // graded reads "present" for its 1+ to 3+), with no interval's grades.
+    const presence = REPORTED_PRESENT.includes(s.label);
+    const shown = (g) => g === "none" ? (presence ? "none" : "below 1+") : g;
+    let grade = sizesOff && SIZE_BASED.includes(s.label) ? "not assessable" : s.grade || grades[s.label] || "";
+    if (presence && grade && grade !== "none") grade = "present";
+    const spans = !presence && grade !== "not assessable" && grade && s.grade_ci_low && s.grade_ci_high &&
+      s.grade_ci_low !== s.grade_ci_high;
     const off = grade === "not assessable";  // its count and share are placeholders: not shown as 0
     // a sickle or schistocyte grade rests on the calls at its flag's confidence (graded_count),
     // fewer than the count beside it: "4.0 %, 1+" would read as a grade below its own share
