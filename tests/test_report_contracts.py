@@ -155,6 +155,30 @@ def test_confirming_the_shape_keeps_the_unassessed_size_call():
     assert share.assessable is False and share.count == 1
 
 
+def test_a_specimens_sickle_cells_read_present_with_the_flag_over_all_its_fields():
+    """Over a specimen's fields, sickle cells are "present" once a sure call is seen, never graded
+    1+ to 3+ however their share grows (4 sure of 78 red cells, 5 %, is 3+ on the schistocyte
+    scale); the flag turns critical at the fifth sure call in all (a third field's), and the
+    first field's unsure calls alone read "none"."""
+    run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
+
+    def sickle(label_score, n, start):
+        return [cell(CellKind.RBC, "sickle", label_score, i=start + i) for i in range(n)]
+
+    def read():
+        report = run.report(station_id=None, now=1.0)
+        row = next(s for s in report.rbc_morphology if s.label == "sickle")
+        return (row.grade, row.grade_ci_low, row.grade_ci_high), {
+            (f.code, f.severity) for f in report.flags if f.code.startswith("sickle")}
+
+    run.add(field("f0", wbcs(2) + rbcs(36) + sickle(0.5, 2, 200)), 1.0)
+    assert read() == (("none", None, None), {("sickle_cells_review", "warning")})
+    run.add(field("f1", wbcs(2) + rbcs(34) + sickle(0.95, 4, 200)), 1.0)
+    assert read() == (("present", None, None), {("sickle_cells_review", "warning")})  # 4 sure of 78: 5 %
+    run.add(field("f2", wbcs(2) + rbcs(37) + sickle(0.95, 1, 200)), 1.0)
+    assert read() == (("present", None, None), {("sickle_cells_present", "critical")})
+
+
 # -- durable.py
 
 
