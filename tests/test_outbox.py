@@ -320,3 +320,53 @@ def test_a_reserve_a_crash_cut_short_is_made_whole_again(tmp_path: Path) -> None
     reserve.write_bytes(b"")  # a crash between its creation and its allocation
     with Outbox(tmp_path / "o.db"):
         assert reserve.stat().st_size == RESERVE_BYTES and reserve.stat().st_blocks * 512 >= RESERVE_BYTES
+
+
+def _fill_drain_and_keep_five_reports(outbox: Outbox, path: Path) -> tuple[int, dict[int, bytes]]:
+    """An outage's backlog (1 200 reports of 16 KB, 19 MB), delivered in batches of 40 but for
+    five reports, with new field messages stored while it drains; returns the file's peak size
+    and the reports kept."""
+    seqs = [outbox.put("report", "t/report", os.urandom(16_000), report_id=f"r{i}", schema_version="1")
+            for i in range(1200)]
+    peak = path.stat().st_size + Path(f"{path}-wal").stat().st_size
+    kept = {s: m.payload for s in seqs[::240] for m in outbox.pending(1, after_seq=s - 1)}
+    delivered = [s for s in seqs if s not in kept]
+    for i in range(0, len(delivered), 40):
+        assert outbox.ack_many(delivered[i:i + 40]) == len(delivered[i:i + 40])
+        field = put(outbox, "field", i, size=2000)
+        assert outbox.ack(field)
+    for _ in range(10):  # the publisher's 10 s ticks
+        outbox.give_back_space()
+    return peak, kept
+
+
+def test_a_drained_outbox_gives_its_pages_back_to_the_disk_and_keeps_what_waits(tmp_path: Path) -> None:
+    """After an outage's backlog is delivered, the file shrinks to what it still holds (it kept
+    its peak size before, up to max_bytes); the reports still waiting are all there, byte for
+    byte, also after a reopen."""
+    path = tmp_path / "o.db"
+    with Outbox(path) as outbox:  # a new file vacuums incrementally: no VACUUM holding the lock
+        assert outbox.read(lambda conn: conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2
+        peak, kept = _fill_drain_and_keep_five_reports(outbox, path)
+        assert peak > 19_000_000
+        assert path.stat().st_size < 1_000_000, path.stat().st_size
+    with Outbox(path) as outbox:
+        assert {m.seq: m.payload for m in outbox.pending(100)} == kept
+
+
+def test_an_outbox_file_made_without_incremental_vacuum_is_compacted_once_drained(tmp_path: Path) -> None:
+    """A file made by a version without incremental vacuum: one VACUUM once it has drained, which
+    switches incremental vacuum on; nothing waiting is lost."""
+    from smearscope.service.mqtt import outbox as outbox_module
+
+    path = tmp_path / "o.db"
+    with sqlite3.connect(path) as conn:  # as the earlier version left it
+        conn.executescript(outbox_module._SCHEMA + "PRAGMA user_version=2;")
+    with Outbox(path) as outbox:
+        assert outbox.read(lambda conn: conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 0
+        peak, kept = _fill_drain_and_keep_five_reports(outbox, path)
+        assert peak > 19_000_000
+        assert path.stat().st_size < 1_000_000, path.stat().st_size
+        assert outbox.read(lambda conn: conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2
+    with Outbox(path) as outbox:
+        assert {m.seq: m.payload for m in outbox.pending(100)} == kept

@@ -29,7 +29,6 @@ and the state it changes are committed together (service.station.durable).
 
 from __future__ import annotations
 
-import errno
 import logging
 import sqlite3
 import threading
@@ -43,7 +42,8 @@ from typing import Literal, TypeVar
 from typing_extensions import Self  # typing.Self needs Python 3.11
 
 from smearscope.service.config.outbox import OutboxConfig, OverflowPolicy
-from smearscope.service.mqtt.reserve import DiskReserve, shrink_wal
+from smearscope.service.mqtt.reserve import DiskReserve, is_disk_full, shrink_wal
+from smearscope.service.mqtt.vacuum import STEPS_PER_CALL, SpaceReclaimer
 
 logger = logging.getLogger(__name__)
 
@@ -104,16 +104,6 @@ _COLUMNS = (
 
 class OutboxLockedError(RuntimeError):
     """Another process has this outbox file open."""
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """True for SQLite's SQLITE_FULL and for ENOSPC/EDQUOT from the OS."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None:
-        return int(code) & 0xFF == sqlite3.SQLITE_FULL
-    return "database or disk is full" in str(exc)
 
 
 @dataclass(frozen=True)
@@ -203,6 +193,7 @@ class Outbox:
             raise
         self._count, self._bytes, self._reports = self._measure()
         self._reserve = DiskReserve(self.path.with_name(self.path.name + ".reserve"))
+        self._reclaimer = SpaceReclaimer(self.path)
         self._reserve.make()
         logger.info("outbox %s opened: %d messages (%d reports), %d bytes", self.path, self._count,
                     self._reports, self._bytes)
@@ -215,6 +206,8 @@ class Outbox:
     def _open(self) -> None:
         conn = self._conn
         conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        # a new file only (an older one is converted by service.mqtt.vacuum once it has drained)
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise RuntimeError(f"outbox {self.path}: cannot enable WAL (journal_mode={mode})")
@@ -409,23 +402,8 @@ class Outbox:
                 f"SELECT {_COLUMNS} FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
                 (after_seq, limit),
             ).fetchall()
-        return [
-            OutboxMessage(
-                seq=r[0],
-                kind=r[1],
-                topic=r[2],
-                payload=bytes(r[3]),
-                qos=r[4],
-                retain=bool(r[5]),
-                report_id=r[6],
-                message_id=r[7],
-                content_type=r[8],
-                schema_version=r[9],
-                created_at=r[10],
-                attempts=r[11],
-            )
-            for r in rows
-        ]
+        # in _COLUMNS' order: seq, kind, topic, payload, qos, retain, report_id, message_id, ...
+        return [OutboxMessage(r[0], r[1], r[2], bytes(r[3]), r[4], bool(r[5]), *r[6:]) for r in rows]
 
     def mark_attempted(self, seqs: Iterable[int]) -> None:
         """Count one more hand-over to the broker for each message (for diagnostics)."""
@@ -476,6 +454,15 @@ class Outbox:
             self._bytes -= int(row[1])
             self._reports -= int(row[2])
             return int(row[0])
+
+    def give_back_space(self) -> None:
+        """Free pages back to the disk once the outbox has drained (service.mqtt.vacuum; the
+        publisher calls it every 10 s): a few steps, the lock taken for one at a time, so that a
+        put waits for one step at most."""
+        for _ in range(STEPS_PER_CALL):
+            with self._lock:
+                if not self._reclaimer.step(self._conn):
+                    return
 
     def counts(self) -> OutboxCounts:
         with self._lock:

@@ -423,8 +423,10 @@ class MqttPublisher:
                     epoch_seen, cursor, rewind_at = epoch, 0, None
                 if not connected:
                     continue
-                if self.config.field_message_expiry_s and time.monotonic() >= next_expiry:
-                    self.outbox.expire_fields(time.time() - self.config.field_message_expiry_s)
+                if time.monotonic() >= next_expiry:  # every 10 s: expired fields, free pages to the disk
+                    if self.config.field_message_expiry_s:
+                        self.outbox.expire_fields(time.time() - self.config.field_message_expiry_s)
+                    self.outbox.give_back_space()
                     next_expiry = time.monotonic() + 10.0
                 cursor = self._send_batch(cursor)
             except Exception:

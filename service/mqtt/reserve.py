@@ -13,6 +13,7 @@ analysis resumes for good when space is freed.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -68,6 +69,16 @@ class DiskReserve:
                        self.size / 2**20, self.path)
         self._checked = time.monotonic()  # not made again at once, on a disk still full
         return True
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for SQLite's SQLITE_FULL and for ENOSPC/EDQUOT from the OS."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return int(code) & 0xFF == sqlite3.SQLITE_FULL
+    return "database or disk is full" in str(exc)
 
 
 def shrink_wal(conn: sqlite3.Connection, path: Path) -> None:
