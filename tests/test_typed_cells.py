@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -463,6 +465,37 @@ def test_a_full_file_refuses_new_cells_with_its_code(typed_station, tmp_path):
         full.close()
     assert answer["stored"] == 1 and [e["error"] for e in answer["errors"]] == ["typed_cells_full"]
     assert answer["errors_count"] == 1 and answer["cells_count"] == 1
+
+
+def test_below_the_disks_floor_no_cell_is_typed_and_the_file_gets_no_row(typed_station, tmp_path):
+    """While the disk has less than `[review] min_free_disk_mb` free (a floor above what this disk
+    has: a disk the outbox needs), typing a cell answers typed_cells_disk_low and stores nothing;
+    with room again it is stored, and a removal (which takes no room) goes below the floor too."""
+    _, path, feed, _, _, typed, _, _, _ = typed_station
+    cfg = parse_config(tomllib.loads(path.read_text()), environ={})
+    file = tmp_path / "typed.sqlite3"
+    floor_mb = shutil.disk_usage(tmp_path).free / 2**20 + 1024
+    low = ClinicFeed(cfg.model_copy(update={"review": cfg.review.model_copy(update={
+        "directory": tmp_path / "review", "typed_cells_path": file, "min_free_disk_mb": floor_mb})}))
+    low.gallery.close()
+    low.gallery = feed.gallery  # the typed station's gallery, its white cells typeable
+    cells = typed[:3]
+    try:
+        refused = low.type_cells({"run_id": "run-1", "cells": cells})
+        assert not refused["ok"] and refused["stored"] == 0 and refused["cells_count"] == 0
+        assert [e["error"] for e in refused["errors"]] == ["typed_cells_disk_low"] * 3
+        assert "min_free_disk_mb" in refused["errors"][0]["message"]
+        with sqlite3.connect(file) as conn:
+            assert conn.execute("SELECT count(*) FROM typed_white_cells").fetchone()[0] == 0
+        low._store.min_free_bytes = 0  # room again
+        assert low.type_cells({"run_id": "run-1", "cells": cells})["stored"] == 3
+        low._store.min_free_bytes = floor_mb * 2**20
+        gone = low.type_cells({"run_id": "run-1", "cells": [{**cells[0], "type": None}]})
+        assert gone["ok"] and gone["removed"] == 1
+    finally:
+        low.gallery = None  # the typed station's, closed with it
+        low.close()
+        feed.type_cells({"run_id": "run-1", "cells": cells[:1]})  # its gallery's mark back
 
 
 def test_a_full_file_gives_up_red_cell_types_of_runs_no_longer_verifiable(typed_station, tmp_path):

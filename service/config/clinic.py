@@ -53,7 +53,9 @@ class ReviewConfig(StationBaseModel):
     min_free_disk_mb: float = Field(
         default=256.0, ge=0, title="Disk kept free (MB)",
         description="Overlays give way to the outbox: while the disk that holds them has less free "
-        "space than this, the oldest are deleted and a new one is written only when that makes room.")
+        "space than this, the oldest are deleted and a new one is written only when that makes room; "
+        "typed cells too: below it on the typed-cells file's disk type_cells stores none "
+        "(typed_cells_disk_low).")
     crop_px: int = Field(
         default=80, ge=32, le=256, title="Crop size (px)",
         description="Side of each cell crop sent for review (JPEG, the cell and some context).")

@@ -105,6 +105,7 @@ class ClinicFeed:
         self.typed_cells_path = typed_cells_path(config)
         self.microns_per_pixel = config.microns_per_pixel  # typed cells count at this scale (adapt-wbc --station)
         self._typing_wanted = config.review.enabled and config.review.typing
+        self._min_free_bytes = config.review.min_free_disk_mb * 2**20  # typed cells give way to the outbox
         self._store: TypedCellStore | None = None
         #: Guards the typed-cells connection and the closed runs (command and analysis threads).
         self._lock = threading.Lock()
@@ -356,6 +357,11 @@ class ClinicFeed:
                     errors.append({**where, "error": "unknown_type",
                                    "message": f"not a type this {kind.upper()} cell can be given ({', '.join(allowed)})"})
                     continue
+                if type_ and store.disk_low():  # a removal still goes: it takes no room
+                    errors.append({**where, "error": "typed_cells_disk_low", "message": "the disk has less than "
+                                   f"{self._min_free_bytes / 2**20:.0f} MB free ([review] min_free_disk_mb): "
+                                   "the outbox needs the room; nothing stored"})
+                    continue
                 if not type_:  # removed from the file, whether or not the gallery still holds the cell
                     removed += store.remove(run_id, field_id, cell)
                 elif found is not None:
@@ -473,5 +479,5 @@ class ClinicFeed:
     def _open_store(self) -> TypedCellStore:
         with self._lock:
             if self._store is None:
-                self._store = TypedCellStore(self.typed_cells_path)
+                self._store = TypedCellStore(self.typed_cells_path, min_free_bytes=self._min_free_bytes)
             return self._store

@@ -20,7 +20,6 @@ import base64
 import json
 import logging
 import re
-import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.records import ARTEFACT, CellKind
 from smearscope.service.analysis.report import CellRecord
 from smearscope.service.config import ReviewConfig
+from smearscope.service.station.disk_room import free_bytes
 from smearscope.service.station.gallery_store import FILE_NAME, GalleryStore, RunChange, StoredRun
 from smearscope.service.station.typed_cells import TypeableCell
 
@@ -397,13 +397,8 @@ class ReviewGallery:
         return int(self.config.min_free_disk_mb * 1024 * 1024)
 
     def _free(self) -> float:
-        """Free bytes on the disk that holds the overlays (their folder, or its nearest parent);
-        infinite when that cannot be read (a disk that cannot be measured deletes nothing)."""
-        try:
-            where = next((p for p in (self.directory, *self.directory.parents) if p.exists()), Path("/"))
-            return shutil.disk_usage(where).free
-        except OSError:
-            return float("inf")
+        """Free bytes on the disk that holds the overlays (a disk that cannot be measured: infinite)."""
+        return free_bytes(self.directory)
 
     def _run_folder(self, run_id: str) -> Path:
         """Where a run's overlays are written."""

@@ -16,7 +16,8 @@ SQLite (WAL), one row per cell (run, field, cell index): typing a cell again rep
 an empty type removes it. At most `MAX_ROWS` rows (about 3 kB each with the committed head's 256
 features in two views: 15 MB): past that a red cell's type of a run that can no longer be verified
 gives its place (it counts nowhere any more); with none such the command answers `typed_cells_full`
-and nothing is overwritten.
+and nothing is overwritten. While the file's disk has less than `[review] min_free_disk_mb` free
+(`disk_low`) no cell is typed (`typed_cells_disk_low`): the outbox needs the room more.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from smearscope.service.analysis.station_means import same_scale
+from smearscope.service.station.disk_room import free_bytes
 
 if TYPE_CHECKING:
     from smearscope.service.config import StationConfig
@@ -97,9 +99,12 @@ class TypedCellStore:
     """The typed-cells file; one connection shared under a lock (the command thread writes, a
     CLI may read the same file at the same time: WAL)."""
 
-    def __init__(self, path: Path, read_only: bool = False, max_rows: int = MAX_ROWS) -> None:
+    def __init__(self, path: Path, read_only: bool = False, max_rows: int = MAX_ROWS,
+                 min_free_bytes: float = 0.0) -> None:
         self.path = Path(path)
         self.max_rows = max_rows
+        #: Below this much free on the file's disk no cell is typed (`[review] min_free_disk_mb`).
+        self.min_free_bytes = min_free_bytes
         self._lock = threading.Lock()
         try:
             if read_only:
@@ -168,6 +173,10 @@ class TypedCellStore:
                  feats.tobytes(), views.tobytes(), json.dumps({k: float(v) for k, v in c.open_set_scores.items()}),
                  c.microns_per_pixel, time.time()))
         return True
+
+    def disk_low(self) -> bool:
+        """The file's disk has less free than `min_free_bytes`: the outbox needs the room more."""
+        return free_bytes(self.path) < self.min_free_bytes
 
     def _drop_stale_red_cell(self, live_runs: Collection[str]) -> bool:
         """Delete the oldest red cell's row of a run not in `live_runs` (under the lock, in the
