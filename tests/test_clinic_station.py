@@ -312,6 +312,30 @@ def test_the_gallery_comes_back_after_a_restart_and_keeps_only_its_last_runs(
     assert ReviewGallery(config, review).run_ids() == ["run-new"]
 
 
+def test_only_the_newest_unreadable_gallery_copy_is_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A gallery file that breaks between starts (a failing card) is set aside at each: the older
+    copies are deleted (said in the log), so they do not fill the disk; the newest stays to look at."""
+    from smearscope.service.station.gallery_store import FILE_NAME
+
+    review, pool = tmp_path / "review", oracle_pool()
+    config = ReviewConfig(min_free_disk_mb=0)
+    with caplog.at_level(logging.WARNING, logger="smearscope.service.station.gallery_store"):
+        for k in range(4):
+            gallery = ReviewGallery(config, review)  # sets the file broken before it aside
+            assert gallery.run_ids() == []
+            assert len(list(review.glob(f"{FILE_NAME}.unreadable-*"))) == min(k, 1)
+            gallery.add_field(f"run-{k}", _image(pool[0]), pool[0])
+            gallery._store.close()
+            for name in (FILE_NAME, f"{FILE_NAME}-wal", f"{FILE_NAME}-shm"):
+                (review / name).unlink(missing_ok=True)
+            (review / FILE_NAME).write_bytes(f"broken gallery {k} ".encode() * 512)
+        ReviewGallery(config, review)
+    copies = list(review.glob(f"{FILE_NAME}.unreadable-*"))
+    assert len(copies) == 1 and copies[0].read_bytes().startswith(b"broken gallery 3 ")
+    deleted = [r.getMessage() for r in caplog.records if "deleted" in r.getMessage()]
+    assert len(deleted) == 3 and f"only the newest ({copies[0].name})" in deleted[-1]
+
+
 def test_a_confident_call_the_open_set_check_marked_atypical_goes_to_review(tmp_path: Path) -> None:
     """A white cell given a trained type yet outside every trained type by the head's open-set test
     (atypical): a technician sees its crop in the gallery, after the field's unidentified cells,

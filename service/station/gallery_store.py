@@ -10,7 +10,8 @@ run whose changes could not be written (a full disk, a disk under the gallery's 
 written whole at the next write, so the file never drifts from memory. At
 start it reads back the runs it would have kept, in the order it last touched them. A file that
 cannot be opened or read is set aside (renamed `.unreadable-<time>`) and a new one begun: review
-material is never worth a station that does not start. One that could not be read for the moment
+material is never worth a station that does not start; only the newest such copy is kept (the
+older ones are deleted, said in the log), so a gallery that keeps breaking does not fill the disk. One that could not be read for the moment
 (locked, an I/O error, a full disk) stays, and its earlier runs, not shown, are placed before the
 gallery's own at the next write: the next start reads them back as older than the runs analysed
 since, and keeps them only as far as its last runs leave room. Failures to write are logged, and
@@ -37,6 +38,7 @@ from smearscope.service.station.typed_cells import TypeableCell
 logger = logging.getLogger(__name__)
 
 FILE_NAME = "gallery.sqlite"
+_SUFFIXES = ("", "-wal", "-shm")
 #: WAL pages (4 kB) after which the gallery's WAL is written into its file and cut back.
 WAL_PAGES = 64
 
@@ -169,14 +171,33 @@ class GalleryStore:
         if self._db is not None:
             self._db.close()
             self._db = None
-        aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
+        stamp, n = int(time.time()), 1
+        aside = self.path.with_name(f"{self.path.name}.unreadable-{stamp}")
+        while any(Path(f"{aside}{s}").exists() for s in _SUFFIXES):  # never another file's WAL beside it
+            aside, n = self.path.with_name(f"{self.path.name}.unreadable-{stamp}-{n}"), n + 1
         logger.error("review gallery file %s unreadable (%s): set aside as %s, review material of the runs "
                      "before this start is not shown", self.path, exc, aside.name)
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in _SUFFIXES:
             try:
                 Path(f"{self.path}{suffix}").rename(f"{aside}{suffix}")
             except OSError:
-                pass
+                if not suffix:
+                    return  # not set aside: the earlier copies stay
+        self._delete_older_copies(aside)
+
+    def _delete_older_copies(self, newest: Path) -> None:
+        """Only the copy just set aside is kept: a gallery that keeps breaking must not fill the disk."""
+        keep = {f"{newest.name}{s}" for s in _SUFFIXES}
+        for old in sorted(self.path.parent.glob(f"{self.path.name}.unreadable-*")):
+            if old.name in keep:
+                continue
+            try:
+                size = old.stat().st_size
+                old.unlink()
+                logger.warning("review gallery: older unreadable copy %s (%.1f MB) deleted, only the newest "
+                               "(%s) is kept", old.name, size / 2**20, newest.name)
+            except OSError as exc:
+                logger.warning("review gallery: cannot delete the older unreadable copy %s: %s", old.name, exc)
 
     def write(self, order: Sequence[str], change: RunChange | None = None, whole: Sequence[StoredRun] = (),
               dropped: Iterable[str] = (), keep: int | None = None) -> bool:
