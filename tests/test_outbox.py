@@ -324,8 +324,8 @@ def test_a_reserve_a_crash_cut_short_is_made_whole_again(tmp_path: Path) -> None
 
 def _fill_drain_and_keep_five_reports(outbox: Outbox, path: Path) -> tuple[int, dict[int, bytes]]:
     """An outage's backlog (1 200 reports of 16 KB, 19 MB), delivered in batches of 40 but for
-    five reports, with new field messages stored while it drains; returns the file's peak size
-    and the reports kept."""
+    five reports, with new field messages stored while it drains and space given back meanwhile;
+    returns the file's peak size and the reports kept."""
     seqs = [outbox.put("report", "t/report", os.urandom(16_000), report_id=f"r{i}", schema_version="1")
             for i in range(1200)]
     peak = path.stat().st_size + Path(f"{path}-wal").stat().st_size
@@ -335,7 +335,9 @@ def _fill_drain_and_keep_five_reports(outbox: Outbox, path: Path) -> tuple[int, 
         assert outbox.ack_many(delivered[i:i + 40]) == len(delivered[i:i + 40])
         field = put(outbox, "field", i, size=2000)
         assert outbox.ack(field)
-    for _ in range(10):  # the publisher's 10 s ticks
+        if i % 200 == 0:  # the publisher's 10 s tick, while the backlog drains
+            outbox.give_back_space()
+    for _ in range(10):  # and after
         outbox.give_back_space()
     return peak, kept
 
@@ -370,3 +372,37 @@ def test_an_outbox_file_made_without_incremental_vacuum_is_compacted_once_draine
         assert outbox.read(lambda conn: conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2
     with Outbox(path) as outbox:
         assert {m.seq: m.payload for m in outbox.pending(100)} == kept
+
+
+def test_an_old_outbox_file_is_compacted_only_when_the_disk_has_room_for_the_copy(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The VACUUM that compacts a file made without incremental vacuum writes the file's content
+    again (its WAL): on a disk without that room it waits (said once), and runs once there is."""
+    from smallfs import fill, small_tmpfs
+
+    from smearscope.service.mqtt import outbox as outbox_module
+
+    with small_tmpfs(tmp_path / "small", 40 * 1024) as small:
+        path = small / "o.db"
+        with sqlite3.connect(path) as conn:  # as the earlier version left it
+            conn.executescript(outbox_module._SCHEMA + "PRAGMA user_version=2;")
+        with Outbox(path) as outbox:
+            seqs = [outbox.put("report", "t/report", os.urandom(16_000), report_id=f"r{i}", schema_version="1")
+                    for i in range(1000)]
+            kept = {m.seq: m.payload for m in outbox.pending(1000) if m.seq in seqs[::200]}
+            delivered = [s for s in seqs if s not in kept]
+            for i in range(0, len(delivered), 50):
+                outbox.ack_many(delivered[i:i + 50])
+            assert outbox.counts().messages == 5
+            size = path.stat().st_size
+            filler = fill(small, leave_bytes=1_000_000)
+            with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt.vacuum"):
+                outbox.give_back_space()
+                outbox.give_back_space()
+            assert path.stat().st_size == size > 15_000_000
+            assert sum("kept until" in r.getMessage() for r in caplog.records) == 1
+            filler.unlink()
+            outbox.give_back_space()
+            assert path.stat().st_size < 1_000_000
+            assert {m.seq: m.payload for m in outbox.pending(100)} == kept
