@@ -14,6 +14,7 @@ from smearscope.device.frame import Frame
 from smearscope.device.synthetic import render_field
 from smearscope.service.analysis.calibration_check import (
     CALIBRATION_SUSPECT,
+    FAR_RATIO,
     SUSPECT_RATIO,
     CalibrationCheck,
 )
@@ -32,6 +33,11 @@ from smearscope.service.fhir import report_view
     (0.25, 12, 12, False),                        # the calibration shows as many: it is not the worse one
     (0.25, 13, 12, True),
     (None, 0, 0, False),                          # no scale measured from the cells
+    (0.1 * FAR_RATIO, 9, 11, True),               # 3 times off: whatever the calibrated pass counts
+    (0.1 / FAR_RATIO, 6, 7, True),
+    (0.1 * FAR_RATIO * 0.99, 9, 11, False),       # nearer, the calibrated pass counting more: it stands
+    (0.1 / FAR_RATIO / 0.99, 6, 7, False),
+    (0.1 * FAR_RATIO, MIN_RBC_FOR_SCALE - 1, 0, False),  # still too few to say
 ])
 def test_suspect_only_far_off_and_on_more_red_cells(own, own_rbc, given_rbc, suspect):
     check = CalibrationCheck(0.1, given_rbc, own, own_rbc)
@@ -98,6 +104,22 @@ def test_a_bccd_field_calibrated_for_another_objective(analyzer):
     assert CALIBRATION_SUSPECT in flags(0.2)
     assert CALIBRATION_SUSPECT in flags(0.03)
     assert CALIBRATION_SUSPECT not in flags(BCCD_MICRONS_PER_PIXEL)
+
+
+@pytest.mark.realdata
+@needs_bccd
+@pytest.mark.parametrize("image_id", ["BloodImage_00014", "BloodImage_00072"])
+def test_a_crowded_bccd_field_calibrated_four_times_too_coarse(analyzer, image_id):
+    """Two crowded BCCD validation fields told 0.29 um/px (their scale is 0.072): the detector
+    counts as many "red cells" there (pieces of real ones, a plausible size) as the fields' own
+    scale shows whole ones, so the count cannot tell the calibrations apart; the red cells' own
+    scale, about a quarter of the calibration, does."""
+    field = Frame(cv2.imread(str(BCCD / "JPEGImages" / f"{image_id}.jpg")), "bccd", "bccd")
+    check = analyzer.calibration_check(dataclasses.replace(field, microns_per_pixel=4 * BCCD_MICRONS_PER_PIXEL))
+    assert check is not None and check.own_rbc >= MIN_RBC_FOR_SCALE and check.own_rbc <= check.given_rbc
+    assert check.ratio is not None and check.ratio <= 1 / FAR_RATIO
+    assert check.suspect and check.flag() is not None
+    assert not analyzer.calibration_check(dataclasses.replace(field, microns_per_pixel=BCCD_MICRONS_PER_PIXEL)).suspect
 
 
 def test_the_check_stays_within_the_fields_own_memory_and_never_fails_the_field():

@@ -10,7 +10,10 @@ factor gives how many fields were flagged `calibration_suspect`, of all and of t
 scale showed at least `MIN_RBC_FOR_SCALE` whole red cells (the check cannot speak for the others),
 and the range of the fields' own estimates over their known scale. At factor 1 every flag is a
 false alarm; at 2.5 (a 100x calibration used at 40x) and 0.4 (the reverse) every field should be
-flagged. PBC (single-cell crops) is left out: a crop holds too few red cells to measure.
+flagged, and at 4 and 0.25 (a calibration copied from another station, a camera binned 4x4).
+`--json` also keeps each check (given and own whole red cells, own / calibrated scale), so another
+rule can be scored on the same passes. PBC (single-cell crops) is left out: a crop holds too few
+red cells to measure.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def check_lab(analyzer: Analyzer, lab: str, split: str, limit: int, factors: lis
     images = [im for im in lab_images(lab, split) if im.known_mpp]
     random.Random(20261206).shuffle(images)
     rows = {f: {"lab": lab, "factor": f, "fields": 0, "flagged": 0, "measurable": 0, "flagged_measurable": 0,
-                "own_over_known": []} for f in factors}
+                "own_over_known": [], "checks": []} for f in factors}
     for im in tqdm(images[:limit], desc=lab, unit="field"):
         frame = Frame(cv2.imread(str(im.path), cv2.IMREAD_COLOR), im.path.name, lab)
         for f in factors:
@@ -51,6 +54,8 @@ def check_lab(analyzer: Analyzer, lab: str, split: str, limit: int, factors: lis
             r["flagged_measurable"] += check.suspect and measurable
             if check.own_mpp is not None:
                 r["own_over_known"].append(round(check.own_mpp / im.known_mpp, 3))
+            r["checks"].append({"image": im.path.name, "given_rbc": check.given_rbc, "own_rbc": check.own_rbc,
+                                "ratio": None if check.ratio is None else round(check.ratio, 4)})
     return list(rows.values())
 
 

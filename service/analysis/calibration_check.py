@@ -13,7 +13,12 @@ cells outside what blood allows, which those cells do not reach).
 The check: on the first fields of a run, the field is also analysed as an uncalibrated station
 would (the scale found from its red cells, `scale_search.find_scale`) and the two are compared.
 It is suspect when the red cells' own scale is `SUSPECT_RATIO` or more times off the calibrated one
-and shows more whole red cells than the calibration does (at least `MIN_RBC_FOR_SCALE`).
+and shows more whole red cells than the calibration does (at least `MIN_RBC_FOR_SCALE`), or
+`FAR_RATIO` or more times off it whatever the calibrated pass counts: a field calibrated 4 times
+too coarse (0.3 for 0.072 um/px) can show the detector as many "red cells" (pieces of real ones,
+measuring a plausible 9.5 um) as its own scale shows whole ones, while no field's own estimate at
+its known scale lay further than 1.51 times from it (on two validation samples of six labs), so
+3 times off is not an estimate's own error.
 
 Measured on validation fields of six labs (`python -m training.calibration_check`, 12 fields
 per lab: BCCD, the three TXL-PBC sources, Chula RBC-12, the Raspberry Pi station), each at its
@@ -51,6 +56,8 @@ from smearscope.service.ingest import IngestError
 
 #: The red cells' own scale this many times off the calibrated one (either way) is suspect.
 SUSPECT_RATIO = 1.8
+#: ... and this many times off it is suspect however many red cells the calibrated pass counts.
+FAR_RATIO = 3.0
 
 
 @dataclass(frozen=True)
@@ -71,9 +78,11 @@ class CalibrationCheck:
     @property
     def suspect(self) -> bool:
         r = self.ratio
-        if r is None or self.own_rbc < MIN_RBC_FOR_SCALE or self.own_rbc <= self.given_rbc:
+        if r is None or self.own_rbc < MIN_RBC_FOR_SCALE:
             return False
-        return r >= SUSPECT_RATIO or r <= 1.0 / SUSPECT_RATIO
+        if r >= FAR_RATIO or r <= 1.0 / FAR_RATIO:
+            return True
+        return self.own_rbc > self.given_rbc and (r >= SUSPECT_RATIO or r <= 1.0 / SUSPECT_RATIO)
 
     def flag(self) -> Flag | None:
         """The `calibration_suspect` warning, or None where the calibration fits."""
