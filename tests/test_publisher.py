@@ -122,9 +122,10 @@ def test_reports_arrive_with_qos1_properties_and_leave_the_outbox(
     order = [json.loads(m.payload)["report_id"] for m in observer.on_topic(f"{BASE}/report")]
     assert order == ["spec-1"] + [f"order-{i}" for i in range(30)], "outbox order is kept"
 
-    # Deleted from the outbox only on PUBACK: all acknowledged now.
-    assert wait_until(lambda: publisher.outbox.counts().messages == 0, 5)
-    assert publisher.state.delivered == 32 and publisher.state.in_flight == 0
+    # Deleted from the outbox only on PUBACK: all acknowledged now. The delivered count follows
+    # the delete (same drain tick, just after it): wait for both, not for the empty outbox alone.
+    assert wait_until(lambda: publisher.outbox.counts().messages == 0 and publisher.state.delivered == 32
+                      and publisher.state.in_flight == 0, 5), (publisher.outbox.counts(), publisher.state)
     assert field_seq not in [m.seq for m in publisher.outbox.pending()]
 
     status = observer.on_topic(f"{BASE}/status")
