@@ -310,6 +310,35 @@ def test_on_a_full_disk_acknowledged_messages_are_still_deleted_and_the_wal_give
         assert not outbox.disk_full and outbox.counts().messages == 20
 
 
+def test_an_outbox_reopens_on_a_full_disk_and_its_expired_fields_wait_for_room(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A station restarted on the disk its outage filled must open its outbox, or the reports in it
+    (whose delivery would free the disk) never leave: opening writes nothing (it did: the
+    incremental vacuum pragma rewrote the header of a file that already had it, SQLITE_FULL).
+    Expired fields that cannot be deleted there stay (said once) until there is room."""
+    from smallfs import fill, small_tmpfs
+
+    with small_tmpfs(tmp_path / "small", 16384) as small:
+        with Outbox(small / "o.db") as outbox:  # 3 MB of fields: their delete needs more than the reserve
+            report = put(outbox, "report", 0)
+            for i in range(1, 200):
+                outbox.put("field", "t/field", os.urandom(16_000), report_id=f"f{i}", schema_version="1",
+                           created_at=time.time() - 3600)
+        filler = fill(small)
+        with Outbox(small / "o.db") as outbox:
+            assert outbox.read(lambda conn: conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2
+            assert [m.seq for m in outbox.pending(1)] == [report]
+            with caplog.at_level(logging.WARNING, logger="smearscope.service.mqtt.outbox"):
+                assert outbox.expire_fields(time.time() - 60) == 0  # the reserve is spent on the first try
+                assert outbox.expire_fields(time.time() - 60) == 0
+            assert sum("expired field messages kept" in r.getMessage() for r in caplog.records) == 1
+            assert outbox.counts().messages == 200
+            filler.unlink()
+            assert outbox.expire_fields(time.time() - 60) == 199
+            assert [m.seq for m in outbox.pending(10)] == [report]
+
+
 def test_a_reserve_a_crash_cut_short_is_made_whole_again(tmp_path: Path) -> None:
     from smearscope.service.mqtt.reserve import RESERVE_BYTES
 

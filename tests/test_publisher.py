@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -684,3 +685,31 @@ def test_a_stop_between_the_telemetry_wait_and_its_clear_is_not_lost(tmp_path: P
         real_clear()
         wake.set()
         thread.join(2.0)
+
+
+
+
+def test_expired_fields_that_cannot_be_deleted_on_a_full_disk_do_not_stop_the_sending(
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
+) -> None:
+    """The outage's backlog filled the disk with field messages that have expired by the time the
+    broker is back: deleting them needs room in the WAL (freed pages are zeroed), which the full
+    disk and the reserve do not give. The 10 s housekeeping fails (logged); the report that waits
+    behind them is sent all the same (it was not: the failure came back at every tick before the
+    sending)."""
+    from smallfs import fill, small_tmpfs
+
+    with small_tmpfs(tmp_path / "small", 16384) as small:
+        config = make_config(tmp_path, broker.port, field_message_expiry_s=60,
+                             outbox={"path": str(small / "outbox.sqlite3")})
+        with Outbox.from_config(config.outbox) as outbox:  # the outage: stored, none sent
+            report = outbox.put("report", f"{BASE}/report", b'{"report_id": "kept"}', report_id="kept",
+                                schema_version="1")
+            for i in range(500):
+                outbox.put("field", f"{BASE}/field", os.urandom(16_000), report_id=f"f{i}", schema_version="1",
+                           created_at=time.time() - 3600)
+        fill(small)
+        publisher = start_publisher(config, started)
+        assert publisher.wait_until_connected(5), publisher.state
+        assert observer.wait_for(lambda m: any(x.topic == f"{BASE}/report" for x in m), 15), (
+            publisher.outbox.counts(), publisher.outbox.holds(report))

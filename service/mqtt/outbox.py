@@ -177,6 +177,7 @@ class Outbox:
         #: Sequence numbers evicted since open (the newest EVICTED_KEPT), so a summary can say which were.
         self.evicted_seqs: set[int] = set()
         self._disk_full = False
+        self._expiry_blocked = False  # expire_fields failed for lack of room
         self._evicted_since_log = 0
         self._last_eviction_log = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,8 +207,10 @@ class Outbox:
     def _open(self) -> None:
         conn = self._conn
         conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-        # a new file only (an older one is converted by service.mqtt.vacuum once it has drained)
-        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        # A new file only (an older one is converted by service.mqtt.vacuum once it has drained):
+        # on an existing file the pragma writes its header, which fails on a full disk.
+        if not conn.execute("PRAGMA page_count").fetchone()[0]:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise RuntimeError(f"outbox {self.path}: cannot enable WAL (journal_mode={mode})")
@@ -427,8 +430,18 @@ class Outbox:
 
     def expire_fields(self, created_before: float) -> int:
         """Delete field (and cells) messages created before `created_before` (Unix time); reports
-        never expire."""
-        deleted = self._delete("kind != 'report' AND created_at < ?", [created_before])
+        never expire. On a full disk (the reserve spent) they stay until there is room: said once."""
+        try:
+            deleted = self._delete("kind != 'report' AND created_at < ?", [created_before])
+        except sqlite3.Error as exc:
+            if not is_disk_full(exc):
+                raise
+            if not self._expiry_blocked:
+                logger.warning("outbox %s: expired field messages kept, the disk has no room to delete "
+                               "them (%s); tried again every 10 s", self.path, exc)
+            self._expiry_blocked = True
+            return 0
+        self._expiry_blocked = False
         if deleted:
             logger.info("outbox: dropped %d expired field messages", deleted)
         return deleted
