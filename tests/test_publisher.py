@@ -689,6 +689,32 @@ def test_a_stop_between_the_telemetry_wait_and_its_clear_is_not_lost(tmp_path: P
 
 
 
+def test_a_housekeeping_that_fails_at_every_try_does_not_stop_the_sending(
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The 10 s housekeeping (expired fields dropped, free pages given back) failing at every try
+    (here MemoryError, as SQLite's in-memory VACUUM copy raised on a short memory): the report
+    waiting is sent all the same, and the failure is tried (and logged) every 10 s, not every
+    tick. It was not sent: the failure came back at every 0.5 s tick, before the sending."""
+    config = make_config(tmp_path, broker.port)
+    outbox = Outbox.from_config(config.outbox)
+    outbox.put("report", f"{BASE}/report", b"{}", report_id="waiting", schema_version="1")
+    tries: list[float] = []
+
+    def fails() -> None:
+        tries.append(time.monotonic())
+        raise MemoryError
+
+    monkeypatch.setattr(outbox, "give_back_space", fails)
+    publisher = MqttPublisher(config, STATION, outbox)
+    started.append(publisher)
+    publisher.start()
+    assert observer.wait_for(lambda m: any(x.topic == f"{BASE}/report" for x in m), 10), (publisher.state, len(tries))
+    assert wait_until(lambda: publisher.outbox.counts().messages == 0, 5)
+    assert len(tries) <= 1 + (time.monotonic() - tries[0]) // 10, "due every 10 s, a failed one too"
+
+
 def test_expired_fields_that_cannot_be_deleted_on_a_full_disk_do_not_stop_the_sending(
     broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
 ) -> None:

@@ -424,10 +424,10 @@ class MqttPublisher:
                 if not connected:
                     continue
                 if time.monotonic() >= next_expiry:  # every 10 s: expired fields, free pages to the disk
+                    next_expiry = time.monotonic() + 10.0  # first: a failure below must not stop the sending
                     if self.config.field_message_expiry_s:
                         self.outbox.expire_fields(time.time() - self.config.field_message_expiry_s)
                     self.outbox.give_back_space()
-                    next_expiry = time.monotonic() + 10.0
                 cursor = self._send_batch(cursor)
             except Exception:
                 # A broken outbox or client must not kill the thread silently; retry next tick.
