@@ -435,3 +435,49 @@ def test_an_old_outbox_file_is_compacted_only_when_the_disk_has_room_for_the_cop
             outbox.give_back_space()
             assert path.stat().st_size < 1_000_000
             assert {m.seq: m.payload for m in outbox.pending(100)} == kept
+
+
+_SHORT_MEMORY_CHILD = """
+import logging, sys
+from smearscope.service.mqtt import vacuum
+from smearscope.service.mqtt.outbox import Outbox
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
+vacuum.RETRY_S = 0.0  # tried again at once: what the second try says is looked at
+with Outbox(sys.argv[1]) as outbox:
+    outbox.read(lambda conn: conn.execute("PRAGMA hard_heap_limit=4000000"))  # SQLite's heap: 4 MB
+    for _ in range(2):
+        outbox.give_back_space()
+        print("returned", flush=True)
+"""
+
+
+def test_a_compaction_that_fails_for_memory_neither_raises_nor_loses_a_message(tmp_path: Path) -> None:
+    """The VACUUM that compacts an old-format file copies it in memory; on a short memory SQLite
+    fails (SQLITE_NOMEM), which Python raises as MemoryError, not sqlite3.Error: it escaped
+    give_back_space into the publisher's loop, and the VACUUM was tried again at every call. Now
+    the try is given up (said once while it fails so) and every message is there; with memory the
+    file is compacted. In a child: SQLite's heap limit can only be lowered."""
+    from smearscope.service.mqtt import outbox as outbox_module
+
+    path = tmp_path / "o.db"
+    with sqlite3.connect(path) as conn:  # as the earlier version left it
+        conn.executescript(outbox_module._SCHEMA + "PRAGMA user_version=2;")
+    with Outbox(path) as outbox:
+        seqs = [outbox.put("report", "t/report", os.urandom(16_000), report_id=f"r{i}", schema_version="1")
+                for i in range(1200)]
+        delivered = [s for s in seqs if s % 3]
+        assert outbox.ack_many(delivered) == 800  # 6 MB waiting, 13 MB free in the file
+        kept = {m.seq: m.payload for m in outbox.pending(1000)}
+    size = path.stat().st_size
+    child = subprocess.run([sys.executable, "-c", _SHORT_MEMORY_CHILD, str(path)], capture_output=True, text=True,
+                           timeout=120, check=False)
+    assert child.returncode == 0 and child.stdout.count("returned") == 2, child.stdout + child.stderr
+    assert child.stdout.count("WARNING") == 1 and "MemoryError" in child.stdout, child.stdout
+    assert "given back" not in child.stdout, child.stdout
+    with Outbox(path) as outbox:
+        assert path.stat().st_size == size
+        assert {m.seq: m.payload for m in outbox.pending(1000)} == kept
+        assert outbox.read(lambda conn: conn.execute("PRAGMA integrity_check").fetchone()[0]) == "ok"
+        outbox.give_back_space()
+        assert path.stat().st_size < size * 0.6
+        assert {m.seq: m.payload for m in outbox.pending(1000)} == kept

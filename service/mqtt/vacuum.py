@@ -77,12 +77,20 @@ class SpaceReclaimer:
         self._retry_at = 0.0
         self._started_bytes = 0  # the file's size when the giving back began; 0 when idle
         self._said_no_room = False
+        self._failing: str | None = None  # the last failure, said once while it repeats
 
     def step(self, conn: sqlite3.Connection) -> bool:
         """One step (the caller holds the outbox's lock, no transaction open); True while more
-        remain."""
+        remain. A failure (a full disk, no memory for the VACUUM's copy) is logged, not raised."""
         if time.monotonic() < self._retry_at:
             return False
+        try:
+            return self._step(conn)
+        except (sqlite3.Error, MemoryError, OSError) as exc:  # a full disk, the VACUUM's copy (SQLITE_NOMEM)
+            self._failed(conn, exc)
+            return False
+
+    def _step(self, conn: sqlite3.Connection) -> bool:
         space = measure(conn)
         if not self._started_bytes:
             if not space.worth_giving_back() or not (space.incremental or self._can_convert(space)):
@@ -91,21 +99,30 @@ class SpaceReclaimer:
         if not space.free_pages:
             self._finish(conn)
             return False
-        try:
-            if space.incremental:
-                # executescript steps the pragma to its end (execute() would free one page)
-                conn.executescript(f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({STEP_PAGES}); COMMIT;")
-            else:
-                self._convert(conn, space)
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            logger.warning("outbox %s: cannot give free space back to the disk now (%s); trying again "
-                           "in %.0f s", self.path, exc, RETRY_S)
-            self._retry_at = time.monotonic() + RETRY_S
-            self._finish(conn)
-            return False
+        if space.incremental:
+            # executescript steps the pragma to its end (execute() would free one page)
+            conn.executescript(f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({STEP_PAGES}); COMMIT;")
+        else:
+            self._convert(conn, space)
+        self._failing = None
         return True
+
+    def _failed(self, conn: sqlite3.Connection, exc: BaseException) -> None:
+        """Rolled back, tried again in RETRY_S; said once for as long as it fails the same way."""
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as rollback:
+                logger.debug("outbox %s: rollback after a failed step: %s", self.path, rollback)
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        logger.log(logging.DEBUG if reason == self._failing else logging.WARNING, "outbox %s: cannot give "
+                   "free space back to the disk now (%s); trying again every %.0f s", self.path, reason, RETRY_S)
+        self._failing = reason
+        self._retry_at = time.monotonic() + RETRY_S
+        try:
+            self._finish(conn)  # the WAL's room the failed step took goes back to the disk
+        except OSError as finish:  # the file's size not read: only the log line is missing
+            logger.debug("outbox %s: after a failed step: %s", self.path, finish)
 
     def _can_convert(self, space: FileSpace) -> bool:
         free = shutil.disk_usage(self.path.parent).free
@@ -120,9 +137,9 @@ class SpaceReclaimer:
 
     def _convert(self, conn: sqlite3.Connection, space: FileSpace) -> None:
         """A file made before incremental vacuum: one VACUUM, which also switches it on."""
-        logger.info("outbox %s: compacting the file (%.1f MB in use of %.1f MB) and switching on "
-                    "incremental vacuum", self.path, space.live_bytes / 2**20,
-                    space.pages * space.page_size / 2**20)
+        logger.log(logging.DEBUG if self._failing else logging.INFO, "outbox %s: compacting the file (%.1f MB "
+                   "in use of %.1f MB) and switching on incremental vacuum", self.path, space.live_bytes / 2**20,
+                   space.pages * space.page_size / 2**20)
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA temp_store=MEMORY")  # the copy (at most VACUUM_MAX_LIVE_BYTES) in memory
         try:
@@ -134,8 +151,9 @@ class SpaceReclaimer:
         """Checkpoint so that the file is cut to its last page now, and say what was given back."""
         if not self._started_bytes:
             return
+        started, self._started_bytes = self._started_bytes, 0
         shrink_wal(conn, self.path)
         now = self.path.stat().st_size
-        logger.info("outbox %s: %.1f MB given back to the disk (file %.1f MB -> %.1f MB)", self.path,
-                    (self._started_bytes - now) / 2**20, self._started_bytes / 2**20, now / 2**20)
-        self._started_bytes = 0
+        if now < started:  # a failed try gave nothing back: nothing to say
+            logger.info("outbox %s: %.1f MB given back to the disk (file %.1f MB -> %.1f MB)", self.path,
+                        (started - now) / 2**20, started / 2**20, now / 2**20)
