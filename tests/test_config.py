@@ -228,6 +228,21 @@ def test_platelet_rescue_is_off_by_default_and_reaches_the_analyzer_and_the_segm
     assert err.value.errors[0][0] == "analysis.platelet_rescue"
 
 
+def test_counting_recounted_twins_once_is_on_by_default_and_reaches_the_analyzer(tmp_path: Path) -> None:
+    from smearscope.service.analysis.recount_twins import TWIN_MIN_IOU
+    from smearscope.service.station.startup import build_analyzer
+
+    base = MINIMAL + f'[analysis]\nengine_backend = "onnxruntime"\nmodels_dir = "{REPO / "models"}"\n'
+    default = build_analyzer(load_config(_write(tmp_path, base), environ={}))
+    off = build_analyzer(load_config(_write(tmp_path, base + "count_recounted_twins_once = false\n"), environ={}))
+    try:
+        assert default.options.recounted_twin_min_iou == TWIN_MIN_IOU == 0.5
+        assert off.options.recounted_twin_min_iou is None
+    finally:
+        default.close()
+        off.close()
+
+
 def test_head_views_reach_the_heads_and_bad_views_are_refused(tmp_path: Path) -> None:
     from smearscope.service.station.startup import build_analyzer
 

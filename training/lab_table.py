@@ -17,7 +17,8 @@ have:
   marks only some red cells in many fields, so the count is also set against the classical
   segmenter's count, `training.classical_cells`);
 - rpi (typed white-cell boxes): white cells found (a counted white cell with IoU >= 0.5), extra
-  white cells per field (the annotators sometimes leave a second one unboxed).
+  white cells per field (the annotators sometimes leave a second one unboxed), counted white cells
+  over labelled ones (a cell counted twice is no extra but shows here).
 
 Scale: `estimated` runs as an uncalibrated station does (the analyzer measures the scale);
 `given` passes the lab's known scale (a calibrated station); `pooled` analyses every field again
@@ -235,11 +236,12 @@ def classical_rbc_count(img: LabImage) -> int:
 
 
 def score_rpi(images: list[LabImage], outs: list[dict]) -> dict:
-    found = total = extra = centre = 0
+    found = total = extra = centre = counted = 0
     for im, o in zip(images, outs):
         wbcs = np.array([c[1] for c in o["counted"] if c[0] == "wbc"], float).reshape(-1, 4)
         truth = np.array([_box(b) for b in im.boxes], float).reshape(-1, 4)
         total += len(truth)
+        counted += len(wbcs)
         if len(wbcs) and len(truth):
             iou = box_iou(truth, wbcs)
             found += int((iou.max(1) >= 0.5).sum())
@@ -251,6 +253,7 @@ def score_rpi(images: list[LabImage], outs: list[dict]) -> dict:
             extra += len(wbcs)
     n = max(len(images), 1)
     return {"wbc_found": found / max(total, 1), "wbc_centre_hit": centre / max(total, 1), "extra_wbc_per_field": extra / n,
+            "wbc_counted_over_labelled": counted / max(total, 1),
             "rbc_per_field": float(np.mean([sum(c[0] == "rbc" for c in o["counted"]) for o in outs]))}
 
 
@@ -353,7 +356,7 @@ def format_table(rows: list[dict]) -> str:
             other = (f"centres in RBC {r['centres_in_counted_rbc']:.3f}; count ±15% of labelled "
                      f"{r['fields_count_within_15pct_of_labelled']:.2f}, of classical {r['fields_count_within_15pct_of_classical']:.2f}")
         if "wbc_found" in r:
-            other = f"WBC found {r['wbc_found']:.3f} (centre {r['wbc_centre_hit']:.3f}); extra WBC/field {r['extra_wbc_per_field']:.2f}"
+            other = f"WBC found {r['wbc_found']:.3f} (centre {r['wbc_centre_hit']:.3f}); extra WBC/field {r['extra_wbc_per_field']:.2f}; counted/labelled {r['wbc_counted_over_labelled']:.2f}"
         fmt = lambda v: "—" if v is None else f"{v:.3f}"
         lines.append(
             f"| {r['lab']} | {r['scale']} | {r['n']} | {headline(r):.3f} | {fmt(r.get('counted_map50'))} | {fmt(r.get('every_map50'))} | "
@@ -430,6 +433,9 @@ def main() -> None:
                     help="context around an unsure cell in its window (AnalyzerOptions.detector_window_margin)")
     ap.add_argument("--no-nucleated-recheck", action="store_true",
                     help="every red-cell detection stays a red cell (AnalyzerOptions.nucleated_recheck off)")
+    ap.add_argument("--count-twins", action="store_true",
+                    help="a red-cell detection re-counted as a white cell on top of a detected white cell is "
+                         "counted too (AnalyzerOptions.recounted_twin_min_iou None; service.analysis.recount_twins)")
     ap.add_argument("--platelet-rescue", nargs="?", const="", default=None, metavar="CONTRAST,FROM",
                     help="faint platelets confirmed by colour (service.analysis.platelet_rescue, a station option): "
                          "the rule as the station config turns it on, or this contrast (grey levels) and the "
@@ -442,6 +448,7 @@ def main() -> None:
                               detector_views_where=args.views_where,
                               illumination=args.illumination, stain_method=args.stain,
                               nucleated_recheck=not args.no_nucleated_recheck,
+                              **({"recounted_twin_min_iou": None} if args.count_twins else {}),
                               platelet_rescue=None if args.platelet_rescue is None else rescue_rule(args.platelet_rescue),
                               detector_view_windows=not args.no_view_windows,
                               **({"detector_window_margin": args.window_margin} if args.window_margin is not None else {}),

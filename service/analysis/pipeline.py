@@ -38,6 +38,7 @@ from smearscope.service.analysis.records import (
     CellKind,
     ClassifiedCell,
 )
+from smearscope.service.analysis.recount_twins import TWIN_MIN_IOU, drop_recounted_twins
 from smearscope.service.analysis.report import (
     CellRecord,
     Flag,
@@ -125,6 +126,8 @@ class AnalyzerOptions:
     platelet_rescue: PlateletRescue | None = None
     #: A white cell typed lymphocyte wider than this (um) is unidentified and atypical (service.analysis.size_gate); None: off.
     max_lymphocyte_diameter_um: float | None = MAX_LYMPHOCYTE_DIAMETER_UM
+    #: A red cell re-counted as a white cell over a detected white cell by this IoU is that cell (service.analysis.recount_twins); None: off.
+    recounted_twin_min_iou: float | None = TWIN_MIN_IOU
     wbc_min_confidence: float = 0.5
     rbc_min_confidence: float = 0.3
     #: The station's own, tighter thresholds for the WBC head's open-set tests ((method, threshold)
@@ -388,7 +391,7 @@ class Analyzer:
         if not self.wbc_head:
             cells += [_classified(c.detection, None, None, shape, size_calibrated=calibrated) for c in routed.wbc]
         cells += [_classified(d, None, None, shape, size_calibrated=calibrated) for d in routed.platelets]
-        cells = gate_lymphocyte_size(cells, self.options.max_lymphocyte_diameter_um)
+        cells = gate_lymphocyte_size(drop_recounted_twins(cells, self.options.recounted_twin_min_iou), self.options.max_lymphocyte_diameter_um)
         agg = aggregate(cells, self.options.thresholds)
         flags = list(agg.flags)
         skipped = [f"{m}: {r.reason}" for m, r in field_.stain_results.items() if not r.applied]

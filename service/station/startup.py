@@ -161,6 +161,7 @@ def build_analyzer(config: StationConfig, keep_wbc_features: bool = False) -> An
     from smearscope.service.analysis.classify import OpenSetThresholdError
     from smearscope.service.analysis.pipeline import MODEL_FILES, Analyzer, AnalyzerOptions
     from smearscope.service.analysis.platelet_rescue import PlateletRescue
+    from smearscope.service.analysis.recount_twins import TWIN_MIN_IOU
     from smearscope.service.analysis.roi import RoiFilter
     from smearscope.service.analysis.station_means import StationMeansError, means_scale_problem
 
@@ -183,6 +184,7 @@ def build_analyzer(config: StationConfig, keep_wbc_features: bool = False) -> An
         detector_view_windows=a.detector_view_windows,
         nucleated_recheck=a.nucleated_recheck, platelet_rescue=PlateletRescue() if a.platelet_rescue else None,
         max_lymphocyte_diameter_um=a.max_lymphocyte_diameter_um,
+        recounted_twin_min_iou=TWIN_MIN_IOU if a.count_recounted_twins_once else None,
         rbc_views=None if a.rbc_head_views is None else tuple(a.rbc_head_views),
         wbc_views=None if a.wbc_head_views is None else tuple(a.wbc_head_views),
         wbc_open_set_thresholds=open_set, wbc_station_means=a.wbc_station_means, keep_wbc_features=keep_wbc_features,
