@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 
 import cv2
@@ -52,9 +53,10 @@ def _pairs(pred: np.ndarray, truth: np.ndarray) -> dict[int, int]:
         return {}
     ious = box_iou(pred, truth)
     pi, ti = np.nonzero(ious >= 0.5)
+    order = np.argsort(-ious[pi, ti], kind="stable")
     out: dict[int, int] = {}
     used_t: set[int] = set()
-    for p, t in zip(pi[np.argsort(-ious[pi, ti], kind="stable")], ti[np.argsort(-ious[pi, ti], kind="stable")]):
+    for p, t in zip(pi[order], ti[order]):
         if p not in out and t not in used_t:
             out[int(p)] = int(t)
             used_t.add(int(t))
@@ -63,13 +65,14 @@ def _pairs(pred: np.ndarray, truth: np.ndarray) -> dict[int, int]:
 
 def _stain(canonical: np.ndarray, det, glass: float) -> dict:
     """The mask's darkness and hue on the canonical frame, relative to the field's glass."""
-    b = det.box
-    x0, y0 = int(b.x0), int(b.y0)
     mask = det.mask
     if mask is None:
         return {}
-    region = canonical[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]]
-    m = mask[:region.shape[0], :region.shape[1]]
+    x0, y0 = math.floor(det.box.x0), math.floor(det.box.y0)  # the mask's origin (merge.mask_window)
+    mx, my = max(0, -x0), max(0, -y0)  # a box reaching past the frame's top or left
+    x0, y0 = max(0, x0), max(0, y0)
+    region = canonical[y0:y0 + mask.shape[0] - my, x0:x0 + mask.shape[1] - mx]
+    m = mask[my:my + region.shape[0], mx:mx + region.shape[1]].astype(bool)
     px = region[m].astype(np.float32)
     if not len(px):
         return {}
@@ -187,8 +190,6 @@ def main() -> None:
                 truth[lab] = truth.get(lab, 0) + n
     finally:
         analyzer.close()
-    for c in cells:  # features, not arrays, in the file
-        c.pop("head_features", None)
     print(summary(cells, truth))
     if args.json:
         args.json.write_text(json.dumps({"truth": truth, "cells": cells}, indent=1))
