@@ -42,6 +42,10 @@ from typing import Literal, TypeVar
 from typing_extensions import Self  # typing.Self needs Python 3.11
 
 from smearscope.service.config.outbox import OutboxConfig, OverflowPolicy
+from smearscope.service.mqtt.outbox_schema import COLUMNS as _COLUMNS
+from smearscope.service.mqtt.outbox_schema import SCHEMA as _SCHEMA  # noqa: F401 (tests build files with it)
+from smearscope.service.mqtt.outbox_schema import SCHEMA_VERSION as _SCHEMA_VERSION
+from smearscope.service.mqtt.outbox_schema import apply_schema
 from smearscope.service.mqtt.reserve import DiskReserve, is_disk_full, shrink_wal
 from smearscope.service.mqtt.vacuum import STEPS_PER_CALL, SpaceReclaimer
 
@@ -55,51 +59,11 @@ MESSAGE_KINDS: tuple[str, ...] = ("field", "report", "cells")
 StateWriter = Callable[[sqlite3.Connection, list[int]], None]
 T = TypeVar("T")
 
-_SCHEMA_VERSION = 2
 _EVICTION_LOG_INTERVAL_S = 60.0
 #: The newest evicted sequence numbers kept: the daemon's ledger's (10 000 reports), not 60 MB of them.
 EVICTED_KEPT = 200_000
 #: The WAL's file is cut back to this after a checkpoint (SQLite's 1000-page autocheckpoint).
 WAL_LIMIT_BYTES = 4 * 1024 * 1024
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    seq            INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, so order is stable
-    kind           TEXT    NOT NULL CHECK (kind IN ('field', 'report', 'cells')),
-    topic          TEXT    NOT NULL,
-    payload        BLOB    NOT NULL,
-    size           INTEGER NOT NULL,
-    qos            INTEGER NOT NULL CHECK (qos IN (0, 1, 2)),
-    retain         INTEGER NOT NULL,
-    report_id      TEXT    NOT NULL,
-    message_id     TEXT    NOT NULL UNIQUE,
-    content_type   TEXT    NOT NULL,
-    schema_version TEXT    NOT NULL,
-    created_at     REAL    NOT NULL,
-    attempts       INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS outbox_kind_seq ON outbox (kind, seq);
-"""
-
-#: Version 1 allowed only 'field' and 'report' in its CHECK; SQLite cannot alter a CHECK, so the
-#: table is rebuilt (same rows, same sequence numbers).
-_MIGRATE_1_TO_2 = (
-    "ALTER TABLE outbox RENAME TO outbox_v1",
-    "DROP INDEX IF EXISTS outbox_kind_seq",
-    _SCHEMA.split(";")[0],
-    "INSERT INTO outbox SELECT * FROM outbox_v1",
-    # Sequence numbers are never reused, even when every v1 message had been acknowledged.
-    "DELETE FROM sqlite_sequence WHERE name = 'outbox'",
-    ("INSERT INTO sqlite_sequence (name, seq) SELECT 'outbox', seq FROM sqlite_sequence "
-     "WHERE name = 'outbox_v1'"),
-    "DROP TABLE outbox_v1",
-    _SCHEMA.split(";")[1],
-)
-
-_COLUMNS = (
-    "seq, kind, topic, payload, qos, retain, report_id, message_id, content_type, "
-    "schema_version, created_at, attempts"
-)
 
 
 class OutboxLockedError(RuntimeError):
@@ -219,20 +183,11 @@ class Outbox:
         conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
         # A write transaction takes the exclusive lock now, not at the first put.
         conn.execute("BEGIN IMMEDIATE")
-        for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
-            conn.execute(statement)
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == 1:
-            for statement in _MIGRATE_1_TO_2:
-                conn.execute(statement)
-            logger.info("outbox %s migrated from schema 1 to 2", self.path)
-        if version in (0, 1):
-            conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-        elif version != _SCHEMA_VERSION:
+        try:
+            apply_schema(conn, self.path)
+        except BaseException:
             self._rollback()
-            raise RuntimeError(
-                f"outbox {self.path} has schema {version}, expected {_SCHEMA_VERSION}"
-            )
+            raise
         conn.execute("COMMIT")
 
     def _measure(self) -> tuple[int, int, int]:
