@@ -481,3 +481,24 @@ def test_a_compaction_that_fails_for_memory_neither_raises_nor_loses_a_message(t
         outbox.give_back_space()
         assert path.stat().st_size < size * 0.6
         assert {m.seq: m.payload for m in outbox.pending(1000)} == kept
+
+
+def test_a_wal_that_cannot_be_emptied_is_said_with_its_real_cause(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The checkpoint after a delete on a full disk, or after a vacuum step that failed (for memory,
+    say), may itself fail for another cause: the warning names SQLite's. It said "on a full disk"
+    whatever the cause. Here a read still open on the outbox's connection (SQLITE_LOCKED)."""
+    from smearscope.service.mqtt.reserve import shrink_wal
+
+    def open_read_then_shrink(conn: sqlite3.Connection) -> None:
+        reading = conn.execute("SELECT seq FROM outbox")
+        reading.fetchone()  # the statement not yet finished
+        shrink_wal(conn, tmp_path / "o.db")
+        reading.close()
+
+    with Outbox(tmp_path / "o.db") as outbox:
+        for i in range(3):
+            put(outbox, "report", i)
+        with caplog.at_level(logging.WARNING, logger="smearscope.service.mqtt.reserve"):
+            outbox.read(open_read_then_shrink)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "SQLITE_LOCKED" in warning and "full" not in warning, warning

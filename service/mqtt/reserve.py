@@ -81,9 +81,17 @@ def is_disk_full(exc: BaseException) -> bool:
     return "database or disk is full" in str(exc)
 
 
+def failure_cause(exc: BaseException) -> str:
+    """Why a write failed, in words for the log: a full disk, or SQLite's own code and message."""
+    if is_disk_full(exc):
+        return f"the disk is full: {exc}"
+    name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__  # e.g. SQLITE_IOERR_FSYNC
+    return f"{name}: {exc}" if str(exc) else name
+
+
 def shrink_wal(conn: sqlite3.Connection, path: Path) -> None:
     """A TRUNCATE checkpoint: the WAL's pages written into the database and its file emptied."""
     try:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     except sqlite3.Error as exc:
-        logger.warning("outbox %s: cannot empty its WAL on a full disk (%s)", path, exc)
+        logger.warning("outbox %s: cannot empty its WAL (%s)", path, failure_cause(exc))
