@@ -739,3 +739,67 @@ def test_expired_fields_that_cannot_be_deleted_on_a_full_disk_do_not_stop_the_se
         assert publisher.wait_until_connected(5), publisher.state
         assert observer.wait_for(lambda m: any(x.topic == f"{BASE}/report" for x in m), 15), (
             publisher.outbox.counts(), publisher.outbox.holds(report))
+
+
+def _store_reports_and_fill(config: MqttConfig, small: Path, count: int, spend_reserve: bool = False) -> Path:
+    """The outage: `count` 16 kB reports stored, none sent; then the disk filled (the filler's path)."""
+    from smallfs import fill
+
+    with Outbox.from_config(config.outbox) as outbox:
+        for i in range(count):
+            outbox.put("report", f"{BASE}/report", os.urandom(16_000), report_id=f"r{i}", schema_version="1")
+    if spend_reserve:  # as a full disk earlier in the outage did
+        (small / "outbox.sqlite3.reserve").unlink()
+    return fill(small)
+
+
+def _distinct_reports(observer: Subscriber) -> int:
+    return len({m.payload for m in list(observer.messages) if m.topic == f"{BASE}/report"})
+
+
+def test_acknowledged_messages_all_leave_a_disk_that_stays_full(
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
+) -> None:
+    """400 reports (6.4 MB) stored while the broker was away, the disk then filled; the broker comes
+    back and acknowledges them all. Their deletes must all succeed on the disk still full (the 2 MB
+    reserve and the room the deletes free): they did not. The WAL, never checkpointed on a disk with
+    less than 4 MB free, grew into the reserve's room and kept it; the deletes after the first 80 or
+    so failed for good, and the outbox stayed at 316 delivered messages until space came back."""
+    from smallfs import small_tmpfs
+
+    with small_tmpfs(tmp_path / "small", 16384) as small:
+        config = make_config(tmp_path, broker.port, outbox={"path": str(small / "outbox.sqlite3")})
+        filler = _store_reports_and_fill(config, small, 400)
+        publisher = start_publisher(config, started)
+        assert observer.wait_for(lambda m: _distinct_reports(observer) == 400, 30), _distinct_reports(observer)
+        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 30), publisher.outbox.counts()
+        assert filler.exists() and os.statvfs(small).f_bavail * os.statvfs(small).f_frsize < 3 * 2**20
+        assert publisher.state.in_flight == 0
+
+
+def test_acknowledged_messages_a_full_disk_keeps_are_deleted_in_parts_once_some_room_returns(
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The disk full and the reserve already spent: the 400 reports are sent all the same, each once;
+    their deletes fail (one warning), and they are not sent again. Then 1.5 MB comes back, less than
+    deleting all 400 at once needs (their 6.4 MB go through the WAL, zeroed): they are deleted in
+    parts. They were not: the one delete of all 400 was tried again and again, and failed for good."""
+    from smallfs import fill, small_tmpfs
+
+    with small_tmpfs(tmp_path / "small", 16384) as small:
+        config = make_config(tmp_path, broker.port, outbox={"path": str(small / "outbox.sqlite3")})
+        filler = _store_reports_and_fill(config, small, 400, spend_reserve=True)
+        with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt"):
+            publisher = start_publisher(config, started)
+            assert observer.wait_for(lambda m: _distinct_reports(observer) == 400, 30), _distinct_reports(observer)
+            assert wait_until(lambda: publisher.state.delivered == 400 and publisher.state.in_flight == 0, 15)
+            assert publisher.outbox.counts().messages == 400  # no room at all: none deleted
+            filler.unlink()
+            fill(small, leave_bytes=1536 * 1024)
+            assert wait_until(lambda: publisher.outbox.counts().messages == 0, 60), publisher.outbox.counts()
+        reports = [m for m in observer.messages if m.topic == f"{BASE}/report"]
+        assert len(reports) == 400, "sent again"
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+                    and r.name == "smearscope.service.mqtt.inflight"]
+        assert len(warnings) == 1 and "the disk is full" in warnings[0], warnings

@@ -7,7 +7,10 @@ the drain thread, so a PUBACK that arrives before publish() has returned its mid
 lost nor misattributed.
 
 An acknowledged message whose row cannot be deleted (disk full) is remembered and never sent again
-by this process; the delete is retried on every settle. A message larger than the packet limit
+by this process (after a restart it is sent again: consumers dedupe by message id); the delete is
+tried again every DELETE_RETRY_S, oldest first, in parts as large as the disk has room for (the
+outbox checkpoints before it gives up on a part: the room the WAL took for the parts before). The
+set is bounded by the outbox: each was in it when acknowledged. A message larger than the packet limit
 (the broker's Maximum Packet Size, or the configured one) is parked: logged once, counted, left in
 the outbox and skipped, so it never blocks the messages behind it; it is tried again after a
 reconnect (the broker's limit may have changed).
@@ -28,10 +31,14 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from smearscope.service.mqtt.outbox import Outbox, OutboxMessage
+from smearscope.service.mqtt.reserve import failure_cause, is_disk_full
 
 logger = logging.getLogger(__name__)
 
-_DELETE_ERROR_LOG_S = 60.0
+#: Acknowledged messages deleted per transaction at most (a bound on SQL parameters too).
+DELETE_PART = 500
+#: After a delete that failed, the next try waits this long (s): not a failing write every tick.
+DELETE_RETRY_S = 10.0
 
 
 def _varint_size(n: int) -> int:
@@ -64,7 +71,8 @@ class InFlight:
         self._seqs: set[int] = set()
         #: Acknowledged by the broker, not yet deleted from the outbox (a write failed).
         self._acked_undeleted: set[int] = set()
-        self._last_delete_error = 0.0
+        self._delete_retry_at = 0.0
+        self._delete_failing: str | None = None  # why the last delete failed, said once
         #: Largest PUBLISH packet the broker (or the configuration) accepts.
         self.max_packet_size: int | None = None
         #: seq -> packet size of messages too large to send (parked; see the module docstring).
@@ -168,15 +176,36 @@ class InFlight:
             else:
                 acked.append(seq)
         self._acked_undeleted.update(acked)
-        if self._acked_undeleted:
-            try:
-                self.outbox.ack_many(sorted(self._acked_undeleted))
-                self._acked_undeleted.clear()
-            except sqlite3.Error as exc:
-                now = time.monotonic()
-                if now - self._last_delete_error >= _DELETE_ERROR_LOG_S:
-                    self._last_delete_error = now
-                    logger.error("cannot delete %d acknowledged messages from the outbox: %s; "
-                                 "they are not sent again, the delete is retried",
-                                 len(self._acked_undeleted), exc)
+        if self._acked_undeleted and time.monotonic() >= self._delete_retry_at:
+            self._delete_acked()
         return len(acked), rejected
+
+    def _delete_acked(self) -> None:
+        """Delete the acknowledged messages, oldest first; a part refused for lack of room is halved
+        (down to one message), so a full disk deletes what its room allows."""
+        waiting = sorted(self._acked_undeleted)
+        part = DELETE_PART
+        while waiting:
+            chunk = waiting[:part]
+            try:
+                self.outbox.ack_many(chunk)
+            except sqlite3.Error as exc:
+                if is_disk_full(exc) and len(chunk) > 1:
+                    part = len(chunk) // 2
+                    continue
+                self._delete_failed(exc)
+                return
+            self._acked_undeleted.difference_update(chunk)
+            waiting = waiting[len(chunk):]
+        if self._delete_failing is not None:
+            logger.info("acknowledged messages deleted from the outbox again")
+            self._delete_failing = None
+
+    def _delete_failed(self, exc: sqlite3.Error) -> None:
+        cause = failure_cause(exc)
+        level = logging.WARNING if is_disk_full(exc) else logging.ERROR
+        logger.log(logging.DEBUG if cause == self._delete_failing else level,
+                   "cannot delete %d acknowledged messages from the outbox (%s); they are not sent again, "
+                   "the delete is tried again every %.0f s", len(self._acked_undeleted), cause, DELETE_RETRY_S)
+        self._delete_failing = cause
+        self._delete_retry_at = time.monotonic() + DELETE_RETRY_S

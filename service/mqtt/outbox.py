@@ -413,15 +413,28 @@ class Outbox:
             try:
                 row = self._transaction(delete)
             except sqlite3.Error as exc:
-                if not (is_disk_full(exc) and self._reserve.release()):
+                if not is_disk_full(exc):
                     raise
-                row, full = self._transaction(delete), True  # with the reserve's room
+                row, full = self._delete_on_full_disk(delete), True
             if full and row[0]:
                 shrink_wal(self._conn, self.path)  # the pages the delete freed then take new messages
             self._count -= int(row[0])
             self._bytes -= int(row[1])
             self._reports -= int(row[2])
             return int(row[0])
+
+    def _delete_on_full_disk(self, delete: Callable[[], T]) -> T:
+        """A delete a full disk refused, tried again with the room the WAL's file holds, then with the
+        reserve's. On a full disk no checkpoint comes by itself (SQLite's waits for a 4 MB WAL): the
+        WAL's file grows into whatever room there is and keeps it; a checkpoint writes its pages
+        into the database file's own (already on the disk) and empties it."""
+        shrink_wal(self._conn, self.path)
+        try:
+            return self._transaction(delete)
+        except sqlite3.Error as exc:
+            if not (is_disk_full(exc) and self._reserve.release()):
+                raise
+        return self._transaction(delete)
 
     def give_back_space(self) -> None:
         """Free pages back to the disk once the outbox has drained (service.mqtt.vacuum; the
