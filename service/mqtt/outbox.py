@@ -439,7 +439,8 @@ class Outbox:
     def give_back_space(self) -> None:
         """Free pages back to the disk once the outbox has drained (service.mqtt.vacuum; the
         publisher calls it every 10 s): a few steps, the lock taken for one at a time, so that a
-        put waits for one step at most."""
+        put waits for one step at most; the one-off VACUUM of an old-format file is one step (its
+        whole copy, up to VACUUM_MAX_LIVE_BYTES)."""
         for _ in range(STEPS_PER_CALL):
             with self._lock:
                 if not self._reclaimer.step(self._conn):
