@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -803,3 +804,44 @@ def test_acknowledged_messages_a_full_disk_keeps_are_deleted_in_parts_once_some_
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
                     and r.name == "smearscope.service.mqtt.inflight"]
         assert len(warnings) == 1 and "the disk is full" in warnings[0], warnings
+
+
+def _fill_with_reports(outbox: Outbox, fields_before: int = 0) -> int:
+    """The outage as the station lives it: `fields_before` field messages (16 kB, expired an hour
+    ago), then 16 kB reports stored until the outbox's own writes fill the disk (its WAL then holds
+    pages the database file has yet to grow by); how many reports were stored."""
+    for i in range(fields_before):
+        outbox.put("field", f"{BASE}/field", os.urandom(16_000), report_id=f"f{i}", schema_version="1",
+                   created_at=time.time() - 3600)
+    stored = 0
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        while True:
+            outbox.put("report", f"{BASE}/report", os.urandom(16_000), report_id=f"r{stored}", schema_version="1")
+            stored += 1
+    return stored
+
+
+def test_acknowledged_reports_all_leave_a_disk_the_outbox_itself_filled_with_expired_fields_first(
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
+) -> None:
+    """The outbox's own puts filled the 16 MB disk while the broker was away: 300 field messages that
+    have expired by the time it is back, then reports. The expired fields' delete (too large for any
+    room there is) is tried first and fails; the reports are then delivered, and their deletes must
+    all succeed on the disk still full. They did not: that failed delete spent the reserve before a
+    checkpoint could use its room (the WAL holds pages the database file must grow by), the WAL kept
+    the room, and every report stayed in the outbox (the station paused) until space was freed from
+    outside. A checkpoint after the reserve is given up empties the WAL, whose file then takes the
+    deletes."""
+    from smallfs import small_tmpfs
+
+    with small_tmpfs(tmp_path / "small", 16384) as small:
+        config = make_config(tmp_path, broker.port, field_message_expiry_s=60,
+                             outbox={"path": str(small / "outbox.sqlite3")})
+        outbox = Outbox.from_config(config.outbox)
+        stored = _fill_with_reports(outbox, fields_before=300)
+        publisher = MqttPublisher(config, STATION, outbox)
+        started.append(publisher)
+        publisher.start()
+        assert observer.wait_for(lambda m: _distinct_reports(observer) == stored, 30), _distinct_reports(observer)
+        assert wait_until(lambda: outbox.counts().reports == 0, 15), (stored, outbox.counts())
+        assert os.statvfs(small).f_bavail * os.statvfs(small).f_frsize < 3 * 2**20

@@ -427,13 +427,16 @@ class Outbox:
         """A delete a full disk refused, tried again with the room the WAL's file holds, then with the
         reserve's. On a full disk no checkpoint comes by itself (SQLite's waits for a 4 MB WAL): the
         WAL's file grows into whatever room there is and keeps it; a checkpoint writes its pages
-        into the database file's own (already on the disk) and empties it."""
+        into the database file's own (already on the disk) and empties it. Where the outbox's own
+        writes filled the disk, the WAL holds pages the database file has yet to grow by: that
+        checkpoint needs the reserve's room, so it is made again once the reserve is given up."""
         shrink_wal(self._conn, self.path)
         try:
             return self._transaction(delete)
         except sqlite3.Error as exc:
             if not (is_disk_full(exc) and self._reserve.release()):
                 raise
+        shrink_wal(self._conn, self.path)
         return self._transaction(delete)
 
     def give_back_space(self) -> None:

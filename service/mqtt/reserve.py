@@ -6,7 +6,9 @@ when it comes back could not be deleted, and every reconnect would send those me
 A delete refused for lack of space is tried again after a checkpoint (below a 4 MB WAL SQLite
 makes none by itself, so on a full disk the WAL's file keeps the room it grew into), then once
 more with the room of a file of RESERVE_BYTES (`<outbox>.reserve`) kept beside the outbox and
-given up for it. It is made again once the disk has room for it twice over. After
+given up for it, after a second checkpoint: where the outbox's own writes filled the disk, the
+WAL holds pages the database file has yet to grow by, which only the reserve's room lets the
+checkpoint write. It is made again once the disk has room for it twice over. After
 a delete on a full disk the WAL is emptied (`shrink_wal`), so that the room its file holds goes
 back to the disk. A new message's write needs room for its WAL frames, which the pages the
 deletes freed inside the database do not give: the WAL's room given back may take a few; the
