@@ -845,3 +845,33 @@ def test_acknowledged_reports_all_leave_a_disk_the_outbox_itself_filled_with_exp
         assert observer.wait_for(lambda m: _distinct_reports(observer) == stored, 30), _distinct_reports(observer)
         assert wait_until(lambda: outbox.counts().reports == 0, 15), (stored, outbox.counts())
         assert os.statvfs(small).f_bavail * os.statvfs(small).f_frsize < 3 * 2**20
+
+
+def test_a_wal_that_a_full_disk_keeps_from_emptying_is_said_once(
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The outbox's own puts filled the disk, the reserve already spent: no acknowledged message can
+    be deleted, nor the WAL emptied, until room returns. The checkpoint's failure is said once while
+    it lasts (each delete round tries it at every halving of its part): it was a warning each time,
+    about ten per round, a round every 10 s, for as long as the disk stayed full."""
+    from smallfs import small_tmpfs
+
+    from smearscope.service.mqtt import inflight
+
+    monkeypatch.setattr(inflight, "DELETE_RETRY_S", 1.0)
+    with small_tmpfs(tmp_path / "small", 16384) as small:
+        config = make_config(tmp_path, broker.port, outbox={"path": str(small / "outbox.sqlite3")})
+        outbox = Outbox.from_config(config.outbox)
+        (small / "outbox.sqlite3.reserve").unlink()  # as a full disk earlier in the outage did
+        stored = _fill_with_reports(outbox)
+        with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt"):
+            publisher = MqttPublisher(config, STATION, outbox)
+            started.append(publisher)
+            publisher.start()
+            assert observer.wait_for(lambda m: _distinct_reports(observer) == stored, 30), _distinct_reports(observer)
+            time.sleep(3.5)  # three more delete rounds
+        assert outbox.counts().messages == stored
+        said = [r.getMessage() for r in caplog.records if "cannot empty its WAL" in r.getMessage()
+                and r.levelno >= logging.WARNING]
+        assert len(said) == 1 and "the disk is full" in said[0], said

@@ -142,6 +142,7 @@ class Outbox:
         self.evicted_seqs: set[int] = set()
         self._disk_full = False
         self._expiry_blocked = False  # expire_fields failed for lack of room
+        self._wal_failing: str | None = None  # why the WAL could not be emptied, said once
         self._evicted_since_log = 0
         self._last_eviction_log = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -417,7 +418,7 @@ class Outbox:
                     raise
                 row, full = self._delete_on_full_disk(delete), True
             if full and row[0]:
-                shrink_wal(self._conn, self.path)  # the pages the delete freed then take new messages
+                self._shrink_wal()  # the pages the delete freed then take new messages
             self._count -= int(row[0])
             self._bytes -= int(row[1])
             self._reports -= int(row[2])
@@ -430,14 +431,18 @@ class Outbox:
         into the database file's own (already on the disk) and empties it. Where the outbox's own
         writes filled the disk, the WAL holds pages the database file has yet to grow by: that
         checkpoint needs the reserve's room, so it is made again once the reserve is given up."""
-        shrink_wal(self._conn, self.path)
+        self._shrink_wal()
         try:
             return self._transaction(delete)
         except sqlite3.Error as exc:
             if not (is_disk_full(exc) and self._reserve.release()):
                 raise
-        shrink_wal(self._conn, self.path)
+        self._shrink_wal()
         return self._transaction(delete)
+
+    def _shrink_wal(self) -> None:
+        """The WAL emptied (caller holds self._lock); a failure said once while it repeats."""
+        self._wal_failing = shrink_wal(self._conn, self.path, self._wal_failing)
 
     def give_back_space(self) -> None:
         """Free pages back to the disk once the outbox has drained (service.mqtt.vacuum; the

@@ -93,9 +93,14 @@ def failure_cause(exc: BaseException) -> str:
     return f"{name}: {exc}" if str(exc) else name
 
 
-def shrink_wal(conn: sqlite3.Connection, path: Path) -> None:
-    """A TRUNCATE checkpoint: the WAL's pages written into the database and its file emptied."""
+def shrink_wal(conn: sqlite3.Connection, path: Path, said: str | None = None) -> str | None:
+    """A TRUNCATE checkpoint: the WAL's pages written into the database and its file emptied.
+    Returns why it failed (None when it did not); a failure `said` already is logged at DEBUG."""
     try:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     except sqlite3.Error as exc:
-        logger.warning("outbox %s: cannot empty its WAL (%s)", path, failure_cause(exc))
+        cause = failure_cause(exc)
+        logger.log(logging.DEBUG if cause == said else logging.WARNING, "outbox %s: cannot empty its WAL (%s)",
+                   path, cause)
+        return cause
+    return None
