@@ -825,13 +825,14 @@ def test_acknowledged_reports_all_leave_a_disk_the_outbox_itself_filled_with_exp
     broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
 ) -> None:
     """The outbox's own puts filled the 16 MB disk while the broker was away: 300 field messages that
-    have expired by the time it is back, then reports. The expired fields' delete (too large for any
-    room there is) is tried first and fails; the reports are then delivered, and their deletes must
-    all succeed on the disk still full. They did not: that failed delete spent the reserve before a
-    checkpoint could use its room (the WAL holds pages the database file must grow by), the WAL kept
-    the room, and every report stayed in the outbox (the station paused) until space was freed from
-    outside. A checkpoint after the reserve is given up empties the WAL, whose file then takes the
-    deletes."""
+    have expired by the time it is back, then reports. The expired fields' delete comes first and is
+    refused by the full disk; the reserve is given up for it. The reports are then delivered, and
+    their deletes must all succeed on the disk still full. They did not: with no checkpoint after the
+    reserve was given up (the one before it failed: the WAL holds pages the database file must grow
+    by), that delete took the reserve's room and failed, the WAL kept the room, and every report
+    stayed in the outbox (the station paused) until space was freed from outside. With a checkpoint
+    once the reserve's room is there, the WAL is emptied: the expired fields' delete goes through,
+    and the reports' too."""
     from smallfs import small_tmpfs
 
     with small_tmpfs(tmp_path / "small", 16384) as small:
