@@ -351,6 +351,15 @@ def test_a_reserve_a_crash_cut_short_is_made_whole_again(tmp_path: Path) -> None
         assert reserve.stat().st_size == RESERVE_BYTES and reserve.stat().st_blocks * 512 >= RESERVE_BYTES
 
 
+def _old_format_outbox(path: Path) -> Path:
+    """An empty outbox file as the version before incremental vacuum left it (schema 2)."""
+    from smearscope.service.mqtt import outbox as outbox_module
+
+    with sqlite3.connect(path) as conn:
+        conn.executescript(outbox_module._SCHEMA + "PRAGMA user_version=2;")
+    return path
+
+
 def _fill_drain_and_keep_five_reports(outbox: Outbox, path: Path) -> tuple[int, dict[int, bytes]]:
     """An outage's backlog (1 200 reports of 16 KB, 19 MB), delivered in batches of 40 but for
     five reports, with new field messages stored while it drains and space given back meanwhile;
@@ -388,11 +397,7 @@ def test_a_drained_outbox_gives_its_pages_back_to_the_disk_and_keeps_what_waits(
 def test_an_outbox_file_made_without_incremental_vacuum_is_compacted_once_drained(tmp_path: Path) -> None:
     """A file made by a version without incremental vacuum: one VACUUM once it has drained, which
     switches incremental vacuum on; nothing waiting is lost."""
-    from smearscope.service.mqtt import outbox as outbox_module
-
-    path = tmp_path / "o.db"
-    with sqlite3.connect(path) as conn:  # as the earlier version left it
-        conn.executescript(outbox_module._SCHEMA + "PRAGMA user_version=2;")
+    path = _old_format_outbox(tmp_path / "o.db")
     with Outbox(path) as outbox:
         assert outbox.read(lambda conn: conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 0
         peak, kept = _fill_drain_and_keep_five_reports(outbox, path)
@@ -410,12 +415,8 @@ def test_an_old_outbox_file_is_compacted_only_when_the_disk_has_room_for_the_cop
     again (its WAL): on a disk without that room it waits (said once), and runs once there is."""
     from smallfs import fill, small_tmpfs
 
-    from smearscope.service.mqtt import outbox as outbox_module
-
     with small_tmpfs(tmp_path / "small", 40 * 1024) as small:
-        path = small / "o.db"
-        with sqlite3.connect(path) as conn:  # as the earlier version left it
-            conn.executescript(outbox_module._SCHEMA + "PRAGMA user_version=2;")
+        path = _old_format_outbox(small / "o.db")
         with Outbox(path) as outbox:
             seqs = [outbox.put("report", "t/report", os.urandom(16_000), report_id=f"r{i}", schema_version="1")
                     for i in range(1000)]
@@ -457,11 +458,7 @@ def test_a_compaction_that_fails_for_memory_neither_raises_nor_loses_a_message(t
     give_back_space into the publisher's loop, and the VACUUM was tried again at every call. Now
     the try is given up (said once while it fails so) and every message is there; with memory the
     file is compacted. In a child: SQLite's heap limit can only be lowered."""
-    from smearscope.service.mqtt import outbox as outbox_module
-
-    path = tmp_path / "o.db"
-    with sqlite3.connect(path) as conn:  # as the earlier version left it
-        conn.executescript(outbox_module._SCHEMA + "PRAGMA user_version=2;")
+    path = _old_format_outbox(tmp_path / "o.db")
     with Outbox(path) as outbox:
         seqs = [outbox.put("report", "t/report", os.urandom(16_000), report_id=f"r{i}", schema_version="1")
                 for i in range(1200)]
