@@ -85,7 +85,7 @@ def _at(field, pixels=None, mpp: float | None = 0.1):
 @pytest.mark.parametrize("vignetting", [0.0, 0.6])
 def test_a_field_lit_unevenly_is_flagged_for_the_condenser(analyzer, vignetting):
     """`uneven_illumination` (info) where the darkest glass is under half the brightest
-    (pipeline.UNEVEN_ILLUMINATION): the renderer's lamp falls to 1 - vignetting in the corners,
+    (field_flags.UNEVEN_ILLUMINATION): the renderer's lamp falls to 1 - vignetting in the corners,
     so 0.6 leaves the corners at about 0.4 of the centre."""
     import dataclasses
 
