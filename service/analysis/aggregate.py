@@ -137,7 +137,9 @@ class CellTally:
         self.n = 0
         self.kinds: Counter[CellKind] = Counter()
         self.wbc_labels: Counter[str] = Counter()
-        self.rbc_labels: Counter[str] = Counter()
+        self.rbc_labels: Counter[str] = Counter()  # red cells whose shape was judged
+        self.blurred_labels: Counter[str] = Counter()  # red cells of fields too blurred to judge (rbc_focus)
+        self.n_calibrated_judged = 0  # red cells at a calibrated scale whose shape was judged
         self.unassessed: Counter[str] = Counter()  # red cells' size calls held back at an estimated scale
         self.n_calibrated = 0  # red cells at a calibrated scale
         self.diameters_calibrated: list[float] = []  # red cells off the frame edge, calibrated scale
@@ -156,15 +158,20 @@ class CellTally:
             self.kinds[kind] += 1
             if kind is CellKind.RBC:
                 label = c.label or UNIDENTIFIED
-                self.rbc_labels[label] += 1
-                if c.unassessed_label:
-                    self.unassessed[c.unassessed_label] += 1
                 if c.size_calibrated:
                     self.n_calibrated += 1
                     if not c.touches_frame_edge:
                         self.diameters_calibrated.append(c.diameter_um)
                 elif not c.touches_frame_edge:
                     self.n_sized_estimated += 1
+                if not c.shape_judged:  # counted and sized; its type kept for audit, in no grade or flag
+                    self.blurred_labels[label] += 1
+                    i += 1
+                    continue
+                self.rbc_labels[label] += 1
+                self.n_calibrated_judged += c.size_calibrated
+                if c.unassessed_label:
+                    self.unassessed[c.unassessed_label] += 1
                 if label == "sickle":
                     self.sickle.append((i, c.label_score or 0.0))
                 elif label == "schistocyte":
@@ -215,9 +222,11 @@ class CellTally:
             flags.append(Flag(code="too_few_wbc_for_differential", severity="info",
                               message=f"{typed} WBC classified ({n_wbc - typed} more unidentified); a differential "
                                       f"needs at least {th.min_wbc_for_differential}"))
-        if 0 < n_rbc < th.min_rbc_for_morphology:
+        n_judged = self.n_judged
+        if 0 < n_judged < th.min_rbc_for_morphology:
+            judged = f" of {n_rbc} counted (the others too blurred)" if n_judged < n_rbc else " counted"
             flags.append(Flag(code="too_few_rbc_for_morphology", severity="info",
-                              message=f"{n_rbc} red cells counted; morphology grades need at least "
+                              message=f"{n_judged} red cells{judged}; morphology grades need at least "
                                       f"{th.min_rbc_for_morphology} (read them with their intervals, or over the specimen)"))
         median = sizes.median_diameter_um
         if sizes.calibrated and sizes.n >= MIN_RBC_FOR_SIZE_CHECK and median is not None and not (
@@ -228,7 +237,7 @@ class CellTally:
                                       f"whole cells), where blood's lie between {low:g} and {high:g} um even in micro- "
                                       "or macrocytic anaemia: check the station's calibration (smearscope "
                                       "calibrate-scale) before reading sizes and size-based morphology"))
-        for name, labels, n in (("wbc", self.wbc_labels, n_wbc), ("rbc", self.rbc_labels, n_rbc)):
+        for name, labels, n in (("wbc", self.wbc_labels, n_wbc), ("rbc", self.rbc_labels, n_judged)):
             if n:
                 frac = labels[UNIDENTIFIED] / n
                 if frac > th.max_unidentified_fraction:
@@ -238,6 +247,11 @@ class CellTally:
         nrbc_100 = round(100.0 * n_nrbc / n_wbc, 2) if n_wbc else None
         return Aggregates(counts, diff, morph, sizes, ratios, flags, nrbc_100)
 
+    @property
+    def n_judged(self) -> int:
+        """Red cells whose shape was judged (all but those of fields too blurred: service.analysis.rbc_focus)."""
+        return self.kinds[CellKind.RBC] - sum(self.blurred_labels.values())
+
     def morphology(self, th: AggregateThresholds) -> list[ClassShare]:
         """RBC morphology shares with ICSH grades (and the grades at the ends of the 95 % interval;
         sickle cells "present" or "none", with no interval's grades: service.analysis.morphology).
@@ -245,8 +259,15 @@ class CellTally:
         Size-based classes at an estimated scale are listed as not assessable, with the number of
         cells the head would have given them (those cells are counted under their shape class). Where
         only some cells were at a calibrated scale (a specimen run that took a field without one),
-        size-based classes are shares of those cells alone (`of_cells`), shape classes of all."""
-        n_rbc, n_calibrated = self.kinds[CellKind.RBC], self.n_calibrated
+        size-based classes are shares of those cells alone (`of_cells`), shape classes of all.
+
+        Red cells of fields too blurred to judge their shape are in no share: the rows are of the
+        other red cells (`of_cells`), and where every red cell was blurred, each row is their count
+        and share, not assessable and without a grade."""
+        n_rbc, n_calibrated = self.n_judged, self.n_calibrated_judged
+        if not n_rbc and self.blurred_labels:
+            off = {"assessable": False, "grade": None, "grade_ci_low": None, "grade_ci_high": None}
+            return [r.model_copy(update=off) for r in share_rows(self.blurred_labels)]
         mixed = 0 < n_calibrated < n_rbc
         if mixed:  # a size-based label is only ever given at a calibrated scale
             rows = share_rows(Counter({k: v for k, v in self.rbc_labels.items() if k not in SIZE_BASED}),
@@ -272,6 +293,8 @@ class CellTally:
                     "grade": icsh_grade(share.label, 100.0 * k / of),
                     "grade_ci_low": ends[0], "grade_ci_high": ends[1],
                     "graded_count": k if k != share.count else None})
+            if self.blurred_labels and share.of_cells is None:  # a share of the sharp fields' red cells
+                share = share.model_copy(update={"of_cells": n_rbc})
             out.append(share)
         if n_rbc and n_calibrated == 0:
             for label in sorted(SIZE_BASED):
@@ -308,9 +331,10 @@ class CellTally:
                                       f"{th.sickle_min_confidence}, fewer than the {th.sickle_critical_min_cells} a critical "
                                       "flag needs: review the listed cells"))
         schisto, n_sure = [i for i, _ in self.schistocytes], self.sure_schistocytes(th)
-        if n_rbc and n_sure >= th.schistocyte_min_cells and n_sure / n_rbc > 0.01:
+        n_judged = self.n_judged
+        if n_judged and n_sure >= th.schistocyte_min_cells and n_sure / n_judged > 0.01:
             flags.append(Flag(code="schistocytes_present", severity="warning", cells=schisto,
-                              message=f"schistocytes {100 * n_sure / n_rbc:.1f}% of red cells at confidence >= "
+                              message=f"schistocytes {100 * n_sure / n_judged:.1f}% of red cells at confidence >= "
                                       f"{th.schistocyte_min_confidence} ({len(schisto)} called in all; over 1%: "
                                       "suspicious of a thrombotic microangiopathy): review"))
         if self.regrouped_platelets:

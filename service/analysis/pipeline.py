@@ -33,6 +33,7 @@ from smearscope.service.analysis.morphology import SIZE_BASED, shape_label, shap
 from smearscope.service.analysis.nucleated import accepts, dense_interiors
 from smearscope.service.analysis.platelet_rescue import PlateletRescue, rescue_platelets
 from smearscope.service.analysis.prepare import CanonicalField, Preparation
+from smearscope.service.analysis.rbc_focus import MAX_EDGE_WIDTH_UM, measure_rbc_focus
 from smearscope.service.analysis.records import (
     CellCrop,
     CellDetection,
@@ -46,6 +47,7 @@ from smearscope.service.analysis.report import (
     IlluminationInfo,
     ImageInfo,
     ModelInfo,
+    RbcFocusInfo,
     Report,
     ScaleInfo,
     SourceInfo,
@@ -129,6 +131,9 @@ class AnalyzerOptions:
     max_lymphocyte_diameter_um: float | None = MAX_LYMPHOCYTE_DIAMETER_UM
     #: A red cell re-counted as a white cell over a detected white cell by this IoU is that cell (service.analysis.recount_twins); None: off.
     recounted_twin_min_iou: float | None = TWIN_MIN_IOU
+    #: Red cells whose edge is wider than this (um, service.analysis.rbc_focus) are too blurred to
+    #: judge their shape: the field's morphology is not graded (flag rbc_morphology_out_of_focus); None: off.
+    rbc_max_edge_width_um: float | None = MAX_EDGE_WIDTH_UM
     wbc_min_confidence: float = 0.5
     rbc_min_confidence: float = 0.3
     #: The station's own, tighter thresholds for the WBC head's open-set tests ((method, threshold)
@@ -393,8 +398,14 @@ class Analyzer:
             cells += [_classified(c.detection, None, None, shape, size_calibrated=calibrated) for c in routed.wbc]
         cells += [_classified(d, None, None, shape, size_calibrated=calibrated) for d in routed.platelets]
         cells = gate_lymphocyte_size(drop_recounted_twins(cells, self.options.recounted_twin_min_iou), self.options.max_lymphocyte_diameter_um)
+        t = time.perf_counter()
+        focus, bound = measure_rbc_focus(field_.pixels(LAMP_CORRECTED), kept), self.options.rbc_max_edge_width_um
+        blurred = bound is not None and focus.out_of_focus(bound)
+        if blurred:  # counted, their shape not judged
+            cells = [dataclasses.replace(c, shape_judged=False) if c.detection.kind is CellKind.RBC else c for c in cells]
+        timing["rbc_focus_ms"] = (time.perf_counter() - t) * 1000
         agg = aggregate(cells, self.options.thresholds)
-        flags = list(agg.flags)
+        flags = list(agg.flags) + ([focus.flag(bound)] if bound is not None and blurred else [])
         skipped = [f"{m}: {r.reason}" for m, r in field_.stain_results.items() if not r.applied]
         if skipped:
             flags.append(Flag(code="stain_normalization_skipped", severity="info",
@@ -427,6 +438,8 @@ class Analyzer:
             stain=StainInfo(method=self.stain_method,
                             applied=bool(field_.stain_results) and all(r.applied for r in field_.stain_results.values()),
                             reason="; ".join(skipped) or None),
+            rbc_focus=RbcFocusInfo(edge_width_um=focus.edge_width_um, cells=focus.cells, max_edge_width_um=bound,
+                                   judged=not blurred),
             models=self.models, counts=agg.counts, wbc_differential=agg.wbc_differential,
             rbc_morphology=sizes_in_doubt(agg.rbc_morphology, flags), rbc_size=agg.rbc_size,
             nrbc_per_100_wbc=agg.nrbc_per_100_wbc, ratios=agg.ratios, flags=flags,

@@ -141,6 +141,9 @@ class ClassifiedCell:
     #: A size-based class (e.g. spherocyte) the head gave but an estimated scale cannot support;
     #: `label` then holds the most likely shape class.
     unassessed_label: str | None = None
+    #: False for a red cell of a field whose red cells were too blurred to judge their shape
+    #: (service.analysis.rbc_focus): counted, left out of the morphology grades.
+    shape_judged: bool = True
     #: The head's open-set scores (its manifest's tests, in order; empty for a head without any):
     #: what `smearscope calibrate-atypical` fits a station's thresholds on. Not in the report.
     open_set_scores: tuple[float, ...] = ()

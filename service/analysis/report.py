@@ -54,6 +54,19 @@ class IlluminationInfo(_Strict):
     reason: str | None = None
 
 
+class RbcFocusInfo(_Strict):
+    """How sharp the field's red cells are (service.analysis.rbc_focus)."""
+
+    edge_width_um: float | None = Field(description="median width of the whole red cells' edge at the canonical "
+                                        "scale (contrast against the glass over the steepest gradient across the "
+                                        "outline): about 1 um in focus; null with too few whole red cells to judge")
+    cells: int = Field(description="whole red cells the median is over")
+    max_edge_width_um: float | None = Field(description="the bound above which the red cells' morphology is not "
+                                            "graded (analysis.rbc_max_edge_width_um); null: not judged")
+    judged: bool = Field(description="the red cells were sharp enough (or could not be judged) and their "
+                         "morphology is graded; false: flag rbc_morphology_out_of_focus, morphology rows not assessable")
+
+
 class StainInfo(_Strict):
     method: str
     applied: bool
@@ -126,10 +139,14 @@ class ClassShare(_Strict):
     assessable: bool = Field(True, description="false for size-based morphology at an estimated scale (`count` is "
                              "how many cells the head gave this class; they are counted under their shape class) or "
                              "when a flag puts the calibration in doubt (rbc_size_implausible, calibration_suspect: "
-                             "`count` and `percent` kept for audit, no grade)")
+                             "`count` and `percent` kept for audit, no grade); every row is false when the red cells "
+                             "were too blurred to judge their shape (flag rbc_morphology_out_of_focus; in a specimen "
+                             "report, when no field's red cells were sharp enough: count and percent kept for audit)")
     of_cells: int | None = Field(None, description="the red cells `percent` and its interval are of, when not every "
                                  "counted one: in a specimen mixing calibrated fields and fields at an estimated scale, "
-                                 "size-based classes are shares of the calibrated fields' red cells only")
+                                 "size-based classes are shares of the calibrated fields' red cells only; in a specimen "
+                                 "some of whose fields were too blurred (flag rbc_morphology_out_of_focus), every row "
+                                 "is a share of the sharp fields' red cells")
     graded_count: int | None = Field(None, description="the cells the grade rests on, when fewer than `count`: for "
                                      "sickle cells, those the head called at or above the confidence the critical flag "
                                      "needs (flags.sickle_min_confidence); the others are listed for review by the "
@@ -211,6 +228,8 @@ class Report(_Strict):
     scale: ScaleInfo | None = None
     illumination: IlluminationInfo | None = None
     stain: StainInfo | None = None
+    rbc_focus: RbcFocusInfo | None = Field(None, description="field reports: how sharp the red cells are; absent in "
+                                           "specimen reports and in reports from before it was measured")
     models: dict[str, ModelInfo] = {}
     counts: Counts
     wbc_differential: list[ClassShare]

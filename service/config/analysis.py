@@ -172,6 +172,18 @@ class AnalysisConfig(StationBaseModel):
         "exceeded 14.8 um). inf turns the gate off.",
         gt=0,
     )
+    rbc_max_edge_width_um: float = Field(
+        default=1.4,
+        title="Widest red-cell edge for morphology",
+        description="A field whose whole red cells' edge (median; contrast against the glass over the steepest "
+        "gradient across the outline, at the canonical 0.2 um/px; about 1 um in focus) is wider than this "
+        "(micrometres) has red cells too blurred to judge their shape: its red-cell morphology rows are not "
+        "assessable (no grade, count kept) with the warning rbc_morphology_out_of_focus, its red cells still "
+        "counted; a specimen grades morphology on its other fields. The frame quality gate passes fields "
+        "focused on the white cells. Chosen on validation (models/README.md); inf turns the judgement off "
+        "(the edge width is still measured and reported).",
+        gt=0,
+    )
     count_recounted_twins_once: bool = Field(
         default=True,
         title="A re-counted red cell on a detected white cell is that white cell",

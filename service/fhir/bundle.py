@@ -208,10 +208,11 @@ def _morphology(b: _Builder) -> None:
             if interval else []
         if share.graded_count is not None:  # the grade rests on fewer cells than the count (sure sickle or schistocyte calls)
             grade_components.append(_component("graded-count", valueInteger=share.graded_count))
-        if not report_view.assessable(r, share):  # count: cells the head gave this size-based class
+        if not report_view.assessable(r, share):  # count: cells the head gave this class, for audit
+            why = "rbc-out-of-focus" if report_view.out_of_focus(r, share) else "size-not-assessable"
             b.observation(f"rbc/{share.label}", _concept(loinc, local),
                           component=[_component("count", valueInteger=share.count)],
-                          dataAbsentReason=_concept(codes.local("size-not-assessable")))
+                          dataAbsentReason=_concept(codes.local(why)))
             continue
         value: dict[str, Any] = ({"valueCodeableConcept": _concept(codes.grade(grade))} if grade
                                  else {"valueQuantity": _quantity(share.percent, "%", "%")})

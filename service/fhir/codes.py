@@ -92,6 +92,8 @@ LOCAL_CODES: dict[str, str] = {
     "grade-ci95": "ICSH grades at the ends of the share's 95% confidence interval",
     "size-not-assessable": "Size-based call not assessable: the scale was estimated, not calibrated, or "
                            "is a calibration in doubt (flags rbc_size_implausible, calibration_suspect)",
+    "rbc-out-of-focus": "Red-cell morphology not assessable: the red cells were too blurred to judge their shape "
+                        "(flag rbc_morphology_out_of_focus; in a specimen, no field's red cells were sharp enough)",
     "no-wbc-seen": "No white cell was counted: atypical white cells cannot be judged",
     "no-rbc-seen": "No red cell was counted: no diameter to measure",
     "wbc-left-for-review": "White cells left untyped for review, fewer than the atypical_wbc_present flag "

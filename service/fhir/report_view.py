@@ -29,6 +29,8 @@ from smearscope.service.analysis.report import ClassShare, Report
 logger = logging.getLogger(__name__)
 
 SIZE_FLAG = "size_not_assessable_without_calibration"
+#: A field's red cells too blurred to judge their shape (service.analysis.rbc_focus).
+FOCUS_FLAG = "rbc_morphology_out_of_focus"
 ATYPICAL_FLAG = "atypical_wbc_present"
 #: The WBC head's NRBC class (older reports had it in the differential).
 NRBC_LABEL = "erythroblast"
@@ -54,6 +56,12 @@ def assessable(report: Report, share: ClassShare) -> bool:
     """False for a size-based finding at an estimated scale, or of a report whose calibration is in
     doubt (rbc_size_implausible, calibration_suspect): the share has no value then."""
     return share.assessable and not (share.label in SIZE_BASED and size_not_assessable(report))
+
+
+def out_of_focus(report: Report, share: ClassShare) -> bool:
+    """The row is not assessable because the red cells were too blurred to judge their shape (every
+    row of a field flagged rbc_morphology_out_of_focus; of a specimen none of whose fields was sharp)."""
+    return not share.assessable and report_flagged(report, FOCUS_FLAG)
 
 
 def grade(share: ClassShare) -> str | None:

@@ -89,6 +89,8 @@ FIELD_FLAGS = {
     "no_background_found": "no lit glass to measure the lamp on; used as it came",
     "uneven_illumination": "the lamp lit the field unevenly (corrected): check the condenser and lamp",
     "greyscale_input": "no colour in the image: cells found and typed from shape and density only",
+    "rbc_morphology_out_of_focus": "red cells too blurred to judge their shape: counted, left out of the morphology "
+                                   "grades (graded on the other fields' red cells; none sharp: not assessable)",
     "calibration_suspect": "the red cells pointed to a scale far from the calibration (a run's first fields are "
                            "checked): check the objective and the calibration (smearscope calibrate-scale)",
 }
@@ -209,8 +211,10 @@ class SpecimenRun:
             detected_as = (c.detected_as or c.detection.kind) if kind is not c.detection.kind else c.detected_as
             # a red cell the technician typed otherwise drops the analyzer's unassessed size call
             unassessed = c.unassessed_label if new == rec.label else None
+            # a red cell the technician typed is judged, however blurred its field (rbc_focus)
             cells[g] = replace(c, detection=replace(c.detection, kind=kind), label=label, label_score=score,
-                               atypical=False, detected_as=detected_as, unassessed_label=unassessed)
+                               atypical=False, detected_as=detected_as, unassessed_label=unassessed,
+                               shape_judged=c.shape_judged or head == "rbc")
             records[g] = rec.model_copy(update={"kind": kind.value, "label": label, "label_score": score,
                                                 "atypical": False, "unassessed_label": unassessed,
                                                 "machine_label": rec.label if new != rec.label else None})

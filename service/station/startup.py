@@ -8,6 +8,7 @@ operational failure, exit 1). `build_analyzer` loads and warms the engines from
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -184,6 +185,7 @@ def build_analyzer(config: StationConfig, keep_wbc_features: bool = False) -> An
         detector_view_windows=a.detector_view_windows,
         nucleated_recheck=a.nucleated_recheck, platelet_rescue=PlateletRescue() if a.platelet_rescue else None,
         max_lymphocyte_diameter_um=a.max_lymphocyte_diameter_um,
+        rbc_max_edge_width_um=None if math.isinf(a.rbc_max_edge_width_um) else a.rbc_max_edge_width_um,
         recounted_twin_min_iou=TWIN_MIN_IOU if a.count_recounted_twins_once else None,
         rbc_views=None if a.rbc_head_views is None else tuple(a.rbc_head_views),
         wbc_views=None if a.wbc_head_views is None else tuple(a.wbc_head_views),

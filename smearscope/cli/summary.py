@@ -52,6 +52,11 @@ def summarize(report: Report) -> str:
     unassessed = [s.label for s in r.rbc_morphology if not report_view.assessable(r, s)]
     if doubted:  # rows are only the classes seen: every size-based one goes unread, seen or not
         unassessed = sorted(set(unassessed) | SIZE_BASED)
+    blurred = [s.label for s in r.rbc_morphology if report_view.out_of_focus(r, s)]
+    if blurred:  # every row: the red cells were too blurred to judge their shape
+        lines.append(f"  RBC morphology not assessable: the red cells were too blurred to judge their shape "
+                     f"({r.counts.rbc} counted)")
+        unassessed = [u for u in unassessed if u not in blurred]
     if unassessed:  # an estimated scale: a share of 0 would read as "none seen"
         why = "with a calibration in doubt" if doubted else "at an estimated scale"
         lines.append(f"  RBC {', '.join(unassessed)}: not assessable {why}")

@@ -169,7 +169,9 @@ function renderRun(st) {
     // graded reads "present" for its 1+ to 3+), with no interval's grades.
     const presence = REPORTED_PRESENT.includes(s.label);
     const shown = (g) => g === "none" ? (presence ? "none" : "below 1+") : g;
-    let grade = sizesOff && SIZE_BASED.includes(s.label) ? "not assessable" : s.grade || grades[s.label] || "";
+    // a row the report marks not assessable (red cells too blurred to judge, flag rbc_morphology_out_of_focus)
+    let grade = (sizesOff && SIZE_BASED.includes(s.label)) || s.assessable === false ? "not assessable"
+      : s.grade || grades[s.label] || "";
     if (presence && grade && grade !== "none") grade = "present";
     const spans = !presence && grade !== "not assessable" && grade && s.grade_ci_low && s.grade_ci_high &&
       s.grade_ci_low !== s.grade_ci_high;

@@ -1,0 +1,121 @@
+"""How sharp a field's red cells are: the width of their outline's edge, in micrometres.
+
+The frame quality gate (device.quality) judges the whole frame and passes fields whose white
+cells are in focus; a station focused on the white cells can leave the red cells blurred, and
+the RBC head was not trained to type blurred red cells. Red-cell morphology therefore gets its
+own judgement of focus.
+
+The measure is physical: at the canonical scale, on the lamp-corrected field (mean of its three
+channels), each whole red cell's edge width is its contrast (its darkest tenth against the glass
+0.6 to 1.2 um around it) over the steepest intensity gradient across its outline. A step blurred
+by a Gaussian of SD s is sqrt(2 pi) s wide (2.5 um for s = 1 um); in focus, red cells' edges at
+0.2 um/px measure 0.4 to 1.2 um. The field's figure is the median over its whole red cells (at
+least `MIN_CELLS`); it costs one Sobel pass over the field and a few small mask operations per
+cell. It reads blur, not the sharp dark and bright fringes a defocused, nearly transparent red
+cell can show instead (the Raspberry Pi station's red cells measure as sharp as other labs';
+models/README.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from smearscope.service.analysis.records import CellDetection, CellKind
+from smearscope.service.analysis.report import Flag
+from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
+
+logger = logging.getLogger(__name__)
+
+#: The flag a field raises when its red cells are too blurred to judge their shape.
+RBC_OUT_OF_FOCUS = "rbc_morphology_out_of_focus"
+#: Default bound on the field's red-cell edge width (um); chosen on validation (models/README.md).
+MAX_EDGE_WIDTH_UM = 1.4
+#: Whole red cells a field needs before its edge width is judged.
+MIN_CELLS = 5
+#: Red-cell detections at least this confident take part (their outline is the detector's mask).
+MIN_SCORE = 0.5
+#: Cells whose contrast against the glass is below this (0-255) tell nothing about focus.
+MIN_CONTRAST = 12.0
+#: Pixels (canonical) either side of the mask's outline searched for the steepest gradient, and
+#: out to where the glass around a cell is read; a cell needs this many pixels of such glass.
+_BAND_PX = 3
+_GLASS_PX = 6
+MIN_GLASS_PX = 8
+
+
+@dataclass(frozen=True)
+class RbcFocus:
+    """A field's red-cell edge width (median over `cells` whole red cells; None below MIN_CELLS)."""
+
+    edge_width_um: float | None
+    cells: int
+
+    def out_of_focus(self, max_edge_width_um: float | None) -> bool:
+        return (max_edge_width_um is not None and self.edge_width_um is not None
+                and self.edge_width_um > max_edge_width_um)
+
+    def flag(self, max_edge_width_um: float) -> Flag:
+        """The warning of a field `out_of_focus` at this bound."""
+        return Flag(code=RBC_OUT_OF_FOCUS, severity="warning",
+                    message=f"the red cells are too blurred to judge their shape (edge {self.edge_width_um:.2f} um wide "
+                            f"over {self.cells} red cells, above {max_edge_width_um:g} um): red-cell morphology is not "
+                            "graded for this field (a defocus ring reads as target cells); refocus on the red cells. "
+                            "Counts are kept")
+
+
+def _whole(d: CellDetection, shape: tuple[int, ...]) -> bool:
+    h, w = shape[:2]
+    b = d.box
+    return (d.kind is CellKind.RBC and d.mask is not None and d.score >= MIN_SCORE and not d.cut_by_tile_edge
+            and b.x0 > _GLASS_PX and b.y0 > _GLASS_PX and b.x1 < w - _GLASS_PX and b.y1 < h - _GLASS_PX)
+
+
+def cell_edge_widths(pixels: np.ndarray, detections: Sequence[CellDetection]) -> list[float]:
+    """Each whole red cell's edge width in canonical pixels (`pixels`: the canonical, lamp-corrected field)."""
+    grey = pixels.astype(np.float32).mean(axis=2) if pixels.ndim == 3 else pixels.astype(np.float32)
+    gx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3)
+    grad = cv2.magnitude(gx, gy) / 8.0  # Sobel's 3x3 weights sum to 8 per pixel of step
+    cells = [d for d in detections if d.mask is not None]
+    taken = np.zeros(grey.shape, bool)  # every cell's mask: not glass
+    for d in cells:
+        y0, x0 = int(d.box.y0), int(d.box.x0)
+        sub = taken[y0:y0 + d.mask.shape[0], x0:x0 + d.mask.shape[1]]
+        sub |= d.mask[:sub.shape[0], :sub.shape[1]]
+    kernel = np.ones((3, 3), np.uint8)
+    pad = _GLASS_PX + 1
+    out = []
+    for d in cells:
+        if not _whole(d, grey.shape):
+            continue
+        y0, x0 = int(d.box.y0) - pad, int(d.box.x0) - pad
+        m = np.pad(d.mask.astype(np.uint8), pad)
+        y1, x1 = y0 + m.shape[0], x0 + m.shape[1]
+        if y0 < 0 or x0 < 0 or y1 > grey.shape[0] or x1 > grey.shape[1] or not m.any():
+            continue
+        outer = cv2.dilate(m, kernel, iterations=_BAND_PX)
+        band = (outer > 0) & (cv2.erode(m, kernel, iterations=_BAND_PX) == 0)
+        # the glass around the cell: a ring from 0.6 to 1.2 um out, less any other cell
+        glass = (cv2.dilate(m, kernel, iterations=_GLASS_PX) > 0) & (outer == 0) & ~taken[y0:y1, x0:x1]
+        if glass.sum() < MIN_GLASS_PX:
+            continue
+        g = grey[y0:y1, x0:x1]
+        contrast = float(np.median(g[glass])) - float(np.percentile(g[m > 0], 10))
+        steepest = float(np.percentile(grad[y0:y1, x0:x1][band], 90))
+        if contrast < MIN_CONTRAST or steepest <= 0:
+            continue
+        out.append(contrast / steepest)
+    return out
+
+
+def measure_rbc_focus(pixels: np.ndarray, detections: Sequence[CellDetection]) -> RbcFocus:
+    """The field's red-cell edge width (um at the canonical scale) over its whole red cells."""
+    widths = cell_edge_widths(pixels, detections)
+    if len(widths) < MIN_CELLS:
+        return RbcFocus(None, len(widths))
+    return RbcFocus(round(float(np.median(widths)) * CANONICAL_UM_PER_PX, 3), len(widths))
