@@ -10,8 +10,8 @@ channels), each whole red cell's edge width is its contrast (its darkest tenth a
 0.6 to 1.2 um around it) over the steepest intensity gradient across its outline. A step blurred
 by a Gaussian of SD s is sqrt(2 pi) s wide (2.5 um for s = 1 um); in focus, red cells' edges at
 0.2 um/px measure 0.4 to 1.2 um. The field's figure is the median over its whole red cells (at
-least `MIN_CELLS`); it costs one Sobel pass over the field and a few small mask operations per
-cell. It reads blur, not the sharp dark and bright fringes a defocused, nearly transparent red
+least `MIN_CELLS`, at most `MAX_MEASURED_CELLS` spread over the field); it costs a Sobel pass and a
+few small mask operations in each measured cell's window. It reads blur, not the sharp dark and bright fringes a defocused, nearly transparent red
 cell can show instead (the Raspberry Pi station's red cells measure as sharp as other labs';
 models/README.md).
 """
@@ -46,6 +46,9 @@ MIN_CONTRAST = 12.0
 _BAND_PX = 3
 _GLASS_PX = 6
 MIN_GLASS_PX = 8
+#: Whole red cells measured at most, spread over the field: the median of this many is steady,
+#: and the cost stays that of a few dozen small windows however many cells a large field holds.
+MAX_MEASURED_CELLS = 64
 
 
 @dataclass(frozen=True)
@@ -75,38 +78,47 @@ def _whole(d: CellDetection, shape: tuple[int, ...]) -> bool:
             and b.x0 > _GLASS_PX and b.y0 > _GLASS_PX and b.x1 < w - _GLASS_PX and b.y1 < h - _GLASS_PX)
 
 
-def cell_edge_widths(pixels: np.ndarray, detections: Sequence[CellDetection]) -> list[float]:
-    """Each whole red cell's edge width in canonical pixels (`pixels`: the canonical, lamp-corrected field)."""
-    grey = pixels.astype(np.float32).mean(axis=2) if pixels.ndim == 3 else pixels.astype(np.float32)
-    gx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3)
-    grad = cv2.magnitude(gx, gy) / 8.0  # Sobel's 3x3 weights sum to 8 per pixel of step
+def cell_edge_widths(pixels: np.ndarray, detections: Sequence[CellDetection],
+                     max_cells: int | None = MAX_MEASURED_CELLS) -> list[float]:
+    """Whole red cells' edge widths in canonical pixels (`pixels`: the canonical, lamp-corrected
+    field): of at most `max_cells` of them, spread evenly over the field's whole red cells in
+    detection order (None: every one), each measured in its own window."""
     cells = [d for d in detections if d.mask is not None]
-    taken = np.zeros(grey.shape, bool)  # every cell's mask: not glass
-    for d in cells:
-        y0, x0 = int(d.box.y0), int(d.box.x0)
-        sub = taken[y0:y0 + d.mask.shape[0], x0:x0 + d.mask.shape[1]]
-        sub |= d.mask[:sub.shape[0], :sub.shape[1]]
+    whole = [d for d in cells if _whole(d, pixels.shape)]
+    if max_cells is not None and len(whole) > max_cells:
+        whole = [whole[i] for i in np.linspace(0, len(whole) - 1, max_cells).round().astype(int)]
+    boxes = np.array([d.box.as_list() for d in cells], np.float64).reshape(-1, 4)
     kernel = np.ones((3, 3), np.uint8)
     pad = _GLASS_PX + 1
     out = []
-    for d in cells:
-        if not _whole(d, grey.shape):
-            continue
+    for d in whole:
         y0, x0 = int(d.box.y0) - pad, int(d.box.x0) - pad
         m = np.pad(d.mask.astype(np.uint8), pad)
         y1, x1 = y0 + m.shape[0], x0 + m.shape[1]
-        if y0 < 0 or x0 < 0 or y1 > grey.shape[0] or x1 > grey.shape[1] or not m.any():
+        if y0 < 0 or x0 < 0 or y1 > pixels.shape[0] or x1 > pixels.shape[1] or not m.any():
             continue
+        window = pixels[y0:y1, x0:x1]
+        g = window.astype(np.float32).mean(axis=2) if window.ndim == 3 else window.astype(np.float32)
+        grad = cv2.magnitude(cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3),
+                             cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3)) / 8.0  # 3x3 weights sum to 8 per step
+        taken = np.zeros(m.shape, bool)  # every other cell's mask in the window: not glass
+        near = np.flatnonzero((boxes[:, 2] > x0) & (boxes[:, 3] > y0) & (boxes[:, 0] < x1) & (boxes[:, 1] < y1))
+        for o in (cells[i] for i in near):
+            b = o.box
+            if o is d:
+                continue
+            oy, ox = int(b.y0) - y0, int(b.x0) - x0
+            mask = o.mask[max(0, -oy):, max(0, -ox):]
+            sub = taken[max(0, oy):max(0, oy) + mask.shape[0], max(0, ox):max(0, ox) + mask.shape[1]]
+            sub |= mask[:sub.shape[0], :sub.shape[1]]
         outer = cv2.dilate(m, kernel, iterations=_BAND_PX)
         band = (outer > 0) & (cv2.erode(m, kernel, iterations=_BAND_PX) == 0)
         # the glass around the cell: a ring from 0.6 to 1.2 um out, less any other cell
-        glass = (cv2.dilate(m, kernel, iterations=_GLASS_PX) > 0) & (outer == 0) & ~taken[y0:y1, x0:x1]
+        glass = (cv2.dilate(m, kernel, iterations=_GLASS_PX) > 0) & (outer == 0) & ~taken
         if glass.sum() < MIN_GLASS_PX:
             continue
-        g = grey[y0:y1, x0:x1]
         contrast = float(np.median(g[glass])) - float(np.percentile(g[m > 0], 10))
-        steepest = float(np.percentile(grad[y0:y1, x0:x1][band], 90))
+        steepest = float(np.percentile(grad[band], 90))
         if contrast < MIN_CONTRAST or steepest <= 0:
             continue
         out.append(contrast / steepest)
