@@ -243,6 +243,22 @@ def test_counting_recounted_twins_once_is_on_by_default_and_reaches_the_analyzer
         off.close()
 
 
+def test_counting_kind_twins_once_is_on_by_default_and_reaches_the_analyzer(tmp_path: Path) -> None:
+    from smearscope.service.analysis.kind_twins import CROSS_KIND_MIN_IOU, WHITE_PIECE_MIN_IOU
+    from smearscope.service.station.startup import build_analyzer
+
+    base = MINIMAL + f'[analysis]\nengine_backend = "onnxruntime"\nmodels_dir = "{REPO / "models"}"\n'
+    default = build_analyzer(load_config(_write(tmp_path, base), environ={}))
+    off = build_analyzer(load_config(_write(tmp_path, base + "count_kind_twins_once = false\n"), environ={}))
+    try:
+        assert (default.options.kind_twin_min_iou, default.options.white_piece_min_iou) == (
+            CROSS_KIND_MIN_IOU, WHITE_PIECE_MIN_IOU) == (0.5, 0.3)
+        assert (off.options.kind_twin_min_iou, off.options.white_piece_min_iou) == (None, None)
+    finally:
+        default.close()
+        off.close()
+
+
 def test_head_views_reach_the_heads_and_bad_views_are_refused(tmp_path: Path) -> None:
     from smearscope.service.station.startup import build_analyzer
 

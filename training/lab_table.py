@@ -436,6 +436,9 @@ def main() -> None:
     ap.add_argument("--count-twins", action="store_true",
                     help="a red-cell detection re-counted as a white cell on top of a detected white cell is "
                          "counted too (AnalyzerOptions.recounted_twin_min_iou None; service.analysis.recount_twins)")
+    ap.add_argument("--count-kind-twins", action="store_true",
+                    help="one object counted as two kinds, or as overlapping white cells, is counted twice "
+                         "(AnalyzerOptions.kind_twin_min_iou and white_piece_min_iou None; service.analysis.kind_twins)")
     ap.add_argument("--platelet-rescue", nargs="?", const="", default=None, metavar="CONTRAST,FROM",
                     help="faint platelets confirmed by colour (service.analysis.platelet_rescue, a station option): "
                          "the rule as the station config turns it on, or this contrast (grey levels) and the "
@@ -449,6 +452,7 @@ def main() -> None:
                               illumination=args.illumination, stain_method=args.stain,
                               nucleated_recheck=not args.no_nucleated_recheck,
                               **({"recounted_twin_min_iou": None} if args.count_twins else {}),
+                              **({"kind_twin_min_iou": None, "white_piece_min_iou": None} if args.count_kind_twins else {}),
                               platelet_rescue=None if args.platelet_rescue is None else rescue_rule(args.platelet_rescue),
                               detector_view_windows=not args.no_view_windows,
                               **({"detector_window_margin": args.window_margin} if args.window_margin is not None else {}),

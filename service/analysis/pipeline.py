@@ -29,6 +29,11 @@ from smearscope.service.analysis.crops import crop_cell
 from smearscope.service.analysis.detect_views import ViewSettings, detect_views
 from smearscope.service.analysis.field_flags import scale_and_lamp_flags
 from smearscope.service.analysis.illumination import Illumination, estimate_illumination
+from smearscope.service.analysis.kind_twins import (
+    CROSS_KIND_MIN_IOU,
+    WHITE_PIECE_MIN_IOU,
+    drop_kind_twins,
+)
 from smearscope.service.analysis.morphology import SIZE_BASED, shape_label, shape_probs
 from smearscope.service.analysis.nucleated import accepts, dense_interiors
 from smearscope.service.analysis.platelet_rescue import PlateletRescue, rescue_platelets
@@ -131,6 +136,9 @@ class AnalyzerOptions:
     max_lymphocyte_diameter_um: float | None = MAX_LYMPHOCYTE_DIAMETER_UM
     #: A red cell re-counted as a white cell over a detected white cell by this IoU is that cell (service.analysis.recount_twins); None: off.
     recounted_twin_min_iou: float | None = TWIN_MIN_IOU
+    #: One object counted as two kinds, or as overlapping white cells, is counted once (service.analysis.kind_twins); None: off.
+    kind_twin_min_iou: float | None = CROSS_KIND_MIN_IOU
+    white_piece_min_iou: float | None = WHITE_PIECE_MIN_IOU
     #: Red cells whose edge is wider than this (um, service.analysis.rbc_focus) are too blurred to
     #: judge their shape: the field's morphology is not graded (flag rbc_morphology_out_of_focus); None: off.
     rbc_max_edge_width_um: float | None = MAX_EDGE_WIDTH_UM
@@ -397,7 +405,9 @@ class Analyzer:
         if not self.wbc_head:
             cells += [_classified(c.detection, None, None, shape, size_calibrated=calibrated) for c in routed.wbc]
         cells += [_classified(d, None, None, shape, size_calibrated=calibrated) for d in routed.platelets]
-        cells = gate_lymphocyte_size(drop_recounted_twins(cells, self.options.recounted_twin_min_iou), self.options.max_lymphocyte_diameter_um)
+        cells = drop_kind_twins(drop_recounted_twins(cells, self.options.recounted_twin_min_iou),
+                                self.options.kind_twin_min_iou, self.options.white_piece_min_iou)
+        cells = gate_lymphocyte_size(cells, self.options.max_lymphocyte_diameter_um)
         t = time.perf_counter()
         focus, bound = measure_rbc_focus(field_.pixels(LAMP_CORRECTED), kept), self.options.rbc_max_edge_width_um
         blurred = bound is not None and focus.out_of_focus(bound)

@@ -160,6 +160,7 @@ def build_analyzer(config: StationConfig, keep_wbc_features: bool = False) -> An
     from smearscope.engines.manifest import ManifestError
     from smearscope.service.analysis.aggregate import AggregateThresholds
     from smearscope.service.analysis.classify import OpenSetThresholdError
+    from smearscope.service.analysis.kind_twins import CROSS_KIND_MIN_IOU, WHITE_PIECE_MIN_IOU
     from smearscope.service.analysis.pipeline import MODEL_FILES, Analyzer, AnalyzerOptions
     from smearscope.service.analysis.platelet_rescue import PlateletRescue
     from smearscope.service.analysis.recount_twins import TWIN_MIN_IOU
@@ -187,6 +188,8 @@ def build_analyzer(config: StationConfig, keep_wbc_features: bool = False) -> An
         max_lymphocyte_diameter_um=a.max_lymphocyte_diameter_um,
         rbc_max_edge_width_um=None if math.isinf(a.rbc_max_edge_width_um) else a.rbc_max_edge_width_um,
         recounted_twin_min_iou=TWIN_MIN_IOU if a.count_recounted_twins_once else None,
+        kind_twin_min_iou=CROSS_KIND_MIN_IOU if a.count_kind_twins_once else None,
+        white_piece_min_iou=WHITE_PIECE_MIN_IOU if a.count_kind_twins_once else None,
         rbc_views=None if a.rbc_head_views is None else tuple(a.rbc_head_views),
         wbc_views=None if a.wbc_head_views is None else tuple(a.wbc_head_views),
         wbc_open_set_thresholds=open_set, wbc_station_means=a.wbc_station_means, keep_wbc_features=keep_wbc_features,

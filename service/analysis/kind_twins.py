@@ -1,0 +1,69 @@
+"""Stage 8a, after the recount twins: one object counted as two cells is counted once, as the kind its outline is.
+
+The detector merges tiles and fuses views per kind, so one object can come out as two counted
+cells: a white and a red cell on one outline (a red cell cut by the field edge kept also as an
+`unidentified` white cell, a red cell at twice its scale also as a white cell), a platelet on a
+white or red cell's whole outline, or a white cell in overlapping pieces at a scale far off. A
+hematologist counts an object once:
+
+- two counted cells of different kinds whose boxes overlap by IoU `CROSS_KIND_MIN_IOU` or more are
+  one object: a platelet there gives way (a platelet's box, 2 to 4 um, overlaps a red cell's by
+  IoU 0.3 at most; one that overlaps a cell's box this much has that cell's size), and between a
+  red and a white cell the higher detector score stays;
+- two counted white cells whose boxes overlap by IoU `WHITE_PIECE_MIN_IOU` or more are one white
+  cell: the higher detector score stays.
+
+Run after the recount-twins stage (service.analysis.recount_twins). Measured on the validation
+fields of BCCD, the three TXL-PBC sources and the Raspberry Pi station through the analyzer
+(`python -m training.cross_kind_twins --split val --scale given|estimated`): counted pairs of
+different kinds that are distinct cells overlap by IoU 0.29 at most, annotated ones by 0.28 at
+most (a platelet on a red cell); the twins by 0.65 to 0.98 (two by 0.46 and 0.49 on a station
+field at 0.78 of its scale). Distinct counted white cells overlap by 0.17 at most, annotated
+ones by 0.05; the pieces of one white cell by 0.44 and 0.55. No annotated cell is lost on any lab
+at either scale (models/README.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from smearscope.service.analysis.boxes import box_iou
+from smearscope.service.analysis.records import CellKind, ClassifiedCell
+
+#: Two counted cells of different kinds overlapping this much are one object.
+CROSS_KIND_MIN_IOU = 0.5
+#: Two counted white cells overlapping this much are one white cell.
+WHITE_PIECE_MIN_IOU = 0.3
+#: The kinds a counted cell is compared as (a nucleated red cell was found as a white cell).
+_AS = {CellKind.RBC: CellKind.RBC, CellKind.WBC: CellKind.WBC, CellKind.NRBC: CellKind.WBC,
+       CellKind.PLATELET: CellKind.PLATELET}
+
+
+def _loser(a: ClassifiedCell, b: ClassifiedCell) -> int:
+    """0 when `a` gives way to `b`, 1 otherwise: a platelet gives way to a cell, else the lower score."""
+    ka, kb = _AS[a.detection.kind], _AS[b.detection.kind]
+    if ka is not kb and CellKind.PLATELET in (ka, kb):
+        return 0 if ka is CellKind.PLATELET else 1
+    return 0 if a.detection.score < b.detection.score else 1
+
+
+def drop_kind_twins(cells: Sequence[ClassifiedCell], cross_min_iou: float | None = CROSS_KIND_MIN_IOU,
+                    white_min_iou: float | None = WHITE_PIECE_MIN_IOU) -> list[ClassifiedCell]:
+    """The cells less one of each pair counted on one object (closest pairs first); a bound None
+    leaves those pairs as they are."""
+    idx = [i for i, c in enumerate(cells) if c.detection.kind in _AS]
+    if len(idx) < 2 or (cross_min_iou is None and white_min_iou is None):
+        return list(cells)
+    boxes = np.array([cells[i].detection.box.as_list() for i in idx], float)
+    iou = np.triu(box_iou(boxes, boxes), 1)
+    dropped: set[int] = set()
+    for a, b in sorted(zip(*np.nonzero(iou > 0)), key=lambda p: -iou[p]):
+        ca, cb = cells[idx[a]], cells[idx[b]]
+        ka, kb = _AS[ca.detection.kind], _AS[cb.detection.kind]
+        bound = cross_min_iou if ka is not kb else white_min_iou if ka is CellKind.WBC else None
+        if bound is None or iou[a, b] < bound or idx[a] in dropped or idx[b] in dropped:
+            continue
+        dropped.add((idx[a], idx[b])[_loser(ca, cb)])
+    return [c for i, c in enumerate(cells) if i not in dropped]
