@@ -17,9 +17,9 @@ cell is paired with the annotations as the lab table pairs them (`training.metri
 detection_confusion`: IoU >= 0.5, highest first, each once, kind-blind); a pair's members are then
 paired with an annotation of their own kind, of another kind, or with none. The rules of
 `service.analysis.kind_twins` are simulated at each `--rule-iou` on the counted cells (run with
-`--count-kind-twins`, the stage off): of a cross-kind pair overlapping by that IoU or more a
-platelet gives way, else the lower-scoring cell; of two white cells overlapping by that IoU or more
-the lower-scoring one. Per lab and kind: true cells (paired with
+`--count-kind-twins`, the stage off): a platelet overlapping a cell of another kind by that IoU or
+more gives way; of two white cells overlapping by that IoU or more the lower-scoring one; and, a
+rule not adopted, of a red and a white cell the lower-scoring one. Per lab and kind: true cells (paired with
 their own kind) and false ones before and after. A rule is clean when it loses no true cell of any
 kind on any lab.
 
@@ -86,9 +86,11 @@ def pair_name(a: str, b: str) -> str:
     return "+".join(sorted((a, b), key=KINDS.index))
 
 
-def drop_twins(cells: list[dict], cross_iou: float | None, wbc_iou: float | None) -> list[dict]:
+def drop_twins(cells: list[dict], cross_iou: float | None, wbc_iou: float | None,
+               score_red_white: bool = False) -> list[dict]:
     """The counted cells less one of each pair the rules name, as service.analysis.kind_twins drops
-    them: a platelet gives way to a cell of another kind, else the lower score."""
+    them: a platelet gives way to a cell of another kind, of two white cells the lower score; a red
+    and a white cell stay (`score_red_white`: the lower score gives way, a rule not adopted)."""
     dropped: set[int] = set()
     for a, b, iou in sorted(overlapping_pairs(cells), key=lambda p: -p[2]):
         if a in dropped or b in dropped:
@@ -98,16 +100,19 @@ def drop_twins(cells: list[dict], cross_iou: float | None, wbc_iou: float | None
                 ka == kb == "wbc" and wbc_iou is not None and iou >= wbc_iou):
             if ka != kb and "platelet" in (ka, kb):
                 dropped.add(a if ka == "platelet" else b)
+            elif ka != kb and not score_red_white:
+                continue
             else:
                 dropped.add(b if cells[a]["score"] >= cells[b]["score"] else a)
     return [c for i, c in enumerate(cells) if i not in dropped]
 
 
-def tally(fields: list[dict], cross_iou: float | None = None, wbc_iou: float | None = None) -> dict:
+def tally(fields: list[dict], cross_iou: float | None = None, wbc_iou: float | None = None,
+          score_red_white: bool = False) -> dict:
     """Per lab and kind: counted cells paired with their own annotated kind (true) and the rest (false)."""
     out: dict[str, dict[str, list[int]]] = {}
     for f in fields:
-        cells = drop_twins(f["cells"], cross_iou, wbc_iou)
+        cells = drop_twins(f["cells"], cross_iou, wbc_iou, score_red_white)
         per = out.setdefault(f["lab"], {k: [0, 0] for k in KINDS})
         for c, paired in zip(cells, status(f, cells)):
             per[c["kind"]][0 if paired == c["kind"] else 1] += 1
@@ -160,11 +165,13 @@ def report(fields: list[dict], rule_ious: list[float], detail_from: float) -> st
     lines += details
     lines += ["", "Rules (lower-scoring member dropped): per lab, true / false counted cells, rbc wbc platelet", ""]
     base = tally(fields)
-    for label, cross, wbc in [("none", None, None)] + [(f"cross-kind IoU >= {t}", t, None) for t in rule_ious] + [
-            (f"white+white IoU >= {t}", None, t) for t in rule_ious] + [
-            (f"the stage's bounds (cross-kind {CROSS_KIND_MIN_IOU}, white {WHITE_PIECE_MIN_IOU})",
-             CROSS_KIND_MIN_IOU, WHITE_PIECE_MIN_IOU)]:
-        t = tally(fields, cross, wbc)
+    for label, cross, wbc, red_white in [("none", None, None, False)] + [
+            (f"platelet on a cell IoU >= {t}", t, None, False) for t in rule_ious] + [
+            (f"platelet on a cell, red+white lower score, IoU >= {t}", t, None, True) for t in rule_ious] + [
+            (f"white+white IoU >= {t}", None, t, False) for t in rule_ious] + [
+            (f"the stage's bounds (platelet {CROSS_KIND_MIN_IOU}, white {WHITE_PIECE_MIN_IOU})",
+             CROSS_KIND_MIN_IOU, WHITE_PIECE_MIN_IOU, False)]:
+        t = tally(fields, cross, wbc, red_white)
         lost = {lab: {k: base[lab][k][0] - t[lab][k][0] for k in KINDS if base[lab][k][0] != t[lab][k][0]} for lab in t}
         removed = {lab: {k: base[lab][k][1] - t[lab][k][1] for k in KINDS if base[lab][k][1] != t[lab][k][1]} for lab in t}
         lines.append(f"- {label}: " + "; ".join(

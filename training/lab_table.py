@@ -437,7 +437,7 @@ def main() -> None:
                     help="a red-cell detection re-counted as a white cell on top of a detected white cell is "
                          "counted too (AnalyzerOptions.recounted_twin_min_iou None; service.analysis.recount_twins)")
     ap.add_argument("--count-kind-twins", action="store_true",
-                    help="one object counted as two kinds, or as overlapping white cells, is counted twice "
+                    help="a platelet on a cell's outline, or a white cell in overlapping pieces, is counted twice "
                          "(AnalyzerOptions.kind_twin_min_iou and white_piece_min_iou None; service.analysis.kind_twins)")
     ap.add_argument("--platelet-rescue", nargs="?", const="", default=None, metavar="CONTRAST,FROM",
                     help="faint platelets confirmed by colour (service.analysis.platelet_rescue, a station option): "

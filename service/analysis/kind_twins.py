@@ -1,26 +1,27 @@
-"""Stage 8a, after the recount twins: one object counted as two cells is counted once, as the kind its outline is.
+"""Stage 8a, after the recount twins: a platelet on a cell's whole outline, or a white cell in pieces, is counted once.
 
 The detector merges tiles and fuses views per kind, so one object can come out as two counted
-cells: a white and a red cell on one outline (a red cell cut by the field edge kept also as an
-`unidentified` white cell, a red cell at twice its scale also as a white cell), a platelet on a
-white or red cell's whole outline, or a white cell in overlapping pieces at a scale far off. A
-hematologist counts an object once:
+cells: a platelet on a white or red cell's whole outline, or, at a scale far off, a white cell in
+overlapping pieces. A hematologist counts an object once:
 
-- two counted cells of different kinds whose boxes overlap by IoU `CROSS_KIND_MIN_IOU` or more are
-  one object: a platelet there gives way (a platelet's box, 2 to 4 um, overlaps a red cell's by
-  IoU 0.3 at most; one that overlaps a cell's box this much has that cell's size), and between a
-  red and a white cell the higher detector score stays;
-- two counted white cells whose boxes overlap by IoU `WHITE_PIECE_MIN_IOU` or more are one white
-  cell: the higher detector score stays.
+- a platelet whose box overlaps a counted red or white cell's by IoU `CROSS_KIND_MIN_IOU` or more
+  gives way (a platelet's box, 2 to 4 um, overlaps a red cell's by IoU 0.3 at most; one that
+  overlaps a cell's box this much has that cell's size);
+- of two counted white cells whose boxes overlap by IoU `WHITE_PIECE_MIN_IOU` or more the higher
+  detector score stays.
 
-Run after the recount-twins stage (service.analysis.recount_twins). Measured on the validation
-fields of BCCD, the three TXL-PBC sources and the Raspberry Pi station through the analyzer
-(`python -m training.cross_kind_twins --split val --scale given|estimated`): counted pairs of
-different kinds that are distinct cells overlap by IoU 0.29 at most, annotated ones by 0.28 at
-most (a platelet on a red cell); the twins by 0.65 to 0.98 (two by 0.46 and 0.49 on a station
-field at 0.78 of its scale). Distinct counted white cells overlap by 0.17 at most, annotated
-ones by 0.05; the pieces of one white cell by 0.44 and 0.55. No annotated cell is lost on any lab
-at either scale (models/README.md).
+A red and a white cell on one outline are left as they are: neither the detector's scores nor the
+kinds say which one the object is (on validation the red twin scored higher on the station's false
+white cells and lower on TXL-PBC 575's edge-cut red cells; keeping the higher score lost labelled
+Chula red cells on validation and a labelled white cell on the station's test fields;
+models/README.md, Known limits).
+
+Measured on the validation fields of BCCD, the three TXL-PBC sources and the Raspberry Pi station
+through the analyzer (`python -m training.cross_kind_twins --split val --scale given|estimated`):
+distinct platelets and cells overlap by IoU 0.28 at most (annotated, a platelet on a red cell), 0.15
+counted; the platelet twins by 0.77 and 0.98. Distinct counted white cells overlap by 0.17 at most,
+annotated ones by 0.05; the pieces of one white cell by 0.44 and 0.55. No annotated cell is lost
+on any lab at either scale.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ _AS = {CellKind.RBC: CellKind.RBC, CellKind.WBC: CellKind.WBC, CellKind.NRBC: Ce
 
 def _loser(a: ClassifiedCell, b: ClassifiedCell) -> int:
     """0 when `a` gives way to `b`, 1 otherwise: a platelet gives way to a cell, else the lower score."""
-    ka, kb = _AS[a.detection.kind], _AS[b.detection.kind]
-    if ka is not kb and CellKind.PLATELET in (ka, kb):
+    ka = _AS[a.detection.kind]
+    if ka is not _AS[b.detection.kind]:
         return 0 if ka is CellKind.PLATELET else 1
     return 0 if a.detection.score < b.detection.score else 1
 
@@ -62,6 +63,8 @@ def drop_kind_twins(cells: Sequence[ClassifiedCell], cross_min_iou: float | None
     for a, b in sorted(zip(*np.nonzero(iou > 0)), key=lambda p: -iou[p]):
         ca, cb = cells[idx[a]], cells[idx[b]]
         ka, kb = _AS[ca.detection.kind], _AS[cb.detection.kind]
+        if ka is not kb and CellKind.PLATELET not in (ka, kb):
+            continue  # a red and a white cell: neither score nor kind says which one it is (module doc)
         bound = cross_min_iou if ka is not kb else white_min_iou if ka is CellKind.WBC else None
         if bound is None or iou[a, b] < bound or idx[a] in dropped or idx[b] in dropped:
             continue

@@ -196,13 +196,13 @@ class AnalysisConfig(StationBaseModel):
     )
     count_kind_twins_once: bool = Field(
         default=True,
-        title="One object counted as two kinds, or as overlapping white cells, is counted once",
-        description="The detector merges its detections per kind, so one object can be counted as a white "
-        "and a red cell, as a platelet on a cell's whole outline, or as overlapping pieces of one white cell. "
-        "On: of two counted cells of different kinds whose boxes overlap by IoU 0.5 or more a platelet gives "
-        "way, else the lower detector score; of two counted white cells overlapping by IoU 0.3 or more the "
-        "lower detector score. On the validation fields distinct cells of different kinds overlapped by 0.29 "
-        "at most, distinct white cells by 0.17 (models/README.md). Off: both are counted.",
+        title="A platelet on a cell's outline, or a white cell in pieces, is counted once",
+        description="The detector merges its detections per kind, so one object can be counted as a platelet "
+        "on a cell's whole outline or as overlapping pieces of one white cell. On: a platelet whose box "
+        "overlaps a red or white cell's by IoU 0.5 or more is dropped; of two counted white cells overlapping "
+        "by IoU 0.3 or more the lower detector score is dropped. On the validation fields distinct platelets "
+        "and cells overlapped by 0.28 at most, distinct white cells by 0.17 (models/README.md). Off: both are "
+        "counted.",
     )
     rbc_head_views: list[TestTimeView] | None = Field(
         default=None,
