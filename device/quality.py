@@ -9,8 +9,17 @@ Laplacian's variance at a fixed width reads a finely sampled sharp
 field as blurred (BCCD's 640x480 fields at 0.072 um/px: 7 to 11, where its fields at 0.5 um/px
 read 82 to 314 and a 1 um blur of them 4 to 7). The default threshold passes every validation
 field of the seven labs in `training.labs` at its scale (the palest, a Raspberry Pi camera, from
-19) and refuses a 1 um blur of BCCD's and the Raspberry Pi station's. Checks run in a
-fixed order so the reported reason is the most basic one: a black frame is "underexposed", not
+19) and refuses a 1 um blur of BCCD's and the Raspberry Pi station's.
+
+A field is empty when neither a share of stained pixels (HSV saturation) nor a share of material
+(pixels 0.05 OD darker, in any channel, than their glass: a grey closing over 20 um) is there.
+Saturation alone refused 13 of Chula RBC-12's 59 validation fields, full fields of pale red cells
+on greenish glass (stained 0.000 to 0.029 of 0.03 asked); the material share of every validation
+field of the seven labs is 0.13 or more at its scale (Chula from 0.134, the Raspberry Pi station
+0.133) and 0.10 or more at an unknown one (BCCD 0.104, Chula 0.111), against 0.006 or less for
+rendered blank glass (corners a quarter darker, colour casts, noise, JPEG, lamp-only frames) and
+0.073 with 8 dust specks 2 to 12 um across in a 112 x 84 um field: the default 0.08 lies between.
+Checks run in a fixed order so the reported reason is the most basic one: a black frame is "underexposed", not
 "out_of_focus".
 """
 
@@ -105,7 +114,30 @@ class QualityGateConfig(BaseModel):
     min_stained_fraction: float = Field(
         default=0.03,
         title="Smallest stained fraction",
-        description="Fewer stained pixels than this fraction is an empty_field.",
+        description="Fewer stained pixels than this fraction, and too little material darker than "
+        "its glass (min_material_fraction), is an empty_field.",
+        ge=0.0, le=1.0,
+    )
+    glass_window_microns: float = Field(
+        default=20.0,
+        title="Glass window (um)",
+        description="Side of the window whose brightest level per channel (a grey closing: vignetting "
+        "and a lamp's colour cast follow it) is the glass a pixel is compared with. At an unknown "
+        "scale taken at metric_microns_per_pixel.",
+        gt=0.0, le=200.0,
+    )
+    material_density: float = Field(
+        default=0.05,
+        title="Material optical density",
+        description="Optical density (log10 of glass over pixel, in its darkest channel) at or above "
+        "which a pixel counts as material on the glass, however pale its stain.",
+        gt=0.0, le=2.0,
+    )
+    min_material_fraction: float = Field(
+        default=0.08,
+        title="Smallest material fraction",
+        description="Fewer material pixels than this fraction, and fewer stained ones than "
+        "min_stained_fraction, is an empty_field.",
         ge=0.0, le=1.0,
     )
     thumbnail_px: int = Field(
@@ -149,8 +181,10 @@ def measure(
 ) -> tuple[dict[str, float], np.ndarray]:
     """Quality metrics of a BGR uint8 image, and its gray thumbnail for the same-field check."""
     h, w = pixels.shape[:2]
+    small_mpp = config.metric_microns_per_pixel  # assumed at an unknown scale
     if microns_per_pixel:
         scale = min(1.0, microns_per_pixel / config.metric_microns_per_pixel)
+        small_mpp = max(microns_per_pixel, config.metric_microns_per_pixel)
     else:
         scale = min(1.0, config.analysis_width / w)
     small = pixels
@@ -164,11 +198,31 @@ def measure(
         "dark_fraction": float(np.mean(gray <= config.dark_level)),
         "clipped_fraction": float(np.mean(gray >= config.clipped_level)),
         "stained_fraction": float(np.mean(saturation >= config.stain_saturation)),
+        "material_fraction": material_fraction(small, config, small_mpp),
         "mean_gray": float(gray.mean()),
     }
     side = config.thumbnail_px
     thumb = cv2.resize(gray, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
     return metrics, thumb
+
+
+def material_fraction(small: np.ndarray, config: QualityGateConfig, microns_per_pixel: float) -> float:
+    """Share of pixels at least `material_density` darker (OD, any channel) than their local glass.
+
+    The glass is a grey closing over `glass_window_microns` of a 3x3 mean (sensor noise): it fills
+    anything smaller than the window with the glass around it and follows a smooth lamp fall-off
+    (vignetting) and, per channel, a colour cast, so only what lies on the glass reads as dense.
+    """
+    side = max(3, round(config.glass_window_microns / microns_per_pixel) | 1)
+    smooth = cv2.blur(small, (3, 3))
+    glass = cv2.morphologyEx(smooth, cv2.MORPH_CLOSE, np.ones((side, side), np.uint8))
+    # OD >= material_density is (pixel + 1) * 10**density <= glass + 1: the brightest dense pixel
+    # under each glass level, looked up (integer compares: a third of the cost of float ones)
+    levels = np.arange(256, dtype=np.float64)
+    brightest_dense = np.clip(np.floor((levels + 1) / 10.0 ** config.material_density - 1), 0, 255)
+    dense = cv2.compare(smooth, cv2.LUT(glass, brightest_dense.astype(np.uint8)), cv2.CMP_LE)
+    blue, green, red = cv2.split(dense)
+    return cv2.countNonZero(cv2.max(cv2.max(blue, green), red)) / float(blue.size)
 
 
 def normalized_cross_correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -250,7 +304,8 @@ class QualityGate:
                 reason = UNDEREXPOSED
             elif metrics["clipped_fraction"] > cfg.max_clipped_fraction:
                 reason = OVEREXPOSED
-            elif metrics["stained_fraction"] < cfg.min_stained_fraction:
+            elif (metrics["stained_fraction"] < cfg.min_stained_fraction
+                  and metrics["material_fraction"] < cfg.min_material_fraction):
                 reason = EMPTY_FIELD
             elif judged and metrics["focus"] < cfg.min_focus:
                 reason = OUT_OF_FOCUS

@@ -533,10 +533,10 @@ def test_reload_command_is_applied_on_the_daemons_own_thread(tmp_path: Path) -> 
         assert daemon.config.specimen.target_wbc_count == 150
         assert daemon.tracker.policy.target_wbc == 150
         # new quality thresholds reach the gate at once: a field every station would take, once
-        # stained material must cover it all, is refused as empty
+        # stained (or dense) material must cover it all, is refused as empty
         image = tmp_path / "field.png"
         cv2.imwrite(str(image), render_field(3, width=320, height=240).frame.pixels)
-        doc["quality"] = {"min_stained_fraction": 1.0}
+        doc["quality"] = {"min_stained_fraction": 1.0, "min_material_fraction": 1.0}
         config.write_text(to_toml(doc))
         answer = daemon.handle_command("reload", {})
         assert answer["ok"] and answer["applied"] == ["quality"], answer

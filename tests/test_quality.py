@@ -260,6 +260,23 @@ def test_real_labs_fields_pass_the_default_focus_bar_and_a_micron_of_blur_does_n
     assert {v.reason for v in blurred} == {OUT_OF_FOCUS}, [v.metrics["focus"] for v in blurred if v.accepted]
 
 
+@pytest.mark.realdata
+def test_chula_validation_fields_of_pale_red_cells_are_not_empty() -> None:
+    """Chula RBC-12's validation fields, full fields of pale red cells on greenish glass, many
+    with hardly a pixel at the stain saturation: not one is refused as empty_field at its scale."""
+    from realdata import DATA
+
+    from training.head_data import CHULA_MICRONS_PER_PIXEL, chula_splits
+    root = DATA / "chula_rbc12" / "Dataset"
+    if not root.is_dir():
+        pytest.skip(f"chula_rbc12 not found under {DATA} (set SMEARSCOPE_DATA)")
+    verdicts = [QualityGate().check(_frame(cv2.imread(str(root / f"{i}.jpg")), mpp=CHULA_MICRONS_PER_PIXEL))
+                for i in chula_splits()["val"]]
+    config = QualityGateConfig()
+    assert sum(v.metrics["stained_fraction"] < config.min_stained_fraction for v in verdicts) > 0  # saturation alone is not enough
+    assert [v.metrics for v in verdicts if v.reason == EMPTY_FIELD] == []
+
+
 # --- the thresholds' edges: "more than" and "at or above" as the config documents them ---------
 
 
@@ -320,6 +337,60 @@ def test_stain_saturation_and_the_smallest_stained_share_are_inclusive(coarse_fi
 
     assert reason(strip(12)) is None
     assert reason(strip(11)) == EMPTY_FIELD
+
+
+def _jpeg(pixels: np.ndarray) -> np.ndarray:
+    return cv2.imdecode(cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 75])[1], cv2.IMREAD_COLOR)
+
+
+def _blank_glass(seed: int, glass_rgb: tuple[float, float, float], vignetting: float, specks: int,
+                 width: int = 640, height: int = 480, mpp: float = 0.175) -> np.ndarray:
+    """Glass and nothing on it: a lamp `vignetting` dimmer at the corners (its centre off the
+    frame's), a colour cast, read and shot noise, `specks` dark dust specks 2 to 8 um across, JPEG."""
+    rng = np.random.default_rng(seed)
+    norm = (width / 2) ** 2 + (height / 2) ** 2
+    xx = ((np.arange(width) - 0.6 * width) ** 2 / norm)[None, :]
+    yy = ((np.arange(height) - height / 2) ** 2 / norm)[:, None]
+    light = (1 - vignetting * (xx + yy))[..., None] * np.asarray(glass_rgb, np.float32)
+    dust = np.zeros((height, width), np.float32)
+    for _ in range(specks):
+        centre = (int(rng.integers(width)), int(rng.integers(height)))
+        cv2.circle(dust, centre, max(1, round(rng.uniform(1, 4) / mpp)), float(rng.uniform(0.2, 1.0)), -1)
+    img = light * np.exp(-cv2.GaussianBlur(dust, (0, 0), 0.5 / mpp))[..., None]
+    img = img + np.sqrt(3.0**2 + 0.02 * img) * rng.standard_normal(img.shape)
+    return _jpeg(np.ascontiguousarray(np.clip(img + 0.5, 0, 255).astype(np.uint8)[..., ::-1]))
+
+
+def test_pale_red_cells_on_tinted_glass_are_a_field() -> None:
+    """Chula RBC-12's fields: pale pink red cells on greenish-grey glass, hardly a pixel at the
+    stain saturation (under 1 %, where 3 % are asked for), yet a full field: the material darker
+    than its glass passes it, at its scale and at an unknown one."""
+    from smearscope.device.synthetic_cells import StainParams
+
+    pale = StainParams(background_rgb=(157.0, 163.0, 160.0), eosin_strength=0.35, azure_strength=0.35,
+                       vignetting=0.1, noise_dn=2.5)
+    gate = QualityGate()
+    for seed, mpp in ((1, 0.175), (2, None)):
+        pixels = _jpeg(synthetic.render_field(seed=seed, width=640, height=480, microns_per_pixel=0.175,
+                                              stain=pale).frame.pixels)
+        verdict = gate.check(_frame(pixels, mpp=mpp))
+        assert verdict.metrics["stained_fraction"] < gate.config.min_stained_fraction / 3, verdict.metrics
+        assert verdict.metrics["material_fraction"] > 2 * gate.config.min_material_fraction, verdict.metrics
+        assert verdict.accepted, verdict.metrics
+
+
+@pytest.mark.parametrize("glass_rgb", [(157.0, 163.0, 160.0), (234.0, 229.0, 233.0), (90.0, 95.0, 85.0),
+                                       (245.0, 245.0, 245.0)], ids=["greenish", "pink", "dim", "lamp"])
+def test_blank_glass_is_empty_however_the_lamp_falls_off_or_is_tinted(glass_rgb: tuple[float, float, float]) -> None:
+    """Glass with nothing on it, its corners a quarter darker, a colour cast, sensor noise, JPEG
+    and a few dust specks (or a lamp-only frame, no slide: near white) is empty_field at its scale
+    and at an unknown one: the glass each pixel is compared with follows the lamp, so neither the
+    fall-off nor the cast counts as material, and a few specks are too little."""
+    gate = QualityGate()
+    for seed, (specks, mpp) in enumerate(((0, 0.175), (5, 0.175), (5, None))):
+        verdict = gate.check(_frame(_blank_glass(seed, glass_rgb, 0.25, specks), mpp=mpp))
+        assert verdict.reason == EMPTY_FIELD, verdict.metrics
+        assert verdict.metrics["material_fraction"] < gate.config.min_material_fraction / 2, verdict.metrics
 
 
 def test_a_featureless_field_the_stage_did_not_leave_is_same_field() -> None:
