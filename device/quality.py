@@ -19,6 +19,9 @@ field of the seven labs is 0.13 or more at its scale (Chula from 0.134, the Rasp
 0.133) and 0.10 or more at an unknown one (BCCD 0.104, Chula 0.111), against 0.006 or less for
 rendered blank glass (corners a quarter darker, colour casts, noise, JPEG, lamp-only frames) and
 0.073 with 8 dust specks 2 to 12 um across in a 112 x 84 um field: the default 0.08 lies between.
+On the test fields (looked at once) no field is empty (Chula's 10 of 57 by saturation alone),
+but the margin is thin: a Raspberry Pi field reads 0.074 at its scale and a TXL-PBC 575 field
+0.071 at an unknown one, both passed by their stain (saturation 0.54 and 0.36).
 Checks run in a fixed order so the reported reason is the most basic one: a black frame is "underexposed", not
 "out_of_focus".
 """
