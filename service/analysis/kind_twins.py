@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from smearscope.service.analysis.boxes import box_iou
+from smearscope.service.analysis.boxes import overlapping_pairs, pair_iou
 from smearscope.service.analysis.records import CellKind, ClassifiedCell
 
 #: Two counted cells of different kinds overlapping this much are one object.
@@ -58,15 +58,22 @@ def drop_kind_twins(cells: Sequence[ClassifiedCell], cross_min_iou: float | None
     if len(idx) < 2 or (cross_min_iou is None and white_min_iou is None):
         return list(cells)
     boxes = np.array([cells[i].detection.box.as_list() for i in idx], float)
-    iou = np.triu(box_iou(boxes, boxes), 1)
+    # only boxes that overlap are compared (memory linear in the cells: a dense 17 MP field holds
+    # thousands, whose full IoU matrix would take gigabytes)
+    first, second = overlapping_pairs(boxes)
+    first, second = first[first < second], second[first < second]
+    ious = pair_iou(boxes[first], boxes[second])
     dropped: set[int] = set()
-    for a, b in sorted(zip(*np.nonzero(iou > 0)), key=lambda p: -iou[p]):
+    for k in np.argsort(-ious, kind="stable"):
+        a, b, v = int(first[k]), int(second[k]), float(ious[k])
+        if v <= 0:
+            break
         ca, cb = cells[idx[a]], cells[idx[b]]
         ka, kb = _AS[ca.detection.kind], _AS[cb.detection.kind]
         if ka is not kb and CellKind.PLATELET not in (ka, kb):
             continue  # a red and a white cell: neither score nor kind says which one it is (module doc)
         bound = cross_min_iou if ka is not kb else white_min_iou if ka is CellKind.WBC else None
-        if bound is None or iou[a, b] < bound or idx[a] in dropped or idx[b] in dropped:
+        if bound is None or v < bound or idx[a] in dropped or idx[b] in dropped:
             continue
         dropped.add((idx[a], idx[b])[_loser(ca, cb)])
     return [c for i, c in enumerate(cells) if i not in dropped]

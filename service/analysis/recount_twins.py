@@ -41,6 +41,10 @@ def is_recounted(c: ClassifiedCell) -> bool:
     return c.detected_as is CellKind.RBC and c.detection.kind in _COUNTED_WHITE
 
 
+#: Re-counted cells compared with the found white cells at once (bounds the IoU block's memory).
+_ROWS = 256
+
+
 def drop_recounted_twins(cells: Sequence[ClassifiedCell], min_iou: float | None = TWIN_MIN_IOU) -> list[ClassifiedCell]:
     """The cells less every re-counted red-cell detection whose box overlaps a white cell the
     detector found by IoU `min_iou` or more; `min_iou` None leaves them as they are."""
@@ -50,7 +54,10 @@ def drop_recounted_twins(cells: Sequence[ClassifiedCell], min_iou: float | None 
     found = [c for c in cells if (c.detected_as or c.detection.kind) is CellKind.WBC]
     if not twins or not found:
         return list(cells)
-    iou = box_iou(np.array([cells[i].detection.box.as_list() for i in twins], float),
-                  np.array([c.detection.box.as_list() for c in found], float))
-    dropped = {i for i, row in zip(twins, iou) if row.max() >= min_iou}
+    twin_boxes = np.array([cells[i].detection.box.as_list() for i in twins], float)
+    found_boxes = np.array([c.detection.box.as_list() for c in found], float)
+    dropped: set[int] = set()
+    for start in range(0, len(twins), _ROWS):  # a bounded block of the IoU matrix at a time
+        iou = box_iou(twin_boxes[start:start + _ROWS], found_boxes)
+        dropped.update(i for i, row in zip(twins[start:start + _ROWS], iou) if row.max() >= min_iou)
     return [c for i, c in enumerate(cells) if i not in dropped]
