@@ -91,3 +91,21 @@ class OracleSegmenter:
             tile_index=tile.index,
             cut_by_tile_edge=touches_interior_tile_edge(box, tile, frame_width, frame_height),
         )
+
+
+class AlteredOracle:
+    """The oracle detector with its detections of a field changed by `alter` (a subclass's): the
+    stand-in for a real detector's known mistakes, every other method the oracle's."""
+
+    def __init__(self, field: SyntheticField) -> None:
+        self._oracle = OracleSegmenter(field)
+        self.views = self._oracle.views
+
+    def __getattr__(self, name: str):
+        return getattr(self._oracle, name)
+
+    def alter(self, found: list[CellDetection]) -> list[CellDetection]:
+        raise NotImplementedError
+
+    def detect(self, tiles, frame_width, frame_height, calibrate=True):
+        return self.alter(self._oracle.detect(tiles, frame_width, frame_height, calibrate))

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from oracle import AlteredOracle
 from realdata import DATA
 
 from smearscope.service.analysis.boxes import box_iou
@@ -41,21 +42,11 @@ def test_only_a_recounted_red_cell_on_a_detected_white_cell_is_dropped():
     assert box_iou(np.array([white.detection.box.as_list()]), np.array([twin.detection.box.as_list()]))[0, 0] > TWIN_MIN_IOU
 
 
-class _WhiteCellsTwice:
+class _WhiteCellsTwice(AlteredOracle):
     """The oracle detector, except that each white cell also comes out as a red cell on the same
     outline (a detector whose per-kind merge leaves both)."""
 
-    def __init__(self, field) -> None:
-        from oracle import OracleSegmenter
-
-        self._oracle = OracleSegmenter(field)
-        self.views = self._oracle.views
-
-    def __getattr__(self, name):
-        return getattr(self._oracle, name)
-
-    def detect(self, tiles, frame_width, frame_height, calibrate=True):
-        found = self._oracle.detect(tiles, frame_width, frame_height, calibrate)
+    def alter(self, found):
         return found + [dataclasses.replace(d, kind=CellKind.RBC) for d in found if d.kind is CellKind.WBC]
 
 
