@@ -42,8 +42,9 @@ from smearscope.device.frame import Frame
 from smearscope.service.analysis.boxes import box_iou
 from smearscope.service.analysis.kind_twins import CROSS_KIND_MIN_IOU, WHITE_PIECE_MIN_IOU
 from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
-from training.lab_table import lab_images
-from training.wbc_extras import BOXED_WBC_LABS, _pairs
+from training.lab_table import scored_images
+from training.metrics import pair_by_iou
+from training.wbc_extras import BOXED_WBC_LABS
 
 logger = logging.getLogger(__name__)
 KINDS = ("rbc", "wbc", "platelet")
@@ -70,7 +71,7 @@ def _boxes(items: list[dict]) -> np.ndarray:
 def status(field: dict, cells: list[dict] | None = None) -> list[str | None]:
     """Each counted cell's pairing: the annotated kind it pairs with, or None."""
     cells = field["cells"] if cells is None else cells
-    pairs = _pairs(_boxes(cells), _boxes(field["truth"]))
+    pairs = pair_by_iou(_boxes(cells), _boxes(field["truth"]))
     return [field["truth"][pairs[i]]["kind"] if i in pairs else None for i in range(len(cells))]
 
 
@@ -206,9 +207,7 @@ def main() -> None:
     fields: list[dict] = []
     try:
         for lab in args.labs.split(","):
-            images = lab_images(lab, args.split)[:args.limit]
-            if args.scale == "given":
-                images = [im for im in images if im.known_mpp is not None]
+            images = scored_images(lab, args.split, args.scale, args.limit)
             fields += [collect(analyzer, im, args.scale)
                        for im in tqdm(images, desc=f"{lab} {args.split} {args.scale}", mininterval=10)]
     finally:

@@ -257,12 +257,17 @@ def score_rpi(images: list[LabImage], outs: list[dict]) -> dict:
             "rbc_per_field": float(np.mean([sum(c[0] == "rbc" for c in o["counted"]) for o in outs]))}
 
 
-def run_lab(analyzer: Analyzer, lab: str, split: str, mode: str, limit: int | None = None) -> dict:
+def scored_images(lab: str, split: str, mode: str, limit: int | None = None) -> list[LabImage]:
+    """The lab's images of `split` (the first `limit`) that a run at `mode` scores: at the given
+    scale only those whose scale is known."""
     images = lab_images(lab, split)
     if limit:
         images = images[:limit]
-    if mode == "given":
-        images = [im for im in images if im.known_mpp is not None]
+    return [im for im in images if im.known_mpp is not None] if mode == "given" else images
+
+
+def run_lab(analyzer: Analyzer, lab: str, split: str, mode: str, limit: int | None = None) -> dict:
+    images = scored_images(lab, split, mode, limit)
     if mode == "specimen":
         outs = _as_specimens(analyzer, images, desc=f"{lab} {split} {mode}")
     else:

@@ -165,6 +165,23 @@ def detection_map50(per_image: list[dict], classes: tuple[str, ...]) -> dict[str
     return out
 
 
+def pair_by_iou(pred: np.ndarray, truth: np.ndarray, iou_threshold: float = 0.5) -> dict[int, int]:
+    """Prediction index -> annotation index: boxes (N, 4) and (M, 4) paired by IoU >= `iou_threshold`,
+    highest IoU first (ties in index order), each at most once."""
+    if not len(pred) or not len(truth):
+        return {}
+    ious = box_iou(pred, truth)
+    pi, ti = np.nonzero(ious >= iou_threshold)
+    order = np.argsort(-ious[pi, ti], kind="stable")
+    out: dict[int, int] = {}
+    used_t: set[int] = set()
+    for p, t in zip(pi[order], ti[order]):
+        if int(p) not in out and int(t) not in used_t:
+            out[int(p)] = int(t)
+            used_t.add(int(t))
+    return out
+
+
 def detection_confusion(per_image: list[dict], classes: tuple[str, ...], iou_threshold: float = 0.5) -> dict:
     """Confusion matrix of detections against annotations, with a background row and column.
 
@@ -180,16 +197,11 @@ def detection_confusion(per_image: list[dict], classes: tuple[str, ...], iou_thr
     for item in per_image:
         pk = [classes.index(k) for k, _, _ in item["pred"]]
         tk = [classes.index(k) for k, _ in item["truth"]]
-        ious = box_iou(np.array([b for _, b, _ in item["pred"]], float).reshape(-1, 4),
-                       np.array([b for _, b in item["truth"]], float).reshape(-1, 4))
-        pi, ti = np.nonzero(ious >= iou_threshold)
-        order = np.argsort(-ious[pi, ti], kind="stable")
-        used_p, used_t = set(), set()
-        for p, t in zip(pi[order], ti[order]):
-            if p not in used_p and t not in used_t:
-                used_p.add(p)
-                used_t.add(t)
-                cm[tk[t], pk[p]] += 1
+        pairs = pair_by_iou(np.array([b for _, b, _ in item["pred"]], float).reshape(-1, 4),
+                            np.array([b for _, b in item["truth"]], float).reshape(-1, 4), iou_threshold)
+        used_p, used_t = set(pairs), set(pairs.values())
+        for p, t in pairs.items():
+            cm[tk[t], pk[p]] += 1
         for t in set(range(len(tk))) - used_t:
             cm[tk[t], bg] += 1
         for p in set(range(len(pk))) - used_p:

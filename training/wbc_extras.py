@@ -39,28 +39,13 @@ from smearscope.service.analysis.boxes import box_iou
 from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions, input_bbox
 from smearscope.service.analysis.records import CellKind
 from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
-from training.lab_table import LabImage, lab_images
+from training.lab_table import LabImage, scored_images
+from training.metrics import pair_by_iou
 
 logger = logging.getLogger(__name__)
 BOXED_WBC_LABS = ("bccd", "txl_575", "txl_416", "txl_360", "rpi")
 #: Below this share of the field's glass brightness a pixel reads as nucleus-dark.
 NUCLEUS_DARK = 0.55
-
-
-def _pairs(pred: np.ndarray, truth: np.ndarray) -> dict[int, int]:
-    """Prediction index -> truth index, paired as `training.metrics.detection_confusion` pairs."""
-    if not len(pred) or not len(truth):
-        return {}
-    ious = box_iou(pred, truth)
-    pi, ti = np.nonzero(ious >= 0.5)
-    order = np.argsort(-ious[pi, ti], kind="stable")
-    out: dict[int, int] = {}
-    used_t: set[int] = set()
-    for p, t in zip(pi[order], ti[order]):
-        if p not in out and t not in used_t:
-            out[int(p)] = int(t)
-            used_t.add(int(t))
-    return out
 
 
 def _stain(canonical: np.ndarray, det, glass: float) -> dict:
@@ -94,7 +79,7 @@ def collect(analyzer: Analyzer, img: LabImage, mode: str, crops: Path | None = N
     boxes = [input_bbox(c.detection.box, f, w, h) for c in res.cells]
     truth = np.array([[b.x0, b.y0, b.x1, b.y1] for b in img.boxes], float).reshape(-1, 4)
     truth_kind = [b.kind for b in img.boxes]
-    pairs = _pairs(np.array(boxes, float).reshape(-1, 4), truth)
+    pairs = pair_by_iou(np.array(boxes, float).reshape(-1, 4), truth)
     wbc_truth = truth[[k == "wbc" for k in truth_kind]] if len(truth) else truth
     counted_wbc = [i for i, c in enumerate(res.cells) if c.detection.kind in (CellKind.WBC, CellKind.NRBC)]
     wbc_boxes = np.array([boxes[i] for i in counted_wbc], float).reshape(-1, 4)
@@ -181,9 +166,7 @@ def main() -> None:
     truth: dict[str, int] = {}
     try:
         for lab in args.labs.split(","):
-            images = lab_images(lab, args.split)[:args.limit]
-            if args.scale == "given":
-                images = [im for im in images if im.known_mpp is not None]
+            images = scored_images(lab, args.split, args.scale, args.limit)
             for im in tqdm(images, desc=f"{lab} {args.split} {args.scale}", mininterval=10):
                 rows, n = collect(analyzer, im, args.scale, args.crops)
                 cells += rows
