@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from test_fhir import resources
 from test_specimen import cell_pair, field_of, tracker
@@ -122,3 +123,91 @@ def test_a_red_cell_of_a_blurred_field_keeps_its_mark_through_the_durable_store_
 def test_the_station_configs_default_bound_is_the_analyzers():
     assert AnalysisConfig.model_fields["rbc_max_edge_width_um"].default == MAX_EDGE_WIDTH_UM
     assert AnalyzerOptions().rbc_max_edge_width_um == MAX_EDGE_WIDTH_UM
+
+
+def _reference_edge_widths(pixels, detections, max_cells=64):
+    """The edge width as rbc_focus' docstring defines it, written plainly: each whole red cell's own
+    window, 3x3 dilations and erosions repeated, numpy's quantiles."""
+    from smearscope.service.analysis import rbc_focus as rf
+    cells = [d for d in detections if d.mask is not None]
+    whole = [d for d in cells if rf._whole(d, pixels.shape)]
+    if len(whole) > max_cells:
+        whole = [whole[i] for i in np.linspace(0, len(whole) - 1, max_cells).round().astype(int)]
+    pad, k = rf._GLASS_PX + 1, np.ones((3, 3), np.uint8)
+    out = []
+    for d in whole:
+        m = np.pad(d.mask.astype(np.uint8), pad)
+        y0, x0 = int(d.box.y0) - pad, int(d.box.x0) - pad
+        y1, x1 = y0 + m.shape[0], x0 + m.shape[1]
+        if y0 < 0 or x0 < 0 or y1 > pixels.shape[0] or x1 > pixels.shape[1]:
+            continue
+        g = pixels[y0:y1, x0:x1].astype(np.float32).mean(axis=2, dtype=np.float32)
+        grad = np.hypot(cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3)) / 8.0
+        others = np.zeros(m.shape, bool)
+        for o in cells:
+            if o is d:
+                continue
+            full = np.zeros(pixels.shape[:2], bool)
+            oy, ox = int(o.box.y0), int(o.box.x0)
+            full[oy:oy + o.mask.shape[0], ox:ox + o.mask.shape[1]] = o.mask[:pixels.shape[0] - oy, :pixels.shape[1] - ox]
+            others |= full[y0:y1, x0:x1]
+        outer = cv2.dilate(m, k, iterations=rf._BAND_PX) > 0
+        band = outer & (cv2.erode(m, k, iterations=rf._BAND_PX) == 0)
+        glass = (cv2.dilate(m, k, iterations=rf._GLASS_PX) > 0) & ~outer & ~others
+        if glass.sum() < rf.MIN_GLASS_PX:
+            continue
+        contrast = np.quantile(g[glass], 0.5) - np.quantile(g[m > 0], 0.1)
+        steepest = np.quantile(grad[band], 0.9)
+        if contrast >= rf.MIN_CONTRAST and steepest > 0:
+            out.append(contrast / steepest)
+    return out
+
+
+@needs_models
+@pytest.mark.parametrize("size", [(640, 480, 0.072), (1600, 1200, 0.1)])
+def test_each_red_cells_edge_width_is_the_one_its_definition_gives(size):
+    """The measure, made fast (the windows' filters, one sort per quantile), gives for every cell
+    what the docstring's definition gives, on a rendered field's own detections."""
+    from smearscope.service.analysis import pipeline, rbc_focus
+    w, h, mpp = size
+    a = Analyzer.from_models_dir(ROOT / "models", warmup=False,
+                                 options=AnalyzerOptions(detector_views=("identity",), rbc_views=("identity",),
+                                                         wbc_views=("identity",)))
+    seen = []
+    spy = lambda px, dets: seen.append((px, list(dets))) or rbc_focus.measure_rbc_focus(px, dets)
+    orig, pipeline.measure_rbc_focus = pipeline.measure_rbc_focus, spy
+    try:
+        a.analyze(render_field(77, width=w, height=h, microns_per_pixel=mpp).frame)
+    finally:
+        pipeline.measure_rbc_focus = orig
+        a.close()
+    (pixels, dets), = seen
+    widths = rbc_focus.cell_edge_widths(pixels, dets)
+    assert len(widths) >= 3 and len(widths) <= rbc_focus.MAX_MEASURED_CELLS
+    assert widths == pytest.approx(_reference_edge_widths(pixels, dets), rel=1e-5)
+
+
+@pytest.mark.parametrize("sigma_px", [1.5, 3.0, 5.0])
+def test_a_blurred_step_measures_as_wide_as_physics_says(sigma_px):
+    """Dark discs on bright glass blurred by a Gaussian of SD s: their edges measure sqrt(2 pi) s; a
+    neighbour touching a disc is not read as its glass."""
+    from smearscope.service.analysis.rbc_focus import cell_edge_widths
+    from smearscope.service.analysis.records import Box, CellDetection
+    img = np.full((240, 360), 220.0, np.float32)
+    centres = [(60, 60), (60, 180), (60, 300), (180, 60), (180, 180), (180, 300)]
+    yy, xx = np.mgrid[:240, :360]
+    for cy, cx in centres:
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 30 ** 2] = 120.0
+    img[(yy - 180) ** 2 + (xx - 241) ** 2 <= 12 ** 2] = 40.0  # a dark neighbour in the last disc's glass ring
+    blurred = cv2.GaussianBlur(img, (0, 0), sigma_px)
+    pixels = np.repeat(np.clip(blurred.round(), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    dets = []
+    for cy, cx, r in [*((cy, cx, 30) for cy, cx in centres), (180, 241, 12)]:
+        box = Box(cx - r - 1, cy - r - 1, cx + r + 2, cy + r + 2)
+        sub_y, sub_x = yy[int(box.y0):int(box.y1), int(box.x0):int(box.x1)], xx[int(box.y0):int(box.y1), int(box.x0):int(box.x1)]
+        kind = CellKind.RBC if r == 30 else CellKind.PLATELET
+        dets.append(CellDetection(kind, box, 0.9, (sub_y - cy) ** 2 + (sub_x - cx) ** 2 <= r ** 2))
+    widths = cell_edge_widths(pixels, dets)
+    assert len(widths) == 6
+    assert np.median(widths) == pytest.approx(np.sqrt(2 * np.pi) * sigma_px, rel=0.12)
+    assert max(widths) / min(widths) < 1.05  # the disc beside a dark neighbour measures as the others do
