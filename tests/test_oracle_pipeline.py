@@ -193,3 +193,28 @@ def test_without_masks_boxes_still_merge(overlap: float) -> None:
     assert not extra and not missed
     assert all(run.merged[0].mask is not None and d.mask is None for d in merged)
     assert all(merged[di].box == Box(*map(float, run.field.cells[ci].bbox)) for di, ci in pairs)
+
+
+@pytest.mark.parametrize("factor", [2.0, 2.5])
+def test_the_reports_boxes_are_in_the_input_images_pixels(factor):
+    """A field drawn at the canonical scale and enlarged `factor` times (a camera at a finer scale):
+    the analyzer works at the canonical scale, and each cell of its report is the true cell's box
+    enlarged by the same factor, clipped to the input image."""
+    import cv2
+
+    from smearscope.device.frame import Frame
+    from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
+    from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
+
+    field = render_field(11, width=400, height=300, n_wbc=3)
+    # one row and column short: the canonical frame the analyzer makes of it reaches past the
+    # input's edge by a fraction of a pixel, and the boxes are clipped to the input image
+    big = cv2.resize(field.frame.pixels, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR)[:-1, :-1]
+    h, w = big.shape[:2]
+    frame = Frame(pixels=big, frame_id="big", source="test", microns_per_pixel=CANONICAL_UM_PER_PX / factor)
+    report = Analyzer(OracleSegmenter(field), None, None, AnalyzerOptions(stain_method="none")).analyze(frame).report
+    truth = [(c.kind, np.minimum(np.array(c.bbox, float) * factor, (w, h, w, h))) for c in field.cells]
+    assert len(report.cells) > 0.9 * len(truth) > 20  # slivers at the frame edge are not reported
+    for c in report.cells:
+        err = min((np.abs(np.array(c.bbox) - box).max() for kind, box in truth if kind == c.kind), default=np.inf)
+        assert err <= 0.011, (c.kind, c.bbox)  # the report rounds to 0.01 px

@@ -476,9 +476,9 @@ def _touches_frame(d: CellDetection, shape: tuple[int, ...], margin: float = 2.0
 
 def input_bbox(box, factor: float, width: int, height: int) -> list[float]:
     """Canonical box -> INPUT image pixels, clipped to the image (resampling rounds its size)."""
-    b = box.scaled(1.0 / factor)
-    return [round(min(max(b.x0, 0.0), width), 2), round(min(max(b.y0, 0.0), height), 2),
-            round(min(max(b.x1, 0.0), width), 2), round(min(max(b.y1, 0.0), height), 2)]
+    s = 1.0 / factor  # the arithmetic of box.scaled(s), without making a Box
+    return [round(min(max(box.x0 * s, 0.0), width), 2), round(min(max(box.y0 * s, 0.0), height), 2),
+            round(min(max(box.x1 * s, 0.0), width), 2), round(min(max(box.y1 * s, 0.0), height), 2)]
 
 
 def _classified(d: CellDetection, label: str | None, score: float | None, shape,
