@@ -403,3 +403,34 @@ def test_field_reports_carry_no_run_identifier():
     rep = graded_report().model_copy(update={"kind": "field", "run_id": "run-1"})
     ids = report_bundle(rep)["entry"][0]["resource"]["identifier"]
     assert ids == [{"system": codes.ID_REPORT, "value": "r-1"}]
+
+
+def test_a_report_says_its_schema_version_and_a_stored_one_of_the_version_before_is_still_read():
+    """Reports are "1.1" since sickle cells read "present" (a consumer holding the 1.0 schema would
+    refuse that grade); a "1.0" report kept by a station or a consumer, sickle cells graded 3+,
+    still validates against the committed schema, loads, and reads "present" in FHIR."""
+    import json
+
+    import jsonschema
+
+    from smearscope.service.analysis.report import SCHEMA_VERSION, ClassShare, Report
+
+    schema = json.loads((Path(__file__).resolve().parents[1] / "schemas" / "report.schema.json").read_text())
+    new = current_report()
+    assert SCHEMA_VERSION == new.schema_version == "1.1"
+    assert any(s.grade == "present" for s in new.rbc_morphology)
+    jsonschema.validate(json.loads(new.model_dump_json()), schema)
+    old = graded_report()
+    graded = ClassShare(label="sickle", count=4, percent=3.51, grade="3+", grade_ci_low="2+", grade_ci_high="3+")
+    stored = json.loads(old.model_copy(update={"rbc_morphology": [*old.rbc_morphology, graded]}).model_dump_json())
+    stored["schema_version"] = "1.0"
+    jsonschema.validate(stored, schema)
+    back = Report.model_validate_json(json.dumps(stored))
+    assert back.schema_version == "1.0"
+    obs = by_code(report_bundle(back), codes.LOINC, "801-1")
+    assert obs["valueCodeableConcept"]["coding"][0]["code"] == "present"
+    stored["schema_version"] = "2.0"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(stored, schema)
+    with pytest.raises(ValueError):
+        Report.model_validate_json(json.dumps(stored))

@@ -10,7 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.0"
+#: "1.1": a morphology row's `grade` may read "present" (sickle cells are reported present or none, as
+#: ICSH reports them). A "1.0" report is still read; it may grade sickle cells 1+ to 3+ (docs/MQTT.md).
+SCHEMA_VERSION = "1.1"
 
 
 class _Strict(BaseModel):
@@ -217,7 +219,7 @@ class CellDetail(_Strict):
 
 
 class Report(_Strict):
-    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1"] = SCHEMA_VERSION
     report_id: str
     kind: Literal["field", "specimen"]
     created_at: float
