@@ -796,6 +796,9 @@ def test_acknowledged_messages_a_full_disk_keeps_are_deleted_in_parts_once_some_
             assert observer.wait_for(lambda m: _distinct_reports(observer) == 400, 30), _distinct_reports(observer)
             assert wait_until(lambda: publisher.state.delivered == 400 and publisher.state.in_flight == 0, 15)
             assert publisher.outbox.counts().messages == 400  # no room at all: none deleted
+            # everything is acknowledged: drained, so a stop now would not wait out its drain timeout
+            # for deletes the disk refuses (it did: 10 s)
+            assert publisher.wait_until_drained(0.0)
             filler.unlink()
             fill(small, leave_bytes=1536 * 1024)
             assert wait_until(lambda: publisher.outbox.counts().messages == 0, 60), publisher.outbox.counts()
@@ -804,6 +807,39 @@ def test_acknowledged_messages_a_full_disk_keeps_are_deleted_in_parts_once_some_
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
                     and r.name == "smearscope.service.mqtt.inflight"]
         assert len(warnings) == 1 and "the disk is full" in warnings[0], warnings
+
+
+def test_a_stop_on_a_full_disk_says_which_delivered_messages_it_keeps_and_the_next_start_sends_them_again(
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The disk full and the reserve spent: 50 reports delivered, none deletable. A stop then has
+    nothing to drain (it waited out its drain timeout, and said 50 messages were still waiting);
+    it says the 50 are delivered and kept. The next start, with room, sends them again (consumers
+    drop repeats by message_id) and deletes them."""
+    from smallfs import small_tmpfs
+
+    with small_tmpfs(tmp_path / "small", 16384) as small:
+        config = make_config(tmp_path, broker.port, outbox={"path": str(small / "outbox.sqlite3")},
+                             stop_drain_timeout_s=3600)
+        filler = _store_reports_and_fill(config, small, 50, spend_reserve=True)
+        with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt"):
+            publisher = start_publisher(config, started)
+            assert wait_until(lambda: publisher.state.delivered == 50 and publisher.state.in_flight == 0, 15)
+            assert publisher.outbox.counts().messages == 50
+            stopping = threading.Thread(target=publisher.stop, daemon=True)
+            stopping.start()
+            stopping.join(60)
+            assert not stopping.is_alive(), "the stop waits for deletes the full disk refuses"
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopping with")]
+        assert said == [("stopping with 50 delivered messages a full disk kept in the outbox; they are sent again "
+                        "on next start (consumers drop repeats by message_id)")], said
+        publisher.outbox.close()
+        filler.unlink()
+        again = start_publisher(config, started)
+        assert observer.wait_for(lambda m: len([x for x in m if x.topic == f"{BASE}/report"]) == 100, 15)
+        assert _distinct_reports(observer) == 50
+        assert wait_until(lambda: again.outbox.counts().messages == 0, 15), again.outbox.counts()
 
 
 def _fill_with_reports(outbox: Outbox, fields_before: int = 0) -> int:

@@ -81,6 +81,11 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._seq_by_mid)
 
+    def acked_undeleted(self) -> int:
+        """Messages the broker acknowledged that are still in the outbox (their delete failed: a full
+        disk); any thread."""
+        return len(self._acked_undeleted)
+
     def post(self, client: mqtt.Client, mid: int, reason_code: ReasonCode | None) -> None:
         """An acknowledgement (or, with None, a message paho dropped); any thread, never blocks."""
         self._events.put((client, mid, reason_code))

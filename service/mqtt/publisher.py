@@ -91,11 +91,7 @@ class MqttPublisher:
         self._command_prefix = f"{base}/cmd/"
         self._response_prefix = f"{base}/cmd_response/"
 
-        self._protocol = (
-            MQTTProtocolVersion.MQTTv311
-            if config.protocol == "3.1.1"
-            else MQTTProtocolVersion.MQTTv5
-        )
+        self._protocol = MQTTProtocolVersion.MQTTv311 if config.protocol == "3.1.1" else MQTTProtocolVersion.MQTTv5
         self._state_lock = threading.Lock()
         self._state = PublisherState(status="stopped", protocol=self._protocol_name())
         self._client: mqtt.Client | None = None
@@ -189,9 +185,11 @@ class MqttPublisher:
         return True
 
     def wait_until_drained(self, timeout: float) -> bool:
-        """True once the outbox is empty (everything acknowledged) within `timeout` seconds."""
+        """True once the broker has acknowledged every outbox message, within `timeout` seconds (the
+        outbox is then empty, or holds only what a full disk keeps it from deleting). The outbox is
+        counted first: a message acknowledged in between is then among the kept, never left out twice."""
         deadline = time.monotonic() + timeout
-        while self.outbox.counts().messages:
+        while self.outbox.counts().messages > self._inflight.acked_undeleted():
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
@@ -205,10 +203,14 @@ class MqttPublisher:
             return
         timeout = self.config.stop_drain_timeout_s if drain_timeout is None else drain_timeout
         drained = self.state.connected and self.wait_until_drained(timeout)
-        waiting = 0 if drained else self.outbox.counts().messages
-        if waiting:
-            logger.warning("stopping with %d messages still in the outbox%s; they are sent on next start",
-                           waiting, "" if self.state.connected else " (not connected to the broker)")
+        kept = self._inflight.acked_undeleted()  # delivered, in the outbox still: a full disk refused their delete
+        waiting = 0 if drained else self.outbox.counts().messages - kept
+        where = "" if self.state.connected else " (not connected to the broker)"
+        for n, what in ((waiting, f"messages still in the outbox{where}; they are sent on next start"),
+                        (kept, ("delivered messages a full disk kept in the outbox; they are sent again on next start "
+                               "(consumers drop repeats by message_id)"))):
+            if n > 0:
+                logger.warning("stopping with %d %s", n, what)
         self._stop_workers.set()
         self._wake.set()
         self._telemetry_now.set()
