@@ -167,6 +167,8 @@ class FolderSourceConfig(_CommonSourceFields):
     def _dirs_distinct(self) -> FolderSourceConfig:
         if self.done_dir == self.rejected_dir:
             raise ValueError("done_dir and rejected_dir must differ")
+        if {self.done_dir, self.rejected_dir} & {".", ".."}:  # the folder itself: files analysed again
+            raise ValueError("done_dir and rejected_dir must name a subfolder of path, not '.' or '..'")
         if any(not e.startswith(".") or e != e.lower() for e in self.extensions):
             raise ValueError("extensions must be lower-case and start with '.', e.g. '.png'")
         return self

@@ -100,6 +100,25 @@ def test_discriminated_union_picks_the_kind_and_rejects_unknown_keys(tmp_path: P
         SimulatedSourceConfig(microns_per_pixel=0.02)
 
 
+def test_folder_done_and_rejected_dirs_must_be_subfolders(tmp_path: Path) -> None:
+    """`done_dir = "."` passed validate-config and the station moved each analysed file into the
+    watched folder itself under a new name, where it was picked up and analysed again (then refused
+    as same_field or duplicate_content); `".."` moved the lab's files out of the folder. Both are
+    refused, and validate-config says so."""
+    for field in ("done_dir", "rejected_dir"):
+        for name in (".", ".."):
+            with pytest.raises(ValidationError, match="subfolder"):
+                FolderSourceConfig(path=tmp_path, **{field: name})
+    assert FolderSourceConfig(path=tmp_path, done_dir=".done", rejected_dir="rej.d").done_dir == ".done"
+    config = tmp_path / "station.toml"
+    config.write_text(f'station_id = "s1"\n[source]\nkind = "folder"\npath = "{tmp_path}"\ndone_dir = "."\n',
+                      encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "validate-config", str(config)],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    assert "done_dir" in proc.stdout + proc.stderr
+
+
 # --- folder ----------------------------------------------------------------------------------
 
 
