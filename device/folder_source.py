@@ -145,6 +145,13 @@ def _kind(entry: os.DirEntry[str]) -> str:
         raise
 
 
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _unique_target(directory: Path, name: str, key: str) -> Path:
     """`directory/name`, or with the version's key in it when that is taken or too long (then the
     name is cut to fit, the key keeping it apart)."""
@@ -209,6 +216,8 @@ class FolderSource(FrameSource):
         self._rejected.mkdir(exist_ok=True)
         state = config.state_file or self._root / ".smearscope-processed"
         self._log = ProcessedLog(state, config.state_max_entries)
+        #: The state file's name when it lies in the watched folder itself: the station's own, no input.
+        self._own = state.name if _same_dir(state.parent, self._root) else None
         self._pending: dict[str, _Candidate] = {}
         self._stuck: set[str] = set()  # keys we could not move away; not retried every poll
         #: frame_id -> (file name, key, size, mtime_ns) of frames handed out and not yet done().
@@ -278,7 +287,7 @@ class FolderSource(FrameSource):
 
     def _scan(self, now: float) -> Frame | None:
         try:
-            entries = [e for e in os.scandir(self._root) if not e.name.startswith(".")]
+            entries = [e for e in os.scandir(self._root) if not e.name.startswith(".") and e.name != self._own]
         except OSError as exc:
             if str(exc) != self._list_error:  # once, not every poll, until it lists again
                 logger.error("%s: cannot list %s: %s", self.name, self._root, exc)

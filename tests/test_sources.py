@@ -161,6 +161,26 @@ def test_folder_state_prevents_reprocessing_after_a_crash_before_the_move(tmp_pa
     src.close()
 
 
+def test_a_state_file_named_in_the_watched_folder_is_not_taken_for_an_input(tmp_path: Path) -> None:
+    """`state_file = "<path>/processed.log"` passed validate-config; the station then took its own log
+    for a scanner's file: rejected as not_an_image and moved into rejected/ (each new record made
+    a new one there), so the record of what it had processed was gone at the next start."""
+    state = tmp_path / "inbox" / "processed.log"
+    src = _folder(tmp_path, state_file=state)
+    (src._root / "a.png").write_bytes(_png(6))
+    frame = next(src)
+    src.done(frame)
+    for _ in range(3):
+        assert src.scan_once() is None
+    assert src.rejected_count == 0 and not any((src._root / "rejected").iterdir())
+    assert (src._root / "done" / "a.png").exists()
+    assert "a.png" in state.read_text(encoding="utf-8")
+    src.close()
+    again = _folder(tmp_path, state_file=state)
+    assert again.scan_once() is None and not any((again._root / "rejected").iterdir())
+    again.close()
+
+
 def test_the_processed_files_log_stays_bounded_while_the_station_runs(tmp_path: Path) -> None:
     """A station up for months records every file it handles: the log (file and memory) is
     compacted to its last `state_max_entries` while it runs, not only at the next start."""
