@@ -594,3 +594,41 @@ def test_a_state_file_behind_a_folder_this_user_cannot_enter_is_named(
     assert validate_config_main(_write(tmp_path, text), environ={}) == 78
     assert any(line.startswith("source.state_file:") and "cannot be looked at" in line
                for line in capsys.readouterr().err.splitlines())
+
+
+def test_the_station_keeps_no_file_of_its_own_in_the_watched_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A watched folder that also held the outbox (e.g. `path = "/var/lib/smearscope"` with the
+    default outbox beside it) passed validate-config; the station then took outbox.sqlite3, its
+    -wal and .reserve for a scanner's files and moved them into rejected/ as not_an_image while it
+    wrote reports into them: the next start opened an empty outbox, the undelivered reports left
+    behind in rejected/. Every file the station keeps or reads (outbox, typed cells, station means,
+    TLS files) and the models and review folders must lie elsewhere."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    head = f'station_id = "s1"\n[source]\nkind = "folder"\npath = "{inbox}"\n'
+    for section, key, where in (("mqtt.outbox", "path", inbox / "outbox.sqlite3"),
+                                ("review", "typed_cells_path", inbox / "typed.sqlite3"),
+                                ("analysis", "wbc_station_means", inbox / "means.json"),
+                                ("analysis", "models_dir", inbox),
+                                ("review", "directory", inbox),
+                                ("mqtt.tls", "ca_file", inbox / "ca.pem")):
+        with pytest.raises(ConfigError) as err:
+            parse_config({"station_id": "s1", "source": {"kind": "folder", "path": str(inbox)},
+                          **_nested(section, {key: str(where)})}, environ={})
+        assert any(f"{section}.{key}" in msg and "watched folder" in msg for _, msg in err.value.errors), err.value.errors
+    text = head + f'[mqtt.outbox]\npath = "{inbox}/outbox.sqlite3"\n'
+    assert validate_config_main(_write(tmp_path, text), environ={}) == 78
+    assert "mqtt.outbox.path" in capsys.readouterr().err
+    # Beside the folder, or in a subfolder of it (never scanned), is fine.
+    config = parse_config({"station_id": "s1", "source": {"kind": "folder", "path": str(inbox)},
+                           "mqtt": {"outbox": {"path": str(inbox / "state" / "outbox.sqlite3")}}}, environ={})
+    assert config.mqtt.outbox.path.parent.name == "state"
+
+
+def _nested(dotted: str, leaf: dict[str, str]) -> dict[str, object]:
+    out: dict[str, object] = leaf
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out

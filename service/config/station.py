@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -91,6 +92,29 @@ class StationConfig(StationBaseModel):
                 "analysis.microns_per_pixel contradicts the simulated source's rendered scale "
                 f"({src.microns_per_pixel}); remove the override or set source.microns_per_pixel"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _own_files_outside_the_watched_folder(self) -> StationConfig:
+        """The folder source moves every file directly in its folder to done/ or rejected/: a file
+        the station keeps or reads there (its outbox while it writes it) would be taken away."""
+        if self.source.kind != "folder":
+            return self
+        inbox = os.path.realpath(self.source.path)
+        tls = self.mqtt.tls
+        files = {"mqtt.outbox.path": self.mqtt.outbox.path, "review.typed_cells_path": self.review.typed_cells_path,
+                 "analysis.wbc_station_means": self.analysis.wbc_station_means,
+                 "mqtt.tls.ca_file": tls and tls.ca_file, "mqtt.tls.certfile": tls and tls.certfile,
+                 "mqtt.tls.keyfile": tls and tls.keyfile}
+        inside = [name for name, path in files.items()
+                  if path is not None and os.path.dirname(os.path.realpath(path)) == inbox]
+        inside += [name for name, folder in (("analysis.models_dir", self.analysis.models_dir),
+                                             ("review.directory", self.review.directory))
+                   if folder is not None and os.path.realpath(folder) == inbox]  # gallery.sqlite, *.onnx
+        if inside:
+            raise ValueError(
+                f"{', '.join(inside)} in the watched folder source.path {self.source.path}: the station moves every "
+                "file there to done/ or rejected/ (its own too); keep them elsewhere (a subfolder is never scanned)")
         return self
 
     @property
