@@ -220,6 +220,7 @@ class FolderSource(FrameSource):
         self._own = state.name if _same_dir(state.parent, self._root) else None
         self._pending: dict[str, _Candidate] = {}
         self._stuck: set[str] = set()  # keys we could not move away; not retried every poll
+        self._again: set[str] = set()  # keys rejected before, back in the folder: said once
         #: frame_id -> (file name, key, size, mtime_ns) of frames handed out and not yet done().
         self._handed: dict[str, tuple[str, str, int, int]] = {}
         self._handed_names: set[str] = set()
@@ -254,6 +255,7 @@ class FolderSource(FrameSource):
                 return
             fname, key, size, mtime_ns = handed
             self._handed_names.discard(fname)
+            self._again.discard(key)
             try:
                 self._let_go(fname, key, size, mtime_ns, refused)
             except OSError as exc:
@@ -337,11 +339,14 @@ class FolderSource(FrameSource):
         key = file_key(fname, st.st_size, st.st_mtime_ns)
         if key in self._stuck:
             return None
-        if key in self._log:  # processed before a crash, never moved: finish the move only
-            to = self._rejected if self._log.status(key) == "rejected" else self._done
-            logger.info("%s: %s already processed; moving it to %s", self.name, shown(fname), to)
-            self._move(fname, to, key)
+        if self._log.status(key) == "done":  # its report stored before a crash, never moved: the move only
+            logger.info("%s: %s already processed; moving it to %s", self.name, shown(fname), self._done)
+            self._move(fname, self._done, key)
             return None
+        if key in self._log and key not in self._again:  # put back from rejected/ (or a stop before the move)
+            self._again.add(key)
+            logger.warning("%s: %s was rejected before and is in the folder again: judged again", self.name,
+                           shown(fname))
         cand = self._pending.get(fname)
         if cand is None or (cand.size, cand.mtime_ns) != (st.st_size, st.st_mtime_ns):
             self._pending[fname] = cand = _Candidate(st.st_size, st.st_mtime_ns, now)
@@ -424,14 +429,20 @@ class FolderSource(FrameSource):
                            "again", self.name, shown(r.name))
 
     def _reject(self, fname: str, key: str, reason: str, watch: bool = False, counted: bool = True) -> None:
+        self._again.discard(key)
         cand = self._pending.get(fname)
         self._pending.pop(fname, None)
-        self._log.record(key, "rejected", fname)
         self.rejected_count += counted
         if counted:
             self.rejected_reasons[reason.split(":", 1)[0].strip()] += 1
         logger.warning("%s: rejected %s: %s", self.name, shown(fname), reason)
+        # Moved first, then recorded: a version recorded as rejected that is in the folder was put
+        # back (by an operator, to try it again), never left there by a stop between the two.
         target = self._move(fname, self._rejected, key)
+        try:
+            self._log.record(key, "rejected", fname)
+        except OSError as exc:  # only a record: the file is no longer in the folder
+            logger.error("%s: %s: cannot record its rejection: %s", self.name, shown(fname), exc)
         retries = self._recheck_counts.pop(fname, 0)
         if target is not None and watch and cand is not None and retries < MAX_RECHECKS:
             self._watch[str(target)] = _Rejected(fname, target, cand.size, cand.mtime_ns,

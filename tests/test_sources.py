@@ -181,6 +181,27 @@ def test_a_state_file_named_in_the_watched_folder_is_not_taken_for_an_input(tmp_
     again.close()
 
 
+def test_a_rejected_file_an_operator_puts_back_is_judged_again(tmp_path: Path) -> None:
+    """A file rejected under a config since fixed (here `max_file_mb` too small), moved back from
+    rejected/ by the operator (`mv` keeps its size and mtime), went straight back to rejected/
+    unread, said only at INFO as "already processed": it could never be analysed. It is judged
+    again (said in the log), under the config the station runs now."""
+    data = _png(7)
+    assert len(data) > 1000
+    src = _folder(tmp_path, max_file_mb=0.001)
+    (src._root / "big.png").write_bytes(data)
+    assert src.scan_once() is None and src.rejected_reasons["file_too_large"] == 1
+    src.close()
+    rejected = src._root / "rejected" / "big.png"
+    os.replace(rejected, src._root / "big.png")  # the operator's mv, after raising max_file_mb
+    again = _folder(tmp_path)
+    frame = again.scan_once()
+    assert frame is not None and frame.frame_id.startswith("scope:big.png@")
+    again.done(frame)
+    assert (again._root / "done" / "big.png").exists() and not (again._root / "big.png").exists()
+    again.close()
+
+
 def test_the_processed_files_log_stays_bounded_while_the_station_runs(tmp_path: Path) -> None:
     """A station up for months records every file it handles: the log (file and memory) is
     compacted to its last `state_max_entries` while it runs, not only at the next start."""
@@ -420,8 +441,10 @@ def test_a_file_whose_last_rows_are_still_zeros_is_waited_for_then_analysed(tmp_
 
 
 def test_a_move_a_crash_cut_short_is_finished_to_the_folder_its_record_names(tmp_path: Path) -> None:
-    """Recorded, then the process died before the move: the next start moves a rejected file to
-    rejected/ and a processed one to done/, so done/ never holds a file that was refused."""
+    """Recorded, then the process died before the move: the next start moves a processed file to
+    done/. A rejection is recorded only after its move, so a version recorded as rejected that is
+    in the folder was put back: it is judged again (and refused again where it still fails), so
+    done/ never holds a file that was refused."""
     src = _folder(tmp_path)
     for name, status in (("refused.png", "rejected"), ("stored.png", "done")):
         path = src._root / name
@@ -429,8 +452,12 @@ def test_a_move_a_crash_cut_short_is_finished_to_the_folder_its_record_names(tmp
         st = path.stat()
         src._log.record(file_key(name, st.st_size, st.st_mtime_ns), status, name)
     again = FolderSource(src._config)  # the next start reads the record
+    frame = again.scan_once()
+    assert frame is not None and frame.frame_id.startswith("scope:refused.png@")
+    again.done(frame, refused="out_of_focus")
     assert again.scan_once() is None
-    assert (src._root / "rejected" / "refused.png").exists() and (src._root / "done" / "stored.png").exists()
+    assert (src._root / "done" / "stored.png").exists()
+    assert (src._root / "rejected" / "refused.png").exists() and not (src._root / "refused.png").exists()
     src.close()
     again.close()
 
