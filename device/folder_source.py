@@ -180,6 +180,9 @@ def folder_problem(config: FolderSourceConfig) -> str | None:
         d = root / sub
         if d.exists() and not (d.is_dir() and os.access(d, os.W_OK | os.X_OK)):
             return f"{d} is not a folder this user can write"
+        if d.exists() and os.stat(d).st_dev != os.stat(root).st_dev:  # a link to another disk
+            return (f"{d} is on another file system than the watched folder: files are moved there by rename, "
+                    "which cannot cross disks (make it a folder on the same disk, not a link to another)")
     state = config.state_file  # rewritten through a file beside it when compacted: its folder too
     if state is None:
         return None

@@ -953,3 +953,34 @@ def test_proc_memory_and_cpu_figures_without_psutil(tmp_path: Path, monkeypatch:
     assert reader._proc_cpu_percent() is None  # no tick since: no rate (not a division by zero)
     stat.write_text("cpu  130 20 30 850 70 0 0 0 0 0\n")  # 100 ticks later, 30 of them busy
     assert reader._proc_cpu_percent() == pytest.approx(30.0)
+
+
+def test_a_done_or_rejected_folder_on_another_file_system_is_refused_at_start(tmp_path: Path) -> None:
+    """`done/` made a symbolic link to a bigger disk passed validate-config and doctor; then every
+    file was analysed, its report stored, and the move failed ("Invalid cross-device link"): the
+    files stayed in the folder for good, handed out again at every start. Files are moved by
+    rename, which stays on one file system: refused at start (validate-config, doctor)."""
+    import shutil
+    import tempfile
+
+    from smearscope.device.folder_source import folder_problem
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    other = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        for sub in ("done", "rejected"):
+            inbox = tmp_path / sub / "inbox"
+            inbox.mkdir(parents=True)
+            (inbox / sub).symlink_to(other)
+            config = FolderSourceConfig(path=inbox)
+            problem = folder_problem(config)
+            assert problem is not None and "file system" in problem and sub in problem
+            with pytest.raises(SourceConfigurationError, match="file system"):
+                FolderSource(config)
+        (tmp_path / "ok").mkdir()
+        (tmp_path / "ok" / "done").symlink_to(tmp_path / "done")  # a link on the same disk is fine
+        assert folder_problem(FolderSourceConfig(path=tmp_path / "ok")) is None
+    finally:
+        shutil.rmtree(other)
