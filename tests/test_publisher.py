@@ -842,6 +842,80 @@ def test_a_stop_on_a_full_disk_says_which_delivered_messages_it_keeps_and_the_ne
         assert wait_until(lambda: again.outbox.counts().messages == 0, 15), again.outbox.counts()
 
 
+def _acknowledge_first_of_two(config: MqttConfig) -> tuple[MqttPublisher, threading.Thread, threading.Event]:
+    """A publisher (never started) whose drain thread, settling, has just deleted the first of its
+    two outbox messages the broker acknowledged, and holds there until `release` is set; the
+    second is unacknowledged."""
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    outbox = Outbox.from_config(config.outbox)
+    publisher = MqttPublisher(config, STATION, outbox)
+    inflight, client = publisher._inflight, object()
+    seqs = [outbox.put("report", f"{BASE}/report", b"{}", report_id=f"r{i}", schema_version="1.1") for i in range(2)]
+    inflight._seq_by_mid.update({1: seqs[0], 2: seqs[1]})
+    inflight._seqs.update(seqs)
+    deleted, release, ack_many = threading.Event(), threading.Event(), outbox.ack_many
+
+    def held_ack_many(chunk: list[int]) -> int:
+        n = ack_many(chunk)
+        deleted.set()
+        release.wait(10)
+        return n
+
+    outbox.ack_many = held_ack_many  # type: ignore[method-assign]
+    inflight.post(client, 1, ReasonCode(PacketTypes.PUBACK, "Success"))  # type: ignore[arg-type]
+    settling = threading.Thread(target=inflight.settle, args=(client,), daemon=True)
+    settling.start()
+    assert deleted.wait(10)
+    return publisher, settling, release
+
+
+def test_a_message_acknowledged_and_deleted_as_the_drain_is_checked_never_hides_one_unacknowledged(
+    credentials_dir: Path, tmp_path: Path,
+) -> None:
+    """The drain thread deletes an acknowledged message, then forgets it as kept: checked in
+    between, the outbox (one message, the unacknowledged one) and the kept (the deleted one still)
+    were equal, and the drain said done with a message the broker never acknowledged."""
+    publisher, settling, release = _acknowledge_first_of_two(make_config(tmp_path, 1))
+    try:
+        assert publisher.outbox.counts().messages == 1
+        assert not publisher.wait_until_drained(0.2)
+    finally:
+        release.set()
+        settling.join(10)
+    assert not settling.is_alive()
+    assert not publisher.wait_until_drained(0.0)
+    publisher.outbox.close()
+
+
+def test_a_kept_message_an_expiry_took_is_not_counted_as_kept(credentials_dir: Path, tmp_path: Path) -> None:
+    """An acknowledged field message the full disk kept, then taken by an expiry (or an eviction)
+    before the drain thread tries its own delete again: it is kept no longer, and the drain still
+    waits for the report the broker has yet to acknowledge (it counted the field as kept, and said
+    done)."""
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    config = make_config(tmp_path, 1)
+    publisher = MqttPublisher(config, STATION, Outbox.from_config(config.outbox))
+    outbox, inflight, client = publisher.outbox, publisher._inflight, object()
+    field = outbox.put("field", f"{BASE}/field", b"{}", report_id="f", schema_version="1.1",
+                       created_at=time.time() - 3600)
+    report = outbox.put("report", f"{BASE}/report", b"{}", report_id="r", schema_version="1.1")
+    inflight._seq_by_mid.update({1: field, 2: report})
+    inflight._seqs.update((field, report))
+
+    def disk_full(chunk: list[int]) -> int:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    outbox.ack_many = disk_full  # type: ignore[method-assign]
+    inflight.post(client, 1, ReasonCode(PacketTypes.PUBACK, "Success"))  # type: ignore[arg-type]
+    assert inflight.settle(client) == (1, 0)  # type: ignore[arg-type]
+    assert outbox.counts().messages == 2 and inflight.undelivered() == (1, 1)
+    assert outbox.expire_fields(time.time() - 60) == 1
+    assert inflight.undelivered() == (1, 0)
+    assert not publisher.wait_until_drained(0.2)
+    outbox.close()
+
 def _fill_with_reports(outbox: Outbox, fields_before: int = 0) -> int:
     """The outage as the station lives it: `fields_before` field messages (16 kB, expired an hour
     ago), then 16 kB reports stored until the outbox's own writes fill the disk (its WAL then holds

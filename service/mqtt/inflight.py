@@ -81,10 +81,19 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._seq_by_mid)
 
-    def acked_undeleted(self) -> int:
-        """Messages the broker acknowledged that are still in the outbox (their delete failed: a full
-        disk); any thread."""
-        return len(self._acked_undeleted)
+    def undelivered(self) -> tuple[int, int]:
+        """(outbox messages the broker has yet to acknowledge, acknowledged ones still in the outbox:
+        a full disk refused their delete); any thread. The outbox's messages are read first, then
+        looked up among the acknowledged: one acknowledged in between is counted as such, one deleted
+        in between (by the drain thread, which forgets it as kept after its delete, or by an expiry or
+        an eviction) is not counted at all, never as kept (a count of the set did both: an
+        unacknowledged message then went uncounted)."""
+        kept = self._acked_undeleted
+        if not kept:
+            return self.outbox.counts().messages, 0
+        seqs = self.outbox.read(lambda conn: [r[0] for r in conn.execute("SELECT seq FROM outbox")])
+        acked = sum(1 for seq in seqs if seq in kept)
+        return len(seqs) - acked, acked
 
     def post(self, client: mqtt.Client, mid: int, reason_code: ReasonCode | None) -> None:
         """An acknowledgement (or, with None, a message paho dropped); any thread, never blocks."""

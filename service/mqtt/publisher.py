@@ -186,10 +186,9 @@ class MqttPublisher:
 
     def wait_until_drained(self, timeout: float) -> bool:
         """True once the broker has acknowledged every outbox message, within `timeout` seconds (the
-        outbox is then empty, or holds only what a full disk keeps it from deleting). The outbox is
-        counted first: a message acknowledged in between is then among the kept, never left out twice."""
+        outbox is then empty, or holds only what a full disk keeps it from deleting: InFlight.undelivered)."""
         deadline = time.monotonic() + timeout
-        while self.outbox.counts().messages > self._inflight.acked_undeleted():
+        while self._inflight.undelivered()[0]:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
@@ -203,8 +202,8 @@ class MqttPublisher:
             return
         timeout = self.config.stop_drain_timeout_s if drain_timeout is None else drain_timeout
         drained = self.state.connected and self.wait_until_drained(timeout)
-        kept = self._inflight.acked_undeleted()  # delivered, in the outbox still: a full disk refused their delete
-        waiting = 0 if drained else self.outbox.counts().messages - kept
+        waiting, kept = self._inflight.undelivered()  # kept: delivered, in the outbox still (a full disk refused their delete)
+        waiting = 0 if drained else waiting
         where = "" if self.state.connected else " (not connected to the broker)"
         for n, what in ((waiting, f"messages still in the outbox{where}; they are sent on next start"),
                         (kept, ("delivered messages a full disk kept in the outbox; they are sent again on next start "
