@@ -189,25 +189,29 @@ def test_each_red_cells_edge_width_is_the_one_its_definition_gives(size):
 
 @pytest.mark.parametrize("sigma_px", [1.5, 3.0, 5.0])
 def test_a_blurred_step_measures_as_wide_as_physics_says(sigma_px):
-    """Dark discs on bright glass blurred by a Gaussian of SD s: their edges measure sqrt(2 pi) s; a
-    neighbour touching a disc is not read as its glass."""
+    """Dark discs on bright glass blurred by a Gaussian of SD s: their edges measure sqrt(2 pi) s;
+    the cells packed around one disc, touching it, are not read as its glass (read as glass, they
+    make it 1.7 to 3.8 times as wide as the others; a lone neighbour 17 px off, as this test had,
+    reached no disc's window and could not tell)."""
     from smearscope.service.analysis.rbc_focus import cell_edge_widths
     from smearscope.service.analysis.records import Box, CellDetection
     img = np.full((240, 360), 220.0, np.float32)
     centres = [(60, 60), (60, 180), (60, 300), (180, 60), (180, 180), (180, 300)]
     yy, xx = np.mgrid[:240, :360]
-    for cy, cx in centres:
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 30 ** 2] = 120.0
-    img[(yy - 180) ** 2 + (xx - 241) ** 2 <= 12 ** 2] = 40.0  # a dark neighbour in the last disc's glass ring
+    # eight cells as dark as the discs, each 1 px from the disc at (180, 180), all round it
+    packed = [(180 + 43 * np.sin(a), 180 + 43 * np.cos(a)) for a in np.arange(8) * np.pi / 4]
+    for cy, cx, r, level in [*((cy, cx, 30, 120.0) for cy, cx in centres), *((cy, cx, 12, 120.0) for cy, cx in packed)]:
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2] = level
     blurred = cv2.GaussianBlur(img, (0, 0), sigma_px)
     pixels = np.repeat(np.clip(blurred.round(), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
     dets = []
-    for cy, cx, r in [*((cy, cx, 30) for cy, cx in centres), (180, 241, 12)]:
-        box = Box(cx - r - 1, cy - r - 1, cx + r + 2, cy + r + 2)
+    for cy, cx, r in [*((cy, cx, 30) for cy, cx in centres), *((cy, cx, 12) for cy, cx in packed)]:
+        box = Box(int(cx - r - 1), int(cy - r - 1), int(cx + r + 2), int(cy + r + 2))
         sub_y, sub_x = yy[int(box.y0):int(box.y1), int(box.x0):int(box.x1)], xx[int(box.y0):int(box.y1), int(box.x0):int(box.x1)]
         kind = CellKind.RBC if r == 30 else CellKind.PLATELET
         dets.append(CellDetection(kind, box, 0.9, (sub_y - cy) ** 2 + (sub_x - cx) ** 2 <= r ** 2))
     widths = cell_edge_widths(pixels, dets)
     assert len(widths) == 6
     assert np.median(widths) == pytest.approx(np.sqrt(2 * np.pi) * sigma_px, rel=0.12)
-    assert max(widths) / min(widths) < 1.05  # the disc beside a dark neighbour measures as the others do
+    # the packed disc as the free ones, within what the neighbours' blurred edges add (at most 6 %)
+    assert max(widths) / min(widths) < 1.15
