@@ -187,6 +187,28 @@ def test_each_red_cells_edge_width_is_the_one_its_definition_gives(size):
     assert widths == pytest.approx(_reference_edge_widths(pixels, dets), rel=1e-5)
 
 
+def _packed_discs(sigma_px):
+    """Six dark discs (r 30 px) on bright glass, eight cells as dark packed round one of them, 1 px
+    off it, blurred by a Gaussian of SD `sigma_px`: the field and its detections."""
+    from smearscope.service.analysis.records import Box, CellDetection
+    img = np.full((240, 360), 220.0, np.float32)
+    centres = [(60, 60), (60, 180), (60, 300), (180, 60), (180, 180), (180, 300)]
+    yy, xx = np.mgrid[:240, :360]
+    packed = [(180 + 43 * np.sin(a), 180 + 43 * np.cos(a)) for a in np.arange(8) * np.pi / 4]
+    cells = [*((cy, cx, 30) for cy, cx in centres), *((cy, cx, 12) for cy, cx in packed)]
+    for cy, cx, r in cells:
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2] = 120.0
+    blurred = cv2.GaussianBlur(img, (0, 0), sigma_px)
+    pixels = np.repeat(np.clip(blurred.round(), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    dets = []
+    for cy, cx, r in cells:
+        box = Box(int(cx - r - 1), int(cy - r - 1), int(cx + r + 2), int(cy + r + 2))
+        sub_y, sub_x = yy[int(box.y0):int(box.y1), int(box.x0):int(box.x1)], xx[int(box.y0):int(box.y1), int(box.x0):int(box.x1)]
+        kind = CellKind.RBC if r == 30 else CellKind.PLATELET
+        dets.append(CellDetection(kind, box, 0.9, (sub_y - cy) ** 2 + (sub_x - cx) ** 2 <= r ** 2))
+    return pixels, dets
+
+
 @pytest.mark.parametrize("sigma_px", [1.5, 3.0, 5.0])
 def test_a_blurred_step_measures_as_wide_as_physics_says(sigma_px):
     """Dark discs on bright glass blurred by a Gaussian of SD s: their edges measure sqrt(2 pi) s;
@@ -194,24 +216,21 @@ def test_a_blurred_step_measures_as_wide_as_physics_says(sigma_px):
     make it 1.7 to 3.8 times as wide as the others; a lone neighbour 17 px off, as this test had,
     reached no disc's window and could not tell)."""
     from smearscope.service.analysis.rbc_focus import cell_edge_widths
-    from smearscope.service.analysis.records import Box, CellDetection
-    img = np.full((240, 360), 220.0, np.float32)
-    centres = [(60, 60), (60, 180), (60, 300), (180, 60), (180, 180), (180, 300)]
-    yy, xx = np.mgrid[:240, :360]
-    # eight cells as dark as the discs, each 1 px from the disc at (180, 180), all round it
-    packed = [(180 + 43 * np.sin(a), 180 + 43 * np.cos(a)) for a in np.arange(8) * np.pi / 4]
-    for cy, cx, r, level in [*((cy, cx, 30, 120.0) for cy, cx in centres), *((cy, cx, 12, 120.0) for cy, cx in packed)]:
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2] = level
-    blurred = cv2.GaussianBlur(img, (0, 0), sigma_px)
-    pixels = np.repeat(np.clip(blurred.round(), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
-    dets = []
-    for cy, cx, r in [*((cy, cx, 30) for cy, cx in centres), *((cy, cx, 12) for cy, cx in packed)]:
-        box = Box(int(cx - r - 1), int(cy - r - 1), int(cx + r + 2), int(cy + r + 2))
-        sub_y, sub_x = yy[int(box.y0):int(box.y1), int(box.x0):int(box.x1)], xx[int(box.y0):int(box.y1), int(box.x0):int(box.x1)]
-        kind = CellKind.RBC if r == 30 else CellKind.PLATELET
-        dets.append(CellDetection(kind, box, 0.9, (sub_y - cy) ** 2 + (sub_x - cx) ** 2 <= r ** 2))
-    widths = cell_edge_widths(pixels, dets)
+    widths = cell_edge_widths(*_packed_discs(sigma_px))
     assert len(widths) == 6
     assert np.median(widths) == pytest.approx(np.sqrt(2 * np.pi) * sigma_px, rel=0.12)
     # the packed disc as the free ones, within what the neighbours' blurred edges add (at most 6 %)
     assert max(widths) / min(widths) < 1.15
+
+
+@pytest.mark.parametrize("as_mask", [lambda m: m.astype(np.uint8), lambda m: m.astype(np.uint8) * 255,
+                                     lambda m: m.astype(np.int64), lambda m: m.astype(np.float32)],
+                         ids=["uint8", "uint8x255", "int64", "float32"])
+def test_masks_of_0_and_1_or_255_measure_as_boolean_ones(as_mask):
+    """Masks as numbers, not bools (an engine's 0/1 or 0/255): each cell measures as with boolean
+    masks. A neighbour's 0/1 integer mask indexed its window's rows 0 and 1 instead (no error, other
+    widths); 0/255 or float ones raised IndexError."""
+    from smearscope.service.analysis.rbc_focus import cell_edge_widths
+    pixels, dets = _packed_discs(3.0)
+    widths = cell_edge_widths(pixels, dets)
+    assert cell_edge_widths(pixels, [replace(d, mask=as_mask(d.mask)) for d in dets]) == pytest.approx(widths, rel=1e-6)

@@ -112,11 +112,12 @@ def cell_edge_widths(pixels: np.ndarray, detections: Sequence[CellDetection],
              & (boxes[None, :, 0] < wins[:, None, 2]) & (boxes[None, :, 1] < wins[:, None, 3]))
     out = []
     for d, (x0, y0, x1, y1), near in zip(whole, wins.tolist(), reach):
-        if y0 < 0 or x0 < 0 or y1 > pixels.shape[0] or x1 > pixels.shape[1] or not d.mask.any():
+        own = d.mask.astype(bool, copy=False)  # masks are bool (records); 0/1 or 0/255 numbers as their nonzero
+        if y0 < 0 or x0 < 0 or y1 > pixels.shape[0] or x1 > pixels.shape[1] or not own.any():
             continue
-        mh, mw = d.mask.shape
+        mh, mw = own.shape
         m = np.zeros((y1 - y0, x1 - x0), np.uint8)
-        m[pad:pad + mh, pad:pad + mw] = d.mask
+        m[pad:pad + mh, pad:pad + mw] = own
         window = pixels[y0:y1, x0:x1].astype(np.float32)
         g = cv2.transform(window, _CHANNEL_MEAN).reshape(window.shape[:2]) if window.ndim == 3 else window
         grad = cv2.magnitude(cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3),
@@ -128,7 +129,7 @@ def cell_edge_widths(pixels: np.ndarray, detections: Sequence[CellDetection],
             if o is d:
                 continue
             oy, ox = int(o.box.y0) - y0, int(o.box.x0) - x0
-            mask = o.mask[max(0, -oy):, max(0, -ox):]
+            mask = o.mask[max(0, -oy):, max(0, -ox):].astype(bool, copy=False)  # an index: a 0/1 int one picks rows
             sub = glass[max(0, oy):max(0, oy) + mask.shape[0], max(0, ox):max(0, ox) + mask.shape[1]]
             sub[mask[:sub.shape[0], :sub.shape[1]]] = 0
         outer = cv2.dilate(m, band_kernel)  # masks hold 0 or 1, so do their dilations and erosions
