@@ -197,3 +197,23 @@ def test_a_scale_under_the_analyzers_range_is_implausible(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "smearscope", "calibrate-scale", str(path), "--division-um", "0.5",
                            "--json"], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "implausible_scale", proc.stdout
+
+
+def _field_stop(img: np.ndarray, radius: float, soft: int) -> np.ndarray:
+    """`img` seen through a round field stop of `radius` px: black outside (a hard edge, or one
+    falling off as (r / radius) ** soft)."""
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = np.hypot(yy - h / 2, xx - w / 2) / radius
+    m = np.clip(1.0 - r ** soft, 0.0, 1.0) if soft else (r < 1.0).astype(np.float64)
+    return (img * (m[..., None] if img.ndim == 3 else m)).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("angle", "radius", "soft"), [(0.0, 0.48, 0), (20.0, 0.48, 6), (0.0, 0.4, 6), (45.0, 0.4, 0)])
+def test_a_round_field_of_view_is_measured_not_refused(angle, radius, soft):
+    """Many microscope cameras see the field stop: a lit disc inside black corners and sides. The
+    black is no part of the ruling (it made rows through the disc's edge the busiest and columns
+    half black, and the ruling was refused as "no clear ruling")."""
+    img = _field_stop(render_micrometer(800, 600, 0.25, angle_deg=angle, seed=3), radius * 600, soft)
+    r = measure_micrometer(img, 10.0)
+    assert r.microns_per_pixel == pytest.approx(0.25, rel=0.005)

@@ -174,7 +174,15 @@ def _band_profiles(g: np.ndarray, theta: float) -> tuple[np.ndarray, np.ndarray,
     rot[1, 2] += (nh - h) / 2
     r = cv2.warpAffine(g, rot, (nw, nh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     # lit pixels only, 3 px in from the border (those next to it are blended with the black fill)
-    valid = cv2.erode(cv2.warpAffine(np.ones(g.shape, np.uint8), rot, (nw, nh), flags=cv2.INTER_NEAREST,
+    # and from a field stop's dark surround (a round field of view): what is over half the
+    # brightest, with the gaps up to a quarter of the field between closed (dark lines on glass,
+    # dark glass between bright lines), at 1/200 of the field's short side, one step in
+    f = max(1.0, min(g.shape) / 200.0)
+    small = cv2.resize(g, (max(1, round(g.shape[1] / f)), max(1, round(g.shape[0] / f))), interpolation=cv2.INTER_AREA)
+    bright = (small >= 0.5 * float(np.percentile(small, 99))).astype(np.uint8)
+    bright = cv2.morphologyEx(bright, cv2.MORPH_CLOSE, np.ones((51, 51), np.uint8), borderType=cv2.BORDER_REPLICATE)
+    lit = cv2.resize(cv2.erode(bright, np.ones((3, 3), np.uint8)), g.shape[::-1], interpolation=cv2.INTER_NEAREST)
+    valid = cv2.erode(cv2.warpAffine(lit, rot, (nw, nh), flags=cv2.INTER_NEAREST,
                                      borderMode=cv2.BORDER_CONSTANT, borderValue=0), np.ones((7, 7), np.uint8)).astype(bool)
     h, w = nh, nw
     block = 256
