@@ -23,7 +23,7 @@ def scale_and_lamp_flags(est: ScaleEstimate, outcome: ScaleOutcome, illumination
                                   "calibrate-scale) to measure sizes"))
     elif est.method == "default":
         flags.append(Flag(code="scale_unknown", severity="warning",
-                          message=f"scale could not be measured; assumed {est.microns_per_pixel} um/px"))
+                          message=f"scale could not be measured; assumed {est.microns_per_pixel:.4f} um/px"))
     elif outcome.uncertain:
         flags.append(Flag(code="scale_uncertain", severity="warning",
                           message=f"scale estimated at {est.microns_per_pixel:.4f} um/px but uncertain ({outcome.reason}); "
