@@ -174,3 +174,55 @@ def test_a_strip_of_a_frame_gets_its_lamp(height, width):
     glass = _glass(field)[y0 : y0 + height, x0 : x0 + width]
     corrected = apply_illumination(strip, ill)[glass].astype(float)
     assert np.abs(np.median(corrected, axis=0) - TARGET_WHITE).max() < 6
+
+
+def _behind_field_stop(pixels: np.ndarray, radius: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`pixels` as a camera that sees the microscope's field stop records them: a lit disc of
+    `radius` px falling off over its last tenth, in a dark surround of sensor noise (8 +- 3 grey
+    levels). Returns the frame and the surround's mask (outside the disc's edge)."""
+    h, w = pixels.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = np.hypot(yy - h / 2, xx - w / 2) / radius
+    lit = np.clip((1.0 - r) / 0.1, 0.0, 1.0)[..., None]
+    noise = 8.0 + np.random.default_rng(seed).normal(0.0, 3.0, pixels.shape)
+    out = pixels.astype(np.float64) * lit + noise * (1.0 - lit)
+    return np.clip(out, 0, 255).astype(np.uint8), r > 1.0
+
+
+def test_a_field_stops_dark_surround_stays_dark():
+    """A round field of view: the lamp is measured on the disc's glass, and the dark surround is
+    not raised to the glass's white (it was: up to 235 / 1 gain turned its sensor noise into
+    bright mottling the detector took for white cells, "atypical_wbc_present" on a normal smear)."""
+    f = _field("neutral, even")
+    frame, surround = _behind_field_stop(f.frame.pixels, 0.5 * f.frame.pixels.shape[0])
+    out = correct_illumination(frame)
+    assert out.applied
+    centre = np.zeros(surround.shape, bool)
+    h, w = surround.shape
+    centre[h // 3: 2 * h // 3, w // 3: 2 * w // 3] = True
+    np.testing.assert_allclose(out.pixels[centre & _glass(f)].astype(float).mean(axis=0), TARGET_WHITE, atol=6.0)
+    assert float(out.pixels[surround].mean()) < 60.0
+
+
+def test_no_cells_are_found_in_a_field_stops_dark_surround():
+    """End to end: the analyzer counts the disc's cells and none in the black around it (a cell
+    cut by the disc's dim edge is another matter: only the surround a tenth of the radius out)."""
+    from realdata import ROOT
+
+    from smearscope.device.frame import Frame
+    from smearscope.service.analysis.pipeline import Analyzer
+
+    if not (ROOT / "models" / "seg.json").exists():
+        pytest.skip("no models")
+    f = render_field(5, width=1280, height=960, microns_per_pixel=0.1, n_wbc=2, n_platelets=4)
+    radius = 0.5 * 960
+    frame, _ = _behind_field_stop(f.frame.pixels, radius, seed=1)
+    analyzer = Analyzer.from_models_dir(ROOT / "models", warmup=False)
+    try:
+        report = analyzer.analyze(Frame(pixels=frame, frame_id="stop", source="test", microns_per_pixel=0.1)).report
+    finally:
+        analyzer.close()
+    outside = [(c.kind, c.bbox) for c in report.cells
+               if np.hypot((c.bbox[0] + c.bbox[2]) / 2 - 640, (c.bbox[1] + c.bbox[3]) / 2 - 480) > 1.1 * radius]
+    assert outside == []
+    assert report.counts.rbc >= 45  # of the 58 cells rendered inside the disc

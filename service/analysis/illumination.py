@@ -44,6 +44,9 @@ _BRIGHT_PERCENTILE = 80.0
 _CELL_RESIDUAL = 0.06
 #: A background darker than this (0-255) is no lit glass: the correction would amplify noise.
 _MIN_WHITE = 20.0
+#: A background below this share of the brightest is no lit glass (a field stop's dark surround):
+#: it gets no more gain than this share of the brightest would (a lamp vignetted to 0.45 is lit).
+_LIT_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,10 @@ def _fit_surface(grid: _BlockGrid, colour: np.ndarray) -> np.ndarray:
     surface (relative residual, `_CELL_RESIDUAL` in log units) are cells and lose their weight."""
     a = grid.design
     log_lum = np.log(np.maximum(colour.mean(axis=1), 1.0))
-    weights = np.ones(len(a))
+    # blocks darker than `_LIT_SHARE` of the bright ones are no glass (a field stop's surround):
+    # next to no weight, else the surface sags over the whole disc towards them
+    lit = np.where(log_lum >= np.log(_LIT_SHARE) + np.percentile(log_lum, 95), 1.0, 1e-4)
+    weights = lit
     # Weighted least squares by its normal equations where the blocks span every term (a 6 x 6
     # solve costs a fraction of an SVD-based lstsq per iteration; weights 0.02 or 1 keep it well
     # conditioned). A frame a block or two high (a strip: every block at one or two y) does not
@@ -156,7 +162,7 @@ def _fit_surface(grid: _BlockGrid, colour: np.ndarray) -> np.ndarray:
             sw = np.sqrt(weights)[:, None]
             coef, *_ = np.linalg.lstsq(a * sw, colour * sw, rcond=None)
         resid = log_lum - np.log(np.maximum((a @ coef).mean(axis=1), 1.0))
-        new = np.where(resid < -_CELL_RESIDUAL, 0.02, 1.0)
+        new = np.where(resid < -_CELL_RESIDUAL, 0.02, 1.0) * lit
         if np.array_equal(new, weights):
             break
         weights = new
@@ -245,7 +251,10 @@ def estimate_illumination(image_bgr: np.ndarray, target_white: float = TARGET_WH
     lum = bg.mean(axis=2)
     white = tuple(round(float(v), 2) for v in np.median(bg.reshape(-1, 3), axis=0))
     uniformity = round(float(lum.min() / max(float(lum.max()), 1e-6)), 4)
-    return Illumination(target_white / np.maximum(bg, 1.0), white, uniformity, grey)  # type: ignore[arg-type]
+    # no gain past the lit glass's: the dark surround of a field stop (a round field of view)
+    # stays dark, its sensor noise is not raised to the glass's white, where it looked like cells
+    lit = np.maximum(bg, _LIT_SHARE * bg.reshape(-1, 3).max(axis=0))
+    return Illumination(target_white / lit, white, uniformity, grey)  # type: ignore[arg-type]
 
 
 def apply_illumination(image_bgr: np.ndarray, illumination: Illumination) -> np.ndarray:
