@@ -514,3 +514,23 @@ def test_the_summary_reads_sickle_cells_present_or_none_never_graded():
                         grade_ci_low="2+", grade_ci_high="3+")
     assert "sickle 3.5% (present)" in rbc(summarize(old.model_copy(
         update={"rbc_morphology": [*old.rbc_morphology, graded]})).splitlines())
+
+
+def test_a_folder_run_again_with_its_overlays_in_it_analyses_the_fields_only(tmp_path):
+    """`analyze fields --overlay fields` writes fields/NAME.overlay.png; run again (a technician
+    re-running the slide), the folder's overlays were analysed as fields of their own (a report
+    for "f.overlay.png", outlines and labels drawn on it) and each field's overlay could not be
+    written (exit 2). A folder's *.overlay.png are the analyzer's own drawings, not fields; named
+    on their own they are still read."""
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "f.png"), hostile.smear_like(200, 200))
+    first = smearscope("analyze", str(folder), "--json", "--overlay", str(folder))
+    assert first.returncode == 0, first.stdout + first.stderr[-800:]
+    assert (folder / "f.overlay.png").is_file()
+    again = smearscope("analyze", str(folder), "--json", "--overlay", str(folder))
+    lines = [json.loads(ln) for ln in again.stdout.splitlines()]
+    assert [ln.get("source", {}).get("frame_id") for ln in lines] == ["f.png"]
+    assert again.returncode == 0, again.stderr[-800:]
+    alone = smearscope("analyze", str(folder / "f.overlay.png"), "--json")
+    assert alone.returncode == 0 and json.loads(alone.stdout)["source"]["frame_id"] == "f.overlay.png"

@@ -13,6 +13,7 @@ from pathlib import Path
 from smearscope.cli import EXIT_OUTPUT, SCALE_RANGE_UM
 from smearscope.cli.analyze_io import (
     IMAGE_SUFFIXES,
+    OVERLAY_SUFFIX,
     InputError,
     OutputGuard,
     expand_inputs,
@@ -72,11 +73,11 @@ def detections_record(path: Path, result, floor: float) -> dict:
 def _overlay_path(overlay: Path, image: Path, folder: bool, used: set[Path]) -> Path:
     if not folder:
         return overlay
-    out = overlay / f"{image.stem}.overlay.png"
+    out = overlay / f"{image.stem}{OVERLAY_SUFFIX}"
     n = 1
     while out in used:
         n += 1
-        out = overlay / f"{image.stem}-{n}.overlay.png"
+        out = overlay / f"{image.stem}-{n}{OVERLAY_SUFFIX}"
     used.add(out)
     return out
 

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 #: Files a directory given to `analyze` contributes (named files are always tried, and rejected if bad).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
+#: What `--overlay` names each image's drawing in a directory: a directory's files so named are no fields.
+OVERLAY_SUFFIX = ".overlay.png"
 #: The largest `@LIST` file read (about 100 000 paths).
 MAX_LIST_BYTES = 16 * 1024 * 1024
 
@@ -75,7 +77,7 @@ def list_files(items: list[str]) -> list[Path]:
 def expand_inputs(items: list[str]) -> tuple[list[Input], bool]:
     """The images to analyze, in order, and whether the inputs name a set (not one image file).
 
-    A directory adds its image files (by suffix), sorted by name; `@LIST` adds the paths a text
+    A directory adds its image files (by suffix, not the `*.overlay.png` --overlay writes), sorted by name; `@LIST` adds the paths a text
     file lists, one per line, no quoting or globbing (spaces around a line trimmed, blank lines
     and lines starting with # skipped; `./@name`, `./#name` and `./ name` name files whose names
     start with @, # or a space; relative paths from the current directory, as on the command
@@ -98,8 +100,10 @@ def expand_inputs(items: list[str]) -> tuple[list[Input], bool]:
             continue
         is_set = True
         try:
-            # every entry named as an image but a directory: a broken link or a FIFO gets its error line
-            out += [Input(q) for q in sorted(p.iterdir()) if q.suffix.lower() in IMAGE_SUFFIXES and not q.is_dir()]
+            # every entry named as an image but a directory: a broken link or a FIFO gets its error line;
+            # not the overlays `--overlay` wrote here on an earlier run (drawings, not fields)
+            out += [Input(q) for q in sorted(p.iterdir()) if q.suffix.lower() in IMAGE_SUFFIXES and not q.is_dir()
+                    and not q.name.lower().endswith(OVERLAY_SUFFIX)]
         except OSError as exc:
             out.append(Input(p, InputError("unreadable", f"cannot list directory {shown(p)}: {exc.strerror or exc}")))
     return out, is_set
