@@ -226,3 +226,28 @@ def test_no_cells_are_found_in_a_field_stops_dark_surround():
                if np.hypot((c.bbox[0] + c.bbox[2]) / 2 - 640, (c.bbox[1] + c.bbox[3]) / 2 - 480) > 1.1 * radius]
     assert outside == []
     assert report.counts.rbc >= 45  # of the 58 cells rendered inside the disc
+
+
+def test_red_cells_cut_by_a_field_stops_dim_edge_are_not_white_cells():
+    """The disc's edge falls off into the dark: a red cell cut there is dark, and it was counted
+    as an unidentified white cell (six on this field, which holds none inside the disc:
+    "atypical_wbc_present", blasts possible, on a normal smear). A cell whose box is a tenth or
+    more darker than a fifth of the glass's white lies outside the lit field and is not counted."""
+    from realdata import ROOT
+
+    from smearscope.device.frame import Frame
+    from smearscope.service.analysis.pipeline import Analyzer
+
+    if not (ROOT / "models" / "seg.json").exists():
+        pytest.skip("no models")
+    f = render_field(5, width=1280, height=960, microns_per_pixel=0.1, n_wbc=2, n_platelets=4)
+    assert all(c.bbox[2] < 100 for c in f.cells if c.kind == "wbc")  # both outside the disc
+    frame, _ = _behind_field_stop(f.frame.pixels, 0.5 * 960, seed=1)
+    analyzer = Analyzer.from_models_dir(ROOT / "models", warmup=False)
+    try:
+        report = analyzer.analyze(Frame(pixels=frame, frame_id="stop", source="test", microns_per_pixel=0.1)).report
+    finally:
+        analyzer.close()
+    assert report.counts.wbc == 0
+    assert "atypical_wbc_present" not in [fl.code for fl in report.flags]
+    assert report.counts.rbc >= 40  # of the 58 cells rendered inside the disc

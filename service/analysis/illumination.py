@@ -281,3 +281,15 @@ def apply_gain(image_bgr: np.ndarray, gain: np.ndarray) -> np.ndarray:
     g16 = np.clip(gain * _GAIN_ONE + 0.5, 0, 65535).astype(np.uint16)
     full = cv2.resize(g16, (w, h), interpolation=cv2.INTER_LINEAR)
     return cv2.multiply(image_bgr, full, scale=1.0 / _GAIN_ONE, dtype=cv2.CV_8U)
+
+
+def in_lit_field(corrected: np.ndarray, box, dark: float = 0.2, most: float = 0.1) -> bool:
+    """Whether a cell's box (pixels of `corrected`, the frame with its lamp divided out) lies in
+    the lit field: under `most` of it darker than `dark` of `TARGET_WHITE`. Stained cells transmit
+    more (white cells of five labs, basophils included: none of their boxes' pixels); a field
+    stop's dark surround and dim edge do not, where a cut red cell reads as a dark white cell."""
+    h, w = corrected.shape[:2]
+    x0, y0 = min(max(int(box.x0), 0), w - 1), min(max(int(box.y0), 0), h - 1)
+    crop = corrected[y0:max(int(np.ceil(box.y1)), y0 + 1), x0:max(int(np.ceil(box.x1)), x0 + 1)]
+    lum = crop.mean(axis=2) if crop.ndim == 3 else crop
+    return float((lum < dark * TARGET_WHITE).mean()) < most

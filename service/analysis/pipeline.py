@@ -28,7 +28,11 @@ from smearscope.service.analysis.classify import CropClassifier
 from smearscope.service.analysis.crops import crop_cell
 from smearscope.service.analysis.detect_views import ViewSettings, detect_views
 from smearscope.service.analysis.field_flags import scale_and_lamp_flags
-from smearscope.service.analysis.illumination import Illumination, estimate_illumination
+from smearscope.service.analysis.illumination import (
+    Illumination,
+    estimate_illumination,
+    in_lit_field,
+)
 from smearscope.service.analysis.kind_twins import (
     CROSS_KIND_MIN_IOU,
     WHITE_PIECE_MIN_IOU,
@@ -354,6 +358,8 @@ class Analyzer:
             dets = rescue_platelets(dets, field_.pixels(LAMP_CORRECTED) if illumination.applied else None,
                                     self.options.roi, self.options.detector_conf, rule)
         kept = self.options.roi.apply(dets)
+        if illumination.applied:  # none in a field stop's dark surround or dim edge
+            kept = [d for d in kept if in_lit_field(field_.pixels(LAMP_CORRECTED), d.box)]
         candidates = tuple(self.options.roi.below_confidence(dets))
         rbc_spec = self.rbc_head.crop_spec if self.rbc_head else None
         wbc_spec = self.wbc_head.crop_spec if self.wbc_head else None
