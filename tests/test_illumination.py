@@ -13,6 +13,7 @@ import pytest
 
 from smearscope.device.synthetic import render_field
 from smearscope.device.synthetic_cells import StainParams
+from smearscope.service.analysis.field_flags import UNEVEN_ILLUMINATION
 from smearscope.service.analysis.illumination import (
     TARGET_WHITE,
     apply_illumination,
@@ -176,14 +177,15 @@ def test_a_strip_of_a_frame_gets_its_lamp(height, width):
     assert np.abs(np.median(corrected, axis=0) - TARGET_WHITE).max() < 6
 
 
-def _behind_field_stop(pixels: np.ndarray, radius: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _behind_field_stop(pixels: np.ndarray, radius: float, seed: int = 0,
+                       edge: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     """`pixels` as a camera that sees the microscope's field stop records them: a lit disc of
-    `radius` px falling off over its last tenth, in a dark surround of sensor noise (8 +- 3 grey
+    `radius` px falling off over its last `edge` (a share of the radius), in a dark surround of sensor noise (8 +- 3 grey
     levels). Returns the frame and the surround's mask (outside the disc's edge)."""
     h, w = pixels.shape[:2]
     yy, xx = np.mgrid[0:h, 0:w]
     r = np.hypot(yy - h / 2, xx - w / 2) / radius
-    lit = np.clip((1.0 - r) / 0.1, 0.0, 1.0)[..., None]
+    lit = np.clip((1.0 - r) / edge, 0.0, 1.0)[..., None]
     noise = 8.0 + np.random.default_rng(seed).normal(0.0, 3.0, pixels.shape)
     out = pixels.astype(np.float64) * lit + noise * (1.0 - lit)
     return np.clip(out, 0, 255).astype(np.uint8), r > 1.0
@@ -251,3 +253,18 @@ def test_red_cells_cut_by_a_field_stops_dim_edge_are_not_white_cells():
     assert report.counts.wbc == 0
     assert "atypical_wbc_present" not in [fl.code for fl in report.flags]
     assert report.counts.rbc >= 40  # of the 58 cells rendered inside the disc
+
+
+def test_a_field_stop_is_no_uneven_lamp():
+    """An evenly lit disc whose edge falls off softly into a dark surround (a field stop a little
+    out of focus) read as uniformity 0.2 or less, and every field of such a camera carried
+    "uneven_illumination: ... check the condenser and lamp alignment". The lamp's evenness is
+    judged over the lit field; a lamp falling off inside it is still measured."""
+    f = _field("neutral, even")
+    for edge in (0.1, 0.3):
+        frame, _ = _behind_field_stop(f.frame.pixels, 0.5 * f.frame.pixels.shape[0], edge=edge)
+        assert estimate_illumination(frame).uniformity > UNEVEN_ILLUMINATION, edge
+    g = _field("dim, bluish, strongly vignetted")
+    frame, _ = _behind_field_stop(g.frame.pixels, 0.5 * g.frame.pixels.shape[0])
+    # the renderer's lamp at the disc's edge (r^2 = 480^2 / (640^2 + 480^2) of its corner's): 1 - 0.55 * 0.36
+    assert estimate_illumination(frame).uniformity == pytest.approx(1 - 0.55 * 0.36, abs=0.05)

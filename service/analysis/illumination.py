@@ -250,7 +250,10 @@ def estimate_illumination(image_bgr: np.ndarray, target_white: float = TARGET_WH
     bg, _ = est
     lum = bg.mean(axis=2)
     white = tuple(round(float(v), 2) for v in np.median(bg.reshape(-1, 3), axis=0))
-    uniformity = round(float(lum.min() / max(float(lum.max()), 1e-6)), 4)
+    # over the lit field only: a field stop's dark surround is no unevenness of the lamp
+    seen = cv2.resize(image_bgr, lum.shape[::-1], interpolation=cv2.INTER_AREA).mean(axis=2)
+    lit = seen >= _LIT_SHARE * float(np.percentile(seen, 95))
+    uniformity = round(float(lum[lit].min() / max(float(lum[lit].max()), 1e-6)), 4)
     # no gain past the lit glass's: the dark surround of a field stop (a round field of view)
     # stays dark, its sensor noise is not raised to the glass's white, where it looked like cells
     lit = np.maximum(bg, _LIT_SHARE * bg.reshape(-1, 3).max(axis=0))
