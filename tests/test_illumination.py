@@ -268,3 +268,33 @@ def test_a_field_stop_is_no_uneven_lamp():
     frame, _ = _behind_field_stop(g.frame.pixels, 0.5 * g.frame.pixels.shape[0])
     # the renderer's lamp at the disc's edge (r^2 = 480^2 / (640^2 + 480^2) of its corner's): 1 - 0.55 * 0.36
     assert estimate_illumination(frame).uniformity == pytest.approx(1 - 0.55 * 0.36, abs=0.05)
+
+
+def test_each_box_is_judged_in_or_out_of_the_lit_field_by_its_own_pixels():
+    """in_lit_field (one pass, an integral image) against its definition box by box: the mean of
+    the channels under a fifth of the target white on a tenth or more of the box's pixels. Boxes
+    in the disc, across its edge, in the surround, past the frame and one pixel small; a frame
+    with no dark pixel at all is lit everywhere."""
+    from smearscope.service.analysis.illumination import dark_shares, in_lit_field
+    from smearscope.service.analysis.records import Box
+
+    f = _field("neutral, even")
+    frame, _ = _behind_field_stop(f.frame.pixels, 0.5 * f.frame.pixels.shape[0], seed=2)
+    corrected = correct_illumination(frame).pixels
+    h, w = corrected.shape[:2]
+    rng = np.random.default_rng(0)
+    boxes = []
+    for _ in range(400):
+        x0, y0 = rng.uniform(-20, w), rng.uniform(-20, h)
+        boxes.append(Box(x0, y0, x0 + rng.uniform(0.2, 120), y0 + rng.uniform(0.2, 120)))
+
+    def share(box: Box) -> float:
+        x0, y0 = min(max(int(box.x0), 0), w - 1), min(max(int(box.y0), 0), h - 1)
+        crop = corrected[y0:max(int(np.ceil(box.y1)), y0 + 1), x0:max(int(np.ceil(box.x1)), x0 + 1)]
+        return float((crop.mean(axis=2) < 0.2 * TARGET_WHITE).mean())
+
+    want = [share(b) for b in boxes]
+    assert dark_shares(corrected, boxes) == pytest.approx(want, abs=1e-12)
+    assert in_lit_field(corrected, boxes) == [s < 0.1 for s in want]
+    assert 50 < sum(s < 0.1 for s in want) < 350 and 0 < sum(0 < s < 1 for s in want)  # every case met
+    assert in_lit_field(np.full((50, 60, 3), 200, np.uint8), boxes[:5]) == [True] * 5

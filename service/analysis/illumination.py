@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -194,6 +196,12 @@ def estimate_background(image_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray] 
 
     None when the frame is too small or too dark to hold lit glass.
     """
+    est = _estimate(image_bgr)
+    return None if est is None else est[:2]
+
+
+def _estimate(image_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """`estimate_background`, and the reduced frame it was fitted on."""
     h, w = image_bgr.shape[:2]
     if h < 16 or w < 16:
         return None
@@ -209,7 +217,7 @@ def estimate_background(image_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray] 
     gw = max(2, round(_SURFACE_GRID * rw / max(rh, rw)))
     surf = _grid_design(gh, gw) @ coef
     bg = np.maximum(surf, 1.0).reshape(gh, gw, 3).astype(np.float32)
-    return bg, coef
+    return bg, coef, reduced
 
 
 @dataclass(frozen=True)
@@ -244,14 +252,14 @@ def estimate_illumination(image_bgr: np.ndarray, target_white: float = TARGET_WH
     if image_bgr.ndim != 3 or image_bgr.shape[2] != 3 or image_bgr.dtype != np.uint8:
         raise ValueError(f"expected an H x W x 3 uint8 BGR frame, got {image_bgr.shape} {image_bgr.dtype}")
     grey = _is_greyscale(image_bgr)
-    est = estimate_background(image_bgr)
+    est = _estimate(image_bgr)
     if est is None:
         return Illumination(None, greyscale=grey, reason="no_lit_background")
-    bg, _ = est
+    bg, _, reduced = est
     lum = bg.mean(axis=2)
     white = tuple(round(float(v), 2) for v in np.median(bg.reshape(-1, 3), axis=0))
     # over the lit field only: a field stop's dark surround is no unevenness of the lamp
-    seen = cv2.resize(image_bgr, lum.shape[::-1], interpolation=cv2.INTER_AREA).mean(axis=2)
+    seen = cv2.resize(reduced, lum.shape[::-1], interpolation=cv2.INTER_AREA).mean(axis=2)  # the frame on the grid
     lit = seen >= _LIT_SHARE * float(np.percentile(seen, 95))
     uniformity = round(float(lum[lit].min() / max(float(lum[lit].max()), 1e-6)), 4)
     # no gain past the lit glass's: the dark surround of a field stop (a round field of view)
@@ -286,13 +294,31 @@ def apply_gain(image_bgr: np.ndarray, gain: np.ndarray) -> np.ndarray:
     return cv2.multiply(image_bgr, full, scale=1.0 / _GAIN_ONE, dtype=cv2.CV_8U)
 
 
-def in_lit_field(corrected: np.ndarray, box, dark: float = 0.2, most: float = 0.1) -> bool:
-    """Whether a cell's box (pixels of `corrected`, the frame with its lamp divided out) lies in
-    the lit field: under `most` of it darker than `dark` of `TARGET_WHITE`. Stained cells transmit
-    more (white cells of five labs, basophils included: none of their boxes' pixels); a field
-    stop's dark surround and dim edge do not, where a cut red cell reads as a dark white cell."""
+def in_lit_field(corrected: np.ndarray, boxes: Sequence, dark: float = 0.2, most: float = 0.1) -> list[bool]:
+    """Whether each cell's box (pixels of `corrected`, the frame with its lamp divided out) lies in
+    the lit field: under `most` of it darker than `dark` of `TARGET_WHITE` (`dark_shares`). Stained
+    cells transmit more (white cells of five labs, basophils included: none of their boxes'
+    pixels); a field stop's dark surround and dim edge do not, where a cut red cell reads as a dark
+    white cell."""
+    return [share < most for share in dark_shares(corrected, boxes, dark)]
+
+
+def dark_shares(corrected: np.ndarray, boxes: Sequence, dark: float = 0.2) -> list[float]:
+    """The share of each box's pixels (the box rounded out, clipped to the frame, at least one
+    pixel) whose channels' mean is under `dark` of `TARGET_WHITE`. One pass over the frame (a channel
+    sum saturating at 255 is enough to tell a sum under 3 x 47), then each box's count from an
+    integral image; a frame without such pixels (almost every field) costs the pass alone."""
     h, w = corrected.shape[:2]
-    x0, y0 = min(max(int(box.x0), 0), w - 1), min(max(int(box.y0), 0), h - 1)
-    crop = corrected[y0:max(int(np.ceil(box.y1)), y0 + 1), x0:max(int(np.ceil(box.x1)), x0 + 1)]
-    lum = crop.mean(axis=2) if crop.ndim == 3 else crop
-    return float((lum < dark * TARGET_WHITE).mean()) < most
+    channels = corrected.shape[2] if corrected.ndim == 3 else 1
+    total = cv2.transform(corrected, np.ones((1, channels), np.float32)) if channels > 1 else corrected
+    is_dark = (total.reshape(h, w) < channels * (dark * TARGET_WHITE)).astype(np.uint8)
+    if not cv2.countNonZero(is_dark):
+        return [0.0] * len(boxes)
+    integral = cv2.integral(is_dark)
+    out = []
+    for box in boxes:
+        x0, y0 = min(max(int(box.x0), 0), w - 1), min(max(int(box.y0), 0), h - 1)
+        x1, y1 = min(max(math.ceil(box.x1), x0 + 1), w), min(max(math.ceil(box.y1), y0 + 1), h)
+        n_dark = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+        out.append(float(n_dark) / ((y1 - y0) * (x1 - x0)))
+    return out

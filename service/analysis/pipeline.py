@@ -359,7 +359,7 @@ class Analyzer:
                                     self.options.roi, self.options.detector_conf, rule)
         kept = self.options.roi.apply(dets)
         if illumination.applied:  # none in a field stop's dark surround or dim edge
-            kept = [d for d in kept if in_lit_field(field_.pixels(LAMP_CORRECTED), d.box)]
+            kept = [d for d, lit in zip(kept, in_lit_field(field_.pixels(LAMP_CORRECTED), [d.box for d in kept])) if lit]
         candidates = tuple(self.options.roi.below_confidence(dets))
         rbc_spec = self.rbc_head.crop_spec if self.rbc_head else None
         wbc_spec = self.wbc_head.crop_spec if self.wbc_head else None
