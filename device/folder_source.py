@@ -15,10 +15,17 @@ retried for `decode_grace_s` from its last change; and if it changes after it wa
 writer was only slow), it is moved back and tried again, as one that changed after it was read
 stays for its new version. Files under a writer's temporary name are left alone; file names need
 not be UTF-8. Registered as the "folder" kind in `device.sources`.
+
+A file the process does not survive (killed for memory, a native crash in the decoder, an
+analysis the watchdog ends) must not stop the station for good: an attempt is logged before a
+version is first read, and one still unfinished at the next start puts it on probation, where it
+is read and analysed alone (nothing else handed out meanwhile), so a second death is its own. A
+version interrupted `max_attempts` times goes to `rejected/` as `analysis_interrupted`.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import hashlib
 import logging
@@ -26,12 +33,14 @@ import os
 import stat
 import threading
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from smearscope.device.frame import Frame
 from smearscope.device.ingest import IngestError, IngestLimits, RejectReason, load_image, shown
+from smearscope.device.processed_log import ProcessedLog, file_key
 from smearscope.device.source_config import FolderSourceConfig
 from smearscope.device.sources import FrameSource, SourceConfigurationError
 
@@ -70,58 +79,6 @@ MAYBE_INCOMPLETE = frozenset({RejectReason.EMPTY_FILE, RejectReason.TRUNCATED, R
 #: may come back from `rejected/`.
 RECHECK_S = 600.0
 MAX_RECHECKS = 3
-
-
-class ProcessedLog:
-    """Append-only record of file keys already handed out or rejected; survives restarts."""
-
-    def __init__(self, path: Path, max_entries: int) -> None:
-        self.path = path
-        self.max_entries = max_entries
-        self._keys: dict[str, str] = {}  # key -> its last status ("done" or "rejected")
-        self._lines = 0  # lines in the file
-        self._compact()
-
-    def _compact(self) -> None:
-        """Keep the file's last `max_entries` lines (at open, and while it runs: a station up for
-        months must not hold every file it ever saw)."""
-        lines: list[str] = []
-        if self.path.exists():
-            lines = [ln for ln in self.path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
-                     if ln.strip()]
-        if len(lines) > self.max_entries:
-            lines = lines[-self.max_entries:]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8", errors="surrogateescape")
-            os.replace(tmp, self.path)
-        self._keys = {parts[0]: parts[1] if len(parts) > 1 else "done"
-                      for parts in (ln.split("\t", 2) for ln in lines)}
-        self._lines = len(lines)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._keys
-
-    def status(self, key: str) -> str | None:
-        return self._keys.get(key)
-
-    def record(self, key: str, status: str, name: str) -> None:
-        with open(self.path, "a", encoding="utf-8", errors="surrogateescape") as fh:  # any file name
-            fh.write(f"{key}\t{status}\t{name}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        self._keys[key] = status
-        self._lines += 1
-        if self._lines >= 2 * self.max_entries:
-            try:
-                self._compact()
-            except OSError as exc:  # a full disk: tried again at the next record
-                logger.warning("cannot compact the processed-files log %s: %s", self.path, exc)
-
-
-def file_key(name: str, size: int, mtime_ns: int) -> str:
-    """Stable identity of one version of one file (its name as the file system's bytes: a name
-    that is not UTF-8, as an SMB share can give, has one too)."""
-    return hashlib.sha1(os.fsencode(name) + f"|{size}|{mtime_ns}".encode()).hexdigest()[:16]
 
 
 #: Names writers use while a file is incomplete; such files are left alone, not rejected.
@@ -199,6 +156,16 @@ def folder_problem(config: FolderSourceConfig) -> str | None:
     return None
 
 
+#: Open folder sources: at a clean exit each releases the attempts it leaves unfinished.
+_LIVE: weakref.WeakSet[FolderSource] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_all_at_exit() -> None:
+    for source in list(_LIVE):
+        source._release_at_exit()
+
+
 class FolderSource(FrameSource):
     """Polls a directory; each settled image is handed out, and moved to `done/` by `done()`.
 
@@ -236,6 +203,10 @@ class FolderSource(FrameSource):
         self.rejected_reasons: Counter[str] = Counter()
         self._list_error: str | None = None  # said once until the folder can be listed again
         self._subfolders_said: set[str] = set()
+        #: Versions the last process was reading or analysing when it died: each handed out alone.
+        self._probation = set(self._log.unfinished())
+        self._alone: str | None = None  # the frame id of the one on probation that is out
+        _LIVE.add(self)
 
     def _next_frame(self) -> Frame | None:
         while not self._stop.is_set():
@@ -258,6 +229,8 @@ class FolderSource(FrameSource):
                 return
             fname, key, size, mtime_ns = handed
             self._handed_names.discard(fname)
+            if self._alone == frame.frame_id:
+                self._alone = None
             self._again.discard(key)
             try:
                 self._let_go(fname, key, size, mtime_ns, refused)
@@ -291,6 +264,8 @@ class FolderSource(FrameSource):
             return self._scan(now)
 
     def _scan(self, now: float) -> Frame | None:
+        if self._alone is not None:  # a file on probation is out: nothing else is read meanwhile
+            return None
         try:
             entries = [e for e in os.scandir(self._root) if not e.name.startswith(".") and e.name != self._own]
         except OSError as exc:
@@ -324,6 +299,9 @@ class FolderSource(FrameSource):
                 continue  # vanished between listing and stat
         for st, fname in sorted(files, key=lambda f: (f[0].st_mtime_ns, f[1])):
             seen.add(fname)
+            if self._probation and self._handed and (key := file_key(fname, st.st_size, st.st_mtime_ns)) in \
+                    self._probation and key not in self._stuck:
+                return None  # it is read alone: what is out is done first
             try:
                 frame = self._consider(fname, st, now)
             except Exception:  # one file must never stop the station: left alone, said once
@@ -346,6 +324,14 @@ class FolderSource(FrameSource):
             logger.info("%s: %s already processed; moving it to %s", self.name, shown(fname), self._done)
             self._move(fname, self._done, key)
             return None
+        tries = self._log.attempts(key)
+        if tries >= self._config.max_attempts and not self._log.attempted(key):
+            self._reject(fname, key, f"analysis_interrupted: the station's process ended {tries} times while "
+                         "reading or analysing this file, the last time with nothing else in hand (killed for "
+                         "memory, a crash in a decoder, or an analysis the watchdog stopped); set aside (moved back "
+                         "into the folder, it is tried again)",
+                         level=logging.ERROR)
+            return None
         if key in self._log and key not in self._again:  # put back from rejected/ (or a stop before the move)
             self._again.add(key)
             logger.warning("%s: %s was rejected before and is in the folder again: judged again", self.name,
@@ -364,6 +350,11 @@ class FolderSource(FrameSource):
         if problem is not None:
             self._reject(fname, key, problem)
             return None
+        if not self._log.attempted(key):  # before its first read: a crash from here on is counted
+            try:
+                self._log.record(key, "attempt", fname)
+            except OSError as exc:  # handed out unguarded; its done() says the disk's problem again
+                logger.error("%s: %s: cannot record the attempt: %s", self.name, shown(fname), exc)
         try:
             try:
                 data = (self._root / fname).read_bytes() if st.st_size else b""
@@ -399,7 +390,21 @@ class FolderSource(FrameSource):
         del self._pending[fname]
         self._handed[frame.frame_id] = (fname, key, st.st_size, st.st_mtime_ns)
         self._handed_names.add(fname)
+        if key in self._probation:
+            self._alone = frame.frame_id
+            logger.warning("%s: %s was being read or analysed when the station's process ended (%d time(s); "
+                           "rejected at %d): analysed alone", self.name, shown(fname), tries, self._config.max_attempts)
         return frame
+
+    def _release_at_exit(self) -> None:
+        """A clean end of the process: what this source had in hand is not held against the files."""
+        if self._lock.acquire(timeout=1.0):  # not while a scan hangs on a share: then counted
+            try:
+                self._log.release_open()
+            except OSError:
+                pass  # as if killed: at most a file analysed alone
+            finally:
+                self._lock.release()
 
     def _limits(self) -> IngestLimits:
         return IngestLimits(max_file_bytes=int(self._config.max_file_mb * 1e6))
@@ -431,14 +436,15 @@ class FolderSource(FrameSource):
             logger.warning("%s: %s changed after it was rejected (its writer was slow): trying it "
                            "again", self.name, shown(r.name))
 
-    def _reject(self, fname: str, key: str, reason: str, watch: bool = False, counted: bool = True) -> None:
+    def _reject(self, fname: str, key: str, reason: str, watch: bool = False, counted: bool = True,
+                level: int = logging.WARNING) -> None:
         self._again.discard(key)
         cand = self._pending.get(fname)
         self._pending.pop(fname, None)
         self.rejected_count += counted
         if counted:
             self.rejected_reasons[reason.split(":", 1)[0].strip()] += 1
-        logger.warning("%s: rejected %s: %s", self.name, shown(fname), reason)
+        logger.log(level, "%s: rejected %s: %s", self.name, shown(fname), reason)
         # Moved first, then recorded: a version recorded as rejected that is in the folder was put
         # back (by an operator, to try it again), never left there by a stop between the two.
         target = self._move(fname, self._rejected, key)

@@ -162,6 +162,15 @@ class FolderSourceConfig(_CommonSourceFields):
         "entries when opened, and again whenever it reaches twice as many.",
         ge=100,
     )
+    max_attempts: int = Field(
+        default=2,
+        title="Interrupted attempts before rejection",
+        description="A file the station's process died on (killed for memory, a crash in a decoder, an analysis "
+        "the watchdog stopped) is analysed alone after the restart, nothing else meanwhile; one it dies on this "
+        "many times goes to rejected/ as analysis_interrupted instead of stopping the station again (at least 2: "
+        "a file that merely waited behind it is never rejected).",
+        ge=2, le=100,
+    )
 
     @model_validator(mode="after")
     def _dirs_distinct(self) -> FolderSourceConfig:

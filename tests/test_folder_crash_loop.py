@@ -1,0 +1,212 @@
+"""A file the station's process does not survive must not stop the station for good.
+
+Files are handed out oldest first, so one whose reading or analysis kills the process (out of
+memory, a native crash in a decoder, an analysis the watchdog ends) was handed out first again
+at every restart: a crash loop, the files behind it never reached. A crash is simulated by
+abandoning a FolderSource without `done()` (its log is all that survives), and for real by a
+child process SIGKILLed while it holds a file or while it decodes one; then a new FolderSource
+on the same folder and state file is the restarted station.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from smearscope.device.folder_source import FolderSource, ProcessedLog, file_key
+from smearscope.device.source_config import FolderSourceConfig
+
+
+def _png(seed: int) -> bytes:
+    ok, buf = cv2.imencode(".png", np.random.default_rng(seed).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    assert ok
+    return buf.tobytes()
+
+
+def _inbox(tmp_path: Path, names: list[str]) -> Path:
+    """The names as PNG files, oldest first in the order given."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i, name in enumerate(names):
+        (inbox / name).write_bytes(_png(i))
+        os.utime(inbox / name, ns=(10**18 + i * 10**9, 10**18 + i * 10**9))
+    return inbox
+
+
+def _source(inbox: Path) -> FolderSource:
+    """The station (re)started on the folder: same state file, same config."""
+    return FolderSource(FolderSourceConfig(path=inbox, settle_s=0.0, poll_interval_s=0.01))
+
+
+def _name(frame) -> str:
+    return frame.frame_id.split(":", 1)[1].split("@")[0]
+
+
+def test_a_file_out_alone_at_two_crashes_in_a_row_is_rejected_and_never_handed_out_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    inbox = _inbox(tmp_path, ["killer.png", "b.png", "c.png"])
+    first = _source(inbox)
+    assert [_name(first.scan_once()), _name(first.scan_once())] == ["killer.png", "b.png"]
+    del first  # crash 1: both out, done() never comes
+    second = _source(inbox)
+    frame = second.scan_once()
+    assert frame is not None and _name(frame) == "killer.png"  # on probation: analysed alone
+    assert second.scan_once() is None  # b.png waits, so the next crash is killer.png's alone
+    del second  # crash 2
+    with caplog.at_level(logging.INFO):
+        third = _source(inbox)
+        handed = []
+        while (frame := third.scan_once()) is not None:
+            handed.append(_name(frame))
+            third.done(frame)
+        assert third.scan_once() is None
+    assert handed == ["b.png", "c.png"]
+    reason = (inbox / "rejected" / "killer.png.reason.txt").read_text()
+    assert reason.startswith("analysis_interrupted: ") and "2 times" in reason
+    assert not (inbox / "killer.png").exists() and third.rejected_reasons["analysis_interrupted"] == 1
+    said = [r for r in caplog.records if "analysis_interrupted" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.ERROR
+    assert sorted(p.name for p in (inbox / "done").iterdir()) == ["b.png", "c.png"]
+    fourth = _source(inbox)
+    assert fourth.scan_once() is None and not fourth.rejected_count
+
+
+def test_files_out_at_a_crash_are_analysed_one_at_a_time_then_done_not_rejected(tmp_path: Path) -> None:
+    """The files merely queued when the process died are innocent: after the restart each is
+    analysed alone, the next only after done() for the one before, and stored as usual; after a
+    second crash (the new files out) the same again. None is rejected."""
+    inbox = _inbox(tmp_path, ["a.png", "b.png", "c.png"])
+    first = _source(inbox)
+    assert [_name(first.scan_once()) for _ in range(3)] == ["a.png", "b.png", "c.png"]
+    del first  # crash 1, three files out
+    (inbox / "new1.png").write_bytes(_png(10))
+    (inbox / "new2.png").write_bytes(_png(11))
+    second = _source(inbox)
+    for name in ("a.png", "b.png", "c.png"):
+        frame = second.scan_once()
+        assert frame is not None and _name(frame) == name
+        assert second.scan_once() is None and second.scan_once() is None  # alone until done()
+        second.done(frame)
+    news = [second.scan_once(), second.scan_once()]  # off probation: both out together, as before
+    assert sorted(_name(f) for f in news if f is not None) == ["new1.png", "new2.png"]
+    del second  # crash 2, the two new files out
+    third = _source(inbox)
+    frame = third.scan_once()
+    assert frame is not None and third.scan_once() is None
+    third.done(frame)
+    frame = third.scan_once()
+    assert frame is not None
+    third.done(frame)
+    assert third.scan_once() is None and not third.rejected_count
+    assert not list((inbox / "rejected").iterdir())
+    assert sorted(p.name for p in (inbox / "done").iterdir()) == ["a.png", "b.png", "c.png", "new1.png", "new2.png"]
+
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    import smearscope.device.folder_source as fs
+    from smearscope.device.source_config import FolderSourceConfig
+
+    inbox, mode = sys.argv[1], sys.argv[2]
+    real = fs.load_image
+
+    def load_image(data, **kw):  # a native crash in a decoder: the process dies reading the file
+        if kw.get("source_name") == "bomb.png":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(data, **kw)
+
+    fs.load_image = load_image
+    src = fs.FolderSource(FolderSourceConfig(path=inbox, settle_s=0.0, poll_interval_s=0.01))
+    for frame in src:
+        print(frame.frame_id, flush=True)
+        if mode == "done":
+            src.done(frame)
+        elif mode == "hold":
+            time.sleep(600)  # killed here, the file out
+        elif mode == "exit":
+            break  # a clean end of the process that leaves the file unanalysed
+""")
+
+
+def _child(inbox: Path, mode: str, kill_after: int = 0) -> tuple[int, list[str]]:
+    """A station process on the folder: its exit code (-9: killed) and the files it handed out."""
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(inbox), mode], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    names = []
+    for line in proc.stdout:
+        names.append(line.split(":", 1)[1].split("@")[0])
+        if kill_after and len(names) == kill_after:
+            proc.send_signal(signal.SIGKILL)
+    return proc.wait(60), names
+
+
+def test_a_process_killed_by_a_file_in_the_decoder_twice_rejects_that_file_only(tmp_path: Path) -> None:
+    """Real processes: the first holds a.png (handed out, not done) when bomb.png kills it in the
+    decoder; the second analyses a.png alone, then dies on bomb.png alone. The third start sets
+    bomb.png aside and goes on; a.png was stored, c.png too."""
+    inbox = _inbox(tmp_path, ["a.png", "bomb.png", "c.png"])
+    assert _child(inbox, "keep") == (-signal.SIGKILL, ["a.png"])
+    assert _child(inbox, "done") == (-signal.SIGKILL, ["a.png"])
+    src = _source(inbox)
+    frame = src.scan_once()
+    assert frame is not None and _name(frame) == "c.png"
+    src.done(frame)
+    assert (inbox / "rejected" / "bomb.png.reason.txt").read_text().startswith("analysis_interrupted")
+    assert sorted(p.name for p in (inbox / "done").iterdir()) == ["a.png", "c.png"]
+
+
+def test_a_process_killed_twice_while_it_holds_a_file_rejects_it(tmp_path: Path) -> None:
+    """SIGKILL during the analysis (out of memory, the watchdog): the file held at two kills in a
+    row, alone at the second, is rejected; the one queued behind it at the first is analysed."""
+    inbox = _inbox(tmp_path, ["heavy.png", "b.png"])
+    assert _child(inbox, "keep", kill_after=2) == (-signal.SIGKILL, ["heavy.png", "b.png"])
+    assert _child(inbox, "hold", kill_after=1) == (-signal.SIGKILL, ["heavy.png"])
+    src = _source(inbox)
+    frame = src.scan_once()
+    assert frame is not None and _name(frame) == "b.png"
+    assert (inbox / "rejected" / "heavy.png.reason.txt").read_text().startswith("analysis_interrupted")
+
+
+def test_after_a_clean_run_nothing_is_on_probation_and_files_go_out_as_before(tmp_path: Path) -> None:
+    """Files done, and a process that ends cleanly with a file still out (a stop that drained
+    what it could; on a full disk some are left): the next start hands files out as ever, several
+    at once, and its log holds no unfinished attempt."""
+    inbox = _inbox(tmp_path, ["a.png", "b.png", "c.png", "d.png"])
+    src = _source(inbox)
+    for _ in range(2):
+        src.done(src.scan_once())
+    src.close()
+    assert _child(inbox, "exit") == (0, ["c.png"])
+    assert ProcessedLog(inbox / ".smearscope-processed", 10_000).unfinished() == {}
+    again = _source(inbox)
+    out = [again.scan_once(), again.scan_once()]  # both out before either is done
+    assert [_name(f) for f in out if f is not None] == ["c.png", "d.png"]
+
+
+def test_the_log_stays_bounded_with_attempts_and_keeps_as_many_files(tmp_path: Path) -> None:
+    """Each file now writes an attempt and its outcome: the log still holds at most twice
+    `state_max_entries` lines, and compaction drops the finished attempts first, so it still
+    remembers the last `state_max_entries` files; an unfinished attempt survives a reopen."""
+    path = tmp_path / ".smearscope-processed"
+    log = ProcessedLog(path, 100)
+    for i in range(1000):
+        key = file_key(f"f{i}.png", i, i)
+        log.record(key, "attempt", f"f{i}.png")
+        log.record(key, "done", f"f{i}.png")
+        assert len(path.read_text().splitlines()) < 200
+    crashed = file_key("x.png", 1, 1)
+    log.record(crashed, "attempt", "x.png")
+    again = ProcessedLog(path, 100)
+    assert all(again.status(file_key(f"f{i}.png", i, i)) == "done" for i in range(901, 1000))
+    assert again.unfinished() == {crashed: 1} and again.attempts(crashed) == 1
+    log.release_open()  # the first process ends cleanly after all
+    assert ProcessedLog(path, 100).unfinished() == {}
