@@ -119,7 +119,7 @@ def test_a_crash_loop_over_a_watched_folder_loses_no_file_and_no_run(
     (never analysed twice) and every field belongs to exactly one specimen report. A run left
     open by a kill goes on at a start within its idle timeout (its fields stored by two
     processes, one report); after a longer pause it is closed at the start (specimen_incomplete,
-    restart)."""
+    restart). The files out at each kill are analysed alone after it, none set aside."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     names = [f"field-{i:03d}.png" for i in range(100)]
@@ -177,6 +177,9 @@ def test_a_crash_loop_over_a_watched_folder_loses_no_file_and_no_run(
     assert done == set(names), set(names) - done
     assert figures["lost"] == 0
     assert set(per_file) == set(names) and figures["files_analysed_twice"] == 0
+    # the files out at each kill were analysed alone after the restart, and none was set aside
+    alone = sum("analysed alone" in ln for p in processes for ln in p.lines)
+    assert alone >= kills and not any("analysis_interrupted" in ln for p in processes for ln in p.lines)
     # Every field in exactly one specimen report (the runs a kill left open closed at restart).
     specimens = {e["report_id"]: e["body"] for e in reports}.values()
     run_fields = Counter(e["body"]["run_id"] for e in {e["report_id"]: e for e in fields}.values())
