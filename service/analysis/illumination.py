@@ -305,13 +305,15 @@ def in_lit_field(corrected: np.ndarray, boxes: Sequence, dark: float = 0.2, most
 
 def dark_shares(corrected: np.ndarray, boxes: Sequence, dark: float = 0.2) -> list[float]:
     """The share of each box's pixels (the box rounded out, clipped to the frame, at least one
-    pixel) whose channels' mean is under `dark` of `TARGET_WHITE`. One pass over the frame (a channel
+    pixel) whose channels' mean is under `dark` of `TARGET_WHITE` (a sum bound of at most 255). One pass over the frame (a channel
     sum saturating at 255 is enough to tell a sum under 3 x 47), then each box's count from an
     integral image; a frame without such pixels (almost every field) costs the pass alone."""
     h, w = corrected.shape[:2]
     channels = corrected.shape[2] if corrected.ndim == 3 else 1
     total = cv2.transform(corrected, np.ones((1, channels), np.float32)) if channels > 1 else corrected
-    is_dark = (total.reshape(h, w) < channels * (dark * TARGET_WHITE)).astype(np.uint8)
+    # whole sums under the bound: at most its ceiling less one (1 there, 0 elsewhere)
+    below = math.ceil(channels * (dark * TARGET_WHITE)) - 1
+    is_dark = cv2.threshold(total.reshape(h, w), below, 1, cv2.THRESH_BINARY_INV)[1]
     if not cv2.countNonZero(is_dark):
         return [0.0] * len(boxes)
     integral = cv2.integral(is_dark)
