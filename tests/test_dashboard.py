@@ -637,3 +637,57 @@ def test_a_password_typed_wrong_is_asked_again_not_retried(tmp_path: Path, ws_br
         if driver is not None:
             driver.quit()
         dashboard.stop()
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_a_message_the_page_cannot_show_does_not_stall_every_station(tmp_path: Path, ws_broker: MosquittoBroker) -> None:
+    """One station's retained run state the page cannot read ("{}", "null": another tool's, or
+    another version's) and a specimen report without its tables cost only themselves: another
+    station going offline and online again shows at once. The exception they threw stopped MQTT.js
+    reading the connection until its keepalive ran out (about 20 s), and the retained state stalled
+    it again at every reconnect: that station read "online" for good after it went offline."""
+    import paho.mqtt.client as mqtt
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    log = tmp_path / "dashboard.log"
+    password_file = tmp_path / "dashboard-password"
+    password_file.write_text(MQTT_USERS["observer"] + "\n")
+    http_port = free_port()
+    dashboard = _Proc([sys.executable, "-m", "smearscope", "dashboard", "--port", str(http_port),
+                       "--broker", f"ws://127.0.0.1:{ws_broker.ws_port}", "--username", "observer",
+                       "--password-file", str(password_file)], log)
+    station = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    station.username_pw_set("station", MQTT_USERS["station"])
+    station.connect("127.0.0.1", ws_broker.port)
+    station.loop_start()
+
+    def send(topic: str, payload: str, retain: bool = True) -> None:
+        station.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    driver = None
+    try:
+        send("smearscope/good/status", "online")
+        send("smearscope/bad-a/run", "{}")
+        send("smearscope/bad-b/run", "null")
+        wait_for_port(http_port, 20, dashboard.proc)
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=_chromium_options(tmp_path))
+        driver.get(f"http://127.0.0.1:{http_port}/")
+        status = lambda sid: driver.execute_script(
+            "const n = document.querySelector(`[data-station='${arguments[0]}'] .status`);"
+            "return n ? n.dataset.status : null;", sid)
+        _wait("the good station online", lambda: status("good") == "online", 20, [log])
+        send("smearscope/bad-a/report", json.dumps({"body": {"kind": "specimen", "report_id": "r"}}), retain=False)
+        for want in ("offline", "online", "offline"):
+            send("smearscope/good/status", want)
+            _wait(f"the good station {want}", lambda: status("good") == want, 8, [log])  # noqa: B023
+        assert driver.find_element(By.CSS_SELECTOR, "[data-station='bad-a'] .run-line").text in ("", "no specimen run yet")
+    finally:
+        if driver is not None:
+            driver.quit()
+        station.loop_stop()
+        station.disconnect()
+        dashboard.stop()

@@ -400,6 +400,13 @@ function scheduleReview(st) {
   st.reviewTimer = setTimeout(() => (typing(st) ? scheduleReview(st) : requestReview(st, 0)), 800);
 }
 
+// What the card reads of a report (the run state's aggregates or a specimen report): one lacking it
+// (another tool's message, a state of another version) is not taken in place of what is shown.
+function readable(report) {
+  return report !== null && typeof report === "object" && report.counts !== null && typeof report.counts === "object" &&
+    ["wbc_differential", "rbc_morphology", "flags"].every((k) => Array.isArray(report[k]));
+}
+
 function onMessage(topic, payload, packet) {
   const parts = topic.split("/");
   if (parts[0] !== prefix || parts.length < 3) return;
@@ -409,7 +416,9 @@ function onMessage(topic, payload, packet) {
   if (kind === "status") { st.status = text; renderStatus(st); return; }
   let msg;
   try { msg = JSON.parse(text); } catch (e) { console.warn("not JSON on", topic); return; }
+  if (msg === null || typeof msg !== "object") { console.warn("not a JSON object on", topic); return; }
   if (kind === "run") {
+    if (typeof msg.run_id !== "string" || !readable(msg.report)) { console.warn("not a run state on", topic); return; }
     const changed = !st.run || st.run.run_id !== msg.run_id || st.run.state !== msg.state;
     st.run = msg;
     if (st.final && olderThanRun(st, st.final)) st.final = null;  // the run signed since (on another page)
@@ -419,7 +428,7 @@ function onMessage(topic, payload, packet) {
     const cells = msg.review ? msg.review.cells : 0;
     if (msg.run_id !== st.reviewRun) { st.reviewRun = msg.run_id; st.reviewShown = -1; clearReview(st); }
     if (cells !== st.reviewShown || msg.state === "closed") { st.reviewShown = cells; scheduleReview(st); }
-  } else if (kind === "report" && msg.body && msg.body.kind === "specimen") {
+  } else if (kind === "report" && msg.body && msg.body.kind === "specimen" && readable(msg.body)) {
     // Reports arrive at least once: one a verified report superseded stays replaced, and a report
     // of another run than the station's current one (an older run verified) does not take its place.
     const body = msg.body;
@@ -504,7 +513,11 @@ function connect(cfg, username, password, login) {
     }
     setBroker("reconnecting", err && err.message);
   });
-  client.on("message", (topic, payload, packet) => onMessage(topic, payload, packet));
+  // A message the page cannot show must cost only itself: an exception thrown here stops MQTT.js
+  // reading the connection until its keepalive runs out, and a retained one again at every reconnect.
+  client.on("message", (topic, payload, packet) => {
+    try { onMessage(topic, payload, packet); } catch (err) { console.warn("message on", topic, "not shown:", err); }
+  });
 }
 
 async function main() {
