@@ -8,6 +8,7 @@ Screenshots are saved in the test's tmp dir (dashboard-final.png, dashboard-reco
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -639,6 +640,50 @@ def test_a_password_typed_wrong_is_asked_again_not_retried(tmp_path: Path, ws_br
         dashboard.stop()
 
 
+
+@contextlib.contextmanager
+def _page_and_a_station(tmp_path: Path, broker: MosquittoBroker) -> Iterator[tuple[Any, Callable[..., None], Path, str]]:
+    """The dashboard in Chromium, and a station's account to publish what a station (or another
+    tool) would: messages made by the test, no daemon. Yields the driver, send(topic, payload,
+    retain=True), the dashboard's log and the page's address."""
+    import paho.mqtt.client as mqtt
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    log = tmp_path / "dashboard.log"
+    password_file = tmp_path / "dashboard-password"
+    password_file.write_text(MQTT_USERS["observer"] + "\n")
+    http_port = free_port()
+    dashboard = _Proc([sys.executable, "-m", "smearscope", "dashboard", "--port", str(http_port),
+                       "--broker", f"ws://127.0.0.1:{broker.ws_port}", "--username", "observer",
+                       "--password-file", str(password_file)], log)
+    station = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    station.username_pw_set("station", MQTT_USERS["station"])
+    station.connect("127.0.0.1", broker.port)
+    station.loop_start()
+
+    def send(topic: str, payload: str, retain: bool = True) -> None:
+        station.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    driver = None
+    try:
+        wait_for_port(http_port, 20, dashboard.proc)
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=_chromium_options(tmp_path))
+        yield driver, send, log, f"http://127.0.0.1:{http_port}/"
+    finally:
+        if driver is not None:
+            driver.quit()
+        station.loop_stop()
+        station.disconnect()
+        dashboard.stop()
+
+
+def _status(driver: Any, station: str) -> str | None:
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "const n = document.querySelector(`[data-station='${arguments[0]}'] .status`);"
+        "return n ? n.dataset.status : null;", station)
+
+
 @pytest.mark.broker
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
                     "(make test installs them with apt)")
@@ -648,46 +693,66 @@ def test_a_message_the_page_cannot_show_does_not_stall_every_station(tmp_path: P
     station going offline and online again shows at once. The exception they threw stopped MQTT.js
     reading the connection until its keepalive ran out (about 20 s), and the retained state stalled
     it again at every reconnect: that station read "online" for good after it went offline."""
-    import paho.mqtt.client as mqtt
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    log = tmp_path / "dashboard.log"
-    password_file = tmp_path / "dashboard-password"
-    password_file.write_text(MQTT_USERS["observer"] + "\n")
-    http_port = free_port()
-    dashboard = _Proc([sys.executable, "-m", "smearscope", "dashboard", "--port", str(http_port),
-                       "--broker", f"ws://127.0.0.1:{ws_broker.ws_port}", "--username", "observer",
-                       "--password-file", str(password_file)], log)
-    station = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    station.username_pw_set("station", MQTT_USERS["station"])
-    station.connect("127.0.0.1", ws_broker.port)
-    station.loop_start()
-
-    def send(topic: str, payload: str, retain: bool = True) -> None:
-        station.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
-
-    driver = None
-    try:
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
         send("smearscope/good/status", "online")
         send("smearscope/bad-a/run", "{}")
         send("smearscope/bad-b/run", "null")
-        wait_for_port(http_port, 20, dashboard.proc)
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=_chromium_options(tmp_path))
-        driver.get(f"http://127.0.0.1:{http_port}/")
-        status = lambda sid: driver.execute_script(
-            "const n = document.querySelector(`[data-station='${arguments[0]}'] .status`);"
-            "return n ? n.dataset.status : null;", sid)
-        _wait("the good station online", lambda: status("good") == "online", 20, [log])
+        driver.get(url)
+        _wait("the good station online", lambda: _status(driver, "good") == "online", 20, [log])
         send("smearscope/bad-a/report", json.dumps({"body": {"kind": "specimen", "report_id": "r"}}), retain=False)
         for want in ("offline", "online", "offline"):
             send("smearscope/good/status", want)
-            _wait(f"the good station {want}", lambda: status("good") == want, 8, [log])  # noqa: B023
+            _wait(f"the good station {want}", lambda: _status(driver, "good") == want, 8, [log])  # noqa: B023
         assert driver.find_element(By.CSS_SELECTOR, "[data-station='bad-a'] .run-line").text in ("", "no specimen run yet")
-    finally:
-        if driver is not None:
-            driver.quit()
-        station.loop_stop()
-        station.disconnect()
-        dashboard.stop()
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_sickle_cells_of_red_cells_too_blurred_to_judge_are_not_assessable_not_present(
+    tmp_path: Path, ws_broker: MosquittoBroker,
+) -> None:
+    """A run none of whose fields' red cells were sharp enough (flag rbc_morphology_out_of_focus):
+    every morphology row is not assessable, as in its FHIR bundle (dataAbsentReason
+    rbc-out-of-focus). The sickle row read "present", with its count and share, beside every
+    other row's "not assessable": the page turned any sickle grade but "none" into "present"."""
+    from selenium.webdriver.common.by import By
+
+    from smearscope.service.analysis.report import Counts, SizeStats
+    from smearscope.service.fhir.report_view import rbc_grades
+
+    def row(label: str, count: int) -> ClassShare:
+        return ClassShare(label=label, count=count, percent=round(100 * count / 200, 2), assessable=False)
+
+    report = Report(report_id="r-blurred", kind="specimen", created_at=time.time(), station_id="blurred",
+                    run_id="run-blurred", fields_analyzed=4, counts=Counts(rbc=200, wbc=2, platelet=10),
+                    wbc_differential=[ClassShare(label="lymphocyte", count=2, percent=100.0)],
+                    rbc_morphology=[row("normal", 180), row("target", 12), row("sickle", 8)],
+                    rbc_size=SizeStats(n=200, mean_diameter_um=7.4, sd_um=0.6, cv_percent=8.1, median_diameter_um=7.3),
+                    ratios={}, cells=[], timing_ms={"run_ms": 60_000.0}, flags=[Flag(
+                        code="rbc_morphology_out_of_focus", severity="warning", cells=[],
+                        message="red cells too blurred to judge their shape: morphology not graded")])
+    state = {"station_id": "blurred", "run_id": "run-blurred", "state": "closed", "end_reason": "stopped",
+             "updated_at": time.time(), "review": None, "rbc_grades": rbc_grades(report),
+             "progress": {"run_id": "run-blurred", "fields": 4, "classified_wbc": 2, "target_wbc": 100},
+             "report": report.model_dump(mode="json", exclude={"cells", "cell_detail"})}
+    assert state["rbc_grades"]["sickle"] == "not assessable"
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        send("smearscope/blurred/status", "online")
+        send("smearscope/blurred/run", json.dumps(state))
+        driver.get(url)
+        rows = lambda: {tr.get_attribute("data-label"): [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                        for tr in driver.find_elements(By.CSS_SELECTOR, "[data-station='blurred'] .morphology tbody tr")}
+        _wait("the run's morphology", lambda: len(rows()) == 3, 20, [log])
+        for label, cells in rows().items():
+            assert cells[1:] == ["–", "–", "not assessable"], ("run state", label, cells)
+        # the report itself, as it arrives on `report` (here with a fifth field, to see it taken)
+        body = {**state["report"], "fields_analyzed": 5, "cells": []}
+        send("smearscope/blurred/report", json.dumps({"kind": "report", "report_id": "r-blurred", "body": body}),
+             retain=False)
+        line = lambda: driver.find_element(By.CSS_SELECTOR, "[data-station='blurred'] .run-line").text
+        _wait("the specimen report shown", lambda: "5 fields" in line(), 20, [log])
+        for label, cells in rows().items():
+            assert cells[1:] == ["–", "–", "not assessable"], ("specimen report", label, cells)

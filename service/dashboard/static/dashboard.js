@@ -172,7 +172,7 @@ function renderRun(st) {
     // a row the report marks not assessable (red cells too blurred to judge, flag rbc_morphology_out_of_focus)
     let grade = (sizesOff && SIZE_BASED.includes(s.label)) || s.assessable === false ? "not assessable"
       : s.grade || grades[s.label] || "";
-    if (presence && grade && grade !== "none") grade = "present";
+    if (presence && grade && grade !== "none" && grade !== "not assessable") grade = "present";
     const spans = !presence && grade !== "not assessable" && grade && s.grade_ci_low && s.grade_ci_high &&
       s.grade_ci_low !== s.grade_ci_high;
     const off = grade === "not assessable";  // its count and share are placeholders: not shown as 0
