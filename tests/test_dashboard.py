@@ -756,3 +756,39 @@ def test_sickle_cells_of_red_cells_too_blurred_to_judge_are_not_assessable_not_p
         _wait("the specimen report shown", lambda: "5 fields" in line(), 20, [log])
         for label, cells in rows().items():
             assert cells[1:] == ["–", "–", "not assessable"], ("specimen report", label, cells)
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_a_share_of_fewer_red_cells_than_the_run_counted_names_them(tmp_path: Path, ws_broker: MosquittoBroker) -> None:
+    """A run mixing calibrated fields and fields at an estimated scale: its spherocytes are a share
+    of the calibrated fields' red cells (`of_cells`, the FHIR denominator component). The page
+    showed "17 8.5" beside "RBC 400" (17 of 400 is 4.25 %) with nothing saying of which cells;
+    it now reads "8.5 of 200 RBC", and a share of every red cell stays a bare number."""
+    from selenium.webdriver.common.by import By
+
+    from smearscope.service.analysis.report import Counts, SizeStats
+    from smearscope.service.fhir.report_view import rbc_grades
+
+    report = Report(report_id="r-mixed", kind="specimen", created_at=time.time(), station_id="mixed",
+                    run_id="run-mixed", fields_analyzed=6, counts=Counts(rbc=400, wbc=2, platelet=10),
+                    wbc_differential=[ClassShare(label="lymphocyte", count=2, percent=100.0)],
+                    rbc_morphology=[ClassShare(label="normal", count=363, percent=90.75),
+                                    ClassShare(label="target", count=20, percent=5.0, grade="1+"),
+                                    ClassShare(label="spherocyte", count=17, percent=8.5, grade="1+", of_cells=200)],
+                    rbc_size=SizeStats(n=200, mean_diameter_um=7.4, sd_um=0.6, cv_percent=8.1, median_diameter_um=7.3),
+                    ratios={}, cells=[], timing_ms={"run_ms": 60_000.0}, flags=[Flag(
+                        code="sizes_from_calibrated_fields_only", severity="info", cells=[],
+                        message="size-based classes are of the calibrated fields' red cells")])
+    state = {"station_id": "mixed", "run_id": "run-mixed", "state": "closed", "end_reason": "stopped",
+             "updated_at": time.time(), "review": None, "rbc_grades": rbc_grades(report),
+             "progress": {"run_id": "run-mixed", "fields": 6, "classified_wbc": 2, "target_wbc": 100},
+             "report": report.model_dump(mode="json", exclude={"cells", "cell_detail"})}
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        send("smearscope/mixed/run", json.dumps(state))
+        driver.get(url)
+        rows = lambda: {tr.get_attribute("data-label"): tr.find_element(By.CSS_SELECTOR, "td.percent").text
+                        for tr in driver.find_elements(By.CSS_SELECTOR, "[data-station='mixed'] .morphology tbody tr")}
+        _wait("the run's morphology", lambda: len(rows()) == 3, 20, [log])
+        assert rows() == {"normal": "90.75", "target": "5", "spherocyte": "8.5 of 200 RBC"}

@@ -180,8 +180,11 @@ function renderRun(st) {
     // fewer than the count beside it: "4.0 %, 1+" would read as a grade below its own share
     const sure = !off && grade && s.graded_count != null
       ? " on " + s.graded_count + " of " + s.count + " calls at its flag's confidence" : "";
+    // a share of fewer red cells than the run counted (of_cells: a mixed run's size-based classes are
+    // of its calibrated fields' red cells, every row of its sharp fields' when some were blurred) says so
+    const of = s.of_cells != null && s.of_cells !== c.rbc ? " of " + s.of_cells + " RBC" : "";
     tr.append(el("td", "label", s.label), el("td", "count", off ? "–" : String(s.count)),
-              el("td", "percent", off ? "–" : String(s.percent)),
+              el("td", "percent", off ? "–" : String(s.percent) + of),
               el("td", "grade", shown(grade) + (spans ? " (" + shown(s.grade_ci_low) + " to " +
                                                  shown(s.grade_ci_high) + ")" : "") + sure));
     morph.append(tr);
