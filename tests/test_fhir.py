@@ -433,3 +433,27 @@ def test_the_diameter_cv_is_not_presented_as_an_rdw() -> None:
     for text in (cv["code"]["coding"][0]["display"], SizeStats.model_fields["cv_percent"].description):
         assert "not an RDW" in text or "not volumes" in text, text
         assert "RDW-like" not in text, text
+
+
+@pytest.mark.skipif(not (ROOT / "models" / "seg.json").exists(), reason="models/seg.json not present")
+def test_red_cells_counted_but_none_whole_to_measure_say_why_there_is_no_diameter(tmp_path: Path) -> None:
+    """A 64 px crop of a rendered field at a given scale: its red cells are counted, but each is cut
+    by the image's edge, so none is measured (rbc_size.n 0). The bundle had no rbc-diameter
+    observation at all, where a count of no red cells or an estimated scale each say why; it now
+    carries one with dataAbsentReason no-rbc-measured and its n component 0."""
+    image = tmp_path / "crop.png"
+    pixels = np.asarray(render_field(5, width=640, height=480).frame.pixels)
+    cv2.imwrite(str(image), pixels[100:164, 100:164])
+    out = tmp_path / "crop.fhir.json"
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "analyze", "--json", "--microns-per-pixel", "0.2",
+                           str(image), "--fhir", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["counts"]["rbc"] > 0 and report["rbc_size"]["calibrated"] and report["rbc_size"]["n"] == 0
+    bundle = json.loads(out.read_text())
+    validate(bundle)
+    diameter = by_code(bundle, codes.LOCAL_OBSERVATION, "rbc-diameter")
+    assert diameter["dataAbsentReason"]["coding"][0]["code"] == "no-rbc-measured"
+    assert component(diameter, "n")["valueInteger"] == 0
+    assert not any(k.startswith("value") for k in diameter)

@@ -242,5 +242,8 @@ def _sizes_and_counts(b: _Builder) -> None:
                 label = f"< {hi} um" if not lo else f">= {lo} um" if not hi else f"{lo} to < {hi} um"
                 comps.append({"code": _concept(codes.local("diameter-bin"), text=label), "valueInteger": count})
         b.observation("rbc-diameter", code, valueQuantity=_quantity(s.mean_diameter_um, "um", "um"), component=comps)
+    else:  # red cells counted at a calibrated scale, none whole to measure (each cut by the image's edge)
+        b.observation("rbc-diameter", code, component=[_component("n", valueInteger=s.n)],
+                      dataAbsentReason=_concept(codes.local("no-rbc-measured")))
     b.observation("cells-counted", _concept(codes.local("cells-counted")), component=[
         _component(k, valueInteger=v) for k, v in r.counts.model_dump().items()])

@@ -96,6 +96,7 @@ LOCAL_CODES: dict[str, str] = {
                         "(flag rbc_morphology_out_of_focus; in a specimen, no field's red cells were sharp enough)",
     "no-wbc-seen": "No white cell was counted: atypical white cells cannot be judged",
     "no-rbc-seen": "No red cell was counted: no diameter to measure",
+    "no-rbc-measured": "Red cells were counted, but none whole to measure (each cut by the image's edge)",
     "wbc-left-for-review": "White cells left untyped for review, fewer than the atypical_wbc_present flag "
                            "needs: atypical white cells neither shown nor excluded",
     "diameter-bin": "Red cells in this diameter bin (the code's text names the bin)",
