@@ -632,3 +632,30 @@ def _nested(dotted: str, leaf: dict[str, str]) -> dict[str, object]:
     for part in reversed(dotted.split(".")):
         out = {part: out}
     return out
+
+
+@pytest.mark.parametrize("host", [
+    "mqtt://broker.lab:1883", "mqtts://broker.lab", "ws://broker.lab/mqtt", "broker.lab:8883",
+    " broker.lab", "broker.lab\n", "broker lab", "[::1]", "user@broker.lab",
+])
+def test_a_broker_url_or_a_host_with_a_port_or_spaces_is_refused(
+    tmp_path: Path, host: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """validate-config said OK to a URL copied from the broker's docs; the station then retried
+    "Name or service not known" for ever and doctor only warned the broker does not answer."""
+    models = f'[analysis]\nmodels_dir = "{REPO / "models"}"\n'
+    good = _write(tmp_path, MINIMAL + models + '[mqtt]\nhost = "broker.lab"\n')
+    assert validate_config_main(good, environ={}) == 0
+    text = good.read_text().replace('"broker.lab"', '"' + host.replace("\n", "\\n") + '"')
+    assert validate_config_main(_write(tmp_path, text), environ={}) == 78
+    err = capsys.readouterr().err
+    assert err.startswith("mqtt.host: ") and "host name or IP address" in err, err
+    with pytest.raises(ConfigError):  # an environment override is read by the same rule
+        load_config(_write(tmp_path, MINIMAL), environ={"SMEARSCOPE__MQTT__HOST": host})
+
+
+@pytest.mark.parametrize("host", ["broker.lab", "broker-1.lab.example", "10.0.0.5", "::1", "fe80::1%eth0",
+                                  "localhost", "Broker_2"])
+def test_host_names_and_ip_addresses_are_taken(tmp_path: Path, host: str) -> None:
+    config = load_config(_write(tmp_path, MINIMAL + f'[mqtt]\nhost = "{host}"\n'), environ={})
+    assert config.mqtt.host == host

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from smearscope.device.config_fields import ConfigPath
 from smearscope.service.config.outbox import OutboxConfig
@@ -57,7 +57,10 @@ class MqttConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = Field(
-        default="localhost", min_length=1, title="Broker host", description="Broker name or IP."
+        default="localhost",
+        min_length=1,
+        title="Broker host",
+        description="Broker host name or IP address, alone: no scheme (mqtt://), port (see port), path or spaces.",
     )
     port: int = Field(
         default=1883,
@@ -172,6 +175,19 @@ class MqttConfig(BaseModel):
         title="Outbox",
         description="Durable store-and-forward queue of field and report messages.",
     )
+
+    @field_validator("host")
+    @classmethod
+    def _a_host_not_a_url(cls, host: str) -> str:
+        # A URL or "name:port" copied from the broker's docs resolves nowhere: the station would
+        # retry "Name or service not known" for ever. An IPv6 address has two or more colons.
+        odd = sorted({c for c in host if c.isspace() or c in "/@[]?#"})
+        if "://" in host or odd or host.count(":") == 1:
+            what = "a URL" if "://" in host else "a port" if host.count(":") == 1 and not odd else (
+                "the characters " + " ".join(repr(c) for c in odd))
+            raise ValueError(f"{host!r} holds {what}: host is a host name or IP address alone "
+                             '(e.g. host = "broker.lab", port = 8883, [mqtt.tls] for TLS)')
+        return host
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> MqttConfig:
