@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from broker import MosquittoBroker, Mqtt311OnlyProxy
+from broker import MQTT_USERS, MosquittoBroker, Mqtt311OnlyProxy, TlsMaterial
 from test_daemon import to_toml
 
 from smearscope.cli import main
@@ -310,3 +310,52 @@ def test_a_low_disk_names_the_threshold_and_the_fix(
     assert f"under the {(1 << 62) / 1e6:.0f} MB doctor asks for" in disk[0]
     assert "pauses its analysis" in disk[0] and "[review] min_free_disk_mb = 256" in disk[0]
     assert "move mqtt.outbox.path to a larger disk" in disk[0]
+
+
+def _client_cert(directory: Path, name: str, ca: TlsMaterial | None) -> tuple[Path, Path]:
+    """A client certificate and key: signed by `ca`, or self-signed when None (openssl)."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key"]
+    if ca is None:
+        openssl("req", "-x509", *ec, "-out", f"{name}.crt", "-days", "2", "-subj", f"/CN={name}")
+    else:
+        openssl("req", *ec, "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca.ca_cert), "-CAkey",
+                str(ca.ca_cert.with_suffix(".key")), "-CAcreateserial", "-out", f"{name}.crt", "-days", "2")
+    return directory / f"{name}.crt", directory / f"{name}.key"
+
+
+@pytest.mark.broker
+def test_doctor_fails_a_client_certificate_the_broker_refuses(
+        tmp_path: Path, tls_material: TlsMaterial, credentials_dir: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A broker asking for client certificates (mutual TLS), a station certificate it does not
+    trust: doctor said "OK broker accepts TLS connections" (its own probe sent no certificate and
+    TLS 1.3 refuses one only after the handshake) and only warned "no answer to CONNECT" (exit 0),
+    while the station could never connect."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material)
+    broker.conf_path.write_text(broker.conf_path.read_text() + "require_certificate true\n")  # the TLS listener's
+    broker.start()
+    try:
+        certs = tmp_path / "certs"
+        certs.mkdir()
+        trusted, stranger = _client_cert(certs, "station", tls_material), _client_cert(certs, "stranger", None)
+        login = {"username": "station", "password_credential": "mqtt-password"}
+        tls = {"ca_file": str(tls_material.ca_cert)}
+        cases = [(trusted, 0, "OK    broker           "), (stranger, 1, "FAIL  broker TLS       "), (None, 1, "FAIL  broker TLS       ")]
+        for pair, code, line in cases:
+            client = {} if pair is None else {"certfile": str(pair[0]), "keyfile": str(pair[1])}
+            config = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.tls_port, **login, "tls": {**tls, **client},
+                                          "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}})
+            assert main(["doctor", "--config", str(config)]) == code, pair
+            out = capsys.readouterr().out
+            found = [ln for ln in out.splitlines() if ln[6:].startswith(("broker  ", "broker TLS"))]
+            assert found and found[0].startswith(line), out
+            if code == 0:
+                assert "OK    broker login" in out, out
+            else:
+                assert "refuses the client certificate" in found[0] if pair else "asks for a client certificate" in found[0], out
+    finally:
+        broker.stop()

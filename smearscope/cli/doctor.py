@@ -9,7 +9,7 @@ or the model's), the inference backend the configuration chooses
 (writable: among the configuration's files), a camera's device node (exists and opens for
 reading; nothing is captured, the station may hold the camera; GStreamer pipelines and URLs are
 not checked), the outbox (its folder writable, free space, not held by another process), the review
-directory and the typed-cells file (writable), the MQTT broker (TCP, TLS with the configured CA,
+directory and the typed-cells file (writable), the MQTT broker (TCP, TLS with the configured CA and client certificate (refused by the broker: FAIL),
 and a login with the station's user and password; the password credential where systemd provides
 one, else a warning saying how to run doctor with it), the white cells technicians typed on the
 dashboard (per type, for `adapt-wbc --station`). Each line says OK, INFO, WARN or FAIL and, when
@@ -334,12 +334,35 @@ def _broker_checks(mqtt, timeout: float = 3.0, config_path: Path | None = None) 
         try:
             context = ssl.create_default_context(cafile=str(mqtt.tls.ca_file))
             context.check_hostname = not mqtt.tls.insecure
-            with context.wrap_socket(sock, server_hostname=mqtt.host):
-                pass
+            if mqtt.tls.certfile is not None:  # as the station presents it (mutual TLS)
+                context.load_cert_chain(str(mqtt.tls.certfile), str(mqtt.tls.keyfile))
+            with context.wrap_socket(sock, server_hostname=mqtt.host) as tls:
+                refused = _client_cert_refusal(tls, mqtt.tls, min(timeout, 1.0))
         except (ssl.SSLError, OSError, ValueError) as exc:
             return [("FAIL", "broker TLS", f"{where}: {type(exc).__name__}: {exc}")]
+        if refused is not None:
+            return [("FAIL", "broker TLS", f"{where} {refused}")]
     return [("OK", "broker", f"{where} accepts TLS connections with {mqtt.tls.ca_file}"),
             *_login_checks(mqtt, timeout, config_path)]
+
+
+def _client_cert_refusal(tls: ssl.SSLSocket, config, wait: float) -> str | None:
+    """Why the broker refused this client's certificate, or None. Under TLS 1.3 the server judges
+    the client certificate after the client's handshake is done: its alert comes with the first read."""
+    tls.settimeout(wait)
+    try:
+        tls.recv(1)
+    except TimeoutError:  # nothing to say: the broker waits for CONNECT
+        return None
+    except ssl.SSLError as exc:
+        if config.certfile is None:
+            return (f"asks for a client certificate and none is configured ({exc.reason or exc}); set "
+                    "[mqtt.tls] certfile and keyfile to one its CA signed")
+        return (f"refuses the client certificate {config.certfile} ({exc.reason or exc}); the station could "
+                "never connect: use one signed by the CA the broker trusts (its cafile), not expired")
+    except OSError:
+        return None  # a reset here is for the login check to judge
+    return None
 
 
 def _login_unchecked(mqtt, config_path: Path | None) -> list[Check]:
