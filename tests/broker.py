@@ -125,6 +125,21 @@ def make_tls_material(directory: Path, common_name: str = "smearscope-test-ca") 
     return TlsMaterial(directory / "ca.crt", directory / "server.crt", directory / "server.key")
 
 
+def make_client_cert(directory: Path, name: str, ca: TlsMaterial | None) -> tuple[Path, Path]:
+    """A client certificate and key for mutual TLS: signed by `ca`, or self-signed when None."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key"]
+    if ca is None:
+        openssl("req", "-x509", *ec, "-out", f"{name}.crt", "-days", "2", "-subj", f"/CN={name}")
+    else:
+        openssl("req", *ec, "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca.ca_cert), "-CAkey",
+                str(ca.ca_cert.with_suffix(".key")), "-CAcreateserial", "-out", f"{name}.crt", "-days", "2")
+    return directory / f"{name}.crt", directory / f"{name}.key"
+
+
 class MosquittoBroker:
     """A real mosquitto on free loopback ports, configured in `workdir`."""
 

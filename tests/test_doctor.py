@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, Mqtt311OnlyProxy, TlsMaterial
+from broker import MQTT_USERS, MosquittoBroker, Mqtt311OnlyProxy, TlsMaterial, make_client_cert
 from test_daemon import to_toml
 
 from smearscope.cli import main
@@ -312,21 +312,6 @@ def test_a_low_disk_names_the_threshold_and_the_fix(
     assert "move mqtt.outbox.path to a larger disk" in disk[0]
 
 
-def _client_cert(directory: Path, name: str, ca: TlsMaterial | None) -> tuple[Path, Path]:
-    """A client certificate and key: signed by `ca`, or self-signed when None (openssl)."""
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key"]
-    if ca is None:
-        openssl("req", "-x509", *ec, "-out", f"{name}.crt", "-days", "2", "-subj", f"/CN={name}")
-    else:
-        openssl("req", *ec, "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca.ca_cert), "-CAkey",
-                str(ca.ca_cert.with_suffix(".key")), "-CAcreateserial", "-out", f"{name}.crt", "-days", "2")
-    return directory / f"{name}.crt", directory / f"{name}.key"
-
-
 @pytest.mark.broker
 def test_doctor_fails_a_client_certificate_the_broker_refuses(
         tmp_path: Path, tls_material: TlsMaterial, credentials_dir: Path,
@@ -341,7 +326,7 @@ def test_doctor_fails_a_client_certificate_the_broker_refuses(
     try:
         certs = tmp_path / "certs"
         certs.mkdir()
-        trusted, stranger = _client_cert(certs, "station", tls_material), _client_cert(certs, "stranger", None)
+        trusted, stranger = make_client_cert(certs, "station", tls_material), make_client_cert(certs, "stranger", None)
         login = {"username": "station", "password_credential": "mqtt-password"}
         tls = {"ca_file": str(tls_material.ca_cert)}
         cases = [(trusted, 0, "OK    broker           "), (stranger, 1, "FAIL  broker TLS       "), (None, 1, "FAIL  broker TLS       ")]

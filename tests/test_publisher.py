@@ -19,6 +19,7 @@ from broker import (
     PublisherProcess,
     Subscriber,
     TlsMaterial,
+    make_client_cert,
     make_tls_material,
     wait_until,
 )
@@ -986,3 +987,52 @@ def test_a_wal_that_a_full_disk_keeps_from_emptying_is_said_once(
         said = [r.getMessage() for r in caplog.records if "cannot empty its WAL" in r.getMessage()
                 and r.levelno >= logging.WARNING]
         assert len(said) == 1 and "the disk is full" in said[0], said
+
+
+@pytest.mark.broker
+def test_a_client_certificate_the_broker_refuses_is_said_and_the_reports_wait_for_a_good_one(
+    tmp_path: Path, tls_material: TlsMaterial, credentials_dir: Path, started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Mutual TLS with a certificate the broker does not trust: under TLS 1.3 the broker refuses it
+    after the handshake, so paho got no CONNACK and no connect failure. The state stayed "connecting"
+    with no last_error (the daemon said "no MQTT broker answered ... (no connection yet)") and the
+    journal held only paho's "failed to receive on socket", a WARNING on every retry."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material)
+    broker.conf_path.write_text(broker.conf_path.read_text() + "require_certificate true\n")  # the TLS listener's
+    broker.start()
+    sub = None
+    try:
+        assert broker.tls_port is not None
+        certs = tmp_path / "certs"
+        certs.mkdir()
+        trusted, stranger = make_client_cert(certs, "station", tls_material), make_client_cert(certs, "x", None)
+        sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])  # plain listener
+        sub.wait_ready()
+        tls = {"ca_file": str(tls_material.ca_cert)}
+        bad = make_config(tmp_path, broker.tls_port, tls={**tls, "certfile": str(stranger[0]), "keyfile": str(stranger[1])})
+        ours = "smearscope.service.mqtt.publisher"
+        with caplog.at_level(logging.DEBUG, logger=ours):
+            publisher = start_publisher(bad, started)
+            publisher.publish_report("report", "mtls-1", b"{}", "1")
+            assert wait_until(lambda: len([r for r in caplog.records
+                                           if r.name == ours and "client certificate" in r.getMessage()]) >= 2, 10)
+        said = [r for r in caplog.records if r.name == ours and "client certificate" in r.getMessage()]
+        assert [r.levelno for r in said][:2] == [logging.WARNING, logging.DEBUG], said  # said once, then quiet
+        message = said[0].getMessage()
+        assert f"127.0.0.1:{broker.tls_port}" in message and "UNKNOWN_CA" in message, message
+        state = publisher.state
+        assert not state.connected and state.last_error == message, state
+        paho_lines = [r for r in caplog.records if r.name == f"{ours}.paho" and r.levelno >= logging.WARNING]
+        assert paho_lines == [], paho_lines  # its raw socket error is in our line
+        assert publisher.outbox.counts().reports == 1  # kept
+        publisher.stop()
+        publisher.outbox.close()
+        started.remove(publisher)
+        good = make_config(tmp_path, broker.tls_port, tls={**tls, "certfile": str(trusted[0]), "keyfile": str(trusted[1])})
+        start_publisher(good, started)
+        assert sub.wait_for(lambda m: len(m) == 1, 10), sub.messages
+    finally:
+        if sub is not None:
+            sub.close()
+        broker.stop()

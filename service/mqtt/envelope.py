@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
+from typing import Any
 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -74,3 +76,11 @@ def response_properties(correlation: bytes | None) -> Properties:
     if correlation is not None:
         props.CorrelationData = correlation
     return props
+
+
+def response_body(response: Mapping[str, Any]) -> str:
+    """A command's answer as JSON; one that cannot be serialised becomes a command_failed answer."""
+    try:
+        return json.dumps(dict(response), default=str)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return json.dumps({"ok": False, "error": "command_failed", "message": f"response not serialisable: {exc}"})

@@ -8,6 +8,8 @@ connects (service.mqtt.publisher).
 from __future__ import annotations
 
 import logging
+import re
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +17,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, LogLevel, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from smearscope.service.config.mqtt import MqttConfig
@@ -73,19 +76,55 @@ def subscribe_commands(client: mqtt.Client, command_filter: str, protocol: MQTTP
 
 
 def paho_log_level(level: int, line: str, not_connected: bool) -> int:
-    """The logging level for one of paho's log lines: paho's own, except two.
+    """The logging level for one of paho's log lines: paho's own, except these.
 
     Its loop finding no socket while we are not connected (a clean stop, a lost connection, a
-    failed reconnect) is expected and already reported by our callbacks: DEBUG. A socket breaking
-    under it (connection reset: the broker or network went away) is an outage, which the daemon
+    failed reconnect) is expected and already reported by our callbacks: DEBUG; so is a socket
+    breaking before the CONNACK (the publisher says why, once: `closed_before_connack`). A socket
+    breaking under a connection (the broker or network went away) is an outage, which the daemon
     rides out with its outbox: a WARNING, not an ERROR.
     """
     std_level = mqtt.LOGGING_LEVEL[LogLevel(level)]
-    if line.startswith(PAHO_NO_SOCKET) and not_connected:
+    if line.startswith((PAHO_NO_SOCKET, *PAHO_SOCKET_LOST)) and not_connected:
         return logging.DEBUG
     if line.startswith(PAHO_SOCKET_LOST) and std_level > logging.WARNING:
         return logging.WARNING
     return std_level
+
+
+def connect_fail_message(config: MqttConfig, exc: BaseException | None) -> str:
+    """What the station says when paho could not open the connection (socket, DNS or TLS)."""
+    reason = f"{type(exc).__name__}: {exc}" if exc is not None else "network, DNS or TLS failure"
+    if isinstance(exc, ssl.SSLError):
+        reason = f"TLS failure: {reason}"
+    return f"cannot reach broker {config.host}:{config.port} ({reason}); retrying"
+
+
+def refused_message(config: MqttConfig, reason_code: ReasonCode) -> str:
+    """What the station says when the broker refused its CONNECT (bad password, not authorised)."""
+    return (f"broker {config.host}:{config.port} refused the connection: {reason_code.getName()} "
+            f"(reason code 0x{int(reason_code.value):02x})")
+
+
+def short_lived_hint(short_lived: int, seconds: float, client_id: str) -> str:
+    """The connection-lost line's hint after 3 or more connections in a row closed this soon."""
+    if short_lived < 3:
+        return ""
+    return (f"; it lasted under {seconds:g} s {short_lived} times in a row: does another client "
+            f"use the client id {client_id!r} (a second station with this station_id)?")
+
+
+def closed_before_connack(config: MqttConfig, socket_error: str) -> str:
+    """What the station says when the broker closed the connection before answering CONNECT. Under
+    TLS 1.3 a broker refuses a client certificate so, after the handshake: name the certificate."""
+    where = f"broker {config.host}:{config.port}"
+    if config.tls is not None and re.search(r"certificate|unknown.ca", socket_error, re.IGNORECASE):
+        cert = config.tls.certfile
+        what = (f"refused the client certificate {cert} ({socket_error}): use one signed by the CA the broker "
+                "trusts, not expired" if cert is not None else
+                f"asks for a client certificate ({socket_error}) and [mqtt.tls] names none (certfile, keyfile)")
+        return f"{where} {what}; reports wait in the outbox; retrying"
+    return f"{where} closed the connection before answering CONNECT ({socket_error}); retrying"
 
 
 def publish_waiting(client: Callable[[], mqtt.Client], topic: str, body: str,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import ssl
 import sys
 import threading
 import time
@@ -36,7 +35,12 @@ from smearscope.service.config.mqtt import MqttConfig
 from smearscope.service.mqtt import paho_client
 from smearscope.service.mqtt.command_worker import CommandHandler, CommandWorker
 from smearscope.service.mqtt.credentials import read_password
-from smearscope.service.mqtt.envelope import build_envelope, message_properties, response_properties
+from smearscope.service.mqtt.envelope import (
+    build_envelope,
+    message_properties,
+    response_body,
+    response_properties,
+)
 from smearscope.service.mqtt.inflight import InFlight
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, StateWriter
 from smearscope.service.mqtt.paho_client import configured_client, paho_log_level, publish_waiting
@@ -101,6 +105,7 @@ class MqttPublisher:
         self._short_lived = 0  # connections in a row the broker closed within _SHORT_LIVED_S
         self._connected_at = 0.0  # time.monotonic() of this connection's CONNACK (a clock step cannot fake one)
         self._stopping = False
+        self._socket_error: str | None = None  # paho's, while no CONNACK yet (paho thread only)
         self._wake = threading.Event()
         self._telemetry_now = threading.Event()  # a (re)connection: the station's state at once, not a period later
         self._stop_workers = threading.Event()
@@ -270,6 +275,8 @@ class MqttPublisher:
         """paho's log lines on `<this module>.paho`, at the level `paho_log_level` gives them."""
         # Read without the lock: paho may call this with its own locks held.
         not_connected = self._stopping or not self._state.connected
+        if not_connected and buf.startswith(paho_client.PAHO_SOCKET_LOST):  # said in _on_disconnect
+            self._socket_error = buf.partition(": ")[2] or buf
         self._paho_logger.log(paho_log_level(level, buf, not_connected), "%s", buf)
 
     def _on_connect(
@@ -321,10 +328,7 @@ class MqttPublisher:
             self._fallback_requested = True
             self._wake.set()
             return
-        message = (
-            f"broker {self.config.host}:{self.config.port} refused the connection: "
-            f"{reason_code.getName()} (reason code 0x{code:02x})"
-        )
+        message = paho_client.refused_message(self.config, reason_code)
         with self._state_lock:
             repeated = self._state.status == "refused" and self._state.last_reason_code == code
         # Logged before the state says "refused", so whoever sees that state finds the reason in
@@ -343,21 +347,19 @@ class MqttPublisher:
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # paho calls this inside its `except OSError` (ssl.SSLError is one): the reason is there.
-        exc = sys.exc_info()[1]
-        reason = f"{type(exc).__name__}: {exc}" if exc is not None else "network, DNS or TLS failure"
-        if isinstance(exc, ssl.SSLError):
-            reason = f"TLS failure: {reason}"
-        message = f"cannot reach broker {self.config.host}:{self.config.port} ({reason}); retrying"
+        self._say_disconnected(paho_client.connect_fail_message(self.config, sys.exc_info()[1]))
+
+    def _say_disconnected(self, message: str) -> None:
+        """No connection, and why: logged once while the reason stays the same, then the state."""
         with self._state_lock:
             repeated = self._state.last_error == message
         logger.log(logging.DEBUG if repeated else logging.WARNING, "%s", message)  # before the state, as above
         with self._state_lock:
-            self._state = replace(
-                self._state, status="disconnected", last_error=message, last_reason_code=None
-            )
+            self._state = replace(self._state, status="disconnected", last_error=message, last_reason_code=None)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags, reason_code: ReasonCode,
                        properties: Properties | None) -> None:
+        socket_error, self._socket_error = self._socket_error, None
         if self._stopping:
             return
         with self._state_lock:
@@ -365,21 +367,15 @@ class MqttPublisher:
             if was_connected:
                 self._state = replace(self._state, status="disconnected", connected_since=None,
                                       last_error=f"connection lost: {reason_code.getName()}")
-        if was_connected:  # a broker closes a client id's older connection when another one logs in with it
+        if not was_connected and socket_error is not None:  # closed before its CONNACK: no callback says why
+            self._say_disconnected(paho_client.closed_before_connack(self.config, socket_error))
+        elif was_connected:  # a broker closes a client id's older connection when another one logs in with it
             self._short_lived = self._short_lived + 1 if time.monotonic() - self._connected_at < _SHORT_LIVED_S else 0
-            hint = (f"; it lasted under {_SHORT_LIVED_S:g} s {self._short_lived} times in a row: does another client "
-                    f"use the client id {self.client_id!r} (a second station with this station_id)?"
-                    if self._short_lived >= 3 else "")
+            hint = paho_client.short_lived_hint(self._short_lived, _SHORT_LIVED_S, self.client_id)
             logger.warning("MQTT connection lost (%s)%s; reconnecting with backoff", reason_code, hint)
 
-    def _on_publish(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        mid: int,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: ReasonCode,
+                    properties: Properties | None) -> None:
         # Runs with paho's message lock held: never take our locks or call paho here.
         self._inflight.post(client, mid, reason_code)
         self._wake.set()
@@ -477,10 +473,7 @@ class MqttPublisher:
         if client is None:
             return
         props = response_properties(correlation) if self._protocol == MQTTProtocolVersion.MQTTv5 else None
-        try:
-            body = json.dumps(dict(response), default=str)
-        except (TypeError, ValueError, RecursionError) as exc:
-            body = json.dumps({"ok": False, "error": "command_failed", "message": f"response not serialisable: {exc}"})
+        body = response_body(response)
         # paho refuses a message when its queue is full (a burst of commands): wait for room
         # rather than lose the answer; give up (logged) only after a while or at stop.
         publish_waiting(lambda: self._client or client, self.command_response_topic(name), body,
