@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 import time
 from pathlib import Path
@@ -273,3 +274,41 @@ def test_at_least_once_reaches_only_consumers_with_persistent_sessions(
         broker.stop()
     docs = (Path(__file__).resolve().parents[1] / "docs" / "MQTT.md").read_text()
     assert "persistent session" in docs and "persistence true" in docs
+
+
+def test_an_acl_that_denies_the_reports_is_said_once_with_the_topic_and_they_are_sent_once_allowed(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ACL without the report topic (MQTT 5: PUBACK 0x87): the journal got "broker rejected
+    outbox message seq N: Not authorized (0x87); kept for retry" for every message at every retry
+    (a WARNING per waiting report each 30 s), naming neither the topic nor the ACL."""
+    monkeypatch.setattr(publisher_module, "_FAILED_ACK_RETRY_S", 0.5)
+    allowed = (f"user station\ntopic write {BASE}/field\ntopic write {BASE}/status\n"
+               f"topic read {BASE}/cmd/#\nuser observer\ntopic read #\n")
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=allowed)
+    broker.start()
+    sub = None
+    try:
+        publisher = start_publisher(make_config(tmp_path, broker.port), started)
+        assert publisher.wait_until_connected(5)
+        with caplog.at_level(logging.DEBUG, logger="smearscope.service.mqtt.inflight"):
+            for i in range(3):
+                publisher.publish_report("report", f"denied-{i}", b"{}", "1")
+            assert wait_until(lambda: publisher.state.failed_acks >= 9, 10), publisher.state  # three rounds
+        said = [r for r in caplog.records if r.name == "smearscope.service.mqtt.inflight"
+                and "Not authorized" in r.getMessage()]
+        warnings = [r.getMessage() for r in said if r.levelno >= logging.WARNING]
+        assert len(said) >= 9 and len(warnings) == 1, [r.getMessage() for r in said]
+        assert f"{BASE}/report" in warnings[0] and "ACL" in warnings[0] and "'station'" in warnings[0], warnings[0]
+        assert publisher.outbox.counts().reports == 3
+        (broker.workdir / "acl").write_text(allowed.replace("user observer", f"topic write {BASE}/report\nuser observer"))
+        sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])
+        sub.wait_ready()
+        broker.proc.send_signal(signal.SIGHUP)  # mosquitto re-reads its ACL
+        assert sub.wait_for(lambda m: len(m) == 3, 10), publisher.state
+        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 5)
+    finally:
+        if sub is not None:
+            sub.close()
+        broker.stop()

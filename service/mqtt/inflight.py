@@ -60,14 +60,18 @@ def publish_packet_size(message: OutboxMessage, properties: Properties | None) -
 class InFlight:
     """mid -> outbox seq of the messages paho holds for us, and the window that bounds them."""
 
-    def __init__(self, outbox: Outbox, window: int) -> None:
+    def __init__(self, outbox: Outbox, window: int, user: str | None = None) -> None:
         self.outbox = outbox
+        self.user = user  # the station's MQTT user name, for the broker's ACL (None: anonymous)
         #: Unacknowledged messages at most; lowered to the broker's Receive Maximum on connect.
         self.window = window
         # (client, mid, reason code) from on_publish, or reason None for a message dropped at
         # reconnect.
         self._events: queue.SimpleQueue[tuple[mqtt.Client, int, ReasonCode | None]] = queue.SimpleQueue()
         self._seq_by_mid: dict[int, int] = {}
+        self._topic_by_seq: dict[int, str] = {}
+        #: (topic, reason code) of rejections said at WARNING; forgotten when that topic is acknowledged.
+        self._rejections_said: set[tuple[str, int]] = set()
         self._seqs: set[int] = set()
         #: Acknowledged by the broker, not yet deleted from the outbox (a write failed).
         self._acked_undeleted: set[int] = set()
@@ -103,6 +107,7 @@ class InFlight:
         """The client that held them is gone; the outbox re-sends them."""
         self._seq_by_mid.clear()
         self._seqs.clear()
+        self._topic_by_seq.clear()
 
     def new_connection(self, max_packet_size: int | None) -> None:
         """A new connection: its packet limit; parked messages get another chance."""
@@ -137,6 +142,7 @@ class InFlight:
                 # drops it and the rewind re-sends it.
                 cursor = message.seq
                 self._seq_by_mid[info.mid] = message.seq
+                self._topic_by_seq[message.seq] = message.topic
                 self._seqs.add(message.seq)
                 sent.append(message.seq)
                 room -= 1
@@ -181,18 +187,32 @@ class InFlight:
             if seq is None:
                 continue  # status, command response or telemetry, not an outbox message
             self._seqs.discard(seq)
+            topic = self._topic_by_seq.pop(seq, "?")
             if reason_code is None:
                 continue  # dropped at reconnect; the rewind re-sends it
             if reason_code.is_failure:
                 rejected += 1
-                logger.warning("broker rejected outbox message seq %d: %s (0x%02x); kept for retry",
-                               seq, reason_code.getName(), int(reason_code.value))
+                self._say_rejected(seq, topic, reason_code)
             else:
                 acked.append(seq)
+                self._rejections_said = {said for said in self._rejections_said if said[0] != topic}
         self._acked_undeleted.update(acked)
         if self._acked_undeleted and time.monotonic() >= self._delete_retry_at:
             self._delete_acked()
         return len(acked), rejected
+
+    def _say_rejected(self, seq: int, topic: str, reason_code: ReasonCode) -> None:
+        """A WARNING for the first rejection of a topic with a reason; its repeats (each waiting
+        message, each retry) at DEBUG until a message to that topic is acknowledged."""
+        code = int(reason_code.value)
+        first = (topic, code) not in self._rejections_said
+        self._rejections_said.add((topic, code))
+        hint = (f"; the broker's ACL must let user {self.user!r} write {topic}" if self.user is not None
+                else f"; the broker's ACL must let anonymous clients write {topic}") if code == 0x87 else ""
+        logger.log(logging.WARNING if first else logging.DEBUG,
+                   "broker rejected outbox message seq %d to %s: %s (0x%02x); kept in the outbox for retry%s%s",
+                   seq, topic, reason_code.getName(), code, hint,
+                   " (further rejections to this topic logged at DEBUG)" if first else "")
 
     def _delete_acked(self) -> None:
         """Delete the acknowledged messages, oldest first; a part refused for lack of room is halved

@@ -110,7 +110,7 @@ class MqttPublisher:
         self._telemetry_now = threading.Event()  # a (re)connection: the station's state at once, not a period later
         self._stop_workers = threading.Event()
         #: Outbox messages handed to paho and not yet acknowledged (the drain thread's).
-        self._inflight = InFlight(outbox, config.max_inflight)
+        self._inflight = InFlight(outbox, config.max_inflight, config.username)
         self._commands = CommandWorker(on_command, self._respond, self._stop_workers, tick_s=_DRAIN_TICK_S)
         self._paho_logger = logger.getChild("paho")  # filterable apart from ours
         self._threads: list[threading.Thread] = []
