@@ -659,3 +659,26 @@ def test_a_broker_url_or_a_host_with_a_port_or_spaces_is_refused(
 def test_host_names_and_ip_addresses_are_taken(tmp_path: Path, host: str) -> None:
     config = load_config(_write(tmp_path, MINIMAL + f'[mqtt]\nhost = "{host}"\n'), environ={})
     assert config.mqtt.host == host
+
+
+def test_a_password_file_with_a_byte_order_mark_logs_in_and_one_not_in_utf8_is_a_config_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A password saved by a Windows editor ("UTF-8 with BOM") was sent with the mark, and the
+    broker refused it as Not authorized; one saved in Latin-1 ended `smearscope run` with a
+    UnicodeDecodeError traceback, exit 1, which systemd restarts every 10 s for ever."""
+    from smearscope.service.config.mqtt import MqttConfig
+    from smearscope.service.mqtt.credentials import read_password
+    from smearscope.service.station.daemon import run_daemon
+
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "bom").write_bytes(b"\xef\xbb\xbfs3cret\r\n")
+    (creds / "latin1").write_bytes(b"caf\xe9\n")
+    bom = MqttConfig.model_validate({"username": "st", "password_credential": "bom"})
+    assert read_password(bom, {"CREDENTIALS_DIRECTORY": str(creds)}) == "s3cret"
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    path = _write(tmp_path, MINIMAL + f'[analysis]\nmodels_dir = "{REPO / "models"}"\n[mqtt]\nport = 1\n'
+                  f'username = "st"\npassword_credential = "latin1"\n[mqtt.outbox]\npath = "{tmp_path / "o.sqlite3"}"\n')
+    assert run_daemon(path, 1) == 78
+    err = capsys.readouterr().err
+    assert "mqtt.password_credential" in err and "not UTF-8" in err and "Traceback" not in err, err

@@ -37,11 +37,18 @@ def read_password(config: MqttConfig, environ: Mapping[str, str] | None = None) 
         )
     path = Path(directory) / config.password_credential
     try:
-        raw = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise CredentialError(
             f"cannot read MQTT password credential {config.password_credential!r} at {path}: "
             f"{exc.strerror or exc}"
+        ) from exc
+    try:  # a byte order mark (Windows editors' "UTF-8 with BOM") is not part of the password
+        raw = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CredentialError(
+            f"MQTT password credential at {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+            f"offset {exc.start}); save the password as UTF-8"
         ) from exc
     password = raw.rstrip("\r\n")
     if not password:
