@@ -157,19 +157,20 @@ mqtt_password() {
   if [[ -n "$named" && "$named" != mqtt-password ]]; then
     log "warning: $conf names the password credential '$named'; the unit loads only 'mqtt-password' (add LoadCredential=$named:... in a drop-in: systemctl edit smearscope)"
   fi
-  if [[ -s "$PASSWORD_PATH" ]]; then
+  # A file holding only a line ending ("echo > file") is as empty to the daemon as no file.
+  if [[ -n "$(tr -d '\r\n' < "$PASSWORD_PATH")" ]]; then
     [[ -n "$named" ]] || log "note: $PASSWORD_PATH holds a password but $conf names no [mqtt] password_credential, so the station logs in without it; to use it: password_credential = \"mqtt-password\""
     return 0
   fi
   if [[ -z "$named" ]]; then
-    log "no MQTT password ($PASSWORD_PATH is empty) and $conf names none: the station logs in without one"
+    log "no MQTT password ($PASSWORD_PATH is empty or only a line ending) and $conf names none: the station logs in without one"
   elif [[ "$fresh" == 1 ]]; then
     sed -i 's/^\(password_credential[[:space:]]*=\)/# \1/' "$conf"
     named="$(config_value mqtt.password_credential)" || die "cannot read $conf after editing it"
     [[ -z "$named" ]] || die "could not comment out password_credential in $conf"
     log "no MQTT password given: $conf names no password credential (password_credential commented out in [mqtt]), so the station logs in without a password. To add one: write it to $PASSWORD_PATH (root, mode 0600), uncomment password_credential, sudo systemctl restart smearscope"
   else
-    log "warning: $conf names the password credential '$named' but $PASSWORD_PATH is empty: the station would refuse to start (exit 78, and systemd does not restart it). Put the broker password in $PASSWORD_PATH (root, mode 0600), or remove password_credential from [mqtt] for a broker without passwords"
+    log "warning: $conf names the password credential '$named' but $PASSWORD_PATH is empty (or only a line ending): the station would refuse to start (exit 78, and systemd does not restart it). Put the broker password in $PASSWORD_PATH (root, mode 0600), or remove password_credential from [mqtt] for a broker without passwords"
     PASSWORD_PROBLEM=1
   fi
 }

@@ -208,3 +208,28 @@ def test_a_password_keeps_the_credential(tmp_path: Path) -> None:
     assert (tmp_path / "etc" / "mqtt-password").read_text() == "s3cret"
     assert _credential(conf) == "mqtt-password" and "problem=0" in proc.stdout
     assert "s3cret" not in proc.stdout + proc.stderr
+
+
+def test_a_password_file_holding_only_a_line_ending_is_no_password(tmp_path: Path) -> None:
+    """MQTT_PASSWORD_FILE made by `echo "$PW" > pw` with PW unset holds "\\n": the installer took it
+    for a password (file not empty) and kept the config's credential; the station then refused the
+    empty password at start (exit 78, not restarted) and the installer had said nothing."""
+    from smearscope.service.config.mqtt import MqttConfig
+    from smearscope.service.mqtt.credentials import CredentialError, read_password
+
+    for ending in ("\n", "\r\n"):
+        conf = _config(tmp_path)
+        secret = tmp_path / "pw"
+        secret.write_text(ending, newline="")
+        proc = _run(tmp_path, 'PASSWORD_PROBLEM=0; mqtt_password 0; echo "problem=$PASSWORD_PROBLEM"',
+                    MQTT_PASSWORD_FILE=str(secret))
+        assert proc.returncode == 0, proc.stderr
+        config = MqttConfig.model_validate({"username": "st", "password_credential": "mqtt-password"})
+        try:  # what the station makes of it
+            read_password(config, {"CREDENTIALS_DIRECTORY": str(tmp_path / "etc")})
+            refused = False
+        except CredentialError:
+            refused = True
+        assert refused and _credential(conf) == "mqtt-password"
+        assert "problem=1" in proc.stdout and "would refuse to start (exit 78" in proc.stdout, proc.stdout
+        (tmp_path / "etc" / "mqtt-password").unlink()
