@@ -678,6 +678,26 @@ def test_notify_ready_after_warmup_status_and_watchdog(tmp_path: Path) -> None:
     assert listener.lines("STOPPING=1")
 
 
+def test_the_status_line_says_why_the_broker_is_not_connected(tmp_path: Path) -> None:
+    """`systemctl status` showed "broker disconnected" (or "refused") and no reason: the operator
+    had to search the journal for the one line that gave it."""
+    port = free_port()  # nothing listens: the connection is refused
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = write_station(tmp_path, port, credentials=False, source={"kind": "folder", "path": str(inbox)})
+    daemon = StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(), config_path=config, environ={})
+    runner = threading.Thread(target=daemon.run, name="station-main", daemon=True)
+    runner.start()
+    try:
+        assert wait_until(lambda: daemon.publisher is not None and daemon.publisher.state.last_error, 15)
+        line = daemon.status_line()
+        assert f"broker disconnected: cannot reach broker 127.0.0.1:{port}" in line and "Connection refused" in line, line
+    finally:
+        daemon.request_stop("test over")
+        runner.join(30)
+    assert not runner.is_alive()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "models" / "seg.json").is_file(),
                     reason="models/seg.json missing: trained models not exported into models/ yet")

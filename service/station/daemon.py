@@ -373,7 +373,8 @@ class StationDaemon:
             counts = self.outbox.counts()
             parts.append(f"outbox {counts.messages} ({counts.reports} reports)")
         if self.publisher is not None:
-            parts.append(f"broker {self.publisher.state.status}")
+            st = self.publisher.state  # not connected: why, for `systemctl status`
+            parts.append(f"broker {st.status}" + (f": {st.last_error}" if st.last_error and not st.connected else ""))
         return "; ".join(parts)
 
     def _telemetry(self) -> dict[str, Any]:
