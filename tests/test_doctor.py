@@ -166,6 +166,35 @@ def test_validate_config_says_the_models_are_missing_as_start_up_would(
     assert main(["validate-config", str(_config(tmp_path, 1, models))]) == 0
 
 
+def test_validate_config_refuses_a_broken_model_as_start_up_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A models folder copied by hand and cut short (an ONNX truncated, a manifest cut, a model
+    file missing): validate-config said OK, the station then exited 78 at start (not restarted)."""
+    from smearscope.service.station.daemon import run_daemon
+
+    models = tmp_path / "models"
+    assert main(["install-models", str(models)]) == 0
+    pristine = {p.name: p.read_bytes() for p in models.iterdir()}
+    breaks = [("rbc_head.onnx", pristine["rbc_head.onnx"][:1000], "sha256 of rbc_head.onnx does not match"),
+              ("seg.json", pristine["seg.json"][:100], "seg.json: invalid manifest"),
+              ("wbc_head.onnx", None, "wbc_head.onnx is missing")]
+    config = _config(tmp_path, 1, models)
+    for name, content, said in breaks:
+        if content is None:
+            (models / name).unlink()
+        else:
+            (models / name).write_bytes(content)
+        capsys.readouterr()
+        assert run_daemon(config, 1) == 78, name  # what start-up does
+        assert said in capsys.readouterr().err, name
+        assert main(["validate-config", str(config)]) == 78, name
+        err = capsys.readouterr().err
+        assert "analysis.models_dir:" in err and said in err and f"smearscope install-models {models}" in err, err
+        (models / name).write_bytes(pristine[name])
+    assert main(["validate-config", str(config)]) == 0
+
+
 def test_doctor_only_warns_of_a_credential_it_cannot_see_from_a_shell(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Run from a shell ($CREDENTIALS_DIRECTORY unset), the broker password credential cannot be

@@ -143,14 +143,23 @@ def open_set_verdict(analysis) -> tuple[bool, str] | None:
     return True, f"the station's thresholds {text}; {section.fitted or 'fitted: not recorded'}"
 
 
-def models_problem(models_dir: Path) -> str | None:
-    """What the models folder lacks for a station to start (None: nothing)."""
+def models_problem(models_dir: Path, verify: bool = False) -> str | None:
+    """What the models folder lacks for a station to start (None: nothing); with `verify`, as the
+    engines load them too: each manifest read and its model file's sha256 checked."""
+    from smearscope.engines.manifest import ManifestError, load_manifest
     from smearscope.service.analysis.pipeline import MODEL_FILES
 
+    install = f"smearscope install-models {models_dir}"
     missing = [f for f in MODEL_FILES.values() if not (models_dir / f).is_file()]
-    return None if not missing else (
-        f"{models_dir} has no {', '.join(missing)}; install the models that come with smearscope there "
-        f"(smearscope install-models {models_dir}) or point analysis.models_dir at a folder that has them")
+    if missing:
+        return (f"{models_dir} has no {', '.join(missing)}; install the models that come with smearscope there "
+                f"({install}) or point analysis.models_dir at a folder that has them")
+    for name in MODEL_FILES.values() if verify else ():
+        try:
+            load_manifest(models_dir / name, verify_hash=True)
+        except ManifestError as exc:
+            return f"{exc}; install them again: {install}"
+    return None
 
 
 def build_analyzer(config: StationConfig, keep_wbc_features: bool = False) -> AnalyzerLike:

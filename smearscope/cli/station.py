@@ -36,7 +36,7 @@ def validate_config_main(path: str | Path, environ: Mapping[str, str] | None = N
     try:
         config = load_config(path, environ)
         problems = file_problems(config)
-        if (missing := models_problem(config.analysis.models_dir)) is not None:
+        if (missing := models_problem(config.analysis.models_dir, verify=True)) is not None:
             problems.append(("analysis.models_dir", missing))
         try:  # the station means file, read as start-up reads it
             wbc_head_and_means(config.analysis)
