@@ -19,7 +19,7 @@ import numpy as np
 
 from smearscope.engines.base import EngineError
 from smearscope.engines.cuda_api import CudaApi, cuda_api
-from smearscope.engines.manifest import ModelManifest, load_manifest
+from smearscope.engines.manifest import ManifestError, ModelManifest, load_manifest
 from smearscope.engines.preprocess import to_model_input
 from smearscope.engines.trt_cache import engine_path, profile_shapes
 
@@ -181,6 +181,13 @@ def build_all(models_dir: Path, cache_dir: Path, precision: str = "fp16", calibr
     if int(trt.__version__.split(".")[0]) < 10:
         print(f"build-engines needs TensorRT 10 (JetPack 6.1 or later); found {trt.__version__}")
         return 1
+    try:  # every model whole before any engine is built (minutes each on a Jetson)
+        for name in MANIFESTS:
+            load_manifest(models_dir / name, verify_hash=True)
+    except ManifestError as exc:
+        print(f"build-engines: {exc}; install the models: smearscope install-models {models_dir} "
+              "(or --models a folder that has them)")
+        return 2
     with api.current() if api else contextlib.nullcontext():
         for name in MANIFESTS:
             sub = calibration_dir / Path(name).stem if calibration_dir else None

@@ -65,3 +65,26 @@ def test_calibration_batches_take_at_most_limit_images_in_name_order(tmp_path):
     # the first rows of images 0, 1, 2 (grey 0, 10, 20): the first three names, scaled by 1/255
     np.testing.assert_allclose(np.concatenate(batches)[:, :, 0, 0], np.array([[0] * 3, [10] * 3, [20] * 3]) / 255,
                                rtol=1e-6)
+
+
+def test_build_all_on_missing_or_broken_models_says_which_without_a_traceback(tmp_path, capsys, monkeypatch):
+    """On a Jetson (TensorRT present), `build-engines --models DIR` with no models there, or one cut
+    short, ended in a ManifestError traceback (exit 1), after building the engines before it."""
+    import shutil
+    import sys
+    import types
+
+    from smearscope.export.tensorrt_build import build_all
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))  # no call reaches it
+    assert build_all(tmp_path / "nowhere", tmp_path / "engines") == 2
+    out = capsys.readouterr().out
+    assert "nowhere/seg.json" in out and "smearscope install-models" in out, out
+    models = tmp_path / "models"
+    shutil.copytree(DEFAULT_MODELS_DIR, models, ignore=shutil.ignore_patterns("README.md"))
+    (models / "wbc_head.onnx").write_bytes((models / "wbc_head.onnx").read_bytes()[:4096])
+    assert build_all(models, tmp_path / "engines") == 2
+    out = capsys.readouterr().out
+    assert "sha256 of wbc_head.onnx does not match" in out, out
+    assert not (tmp_path / "engines").exists()  # nothing built before the check
