@@ -792,3 +792,18 @@ def test_a_share_of_fewer_red_cells_than_the_run_counted_names_them(tmp_path: Pa
                         for tr in driver.find_elements(By.CSS_SELECTOR, "[data-station='mixed'] .morphology tbody tr")}
         _wait("the run's morphology", lambda: len(rows()) == 3, 20, [log])
         assert rows() == {"normal": "90.75", "target": "5", "spherocyte": "8.5 of 200 RBC"}
+def test_the_dashboards_password_file_is_read_as_the_stations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--password-file saved as "UTF-8 with BOM" (a Windows editor) sent the mark as part of the
+    password, which the broker refused; the station's credential reader drops it (and only the
+    line ending, as the station does)."""
+    import argparse
+
+    from smearscope.cli import main
+    from smearscope.cli.dashboard import _password
+
+    path = tmp_path / "pw"
+    path.write_bytes(b"\xef\xbb\xbfs3cret\r\n")
+    assert _password(argparse.Namespace(password_file=path)) == "s3cret"
+    path.write_bytes(b"caf\xe9\n")
+    assert main(["dashboard", "--broker", "ws://127.0.0.1:1", "--username", "u", "--password-file", str(path)]) == 2
+    assert "not UTF-8" in capsys.readouterr().err

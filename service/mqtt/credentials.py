@@ -43,14 +43,17 @@ def read_password(config: MqttConfig, environ: Mapping[str, str] | None = None) 
             f"cannot read MQTT password credential {config.password_credential!r} at {path}: "
             f"{exc.strerror or exc}"
         ) from exc
-    try:  # a byte order mark (Windows editors' "UTF-8 with BOM") is not part of the password
-        raw = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CredentialError(
-            f"MQTT password credential at {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at "
-            f"offset {exc.start}); save the password as UTF-8"
-        ) from exc
-    password = raw.rstrip("\r\n")
+    password = password_text(data, f"MQTT password credential at {path}")
     if not password:
         raise CredentialError(f"MQTT password credential at {path} is empty")
     return password
+
+
+def password_text(data: bytes, what: str) -> str:
+    """A password file's bytes as the password: UTF-8, without a byte order mark (Windows editors'
+    "UTF-8 with BOM") or the trailing line ending. CredentialError naming `what` when not UTF-8."""
+    try:
+        return data.decode("utf-8-sig").rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise CredentialError(f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                              f"{exc.start}); save the password as UTF-8") from exc

@@ -17,7 +17,9 @@ def _password(args: argparse.Namespace) -> str | None:
     if path is None and os.environ.get("CREDENTIALS_DIRECTORY"):
         candidate = Path(os.environ["CREDENTIALS_DIRECTORY"]) / "dashboard-mqtt-password"
         path = candidate if candidate.is_file() else None
-    return path.read_text().strip() if path is not None else None
+    from smearscope.service.mqtt.credentials import password_text
+
+    return password_text(path.read_bytes(), f"password file {path}") if path is not None else None
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -31,7 +33,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         settings = DashboardSettings(args.broker, args.topic_prefix, args.username,
                                      _password(args) if args.username else None)
         server = DashboardServer(settings, args.port, args.bind)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: CredentialError
         print(f"smearscope dashboard: {exc}", file=sys.stderr)
         return 2
     print(f"smearscope dashboard: http://{args.bind}:{server.port}/ (broker {args.broker})", flush=True)
