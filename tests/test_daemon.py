@@ -25,7 +25,7 @@ from typing import Any
 
 import cv2
 import pytest
-from broker import MQTT_USERS, Subscriber, free_port, wait_until
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, free_port, wait_until
 from oracle import OracleSegmenter
 
 from smearscope.device.frame import Frame
@@ -399,6 +399,24 @@ def test_commands_over_mqtt(
         daemon.request_stop("test over")
         runner.join(30)
     assert not runner.is_alive()
+
+
+@pytest.mark.broker
+def test_a_broker_that_refuses_the_station_is_not_said_to_be_missing(
+    tmp_path: Path, broker: MosquittoBroker, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A wrong password: the notice said "no MQTT broker answered at H:P (broker H:P refused the
+    connection: Not authorized ...)"; the broker did answer, and the fix is the password."""
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text("not-the-password\n")
+    config = write_station(tmp_path, broker.port)
+    with caplog.at_level(logging.WARNING, logger="smearscope.service.station.daemon"):
+        assert run_daemon(config, 2, analyzer_factory=pool_factory(), environ={"CREDENTIALS_DIRECTORY": str(creds)}) == 0
+    notices = [r.getMessage() for r in caplog.records if "reports are kept in the outbox" in r.getMessage()]
+    assert len(notices) == 1, notices
+    assert notices[0].startswith(f"the MQTT broker at 127.0.0.1:{broker.port} refused the station") and \
+        "Not authorized" in notices[0] and "no MQTT broker answered" not in notices[0], notices
 
 
 def test_embedded_station_without_broker(

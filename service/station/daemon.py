@@ -241,9 +241,9 @@ class StationDaemon:
             return
         self._broker_noticed = True
         m, state = self.config.mqtt, self.publisher.state
-        text = (f"no MQTT broker answered at {m.host}:{m.port} "
-                f"({state.last_error or 'no connection yet'}); reports are kept in the outbox "
-                f"{m.outbox.path} and sent when the broker answers")
+        said = "the MQTT broker at {}:{} refused the station" if state.status == "refused" else "no MQTT broker answered at {}:{}"
+        text = (f"{said.format(m.host, m.port)} ({state.last_error or 'no connection yet'}); reports are kept in "
+                f"the outbox {m.outbox.path} and sent when the broker {'accepts it' if state.status == 'refused' else 'answers'}")
         logger.warning("%s", text)
         self._announce(text)
 
