@@ -97,3 +97,30 @@ def test_a_reader_that_leaves_early_is_not_an_error():
     proc.stdout.close()  # before the interpreter has even started writing
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def test_logs_read_by_journald_carry_their_level_as_a_syslog_priority(tmp_path) -> None:
+    """Under systemd stderr goes to the journal, which filed every line at priority 6 (info):
+    `journalctl -u smearscope -p warning` showed none of the station's warnings and errors, and each
+    line carried a second timestamp beside journald's. When $JOURNAL_STREAM names stderr the lines
+    now start with sd-daemon's <N> prefix (ERROR <3>, WARNING <4>) and have no timestamp of their own."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    stderr_path = tmp_path / "stderr"
+    code = ("import logging; from smearscope.cli import _setup_logging; _setup_logging('INFO'); "
+            "log = logging.getLogger('smearscope.x'); log.error('e'); log.warning('w'); log.info('i')")
+    command = [sys.executable, "-c", code]
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    with open(stderr_path, "wb") as err:
+        st = os.fstat(err.fileno())
+        subprocess.run(command, stderr=err, stdout=subprocess.DEVNULL, check=False,
+                       env={**env, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    journal = stderr_path.read_text().splitlines()
+    assert journal == ["<3>ERROR smearscope.x: e", "<4>WARNING smearscope.x: w", "<6>INFO smearscope.x: i"], journal
+    with open(stderr_path, "wb") as err:  # a terminal or a file: as before
+        subprocess.run(command, stderr=err, stdout=subprocess.DEVNULL, check=False, env={**env, "JOURNAL_STREAM": "1:2"})
+    plain = stderr_path.read_text().splitlines()
+    assert len(plain) == 3 and re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR smearscope.x: e$", plain[0]), plain

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -24,9 +25,31 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # as the config's log_level
 EXIT_OUTPUT = 74
 
 
+class _JournalFormatter(logging.Formatter):
+    """stderr read by journald (systemd): each line starts with its syslog priority as sd-daemon(3)
+    prefixes it, so `journalctl -p warning` finds warnings and errors; no timestamp (journald's)."""
+
+    PRIORITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in self.PRIORITY if record.levelno >= level), 7)
+        return f"<{priority}>{super().format(record)}"
+
+
+def _stderr_is_journal() -> bool:
+    """systemd sets $JOURNAL_STREAM to the device:inode of the journal stream it connected."""
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s") if _stderr_is_journal()
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def _number(kind, low, high, what: str):
