@@ -373,3 +373,30 @@ def test_doctor_fails_a_client_certificate_the_broker_refuses(
                 assert "refuses the client certificate" in found[0] if pair else "asks for a client certificate" in found[0], out
     finally:
         broker.stop()
+
+
+@pytest.mark.broker
+def test_doctor_says_when_tls_and_the_port_do_not_match(
+        tmp_path: Path, tls_material: TlsMaterial, credentials_dir: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """[mqtt.tls] set with the plain listener's port said "FAIL broker TLS ... ConnectionResetError:
+    Connection reset by peer"; no [mqtt.tls] with the TLS listener's port said "OK broker accepts TCP"
+    and "WARN broker login ... no answer to CONNECT within 3 s" (exit 0). Neither named the mismatch."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material)
+    broker.start()
+    try:
+        login = {"username": "station", "password_credential": "mqtt-password",
+                 "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}}
+        tls = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.port, **login,
+                                   "tls": {"ca_file": str(tls_material.ca_cert)}})
+        assert main(["doctor", "--config", str(tls)]) == 1
+        out = capsys.readouterr().out
+        line = [ln for ln in out.splitlines() if ln[6:].startswith("broker TLS")]
+        assert line and line[0].startswith("FAIL") and "not a TLS listener" in line[0], out
+        plain = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.tls_port, **login})
+        assert main(["doctor", "--config", str(plain)]) == 1
+        out = capsys.readouterr().out
+        line = [ln for ln in out.splitlines() if ln[6:].startswith("broker login")]
+        assert line and line[0].startswith("FAIL") and "a TLS listener" in line[0] and "[mqtt.tls]" in line[0], out
+    finally:
+        broker.stop()

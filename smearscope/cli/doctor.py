@@ -339,7 +339,10 @@ def _broker_checks(mqtt, timeout: float = 3.0, config_path: Path | None = None) 
             with context.wrap_socket(sock, server_hostname=mqtt.host) as tls:
                 refused = _client_cert_refusal(tls, mqtt.tls, min(timeout, 1.0))
         except (ssl.SSLError, OSError, ValueError) as exc:
-            return [("FAIL", "broker TLS", f"{where}: {type(exc).__name__}: {exc}")]
+            plain = isinstance(exc, (ConnectionResetError, ssl.SSLEOFError)) or "WRONG_VERSION" in str(exc)
+            hint = ("; the port is not a TLS listener (plain MQTT?): give the broker's TLS port (usually 8883), "
+                    "or remove [mqtt.tls] for a plain one" if plain else "")
+            return [("FAIL", "broker TLS", f"{where}: {type(exc).__name__}: {exc}{hint}")]
         if refused is not None:
             return [("FAIL", "broker TLS", f"{where} {refused}")]
     return [("OK", "broker", f"{where} accepts TLS connections with {mqtt.tls.ca_file}"),
@@ -399,11 +402,26 @@ def _login_checks(mqtt, timeout: float, config_path: Path | None = None) -> list
     except (OSError, ValueError, ssl.SSLError) as exc:
         return [("WARN", "broker login", f"{who}: could not connect ({type(exc).__name__}: {exc})")]
     if code is None:
+        if mqtt.tls is None and _speaks_tls(mqtt.host, mqtt.port, timeout):
+            return [("FAIL", "broker login", (f"{who}: no answer to CONNECT: {mqtt.host}:{mqtt.port} is a TLS listener; "
+                     "add [mqtt.tls] with ca_file (the CA that signed the broker's certificate), or give its "
+                     "plain port (usually 1883)"))]
         return [("WARN", "broker login", f"{who}: no answer to CONNECT within {timeout:.0f} s")]
     if code.is_failure:
         return [("FAIL", "broker login", (f"{mqtt.host}:{mqtt.port} refuses {who}: {code.getName()} "
                  f"(reason code 0x{int(code.value):02x}); the station would retry for ever"))]
     return [("OK", "broker login", f"{mqtt.host}:{mqtt.port} accepts {who}")]
+
+
+def _speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether host:port completes a TLS handshake (its certificate not judged: only the protocol)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock, context.wrap_socket(sock):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _connack(mqtt, protocol, password: str | None, timeout: float):
