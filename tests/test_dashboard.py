@@ -640,7 +640,6 @@ def test_a_password_typed_wrong_is_asked_again_not_retried(tmp_path: Path, ws_br
         dashboard.stop()
 
 
-
 @contextlib.contextmanager
 def _page_and_a_station(tmp_path: Path, broker: MosquittoBroker) -> Iterator[tuple[Any, Callable[..., None], Path, str]]:
     """The dashboard in Chromium, and a station's account to publish what a station (or another
