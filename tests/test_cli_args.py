@@ -111,7 +111,8 @@ def test_logs_read_by_journald_carry_their_level_as_a_syslog_priority(tmp_path) 
 
     stderr_path = tmp_path / "stderr"
     code = ("import logging; from smearscope.cli import _setup_logging; _setup_logging('INFO'); "
-            "log = logging.getLogger('smearscope.x'); log.error('e'); log.warning('w'); log.info('i')")
+            "log = logging.getLogger('smearscope.x'); log.error('e'); log.warning('w'); log.info('i')\n"
+            "try:\n    1 / 0\nexcept ZeroDivisionError:\n    log.exception('t')")
     command = [sys.executable, "-c", code]
     env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
     with open(stderr_path, "wb") as err:
@@ -119,8 +120,12 @@ def test_logs_read_by_journald_carry_their_level_as_a_syslog_priority(tmp_path) 
         subprocess.run(command, stderr=err, stdout=subprocess.DEVNULL, check=False,
                        env={**env, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
     journal = stderr_path.read_text().splitlines()
-    assert journal == ["<3>ERROR smearscope.x: e", "<4>WARNING smearscope.x: w", "<6>INFO smearscope.x: i"], journal
+    assert journal[:4] == ["<3>ERROR smearscope.x: e", "<4>WARNING smearscope.x: w", "<6>INFO smearscope.x: i",
+                           "<3>ERROR smearscope.x: t"], journal
+    # journald files each line on its own: every line of a traceback is an error too
+    assert len(journal) > 5 and all(line.startswith("<3>") for line in journal[3:]), journal
+    assert journal[-1] == "<3>ZeroDivisionError: division by zero", journal
     with open(stderr_path, "wb") as err:  # a terminal or a file: as before
         subprocess.run(command, stderr=err, stdout=subprocess.DEVNULL, check=False, env={**env, "JOURNAL_STREAM": "1:2"})
     plain = stderr_path.read_text().splitlines()
-    assert len(plain) == 3 and re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR smearscope.x: e$", plain[0]), plain
+    assert len(plain) > 4 and not any(line.startswith("<") for line in plain) and re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR smearscope.x: e$", plain[0]), plain

@@ -33,7 +33,8 @@ class _JournalFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         priority = next((p for level, p in self.PRIORITY if record.levelno >= level), 7)
-        return f"<{priority}>{super().format(record)}"
+        # journald reads each line on its own: a traceback's lines carry the prefix too.
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).split("\n"))
 
 
 def _stderr_is_journal() -> bool:
