@@ -355,6 +355,16 @@ class FolderSource(FrameSource):
                 self._log.record(key, "attempt", fname)
             except OSError as exc:  # handed out unguarded; its done() says the disk's problem again
                 logger.error("%s: %s: cannot record the attempt: %s", self.name, shown(fname), exc)
+        frame = self._read_new(fname, key, st, cand, now, tries)
+        if frame is None and self._log.attempted(key):  # read, not in hand: a crash is not its doing
+            try:
+                self._log.release(key)
+            except OSError:
+                pass  # as if killed: at most it is analysed alone
+        return frame
+
+    def _read_new(self, fname: str, key: str, st: os.stat_result, cand: _Candidate, now: float,
+                  tries: int) -> Frame | None:
         try:
             try:
                 data = (self._root / fname).read_bytes() if st.st_size else b""

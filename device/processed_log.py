@@ -115,6 +115,13 @@ class ProcessedLog:
         else:
             self._open.pop(key, None)
 
+    def release(self, key: str) -> None:
+        """This process's attempt at the version ended without it in hand (waited for, read again
+        later): a crash from now on is not its doing."""
+        if key in self._open:
+            self._append([(key, "released", self._open[key])])
+            del self._open[key]
+
     def release_open(self) -> None:
         """The process ends cleanly: its unfinished attempts were not the file's doing."""
         if self._open:

@@ -210,3 +210,26 @@ def test_the_log_stays_bounded_with_attempts_and_keeps_as_many_files(tmp_path: P
     assert again.unfinished() == {crashed: 1} and again.attempts(crashed) == 1
     log.release_open()  # the first process ends cleanly after all
     assert ProcessedLog(path, 100).unfinished() == {}
+
+
+def test_a_file_waited_for_at_two_crashes_is_not_rejected_as_interrupted(tmp_path: Path) -> None:
+    """A file read and found possibly incomplete (a PNG cut short, waited for within decode_grace_s)
+    is not in hand: a crash while another file is analysed is not its doing. Its attempt stayed
+    open, so two crashes of another file set it aside as analysis_interrupted although the
+    station never analysed it; it is now waited for as before, then judged on its content."""
+    inbox = _inbox(tmp_path, ["half.png", "a.png"])
+    (inbox / "half.png").write_bytes(_png(7)[:200])  # truncated: within the grace, waited for
+    os.utime(inbox / "half.png", ns=(10**18 - 10**9, 10**18 - 10**9))  # the oldest: read first
+    config = FolderSourceConfig(path=inbox, settle_s=0.0, poll_interval_s=0.01, decode_grace_s=3600.0)
+    first = FolderSource(config)
+    frame = first.scan_once()
+    assert frame is not None and _name(frame) == "a.png"  # half.png read, waited for
+    del first  # crash 1 while a.png is analysed
+    second = FolderSource(config)
+    frame = second.scan_once()
+    assert frame is not None and _name(frame) == "a.png"  # a.png on probation, alone
+    del second  # crash 2: a.png's own
+    third = FolderSource(config)
+    assert third.scan_once() is None
+    assert (inbox / "half.png").exists(), "half.png was set aside though never in hand at a crash"
+    assert (inbox / "rejected" / "a.png").exists() and third.rejected_reasons == {"analysis_interrupted": 1}
