@@ -157,8 +157,9 @@ mqtt_password() {
   if [[ -n "$named" && "$named" != mqtt-password ]]; then
     log "warning: $conf names the password credential '$named'; the unit loads only 'mqtt-password' (add LoadCredential=$named:... in a drop-in: systemctl edit smearscope)"
   fi
-  # A file holding only a line ending ("echo > file") is as empty to the daemon as no file.
-  if [[ -n "$(tr -d '\r\n' < "$PASSWORD_PATH")" ]]; then
+  # A file holding only a line ending ("echo > file"), after a byte order mark or not, is as empty
+  # to the daemon as no file.
+  if [[ -n "$(tr -d '\r\n' < "$PASSWORD_PATH" | LC_ALL=C sed '1s/^\xef\xbb\xbf//')" ]]; then
     [[ -n "$named" ]] || log "note: $PASSWORD_PATH holds a password but $conf names no [mqtt] password_credential, so the station logs in without it; to use it: password_credential = \"mqtt-password\""
     return 0
   fi

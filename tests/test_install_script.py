@@ -217,10 +217,10 @@ def test_a_password_file_holding_only_a_line_ending_is_no_password(tmp_path: Pat
     from smearscope.service.config.mqtt import MqttConfig
     from smearscope.service.mqtt.credentials import CredentialError, read_password
 
-    for ending in ("\n", "\r\n"):
+    for ending in ("\n", "\r\n", "\ufeff\r\n"):  # the last: an empty line saved as "UTF-8 with BOM"
         conf = _config(tmp_path)
         secret = tmp_path / "pw"
-        secret.write_text(ending, newline="")
+        secret.write_text(ending, newline="", encoding="utf-8")
         proc = _run(tmp_path, 'PASSWORD_PROBLEM=0; mqtt_password 0; echo "problem=$PASSWORD_PROBLEM"',
                     MQTT_PASSWORD_FILE=str(secret))
         assert proc.returncode == 0, proc.stderr
