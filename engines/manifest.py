@@ -245,6 +245,10 @@ def load_manifest(path: Path, verify_hash: bool = True) -> ModelManifest:
     model = manifest.model_path(Path(path))
     if not model.exists():
         raise ManifestError(f"{path}: model file {model} is missing")
-    if verify_hash and sha256_file(model) != manifest.sha256:
+    try:
+        digest = sha256_file(model) if verify_hash else manifest.sha256
+    except OSError as exc:  # a folder in its place, or not readable by this user
+        raise ManifestError(f"{path}: cannot read model file {model}: {exc.strerror or exc}") from exc
+    if digest != manifest.sha256:
         raise ManifestError(f"{path}: sha256 of {model.name} does not match the manifest")
     return manifest

@@ -195,6 +195,26 @@ def test_validate_config_refuses_a_broken_model_as_start_up_does(
     assert main(["validate-config", str(config)]) == 0
 
 
+def test_a_model_file_that_cannot_be_read_is_a_config_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A model file that cannot be read (here a folder in its place; for the station's user, one
+    only root may read) ended validate-config, which now hashes it, and start-up in an
+    IsADirectoryError/PermissionError traceback (exit 1); each now names the file, exit 78."""
+    from smearscope.service.station.daemon import run_daemon
+
+    models = tmp_path / "models"
+    assert main(["install-models", str(models)]) == 0
+    (models / "rbc_head.onnx").unlink()
+    (models / "rbc_head.onnx").mkdir()
+    config = _config(tmp_path, 1, models)
+    capsys.readouterr()
+    assert main(["validate-config", str(config)]) == 78
+    err = capsys.readouterr().err
+    assert "analysis.models_dir:" in err and "cannot read model file" in err and "rbc_head.onnx" in err, err
+    assert run_daemon(config, 1) == 78
+    assert "cannot read model file" in capsys.readouterr().err
+
 def test_doctor_only_warns_of_a_credential_it_cannot_see_from_a_shell(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Run from a shell ($CREDENTIALS_DIRECTORY unset), the broker password credential cannot be
