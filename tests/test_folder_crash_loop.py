@@ -117,6 +117,7 @@ CHILD = textwrap.dedent("""
     from smearscope.device.source_config import FolderSourceConfig
 
     inbox, mode = sys.argv[1], sys.argv[2]
+    signal.alarm(60)  # a child never killed as the test expects ends (-SIGALRM): the test fails, not hangs
     real = fs.load_image
 
     def load_image(data, **kw):  # a native crash in a decoder: the process dies reading the file
