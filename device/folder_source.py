@@ -18,7 +18,7 @@ not be UTF-8. Registered as the "folder" kind in `device.sources`.
 
 A file the process does not survive (killed for memory, a native crash in the decoder, an
 analysis the watchdog ends) must not stop the station for good: an attempt is logged before a
-version is first read, and one still unfinished at the next start puts it on probation, where it
+version is decoded (released when it is not handed out), and one still unfinished at the next start puts it on probation, where it
 is read and analysed alone (nothing else handed out meanwhile), so a second death is its own. A
 version interrupted `max_attempts` times goes to `rejected/` as `analysis_interrupted`.
 """
@@ -350,13 +350,8 @@ class FolderSource(FrameSource):
         if problem is not None:
             self._reject(fname, key, problem)
             return None
-        if not self._log.attempted(key):  # before its first read: a crash from here on is counted
-            try:
-                self._log.record(key, "attempt", fname)
-            except OSError as exc:  # handed out unguarded; its done() says the disk's problem again
-                logger.error("%s: %s: cannot record the attempt: %s", self.name, shown(fname), exc)
         frame = self._read_new(fname, key, st, cand, now, tries)
-        if frame is None and self._log.attempted(key):  # read, not in hand: a crash is not its doing
+        if frame is None and self._log.attempted(key):  # decoded, not in hand: a crash is not its doing
             try:
                 self._log.release(key)
             except OSError:
@@ -378,6 +373,11 @@ class FolderSource(FrameSource):
                 return None
             if len(data) != st.st_size or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
                 return None  # changed while read: the next scan sees it settle again
+            if not self._log.attempted(key):  # before it is decoded: a crash from here on is counted
+                try:
+                    self._log.record(key, "attempt", fname)
+                except OSError as exc:  # handed out unguarded; its done() says the disk's problem again
+                    logger.error("%s: %s: cannot record the attempt: %s", self.name, shown(fname), exc)
             image = load_image(data, limits=self._limits(), source_name=shown(fname))
         except IngestError as exc:
             if exc.code in MAYBE_INCOMPLETE:  # its writer may not be done: wait, then reject

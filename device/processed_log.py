@@ -1,9 +1,10 @@
 """The watched folder's processed-files log: what became of each file version, across restarts.
 
 One line per event, appended and fsynced: `key<TAB>status<TAB>name`. A version's last `done` or
-`rejected` is its status. An `attempt` is written before the station first reads a version in a
-process, and finished by its `done` or `rejected`; one still unfinished at the next start means
-the process ended while that file was being read or analysed (killed: out of memory, a native
+`rejected` is its status. An `attempt` is written before the station decodes a version (a
+`released` follows when it is not handed out), and finished by its `done` or `rejected`; one
+still unfinished at the next start means the process ended while that file was being decoded
+or analysed (killed: out of memory, a native
 crash in a decoder, the watchdog). A clean end of the process (`release_at_exit`) writes
 `released` for the attempts it leaves, so a stop, even one that leaves files unanalysed, is
 never held against a file. The log is compacted to its last `max_entries` lines (at open, and
@@ -108,7 +109,7 @@ class ProcessedLog:
 
     def record(self, key: str, status: str, name: str) -> None:
         """Append one line, fsynced: "done" or "rejected" (which finish the version's attempts),
-        "attempt" (before this process first reads the version)."""
+        "attempt" (before this process decodes the version)."""
         self._append([(key, status, name)])
         if status == "attempt":
             self._open[key] = name

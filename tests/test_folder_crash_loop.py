@@ -234,3 +234,26 @@ def test_a_file_waited_for_at_two_crashes_is_not_rejected_as_interrupted(tmp_pat
     assert third.scan_once() is None
     assert (inbox / "half.png").exists(), "half.png was set aside though never in hand at a crash"
     assert (inbox / "rejected" / "a.png").exists() and third.rejected_reasons == {"analysis_interrupted": 1}
+
+
+def test_a_file_that_cannot_be_read_at_the_moment_writes_nothing_to_the_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A share's passing I/O error is retried every poll: no attempt is logged for a file whose
+    bytes were never read (nothing of it could have killed the process), so polling it neither
+    fsyncs lines into the log at every poll nor counts another file's crash against it."""
+    import errno
+    import pathlib
+
+    inbox = _inbox(tmp_path, ["flaky.png"])
+    real = pathlib.Path.read_bytes
+
+    def read_bytes(self: pathlib.Path) -> bytes:
+        if self.name == "flaky.png":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self)
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
+    src = _source(inbox)
+    assert all(src.scan_once() is None for _ in range(20))
+    log = inbox / ".smearscope-processed"
+    assert not log.exists() or log.read_text() == "", log.read_text()
