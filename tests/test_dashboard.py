@@ -677,6 +677,18 @@ def _page_and_a_station(tmp_path: Path, broker: MosquittoBroker) -> Iterator[tup
         dashboard.stop()
 
 
+def _closed_run_state(report: Report) -> dict[str, Any]:
+    """The live run message a station publishes for a closed run with this specimen report (as
+    service.station.clinic builds it; no review gallery)."""
+    from smearscope.service.fhir.report_view import rbc_grades
+
+    return {"station_id": report.station_id, "run_id": report.run_id, "state": "closed", "end_reason": "stopped",
+            "updated_at": time.time(), "review": None, "rbc_grades": rbc_grades(report),
+            "progress": {"run_id": report.run_id, "fields": report.fields_analyzed,
+                         "classified_wbc": report.counts.wbc, "target_wbc": 100},
+            "report": report.model_dump(mode="json", exclude={"cells", "cell_detail"})}
+
+
 def _status(driver: Any, station: str) -> str | None:
     return driver.execute_script(  # type: ignore[no-any-return]
         "const n = document.querySelector(`[data-station='${arguments[0]}'] .status`);"
@@ -720,7 +732,6 @@ def test_sickle_cells_of_red_cells_too_blurred_to_judge_are_not_assessable_not_p
     from selenium.webdriver.common.by import By
 
     from smearscope.service.analysis.report import Counts, SizeStats
-    from smearscope.service.fhir.report_view import rbc_grades
 
     def row(label: str, count: int) -> ClassShare:
         return ClassShare(label=label, count=count, percent=round(100 * count / 200, 2), assessable=False)
@@ -733,10 +744,7 @@ def test_sickle_cells_of_red_cells_too_blurred_to_judge_are_not_assessable_not_p
                     ratios={}, cells=[], timing_ms={"run_ms": 60_000.0}, flags=[Flag(
                         code="rbc_morphology_out_of_focus", severity="warning", cells=[],
                         message="red cells too blurred to judge their shape: morphology not graded")])
-    state = {"station_id": "blurred", "run_id": "run-blurred", "state": "closed", "end_reason": "stopped",
-             "updated_at": time.time(), "review": None, "rbc_grades": rbc_grades(report),
-             "progress": {"run_id": "run-blurred", "fields": 4, "classified_wbc": 2, "target_wbc": 100},
-             "report": report.model_dump(mode="json", exclude={"cells", "cell_detail"})}
+    state = _closed_run_state(report)
     assert state["rbc_grades"]["sickle"] == "not assessable"
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
         send("smearscope/blurred/status", "online")
@@ -768,7 +776,6 @@ def test_a_share_of_fewer_red_cells_than_the_run_counted_names_them(tmp_path: Pa
     from selenium.webdriver.common.by import By
 
     from smearscope.service.analysis.report import Counts, SizeStats
-    from smearscope.service.fhir.report_view import rbc_grades
 
     report = Report(report_id="r-mixed", kind="specimen", created_at=time.time(), station_id="mixed",
                     run_id="run-mixed", fields_analyzed=6, counts=Counts(rbc=400, wbc=2, platelet=10),
@@ -780,10 +787,7 @@ def test_a_share_of_fewer_red_cells_than_the_run_counted_names_them(tmp_path: Pa
                     ratios={}, cells=[], timing_ms={"run_ms": 60_000.0}, flags=[Flag(
                         code="sizes_from_calibrated_fields_only", severity="info", cells=[],
                         message="size-based classes are of the calibrated fields' red cells")])
-    state = {"station_id": "mixed", "run_id": "run-mixed", "state": "closed", "end_reason": "stopped",
-             "updated_at": time.time(), "review": None, "rbc_grades": rbc_grades(report),
-             "progress": {"run_id": "run-mixed", "fields": 6, "classified_wbc": 2, "target_wbc": 100},
-             "report": report.model_dump(mode="json", exclude={"cells", "cell_detail"})}
+    state = _closed_run_state(report)
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
         send("smearscope/mixed/run", json.dumps(state))
         driver.get(url)
@@ -791,6 +795,8 @@ def test_a_share_of_fewer_red_cells_than_the_run_counted_names_them(tmp_path: Pa
                         for tr in driver.find_elements(By.CSS_SELECTOR, "[data-station='mixed'] .morphology tbody tr")}
         _wait("the run's morphology", lambda: len(rows()) == 3, 20, [log])
         assert rows() == {"normal": "90.75", "target": "5", "spherocyte": "8.5 of 200 RBC"}
+
+
 def test_the_dashboards_password_file_is_read_as_the_stations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--password-file saved as "UTF-8 with BOM" (a Windows editor) sent the mark as part of the
     password, which the broker refused; the station's credential reader drops it (and only the
