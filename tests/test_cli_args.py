@@ -129,3 +129,24 @@ def test_logs_read_by_journald_carry_their_level_as_a_syslog_priority(tmp_path) 
         subprocess.run(command, stderr=err, stdout=subprocess.DEVNULL, check=False, env={**env, "JOURNAL_STREAM": "1:2"})
     plain = stderr_path.read_text().splitlines()
     assert len(plain) > 4 and not any(line.startswith("<") for line in plain) and re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR smearscope.x: e$", plain[0]), plain
+
+
+def test_the_daemons_own_entry_point_logs_for_journald_as_smearscope_run_does(tmp_path) -> None:
+    """`python -m smearscope.service.station.daemon` (documented as `smearscope run`) set up plain
+    logging: under systemd its warnings were filed as info. Its lines now carry the priority and
+    the thread too, and no timestamp, when $JOURNAL_STREAM names stderr."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; from smearscope.service.station import daemon\n"
+            "daemon.run_daemon = lambda *a, **k: logging.getLogger('smearscope.x').warning('w') or 0\n"
+            "sys.exit(daemon.main([]))")
+    stderr_path = tmp_path / "stderr"
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    with open(stderr_path, "wb") as err:
+        st = os.fstat(err.fileno())
+        done = subprocess.run([sys.executable, "-c", code], stderr=err, stdout=subprocess.DEVNULL, check=False,
+                              env={**env, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    assert done.returncode == 0
+    assert stderr_path.read_text().splitlines() == ["<4>WARNING MainThread smearscope.x: w"]

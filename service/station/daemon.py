@@ -45,6 +45,7 @@ from smearscope.service.config import (
     load_config,
     print_config_errors,
 )
+from smearscope.service.journal_log import setup_logging
 from smearscope.service.mqtt.credentials import CredentialError
 from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
 from smearscope.service.mqtt.publisher import MqttPublisher
@@ -488,8 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-level", type=str.upper, default=None, choices=LOG_LEVELS,
                     help="log threshold; overrides the config's log_level (default: the config's)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level or "INFO", stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    setup_logging(args.log_level or "INFO", "%(levelname)s %(threadName)s %(name)s: %(message)s")  # journald's or plain
     return run_daemon(args.config, args.max_fields, log_level=args.log_level)
 
 

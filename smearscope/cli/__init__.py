@@ -10,13 +10,13 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
 from smearscope.device.config_fields import (
     SCALE_RANGE_UM,  # the scales a command accepts, as a config does
 )
+from smearscope.service.journal_log import setup_logging
 
 logger = logging.getLogger("smearscope")
 
@@ -25,32 +25,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # as the config's log_level
 EXIT_OUTPUT = 74
 
 
-class _JournalFormatter(logging.Formatter):
-    """stderr read by journald (systemd): each line starts with its syslog priority as sd-daemon(3)
-    prefixes it, so `journalctl -p warning` finds warnings and errors; no timestamp (journald's)."""
-
-    PRIORITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = next((p for level, p in self.PRIORITY if record.levelno >= level), 7)
-        # journald reads each line on its own: a traceback's lines carry the prefix too.
-        return "\n".join(f"<{priority}>{line}" for line in super().format(record).split("\n"))
-
-
-def _stderr_is_journal() -> bool:
-    """systemd sets $JOURNAL_STREAM to the device:inode of the journal stream it connected."""
-    try:
-        st = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError, AttributeError):
-        return False
-    return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
-
-
 def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s") if _stderr_is_journal()
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+    setup_logging(level)
 
 
 def _number(kind, low, high, what: str):
