@@ -220,6 +220,12 @@ def test_nucleated_red_cells_are_counted_apart_from_white_cells():
     assert report.wbc_differential == [] and report.nrbc_per_100_wbc is None
     assert {c.kind for c in report.cells if c.label == "erythroblast"} == {"nrbc"}
     assert any(f.code == "nucleated_rbc_present" for f in report.flags)
+    single = render_field(5, width=600, height=500, n_wbc=1)
+    one = Analyzer(OracleSegmenter(single), None,
+                   CropClassifier(_Head({"erythroblast": 12.0}), 0.5)).analyze(single.frame).report
+    flags = {f.code: f.message for f in report.flags}, {f.code: f.message for f in one.flags}
+    assert flags[0]["nucleated_rbc_present"].startswith("3 nucleated red cells (erythroblasts) seen")
+    assert flags[1]["nucleated_rbc_present"].startswith("1 nucleated red cell (erythroblast) seen"), flags[1]
 
 
 def _cell(kind, label, score=0.95, calibrated=True, d_um=7.5, unassessed=None, atypical=False):

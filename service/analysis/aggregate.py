@@ -344,8 +344,8 @@ class CellTally:
                                       "review the smear"))
         if self.nrbc:
             flags.append(Flag(code="nucleated_rbc_present", severity="warning", cells=list(self.nrbc),
-                              message=f"{len(self.nrbc)} nucleated red cells (erythroblasts) seen, counted apart from the "
-                                      "white cells"))
+                              message=f"{len(self.nrbc)} nucleated red cell{'s' if len(self.nrbc) != 1 else ''} (erythroblast"
+                                      f"{'s' if len(self.nrbc) != 1 else ''}) seen, counted apart from the white cells"))
         if n_rbc and 0 < n_calibrated < n_rbc:
             flags.append(Flag(code="sizes_from_calibrated_fields_only", severity="info",
                               message=f"{n_rbc - n_calibrated} of {n_rbc} red cells came from fields at an estimated "
