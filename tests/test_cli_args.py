@@ -110,7 +110,7 @@ def test_logs_read_by_journald_carry_their_level_as_a_syslog_priority(tmp_path) 
     import sys
 
     stderr_path = tmp_path / "stderr"
-    code = ("import logging; from smearscope.cli import _setup_logging; _setup_logging('INFO'); "
+    code = ("import logging; from smearscope.service.journal_log import setup_logging; setup_logging('INFO'); "
             "log = logging.getLogger('smearscope.x'); log.error('e'); log.warning('w'); log.info('i')\n"
             "try:\n    1 / 0\nexcept ZeroDivisionError:\n    log.exception('t')")
     command = [sys.executable, "-c", code]

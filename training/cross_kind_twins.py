@@ -44,7 +44,7 @@ from smearscope.service.analysis.kind_twins import CROSS_KIND_MIN_IOU, WHITE_PIE
 from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
 from training.lab_table import scored_images
 from training.metrics import pair_by_iou
-from training.wbc_extras import BOXED_WBC_LABS
+from training.wbc_extras import BOXED_WBC_LABS, add_field_args
 
 logger = logging.getLogger(__name__)
 KINDS = ("rbc", "wbc", "platelet")
@@ -184,12 +184,7 @@ def report(fields: list[dict], rule_ious: list[float], detail_from: float) -> st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", type=Path, default=Path("models"))
-    ap.add_argument("--split", choices=("val", "test"), default="val")
-    ap.add_argument("--scale", choices=("given", "estimated"), default="given")
-    ap.add_argument("--labs", default=",".join(BOXED_WBC_LABS))
-    ap.add_argument("--limit", type=int, default=None, help="first N images per lab")
-    ap.add_argument("--json", type=Path, default=None, help="write every field's counted cells and annotations here")
+    add_field_args(ap, "write every field's counted cells and annotations here")
     ap.add_argument("--from-json", type=Path, nargs="+", default=None, help="read fields written by --json instead")
     ap.add_argument("--rule-iou", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.7])
     ap.add_argument("--count-kind-twins", action="store_true",

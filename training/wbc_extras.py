@@ -149,14 +149,20 @@ def summary(cells: list[dict], truth_per_lab: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_field_args(ap: argparse.ArgumentParser, json_help: str) -> None:
+    """The arguments of the scripts that analyse the boxed labs' held-out fields (this one and
+    training.cross_kind_twins): models, split, scale, labs, limit and where to write the fields."""
     ap.add_argument("--models", type=Path, default=Path("models"))
     ap.add_argument("--split", choices=("val", "test"), default="val")
     ap.add_argument("--scale", choices=("given", "estimated"), default="given")
     ap.add_argument("--labs", default=",".join(BOXED_WBC_LABS))
     ap.add_argument("--limit", type=int, default=None, help="first N images per lab")
-    ap.add_argument("--json", type=Path, default=None, help="write every counted white cell here")
+    ap.add_argument("--json", type=Path, default=None, help=json_help)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_field_args(ap, "write every counted white cell here")
     ap.add_argument("--crops", type=Path, default=None, help="write each false cell's crop here (outside the repository)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

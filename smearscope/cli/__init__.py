@@ -25,10 +25,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # as the config's log_level
 EXIT_OUTPUT = 74
 
 
-def _setup_logging(level: str) -> None:
-    setup_logging(level)
-
-
 def _number(kind, low, high, what: str):
     """An argparse type: a finite `kind` in [low, high] (None: unbounded), else a usage error."""
     def parse(text: str):
@@ -270,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     _Parser.json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
-    _setup_logging(args.log_level or "WARNING")
+    setup_logging(args.log_level or "WARNING")
     _quiet_opencv(args.log_level or "WARNING", args.command)
     try:
         code = int(args.func(args) or 0)
