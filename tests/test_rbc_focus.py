@@ -234,3 +234,18 @@ def test_masks_of_0_and_1_or_255_measure_as_boolean_ones(as_mask):
     pixels, dets = _packed_discs(3.0)
     widths = cell_edge_widths(pixels, dets)
     assert cell_edge_widths(pixels, [replace(d, mask=as_mask(d.mask)) for d in dets]) == pytest.approx(widths, rel=1e-6)
+
+
+def test_a_cell_with_no_glass_around_it_is_left_out_and_the_others_keep_their_own_figures():
+    """A red cell wholly covered round by another detection has no glass to read its contrast
+    against: it is left out, and every other cell still measures as the definition gives (the
+    cells' figures are computed together, so a cell left out must take its pixels with it)."""
+    from smearscope.service.analysis.rbc_focus import cell_edge_widths
+    from smearscope.service.analysis.records import Box, CellDetection
+    pixels, dets = _packed_discs(3.0)
+    first = cell_edge_widths(pixels, dets)
+    blanket = CellDetection(CellKind.PLATELET, Box(140, 20, 220, 100), 0.9, np.ones((80, 80), bool))
+    widths = cell_edge_widths(pixels, [*dets, blanket])  # over the second disc (60, 180)
+    assert len(widths) == len(first) - 1 == 5
+    assert widths == pytest.approx(_reference_edge_widths(pixels, [*dets, blanket]), rel=1e-5)
+    assert widths == pytest.approx(first[:1] + first[2:], rel=1e-6)
