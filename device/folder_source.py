@@ -20,7 +20,8 @@ A file the process does not survive (killed for memory, a native crash in the de
 analysis the watchdog ends) must not stop the station for good: an attempt is logged before a
 version is decoded (released when it is not handed out), and one still unfinished at the next start puts it on probation, where it
 is read and analysed alone (nothing else handed out meanwhile), so a second death is its own. A
-version interrupted `max_attempts` times goes to `rejected/` as `analysis_interrupted`.
+version interrupted `max_attempts` times goes to `rejected/` as `analysis_interrupted`. An
+attempt left by an earlier boot of the machine (a power cut) is not counted (`ProcessedLog`).
 """
 
 from __future__ import annotations

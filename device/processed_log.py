@@ -7,8 +7,12 @@ still unfinished at the next start means the process ended while that file was b
 or analysed (killed: out of memory, a native
 crash in a decoder, the watchdog). A clean end of the process (`release_at_exit`) writes
 `released` for the attempts it leaves, so a stop, even one that leaves files unanalysed, is
-never held against a file. The log is compacted to its last `max_entries` lines (at open, and
-whenever it reaches twice as many), each version's finished attempts dropped first.
+never held against a file. An attempt carries the kernel's boot id (`attempt@<boot id>`): one
+left unfinished under an earlier boot ended with the machine (a power cut, a kernel panic, a
+reset of the board), which is no evidence against the file, so it is not counted; an attempt
+without one (written where the kernel gives none, or by an earlier version) is. The log is
+compacted to its last `max_entries` lines (at open, and whenever it reaches twice as many),
+each version's finished attempts dropped first.
 """
 
 from __future__ import annotations
@@ -16,12 +20,25 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 TERMINAL = ("done", "rejected")
+
+#: Where Linux gives the id of the running boot (a new random UUID at every boot); a module
+#: attribute so tests can point it at a file of their own.
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+
+
+def read_boot_id() -> str | None:
+    """The running boot's id, None where the kernel gives none (not Linux, /proc not mounted)."""
+    try:
+        text = BOOT_ID_FILE.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text and not any(c.isspace() or c == "@" for c in text) else None
 
 
 def file_key(name: str, size: int, mtime_ns: int) -> str:
@@ -34,7 +51,7 @@ def file_key(name: str, size: int, mtime_ns: int) -> str:
 class _Version:
     name: str
     status: str | None = None  # its last "done" or "rejected"
-    attempts: int = 0  # unfinished attempts since then
+    attempts: list[str | None] = field(default_factory=list)  # unfinished attempts since then: their boot ids
 
 
 class ProcessedLog:
@@ -43,11 +60,17 @@ class ProcessedLog:
     def __init__(self, path: Path, max_entries: int) -> None:
         self.path = path
         self.max_entries = max_entries
+        #: Read once: the boot this process runs in; attempts of other boots are not counted.
+        self.boot_id = read_boot_id()
         self._versions: dict[str, _Version] = {}
         self._keys: dict[str, str] = {}  # key -> its last status ("done" or "rejected")
         self._lines = 0  # lines in the file
         self._open: dict[str, str] = {}  # key -> name: attempted by this process, not finished
         self._compact()
+        earlier = sum(len(v.attempts) - self._counted(v) for v in self._versions.values())
+        if earlier:
+            logger.info("%s: %d unfinished attempt(s) from an earlier boot of the machine (a power cut, a reboot): "
+                        "not counted against their files", self.path, earlier)
 
     def _compact(self) -> None:
         """Keep the file's last `max_entries` lines (at open, and while it runs: a station up for
@@ -65,7 +88,7 @@ class ProcessedLog:
             for key, v in self._versions.items():  # in the order of each version's last line
                 if v.status is not None:
                     kept.append(f"{key}\t{v.status}\t{v.name}")
-                kept += [f"{key}\tattempt\t{v.name}"] * v.attempts
+                kept += [f"{key}\t{_attempt(boot)}\t{v.name}" for boot in v.attempts]
             lines = kept[-self.max_entries:]
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8", errors="surrogateescape")
@@ -81,12 +104,17 @@ class ProcessedLog:
         v = self._versions.pop(key, None) or _Version(name)  # re-inserted: ordered by last line
         self._versions[key] = v
         v.name = name or v.name
+        what, _, boot = status.partition("@")
         if status in TERMINAL:
-            v.status, v.attempts = status, 0
-        elif status == "attempt":
-            v.attempts += 1
-        elif status == "released":
-            v.attempts = max(0, v.attempts - 1)
+            v.status, v.attempts = status, []
+        elif what == "attempt":
+            v.attempts.append(boot or None)
+        elif status == "released" and v.attempts:  # this process's own: the version's last attempt
+            v.attempts.pop()
+
+    def _counted(self, v: _Version) -> int:
+        """Its unfinished attempts that count: this boot's, and those whose boot is not known."""
+        return sum(1 for boot in v.attempts if boot is None or self.boot_id is None or boot == self.boot_id)
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
@@ -95,13 +123,14 @@ class ProcessedLog:
         return self._keys.get(key)
 
     def attempts(self, key: str) -> int:
-        """Attempts at this version not finished by a `done` or `rejected` (this process's too)."""
+        """Attempts at this version not finished by a `done` or `rejected` (this process's too),
+        those of an earlier boot left out."""
         v = self._versions.get(key)
-        return v.attempts if v is not None else 0
+        return self._counted(v) if v is not None else 0
 
     def unfinished(self) -> dict[str, int]:
-        """Versions with unfinished attempts -> how many."""
-        return {k: v.attempts for k, v in self._versions.items() if v.attempts}
+        """Versions with unfinished attempts that count -> how many."""
+        return {k: n for k, v in self._versions.items() if (n := self._counted(v))}
 
     def attempted(self, key: str) -> bool:
         """This process recorded an attempt at this version that is not finished yet."""
@@ -109,8 +138,8 @@ class ProcessedLog:
 
     def record(self, key: str, status: str, name: str) -> None:
         """Append one line, fsynced: "done" or "rejected" (which finish the version's attempts),
-        "attempt" (before this process decodes the version)."""
-        self._append([(key, status, name)])
+        "attempt" (before this process decodes the version; written with the boot's id)."""
+        self._append([(key, _attempt(self.boot_id) if status == "attempt" else status, name)])
         if status == "attempt":
             self._open[key] = name
         else:
@@ -144,3 +173,7 @@ class ProcessedLog:
                 self._compact()
             except OSError as exc:  # a full disk: tried again at the next record
                 logger.warning("cannot compact the processed-files log %s: %s", self.path, exc)
+
+
+def _attempt(boot: str | None) -> str:
+    return "attempt" if boot is None else f"attempt@{boot}"

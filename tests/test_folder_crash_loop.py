@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
+from smearscope.device import processed_log
 from smearscope.device.folder_source import FolderSource, ProcessedLog, file_key
 from smearscope.device.source_config import FolderSourceConfig
 
@@ -117,6 +118,10 @@ CHILD = textwrap.dedent("""
     from smearscope.device.source_config import FolderSourceConfig
 
     inbox, mode = sys.argv[1], sys.argv[2]
+    if len(sys.argv) > 3:  # the kernel's boot id, as a file the test writes (a reboot: another id)
+        import pathlib
+        import smearscope.device.processed_log as pl
+        pl.BOOT_ID_FILE = pathlib.Path(sys.argv[3])
     signal.alarm(60)  # a child never killed as the test expects ends (-SIGALRM): the test fails, not hangs
     real = fs.load_image
 
@@ -138,9 +143,11 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _child(inbox: Path, mode: str, kill_after: int = 0) -> tuple[int, list[str]]:
-    """A station process on the folder: its exit code (-9: killed) and the files it handed out."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(inbox), mode], stdout=subprocess.PIPE, text=True)
+def _child(inbox: Path, mode: str, kill_after: int = 0, boot_id_file: Path | None = None) -> tuple[int, list[str]]:
+    """A station process on the folder: its exit code (-9: killed) and the files it handed out;
+    `boot_id_file` stands for /proc/sys/kernel/random/boot_id."""
+    boot = [str(boot_id_file)] if boot_id_file is not None else []
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(inbox), mode, *boot], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     names = []
     for line in proc.stdout:
@@ -257,3 +264,70 @@ def test_a_file_that_cannot_be_read_at_the_moment_writes_nothing_to_the_log(
     assert all(src.scan_once() is None for _ in range(20))
     log = inbox / ".smearscope-processed"
     assert not log.exists() or log.read_text() == "", log.read_text()
+
+
+BOOT_A, BOOT_B = "5f0c2a9e-8d1b-4c3e-9a7f-2b6d1e0c4a81", "c3e71b04-2f9a-4d58-b1c6-7e0a9d3f5b22"
+
+
+def _boot(tmp_path: Path, boot_id: str | None) -> Path:
+    """The boot id file as the kernel writes it; None: no such file (not Linux)."""
+    path = tmp_path / "boot_id"
+    path.unlink(missing_ok=True)
+    if boot_id is not None:
+        path.write_text(boot_id + "\n")
+    return path
+
+
+def test_a_file_in_hand_at_a_power_cut_is_not_set_aside_after_the_reboot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real processes under boot A: killed holding heavy.png and b.png, then holding heavy.png
+    alone (the power goes). Restarted under boot B, those two unfinished attempts are not held
+    against heavy.png: it is analysed and stored, b.png with it (no file on probation), nothing
+    rejected. Counted by boot, two such kills in a row set it aside (the test above)."""
+    inbox = _inbox(tmp_path, ["heavy.png", "b.png"])
+    boot = _boot(tmp_path, BOOT_A)
+    assert _child(inbox, "keep", kill_after=2, boot_id_file=boot) == (-signal.SIGKILL, ["heavy.png", "b.png"])
+    assert _child(inbox, "hold", kill_after=1, boot_id_file=boot) == (-signal.SIGKILL, ["heavy.png"])
+    lines = (inbox / ".smearscope-processed").read_text().splitlines()
+    assert [ln.split("\t")[1] for ln in lines].count(f"attempt@{BOOT_A}") == 3  # heavy twice, b once
+    monkeypatch.setattr(processed_log, "BOOT_ID_FILE", _boot(tmp_path, BOOT_B))
+    src = _source(inbox)
+    out = [src.scan_once(), src.scan_once()]  # both out at once: neither is on probation
+    assert [_name(f) for f in out if f is not None] == ["heavy.png", "b.png"]
+    for frame in out:
+        src.done(frame)
+    assert src.scan_once() is None and not src.rejected_count
+    assert not list((inbox / "rejected").iterdir())
+    assert sorted(p.name for p in (inbox / "done").iterdir()) == ["b.png", "heavy.png"]
+
+
+def test_after_a_reboot_two_kills_in_that_boot_still_set_a_file_aside(tmp_path: Path) -> None:
+    """heavy.png out alone at a power cut under boot A; under boot B the process dies twice while
+    it holds heavy.png (the second time alone): the third start of boot B rejects it as
+    analysis_interrupted and analyses b.png. A reboot forgives the earlier boot's attempts only."""
+    inbox = _inbox(tmp_path, ["heavy.png", "b.png"])
+    boot = _boot(tmp_path, BOOT_A)
+    assert _child(inbox, "hold", kill_after=1, boot_id_file=boot) == (-signal.SIGKILL, ["heavy.png"])
+    boot = _boot(tmp_path, BOOT_B)
+    assert _child(inbox, "keep", kill_after=2, boot_id_file=boot) == (-signal.SIGKILL, ["heavy.png", "b.png"])
+    assert _child(inbox, "hold", kill_after=1, boot_id_file=boot) == (-signal.SIGKILL, ["heavy.png"])
+    assert _child(inbox, "done", kill_after=1, boot_id_file=boot)[1] == ["b.png"]
+    reason = (inbox / "rejected" / "heavy.png.reason.txt").read_text()
+    assert reason.startswith("analysis_interrupted: ") and "2 times" in reason
+
+
+def test_attempts_without_a_boot_id_count_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel gives no boot id (not Linux) the attempts are logged without one, as an
+    earlier version logged them; such attempts count in any boot: heavy.png, held at two kills in
+    a row (alone at the second), is set aside by a start that does know its boot."""
+    inbox = _inbox(tmp_path, ["heavy.png", "b.png"])
+    boot = _boot(tmp_path, None)
+    assert _child(inbox, "keep", kill_after=2, boot_id_file=boot) == (-signal.SIGKILL, ["heavy.png", "b.png"])
+    assert _child(inbox, "hold", kill_after=1, boot_id_file=boot) == (-signal.SIGKILL, ["heavy.png"])
+    statuses = [ln.split("\t")[1] for ln in (inbox / ".smearscope-processed").read_text().splitlines()]
+    assert statuses == ["attempt"] * 3, statuses
+    monkeypatch.setattr(processed_log, "BOOT_ID_FILE", _boot(tmp_path, BOOT_B))
+    src = _source(inbox)
+    frame = src.scan_once()
+    assert frame is not None and _name(frame) == "b.png"
+    assert (inbox / "rejected" / "heavy.png.reason.txt").read_text().startswith("analysis_interrupted")
