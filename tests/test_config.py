@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -682,3 +683,25 @@ def test_a_password_file_with_a_byte_order_mark_logs_in_and_one_not_in_utf8_is_a
     assert run_daemon(path, 1) == 78
     err = capsys.readouterr().err
     assert "mqtt.password_credential" in err and "not UTF-8" in err and "Traceback" not in err, err
+
+
+def test_a_drain_on_stop_longer_than_the_units_stop_timeout_allows_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """systemd SIGKILLs the station TimeoutStopSec=45 after the stop began, and the drain is not
+    all of a stop: a drain of 40 s was taken and the stop cut (the unit failed, Result: timeout).
+    validate-config now refuses more than 30 s, naming the field and the unit's timeout; 30 s is
+    taken. The bound's timeout is the one in the unit file systemd runs."""
+    from smearscope.service.config.mqtt import STOP_MARGIN_S, UNIT_TIMEOUT_STOP_S
+
+    unit = (REPO / "systemd" / "smearscope.service").read_text()
+    assert re.findall(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE) == [str(UNIT_TIMEOUT_STOP_S)] == ["45"]
+    assert STOP_MARGIN_S == 15
+    models = f'[analysis]\nmodels_dir = "{REPO / "models"}"\n'
+    assert validate_config_main(_write(tmp_path, MINIMAL + models + "[mqtt]\nstop_drain_timeout_s = 30\n"),
+                                environ={}) == 0
+    assert validate_config_main(_write(tmp_path, MINIMAL + models + "[mqtt]\nstop_drain_timeout_s = 40\n"),
+                                environ={}) == 78
+    err = capsys.readouterr().err
+    assert err.startswith("mqtt.stop_drain_timeout_s: ") and "TimeoutStopSec=45" in err and "at most 30" in err, err
+    with pytest.raises(ConfigError):  # an environment override is read by the same rule
+        load_config(_write(tmp_path, MINIMAL), environ={"SMEARSCOPE__MQTT__STOP_DRAIN_TIMEOUT_S": "30.5"})

@@ -822,7 +822,7 @@ def test_a_stop_on_a_full_disk_says_which_delivered_messages_it_keeps_and_the_ne
 
     with small_tmpfs(tmp_path / "small", 16384) as small:
         config = make_config(tmp_path, broker.port, outbox={"path": str(small / "outbox.sqlite3")},
-                             stop_drain_timeout_s=3600)
+                             stop_drain_timeout_s=30)  # the most the config takes
         filler = _store_reports_and_fill(config, small, 50, spend_reserve=True)
         with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt"):
             publisher = start_publisher(config, started)

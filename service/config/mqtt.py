@@ -18,6 +18,13 @@ from smearscope.service.config.outbox import OutboxConfig
 
 logger = logging.getLogger(__name__)
 
+#: systemd/smearscope.service's TimeoutStopSec: after it, systemd kills the station with SIGKILL.
+UNIT_TIMEOUT_STOP_S = 45
+#: Left of it for the rest of a stop (what was captured analysed, the open run's report stored,
+#: the publisher's threads joined, the retained "offline", closing): the drain gets the remainder.
+STOP_MARGIN_S = 15
+MAX_STOP_DRAIN_S = UNIT_TIMEOUT_STOP_S - STOP_MARGIN_S
+
 
 class MqttTlsConfig(BaseModel):
     """TLS to the broker; the CA file is required so the broker's certificate is always verified."""
@@ -168,13 +175,27 @@ class MqttConfig(BaseModel):
         default=10.0,
         ge=0,
         title="Drain on stop (s)",
-        description="At shutdown, how long to keep sending the outbox before disconnecting.",
+        description=f"At shutdown, how long to keep sending the outbox before disconnecting; at most "
+        f"{MAX_STOP_DRAIN_S} s, so the stop ends inside the unit's TimeoutStopSec={UNIT_TIMEOUT_STOP_S}.",
     )
     outbox: OutboxConfig = Field(
         default_factory=OutboxConfig,
         title="Outbox",
         description="Durable store-and-forward queue of field and report messages.",
     )
+
+    @field_validator("stop_drain_timeout_s")
+    @classmethod
+    def _a_drain_the_unit_lets_finish(cls, seconds: float) -> float:
+        # Past TimeoutStopSec systemd SIGKILLs the station mid-stop: the unit ends failed (Result:
+        # timeout), without the retained "offline" (the broker's will says it later) or the summary.
+        if seconds > MAX_STOP_DRAIN_S:
+            raise ValueError(
+                f"{seconds:g} s leaves less than {STOP_MARGIN_S} s of systemd's TimeoutStopSec={UNIT_TIMEOUT_STOP_S} "
+                "(systemd/smearscope.service) for the rest of the stop, so systemd could kill the station "
+                f"mid-stop (SIGKILL, the unit failed with Result: timeout); at most {MAX_STOP_DRAIN_S} (unsent "
+                "messages stay in the outbox for the next start)")
+        return seconds
 
     @field_validator("host")
     @classmethod

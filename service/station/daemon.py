@@ -77,8 +77,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "StartupError", "StationDaemon", "build_analyzer",
            "main", "run_daemon"]
 
-#: All worker joins at shutdown share this budget; with the publisher's drain
-#: (mqtt.stop_drain_timeout_s, 10 s by default) it stays inside the unit's TimeoutStopSec=45.
+#: All worker joins at shutdown share this budget (normally seconds: what was captured is analysed);
+#: the publisher's drain after them is bounded by config (mqtt.MAX_STOP_DRAIN_S, under TimeoutStopSec).
 _JOIN_BUDGET_S = 25.0
 _BROKER_NOTICE_AFTER_S = 3.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
