@@ -5,6 +5,7 @@ its values checked against the report they came from."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,41 @@ def test_a_specimen_bundle_validates_and_carries_the_report_numbers() -> None:
     flag_codes = {c["coding"][0]["code"] for c in dr["conclusionCode"]}
     assert flag_codes == {f.code for f in report.flags}
     assert all(f.message in dr["conclusion"] for f in report.flags)
+
+
+def test_a_flags_coded_display_is_the_same_in_every_report_and_its_message_is_the_text() -> None:
+    """conclusionCode's display is fixed per flag code (a consumer may map on it); the flag's own
+    message, which counts this report's cells and fields, is the concept's text and in `conclusion`."""
+    def run_report(fields: int) -> Report:
+        run = SpecimenRun(target_wbc=100, started_at=1000.0)
+        for i, result in enumerate(oracle_pool()[:fields]):
+            run.add(result, 1001.0 + i)
+        return run.report(station_id="bench-1", now=1010.0, end_reason="stopped")
+    displays: dict[str, set[str]] = {}
+    texts: dict[str, set[str]] = {}
+    for report in (run_report(2), run_report(4)):
+        bundle = report_bundle(report)
+        validate(bundle)
+        (dr,) = resources(bundle, "DiagnosticReport")
+        messages = {f.code: f.message for f in report.flags}
+        for concept in dr["conclusionCode"]:
+            (coding,) = concept["coding"]
+            assert coding["system"] == codes.LOCAL_FLAG
+            assert coding["display"] == codes.FLAG_DISPLAY[coding["code"]]
+            assert concept["text"] == messages[coding["code"]]
+            assert concept["text"] in dr["conclusion"]
+            displays.setdefault(coding["code"], set()).add(coding["display"])
+            texts.setdefault(coding["code"], set()).add(concept["text"])
+    # the two runs' messages differ (8 and 16 WBC classified), their displays do not
+    assert len(texts["too_few_wbc_for_differential"]) == 2 and len(texts["specimen_incomplete"]) == 2
+    assert all(len(d) == 1 for d in displays.values()), displays
+    # every flag the docs list has its own fixed display
+    documented = set()
+    for line in (ROOT / "docs" / "CLI.md").read_text().split("## Report flags", 1)[1].splitlines():
+        if line.startswith("| `"):
+            documented |= set(re.findall(r"`([a-z_]+)`", line.split("|")[1]))
+    assert documented and documented <= set(codes.FLAG_DISPLAY), documented - set(codes.FLAG_DISPLAY)
+    assert len(set(codes.FLAG_DISPLAY.values())) == len(codes.FLAG_DISPLAY)
 
 
 def test_no_patient_and_only_the_identifiers_the_station_was_given() -> None:

@@ -125,7 +125,7 @@ def report_bundle(report: Report) -> Resource:
         b.entries[0]["resource"]["performer"] = [{"display": v.verified_by}]
     if flags:
         b.entries[0]["resource"]["conclusionCode"] = [
-            _concept(codes.local(f.code, codes.LOCAL_FLAG, f.message)) for f in flags]
+            _concept(codes.flag(f.code), text=f.message) for f in flags]
     return {"resourceType": "Bundle", "id": _uuid(b.rid, "bundle"),
             "identifier": {"system": codes.ID_REPORT, "value": b.rid},
             "type": "collection", "timestamp": b.issued, "entry": b.entries}

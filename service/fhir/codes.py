@@ -107,6 +107,44 @@ LOCAL_CODES: dict[str, str] = {
 }
 
 
+#: Flag codes (LOCAL_FLAG) -> one fixed display each (docs/CLI.md, Report flags). The flag's own
+#: message varies per report (counts, shares, fields) and goes to the DiagnosticReport's
+#: `conclusion` and the concept's `text`, never the coding's display.
+FLAG_DISPLAY: dict[str, str] = {
+    "no_cells_found": "No cells found",
+    "too_few_wbc_for_differential": "Too few white cells for a differential",
+    "too_few_rbc_for_morphology": "Too few red cells for morphology grades",
+    "calibration_suspect": "Calibration suspect: red cells point to another scale",
+    "rbc_size_implausible": "Red-cell sizes implausible at the calibrated scale",
+    "rbc_morphology_out_of_focus": "Red cells too blurred to judge their morphology",
+    "many_unidentified_wbc": "Many white cells not classified with confidence",
+    "many_unidentified_rbc": "Many red cells not classified with confidence",
+    "atypical_wbc_present": "Atypical white cells present (blasts or other abnormal cells possible)",
+    "sickle_cells_present": "Sickle cells present",
+    "sickle_cells_review": "Possible sickle cells: review",
+    "schistocytes_present": "Schistocytes present",
+    "nucleated_rbc_present": "Nucleated red cells present",
+    "platelet_clumps_suspected": "Platelet clumps suspected",
+    "size_not_assessable_without_calibration": "Red-cell sizes not assessable without calibration",
+    "sizes_from_calibrated_fields_only": "Sizes from the calibrated fields only",
+    "scale_unknown": "Scale unknown: a default was assumed",
+    "scale_uncertain": "Scale estimate uncertain",
+    "scale_from_specimen": "Scale taken from the specimen's fields",
+    "greyscale_input": "Greyscale image: no colour",
+    "uneven_illumination": "Uneven illumination (corrected)",
+    "no_background_found": "No background found to measure the lamp",
+    "stain_normalization_skipped": "Stain normalization skipped",
+    "specimen_complete": "Specimen complete",
+    "specimen_incomplete": "Specimen incomplete: run stopped early",
+    "specimen_in_progress": "Specimen in progress",
+}
+
+
+def flag(code: str) -> Code:
+    """A flag code with its fixed display (a code this table lacks: the code itself, words spaced)."""
+    return Code(LOCAL_FLAG, code, FLAG_DISPLAY.get(code, code.replace("_", " ")))
+
+
 def local(code: str, system: str = LOCAL_OBSERVATION, display: str | None = None) -> Code:
     return Code(system, code, display if display is not None else LOCAL_CODES.get(code, code))
 
