@@ -347,6 +347,24 @@ class QualityGate:
             metrics=MappingProxyType(metrics),
         )
 
+    def explain(self, verdict: QualityVerdict) -> str:
+        """A refusal in a sentence: the reason, the measure that decided it and its limit."""
+        cfg, m = self.config, verdict.metrics
+        said = {
+            DUPLICATE_FRAME_ID: "a frame of this id (the same file name and pixels) was analysed already",
+            UNDEREXPOSED: f"underexposed: {m.get('dark_fraction', 0.0):.0%} of the pixels dark "
+                          f"(max_dark_fraction {cfg.max_dark_fraction:g})",
+            OVEREXPOSED: f"overexposed: {m.get('clipped_fraction', 0.0):.0%} of the pixels clipped "
+                         f"(max_clipped_fraction {cfg.max_clipped_fraction:g})",
+            EMPTY_FIELD: f"empty field: {m.get('stained_fraction', 0.0):.1%} stained, {m.get('material_fraction', 0.0):.1%} "
+                         f"material (min_stained_fraction {cfg.min_stained_fraction:g}, min_material_fraction "
+                         f"{cfg.min_material_fraction:g})",
+            OUT_OF_FOCUS: f"out of focus: focus {m.get('focus', 0.0):.1f} (min_focus {cfg.min_focus:g})",
+            SAME_FIELD: f"same field as the last one (correlation {m.get('same_field_ncc', 0.0):.3f}, "
+                        f"same_field_correlation {cfg.same_field_correlation:g}): move the stage",
+        }
+        return f"the quality gate refused {verdict.frame_id}: {said.get(verdict.reason or '', verdict.reason)}"
+
     def _remember(self, frame_id: str) -> None:
         self._seen[frame_id] = None
         while len(self._seen) > self.config.remembered_frame_ids:

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -329,8 +330,10 @@ def test_commands_over_mqtt(
         assert analysed["ok"] and analysed["run_id"] == started["run_id"], analysed
         assert daemon.analyzer.analysed_scales == [0.21]  # the station's microscope's calibrated scale
         again = command("analyze_file", {"path": str(image)})
-        assert again == {"ok": False, "frame_id": analysed["frame_id"],
-                         "error": "duplicate_frame_id"}
+        # every error answer carries its code and a sentence (docs/MQTT.md), the gate's refusals too
+        assert again == {"ok": False, "frame_id": analysed["frame_id"], "error": "duplicate_frame_id",
+                         "message": f"the quality gate refused {analysed['frame_id']}: a frame of this id (the "
+                                    "same file name and pixels) was analysed already"}
         text = tmp_path / "notes.txt"
         text.write_text("not an image")
         assert command("analyze_file", {"path": str(text)})["error"] == "not_an_image"
@@ -633,6 +636,10 @@ def test_analyze_file_on_an_uncalibrated_station_refuses_a_blurred_file_at_its_r
         assert daemon.tracker.specimen_scale() == pytest.approx(0.1)
         blurred = daemon.handle_command("analyze_file", {"path": field_file(50, blur=True)})
         assert not blurred["ok"] and blurred["error"] == "out_of_focus", blurred
+        said = re.fullmatch(r"the quality gate refused (\S+): out of focus: focus ([0-9.]+) \(min_focus ([0-9.]+)\)",
+                            blurred["message"])
+        assert said is not None and said[1] == blurred["frame_id"], blurred
+        assert float(said[2]) < float(said[3]) == daemon.config.quality.min_focus
         assert daemon.analyzer.calls == SPECIMEN_SCALE_MIN_FIELDS
         assert daemon.stats.snapshot()["rejected"] == {"out_of_focus": 1}
     finally:

@@ -147,7 +147,8 @@ class StationCommands:
             verdict = workers.gate.check(frame, self._tracker.specimen_scale())  # uncalibrated: the run's
             if not verdict.accepted:
                 workers.reject(frame.frame_id, "rejected", verdict.reason or "unknown")
-                return {"ok": False, "frame_id": frame.frame_id, "error": verdict.reason}
+                return {"ok": False, "frame_id": frame.frame_id, "error": verdict.reason,
+                        "message": workers.gate.explain(verdict)}
             return workers.analyse(frame)
 
         return self._analysis.call("analyze_file", run)
