@@ -348,6 +348,25 @@ def test_analyze_writes_a_valid_bundle_for_each_image(tmp_path: Path) -> None:
     assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["code"] == "bad_output"
 
 
+@pytest.mark.skipif(not (ROOT / "models" / "seg.json").exists(), reason="models/seg.json not present")
+def test_two_images_of_one_stem_get_a_bundle_each_joined_to_their_reports(tmp_path: Path) -> None:
+    """a/f.png and b/f.png: f.fhir.json and f-2.fhir.json (docs/CLI.md), neither written over, each
+    bundle's identifier its own report's report_id."""
+    for folder, seed in (("a", 5), ("b", 6)):
+        (tmp_path / folder).mkdir()
+        field = render_field(seed, width=320, height=240, microns_per_pixel=0.1)
+        cv2.imwrite(str(tmp_path / folder / "f.png"), np.asarray(field.frame.pixels))
+    out = tmp_path / "bundles"
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "analyze", "--json", "--microns-per-pixel", "0.1",
+                           str(tmp_path / "a" / "f.png"), str(tmp_path / "b" / "f.png"), "--fhir", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report_ids = [json.loads(line)["report_id"] for line in proc.stdout.splitlines()]
+    assert sorted(p.name for p in out.iterdir()) == ["f-2.fhir.json", "f.fhir.json"]
+    bundles = [json.loads((out / name).read_text()) for name in ("f.fhir.json", "f-2.fhir.json")]
+    assert [b["identifier"]["value"] for b in bundles] == report_ids and len(set(report_ids)) == 2
+
+
 def test_an_older_reports_grade_interval_and_nrbc_are_derived_or_left_out() -> None:
     """A report from before grades carries a share's 95 % interval: its ends' ICSH grades are the
     grade-ci95 component (schistocytes 0.3 to 2.5 %: 1+ to 3+). One from before NRBC were counted
