@@ -112,6 +112,20 @@ def test_a_verified_reports_bundle_is_final_and_signed(run):
                if e["resource"]["resourceType"] == "Observation")
 
 
+def test_a_verified_bundles_conclusion_counts_one_typed_cell_in_the_singular(run):
+    third = run.field_ids[2]
+    in_field = [r for r in run.records if r.field_id == third]
+    k = next(k for k, r in enumerate(in_field) if r.kind == "wbc" and r.label is not None)
+    new = "basophil" if in_field[k].label != "basophil" else "eosinophil"
+    _, changed, typed = run.verified({(third, k): ("wbc", new)})
+    report = run.report(station_id="s1", now=2.0, end_reason="stopped")
+    verified = report.model_copy(update={"verification": Verification(
+        verified_by="AB", verified_at=3.0, supersedes="r-0", typed_cells=typed, reclassified=changed)})
+    dr = report_bundle(verified)["entry"][0]["resource"]
+    assert dr["conclusion"].startswith("Verified by AB: 1 cell typed, 1 reclassified, 0 sent to review left as "
+                                       "the analyzer called them; replaces report r-0. "), dr["conclusion"]
+
+
 def test_a_typed_cell_is_counted_where_its_type_belongs(run):
     first = run.field_ids[0]
     in_field = [r for r in run.records if r.field_id == first]

@@ -117,7 +117,7 @@ def report_bundle(report: Report) -> Resource:
         "effectiveDateTime": b.effective, "issued": b.issued,
         "specimen": [{"reference": b.specimen_ref}], "result": b.results,
         "conclusion": (f"Preliminary, machine result; a qualified person must review it. {conclusion}" if v is None
-                       else f"Verified by {v.verified_by}: {v.typed_cells} cells typed, "
+                       else f"Verified by {v.verified_by}: {v.typed_cells} cell{'' if v.typed_cells == 1 else 's'} typed, "
                        f"{len(v.reclassified)} reclassified, {v.left_to_review} sent to review left as the "
                        f"analyzer called them; replaces report {v.supersedes}. {conclusion}"),
     }})
