@@ -187,7 +187,10 @@ class Flag(_Strict):
     severity: Literal["info", "warning", "critical"]
     message: str
     cells: list[int] | None = Field(None, description="the cells this flag rests on, as indices into the report's "
-                                    "cell list, for review and overlays")
+                                    "cell list, for review and overlays; in a report published compact (`cell_detail` "
+                                    "set, `cells` empty) into its cells as its `cells` messages carry them: a field's "
+                                    "parts in `part` order, a specimen's fields in the order they joined the run "
+                                    "(docs/MQTT.md)")
 
 
 class Reclassified(_Strict):
