@@ -21,7 +21,9 @@ analysis the watchdog ends) must not stop the station for good: an attempt is lo
 version is decoded (released when it is not handed out), and one still unfinished at the next start puts it on probation, where it
 is read and analysed alone (nothing else handed out meanwhile), so a second death is its own. A
 version interrupted `max_attempts` times goes to `rejected/` as `analysis_interrupted`. An
-attempt left by an earlier boot of the machine (a power cut) is not counted (`ProcessedLog`).
+attempt left by an earlier boot of the machine (a power cut) is not counted as such, but its file
+is analysed alone too, and one alone in hand at `max_reboot_attempts` restarts of the machine (a
+file that resets the board) is set aside the same way (`ProcessedLog`).
 """
 
 from __future__ import annotations
@@ -325,13 +327,16 @@ class FolderSource(FrameSource):
             logger.info("%s: %s already processed; moving it to %s", self.name, shown(fname), self._done)
             self._move(fname, self._done, key)
             return None
-        tries = self._log.attempts(key)
-        if tries >= self._config.max_attempts and not self._log.attempted(key):
-            self._reject(fname, key, f"analysis_interrupted: the station's process ended {tries} times while "
-                         "reading or analysing this file, the last time with nothing else in hand (killed for "
-                         "memory, a crash in a decoder, or an analysis the watchdog stopped); set aside (moved back "
-                         "into the folder, it is tried again)",
-                         level=logging.ERROR)
+        tries, reboots = self._log.attempts(key), self._log.reboots(key)
+        crashed = tries >= self._config.max_attempts
+        if (crashed or reboots >= self._config.max_reboot_attempts) and not self._log.attempted(key):
+            why = (f"the station's process ended {tries} times while reading or analysing this file, the last time "
+                   "with nothing else in hand (killed for memory, a crash in a decoder, or an analysis the watchdog "
+                   "stopped)" if crashed else f"the machine restarted {reboots} times while this file was being "
+                   "analysed alone, nothing else in hand (a reset of the board, a kernel panic, a driver hang ended "
+                   "by the hardware watchdog; or as many power cuts)")
+            self._reject(fname, key, f"analysis_interrupted: {why}; set aside (moved back into the folder, it is "
+                         "tried again)", level=logging.ERROR)
             return None
         if key in self._log and key not in self._again:  # put back from rejected/ (or a stop before the move)
             self._again.add(key)
@@ -376,7 +381,7 @@ class FolderSource(FrameSource):
                 return None  # changed while read: the next scan sees it settle again
             if not self._log.attempted(key):  # before it is decoded: a crash from here on is counted
                 try:
-                    self._log.record(key, "attempt", fname)
+                    self._log.record(key, "attempt", fname, alone=key in self._probation)
                 except OSError as exc:  # handed out unguarded; its done() says the disk's problem again
                     logger.error("%s: %s: cannot record the attempt: %s", self.name, shown(fname), exc)
             image = load_image(data, limits=self._limits(), source_name=shown(fname))
@@ -403,8 +408,10 @@ class FolderSource(FrameSource):
         self._handed_names.add(fname)
         if key in self._probation:
             self._alone = frame.frame_id
-            logger.warning("%s: %s was being read or analysed when the station's process ended (%d time(s); "
-                           "rejected at %d): analysed alone", self.name, shown(fname), tries, self._config.max_attempts)
+            logger.warning("%s: %s was being read or analysed when the station's process ended (%d time(s), rejected "
+                           "at %d; alone at %d restart(s) of the machine, rejected at %d): analysed alone", self.name,
+                           shown(fname), tries, self._config.max_attempts, self._log.reboots(key),
+                           self._config.max_reboot_attempts)
         return frame
 
     def _release_at_exit(self) -> None:

@@ -9,8 +9,11 @@ crash in a decoder, the watchdog). A clean end of the process (`release_at_exit`
 `released` for the attempts it leaves, so a stop, even one that leaves files unanalysed, is
 never held against a file. An attempt carries the kernel's boot id (`attempt@<boot id>`): one
 left unfinished under an earlier boot ended with the machine (a power cut, a kernel panic, a
-reset of the board), which is no evidence against the file, so it is not counted; an attempt
-without one (written where the kernel gives none, or by an earlier version) is. The log is
+reset of the board), which is no evidence against the file, so it is not counted as a crash; an
+attempt without one (written where the kernel gives none, or by an earlier version) is. A board
+that resets on a file would still retry it after every reboot for ever, so an attempt made with
+the file alone in hand (on probation) is marked (`attempt@<boot id>@alone`), and the earlier boots
+that ended with the file so in hand are counted apart (`reboots`). The log is
 compacted to its last `max_entries` lines (at open, and whenever it reaches twice as many),
 each version's finished attempts dropped first.
 """
@@ -51,7 +54,8 @@ def file_key(name: str, size: int, mtime_ns: int) -> str:
 class _Version:
     name: str
     status: str | None = None  # its last "done" or "rejected"
-    attempts: list[str | None] = field(default_factory=list)  # unfinished attempts since then: their boot ids
+    #: Unfinished attempts since then: each one's boot id, and whether the file was alone in hand.
+    attempts: list[tuple[str | None, bool]] = field(default_factory=list)
 
 
 class ProcessedLog:
@@ -70,7 +74,7 @@ class ProcessedLog:
         earlier = sum(len(v.attempts) - self._counted(v) for v in self._versions.values())
         if earlier:
             logger.info("%s: %d unfinished attempt(s) from an earlier boot of the machine (a power cut, a reboot): "
-                        "not counted against their files", self.path, earlier)
+                        "not counted as crashes; their files are analysed alone", self.path, earlier)
 
     def _compact(self) -> None:
         """Keep the file's last `max_entries` lines (at open, and while it runs: a station up for
@@ -88,7 +92,7 @@ class ProcessedLog:
             for key, v in self._versions.items():  # in the order of each version's last line
                 if v.status is not None:
                     kept.append(f"{key}\t{v.status}\t{v.name}")
-                kept += [f"{key}\t{_attempt(boot)}\t{v.name}" for boot in v.attempts]
+                kept += [f"{key}\t{_attempt(boot, alone)}\t{v.name}" for boot, alone in v.attempts]
             lines = kept[-self.max_entries:]
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8", errors="surrogateescape")
@@ -104,17 +108,21 @@ class ProcessedLog:
         v = self._versions.pop(key, None) or _Version(name)  # re-inserted: ordered by last line
         self._versions[key] = v
         v.name = name or v.name
-        what, _, boot = status.partition("@")
+        what, _, rest = status.partition("@")
+        boot, _, mark = rest.partition("@")
         if status in TERMINAL:
             v.status, v.attempts = status, []
         elif what == "attempt":
-            v.attempts.append(boot or None)
+            v.attempts.append((boot or None, mark == "alone"))
         elif status == "released" and v.attempts:  # this process's own: the version's last attempt
             v.attempts.pop()
 
     def _counted(self, v: _Version) -> int:
         """Its unfinished attempts that count: this boot's, and those whose boot is not known."""
-        return sum(1 for boot in v.attempts if boot is None or self.boot_id is None or boot == self.boot_id)
+        return sum(1 for boot, _ in v.attempts if boot is None or self.boot_id is None or boot == self.boot_id)
+
+    def _earlier(self, boot: str | None) -> bool:
+        return boot is not None and self.boot_id is not None and boot != self.boot_id
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
@@ -128,18 +136,26 @@ class ProcessedLog:
         v = self._versions.get(key)
         return self._counted(v) if v is not None else 0
 
+    def reboots(self, key: str) -> int:
+        """Earlier boots of the machine that ended while this version was alone in hand (analysed
+        on probation) and unfinished: a file that resets the board, or as many power cuts."""
+        v = self._versions.get(key)
+        return len({boot for boot, alone in v.attempts if alone and self._earlier(boot)}) if v is not None else 0
+
     def unfinished(self) -> dict[str, int]:
-        """Versions with unfinished attempts that count -> how many."""
-        return {k: n for k, v in self._versions.items() if (n := self._counted(v))}
+        """Versions with unfinished attempts, an earlier boot's too (each is analysed alone, so a
+        file that resets the board is the one in hand at the next reset) -> how many count."""
+        return {k: self._counted(v) for k, v in self._versions.items() if v.attempts}
 
     def attempted(self, key: str) -> bool:
         """This process recorded an attempt at this version that is not finished yet."""
         return key in self._open
 
-    def record(self, key: str, status: str, name: str) -> None:
+    def record(self, key: str, status: str, name: str, alone: bool = False) -> None:
         """Append one line, fsynced: "done" or "rejected" (which finish the version's attempts),
-        "attempt" (before this process decodes the version; written with the boot's id)."""
-        self._append([(key, _attempt(self.boot_id) if status == "attempt" else status, name)])
+        "attempt" (before this process decodes the version; written with the boot's id, marked
+        when it is `alone` in hand: nothing else handed out until it is finished)."""
+        self._append([(key, _attempt(self.boot_id, alone) if status == "attempt" else status, name)])
         if status == "attempt":
             self._open[key] = name
         else:
@@ -175,5 +191,6 @@ class ProcessedLog:
                 logger.warning("cannot compact the processed-files log %s: %s", self.path, exc)
 
 
-def _attempt(boot: str | None) -> str:
-    return "attempt" if boot is None else f"attempt@{boot}"
+def _attempt(boot: str | None, alone: bool) -> str:
+    """Without a boot id every unfinished attempt counts as a crash: aloneness needs no mark."""
+    return "attempt" if boot is None else f"attempt@{boot}@alone" if alone else f"attempt@{boot}"

@@ -171,6 +171,16 @@ class FolderSourceConfig(_CommonSourceFields):
         "a file that merely waited behind it is never rejected).",
         ge=2, le=100,
     )
+    max_reboot_attempts: int = Field(
+        default=3,
+        title="Machine restarts before rejection",
+        description="A file in hand when the whole machine went down (a power cut, a kernel panic, a reset of the "
+        "board by its watchdog) is not counted against max_attempts, but it is analysed alone after the reboot; one "
+        "in hand alone at this many restarts of the machine (a file whose analysis resets the board) goes to "
+        "rejected/ as analysis_interrupted, so the files behind it are analysed (at least 2: one power cut never "
+        "sets a file aside).",
+        ge=2, le=100,
+    )
 
     @model_validator(mode="after")
     def _dirs_distinct(self) -> FolderSourceConfig:

@@ -281,20 +281,22 @@ def _boot(tmp_path: Path, boot_id: str | None) -> Path:
 def test_a_file_in_hand_at_a_power_cut_is_not_set_aside_after_the_reboot(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Real processes under boot A: killed holding heavy.png and b.png, then holding heavy.png
-    alone (the power goes). Restarted under boot B, those two unfinished attempts are not held
-    against heavy.png: it is analysed and stored, b.png with it (no file on probation), nothing
-    rejected. Counted by boot, two such kills in a row set it aside (the test above)."""
+    alone (the power goes). Restarted under boot B, those two unfinished attempts are not counted
+    as crashes against heavy.png: each file is analysed alone (so a file that resets the board
+    would be the one in hand at the next reset) and stored, nothing rejected. Counted by boot, two
+    such kills in a row set it aside (the test above)."""
     inbox = _inbox(tmp_path, ["heavy.png", "b.png"])
     boot = _boot(tmp_path, BOOT_A)
     assert _child(inbox, "keep", kill_after=2, boot_id_file=boot) == (-signal.SIGKILL, ["heavy.png", "b.png"])
     assert _child(inbox, "hold", kill_after=1, boot_id_file=boot) == (-signal.SIGKILL, ["heavy.png"])
     lines = (inbox / ".smearscope-processed").read_text().splitlines()
-    assert [ln.split("\t")[1] for ln in lines].count(f"attempt@{BOOT_A}") == 3  # heavy twice, b once
+    assert [ln.split("\t")[1] for ln in lines] == [f"attempt@{BOOT_A}"] * 2 + [f"attempt@{BOOT_A}@alone"]
     monkeypatch.setattr(processed_log, "BOOT_ID_FILE", _boot(tmp_path, BOOT_B))
     src = _source(inbox)
-    out = [src.scan_once(), src.scan_once()]  # both out at once: neither is on probation
-    assert [_name(f) for f in out if f is not None] == ["heavy.png", "b.png"]
-    for frame in out:
+    for name in ("heavy.png", "b.png"):
+        frame = src.scan_once()
+        assert frame is not None and _name(frame) == name
+        assert src.scan_once() is None  # alone until done()
         src.done(frame)
     assert src.scan_once() is None and not src.rejected_count
     assert not list((inbox / "rejected").iterdir())
@@ -302,18 +304,63 @@ def test_a_file_in_hand_at_a_power_cut_is_not_set_aside_after_the_reboot(
 
 
 def test_after_a_reboot_two_kills_in_that_boot_still_set_a_file_aside(tmp_path: Path) -> None:
-    """heavy.png out alone at a power cut under boot A; under boot B the process dies twice while
-    it holds heavy.png (the second time alone): the third start of boot B rejects it as
-    analysis_interrupted and analyses b.png. A reboot forgives the earlier boot's attempts only."""
+    """heavy.png out at a power cut under boot A; under boot B the process dies twice while it
+    holds heavy.png (alone: the earlier boot's attempt put it on probation): the third start of
+    boot B rejects it as analysis_interrupted by the process and analyses b.png. A reboot forgives
+    the earlier boot's attempts only."""
     inbox = _inbox(tmp_path, ["heavy.png", "b.png"])
     boot = _boot(tmp_path, BOOT_A)
     assert _child(inbox, "hold", kill_after=1, boot_id_file=boot) == (-signal.SIGKILL, ["heavy.png"])
     boot = _boot(tmp_path, BOOT_B)
-    assert _child(inbox, "keep", kill_after=2, boot_id_file=boot) == (-signal.SIGKILL, ["heavy.png", "b.png"])
+    assert _child(inbox, "hold", kill_after=1, boot_id_file=boot) == (-signal.SIGKILL, ["heavy.png"])
     assert _child(inbox, "hold", kill_after=1, boot_id_file=boot) == (-signal.SIGKILL, ["heavy.png"])
     assert _child(inbox, "done", kill_after=1, boot_id_file=boot)[1] == ["b.png"]
     reason = (inbox / "rejected" / "heavy.png.reason.txt").read_text()
-    assert reason.startswith("analysis_interrupted: ") and "2 times" in reason
+    assert reason.startswith("analysis_interrupted: ") and "process ended 2 times" in reason
+
+
+def test_a_file_that_resets_the_board_is_set_aside_at_the_third_reboot(tmp_path: Path) -> None:
+    """A file whose analysis takes the whole board down (a kernel OOM panic, the hardware
+    watchdog's reset) was retried after every reboot for ever, its attempts all of earlier boots.
+    Real processes, each under a new boot id: the first is killed holding reset.png and b.png;
+    the next three hold reset.png alone (on probation) when killed; the fifth sets it aside as
+    analysis_interrupted by the machine's restarts (not the process's crashes) and analyses b.png
+    and c.png."""
+    inbox = _inbox(tmp_path, ["reset.png", "b.png", "c.png"])
+    boots = [f"{BOOT_A[:-2]}{i:02d}" for i in range(5)]
+    assert _child(inbox, "keep", kill_after=2, boot_id_file=_boot(tmp_path, boots[0])) == (
+        -signal.SIGKILL, ["reset.png", "b.png"])
+    for boot in boots[1:4]:  # alone each time; not set aside at 1 or 2 reboots
+        assert _child(inbox, "hold", kill_after=1, boot_id_file=_boot(tmp_path, boot)) == (
+            -signal.SIGKILL, ["reset.png"])
+    assert _child(inbox, "done", kill_after=2, boot_id_file=_boot(tmp_path, boots[4])) == (
+        -signal.SIGKILL, ["b.png", "c.png"])
+    reason = (inbox / "rejected" / "reset.png.reason.txt").read_text()
+    assert reason.startswith("analysis_interrupted: the machine restarted 3 times while this file was being "
+                             "analysed alone"), reason
+    assert "process ended" not in reason and not (inbox / "reset.png").exists()
+
+
+def test_max_reboot_attempts_is_the_number_of_reboots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At max_reboot_attempts = 2 a file alone in hand at two reboots is set aside; attempts of an
+    earlier boot made with other files in hand (not alone) count for nothing, however many."""
+    inbox = _inbox(tmp_path, ["reset.png", "b.png"])
+    st = (inbox / "reset.png").stat()
+    reset = file_key("reset.png", st.st_size, st.st_mtime_ns)
+    with open(inbox / ".smearscope-processed", "a") as fh:
+        fh.write(f"{reset}\tattempt@{BOOT_A}\treset.png\n" * 3)  # boot A: not alone
+    monkeypatch.setattr(processed_log, "BOOT_ID_FILE", _boot(tmp_path, BOOT_B))
+    config = {"path": inbox, "settle_s": 0.0, "poll_interval_s": 0.01, "max_reboot_attempts": 2}
+    frame = FolderSource(FolderSourceConfig(**config)).scan_once()
+    assert frame is not None and _name(frame) == "reset.png"  # alone: the reboot of boot B
+    monkeypatch.setattr(processed_log, "BOOT_ID_FILE", _boot(tmp_path, BOOT_B[:-2] + "00"))
+    frame = FolderSource(FolderSourceConfig(**config)).scan_once()
+    assert frame is not None and _name(frame) == "reset.png"  # alone at one reboot: kept
+    monkeypatch.setattr(processed_log, "BOOT_ID_FILE", _boot(tmp_path, BOOT_B[:-2] + "01"))
+    src = FolderSource(FolderSourceConfig(**config))
+    frame = src.scan_once()
+    assert frame is not None and _name(frame) == "b.png"
+    assert "restarted 2 times" in (inbox / "rejected" / "reset.png.reason.txt").read_text()
 
 
 def test_attempts_without_a_boot_id_count_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
