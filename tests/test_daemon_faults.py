@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import pickle
 import queue
@@ -28,6 +29,7 @@ from broker import MQTT_USERS, MosquittoBroker, Subscriber, free_port
 from test_daemon import (
     BASE,
     NotifyListener,
+    PoolAnalyzer,
     classified_wbc_per_field,
     oracle_pool,
     pool_factory,
@@ -38,7 +40,9 @@ from test_daemon import (
 from smearscope.device.synthetic import render_field
 from smearscope.service.config import load_config
 from smearscope.service.ingest import IngestError, RejectReason
+from smearscope.service.mqtt.publisher import MqttPublisher
 from smearscope.service.station.daemon import StationDaemon, run_daemon
+from smearscope.service.station.stopping import STOP_BUDGET_S, StopBudget
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.faults
@@ -393,3 +397,60 @@ def test_a_copy_that_comes_while_its_original_is_analysed_is_refused_and_a_faile
     assert outcome("a copy.png") == [("rejected", "duplicate_content")]
     assert outcome("a.png") == [("analysed", None)] and outcome("c again.png") == [("analysed", None)]
     assert (inbox / "rejected" / "a copy.png.reason.txt").read_text().startswith("duplicate_content")
+
+
+@pytest.mark.broker
+def test_a_slow_analysis_at_a_stop_shortens_the_drain_to_what_the_stop_budget_leaves(
+        tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The stop asked for while a field's analysis takes long (3 s), the broker connected but no
+    longer answering (its process stopped), mqtt.stop_drain_timeout_s = 30: the drain gets only
+    what the stop's budget leaves after the workers' joins and the publisher's own 7 s, so the
+    stop ends inside the unit's TimeoutStopSec instead of draining 30 s on top of the joins. The
+    budget is 11 s here (40 s in service), so at most 4 s are left to drain; the slow field's
+    report is stored and what the broker did not take stays in the outbox."""
+    config = write_station(tmp_path, broker.port, mqtt={"stop_drain_timeout_s": 30})
+    analyzer = PoolAnalyzer(oracle_pool(), stall_on=frozenset({3}), stall_s=3.0)
+    budget_s = MqttPublisher.STOP_AFTER_DRAIN_S + 4.0
+    daemon = StationDaemon(load_config(config), analyzer_factory=lambda _: analyzer, stop_budget_s=budget_s)
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(daemon.run()), daemon=True)
+    assert broker.proc is not None
+    with caplog.at_level(logging.INFO):
+        runner.start()
+        try:
+            assert wait_until(lambda: analyzer.calls >= 4, 30)  # the fourth field's analysis has begun
+            assert daemon.publisher is not None and daemon.publisher.state.connected
+            os.kill(broker.proc.pid, signal.SIGSTOP)
+            daemon.request_stop("signal SIGTERM")
+            runner.join(60)
+        finally:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+    assert not runner.is_alive() and codes == [0]
+    cut = [r.getMessage() for r in caplog.records if "not mqtt.stop_drain_timeout_s=30" in r.getMessage()]
+    assert len(cut) == 1, caplog.text
+    drained = float(re.search(r"drained for ([0-9.]+) s", cut[0])[1])
+    assert drained <= budget_s - MqttPublisher.STOP_AFTER_DRAIN_S
+    taken = float(re.search(r"the stop has taken ([0-9.]+) s", cut[0])[1])
+    assert drained == pytest.approx(budget_s - MqttPublisher.STOP_AFTER_DRAIN_S - taken, abs=0.15)
+    snap = daemon.stats.snapshot()  # the slow field was analysed and its report stored, as every field's
+    assert (analyzer.analysed_ids[3], "analysed", None) in daemon.outcomes
+    assert sum(r.kind == "field" for r in daemon.ledger) == snap["analysed"] >= 4 and snap["lost"] == 0
+    assert re.search(r"stopping with \d+ messages still in the outbox", caplog.text), caplog.text
+
+
+def test_the_drain_gets_what_the_stop_budget_leaves() -> None:
+    """Counted from the first stop request: the configured drain while the budget allows it,
+    less when the joins took long, never below nothing; the service's budget is TimeoutStopSec
+    less 5 s, so a stop whose workers join at once still drains the 30 s the config allows."""
+    now = [100.0]
+    budget = StopBudget(40.0, clock=lambda: now[0])
+    budget.start()
+    now[0] += 1.0
+    budget.start()  # a second request (the supervisor's) does not restart the count
+    assert budget.drain_s(30.0, 7.0) == 30.0
+    now[0] += 29.0
+    assert budget.drain_s(30.0, 7.0) == pytest.approx(3.0)
+    now[0] += 10.0
+    assert budget.drain_s(30.0, 7.0) == 0.0
+    assert budget.join_deadline() == 125.0
+    assert STOP_BUDGET_S == 40 and StopBudget(STOP_BUDGET_S, clock=lambda: 0.0).drain_s(30.0, 7.0) == 30.0

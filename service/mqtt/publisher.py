@@ -67,6 +67,11 @@ class MqttPublisher:
     command responses; receives commands on `<prefix>/<station>/cmd/<name>` and hands them to
     a `CommandWorker` (service.mqtt.command_worker), whose answers it publishes."""
 
+    #: What `stop` takes at most after its drain: its threads' joins (5 s in all) and the retained
+    #: "offline" (2 s); the daemon's stop budget keeps this much for it (station.stopping).
+    STOP_JOIN_S, STOP_OFFLINE_S = 5.0, 2.0
+    STOP_AFTER_DRAIN_S = STOP_JOIN_S + STOP_OFFLINE_S
+
     def __init__(
         self,
         config: MqttConfig,
@@ -219,17 +224,18 @@ class MqttPublisher:
         self._wake.set()
         self._telemetry_now.set()
         self._commands.wake_to_stop()
+        deadline = time.monotonic() + self.STOP_JOIN_S  # one bound for all, so the stop's budget holds
         for thread in [*self._threads, *self._commands.threads()]:
-            thread.join(timeout=5.0)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
-                logger.error("MQTT worker %s did not stop within 5 s", thread.name)
+                logger.error("MQTT worker %s did not stop within %g s", thread.name, self.STOP_JOIN_S)
         self._stopping = True
         client = self._client  # the drain thread may have replaced it (protocol fallback)
         assert client is not None
         if self.state.connected:
             info = client.publish(self.status_topic, "offline", qos=1, retain=True)
             try:
-                info.wait_for_publish(timeout=2.0)
+                info.wait_for_publish(timeout=self.STOP_OFFLINE_S)
             except (RuntimeError, ValueError) as exc:
                 logger.warning("could not publish retained offline status: %s", exc)
         client.disconnect()

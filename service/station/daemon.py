@@ -14,8 +14,9 @@ the end of the source, a dead worker); the analysis and writer workers stop only
 sentinels, so whatever was captured is drained. Shutdown: STOPPING=1, the source is closed,
 the capture thread enqueues its sentinel, the analysis thread drains what was captured, closes an
 open specimen run (its final report is published) and enqueues the reports sentinel; the writer
-stores everything; the publisher drains (bounded) and publishes retained "offline". Every join has
-a timeout. SIGHUP reloads the config file, as the `reload` command does: both are applied by the
+stores everything; the publisher drains and publishes retained "offline". The whole stop shares one
+time budget counted from the stop request, under the unit's TimeoutStopSec (`station.stopping`):
+the drain gets what the joins left of it. SIGHUP reloads the config file, as the `reload` command does: both are applied by the
 daemon's main thread (the command through its control `RequestQueue`), which owns the config.
 """
 
@@ -24,13 +25,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
 from smearscope.device.frame import Frame
@@ -69,6 +68,12 @@ from smearscope.service.station.startup import (
     StartupError,
     build_analyzer,
 )
+from smearscope.service.station.stopping import (
+    STOP_BUDGET_S,
+    StopBudget,
+    install_signal_handlers,
+    join_workers,
+)
 from smearscope.service.station.work_queue import TICK_S
 from smearscope.service.station.workers import THREAD_NAMES, StationWorkers
 
@@ -77,9 +82,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "StartupError", "StationDaemon", "build_analyzer",
            "main", "run_daemon"]
 
-#: All worker joins at shutdown share this budget (normally seconds: what was captured is analysed);
-#: the publisher's drain after them is bounded by config (mqtt.MAX_STOP_DRAIN_S, under TimeoutStopSec).
-_JOIN_BUDGET_S = 25.0
 _BROKER_NOTICE_AFTER_S = 3.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -97,6 +99,7 @@ class StationDaemon:
         environ: Mapping[str, str] | None = None,
         announce: Callable[[str], None] | None = None,
         log_level_override: str | None = None,
+        stop_budget_s: float = STOP_BUDGET_S,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -108,6 +111,8 @@ class StationDaemon:
         self._announce = announce or (lambda text: None)
         self._stop = threading.Event()
         self._stop_reason = ""
+        #: The stop's time, from its first request (SIGTERM) to the publisher's "offline".
+        self._stop_budget = StopBudget(stop_budget_s)
         self._reload_requested = threading.Event()
         self._fatal: list[str] = []
         self._started_at = time.monotonic()
@@ -150,6 +155,7 @@ class StationDaemon:
     def request_stop(self, why: str) -> None:
         """Ask for an orderly shutdown (signal handlers, max_fields, source end). Idempotent."""
         if not self._stop.is_set():
+            self._stop_budget.start()
             self._stop_reason = why
             logger.info("stopping: %s", why)
             self._stop.set()
@@ -255,18 +261,10 @@ class StationDaemon:
         self.notifier.stopping(f"stopping ({self._stop_reason}): {self.status_line()}")
         if self.source is not None:
             self.source.close()
-        deadline = time.monotonic() + _JOIN_BUDGET_S
-        for name in THREAD_NAMES:  # producers first
-            thread = self.workers.threads.get(name)
-            if thread is not None:
-                thread.join(max(0.1, deadline - time.monotonic()))
-                if thread.is_alive():
-                    self._fatal.append(f"{name} thread did not stop within the shutdown budget "
-                                       f"({_JOIN_BUDGET_S:.0f} s)")
-                    logger.error("%s", self._fatal[-1])
+        self._fatal += join_workers(self.workers.threads, THREAD_NAMES, self._stop_budget.join_deadline())
         if self.publisher is not None and self.publisher.state.connects == 0:
             self._notice_missing_broker()
-        self._close_resources()
+        self._close_resources(self._drain_s())
         snap = self.stats.snapshot()
         left = self.final_outbox or {}
         logger.info("stopped: %d fields analysed, %d rejected, %d failed, %d frames dropped "
@@ -280,9 +278,20 @@ class StationDaemon:
         failed = self._fatal or self.workers.failures or snap["lost"]
         return EXIT_FAILURE if failed else EXIT_OK
 
-    def _close_resources(self) -> None:
+    def _drain_s(self) -> float:
+        """The publisher's drain: mqtt.stop_drain_timeout_s, or less when the stop budget is short."""
+        configured = self.config.mqtt.stop_drain_timeout_s
+        drain = self._stop_budget.drain_s(configured, MqttPublisher.STOP_AFTER_DRAIN_S)
+        if drain < configured and self.publisher is not None and self.publisher.state.connected:
+            logger.warning("the outbox is drained for %.1f s, not mqtt.stop_drain_timeout_s=%g: the stop has taken "
+                           "%.1f s of its %.0f s (under the unit's TimeoutStopSec) and the publisher needs up to %g s "
+                           "after the drain", drain, configured, self._stop_budget.elapsed(),
+                           self._stop_budget.total_s, MqttPublisher.STOP_AFTER_DRAIN_S)
+        return drain
+
+    def _close_resources(self, drain_s: float | None = None) -> None:
         if self.publisher is not None:
-            self.publisher.stop()  # bounded drain, retained "offline", disconnect
+            self.publisher.stop(drain_s)  # bounded drain, retained "offline", disconnect
         if self.outbox is not None:  # what the summary and the ledger say, before it closes
             self.final_outbox = {**dataclasses.asdict(self.outbox.counts()),
                                  "parked": self.publisher.state.parked if self.publisher else 0}
@@ -392,27 +401,6 @@ class StationDaemon:
 # ---------------------------------------------------------------------- entry points
 
 
-def _install_signal_handlers(daemon: StationDaemon) -> Callable[[], None]:
-    """SIGTERM/SIGINT stop, SIGHUP reloads; returns a function restoring the old handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None  # embedded in a test thread: the caller stops it
-
-    def on_stop(signum: int, frame: FrameType | None) -> None:
-        daemon.request_stop(f"signal {signal.Signals(signum).name}")
-
-    def on_hup(signum: int, frame: FrameType | None) -> None:
-        daemon.request_reload()
-
-    previous = {sig: signal.signal(sig, handler) for sig, handler in
-                ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup))}
-
-    def restore() -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-    return restore
-
-
 def _load(config_path: Path | None, environ: Mapping[str, str] | None) -> StationConfig:
     if config_path is None:
         from smearscope.service.station.embedded import embedded_config
@@ -463,7 +451,7 @@ def run_daemon(
         announce=(lambda text: print(f"smearscope: {text}", file=out, flush=True))
         if interactive else None,
     )
-    restore = _install_signal_handlers(daemon)
+    restore = install_signal_handlers(daemon)
     try:
         code = daemon.run()
     except StartupError as exc:
