@@ -607,6 +607,68 @@ def test_a_run_closed_before_a_restart_can_still_be_verified(
 
 
 @pytest.mark.broker
+def test_a_closed_runs_start_and_starter_are_in_its_state_and_in_get_runs_after_a_restart(
+    tmp_path: Path, broker: Any, credentials_dir: Path,
+) -> None:
+    """A closed run's state and `get_runs` say when the run started and who started it, as its
+    open states did: from the process that closed it, and from the next one (read back from the
+    outbox file)."""
+    observer = Subscriber(broker.port, "observer", "observer-secret", [f"{BASE}/#"])
+    observer.wait_ready()
+    per_field = classified_wbc_per_field()
+    source = {"kind": "simulated", "fields": 500, "fps": 8.0, "width": 480, "height": 360, "seed": 0}
+    config = write_station(tmp_path, broker.port, source=source, specimen={  # no run opens by itself
+        "target_wbc_count": per_field[0] + per_field[1], "idle_timeout_s": 60.0, "auto_start": False})
+
+    def states() -> list[dict[str, Any]]:
+        return [json.loads(m.payload) for m in observer.on_topic(f"{BASE}/run")]
+
+    def run_daemon(step) -> None:
+        seen = sum(m.topic == f"{BASE}/status" and m.payload == b"online" for m in observer.messages)
+        daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(), config_path=config)
+        runner = threading.Thread(target=daemon.run, daemon=True)
+        runner.start()
+        try:
+            assert observer.wait_for(lambda ms: sum(m.topic == f"{BASE}/status" and m.payload == b"online"
+                                                    for m in ms) > seen, 30)
+            step()
+        finally:
+            daemon.request_stop("test step over")
+            runner.join(30)
+        assert not runner.is_alive()
+
+    def first() -> None:
+        observer.client.publish(f"{BASE}/cmd/start_run", "{}", qos=1)
+        assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/run" and json.loads(m.payload)["state"]
+                                                == "closed" for m in ms), 60)
+
+    def second() -> None:
+        observer.client.publish(f"{BASE}/cmd/get_runs", "{}", qos=1)
+        assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/cmd_response/get_runs" for m in ms), 30)
+
+    try:
+        run_daemon(first)
+        closed = next(s for s in states() if s["state"] == "closed")
+        opened = [s for s in states() if s["state"] == "open" and s["run_id"] == closed["run_id"]]
+        assert opened and {s["progress"]["started_at"] for s in opened} == {opened[0]["progress"]["started_at"]}
+        started = {"started_at": opened[0]["progress"]["started_at"], "started_by": "command"}
+        assert isinstance(started["started_at"], float) and opened[0]["progress"]["started_by"] == "command"
+        assert closed["progress"] == {"run_id": closed["run_id"], **started, "fields": 2,
+                                      "classified_wbc": per_field[0] + per_field[1],
+                                      "target_wbc": per_field[0] + per_field[1]}
+        before = len(states())
+        run_daemon(second)
+    finally:
+        observer.close()
+    # the next process: the run's state again at its start, and its get_runs answer
+    again = [s for s in states()[before:] if s["run_id"] == closed["run_id"]]
+    assert again and again[0]["state"] == "closed" and again[0]["progress"] == closed["progress"]
+    answer = json.loads(observer.on_topic(f"{BASE}/cmd_response/get_runs")[0].payload)
+    listed = [r for r in answer["runs"] if r["run_id"] == closed["run_id"]]
+    assert answer["ok"] and len(listed) == 1 and listed[0]["progress"] == closed["progress"]
+
+
+@pytest.mark.broker
 def test_the_retained_run_state_comes_back_when_the_broker_lost_it(
     tmp_path: Path, broker: Any, credentials_dir: Path,
 ) -> None:

@@ -684,7 +684,9 @@ def _closed_run_state(report: Report) -> dict[str, Any]:
 
     return {"station_id": report.station_id, "run_id": report.run_id, "state": "closed", "end_reason": "stopped",
             "updated_at": time.time(), "review": None, "rbc_grades": rbc_grades(report),
-            "progress": {"run_id": report.run_id, "fields": report.fields_analyzed,
+            "progress": {"run_id": report.run_id, "started_by": "auto",
+                         "started_at": report.created_at - report.timing_ms.get("run_ms", 0.0) / 1000,
+                         "fields": report.fields_analyzed,
                          "classified_wbc": report.counts.wbc, "target_wbc": 100},
             "report": report.model_dump(mode="json", exclude={"cells", "cell_detail"})}
 

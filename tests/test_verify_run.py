@@ -546,7 +546,8 @@ def test_get_runs_lists_the_last_closed_runs_newest_first_each_with_its_latest_r
         ids = [f"run-{i}" for i in range(KEEP_CLOSED_RUNS + 2)]
         for i, run_id in enumerate(ids):
             r = replace(run, run_id=run_id)
-            feed.run_closed(ClosedRun(run_id, "stopped", 4, run.classified_wbc, 100 + i, final(r, "stopped"), r), None)
+            feed.run_closed(ClosedRun(run_id, "stopped", 4, run.classified_wbc, 100 + i, final(r, "stopped"), r,
+                                      started_at=1_764_660_000.0 + i, started_by="command" if i % 2 else "auto"), None)
         answer = feed.get_runs()
         newest = ids[::-1][:KEEP_CLOSED_RUNS]
         assert answer["ok"] and answer["omitted"] == 0 and [s["run_id"] for s in answer["runs"]] == newest
@@ -554,8 +555,10 @@ def test_get_runs_lists_the_last_closed_runs_newest_first_each_with_its_latest_r
             assert s["state"] == "closed" and s["end_reason"] == "stopped" and s["report"]["run_id"] == s["run_id"]
             assert s["updated_at"] == s["report"]["created_at"]  # the same answer for the same runs
             assert "cells" not in s["report"] and s["report"]["verification"] is None
-            assert s["progress"] == {"run_id": s["run_id"], "fields": 4, "classified_wbc": run.classified_wbc,
-                                     "target_wbc": 100 + ids.index(s["run_id"])}
+            i = ids.index(s["run_id"])
+            assert s["progress"] == {"run_id": s["run_id"], "started_by": "command" if i % 2 else "auto",
+                                     "started_at": 1_764_660_000.0 + i, "fields": 4,
+                                     "classified_wbc": run.classified_wbc, "target_wbc": 100 + i}
         # an older run signed: its entry keeps its place and carries the verified report
         older = newest[2]
         verified, live, signed = feed.verify(older, "AB", final, None)
@@ -565,6 +568,7 @@ def test_get_runs_lists_the_last_closed_runs_newest_first_each_with_its_latest_r
         assert [s["run_id"] for s in again] == newest
         assert again[2]["report"]["report_id"] == signed["report_id"]
         assert again[2]["report"]["verification"]["verified_by"] == "AB"
+        assert again[2]["progress"] == answer["runs"][2]["progress"]  # when and by whom it was started
         assert all(s["report"]["verification"] is None for k, s in enumerate(again) if k != 2)
         # a bound that holds two of them: the two newest, the others counted
         feed.max_state_bytes = len(json.dumps(again[:2])) + 256 + 1

@@ -39,9 +39,9 @@ from smearscope.service.fhir.report_view import rbc_grades
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, StateWriter
 from smearscope.service.station.durable import KEEP_CLOSED_RUNS
 from smearscope.service.station.review import ReviewGallery, WbcTyping, needs_review
+from smearscope.service.station.run_records import EndReason
 from smearscope.service.station.specimen import (
     ClosedRun,
-    EndReason,
     SpecimenRun,
     SpecimenTracker,
     cell_keys,
@@ -231,9 +231,7 @@ class ClinicFeed:
         if not live:
             return
         try:
-            progress = {"run_id": closed.run_id, "fields": closed.fields,
-                        "classified_wbc": closed.classified_wbc, "target_wbc": closed.target_wbc}
-            self._publish(publisher, closed.report, "closed", progress, closed.end_reason)
+            self._publish(publisher, closed.report, "closed", closed.progress(), closed.end_reason)
         except Exception:
             logger.exception("live state of closed run %s failed (its report stands)", closed.run_id)
 
@@ -411,8 +409,7 @@ class ClinicFeed:
         for c in closed:
             if c.report is None:
                 continue
-            state = self.run_state(c.report, "closed", {"run_id": c.run_id, "fields": c.fields,
-                                   "classified_wbc": c.classified_wbc, "target_wbc": c.target_wbc}, c.end_reason)
+            state = self.run_state(c.report, "closed", c.progress(), c.end_reason)
             runs.append({**state, "updated_at": c.report.created_at})  # when its latest report was made
         omitted = 0
         while runs and len(json.dumps(runs)) > self.max_state_bytes - 256:
@@ -464,8 +461,7 @@ class ClinicFeed:
             reclassified=changed, left_to_review=left)})
         with self._lock:
             live = open_run is None and next(reversed(self._closed), None) == run_id
-        return (ClosedRun(run_id, closed.end_reason, closed.fields, run.classified_wbc, closed.target_wbc, report,
-                          closed.run), live,
+        return (dataclasses.replace(closed, classified_wbc=run.classified_wbc, report=report), live,
                 {"ok": True, "run_id": run_id, "report_id": report.report_id,
                  "supersedes": closed.report.report_id, "typed_cells": typed, "reclassified": len(changed),
                  "left_to_review": left})

@@ -15,8 +15,8 @@ and a fourth written at once:
                    `specimen_incomplete` (end reason `restart`, or the end asked for)
   closed_runs      the runs whose final (or verified) specimen report is stored: its report
                    (without cells) and why it ended, so a technician can still verify one of
-                   the last runs after a restart (verify_run); older ones are deleted with
-                   their fields
+                   the last runs after a restart (verify_run); its start and who started it
+                   are its fields' (get_runs says them); older ones are deleted with their fields
   ending_runs      the runs `stop_run` ended, written at once (`run_ending`), deleted with the
                    run's stored report: a crash before it is stored never takes the run back;
                    a row whose run has no field stored is dropped at open
@@ -36,7 +36,8 @@ from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.records import Box, CellDetection, CellKind, ClassifiedCell
 from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Report
 from smearscope.service.mqtt.outbox import Outbox, StateWriter
-from smearscope.service.station.specimen import FIELD_FLAGS, ClosedRun, SpecimenRun, StartedBy
+from smearscope.service.station.run_records import StartedBy
+from smearscope.service.station.specimen import FIELD_FLAGS, ClosedRun, SpecimenRun
 
 logger = logging.getLogger(__name__)
 
@@ -259,13 +260,16 @@ class StationState:
         (`run_cells`). Rows this code cannot read (another version's) are left out with an error
         logged: the station starts, those runs cannot be verified."""
         try:
+            # the run's start and who started it, as each of its fields' rows keeps them
             if cells:
-                runs = {r.run_id: (len(r.field_ids), r.target_wbc, r) for r in self._runs(closed=True)}
+                runs = {r.run_id: (len(r.field_ids), r.target_wbc, r.started_at, r.started_by, r)
+                        for r in self._runs(closed=True)}
             else:
-                runs = {run_id: (int(n), int(target), None) for run_id, n, target in self.outbox.read(
-                    lambda conn: conn.execute(
-                        "SELECT run_id, COUNT(*), MAX(target_wbc) FROM specimen_fields WHERE run_id IN "
-                        "(SELECT run_id FROM closed_runs) GROUP BY run_id").fetchall())}
+                runs = {run_id: (int(n), int(target), float(at), by, None) for run_id, n, target, at, by in
+                        self.outbox.read(lambda conn: conn.execute(
+                            "SELECT run_id, COUNT(*), MAX(target_wbc), MIN(started_at), MAX(started_by) FROM "
+                            "specimen_fields WHERE run_id IN (SELECT run_id FROM closed_runs) GROUP BY run_id"
+                        ).fetchall())}
         except (ValueError, KeyError, TypeError) as exc:
             logger.error("closed runs kept for verification cannot be read (%s); none can be verified", exc)
             return []
@@ -275,7 +279,7 @@ class StationState:
         for run_id, end_reason, text in rows:
             if run_id not in runs:
                 continue
-            fields, target, run = runs[run_id]
+            fields, target, started_at, started_by, run = runs[run_id]
             try:
                 report = Report.model_validate_json(text)
             except ValueError as exc:
@@ -283,5 +287,5 @@ class StationState:
                 continue
             classified = run.classified_wbc if run is not None else sum(
                 s.count for s in report.wbc_differential if s.label != UNIDENTIFIED)
-            out.append(ClosedRun(run_id, end_reason, fields, classified, target, report, run))
+            out.append(ClosedRun(run_id, end_reason, fields, classified, target, report, run, started_at, started_by))
         return out

@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 from smearscope.service.analysis.aggregate import (
     AggregateThresholds,
@@ -32,17 +31,12 @@ from smearscope.service.analysis.records import ARTEFACT, CellKind, ClassifiedCe
 from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Reclassified, Report
 from smearscope.service.analysis.specimen_scale import SpecimenScale
 from smearscope.service.config import SpecimenConfig
+from smearscope.service.station.run_records import EndReason, RunProgress, StartedBy
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = AggregateThresholds()
 
-#: "restart": the run was left open by a process that crashed (or could not store its report at
-#: stop), and the next start closed it from the outbox database (service.station.durable) rather
-#: than take it back (SpecimenTracker.resume_one); a run stop_run ended is closed as "stopped".
-#: "field_limit": the run reached `max_fields` fields without its target (its memory's bound).
-EndReason = Literal["target_reached", "stopped", "idle_timeout", "shutdown", "restart", "field_limit"]
-StartedBy = Literal["auto", "command"]
 
 
 class RunAlreadyOpen(RuntimeError):
@@ -264,23 +258,6 @@ class SpecimenRun:
 
 
 @dataclass(frozen=True)
-class RunProgress:
-    """A read-only view of the open run (status command, STATUS= line, telemetry)."""
-
-    run_id: str
-    started_by: StartedBy
-    started_at: float
-    fields: int
-    classified_wbc: int
-    target_wbc: int
-
-    def as_dict(self) -> dict[str, object]:
-        return {"run_id": self.run_id, "started_by": self.started_by, "started_at": self.started_at,
-                "fields": self.fields, "classified_wbc": self.classified_wbc,
-                "target_wbc": self.target_wbc}
-
-
-@dataclass(frozen=True)
 class ClosedRun:
     """A run that ended; `report` is None when it ended without a single field."""
 
@@ -292,10 +269,19 @@ class ClosedRun:
     report: Report | None
     #: The run's cells, for a technician's verification (service.station.commands, verify_run).
     run: SpecimenRun | None = field(default=None, compare=False, repr=False)
+    #: When the run started (Unix time) and who started it, as its open states said; None where
+    #: not known.
+    started_at: float | None = None
+    started_by: StartedBy | None = None
 
     @property
     def complete(self) -> bool:
         return self.end_reason == "target_reached"
+
+    def progress(self) -> dict[str, object]:
+        """The closed run's `progress` in its run state and in `get_runs` (an open run's keys)."""
+        return {"run_id": self.run_id, "started_by": self.started_by, "started_at": self.started_at,
+                "fields": self.fields, "classified_wbc": self.classified_wbc, "target_wbc": self.target_wbc}
 
 
 class SpecimenTracker:
@@ -495,4 +481,4 @@ class SpecimenTracker:
                     run.run_id, end_reason, len(run.field_ids), run.classified_wbc,
                     run.target_wbc, "" if report else "; no fields, no report")
         return ClosedRun(run.run_id, end_reason, len(run.field_ids), run.classified_wbc,
-                         run.target_wbc, report, run)
+                         run.target_wbc, report, run, run.started_at, run.started_by)
