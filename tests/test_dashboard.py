@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -83,6 +84,40 @@ def test_server_serves_the_page_and_its_config_and_nothing_else() -> None:
     for url in ("http://broker:9001", "tcp://broker:1883", "ws://"):
         with pytest.raises(ValueError):
             DashboardSettings(url)
+
+
+def test_head_is_answered_as_get_without_the_body() -> None:
+    """A monitor or proxy checking the page with HEAD gets GET's status and headers (its
+    Content-Length the GET body's) and no body: for the page, /config.json, a script and a 404."""
+    import http.client
+
+    server = DashboardServer(DashboardSettings("wss://broker.lab:8081/mqtt", "lab", "dash", "pw"), port=0)
+    server.start()
+    try:
+        for path in ("/", "/config.json", "/dashboard.js", "/nothing.html"):
+            answers = []
+            for method in ("GET", "HEAD"):
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+                try:
+                    conn.request(method, path)
+                    response = conn.getresponse()
+                    headers = {k: v for k, v in response.getheaders() if k != "Date"}
+                    answers.append((response.status, headers, response.read()))
+                finally:
+                    conn.close()
+            (get_status, get_headers, body), (head_status, head_headers, head_body) = answers
+            assert head_status == get_status == (404 if path == "/nothing.html" else 200), path
+            assert head_headers == get_headers and int(head_headers["Content-Length"]) == len(body) > 0, path
+            assert head_body == b"", path
+        # the socket itself: nothing after HEAD's headers (a client that reads on would see a body)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"HEAD /config.json HTTP/1.0\r\nHost: x\r\n\r\n")
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        assert raw.startswith(b"HTTP/1.0 200") and raw.endswith(b"\r\n\r\n"), raw
+    finally:
+        server.stop()
 
 
 # --------------------------------------------------------------------------- the real browser

@@ -54,23 +54,28 @@ def _handler(settings: DashboardSettings) -> type[BaseHTTPRequestHandler]:
         server_version = "smearscope-dashboard"
 
         def do_GET(self) -> None:
+            self._send(*self._answer())
+
+        def do_HEAD(self) -> None:
+            """As GET without the body: the same status and headers (Content-Length of GET's body)."""
+            self._send(*self._answer(), with_body=False)
+
+        def _answer(self) -> tuple[HTTPStatus, str, bytes]:
             path = urlsplit(self.path).path
             if path == "/config.json":
-                self._send(HTTPStatus.OK, "application/json", config_body)
-                return
+                return HTTPStatus.OK, "application/json", config_body
             relative = unquote(path).lstrip("/")
             if not relative or relative.endswith("/"):
                 relative += "index.html"
             target = (STATIC / relative).resolve()
             if STATIC not in target.parents or not target.is_file():
-                self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n")
-                return
+                return HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n"
             kind = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
             if kind.startswith("text/") or kind == "application/javascript":
                 kind += "; charset=utf-8"
-            self._send(HTTPStatus.OK, kind, target.read_bytes())
+            return HTTPStatus.OK, kind, target.read_bytes()
 
-        def _send(self, status: HTTPStatus, kind: str, body: bytes) -> None:
+        def _send(self, status: HTTPStatus, kind: str, body: bytes, with_body: bool = True) -> None:
             self.send_response(status)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
@@ -78,7 +83,8 @@ def _handler(settings: DashboardSettings) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Security-Policy", _CSP)
             self.send_header("X-Content-Type-Options", "nosniff")
             self.end_headers()
-            self.wfile.write(body)
+            if with_body:
+                self.wfile.write(body)
 
         def log_message(self, fmt: str, *args: object) -> None:
             logger.debug("%s %s", self.address_string(), fmt % args)
