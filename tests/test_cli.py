@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -241,14 +242,14 @@ def test_analyze_checks_the_first_images_calibration(tmp_path):
         cv2.imwrite(str(folder / f"f{k}.png"), np.asarray(render_field(60 + k, width=640, height=480,
                                                                        microns_per_pixel=0.1).frame.pixels))
 
-    doubted_rows: list[dict] = []
+    doubted_rows: list[list[dict]] = []
 
     def checked(n: str) -> list[tuple[bool, float | None]]:
         proc = smearscope("analyze", str(folder), "--json", "--microns-per-pixel", "0.25", "--check-calibration", n)
         assert proc.returncode == 0, proc.stderr[-2000:]
         reports = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
-        doubted_rows.extend(s for r in reports if "calibration_suspect" in {f["code"] for f in r["flags"]}
-                            for s in r["rbc_morphology"] if s["label"] in SIZE_BASED)
+        doubted_rows.extend([s for s in r["rbc_morphology"] if s["label"] in SIZE_BASED] for r in reports
+                            if "calibration_suspect" in {f["code"] for f in r["flags"]})
         return [("calibration_suspect" in {f["code"] for f in r["flags"]}, r["scale"]["field_estimate_microns_per_pixel"])
                 for r in reports]
 
@@ -256,8 +257,14 @@ def test_analyze_checks_the_first_images_calibration(tmp_path):
     assert [flagged for flagged, _ in two] == [True, True, False]
     assert all(own == pytest.approx(0.1, rel=0.15) for _, own in two[:2]) and two[2][1] is None
     # the JSON itself says the flagged fields' size-based calls are not to be read (as FHIR, the
-    # dashboard and the summary do): no grade, the count kept for audit
-    assert doubted_rows and all(not s["assessable"] and s["grade"] is None and s["count"] > 0 for s in doubted_rows)
+    # dashboard and the summary do): no grade, the count kept for audit; every size-based class is
+    # listed, one no cell was given with a count of 0 (no row would read as "none seen")
+    assert len(doubted_rows) == 2
+    for rows in doubted_rows:
+        assert sorted(s["label"] for s in rows) == sorted(SIZE_BASED), rows
+        assert all(not s["assessable"] and s["grade"] is None for s in rows), rows
+    counts = [s["count"] for rows in doubted_rows for s in rows]
+    assert 0 in counts and max(counts) > 0, counts  # classes seen and not seen, treated alike
     assert checked("0") == [(False, None)] * 3
     proc = smearscope("analyze", str(folder), "--check-calibration", "-1")
     assert proc.returncode != 0 and "--check-calibration: -1 is outside 0..inf" in proc.stderr
@@ -271,8 +278,13 @@ def test_analyze_prints_its_summary_at_an_estimated_scale_and_at_a_given_one(tmp
     estimated = smearscope("analyze", str(path))
     assert estimated.returncode == 0 and "Traceback" not in estimated.stderr, estimated.stderr[-800:]
     assert "RBC " in estimated.stdout and "RBC diameter" not in estimated.stdout
-    # size-based classes are not assessable there: never printed as a share (0.0% reads "none seen")
-    assert "RBC macrocyte, microcyte, spherocyte: not assessable" in estimated.stdout, estimated.stdout
+    # size-based classes are not assessable there: never printed as a share (0.0% reads "none seen");
+    # each named with the cells the head gave it, counted by their shape
+    report = json.loads(smearscope("analyze", str(path), "--json").stdout)
+    given_them = {s["label"]: s["count"] for s in report["rbc_morphology"] if s["label"] in SIZE_BASED}
+    assert (f"  RBC macrocyte {given_them['macrocyte']}, microcyte {given_them['microcyte']}, spherocyte "
+            f"{given_them['spherocyte']}: not assessable at an estimated scale (those cells are counted by "
+            "their shape)") in estimated.stdout.splitlines(), estimated.stdout
     shares = next(line for line in estimated.stdout.splitlines() if line.startswith("  RBC: "))
     assert not any(label in shares for label in ("macrocyte", "microcyte", "spherocyte")), shares
     given = smearscope("analyze", str(path), "--microns-per-pixel", "0.1")
@@ -402,10 +414,29 @@ def test_the_summary_lists_the_flags_and_reads_no_sizes_under_a_calibration_in_d
     out = proc.stdout
     assert "  [warning] calibration_suspect: " in out, out
     assert "RBC diameter" not in out, out
-    doubted = next(ln for ln in out.splitlines() if ln.endswith(": not assessable with a calibration in doubt"))
+    doubted = next(ln for ln in out.splitlines() if ": not assessable with a calibration in doubt" in ln)
     shares = next((ln for ln in out.splitlines() if ln.startswith("  RBC: ")), "")
     for label in ("macrocyte", "microcyte", "spherocyte"):  # size-based: said not assessable, never given a share
         assert label in doubted and label not in shares, out
+    # the shares printed sum to less than 100 %: the line says which rows, their counts, and how many
+    # red cells are not in the shares (the same field's report and FHIR bundle)
+    proc = smearscope("analyze", str(path), "--microns-per-pixel", "0.25", "--json", "--fhir", str(tmp_path / "f.json"))
+    report = json.loads(proc.stdout)
+    rows = {s["label"]: s for s in report["rbc_morphology"]}
+    assert set(SIZE_BASED) <= set(rows) and 0 in {rows[k]["count"] for k in SIZE_BASED}, rows  # one not seen
+    left = sum(rows[k]["count"] for k in SIZE_BASED)
+    assert left > 0
+    named = ", ".join(f"{s['label']} {s['count']}" for s in report["rbc_morphology"] if s["label"] in SIZE_BASED)
+    assert doubted == (f"  RBC {named}: not assessable with a calibration in doubt ({left} of "
+                       f"{report['counts']['rbc']} red cells, left out of the shares above)"), doubted
+    printed = [float(x) for x in re.findall(r" (\d+\.\d)%", shares)]
+    assert len(rows) - len(SIZE_BASED) == len(printed) <= 6  # every other row is printed
+    assert sum(printed) + 100 * left / report["counts"]["rbc"] == pytest.approx(100, abs=0.1 * len(printed) + 0.05)
+    bundle = json.loads((tmp_path / "f.json").read_text())
+    for label in SIZE_BASED:  # each size-based class not assessable, whatever its count
+        (seen,) = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"
+                   and e["resource"]["code"]["coding"][0]["display"].lower().startswith(label[:-1])]
+        assert seen["dataAbsentReason"]["coding"][0]["code"] == "size-not-assessable", (label, seen)
 
 
 @needs_models

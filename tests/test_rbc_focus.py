@@ -106,6 +106,46 @@ def test_a_specimen_grades_morphology_on_its_sharp_fields_and_says_how_many_were
     assert RBC_OUT_OF_FOCUS not in {f.code for f in run(set()).flags}
 
 
+def test_a_specimen_at_an_estimated_scale_with_one_blurred_field_reads_its_size_rows_as_sizes_not_focus():
+    """Three fields at an estimated scale, one blurred: the specimen carries the focus flag and
+    grades its shapes on the two sharp fields; its size-based rows are not assessable for the
+    scale, not the focus. The summary said 'RBC morphology not assessable: the red cells were too
+    blurred' beside a graded share, and the FHIR bundle gave the size rows rbc-out-of-focus. With
+    every field blurred, every row is out of focus (the size rows still for their scale)."""
+    def run(blurred_fields: set[int]) -> Report:
+        t = tracker(target=1000)
+        run_id = t.run_for_next_field()
+        for i in range(3):
+            pairs = [cell_pair(CellKind.RBC, "normal", calibrated=False, i=k) for k in range(100)]
+            result = field_of(f"f{i}", _blurred(pairs) if i in blurred_fields else pairs, run_id)
+            if i in blurred_fields:
+                flag = Flag(code=RBC_OUT_OF_FOCUS, severity="warning", message="blurred")
+                result = replace(result, report=result.report.model_copy(update={"flags": [flag]}))
+            t.add(result)
+        report = t.interim_report()
+        assert report is not None and RBC_OUT_OF_FOCUS in {f.code for f in report.flags}
+        return report
+
+    def reasons(report: Report) -> dict[str, str]:
+        return {o["code"]["coding"][0]["display"].split(" ")[0]: o["dataAbsentReason"]["coding"][0]["code"]
+                for o in resources(report_bundle(report), "Observation") if "dataAbsentReason" in o
+                and "Blood by Light microscopy" in o["code"]["coding"][0]["display"]}
+
+    some = run({1})
+    text = summarize(some)
+    assert "  RBC: normal 100.0%" in text and "RBC morphology not assessable" not in text, text
+    assert ("  RBC macrocyte 0, microcyte 0, spherocyte 0: not assessable at an estimated scale (those cells "
+            "are counted by their shape)") in text.splitlines(), text
+    assert reasons(some) == {"Macrocytes": "size-not-assessable", "Microcytes": "size-not-assessable",
+                             "Spherocytes": "size-not-assessable"}
+    none_sharp = run({0, 1, 2})
+    text = summarize(none_sharp)
+    assert "RBC morphology not assessable: the red cells were too blurred to judge their shape (300 counted)" in text
+    assert "not assessable at an estimated scale" in text, text
+    assert reasons(none_sharp) == {"Macrocytes": "size-not-assessable", "Microcytes": "size-not-assessable",
+                                   "Spherocytes": "size-not-assessable"}  # 'normal' is no finding of its own
+
+
 def test_a_red_cell_of_a_blurred_field_keeps_its_mark_through_the_durable_store_and_a_technician_judges_it():
     c, r = _blurred([cell_pair(CellKind.RBC, "target")])[0]
     assert not _cell_from_json(_cell_json(c, r), "f0")[0].shape_judged

@@ -323,7 +323,18 @@ def test_sizes_of_a_calibration_in_doubt_are_not_read(code):
     from smearscope.cli.summary import summarize
 
     assert "RBC diameter" in summarize(plain) and "RBC diameter" not in summarize(odd)
-    assert "spherocyte: not assessable with a calibration in doubt" in summarize(odd)
+    assert ("RBC spherocyte 60, macrocyte 0, microcyte 0: not assessable with a calibration in doubt "
+            "(60 of 1000 red cells, left out of the shares above)") in summarize(odd), summarize(odd)
+    # every size-based class not assessable, whether or not a cell was given it (the report has a
+    # spherocyte row only): none reads as "none seen"
+    for label in ("microcyte", "macrocyte", "spherocyte"):
+        loinc = codes.RBC_LOINC[label].code
+        seen = by_code(bundle, codes.LOINC, loinc)
+        assert seen["dataAbsentReason"]["coding"][0]["code"] == "size-not-assessable", label
+        assert "valueCodeableConcept" not in seen and "valueQuantity" not in seen, label
+        assert component(seen, "count")["valueInteger"] == (60 if label == "spherocyte" else 0), label
+        assert grades[label] == report_view.NOT_ASSESSABLE, label
+    assert "dataAbsentReason" not in by_code(report_bundle(plain), codes.LOINC, "802-9")
 
 
 def test_effective_is_the_run_start():

@@ -85,11 +85,16 @@ CALIBRATION_DOUBT_FLAGS = (RBC_SIZE_IMPLAUSIBLE, CALIBRATION_SUSPECT)
 
 def sizes_in_doubt(rows: Sequence[ClassShare], flags: Sequence[Flag]) -> list[ClassShare]:
     """`rows` with their size-based classes not assessable (no grade; count and share kept for
-    audit) when `flags` put the calibration in doubt, as every reader of the report treats them."""
+    audit) when `flags` put the calibration in doubt, as every reader of the report treats them.
+    Every size-based class is then listed, a class no cell was given with a count of 0 (as at an
+    estimated scale): no row would read as "none seen", which no one can say at an unknown scale."""
     if not any(f.code in CALIBRATION_DOUBT_FLAGS for f in flags):
         return list(rows)
     off = {"assessable": False, "grade": None, "grade_ci_low": None, "grade_ci_high": None}
-    return [r.model_copy(update=off) if r.label in SIZE_BASED else r for r in rows]
+    out = [r.model_copy(update=off) if r.label in SIZE_BASED else r for r in rows]
+    listed = {r.label for r in rows}
+    return out + [ClassShare(label=label, count=0, percent=0.0, assessable=False)
+                  for label in sorted(SIZE_BASED - listed)]
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,8 @@ class ClassShare(_Strict):
     assessable: bool = Field(True, description="false for size-based morphology at an estimated scale (`count` is "
                              "how many cells the head gave this class; they are counted under their shape class) or "
                              "when a flag puts the calibration in doubt (rbc_size_implausible, calibration_suspect: "
-                             "`count` and `percent` kept for audit, no grade); every row is false when the red cells "
+                             "`count` and `percent` kept for audit, no grade); microcyte, macrocyte and spherocyte are then each "
+                             "listed, one no cell was given with a count of 0; every row is false when the red cells "
                              "were too blurred to judge their shape (flag rbc_morphology_out_of_focus; in a specimen "
                              "report, when no field's red cells were sharp enough: count and percent kept for audit)")
     of_cells: int | None = Field(None, description="the red cells `percent` and its interval are of, when not every "

@@ -190,7 +190,7 @@ def _differential(b: _Builder) -> None:
 
 def _morphology(b: _Builder) -> None:
     r = b.report
-    for share in r.rbc_morphology:
+    for share in report_view.morphology_rows(r):  # every size-based class when sizes cannot be read
         if share.label == "normal":
             continue
         loinc = codes.RBC_LOINC.get(share.label)

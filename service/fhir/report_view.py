@@ -52,6 +52,18 @@ def report_flagged(report: Report, *codes: str) -> bool:
     return any(f.code in codes for f in report.flags)
 
 
+def morphology_rows(report: Report) -> list[ClassShare]:
+    """The report's red-cell morphology rows, every size-based class among them when sizes cannot
+    be assessed: a report from before each was listed then (service.analysis.aggregate.sizes_in_doubt)
+    has no row for a class no cell was given, which would read as "none seen"."""
+    rows = list(report.rbc_morphology)
+    if size_not_assessable(report):
+        listed = {s.label for s in rows}
+        rows += [ClassShare(label=label, count=0, percent=0.0, assessable=False)
+                 for label in sorted(SIZE_BASED - listed)]
+    return rows
+
+
 def assessable(report: Report, share: ClassShare) -> bool:
     """False for a size-based finding at an estimated scale, or of a report whose calibration is in
     doubt (rbc_size_implausible, calibration_suspect): the share has no value then."""
@@ -60,8 +72,14 @@ def assessable(report: Report, share: ClassShare) -> bool:
 
 def out_of_focus(report: Report, share: ClassShare) -> bool:
     """The row is not assessable because the red cells were too blurred to judge their shape (every
-    row of a field flagged rbc_morphology_out_of_focus; of a specimen none of whose fields was sharp)."""
-    return not share.assessable and report_flagged(report, FOCUS_FLAG)
+    row of a field flagged rbc_morphology_out_of_focus; of a specimen none of whose fields was sharp).
+    A specimen with some sharp fields carries the flag too, its rows graded on those: a size-based
+    row not assessable there is so for its sizes, as it is whatever the focus when they cannot be read."""
+    if share.assessable or not report_flagged(report, FOCUS_FLAG):
+        return False
+    if share.label in SIZE_BASED and size_not_assessable(report):
+        return False
+    return not any(s.assessable for s in report.rbc_morphology)
 
 
 def grade(share: ClassShare) -> str | None:
@@ -97,7 +115,7 @@ def rbc_grades(report: Report) -> dict[str, str]:
     """Grade per red-cell morphology; size-based ones 'not assessable' without calibration or with a
     calibration no blood fits."""
     out = {}
-    for share in report.rbc_morphology:
+    for share in morphology_rows(report):
         g = grade(share) if assessable(report, share) else NOT_ASSESSABLE
         if g is not None:
             out[share.label] = g

@@ -27,6 +27,21 @@ def _grade_text(share: ClassShare, grade: str) -> str:
     return f"{text}, 95% interval {low} to {high}"
 
 
+def _unassessed_line(report: Report, rows: list[ClassShare], doubted: bool) -> str:
+    """The size-based rows not assessable, each with the cells the head gave it, and where those
+    cells are: at an estimated scale counted under their shape above; with a calibration in doubt
+    left out of the shares above (which then sum to less than 100 %)."""
+    named = ", ".join(f"{s.label} {s.count}" for s in rows)
+    if not doubted:
+        return f"  RBC {named}: not assessable at an estimated scale (those cells are counted by their shape)"
+    n = sum(s.count for s in rows)
+    # the shares' red cells: all counted, or those of the sharp fields when some were blurred
+    of = next((s.of_cells for s in report.rbc_morphology if s.label not in SIZE_BASED and s.of_cells),
+              report.counts.rbc)
+    return (f"  RBC {named}: not assessable with a calibration in doubt ({n} of {of} red cells, "
+            "left out of the shares above)")
+
+
 def summarize(report: Report) -> str:
     """A few lines a technician can read at a glance."""
     r = report
@@ -38,7 +53,8 @@ def summarize(report: Report) -> str:
     if r.wbc_differential:
         lines.append("  WBC: " + ", ".join(f"{s.label} {s.count} ({s.percent:.0f}%)" for s in r.wbc_differential))
     doubted = report_view.calibration_in_doubt(r)  # a calibration in doubt: sizes not read
-    shares = [s for s in r.rbc_morphology if report_view.assessable(r, s)]
+    rows = report_view.morphology_rows(r)  # every size-based class when sizes cannot be read
+    shares = [s for s in rows if report_view.assessable(r, s)]
     graded = {s.label: _grade_text(s, g) for s in shares if (g := report_view.grade(s)) not in (None, "none")}
     # a share none of whose calls is sure enough for a grade: said, or its percent reads as a finding
     unsure = {s.label: _grade_text(s, "none") for s in shares if s.graded_count is not None
@@ -49,17 +65,14 @@ def summarize(report: Report) -> str:
         notes = {**unsure, **graded}
         lines.append("  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" + (f" ({notes[s.label]})" if s.label in notes
                                                                             else "") for s in shown))
-    unassessed = [s.label for s in r.rbc_morphology if not report_view.assessable(r, s)]
-    if doubted:  # rows are only the classes seen: every size-based one goes unread, seen or not
-        unassessed = sorted(set(unassessed) | SIZE_BASED)
-    blurred = [s.label for s in r.rbc_morphology if report_view.out_of_focus(r, s)]
+    unassessed = [s for s in rows if not report_view.assessable(r, s)]
+    blurred = [s.label for s in rows if report_view.out_of_focus(r, s)]
     if blurred:  # every row: the red cells were too blurred to judge their shape
         lines.append(f"  RBC morphology not assessable: the red cells were too blurred to judge their shape "
                      f"({r.counts.rbc} counted)")
-        unassessed = [u for u in unassessed if u not in blurred]
+        unassessed = [u for u in unassessed if u.label not in blurred]
     if unassessed:  # an estimated scale: a share of 0 would read as "none seen"
-        why = "with a calibration in doubt" if doubted else "at an estimated scale"
-        lines.append(f"  RBC {', '.join(unassessed)}: not assessable {why}")
+        lines.append(_unassessed_line(r, unassessed, doubted))
     size = r.rbc_size
     if size.n and size.mean_diameter_um is not None and not doubted:  # measured only at a calibrated scale
         cv = f"CV {size.cv_percent:.1f}%, " if size.cv_percent is not None else ""
