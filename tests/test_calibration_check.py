@@ -49,6 +49,16 @@ def test_suspect_only_far_off_and_on_more_red_cells(own, own_rbc, given_rbc, sus
         assert f"{own:.4f} um/px" in flag.message and "calibrated 0.1000 um/px" in flag.message
 
 
+def test_the_flag_counts_one_whole_red_cell_in_the_singular():
+    """A field whose calibrated pass found one whole red cell (0.1 um/px analysed as 0.25) said
+    'shows 1 whole red cells'."""
+    one = CalibrationCheck(0.25, 1, 0.1078, 19).flag()
+    assert one is not None and "this field shows 1 whole red cell; its red cells fit 0.1078 um/px" in one.message
+    assert "(1/2.3 of the calibration, 19 whole red cells there)" in one.message, one.message
+    none = CalibrationCheck(0.25, 0, 0.1, 12).flag()
+    assert none is not None and "shows 0 whole red cells;" in none.message and "12 whole red cells there" in none.message
+
+
 @pytest.fixture(scope="module")
 def analyzer() -> Analyzer:
     return Analyzer.from_models_dir(ROOT / "models", warmup=False)

@@ -61,6 +61,10 @@ SUSPECT_RATIO = 1.8
 FAR_RATIO = 3.0
 
 
+def _cells(n: int) -> str:
+    return f"{n} whole red cell{'' if n == 1 else 's'}"
+
+
 @dataclass(frozen=True)
 class CalibrationCheck:
     """A calibrated field against its own estimate: the calibrated scale and the whole, confident
@@ -92,9 +96,9 @@ class CalibrationCheck:
         assert self.own_mpp is not None and self.ratio is not None
         how = f"{self.ratio:.1f} times" if self.ratio > 1 else f"1/{1 / self.ratio:.1f} of"
         return Flag(code=CALIBRATION_SUSPECT, severity="warning",
-                    message=f"at the calibrated {self.given_mpp:.4f} um/px this field shows {self.given_rbc} whole "
-                            f"red cells; its red cells fit {self.own_mpp:.4f} um/px ({how} the calibration, "
-                            f"{self.own_rbc} whole red cells there): was the objective, the camera's resolution or "
+                    message=f"at the calibrated {self.given_mpp:.4f} um/px this field shows {_cells(self.given_rbc)}; "
+                            f"its red cells fit {self.own_mpp:.4f} um/px ({how} the calibration, "
+                            f"{_cells(self.own_rbc)} there): was the objective, the camera's resolution or "
                             "the station changed? Counts, sizes and size-based morphology are not to be read until "
                             "the calibration is checked (smearscope calibrate-scale)")
 
