@@ -139,6 +139,8 @@ def test_a_specimen_at_an_estimated_scale_with_one_blurred_field_reads_its_size_
     assert reasons(some) == {"Macrocytes": "size-not-assessable", "Microcytes": "size-not-assessable",
                              "Spherocytes": "size-not-assessable"}
     none_sharp = run({0, 1, 2})
+    assert [(s.label, s.count, s.assessable) for s in none_sharp.rbc_morphology] == [
+        ("normal", 300, False), ("macrocyte", 0, False), ("microcyte", 0, False), ("spherocyte", 0, False)]
     text = summarize(none_sharp)
     assert "RBC morphology not assessable: the red cells were too blurred to judge their shape (300 counted)" in text
     assert "not assessable at an estimated scale" in text, text

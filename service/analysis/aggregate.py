@@ -272,7 +272,8 @@ class CellTally:
         n_rbc, n_calibrated = self.n_judged, self.n_calibrated_judged
         if not n_rbc and self.blurred_labels:
             off = {"assessable": False, "grade": None, "grade_ci_low": None, "grade_ci_high": None}
-            return [r.model_copy(update=off) for r in share_rows(self.blurred_labels)]
+            blurred = [r.model_copy(update=off) for r in share_rows(self.blurred_labels)]
+            return blurred + self._size_rows_unassessed() if not self.n_calibrated else blurred
         mixed = 0 < n_calibrated < n_rbc
         if mixed:  # a size-based label is only ever given at a calibrated scale
             rows = share_rows(Counter({k: v for k, v in self.rbc_labels.items() if k not in SIZE_BASED}),
@@ -302,9 +303,13 @@ class CellTally:
                 share = share.model_copy(update={"of_cells": n_rbc})
             out.append(share)
         if n_rbc and n_calibrated == 0:
-            for label in sorted(SIZE_BASED):
-                out.append(ClassShare(label=label, count=self.unassessed.get(label, 0), percent=0.0, assessable=False))
+            out += self._size_rows_unassessed()
         return out
+
+    def _size_rows_unassessed(self) -> list[ClassShare]:
+        """Each size-based class at an estimated scale: not assessable, with the cells the head gave it."""
+        return [ClassShare(label=label, count=self.unassessed.get(label, 0), percent=0.0, assessable=False)
+                for label in sorted(SIZE_BASED)]
 
     def sure_sickle(self, th: AggregateThresholds) -> int:
         """Sickle calls at or above the confidence the critical flag (and the grade) need."""
