@@ -30,7 +30,7 @@ import numpy as np
 from typing_extensions import Self  # typing.Self needs Python 3.11
 
 from smearscope.device.frame import Frame
-from smearscope.device.ingest import IngestError, IngestLimits, load_image
+from smearscope.device.ingest import IngestError, IngestLimits, load_image, shown
 from smearscope.device.source_config import (
     IMAGE_EXTENSIONS,
     CameraSourceConfig,
@@ -355,18 +355,19 @@ class ReplaySource(FrameSource):
                 return None
             path = self._files[self._index]
             self._index += 1
+            label = shown(path.name)  # a name not in UTF-8 as \xNN: the frame id goes into reports
             try:
-                return path.name, load_image(path).pixels
+                return label, load_image(path).pixels
             except IngestError as exc:
-                logger.warning("%s: skipping %s: %s", self.name, path.name, exc)
-                return path.name, None
+                logger.warning("%s: skipping %s: %s", self.name, label, exc)
+                return label, None
         if self._video is None:
             self._video = cv2.VideoCapture(str(self._config.path))
         ok, image = self._video.read()
         if not ok:
             return None
         self._index += 1
-        return f"{self._config.path.stem}#{self._index:06d}", as_bgr8(within_limits(image))
+        return f"{shown(self._config.path.stem)}#{self._index:06d}", as_bgr8(within_limits(image))
 
     def _release(self) -> None:
         if self._video is not None:

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -601,6 +602,35 @@ def test_a_file_of_a_name_that_is_not_utf8_is_analysed_and_its_report_stored(tmp
         daemon.request_stop("test over")
         runner.join(30)
     assert not runner.is_alive() and daemon.status()["reports_lost"] == 0
+
+
+def test_a_replayed_file_of_a_name_that_is_not_utf8_has_its_report_stored(tmp_path: Path) -> None:
+    """A replay folder holding r\\xe9sultat.png in Latin-1: its field report is stored and sent like any
+    other, the name shown as \\xNN (its frame id carried the raw name: the report could not be
+    serialised, 'storing report ... failed', counted lost, while the run's report counted its cells)."""
+    recording = tmp_path / "rec"
+    recording.mkdir()
+    for seed, name in ((3, b"a.png"), (4, b"r\xe9sultat.png")):
+        _, png = cv2.imencode(".png", render_field(seed, width=320, height=240).frame.pixels)
+        (recording / os.fsdecode(name)).write_bytes(png.tobytes())
+    doc = station_document(tmp_path, free_port(), credentials=False,
+                           source={"kind": "replay", "path": str(recording), "fps": 0})
+    config = tmp_path / "station.toml"
+    config.write_text(to_toml(doc))
+    daemon = StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(), config_path=config,
+                           environ={})
+    runner = threading.Thread(target=daemon.run, name="station-main", daemon=True)
+    runner.start()
+    try:
+        assert wait_until(lambda: daemon.status()["reports_stored"] + daemon.status()["reports_lost"] >= 2, 30), \
+            daemon.status()
+    finally:
+        daemon.request_stop("test over")
+        runner.join(30)
+    assert not runner.is_alive() and daemon.status()["reports_lost"] == 0, daemon.status()
+    with sqlite3.connect(tmp_path / "state" / "outbox.sqlite3") as db:
+        fields = [json.loads(p) for (p,) in db.execute("SELECT payload FROM outbox WHERE topic LIKE '%/field'")]
+    assert sorted(f["body"]["source"]["frame_id"] for f in fields) == ["scope:p0:a.png", "scope:p0:r\\xe9sultat.png"]
 
 
 def test_analyze_file_on_an_uncalibrated_station_refuses_a_blurred_file_at_its_runs_scale(tmp_path: Path) -> None:
