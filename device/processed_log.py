@@ -1,6 +1,7 @@
 """The watched folder's processed-files log: what became of each file version, across restarts.
 
-One line per event, appended and fsynced: `key<TAB>status<TAB>name`. A version's last `done` or
+One line per event, appended and fsynced: `key<TAB>status<TAB>name` (a line break or tab in a
+name written as \\xNN). A version's last `done` or
 `rejected` is its status. An `attempt` is written before the station decodes a version (a
 `released` follows when it is not handed out), and finished by its `done` or `rejected`; one
 still unfinished at the next start means the process ended while that file was being decoded
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +50,21 @@ def file_key(name: str, size: int, mtime_ns: int) -> str:
     """Stable identity of one version of one file (its name as the file system's bytes: a name
     that is not UTF-8, as an SMB share can give, has one too)."""
     return hashlib.sha1(os.fsencode(name) + f"|{size}|{mtime_ns}".encode()).hexdigest()[:16]
+
+
+#: What would end a line of the log, or a field of one: a tab and every separator of str.splitlines.
+_BREAKS = re.compile(r"[\t\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+
+def _one_line(name: str) -> str:
+    """The name as the log writes it: a line break or tab in it as \\xNN (or \\uNNNN), so that no
+    name can add a line (a forged `done` for another file's version) or shift a field."""
+    return _BREAKS.sub(_escaped, name)
+
+
+def _escaped(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 @dataclass
@@ -176,11 +193,11 @@ class ProcessedLog:
 
     def _append(self, entries: list[tuple[str, str, str]]) -> None:
         with open(self.path, "a", encoding="utf-8", errors="surrogateescape") as fh:  # any file name
-            fh.write("".join(f"{key}\t{status}\t{name}\n" for key, status, name in entries))
+            fh.write("".join(f"{key}\t{status}\t{_one_line(name)}\n" for key, status, name in entries))
             fh.flush()
             os.fsync(fh.fileno())
         for key, status, name in entries:
-            self._apply(key, status, name)
+            self._apply(key, status, _one_line(name))
             if status in TERMINAL:
                 self._keys[key] = status
         self._lines += len(entries)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -336,6 +337,34 @@ def test_a_file_name_too_long_for_its_reason_file_is_cut_to_fit(tmp_path: Path) 
                if not n.endswith(".reason.txt"))
     assert not (src._root / long).exists() and src.rejected_count == 2
     src.close()
+
+
+def test_a_file_name_holding_a_line_break_forges_no_line_in_the_journal_or_the_processed_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file named "x.png<LF>KEY<TAB>done<TAB>victim.png", KEY the key of a file not there yet: it
+    is rejected (not an image), and that neither adds a line to the journal (the name shown with
+    \\x0a) nor a `done` for the victim to the processed-files log, which the next start would have
+    read as "already processed" and moved the victim to done/ unanalysed."""
+    src = _folder(tmp_path, decode_grace_s=0.0)
+    victim, image = src._root / "victim.png", _png(1)
+    key = file_key(victim.name, len(image), 10**18)
+    hostile = f"x.png\n{key}\tdone\tvictim.png"
+    (src._root / hostile).write_text("not an image")
+    with caplog.at_level(logging.INFO, logger="smearscope.device"):
+        assert src.scan_once() is None
+    said = [r.getMessage() for r in caplog.records if "x.png" in r.getMessage()]
+    assert said and all("\n" not in m and f"x.png\\x0a{key}\\x09done" in m for m in said), said
+    assert (src._root / "rejected" / hostile).exists() and src.rejected_count == 1
+    lines = src._log.path.read_text().splitlines()  # its attempt and its rejection
+    assert len(lines) == 2 and all(ln.count("\t") == 2 for ln in lines), lines
+    src.close()
+    victim.write_bytes(image)
+    os.utime(victim, ns=(10**18, 10**18))
+    again = FolderSource(src._config)  # the next start reads the log back
+    frame = again.scan_once()
+    assert frame is not None and frame.frame_id == f"scope:victim.png@{key[:12]}", frame
+    assert victim.exists() and not (src._root / "done" / "victim.png").exists()
+    again.close()
 
 
 def test_a_file_name_that_is_not_utf8_is_analysed_and_moved_not_fatal(tmp_path: Path) -> None:

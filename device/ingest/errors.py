@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from enum import Enum
 
 logger = logging.getLogger(__name__)
@@ -56,10 +57,21 @@ class RejectReason(str, Enum):
     BLANK_IMAGE = "blank_image"
 
 
+#: Control characters (C0, DEL, C1) and the line separators Python and journald split on.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def shown(path: os.PathLike[str] | str) -> str:
-    """A file name or path as valid UTF-8 text (for messages, logs, frame ids and reports): bytes
-    that are not UTF-8, as an SMB share's Latin-1 names give, appear as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A file name or path as valid UTF-8 text on one line (for messages, logs, frame ids and
+    reports): bytes that are not UTF-8, as an SMB share's Latin-1 names give, appear as \\xNN, and so
+    do control characters (a name holding a line break would start a forged line in the journal)."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(_escaped, text)
+
+
+def _escaped(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class IngestError(Exception):
