@@ -43,6 +43,7 @@ from pathlib import Path
 
 from smearscope.device.frame import Frame
 from smearscope.device.ingest import IngestError, IngestLimits, RejectReason, load_image, shown
+from smearscope.device.ingest.files import read_regular
 from smearscope.device.processed_log import ProcessedLog, file_key
 from smearscope.device.source_config import FolderSourceConfig
 from smearscope.device.sources import FrameSource, SourceConfigurationError
@@ -368,7 +369,9 @@ class FolderSource(FrameSource):
                   tries: int) -> Frame | None:
         try:
             try:
-                data = (self._root / fname).read_bytes() if st.st_size else b""
+                # its size and a byte at most, from a regular file only: one swapped since it was listed for a
+                # FIFO would block the scan, for a link to /dev/zero fill the memory
+                data = read_regular(self._root / fname, st.st_size + 1) if st.st_size else b""
                 after = os.stat(self._root / fname)
             except PermissionError as exc:  # not readable (yet): the grace, then rejected/ (said once)
                 raise IngestError(RejectReason.UNREADABLE, f"{shown(fname)}: {exc.strerror or exc}") from exc
@@ -377,8 +380,9 @@ class FolderSource(FrameSource):
                     logger.warning("%s: cannot read %s: %s (trying again)", self.name, shown(fname), exc)
                 cand.read_error = str(exc)
                 return None
-            if len(data) != st.st_size or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-                return None  # changed while read: the next scan sees it settle again
+            changed = (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns)
+            if data is None or len(data) != st.st_size or changed:
+                return None  # changed while read (or no longer a file): the next scan sees it settle again
             if not self._log.attempted(key):  # before it is decoded: a crash from here on is counted
                 try:
                     self._log.record(key, "attempt", fname, alone=key in self._probation)

@@ -251,15 +251,17 @@ def test_a_file_that_cannot_be_read_at_the_moment_writes_nothing_to_the_log(
     import errno
     import pathlib
 
+    from smearscope.device import folder_source
+
     inbox = _inbox(tmp_path, ["flaky.png"])
-    real = pathlib.Path.read_bytes
+    real = folder_source.read_regular
 
-    def read_bytes(self: pathlib.Path) -> bytes:
-        if self.name == "flaky.png":
+    def read_regular(path: pathlib.Path, most: int) -> bytes | None:
+        if pathlib.Path(path).name == "flaky.png":
             raise OSError(errno.EIO, "Input/output error")
-        return real(self)
+        return real(path, most)
 
-    monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(folder_source, "read_regular", read_regular)
     src = _source(inbox)
     assert all(src.scan_once() is None for _ in range(20))
     log = inbox / ".smearscope-processed"

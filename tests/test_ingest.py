@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import lzma
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -871,18 +872,41 @@ def test_os_read_error_is_unreadable(
     tmp_path: Path, field: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """chmod 000 does not stop root, so the OS refusal is simulated at the `open` call."""
-    from smearscope.device.ingest import decode as ingest
-
     path = tmp_path / "a.png"
     path.write_bytes(hostile.encode(".png", field))
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(ingest, "open", refuse, raising=False)
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(IngestError) as err:
         load_image(path)
     assert err.value.code is RejectReason.UNREADABLE
+
+
+def test_a_file_swapped_for_a_device_after_its_stat_is_not_read(
+    tmp_path: Path, field: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever writes a folder can replace a file between the decoder's stat (a regular file) and
+    its open: a link to /dev/zero is refused `not_a_file` from the opened file's own fstat, unread
+    (it was read up to the size limit and refused as `file_too_large`: 256 MiB of zeros in memory at
+    the default; a FIFO would have blocked the reader for ever)."""
+    path = tmp_path / "a.png"
+    path.write_bytes(hostile.encode(".png", field))
+    real_stat, swapped = os.stat, []
+
+    def stat_then_swap(target: object, *args: object, **kwargs: object) -> os.stat_result:
+        st = real_stat(target, *args, **kwargs)  # type: ignore[arg-type]
+        if os.fspath(target) == str(path) and not swapped:  # type: ignore[arg-type]
+            path.unlink()
+            path.symlink_to("/dev/zero")
+            swapped.append(True)
+        return st
+
+    monkeypatch.setattr(os, "stat", stat_then_swap)
+    with pytest.raises(IngestError) as err:
+        load_image(path, limits=IngestLimits(max_file_bytes=100_000))
+    assert swapped and err.value.code is RejectReason.NOT_A_FILE, err.value.message
 
 
 # --- PNG pixel data: cut short or damaged inside whole chunks -----------------------------------

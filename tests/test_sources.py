@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
+from smearscope.device import folder_source
 from smearscope.device.folder_source import FolderSource, ProcessedLog, file_key
 from smearscope.device.source_config import (
     CameraSourceConfig,
@@ -323,6 +324,40 @@ def test_an_entry_that_cannot_be_moved_is_rejected_once_not_at_every_poll_nor_re
     assert (src._root / "pipe.png").exists()
 
 
+def test_a_file_swapped_for_a_fifo_after_it_was_listed_does_not_block_the_scan(tmp_path: Path) -> None:
+    """Whoever writes the folder can replace a listed file before it is read: a FIFO in its place is
+    not waited on (the scan blocked for ever in its open: no file analysed again, nothing in the
+    log; a link to /dev/zero would have been read until the memory ran out). The scan passes it
+    by, and the next one rejects it as `not_a_file`."""
+    src = _folder(tmp_path)
+    path = src._root / "a.png"
+    path.write_bytes(_png(1))
+    real_status = src._log.status
+
+    def status_then_swap(key: str) -> str | None:  # asked after the listing, before the read
+        if not path.is_fifo():
+            path.unlink()
+            os.mkfifo(path)
+        return real_status(key)
+
+    src._log.status = status_then_swap  # type: ignore[method-assign]
+    found: list[object] = []
+    scan = threading.Thread(target=lambda: found.append(src.scan_once()), daemon=True)
+    scan.start()
+    scan.join(30)
+    blocked = scan.is_alive()
+    if blocked:  # let the reader waiting for a writer go, so that the test ends
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        scan.join(30)
+    assert not blocked, "the scan waited on the FIFO put in the file's place"
+    assert found == [None]
+    src._log.status = real_status  # type: ignore[method-assign]
+    assert src.scan_once() is None
+    assert (src._root / "rejected" / "a.png").is_fifo()
+    assert (src._root / "rejected" / "a.png.reason.txt").read_text().startswith("not_a_file")
+    src.close()
+
+
 def test_a_file_name_too_long_for_its_reason_file_is_cut_to_fit(tmp_path: Path) -> None:
     src = _folder(tmp_path, decode_grace_s=0.0)
     long = "x" * 242 + ".png"  # 246 bytes: its .reason.txt would be 257
@@ -516,9 +551,9 @@ def test_a_folder_that_goes_and_comes_back_is_said_once_and_its_subfolders_come_
 def test_a_file_that_cannot_be_read_is_rejected_after_the_grace_said_once(tmp_path: Path, caplog, monkeypatch) -> None:
     src = _folder(tmp_path, decode_grace_s=0.5)
     (src._root / "secret.png").write_bytes(_png(1))
-    real = Path.read_bytes
-    monkeypatch.setattr(Path, "read_bytes", lambda p: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
-                        if p.name == "secret.png" else real(p))
+    real = folder_source.read_regular
+    monkeypatch.setattr(folder_source, "read_regular", lambda p, most: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")) if Path(p).name == "secret.png" else real(p, most))
     with caplog.at_level("WARNING"):
         t0 = time.monotonic()
         assert src.scan_once(now=t0) is None and src.scan_once(now=t0 + 0.2) is None
@@ -577,12 +612,12 @@ def test_a_file_rewritten_at_the_same_size_while_read_is_not_analysed_torn(tmp_p
     tifffile.imwrite(tmp_path / "new.tif", _image(2)[:, :, ::-1], photometric="rgb")
     new = (tmp_path / "new.tif").read_bytes()
     assert len(new) == len(old)
-    real = Path.read_bytes
+    real = folder_source.read_regular
     rewrites = []
 
-    def read_during_a_rewrite(p: Path) -> bytes:
-        if p.name != "field.tif" or rewrites:
-            return real(p)
+    def read_during_a_rewrite(p: Path, most: int) -> bytes | None:
+        if Path(p).name != "field.tif" or rewrites:
+            return real(p, most)
         half = len(old) // 2
         p.write_bytes(new)  # the writer, halfway through the read
         mtime = p.stat().st_mtime_ns + 10**9  # a later time, whatever the clock's resolution
@@ -590,7 +625,7 @@ def test_a_file_rewritten_at_the_same_size_while_read_is_not_analysed_torn(tmp_p
         rewrites.append(mtime)
         return old[:half] + new[half:]
 
-    monkeypatch.setattr(Path, "read_bytes", read_during_a_rewrite)
+    monkeypatch.setattr(folder_source, "read_regular", read_during_a_rewrite)
     assert src.scan_once() is None and rewrites  # the torn read was made and dropped
     assert path.exists() and src.rejected_count == 0
     frame = src.scan_once()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from typing import Union
@@ -33,6 +32,7 @@ import simplejpeg
 import tifffile
 
 from smearscope.device.ingest.errors import IngestError, RejectReason, shown
+from smearscope.device.ingest.files import read_image_file
 from smearscope.device.ingest.headers import (
     PNG_SIGNATURE,
     ImageHeader,
@@ -112,7 +112,7 @@ def load_image(
             )
     elif isinstance(source, (str, os.PathLike)):
         name = source_name or shown(source)  # messages are UTF-8 text, whatever the file name's bytes
-        data = _read_file(os.fspath(source), limits, name)
+        data = read_image_file(os.fspath(source), limits.max_file_bytes, name)
     else:
         raise TypeError(f"load_image takes a path or bytes, not {type(source).__name__}")
 
@@ -143,39 +143,6 @@ def load_image(
         original_channels=header.channels,
         exif_orientation_applied=header.orientation != 1,
     )
-
-
-# --- 1. the file ----------------------------------------------------------------------------
-
-
-def _read_file(path: str, limits: IngestLimits, name: str) -> bytes:
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        raise IngestError(RejectReason.NOT_FOUND, f"{name}: no such file") from None
-    except OSError as exc:
-        raise IngestError(RejectReason.UNREADABLE, f"{name}: {exc.strerror or exc}") from exc
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise IngestError(RejectReason.NOT_A_FILE, f"{name}: {kind}")
-    if st.st_size == 0:
-        raise IngestError(RejectReason.EMPTY_FILE, f"{name}: 0 bytes")
-    if st.st_size > limits.max_file_bytes:
-        raise IngestError(
-            RejectReason.FILE_TOO_LARGE,
-            f"{name}: {st.st_size} bytes > limit {limits.max_file_bytes}",
-        )
-    try:
-        with open(path, "rb") as fh:
-            # +1 so a file that grew after stat() is still caught by the size limit.
-            data = fh.read(limits.max_file_bytes + 1)
-    except OSError as exc:
-        raise IngestError(RejectReason.UNREADABLE, f"{name}: {exc.strerror or exc}") from exc
-    if not data:
-        raise IngestError(RejectReason.EMPTY_FILE, f"{name}: 0 bytes")
-    if len(data) > limits.max_file_bytes:
-        raise IngestError(RejectReason.FILE_TOO_LARGE, f"{name}: grew past the size limit")
-    return data
 
 
 # --- 2. the signature -----------------------------------------------------------------------
