@@ -44,6 +44,7 @@ from pathlib import Path
 from smearscope.device.frame import Frame
 from smearscope.device.ingest import IngestError, IngestLimits, RejectReason, load_image, shown
 from smearscope.device.ingest.files import read_regular
+from smearscope.device.own_files import write_own_text
 from smearscope.device.processed_log import ProcessedLog, file_key
 from smearscope.device.source_config import FolderSourceConfig
 from smearscope.device.sources import FrameSource, SourceConfigurationError
@@ -89,6 +90,9 @@ MAX_RECHECKS = 3
 TEMP_SUFFIXES: tuple[str, ...] = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".filepart",
                                   ".download", ".inprogress", ".writing", "~")
 
+
+#: The log of processed files in the watched folder, unless `state_file` names another.
+STATE_NAME = ".smearscope-processed"
 
 #: Longest name a file keeps in done/ or rejected/: its `.reason.txt` beside it must fit the file
 #: system's 255 bytes.
@@ -144,17 +148,16 @@ def folder_problem(config: FolderSourceConfig) -> str | None:
         if d.exists() and os.stat(d).st_dev != os.stat(root).st_dev:  # a link to another disk
             return (f"{d} is on another file system than the watched folder: files are moved there by rename, "
                     "which cannot cross disks (make it a folder on the same disk, not a link to another)")
-    state = config.state_file  # rewritten through a file beside it when compacted: its folder too
-    if state is None:
-        return None
+    state = config.state_file or root / STATE_NAME  # rewritten through a file beside it when compacted: its folder too
     try:
-        kind = os.stat(state).st_mode
+        kind = os.lstat(state).st_mode
     except FileNotFoundError:
         kind = None  # made at start
     except OSError as exc:  # a folder on its path this user may not enter
         return f"state_file {state} cannot be looked at by this user: {exc.strerror or exc}"
-    if kind is not None and not stat.S_ISREG(kind):  # a FIFO would hang the start
-        return f"state_file {state} is not a regular file (a directory, FIFO or device): name a file, or leave it out"
+    if kind is not None and not stat.S_ISREG(kind):  # a FIFO would hang the start, a link be written through
+        return (f"state_file {state} is not a regular file (a directory, FIFO, device or symbolic link): "
+                + ("name a file, or leave it out" if config.state_file else "remove it (it is made again)"))
     if not (os.access(state.parent, os.W_OK | os.X_OK) and (kind is None or os.access(state, os.W_OK))):
         return f"state_file {state} (or its folder) is not writable by this user"
     return None
@@ -188,7 +191,7 @@ class FolderSource(FrameSource):
         self._rejected = self._root / config.rejected_dir
         self._done.mkdir(exist_ok=True)
         self._rejected.mkdir(exist_ok=True)
-        state = config.state_file or self._root / ".smearscope-processed"
+        state = config.state_file or self._root / STATE_NAME
         self._log = ProcessedLog(state, config.state_max_entries)
         #: The state file's name when it lies in the watched folder itself: the station's own, no input.
         self._own = state.name if _same_dir(state.parent, self._root) else None
@@ -481,7 +484,7 @@ class FolderSource(FrameSource):
         if target is not None:
             sidecar = target.with_name(target.name + ".reason.txt")
             try:
-                sidecar.write_text(f"{reason}\n", encoding="utf-8", errors="backslashreplace")
+                write_own_text(sidecar, f"{reason}\n")  # never through a link planted there
             except OSError as exc:
                 logger.error("%s: cannot write %s: %s", self.name, sidecar, exc)
 

@@ -1,9 +1,9 @@
 """The watched folder's processed-files log: what became of each file version, across restarts.
 
 One line per event, appended and fsynced: `key<TAB>status<TAB>name` (a line break or tab in a
-name written as \\xNN). A version's last `done` or
-`rejected` is its status. An `attempt` is written before the station decodes a version (a
-`released` follows when it is not handed out), and finished by its `done` or `rejected`; one
+name written as \\xNN); a regular file, never read or written through a symbolic link
+(device.own_files). A version's last `done` or `rejected` is its status. An `attempt` is written
+before the station decodes a version (a `released` follows when it is not handed out), and finished by its `done` or `rejected`; one
 still unfinished at the next start means the process ended while that file was being decoded
 or analysed (killed: out of memory, a native
 crash in a decoder, the watchdog). A clean end of the process (`release_at_exit`) writes
@@ -27,6 +27,8 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from smearscope.device.own_files import open_own
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +99,11 @@ class ProcessedLog:
         """Keep the file's last `max_entries` lines (at open, and while it runs: a station up for
         months must not hold every file it ever saw); attempts a later line finished go first."""
         lines: list[str] = []
-        if self.path.exists():
-            lines = [ln for ln in self.path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
-                     if ln.strip()]
+        try:
+            with open(open_own(self.path, os.O_RDONLY), encoding="utf-8", errors="surrogateescape") as fh:
+                lines = [ln for ln in fh.read().splitlines() if ln.strip()]
+        except FileNotFoundError:
+            pass  # made by the first record
         self._versions = {}
         for ln in lines:
             parts = ln.split("\t", 2)
@@ -112,7 +116,10 @@ class ProcessedLog:
                 kept += [f"{key}\t{_attempt(boot, alone)}\t{v.name}" for boot, alone in v.attempts]
             lines = kept[-self.max_entries:]
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8", errors="surrogateescape")
+            tmp.unlink(missing_ok=True)  # a link left there is removed, never written through
+            with open(open_own(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w", encoding="utf-8",
+                      errors="surrogateescape") as fh:
+                fh.write("".join(ln + "\n" for ln in lines))
             os.replace(tmp, self.path)
             self._versions = {}
             for ln in lines:
@@ -192,7 +199,8 @@ class ProcessedLog:
             self._open.clear()
 
     def _append(self, entries: list[tuple[str, str, str]]) -> None:
-        with open(self.path, "a", encoding="utf-8", errors="surrogateescape") as fh:  # any file name
+        with open(open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8",
+                  errors="surrogateescape") as fh:  # any file name; never through a link
             fh.write("".join(f"{key}\t{status}\t{_one_line(name)}\n" for key, status, name in entries))
             fh.flush()
             os.fsync(fh.fileno())

@@ -153,7 +153,7 @@ class FolderSourceConfig(_CommonSourceFields):
         default=None,
         title="State file",
         description="Append-only record of processed files so a restart never reprocesses one; "
-        "default `<path>/.smearscope-processed`.",
+        "default `<path>/.smearscope-processed`; a regular file, not a symbolic link.",
     )
     state_max_entries: int = Field(
         default=10_000,

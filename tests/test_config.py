@@ -491,7 +491,8 @@ def test_files_the_station_would_trip_on_at_start_are_named_by_validate_config(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Each passed validate-config and then stopped the station at start: a folder source's
     state_file that is a directory (a traceback, exit 1: restarted forever) or a FIFO (the start
-    hung, deaf to SIGTERM), station means that are missing or a directory, a review directory that
+    hung, deaf to SIGTERM; also the default log in the watched folder, which its writers may
+    replace), or a symbolic link (written through), station means that are missing or a directory, a review directory that
     is a file (overlays and gallery lost with warnings only)."""
     inbox, fifo, folder, plain = tmp_path / "inbox", tmp_path / "state.fifo", tmp_path / "adir", tmp_path / "plain"
     for d in (inbox, folder):
@@ -500,8 +501,15 @@ def test_files_the_station_would_trip_on_at_start_are_named_by_validate_config(
     plain.write_text("a file\n")
     analysis = f'[analysis]\nmodels_dir = "{REPO / "models"}"\n'
     folder_source = f'[source]\nkind = "folder"\npath = "{inbox}"\n'
+    fifo_inbox, linked = tmp_path / "inbox2", tmp_path / "linked"
+    fifo_inbox.mkdir()
+    os.mkfifo(fifo_inbox / ".smearscope-processed")  # put by whoever writes the folder, in the log's place
+    linked.symlink_to(plain)  # written through, the log would overwrite whatever file a link names
     cases = [(folder_source + f'state_file = "{folder}"\n' + analysis, "source.state_file", "not a regular file"),
              (folder_source + f'state_file = "{fifo}"\n' + analysis, "source.state_file", "not a regular file"),
+             (folder_source + f'state_file = "{linked}"\n' + analysis, "source.state_file", "symbolic link"),
+             (f'[source]\nkind = "folder"\npath = "{fifo_inbox}"\n' + analysis, "source.state_file",
+              "not a regular file (a directory, FIFO, device or symbolic link): remove it"),
              (MINIMAL + analysis + f'[review]\ndirectory = "{plain}"\n', "review.directory", "is a file, not a folder")]
     cases += [(MINIMAL + analysis + f'wbc_station_means = "{means}"\n', "analysis.wbc_station_means",
                "station_means_unreadable") for means in (tmp_path / "missing.json", folder)]
@@ -582,14 +590,17 @@ def test_a_state_file_behind_a_folder_this_user_cannot_enter_is_named(
     names it (the check for a FIFO raised PermissionError: exit 74 here, 1 at start, retried forever)."""
     inbox, state = tmp_path / "inbox", tmp_path / "locked" / "state.log"
     inbox.mkdir()
-    real_stat = os.stat
+    real_stat, real_lstat = os.stat, os.lstat
 
-    def refusing_stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
-        if os.fspath(path) == str(state):  # type: ignore[arg-type]
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+    def refusing(real):  # type: ignore[no-untyped-def]
+        def look(path: object, *args: object, **kwargs: object) -> os.stat_result:
+            if os.fspath(path) == str(state):  # type: ignore[arg-type]
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, *args, **kwargs)  # type: ignore[no-any-return]
+        return look
 
-    monkeypatch.setattr(os, "stat", refusing_stat)
+    monkeypatch.setattr(os, "stat", refusing(real_stat))
+    monkeypatch.setattr(os, "lstat", refusing(real_lstat))
     text = (f'station_id = "bench"\n[source]\nkind = "folder"\npath = "{inbox}"\nstate_file = "{state}"\n'
             f'[analysis]\nmodels_dir = "{REPO / "models"}"\n')
     assert validate_config_main(_write(tmp_path, text), environ={}) == 78

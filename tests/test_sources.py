@@ -358,6 +358,40 @@ def test_a_file_swapped_for_a_fifo_after_it_was_listed_does_not_block_the_scan(t
     src.close()
 
 
+def test_links_planted_in_place_of_the_stations_own_files_are_never_written_through(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Whoever may write the watched folder can put a symbolic link where the station writes: its
+    log of processed files, that log's compaction file, a reason file in a `rejected/` of their own
+    making. Each was written through, overwriting the file the link names (here a stand-in for the
+    outbox); now none is: the write fails and is logged, the file it would have named is intact."""
+    victim = tmp_path / "outbox.sqlite3"
+    victim.write_bytes(b"SQLite format 3\x00 precious")
+    src = _folder(tmp_path, decode_grace_s=0.0)
+    log = src._root / ".smearscope-processed"
+    log.symlink_to(victim)
+    (src._root / "a.png").write_text("not an image")
+    with caplog.at_level(logging.ERROR, logger="smearscope.device"):
+        assert src.scan_once() is None
+    assert (src._root / "rejected" / "a.png").exists()
+    assert any("cannot record its rejection" in r.getMessage() for r in caplog.records), caplog.text
+    assert victim.read_bytes() == b"SQLite format 3\x00 precious"
+    log.unlink()
+    (src._root / "rejected").rename(src._root / "rejected.theirs")  # the folder's writer may rename it
+    (src._root / "rejected").mkdir()
+    (src._root / "rejected" / "b.png.reason.txt").symlink_to(victim)
+    (src._root / "b.png").write_text("not an image")
+    with caplog.at_level(logging.ERROR, logger="smearscope.device"):
+        assert src.scan_once() is None
+    assert any("cannot write" in r.getMessage() and "b.png.reason.txt" in r.getMessage() for r in caplog.records)
+    assert victim.read_bytes() == b"SQLite format 3\x00 precious"
+    src.close()
+    log.write_text("".join(f"{k:016x}\tdone\tf{k}.png\n" for k in range(150)))  # over state_max_entries
+    (src._root / ".smearscope-processed.tmp").symlink_to(victim)
+    ProcessedLog(log, 100)  # compacted at open, through its .tmp file
+    assert len(log.read_text().splitlines()) == 100 and not log.is_symlink()
+    assert victim.read_bytes() == b"SQLite format 3\x00 precious"
+
+
 def test_a_file_name_too_long_for_its_reason_file_is_cut_to_fit(tmp_path: Path) -> None:
     src = _folder(tmp_path, decode_grace_s=0.0)
     long = "x" * 242 + ".png"  # 246 bytes: its .reason.txt would be 257

@@ -1,0 +1,41 @@
+"""The station's own files in a folder others write (the watched folder): opened without following
+a symbolic link and without blocking, and only when they are regular files.
+
+Whoever may write the watched folder (the camera software's user) can put a link or a FIFO where
+the station keeps its log of processed files, or in a `rejected/` folder it made itself: written
+through a link, the station would overwrite whatever file the link names that its user may write
+(the outbox); read from a FIFO, its start would wait for ever.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+logger = logging.getLogger(__name__)
+
+_FLAGS = os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+
+
+def open_own(path: str | os.PathLike[str], flags: int, mode: int = 0o666) -> int:
+    """A file descriptor of the regular file at `path` (os.open `flags`, e.g. O_WRONLY | O_APPEND |
+    O_CREAT); OSError when it is a symbolic link, a FIFO, a device or a directory, or cannot be opened."""
+    try:
+        fd = os.open(path, flags | _FLAGS, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link
+            raise OSError(errno.ELOOP, "a symbolic link, not followed", os.fspath(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+    return fd
+
+
+def write_own_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write `text` (UTF-8, names' odd bytes as \\xNN) to the regular file at `path`, made or replaced."""
+    fd = open_own(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with open(fd, "w", encoding="utf-8", errors="backslashreplace") as fh:
+        fh.write(text)
