@@ -75,6 +75,17 @@ def test_same_code_from_bytes_as_from_path(case: hostile.HostileCase, tmp_path: 
     assert err.value.message.startswith("upload")
 
 
+def test_a_path_no_file_can_have_is_not_found_not_a_value_error() -> None:
+    """A path holding a NUL character, or a lone surrogate that is no file name's byte (a string
+    from JSON, a CSV of typed cells): `not_found`, as the decoder promises an IngestError for every
+    bad input (os.stat raised ValueError, which escaped to the caller)."""
+    for path in ("/tmp/a\x00b.png", "/tmp/\ud83d.png"):
+        with pytest.raises(IngestError) as err:
+            load_image(path)
+        assert err.value.code is RejectReason.NOT_FOUND, path
+        err.value.message.encode("utf-8")
+
+
 def test_empty_bytes_and_wrong_argument_type() -> None:
     with pytest.raises(IngestError) as err:
         load_image(b"")

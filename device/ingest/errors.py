@@ -65,8 +65,11 @@ def shown(path: os.PathLike[str] | str) -> str:
     """A file name or path as valid UTF-8 text on one line (for messages, logs, frame ids and
     reports): bytes that are not UTF-8, as an SMB share's Latin-1 names give, appear as \\xNN, and so
     do control characters (a name holding a line break would start a forged line in the journal)."""
-    text = os.fsencode(path).decode("utf-8", "backslashreplace")
-    return _CONTROL.sub(_escaped, text)
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a lone surrogate that is no name's byte (a path from JSON): as \\udNNN
+        raw = os.fspath(path).encode("utf-8", "backslashreplace")  # type: ignore[union-attr]
+    return _CONTROL.sub(_escaped, raw.decode("utf-8", "backslashreplace"))
 
 
 def _escaped(found: re.Match[str]) -> str:

@@ -42,6 +42,9 @@ def read_image_file(path: str, max_bytes: int, name: str) -> bytes:
         raise IngestError(RejectReason.NOT_FOUND, f"{name}: no such file") from None
     except OSError as exc:
         raise IngestError(RejectReason.UNREADABLE, f"{name}: {exc.strerror or exc}") from exc
+    except ValueError:  # a NUL character, or a lone surrogate no file name's byte gives: names no file
+        raise IngestError(RejectReason.NOT_FOUND, f"{name}: no file has such a name (a NUL character or a "
+                          "lone surrogate in it)") from None
     if not stat.S_ISREG(st.st_mode):
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise IngestError(RejectReason.NOT_A_FILE, f"{name}: {kind}")
