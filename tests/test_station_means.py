@@ -689,6 +689,19 @@ def test_adapt_wbc_refuses_bad_labels_and_too_few_cells(rendered, tmp_path):
     assert run.returncode == 2 and line["error"]["code"] == "too_few_cells" and not (tmp_path / "s.json").exists()
 
 
+def test_adapt_wbc_skips_an_image_path_no_file_can_have_without_a_traceback(tmp_path):
+    """A typed-cells CSV naming an image by a path with a NUL character in it (a damaged export):
+    that image is unreadable, named in the journal line with \\x00 and in `unreadable`; the call
+    ends with its error line, not a ValueError traceback (exit 1) from a stat of the path."""
+    labels = tmp_path / "typed.csv"
+    labels.write_text("image,x,y,type\n/data/a\x00b.png,10,10,neutrophil\n")
+    run = _cli("adapt-wbc", "--labels", str(labels), "--out", str(tmp_path / "s.json"), "--json")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-800:]
+    line = json.loads(run.stdout)
+    assert line["error"]["code"] == "too_few_cells" and line["unreadable"] == ["/data/a\x00b.png"], line
+    assert "/data/a\\x00b.png: not_found" in run.stderr and "\x00" not in run.stderr, run.stderr
+
+
 def test_doctor_names_the_station_means_and_fails_a_stale_file(tmp_path, head):
     from smearscope.cli.doctor import model_checks, station_means_checks
 

@@ -118,7 +118,7 @@ def cell_at(cells, x: float, y: float, factor: float, shape, typed_only: bool = 
 def cmd_adapt_wbc(args: argparse.Namespace) -> int:
     from smearscope.device.frame import Frame
     from smearscope.engines.base import EngineError
-    from smearscope.service.ingest import IngestError, load_image
+    from smearscope.service.ingest import IngestError, load_image, shown
 
     def error(code: str, message: str, **extra) -> int:
         print(json.dumps({"error": {"code": code, "message": message}, **extra}))
@@ -168,7 +168,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
                 img = load_image(str(image))
                 res = analyzer.analyze(Frame(img.pixels, image.name, str(image), microns_per_pixel=mpp))
             except IngestError as exc:
-                logger.warning("%s: %s: %s", image, exc.code.value, exc.message)
+                logger.warning("%s: %s: %s", shown(image), exc.code.value, exc.message)
                 unreadable.append(str(image))
                 continue
             except EngineError as exc:

@@ -112,7 +112,7 @@ def expand_inputs(items: list[str]) -> tuple[list[Input], bool]:
 def _identity(path: Path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL character in it, which no file's name holds
         return None
     return st.st_dev, st.st_ino
 
