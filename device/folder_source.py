@@ -99,13 +99,16 @@ STATE_NAME = ".smearscope-processed"
 MAX_NAME_BYTES = 255 - len(".reason.txt")
 
 
+_NOWHERE = frozenset({errno.ELOOP, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG})
+
+
 def _kind(entry: os.DirEntry[str]) -> str:
     """"file" (or a symlink to one), "dir" (or a symlink to one) or "other" (a FIFO, a device, a
-    socket, a dangling symlink or a loop); an OSError when the entry vanished."""
+    socket, a symlink to nothing, a loop, through a file); an OSError when the entry vanished."""
     try:
         return "file" if entry.is_file() else "dir" if entry.is_dir() else "other"
-    except OSError as exc:  # a symlink loop; anything else (a share's passing EIO) is tried again
-        if exc.errno == errno.ELOOP and entry.is_symlink():
+    except OSError as exc:  # a link that leads nowhere (a loop, through a file, a folder shut to this user), for good;
+        if exc.errno in _NOWHERE and entry.is_symlink():  # anything else (a share's passing EIO) is tried again
             return "other"
         raise
 

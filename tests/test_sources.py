@@ -273,9 +273,10 @@ def test_folder_rejects_non_images_and_undecodable_files_with_a_reason(tmp_path:
 
 
 def test_what_is_not_a_regular_file_goes_to_rejected_with_its_reason(tmp_path: Path) -> None:
-    """A FIFO named like an image, a dangling symlink, a symlink loop and a symlink to a device are
-    never images: each goes to rejected/ with its reason, counted (they stayed in the folder,
-    unsaid). A symlink to an image is the image."""
+    """A FIFO named like an image, a dangling symlink, a symlink loop, one through a file (its target
+    renamed to a file) and a symlink to a device are never images: each goes to rejected/ with its
+    reason, counted (they stayed in the folder, unsaid; the one through a file too, until now). A
+    symlink to an image is the image."""
     src = _folder(tmp_path, decode_grace_s=0.0)
     root = src._root
     os.mkfifo(root / "camera.png")
@@ -284,15 +285,17 @@ def test_what_is_not_a_regular_file_goes_to_rejected_with_its_reason(tmp_path: P
     (root / "zero.png").symlink_to("/dev/zero")
     (tmp_path / "real.png").write_bytes(_png(5))
     (root / "linked.png").symlink_to(tmp_path / "real.png")
+    (root / "through.png").symlink_to(tmp_path / "real.png" / "field.png")  # ENOTDIR, not ENOENT
     frame = src.scan_once()
     assert frame is not None and "linked.png" in frame.frame_id
     reasons = {p.name: p.read_text().strip() for p in (root / "rejected").glob("*.reason.txt")}
     assert reasons == {"camera.png.reason.txt": "not_a_file: not a regular file",
                        "gone.png.reason.txt": "not_a_file: a symbolic link to nothing readable",
                        "loop.png.reason.txt": "not_a_file: a symbolic link to nothing readable",
-                       "zero.png.reason.txt": "not_a_file: a symbolic link to nothing readable"}, reasons
+                       "zero.png.reason.txt": "not_a_file: a symbolic link to nothing readable",
+                       "through.png.reason.txt": "not_a_file: a symbolic link to nothing readable"}, reasons
     assert {p.name for p in root.iterdir() if not p.name.startswith(".")} == {"linked.png", "rejected", "done"}
-    assert src.rejected_count == 4 and src.rejected_reasons["not_a_file"] == 4
+    assert src.rejected_count == 5 and src.rejected_reasons["not_a_file"] == 5
     src.close()
 
 
