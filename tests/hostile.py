@@ -77,6 +77,22 @@ def jpeg_with_exif(img: np.ndarray, orientation: int) -> bytes:
     return jpeg[:2] + exif_app1(orientation) + jpeg[2:]
 
 
+def apng(img: np.ndarray, frames: int) -> bytes:
+    """A PNG of `img` made an animated PNG that declares `frames` frames (acTL) with `img` as the first
+    (fcTL before IDAT), its other frames' fdAT chunks left out: a decoder that knows no APNG reads
+    `img`, as it would with them."""
+    png = encode(".png", img)
+    ihdr_end = 8 + 25
+
+    def chunk(ctype: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
+
+    h, w = img.shape[:2]
+    actl = chunk(b"acTL", struct.pack(">II", frames, 0))
+    fctl = chunk(b"fcTL", struct.pack(">IIIIIHHBB", 0, w, h, 0, 0, 1, 10, 0, 0))
+    return png[:ihdr_end] + actl + fctl + png[ihdr_end:]
+
+
 def tiff_patch_tag(path: Path, tag_name: str, value: int) -> None:
     """Overwrite one inline tag value of the first page in place (e.g. to lie about its size)."""
     with tifffile.TiffFile(path) as tif:
@@ -381,6 +397,7 @@ CASES: list[HostileCase] = [
         ),
     ),
     HostileCase("tiff_multipage", "multi_frame", _tiff_multipage),
+    HostileCase("apng_of_5_frames", "multi_frame", lambda d: _write(d, "stack.png", apng(smear_like(100, 100), 5))),
     HostileCase(
         "one_pixel", "too_small", lambda d: _write(d, "dot.png", encode(".png", smear_like(1, 1)))
     ),

@@ -619,6 +619,12 @@ def test_16bit_rgba_converted_in_row_blocks_as_at_once(tmp_path: Path, monkeypat
     np.testing.assert_array_equal(_load(tmp_path, "b.png", data).pixels, whole)
 
 
+def test_an_animated_png_of_one_frame_is_its_image(field: np.ndarray) -> None:
+    """acTL declaring one frame: a still image in an APNG container, read as any PNG (several frames
+    are `multi_frame`, tests/hostile.py)."""
+    np.testing.assert_array_equal(load_image(hostile.apng(field, 1)).pixels, field)
+
+
 def test_png_grayscale(tmp_path: Path, field: np.ndarray) -> None:
     grey = field[:, :, 1]
     img = _load(tmp_path, "g.png", hostile.encode(".png", grey))

@@ -50,8 +50,9 @@ class RejectReason(str, Enum):
     BAD_DTYPE = "bad_dtype"
     #: Samples per pixel other than 1 (grey), 2 (grey+alpha), 3 (colour) or 4 (colour+alpha).
     BAD_CHANNELS = "bad_channels"
-    #: A TIFF whose first series holds several frames (z-stack, time series, 4-D stack): which
-    #: focal plane to analyse is the instrument's decision, not something to guess here.
+    #: A TIFF whose first series holds several frames (z-stack, time series, 4-D stack), or an
+    #: animated PNG of several: which focal plane to analyse is the instrument's decision, not
+    #: something to guess here.
     MULTI_FRAME = "multi_frame"
     #: Every pixel (nearly) the same value: lens cap on, shutter closed, saturated sensor.
     BLANK_IMAGE = "blank_image"

@@ -1,6 +1,7 @@
 """Stage 1, step 3: a frame's container header, read without decoding any pixel data.
 
-PNG   every chunk is walked (length, CRC, order); IHDR, sBIT and eXIf are read, no IDAT inflated.
+PNG   every chunk is walked (length, CRC, order); IHDR, sBIT, eXIf and acTL (APNG frames) are read,
+      no IDAT inflated.
 JPEG  marker segments up to the first scan (frame header, EXIF), then an end-of-image marker.
 TIFF  the first directory offset on the raw bytes, then tifffile's metadata of the first page:
       sample type, samples per pixel, colour model, compression, frame count, data extent; and
@@ -124,6 +125,9 @@ def png_header(data: bytes, name: str) -> ImageHeader:
             sig_bits = max(body)
         elif ctype == b"eXIf" and not exif_read:  # one per file (PNG 1.5); a repeat is not read
             orientation, exif_read = exif_orientation(body), True
+        elif ctype == b"acTL" and length >= 4 and (frames := struct.unpack(">I", body[:4])[0]) > 1:
+            # an animated PNG: a series of frames (a z-stack, a time series), as a TIFF stack is refused
+            raise IngestError(RejectReason.MULTI_FRAME, f"{name}: animated PNG of {frames} frames")
         elif ctype == b"IEND":
             break
         pos = end
