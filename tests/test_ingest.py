@@ -633,6 +633,22 @@ def test_png_grayscale(tmp_path: Path, field: np.ndarray) -> None:
         np.testing.assert_array_equal(img.pixels[:, :, c], grey)
 
 
+def test_a_fully_transparent_frame_is_blank_and_says_it_is_transparent(field: np.ndarray) -> None:
+    """PNG and TIFF, 8 and 16 bit, alpha 0 everywhere over a real field: blank_image (white over
+    white), and the message says why ('all samples within 2 of 255' sent the lab to the lens cap)."""
+    rgba = np.dstack([field, np.zeros(field.shape[:2], np.uint8)])
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, (rgba[..., [2, 1, 0, 3]].astype(np.uint16) * 257), photometric="rgb",
+                     extrasamples=["unassalpha"])
+    for data in (hostile.encode(".png", rgba), buf.getvalue()):
+        with pytest.raises(IngestError) as err:
+            load_image(data)
+        assert err.value.code is RejectReason.BLANK_IMAGE and "fully transparent" in err.value.message, err.value
+    with pytest.raises(IngestError) as err:
+        load_image(hostile.encode(".png", np.zeros((100, 100, 3), np.uint8)))
+    assert err.value.code is RejectReason.BLANK_IMAGE and "all samples within 2 of 0" in err.value.message
+
+
 def test_png_rgba_composited_over_white(tmp_path: Path, field: np.ndarray) -> None:
     bgra = np.dstack([field, np.full(field.shape[:2], 255, np.uint8)])
     bgra[:, :50, 3] = 0

@@ -127,10 +127,10 @@ def load_image(
     pixels, sig_bits = _to_bgr8(samples, header.significant_bits)
     pixels = _apply_orientation(pixels, header.orientation)
     if int(pixels.max()) - int(pixels.min()) <= limits.blank_max_range:
-        raise IngestError(
-            RejectReason.BLANK_IMAGE,
-            f"{name}: all samples within {limits.blank_max_range} of {int(pixels.min())}",
-        )
+        clear = samples.ndim == 3 and samples.shape[2] in (2, 4) and not samples[..., -1].any()
+        raise IngestError(  # a fully transparent frame is white over white: say why, not only what
+            RejectReason.BLANK_IMAGE, f"{name}: every pixel fully transparent (alpha 0), shown over white"
+            if clear else f"{name}: all samples within {limits.blank_max_range} of {int(pixels.min())}")
     logger.debug("ingested %s: %s %dx%d", name, header.format, pixels.shape[1], pixels.shape[0])
     return DecodedImage(
         pixels=pixels,
