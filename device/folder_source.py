@@ -44,7 +44,7 @@ from pathlib import Path
 from smearscope.device.frame import Frame
 from smearscope.device.ingest import IngestError, IngestLimits, RejectReason, load_image, shown
 from smearscope.device.ingest.files import read_regular
-from smearscope.device.own_files import write_own_text
+from smearscope.device.own_files import still_at, unique_target, write_own_text
 from smearscope.device.processed_log import ProcessedLog, file_key
 from smearscope.device.source_config import FolderSourceConfig
 from smearscope.device.sources import FrameSource, SourceConfigurationError
@@ -94,11 +94,6 @@ TEMP_SUFFIXES: tuple[str, ...] = (".part", ".partial", ".tmp", ".temp", ".crdown
 #: The log of processed files in the watched folder, unless `state_file` names another.
 STATE_NAME = ".smearscope-processed"
 
-#: Longest name a file keeps in done/ or rejected/: its `.reason.txt` beside it must fit the file
-#: system's 255 bytes.
-MAX_NAME_BYTES = 255 - len(".reason.txt")
-
-
 _NOWHERE = frozenset({errno.ELOOP, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG})
 
 
@@ -118,18 +113,6 @@ def _same_dir(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
-
-
-def _unique_target(directory: Path, name: str, key: str) -> Path:
-    """`directory/name`, or with the version's key in it when that is taken or too long (then the
-    name is cut to fit, the key keeping it apart)."""
-    target = directory / name
-    if target.exists() or len(os.fsencode(name)) > MAX_NAME_BYTES:
-        stem, suffix = (os.fsencode(part) for part in os.path.splitext(name))
-        suffix = suffix[:16]
-        stem = stem[:MAX_NAME_BYTES - 9 - len(suffix)]
-        target = directory / os.fsdecode(stem + b"-" + key[:8].encode() + suffix)
-    return target
 
 
 def folder_problem(config: FolderSourceConfig) -> str | None:
@@ -194,6 +177,7 @@ class FolderSource(FrameSource):
         self._rejected = self._root / config.rejected_dir
         self._done.mkdir(exist_ok=True)
         self._rejected.mkdir(exist_ok=True)
+        self._places = {d: os.path.realpath(d) for d in (self._done, self._rejected)}  # where moves go
         state = config.state_file or self._root / STATE_NAME
         self._log = ProcessedLog(state, config.state_max_entries)
         #: The state file's name when it lies in the watched folder itself: the station's own, no input.
@@ -496,8 +480,9 @@ class FolderSource(FrameSource):
             directory.mkdir(exist_ok=True)  # the folder may have gone and come back without it
         except OSError:
             pass  # the move below says why
-        target = _unique_target(directory, fname, key)
+        target = unique_target(directory, fname, key)
         try:
+            still_at(directory, self._places[directory])  # not a link put in its place since the start
             os.replace(self._root / fname, target)
         except FileNotFoundError:
             return None

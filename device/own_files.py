@@ -4,7 +4,9 @@ a symbolic link and without blocking, and only when they are regular files.
 Whoever may write the watched folder (the camera software's user) can put a link or a FIFO where
 the station keeps its log of processed files, or in a `rejected/` folder it made itself: written
 through a link, the station would overwrite whatever file the link names that its user may write
-(the outbox); read from a FIFO, its start would wait for ever.
+(the outbox); read from a FIFO, its start would wait for ever. Likewise `done/` and `rejected/`,
+where files are moved: one replaced by a link to another folder would have the station put files
+of any name beside its own (an outbox's -wal file).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import errno
 import logging
 import os
 import stat
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -39,3 +42,28 @@ def write_own_text(path: str | os.PathLike[str], text: str) -> None:
     fd = open_own(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     with open(fd, "w", encoding="utf-8", errors="backslashreplace") as fh:
         fh.write(text)
+
+
+#: Longest name a file keeps in done/ or rejected/: its `.reason.txt` beside it must fit the file
+#: system's 255 bytes.
+MAX_NAME_BYTES = 255 - len(".reason.txt")
+
+
+def unique_target(directory: Path, name: str, key: str) -> Path:
+    """`directory/name`, or with the version's key in it when that is taken or too long (then the
+    name is cut to fit, the key keeping it apart)."""
+    target = directory / name
+    if target.exists() or len(os.fsencode(name)) > MAX_NAME_BYTES:
+        stem, suffix = (os.fsencode(part) for part in os.path.splitext(name))
+        suffix = suffix[:16]
+        stem = stem[:MAX_NAME_BYTES - 9 - len(suffix)]
+        target = directory / os.fsdecode(stem + b"-" + key[:8].encode() + suffix)
+    return target
+
+
+def still_at(directory: Path, real: str) -> None:
+    """OSError unless `directory` leads where it led at start (`real`, its resolved path)."""
+    now = os.path.realpath(directory)
+    if now != real:
+        raise OSError(errno.EXDEV, f"it leads to {now} now, not to {real} as at start (replaced by a link?)",
+                      os.fspath(directory))

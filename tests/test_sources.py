@@ -395,6 +395,33 @@ def test_links_planted_in_place_of_the_stations_own_files_are_never_written_thro
     assert victim.read_bytes() == b"SQLite format 3\x00 precious"
 
 
+def test_a_done_or_rejected_folder_replaced_by_a_link_elsewhere_receives_no_file(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Whoever may write the watched folder can rename rejected/ (or done/) away and put a link to
+    another folder in its place, the station's state folder say: the station then moved files of
+    any name there (an outbox.sqlite3-wal, which SQLite would replay into the outbox). Now it moves
+    nothing into a folder that leads elsewhere than at start: the move fails, is logged, and the
+    file stays in the watched folder."""
+    src = _folder(tmp_path, decode_grace_s=0.0)
+    state = tmp_path / "state"
+    state.mkdir()
+    for sub in ("rejected", "done"):
+        (src._root / sub).rename(src._root / f"{sub}.theirs")
+        (src._root / sub).symlink_to(state)
+    (src._root / "outbox.sqlite3-wal").write_bytes(b"crafted WAL frames")
+    (src._root / "a.png").write_bytes(_png(1))
+    os.utime(src._root / "a.png", ns=(time.time_ns() + 10**9,) * 2)  # after the other: read second
+    with caplog.at_level(logging.ERROR, logger="smearscope.device"):
+        frame = src.scan_once()
+        assert frame is not None
+        src.done(frame)
+    assert list(state.iterdir()) == []
+    assert (src._root / "outbox.sqlite3-wal").exists() and (src._root / "a.png").exists()
+    said = [r.getMessage() for r in caplog.records if "cannot move" in r.getMessage()]
+    assert len(said) == 2 and all("replaced by a link" in m for m in said), said
+    src.close()
+
+
 def test_a_file_name_too_long_for_its_reason_file_is_cut_to_fit(tmp_path: Path) -> None:
     src = _folder(tmp_path, decode_grace_s=0.0)
     long = "x" * 242 + ".png"  # 246 bytes: its .reason.txt would be 257
