@@ -399,7 +399,7 @@ def test_a_done_or_rejected_folder_replaced_by_a_link_elsewhere_receives_no_file
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Whoever may write the watched folder can rename rejected/ (or done/) away and put a link to
     another folder in its place, the station's state folder say: the station then moved files of
-    any name there (an outbox.sqlite3-wal, which SQLite would replay into the outbox). Now it moves
+    any name there (an outbox.sqlite3-wal beside the outbox, say). Now it moves
     nothing into a folder that leads elsewhere than at start: the move fails, is logged, and the
     file stays in the watched folder."""
     src = _folder(tmp_path, decode_grace_s=0.0)
