@@ -27,6 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from smearscope.device.own_files import open_own
 
@@ -53,6 +54,9 @@ def file_key(name: str, size: int, mtime_ns: int) -> str:
     that is not UTF-8, as an SMB share can give, has one too)."""
     return hashlib.sha1(os.fsencode(name) + f"|{size}|{mtime_ns}".encode()).hexdigest()[:16]
 
+
+#: The longest line a version can make: a key, a status and a name of 255 bytes, each written as \\xNN.
+LINE_BYTES = 16 + 1 + 8 + 1 + 4 * 255 + 1
 
 #: What would end a line of the log, or a field of one: a tab and every separator of str.splitlines.
 _BREAKS = re.compile(r"[\t\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
@@ -100,8 +104,8 @@ class ProcessedLog:
         months must not hold every file it ever saw); attempts a later line finished go first."""
         lines: list[str] = []
         try:
-            with open(open_own(self.path, os.O_RDONLY), encoding="utf-8", errors="surrogateescape") as fh:
-                lines = [ln for ln in fh.read().splitlines() if ln.strip()]
+            with open(open_own(self.path, os.O_RDONLY), "rb") as fh:
+                lines = [ln for ln in self._tail(fh).decode("utf-8", "surrogateescape").splitlines() if ln.strip()]
         except FileNotFoundError:
             pass  # made by the first record
         self._versions = {}
@@ -127,6 +131,20 @@ class ProcessedLog:
                 self._apply(key, status, name)
         self._keys = {k: v.status for k, v in self._versions.items() if v.status is not None}
         self._lines = len(lines)
+
+    def _tail(self, fh: BinaryIO) -> bytes:
+        """The file's bytes, or only its last lines when it is larger than its entries can make (not
+        the station's: put there by whoever may write the watched folder; read whole, a file of
+        gigabytes took the memory at every start)."""
+        most = 3 * self.max_entries * LINE_BYTES  # it is compacted at 2 x max_entries lines
+        size = os.fstat(fh.fileno()).st_size
+        if size <= most:
+            return fh.read()
+        logger.warning("the processed-files log %s is %d bytes, more than %d entries make: only its last %d "
+                       "bytes are read", self.path, size, self.max_entries, most)
+        fh.seek(size - most)
+        fh.readline()  # the rest of a line cut by the seek
+        return fh.read(most)
 
     def _apply(self, key: str, status: str, name: str) -> None:
         v = self._versions.pop(key, None) or _Version(name)  # re-inserted: ordered by last line

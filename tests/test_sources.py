@@ -422,6 +422,32 @@ def test_a_done_or_rejected_folder_replaced_by_a_link_elsewhere_receives_no_file
     src.close()
 
 
+def test_a_processed_log_far_larger_than_its_entries_make_is_read_from_its_end_only(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A log of 60 MB in the place of the station's (whoever may write the watched folder can put
+    one there; at 100 entries its own lines make at most 315 kB): opening it reads its last lines
+    only, said once, and knows the versions they name (it was read whole: 126 MB at the peak for
+    these 60 MB, so a file of gigabytes took the memory at every start)."""
+    import tracemalloc
+
+    log = tmp_path / "log"
+    junk = b"0123456789abcdef\tdone\t" + b"x" * 1000 + b"\n"
+    with open(log, "wb") as fh:
+        fh.writelines(junk * 1000 for _ in range(60))
+        fh.write(b"".join(f"{k:016x}\tdone\tf{k}.png\n".encode() for k in range(50)))
+    tracemalloc.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="smearscope.device"):
+            plog = ProcessedLog(log, 100)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, peak
+    assert all(f"{k:016x}" in plog for k in range(50))
+    assert [r.getMessage() for r in caplog.records if "only its last" in r.getMessage()], caplog.text
+    assert len(log.read_text().splitlines()) <= 100  # compacted as any log over its entries
+
+
 def test_a_file_name_too_long_for_its_reason_file_is_cut_to_fit(tmp_path: Path) -> None:
     src = _folder(tmp_path, decode_grace_s=0.0)
     long = "x" * 242 + ".png"  # 246 bytes: its .reason.txt would be 257
