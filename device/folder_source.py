@@ -287,7 +287,8 @@ class FolderSource(FrameSource):
                     st = entry.stat(follow_symlinks=False)
                     key = file_key(entry.name, st.st_size, st.st_mtime_ns)
                     if key not in self._stuck and key not in self._log:  # once: it may not be movable
-                        what = "a symbolic link to nothing readable" if entry.is_symlink() else "not a regular file"
+                        what = "not a regular file" if not entry.is_symlink() else "a symbolic link to " + (
+                            "a FIFO, device or socket" if os.path.exists(entry.path) else "nothing readable")
                         self._reject(entry.name, key, f"not_a_file: {what}")
             except OSError:
                 continue  # vanished between listing and stat

@@ -292,7 +292,7 @@ def test_what_is_not_a_regular_file_goes_to_rejected_with_its_reason(tmp_path: P
     assert reasons == {"camera.png.reason.txt": "not_a_file: not a regular file",
                        "gone.png.reason.txt": "not_a_file: a symbolic link to nothing readable",
                        "loop.png.reason.txt": "not_a_file: a symbolic link to nothing readable",
-                       "zero.png.reason.txt": "not_a_file: a symbolic link to nothing readable",
+                       "zero.png.reason.txt": "not_a_file: a symbolic link to a FIFO, device or socket",
                        "through.png.reason.txt": "not_a_file: a symbolic link to nothing readable"}, reasons
     assert {p.name for p in root.iterdir() if not p.name.startswith(".")} == {"linked.png", "rejected", "done"}
     assert src.rejected_count == 5 and src.rejected_reasons["not_a_file"] == 5
