@@ -487,6 +487,14 @@ def test_an_override_setting_a_whole_section_is_named_in_the_errors_inside_it(tm
     assert "mqtt.tls.ca_file" in locs and "(set by SMEARSCOPE__MQTT__TLS)" in locs["mqtt.tls.ca_file"]
 
 
+def test_an_override_setting_an_array_is_named_in_the_error_of_its_item(tmp_path: Path) -> None:
+    folder = _write(tmp_path, f'station_id = "bench"\n[source]\nkind = "folder"\npath = "{tmp_path}"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(folder, environ={"SMEARSCOPE__SOURCE__EXTENSIONS": '[".png", 3]'})
+    ((loc, msg),) = exc.value.errors
+    assert loc == "source.extensions[1]" and "(set by SMEARSCOPE__SOURCE__EXTENSIONS)" in msg, msg
+
+
 def test_files_the_station_would_trip_on_at_start_are_named_by_validate_config(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Each passed validate-config and then stopped the station at start: a folder source's

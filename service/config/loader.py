@@ -109,7 +109,8 @@ def _validation_errors(
         loc = _format_loc(tuple(err["loc"]))
         msg = str(err["msg"]).removeprefix("Value error, ")
         for path, variable in applied.items():
-            if loc == ".".join(path) or loc.startswith(".".join(path) + "."):
+            key = ".".join(path)  # the value itself, a key inside it, or an item of its array
+            if loc == key or loc.startswith((key + ".", key + "[")):
                 msg += f" (set by {variable})"
                 break
         out.append((loc, msg))
