@@ -133,6 +133,20 @@ def test_every_station_command_is_in_the_documents():
         assert f"`{name}`" in readme, f"README's command list lacks {name}"
 
 
+def test_every_error_a_station_command_answers_is_in_the_command_table():
+    """docs/STATION.md's commands (the table and the lines after it, up to "Start and stop") name
+    every code the station's own handlers answer with; the MQTT transport's refusals are
+    docs/MQTT.md's. A code a technician's tool can receive and no document explains is no contract."""
+    station = _text("docs/STATION.md")
+    section = station[station.index("**Commands**"):station.index("**Start and stop.**")]
+    codes: set[str] = set()
+    for path in sorted((ROOT / "service" / "station").glob("*.py")):
+        codes |= set(re.findall(r'"error": "([a-z_]+)"', path.read_text(encoding="utf-8")))
+    assert {"run_open", "no_run_open", "review_off"} <= codes  # a broken search would check none
+    missing = sorted(code for code in codes if f"`{code}`" not in section)
+    assert not missing, f"docs/STATION.md's commands do not name {missing}"
+
+
 def _section_fields(model: type[pydantic.BaseModel], path: list[str]) -> set[str]:
     """The keys a TOML section may hold: `path` walked down the config models (a union's members
     pooled, as for the source kinds)."""
