@@ -73,6 +73,30 @@ def test_the_synopsis_names_every_subcommand_and_only_options_that_exist():
         assert not missing, f"docs/CLI.md: smearscope {cmd}: {missing} not options of the command"
 
 
+def _default(action: argparse.Action) -> str:
+    """An option's default as a user meets it: the parser's, or where that is None (applied
+    later, as --detections-floor's) the one its help states."""
+    if action.default is not None:
+        return str(action.default)
+    found = re.search(r"\(default:? ([^\s,;)]+)", action.help or "")
+    return found.group(1).rstrip(":") if found else "None"
+
+
+def test_the_synopsis_shows_each_options_default():
+    """`[--budget 0.05]` in the synopsis is the default a user gets when leaving the option out."""
+    commands = _subcommands()
+    shown = 0
+    for cmd, text in _synopsis():
+        for option, value in re.findall(r"\[(--[a-z][a-z0-9-]*) ([0-9.]+|[a-z-]+)\]", text):  # not FILE, x.toml
+            action = next(a for a in commands[cmd]._actions if option in a.option_strings)
+            default = _default(action)
+            same = (float(value) == float(default) if re.fullmatch(r"[0-9.]+", value)
+                    and re.fullmatch(r"[0-9.]+", default) else value == default)
+            assert same, f"docs/CLI.md: smearscope {cmd} [{option} {value}], but its default is {default}"
+            shown += 1
+    assert shown >= 6  # the synopsis shows several; a broken search would check none
+
+
 def _command_lines() -> list[tuple[str, list[str]]]:
     """Every concrete `smearscope ...` command line of the documents' code blocks and inline code
     (the synopsis' notation, with [optional] parts and alternatives, left out)."""
