@@ -71,6 +71,10 @@ def test_the_synopsis_names_every_subcommand_and_only_options_that_exist():
         known = top | (_options(commands[cmd]) if cmd in commands else set())
         missing = sorted(set(OPTION.findall(text)) - known)
         assert not missing, f"docs/CLI.md: smearscope {cmd}: {missing} not options of the command"
+    for cmd, parser in commands.items():  # and the other way: --help shows no option the synopsis hides
+        shown = {o for c, text in entries if c == cmd for o in OPTION.findall(text)}
+        hidden = sorted(_options(parser) - shown - {"-h", "--help"})
+        assert not hidden, f"docs/CLI.md's synopsis: smearscope {cmd} lacks {hidden}"
 
 
 def _default(action: argparse.Action) -> str:
