@@ -7,6 +7,9 @@ docs/RESULTS.md, "Synthetic fields") so that a real regression fails, not noise.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,22 @@ def test_recall_on_rendered_fields(analyzer):
     print(f"\nrendered fields: recall {recall}, precision {precision}")
     assert recall["rbc"] >= 0.80 and precision["rbc"] >= 0.85
     assert recall["wbc"] >= 0.80 and precision.get("wbc", 0) >= 0.80
+
+
+def test_the_results_table_is_what_the_demo_prints():
+    """docs/RESULTS.md, "Synthetic fields": the recall and precision of `smearscope demo --fields 3`,
+    run as documented (a re-trained model or a changed stage must be re-measured there)."""
+    text = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    section = text[text.index("## Synthetic fields"):text.index("## Speed")]
+    assert "`.venv/bin/smearscope demo --fields 3`" in section
+    documented = {kind.lower(): (float(rec), float(prec)) for kind, rec, prec in
+                  re.findall(r"^\| (RBC|WBC|platelet) \| ([0-9.]+) \| ([0-9.]+) \|$", section, re.MULTILINE)}
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "demo", "--fields", "3"], cwd=ROOT,
+                          check=True, capture_output=True, text=True, timeout=300)
+    printed = {kind: (float(rec), float(prec)) for kind, rec, prec in
+               re.findall(r"^(rbc|wbc|platelet) +\d+ +\d+ +\d+ +([0-9.]+) +([0-9.]+)$", proc.stdout, re.MULTILINE)}
+    assert len(printed) == 3, proc.stdout
+    assert documented == printed, f"docs/RESULTS.md says {documented}; the demo prints {printed}"
 
 
 def test_scale_unknown_is_estimated_on_rendered_field(analyzer):
