@@ -175,6 +175,54 @@ def test_every_error_a_station_command_answers_is_in_the_command_table():
     assert not missing, f"docs/STATION.md's commands do not name {missing}"
 
 
+#: Where each station command's answers are made: (module under service/station, function).
+COMMAND_HANDLERS = {
+    "start_run": [("commands", "_start_run")], "stop_run": [("commands", "_stop_run")],
+    "analyze_file": [("commands", "_analyze_file"), ("workers", "_finish")],
+    "get_review": [("clinic", "get_review"), ("review", "page")], "type_cells": [("clinic", "type_cells")],
+    "verify_run": [("clinic", "verify")], "reload": [("daemon", "reload")],
+}
+
+
+def _error_codes(module: str, function: str) -> set[str]:
+    """The codes a function answers with: `"error": "code"` in a dict it builds, or `"error": code`
+    where `code` is assigned string constants in it."""
+    import ast
+
+    tree = ast.parse((ROOT / "service" / "station" / f"{module}.py").read_text(encoding="utf-8"))
+    body = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
+    assigned: dict[str, set[str]] = {}
+    for node in ast.walk(body):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            value = node.value  # code = "a", or code = "a" if ... else "b"
+            options = [value.body, value.orelse] if isinstance(value, ast.IfExp) else [value]
+            assigned.setdefault(node.targets[0].id, set()).update(
+                c.value for c in options if isinstance(c, ast.Constant) and isinstance(c.value, str))
+    codes: set[str] = set()
+    for node in ast.walk(body):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and key.value == "error":
+                    if isinstance(value, ast.Constant):
+                        codes.add(value.value)
+                    elif isinstance(value, ast.Name):
+                        codes |= assigned.get(value.id, set())
+    return codes
+
+
+def test_each_station_commands_row_names_the_errors_it_answers():
+    """A row of docs/STATION.md's command table names every code its command's handler answers
+    with (the codes any command may get are said under the table)."""
+    station = _text("docs/STATION.md")
+    for name, handlers in COMMAND_HANDLERS.items():
+        row = re.search(rf"^\| `{name}` \|.*$", station, re.MULTILINE)
+        assert row is not None, name
+        codes = set().union(*(_error_codes(module, function) for module, function in handlers))
+        assert codes, f"{name}: no error code found in {handlers}"  # a broken search would check none
+        missing = sorted(code for code in codes if f"`{code}`" not in row.group(0))
+        assert not missing, f"docs/STATION.md: the {name} row does not name {missing}"
+
+
 def _section_fields(model: type[pydantic.BaseModel], path: list[str]) -> set[str]:
     """The keys a TOML section may hold: `path` walked down the config models (a union's members
     pooled, as for the source kinds)."""
