@@ -994,7 +994,8 @@ def test_adapt_wbc_refuses_options_that_do_not_go_together_before_any_work(tmp_p
                        (("--station", "--config", str(config), "--out", str(out), "--min-cells", "1"), "bad_min_cells"),
                        (("--template", str(tmp_path / "t.csv")), "no_images"),
                        ((str(field), "--template", str(tmp_path / "t.csv"), "--out", str(out)), "bad_arguments")):
-        run = _cli("adapt-wbc", *args, "--models", str(tmp_path / "no-models"), "--json")
+        models = () if "--config" in args else ("--models", str(tmp_path / "no-models"))  # not both: refused
+        run = _cli("adapt-wbc", *args, *models, "--json")
         assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == code, (args, run.stdout)
         assert not out.exists() and not (tmp_path / "t.csv").exists()
     other = tmp_path / "counts.csv"
@@ -1003,6 +1004,33 @@ def test_adapt_wbc_refuses_options_that_do_not_go_together_before_any_work(tmp_p
     run = _cli("adapt-wbc", str(field), "--template", str(other), "--models", str(tmp_path / "no-models"), "--json")
     assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == "would_overwrite_types", run.stdout
     assert other.read_bytes() == kept
+
+
+def test_models_named_beside_a_config_are_refused_not_ignored(tmp_path):
+    """With --config the station's analysis.models_dir runs: another --models beside it would be
+    ignored, and the means or thresholds fitted for a head the user did not mean. Each command
+    refuses the pair (exit 2, bad_arguments, nothing written); --models alone or --config alone run."""
+    field = tmp_path / "f.png"
+    cv2.imwrite(str(field), render_field(1, width=320, height=240, microns_per_pixel=0.1).frame.pixels)
+    labels, out, config = tmp_path / "typed.csv", tmp_path / "s.json", tmp_path / "station.toml"
+    labels.write_text("image,x,y,type\nf.png,10,10,neutrophil\n")
+    config.write_text(f'station_id = "t"\n[source]\nkind = "simulated"\n[analysis]\nmodels_dir = "{REPO / "models"}"\n'
+                      f'[mqtt.outbox]\npath = "{tmp_path / "outbox.sqlite3"}"\n')
+    other = ("--models", str(tmp_path / "other-models"))
+    for command in (("adapt-wbc", "--labels", str(labels), "--out", str(out)),
+                    ("adapt-wbc", str(field), "--template", str(tmp_path / "t.csv")),
+                    ("adapt-wbc", "--station", "--out", str(out)),
+                    ("calibrate-atypical", str(field), "--microns-per-pixel", "0.1")):
+        run = _cli(*command, "--config", str(config), *other, "--json")
+        assert run.returncode == 2, (command, run.stdout, run.stderr)
+        error = json.loads(run.stdout)["error"]
+        assert error["code"] == "bad_arguments" and "--models" in error["message"], (command, error)
+        assert not out.exists() and not (tmp_path / "t.csv").exists()
+    # either alone is taken: the config's models run (here: too few white cells to fit on)
+    run = _cli("calibrate-atypical", str(field), "--microns-per-pixel", "0.1", "--config", str(config), "--json")
+    assert json.loads(run.stdout)["error"]["code"] == "too_few_white_cells", run.stdout
+    run = _cli("calibrate-atypical", str(field), "--microns-per-pixel", "0.1", *other, "--json")
+    assert json.loads(run.stdout)["error"]["code"] == "engine_unavailable", run.stdout
 
 
 def test_adapt_wbc_refuses_a_fit_at_a_scale_a_percent_off_the_templates(tmp_path):

@@ -25,6 +25,7 @@ from pathlib import Path, PureWindowsPath
 import numpy as np
 
 from smearscope.cli.adapt_fit import bad_min_cells, fit_and_write
+from smearscope.cli.calibrate import MODELS_WITH_CONFIG, models_with_config
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
         print(json.dumps({"error": {"code": code, "message": message}, **extra}))
         return 2
 
+    if models_with_config(args):  # the config's models would be used, not the ones named
+        return error("bad_arguments", MODELS_WITH_CONFIG)
     if args.template is not None:
         return _write_template(args, error)
     if args.station:

@@ -6,8 +6,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+
+#: What --config with another --models says: the config's models are the ones that would run.
+MODELS_WITH_CONFIG = ("--models names the models when there is no --config; with --config the station's "
+                      "analysis.models_dir is used: give one of them")
+
+
+def models_with_config(args: argparse.Namespace) -> bool:
+    """--config and a --models other than the packaged models (argparse's default): the folder
+    named would be ignored for the config's, and the fit made for another model than meant."""
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    return args.config is not None and Path(args.models).resolve() != DEFAULT_MODELS_DIR.resolve()
 
 
 def outside_shown(value: float, lo: float, hi: float) -> str:
@@ -74,6 +88,8 @@ def cmd_calibrate_atypical(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.budget < 0.5:
         return error("bad_budget", f"--budget {args.budget} outside (0, 0.5)")
+    if models_with_config(args):
+        return error("bad_arguments", MODELS_WITH_CONFIG)
     try:
         images, _ = expand_inputs(args.images)
     except InputError as exc:
