@@ -70,7 +70,8 @@ def _station_analysis_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--config", type=Path, default=None,
                    help="the station's TOML: its models and analysis settings (default: the packaged models)")
-    p.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="models folder when no --config (with --config, its analysis.models_dir; both: refused)")
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR,
+                   help="models folder when no --config (with --config, its analysis.models_dir; both: refused)")
     p.add_argument("--microns-per-pixel", type=_scale, default=None,
                    help=f"the fields' scale, {SCALE_RANGE_UM[0]} to {SCALE_RANGE_UM[1]} (default: the config's, "
                    "else estimated per field)")
