@@ -243,7 +243,10 @@ class FolderSource(FrameSource):
                            "version is analysed too", self.name, shown(fname))
             return
         if refused is not None:
-            self._reject(fname, key, f"{refused}: refused by the station (quality gate or analysis)",
+            # a bare code (the quality gate's, analysis_error) is said whose it is; a reason that
+            # explains itself (duplicate_content: the same image as ...) is not given a wrong one
+            whose = "" if ":" in refused else " (quality gate or analysis)"
+            self._reject(fname, key, f"{refused}: refused by the station{whose}",
                          counted=False)  # the station counts its own refusals
             return
         self._log.record(key, "done", fname)

@@ -353,6 +353,7 @@ def test_a_copy_of_an_analysed_image_is_refused_not_counted_twice(tmp_path: Path
     assert not runner.is_alive()
     first = next(fid for fid, outcome, _ in daemon.outcomes if outcome == "analysed")
     assert reason.read_text().startswith(f"duplicate_content: the same image as {first} was analysed before")
+    assert "quality gate" not in reason.read_text()  # a copy, not a field the gate or the analysis refused
     assert [(o, r) for _, o, r in daemon.outcomes] == [("analysed", None)] * 3 + [
         ("rejected", "duplicate_content"), ("skipped", "already_stored")]
     assert daemon.workers.stats.snapshot()["rejected"] == {"duplicate_content": 1}
