@@ -406,6 +406,70 @@ def test_commands_over_mqtt(
 
 
 @pytest.mark.broker
+def test_a_field_in_analysis_when_the_technician_stops_the_run_stays_out_of_the_next_run(
+    tmp_path: Path, broker: Any, credentials_dir: Path, observer: Subscriber,
+) -> None:
+    """stop_run while the slide's last field is being analysed (fields analysed two at once): that field
+    is of the stopped slide. It
+    stands alone (its field message without a run, counted in fields_outside_runs) and starts no run
+    of its own, so the next slide's run and report never count a field of the previous patient."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
+              "microns_per_pixel": 0.2}
+    # two fields at once (the example config's): the analysis thread serves commands while one is analysed
+    config = write_station(tmp_path, broker.port, source=source, analysis={"concurrent_fields": 2})
+    entered, gate = threading.Event(), threading.Event()
+
+    @dataclass
+    class GatedAnalyzer(PoolAnalyzer):
+        """The second field waits in the analyzer until the test lets it go."""
+
+        def analyze(self, frame: Frame, run_id: str | None = None, **kwargs: Any) -> FieldResult:
+            if self.calls == 1:
+                entered.set()
+                assert gate.wait(30)
+            return super().analyze(frame, run_id, **kwargs)
+    daemon = StationDaemon(load_config(config), analyzer_factory=lambda c: GatedAnalyzer(oracle_pool()))
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+
+    def command(name: str) -> dict[str, Any]:
+        before = len(observer.on_topic(f"{BASE}/cmd_response/{name}"))
+        observer.client.publish(f"{BASE}/cmd/{name}", "{}", qos=1)
+        assert observer.wait_for(lambda ms: sum(m.topic == f"{BASE}/cmd_response/{name}" for m in ms) > before, 15)
+        return json.loads(observer.on_topic(f"{BASE}/cmd_response/{name}")[-1].payload)
+
+    def field_messages() -> list[dict[str, Any]]:
+        return [e["body"] for e in envelopes(observer, f"{BASE}/field")]
+    try:
+        assert wait_until(lambda: any(m.payload == b"online" for m in observer.on_topic(f"{BASE}/status")), 15)
+        for i, name in enumerate(("slide-a-1.png", "slide-a-2.png")):
+            cv2.imwrite(str(inbox / name), render_field(40 + i, width=320, height=240).frame.pixels)
+            if i == 0:
+                assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/field" for m in ms), 15)
+        assert entered.wait(15)  # slide A's second field is in the analyzer
+        stopped = command("stop_run")
+        assert stopped["ok"] and stopped["fields"] == 1, stopped
+        gate.set()
+        assert observer.wait_for(lambda ms: sum(m.topic == f"{BASE}/field" for m in ms) == 2, 15)
+        first, last = field_messages()
+        assert first["run_id"] == stopped["run_id"] and last["run_id"] is None, (first["run_id"], last["run_id"])
+        status = command("status")
+        assert status["run"] is None and status["fields_outside_runs"] == 1 and status["fields_analysed"] == 2
+    finally:
+        gate.set()
+        daemon.request_stop("test over")
+        runner.join(30)
+    assert not runner.is_alive()
+    # the one specimen report is slide A's; no run of the stray field was closed at shutdown
+    assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 10)
+    time.sleep(0.5)  # a second report, the bug's, would have been sent before the stop's drain ended
+    reports = [e["body"] for e in envelopes(observer, f"{BASE}/report")]
+    assert [(r["run_id"], r["fields_analyzed"]) for r in reports] == [(stopped["run_id"], 1)]
+
+
+@pytest.mark.broker
 def test_a_broker_that_refuses_the_station_is_not_said_to_be_missing(
     tmp_path: Path, broker: MosquittoBroker, caplog: pytest.LogCaptureFixture,
 ) -> None:

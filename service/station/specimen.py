@@ -307,7 +307,7 @@ class SpecimenTracker:
         self._opened_at = 0.0  # that clock at the open run's start: its reports' run_ms
         self._lock = threading.Lock()
         self._run: SpecimenRun | None = None
-        #: Fields analysed with no run open (auto-start off): in no specimen report.
+        #: Fields analysed with no run open (auto-start off) or whose run ended meanwhile: in no specimen report.
         self.fields_outside_runs = 0
         self._outside_said = False  # said once until a run opens
         self._checks_claimed: tuple[str | None, int] = (None, 0)  # calibration checks handed to a run
@@ -336,11 +336,10 @@ class SpecimenTracker:
                                run.classified_wbc, run.target_wbc)
 
     def claim_calibration_check(self, run_id: str | None) -> bool:
-        """Whether a calibrated field handed to run `run_id` (`run_for_next_field`) checks its
-        calibration (calibration_check): the first `calibration_check_fields` fields handed to a
-        run, counted as they are handed out, so fields analysed at once (concurrent_fields) claim
-        no more checks than that; a resumed run counts the fields it holds. A field outside any
-        run (auto_start off, no run open) never checks."""
+        """Whether a calibrated field handed to run `run_id` (`run_for_next_field`) checks its calibration
+        (calibration_check): the first `calibration_check_fields` fields handed to a run, counted as they are
+        handed out, so fields analysed at once (concurrent_fields) claim no more checks than that; a resumed
+        run counts the fields it holds. A field outside any run (auto_start off, no run open) never checks."""
         with self._lock:
             if run_id is None or self._policy.calibration_check_fields == 0:
                 return False
@@ -421,22 +420,25 @@ class SpecimenTracker:
                 return None
         return self.start(started_by="auto")
 
-    def add(self, result: FieldResult) -> tuple[FieldResult, ClosedRun | None]:
-        """Add a field to the open run (stamping its report with the run id) and close the run
-        when the field reached the target. Without an open run the field stands alone."""
+    def add(self, result: FieldResult, handed_to: str | None = None) -> tuple[FieldResult, ClosedRun | None]:
+        """Add a field to the open run (stamping its report with the run id), closing it at its target. With no
+        run open it stands alone, as does one handed to a run (`handed_to`) that ended meanwhile (its slide's)."""
         with self._lock:
             run = self._run
-        if run is None:
+        if run is None or handed_to not in (None, run.run_id):
             if result.report.run_id is not None:
                 result = replace(result, report=result.report.model_copy(update={"run_id": None}))
             self.fields_outside_runs += 1
-            if not self._outside_said:
+            if handed_to is not None:
+                logger.info("field %s was analysed while its run %s ended: in no specimen report (not in the next "
+                            "slide's run)", field_id_of(result.report), handed_to)
+            elif not self._outside_said:
                 self._outside_said = True
                 logger.warning("field %s analysed with no specimen run open (specimen.auto_start = false): it is in "
                                "no specimen report; start_run before the next slide's fields (said once until a "
                                "run opens)", field_id_of(result.report))
             return result, None
-        if result.report.run_id != run.run_id:  # the run changed while the field was analysed
+        if result.report.run_id != run.run_id:  # handed over with none open, a run opened while it was analysed
             result = replace(result, report=result.report.model_copy(update={"run_id": run.run_id}))
         with self._lock:
             counted = run.add(result, self._clock())

@@ -333,10 +333,10 @@ class StationWorkers:
             self._done(frame, "analysis_error")
             return {"ok": False, "frame_id": frame.frame_id, "error": "analysis_error",
                     "message": f"{type(error).__name__}: {error}"}
-        # A field analysed while its run ended joins the run open now or one the policy starts.
-        self.tracker.run_for_next_field()
+        if work.run_id is None:  # handed over with no run open: joins one opened since (or started now)
+            self.tracker.run_for_next_field()
         open_run = self.tracker.open_run()
-        result, closed = self.tracker.add(result)
+        result, closed = self.tracker.add(result, handed_to=work.run_id)  # its run ended meanwhile: alone
         run = None
         if open_run is not None and result.report.run_id == open_run.run_id:
             run = RunMeta(open_run.run_id, open_run.started_at, open_run.started_by,
