@@ -21,6 +21,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -66,9 +67,9 @@ _STORED = re.compile(r"stored (field|report) message report_id=(\S+) seq=(\d+)")
 class DaemonProcess:
     """`run_daemon` in a child process (to be SIGKILLed or SIGTERMed); its log lines collected."""
 
-    def __init__(self, config: Path, pool_file: Path) -> None:
-        code = _DAEMON_CHILD.format(repo=str(REPO), tests=str(REPO / "tests"))
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(config), str(pool_file)],
+    def __init__(self, config: Path, pool_file: Path, child: str = _DAEMON_CHILD, *args: str) -> None:
+        code = child.format(repo=str(REPO), tests=str(REPO / "tests"))
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(config), str(pool_file), *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._new = queue.SimpleQueue[str]()
@@ -100,6 +101,110 @@ def received_ids(sub: Subscriber) -> list[tuple[str, str]]:
             env = json.loads(m.payload)
             out.append((env["kind"], env["report_id"]))
     return out
+
+
+_GALLERY_CUT_CHILD = """
+import logging, os, pickle, signal, sys, threading
+from pathlib import Path
+sys.path[:0] = [{repo!r}, {tests!r}]
+from test_daemon import PoolAnalyzer
+from smearscope.service.station import review
+from smearscope.service.station.daemon import run_daemon
+logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+with open(sys.argv[2], "rb") as fh:
+    pool = pickle.load(fh)
+cut_at, crops_written = int(sys.argv[3]), sys.argv[4] == "after_crops"
+stored, seen = threading.Condition(), []
+
+class Stored(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith("stored field message"):
+            with stored:
+                seen.append(record)
+                stored.notify_all()
+logging.getLogger("smearscope.service.station.workers").addHandler(Stored())
+real, calls = review.ReviewGallery.add_field, []
+
+def add_field(self, run_id, image, result):
+    calls.append(run_id)
+    if len(calls) < cut_at:
+        return real(self, run_id, image, result)
+    if crops_written:
+        real(self, run_id, image, result)
+    with stored:  # the field's own message, where the station stores it before its crops
+        stored.wait_for(lambda: len(seen) >= cut_at, timeout=5)
+    os.kill(os.getpid(), signal.SIGKILL)  # the power goes
+review.ReviewGallery.add_field = add_field
+sys.exit(run_daemon(Path(sys.argv[1]), None, analyzer_factory=lambda config: PoolAnalyzer(pool)))
+"""
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("cut", ["before_crops", "after_crops"])
+def test_a_power_cut_as_a_fields_crops_are_written_loses_none_and_doubles_none(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, cut: str,
+) -> None:
+    """The station dies (SIGKILL) as the slide's second field's review crops are being written
+    (before_crops) or just after (after_crops). After the restart the run, taken back, counts both
+    fields once and its gallery holds each field's crops once: a field whose message was stored
+    before its crops were written was never analysed again, and its cells could not be reviewed
+    or typed before the run was signed (get_review showed the first field's only)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    pool_file = tmp_path / "pool.pkl"
+    pool = oracle_pool(1)  # every field the same cells: the two fields' crops compare
+    pool_file.write_bytes(pickle.dumps(list(pool)))
+    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
+              "microns_per_pixel": 0.2}
+    config = write_station(tmp_path, broker.port, source=source, review={"white_cells": "all"})
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    daemon = runner = None
+    try:
+        sub.wait_ready()
+        first = DaemonProcess(config, pool_file, _GALLERY_CUT_CHILD, "2", cut)
+        cv2.imwrite(str(inbox / "a.png"), render_field(60, width=320, height=240).frame.pixels)
+        assert wait_until(lambda: [k for k, _, _ in first.stored()] == ["field"], 30), first.lines[-20:]
+        cv2.imwrite(str(inbox / "b.png"), render_field(61, width=320, height=240).frame.pixels)
+        assert first.wait(30) == -signal.SIGKILL, first.lines[-20:]
+
+        daemon = StationDaemon(load_config(config), analyzer_factory=lambda c: PoolAnalyzer(pool))
+        runner = threading.Thread(target=daemon.run, daemon=True)
+        runner.start()
+        assert wait_until(lambda: (inbox / "done" / "b.png").exists(), 30)
+
+        def command(name: str) -> dict[str, Any]:
+            before = len(sub.on_topic(f"{BASE}/cmd_response/{name}"))
+            sub.client.publish(f"{BASE}/cmd/{name}", "{}", qos=1)
+            assert sub.wait_for(lambda ms: sum(m.topic == f"{BASE}/cmd_response/{name}" for m in ms) > before, 15)
+            return json.loads(sub.on_topic(f"{BASE}/cmd_response/{name}")[-1].payload)
+        for _ in range(15):  # the restarted station listens once it has subscribed (a command before is lost)
+            sub.client.publish(f"{BASE}/cmd/status", "{}", qos=1)
+            if sub.wait_for(lambda ms: any(m.topic == f"{BASE}/cmd_response/status" for m in ms), 2):
+                break
+        stopped = command("stop_run")
+        assert stopped["ok"] and stopped["fields"] == 2, stopped
+        review, offset, overlays = [], 0, 0
+        while offset is not None:
+            sub.client.publish(f"{BASE}/cmd/get_review", json.dumps({"run_id": stopped["run_id"], "offset": offset}),
+                               qos=1)
+            assert sub.wait_for(lambda ms, at=offset: any(json.loads(m.payload).get("offset") == at for m in ms
+                                               if m.topic == f"{BASE}/cmd_response/get_review"), 15)
+            page = [json.loads(m.payload) for m in sub.on_topic(f"{BASE}/cmd_response/get_review")
+                    if json.loads(m.payload).get("offset") == offset][-1]
+            assert page["ok"], page
+            overlays = page["overlays_on_disk"] if offset == 0 else overlays
+            review += [(c["field_id"], c["cell"]) for c in page["cells"]]
+            offset = page["next_offset"]
+    finally:
+        if daemon is not None and runner is not None:
+            daemon.request_stop("test over")
+            runner.join(30)
+        sub.close()
+    per_field = Counter(field_id.split(":")[1].split("@")[0] for field_id, _ in review)
+    assert len(set(review)) == len(review), "a cell shown twice"
+    assert overlays == 2  # one overlay a field
+    assert per_field["a.png"] > 0 and per_field == {"a.png": per_field["a.png"], "b.png": per_field["a.png"]}, per_field
 
 
 @pytest.mark.slow

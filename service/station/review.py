@@ -240,12 +240,17 @@ class ReviewGallery:
             self._runs.move_to_end(run_id)
             added: list[tuple[int, dict[str, Any], TypeableCell | None]] = []
             displaced: list[tuple[str, int]] = []
+            # a field analysed again (a crash came after its crops, before its report was stored): its crops anew
+            for k in [k for k, c in enumerate(gallery.crops) if c["field_id"] == field_id][::-1]:
+                gone, _ = gallery.crops.pop(k), gallery.priorities.pop(k)
+                gallery.typeable.pop((field_id, gone["cell"]), None)
+                displaced.append((field_id, gone["cell"]))
             for p, crop in crops:
                 if self._keep(gallery, p, crop, typeable, displaced):
                     added.append((p, crop, typeable.get((crop["field_id"], crop["cell"]))))
             kept = len(added)  # never displaced in its own field: a field's crops to review come first
             gallery.not_kept += len(crops) - kept
-            if path is not None:
+            if path is not None and path not in gallery.overlays:
                 gallery.overlays.append(path)
             gallery.latest_thumbnail = {"field_id": field_id, "width": thumbnail.shape[1],
                                         "height": thumbnail.shape[0], "jpeg": thumb_jpeg}

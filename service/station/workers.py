@@ -341,9 +341,9 @@ class StationWorkers:
         if open_run is not None and result.report.run_id == open_run.run_id:
             run = RunMeta(open_run.run_id, open_run.started_at, open_run.started_by,
                           open_run.target_wbc)
-        self._emit(_Outgoing("field", result.report, frame, result.cells, run))
-        if self.clinic is not None:
+        if self.clinic is not None:  # its crops first: a crash once the field is stored must not lose them
             self.clinic.field_added(frame.pixels, result, self.tracker, self.publisher)
+        self._emit(_Outgoing("field", result.report, frame, result.cells, run))
         if closed is not None:
             self.emit_closed(closed)
         self.stats.add("analysed")
