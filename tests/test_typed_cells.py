@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -738,3 +739,32 @@ def test_means_fitted_at_one_scale_are_flagged_on_a_station_recalibrated_since(t
         build_analyzer(cfg).close()
         warned = [r for r in caplog.records if "wbc_station_means" in r.getMessage() and r.levelname == "WARNING"]
         assert bool(warned) == flagged, [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_type_answered_as_stored_is_synced_to_the_disk_before_the_answer(tmp_path: Path) -> None:
+    """A power cut after type_cells answered 'stored' must not take the type back: verify_run would
+    then sign the run with the analyzer's label. In WAL mode SQLite's synchronous=NORMAL syncs only
+    at checkpoints; the typed-cells file syncs its WAL at each commit (seen with strace: an fsync or
+    fdatasync of typed.sqlite3-wal between the put's start and its return, in a real process)."""
+    child = """
+import os, sys
+from pathlib import Path
+import numpy as np
+from smearscope.service.station.typed_cells import TypeableCell, TypedCellStore
+store = TypedCellStore(Path(sys.argv[1]))
+cell = TypeableCell(np.zeros(4, np.float32), np.zeros((2, 4), np.float32), "lymphocyte", {}, "sha", ("a", "b"), 0.1)
+os.write(2, b"PUT\\n")
+assert store.put("run", "file:f1.png@3a9c", 3, "monocyte", cell)
+os.write(2, b"DONE\\n")
+"""
+    trace = tmp_path / "trace"
+    subprocess.run(["strace", "-f", "-qq", "-y", "-e", "trace=write,fsync,fdatasync", "-o", str(trace),
+                    sys.executable, "-c", child, str(tmp_path / "typed.sqlite3")], check=True, timeout=120)
+    lines = trace.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "write(2" in line and "PUT" in line)
+    end = next(i for i, line in enumerate(lines) if "write(2" in line and "DONE" in line)
+    synced = [line for line in lines[start:end] if re.search(r"f(data)?sync\(\d+<[^>]*typed\.sqlite3-wal>", line)]
+    assert synced, lines[start:end]
+    assert sqlite3.connect(tmp_path / "typed.sqlite3").execute("SELECT type FROM typed_white_cells").fetchall() == [
+        ("monocyte",)]

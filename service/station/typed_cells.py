@@ -119,7 +119,9 @@ class TypedCellStore:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
                 self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
+                # FULL: each type synced at its commit, before type_cells answers it stored (WAL's NORMAL
+                # syncs at checkpoints only: a power cut took back types a run was then signed without)
+                self._db.execute("PRAGMA synchronous=FULL")
                 self._db.execute(_SCHEMA)
                 if "kind" not in self._columns():  # a file from before red cells were typed
                     self._db.execute("ALTER TABLE typed_white_cells ADD COLUMN kind TEXT NOT NULL DEFAULT 'wbc'")
