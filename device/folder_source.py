@@ -11,7 +11,8 @@ A file that can never be an image goes to `rejected/` with a `.reason.txt` besid
 code first), and so does one the station refused (`done(frame, refused)`). One that may still be
 being written (`MAYBE_INCOMPLETE`: empty, truncated, corrupt the way a half-written file is, not
 readable yet; or decoded with a black last row, the zeros of a file its writer sized first) is
-retried for `decode_grace_s` from its last change; and if it changes after it was rejected (its
+waited for `decode_grace_s` from its last change, decoded once per version (size and mtime: the
+same bytes give the same refusal); and if it changes after it was rejected (its
 writer was only slow), it is moved back and tried again, as one that changed after it was read
 stays for its new version. Files under a writer's temporary name are left alone; file names need
 not be UTF-8. Registered as the "folder" kind in `device.sources`.
@@ -33,7 +34,6 @@ import errno
 import hashlib
 import logging
 import os
-import stat
 import threading
 import time
 import weakref
@@ -41,6 +41,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from smearscope.device.folder_checks import STATE_NAME, folder_problem, same_dir
 from smearscope.device.frame import Frame
 from smearscope.device.ingest import IngestError, IngestLimits, RejectReason, load_image, shown
 from smearscope.device.ingest.files import read_regular
@@ -59,6 +60,9 @@ class _Candidate:
     stable_since: float
     undecodable_since: float | None = None
     read_error: str | None = None  # the last one said in the log
+    #: What decoding this version gave while it was waited for (a refusal, or "dark" for a black
+    #: last row): the same bytes decode the same way, so it is not decoded again for it.
+    verdict: IngestError | str | None = None
 
 
 @dataclass
@@ -91,9 +95,6 @@ TEMP_SUFFIXES: tuple[str, ...] = (".part", ".partial", ".tmp", ".temp", ".crdown
                                   ".download", ".inprogress", ".writing", "~")
 
 
-#: The log of processed files in the watched folder, unless `state_file` names another.
-STATE_NAME = ".smearscope-processed"
-
 _NOWHERE = frozenset({errno.ELOOP, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG})
 
 
@@ -106,47 +107,6 @@ def _kind(entry: os.DirEntry[str]) -> str:
         if exc.errno in _NOWHERE and entry.is_symlink():  # anything else (a share's passing EIO) is tried again
             return "other"
         raise
-
-
-def _same_dir(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def folder_problem(config: FolderSourceConfig) -> str | None:
-    """Why the station could not work the watched folder (None: it can): it must be a directory
-    the station's user can list and write, for it moves each file into `done/` or `rejected/`
-    (created there) and keeps its log of processed files beside them. Said at start (exit 78,
-    `smearscope doctor`), not as a crash loop at the first file."""
-    root = config.path
-    if not root.is_dir():
-        return f"watched folder {root} is not a directory"
-    if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
-        return (f"watched folder {root} is not writable by this user (read-only, or another owner): the station "
-                f"moves each file to {config.done_dir}/ or {config.rejected_dir}/ in it (under systemd: "
-                "ReadWritePaths=, and a group shared with the camera software)")
-    for sub in (config.done_dir, config.rejected_dir):
-        d = root / sub
-        if d.exists() and not (d.is_dir() and os.access(d, os.W_OK | os.X_OK)):
-            return f"{d} is not a folder this user can write"
-        if d.exists() and os.stat(d).st_dev != os.stat(root).st_dev:  # a link to another disk
-            return (f"{d} is on another file system than the watched folder: files are moved there by rename, "
-                    "which cannot cross disks (make it a folder on the same disk, not a link to another)")
-    state = config.state_file or root / STATE_NAME  # rewritten through a file beside it when compacted: its folder too
-    try:
-        kind = os.lstat(state).st_mode
-    except FileNotFoundError:
-        kind = None  # made at start
-    except OSError as exc:  # a folder on its path this user may not enter
-        return f"state_file {state} cannot be looked at by this user: {exc.strerror or exc}"
-    if kind is not None and not stat.S_ISREG(kind):  # a FIFO would hang the start, a link be written through
-        return (f"state_file {state} is not a regular file (a directory, FIFO, device or symbolic link): "
-                + ("name a file, or leave it out" if config.state_file else "remove it (it is made again)"))
-    if not (os.access(state.parent, os.W_OK | os.X_OK) and (kind is None or os.access(state, os.W_OK))):
-        return f"state_file {state} (or its folder) is not writable by this user"
-    return None
 
 
 #: Open folder sources: at a clean exit each releases the attempts it leaves unfinished.
@@ -181,7 +141,7 @@ class FolderSource(FrameSource):
         state = config.state_file or self._root / STATE_NAME
         self._log = ProcessedLog(state, config.state_max_entries)
         #: The state file's name when it lies in the watched folder itself: the station's own, no input.
-        self._own = state.name if _same_dir(state.parent, self._root) else None
+        self._own = state.name if same_dir(state.parent, self._root) else None
         self._pending: dict[str, _Candidate] = {}
         self._stuck: set[str] = set()  # keys we could not move away; not retried every poll
         self._again: set[str] = set()  # keys rejected before, back in the folder: said once
@@ -361,6 +321,12 @@ class FolderSource(FrameSource):
 
     def _read_new(self, fname: str, key: str, st: os.stat_result, cand: _Candidate, now: float,
                   tries: int) -> Frame | None:
+        if cand.verdict is not None:  # decoded already, unchanged since: waited for, not decoded again
+            if now - (cand.undecodable_since or now) < self._config.decode_grace_s:
+                return None
+            if isinstance(cand.verdict, IngestError):
+                self._reject(fname, key, f"{cand.verdict.code.value}: {cand.verdict.message}", watch=True)
+                return None
         try:
             try:
                 # its size and a byte at most, from a regular file only: one swapped since it was listed for a
@@ -387,13 +353,16 @@ class FolderSource(FrameSource):
             if exc.code in MAYBE_INCOMPLETE:  # its writer may not be done: wait, then reject
                 cand.undecodable_since = cand.undecodable_since or now
                 if now - cand.undecodable_since < self._config.decode_grace_s:
+                    # a decoder's refusal stands until the file changes; unreadable is tried again
+                    cand.verdict = exc if exc.code != RejectReason.UNREADABLE else None
                     return None
             self._reject(fname, key, f"{exc.code.value}: {exc.message}", watch=exc.code in MAYBE_INCOMPLETE)
             return None
-        if not image.pixels[-1].any():  # a black last row: in brightfield, the zeros of a file its
-            cand.undecodable_since = cand.undecodable_since or now  # writer sized first and is filling
+        if not image.pixels[-1].any() and cand.verdict is None:  # a black last row: in brightfield, the
+            cand.undecodable_since = cand.undecodable_since or now  # zeros of a file its writer sized first
             if now - cand.undecodable_since < self._config.decode_grace_s:
-                return None  # waited for; after the grace it is analysed as it is
+                cand.verdict = "dark"  # waited for; after the grace decoded again and analysed as it is
+                return None
         frame = Frame(
             pixels=image.pixels,
             frame_id=f"{self.name}:{shown(fname)}@{key[:12]}",

@@ -119,8 +119,9 @@ class FolderSourceConfig(_CommonSourceFields):
     decode_grace_s: float = Field(
         default=30.0,
         title="Undecodable grace (s)",
-        description="How long a settled file that does not decode is retried before it is "
-        "rejected with the decoder's reason (a writer may pause mid-file; at most a day).",
+        description="How long a settled file that does not decode is waited for (decoded again only "
+        "when its size or mtime changes) before it is rejected with the decoder's reason (a writer "
+        "may pause mid-file; at most a day).",
         ge=0.0, le=86400.0,
     )
     max_file_mb: float = Field(

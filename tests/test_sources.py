@@ -594,6 +594,47 @@ def test_a_file_whose_last_rows_are_still_zeros_is_waited_for_then_analysed(tmp_
     src.close()
 
 
+def test_a_file_waited_for_is_decoded_once_per_version_not_at_every_poll(tmp_path: Path, monkeypatch) -> None:
+    """A 7 KB PNG that decodes to a blank 2000 x 2000 frame, and a TIFF whose last rows are zeros,
+    polled every second through the default 30 s grace: each version is decoded once (the dark one
+    again when it is handed out), not 30 times; a change to the file is decoded anew."""
+    decodes: list[str] = []
+    real = folder_source.load_image
+
+    def counting(data, **kw):
+        decodes.append(kw["source_name"])
+        return real(data, **kw)
+
+    monkeypatch.setattr(folder_source, "load_image", counting)
+    src = _folder(tmp_path, decode_grace_s=30.0)
+    ok, blank = cv2.imencode(".png", np.zeros((2000, 2000), np.uint8))
+    assert ok and len(blank) < 20_000
+    (src._root / "blank.png").write_bytes(blank.tobytes())
+    part = _image(3)
+    part[part.shape[0] // 2:] = 0
+    assert cv2.imwrite(str(src._root / "dark.tif"), part)
+    os.utime(src._root / "dark.tif", ns=(1, 1))  # oldest first: both are waited for at each poll
+    t0 = time.monotonic()
+    for second in range(30):
+        assert src.scan_once(now=t0 + second) is None
+    assert sorted(decodes) == ["blank.png", "dark.tif"]
+    frame = src.scan_once(now=t0 + 31)
+    assert frame is not None and "dark.tif" in frame.frame_id and decodes.count("dark.tif") == 2
+    src.done(frame)
+    assert src.scan_once(now=t0 + 31) is None and decodes.count("blank.png") == 1
+    reason = (src._root / "rejected" / "blank.png.reason.txt").read_text()
+    assert reason.startswith("blank_image")
+    (src._root / "rejected" / "blank.png.reason.txt").unlink()
+    os.replace(src._root / "rejected" / "blank.png", src._root / "again.png")
+    for second in range(32, 40):
+        src.scan_once(now=t0 + second)
+    assert decodes.count("again.png") == 1  # another name (a version): decoded anew, once
+    (src._root / "again.png").write_bytes(_png(4))
+    frame = src.scan_once(now=t0 + 40)
+    assert frame is not None and decodes.count("again.png") == 2
+    src.close()
+
+
 def test_a_move_a_crash_cut_short_is_finished_to_the_folder_its_record_names(tmp_path: Path) -> None:
     """Recorded, then the process died before the move: the next start moves a processed file to
     done/. A rejection is recorded only after its move, so a version recorded as rejected that is
