@@ -93,6 +93,28 @@ def apng(img: np.ndarray, frames: int) -> bytes:
     return png[:ihdr_end] + actl + fctl + png[ihdr_end:]
 
 
+def palette_png(indices: np.ndarray, palette: list[tuple[int, int, int]], depth: int = 8,
+                trns: list[int] | None = None) -> bytes:
+    """A PNG of colour type 3 (what OpenCV cannot write): `indices` at `depth` bits into `palette`
+    (RGB triples), with a tRNS chunk of per-entry alpha if given."""
+    def chunk(ctype: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
+
+    h, w = indices.shape
+    per = 8 // depth
+    rows = b""
+    for row in indices:
+        packed = bytearray((w * depth + 7) // 8)
+        for x, v in enumerate(row):
+            packed[x // per] |= int(v) << (8 - depth * (x % per + 1))
+        rows += b"\x00" + bytes(packed)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, 3, 0, 0, 0))
+    png += chunk(b"PLTE", bytes(np.asarray(palette, np.uint8).ravel()))
+    if trns is not None:
+        png += chunk(b"tRNS", bytes(trns))
+    return png + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
 def tiff_patch_tag(path: Path, tag_name: str, value: int) -> None:
     """Overwrite one inline tag value of the first page in place (e.g. to lie about its size)."""
     with tifffile.TiffFile(path) as tif:
@@ -317,6 +339,17 @@ CASES: list[HostileCase] = [
     HostileCase("tiff_truncated", "truncated", _tiff_truncated),
     HostileCase("tiff_ifd_past_end", "truncated", _tiff_ifd_past_end),
     HostileCase("png_bad_crc", "corrupt", _png_bad_crc),
+    HostileCase(  # libpng shows an index past the palette as black: all of them, a blank frame
+        "png_palette_indices_past_its_palette",
+        "corrupt",
+        lambda d: _write(d, "past.png", palette_png(np.full((100, 120), 5), [(200, 30, 40), (20, 220, 90)])),
+    ),
+    HostileCase(  # some of them: black cells where the writer meant colours, analysed as such
+        "png_some_palette_indices_past_its_palette",
+        "corrupt",
+        lambda d: _write(d, "some.png", palette_png(
+            np.random.default_rng(3).integers(0, 3, (100, 120)), [(200, 30, 40), (20, 220, 90)])),
+    ),
     HostileCase(
         "png_declares_more_than_it_holds",
         "corrupt",

@@ -779,6 +779,26 @@ def test_tiff_palette(tmp_path: Path) -> None:
     assert img.pixels[0, 3].tolist() == [30, 20, 10]
 
 
+@pytest.mark.parametrize("depth", [1, 2, 4, 8])
+def test_a_palette_png_decodes_to_its_colours_as_opencv_shows_them(depth: int) -> None:
+    """Indices within the palette (at every depth, with and without tRNS) give the colours OpenCV
+    decodes from the file itself: decoding the indices to check them changes nothing else."""
+    rng = np.random.default_rng(depth)
+    entries = min(1 << depth, 5)
+    palette = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(entries)]
+    indices = rng.integers(0, entries, (90, 110))
+    for trns in (None, [255, 0, 128][: min(entries, 3)]):
+        png = hostile.palette_png(indices, palette, depth, trns)
+        shown = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+        img = load_image(png)
+        if trns is None:
+            np.testing.assert_array_equal(img.pixels, shown)
+        else:  # over white, as every frame with alpha
+            alpha = shown[..., 3:].astype(np.float64) / 255
+            over = np.round(shown[..., :3] * alpha + 255 * (1 - alpha))
+            assert np.abs(img.pixels.astype(int) - over).max() <= 1
+
+
 def test_tiff_first_series_of_several(tmp_path: Path, field: np.ndarray) -> None:
     with tifffile.TiffWriter(tmp_path / "s.tif") as writer:
         writer.write(field[:, :, ::-1], photometric="rgb")

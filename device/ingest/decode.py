@@ -10,7 +10,8 @@ input. Checks run in a fixed order, so one file always gets the same code:
 4. the declared geometry  too_large_pixels, absurd_aspect, too_small
 5. decoding               corrupt (for JPEG also every warning of libjpeg: "premature end of
                           data segment", "corrupt JPEG data", a bad Huffman code; OpenCV's
-                          decoder would fill the damage with grey and carry on)
+                          decoder would fill the damage with grey and carry on; a palette
+                          PNG index past its palette, which libpng shows as black)
 6. the content            blank_image
 
 Geometry is judged from the header BEFORE decoding, so a decompression bomb (a few kilobytes
@@ -44,6 +45,7 @@ from smearscope.device.ingest.headers import (
     tiff_header,
 )
 from smearscope.device.ingest.packbits import use_bounded_packbits
+from smearscope.device.ingest.png_palette import paint, png_palette
 from smearscope.device.ingest.tiff_segments import (
     SegmentOverflow,
     bounded_segments,
@@ -233,7 +235,10 @@ def _load_png(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray,
     header = png_header(data, name)
     _check_geometry(header, name, limits)
     # UNCHANGED keeps 16 bit and alpha; orientation is applied by us from the eXIf chunk.
+    palette = png_palette(data)  # palette indices: decoded as such and checked against the palette
     try:
+        if palette is not None:
+            return paint(_imdecode(palette.ramp_png, cv2.IMREAD_UNCHANGED, header, name), palette, name), header
         return _imdecode(data, cv2.IMREAD_UNCHANGED, header, name), header
     except IngestError as exc:
         if png_pixel_data_cut_short(data):
