@@ -202,7 +202,8 @@ class ReplaySourceConfig(_CommonSourceFields):
     )
     path: ConfigPath = Field(
         title="Recording",
-        description="A directory of image files (played in name order) or a video file.",
+        description="A directory of image files (played in name order) or a video file (AVI, MP4/MOV or "
+        "Matroska/WebM; frames held to an image file's size limits).",
     )
     fps: float = Field(
         default=1.0,

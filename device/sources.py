@@ -38,6 +38,7 @@ from smearscope.device.source_config import (
     SimulatedSourceConfig,
     SourceConfig,
 )
+from smearscope.device.video_file import checked_frame, declared_frames, open_video
 
 logger = logging.getLogger(__name__)
 
@@ -311,6 +312,7 @@ class ReplaySource(FrameSource):
         self._pacer = _Pacer(config.fps, self._stop)
         self._files: list[Path] = []
         self._video: Any = None
+        self._limits = IngestLimits()
         if config.path.is_dir():
             self._files = sorted(
                 p for p in config.path.iterdir()
@@ -320,6 +322,8 @@ class ReplaySource(FrameSource):
                 raise SourceConfigurationError(f"no image files in {config.path}")
         elif not config.path.is_file():
             raise SourceConfigurationError(f"recording {config.path} does not exist")
+        else:  # refused at start, said with its reason code, rather than a recording of no frames
+            self._video = self._open_video()
         self._pass = 0
         self._index = 0
         self._yielded_this_pass = 0
@@ -362,12 +366,30 @@ class ReplaySource(FrameSource):
                 logger.warning("%s: skipping %s: %s", self.name, label, exc)
                 return label, None
         if self._video is None:
-            self._video = cv2.VideoCapture(str(self._config.path))
+            try:
+                self._video = self._open_video()
+            except SourceConfigurationError as exc:  # changed since the start: the replay ends
+                logger.error("%s: %s", self.name, exc)
+                return None
         ok, image = self._video.read()
         if not ok:
+            if self._index < (declared := declared_frames(self._video)):
+                logger.warning("%s: %s ended after %d of the %d frames it declares (damaged or cut short)",
+                               self.name, shown(self._config.path), self._index, declared)
             return None
         self._index += 1
-        return f"{shown(self._config.path.stem)}#{self._index:06d}", as_bgr8(within_limits(image))
+        label = f"{shown(self._config.path.stem)}#{self._index:06d}"
+        try:
+            return label, as_bgr8(checked_frame(image, label, self._limits))
+        except IngestError as exc:
+            logger.warning("%s: skipping %s: %s", self.name, label, exc)
+            return label, None
+
+    def _open_video(self) -> Any:
+        try:
+            return open_video(self._config.path, self._limits)
+        except IngestError as exc:
+            raise SourceConfigurationError(f"recording refused: {exc}") from exc
 
     def _release(self) -> None:
         if self._video is not None:

@@ -501,7 +501,7 @@ def test_files_the_station_would_trip_on_at_start_are_named_by_validate_config(
     state_file that is a directory (a traceback, exit 1: restarted forever) or a FIFO (the start
     hung, deaf to SIGTERM; also the default log in the watched folder, which its writers may
     replace), or a symbolic link (written through), station means that are missing or a directory, a review directory that
-    is a file (overlays and gallery lost with warnings only)."""
+    is a file (overlays and gallery lost with warnings only), a replayed video the replay source refuses."""
     inbox, fifo, folder, plain = tmp_path / "inbox", tmp_path / "state.fifo", tmp_path / "adir", tmp_path / "plain"
     for d in (inbox, folder):
         d.mkdir()
@@ -521,6 +521,10 @@ def test_files_the_station_would_trip_on_at_start_are_named_by_validate_config(
              (MINIMAL + analysis + f'[review]\ndirectory = "{plain}"\n', "review.directory", "is a file, not a folder")]
     cases += [(MINIMAL + analysis + f'wbc_station_means = "{means}"\n', "analysis.wbc_station_means",
                "station_means_unreadable") for means in (tmp_path / "missing.json", folder)]
+    script = tmp_path / "run.avi"  # a script FFmpeg would follow to other files, under a video's name
+    script.write_text("ffconcat version 1.0\nfile other.avi\n")
+    cases.append((f'[source]\nkind = "replay"\npath = "{script}"\n' + analysis, "source.path",
+                  "recording refused: unsupported_format"))
     for text, where, says in cases:
         if not text.startswith("station_id"):
             text = 'station_id = "bench"\n' + text

@@ -885,11 +885,13 @@ def test_replay_folder_plays_in_name_order_and_loops_with_new_ids(tmp_path: Path
     assert len(set(ids)) == 7 and ids[3] == "scope:p1:f0.png"
 
 
-def _video(path: Path, greys: list[int]) -> Path:
-    """An MJPG video of 64 x 48 frames, each one grey level."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48))
+def _video(path: Path, greys: list[int], codec: str = "MJPG", size: tuple[int, int] = (80, 64)) -> Path:
+    """A video of `size` (width, height) frames, each one grey level (codecs this OpenCV writes:
+    MJPG and XVID in AVI, mp4v in MP4, FFV1 in Matroska)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), 5, size)
+    assert writer.isOpened()
     for grey in greys:
-        writer.write(np.full((48, 64, 3), grey, np.uint8))
+        writer.write(np.full((size[1], size[0], 3), grey, np.uint8))
     writer.release()
     return path
 
@@ -903,6 +905,43 @@ def test_replay_video_file_at_fps(tmp_path: Path) -> None:
     assert elapsed >= 3 / 20 - 0.01  # four frames are three periods apart
     with pytest.raises(SourceConfigurationError):
         ReplaySource(ReplaySourceConfig(path=tmp_path / "missing.avi"))
+
+
+def test_a_replayed_video_is_held_to_the_limits_of_an_image_file(tmp_path: Path) -> None:
+    """Videos are decoded by FFmpeg, outside the image decoder: a recording is opened only as an AVI,
+    MP4 or Matroska file (not a script FFmpeg would follow to other files), and its frame size is
+    judged before any frame is read, as an image header's is; each refusal stops the start with its
+    reason code."""
+    for codec, name in (("MJPG", "a.avi"), ("XVID", "b.avi"), ("mp4v", "c.mp4"), ("FFV1", "d.mkv")):
+        frames = list(ReplaySource(ReplaySourceConfig(path=_video(tmp_path / name, [40, 120, 200], codec), fps=0)))
+        assert [round(f.pixels.mean() / 40) for f in frames] == [1, 3, 5], codec
+    mp4 = (tmp_path / "c.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(mp4[: len(mp4) // 2])  # its index (moov) comes last
+    (tmp_path / "script.avi").write_text("ffconcat version 1.0\nfile a.avi\nfile c.mp4\n")
+    (tmp_path / "notes.avi").write_text("white cells: 7\n" * 40)
+    _video(tmp_path / "huge.avi", [128], size=(9000, 8000))  # 72 MP, over the 64 MP of an image
+    _video(tmp_path / "strip.mkv", [128], "FFV1", size=(1000, 64))
+    _video(tmp_path / "small.avi", [128], size=(64, 48))
+    expected = {"cut.mp4": "corrupt", "script.avi": "unsupported_format", "notes.avi": "unsupported_format",
+                "huge.avi": "too_large_pixels", "strip.mkv": "absurd_aspect", "small.avi": "too_small"}
+    for name, code in expected.items():
+        with pytest.raises(SourceConfigurationError, match=f"^recording refused: {code}: .*{name}"):
+            ReplaySource(ReplaySourceConfig(path=tmp_path / name, fps=0))
+
+
+def test_a_video_cut_short_plays_what_it_holds_and_says_so(tmp_path: Path, caplog) -> None:
+    """An AVI cut in its second frame (a copy that stopped): the frames before the cut are played,
+    and the log says the recording ended before the frames it declares."""
+    writer = cv2.VideoWriter(str(tmp_path / "run.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5, (80, 64))
+    for i in range(4):
+        writer.write(_image(50 + i))
+    writer.release()
+    avi = (tmp_path / "run.avi").read_bytes()
+    (tmp_path / "cut.avi").write_bytes(avi[: len(avi) // 2])
+    with caplog.at_level(logging.WARNING):
+        frames = list(ReplaySource(ReplaySourceConfig(path=tmp_path / "cut.avi", fps=0)))
+    assert 1 <= len(frames) < 4
+    assert f"cut.avi ended after {len(frames)} of the 4 frames it declares (damaged or cut short)" in caplog.text
 
 
 def test_replay_picks_every_decodable_extension_in_any_case_and_carries_the_scale(tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ use_bounded_packbits()  # PackBits strips decoded into one buffer of their size 
 use_bounded_inflate()  # deflate and LZMA strips inflated no further than their size (device.ingest.tiff_segments)
 
 __all__ = ["DecodedImage", "ImageSource", "IngestError", "IngestLimits", "RejectReason",
-           "load_image"]
+           "check_geometry", "load_image"]
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
@@ -196,11 +196,16 @@ def _known_unsupported(data: bytes) -> str | None:
 
 
 def _check_geometry(header: ImageHeader, name: str, limits: IngestLimits) -> None:
-    w, h = header.width, header.height
+    check_geometry(header.width, header.height, name, limits)
+
+
+def check_geometry(w: int, h: int, name: str, limits: IngestLimits, said: str = "header declares") -> None:
+    """The frame size a header declares (or a video's frames have) within `limits`, else the
+    `IngestError` an image file of that size gets: too_large_pixels, absurd_aspect or too_small."""
     if w * h > limits.max_pixels:
         raise IngestError(
             RejectReason.TOO_LARGE_PIXELS,
-            f"{name}: header declares {w}x{h} = {w * h} pixels > limit {limits.max_pixels}",
+            f"{name}: {said} {w}x{h} = {w * h} pixels > limit {limits.max_pixels}",
         )
     if max(w, h) > limits.max_aspect * min(w, h):
         raise IngestError(

@@ -31,8 +31,8 @@ def _unreadable(path: Path) -> str | None:
 
 def _source_problems(source) -> list[tuple[str, str]]:
     """The folder a folder source watches must be a directory this user can write
-    (device.folder_source.folder_problem); a replay's recording must exist (the sources say so
-    again when they open, after the models have loaded)."""
+    (device.folder_source.folder_problem); a replay's recording must exist, and a video be one the
+    replay source opens (the sources say so again when they open)."""
     from smearscope.device.folder_source import folder_problem
     from smearscope.device.source_config import FolderSourceConfig, ReplaySourceConfig
 
@@ -43,6 +43,14 @@ def _source_problems(source) -> list[tuple[str, str]]:
         return [("source.state_file" if problem.startswith("state_file") else "source.path", problem)]
     if isinstance(source, ReplaySourceConfig) and not (path.is_dir() or path.is_file()):
         return [("source.path", f"recording {path} does not exist")]
+    if isinstance(source, ReplaySourceConfig) and path.is_file():  # a video: opened and judged as at start
+        from smearscope.device.ingest import IngestError, IngestLimits
+        from smearscope.device.video_file import open_video
+
+        try:
+            open_video(path, IngestLimits()).release()
+        except IngestError as exc:
+            return [("source.path", f"recording refused: {exc}")]
     return []
 
 
