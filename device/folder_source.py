@@ -30,6 +30,7 @@ file that resets the board) is set aside the same way (`ProcessedLog`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import hashlib
 import logging
@@ -45,7 +46,7 @@ from smearscope.device.folder_checks import STATE_NAME, folder_problem, same_dir
 from smearscope.device.frame import Frame
 from smearscope.device.ingest import IngestError, IngestLimits, RejectReason, load_image, shown
 from smearscope.device.ingest.files import read_regular
-from smearscope.device.own_files import still_at, unique_target, write_own_text
+from smearscope.device.own_files import place, unique_target, write_own_text
 from smearscope.device.processed_log import ProcessedLog, file_key
 from smearscope.device.source_config import FolderSourceConfig
 from smearscope.device.sources import FrameSource, SourceConfigurationError
@@ -412,8 +413,10 @@ class FolderSource(FrameSource):
             if back.exists():
                 continue
             try:
-                os.replace(r.path, back)
-                r.path.with_name(r.path.name + ".reason.txt").unlink(missing_ok=True)
+                with place(self._rejected, self._places[self._rejected]) as there:  # never out of a link's folder
+                    os.replace(r.path.name, back, src_dir_fd=there)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(r.path.name + ".reason.txt", dir_fd=there)
             except OSError as exc:
                 logger.error("%s: cannot move %s back for another try: %s", self.name, shown(str(r.path)), exc)
                 continue
@@ -432,7 +435,7 @@ class FolderSource(FrameSource):
         logger.log(level, "%s: rejected %s: %s", self.name, shown(fname), reason)
         # Moved first, then recorded: a version recorded as rejected that is in the folder was put
         # back (by an operator, to try it again), never left there by a stop between the two.
-        target = self._move(fname, self._rejected, key)
+        target = self._move(fname, self._rejected, key, note=reason)
         try:
             self._log.record(key, "rejected", fname)
         except OSError as exc:  # only a record: the file is no longer in the folder
@@ -441,22 +444,22 @@ class FolderSource(FrameSource):
         if target is not None and watch and cand is not None and retries < MAX_RECHECKS:
             self._watch[str(target)] = _Rejected(fname, target, cand.size, cand.mtime_ns,
                                                  time.monotonic(), retries + 1)
-        if target is not None:
-            sidecar = target.with_name(target.name + ".reason.txt")
-            try:
-                write_own_text(sidecar, f"{reason}\n")  # never through a link planted there
-            except OSError as exc:
-                logger.error("%s: cannot write %s: %s", self.name, sidecar, exc)
 
-    def _move(self, fname: str, directory: Path, key: str) -> Path | None:
+    def _move(self, fname: str, directory: Path, key: str, note: str | None = None) -> Path | None:
+        """Move the file into `directory` (with its `note` beside it as .reason.txt): the path it got."""
         try:
             directory.mkdir(exist_ok=True)  # the folder may have gone and come back without it
         except OSError:
             pass  # the move below says why
         target = unique_target(directory, fname, key)
-        try:
-            still_at(directory, self._places[directory])  # not a link put in its place since the start
-            os.replace(self._root / fname, target)
+        try:  # into the folder there at start, even if a link is put in its place meanwhile
+            with place(directory, self._places[directory]) as there:
+                os.replace(self._root / fname, target.name, dst_dir_fd=there)
+                try:  # beside it, never through a link planted there
+                    if note is not None:
+                        write_own_text(target.name + ".reason.txt", f"{note}\n", dir_fd=there)
+                except OSError as exc:
+                    logger.error("%s: cannot write %s.reason.txt: %s", self.name, target, exc)
         except FileNotFoundError:
             return None
         except OSError as exc:

@@ -15,6 +15,8 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -22,11 +24,12 @@ logger = logging.getLogger(__name__)
 _FLAGS = os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
 
 
-def open_own(path: str | os.PathLike[str], flags: int, mode: int = 0o666) -> int:
+def open_own(path: str | os.PathLike[str], flags: int, mode: int = 0o666, dir_fd: int | None = None) -> int:
     """A file descriptor of the regular file at `path` (os.open `flags`, e.g. O_WRONLY | O_APPEND |
-    O_CREAT); OSError when it is a symbolic link, a FIFO, a device or a directory, or cannot be opened."""
+    O_CREAT; relative to the folder `dir_fd` if given); OSError when it is a symbolic link, a FIFO, a
+    device or a directory, or cannot be opened."""
     try:
-        fd = os.open(path, flags | _FLAGS, mode)
+        fd = os.open(path, flags | _FLAGS, mode, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link
             raise OSError(errno.ELOOP, "a symbolic link, not followed", os.fspath(path)) from None
@@ -37,9 +40,10 @@ def open_own(path: str | os.PathLike[str], flags: int, mode: int = 0o666) -> int
     return fd
 
 
-def write_own_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write `text` (UTF-8, names' odd bytes as \\xNN) to the regular file at `path`, made or replaced."""
-    fd = open_own(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+def write_own_text(path: str | os.PathLike[str], text: str, dir_fd: int | None = None) -> None:
+    """Write `text` (UTF-8, names' odd bytes as \\xNN) to the regular file at `path` (in the folder
+    `dir_fd` if given), made or replaced."""
+    fd = open_own(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, dir_fd=dir_fd)
     with open(fd, "w", encoding="utf-8", errors="backslashreplace") as fh:
         fh.write(text)
 
@@ -67,3 +71,16 @@ def still_at(directory: Path, real: str) -> None:
     if now != real:
         raise OSError(errno.EXDEV, f"it leads to {now} now, not to {real} as at start (replaced by a link?)",
                       os.fspath(directory))
+
+
+@contextmanager
+def place(directory: Path, real: str) -> Iterator[int]:
+    """A descriptor of `directory`, which must lead where it led at start (`real`, its resolved
+    path; OSError otherwise). Moves and writes made relative to it land in that folder even if a
+    link is put in its place after the check (a check, then a rename by path, could be raced)."""
+    still_at(directory, real)  # then opened not through a link: one put there after the check is refused
+    fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        yield fd
+    finally:
+        os.close(fd)

@@ -422,6 +422,61 @@ def test_a_done_or_rejected_folder_replaced_by_a_link_elsewhere_receives_no_file
     src.close()
 
 
+def test_a_folder_swapped_for_a_link_between_the_check_and_the_move_receives_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check that done/ and rejected/ lead where they did at start, then a rename by path, left
+    a window: whoever swaps the folder for a link in between (a loop doing it over and over wins
+    it now and then) had the file, and its .reason.txt, land in the linked folder. The move and the
+    reason file now go through the folder opened at the check, so they land in the folder that was
+    there (here renamed aside by the swap), never in the link's."""
+    src = _folder(tmp_path, decode_grace_s=0.0)
+    state = tmp_path / "state"
+    state.mkdir()
+    real_replace = os.replace
+
+    def swap_then_replace(source: object, target: object, **kw: object) -> None:
+        name = Path(os.fsdecode(source)).name  # type: ignore[arg-type]
+        if name in ("junk.png", "a.png"):  # the station's move: the swap comes first
+            sub = "rejected" if name == "junk.png" else "done"
+            (src._root / sub).rename(src._root / f"{sub}.theirs")
+            (src._root / sub).symlink_to(state)
+        real_replace(source, target, **kw)  # type: ignore[arg-type]
+
+    (src._root / "junk.png").write_bytes(b"not an image at all")
+    (src._root / "a.png").write_bytes(_png(1))
+    os.utime(src._root / "a.png", ns=(time.time_ns() + 10**9,) * 2)  # after the other: read second
+    monkeypatch.setattr(os, "replace", swap_then_replace)
+    frame = src.scan_once()
+    assert frame is not None
+    src.done(frame)
+    monkeypatch.undo()
+    assert list(state.iterdir()) == []
+    assert sorted(p.name for p in (src._root / "rejected.theirs").iterdir()) == ["junk.png", "junk.png.reason.txt"]
+    assert [p.name for p in (src._root / "done.theirs").iterdir()] == ["a.png"]
+    src.close()
+
+
+def test_a_rejected_folder_replaced_by_a_link_gives_back_no_file_of_its_target(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file rejected as maybe incomplete is watched in rejected/ and moved back when it changes.
+    With rejected/ renamed away and a link to another folder in its place, a file of that name
+    there (changed, being another file) was taken out of that folder into the watched one; now
+    nothing is moved out of a rejected/ that leads elsewhere than at start (said in the log)."""
+    src = _folder(tmp_path, decode_grace_s=0.0)
+    (src._root / "junk.png").write_bytes(b"not an image at all")
+    assert src.scan_once() is None and (src._root / "rejected" / "junk.png").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "junk.png").write_bytes(b"someone else's file, longer than the rejected one")
+    (src._root / "rejected").rename(src._root / "rejected.theirs")
+    (src._root / "rejected").symlink_to(elsewhere)
+    with caplog.at_level(logging.ERROR, logger="smearscope.device"):
+        assert src.scan_once() is None
+    assert (elsewhere / "junk.png").exists() and not (src._root / "junk.png").exists()
+    assert [r for r in caplog.records if "replaced by a link" in r.getMessage()], caplog.text
+    src.close()
+
+
 def test_a_processed_log_far_larger_than_its_entries_make_is_read_from_its_end_only(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A log of 60 MB in the place of the station's (whoever may write the watched folder can put
