@@ -118,19 +118,27 @@ class ProcessedLog:
                 if v.status is not None:
                     kept.append(f"{key}\t{v.status}\t{v.name}")
                 kept += [f"{key}\t{_attempt(boot, alone)}\t{v.name}" for boot, alone in v.attempts]
-            lines = kept[-self.max_entries:]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.unlink(missing_ok=True)  # a link left there is removed, never written through
-            with open(open_own(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w", encoding="utf-8",
-                      errors="surrogateescape") as fh:
-                fh.write("".join(ln + "\n" for ln in lines))
-            os.replace(tmp, self.path)
-            self._versions = {}
-            for ln in lines:
-                key, status, name = ln.split("\t", 2)
-                self._apply(key, status, name)
+            try:
+                self._rewrite(kept[-self.max_entries:])
+            except OSError as exc:  # a full disk, a folder put in the way: used as read, tried again later
+                logger.warning("cannot compact the processed-files log %s: %s", self.path, exc)
+            else:
+                lines = kept[-self.max_entries:]
+                self._versions = {}
+                for ln in lines:
+                    key, status, name = ln.split("\t", 2)
+                    self._apply(key, status, name)
         self._keys = {k: v.status for k, v in self._versions.items() if v.status is not None}
         self._lines = len(lines)
+
+    def _rewrite(self, lines: list[str]) -> None:
+        """The log made of `lines`, through a file beside it renamed over it."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.unlink(missing_ok=True)  # a link left there is removed, never written through
+        with open(open_own(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w", encoding="utf-8",
+                  errors="surrogateescape") as fh:
+            fh.write("".join(ln + "\n" for ln in lines))
+        os.replace(tmp, self.path)
 
     def _tail(self, fh: BinaryIO) -> bytes:
         """The file's bytes, or only its last lines when it is larger than its entries can make (not
@@ -229,8 +237,8 @@ class ProcessedLog:
         self._lines += len(entries)
         if self._lines >= 2 * self.max_entries:
             try:
-                self._compact()
-            except OSError as exc:  # a full disk: tried again at the next record
+                self._compact()  # one that cannot be written is said there, tried again at the next record
+            except OSError as exc:  # the log cannot be read back
                 logger.warning("cannot compact the processed-files log %s: %s", self.path, exc)
 
 

@@ -503,6 +503,26 @@ def test_a_processed_log_far_larger_than_its_entries_make_is_read_from_its_end_o
     assert len(log.read_text().splitlines()) <= 100  # compacted as any log over its entries
 
 
+def test_a_log_that_cannot_be_compacted_at_start_is_used_as_it_is(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A log over its entries is compacted at open, through a file beside it. When that file cannot
+    be made (a folder put in its place by whoever may write the watched folder, or a full disk),
+    the station did not start (IsADirectoryError out of the folder source); now the log is used as
+    read, every version in it known, and compacting is said to have failed, as it is while running."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / ".smearscope-processed").write_text("".join(f"{k:016x}\tdone\tf{k}.png\n" for k in range(130)))
+    (inbox / ".smearscope-processed.tmp").mkdir()
+    with caplog.at_level(logging.WARNING, logger="smearscope.device"):
+        src = _folder(tmp_path, state_max_entries=100)
+    assert all(src._log.status(f"{k:016x}") == "done" for k in range(130))
+    assert [r for r in caplog.records if "cannot compact" in r.getMessage()], caplog.text
+    (inbox / "f5.png").write_bytes(b"a new file of an old name")
+    src._log.record(file_key("f5.png", 25, 1), "done", "f5.png")  # records are still written
+    assert (inbox / ".smearscope-processed").read_text().count("\n") == 131
+    src.close()
+
+
 def test_a_file_name_too_long_for_its_reason_file_is_cut_to_fit(tmp_path: Path) -> None:
     src = _folder(tmp_path, decode_grace_s=0.0)
     long = "x" * 242 + ".png"  # 246 bytes: its .reason.txt would be 257
