@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from smearscope.device.ingest.errors import escaped_char
 from smearscope.device.own_files import open_own
 
 logger = logging.getLogger(__name__)
@@ -65,12 +66,7 @@ _BREAKS = re.compile(r"[\t\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 def _one_line(name: str) -> str:
     """The name as the log writes it: a line break or tab in it as \\xNN (or \\uNNNN), so that no
     name can add a line (a forged `done` for another file's version) or shift a field."""
-    return _BREAKS.sub(_escaped, name)
-
-
-def _escaped(found: re.Match[str]) -> str:
-    code = ord(found.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return _BREAKS.sub(escaped_char, name)
 
 
 @dataclass

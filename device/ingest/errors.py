@@ -70,10 +70,11 @@ def shown(path: os.PathLike[str] | str) -> str:
         raw = os.fsencode(path)
     except UnicodeEncodeError:  # a lone surrogate that is no name's byte (a path from JSON): as \\udNNN
         raw = os.fspath(path).encode("utf-8", "backslashreplace")  # type: ignore[union-attr]
-    return _CONTROL.sub(_escaped, raw.decode("utf-8", "backslashreplace"))
+    return _CONTROL.sub(escaped_char, raw.decode("utf-8", "backslashreplace"))
 
 
-def _escaped(found: re.Match[str]) -> str:
+def escaped_char(found: re.Match[str]) -> str:
+    """The character a pattern found as \\xNN (or \\uNNNN): a `re.sub` replacement."""
     code = ord(found.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
