@@ -56,8 +56,9 @@ def file_key(name: str, size: int, mtime_ns: int) -> str:
     return hashlib.sha1(os.fsencode(name) + f"|{size}|{mtime_ns}".encode()).hexdigest()[:16]
 
 
-#: The longest line a version can make: a key, a status and a name of 255 bytes, each written as \\xNN.
-LINE_BYTES = 16 + 1 + 8 + 1 + 4 * 255 + 1
+#: The longest line a version can make: a key, the longest status (`attempt@<boot id>@alone`, a
+#: boot id being a 36-character UUID) and a name of 255 bytes, each written as \\xNN.
+LINE_BYTES = 16 + 1 + len("attempt@") + 36 + len("@alone") + 1 + 4 * 255 + 1
 
 #: What would end a line of the log, or a field of one: a tab and every separator of str.splitlines.
 _BREAKS = re.compile(r"[\t\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
