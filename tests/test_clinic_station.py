@@ -481,14 +481,21 @@ def test_a_run_written_whole_after_a_low_disk_keeps_out_the_crops_it_displaced(t
     assert _pages(again, "run-1") == shown
 
 
-def _two_field_station(tmp_path: Path, broker: Any, **extra: Any) -> tuple[Subscriber, Path, list[int]]:
+def _two_field_station(tmp_path: Path, broker: Any, auto_start: bool = True,
+                       **extra: Any) -> tuple[Subscriber, Path, list[int]]:
     """An observer of the station's topics, and a simulated station whose run reaches its WBC
-    target on its second field; the WBC classified per field."""
+    target on its second field (`auto_start` False: no run opens by itself); the WBC classified
+    per field."""
     observer = Subscriber(broker.port, "observer", "observer-secret", [f"{BASE}/#"])
     observer.wait_ready()
     per_field = classified_wbc_per_field()
     source = {"kind": "simulated", "fields": 500, "fps": 8.0, "width": 480, "height": 360, "seed": 0}
-    config = write_station(tmp_path, broker.port, target_wbc=per_field[0] + per_field[1], source=source, **extra)
+    target = per_field[0] + per_field[1]
+    if auto_start:
+        config = write_station(tmp_path, broker.port, target_wbc=target, source=source, **extra)
+    else:
+        config = write_station(tmp_path, broker.port, source=source, specimen={
+            "target_wbc_count": target, "idle_timeout_s": 60.0, "auto_start": False}, **extra)
     return observer, config, per_field
 
 
@@ -613,12 +620,7 @@ def test_a_closed_runs_start_and_starter_are_in_its_state_and_in_get_runs_after_
     """A closed run's state and `get_runs` say when the run started and who started it, as its
     open states did: from the process that closed it, and from the next one (read back from the
     outbox file)."""
-    observer = Subscriber(broker.port, "observer", "observer-secret", [f"{BASE}/#"])
-    observer.wait_ready()
-    per_field = classified_wbc_per_field()
-    source = {"kind": "simulated", "fields": 500, "fps": 8.0, "width": 480, "height": 360, "seed": 0}
-    config = write_station(tmp_path, broker.port, source=source, specimen={  # no run opens by itself
-        "target_wbc_count": per_field[0] + per_field[1], "idle_timeout_s": 60.0, "auto_start": False})
+    observer, config, per_field = _two_field_station(tmp_path, broker, auto_start=False)
 
     def states() -> list[dict[str, Any]]:
         return [json.loads(m.payload) for m in observer.on_topic(f"{BASE}/run")]
@@ -675,12 +677,7 @@ def test_the_retained_run_state_comes_back_when_the_broker_lost_it(
     """A broker that comes back without its retained messages (no persistence, or a crash before
     its last save) gets the station's run state again: from the station once it reconnects, and
     from a station that starts while the broker holds none."""
-    observer = Subscriber(broker.port, "observer", "observer-secret", [f"{BASE}/#"])
-    observer.wait_ready()
-    per_field = classified_wbc_per_field()
-    source = {"kind": "simulated", "fields": 500, "fps": 8.0, "width": 480, "height": 360, "seed": 0}
-    config = write_station(tmp_path, broker.port, source=source, specimen={  # no run opens by itself
-        "target_wbc_count": per_field[0] + per_field[1], "idle_timeout_s": 60.0, "auto_start": False})
+    observer, config, _ = _two_field_station(tmp_path, broker, auto_start=False)
 
     def retained() -> dict[str, Any] | None:
         late = Subscriber(broker.port, "observer", "observer-secret", [f"{BASE}/run"])

@@ -8,6 +8,7 @@ The helpers here are also used by tests/test_daemon_faults.py and its child proc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -587,6 +588,23 @@ def test_a_field_analysed_by_command_that_fails_gives_its_calibration_check_back
     assert not tracker.claim_calibration_check(run_id)
 
 
+def daemon_of(config: Path) -> StationDaemon:
+    """A station daemon of this config with the oracle pool for analyzer."""
+    return StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(), config_path=config, environ={})
+
+
+@contextlib.contextmanager
+def running(daemon: StationDaemon) -> Iterator[threading.Thread]:
+    """The daemon's main loop on a thread for the block; stopped and joined after it."""
+    runner = threading.Thread(target=daemon.run, name="station-main", daemon=True)
+    runner.start()
+    try:
+        yield runner
+    finally:
+        daemon.request_stop("test over")
+        runner.join(30)
+
+
 def _frame_number(frame_id: str) -> int:
     return int("".join(ch for ch in frame_id if ch.isdigit()) or -1)
 
@@ -597,8 +615,7 @@ def test_reload_command_is_applied_on_the_daemons_own_thread(tmp_path: Path) -> 
     doc = station_document(tmp_path, free_port(), credentials=False)
     config = tmp_path / "station.toml"
     config.write_text(to_toml(doc))
-    daemon = StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(), config_path=config,
-                           environ={})
+    daemon = daemon_of(config)
     applied_on: list[str] = []
     original = daemon.reload
 
@@ -607,9 +624,7 @@ def test_reload_command_is_applied_on_the_daemons_own_thread(tmp_path: Path) -> 
         return original()
 
     daemon.reload = reload  # type: ignore[method-assign]
-    runner = threading.Thread(target=daemon.run, name="station-main", daemon=True)
-    runner.start()
-    try:
+    with running(daemon) as runner:
         assert wait_until(lambda: daemon.publisher is not None and daemon.workers.threads, 15)
         doc["specimen"] = {**doc["specimen"], "target_wbc_count": 150}
         config.write_text(to_toml(doc))
@@ -628,9 +643,6 @@ def test_reload_command_is_applied_on_the_daemons_own_thread(tmp_path: Path) -> 
         assert answer["ok"] and answer["applied"] == ["quality"], answer
         refused = daemon.handle_command("analyze_file", {"path": str(image)})
         assert refused["ok"] is False and refused["error"] == "empty_field", refused
-    finally:
-        daemon.request_stop("test over")
-        runner.join(30)
     assert not runner.is_alive()
     assert daemon.handle_command("reload", {})["error"] == "shutting_down"
 
@@ -643,11 +655,8 @@ def test_a_file_of_a_name_that_is_not_utf8_is_analysed_and_its_report_stored(tmp
     doc = station_document(tmp_path, free_port(), credentials=False)
     config = tmp_path / "station.toml"
     config.write_text(to_toml(doc))
-    daemon = StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(), config_path=config,
-                           environ={})
-    runner = threading.Thread(target=daemon.run, name="station-main", daemon=True)
-    runner.start()
-    try:
+    daemon = daemon_of(config)
+    with running(daemon) as runner:
         assert wait_until(lambda: daemon.publisher is not None and daemon.workers.threads, 15)
         image = tmp_path / os.fsdecode(b"r\xe9sultat.png")
         cv2.imwrite(str(tmp_path / "plain.png"), render_field(3, width=320, height=240).frame.pixels)
@@ -662,9 +671,6 @@ def test_a_file_of_a_name_that_is_not_utf8_is_analysed_and_its_report_stored(tmp
             refused = daemon.handle_command(name, body)
             assert refused["ok"] is False and refused["error"] == "bad_arguments", (name, refused)
             assert "surrogate" in refused["message"], refused
-    finally:
-        daemon.request_stop("test over")
-        runner.join(30)
     assert not runner.is_alive() and daemon.status()["reports_lost"] == 0
 
 
@@ -681,16 +687,10 @@ def test_a_replayed_file_of_a_name_that_is_not_utf8_has_its_report_stored(tmp_pa
                            source={"kind": "replay", "path": str(recording), "fps": 0})
     config = tmp_path / "station.toml"
     config.write_text(to_toml(doc))
-    daemon = StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(), config_path=config,
-                           environ={})
-    runner = threading.Thread(target=daemon.run, name="station-main", daemon=True)
-    runner.start()
-    try:
+    daemon = daemon_of(config)
+    with running(daemon) as runner:
         assert wait_until(lambda: daemon.status()["reports_stored"] + daemon.status()["reports_lost"] >= 2, 30), \
             daemon.status()
-    finally:
-        daemon.request_stop("test over")
-        runner.join(30)
     assert not runner.is_alive() and daemon.status()["reports_lost"] == 0, daemon.status()
     with sqlite3.connect(tmp_path / "state" / "outbox.sqlite3") as db:
         fields = [json.loads(p) for (p,) in db.execute("SELECT payload FROM outbox WHERE topic LIKE '%/field'")]
@@ -804,16 +804,11 @@ def test_the_status_line_says_why_the_broker_is_not_connected(tmp_path: Path) ->
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     config = write_station(tmp_path, port, credentials=False, source={"kind": "folder", "path": str(inbox)})
-    daemon = StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(), config_path=config, environ={})
-    runner = threading.Thread(target=daemon.run, name="station-main", daemon=True)
-    runner.start()
-    try:
+    daemon = daemon_of(config)
+    with running(daemon) as runner:
         assert wait_until(lambda: daemon.publisher is not None and daemon.publisher.state.last_error, 15)
         line = daemon.status_line()
         assert f"broker disconnected: cannot reach broker 127.0.0.1:{port}" in line and "Connection refused" in line, line
-    finally:
-        daemon.request_stop("test over")
-        runner.join(30)
     assert not runner.is_alive()
 
 

@@ -48,8 +48,10 @@ from smearscope.service.station.stopping import STOP_BUDGET_S, StopBudget
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.faults
 
-_DAEMON_CHILD = """
-import logging, pickle, sys
+#: A child's start: the repository and the tests importable, INFO lines to stderr, the pool of
+#: field results (argv[2]) loaded; argv[1] is the config.
+_CHILD_START = """
+import logging, os, pickle, signal, sys, threading
 from pathlib import Path
 sys.path[:0] = [{repo!r}, {tests!r}]
 from test_daemon import PoolAnalyzer
@@ -58,6 +60,9 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                     format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 with open(sys.argv[2], "rb") as fh:
     pool = pickle.load(fh)
+"""
+
+_DAEMON_CHILD = _CHILD_START + """
 sys.exit(run_daemon(Path(sys.argv[1]), None, analyzer_factory=lambda config: PoolAnalyzer(pool)))
 """
 
@@ -103,17 +108,8 @@ def received_ids(sub: Subscriber) -> list[tuple[str, str]]:
     return out
 
 
-_GALLERY_CUT_CHILD = """
-import logging, os, pickle, signal, sys, threading
-from pathlib import Path
-sys.path[:0] = [{repo!r}, {tests!r}]
-from test_daemon import PoolAnalyzer
+_GALLERY_CUT_CHILD = _CHILD_START + """
 from smearscope.service.station import review
-from smearscope.service.station.daemon import run_daemon
-logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-with open(sys.argv[2], "rb") as fh:
-    pool = pickle.load(fh)
 cut_at, crops_written = int(sys.argv[3]), sys.argv[4] == "after_crops"
 stored, seen = threading.Condition(), []
 

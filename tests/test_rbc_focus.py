@@ -76,21 +76,27 @@ def test_blurred_red_cells_are_counted_but_in_no_grade_or_flag():
     assert "schistocytes_present" not in {f.code for f in agg.flags}
 
 
+def _specimen(blurred_fields: set[int], calibrated: bool, blurred_label: str = "normal") -> Report:
+    """The interim specimen report of three fields of 100 red cells each, typed normal (those of
+    `blurred_fields`: `blurred_label`, their shape not judged and the field flagged out of focus)."""
+    t = tracker(target=1000)
+    run_id = t.run_for_next_field()
+    for i in range(3):
+        label = blurred_label if i in blurred_fields else "normal"
+        pairs = [cell_pair(CellKind.RBC, label, calibrated=calibrated, i=k) for k in range(100)]
+        result = field_of(f"f{i}", _blurred(pairs) if i in blurred_fields else pairs, run_id)
+        if i in blurred_fields:
+            flag = Flag(code=RBC_OUT_OF_FOCUS, severity="warning", message="blurred")
+            result = replace(result, report=result.report.model_copy(update={"flags": [flag]}))
+        t.add(result)
+    report = t.interim_report()
+    assert report is not None
+    return report
+
+
 def test_a_specimen_grades_morphology_on_its_sharp_fields_and_says_how_many_were_left_out():
     def run(blurred_fields: set[int]) -> Report:
-        t = tracker(target=1000)
-        run_id = t.run_for_next_field()
-        for i in range(3):
-            label = "target" if i in blurred_fields else "normal"
-            pairs = [cell_pair(CellKind.RBC, label, calibrated=True, i=k) for k in range(100)]
-            result = field_of(f"f{i}", _blurred(pairs) if i in blurred_fields else pairs, run_id)
-            if i in blurred_fields:
-                flag = Flag(code=RBC_OUT_OF_FOCUS, severity="warning", message="blurred")
-                result = replace(result, report=result.report.model_copy(update={"flags": [flag]}))
-            t.add(result)
-        report = t.interim_report()
-        assert report is not None
-        return report
+        return _specimen(blurred_fields, calibrated=True, blurred_label="target")
 
     some = run({1})
     assert some.counts.rbc == 300
@@ -113,17 +119,8 @@ def test_a_specimen_at_an_estimated_scale_with_one_blurred_field_reads_its_size_
     blurred' beside a graded share, and the FHIR bundle gave the size rows rbc-out-of-focus. With
     every field blurred, every row is out of focus (the size rows still for their scale)."""
     def run(blurred_fields: set[int]) -> Report:
-        t = tracker(target=1000)
-        run_id = t.run_for_next_field()
-        for i in range(3):
-            pairs = [cell_pair(CellKind.RBC, "normal", calibrated=False, i=k) for k in range(100)]
-            result = field_of(f"f{i}", _blurred(pairs) if i in blurred_fields else pairs, run_id)
-            if i in blurred_fields:
-                flag = Flag(code=RBC_OUT_OF_FOCUS, severity="warning", message="blurred")
-                result = replace(result, report=result.report.model_copy(update={"flags": [flag]}))
-            t.add(result)
-        report = t.interim_report()
-        assert report is not None and RBC_OUT_OF_FOCUS in {f.code for f in report.flags}
+        report = _specimen(blurred_fields, calibrated=False)
+        assert RBC_OUT_OF_FOCUS in {f.code for f in report.flags}
         return report
 
     def reasons(report: Report) -> dict[str, str]:
