@@ -460,6 +460,14 @@ def test_the_summary_shows_every_graded_red_cell_finding_with_its_grade():
     assert [s["label"] for s in report["rbc_morphology"]].index("schistocyte") >= 6
     for s in graded:
         assert f"{s['label']} {s['percent']:.1f}% ({s['grade']}" in shares, shares
+    # the rows not printed (here unidentified 1.1 %) are counted, so the printed shares add up with them
+    assessable = [s for s in report["rbc_morphology"] if s["assessable"]]
+    printed = re.findall(r"(?:^  RBC: |, )([a-z_]+) (\d+\.\d)%", shares)
+    hidden = [s for s in assessable if s["label"] not in {label for label, _ in printed}]
+    assert hidden and len(printed) == 7, shares
+    n, together = re.search(r"; (\d+) more rows? not shown \((\d+\.\d)% together", shares).groups()
+    assert int(n) == len(hidden) and float(together) == pytest.approx(sum(s["percent"] for s in hidden), abs=0.05)
+    assert sum(float(p) for _, p in printed) + float(together) == pytest.approx(100, abs=0.05 * (len(printed) + 1))
 
 
 def test_the_summary_gives_a_grade_resting_on_few_cells_with_its_intervals_grades():

@@ -63,8 +63,14 @@ def summarize(report: Report) -> str:
     shown = [s for i, s in enumerate(shares) if i < 6 or s.label in graded]
     if shown:
         notes = {**unsure, **graded}
-        lines.append("  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" + (f" ({notes[s.label]})" if s.label in notes
-                                                                            else "") for s in shown))
+        line = "  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" + (f" ({notes[s.label]})" if s.label in notes
+                                                                         else "") for s in shown)
+        # the rows left out, counted: the printed shares then sum to less than 100 % for a reason
+        hidden = [s for s in shares if s not in shown]
+        if hidden:
+            line += (f"; {len(hidden)} more row{'s' if len(hidden) > 1 else ''} not shown "
+                     f"({sum(s.percent for s in hidden):.1f}% together, --json lists every row)")
+        lines.append(line)
     unassessed = [s for s in rows if not report_view.assessable(r, s)]
     blurred = [s.label for s in rows if report_view.out_of_focus(r, s)]
     if blurred:  # every row: the red cells were too blurred to judge their shape
