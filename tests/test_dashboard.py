@@ -31,7 +31,7 @@ from paho.mqtt.properties import Properties
 from test_daemon import to_toml
 
 from smearscope.service.analysis.morphology import REPORTED_PRESENT, SIZE_BASED
-from smearscope.service.analysis.report import ClassShare, Flag, Report
+from smearscope.service.analysis.report import ClassShare, Flag, Report, Verification
 from smearscope.service.dashboard.server import STATIC, DashboardServer, DashboardSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -849,3 +849,98 @@ def test_the_dashboards_password_file_is_read_as_the_stations(tmp_path: Path, ca
     path.write_bytes(b"caf\xe9\n")
     assert main(["dashboard", "--broker", "ws://127.0.0.1:1", "--username", "u", "--password-file", str(path)]) == 2
     assert "not UTF-8" in capsys.readouterr().err
+
+
+def _local(seconds: float, zone: str) -> str:
+    """A time as the page shows it to a reader in `zone` (Chromium's en-US short zone name)."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    t = datetime.fromtimestamp(seconds, ZoneInfo(zone))
+    offset = t.utcoffset()
+    assert offset is not None
+    minutes = int(offset.total_seconds() // 60)
+    name = "GMT" if minutes == 0 else f"GMT{'+' if minutes > 0 else '-'}{abs(minutes) // 60}" + (
+        f":{abs(minutes) % 60:02d}" if minutes % 60 else "")
+    return t.strftime("%Y-%m-%d %H:%M:%S ") + name
+
+
+def _specimen(station: str, run_id: str, flags: list[Flag], created_at: float) -> Report:
+    """A specimen report of 40 fields: 112 white cells, 4000 red cells with sickle cells among them."""
+    from smearscope.service.analysis.report import Counts, SizeStats
+
+    return Report(report_id="r-" + run_id, kind="specimen", created_at=created_at, station_id=station,
+                  run_id=run_id, fields_analyzed=40, counts=Counts(rbc=4000, wbc=112, platelet=300),
+                  wbc_differential=[ClassShare(label="neutrophil", count=60, percent=53.57, ci95_low=44.0, ci95_high=62.0),
+                                    ClassShare(label="lymphocyte", count=52, percent=46.43, ci95_low=37.0, ci95_high=56.0)],
+                  rbc_morphology=[ClassShare(label="normal", count=3850, percent=96.25),
+                                  ClassShare(label="sickle", count=150, percent=3.75, grade="present", graded_count=120)],
+                  rbc_size=SizeStats(n=200, mean_diameter_um=7.4, sd_um=0.6, cv_percent=8.1, median_diameter_um=7.3),
+                  ratios={}, cells=[], timing_ms={"run_ms": 600_000.0}, flags=flags)
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_each_run_shows_when_it_started_and_what_started_it_in_the_readers_time_zone(
+    tmp_path: Path, ws_broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The run line says when the run started and whether start_run or its first field opened it
+    (progress.started_at/started_by), for the open run, the closed one and an earlier one picked
+    from get_runs; it showed neither. Every time on the page is the reader's local date and time
+    with its zone (a browser in Asia/Kolkata reads "GMT+5:30"): the signing time read as a bare
+    "12/6/2026, 9:50:13 PM"."""
+    from selenium.webdriver.common.by import By
+
+    zone = "Asia/Kolkata"
+    monkeypatch.setenv("TZ", zone)  # Chromium's, started by the harness below
+    first_start, second_start = 1_780_000_000.0, 1_780_003_600.0
+    report = _specimen("ward-3", "run-first", [], first_start + 600)
+    closed = _closed_run_state(report)
+    closed["progress"].update(started_by="command", started_at=first_start)
+    opened = {**closed, "state": "open", "end_reason": None}
+    answers = Subscriber(ws_broker.port, "observer", MQTT_USERS["observer"], ["smearscope/+/cmd/get_runs"])
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        answers.wait_ready()
+        line = lambda: driver.execute_script(
+            "const n = document.querySelector(\"[data-station='ward-3'] .run-line\"); return n ? n.textContent : '';")
+        send("smearscope/ward-3/status", "online")
+        send("smearscope/ward-3/run", json.dumps(opened))
+        driver.get(url)
+        _wait("the open run", lambda: "in progress" in line(), 20, [log])
+        assert f" · started {_local(first_start, zone)} by start_run · 40 fields · " in line(), line()
+        send("smearscope/ward-3/run", json.dumps(closed))
+        signed_at = first_start + 900
+        verified = report.model_copy(update={"report_id": "r-first-v", "verification": Verification(
+            verified_by="AB", verified_at=signed_at, supersedes=report.report_id, typed_cells=0, reclassified=[])})
+        send("smearscope/ward-3/report", json.dumps({"kind": "report", "report_id": "r-first-v",
+                                                      "body": verified.model_dump(mode="json")}), retain=False)
+        _wait("the verified report", lambda: "verified specimen report" in line(), 20, [log])
+        assert f"started {_local(first_start, zone)} by start_run" in line(), line()
+        assert f"(verified by AB, {_local(signed_at, zone)})" in line(), line()
+        # the next run opens with its first field; the first is an earlier run, from get_runs
+        second = {**opened, "run_id": "run-second", "report": {**opened["report"], "run_id": "run-second"},
+                  "progress": {**opened["progress"], "run_id": "run-second", "started_by": "auto",
+                               "started_at": second_start}}
+        before = len(answers.messages)
+        send("smearscope/ward-3/run", json.dumps(second))
+        _wait("the second run", lambda: "run run-seco" in line(), 20, [log])
+        assert f"started {_local(second_start, zone)} with its first field" in line(), line()
+        _wait("the page asking for the earlier runs", lambda: len(answers.messages) > before, 20, [log])
+        entry = {**closed, "report": verified.model_dump(mode="json", exclude={"cells", "cell_detail"})}
+        send("smearscope/ward-3/cmd_response/get_runs", json.dumps({"ok": True, "runs": [entry]}), retain=False)
+        option = lambda: driver.execute_script(
+            "const o = document.querySelector(\"[data-station='ward-3'] select.runs option[value='run-first']\");"
+            "return o ? o.textContent : null;")
+        _wait("the earlier run listed", lambda: option() is not None, 20, [log])
+        assert f"run run-firs · {_local(first_start, zone)} · " in option(), option()
+        driver.execute_script("const s = document.querySelector(\"[data-station='ward-3'] select.runs\");"
+                              "s.value = 'run-first'; s.dispatchEvent(new Event('change'));")
+        _wait("the earlier run shown", lambda: line().startswith("earlier run run-firs"), 20, [log])
+        assert f"started {_local(first_start, zone)} by start_run" in line(), line()
+        telemetry_at = second_start + 30
+        send("smearscope/ward-3/telemetry", json.dumps({"source": "proc", "read_at": telemetry_at}), retain=False)
+        read_at = "[data-station='ward-3'] dd[data-key='read_at']"
+        _wait("the telemetry", lambda: driver.find_elements(By.CSS_SELECTOR, read_at), 20, [log])
+        assert driver.find_element(By.CSS_SELECTOR, read_at).text == _local(telemetry_at, zone)
+    answers.close()

@@ -23,6 +23,25 @@ function el(tag, cls, text) {
   return e;
 }
 
+// A time as the page's reader reads it: their local date and time with its zone named
+// ("2026-12-06 22:50:13 GMT+1"), never a bare clock time that could be the station's or UTC.
+function when(seconds) {
+  const d = new Date(seconds * 1000);
+  const two = (n) => String(n).padStart(2, "0");
+  const zone = new Intl.DateTimeFormat("en-US", { timeZoneName: "short" }).formatToParts(d)
+    .find((part) => part.type === "timeZoneName");
+  return d.getFullYear() + "-" + two(d.getMonth() + 1) + "-" + two(d.getDate()) + " " + two(d.getHours()) + ":" +
+    two(d.getMinutes()) + ":" + two(d.getSeconds()) + (zone ? " " + zone.value : "");
+}
+
+// When the run started and what started it (progress.started_at/started_by: every run state and
+// get_runs entry since they carry them; none from an older station's).
+function startText(progress) {
+  if (!progress || typeof progress.started_at !== "number") return "";
+  return "started " + when(progress.started_at) + (progress.started_by === "command" ? " by start_run"
+    : progress.started_by === "auto" ? " with its first field" : "");
+}
+
 function setBroker(state, detail) {
   const b = document.getElementById("broker");
   b.className = "badge " + state;
@@ -83,15 +102,15 @@ function shown(st) {
   // not retained).
   if (st.pinned) {
     return { report: st.pinned.report, final: true, runId: st.pinned.run_id, grades: st.pinned.rbc_grades,
-             progress: null, earlier: true };
+             progress: null, earlier: true, started: st.pinned.progress };
   }
   const run = st.run, fin = st.final;
   if (fin && (!run || run.run_id === fin.run_id)) {
     return { report: fin, final: true, runId: fin.run_id, grades: run ? run.rbc_grades : null,
-             progress: run ? run.progress : null };
+             progress: run ? run.progress : null, started: run ? run.progress : null };
   }
   if (run) return { report: run.report, final: run.state === "closed", runId: run.run_id, grades: run.rbc_grades,
-                    progress: run.progress, state: run.state };
+                    progress: run.progress, state: run.state, started: run.progress };
   return null;
 }
 
@@ -116,10 +135,13 @@ function renderRun(st) {
   const r = view.report;
   st.node.dataset.runId = view.runId || "";
   st.node.dataset.shown = view.final ? "final" : "interim";
-  line.textContent = (view.earlier ? "earlier run " : "run ") + (view.runId || "-").slice(0, 8) + " · " + r.fields_analyzed +
+  const started = startText(view.started);
+  st.node.dataset.startedAt = view.started && typeof view.started.started_at === "number" ? view.started.started_at : "";
+  line.textContent = (view.earlier ? "earlier run " : "run ") + (view.runId || "-").slice(0, 8) + " · " +
+    (started ? started + " · " : "") + r.fields_analyzed +
     (r.fields_analyzed === 1 ? " field · " : " fields · ") +
-    (view.final ? (r.verification ? "verified specimen report (" + r.verification.verified_by + ", " +
-                    new Date(r.verification.verified_at * 1000).toLocaleString() +
+    (view.final ? (r.verification ? "verified specimen report (verified by " + r.verification.verified_by + ", " +
+                    when(r.verification.verified_at) +
                     (r.verification.left_to_review ? "; " + r.verification.left_to_review +
                      " sent to review signed as the analyzer called them" : "") + ")"
                   : "final specimen report (preliminary, needs review)")
@@ -210,8 +232,8 @@ function renderTelemetry(st) {
   };
   walk(st.telemetry, "");
   for (const [k, v] of flat.slice(0, 14)) {
-    const when = typeof v === "number" && k.endsWith("_at") && v > 1e9;
-    const shownValue = when ? new Date(v * 1000).toLocaleTimeString() :
+    const at = typeof v === "number" && k.endsWith("_at") && v > 1e9;
+    const shownValue = at ? when(v) :
       typeof v === "number" ? String(Math.round(v * 100) / 100) : String(v);
     const dt = el("dt", "", k), dd = el("dd", "", shownValue);
     dd.dataset.key = k;
@@ -350,9 +372,11 @@ function renderRuns(st) {
   options[0].value = "";
   for (const r of earlier) {
     const v = r.report.verification;
-    // when the run started (its report's time less the run's length: the same after it is signed)
-    const started = r.report.created_at - ((r.report.timing_ms || {}).run_ms || 0) / 1000;
-    const o = el("option", "", "run " + r.run_id.slice(0, 8) + " · " + new Date(started * 1000).toLocaleString() +
+    // when the run started (an older station's entry without it: its report's time less the run's
+    // length, the same after it is signed)
+    const started = r.progress && typeof r.progress.started_at === "number" ? r.progress.started_at
+      : r.report.created_at - ((r.report.timing_ms || {}).run_ms || 0) / 1000;
+    const o = el("option", "", "run " + r.run_id.slice(0, 8) + " · " + when(started) +
       " · " + r.progress.fields + (r.progress.fields === 1 ? " field · " : " fields · ") +
       (v ? "verified (" + v.verified_by + ")" : "not verified"));
     o.value = r.run_id;
