@@ -944,3 +944,45 @@ def test_each_run_shows_when_it_started_and_what_started_it_in_the_readers_time_
         _wait("the telemetry", lambda: driver.find_elements(By.CSS_SELECTOR, read_at), 20, [log])
         assert driver.find_element(By.CSS_SELECTOR, read_at).text == _local(telemetry_at, zone)
     answers.close()
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_a_critical_flag_is_said_above_the_card_and_in_the_pages_header(
+    tmp_path: Path, ws_broker: MosquittoBroker,
+) -> None:
+    """Three stations publishing at once, the last one's run with sickle cells (critical): the
+    page's header names that station (its card is below the window's fold) and its card says the
+    flag above its tables. The flag was one line among the others in the card's middle column,
+    below the morphology table: on a busy day, out of sight. A run without it clears both."""
+    from selenium.webdriver.common.by import By
+
+    sickle = Flag(code="sickle_cells_present", severity="critical", cells=[1],
+                  message="120 cells typed sickle at confidence 0.8 or more")
+    atypical = Flag(code="atypical_wbc_present", severity="warning", cells=[1, 2, 3],
+                    message="5 white cells could not be typed")
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        driver.set_window_size(1200, 700)
+        driver.get(url)
+        for station, flags in (("ward-a", [atypical]), ("ward-b", []), ("ward-c", [sickle, atypical])):
+            send(f"smearscope/{station}/status", "online")
+            report = _specimen(station, f"run-{station}", flags, time.time())
+            send(f"smearscope/{station}/run", json.dumps(_closed_run_state(report)))
+        header = lambda: driver.find_element(By.ID, "critical")
+        _wait("the critical finding in the header", lambda: header().is_displayed(), 20, [log])
+        assert header().text == "critical finding: ward-c"
+        card = driver.find_element(By.CSS_SELECTOR, "[data-station='ward-c']")
+        alert = card.find_element(By.CSS_SELECTOR, ".critical-alert")
+        assert alert.is_displayed() and alert.text == "CRITICAL: " + sickle.message
+        tables = card.find_element(By.CSS_SELECTOR, ".columns")
+        assert alert.location["y"] < tables.location["y"]  # above the differential and the flags list
+        in_view = "const r = arguments[0].getBoundingClientRect(); return r.top >= 0 && r.bottom <= window.innerHeight;"
+        assert not driver.execute_script(in_view, alert)  # scrolled away: the header is what says it
+        header().find_element(By.TAG_NAME, "button").click()
+        _wait("the card brought into view", lambda: driver.execute_script(in_view, alert), 10, [log])
+        for other in ("ward-a", "ward-b"):  # a warning is no alert
+            assert not driver.find_element(By.CSS_SELECTOR, f"[data-station='{other}'] .critical-alert").is_displayed()
+        # the station's next run, no sickle cells: the alert goes
+        send("smearscope/ward-c/run", json.dumps(_closed_run_state(_specimen("ward-c", "run-c2", [atypical], time.time()))))
+        _wait("the alert gone", lambda: not header().is_displayed() and not alert.is_displayed(), 20, [log])

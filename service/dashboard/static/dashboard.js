@@ -131,6 +131,7 @@ function renderRun(st) {
   const flags = st.node.querySelector(".flags");
   tbody.replaceChildren(); morph.replaceChildren(); flags.replaceChildren();
   st.node.querySelector(".counts").textContent = "";
+  showCritical(st, view ? view.report.flags : []);
   if (!view) { line.textContent = "no specimen run yet"; return; }
   const r = view.report;
   st.node.dataset.runId = view.runId || "";
@@ -218,6 +219,29 @@ function renderRun(st) {
     li.append(el("strong", "", f.severity + ": "), document.createTextNode(f.message));
     flags.append(li);
   }
+}
+
+// A critical flag (sickle cells) of the run shown cannot be missed: said above the card's tables,
+// the card outlined, and the station named in the page's header (a card may be scrolled away).
+function showCritical(st, flags) {
+  const critical = flags.filter((f) => f.severity === "critical");
+  const alert = st.node.querySelector(".critical-alert");
+  alert.replaceChildren(...critical.map((f) => {
+    const p = el("p", "", "CRITICAL: " + f.message);
+    p.dataset.code = f.code;
+    return p;
+  }));
+  alert.hidden = critical.length === 0;
+  st.node.dataset.critical = critical.length ? "true" : "false";
+  const summary = document.getElementById("critical");
+  const flagged = [...stations.values()].filter((s) => s.node.dataset.critical === "true");
+  summary.replaceChildren(document.createTextNode("critical finding: "), ...flagged.map((s) => {
+    const b = el("button", "", s.id);
+    b.type = "button";
+    b.addEventListener("click", () => s.node.scrollIntoView({ block: "start" }));
+    return b;
+  }));
+  summary.hidden = flagged.length === 0;
 }
 
 function renderTelemetry(st) {
