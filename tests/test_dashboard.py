@@ -986,3 +986,60 @@ def test_a_critical_flag_is_said_above_the_card_and_in_the_pages_header(
         # the station's next run, no sickle cells: the alert goes
         send("smearscope/ward-c/run", json.dumps(_closed_run_state(_specimen("ward-c", "run-c2", [atypical], time.time()))))
         _wait("the alert gone", lambda: not header().is_displayed() and not alert.is_displayed(), 20, [log])
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_a_stations_telemetry_reads_as_its_last_sample_once_it_is_offline(
+    tmp_path: Path, ws_broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Telemetry is not retained: when the station goes offline (its Last Will) or the broker is
+    out of reach, the card's samples are its last, greyed, with their time and why ("last sample at
+    ...; the station is offline"). They read as current, beside an "offline" badge. A new sample
+    from the station back online reads as current again."""
+    from selenium.webdriver.common.by import By
+
+    zone = "Europe/Berlin"
+    monkeypatch.setenv("TZ", zone)
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        driver.get(url)
+        send("smearscope/ward-t/status", "online")
+        _wait("the station", lambda: _status(driver, "ward-t") == "online", 20, [log])
+        sampled = time.time()
+        send("smearscope/ward-t/telemetry", json.dumps({"source": "proc", "cpu_percent": 12.5, "read_at": sampled}),
+             retain=False)
+        card = "[data-station='ward-t']"
+        stale = lambda: driver.find_element(By.CSS_SELECTOR, f"{card} dl.telemetry").get_attribute("data-stale")
+        age = lambda: driver.find_element(By.CSS_SELECTOR, f"{card} .telemetry-age").text
+        _wait("the sample", lambda: driver.find_elements(By.CSS_SELECTOR, f"{card} dd[data-key='cpu_percent']"), 20, [log])
+        assert stale() == "false" and age() == ""
+        send("smearscope/ward-t/status", "offline")
+        _wait("the station offline", lambda: _status(driver, "ward-t") == "offline", 20, [log])
+        assert stale() == "true"
+        assert age() == f"(last sample at {_local(sampled, zone)}; the station is offline)", age()
+        send("smearscope/ward-t/status", "online")
+        _wait("the station online", lambda: _status(driver, "ward-t") == "online", 20, [log])
+        # back online, the sample shown is still from before: stale until the station sends one
+        assert stale() == "true" and age() == f"(last sample at {_local(sampled, zone)}; the station was away since)"
+        sampled = time.time()
+        send("smearscope/ward-t/telemetry", json.dumps({"source": "proc", "read_at": sampled}), retain=False)
+        _wait("a new sample", lambda: stale() == "false", 20, [log])
+        assert age() == ""
+        ws_broker.kill()  # out of reach: no status is known, the samples are the last ones
+        _wait("the broker gone", lambda: stale() == "true", 30, [log])
+        assert age() == f"(last sample at {_local(sampled, zone)}; broker unreachable)", age()
+        ws_broker.start()
+        # the test's station client reconnects by itself, and says online again as a station does
+        for _ in range(60):
+            with contextlib.suppress(Exception):  # not reconnected yet
+                send("smearscope/ward-t/status", "online")
+            if _status(driver, "ward-t") == "online":
+                break
+            time.sleep(0.5)
+        _wait("the station online again", lambda: _status(driver, "ward-t") == "online", 10, [log])
+        # the sample shown is from before the outage: stale until the station sends one
+        assert stale() == "true" and age() == f"(last sample at {_local(sampled, zone)}; the station was away since)"
+        send("smearscope/ward-t/telemetry", json.dumps({"source": "proc", "read_at": time.time()}), retain=False)
+        _wait("a new sample", lambda: stale() == "false", 20, [log])
+        assert age() == ""

@@ -120,6 +120,7 @@ function renderStatus(st) {
   badge.className = "badge status " + (value === "online" || value === "offline" ? value : "unknown");
   badge.dataset.status = value;
   badge.textContent = brokerUp ? value : "unknown (broker unreachable)";
+  markTelemetry(st);
   if (st.run) renderRun(st);
 }
 
@@ -244,6 +245,20 @@ function showCritical(st, flags) {
   summary.hidden = flagged.length === 0;
 }
 
+// Telemetry is not retained: what the card holds when the station is offline, or the broker out of
+// reach, is its last sample, not its state now, and says so (with the sample's time).
+// A sample stays stale once the station or the broker was away, until the station sends a new one.
+function markTelemetry(st) {
+  if (!brokerUp || st.status !== "online") st.telemetryLive = false;
+  const stale = st.telemetry !== null && !st.telemetryLive;
+  const dl = st.node.querySelector(".telemetry");
+  dl.dataset.stale = stale ? "true" : "false";
+  const at = st.telemetry && typeof st.telemetry.read_at === "number" ? " at " + when(st.telemetry.read_at) : "";
+  st.node.querySelector(".telemetry-age").textContent = !stale ? ""
+    : "(last sample" + at + "; " + (!brokerUp ? "broker unreachable" : st.status === "online"
+      ? "the station was away since" : "the station is " + (st.status || "unknown")) + ")";
+}
+
 function renderTelemetry(st) {
   const dl = st.node.querySelector(".telemetry");
   dl.replaceChildren();
@@ -255,6 +270,7 @@ function renderTelemetry(st) {
     }
   };
   walk(st.telemetry, "");
+  markTelemetry(st);
   for (const [k, v] of flat.slice(0, 14)) {
     const at = typeof v === "number" && k.endsWith("_at") && v > 1e9;
     const shownValue = at ? when(v) :
@@ -499,7 +515,7 @@ function onMessage(topic, payload, packet) {
     st.final = body;
     renderRun(st);
   } else if (kind === "telemetry") {
-    st.telemetry = msg; renderTelemetry(st);
+    st.telemetry = msg; st.telemetryLive = brokerUp && st.status === "online"; renderTelemetry(st);
   } else if (kind.startsWith("cmd_response/")) {
     const cd = packet && packet.properties && packet.properties.correlationData;
     const correlation = cd ? new TextDecoder().decode(cd) : null;
