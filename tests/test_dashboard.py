@@ -1043,3 +1043,27 @@ def test_a_stations_telemetry_reads_as_its_last_sample_once_it_is_offline(
         send("smearscope/ward-t/telemetry", json.dumps({"source": "proc", "read_at": time.time()}), retain=False)
         _wait("a new sample", lambda: stale() == "false", 20, [log])
         assert age() == ""
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_counts_read_as_cells_counted_and_shares_say_of_which_cells(tmp_path: Path, ws_broker: MosquittoBroker) -> None:
+    """The run's counts are the cells counted on the smear, not concentrations: "WBC 112 ·
+    platelets 300" alone read as 112 and 300 x 10^9/L (300 a normal platelet count). The line now
+    says what they are, and the tables' share columns say of which cells (% of WBC, % of RBC)."""
+    from selenium.webdriver.common.by import By
+
+    report = _specimen("ward-u", "run-u", [], time.time())
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        send("smearscope/ward-u/run", json.dumps(_closed_run_state(report)))
+        driver.get(url)
+        card = "[data-station='ward-u']"
+        counts = lambda: driver.execute_script(
+            "const n = document.querySelector(arguments[0]); return n ? n.innerText : '';", f"{card} .counts-line")
+        _wait("the run's counts", lambda: "RBC 4000" in counts(), 20, [log])
+        assert counts() == "Cells counted on the smear (not per litre): RBC 4000 · WBC 112 · platelets 300", counts()
+        heads = {table: [th.text for th in driver.find_elements(By.CSS_SELECTOR, f"{card} table.{table} th")]
+                 for table in ("differential", "morphology")}
+        assert heads == {"differential": ["Cell", "n", "% of WBC", "95% CI (%)", ""],
+                         "morphology": ["Finding", "n", "% of RBC", "ICSH grade"]}, heads

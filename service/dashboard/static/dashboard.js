@@ -132,6 +132,7 @@ function renderRun(st) {
   const flags = st.node.querySelector(".flags");
   tbody.replaceChildren(); morph.replaceChildren(); flags.replaceChildren();
   st.node.querySelector(".counts").textContent = "";
+  st.node.querySelector(".counts-line").hidden = !view;
   showCritical(st, view ? view.report.flags : []);
   if (!view) { line.textContent = "no specimen run yet"; return; }
   const r = view.report;
