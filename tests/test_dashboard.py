@@ -1067,3 +1067,62 @@ def test_counts_read_as_cells_counted_and_shares_say_of_which_cells(tmp_path: Pa
                  for table in ("differential", "morphology")}
         assert heads == {"differential": ["Cell", "n", "% of WBC", "95% CI (%)", ""],
                          "morphology": ["Finding", "n", "% of RBC", "ICSH grade"]}, heads
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_verify_on_an_offline_station_says_so_at_once_and_sends_nothing(
+    tmp_path: Path, ws_broker: MosquittoBroker,
+) -> None:
+    """A station offline keeps no MQTT session (clean start): a verify_run sent to it is lost. The
+    page sent it anyway and said "no answer from the station" 15 s later; it now says at once that
+    the station is offline and cannot sign, and sends nothing. Online, the command goes out."""
+    from selenium.webdriver.common.by import By
+
+    report = _specimen("ward-v", "run-v", [], time.time())
+    commands = Subscriber(ws_broker.port, "observer", MQTT_USERS["observer"], ["smearscope/ward-v/cmd/#"])
+    try:
+        with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+            commands.wait_ready()
+            send("smearscope/ward-v/status", "offline")
+            send("smearscope/ward-v/run", json.dumps(_closed_run_state(report)))
+            driver.get(url)
+            card = "[data-station='ward-v']"
+            _wait("the offline station's run", lambda: _status(driver, "ward-v") == "offline" and driver.execute_script(
+                "const n = document.querySelector(arguments[0]); return n !== null && !n.hidden;", f"{card} .verify"),
+                  20, [log])
+            driver.find_element(By.CSS_SELECTOR, f"{card} .verify-by").send_keys("AB")
+            driver.find_element(By.CSS_SELECTOR, f"{card} .verify-run").click()
+            state = lambda: driver.find_element(By.CSS_SELECTOR, f"{card} .verify-state")
+            assert state().get_attribute("data-state") == "error"
+            assert state().text == "the station is offline: it cannot sign the run now", state().text
+            # ... nor a type picked under a crop of the run's gallery (the station answered its page before)
+            import base64
+
+            import cv2
+            import numpy as np
+            from selenium.webdriver.support.ui import Select
+
+            crop = base64.b64encode(cv2.imencode(".jpg", np.full((8, 8, 3), 200, np.uint8))[1].tobytes()).decode()
+            send("smearscope/ward-v/cmd_response/get_review", json.dumps({
+                "ok": True, "run_id": "run-v", "offset": 0, "total": 1, "not_kept": 0, "next_offset": None,
+                "wbc_types": ["lymphocyte", "monocyte"], "rbc_types": ["normal"], "overlay": None,
+                "cells": [{"field_id": "f1", "cell": 3, "kind": "wbc", "label": "unidentified", "label_score": 0.4,
+                           "atypical": False, "typeable": True, "jpeg": crop}]}), retain=False)
+            picker = f"{card} .gallery select.type"
+            _wait("the gallery", lambda: driver.find_elements(By.CSS_SELECTOR, picker), 20, [log])
+            Select(driver.find_element(By.CSS_SELECTOR, picker)).select_by_value("monocyte")
+            assert driver.find_element(By.CSS_SELECTOR, picker).get_attribute("data-state") == "error"
+            assert driver.find_element(By.CSS_SELECTOR, picker).get_attribute("title") == (
+                "the station is offline: the type was not saved")
+            time.sleep(1)  # a command would have reached the broker by now
+            assert [m.topic for m in commands.messages if m.topic.endswith(("/verify_run", "/type_cells"))] == []
+            send("smearscope/ward-v/status", "online")
+            _wait("the station online", lambda: _status(driver, "ward-v") == "online", 20, [log])
+            driver.find_element(By.CSS_SELECTOR, f"{card} .verify-run").click()
+            _wait("the command sent", lambda: any(m.topic.endswith("/cmd/verify_run") for m in commands.messages),
+                  20, [log])
+            assert state().text == "verifying…"
+    finally:
+        commands.close()

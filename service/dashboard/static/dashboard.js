@@ -341,6 +341,11 @@ function typeSelect(st, runId, c, types) {
   select.addEventListener("change", () => {
     select.blur();  // the gallery may refresh again (it waits while a type is being picked)
     if (!client || !client.connected) { select.dataset.state = "error"; select.title = "not connected"; return; }
+    if (st.status !== "online") {  // a command to an offline station is lost
+      select.dataset.state = "error";
+      select.title = "the station is " + (st.status || "not known to be online") + ": the type was not saved";
+      return;
+    }
     select.dataset.state = "saving";
     sendCommand(st, "type_cells", {
       run_id: runId, cells: [{ field_id: c.field_id, cell: c.cell, type: select.value || null }] });
@@ -383,6 +388,11 @@ function verifyRun(st) {
   const view = shown(st);
   if (!by || !view || !view.final) { state.dataset.state = "error"; state.textContent = "initials needed"; return; }
   if (!client || !client.connected) { state.dataset.state = "error"; state.textContent = "not connected"; return; }
+  if (st.status !== "online") {  // it keeps no session: a command sent now is lost, not queued
+    state.dataset.state = "error";
+    state.textContent = "the station is " + (st.status || "not known to be online") + ": it cannot sign the run now";
+    return;
+  }
   state.dataset.state = "saving";
   state.textContent = "verifying…";
   sendCommand(st, "verify_run", { run_id: view.runId, verified_by: by });
