@@ -1126,3 +1126,80 @@ def test_verify_on_an_offline_station_says_so_at_once_and_sends_nothing(
             assert state().text == "verifying…"
     finally:
         commands.close()
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_a_new_field_refreshes_the_opened_gallery_pages_without_shrinking_it(
+    tmp_path: Path, ws_broker: MosquittoBroker,
+) -> None:
+    """A run with hundreds of crops to review: the technician has opened three pages ("More"
+    twice) when a field adds crops. The page asked the three pages again, as it should, but emptied
+    the gallery at the first answer: it shrank to 24 crops and grew back page by page at every
+    field, the page's scroll jumping with it. The pages are now gathered apart and swapped in at
+    once; the gallery never holds fewer than the 72 crops shown."""
+    import base64
+
+    import cv2
+    import numpy as np
+    import paho.mqtt.client as mqtt
+    from selenium.webdriver.common.by import By
+
+    crop = base64.b64encode(cv2.imencode(".jpg", np.full((80, 80, 3), 200, np.uint8))[1].tobytes()).decode()
+    total = {"n": 300, "generation": 1}
+    asked: list[int] = []
+
+    def answer(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """The station's get_review: pages of 24 crops of the run, their field ids by generation."""
+        offset = json.loads(msg.payload).get("offset", 0)
+        asked.append(offset)
+        n, generation = total["n"], total["generation"]
+        cells = [{"field_id": f"g{generation}-f{i // 10}", "cell": i % 10, "kind": "wbc", "label": "unidentified",
+                  "label_score": 0.4, "atypical": False, "typeable": True, "jpeg": crop}
+                 for i in range(offset, min(offset + 24, n))]
+        props = mqtt.Properties(mqtt.PacketTypes.PUBLISH)
+        if msg.properties is not None and getattr(msg.properties, "CorrelationData", None):
+            props.CorrelationData = msg.properties.CorrelationData
+        client.publish("smearscope/ward-g/cmd_response/get_review", json.dumps({
+            "ok": True, "run_id": "run-g", "offset": offset, "total": n, "not_kept": 0,
+            "next_offset": offset + 24 if offset + 24 < n else None, "wbc_types": ["lymphocyte", "monocyte"],
+            "rbc_types": ["normal"], "overlay": None, "cells": cells}), qos=1, properties=props)
+
+    responder = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    responder.username_pw_set("station", MQTT_USERS["station"])
+    responder.on_message = answer
+    responder.on_connect = lambda c, *a: c.subscribe("smearscope/ward-g/cmd/get_review", qos=1)
+    responder.connect("127.0.0.1", ws_broker.port)
+    responder.loop_start()
+    state = _closed_run_state(_specimen("ward-g", "run-g", [], time.time()))
+    state.update(state="open", end_reason=None, review={"cells": 300, "not_kept": 0, "overlays": 0})
+    try:
+        with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+            send("smearscope/ward-g/status", "online")
+            send("smearscope/ward-g/run", json.dumps(state))
+            driver.get(url)
+            card = "[data-station='ward-g']"
+            figures = lambda: len(driver.find_elements(By.CSS_SELECTOR, f"{card} .gallery figure"))
+            more = lambda: driver.find_element(By.CSS_SELECTOR, f"{card} .more")
+            _wait("the first page", lambda: figures() == 24 and more().is_displayed(), 20, [log])
+            for shown in (48, 72):
+                more().click()
+                _wait(f"{shown} crops", lambda: figures() == shown and more().is_displayed(), 20, [log])  # noqa: B023
+            driver.execute_script(
+                "const g = document.querySelector(arguments[0]); window.fewest = g.children.length;"
+                "new MutationObserver(() => { window.fewest = Math.min(window.fewest, g.children.length); })"
+                ".observe(g, {childList: true});", f"{card} .gallery")
+            before = len(asked)
+            total.update(n=330, generation=2)  # a field: 30 more crops
+            send("smearscope/ward-g/run", json.dumps({**state, "review": {**state["review"], "cells": 330}}))
+            first_field = lambda: driver.execute_script(
+                "const s = document.querySelector(arguments[0]); return s ? s.dataset.field : null;",
+                f"{card} .gallery select.type")
+            _wait("the three pages asked again and shown", lambda: asked[before:] == [0, 24, 48]
+                  and (first_field() or "").startswith("g2-") and more().is_displayed(), 20, [log])
+            assert figures() == 72 and driver.execute_script("return window.fewest") == 72
+            assert driver.find_element(By.CSS_SELECTOR, f"{card} .review-count").text == "(72 of 330)"
+    finally:
+        responder.loop_stop()
+        responder.disconnect()

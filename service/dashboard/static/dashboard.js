@@ -286,7 +286,10 @@ function renderReview(st, answer) {
   const gallery = st.node.querySelector(".gallery");
   // pages come in order from the first: an answer delivered twice, or one not asked for, is not added
   if (answer.offset !== 0 && answer.offset !== st.reviewNext) return;
-  if (answer.offset === 0) gallery.replaceChildren();
+  // A refresh (a new field) gathers the pages the technician opened apart and swaps them in at
+  // once: the gallery never shrinks to its first page under their eyes (nor the page's scroll with it)
+  if (answer.offset === 0) st.incoming = el("div");
+  const into = st.incoming || gallery;
   for (const c of answer.cells) {
     const fig = el("figure", "cell");
     const img = el("img");
@@ -300,16 +303,17 @@ function renderReview(st, answer) {
     // a white cell takes the WBC head's types, a red cell to review the RBC head's
     const types = c.types || (c.kind === "rbc" ? answer.rbc_types : answer.wbc_types);
     if (c.typeable && Array.isArray(types)) fig.append(typeSelect(st, answer.run_id, c, types));
-    gallery.append(fig);
+    into.append(fig);
   }
-  st.node.querySelector(".review-count").textContent =
-    "(" + gallery.children.length + " of " + answer.total + (answer.not_kept ? ", " + answer.not_kept + " more not kept" : "") + ")";
   if (answer.typed_per_type) showTyped(st, answer.typed_per_type);
   st.reviewNext = answer.next_offset;
   // a refresh (a new field) starts at the first page: the pages the technician opened are asked
   // again, "More" hidden until they are in
   st.reviewLoaded = answer.offset === 0 ? 1 : (st.reviewLoaded || 1) + 1;
   const refetching = st.reviewLoaded < (st.reviewPages || 1) && answer.next_offset !== null;
+  if (st.incoming && !refetching) { gallery.replaceChildren(...st.incoming.children); st.incoming = null; }
+  st.node.querySelector(".review-count").textContent =
+    "(" + gallery.children.length + " of " + answer.total + (answer.not_kept ? ", " + answer.not_kept + " more not kept" : "") + ")";
   st.node.querySelector(".more").hidden = answer.next_offset === null || refetching;
   if (refetching) requestReview(st, answer.next_offset);
   if (answer.overlay) {
@@ -452,6 +456,7 @@ function pickRun(st, runId) {
 
 function clearReview(st) {
   st.reviewPages = 1;
+  st.incoming = null;
   st.node.querySelector(".gallery").replaceChildren();
   st.node.querySelector(".review-count").textContent = "";
   st.node.querySelector(".more").hidden = true;
