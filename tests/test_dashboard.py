@@ -889,7 +889,8 @@ def test_each_run_shows_when_it_started_and_what_started_it_in_the_readers_time_
     (progress.started_at/started_by), for the open run, the closed one and an earlier one picked
     from get_runs; it showed neither. Every time on the page is the reader's local date and time
     with its zone (a browser in Asia/Kolkata reads "GMT+5:30"): the signing time read as a bare
-    "12/6/2026, 9:50:13 PM"."""
+    "12/6/2026, 9:50:13 PM". An open run's line says when its state was last updated (a run that
+    stopped moving read "in progress" for ever)."""
     from selenium.webdriver.common.by import By
 
     zone = "Asia/Kolkata"
@@ -909,6 +910,8 @@ def test_each_run_shows_when_it_started_and_what_started_it_in_the_readers_time_
         driver.get(url)
         _wait("the open run", lambda: "in progress" in line(), 20, [log])
         assert f" · started {_local(first_start, zone)} by start_run · 40 fields · " in line(), line()
+        # an open run's figures are as of its last state: when that was (a run that stopped moving)
+        assert line().endswith(f"in progress (open) · last update {_local(opened['updated_at'], zone)}"), line()
         send("smearscope/ward-3/run", json.dumps(closed))
         signed_at = first_start + 900
         verified = report.model_copy(update={"report_id": "r-first-v", "verification": Verification(
@@ -917,6 +920,7 @@ def test_each_run_shows_when_it_started_and_what_started_it_in_the_readers_time_
                                                       "body": verified.model_dump(mode="json")}), retain=False)
         _wait("the verified report", lambda: "verified specimen report" in line(), 20, [log])
         assert f"started {_local(first_start, zone)} by start_run" in line(), line()
+        assert "last update" not in line()  # a final report is not as of a time
         assert f"(verified by AB, {_local(signed_at, zone)})" in line(), line()
         # the next run opens with its first field; the first is an earlier run, from get_runs
         second = {**opened, "run_id": "run-second", "report": {**opened["report"], "run_id": "run-second"},

@@ -110,7 +110,7 @@ function shown(st) {
              progress: run ? run.progress : null, started: run ? run.progress : null };
   }
   if (run) return { report: run.report, final: run.state === "closed", runId: run.run_id, grades: run.rbc_grades,
-                    progress: run.progress, state: run.state, started: run.progress };
+                    progress: run.progress, state: run.state, started: run.progress, updated: run.updated_at };
   return null;
 }
 
@@ -149,7 +149,9 @@ function renderRun(st) {
                      " sent to review signed as the analyzer called them" : "") + ")"
                   : "final specimen report (preliminary, needs review)")
       : brokerUp && st.status === "offline" ? "halted: the station went offline (the run goes on if it restarts within its idle timeout)"
-      : "in progress (" + (view.state || "open") + ")");
+      : "in progress (" + (view.state || "open") + ")") +
+    // an open run's figures are as of its last state: a run that stopped moving shows it
+    (!view.final && typeof view.updated === "number" ? " · last update " + when(view.updated) : "");
   st.node.dataset.halted = !view.final && brokerUp && st.status === "offline" ? "true" : "false";
   st.node.dataset.verifiedBy = r.verification ? r.verification.verified_by : "";
   st.node.querySelector(".verify").hidden = !view.final;
