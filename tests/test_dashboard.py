@@ -1207,3 +1207,47 @@ def test_a_new_field_refreshes_the_opened_gallery_pages_without_shrinking_it(
     finally:
         responder.loop_stop()
         responder.disconnect()
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_a_jetsons_telemetry_shows_the_stations_pipeline_not_jtops_raw_stats(
+    tmp_path: Path, ws_broker: MosquittoBroker,
+) -> None:
+    """A Jetson station's sample (jtop's stats summarized by device.telemetry, as the station
+    sends them): the page listed its first 14 values, all summaries, temperatures and jtop's raw
+    stats, so a full disk or an outbox backlog (the pipeline's) never showed. The pipeline now
+    comes first, a full disk in red, and jtop's raw stats are not listed."""
+    import datetime as dt
+
+    from selenium.webdriver.common.by import By
+
+    from smearscope.device.telemetry import summarize_jtop_stats
+
+    stats: dict[str, Any] = {"time": dt.datetime(2026, 12, 6, 9, 0), "uptime": dt.timedelta(hours=5),
+                             **{f"CPU{i}": 20 + i for i in range(1, 13)}, "RAM": 0.41, "SWAP": 0.0, "EMC": 12,
+                             "GPU": 63.0, "APE": "OFF", "NVENC": "OFF", "NVDEC": "OFF", "NVJPG": "OFF",
+                             "Fan pwmfan0": 38.0, **{f"Temp {z}": 45.0 + i for i, z in enumerate(
+                                 ("cpu", "cv0", "cv1", "cv2", "gpu", "soc0", "soc1", "soc2", "tj"))},
+                             "Power VDD_GPU_SOC": 5200, "Power VDD_CPU_CV": 1900, "Power VIN_SYS_5V0": 3100,
+                             "Power TOT": 10200, "jetson_clocks": "ON", "nvp model": "MAXN"}
+    sample = {**summarize_jtop_stats(stats), "source": "jtop", "read_at": time.time(),
+              "pipeline": {"fields_analysed": 812, "rejected": 3, "failed": 0, "frames_dropped": 0,
+                           "disk_full": True, "outbox_messages": 1234}}
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        driver.get(url)
+        send("smearscope/jetson/status", "online")
+        _wait("the station", lambda: _status(driver, "jetson") == "online", 20, [log])
+        send("smearscope/jetson/telemetry", json.dumps(sample), retain=False)
+        shown = lambda: {dd.get_attribute("data-key"): dd for dd in driver.find_elements(
+            By.CSS_SELECTOR, "[data-station='jetson'] dl.telemetry dd")}
+        _wait("the sample", lambda: len(shown()) > 0, 20, [log])
+        values = {k: dd.text for k, dd in shown().items()}
+        assert values["pipeline.disk_full"] == "true" and values["pipeline.outbox_messages"] == "1234", values
+        assert "alarm" in shown()["pipeline.disk_full"].get_attribute("class")
+        assert not [k for k in values if k.startswith("jtop.")], values
+        # the machine's summaries and every temperature zone still listed
+        assert values["cpu_percent"] == "26.5" and values["gpu_percent"] == "63" and values["source"] == "jtop"
+        assert {k for k in values if k.startswith("temperatures_c.")} == {
+            f"temperatures_c.{z}" for z in ("cpu", "cv0", "cv1", "cv2", "gpu", "soc0", "soc1", "soc2", "tj")}

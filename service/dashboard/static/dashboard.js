@@ -268,18 +268,23 @@ function renderTelemetry(st) {
   const flat = [];
   const walk = (obj, path) => {
     for (const [k, v] of Object.entries(obj || {})) {
-      if (v !== null && typeof v === "object" && !Array.isArray(v)) { if (!path) walk(v, k); }
+      if (v !== null && typeof v === "object" && !Array.isArray(v)) { if (!path && k !== "jtop") walk(v, k); }
       else if (typeof v === "number" || typeof v === "string" || typeof v === "boolean") flat.push([path ? path + "." + k : k, v]);
     }
   };
+  // jtop's raw stats (a Jetson's: dozens of keys) are summarized in the others and not listed; the
+  // station's own state comes first (a full disk, an outbox backlog), then the machine's: the
+  // first 14 of a Jetson's sample were all jtop's and temperatures, its pipeline never shown
   walk(st.telemetry, "");
   markTelemetry(st);
-  for (const [k, v] of flat.slice(0, 14)) {
+  const own = flat.filter(([k]) => k.startsWith("pipeline."));
+  for (const [k, v] of [...own, ...flat.filter(([k]) => !k.startsWith("pipeline."))].slice(0, 24)) {
     const at = typeof v === "number" && k.endsWith("_at") && v > 1e9;
     const shownValue = at ? when(v) :
       typeof v === "number" ? String(Math.round(v * 100) / 100) : String(v);
     const dt = el("dt", "", k), dd = el("dd", "", shownValue);
     dd.dataset.key = k;
+    if (k === "pipeline.disk_full" && v === true) dd.className = "alarm";  // the station stores nothing more
     dl.append(dt, dd);
   }
 }
