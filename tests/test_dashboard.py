@@ -976,6 +976,7 @@ def test_a_critical_flag_is_said_above_the_card_and_in_the_pages_header(
         header = lambda: driver.find_element(By.ID, "critical")
         _wait("the critical finding in the header", lambda: header().is_displayed(), 20, [log])
         assert header().text == "critical finding: ward-c"
+        assert driver.title == "CRITICAL: ward-c · smearscope: stations"  # a page in a background tab
         card = driver.find_element(By.CSS_SELECTOR, "[data-station='ward-c']")
         alert = card.find_element(By.CSS_SELECTOR, ".critical-alert")
         assert alert.is_displayed() and alert.text == "CRITICAL: " + sickle.message
@@ -990,6 +991,7 @@ def test_a_critical_flag_is_said_above_the_card_and_in_the_pages_header(
         # the station's next run, no sickle cells: the alert goes
         send("smearscope/ward-c/run", json.dumps(_closed_run_state(_specimen("ward-c", "run-c2", [atypical], time.time()))))
         _wait("the alert gone", lambda: not header().is_displayed() and not alert.is_displayed(), 20, [log])
+        assert driver.title == "smearscope: stations"
 
 
 @pytest.mark.broker

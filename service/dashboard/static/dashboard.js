@@ -246,6 +246,8 @@ function showCritical(st, flags) {
     return b;
   }));
   summary.hidden = flagged.length === 0;
+  // ... and in the tab's title, for a page in a background tab
+  document.title = (flagged.length ? "CRITICAL: " + flagged.map((s) => s.id).join(", ") + " · " : "") + "smearscope: stations";
 }
 
 // Telemetry is not retained: what the card holds when the station is offline, or the broker out of
