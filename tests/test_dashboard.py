@@ -1253,3 +1253,27 @@ def test_a_jetsons_telemetry_shows_the_stations_pipeline_not_jtops_raw_stats(
         assert values["cpu_percent"] == "26.5" and values["gpu_percent"] == "63" and values["source"] == "jtop"
         assert {k for k in values if k.startswith("temperatures_c.")} == {
             f"temperatures_c.{z}" for z in ("cpu", "cv0", "cv1", "cv2", "gpu", "soc0", "soc1", "soc2", "tj")}
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_a_station_without_a_run_says_so(tmp_path: Path, ws_broker: MosquittoBroker) -> None:
+    """A station online before its first run (its status alone, no run state): its card read
+    empty tables under a bare "Cells counted on the smear" and a blank telemetry list. It now says
+    "no specimen run yet" and "no sample yet", and shows no counts line; a run and a sample replace both."""
+    from selenium.webdriver.common.by import By
+
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        driver.get(url)
+        send("smearscope/ward-n/status", "online")
+        _wait("the station", lambda: _status(driver, "ward-n") == "online", 20, [log])
+        card = driver.find_element(By.CSS_SELECTOR, "[data-station='ward-n']")
+        assert card.find_element(By.CSS_SELECTOR, ".run-line").text == "no specimen run yet"
+        assert not card.find_element(By.CSS_SELECTOR, ".counts-line").is_displayed()
+        assert card.find_element(By.CSS_SELECTOR, ".telemetry-none").text == "no sample yet"
+        send("smearscope/ward-n/run", json.dumps(_closed_run_state(_specimen("ward-n", "run-n", [], time.time()))))
+        send("smearscope/ward-n/telemetry", json.dumps({"source": "proc", "read_at": time.time()}), retain=False)
+        _wait("the run and the sample", lambda: card.find_element(By.CSS_SELECTOR, ".counts-line").is_displayed()
+              and not card.find_element(By.CSS_SELECTOR, ".telemetry-none").is_displayed(), 20, [log])
+        assert card.find_element(By.CSS_SELECTOR, ".run-line").text.startswith("run run-n · ")

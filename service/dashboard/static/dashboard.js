@@ -279,6 +279,7 @@ function renderTelemetry(st) {
   // first 14 of a Jetson's sample were all jtop's and temperatures, its pipeline never shown
   walk(st.telemetry, "");
   markTelemetry(st);
+  st.node.querySelector(".telemetry-none").hidden = true;
   const own = flat.filter(([k]) => k.startsWith("pipeline."));
   for (const [k, v] of [...own, ...flat.filter(([k]) => !k.startsWith("pipeline."))].slice(0, 24)) {
     const at = typeof v === "number" && k.endsWith("_at") && v > 1e9;
