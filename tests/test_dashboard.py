@@ -959,7 +959,9 @@ def test_a_critical_flag_is_said_above_the_card_and_in_the_pages_header(
     """Three stations publishing at once, the last one's run with sickle cells (critical): the
     page's header names that station (its card is below the window's fold) and its card says the
     flag above its tables. The flag was one line among the others in the card's middle column,
-    below the morphology table: on a busy day, out of sight. A run without it clears both."""
+    below the morphology table: on a busy day, out of sight. An earlier run picked from the list
+    keeps the current run's critical flag said (it went with the current run's tables). A run
+    without it clears both."""
     from selenium.webdriver.common.by import By
 
     sickle = Flag(code="sickle_cells_present", severity="critical", cells=[1],
@@ -988,6 +990,19 @@ def test_a_critical_flag_is_said_above_the_card_and_in_the_pages_header(
         _wait("the card brought into view", lambda: driver.execute_script(in_view, alert), 10, [log])
         for other in ("ward-a", "ward-b"):  # a warning is no alert
             assert not driver.find_element(By.CSS_SELECTOR, f"[data-station='{other}'] .critical-alert").is_displayed()
+        # an earlier run picked from the list (none of its own): the current run's flag is still said
+        earlier = _closed_run_state(_specimen("ward-c", "run-c0", [atypical], time.time() - 3600))
+        send("smearscope/ward-c/cmd_response/get_runs", json.dumps({"ok": True, "runs": [earlier]}), retain=False)
+        pick = ("const s = document.querySelector(\"[data-station='ward-c'] select.runs\");"
+                "if (![...s.options].some((o) => o.value === arguments[0])) return false;"
+                "s.value = arguments[0]; s.dispatchEvent(new Event('change')); return true;")
+        _wait("the earlier run shown", lambda: driver.execute_script(pick, "run-c0") and card.get_attribute(
+            "data-run-id") == "run-c0", 20, [log])
+        assert alert.is_displayed() and alert.text == "CRITICAL (current run): " + sickle.message, alert.text
+        assert header().text == "critical finding: ward-c"
+        driver.execute_script(pick, "")
+        _wait("the current run again", lambda: card.get_attribute("data-run-id") == "run-ward-c", 20, [log])
+        assert alert.text == "CRITICAL: " + sickle.message
         # the station's next run, no sickle cells: the alert goes
         send("smearscope/ward-c/run", json.dumps(_closed_run_state(_specimen("ward-c", "run-c2", [atypical], time.time()))))
         _wait("the alert gone", lambda: not header().is_displayed() and not alert.is_displayed(), 20, [log])

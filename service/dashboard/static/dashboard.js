@@ -96,14 +96,18 @@ function olderThanRun(st, body) {
 }
 
 function shown(st) {
-  // An earlier closed run the user picked (the station's get_runs), else the station's current run
-  // (its retained live state): its final specimen report once it is closed (the report itself
-  // where it arrived, else the closed state's aggregates, as after a reload: the report topic is
-  // not retained).
+  // An earlier closed run the user picked (the station's get_runs), else the station's current run.
   if (st.pinned) {
     return { report: st.pinned.report, final: true, runId: st.pinned.run_id, grades: st.pinned.rbc_grades,
              progress: null, earlier: true, started: st.pinned.progress };
   }
+  return current(st);
+}
+
+function current(st) {
+  // The station's current run (its retained live state): its final specimen report once it is
+  // closed (the report itself where it arrived, else the closed state's aggregates, as after a
+  // reload: the report topic is not retained).
   const run = st.run, fin = st.final;
   if (fin && (!run || run.run_id === fin.run_id)) {
     return { report: fin, final: true, runId: fin.run_id, grades: run ? run.rbc_grades : null,
@@ -133,7 +137,9 @@ function renderRun(st) {
   tbody.replaceChildren(); morph.replaceChildren(); flags.replaceChildren();
   st.node.querySelector(".counts").textContent = "";
   st.node.querySelector(".counts-line").hidden = !view;
-  showCritical(st, view ? view.report.flags : []);
+  // the current run's critical flags stay said while an earlier run is shown
+  const now = view && view.earlier ? current(st) : null;
+  showCritical(st, view ? view.report.flags : [], now && now.runId !== view.runId ? now.report.flags : []);
   if (!view) { line.textContent = "no specimen run yet"; return; }
   const r = view.report;
   st.node.dataset.runId = view.runId || "";
@@ -227,11 +233,12 @@ function renderRun(st) {
 
 // A critical flag (sickle cells) of the run shown cannot be missed: said above the card's tables,
 // the card outlined, and the station named in the page's header (a card may be scrolled away).
-function showCritical(st, flags) {
-  const critical = flags.filter((f) => f.severity === "critical");
+function showCritical(st, flags, currentFlags) {
+  const critical = [...flags.filter((f) => f.severity === "critical").map((f) => [f, "CRITICAL: "]),
+                    ...currentFlags.filter((f) => f.severity === "critical").map((f) => [f, "CRITICAL (current run): "])];
   const alert = st.node.querySelector(".critical-alert");
-  alert.replaceChildren(...critical.map((f) => {
-    const p = el("p", "", "CRITICAL: " + f.message);
+  alert.replaceChildren(...critical.map(([f, what]) => {
+    const p = el("p", "", what + f.message);
     p.dataset.code = f.code;
     return p;
   }));
