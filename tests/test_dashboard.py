@@ -1292,3 +1292,31 @@ def test_a_station_without_a_run_says_so(tmp_path: Path, ws_broker: MosquittoBro
         _wait("the run and the sample", lambda: card.find_element(By.CSS_SELECTOR, ".counts-line").is_displayed()
               and not card.find_element(By.CSS_SELECTOR, ".telemetry-none").is_displayed(), 20, [log])
         assert card.find_element(By.CSS_SELECTOR, ".run-line").text.startswith("run run-n · ")
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_a_report_from_before_each_size_class_was_listed_shows_all_three_not_assessable(
+    tmp_path: Path, ws_broker: MosquittoBroker,
+) -> None:
+    """A closed run of the previous version (its retained state, or get_runs from its outbox file)
+    under a calibration in doubt lists only the size-based class a cell was given (spherocyte): its
+    FHIR bundle and the state's rbc_grades read microcyte and macrocyte not assessable, but the page
+    had no row for them, which reads as none seen. It now lists all three, "–" and not assessable."""
+    from selenium.webdriver.common.by import By
+
+    old = _specimen("ward-o", "run-o", [Flag(code="calibration_suspect", severity="warning", cells=[],
+                                             message="the red cells point to 0.1 um/px")], time.time())
+    old = old.model_copy(update={"rbc_morphology": [
+        ClassShare(label="normal", count=3990, percent=99.75),
+        ClassShare(label="spherocyte", count=10, percent=0.25, assessable=False)]})
+    state = _closed_run_state(old)
+    assert {state["rbc_grades"][k] for k in SIZE_BASED} == {"not assessable"}  # the station's own reading
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        send("smearscope/ward-o/run", json.dumps(state))
+        driver.get(url)
+        rows = lambda: {tr.get_attribute("data-label"): [td.text for td in tr.find_elements(By.TAG_NAME, "td")[1:]]
+                        for tr in driver.find_elements(By.CSS_SELECTOR, "[data-station='ward-o'] .morphology tbody tr")}
+        _wait("the run's morphology", lambda: len(rows()) >= 2, 20, [log])
+        assert rows() == {"normal": ["3990", "99.75", ""], **{k: ["–", "–", "not assessable"] for k in SIZE_BASED}}, rows()

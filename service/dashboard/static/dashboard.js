@@ -193,7 +193,14 @@ function renderRun(st) {
   const grades = view.grades || {};
   // a calibration in doubt (flags rbc_size_implausible, calibration_suspect): size-based grades not read
   const sizesOff = r.flags.some((f) => f.code === "rbc_size_implausible" || f.code === "calibration_suspect");
-  for (const s of r.rbc_morphology) {
+  // sizes unread (also at an estimated scale): every size-based class is a row, not assessable; a
+  // report from before each was listed has none for a class no cell was given (service.fhir.
+  // report_view.morphology_rows), which would read as "none seen"
+  const sizesUnread = sizesOff || r.flags.some((f) => f.code === "size_not_assessable_without_calibration");
+  const listed = new Set(r.rbc_morphology.map((s) => s.label));
+  const missing = sizesUnread ? SIZE_BASED.filter((l) => !listed.has(l)).sort()
+    .map((label) => ({ label, count: 0, percent: 0, assessable: false })) : [];
+  for (const s of [...r.rbc_morphology, ...missing]) {
     const tr = el("tr");
     tr.dataset.label = s.label;
     // ICSH's "none" is a share below its 1+ threshold, not an absence: said so beside a count; a
