@@ -1098,7 +1098,8 @@ def test_verify_on_an_offline_station_says_so_at_once_and_sends_nothing(
 ) -> None:
     """A station offline keeps no MQTT session (clean start): a verify_run sent to it is lost. The
     page sent it anyway and said "no answer from the station" 15 s later; it now says at once that
-    the station is offline and cannot sign, and sends nothing. Online, the command goes out."""
+    the station is offline and cannot sign, and sends nothing; so do a type picked under a crop
+    and "More" (which hid itself until a page that never came). Online, the command goes out."""
     from selenium.webdriver.common.by import By
 
     report = _specimen("ward-v", "run-v", [], time.time())
@@ -1137,10 +1138,26 @@ def test_verify_on_an_offline_station_says_so_at_once_and_sends_nothing(
             assert driver.find_element(By.CSS_SELECTOR, picker).get_attribute("data-state") == "error"
             assert driver.find_element(By.CSS_SELECTOR, picker).get_attribute("title") == (
                 "the station is offline: the type was not saved")
+            # ... nor "More" (the gallery's next page): the button stays, saying why nothing came
+            send("smearscope/ward-v/cmd_response/get_review", json.dumps({
+                "ok": True, "run_id": "run-v", "offset": 0, "total": 30, "not_kept": 0, "next_offset": 1,
+                "wbc_types": ["lymphocyte", "monocyte"], "rbc_types": ["normal"], "overlay": None,
+                "cells": [{"field_id": "f1", "cell": 3, "kind": "wbc", "label": "unidentified", "label_score": 0.4,
+                           "atypical": False, "typeable": True, "jpeg": crop}]}), retain=False)
+            more = lambda: driver.find_element(By.CSS_SELECTOR, f"{card} .more")
+            _wait("More", lambda: more().is_displayed(), 20, [log])
+            more().click()
+            assert more().is_displayed()
+            assert driver.find_element(By.CSS_SELECTOR, f"{card} .review-note").text == (
+                "the station is offline: its other crops come when it is back")
             time.sleep(1)  # a command would have reached the broker by now
-            assert [m.topic for m in commands.messages if m.topic.endswith(("/verify_run", "/type_cells"))] == []
+            assert [m.topic for m in commands.messages
+                    if m.topic.endswith(("/verify_run", "/type_cells", "/get_review"))] == []
             send("smearscope/ward-v/status", "online")
             _wait("the station online", lambda: _status(driver, "ward-v") == "online", 20, [log])
+            # back online: the gallery is asked again (it was not while the station was away)
+            _wait("the gallery asked", lambda: any(m.topic.endswith("/cmd/get_review") for m in commands.messages),
+                  20, [log])
             driver.find_element(By.CSS_SELECTOR, f"{card} .verify-run").click()
             _wait("the command sent", lambda: any(m.topic.endswith("/cmd/verify_run") for m in commands.messages),
                   20, [log])

@@ -68,6 +68,12 @@ function station(id) {
   node.dataset.station = id;
   node.querySelector(".station-id").textContent = id;
   node.querySelector(".more").addEventListener("click", () => {
+    if (st.status !== "online") {  // a get_review sent now is lost: the button would never come back
+      node.querySelector(".review-note").textContent = "the station is " + (st.status || "not known to be online") +
+        ": its other crops come when it is back";
+      return;
+    }
+    node.querySelector(".review-note").textContent = "";
     st.reviewPages = (st.reviewPages || 1) + 1;  // kept when a new field refreshes the gallery
     node.querySelector(".more").hidden = true;  // until that page is in
     requestReview(st, st.reviewNext);
@@ -359,7 +365,13 @@ function onMessage(topic, payload, packet) {
   const st = station(parts[1]);
   const kind = parts.slice(2).join("/");
   const text = new TextDecoder().decode(payload);
-  if (kind === "status") { st.status = text; renderStatus(st); return; }
+  if (kind === "status") {
+    const back = text === "online" && st.status !== "online";
+    st.status = text;
+    renderStatus(st);
+    if (back && st.reviewRun) scheduleReview(st);  // the gallery's pages, not asked while it was away
+    return;
+  }
   let msg;
   try { msg = JSON.parse(text); } catch (e) { console.warn("not JSON on", topic); return; }
   if (msg === null || typeof msg !== "object") { console.warn("not a JSON object on", topic); return; }

@@ -149,7 +149,8 @@ function clearReview(st) {
 }
 
 function requestReview(st, offset) {
-  if (!client || !client.connected || !st.reviewRun) return;
+  // an offline station keeps no session: asked again when it is back online (its status)
+  if (!client || !client.connected || !st.reviewRun || st.status !== "online") return;
   st.reviewAsk = sendCommand(st, "get_review", { run_id: st.reviewRun, offset: offset || 0 });
 }
 
