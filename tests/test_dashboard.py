@@ -1158,6 +1158,7 @@ def test_verify_on_an_offline_station_says_so_at_once_and_sends_nothing(
             # back online: the gallery is asked again (it was not while the station was away)
             _wait("the gallery asked", lambda: any(m.topic.endswith("/cmd/get_review") for m in commands.messages),
                   20, [log])
+            assert driver.find_element(By.CSS_SELECTOR, f"{card} .review-note").text == ""
             driver.find_element(By.CSS_SELECTOR, f"{card} .verify-run").click()
             _wait("the command sent", lambda: any(m.topic.endswith("/cmd/verify_run") for m in commands.messages),
                   20, [log])

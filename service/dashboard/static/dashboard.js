@@ -369,6 +369,7 @@ function onMessage(topic, payload, packet) {
     const back = text === "online" && st.status !== "online";
     st.status = text;
     renderStatus(st);
+    if (back) st.node.querySelector(".review-note").textContent = "";
     if (back && st.reviewRun) scheduleReview(st);  // the gallery's pages, not asked while it was away
     return;
   }
