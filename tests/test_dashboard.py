@@ -1042,7 +1042,7 @@ def test_a_stations_telemetry_reads_as_its_last_sample_once_it_is_offline(
         send("smearscope/ward-t/status", "online")
         _wait("the station online", lambda: _status(driver, "ward-t") == "online", 20, [log])
         # back online, the sample shown is still from before: stale until the station sends one
-        assert stale() == "true" and age() == f"(last sample at {_local(sampled, zone)}; the station was away since)"
+        assert stale() == "true" and age() == f"(last sample at {_local(sampled, zone)}; from before the station was away)"
         sampled = time.time()
         send("smearscope/ward-t/telemetry", json.dumps({"source": "proc", "read_at": sampled}), retain=False)
         _wait("a new sample", lambda: stale() == "false", 20, [log])
@@ -1060,7 +1060,7 @@ def test_a_stations_telemetry_reads_as_its_last_sample_once_it_is_offline(
             time.sleep(0.5)
         _wait("the station online again", lambda: _status(driver, "ward-t") == "online", 10, [log])
         # the sample shown is from before the outage: stale until the station sends one
-        assert stale() == "true" and age() == f"(last sample at {_local(sampled, zone)}; the station was away since)"
+        assert stale() == "true" and age() == f"(last sample at {_local(sampled, zone)}; from before the station was away)"
         send("smearscope/ward-t/telemetry", json.dumps({"source": "proc", "read_at": time.time()}), retain=False)
         _wait("a new sample", lambda: stale() == "false", 20, [log])
         assert age() == ""

@@ -281,7 +281,7 @@ function markTelemetry(st) {
   const at = st.telemetry && typeof st.telemetry.read_at === "number" ? " at " + when(st.telemetry.read_at) : "";
   st.node.querySelector(".telemetry-age").textContent = !stale ? ""
     : "(last sample" + at + "; " + (!brokerUp ? "broker unreachable" : st.status === "online"
-      ? "the station was away since" : "the station is " + (st.status || "unknown")) + ")";
+      ? "from before the station was away" : "the station is " + (st.status || "unknown")) + ")";
 }
 
 function renderTelemetry(st) {
