@@ -1338,3 +1338,31 @@ def test_a_report_from_before_each_size_class_was_listed_shows_all_three_not_ass
                         for tr in driver.find_elements(By.CSS_SELECTOR, "[data-station='ward-o'] .morphology tbody tr")}
         _wait("the run's morphology", lambda: len(rows()) >= 2, 20, [log])
         assert rows() == {"normal": ["3990", "99.75", ""], **{k: ["–", "–", "not assessable"] for k in SIZE_BASED}}, rows()
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_a_long_run_line_leaves_the_stations_name_and_status_whole(tmp_path: Path, ws_broker: MosquittoBroker) -> None:
+    """An open run of a station gone offline: its line (start, fields, halted, last update) is
+    long, and it squeezed the card's head: the name read "ward-" over "2" and the badge "offlin"
+    over "e" in a 1500 px window. Name and status now stay on one line each; the run line wraps."""
+    state = _closed_run_state(_specimen("ward-2", "run-bbbbbbbb", [], time.time()))
+    state.update(state="open", end_reason=None)
+    one_line = ("const r = document.createRange(); r.selectNodeContents(document.querySelector(arguments[0]));"
+                "return new Set([...r.getClientRects()].map((b) => Math.round(b.top))).size === 1;")
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        send("smearscope/ward-2/status", "offline")
+        send("smearscope/ward-2/run", json.dumps(state))
+        driver.get(url)
+        card = "[data-station='ward-2']"
+        line = lambda: driver.execute_script(
+            "const n = document.querySelector(arguments[0]); return n ? n.textContent : '';", f"{card} .run-line")
+        _wait("the halted run", lambda: "halted" in line() and "last update" in line(), 20, [log])
+        for width in (1500, 1024):
+            driver.set_window_size(width, 900)
+            for part in (".station-id", ".status"):
+                assert driver.execute_script(one_line, f"{card} {part}"), (width, part)
+            width_now = driver.execute_script(
+                "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+            assert width_now[0] <= width_now[1], width_now
