@@ -322,66 +322,78 @@ class ClinicFeed:
         stored = removed = 0
         errors: list[dict[str, Any]] = []
         done: list[dict[str, Any]] = []
-        for k, item in enumerate(cells):
-            field_id = item.get("field_id") if isinstance(item, dict) else None
-            cell = item.get("cell") if isinstance(item, dict) else None
-            type_ = item.get("type") if isinstance(item, dict) else None
-            if (not isinstance(item, dict) or not set(item) <= {"field_id", "cell", "type"}
-                    or not isinstance(field_id, str) or not 0 < len(field_id) <= MAX_FIELD_ID
-                    or not isinstance(cell, int) or isinstance(cell, bool) or not 0 <= cell < MAX_CELL_INDEX
-                    or not (type_ is None or isinstance(type_, str))):
-                errors.append({"index": k, "error": "bad_cell", "message": "expected field_id (a string of 1 to "
-                               f"{MAX_FIELD_ID} characters), cell (integer from 0 to {MAX_CELL_INDEX - 1}) and "
-                               "type (string or null), and nothing else"})
-                continue
-            where = {"index": k, "field_id": field_id, "cell": cell}
-            found = gallery.typeable(run_id, field_id, cell)
-            try:
-                # a white cell takes the WBC head's types, a red cell the RBC head's (at an
-                # estimated scale, none of the size-based ones)
-                kind = found.kind if found is not None else store.kind_of(run_id, field_id, cell)
-                if kind is None and type_:  # whatever the type: which head's types it takes is not known
-                    errors.append({**where, "error": "not_typeable", "message": "not a cell of the gallery "
-                                   "(of a run it no longer holds?) and not typed before"})
-                    continue
-                if found is None and kind == "rbc" and type_ in SIZE_BASED:  # whether its scale was calibrated
-                    errors.append({**where, "error": "unknown_type", "message": "a size-based type for a red "
-                                   "cell the gallery no longer holds: whether its scale was calibrated is not known"})
-                    continue
-                kind = kind or "wbc"
-                allowed = (*(found.types if found is not None and found.types is not None
-                             else typing.rbc_classes if kind == "rbc" else typing.classes), ARTEFACT)
-                if type_ and type_ not in allowed:
-                    errors.append({**where, "error": "unknown_type",
-                                   "message": f"not a type this {kind.upper()} cell can be given ({', '.join(allowed)})"})
-                    continue
-                if type_ and store.disk_low():  # a removal still goes: it takes no room
-                    errors.append({**where, "error": "typed_cells_disk_low", "message": "the disk has less than "
-                                   f"{self._min_free_bytes / 2**20:.0f} MB free ([review] min_free_disk_mb): "
-                                   "the outbox needs the room; nothing stored"})
-                    continue
-                if not type_:  # removed from the file, whether or not the gallery still holds the cell
-                    removed += store.remove(run_id, field_id, cell)
-                elif found is not None:
-                    if not store.put(run_id, field_id, cell, type_, found, live_runs=self._live_runs()):
-                        errors.append({**where, "error": "typed_cells_full",
-                                       "message": f"the typed-cells file holds {store.max_rows} cells; fit the "
-                                       "station means (smearscope adapt-wbc --station), verify the runs still to "
-                                       "verify, then move it away to type more"})
+        try:  # one transaction, synced once: every cell answered stored is on the disk before the answer
+            with store.batch():
+                for k, item in enumerate(cells):
+                    field_id = item.get("field_id") if isinstance(item, dict) else None
+                    cell = item.get("cell") if isinstance(item, dict) else None
+                    type_ = item.get("type") if isinstance(item, dict) else None
+                    if (not isinstance(item, dict) or not set(item) <= {"field_id", "cell", "type"}
+                            or not isinstance(field_id, str) or not 0 < len(field_id) <= MAX_FIELD_ID
+                            or not isinstance(cell, int) or isinstance(cell, bool) or not 0 <= cell < MAX_CELL_INDEX
+                            or not (type_ is None or isinstance(type_, str))):
+                        errors.append({"index": k, "error": "bad_cell", "message": "expected field_id (a string of 1 to "
+                                       f"{MAX_FIELD_ID} characters), cell (integer from 0 to {MAX_CELL_INDEX - 1}) and "
+                                       "type (string or null), and nothing else"})
                         continue
-                    stored += 1
-                elif store.retype(run_id, field_id, cell, type_, kind):  # typed before: its features are stored
-                    stored += 1
-                else:  # typed before, its row removed meanwhile (another page)
-                    errors.append({**where, "error": "not_typeable", "message": "not a cell of the gallery "
-                                   "(of a run it no longer holds?) and not typed before"})
-                    continue
-            except (sqlite3.Error, OSError) as exc:  # answered, never raised into the command thread
-                logger.error("typed cells: storing %s/%s/%s failed: %s", run_id, field_id, cell, exc)
-                errors.append({**where, "error": "typed_cells_unavailable", "message": str(exc)[:200]})
-                continue
-            gallery.mark_typed(run_id, field_id, cell, type_ or None)
-            done.append({"field_id": field_id, "cell": cell, "type": type_ or None})
+                    where = {"index": k, "field_id": field_id, "cell": cell}
+                    found = gallery.typeable(run_id, field_id, cell)
+                    try:
+                        # a white cell takes the WBC head's types, a red cell the RBC head's (at an
+                        # estimated scale, none of the size-based ones)
+                        kind = found.kind if found is not None else store.kind_of(run_id, field_id, cell)
+                        if kind is None and type_:  # whatever the type: which head's types it takes is not known
+                            errors.append({**where, "error": "not_typeable", "message": "not a cell of the gallery "
+                                           "(of a run it no longer holds?) and not typed before"})
+                            continue
+                        if found is None and kind == "rbc" and type_ in SIZE_BASED:  # whether its scale was calibrated
+                            errors.append({**where, "error": "unknown_type", "message": "a size-based type for a red "
+                                           "cell the gallery no longer holds: whether its scale was calibrated is not known"})
+                            continue
+                        kind = kind or "wbc"
+                        allowed = (*(found.types if found is not None and found.types is not None
+                                     else typing.rbc_classes if kind == "rbc" else typing.classes), ARTEFACT)
+                        if type_ and type_ not in allowed:
+                            errors.append({**where, "error": "unknown_type",
+                                           "message": f"not a type this {kind.upper()} cell can be given ({', '.join(allowed)})"})
+                            continue
+                        if type_ and store.disk_low():  # a removal still goes: it takes no room
+                            errors.append({**where, "error": "typed_cells_disk_low", "message": "the disk has less than "
+                                           f"{self._min_free_bytes / 2**20:.0f} MB free ([review] min_free_disk_mb): "
+                                           "the outbox needs the room; nothing stored"})
+                            continue
+                        if not type_:  # removed from the file, whether or not the gallery still holds the cell
+                            removed += store.remove(run_id, field_id, cell)
+                        elif found is not None:
+                            if not store.put(run_id, field_id, cell, type_, found, live_runs=self._live_runs()):
+                                errors.append({**where, "error": "typed_cells_full",
+                                               "message": f"the typed-cells file holds {store.max_rows} cells; fit the "
+                                               "station means (smearscope adapt-wbc --station), verify the runs still to "
+                                               "verify, then move it away to type more"})
+                                continue
+                            stored += 1
+                        elif store.retype(run_id, field_id, cell, type_, kind):  # typed before: its features are stored
+                            stored += 1
+                        else:  # typed before, its row removed meanwhile (another page)
+                            errors.append({**where, "error": "not_typeable", "message": "not a cell of the gallery "
+                                           "(of a run it no longer holds?) and not typed before"})
+                            continue
+                    except (sqlite3.Error, OSError) as exc:  # answered, never raised into the command thread
+                        logger.error("typed cells: storing %s/%s/%s failed: %s", run_id, field_id, cell, exc)
+                        errors.append({**where, "error": "typed_cells_unavailable", "message": str(exc)[:200]})
+                        continue
+                    done.append({"field_id": field_id, "cell": cell, "type": type_ or None})
+        except (sqlite3.Error, OSError) as exc:  # the transaction lost: none of its cells is stored
+            logger.error("typed cells: storing the %d cell(s) of a command for %s failed: %s", len(cells), run_id, exc)
+            answered = {e["index"] for e in errors}
+            errors = sorted(errors + [{"index": k, **({"field_id": item.get("field_id"), "cell": item.get("cell")}
+                                                      if isinstance(item, dict) else {}),
+                                       "error": "typed_cells_unavailable", "message": str(exc)[:200]}
+                                      for k, item in enumerate(cells) if k not in answered], key=lambda e: e["index"])
+            stored = removed = 0
+            done = []
+        for d in done:  # shown typed once stored
+            gallery.mark_typed(run_id, d["field_id"], d["cell"], d["type"])
         try:
             totals = store.counts(typing.model_sha256, typing.views, self.microns_per_pixel)
         except sqlite3.Error as exc:

@@ -26,7 +26,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -105,7 +106,9 @@ class TypedCellStore:
         self.max_rows = max_rows
         #: Below this much free on the file's disk no cell is typed (`[review] min_free_disk_mb`).
         self.min_free_bytes = min_free_bytes
-        self._lock = threading.Lock()
+        #: re-entrant: a command's batch holds it while its cells are written (`batch`)
+        self._lock = threading.RLock()
+        self._batch = False
         try:
             if read_only:
                 if self.path.exists() and not self.path.is_file():
@@ -153,6 +156,49 @@ class TypedCellStore:
         with self._lock:
             self._db.close()
 
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction for the writes made inside (one command's cells: one sync to the disk, at
+        the end, instead of one a cell). Each write stays its own savepoint: one that fails is
+        undone alone. Whatever was written is on the disk when the block leaves; an error that
+        lost the transaction is raised here, so that none of its writes is answered stored."""
+        with self._lock:
+            if self._batch:
+                raise RuntimeError("typed cells: batches do not nest")
+            self._db.execute("BEGIN IMMEDIATE")
+            self._batch = True
+            try:
+                yield
+                if not self._db.in_transaction:  # rolled back by SQLite itself (a disk error)
+                    raise sqlite3.OperationalError("the transaction was rolled back: nothing of it was stored")
+                self._db.commit()
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.rollback()
+                raise
+            finally:
+                self._batch = False
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write: its own transaction, or a savepoint of the batch under way."""
+        with self._lock:
+            if not self._batch:
+                with self._db:
+                    yield
+                return
+            if not self._db.in_transaction:
+                raise sqlite3.OperationalError("the command's transaction was rolled back by an earlier error")
+            self._db.execute("SAVEPOINT cell")
+            try:
+                yield
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK TO cell")
+                    self._db.execute("RELEASE cell")
+                raise
+            self._db.execute("RELEASE cell")
+
     def put(self, run_id: str, field_id: str, cell: int, type_: str, c: TypeableCell,
             live_runs: Collection[str] | None = None) -> bool:
         """Store (or retype) one cell; False when the file is full and the cell is new. In a full
@@ -161,7 +207,7 @@ class TypedCellStore:
         feats = np.asarray(c.features, np.float32).ravel()
         views = (np.asarray(c.view_features, np.float32).reshape(-1, feats.size) if feats.size
                  else np.zeros((0, 0), np.float32))
-        with self._lock, self._db:
+        with self._write():
             known = self._db.execute("SELECT 1 FROM typed_white_cells WHERE run_id=? AND field_id=? AND cell=?",
                                      (run_id, field_id, cell)).fetchone()
             if known is None and self._count() >= self.max_rows and not (
@@ -192,13 +238,13 @@ class TypedCellStore:
     def retype(self, run_id: str, field_id: str, cell: int, type_: str, kind: str) -> bool:
         """A stored cell of `kind` given another type (its features stay); False when the file
         holds no such cell."""
-        with self._lock, self._db:
+        with self._write():
             cur = self._db.execute("UPDATE typed_white_cells SET type=?, typed_at=? WHERE run_id=? AND field_id=? "
                                    "AND cell=? AND kind=?", (type_, time.time(), run_id, field_id, cell, kind))
         return cur.rowcount > 0
 
     def remove(self, run_id: str, field_id: str, cell: int) -> bool:
-        with self._lock, self._db:
+        with self._write():
             cur = self._db.execute("DELETE FROM typed_white_cells WHERE run_id=? AND field_id=? AND cell=?",
                                    (run_id, field_id, cell))
         return cur.rowcount > 0
