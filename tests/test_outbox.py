@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, OutboxLockedError
+from smearscope.service.mqtt.wall_clock import RELEASED, WallSteps
 
 
 def put(outbox: Outbox, kind: MessageKind, n: int, size: int = 10) -> int:
@@ -499,3 +500,64 @@ def test_a_wal_that_cannot_be_emptied_is_said_with_its_real_cause(tmp_path: Path
             outbox.read(open_read_then_shrink)
     [warning] = [r.getMessage() for r in caplog.records]
     assert "SQLITE_LOCKED" in warning and "full" not in warning, warning
+
+
+class _Clocks:
+    """A station's wall and monotonic clocks, moved by hand (the wall one may step)."""
+
+    def __init__(self, wall: float) -> None:
+        self.wall, self.mono = wall, 1000.0
+
+    def run(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def steps(self) -> WallSteps:
+        return WallSteps(lambda: self.wall, lambda: self.mono)
+
+
+def _fields(outbox: Outbox, n: int, tag: str) -> list[int]:
+    return [outbox.put("field", "t", b"{}", report_id=f"{tag}{k}", schema_version="1") for k in range(n)]
+
+
+def test_field_messages_keep_their_true_age_when_the_wall_clock_steps(tmp_path: Path) -> None:
+    """A Jetson without a clock battery boots in 1970 and stores its fields offline; network time
+    then steps the clock forward 56 years. With field_message_expiry_s (an hour here) the fields,
+    a minute old, were all dropped at once, as 56 years old, before the broker got them; set back
+    by a year by hand, fields stored before were kept for a year. Their ages now follow the step
+    (real SQLite file, the outbox's clocks moved by hand); reports never expire."""
+    hour = 3600
+    clocks = _Clocks(wall=86_400.0)  # 1970-01-02
+    with Outbox(tmp_path / "o.db", clock=clocks.steps()) as outbox:
+        booted = _fields(outbox, 3, "boot")
+        report = outbox.put("report", "t", b"{}", report_id="r", schema_version="1")
+        clocks.run(60)
+        clocks.wall = RELEASED + 30 * 86_400  # network time arrives
+        clocks.run(1)
+        assert outbox.expire_fields(clocks.wall - hour) == 0
+        later = _fields(outbox, 2, "later")
+        clocks.run(hour - 120)
+        assert outbox.expire_fields(clocks.wall - hour) == 0
+        clocks.run(120)
+        assert outbox.expire_fields(clocks.wall - hour) == 3  # the booted ones, an hour old
+        assert [m.seq for m in outbox.pending()] == [report, *later]
+        clocks.wall -= 365 * 86_400  # set back by hand
+        clocks.run(hour)
+        assert outbox.expire_fields(clocks.wall - hour) == 2
+        assert [m.seq for m in outbox.pending()] == [report]
+        assert not set(booted) & {m.seq for m in outbox.pending()}
+
+
+def test_field_messages_stamped_on_a_wrong_clock_before_a_restart_are_not_expired_by_it(tmp_path: Path) -> None:
+    """Stored in 1970 by a process that never saw network time (restarted since, the outbox file
+    kept): their age cannot be known, so an expiry does not drop them as 56 years old; they wait to
+    be sent like any message, within the outbox's bounds. Those stored on a right clock expire."""
+    clocks = _Clocks(wall=86_400.0)
+    with Outbox(tmp_path / "o.db", clock=clocks.steps()) as outbox:
+        kept = _fields(outbox, 3, "1970-")
+    now = RELEASED + 30 * 86_400
+    clocks = _Clocks(wall=now)
+    with Outbox(tmp_path / "o.db", clock=clocks.steps()) as outbox:
+        old = outbox.put("field", "t", b"{}", report_id="old", schema_version="1", created_at=now - 7200)
+        assert outbox.expire_fields(now - 3600) == 1
+        assert [m.seq for m in outbox.pending()] == kept and old not in kept

@@ -48,6 +48,7 @@ from smearscope.service.mqtt.outbox_schema import SCHEMA_VERSION as _SCHEMA_VERS
 from smearscope.service.mqtt.outbox_schema import apply_schema
 from smearscope.service.mqtt.reserve import DiskReserve, is_disk_full, shrink_wal
 from smearscope.service.mqtt.vacuum import STEPS_PER_CALL, SpaceReclaimer
+from smearscope.service.mqtt.wall_clock import RELEASED, WallSteps
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class Outbox:
         max_bytes: int = 256 * 1024 * 1024,
         overflow_policy: OverflowPolicy = "drop_oldest_field_keep_reports",
         lock_timeout_s: float = 2.0,
+        clock: WallSteps | None = None,
     ) -> None:
         if overflow_policy != "drop_oldest_field_keep_reports":
             raise ValueError(f"unknown outbox overflow policy {overflow_policy!r}")
@@ -147,9 +149,7 @@ class Outbox:
         self._last_eviction_log = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One connection shared by all threads, serialized by self._lock.
-        self._conn = sqlite3.connect(
-            self.path, timeout=lock_timeout_s, isolation_level=None, check_same_thread=False
-        )
+        self._conn = sqlite3.connect(self.path, timeout=lock_timeout_s, isolation_level=None, check_same_thread=False)
         try:
             self._open()
         except sqlite3.OperationalError as exc:
@@ -158,6 +158,9 @@ class Outbox:
                 raise OutboxLockedError(f"outbox {self.path} is in use by another process") from exc
             raise
         self._count, self._bytes, self._reports = self._measure()
+        #: A wall clock's step moves the stamps of the rows stored since this start: their ages stay true
+        self._clock = clock or WallSteps()
+        self._opened_seq = int(self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0])
         self._reserve = DiskReserve(self.path.with_name(self.path.name + ".reserve"))
         self._reclaimer = SpaceReclaimer(self.path)
         self._reserve.make()
@@ -271,7 +274,7 @@ class Outbox:
                 raise ValueError(f"unknown message kind {m.kind!r}")
             rows.append((m.kind, m.topic, bytes(m.payload), m.qos, int(m.retain), m.report_id,
                          m.message_id or uuid.uuid4().hex, m.content_type, m.schema_version,
-                         time.time() if m.created_at is None else m.created_at))
+                         self._clock.wall() if m.created_at is None else m.created_at))
 
         def insert() -> tuple[list[int], tuple[int, int, int], list[int]]:
             seqs = []
@@ -291,6 +294,7 @@ class Outbox:
             return seqs, counts, evicted
 
         with self._lock:
+            self._follow_clock()
             seqs, counts, evicted = self._transaction(insert)
             self._count, self._bytes, self._reports = counts
             self._evicted += len(evicted)
@@ -384,11 +388,28 @@ class Outbox:
             return 0
         return self._delete(f"seq IN ({','.join('?' * len(wanted))})", wanted)
 
+    def _follow_clock(self) -> None:
+        """Move the stamps of the messages stored since this start by the wall clock's step, if it
+        stepped (caller holds self._lock); a write that fails is tried again at the next call."""
+        if step := self._clock.step():
+            try:
+                moved = self._transaction(lambda: self._conn.execute(
+                    "UPDATE outbox SET created_at = created_at + ? WHERE seq > ?", (step, self._opened_seq)).rowcount)
+            except sqlite3.Error as exc:
+                return logger.warning("outbox: the wall clock stepped by %+.0f s; the ages of the messages stored "
+                                      "since this start could not follow it yet (%s)", step, exc)
+            self._clock.applied()
+            logger.warning("outbox: the wall clock stepped by %+.0f s; the ages of the %d messages stored since "
+                           "this start follow it", step, moved)
+
     def expire_fields(self, created_before: float) -> int:
         """Delete field (and cells) messages created before `created_before` (Unix time); reports
         never expire. On a full disk (the reserve spent) they stay until there is room: said once."""
-        try:
-            deleted = self._delete("kind != 'report' AND created_at < ?", [created_before])
+        with self._lock:
+            self._follow_clock()
+        try:  # stamped before this release by an earlier start: a wrong clock's, its age not known
+            deleted = self._delete("kind != 'report' AND created_at < ? AND (created_at >= ? OR seq > ?)",
+                                   [created_before, RELEASED, self._opened_seq])
         except sqlite3.Error as exc:
             if not is_disk_full(exc):
                 raise
