@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -420,3 +421,19 @@ def test_doctor_says_when_tls_and_the_port_do_not_match(
         assert line and line[0].startswith("FAIL") and "a TLS listener" in line[0] and "[mqtt.tls]" in line[0], out
     finally:
         broker.stop()
+
+
+@pytest.mark.skipif(shutil.which("faketime") is None, reason="needs faketime")
+def test_doctor_warns_of_a_clock_that_reads_before_this_release(tmp_path: Path) -> None:
+    """A Jetson without a clock battery boots in 1970 (or at the time it last saved) until network
+    time sets it: doctor says so first, as a warning naming the clock's reading (the real CLI run
+    under faketime); on a clock after the release it reads OK."""
+    config = tmp_path / "missing.toml"
+    cli = [shutil.which("smearscope") or str(Path(sys.executable).with_name("smearscope")), "doctor", "--config",
+           str(config)]
+    stale = subprocess.run(["faketime", "-f", "@1970-01-02 00:00:00", *cli], check=False, capture_output=True, text=True,
+                           timeout=120)
+    first = stale.stdout.splitlines()[0]
+    assert first.startswith("WARN  clock") and "1970-01-02 00:00 UTC, before this release" in first, stale.stdout
+    now = subprocess.run(cli, check=False, capture_output=True, text=True, timeout=120)
+    assert now.stdout.splitlines()[0].startswith("OK    clock"), now.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -1035,4 +1036,36 @@ def test_a_client_certificate_the_broker_refuses_is_said_and_the_reports_wait_fo
     finally:
         if sub is not None:
             sub.close()
+        broker.stop()
+
+
+def test_a_certificate_judged_not_yet_valid_names_the_station_clock(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A station that boots with a stale clock (no clock battery, no network time yet) judges the
+    broker's certificate not yet valid: the connection error names the station's clock as what it
+    was judged against, and the report waits in the outbox. The broker's CA and certificate are
+    made by openssl 400 days ahead (faketime), a real mosquitto serves them."""
+    faketime = shutil.which("faketime")
+    if faketime is None:
+        pytest.skip("needs faketime")
+    wrapper = tmp_path / "bin"
+    wrapper.mkdir()
+    (wrapper / "openssl").write_text(f'#!/bin/sh\nexec {faketime} -f +400d {shutil.which("openssl")} "$@"\n')
+    (wrapper / "openssl").chmod(0o755)
+    with monkeypatch.context() as patched:
+        patched.setenv("PATH", f"{wrapper}:{os.environ['PATH']}")
+        future = make_tls_material(tmp_path / "future")
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=future)
+    broker.start()
+    try:
+        assert broker.tls_port is not None
+        config = make_config(tmp_path, broker.tls_port, tls={"ca_file": str(future.ca_cert)})
+        publisher = start_publisher(config, started)
+        publisher.publish_report("report", "r-1", b"{}", "1")
+        assert wait_until(lambda: publisher.state.last_error is not None, 10)
+        error = publisher.state.last_error or ""
+        assert "not yet valid" in error and "wall clock reads" in error, error
+        assert not publisher.state.connected and publisher.outbox.counts().reports == 1
+    finally:
         broker.stop()

@@ -21,6 +21,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from smearscope.service.config.mqtt import MqttConfig
+from smearscope.service.mqtt.wall_clock import clock_reading
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ def connect_fail_message(config: MqttConfig, exc: BaseException | None) -> str:
     reason = f"{type(exc).__name__}: {exc}" if exc is not None else "network, DNS or TLS failure"
     if isinstance(exc, ssl.SSLError):
         reason = f"TLS failure: {reason}"
+        if re.search(r"not yet valid|expired", str(exc)):  # judged against this station's wall clock
+            reason += f"; {clock_reading()}"
     return f"cannot reach broker {config.host}:{config.port} ({reason}); retrying"
 
 

@@ -48,6 +48,7 @@ from smearscope.service.journal_log import setup_logging
 from smearscope.service.mqtt.credentials import CredentialError
 from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
 from smearscope.service.mqtt.publisher import MqttPublisher
+from smearscope.service.mqtt.wall_clock import clock_before_release
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.commands import StationCommands
 from smearscope.service.station.daemon_summary import print_ledger
@@ -219,6 +220,8 @@ class StationDaemon:
         self.notifier.ready(self.status_line())
         logger.info("station %s ready (source %s, frames queue %s)", cfg.station_id,
                     cfg.source.kind, self.workers.frames.policy)
+        if wrong := clock_before_release():  # said again by the outbox once network time steps it
+            logger.warning("%s", wrong)
 
     def supervise(self) -> None:
         """Main-thread loop: STATUS= on change, reloads, broker notice, worker health."""

@@ -445,7 +445,10 @@ def _connack(mqtt, protocol, password: str | None, timeout: float):
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from smearscope.service.mqtt.wall_clock import clock_before_release, clock_reading
+
     checks, config = _config_checks(args.config)
+    checks.insert(0, ("WARN", "clock", wrong) if (wrong := clock_before_release()) else ("OK", "clock", clock_reading()))
     if config is not None:
         analysis, mqtt = config.analysis, config.mqtt  # type: ignore[attr-defined]
         review = config.review  # type: ignore[attr-defined]
