@@ -15,9 +15,12 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -910,3 +913,26 @@ def test_the_end_of_run_ledger_reads_the_outbox_a_page_at_a_time(
     states = [ln.split()[0] for ln in out.getvalue().splitlines() if ln.split()[0] in ("delivered", "in-outbox", "evicted")]
     assert states == ["delivered", "in-outbox", "in-outbox"]
     assert reads and max(reads) <= LEDGER_PAGE and len(reads) == 2  # two pages reach seq LEDGER_PAGE + 6
+
+
+@pytest.mark.skipif(shutil.which("faketime") is None, reason="needs faketime")
+def test_a_station_started_on_a_clock_before_this_release_says_so(tmp_path: Path) -> None:
+    """A Jetson without a clock battery starts the station in 1970, before network time: the
+    station warns in its log once it is ready, naming the clock's reading (the embedded station,
+    a real process under faketime, killed once the line is seen)."""
+    log = tmp_path / "station.log"
+    env = {**os.environ, "STATE_DIRECTORY": str(tmp_path / "state"), "FAKETIME_DONT_FAKE_MONOTONIC": "0"}
+    cli = shutil.which("smearscope") or str(Path(sys.executable).with_name("smearscope"))
+    with log.open("w") as out:
+        proc = subprocess.Popen(["faketime", "-f", "@1970-01-02 00:00:00", cli, "run", "--max-fields", "1"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        said = wait_until(lambda: "the wall clock reads 1970-01-02" in log.read_text() or proc.poll() is not None, 180)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    text = log.read_text()
+    assert said and "ready" in text, text[-2000:]
+    assert re.search(r"WARNING smearscope\.service\.station\.daemon: the wall clock reads 1970-01-02 00:0\d UTC, "
+                     r"before this release", text), text[-2000:]
