@@ -91,6 +91,25 @@ def test_a_field_stored_before_the_clock_was_set_back_expires_within_its_lifetim
     assert field.message_expiry is not None and 590 <= field.message_expiry <= 600
 
 
+
+@pytest.mark.broker
+def test_a_field_stamped_in_1970_by_an_earlier_start_goes_out_with_its_whole_lifetime(
+    broker: MosquittoBroker, observer: Subscriber, tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+) -> None:
+    """A field message a station stored in 1970 (no clock battery, no network time before it was
+    restarted) has no age that can be known: the outbox keeps it, and it goes out with
+    `field_message_expiry_s` to live, not 1 s as a message 56 years old (a broker then dropped it,
+    and the retained run state, for any subscriber not connected that second)."""
+    config = make_config(tmp_path, broker.port, field_message_expiry_s=600)
+    with Outbox.from_config(config.outbox) as outbox:
+        outbox.put("field", f"{BASE}/field", b'{"field": 1}', report_id="1970", schema_version="2.1",
+                   created_at=86_400.0)
+    publisher = start_publisher(config, started)
+    assert publisher.wait_until_connected(5), publisher.state
+    assert observer.wait_for(lambda m: any(x.topic == f"{BASE}/field" for x in m), 10)
+    field = observer.on_topic(f"{BASE}/field")[0]
+    assert field.message_expiry is not None and 590 <= field.message_expiry <= 600
+
 def test_reports_arrive_with_qos1_properties_and_leave_the_outbox(
     broker: MosquittoBroker,
     observer: Subscriber,

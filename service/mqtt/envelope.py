@@ -17,6 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from smearscope.service.mqtt.outbox import MessageKind, OutboxMessage
+from smearscope.service.mqtt.wall_clock import RELEASED
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ def message_properties(message: OutboxMessage, field_expiry_s: int | None) -> Pr
         # never more than the whole lifetime: one stored before the wall clock was set back seems
         # to come from the future
         age = time.time() - message.created_at
+        if message.created_at < RELEASED <= time.time():  # stamped on a wrong clock: its age is not known
+            age = 0.0
         props.MessageExpiryInterval = max(1, min(field_expiry_s, int(field_expiry_s - age)))
     return props
 
