@@ -120,6 +120,71 @@ def test_head_is_answered_as_get_without_the_body() -> None:
         server.stop()
 
 
+def _raw_answer(port: int, request: bytes) -> bytes:
+    """What the server sends for these bytes, read until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        raw = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                raw += chunk
+    return raw
+
+
+def test_a_hostile_request_is_answered_with_the_pages_policy_not_dropped(capfd: pytest.CaptureFixture[str]) -> None:
+    """A path holding %00, or a name too long for the file system, raised in the handler: the
+    connection was dropped unanswered and a traceback written to stderr for each such request.
+    They are 404 now; encoded traversals stay 404; http.server's own error pages (a method other
+    than GET or HEAD, a header line too long) carry the page's Content-Security-Policy too."""
+    server = DashboardServer(DashboardSettings("ws://broker.lab:9001"), port=0)
+    server.start()
+    try:
+        for path in ("/%00", "/index.html%00.txt", "/" + "a" * 5000, "/..%2f..%2fserver.py",
+                     "/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/%252e%252e/server.py", "/vendor/../../server.py"):
+            raw = _raw_answer(server.port, f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            assert raw.startswith(b"HTTP/1.0 404 ") and raw.endswith(b"not found\n"), (path[:30], raw[:80])
+        for request, status in ((b"POST / HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello", b"501"),
+                                (b"GET / HTTP/1.0\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", b"431")):
+            head = _raw_answer(server.port, request).split(b"\r\n\r\n")[0]
+            assert head.startswith(b"HTTP/1.0 " + status), head
+            assert b"\r\nContent-Security-Policy: default-src 'self'" in head, head
+            assert b"\r\nX-Content-Type-Options: nosniff" in head, head
+    finally:
+        server.stop()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_client_sending_its_headers_slowly_is_cut_off_and_others_are_served() -> None:
+    """Slowloris: a connection that keeps sending a header line now and then, never ending its
+    headers, held its thread for as long as it liked (and one that sent nothing more, for ever).
+    Each connection is now ended at its deadline (30 s; 1 s here) whatever it sends, and an idle
+    one after 10 s without progress (5 s here); other clients are answered meanwhile."""
+    server = DashboardServer(DashboardSettings("ws://broker.lab:9001"), port=0, deadline_s=1.0, idle_s=5.0)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            assert _raw_answer(server.port, b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200 ")
+            slow.setblocking(False)
+            closed, lines = False, 0
+            while not closed and lines < 75:  # 15 s of a header line each 0.2 s
+                time.sleep(0.2)
+                try:
+                    slow.sendall(b"X-Slow: %d\r\n" % lines)
+                    lines += 1
+                    closed = slow.recv(65536) == b""
+                except BlockingIOError:
+                    pass  # nothing to read: still open
+                except OSError:
+                    closed = True  # reset or broken pipe: the server closed it
+            assert closed, f"still open after {lines} header lines"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as idle:
+            idle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            assert idle.recv(65536) == b""  # ended by the server (the deadline); the 10 s timeout raises
+    finally:
+        server.stop()
+
+
 # --------------------------------------------------------------------------- the real browser
 
 

@@ -11,9 +11,12 @@ signing runs), and bind the server to the lab network (docs/MQTT.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mimetypes
+import socket
+import sys
 import threading
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -26,6 +29,12 @@ logger = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 _CSP = ("default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
         "style-src 'self'; script-src 'self'; frame-ancestors 'none'")
+#: Each connection (one request: HTTP/1.0) is closed this long after it opened, whatever it sent:
+#: a client sending its headers a byte at a time (slowloris), or reading the answer as slowly,
+#: holds a thread no longer. The page's largest file (MQTT.js, 342 kB) needs 0.1 MB/s.
+REQUEST_DEADLINE_S = 30.0
+#: A read or write of a connection that makes no progress this long ends it.
+IDLE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -47,11 +56,46 @@ class DashboardSettings:
                 "username": self.username, "password": self.password}
 
 
-def _handler(settings: DashboardSettings) -> type[BaseHTTPRequestHandler]:
+def _handler(settings: DashboardSettings, deadline_s: float, idle_s: float) -> type[BaseHTTPRequestHandler]:
     config_body = json.dumps(settings.page_config()).encode()
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "smearscope-dashboard"
+        timeout = idle_s  # StreamRequestHandler sets it on the socket
+
+        def setup(self) -> None:
+            super().setup()
+            self._past_deadline = False
+            self._deadline = threading.Timer(deadline_s, self._cut_off)
+            self._deadline.daemon = True
+            self._deadline.start()
+
+        def _cut_off(self) -> None:
+            """Past the deadline: end the connection (a blocked read sees its end, a write fails)."""
+            self._past_deadline = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+        def parse_request(self) -> bool:
+            """False (nothing answered) for a request whose headers were cut off at the deadline."""
+            if super().parse_request() and not self._past_deadline:
+                return True
+            if self._past_deadline:
+                logger.info("dashboard: connection from %s ended at its %.0f s deadline", self.client_address[0],
+                            deadline_s)
+                self.close_connection = True
+            return False
+
+        def finish(self) -> None:
+            self._deadline.cancel()
+            with contextlib.suppress(OSError):  # the client gone, or cut off: nothing more to send
+                super().finish()
+
+        def end_headers(self) -> None:
+            """Every answer carries the page's policy, also http.server's own error pages (400, 431, 501)."""
+            self.send_header("Content-Security-Policy", _CSP)
+            self.send_header("X-Content-Type-Options", "nosniff")
+            super().end_headers()
 
         def do_GET(self) -> None:
             self._send(*self._answer())
@@ -67,8 +111,12 @@ def _handler(settings: DashboardSettings) -> type[BaseHTTPRequestHandler]:
             relative = unquote(path).lstrip("/")
             if not relative or relative.endswith("/"):
                 relative += "index.html"
-            target = (STATIC / relative).resolve()
-            if STATIC not in target.parents or not target.is_file():
+            try:  # a NUL (%00) or a name too long for the file system names no file of the page
+                target = (STATIC / relative).resolve()
+                found = STATIC in target.parents and target.is_file()
+            except (ValueError, OSError):
+                found = False
+            if not found:
                 return HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n"
             kind = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
             if kind.startswith("text/") or kind == "application/javascript":
@@ -80,8 +128,6 @@ def _handler(settings: DashboardSettings) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
-            self.send_header("Content-Security-Policy", _CSP)
-            self.send_header("X-Content-Type-Options", "nosniff")
             self.end_headers()
             if with_body:
                 self.wfile.write(body)
@@ -92,13 +138,22 @@ def _handler(settings: DashboardSettings) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: tuple[str, int]) -> None:
+        """A request that failed costs one log line, not a traceback on stderr per hostile request."""
+        logger.warning("dashboard: request from %s failed: %r", client_address[0], sys.exc_info()[1],
+                       exc_info=logger.isEnabledFor(logging.DEBUG))
+
+
 class DashboardServer:
     """The HTTP server of the dashboard, on `bind:port` (port 0: a free one)."""
 
-    def __init__(self, settings: DashboardSettings, port: int = 8080, bind: str = "127.0.0.1") -> None:
+    def __init__(self, settings: DashboardSettings, port: int = 8080, bind: str = "127.0.0.1",
+                 deadline_s: float = REQUEST_DEADLINE_S, idle_s: float = IDLE_TIMEOUT_S) -> None:
         self.settings = settings
-        self.httpd = ThreadingHTTPServer((bind, port), _handler(settings))
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((bind, port), _handler(settings, deadline_s, idle_s))
         self._thread: threading.Thread | None = None
 
     @property
