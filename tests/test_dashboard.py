@@ -1431,3 +1431,106 @@ def test_a_long_run_line_leaves_the_stations_name_and_status_whole(tmp_path: Pat
             width_now = driver.execute_script(
                 "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
             assert width_now[0] <= width_now[1], width_now
+
+
+#: Markup that would set a global, retitle the page or leave an element with an id starting "pwn"
+#: if the page ever inserted it as HTML (the Content-Security-Policy would block the handlers, not
+#: the elements), or a URL that would run if it became a link's or a frame's.
+HOSTILE = ("<img id=pwn-img src=x onerror=\"window.__pwned=1;document.title='pwned'\">"
+           "<script>window.__pwned=2</script><b id=pwn-b>bold</b>")
+HOSTILE_URL = "javascript:window.__pwned=3//"
+#: What the page holds that markup put in as HTML would change (run in the page).
+PAGE_INSPECTION = """
+    const all = [...document.querySelectorAll('*')];
+    return {pwned: window.__pwned === undefined ? null : String(window.__pwned), title: document.title,
+            scripts: document.scripts.length,
+            injected: document.querySelectorAll('[id^=pwn], svg, iframe, object, embed, a, form:not(#login)').length,
+            handlers: all.flatMap((e) => [...e.attributes].map((a) => a.name)).filter((n) => n.startsWith('on')),
+            urls: all.flatMap((e) => ['href', 'src', 'action', 'formaction'].map((n) => e.getAttribute(n)))
+                     .filter((v) => v !== null),
+            options: [...document.querySelectorAll('select.type option')].map((o) => o.textContent),
+            text: document.body.innerText};"""
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_markup_in_any_message_a_broker_client_can_publish_is_shown_as_text(
+    tmp_path: Path, ws_broker: MosquittoBroker,
+) -> None:
+    """Anyone who can publish on the topics (a station, or another client with those rights) puts
+    markup in every string the page shows: the station id (a topic level), the run id, labels,
+    flag messages, verified_by, telemetry keys and values, the review gallery's cells, types and
+    crop and overlay data, earlier runs, command answers. None of it becomes an element, an
+    attribute or a script: no global set, the title kept, no element of the payload's in the
+    page, no violation of the page's policy reported, every image a data:image/jpeg URL; the text
+    itself is shown."""
+    from selenium.webdriver.common.by import By
+
+    from smearscope.service.analysis.report import Counts, SizeStats
+
+    station = "<img src=x onerror=window.__pwned=4>"
+    base = f"smearscope/{station}"
+    run_id = "run\"><svg onload=window.__pwned=5>" + HOSTILE
+    report = Report(report_id="r-hostile", kind="specimen", created_at=time.time(), station_id="s", run_id="r",
+                    fields_analyzed=2, counts=Counts(rbc=200, wbc=4, platelet=10),
+                    wbc_differential=[ClassShare(label="lymphocyte", count=4, percent=100.0)],
+                    rbc_morphology=[ClassShare(label="normal", count=200, percent=100.0)],
+                    rbc_size=SizeStats(n=200, mean_diameter_um=7.4, sd_um=0.6, cv_percent=8.1, median_diameter_um=7.3),
+                    ratios={}, cells=[], timing_ms={"run_ms": 60_000.0}, flags=[])
+    state = _closed_run_state(report)
+    state["run_id"] = state["progress"]["run_id"] = run_id
+    state["review"] = {"cells": 2}
+    body = state["report"]
+    body.update(run_id=run_id, station_id=station, verification={
+        "verified_by": HOSTILE, "verified_at": time.time(), "supersedes": HOSTILE, "left_to_review": 1})
+    body["wbc_differential"][0]["label"] = HOSTILE
+    body["rbc_morphology"][0].update(label=HOSTILE, grade=HOSTILE)
+    body["flags"] = [{"code": HOSTILE, "severity": "critical", "message": "flag " + HOSTILE, "cells": []},
+                     {"code": "x", "severity": HOSTILE, "message": HOSTILE_URL, "cells": []}]
+    state["rbc_grades"] = {HOSTILE: HOSTILE}
+    cell = {"field_id": HOSTILE, "cell": 1, "kind": HOSTILE, "label": "crop " + HOSTILE, "label_score": 0.5,
+            "atypical": False, "typeable": True, "typed": HOSTILE, "types": [HOSTILE, HOSTILE_URL],
+            "jpeg": "x\" onerror=\"window.__pwned=6"}
+    review = {"ok": True, "run_id": run_id, "offset": 0, "total": 2, "next_offset": None, "not_kept": HOSTILE,
+              "cells": [cell, {**cell, "cell": 2, "jpeg": ",<svg onload=window.__pwned=7>", "label": "unidentified"}],
+              "wbc_types": [HOSTILE], "typed_per_type": {HOSTILE: HOSTILE},
+              "overlay": {"field_id": HOSTILE, "jpeg": "');window.__pwned=8;('"}}
+    earlier = {**state, "run_id": HOSTILE_URL, "progress": {**state["progress"], "fields": HOSTILE},
+               "report": {**body, "run_id": HOSTILE_URL}}
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        send(f"{base}/status", HOSTILE)
+        send(f"{base}/run", json.dumps(state))
+        send(f"{base}/telemetry", json.dumps({HOSTILE: HOSTILE, "gpu": {HOSTILE: HOSTILE_URL}}))
+        driver.get(url)
+        card = lambda: driver.find_elements(By.CSS_SELECTOR, ".station")
+        _wait("the station's card", lambda: bool(card()) and HOSTILE in card()[0].text, 20, [log])
+        send(f"{base}/cmd_response/get_review", json.dumps(review), retain=False)
+        send(f"{base}/cmd_response/get_runs", json.dumps({"ok": True, "runs": [earlier]}), retain=False)
+        gallery = lambda: driver.find_elements(By.CSS_SELECTOR, ".gallery figure")
+        _wait("the gallery's two cells", lambda: len(gallery()) == 2, 20, [log])
+        _wait("the earlier run listed", lambda: len(driver.find_elements(By.CSS_SELECTOR, ".runs option")) == 2, 20, [log])
+        send(f"{base}/cmd_response/verify_run", json.dumps({"ok": False, "error": HOSTILE, "message": HOSTILE}),
+             retain=False)
+        send(f"{base}/cmd_response/type_cells", json.dumps({"ok": False, "error": HOSTILE, "message": HOSTILE}),
+             retain=False)
+        state_text = lambda: driver.find_element(By.CSS_SELECTOR, ".verify-state").text
+        _wait("the refusal shown", lambda: state_text() == HOSTILE, 20, [log])
+        gallery_page = driver.execute_script(PAGE_INSPECTION)
+        from selenium.webdriver.support.select import Select
+
+        Select(driver.find_element(By.CSS_SELECTOR, ".runs")).select_by_value(HOSTILE_URL)  # the earlier run shown
+        _wait("the earlier run shown", lambda: "earlier run" in card()[0].text, 20, [log])
+        page = driver.execute_script(PAGE_INSPECTION)
+        refused = [e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
+        text = card()[0].text
+    for inspected in (gallery_page, page):
+        assert inspected["pwned"] is None and inspected["title"] == "smearscope: stations", inspected
+        assert inspected["scripts"] == 2 and inspected["injected"] == 0 and inspected["handlers"] == [], inspected
+    assert refused == []
+    images = [u for u in gallery_page["urls"] if u not in ("dashboard.css", "vendor/mqtt.min.js", "dashboard.js")]
+    assert len(images) == 3 and all(u.startswith("data:image/jpeg;base64,") for u in images), images
+    assert HOSTILE in gallery_page["options"] and HOSTILE_URL in gallery_page["options"]
+    assert "crop " + HOSTILE in gallery_page["text"]
+    for shown_as_text in (station, "flag " + HOSTILE, HOSTILE_URL, "verified specimen report (" + HOSTILE):
+        assert shown_as_text in text, shown_as_text
