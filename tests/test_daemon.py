@@ -33,6 +33,7 @@ import cv2
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber, free_port, wait_until
 from oracle import OracleSegmenter
+from pydantic import ValidationError
 
 from smearscope.device.frame import Frame
 from smearscope.device.synthetic import SyntheticField, render_field
@@ -936,3 +937,37 @@ def test_a_station_started_on_a_clock_before_this_release_says_so(tmp_path: Path
     assert said and "ready" in text, text[-2000:]
     assert re.search(r"WARNING smearscope\.service\.station\.daemon: the wall clock reads 1970-01-02 00:0\d UTC, "
                      r"before this release", text), text[-2000:]
+
+
+def test_analyze_file_reads_only_the_configured_folders(tmp_path: Path) -> None:
+    """With [commands] analyze_file_folders, a file there (or below) is analysed; one elsewhere, one
+    reached through a link placed in the folder, '..' out of it, the folder itself and a path
+    that names nothing are all refused path_not_allowed before the file is touched (the answer
+    says nothing of what is there: no not_found, no not_an_image). Without the setting any file
+    is read, as before (the other analyze_file tests)."""
+    allowed, outside = tmp_path / "incoming", tmp_path / "elsewhere"
+    (allowed / "slide-2").mkdir(parents=True)
+    outside.mkdir()
+    for seed, path in enumerate((allowed / "a.png", allowed / "slide-2" / "b.png", outside / "c.png"), start=3):
+        path.write_bytes(cv2.imencode(".png", render_field(seed, width=320, height=240).frame.pixels)[1].tobytes())
+    (outside / "secret.txt").write_text("not an image")
+    (allowed / "link.png").symlink_to(outside / "c.png")
+    (allowed / "up").symlink_to(outside)
+    doc = station_document(tmp_path, free_port(), credentials=False, commands={"analyze_file_folders": [str(allowed)]})
+    config = tmp_path / "station.toml"
+    config.write_text(to_toml(doc))
+    daemon = daemon_of(config)
+    with running(daemon) as runner:
+        assert wait_until(lambda: daemon.publisher is not None and daemon.workers.threads, 15)
+        answers = {p: daemon.handle_command("analyze_file", {"path": str(p)}) for p in (
+            allowed / "a.png", allowed / "slide-2" / "b.png", outside / "c.png", outside / "secret.txt",
+            outside / "none.png", allowed / "link.png", allowed / "up" / "c.png", allowed / ".." / "elsewhere" / "c.png",
+            allowed, Path("/etc/passwd"))}
+    assert not runner.is_alive()
+    read = {p for p, a in answers.items() if a.get("error") != "path_not_allowed"}
+    assert read == {allowed / "a.png", allowed / "slide-2" / "b.png"}, answers
+    assert all(answers[p]["ok"] for p in read), {p: answers[p] for p in read}
+    assert answers[allowed / "slide-2" / "b.png"]["frame_id"].startswith("file:b.png@")
+    assert str(allowed) in answers[outside / "c.png"]["message"]
+    with pytest.raises(ValidationError, match="not absolute: in"):
+        StationConfig.model_validate({**doc, "commands": {"analyze_file_folders": ["in"]}})

@@ -13,6 +13,7 @@ from smearscope.device.source_config import SourceConfig
 from smearscope.service.config.analysis import AnalysisConfig
 from smearscope.service.config.base import StationBaseModel
 from smearscope.service.config.clinic import FhirConfig, ReviewConfig
+from smearscope.service.config.commands import CommandsConfig
 from smearscope.service.config.flags import FlagsConfig
 from smearscope.service.config.mqtt import MqttConfig
 from smearscope.service.config.specimen import SpecimenConfig
@@ -77,6 +78,11 @@ class StationConfig(StationBaseModel):
         default_factory=ReviewConfig,
         title="Review gallery",
         description="Crops of cells to review (get_review) and per-field overlays on disk.",
+    )
+    commands: CommandsConfig = Field(
+        default_factory=CommandsConfig,
+        title="Commands",
+        description="What the MQTT commands may reach: the folders analyze_file may read.",
     )
 
     @field_validator("log_level", mode="before")

@@ -63,7 +63,8 @@ class StationCommands:
 
     def __init__(self, *, workers: StationWorkers, tracker: SpecimenTracker, analysis: RequestQueue,
                  status: Callable[[], Mapping[str, Any]], reload: Callable[[], dict[str, Any]],
-                 clinic: ClinicFeed | None = None, file_scale: float | None = None) -> None:
+                 clinic: ClinicFeed | None = None, file_scale: float | None = None,
+                 file_folders: tuple[Path, ...] = ()) -> None:
         self._workers = workers
         self._tracker = tracker
         #: Served by the analysis thread, which owns the specimen state.
@@ -76,6 +77,8 @@ class StationCommands:
         self._clinic = clinic
         #: The scale of a file analyze_file names: the source's configured one (the station's microscope).
         self._file_scale = file_scale
+        #: The folders analyze_file may read ([commands] analyze_file_folders; empty: anywhere).
+        self._file_folders = tuple(os.path.realpath(f) for f in file_folders)
 
     def handle(self, name: str, arguments: dict[str, Any]) -> Mapping[str, Any]:
         """MQTT cmd/<name> (called on the publisher's command thread); the response body."""
@@ -131,6 +134,15 @@ class StationCommands:
         except UnicodeEncodeError:
             return {"ok": False, "error": "bad_arguments", "message": "the path holds a lone UTF-16 surrogate "
                     "that is no file name's byte"}
+        name = Path(path).name
+        if self._file_folders:
+            # where the path leads, links followed: a link in an allowed folder reaches nothing outside
+            real = os.path.realpath(path)
+            if not any(os.path.commonpath((real, folder)) == folder != real for folder in self._file_folders):
+                logger.warning("analyze_file refused: %s is outside [commands] analyze_file_folders", shown(path))
+                return {"ok": False, "error": "path_not_allowed", "message": "analyze_file reads only files in "
+                        f"[commands] analyze_file_folders ({', '.join(self._file_folders)})"}
+            path = real  # the resolved path is read: a link in the folder changed since is not followed again
         workers = self._workers
         try:
             image = load_image(path)
@@ -139,7 +151,7 @@ class StationCommands:
             workers.reject(f"file:{shown(path)}", "failed", reason)
             return {"ok": False, "error": reason, "message": str(exc)}
         digest = hashlib.sha1(image.pixels.tobytes()).hexdigest()[:12]
-        frame_id = f"file:{shown(Path(path).name)}@{digest}"  # a name that is not UTF-8 as \xNN, as the folder's
+        frame_id = f"file:{shown(name)}@{digest}"  # a name that is not UTF-8 as \xNN, as the folder's
         frame = workers.with_scale(Frame(pixels=image.pixels, frame_id=frame_id, source="command",
                                          microns_per_pixel=self._file_scale))
 

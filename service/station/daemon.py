@@ -140,7 +140,8 @@ class StationDaemon:
             workers=self.workers, tracker=self.tracker, analysis=analysis_requests,
             status=self.status, reload=lambda: self._control.call("reload", self.reload),
             clinic=self.workers.clinic,  # a file the command names is from this microscope (not a rendered one's)
-            file_scale=None if config.source.kind == "simulated" else config.source.microns_per_pixel)
+            file_scale=None if config.source.kind == "simulated" else config.source.microns_per_pixel,
+            file_folders=config.commands.analyze_file_folders)
         self.stats, self.ledger, self.outcomes = (self.workers.stats, self.workers.ledger,
                                                   self.workers.outcomes)
         self._telemetry_reader = TelemetryReader()
