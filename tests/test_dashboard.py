@@ -111,7 +111,7 @@ def test_head_is_answered_as_get_without_the_body() -> None:
             assert head_body == b"", path
         # the socket itself: nothing after HEAD's headers (a client that reads on would see a body)
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-            sock.sendall(b"HEAD /config.json HTTP/1.0\r\nHost: x\r\n\r\n")
+            sock.sendall(b"HEAD /config.json HTTP/1.0\r\nHost: localhost\r\n\r\n")
             raw = b""
             while chunk := sock.recv(65536):
                 raw += chunk
@@ -154,6 +154,37 @@ def test_a_hostile_request_is_answered_with_the_pages_policy_not_dropped(capfd: 
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_the_password_is_not_served_under_another_sites_name() -> None:
+    """DNS rebinding: a page of another site whose name the attacker points at the dashboard's
+    address reads /config.json as same-origin, broker password included (and may then sign runs
+    over the broker's WebSockets with it). The server answered whatever Host a request named; a
+    name that is not an IP address, localhost, the machine's own name or one given with --host is
+    now refused 421, the password not sent."""
+    import socket as sockets
+
+    settings = DashboardSettings("ws://broker.lab:9001", "lab", "dash", "pw-secret", ("dashboard.lab",))
+    server = DashboardServer(settings, port=0)
+    server.start()
+    try:
+        def answer(host: str, path: str = "/config.json") -> bytes:
+            return _raw_answer(server.port, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+
+        for host in ("evil.example", f"evil.example:{server.port}", "rebind.127.0.0.1.nip.io", "dashboard.lab.evil",
+                     "localhost.evil.example", ""):
+            raw = answer(host)
+            assert raw.startswith(b"HTTP/1.0 421 ") and b"pw-secret" not in raw, (host, raw[:120])
+            assert answer(host, "/").startswith(b"HTTP/1.0 421 "), host
+        for host in (f"127.0.0.1:{server.port}", "127.0.0.1", f"[::1]:{server.port}", f"localhost:{server.port}",
+                     "LOCALHOST", f"dashboard.lab:{server.port}", "dashboard.lab.", "10.1.2.3:8080",
+                     sockets.gethostname()):
+            raw = answer(host)
+            assert raw.startswith(b"HTTP/1.0 200 ") and b"pw-secret" in raw, (host, raw[:120])
+        # a client sending no Host (HTTP/1.0, a monitor) is answered as before
+        assert _raw_answer(server.port, b"GET /config.json HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200 ")
+    finally:
+        server.stop()
+
+
 def test_a_client_sending_its_headers_slowly_is_cut_off_and_others_are_served() -> None:
     """Slowloris: a connection that keeps sending a header line now and then, never ending its
     headers, held its thread for as long as it liked (and one that sent nothing more, for ever).
@@ -163,7 +194,7 @@ def test_a_client_sending_its_headers_slowly_is_cut_off_and_others_are_served() 
     server.start()
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
-            slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
             assert _raw_answer(server.port, b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200 ")
             slow.setblocking(False)
             closed, lines = False, 0
@@ -179,7 +210,7 @@ def test_a_client_sending_its_headers_slowly_is_cut_off_and_others_are_served() 
                     closed = True  # reset or broken pipe: the server closed it
             assert closed, f"still open after {lines} header lines"
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as idle:
-            idle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            idle.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
             assert idle.recv(65536) == b""  # ended by the server (the deadline); the 10 s timeout raises
     finally:
         server.stop()

@@ -12,6 +12,7 @@ signing runs), and bind the server to the lab network (docs/MQTT.md).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import mimetypes
@@ -43,6 +44,8 @@ class DashboardSettings:
     topic_prefix: str = "smearscope"
     username: str | None = None
     password: str | None = None
+    #: Names the page may be reached by, beside IP addresses, localhost and this machine's own names.
+    host_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.broker_url)
@@ -56,8 +59,29 @@ class DashboardSettings:
                 "username": self.username, "password": self.password}
 
 
+def _known_host(host: str, names: frozenset[str]) -> bool:
+    """Whether a request's Host header names this server: an IP address (any: a DNS rebinding
+    attack sends its own domain name), or one of `names`. The port is not judged."""
+    name = host.strip().lower()
+    if name.startswith("["):  # [v6]:port
+        name = name[1:name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.split(":")[0]
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return name.rstrip(".") in names
+
+
+def _host_names(extra: tuple[str, ...]) -> frozenset[str]:
+    own = {"localhost", socket.gethostname(), socket.getfqdn()}
+    return frozenset(n.lower().rstrip(".") for n in (*own, *extra) if n)
+
+
 def _handler(settings: DashboardSettings, deadline_s: float, idle_s: float) -> type[BaseHTTPRequestHandler]:
     config_body = json.dumps(settings.page_config()).encode()
+    names = _host_names(settings.host_names)
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "smearscope-dashboard"
@@ -105,6 +129,14 @@ def _handler(settings: DashboardSettings, deadline_s: float, idle_s: float) -> t
             self._send(*self._answer(), with_body=False)
 
         def _answer(self) -> tuple[HTTPStatus, str, bytes]:
+            host = self.headers.get("Host")
+            if host is not None and not _known_host(host, names):
+                # A page of another site whose name was pointed at this server (DNS rebinding) would
+                # read the broker password in /config.json as same-origin.
+                logger.warning("dashboard: refused a request from %s for host %r (not one of its names: --host)",
+                               self.client_address[0], host[:100])
+                return (HTTPStatus.MISDIRECTED_REQUEST, "text/plain; charset=utf-8",
+                        b"this dashboard is not served under that name (smearscope dashboard --host NAME)\n")
             path = urlsplit(self.path).path
             if path == "/config.json":
                 return HTTPStatus.OK, "application/json", config_body

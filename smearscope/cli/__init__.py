@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--broker", required=True, help="broker WebSocket URL, ws://HOST:9001 or wss://HOST:PORT")
     db.add_argument("--port", type=_port, default=8080, help="HTTP port (default 8080)")
     db.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    db.add_argument("--host", action="append", default=[], metavar="NAME",
+                    help="a DNS name browsers reach the page by (repeatable); IP addresses, localhost and this "
+                    "machine's own names are always answered, other names refused (421)")
     db.add_argument("--topic-prefix", default="smearscope", help="the stations' mqtt.topic_prefix (default smearscope)")
     db.add_argument("--username", default=None, help="the dashboard's own broker account (its ACL: docs/MQTT.md)")
     db.add_argument("--password-file", type=Path, default=None,
