@@ -1,8 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - the station daemon on its embedded default (synthetic microscope, 5 fields):
 #                 prints what it published (or kept in its outbox when no broker answers)
-#   make test   - the whole test suite (what CI runs, after make lint; installs mosquitto, chromium
-#                 and chromium-driver with apt when missing)
+#   make test   - the whole test suite (what CI runs, after make lint; installs mosquitto, chromium,
+#                 chromium-driver, faketime and strace with apt when missing)
 # Also: make test-fast (no fault injection, slow or real-data tests: a few minutes), make lint.
 PY ?= python3
 VENV ?= .venv
@@ -19,12 +19,15 @@ $(BIN)/smearscope: pyproject.toml
 venv: $(BIN)/smearscope
 
 # mosquitto for the broker tests; Debian's chromium and chromium-driver for the dashboard's
-# browser test (no browser is ever downloaded: these are Debian packages).
+# browser test (no browser is ever downloaded: these are Debian packages); faketime for the tests
+# of a station started on a wrong clock, strace for those of what typed cells sync to the disk.
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 || command -v /usr/sbin/mosquitto >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null)
 	@(command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1) || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
+	@(command -v faketime >/dev/null 2>&1 && command -v strace >/dev/null 2>&1) || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime strace >/dev/null)
 
 demo: venv
 	$(BIN)/smearscope run --max-fields 5
