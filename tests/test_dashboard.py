@@ -1165,6 +1165,64 @@ def test_a_stations_telemetry_reads_as_its_last_sample_once_it_is_offline(
 @pytest.mark.broker
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
                     "(make test installs them with apt)")
+def test_a_station_whose_telemetry_stops_is_said_not_heard_from_while_the_broker_holds_it_online(
+    tmp_path: Path, ws_broker: MosquittoBroker,
+) -> None:
+    """A station that hangs keeps its "online" until the broker's keepalive gives up on it (about
+    45 s), and the page showed its last sample as current all that while. Its samples say their
+    period (interval_s): two periods without one, the card says "not heard from: no telemetry for
+    N s, expected every M s", and the next sample clears it. The station here is the test's own
+    client, which stays connected (the broker never takes it offline) and stops sending."""
+    from selenium.webdriver.common.by import By
+
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        driver.get(url)
+        send("smearscope/ward-s/status", "online")
+        _wait("the station", lambda: _status(driver, "ward-s") == "online", 20, [log])
+        silence = lambda: driver.find_element(By.CSS_SELECTOR, "[data-station='ward-s'] .silence")
+        send("smearscope/ward-s/telemetry", json.dumps({"source": "proc", "read_at": time.time(), "interval_s": 1}),
+             retain=False)
+        _wait("the sample", lambda: driver.find_elements(By.CSS_SELECTOR, "[data-station='ward-s'] dd[data-key='source']"),
+              20, [log])
+        _wait("the station said not heard from", lambda: silence().get_attribute("data-overdue") == "true", 30, [log])
+        text = silence().text
+        assert silence().is_displayed() and _status(driver, "ward-s") == "online"
+        assert re.fullmatch(r"not heard from: no telemetry for (\d+) s, expected every 1 s", text), text
+        assert int(re.findall(r"\d+", text)[0]) >= 2
+        send("smearscope/ward-s/telemetry", json.dumps({"source": "proc", "read_at": time.time(), "interval_s": 1}),
+             retain=False)
+        _wait("the mark cleared", lambda: silence().get_attribute("data-overdue") == "false", 20, [log])
+        assert not silence().is_displayed() and silence().text == ""
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
+def test_a_telemetry_time_from_a_station_whose_clock_reads_1970_is_shown_as_that_date(
+    tmp_path: Path, ws_broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A station whose clock was never set samples at a 1970 time: `read_at` 86500.0 was shown as
+    the raw number (only values above 1e9 read as times). It reads as the date and time it is,
+    1970-01-02, which shows the station's clock is wrong; other numbers stay numbers."""
+    from selenium.webdriver.common.by import By
+
+    zone = "Europe/Berlin"
+    monkeypatch.setenv("TZ", zone)
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        driver.get(url)
+        send("smearscope/ward-c/status", "online")
+        _wait("the station", lambda: _status(driver, "ward-c") == "online", 20, [log])
+        send("smearscope/ward-c/telemetry", json.dumps({"source": "proc", "read_at": 86500.0, "cpu_percent": 12.5}),
+             retain=False)
+        read_at = "[data-station='ward-c'] dd[data-key='read_at']"
+        _wait("the sample", lambda: driver.find_elements(By.CSS_SELECTOR, read_at), 20, [log])
+        assert driver.find_element(By.CSS_SELECTOR, read_at).text == _local(86500.0, zone) == "1970-01-02 01:01:40 GMT+1"
+        assert driver.find_element(By.CSS_SELECTOR, "[data-station='ward-c'] dd[data-key='cpu_percent']").text == "12.5"
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
+                    "(make test installs them with apt)")
 def test_counts_read_as_cells_counted_and_shares_say_of_which_cells(tmp_path: Path, ws_broker: MosquittoBroker) -> None:
     """The run's counts are the cells counted on the smear, not concentrations: "WBC 112 ·
     platelets 300" alone read as 112 and 300 x 10^9/L (300 a normal platelet count). The line now

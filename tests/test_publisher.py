@@ -479,7 +479,7 @@ def test_telemetry_is_qos0_and_not_stored(
         lambda m: len([x for x in m if x.topic.endswith("/telemetry")]) >= 2, 5
     )
     telemetry = observer.on_topic(f"{BASE}/telemetry")[0]
-    assert telemetry.qos == 0 and json.loads(telemetry.payload) == {"gpu_temp_c": 51.5}
+    assert telemetry.qos == 0 and json.loads(telemetry.payload) == {"gpu_temp_c": 51.5, "interval_s": 0.1}
     assert publisher.outbox.counts().messages == 0
 
 
@@ -665,7 +665,7 @@ def test_telemetry_goes_out_at_each_connection_not_a_period_later(
     started.append(publisher)
     publisher.start()
     assert observer.wait_for(lambda m: len([x for x in m if x.topic.endswith("/telemetry")]) >= 1, 10)
-    assert json.loads(observer.on_topic(f"{BASE}/telemetry")[0].payload) == {"sample": 1}
+    assert json.loads(observer.on_topic(f"{BASE}/telemetry")[0].payload) == {"sample": 1, "interval_s": 600.0}
     broker.stop()
     assert wait_until(lambda: not publisher.state.connected, 15)
     broker.start()

@@ -179,11 +179,12 @@ class MqttPublisher:
         return seqs
 
     def publish_telemetry(self, values: Mapping[str, Any]) -> bool:
-        """Publish telemetry at QoS 0 if connected; it is not stored, so False means dropped."""
+        """Publish telemetry at QoS 0 if connected; it is not stored, so False means dropped. It
+        carries `interval_s`, so a dashboard knows when the next sample is overdue."""
         client = self._client
         if client is None or not self.state.connected:
             return False
-        info = client.publish(self.telemetry_topic, json.dumps(dict(values)), qos=0)
+        info = client.publish(self.telemetry_topic, json.dumps({**values, "interval_s": self.config.telemetry_interval_s}), qos=0)
         return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def wait_until_connected(self, timeout: float) -> bool:

@@ -1,5 +1,5 @@
 // smearscope dashboard: every station's status, open run, differential, morphology, flags,
-// telemetry and review gallery (review.js), straight from the broker over MQTT over WebSockets (MQTT.js).
+// telemetry (telemetry.js) and review gallery (review.js), straight from the broker over MQTT over WebSockets (MQTT.js).
 // No build step. Text from the broker is only ever set with textContent.
 "use strict";
 
@@ -270,48 +270,6 @@ function showCritical(st, flags, currentFlags) {
   document.title = (flagged.length ? "CRITICAL: " + flagged.map((s) => s.id).join(", ") + " · " : "") + "smearscope: stations";
 }
 
-// Telemetry is not retained: what the card holds when the station is offline, or the broker out of
-// reach, is its last sample, not its state now, and says so (with the sample's time).
-// A sample stays stale once the station or the broker was away, until the station sends a new one.
-function markTelemetry(st) {
-  if (!brokerUp || st.status !== "online") st.telemetryLive = false;
-  const stale = st.telemetry !== null && !st.telemetryLive;
-  const dl = st.node.querySelector(".telemetry");
-  dl.dataset.stale = stale ? "true" : "false";
-  const at = st.telemetry && typeof st.telemetry.read_at === "number" ? " at " + when(st.telemetry.read_at) : "";
-  st.node.querySelector(".telemetry-age").textContent = !stale ? ""
-    : "(last sample" + at + "; " + (!brokerUp ? "broker unreachable" : st.status === "online"
-      ? "from before the station was away" : "the station is " + (st.status || "unknown")) + ")";
-}
-
-function renderTelemetry(st) {
-  const dl = st.node.querySelector(".telemetry");
-  dl.replaceChildren();
-  const flat = [];
-  const walk = (obj, path) => {
-    for (const [k, v] of Object.entries(obj || {})) {
-      if (v !== null && typeof v === "object" && !Array.isArray(v)) { if (!path && k !== "jtop") walk(v, k); }
-      else if (typeof v === "number" || typeof v === "string" || typeof v === "boolean") flat.push([path ? path + "." + k : k, v]);
-    }
-  };
-  // jtop's raw stats (a Jetson's: dozens of keys) are summarized in the others and not listed; the
-  // station's own state comes first (a full disk, an outbox backlog), then the machine's: the
-  // first 14 of a Jetson's sample were all jtop's and temperatures, its pipeline never shown
-  walk(st.telemetry, "");
-  markTelemetry(st);
-  st.node.querySelector(".telemetry-none").hidden = true;
-  const own = flat.filter(([k]) => k.startsWith("pipeline."));
-  for (const [k, v] of [...own, ...flat.filter(([k]) => !k.startsWith("pipeline."))].slice(0, 24)) {
-    const at = typeof v === "number" && k.endsWith("_at") && v > 1e9;
-    const shownValue = at ? when(v) :
-      typeof v === "number" ? String(Math.round(v * 100) / 100) : String(v);
-    const dt = el("dt", "", k), dd = el("dd", "", shownValue);
-    dd.dataset.key = k;
-    if (k === "pipeline.disk_full" && v === true) dd.className = "alarm";  // the station stores nothing more
-    dl.append(dt, dd);
-  }
-}
-
 // The station's last closed runs (get_runs), to show and sign one that is no longer its current run.
 function requestRuns(st) {
   if (client && client.connected) sendCommand(st, "get_runs", {});
@@ -369,7 +327,7 @@ function onMessage(topic, payload, packet) {
     const back = text === "online" && st.status !== "online";
     st.status = text;
     renderStatus(st);
-    if (back) st.node.querySelector(".review-note").textContent = "";
+    if (back) { st.heardAt = Date.now(); st.node.querySelector(".review-note").textContent = ""; }
     if (back && st.reviewRun) scheduleReview(st);  // the gallery's pages, not asked while it was away
     return;
   }
@@ -407,7 +365,7 @@ function onMessage(topic, payload, packet) {
     st.final = body;
     renderRun(st);
   } else if (kind === "telemetry") {
-    st.telemetry = msg; st.telemetryLive = brokerUp && st.status === "online"; renderTelemetry(st);
+    st.telemetry = msg; st.telemetryLive = brokerUp && st.status === "online"; st.heardAt = Date.now(); renderTelemetry(st);
   } else if (kind.startsWith("cmd_response/")) {
     const cd = packet && packet.properties && packet.properties.correlationData;
     const correlation = cd ? new TextDecoder().decode(cd) : null;

@@ -1,0 +1,72 @@
+// smearscope dashboard, each station's telemetry: its last sample, said stale once the station or
+// the broker was away, and the station said not heard from when its samples stop coming while the
+// broker still holds it online (a station that hung, or lost its network, until the broker's
+// keepalive gives up on it). Loaded before dashboard.js, whose globals (stations, brokerUp, el,
+// when) these functions use when called. Text from the broker is only ever set with textContent.
+"use strict";
+
+// The station's telemetry_interval_s default: the period of a station whose samples do not say
+// theirs (interval_s, sent since stations carry it).
+const DEFAULT_TELEMETRY_S = 30;
+
+// Overdue after two periods without a sample (one sample lost, QoS 0, is not yet silence), counted
+// from the last sample this page received, or from the station coming online; nothing is said
+// before the page's first sample from the station, whose period it does not know yet.
+function markSilence(st) {
+  const node = st.node.querySelector(".silence");
+  const t = st.telemetry;
+  const every = t && typeof t.interval_s === "number" && t.interval_s > 0 ? t.interval_s : DEFAULT_TELEMETRY_S;
+  const quiet = (Date.now() - st.heardAt) / 1000;
+  const overdue = brokerUp && st.status === "online" && t !== null && st.heardAt !== undefined && quiet > 2 * every;
+  node.hidden = !overdue;
+  node.dataset.overdue = overdue ? "true" : "false";
+  node.textContent = overdue ? "not heard from: no telemetry for " + Math.floor(quiet) + " s, expected every " +
+    (Math.round(every * 100) / 100) + " s" : "";
+}
+
+setInterval(() => { for (const st of stations.values()) markSilence(st); }, 1000);
+
+// Telemetry is not retained: what the card holds when the station is offline, or the broker out of
+// reach, is its last sample, not its state now, and says so (with the sample's time).
+// A sample stays stale once the station or the broker was away, until the station sends a new one.
+function markTelemetry(st) {
+  if (!brokerUp || st.status !== "online") st.telemetryLive = false;
+  const stale = st.telemetry !== null && !st.telemetryLive;
+  const dl = st.node.querySelector(".telemetry");
+  dl.dataset.stale = stale ? "true" : "false";
+  const at = st.telemetry && typeof st.telemetry.read_at === "number" ? " at " + when(st.telemetry.read_at) : "";
+  st.node.querySelector(".telemetry-age").textContent = !stale ? ""
+    : "(last sample" + at + "; " + (!brokerUp ? "broker unreachable" : st.status === "online"
+      ? "from before the station was away" : "the station is " + (st.status || "unknown")) + ")";
+  markSilence(st);
+}
+
+function renderTelemetry(st) {
+  const dl = st.node.querySelector(".telemetry");
+  dl.replaceChildren();
+  const flat = [];
+  const walk = (obj, path) => {
+    for (const [k, v] of Object.entries(obj || {})) {
+      if (v !== null && typeof v === "object" && !Array.isArray(v)) { if (!path && k !== "jtop") walk(v, k); }
+      else if (typeof v === "number" || typeof v === "string" || typeof v === "boolean") flat.push([path ? path + "." + k : k, v]);
+    }
+  };
+  // jtop's raw stats (a Jetson's: dozens of keys) are summarized in the others and not listed; the
+  // station's own state comes first (a full disk, an outbox backlog), then the machine's: the
+  // first 14 of a Jetson's sample were all jtop's and temperatures, its pipeline never shown
+  walk(st.telemetry, "");
+  markTelemetry(st);
+  st.node.querySelector(".telemetry-none").hidden = true;
+  const own = flat.filter(([k]) => k.startsWith("pipeline."));
+  for (const [k, v] of [...own, ...flat.filter(([k]) => !k.startsWith("pipeline."))].slice(0, 24)) {
+    // any time, 1970's too: a station whose clock was never set shows a date that says so
+    const at = typeof v === "number" && k.endsWith("_at") && Math.abs(v) <= 8.64e12;
+    const shownValue = at ? when(v) :
+      typeof v === "number" ? String(Math.round(v * 100) / 100) : String(v);
+    const dt = el("dt", "", k), dd = el("dd", "", shownValue);
+    dd.dataset.key = k;
+    if (k === "pipeline.disk_full" && v === true) dd.className = "alarm";  // the station stores nothing more
+    dl.append(dt, dd);
+  }
+}
+
