@@ -216,6 +216,39 @@ def test_a_client_sending_its_headers_slowly_is_cut_off_and_others_are_served() 
         server.stop()
 
 
+def test_connections_past_the_bound_are_answered_503_at_once_and_a_freed_slot_serves_again() -> None:
+    """A flood of connections opened a thread each, without bound. With 3 allowed here (64 by
+    default) and 3 slow clients holding theirs, the next is answered 503 at once (not held); once
+    one slow client closes, a normal client is served the page."""
+    server = DashboardServer(DashboardSettings("ws://broker.lab:9001"), port=0, deadline_s=60.0, idle_s=60.0,
+                             max_connections=3)
+    server.start()
+    slow = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
+    try:
+        for sock in slow:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")  # headers never ended
+        busy = _raw_answer(server.port, b"GET / HTTP/1.0\r\n\r\n")
+        assert busy.startswith(b"HTTP/1.0 503 "), busy[:200]
+        assert b"Retry-After: 5" in busy and b"Content-Security-Policy: " in busy
+        assert busy.endswith(b"dashboard busy: too many connections\r\n")
+        assert b"config" not in busy
+        slow.pop().close()
+        answer = b""
+        for _ in range(50):  # the freed slot is released when its thread sees the close
+            answer = _raw_answer(server.port, b"GET / HTTP/1.0\r\n\r\n")
+            if not answer.startswith(b"HTTP/1.0 503 "):
+                break
+            time.sleep(0.1)
+        assert answer.startswith(b"HTTP/1.0 200 "), answer[:200]
+        slow.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))  # the slot taken again
+        slow[-1].sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+        assert _raw_answer(server.port, b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 503 ")
+    finally:
+        for sock in slow:
+            sock.close()
+        server.stop()
+
+
 # --------------------------------------------------------------------------- the real browser
 
 

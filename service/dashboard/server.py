@@ -36,6 +36,13 @@ _CSP = ("default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; 
 REQUEST_DEADLINE_S = 30.0
 #: A read or write of a connection that makes no progress this long ends it.
 IDLE_TIMEOUT_S = 10.0
+#: Connections served at once (a thread each). One more is answered 503 at once and closed, not
+#: queued: a flood of connections costs no more threads than this, and a browser retries the page.
+MAX_CONNECTIONS = 64
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+         b"Retry-After: 5\r\nCache-Control: no-store\r\nConnection: close\r\n"
+         b"Content-Security-Policy: " + _CSP.encode() + b"\r\nX-Content-Type-Options: nosniff\r\n"
+         b"Content-Length: 38\r\n\r\ndashboard busy: too many connections\r\n")
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,38 @@ def _handler(settings: DashboardSettings, deadline_s: float, idle_s: float) -> t
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._max_connections = max_connections
+        self._busy_said = False
+
+    def process_request(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+        """A thread for the connection while fewer than max_connections are open; else 503 at once."""
+        if not self._slots.acquire(blocking=False):
+            if not self._busy_said:  # one line per busy spell, not one per connection of a flood
+                self._busy_said = True
+                logger.warning("dashboard: %d connections open; refusing more with 503 (from %s)",
+                               self._max_connections, client_address[0])
+            with contextlib.suppress(OSError):
+                request.settimeout(1.0)  # never hold the accepting thread on a client that does not read
+                request.sendall(_BUSY)
+                request.recv(65536, socket.MSG_DONTWAIT)  # what the client sent: closing on it unread resets
+            self.shutdown_request(request)
+            return
+        self._busy_said = False
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
     def handle_error(self, request: object, client_address: tuple[str, int]) -> None:
         """A request that failed costs one log line, not a traceback on stderr per hostile request."""
         logger.warning("dashboard: request from %s failed: %r", client_address[0], sys.exc_info()[1],
@@ -183,9 +222,10 @@ class DashboardServer:
     """The HTTP server of the dashboard, on `bind:port` (port 0: a free one)."""
 
     def __init__(self, settings: DashboardSettings, port: int = 8080, bind: str = "127.0.0.1",
-                 deadline_s: float = REQUEST_DEADLINE_S, idle_s: float = IDLE_TIMEOUT_S) -> None:
+                 deadline_s: float = REQUEST_DEADLINE_S, idle_s: float = IDLE_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.settings = settings
-        self.httpd = _Server((bind, port), _handler(settings, deadline_s, idle_s))
+        self.httpd = _Server((bind, port), _handler(settings, deadline_s, idle_s), max_connections)
         self._thread: threading.Thread | None = None
 
     @property
