@@ -980,6 +980,25 @@ def test_the_dashboards_password_file_is_read_as_the_stations(tmp_path: Path, ca
     assert "not UTF-8" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("broker", ["ws://tech:hunter2pw@127.0.0.1:9001", "wss://:hunter2pw@broker.lab:9443/mqtt",
+                                    "ws://hunter2pw@127.0.0.1:9001", "mqtt://tech:hunter2pw@127.0.0.1:1883"])
+def test_a_broker_url_with_an_account_in_it_is_refused_without_showing_it(broker: str) -> None:
+    """`--broker ws://user:pass@host` started the dashboard and printed (stdout) and logged the URL,
+    password and all. It is refused at start now (exit 2), pointing to --username/--password-file,
+    and the password is in nothing the process wrote; a wrong scheme's error no longer echoes it."""
+    proc = subprocess.Popen([sys.executable, "-m", "smearscope", "dashboard", "--port", str(free_port()),
+                             "--broker", broker], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the dashboard started with the account in its URL: {out}{err}")
+    assert proc.returncode == 2, out + err
+    assert "hunter2pw" not in out + err
+    assert "--password-file" in err and "--username" in err
+
+
 def _local(seconds: float, zone: str) -> str:
     """A time as the page shows it to a reader in `zone` (Chromium's en-US short zone name)."""
     from datetime import datetime

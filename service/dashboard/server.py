@@ -56,6 +56,10 @@ class DashboardSettings:
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.broker_url)
+        if "@" in parts.netloc or (not parts.netloc and "@" in self.broker_url):
+            # Printed at start and logged: a password in the URL would be shown to whoever reads them.
+            raise ValueError("--broker: a user name or password in the URL is refused (it would be printed "
+                             "and logged); give --username and --password-file instead")
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise ValueError(f"--broker {self.broker_url!r}: expected ws://HOST:PORT[/PATH] or wss://...")
         if not self.topic_prefix or any(c in self.topic_prefix for c in "/+#"):

@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Serve the static dashboard page; the browser connects to the broker's "
                         "WebSockets listener itself (docs/MQTT.md). Without --password-file and with "
                         "--username, the page asks for the password.")
-    db.add_argument("--broker", required=True, help="broker WebSocket URL, ws://HOST:9001 or wss://HOST:PORT")
+    db.add_argument("--broker", required=True, help="broker WebSocket URL, ws://HOST:9001 or wss://HOST:PORT "
+                    "(no user or password in it: --username, --password-file)")
     db.add_argument("--port", type=_port, default=8080, help="HTTP port (default 8080)")
     db.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     db.add_argument("--host", action="append", default=[], metavar="NAME",
