@@ -240,8 +240,18 @@ def test_connections_past_the_bound_are_answered_503_at_once_and_a_freed_slot_se
                 break
             time.sleep(0.1)
         assert answer.startswith(b"HTTP/1.0 200 "), answer[:200]
-        slow.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))  # the slot taken again
-        slow[-1].sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+        for _ in range(50):  # the slot taken again, once the served client's thread has let it go
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+            sock.settimeout(0.3)
+            try:
+                sock.recv(1)  # answered (503: that thread still held its slot): try again
+            except TimeoutError:
+                slow.append(sock)  # held: no answer to headers that never end
+                break
+            sock.close()
+            time.sleep(0.1)
+        assert len(slow) == 3
         assert _raw_answer(server.port, b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 503 ")
     finally:
         for sock in slow:
