@@ -6,7 +6,10 @@ Every source is an iterator of frozen `Frame`s with `close()` and context-manage
 by the config's `kind` through a lazy registry ("kind" -> "module:Class", imported only when
 chosen). `close()` may be called from another thread: it ends iteration at the next frame
 boundary. Frame ids are unique within a run and stable where the input is (file name + size +
-mtime, recording pass + position, seed); live camera ids carry a per-open session token.
+mtime, recording pass + position, seed); live camera ids carry a per-open session token
+(`<source>:<session>-<counter>`, the session the open's wall-clock milliseconds in hex, a dot and
+8 random hex digits: a board without a clock battery boots on the same saved time again and again,
+so the clock alone would give two starts the same ids).
 
 Image files are decoded by the one hardened decoder (`device.ingest.load_image`: limits judged
 from the header before any pixel is decoded, 12/16-bit samples scaled by their real depth, damaged
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -248,7 +252,8 @@ class CameraSource(FrameSource):
         self._factory = capture_factory
         self._capture: Any = None
         self._failures = 0
-        self._session = f"{time.time_ns() // 1_000_000:x}"
+        # the random part keeps ids apart across starts on the same restored (fake-hwclock) time
+        self._session = f"{time.time_ns() // 1_000_000:x}.{secrets.token_hex(4)}"
         self._counter = 0
 
     @property

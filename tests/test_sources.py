@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -1117,6 +1118,32 @@ def test_camera_reconnects_when_the_stream_ends(tmp_path: Path) -> None:
         assert cam.failures == 0
     assert len({f.frame_id for f in frames}) == 7
     assert all(f.microns_per_pixel == 0.1 for f in frames)
+
+
+_FIRST_CAMERA_FRAME = """
+import sys
+from smearscope.device.source_config import CameraSourceConfig
+from smearscope.device.sources import CameraSource
+with CameraSource(CameraSourceConfig(name="scope", device=sys.argv[1])) as cam:
+    print(next(cam).frame_id)
+"""
+
+
+@pytest.mark.skipif(shutil.which("faketime") is None, reason="needs faketime")
+def test_camera_frame_ids_differ_between_starts_on_the_same_restored_clock(tmp_path: Path) -> None:
+    """A Jetson without a clock battery boots on the time fake-hwclock saved: two starts, each a
+    real process on a clock frozen at the same instant (faketime), open the camera (a video file
+    stands in) and must not name their frames alike."""
+    video = tmp_path / "cam.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48))
+    writer.write(np.full((48, 64, 3), 80, np.uint8))
+    writer.release()
+    ids = [subprocess.run(["faketime", "-f", "2026-03-01 08:00:00", sys.executable, "-c", _FIRST_CAMERA_FRAME,
+                           str(video)], capture_output=True, text=True, check=True, timeout=120).stdout.strip()
+           for _ in range(2)]
+    assert all(i.startswith("scope:") and i.endswith("-00000001") for i in ids), ids
+    assert ids[0].split(":")[1].split(".")[0] == ids[1].split(":")[1].split(".")[0]  # the same clock reading
+    assert ids[0] != ids[1], ids
 
 
 def test_camera_that_never_opens_retries_until_closed(tmp_path: Path) -> None:
