@@ -166,6 +166,39 @@ def test_a_clock_set_back_does_not_make_the_newest_overlays_the_oldest(tmp_path:
     assert [p.parent.name for p in review.rglob("*.jpg")].count("run-2") == 1
 
 
+def test_a_runs_overlays_are_deleted_in_the_order_written_when_the_clock_went_back_mid_run(tmp_path: Path) -> None:
+    """A run's first two fields were written before the wall clock went back a day (network time
+    correcting a board that booted ahead, say), the next after it; after a restart the cap
+    deletes the run's first fields, never the newest because their file times read older. A field
+    analysed again (a crash before its report was stored) leaves one overlay, the newest."""
+    import os
+
+    review = tmp_path / "review"
+    pool = oracle_pool()
+    gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
+    for result in pool[:3]:
+        gallery.add_field("run-1", _image(result), result)
+    for field_id in ("synthetic-500", "synthetic-501"):  # written a day ahead of the clock now
+        (p,) = review.glob(f"run-1/*{field_id}.jpg")
+        os.utime(p, (p.stat().st_mtime + 86400, p.stat().st_mtime + 86400))
+    gallery.close()
+    used = sum(p.stat().st_size for p in review.rglob("*") if p.is_file())
+    overlay = max(p.stat().st_size for p in review.rglob("*.jpg"))
+    restarted = ReviewGallery(ReviewConfig(max_disk_mb=(used + 1.5 * overlay) / 2**20, min_free_disk_mb=0), review)
+    assert restarted.summary("run-1")["overlays"] == 3
+    restarted.add_field("run-1", _image(pool[3]), pool[3])
+    written = ["synthetic-500", "synthetic-501", "synthetic-502", "synthetic-503"]
+    kept = [w for w in written if list(review.glob(f"run-1/*{w}.jpg"))]
+    assert 2 <= len(kept) < 4 and kept == written[-len(kept):], kept  # the first written went first
+    assert restarted.summary("run-1")["overlays"] == len(kept)
+    restarted.config = ReviewConfig(min_free_disk_mb=0)  # no cap: what a field analysed again leaves
+    restarted.add_field("run-1", _image(pool[2]), pool[2])  # synthetic-502 analysed again
+    again = sorted(p.name for p in review.glob("run-1/*.jpg"))
+    assert sum(n.endswith("synthetic-502.jpg") for n in again) == 1 and again[-1].endswith("synthetic-502.jpg"), again
+    assert restarted.summary("run-1")["overlays"] == len(again)
+    restarted.close()
+
+
 def test_overlays_give_way_to_the_outbox_on_a_disk_low_on_space(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Below `min_free_disk_mb` free, the oldest overlays are deleted and none is written (said once):
     the outbox, beside them by default, needs the room more. Here the floor is set above what this

@@ -5,8 +5,9 @@ ones) are cut from the field's input image around the report's boxes and held in
 (bounded per run, the last few runs kept) and in a SQLite file beside the overlays
 (service.station.gallery_store), read back at start: a restart loses no review material; `page()` serves them in pages that fit one MQTT
 message (the `get_review` command). Each field's overlay (outlines and labels on the input) is
-written to disk under `<directory>/<run_id>/`, with a size cap over all the directory holds
-(overlays and the gallery's file): the oldest overlays, oldest run first, are deleted above it.
+written to disk under `<directory>/<run_id>/`, numbered as written (service.station.overlay_files),
+with a size cap over all the directory holds (overlays and the gallery's file): the oldest
+overlays, oldest run first, are deleted above it.
 
 With `[review] white_cells = "all"` every white cell of the run follows the review cells, and with
 typing on (`set_wbc_typing`: the WBC head keeps its features) each white cell's crop is marked
@@ -19,7 +20,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -38,6 +38,7 @@ from smearscope.service.analysis.report import CellRecord
 from smearscope.service.config import ReviewConfig
 from smearscope.service.station.disk_room import free_bytes
 from smearscope.service.station.gallery_store import FILE_NAME, GalleryStore, RunChange, StoredRun
+from smearscope.service.station.overlay_files import overlay_order, safe_name, write_overlay_file
 from smearscope.service.station.typed_cells import TypeableCell
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,6 @@ THUMBNAIL_WIDTH = 320
 THUMBNAIL_SHARE = 0.6
 #: Room per WBC class for the first page's `typed_per_type` (added by the clinic feed).
 TYPED_COUNT_BYTES = 40
-_SAFE = re.compile(r"[^A-Za-z0-9_.@-]+")
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,7 @@ class ReviewGallery:
                 if typeable is not None:
                     g.typeable[(crop["field_id"], crop["cell"])] = typeable
             try:
-                g.overlays = sorted(self._run_folder(stored.run_id).glob("*.jpg"),
-                                    key=lambda p: p.stat().st_mtime)
+                g.overlays = sorted(self._run_folder(stored.run_id).glob("*.jpg"), key=overlay_order)
             except OSError:
                 pass
             self._runs[stored.run_id] = g
@@ -234,7 +233,8 @@ class ReviewGallery:
                 typeable[(field_id, i)] = t
         overlay = draw_overlay(image, result.cells, result.input_to_canonical)
         thumbnail, thumb_jpeg = self._thumbnail(overlay)
-        path = self._write_overlay(run_id, field_id, overlay)
+        written = self._write_overlay(run_id, field_id, overlay)
+        path = written[0] if written is not None else None
         with self._lock:
             gallery = self._runs.setdefault(run_id, _RunGallery())
             self._runs.move_to_end(run_id)
@@ -250,8 +250,8 @@ class ReviewGallery:
                     added.append((p, crop, typeable.get((crop["field_id"], crop["cell"]))))
             kept = len(added)  # never displaced in its own field: a field's crops to review come first
             gallery.not_kept += len(crops) - kept
-            if path is not None and path not in gallery.overlays:
-                gallery.overlays.append(path)
+            if written is not None:
+                gallery.overlays = [p for p in gallery.overlays if p not in written[1]] + [path]
             gallery.latest_thumbnail = {"field_id": field_id, "width": thumbnail.shape[1],
                                         "height": thumbnail.shape[0], "jpeg": thumb_jpeg}
             while len(self._runs) > KEEP_RUNS + 1:
@@ -407,9 +407,10 @@ class ReviewGallery:
 
     def _run_folder(self, run_id: str) -> Path:
         """Where a run's overlays are written."""
-        return self.directory / _SAFE.sub("_", run_id)
+        return self.directory / safe_name(run_id)
 
-    def _write_overlay(self, run_id: str, field_id: str, overlay: np.ndarray) -> Path | None:
+    def _write_overlay(self, run_id: str, field_id: str, overlay: np.ndarray) -> tuple[Path, list[Path]] | None:
+        """The field's overlay file and its earlier ones it replaced; None when not written."""
         if self._free() < self._floor:  # the outbox needs the disk more: the oldest overlays make room first
             self._enforce_disk_cap()
             if self._free() < self._floor:
@@ -420,15 +421,11 @@ class ReviewGallery:
                     self._low_disk_said = True
                 return None
         self._low_disk_said = False
-        folder = self._run_folder(run_id)
-        path = folder / f"{_SAFE.sub('_', field_id)[:120]}.jpg"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(_jpeg(overlay))
+            return write_overlay_file(self._run_folder(run_id), field_id, _jpeg(overlay))
         except (OSError, ValueError) as exc:  # a full disk must not stop the analysis
             logger.warning("overlay of field %s not kept: %s", field_id, exc)
             return None
-        return path
 
     def _gallery_bytes(self) -> int:
         """What the gallery's file takes on disk (with its WAL and shared memory)."""
@@ -444,13 +441,14 @@ class ReviewGallery:
         """`max_disk_mb` over all the review keeps in its directory: the overlays and the gallery's
         file. The overlays give way, oldest first (the crops are what a technician reviews)."""
         cap = int(self.config.max_disk_mb * 1024 * 1024)
-        # oldest run first in the gallery's order (folders of runs it let go before them), by time
-        # only within a run: a clock set back must not make the newest run's overlays the oldest
+        # oldest run first in the gallery's order (folders of runs it let go before them), within a
+        # run in the order written (the files' numbers), never by file time: a clock set back must
+        # not make the newest overlays the oldest
         with self._lock:
             rank = {self._run_folder(r).name: k for k, r in enumerate(self._runs)}
         try:
             files = sorted(self.directory.glob("*/*.jpg"),
-                           key=lambda p: (rank.get(p.parent.name, -1), p.stat().st_mtime))
+                           key=lambda p: (rank.get(p.parent.name, -1), *overlay_order(p)))
             gallery = self._gallery_bytes()
             total = gallery + sum(p.stat().st_size for p in files)
         except OSError as exc:
