@@ -2,11 +2,16 @@
 
 One line per event, appended and fsynced: `key<TAB>status<TAB>name` (a line break or tab in a
 name written as \\xNN); a regular file, never read or written through a symbolic link
-(device.own_files). A version's last `done` or `rejected` is its status. An `attempt` is written
-before the station decodes a version (a `released` follows when it is not handed out), and finished by its `done` or `rejected`; one
-still unfinished at the next start means the process ended while that file was being decoded
-or analysed (killed: out of memory, a native
-crash in a decoder, the watchdog). A clean end of the process (`release_at_exit`) writes
+(device.own_files). A version's last `done` or `rejected` is its status. The other lines
+(`attempt`, `released`) carry the key behind a `~` (`~key<TAB>attempt@...<TAB>name`): versions of
+the station before attempts were logged read every line as a file processed, and would move a
+file in hand at a crash or a stop to `done/` unanalysed; with the `~` they see no key of theirs.
+A log whose attempts were written with the bare key (by the release that began logging them) is
+read as well and rewritten at open. An `attempt` is written before the station decodes a version
+(a `released` follows when it is not handed out), and finished by its `done` or `rejected`; one
+still unfinished at the next start means the process ended while that file was being decoded or
+analysed (killed: out of memory, a native crash in a decoder, the watchdog). A clean end of the
+process (`release_at_exit`) writes
 `released` for the attempts it leaves, so a stop, even one that leaves files unanalysed, is
 never held against a file. An attempt carries the kernel's boot id (`attempt@<boot id>`): one
 left unfinished under an earlier boot ended with the machine (a power cut, a kernel panic, a
@@ -35,6 +40,8 @@ from smearscope.device.own_files import open_own
 logger = logging.getLogger(__name__)
 
 TERMINAL = ("done", "rejected")
+#: Before the key of a line that is no `done` or `rejected`: a key no earlier reader matches.
+EVENT_MARK = "~"
 
 #: Where Linux gives the id of the running boot (a new random UUID at every boot); a module
 #: attribute so tests can point it at a file of their own.
@@ -56,9 +63,10 @@ def file_key(name: str, size: int, mtime_ns: int) -> str:
     return hashlib.sha1(os.fsencode(name) + f"|{size}|{mtime_ns}".encode()).hexdigest()[:16]
 
 
-#: The longest line a version can make: a key, the longest status (`attempt@<boot id>@alone`, a
-#: boot id being a 36-character UUID) and a name of 255 bytes, each written as \\xNN.
-LINE_BYTES = 16 + 1 + len("attempt@") + 36 + len("@alone") + 1 + 4 * 255 + 1
+#: The longest line a version can make: the `~` mark of an attempt, a key, the longest status
+#: (`attempt@<boot id>@alone`, a boot id being a 36-character UUID) and a name of 255 bytes, each
+#: written as \\xNN.
+LINE_BYTES = len(EVENT_MARK) + 16 + 1 + len("attempt@") + 36 + len("@alone") + 1 + 4 * 255 + 1
 
 #: What would end a line of the log, or a field of one: a tab and every separator of str.splitlines.
 _BREAKS = re.compile(r"[\t\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
@@ -68,6 +76,11 @@ def _one_line(name: str) -> str:
     """The name as the log writes it: a line break or tab in it as \\xNN (or \\uNNNN), so that no
     name can add a line (a forged `done` for another file's version) or shift a field."""
     return _BREAKS.sub(escaped_char, name)
+
+
+def _marked(key: str, status: str) -> str:
+    """The key as its line writes it: behind the `~` unless the line is a `done` or `rejected`."""
+    return key if status in TERMINAL else EVENT_MARK + key
 
 
 @dataclass
@@ -106,15 +119,19 @@ class ProcessedLog:
         except FileNotFoundError:
             pass  # made by the first record
         self._versions = {}
+        bare = False  # an event line without its mark: rewritten, so that no earlier version misreads it
         for ln in lines:
             parts = ln.split("\t", 2)
-            self._apply(parts[0], parts[1] if len(parts) > 1 else "done", parts[2] if len(parts) > 2 else "")
-        if len(lines) > self.max_entries:
+            key, status = parts[0], parts[1] if len(parts) > 1 else "done"
+            bare = bare or (status not in TERMINAL and not key.startswith(EVENT_MARK))
+            self._apply(key.removeprefix(EVENT_MARK), status, parts[2] if len(parts) > 2 else "")
+        if len(lines) > self.max_entries or bare:
             kept: list[str] = []
             for key, v in self._versions.items():  # in the order of each version's last line
                 if v.status is not None:
                     kept.append(f"{key}\t{v.status}\t{v.name}")
-                kept += [f"{key}\t{_attempt(boot, alone)}\t{v.name}" for boot, alone in v.attempts]
+                kept += [f"{_marked(key, 'attempt')}\t{_attempt(boot, alone)}\t{v.name}"
+                         for boot, alone in v.attempts]
             try:
                 self._rewrite(kept[-self.max_entries:])
             except OSError as exc:  # a full disk, a folder put in the way: used as read, tried again later
@@ -124,7 +141,7 @@ class ProcessedLog:
                 self._versions = {}
                 for ln in lines:
                     key, status, name = ln.split("\t", 2)
-                    self._apply(key, status, name)
+                    self._apply(key.removeprefix(EVENT_MARK), status, name)
         self._keys = {k: v.status for k, v in self._versions.items() if v.status is not None}
         self._lines = len(lines)
 
@@ -135,6 +152,8 @@ class ProcessedLog:
         with open(open_own(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w", encoding="utf-8",
                   errors="surrogateescape") as fh:
             fh.write("".join(ln + "\n" for ln in lines))
+            fh.flush()
+            os.fsync(fh.fileno())  # a power cut after the rename finds the whole log, not an empty one
         os.replace(tmp, self.path)
 
     def _tail(self, fh: BinaryIO) -> bytes:
@@ -224,7 +243,8 @@ class ProcessedLog:
     def _append(self, entries: list[tuple[str, str, str]]) -> None:
         with open(open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8",
                   errors="surrogateescape") as fh:  # any file name; never through a link
-            fh.write("".join(f"{key}\t{status}\t{_one_line(name)}\n" for key, status, name in entries))
+            fh.write("".join(f"{_marked(key, status)}\t{status}\t{_one_line(name)}\n"
+                             for key, status, name in entries))
             fh.flush()
             os.fsync(fh.fileno())
         for key, status, name in entries:

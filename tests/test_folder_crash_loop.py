@@ -380,3 +380,58 @@ def test_attempts_without_a_boot_id_count_as_before(tmp_path: Path, monkeypatch:
     frame = src.scan_once()
     assert frame is not None and _name(frame) == "b.png"
     assert (inbox / "rejected" / "heavy.png.reason.txt").read_text().startswith("analysis_interrupted")
+
+
+def _read_as_before_attempts(path: Path) -> dict[str, str]:
+    """The processed-files log as the station read it before it logged attempts (commit aa0d715
+    and earlier, e.g. a981fa8): every line's first field is a file version processed, whatever
+    its status, and such a file is moved to done/ (or rejected/) without being analysed."""
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return {parts[0]: parts[1] if len(parts) > 1 else "done" for parts in (ln.split("\t", 2) for ln in lines)}
+
+
+def _key(inbox: Path, name: str) -> str:
+    st = (inbox / name).stat()
+    return file_key(name, st.st_size, st.st_mtime_ns)
+
+
+def test_files_in_hand_at_a_crash_or_a_stop_are_not_processed_for_an_earlier_version(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Downgrade: a station put back to a version from before attempts were logged reads every
+    line's key as a file processed. Real processes: one killed holding heavy.png and b.png, the
+    next stopped cleanly with heavy.png alone in hand (released). Neither file's key is in the
+    log as that version reads it (it would move both to done/ unanalysed); this version still
+    counts the kill: heavy.png and b.png are analysed alone, one at a time."""
+    inbox = _inbox(tmp_path, ["heavy.png", "b.png", "c.png"])
+    boot = _boot(tmp_path, BOOT_A)
+    assert _child(inbox, "keep", kill_after=2, boot_id_file=boot) == (-signal.SIGKILL, ["heavy.png", "b.png"])
+    assert _child(inbox, "exit", boot_id_file=boot) == (0, ["heavy.png"])
+    log = inbox / ".smearscope-processed"
+    earlier = _read_as_before_attempts(log)
+    assert not {_key(inbox, n) for n in ("heavy.png", "b.png", "c.png")} & set(earlier), log.read_text()
+    monkeypatch.setattr(processed_log, "BOOT_ID_FILE", boot)  # restarted in the same boot: the kill counts
+    assert ProcessedLog(log, 100).unfinished() == {_key(inbox, "heavy.png"): 1, _key(inbox, "b.png"): 1}
+
+
+def test_a_log_with_the_earlier_releases_bare_attempts_is_read_as_then_and_rewritten(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Upgrade from the release that began logging attempts with the bare key (043781b): its
+    unfinished attempts still count (heavy.png, killed twice, is set aside; b.png's attempt was
+    released) and the log is rewritten at open so that a later downgrade to a version from before
+    attempts were logged finds no key of an unfinished file in it."""
+    inbox = _inbox(tmp_path, ["heavy.png", "b.png", "c.png"])
+    heavy, b, c = (_key(inbox, n) for n in ("heavy.png", "b.png", "c.png"))
+    log = inbox / ".smearscope-processed"
+    log.write_text(f"{heavy}\tattempt\theavy.png\n{b}\tattempt\tb.png\n{heavy}\tattempt\theavy.png\n"
+                   f"{b}\treleased\tb.png\n{c}\tattempt\tc.png\n{c}\tdone\tc.png\n", encoding="utf-8")
+    monkeypatch.setattr(processed_log, "BOOT_ID_FILE", _boot(tmp_path, BOOT_B))
+    src = _source(inbox)
+    earlier = _read_as_before_attempts(log)
+    assert earlier.get(c) == "done" and not {heavy, b} & set(earlier), log.read_text()
+    frame = src.scan_once()
+    assert frame is not None and _name(frame) == "b.png"
+    assert (inbox / "rejected" / "heavy.png.reason.txt").read_text().startswith(
+        "analysis_interrupted: the station's process ended 2 times")
+    src.done(frame)
+    assert src.scan_once() is None  # c.png was stored before: moved, not analysed again
+    assert sorted(p.name for p in (inbox / "done").iterdir()) == ["b.png", "c.png"]
