@@ -561,3 +561,67 @@ def test_field_messages_stamped_on_a_wrong_clock_before_a_restart_are_not_expire
         old = outbox.put("field", "t", b"{}", report_id="old", schema_version="1", created_at=now - 7200)
         assert outbox.expire_fields(now - 3600) == 1
         assert [m.seq for m in outbox.pending()] == kept and old not in kept
+
+
+#: The outbox table as the versions before `cells` messages created it (schema 1), verbatim.
+_SCHEMA_1 = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, so order is stable
+    kind           TEXT    NOT NULL CHECK (kind IN ('field', 'report')),
+    topic          TEXT    NOT NULL,
+    payload        BLOB    NOT NULL,
+    size           INTEGER NOT NULL,
+    qos            INTEGER NOT NULL CHECK (qos IN (0, 1, 2)),
+    retain         INTEGER NOT NULL,
+    report_id      TEXT    NOT NULL,
+    message_id     TEXT    NOT NULL UNIQUE,
+    content_type   TEXT    NOT NULL,
+    schema_version TEXT    NOT NULL,
+    created_at     REAL    NOT NULL,
+    attempts       INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_kind_seq ON outbox (kind, seq);
+"""
+
+
+def test_an_outbox_of_schema_1_keeps_its_backlog_and_sequence_and_takes_cells(tmp_path: Path) -> None:
+    """Upgrade from a version before `cells` messages: its backlog is sent under the same
+    sequence numbers and message ids, a new message's number follows the last one ever given (the
+    two acknowledged ones are not reused), and cells messages can be stored."""
+    path = tmp_path / "outbox.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_SCHEMA_1 + "PRAGMA user_version=1;")
+        conn.executemany(
+            "INSERT INTO outbox (kind, topic, payload, size, qos, retain, report_id, message_id, content_type, "
+            "schema_version, created_at) VALUES (?, 't', ?, 3, 1, 0, ?, ?, 'application/json', '1.0', 1.0)",
+            [("report" if i % 2 else "field", b"m%d" % i, f"r{i}", f"m{i}") for i in range(5)])
+        conn.execute("DELETE FROM outbox WHERE seq IN (4, 5)")  # delivered before the upgrade
+    conn.close()
+    with Outbox(path) as outbox:
+        assert [(m.seq, m.kind, m.message_id, m.payload) for m in outbox.pending(10)] == [
+            (1, "field", "m0", b"m0"), (2, "report", "m1", b"m1"), (3, "field", "m2", b"m2")]
+        assert outbox.put("cells", "t/cells", b"c", report_id="r1", schema_version="1.1") == 6
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
+
+
+def test_an_outbox_of_a_newer_schema_is_refused_as_a_newer_versions_and_left_as_it_is(tmp_path: Path) -> None:
+    """Downgrade: a file a later version made (schema 3) is not opened; the refusal says a newer
+    version wrote it and what to do, and its messages and schema are untouched."""
+    from smearscope.service.mqtt.outbox_schema import SCHEMA
+
+    path = tmp_path / "outbox.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(SCHEMA + "PRAGMA user_version=3;")
+        conn.execute("INSERT INTO outbox (kind, topic, payload, size, qos, retain, report_id, message_id, "
+                     "content_type, schema_version, created_at) VALUES "
+                     "('report', 't', x'00', 1, 1, 0, 'r', 'm', 'application/json', '1.1', 1.0)")
+    conn.close()
+    with pytest.raises(RuntimeError, match=r"has schema 3, written by a newer version of smearscope .*move the file "
+                                           r"aside once its messages are sent"):
+        Outbox(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("SELECT message_id FROM outbox").fetchall() == [("m",)]
+    conn.close()

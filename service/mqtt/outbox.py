@@ -152,9 +152,9 @@ class Outbox:
         self._conn = sqlite3.connect(self.path, timeout=lock_timeout_s, isolation_level=None, check_same_thread=False)
         try:
             self._open()
-        except sqlite3.OperationalError as exc:
+        except BaseException as exc:  # also a refused schema: its exclusive lock is not kept
             self._conn.close()
-            if "locked" in str(exc):
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 raise OutboxLockedError(f"outbox {self.path} is in use by another process") from exc
             raise
         self._count, self._bytes, self._reports = self._measure()

@@ -63,4 +63,8 @@ def apply_schema(conn: sqlite3.Connection, path: Path) -> None:
     if version in (0, 1):
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     elif version != SCHEMA_VERSION:
-        raise RuntimeError(f"outbox {path} has schema {version}, expected {SCHEMA_VERSION}")
+        # a newer version's file (a station put back to this version): left as it is, never rebuilt
+        raise RuntimeError(f"outbox {path} has schema {version}, written by a newer version of smearscope (this one "
+                           f"reads schema {SCHEMA_VERSION} and older); the file is left as it is: start that version "
+                           "again, or move the file aside once its messages are sent (docs/STATION.md, "
+                           "'Updating a station, and going back')")
