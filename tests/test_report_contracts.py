@@ -11,7 +11,10 @@ guards that the suite let pass."""
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -445,3 +448,37 @@ def test_a_report_says_its_schema_version_and_a_stored_one_of_the_version_before
         jsonschema.validate(stored, schema)
     with pytest.raises(ValueError):
         Report.model_validate_json(json.dumps(stored))
+
+
+def test_a_run_left_open_by_a_newer_version_is_left_out_and_kept_not_a_failed_start(tmp_path, caplog):
+    """Downgrade: a run a newer version left open, stored with a key this version's models do
+    not know (as this version's manifest_sha256 is to the versions before it), made the start fail
+    ("station failed to start", a ValidationError; the unit restarted it every 10 s for ever). It
+    is now left out with an error naming it, its rows stay in the file as they are, and the
+    readable run left open beside it is taken back."""
+    newer, ours = (SpecimenRun(target_wbc=100, started_at=0.0, run_id=r) for r in ("newer", "ours"))
+    newer.add(field("f0", wbcs(2)), 1.0)
+    ours.add(field("f1", wbcs(3)), 1.0)
+    path = tmp_path / "o.sqlite3"
+    outbox = Outbox(path)
+    try:
+        state = StationState(outbox)
+        store_run(state, outbox, newer, "newer")
+        store_run(state, outbox, ours, "ours")
+
+        def a_newer_versions_key(conn: sqlite3.Connection) -> None:
+            (models,) = conn.execute("SELECT models FROM specimen_fields WHERE run_id = 'newer'").fetchone()
+            models = {k: {**v, "calibration_sha256": "ab" * 32} for k, v in json.loads(models).items()}
+            conn.execute("UPDATE specimen_fields SET models = ? WHERE run_id = 'newer'", (json.dumps(models),))
+
+        outbox.write(a_newer_versions_key)
+        stored = outbox.read(lambda conn: conn.execute("SELECT * FROM specimen_fields ORDER BY run_id").fetchall())
+        with caplog.at_level(logging.ERROR, logger="smearscope.service.station.durable"):
+            (back,) = state.open_runs()
+        assert back.run_id == "ours" and len(back.cells) == len(ours.cells)
+        (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert error.startswith("run newer, left open in ") and "calibration_sha256" in error
+        assert outbox.read(lambda conn: conn.execute("SELECT * FROM specimen_fields ORDER BY run_id").fetchall()) \
+            == stored
+    finally:
+        outbox.close()

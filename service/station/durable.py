@@ -196,8 +196,11 @@ class StationState:
 
         return write
 
-    def _runs(self, closed: bool, only: str | None = None) -> list[SpecimenRun]:
-        """The open (or closed) runs' fields and cells as stored; with `only`, that one of them."""
+    def _runs(self, closed: bool, only: str | None = None,
+              unreadable: dict[str, str] | None = None) -> list[SpecimenRun]:
+        """The open (or closed) runs' fields and cells as stored; with `only`, that one of them.
+        With `unreadable`, a run whose rows this code cannot read (another version's) is left out
+        and put there with the reason; without, the error is raised."""
         where = f"run_id {'' if closed else 'NOT '}IN (SELECT run_id FROM closed_runs)"
         where, params = (f"{where} AND run_id = ?", (only,)) if only is not None else (where, ())
         rows = self.outbox.read(lambda conn: conn.execute(
@@ -205,21 +208,34 @@ class StationState:
             f"FROM specimen_fields WHERE {where} ORDER BY run_id, position", params).fetchall())
         runs: dict[str, SpecimenRun] = {}
         for run_id, field_id, started_at, started_by, target, models, cells, stored_at, flags in rows:
-            run = runs.get(run_id)
-            if run is None:
-                run = runs[run_id] = SpecimenRun(
-                    target_wbc=int(target), started_at=float(started_at), started_by=started_by,
-                    run_id=run_id,
-                    models={k: ModelInfo.model_validate(v) for k, v in json.loads(models).items()})
-            for item in json.loads(cells):
-                cell, record = _cell_from_json(item, field_id)
-                run.cells.append(cell)
-                run.records.append(record)
-                run.classified_wbc += is_classified_wbc(cell)
-            run.field_ids.append(field_id)
-            run.last_field_at = float(stored_at)
-            run.count_field_flags((str(code), str(severity)) for code, severity in json.loads(flags))
+            if unreadable is not None and run_id in unreadable:
+                continue
+            try:
+                self._add_row(runs, run_id, field_id, started_at, started_by, target, models, cells, stored_at, flags)
+            except (ValueError, KeyError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+                if unreadable is None:
+                    raise
+                unreadable[run_id] = " ".join(str(exc).split())
+                runs.pop(run_id, None)
         return list(runs.values())
+
+    @staticmethod
+    def _add_row(runs: dict[str, SpecimenRun], run_id: str, field_id: str, started_at: float, started_by: StartedBy,
+                 target: int, models: str, cells: str, stored_at: float, flags: str) -> None:
+        run = runs.get(run_id)
+        if run is None:
+            run = SpecimenRun(target_wbc=int(target), started_at=float(started_at), started_by=started_by,
+                              run_id=run_id,
+                              models={k: ModelInfo.model_validate(v) for k, v in json.loads(models).items()})
+        for item in json.loads(cells):
+            cell, record = _cell_from_json(item, field_id)
+            run.cells.append(cell)
+            run.records.append(record)
+            run.classified_wbc += is_classified_wbc(cell)
+        run.field_ids.append(field_id)
+        run.last_field_at = float(stored_at)
+        run.count_field_flags((str(code), str(severity)) for code, severity in json.loads(flags))
+        runs[run_id] = run
 
     def run_cells(self, run_id: str) -> SpecimenRun | None:
         """One closed run's fields and cells as stored (the last `KEEP_CLOSED_RUNS` are), for a
@@ -234,10 +250,17 @@ class StationState:
 
     def open_runs(self) -> list[SpecimenRun]:
         """The runs a previous process left open (crash, or a stop that could not store), each
-        with the end a technician asked for, if any (`end_requested`)."""
+        with the end a technician asked for, if any (`end_requested`). A run whose rows this code
+        cannot read (stored by a newer version: a station put back) is left out, logged, and
+        left in the file as it is: the station starts, and the version that stored it reads it."""
         ending = dict(self.outbox.read(lambda conn: conn.execute(
             "SELECT run_id, end_reason FROM ending_runs").fetchall()))
-        runs = self._runs(closed=False)
+        unreadable: dict[str, str] = {}
+        runs = self._runs(closed=False, unreadable=unreadable)
+        for run_id, reason in unreadable.items():
+            logger.error("run %s, left open in %s, cannot be read by this version (%s): a newer version's? It is "
+                         "neither taken back nor closed, and stays in the file for the version that stored it",
+                         run_id, self.outbox.path, reason[:300])
         for run in runs:
             run.end_requested = ending.get(run.run_id)
         return runs
