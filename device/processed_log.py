@@ -135,7 +135,10 @@ class ProcessedLog:
             try:
                 self._rewrite(kept[-self.max_entries:])
             except OSError as exc:  # a full disk, a folder put in the way: used as read, tried again later
-                logger.warning("cannot compact the processed-files log %s: %s", self.path, exc)
+                logger.warning("cannot %s the processed-files log %s: %s%s",
+                               "compact" if len(lines) > self.max_entries else "rewrite", self.path, exc,
+                               "; its attempts stay without their mark: an earlier version put back now would "
+                               "take the files in hand for processed" if bare else "")
             else:
                 lines = kept[-self.max_entries:]
                 self._versions = {}

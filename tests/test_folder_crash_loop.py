@@ -435,3 +435,24 @@ def test_a_log_with_the_earlier_releases_bare_attempts_is_read_as_then_and_rewri
     src.done(frame)
     assert src.scan_once() is None  # c.png was stored before: moved, not analysed again
     assert sorted(p.name for p in (inbox / "done").iterdir()) == ["b.png", "c.png"]
+
+
+def test_a_log_with_bare_attempts_that_cannot_be_rewritten_is_read_as_it_is(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The first start after the update cannot write the rewritten log (here its temporary file's
+    name is taken by a folder; a full disk alike): the station starts all the same, the attempts
+    counted as logged (heavy.png, killed twice, set aside; b.png analysed), said at WARNING with
+    what the unmarked attempts mean for an earlier version put back."""
+    inbox = _inbox(tmp_path, ["heavy.png", "b.png"])
+    heavy = _key(inbox, "heavy.png")
+    log = inbox / ".smearscope-processed"
+    log.write_text(f"{heavy}\tattempt\theavy.png\n{heavy}\tattempt\theavy.png\n", encoding="utf-8")
+    (inbox / ".smearscope-processed.tmp").mkdir()
+    with caplog.at_level(logging.WARNING, logger="smearscope.device.processed_log"):
+        src = _source(inbox)
+    [warning] = [r.getMessage() for r in caplog.records if "processed-files log" in r.getMessage()]
+    assert warning.startswith("cannot rewrite the processed-files log") and \
+        "its attempts stay without their mark: an earlier version put back now would take the files in hand" in warning
+    frame = src.scan_once()
+    assert frame is not None and _name(frame) == "b.png"
+    assert (inbox / "rejected" / "heavy.png.reason.txt").read_text().startswith("analysis_interrupted")
