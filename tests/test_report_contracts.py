@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from test_fhir import by_code, component, current_report, graded_report, resources, validate
-from test_specimen import cell_pair, field_of
+from test_specimen import FakeClock, cell_pair, field_of, tracker
 from test_verify_run import store_run
 
 from smearscope.service.analysis.pipeline import FieldResult
@@ -480,5 +480,35 @@ def test_a_run_left_open_by_a_newer_version_is_left_out_and_kept_not_a_failed_st
         assert error.startswith("run newer, left open in ") and "calibration_sha256" in error
         assert outbox.read(lambda conn: conn.execute("SELECT * FROM specimen_fields ORDER BY run_id").fetchall()) \
             == stored
+    finally:
+        outbox.close()
+
+
+def test_a_run_left_open_under_other_models_is_closed_at_the_start_not_taken_back(tmp_path, caplog):
+    """An update that brings another calibration of a model (its manifest_sha256; the same ONNX
+    file): the run left open before it was taken back, and its fields and the next ones made one
+    specimen report under the first field's models (seen live: 6 fields of one red-cell calibration
+    and 1 of another). Under other models it now ends with the restart; under the same models it
+    is taken back as before."""
+    run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
+    run.add(field("f0", wbcs(3)), 1.0)
+    recalibrated = {"seg": MODELS["seg"].model_copy(update={"manifest_sha256": "cd" * 32})}
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        state = StationState(outbox)
+        store_run(state, outbox, run, "r")
+        (same,) = state.open_runs(MODELS)
+        clock = FakeClock()
+        clock.now = same.last_activity + 10.0  # within the idle timeout of the run's last field
+        assert same.end_requested is None
+        assert tracker(target=100, idle=60.0, clock=clock).resume_one([same]) == []  # taken back
+        with caplog.at_level(logging.WARNING, logger="smearscope.service.station.durable"):
+            (other,) = state.open_runs(recalibrated)
+        assert other.end_requested == "restart"
+        t = tracker(target=100, idle=60.0, clock=clock)
+        assert t.resume_one([other]) == [other] and t.open_run() is None  # to be closed
+        assert t.final_report(other, other.end_requested).end_reason == "restart"
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warning.startswith("run r, left open, was analysed with other models than this start's (seg:")
     finally:
         outbox.close()

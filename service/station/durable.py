@@ -28,7 +28,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from smearscope.service.analysis.aggregate import is_classified_wbc
@@ -248,11 +248,15 @@ class StationState:
             return None
         return runs[0] if runs else None
 
-    def open_runs(self) -> list[SpecimenRun]:
+    def open_runs(self, models: Mapping[str, ModelInfo] | None = None) -> list[SpecimenRun]:
         """The runs a previous process left open (crash, or a stop that could not store), each
-        with the end a technician asked for, if any (`end_requested`). A run whose rows this code
-        cannot read (stored by a newer version: a station put back) is left out, logged, and
-        left in the file as it is: the station starts, and the version that stored it reads it."""
+        with the end a technician asked for, if any (`end_requested`); one analysed with other
+        `models` than the analyzer's now (an update brought other models or another calibration,
+        or the backend or station means changed) ends with the restart, never taken back: its
+        fields and the next ones would be counted as one specimen under its first field's models.
+        A run whose rows this code cannot read (stored by a newer version: a station put back) is
+        left out, logged, and left in the file as it is: the station starts, and the version that
+        stored it reads it."""
         ending = dict(self.outbox.read(lambda conn: conn.execute(
             "SELECT run_id, end_reason FROM ending_runs").fetchall()))
         unreadable: dict[str, str] = {}
@@ -263,6 +267,12 @@ class StationState:
                          run_id, self.outbox.path, reason[:300])
         for run in runs:
             run.end_requested = ending.get(run.run_id)
+            if models and run.models and run.models != dict(models) and run.end_requested is None:
+                run.end_requested = "restart"
+                changed = sorted(k for k in {*models, *run.models} if models.get(k) != run.models.get(k))
+                logger.warning("run %s, left open, was analysed with other models than this start's (%s: another "
+                               "model, calibration, backend or station means): closed (restart), not taken back",
+                               run.run_id, ", ".join(changed))
         return runs
 
     def run_ending(self, run_id: str, end_reason: str) -> None:

@@ -485,7 +485,7 @@ class StationWorkers:
     def _close_runs_left_open(self) -> Iterator[str]:
         """Close the runs a previous process left open (restart) but one it resumes; yields those stored."""
         assert self.state is not None
-        for run in self.tracker.resume_one(self.state.open_runs()):  # the latest may go on
+        for run in self.tracker.resume_one(self.state.open_runs(getattr(self.analyzer, "models", None))):
             report = self.tracker.final_report(run, run.end_requested or "restart")
             try:
                 seq = self._store_once(_Outgoing("report", report))
