@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import io
 import json
 import logging
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -472,6 +474,50 @@ def test_a_field_in_analysis_when_the_technician_stops_the_run_stays_out_of_the_
     time.sleep(0.5)  # a second report, the bug's, would have been sent before the stop's drain ended
     reports = [e["body"] for e in envelopes(observer, f"{BASE}/report")]
     assert [(r["run_id"], r["fields_analyzed"]) for r in reports] == [(stopped["run_id"], 1)]
+
+
+@pytest.mark.broker
+def test_a_stored_fields_frame_is_not_held_while_the_next_field_is_analysed(
+    tmp_path: Path, broker: Any, credentials_dir: Path, observer: Subscriber,
+) -> None:
+    """Once a field's message is stored its frame is let go: the outbox writer kept the last field
+    it stored, frame and all, until the next report came, so a station fed 64 MP files held a
+    192 MB frame more through every analysis."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
+              "microns_per_pixel": 0.2}
+    config = write_station(tmp_path, broker.port, source=source, analysis={"concurrent_fields": 1})
+    entered, gate = threading.Event(), threading.Event()
+    frames: list[weakref.ref[Frame]] = []
+
+    @dataclass
+    class GatedAnalyzer(PoolAnalyzer):
+        """Keeps a weak reference to each frame; the second field waits until the test lets it go."""
+
+        def analyze(self, frame: Frame, run_id: str | None = None, **kwargs: Any) -> FieldResult:
+            frames.append(weakref.ref(frame))
+            if self.calls == 1:
+                entered.set()
+                assert gate.wait(30)
+            return super().analyze(frame, run_id, **kwargs)
+    daemon = StationDaemon(load_config(config), analyzer_factory=lambda c: GatedAnalyzer(oracle_pool()))
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    try:
+        assert wait_until(lambda: any(m.payload == b"online" for m in observer.on_topic(f"{BASE}/status")), 15)
+        cv2.imwrite(str(inbox / "first.png"), render_field(70, width=320, height=240).frame.pixels)
+        assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/field" for m in ms), 15)
+        cv2.imwrite(str(inbox / "second.png"), render_field(71, width=320, height=240).frame.pixels)
+        assert entered.wait(15)  # the second field is in the analyzer, the first stored
+        assert wait_until(lambda: gc.collect() >= 0 and frames[0]() is None, 5), gc.get_referrers(frames[0]())
+        gate.set()
+        assert observer.wait_for(lambda ms: sum(m.topic == f"{BASE}/field" for m in ms) == 2, 15)
+    finally:
+        gate.set()
+        daemon.request_stop("test over")
+        runner.join(30)
+    assert not runner.is_alive()
 
 
 @pytest.mark.broker

@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 FRAME_POLICY: Mapping[str, DropPolicy] = {"camera": "keep_newest", "simulated": "keep_newest",
                                           "folder": "block", "replay": "block"}
 THREAD_NAMES = ("capture", "analysis", "report-writer")  # the order shutdown joins them: producers first
+PROBE_S = 2.0  # while the disk is full and nothing is to be stored, how often the writer tries a write
 
 
 @dataclass
@@ -75,9 +76,6 @@ class _Field:
     frame: Frame
     run_id: str | None  # the specimen run it was meant for
     scale_args: dict[str, Any]  # decided when handed to its run (Workers._scale_args)
-
-
-PROBE_S = 2.0  # while the disk is full and nothing is to be stored, how often the writer tries a write
 
 
 @dataclass(frozen=True)
@@ -389,6 +387,7 @@ class StationWorkers:
             except Exception:
                 logger.exception("storing report %s failed", item.report.report_id)
                 self.stats.add("lost")
+            del item  # a stored field's frame (192 MB at 64 MP) is not held while the next is awaited
 
     def _probe_disk(self) -> None:
         """With nothing to store: has space come back? (The acks' deletes may be the only writes.)"""
