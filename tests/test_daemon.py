@@ -412,6 +412,31 @@ def test_commands_over_mqtt(
     assert not runner.is_alive()
 
 
+def _gated_folder_station(tmp_path: Path, broker: Any, concurrent_fields: int, frames: list | None = None,
+                          ) -> tuple[StationDaemon, Path, threading.Event, threading.Event]:
+    """A watched-folder station (its inbox made under tmp_path) whose analyzer holds the second
+    field until the test sets the gate (`entered` is set once it holds it), keeping a weak
+    reference to each frame in `frames` when given: (daemon, inbox, entered, gate)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
+              "microns_per_pixel": 0.2}
+    config = write_station(tmp_path, broker.port, source=source, analysis={"concurrent_fields": concurrent_fields})
+    entered, gate = threading.Event(), threading.Event()
+
+    @dataclass
+    class GatedAnalyzer(PoolAnalyzer):
+        def analyze(self, frame: Frame, run_id: str | None = None, **kwargs: Any) -> FieldResult:
+            if frames is not None:
+                frames.append(weakref.ref(frame))
+            if self.calls == 1:
+                entered.set()
+                assert gate.wait(30)
+            return super().analyze(frame, run_id, **kwargs)
+    daemon = StationDaemon(load_config(config), analyzer_factory=lambda c: GatedAnalyzer(oracle_pool()))
+    return daemon, inbox, entered, gate
+
+
 @pytest.mark.broker
 def test_a_field_in_analysis_when_the_technician_stops_the_run_stays_out_of_the_next_run(
     tmp_path: Path, broker: Any, credentials_dir: Path, observer: Subscriber,
@@ -420,24 +445,8 @@ def test_a_field_in_analysis_when_the_technician_stops_the_run_stays_out_of_the_
     is of the stopped slide. It
     stands alone (its field message without a run, counted in fields_outside_runs) and starts no run
     of its own, so the next slide's run and report never count a field of the previous patient."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
-              "microns_per_pixel": 0.2}
     # two fields at once (the example config's): the analysis thread serves commands while one is analysed
-    config = write_station(tmp_path, broker.port, source=source, analysis={"concurrent_fields": 2})
-    entered, gate = threading.Event(), threading.Event()
-
-    @dataclass
-    class GatedAnalyzer(PoolAnalyzer):
-        """The second field waits in the analyzer until the test lets it go."""
-
-        def analyze(self, frame: Frame, run_id: str | None = None, **kwargs: Any) -> FieldResult:
-            if self.calls == 1:
-                entered.set()
-                assert gate.wait(30)
-            return super().analyze(frame, run_id, **kwargs)
-    daemon = StationDaemon(load_config(config), analyzer_factory=lambda c: GatedAnalyzer(oracle_pool()))
+    daemon, inbox, entered, gate = _gated_folder_station(tmp_path, broker, concurrent_fields=2)
     runner = threading.Thread(target=daemon.run, daemon=True)
     runner.start()
 
@@ -483,25 +492,8 @@ def test_a_stored_fields_frame_is_not_held_while_the_next_field_is_analysed(
     """Once a field's message is stored its frame is let go: the outbox writer kept the last field
     it stored, frame and all, until the next report came, so a station fed 64 MP files held a
     192 MB frame more through every analysis."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
-              "microns_per_pixel": 0.2}
-    config = write_station(tmp_path, broker.port, source=source, analysis={"concurrent_fields": 1})
-    entered, gate = threading.Event(), threading.Event()
     frames: list[weakref.ref[Frame]] = []
-
-    @dataclass
-    class GatedAnalyzer(PoolAnalyzer):
-        """Keeps a weak reference to each frame; the second field waits until the test lets it go."""
-
-        def analyze(self, frame: Frame, run_id: str | None = None, **kwargs: Any) -> FieldResult:
-            frames.append(weakref.ref(frame))
-            if self.calls == 1:
-                entered.set()
-                assert gate.wait(30)
-            return super().analyze(frame, run_id, **kwargs)
-    daemon = StationDaemon(load_config(config), analyzer_factory=lambda c: GatedAnalyzer(oracle_pool()))
+    daemon, inbox, entered, gate = _gated_folder_station(tmp_path, broker, concurrent_fields=1, frames=frames)
     runner = threading.Thread(target=daemon.run, daemon=True)
     runner.start()
     try:
