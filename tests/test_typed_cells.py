@@ -833,3 +833,52 @@ def test_a_batch_whose_transaction_sqlite_rolled_back_stores_nothing_and_says_so
     store.close()
     rows = sqlite3.connect(tmp_path / "typed.sqlite3").execute("SELECT cell FROM typed_white_cells").fetchall()
     assert rows == [(0,)]
+
+
+def test_closing_the_feed_while_a_type_cells_command_is_under_way_does_not_deadlock(typed_station, tmp_path: Path) -> None:
+    """The station's stop closes the clinic feed (the typed-cells file) after the publisher's
+    join, which gives up after its bound: a type_cells command still writing its batch then meets
+    the close. The batch holds the file's lock and asks which runs are live (the feed's lock);
+    the close held the feed's lock while it waited for the file's: both threads hung, and the stop
+    with them, until the unit's SIGKILL. The close now lets the batch end, then closes the file.
+    The interleaving is made, not waited for: the batch's first gallery look goes on once the
+    close is waiting for the file."""
+    import threading
+
+    tmp, _, feed, _, _, typed, _, _, _ = typed_station
+    shutil.copytree(tmp / "state", tmp_path / "state")
+    restarted = ClinicFeed(parse_config(tomllib.loads(_config_text(tmp_path, 'white_cells = "all"')), environ={}))
+    restarted.gallery.set_wbc_typing(feed.gallery.typing)
+    classes = feed.gallery.typing.classes
+    cells = [{"field_id": c["field_id"], "cell": c["cell"], "type": next(t for t in classes if t != c["type"])}
+             for c in typed[:3]]
+    store = restarted._open_store()
+    in_batch, closing, found = threading.Event(), threading.Event(), []
+    real_close, real_typeable = store.close, restarted.gallery.typeable
+
+    def close_seen() -> None:
+        closing.set()
+        real_close()
+
+    def typeable_once_closing(run_id, field_id, cell):
+        in_batch.set()
+        assert closing.wait(60), "the close never reached the typed-cells file"
+        found.append(real_typeable(run_id, field_id, cell))
+        return found[-1]
+
+    store.close, restarted.gallery.typeable = close_seen, typeable_once_closing
+    answers: list[dict] = []
+    command = threading.Thread(target=lambda: answers.append(restarted.type_cells({"run_id": "run-1", "cells": cells})),
+                               daemon=True)
+    closer = threading.Thread(target=restarted.close, daemon=True)
+    command.start()
+    assert in_batch.wait(60)  # the command holds the file for its batch: now the stop's close comes
+    closer.start()
+    command.join(60)
+    closer.join(60)
+    assert not command.is_alive() and not closer.is_alive(), "type_cells and the close hung on each other"
+    assert found and all(f is not None for f in found)  # stored with their features (put: the live runs asked)
+    assert answers[0]["stored"] == 3, answers
+    on_disk = {(f, c): t for f, c, t in sqlite3.connect(tmp_path / "state" / "typed_cells.sqlite3").execute(
+        "SELECT field_id, cell, type FROM typed_white_cells WHERE run_id='run-1'")}
+    assert all(on_disk[(c["field_id"], c["cell"])] == c["type"] for c in cells)

@@ -182,10 +182,10 @@ class ClinicFeed:
     def close(self) -> None:
         if self.gallery is not None:
             self.gallery.close()
-        with self._lock:
-            if self._store is not None:
-                self._store.close()
-                self._store = None
+        with self._lock:  # closed outside the feed's lock: a type_cells batch holding the file asks for it
+            store, self._store = self._store, None
+        if store is not None:
+            store.close()  # once a batch under way has ended
 
     # ------------------------------------------------------------------ FHIR
 
