@@ -625,3 +625,40 @@ def test_an_outbox_of_a_newer_schema_is_refused_as_a_newer_versions_and_left_as_
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
         assert conn.execute("SELECT message_id FROM outbox").fetchall() == [("m",)]
     conn.close()
+
+
+def test_fields_stored_on_a_1970_clock_are_not_expired_when_a_full_disk_keeps_their_ages_from_following_the_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The station's usual state after a long outage: booted in 1970, offline, the disk filled with
+    the fields it stored. Network time then steps the clock forward 56 years; moving the stored
+    fields' stamps by the step is a write the full disk refuses, while the expiry's delete makes
+    room for itself (the WAL's and the reserve's): it dropped every field of this start as 56 years
+    old, minutes after they were analysed. Until their ages follow the step, they are not expired
+    (said once, not at every check); once there is room, they follow it and expire by their age.
+    A real tmpfs filled to the last block."""
+    from smallfs import fill, small_tmpfs
+
+    hour = 3600
+    clocks = _Clocks(wall=86_400.0)  # 1970-01-02
+    with small_tmpfs(tmp_path / "small", 8192) as small, Outbox(small / "o.db", clock=clocks.steps()) as outbox:
+        stored = [put(outbox, "field", i, size=4000) for i in range(60)]
+        filler = fill(small)
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            for i in range(60, 400):
+                stored.append(put(outbox, "field", i, size=4000))
+        clocks.run(60)
+        clocks.wall = RELEASED + 30 * 86_400  # network time arrives
+        clocks.run(1)
+        with caplog.at_level(logging.WARNING):
+            assert outbox.expire_fields(clocks.wall - hour) == 0
+            clocks.run(10)
+            assert outbox.expire_fields(clocks.wall - hour) == 0
+        assert [m.seq for m in outbox.pending(limit=1000)] == stored
+        said = [r.getMessage() for r in caplog.records if "stepped" in r.getMessage()]
+        assert len(said) == 1 and "not expired" in said[0], said
+        filler.unlink()  # room again: the ages follow the step, and the fields expire an hour after they were stored
+        clocks.run(hour - 200)
+        assert outbox.expire_fields(clocks.wall - hour) == 0
+        clocks.run(200)
+        assert outbox.expire_fields(clocks.wall - hour) == len(stored)

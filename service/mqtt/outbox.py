@@ -48,7 +48,7 @@ from smearscope.service.mqtt.outbox_schema import SCHEMA_VERSION as _SCHEMA_VERS
 from smearscope.service.mqtt.outbox_schema import apply_schema
 from smearscope.service.mqtt.reserve import DiskReserve, is_disk_full, shrink_wal
 from smearscope.service.mqtt.vacuum import STEPS_PER_CALL, SpaceReclaimer
-from smearscope.service.mqtt.wall_clock import RELEASED, WallSteps
+from smearscope.service.mqtt.wall_clock import RELEASED, StampsFollowing, WallSteps
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ class Outbox:
         self._count, self._bytes, self._reports = self._measure()
         #: A wall clock's step moves the stamps of the rows stored since this start: their ages stay true
         self._clock = clock or WallSteps()
+        self._stamps = StampsFollowing(self._clock)
         self._opened_seq = int(self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox").fetchone()[0])
         self._reserve = DiskReserve(self.path.with_name(self.path.name + ".reserve"))
         self._reclaimer = SpaceReclaimer(self.path)
@@ -388,28 +389,23 @@ class Outbox:
             return 0
         return self._delete(f"seq IN ({','.join('?' * len(wanted))})", wanted)
 
-    def _follow_clock(self) -> None:
-        """Move the stamps of the messages stored since this start by the wall clock's step, if it
-        stepped (caller holds self._lock); a write that fails is tried again at the next call."""
-        if step := self._clock.step():
-            try:
-                moved = self._transaction(lambda: self._conn.execute(
-                    "UPDATE outbox SET created_at = created_at + ? WHERE seq > ?", (step, self._opened_seq)).rowcount)
-            except sqlite3.Error as exc:
-                return logger.warning("outbox: the wall clock stepped by %+.0f s; the ages of the messages stored "
-                                      "since this start could not follow it yet (%s)", step, exc)
-            self._clock.applied()
-            logger.warning("outbox: the wall clock stepped by %+.0f s; the ages of the %d messages stored since "
-                           "this start follow it", step, moved)
+    def _follow_clock(self) -> bool:
+        """The stamps of the messages stored since this start moved by the wall clock's step (caller
+        holds self._lock); False while a step is not followed yet (service.mqtt.wall_clock)."""
+        return self._stamps.follow(lambda step: self._transaction(lambda: self._conn.execute(
+            "UPDATE outbox SET created_at = created_at + ? WHERE seq > ?", (step, self._opened_seq)).rowcount))
 
     def expire_fields(self, created_before: float) -> int:
         """Delete field (and cells) messages created before `created_before` (Unix time); reports
         never expire. On a full disk (the reserve spent) they stay until there is room: said once."""
         with self._lock:
-            self._follow_clock()
-        try:  # stamped before this release by an earlier start: a wrong clock's, its age not known
-            deleted = self._delete("kind != 'report' AND created_at < ? AND (created_at >= ? OR seq > ?)",
-                                   [created_before, RELEASED, self._opened_seq])
+            followed = self._follow_clock()
+        # stamped before this release by an earlier start: a wrong clock's, its age not known; stored
+        # since this start while a step of the clock is not followed yet: neither
+        since_start = " OR seq > ?" if followed else ""
+        try:
+            deleted = self._delete(f"kind != 'report' AND created_at < ? AND (created_at >= ? AND seq <= ?{since_start})",
+                                   [created_before, RELEASED, self._opened_seq] + [self._opened_seq] * followed)
         except sqlite3.Error as exc:
             if not is_disk_full(exc):
                 raise

@@ -11,9 +11,13 @@ from a wall-clock stamp (the outbox's field-message expiry) follow the step."""
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+
+logger = logging.getLogger(__name__)
 
 #: This release's date: a station's wall clock that reads earlier is wrong (no clock battery, no
 #: network time yet).
@@ -62,3 +66,32 @@ class WallSteps:
     def applied(self) -> None:
         """The step `step` returned was taken into account."""
         self._pending = 0.0
+
+
+class StampsFollowing:
+    """Stored stamps (the outbox's messages of this start) moved by each step of the wall clock,
+    so that ages counted from them stay true."""
+
+    def __init__(self, steps: WallSteps) -> None:
+        self._steps = steps
+        self._unfollowed = False
+
+    def follow(self, move: Callable[[float], int]) -> bool:
+        """Move the stamps by the step not yet followed (`move(step)`: how many it moved). A write
+        that fails (a full disk) is tried again at the next call; False until then: those stamps
+        are not their ages, and nothing may expire by them."""
+        if step := self._steps.step():
+            try:
+                moved = move(step)
+            except sqlite3.Error as exc:
+                if not self._unfollowed:  # once, not at every expiry check while the disk is full
+                    logger.warning("outbox: the wall clock stepped by %+.0f s; the ages of the messages stored since "
+                                   "this start could not follow it yet (%s): they are not expired until they do",
+                                   step, exc)
+                self._unfollowed = True
+                return False
+            self._steps.applied()
+            self._unfollowed = False
+            logger.warning("outbox: the wall clock stepped by %+.0f s; the ages of the %d messages stored since "
+                           "this start follow it", step, moved)
+        return True
