@@ -84,3 +84,13 @@ def place(directory: Path, real: str) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+def sync_folder(directory: str | os.PathLike[str]) -> None:
+    """fsync `directory` itself, so that a rename or a new name in it survives a power cut (the
+    file's own fsync keeps its bytes, not the entry that names it)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

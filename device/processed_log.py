@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from smearscope.device.ingest.errors import escaped_char
-from smearscope.device.own_files import open_own
+from smearscope.device.own_files import open_own, sync_folder
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ class ProcessedLog:
             fh.flush()
             os.fsync(fh.fileno())  # a power cut after the rename finds the whole log, not an empty one
         os.replace(tmp, self.path)
+        sync_folder(self.path.parent)  # the rename too: else a power cut may bring back the old log, less the lines since
 
     def _tail(self, fh: BinaryIO) -> bytes:
         """The file's bytes, or only its last lines when it is larger than its entries can make (not

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -456,3 +458,27 @@ def test_a_log_with_bare_attempts_that_cannot_be_rewritten_is_read_as_it_is(
     frame = src.scan_once()
     assert frame is not None and _name(frame) == "b.png"
     assert (inbox / "rejected" / "heavy.png.reason.txt").read_text().startswith("analysis_interrupted")
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_compacted_log_is_synced_with_the_rename_that_puts_it_in_place(tmp_path: Path) -> None:
+    """The log is compacted through a file renamed over it; the new file's bytes were synced, the
+    rename not: a power cut could bring the old log back without the lines written after it. Seen
+    with strace in a real process: an fsync of the folder after the rename."""
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    log = folder / ".smearscope-processed"
+    log.write_text("".join(f"{i:016x}\tdone\tf{i}.png\n" for i in range(30)))  # over max_entries 10
+    child = textwrap.dedent("""
+        import os, sys
+        from pathlib import Path
+        from smearscope.device.processed_log import ProcessedLog
+        ProcessedLog(Path(sys.argv[1]), 10)
+    """)
+    trace = tmp_path / "trace"
+    subprocess.run(["strace", "-f", "-qq", "-y", "-e", "trace=rename,renameat,renameat2,fsync", "-o", str(trace),
+                    sys.executable, "-c", child, str(log)], check=True, timeout=120)
+    lines = trace.read_text().splitlines()
+    renamed = next(i for i, line in enumerate(lines) if "rename" in line and ".smearscope-processed.tmp" in line)
+    assert any(re.search(rf"fsync\(\d+<{re.escape(str(folder))}>\)", line) for line in lines[renamed:]), lines
+    assert len(log.read_text().splitlines()) == 10
