@@ -1009,3 +1009,44 @@ def test_analyze_file_reads_only_the_configured_folders(tmp_path: Path) -> None:
     assert str(allowed) in answers[outside / "c.png"]["message"]
     with pytest.raises(ValidationError, match="not absolute: in"):
         StationConfig.model_validate({**doc, "commands": {"analyze_file_folders": ["in"]}})
+
+
+@pytest.mark.parametrize("swapped", ["folder", "file"])
+def test_analyze_file_does_not_follow_a_link_swapped_in_after_the_folder_check(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swapped: str) -> None:
+    """Someone who writes in an allowed folder swaps a path component (the file's folder, or the
+    file) for a link out of it just after analyze_file resolved and checked the path: the file
+    opened is judged, not the path checked, so the answer is path_not_allowed and the image
+    outside (a real rendered field, which would be analysed) is not."""
+    allowed, outside = tmp_path / "incoming", tmp_path / "elsewhere"
+    (allowed / "slide").mkdir(parents=True)
+    outside.mkdir()
+    for seed, path in enumerate((allowed / "slide" / "a.png", outside / "a.png"), start=3):
+        path.write_bytes(cv2.imencode(".png", render_field(seed, width=320, height=240).frame.pixels)[1].tobytes())
+    asked = allowed / "slide" / "a.png"
+    doc = station_document(tmp_path, free_port(), credentials=False, commands={"analyze_file_folders": [str(allowed)]})
+    config = tmp_path / "station.toml"
+    config.write_text(to_toml(doc))
+    daemon = daemon_of(config)
+    resolve, swaps = os.path.realpath, []
+
+    def resolve_then_swap(path: Any, *args: Any, **kwargs: Any) -> Any:
+        real = resolve(path, *args, **kwargs)
+        if os.fspath(path) == str(asked) and not swaps:  # the check has its answer; now the swap
+            moved, target = (asked.parent, outside) if swapped == "folder" else (asked, outside / "a.png")
+            moved.rename(moved.with_name(moved.name + ".old"))
+            moved.symlink_to(target)
+            swaps.append(moved)
+        return real
+
+    with running(daemon) as runner:
+        assert wait_until(lambda: daemon.publisher is not None and daemon.workers.threads, 15)
+        monkeypatch.setattr(os.path, "realpath", resolve_then_swap)
+        answer = daemon.handle_command("analyze_file", {"path": str(asked)})
+        monkeypatch.undo()
+        assert swaps and asked.resolve() == outside / "a.png"
+        again = daemon.handle_command("analyze_file", {"path": str(asked)})  # the link, checked before the read
+    assert not runner.is_alive()
+    assert answer.get("error") == "path_not_allowed", answer
+    assert str(allowed) in answer["message"] and "report_id" not in answer
+    assert again.get("error") == "path_not_allowed", again

@@ -19,8 +19,10 @@ from smearscope.service.ingest import (
     DecodedImage,
     IngestError,
     IngestLimits,
+    OutsideFolders,
     RejectReason,
     load_image,
+    read_image_file_within,
 )
 
 FILE_LEVEL = {"not_found", "not_a_file", "empty_file"}
@@ -960,6 +962,36 @@ def test_a_file_swapped_for_a_device_after_its_stat_is_not_read(
     with pytest.raises(IngestError) as err:
         load_image(path, limits=IngestLimits(max_file_bytes=100_000))
     assert swapped and err.value.code is RejectReason.NOT_A_FILE, err.value.message
+
+
+def test_a_file_read_within_folders_keeps_the_decoders_limits_and_judges_the_file_opened(
+    tmp_path: Path, field: np.ndarray
+) -> None:
+    """`read_image_file_within` (the station's analyze_file with [commands] analyze_file_folders):
+    a file in the folders reads as from its path, and the decoder's step 1 holds (a FIFO is
+    not_a_file without blocking, a file over the size limit file_too_large); a link in the folder
+    to a device outside is refused `OutsideFolders` from the opened descriptor, never read."""
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    good = folder / "a.png"
+    good.write_bytes(hostile.encode(".png", field))
+    os.mkfifo(folder / "pipe.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    folders = (str(folder),)
+    data = read_image_file_within(str(good), folders, 256 * 1024 * 1024, "a.png")
+    assert data == good.read_bytes()
+    assert np.array_equal(load_image(data).pixels, load_image(good).pixels)
+    with pytest.raises(IngestError) as err:
+        read_image_file_within(str(good), folders, len(data) - 1, "a.png")
+    assert err.value.code is RejectReason.FILE_TOO_LARGE
+    with pytest.raises(IngestError) as err:
+        read_image_file_within(str(folder / "pipe.png"), folders, 1000, "pipe.png")
+    assert err.value.code is RejectReason.NOT_A_FILE
+    with pytest.raises(OutsideFolders, match="/dev/zero"):
+        read_image_file_within(str(folder / "zero.png"), folders, 1000, "zero.png")
+    with pytest.raises(IngestError) as err:
+        read_image_file_within(str(folder / "none.png"), folders, 1000, "none.png")
+    assert err.value.code is RejectReason.NOT_FOUND
 
 
 # --- PNG pixel data: cut short or damaged inside whole chunks -----------------------------------

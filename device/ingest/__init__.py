@@ -9,5 +9,7 @@ commands and the evaluation reach it as `smearscope.service.ingest` (stage 1 of 
 
 from smearscope.device.ingest.decode import DecodedImage, ImageSource, IngestLimits, load_image
 from smearscope.device.ingest.errors import IngestError, RejectReason, shown
+from smearscope.device.ingest.files import OutsideFolders, read_image_file_within, within
 
-__all__ = ["DecodedImage", "ImageSource", "IngestError", "IngestLimits", "RejectReason", "load_image", "shown"]
+__all__ = ["DecodedImage", "ImageSource", "IngestError", "IngestLimits", "OutsideFolders", "RejectReason",
+           "load_image", "read_image_file_within", "shown", "within"]

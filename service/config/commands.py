@@ -21,7 +21,8 @@ class CommandsConfig(StationBaseModel):
         description=(
             "Absolute folders whose files (in them or below) the analyze_file command may analyse; a path "
             "elsewhere, also one reached through a symbolic link, is refused (path_not_allowed) before the "
-            "file is touched, so its answer tells nothing of it. Empty (the default): any file the "
+            "file is touched, so its answer tells nothing of it; the file opened is judged again, so a link "
+            "swapped in after the check is refused too. Empty (the default): any file the "
             "station's user can read, for whoever may publish the station's cmd/analyze_file."
         ),
     )

@@ -9,9 +9,13 @@ from smearscope.device.ingest import (
     ImageSource,
     IngestError,
     IngestLimits,
+    OutsideFolders,
     RejectReason,
     load_image,
+    read_image_file_within,
     shown,
+    within,
 )
 
-__all__ = ["DecodedImage", "ImageSource", "IngestError", "IngestLimits", "RejectReason", "load_image", "shown"]
+__all__ = ["DecodedImage", "ImageSource", "IngestError", "IngestLimits", "OutsideFolders", "RejectReason",
+           "load_image", "read_image_file_within", "shown", "within"]

@@ -19,7 +19,15 @@ from typing import Any
 
 from smearscope.device.frame import Frame
 from smearscope.service.config.specimen import MAX_TARGET_WBC
-from smearscope.service.ingest import IngestError, load_image, shown
+from smearscope.service.ingest import (
+    IngestError,
+    IngestLimits,
+    OutsideFolders,
+    load_image,
+    read_image_file_within,
+    shown,
+    within,
+)
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.requests import RequestQueue
 from smearscope.service.station.specimen import RunAlreadyOpen, SpecimenTracker
@@ -135,17 +143,26 @@ class StationCommands:
             return {"ok": False, "error": "bad_arguments", "message": "the path holds a lone UTF-16 surrogate "
                     "that is no file name's byte"}
         name = Path(path).name
+        refused = {"ok": False, "error": "path_not_allowed", "message": "analyze_file reads only files in "
+                   f"[commands] analyze_file_folders ({', '.join(self._file_folders)})"}
         if self._file_folders:
             # where the path leads, links followed: a link in an allowed folder reaches nothing outside
             real = os.path.realpath(path)
-            if not any(os.path.commonpath((real, folder)) == folder != real for folder in self._file_folders):
+            if not within(real, self._file_folders):
                 logger.warning("analyze_file refused: %s is outside [commands] analyze_file_folders", shown(path))
-                return {"ok": False, "error": "path_not_allowed", "message": "analyze_file reads only files in "
-                        f"[commands] analyze_file_folders ({', '.join(self._file_folders)})"}
-            path = real  # the resolved path is read: a link in the folder changed since is not followed again
+                return refused
+            path = real  # the resolved path is opened, and judged again on the file opened
         workers = self._workers
         try:
-            image = load_image(path)
+            if self._file_folders:  # a link swapped in since the check leads the read nowhere
+                image = load_image(read_image_file_within(path, self._file_folders, IngestLimits().max_file_bytes,
+                                                          shown(path)), source_name=shown(path))
+            else:
+                image = load_image(path)
+        except OutsideFolders as exc:
+            logger.warning("analyze_file refused: %s led to %s, outside [commands] analyze_file_folders (a link "
+                           "changed after the path was checked)", shown(path), shown(str(exc)))
+            return refused
         except IngestError as exc:
             reason = getattr(exc.code, "value", str(exc.code))
             workers.reject(f"file:{shown(path)}", "failed", reason)
