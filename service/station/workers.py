@@ -10,7 +10,8 @@ Queues and what each does when full (named policies, see service.station.work_qu
             until its field message is stored, `FrameSource.done`)
   reports   block (reports are never dropped; the outbox behind it is durable)
 
-A report is stored compact, with its cells in separate messages (service.station.messages), in one
+The outbox writer is service.station.report_writer (`ReportWriter`, a part of `StationWorkers`). A
+report is stored compact, with its cells in separate messages (service.station.messages), in one
 outbox transaction with the state it changes (service.station.durable): the input it came from, its
 specimen run's cells. A full disk pauses the analysis (back-pressure: nothing is analysed that could
 not be stored; status, STATUS= and telemetry say `disk_full`) until a write succeeds again; the
@@ -28,29 +29,25 @@ import dataclasses
 import functools
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from smearscope.device.frame import Frame
 from smearscope.device.quality import QualityGate
 from smearscope.device.sources import FrameSource
 from smearscope.service.analysis.pipeline import FieldResult
-from smearscope.service.analysis.records import ClassifiedCell
-from smearscope.service.analysis.report import SCHEMA_VERSION, Report
 from smearscope.service.ingest import IngestError
-from smearscope.service.mqtt.outbox import MessageKind, StateWriter, is_disk_full
 from smearscope.service.mqtt.publisher import MqttPublisher
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.daemon_summary import Stats, StoredReport
 from smearscope.service.station.durable import RunMeta, StationState, same_file
 from smearscope.service.station.field_pool import FieldPool
-from smearscope.service.station.messages import report_messages
 from smearscope.service.station.notify import ProgressWatchdog
+from smearscope.service.station.report_writer import Outgoing, ReportWriter
 from smearscope.service.station.requests import RequestQueue
 from smearscope.service.station.specimen import ClosedRun, SpecimenTracker
 from smearscope.service.station.startup import AnalyzerLike
@@ -62,7 +59,6 @@ logger = logging.getLogger(__name__)
 FRAME_POLICY: Mapping[str, DropPolicy] = {"camera": "keep_newest", "simulated": "keep_newest",
                                           "folder": "block", "replay": "block"}
 THREAD_NAMES = ("capture", "analysis", "report-writer")  # the order shutdown joins them: producers first
-PROBE_S = 2.0  # while the disk is full and nothing is to be stored, how often the writer tries a write
 
 
 @dataclass
@@ -78,16 +74,7 @@ class _Field:
     scale_args: dict[str, Any]  # decided when handed to its run (Workers._scale_args)
 
 
-@dataclass(frozen=True)
-class _Outgoing:
-    kind: Literal["field", "report"]
-    report: Report
-    frame: Frame | None = None  # the field's frame (its source is told when it is stored)
-    cells: tuple[ClassifiedCell, ...] = ()
-    run: RunMeta | None = None  # the run the field joined
-
-
-class StationWorkers:
+class StationWorkers(ReportWriter):
     """capture -> analysis -> outbox writer, with their queues, counters and ledger."""
 
     def __init__(self, *, source_kind: str, gate: QualityGate, tracker: SpecimenTracker,
@@ -108,7 +95,7 @@ class StationWorkers:
         #: Why a worker failed; any entry makes the daemon exit non-zero.
         self.failures: list[str] = []
         self.frames: BoundedQueue[_Work] = BoundedQueue("frames", 2, FRAME_POLICY.get(source_kind, "block"))
-        self._reports: BoundedQueue[_Outgoing] = BoundedQueue("reports", 64, "block")
+        self._reports: BoundedQueue[Outgoing] = BoundedQueue("reports", 64, "block")
         self.threads: dict[str, threading.Thread] = {}
         self.source: FrameSource | None = None
         self.analyzer: AnalyzerLike | None = None
@@ -341,7 +328,7 @@ class StationWorkers:
                           open_run.target_wbc)
         if self.clinic is not None:  # its crops first: a crash once the field is stored must not lose them
             self.clinic.field_added(frame.pixels, result, self.tracker, self.publisher)
-        self._emit(_Outgoing("field", result.report, frame, result.cells, run))
+        self._emit(Outgoing("field", result.report, frame, result.cells, run))
         if closed is not None:
             self.emit_closed(closed)
         self.stats.add("analysed")
@@ -352,13 +339,7 @@ class StationWorkers:
         return {"ok": True, "frame_id": frame.frame_id, "report_id": r.report_id,
                 "run_id": r.run_id, "counts": r.counts.model_dump()}
 
-    def _done(self, frame: Frame, refused: str | None = None) -> None:
-        if refused is not None and frame.input_key is not None and self.state is not None:
-            self.state.released(frame.input_key)  # never stored: a copy of it is not one
-        if self.source is not None:
-            self.source.done(frame, refused)
-
-    def _emit(self, item: _Outgoing) -> None:
+    def _emit(self, item: Outgoing) -> None:
         if not self._reports.put(item, self.threads["report-writer"].is_alive):
             self.stats.add("lost")
             logger.error("%s report %s LOST: the outbox writer is gone", item.kind, item.report.report_id)
@@ -366,134 +347,6 @@ class StationWorkers:
     def emit_closed(self, closed: ClosedRun, live: bool = True) -> None:
         """Send the final report of a run that ended (none when it had no field)."""
         if closed.report is not None:
-            self._emit(_Outgoing("report", closed.report))
+            self._emit(Outgoing("report", closed.report))
         if self.clinic is not None:
             self.clinic.run_closed(closed, self.publisher, live)
-
-    # ------------------------------------------------------------------ outbox writer
-
-    def _report_loop(self) -> None:
-        """Reports -> durable outbox (the publisher sends them). Never drops one."""
-        while True:
-            try:
-                item = self._reports.get(timeout=PROBE_S)
-            except queue.Empty:
-                self._probe_disk()
-                continue
-            if item is SENTINEL:
-                return
-            try:
-                self._store(item)
-            except Exception:
-                logger.exception("storing report %s failed", item.report.report_id)
-                self.stats.add("lost")
-            del item  # a stored field's frame (192 MB at 64 MP) is not held while the next is awaited
-
-    def _probe_disk(self) -> None:
-        """With nothing to store: has space come back? (The acks' deletes may be the only writes.)"""
-        if self.publisher is None or not self.publisher.outbox.disk_full:
-            return
-        try:
-            self.publisher.outbox.probe()
-        except (sqlite3.Error, OSError):
-            return
-        logger.warning("outbox writable again: analysis resumes")
-
-    def _store(self, item: _Outgoing) -> None:
-        """Store with retries; a full disk pauses the analysis meanwhile (not a stall: STATUS=
-        says why, and a restart by the watchdog would not free any space)."""
-        assert self.publisher is not None
-        attempt = 0
-        while True:
-            self.watchdog.work_started("publish")
-            try:
-                seq = self._store_once(item)
-                break
-            except (sqlite3.Error, OSError) as exc:
-                attempt += 1
-                full = is_disk_full(exc)
-                self._store_failing = full
-                if self._stop.is_set() and attempt >= 3:
-                    self.watchdog.work_finished("publish")
-                    self._give_up(item, exc, attempt)
-                    return
-                if attempt & (attempt - 1) == 0:
-                    logger.error("outbox write of %s report %s failed (attempt %d): %s; %s",
-                                 item.kind, item.report.report_id, attempt, exc,
-                                 "analysis paused until it succeeds" if full else "retrying")
-                if full:
-                    self.watchdog.work_finished("publish")
-                self._stop.wait(min(10.0, 0.2 * 2 ** min(attempt, 6)))
-        self.watchdog.work_finished("publish")
-        if self._store_failing or attempt:
-            logger.warning("outbox write succeeded after %d failed attempts: analysis resumes",
-                           attempt)
-        self._store_failing = False
-        report = item.report
-        if item.frame is not None:
-            self._done(item.frame)
-        topic = self.publisher.report_topic if item.kind == "report" else self.publisher.field_topic
-        field_id = report.source.frame_id if report.source is not None else None
-        self.ledger.append(StoredReport(item.kind, topic, report.report_id, seq, report.run_id,
-                                        field_id, report.fields_analyzed,
-                                        report.counts.model_dump()))
-        self.stats.add("stored")
-        logger.info("stored %s message report_id=%s seq=%d run=%s field=%s", item.kind,
-                    report.report_id, seq, report.run_id, field_id)
-
-    def _store_once(self, item: _Outgoing) -> int:
-        """One transaction: the compact report, its cells messages and the state they change."""
-        assert self.publisher is not None and self.state is not None
-        report, config = item.report, self.publisher.config
-        messages = report_messages(report, self.publisher.cells_topic, config.max_packet_size,
-                                   config.publish_cells)
-        items: list[tuple[MessageKind, str, bytes, str]] = [
-            (item.kind, report.report_id, messages.report, SCHEMA_VERSION)]
-        items += [("cells", report.report_id, body, SCHEMA_VERSION) for body in messages.cells]
-        also: StateWriter
-        if item.kind == "report":
-            also = self.state.run_closed(report)
-        else:
-            field_id = report.source.frame_id if report.source is not None else report.report_id
-            also = self.state.field_stored(
-                report_id=report.report_id,
-                input_key=item.frame.input_key if item.frame is not None else None, run=item.run,
-                field_id=field_id, cells=item.cells, records=report.cells, models=report.models, flags=report.flags)
-        extra = []  # a specimen report's FHIR Bundle goes in the same transaction
-        if item.kind == "report" and self.clinic is not None and self.clinic.fhir_topic is not None:
-            extra.append(self.clinic.fhir_message(report, self.publisher))
-        return self.publisher.publish_many(items, also, extra)[0]
-
-    def _give_up(self, item: _Outgoing, exc: BaseException, attempts: int) -> None:
-        """Stopping, and the outbox still refuses: what the next start recovers, or a loss."""
-        report = item.report
-        if item.kind == "report" and report.run_id:
-            self.stats.add("deferred")
-            logger.error("specimen report %s not stored at stop (%s); run %s stays in the outbox "
-                         "database: the next start closes it, or goes on with it", report.report_id, exc,
-                         report.run_id)
-        elif item.frame is not None and item.frame.input_key is not None:
-            self.stats.add("deferred")
-            logger.error("field report %s not stored at stop (%s); %s stays in its folder and is "
-                         "analysed at the next start", report.report_id, exc, item.frame.frame_id)
-        else:
-            self.stats.add("lost")
-            logger.error("%s report %s LOST: outbox write failed %d times while stopping: %s",
-                         item.kind, report.report_id, attempts, exc)
-
-    def _close_runs_left_open(self) -> Iterator[str]:
-        """Close the runs a previous process left open (restart) but one it resumes; yields those stored."""
-        assert self.state is not None
-        for run in self.tracker.resume_one(self.state.open_runs(getattr(self.analyzer, "models", None))):
-            report = self.tracker.final_report(run, run.end_requested or "restart")
-            try:
-                seq = self._store_once(_Outgoing("report", report))
-            except (sqlite3.Error, OSError) as exc:
-                logger.error("run %s left open by the previous process: its final report could "
-                             "not be stored (%s); tried again at the next start", run.run_id, exc)
-                continue
-            self.stats.add("stored")
-            logger.info("stored report message report_id=%s seq=%d run=%s field=None (run left "
-                        "open by the previous process, closed: %s)", report.report_id, seq,
-                        run.run_id, report.end_reason)
-            yield run.run_id

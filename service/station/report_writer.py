@@ -1,0 +1,196 @@
+"""The station's outbox writer: reports -> durable outbox, one transaction each with the state
+they change, retried while the disk is full (the analysis waits meanwhile; see service.station.workers).
+
+`ReportWriter` is a part of `StationWorkers` (service.station.workers), which runs `_report_loop` on
+its "report-writer" thread and closes the runs a previous process left open at its start.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from smearscope.device.frame import Frame
+from smearscope.device.sources import FrameSource
+from smearscope.service.analysis.records import ClassifiedCell
+from smearscope.service.analysis.report import SCHEMA_VERSION, Report
+from smearscope.service.mqtt.outbox import MessageKind, StateWriter, is_disk_full
+from smearscope.service.mqtt.publisher import MqttPublisher
+from smearscope.service.station.clinic import ClinicFeed
+from smearscope.service.station.daemon_summary import Stats, StoredReport
+from smearscope.service.station.durable import RunMeta, StationState
+from smearscope.service.station.messages import report_messages
+from smearscope.service.station.notify import ProgressWatchdog
+from smearscope.service.station.specimen import SpecimenTracker
+from smearscope.service.station.startup import AnalyzerLike
+from smearscope.service.station.work_queue import SENTINEL, BoundedQueue
+
+#: The station workers' logger: what the writer says is said, and filtered, as it was before it had
+#: a module of its own.
+logger = logging.getLogger("smearscope.service.station.workers")
+
+PROBE_S = 2.0  # while the disk is full and nothing is to be stored, how often the writer tries a write
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    kind: Literal["field", "report"]
+    report: Report
+    frame: Frame | None = None  # the field's frame (its source is told when it is stored)
+    cells: tuple[ClassifiedCell, ...] = ()
+    run: RunMeta | None = None  # the run the field joined
+
+
+class ReportWriter:
+    """The outbox writer of `StationWorkers`: stores what the analysis emits, never drops it."""
+
+    publisher: MqttPublisher | None
+    state: StationState | None
+    source: FrameSource | None
+    analyzer: AnalyzerLike | None
+    clinic: ClinicFeed | None
+    tracker: SpecimenTracker
+    watchdog: ProgressWatchdog
+    stats: Stats
+    ledger: deque[StoredReport]
+    _reports: BoundedQueue[Outgoing]
+    _stop: threading.Event
+    _store_failing: bool
+
+    def _report_loop(self) -> None:
+        """Reports -> durable outbox (the publisher sends them). Never drops one."""
+        while True:
+            try:
+                item = self._reports.get(timeout=PROBE_S)
+            except queue.Empty:
+                self._probe_disk()
+                continue
+            if item is SENTINEL:
+                return
+            try:
+                self._store(item)
+            except Exception:
+                logger.exception("storing report %s failed", item.report.report_id)
+                self.stats.add("lost")
+            del item  # a stored field's frame (192 MB at 64 MP) is not held while the next is awaited
+
+    def _probe_disk(self) -> None:
+        """With nothing to store: has space come back? (The acks' deletes may be the only writes.)"""
+        if self.publisher is None or not self.publisher.outbox.disk_full:
+            return
+        try:
+            self.publisher.outbox.probe()
+        except (sqlite3.Error, OSError):
+            return
+        logger.warning("outbox writable again: analysis resumes")
+
+    def _store(self, item: Outgoing) -> None:
+        """Store with retries; a full disk pauses the analysis meanwhile (not a stall: STATUS=
+        says why, and a restart by the watchdog would not free any space)."""
+        assert self.publisher is not None
+        attempt = 0
+        while True:
+            self.watchdog.work_started("publish")
+            try:
+                seq = self._store_once(item)
+                break
+            except (sqlite3.Error, OSError) as exc:
+                attempt += 1
+                full = is_disk_full(exc)
+                self._store_failing = full
+                if self._stop.is_set() and attempt >= 3:
+                    self.watchdog.work_finished("publish")
+                    self._give_up(item, exc, attempt)
+                    return
+                if attempt & (attempt - 1) == 0:
+                    logger.error("outbox write of %s report %s failed (attempt %d): %s; %s",
+                                 item.kind, item.report.report_id, attempt, exc,
+                                 "analysis paused until it succeeds" if full else "retrying")
+                if full:
+                    self.watchdog.work_finished("publish")
+                self._stop.wait(min(10.0, 0.2 * 2 ** min(attempt, 6)))
+        self.watchdog.work_finished("publish")
+        if self._store_failing or attempt:
+            logger.warning("outbox write succeeded after %d failed attempts: analysis resumes",
+                           attempt)
+        self._store_failing = False
+        report = item.report
+        if item.frame is not None:
+            self._done(item.frame)
+        topic = self.publisher.report_topic if item.kind == "report" else self.publisher.field_topic
+        field_id = report.source.frame_id if report.source is not None else None
+        self.ledger.append(StoredReport(item.kind, topic, report.report_id, seq, report.run_id,
+                                        field_id, report.fields_analyzed,
+                                        report.counts.model_dump()))
+        self.stats.add("stored")
+        logger.info("stored %s message report_id=%s seq=%d run=%s field=%s", item.kind,
+                    report.report_id, seq, report.run_id, field_id)
+
+    def _store_once(self, item: Outgoing) -> int:
+        """One transaction: the compact report, its cells messages and the state they change."""
+        assert self.publisher is not None and self.state is not None
+        report, config = item.report, self.publisher.config
+        messages = report_messages(report, self.publisher.cells_topic, config.max_packet_size,
+                                   config.publish_cells)
+        items: list[tuple[MessageKind, str, bytes, str]] = [
+            (item.kind, report.report_id, messages.report, SCHEMA_VERSION)]
+        items += [("cells", report.report_id, body, SCHEMA_VERSION) for body in messages.cells]
+        also: StateWriter
+        if item.kind == "report":
+            also = self.state.run_closed(report)
+        else:
+            field_id = report.source.frame_id if report.source is not None else report.report_id
+            also = self.state.field_stored(
+                report_id=report.report_id,
+                input_key=item.frame.input_key if item.frame is not None else None, run=item.run,
+                field_id=field_id, cells=item.cells, records=report.cells, models=report.models, flags=report.flags)
+        extra = []  # a specimen report's FHIR Bundle goes in the same transaction
+        if item.kind == "report" and self.clinic is not None and self.clinic.fhir_topic is not None:
+            extra.append(self.clinic.fhir_message(report, self.publisher))
+        return self.publisher.publish_many(items, also, extra)[0]
+
+    def _give_up(self, item: Outgoing, exc: BaseException, attempts: int) -> None:
+        """Stopping, and the outbox still refuses: what the next start recovers, or a loss."""
+        report = item.report
+        if item.kind == "report" and report.run_id:
+            self.stats.add("deferred")
+            logger.error("specimen report %s not stored at stop (%s); run %s stays in the outbox "
+                         "database: the next start closes it, or goes on with it", report.report_id, exc,
+                         report.run_id)
+        elif item.frame is not None and item.frame.input_key is not None:
+            self.stats.add("deferred")
+            logger.error("field report %s not stored at stop (%s); %s stays in its folder and is "
+                         "analysed at the next start", report.report_id, exc, item.frame.frame_id)
+        else:
+            self.stats.add("lost")
+            logger.error("%s report %s LOST: outbox write failed %d times while stopping: %s",
+                         item.kind, report.report_id, attempts, exc)
+
+    def _close_runs_left_open(self) -> Iterator[str]:
+        """Close the runs a previous process left open (restart) but one it resumes; yields those stored."""
+        assert self.state is not None
+        for run in self.tracker.resume_one(self.state.open_runs(getattr(self.analyzer, "models", None))):
+            report = self.tracker.final_report(run, run.end_requested or "restart")
+            try:
+                seq = self._store_once(Outgoing("report", report))
+            except (sqlite3.Error, OSError) as exc:
+                logger.error("run %s left open by the previous process: its final report could "
+                             "not be stored (%s); tried again at the next start", run.run_id, exc)
+                continue
+            self.stats.add("stored")
+            logger.info("stored report message report_id=%s seq=%d run=%s field=None (run left "
+                        "open by the previous process, closed: %s)", report.report_id, seq,
+                        run.run_id, report.end_reason)
+            yield run.run_id
+
+    def _done(self, frame: Frame, refused: str | None = None) -> None:
+        if refused is not None and frame.input_key is not None and self.state is not None:
+            self.state.released(frame.input_key)  # never stored: a copy of it is not one
+        if self.source is not None:
+            self.source.done(frame, refused)
