@@ -1,0 +1,160 @@
+"""What the MQTT publisher does when paho reports on the connection: a CONNACK accepted or refused,
+a connection that could not be made, one lost. A part of `MqttPublisher` (service.mqtt.publisher),
+which hands these methods to its paho client; they run on paho's network thread.
+
+An accepted CONNACK sets the in-flight window and packet limit the broker allows, hands paho's
+unacknowledged messages back to the outbox (re-sent in order by the drain loop), publishes the
+retained "online" and subscribes to the commands. A refusal is logged with its reason code (once while
+it repeats) and kept in the publisher's state; a refused MQTT 5 falls back to 3.1.1 when the protocol
+is "auto".
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from dataclasses import replace
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from smearscope.service.config.mqtt import MqttConfig
+from smearscope.service.mqtt import paho_client
+from smearscope.service.mqtt.inflight import InFlight
+from smearscope.service.mqtt.state import PublisherState
+
+#: The publisher's logger: what its connection says is said, and filtered, as it was before these
+#: callbacks had a module of their own.
+logger = logging.getLogger("smearscope.service.mqtt.publisher")
+
+_UNSUPPORTED_PROTOCOL_VERSION = 0x84
+#: QoS>0 slots kept free of outbox traffic for the status message and command responses.
+_RESERVED_SLOTS = 4
+#: A connection the broker closes within this long counts toward the duplicate-client-id hint.
+_SHORT_LIVED_S = 5.0
+
+
+class ConnectionEvents:
+    """paho's connection callbacks of `MqttPublisher`: its connection state kept true to the broker's."""
+
+    config: MqttConfig
+    client_id: str
+    status_topic: str
+    command_filter: str
+    _response_prefix: str
+    _protocol: MQTTProtocolVersion
+    _state_lock: threading.Lock
+    _state: PublisherState
+    _epoch: int
+    _packet_limit: int
+    _fallback_requested: bool
+    _short_lived: int
+    _connected_at: float
+    _stopping: bool
+    _socket_error: str | None
+    _wake: threading.Event
+    _telemetry_now: threading.Event
+    _inflight: InFlight
+
+    def _protocol_name(self) -> Literal["MQTTv5", "MQTTv311"]:
+        return "MQTTv5" if self._protocol == MQTTProtocolVersion.MQTTv5 else "MQTTv311"
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            self._on_refused(reason_code)
+            return
+        # MQTT 5: the broker says how many unacknowledged QoS>0 messages it accepts (mosquitto:
+        # 20); paho does not enforce it, so the drain loop does, leaving room for status traffic.
+        receive_maximum = getattr(properties, "ReceiveMaximum", None) or 65535
+        self._inflight.window = max(1, min(self.config.max_inflight, receive_maximum - _RESERVED_SLOTS))
+        # MQTT 5: a packet over the broker's Maximum Packet Size makes it drop the connection, so
+        # such a message would block every later one; the drain loop parks it instead.
+        broker_limit = getattr(properties, "MaximumPacketSize", None)
+        limit = min(self.config.max_packet_size, broker_limit or self.config.max_packet_size)
+        # Unacked messages of the previous connection are re-sent from the outbox, in order, by
+        # the drain loop; paho would otherwise re-send them itself, ahead of or behind new ones.
+        # The drop events are queued before the epoch changes, so the drain loop sees them first.
+        for m in client.drop_out_messages():
+            if m.topic.startswith(self._response_prefix):  # a command answer given while down: in no outbox
+                client.publish(m.topic, m.payload, qos=m.qos, properties=m.properties)
+            else:
+                self._inflight.post(client, m.mid, None)
+        self._connected_at = time.monotonic()
+        with self._state_lock:
+            self._epoch += 1
+            self._packet_limit = limit
+            self._state = replace(self._state, status="connected", max_packet_size=limit, last_error=None,
+                                  last_reason_code=0, connects=self._state.connects + 1,
+                                  connected_since=time.time())  # for people; _connected_at for durations
+        logger.info("MQTT connected to %s:%d (%s, session present: %s)", self.config.host, self.config.port,
+                    self._protocol_name(), flags.session_present)
+        client.publish(self.status_topic, "online", qos=1, retain=True)
+        paho_client.subscribe_commands(client, self.command_filter, self._protocol)
+        self._wake.set()
+        self._telemetry_now.set()
+
+    def _on_refused(self, reason_code: ReasonCode) -> None:
+        code = int(reason_code.value)
+        if (code == _UNSUPPORTED_PROTOCOL_VERSION and self.config.protocol == "auto"
+                and self._protocol == MQTTProtocolVersion.MQTTv5):
+            logger.warning("broker refused MQTT 5 (%s); falling back to MQTT 3.1.1", reason_code)
+            self._fallback_requested = True
+            self._wake.set()
+            return
+        message = paho_client.refused_message(self.config, reason_code)
+        with self._state_lock:
+            repeated = self._state.status == "refused" and self._state.last_reason_code == code
+        # Logged before the state says "refused", so whoever sees that state finds the reason in
+        # the journal already (paho calls back on its one network thread: no second refusal can
+        # come between). Same refusal again (paho retries with backoff): keep the journal readable.
+        logger.log(logging.DEBUG if repeated else logging.ERROR, "%s", message)
+        with self._state_lock:
+            self._state = replace(
+                self._state,
+                status="refused",
+                last_error=message,
+                last_reason_code=code,
+                connected_since=None,
+                refusals=self._state.refusals + 1,
+            )
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this inside its `except OSError` (ssl.SSLError is one): the reason is there.
+        self._say_disconnected(paho_client.connect_fail_message(self.config, sys.exc_info()[1]))
+
+    def _say_disconnected(self, message: str) -> None:
+        """No connection, and why: logged once while the reason stays the same, then the state."""
+        with self._state_lock:
+            repeated = self._state.last_error == message
+        logger.log(logging.DEBUG if repeated else logging.WARNING, "%s", message)  # before the state, as above
+        with self._state_lock:
+            self._state = replace(self._state, status="disconnected", last_error=message, last_reason_code=None)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags, reason_code: ReasonCode,
+                       properties: Properties | None) -> None:
+        socket_error, self._socket_error = self._socket_error, None
+        if self._stopping:
+            return
+        with self._state_lock:
+            was_connected = self._state.status == "connected"
+            if was_connected:
+                self._state = replace(self._state, status="disconnected", connected_since=None,
+                                      last_error=f"connection lost: {reason_code.getName()}")
+        if not was_connected and socket_error is not None:  # closed before its CONNACK: no callback says why
+            self._say_disconnected(paho_client.closed_before_connack(self.config, socket_error))
+        elif was_connected:  # a broker closes a client id's older connection when another one logs in with it
+            self._short_lived = self._short_lived + 1 if time.monotonic() - self._connected_at < _SHORT_LIVED_S else 0
+            hint = paho_client.short_lived_hint(self._short_lived, _SHORT_LIVED_S, self.client_id)
+            logger.warning("MQTT connection lost (%s)%s; reconnecting with backoff", reason_code, hint)
