@@ -189,9 +189,10 @@ class ProcessedLog:
 
     def _counted(self, v: _Version) -> int:
         """Its unfinished attempts that count: this boot's, and those whose boot is not known."""
-        return sum(1 for boot, _ in v.attempts if boot is None or self.boot_id is None or boot == self.boot_id)
+        return sum(1 for boot, _ in v.attempts if not self._earlier(boot))
 
     def _earlier(self, boot: str | None) -> bool:
+        """Whether an attempt's boot is known to be an earlier one than this process's."""
         return boot is not None and self.boot_id is not None and boot != self.boot_id
 
     def __contains__(self, key: object) -> bool:
