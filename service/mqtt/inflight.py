@@ -195,7 +195,8 @@ class InFlight:
                 self._say_rejected(seq, topic, reason_code)
             else:
                 acked.append(seq)
-                self._rejections_said = {said for said in self._rejections_said if said[0] != topic}
+                if self._rejections_said:  # mostly empty: no set rebuilt per acknowledged message
+                    self._rejections_said = {said for said in self._rejections_said if said[0] != topic}
         self._acked_undeleted.update(acked)
         if self._acked_undeleted and time.monotonic() >= self._delete_retry_at:
             self._delete_acked()
