@@ -36,6 +36,8 @@ from smearscope.service.dashboard.server import STATIC, DashboardServer, Dashboa
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not "
+                                    "installed (make test installs them with apt)")
 STATION = "ward-7"
 BASE = f"smearscope/{STATION}"
 MQTT_JS_SHA256 = "f3cbeae580d3010048938ee370f2db0c15d16e6f7fc147cb32ae5510e571b387"
@@ -325,8 +327,7 @@ def _wait(what: str, predicate: Callable[[], bool], timeout: float, logs: list[P
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 @pytest.mark.skipif(not (ROOT / "models" / "seg.json").exists(), reason="models/seg.json not present")
 def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
     tmp_path: Path, ws_broker: MosquittoBroker, credentials_dir: Path,
@@ -777,8 +778,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_a_password_typed_wrong_is_asked_again_not_retried(tmp_path: Path, ws_broker: MosquittoBroker) -> None:
     """A dashboard without a password file asks for one; the broker refuses a wrong one: the page
     says so and asks again (it did retry the same password every second), and the right one connects."""
@@ -872,8 +872,7 @@ def _status(driver: Any, station: str) -> str | None:
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_a_message_the_page_cannot_show_does_not_stall_every_station(tmp_path: Path, ws_broker: MosquittoBroker) -> None:
     """One station's retained run state the page cannot read ("{}", "null": another tool's, or
     another version's) and a specimen report without its tables cost only themselves: another
@@ -896,8 +895,7 @@ def test_a_message_the_page_cannot_show_does_not_stall_every_station(tmp_path: P
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_sickle_cells_of_red_cells_too_blurred_to_judge_are_not_assessable_not_present(
     tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
@@ -942,8 +940,7 @@ def test_sickle_cells_of_red_cells_too_blurred_to_judge_are_not_assessable_not_p
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_a_share_of_fewer_red_cells_than_the_run_counted_names_them(tmp_path: Path, ws_broker: MosquittoBroker) -> None:
     """A run mixing calibrated fields and fields at an estimated scale: its spherocytes are a share
     of the calibrated fields' red cells (`of_cells`, the FHIR denominator component). The page
@@ -1038,8 +1035,7 @@ def _specimen(station: str, run_id: str, flags: list[Flag], created_at: float) -
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_each_run_shows_when_it_started_and_what_started_it_in_the_readers_time_zone(
     tmp_path: Path, ws_broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1109,8 +1105,7 @@ def test_each_run_shows_when_it_started_and_what_started_it_in_the_readers_time_
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_a_critical_flag_is_said_above_the_card_and_in_the_pages_header(
     tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
@@ -1168,8 +1163,7 @@ def test_a_critical_flag_is_said_above_the_card_and_in_the_pages_header(
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_a_stations_telemetry_reads_as_its_last_sample_once_it_is_offline(
     tmp_path: Path, ws_broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1225,8 +1219,7 @@ def test_a_stations_telemetry_reads_as_its_last_sample_once_it_is_offline(
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_a_station_whose_telemetry_stops_is_said_not_heard_from_while_the_broker_holds_it_online(
     tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
@@ -1258,8 +1251,7 @@ def test_a_station_whose_telemetry_stops_is_said_not_heard_from_while_the_broker
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_a_telemetry_time_from_a_station_whose_clock_reads_1970_is_shown_as_that_date(
     tmp_path: Path, ws_broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1283,8 +1275,7 @@ def test_a_telemetry_time_from_a_station_whose_clock_reads_1970_is_shown_as_that
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_counts_read_as_cells_counted_and_shares_say_of_which_cells(tmp_path: Path, ws_broker: MosquittoBroker) -> None:
     """The run's counts are the cells counted on the smear, not concentrations: "WBC 112 ·
     platelets 300" alone read as 112 and 300 x 10^9/L (300 a normal platelet count). The line now
@@ -1307,8 +1298,7 @@ def test_counts_read_as_cells_counted_and_shares_say_of_which_cells(tmp_path: Pa
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_verify_on_an_offline_station_says_so_at_once_and_sends_nothing(
     tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
@@ -1384,8 +1374,7 @@ def test_verify_on_an_offline_station_says_so_at_once_and_sends_nothing(
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_a_new_field_refreshes_the_opened_gallery_pages_without_shrinking_it(
     tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
@@ -1461,8 +1450,7 @@ def test_a_new_field_refreshes_the_opened_gallery_pages_without_shrinking_it(
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_a_jetsons_telemetry_shows_the_stations_pipeline_not_jtops_raw_stats(
     tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
@@ -1505,8 +1493,7 @@ def test_a_jetsons_telemetry_shows_the_stations_pipeline_not_jtops_raw_stats(
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_a_station_without_a_run_says_so(tmp_path: Path, ws_broker: MosquittoBroker) -> None:
     """A station online before its first run (its status alone, no run state): its card read
     empty tables under a bare "Cells counted on the smear" and a blank telemetry list. It now says
@@ -1529,8 +1516,7 @@ def test_a_station_without_a_run_says_so(tmp_path: Path, ws_broker: MosquittoBro
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_a_report_from_before_each_size_class_was_listed_shows_all_three_not_assessable(
     tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
@@ -1557,8 +1543,7 @@ def test_a_report_from_before_each_size_class_was_listed_shows_all_three_not_ass
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_a_long_run_line_leaves_the_stations_name_and_status_whole(tmp_path: Path, ws_broker: MosquittoBroker) -> None:
     """An open run of a station gone offline: its line (start, fields, halted, last update) is
     long, and it squeezed the card's head: the name read "ward-" over "2" and the badge "offlin"
@@ -1604,8 +1589,7 @@ PAGE_INSPECTION = """
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver not installed "
-                    "(make test installs them with apt)")
+@needs_chromium
 def test_markup_in_any_message_a_broker_client_can_publish_is_shown_as_text(
     tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
