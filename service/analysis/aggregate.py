@@ -91,10 +91,13 @@ def sizes_in_doubt(rows: Sequence[ClassShare], flags: Sequence[Flag]) -> list[Cl
     if not any(f.code in CALIBRATION_DOUBT_FLAGS for f in flags):
         return list(rows)
     off = {"assessable": False, "grade": None, "grade_ci_low": None, "grade_ci_high": None}
-    out = [r.model_copy(update=off) if r.label in SIZE_BASED else r for r in rows]
+    return [r.model_copy(update=off) if r.label in SIZE_BASED else r for r in rows] + unlisted_size_rows(rows)
+
+
+def unlisted_size_rows(rows: Sequence[ClassShare]) -> list[ClassShare]:
+    """A not-assessable row with a count of 0 for each size-based class `rows` lack."""
     listed = {r.label for r in rows}
-    return out + [ClassShare(label=label, count=0, percent=0.0, assessable=False)
-                  for label in sorted(SIZE_BASED - listed)]
+    return [ClassShare(label=label, count=0, percent=0.0, assessable=False) for label in sorted(SIZE_BASED - listed)]
 
 
 @dataclass(frozen=True)

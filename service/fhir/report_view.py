@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from smearscope.service.analysis.aggregate import CALIBRATION_DOUBT_FLAGS
+from smearscope.service.analysis.aggregate import CALIBRATION_DOUBT_FLAGS, unlisted_size_rows
 from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.morphology import (
     GRADED,
@@ -57,11 +57,7 @@ def morphology_rows(report: Report) -> list[ClassShare]:
     be assessed: a report from before each was listed then (service.analysis.aggregate.sizes_in_doubt)
     has no row for a class no cell was given, which would read as "none seen"."""
     rows = list(report.rbc_morphology)
-    if size_not_assessable(report):
-        listed = {s.label for s in rows}
-        rows += [ClassShare(label=label, count=0, percent=0.0, assessable=False)
-                 for label in sorted(SIZE_BASED - listed)]
-    return rows
+    return rows + unlisted_size_rows(rows) if size_not_assessable(report) else rows
 
 
 def assessable(report: Report, share: ClassShare) -> bool:
