@@ -39,10 +39,11 @@ IDLE_TIMEOUT_S = 10.0
 #: Connections served at once (a thread each). One more is answered 503 at once and closed, not
 #: queued: a flood of connections costs no more threads than this, and a browser retries the page.
 MAX_CONNECTIONS = 64
+_BUSY_BODY = b"dashboard busy: too many connections\r\n"
 _BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
          b"Retry-After: 5\r\nCache-Control: no-store\r\nConnection: close\r\n"
          b"Content-Security-Policy: " + _CSP.encode() + b"\r\nX-Content-Type-Options: nosniff\r\n"
-         b"Content-Length: 38\r\n\r\ndashboard busy: too many connections\r\n")
+         b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
 
 @dataclass(frozen=True)
