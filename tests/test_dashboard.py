@@ -1162,6 +1162,13 @@ def test_a_critical_flag_is_said_above_the_card_and_in_the_pages_header(
         assert driver.title == "smearscope: stations"
 
 
+def _open_with_station_online(driver: Any, send: Any, log: Path, url: str, station: str) -> None:
+    """The page opened, then `station` said online (retained status), and its card showing it."""
+    driver.get(url)
+    send(f"smearscope/{station}/status", "online")
+    _wait("the station", lambda: _status(driver, station) == "online", 20, [log])
+
+
 @pytest.mark.broker
 @needs_chromium
 def test_a_stations_telemetry_reads_as_its_last_sample_once_it_is_offline(
@@ -1176,9 +1183,7 @@ def test_a_stations_telemetry_reads_as_its_last_sample_once_it_is_offline(
     zone = "Europe/Berlin"
     monkeypatch.setenv("TZ", zone)
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        driver.get(url)
-        send("smearscope/ward-t/status", "online")
-        _wait("the station", lambda: _status(driver, "ward-t") == "online", 20, [log])
+        _open_with_station_online(driver, send, log, url, "ward-t")
         sampled = time.time()
         send("smearscope/ward-t/telemetry", json.dumps({"source": "proc", "cpu_percent": 12.5, "read_at": sampled}),
              retain=False)
@@ -1231,9 +1236,7 @@ def test_a_station_whose_telemetry_stops_is_said_not_heard_from_while_the_broker
     from selenium.webdriver.common.by import By
 
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        driver.get(url)
-        send("smearscope/ward-s/status", "online")
-        _wait("the station", lambda: _status(driver, "ward-s") == "online", 20, [log])
+        _open_with_station_online(driver, send, log, url, "ward-s")
         silence = lambda: driver.find_element(By.CSS_SELECTOR, "[data-station='ward-s'] .silence")
         send("smearscope/ward-s/telemetry", json.dumps({"source": "proc", "read_at": time.time(), "interval_s": 1}),
              retain=False)
@@ -1263,9 +1266,7 @@ def test_a_telemetry_time_from_a_station_whose_clock_reads_1970_is_shown_as_that
     zone = "Europe/Berlin"
     monkeypatch.setenv("TZ", zone)
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        driver.get(url)
-        send("smearscope/ward-c/status", "online")
-        _wait("the station", lambda: _status(driver, "ward-c") == "online", 20, [log])
+        _open_with_station_online(driver, send, log, url, "ward-c")
         send("smearscope/ward-c/telemetry", json.dumps({"source": "proc", "read_at": 86500.0, "cpu_percent": 12.5}),
              retain=False)
         read_at = "[data-station='ward-c'] dd[data-key='read_at']"
@@ -1475,9 +1476,7 @@ def test_a_jetsons_telemetry_shows_the_stations_pipeline_not_jtops_raw_stats(
               "pipeline": {"fields_analysed": 812, "rejected": 3, "failed": 0, "frames_dropped": 0,
                            "disk_full": True, "outbox_messages": 1234}}
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        driver.get(url)
-        send("smearscope/jetson/status", "online")
-        _wait("the station", lambda: _status(driver, "jetson") == "online", 20, [log])
+        _open_with_station_online(driver, send, log, url, "jetson")
         send("smearscope/jetson/telemetry", json.dumps(sample), retain=False)
         shown = lambda: {dd.get_attribute("data-key"): dd for dd in driver.find_elements(
             By.CSS_SELECTOR, "[data-station='jetson'] dl.telemetry dd")}
@@ -1501,9 +1500,7 @@ def test_a_station_without_a_run_says_so(tmp_path: Path, ws_broker: MosquittoBro
     from selenium.webdriver.common.by import By
 
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        driver.get(url)
-        send("smearscope/ward-n/status", "online")
-        _wait("the station", lambda: _status(driver, "ward-n") == "online", 20, [log])
+        _open_with_station_online(driver, send, log, url, "ward-n")
         card = driver.find_element(By.CSS_SELECTOR, "[data-station='ward-n']")
         assert card.find_element(By.CSS_SELECTOR, ".run-line").text == "no specimen run yet"
         assert not card.find_element(By.CSS_SELECTOR, ".counts-line").is_displayed()
