@@ -79,6 +79,7 @@ function station(id) {
     requestReview(st, st.reviewNext);
   });
   node.querySelector(".verify-run").addEventListener("click", () => verifyRun(st));
+  node.querySelector(".print-run").addEventListener("click", () => printRun(st));
   node.querySelector(".runs").addEventListener("change", (ev) => pickRun(st, ev.target.value));
   document.getElementById("empty")?.remove();
   const main = document.getElementById("stations");
@@ -146,6 +147,7 @@ function renderRun(st) {
   // the current run's critical flags stay said while an earlier run is shown
   const now = view && view.earlier ? current(st) : null;
   showCritical(st, view ? view.report.flags : [], now && now.runId !== view.runId ? now.report.flags : []);
+  renderPrintMeta(st, view);
   if (!view) { line.textContent = "no specimen run yet"; return; }
   const r = view.report;
   st.node.dataset.runId = view.runId || "";

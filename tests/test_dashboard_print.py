@@ -1,0 +1,95 @@
+"""A run's report on paper, from the clinic dashboard in a real browser (Chromium through selenium,
+as tests/test_dashboard.py): "Print report" prints the card it belongs to alone, as a report that
+says what state its figures are in, whose they are and when it was printed; the browser's own print
+gives every station's, one per page (a screenshot of the printed card: print-one.png
+in the test's tmp dir). Print media is emulated and the page printed to PDF by
+Chromium's DevTools protocol (the print dialog itself is the browser's)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from broker import MosquittoBroker
+from test_dashboard import (
+    _closed_run_state,
+    _page_and_a_station,
+    _specimen,
+    _wait,
+    needs_chromium,
+    ws_broker,  # noqa: F401 (the fixture)
+)
+
+from smearscope.service.analysis.report import Flag, ModelInfo, Verification
+
+
+def _pdf_pages(driver) -> int:
+    pdf = base64.b64decode(driver.execute_cdp_cmd("Page.printToPDF", {"printBackground": False})["data"])
+    return len(re.findall(rb"/Type\s*/Page(?![s\w])", pdf))
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_station_on_its_own_page(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    now = time.time()
+    atypical = Flag(code="atypical_wbc_present", severity="warning", cells=[1], message="5 white cells could not be typed")
+    models = {"seg": ModelInfo(name="seg", sha256="ab" * 32, backend="onnxruntime"),
+              "wbc_head": ModelInfo(name="wbc_head", sha256="cd" * 32, backend="onnxruntime")}
+    sickle = Flag(code="sickle_cells_present", severity="critical", cells=[1],
+                  message="120 cells typed sickle at confidence 0.8 or more")
+    verified = _specimen("ward-a", "run-a", [sickle], now - 600).model_copy(update={
+        "models": models, "verification": Verification(verified_by="AB", verified_at=now - 60, supersedes="r-0",
+                                                       typed_cells=4, reclassified=[])})
+    preliminary = _specimen("ward-b", "run-b", [atypical], now - 300).model_copy(update={"models": models})
+    open_run = {**_closed_run_state(_specimen("ward-c", "run-c", [], now)), "state": "open"}
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        for station, state in (("ward-a", _closed_run_state(verified)), ("ward-b", _closed_run_state(preliminary)),
+                               ("ward-c", open_run)):
+            send(f"smearscope/{station}/status", "online")
+            send(f"smearscope/{station}/run", json.dumps(state))
+        driver.get(url)
+        card = lambda s: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}']")
+        _wait("the three runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']"))
+              == 3, 20, [log])
+        inside = lambda s, sel: card(s).find_element(By.CSS_SELECTOR, sel)
+        # on screen: the button, not the paper's header
+        assert inside("ward-b", ".print-run").is_displayed() and not inside("ward-b", ".print-meta").is_displayed()
+        driver.execute_script("window.print = () => { window.__printed = document.body.dataset.printing || null; };")
+        inside("ward-b", ".print-run").click()
+        assert driver.execute_script("return window.__printed") == "ward-b"
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+        try:
+            assert [s for s in ("ward-a", "ward-b", "ward-c") if card(s).is_displayed()] == ["ward-b"]
+            for live in (".panel.live", ".panel.review", ".print-run", ".status", ".progress"):
+                assert not inside("ward-b", live).is_displayed(), live
+            for kept in ("table.differential", "table.morphology", "ul.flags", ".counts-line", ".print-meta"):
+                assert inside("ward-b", kept).is_displayed(), kept
+            assert inside("ward-b", ".print-status").text.startswith("PRELIMINARY machine result, not verified")
+            assert inside("ward-b", ".print-ids").text.startswith("Station ward-b · run run-b · report r-run-b of ")
+            assert inside("ward-b", ".print-models").text == ("Models: seg " + "ab" * 6 + " (onnxruntime) · wbc_head "
+                                                               + "cd" * 6 + " (onnxruntime)")
+            assert re.fullmatch(r"Printed \d{4}-\d\d-\d\d \d\d:\d\d:\d\d.*", inside("ward-b", ".printed-at").text)
+            assert inside("ward-b", "ul.flags").text == "warning: " + atypical.message
+            driver.save_screenshot(str(tmp_path / "print-one.png"))  # for a person to look at
+            assert _pdf_pages(driver) == 1  # Chromium says beforeprint and afterprint around it, as a print does
+            # printed (afterprint): the page as it was; the browser's own print then gives every card, one per page
+            assert [s for s in ("ward-a", "ward-b", "ward-c") if card(s).is_displayed()] == ["ward-a", "ward-b", "ward-c"]
+            assert _pdf_pages(driver) == 3
+            assert inside("ward-a", ".print-status").text.startswith("Verified specimen report: verified by AB, ")
+            alert = inside("ward-a", ".critical-alert")  # on paper too, framed (a background may not print)
+            assert alert.is_displayed() and alert.text == "CRITICAL: " + sickle.message
+            assert alert.value_of_css_property("border-top-width") == "3px"
+            assert inside("ward-c", ".print-status").text.startswith(
+                "INTERIM: the run is in progress (40 fields so far); its figures will change.")
+            assert inside("ward-c", ".print-models").text == ""  # the report names none
+        finally:
+            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+        assert inside("ward-b", ".panel.review").is_displayed() and not inside("ward-b", ".print-meta").is_displayed()
