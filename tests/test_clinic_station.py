@@ -650,9 +650,10 @@ def test_a_run_closed_before_a_restart_can_still_be_verified(
 def test_a_closed_runs_start_and_starter_are_in_its_state_and_in_get_runs_after_a_restart(
     tmp_path: Path, broker: Any, credentials_dir: Path,
 ) -> None:
-    """A closed run's state and `get_runs` say when the run started and who started it, as its
-    open states did: from the process that closed it, and from the next one (read back from the
-    outbox file)."""
+    """A closed run's state and `get_runs` say when the run started, who started it and for which
+    specimen (start_run's specimen_id), as its open states did: from the process that closed it,
+    and from the next one (read back from the outbox file); its specimen report and FHIR bundle
+    name the specimen."""
     observer, config, per_field = _two_field_station(tmp_path, broker, auto_start=False)
 
     def states() -> list[dict[str, Any]]:
@@ -673,7 +674,7 @@ def test_a_closed_runs_start_and_starter_are_in_its_state_and_in_get_runs_after_
         assert not runner.is_alive()
 
     def first() -> None:
-        observer.client.publish(f"{BASE}/cmd/start_run", "{}", qos=1)
+        observer.client.publish(f"{BASE}/cmd/start_run", json.dumps({"specimen_id": "H-2026-0412"}), qos=1)
         assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/run" and json.loads(m.payload)["state"]
                                                 == "closed" for m in ms), 60)
 
@@ -686,11 +687,15 @@ def test_a_closed_runs_start_and_starter_are_in_its_state_and_in_get_runs_after_
         closed = next(s for s in states() if s["state"] == "closed")
         opened = [s for s in states() if s["state"] == "open" and s["run_id"] == closed["run_id"]]
         assert opened and {s["progress"]["started_at"] for s in opened} == {opened[0]["progress"]["started_at"]}
-        started = {"started_at": opened[0]["progress"]["started_at"], "started_by": "command"}
+        started = {"started_at": opened[0]["progress"]["started_at"], "started_by": "command",
+                   "specimen_id": "H-2026-0412"}
+        assert all(s["progress"]["specimen_id"] == "H-2026-0412" for s in opened)
         assert isinstance(started["started_at"], float) and opened[0]["progress"]["started_by"] == "command"
         assert closed["progress"] == {"run_id": closed["run_id"], **started, "fields": 2,
                                       "classified_wbc": per_field[0] + per_field[1],
                                       "target_wbc": per_field[0] + per_field[1]}
+        (final,) = [e["body"] for e in envelopes(observer, f"{BASE}/report") if e["body"]["run_id"] == closed["run_id"]]
+        assert final["specimen_id"] == "H-2026-0412" and closed["report"]["specimen_id"] == "H-2026-0412"
         before = len(states())
         run_daemon(second)
     finally:

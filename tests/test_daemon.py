@@ -329,8 +329,13 @@ def test_commands_over_mqtt(
         # JSON true is no count (Python calls it the integer 1): refused, not a run of one white cell
         yes = command("start_run", {"target_wbc": True})
         assert not yes["ok"] and yes["error"] == "bad_arguments" and "1 to 1000" in yes["message"], yes
-        started = command("start_run", {"target_wbc": 500})
-        assert started["ok"] and started["target_wbc"] == 500
+        # a specimen's identifier is matched as typed: text, 1 to 64 printable characters, no space at its ends
+        for bad in ("", " H-1", "H-1 ", "H-\n1", "H-\t1", "x" * 65, 412, None, ["H-1"]):
+            refused = command("start_run", {"specimen_id": bad})
+            assert refused["error"] == "bad_arguments" and "specimen_id" in refused["message"], (bad, refused)
+        started = command("start_run", {"target_wbc": 500, "specimen_id": "H-2026-0412 é"})
+        assert started["ok"] and started["target_wbc"] == 500 and started["specimen_id"] == "H-2026-0412 é"
+        assert command("status")["run"]["specimen_id"] == "H-2026-0412 é"
         assert command("start_run")["error"] == "run_open"  # one run at a time
         image = tmp_path / "field.png"
         cv2.imwrite(str(image), render_field(3, width=320, height=240).frame.pixels)

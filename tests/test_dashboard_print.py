@@ -48,8 +48,10 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
     verified = _specimen("ward-a", "run-a", [sickle], now - 600).model_copy(update={
         "models": models, "verification": Verification(verified_by="AB", verified_at=now - 60, supersedes="r-0",
                                                        typed_cells=4, reclassified=[])})
-    preliminary = _specimen("ward-b", "run-b", [atypical], now - 300).model_copy(update={"models": models})
-    open_run = {**_closed_run_state(_specimen("ward-c", "run-c", [], now)), "state": "open"}
+    preliminary = _specimen("ward-b", "run-b", [atypical], now - 300).model_copy(
+        update={"models": models, "specimen_id": "H-2026-0412"})
+    open_run = _closed_run_state(_specimen("ward-c", "run-c", [], now))  # its specimen in its progress only
+    open_run = {**open_run, "state": "open", "progress": {**open_run["progress"], "specimen_id": "S/7 <b>"}}
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
         for station, state in (("ward-a", _closed_run_state(verified)), ("ward-b", _closed_run_state(preliminary)),
                                ("ward-c", open_run)):
@@ -60,7 +62,15 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
         _wait("the three runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']"))
               == 3, 20, [log])
         inside = lambda s, sel: card(s).find_element(By.CSS_SELECTOR, sel)
-        # on screen: the button, not the paper's header
+        # on screen: the specimen first on the run's line, the button, not the paper's header
+        assert inside("ward-b", ".run-line").text.startswith("specimen H-2026-0412 · run run-b · ")
+        assert inside("ward-c", ".run-line").text.startswith("specimen S/7 <b> · run run-c · ")
+        assert inside("ward-a", ".run-line").text.startswith("run run-a · ")  # none given
+        earlier = _closed_run_state(_specimen("ward-a", "run-a0", [], now - 7200).model_copy(update={"specimen_id": "H-1"}))
+        send("smearscope/ward-a/cmd_response/get_runs", json.dumps({"ok": True, "runs": [earlier]}), retain=False)
+        options = lambda: [o.get_attribute("textContent") for o in card("ward-a").find_elements(By.CSS_SELECTOR, "select.runs option")]
+        _wait("the earlier run listed", lambda: len(options()) == 2, 20, [log])
+        assert options()[1].startswith("H-1 · run run-a0 · "), options()
         assert inside("ward-b", ".print-run").is_displayed() and not inside("ward-b", ".print-meta").is_displayed()
         driver.execute_script("window.print = () => { window.__printed = document.body.dataset.printing || null; };")
         inside("ward-b", ".print-run").click()
@@ -73,7 +83,8 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
             for kept in ("table.differential", "table.morphology", "ul.flags", ".counts-line", ".print-meta"):
                 assert inside("ward-b", kept).is_displayed(), kept
             assert inside("ward-b", ".print-status").text.startswith("PRELIMINARY machine result, not verified")
-            assert inside("ward-b", ".print-ids").text.startswith("Station ward-b · run run-b · report r-run-b of ")
+            assert inside("ward-b", ".print-ids").text.startswith(
+                "Specimen H-2026-0412 · Station ward-b · run run-b · report r-run-b of ")
             assert inside("ward-b", ".print-models").text == ("Models: seg " + "ab" * 6 + " (onnxruntime) · wbc_head "
                                                                + "cd" * 6 + " (onnxruntime)")
             assert re.fullmatch(r"Printed \d{4}-\d\d-\d\d \d\d:\d\d:\d\d.*", inside("ward-b", ".printed-at").text)
@@ -90,6 +101,8 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
             assert inside("ward-c", ".print-status").text.startswith(
                 "INTERIM: the run is in progress (40 fields so far); its figures will change.")
             assert inside("ward-c", ".print-models").text == ""  # the report names none
+            assert inside("ward-c", ".print-ids").text.startswith("Specimen S/7 <b> · Station ward-c · run run-c")
+            assert inside("ward-a", ".print-ids").text.startswith("Station ward-a · run run-a")
         finally:
             driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
         assert inside("ward-b", ".panel.review").is_displayed() and not inside("ward-b", ".print-meta").is_displayed()

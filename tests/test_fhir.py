@@ -187,6 +187,18 @@ def test_no_patient_and_only_the_identifiers_the_station_was_given() -> None:
     assert identifier_systems <= {codes.ID_REPORT, codes.ID_RUN, codes.ID_FRAME, codes.ID_STATION}
 
 
+def test_a_run_started_for_a_specimen_names_it_as_the_specimens_accession_identifier() -> None:
+    """start_run's specimen_id (the lab's accession number or slide label) is the Specimen's
+    accessionIdentifier, with no system (the lab's numbering is not known to the station); a report
+    without one has none."""
+    named = specimen_report().model_copy(update={"specimen_id": "H-2026-0412"})
+    bundle = report_bundle(named)
+    validate(bundle)
+    (specimen,) = resources(bundle, "Specimen")
+    assert specimen["accessionIdentifier"] == {"value": "H-2026-0412"}
+    assert "accessionIdentifier" not in resources(report_bundle(specimen_report()), "Specimen")[0]
+
+
 def test_grades_nrbc_and_local_codes() -> None:
     bundle = report_bundle(graded_report())
     validate(bundle)

@@ -221,6 +221,35 @@ def test_edge_cells_stay_out_of_sizes_after_restore(tmp_path):
         outbox.close()
 
 
+def test_a_restored_run_keeps_its_specimen_id_and_a_file_from_before_gets_the_column(tmp_path):
+    """The lab's identifier of the specimen (start_run) is kept with each field's row: a run taken
+    back after a restart still names its specimen, in its progress and its report; a file written
+    before the column existed gets it, its runs naming none."""
+    import sqlite3
+
+    run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r", started_by="command", specimen_id="H-2026-0412")
+    run.add(field("f0", wbcs(2) + rbcs(5)), 1.0)
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        state = StationState(outbox)
+        store_run(state, outbox, run, "r")
+        (back,) = state.open_runs()
+        assert back.specimen_id == "H-2026-0412"
+        assert back.report(station_id=None, now=1.0).specimen_id == "H-2026-0412"
+    finally:
+        outbox.close()
+    conn = sqlite3.connect(tmp_path / "o.sqlite3")  # as a file from before: no such column
+    conn.execute("ALTER TABLE specimen_fields DROP COLUMN specimen_id")
+    conn.commit()
+    conn.close()
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        (old,) = StationState(outbox).open_runs()
+        assert old.specimen_id is None and old.field_ids == ["f0"]
+    finally:
+        outbox.close()
+
+
 def test_restored_fields_keep_arrival_order(tmp_path):
     run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
     for fid in ("f9", "f10", "a1"):
@@ -420,9 +449,10 @@ def test_field_reports_carry_no_run_identifier():
 
 
 def test_a_report_says_its_schema_version_and_a_stored_one_of_the_version_before_is_still_read():
-    """Reports are "1.1" since sickle cells read "present" (a consumer holding the 1.0 schema would
-    refuse that grade); a "1.0" report kept by a station or a consumer, sickle cells graded 3+,
-    still validates against the committed schema, loads, and reads "present" in FHIR."""
+    """Reports are "1.2" since they may name their specimen, "1.1" since sickle cells read "present"
+    (a consumer holding the 1.0 schema would refuse that grade); a "1.0" report kept by a station or
+    a consumer, sickle cells graded 3+, still validates against the committed schema, loads, and
+    reads "present" in FHIR."""
     import json
 
     import jsonschema
@@ -431,7 +461,7 @@ def test_a_report_says_its_schema_version_and_a_stored_one_of_the_version_before
 
     schema = json.loads((Path(__file__).resolve().parents[1] / "schemas" / "report.schema.json").read_text())
     new = current_report()
-    assert SCHEMA_VERSION == new.schema_version == "1.1"
+    assert SCHEMA_VERSION == new.schema_version == "1.2"
     assert any(s.grade == "present" for s in new.rbc_morphology)
     jsonschema.validate(json.loads(new.model_dump_json()), schema)
     old = graded_report()

@@ -35,7 +35,7 @@ def store_run(state, outbox, r: SpecimenRun, run_id: str) -> None:
     """`r`'s fields written to the station state as the daemon writes them, one outbox write each."""
     from smearscope.service.station.durable import RunMeta
 
-    meta = RunMeta(run_id, r.started_at, r.started_by, r.target_wbc)
+    meta = RunMeta(run_id, r.started_at, r.started_by, r.target_wbc, r.specimen_id)
     for fid in r.field_ids:
         idx = [i for i, rec in enumerate(r.records) if rec.field_id == fid]
         w = state.field_stored(report_id=f"{run_id}-{fid}", input_key=None, run=meta, field_id=fid,
@@ -545,9 +545,10 @@ def test_get_runs_lists_the_last_closed_runs_newest_first_each_with_its_latest_r
         assert feed.get_runs() == {"ok": True, "runs": [], "omitted": 0} and "get_runs" in COMMAND_NAMES
         ids = [f"run-{i}" for i in range(KEEP_CLOSED_RUNS + 2)]
         for i, run_id in enumerate(ids):
-            r = replace(run, run_id=run_id)
+            r = replace(run, run_id=run_id, specimen_id=f"H-{i}" if i % 2 else None)
             feed.run_closed(ClosedRun(run_id, "stopped", 4, run.classified_wbc, 100 + i, final(r, "stopped"), r,
-                                      started_at=1_764_660_000.0 + i, started_by="command" if i % 2 else "auto"), None)
+                                      started_at=1_764_660_000.0 + i, started_by="command" if i % 2 else "auto",
+                                      specimen_id=r.specimen_id), None)
         answer = feed.get_runs()
         newest = ids[::-1][:KEEP_CLOSED_RUNS]
         assert answer["ok"] and answer["omitted"] == 0 and [s["run_id"] for s in answer["runs"]] == newest
@@ -558,7 +559,9 @@ def test_get_runs_lists_the_last_closed_runs_newest_first_each_with_its_latest_r
             i = ids.index(s["run_id"])
             assert s["progress"] == {"run_id": s["run_id"], "started_by": "command" if i % 2 else "auto",
                                      "started_at": 1_764_660_000.0 + i, "fields": 4,
-                                     "classified_wbc": run.classified_wbc, "target_wbc": 100 + i}
+                                     "classified_wbc": run.classified_wbc, "target_wbc": 100 + i,
+                                     "specimen_id": f"H-{i}" if i % 2 else None}
+            assert s["report"]["specimen_id"] == s["progress"]["specimen_id"]
         # an older run signed: its entry keeps its place and carries the verified report
         older = newest[2]
         verified, live, signed = feed.verify(older, "AB", final, None)

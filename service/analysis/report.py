@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 #: "1.1": a morphology row's `grade` may read "present" (sickle cells are reported present or none, as
 #: ICSH reports them). A "1.0" report is still read; it may grade sickle cells 1+ to 3+ (docs/MQTT.md).
-SCHEMA_VERSION = "1.1"
+#: "1.2": `specimen_id`, the lab's identifier of the specimen a run was started for (start_run).
+SCHEMA_VERSION = "1.2"
 
 
 class _Strict(BaseModel):
@@ -223,12 +224,15 @@ class CellDetail(_Strict):
 
 
 class Report(_Strict):
-    schema_version: Literal["1.0", "1.1"] = SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2"] = SCHEMA_VERSION
     report_id: str
     kind: Literal["field", "specimen"]
     created_at: float
     station_id: str | None = None
     run_id: str | None = Field(None, description="specimen run this field/report belongs to")
+    specimen_id: str | None = Field(
+        None, description="specimen reports: the lab's identifier of the specimen (accession number, slide label) "
+        "the run was started for (start_run's `specimen_id`); absent: none was given")
     fields_analyzed: int = 1
     source: SourceInfo | None = Field(None, description="the analysed frame (field reports)")
     scale: ScaleInfo | None = None

@@ -143,6 +143,8 @@ def _specimen(b: _Builder) -> None:
                           "note": [{"text": f"{r.fields_analyzed} field(s) analysed"}]}
     if identifiers:  # FHIR JSON has no empty arrays
         specimen["identifier"] = identifiers
+    if r.specimen_id:  # the lab's own identifier of the specimen (start_run): its system is the lab's, not known here
+        specimen["accessionIdentifier"] = {"value": r.specimen_id}
     b.add("specimen", specimen)
 
 

@@ -39,11 +39,24 @@ logger = logging.getLogger(__name__)
 #: unknown key is: a misspelt `target_wbc` must not start a run with the default target.
 COMMAND_ARGUMENTS: dict[str, frozenset[str]] = {
     "analyze_file": frozenset({"path"}), "get_review": frozenset({"run_id", "offset"}), "get_runs": frozenset(),
-    "reload": frozenset(), "start_run": frozenset({"target_wbc"}), "status": frozenset(), "stop_run": frozenset(),
+    "reload": frozenset(), "start_run": frozenset({"target_wbc", "specimen_id"}), "status": frozenset(), "stop_run": frozenset(),
     "type_cells": frozenset({"run_id", "cells"}), "verify_run": frozenset({"run_id", "verified_by"})}
 COMMAND_NAMES = tuple(COMMAND_ARGUMENTS)
 #: Longest name a verification may be signed with.
 MAX_VERIFIED_BY = 64
+#: Longest specimen identifier (accession number, slide label) a run may be started for.
+MAX_SPECIMEN_ID = 64
+
+
+def _specimen_id_error(value: Any) -> str | None:
+    """Why start_run's `specimen_id` cannot name a specimen on a report, a label and a FHIR
+    identifier; None where it can (1 to MAX_SPECIMEN_ID characters, none a control character,
+    no space at either end: an identifier is matched as typed)."""
+    if (not isinstance(value, str) or not 0 < len(value) <= MAX_SPECIMEN_ID or value != value.strip()
+            or not value.isprintable()):
+        return (f"specimen_id must be the specimen's identifier as text: 1 to {MAX_SPECIMEN_ID} printable "
+                "characters, no space at either end")
+    return None
 
 
 def _not_unicode(value: Any, where: str = "arguments", depth: int = 0) -> str | None:
@@ -109,7 +122,10 @@ class StationCommands:
                                               or not 1 <= target <= MAX_TARGET_WBC):  # null too: leave it out
                 return {"ok": False, "error": "bad_arguments",
                         "message": f"target_wbc must be an integer from 1 to {MAX_TARGET_WBC}"}
-            return self._analysis.call(name, lambda: self._start_run(target))
+            specimen = arguments.get("specimen_id")
+            if "specimen_id" in arguments and (error := _specimen_id_error(specimen)) is not None:
+                return {"ok": False, "error": "bad_arguments", "message": error}
+            return self._analysis.call(name, lambda: self._start_run(target, specimen))
         if name == "stop_run":
             return self._analysis.call(name, self._stop_run)
         if name == "analyze_file":
@@ -182,16 +198,16 @@ class StationCommands:
 
         return self._analysis.call("analyze_file", run)
 
-    def _start_run(self, target: int | None) -> dict[str, Any]:
+    def _start_run(self, target: int | None, specimen_id: str | None) -> dict[str, Any]:
         """On the analysis thread."""
         tracker = self._tracker
         try:
-            run_id = tracker.start(started_by="command", target_wbc=target)
+            run_id = tracker.start(started_by="command", target_wbc=target, specimen_id=specimen_id)
         except RunAlreadyOpen as exc:
             return {"ok": False, "error": "run_open", "message": str(exc)}
         progress = tracker.progress()
         target_wbc = progress.target_wbc if progress else None
-        return {"ok": True, "run_id": run_id, "target_wbc": target_wbc}
+        return {"ok": True, "run_id": run_id, "target_wbc": target_wbc, "specimen_id": specimen_id}
 
     def _verify_run(self, run_id: str, by: str) -> dict[str, Any]:
         """On the analysis thread: the run's report again, counting the types a technician gave

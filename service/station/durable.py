@@ -79,6 +79,7 @@ class RunMeta:
     started_at: float
     started_by: StartedBy
     target_wbc: int
+    specimen_id: str | None = None
 
 
 def _cell_json(cell: ClassifiedCell, record: CellRecord) -> dict[str, object]:
@@ -105,12 +106,14 @@ def _cell_from_json(item: dict[str, object], field_id: str) -> tuple[ClassifiedC
 
 
 def _add_columns(conn: sqlite3.Connection) -> None:
-    """Files written before fields' flags (or an input's field) were kept get the column, empty
-    for their rows."""
+    """Files written before fields' flags (or an input's field, or a run's specimen id) were kept
+    get the column, empty for their rows."""
     if "flags" not in [row[1] for row in conn.execute("PRAGMA table_info(specimen_fields)")]:
         conn.execute("ALTER TABLE specimen_fields ADD COLUMN flags TEXT NOT NULL DEFAULT '[]'")
     if "field_id" not in [row[1] for row in conn.execute("PRAGMA table_info(station_inputs)")]:
         conn.execute("ALTER TABLE station_inputs ADD COLUMN field_id TEXT NOT NULL DEFAULT ''")
+    if "specimen_id" not in [row[1] for row in conn.execute("PRAGMA table_info(specimen_fields)")]:
+        conn.execute("ALTER TABLE specimen_fields ADD COLUMN specimen_id TEXT")
 
 
 class StationState:
@@ -168,10 +171,10 @@ class StationState:
                                         (run.run_id,)).fetchone()[0]
                 conn.execute(
                     "INSERT OR IGNORE INTO specimen_fields (run_id, field_id, position, started_at, started_by, "
-                    "target_wbc, models, cells, stored_at, flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "target_wbc, models, cells, stored_at, flags, specimen_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (run.run_id, field_id, position, run.started_at, run.started_by,
                      run.target_wbc, json.dumps({k: m.model_dump() for k, m in models.items()}),
-                     json.dumps([_cell_json(c, r) for c, r in zip(cells, records)]), now, carried))
+                     json.dumps([_cell_json(c, r) for c, r in zip(cells, records)]), now, carried, run.specimen_id))
 
         return write
 
@@ -204,14 +207,15 @@ class StationState:
         where = f"run_id {'' if closed else 'NOT '}IN (SELECT run_id FROM closed_runs)"
         where, params = (f"{where} AND run_id = ?", (only,)) if only is not None else (where, ())
         rows = self.outbox.read(lambda conn: conn.execute(
-            "SELECT run_id, field_id, started_at, started_by, target_wbc, models, cells, stored_at, flags "
+            "SELECT run_id, field_id, started_at, started_by, target_wbc, models, cells, stored_at, flags, specimen_id "
             f"FROM specimen_fields WHERE {where} ORDER BY run_id, position", params).fetchall())
         runs: dict[str, SpecimenRun] = {}
-        for run_id, field_id, started_at, started_by, target, models, cells, stored_at, flags in rows:
+        for run_id, field_id, started_at, started_by, target, models, cells, stored_at, flags, specimen in rows:
             if unreadable is not None and run_id in unreadable:
                 continue
             try:
-                self._add_row(runs, run_id, field_id, started_at, started_by, target, models, cells, stored_at, flags)
+                self._add_row(runs, run_id, field_id, started_at, started_by, target, models, cells, stored_at, flags,
+                              specimen)
             except (ValueError, KeyError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
                 if unreadable is None:
                     raise
@@ -221,11 +225,11 @@ class StationState:
 
     @staticmethod
     def _add_row(runs: dict[str, SpecimenRun], run_id: str, field_id: str, started_at: float, started_by: StartedBy,
-                 target: int, models: str, cells: str, stored_at: float, flags: str) -> None:
+                 target: int, models: str, cells: str, stored_at: float, flags: str, specimen_id: str | None) -> None:
         run = runs.get(run_id)
         if run is None:
             run = SpecimenRun(target_wbc=int(target), started_at=float(started_at), started_by=started_by,
-                              run_id=run_id,
+                              run_id=run_id, specimen_id=None if specimen_id is None else str(specimen_id),
                               models={k: ModelInfo.model_validate(v) for k, v in json.loads(models).items()})
         for item in json.loads(cells):
             cell, record = _cell_from_json(item, field_id)
@@ -320,5 +324,6 @@ class StationState:
                 continue
             classified = run.classified_wbc if run is not None else sum(
                 s.count for s in report.wbc_differential if s.label != UNIDENTIFIED)
-            out.append(ClosedRun(run_id, end_reason, fields, classified, target, report, run, started_at, started_by))
+            out.append(ClosedRun(run_id, end_reason, fields, classified, target, report, run, started_at, started_by,
+                                 report.specimen_id))
         return out

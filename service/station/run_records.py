@@ -25,8 +25,10 @@ class RunProgress:
     fields: int
     classified_wbc: int
     target_wbc: int
+    #: The lab's identifier of the specimen, as start_run gave it (None: none given).
+    specimen_id: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {"run_id": self.run_id, "started_by": self.started_by, "started_at": self.started_at,
                 "fields": self.fields, "classified_wbc": self.classified_wbc,
-                "target_wbc": self.target_wbc}
+                "target_wbc": self.target_wbc, "specimen_id": self.specimen_id}

@@ -121,6 +121,8 @@ class SpecimenRun:
     started_at: float
     started_by: StartedBy = "auto"
     run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    #: The lab's identifier of the specimen (start_run's specimen_id; None: none given).
+    specimen_id: str | None = None
     field_ids: list[str] = field(default_factory=list)
     cells: list[ClassifiedCell] = field(default_factory=list)
     records: list[CellRecord] = field(default_factory=list)
@@ -247,7 +249,7 @@ class SpecimenRun:
             flags.append(Flag(code="specimen_in_progress", severity="info", message=progress))
         return Report(
             report_id=str(uuid.uuid4()), kind="specimen", created_at=now, station_id=station_id,
-            run_id=self.run_id, fields_analyzed=len(self.field_ids), source=None,
+            run_id=self.run_id, specimen_id=self.specimen_id, fields_analyzed=len(self.field_ids), source=None,
             models=self.models, counts=agg.counts, wbc_differential=agg.wbc_differential,
             rbc_morphology=sizes_in_doubt(agg.rbc_morphology, flags), rbc_size=agg.rbc_size,
             nrbc_per_100_wbc=agg.nrbc_per_100_wbc, ratios=agg.ratios, flags=flags,
@@ -273,6 +275,7 @@ class ClosedRun:
     #: not known.
     started_at: float | None = None
     started_by: StartedBy | None = None
+    specimen_id: str | None = None
 
     @property
     def complete(self) -> bool:
@@ -281,7 +284,8 @@ class ClosedRun:
     def progress(self) -> dict[str, object]:
         """The closed run's `progress` in its run state and in `get_runs` (an open run's keys)."""
         return {"run_id": self.run_id, "started_by": self.started_by, "started_at": self.started_at,
-                "fields": self.fields, "classified_wbc": self.classified_wbc, "target_wbc": self.target_wbc}
+                "fields": self.fields, "classified_wbc": self.classified_wbc, "target_wbc": self.target_wbc,
+                "specimen_id": self.specimen_id}
 
 
 class SpecimenTracker:
@@ -333,7 +337,7 @@ class SpecimenTracker:
             if run is None:
                 return None
             return RunProgress(run.run_id, run.started_by, run.started_at, len(run.field_ids),
-                               run.classified_wbc, run.target_wbc)
+                               run.classified_wbc, run.target_wbc, run.specimen_id)
 
     def claim_calibration_check(self, run_id: str | None) -> bool:
         """Whether a calibrated field handed to run `run_id` (`run_for_next_field`) checks its calibration
@@ -373,8 +377,10 @@ class SpecimenTracker:
             return self._run.report(station_id=self._station_id, now=self._clock(), thresholds=self._thresholds,
                                     with_cells=with_cells, elapsed_s=self._idle_clock() - self._opened_at)
 
-    def start(self, started_by: StartedBy = "command", target_wbc: int | None = None) -> str:
-        """Open a run and return its id; RunAlreadyOpen if one is open."""
+    def start(self, started_by: StartedBy = "command", target_wbc: int | None = None,
+              specimen_id: str | None = None) -> str:
+        """Open a run (for the specimen `specimen_id`, the lab's identifier, where given) and return
+        its id; RunAlreadyOpen if one is open."""
         with self._lock:
             if self._run is not None:
                 raise RunAlreadyOpen(f"run {self._run.run_id} is open; stop it first")
@@ -382,7 +388,7 @@ class SpecimenTracker:
             if target < 1:
                 raise ValueError("target_wbc must be >= 1")
             self._run = SpecimenRun(target_wbc=target, started_at=self._clock(),
-                                    started_by=started_by)
+                                    started_by=started_by, specimen_id=specimen_id)
             self._active_at = self._opened_at = self._idle_clock()
             self._outside_said = False
             logger.info("specimen run %s started (%s, target %d WBC)",
@@ -483,4 +489,4 @@ class SpecimenTracker:
                     run.run_id, end_reason, len(run.field_ids), run.classified_wbc,
                     run.target_wbc, "" if report else "; no fields, no report")
         return ClosedRun(run.run_id, end_reason, len(run.field_ids), run.classified_wbc,
-                         run.target_wbc, report, run, run.started_at, run.started_by)
+                         run.target_wbc, report, run, run.started_at, run.started_by, run.specimen_id)

@@ -325,7 +325,7 @@ class StationWorkers(ReportWriter):
         run = None
         if open_run is not None and result.report.run_id == open_run.run_id:
             run = RunMeta(open_run.run_id, open_run.started_at, open_run.started_by,
-                          open_run.target_wbc)
+                          open_run.target_wbc, open_run.specimen_id)
         if self.clinic is not None:  # its crops first: a crash once the field is stored must not lose them
             self.clinic.field_added(frame.pixels, result, self.tracker, self.publisher)
         self._emit(Outgoing("field", result.report, frame, result.cells, run))

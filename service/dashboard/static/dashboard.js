@@ -34,6 +34,13 @@ function when(seconds) {
     two(d.getMinutes()) + ":" + two(d.getSeconds()) + (zone ? " " + zone.value : "");
 }
 
+// The lab's identifier of the specimen the run was started for (start_run's specimen_id), from its
+// report or its progress; "" for none (a run started by its first field, or an older station's).
+function specimenOf(report, progress) {
+  const id = (report && report.specimen_id) || (progress && progress.specimen_id);
+  return typeof id === "string" ? id : "";
+}
+
 // When the run started and what started it (progress.started_at/started_by: every run state and
 // get_runs entry since they carry them; none from an older station's).
 function startText(progress) {
@@ -154,7 +161,10 @@ function renderRun(st) {
   st.node.dataset.shown = view.final ? "final" : "interim";
   const started = startText(view.started);
   st.node.dataset.startedAt = view.started && typeof view.started.started_at === "number" ? view.started.started_at : "";
-  line.textContent = (view.earlier ? "earlier run " : "run ") + (view.runId || "-").slice(0, 8) + " · " +
+  const specimen = specimenOf(r, view.started);
+  st.node.dataset.specimen = specimen;
+  line.textContent = (specimen ? "specimen " + specimen + " · " : "") +
+    (view.earlier ? "earlier run " : "run ") + (view.runId || "-").slice(0, 8) + " · " +
     (started ? started + " · " : "") + r.fields_analyzed +
     (r.fields_analyzed === 1 ? " field · " : " fields · ") +
     (view.final ? (r.verification ? "verified specimen report (verified by " + r.verification.verified_by + ", " +
@@ -289,7 +299,8 @@ function renderRuns(st) {
     // length, the same after it is signed)
     const started = r.progress && typeof r.progress.started_at === "number" ? r.progress.started_at
       : r.report.created_at - ((r.report.timing_ms || {}).run_ms || 0) / 1000;
-    const o = el("option", "", "run " + r.run_id.slice(0, 8) + " · " + when(started) +
+    const specimen = specimenOf(r.report, r.progress);
+    const o = el("option", "", (specimen ? specimen + " · " : "") + "run " + r.run_id.slice(0, 8) + " · " + when(started) +
       " · " + r.progress.fields + (r.progress.fields === 1 ? " field · " : " fields · ") +
       (v ? "verified (" + v.verified_by + ")" : "not verified"));
     o.value = r.run_id;

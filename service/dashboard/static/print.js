@@ -4,7 +4,7 @@
 // (interim, preliminary or verified, and by whom), the station, run and report ids, the models that
 // made it and when it was printed; the page's live parts (status, telemetry, the latest field, the
 // review gallery, buttons) are left off (dashboard.css, @media print). Loaded before dashboard.js,
-// whose globals (stations, el, when) these functions use when called. Text from the broker is only
+// whose globals (stations, el, when, specimenOf) these functions use when called. Text from the broker is only
 // ever set with textContent.
 "use strict";
 
@@ -23,7 +23,8 @@ function renderPrintMeta(st, view) {
     : v ? "Verified specimen report: verified by " + v.verified_by + ", " + when(v.verified_at) + "." +
           (v.left_to_review ? " " + v.left_to_review + " cells sent to review were signed as the analyzer called them." : "")
     : "PRELIMINARY machine result, not verified: every result needs review by a qualified person.";
-  ids.textContent = "Station " + st.id + " · run " + (view.runId || "-") + " · report " + (r.report_id || "-") +
+  const specimen = specimenOf(r, view.started);
+  ids.textContent = (specimen ? "Specimen " + specimen + " · " : "") + "Station " + st.id + " · run " + (view.runId || "-") + " · report " + (r.report_id || "-") +
     (typeof r.created_at === "number" ? " of " + when(r.created_at) : "");
   const names = r.models && typeof r.models === "object" ? Object.keys(r.models).sort() : [];
   models.textContent = names.length ? "Models: " + names.map((n) => {
