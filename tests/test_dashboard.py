@@ -74,7 +74,7 @@ def test_server_serves_the_page_and_its_config_and_nothing_else() -> None:
             assert b"dashboard.js" in page.read() and "script-src 'self'" in page.headers["Content-Security-Policy"]
         with urllib.request.urlopen(f"{base}/config.json") as cfg:
             assert json.load(cfg) == {"broker": "wss://broker.lab:8081/mqtt", "topicPrefix": "lab",
-                                      "username": "dash", "password": "pw"}
+                                      "username": "dash", "password": "pw", "runControl": False}
         with urllib.request.urlopen(f"{base}/vendor/mqtt.min.js") as js:
             assert js.headers["Content-Type"].startswith("text/javascript") or "javascript" in js.headers["Content-Type"]
         for bad in ("/../server.py", "/%2e%2e/server.py", "/nothing.html"):
@@ -815,10 +815,12 @@ def test_a_password_typed_wrong_is_asked_again_not_retried(tmp_path: Path, ws_br
 
 
 @contextlib.contextmanager
-def _page_and_a_station(tmp_path: Path, broker: MosquittoBroker) -> Iterator[tuple[Any, Callable[..., None], Path, str]]:
-    """The dashboard in Chromium, and a station's account to publish what a station (or another
-    tool) would: messages made by the test, no daemon. Yields the driver, send(topic, payload,
-    retain=True), the dashboard's log and the page's address."""
+def _page_and_a_station(tmp_path: Path, broker: MosquittoBroker, dashboard_args: tuple[str, ...] = (),
+                        ) -> Iterator[tuple[Any, Callable[..., None], Path, str]]:
+    """The dashboard in Chromium (`smearscope dashboard` with `dashboard_args` too), and a
+    station's account to publish what a station (or another tool) would: messages made by the
+    test, no daemon. Yields the driver, send(topic, payload, retain=True), the dashboard's log and
+    the page's address."""
     import paho.mqtt.client as mqtt
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -829,7 +831,7 @@ def _page_and_a_station(tmp_path: Path, broker: MosquittoBroker) -> Iterator[tup
     http_port = free_port()
     dashboard = _Proc([sys.executable, "-m", "smearscope", "dashboard", "--port", str(http_port),
                        "--broker", f"ws://127.0.0.1:{broker.ws_port}", "--username", "observer",
-                       "--password-file", str(password_file)], log)
+                       "--password-file", str(password_file), *dashboard_args], log)
     station = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     station.username_pw_set("station", MQTT_USERS["station"])
     station.connect("127.0.0.1", broker.port)

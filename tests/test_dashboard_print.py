@@ -19,6 +19,7 @@ from test_dashboard import (
     _closed_run_state,
     _page_and_a_station,
     _specimen,
+    _status,
     _wait,
     needs_chromium,
     ws_broker,  # noqa: F401 (the fixture)
@@ -62,6 +63,9 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
         _wait("the three runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']"))
               == 3, 20, [log])
         inside = lambda s, sel: card(s).find_element(By.CSS_SELECTOR, sel)
+        # served without --run-control: no run form, the station online all the same
+        _wait("ward-b online", lambda: _status(driver, "ward-b") == "online", 20, [log])
+        assert not inside("ward-b", ".run-control").is_displayed()
         # on screen: the specimen first on the run's line, the button, not the paper's header
         assert inside("ward-b", ".run-line").text.startswith("specimen H-2026-0412 · run run-b · ")
         assert inside("ward-c", ".run-line").text.startswith("specimen S/7 <b> · run run-c · ")

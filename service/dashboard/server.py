@@ -54,6 +54,9 @@ class DashboardSettings:
     password: str | None = None
     #: Names the page may be reached by, beside IP addresses, localhost and this machine's own names.
     host_names: tuple[str, ...] = ()
+    #: The page offers each online station's run form (start_run for a specimen id, stop_run): a
+    #: dashboard at the microscope. Off, the page cannot start or stop a run whatever its ACL.
+    run_control: bool = False
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.broker_url)
@@ -68,7 +71,7 @@ class DashboardSettings:
 
     def page_config(self) -> dict[str, object]:
         return {"broker": self.broker_url, "topicPrefix": self.topic_prefix,
-                "username": self.username, "password": self.password}
+                "username": self.username, "password": self.password, "runControl": self.run_control}
 
 
 def _known_host(host: str, names: frozenset[str]) -> bool:

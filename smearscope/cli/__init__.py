@@ -234,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--password-file", type=Path, default=None,
                     help="file holding that account's password (default: the systemd credential "
                     "dashboard-mqtt-password when present)")
+    db.add_argument("--run-control", action="store_true",
+                    help="offer each online station's run form on the page: start a run for a specimen id, stop "
+                    "it (start_run, stop_run; the account's ACL must allow both: docs/MQTT.md). Off: the page "
+                    "only reviews and signs")
     db.set_defaults(func=_lazy("dashboard", "cmd_dashboard"))
     h = sub.add_parser("doctor", help="check a station: config, models, backend, outbox, broker")
     h.add_argument("--config", type=Path, default=None, help="station TOML (default: the embedded station)")

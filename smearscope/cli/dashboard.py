@@ -31,7 +31,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         return 2
     try:
         settings = DashboardSettings(args.broker, args.topic_prefix, args.username,
-                                     _password(args) if args.username else None, tuple(args.host))
+                                     _password(args) if args.username else None, tuple(args.host),
+                                     run_control=args.run_control)
         server = DashboardServer(settings, args.port, args.bind)
     except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: CredentialError
         print(f"smearscope dashboard: {exc}", file=sys.stderr)

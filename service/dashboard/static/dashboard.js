@@ -10,6 +10,7 @@ const stations = new Map();
 let client = null;
 let prefix = "smearscope";
 let brokerUp = false;
+let runControl = false;  // config.json's runControl: `smearscope dashboard --run-control`
 // Command answers reach every page subscribed to the station: each request this page sends carries
 // MQTT 5 correlation data starting with this page's token, and only answers carrying it (or none,
 // from a station speaking MQTT 3.1.1) change what this page shows.
@@ -61,10 +62,12 @@ function setBroker(state, detail) {
   }
 }
 
-function sendCommand(st, name, body) {
+// `refused(err)`: the broker refused the command (MQTT 5 PUBACK reason code, e.g. not authorised
+// by the dashboard account's ACL).
+function sendCommand(st, name, body, refused) {
   const correlation = pageToken + ++requestSeq;
   client.publish(prefix + "/" + st.id + "/cmd/" + name, JSON.stringify(body),
-                 { qos: 1, properties: { correlationData: correlation } });
+                 { qos: 1, properties: { correlationData: correlation } }, (err) => { if (err && refused) refused(err); });
   return correlation;
 }
 
@@ -87,6 +90,9 @@ function station(id) {
   });
   node.querySelector(".verify-run").addEventListener("click", () => verifyRun(st));
   node.querySelector(".print-run").addEventListener("click", () => printRun(st));
+  node.querySelector(".start-run").addEventListener("click", () => startRun(st));
+  node.querySelector(".stop-run").addEventListener("click", () => stopRun(st));
+  node.querySelector(".specimen-id").addEventListener("keydown", (ev) => { if (ev.key === "Enter") startRun(st); });
   node.querySelector(".runs").addEventListener("change", (ev) => pickRun(st, ev.target.value));
   document.getElementById("empty")?.remove();
   const main = document.getElementById("stations");
@@ -139,6 +145,7 @@ function renderStatus(st) {
   badge.dataset.status = value;
   badge.textContent = brokerUp ? value : "unknown (broker unreachable)";
   markTelemetry(st);
+  renderRunControl(st);
   if (st.run) renderRun(st);
 }
 
@@ -155,6 +162,7 @@ function renderRun(st) {
   const now = view && view.earlier ? current(st) : null;
   showCritical(st, view ? view.report.flags : [], now && now.runId !== view.runId ? now.report.flags : []);
   renderPrintMeta(st, view);
+  renderRunControl(st);
   if (!view) { line.textContent = "no specimen run yet"; return; }
   const r = view.report;
   st.node.dataset.runId = view.runId || "";
@@ -395,6 +403,7 @@ function onMessage(topic, payload, packet) {
     }
     else if (kind === "cmd_response/type_cells") typedAnswer(st, msg, mine);
     else if (kind === "cmd_response/verify_run" && mine) verifiedAnswer(st, msg);
+    else if (kind === "cmd_response/start_run" || kind === "cmd_response/stop_run") runControlAnswer(st, kind.slice("cmd_response/".length), msg, correlation);
     else if (kind === "cmd_response/get_runs" && mine && msg.ok && Array.isArray(msg.runs)) {
       st.runs = msg.runs;
       if (st.pinned) {  // the entry again (a verified report in its place), or gone: back to the current run
@@ -408,6 +417,7 @@ function onMessage(topic, payload, packet) {
 
 function connect(cfg, username, password, login) {
   prefix = cfg.topicPrefix;
+  runControl = cfg.runControl === true;
   // timerVariant native: MQTT.js's default keepalive timers run in a worker made from a blob,
   // which the page's Content-Security-Policy refuses; without them the broker closed the page's
   // connection every keepalive period.
@@ -423,7 +433,8 @@ function connect(cfg, username, password, login) {
     for (const st of stations.values()) st.status = null;
     setBroker("connected");
     const topics = ["status", "run", "report", "telemetry", "cmd_response/get_review", "cmd_response/get_runs",
-                    "cmd_response/type_cells", "cmd_response/verify_run"].map((t) => prefix + "/+/" + t);
+                    "cmd_response/type_cells", "cmd_response/verify_run", "cmd_response/start_run",
+                    "cmd_response/stop_run"].map((t) => prefix + "/+/" + t);
     client.subscribe(topics, { qos: 1 });
     for (const st of stations.values()) {
       if (st.reviewRun) scheduleReview(st);

@@ -1,0 +1,138 @@
+"""A run started for a specimen, and stopped, from the clinic dashboard in a real browser (Chromium
+through selenium, as tests/test_dashboard.py), against a real mosquitto: the command the page
+sends, what it says of the station's answer, of a station offline, and of a broker whose ACL
+refuses the dashboard's account the command. The form is there only with `smearscope dashboard
+--run-control` (tests/test_dashboard_print.py checks a dashboard served without it shows none)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, Subscriber
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from test_dashboard import (
+    _closed_run_state,
+    _page_and_a_station,
+    _specimen,
+    _status,
+    _wait,
+    needs_chromium,
+    ws_broker,  # noqa: F401 (the fixture)
+)
+
+STATION = "ward-r"
+BASE = f"smearscope/{STATION}"
+
+
+def _answer(send_raw, name: str, body: dict, correlation: bytes | None) -> None:
+    send_raw(f"{BASE}/cmd_response/{name}", json.dumps(body), correlation)
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_second_click(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    import paho.mqtt.client as mqtt
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    commands = Subscriber(ws_broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/cmd/#"])
+    station = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    station.username_pw_set("station", MQTT_USERS["station"])
+    station.connect("127.0.0.1", ws_broker.port)
+    station.loop_start()
+
+    def send_raw(topic: str, payload: str, correlation: bytes | None) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        if correlation is not None:
+            props.CorrelationData = correlation
+        station.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
+
+    sent = lambda name: [m for m in commands.messages if m.topic == f"{BASE}/cmd/{name}"]
+    try:
+        commands.wait_ready()
+        with _page_and_a_station(tmp_path, ws_broker, ("--run-control",)) as (driver, send, log, url):
+            send(f"{BASE}/status", "offline")
+            driver.get(url)
+            inside = lambda sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}'] {sel}")
+            _wait("the offline station", lambda: _status(driver, STATION) == "offline", 20, [log])
+            assert not inside(".run-control").is_displayed()  # a command now would be lost
+            send(f"{BASE}/status", "online")
+            _wait("the form", lambda: inside(".run-control").is_displayed(), 20, [log])
+            assert inside(".start-run").is_displayed() and not inside(".stop-run").is_displayed()
+            state = lambda: inside(".run-control-state")
+            inside(".start-run").click()  # no id typed: nothing sent
+            assert state().get_attribute("data-state") == "error" and state().text.startswith("specimen id needed")
+            inside(".specimen-id").send_keys("  H-2026-0412 ", Keys.ENTER)  # as a barcode scanner types it
+            _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
+            (start,) = sent("start_run")
+            assert json.loads(start.payload) == {"specimen_id": "H-2026-0412"} and state().text == "start a run…"
+            assert (start.correlation_data or b"").startswith(b"dashboard-")
+            _answer(send_raw, "start_run", {"ok": False, "error": "run_open", "message": "other page's run"}, b"other")
+            time.sleep(0.5)  # another page's answer changes nothing here
+            assert state().text == "start a run…"
+            _answer(send_raw, "start_run", {"ok": True, "run_id": "3f2a9c1e-aaaa", "target_wbc": 100,
+                                            "specimen_id": "H-2026-0412"}, start.correlation_data)
+            _wait("the answer", lambda: state().get_attribute("data-state") == "saved", 20, [log])
+            assert state().text == "run 3f2a9c1e started for specimen H-2026-0412"
+            assert inside(".specimen-id").get_attribute("value") == ""
+            # the run open (its state): Stop instead of Start; the first click only asks
+            report = _specimen(STATION, "3f2a9c1e-aaaa", [], time.time()).model_copy(update={"specimen_id": "H-2026-0412"})
+            send(f"{BASE}/run", json.dumps({**_closed_run_state(report), "state": "open"}))
+            _wait("Stop run", lambda: inside(".stop-run").is_displayed(), 20, [log])
+            assert not inside(".start-run").is_displayed() and not inside(".specimen-id").is_displayed()
+            inside(".stop-run").click()
+            assert inside(".stop-run").text == "Confirm stop"
+            time.sleep(0.5)
+            assert sent("stop_run") == []
+            inside(".stop-run").click()
+            _wait("stop_run sent", lambda: len(sent("stop_run")) == 1, 20, [log])
+            assert inside(".stop-run").text == "Stop run"
+            _answer(send_raw, "stop_run", {"ok": True, "run_id": "3f2a9c1e-aaaa", "fields": 12, "classified_wbc": 57,
+                                           "target_wbc": 100, "complete": False, "report_id": "r"},
+                    sent("stop_run")[0].correlation_data)
+            _wait("the stop's answer", lambda: state().text == "run 3f2a9c1e stopped: 12 fields, 57 of 100 WBC", 20, [log])
+            send(f"{BASE}/run", json.dumps(_closed_run_state(report)))
+            _wait("Start again", lambda: inside(".start-run").is_displayed(), 20, [log])
+            # a station that does not answer: said after 15 s, not waited for
+            inside(".specimen-id").send_keys("H-2", Keys.ENTER)
+            _wait("no answer said", lambda: state().text == "no answer from the station", 25, [log])
+    finally:
+        station.loop_stop()
+        station.disconnect()
+        commands.close()
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_broker_whose_acl_refuses_the_dashboard_start_run_is_said_on_the_page(tmp_path: Path) -> None:
+    """The dashboard's account may lack start_run (a dashboard that only shows): mosquitto answers
+    the MQTT 5 publish "not authorised", and the page says so at once rather than wait for an
+    answer that cannot come."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    acl = ("user station\ntopic readwrite smearscope/#\n\n"
+           "user observer\ntopic read smearscope/#\ntopic write smearscope/+/cmd/get_runs\n"
+           "topic write smearscope/+/cmd/get_review\n")
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, websockets=True, acl=acl)
+    broker.start()
+    try:
+        with _page_and_a_station(tmp_path, broker, ("--run-control",)) as (driver, send, log, url):
+            send(f"{BASE}/status", "online")
+            driver.get(url)
+            inside = lambda sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}'] {sel}")
+            _wait("the station", lambda: _status(driver, STATION) == "online", 20, [log])
+            assert inside(".run-control").is_displayed()
+            inside(".specimen-id").send_keys("H-2026-0412", Keys.ENTER)
+            state = lambda: inside(".run-control-state")
+            _wait("the refusal", lambda: state().get_attribute("data-state") == "error", 10, [log])
+            assert state().text.startswith("the broker refused the command (") and state().text.endswith(
+                "this dashboard's account may not start a run"), state().text
+    finally:
+        broker.stop()
