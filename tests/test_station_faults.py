@@ -188,7 +188,7 @@ def test_a_crash_loop_over_a_watched_folder_loses_no_file_and_no_run(
     restarts = [b for b in specimens if any("restart" in f["message"] for f in b["flags"])]
     assert restarts, "no run was left open by a kill?"
     # runs resumed at a quick restart: their fields stored by two processes, in one report
-    runs_of = [{m[1] for m in (re.search(r"stored field message .* run=(\S+) ", ln) for ln in p.lines) if m}
+    runs_of = [{m[1] for m in (re.search(r"stored field message .* run=(\S+)", ln) for ln in p.lines) if m}
                for p in processes]
     spanning = {r for a, b in itertools.pairwise(runs_of) for r in a & b if r != "None"}
     assert spanning and spanning <= set(run_fields), (spanning, [p.lines[-5:] for p in processes])

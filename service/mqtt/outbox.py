@@ -184,6 +184,8 @@ class Outbox:
         if str(mode).lower() != "wal":
             raise RuntimeError(f"outbox {self.path}: cannot enable WAL (journal_mode={mode})")
         conn.execute("PRAGMA synchronous=FULL")
+        # an acknowledged report's bytes are overwritten, not left in free pages (whatever the build's default)
+        conn.execute("PRAGMA secure_delete=ON")
         # secure delete writes freed pages to the WAL: a large delete must not leave it that large
         conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
         # A write transaction takes the exclusive lock now, not at the first put.

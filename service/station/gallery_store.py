@@ -124,6 +124,7 @@ class GalleryStore:
             try:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")  # a power cut keeps what was written
+                db.execute("PRAGMA secure_delete=ON")  # a deleted run's crops are overwritten, not left in free pages
                 # the WAL counts in [review] max_disk_mb: checkpointed well before SQLite's default
                 # 1000 pages (4 MB, many times a default gallery's own file), and cut back after
                 db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")

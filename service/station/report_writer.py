@@ -129,8 +129,9 @@ class ReportWriter:
                                         field_id, report.fields_analyzed,
                                         report.counts.model_dump()))
         self.stats.add("stored")
-        logger.info("stored %s message report_id=%s seq=%d run=%s field=%s", item.kind,
-                    report.report_id, seq, report.run_id, field_id)
+        # the field id holds a watched folder's file name, which may name the patient: not at INFO
+        logger.info("stored %s message report_id=%s seq=%d run=%s", item.kind, report.report_id, seq, report.run_id)
+        logger.debug("stored %s message report_id=%s is field %s", item.kind, report.report_id, field_id)
 
     def _store_once(self, item: Outgoing) -> int:
         """One transaction: the compact report, its cells messages and the state they change."""

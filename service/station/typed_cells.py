@@ -125,6 +125,7 @@ class TypedCellStore:
                 # FULL: each type synced at its commit, before type_cells answers it stored (WAL's NORMAL
                 # syncs at checkpoints only: a power cut took back types a run was then signed without)
                 self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA secure_delete=ON")  # a removed type is overwritten, not left in free pages
                 self._db.execute(_SCHEMA)
                 if "kind" not in self._columns():  # a file from before red cells were typed
                     self._db.execute("ALTER TABLE typed_white_cells ADD COLUMN kind TEXT NOT NULL DEFAULT 'wbc'")

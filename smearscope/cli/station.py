@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,9 +13,15 @@ from smearscope.service.config import EXIT_CONFIG, ConfigError, load_config, pri
 logger = logging.getLogger(__name__)
 
 
+#: Bits the station's files never grant: reports, crops and file names are the lab's, not other users'
+#: (as the systemd unit's UMask=0027; started by hand under umask 022 they would be world-readable).
+PRIVATE_UMASK = 0o027
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from smearscope.service.station.daemon import run_daemon
 
+    os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)  # stricter bits the caller set are kept
     return run_daemon(args.config, max_fields=args.max_fields, log_level=args.log_level)
 
 
