@@ -156,6 +156,26 @@ def test_a_hostile_request_is_answered_with_the_pages_policy_not_dropped(capfd: 
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_no_answer_is_cached_or_names_the_dashboard_to_other_sites() -> None:
+    """The page shows patients' results and config.json the broker password: every answer, the
+    404s and http.server's own error pages included, says `Cache-Control: no-store` (once) and
+    `Referrer-Policy: no-referrer`. The error pages (501 here) were cacheable and no answer set a
+    referrer policy."""
+    server = DashboardServer(DashboardSettings("ws://broker.lab:9001", "lab", "dash", "pw"), port=0)
+    server.start()
+    try:
+        requests = [f"GET {path} HTTP/1.0\r\n\r\n".encode()
+                    for path in ("/", "/index.html", "/config.json", "/dashboard.js", "/vendor/mqtt.min.js", "/nothing")]
+        requests.append(b"POST / HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello")
+        for request in requests:
+            head = _raw_answer(server.port, request).split(b"\r\n\r\n")[0].split(b"\r\n")
+            assert head[0].split()[1] in (b"200", b"404", b"501"), head
+            assert head.count(b"Cache-Control: no-store") == 1, (request[:30], head)
+            assert b"Referrer-Policy: no-referrer" in head, (request[:30], head)
+    finally:
+        server.stop()
+
+
 def test_the_password_is_not_served_under_another_sites_name() -> None:
     """DNS rebinding: a page of another site whose name the attacker points at the dashboard's
     address reads /config.json as same-origin, broker password included (and may then sign runs
@@ -232,6 +252,7 @@ def test_connections_past_the_bound_are_answered_503_at_once_and_a_freed_slot_se
         busy = _raw_answer(server.port, b"GET / HTTP/1.0\r\n\r\n")
         assert busy.startswith(b"HTTP/1.0 503 "), busy[:200]
         assert b"Retry-After: 5" in busy and b"Content-Security-Policy: " in busy
+        assert b"Cache-Control: no-store" in busy and b"Referrer-Policy: no-referrer" in busy
         assert busy.endswith(b"dashboard busy: too many connections\r\n")
         assert b"config" not in busy
         slow.pop().close()

@@ -41,7 +41,7 @@ IDLE_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 64
 _BUSY_BODY = b"dashboard busy: too many connections\r\n"
 _BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-         b"Retry-After: 5\r\nCache-Control: no-store\r\nConnection: close\r\n"
+         b"Retry-After: 5\r\nCache-Control: no-store\r\nReferrer-Policy: no-referrer\r\nConnection: close\r\n"
          b"Content-Security-Policy: " + _CSP.encode() + b"\r\nX-Content-Type-Options: nosniff\r\n"
          b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
@@ -131,9 +131,13 @@ def _handler(settings: DashboardSettings, deadline_s: float, idle_s: float) -> t
                 super().finish()
 
         def end_headers(self) -> None:
-            """Every answer carries the page's policy, also http.server's own error pages (400, 431, 501)."""
+            """Every answer carries the page's policy, also http.server's own error pages (400, 431, 501):
+            nothing kept in a browser's or proxy's cache (config.json holds the broker password; the
+            page shows patients' results), and no Referer naming this server sent anywhere."""
             self.send_header("Content-Security-Policy", _CSP)
             self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Referrer-Policy", "no-referrer")
             super().end_headers()
 
         def do_GET(self) -> None:
@@ -174,7 +178,6 @@ def _handler(settings: DashboardSettings, deadline_s: float, idle_s: float) -> t
             self.send_response(status)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
             self.end_headers()
             if with_body:
                 self.wfile.write(body)
