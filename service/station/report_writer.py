@@ -131,7 +131,8 @@ class ReportWriter:
         self.stats.add("stored")
         # the field id holds a watched folder's file name, which may name the patient: not at INFO
         logger.info("stored %s message report_id=%s seq=%d run=%s", item.kind, report.report_id, seq, report.run_id)
-        logger.debug("stored %s message report_id=%s is field %s", item.kind, report.report_id, field_id)
+        if field_id is not None:
+            logger.debug("stored %s message report_id=%s is field %s", item.kind, report.report_id, field_id)
 
     def _store_once(self, item: Outgoing) -> int:
         """One transaction: the compact report, its cells messages and the state they change."""
