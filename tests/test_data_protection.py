@@ -79,6 +79,20 @@ def test_a_run_the_gallery_lets_go_is_overwritten_in_its_file(
     assert MARKER not in _bytes_on_disk(review / FILE_NAME)
 
 
+def test_a_run_the_gallery_lets_go_takes_its_overlays_with_it(tmp_path: Path) -> None:
+    """Overlays (full-size fields, named by the field id) of a run no command can reach any more
+    were kept until the review directory reached max_disk_mb (200 MB: thousands of fields)."""
+    review, pool = tmp_path / "review", oracle_pool()
+    gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
+    runs = [f"run-{k}" for k in range(KEEP_RUNS + 3)]
+    for run_id in runs:
+        gallery.add_field(run_id, _image(pool[0]), pool[0])
+    kept = gallery.run_ids()
+    assert kept == runs[2:]
+    assert sorted(p.name for p in review.iterdir() if p.is_dir()) == kept
+    assert all(len(list((review / r).glob("*.jpg"))) == 1 for r in kept)
+
+
 def test_a_removed_cell_type_is_overwritten_in_the_typed_cells_file(
         tmp_path: Path, build_without_secure_delete: None) -> None:
     path = tmp_path / "typed_cells.sqlite3"

@@ -254,12 +254,16 @@ class ReviewGallery:
                 gallery.overlays = [p for p in gallery.overlays if p not in written[1]] + [path]
             gallery.latest_thumbnail = {"field_id": field_id, "width": thumbnail.shape[1],
                                         "height": thumbnail.shape[0], "jpeg": thumb_jpeg}
+            let_go = []
             while len(self._runs) > KEEP_RUNS + 1:
                 gone = self._runs.popitem(last=False)[0]
                 self._drops.add(gone)
                 self._unsaved.discard(gone)
+                let_go.append(gone)
             change = RunChange(run_id, added, displaced, gallery.not_kept, gallery.latest_thumbnail)
         self._persist(change, path is not None or self._free() >= self._floor)
+        for gone in let_go:  # no command reaches a run the gallery let go: its overlays go with its crops
+            self._remove_overlays(gone)
         self._enforce_disk_cap()  # a new overlay or more crops in the gallery's file: the cap again
         return kept
 
@@ -408,6 +412,18 @@ class ReviewGallery:
     def _run_folder(self, run_id: str) -> Path:
         """Where a run's overlays are written."""
         return self.directory / safe_name(run_id)
+
+    def _remove_overlays(self, run_id: str) -> None:
+        """Delete a run's overlay files and their folder (said at WARNING when one cannot be)."""
+        folder = self._run_folder(run_id)
+        try:
+            for old in folder.glob("*.jpg"):
+                old.unlink(missing_ok=True)
+            folder.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("cannot remove the overlays of run %s (%s): %s", run_id, folder, exc)
 
     def _write_overlay(self, run_id: str, field_id: str, overlay: np.ndarray) -> tuple[Path, list[Path]] | None:
         """The field's overlay file and its earlier ones it replaced; None when not written."""
