@@ -573,3 +573,32 @@ def test_a_folder_run_again_with_its_overlays_in_it_analyses_the_fields_only(tmp
     assert again.returncode == 0, again.stderr[-800:]
     alone = smearscope("analyze", str(folder / "f.overlay.png"), "--json")
     assert alone.returncode == 0 and json.loads(alone.stdout)["source"]["frame_id"] == "f.overlay.png"
+
+
+@needs_models
+def test_one_image_analysed_twice_gives_the_same_report_naming_the_software_and_models(tmp_path):
+    """Reproducibility and traceability, as a lab's quality manager checks them: the same image
+    analysed twice gives the same counts, differential, grades, flags and cells (only the ids, the
+    times and the timings differ), and the report and its FHIR Device name the smearscope version
+    that made it (as `smearscope --version` prints it) beside each model's sha256."""
+    img = tmp_path / "field.png"
+    _render(img, 11)
+    runs = []
+    for n in (1, 2):
+        proc = smearscope("analyze", str(img), "--json", "--microns-per-pixel", "0.1", "--fhir", str(tmp_path / f"{n}.json"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append((json.loads(proc.stdout), json.loads((tmp_path / f"{n}.json").read_text())))
+    (first, first_bundle), (second, second_bundle) = runs
+    assert first["report_id"] != second["report_id"]
+    for rep in (first, second):
+        for key in ("report_id", "created_at", "timing_ms"):
+            rep.pop(key)
+        rep["source"].pop("captured_at")  # when the file was read: an image file carries no capture time
+    assert first["counts"]["rbc"] > 0 and first["cells"]
+    assert first == second
+    installed = smearscope("--version").stdout.split()[-1]
+    assert first["software_version"] == installed and first["schema_version"] == "1.2"
+    for bundle in (first_bundle, second_bundle):
+        device = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Device")
+        assert device["version"][0] == {"type": {"text": "software"}, "value": installed}
+        assert {v["type"]["text"] for v in device["version"][1:]} == set(first["models"])

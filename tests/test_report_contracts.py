@@ -449,10 +449,10 @@ def test_field_reports_carry_no_run_identifier():
 
 
 def test_a_report_says_its_schema_version_and_a_stored_one_of_the_version_before_is_still_read():
-    """Reports are "1.2" since they may name their specimen, "1.1" since sickle cells read "present"
-    (a consumer holding the 1.0 schema would refuse that grade); a "1.0" report kept by a station or
-    a consumer, sickle cells graded 3+, still validates against the committed schema, loads, and
-    reads "present" in FHIR."""
+    """Reports are "1.2" since they name their software version and may name their specimen ("1.1":
+    sickle cells read "present"; a consumer holding the 1.0 schema would refuse that grade); a "1.0"
+    report kept by a station or a consumer, sickle cells graded 3+, still validates against the
+    committed schema, loads, and reads "present" in FHIR."""
     import json
 
     import jsonschema

@@ -22,7 +22,7 @@ from test_typed_cells import _config_text, _station
 from smearscope.device.frame import Frame
 from smearscope.service.analysis.pipeline import Analyzer
 from smearscope.service.analysis.records import CellKind
-from smearscope.service.analysis.report import Verification
+from smearscope.service.analysis.report import Verification, software_version
 from smearscope.service.fhir import codes
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.station.clinic import _left_to_review
@@ -86,6 +86,8 @@ def test_typed_cells_are_counted_as_typed_and_the_analyzers_label_is_kept(run):
     assert after.cells[g].label == new and after.cells[g].machine_label == in_field[k].label
     assert after.cells[g].atypical is False
     assert _count(after, new) == _count(before, new) + 1
+    # the signed report names the software that made it, as the preliminary one does
+    assert after.software_version == before.software_version == software_version() != "(not installed)"
     # the cell counted as classified now, whatever the analyzer made of it
     assert verified.classified_wbc == run.classified_wbc + (in_field[k].label == "unidentified")
     # the run itself is untouched

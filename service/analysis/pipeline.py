@@ -62,6 +62,7 @@ from smearscope.service.analysis.report import (
     SourceInfo,
     StainInfo,
     StationMeansInfo,
+    software_version,
 )
 from smearscope.service.analysis.roi import RoiFilter, route
 from smearscope.service.analysis.scale import (
@@ -442,6 +443,7 @@ class Analyzer:
         timing["total_ms"] = (time.perf_counter() - t_all) * 1000
         report = Report(
             report_id=str(uuid.uuid4()), kind="field", created_at=time.time(), station_id=self.station_id, run_id=run_id,
+            software_version=software_version(),
             source=SourceInfo(frame_id=frame.frame_id, source=frame.source, captured_at=frame.captured_at,
                               image=ImageInfo(width=w, height=h)),
             scale=ScaleInfo(microns_per_pixel=round(est.microns_per_pixel, 5), method=est.method,

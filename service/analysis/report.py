@@ -6,14 +6,26 @@ fails when the two differ, so consumers can rely on the file.
 
 from __future__ import annotations
 
+import functools
+from importlib.metadata import PackageNotFoundError, version
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 #: "1.1": a morphology row's `grade` may read "present" (sickle cells are reported present or none, as
 #: ICSH reports them). A "1.0" report is still read; it may grade sickle cells 1+ to 3+ (docs/MQTT.md).
-#: "1.2": `specimen_id`, the lab's identifier of the specimen a run was started for (start_run).
+#: "1.2": a report names the smearscope version that made it (`software_version`), and a specimen report
+#: the lab's identifier of the specimen its run was started for (`specimen_id`, start_run).
 SCHEMA_VERSION = "1.2"
+
+
+@functools.cache
+def software_version() -> str:
+    """The installed smearscope's version, which every report names (what made this result)."""
+    try:
+        return version("smearscope")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 class _Strict(BaseModel):
@@ -228,6 +240,8 @@ class Report(_Strict):
     report_id: str
     kind: Literal["field", "specimen"]
     created_at: float
+    software_version: str | None = Field(None, description="the smearscope version that made this report (as "
+                                         "`smearscope --version` prints it); absent in reports from before 1.2")
     station_id: str | None = None
     run_id: str | None = Field(None, description="specimen run this field/report belongs to")
     specimen_id: str | None = Field(

@@ -152,13 +152,17 @@ def _device(b: _Builder) -> None:
     r = b.report
     device: Resource = {"resourceType": "Device",
                         "deviceName": [{"name": "smearscope", "type": "model-name"}]}
+    # the software first: with the models below, what made these results (ISO 15189 traceability)
+    versions = [{"type": {"text": "software"}, "value": r.software_version}] if r.software_version else []
     if r.models:
-        device["version"] = [{"type": {"text": role}, "value": f"{m.name} sha256:{m.sha256} ({m.backend})"
-                              + (f" manifest sha256:{m.manifest_sha256}" if m.manifest_sha256 else "")}
-                             for role, m in sorted(r.models.items())]
+        versions += [{"type": {"text": role}, "value": f"{m.name} sha256:{m.sha256} ({m.backend})"
+                      + (f" manifest sha256:{m.manifest_sha256}" if m.manifest_sha256 else "")}
+                     for role, m in sorted(r.models.items())]
         # a head adapted to this station (smearscope adapt-wbc): which class means typed the cells
-        device["version"] += [{"type": {"text": f"{role} station means"}, "value": f"sha256:{m.station_means.sha256}"}
-                              for role, m in sorted(r.models.items()) if m.station_means is not None]
+        versions += [{"type": {"text": f"{role} station means"}, "value": f"sha256:{m.station_means.sha256}"}
+                     for role, m in sorted(r.models.items()) if m.station_means is not None]
+    if versions:  # FHIR JSON has no empty arrays
+        device["version"] = versions
     if r.station_id:
         device["identifier"] = [{"system": codes.ID_STATION, "value": r.station_id}]
     b.add("device", device)

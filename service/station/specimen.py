@@ -28,7 +28,14 @@ from smearscope.service.analysis.aggregate import (
 from smearscope.service.analysis.morphology import SIZE_BASED
 from smearscope.service.analysis.pipeline import KIND_FROM_HEAD_LABEL, FieldResult
 from smearscope.service.analysis.records import ARTEFACT, CellKind, ClassifiedCell
-from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Reclassified, Report
+from smearscope.service.analysis.report import (
+    CellRecord,
+    Flag,
+    ModelInfo,
+    Reclassified,
+    Report,
+    software_version,
+)
 from smearscope.service.analysis.specimen_scale import SpecimenScale
 from smearscope.service.config import SpecimenConfig
 from smearscope.service.station.run_records import EndReason, RunProgress, StartedBy
@@ -249,6 +256,7 @@ class SpecimenRun:
             flags.append(Flag(code="specimen_in_progress", severity="info", message=progress))
         return Report(
             report_id=str(uuid.uuid4()), kind="specimen", created_at=now, station_id=station_id,
+            software_version=software_version(),
             run_id=self.run_id, specimen_id=self.specimen_id, fields_analyzed=len(self.field_ids), source=None,
             models=self.models, counts=agg.counts, wbc_differential=agg.wbc_differential,
             rbc_morphology=sizes_in_doubt(agg.rbc_morphology, flags), rbc_size=agg.rbc_size,
