@@ -6,6 +6,7 @@ Each source kind owns its config model; `SourceConfig` is what the station confi
 
 from __future__ import annotations
 
+import datetime
 import logging
 from typing import Annotated, Literal
 
@@ -44,6 +45,28 @@ class _CommonSourceFields(SourceBaseModel):
         le=SCALE_RANGE_UM[1],
         allow_inf_nan=False,
     )
+    microns_per_pixel_calibrated_on: datetime.date | None = Field(
+        default=None,
+        title="Date of the scale's calibration",
+        description="The day microns_per_pixel was measured with a stage micrometer (YYYY-MM-DD; "
+        "`smearscope calibrate-scale` prints the line). The station logs the calibration's age at start; "
+        "it and `doctor` warn when it is older than microns_per_pixel_recheck_days, or unset while "
+        "microns_per_pixel is set. Only with microns_per_pixel.",
+    )
+    microns_per_pixel_recheck_days: int = Field(
+        default=365,
+        title="Scale calibration due after (days)",
+        description="Age of microns_per_pixel_calibrated_on from which the station's start and `doctor` "
+        "warn that the scale is due to be measured again (the lab's own interval; 1 to 3650).",
+        ge=1,
+        le=3650,
+    )
+
+    @model_validator(mode="after")
+    def _dated_scale_only(self) -> _CommonSourceFields:
+        if self.microns_per_pixel_calibrated_on is not None and self.microns_per_pixel is None:
+            raise ValueError("microns_per_pixel_calibrated_on dates a calibration, but microns_per_pixel is unset")
+        return self
 
 
 class CameraSourceConfig(_CommonSourceFields):

@@ -7,6 +7,7 @@ fields that are no ruling at all (cells, lamp flicker bands)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -167,7 +168,7 @@ def test_calibrate_scale_text_gives_the_config_line_and_the_warnings(tmp_path):
     cv2.imwrite(str(plain), render_micrometer(1024, 768, 0.12, angle_deg=8.0))
     proc = calibrate(plain)
     assert proc.returncode == 0, proc.stderr
-    last = proc.stdout.strip().splitlines()[-1]
+    last = "\n".join(proc.stdout.strip().splitlines()[-2:])
     assert tomllib.loads(last)["microns_per_pixel"] == pytest.approx(0.12, rel=0.005), proc.stdout
     assert "warning:" not in proc.stdout
     grid = tmp_path / "grid.png"
@@ -176,7 +177,7 @@ def test_calibrate_scale_text_gives_the_config_line_and_the_warnings(tmp_path):
     assert proc.returncode == 0, proc.stderr
     warnings = [ln for ln in proc.stdout.splitlines() if ln.startswith("warning: ")]
     assert any("two directions" in w for w in warnings), proc.stdout
-    assert tomllib.loads(proc.stdout.strip().splitlines()[-1])["microns_per_pixel"] == pytest.approx(0.25, rel=0.003)
+    assert tomllib.loads(proc.stdout.strip().splitlines()[-2])["microns_per_pixel"] == pytest.approx(0.25, rel=0.003)
     as_json = json.loads(calibrate(grid, "--json").stdout)
     assert [f"warning: {w}" for w in as_json["warnings"]] == warnings
 
@@ -217,3 +218,39 @@ def test_a_round_field_of_view_is_measured_not_refused(angle, radius, soft):
     img = _field_stop(render_micrometer(800, 600, 0.25, angle_deg=angle, seed=3), radius * 600, soft)
     r = measure_micrometer(img, 10.0)
     assert r.microns_per_pixel == pytest.approx(0.25, rel=0.005)
+
+
+def test_calibrate_scale_says_what_the_calibration_record_keeps_and_the_config_takes_its_lines(tmp_path):
+    """A lab records each calibration: when, from which image, the ruling and what was measured.
+    The text output names them (the image by its sha256), and its config lines, pasted into a
+    station's [source], load; the station's start and doctor then read the calibration's age."""
+    import datetime
+    import hashlib
+    import logging
+
+    from smearscope.service.config import load_config
+    from smearscope.service.station.scale_record import scale_calibration_note
+
+    path = tmp_path / "micrometer.png"
+    cv2.imwrite(str(path), render_micrometer(1024, 768, 0.12, angle_deg=8.0))
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "calibrate-scale", str(path)],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    record = next(ln for ln in lines if ln.startswith("record: "))
+    assert hashlib.sha256(path.read_bytes()).hexdigest() in record and "10 um divisions" in record
+    assert re.search(r"measured \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00 ", record) and " px per division over " in record
+    today = datetime.date.today()
+    assert lines[-1] == f"microns_per_pixel_calibrated_on = {today.isoformat()}"
+    config = tmp_path / "station.toml"
+    config.write_text('station_id = "s1"\n[source]\nkind = "folder"\n'
+                      f'path = "{tmp_path / "inbox"}"\n' + "\n".join(lines[-2:]) + "\n")
+    loaded = load_config(config)
+    assert loaded.source.microns_per_pixel == pytest.approx(0.12, rel=0.005)
+    assert loaded.source.microns_per_pixel_calibrated_on == today
+    level, text = scale_calibration_note(loaded, today)
+    assert level == logging.INFO and f"calibrated on {today} (0 days ago; due again in 365 days)" in text
+    as_json = json.loads(subprocess.run([sys.executable, "-m", "smearscope", "calibrate-scale", str(path), "--json"],
+                                        check=False, capture_output=True, text=True, timeout=120).stdout)
+    assert as_json["calibrated_on"] == today.isoformat() and as_json["image_sha256"] in record
+    assert as_json["measured_at"].endswith("+00:00") and as_json["division_um"] == 10.0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import logging
 import sys
 import threading
@@ -60,6 +61,7 @@ from smearscope.service.station.notify import (
 from smearscope.service.station.preflight import config_field, file_problems, source_field
 from smearscope.service.station.reload import compare
 from smearscope.service.station.requests import RequestQueue
+from smearscope.service.station.scale_record import scale_calibration_note
 from smearscope.service.station.specimen import SpecimenPolicy, SpecimenTracker
 from smearscope.service.station.startup import (
     EXIT_FAILURE,
@@ -223,6 +225,8 @@ class StationDaemon:
                     cfg.source.kind, self.workers.frames.policy)
         if wrong := clock_before_release():  # said again by the outbox once network time steps it
             logger.warning("%s", wrong)
+        if note := scale_calibration_note(cfg, datetime.date.today()):
+            logger.log(note[0], "scale: %s", note[1])
 
     def supervise(self) -> None:
         """Main-thread loop: STATUS= on change, reloads, broker notice, worker health."""

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -54,19 +56,30 @@ def cmd_calibrate_scale(args: argparse.Namespace) -> int:
             f"{args.division_um:g} um division) is outside "
             f"{lo}..{hi}, the scales the analyzer accepts: check --division-um against the micrometer's ruling")}}))
         return 2
+    # what a lab's calibration record keeps: when, from which image, the ruling and what was measured
+    measured_at = datetime.datetime.now(datetime.timezone.utc)
+    image_sha256 = hashlib.sha256(Path(args.image).read_bytes()).hexdigest()
     if args.json:
         print(json.dumps({"microns_per_pixel": round(r.microns_per_pixel, 6), "period_px": round(r.period_px, 3),
                           "angle_deg": round(r.angle_deg, 2), "periods_seen": round(r.periods_seen, 1),
                           "prominence": round(r.prominence, 2), "contrast": round(r.contrast, 3),
                           "division_um": args.division_um, "warnings": list(r.warnings),
-                          "config_key": "source.microns_per_pixel"}))
+                          "config_key": "source.microns_per_pixel",
+                          "calibrated_on": datetime.date.today().isoformat(),
+                          "measured_at": measured_at.isoformat(timespec="seconds"), "image": str(args.image),
+                          "image_sha256": image_sha256}))
     else:
         print(f"{r.microns_per_pixel:.5f} um/px  ({r.period_px:.2f} px per {args.division_um:g} um division, "
               f"lines at {r.angle_deg:.1f} deg, {r.periods_seen:.1f} divisions measured)")
         for w in r.warnings:
             print(f"warning: {w}")
+        print(f"record: measured {measured_at.isoformat(timespec='seconds')} from {args.image} (sha256 "
+              f"{image_sha256}), {args.division_um:g} um divisions, {r.period_px:.3f} px per division over "
+              f"{r.periods_seen:.1f} divisions; add the micrometer's identity and certificate, the "
+              "objective, the camera and its resolution")
         print("put in the station config, [source] section (the camera through this objective):")
         print(f"microns_per_pixel = {r.microns_per_pixel:.5f}")
+        print(f"microns_per_pixel_calibrated_on = {datetime.date.today().isoformat()}")
     return 0
 
 

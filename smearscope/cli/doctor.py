@@ -446,6 +446,7 @@ def _connack(mqtt, protocol, password: str | None, timeout: float):
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from smearscope.service.mqtt.wall_clock import clock_before_release, clock_reading
+    from smearscope.service.station.scale_record import scale_checks
 
     checks, config = _config_checks(args.config)
     checks.insert(0, ("WARN", "clock", wrong) if (wrong := clock_before_release()) else ("OK", "clock", clock_reading()))
@@ -457,7 +458,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             lambda: model_checks(analysis.models_dir), lambda: open_set_checks(analysis),
             lambda: station_means_checks(analysis, config.microns_per_pixel), lambda: typed_cells_checks(config),
             lambda: _backend_checks(analysis.engine_backend),
-            lambda: camera_checks(config.source),  # type: ignore[attr-defined]
+            lambda: camera_checks(config.source), lambda: scale_checks(config),  # type: ignore[attr-defined]
             lambda: _outbox_checks(mqtt.outbox.path, review_free), lambda: review_file_checks(config),
             lambda: _credential_checks(mqtt), lambda: _broker_checks(mqtt, config_path=args.config)]
         for step in steps:

@@ -1,0 +1,55 @@
+"""The station's scale calibration record: which scale it runs at, since when, and whether it is due.
+
+A lab keeps its calibrations on record (ISO 15189: date, what was measured, by what); the config
+holds the day `[source] microns_per_pixel` was measured (`microns_per_pixel_calibrated_on`), and
+the station's start and `smearscope doctor` say its age here, with a warning when it is undated,
+due again (`microns_per_pixel_recheck_days`) or replaced by `[analysis] microns_per_pixel`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+from smearscope.service.config import StationConfig
+
+logger = logging.getLogger(__name__)
+
+
+def scale_calibration_note(config: StationConfig, today: datetime.date) -> tuple[int, str] | None:
+    """(logging level, what to say) of the scale the station runs at, on `today`; None for a
+    simulated source, whose scale is the renderer's."""
+    src = config.source
+    if src.kind == "simulated":
+        return None
+    override = config.analysis.microns_per_pixel
+    if override is not None and override != src.microns_per_pixel:
+        return logging.WARNING, (f"the scale in use is [analysis] microns_per_pixel {override:g} um/px, which "
+                                 "overrides the source's; its calibration is not on record in the config (the "
+                                 "date in [source] dates the source's own scale): put the value in [source] "
+                                 "microns_per_pixel with microns_per_pixel_calibrated_on")
+    if src.microns_per_pixel is None:
+        return logging.INFO, ("no calibrated scale: estimated from red-cell size in each run, so size-based "
+                              "red-cell findings are not assessed (smearscope calibrate-scale)")
+    scale = f"{src.microns_per_pixel:g} um/px"
+    dated = src.microns_per_pixel_calibrated_on
+    if dated is None:
+        return logging.WARNING, (f"[source] microns_per_pixel {scale} has no calibration date on record: "
+                                 "put the day it was measured in [source] microns_per_pixel_calibrated_on "
+                                 "(smearscope calibrate-scale prints the line)")
+    age = (today - dated).days
+    if age < 0:
+        return logging.WARNING, (f"{scale}, calibrated on {dated}, after today ({today}): the date or this "
+                                 "machine's clock is wrong, so the calibration's age cannot be told")
+    due = src.microns_per_pixel_recheck_days
+    if age > due:
+        return logging.WARNING, (f"{scale}, calibrated on {dated}, {age} days ago: due again (every {due} "
+                                 "days, [source] microns_per_pixel_recheck_days): measure it with a stage "
+                                 "micrometer (smearscope calibrate-scale)")
+    return logging.INFO, f"{scale}, calibrated on {dated} ({age} days ago; due again in {due - age} days)"
+
+
+def scale_checks(config: StationConfig) -> list[tuple[str, str, str]]:
+    """`smearscope doctor`'s lines: OK with the calibration's age, WARN where the station's start warns."""
+    note = scale_calibration_note(config, datetime.date.today())
+    return [] if note is None else [("WARN" if note[0] >= logging.WARNING else "OK", "scale", note[1])]
