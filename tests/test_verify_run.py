@@ -219,6 +219,18 @@ def test_verifying_again_starts_from_the_analyzers_run_and_only_the_last_closed_
     assert answer["typed_cells"] == 0 and two.report.verification.reclassified == []
     assert two.report.cells[g].label == in_field[k].label and two.report.cells[g].machine_label is None
     assert two.report.verification.supersedes == one.report.report_id
+    # the audit trail: the first signature replaced the analyzer's report, the second amends the first
+    assert one.report.verification.supersedes_verified_by is None
+    assert (two.report.verification.supersedes_verified_by, two.report.verification.supersedes_verified_at) == (
+        "AB", one.report.verification.verified_at)
+    first_dr = report_bundle(one.report)["entry"][0]["resource"]
+    amended = report_bundle(two.report)
+    validate(amended)
+    dr = amended["entry"][0]["resource"]
+    assert (first_dr["status"], dr["status"]) == ("final", "amended") and dr["performer"] == [{"display": "AB"}]
+    assert f"replaces report {one.report.report_id}, verified by AB at " in dr["conclusion"]
+    assert all(e["resource"]["status"] == "amended" for e in amended["entry"]
+               if e["resource"]["resourceType"] == "Observation")
     assert _count(two.report, "basophil") == _count(report, "basophil")
     feed.run_closed(two, None, False)
     # a run open, or a later run closed: the retained live state stays theirs

@@ -220,6 +220,11 @@ class Verification(_Strict):
     verified_by: str = Field(description="who verified (as they signed, e.g. initials)")
     verified_at: float
     supersedes: str = Field(description="report_id of the run's report this one replaces")
+    supersedes_verified_by: str | None = Field(None, description="who signed the report this one replaces, when "
+                                               "that one was verified too (a run signed again: its FHIR bundle is "
+                                               "amended); absent: it replaces the analyzer's preliminary report")
+    supersedes_verified_at: float | None = Field(None, description="when the report this one replaces was signed "
+                                                 "(with supersedes_verified_by)")
     typed_cells: int = Field(description="cells of the run (white or red) the technician typed")
     reclassified: list[Reclassified] = Field(description="the typed cells whose type differs from the analyzer's")
     left_to_review: int = Field(0, description="cells the analyzer sent to review (unidentified, atypical, rare or "

@@ -3,7 +3,7 @@ Observation per result. Plain dicts, ready for `json.dumps`; docs/FHIR.md docume
 
 Everything is `preliminary`, a machine's result, until a technician verifies the run
 (`Report.verification`, command verify_run): that report's bundle is `final`, names who verified
-it (`performer`, by display name) and the report it replaces. No patient is
+it (`performer`, by display name) and the report it replaces; a run signed again is `amended`. No patient is
 named: the only identifiers are those the station was given (station id, run id, frame id) and
 the report id. Resource ids are UUIDs derived from the report id, so the same report always
 gives the same bundle (consumers dedupe by `Bundle.identifier`).
@@ -75,7 +75,8 @@ class _Builder:
             self.effective = _instant(report.source.captured_at)
         self.specimen_ref = f"urn:uuid:{_uuid(self.rid, 'specimen')}"
         self.device_ref = f"urn:uuid:{_uuid(self.rid, 'device')}"
-        self.status = "final" if report.verification is not None else "preliminary"
+        v = report.verification  # signed again: amended (FHIR: a final report modified after it was issued)
+        self.status = "preliminary" if v is None else "amended" if v.supersedes_verified_by is not None else "final"
 
     def add(self, name: str, resource: Resource) -> str:
         full_url = f"urn:uuid:{_uuid(self.rid, name)}"
@@ -91,6 +92,14 @@ class _Builder:
             "specimen": {"reference": self.specimen_ref}, "device": {"reference": self.device_ref},
             **fields})
         self.results.append({"reference": ref})
+
+
+def _signed_before(v) -> str:
+    """The signature a run signed again amends, as the conclusion names it."""
+    if v.supersedes_verified_by is None:
+        return ""
+    when = "" if v.supersedes_verified_at is None else f" at {_instant(v.supersedes_verified_at)}"
+    return f", verified by {v.supersedes_verified_by}{when} (amended)"
 
 
 def report_bundle(report: Report) -> Resource:
@@ -119,7 +128,7 @@ def report_bundle(report: Report) -> Resource:
         "conclusion": (f"Preliminary, machine result; a qualified person must review it. {conclusion}" if v is None
                        else f"Verified by {v.verified_by}: {v.typed_cells} cell{'' if v.typed_cells == 1 else 's'} typed, "
                        f"{len(v.reclassified)} reclassified, {v.left_to_review} sent to review left as the "
-                       f"analyzer called them; replaces report {v.supersedes}. {conclusion}"),
+                       f"analyzer called them; replaces report {v.supersedes}{_signed_before(v)}. {conclusion}"),
     }})
     if v is not None:
         b.entries[0]["resource"]["performer"] = [{"display": v.verified_by}]

@@ -468,9 +468,12 @@ class ClinicFeed:
         if (before_ms := closed.report.timing_ms.get("run_ms")) is not None:
             report = report.model_copy(update={"timing_ms": {**report.timing_ms, "run_ms": round(
                 max(0.0, before_ms + 1000.0 * (report.created_at - closed.report.created_at)), 1)}})
+        earlier = closed.report.verification  # signed before: this signature amends that one
         report = report.model_copy(update={"verification": Verification(
             verified_by=by, verified_at=report.created_at, supersedes=closed.report.report_id, typed_cells=typed,
-            reclassified=changed, left_to_review=left)})
+            reclassified=changed, left_to_review=left,
+            supersedes_verified_by=None if earlier is None else earlier.verified_by,
+            supersedes_verified_at=None if earlier is None else earlier.verified_at)})
         with self._lock:
             live = open_run is None and next(reversed(self._closed), None) == run_id
         return (dataclasses.replace(closed, classified_wbc=run.classified_wbc, report=report), live,
