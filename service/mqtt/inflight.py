@@ -13,7 +13,8 @@ outbox checkpoints before it gives up on a part: the room the WAL took for the p
 set is bounded by the outbox: each was in it when acknowledged. A message larger than the packet limit
 (the broker's Maximum Packet Size, or the configured one) is parked: logged once, counted, left in
 the outbox and skipped, so it never blocks the messages behind it; it is tried again after a
-reconnect (the broker's limit may have changed).
+reconnect (the broker's limit may have changed). So is a message the broker refuses as too large
+(PUBACK 0x95: mosquitto's `message_size_limit`, which no CONNACK announces).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from smearscope.service.mqtt.outbox import Outbox, OutboxMessage
+from smearscope.service.mqtt.paho_client import PACKET_TOO_LARGE
 from smearscope.service.mqtt.reserve import failure_cause, is_disk_full
 
 logger = logging.getLogger(__name__)
@@ -124,8 +126,8 @@ class InFlight:
                 break
             sent: list[int] = []
             for message in batch:
-                if message.seq in self._seqs or message.seq in self._acked_undeleted:
-                    cursor = message.seq  # sent after a failed-ack rewind, or already delivered
+                if message.seq in self._seqs or message.seq in self._acked_undeleted or message.seq in self.parked:
+                    cursor = message.seq  # sent after a failed-ack rewind, already delivered, or parked
                     continue
                 props = properties(message)
                 if self._too_large(message, props):
@@ -190,7 +192,9 @@ class InFlight:
             topic = self._topic_by_seq.pop(seq, "?")
             if reason_code is None:
                 continue  # dropped at reconnect; the rewind re-sends it
-            if reason_code.is_failure:
+            if int(reason_code.value) == PACKET_TOO_LARGE:
+                self._park_refused(seq, topic)
+            elif reason_code.is_failure:
                 rejected += 1
                 self._say_rejected(seq, topic, reason_code)
             else:
@@ -201,6 +205,17 @@ class InFlight:
         if self._acked_undeleted and time.monotonic() >= self._delete_retry_at:
             self._delete_acked()
         return len(acked), rejected
+
+    def _park_refused(self, seq: int, topic: str) -> None:
+        """The broker refused the message as too large: park it, as one over the known limit."""
+        message = next(iter(self.outbox.pending(limit=1, after_seq=seq - 1)), None)
+        size = publish_packet_size(message, None) if message is not None and message.seq == seq else 0
+        self.parked[seq] = size
+        logger.error("broker refused outbox message seq %d to %s (report %s, %d bytes as a packet) as too large "
+                     "(Packet too large, 0x95: mosquitto's message_size_limit): parked in the outbox, later "
+                     "messages go on; it is tried again after a reconnect (raise the broker's "
+                     "message_size_limit, or set mqtt.max_packet_size below it so cells are split)", seq, topic,
+                     message.report_id if message is not None else "?", size)
 
     def _say_rejected(self, seq: int, topic: str, reason_code: ReasonCode) -> None:
         """A WARNING for the first rejection of a topic with a reason; its repeats (each waiting

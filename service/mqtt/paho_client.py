@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import re
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, LogLevel, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -33,13 +35,36 @@ PAHO_NO_SOCKET = "Client is not connected"
 PAHO_SOCKET_LOST = ("failed to receive on socket", "timeout on socket")
 #: Messages paho may hold beyond the outbox's max_inflight: status and command responses.
 STATUS_SLACK = 32
+#: MQTT 5 reason code "Packet too large".
+PACKET_TOO_LARGE = 0x95
+
+
+class StationClient(mqtt.Client):
+    """paho's client, reading one more PUBACK: mosquitto answers a PUBLISH over its
+    `message_size_limit` with PUBACK reason 0x95 (Packet too large), a code MQTT 5 allows only in
+    CONNACK and DISCONNECT. paho takes that PUBACK for a protocol error and drops the connection, so
+    the message went again first at every reconnect and every message behind it waited for ever; read
+    so, it reaches on_publish as a rejection the publisher parks (service.mqtt.inflight)."""
+
+    def _handle_pubackcomp(self, cmd):  # type: ignore[no-untyped-def]  # paho's private hook
+        packet = self._in_packet["packet"]
+        if (cmd != "PUBACK" or self._protocol != MQTTProtocolVersion.MQTTv5 or len(packet) < 3
+                or packet[2] != PACKET_TOO_LARGE):
+            return super()._handle_pubackcomp(cmd)
+        (mid,) = struct.unpack("!H", bytes(packet[:2]))
+        self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received PUBACK (Mid: %d, Packet too large)", mid)
+        reason = ReasonCode(PacketTypes.DISCONNECT, identifier=PACKET_TOO_LARGE)  # its name in paho's table
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, reason, Properties(PacketTypes.PUBACK))  # type: ignore[no-untyped-call]
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
 def configured_client(config: MqttConfig, client_id: str, protocol: MQTTProtocolVersion,
                       password: str | None, status_topic: str) -> mqtt.Client:
     """A paho client with credentials, TLS, the retained "offline" Last Will, bounds, backoff and
     callbacks that cannot end its network thread; no callbacks yet, not connected."""
-    client = mqtt.Client(
+    client = StationClient(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=protocol,
