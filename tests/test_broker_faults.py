@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -10,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, PublisherProcess, Subscriber, free_port
+from broker import (
+    MOSQUITTO_PASSWD,
+    MQTT_USERS,
+    MosquittoBroker,
+    PublisherProcess,
+    Subscriber,
+    free_port,
+)
 
 from smearscope.service.config import MqttConfig
 from smearscope.service.mqtt.outbox import Outbox
@@ -221,5 +231,51 @@ def test_a_command_answered_while_the_broker_is_down_reaches_the_asker_after_the
     finally:
         publisher.stop(drain_timeout=0)
         outbox.close()
+        sub.close()
+        broker.stop()
+
+
+def test_a_password_changed_on_the_broker_is_said_with_what_to_do_and_no_report_is_lost(
+    tmp_path: Path, credentials_dir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker's password_file changes (SIGHUP: mosquitto drops the station's connection and
+    refuses its next CONNECT). The journal says once which broker refused which user and what to do;
+    the reports wait in the outbox and go once the station restarts with the new password."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [REPORTS])
+    config = make_config(tmp_path, broker.port)
+    publisher = MqttPublisher(config, STATION, Outbox.from_config(config.outbox))
+    try:
+        sub.wait_ready()
+        publisher.start()
+        assert publisher.wait_until_connected(5)
+        with caplog.at_level(logging.DEBUG, logger="smearscope.service.mqtt.publisher"):
+            subprocess.run([MOSQUITTO_PASSWD, "-b", str(broker.workdir / "passwd"), "station", "rotated"], check=True)
+            assert broker.proc is not None
+            broker.proc.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: publisher.state.refusals >= 2, 10), publisher.state  # retried, refused again
+            for i in range(3):
+                publisher.publish_report("report", f"held-{i}", b"{}", "1")
+        state = publisher.state
+        assert state.status == "refused" and state.last_reason_code == 0x87, state
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1, errors  # the repeats at DEBUG
+        assert errors[0] == state.last_error
+        for part in (f"127.0.0.1:{broker.port}", "Not authorized", "user 'station'", "'mqtt-password'",
+                     "restart the station", "up to 2 s"):
+            assert part in errors[0], (part, errors[0])
+        assert publisher.outbox.counts().reports == 3
+        publisher.stop(drain_timeout=0)
+        publisher.outbox.close()
+        (credentials_dir / "mqtt-password").chmod(0o600)
+        (credentials_dir / "mqtt-password").write_text("rotated\n")
+        publisher = MqttPublisher(config, STATION, Outbox.from_config(config.outbox))
+        publisher.start()
+        assert sub.wait_for(lambda m: len(m) >= 3, 10), publisher.state
+        assert sorted(json.loads(m.payload)["report_id"] for m in sub.messages) == ["held-0", "held-1", "held-2"]
+    finally:
+        publisher.stop(drain_timeout=0)
+        publisher.outbox.close()
         sub.close()
         broker.stop()

@@ -42,6 +42,7 @@ def test_doctor_passes_a_complete_station(tmp_path: Path, broker: MosquittoBroke
     assert main(["doctor", "--config", str(_config(tmp_path, broker.port, DEFAULT_MODELS_DIR, **wrong))]) == 1
     out = capsys.readouterr().out
     assert f"FAIL  broker login     127.0.0.1:{broker.port} refuses user 'station': Not authorized" in out, out
+    assert "the password in credential 'wrong' is not accepted: check them against the broker's password_file" in out
     assert main(["doctor", "--config", str(_config(tmp_path, broker.port, DEFAULT_MODELS_DIR))]) == 1  # anonymous
     assert "refuses anonymous" in capsys.readouterr().out
     # a broker that speaks MQTT 3.1.1 only: the station falls back to it (protocol "auto"), so does doctor

@@ -128,10 +128,30 @@ def connect_fail_message(config: MqttConfig, exc: BaseException | None) -> str:
     return f"cannot reach broker {config.host}:{config.port} ({reason}); retrying"
 
 
+#: CONNACK reason codes of a login the broker refuses (MQTT 3.1.1's 4 and 5 arrive as these).
+LOGIN_REFUSED = (0x86, 0x87)
+
+
 def refused_message(config: MqttConfig, reason_code: ReasonCode) -> str:
-    """What the station says when the broker refused its CONNECT (bad password, not authorised)."""
-    return (f"broker {config.host}:{config.port} refused the connection: {reason_code.getName()} "
+    """What the station says when the broker refused its CONNECT (bad password, not authorised):
+    which broker, the reason, and for a refused login what to check."""
+    said = (f"broker {config.host}:{config.port} refused the connection: {reason_code.getName()} "
             f"(reason code 0x{int(reason_code.value):02x})")
+    return said + login_hint(config, int(reason_code.value))
+
+
+def login_hint(config: MqttConfig, code: int) -> str:
+    """What to do about a refused login, or "" for another refusal."""
+    if code not in LOGIN_REFUSED:
+        return ""
+    if config.username is None:
+        return "; the broker wants a login: set [mqtt] username and password_credential"
+    credential = (f"the password in credential {config.password_credential!r}" if config.password_credential
+                  else "no password (password_credential unset)")
+    return (f"; user {config.username!r} with {credential} is not accepted: check them against the broker's "
+            "password_file and ACL (a changed password: update the credential's file and restart the station, "
+            f"which reads it at start); retrying with backoff up to {config.reconnect_max_delay_s} s, "
+            "reports wait in the outbox")
 
 
 def short_lived_hint(short_lived: int, seconds: float, client_id: str) -> str:

@@ -388,6 +388,7 @@ def _login_checks(mqtt, timeout: float, config_path: Path | None = None) -> list
     from paho.mqtt.enums import MQTTProtocolVersion
 
     from smearscope.service.mqtt.credentials import CredentialError, read_password
+    from smearscope.service.mqtt.paho_client import login_hint
 
     try:
         password = read_password(mqtt)
@@ -408,8 +409,9 @@ def _login_checks(mqtt, timeout: float, config_path: Path | None = None) -> list
                      "plain port (usually 1883)"))]
         return [("WARN", "broker login", f"{who}: no answer to CONNECT within {timeout:.0f} s")]
     if code.is_failure:
+        hint = login_hint(mqtt, int(code.value)).partition("; retrying")[0]
         return [("FAIL", "broker login", (f"{mqtt.host}:{mqtt.port} refuses {who}: {code.getName()} "
-                 f"(reason code 0x{int(code.value):02x}); the station would retry for ever"))]
+                 f"(reason code 0x{int(code.value):02x}){hint}; the station would retry for ever"))]
     return [("OK", "broker login", f"{mqtt.host}:{mqtt.port} accepts {who}")]
 
 
