@@ -82,8 +82,9 @@ class TlsMaterial:
     server_key: Path
 
 
-def make_tls_material(directory: Path, common_name: str = "smearscope-test-ca") -> TlsMaterial:
-    """A CA and a server certificate for 127.0.0.1/localhost, signed by it (EC P-256, openssl)."""
+def make_tls_material(directory: Path, common_name: str = "smearscope-test-ca",
+                      san: str = "IP:127.0.0.1,DNS:localhost") -> TlsMaterial:
+    """A CA and a server certificate for `san` (127.0.0.1/localhost), signed by it (EC P-256, openssl)."""
     directory.mkdir(parents=True, exist_ok=True)
 
     def openssl(*args: str) -> None:
@@ -104,7 +105,7 @@ def make_tls_material(directory: Path, common_name: str = "smearscope-test-ca") 
         f"/CN={common_name}",
     )
     openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
-    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (directory / "san.ext").write_text(f"subjectAltName={san}\n")
     openssl(
         "x509",
         "-req",

@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, Mqtt311OnlyProxy, TlsMaterial, make_client_cert
+from broker import (
+    MQTT_USERS,
+    MosquittoBroker,
+    Mqtt311OnlyProxy,
+    TlsMaterial,
+    make_client_cert,
+    make_tls_material,
+)
 from test_daemon import to_toml
 
 from smearscope.cli import main
@@ -420,6 +427,14 @@ def test_doctor_says_when_tls_and_the_port_do_not_match(
         out = capsys.readouterr().out
         line = [ln for ln in out.splitlines() if ln[6:].startswith("broker login")]
         assert line and line[0].startswith("FAIL") and "a TLS listener" in line[0] and "[mqtt.tls]" in line[0], out
+        # the right port, a CA file that did not sign the broker's certificate (the broker's moved to a new CA)
+        other = make_tls_material(tmp_path / "other-ca", common_name="other-ca")
+        stale = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.tls_port, **login,
+                                     "tls": {"ca_file": str(other.ca_cert)}})
+        assert main(["doctor", "--config", str(stale)]) == 1
+        out = capsys.readouterr().out
+        line = [ln for ln in out.splitlines() if ln[6:].startswith("broker TLS")]
+        assert line and f"not signed by the CA in [mqtt.tls] ca_file {other.ca_cert}" in line[0], out
     finally:
         broker.stop()
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -352,4 +354,68 @@ def test_a_report_over_the_brokers_message_size_limit_is_parked_and_sent_once_th
         assert sub.wait_for(lambda m: any(json.loads(x.payload)["report_id"] == "too-big" for x in m), 5)
     finally:
         sub.close()
+        broker.stop()
+
+
+def test_a_broker_certificate_from_a_new_ca_says_which_ca_file_and_the_reports_wait_for_a_restart(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+) -> None:
+    """The broker's certificate is replaced while the station runs: one from the same CA is taken at
+    the reconnect; one from a new CA is refused, the station says which ca_file to replace (and that
+    it reads it at start), and the reports made meanwhile go after a restart with the new CA."""
+    first = make_tls_material(tmp_path / "ca-1", common_name="clinic-ca-1")
+    live = TlsMaterial(tmp_path / "ca-1" / "ca.crt", tmp_path / "live.crt", tmp_path / "live.key")
+    shutil.copy(first.server_cert, live.server_cert)
+    shutil.copy(first.server_key, live.server_key)
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=live)
+    broker.start()
+    try:
+        assert broker.tls_port is not None
+        ca_file = tmp_path / "station-ca.pem"
+        shutil.copy(first.ca_cert, ca_file)
+        config = make_config(tmp_path, broker.tls_port, tls={"ca_file": str(ca_file)})
+        publisher = start_publisher(config, started)
+        assert publisher.wait_until_connected(5)
+        # A renewal: a new key, its certificate signed by the same CA (a fresh set's request, signed by ca-1).
+        renewed = make_tls_material(tmp_path / "ca-1-renewed")
+        subprocess.run(["openssl", "x509", "-req", "-in", str(renewed.server_cert.with_suffix(".csr")), "-CA",
+                        str(first.ca_cert), "-CAkey", str(first.ca_cert.with_suffix(".key")), "-CAcreateserial",
+                        "-out", str(live.server_cert), "-days", "2", "-extfile", str(tmp_path / "ca-1" / "san.ext")],
+                       check=True, capture_output=True)
+        shutil.copy(renewed.server_key, live.server_key)
+        broker.restart()
+        assert wait_until(lambda: publisher.state.connects == 2, 10), publisher.state
+        other = make_tls_material(tmp_path / "ca-2", common_name="clinic-ca-2")
+        shutil.copy(other.server_cert, live.server_cert)
+        shutil.copy(other.server_key, live.server_key)
+        broker.restart()
+        publisher.publish_report("report", "made-while-refused", b"{}", "1")
+        assert wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in (publisher.state.last_error or ""), 10)
+        said = publisher.state.last_error or ""
+        assert f"not signed by the CA in [mqtt.tls] ca_file {ca_file}" in said and "restart the station" in said, said
+        assert publisher.outbox.counts().reports == 1
+        publisher.stop(drain_timeout=0)
+        publisher.outbox.close()
+        shutil.copy(other.ca_cert, ca_file)
+        publisher = start_publisher(config, started)
+        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
+    finally:
+        broker.stop()
+
+
+def test_a_broker_certificate_for_another_name_says_which_host_it_does_not_name(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+) -> None:
+    tls = make_tls_material(tmp_path / "tls", san="DNS:broker.other.example")
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls)
+    broker.start()
+    try:
+        assert broker.tls_port is not None
+        config = make_config(tmp_path, broker.tls_port, tls={"ca_file": str(tls.ca_cert)})
+        publisher = start_publisher(config, started)
+        assert wait_until(lambda: publisher.state.last_error is not None, 5)
+        said = publisher.state.last_error or ""
+        assert "mismatch" in said and "does not name '127.0.0.1'" in said and "subjectAltName" in said, said
+        assert publisher.state.connects == 0
+    finally:
         broker.stop()

@@ -125,7 +125,22 @@ def connect_fail_message(config: MqttConfig, exc: BaseException | None) -> str:
         reason = f"TLS failure: {reason}"
         if re.search(r"not yet valid|expired", str(exc)):  # judged against this station's wall clock
             reason += f"; {clock_reading()}"
-    return f"cannot reach broker {config.host}:{config.port} ({reason}); retrying"
+    return f"cannot reach broker {config.host}:{config.port} ({reason}){tls_hint(config, exc)}; retrying"
+
+
+def tls_hint(config: MqttConfig, exc: BaseException | None) -> str:
+    """What to do about the broker's certificate the station refused, or "" for another failure.
+    The CA file is read when the station starts: a replaced one takes a restart."""
+    if config.tls is None or not isinstance(exc, ssl.SSLCertVerificationError):
+        return ""
+    text = str(exc)
+    if "mismatch" in text or "doesn't match" in text:
+        return (f": the broker's certificate does not name {config.host!r}: set [mqtt] host to a name its "
+                "subjectAltName holds, or have the certificate reissued for this name")
+    if re.search(r"local issuer|self.signed|unknown ca", text, re.IGNORECASE):
+        return (f": the broker's certificate is not signed by the CA in [mqtt.tls] ca_file {config.tls.ca_file} "
+                "(a certificate from a new CA: put that CA's certificate there and restart the station)")
+    return ""
 
 
 #: CONNACK reason codes of a login the broker refuses (MQTT 3.1.1's 4 and 5 arrive as these).

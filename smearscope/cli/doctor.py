@@ -327,6 +327,7 @@ def _broker_checks(mqtt, timeout: float = 3.0, config_path: Path | None = None) 
     except OSError as exc:
         return [("WARN", "broker", (f"{where} does not answer ({exc}); the station keeps reports in "
                  "its outbox until it does"))]
+    from smearscope.service.mqtt.paho_client import tls_hint
     with sock:
         if mqtt.tls is None:
             return [("OK", "broker", f"{where} accepts TCP connections"),
@@ -341,7 +342,7 @@ def _broker_checks(mqtt, timeout: float = 3.0, config_path: Path | None = None) 
         except (ssl.SSLError, OSError, ValueError) as exc:
             plain = isinstance(exc, (ConnectionResetError, ssl.SSLEOFError)) or "WRONG_VERSION" in str(exc)
             hint = ("; the port is not a TLS listener (plain MQTT?): give the broker's TLS port (usually 8883), "
-                    "or remove [mqtt.tls] for a plain one" if plain else "")
+                    "or remove [mqtt.tls] for a plain one" if plain else tls_hint(mqtt, exc))
             return [("FAIL", "broker TLS", f"{where}: {type(exc).__name__}: {exc}{hint}")]
         if refused is not None:
             return [("FAIL", "broker TLS", f"{where} {refused}")]
@@ -355,16 +356,14 @@ def _client_cert_refusal(tls: ssl.SSLSocket, config, wait: float) -> str | None:
     tls.settimeout(wait)
     try:
         tls.recv(1)
-    except TimeoutError:  # nothing to say: the broker waits for CONNECT
-        return None
     except ssl.SSLError as exc:
         if config.certfile is None:
             return (f"asks for a client certificate and none is configured ({exc.reason or exc}); set "
                     "[mqtt.tls] certfile and keyfile to one its CA signed")
         return (f"refuses the client certificate {config.certfile} ({exc.reason or exc}); the station could "
                 "never connect: use one signed by the CA the broker trusts (its cafile), not expired")
-    except OSError:
-        return None  # a reset here is for the login check to judge
+    except OSError:  # a timeout: the broker waits for CONNECT; a reset: for the login check to judge
+        return None
     return None
 
 
@@ -409,9 +408,9 @@ def _login_checks(mqtt, timeout: float, config_path: Path | None = None) -> list
                      "plain port (usually 1883)"))]
         return [("WARN", "broker login", f"{who}: no answer to CONNECT within {timeout:.0f} s")]
     if code.is_failure:
-        hint = login_hint(mqtt, int(code.value)).partition("; retrying")[0]
-        return [("FAIL", "broker login", (f"{mqtt.host}:{mqtt.port} refuses {who}: {code.getName()} "
-                 f"(reason code 0x{int(code.value):02x}){hint}; the station would retry for ever"))]
+        return [("FAIL", "broker login", (f"{mqtt.host}:{mqtt.port} refuses {who}: {code.getName()} (reason code "
+                 f"0x{int(code.value):02x}){login_hint(mqtt, int(code.value)).partition('; retrying')[0]}; "
+                 "the station would retry for ever"))]
     return [("OK", "broker login", f"{mqtt.host}:{mqtt.port} accepts {who}")]
 
 
