@@ -62,17 +62,18 @@ def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None,
+                  host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((host, port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.02)
-    raise TimeoutError(f"nothing accepts on 127.0.0.1:{port} after {timeout} s")
+    raise TimeoutError(f"nothing accepts on {host} port {port} after {timeout} s")
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,10 @@ class MosquittoBroker:
         acl: str | None = None,
         extra: tuple[str, ...] = (),
         websockets: bool = False,
+        bind: str = "127.0.0.1",
     ) -> None:
         self.workdir = workdir
+        self.bind = bind  # the listeners' address: 127.0.0.1, or ::1 for IPv6
         self.acl = acl
         self.extra = extra  # further mosquitto.conf lines, e.g. "max_packet_size 65536"
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -207,20 +210,20 @@ class MosquittoBroker:
             "autosave_on_changes true",
             "autosave_interval 1",
             *self.extra,
-            f"listener {self.port} 127.0.0.1",
+            f"listener {self.port} {self.bind}",
         ]
         if self.acl is not None:  # mosquitto acl_file syntax
             (self.workdir / "acl").write_text(self.acl)
             lines.append(f"acl_file {self.workdir / 'acl'}")
         if self.tls is not None:
             lines += [
-                f"listener {self.tls_port} 127.0.0.1",
+                f"listener {self.tls_port} {self.bind}",
                 f"cafile {self.tls.ca_cert}",
                 f"certfile {self.tls.server_cert}",
                 f"keyfile {self.tls.server_key}",
             ]
         if self.ws_port is not None:
-            lines += [f"listener {self.ws_port} 127.0.0.1", "protocol websockets"]
+            lines += [f"listener {self.ws_port} {self.bind}", "protocol websockets"]
         self.conf_path.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 10.0) -> None:
@@ -235,7 +238,7 @@ class MosquittoBroker:
             try:
                 for port in (self.port, self.tls_port, self.ws_port):
                     if port is not None:
-                        wait_for_port(port, timeout, self.proc)
+                        wait_for_port(port, timeout, self.proc, self.bind)
                 self._started_once = True
                 return
             except RuntimeError as exc:  # exited before listening: say why (its log)
@@ -311,6 +314,7 @@ class Subscriber:
         client_id: str = "",
         persistent: bool = False,
         ca_cert: Path | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self.topics = topics
         self.messages: list[Received] = []
@@ -335,7 +339,7 @@ class Subscriber:
         if persistent:
             props.SessionExpiryInterval = 300
         self.client.connect_async(
-            "127.0.0.1", port, 5, clean_start=not persistent, properties=props
+            host, port, 5, clean_start=not persistent, properties=props
         )
         self.client.loop_start()
 

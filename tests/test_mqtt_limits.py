@@ -419,3 +419,27 @@ def test_a_broker_certificate_for_another_name_says_which_host_it_does_not_name(
         assert publisher.state.connects == 0
     finally:
         broker.stop()
+
+
+def test_a_broker_on_ipv6_loopback_takes_the_reports_and_the_log_names_it_in_brackets(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """host = "::1" over TLS (a certificate for IP ::1): delivered. The journal said
+    "MQTT connected to ::1:8883", which reads as a port of a longer address: now "[::1]:8883"."""
+    tls = make_tls_material(tmp_path / "tls", san="IP:::1")
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls, bind="::1")
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"], host="::1")
+    try:
+        sub.wait_ready()
+        config = make_config(tmp_path, broker.tls_port, host="::1", tls={"ca_file": str(tls.ca_cert)})
+        with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt.publisher"):
+            publisher = start_publisher(config, started)
+            publisher.publish_report("report", "over-ipv6", b"{}", "1")
+            assert sub.wait_for(lambda m: len(m) == 1, 10), publisher.state
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MQTT connected to")]
+        assert said and said[0].startswith(f"MQTT connected to [::1]:{broker.tls_port} "), said
+        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 5)
+    finally:
+        sub.close()
+        broker.stop()

@@ -213,6 +213,11 @@ class MqttConfig(BaseModel):
                              '(e.g. host = "broker.lab", port = 8883, [mqtt.tls] for TLS)')
         return host
 
+    @property
+    def address(self) -> str:
+        """host:port as the log and the messages name the broker; an IPv6 address in brackets."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
     @model_validator(mode="after")
     def _cross_field_checks(self) -> MqttConfig:
         if self.password_credential is not None and self.username is None:

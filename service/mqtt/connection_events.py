@@ -98,7 +98,7 @@ class ConnectionEvents:
             self._state = replace(self._state, status="connected", max_packet_size=limit, last_error=None,
                                   last_reason_code=0, connects=self._state.connects + 1,
                                   connected_since=time.time())  # for people; _connected_at for durations
-        logger.info("MQTT connected to %s:%d (%s, session present: %s)", self.config.host, self.config.port,
+        logger.info("MQTT connected to %s (%s, session present: %s)", self.config.address,
                     self._protocol_name(), flags.session_present)
         client.publish(self.status_topic, "online", qos=1, retain=True)
         paho_client.subscribe_commands(client, self.command_filter, self._protocol)

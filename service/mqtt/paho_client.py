@@ -125,7 +125,7 @@ def connect_fail_message(config: MqttConfig, exc: BaseException | None) -> str:
         reason = f"TLS failure: {reason}"
         if re.search(r"not yet valid|expired", str(exc)):  # judged against this station's wall clock
             reason += f"; {clock_reading()}"
-    return f"cannot reach broker {config.host}:{config.port} ({reason}){tls_hint(config, exc)}; retrying"
+    return f"cannot reach broker {config.address} ({reason}){tls_hint(config, exc)}; retrying"
 
 
 def tls_hint(config: MqttConfig, exc: BaseException | None) -> str:
@@ -150,7 +150,7 @@ LOGIN_REFUSED = (0x86, 0x87)
 def refused_message(config: MqttConfig, reason_code: ReasonCode) -> str:
     """What the station says when the broker refused its CONNECT (bad password, not authorised):
     which broker, the reason, and for a refused login what to check."""
-    said = (f"broker {config.host}:{config.port} refused the connection: {reason_code.getName()} "
+    said = (f"broker {config.address} refused the connection: {reason_code.getName()} "
             f"(reason code 0x{int(reason_code.value):02x})")
     return said + login_hint(config, int(reason_code.value))
 
@@ -180,7 +180,7 @@ def short_lived_hint(short_lived: int, seconds: float, client_id: str) -> str:
 def closed_before_connack(config: MqttConfig, socket_error: str) -> str:
     """What the station says when the broker closed the connection before answering CONNECT. Under
     TLS 1.3 a broker refuses a client certificate so, after the handshake: name the certificate."""
-    where = f"broker {config.host}:{config.port}"
+    where = f"broker {config.address}"
     if config.tls is not None and re.search(r"certificate|unknown.ca", socket_error, re.IGNORECASE):
         cert = config.tls.certfile
         what = (f"refused the client certificate {cert} ({socket_error}): use one signed by the CA the broker "

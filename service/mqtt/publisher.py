@@ -259,9 +259,8 @@ class MqttPublisher(ConnectionEvents):
             client.connect_async(cfg.host, cfg.port, cfg.keepalive)
         client.loop_start()
         logger.info(
-            "MQTT connecting to %s:%d as %s (%s%s)",
-            cfg.host,
-            cfg.port,
+            "MQTT connecting to %s as %s (%s%s)",
+            cfg.address,
             self.client_id,
             self._protocol_name(),
             ", TLS" if cfg.tls else "",

@@ -256,8 +256,8 @@ class StationDaemon:
             return
         self._broker_noticed = True
         m, state = self.config.mqtt, self.publisher.state
-        said = "the MQTT broker at {}:{} refused the station" if state.status == "refused" else "no MQTT broker answered at {}:{}"
-        text = (f"{said.format(m.host, m.port)} ({state.last_error or 'no connection yet'}); reports are kept in "
+        said = "the MQTT broker at {} refused the station" if state.status == "refused" else "no MQTT broker answered at {}"
+        text = (f"{said.format(m.address)} ({state.last_error or 'no connection yet'}); reports are kept in "
                 f"the outbox {m.outbox.path} and sent when the broker {'accepts it' if state.status == 'refused' else 'answers'}")
         logger.warning("%s", text)
         self._announce(text)
@@ -451,7 +451,7 @@ def run_daemon(
     interactive = config_path is None or max_fields is not None
     if config_path is None:
         print(f"smearscope: embedded station '{config.station_id}' (simulated source, models "
-              f"{config.analysis.models_dir}, MQTT {config.mqtt.host}:{config.mqtt.port}, outbox "
+              f"{config.analysis.models_dir}, MQTT {config.mqtt.address}, outbox "
               f"{config.mqtt.outbox.path})", file=out, flush=True)
     daemon = StationDaemon(
         config, analyzer_factory=analyzer_factory, config_path=config_path,

@@ -105,5 +105,5 @@ def print_ledger(ledger: Iterable[StoredReport], mqtt: MqttConfig, out: TextIO,
     held = sum(1 for r in reports if r.seq in waiting)
     gone = sum(1 for r in reports if r.seq in evicted and r.seq not in waiting)
     print(f"{len(reports)} reports: {len(reports) - held - gone} delivered to "
-          f"{mqtt.host}:{mqtt.port}, {held} kept in the outbox {path} (sent when a broker answers)"
+          f"{mqtt.address}, {held} kept in the outbox {path} (sent when a broker answers)"
           f"{f', {gone} evicted by the outbox bound' if gone else ''}", file=out)

@@ -321,7 +321,7 @@ def _outbox_checks(path: Path, review_free_mb: float | None = None) -> list[Chec
 
 
 def _broker_checks(mqtt, timeout: float = 3.0, config_path: Path | None = None) -> list[Check]:
-    where = f"{mqtt.host}:{mqtt.port}"
+    where = mqtt.address
     try:
         sock = socket.create_connection((mqtt.host, mqtt.port), timeout=timeout)
     except OSError as exc:
@@ -403,15 +403,15 @@ def _login_checks(mqtt, timeout: float, config_path: Path | None = None) -> list
         return [("WARN", "broker login", f"{who}: could not connect ({type(exc).__name__}: {exc})")]
     if code is None:
         if mqtt.tls is None and _speaks_tls(mqtt.host, mqtt.port, timeout):
-            return [("FAIL", "broker login", (f"{who}: no answer to CONNECT: {mqtt.host}:{mqtt.port} is a TLS listener; "
+            return [("FAIL", "broker login", (f"{who}: no answer to CONNECT: {mqtt.address} is a TLS listener; "
                      "add [mqtt.tls] with ca_file (the CA that signed the broker's certificate), or give its "
                      "plain port (usually 1883)"))]
         return [("WARN", "broker login", f"{who}: no answer to CONNECT within {timeout:.0f} s")]
     if code.is_failure:
-        return [("FAIL", "broker login", (f"{mqtt.host}:{mqtt.port} refuses {who}: {code.getName()} (reason code "
+        return [("FAIL", "broker login", (f"{mqtt.address} refuses {who}: {code.getName()} (reason code "
                  f"0x{int(code.value):02x}){login_hint(mqtt, int(code.value)).partition('; retrying')[0]}; "
                  "the station would retry for ever"))]
-    return [("OK", "broker login", f"{mqtt.host}:{mqtt.port} accepts {who}")]
+    return [("OK", "broker login", f"{mqtt.address} accepts {who}")]
 
 
 def _speaks_tls(host: str, port: int, timeout: float) -> bool:
