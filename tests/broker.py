@@ -142,6 +142,33 @@ def make_client_cert(directory: Path, name: str, ca: TlsMaterial | None) -> tupl
     return directory / f"{name}.crt", directory / f"{name}.key"
 
 
+def make_issued_client_certs(directory: Path, ca: TlsMaterial) -> tuple[dict[str, tuple[Path, Path]], Path]:
+    """Client certificates issued by `ca` with `openssl ca`: "valid", "expired" (valid for a day in
+    2020) and "revoked" (listed in the CRL); the certificates with their keys, and the CRL (PEM)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "index.txt").write_text("")
+    (directory / "serial").write_text("1000\n")
+    (directory / "crlnumber").write_text("1000\n")
+    (directory / "ca.cnf").write_text(
+        f"[ca]\ndefault_ca = issuer\n[issuer]\ndir = {directory}\ndatabase = {directory}/index.txt\n"
+        f"new_certs_dir = {directory}\nserial = {directory}/serial\ncrlnumber = {directory}/crlnumber\n"
+        f"certificate = {ca.ca_cert}\nprivate_key = {ca.ca_cert.with_suffix('.key')}\ndefault_md = sha256\n"
+        "default_crl_days = 2\npolicy = any_name\n[any_name]\ncommonName = supplied\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    dates = {"valid": ["-days", "2"], "expired": ["-startdate", "20200101000000Z", "-enddate", "20200102000000Z"],
+             "revoked": ["-days", "2"]}
+    for name, validity in dates.items():
+        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+                f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        openssl("ca", "-batch", "-config", "ca.cnf", "-in", f"{name}.csr", "-out", f"{name}.crt", *validity)
+    openssl("ca", "-config", "ca.cnf", "-revoke", "revoked.crt")
+    openssl("ca", "-config", "ca.cnf", "-gencrl", "-out", "crl.pem")
+    return {name: (directory / f"{name}.crt", directory / f"{name}.key") for name in dates}, directory / "crl.pem"
+
+
 class MosquittoBroker:
     """A real mosquitto on free loopback ports, configured in `workdir`."""
 

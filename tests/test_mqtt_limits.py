@@ -20,6 +20,7 @@ from broker import (
     MosquittoBroker,
     Subscriber,
     TlsMaterial,
+    make_issued_client_certs,
     make_tls_material,
     wait_until,
 )
@@ -442,4 +443,38 @@ def test_a_broker_on_ipv6_loopback_takes_the_reports_and_the_log_names_it_in_bra
         assert wait_until(lambda: publisher.outbox.counts().messages == 0, 5)
     finally:
         sub.close()
+        broker.stop()
+
+
+@pytest.mark.parametrize("refused", ["expired", "revoked"])
+def test_an_expired_or_revoked_client_certificate_is_said_with_what_to_do(
+    tmp_path: Path, tls_material: TlsMaterial, credentials_dir: Path, started: list[MqttPublisher], refused: str,
+) -> None:
+    """Mutual TLS, the broker with a CRL (crlfile): an expired or a revoked station certificate was
+    told "use one signed by the CA the broker trusts, not expired" (a revoked one is both)."""
+    certs, crl = make_issued_client_certs(tmp_path / "issued", tls_material)
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material)
+    broker.conf_path.write_text(broker.conf_path.read_text() + f"require_certificate true\ncrlfile {crl}\n")
+    broker.start()
+    try:
+        assert broker.tls_port is not None
+        tls = {"ca_file": str(tls_material.ca_cert)}
+        crt, key = certs[refused]
+        publisher = start_publisher(make_config(tmp_path, broker.tls_port, tls={
+            **tls, "certfile": str(crt), "keyfile": str(key)}), started)
+        publisher.publish_report("report", "waits", b"{}", "1")
+        assert wait_until(lambda: "client certificate" in (publisher.state.last_error or ""), 10), publisher.state
+        said = publisher.state.last_error or ""
+        expected = ("it is revoked (the broker's crlfile lists it): install a new one" if refused == "revoked"
+                    else "it has expired: install a renewed one")
+        assert f"refused the client certificate {crt}" in said and expected in said, said
+        assert "restart the station" in said and publisher.outbox.counts().reports == 1, said
+        publisher.stop(drain_timeout=0)
+        publisher.outbox.close()
+        started.remove(publisher)
+        crt, key = certs["valid"]
+        publisher = start_publisher(make_config(tmp_path, broker.tls_port, tls={
+            **tls, "certfile": str(crt), "keyfile": str(key)}), started)
+        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
+    finally:
         broker.stop()

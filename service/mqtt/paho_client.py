@@ -183,8 +183,12 @@ def closed_before_connack(config: MqttConfig, socket_error: str) -> str:
     where = f"broker {config.address}"
     if config.tls is not None and re.search(r"certificate|unknown.ca", socket_error, re.IGNORECASE):
         cert = config.tls.certfile
-        what = (f"refused the client certificate {cert} ({socket_error}): use one signed by the CA the broker "
-                "trusts, not expired" if cert is not None else
+        install = "install a new one and its key at [mqtt.tls] certfile and keyfile and restart the station"
+        why = ("it is revoked (the broker's crlfile lists it): " + install if "revoked" in socket_error.lower() else
+               "it has expired: " + install.replace("a new one", "a renewed one")
+               if "expired" in socket_error.lower() else
+               "use one signed by the CA the broker trusts, not expired nor revoked, and restart the station")
+        what = (f"refused the client certificate {cert} ({socket_error}): {why}" if cert is not None else
                 f"asks for a client certificate ({socket_error}) and [mqtt.tls] names none (certfile, keyfile)")
         return f"{where} {what}; reports wait in the outbox; retrying"
     return f"{where} closed the connection before answering CONNECT ({socket_error}); retrying"
