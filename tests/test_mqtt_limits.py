@@ -20,6 +20,7 @@ from broker import (
     MosquittoBroker,
     Subscriber,
     TlsMaterial,
+    free_port,
     make_issued_client_certs,
     make_tls_material,
     wait_until,
@@ -478,3 +479,26 @@ def test_an_expired_or_revoked_client_certificate_is_said_with_what_to_do(
         assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
     finally:
         broker.stop()
+
+
+def test_a_broker_name_that_does_not_resolve_or_a_port_without_a_listener_says_what_to_check(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+) -> None:
+    """Said "cannot reach broker H:P (gaierror: [Errno -2] Name or service not known); retrying"
+    and "... (ConnectionRefusedError: ...); retrying", with neither what to check nor the backoff."""
+    cases = [({"host": "broker.does-not-exist.invalid"},
+              "the name 'broker.does-not-exist.invalid' does not resolve: check [mqtt] host and the station's DNS"),
+             ({}, "nothing listens on port {port} there: is the broker running, on this port?")]
+    for i, (overrides, expected) in enumerate(cases):
+        port = free_port()
+        config = make_config(tmp_path, port, outbox={"path": str(tmp_path / f"outbox-{i}.sqlite3")}, **overrides)
+        publisher = start_publisher(config, started)
+        publisher.publish_report("report", "waits", b"{}", "1")
+        assert wait_until(lambda p=publisher: p.state.last_error is not None, 10), publisher.state
+        said = publisher.state.last_error or ""
+        assert said.startswith(f"cannot reach broker {config.address} (") and expected.format(port=port) in said, said
+        assert said.endswith("; retrying with backoff up to 2 s, reports wait in the outbox"), said
+        assert publisher.outbox.counts().reports == 1
+        publisher.stop(drain_timeout=0)
+        publisher.outbox.close()
+        started.remove(publisher)

@@ -157,4 +157,5 @@ class ConnectionEvents:
         elif was_connected:  # a broker closes a client id's older connection when another one logs in with it
             self._short_lived = self._short_lived + 1 if time.monotonic() - self._connected_at < _SHORT_LIVED_S else 0
             hint = paho_client.short_lived_hint(self._short_lived, _SHORT_LIVED_S, self.client_id)
-            logger.warning("MQTT connection lost (%s)%s; reconnecting with backoff", reason_code, hint)
+            logger.warning("MQTT connection lost to broker %s (%s)%s; reconnecting with backoff up to %d s", self.config.address,
+                           reason_code, hint, self.config.reconnect_max_delay_s)

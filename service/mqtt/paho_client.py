@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import ssl
 import struct
 import threading
@@ -125,7 +126,20 @@ def connect_fail_message(config: MqttConfig, exc: BaseException | None) -> str:
         reason = f"TLS failure: {reason}"
         if re.search(r"not yet valid|expired", str(exc)):  # judged against this station's wall clock
             reason += f"; {clock_reading()}"
-    return f"cannot reach broker {config.address} ({reason}){tls_hint(config, exc)}; retrying"
+    return (f"cannot reach broker {config.address} ({reason}){tls_hint(config, exc)}{network_hint(config, exc)}; "
+            f"retrying with backoff up to {config.reconnect_max_delay_s} s, reports wait in the outbox")
+
+
+def network_hint(config: MqttConfig, exc: BaseException | None) -> str:
+    """What to check when no TCP connection could be made: the name, the listener, the path."""
+    if isinstance(exc, socket.gaierror):
+        return f": the name {config.host!r} does not resolve: check [mqtt] host and the station's DNS"
+    if isinstance(exc, ConnectionRefusedError):
+        return f": nothing listens on port {config.port} there: is the broker running, on this port?"
+    if isinstance(exc, (TimeoutError, OSError)) and not isinstance(exc, ssl.SSLError) and re.search(
+            r"timed out|unreachable", str(exc), re.IGNORECASE):
+        return ": no answer: check the address, the network and any firewall between them"
+    return ""
 
 
 def tls_hint(config: MqttConfig, exc: BaseException | None) -> str:
