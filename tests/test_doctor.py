@@ -453,3 +453,22 @@ def test_doctor_warns_of_a_clock_that_reads_before_this_release(tmp_path: Path) 
     assert first.startswith("WARN  clock") and "1970-01-02 00:00 UTC, before this release" in first, stale.stdout
     now = subprocess.run(cli, check=False, capture_output=True, text=True, timeout=120)
     assert now.stdout.splitlines()[0].startswith("OK    clock"), now.stdout
+
+
+@pytest.mark.broker
+def test_doctor_names_a_websockets_port_given_as_the_mqtt_port_and_logs_in_over_websockets(
+        tmp_path: Path, credentials_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The dashboard's WebSockets port as [mqtt] port: doctor warned "no answer to CONNECT within 3 s"."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, websockets=True)
+    broker.start()
+    try:
+        login = {"username": "station", "password_credential": "mqtt-password"}
+        main(["doctor", "--config", str(_config(tmp_path, broker.ws_port, DEFAULT_MODELS_DIR, **login))])
+        line = _lines(capsys.readouterr().out, "broker login")
+        assert line and "gave no MQTT answer" in line[0] and 'transport = "websockets"' in line[0], line
+        over_ws = _config(tmp_path, broker.ws_port, DEFAULT_MODELS_DIR, transport="websockets", **login)
+        main(["doctor", "--config", str(over_ws)])
+        line = _lines(capsys.readouterr().out, "broker login")
+        assert line and line[0].startswith("OK") and "accepts user 'station'" in line[0], line
+    finally:
+        broker.stop()

@@ -502,3 +502,38 @@ def test_a_broker_name_that_does_not_resolve_or_a_port_without_a_listener_says_w
         publisher.stop(drain_timeout=0)
         publisher.outbox.close()
         started.remove(publisher)
+
+
+def test_a_station_given_the_websockets_port_says_so_and_delivers_over_websockets_when_told(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The dashboard's WebSockets port given as the station's: the listener answers CONNECT with
+    HTTP, paho drops it as malformed and retries, and the station said nothing at all (state
+    "connecting", no last_error, nothing in the journal). Now said once; `transport = "websockets"`
+    delivers through that listener."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, websockets=True)
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])
+    try:
+        sub.wait_ready()
+        assert broker.ws_port is not None
+        plain = make_config(tmp_path, broker.ws_port)
+        with caplog.at_level(logging.DEBUG, logger="smearscope.service.mqtt.publisher"):
+            publisher = start_publisher(plain, started)
+            publisher.publish_report("report", "over-websockets", b"{}", "1")
+            assert wait_until(lambda: publisher.state.last_error is not None, 10), publisher.state
+            assert wait_until(lambda: len([r for r in caplog.records if "no MQTT answer" in r.getMessage()]) >= 2, 10)
+        said = [r for r in caplog.records if "no MQTT answer" in r.getMessage()]
+        assert [r.levelno for r in said][:2] == [logging.WARNING, logging.DEBUG], said  # once, then quiet
+        message = publisher.state.last_error or ""
+        assert message.startswith(f"broker 127.0.0.1:{broker.ws_port} took the connection but gave no MQTT answer"), message
+        assert 'set [mqtt] transport = "websockets"' in message and publisher.state.connects == 0, message
+        publisher.stop(drain_timeout=0)
+        publisher.outbox.close()
+        started.remove(publisher)
+        start_publisher(make_config(tmp_path, broker.ws_port, transport="websockets"), started)
+        assert sub.wait_for(lambda m: len(m) == 1, 10)
+        assert json.loads(sub.messages[0].payload)["report_id"] == "over-websockets"
+    finally:
+        sub.close()
+        broker.stop()

@@ -78,6 +78,20 @@ class MqttConfig(BaseModel):
         title="Broker port",
         description="TCP port of the broker listener (usually 1883, or 8883 with TLS).",
     )
+    transport: Literal["tcp", "websockets"] = Field(
+        default="tcp",
+        title="Transport",
+        description=(
+            "'tcp': MQTT on its own port (1883, 8883 with TLS); 'websockets': MQTT over WebSockets, to a "
+            "listener such as mosquitto's 'protocol websockets' (with [mqtt.tls]: wss)."
+        ),
+    )
+    websocket_path: str = Field(
+        default="/mqtt",
+        pattern=r"^/[^\s]*$",
+        title="WebSocket path",
+        description="HTTP path of the WebSockets endpoint, with transport = 'websockets' (mosquitto takes any).",
+    )
     client_id: str | None = Field(
         default=None,
         min_length=1,

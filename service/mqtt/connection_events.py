@@ -149,11 +149,15 @@ class ConnectionEvents:
             return
         with self._state_lock:
             was_connected = self._state.status == "connected"
+            refused = self._state.status == "refused"  # said by _on_refused: its CONNACK was MQTT
             if was_connected:
                 self._state = replace(self._state, status="disconnected", connected_since=None,
                                       last_error=f"connection lost: {reason_code.getName()}")
         if not was_connected and socket_error is not None:  # closed before its CONNACK: no callback says why
             self._say_disconnected(paho_client.closed_before_connack(self.config, socket_error))
+        elif not was_connected and not refused and reason_code.is_failure and not self._fallback_requested:
+            # no CONNACK within the keepalive, or an answer that is no MQTT (a WebSockets listener's HTTP)
+            self._say_disconnected(paho_client.no_connack(self.config, reason_code.getName()))
         elif was_connected:  # a broker closes a client id's older connection when another one logs in with it
             self._short_lived = self._short_lived + 1 if time.monotonic() - self._connected_at < _SHORT_LIVED_S else 0
             hint = paho_client.short_lived_hint(self._short_lived, _SHORT_LIVED_S, self.client_id)

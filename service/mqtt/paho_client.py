@@ -70,7 +70,10 @@ def configured_client(config: MqttConfig, client_id: str, protocol: MQTTProtocol
         client_id=client_id,
         protocol=protocol,
         clean_session=None if protocol == MQTTProtocolVersion.MQTTv5 else True,
+        transport=config.transport,
     )
+    if config.transport == "websockets":
+        client.ws_set_options(path=config.websocket_path)
     if config.username is not None:
         client.username_pw_set(config.username, password)
     if config.tls is not None:
@@ -206,6 +209,16 @@ def closed_before_connack(config: MqttConfig, socket_error: str) -> str:
                 f"asks for a client certificate ({socket_error}) and [mqtt.tls] names none (certfile, keyfile)")
         return f"{where} {what}; reports wait in the outbox; retrying"
     return f"{where} closed the connection before answering CONNECT ({socket_error}); retrying"
+
+
+def no_connack(config: MqttConfig, reason: str) -> str:
+    """What the station says when a port took the connection and gave no CONNACK: no answer within the
+    keepalive, or one that is not MQTT (a WebSockets listener answers CONNECT with HTTP)."""
+    other = ('a WebSockets listener (a dashboard\'s port)? set [mqtt] transport = "websockets"; '
+             if config.transport == "tcp" else 'a plain MQTT listener? set [mqtt] transport = "tcp"; ')
+    return (f"broker {config.address} took the connection but gave no MQTT answer to CONNECT ({reason}): is it "
+            f"the broker's MQTT port? ({other}a TLS listener? add [mqtt.tls]); retrying with backoff up to "
+            f"{config.reconnect_max_delay_s} s, reports wait in the outbox")
 
 
 def publish_waiting(client: Callable[[], mqtt.Client], topic: str, body: str,

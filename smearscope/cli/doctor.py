@@ -387,7 +387,7 @@ def _login_checks(mqtt, timeout: float, config_path: Path | None = None) -> list
     from paho.mqtt.enums import MQTTProtocolVersion
 
     from smearscope.service.mqtt.credentials import CredentialError, read_password
-    from smearscope.service.mqtt.paho_client import login_hint
+    from smearscope.service.mqtt.paho_client import login_hint, no_connack
 
     try:
         password = read_password(mqtt)
@@ -406,7 +406,7 @@ def _login_checks(mqtt, timeout: float, config_path: Path | None = None) -> list
             return [("FAIL", "broker login", (f"{who}: no answer to CONNECT: {mqtt.address} is a TLS listener; "
                      "add [mqtt.tls] with ca_file (the CA that signed the broker's certificate), or give its "
                      "plain port (usually 1883)"))]
-        return [("WARN", "broker login", f"{who}: no answer to CONNECT within {timeout:.0f} s")]
+        return [("WARN", "broker login", f"{who}: {no_connack(mqtt, f'none within {timeout:.0f} s').partition('; retry')[0]}")]
     if code.is_failure:
         return [("FAIL", "broker login", (f"{mqtt.address} refuses {who}: {code.getName()} (reason code "
                  f"0x{int(code.value):02x}){login_hint(mqtt, int(code.value)).partition('; retrying')[0]}; "
