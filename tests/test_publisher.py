@@ -909,6 +909,43 @@ def test_a_message_acknowledged_and_deleted_as_the_drain_is_checked_never_hides_
     publisher.outbox.close()
 
 
+def test_a_message_acknowledged_as_a_stop_looks_is_not_said_kept_by_a_full_disk(
+    credentials_dir: Path, tmp_path: Path,
+) -> None:
+    """A stop that looked between an acknowledgement and its delete (a few ms of SQLite's sync)
+    said "stopping with 1 delivered messages a full disk kept in the outbox" on a disk with room:
+    seen with a report acknowledged just before a stop. Until a delete has failed, an acknowledged
+    message still in the outbox is one being deleted: counted as waiting, never as kept."""
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    config = make_config(tmp_path, 1)
+    outbox = Outbox.from_config(config.outbox)
+    publisher = MqttPublisher(config, STATION, outbox)
+    inflight, client = publisher._inflight, object()
+    seq = outbox.put("report", f"{BASE}/report", b"{}", report_id="r", schema_version="1.1")
+    inflight._seq_by_mid[1] = seq
+    inflight._seqs.add(seq)
+    deleting, release, ack_many = threading.Event(), threading.Event(), outbox.ack_many
+
+    def held_ack_many(chunk: list[int]) -> int:
+        deleting.set()
+        release.wait(10)
+        return ack_many(chunk)
+
+    outbox.ack_many = held_ack_many  # type: ignore[method-assign]
+    inflight.post(client, 1, ReasonCode(PacketTypes.PUBACK, "Success"))  # type: ignore[arg-type]
+    settling = threading.Thread(target=inflight.settle, args=(client,), daemon=True)
+    settling.start()
+    try:
+        assert deleting.wait(10)
+        assert inflight.undelivered() == (1, 0)
+    finally:
+        release.set()
+        settling.join(10)
+    assert inflight.undelivered() == (0, 0) and publisher.wait_until_drained(0.0)
+    outbox.close()
+
+
 def test_a_kept_message_an_expiry_took_is_not_counted_as_kept(credentials_dir: Path, tmp_path: Path) -> None:
     """An acknowledged field message the full disk kept, then taken by an expiry (or an eviction)
     before the drain thread tries its own delete again: it is kept no longer, and the drain still

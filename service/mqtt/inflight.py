@@ -95,7 +95,7 @@ class InFlight:
         an eviction) is not counted at all, never as kept (a count of the set did both: an
         unacknowledged message then went uncounted)."""
         kept = self._acked_undeleted
-        if not kept:
+        if not kept or self._delete_failing is None:  # none kept, or being deleted now: not kept by a full disk
             return self.outbox.counts().messages, 0
         seqs = self.outbox.read(lambda conn: [r[0] for r in conn.execute("SELECT seq FROM outbox")])
         acked = sum(1 for seq in seqs if seq in kept)
