@@ -1,16 +1,24 @@
 """The broker ACL shipped as config/mosquitto.acl.example, loaded by a real mosquitto: each account
-may send what docs/MQTT.md says and nothing more (a refused publish is dropped by the broker)."""
+may send what docs/MQTT.md says and nothing more (a refused publish is dropped by the broker); and
+config/mosquitto.conf.example, which loads that ACL, run by a real mosquitto."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from broker import MosquittoBroker, Subscriber
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, TlsMaterial, wait_until
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from smearscope.service.config import MqttConfig
+from smearscope.service.mqtt.outbox import Outbox
+from smearscope.service.mqtt.publisher import MqttPublisher
 
 ROOT = Path(__file__).resolve().parents[1]
 ACL = ROOT / "config" / "mosquitto.acl.example"
+CONF = ROOT / "config" / "mosquitto.conf.example"
 USERS = {"station-lab-7": "s7", "station-lab-8": "s8", "technician": "t", "dashboard": "d"}
 
 
@@ -74,4 +82,61 @@ def test_the_example_acl_keeps_commands_to_technicians_and_the_dashboard_to_its_
             client.disconnect()
         station.close()
         observer.close()
+        broker.stop()
+
+
+def test_the_example_broker_config_serves_stations_over_tls_and_websockets_and_announces_its_packet_limit(
+    tmp_path: Path, credentials_dir: Path, tls_material: TlsMaterial,
+) -> None:
+    """config/mosquitto.conf.example, its paths and ports put to this test's: a station logs in over
+    TLS with its account of the example ACL, learns the broker's packet limit from the CONNACK
+    (1 MiB, below the 2 MB it was given), parks a larger report and delivers the one behind it; a
+    station with transport = "websockets" delivers through the wss listener."""
+    users = {"station-lab-7": MQTT_USERS["station"], "technician": "t"}
+    broker = MosquittoBroker(tmp_path / "broker", users, tls=tls_material, websockets=True)
+    work = broker.workdir
+    (work / "smearscope.acl").write_text(ACL.read_text())
+    text = CONF.read_text()
+    for example, here in {"listener 8883": f"listener {broker.tls_port} 127.0.0.1",
+                          "listener 9443": f"listener {broker.ws_port} 127.0.0.1",
+                          "/etc/mosquitto/passwd": str(work / "passwd"),
+                          "/etc/mosquitto/smearscope.acl": str(work / "smearscope.acl"),
+                          "/var/lib/mosquitto/": f"{work}/",
+                          "/etc/mosquitto/certs/ca.crt": str(tls_material.ca_cert),
+                          "/etc/mosquitto/certs/server.crt": str(tls_material.server_cert),
+                          "/etc/mosquitto/certs/server.key": str(tls_material.server_key)}.items():
+        assert example in text, example
+        text = text.replace(example, here)
+    root = "user root\n" if os.geteuid() == 0 else ""  # as tests/broker.py: tmp_path is private to this user
+    broker.conf_path.write_text(f"{root}log_dest file {broker.log_path}\n{text}")
+    broker.port, broker.tls_port = broker.tls_port or 0, None  # no plain listener: wait for the TLS one
+    broker.start()
+    technician = Subscriber(broker.port, "technician", "t", ["smearscope/lab-7/report"], ca_cert=tls_material.ca_cert)
+    publishers: list[MqttPublisher] = []
+    try:
+        technician.wait_ready()
+        tls = {"ca_file": str(tls_material.ca_cert)}
+        for i, transport in enumerate(("tcp", "websockets")):
+            config = MqttConfig.model_validate({
+                "host": "127.0.0.1", "port": broker.port if transport == "tcp" else broker.ws_port,
+                "transport": transport, "tls": tls, "username": "station-lab-7",
+                "password_credential": "mqtt-password", "max_packet_size": 2_000_000,
+                "outbox": {"path": str(tmp_path / f"outbox-{transport}.sqlite3")}})
+            publisher = MqttPublisher(config, "lab-7", Outbox.from_config(config.outbox))
+            publishers.append(publisher)
+            publisher.start()
+            assert publisher.wait_until_connected(10), (publisher.state, broker.log()[-2000:])
+            assert publisher.state.max_packet_size == 1_048_576
+            publisher.publish_report("report", f"too-big-{transport}", json.dumps({"x": "y" * 1_100_000}).encode(), "1")
+            publisher.publish_report("report", f"after-{transport}", b"{}", "1")
+            assert technician.wait_for(lambda ms: len(ms) == i + 1, 10), publisher.state  # noqa: B023
+            assert json.loads(technician.messages[i].payload)["report_id"] == f"after-{transport}"
+            assert wait_until(lambda: publisher.outbox.counts().messages == 1, 5)  # noqa: B023
+            assert [m.report_id for m in publisher.outbox.pending()] == [f"too-big-{transport}"]
+            assert publisher.state.parked == 1
+    finally:
+        for publisher in publishers:
+            publisher.stop(drain_timeout=0)
+            publisher.outbox.close()
+        technician.close()
         broker.stop()
