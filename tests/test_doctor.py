@@ -15,6 +15,7 @@ from broker import (
     Mqtt311OnlyProxy,
     TlsMaterial,
     make_client_cert,
+    make_issued_client_certs,
     make_tls_material,
 )
 from test_daemon import to_toml
@@ -470,5 +471,29 @@ def test_doctor_names_a_websockets_port_given_as_the_mqtt_port_and_logs_in_over_
         main(["doctor", "--config", str(over_ws)])
         line = _lines(capsys.readouterr().out, "broker login")
         assert line and line[0].startswith("OK") and "accepts user 'station'" in line[0], line
+    finally:
+        broker.stop()
+
+
+@pytest.mark.broker
+def test_doctor_says_a_revoked_client_certificate_is_revoked(
+        tmp_path: Path, tls_material: TlsMaterial, credentials_dir: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Said "use one signed by the CA the broker trusts (its cafile), not expired" of a certificate
+    its CA signed, in date, that the broker's crlfile lists."""
+    certs, crl = make_issued_client_certs(tmp_path / "issued", tls_material)
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material)
+    broker.conf_path.write_text(broker.conf_path.read_text() + f"require_certificate true\ncrlfile {crl}\n")
+    broker.start()
+    try:
+        crt, key = certs["revoked"]
+        config = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.tls_port, "username": "station",
+                                      "password_credential": "mqtt-password",
+                                      "tls": {"ca_file": str(tls_material.ca_cert), "certfile": str(crt), "keyfile": str(key)},
+                                      "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}})
+        assert main(["doctor", "--config", str(config)]) == 1
+        line = _lines(capsys.readouterr().out, "broker TLS")
+        assert line and f"refuses the client certificate {crt}" in line[0], line
+        assert "it is revoked (the broker's crlfile lists it): install a new one" in line[0], line
     finally:
         broker.stop()

@@ -194,18 +194,24 @@ def short_lived_hint(short_lived: int, seconds: float, client_id: str) -> str:
             f"use the client id {client_id!r} (a second station with this station_id)?")
 
 
+def client_cert_advice(alert: str) -> str:
+    """What to do about a station certificate the broker refused with TLS alert `alert`."""
+    install = "install a new one and its key at [mqtt.tls] certfile and keyfile and restart the station"
+    if "revoked" in alert.lower():
+        return "it is revoked (the broker's crlfile lists it): " + install
+    if "expired" in alert.lower():
+        return "it has expired: " + install.replace("a new one", "a renewed one")
+    return "use one signed by the CA the broker trusts, not expired nor revoked, and restart the station"
+
+
 def closed_before_connack(config: MqttConfig, socket_error: str) -> str:
     """What the station says when the broker closed the connection before answering CONNECT. Under
     TLS 1.3 a broker refuses a client certificate so, after the handshake: name the certificate."""
     where = f"broker {config.address}"
     if config.tls is not None and re.search(r"certificate|unknown.ca", socket_error, re.IGNORECASE):
         cert = config.tls.certfile
-        install = "install a new one and its key at [mqtt.tls] certfile and keyfile and restart the station"
-        why = ("it is revoked (the broker's crlfile lists it): " + install if "revoked" in socket_error.lower() else
-               "it has expired: " + install.replace("a new one", "a renewed one")
-               if "expired" in socket_error.lower() else
-               "use one signed by the CA the broker trusts, not expired nor revoked, and restart the station")
-        what = (f"refused the client certificate {cert} ({socket_error}): {why}" if cert is not None else
+        what = (f"refused the client certificate {cert} ({socket_error}): {client_cert_advice(socket_error)}"
+                if cert is not None else
                 f"asks for a client certificate ({socket_error}) and [mqtt.tls] names none (certfile, keyfile)")
         return f"{where} {what}; reports wait in the outbox; retrying"
     return f"{where} closed the connection before answering CONNECT ({socket_error}); retrying"

@@ -353,6 +353,7 @@ def _broker_checks(mqtt, timeout: float = 3.0, config_path: Path | None = None) 
 def _client_cert_refusal(tls: ssl.SSLSocket, config, wait: float) -> str | None:
     """Why the broker refused this client's certificate, or None. Under TLS 1.3 the server judges
     the client certificate after the client's handshake is done: its alert comes with the first read."""
+    from smearscope.service.mqtt.paho_client import client_cert_advice
     tls.settimeout(wait)
     try:
         tls.recv(1)
@@ -361,7 +362,7 @@ def _client_cert_refusal(tls: ssl.SSLSocket, config, wait: float) -> str | None:
             return (f"asks for a client certificate and none is configured ({exc.reason or exc}); set "
                     "[mqtt.tls] certfile and keyfile to one its CA signed")
         return (f"refuses the client certificate {config.certfile} ({exc.reason or exc}); the station could "
-                "never connect: use one signed by the CA the broker trusts (its cafile), not expired")
+                f"never connect: {client_cert_advice(str(exc))}")
     except OSError:  # a timeout: the broker waits for CONNECT; a reset: for the login check to judge
         return None
     return None
