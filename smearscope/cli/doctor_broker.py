@@ -1,0 +1,139 @@
+"""`smearscope doctor`'s broker checks: TCP, TLS with the configured CA and client certificate
+(a certificate the broker refuses: FAIL), and an MQTT login with the station's user and password,
+as the station would send it (smearscope.cli.doctor runs them last)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from pathlib import Path
+
+#: smearscope.cli.doctor's (status, what, detail); not imported from it, which imports this module.
+Check = tuple[str, str, str]
+
+
+def broker_checks(mqtt, timeout: float = 3.0, config_path: Path | None = None) -> list[Check]:
+    where = mqtt.address
+    try:
+        sock = socket.create_connection((mqtt.host, mqtt.port), timeout=timeout)
+    except OSError as exc:
+        return [("WARN", "broker", (f"{where} does not answer ({exc}); the station keeps reports in "
+                 "its outbox until it does"))]
+    from smearscope.service.mqtt.paho_client import tls_hint
+    with sock:
+        if mqtt.tls is None:
+            return [("OK", "broker", f"{where} accepts TCP connections"),
+                    *_login_checks(mqtt, timeout, config_path)]
+        try:
+            context = ssl.create_default_context(cafile=str(mqtt.tls.ca_file))
+            context.check_hostname = not mqtt.tls.insecure
+            if mqtt.tls.certfile is not None:  # as the station presents it (mutual TLS)
+                context.load_cert_chain(str(mqtt.tls.certfile), str(mqtt.tls.keyfile))
+            with context.wrap_socket(sock, server_hostname=mqtt.host) as tls:
+                refused = _client_cert_refusal(tls, mqtt.tls, min(timeout, 1.0))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            plain = isinstance(exc, (ConnectionResetError, ssl.SSLEOFError)) or "WRONG_VERSION" in str(exc)
+            hint = ("; the port is not a TLS listener (plain MQTT?): give the broker's TLS port (usually 8883), "
+                    "or remove [mqtt.tls] for a plain one" if plain else tls_hint(mqtt, exc))
+            return [("FAIL", "broker TLS", f"{where}: {type(exc).__name__}: {exc}{hint}")]
+        if refused is not None:
+            return [("FAIL", "broker TLS", f"{where} {refused}")]
+    return [("OK", "broker", f"{where} accepts TLS connections with {mqtt.tls.ca_file}"),
+            *_login_checks(mqtt, timeout, config_path)]
+
+
+def _client_cert_refusal(tls: ssl.SSLSocket, config, wait: float) -> str | None:
+    """Why the broker refused this client's certificate, or None. Under TLS 1.3 the server judges
+    the client certificate after the client's handshake is done: its alert comes with the first read."""
+    from smearscope.service.mqtt.paho_client import client_cert_advice
+    tls.settimeout(wait)
+    try:
+        tls.recv(1)
+    except ssl.SSLError as exc:
+        if config.certfile is None:
+            return (f"asks for a client certificate and none is configured ({exc.reason or exc}); set "
+                    "[mqtt.tls] certfile and keyfile to one its CA signed")
+        return (f"refuses the client certificate {config.certfile} ({exc.reason or exc}); the station could "
+                f"never connect: {client_cert_advice(str(exc))}")
+    except OSError:  # a timeout: the broker waits for CONNECT; a reset: for the login check to judge
+        return None
+    return None
+
+
+def _login_unchecked(mqtt, config_path: Path | None) -> list[Check]:
+    """The login needs the password; from a shell systemd has not provided it: say how to."""
+    if mqtt.password_credential is None or os.environ.get("CREDENTIALS_DIRECTORY"):
+        return []  # no password, or the broker password check says why it cannot be read
+    name = mqtt.password_credential
+    config = f" --config {config_path}" if config_path is not None else ""
+    return [("WARN", "broker login", (f"not checked: the password credential {name!r} cannot be read here. "
+             f"As the station would: sudo systemd-run --pipe --wait -p User=smearscope -p "
+             f"LoadCredential={name}:/etc/smearscope/mqtt-password "
+             f"/opt/smearscope/venv/bin/smearscope doctor{config}"))]
+
+
+def _login_checks(mqtt, timeout: float, config_path: Path | None = None) -> list[Check]:
+    """An MQTT CONNECT with the station's user and password, as the station sends it (its client
+    settings and protocol, falling back to 3.1.1 as it does; its own client id and no Last Will,
+    so the station's status is not touched): a password the broker refuses is found here, not in
+    the journal after the start."""
+    from paho.mqtt.enums import MQTTProtocolVersion
+
+    from smearscope.service.mqtt.credentials import CredentialError, read_password
+    from smearscope.service.mqtt.paho_client import login_hint, no_connack
+
+    try:
+        password = read_password(mqtt)
+    except CredentialError:
+        return _login_unchecked(mqtt, config_path)
+    who = f"user {mqtt.username!r}" if mqtt.username is not None else "anonymous"
+    v5, v311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
+    try:
+        code = _connack(mqtt, v311 if mqtt.protocol == "3.1.1" else v5, password, timeout)
+        if code is not None and int(code.value) == 0x84 and mqtt.protocol == "auto":  # as the station falls back
+            code = _connack(mqtt, v311, password, timeout)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        return [("WARN", "broker login", f"{who}: could not connect ({type(exc).__name__}: {exc})")]
+    if code is None:
+        if mqtt.tls is None and _speaks_tls(mqtt.host, mqtt.port, timeout):
+            return [("FAIL", "broker login", (f"{who}: no answer to CONNECT: {mqtt.address} is a TLS listener; "
+                     "add [mqtt.tls] with ca_file (the CA that signed the broker's certificate), or give its "
+                     "plain port (usually 1883)"))]
+        return [("WARN", "broker login", f"{who}: {no_connack(mqtt, f'none within {timeout:.0f} s').partition('; retry')[0]}")]
+    if code.is_failure:
+        return [("FAIL", "broker login", (f"{mqtt.address} refuses {who}: {code.getName()} (reason code "
+                 f"0x{int(code.value):02x}){login_hint(mqtt, int(code.value)).partition('; retrying')[0]}; "
+                 "the station would retry for ever"))]
+    return [("OK", "broker login", f"{mqtt.address} accepts {who}")]
+
+
+def _speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether host:port completes a TLS handshake (its certificate not judged: only the protocol)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock, context.wrap_socket(sock):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _connack(mqtt, protocol, password: str | None, timeout: float):
+    """The broker's CONNACK reason code to one CONNECT (None: no answer within `timeout`)."""
+    import threading
+
+    from smearscope.service.mqtt.paho_client import configured_client
+
+    client = configured_client(mqtt, f"smearscope-doctor-{os.getpid()}", protocol, password, "smearscope/doctor")
+    client.will_clear()
+    answered, codes = threading.Event(), []
+    client.on_connect = lambda c, userdata, flags, code, props: (codes.append(code), answered.set())
+    try:
+        client.connect(mqtt.host, mqtt.port, keepalive=10)
+        client.loop_start()
+        answered.wait(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return codes[0] if codes else None
