@@ -250,6 +250,38 @@ def test_a_restored_run_keeps_its_specimen_id_and_a_file_from_before_gets_the_co
         outbox.close()
 
 
+def test_a_run_an_earlier_version_went_on_with_is_taken_back_naming_its_specimen(tmp_path):
+    """Going back and forth: an earlier version put back takes this version's open run back and
+    adds its fields' rows without the specimen id (it knows no such column: NULL); this version,
+    started again on the file, takes the run back with every field and still names its specimen,
+    as the run's first rows keep it (docs/STATION.md, "Updating a station, and going back")."""
+    from smearscope.service.station.durable import RunMeta
+
+    run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r", started_by="command", specimen_id="H-1")
+    run.add(field("f0", wbcs(2) + rbcs(5)), 1.0)
+    later = field("f1", wbcs(3))
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        state = StationState(outbox)
+        store_run(state, outbox, run, "r")
+        earlier_versions = RunMeta("r", run.started_at, run.started_by, run.target_wbc)  # no specimen id
+        write = state.field_stored(report_id="r-f1", input_key=None, run=earlier_versions, field_id="f1",
+                                   cells=list(later.cells), records=list(later.report.cells), models=run.models)
+        outbox.write(lambda conn: write(conn, []))
+        assert outbox.read(lambda conn: conn.execute(
+            "SELECT field_id, specimen_id FROM specimen_fields ORDER BY position").fetchall()) == [
+            ("f0", "H-1"), ("f1", None)]
+    finally:
+        outbox.close()
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        (back,) = StationState(outbox).open_runs()
+        assert back.field_ids == ["f0", "f1"] and back.specimen_id == "H-1"
+        assert back.report(station_id=None, now=2.0).specimen_id == "H-1"
+    finally:
+        outbox.close()
+
+
 def test_restored_fields_keep_arrival_order(tmp_path):
     run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
     for fid in ("f9", "f10", "a1"):
