@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import sqlite3
 import threading
 import time
@@ -479,8 +481,17 @@ def test_telemetry_is_qos0_and_not_stored(
         lambda m: len([x for x in m if x.topic.endswith("/telemetry")]) >= 2, 5
     )
     telemetry = observer.on_topic(f"{BASE}/telemetry")[0]
-    assert telemetry.qos == 0 and json.loads(telemetry.payload) == {"gpu_temp_c": 51.5, "interval_s": 0.1}
+    sample = json.loads(telemetry.payload)
+    # which process sent it: a dashboard tells two stations given one station_id apart by it
+    assert telemetry.qos == 0 and sample == {"gpu_temp_c": 51.5, "interval_s": 0.1, "host": socket.gethostname(),
+                                             "instance_id": sample["instance_id"]}
+    assert re.fullmatch(r"[0-9a-f]{12}", sample["instance_id"])
     assert publisher.outbox.counts().messages == 0
+    # every sample of this process says the same instance; another process (a second publisher) another
+    assert {json.loads(m.payload)["instance_id"] for m in observer.on_topic(f"{BASE}/telemetry")} == {
+        sample["instance_id"]}
+    with Outbox(tmp_path / "other-outbox.sqlite3") as other_outbox:
+        assert MqttPublisher(config, STATION, other_outbox).instance["instance_id"] != sample["instance_id"]
 
 
 def test_falls_back_to_mqtt_311_when_the_broker_refuses_v5(
@@ -665,7 +676,8 @@ def test_telemetry_goes_out_at_each_connection_not_a_period_later(
     started.append(publisher)
     publisher.start()
     assert observer.wait_for(lambda m: len([x for x in m if x.topic.endswith("/telemetry")]) >= 1, 10)
-    assert json.loads(observer.on_topic(f"{BASE}/telemetry")[0].payload) == {"sample": 1, "interval_s": 600.0}
+    assert {k: v for k, v in json.loads(observer.on_topic(f"{BASE}/telemetry")[0].payload).items()
+            if k not in ("instance_id", "host")} == {"sample": 1, "interval_s": 600.0}
     broker.stop()
     assert wait_until(lambda: not publisher.state.connected, 15)
     broker.start()

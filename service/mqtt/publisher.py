@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import threading
 import time
 import uuid
@@ -87,6 +88,9 @@ class MqttPublisher(ConnectionEvents):
         self.telemetry_source = telemetry_source
         self._password = read_password(config, environ)  # fails now, before any thread starts
         self.client_id = config.client_id or f"smearscope-{station_id}"
+        # which process sends the samples: two stations given one station_id (a cloned config) send
+        # under two instance ids in turn, which a dashboard says (docs/MQTT.md, "Telemetry")
+        self.instance = {"instance_id": uuid.uuid4().hex[:12], "host": socket.gethostname()}
         base = f"{config.topic_prefix}/{station_id}"
         self.status_topic = f"{base}/status"
         self.field_topic = f"{base}/field"
@@ -177,11 +181,13 @@ class MqttPublisher(ConnectionEvents):
 
     def publish_telemetry(self, values: Mapping[str, Any]) -> bool:
         """Publish telemetry at QoS 0 if connected; it is not stored, so False means dropped. It
-        carries `interval_s`, so a dashboard knows when the next sample is overdue."""
+        carries `interval_s`, so a dashboard knows when the next sample is overdue, and this process's
+        `instance_id` and `host`, so it knows two stations that publish under one station id."""
         client = self._client
         if client is None or not self.state.connected:
             return False
-        info = client.publish(self.telemetry_topic, json.dumps({**values, "interval_s": self.config.telemetry_interval_s}), qos=0)
+        info = client.publish(self.telemetry_topic, json.dumps({**values, "interval_s": self.config.telemetry_interval_s,
+                                                                   **self.instance}), qos=0)
         return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def wait_until_connected(self, timeout: float) -> bool:

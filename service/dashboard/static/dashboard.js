@@ -277,17 +277,52 @@ function showCritical(st, flags, currentFlags) {
   }));
   alert.hidden = critical.length === 0;
   st.node.dataset.critical = critical.length ? "true" : "false";
-  const summary = document.getElementById("critical");
-  const flagged = [...stations.values()].filter((s) => s.node.dataset.critical === "true");
-  summary.replaceChildren(document.createTextNode("critical finding: "), ...flagged.map((s) => {
-    const b = el("button", "", s.id);
-    b.type = "button";
-    b.addEventListener("click", () => s.node.scrollIntoView({ block: "start" }));
-    return b;
-  }));
-  summary.hidden = flagged.length === 0;
+  renderAttention();
+}
+
+// The page's header names the stations that need someone: a critical finding, and a station id that
+// two stations publish under (telemetry.js); a click scrolls to the card.
+function renderAttention() {
+  const named = (id, what, mark) => {
+    const summary = document.getElementById(id);
+    const flagged = [...stations.values()].filter((s) => s.node.dataset[mark] === "true");
+    summary.replaceChildren(document.createTextNode(what), ...flagged.map((s) => {
+      const b = el("button", "", s.id);
+      b.type = "button";
+      b.addEventListener("click", () => s.node.scrollIntoView({ block: "start" }));
+      return b;
+    }));
+    summary.hidden = flagged.length === 0;
+    return flagged;
+  };
+  const flagged = named("critical", "critical finding: ", "critical");
+  named("clash", "one station id, two stations: ", "clash");
   // ... and in the tab's title, for a page in a background tab
   document.title = (flagged.length ? "CRITICAL: " + flagged.map((s) => s.id).join(", ") + " · " : "") + "smearscope: stations";
+}
+
+// An empty message is a retained message cleared (mosquitto_pub -r -n). A station's status cleared is
+// a station retired or renamed (docs/STATION.md, "Renaming or retiring a station"): its card goes, and
+// the page waits for stations again when it was the last; its run state cleared, the run shown goes.
+function cleared(id, kind) {
+  const st = stations.get(id);
+  if (!st) return;  // an empty message never makes a card
+  if (kind === "status") {
+    clearTimeout(st.reviewTimer);
+    st.node.remove();
+    stations.delete(id);
+    if (stations.size === 0) {
+      const empty = el("p", "", "Waiting for stations\u2026");
+      empty.id = "empty";
+      document.getElementById("stations").append(empty);
+    }
+    renderAttention();
+  } else if (kind === "run") {
+    st.run = null; st.final = null; st.pinned = null; st.reviewRun = null;
+    clearReview(st);
+    st.node.querySelector(".verify").hidden = true;
+    renderRun(st);
+  }
 }
 
 // The station's last closed runs (get_runs), to show and sign one that is no longer its current run.
@@ -341,8 +376,9 @@ function readable(report) {
 function onMessage(topic, payload, packet) {
   const parts = topic.split("/");
   if (parts[0] !== prefix || parts.length < 3) return;
-  const st = station(parts[1]);
   const kind = parts.slice(2).join("/");
+  if (payload.length === 0) { cleared(parts[1], kind); return; }
+  const st = station(parts[1]);
   const text = new TextDecoder().decode(payload);
   if (kind === "status") {
     const back = text === "online" && st.status !== "online";
@@ -386,7 +422,9 @@ function onMessage(topic, payload, packet) {
     st.final = body;
     renderRun(st);
   } else if (kind === "telemetry") {
-    st.telemetry = msg; st.telemetryLive = brokerUp && st.status === "online"; st.heardAt = Date.now(); renderTelemetry(st);
+    st.telemetry = msg; st.telemetryLive = brokerUp && st.status === "online"; st.heardAt = Date.now();
+    noteInstance(st);
+    renderTelemetry(st);
   } else if (kind.startsWith("cmd_response/")) {
     const cd = packet && packet.properties && packet.properties.correlationData;
     const correlation = cd ? new TextDecoder().decode(cd) : null;

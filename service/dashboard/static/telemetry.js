@@ -24,7 +24,40 @@ function markSilence(st) {
     (Math.round(every * 100) / 100) + " s" : "";
 }
 
-setInterval(() => { for (const st of stations.values()) markSilence(st); }, 1000);
+// Two stations given one station_id (a cloned config) publish under it in turn: their samples carry
+// two instance ids (each process its own) and come back to one after the other, where a restarted
+// station only moves on to a new one. Said while such a return was seen within four periods.
+function noteInstance(st) {
+  const t = st.telemetry, id = t.instance_id;
+  if (typeof id !== "string") return;  // an older station's sample
+  st.instances = st.instances || new Map();  // instance id -> its host, as its samples say
+  const previous = st.lastInstance;
+  if (previous !== undefined && previous !== id && st.instances.has(id)) {
+    st.clashAt = Date.now();
+    st.clashHosts = [...new Set([st.instances.get(previous), st.instances.get(id)])];
+  }
+  st.instances.set(id, typeof t.host === "string" ? t.host : "host not said");
+  st.lastInstance = id;
+  markClash(st);
+}
+
+function markClash(st) {
+  const t = st.telemetry;
+  const every = t && typeof t.interval_s === "number" && t.interval_s > 0 ? t.interval_s : DEFAULT_TELEMETRY_S;
+  const clash = st.clashAt !== undefined && (Date.now() - st.clashAt) / 1000 < 4 * every;
+  const node = st.node.querySelector(".clash");
+  node.hidden = !clash;
+  node.textContent = !clash ? "" : "two stations publish as " + st.id + " (" + (st.clashHosts.length > 1
+    ? "hosts " + st.clashHosts.join(" and ") : "both on host " + st.clashHosts[0]) +
+    "): their runs, status and telemetry are mixed here; give each its own station_id";
+  if ((st.node.dataset.clash === "true") !== clash) {
+    st.node.dataset.clash = clash ? "true" : "false";
+    renderAttention();
+  }
+}
+
+setInterval(() => { for (const st of stations.values()) { markSilence(st); if (st.clashAt !== undefined) markClash(st); } },
+            1000);
 
 // Telemetry is not retained: what the card holds when the station is offline, or the broker out of
 // reach, is its last sample, not its state now, and says so (with the sample's time).
@@ -58,7 +91,9 @@ function renderTelemetry(st) {
   markTelemetry(st);
   st.node.querySelector(".telemetry-none").hidden = true;
   const own = flat.filter(([k]) => k.startsWith("pipeline."));
-  for (const [k, v] of [...own, ...flat.filter(([k]) => !k.startsWith("pipeline."))].slice(0, 24)) {
+  // the process's instance id tells two stations under one id apart (noteInstance); its host is listed
+  const machine = flat.filter(([k]) => !k.startsWith("pipeline.") && k !== "instance_id");
+  for (const [k, v] of [...own, ...machine].slice(0, 24)) {
     // any time, 1970's too: a station whose clock was never set shows a date that says so
     const at = typeof v === "number" && k.endsWith("_at") && Math.abs(v) <= 8.64e12;
     const shownValue = at ? when(v) :

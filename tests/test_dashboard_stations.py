@@ -1,0 +1,138 @@
+"""The clinic dashboard with many stations, in headless Chromium against a real mosquitto: the page
+opened before any station exists, stations appearing, a station retired or renamed (its retained
+messages cleared), and two stations given one station id. The messages are those a station sends,
+published by the test's own client (tests/test_dashboard.py's helpers)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broker import MQTT_USERS, MosquittoBroker
+from test_dashboard import (
+    _closed_run_state,
+    _page_and_a_station,
+    _specimen,
+    _status,
+    _wait,
+    needs_chromium,
+)
+
+
+@pytest.fixture
+def ws_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """mosquitto with the dashboard's WebSockets listener (as tests/test_dashboard.py's)."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, websockets=True)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def _cards(driver: Any) -> list[str]:
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "return [...document.querySelectorAll('#stations section.station')].map((n) => n.dataset.station);")
+
+
+def _waiting(driver: Any) -> bool:
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "const e = document.getElementById('empty'); return !!e && e.textContent === 'Waiting for stations\u2026';")
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_retired_stations_cleared_messages_take_its_card_away_and_make_none(
+    tmp_path: Path, ws_broker: MosquittoBroker,
+) -> None:
+    """The page opened before any station waits for them; stations appear as they say online, in
+    order of their ids. A station retired or renamed leaves its retained status and run state on the
+    broker, and the page showed its card (offline, its last run) for ever; the operator clears them
+    (`mosquitto_pub -r -n`), which reaches an open page as empty messages. Its card now goes (its
+    run state's clearing empties its run first); an empty message of a station the page does not
+    show makes no card (it made one, 'unknown'); the last card gone, the page waits again; a page
+    opened after the clearing shows only the stations still there."""
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        driver.get(url)
+        _wait("the page waiting", lambda: _waiting(driver), 20, [log])
+        for station in ("ward-b", "ward-a", "ward-old"):
+            send(f"smearscope/{station}/status", "online")
+        send("smearscope/ward-old/run", json.dumps(_closed_run_state(_specimen("ward-old", "run-o", [], time.time()))))
+        _wait("three stations", lambda: _cards(driver) == ["ward-a", "ward-b", "ward-old"], 20, [log])
+        assert not _waiting(driver)
+        run_line = "[data-station='ward-old'] .run-line"
+        _wait("the old station's run", lambda: driver.execute_script(
+            f"return document.querySelector(\"{run_line}\").textContent").startswith("run run-o"), 20, [log])
+        send("smearscope/ward-old/status", "offline")
+        _wait("the old station offline", lambda: _status(driver, "ward-old") == "offline", 20, [log])
+        # retired: its run state cleared first, then its status (docs/STATION.md)
+        send("smearscope/ward-old/run", "")
+        _wait("its run gone", lambda: driver.execute_script(
+            f"return document.querySelector(\"{run_line}\").textContent") == "no specimen run yet", 20, [log])
+        send("smearscope/ward-old/status", "")
+        _wait("its card gone", lambda: _cards(driver) == ["ward-a", "ward-b"], 20, [log])
+        send("smearscope/ward-gone/status", "")  # a station the page never showed: no card for it
+        send("smearscope/ward-gone/run", "")
+        send("smearscope/ward-b/telemetry", json.dumps({"source": "proc", "read_at": time.time()}), retain=False)
+        _wait("the sample after the empty messages", lambda: driver.execute_script(
+            "return !!document.querySelector(\"[data-station='ward-b'] dd[data-key='source']\")"), 20, [log])
+        assert _cards(driver) == ["ward-a", "ward-b"]
+        send("smearscope/ward-a/status", "")
+        send("smearscope/ward-b/status", "")
+        _wait("the page waiting again", lambda: _cards(driver) == [] and _waiting(driver), 20, [log])
+        send("smearscope/ward-c/status", "online")
+        _wait("a new station", lambda: _cards(driver) == ["ward-c"] and not _waiting(driver), 20, [log])
+        driver.get(url)  # a page opened after the clearing: the broker holds only ward-c's
+        _wait("ward-c after a reload", lambda: _status(driver, "ward-c") == "online", 20, [log])
+        time.sleep(1)  # what else the broker sends at the subscription arrives with ward-c's
+        assert _cards(driver) == ["ward-c"]
+
+
+def _sample(instance: str, host: str, interval_s: float = 30.0) -> str:
+    return json.dumps({"source": "proc", "read_at": time.time(), "interval_s": interval_s,
+                       "instance_id": instance, "host": host})
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_two_stations_under_one_station_id_are_said_and_a_restart_is_not(
+    tmp_path: Path, ws_broker: MosquittoBroker,
+) -> None:
+    """Two stations given one station_id (a cloned config) publish under it in turn, and the page
+    showed one card mixing their runs, status and telemetry, saying nothing. Each process's samples
+    carry its instance id and host: samples that come back to an instance after another's are two
+    stations, said on the card in red, naming both hosts, and in the page's header; a station
+    restarted (one instance after the other, never back) is not. The mark goes once no such return
+    was seen for four periods."""
+    from selenium.webdriver.common.by import By
+
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        driver.get(url)
+        for station in ("ward-r", "ward-x"):
+            send(f"smearscope/{station}/status", "online")
+        _wait("both stations", lambda: _cards(driver) == ["ward-r", "ward-x"], 20, [log])
+        clash = lambda station: driver.find_element(By.CSS_SELECTOR, f"[data-station='{station}'] .clash")
+        header = lambda: driver.find_element(By.ID, "clash")
+        # ward-r restarted: one instance, then the next, never back
+        for instance in ("aaaa00000001", "aaaa00000001", "bbbb00000002", "bbbb00000002"):
+            send("smearscope/ward-r/telemetry", _sample(instance, "jetson-r"), retain=False)
+        # ward-x: two machines, their samples in turn
+        for instance, host in (("cccc00000003", "jetson-3"), ("dddd00000004", "jetson-7"), ("cccc00000003", "jetson-3")):
+            send("smearscope/ward-x/telemetry", _sample(instance, host, interval_s=1.0), retain=False)
+        _wait("the clash said", lambda: clash("ward-x").is_displayed(), 20, [log])
+        assert clash("ward-x").text == ("two stations publish as ward-x (hosts jetson-7 and jetson-3): their runs, "
+                                        "status and telemetry are mixed here; give each its own station_id")
+        assert header().is_displayed() and header().text == "one station id, two stations: ward-x"
+        assert driver.find_element(By.CSS_SELECTOR, "[data-station='ward-x']").get_attribute("data-clash") == "true"
+        # the host is listed with the samples, the instance id (a random token) is not
+        assert driver.find_element(By.CSS_SELECTOR, "[data-station='ward-x'] dd[data-key='host']").text == "jetson-3"
+        assert not driver.find_elements(By.CSS_SELECTOR, "[data-station='ward-x'] dd[data-key='instance_id']")
+        send("smearscope/ward-r/telemetry", _sample("bbbb00000002", "jetson-r"), retain=False)
+        time.sleep(1.5)  # the page's marks are redrawn every second
+        assert not clash("ward-r").is_displayed()
+        # the second machine renamed: only one instance goes on, and after four periods the mark goes
+        _wait("the clash mark gone", lambda: not clash("ward-x").is_displayed() and not header().is_displayed(),
+              20, [log])
+        assert clash("ward-x").text == ""
