@@ -1137,3 +1137,44 @@ def test_a_certificate_judged_not_yet_valid_names_the_station_clock(
         assert not publisher.state.connected and publisher.outbox.counts().reports == 1
     finally:
         broker.stop()
+
+
+@pytest.mark.broker
+def test_a_renamed_stations_waiting_messages_go_out_as_stored_and_the_start_says_so(
+    broker: MosquittoBroker, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A station renamed (station_id lab-7 -> lab-8, the same outbox file) with a field and a
+    report still waiting: they go out on the old id's topics, as their envelope says, and nothing
+    said so at the start; under a broker account whose rights were moved to the new id they would
+    never be delivered. The start now warns once, naming the old topics, the count and the reports."""
+    config = make_config(tmp_path, broker.port)
+    with Outbox.from_config(config.outbox) as outbox:  # the station as lab-7, the broker out of reach
+        old = MqttPublisher(config, STATION, outbox)
+        old.publish_report("field", "f-1", b'{"kind": "field"}', "1.1")
+        old.publish_report("report", "r-1", b'{"kind": "specimen"}', "1.1")
+    watcher = Subscriber(broker.port, "observer", MQTT_USERS["observer"], ["smearscope/#"])
+    watcher.wait_ready()
+    try:
+        renamed = MqttPublisher(config, "lab-8", Outbox.from_config(config.outbox))
+        started.append(renamed)
+        with caplog.at_level(logging.WARNING, logger="smearscope.service.mqtt.renamed"):
+            renamed.start()
+        said = [r.getMessage() for r in caplog.records if r.name == "smearscope.service.mqtt.renamed"]
+        assert len(said) == 1 and said[0].startswith(
+            "the outbox holds 2 messages (1 of them reports) stored under smearscope/lab-7, not smearscope/lab-8"), said
+        assert "allowed to write smearscope/lab-7/#" in said[0]
+        assert watcher.wait_for(lambda m: {x.topic for x in m} >= {f"{BASE}/field", f"{BASE}/report"}, 10)
+        assert json.loads(watcher.on_topic(f"{BASE}/report")[0].payload)["station_id"] == STATION
+        assert wait_until(lambda: renamed.outbox.counts().messages == 0, 10)
+        renamed.stop()
+        renamed.outbox.close()
+        caplog.clear()  # its own messages only: nothing to say at the next start
+        again = MqttPublisher(config, "lab-8", Outbox.from_config(config.outbox))
+        started.append(again)
+        with caplog.at_level(logging.WARNING, logger="smearscope.service.mqtt.renamed"):
+            again.publish_report("report", "r-2", b'{"kind": "specimen"}', "1.1")
+            again.start()
+        assert not [r for r in caplog.records if r.name == "smearscope.service.mqtt.renamed"]
+    finally:
+        watcher.close()

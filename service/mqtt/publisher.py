@@ -47,6 +47,7 @@ from smearscope.service.mqtt.envelope import (
 from smearscope.service.mqtt.inflight import InFlight
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, StateWriter
 from smearscope.service.mqtt.paho_client import configured_client, paho_log_level, publish_waiting
+from smearscope.service.mqtt.renamed import say_stored_under_other_ids
 from smearscope.service.mqtt.state import PublisherState
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class MqttPublisher(ConnectionEvents):
         self._stopping = False
         self._stop_workers.clear()
         self._set_state(status="connecting", protocol=self._protocol_name())
+        say_stored_under_other_ids(self.outbox, f"{self.config.topic_prefix}/{self.station_id}")
         self._client = self._new_client()
         self._threads = [threading.Thread(target=self._drain_loop, name="mqtt-drain", daemon=True)]
         if self.telemetry_source is not None:
