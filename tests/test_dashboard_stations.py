@@ -136,3 +136,85 @@ def test_two_stations_under_one_station_id_are_said_and_a_restart_is_not(
         _wait("the clash mark gone", lambda: not clash("ward-x").is_displayed() and not header().is_displayed(),
               20, [log])
         assert clash("ward-x").text == ""
+
+
+def _named(driver: Any, summary: str) -> list[str] | None:
+    """The stations a header summary names (None while it is hidden)."""
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "const s = document.getElementById(arguments[0]);"
+        "return s.hidden ? null : [...s.querySelectorAll('button')].map((b) => b.textContent);", summary)
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_twelve_stations_the_header_names_those_that_need_someone_and_stays_in_sight(
+    tmp_path: Path, ws_broker: MosquittoBroker,
+) -> None:
+    """Twelve stations: the cards stay in order of station id (a card never moves under a
+    technician typing cells), about three to a screen. The header named only critical findings, and
+    scrolled away with the cards; an offline station, or one not heard from, was found only by
+    scrolling through all twelve. The header now also names the offline stations and those not
+    heard from, stays at the top however far the page is scrolled, and a click on a name brings the
+    card just below it."""
+    from smearscope.service.analysis.report import Flag
+
+    critical = Flag(code="sickle_cells_present", severity="critical", message="sickle cells present")
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        driver.get(url)
+        ids = [f"ward-{i:02d}" for i in range(12)]
+        for i, station in reversed(list(enumerate(ids))):  # appearing in any order
+            send(f"smearscope/{station}/status", "offline" if i in (3, 8) else "online")
+            send(f"smearscope/{station}/run", json.dumps(_closed_run_state(
+                _specimen(station, f"run-{i:02d}", [critical] if i in (5, 10) else [], time.time()))))
+        _wait("twelve cards", lambda: _cards(driver) == ids, 20, [log])
+        send("smearscope/ward-06/telemetry", _sample("eeee00000006", "jetson-6", interval_s=1.0), retain=False)
+        _wait("the header's lists", lambda: _named(driver, "offline") == ["ward-03", "ward-08"]
+              and _named(driver, "silent") == ["ward-06"], 20, [log])
+        assert _named(driver, "critical") == ["ward-05", "ward-10"]
+        driver.execute_script("window.scrollTo(0, document.body.scrollHeight);")
+        header = lambda: driver.execute_script("return document.querySelector('header').getBoundingClientRect().toJSON();")
+        assert header()["top"] == 0 and driver.execute_script("return window.scrollY;") > 2 * header()["height"]
+        driver.execute_script("[...document.getElementById('offline').querySelectorAll('button')]"
+                              ".find((b) => b.textContent === 'ward-03').click();")
+        card = lambda: driver.execute_script(
+            "return document.querySelector(\"[data-station='ward-03']\").getBoundingClientRect().toJSON();")
+        _wait("ward-03 scrolled to", lambda: abs(card()["top"] - header()["bottom"]) < 40, 10, [log])
+        assert card()["top"] >= header()["bottom"], (card(), header())
+        send("smearscope/ward-03/status", "online")
+        send("smearscope/ward-06/telemetry", _sample("eeee00000006", "jetson-6", interval_s=30.0), retain=False)
+        _wait("ward-03 and ward-06 back", lambda: _named(driver, "offline") == ["ward-08"]
+              and _named(driver, "silent") is None, 20, [log])
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_station_whose_clock_is_minutes_off_says_so_and_is_not_taken_for_silent(
+    tmp_path: Path, ws_broker: MosquittoBroker,
+) -> None:
+    """The times a card shows (a run's start and last update, telemetry's read_at) are the
+    station's clock's: a station ten minutes behind read "last update 10:02" at 10:12, a run that
+    looked stalled. A station whose live sample's read_at is a minute or more off the browser's
+    clock now says so beside its status ("station clock 10 min behind this browser's: the times on
+    this card are the station's"); one on time says nothing. The page's own mark (not heard from)
+    goes by when samples reach it, not by their read_at: a sample read 10 minutes ago by the
+    station's clock is not silence."""
+    from selenium.webdriver.common.by import By
+
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        driver.get(url)
+        offsets = {"ward-behind": -600.0, "ward-ahead": 300.0, "ward-ontime": 0.0}
+        for station in offsets:
+            send(f"smearscope/{station}/status", "online")
+        _wait("three stations", lambda: len(_cards(driver)) == 3, 20, [log])
+        for station, offset in offsets.items():
+            sample = json.loads(_sample("ffff0000000" + str(len(station) % 10), "jetson", interval_s=30.0))
+            send(f"smearscope/{station}/telemetry", json.dumps({**sample, "read_at": time.time() + offset}), retain=False)
+        clock = lambda station: driver.find_element(By.CSS_SELECTOR, f"[data-station='{station}'] .clock")
+        _wait("the samples", lambda: all(driver.find_elements(
+            By.CSS_SELECTOR, f"[data-station='{s}'] dd[data-key='read_at']") for s in offsets), 20, [log])
+        assert clock("ward-behind").text == ("station clock 10 min behind this browser's: the times on this card are "
+                                             "the station's")
+        assert clock("ward-ahead").text == "station clock 5 min ahead of this browser's: the times on this card are the station's"
+        assert not clock("ward-ontime").is_displayed() and clock("ward-ontime").text == ""
+        silence = driver.find_element(By.CSS_SELECTOR, "[data-station='ward-behind'] .silence")
+        assert silence.get_attribute("data-overdue") == "false" and _named(driver, "silent") is None

@@ -144,6 +144,7 @@ function renderStatus(st) {
   badge.className = "badge status " + (value === "online" || value === "offline" ? value : "unknown");
   badge.dataset.status = value;
   badge.textContent = brokerUp ? value : "unknown (broker unreachable)";
+  marked(st, "offline", brokerUp && st.status === "offline");
   markTelemetry(st);
   renderRunControl(st);
   if (st.run) renderRun(st);
@@ -285,7 +286,8 @@ function showCritical(st, flags, currentFlags) {
 function renderAttention() {
   const named = (id, what, mark) => {
     const summary = document.getElementById(id);
-    const flagged = [...stations.values()].filter((s) => s.node.dataset[mark] === "true");
+    const flagged = [...stations.values()].filter((s) => s.node.dataset[mark] === "true")
+      .sort((a, b) => (a.id < b.id ? -1 : 1));  // in the cards' order
     summary.replaceChildren(document.createTextNode(what), ...flagged.map((s) => {
       const b = el("button", "", s.id);
       b.type = "button";
@@ -297,8 +299,20 @@ function renderAttention() {
   };
   const flagged = named("critical", "critical finding: ", "critical");
   named("clash", "one station id, two stations: ", "clash");
+  named("offline", "offline: ", "offline");
+  named("silent", "not heard from: ", "silent");
+  // the header wraps when it names many: a card scrolled to stops below it (dashboard.css)
+  const header = document.querySelector("header");
+  document.documentElement.style.setProperty("--header-height", header.offsetHeight + 8 + "px");
   // ... and in the tab's title, for a page in a background tab
   document.title = (flagged.length ? "CRITICAL: " + flagged.map((s) => s.id).join(", ") + " · " : "") + "smearscope: stations";
+}
+
+// A card's mark the header lists (renderAttention), set and the header redrawn when it changes.
+function marked(st, mark, on) {
+  if ((st.node.dataset[mark] === "true") === on) return;
+  st.node.dataset[mark] = on ? "true" : "false";
+  renderAttention();
 }
 
 // An empty message is a retained message cleared (mosquitto_pub -r -n). A station's status cleared is
@@ -424,6 +438,7 @@ function onMessage(topic, payload, packet) {
   } else if (kind === "telemetry") {
     st.telemetry = msg; st.telemetryLive = brokerUp && st.status === "online"; st.heardAt = Date.now();
     noteInstance(st);
+    noteClock(st);
     renderTelemetry(st);
   } else if (kind.startsWith("cmd_response/")) {
     const cd = packet && packet.properties && packet.properties.correlationData;

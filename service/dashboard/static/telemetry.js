@@ -20,6 +20,7 @@ function markSilence(st) {
   const overdue = brokerUp && st.status === "online" && t !== null && st.heardAt !== undefined && quiet > 2 * every;
   node.hidden = !overdue;
   node.dataset.overdue = overdue ? "true" : "false";
+  marked(st, "silent", overdue);
   node.textContent = overdue ? "not heard from: no telemetry for " + Math.floor(quiet) + " s, expected every " +
     (Math.round(every * 100) / 100) + " s" : "";
 }
@@ -50,14 +51,28 @@ function markClash(st) {
   node.textContent = !clash ? "" : "two stations publish as " + st.id + " (" + (st.clashHosts.length > 1
     ? "hosts " + st.clashHosts.join(" and ") : "both on host " + st.clashHosts[0]) +
     "): their runs, status and telemetry are mixed here; give each its own station_id";
-  if ((st.node.dataset.clash === "true") !== clash) {
-    st.node.dataset.clash = clash ? "true" : "false";
-    renderAttention();
-  }
+  marked(st, "clash", clash);
 }
 
 setInterval(() => { for (const st of stations.values()) { markSilence(st); if (st.clashAt !== undefined) markClash(st); } },
             1000);
+
+// The times a card shows (a run's start and last update, its signing, the samples' read_at) are the
+// station's clock's; the page's own marks (not heard from) are its own. A station whose clock is a
+// minute or more off the browser's (its live sample's read_at against the arrival: telemetry is sent
+// at once, never stored) says so, so that "last update 10:02" at 10:12 is not read as a stalled run.
+function noteClock(st) {
+  const t = st.telemetry;
+  if (!st.telemetryLive || typeof t.read_at !== "number") return;
+  const off = t.read_at - Date.now() / 1000;
+  const node = st.node.querySelector(".clock");
+  const far = Math.abs(off) >= 60;
+  node.hidden = !far;
+  node.dataset.offsetS = String(Math.round(off));
+  const size = Math.abs(off) >= 120 ? Math.round(Math.abs(off) / 60) + " min" : Math.round(Math.abs(off)) + " s";
+  node.textContent = far ? "station clock " + size + (off < 0 ? " behind" : " ahead of") +
+    " this browser's: the times on this card are the station's" : "";
+}
 
 // Telemetry is not retained: what the card holds when the station is offline, or the broker out of
 // reach, is its last sample, not its state now, and says so (with the sample's time).
