@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -125,7 +126,8 @@ password_credential = "mqtt-password"
     lines = set(capsys.readouterr().err.splitlines())
     assert "colour: Extra inputs are not permitted" in lines
     assert "source.settle: Extra inputs are not permitted" in lines
-    assert any(line.startswith("station_id: String should match pattern") for line in lines)
+    assert "station_id: 'ward 3' may hold only letters A-Z and a-z, digits, '-' and '_' (it is a level of the " \
+        "station's MQTT topics); refused: ' '" in lines
     for prefix in (
         "analysis.tile_size: tile_size must be a multiple of 32",
         "analysis.tile_overlap: Input should be less than 0.5",
@@ -728,3 +730,28 @@ def test_a_drain_on_stop_longer_than_the_units_stop_timeout_allows_is_refused(
     assert err.startswith("mqtt.stop_drain_timeout_s: ") and "TimeoutStopSec=45" in err and "at most 30" in err, err
     with pytest.raises(ConfigError):  # an environment override is read by the same rule
         load_config(_write(tmp_path, MINIMAL), environ={"SMEARSCOPE__MQTT__STOP_DRAIN_TIMEOUT_S": "30.5"})
+
+
+@pytest.mark.parametrize(("station_id", "refused"), [
+    ("ward 7", "' '"), ("lab/7", "'/'"), ("lab+", "'+'"), ("lab#7", "'#'"), ("läb-7", "'ä'"), ("ward.7 b", "' ' '.'"),
+])
+def test_a_station_id_with_characters_no_topic_level_may_hold_is_refused_naming_them(
+    tmp_path: Path, station_id: str, refused: str,
+) -> None:
+    """The station id is a level of every topic the station uses ('/' splits a level, '+' and '#'
+    are wildcards): refused at validate-config, in words naming the characters, from the file and
+    from the environment; one longer than 64 characters by its length; letters, digits, '-' and '_'
+    pass."""
+    text = MINIMAL.replace('"bench"', json.dumps(station_id, ensure_ascii=False))
+    said = (f"{station_id!r} may hold only letters A-Z and a-z, digits, '-' and '_' (it is a level of the station's "
+            f"MQTT topics); refused: {refused}")
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, text), environ={})
+    assert err.value.errors == [("station_id", said)]
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, MINIMAL), environ={"SMEARSCOPE__STATION_ID": station_id})
+    ((loc, msg),) = err.value.errors
+    assert loc == "station_id" and msg.startswith(said) and "SMEARSCOPE__STATION_ID" in msg
+    with pytest.raises(ConfigError, match="at most 64 characters"):
+        load_config(_write(tmp_path, MINIMAL.replace("bench", "a" * 65)), environ={})
+    assert load_config(_write(tmp_path, MINIMAL.replace("bench", "Ward_7-b" + "x" * 56)), environ={}).station_id.startswith("Ward_7")

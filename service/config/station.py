@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -84,6 +85,18 @@ class StationConfig(StationBaseModel):
         title="Commands",
         description="What the MQTT commands may reach: the folders analyze_file may read.",
     )
+
+    @field_validator("station_id", mode="before")
+    @classmethod
+    def _station_id_characters(cls, value: Any) -> Any:
+        """Said in words, naming the characters refused: the id is a level of every topic the
+        station publishes and subscribes to, where '/', '+' and '#' mean something else."""
+        if isinstance(value, str) and value and not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+            refused = sorted({c for c in value if not re.fullmatch(r"[A-Za-z0-9_-]", c)})
+            raise ValueError(
+                f"{value!r} may hold only letters A-Z and a-z, digits, '-' and '_' (it is a level of the station's "
+                f"MQTT topics); refused: {' '.join(repr(c) for c in refused)}")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
