@@ -139,4 +139,48 @@ def test_the_example_broker_config_serves_stations_over_tls_and_websockets_and_a
             publisher.stop(drain_timeout=0)
             publisher.outbox.close()
         technician.close()
+
+
+def test_a_retired_stations_retained_messages_are_cleared_with_its_own_account_not_a_technicians(
+    tmp_path: Path,
+) -> None:
+    """docs/STATION.md, "Renaming or retiring a station": the broker keeps a station's retained
+    status and run state after it is gone; under the example ACL the station's own account clears
+    them (an empty retained message), a technician's cannot (its account writes only commands). A
+    dashboard subscribing after the clearing gets neither. Each check ends with a message the
+    account may send, which arrives after everything it sent before."""
+    broker = MosquittoBroker(tmp_path / "broker", USERS, acl=ACL.read_text())
+    broker.start()
+    clients: list[mqtt.Client] = []
+    subscribers: list[Subscriber] = []
+
+    def retained_after(marker_from: mqtt.Client, marker: str) -> set[str]:
+        """The retained topics a dashboard subscribing now is given (a marker then sent by
+        `marker_from` arrives after them)."""
+        dashboard = Subscriber(broker.port, "dashboard", USERS["dashboard"], ["smearscope/lab-7/#"])
+        subscribers.append(dashboard)
+        dashboard.wait_ready()
+        marker_from.publish(marker, "{}", qos=1).wait_for_publish(5)
+        assert dashboard.wait_for(lambda ms: any(m.topic == marker for m in ms), 10), marker
+        return {m.topic for m in dashboard.messages if m.retain and m.payload}
+
+    try:
+        station = _client(broker.port, "station-lab-7")
+        technician = _client(broker.port, "technician")
+        clients += [station, technician]
+        for topic, payload in (("smearscope/lab-7/status", "offline"), ("smearscope/lab-7/run", '{"run_id": "r"}')):
+            station.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
+        for topic in ("smearscope/lab-7/run", "smearscope/lab-7/status"):
+            technician.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        technician.publish("smearscope/lab-7/cmd/status", "{}", qos=1).wait_for_publish(5)  # after the refused clears
+        assert retained_after(station, "smearscope/lab-7/report") == {"smearscope/lab-7/status", "smearscope/lab-7/run"}
+        for topic in ("smearscope/lab-7/run", "smearscope/lab-7/status"):  # the documented mosquitto_pub -r -n
+            station.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        assert retained_after(station, "smearscope/lab-7/field") == set()
+    finally:
+        for client in clients:
+            client.loop_stop()
+            client.disconnect()
+        for subscriber in subscribers:
+            subscriber.close()
         broker.stop()
