@@ -150,8 +150,9 @@ def _named(driver: Any, summary: str) -> list[str] | None:
 def test_twelve_stations_the_header_names_those_that_need_someone_and_stays_in_sight(
     tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
-    """Twelve stations: the cards stay in order of station id (a card never moves under a
-    technician typing cells), about three to a screen. The header named only critical findings, and
+    """Twelve stations: the cards stay in order of station id, its numbers read as numbers
+    (scope-2 before scope-10: they were ordered as text, scope-10 before scope-2), and never move
+    under a technician typing cells; about three fit a screen. The header named only critical findings, and
     scrolled away with the cards; an offline station, or one not heard from, was found only by
     scrolling through all twelve. The header now also names the offline stations and those not
     heard from, stays at the top however far the page is scrolled, and a click on a name brings the
@@ -161,28 +162,28 @@ def test_twelve_stations_the_header_names_those_that_need_someone_and_stays_in_s
     critical = Flag(code="sickle_cells_present", severity="critical", message="sickle cells present")
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
         driver.get(url)
-        ids = [f"ward-{i:02d}" for i in range(12)]
-        for i, station in reversed(list(enumerate(ids))):  # appearing in any order
-            send(f"smearscope/{station}/status", "offline" if i in (3, 8) else "online")
+        ids = [f"scope-{i}" for i in range(1, 13)]
+        for i, station in sorted(enumerate(ids, start=1), key=lambda s: s[1]):  # appearing in any order
+            send(f"smearscope/{station}/status", "offline" if i in (2, 10) else "online")
             send(f"smearscope/{station}/run", json.dumps(_closed_run_state(
-                _specimen(station, f"run-{i:02d}", [critical] if i in (5, 10) else [], time.time()))))
+                _specimen(station, f"run-{i:02d}", [critical] if i in (5, 11) else [], time.time()))))
         _wait("twelve cards", lambda: _cards(driver) == ids, 20, [log])
-        send("smearscope/ward-06/telemetry", _sample("eeee00000006", "jetson-6", interval_s=1.0), retain=False)
-        _wait("the header's lists", lambda: _named(driver, "offline") == ["ward-03", "ward-08"]
-              and _named(driver, "silent") == ["ward-06"], 20, [log])
-        assert _named(driver, "critical") == ["ward-05", "ward-10"]
+        send("smearscope/scope-6/telemetry", _sample("eeee00000006", "jetson-6", interval_s=1.0), retain=False)
+        _wait("the header's lists", lambda: _named(driver, "offline") == ["scope-2", "scope-10"]
+              and _named(driver, "silent") == ["scope-6"], 20, [log])
+        assert _named(driver, "critical") == ["scope-5", "scope-11"]
         driver.execute_script("window.scrollTo(0, document.body.scrollHeight);")
         header = lambda: driver.execute_script("return document.querySelector('header').getBoundingClientRect().toJSON();")
         assert header()["top"] == 0 and driver.execute_script("return window.scrollY;") > 2 * header()["height"]
         driver.execute_script("[...document.getElementById('offline').querySelectorAll('button')]"
-                              ".find((b) => b.textContent === 'ward-03').click();")
+                              ".find((b) => b.textContent === 'scope-10').click();")
         card = lambda: driver.execute_script(
-            "return document.querySelector(\"[data-station='ward-03']\").getBoundingClientRect().toJSON();")
-        _wait("ward-03 scrolled to", lambda: abs(card()["top"] - header()["bottom"]) < 40, 10, [log])
+            "return document.querySelector(\"[data-station='scope-10']\").getBoundingClientRect().toJSON();")
+        _wait("scope-10 scrolled to", lambda: abs(card()["top"] - header()["bottom"]) < 40, 10, [log])
         assert card()["top"] >= header()["bottom"], (card(), header())
-        send("smearscope/ward-03/status", "online")
-        send("smearscope/ward-06/telemetry", _sample("eeee00000006", "jetson-6", interval_s=30.0), retain=False)
-        _wait("ward-03 and ward-06 back", lambda: _named(driver, "offline") == ["ward-08"]
+        send("smearscope/scope-10/status", "online")
+        send("smearscope/scope-6/telemetry", _sample("eeee00000006", "jetson-6", interval_s=30.0), retain=False)
+        _wait("scope-10 and scope-6 back", lambda: _named(driver, "offline") == ["scope-2"]
               and _named(driver, "silent") is None, 20, [log])
 
 

@@ -71,6 +71,12 @@ function sendCommand(st, name, body, refused) {
   return correlation;
 }
 
+// The cards' order: by station id, its numbers as numbers (scope-2 before scope-10).
+const idOrder = new Intl.Collator("en", { numeric: true });
+function byId(a, b) {
+  return idOrder.compare(a, b) || (a < b ? -1 : a > b ? 1 : 0);
+}
+
 function station(id) {
   let st = stations.get(id);
   if (st) return st;
@@ -96,7 +102,7 @@ function station(id) {
   node.querySelector(".runs").addEventListener("change", (ev) => pickRun(st, ev.target.value));
   document.getElementById("empty")?.remove();
   const main = document.getElementById("stations");
-  const after = [...main.children].find((n) => n.dataset.station > id);
+  const after = [...main.children].find((n) => n.dataset.station && byId(n.dataset.station, id) > 0);
   main.insertBefore(node, after || null);
   st = { id, node, status: null, run: null, final: null, telemetry: null, reviewRun: null,
          reviewShown: -1, reviewNext: null, reviewTimer: null, reviewAsk: null, superseded: new Set(),
@@ -287,7 +293,7 @@ function renderAttention() {
   const named = (id, what, mark) => {
     const summary = document.getElementById(id);
     const flagged = [...stations.values()].filter((s) => s.node.dataset[mark] === "true")
-      .sort((a, b) => (a.id < b.id ? -1 : 1));  // in the cards' order
+      .sort((a, b) => byId(a.id, b.id));  // in the cards' order
     summary.replaceChildren(document.createTextNode(what), ...flagged.map((s) => {
       const b = el("button", "", s.id);
       b.type = "button";
