@@ -184,3 +184,37 @@ def test_a_retired_stations_retained_messages_are_cleared_with_its_own_account_n
         for subscriber in subscribers:
             subscriber.close()
         broker.stop()
+
+
+def test_a_station_reads_its_own_telemetry_topic_and_no_other_stations(tmp_path: Path) -> None:
+    """A station hears another station given its station id on its own telemetry topic
+    (service.mqtt.twin_watch): the example ACL lets its account read that topic (a cloned station
+    logs in with the same account) and not another station's."""
+    acl = ACL.read_text()
+    acl += "\n" + acl[acl.index("user station-lab-7"):acl.index("# Technicians")].replace("lab-7", "lab-8")
+    broker = MosquittoBroker(tmp_path / "broker", USERS, acl=acl)
+    broker.start()
+    own = Subscriber(broker.port, "station-lab-7", USERS["station-lab-7"], ["smearscope/lab-7/telemetry"])
+    other = Subscriber(broker.port, "station-lab-8", USERS["station-lab-8"], ["smearscope/lab-7/telemetry",
+                                                                               "smearscope/lab-8/telemetry"])
+    twin = _client(broker.port, "station-lab-7")
+    try:
+        own.wait_ready()
+        other.wait_ready()
+        twin.publish("smearscope/lab-7/telemetry", '{"instance_id": "twin"}', qos=1).wait_for_publish(5)
+        twin.publish("smearscope/lab-8/telemetry", '{"marker": 1}', qos=1).wait_for_publish(5)  # refused: lab-7's account
+        assert own.wait_for(lambda ms: any(m.topic == "smearscope/lab-7/telemetry" for m in ms), 10)
+        station_8 = _client(broker.port, "station-lab-8")
+        try:  # lab-8's own sample, after the twin's: lab-7's never reached it
+            station_8.publish("smearscope/lab-8/telemetry", '{"from": "lab-8"}', qos=1).wait_for_publish(5)
+            assert other.wait_for(lambda ms: any(b"lab-8" in m.payload for m in ms), 10)
+        finally:
+            station_8.loop_stop()
+            station_8.disconnect()
+        assert [m.payload for m in other.messages] == [b'{"from": "lab-8"}']
+    finally:
+        twin.loop_stop()
+        twin.disconnect()
+        own.close()
+        other.close()
+        broker.stop()

@@ -1178,3 +1178,35 @@ def test_a_renamed_stations_waiting_messages_go_out_as_stored_and_the_start_says
         assert not [r for r in caplog.records if r.name == "smearscope.service.mqtt.renamed"]
     finally:
         watcher.close()
+
+
+
+@pytest.mark.broker
+def test_a_second_station_under_this_station_id_is_said_in_its_log_once(
+    broker: MosquittoBroker, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two stations given one station_id but different client ids (a cloned config whose client_id
+    was changed to stop the reconnections): the broker keeps both connected and nothing in either
+    log said so. Each station reads its own telemetry topic: another process's sample (another
+    instance id) is said at ERROR, naming its host and instance, once however many samples follow;
+    a station alone hears only its own and says nothing."""
+    logger_name = "smearscope.service.mqtt.twin_watch"
+    with caplog.at_level(logging.ERROR, logger=logger_name):
+        first = start_publisher(make_config(tmp_path / "a", broker.port, telemetry_interval_s=0.2),
+                                started, telemetry_source=lambda: {"sample": 1})
+        assert wait_until(lambda: first.twins.heard >= 5, 15), first.twins.heard
+        assert not [r for r in caplog.records if r.name == logger_name]
+        second = start_publisher(make_config(tmp_path / "b", broker.port, telemetry_interval_s=0.2,
+                                             client_id="cloned-lab-7"), started, telemetry_source=lambda: {"sample": 2})
+        assert wait_until(lambda: first.twins.others and second.twins.others, 15)
+        heard = first.twins.heard
+        assert wait_until(lambda: first.twins.heard >= heard + 10, 15)  # more of the other's samples: said once
+    said = [r.getMessage() for r in caplog.records if r.name == logger_name]
+    other = second.instance
+    assert said.count(
+        f"another station publishes as lab-7: telemetry from host {other['host']} (instance {other['instance_id']}) "
+        f"on {BASE}/telemetry, this station is host {first.instance['host']} (instance {first.instance['instance_id']}); "
+        "their reports, runs, retained status and command answers are mixed on the broker and the dashboards: give "
+        "each station its own station_id") == 1, said
+    assert len(said) == 2 and first.state.connected and second.state.connected  # one line each, both connected

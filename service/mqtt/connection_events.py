@@ -46,6 +46,7 @@ class ConnectionEvents:
     client_id: str
     status_topic: str
     command_filter: str
+    telemetry_topic: str
     _response_prefix: str
     _protocol: MQTTProtocolVersion
     _state_lock: threading.Lock
@@ -102,6 +103,7 @@ class ConnectionEvents:
                     self._protocol_name(), flags.session_present)
         client.publish(self.status_topic, "online", qos=1, retain=True)
         paho_client.subscribe_commands(client, self.command_filter, self._protocol)
+        client.subscribe(self.telemetry_topic, qos=0)  # another station under this id: service.mqtt.twin_watch
         self._wake.set()
         self._telemetry_now.set()
 

@@ -49,6 +49,7 @@ from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, Stat
 from smearscope.service.mqtt.paho_client import configured_client, paho_log_level, publish_waiting
 from smearscope.service.mqtt.renamed import say_stored_under_other_ids
 from smearscope.service.mqtt.state import PublisherState
+from smearscope.service.mqtt.twin_watch import TwinWatch
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class MqttPublisher(ConnectionEvents):
         self.report_topic = f"{base}/report"
         self.cells_topic = f"{base}/cells"
         self.telemetry_topic = f"{base}/telemetry"
+        self.twins = TwinWatch(station_id, self.telemetry_topic, self.instance)
         self.command_filter = f"{base}/cmd/#"
         self._command_prefix = f"{base}/cmd/"
         self._response_prefix = f"{base}/cmd_response/"
@@ -294,6 +296,9 @@ class MqttPublisher(ConnectionEvents):
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self.telemetry_topic:  # its own samples, and another station's under its id
+            self.twins.sample(bytes(message.payload))
+            return
         if not message.topic.startswith(self._command_prefix):
             return
         name = message.topic[len(self._command_prefix) :]
