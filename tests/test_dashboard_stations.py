@@ -219,3 +219,28 @@ def test_a_station_whose_clock_is_minutes_off_says_so_and_is_not_taken_for_silen
         assert not clock("ward-ontime").is_displayed() and clock("ward-ontime").text == ""
         silence = driver.find_element(By.CSS_SELECTOR, "[data-station='ward-behind'] .silence")
         assert silence.get_attribute("data-overdue") == "false" and _named(driver, "silent") is None
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_on_a_narrow_screen_a_cards_panels_stack_and_no_text_runs_into_another(
+    tmp_path: Path, ws_broker: MosquittoBroker,
+) -> None:
+    """A tablet held upright, or a browser window beside another: the card kept its three panels
+    side by side at any width, and at 500 px the morphology table's grades ran over the telemetry
+    panel ("present on 120 of 150 calls" through "no sample yet"). Below 1000 px the panels now stack,
+    each as wide as the card, and none holds more than its width (side by side from 1000 px)."""
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        driver.set_window_size(500, 900)
+        driver.get(url)
+        send("smearscope/ward-n/status", "online")
+        send("smearscope/ward-n/run", json.dumps(_closed_run_state(_specimen("ward-n", "run-n", [], time.time()))))
+        _wait("the run", lambda: driver.execute_script(
+            "return document.querySelectorAll(\"[data-station='ward-n'] .morphology tbody tr\").length") == 2, 20, [log])
+        panels = driver.execute_script(
+            "return [...document.querySelectorAll(\"[data-station='ward-n'] .columns > .panel\")].map((p) => "
+            "({left: p.getBoundingClientRect().left, top: p.getBoundingClientRect().top, width: p.clientWidth, "
+            "content: p.scrollWidth}));")
+        assert len(panels) == 3
+        assert len({round(p["left"]) for p in panels}) == 1 and panels[0]["top"] < panels[1]["top"] < panels[2]["top"], panels
+        assert all(p["content"] <= p["width"] for p in panels), panels
