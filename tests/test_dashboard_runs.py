@@ -61,9 +61,13 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
             driver.get(url)
             inside = lambda sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}'] {sel}")
             _wait("the offline station", lambda: _status(driver, STATION) == "offline", 20, [log])
-            assert not inside(".run-control").is_displayed()  # a command now would be lost
+            # a command now would be lost: no field or button, the reason said
+            assert not inside(".specimen-id").is_displayed() and not inside(".start-run").is_displayed()
+            assert inside(".run-control-state").text == ("the station is offline: runs are started and stopped when "
+                                                         "it is back online")
             send(f"{BASE}/status", "online")
-            _wait("the form", lambda: inside(".run-control").is_displayed(), 20, [log])
+            _wait("the form", lambda: inside(".specimen-id").is_displayed(), 20, [log])
+            assert inside(".run-control-state").text == ""
             assert inside(".start-run").is_displayed() and not inside(".stop-run").is_displayed()
             state = lambda: inside(".run-control-state")
             inside(".start-run").click()  # no id typed: nothing sent
@@ -85,7 +89,7 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
             report = _specimen(STATION, "3f2a9c1e-aaaa", [], time.time()).model_copy(update={"specimen_id": "H-2026-0412"})
             send(f"{BASE}/run", json.dumps({**_closed_run_state(report), "state": "open"}))
             _wait("Stop run", lambda: inside(".stop-run").is_displayed(), 20, [log])
-            assert not inside(".start-run").is_displayed() and not inside(".specimen-id").is_displayed()
+            assert not inside(".start-run").is_displayed() and inside(".specimen-id").is_displayed()
             inside(".stop-run").click()
             assert inside(".stop-run").text == "Confirm stop"
             time.sleep(0.5)

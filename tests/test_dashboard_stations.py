@@ -228,8 +228,9 @@ def test_on_a_narrow_screen_a_cards_panels_stack_and_no_text_runs_into_another(
 ) -> None:
     """A tablet held upright, or a browser window beside another: the card kept its three panels
     side by side at any width, and at 500 px the morphology table's grades ran over the telemetry
-    panel ("present on 120 of 150 calls" through "no sample yet"). Below 1000 px the panels now stack,
-    each as wide as the card, and none holds more than its width (side by side from 1000 px)."""
+    panel ("present on 120 of 150 calls" through "no sample yet"). At 640 px or less the panels now
+    stack, each as wide as the card, and none holds more than its width (two columns up to 960 px,
+    tests/test_dashboard_tablet.py; three beyond)."""
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
         driver.set_window_size(500, 900)
         driver.get(url)

@@ -83,6 +83,10 @@ function station(id) {
   const node = document.getElementById("station-template").content.firstElementChild.cloneNode(true);
   node.dataset.station = id;
   node.querySelector(".station-id").textContent = id;
+  // a screen reader names each card's form with its station (every card's reads the same otherwise)
+  node.querySelector(".run-control").setAttribute("aria-label", "run on station " + id);
+  node.querySelector(".specimen-id").setAttribute("aria-label", "specimen id for a run on station " + id);
+  node.querySelector(".verify").setAttribute("aria-label", "verify the run shown of station " + id);
   node.querySelector(".more").addEventListener("click", () => {
     if (st.status !== "online") {  // a get_review sent now is lost: the button would never come back
       node.querySelector(".review-note").textContent = "the station is " + (st.status || "not known to be online") +

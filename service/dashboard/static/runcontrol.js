@@ -2,25 +2,50 @@
 // the slide's specimen id and starts the station's run for it (cmd/start_run with `specimen_id`),
 // and stops an open run (cmd/stop_run; a second click confirms, so one stray click does not end a
 // slide's run). Only on a page served with `smearscope dashboard --run-control` (config.json's
-// runControl), and only while the station is online and the broker reachable: a station keeps no
-// session, so a command sent while it is away is lost. The dashboard's broker account needs write
-// access to these two commands (docs/MQTT.md); a broker that refuses them says so here.
-// Loaded before dashboard.js, whose globals (brokerUp, runControl, client, current, sendCommand) these
-// functions use when called. Text from the broker is only ever set with textContent.
+// runControl); the form's field and buttons only while the station is online and the broker
+// reachable: a station keeps no session, so a command sent while it is away is lost. The
+// dashboard's broker account needs write access to these two commands (docs/MQTT.md); a broker
+// that refuses them says so here. Loaded before dashboard.js, whose globals (brokerUp, runControl,
+// client, current, sendCommand) these functions use when called. Text from the broker is only ever
+// set with textContent.
 "use strict";
 
-const MAX_SPECIMEN_ID = 64;  // service.station.commands.MAX_SPECIMEN_ID
+const MAX_SPECIMEN_ID = 64;  // service.station.commands.MAX_SPECIMEN_ID, in characters (code points)
 const CONTROL_TIMEOUT_MS = 15000;
+
+// The station's run that is open, as this page knows it: none once this page's stop was answered
+// (its closed state may come a moment later).
+function openRun(st) {
+  const run = current(st);
+  return run !== null && !run.final && run.runId !== st.stoppedRun ? run : null;
+}
 
 function renderRunControl(st) {
   const box = st.node.querySelector(".run-control");
-  const run = current(st);
-  const open = run !== null && !run.final;
-  box.hidden = !(runControl && brokerUp && st.status === "online");
-  st.node.querySelector(".start-run").hidden = open;
-  st.node.querySelector(".specimen-id").hidden = open;
+  const open = openRun(st) !== null;
+  const up = brokerUp && st.status === "online";
+  const had = document.activeElement;
+  box.hidden = !runControl;
+  // the field stays while a run is open: a label scanned then is answered, and keeps the focus
+  const field = st.node.querySelector(".specimen-id");
+  field.hidden = !up;
+  st.node.querySelector(".start-run").hidden = !up || open;
   const stop = st.node.querySelector(".stop-run");
-  if (stop.hidden !== !open) { stop.hidden = !open; disarmStop(st); }
+  if (stop.hidden !== (!up || !open)) { stop.hidden = !up || !open; disarmStop(st); }
+  // the button just pressed that goes (Start once the run is open, Stop once it is stopped) hands
+  // the focus to the field, where the next scan is typed
+  if (had && had !== field && box.contains(had) && had.hidden && !field.hidden) field.focus();
+  const state = st.node.querySelector(".run-control-state");
+  if (!up && st.controlAsk) {  // its answer cannot come: what happened is the run line's, once it is back
+    st.controlAsk = null;
+    controlState(st, "error", "the station went away before answering: its run line says whether the command " +
+      "was done once it is back online");
+  } else if (!up && state.dataset.state !== "error") {
+    controlState(st, "away", !brokerUp ? "the broker is unreachable: runs are started and stopped when it is back"
+      : "the station is " + (st.status || "not known to be online") + ": runs are started and stopped when it is back online");
+  } else if (up && state.dataset.state === "away") {
+    controlState(st, "", "");
+  }
 }
 
 function controlState(st, state, text) {
@@ -32,7 +57,11 @@ function controlState(st, state, text) {
 function sendControl(st, name, body, what) {
   if (!client || !client.connected || st.status !== "online") {
     controlState(st, "error", "the station is " + (st.status || "not known to be online") + ": it cannot " + what + " now");
-    return;
+    return false;
+  }
+  if (st.controlAsk) {  // one command at a time: a second scan or click is not sent
+    controlState(st, "saving", "still waiting for the station's answer to " + st.controlWhat + ": nothing more sent");
+    return false;
   }
   controlState(st, "saving", what + "…");
   const ask = sendCommand(st, name, body, (err) => {
@@ -42,21 +71,34 @@ function sendControl(st, name, body, what) {
   });
   st.controlAsk = ask;
   st.controlName = name;
+  st.controlWhat = what + (body.specimen_id ? " for specimen " + body.specimen_id : "");
   setTimeout(() => {  // an answer that never comes: said, not waited for
     if (st.controlAsk === ask) { st.controlAsk = null; controlState(st, "error", "no answer from the station"); }
   }, CONTROL_TIMEOUT_MS);
+  return true;
 }
 
 function startRun(st) {
   const input = st.node.querySelector(".specimen-id");
   const id = input.value.trim();  // a barcode scanner's trailing space or newline is no part of the id
-  if (!id || id.length > MAX_SPECIMEN_ID || /[\u0000-\u001f\u007f]/.test(id)) {
-    controlState(st, "error", "specimen id needed: the slide's accession number or label (1 to " + MAX_SPECIMEN_ID +
-      " characters)");
+  const length = [...id].length;  // as the station counts: a character outside the BMP is one, not two
+  input.select();  // the next scan replaces what is there, never adds to it
+  if (!id || length > MAX_SPECIMEN_ID || /[\u0000-\u001f\u007f]/.test(id)) {
+    controlState(st, "error", (length > MAX_SPECIMEN_ID ? "specimen id too long (" + length + " characters): "
+      : "specimen id needed: ") + "the slide's accession number or label, 1 to " + MAX_SPECIMEN_ID + " characters");
     input.focus();
     return;
   }
-  sendControl(st, "start_run", { specimen_id: id }, "start a run");
+  const open = openRun(st);
+  if (open && !st.controlAsk) {  // the station would refuse it: said here with the run's specimen
+    const was = specimenOf(open.report, open.started);
+    controlState(st, was === id ? "saved" : "error", was === id
+      ? "run " + String(open.runId).slice(0, 8) + " is already running for specimen " + id
+      : "run " + String(open.runId).slice(0, 8) + (was ? " for specimen " + was : "") + " is still open: stop it (Stop run) " +
+        "before starting specimen " + id + "; nothing sent");
+    return;
+  }
+  if (sendControl(st, "start_run", { specimen_id: id }, "start a run")) st.stoppedRun = null;
 }
 
 function stopRun(st) {
@@ -90,7 +132,23 @@ function runControlAnswer(st, name, msg, correlation) {
     controlState(st, "saved", "run " + String(msg.run_id).slice(0, 8) + " started" +
       (msg.specimen_id ? " for specimen " + msg.specimen_id : ""));
   } else {
+    st.stoppedRun = String(msg.run_id);
     controlState(st, "saved", "run " + String(msg.run_id).slice(0, 8) + " stopped: " + msg.fields +
       (msg.fields === 1 ? " field" : " fields") + ", " + msg.classified_wbc + " of " + msg.target_wbc + " WBC");
+    renderRunControl(st);  // the next specimen can be started now
   }
 }
+
+// A barcode scanner types into whatever has the focus: its label typed while a button or the page
+// itself has it (after a click on Stop run, Print report, a table) would be lost and its Enter would
+// press that button. The label goes instead to the run form's field of the card that has the focus,
+// or of the only card showing one. Typing in a field or a list (a cell's type) is left alone.
+document.addEventListener("keydown", (ev) => {
+  if (!runControl || ev.key.length !== 1 || ev.key === " " || ev.ctrlKey || ev.altKey || ev.metaKey) return;
+  const at = document.activeElement;
+  if (at && (at.isContentEditable || at.matches("input, textarea, select"))) return;
+  const card = at && at.closest ? at.closest("section.station") : null;
+  const fields = [...document.querySelectorAll(".run-control .specimen-id")].filter((n) => n.getClientRects().length > 0);
+  const field = card ? fields.find((n) => card.contains(n)) : fields.length === 1 ? fields[0] : undefined;
+  if (field) { field.value = ""; field.focus(); }  // the key's character then goes into it
+}, true);
