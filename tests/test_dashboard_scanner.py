@@ -101,6 +101,14 @@ def test_a_scanned_label_starts_one_run_on_the_card_in_use_and_is_answered_while
             scan("H-2")
             assert state("ward-r") == ("run 3f2a9c1e for specimen H 2026-0412 Ü is still open: stop it (Stop run) before "
                                        "starting specimen H-2; nothing sent")
+            # that run stopped elsewhere (another page): what was said of it goes; another page's run opens
+            send("smearscope/ward-r/run", json.dumps(_closed_run_state(report)))
+            _wait("said no more", lambda: state("ward-r") == "" and inside("ward-r", ".start-run").is_displayed(), 20, [log])
+            other = _specimen("ward-r", "4b7e0d2a-bbbb", [], time.time()).model_copy(update={"specimen_id": "K-1"})
+            send("smearscope/ward-r/run", json.dumps({**_closed_run_state(other), "state": "open"}))
+            _wait("Stop run", lambda: inside("ward-r", ".stop-run").is_displayed(), 20, [log])
+            scan("H-2")
+            assert state("ward-r").startswith("run 4b7e0d2a for specimen K-1 is still open")
 
             # a scan while a button has the focus goes to that card's field: its Enter presses no button
             driver.execute_script("window.print = () => { window.__printed = true; };")
@@ -110,9 +118,9 @@ def test_a_scanned_label_starts_one_run_on_the_card_in_use_and_is_answered_while
             inside("ward-r", ".stop-run").click()
             _wait("stop_run sent", lambda: len(stops("ward-r")) == 1, 20, [log])
             assert focused() == "ward-r stop-run"
-            answer("stop_run", stops("ward-r")[0], {"ok": True, "run_id": "3f2a9c1e-aaaa", "fields": 12,
+            answer("stop_run", stops("ward-r")[0], {"ok": True, "run_id": "4b7e0d2a-bbbb", "fields": 12,
                                                     "classified_wbc": 57, "target_wbc": 100, "complete": False})
-            _wait("the stop's answer", lambda: state("ward-r").startswith("run 3f2a9c1e stopped"), 20, [log])
+            _wait("the stop's answer", lambda: state("ward-r").startswith("run 4b7e0d2a stopped"), 20, [log])
             # Stop gone: the focus is the field's, and the next slide starts before the closed state comes
             assert focused() == "ward-r specimen-id"
             scan("H-2")

@@ -45,12 +45,16 @@ function renderRunControl(st) {
       : "the station is " + (st.status || "not known to be online") + ": runs are started and stopped when it is back online");
   } else if (up && state.dataset.state === "away") {
     controlState(st, "", "");
+  } else if (state.dataset.aboutRun && !st.controlAsk && (openRun(st) || {}).runId !== state.dataset.aboutRun) {
+    controlState(st, "", "");  // what it said of an open run, once that run is no longer open
   }
 }
 
-function controlState(st, state, text) {
+// `aboutRun`: the open run the text speaks of; the text goes when that run is no longer open.
+function controlState(st, state, text, aboutRun) {
   const node = st.node.querySelector(".run-control-state");
   node.dataset.state = state;
+  node.dataset.aboutRun = aboutRun || "";
   node.textContent = text;
 }
 
@@ -95,7 +99,7 @@ function startRun(st) {
     controlState(st, was === id ? "saved" : "error", was === id
       ? "run " + String(open.runId).slice(0, 8) + " is already running for specimen " + id
       : "run " + String(open.runId).slice(0, 8) + (was ? " for specimen " + was : "") + " is still open: stop it (Stop run) " +
-        "before starting specimen " + id + "; nothing sent");
+        "before starting specimen " + id + "; nothing sent", open.runId);
     return;
   }
   if (sendControl(st, "start_run", { specimen_id: id }, "start a run")) st.stoppedRun = null;
@@ -126,7 +130,11 @@ function disarmStop(st) {
 function runControlAnswer(st, name, msg, correlation) {
   if (!st.controlAsk || name !== st.controlName || (correlation && correlation !== st.controlAsk)) return;
   st.controlAsk = null;
-  if (!msg.ok) { controlState(st, "error", String(msg.message || msg.error || "refused")); return; }
+  if (!msg.ok) {  // a run open (started on another page, or by its first field): said until it is not
+    const open = msg.error === "run_open" ? openRun(st) : null;
+    controlState(st, "error", String(msg.message || msg.error || "refused"), open ? open.runId : "");
+    return;
+  }
   if (name === "start_run") {
     st.node.querySelector(".specimen-id").value = "";
     controlState(st, "saved", "run " + String(msg.run_id).slice(0, 8) + " started" +
