@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from broker import MosquittoBroker
+from pdf_pages import page_texts, tagged_spans
 from test_dashboard import (
     _closed_run_state,
     _page_and_a_station,
@@ -25,7 +26,7 @@ from test_dashboard import (
     ws_broker,  # noqa: F401 (the fixture)
 )
 
-from smearscope.service.analysis.report import Flag, ModelInfo, Verification
+from smearscope.service.analysis.report import ClassShare, Flag, ModelInfo, Report, Verification
 
 
 def _pdf_pages(driver) -> int:
@@ -110,3 +111,57 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
         finally:
             driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
         assert inside("ward-b", ".panel.review").is_displayed() and not inside("ward-b", ".print-meta").is_displayed()
+
+
+def _long_report(station: str, run_id: str, now: float) -> Report:
+    """A specimen report as long as one gets: every white and red cell class the heads name and
+    then some, each red-cell grade with its interval, a critical flag and eight warnings."""
+    wbc = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "band", "blast",
+           "myelocyte", "promyelocyte", "reactive_lymphocyte", "plasma_cell", "unidentified"]
+    rbc = ["normal", "macrocyte", "microcyte", "spherocyte", "target", "stomatocyte", "ovalocyte", "teardrop", "burr",
+           "schistocyte", "hypochromia", "elliptocyte", "sickle", "other_poikilocyte"]
+    flags = [Flag(code="sickle_cells_present", severity="critical", cells=[1], message="120 cells typed sickle")]
+    flags += [Flag(code=f"warning_{i}", severity="warning", cells=[1],
+                   message=f"warning {i}: a finding on this smear that a person should look at, said at some length")
+              for i in range(8)]
+    return _specimen(station, run_id, flags, now).model_copy(update={
+        "wbc_differential": [ClassShare(label=c, count=10 + i, percent=7.14, ci95_low=2.0, ci95_high=12.5)
+                             for i, c in enumerate(wbc)],
+        "rbc_morphology": [ClassShare(label=c, count=30 + i, percent=1.5, grade="1+", grade_ci_low="none",
+                                      grade_ci_high="2+") for i, c in enumerate(rbc)],
+        "specimen_id": 'H-2026/0412 "Ü\\'})
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_long_report_names_its_specimen_on_every_printed_page_and_cuts_no_row(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """A4 and Letter: a long report takes two pages; each says at its foot the specimen, station
+    and run and which page of how many (the second page alone said nothing of whose it was), and no
+    table row or flag is cut across two pages (read from the tagged PDF's structure)."""
+    from selenium.webdriver.common.by import By
+
+    report = _long_report("ward-a", "run-a", time.time())
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        send("smearscope/ward-a/status", "online")
+        send("smearscope/ward-b/status", "online")
+        send("smearscope/ward-a/run", json.dumps(_closed_run_state(report)))
+        driver.get(url)
+        _wait("the run", lambda: driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id='run-a']"), 20, [log])
+        _wait("ward-b", lambda: _status(driver, "ward-b") == "online", 20, [log])
+        driver.execute_script("window.print = () => {};")
+        foot = 'SpecimenH-2026/0412"Ü\\·stationward-a·runrun-a'
+        for paper, (width, height) in {"A4": (8.27, 11.69), "Letter": (8.5, 11.0)}.items():
+            driver.find_element(By.CSS_SELECTOR, "[data-station='ward-a'] .print-run").click()
+            pdf = base64.b64decode(driver.execute_cdp_cmd("Page.printToPDF", {
+                "paperWidth": width, "paperHeight": height, "generateTaggedPDF": True})["data"])
+            (tmp_path / f"long-{paper}.pdf").write_bytes(pdf)  # for a person to look at
+            texts = page_texts(pdf)
+            assert len(texts) == 2, (paper, len(texts))
+            for number, text in enumerate(texts, 1):
+                assert foot in text and f"page{number}of2" in text, (paper, number, text[-200:])
+            assert "warning7:" in texts[1] and "ward-b" not in "".join(texts)
+            cut = [(role, pages) for role, pages in tagged_spans(pdf, ("TR", "LI")) if len(pages) > 1]
+            assert cut == [], (paper, cut)
+            assert len(tagged_spans(pdf, ("TR",))) == 2 * 15 and len(tagged_spans(pdf, ("LI",))) == 9

@@ -4,7 +4,7 @@
 // (interim, preliminary or verified, and by whom), the station, run and report ids, the models that
 // made it and when it was printed; the page's live parts (status, telemetry, the latest field, the
 // review gallery, buttons) are left off (dashboard.css, @media print). Loaded before dashboard.js,
-// whose globals (stations, el, when, specimenOf) these functions use when called. Text from the broker is only
+// whose globals (stations, el, when, specimenOf, shown) these functions use when called. Text from the broker is only
 // ever set with textContent.
 "use strict";
 
@@ -35,6 +35,36 @@ function renderPrintMeta(st, view) {
 
 function stampPrinted() {
   for (const st of stations.values()) st.node.querySelector(".printed-at").textContent = "Printed " + when(Date.now() / 1000);
+  pageFooters();
+}
+
+// A CSS string of any text: quotes, backslashes and control characters escaped.
+function cssString(text) {
+  return '"' + String(text).replace(/[\\"\u0000-\u001f\u007f]/g, (c) => "\\" + c.charCodeAt(0).toString(16) + " ") + '"';
+}
+
+// Every printed page names its specimen, station and run at its foot, and says which page of how
+// many: a report's second page, apart from its first, was matched to its specimen by nothing. Each
+// card prints on a page of its own name (CSS named pages), whose margin boxes say so; rules set
+// through the CSSOM, which the page's Content-Security-Policy allows (no inline style).
+function pageFooters() {
+  const sheet = [...document.styleSheets].find((s) => s.href && s.href.endsWith("/dashboard.css"));
+  if (!sheet) return;
+  for (let i = sheet.cssRules.length - 1; i >= 0; i--) {
+    const rule = sheet.cssRules[i];
+    if (rule instanceof CSSPageRule && rule.selectorText.startsWith("station-")) sheet.deleteRule(i);
+  }
+  let n = 0;
+  for (const st of stations.values()) {
+    const name = "station-" + n++, view = shown(st);
+    st.node.style.page = name;
+    const specimen = view ? specimenOf(view.report, view.started) : "";
+    const foot = (specimen ? "Specimen " + specimen + " · " : "") + "station " + st.id +
+      (view ? " · run " + (view.runId || "-") : "");
+    sheet.insertRule("@page " + name + " { @bottom-left { content: " + cssString(foot) + "; font: 8pt system-ui, sans-serif; }" +
+      " @bottom-right { content: \"page \" counter(page) \" of \" counter(pages); font: 8pt system-ui, sans-serif; } }",
+      sheet.cssRules.length);
+  }
 }
 
 function printRun(st) {
