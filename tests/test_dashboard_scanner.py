@@ -110,11 +110,19 @@ def test_a_scanned_label_starts_one_run_on_the_card_in_use_and_is_answered_while
             scan("H-2")
             assert state("ward-r").startswith("run 4b7e0d2a for specimen K-1 is still open")
 
+            # a scanner adding Tab and Enter: each scan's Tab reaches Stop run and its Enter arms it; the
+            # next scan's label takes the focus back to the field, which disarms it: no stop, ever
+            inside("ward-r", ".specimen-id").click()
+            for _ in range(3):
+                scan("H-2" + Keys.TAB)
+                assert focused() == "ward-r stop-run" and inside("ward-r", ".stop-run").text == "Confirm stop"
+            assert stops("ward-r") == []
             # a scan while a button has the focus goes to that card's field: its Enter presses no button
             driver.execute_script("window.print = () => { window.__printed = true; };")
-            inside("ward-r", ".stop-run").click()  # armed: "Confirm stop"
             scan("H-2")
             assert focused() == "ward-r specimen-id" and state("ward-r").endswith("starting specimen H-2; nothing sent")
+            assert inside("ward-r", ".stop-run").text == "Stop run"
+            inside("ward-r", ".stop-run").click()  # armed: "Confirm stop"
             inside("ward-r", ".stop-run").click()
             _wait("stop_run sent", lambda: len(stops("ward-r")) == 1, 20, [log])
             assert focused() == "ward-r stop-run"

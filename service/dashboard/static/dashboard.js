@@ -102,6 +102,9 @@ function station(id) {
   node.querySelector(".print-run").addEventListener("click", () => printRun(st));
   node.querySelector(".start-run").addEventListener("click", () => startRun(st));
   node.querySelector(".stop-run").addEventListener("click", () => stopRun(st));
+  // armed only while it keeps the focus: a scanner adding Tab and Enter to each label armed it with
+  // one scan and confirmed it with the next
+  node.querySelector(".stop-run").addEventListener("blur", () => disarmStop(st));
   node.querySelector(".specimen-id").addEventListener("keydown", (ev) => { if (ev.key === "Enter") startRun(st); });
   node.querySelector(".runs").addEventListener("change", (ev) => pickRun(st, ev.target.value));
   document.getElementById("empty")?.remove();
