@@ -133,6 +133,17 @@ def test_a_scanned_label_starts_one_run_on_the_card_in_use_and_is_answered_while
             assert focused() == "ward-r specimen-id"
             scan("H-2")
             _wait("the next start", lambda: starts("ward-r")[-1:] == ["H-2"], 20, [log])
+            # ... and while the list of earlier runs has it: its type-ahead no longer picks the run whose
+            # specimen id the label begins with
+            earlier = _closed_run_state(_specimen("ward-r", "0a1b2c3d-cccc", [], time.time() - 3600).model_copy(
+                update={"specimen_id": "H-3"}))
+            send("smearscope/ward-r/cmd_response/get_runs", json.dumps({"ok": True, "runs": [earlier]}), retain=False)
+            _wait("the list", lambda: inside("ward-r", ".runs-pick").is_displayed(), 20, [log])
+            inside("ward-r", "select.runs").click()
+            inside("ward-r", "select.runs").send_keys(Keys.ESCAPE)
+            assert focused() == "ward-r runs"
+            scan("H-3")
+            assert focused() == "ward-r specimen-id" and inside("ward-r", "select.runs").get_attribute("value") == ""
             # ... and while "Print report" has it: the label in the field, nothing printed
             driver.execute_script("document.querySelector(\"[data-station='ward-r'] .print-run\").focus()")
             scan("H-3")
@@ -146,7 +157,8 @@ def test_a_scanned_label_starts_one_run_on_the_card_in_use_and_is_answered_while
 
             # the station goes away before answering: said in its card, not left waiting
             send("smearscope/ward-s/status", "offline")
-            _wait("said", lambda: state("ward-s").startswith("the station went away before answering"), 20, [log])
+            _wait("said", lambda: state("ward-s").startswith("the station went away before answering: its run line says"), 20,
+                  [log])
             assert inside("ward-s", ".run-control-state").is_displayed() and not inside("ward-s", ".specimen-id").is_displayed()
     finally:
         station.loop_stop()

@@ -38,8 +38,9 @@ function renderRunControl(st) {
   const state = st.node.querySelector(".run-control-state");
   if (!up && st.controlAsk) {  // its answer cannot come: what happened is the run line's, once it is back
     st.controlAsk = null;
-    controlState(st, "error", "the station went away before answering: its run line says whether the command " +
-      "was done once it is back online");
+    controlState(st, "error", (brokerUp ? "the station went away before answering"
+      : "the broker went out of reach before the station answered") + ": " +
+      "its run line says whether the command was done once it is back online");
   } else if (!up && state.dataset.state !== "error") {
     controlState(st, "away", !brokerUp ? "the broker is unreachable: runs are started and stopped when it is back"
       : "the station is " + (st.status || "not known to be online") + ": runs are started and stopped when it is back online");
@@ -150,11 +151,13 @@ function runControlAnswer(st, name, msg, correlation) {
 // A barcode scanner types into whatever has the focus: its label typed while a button or the page
 // itself has it (after a click on Stop run, Print report, a table) would be lost and its Enter would
 // press that button. The label goes instead to the run form's field of the card that has the focus,
-// or of the only card showing one. Typing in a field or a list (a cell's type) is left alone.
+// or of the only card showing one. Typing in a field or a cell's type list is left alone; the
+// list of earlier runs is not (its type-ahead picked the earlier run whose specimen id the label
+// began with).
 document.addEventListener("keydown", (ev) => {
   if (!runControl || ev.key.length !== 1 || ev.key === " " || ev.ctrlKey || ev.altKey || ev.metaKey) return;
   const at = document.activeElement;
-  if (at && (at.isContentEditable || at.matches("input, textarea, select"))) return;
+  if (at && (at.isContentEditable || at.matches("input, textarea, select:not(.runs)"))) return;
   const card = at && at.closest ? at.closest("section.station") : null;
   const fields = [...document.querySelectorAll(".run-control .specimen-id")].filter((n) => n.getClientRects().length > 0);
   const field = card ? fields.find((n) => card.contains(n)) : fields.length === 1 ? fields[0] : undefined;
