@@ -66,10 +66,17 @@ def test_a_scanned_label_starts_one_run_on_the_card_in_use_and_is_answered_while
             for s in STATIONS:
                 _wait(s, lambda s=s: _status(driver, s) == "online" and inside(s, ".specimen-id").is_displayed(), 20, [log])
 
+            # two cards, the focus in neither: the label reaches no station, and the page says so
+            driver.find_element(By.CSS_SELECTOR, "header h1").click()
+            scan("H-0")
+            note = driver.find_element(By.ID, "scan-note")
+            assert note.is_displayed() and note.text.startswith("typed keys reached no station: tap the specimen field")
+            assert inside("ward-r", ".specimen-id").get_attribute("value") == "" and starts("ward-r") == []
             # a label longer than the station takes is said, not cut to 64 characters and sent
             inside("ward-r", ".specimen-id").click()
             scan("L" * 70)
             assert state("ward-r").startswith("specimen id too long (70 characters)"), state("ward-r")
+            assert not note.is_displayed()  # the field in use
             # 40 characters outside the BMP are 40, as the station counts them (80 UTF-16 units)
             blood = "\U0001fa78" * 40
             scan(blood)

@@ -162,4 +162,13 @@ document.addEventListener("keydown", (ev) => {
   const fields = [...document.querySelectorAll(".run-control .specimen-id")].filter((n) => n.getClientRects().length > 0);
   const field = card ? fields.find((n) => card.contains(n)) : fields.length === 1 ? fields[0] : undefined;
   if (field) { field.value = ""; field.focus(); }  // the key's character then goes into it
+  else if (fields.length) scanLost(true);  // several cards, none in use: said, not lost in silence
 }, true);
+
+function scanLost(lost) {
+  const note = document.getElementById("scan-note");
+  note.hidden = !lost;
+  note.textContent = lost ? "typed keys reached no station: tap the specimen field of the slide's station, then scan again" : "";
+}
+
+document.addEventListener("focusin", (ev) => { if (ev.target.matches(".specimen-id")) scanLost(false); });
