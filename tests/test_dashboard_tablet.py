@@ -2,11 +2,12 @@
 selenium, as tests/test_dashboard.py) against a real mosquitto: at a 1024x600 tablet and an
 800x1280 one held upright nothing is wider than the screen and the differential keeps its bars;
 every text shown reads at WCAG AA contrast (computed from the page's own colours, as the browser
-renders them); a screen reader names each card's run form, and says the form's and the Verify
-form's answers (live regions)."""
+renders them); a screen reader names each card's run form and each crop's type list, and says the
+form's and the Verify form's answers (live regions)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
@@ -57,6 +58,8 @@ return out;
 def test_the_page_on_a_tablet_fits_its_screen_reads_at_aa_contrast_and_names_each_run_form(
     tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
 ) -> None:
+    import cv2
+    import numpy as np
     from selenium.webdriver.common.by import By
 
     now = time.time()
@@ -81,6 +84,16 @@ def test_the_page_on_a_tablet_fits_its_screen_reads_at_aa_contrast_and_names_eac
         _wait("the sample", lambda: inside("ward-c", "dd[data-key='pipeline.disk_full']").text == "true", 20, [log])
         send("smearscope/ward-c/status", "offline")
         _wait("stale", lambda: inside("ward-c", "dl.telemetry").get_attribute("data-stale") == "true", 20, [log])
+        # ward-a's review gallery: two crops, each with its type list
+        crop = base64.b64encode(cv2.imencode(".jpg", np.full((8, 8, 3), 200, np.uint8))[1].tobytes()).decode()
+        cells = [{"field_id": "f1", "cell": n, "kind": "wbc", "label": label, "label_score": score, "atypical": False,
+                  "typeable": True, "jpeg": crop} for n, label, score in ((3, "unidentified", 0.41), (5, "monocyte", 0.62))]
+        send("smearscope/ward-a/cmd_response/get_review", json.dumps({
+            "ok": True, "run_id": "run-a", "offset": 0, "total": 2, "not_kept": 0, "next_offset": None,
+            "wbc_types": ["lymphocyte", "monocyte"], "rbc_types": ["normal"], "overlay": None, "cells": cells}),
+             retain=False)
+        _wait("the gallery", lambda: len(driver.find_elements(By.CSS_SELECTOR, "[data-station='ward-a'] select.type")) == 2,
+              20, [log])
         inside("ward-a", ".start-run").click()  # no id: the form's error said
         inside("ward-a", ".verify-run").click()  # no initials: the Verify form's error said
 
@@ -116,3 +129,6 @@ def test_the_page_on_a_tablet_fits_its_screen_reads_at_aa_contrast_and_names_eac
             node = inside("ward-a", sel)
             assert node.aria_role == "status" and node.text, sel
         assert inside("ward-a", ".critical-alert").aria_role == "alert"
+        # each crop's type list by its crop (every list's title is the same)
+        assert [n.accessible_name for n in driver.find_elements(By.CSS_SELECTOR, "[data-station='ward-a'] select.type")] == [
+            "type of cell 1, wbc: unidentified (no type sure enough: best 41%)", "type of cell 2, wbc: monocyte 62%"]

@@ -21,10 +21,16 @@ function renderReview(st, answer) {
     const why = c.label !== "unidentified" ? (c.label_score !== null ? " " + Math.round(100 * c.label_score) + "%" : "")
       : c.atypical ? " (unlike every trained type)" : " (no type sure enough" +
         (c.label_score !== null ? ": best " + Math.round(100 * c.label_score) + "%" : "") + ")";
-    fig.append(img, el("figcaption", "", c.kind + ": " + (c.label || "?") + why));
+    const caption = c.kind + ": " + (c.label || "?") + why;
+    fig.append(img, el("figcaption", "", caption));
     // a white cell takes the WBC head's types, a red cell to review the RBC head's
     const types = c.types || (c.kind === "rbc" ? answer.rbc_types : answer.wbc_types);
-    if (c.typeable && Array.isArray(types)) fig.append(typeSelect(st, answer.run_id, c, types));
+    if (c.typeable && Array.isArray(types)) {
+      const select = typeSelect(st, answer.run_id, c, types);
+      // a screen reader names each list by its crop's caption (the title, the same for all, describes)
+      select.setAttribute("aria-label", "type of cell " + (into.children.length + 1) + ", " + caption);
+      fig.append(select);
+    }
     into.append(fig);
   }
   if (answer.typed_per_type) showTyped(st, answer.typed_per_type);
