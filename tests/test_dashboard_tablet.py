@@ -60,6 +60,7 @@ def test_the_page_on_a_tablet_fits_its_screen_reads_at_aa_contrast_and_names_eac
 ) -> None:
     import cv2
     import numpy as np
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
     now = time.time()
@@ -96,6 +97,9 @@ def test_the_page_on_a_tablet_fits_its_screen_reads_at_aa_contrast_and_names_eac
               20, [log])
         inside("ward-a", ".start-run").click()  # no id: the form's error said
         inside("ward-a", ".verify-run").click()  # no initials: the Verify form's error said
+        driver.find_element(By.CSS_SELECTOR, "header h1").click()
+        ActionChains(driver).send_keys("H-1").perform()  # a scan with no card in use: the header's note
+        assert driver.find_element(By.ID, "scan-note").is_displayed()
 
         for width, height in ((1024, 600), (800, 1280)):
             driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
@@ -118,6 +122,7 @@ def test_the_page_on_a_tablet_fits_its_screen_reads_at_aa_contrast_and_names_eac
 
         texts = driver.execute_script(CONTRAST_JS)
         assert any(t == "true" for t, _, _ in texts) and any(t.startswith("CRITICAL") for t, _, _ in texts)
+        assert any(t.startswith("typed keys reached no station") for t, _, _ in texts)
         low = [(t, ratio) for t, ratio, need in texts if ratio < need]
         assert low == [], low
 
