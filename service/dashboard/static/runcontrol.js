@@ -6,7 +6,7 @@
 // reachable: a station keeps no session, so a command sent while it is away is lost. The
 // dashboard's broker account needs write access to these two commands (docs/MQTT.md); a broker
 // that refuses them says so here. Loaded before dashboard.js, whose globals (brokerUp, runControl,
-// client, current, sendCommand) these functions use when called. Text from the broker is only ever
+// client, current, sendCommand, specimenOf) these functions use when called. Text from the broker is only ever
 // set with textContent.
 "use strict";
 
