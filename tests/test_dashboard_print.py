@@ -51,7 +51,7 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
         "models": models, "verification": Verification(verified_by="AB", verified_at=now - 60, supersedes="r-0",
                                                        typed_cells=4, reclassified=[])})
     preliminary = _specimen("ward-b", "run-b", [atypical], now - 300).model_copy(
-        update={"models": models, "specimen_id": "H-2026-0412"})
+        update={"models": models, "specimen_id": "H-2026-0412", "software_version": "0.1.0"})
     open_run = _closed_run_state(_specimen("ward-c", "run-c", [], now))  # its specimen in its progress only
     open_run = {**open_run, "state": "open", "progress": {**open_run["progress"], "specimen_id": "S/7 <b>"}}
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
@@ -90,7 +90,7 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
             assert inside("ward-b", ".print-status").text.startswith("PRELIMINARY machine result, not verified")
             assert inside("ward-b", ".print-ids").text.startswith(
                 "Specimen H-2026-0412 · Station ward-b · run run-b · report r-run-b of ")
-            assert inside("ward-b", ".print-models").text == ("Models: seg " + "ab" * 6 + " (onnxruntime) · wbc_head "
+            assert inside("ward-b", ".print-models").text == ("smearscope 0.1.0 · Models: seg " + "ab" * 6 + " (onnxruntime) · wbc_head "
                                                                + "cd" * 6 + " (onnxruntime)")
             assert re.fullmatch(r"Printed \d{4}-\d\d-\d\d \d\d:\d\d:\d\d.*", inside("ward-b", ".printed-at").text)
             assert inside("ward-b", "ul.flags").text == "warning: " + atypical.message

@@ -27,10 +27,12 @@ function renderPrintMeta(st, view) {
   ids.textContent = (specimen ? "Specimen " + specimen + " · " : "") + "Station " + st.id + " · run " + (view.runId || "-") + " · report " + (r.report_id || "-") +
     (typeof r.created_at === "number" ? " of " + when(r.created_at) : "");
   const names = r.models && typeof r.models === "object" ? Object.keys(r.models).sort() : [];
-  models.textContent = names.length ? "Models: " + names.map((n) => {
+  // the software that made it (report schema 1.2's software_version; none from an older station's)
+  const software = typeof r.software_version === "string" ? "smearscope " + r.software_version : "";
+  models.textContent = [software, names.length ? "Models: " + names.map((n) => {
     const m = r.models[n] || {};
     return n + " " + String(m.sha256 || "?").slice(0, 12) + (m.backend ? " (" + m.backend + ")" : "");
-  }).join(" · ") : "";
+  }).join(" · ") : ""].filter(Boolean).join(" · ");
 }
 
 function stampPrinted() {
