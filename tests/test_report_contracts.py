@@ -574,3 +574,23 @@ def test_a_run_left_open_under_other_models_is_closed_at_the_start_not_taken_bac
         assert warning.startswith("run r, left open, was analysed with other models than this start's (seg:")
     finally:
         outbox.close()
+
+
+def test_a_reports_specimen_id_is_held_to_start_runs_bounds_in_the_model_and_the_schema():
+    """A consumer validating against the committed schema knows a specimen id is 1 to 64
+    characters, as start_run admits them; the model refuses others as well."""
+    import json
+
+    import pytest
+    from pydantic import ValidationError
+
+    from smearscope.service.analysis.report import MAX_SPECIMEN_ID, Report
+
+    schema = json.loads((Path(__file__).resolve().parents[1] / "schemas" / "report.schema.json").read_text())
+    field = next(s for s in schema["properties"]["specimen_id"]["anyOf"] if s.get("type") == "string")
+    assert (field["minLength"], field["maxLength"]) == (1, MAX_SPECIMEN_ID) == (1, 64)
+    base = current_report()
+    assert Report.model_validate({**base.model_dump(), "specimen_id": "H" * 64}).specimen_id == "H" * 64
+    for bad in ("", "H" * 65):
+        with pytest.raises(ValidationError):
+            Report.model_validate({**base.model_dump(), "specimen_id": bad})

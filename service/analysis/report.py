@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 #: "1.2": a report names the smearscope version that made it (`software_version`), and a specimen report
 #: the lab's identifier of the specimen its run was started for (`specimen_id`, start_run).
 SCHEMA_VERSION = "1.2"
+#: Longest specimen identifier (accession number, slide label) a run and its report may name.
+MAX_SPECIMEN_ID = 64
 
 
 @functools.cache
@@ -250,7 +252,7 @@ class Report(_Strict):
     station_id: str | None = None
     run_id: str | None = Field(None, description="specimen run this field/report belongs to")
     specimen_id: str | None = Field(
-        None, description="specimen reports: the lab's identifier of the specimen (accession number, slide label) "
+        None, min_length=1, max_length=MAX_SPECIMEN_ID, description="specimen reports: the lab's identifier of the specimen (accession number, slide label) "
         "the run was started for (start_run's `specimen_id`); absent: none was given")
     fields_analyzed: int = 1
     source: SourceInfo | None = Field(None, description="the analysed frame (field reports)")

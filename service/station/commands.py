@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from smearscope.device.frame import Frame
+from smearscope.service.analysis.report import MAX_SPECIMEN_ID
 from smearscope.service.config.specimen import MAX_TARGET_WBC
 from smearscope.service.ingest import (
     IngestError,
@@ -44,8 +45,6 @@ COMMAND_ARGUMENTS: dict[str, frozenset[str]] = {
 COMMAND_NAMES = tuple(COMMAND_ARGUMENTS)
 #: Longest name a verification may be signed with.
 MAX_VERIFIED_BY = 64
-#: Longest specimen identifier (accession number, slide label) a run may be started for.
-MAX_SPECIMEN_ID = 64
 
 
 def _specimen_id_error(value: Any) -> str | None:
