@@ -581,7 +581,6 @@ def test_a_reports_specimen_id_is_held_to_start_runs_bounds_in_the_model_and_the
     characters, as start_run admits them; the model refuses others as well."""
     import json
 
-    import pytest
     from pydantic import ValidationError
 
     from smearscope.service.analysis.report import MAX_SPECIMEN_ID, Report
