@@ -40,8 +40,14 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
+def _nested(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parser and its own subcommands' (`archive find`, `archive show`)."""
+    subs = [p for a in parser._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+    return [parser, *subs]
+
+
 def _options(parser: argparse.ArgumentParser) -> set[str]:
-    return {s for a in parser._actions for s in a.option_strings}
+    return {s for p in _nested(parser) for a in p._actions for s in a.option_strings}
 
 
 def _synopsis() -> list[tuple[str, str]]:
@@ -273,7 +279,7 @@ def test_product_documents_describe_the_product_not_the_work_items():
 def test_every_option_says_what_it_does_in_help():
     """`smearscope CMD --help` is the first document a user reads: no option is left bare there."""
     bare = [f"{name} {' '.join(a.option_strings) or a.dest}" for name, parser in _subcommands().items()
-            for a in parser._actions if not a.help and not isinstance(a, argparse._HelpAction)]
+            for p in _nested(parser) for a in p._actions if not a.help and not isinstance(a, argparse._HelpAction)]
     assert not bare, f"options without help: {bare}"
 
 

@@ -57,3 +57,15 @@ def password_text(data: bytes, what: str) -> str:
     except UnicodeDecodeError as exc:
         raise CredentialError(f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
                               f"{exc.start}); save the password as UTF-8") from exc
+
+
+def password_file_or_credential(path: Path | None, credential: str,
+                                environ: Mapping[str, str] | None = None) -> str | None:
+    """A command's broker password: from `path` (--password-file), else from the systemd credential
+    `credential` when $CREDENTIALS_DIRECTORY holds it, else None. OSError when `path` is unreadable,
+    CredentialError when it is not UTF-8."""
+    env = os.environ if environ is None else environ
+    if path is None and env.get("CREDENTIALS_DIRECTORY"):
+        candidate = Path(env["CREDENTIALS_DIRECTORY"]) / credential
+        path = candidate if candidate.is_file() else None
+    return password_text(path.read_bytes(), f"password file {path}") if path is not None else None

@@ -62,9 +62,10 @@ class StationClient(mqtt.Client):
 
 
 def configured_client(config: MqttConfig, client_id: str, protocol: MQTTProtocolVersion,
-                      password: str | None, status_topic: str) -> mqtt.Client:
-    """A paho client with credentials, TLS, the retained "offline" Last Will, bounds, backoff and
-    callbacks that cannot end its network thread; no callbacks yet, not connected."""
+                      password: str | None, status_topic: str | None) -> mqtt.Client:
+    """A paho client with credentials, TLS, the retained "offline" Last Will (on `status_topic`;
+    None: no will, for a consumer such as the archive), bounds, backoff and callbacks that cannot
+    end its network thread; no callbacks yet, not connected."""
     client = StationClient(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -83,7 +84,8 @@ def configured_client(config: MqttConfig, client_id: str, protocol: MQTTProtocol
             keyfile=str(config.tls.keyfile) if config.tls.keyfile else None,
         )
         client.tls_insecure_set(config.tls.insecure)
-    client.will_set(status_topic, "offline", qos=1, retain=True)
+    if status_topic is not None:
+        client.will_set(status_topic, "offline", qos=1, retain=True)
     # The drain loop bounds outbox traffic to max_inflight; the slack is for status and
     # command responses. Equal limits mean paho never parks a message in its "queued" state.
     client.max_inflight_messages_set(config.max_inflight + STATUS_SLACK)

@@ -1,5 +1,5 @@
 """`smearscope` command line: analyze, demo, run, validate-config, doctor, install-models, schema,
-calibrate-scale, calibrate-atypical, adapt-wbc, dashboard, build-engines.
+calibrate-scale, calibrate-atypical, adapt-wbc, dashboard, archive, build-engines.
 
 Each command lives in its own module, imported when chosen; nothing below the CLI imports it.
 """
@@ -23,6 +23,8 @@ logger = logging.getLogger("smearscope")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # as the config's log_level
 #: Sysexits EX_IOERR: an output (stdout, a file) could not be written.
 EXIT_OUTPUT = 74
+#: Where `smearscope archive` keeps reports unless --dir says (systemd/smearscope-archive.service).
+ARCHIVE_DIR = "/var/lib/smearscope-archive"
 
 
 def _number(kind, low, high, what: str):
@@ -239,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "it (start_run, stop_run; the account's ACL must allow both: docs/MQTT.md). Off: the page "
                     "only reviews and signs")
     db.set_defaults(func=_lazy("dashboard", "cmd_dashboard"))
+    _archive_parser(sub)
     h = sub.add_parser("doctor", help="check a station: config, models, backend, outbox, broker")
     h.add_argument("--config", type=Path, default=None, help="station TOML (default: the embedded station)")
     h.set_defaults(func=_lazy("doctor", "cmd_doctor"))
@@ -259,6 +262,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA binding for the INT8 calibrator's buffer (auto: pycuda, else cuda-python)")
     b.set_defaults(func=_lazy("artifacts", "cmd_build_engines"))
     return ap
+
+
+def _archive_parser(sub) -> None:
+    """`archive` (the daemon), `archive find`, `archive show`."""
+    ar = sub.add_parser("archive", help="keep every station's reports on disk and find them by specimen",
+                        description="Without a subcommand: subscribe to every station's reports and FHIR "
+                        "bundles (persistent session, QoS 1) and store each one durably under --dir, "
+                        "acknowledged only once on disk (docs/ARCHIVE.md). `archive find` and `archive show` "
+                        "read that folder.")
+    ar.add_argument("--broker", default=None, help="the broker, mqtt://HOST:PORT or mqtts://HOST:PORT (TLS: "
+                    "--ca-file); no user or password in it")
+    ar.add_argument("--topic-prefix", default="smearscope", help="the stations' mqtt.topic_prefix (default smearscope)")
+    ar.add_argument("--client-id", default="smearscope-archive",
+                    help="the archive's fixed MQTT client id; the broker keeps its session under it (default "
+                    "smearscope-archive; one per archive on a broker)")
+    ar.add_argument("--username", default=None, help="the archive's own broker account (its ACL: docs/ARCHIVE.md)")
+    ar.add_argument("--password-file", type=Path, default=None,
+                    help="file holding that account's password (default: the systemd credential "
+                    "archive-mqtt-password when present)")
+    ar.add_argument("--ca-file", type=Path, default=None, help="with mqtts://: the CA certificate (PEM) that "
+                    "signed the broker's certificate")
+    ar.add_argument("--certfile", type=Path, default=None, help="with mqtts://: a client certificate (PEM), "
+                    "with --keyfile, for a broker that asks for one")
+    ar.add_argument("--keyfile", type=Path, default=None, help="the client certificate's key (PEM)")
+    ar.add_argument("--dir", type=Path, default=None, help=f"the archive folder (default {ARCHIVE_DIR})")
+    ar.set_defaults(func=_lazy("archive", "cmd_archive"))
+    asub = ar.add_subparsers(dest="archive_command", parser_class=_Parser, metavar="{find,show}",
+                             help="find: list archived reports; show: print one (none: run the archive)")
+    af = asub.add_parser("find", help="list archived reports, the latest per run first")
+    af.add_argument("--specimen", default=None, help="the lab's specimen id the run was started for")
+    af.add_argument("--run", default=None, help="a run id")
+    af.add_argument("--station", default=None, help="a station id")
+    af.add_argument("--since", default=None, help="reports made on or after this date (YYYY-MM-DD, UTC) or "
+                    "ISO time")
+    af.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help=f"the archive folder (default {ARCHIVE_DIR})")
+    af.add_argument("--json", action="store_true", help="one JSON line per report")
+    af.set_defaults(func=_lazy("archive", "cmd_find"))
+    ash = asub.add_parser("show", help="print one archived report as received (or its FHIR bundle)")
+    ash.add_argument("report_id", metavar="REPORT_ID", help="the report's id (as `archive find` lists it)")
+    ash.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help=f"the archive folder (default {ARCHIVE_DIR})")
+    ash.add_argument("--fhir", action="store_true", help="print the report's FHIR bundle instead")
+    ash.set_defaults(func=_lazy("archive", "cmd_show"))
 
 
 def _quiet_opencv(level: str, command: str) -> None:

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 
 def _password(args: argparse.Namespace) -> str | None:
     """From --password-file, else the systemd credential 'dashboard-mqtt-password' if present."""
-    path = args.password_file
-    if path is None and os.environ.get("CREDENTIALS_DIRECTORY"):
-        candidate = Path(os.environ["CREDENTIALS_DIRECTORY"]) / "dashboard-mqtt-password"
-        path = candidate if candidate.is_file() else None
-    from smearscope.service.mqtt.credentials import password_text
+    from smearscope.service.mqtt.credentials import password_file_or_credential
 
-    return password_text(path.read_bytes(), f"password file {path}") if path is not None else None
+    return password_file_or_credential(args.password_file, "dashboard-mqtt-password")
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:

@@ -1,0 +1,209 @@
+"""`smearscope archive`: subscribe to every station's reports and FHIR bundles and keep them.
+
+A fixed client id with a persistent MQTT 5 session (clean_start false, a long Session Expiry), both
+filters at QoS 1, and manual acknowledgement: paho's network thread only queues what arrives; the
+storer (the caller's thread) stores each message durably (service.archive.store) and only then
+acknowledges it. A message the disk refuses (full, read-only) stays unacknowledged and is tried
+again every `retry_s`, the messages behind it waiting; the broker keeps all of them meanwhile, and
+sends them again if the archive dies. A message that can never be stored (not a report, a hostile
+id) is said in one log line and acknowledged, so it cannot block the ones behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from smearscope.service.archive.message import (
+    BundleMessage,
+    Refused,
+    ReportMessage,
+    read_bundle,
+    read_report,
+    station_of,
+)
+from smearscope.service.archive.store import ArchiveStore, OutsideArchive, Stored
+from smearscope.service.config.archive import ArchiveConfig
+from smearscope.service.mqtt.paho_client import configured_client, paho_log_level
+
+logger = logging.getLogger(__name__)
+
+#: The topic levels the archive subscribes to under `<prefix>/+/`.
+REPORT_LEAF, FHIR_LEAF = "report", "fhir"
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A message as paho handed it over, not yet acknowledged."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+class ArchiveDaemon:
+    """The archive's MQTT session and its storer; `run()` blocks until `stop()`."""
+
+    def __init__(self, config: ArchiveConfig, password: str | None) -> None:
+        self.config = config
+        self.prefix = config.mqtt.topic_prefix
+        self.client_id = config.mqtt.client_id or "smearscope-archive"
+        self.store = ArchiveStore(config.directory)
+        self._incoming: queue.Queue[Incoming] = queue.Queue()
+        self._stop = threading.Event()
+        self._connected = False
+        self._had_reports = self.store.report_count() > 0
+        self.counts = {"stored": 0, "duplicates": 0, "refused": 0}
+        client = configured_client(config.mqtt, self.client_id, MQTTProtocolVersion.MQTTv5, password, None)
+        client.manual_ack_set(True)  # PUBACK only once the report is on disk (ack())
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_log = self._on_log
+        self.client = client
+
+    # ------------------------------------------------------------------ paho's thread
+
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, line: str) -> None:
+        logger.log(paho_log_level(level, line, not self._connected), "paho: %s", line)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                    properties: Any) -> None:
+        if reason_code.is_failure:
+            logger.error("broker %s refused the archive's connection: %s (reason code 0x%02x); check --username "
+                         "and the password, and the account's ACL (read on %s/+/report and %s/+/fhir); retrying",
+                         self.config.mqtt.address, reason_code.getName(), int(reason_code.value), self.prefix,
+                         self.prefix)
+            return
+        self._connected = True
+        present = bool(flags.session_present)
+        logger.info("connected to broker %s as %s (session %s)", self.config.mqtt.address, self.client_id,
+                    "resumed" if present else "new")
+        if not present and self._had_reports:
+            logger.warning("the broker had no session for %s: reports published while the archive was away "
+                           "were not kept for it (a broker without persistence, restarted; or the session "
+                           "expired); see docs/ARCHIVE.md", self.client_id)
+        for leaf in (REPORT_LEAF, FHIR_LEAF):
+            client.subscribe(f"{self.prefix}/+/{leaf}", qos=1)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        logger.warning("cannot reach broker %s; retrying with backoff up to %d s", self.config.mqtt.address,
+                       self.config.mqtt.reconnect_max_delay_s)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        was, self._connected = self._connected, False
+        if was and not self._stop.is_set():
+            logger.warning("connection to broker %s lost (%s); reconnecting, the broker keeps the session",
+                           self.config.mqtt.address, reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._incoming.put(Incoming(message.topic, message.payload, message.mid, message.qos))
+
+    # ------------------------------------------------------------------ the storer
+
+    def run(self) -> None:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.config.session_expiry_s
+        props.ReceiveMaximum = self.config.receive_maximum
+        mqtt_config = self.config.mqtt
+        self.client.connect_async(mqtt_config.host, mqtt_config.port, mqtt_config.keepalive,
+                                  clean_start=False, properties=props)
+        self.client.loop_start()
+        logger.info("archiving %s/+/report and %s/+/fhir into %s", self.prefix, self.prefix, self.store.directory)
+        try:
+            while not self._stop.is_set():
+                try:
+                    item = self._incoming.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                self.handle(item)
+        finally:
+            self.client.disconnect()
+            self.client.loop_stop()
+            self.store.close()
+            logger.info("archive stopped: %d stored, %d duplicates, %d refused this run", self.counts["stored"],
+                        self.counts["duplicates"], self.counts["refused"])
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def handle(self, item: Incoming) -> None:
+        """Store one message and acknowledge it; left unacknowledged only when stopping while the
+        disk refuses it (the broker sends it again)."""
+        try:
+            record = self._read(item)
+        except Refused as exc:
+            self._refuse(item, str(exc))
+            return
+        try:
+            stored = self._store(record)
+        except OutsideArchive as exc:  # the message checks should make this impossible
+            self._refuse(item, f"would be written outside the archive: {exc}")
+            return
+        if stored is None:
+            return
+        if stored.new:
+            self.counts["stored"] += 1
+            logger.info("stored %s %s from %s: %s", _what(record), record.report_id, record.station, stored.path)
+        else:
+            self.counts["duplicates"] += 1
+            logger.info("%s %s from %s was archived already (a repeated delivery): not stored again",
+                        _what(record), record.report_id, record.station)
+        self.client.ack(item.mid, item.qos)
+
+    def _read(self, item: Incoming) -> ReportMessage | BundleMessage:
+        if len(item.payload) > self.config.max_message_bytes:
+            raise Refused(f"{len(item.payload)} bytes, over the archive's limit of {self.config.max_message_bytes}")
+        leaf = item.topic.rsplit("/", 1)[-1]
+        if leaf == REPORT_LEAF:
+            return read_report(station_of(item.topic, self.prefix, REPORT_LEAF), item.payload)
+        if leaf == FHIR_LEAF:
+            return read_bundle(station_of(item.topic, self.prefix, FHIR_LEAF), item.payload)
+        raise Refused("not a report or FHIR topic")
+
+    def _refuse(self, item: Incoming, reason: str) -> None:
+        self.counts["refused"] += 1
+        logger.error("refused a message on %r (%d bytes): %s; acknowledged, not stored", item.topic[:200],
+                     len(item.payload), reason)
+        self.client.ack(item.mid, item.qos)
+
+    def _store(self, record: ReportMessage | BundleMessage) -> Stored | None:
+        """Store `record`, trying again while the disk refuses it; None when stopped meanwhile.
+        OutsideArchive (a path the checks let through) is not tried again."""
+        failing_since: float | None = None
+        while True:
+            try:
+                stored = (self.store.put_report(record) if isinstance(record, ReportMessage)
+                          else self.store.put_bundle(record))
+            except (OSError, sqlite3.Error) as exc:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    logger.error("cannot store %s %s from %s (%s: %s): NOT acknowledged, so the broker keeps "
+                                 "it and the reports behind it; trying again every %g s", _what(record),
+                                 record.report_id, record.station, type(exc).__name__, exc, self.config.retry_s)
+                if self._stop.wait(self.config.retry_s):
+                    logger.warning("stopping with %s %s unstored and unacknowledged: the broker sends it "
+                                   "again at the next start", _what(record), record.report_id)
+                    return None
+                continue
+            if failing_since is not None:
+                logger.warning("storing again: %s %s stored after %.0f s of refusals", _what(record),
+                               record.report_id, time.monotonic() - failing_since)
+            return stored
+
+
+def _what(record: ReportMessage | BundleMessage) -> str:
+    return "FHIR bundle of report" if isinstance(record, BundleMessage) else "report"

@@ -1,0 +1,112 @@
+"""Finding archived reports: by specimen, run, station and date, the latest per run first.
+
+Within a run the report no other archived report supersedes comes first (a verified report over the
+preliminary one it replaces), then the rest, newest first; runs are ordered by their newest report.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from smearscope.service.archive.store import open_index
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArchivedReport:
+    """One index row, with the report that supersedes it (if archived) and its bundle's path."""
+
+    report_id: str
+    station: str
+    run_id: str | None
+    specimen_id: str | None
+    created_at: float
+    kind: str
+    schema_version: str
+    verified: bool
+    supersedes: str | None
+    superseded_by: str | None
+    path: Path
+    fhir_path: Path | None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "report_id": self.report_id, "station": self.station, "run_id": self.run_id,
+            "specimen_id": self.specimen_id,
+            "created_at": datetime.fromtimestamp(self.created_at, timezone.utc).isoformat(),
+            "kind": self.kind, "schema_version": self.schema_version, "verified": self.verified,
+            "supersedes": self.supersedes, "superseded_by": self.superseded_by, "current": self.superseded_by is None,
+            "path": str(self.path), "fhir_path": str(self.fhir_path) if self.fhir_path else None,
+        }
+
+
+def parse_since(text: str) -> float:
+    """--since: a date (YYYY-MM-DD, UTC midnight) or an ISO time (UTC unless it names a zone)."""
+    when = datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+_SELECT = """
+SELECT r.*, (SELECT s.report_id FROM reports s WHERE s.supersedes = r.report_id
+             ORDER BY s.created_at DESC LIMIT 1) AS superseded_by,
+       b.path AS fhir
+FROM reports r LEFT JOIN bundles b ON b.report_id = r.report_id
+"""
+
+
+def _row(directory: Path, row: sqlite3.Row) -> ArchivedReport:
+    return ArchivedReport(
+        report_id=row["report_id"], station=row["station"], run_id=row["run_id"], specimen_id=row["specimen_id"],
+        created_at=row["created_at"], kind=row["kind"], schema_version=row["schema_version"],
+        verified=bool(row["verified"]), supersedes=row["supersedes"], superseded_by=row["superseded_by"],
+        path=directory / row["path"], fhir_path=directory / row["fhir"] if row["fhir"] else None)
+
+
+def find(directory: Path, specimen: str | None = None, run: str | None = None, station: str | None = None,
+         since: float | None = None) -> list[ArchivedReport]:
+    """The matching reports, latest per run first (module docstring)."""
+    where, params = [], []
+    for column, value in (("specimen_id", specimen), ("run_id", run), ("station", station)):
+        if value is not None:
+            where.append(f"r.{column} = ?")
+            params.append(value)
+    if since is not None:
+        where.append("r.created_at >= ?")
+        params.append(since)
+    sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
+    db = open_index(directory, read_only=True)
+    try:
+        found = [_row(directory, row) for row in db.execute(sql, params)]
+    finally:
+        db.close()
+    newest: dict[tuple[str, str], float] = {}
+    for r in found:
+        key = _run_key(r)
+        newest[key] = max(newest.get(key, r.created_at), r.created_at)
+    return sorted(found, key=lambda r: (-newest[_run_key(r)], _run_key(r), r.superseded_by is not None,
+                                        -r.created_at, r.report_id))
+
+
+def _run_key(r: ArchivedReport) -> tuple[str, str]:
+    """A run groups its reports; a report without a run is a group of its own."""
+    return (r.station, r.run_id) if r.run_id else (r.station, "report:" + r.report_id)
+
+
+def lookup(directory: Path, report_id: str) -> tuple[ArchivedReport | None, Path | None]:
+    """The report's index row (None: not archived) and its bundle's path (None: no bundle; a bundle
+    may be archived before its report arrives)."""
+    db = open_index(directory, read_only=True)
+    try:
+        row = db.execute(_SELECT + " WHERE r.report_id = ?", (report_id,)).fetchone()
+        bundle = db.execute("SELECT path FROM bundles WHERE report_id = ?", (report_id,)).fetchone()
+    finally:
+        db.close()
+    return (_row(directory, row) if row is not None else None,
+            directory / bundle["path"] if bundle is not None else None)

@@ -1,0 +1,129 @@
+"""`smearscope archive`: run the report archive (service.archive), or find and show its reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sqlite3
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from smearscope.cli import ARCHIVE_DIR
+
+logger = logging.getLogger(__name__)
+
+PORTS = {"mqtt": 1883, "mqtts": 8883}
+#: The systemd credential (LoadCredential=) holding the archive's broker password.
+CREDENTIAL = "archive-mqtt-password"
+
+
+def _fail(text: str, code: int = 2) -> int:
+    print(f"smearscope archive: {text}", file=sys.stderr)
+    return code
+
+
+def _directory(args: argparse.Namespace) -> Path:
+    return Path(getattr(args, "dir", None) or ARCHIVE_DIR)
+
+
+def _broker(url: str) -> tuple[str, int, bool]:
+    """(host, port, TLS) of mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; ValueError otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme not in PORTS or not parts.hostname:
+        raise ValueError(f"--broker {url!r} is not mqtt://HOST:PORT or mqtts://HOST:PORT")
+    if parts.username or parts.password or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"--broker {url!r}: only a host and a port (the user: --username, --password-file)")
+    return parts.hostname, parts.port or PORTS[parts.scheme], parts.scheme == "mqtts"
+
+
+def _config(args: argparse.Namespace):  # -> ArchiveConfig
+    from smearscope.service.config.archive import ArchiveConfig
+    from smearscope.service.config.mqtt import MqttConfig, MqttTlsConfig
+
+    host, port, tls = _broker(args.broker)
+    if tls and args.ca_file is None:
+        raise ValueError("mqtts:// needs --ca-file, the CA that signed the broker's certificate")
+    if not tls and (args.ca_file or args.certfile or args.keyfile):
+        raise ValueError("--ca-file, --certfile and --keyfile are for mqtts://")
+    if args.password_file is not None and not args.username:
+        raise ValueError("--password-file needs --username (the broker account it is the password of)")
+    tls_config = MqttTlsConfig(ca_file=args.ca_file, certfile=args.certfile, keyfile=args.keyfile) if tls else None
+    mqtt = MqttConfig(host=host, port=port, client_id=args.client_id, username=args.username, tls=tls_config,
+                      topic_prefix=args.topic_prefix)
+    return ArchiveConfig(mqtt=mqtt, directory=_directory(args))
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    """The daemon: runs until SIGTERM or SIGINT."""
+    import pydantic
+
+    from smearscope.service.mqtt.credentials import CredentialError, password_file_or_credential
+
+    if args.broker is None:
+        return _fail("--broker is needed to run the archive (or: archive find, archive show)")
+    try:
+        config = _config(args)
+        password = password_file_or_credential(args.password_file, CREDENTIAL) if args.username else None
+    except pydantic.ValidationError as exc:
+        return _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    except (ValueError, OSError, CredentialError) as exc:
+        return _fail(str(exc))
+    from smearscope.service.archive.daemon import ArchiveDaemon
+
+    try:
+        daemon = ArchiveDaemon(config, password)
+    except (OSError, sqlite3.Error) as exc:  # the folder or its index cannot be opened: worth a restart
+        return _fail(f"cannot open the archive at {config.directory}: {exc}", 1)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    daemon.run()
+    return 0
+
+
+def _line(r) -> str:  # r: ArchivedReport
+    when = datetime.fromtimestamp(r.created_at, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    state = "current" if r.superseded_by is None else f"superseded by {r.superseded_by}"
+    return (f"{when}  {r.station}  run {r.run_id or '-'}  specimen {r.specimen_id or '-'}  "
+            f"{'verified' if r.verified else 'preliminary'}  {r.report_id}  ({state}"
+            f"{', FHIR' if r.fhir_path else ''})")
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    from smearscope.service.archive.query import find, parse_since
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError:
+        return _fail(f"--since {args.since!r} is not a date (YYYY-MM-DD) or an ISO time")
+    try:
+        found = find(_directory(args), specimen=args.specimen, run=args.run, station=args.station, since=since)
+    except (FileNotFoundError, sqlite3.Error) as exc:
+        return _fail(str(exc), 1)
+    for r in found:
+        print(json.dumps(r.as_json()) if args.json else _line(r))
+    if not found and not args.json:
+        print("smearscope archive: no archived report matches", file=sys.stderr)
+    return 0 if found else 1
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from smearscope.service.archive.message import REPORT_ID
+    from smearscope.service.archive.query import lookup
+
+    if not REPORT_ID.match(args.report_id):
+        return _fail(f"{args.report_id!r} is not a report id")
+    directory = _directory(args)
+    try:
+        report, bundle = lookup(directory, args.report_id)
+    except (FileNotFoundError, sqlite3.Error) as exc:
+        return _fail(str(exc), 1)
+    path = bundle if args.fhir else report.path if report is not None else None
+    if path is None:
+        what = "FHIR bundle of report" if args.fhir else "report"
+        return _fail(f"no {what} {args.report_id} in the archive at {directory}", 1)
+    sys.stdout.buffer.write(path.read_bytes() + b"\n")
+    return 0

@@ -1,0 +1,327 @@
+"""`smearscope archive` against a real mosquitto: reports a station publishes (its own publisher and
+outbox) are stored once each, found by specimen, kept across a SIGKILLed archive and a restarted
+broker, refused without harm when hostile, and left unacknowledged while the disk is full."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, wait_until
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from smallfs import fill, small_tmpfs
+
+from smearscope.cli import main
+from smearscope.service.analysis.report import ClassShare, Counts, Report, SizeStats, Verification
+from smearscope.service.archive.query import find
+from smearscope.service.config.mqtt import MqttConfig
+from smearscope.service.fhir.bundle import report_bundle
+from smearscope.service.mqtt.outbox import NewMessage, Outbox
+from smearscope.service.mqtt.publisher import MqttPublisher
+from smearscope.service.station.clinic import FHIR_CONTENT_TYPE, FHIR_VERSION
+
+STATION = "lab-7"
+SPECIMEN = "H-2026-0412"
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.broker
+
+
+def a_report(run_id: str, specimen_id: str | None, created_at: float, supersedes: str | None = None) -> Report:
+    """A specimen report as a station makes one (verified: replacing `supersedes`)."""
+    share = ClassShare(label="neutrophil", count=60, percent=60.0, ci95_low=50.0, ci95_high=69.0)
+    verification = None if supersedes is None else Verification(
+        verified_by="AB", verified_at=created_at, supersedes=supersedes, typed_cells=3, reclassified=[])
+    return Report(report_id=str(uuid.uuid4()), kind="specimen", created_at=created_at, station_id=STATION,
+                  run_id=run_id, specimen_id=specimen_id, fields_analyzed=12,
+                  counts=Counts(rbc=1000, wbc=100, platelet=80), wbc_differential=[share], rbc_morphology=[],
+                  rbc_size=SizeStats(n=900, mean_diameter_um=7.4, sd_um=0.6, cv_percent=8.1, median_diameter_um=7.3),
+                  ratios={}, flags=[], cells=[], timing_ms={}, verification=verification)
+
+
+class Station:
+    """The station's own publisher and outbox, publishing reports and their FHIR bundles as the
+    station does (one outbox transaction each)."""
+
+    def __init__(self, tmp_path: Path, port: int) -> None:
+        creds = tmp_path / "station-creds"
+        creds.mkdir(exist_ok=True)
+        (creds / "mqtt-password").write_text(MQTT_USERS["station"])
+        config = MqttConfig(host="127.0.0.1", port=port, keepalive=5, username="station",
+                            password_credential="mqtt-password", reconnect_min_delay_s=1, reconnect_max_delay_s=2,
+                            outbox={"path": str(tmp_path / "outbox.sqlite3")})
+        self.publisher = MqttPublisher(config, STATION, Outbox.from_config(config.outbox),
+                                       environ={"CREDENTIALS_DIRECTORY": str(creds)})
+        self.publisher.start()
+
+    def publish(self, report: Report) -> None:
+        fhir = NewMessage("report", f"smearscope/{STATION}/fhir",
+                          json.dumps(report_bundle(report), separators=(",", ":")).encode(), report.report_id,
+                          FHIR_VERSION, content_type=FHIR_CONTENT_TYPE)
+        self.publisher.publish_many([("report", report.report_id, report.model_dump_json().encode(), "1.2")],
+                                    extra=[fhir])
+
+    def delivered(self) -> bool:
+        return self.publisher.outbox.counts().messages == 0
+
+    def stop(self) -> None:
+        self.publisher.stop(drain_timeout=0)
+        self.publisher.outbox.close()
+
+
+class Archive:
+    """`smearscope archive` in its own process, logging to a file."""
+
+    def __init__(self, tmp_path: Path, port: int, directory: Path) -> None:
+        self.log = tmp_path / "archive.log"
+        password = tmp_path / "archive-password"
+        password.write_text(MQTT_USERS["observer"] + "\n")
+        self.argv = [sys.executable, "-m", "smearscope", "--log-level", "INFO", "archive", "--broker",
+                     f"mqtt://127.0.0.1:{port}", "--username", "observer", "--password-file", str(password),
+                     "--dir", str(directory)]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        assert wait_until(lambda: self.text().count("connected to broker") > self.starts, 30), self.text()
+        self.starts += 1
+
+    starts = 0
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+@pytest.fixture
+def persistent_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    mosquitto = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True,
+                                extra=("max_queued_messages 1000",))
+    mosquitto.start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+@pytest.fixture
+def parts(tmp_path: Path, persistent_broker: MosquittoBroker) -> Iterator[tuple[Station, Archive, Path]]:
+    directory = tmp_path / "archive"
+    archive = Archive(tmp_path, persistent_broker.port, directory)
+    station = Station(tmp_path, persistent_broker.port)
+    yield station, archive, directory
+    archive.stop()
+    station.stop()
+
+
+def stored(directory: Path) -> list[Path]:
+    """The report files in the archive (not their bundles)."""
+    return sorted(p for p in directory.rglob("*.json") if not p.name.endswith(".fhir.json"))
+
+
+def bundles(directory: Path) -> int:
+    return len(list(directory.rglob("*.fhir.json")))
+
+
+def indexed(directory: Path) -> int:
+    return len(find(directory)) if (directory / "index.sqlite").exists() else 0
+
+
+def test_reports_published_while_the_archive_runs_are_stored_and_found_by_specimen(
+        parts: tuple[Station, Archive, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    station, archive, directory = parts
+    archive.start()
+    first = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    other = a_report("run-2", "H-2026-0413", 1_796_000_100.0)
+    verified = a_report("run-1", SPECIMEN, 1_796_000_200.0, supersedes=first.report_id)
+    for report in (first, other, verified):
+        station.publish(report)
+    assert wait_until(lambda: len(list(directory.rglob("*.fhir.json"))) == 3 and indexed(directory) == 3, 30), \
+        archive.text()
+    month = directory / STATION / "2026-11"  # 1_796_000_000 is 2026-11-30 UTC
+    assert sorted(p.name for p in month.iterdir()) == sorted(
+        [f"{r.report_id}.json" for r in (first, other, verified)] + [f"{r.report_id}.fhir.json" for r in
+                                                                     (first, other, verified)])
+
+    assert main(["archive", "find", "--specimen", SPECIMEN, "--dir", str(directory), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["report_id"], r["verified"], r["superseded_by"]) for r in lines] == [
+        (verified.report_id, True, None), (first.report_id, False, verified.report_id)]
+    assert lines[0]["specimen_id"] == SPECIMEN and lines[0]["run_id"] == "run-1" and lines[0]["station"] == STATION
+
+    assert main(["archive", "show", verified.report_id, "--dir", str(directory)]) == 0
+    envelope = json.loads(capsys.readouterr().out)
+    assert envelope["kind"] == "report" and envelope["station_id"] == STATION
+    assert Report.model_validate(envelope["body"]) == verified
+    assert main(["archive", "show", verified.report_id, "--dir", str(directory), "--fhir"]) == 0
+    assert json.loads(capsys.readouterr().out) == report_bundle(verified)
+    assert main(["archive", "find", "--specimen", "H-0000", "--dir", str(directory)]) == 1
+
+
+def test_an_archive_killed_and_restarted_with_a_broker_restart_loses_none_and_stores_none_twice(
+        parts: tuple[Station, Archive, Path], persistent_broker: MosquittoBroker) -> None:
+    station, archive, directory = parts
+    archive.start()
+    reports = [a_report(f"run-{i}", f"S-{i}", 1_796_000_000.0 + i) for i in range(40)]
+    for report in reports[:20]:
+        station.publish(report)
+    assert wait_until(lambda: indexed(directory) >= 3, 30), archive.text()
+    archive.kill()  # mid-stream: some of the 20 stored, maybe one written and not acknowledged
+    for report in reports[20:]:
+        station.publish(report)
+    assert wait_until(station.delivered, 30)  # the broker took all 40; the archive is away
+    persistent_broker.stop()
+    persistent_broker.start()  # what it queued for the archive's session comes back from its file
+    archive.start()
+    assert wait_until(lambda: indexed(directory) == 40, 60), archive.text()
+    assert "session resumed" in archive.text().rsplit("connected to broker", 1)[1]
+    assert wait_until(lambda: len(list(directory.rglob("*.fhir.json"))) == 40, 30)
+    assert [p.stem for p in stored(directory)] == sorted(r.report_id for r in reports)
+    assert not list(directory.rglob("*.tmp"))
+
+
+def test_a_report_delivered_twice_is_stored_once(parts: tuple[Station, Archive, Path],
+                                                  persistent_broker: MosquittoBroker) -> None:
+    _, archive, directory = parts
+    archive.start()
+    report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    envelope = json.dumps({"envelope_version": 1, "kind": "report", "station_id": STATION,
+                           "report_id": report.report_id, "message_id": uuid.uuid4().hex, "schema_version": "1.2",
+                           "created_at": "2026-11-30T00:00:00+00:00", "body": json.loads(report.model_dump_json())})
+    with raw_client(persistent_broker.port) as client:  # as the outbox sends it again after a lost PUBACK
+        for _ in range(2):
+            client.publish(f"smearscope/{STATION}/report", envelope, qos=1).wait_for_publish(10)
+    assert wait_until(lambda: "was archived already" in archive.text(), 30), archive.text()
+    assert [p.name for p in stored(directory)] == [f"{report.report_id}.json"]
+    assert stored(directory)[0].read_text() == envelope
+    assert indexed(directory) == 1
+
+
+class raw_client:
+    """A paho client logged in as the station, publishing whatever it is given."""
+
+    def __init__(self, port: int) -> None:
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+        self.client.username_pw_set("station", MQTT_USERS["station"])
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def __enter__(self) -> mqtt.Client:
+        return self.client
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_hostile_messages_are_refused_and_nothing_is_written_outside_the_archive(
+        parts: tuple[Station, Archive, Path], persistent_broker: MosquittoBroker, tmp_path: Path) -> None:
+    _, archive, directory = parts
+    archive.start()
+    before = {p for p in tmp_path.rglob("*") if "broker" not in p.parts}
+
+    def envelope(station: str, report_id: str, **body: object) -> bytes:
+        doc = {"report_id": report_id, "kind": "specimen", "created_at": 1_796_000_000.0, **body}
+        return json.dumps({"envelope_version": 1, "kind": "report", "station_id": station, "report_id": report_id,
+                           "message_id": "m", "schema_version": "1.2", "created_at": "x", "body": doc}).encode()
+
+    hostile = [
+        ("smearscope/../report", envelope("..", "r-1")),  # a station id that is a path
+        (f"smearscope/{STATION}/report", envelope(STATION, "../../../escaped")),
+        (f"smearscope/{STATION}/report", envelope(STATION, str(tmp_path / "escaped-absolute"))),
+        (f"smearscope/{STATION}/report", envelope(STATION, "r-2", verification={"supersedes": "../escaped"})),
+        (f"smearscope/{STATION}/report", envelope("lab-8", "r-3")),  # another station's name
+        (f"smearscope/{STATION}/report", b"\xff\xfe not json"),
+        (f"smearscope/{STATION}/report", b"[1, 2]"),
+        (f"smearscope/{STATION}/report", envelope(STATION, "r-4", created_at="yesterday")),
+        (f"smearscope/{STATION}/report", b'{"body": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        (f"smearscope/{STATION}/report", b'"' + b"x" * (5 * 2**20) + b'"'),  # over the 4 MiB limit
+        (f"smearscope/{STATION}/fhir", json.dumps({"resourceType": "Bundle", "timestamp": "2026-11-30T00:00:00Z",
+                                                   "identifier": {"system": "http://smearscope.invalid/fhir/"
+                                                                  "NamingSystem/report-id",
+                                                                  "value": "../escaped"}}).encode()),
+        ("smearscope/lab 7\u202e/fhir", b"{}"),
+    ]
+    good = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    with raw_client(persistent_broker.port) as client:
+        for topic, payload in hostile:
+            client.publish(topic, payload, qos=1).wait_for_publish(10)
+        client.publish(f"smearscope/{STATION}/report", envelope(STATION, good.report_id), qos=1).wait_for_publish(10)
+    assert wait_until(lambda: indexed(directory) == 1, 30), archive.text()
+    assert archive.proc is not None and archive.proc.poll() is None
+    assert archive.text().count("refused a message on") == len(hostile), archive.text()
+    assert [p.name for p in stored(directory)] == [f"{good.report_id}.json"]
+    after = {p for p in tmp_path.rglob("*") if "broker" not in p.parts}
+    assert {p for p in after - before if not p.is_relative_to(directory)} == set()
+    assert not [p for p in tmp_path.rglob("*escaped*")]
+
+
+def test_a_full_disk_leaves_the_report_unacknowledged_and_it_is_stored_once_space_returns(
+        tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
+    with small_tmpfs(tmp_path / "archive", 2048) as directory:
+        archive = Archive(tmp_path, persistent_broker.port, directory)
+        station = Station(tmp_path, persistent_broker.port)
+        try:
+            archive.start()
+            reports = [a_report(f"run-{i}", f"S-{i}", 1_796_000_000.0 + i) for i in range(3)]
+            station.publish(reports[0])
+            assert wait_until(lambda: indexed(directory) == 1 and bundles(directory) == 1, 30), archive.text()
+            filler = fill(directory)
+            station.publish(reports[1])
+            assert wait_until(lambda: f"report {reports[1].report_id} from" in archive.text(), 30)
+            assert "NOT acknowledged" in archive.text().split(f"report {reports[1].report_id} from", 1)[1]
+            archive.kill()  # had it acknowledged before storing, the report would be gone now
+            filler.unlink()
+            archive.start()
+            assert wait_until(lambda: indexed(directory) == 2, 30), archive.text()
+
+            refusals = archive.text().count("NOT acknowledged")
+            filler = fill(directory)
+            station.publish(reports[2])
+            assert wait_until(lambda: archive.text().count("NOT acknowledged") > refusals, 30), archive.text()
+            filler.unlink()  # while it runs: its next try stores it
+            assert wait_until(lambda: indexed(directory) == 3, 30), archive.text()
+            assert "storing again" in archive.text()
+            assert [p.stem for p in stored(directory)] == sorted(r.report_id for r in reports)
+        finally:
+            archive.stop()
+            station.stop()
+
+
+def test_the_archive_imports_no_training_framework() -> None:
+    probe = ("import sys; from smearscope.cli import build_parser; build_parser(); "
+             "import smearscope.cli.archive, smearscope.service.archive.daemon, smearscope.service.archive.query; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ultralytics', 'timm')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
+
+
+def test_command_line_mistakes_are_said_before_anything_starts(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(tmp_path / "a")
+    assert main(["archive", "--dir", d]) == 2
+    assert main(["archive", "--broker", "mqtts://h:8883", "--dir", d]) == 2
+    assert main(["archive", "--broker", "mqtt://u:p@h:1883", "--dir", d]) == 2
+    assert main(["archive", "--broker", "mqtt://h", "--password-file", d, "--dir", d]) == 2
+    err = capsys.readouterr().err
+    assert "--broker is needed" in err and "needs --ca-file" in err and "--username" in err
+    assert not os.path.exists(d)
+    assert main(["archive", "show", "../x", "--dir", d]) == 2
+    assert main(["archive", "find", "--dir", d]) == 1
+    assert "no archive at" in capsys.readouterr().err
+
