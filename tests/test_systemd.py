@@ -118,3 +118,58 @@ def test_security_exposure_stays_low(tmp_path: Path) -> None:
     if proc.returncode != 0 and match is None:
         pytest.skip(f"systemd-analyze security --offline unsupported: {proc.stderr.strip()[:200]}")
     assert match is not None and float(match.group(1)) <= 3.0, proc.stdout[-500:]
+
+
+ARCHIVE_UNIT = REPO / "systemd" / "smearscope-archive.service"
+
+
+@needs_analyze
+def test_the_archive_unit_verifies_and_its_exposure_stays_low(tmp_path: Path) -> None:
+    unit = tmp_path / "smearscope-archive.service"
+    text = ARCHIVE_UNIT.read_text().replace("/opt/smearscope/venv/bin/smearscope", "/bin/true")
+    unit.write_text(text)
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "smearscope-archive.service" not in output, output
+    unit.write_text(text.replace("Restart=on-failure", "Restart=on-falure"))  # the same check sees a typo
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert "Failed to parse service restart specifier" in proc.stdout + proc.stderr
+    unit.write_text(text)
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", proc.stdout + proc.stderr)
+    if proc.returncode != 0 and match is None:
+        pytest.skip(f"systemd-analyze security --offline unsupported: {proc.stderr.strip()[:200]}")
+    assert match is not None and float(match.group(1)) <= 2.0, proc.stdout[-500:]
+
+
+def test_the_archive_unit_starts_the_archive_the_example_env_describes() -> None:
+    """ExecStart with the example archive.env parses as `smearscope archive`; its folder is the unit's
+    state directory, its credential the one the command reads."""
+    import shlex
+
+    from smearscope.cli import ARCHIVE_DIR, build_parser
+    from smearscope.cli.archive import CREDENTIAL
+
+    d = _directives(ARCHIVE_UNIT.read_text())
+    one = {k: v[-1] for k, v in d.items()}
+    env = dict(line.split("=", 1) for line in (REPO / "config" / "archive.env.example").read_text().splitlines()
+               if line and not line.startswith("#"))
+    assert one["Service.EnvironmentFile"] == "/etc/smearscope/archive.env"
+    command = one["Service.ExecStart"].replace("${ARCHIVE_BROKER}", env["ARCHIVE_BROKER"]).replace(
+        "$ARCHIVE_OPTIONS", env["ARCHIVE_OPTIONS"])
+    argv = shlex.split(command)
+    assert argv[0] == "/opt/smearscope/venv/bin/smearscope"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "archive" and args.archive_command is None and args.username == "archive"
+    assert str(args.dir) == ARCHIVE_DIR == f"/var/lib/{one['Service.StateDirectory']}"
+    assert one["Service.LoadCredential"] == f"{CREDENTIAL}:/etc/smearscope/{CREDENTIAL}"
+    assert one["Service.User"] == "smearscope-archive"
+    for key, value in {"ProtectSystem": "strict", "ProtectHome": "yes", "NoNewPrivileges": "yes",
+                       "PrivateTmp": "yes", "PrivateDevices": "yes", "CapabilityBoundingSet": "",
+                       "MemoryDenyWriteExecute": "yes", "RestrictNamespaces": "yes"}.items():
+        assert one[f"Service.{key}"] == value, key
+    assert not any("PASSWORD" in v.upper() for k, vs in d.items() if k.startswith("Service.Environment")
+                   for v in vs), "secrets belong in LoadCredential="
