@@ -21,7 +21,9 @@ from smallfs import fill, small_tmpfs
 
 from smearscope.cli import main
 from smearscope.service.analysis.report import ClassShare, Counts, Report, SizeStats, Verification
-from smearscope.service.archive.query import find
+from smearscope.service.archive.message import read_report
+from smearscope.service.archive.query import find, parse_since
+from smearscope.service.archive.store import ArchiveStore
 from smearscope.service.config.mqtt import MqttConfig
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.mqtt.outbox import NewMessage, Outbox
@@ -325,3 +327,49 @@ def test_command_line_mistakes_are_said_before_anything_starts(tmp_path: Path,
     assert main(["archive", "find", "--dir", d]) == 1
     assert "no archive at" in capsys.readouterr().err
 
+
+
+def test_a_refused_login_is_said_with_what_to_check_and_retried(tmp_path: Path,
+                                                                persistent_broker: MosquittoBroker) -> None:
+    archive = Archive(tmp_path, persistent_broker.port, tmp_path / "archive")
+    (tmp_path / "archive-password").write_text("not-the-password\n")
+    with open(archive.log, "ab") as out:
+        archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        assert wait_until(lambda: archive.text().count("refused the archive's connection") >= 2, 30), archive.text()
+        assert "does not accept user 'observer' with this password" in archive.text()
+        assert archive.proc.poll() is None  # still trying
+    finally:
+        archive.stop()
+
+
+def envelope_of(report: Report, station: str = STATION) -> bytes:
+    return json.dumps({"envelope_version": 1, "kind": "report", "station_id": station, "report_id": report.report_id,
+                       "message_id": uuid.uuid4().hex, "schema_version": "1.2", "created_at": "x",
+                       "body": json.loads(report.model_dump_json())}).encode()
+
+
+def test_find_lists_the_latest_run_first_and_in_a_run_the_report_that_supersedes_first(tmp_path: Path) -> None:
+    """Stored out of order (a verified report before the one it replaces, runs mixed): find orders them."""
+    old_first = a_report("run-old", SPECIMEN, 1_790_000_000.0)
+    # signed on a clock that was behind the one that made the first: it still comes first in its run
+    old_verified = a_report("run-old", SPECIMEN, 1_789_999_000.0, supersedes=old_first.report_id)
+    new_first = a_report("run-new", SPECIMEN, 1_796_000_000.0)
+    new_verified = a_report("run-new", SPECIMEN, 1_796_000_100.0, supersedes=new_first.report_id)
+    again = a_report("run-new", SPECIMEN, 1_796_000_200.0, supersedes=new_verified.report_id)  # signed again
+    elsewhere = a_report("run-x", "H-other", 1_797_000_000.0)
+    store = ArchiveStore(tmp_path / "a")
+    try:
+        for report in (new_verified, old_first, elsewhere, again, old_verified, new_first):
+            assert store.put_report(read_report(STATION, envelope_of(report))).new
+        duplicate = store.put_report(read_report(STATION, envelope_of(again)))  # other message id: kept first
+        assert not duplicate.new
+    finally:
+        store.close()
+    found = find(tmp_path / "a", specimen=SPECIMEN)
+    assert [(r.report_id, r.superseded_by) for r in found] == [
+        (again.report_id, None), (new_verified.report_id, again.report_id), (new_first.report_id, new_verified.report_id),
+        (old_verified.report_id, None), (old_first.report_id, old_verified.report_id)]
+    assert [r.report_id for r in find(tmp_path / "a", since=parse_since("2026-11-30"))] == [
+        elsewhere.report_id, again.report_id, new_verified.report_id, new_first.report_id]
+    assert json.loads(found[0].path.read_bytes())["body"]["verification"]["supersedes"] == new_verified.report_id

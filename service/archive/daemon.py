@@ -34,7 +34,7 @@ from smearscope.service.archive.message import (
 )
 from smearscope.service.archive.store import ArchiveStore, OutsideArchive, Stored
 from smearscope.service.config.archive import ArchiveConfig
-from smearscope.service.mqtt.paho_client import configured_client, paho_log_level
+from smearscope.service.mqtt.paho_client import LOGIN_REFUSED, configured_client, paho_log_level
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +82,13 @@ class ArchiveDaemon:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                     properties: Any) -> None:
         if reason_code.is_failure:
-            logger.error("broker %s refused the archive's connection: %s (reason code 0x%02x); check --username "
-                         "and the password, and the account's ACL (read on %s/+/report and %s/+/fhir); retrying",
-                         self.config.mqtt.address, reason_code.getName(), int(reason_code.value), self.prefix,
-                         self.prefix)
+            code = int(reason_code.value)
+            hint = (f"; the broker does not accept user {self.config.mqtt.username!r} with this password: check "
+                    "--username and --password-file (or the credential archive-mqtt-password)"
+                    if code in LOGIN_REFUSED else "; the archive needs an MQTT 5 broker" if code == 0x84 else "")
+            logger.error("broker %s refused the archive's connection: %s (reason code 0x%02x)%s; retrying with "
+                         "backoff up to %d s", self.config.mqtt.address, reason_code.getName(), code, hint,
+                         self.config.mqtt.reconnect_max_delay_s)
             return
         self._connected = True
         present = bool(flags.session_present)

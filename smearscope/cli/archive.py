@@ -10,9 +10,14 @@ import sqlite3
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from smearscope.cli import ARCHIVE_DIR
+
+if TYPE_CHECKING:
+    from smearscope.service.archive.query import ArchivedReport
+    from smearscope.service.config.archive import ArchiveConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ def _broker(url: str) -> tuple[str, int, bool]:
     return parts.hostname, parts.port or PORTS[parts.scheme], parts.scheme == "mqtts"
 
 
-def _config(args: argparse.Namespace):  # -> ArchiveConfig
+def _config(args: argparse.Namespace) -> ArchiveConfig:
     from smearscope.service.config.archive import ArchiveConfig
     from smearscope.service.config.mqtt import MqttConfig, MqttTlsConfig
 
@@ -84,7 +89,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
-def _line(r) -> str:  # r: ArchivedReport
+def _line(r: ArchivedReport) -> str:
     when = datetime.fromtimestamp(r.created_at, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     state = "current" if r.superseded_by is None else f"superseded by {r.superseded_by}"
     return (f"{when}  {r.station}  run {r.run_id or '-'}  specimen {r.specimen_id or '-'}  "
