@@ -15,7 +15,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, wait_until
+from broker import MQTT_USERS, MosquittoBroker, TlsMaterial, make_tls_material, wait_until
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from smallfs import fill, small_tmpfs
 
@@ -373,3 +373,31 @@ def test_find_lists_the_latest_run_first_and_in_a_run_the_report_that_supersedes
     assert [r.report_id for r in find(tmp_path / "a", since=parse_since("2026-11-30"))] == [
         elsewhere.report_id, again.report_id, new_verified.report_id, new_first.report_id]
     assert json.loads(found[0].path.read_bytes())["body"]["verification"]["supersedes"] == new_verified.report_id
+
+
+def test_the_archive_over_tls_checks_the_broker_against_its_ca_file(tmp_path: Path, tls_material: TlsMaterial) -> None:
+    """mqtts:// with --ca-file, as systemd/smearscope-archive.service's example runs it; a broker
+    certificate from another CA is refused, saying which file to check."""
+    mosquitto = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True, tls=tls_material)
+    mosquitto.start()
+    other_ca = make_tls_material(tmp_path / "other-ca", common_name="another-ca").ca_cert
+    archive = Archive(tmp_path, mosquitto.port, tmp_path / "archive")
+    at = archive.argv.index("--broker") + 1
+    archive.argv[at:at + 1] = [f"mqtts://127.0.0.1:{mosquitto.tls_port}", "--ca-file", str(other_ca)]
+    try:
+        with open(archive.log, "ab") as out:
+            archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        assert wait_until(lambda: f"is not signed by the CA in --ca-file {other_ca}" in archive.text(), 30), \
+            archive.text()
+        assert "connected to broker" not in archive.text()
+        archive.stop()
+        archive.argv[at + 2] = str(tls_material.ca_cert)
+        archive.start()
+        report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+        with raw_client(mosquitto.port) as client:
+            client.publish(f"smearscope/{STATION}/report", envelope_of(report), qos=1).wait_for_publish(10)
+        assert wait_until(lambda: indexed(tmp_path / "archive") == 1, 30), archive.text()
+        assert f"connected to broker 127.0.0.1:{mosquitto.tls_port}" in archive.text()
+    finally:
+        archive.stop()
+        mosquitto.stop()

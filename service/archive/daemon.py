@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import queue
 import sqlite3
+import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -102,8 +104,14 @@ class ArchiveDaemon:
             client.subscribe(f"{self.prefix}/+/{leaf}", qos=1)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        logger.warning("cannot reach broker %s; retrying with backoff up to %d s", self.config.mqtt.address,
-                       self.config.mqtt.reconnect_max_delay_s)
+        exc = sys.exc_info()[1]  # paho calls this inside its except clause
+        reason = f"{type(exc).__name__}: {exc}" if exc is not None else "network, DNS or TLS failure"
+        hint = ""
+        if isinstance(exc, ssl.SSLCertVerificationError) and self.config.mqtt.tls is not None:
+            hint = (f": the broker's certificate is not signed by the CA in --ca-file {self.config.mqtt.tls.ca_file}, "
+                    f"or does not name {self.config.mqtt.host!r}")
+        logger.warning("cannot reach broker %s (%s)%s; retrying with backoff up to %d s", self.config.mqtt.address,
+                       reason, hint, self.config.mqtt.reconnect_max_delay_s)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
