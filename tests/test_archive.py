@@ -401,3 +401,17 @@ def test_the_archive_over_tls_checks_the_broker_against_its_ca_file(tmp_path: Pa
     finally:
         archive.stop()
         mosquitto.stop()
+
+
+def test_a_report_of_a_schema_version_the_archive_does_not_know_is_kept_and_said(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from smearscope.service.archive.message import KNOWN_SCHEMA_VERSIONS
+
+    schema = json.loads((REPO / "schemas" / "report.schema.json").read_text())
+    assert tuple(schema["properties"]["schema_version"]["enum"]) == KNOWN_SCHEMA_VERSIONS
+    doc = json.loads(envelope_of(a_report("run-1", SPECIMEN, 1_796_000_000.0)))
+    doc["schema_version"] = "2.0"  # from a newer station
+    with caplog.at_level("WARNING"):
+        message = read_report(STATION, json.dumps(doc).encode())
+    assert message.schema_version == "2.0"
+    assert "schema version '2.0', not one this archive knows" in caplog.text

@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 STATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: A report id that is a plain file name: the station's are UUIDs.
 REPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+#: The report schema versions this archive knows (schemas/report.schema.json); a report of another
+#: is stored as received all the same, with a warning: it is the lab's record.
+KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2")
 #: Short text fields stored in the index (run and specimen ids, schema version, kind).
 MAX_FIELD_CHARS = 256
 
@@ -122,12 +125,17 @@ def read_report(station: str, payload: bytes) -> ReportMessage:
     supersedes = None
     if verification is not None and verification.get("supersedes") is not None:
         supersedes = report_id_checked(_text(verification, "supersedes", "verification"), "verification.supersedes")
+    schema_version = _text(envelope, "schema_version", "envelope", required=True) or ""
+    if schema_version not in KNOWN_SCHEMA_VERSIONS:
+        logger.warning("report %s from %s has schema version %r, not one this archive knows (%s): stored as "
+                       "received; a newer smearscope reads it", report_id, station, schema_version[:40],
+                       ", ".join(KNOWN_SCHEMA_VERSIONS))
     return ReportMessage(
         station=station, report_id=report_id,
         message_id=_text(envelope, "message_id", "envelope"),
         run_id=_text(body, "run_id", "body"), specimen_id=_text(body, "specimen_id", "body"),
         created_at=float(created_at), kind=_text(body, "kind", "body", required=True) or "",
-        schema_version=_text(envelope, "schema_version", "envelope", required=True) or "",
+        schema_version=schema_version,
         supersedes=supersedes, verified=verification is not None, payload=payload)
 
 
