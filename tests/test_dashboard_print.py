@@ -111,6 +111,19 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
         finally:
             driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
         assert inside("ward-b", ".panel.review").is_displayed() and not inside("ward-b", ".print-meta").is_displayed()
+        # an earlier run picked and printed: the current run's critical finding (another specimen's) is
+        # said on screen, never on the earlier run's paper
+        from selenium.webdriver.support.ui import Select
+        Select(inside("ward-a", "select.runs")).select_by_value("run-a0")
+        _wait("the earlier run shown", lambda: inside("ward-a", ".print-ids").get_attribute("textContent").startswith(
+            "Specimen H-1 · Station ward-a · run run-a0"), 20, [log])
+        alert = inside("ward-a", ".critical-alert")
+        assert alert.is_displayed() and alert.text == "CRITICAL (current run): " + sickle.message
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+        try:
+            assert inside("ward-a", ".print-meta").is_displayed() and not alert.is_displayed()
+        finally:
+            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
 
 
 def _long_report(station: str, run_id: str, now: float) -> Report:

@@ -287,9 +287,11 @@ function showCritical(st, flags, currentFlags) {
   alert.replaceChildren(...critical.map(([f, what]) => {
     const p = el("p", "", what + f.message);
     p.dataset.code = f.code;
+    p.dataset.run = currentFlags.includes(f) ? "current" : "shown";  // another run's: not on this run's paper
     return p;
   }));
   alert.hidden = critical.length === 0;
+  alert.dataset.shownRun = critical.some(([f]) => !currentFlags.includes(f)) ? "critical" : "none";
   st.node.dataset.critical = critical.length ? "true" : "false";
   renderAttention();
 }
