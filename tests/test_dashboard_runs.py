@@ -85,6 +85,14 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
             _wait("the answer", lambda: state().get_attribute("data-state") == "saved", 20, [log])
             assert state().text == "run 3f2a9c1e started for specimen H-2026-0412"
             assert inside(".specimen-id").get_attribute("value") == ""
+            # no run state until the run's first field: Stop at once all the same (a wrong specimen
+            # scanned is stopped before any field joins its run)
+            _wait("Stop run before any field", lambda: inside(".stop-run").is_displayed(), 5, [log])
+            assert not inside(".start-run").is_displayed()
+            inside(".specimen-id").send_keys("H-9", Keys.ENTER)  # the next slide's label, too soon: said, not sent
+            assert state().text == ("run 3f2a9c1e for specimen H-2026-0412 is still open: stop it (Stop run) before "
+                                    "starting specimen H-9; nothing sent")
+            inside(".specimen-id").clear()
             # the run open (its state): Stop instead of Start; the first click only asks
             report = _specimen(STATION, "3f2a9c1e-aaaa", [], time.time()).model_copy(update={"specimen_id": "H-2026-0412"})
             send(f"{BASE}/run", json.dumps({**_closed_run_state(report), "state": "open"}))
@@ -106,6 +114,20 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
             # a station that does not answer: said after 15 s, not waited for
             inside(".specimen-id").send_keys("H-2", Keys.ENTER)
             _wait("no answer said", lambda: state().text == "no answer from the station", 25, [log])
+            # a run open that this page has not seen (started elsewhere, no field yet): the refusal offers Stop
+            inside(".specimen-id").send_keys("H-3", Keys.ENTER)
+            _wait("start_run sent", lambda: len(sent("start_run")) == 3, 20, [log])
+            _answer(send_raw, "start_run", {"ok": False, "error": "run_open", "message": "run 9 is open; stop it first"},
+                    sent("start_run")[-1].correlation_data)
+            _wait("Stop run offered", lambda: inside(".stop-run").is_displayed(), 20, [log])
+            assert state().text == "run 9 is open; stop it first" and not inside(".start-run").is_displayed()
+            inside(".stop-run").click()
+            inside(".stop-run").click()
+            _wait("stop_run sent", lambda: len(sent("stop_run")) == 2, 20, [log])
+            _answer(send_raw, "stop_run", {"ok": False, "error": "no_run_open", "message": "no specimen run is open"},
+                    sent("stop_run")[-1].correlation_data)
+            _wait("Start again", lambda: inside(".start-run").is_displayed(), 20, [log])
+            assert not inside(".stop-run").is_displayed()
     finally:
         station.loop_stop()
         station.disconnect()

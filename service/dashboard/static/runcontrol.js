@@ -14,14 +14,27 @@ const MAX_SPECIMEN_ID = 64;  // service.station.commands.MAX_SPECIMEN_ID, in cha
 const CONTROL_TIMEOUT_MS = 15000;
 
 // The station's run that is open, as this page knows it: none once this page's stop was answered
-// (its closed state may come a moment later).
+// (its closed state may come a moment later). A run the station's answer said it started, or said
+// was open (run_open), has no state until its first field: open all the same (`st.toldOpen`, its
+// id and specimen where the answer gave them), so a run started for a wrongly scanned label can be
+// stopped before any field joins it.
 function openRun(st) {
   const run = current(st);
-  return run !== null && !run.final && run.runId !== st.stoppedRun ? run : null;
+  if (run !== null && !run.final && run.runId !== st.stoppedRun) return run;
+  const told = st.toldOpen;
+  return told ? { runId: told.runId, report: null, started: { specimen_id: told.specimenId }, final: false } : null;
+}
+
+// What the station's answers said of a run with no state yet, forgotten once its state speaks for it
+// (it came, or it closed).
+function settleToldOpen(st) {
+  const run = current(st), told = st.toldOpen;
+  if (told && run !== null && told.runId && run.runId === told.runId) st.toldOpen = null;
 }
 
 function renderRunControl(st) {
   const box = st.node.querySelector(".run-control");
+  settleToldOpen(st);
   const open = openRun(st) !== null;
   const up = brokerUp && st.status === "online";
   const had = document.activeElement;
@@ -97,10 +110,11 @@ function startRun(st) {
   const open = openRun(st);
   if (open && !st.controlAsk) {  // the station would refuse it: said here with the run's specimen
     const was = specimenOf(open.report, open.started);
+    const which = open.runId ? "run " + String(open.runId).slice(0, 8) : "a run";  // run_open names none
     controlState(st, was === id ? "saved" : "error", was === id
-      ? "run " + String(open.runId).slice(0, 8) + " is already running for specimen " + id
-      : "run " + String(open.runId).slice(0, 8) + (was ? " for specimen " + was : "") + " is still open: stop it (Stop run) " +
-        "before starting specimen " + id + "; nothing sent", open.runId);
+      ? which + " is already running for specimen " + id
+      : which + (was ? " for specimen " + was : "") + " is still open: stop it (Stop run) " +
+        "before starting specimen " + id + "; nothing sent", open.runId || "");
     return;
   }
   if (sendControl(st, "start_run", { specimen_id: id }, "start a run")) st.stoppedRun = null;
@@ -132,16 +146,23 @@ function runControlAnswer(st, name, msg, correlation) {
   if (!st.controlAsk || name !== st.controlName || (correlation && correlation !== st.controlAsk)) return;
   st.controlAsk = null;
   if (!msg.ok) {  // a run open (started on another page, or by its first field): said until it is not
+    // the station knows better than this page whether a run is open: Stop offered, or taken back
+    if (msg.error === "run_open" && !openRun(st)) st.toldOpen = { runId: "", specimenId: "" };
+    else if (msg.error === "no_run_open") st.toldOpen = null;
     const open = msg.error === "run_open" ? openRun(st) : null;
     controlState(st, "error", String(msg.message || msg.error || "refused"), open ? open.runId : "");
+    renderRunControl(st);
     return;
   }
   if (name === "start_run") {
+    st.toldOpen = { runId: String(msg.run_id), specimenId: typeof msg.specimen_id === "string" ? msg.specimen_id : "" };
+    renderRunControl(st);  // Stop from now on, before the run's first field
     st.node.querySelector(".specimen-id").value = "";
     controlState(st, "saved", "run " + String(msg.run_id).slice(0, 8) + " started" +
       (msg.specimen_id ? " for specimen " + msg.specimen_id : ""));
   } else {
     st.stoppedRun = String(msg.run_id);
+    st.toldOpen = null;
     controlState(st, "saved", "run " + String(msg.run_id).slice(0, 8) + " stopped: " + msg.fields +
       (msg.fields === 1 ? " field" : " fields") + ", " + msg.classified_wbc + " of " + msg.target_wbc + " WBC");
     renderRunControl(st);  // the next specimen can be started now
