@@ -128,6 +128,18 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
                     sent("stop_run")[-1].correlation_data)
             _wait("Start again", lambda: inside(".start-run").is_displayed(), 20, [log])
             assert not inside(".stop-run").is_displayed()
+            # told a run is open, then its states come: it closes (its target reached), Start again
+            inside(".specimen-id").clear()
+            inside(".specimen-id").send_keys("H-4", Keys.ENTER)
+            _wait("start_run sent", lambda: len(sent("start_run")) == 4, 20, [log])
+            _answer(send_raw, "start_run", {"ok": False, "error": "run_open", "message": "run 9 is open; stop it first"},
+                    sent("start_run")[-1].correlation_data)
+            _wait("Stop run offered", lambda: inside(".stop-run").is_displayed(), 20, [log])
+            other = _specimen(STATION, "run-9", [], time.time())
+            send(f"{BASE}/run", json.dumps({**_closed_run_state(other), "state": "open"}))
+            send(f"{BASE}/run", json.dumps(_closed_run_state(other)))
+            _wait("Start once that run closed", lambda: inside(".start-run").is_displayed(), 20, [log])
+            assert not inside(".stop-run").is_displayed()
     finally:
         station.loop_stop()
         station.disconnect()

@@ -29,7 +29,8 @@ function openRun(st) {
 // (it came, or it closed).
 function settleToldOpen(st) {
   const run = current(st), told = st.toldOpen;
-  if (told && run !== null && told.runId && run.runId === told.runId) st.toldOpen = null;
+  if (!told || run === null) return;
+  if (told.runId ? run.runId === told.runId : !run.final) st.toldOpen = null;  // run_open's run: the open one
 }
 
 function renderRunControl(st) {
