@@ -93,6 +93,11 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
             assert state().text == ("run 3f2a9c1e for specimen H-2026-0412 is still open: stop it (Stop run) before "
                                     "starting specimen H-9; nothing sent")
             inside(".specimen-id").clear()
+            # the station away and back (a restart takes a run with no field with it): Start again
+            send(f"{BASE}/status", "offline")
+            send(f"{BASE}/status", "online")
+            _wait("Start after the station came back", lambda: inside(".start-run").is_displayed(), 20, [log])
+            assert not inside(".stop-run").is_displayed()
             # the run open (its state): Stop instead of Start; the first click only asks
             report = _specimen(STATION, "3f2a9c1e-aaaa", [], time.time()).model_copy(update={"specimen_id": "H-2026-0412"})
             send(f"{BASE}/run", json.dumps({**_closed_run_state(report), "state": "open"}))

@@ -26,9 +26,11 @@ function openRun(st) {
 }
 
 // What the station's answers said of a run with no state yet, forgotten once its state speaks for it
-// (it came, or it closed).
+// (it came, or it closed), or once the station is offline.
 function settleToldOpen(st) {
   const run = current(st), told = st.toldOpen;
+  // a run with no field does not outlive the station's restart: Start again (one still open is refused run_open)
+  if (st.status === "offline") st.toldOpen = null;
   if (!told || run === null) return;
   if (told.runId ? run.runId === told.runId : !run.final) st.toldOpen = null;  // run_open's run: the open one
 }
