@@ -65,6 +65,16 @@ def test_the_pages_lists_of_findings_are_the_analyzers() -> None:
         assert set(re.findall(r'"([^"]+)"', found.group(1))) == set(want), name
 
 
+def test_the_run_forms_bound_on_a_specimen_id_is_the_stations() -> None:
+    """The page refuses a specimen id the station would refuse (too long) before sending it: its
+    bound must be service.analysis.report's."""
+    from smearscope.service.analysis.report import MAX_SPECIMEN_ID
+
+    script = (STATIC / "runcontrol.js").read_text()
+    found = re.search(r"^const MAX_SPECIMEN_ID = (\d+);", script, re.MULTILINE)
+    assert found and int(found.group(1)) == MAX_SPECIMEN_ID
+
+
 def test_server_serves_the_page_and_its_config_and_nothing_else() -> None:
     server = DashboardServer(DashboardSettings("wss://broker.lab:8081/mqtt", "lab", "dash", "pw"), port=0)
     server.start()

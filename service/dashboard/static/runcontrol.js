@@ -10,7 +10,7 @@
 // set with textContent.
 "use strict";
 
-const MAX_SPECIMEN_ID = 64;  // service.station.commands.MAX_SPECIMEN_ID, in characters (code points)
+const MAX_SPECIMEN_ID = 64;  // service.analysis.report.MAX_SPECIMEN_ID, in characters (code points)
 const CONTROL_TIMEOUT_MS = 15000;
 
 // The station's run that is open, as this page knows it: none once this page's stop was answered
