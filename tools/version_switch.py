@@ -220,8 +220,12 @@ class Scenario:
         deadline = time.monotonic() + timeout
         while not predicate():
             if self.station is not None and self.station.proc.poll() is not None:
-                raise RuntimeError(f"station exited ({self.station.proc.returncode}) while waiting for {what}; "
-                                   f"log {self.station.log_path}:\n{self.station.log()[-3000:]}")
+                lines = self.station.log().splitlines()
+                last = max((i for i, ln in enumerate(lines) if "Error:" in ln or " ERROR " in ln), default=len(lines))
+                said = " ".join(ln.strip() for ln in lines[last:last + 3])[:300]
+                raise RuntimeError(f"{self.station.version.label} exited ({self.station.proc.returncode}) while "
+                                   f"waiting for {what}: {said}\nlog {self.station.log_path}:\n"
+                                   + "\n".join(lines[-40:]))
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no {what} after {timeout:.0f} s")
             time.sleep(0.1)
@@ -259,13 +263,14 @@ class Scenario:
             m.payload == b"online" for m in self.observer.on_topic(f"{BASE}/status")[since:]), 180)
 
     def start_run(self, specimen_id: str) -> tuple[str, str | None]:
-        """A run for `specimen_id`, or without one where the version does not take it."""
+        """A run for `specimen_id`, or without one where the version refuses it; with the specimen
+        id the answer names (a version that ignored the argument names none)."""
         answer = self.command("start_run", {"specimen_id": specimen_id})
         if not answer.get("ok") and "specimen_id" in answer.get("message", ""):
-            answer, specimen_id = self.command("start_run"), None
+            answer = self.command("start_run")
         if not answer.get("ok"):
             raise RuntimeError(f"start_run refused: {answer}")
-        return answer["run_id"], specimen_id
+        return answer["run_id"], answer.get("specimen_id")
 
     def review_cells(self, run_id: str) -> list[dict[str, Any]]:
         cells, offset = [], 0
@@ -432,7 +437,7 @@ def switch(first: Version, second: Version, work: Path, broker_module: Any) -> l
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--from", dest="source", required=True, help="the earlier commit (e.g. 66134f6)")
-    parser.add_argument("--to", dest="target", default="HEAD", help="the later commit (default HEAD)")
+    parser.add_argument("--to", dest="target", default="HEAD", help="the later commit (default HEAD: what is committed, not the working tree)")
     parser.add_argument("--both-ways", action="store_true", help="also go back: the later version first")
     parser.add_argument("--out", type=Path, default=None, help="keep the state, configs and logs here")
     args = parser.parse_args(argv)
