@@ -206,6 +206,7 @@ class Scenario:
         self.observer: Any = None
         self.station: Station | None = None
         self.results: list[tuple[str, bool, str]] = []
+        self.types: dict[str, list[str]] = {}  # get_review's wbc_types and rbc_types
 
     # ---------------------------------------------------------------- MQTT helpers
 
@@ -329,11 +330,10 @@ class Scenario:
         self.wait("the backlog sent", lambda: backlog <= {
             m.user_properties.get("message_id") for m in self.observer.messages if not m.retain}, 120)
         names.append(self.drop(SEEDS[5]))
-        self.wait("the last file's field", lambda: any(
-            e["body"]["source"]["frame_id"].split(":", 1)[1].startswith(names[-1]) for e in self.bodies("field")))
+        self.wait("the last file's field", lambda: any(file_of(e["body"]) == names[-1] for e in self.bodies("field")))
         open_states = [b for b in self.bodies("run") if b.get("run_id") == left_open]
-        took_back = any(f["source"]["frame_id"].split(":", 1)[1].startswith(names[-1])
-                        for f in self.fields_of(left_open))
+        after = next(e["body"].get("run_id") for e in self.bodies("field") if file_of(e["body"]) == names[-1])
+        took_back = after == left_open
         end = self.command("stop_run") if took_back else {}
         if took_back:
             self.wait("the open run's report", lambda: any(
@@ -344,7 +344,7 @@ class Scenario:
         self.station.stop()
         received = Counter(m.user_properties.get("message_id") for m in self.observer.messages if not m.retain)
         self.check_backlog(backlog, received)
-        self.check_open_run(left_open, open_specimen, took_back, open_states, end)
+        self.check_open_run(left_open, open_specimen, after, open_states, end)
         self.check_closed_run(closed, closed_specimen, runs, verified, kept)
         self.check_files(names)
         return self.results
@@ -368,22 +368,23 @@ class Scenario:
                    f"{len(backlog)} messages in the outbox at the kill, {len(backlog) - len(missing)} received; "
                    f"{sum(received.values())} messages in all, message_id twice: {len(twice)}")
 
-    def check_open_run(self, run_id: str, specimen: str | None, took_back: bool,
+    def check_open_run(self, run_id: str, specimen: str | None, after: str | None,
                        states: list[dict[str, Any]], end: dict[str, Any]) -> None:
+        """`after`: the run the field dropped after the switch joined."""
         closed = [s for s in states if s.get("state") == "closed"]
-        if took_back:
+        if after == run_id:
             report = next(e["body"] for e in self.bodies("report") if e["body"].get("report_id") == end.get("report_id"))
             fields = report.get("fields_analyzed")
             kept = report.get("specimen_id")
-            self.claim("open run taken back", fields == 4,
+            self.claim("open run taken back", fields == 4,  # 1 field sent, 2 in the backlog, 1 after the switch
                        f"the field after the switch joined it; stop_run: {fields} fields, schema "
                        f"{report.get('schema_version')}")
             self.claim("open run keeps its specimen id", kept == specimen,
                        f"started with {specimen!r}, its report names {kept!r}" if specimen is not None else
                        f"{self.first.label} takes no specimen_id; its report names {kept!r}")
         elif closed:
-            self.claim("open run closed with a reason", bool(closed[-1].get("end_reason")),
-                       f"end reason {closed[-1].get('end_reason')!r}; the field after the switch began a new run")
+            self.claim("open run closed with a reason", bool(closed[-1].get("end_reason")) and after is not None,
+                       f"end reason {closed[-1].get('end_reason')!r}; the field after the switch began run {after}")
         else:
             self.claim("open run taken back or closed", False, "neither: the field after the switch began a "
                        "new run and no closed state of the open run was sent")
@@ -405,8 +406,7 @@ class Scenario:
         self.claim("typed cells kept", len(kept) == 3, f"get_review of the closed run: {len(kept)} cells typed")
 
     def check_files(self, names: list[str]) -> None:
-        per_file = Counter(e["body"]["source"]["frame_id"].split(":", 1)[1].split("@")[0]
-                           for e in self.bodies("field"))
+        per_file = Counter(file_of(e["body"]) for e in self.bodies("field"))
         inbox = self.work / "inbox"
         done = sorted(p.name for p in (inbox / "done").iterdir())
         rejected = sorted(p.name for p in (inbox / "rejected").iterdir()) if (inbox / "rejected").exists() else []
@@ -421,6 +421,11 @@ class Scenario:
         if self.observer is not None:
             self.observer.close()
         self.broker.stop()
+
+
+def file_of(field_report: dict[str, Any]) -> str:
+    """The file name in a field report's frame id (`scope:field-11.png@3403d8c0244e`)."""
+    return str(field_report["source"]["frame_id"]).split(":", 1)[1].rsplit("@", 1)[0]
 
 
 def switch(first: Version, second: Version, work: Path, broker_module: Any) -> list[tuple[str, bool, str]]:
