@@ -1,0 +1,111 @@
+"""The training documents against the training code: every `python -m training.X ...` line the
+model card, training/README.md, the README and docs/RESULTS.md show names a module that exists,
+and parses with that module's own argument parser (a line with a placeholder such as `<run>` or
+an [optional] part: its options exist). Doc rot in the commands that made the committed models is
+a defect: someone reproducing a figure runs these lines as written.
+
+Modules that import torch at the top (the train extra) are checked where it is installed
+(`.venv-train`); the others with the runtime dependencies."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "docs/RESULTS.md", "models/README.md", "training/README.md")
+MODULES = {p.stem for p in (ROOT / "training").glob("*.py")}
+COMMAND = re.compile(r"-m\s+training\.([a-z][a-z0-9_]*)((?:[ \t]+[^\s;&|]+)*)")
+NOTATION = re.compile(r"[\[\]<>|{}]|\.\.\.|…")
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+class _Parser(Exception):
+    """Raised by the patched parse_args to hand back the module's parser instead of running it."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        super().__init__(parser.prog)
+        self.parser = parser
+
+
+def _documented_commands() -> list[tuple[str, str, str, bool]]:
+    """(document, module, arguments, complete) for every training command line: the documents'
+    code blocks (a line continued with a backslash joined; commands split at ; && and a trailing
+    &) and inline code. `complete` lines are whole command lines, to be parsed as they stand."""
+    found = []
+    for name in DOCS:
+        text = (ROOT / name).read_text(encoding="utf-8")
+        blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.DOTALL)
+        prose = re.sub(r"```[a-z]*\n.*?```", "", text, flags=re.DOTALL)
+        lines = [(line.split(" #", 1)[0], True)
+                 for block in blocks for line in re.sub(r"\\\n\s*", " ", block).splitlines()]
+        lines += [(" ".join(span.split()), False) for span in re.findall(r"`([^`]+)`", prose)]
+        for line, in_block in lines:
+            for m in COMMAND.finditer(line):
+                args = m.group(2).strip()
+                found.append((name, m.group(1), args, in_block and not NOTATION.search(args)))
+    return found
+
+
+COMMANDS = _documented_commands()
+
+
+def _parser(module: str) -> argparse.ArgumentParser:
+    """The module's parser, as its `main` builds it (main stops at parse_args)."""
+    try:
+        mod = importlib.import_module(f"training.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in {"torch", "timm", "ultralytics"}:
+            pytest.skip(f"training.{module} needs the train extra ({exc.name})")
+        raise
+    original = argparse.ArgumentParser.parse_args
+
+    def hand_back(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        raise _Parser(self)
+
+    argparse.ArgumentParser.parse_args = hand_back  # type: ignore[method-assign]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            mod.main()
+    except _Parser as got:
+        return got.parser
+    finally:
+        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
+    raise AssertionError(f"training.{module}.main() never parsed its arguments")
+
+
+def test_the_documents_show_training_commands():
+    """A broken search would check nothing."""
+    assert len(COMMANDS) >= 100
+    assert sum(complete for *_, complete in COMMANDS) >= 60
+    assert {"train_seg", "train_wbc", "train_rbc", "export_seg", "export_head", "evaluate", "lab_table",
+            "calibrate_head", "calibrate_seg", "remeasure_heads", "openset_compare"} <= {m for _, m, _, _ in COMMANDS}
+
+
+def test_every_documented_training_module_exists():
+    missing = sorted({f"{doc}: training.{mod}" for doc, mod, _, _ in COMMANDS if mod not in MODULES})
+    assert not missing, f"documented training modules that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("module", sorted({m for _, m, _, _ in COMMANDS if m in MODULES}))
+def test_every_documented_training_command_parses(module):
+    parser = _parser(module)
+    known = {s for a in parser._actions for s in a.option_strings}
+    for doc, _, args, complete in (c for c in COMMANDS if c[1] == module):
+        unknown = sorted(set(OPTION.findall(args)) - known)
+        assert not unknown, f"{doc}: python -m training.{module} {args}: {unknown} are not its options"
+        if not complete:
+            continue
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                parser.parse_args(shlex.split(args))
+        except SystemExit:
+            pytest.fail(f"{doc}: python -m training.{module} {args}: {err.getvalue().strip().splitlines()[-1]}")
