@@ -107,6 +107,32 @@ def seeded_split(items: list[str], fractions: tuple[float, float, float], seed: 
     }
 
 
+def splits_record() -> dict[str, object]:
+    """What a model manifest says about its splits (`training_data.splits`): the seed and how each
+    set is split, so a reader can rebuild every held-out list (its hashes are in `split_hashes`)."""
+    return {
+        "seed": SPLIT_SEED,
+        "seeded": "training.data.seeded_split with the seed: PBC stratified 80/10/10 per class, Chula RBC-12 "
+                  "80/10/10 by image, erythrocytesIDB1 train/ 85/15; training.labs: chula_wbc_rpi 70/15/15 by "
+                  "blocks of consecutive frames of each slide (seed and slide)",
+        "fixed": "BCCD VOC train/val/test, TXL-PBC's own train/val/test, erythrocytesIDB1 test/",
+        "held_out": "the val and test parts less the images that copy one a model fitted on (training.overlap)",
+    }
+
+
+def split_record(entry: dict) -> str:
+    """One `split_hashes` value from a prepared split's metadata: its hash, else the rendered
+    fields' seeds, else its sources' image counts (TXL-PBC's own split lists them per source)."""
+    if entry.get("hash"):
+        return str(entry["hash"])
+    if "seeds" in entry:
+        return f"seeds {entry['seeds'][0]}..{entry['seeds'][1]}"
+    if "n" in entry:
+        return f"n={entry['n']}"
+    counts = {k: v for k, v in entry.items() if isinstance(v, int) and not isinstance(v, bool)}
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "not recorded"
+
+
 def split_hash(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 

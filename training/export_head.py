@@ -23,6 +23,7 @@ import torch
 
 from smearscope.engines.manifest import OpenSet, Preprocessing
 from smearscope.service.analysis.tta import view_crops
+from training.data import splits_record
 from training.metrics import fit_temperature, per_lab_report
 from training.train_head import Deployable, build_net
 from training.train_wbc import OpenSetHead, features, fit_mahalanobis, mahalanobis_min
@@ -81,7 +82,7 @@ def export_wbc(run: Path, out: Path, views: list[str], quantile: float, run_open
                                "split), chula_wbc_rpi (Raspberry Pi station, typed boxes, seeded 70/15/15 by blocks of "
                                "frames)", "recipe": "training.train_wbc (lab-balanced batches, random lab looks, lamp "
                                                     "correction, the analyzer's crops; kept: best worst-lab val macro-F1)",
-                       "run": str(run), "run_result": run_result},
+                       "run": str(run), "run_result": run_result, "splits": splits_record()},
         split_hashes=hd.split_manifest())
     # Measure the exported file the way the analyzer runs it.
     eng = create_engine("onnxruntime", path).load()

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from smearscope.service.analysis.crops import RBC_CROP, WBC_CROP, CropSpec
 from training import head_data as hd
+from training.data import splits_record
 from training.metrics import classification_report, fit_temperature
 
 logger = logging.getLogger(__name__)
@@ -257,7 +258,8 @@ def main() -> None:
 
     export_classifier(
         model.cpu().eval(), name=f"{args.head}_head", classes=list(classes), crop=crop, arch=arch,
-        temperature=temperature, metrics=metrics, training_data=data_desc, split_hashes=hd.split_manifest(),
+        temperature=temperature, metrics=metrics, training_data=data_desc | {"splits": splits_record()},
+        split_hashes=hd.split_manifest(),
         out_dir=args.models, history=history,
     )
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import head_data as hd
+from training.data import splits_record
 from training.metrics import fit_temperature, softmax
 from training.rbc_data import CLASSES, CROP, build_sets, figures, looks_crops
 from training.train_head import (
@@ -236,7 +237,7 @@ def export_rbc(runs: list[Path], out: Path, views: list[str]) -> Path:
                                  "the best worst figure on validation, see train_rbc --select)",
                        "run": str(runs[0]) if len(runs) == 1 else [str(r) for r in runs],
                        "run_val_best_worst": best[0] if len(runs) == 1 else best,
-                       "run_args": how[0] if len(runs) == 1 else how},
+                       "run_args": how[0] if len(runs) == 1 else how, "splits": splits_record()},
         split_hashes=hd.split_manifest())
     eng = create_engine("onnxruntime", path).load()
     clf = CropClassifier(eng, 0.0)

@@ -2,6 +2,10 @@
 
     python -m training.prep_seg --out build/seg
     python -m training.train_seg --data build/seg/data.yaml --hours 1.0 [--resume]
+    python -m training.train_seg --data build/seg/data.yaml --epochs 1 --batch 4   # a trial run
+
+The budget is `--hours` of wall clock (ultralytics re-estimates the epochs after the first) or,
+given alone, `--epochs`; neither: one hour.
 
 Seeded, resumable (ultralytics `last.pt`), CPU-friendly defaults; `--device 0` uses a GPU.
 Scale augmentation is kept small (+-15%) around the canonical scale; hue/saturation/value
@@ -17,6 +21,21 @@ from pathlib import Path
 from training.env import offline_ultralytics
 
 logger = logging.getLogger(__name__)
+
+
+DEFAULT_EPOCHS = 300
+DEFAULT_HOURS = 1.0
+
+
+def budget(epochs: int | None, hours: float | None) -> tuple[int, float | None]:
+    """(epochs, hours) for ultralytics: `--hours` when given (it overrides the epochs there), else
+    `--epochs` when given, else one hour. Without this, ultralytics' `time` overrode an explicit
+    `--epochs 1` with the default hour."""
+    if hours is not None:
+        return (epochs or DEFAULT_EPOCHS), hours
+    if epochs is not None:
+        return epochs, None
+    return DEFAULT_EPOCHS, DEFAULT_HOURS
 
 
 def install_look(data_dir: Path, p_look: float = 1.0) -> None:
@@ -59,8 +78,10 @@ def main() -> None:
     ap.add_argument("--model", default="yolo11n-seg.yaml",
                     help="architecture yaml (from scratch) or this project's own .pt to fine-tune; never a hub name")
     ap.add_argument("--imgsz", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=300)
-    ap.add_argument("--hours", type=float, default=1.0, help="wall-clock budget (overrides epochs)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help=f"epochs, when --hours is not given (with it, ultralytics sets the epochs from the time; default {DEFAULT_EPOCHS})")
+    ap.add_argument("--hours", type=float, default=None,
+                    help=f"wall-clock budget (overrides --epochs; default {DEFAULT_HOURS} when neither is given)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--project", type=Path, default=Path("build/runs"))
@@ -95,12 +116,13 @@ def main() -> None:
         return
     if not (args.model.endswith(".yaml") or Path(args.model).exists()):
         raise SystemExit(f"{args.model}: give a yaml or an existing local .pt (hub names would download)")
+    epochs, hours = budget(args.epochs, args.hours)
     model = YOLO(args.model)
     model.train(
         data=str(args.data.resolve()),
         imgsz=args.imgsz,
-        epochs=args.epochs,
-        time=args.hours,
+        epochs=epochs,
+        time=hours,
         batch=args.batch,
         device=args.device,
         workers=args.workers,
