@@ -37,6 +37,26 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+PARITY_RTOL = 1e-5
+
+
+def parity_gap(outs: list[np.ndarray], refs: list[np.ndarray], atol: float, rtol: float = PARITY_RTOL) -> float:
+    """Max abs difference of two runs' outputs; raises when an element differs by more than
+    atol + rtol * |reference| (numpy.allclose's rule). The relative part is float32 rounding of
+    large outputs: a squared Mahalanobis distance of 3.6e5 (an `ood` output on random input)
+    carries about 0.3 of it, which an absolute bound alone refused."""
+    diff = 0.0
+    for o, r in zip(outs, refs):
+        gap = np.abs(o - r)
+        excess = gap - (atol + rtol * np.abs(r))
+        if excess.max() > 0:
+            i = np.unravel_index(int(excess.argmax()), excess.shape)
+            raise RuntimeError(f"ONNX output differs from PyTorch by {float(gap[i]):.2e} at {float(r[i]):.4g} "
+                               f"(> {atol} + {rtol} x |reference|)")
+        diff = max(diff, float(gap.max()))
+    return diff
+
+
 def check_parity(model, onnx_path: Path, shape: tuple[int, ...], atol: float = 1e-3) -> float:
     """Max abs difference between PyTorch and ONNX Runtime outputs on seeded random input."""
     import onnxruntime as ort
@@ -48,10 +68,7 @@ def check_parity(model, onnx_path: Path, shape: tuple[int, ...], atol: float = 1
     refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     outs = sess.run(None, {sess.get_inputs()[0].name: x})
-    diff = max(float(np.abs(o - r.numpy()).max()) for o, r in zip(outs, refs))
-    if diff > atol:
-        raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.2e} (> {atol})")
-    return diff
+    return parity_gap(outs, [r.numpy() for r in refs], atol)
 
 
 def write_manifest(manifest: ModelManifest, out_dir: Path) -> Path:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from smearscope.engines.manifest import ModelManifest, load_manifest, sha256_file
+from smearscope.export.onnx_export import parity_gap
 from training.data import SPLIT_SEED, split_record, splits_record
 from training.export_seg import describe
 from training.train_seg import DEFAULT_HOURS, budget
@@ -75,3 +77,18 @@ def test_train_seg_budget_is_the_epochs_asked_for_when_no_hours_are():
     assert budget(None, 0.5) == (300, 0.5)
     assert budget(None, None) == (300, DEFAULT_HOURS)
     assert budget(20, 1.2) == (20, 1.2)
+
+
+def test_export_parity_allows_float32_rounding_of_a_large_distance_but_not_a_wrong_output():
+    """Measured on a WBC head trained for two steps (train_wbc, exported by export_head): logits
+    within 1.2e-7, its `ood` distance 358978.06 in PyTorch and 0.3125 off in ONNX Runtime (8.7e-7
+    relative); the absolute bound alone (0.01) refused that export."""
+    logits = np.array([[0.3011762, -0.12, 0.05]], np.float32)
+    ood = np.array([358978.06, 1204.5], np.float32)
+    assert parity_gap([logits + 1.2e-7, ood + np.array([0.3125, 0.0], np.float32)], [logits, ood], atol=1e-2) == pytest.approx(0.3125)
+    with pytest.raises(RuntimeError, match="differs"):  # a logit off by 0.02
+        parity_gap([logits + 0.02, ood], [logits, ood], atol=1e-2)
+    with pytest.raises(RuntimeError, match="differs"):  # a distance off by 1 %
+        parity_gap([logits, ood * np.float32(1.01)], [logits, ood], atol=1e-2)
+    with pytest.raises(RuntimeError, match="differs"):  # a small distance off by more than the bound
+        parity_gap([logits, ood - np.array([0, 0.05], np.float32)], [logits, ood], atol=1e-2)
