@@ -109,3 +109,12 @@ def test_every_documented_training_command_parses(module):
                 parser.parse_args(shlex.split(args))
         except SystemExit:
             pytest.fail(f"{doc}: python -m training.{module} {args}: {err.getvalue().strip().splitlines()[-1]}")
+
+
+def test_training_readme_names_every_training_module():
+    """training/README.md's "What is here" table: a module that made a committed model (train_wbc,
+    export_head, prep_labs...) is found there, not only in the commands."""
+    table = (ROOT / "training/README.md").read_text(encoding="utf-8").split("## What is here", 1)[1]
+    named = set(re.findall(r"`(\w+)\.(?:py|sh)`", table))
+    missing = sorted(MODULES - {"__init__"} - named)
+    assert not missing, f"training/README.md 'What is here' lacks {missing}"
