@@ -25,6 +25,8 @@ def test_committed_manifests_match_their_files_and_name_their_splits(name):
     path = ROOT / "models" / f"{name}.json"
     manifest = load_manifest(path)  # verifies the ONNX file's sha256
     assert manifest.sha256 == sha256_file(ROOT / "models" / manifest.file)
+    if manifest.feature_space is not None:  # the WBC head's class means and precision beside it
+        assert manifest.feature_space.sha256 == sha256_file(ROOT / "models" / manifest.feature_space.file)
     splits = manifest.training_data["splits"]
     assert splits["seed"] == SPLIT_SEED == 20261126
     assert "training.overlap" in splits["held_out"]
