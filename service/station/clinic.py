@@ -134,10 +134,13 @@ class ClinicFeed:
         without any, the last run closed publishes its state again (a broker restarted while the
         station was away may hold none, or an older one). The last live state goes out again
         after every reconnect of `publisher`, for the same reason. A run the `tracker`
-        (SpecimenTracker) resumed, left open by the previous process, publishes its state, open."""
+        (SpecimenTracker) resumed, left open by the previous process, publishes its state, open
+        (one with no field yet, started by start_run, publishes nothing until its first field)."""
         self._load_run = load_run
         self.attach_wbc_head(getattr(analyzer, "wbc_head", None), getattr(analyzer, "rbc_head", None))
         progress = tracker.progress() if tracker is not None else None
+        if progress is not None and progress.fields == 0:  # a run with no field publishes nothing, as before
+            progress = None
         for i, run in enumerate(closed):
             self.run_closed(run, publisher, live=run.run_id in announce or (
                 not announce and progress is None and i == len(closed) - 1))

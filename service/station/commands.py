@@ -204,6 +204,9 @@ class StationCommands:
             run_id = tracker.start(started_by="command", target_wbc=target, specimen_id=specimen_id)
         except RunAlreadyOpen as exc:
             return {"ok": False, "error": "run_open", "message": str(exc)}
+        run = tracker.open_run()
+        if run is not None and self._workers.state is not None:
+            self._workers.state.run_started(run)  # a restart before its first field takes it back
         progress = tracker.progress()
         target_wbc = progress.target_wbc if progress else None
         return {"ok": True, "run_id": run_id, "target_wbc": target_wbc, "specimen_id": specimen_id}

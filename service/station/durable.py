@@ -2,7 +2,7 @@
 
 Three tables, each written in the same transaction as the message that changes them
 (`Outbox.put_many(..., also=...)`), so a message and its state are stored together or not at all,
-and a fourth written at once:
+and two written at once:
 
   station_inputs   the inputs (a watched folder's files, by content hash: `Frame.input_key`)
                    whose field message is stored, with its field (frame id); a file found again
@@ -20,6 +20,12 @@ and a fourth written at once:
   ending_runs      the runs `stop_run` ended, written at once (`run_ending`), deleted with the
                    run's stored report: a crash before it is stored never takes the run back;
                    a row whose run has no field stored is dropped at open
+  started_runs     the runs `start_run` opened (its start, target and specimen id), written at
+                   once (`run_started`) and deleted with the run's first stored field (its row
+                   says the same from then on) or when the run ends without one
+                   (`run_ended_without_fields`): a run left open with no field is taken back as
+                   one with fields is, its idle timeout counted from its start, else closed
+                   without a report (said at WARNING with its specimen id)
 """
 
 from __future__ import annotations
@@ -55,6 +61,11 @@ _SCHEMA = (
     # disk) the next start closes it for that reason rather than take it back
     """CREATE TABLE IF NOT EXISTS ending_runs (
         run_id TEXT PRIMARY KEY, end_reason TEXT NOT NULL, at REAL NOT NULL)""",
+    # a run start_run opened, written at once: until its first field is stored, the only trace of
+    # its specimen id and target (an earlier version opening the file ignores the table)
+    """CREATE TABLE IF NOT EXISTS started_runs (
+        run_id TEXT PRIMARY KEY, started_at REAL NOT NULL, started_by TEXT NOT NULL,
+        target_wbc INTEGER NOT NULL, specimen_id TEXT)""",
 )
 #: Closed runs whose cells are kept (for verify_run, also after a restart).
 KEEP_CLOSED_RUNS = 4
@@ -166,7 +177,8 @@ class StationState:
                              "VALUES (?, ?, ?, ?)", (input_key, report_id, now, field_id))
                 conn.execute("DELETE FROM station_inputs WHERE rowid <= "
                              "(SELECT MAX(rowid) FROM station_inputs) - ?", (MAX_INPUTS,))
-            if run is not None:
+            if run is not None:  # its start is in its fields' rows from now on
+                conn.execute("DELETE FROM started_runs WHERE run_id = ?", (run.run_id,))
                 position = conn.execute("SELECT COUNT(*) FROM specimen_fields WHERE run_id = ?",
                                         (run.run_id,)).fetchone()[0]
                 conn.execute(
@@ -186,6 +198,7 @@ class StationState:
 
         def write(conn: sqlite3.Connection, seqs: list[int]) -> None:
             conn.execute("DELETE FROM ending_runs WHERE run_id = ?", (report.run_id or "",))
+            conn.execute("DELETE FROM started_runs WHERE run_id = ?", (report.run_id or "",))
             conn.execute("INSERT INTO closed_runs VALUES (?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET "
                          "report = excluded.report", (report.run_id or "", report.end_reason or "restart", slim,
                                                       time.time()))
@@ -260,11 +273,13 @@ class StationState:
         fields and the next ones would be counted as one specimen under its first field's models.
         A run whose rows this code cannot read (stored by a newer version: a station put back) is
         left out, logged, and left in the file as it is: the station starts, and the version that
-        stored it reads it."""
+        stored it reads it. A run start_run opened whose first field was never stored comes back
+        with no field (`started_runs`)."""
         ending = dict(self.outbox.read(lambda conn: conn.execute(
             "SELECT run_id, end_reason FROM ending_runs").fetchall()))
         unreadable: dict[str, str] = {}
         runs = self._runs(closed=False, unreadable=unreadable)
+        runs += self._started_runs()
         for run_id, reason in unreadable.items():
             logger.error("run %s, left open in %s, cannot be read by this version (%s): a newer version's? It is "
                          "neither taken back nor closed, and stays in the file for the version that stored it",
@@ -278,6 +293,41 @@ class StationState:
                                "model, calibration, backend or station means): closed (restart), not taken back",
                                run.run_id, ", ".join(changed))
         return runs
+
+    def _started_runs(self) -> list[SpecimenRun]:
+        """The runs start_run opened whose first field was never stored (none of their fields
+        has a row): no fields, no models (nothing was analysed under any), their idle timeout
+        counted from their start (`SpecimenRun.last_activity`)."""
+        rows = self.outbox.read(lambda conn: conn.execute(
+            "SELECT run_id, started_at, started_by, target_wbc, specimen_id FROM started_runs WHERE run_id NOT IN "
+            "(SELECT run_id FROM specimen_fields) AND run_id NOT IN (SELECT run_id FROM closed_runs) "
+            "ORDER BY started_at").fetchall())
+        return [SpecimenRun(target_wbc=int(target), started_at=float(at), started_by=by, run_id=str(run_id),
+                            specimen_id=None if specimen is None else str(specimen))
+                for run_id, at, by, target, specimen in rows]
+
+    def run_started(self, run: SpecimenRun) -> None:
+        """start_run opened `run` (on the analysis thread): kept at once, so a restart before its
+        first field is stored takes it back (or closes it, saying so) rather than forget its
+        specimen id. A write that fails (a full disk) is logged: such a run lives in memory only
+        until its first field is stored."""
+        try:
+            self.outbox.write(lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO started_runs VALUES (?, ?, ?, ?, ?)",
+                (run.run_id, run.started_at, run.started_by, run.target_wbc, run.specimen_id)))
+        except (sqlite3.Error, OSError) as exc:
+            logger.warning("run %s: its start could not be kept (%s); a restart before its first field is "
+                           "stored loses it", run.run_id, exc)
+
+    def run_ended_without_fields(self, run_id: str) -> None:
+        """A run ended with no field (stop_run, idle timeout, shutdown, or closed at a start): its
+        start goes. A delete that fails (a full disk) is logged: the next start finds the run
+        again and takes it back within its idle timeout, or closes it."""
+        try:
+            self.outbox.write(lambda conn: conn.execute("DELETE FROM started_runs WHERE run_id = ?", (run_id,)))
+        except (sqlite3.Error, OSError) as exc:
+            logger.warning("run %s ended without fields, but its start could not be deleted (%s); a restart "
+                           "within its idle timeout would take it back", run_id, exc)
 
     def run_ending(self, run_id: str, end_reason: str) -> None:
         """A technician ended the run (on the analysis thread, before its report is queued): kept

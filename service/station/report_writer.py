@@ -11,6 +11,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -178,6 +179,13 @@ class ReportWriter:
         """Close the runs a previous process left open (restart) but one it resumes; yields those stored."""
         assert self.state is not None
         for run in self.tracker.resume_one(self.state.open_runs(getattr(self.analyzer, "models", None))):
+            if not run.field_ids:  # started by start_run, no field stored: nothing to report
+                logger.warning("run %s for specimen %s, started by start_run %.0f s before this start, was left "
+                               "open by the previous process before any field of it was stored: closed (%s), no "
+                               "report; start_run again for that slide", run.run_id, run.specimen_id or "(none given)",
+                               time.time() - run.started_at, run.end_requested or "restart")
+                self.state.run_ended_without_fields(run.run_id)
+                continue
             report = self.tracker.final_report(run, run.end_requested or "restart")
             try:
                 seq = self._store_once(Outgoing("report", report))

@@ -345,8 +345,14 @@ class StationWorkers(ReportWriter):
             logger.error("%s report %s LOST: the outbox writer is gone", item.kind, item.report.report_id)
 
     def emit_closed(self, closed: ClosedRun, live: bool = True) -> None:
-        """Send the final report of a run that ended (none when it had no field)."""
+        """Send the final report of a run that ended (none when it had no field: its start, kept
+        if start_run opened it, goes)."""
         if closed.report is not None:
             self._emit(Outgoing("report", closed.report))
+        elif self.state is not None:
+            if closed.started_by == "command" and closed.end_reason == "shutdown":
+                logger.warning("run %s for specimen %s ended with the station's stop before any field: no report; "
+                               "start_run again for that slide", closed.run_id, closed.specimen_id or "(none given)")
+            self.state.run_ended_without_fields(closed.run_id)
         if self.clinic is not None:
             self.clinic.run_closed(closed, self.publisher, live)

@@ -1,0 +1,241 @@
+"""A run start_run opened, before any field of it is stored: kept in the outbox file at once
+(`started_runs`), so a station restarted in between (a crash, a power cut) takes it back with its
+specimen id within its idle timeout, or closes it and says so; the row goes when the run ends.
+
+Each station is real (threads, outbox file, publisher, mosquitto, a watched folder); only the
+analysis is the oracle `PoolAnalyzer` of tests/test_daemon.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import signal
+import sqlite3
+import threading
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import cv2
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
+from test_daemon import BASE, PoolAnalyzer, envelopes, oracle_pool, write_station
+from test_daemon_faults import DaemonProcess
+
+from smearscope.device.synthetic import render_field
+from smearscope.service.config import load_config
+from smearscope.service.mqtt.outbox import Outbox
+from smearscope.service.station.daemon import StationDaemon
+from smearscope.service.station.durable import StationState
+from smearscope.service.station.specimen import SpecimenRun
+
+pytestmark = pytest.mark.broker
+
+SPECIMEN = "H-2026-0412"
+
+
+def _station(tmp_path: Path, broker: MosquittoBroker, idle_timeout_s: float = 600.0) -> tuple[Path, Path]:
+    """A watched-folder station (auto_start on, the default) and its folder."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
+              "microns_per_pixel": 0.2}
+    config = write_station(tmp_path, broker.port, source=source,
+                           specimen={"target_wbc_count": 1000, "idle_timeout_s": idle_timeout_s})
+    return config, inbox
+
+
+def _started_rows(config: Path, daemon: StationDaemon | None = None) -> list[tuple[Any, ...]]:
+    """The file's started_runs rows: through the running `daemon`'s outbox (which holds the file
+    locked), else from the file."""
+    query = "SELECT run_id, started_by, target_wbc, specimen_id FROM started_runs"
+    if daemon is not None:
+        assert daemon.workers.state is not None
+        return daemon.workers.state.outbox.read(lambda conn: conn.execute(query).fetchall())
+    with closing(sqlite3.connect(load_config(config).mqtt.outbox.path)) as db:
+        return db.execute(query).fetchall()
+
+
+def _command(sub: Subscriber, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The answer to a command, asked until the station listens (one asked before it subscribed is lost)."""
+    topic = f"{BASE}/cmd_response/{name}"
+    before = len(sub.on_topic(topic))
+    for _ in range(15):
+        sub.client.publish(f"{BASE}/cmd/{name}", json.dumps(arguments or {}), qos=1)
+        if sub.wait_for(lambda ms: sum(m.topic == topic for m in ms) > before, 2):
+            return json.loads(sub.on_topic(topic)[before].payload)
+    raise AssertionError(f"no answer to {name}")
+
+
+def _start(config: Path) -> tuple[StationDaemon, threading.Thread]:
+    daemon = StationDaemon(load_config(config), analyzer_factory=lambda c: PoolAnalyzer(oracle_pool()))
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    return daemon, runner
+
+
+def _stop(daemon: StationDaemon, runner: threading.Thread) -> None:
+    daemon.request_stop("test over")
+    runner.join(30)
+    assert not runner.is_alive()
+
+
+def _field(inbox: Path, name: str, seed: int) -> None:
+    cv2.imwrite(str(inbox / name), render_field(seed, width=320, height=240).frame.pixels)
+
+
+@pytest.mark.faults
+def test_a_run_started_for_a_specimen_survives_a_power_cut_before_its_first_field(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path,
+) -> None:
+    """start_run {"specimen_id": ...} on a watched-folder station, SIGKILL before the scanner's
+    first file: the restarted station takes the run back, the next field joins it (not an
+    automatic run of its own) and the run's report names the specimen and keeps its target."""
+    config, inbox = _station(tmp_path, broker)
+    pool_file = tmp_path / "pool.pkl"
+    pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    daemon = runner = first = None
+    try:
+        sub.wait_ready()
+        first = DaemonProcess(config, pool_file)
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/status" and m.payload == b"online" for m in ms),
+                            60), first.lines[-20:]
+        started = _command(sub, "start_run", {"specimen_id": SPECIMEN, "target_wbc": 500})
+        assert started["ok"] and started["specimen_id"] == SPECIMEN, (started, first.lines[-20:])
+        first.signal(signal.SIGKILL)  # the power goes before the first file
+        assert first.wait(10) == -signal.SIGKILL
+        assert _started_rows(config) == [(started["run_id"], "command", 500, SPECIMEN)]
+
+        daemon, runner = _start(config)
+        # commands are answered from the connection on; the run left open is taken back just after
+        assert wait_until(lambda: "analysis" in daemon.workers.threads, 30)
+        status = _command(sub, "status")
+        assert status["run"]["run_id"] == started["run_id"] and status["run"]["specimen_id"] == SPECIMEN, status
+        _field(inbox, "a.png", 60)
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/field" for m in ms), 30)
+        field = envelopes(sub, f"{BASE}/field")[0]["body"]
+        assert field["run_id"] == started["run_id"]
+        assert _started_rows(config, daemon) == []  # its first field's row says the same from now on
+        states = [json.loads(m.payload) for m in sub.on_topic(f"{BASE}/run")]
+        assert states and states[-1]["progress"]["specimen_id"] == SPECIMEN and states[-1]["state"] == "open"
+        stopped = _command(sub, "stop_run")
+        assert stopped["ok"] and stopped["run_id"] == started["run_id"] and stopped["fields"] == 1, stopped
+        assert stopped["target_wbc"] == 500
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 15)
+    finally:
+        if daemon is not None and runner is not None:
+            _stop(daemon, runner)
+        if first is not None:
+            first.signal(signal.SIGKILL)
+        sub.close()
+    (report,) = [e["body"] for e in envelopes(sub, f"{BASE}/report")]
+    assert report["run_id"] == started["run_id"] and report["specimen_id"] == SPECIMEN
+    assert report["fields_analyzed"] == 1 and report["end_reason"] == "stopped"
+    # its state goes out from its first field on, as before the cut: no "open" state of no field
+    mine = [json.loads(m.payload) for m in sub.on_topic(f"{BASE}/run")]
+    assert [(s["state"], s["progress"]["fields"]) for s in mine if s["run_id"] == started["run_id"]] == [
+        ("open", 1), ("closed", 1)]
+    assert _started_rows(config) == []
+
+
+def test_a_run_started_before_a_restart_past_its_idle_timeout_is_closed_and_said(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The run start_run left in the file (no field of it stored) began longer ago than the idle
+    timeout: the start closes it, says so at WARNING naming its specimen, publishes no state or
+    report for it and lists it nowhere; the next field starts a run of its own."""
+    config, inbox = _station(tmp_path, broker, idle_timeout_s=60.0)
+    outbox_path = load_config(config).mqtt.outbox.path
+    outbox_path.parent.mkdir(parents=True, exist_ok=True)
+    outbox = Outbox(outbox_path)
+    old = SpecimenRun(target_wbc=500, started_at=time.time() - 120.0, started_by="command", specimen_id=SPECIMEN)
+    StationState(outbox).run_started(old)  # what the previous process wrote at start_run
+    outbox.close()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    daemon = runner = None
+    caplog.set_level(logging.INFO)
+    try:
+        sub.wait_ready()
+        daemon, runner = _start(config)
+        assert wait_until(lambda: "analysis" in daemon.workers.threads, 30)
+        assert _command(sub, "status")["run"] is None
+        said = [r for r in caplog.records if r.levelno == logging.WARNING and old.run_id in r.getMessage()]
+        assert len(said) == 1 and SPECIMEN in said[0].getMessage() and "no report" in said[0].getMessage()
+        assert _started_rows(config, daemon) == []
+        _field(inbox, "a.png", 60)
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/field" for m in ms), 30)
+        field = envelopes(sub, f"{BASE}/field")[0]["body"]
+        assert field["run_id"] not in (None, old.run_id)
+        stopped = _command(sub, "stop_run")
+        assert stopped["ok"] and stopped["run_id"] == field["run_id"] and stopped["fields"] == 1, stopped
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 15)
+        runs = _command(sub, "get_runs")
+    finally:
+        if daemon is not None and runner is not None:
+            _stop(daemon, runner)
+        sub.close()
+    (report,) = [e["body"] for e in envelopes(sub, f"{BASE}/report")]
+    assert report["run_id"] == field["run_id"] and report["specimen_id"] is None
+    assert old.run_id not in {json.loads(m.payload)["run_id"] for m in sub.on_topic(f"{BASE}/run")}
+    assert [r["run_id"] for r in runs["runs"]] == [field["run_id"]]
+
+
+def test_a_run_ended_before_any_field_leaves_no_row(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """start_run keeps the run in the file at once; stop_run before any field (answered as
+    documented: no fields, no report) and a clean stop of the station before any field both take
+    it out, so the next start neither takes back nor closes anything."""
+    config, _ = _station(tmp_path, broker)
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    daemon = runner = None
+    caplog.set_level(logging.INFO)
+    try:
+        sub.wait_ready()
+        daemon, runner = _start(config)
+        started = _command(sub, "start_run", {"specimen_id": SPECIMEN, "target_wbc": 200})
+        assert _started_rows(config, daemon) == [(started["run_id"], "command", 200, SPECIMEN)]
+        stopped = _command(sub, "stop_run")
+        assert stopped == {"ok": True, "run_id": started["run_id"], "fields": 0, "classified_wbc": 0,
+                           "target_wbc": 200, "complete": False, "report_id": None}
+        assert _started_rows(config, daemon) == []
+        again = _command(sub, "start_run", {"specimen_id": "H-2"})
+        assert [row[0] for row in _started_rows(config, daemon)] == [again["run_id"]]
+        _stop(daemon, runner)
+        daemon = runner = None
+    finally:
+        if daemon is not None and runner is not None:
+            _stop(daemon, runner)
+        sub.close()
+    assert _started_rows(config) == []
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and again["run_id"] in r.getMessage()]
+    assert len(said) == 1 and "H-2" in said[0] and "stop" in said[0]
+    outbox = Outbox(load_config(config).mqtt.outbox.path)
+    try:
+        assert StationState(outbox).open_runs() == []
+    finally:
+        outbox.close()
+    assert not any(m.topic == f"{BASE}/report" for m in sub.messages)
+
+
+def test_an_outbox_file_from_before_started_runs_gets_the_table_on_open(tmp_path: Path) -> None:
+    """A file an earlier version wrote (no started_runs table) opens with it; the run kept there
+    comes back as a run with no field, with its start, target and specimen id."""
+    path = tmp_path / "outbox.sqlite3"
+    outbox = Outbox(path)
+    StationState(outbox)
+    outbox.write(lambda conn: conn.execute("DROP TABLE started_runs"))
+    outbox.close()
+    outbox = Outbox(path)
+    try:
+        run = SpecimenRun(target_wbc=300, started_at=1_700_000_000.0, started_by="command", specimen_id=SPECIMEN)
+        StationState(outbox).run_started(run)
+        (back,) = StationState(outbox).open_runs()
+        assert (back.run_id, back.started_at, back.started_by, back.target_wbc, back.specimen_id) == (
+            run.run_id, run.started_at, "command", 300, SPECIMEN)
+        assert back.field_ids == [] and back.last_activity == run.started_at and back.models == {}
+    finally:
+        outbox.close()
