@@ -239,3 +239,28 @@ def test_an_outbox_file_from_before_started_runs_gets_the_table_on_open(tmp_path
         assert back.field_ids == [] and back.last_activity == run.started_at and back.models == {}
     finally:
         outbox.close()
+
+
+def test_a_start_on_a_full_disk_is_said_and_the_run_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """On a real full file system the run's start cannot be kept: said at WARNING (a restart
+    before its first field loses it), never raised into start_run; kept again once room returns."""
+    from smallfs import fill, small_tmpfs
+
+    caplog.set_level(logging.WARNING)
+    with small_tmpfs(tmp_path / "small", 256) as small, Outbox(small / "outbox.sqlite3") as outbox:
+        state = StationState(outbox)
+        filler = fill(small)
+        refused = None
+        for k in range(2000):  # the file's free pages take some rows first
+            run = SpecimenRun(target_wbc=100, started_at=float(k), started_by="command", specimen_id="S" * 64)
+            state.run_started(run)
+            if any(run.run_id in r.getMessage() and "could not be kept" in r.getMessage() for r in caplog.records):
+                refused = run
+                break
+        assert refused is not None and outbox.disk_full
+        rows = outbox.read(lambda conn: [r[0] for r in conn.execute("SELECT run_id FROM started_runs")])
+        assert refused.run_id not in rows
+        filler.unlink()
+        later = SpecimenRun(target_wbc=100, started_at=1e6, started_by="command", specimen_id="H-3")
+        state.run_started(later)
+        assert later.run_id in outbox.read(lambda conn: [r[0] for r in conn.execute("SELECT run_id FROM started_runs")])
