@@ -29,7 +29,8 @@ function openRun(st) {
 // (it came, or it closed), or once the station is offline.
 function settleToldOpen(st) {
   const run = current(st), told = st.toldOpen;
-  // a run with no field does not outlive the station's restart: Start again (one still open is refused run_open)
+  // a clean stop closes a run with no field (one a crash interrupted is taken back: Start is then
+  // refused run_open, which offers Stop again)
   if (st.status === "offline") st.toldOpen = null;
   if (!told || run === null) return;
   if (told.runId ? run.runId === told.runId : !run.final) st.toldOpen = null;  // run_open's run: the open one
