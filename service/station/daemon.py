@@ -71,6 +71,7 @@ from smearscope.service.station.startup import (
     StartupError,
     build_analyzer,
 )
+from smearscope.service.station.state_access import refused_for_access
 from smearscope.service.station.stopping import (
     STOP_BUDGET_S,
     StopBudget,
@@ -453,6 +454,8 @@ def run_daemon(
         print(f"smearscope: embedded station '{config.station_id}' (simulated source, models "
               f"{config.analysis.models_dir}, MQTT {config.mqtt.address}, outbox "
               f"{config.mqtt.outbox.path})", file=out, flush=True)
+    if refused_for_access(config):  # said before the daemon opens its review gallery
+        return EXIT_CONFIG
     daemon = StationDaemon(
         config, analyzer_factory=analyzer_factory, config_path=config_path,
         max_fields=max_fields, environ=environ, log_level_override=log_level,

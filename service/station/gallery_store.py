@@ -139,7 +139,12 @@ class GalleryStore:
     def load(self, keep: int) -> list[StoredRun]:
         """The last `keep` runs touched, oldest first (those before are deleted); [] with no file.
         An unreadable file is set aside and a new one begun."""
-        if not self.path.exists():
+        try:
+            if not self.path.exists():
+                return []
+        except OSError as exc:  # a folder this user may not enter (restored as another user)
+            logger.error("review gallery file %s not read (%s): review material of the runs before this "
+                         "start is not shown", self.path, exc)
             return []
         with self._lock:
             try:

@@ -102,7 +102,11 @@ def outbox_parent_problem(path: Path) -> str | None:
 
 def file_problems(config: StationConfig) -> list[tuple[str, str]]:
     """What is wrong with the files the configuration names; empty when they are usable."""
-    problems: list[tuple[str, str]] = _source_problems(config.source)
+    from smearscope.service.station.state_access import BLOCKING, state_access_problems
+
+    # first: a state restored as root makes the other checks of its folders fail less clearly
+    problems = [(f, why) for f, why in state_access_problems(config) if f in BLOCKING]
+    problems += _source_problems(config.source)
     if (reason := outbox_parent_problem(config.mqtt.outbox.path)) is not None:
         problems.append(("mqtt.outbox.path", reason))
     tls = config.mqtt.tls

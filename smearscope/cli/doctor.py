@@ -198,6 +198,7 @@ def review_file_checks(config) -> list[Check]:
     if not review.enabled:
         return []
     from smearscope.service.station.preflight import outbox_parent_problem
+    from smearscope.service.station.state_access import state_access_problems
     from smearscope.service.station.typed_cells import review_directory, typed_cells_path
 
     outbox = Path(config.mqtt.outbox.path)
@@ -205,13 +206,14 @@ def review_file_checks(config) -> list[Check]:
     said = outbox_parent_problem(outbox) is not None
     directory = review_directory(config)
     checks: list[Check] = []
+    owned = dict(state_access_problems(config))  # a state restored as another user: the chown that fixes it
     if not (said and directory.is_relative_to(outbox.parent)):
-        problem = _unwritable(directory, directory / "gallery.sqlite")
+        problem = owned.get("review.directory") or _unwritable(directory, directory / "gallery.sqlite")
         checks.append(("FAIL", "review dir", f"{problem}: overlays and the review gallery would be lost")
                       if problem else ("OK", "review dir", f"{directory} (writable)"))
     path = typed_cells_path(config)
     if review.typing and not (said and path.is_relative_to(outbox.parent)):
-        problem = _unwritable(path.parent, path)
+        problem = owned.get("review.typed_cells_path") or _unwritable(path.parent, path)
         checks.append(("FAIL", "typed cells file", f"{problem}: typed white cells would not be kept")
                       if problem else ("OK", "typed cells file", f"{path} (its folder writable)"))
     return checks

@@ -1,0 +1,193 @@
+"""A station's state directory backed up and restored, as a clinic's IT restores it onto a new
+board: a watched-folder station with a real mosquitto, its state copied back by root."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, wait_until
+from test_daemon import oracle_pool, write_station
+from test_daemon_faults import _DAEMON_CHILD, REPO, DaemonProcess
+
+from smearscope.device.synthetic import render_field
+
+pytestmark = [pytest.mark.broker, pytest.mark.faults]
+
+
+def _png(seed: int) -> bytes:
+    ok, data = cv2.imencode(".png", render_field(seed, width=256, height=192).frame.pixels)
+    assert ok
+    return data.tobytes()
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A folder other users can enter (pytest's own tmp folders are root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="smearscope-restore-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _as_station_user() -> tuple[list[str], str]:
+    """The command prefix that runs a child as another user than the one owning the restored
+    files, and that user's name: `nobody` under root; this user itself otherwise (the restored
+    files are then made read-only for it instead)."""
+    if os.geteuid() != 0:
+        return [], pwd.getpwuid(os.geteuid()).pw_name
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to run the station as another user than root")
+    nobody = pwd.getpwnam("nobody")
+    return ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"], "nobody"
+
+
+def test_a_state_restored_by_root_is_refused_naming_the_files_and_the_chown_then_starts_as_it_was(
+    open_dir: Path,
+) -> None:
+    """The state of a station with a run open is copied back by root (`cp -r`: root's files, mode
+    0644). The station's user may read them, not write them: the start exits 78 naming the files,
+    their owner and mode and the chown to run, and changes nothing; after that chown it starts and
+    takes the run back."""
+    prefix, user = _as_station_user()
+    credentials = open_dir / "credentials"
+    credentials.mkdir()
+    (credentials / "mqtt-password").write_text(MQTT_USERS["station"] + "\n")
+    os.environ["CREDENTIALS_DIRECTORY"] = str(credentials)
+    state = open_dir / "state"
+    inbox = state / "inbox"
+    inbox.mkdir(parents=True)
+    pool = open_dir / "pool.pkl"
+    pool.write_bytes(pickle.dumps(list(oracle_pool())))
+    broker = MosquittoBroker(open_dir / "broker", MQTT_USERS)
+    broker.start()
+    try:
+        source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
+                  "decode_grace_s": 0.0, "microns_per_pixel": 0.2}
+        config = write_station(open_dir, broker.port, source=source,
+                               specimen={"target_wbc_count": 1000, "idle_timeout_s": 600.0})
+        first = DaemonProcess(config, pool)
+        for i in range(3):
+            (inbox / f"f{i}.png").write_bytes(_png(3000 + i))
+        assert wait_until(lambda: len(first.stored()) >= 3 and not any(inbox.glob("*.png")), 30), first.lines[-20:]
+        first.signal(signal.SIGKILL)  # the board dies with the run open
+        first.wait(10)
+        backup = open_dir / "backup"
+        shutil.copytree(state, backup)
+        shutil.rmtree(state)
+        subprocess.run(["cp", "-r", str(backup), str(state)], check=True)  # restored by root
+        if prefix:
+            for p in (credentials, credentials / "mqtt-password", state):
+                os.chown(p, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)  # as systemd leaves them
+        else:
+            for p in state.rglob("*"):
+                p.chmod(p.stat().st_mode & ~0o222)
+        before = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+
+        code = _DAEMON_CHILD.format(repo=str(REPO), tests=str(REPO / "tests"))
+        command = [*prefix, sys.executable, "-c", code, str(config), str(pool)]
+        refused = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 78, refused.stderr[-3000:]
+        said = refused.stderr
+        assert "Traceback" not in said, said[-3000:]
+        assert "mqtt.outbox.path: " in said and f"{state / 'outbox.sqlite3'} (owner " in said, said
+        assert f"cannot be read and written by user {user}" in said, said
+        if prefix:
+            assert "owner root:root, mode 0644" in said, said
+        assert f"chown {user}:" in said and f" {state / 'outbox.sqlite3'} " in said, said
+        assert "review.directory: " in said and "source.path: " in said, said
+        assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == before  # nothing changed
+
+        if prefix:  # the chowns the station named, as printed
+            for line in said.splitlines():
+                subprocess.run(line.split("Give them back to it: sudo ")[1].split(), check=True)
+        else:
+            for p in state.rglob("*"):
+                p.chmod(p.stat().st_mode | 0o200)
+        again = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            lines: list[str] = []
+            assert again.stderr is not None
+            for line in again.stderr:
+                lines.append(line)
+                if "resumed: left open by the previous process" in line:
+                    break
+            assert any("resumed: left open by the previous process" in ln and "3 fields" in ln for ln in lines), lines
+        finally:
+            again.send_signal(signal.SIGTERM)
+            assert again.wait(60) == 0
+    finally:
+        broker.stop()
+        os.environ.pop("CREDENTIALS_DIRECTORY", None)
+
+
+def test_a_review_folder_restored_by_root_is_said_with_its_chown_and_the_station_runs_without_it(
+    open_dir: Path,
+) -> None:
+    """Only the review folder came back as root's (mode 0750: the station's user cannot even
+    enter it). The station starts, says at ERROR which folder and the chown, and runs on without
+    its gallery (as with any review folder it cannot write), not a traceback at every restart."""
+    prefix, user = _as_station_user()
+    credentials = open_dir / "credentials"
+    credentials.mkdir()
+    (credentials / "mqtt-password").write_text(MQTT_USERS["station"] + "\n")
+    os.environ["CREDENTIALS_DIRECTORY"] = str(credentials)
+    state = open_dir / "state"
+    inbox = state / "inbox"
+    inbox.mkdir(parents=True)
+    pool = open_dir / "pool.pkl"
+    pool.write_bytes(pickle.dumps(list(oracle_pool())))
+    broker = MosquittoBroker(open_dir / "broker", MQTT_USERS)
+    broker.start()
+    try:
+        source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
+                  "decode_grace_s": 0.0, "microns_per_pixel": 0.2}
+        config = write_station(open_dir, broker.port, source=source)
+        first = DaemonProcess(config, pool)
+        (inbox / "f0.png").write_bytes(_png(3100))
+        assert wait_until(lambda: len(first.stored()) >= 1 and not any(inbox.glob("*.png")), 30), first.lines[-20:]
+        first.signal(signal.SIGTERM)
+        assert first.wait(60) == 0
+        review = state / "review"
+        assert (review / "gallery.sqlite").exists()
+        if prefix:
+            uid, gid = pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid
+            for p in (credentials, credentials / "mqtt-password", *[state, *state.rglob("*")]):
+                if review not in (p, *p.parents):
+                    os.chown(p, uid, gid)
+            review.chmod(0o750)  # root's, as restored
+        else:
+            review.chmod(0o000)
+        code = _DAEMON_CHILD.format(repo=str(REPO), tests=str(REPO / "tests"))
+        again = subprocess.Popen([*prefix, sys.executable, "-c", code, str(config), str(pool)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        lines: list[str] = []
+        try:
+            assert again.stderr is not None
+            for line in again.stderr:
+                lines.append(line)
+                if " ready (" in line:
+                    break
+        finally:
+            again.send_signal(signal.SIGTERM)
+            again.communicate(timeout=60)
+        log = "".join(lines)
+        assert again.returncode == 0, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+        assert "ERROR smearscope.service.station.state_access: review.directory: 1 of the station's files" in log, log
+        assert f"chown -R {user}:" in log and f" {review} (the station runs without them)" in log, log
+    finally:
+        if not prefix:
+            (state / "review").chmod(0o750)
+        broker.stop()
+        os.environ.pop("CREDENTIALS_DIRECTORY", None)
