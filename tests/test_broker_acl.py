@@ -218,3 +218,32 @@ def test_a_station_reads_its_own_telemetry_topic_and_no_other_stations(tmp_path:
         own.close()
         other.close()
         broker.stop()
+
+
+def test_a_station_reads_its_own_retained_run_state_and_no_other_stations(tmp_path: Path) -> None:
+    """A station started on an older state compares the run state the broker keeps retained for
+    it (service.mqtt.run_watch): the example ACL lets its account read that topic, not another
+    station's."""
+    acl = ACL.read_text()
+    acl += "\n" + acl[acl.index("user station-lab-7"):acl.index("# Technicians")].replace("lab-7", "lab-8")
+    broker = MosquittoBroker(tmp_path / "broker", USERS, acl=acl)
+    broker.start()
+    station_7 = _client(broker.port, "station-lab-7")
+    station_8 = _client(broker.port, "station-lab-8")
+    try:
+        station_7.publish("smearscope/lab-7/run", '{"run_id": "r7"}', qos=1, retain=True).wait_for_publish(5)
+        station_8.publish("smearscope/lab-8/run", '{"run_id": "r8"}', qos=1, retain=True).wait_for_publish(5)
+        reader = Subscriber(broker.port, "station-lab-7", USERS["station-lab-7"],
+                            ["smearscope/lab-8/run", "smearscope/lab-7/run"])
+        try:
+            reader.wait_ready()
+            assert reader.wait_for(lambda ms: any(m.topic == "smearscope/lab-7/run" for m in ms), 10)
+            assert [(m.topic, m.payload, m.retain) for m in reader.messages] == [
+                ("smearscope/lab-7/run", b'{"run_id": "r7"}', True)]
+        finally:
+            reader.close()
+    finally:
+        for client in (station_7, station_8):
+            client.loop_stop()
+            client.disconnect()
+        broker.stop()

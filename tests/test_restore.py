@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,3 +192,67 @@ def test_a_review_folder_restored_by_root_is_said_with_its_chown_and_the_station
             (state / "review").chmod(0o750)
         broker.stop()
         os.environ.pop("CREDENTIALS_DIRECTORY", None)
+
+
+def _retained_run_error(lines: list[str]) -> list[str]:
+    return [ln for ln in lines if "ERROR smearscope.service.mqtt.run_watch" in ln]
+
+
+def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path, credentials_dir: Path) -> None:
+    """A station's state saved with a run open (5 fields); the station goes on (that run completes
+    with 10 fields, the next too, a third is open with 5) and dies. The saved state, restored and
+    started past the idle timeout, closes its open run again with the 5 fields it holds (end
+    reason restart, a new report id); the station says at ERROR that the broker holds a run its
+    state lacks, open there (no specimen report will come for it), and that the run it closed may
+    have been reported whole before. Its ordinary restarts say nothing of the kind."""
+    inbox = tmp_path / "state" / "inbox"
+    inbox.mkdir(parents=True)
+    pool = tmp_path / "pool.pkl"
+    pool.write_bytes(pickle.dumps(list(oracle_pool())))
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
+    broker.start()
+    idle_s = 3.0
+    try:
+        source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
+                  "decode_grace_s": 0.0, "microns_per_pixel": 0.2}
+        config = write_station(tmp_path, broker.port, source=source,
+                               specimen={"target_wbc_count": 40, "idle_timeout_s": idle_s})
+        first = DaemonProcess(config, pool)
+        for i in range(5):
+            (inbox / f"f{i:02d}.png").write_bytes(_png(3200 + i))
+        assert wait_until(lambda: len(first.stored()) >= 5 and not any(inbox.glob("*.png")), 30), first.lines[-20:]
+        first.signal(signal.SIGKILL)
+        first.wait(10)
+        shutil.copytree(tmp_path / "state", tmp_path / "backup")  # the state as it was saved
+        went_on = DaemonProcess(config, pool)
+        for i in range(5, 25):
+            (inbox / f"f{i:02d}.png").write_bytes(_png(3200 + i))
+        assert wait_until(lambda: not any(inbox.glob("*.png")) and len(went_on.stored()) >= 22, 60), went_on.lines[-20:]
+        went_on.signal(signal.SIGKILL)  # the board dies with a third run open
+        went_on.wait(10)
+        runs = [ln.split("specimen run ")[1].split()[0] for ln in went_on.lines if " started (auto" in ln]
+        assert len(runs) == 2, went_on.lines  # the saved run went on, then two more began
+        closed_whole = [ln.split("run=")[1].split()[0] for ln in went_on.lines if "stored report message" in ln]
+        assert len(closed_whole) == 2, went_on.lines
+        assert not _retained_run_error(went_on.lines)  # an ordinary restart: its own state, nothing said
+        time.sleep(idle_s + 1)
+
+        shutil.rmtree(tmp_path / "state")
+        shutil.copytree(tmp_path / "backup", tmp_path / "state")  # onto the replacement board
+        restored = DaemonProcess(config, pool)
+        try:
+            assert wait_until(lambda: bool(_retained_run_error(restored.lines)), 30), restored.lines[-20:]
+        finally:
+            restored.signal(signal.SIGTERM)
+            assert restored.wait(60) == 0
+        said = _retained_run_error(restored.lines)
+        assert len(said) == 1, said
+        saved_run = closed_whole[0]  # the run open in the saved state, closed whole by the station that went on
+        again = [ln for ln in restored.lines if "stored report message" in ln and f"run={saved_run}" in ln]
+        assert again and "closed: restart" in again[0], restored.lines  # reported again, shorter
+        assert f"the broker holds run {runs[1]} of station " in said[0] and "(open, 5 fields, updated " in said[0]
+        assert "this station's state does not hold it" in said[0]
+        assert f"run {runs[1]} is open there: this station will send no specimen report for it" in said[0]
+        assert f"the runs this start closed ({saved_run}, end reason restart) may have been reported whole" in said[0]
+    finally:
+        broker.stop()

@@ -26,6 +26,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from smearscope.service.config.mqtt import MqttConfig
 from smearscope.service.mqtt import paho_client
 from smearscope.service.mqtt.inflight import InFlight
+from smearscope.service.mqtt.run_watch import RunStateWatch
 from smearscope.service.mqtt.state import PublisherState
 
 #: The publisher's logger: what its connection says is said, and filtered, as it was before these
@@ -47,6 +48,7 @@ class ConnectionEvents:
     status_topic: str
     command_filter: str
     telemetry_topic: str
+    run_watch: RunStateWatch
     _response_prefix: str
     _protocol: MQTTProtocolVersion
     _state_lock: threading.Lock
@@ -104,6 +106,8 @@ class ConnectionEvents:
         client.publish(self.status_topic, "online", qos=1, retain=True)
         paho_client.subscribe_commands(client, self.command_filter, self._protocol)
         client.subscribe(self.telemetry_topic, qos=0)  # another station under this id: service.mqtt.twin_watch
+        if self.run_watch.listening:  # a station state older than the broker's: service.mqtt.run_watch
+            client.subscribe(self.run_watch.topic, qos=0)
         self._wake.set()
         self._telemetry_now.set()
 

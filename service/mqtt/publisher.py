@@ -48,6 +48,7 @@ from smearscope.service.mqtt.inflight import InFlight
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, StateWriter
 from smearscope.service.mqtt.paho_client import configured_client, paho_log_level, publish_waiting
 from smearscope.service.mqtt.renamed import say_stored_under_other_ids
+from smearscope.service.mqtt.run_watch import RunStateWatch
 from smearscope.service.mqtt.state import PublisherState
 from smearscope.service.mqtt.twin_watch import TwinWatch
 
@@ -100,6 +101,7 @@ class MqttPublisher(ConnectionEvents):
         self.cells_topic = f"{base}/cells"
         self.telemetry_topic = f"{base}/telemetry"
         self.twins = TwinWatch(station_id, self.telemetry_topic, self.instance)
+        self.run_watch = RunStateWatch(station_id, f"{base}/run")  # a state older than the broker's
         self.command_filter = f"{base}/cmd/#"
         self._command_prefix = f"{base}/cmd/"
         self._response_prefix = f"{base}/cmd_response/"
@@ -298,6 +300,10 @@ class MqttPublisher(ConnectionEvents):
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.telemetry_topic:  # its own samples, and another station's under its id
             self.twins.sample(bytes(message.payload))
+            return
+        if message.topic == self.run_watch.topic:  # the broker's retained run state, once
+            if self.run_watch.heard(bytes(message.payload), bool(message.retain)):
+                client.unsubscribe(self.run_watch.topic)
             return
         if not message.topic.startswith(self._command_prefix):
             return

@@ -148,6 +148,9 @@ class ClinicFeed:
             self._publish(publisher, interim, "open", progress.as_dict(), None)
         if publisher is not None:
             publisher.on_reconnected = lambda: self.republish(publisher)
+        if (watch := getattr(publisher, "run_watch", None)) is not None:  # the runs this state holds
+            watch.known({r.run_id: r.fields for r in closed} | ({progress.run_id: progress.fields} if progress else {}),
+                        closed_now=announce)
         if self._typing_wanted and self.typed_cells_path.exists():  # said now, not at the first typed cell
             try:
                 TypedCellStore(self.typed_cells_path, read_only=True).close()
