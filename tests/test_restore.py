@@ -254,5 +254,18 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
         assert "this station's state does not hold it" in said[0]
         assert f"run {runs[1]} is open there: this station will send no specimen report for it" in said[0]
         assert f"the runs this start closed ({saved_run}, end reason restart) may have been reported whole" in said[0]
+
+        # a new board under the same station id, started without a backup: its state holds no run
+        shutil.rmtree(tmp_path / "state")
+        inbox.mkdir(parents=True)
+        fresh = DaemonProcess(config, pool)
+        try:
+            assert wait_until(lambda: bool(_retained_run_error(fresh.lines)), 30), fresh.lines[-20:]
+        finally:
+            fresh.signal(signal.SIGTERM)
+            assert fresh.wait(60) == 0
+        said = _retained_run_error(fresh.lines)
+        assert f"the broker holds run {saved_run} of station " in said[0], said  # the restored one's, closed
+        assert "(closed, 5 fields, updated " in said[0] and "does not hold it (it holds 0 runs)" in said[0], said
     finally:
         broker.stop()

@@ -72,7 +72,7 @@ class RunStateWatch:
         when = (datetime.fromtimestamp(updated, timezone.utc).isoformat(timespec="seconds")
                 if isinstance(updated, (int, float)) else "at a time not said")
         held = (f"holds it with {known[run_id]} fields" if run_id in known
-                else f"does not hold it (it holds {len(known)} runs)")
+                else f"does not hold it (it holds {len(known)} run{'' if len(known) == 1 else 's'})")
         gone = (f"; run {run_id} is open there: this station will send no specimen report for it"
                 if state.get("state") == "open" and run_id not in known else "")
         closed = [r for r in self._closed_now if r in known]
