@@ -54,7 +54,7 @@ def _as_station_user() -> tuple[list[str], str]:
 
 
 def test_a_state_restored_by_root_is_refused_naming_the_files_and_the_chown_then_starts_as_it_was(
-    open_dir: Path,
+    open_dir: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The state of a station with a run open is copied back by root (`cp -r`: root's files, mode
     0644). The station's user may read them, not write them: the start exits 78 naming the files,
@@ -64,7 +64,7 @@ def test_a_state_restored_by_root_is_refused_naming_the_files_and_the_chown_then
     credentials = open_dir / "credentials"
     credentials.mkdir()
     (credentials / "mqtt-password").write_text(MQTT_USERS["station"] + "\n")
-    os.environ["CREDENTIALS_DIRECTORY"] = str(credentials)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))  # one the station's user can read
     state = open_dir / "state"
     inbox = state / "inbox"
     inbox.mkdir(parents=True)
@@ -129,11 +129,10 @@ def test_a_state_restored_by_root_is_refused_naming_the_files_and_the_chown_then
             assert again.wait(60) == 0
     finally:
         broker.stop()
-        os.environ.pop("CREDENTIALS_DIRECTORY", None)
 
 
 def test_a_review_folder_restored_by_root_is_said_with_its_chown_and_the_station_runs_without_it(
-    open_dir: Path,
+    open_dir: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Only the review folder came back as root's (mode 0750: the station's user cannot even
     enter it). The station starts, says at ERROR which folder and the chown, and runs on without
@@ -142,7 +141,7 @@ def test_a_review_folder_restored_by_root_is_said_with_its_chown_and_the_station
     credentials = open_dir / "credentials"
     credentials.mkdir()
     (credentials / "mqtt-password").write_text(MQTT_USERS["station"] + "\n")
-    os.environ["CREDENTIALS_DIRECTORY"] = str(credentials)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))  # one the station's user can read
     state = open_dir / "state"
     inbox = state / "inbox"
     inbox.mkdir(parents=True)
@@ -191,7 +190,6 @@ def test_a_review_folder_restored_by_root_is_said_with_its_chown_and_the_station
         if not prefix:
             (state / "review").chmod(0o750)
         broker.stop()
-        os.environ.pop("CREDENTIALS_DIRECTORY", None)
 
 
 def _retained_run_error(lines: list[str]) -> list[str]:
