@@ -258,6 +258,15 @@ def test_hostile_messages_are_refused_and_nothing_is_written_outside_the_archive
                                                                   "NamingSystem/report-id",
                                                                   "value": "../escaped"}}).encode()),
         ("smearscope/lab 7\u202e/fhir", b"{}"),
+        # each of these stopped the archive (and stopped it again at every restart, since it is
+        # never acknowledged): a lone surrogate the UTF-8 index cannot hold, a timestamp at the
+        # calendar's edge, and a trailing newline that `$` let through into a file name
+        (f"smearscope/{STATION}/report", envelope(STATION, "r-5", specimen_id="\ud800")),
+        (f"smearscope/{STATION}/fhir", json.dumps({"resourceType": "Bundle", "timestamp": "0001-01-01T00:00:00+01:00",
+                                                   "identifier": {"system": "http://smearscope.invalid/fhir/"
+                                                                  "NamingSystem/report-id",
+                                                                  "value": "r-6"}}).encode()),
+        (f"smearscope/{STATION}/report", envelope(STATION, "r-7\n")),
     ]
     good = a_report("run-1", SPECIMEN, 1_796_000_000.0)
     with raw_client(persistent_broker.port) as client:

@@ -19,10 +19,11 @@ from smearscope.service.fhir.codes import ID_REPORT
 
 logger = logging.getLogger(__name__)
 
-#: A station id, as the station itself accepts one (service.mqtt.publisher).
-STATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: A station id, as the station itself accepts one (service.mqtt.publisher); matched whole
+#: (fullmatch: `$` would let a trailing newline through).
+STATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: A report id that is a plain file name: the station's are UUIDs.
-REPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+REPORT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 #: The report schema versions this archive knows (schemas/report.schema.json); a report of another
 #: is stored as received all the same, with a warning: it is the lab's record.
 KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2")
@@ -70,7 +71,7 @@ def station_of(topic: str, prefix: str, leaf: str) -> str:
     parts = topic.split("/")
     if len(parts) != 3 or parts[0] != prefix or parts[2] != leaf:
         raise Refused(f"topic {topic[:200]!r} is not {prefix}/<station>/{leaf}")
-    if not STATION_ID.match(parts[1]):
+    if not STATION_ID.fullmatch(parts[1]):
         raise Refused(f"station id {parts[1][:80]!r} in the topic is not a station id ([A-Za-z0-9_-], 1 to 64)")
     return parts[1]
 
@@ -91,11 +92,15 @@ def _text(doc: dict[str, Any], key: str, where: str, required: bool = False) -> 
         return None
     if not isinstance(value, str) or not value or len(value) > MAX_FIELD_CHARS:
         raise Refused(f"{where}.{key} is {str(value)[:80]!r}, not text of 1 to {MAX_FIELD_CHARS} characters")
+    try:  # JSON's \ud800 escapes give lone surrogates, which the index (UTF-8) cannot hold
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Refused(f"{where}.{key} is {value[:80]!r}, not text (a lone surrogate)") from None
     return value
 
 
 def report_id_checked(value: str | None, where: str) -> str:
-    if value is None or not REPORT_ID.match(value):
+    if value is None or not REPORT_ID.fullmatch(value):
         raise Refused(f"{where} {str(value)[:80]!r} is not a report id ([A-Za-z0-9_.:-], up to 128, "
                       "starting with a letter or digit)")
     return value
@@ -151,9 +156,9 @@ def read_bundle(station: str, payload: bytes) -> BundleMessage:
     stamp = bundle.get("timestamp")
     try:
         when = datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
-    except ValueError:
-        when = None
-    if when is None or when.tzinfo is None:
+        month = when.astimezone(timezone.utc).strftime("%Y-%m") if when is not None and when.tzinfo else None
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 moved past the calendar's ends
+        month = None
+    if month is None:
         raise Refused(f"bundle timestamp {str(stamp)[:40]!r} is not an ISO time with its zone")
-    return BundleMessage(station=station, report_id=report_id,
-                         month=when.astimezone(timezone.utc).strftime("%Y-%m"), payload=payload)
+    return BundleMessage(station=station, report_id=report_id, month=month, payload=payload)

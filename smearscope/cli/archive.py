@@ -119,7 +119,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from smearscope.service.archive.message import REPORT_ID
     from smearscope.service.archive.query import lookup
 
-    if not REPORT_ID.match(args.report_id):
+    if not REPORT_ID.fullmatch(args.report_id):
         return _fail(f"{args.report_id!r} is not a report id")
     directory = _directory(args)
     try:
