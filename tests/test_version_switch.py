@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools.version_switch import ROOT, package_layout
+from tools.version_switch import ROOT, outbox_message_ids, package_layout
 
 
 def _tree(root: Path) -> Path:
@@ -43,3 +43,19 @@ def test_the_layout_of_this_checkout_maps_every_package_dir_of_its_pyproject(tmp
         "device": ROOT / "device", "engines": ROOT / "engines", "export": ROOT / "export",
         "models": ROOT / "models", "service": ROOT / "service", "cli": ROOT / "smearscope" / "cli"}
     assert (package / "__main__.py").resolve() == ROOT / "smearscope" / "__main__.py"
+
+
+def test_reading_the_killed_stations_outbox_leaves_its_wal_for_the_next_version(tmp_path: Path) -> None:
+    """The backlog's ids are read after the SIGKILL; the next version must find the file and its WAL
+    as the kill left them (a plain connection took the WAL in and deleted it on closing)."""
+    outbox = tmp_path / "outbox.sqlite3"
+    killed = ("import os, sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+              "c.execute('PRAGMA locking_mode=EXCLUSIVE'); c.execute('PRAGMA journal_mode=WAL'); "
+              "c.execute('CREATE TABLE outbox (seq INTEGER PRIMARY KEY, message_id TEXT)'); "
+              "c.execute(\"INSERT INTO outbox (message_id) VALUES ('m-1'), ('m-2')\"); os._exit(0)")
+    subprocess.run([sys.executable, "-c", killed, str(outbox)], check=True)
+    wal = outbox.with_name(outbox.name + "-wal")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert wal.name in before  # what a SIGKILL leaves: the rows only in the WAL
+    assert outbox_message_ids(outbox) == {"m-1", "m-2"}
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -350,11 +350,7 @@ class Scenario:
         return self.results
 
     def outbox_ids(self) -> set[str]:
-        conn = sqlite3.connect(self.work / "state" / "outbox.sqlite3")
-        try:
-            return {row[0] for row in conn.execute("SELECT message_id FROM outbox")}
-        finally:
-            conn.close()
+        return outbox_message_ids(self.work / "state" / "outbox.sqlite3")
 
     # ---------------------------------------------------------------- the claims
 
@@ -421,6 +417,21 @@ class Scenario:
         if self.observer is not None:
             self.observer.close()
         self.broker.stop()
+
+
+def outbox_message_ids(outbox: Path) -> set[str]:
+    """The message ids in a killed station's outbox, read from a copy of the file and its WAL: a
+    connection to the file itself would take the WAL in and delete it on closing (the last
+    connection), so the next version would start on a clean file, not on what the SIGKILL left."""
+    with tempfile.TemporaryDirectory(prefix="outbox-copy-") as folder:
+        for suffix in ("", "-wal"):
+            if (source := outbox.with_name(outbox.name + suffix)).exists():
+                shutil.copyfile(source, Path(folder) / (outbox.name + suffix))
+        conn = sqlite3.connect(Path(folder) / outbox.name)
+        try:
+            return {row[0] for row in conn.execute("SELECT message_id FROM outbox")}
+        finally:
+            conn.close()
 
 
 def file_of(field_report: dict[str, Any]) -> str:
