@@ -332,6 +332,15 @@ def test_command_line_mistakes_are_said_before_anything_starts(tmp_path: Path,
     err = capsys.readouterr().err
     assert "--broker is needed" in err and "needs --ca-file" in err and "--username" in err
     assert not os.path.exists(d)
+    # a CA file that is not there, or no certificate: a mistake (2, not restarted), not the folder's (1)
+    not_a_ca = tmp_path / "not-a-ca.pem"
+    not_a_ca.write_text("not a certificate\n")
+    for ca_file in (str(tmp_path / "missing-ca.pem"), str(not_a_ca)):
+        assert main(["archive", "--broker", "mqtts://h:8883", "--ca-file", ca_file, "--dir", d]) == 2
+        said = capsys.readouterr().err
+        assert f"cannot set up the broker connection with --ca-file {ca_file}: " in said, said
+        assert "cannot open the archive" not in said
+    assert not os.path.exists(d)
     assert main(["archive", "show", "../x", "--dir", d]) == 2
     assert main(["archive", "find", "--dir", d]) == 1
     assert "no archive at" in capsys.readouterr().err

@@ -54,6 +54,11 @@ class Incoming:
     qos: int
 
 
+class BrokerSettingsError(ValueError):
+    """The broker connection cannot be set up as given (a CA, certificate or key file missing or
+    not one): a mistake in the settings, which a restart does not mend."""
+
+
 class ArchiveDaemon:
     """The archive's MQTT session and its storer; `run()` blocks until `stop()`."""
 
@@ -61,13 +66,20 @@ class ArchiveDaemon:
         self.config = config
         self.prefix = config.mqtt.topic_prefix
         self.client_id = config.mqtt.client_id or "smearscope-archive"
+        try:  # the TLS files are read here: before the folder, so a mistake there is said as one
+            client = configured_client(config.mqtt, self.client_id, MQTTProtocolVersion.MQTTv5, password, None)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            tls = config.mqtt.tls
+            files = "" if tls is None else ", ".join(f"{flag} {path}" for flag, path in (
+                ("--ca-file", tls.ca_file), ("--certfile", tls.certfile), ("--keyfile", tls.keyfile)) if path)
+            raise BrokerSettingsError(f"cannot set up the broker connection with {files or 'these settings'}: "
+                                      f"{exc}") from exc
         self.store = ArchiveStore(config.directory)
         self._incoming: queue.Queue[Incoming] = queue.Queue()
         self._stop = threading.Event()
         self._connected = False
         self._had_reports = self.store.report_count() > 0
         self.counts = {"stored": 0, "duplicates": 0, "refused": 0}
-        client = configured_client(config.mqtt, self.client_id, MQTTProtocolVersion.MQTTv5, password, None)
         client.manual_ack_set(True)  # PUBACK only once the report is on disk (ack())
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail

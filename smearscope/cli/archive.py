@@ -77,10 +77,12 @@ def cmd_archive(args: argparse.Namespace) -> int:
         return _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     except (ValueError, OSError, CredentialError) as exc:
         return _fail(str(exc))
-    from smearscope.service.archive.daemon import ArchiveDaemon
+    from smearscope.service.archive.daemon import ArchiveDaemon, BrokerSettingsError
 
     try:
         daemon = ArchiveDaemon(config, password)
+    except BrokerSettingsError as exc:  # a TLS file missing or not one: restarting cannot fix it
+        return _fail(str(exc))
     except (OSError, sqlite3.Error) as exc:  # the folder or its index cannot be opened: worth a restart
         return _fail(f"cannot open the archive at {config.directory}: {exc}", 1)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
