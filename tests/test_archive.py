@@ -314,6 +314,42 @@ def test_a_full_disk_leaves_the_report_unacknowledged_and_it_is_stored_once_spac
             station.stop()
 
 
+def test_a_flood_of_qos0_messages_while_the_disk_is_full_is_held_to_the_receive_maximum(
+        tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
+    """The Receive Maximum bounds the QoS 1 messages waiting in memory; QoS 0 ones (a script on a
+    station's account) came on without bound while the storer waited for room."""
+    import threading
+
+    from smearscope.service.archive.daemon import ArchiveDaemon
+    from smearscope.service.config.archive import ArchiveConfig
+
+    with small_tmpfs(tmp_path / "archive", 2048) as directory:
+        config = ArchiveConfig(mqtt=MqttConfig(host="127.0.0.1", port=persistent_broker.port, username="observer",
+                                               client_id="archive-flood"), directory=directory, retry_s=0.2)
+        daemon = ArchiveDaemon(config, MQTT_USERS["observer"])
+        runner = threading.Thread(target=daemon.run)
+        runner.start()
+        try:
+            assert wait_until(lambda: daemon._connected, 30)
+            filler = fill(directory)
+            stuck = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+            flood = 200
+            with raw_client(persistent_broker.port) as client:
+                client.publish(f"smearscope/{STATION}/report", envelope_of(stuck), qos=1)
+                for i in range(flood):
+                    client.publish(f"smearscope/{STATION}/report",
+                                   envelope_of(a_report("run-2", SPECIMEN, 1_796_000_001.0 + i)), qos=0)
+                assert wait_until(lambda: daemon._incoming.qsize() + daemon.counts.get("dropped", 0) >= flood, 30), \
+                    (daemon._incoming.qsize(), daemon.counts)
+            assert daemon._incoming.qsize() <= config.receive_maximum
+            filler.unlink()
+            assert wait_until(lambda: indexed(directory) >= 1 and daemon._incoming.qsize() == 0, 30)
+            assert stuck.report_id in {r.report_id for r in find(directory)}  # the QoS 1 report is kept
+        finally:
+            daemon.stop()
+            runner.join(30)
+
+
 def test_the_archive_imports_no_training_framework() -> None:
     probe = ("import sys; from smearscope.cli import build_parser; build_parser(); "
              "import smearscope.cli.archive, smearscope.service.archive.daemon, smearscope.service.archive.query; "

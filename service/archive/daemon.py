@@ -79,7 +79,8 @@ class ArchiveDaemon:
         self._stop = threading.Event()
         self._connected = False
         self._had_reports = self.store.report_count() > 0
-        self.counts = {"stored": 0, "duplicates": 0, "refused": 0}
+        self.counts = {"stored": 0, "duplicates": 0, "refused": 0, "dropped": 0}
+        self._dropping = False  # QoS 0 messages being dropped for want of room (said once per spell)
         client.manual_ack_set(True)  # PUBACK only once the report is on disk (ack())
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
@@ -133,6 +134,19 @@ class ArchiveDaemon:
                            self.config.mqtt.address, reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        # The Receive Maximum bounds what waits here at QoS 1; a QoS 0 message (no station publishes
+        # its reports so, and the broker never sends one again) is not bounded by it: past that
+        # many waiting, one is dropped, so a flood while the disk is full cannot fill the memory.
+        if message.qos == 0 and self._incoming.qsize() >= self.config.receive_maximum:
+            self.counts["dropped"] += 1
+            if not self._dropping:
+                self._dropping = True
+                logger.warning("dropped a QoS 0 message on %r: %d messages wait to be stored (a QoS 0 message "
+                               "is not kept for the archive; stations publish their reports at QoS 1)",
+                               message.topic[:200], self.config.receive_maximum)
+            return
+        if message.qos == 0:
+            self._dropping = False
         self._incoming.put(Incoming(message.topic, message.payload, message.mid, message.qos))
 
     # ------------------------------------------------------------------ the storer
@@ -157,8 +171,9 @@ class ArchiveDaemon:
             self.client.disconnect()
             self.client.loop_stop()
             self.store.close()
-            logger.info("archive stopped: %d stored, %d duplicates, %d refused this run", self.counts["stored"],
-                        self.counts["duplicates"], self.counts["refused"])
+            logger.info("archive stopped: %d stored, %d duplicates, %d refused, %d QoS 0 dropped this run",
+                        self.counts["stored"], self.counts["duplicates"], self.counts["refused"],
+                        self.counts["dropped"])
 
     def stop(self) -> None:
         self._stop.set()

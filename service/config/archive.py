@@ -45,7 +45,8 @@ class ArchiveConfig(BaseModel):
         default=20, ge=1, le=1000,
         title="Receive maximum",
         description="Reports the broker may send before the archive has acknowledged earlier ones "
-        "(MQTT 5 Receive Maximum): the most held in memory while the disk is full.",
+        "(MQTT 5 Receive Maximum); with as many QoS 0 messages (the rest dropped), the most held in "
+        "memory while the disk is full.",
     )
     max_message_bytes: int = Field(
         default=4 * 2**20, ge=1024,
