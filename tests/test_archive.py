@@ -331,6 +331,10 @@ def test_a_flood_of_qos0_messages_while_the_disk_is_full_is_held_to_the_receive_
         runner.start()
         try:
             assert wait_until(lambda: daemon._connected, 30)
+            with raw_client(persistent_broker.port) as client:  # one stored first: the subscriptions are made
+                client.publish(f"smearscope/{STATION}/report", envelope_of(a_report("run-0", SPECIMEN, 1_796_000_000.0)),
+                               qos=1).wait_for_publish(10)
+            assert wait_until(lambda: indexed(directory) == 1, 30)
             filler = fill(directory)
             stuck = a_report("run-1", SPECIMEN, 1_796_000_000.0)
             flood = 200
@@ -343,7 +347,7 @@ def test_a_flood_of_qos0_messages_while_the_disk_is_full_is_held_to_the_receive_
                     (daemon._incoming.qsize(), daemon.counts)
             assert daemon._incoming.qsize() <= config.receive_maximum
             filler.unlink()
-            assert wait_until(lambda: indexed(directory) >= 1 and daemon._incoming.qsize() == 0, 30)
+            assert wait_until(lambda: indexed(directory) >= 2 and daemon._incoming.qsize() == 0, 30)
             assert stuck.report_id in {r.report_id for r in find(directory)}  # the QoS 1 report is kept
         finally:
             daemon.stop()
