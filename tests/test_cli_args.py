@@ -150,3 +150,18 @@ def test_the_daemons_own_entry_point_logs_for_journald_as_smearscope_run_does(tm
                               env={**env, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
     assert done.returncode == 0
     assert stderr_path.read_text().splitlines() == ["<4>WARNING MainThread smearscope.x: w"]
+
+
+def test_the_daemons_own_entry_point_keeps_the_stations_files_private_as_smearscope_run_does(tmp_path) -> None:
+    """`python -m smearscope.service.station.daemon` (documented as `smearscope run`) ran under the
+    caller's umask: started by hand under 022 its outbox, gallery and overlays were readable by
+    every user, where `smearscope run` adds 027 (files 0640, folders 0750)."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from smearscope.service.station import daemon\n"
+            "daemon.run_daemon = lambda *a, **k: print(oct(os.umask(0))) or 0\n"
+            "sys.exit(daemon.main([]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, umask=0o022,
+                          cwd=tmp_path)
+    assert done.stdout.strip() == "0o27", done.stdout + done.stderr

@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import datetime
 import logging
+import os
 import sys
 import threading
 import time
@@ -489,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="log threshold; overrides the config's log_level (default: the config's)")
     args = ap.parse_args(argv)
     setup_logging(args.log_level or "INFO", "%(levelname)s %(threadName)s %(name)s: %(message)s")  # journald's or plain
+    os.umask(os.umask(0o027) | 0o027)  # files private to the lab, as `smearscope run` (smearscope.cli.station)
     return run_daemon(args.config, args.max_fields, log_level=args.log_level)
 
 
