@@ -354,6 +354,26 @@ def test_a_flood_of_qos0_messages_while_the_disk_is_full_is_held_to_the_receive_
             runner.join(30)
 
 
+def test_an_archive_started_by_hand_under_umask_022_writes_nothing_other_users_can_read(
+        tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
+    """Started by hand, not by the unit (UMask=0027): the folders were 0755 and the reports 0644."""
+    directory = tmp_path / "archive"
+    archive = Archive(tmp_path, persistent_broker.port, directory)
+    with open(archive.log, "ab") as out:
+        archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, umask=0o022)
+    try:
+        assert wait_until(lambda: "connected to broker" in archive.text(), 30), archive.text()
+        report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+        with raw_client(persistent_broker.port) as client:
+            client.publish(f"smearscope/{STATION}/report", envelope_of(report), qos=1).wait_for_publish(10)
+        assert wait_until(lambda: indexed(directory) == 1, 30), archive.text()
+    finally:
+        archive.stop()
+    written = [directory, *directory.rglob("*")]
+    assert len(written) >= 5  # the folder, the station's, the month's, the report, the index
+    assert {str(p): oct(p.stat().st_mode & 0o777) for p in written if p.stat().st_mode & 0o007} == {}
+
+
 def test_the_archive_imports_no_training_framework() -> None:
     probe = ("import sys; from smearscope.cli import build_parser; build_parser(); "
              "import smearscope.cli.archive, smearscope.service.archive.daemon, smearscope.service.archive.query; "

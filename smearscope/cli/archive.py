@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -79,6 +80,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     from smearscope.service.archive.daemon import ArchiveDaemon, BrokerSettingsError
 
+    # the reports are patient data: nothing for other users, as the unit's UMask=0027 (and `run`)
+    os.umask(os.umask(0o027) | 0o027)
     try:
         daemon = ArchiveDaemon(config, password)
     except BrokerSettingsError as exc:  # a TLS file missing or not one: restarting cannot fix it
