@@ -374,6 +374,28 @@ def test_an_archive_started_by_hand_under_umask_022_writes_nothing_other_users_c
     assert {str(p): oct(p.stat().st_mode & 0o777) for p in written if p.stat().st_mode & 0o007} == {}
 
 
+def test_a_session_the_broker_lost_is_said_also_when_the_archive_began_empty(tmp_path: Path) -> None:
+    """An archive started on an empty folder stores reports; the broker (no persistence) restarts
+    and no longer has its session: said as for an archive that began with reports."""
+    mosquitto = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=False)
+    mosquitto.start()
+    archive = Archive(tmp_path, mosquitto.port, tmp_path / "archive")
+    try:
+        archive.start()
+        with raw_client(mosquitto.port) as client:
+            client.publish(f"smearscope/{STATION}/report", envelope_of(a_report("run-1", SPECIMEN, 1_796_000_000.0)),
+                           qos=1).wait_for_publish(10)
+        assert wait_until(lambda: indexed(tmp_path / "archive") == 1, 30), archive.text()
+        mosquitto.stop()
+        mosquitto.start()
+        assert wait_until(lambda: archive.text().count("connected to broker") == 2, 30), archive.text()
+        assert wait_until(lambda: "the broker had no session for smearscope-archive" in archive.text(), 5), \
+            archive.text()
+    finally:
+        archive.stop()
+        mosquitto.stop()
+
+
 def test_the_archive_imports_no_training_framework() -> None:
     probe = ("import sys; from smearscope.cli import build_parser; build_parser(); "
              "import smearscope.cli.archive, smearscope.service.archive.daemon, smearscope.service.archive.query; "

@@ -195,6 +195,7 @@ class ArchiveDaemon:
             return
         if stored.new:
             self.counts["stored"] += 1
+            self._had_reports = True  # a session the broker loses from now on loses reports: said
             logger.info("stored %s %s from %s: %s", _what(record), record.report_id, record.station, stored.path)
         else:
             self.counts["duplicates"] += 1
