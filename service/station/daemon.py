@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import logging
 import os
 import sys
@@ -227,7 +226,7 @@ class StationDaemon:
                     cfg.source.kind, self.workers.frames.policy)
         if wrong := clock_before_release():  # said again by the outbox once network time steps it
             logger.warning("%s", wrong)
-        if note := scale_calibration_note(cfg, datetime.date.today()):
+        if note := scale_calibration_note(cfg):
             logger.log(note[0], "scale: %s", note[1])
 
     def supervise(self) -> None:

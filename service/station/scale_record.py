@@ -16,9 +16,10 @@ from smearscope.service.config import StationConfig
 logger = logging.getLogger(__name__)
 
 
-def scale_calibration_note(config: StationConfig, today: datetime.date) -> tuple[int, str] | None:
-    """(logging level, what to say) of the scale the station runs at, on `today`; None for a
-    simulated source, whose scale is the renderer's."""
+def scale_calibration_note(config: StationConfig, today: datetime.date | None = None) -> tuple[int, str] | None:
+    """(logging level, what to say) of the scale the station runs at, on `today` (default: this
+    machine's date); None for a simulated source, whose scale is the renderer's."""
+    today = datetime.date.today() if today is None else today
     src = config.source
     if src.kind == "simulated":
         return None
