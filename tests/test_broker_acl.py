@@ -85,6 +85,24 @@ def test_the_example_acl_keeps_commands_to_technicians_and_the_dashboard_to_its_
         broker.stop()
 
 
+def _example_conf(broker: MosquittoBroker, tls_material: TlsMaterial) -> str:
+    """config/mosquitto.conf.example with its paths and ports put to this broker's (its ACL copied
+    beside it)."""
+    work = broker.workdir
+    (work / "smearscope.acl").write_text(ACL.read_text())
+    text = CONF.read_text()
+    for example, here in {"listener 8883": f"listener {broker.tls_port} 127.0.0.1",
+                          "listener 9443": f"listener {broker.ws_port} 127.0.0.1",
+                          "/etc/mosquitto/passwd": str(work / "passwd"),
+                          "/etc/mosquitto/smearscope.acl": str(work / "smearscope.acl"),
+                          "/etc/mosquitto/certs/ca.crt": str(tls_material.ca_cert),
+                          "/etc/mosquitto/certs/server.crt": str(tls_material.server_cert),
+                          "/etc/mosquitto/certs/server.key": str(tls_material.server_key)}.items():
+        assert example in text, example
+        text = text.replace(example, here)
+    return text
+
+
 def test_the_example_broker_config_serves_stations_over_tls_and_websockets_and_announces_its_packet_limit(
     tmp_path: Path, credentials_dir: Path, tls_material: TlsMaterial,
 ) -> None:
@@ -94,19 +112,9 @@ def test_the_example_broker_config_serves_stations_over_tls_and_websockets_and_a
     station with transport = "websockets" delivers through the wss listener."""
     users = {"station-lab-7": MQTT_USERS["station"], "technician": "t"}
     broker = MosquittoBroker(tmp_path / "broker", users, tls=tls_material, websockets=True)
-    work = broker.workdir
-    (work / "smearscope.acl").write_text(ACL.read_text())
-    text = CONF.read_text()
-    for example, here in {"listener 8883": f"listener {broker.tls_port} 127.0.0.1",
-                          "listener 9443": f"listener {broker.ws_port} 127.0.0.1",
-                          "/etc/mosquitto/passwd": str(work / "passwd"),
-                          "/etc/mosquitto/smearscope.acl": str(work / "smearscope.acl"),
-                          "/var/lib/mosquitto/": f"{work}/",
-                          "/etc/mosquitto/certs/ca.crt": str(tls_material.ca_cert),
-                          "/etc/mosquitto/certs/server.crt": str(tls_material.server_cert),
-                          "/etc/mosquitto/certs/server.key": str(tls_material.server_key)}.items():
-        assert example in text, example
-        text = text.replace(example, here)
+    # the whole mosquitto.conf: its persistence_location uncommented, as the file says
+    text = _example_conf(broker, tls_material).replace("#persistence_location /var/lib/mosquitto/",
+                                                       f"persistence_location {broker.workdir}/")
     root = "user root\n" if os.geteuid() == 0 else ""  # as tests/broker.py: tmp_path is private to this user
     broker.conf_path.write_text(f"{root}log_dest file {broker.log_path}\n{text}")
     broker.port, broker.tls_port = broker.tls_port or 0, None  # no plain listener: wait for the TLS one
@@ -139,6 +147,56 @@ def test_the_example_broker_config_serves_stations_over_tls_and_websockets_and_a
             publisher.stop(drain_timeout=0)
             publisher.outbox.close()
         technician.close()
+
+
+#: /etc/mosquitto/mosquitto.conf as Debian 12's and Ubuntu 22.04's mosquitto package installs it.
+DEBIAN_MOSQUITTO_CONF = """# Place your local configuration in /etc/mosquitto/conf.d/
+#
+# A full description of the configuration file is at
+# /usr/share/doc/mosquitto/examples/mosquitto.conf.example
+
+pid_file /run/mosquitto/mosquitto.pid
+
+persistence true
+persistence_location /var/lib/mosquitto/
+
+log_dest file /var/log/mosquitto/mosquitto.log
+
+include_dir /etc/mosquitto/conf.d
+"""
+
+
+def test_the_example_broker_config_copied_into_debians_conf_d_starts_and_keeps_sessions(
+    tmp_path: Path, tls_material: TlsMaterial,
+) -> None:
+    """The example copied to /etc/mosquitto/conf.d/smearscope.conf beside Debian's packaged
+    mosquitto.conf (which sets persistence_location itself; mosquitto refuses a second one): the
+    broker starts, a station's account logs in over its TLS listener, and the sessions are saved
+    where Debian's file says."""
+    broker = MosquittoBroker(tmp_path / "broker", {"station-lab-7": MQTT_USERS["station"]}, tls=tls_material,
+                             websockets=True)
+    work = broker.workdir
+    (work / "conf.d").mkdir()
+    (work / "conf.d" / "smearscope.conf").write_text(_example_conf(broker, tls_material))
+    (work / "lib").mkdir()
+    main = DEBIAN_MOSQUITTO_CONF
+    for debian, here in {"/run/mosquitto/mosquitto.pid": str(work / "mosquitto.pid"),
+                         "/var/lib/mosquitto/": f"{work / 'lib'}/",
+                         "/var/log/mosquitto/mosquitto.log": str(broker.log_path),
+                         "/etc/mosquitto/conf.d": str(work / "conf.d")}.items():
+        main = main.replace(debian, here)
+    root = "user root\n" if os.geteuid() == 0 else ""  # as tests/broker.py: tmp_path is private to this user
+    broker.conf_path.write_text(root + main)
+    broker.port, broker.tls_port = broker.tls_port or 0, None  # no plain listener: wait for the TLS one
+    broker.start()
+    station = Subscriber(broker.port, "station-lab-7", MQTT_USERS["station"], ["smearscope/lab-7/cmd/#"],
+                         ca_cert=tls_material.ca_cert)
+    try:
+        station.wait_ready()
+    finally:
+        station.close()
+        broker.stop()
+    assert (work / "lib" / "mosquitto.db").exists(), broker.log()[-2000:]
 
 
 def test_a_retired_stations_retained_messages_are_cleared_with_its_own_account_not_a_technicians(
