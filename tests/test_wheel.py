@@ -70,6 +70,24 @@ def test_the_installed_package_imports_and_runs_from_elsewhere(installed: Path, 
     assert '"title": "Report"' in schema
 
 
+#: The product's folders and where the wheel installs each (pyproject.toml package-dir).
+INSTALLED_AS = {"smearscope": "smearscope", "device": "smearscope/device", "engines": "smearscope/engines",
+                "export": "smearscope/export", "service": "smearscope/service"}
+
+
+def test_every_package_of_the_product_is_in_the_wheel(installed: Path, tmp_path: Path) -> None:
+    """Each folder of the product holding an __init__.py is installed: a package left out of
+    pyproject's list installs without a word and fails at its first import (`smearscope archive`
+    did, service/archive missing). The archive's modules import from the installed tree."""
+    missing = [f"{top}/{init.parent.relative_to(ROOT / top)}"
+               for top, dest in INSTALLED_AS.items() for init in sorted((ROOT / top).rglob("__init__.py"))
+               if not (installed / dest / init.relative_to(ROOT / top)).is_file()]
+    assert missing == [], f"not in the wheel (add to [tool.setuptools] packages): {missing}"
+    out = _run(installed, "import smearscope.service.archive.daemon as d, smearscope.service.archive.query\n"
+               "print(d.__file__)\n", cwd=tmp_path)
+    assert Path(out.strip()).is_relative_to(installed), out
+
+
 def test_the_wheel_carries_its_models(installed: Path) -> None:
     models = installed / "smearscope" / "models"
     assert {p.name for p in models.glob("*.json")} >= {"seg.json", "rbc_head.json", "wbc_head.json"}
