@@ -304,4 +304,41 @@ def test_a_station_reads_its_own_retained_run_state_and_no_other_stations(tmp_pa
         for client in (station_7, station_8):
             client.loop_stop()
             client.disconnect()
+
+
+def test_the_archive_account_reads_every_stations_reports_and_bundles_and_nothing_else(tmp_path: Path) -> None:
+    """docs/ARCHIVE.md, "The broker it needs": the example ACL's `archive` account is given every
+    station's `report` and `fhir` messages and no field, cells or command, and may send nothing (its
+    refused report is followed by a station's, which a technician receives alone)."""
+    broker = MosquittoBroker(tmp_path / "broker", {**USERS, "archive": "a"}, acl=ACL.read_text())
+    broker.start()
+    archive = Subscriber(broker.port, "archive", "a", ["smearscope/#"])
+    technician = Subscriber(broker.port, "technician", USERS["technician"], ["smearscope/+/report"])
+    clients: list[mqtt.Client] = []
+    try:
+        archive.wait_ready()
+        technician.wait_ready()
+        station = _client(broker.port, "station-lab-7")
+        writer = _client(broker.port, "technician")
+        clients += [station, writer]
+        archiver = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+        archiver.username_pw_set("archive", "a")
+        archiver.connect("127.0.0.1", broker.port, 10)
+        archiver.loop_start()
+        clients.append(archiver)
+        archiver.publish("smearscope/lab-7/report", "forged", qos=1).wait_for_publish(5)
+        writer.publish("smearscope/lab-7/cmd/status", "{}", qos=1).wait_for_publish(5)
+        for kind in ("field", "cells", "status", "fhir", "report"):
+            station.publish(f"smearscope/lab-7/{kind}", kind, qos=1).wait_for_publish(5)
+        assert archive.wait_for(lambda ms: any(m.topic.endswith("/report") for m in ms), 10)
+        assert technician.wait_for(lambda ms: len(ms) >= 1, 10)
+        assert [(m.topic, m.payload) for m in archive.messages] == [
+            ("smearscope/lab-7/fhir", b"fhir"), ("smearscope/lab-7/report", b"report")]
+        assert [m.payload for m in technician.messages] == [b"report"]
+    finally:
+        for client in clients:
+            client.loop_stop()
+            client.disconnect()
+        archive.close()
+        technician.close()
         broker.stop()
