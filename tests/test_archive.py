@@ -429,6 +429,24 @@ def test_command_line_mistakes_are_said_before_anything_starts(tmp_path: Path,
 
 
 
+def test_a_tls_file_it_cannot_read_is_named_and_not_blamed_on_the_folder(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A --ca-file (or --certfile, --keyfile) the archive cannot read is said with the option and the
+    path, exit 2 (the unit does not restart a mistake), before the archive folder is made; it was
+    said as `cannot open the archive at DIR: [Errno 2] ...`, exit 1, retried every 10 s."""
+    d = tmp_path / "a"
+    ca = tmp_path / "missing-ca.crt"
+    assert main(["archive", "--broker", "mqtts://127.0.0.1:8883", "--ca-file", str(ca), "--dir", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert f"--ca-file {ca} cannot be read by user " in err and "No such file or directory" in err, err
+    assert "cannot open the archive" not in err and not d.exists()
+    ca.write_text("not read: the key is missing\n")
+    key = tmp_path / "missing.key"
+    assert main(["archive", "--broker", "mqtts://127.0.0.1:8883", "--ca-file", str(ca), "--certfile", str(ca),
+                 "--keyfile", str(key), "--dir", str(d)]) == 2
+    assert f"--keyfile {key} cannot be read" in capsys.readouterr().err and not d.exists()
+
+
 def test_a_refused_login_is_said_with_what_to_check_and_retried(tmp_path: Path,
                                                                 persistent_broker: MosquittoBroker) -> None:
     archive = Archive(tmp_path, persistent_broker.port, tmp_path / "archive")

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import pwd
 import signal
 import sqlite3
 import sys
@@ -46,6 +47,22 @@ def _broker(url: str) -> tuple[str, int, bool]:
     return parts.hostname, parts.port or PORTS[parts.scheme], parts.scheme == "mqtts"
 
 
+def _readable(option: str, path: Path | None) -> None:
+    """ValueError naming `option` when its file cannot be read by this process's user: found before
+    the archive opens its folder, not blamed on the folder (and not restarted by the unit)."""
+    if path is None:
+        return
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            user = f"uid {os.geteuid()}"
+        raise ValueError(f"{option} {path} cannot be read by user {user}: {exc.strerror or exc}") from exc
+
+
 def _config(args: argparse.Namespace) -> ArchiveConfig:
     from smearscope.service.config.archive import ArchiveConfig
     from smearscope.service.config.mqtt import MqttConfig, MqttTlsConfig
@@ -57,6 +74,8 @@ def _config(args: argparse.Namespace) -> ArchiveConfig:
         raise ValueError("--ca-file, --certfile and --keyfile are for mqtts://")
     if args.password_file is not None and not args.username:
         raise ValueError("--password-file needs --username (the broker account it is the password of)")
+    for option, path in (("--ca-file", args.ca_file), ("--certfile", args.certfile), ("--keyfile", args.keyfile)):
+        _readable(option, path)
     tls_config = MqttTlsConfig(ca_file=args.ca_file, certfile=args.certfile, keyfile=args.keyfile) if tls else None
     mqtt = MqttConfig(host=host, port=port, client_id=args.client_id, username=args.username, tls=tls_config,
                       topic_prefix=args.topic_prefix)
