@@ -404,8 +404,8 @@ def test_the_archive_imports_no_training_framework() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_command_line_mistakes_are_said_before_anything_starts(tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_line_mistakes_are_said_before_anything_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     d = str(tmp_path / "a")
     assert main(["archive", "--dir", d]) == 2
     assert main(["archive", "--broker", "mqtts://h:8883", "--dir", d]) == 2
@@ -417,11 +417,18 @@ def test_command_line_mistakes_are_said_before_anything_starts(tmp_path: Path,
     # a CA file that is not there, or no certificate: a mistake (2, not restarted), not the folder's (1)
     not_a_ca = tmp_path / "not-a-ca.pem"
     not_a_ca.write_text("not a certificate\n")
-    for ca_file in (str(tmp_path / "missing-ca.pem"), str(not_a_ca)):
-        assert main(["archive", "--broker", "mqtts://h:8883", "--ca-file", ca_file, "--dir", d]) == 2
-        said = capsys.readouterr().err
-        assert f"cannot set up the broker connection with --ca-file {ca_file}: " in said, said
-        assert "cannot open the archive" not in said
+    missing = str(tmp_path / "missing-ca.pem")
+    assert main(["archive", "--broker", "mqtts://h:8883", "--ca-file", missing, "--dir", d]) == 2
+    said = capsys.readouterr().err
+    assert f"--ca-file {missing} cannot be read by user " in said and "cannot open the archive" not in said, said
+    assert main(["archive", "--broker", "mqtts://h:8883", "--ca-file", str(not_a_ca), "--dir", d]) == 2
+    said = capsys.readouterr().err
+    assert f"cannot set up the broker connection with --ca-file {not_a_ca}: " in said, said
+    assert "cannot open the archive" not in said
+    # a user with no password (no --password-file, no credential): refused by the broker for ever
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert main(["archive", "--broker", "mqtt://h", "--username", "archive", "--dir", d]) == 2
+    assert "--username archive needs its password: --password-file" in capsys.readouterr().err
     assert not os.path.exists(d)
     assert main(["archive", "show", "../x", "--dir", d]) == 2
     assert main(["archive", "find", "--dir", d]) == 1

@@ -97,6 +97,9 @@ def cmd_archive(args: argparse.Namespace) -> int:
         return _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     except (ValueError, OSError, CredentialError) as exc:
         return _fail(str(exc))
+    if args.username and password is None:  # a login the broker can only refuse, retried for ever
+        return _fail(f"--username {args.username} needs its password: --password-file FILE, or the systemd "
+                     f"credential {CREDENTIAL} (LoadCredential=, as systemd/smearscope-archive.service gives it)")
     from smearscope.service.archive.daemon import ArchiveDaemon, BrokerSettingsError
 
     # the reports are patient data: nothing for other users, as the unit's UMask=0027 (and `run`)
