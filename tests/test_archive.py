@@ -468,6 +468,25 @@ def test_a_refused_login_is_said_with_what_to_check_and_retried(tmp_path: Path,
         archive.stop()
 
 
+def test_two_archives_under_one_client_id_are_said(tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
+    """docs/ARCHIVE.md: one archive per client id on a broker. Two under one id take the session
+    from each other (mosquitto closes the older one's connection, which sees only "Unspecified
+    error"): after three such short connections in a row an archive says at ERROR that another
+    archive may use its client id."""
+    archives = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        archives.append(Archive(tmp_path / name, persistent_broker.port, tmp_path / name / "archive"))
+    try:
+        for archive in archives:
+            archive.start()
+        said = "does another archive use client id 'smearscope-archive'?"
+        assert wait_until(lambda: any(said in a.text() for a in archives), 60), archives[0].text()[-3000:]
+    finally:
+        for archive in archives:
+            archive.stop()
+
+
 def envelope_of(report: Report, station: str = STATION) -> bytes:
     return json.dumps({"envelope_version": 1, "kind": "report", "station_id": station, "report_id": report.report_id,
                        "message_id": uuid.uuid4().hex, "schema_version": "1.2", "created_at": "x",

@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 #: The topic levels the archive subscribes to under `<prefix>/+/`.
 REPORT_LEAF, FHIR_LEAF = "report", "fhir"
+#: Connections the broker closes this soon after they opened, this many in a row, are said as two
+#: clients under one client id (mosquitto 2.0.11 closes the older session's connection with no
+#: reason the client sees: each archive logs only "lost (Unspecified error)").
+SHORT_CONNECTION_S, SHORT_CONNECTIONS_SAID = 5.0, 3
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class ArchiveDaemon:
         self._incoming: queue.Queue[Incoming] = queue.Queue()
         self._stop = threading.Event()
         self._connected = False
+        self._connected_at = 0.0
+        self._short_connections = 0  # lost within SHORT_CONNECTION_S of opening, in a row
         self._had_reports = self.store.report_count() > 0
         self.counts = {"stored": 0, "duplicates": 0, "refused": 0, "dropped": 0}
         self._dropping = False  # QoS 0 messages being dropped for want of room (said once per spell)
@@ -106,6 +112,7 @@ class ArchiveDaemon:
                          self.config.mqtt.reconnect_max_delay_s)
             return
         self._connected = True
+        self._connected_at = time.monotonic()
         present = bool(flags.session_present)
         logger.info("connected to broker %s as %s (session %s)", self.config.mqtt.address, self.client_id,
                     "resumed" if present else "new")
@@ -132,6 +139,13 @@ class ArchiveDaemon:
         if was and not self._stop.is_set():
             logger.warning("connection to broker %s lost (%s); reconnecting, the broker keeps the session",
                            self.config.mqtt.address, reason_code)
+            short = time.monotonic() - self._connected_at < SHORT_CONNECTION_S
+            self._short_connections = self._short_connections + 1 if short else 0
+            if self._short_connections == SHORT_CONNECTIONS_SAID:
+                logger.error("the broker closed the archive's connection %d times in a row, each within %g s of "
+                             "connecting: does another archive use client id %r? Each archive on a broker needs "
+                             "its own (--client-id); two under one id take the session from each other",
+                             SHORT_CONNECTIONS_SAID, SHORT_CONNECTION_S, self.client_id)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         # The Receive Maximum bounds what waits here at QoS 1; a QoS 0 message (no station publishes
