@@ -519,6 +519,24 @@ def test_find_lists_the_latest_run_first_and_in_a_run_the_report_that_supersedes
     assert json.loads(found[0].path.read_bytes())["body"]["verification"]["supersedes"] == new_verified.report_id
 
 
+def test_find_and_show_take_a_relative_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`archive find --dir a` and `archive show ID --dir a` from the folder above it (a copy of the
+    archive looked at in place): they list and print, where they raised ValueError ("relative path
+    can't be expressed as a file URI") with a traceback."""
+    report = a_report("run-rel", SPECIMEN, 1_796_000_000.0)
+    store = ArchiveStore(tmp_path / "a")
+    try:
+        assert store.put_report(read_report(STATION, envelope_of(report))).new
+    finally:
+        store.close()
+    monkeypatch.chdir(tmp_path)
+    assert main(["archive", "find", "--specimen", SPECIMEN, "--dir", "a"]) == 0
+    assert report.report_id in capsys.readouterr().out
+    assert main(["archive", "show", report.report_id, "--dir", "a"]) == 0
+    assert json.loads(capsys.readouterr().out)["report_id"] == report.report_id
+
+
 def test_the_archive_over_tls_checks_the_broker_against_its_ca_file(tmp_path: Path, tls_material: TlsMaterial) -> None:
     """mqtts:// with --ca-file, as systemd/smearscope-archive.service's example runs it; a broker
     certificate from another CA is refused, saying which file to check."""

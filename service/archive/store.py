@@ -167,7 +167,7 @@ def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
     if read_only:
         if not path.is_file():
             raise FileNotFoundError(f"no archive at {directory} ({INDEX_NAME} not there)")
-        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=10)
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=10)
         db.row_factory = sqlite3.Row
         return db
     db = sqlite3.connect(path, timeout=10, isolation_level="DEFERRED", check_same_thread=False)
