@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import MQTT_USERS, MosquittoBroker
+from broker import MosquittoBroker
 from test_dashboard import (
     _closed_run_state,
     _page_and_a_station,
@@ -20,16 +19,8 @@ from test_dashboard import (
     _status,
     _wait,
     needs_chromium,
+    ws_broker,  # noqa: F401 (the fixture)
 )
-
-
-@pytest.fixture
-def ws_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    """mosquitto with the dashboard's WebSockets listener (as tests/test_dashboard.py's)."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, websockets=True)
-    broker.start()
-    yield broker
-    broker.stop()
 
 
 def _cards(driver: Any) -> list[str]:
@@ -45,7 +36,7 @@ def _waiting(driver: Any) -> bool:
 @pytest.mark.broker
 @needs_chromium
 def test_a_retired_stations_cleared_messages_take_its_card_away_and_make_none(
-    tmp_path: Path, ws_broker: MosquittoBroker,
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
 ) -> None:
     """The page opened before any station waits for them; stations appear as they say online, in
     order of their ids. A station retired or renamed leaves its retained status and run state on the
@@ -98,7 +89,7 @@ def _sample(instance: str, host: str, interval_s: float = 30.0) -> str:
 @pytest.mark.broker
 @needs_chromium
 def test_two_stations_under_one_station_id_are_said_and_a_restart_is_not(
-    tmp_path: Path, ws_broker: MosquittoBroker,
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
 ) -> None:
     """Two stations given one station_id (a cloned config) publish under it in turn, and the page
     showed one card mixing their runs, status and telemetry, saying nothing. Each process's samples
@@ -148,7 +139,7 @@ def _named(driver: Any, summary: str) -> list[str] | None:
 @pytest.mark.broker
 @needs_chromium
 def test_twelve_stations_the_header_names_those_that_need_someone_and_stays_in_sight(
-    tmp_path: Path, ws_broker: MosquittoBroker,
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
 ) -> None:
     """Twelve stations: the cards stay in order of station id, its numbers read as numbers
     (scope-2 before scope-10: they were ordered as text, scope-10 before scope-2), and never move
@@ -190,7 +181,7 @@ def test_twelve_stations_the_header_names_those_that_need_someone_and_stays_in_s
 @pytest.mark.broker
 @needs_chromium
 def test_a_station_whose_clock_is_minutes_off_says_so_and_is_not_taken_for_silent(
-    tmp_path: Path, ws_broker: MosquittoBroker,
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
 ) -> None:
     """The times a card shows (a run's start and last update, telemetry's read_at) are the
     station's clock's: a station ten minutes behind read "last update 10:02" at 10:12, a run that
@@ -224,7 +215,7 @@ def test_a_station_whose_clock_is_minutes_off_says_so_and_is_not_taken_for_silen
 @pytest.mark.broker
 @needs_chromium
 def test_on_a_narrow_screen_a_cards_panels_stack_and_no_text_runs_into_another(
-    tmp_path: Path, ws_broker: MosquittoBroker,
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
 ) -> None:
     """A tablet held upright, or a browser window beside another: the card kept its three panels
     side by side at any width, and at 500 px the morphology table's grades ran over the telemetry
