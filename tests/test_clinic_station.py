@@ -19,6 +19,8 @@ from test_daemon import (
     envelopes,
     oracle_pool,
     pool_factory,
+    start_daemon,
+    stop_daemon,
     write_station,
 )
 from test_fhir import by_code, validate
@@ -729,20 +731,9 @@ def test_the_retained_run_state_comes_back_when_the_broker_lost_it(
         return observer.wait_for(lambda ms: sum(m.topic == f"{BASE}/status" and m.payload == b"online"
                                                 for m in ms) > seen, 30)
 
-    def start() -> tuple[StationDaemon, threading.Thread]:
-        daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(), config_path=config)
-        runner = threading.Thread(target=daemon.run, daemon=True)
-        runner.start()
-        return daemon, runner
-
-    def stop(daemon: StationDaemon, runner: threading.Thread) -> None:
-        daemon.request_stop("test step over")
-        runner.join(30)
-        assert not runner.is_alive()
-
     onlines = lambda: sum(m.topic == f"{BASE}/status" and m.payload == b"online" for m in observer.messages)
     try:
-        daemon, runner = start()
+        daemon, runner = start_daemon(config)
         try:
             assert online_again(0)
             observer.client.publish(f"{BASE}/cmd/start_run", "{}", qos=1)
@@ -756,18 +747,18 @@ def test_the_retained_run_state_comes_back_when_the_broker_lost_it(
             assert online_again(seen)
             assert wait_until(lambda: retained() == closed, 20)
         finally:
-            stop(daemon, runner)
+            stop_daemon(daemon, runner)
         broker.kill()
         broker.start()  # the station away: the broker comes back empty
         assert retained() is None
         seen = onlines()
-        daemon, runner = start()
+        daemon, runner = start_daemon(config)
         try:
             assert online_again(seen) and wait_until(lambda: retained() is not None, 20)
             again = retained()
             assert again is not None and again["run_id"] == closed["run_id"] and again["state"] == "closed"
             assert again["report"]["report_id"] == closed["report"]["report_id"]
         finally:
-            stop(daemon, runner)
+            stop_daemon(daemon, runner)
     finally:
         observer.close()

@@ -652,6 +652,22 @@ def running(daemon: StationDaemon) -> Iterator[threading.Thread]:
         runner.join(30)
 
 
+def start_daemon(config: Path) -> tuple[StationDaemon, threading.Thread]:
+    """A station daemon of this config (its credentials from this process's environment) with the
+    oracle pool for analyzer, its main loop started on a thread; stop_daemon stops it."""
+    daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(), config_path=config)
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    return daemon, runner
+
+
+def stop_daemon(daemon: StationDaemon, runner: threading.Thread) -> None:
+    """The daemon asked to stop and its main loop joined; fails the test if it runs on 30 s later."""
+    daemon.request_stop("test over")
+    runner.join(30)
+    assert not runner.is_alive()
+
+
 def _frame_number(frame_id: str) -> int:
     return int("".join(ch for ch in frame_id if ch.isdigit()) or -1)
 

@@ -7,6 +7,7 @@ analysis is the oracle `PoolAnalyzer` of tests/test_daemon.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
@@ -14,6 +15,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 import cv2
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
-from test_daemon import BASE, PoolAnalyzer, envelopes, oracle_pool, write_station
+from test_daemon import BASE, envelopes, oracle_pool, start_daemon, stop_daemon, write_station
 from test_daemon_faults import DaemonProcess
 
 from smearscope.device.synthetic import render_field
@@ -69,17 +71,26 @@ def _command(sub: Subscriber, name: str, arguments: dict[str, Any] | None = None
     raise AssertionError(f"no answer to {name}")
 
 
-def _start(config: Path) -> tuple[StationDaemon, threading.Thread]:
-    daemon = StationDaemon(load_config(config), analyzer_factory=lambda c: PoolAnalyzer(oracle_pool()))
-    runner = threading.Thread(target=daemon.run, daemon=True)
-    runner.start()
-    return daemon, runner
+@contextlib.contextmanager
+def _observed_station(
+    config: Path, broker: MosquittoBroker,
+) -> Iterator[tuple[Subscriber, StationDaemon, Callable[[], None]]]:
+    """An observer on the station's topics, then the station started on a thread, for the block;
+    the station stopped (unless the block's stop() did) and the observer closed after it."""
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    running: list[tuple[StationDaemon, threading.Thread]] = []
 
+    def stop() -> None:
+        if running:
+            stop_daemon(*running.pop())
 
-def _stop(daemon: StationDaemon, runner: threading.Thread) -> None:
-    daemon.request_stop("test over")
-    runner.join(30)
-    assert not runner.is_alive()
+    try:
+        sub.wait_ready()
+        running.append(start_daemon(config))
+        yield sub, running[0][0], stop
+    finally:
+        stop()
+        sub.close()
 
 
 def _field(inbox: Path, name: str, seed: int) -> None:
@@ -109,7 +120,7 @@ def test_a_run_started_for_a_specimen_survives_a_power_cut_before_its_first_fiel
         assert first.wait(10) == -signal.SIGKILL
         assert _started_rows(config) == [(started["run_id"], "command", 500, SPECIMEN)]
 
-        daemon, runner = _start(config)
+        daemon, runner = start_daemon(config)
         # commands are answered from the connection on; the run left open is taken back just after
         assert wait_until(lambda: "analysis" in daemon.workers.threads, 30)
         status = _command(sub, "status")
@@ -127,7 +138,7 @@ def test_a_run_started_for_a_specimen_survives_a_power_cut_before_its_first_fiel
         assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 15)
     finally:
         if daemon is not None and runner is not None:
-            _stop(daemon, runner)
+            stop_daemon(daemon, runner)
         if first is not None:
             first.signal(signal.SIGKILL)
         sub.close()
@@ -154,12 +165,8 @@ def test_a_run_started_before_a_restart_past_its_idle_timeout_is_closed_and_said
     old = SpecimenRun(target_wbc=500, started_at=time.time() - 120.0, started_by="command", specimen_id=SPECIMEN)
     StationState(outbox).run_started(old)  # what the previous process wrote at start_run
     outbox.close()
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-    daemon = runner = None
     caplog.set_level(logging.INFO)
-    try:
-        sub.wait_ready()
-        daemon, runner = _start(config)
+    with _observed_station(config, broker) as (sub, daemon, _):
         assert wait_until(lambda: "analysis" in daemon.workers.threads, 30)
         assert _command(sub, "status")["run"] is None
         said = [r for r in caplog.records if r.levelno == logging.WARNING and old.run_id in r.getMessage()]
@@ -173,10 +180,6 @@ def test_a_run_started_before_a_restart_past_its_idle_timeout_is_closed_and_said
         assert stopped["ok"] and stopped["run_id"] == field["run_id"] and stopped["fields"] == 1, stopped
         assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 15)
         runs = _command(sub, "get_runs")
-    finally:
-        if daemon is not None and runner is not None:
-            _stop(daemon, runner)
-        sub.close()
     (report,) = [e["body"] for e in envelopes(sub, f"{BASE}/report")]
     assert report["run_id"] == field["run_id"] and report["specimen_id"] is None
     assert old.run_id not in {json.loads(m.payload)["run_id"] for m in sub.on_topic(f"{BASE}/run")}
@@ -190,12 +193,8 @@ def test_a_run_ended_before_any_field_leaves_no_row(
     documented: no fields, no report) and a clean stop of the station before any field both take
     it out, so the next start neither takes back nor closes anything."""
     config, _ = _station(tmp_path, broker)
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-    daemon = runner = None
     caplog.set_level(logging.INFO)
-    try:
-        sub.wait_ready()
-        daemon, runner = _start(config)
+    with _observed_station(config, broker) as (sub, daemon, stop):
         started = _command(sub, "start_run", {"specimen_id": SPECIMEN, "target_wbc": 200})
         assert _started_rows(config, daemon) == [(started["run_id"], "command", 200, SPECIMEN)]
         stopped = _command(sub, "stop_run")
@@ -204,12 +203,7 @@ def test_a_run_ended_before_any_field_leaves_no_row(
         assert _started_rows(config, daemon) == []
         again = _command(sub, "start_run", {"specimen_id": "H-2"})
         assert [row[0] for row in _started_rows(config, daemon)] == [again["run_id"]]
-        _stop(daemon, runner)
-        daemon = runner = None
-    finally:
-        if daemon is not None and runner is not None:
-            _stop(daemon, runner)
-        sub.close()
+        stop()
     assert _started_rows(config) == []
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and again["run_id"] in r.getMessage()]
     assert len(said) == 1 and "H-2" in said[0] and "stop" in said[0]
