@@ -53,6 +53,28 @@ def _as_station_user() -> tuple[list[str], str]:
     return ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"], "nobody"
 
 
+def _credentials_state_and_pool(open_dir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, Path, Path]:
+    """In open_dir: a credentials folder with the station's broker password, set as
+    $CREDENTIALS_DIRECTORY (one the station's user can read); the state folder with its inbox; the
+    oracle pool pickled. Returns the credentials folder, the state folder, the inbox and the pool."""
+    credentials = open_dir / "credentials"
+    credentials.mkdir()
+    (credentials / "mqtt-password").write_text(MQTT_USERS["station"] + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    state = open_dir / "state"
+    inbox = state / "inbox"
+    inbox.mkdir(parents=True)
+    pool = open_dir / "pool.pkl"
+    pool.write_bytes(pickle.dumps(list(oracle_pool())))
+    return credentials, state, inbox, pool
+
+
+def _folder_source(inbox: Path) -> dict[str, object]:
+    """A watched-folder [source] on inbox that picks files up at once."""
+    return {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
+            "decode_grace_s": 0.0, "microns_per_pixel": 0.2}
+
+
 def test_a_state_restored_by_root_is_refused_naming_the_files_and_the_chown_then_starts_as_it_was(
     open_dir: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -61,20 +83,11 @@ def test_a_state_restored_by_root_is_refused_naming_the_files_and_the_chown_then
     their owner and mode and the chown to run, and changes nothing; after that chown it starts and
     takes the run back."""
     prefix, user = _as_station_user()
-    credentials = open_dir / "credentials"
-    credentials.mkdir()
-    (credentials / "mqtt-password").write_text(MQTT_USERS["station"] + "\n")
-    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))  # one the station's user can read
-    state = open_dir / "state"
-    inbox = state / "inbox"
-    inbox.mkdir(parents=True)
-    pool = open_dir / "pool.pkl"
-    pool.write_bytes(pickle.dumps(list(oracle_pool())))
+    credentials, state, inbox, pool = _credentials_state_and_pool(open_dir, monkeypatch)
     broker = MosquittoBroker(open_dir / "broker", MQTT_USERS)
     broker.start()
     try:
-        source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
-                  "decode_grace_s": 0.0, "microns_per_pixel": 0.2}
+        source = _folder_source(inbox)
         config = write_station(open_dir, broker.port, source=source,
                                specimen={"target_wbc_count": 1000, "idle_timeout_s": 600.0})
         first = DaemonProcess(config, pool)
@@ -138,20 +151,11 @@ def test_a_review_folder_restored_by_root_is_said_with_its_chown_and_the_station
     enter it). The station starts, says at ERROR which folder and the chown, and runs on without
     its gallery (as with any review folder it cannot write), not a traceback at every restart."""
     prefix, user = _as_station_user()
-    credentials = open_dir / "credentials"
-    credentials.mkdir()
-    (credentials / "mqtt-password").write_text(MQTT_USERS["station"] + "\n")
-    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))  # one the station's user can read
-    state = open_dir / "state"
-    inbox = state / "inbox"
-    inbox.mkdir(parents=True)
-    pool = open_dir / "pool.pkl"
-    pool.write_bytes(pickle.dumps(list(oracle_pool())))
+    credentials, state, inbox, pool = _credentials_state_and_pool(open_dir, monkeypatch)
     broker = MosquittoBroker(open_dir / "broker", MQTT_USERS)
     broker.start()
     try:
-        source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
-                  "decode_grace_s": 0.0, "microns_per_pixel": 0.2}
+        source = _folder_source(inbox)
         config = write_station(open_dir, broker.port, source=source)
         first = DaemonProcess(config, pool)
         (inbox / "f0.png").write_bytes(_png(3100))
@@ -211,8 +215,7 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
     broker.start()
     idle_s = 3.0
     try:
-        source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
-                  "decode_grace_s": 0.0, "microns_per_pixel": 0.2}
+        source = _folder_source(inbox)
         config = write_station(tmp_path, broker.port, source=source,
                                specimen={"target_wbc_count": 40, "idle_timeout_s": idle_s})
         first = DaemonProcess(config, pool)
