@@ -41,6 +41,17 @@ def _image(result: Any) -> np.ndarray:
                                    n_wbc=4).frame.pixels)
 
 
+def _gallery_of_runs(review: Path, count: int) -> tuple[ReviewGallery, list[str]]:
+    """A gallery in review (no free-disk floor) given one field, the oracle pool's first, in each of
+    `count` runs run-0, run-1, ... in turn; the gallery and those run ids."""
+    pool = oracle_pool()
+    gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
+    runs = [f"run-{k}" for k in range(count)]
+    for run_id in runs:
+        gallery.add_field(run_id, _image(pool[0]), pool[0])
+    return gallery, runs
+
+
 def test_gallery_pages_fit_the_message_budget_and_cover_every_crop(tmp_path: Path) -> None:
     gallery = ReviewGallery(ReviewConfig(max_message_kb=8, crop_px=192), tmp_path / "review")
     kept = sum(gallery.add_field("run-a", _image(r), r) for r in oracle_pool())
@@ -480,11 +491,8 @@ def test_a_run_the_gallery_lets_go_leaves_its_file_at_once(tmp_path: Path) -> No
     from smearscope.service.station.gallery_store import FILE_NAME
     from smearscope.service.station.review import KEEP_RUNS
 
-    review, pool = tmp_path / "review", oracle_pool()
-    gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
-    runs = [f"run-{k}" for k in range(KEEP_RUNS + 2)]
-    for run_id in runs:
-        gallery.add_field(run_id, _image(pool[0]), pool[0])
+    review = tmp_path / "review"
+    gallery, runs = _gallery_of_runs(review, KEEP_RUNS + 2)
     kept = gallery.run_ids()
     assert kept == runs[1:]  # the open run and KEEP_RUNS closed ones
     db = sqlite3.connect(review / FILE_NAME)

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import pytest
 from broker import free_port
-from test_clinic_station import _image
+from test_clinic_station import _gallery_of_runs, _image
 from test_daemon import oracle_pool, station_document, to_toml
 from test_typed_cells import _cell
 
@@ -82,11 +82,8 @@ def test_a_run_the_gallery_lets_go_is_overwritten_in_its_file(
 def test_a_run_the_gallery_lets_go_takes_its_overlays_with_it(tmp_path: Path) -> None:
     """Overlays (full-size fields, named by the field id) of a run no command can reach any more
     were kept until the review directory reached max_disk_mb (200 MB: thousands of fields)."""
-    review, pool = tmp_path / "review", oracle_pool()
-    gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=0), review)
-    runs = [f"run-{k}" for k in range(KEEP_RUNS + 3)]
-    for run_id in runs:
-        gallery.add_field(run_id, _image(pool[0]), pool[0])
+    review = tmp_path / "review"
+    gallery, runs = _gallery_of_runs(review, KEEP_RUNS + 3)
     kept = gallery.run_ids()
     assert kept == runs[2:]
     assert sorted(p.name for p in review.iterdir() if p.is_dir()) == kept
