@@ -421,12 +421,12 @@ def test_doctor_says_when_tls_and_the_port_do_not_match(
                                    "tls": {"ca_file": str(tls_material.ca_cert)}})
         assert main(["doctor", "--config", str(tls)]) == 1
         out = capsys.readouterr().out
-        line = [ln for ln in out.splitlines() if ln[6:].startswith("broker TLS")]
+        line = _lines(out, "broker TLS")
         assert line and line[0].startswith("FAIL") and "not a TLS listener" in line[0], out
         plain = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.tls_port, **login})
         assert main(["doctor", "--config", str(plain)]) == 1
         out = capsys.readouterr().out
-        line = [ln for ln in out.splitlines() if ln[6:].startswith("broker login")]
+        line = _lines(out, "broker login")
         assert line and line[0].startswith("FAIL") and "a TLS listener" in line[0] and "[mqtt.tls]" in line[0], out
         # the right port, a CA file that did not sign the broker's certificate (the broker's moved to a new CA)
         other = make_tls_material(tmp_path / "other-ca", common_name="other-ca")
@@ -434,7 +434,7 @@ def test_doctor_says_when_tls_and_the_port_do_not_match(
                                      "tls": {"ca_file": str(other.ca_cert)}})
         assert main(["doctor", "--config", str(stale)]) == 1
         out = capsys.readouterr().out
-        line = [ln for ln in out.splitlines() if ln[6:].startswith("broker TLS")]
+        line = _lines(out, "broker TLS")
         assert line and f"not signed by the CA in [mqtt.tls] ca_file {other.ca_cert}" in line[0], out
     finally:
         broker.stop()
