@@ -200,6 +200,18 @@ def _retained_run_error(lines: list[str]) -> list[str]:
     return [ln for ln in lines if "ERROR smearscope.service.mqtt.run_watch" in ln]
 
 
+def _said_a_run_its_state_lacks(config: Path, pool: Path) -> tuple[DaemonProcess, list[str]]:
+    """A station process started, then stopped (SIGTERM, exit 0) once it said at ERROR that the broker
+    holds a run its state lacks; the process and those ERROR lines."""
+    process = DaemonProcess(config, pool)
+    try:
+        assert wait_until(lambda: bool(_retained_run_error(process.lines)), 30), process.lines[-20:]
+    finally:
+        process.signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    return process, _retained_run_error(process.lines)
+
+
 def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path, credentials_dir: Path) -> None:
     """A station's state saved with a run open (5 fields); the station goes on (that run completes
     with 10 fields, the next too, a third is open with 5) and dies. The saved state, restored and
@@ -240,13 +252,7 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
 
         shutil.rmtree(tmp_path / "state")
         shutil.copytree(tmp_path / "backup", tmp_path / "state")  # onto the replacement board
-        restored = DaemonProcess(config, pool)
-        try:
-            assert wait_until(lambda: bool(_retained_run_error(restored.lines)), 30), restored.lines[-20:]
-        finally:
-            restored.signal(signal.SIGTERM)
-            assert restored.wait(60) == 0
-        said = _retained_run_error(restored.lines)
+        restored, said = _said_a_run_its_state_lacks(config, pool)
         assert len(said) == 1, said
         saved_run = closed_whole[0]  # the run open in the saved state, closed whole by the station that went on
         again = [ln for ln in restored.lines if "stored report message" in ln and f"run={saved_run}" in ln]
@@ -259,13 +265,7 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
         # a new board under the same station id, started without a backup: its state holds no run
         shutil.rmtree(tmp_path / "state")
         inbox.mkdir(parents=True)
-        fresh = DaemonProcess(config, pool)
-        try:
-            assert wait_until(lambda: bool(_retained_run_error(fresh.lines)), 30), fresh.lines[-20:]
-        finally:
-            fresh.signal(signal.SIGTERM)
-            assert fresh.wait(60) == 0
-        said = _retained_run_error(fresh.lines)
+        _, said = _said_a_run_its_state_lacks(config, pool)
         assert f"the broker holds run {saved_run} of station " in said[0], said  # the restored one's, closed
         assert "(closed, 5 fields, updated " in said[0] and "does not hold it (it holds 0 runs)" in said[0], said
     finally:
