@@ -218,8 +218,8 @@ class StationDaemon:
         with self.notifier.extending():  # EXTEND_TIMEOUT_USEC= while it takes
             self.analyzer = self._analyzer_factory(cfg)  # loads and warms the engines
         logger.info("engines loaded and warm in %.1f s", time.monotonic() - t0)
+        self.workers.start(self.source, self.analyzer, self.publisher)  # runs read back before get_runs is answered
         self.publisher.start()
-        self.workers.start(self.source, self.analyzer, self.publisher)
         self._started_at = time.monotonic()
         self.notifier.ready(self.status_line())
         logger.info("station %s ready (source %s, frames queue %s)", cfg.station_id,
