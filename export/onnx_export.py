@@ -45,15 +45,24 @@ def parity_gap(outs: list[np.ndarray], refs: list[np.ndarray], atol: float, rtol
     atol + rtol * |reference| (numpy.allclose's rule). The relative part is float32 rounding of
     large outputs: a squared Mahalanobis distance of 3.6e5 (an `ood` output on random input)
     carries about 0.3 of it, which an absolute bound alone refused."""
+    if len(outs) != len(refs):
+        raise RuntimeError(f"ONNX gives {len(outs)} outputs, PyTorch {len(refs)}")
     diff = 0.0
     for o, r in zip(outs, refs):
-        gap = np.abs(o - r)
-        excess = gap - (atol + rtol * np.abs(r))
-        if excess.max() > 0:
+        if np.shape(o) != np.shape(r):  # broadcasting would compare other elements
+            raise RuntimeError(f"ONNX output of shape {np.shape(o)} where PyTorch gives {np.shape(r)}")
+        # NaN never matches (its gap compares as no excess), an infinity only itself
+        if (np.isnan(o) | np.isnan(r) | ((np.isinf(o) | np.isinf(r)) & (o != r))).any():
+            raise RuntimeError("ONNX or PyTorch output holds NaN, or an infinity the other does not")
+        finite = np.isfinite(r)
+        with np.errstate(invalid="ignore"):
+            gap = np.where(finite, np.abs(o - r), 0.0)
+        excess = gap - (atol + rtol * np.abs(np.where(finite, r, 0.0)))
+        if excess.size and excess.max() > 0:
             i = np.unravel_index(int(excess.argmax()), excess.shape)
             raise RuntimeError(f"ONNX output differs from PyTorch by {float(gap[i]):.2e} at {float(r[i]):.4g} "
                                f"(> {atol} + {rtol} x |reference|)")
-        diff = max(diff, float(gap.max()))
+        diff = max(diff, float(gap.max(initial=0.0)))
     return diff
 
 

@@ -94,3 +94,22 @@ def test_export_parity_allows_float32_rounding_of_a_large_distance_but_not_a_wro
         parity_gap([logits, ood * np.float32(1.01)], [logits, ood], atol=1e-2)
     with pytest.raises(RuntimeError, match="differs"):  # a small distance off by more than the bound
         parity_gap([logits, ood - np.array([0, 0.05], np.float32)], [logits, ood], atol=1e-2)
+
+
+def test_export_parity_refuses_nan_a_lost_infinity_a_missing_output_and_another_shape():
+    """What no tolerance admits: an ONNX output that is NaN (or infinite where PyTorch's is
+    finite) passed before, as NaN compares false against any bound; so did a missing output
+    (zip stops at the shorter list) and an output of another shape that broadcasts."""
+    logits = np.array([[0.3011762, -0.12, 0.05]], np.float32)
+    ood = np.array([358978.06, 1204.5], np.float32)
+    assert parity_gap([logits, np.array([np.inf, 1204.5], np.float32)],
+                      [logits, np.array([np.inf, 1204.5], np.float32)], atol=1e-2) == 0.0
+    for outs in ([logits, np.array([np.nan, 1204.5], np.float32)],
+                 [logits, np.array([np.inf, 1204.5], np.float32)],
+                 [np.full_like(logits, np.nan), ood]):
+        with pytest.raises(RuntimeError, match="NaN"):
+            parity_gap(outs, [logits, ood], atol=1e-2)
+    with pytest.raises(RuntimeError, match="outputs"):
+        parity_gap([logits], [logits, ood], atol=1e-2)
+    with pytest.raises(RuntimeError, match="shape"):
+        parity_gap([logits[0], ood], [logits, ood], atol=1e-2)
