@@ -130,6 +130,8 @@ def test_a_run_started_for_a_specimen_survives_a_power_cut_before_its_first_fiel
         field = envelopes(sub, f"{BASE}/field")[0]["body"]
         assert field["run_id"] == started["run_id"]
         assert _started_rows(config, daemon) == []  # its first field's row says the same from now on
+        # its state goes out once its field is stored (service.station.live_state)
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/run" for m in ms), 15)
         states = [json.loads(m.payload) for m in sub.on_topic(f"{BASE}/run")]
         assert states and states[-1]["progress"]["specimen_id"] == SPECIMEN and states[-1]["state"] == "open"
         stopped = _command(sub, "stop_run")

@@ -38,6 +38,7 @@ from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.fhir.report_view import rbc_grades
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, StateWriter
 from smearscope.service.station.durable import KEEP_CLOSED_RUNS
+from smearscope.service.station.live_state import LiveState
 from smearscope.service.station.review import ReviewGallery, WbcTyping, needs_review
 from smearscope.service.station.run_records import EndReason
 from smearscope.service.station.specimen import (
@@ -115,11 +116,7 @@ class ClinicFeed:
         self._load_run: Callable[[str], SpecimenRun | None] | None = None
         # below the station's packet limit too (topic, properties and envelope need room)
         self.max_state_bytes = min(config.review.max_message_kb * 1024, config.mqtt.max_packet_size - 1024)
-        #: The last live run state handed to the outbox (topic, payload, run id), sent again after
-        #: each reconnect; its lock keeps the outbox's order of run states their order here.
-        self._live: tuple[str, bytes, str] | None = None
-        self._live_seq: int | None = None  # its copy in the outbox
-        self._live_lock = threading.Lock()
+        self.live = LiveState()  # the last run state, sent after what it counts is stored
 
     def start(self, analyzer: Any, closed: Sequence[ClosedRun],
               load_run: Callable[[str], SpecimenRun | None] | None = None,
@@ -259,24 +256,13 @@ class ClinicFeed:
             logger.warning("live run state of %s is %d bytes, above review.max_message_kb; not sent",
                            report.run_id, len(payload))
             return
-        with self._live_lock:
-            self._live = (_topic(publisher, RUN_TOPIC), payload, report.run_id or report.report_id)
-            self._live_seq = None  # the copy waiting, if any, is of an older state
-            self._send_live(publisher)
+        message = NewMessage("field", _topic(publisher, RUN_TOPIC), payload, report.run_id or report.report_id,
+                             RUN_SCHEMA, qos=1, retain=True)
+        self.live.publish(publisher, message)
 
     def republish(self, publisher: OutboxPublisher) -> None:
-        """The last live run state again (MqttPublisher.on_reconnected: the broker may have lost its
-        retained copy, or restored an older one from its last save), unless its copy still waits
-        in the outbox (a connection that keeps dropping would add one each time)."""
-        with self._live_lock:
-            if self._live_seq is None or not publisher.outbox.holds(self._live_seq):
-                self._send_live(publisher)
-
-    def _send_live(self, publisher: OutboxPublisher) -> None:
-        if self._live is not None:
-            topic, payload, key = self._live
-            self._live_seq = publisher.publish_many([], extra=[NewMessage(
-                "field", topic, payload, key, RUN_SCHEMA, qos=1, retain=True)])[-1]
+        """The last live run state again (LiveState.republish)."""
+        self.live.republish(publisher)
 
     def get_review(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """`cmd/get_review {"run_id": ..., "offset": 0}` (on the command thread)."""

@@ -21,7 +21,7 @@ from smearscope.device.frame import Frame
 from smearscope.device.sources import FrameSource
 from smearscope.service.analysis.records import ClassifiedCell
 from smearscope.service.analysis.report import SCHEMA_VERSION, Report
-from smearscope.service.mqtt.outbox import MessageKind, StateWriter, is_disk_full
+from smearscope.service.mqtt.outbox import MessageKind, NewMessage, StateWriter, is_disk_full
 from smearscope.service.mqtt.publisher import MqttPublisher
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.daemon_summary import Stats, StoredReport
@@ -41,11 +41,12 @@ PROBE_S = 2.0  # while the disk is full and nothing is to be stored, how often t
 
 @dataclass(frozen=True)
 class Outgoing:
-    kind: Literal["field", "report"]
-    report: Report
+    kind: Literal["field", "report", "live"]
+    report: Report  # "live": the report of the field or run its run state counts
     frame: Frame | None = None  # the field's frame (its source is told when it is stored)
     cells: tuple[ClassifiedCell, ...] = ()
     run: RunMeta | None = None  # the run the field joined
+    live: NewMessage | None = None  # "live": a run state, stored once what it counts is (service.station.live_state)
 
 
 class ReportWriter:
@@ -74,12 +75,24 @@ class ReportWriter:
                 continue
             if item is SENTINEL:
                 return
+            if item.live is not None:
+                self._store_live(item.report, item.live)
+                continue
             try:
                 self._store(item)
             except Exception:
                 logger.exception("storing report %s failed", item.report.report_id)
                 self.stats.add("lost")
             del item  # a stored field's frame (192 MB at 64 MP) is not held while the next is awaited
+
+    def _store_live(self, report: Report, message: NewMessage) -> None:
+        """A run state, now that the field or report it counts is stored (or given up)."""
+        if self.clinic is None or self.publisher is None:
+            return
+        try:
+            self.clinic.live.send(self.publisher, message)
+        except Exception:
+            logger.exception("live state of run %s failed (its reports are not affected)", report.run_id)
 
     def _probe_disk(self) -> None:
         """With nothing to store: has space come back? (The acks' deletes may be the only writes.)"""

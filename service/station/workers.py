@@ -40,7 +40,9 @@ from smearscope.device.frame import Frame
 from smearscope.device.quality import QualityGate
 from smearscope.device.sources import FrameSource
 from smearscope.service.analysis.pipeline import FieldResult
+from smearscope.service.analysis.report import Report
 from smearscope.service.ingest import IngestError
+from smearscope.service.mqtt.outbox import NewMessage
 from smearscope.service.mqtt.publisher import MqttPublisher
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.daemon_summary import Stats, StoredReport
@@ -103,6 +105,7 @@ class StationWorkers(ReportWriter):
         self.state: StationState | None = None
         #: The writer cannot store (disk full): the analysis waits (see the module docstring).
         self._store_failing = False
+        self._live_waiting: NewMessage | None = None  # a run state waiting for what it counts (analysis thread)
 
     @property
     def disk_full(self) -> bool:  # the outbox's disk is full: analysis paused until a write succeeds
@@ -118,6 +121,7 @@ class StationWorkers(ReportWriter):
         if self.clinic is not None:  # typing needs the heads; verification the runs closed before
             self.clinic.start(analyzer, self.state.closed_runs(cells=False), self.state.run_cells,
                               publisher, announce=left_open, tracker=self.tracker)
+            self.clinic.live.defer = self._defer_live  # from now on behind what each state counts
         for name, target in (("report-writer", self._report_loop),
                              ("analysis", self._analysis_loop), ("capture", self._capture_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -340,9 +344,20 @@ class StationWorkers(ReportWriter):
                 "run_id": r.run_id, "counts": r.counts.model_dump()}
 
     def _emit(self, item: Outgoing) -> None:
+        """To the outbox writer; then the run state waiting for it (`_defer_live`), behind it."""
         if not self._reports.put(item, self.threads["report-writer"].is_alive):
             self.stats.add("lost")
             logger.error("%s report %s LOST: the outbox writer is gone", item.kind, item.report.report_id)
+        self._flush_live(item.report)
+
+    def _defer_live(self, message: NewMessage) -> None:
+        """A run state made on the analysis thread: it waits for the next field or report emitted."""
+        self._live_waiting = message
+
+    def _flush_live(self, report: Report) -> None:
+        message, self._live_waiting = self._live_waiting, None
+        if message is not None:
+            self._reports.put(Outgoing("live", report, live=message), self.threads["report-writer"].is_alive)
 
     def emit_closed(self, closed: ClosedRun, live: bool = True) -> None:
         """Send the final report of a run that ended (none when it had no field: its start, kept
@@ -356,3 +371,5 @@ class StationWorkers(ReportWriter):
             self.state.run_ended_without_fields(closed.run_id)
         if self.clinic is not None:
             self.clinic.run_closed(closed, self.publisher, live)
+            if closed.report is not None:  # its state after its report
+                self._flush_live(closed.report)
