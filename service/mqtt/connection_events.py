@@ -94,6 +94,10 @@ class ConnectionEvents:
                 client.publish(m.topic, m.payload, qos=m.qos, properties=m.properties)
             else:
                 self._inflight.post(client, m.mid, None)
+        # before the drain loop can see the connection: a run state of its backlog sent ahead of
+        # this subscription would come back as the retained one, hiding the broker's (run_watch)
+        if self.run_watch.listening:
+            client.subscribe(self.run_watch.topic, qos=0)
         self._connected_at = time.monotonic()
         with self._state_lock:
             self._epoch += 1
@@ -106,8 +110,6 @@ class ConnectionEvents:
         client.publish(self.status_topic, "online", qos=1, retain=True)
         paho_client.subscribe_commands(client, self.command_filter, self._protocol)
         client.subscribe(self.telemetry_topic, qos=0)  # another station under this id: service.mqtt.twin_watch
-        if self.run_watch.listening:  # a station state older than the broker's: service.mqtt.run_watch
-            client.subscribe(self.run_watch.topic, qos=0)
         self._wake.set()
         self._telemetry_now.set()
 

@@ -181,6 +181,9 @@ class MqttPublisher(ConnectionEvents):
             messages.append(NewMessage(kind, topics[kind], envelope, report_id, schema_version,
                                        qos=self.config.qos, message_id=message_id,
                                        created_at=created_at))
+        for m in extra:  # this process's own run states, should one come back retained (run_watch)
+            if m.topic == self.run_watch.topic:
+                self.run_watch.stored(m.payload)
         seqs = self.outbox.put_many([*messages, *extra], also)
         self._wake.set()
         return seqs

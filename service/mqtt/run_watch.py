@@ -29,6 +29,9 @@ class RunStateWatch:
         self._known: dict[str, int] | None = None
         self._closed_now: tuple[str, ...] = ()
         self.newer: dict[str, Any] | None = None  # the broker's state, when newer than the station's
+        #: The run states this process stored to send (run id -> fields): one of them retained on the
+        #: broker (its echo lost with a connection, or sent before the subscription) is no older state.
+        self._own: dict[str, int] = {}
 
     def heard(self, payload: bytes, retained: bool) -> bool:
         """A message on the run topic (paho's thread); True when the watch has heard what it
@@ -48,6 +51,19 @@ class RunStateWatch:
             self._compare_locked()
         return True
 
+    def stored(self, payload: bytes) -> None:
+        """A run state this process stored in its outbox (before it can reach the broker)."""
+        with self._lock:
+            if not self.listening:
+                return
+            try:
+                state = json.loads(payload)
+                run_id, fields = state["run_id"], state["progress"]["fields"]
+            except (ValueError, KeyError, TypeError):
+                return
+            if isinstance(run_id, str) and isinstance(fields, int):
+                self._own[run_id] = max(fields, self._own.get(run_id, 0))
+
     def known(self, runs: Mapping[str, int], closed_now: Collection[str] = ()) -> None:
         """The runs the station's state holds at its start (run id -> fields), the open one among
         them, and those this start closed (left open by the previous process)."""
@@ -65,8 +81,8 @@ class RunStateWatch:
         fields = progress.get("fields")
         if not isinstance(run_id, str) or not isinstance(fields, int):
             return
-        if run_id in known and fields <= known[run_id]:
-            return  # this station's own last state, or an older one the broker kept
+        if (run_id in known and fields <= known[run_id]) or fields <= self._own.get(run_id, -1):
+            return  # this station's own last state (of this process too), or an older one the broker kept
         self.newer = state
         updated = state.get("updated_at")
         when = (datetime.fromtimestamp(updated, timezone.utc).isoformat(timespec="seconds")
