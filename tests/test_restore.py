@@ -22,6 +22,8 @@ from test_daemon import oracle_pool, write_station
 from test_daemon_faults import _DAEMON_CHILD, REPO, DaemonProcess
 
 from smearscope.device.synthetic import render_field
+from smearscope.service.config import load_config
+from smearscope.service.station.typed_cells import typed_cells_path
 
 pytestmark = [pytest.mark.broker, pytest.mark.faults]
 
@@ -270,3 +272,23 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
         assert "(closed, 5 fields, updated " in said[0] and "does not hold it (it holds 0 runs)" in said[0], said
     finally:
         broker.stop()
+
+
+def test_a_typed_cells_file_the_station_does_not_use_is_not_said(open_dir: Path) -> None:
+    """With the review gallery off (or typing off) the station never opens its typed-cells file:
+    one left from before, restored as root's, was said at ERROR at every start ('the station runs
+    without them'). Said still where typing is on."""
+    prefix, _ = _as_station_user()
+    (open_dir / "state").mkdir()
+    for typing in (False, True):
+        config = write_station(open_dir, 1883, review={"enabled": True, "typing": typing})
+        typed = typed_cells_path(load_config(config))
+        typed.parent.mkdir(parents=True, exist_ok=True)
+        typed.write_bytes(b"")
+        typed.chmod(0o644 if prefix else 0o444)  # root's, or read-only for this user
+        code = ("import sys; from smearscope.service.config import load_config; "
+                "from smearscope.service.station.state_access import state_access_problems; "
+                "print([f for f, _ in state_access_problems(load_config(sys.argv[1]))])")
+        out = subprocess.run([*prefix, sys.executable, "-c", code, str(config)], capture_output=True, text=True,
+                             cwd=REPO, check=True).stdout
+        assert ("review.typed_cells_path" in out) is typing, out

@@ -92,8 +92,9 @@ def _stores(config: StationConfig) -> list[tuple[str, Path | None, list[Path]]]:
     outbox = Path(config.mqtt.outbox.path)
     typed = typed_cells_path(config)
     stores: list[tuple[str, Path | None, list[Path]]] = [
-        ("mqtt.outbox.path", None, [outbox.parent, *_sqlite_files(outbox), Path(f"{outbox}.reserve")]),
-        ("review.typed_cells_path", None, _sqlite_files(typed))]
+        ("mqtt.outbox.path", None, [outbox.parent, *_sqlite_files(outbox), Path(f"{outbox}.reserve")])]
+    if config.review.enabled and config.review.typing:  # else the station leaves that file alone
+        stores.append(("review.typed_cells_path", None, _sqlite_files(typed)))
     if config.review.enabled:  # the review folder is the station's alone
         review = review_directory(config)
         stores.append(("review.directory", review, list(_walk(review)) if os.path.isdir(review) else [review]))
