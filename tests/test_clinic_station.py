@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -770,3 +771,47 @@ def test_the_retained_run_state_comes_back_when_the_broker_lost_it(
             stop_daemon(daemon, runner)
     finally:
         observer.close()
+
+
+@pytest.mark.broker
+def test_get_runs_asked_as_the_station_comes_online_lists_the_runs_closed_before(
+    tmp_path: Path, broker: Any, credentials_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dashboard asks a station for its earlier runs when it comes online. The broker connection,
+    which answers commands, used to open before the start had read the closed runs back from the
+    outbox file, so get_runs answered there {"ok": true, "runs": []}. Here reading them back takes
+    2 s: the station must not come online before it is done."""
+    from smearscope.service.station.clinic import ClinicFeed
+
+    observer, config, _ = _two_field_station(tmp_path, broker)
+    daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(), config_path=config)
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    try:
+        assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 60)
+    finally:
+        daemon.request_stop("first process over")
+        runner.join(30)
+    closed_id = envelopes(observer, f"{BASE}/report")[0]["body"]["run_id"]
+    original_start = ClinicFeed.start
+
+    def slow_start(self: ClinicFeed, *args: Any, **kwargs: Any) -> None:
+        time.sleep(2.0)
+        original_start(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClinicFeed, "start", slow_start)
+    online = sum(m.topic == f"{BASE}/status" and m.payload == b"online" for m in observer.messages)
+    daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(), config_path=config)
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    try:
+        assert observer.wait_for(lambda ms: sum(m.topic == f"{BASE}/status" and m.payload == b"online"
+                                                for m in ms) > online, 30)
+        observer.client.publish(f"{BASE}/cmd/get_runs", "{}", qos=1)
+        assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/cmd_response/get_runs" for m in ms), 30)
+    finally:
+        daemon.request_stop("test over")
+        runner.join(30)
+        observer.close()
+    answer = json.loads(observer.on_topic(f"{BASE}/cmd_response/get_runs")[0].payload)
+    assert answer["ok"] and closed_id in [r["run_id"] for r in answer["runs"]], answer
