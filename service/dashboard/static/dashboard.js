@@ -388,9 +388,7 @@ function pickRun(st, runId) {
   st.reviewRun = st.pinned ? st.pinned.run_id : st.run ? st.run.run_id : null;
   st.reviewShown = -1;
   clearReview(st);
-  const state = st.node.querySelector(".verify-state");
-  state.textContent = "";
-  delete state.dataset.state;
+  resetSigning(st);
   if (st.reviewRun) requestReview(st, 0);
   renderRun(st);
 }
@@ -429,7 +427,7 @@ function onMessage(topic, payload, packet) {
     if (changed) requestRuns(st);  // a run started or closed: the list of earlier runs moves
     if (st.pinned) return;  // an earlier run's gallery stays until the user goes back to the current run
     const cells = msg.review ? msg.review.cells : 0;
-    if (msg.run_id !== st.reviewRun) { st.reviewRun = msg.run_id; st.reviewShown = -1; clearReview(st); }
+    if (msg.run_id !== st.reviewRun) { st.reviewRun = msg.run_id; st.reviewShown = -1; clearReview(st); resetSigning(st); }
     if (cells !== st.reviewShown || msg.state === "closed") { st.reviewShown = cells; scheduleReview(st); }
   } else if (kind === "report" && msg.body && msg.body.kind === "specimen" && readable(msg.body)) {
     // Reports arrive at least once: one a verified report superseded stays replaced, and a report

@@ -142,6 +142,16 @@ function verifiedAnswer(st, msg) {
     : String(msg.message || msg.error || "refused");
 }
 
+// Another run shown: the last one's signature is not carried over. Its "verified" line would read as
+// this run's, and initials left in the box would sign this run under the last signer's name (or,
+// typed after, as "ABCD").
+function resetSigning(st) {
+  const state = st.node.querySelector(".verify-state");
+  state.textContent = "";
+  delete state.dataset.state;
+  st.node.querySelector(".verify-by").value = "";
+}
+
 function clearReview(st) {
   st.reviewPages = 1;
   st.incoming = null;
