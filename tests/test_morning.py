@@ -151,6 +151,8 @@ def test_a_mornings_three_slides_agree_on_the_card_the_paper_the_archive_and_fhi
             _wait(f"slide {slide}: its final report on the card", lambda: (seen(card, "data-run-id") or "").startswith(short)
                   and seen(card, "data-shown") == "final", 120, logs)
             run_id = seen(card, "data-run-id")
+            if slide != 2:  # the form's "run ... started for specimen ..." went with the run it spoke of
+                assert seen(f"{card} .run-control-state") == "", slide
             # the last slide's signature is not carried over: no "verified" line, no initials left to sign with
             assert (seen(f"{card} .verify-state"), inside(".verify-by").get_attribute("value")) == ("", ""), slide
             _wait(f"slide {slide}: the review gallery", lambda: len(driver.find_elements(

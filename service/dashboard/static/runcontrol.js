@@ -162,8 +162,9 @@ function runControlAnswer(st, name, msg, correlation) {
     st.toldOpen = { runId: String(msg.run_id), specimenId: typeof msg.specimen_id === "string" ? msg.specimen_id : "" };
     renderRunControl(st);  // Stop from now on, before the run's first field
     st.node.querySelector(".specimen-id").value = "";
+    // said while that run is open: beside a run closed since (its target reached) it read as running
     controlState(st, "saved", "run " + String(msg.run_id).slice(0, 8) + " started" +
-      (msg.specimen_id ? " for specimen " + msg.specimen_id : ""));
+      (msg.specimen_id ? " for specimen " + msg.specimen_id : ""), String(msg.run_id));
   } else {
     st.stoppedRun = String(msg.run_id);
     st.toldOpen = null;
