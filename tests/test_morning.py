@@ -1,5 +1,6 @@
-"""A technician's morning at one station, end to end with the real pieces: mosquitto (WebSockets
-listener for the dashboard, persistence), `smearscope run` on a watched folder (auto_start off)
+"""A technician's morning at one station, end to end with the real pieces: mosquitto as
+config/mosquitto.conf.example and config/mosquitto.acl.example set it up (each part on its own
+account; WebSockets listener for the dashboard, persistence), `smearscope run` on a watched folder (auto_start off)
 fed rendered fields, `smearscope dashboard --run-control` in headless Chromium (selenium), and
 `smearscope archive`. Three slides, each started from the dashboard's run form with a scanned
 specimen id, ended (target reached, or Stop run), one cell typed in the review gallery, verified
@@ -29,7 +30,22 @@ from test_dashboard import CHROMEDRIVER, ROOT, _chromium_options, _Proc, _wait, 
 from smearscope.cli import main
 from smearscope.device.synthetic import render_field
 
-STATION = "bench-1"
+STATION = "lab-7"  # the station config/mosquitto.acl.example names
+#: The lab's accounts, as config/mosquitto.acl.example names them.
+USERS = {"station-lab-7": MQTT_USERS["station"], "dashboard": "dashboard-secret", "archive": "archive-secret"}
+
+
+def _lab_broker(workdir: Path) -> MosquittoBroker:
+    """mosquitto as config/mosquitto.conf.example sets it up (persistence, its message bounds, a
+    WebSockets listener; plain listeners on free ports here) with config/mosquitto.acl.example, the
+    dashboard's block given start_run and stop_run as the file says for --run-control."""
+    example = (ROOT / "config" / "mosquitto.conf.example").read_text().splitlines()
+    bounds = tuple(line for line in example if line.startswith(("max_packet_size", "max_queued_")))
+    assert len(bounds) == 3, bounds
+    acl = (ROOT / "config" / "mosquitto.acl.example").read_text().replace(
+        "user dashboard\n", "user dashboard\ntopic write smearscope/+/cmd/start_run\ntopic write smearscope/+/cmd/stop_run\n")
+    assert "cmd/start_run\ntopic write smearscope/+/cmd/stop_run" in acl
+    return MosquittoBroker(workdir, USERS, websockets=True, persistence=True, acl=acl, extra=bounds)
 SPECIMENS = ("H-2026-0501", "H-2026-0502", "H-2026-0503")
 
 
@@ -41,7 +57,7 @@ def _config(tmp_path: Path, broker: MosquittoBroker, inbox: Path) -> Path:
         "analysis": {"models_dir": str(ROOT / "models")},
         "specimen": {"target_wbc_count": 3, "idle_timeout_s": 600.0, "auto_start": False},
         "review": {"white_cells": "all"},
-        "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive": 5, "username": "station",
+        "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive": 5, "username": "station-lab-7",
                  "password_credential": "mqtt-password", "reconnect_min_delay_s": 1,
                  "reconnect_max_delay_s": 1, "telemetry_interval_s": 5.0, "stop_drain_timeout_s": 5,
                  "outbox": {"path": str(tmp_path / "state" / "outbox.sqlite3")}},
@@ -72,8 +88,7 @@ def test_a_mornings_three_slides_agree_on_the_card_the_paper_the_archive_and_fhi
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, websockets=True, persistence=True,
-                             extra=("max_queued_messages 1000",))
+    broker = _lab_broker(tmp_path / "broker")
     broker.start()
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -82,15 +97,17 @@ def test_a_mornings_three_slides_agree_on_the_card_the_paper_the_archive_and_fhi
     logs = [tmp_path / "station-1.log", tmp_path / "station-2.log", tmp_path / "dashboard.log",
             tmp_path / "archive.log"]
     station = _Proc(station_args, logs[0], env)
-    password = tmp_path / "observer-password"
-    password.write_text(MQTT_USERS["observer"] + "\n")
+    password = tmp_path / "dashboard-password"
+    password.write_text(USERS["dashboard"] + "\n")
+    archive_password = tmp_path / "archive-password"
+    archive_password.write_text(USERS["archive"] + "\n")
     archive_dir = tmp_path / "archive"
     archive = _Proc([sys.executable, "-m", "smearscope", "--log-level", "INFO", "archive", "--broker",
-                     f"mqtt://127.0.0.1:{broker.port}", "--username", "observer", "--password-file", str(password),
+                     f"mqtt://127.0.0.1:{broker.port}", "--username", "archive", "--password-file", str(archive_password),
                      "--dir", str(archive_dir)], logs[3])
     http_port = free_port()
     dashboard = _Proc([sys.executable, "-m", "smearscope", "dashboard", "--port", str(http_port), "--broker",
-                       f"ws://127.0.0.1:{broker.ws_port}", "--username", "observer", "--password-file",
+                       f"ws://127.0.0.1:{broker.ws_port}", "--username", "dashboard", "--password-file",
                        str(password), "--run-control"], logs[2])
     driver = None
     try:
