@@ -225,6 +225,21 @@ def test_a_mornings_three_slides_agree_on_the_card_the_paper_the_archive_and_fhi
             assert resources["Specimen"]["accessionIdentifier"]["value"] == specimen
             assert resources["DiagnosticReport"]["status"] == "final"
             assert resources["DiagnosticReport"]["performer"][0]["display"] == initials
+            capsys.readouterr()
+            assert main(["archive", "show", found[1]["report_id"], "--dir", str(archive_dir), "--fhir"]) == 0
+            replaced = {e["resource"]["resourceType"]: e["resource"] for e in json.loads(capsys.readouterr().out)["entry"]}
+            assert replaced["DiagnosticReport"]["status"] == "preliminary"
+            assert replaced["Specimen"]["accessionIdentifier"]["value"] == specimen
+            # the card's differential is the archived verified report's
+            capsys.readouterr()
+            assert main(["archive", "show", found[0]["report_id"], "--dir", str(archive_dir)]) == 0
+            body = json.loads(capsys.readouterr().out)["body"]
+            rows = driver.execute_script(
+                "return [...document.querySelectorAll(arguments[0])].map((r) => "
+                "[r.dataset.label, r.querySelectorAll('td')[1].textContent])", f"{card} table.differential tbody tr")
+            assert sorted((label, int(n)) for label, n in rows) == sorted(
+                (share["label"], share["count"]) for share in body["wbc_differential"]), (rows, body["wbc_differential"])
+            assert body["specimen_id"] == specimen and body["verification"]["verified_by"] == initials
             return seed
 
         seed = 100
@@ -239,6 +254,8 @@ def test_a_mornings_three_slides_agree_on_the_card_the_paper_the_archive_and_fhi
 
         # nothing lost or stored twice over the morning: two reports a slide, no other specimen's
         assert all(len(archived(s)) == 2 for s in SPECIMENS)
+        files = sorted(p.name for p in archive_dir.rglob("*.json"))
+        assert len(files) == 12 and sum(n.endswith(".fhir.json") for n in files) == 6, files
         driver.save_screenshot(str(tmp_path / "morning.png"))
     finally:
         if driver is not None:
