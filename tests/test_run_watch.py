@@ -14,9 +14,9 @@ from smearscope.service.mqtt.outbox import NewMessage, Outbox
 from smearscope.service.mqtt.publisher import MqttPublisher
 
 
-def _state(run_id: str, fields: int, state: str = "open") -> bytes:
+def _state(run_id: str, fields: int, state: str = "open", updated_at: float = 1764660843.2) -> bytes:
     return json.dumps({"station_id": "lab-7", "run_id": run_id, "state": state, "end_reason": None,
-                       "updated_at": 1764660843.2, "progress": {"run_id": run_id, "fields": fields}}).encode()
+                       "updated_at": updated_at, "progress": {"run_id": run_id, "fields": fields}}).encode()
 
 
 def test_a_run_state_this_station_stored_coming_back_retained_is_not_said_to_be_newer_than_its_state(
@@ -46,6 +46,26 @@ def test_a_run_state_this_station_stored_coming_back_retained_is_not_said_to_be_
     with caplog.at_level(logging.ERROR, logger="smearscope.service.mqtt.run_watch"):
         assert other.run_watch.heard(_state("r-new", 3), retained=True)  # a field more than it stored
     assert other.run_watch.newer is not None and "this station's state does not hold it" in caplog.text
+
+
+def test_a_restored_station_analysing_before_its_first_connection_still_says_the_brokers_newer_state(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A state restored from an older backup holds run r-1 at 5 fields; the broker keeps r-1's state
+    at 10 from the board that went on after that backup. The station takes r-1 back and, the broker
+    out of reach at its start, analyses 5 more fields before its first connection: its own states
+    count 6 to 10 fields of r-1, other fields than the broker's. The broker's state is still said:
+    it is not one this station stored (counting fields alone took it for the station's own)."""
+    config = MqttConfig.model_validate({"host": "127.0.0.1", "port": 1, "outbox": {"path": str(tmp_path / "o.sqlite3")}})
+    publisher = MqttPublisher(config, "lab-7", Outbox.from_config(config.outbox))
+    watch = publisher.run_watch
+    watch.known({"r-1": 5})
+    for fields in range(6, 11):  # this board's fields 6 to 10, stored while the broker is away
+        own = _state("r-1", fields, updated_at=1764670000.0 + fields)
+        publisher.publish_many([], extra=[NewMessage("field", watch.topic, own, "r-1", "run-1", qos=1, retain=True)])
+    with caplog.at_level(logging.ERROR, logger="smearscope.service.mqtt.run_watch"):
+        assert watch.heard(_state("r-1", 10, updated_at=1764660843.2), retained=True)  # the other board's
+    assert watch.newer is not None and "this station's state holds it with 5 fields" in caplog.text, caplog.text
 
 
 def test_the_run_state_is_subscribed_before_the_drain_loop_can_see_the_connection(tmp_path: Path) -> None:

@@ -29,9 +29,11 @@ class RunStateWatch:
         self._known: dict[str, int] | None = None
         self._closed_now: tuple[str, ...] = ()
         self.newer: dict[str, Any] | None = None  # the broker's state, when newer than the station's
-        #: The run states this process stored to send (run id -> fields): one of them retained on the
-        #: broker (its echo lost with a connection, or sent before the subscription) is no older state.
-        self._own: dict[str, int] = {}
+        #: The run states this process stored to send (run id, fields, updated_at): one of them retained
+        #: on the broker (its echo lost with a connection, or sent before the subscription) is no older
+        #: state; another with as many fields (a previous board's, the station started out of reach
+        #: and analysing on) still is.
+        self._own: set[tuple[str, int, object]] = set()
 
     def heard(self, payload: bytes, retained: bool) -> bool:
         """A message on the run topic (paho's thread); True when the watch has heard what it
@@ -62,7 +64,7 @@ class RunStateWatch:
             except (ValueError, KeyError, TypeError):
                 return
             if isinstance(run_id, str) and isinstance(fields, int):
-                self._own[run_id] = max(fields, self._own.get(run_id, 0))
+                self._own.add((run_id, fields, state.get("updated_at")))
 
     def known(self, runs: Mapping[str, int], closed_now: Collection[str] = ()) -> None:
         """The runs the station's state holds at its start (run id -> fields), the open one among
@@ -81,7 +83,7 @@ class RunStateWatch:
         fields = progress.get("fields")
         if not isinstance(run_id, str) or not isinstance(fields, int):
             return
-        if (run_id in known and fields <= known[run_id]) or fields <= self._own.get(run_id, -1):
+        if (run_id in known and fields <= known[run_id]) or (run_id, fields, state.get("updated_at")) in self._own:
             return  # this station's own last state (of this process too), or an older one the broker kept
         self.newer = state
         updated = state.get("updated_at")
