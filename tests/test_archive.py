@@ -430,6 +430,13 @@ def test_command_line_mistakes_are_said_before_anything_starts(tmp_path: Path, c
     assert main(["archive", "--broker", "mqtt://h", "--username", "archive", "--dir", d]) == 2
     assert "--username archive needs its password: --password-file" in capsys.readouterr().err
     assert not os.path.exists(d)
+    # a client certificate without its key, or a key alone: said with the options, before the folder
+    for given in (["--certfile", str(not_a_ca)], ["--keyfile", str(not_a_ca)]):
+        assert main(["archive", "--broker", "mqtts://h:8883", "--ca-file", str(not_a_ca), *given, "--dir", d]) == 2
+        said = capsys.readouterr().err
+        assert said == ("smearscope archive: --certfile and --keyfile go together (the archive's client certificate "
+                        "and its key)\n"), said
+    assert not os.path.exists(d)
     assert main(["archive", "show", "../x", "--dir", d]) == 2
     assert main(["archive", "find", "--dir", d]) == 1
     assert "no archive at" in capsys.readouterr().err

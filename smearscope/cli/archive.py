@@ -72,6 +72,8 @@ def _config(args: argparse.Namespace) -> ArchiveConfig:
         raise ValueError("mqtts:// needs --ca-file, the CA that signed the broker's certificate")
     if not tls and (args.ca_file or args.certfile or args.keyfile):
         raise ValueError("--ca-file, --certfile and --keyfile are for mqtts://")
+    if (args.certfile is None) != (args.keyfile is None):  # else pydantic's line, naming no option
+        raise ValueError("--certfile and --keyfile go together (the archive's client certificate and its key)")
     if args.password_file is not None and not args.username:
         raise ValueError("--password-file needs --username (the broker account it is the password of)")
     for option, path in (("--ca-file", args.ca_file), ("--certfile", args.certfile), ("--keyfile", args.keyfile)):
