@@ -178,3 +178,31 @@ def test_a_long_report_names_its_specimen_on_every_printed_page_and_cuts_no_row(
             cut = [(role, pages) for role, pages in tagged_spans(pdf, ("TR", "LI")) if len(pages) > 1]
             assert cut == [], (paper, cut)
             assert len(tagged_spans(pdf, ("TR",))) == 2 * 15 and len(tagged_spans(pdf, ("LI",))) == 9
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_card_two_stations_publish_under_prints_without_the_screens_red_frame(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """On paper a card is a report without the screen's frames (a critical one's included: its alert
+    is framed instead). A card two stations publish under kept its red frame on paper: the screen's
+    [data-clash] rule outranked the print rule, which names only [data-critical]."""
+    from selenium.webdriver.common.by import By
+
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        send("smearscope/ward-x/status", "online")
+        send("smearscope/ward-x/run", json.dumps(_closed_run_state(_specimen("ward-x", "run-x", [], time.time()))))
+        driver.get(url)
+        card = lambda: driver.find_element(By.CSS_SELECTOR, "[data-station='ward-x']")
+        _wait("the run", lambda: driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id='run-x']"), 20, [log])
+        for instance, host in (("cccc00000003", "jetson-3"), ("dddd00000004", "jetson-7"), ("cccc00000003", "jetson-3")):
+            send("smearscope/ward-x/telemetry", json.dumps({"source": "proc", "read_at": time.time(), "interval_s": 60.0,
+                                                            "instance_id": instance, "host": host}), retain=False)
+        _wait("the clash said", lambda: card().get_attribute("data-clash") == "true", 20, [log])
+        assert card().value_of_css_property("box-shadow") != "none"  # on screen: framed in red
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+        try:
+            assert card().value_of_css_property("box-shadow") == "none"
+        finally:
+            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
