@@ -171,3 +171,40 @@ def test_a_scanned_label_starts_one_run_on_the_card_in_use_and_is_answered_while
         station.loop_stop()
         station.disconnect()
         commands.close()
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_card_scrolled_to_from_the_header_stops_below_it_while_the_scanners_note_is_shown(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """On a tablet (800 px wide) a scan that reaches no station puts its note in the sticky header,
+    a line taller; a card then picked from the header's list (an offline station) stopped under the
+    header, its name hidden: the header's height the cards stop below was measured only when the
+    header's station lists changed."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    ids = [f"ward-{i}" for i in range(1, 9)]
+    with _page_and_a_station(tmp_path, ws_broker, ("--run-control",)) as (driver, send, log, url):
+        driver.set_window_size(800, 700)
+        for station in ids:
+            send(f"smearscope/{station}/status", "offline" if station == "ward-4" else "online")
+            send(f"smearscope/{station}/run", json.dumps(_closed_run_state(_specimen(station, "run-" + station, [],
+                                                                                     time.time()))))
+        driver.get(url)
+        fields = lambda: [n for n in driver.find_elements(By.CSS_SELECTOR, ".specimen-id") if n.is_displayed()]
+        _wait("the cards and their forms", lambda: len(fields()) == 7, 20, [log])
+        height = lambda: driver.execute_script("return document.querySelector('header').offsetHeight;")
+        before = height()
+        driver.find_element(By.CSS_SELECTOR, "header h1").click()
+        ActionChains(driver).send_keys("H-0").perform()  # the focus in no card: the note
+        assert driver.find_element(By.ID, "scan-note").is_displayed() and height() > before, (before, height())
+        driver.execute_async_script("requestAnimationFrame(() => requestAnimationFrame(arguments[0]));")
+        driver.execute_script("[...document.getElementById('offline').querySelectorAll('button')]"
+                              ".find((b) => b.textContent === 'ward-4').click();")
+        rect = lambda sel: driver.execute_script("return document.querySelector(arguments[0]).getBoundingClientRect().toJSON();",
+                                                 sel)
+        card, header = rect("[data-station='ward-4']"), rect("header")
+        assert driver.execute_script("return window.scrollY;") > 0
+        assert header["bottom"] <= card["top"] < header["bottom"] + 40, (card, header)

@@ -316,12 +316,18 @@ function renderAttention() {
   named("clash", "one station id, two stations: ", "clash");
   named("offline", "offline: ", "offline");
   named("silent", "not heard from: ", "silent");
-  // the header wraps when it names many: a card scrolled to stops below it (dashboard.css)
-  const header = document.querySelector("header");
-  document.documentElement.style.setProperty("--header-height", header.offsetHeight + 8 + "px");
+  fitHeader();
   // ... and in the tab's title, for a page in a background tab
   document.title = (flagged.length ? "CRITICAL: " + flagged.map((s) => s.id).join(", ") + " · " : "") + "smearscope: stations";
 }
+
+// The header wraps when it names many, and when the scanner's note (runcontrol.js) or a narrower
+// window makes it taller: a card scrolled to stops below it (dashboard.css, --header-height).
+function fitHeader() {
+  const header = document.querySelector("header");
+  document.documentElement.style.setProperty("--header-height", header.offsetHeight + 8 + "px");
+}
+new ResizeObserver(fitHeader).observe(document.querySelector("header"));
 
 // A card's mark the header lists (renderAttention), set and the header redrawn when it changes.
 function marked(st, mark, on) {
