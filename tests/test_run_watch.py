@@ -96,3 +96,18 @@ def test_the_run_state_is_subscribed_before_the_drain_loop_can_see_the_connectio
                           ReasonCode(PacketTypes.CONNACK, identifier=0), None)
     assert publisher.state.connected
     assert ("subscribe", publisher.run_watch.topic, False) in calls, calls
+
+
+def test_a_station_away_from_the_broker_for_weeks_remembers_only_its_latest_run_states() -> None:
+    """One run state per field is remembered until the first connection: a station that cannot reach
+    the broker for weeks keeps the latest OWN_KEPT of them, not every one, and still knows its
+    latest coming back retained."""
+    from smearscope.service.mqtt.run_watch import OWN_KEPT, RunStateWatch
+
+    watch = RunStateWatch("lab-7", "smearscope/lab-7/run")
+    watch.known({})
+    for fields in range(1, OWN_KEPT + 101):
+        watch.stored(_state("r-long", fields, updated_at=1764670000.0 + fields))
+    assert len(watch._own) == OWN_KEPT
+    assert watch.heard(_state("r-long", OWN_KEPT + 100, updated_at=1764670000.0 + OWN_KEPT + 100), retained=True)
+    assert watch.newer is None

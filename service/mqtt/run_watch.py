@@ -16,6 +16,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+#: The most of its own run states the watch remembers (the latest): one per field while the broker
+#: is out of reach, so a station away for weeks does not hold them all.
+OWN_KEPT = 10_000
+
 
 class RunStateWatch:
     """The broker's retained run state, compared once with the runs the station's own state holds."""
@@ -33,7 +37,7 @@ class RunStateWatch:
         #: on the broker (its echo lost with a connection, or sent before the subscription) is no older
         #: state; another with as many fields (a previous board's, the station started out of reach
         #: and analysing on) still is.
-        self._own: set[tuple[str, int, object]] = set()
+        self._own: dict[tuple[str, int, object], None] = {}  # in the order stored
 
     def heard(self, payload: bytes, retained: bool) -> bool:
         """A message on the run topic (paho's thread); True when the watch has heard what it
@@ -64,7 +68,9 @@ class RunStateWatch:
             except (ValueError, KeyError, TypeError):
                 return
             if isinstance(run_id, str) and isinstance(fields, int):
-                self._own.add((run_id, fields, state.get("updated_at")))
+                self._own[(run_id, fields, state.get("updated_at"))] = None
+                if len(self._own) > OWN_KEPT:
+                    del self._own[next(iter(self._own))]
 
     def known(self, runs: Mapping[str, int], closed_now: Collection[str] = ()) -> None:
         """The runs the station's state holds at its start (run id -> fields), the open one among
