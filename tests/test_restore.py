@@ -3,6 +3,7 @@ board: a watched-folder station with a real mosquitto, its state copied back by 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import pwd
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import cv2
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, wait_until
-from test_daemon import oracle_pool, write_station
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
+from test_daemon import STATION, oracle_pool, write_station
 from test_daemon_faults import _DAEMON_CHILD, REPO, DaemonProcess
 
 from smearscope.device.synthetic import render_field
@@ -243,6 +244,14 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
         for i in range(5, 25):
             (inbox / f"f{i:02d}.png").write_bytes(_png(3200 + i))
         assert wait_until(lambda: not any(inbox.glob("*.png")) and len(went_on.stored()) >= 22, 60), went_on.lines[-20:]
+        # its third run's state at 5 fields reaches the broker (a run state goes out after the field it counts)
+        watch = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"smearscope/{STATION}/run"])
+        try:
+            watch.wait_ready()
+            assert watch.wait_for(lambda ms: any(
+                (s := json.loads(m.payload))["state"] == "open" and s["progress"]["fields"] == 5 for m in ms), 30)
+        finally:
+            watch.close()
         went_on.signal(signal.SIGKILL)  # the board dies with a third run open
         went_on.wait(10)
         runs = [ln.split("specimen run ")[1].split()[0] for ln in went_on.lines if " started (auto" in ln]
