@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,19 @@ import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber, TlsMaterial, make_tls_material
 
 from smearscope.service.mqtt.publisher import MqttPublisher
+
+
+@pytest.fixture(autouse=True)
+def _umask_kept() -> Iterator[None]:
+    """The process umask as each test found it: `smearscope run`, `smearscope archive` and the
+    daemon's own entry point add 027 to it, and a test that calls one in this process would
+    otherwise leave every later test's files unreadable to other users (the tests that run the
+    station as `nobody` among them)."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield
+    os.umask(before)
+
 
 #: The station the publisher tests run as (tests/test_publisher.py, tests/test_mqtt_limits.py).
 PUBLISHER_BASE = "smearscope/lab-7"
