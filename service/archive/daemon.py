@@ -3,8 +3,8 @@
 A fixed client id with a persistent MQTT 5 session (clean_start false, a long Session Expiry), both
 filters at QoS 1, and manual acknowledgement: paho's network thread only queues what arrives; the
 storer (the caller's thread) stores each message durably (service.archive.store) and only then
-acknowledges it. A message the disk refuses (full, read-only) stays unacknowledged and is tried
-again every `retry_s`, the messages behind it waiting; the broker keeps all of them meanwhile, and
+acknowledges it. A message the disk refuses (full, read-only), or a symbolic link in the archive
+folder leading out of it, stays unacknowledged and is tried again every `retry_s`, the messages behind it waiting; the broker keeps all of them meanwhile, and
 sends them again if the archive dies. A message that can never be stored (not a report, a hostile
 id) is said in one log line and acknowledged, so it cannot block the ones behind it.
 """
@@ -85,7 +85,7 @@ class ArchiveDaemon:
         self._connected_at = 0.0
         self._short_connections = 0  # lost within SHORT_CONNECTION_S of opening, in a row
         self._had_reports = self.store.report_count() > 0
-        self.counts = {"stored": 0, "duplicates": 0, "refused": 0, "dropped": 0}
+        self.counts = {"stored": 0, "duplicates": 0, "refused": 0, "dropped": 0, "retried": 0}
         self._dropping = False  # QoS 0 messages being dropped for want of room (said once per spell)
         client.manual_ack_set(True)  # PUBACK only once the report is on disk (ack())
         client.on_connect = self._on_connect
@@ -185,9 +185,9 @@ class ArchiveDaemon:
             self.client.disconnect()
             self.client.loop_stop()
             self.store.close()
-            logger.info("archive stopped: %d stored, %d duplicates, %d refused, %d QoS 0 dropped this run",
-                        self.counts["stored"], self.counts["duplicates"], self.counts["refused"],
-                        self.counts["dropped"])
+            logger.info("archive stopped: %d stored, %d duplicates, %d refused, %d QoS 0 dropped, %d tries "
+                        "to store again this run", self.counts["stored"], self.counts["duplicates"],
+                        self.counts["refused"], self.counts["dropped"], self.counts["retried"])
 
     def stop(self) -> None:
         self._stop.set()
@@ -234,19 +234,26 @@ class ArchiveDaemon:
         self.client.ack(item.mid, item.qos)
 
     def _store(self, record: ReportMessage | BundleMessage) -> Stored | None:
-        """Store `record`, trying again while the disk refuses it; None when stopped meanwhile.
-        OutsideArchive (a path the checks let through) is not tried again."""
+        """Store `record`, trying again while the disk (or a link in the archive, LinkOutOfArchive)
+        refuses it; None when stopped meanwhile. The ERROR is said once per hold, and again only if the
+        reason changes. OutsideArchive (a name the checks let through) is not tried again."""
         failing_since: float | None = None
+        said: tuple[str, int | None] | None = None
         while True:
             try:
                 stored = (self.store.put_report(record) if isinstance(record, ReportMessage)
                           else self.store.put_bundle(record))
             except (OSError, sqlite3.Error) as exc:
+                reason = (type(exc).__name__, getattr(exc, "errno", None))
                 if failing_since is None:
                     failing_since = time.monotonic()
+                else:
+                    self.counts["retried"] += 1
+                if reason != said:
                     logger.error("cannot store %s %s from %s (%s: %s): NOT acknowledged, so the broker keeps "
                                  "it and the reports behind it; trying again every %g s", _what(record),
                                  record.report_id, record.station, type(exc).__name__, exc, self.config.retry_s)
+                    said = reason
                 if self._stop.wait(self.config.retry_s):
                     logger.warning("stopping with %s %s unstored and unacknowledged: the broker sends it "
                                    "again at the next start", _what(record), record.report_id)

@@ -5,11 +5,18 @@ Each file is written whole or not at all (a temporary file, fsync, rename, fsync
 then its index row is committed (synchronous=FULL); only then does the caller acknowledge the
 message. A crash between the two leaves a file without a row: the broker sends the message again
 and the same file is written again, with its row. A report id already indexed is not stored twice.
+
+No file is ever replaced by one of other content and nothing received is dropped: a copy that
+differs from the one archived first, or comes while the first cannot be read, is written beside it
+as `<report_id>+<digest>.json` (`+` is in no report id, so the name is no other report's).
+A folder that is a symbolic link leading out of the archive is not written through: LinkOutOfArchive,
+an OSError, so the caller holds the message as it holds one a full disk refuses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import sqlite3
@@ -23,6 +30,9 @@ from smearscope.service.archive.message import BundleMessage, ReportMessage
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "index.sqlite"
+#: The index's layout, kept in `PRAGMA user_version`. 1: the `reports` and `bundles` tables below
+#: (an index made before it had a number, user_version 0 with these tables, is marked 1 in place).
+INDEX_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
     report_id TEXT PRIMARY KEY, station TEXT NOT NULL, run_id TEXT, specimen_id TEXT,
@@ -38,8 +48,38 @@ CREATE TABLE IF NOT EXISTS bundles (
 """
 
 
+#: The columns of each table in version 1, in order: an unversioned index is upgraded only if it has these.
+COLUMNS_V1 = {
+    "reports": ("report_id", "station", "run_id", "specimen_id", "created_at", "kind", "schema_version",
+                "verified", "supersedes", "message_id", "path", "received_at"),
+    "bundles": ("report_id", "station", "path", "received_at"),
+}
+
+
 class OutsideArchive(ValueError):
     """A path that would leave the archive folder (refused; the message checks should prevent it)."""
+
+
+class LinkOutOfArchive(OSError):
+    """A folder or file in the archive that is a symbolic link leading out of it (put there by hand):
+    nothing is written through it; the message is held, as on a full disk, until it is removed."""
+
+    def __init__(self, link: Path, directory: Path) -> None:
+        try:
+            target = os.readlink(link)
+        except OSError:
+            target = "?"
+        where = "" if _inside(link.resolve(), directory) else f", outside the archive {directory}"
+        super().__init__(f"{link} is a symbolic link to {target}{where}: the archive writes nothing through a "
+                         f"link. Replace it with what it points to (rm {link}, then mv {link.resolve()} {link}: "
+                         "the reports the index names there stay found) or just remove it; the archive stores "
+                         "the message at its next try, no restart needed")
+        self.link, self.target = link, target
+
+
+class IndexVersionError(RuntimeError):
+    """An index this smearscope cannot use as it is (made by a newer one, or of a layout it does not
+    know); nothing in it was changed. A restart does not mend it."""
 
 
 @dataclass(frozen=True)
@@ -94,16 +134,28 @@ class ArchiveStore:
     def _remove_leftovers(self) -> None:
         """Temporary files of writes a crash interrupted (their message was never acknowledged)."""
         for tmp in self.directory.glob("*/*/.*.tmp"):
+            if not _inside(tmp.resolve(), self.directory):  # under a folder linked out: not the archive's
+                continue
             with contextlib.suppress(OSError):
                 tmp.unlink()
                 logger.info("removed %s, left by an interrupted write", tmp)
 
-    def _folder(self, station: str, month: str) -> Path:
-        folder = (self.directory / station / month).resolve()
-        if not folder.is_relative_to(self.directory) or folder == self.directory:
-            raise OutsideArchive(f"{station}/{month} is outside {self.directory}")
+    def _folder(self, *levels: str) -> Path:
+        """DIR/<levels>, made if missing (resolved). LinkOutOfArchive when a level is a symbolic link
+        leading out of the archive; OutsideArchive when a level itself would (the message checks
+        prevent that)."""
+        path = self.directory
+        for level in levels:
+            path = path / level
+            if path.is_symlink() and not _inside(path.resolve(), self.directory):
+                raise LinkOutOfArchive(path, self.directory)
+        folder = path.resolve()
+        if not _inside(folder, self.directory):
+            raise OutsideArchive(f"{'/'.join(levels)} is outside {self.directory}")
         if not folder.is_dir():
-            for level in (folder.parent, folder):
+            parts = folder.relative_to(self.directory).parts
+            for depth in range(1, len(parts) + 1):
+                level = self.directory.joinpath(*parts[:depth])
                 if not level.is_dir():
                     level.mkdir(exist_ok=True)
                     _fsync_dir(level.parent)
@@ -111,25 +163,74 @@ class ArchiveStore:
 
     def _file(self, folder: Path, name: str) -> Path:
         path = folder / name
+        if path.is_symlink():  # not made by the archive: not replaced, wherever it leads
+            raise LinkOutOfArchive(path, self.directory)
         if path.resolve().parent != folder:
             raise OutsideArchive(f"{name!r} is not a file name in {folder}")
         return path
 
+    def _place(self, folder: Path, name: str, copy_name: str, payload: bytes) -> Path:
+        """`payload` written in `folder` as `name`, or as `copy_name` when a file of that name with other
+        content is there (another record's, or one that cannot be read): never replaced. A file of that
+        name with this content (written before a crash, its row not committed) is taken as it is."""
+        path = self._file(folder, name)
+        try:
+            if path.read_bytes() == payload:
+                _fsync_dir(folder)  # its rename may not be on disk yet (the crash came before the sync)
+                return path
+            reason = "holds other content"
+        except FileNotFoundError:
+            write_atomically(path, payload)
+            return path
+        except OSError as exc:
+            reason = f"cannot be read ({type(exc).__name__}: {exc})"
+        copy = self._file(folder, copy_name)
+        write_atomically(copy, payload)
+        logger.error("%s is there already and %s: not replaced; this message is stored beside it as %s", path,
+                     reason, copy.name)
+        return copy
+
+    def _beside(self, kept: Path, copy_name: str, payload: bytes) -> Path:
+        """A copy of a record already indexed at `kept`, written beside it (once per content)."""
+        copy = self._file(self._folder(*kept.parent.relative_to(self.directory).parts), copy_name)
+        if not copy.is_file():
+            write_atomically(copy, payload)
+        return copy
+
+    def _again(self, kept: Path, payload: bytes, what: str, copy_name: str) -> Path:
+        """A record indexed already, received again: the path of what now holds this payload. The kept
+        file is compared (read once: not retried); gone, it is written again; of other content or
+        unreadable, this payload goes beside it (ERROR when unreadable) and the index still names it."""
+        try:
+            same = kept.read_bytes() == payload
+        except FileNotFoundError:  # removed by hand since: this copy takes its place
+            logger.warning("%s is indexed but %s is gone; written again", what, kept)
+            path = self._file(self._folder(*kept.parent.relative_to(self.directory).parts), kept.name)
+            write_atomically(path, payload)
+            return path
+        except OSError as exc:  # permission, an I/O error: not compared, not retried, not lost
+            copy = self._beside(kept, copy_name, payload)
+            logger.error("%s came again and its archived copy %s cannot be read (%s: %s): the copy received now "
+                         "is stored beside it as %s and acknowledged; the index still names %s. Check that "
+                         "file's owner and mode (the archive's user must read it) or the disk (an I/O error: "
+                         "the kernel log)", what, kept, type(exc).__name__, exc, copy.name, kept.name)
+            return copy
+        if same:
+            return kept
+        copy = self._beside(kept, copy_name, payload)
+        logger.warning("%s came again with other content: the first one received is kept (the index names %s), "
+                       "this one stored beside it as %s", what, kept.name, copy.name)
+        return copy
+
     def put_report(self, message: ReportMessage) -> Stored:
+        copy_name = f"{message.report_id}+{_digest(message.payload)}.json"
         row = self._db.execute("SELECT path FROM reports WHERE report_id = ?", (message.report_id,)).fetchone()
         if row is not None:
-            kept = self.directory / row[0]
-            try:
-                if kept.read_bytes() != message.payload:
-                    logger.warning("report %s from %s came again with other content (message %s); the first "
-                                   "one received is kept", message.report_id, message.station, message.message_id)
-            except FileNotFoundError:  # removed by hand since: this copy takes its place
-                logger.warning("report %s is indexed but %s is gone; written again", message.report_id, kept)
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                write_atomically(kept, message.payload)
-            return Stored(message.report_id, kept, new=False)
-        path = self._file(self._folder(message.station, message.month), f"{message.report_id}.json")
-        write_atomically(path, message.payload)
+            what = f"report {message.report_id} from {message.station} (message {message.message_id})"
+            return Stored(message.report_id, self._again(self.directory / row[0], message.payload, what, copy_name),
+                          new=False)
+        path = self._place(self._folder(message.station, message.month), f"{message.report_id}.json", copy_name,
+                           message.payload)
         with self._db:
             self._db.execute(
                 "INSERT INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -139,9 +240,12 @@ class ArchiveStore:
         return Stored(message.report_id, path, new=True)
 
     def put_bundle(self, message: BundleMessage) -> Stored:
+        copy_name = f"{message.report_id}+{_digest(message.payload)}.fhir.json"
         row = self._db.execute("SELECT path FROM bundles WHERE report_id = ?", (message.report_id,)).fetchone()
         if row is not None:
-            return Stored(message.report_id, self.directory / row[0], new=False)
+            what = f"FHIR bundle of report {message.report_id} from {message.station}"
+            return Stored(message.report_id, self._again(self.directory / row[0], message.payload, what, copy_name),
+                          new=False)
         report = self._db.execute("SELECT station, path FROM reports WHERE report_id = ?",
                                   (message.report_id,)).fetchone()
         if report is not None and report[0] != message.station:
@@ -149,10 +253,8 @@ class ArchiveStore:
                            message.report_id, message.station, report[0], message.station)
             report = None
         # beside its report; a bundle that came first goes where its report will (the same instant)
-        folder = ((self.directory / report[1]).parent if report is not None
-                  else self._folder(message.station, message.month))
-        path = self._file(folder, f"{message.report_id}.fhir.json")
-        write_atomically(path, message.payload)
+        levels = Path(report[1]).parent.parts if report is not None else (message.station, message.month)
+        path = self._place(self._folder(*levels), f"{message.report_id}.fhir.json", copy_name, message.payload)
         with self._db:
             self._db.execute("INSERT INTO bundles VALUES (?, ?, ?, ?)",
                              (message.report_id, message.station, str(path.relative_to(self.directory)),
@@ -160,21 +262,67 @@ class ArchiveStore:
         return Stored(message.report_id, path, new=True)
 
 
+def _inside(path: Path, directory: Path) -> bool:
+    """`path` (resolved) is a folder or file within `directory`, not `directory` itself."""
+    return path.is_relative_to(directory) and path != directory
+
+
+def _digest(payload: bytes) -> str:
+    """What names a copy: the same content always gets the same name (a repeated delivery, one file)."""
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
 def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
-    """The archive's index: created (WAL, synchronous=FULL) for the writer; for a reader, opened
-    read-only, FileNotFoundError when the folder holds no archive."""
+    """The archive's index: created (WAL, synchronous=FULL) for the writer, an unversioned one of
+    version 1's layout marked 1; for a reader, opened read-only, FileNotFoundError when the folder
+    holds no archive. IndexVersionError, nothing changed, for an index of a newer version (or an
+    unversioned one of another layout)."""
     path = directory / INDEX_NAME
     if read_only:
         if not path.is_file():
             raise FileNotFoundError(f"no archive at {directory} ({INDEX_NAME} not there)")
         db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=10)
         db.row_factory = sqlite3.Row
+        try:
+            _version(db, path)
+        except BaseException:
+            db.close()
+            raise
         return db
     db = sqlite3.connect(path, timeout=10, isolation_level="DEFERRED", check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    with db:
-        db.executescript(SCHEMA)
+    try:
+        version = _version(db, path)  # before anything is written: a newer index is left as it is
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        with db:
+            db.executescript(SCHEMA)
+            if version == 0:
+                if db.execute("SELECT 1 FROM reports LIMIT 1").fetchone() is not None:
+                    logger.info("the archive index %s had no version number (made before it had one): its layout "
+                                "is version %d's, marked so", path, INDEX_VERSION)
+                db.execute(f"PRAGMA user_version = {INDEX_VERSION}")
+    except BaseException:
+        db.close()
+        raise
     _fsync_dir(directory)
     return db
 
+
+def _version(db: sqlite3.Connection, path: Path) -> int:
+    """The index's version (0: none yet, a new index or one made before it had a number, of version
+    1's layout); IndexVersionError for one this smearscope cannot use."""
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version > INDEX_VERSION:
+        raise IndexVersionError(f"the archive index {path} is of version {version}, newer than this smearscope's "
+                                f"(version {INDEX_VERSION}): it was made by a newer smearscope archive. Nothing in "
+                                "it was changed; run that newer smearscope (or restore the index's backup made "
+                                "before it)")
+    if version == 0:
+        tables = {name: tuple(row[1] for row in db.execute(f"PRAGMA table_info({name})"))
+                  for name in COLUMNS_V1}
+        present = {name: columns for name, columns in tables.items() if columns}
+        if present and present != COLUMNS_V1:
+            raise IndexVersionError(f"the archive index {path} has no version number and not the layout of "
+                                    f"version {INDEX_VERSION} ({', '.join(f'{n}: {len(c)} columns' for n, c in present.items())}): "
+                                    "not made by smearscope archive; nothing in it was changed")
+    return version

@@ -103,12 +103,13 @@ def cmd_archive(args: argparse.Namespace) -> int:
         return _fail(f"--username {args.username} needs its password: --password-file FILE, or the systemd "
                      f"credential {CREDENTIAL} (LoadCredential=, as systemd/smearscope-archive.service gives it)")
     from smearscope.service.archive.daemon import ArchiveDaemon, BrokerSettingsError
+    from smearscope.service.archive.store import IndexVersionError
 
     # the reports are patient data: nothing for other users, as the unit's UMask=0027 (and `run`)
     os.umask(os.umask(0o027) | 0o027)
     try:
         daemon = ArchiveDaemon(config, password)
-    except BrokerSettingsError as exc:  # a TLS file missing or not one: restarting cannot fix it
+    except (BrokerSettingsError, IndexVersionError) as exc:  # a TLS file missing, a newer index: no restart mends
         return _fail(str(exc))
     except (OSError, sqlite3.Error) as exc:  # the folder or its index cannot be opened: worth a restart
         return _fail(f"cannot open the archive at {config.directory}: {exc}", 1)
@@ -133,8 +134,12 @@ def cmd_find(args: argparse.Namespace) -> int:
         since = parse_since(args.since) if args.since else None
     except ValueError:
         return _fail(f"--since {args.since!r} is not a date (YYYY-MM-DD) or an ISO time")
+    from smearscope.service.archive.store import IndexVersionError
+
     try:
         found = find(_directory(args), specimen=args.specimen, run=args.run, station=args.station, since=since)
+    except IndexVersionError as exc:
+        return _fail(str(exc))
     except (FileNotFoundError, sqlite3.Error) as exc:
         return _fail(str(exc), 1)
     for r in found:
@@ -147,17 +152,28 @@ def cmd_find(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from smearscope.service.archive.message import REPORT_ID
     from smearscope.service.archive.query import lookup
+    from smearscope.service.archive.store import IndexVersionError
 
     if not REPORT_ID.fullmatch(args.report_id):
         return _fail(f"{args.report_id!r} is not a report id")
     directory = _directory(args)
     try:
         report, bundle = lookup(directory, args.report_id)
+    except IndexVersionError as exc:
+        return _fail(str(exc))
     except (FileNotFoundError, sqlite3.Error) as exc:
         return _fail(str(exc), 1)
     path = bundle if args.fhir else report.path if report is not None else None
+    what = "FHIR bundle of report" if args.fhir else "report"
     if path is None:
-        what = "FHIR bundle of report" if args.fhir else "report"
         return _fail(f"no {what} {args.report_id} in the archive at {directory}", 1)
-    sys.stdout.buffer.write(path.read_bytes() + b"\n")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # unreadable (permission, an I/O error): copies received later may be beside it
+        suffix = ".fhir.json" if args.fhir else ".json"
+        copies = sorted(str(p) for p in path.parent.glob(f"{args.report_id}+*{suffix}")
+                        if args.fhir or not p.name.endswith(".fhir.json"))
+        return _fail(f"cannot read the {what} {args.report_id} at {path} ({exc.strerror or exc})"
+                     + (f"; copies received later: {', '.join(copies)}" if copies else ""), 1)
+    sys.stdout.buffer.write(data + b"\n")
     return 0
