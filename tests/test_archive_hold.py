@@ -113,6 +113,34 @@ def test_a_station_folder_linked_out_of_the_archive_holds_its_report_until_the_l
     assert f"storing again: report {later.report_id} stored after" in caplog.text
 
 
+def test_a_hold_is_said_again_when_its_reason_changes_and_not_at_each_try(
+        tmp_path: Path, persistent_broker: MosquittoBroker, caplog: pytest.LogCaptureFixture) -> None:
+    """The link is replaced by a plain file of the station's name: still held, now for another reason,
+    which is said (it was not: the first ERROR stood for the whole hold); each reason once."""
+    directory, outside = tmp_path / "archive", tmp_path / "elsewhere"
+    directory.mkdir()
+    outside.mkdir()
+    station_folder = directory / STATION
+    station_folder.symlink_to(outside)
+    report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    caplog.set_level(logging.INFO)
+    archive = InProcessArchive(persistent_broker.port, directory)
+    try:
+        publish(persistent_broker.port, envelope_of(report))
+        assert wait_until(lambda: archive.daemon.counts["retried"] >= 3, 30), caplog.text
+        station_folder.unlink()
+        station_folder.write_text("not a folder\n")
+        tries = archive.daemon.counts["retried"]
+        assert wait_until(lambda: archive.daemon.counts["retried"] >= tries + 3, 30), caplog.text
+        station_folder.unlink()
+        assert wait_until(lambda: indexed(directory) == 1, 30), caplog.text
+    finally:
+        archive.stop()
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(said) == 2, said
+    assert "LinkOutOfArchive" in said[0] and "FileExistsError" in said[1] and str(station_folder) in said[1]
+
+
 def test_a_report_coming_again_while_its_archived_copy_is_gone_is_not_written_through_a_link(
         tmp_path: Path) -> None:
     """Its file gone because the station's folder is now a link leading out: the copy was written

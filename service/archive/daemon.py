@@ -4,8 +4,8 @@ A fixed client id with a persistent MQTT 5 session (clean_start false, a long Se
 filters at QoS 1, and manual acknowledgement: paho's network thread only queues what arrives; the
 storer (the caller's thread) stores each message durably (service.archive.store) and only then
 acknowledges it. A message the disk refuses (full, read-only), or a symbolic link in the archive
-folder leading out of it, stays unacknowledged and is tried again every `retry_s`, the messages behind it waiting; the broker keeps all of them meanwhile, and
-sends them again if the archive dies. A message that can never be stored (not a report, a hostile
+folder leading out of it, stays unacknowledged and is tried again every `retry_s`, the messages
+behind it waiting; the broker keeps all of them meanwhile, and sends them again if the archive dies. A message that can never be stored (not a report, a hostile
 id) is said in one log line and acknowledged, so it cannot block the ones behind it.
 """
 
