@@ -64,6 +64,9 @@ class ReportWriter:
     _reports: BoundedQueue[Outgoing]
     _stop: threading.Event
     _store_failing: bool
+    #: Runs with a field or report this process did not store (given up at a stop, or lost): their
+    #: run states are no longer sent (`_store_live`).
+    _runs_not_stored: set[str]
 
     def _report_loop(self) -> None:
         """Reports -> durable outbox (the publisher sends them). Never drops one."""
@@ -78,16 +81,29 @@ class ReportWriter:
             if item.live is not None:
                 self._store_live(item.report, item.live)
                 continue
+            stored = False
             try:
-                self._store(item)
+                stored = self._store(item)
             except Exception:
                 logger.exception("storing report %s failed", item.report.report_id)
                 self.stats.add("lost")
+            run_id = item.report.run_id
+            if not stored and run_id is not None and run_id not in self._runs_not_stored:
+                self._runs_not_stored.add(run_id)
+                logger.warning("run %s: %s report %s was not stored; the run's states are not sent from now on "
+                               "(the broker keeps its last state that counts only what was stored)",
+                               run_id, item.kind, item.report.report_id)
             del item  # a stored field's frame (192 MB at 64 MP) is not held while the next is awaited
 
     def _store_live(self, report: Report, message: NewMessage) -> None:
-        """A run state, now that the field or report it counts is stored (or given up)."""
+        """A run state, now that the field or report it counts is stored. Not once a field or the
+        report of its run was not: it would count what the station's state does not hold, and the
+        next start would take the broker's copy for a newer state than its own (service.mqtt.run_watch).
+        The broker keeps the run's last state that counts only what was stored; the next start
+        publishes the run as its state holds it."""
         if self.clinic is None or self.publisher is None:
+            return
+        if report.run_id in self._runs_not_stored:
             return
         try:
             self.clinic.live.send(self.publisher, message)
@@ -104,9 +120,9 @@ class ReportWriter:
             return
         logger.warning("outbox writable again: analysis resumes")
 
-    def _store(self, item: Outgoing) -> None:
+    def _store(self, item: Outgoing) -> bool:
         """Store with retries; a full disk pauses the analysis meanwhile (not a stall: STATUS=
-        says why, and a restart by the watchdog would not free any space)."""
+        says why, and a restart by the watchdog would not free any space). False: given up at a stop."""
         assert self.publisher is not None
         attempt = 0
         while True:
@@ -121,7 +137,7 @@ class ReportWriter:
                 if self._stop.is_set() and attempt >= 3:
                     self.watchdog.work_finished("publish")
                     self._give_up(item, exc, attempt)
-                    return
+                    return False
                 if attempt & (attempt - 1) == 0:
                     logger.error("outbox write of %s report %s failed (attempt %d): %s; %s",
                                  item.kind, item.report.report_id, attempt, exc,
@@ -147,6 +163,7 @@ class ReportWriter:
         logger.info("stored %s message report_id=%s seq=%d run=%s", item.kind, report.report_id, seq, report.run_id)
         if field_id is not None:
             logger.debug("stored %s message report_id=%s is field %s", item.kind, report.report_id, field_id)
+        return True
 
     def _store_once(self, item: Outgoing) -> int:
         """One transaction: the compact report, its cells messages and the state they change."""

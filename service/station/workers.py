@@ -105,6 +105,7 @@ class StationWorkers(ReportWriter):
         self.state: StationState | None = None
         #: The writer cannot store (disk full): the analysis waits (see the module docstring).
         self._store_failing = False
+        self._runs_not_stored: set[str] = set()  # their run states are no longer sent (ReportWriter)
         self._live_waiting: NewMessage | None = None  # a run state waiting for what it counts (analysis thread)
 
     @property
