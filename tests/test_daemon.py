@@ -33,7 +33,7 @@ from typing import Any
 
 import cv2
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, Subscriber, free_port, wait_until
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, free_port, make_tls_material, wait_until
 from oracle import OracleSegmenter
 from pydantic import ValidationError
 
@@ -46,6 +46,7 @@ from smearscope.service.analysis.records import CellCrop
 from smearscope.service.analysis.report import Report, ScaleInfo
 from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
 from smearscope.service.config import EXIT_CONFIG, MqttConfig, StationConfig, load_config
+from smearscope.service.mqtt.outbox import Outbox
 from smearscope.service.station.daemon import StationDaemon, run_daemon
 
 STATION = "bench-1"
@@ -826,6 +827,42 @@ def test_config_errors_exit_78(tmp_path: Path, capsys: pytest.CaptureFixture[str
                       environ={"PATH": os.environ.get("PATH", "")})
     assert code == EXIT_CONFIG
     assert "mqtt.password_credential:" in capsys.readouterr().err
+
+
+def test_a_publisher_that_fails_to_start_after_the_workers_stops_them_first_and_exits_with_the_reason(
+    tmp_path: Path, credentials_dir: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker's TLS CA file is good when the station checks its files, and replaced by one that holds no
+    certificate while the engines load (the analyzer factory, which runs between): the workers have started
+    when the MQTT publisher fails on it (paho's own TLS setup). The station stops its workers, then closes
+    the rest, and exits 78 naming the file; no worker is left running or writing to the closed outbox (no
+    traceback). Before, the outbox was closed under the running workers and the SSL error logged with its
+    traceback, exit 1."""
+    ca = make_tls_material(tmp_path / "tls").ca_cert
+    config = write_station(tmp_path, free_port(), mqtt={"tls": {"ca_file": str(ca)}},
+                           source={"kind": "simulated", "fields": 500, "fps": 20.0, "width": 480, "height": 360,
+                                   "seed": 0})
+
+    def engines_load_while_the_ca_file_is_replaced(cfg: StationConfig) -> PoolAnalyzer:
+        ca.write_text("not a certificate\n")
+        return PoolAnalyzer(oracle_pool())
+
+    caplog.set_level(logging.INFO)
+    before = set(threading.enumerate())
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(
+        run_daemon(config, analyzer_factory=engines_load_while_the_ca_file_is_replaced)))
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive()
+    assert result == [EXIT_CONFIG]
+    err = capsys.readouterr().err
+    assert f"mqtt.tls.ca_file: {ca} holds no usable CA certificate (PEM)" in err, err
+    started = [t for t in threading.enumerate() if t not in before and t.name in ("capture", "analysis", "report-writer")]
+    assert not started, started  # the workers were stopped, not left behind
+    assert not [r for r in caplog.records if r.exc_info or "closed database" in r.getMessage()], caplog.text
+    assert "stopping: start failed: mqtt.tls.ca_file" in caplog.text  # the workers' stop was asked first
+    Outbox.from_config(load_config(config).mqtt.outbox).close()  # closed and its lock released
 
 
 def test_notify_ready_after_warmup_status_and_watchdog(tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ from smearscope.service.mqtt.publisher import MqttPublisher
 from smearscope.service.mqtt.wall_clock import clock_before_release
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.commands import StationCommands
+from smearscope.service.station.daemon_status import DaemonStatus
 from smearscope.service.station.daemon_summary import print_ledger
 from smearscope.service.station.notify import (
     ProgressWatchdog,
@@ -90,7 +91,7 @@ _BROKER_NOTICE_AFTER_S = 3.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-class StationDaemon:
+class StationDaemon(DaemonStatus):
     """Owns the source, analyzer, outbox and publisher of one station process, and its workers."""
 
     def __init__(
@@ -176,8 +177,8 @@ class StationDaemon:
         """Start, supervise until asked to stop, shut down; the process exit code."""
         try:
             self.start()
-        except BaseException:
-            self._close_resources()
+        except BaseException as exc:
+            self._stop_what_started(exc)
             raise
         try:
             self.supervise()
@@ -190,10 +191,7 @@ class StationDaemon:
 
         Raises StartupError (config field and reason, or an operational reason)."""
         cfg = self.config
-        problems = file_problems(cfg)
-        if problems:  # e.g. a TLS CA file that is missing: a config error, not a crash
-            raise StartupError(problems[0][0], "; ".join(f"{loc}: {msg}" if i else msg
-                                                         for i, (loc, msg) in enumerate(problems)))
+        self._check_files()
         self.watchdog.start()
         self.notifier.status("starting: opening outbox, source and engines")
         box = cfg.mqtt.outbox
@@ -219,7 +217,12 @@ class StationDaemon:
             self.analyzer = self._analyzer_factory(cfg)  # loads and warms the engines
         logger.info("engines loaded and warm in %.1f s", time.monotonic() - t0)
         self.workers.start(self.source, self.analyzer, self.publisher)  # runs read back before get_runs is answered
-        self.publisher.start()
+        try:
+            self.publisher.start()
+        except Exception as exc:  # e.g. a TLS file changed while the engines loaded
+            self._check_files()  # named as a config error when a file the config names is now at fault
+            raise StartupError(None, f"the MQTT publisher did not start ({cfg.mqtt.address}): "
+                                     f"{type(exc).__name__}: {exc}") from exc
         self._started_at = time.monotonic()
         self.notifier.ready(self.status_line())
         logger.info("station %s ready (source %s, frames queue %s)", cfg.station_id,
@@ -228,6 +231,25 @@ class StationDaemon:
             logger.warning("%s", wrong)
         if note := scale_calibration_note(cfg):
             logger.log(note[0], "scale: %s", note[1])
+
+    def _check_files(self) -> None:
+        """StartupError when a file the configuration names is unusable (e.g. a TLS CA file that is
+        missing): a config error (78), not a crash."""
+        problems = file_problems(self.config)
+        if problems:
+            raise StartupError(problems[0][0], "; ".join(f"{loc}: {msg}" if i else msg
+                                                         for i, (loc, msg) in enumerate(problems)))
+
+    def _stop_what_started(self, why: BaseException) -> None:
+        """A start that failed part-way stops what it started, in reverse: the workers first (capture
+        stops, what was captured is analysed and stored, an open run's report with it), then the
+        publisher, engines, source and outbox; no worker is left writing to a closed outbox."""
+        if self.workers.threads:
+            self.request_stop(f"start failed: {why}")
+            if self.source is not None:
+                self.source.close()
+            self._fatal += join_workers(self.workers.threads, THREAD_NAMES, self._stop_budget.join_deadline())
+        self._close_resources(0.0)
 
     def supervise(self) -> None:
         """Main-thread loop: STATUS= on change, reloads, broker notice, worker health."""
@@ -347,64 +369,6 @@ class StationDaemon:
     def analyse(self, frame: Frame) -> dict[str, Any]:
         """Analyse one accepted frame on the calling thread (see StationWorkers.analyse)."""
         return self.workers.analyse(frame)
-
-    # ------------------------------------------------------------------ status
-
-    def status(self) -> dict[str, Any]:
-        snap = self.stats.snapshot()
-        progress = self.tracker.progress()
-        out: dict[str, Any] = {
-            "station_id": self.config.station_id,
-            "state": "stopping" if self._stop.is_set() else
-                     "paused: disk_full" if self.workers.disk_full else "running",
-            "disk_full": self.workers.disk_full,
-            "uptime_s": round(time.monotonic() - self._started_at, 1),
-            "fields_analysed": snap["analysed"], "rejected": snap["rejected"], "failed": snap["failed"],
-            "frames_dropped": self.workers.frames.dropped,
-            "source_rejected_files": getattr(self.source, "rejected_count", 0),  # by its reason code:
-            "source_rejected": dict(getattr(self.source, "rejected_reasons", {})),
-            "reports_stored": snap["stored"],
-            "reports_lost": snap["lost"], "reports_deferred": snap["deferred"],
-            "run": progress.as_dict() if progress else None, "fields_outside_runs": self.tracker.fields_outside_runs,
-            "stalled_work": self.watchdog.stalled_work(),
-        }
-        if self.outbox is not None:
-            out["outbox"] = dataclasses.asdict(self.outbox.counts())
-        if self.publisher is not None:
-            st = self.publisher.state
-            out["broker"] = {"status": st.status, "last_error": st.last_error,
-                             "delivered": st.delivered, "in_flight": st.in_flight,
-                             "parked": st.parked, "max_packet_size": st.max_packet_size}
-        return out
-
-    def status_line(self) -> str:
-        snap = self.stats.snapshot()
-        rejected = sum(snap["rejected"].values()) + getattr(self.source, "rejected_count", 0)
-        failed = sum(snap["failed"].values())
-        parts = [f"{snap['analysed']} fields analysed, {rejected} rejected, {failed} failed"]
-        if self.workers.disk_full:
-            parts.insert(0, "PAUSED: outbox disk full")
-        progress = self.tracker.progress()
-        if progress is not None:
-            parts.append(f"run {progress.run_id[:8]} {progress.classified_wbc}/"
-                         f"{progress.target_wbc} WBC")
-        if self.outbox is not None:
-            counts = self.outbox.counts()
-            parts.append(f"outbox {counts.messages} ({counts.reports} reports)")
-        if self.publisher is not None:
-            st = self.publisher.state  # not connected: why, for `systemctl status`
-            parts.append(f"broker {st.status}" + (f": {st.last_error}" if st.last_error and not st.connected else ""))
-        return "; ".join(parts)
-
-    def _telemetry(self) -> dict[str, Any]:
-        snap = self.stats.snapshot()
-        pipeline = {"fields_analysed": snap["analysed"],  # rejected: by the station and by its source
-                    "rejected": sum(snap["rejected"].values()) + getattr(self.source, "rejected_count", 0),
-                    "failed": sum(snap["failed"].values()),
-                    "frames_dropped": self.workers.frames.dropped,
-                    "disk_full": self.workers.disk_full,
-                    "outbox_messages": self.outbox.counts().messages if self.outbox else None}
-        return {**self._telemetry_reader.read(), "pipeline": pipeline}
 
 
 # ---------------------------------------------------------------------- entry points

@@ -1,0 +1,92 @@
+"""What the station daemon says of itself: the `status` command's answer, systemd's STATUS= line
+and the telemetry's pipeline figures. `DaemonStatus` is a part of `StationDaemon`
+(service.station.daemon), which holds the parts it reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any
+
+from smearscope.device.sources import FrameSource
+from smearscope.device.telemetry import TelemetryReader
+from smearscope.service.config import StationConfig
+from smearscope.service.mqtt.outbox import Outbox
+from smearscope.service.mqtt.publisher import MqttPublisher
+from smearscope.service.station.daemon_summary import Stats
+from smearscope.service.station.notify import ProgressWatchdog
+from smearscope.service.station.specimen import SpecimenTracker
+from smearscope.service.station.workers import StationWorkers
+
+
+class DaemonStatus:
+    """The daemon's status, STATUS= line and telemetry, read from its parts."""
+
+    config: StationConfig
+    stats: Stats
+    tracker: SpecimenTracker
+    workers: StationWorkers
+    watchdog: ProgressWatchdog
+    outbox: Outbox | None
+    publisher: MqttPublisher | None
+    source: FrameSource | None
+    _stop: threading.Event
+    _started_at: float
+    _telemetry_reader: TelemetryReader
+
+    def status(self) -> dict[str, Any]:
+        snap = self.stats.snapshot()
+        progress = self.tracker.progress()
+        out: dict[str, Any] = {
+            "station_id": self.config.station_id,
+            "state": "stopping" if self._stop.is_set() else
+                     "paused: disk_full" if self.workers.disk_full else "running",
+            "disk_full": self.workers.disk_full,
+            "uptime_s": round(time.monotonic() - self._started_at, 1),
+            "fields_analysed": snap["analysed"], "rejected": snap["rejected"], "failed": snap["failed"],
+            "frames_dropped": self.workers.frames.dropped,
+            "source_rejected_files": getattr(self.source, "rejected_count", 0),  # by its reason code:
+            "source_rejected": dict(getattr(self.source, "rejected_reasons", {})),
+            "reports_stored": snap["stored"],
+            "reports_lost": snap["lost"], "reports_deferred": snap["deferred"],
+            "run": progress.as_dict() if progress else None, "fields_outside_runs": self.tracker.fields_outside_runs,
+            "stalled_work": self.watchdog.stalled_work(),
+        }
+        if self.outbox is not None:
+            out["outbox"] = dataclasses.asdict(self.outbox.counts())
+        if self.publisher is not None:
+            st = self.publisher.state
+            out["broker"] = {"status": st.status, "last_error": st.last_error,
+                             "delivered": st.delivered, "in_flight": st.in_flight,
+                             "parked": st.parked, "max_packet_size": st.max_packet_size}
+        return out
+
+    def status_line(self) -> str:
+        snap = self.stats.snapshot()
+        rejected = sum(snap["rejected"].values()) + getattr(self.source, "rejected_count", 0)
+        failed = sum(snap["failed"].values())
+        parts = [f"{snap['analysed']} fields analysed, {rejected} rejected, {failed} failed"]
+        if self.workers.disk_full:
+            parts.insert(0, "PAUSED: outbox disk full")
+        progress = self.tracker.progress()
+        if progress is not None:
+            parts.append(f"run {progress.run_id[:8]} {progress.classified_wbc}/"
+                         f"{progress.target_wbc} WBC")
+        if self.outbox is not None:
+            counts = self.outbox.counts()
+            parts.append(f"outbox {counts.messages} ({counts.reports} reports)")
+        if self.publisher is not None:
+            st = self.publisher.state  # not connected: why, for `systemctl status`
+            parts.append(f"broker {st.status}" + (f": {st.last_error}" if st.last_error and not st.connected else ""))
+        return "; ".join(parts)
+
+    def _telemetry(self) -> dict[str, Any]:
+        snap = self.stats.snapshot()
+        pipeline = {"fields_analysed": snap["analysed"],  # rejected: by the station and by its source
+                    "rejected": sum(snap["rejected"].values()) + getattr(self.source, "rejected_count", 0),
+                    "failed": sum(snap["failed"].values()),
+                    "frames_dropped": self.workers.frames.dropped,
+                    "disk_full": self.workers.disk_full,
+                    "outbox_messages": self.outbox.counts().messages if self.outbox else None}
+        return {**self._telemetry_reader.read(), "pipeline": pipeline}
