@@ -176,3 +176,39 @@ def test_the_archive_unit_starts_the_archive_the_example_env_describes() -> None
         assert one[f"Service.{key}"] == value, key
     assert not any("PASSWORD" in v.upper() for k, vs in d.items() if k.startswith("Service.Environment")
                    for v in vs), "secrets belong in LoadCredential="
+
+
+def _bytes(limit: str) -> int:
+    """A systemd memory limit (`2560M`, `3G`) in bytes; K, M, G, T are powers of 1024."""
+    match = re.fullmatch(r"(\d+)([KMGT]?)", limit)
+    assert match is not None, limit
+    return int(match[1]) * 1024 ** " KMGT".index(match[2] or " ")
+
+
+def test_the_memory_bound_holds_the_stated_peak_and_fits_an_orin_nano() -> None:
+    """MemoryHigh is above the peak docs/STATION.md states for the largest frame the station accepts
+    (64 MP, device.ingest's limit) at the example config's concurrent_fields, with a quarter to spare, and
+    MemoryMax above that and within half an Orin Nano's 8 GB (the GPU shares them). Raising the frame
+    limit or the example's concurrent_fields, or a limit under the peak, fails here until both agree."""
+    one = {k: v[-1] for k, v in _directives(UNIT.read_text()).items()}
+    high, cap = _bytes(one["Service.MemoryHigh"]), _bytes(one["Service.MemoryMax"])
+    assert one["Service.MemorySwapMax"] == "0" and one["Service.OOMPolicy"] == "stop"
+    assert one["Service.Restart"] == "on-failure"  # an OOM kill (result oom-kill) is restarted
+
+    from smearscope.device.ingest.decode import IngestLimits
+
+    assert IngestLimits().max_pixels == 64_000_000  # the frames the peak was measured with
+    concurrent = tomllib.loads((REPO / "config" / "station.example.toml").read_text())["analysis"]["concurrent_fields"]
+    stated = re.search(r"Frames of the largest accepted size \(64 megapixels\) take it to\s+about ([0-9.]+) GB "
+                       rf"with `concurrent_fields = {concurrent}`", (REPO / "docs" / "STATION.md").read_text())
+    assert stated is not None, f"docs/STATION.md states no peak for 64 MP frames at concurrent_fields = {concurrent}"
+    peak = float(stated[1]) * 1e9
+    assert high >= 1.25 * peak, (high, peak)
+    assert peak < high < cap <= 8e9 / 2, (peak, high, cap)
+
+
+@needs_analyze
+def test_verify_reads_the_memory_limits(tmp_path: Path) -> None:
+    """Guard against a vacuous pass: a memory limit systemd cannot read is said by the verify."""
+    broken = UNIT.read_text().replace("MemoryMax=3G", "MemoryMax=3Q")
+    assert "Invalid memory limit '3Q'" in _verify(broken, tmp_path)
