@@ -6,8 +6,9 @@
 
 The worker threads and their queues are `station.workers`; the MQTT commands are
 `station.commands`, which reach the station only through what the daemon hands them; the counters
-and the end-of-run ledger are `station.daemon_summary`; what stops a start, and the production
-analyzer factory, are `station.startup`.
+and the end-of-run ledger are `station.daemon_summary`; what it says of itself (status, STATUS=,
+telemetry) is `station.daemon_status`; what stops a start, and the production analyzer factory, are
+`station.startup`. A start that fails once the workers run stops them before closing the rest.
 
 Stopping: the capture worker watches the daemon's stop Event (set by SIGTERM/SIGINT, `--max-fields`,
 the end of the source, a dead worker); the analysis and writer workers stop only at their
