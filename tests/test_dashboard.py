@@ -850,8 +850,9 @@ def _page_and_a_station(tmp_path: Path, broker: MosquittoBroker, dashboard_args:
                         ) -> Iterator[tuple[Any, Callable[..., None], Path, str]]:
     """The dashboard in Chromium (`smearscope dashboard` with `dashboard_args` too), and a
     station's account to publish what a station (or another tool) would: messages made by the
-    test, no daemon. Yields the driver, send(topic, payload, retain=True), the dashboard's log and
-    the page's address."""
+    test, no daemon. Yields the driver, send(topic, payload, retain=True, correlation=None) (a
+    command's answer: retain=False and the command's MQTT 5 correlation data), the dashboard's log
+    and the page's address."""
     import paho.mqtt.client as mqtt
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -868,8 +869,12 @@ def _page_and_a_station(tmp_path: Path, broker: MosquittoBroker, dashboard_args:
     station.connect("127.0.0.1", broker.port)
     station.loop_start()
 
-    def send(topic: str, payload: str, retain: bool = True) -> None:
-        station.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+    def send(topic: str, payload: str, retain: bool = True, correlation: bytes | None = None) -> None:
+        props = None
+        if correlation is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = correlation
+        station.publish(topic, payload, qos=1, retain=retain, properties=props).wait_for_publish(5)
 
     driver = None
     try:

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from test_dashboard import (
     _closed_run_state,
     _page_and_a_station,
@@ -28,8 +26,8 @@ STATION = "ward-r"
 BASE = f"smearscope/{STATION}"
 
 
-def _answer(send_raw, name: str, body: dict, correlation: bytes | None) -> None:
-    send_raw(f"{BASE}/cmd_response/{name}", json.dumps(body), correlation)
+def _answer(send, name: str, body: dict, correlation: bytes | None) -> None:
+    send(f"{BASE}/cmd_response/{name}", json.dumps(body), retain=False, correlation=correlation)
 
 
 @pytest.mark.broker
@@ -37,22 +35,10 @@ def _answer(send_raw, name: str, body: dict, correlation: bytes | None) -> None:
 def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_second_click(
     tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
 ) -> None:
-    import paho.mqtt.client as mqtt
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     commands = Subscriber(ws_broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/cmd/#"])
-    station = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    station.username_pw_set("station", MQTT_USERS["station"])
-    station.connect("127.0.0.1", ws_broker.port)
-    station.loop_start()
-
-    def send_raw(topic: str, payload: str, correlation: bytes | None) -> None:
-        props = Properties(PacketTypes.PUBLISH)
-        if correlation is not None:
-            props.CorrelationData = correlation
-        station.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
-
     sent = lambda name: [m for m in commands.messages if m.topic == f"{BASE}/cmd/{name}"]
     try:
         commands.wait_ready()
@@ -77,10 +63,10 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
             (start,) = sent("start_run")
             assert json.loads(start.payload) == {"specimen_id": "H-2026-0412"} and state().text == "start a run…"
             assert (start.correlation_data or b"").startswith(b"dashboard-")
-            _answer(send_raw, "start_run", {"ok": False, "error": "run_open", "message": "other page's run"}, b"other")
+            _answer(send, "start_run", {"ok": False, "error": "run_open", "message": "other page's run"}, b"other")
             time.sleep(0.5)  # another page's answer changes nothing here
             assert state().text == "start a run…"
-            _answer(send_raw, "start_run", {"ok": True, "run_id": "3f2a9c1e-aaaa", "target_wbc": 100,
+            _answer(send, "start_run", {"ok": True, "run_id": "3f2a9c1e-aaaa", "target_wbc": 100,
                                             "specimen_id": "H-2026-0412"}, start.correlation_data)
             _wait("the answer", lambda: state().get_attribute("data-state") == "saved", 20, [log])
             assert state().text == "run 3f2a9c1e started for specimen H-2026-0412"
@@ -110,7 +96,7 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
             inside(".stop-run").click()
             _wait("stop_run sent", lambda: len(sent("stop_run")) == 1, 20, [log])
             assert inside(".stop-run").text == "Stop run"
-            _answer(send_raw, "stop_run", {"ok": True, "run_id": "3f2a9c1e-aaaa", "fields": 12, "classified_wbc": 57,
+            _answer(send, "stop_run", {"ok": True, "run_id": "3f2a9c1e-aaaa", "fields": 12, "classified_wbc": 57,
                                            "target_wbc": 100, "complete": False, "report_id": "r"},
                     sent("stop_run")[0].correlation_data)
             _wait("the stop's answer", lambda: state().text == "run 3f2a9c1e stopped: 12 fields, 57 of 100 WBC", 20, [log])
@@ -122,14 +108,14 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
             # a run open that this page has not seen (started elsewhere, no field yet): the refusal offers Stop
             inside(".specimen-id").send_keys("H-3", Keys.ENTER)
             _wait("start_run sent", lambda: len(sent("start_run")) == 3, 20, [log])
-            _answer(send_raw, "start_run", {"ok": False, "error": "run_open", "message": "run 9 is open; stop it first"},
+            _answer(send, "start_run", {"ok": False, "error": "run_open", "message": "run 9 is open; stop it first"},
                     sent("start_run")[-1].correlation_data)
             _wait("Stop run offered", lambda: inside(".stop-run").is_displayed(), 20, [log])
             assert state().text == "run 9 is open; stop it first" and not inside(".start-run").is_displayed()
             inside(".stop-run").click()
             inside(".stop-run").click()
             _wait("stop_run sent", lambda: len(sent("stop_run")) == 2, 20, [log])
-            _answer(send_raw, "stop_run", {"ok": False, "error": "no_run_open", "message": "no specimen run is open"},
+            _answer(send, "stop_run", {"ok": False, "error": "no_run_open", "message": "no specimen run is open"},
                     sent("stop_run")[-1].correlation_data)
             _wait("Start again", lambda: inside(".start-run").is_displayed(), 20, [log])
             assert not inside(".stop-run").is_displayed()
@@ -137,7 +123,7 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
             inside(".specimen-id").clear()
             inside(".specimen-id").send_keys("H-4", Keys.ENTER)
             _wait("start_run sent", lambda: len(sent("start_run")) == 4, 20, [log])
-            _answer(send_raw, "start_run", {"ok": False, "error": "run_open", "message": "run 9 is open; stop it first"},
+            _answer(send, "start_run", {"ok": False, "error": "run_open", "message": "run 9 is open; stop it first"},
                     sent("start_run")[-1].correlation_data)
             _wait("Stop run offered", lambda: inside(".stop-run").is_displayed(), 20, [log])
             other = _specimen(STATION, "run-9", [], time.time())
@@ -146,8 +132,6 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
             _wait("Start once that run closed", lambda: inside(".start-run").is_displayed(), 20, [log])
             assert not inside(".stop-run").is_displayed()
     finally:
-        station.loop_stop()
-        station.disconnect()
         commands.close()
 
 

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from test_dashboard import (
     _closed_run_state,
     _page_and_a_station,
@@ -32,29 +30,21 @@ STATIONS = ("ward-r", "ward-s")
 def test_a_scanned_label_starts_one_run_on_the_card_in_use_and_is_answered_while_a_run_is_open(
     tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
 ) -> None:
-    import paho.mqtt.client as mqtt
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     commands = Subscriber(ws_broker.port, "observer", MQTT_USERS["observer"], ["smearscope/+/cmd/#"])
-    station = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    station.username_pw_set("station", MQTT_USERS["station"])
-    station.connect("127.0.0.1", ws_broker.port)
-    station.loop_start()
-
-    def answer(name: str, sent: object, body: dict) -> None:
-        props = Properties(PacketTypes.PUBLISH)
-        props.CorrelationData = sent.correlation_data  # type: ignore[attr-defined]
-        topic = sent.topic.replace("/cmd/", "/cmd_response/")  # type: ignore[attr-defined]
-        station.publish(topic, json.dumps(body), qos=1, properties=props).wait_for_publish(5)
-
     starts = lambda s: [json.loads(m.payload)["specimen_id"] for m in commands.messages
                         if m.topic == f"smearscope/{s}/cmd/start_run"]
     stops = lambda s: [m for m in commands.messages if m.topic == f"smearscope/{s}/cmd/stop_run"]
     try:
         commands.wait_ready()
         with _page_and_a_station(tmp_path, ws_broker, ("--run-control",)) as (driver, send, log, url):
+            def answer(name: str, sent: object, body: dict) -> None:  # the station's, to the command `sent`
+                topic = sent.topic.replace("/cmd/", "/cmd_response/")  # type: ignore[attr-defined]
+                send(topic, json.dumps(body), retain=False, correlation=sent.correlation_data)  # type: ignore[attr-defined]
+
             for s in STATIONS:
                 send(f"smearscope/{s}/status", "online")
             driver.get(url)
@@ -168,8 +158,6 @@ def test_a_scanned_label_starts_one_run_on_the_card_in_use_and_is_answered_while
                   [log])
             assert inside("ward-s", ".run-control-state").is_displayed() and not inside("ward-s", ".specimen-id").is_displayed()
     finally:
-        station.loop_stop()
-        station.disconnect()
         commands.close()
 
 
