@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import MosquittoBroker
+from broker import MQTT_USERS, MosquittoBroker, Subscriber
 from test_dashboard import (
     _closed_run_state,
     _page_and_a_station,
@@ -236,3 +236,96 @@ def test_on_a_narrow_screen_a_cards_panels_stack_and_no_text_runs_into_another(
         assert len(panels) == 3
         assert len({round(p["left"]) for p in panels}) == 1 and panels[0]["top"] < panels[1]["top"] < panels[2]["top"], panels
         assert all(p["content"] <= p["width"] for p in panels), panels
+
+
+def _options(driver: Any, station: str) -> list[str] | None:
+    """The values of a card's list of runs ("" the current run; None while the list is hidden)."""
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "const c = document.querySelector(`[data-station='${arguments[0]}']`);"
+        "return !c || c.querySelector('.runs-pick').hidden ? null : [...c.querySelectorAll('.runs option')].map((o) => o.value);",
+        station)
+
+
+def _pick(driver: Any, station: str, run_id: str) -> None:
+    """As a user picks an option of the card's list of runs."""
+    driver.execute_script("const s = document.querySelector(`[data-station='${arguments[0]}'] select.runs`);"
+                          "s.value = arguments[1]; s.dispatchEvent(new Event('change'));", station, run_id)
+
+
+def _line(driver: Any, station: str) -> str:
+    """The card's run line ("" before the card is there)."""
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "return document.querySelector(`[data-station='${arguments[0]}'] .run-line`)?.textContent || '';", station)
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_station_back_online_is_asked_for_its_earlier_runs_once(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """A station restored (its retained status offline, then online again: restarted, or put back
+    from a backup with other runs) was not asked for its earlier runs: the card's list stayed the
+    one from before until a run started or closed. It is asked once when it comes back (get_runs),
+    not again on a second "online" (a station says it at each connection to the broker)."""
+    base = "smearscope/ward-q"
+    asked = Subscriber(ws_broker.port, "observer", MQTT_USERS["observer"], [f"{base}/cmd/get_runs"])
+    current = _closed_run_state(_specimen("ward-q", "cur-0001", [], time.time()))
+    earlier = lambda run_id: _closed_run_state(_specimen("ward-q", run_id, [], time.time() - 3600))
+    try:
+        asked.wait_ready()
+        with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+            send(f"{base}/status", "online")
+            send(f"{base}/run", json.dumps(current))
+            driver.get(url)
+            _wait("the run's get_runs", lambda: len(asked.messages) == 1, 20, [log])
+            send(f"{base}/cmd_response/get_runs", json.dumps({"ok": True, "runs": [current, earlier("old-0001")]}),
+                 retain=False, correlation=asked.messages[0].correlation_data)
+            _wait("the list", lambda: _options(driver, "ward-q") == ["", "old-0001"], 20, [log])
+            send(f"{base}/status", "offline")
+            _wait("offline", lambda: _status(driver, "ward-q") == "offline", 20, [log])
+            send(f"{base}/status", "online")
+            _wait("get_runs asked again", lambda: len(asked.messages) == 2, 20, [log])
+            assert (asked.messages[1].correlation_data or b"").startswith(b"dashboard-")
+            send(f"{base}/status", "online")  # online again, without going away: nothing asked
+            send(f"{base}/cmd_response/get_runs", json.dumps({"ok": True, "runs": [current, earlier("old-0002")]}),
+                 retain=False, correlation=asked.messages[1].correlation_data)
+            _wait("the restored station's list", lambda: _options(driver, "ward-q") == ["", "old-0002"], 20, [log])
+            time.sleep(0.5)
+            assert len(asked.messages) == 2
+    finally:
+        asked.close()
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_cleared_run_state_takes_the_current_run_away_and_keeps_the_earlier_runs(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """A station's retained run state cleared (an empty retained message) took the card's current
+    run away and with it the earlier run picked from the list, and left the list without the run
+    that was current: the station's last closed runs could no longer be reached. The earlier run
+    picked stays shown, the list keeps its runs and now holds the run that was current, and
+    "current run" reads "no specimen run yet"."""
+    base = "smearscope/ward-k"
+    current = _closed_run_state(_specimen("ward-k", "cur-0002", [], time.time()))
+    old = _closed_run_state(_specimen("ward-k", "old-0003", [], time.time() - 3600))
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        send(f"{base}/status", "online")
+        send(f"{base}/run", json.dumps(current))
+        driver.get(url)
+        _wait("the current run", lambda: _line(driver, "ward-k").startswith("run cur-0002"), 20, [log])
+        send(f"{base}/cmd_response/get_runs", json.dumps({"ok": True, "runs": [current, old]}), retain=False)
+        _wait("the list", lambda: _options(driver, "ward-k") == ["", "old-0003"], 20, [log])
+        _pick(driver, "ward-k", "old-0003")
+        _wait("the earlier run", lambda: _line(driver, "ward-k").startswith("earlier run old-0003"), 20, [log])
+        send(f"{base}/run", "")
+        _wait("the run that was current listed", lambda: _options(driver, "ward-k") == ["", "cur-0002", "old-0003"],
+              20, [log])
+        assert _line(driver, "ward-k").startswith("earlier run old-0003")
+        assert driver.execute_script("return document.querySelector(\"[data-station='ward-k'] select.runs\").value;") \
+            == "old-0003"
+        _pick(driver, "ward-k", "")
+        _wait("no current run", lambda: _line(driver, "ward-k") == "no specimen run yet", 20, [log])
+        assert _options(driver, "ward-k") == ["", "cur-0002", "old-0003"]
+        _pick(driver, "ward-k", "cur-0002")
+        _wait("the run that was current", lambda: _line(driver, "ward-k").startswith("earlier run cur-0002"), 20, [log])

@@ -177,7 +177,7 @@ function renderRun(st) {
   showCritical(st, view ? view.report.flags : [], now && now.runId !== view.runId ? now.report.flags : []);
   renderPrintMeta(st, view);
   renderRunControl(st);
-  if (!view) { line.textContent = "no specimen run yet"; return; }
+  if (!view) { line.textContent = "no specimen run yet"; st.node.querySelector(".verify").hidden = true; return; }
   const r = view.report;
   st.node.dataset.runId = view.runId || "";
   st.node.dataset.shown = view.final ? "final" : "interim";
@@ -338,7 +338,8 @@ function marked(st, mark, on) {
 
 // An empty message is a retained message cleared (mosquitto_pub -r -n). A station's status cleared is
 // a station retired or renamed (docs/STATION.md, "Renaming or retiring a station"): its card goes, and
-// the page waits for stations again when it was the last; its run state cleared, the run shown goes.
+// the page waits for stations again when it was the last; its run state cleared, its current run goes
+// (the list of its earlier runs stays, that run in it now, and an earlier run picked stays shown).
 function cleared(id, kind) {
   const st = stations.get(id);
   if (!st) return;  // an empty message never makes a card
@@ -353,10 +354,10 @@ function cleared(id, kind) {
     }
     renderAttention();
   } else if (kind === "run") {
-    st.run = null; st.final = null; st.pinned = null; st.reviewRun = null;
-    clearReview(st);
-    st.node.querySelector(".verify").hidden = true;
+    st.run = null; st.final = null;
+    if (!st.pinned) { st.reviewRun = null; clearReview(st); }  // the current run's gallery goes with it
     renderRun(st);
+    renderRuns(st);
   }
 }
 
@@ -415,10 +416,14 @@ function onMessage(topic, payload, packet) {
   const text = new TextDecoder().decode(payload);
   if (kind === "status") {
     const back = text === "online" && st.status !== "online";
+    // from offline only: a status that comes with the page's (re)connection was asked for there
+    // (connect), or is by the station's run state
+    const restored = back && st.status === "offline";
     st.status = text;
     renderStatus(st);
     if (back) { st.heardAt = Date.now(); st.node.querySelector(".review-note").textContent = ""; }
     if (back && st.reviewRun) scheduleReview(st);  // the gallery's pages, not asked while it was away
+    if (restored) requestRuns(st);  // its earlier runs (a get_runs sent while it was away was lost)
     return;
   }
   let msg;
