@@ -163,3 +163,85 @@ def test_a_broker_whose_acl_refuses_the_dashboard_start_run_is_said_on_the_page(
                 "this dashboard's account may not start a run"), state().text
     finally:
         broker.stop()
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_each_line_of_the_run_form_goes_once_the_run_it_speaks_of_is_no_longer_the_cards(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """What the form says of a run is the truth now. "run X started" goes when that run closes,
+    also when its closed state came before the station's answer (a target of a few cells reached on
+    the first field: the line stayed beside the closed run until the next start); "run X stopped:
+    2 fields, 0 of 3 WBC" stays beside that run's closed state and goes when another run is the
+    card's (it stayed until the next start from this page, beside a run started elsewhere)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    commands = Subscriber(ws_broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/cmd/#"])
+    sent = lambda name: [m for m in commands.messages if m.topic == f"{BASE}/cmd/{name}"]
+
+    def run(run_id: str, specimen_id: str, state: str, fields: int = 2) -> str:
+        report = _specimen(STATION, run_id, [], time.time()).model_copy(
+            update={"specimen_id": specimen_id, "fields_analyzed": fields})
+        return json.dumps({**_closed_run_state(report), "state": state})
+
+    try:
+        commands.wait_ready()
+        with _page_and_a_station(tmp_path, ws_broker, ("--run-control",)) as (driver, send, log, url):
+            send(f"{BASE}/status", "online")
+            driver.get(url)
+            inside = lambda sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}'] {sel}")
+            line = lambda: inside(".run-control-state").text
+            card = lambda attribute: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}']").get_attribute(
+                attribute)
+            _wait("the station", lambda: _status(driver, STATION) == "online", 20, [log])
+            _wait("the form", lambda: inside(".specimen-id").is_displayed(), 20, [log])
+
+            # started, then its run closes: the line goes
+            inside(".specimen-id").send_keys("H-1", Keys.ENTER)
+            _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
+            _answer(send, "start_run", {"ok": True, "run_id": "aaaa1111-0001", "target_wbc": 3, "specimen_id": "H-1"},
+                    sent("start_run")[0].correlation_data)
+            _wait("the answer", lambda: line() == "run aaaa1111 started for specimen H-1", 20, [log])
+            send(f"{BASE}/run", run("aaaa1111-0001", "H-1", "open"))
+            send(f"{BASE}/run", run("aaaa1111-0001", "H-1", "closed"))
+            _wait("the line gone", lambda: line() == "" and inside(".start-run").is_displayed(), 20, [log])
+
+            # started, its run closed before the station's answer came: no "started" beside it
+            inside(".specimen-id").send_keys("H-2", Keys.ENTER)
+            _wait("start_run sent", lambda: len(sent("start_run")) == 2, 20, [log])
+            send(f"{BASE}/run", run("bbbb2222-0002", "H-2", "open", 1))
+            send(f"{BASE}/run", run("bbbb2222-0002", "H-2", "closed", 1))
+            _wait("the closed run shown", lambda: card("data-run-id") == "bbbb2222-0002"
+                  and card("data-shown") == "final", 20, [log])
+            _answer(send, "start_run", {"ok": True, "run_id": "bbbb2222-0002", "target_wbc": 3, "specimen_id": "H-2"},
+                    sent("start_run")[1].correlation_data)
+            state = lambda: inside(".run-control-state").get_attribute("data-state")
+            _wait("the answer taken", lambda: state() != "saving", 20, [log])
+            assert (state(), line()) == ("", ""), (state(), line())
+            assert inside(".start-run").is_displayed() and not inside(".stop-run").is_displayed()
+
+            # stopped: said beside the stopped run's closed state, gone once another run is the card's
+            inside(".specimen-id").send_keys("H-3", Keys.ENTER)
+            _wait("start_run sent", lambda: len(sent("start_run")) == 3, 20, [log])
+            _answer(send, "start_run", {"ok": True, "run_id": "cccc3333-0003", "target_wbc": 3, "specimen_id": "H-3"},
+                    sent("start_run")[2].correlation_data)
+            send(f"{BASE}/run", run("cccc3333-0003", "H-3", "open"))
+            _wait("Stop run", lambda: inside(".stop-run").is_displayed() and card("data-run-id") == "cccc3333-0003",
+                  20, [log])
+            inside(".stop-run").click()
+            inside(".stop-run").click()
+            _wait("stop_run sent", lambda: len(sent("stop_run")) == 1, 20, [log])
+            _answer(send, "stop_run", {"ok": True, "run_id": "cccc3333-0003", "fields": 2, "classified_wbc": 0,
+                                       "target_wbc": 3, "complete": False, "report_id": "r"},
+                    sent("stop_run")[0].correlation_data)
+            stopped = "run cccc3333 stopped: 2 fields, 0 of 3 WBC"
+            _wait("the stop's answer", lambda: line() == stopped, 20, [log])
+            send(f"{BASE}/run", run("cccc3333-0003", "H-3", "closed"))
+            _wait("its closed state", lambda: card("data-shown") == "final", 20, [log])
+            assert line() == stopped
+            send(f"{BASE}/run", run("dddd4444-0004", "K-1", "open", 1))  # started on another page
+            _wait("the stopped line gone", lambda: line() == "" and card("data-run-id") == "dddd4444-0004", 20, [log])
+    finally:
+        commands.close()

@@ -65,14 +65,25 @@ function renderRunControl(st) {
     controlState(st, "", "");
   } else if (state.dataset.aboutRun && !st.controlAsk && (openRun(st) || {}).runId !== state.dataset.aboutRun) {
     controlState(st, "", "");  // what it said of an open run, once that run is no longer open
+  } else if (state.dataset.whileShown && !st.controlAsk &&
+             !JSON.parse(state.dataset.whileShown).includes(shownRunId(st))) {
+    controlState(st, "", "");  // what it said of a stopped run, once another run is the card's (or none)
   }
 }
 
+function shownRunId(st) {
+  const run = current(st);
+  return run ? String(run.runId || "") : "";
+}
+
 // `aboutRun`: the open run the text speaks of; the text goes when that run is no longer open.
-function controlState(st, state, text, aboutRun) {
+// `whileShown`: the runs the text may stand beside as the card's current run ("" for none); it goes
+// when another run is the card's.
+function controlState(st, state, text, aboutRun, whileShown) {
   const node = st.node.querySelector(".run-control-state");
   node.dataset.state = state;
   node.dataset.aboutRun = aboutRun || "";
+  node.dataset.whileShown = whileShown ? JSON.stringify(whileShown) : "";
   node.textContent = text;
 }
 
@@ -160,16 +171,21 @@ function runControlAnswer(st, name, msg, correlation) {
   }
   if (name === "start_run") {
     st.toldOpen = { runId: String(msg.run_id), specimenId: typeof msg.specimen_id === "string" ? msg.specimen_id : "" };
-    renderRunControl(st);  // Stop from now on, before the run's first field
     st.node.querySelector(".specimen-id").value = "";
     // said while that run is open: beside a run closed since (its target reached) it read as running
     controlState(st, "saved", "run " + String(msg.run_id).slice(0, 8) + " started" +
       (msg.specimen_id ? " for specimen " + msg.specimen_id : ""), String(msg.run_id));
+    // Stop from now on, before the run's first field; the line goes at once where the run's closed
+    // state came before this answer (a target of a few cells reached on the first field)
+    renderRunControl(st);
   } else {
     st.stoppedRun = String(msg.run_id);
     st.toldOpen = null;
+    // said until another run is the card's (started elsewhere or by its first field, or the run
+    // state cleared): the stopped run's closed state, or the run shown when the answer came, keep it
     controlState(st, "saved", "run " + String(msg.run_id).slice(0, 8) + " stopped: " + msg.fields +
-      (msg.fields === 1 ? " field" : " fields") + ", " + msg.classified_wbc + " of " + msg.target_wbc + " WBC");
+      (msg.fields === 1 ? " field" : " fields") + ", " + msg.classified_wbc + " of " + msg.target_wbc + " WBC",
+      "", [String(msg.run_id), shownRunId(st)]);
     renderRunControl(st);  // the next specimen can be started now
   }
 }
