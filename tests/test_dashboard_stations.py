@@ -329,3 +329,42 @@ def test_a_cleared_run_state_takes_the_current_run_away_and_keeps_the_earlier_ru
         assert _options(driver, "ward-k") == ["", "cur-0002", "old-0003"]
         _pick(driver, "ward-k", "cur-0002")
         _wait("the run that was current", lambda: _line(driver, "ward-k").startswith("earlier run cur-0002"), 20, [log])
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_button_reached_with_the_keyboard_is_never_under_the_sticky_header(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """Shift+Tab up a long page (eight cards in a 800x700 window) scrolled each control it reached
+    to the top edge of the window, under the sticky header: a technician working with the keyboard
+    could not see the button about to be pressed (ward-7's "Verify run" from ward-8's "Print
+    report"). The page now keeps what the focus reaches below the header, both ways."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    ids = [f"ward-{i}" for i in range(1, 9)]
+    with _page_and_a_station(tmp_path, ws_broker, ("--run-control",)) as (driver, send, log, url):
+        driver.set_window_size(800, 700)
+        for station in ids:
+            send(f"smearscope/{station}/status", "online")
+            send(f"smearscope/{station}/run", json.dumps(_closed_run_state(_specimen(station, "run-" + station, [],
+                                                                                     time.time()))))
+        driver.get(url)
+        _wait("the cards", lambda: driver.execute_script(
+            "return document.querySelectorAll('section.station .print-run:not([hidden])').length;") == 8, 20, [log])
+        where = ("const a = document.activeElement, card = a.closest('section.station');"
+                 "return card ? [card.dataset.station, a.className, a.getBoundingClientRect().top,"
+                 " document.querySelector('header').getBoundingClientRect().bottom, scrollY] : null;")
+        reached = []
+        for key in [Keys.TAB] * 60 + [Keys.SHIFT + Keys.TAB] * 60:
+            if key == Keys.TAB:
+                ActionChains(driver).send_keys(key).perform()
+            else:
+                ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.TAB).key_up(Keys.SHIFT).perform()
+            if (at := driver.execute_script(where)) is not None:
+                reached.append(at)
+        # the walk went down the page and back up it, through ward-8's and ward-1's controls
+        assert {"ward-1", "ward-8"} <= {station for station, *_ in reached} and max(y for *_, y in reached) > 2000
+        covered = [(station, what, round(top), round(bottom)) for station, what, top, bottom, _ in reached if top < bottom]
+        assert covered == [], covered

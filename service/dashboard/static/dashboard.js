@@ -322,7 +322,8 @@ function renderAttention() {
 }
 
 // The header wraps when it names many, and when the scanner's note (runcontrol.js) or a narrower
-// window makes it taller: a card scrolled to stops below it (dashboard.css, --header-height).
+// window makes it taller: a card scrolled to, or a control the focus reaches, stops below it
+// (dashboard.css, --header-height).
 function fitHeader() {
   const header = document.querySelector("header");
   document.documentElement.style.setProperty("--header-height", header.offsetHeight + 8 + "px");
