@@ -359,6 +359,38 @@ def test_a_report_over_the_brokers_message_size_limit_is_parked_and_sent_once_th
         broker.stop()
 
 
+def test_a_report_the_broker_refuses_as_too_large_is_said_once_across_its_restarts_and_stays_parked(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A report over mosquitto's `message_size_limit` is tried again after each reconnect (the limit
+    may have been raised) and refused again: the ERROR line came again at every reconnect, and the
+    parked count fell to 0 in between. Said once; each later refusal at DEBUG; parked throughout."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 20000",))
+    broker.start()
+    try:
+        publisher = start_publisher(make_config(tmp_path, broker.port, protocol="5"), started)
+        assert publisher.wait_until_connected(5)
+
+        def refusals() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.name == "smearscope.service.mqtt.inflight"
+                    and "too-big" in r.getMessage()]
+
+        with caplog.at_level(logging.DEBUG, logger="smearscope.service.mqtt.inflight"):
+            publisher.publish_report("report", "too-big", json.dumps({"cells": "x" * 50_000}).encode(), "1")
+            publisher.publish_report("report", "small", b"{}", "1")
+            assert wait_until(lambda: len(refusals()) == 1 and publisher.outbox.counts().messages == 1, 10)
+            for restart in range(1, 4):
+                broker.restart()
+                assert wait_until(lambda: publisher.state.connects == restart + 1  # noqa: B023
+                                  and len(refusals()) == restart + 1, 15), (publisher.state, len(refusals()))  # noqa: B023
+                assert publisher.state.parked == 1, publisher.state
+        errors = [r.getMessage() for r in refusals() if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "message_size_limit" in errors[0] and "parked" in errors[0], errors
+        assert [m.report_id for m in publisher.outbox.pending()] == ["too-big"]
+    finally:
+        broker.stop()
+
+
 def test_a_broker_certificate_from_a_new_ca_says_which_ca_file_and_the_reports_wait_for_a_restart(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
 ) -> None:

@@ -14,7 +14,10 @@ set is bounded by the outbox: each was in it when acknowledged. A message larger
 (the broker's Maximum Packet Size, or the configured one) is parked: logged once, counted, left in
 the outbox and skipped, so it never blocks the messages behind it; it is tried again after a
 reconnect (the broker's limit may have changed). So is a message the broker refuses as too large
-(PUBACK 0x95: mosquitto's `message_size_limit`, which no CONNACK announces).
+(PUBACK 0x95: mosquitto's `message_size_limit`, which no CONNACK announces). It stays counted as
+parked while it is tried again, and is said again only when what the station knows of it changed
+(refused by the broker rather than over the announced limit, its size, the connection's limit):
+a broker restarted with the same limit refuses it at every reconnect, and one line says that.
 """
 
 from __future__ import annotations
@@ -81,8 +84,13 @@ class InFlight:
         self._delete_failing: str | None = None  # why the last delete failed, said once
         #: Largest PUBLISH packet the broker (or the configuration) accepts.
         self.max_packet_size: int | None = None
-        #: seq -> packet size of messages too large to send (parked; see the module docstring).
+        #: seq -> packet size of messages too large to send (parked; see the module docstring); kept
+        #: while one is tried again after a reconnect, forgotten once it is acknowledged or gone.
         self.parked: dict[int, int] = {}
+        #: Parked messages this connection may try again (each once).
+        self._retry: set[int] = set()
+        #: seq -> what was said of a parked message (why, its size, the limit): said again only when it changes.
+        self._parked_said: dict[int, tuple[str, int, int | None]] = {}
 
     def __len__(self) -> int:
         return len(self._seq_by_mid)
@@ -112,9 +120,27 @@ class InFlight:
         self._topic_by_seq.clear()
 
     def new_connection(self, max_packet_size: int | None) -> None:
-        """A new connection: its packet limit; parked messages get another chance."""
+        """A new connection: its packet limit; parked messages still in the outbox get another chance."""
         self.max_packet_size = max_packet_size
-        self.parked.clear()
+        if self.parked:
+            seqs = sorted(self.parked)
+            marks = ",".join("?" * len(seqs))
+            present = self.outbox.read(lambda conn: {r[0] for r in conn.execute(
+                f"SELECT seq FROM outbox WHERE seq IN ({marks})", seqs)})  # placeholders only
+            for seq in set(seqs) - present:  # expired or evicted meanwhile
+                self._unpark(seq)
+        self._retry = set(self.parked)
+
+    def _unpark(self, seq: int) -> None:
+        self.parked.pop(seq, None)
+        self._parked_said.pop(seq, None)
+        self._retry.discard(seq)
+
+    def _say_parked(self, seq: int, key: tuple[str, int, int | None], message: str, *args: object) -> None:
+        """Log a parked message at ERROR the first time, and again only when `key` changed; else DEBUG."""
+        repeated = self._parked_said.get(seq) == key
+        self._parked_said[seq] = key
+        logger.log(logging.DEBUG if repeated else logging.ERROR, message, *args)
 
     def send(self, client: mqtt.Client, cursor: int,
              properties: Callable[[OutboxMessage], Properties | None], stop: threading.Event) -> int:
@@ -126,7 +152,10 @@ class InFlight:
                 break
             sent: list[int] = []
             for message in batch:
-                if message.seq in self._seqs or message.seq in self._acked_undeleted or message.seq in self.parked:
+                retry = message.seq in self._retry
+                self._retry.discard(message.seq)
+                if (message.seq in self._seqs or message.seq in self._acked_undeleted
+                        or (message.seq in self.parked and not retry)):
                     cursor = message.seq  # sent after a failed-ack rewind, already delivered, or parked
                     continue
                 props = properties(message)
@@ -161,9 +190,9 @@ class InFlight:
         size = publish_packet_size(message, props)
         if size <= limit:
             return False
-        if message.seq not in self.parked:
-            self.parked[message.seq] = size
-            logger.error("outbox message seq %d (%s, report %s) is %d bytes as a packet, over the "
+        self.parked[message.seq] = size
+        self._say_parked(message.seq, ("over", size, limit),
+                         "outbox message seq %d (%s, report %s) is %d bytes as a packet, over the "
                          "limit of %d: parked in the outbox, later messages go on; it is tried "
                          "again after a reconnect (raise the broker's max_packet_size or lower "
                          "mqtt.max_packet_size so it is split)", message.seq, message.kind,
@@ -199,6 +228,8 @@ class InFlight:
                 self._say_rejected(seq, topic, reason_code)
             else:
                 acked.append(seq)
+                if self.parked:
+                    self._unpark(seq)  # tried again after a reconnect, and taken this time
                 if self._rejections_said:  # mostly empty: no set rebuilt per acknowledged message
                     self._rejections_said = {said for said in self._rejections_said if said[0] != topic}
         self._acked_undeleted.update(acked)
@@ -211,11 +242,12 @@ class InFlight:
         message = next(iter(self.outbox.pending(limit=1, after_seq=seq - 1)), None)
         size = publish_packet_size(message, None) if message is not None and message.seq == seq else 0
         self.parked[seq] = size
-        logger.error("broker refused outbox message seq %d to %s (report %s, %d bytes as a packet) as too large "
-                     "(Packet too large, 0x95: mosquitto's message_size_limit): parked in the outbox, later "
-                     "messages go on; it is tried again after a reconnect (raise the broker's "
-                     "message_size_limit, or set mqtt.max_packet_size below it so cells are split)", seq, topic,
-                     message.report_id if message is not None else "?", size)
+        self._say_parked(seq, ("refused", size, self.max_packet_size),
+                         "broker refused outbox message seq %d to %s (report %s, %d bytes as a packet) as too large "
+                         "(Packet too large, 0x95: mosquitto's message_size_limit): parked in the outbox, later "
+                         "messages go on; it is tried again after each reconnect, said again only if something "
+                         "changes (raise the broker's message_size_limit, or set mqtt.max_packet_size below it so "
+                         "cells are split)", seq, topic, message.report_id if message is not None else "?", size)
 
     def _say_rejected(self, seq: int, topic: str, reason_code: ReasonCode) -> None:
         """A WARNING for the first rejection of a topic with a reason; its repeats (each waiting
