@@ -6,7 +6,8 @@ An accepted CONNACK sets the in-flight window and packet limit the broker allows
 unacknowledged messages back to the outbox (re-sent in order by the drain loop), publishes the
 retained "online" and subscribes to the commands. A refusal is logged with its reason code (once while
 it repeats) and kept in the publisher's state; a refused MQTT 5 falls back to 3.1.1 when the protocol
-is "auto".
+is "auto". Each failure is said once while it repeats, and at most once per `RESAY_S` while failures
+alternate (a refusal, then no CONNACK at all, ...), until a connection is made.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ _UNSUPPORTED_PROTOCOL_VERSION = 0x84
 _RESERVED_SLOTS = 4
 #: A connection the broker closes within this long counts toward the duplicate-client-id hint.
 _SHORT_LIVED_S = 5.0
+#: A failure said (WARNING or ERROR) is said again after this long at the soonest while none succeeds.
+RESAY_S = 600.0
 
 
 class ConnectionEvents:
@@ -60,6 +63,8 @@ class ConnectionEvents:
     _connected_at: float
     _stopping: bool
     _socket_error: str | None
+    _connack_refused: bool
+    _failures_said: dict[str, float]
     _wake: threading.Event
     _telemetry_now: threading.Event
     _inflight: InFlight
@@ -99,6 +104,7 @@ class ConnectionEvents:
         if self.run_watch.listening:
             client.subscribe(self.run_watch.topic, qos=0)
         self._connected_at = time.monotonic()
+        self._failures_said.clear()  # the next outage is news
         with self._state_lock:
             self._epoch += 1
             self._packet_limit = limit
@@ -127,7 +133,8 @@ class ConnectionEvents:
         # Logged before the state says "refused", so whoever sees that state finds the reason in
         # the journal already (paho calls back on its one network thread: no second refusal can
         # come between). Same refusal again (paho retries with backoff): keep the journal readable.
-        logger.log(logging.DEBUG if repeated else logging.ERROR, "%s", message)
+        logger.log(logging.ERROR if self._news(message, repeated) else logging.DEBUG, "%s", message)
+        self._connack_refused = True  # this attempt's end is said: _on_disconnect adds nothing
         with self._state_lock:
             self._state = replace(
                 self._state,
@@ -146,18 +153,29 @@ class ConnectionEvents:
         """No connection, and why: logged once while the reason stays the same, then the state."""
         with self._state_lock:
             repeated = self._state.last_error == message
-        logger.log(logging.DEBUG if repeated else logging.WARNING, "%s", message)  # before the state, as above
+        logger.log(logging.WARNING if self._news(message, repeated) else logging.DEBUG, "%s", message)  # before the state
         with self._state_lock:
             self._state = replace(self._state, status="disconnected", last_error=message, last_reason_code=None)
+
+    def _news(self, message: str, repeated: bool) -> bool:
+        """Whether a failure is said (not DEBUG): not the one said last, nor said within RESAY_S."""
+        now = time.monotonic()
+        said_at = self._failures_said.get(message)
+        if repeated or (said_at is not None and now - said_at < RESAY_S):
+            return False
+        self._failures_said[message] = now
+        return True
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags, reason_code: ReasonCode,
                        properties: Properties | None) -> None:
         socket_error, self._socket_error = self._socket_error, None
+        # this attempt's CONNACK was a refusal, said by _on_refused; the state alone cannot tell,
+        # it still says "refused" when a later attempt got no CONNACK at all
+        refused, self._connack_refused = self._connack_refused, False
         if self._stopping:
             return
         with self._state_lock:
             was_connected = self._state.status == "connected"
-            refused = self._state.status == "refused"  # said by _on_refused: its CONNACK was MQTT
             if was_connected:
                 self._state = replace(self._state, status="disconnected", connected_since=None,
                                       last_error=f"connection lost: {reason_code.getName()}")

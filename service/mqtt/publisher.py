@@ -117,6 +117,8 @@ class MqttPublisher(ConnectionEvents):
         self._connected_at = 0.0  # time.monotonic() of this connection's CONNACK (a clock step cannot fake one)
         self._stopping = False
         self._socket_error: str | None = None  # paho's, while no CONNACK yet (paho thread only)
+        self._connack_refused = False  # this attempt's CONNACK refused (paho thread only)
+        self._failures_said: dict[str, float] = {}  # failure -> when said (connection_events.RESAY_S)
         self._wake = threading.Event()
         self._telemetry_now = threading.Event()  # a (re)connection: the station's state at once, not a period later
         self._stop_workers = threading.Event()
