@@ -610,15 +610,11 @@ def test_a_run_closed_before_a_restart_can_still_be_verified(
     observer, config, _ = _two_field_station(tmp_path, broker)
 
     def run_daemon(until) -> None:
-        daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(), config_path=config)
-        runner = threading.Thread(target=daemon.run, daemon=True)
-        runner.start()
+        daemon, runner = start_daemon(config)
         try:
             assert until()
         finally:
-            daemon.request_stop("test step over")
-            runner.join(30)
-        assert not runner.is_alive()
+            stop_daemon(daemon, runner)
 
     try:
         # a first process closes a run (its WBC target reached) and stops
@@ -672,17 +668,13 @@ def test_a_closed_runs_start_and_starter_are_in_its_state_and_in_get_runs_after_
 
     def run_daemon(step) -> None:
         seen = sum(m.topic == f"{BASE}/status" and m.payload == b"online" for m in observer.messages)
-        daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(), config_path=config)
-        runner = threading.Thread(target=daemon.run, daemon=True)
-        runner.start()
+        daemon, runner = start_daemon(config)
         try:
             assert observer.wait_for(lambda ms: sum(m.topic == f"{BASE}/status" and m.payload == b"online"
                                                     for m in ms) > seen, 30)
             step()
         finally:
-            daemon.request_stop("test step over")
-            runner.join(30)
-        assert not runner.is_alive()
+            stop_daemon(daemon, runner)
 
     def first() -> None:
         observer.client.publish(f"{BASE}/cmd/start_run", json.dumps({"specimen_id": "H-2026-0412"}), qos=1)
@@ -784,14 +776,11 @@ def test_get_runs_asked_as_the_station_comes_online_lists_the_runs_closed_before
     from smearscope.service.station.clinic import ClinicFeed
 
     observer, config, _ = _two_field_station(tmp_path, broker)
-    daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(), config_path=config)
-    runner = threading.Thread(target=daemon.run, daemon=True)
-    runner.start()
+    daemon, runner = start_daemon(config)
     try:
         assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 60)
     finally:
-        daemon.request_stop("first process over")
-        runner.join(30)
+        stop_daemon(daemon, runner)
     closed_id = envelopes(observer, f"{BASE}/report")[0]["body"]["run_id"]
     original_start = ClinicFeed.start
 
@@ -801,17 +790,16 @@ def test_get_runs_asked_as_the_station_comes_online_lists_the_runs_closed_before
 
     monkeypatch.setattr(ClinicFeed, "start", slow_start)
     online = sum(m.topic == f"{BASE}/status" and m.payload == b"online" for m in observer.messages)
-    daemon = StationDaemon(load_config(config), analyzer_factory=pool_factory(), config_path=config)
-    runner = threading.Thread(target=daemon.run, daemon=True)
-    runner.start()
+    daemon, runner = start_daemon(config)
     try:
         assert observer.wait_for(lambda ms: sum(m.topic == f"{BASE}/status" and m.payload == b"online"
                                                 for m in ms) > online, 30)
         observer.client.publish(f"{BASE}/cmd/get_runs", "{}", qos=1)
         assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/cmd_response/get_runs" for m in ms), 30)
     finally:
-        daemon.request_stop("test over")
-        runner.join(30)
-        observer.close()
+        try:
+            stop_daemon(daemon, runner)
+        finally:
+            observer.close()
     answer = json.loads(observer.on_topic(f"{BASE}/cmd_response/get_runs")[0].payload)
     assert answer["ok"] and closed_id in [r["run_id"] for r in answer["runs"]], answer
