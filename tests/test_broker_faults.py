@@ -263,7 +263,7 @@ def test_a_password_changed_on_the_broker_is_said_with_what_to_do_and_no_report_
         assert len(errors) == 1, errors  # the repeats at DEBUG
         assert errors[0] == state.last_error
         for part in (f"127.0.0.1:{broker.port}", "Not authorized", "user 'station'", "'mqtt-password'",
-                     "restart the station", "up to 2 s"):
+                     "reads it again before its next attempt", "up to 2 s"):
             assert part in errors[0], (part, errors[0])
         assert publisher.outbox.counts().reports == 3
         publisher.stop(drain_timeout=0)

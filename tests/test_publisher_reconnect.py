@@ -1,16 +1,19 @@
 """The publisher's reconnects against a real mosquitto: a port that takes the connection and never
-answers after a refusal, and a password changed on the broker and in the station's credential."""
+answers after a refusal; a password changed on the broker and in the station's credential, and TLS
+files replaced while it runs (read again before the attempt after a failure)."""
 
 from __future__ import annotations
 
 import logging
+import signal
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, wait_until
-from test_publisher import make_config, start_publisher
+from broker import MOSQUITTO_PASSWD, MQTT_USERS, MosquittoBroker, Subscriber, wait_until
+from test_publisher import BASE, make_config, start_publisher
 
 from smearscope.service.mqtt.publisher import MqttPublisher
 
@@ -79,4 +82,40 @@ def test_a_port_that_never_answers_after_a_refusal_is_said_once(
     finally:
         if listener is not None:
             listener.close()
+        broker.stop()
+
+
+def test_a_password_changed_on_the_broker_and_in_the_credential_is_taken_without_a_restart(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The station's password is changed on mosquitto (password_file, SIGHUP: the connection dropped,
+    the next CONNECT refused) and then in the station's credential file. The station read that file
+    only at start: refused until restarted. Now the attempt after the refusal reads it again, logs
+    in, and the report made while refused goes."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])
+    try:
+        sub.wait_ready()
+        with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt"):
+            publisher = start_publisher(make_config(tmp_path, broker.port), started)
+            assert publisher.wait_until_connected(5)
+            subprocess.run([MOSQUITTO_PASSWD, "-b", str(broker.workdir / "passwd"), "station", "rotated"], check=True)
+            assert broker.proc is not None
+            broker.proc.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: publisher.state.status == "refused", 10), publisher.state
+            publisher.publish_report("report", "made-while-refused", b"{}", "1")
+            (credentials_dir / "mqtt-password").chmod(0o600)
+            (credentials_dir / "mqtt-password").write_text("rotated\n")
+            assert sub.wait_for(lambda m: len(m) == 1, 15), publisher.state
+        state = publisher.state
+        assert state.connected and state.connects == 2 and state.refusals >= 1, state
+        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 5)
+        changed = [r.getMessage() for r in caplog.records if r.name == "smearscope.service.mqtt.secrets"]
+        assert changed == [("MQTT password in credential 'mqtt-password' changed: used from this connection "
+                            "attempt on")], changed
+        refused = [r.getMessage() for r in caplog.records if "refused the connection" in r.getMessage()]
+        assert refused and "the station reads it again before its next attempt" in refused[0], refused
+    finally:
+        sub.close()
         broker.stop()

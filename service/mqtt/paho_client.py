@@ -8,6 +8,7 @@ connects (service.mqtt.publisher).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import ssl
@@ -24,6 +25,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from smearscope.service.config.mqtt import MqttConfig
+from smearscope.service.mqtt.secrets import tls_context
 from smearscope.service.mqtt.wall_clock import clock_reading
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,12 @@ class StationClient(mqtt.Client):
                 return self._do_on_publish(mid, reason, Properties(PacketTypes.PUBACK))  # type: ignore[no-untyped-call]
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
+    def renew_tls(self, context: ssl.SSLContext) -> None:
+        """Use `context` from the next connection on (paho's tls_set_context takes one only once):
+        renewed certificate files without a new client, whose queue and callbacks stay."""
+        self._ssl_context = context
+        self._tls_insecure = not context.check_hostname
+
 
 def configured_client(config: MqttConfig, client_id: str, protocol: MQTTProtocolVersion,
                       password: str | None, status_topic: str | None) -> mqtt.Client:
@@ -78,11 +86,7 @@ def configured_client(config: MqttConfig, client_id: str, protocol: MQTTProtocol
     if config.username is not None:
         client.username_pw_set(config.username, password)
     if config.tls is not None:
-        client.tls_set(
-            ca_certs=str(config.tls.ca_file),
-            certfile=str(config.tls.certfile) if config.tls.certfile else None,
-            keyfile=str(config.tls.keyfile) if config.tls.keyfile else None,
-        )
+        client.tls_set_context(tls_context(config.tls))  # as tls_set would; renewable (service.mqtt.secrets)
         client.tls_insecure_set(config.tls.insecure)
     if status_topic is not None:
         client.will_set(status_topic, "offline", qos=1, retain=True)
@@ -149,7 +153,7 @@ def network_hint(config: MqttConfig, exc: BaseException | None) -> str:
 
 def tls_hint(config: MqttConfig, exc: BaseException | None) -> str:
     """What to do about the broker's certificate the station refused, or "" for another failure.
-    The CA file is read when the station starts: a replaced one takes a restart."""
+    The CA file is read again before each attempt after a failure (service.mqtt.secrets)."""
     if config.tls is None or not isinstance(exc, ssl.SSLCertVerificationError):
         return ""
     text = str(exc)
@@ -158,7 +162,8 @@ def tls_hint(config: MqttConfig, exc: BaseException | None) -> str:
                 "subjectAltName holds, or have the certificate reissued for this name")
     if re.search(r"local issuer|self.signed|unknown ca", text, re.IGNORECASE):
         return (f": the broker's certificate is not signed by the CA in [mqtt.tls] ca_file {config.tls.ca_file} "
-                "(a certificate from a new CA: put that CA's certificate there and restart the station)")
+                "(a certificate from a new CA: put that CA's certificate there; the station reads it again before its "
+                "next attempt)")
     return ""
 
 
@@ -183,9 +188,17 @@ def login_hint(config: MqttConfig, code: int) -> str:
     credential = (f"the password in credential {config.password_credential!r}" if config.password_credential
                   else "no password (password_credential unset)")
     return (f"; user {config.username!r} with {credential} is not accepted: check them against the broker's "
-            "password_file and ACL (a changed password: update the credential's file and restart the station, "
-            f"which reads it at start); retrying with backoff up to {config.reconnect_max_delay_s} s, "
-            "reports wait in the outbox")
+            f"password_file and ACL (a changed password: {password_change_advice()}); retrying with backoff up "
+            f"to {config.reconnect_max_delay_s} s, reports wait in the outbox")
+
+
+def password_change_advice() -> str:
+    """Where a changed password goes. The credential's file is read again before each attempt, but
+    systemd copies LoadCredential= files into /run/credentials/ only when the unit starts."""
+    if os.environ.get("CREDENTIALS_DIRECTORY", "").startswith("/run/credentials/"):
+        return ("update the credential's file and restart the station: systemd copies it when the unit starts, "
+                "the station reads that copy again before each attempt")
+    return "update the credential's file; the station reads it again before its next attempt"
 
 
 def short_lived_hint(short_lived: int, seconds: float, client_id: str) -> str:
@@ -198,12 +211,14 @@ def short_lived_hint(short_lived: int, seconds: float, client_id: str) -> str:
 
 def client_cert_advice(alert: str) -> str:
     """What to do about a station certificate the broker refused with TLS alert `alert`."""
-    install = "install a new one and its key at [mqtt.tls] certfile and keyfile and restart the station"
+    install = ("install a new one and its key at [mqtt.tls] certfile and keyfile; the station reads them again "
+               "before its next attempt")
     if "revoked" in alert.lower():
         return "it is revoked (the broker's crlfile lists it): " + install
     if "expired" in alert.lower():
         return "it has expired: " + install.replace("a new one", "a renewed one")
-    return "use one signed by the CA the broker trusts, not expired nor revoked, and restart the station"
+    return ("use one signed by the CA the broker trusts, not expired nor revoked; the station reads [mqtt.tls] "
+            "certfile and keyfile again before its next attempt")
 
 
 def closed_before_connack(config: MqttConfig, socket_error: str) -> str:

@@ -37,7 +37,6 @@ from smearscope.service.config.mqtt import MqttConfig
 from smearscope.service.mqtt import paho_client
 from smearscope.service.mqtt.command_worker import CommandHandler, CommandWorker
 from smearscope.service.mqtt.connection_events import ConnectionEvents
-from smearscope.service.mqtt.credentials import read_password
 from smearscope.service.mqtt.envelope import (
     build_envelope,
     message_properties,
@@ -49,6 +48,7 @@ from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, Stat
 from smearscope.service.mqtt.paho_client import configured_client, paho_log_level, publish_waiting
 from smearscope.service.mqtt.renamed import say_stored_under_other_ids
 from smearscope.service.mqtt.run_watch import RunStateWatch
+from smearscope.service.mqtt.secrets import SecretFiles
 from smearscope.service.mqtt.state import PublisherState
 from smearscope.service.mqtt.twin_watch import TwinWatch
 
@@ -89,7 +89,7 @@ class MqttPublisher(ConnectionEvents):
         self.station_id = station_id
         self.outbox = outbox
         self.telemetry_source = telemetry_source
-        self._password = read_password(config, environ)  # fails now, before any thread starts
+        self._secrets = SecretFiles(config, environ)  # the password read now: fails before any thread starts
         self.client_id = config.client_id or f"smearscope-{station_id}"
         # which process sends the samples: two stations given one station_id (a cloned config) send
         # under two instance ids in turn, which a dashboard says (docs/MQTT.md, "Telemetry")
@@ -263,8 +263,9 @@ class MqttPublisher(ConnectionEvents):
 
     def _new_client(self) -> mqtt.Client:
         cfg = self.config
-        client = configured_client(cfg, self.client_id, self._protocol, self._password, self.status_topic)
+        client = configured_client(cfg, self.client_id, self._protocol, self._secrets.password, self.status_topic)
         client.on_log = self._on_log
+        client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -283,6 +284,25 @@ class MqttPublisher(ConnectionEvents):
             ", TLS" if cfg.tls else "",
         )
         return client
+
+    def renew_secrets(self, client: mqtt.Client | None = None) -> None:
+        """Read the password and TLS files again; a change is used from the next connection attempt
+        on (service.mqtt.secrets). Any thread: the daemon's on SIGHUP, paho's before a reconnect."""
+        client = client or self._client
+        if client is None:
+            return
+        password, context = self._secrets.renew()
+        if password is not None:
+            client.username_pw_set(self.config.username, password)
+        if context is not None and isinstance(client, paho_client.StationClient):
+            client.renew_tls(context)
+
+    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho's network thread, before each attempt; the first one uses what the constructor read
+        with self._state_lock:
+            after_failure = self._state.status in ("refused", "disconnected")
+        if after_failure:
+            self.renew_secrets(client)
 
     def _set_state(self, **changes: Any) -> None:
         with self._state_lock:

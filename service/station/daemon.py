@@ -10,15 +10,15 @@ and the end-of-run ledger are `station.daemon_summary`; what it says of itself (
 telemetry) is `station.daemon_status`; what stops a start, and the production analyzer factory, are
 `station.startup`. A start that fails once the workers run stops them before closing the rest.
 
-Stopping: the capture worker watches the daemon's stop Event (set by SIGTERM/SIGINT, `--max-fields`,
-the end of the source, a dead worker); the analysis and writer workers stop only at their
-sentinels, so whatever was captured is drained. Shutdown: STOPPING=1, the source is closed,
-the capture thread enqueues its sentinel, the analysis thread drains what was captured, closes an
-open specimen run (its final report is published) and enqueues the reports sentinel; the writer
-stores everything; the publisher drains and publishes retained "offline". The whole stop shares one
-time budget counted from the stop request, under the unit's TimeoutStopSec (`station.stopping`):
-the drain gets what the joins left of it. SIGHUP reloads the config file, as the `reload` command does: both are applied by the
-daemon's main thread (the command through its control `RequestQueue`), which owns the config.
+Stopping: the capture worker watches the daemon's stop Event (set by SIGTERM/SIGINT, `--max-fields`, the end of the
+source, a dead worker); the analysis and writer workers stop only at their sentinels, so whatever was captured is
+drained. Shutdown: STOPPING=1, the source is closed, the capture thread enqueues its sentinel, the analysis thread
+drains what was captured, closes an open specimen run (its final report is published) and enqueues the reports
+sentinel; the writer stores everything; the publisher drains and publishes retained "offline". The whole stop shares
+one time budget counted from the stop request, under the unit's TimeoutStopSec (`station.stopping`): the drain gets
+what the joins left of it. SIGHUP reloads the config file, as the `reload` command does: both are applied by the
+daemon's main thread (the command through its control `RequestQueue`), which owns the config, and have the publisher
+read its broker password and TLS files again.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from smearscope.service.station.notify import (
     watchdog_interval_from_env,
 )
 from smearscope.service.station.preflight import config_field, file_problems, source_field
-from smearscope.service.station.reload import compare
+from smearscope.service.station.reload import compare, invalid_config_answer
 from smearscope.service.station.requests import RequestQueue
 from smearscope.service.station.scale_record import scale_calibration_note
 from smearscope.service.station.specimen import SpecimenPolicy, SpecimenTracker
@@ -352,9 +352,7 @@ class StationDaemon(DaemonStatus):
         try:
             new = load_config(self.config_path, self._environ)
         except Exception as exc:  # noqa: BLE001 - or a file no check foresaw: SIGHUP never ends the station
-            problems = exc.errors if isinstance(exc, ConfigError) else [(type(exc).__name__, str(exc))]
-            return {"ok": False, "error": "invalid_config", "message": "invalid config; nothing changed",
-                    "problems": [f"{loc}: {msg}" for loc, msg in problems]}
+            return invalid_config_answer(exc)
         change = compare(self.config, new, self.analyzer)
         if "log_level" in change.applied:  # a --log-level given on the command line still wins
             logging.getLogger().setLevel(self.log_level_override or new.log_level)
@@ -363,6 +361,8 @@ class StationDaemon(DaemonStatus):
         if "specimen" in change.applied:
             self.tracker.set_policy(SpecimenPolicy.from_config(new.specimen))
         self.config = change.merged(self.config, new)
+        if self.publisher is not None:  # the broker password and TLS files, for its next connection (mqtt.secrets)
+            self.publisher.renew_secrets()
         return {"ok": True, "applied": list(change.applied), "requires_restart": list(change.requires_restart),
                 "note": "a new specimen target applies to runs started after the reload"
                 if "specimen" in change.applied else ""}

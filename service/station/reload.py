@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from smearscope.engines.manifest import sha256_file
-from smearscope.service.config import StationConfig
+from smearscope.service.config import ConfigError, StationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -54,3 +54,10 @@ def _means_file_changed(new: StationConfig, analyzer: Any) -> bool:
         return sha256_file(new.analysis.wbc_station_means) != loaded
     except OSError:
         return True  # gone or unreadable: a restart would refuse it; say it needs one
+
+
+def invalid_config_answer(exc: Exception) -> dict[str, Any]:
+    """The reload's answer when the config file could not be read again or is invalid: nothing changed."""
+    problems = exc.errors if isinstance(exc, ConfigError) else [(type(exc).__name__, str(exc))]
+    return {"ok": False, "error": "invalid_config", "message": "invalid config; nothing changed",
+            "problems": [f"{loc}: {msg}" for loc, msg in problems]}
