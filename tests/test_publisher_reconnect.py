@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from broker import MOSQUITTO_PASSWD, MQTT_USERS, MosquittoBroker, Subscriber, wait_until
+from test_daemon import start_daemon, stop_daemon, write_station
 from test_publisher import BASE, make_config, start_publisher
 
 from smearscope.service.mqtt.publisher import MqttPublisher
@@ -118,4 +119,34 @@ def test_a_password_changed_on_the_broker_and_in_the_credential_is_taken_without
         assert refused and "the station reads it again before its next attempt" in refused[0], refused
     finally:
         sub.close()
+        broker.stop()
+
+
+def test_sighup_has_the_station_read_its_password_again_for_its_next_connection(
+    tmp_path: Path, credentials_dir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A reload (SIGHUP, `systemctl reload smearscope`) reads the credential again while the station
+    is connected: the connection stays, and when mosquitto then takes the old password away (its
+    password_file changed, SIGHUP) the station logs in again with the new one, never refused."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
+    broker.start()
+    daemon, runner = start_daemon(write_station(tmp_path, broker.port))
+    try:
+        assert wait_until(lambda: daemon.publisher is not None and daemon.publisher.state.connected, 15)
+        publisher = daemon.publisher
+        assert publisher is not None
+        subprocess.run([MOSQUITTO_PASSWD, "-b", str(broker.workdir / "passwd"), "station", "rotated"], check=True)
+        (credentials_dir / "mqtt-password").chmod(0o600)
+        (credentials_dir / "mqtt-password").write_text("rotated\n")
+        with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt.secrets"):
+            daemon.request_reload()  # what the daemon's SIGHUP handler does
+            assert wait_until(lambda: any("changed: used from this connection attempt on" in r.getMessage()
+                                          for r in caplog.records), 10), caplog.text
+        assert publisher.state.connected and publisher.state.connects == 1, publisher.state
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGHUP)  # mosquitto drops the station, whose old password is gone
+        assert wait_until(lambda: publisher.state.connects == 2 and publisher.state.connected, 15), publisher.state
+        assert publisher.state.refusals == 0, publisher.state
+    finally:
+        stop_daemon(daemon, runner)
         broker.stop()
