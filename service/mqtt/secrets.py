@@ -47,7 +47,12 @@ class SecretFiles:
         self._environ = environ
         self._lock = threading.Lock()  # paho's network thread and the daemon's (SIGHUP)
         self.password = read_password(config, environ)  # fails now, before any thread starts
-        self._tls_read = self._tls_bytes() if config.tls is not None else None
+        self._tls_read: tuple[bytes, ...] | None = None  # what the client's context was made from
+        if config.tls is not None:
+            try:
+                self._tls_read = self._tls_bytes()
+            except OSError:  # the client's tls_set_context says it when the publisher starts, as before
+                pass
         self._problems: dict[str, str] = {}  # "password" / "tls" -> the problem said last, said once
 
     def _tls_bytes(self) -> tuple[bytes, ...]:
