@@ -198,6 +198,15 @@ def envelopes(sub: Subscriber, topic: str) -> list[dict[str, Any]]:
     return [json.loads(m.payload) for m in sub.on_topic(topic)]
 
 
+def saw_offline(sub: Subscriber, timeout: float = 15) -> bool:
+    """Whether the station's retained "offline" reached the subscriber within `timeout` s. The
+    station publishes it after its stop's drain and the broker passes one client's messages on in
+    order, so once it is here every message the station delivered is here too. The daemon's
+    return says the broker has them, not that the subscriber's network thread has read them."""
+    return sub.wait_for(lambda ms: any(m.topic == f"{BASE}/status" and m.payload == b"offline" for m in ms),
+                        timeout)
+
+
 class NotifyListener:
     """A real AF_UNIX datagram socket standing in for systemd's $NOTIFY_SOCKET."""
 
@@ -260,6 +269,7 @@ def test_simulated_station_end_to_end_then_sigterm(
     code = run_daemon(config, None, analyzer_factory=pool_factory())
     killer.join(5)
     assert code == 0
+    assert saw_offline(observer)
 
     status = [m.payload.decode() for m in observer.on_topic(f"{BASE}/status")]
     assert status[0] == "online" and status[-1] == "offline"
@@ -485,8 +495,7 @@ def test_a_field_in_analysis_when_the_technician_stops_the_run_stays_out_of_the_
         runner.join(30)
     assert not runner.is_alive()
     # the one specimen report is slide A's; no run of the stray field was closed at shutdown
-    assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 10)
-    time.sleep(0.5)  # a second report, the bug's, would have been sent before the stop's drain ended
+    assert saw_offline(observer)  # a second report, the bug's, would have come before it
     reports = [e["body"] for e in envelopes(observer, f"{BASE}/report")]
     assert [(r["run_id"], r["fields_analyzed"]) for r in reports] == [(stopped["run_id"], 1)]
 
@@ -880,7 +889,8 @@ def test_notify_ready_after_warmup_status_and_watchdog(tmp_path: Path) -> None:
     config = write_station(tmp_path, free_port(), credentials=False)
     try:
         assert run_daemon(config, 4, analyzer_factory=slow_warm_factory, environ=environ) == 0
-        time.sleep(0.2)
+        # STOPPING=1 is the station's last datagram: once read, so are all before it
+        assert wait_until(lambda: listener.lines("STOPPING=1"), 10)
     finally:
         listener.close()
     ready = listener.lines("READY=1")
