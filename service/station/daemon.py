@@ -55,6 +55,7 @@ from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.commands import StationCommands
 from smearscope.service.station.daemon_status import DaemonStatus
 from smearscope.service.station.daemon_summary import print_ledger
+from smearscope.service.station.memory_bound import say_memory_verdict
 from smearscope.service.station.notify import (
     ProgressWatchdog,
     SystemdNotifier,
@@ -193,6 +194,7 @@ class StationDaemon(DaemonStatus):
         Raises StartupError (config field and reason, or an operational reason)."""
         cfg = self.config
         self._check_files()
+        say_memory_verdict(cfg)  # WARNING when the predicted peak is above the memory limit
         self.watchdog.start()
         self.notifier.status("starting: opening outbox, source and engines")
         box = cfg.mqtt.outbox

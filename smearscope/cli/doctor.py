@@ -9,7 +9,8 @@ or the model's), the inference backend the configuration chooses
 (writable: among the configuration's files), a camera's device node (exists and opens for
 reading; nothing is captured, the station may hold the camera; GStreamer pipelines and URLs are
 not checked), the outbox (its folder writable, free space, not held by another process), the review
-directory and the typed-cells file (writable), the MQTT broker (TCP, TLS with the configured CA and client certificate (refused by the broker: FAIL),
+directory and the typed-cells file (writable), the station's predicted peak memory against the memory limit
+doctor runs under (`service/station/memory_bound.py`), the MQTT broker (TCP, TLS with the configured CA and client certificate (refused by the broker: FAIL),
 and a login with the station's user and password; the password credential where systemd provides
 one, else a warning saying how to run doctor with it), the white cells technicians typed on the
 dashboard (per type, for `adapt-wbc --station`). Each line says OK, INFO, WARN or FAIL and, when
@@ -320,6 +321,15 @@ def _outbox_checks(path: Path, review_free_mb: float | None = None) -> list[Chec
     return checks
 
 
+def memory_checks(config) -> list[Check]:
+    """The station's predicted peak memory (frame limit, concurrent_fields) against the limit it
+    would run under: this process's cgroup, else the machine's memory (`memory_bound`)."""
+    from smearscope.service.station.memory_bound import memory_verdict
+
+    verdict = memory_verdict(config)
+    return [("OK" if verdict.fits else "WARN", "memory", verdict.text)]
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from smearscope.cli.doctor_broker import broker_checks
     from smearscope.service.mqtt.wall_clock import clock_before_release, clock_reading
@@ -336,6 +346,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             lambda: station_means_checks(analysis, config.microns_per_pixel), lambda: typed_cells_checks(config),
             lambda: _backend_checks(analysis.engine_backend),
             lambda: camera_checks(config.source), lambda: scale_checks(config),  # type: ignore[attr-defined]
+            lambda: memory_checks(config),
             lambda: _outbox_checks(mqtt.outbox.path, review_free), lambda: review_file_checks(config),
             lambda: _credential_checks(mqtt), lambda: broker_checks(mqtt, config_path=args.config)]
         for step in steps:

@@ -1,0 +1,161 @@
+"""The station's predicted peak memory against the limit it runs under: the cgroup v2 reader on
+directory trees laid out as the kernel presents them, and the WARNING doctor and the station's
+start give when the frame limit and concurrent_fields predict a peak above it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import pytest
+from broker import free_port
+from test_daemon import pool_factory, write_station
+
+from smearscope.cli import main
+from smearscope.device import memory_limit
+from smearscope.device.memory_limit import CgroupBound, read_memory_limits
+from smearscope.device.synthetic import render_field
+from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+from smearscope.service.config import load_config
+from smearscope.service.station.daemon import run_daemon
+from smearscope.service.station.memory_bound import (
+    ANALYSIS_PEAKS_MIB,
+    memory_verdict,
+    predicted_peak_mib,
+)
+
+GIB = 1024 ** 3
+SERVICE = "/system.slice/smearscope.service"
+#: The lines of a Jetson's (JetPack 6, cgroup v2 only) /proc/self/mountinfo around the cgroup2 mount.
+MOUNTINFO = ("22 28 0:20 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw\n"
+             "26 22 0:23 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 "
+             "rw,nsdelegate,memory_recursiveprot\n")
+MEMINFO = "MemTotal:        7620056 kB\nMemFree:          301232 kB\nMemAvailable:    5120000 kB\n"
+
+
+def cgroup_tree(root: Path, limits: dict[str, dict[str, str]], *, cgroup: str = SERVICE,
+                mountinfo: str = MOUNTINFO, meminfo: str = MEMINFO, mount: str = "sys/fs/cgroup") -> Path:
+    """A root laid out as the kernel presents a process in `cgroup`: proc/self/{cgroup,mountinfo},
+    proc/meminfo, and `limits` ({cgroup path: {file: text}}) written under the cgroup2 mount."""
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "proc" / "self" / "cgroup").write_text(f"0::{cgroup}\n")
+    (root / "proc" / "self" / "mountinfo").write_text(mountinfo)
+    (root / "proc" / "meminfo").write_text(meminfo)
+    (root / mount / cgroup.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    for path, files in limits.items():
+        folder = root / mount / path.lstrip("/")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    return root
+
+
+def unit_limits() -> dict[str, dict[str, str]]:
+    """systemd/smearscope.service's MemoryHigh=2560M and MemoryMax=3G as the kernel shows them."""
+    return {"/system.slice": {"memory.max": "max\n", "memory.high": "max\n"},
+            SERVICE: {"memory.max": f"{3 * GIB}\n", "memory.high": f"{2560 * 1024 ** 2}\n"}}
+
+
+def test_the_cgroup_reader_takes_the_tightest_limit_from_the_process_cgroup_up(tmp_path: Path) -> None:
+    root = cgroup_tree(tmp_path / "jetson", unit_limits())
+    limits = read_memory_limits(root)
+    assert limits.cgroup == SERVICE
+    assert limits.max == CgroupBound(3 * GIB, SERVICE) and limits.high == CgroupBound(2560 * 1024 ** 2, SERVICE)
+    assert limits.total == 7620056 * 1024 and limits.available == 5120000 * 1024
+    # a slice's limit bounds every service in it
+    (root / "sys/fs/cgroup/system.slice/memory.max").write_text(f"{2 * GIB}\n")
+    assert read_memory_limits(root).max == CgroupBound(2 * GIB, "/system.slice")
+
+
+def test_the_cgroup_reader_on_this_machines_own_files_reads_no_limit_where_max_is_set(tmp_path: Path) -> None:
+    """This machine's /proc/self/cgroup and mountinfo (wherever its cgroup2 is mounted), its cgroup
+    saying 'max': no cgroup limit, so the machine's memory bounds the station."""
+    cgroup = next(line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::"))
+    mountinfo = Path("/proc/self/mountinfo").read_text()
+    mount = next(line.partition(" - ")[0].split()[4] for line in mountinfo.splitlines()
+                 if line.partition(" - ")[2].startswith("cgroup2 "))
+    root = cgroup_tree(tmp_path / "here", {cgroup: {"memory.max": "max\n", "memory.high": "max\n"}}, cgroup=cgroup,
+                       mountinfo=mountinfo, meminfo=Path("/proc/meminfo").read_text(), mount=mount.lstrip("/"))
+    limits = read_memory_limits(root)
+    assert limits.cgroup == cgroup and limits.max is None and limits.high is None
+    assert limits.total is not None and limits.available is not None
+    (root / mount.lstrip("/") / cgroup.lstrip("/") / "memory.max").write_text(f"{GIB}\n")
+    assert read_memory_limits(root).max == CgroupBound(GIB, "/" + cgroup.strip("/") if cgroup.strip("/") else "/")
+    # the system's own files: MemTotal as /proc/meminfo says it
+    total_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                    if line.startswith("MemTotal:"))
+    assert read_memory_limits().total == total_kb * 1024
+
+
+def test_the_prediction_holds_the_measured_peaks() -> None:
+    """At or above every measured peak (docs/RESULTS.md): one analysis by frame size, and the
+    station with 64 MP frames (1665 MiB with one field at once, 1906 with two) and 12 MP (987)."""
+    assert all(predicted_peak_mib(mp, 1) >= peak for mp, peak in ANALYSIS_PEAKS_MIB)
+    assert predicted_peak_mib(64, 1) >= 1665 and predicted_peak_mib(64, 2) >= 1906 and predicted_peak_mib(12, 2) >= 987
+    # the unit's MemoryHigh=2560M holds two 64 MP fields at once, not three; MemoryMax=3G not four
+    assert predicted_peak_mib(64, 2) < 2560 < predicted_peak_mib(64, 3) < 3072 < predicted_peak_mib(64, 4)
+
+
+def _folder_station(tmp_path: Path, concurrent_fields: int) -> Path:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    return write_station(tmp_path, free_port(), credentials=False,
+                         source={"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
+                                 "microns_per_pixel": 0.2},
+                         analysis={"concurrent_fields": concurrent_fields, "models_dir": str(DEFAULT_MODELS_DIR)})
+
+
+def test_doctor_warns_when_frames_and_concurrent_fields_predict_a_peak_above_the_cgroup_limit(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the unit's MemoryMax=3G a watched folder (frames up to 64 MP) with four fields at once
+    is predicted at 3544 MiB: doctor warns, naming the settings, the figures and the cgroup."""
+    monkeypatch.setattr(memory_limit, "SYSTEM_ROOT", cgroup_tree(tmp_path / "jetson", unit_limits()))
+    main(["doctor", "--config", str(_folder_station(tmp_path, 4))])
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.split()[1:2] == ["memory"]]
+    assert line.startswith("WARN  memory") and "predicted peak 3544 MiB with frames up to 64 MP" in line, line
+    assert "analysis.concurrent_fields = 4" in line and f"memory.max of {SERVICE}, 3072 MiB" in line, line
+    assert "OOM-kills" in line, line
+    main(["doctor", "--config", str(_folder_station(tmp_path, 3))])  # above MemoryHigh only
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.split()[1:2] == ["memory"]]
+    assert line.startswith("WARN  memory") and f"memory.high of {SERVICE}, 2560 MiB" in line, line
+    main(["doctor", "--config", str(_folder_station(tmp_path, 2))])
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.split()[1:2] == ["memory"]]
+    assert line.startswith("OK    memory") and "2291 MiB" in line and "fits" in line, line
+
+
+def test_the_station_warns_at_its_start_when_the_predicted_peak_is_above_the_cgroup_limit(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The station starts (and analyses its file) under a cgroup whose memory.max its frame limit
+    and concurrent_fields = 4 exceed, and says so at WARNING; at 2 it says the peak fits, at INFO."""
+    monkeypatch.setattr(memory_limit, "SYSTEM_ROOT", cgroup_tree(tmp_path / "jetson", unit_limits()))
+    said = {}
+    for fields in (4, 2):
+        run = tmp_path / f"fields-{fields}"
+        run.mkdir()
+        config = _folder_station(run, fields)
+        cv2.imwrite(str(run / "inbox" / "field.png"), render_field(3, width=320, height=240).frame.pixels)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="smearscope.service.station.memory_bound"):
+            assert run_daemon(config, 1, analyzer_factory=pool_factory(), environ={}) == 0
+        (said[fields],) = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.endswith("memory_bound")]
+        assert (run / "inbox" / "done" / "field.png").exists()  # it started and analysed the file
+    level, text = said[4]
+    assert level == logging.WARNING and text.startswith("memory: predicted peak 3544 MiB with frames up to 64 MP"), text
+    assert "analysis.concurrent_fields = 4" in text and f"memory.max of {SERVICE}, 3072 MiB" in text, text
+    assert said[2][0] == logging.INFO and "2291 MiB" in said[2][1] and "fits" in said[2][1], said[2]
+
+
+def test_with_no_cgroup_limit_the_machines_memory_bounds_the_prediction(tmp_path: Path) -> None:
+    """No cgroup limit ('max' up to the root): the predicted peak is held to MemAvailable, and to
+    MemTotal where the machine's RAM itself is too small."""
+    config = load_config(_folder_station(tmp_path, 2))  # 2291 MiB predicted
+    free = {"/system.slice": {"memory.max": "max\n"}, SERVICE: {"memory.max": "max\n", "memory.high": "max\n"}}
+    roomy = read_memory_limits(cgroup_tree(tmp_path / "roomy", free))
+    assert memory_verdict(config, roomy).fits
+    busy = read_memory_limits(cgroup_tree(tmp_path / "busy", free, meminfo=MEMINFO.replace("5120000", "2000000")))
+    verdict = memory_verdict(config, busy)
+    assert not verdict.fits and "above the memory free now (MemAvailable), 1953 MiB" in verdict.text, verdict.text
+    small = read_memory_limits(cgroup_tree(tmp_path / "small", free, meminfo="MemTotal: 2000000 kB\n"))
+    verdict = memory_verdict(config, small)
+    assert not verdict.fits and "above the machine's RAM (MemTotal), 1953 MiB" in verdict.text, verdict.text
