@@ -39,6 +39,8 @@ pytestmark = pytest.mark.broker
 
 STATION = "lab-7"
 BASE = f"smearscope/{STATION}"
+#: A telemetry sample's `parked` while the station holds nothing back (service.mqtt.parked).
+NONE_PARKED = {"messages": 0, "reports": 0, "too_large": 0, "oldest": None}
 
 
 def make_config(tmp_path: Path, port: int, **overrides: Any) -> MqttConfig:
@@ -484,7 +486,7 @@ def test_telemetry_is_qos0_and_not_stored(
     sample = json.loads(telemetry.payload)
     # which process sent it: a dashboard tells two stations given one station_id apart by it
     assert telemetry.qos == 0 and sample == {"gpu_temp_c": 51.5, "interval_s": 0.1, "host": socket.gethostname(),
-                                             "instance_id": sample["instance_id"]}
+                                             "instance_id": sample["instance_id"], "parked": NONE_PARKED}
     assert re.fullmatch(r"[0-9a-f]{12}", sample["instance_id"])
     assert publisher.outbox.counts().messages == 0
     # every sample of this process says the same instance; another process (a second publisher) another
@@ -677,7 +679,7 @@ def test_telemetry_goes_out_at_each_connection_not_a_period_later(
     publisher.start()
     assert observer.wait_for(lambda m: len([x for x in m if x.topic.endswith("/telemetry")]) >= 1, 10)
     assert {k: v for k, v in json.loads(observer.on_topic(f"{BASE}/telemetry")[0].payload).items()
-            if k not in ("instance_id", "host")} == {"sample": 1, "interval_s": 600.0}
+            if k not in ("instance_id", "host")} == {"sample": 1, "interval_s": 600.0, "parked": NONE_PARKED}
     broker.stop()
     assert wait_until(lambda: not publisher.state.connected, 15)
     broker.start()

@@ -46,6 +46,7 @@ from smearscope.service.mqtt.envelope import (
 from smearscope.service.mqtt.inflight import InFlight
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, StateWriter
 from smearscope.service.mqtt.paho_client import configured_client, paho_log_level, publish_waiting
+from smearscope.service.mqtt.parked import parked_summary
 from smearscope.service.mqtt.renamed import say_stored_under_other_ids
 from smearscope.service.mqtt.run_watch import RunStateWatch
 from smearscope.service.mqtt.secrets import SecretFiles
@@ -140,6 +141,11 @@ class MqttPublisher(ConnectionEvents):
             return replace(self._state, in_flight=len(self._inflight),
                            parked=len(self._inflight.parked))
 
+    def parked(self) -> dict[str, Any]:
+        """The outbox messages parked now, counted, the oldest named (service.mqtt.parked); any thread."""
+        parked, too_large = self._inflight.parked_now()
+        return parked_summary(self.outbox, parked, too_large, time.time())
+
     def command_response_topic(self, name: str) -> str:
         return self._response_prefix + name
 
@@ -193,12 +199,13 @@ class MqttPublisher(ConnectionEvents):
     def publish_telemetry(self, values: Mapping[str, Any]) -> bool:
         """Publish telemetry at QoS 0 if connected; it is not stored, so False means dropped. It
         carries `interval_s`, so a dashboard knows when the next sample is overdue, and this process's
-        `instance_id` and `host`, so it knows two stations that publish under one station id."""
+        `instance_id` and `host`, so it knows two stations that publish under one station id, and
+        `parked`: the outbox messages held back (service.mqtt.parked), reports that have not arrived."""
         client = self._client
         if client is None or not self.state.connected:
             return False
         info = client.publish(self.telemetry_topic, json.dumps({**values, "interval_s": self.config.telemetry_interval_s,
-                                                                   **self.instance}), qos=0)
+                                                                   "parked": self.parked(), **self.instance}), qos=0)
         return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def wait_until_connected(self, timeout: float) -> bool:
@@ -348,6 +355,7 @@ class MqttPublisher(ConnectionEvents):
         epoch_seen = 0
         rewind_at: float | None = None
         next_expiry = 0.0
+        parked_seen = 0  # a change is sent in a telemetry sample at once: a report that does not arrive
         while not self._stop_workers.is_set():
             self._wake.wait(_DRAIN_TICK_S)
             self._wake.clear()
@@ -375,6 +383,9 @@ class MqttPublisher(ConnectionEvents):
                         self.outbox.expire_fields(time.time() - self.config.field_message_expiry_s)
                     self.outbox.give_back_space()
                 cursor = self._send_batch(cursor)
+                if len(self._inflight.parked) != parked_seen:
+                    parked_seen = len(self._inflight.parked)
+                    self._telemetry_now.set()
             except Exception:
                 # A broken outbox or client must not kill the thread silently; retry next tick.
                 logger.exception("MQTT drain loop error")

@@ -59,7 +59,8 @@ class DaemonStatus:
             st = self.publisher.state
             out["broker"] = {"status": st.status, "last_error": st.last_error,
                              "delivered": st.delivered, "in_flight": st.in_flight,
-                             "parked": st.parked, "max_packet_size": st.max_packet_size}
+                             "parked": st.parked, "max_packet_size": st.max_packet_size,
+                             "parked_detail": self.publisher.parked()}
         return out
 
     def status_line(self) -> str:
@@ -79,6 +80,9 @@ class DaemonStatus:
         if self.publisher is not None:
             st = self.publisher.state  # not connected: why, for `systemctl status`
             parts.append(f"broker {st.status}" + (f": {st.last_error}" if st.last_error and not st.connected else ""))
+            if st.parked:  # reports that do not arrive (service.mqtt.parked), for `systemctl status`
+                held = self.publisher.parked()
+                parts.append(f"{held['messages']} messages parked ({held['too_large']} too large for the broker)")
         return "; ".join(parts)
 
     def _telemetry(self) -> dict[str, Any]:

@@ -12,7 +12,8 @@ not checked), the outbox (its folder writable, free space, not held by another p
 directory and the typed-cells file (writable), the station's predicted peak memory against the memory limit
 doctor runs under (`service/station/memory_bound.py`), the MQTT broker (TCP, TLS with the configured CA and client certificate (refused by the broker: FAIL),
 and a login with the station's user and password; the password credential where systemd provides
-one, else a warning saying how to run doctor with it), the white cells technicians typed on the
+one, else a warning saying how to run doctor with it; while the station runs, the messages it holds
+back from the broker, read from its telemetry: smearscope.cli.doctor_parked), the white cells technicians typed on the
 dashboard (per type, for `adapt-wbc --station`). Each line says OK, INFO, WARN or FAIL and, when
 not OK, what is missing; exit 1 when any check FAILs.
 """
@@ -332,6 +333,7 @@ def memory_checks(config) -> list[Check]:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from smearscope.cli.doctor_broker import broker_checks
+    from smearscope.cli.doctor_parked import parked_checks
     from smearscope.service.mqtt.wall_clock import clock_before_release, clock_reading
     from smearscope.service.station.scale_record import scale_checks
 
@@ -348,7 +350,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             lambda: camera_checks(config.source), lambda: scale_checks(config),  # type: ignore[attr-defined]
             lambda: memory_checks(config),
             lambda: _outbox_checks(mqtt.outbox.path, review_free), lambda: review_file_checks(config),
-            lambda: _credential_checks(mqtt), lambda: broker_checks(mqtt, config_path=args.config)]
+            lambda: _credential_checks(mqtt), lambda: broker_checks(mqtt, config_path=args.config),
+            lambda: parked_checks(config)]
         for step in steps:
             try:
                 checks += step()

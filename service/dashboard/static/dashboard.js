@@ -316,6 +316,7 @@ function renderAttention() {
   named("clash", "one station id, two stations: ", "clash");
   named("offline", "offline: ", "offline");
   named("silent", "not heard from: ", "silent");
+  named("parked", "reports held at the station: ", "parked");
   fitHeader();
   // ... and in the tab's title, for a page in a background tab
   document.title = (flagged.length ? "CRITICAL: " + flagged.map((s) => s.id).join(", ") + " · " : "") + "smearscope: stations";

@@ -57,6 +57,32 @@ function markClash(st) {
 setInterval(() => { for (const st of stations.values()) { markSilence(st); if (st.clashAt !== undefined) markClash(st); } },
             1000);
 
+// Outbox messages the station holds back (its sample's `parked`): to the clinic, reports that did
+// not arrive. Said on the card and named in the page's header while the station's latest sample
+// counts any; a sample without `parked` (an older station) says nothing.
+function noteParked(st) {
+  const p = st.telemetry && typeof st.telemetry.parked === "object" ? st.telemetry.parked : null;
+  const n = p && typeof p.messages === "number" ? p.messages : 0;
+  const node = st.node.querySelector(".parked");
+  node.hidden = n === 0;
+  node.dataset.parked = String(n);
+  marked(st, "parked", n > 0);
+  if (n === 0) { node.textContent = ""; return; }
+  const large = typeof p.too_large === "number" ? p.too_large : 0, held = n - large;
+  const noun = (k) => (p.reports === n ? "report" : "message") + (k === 1 ? "" : "s");
+  const o = p.oldest && typeof p.oldest === "object" ? p.oldest : null;
+  const age = o && typeof o.age_s === "number" ? (o.age_s >= 7200 ? Math.round(o.age_s / 3600) + " h"
+    : o.age_s >= 120 ? Math.round(o.age_s / 60) + " min" : Math.round(o.age_s) + " s") : null;
+  const oldest = o ? " (oldest: " + o.kind + " " + o.report_id + (age ? ", waiting " + age : "") + ")" : "";
+  const size = o && o.reason === "too_large" && typeof o.bytes === "number" ? " above " + o.bytes + " bytes" : "";
+  const parts = [];
+  if (large) parts.push(large + " " + noun(large) + " held at the station: refused by the broker as too large — " +
+    "raise message_size_limit (or max_packet_size) in the broker's configuration" + size +
+    "; the station sends them once it reconnects");
+  if (held) parts.push(held + " " + noun(held) + " held back at the station (its log says why)");
+  node.textContent = parts.join("; ") + oldest;
+}
+
 // The times a card shows (a run's start and last update, its signing, the samples' read_at) are the
 // station's clock's; the page's own marks (not heard from) are its own. A station whose clock is a
 // minute or more off the browser's (its live sample's read_at against the arrival: telemetry is sent
@@ -104,10 +130,11 @@ function renderTelemetry(st) {
   // first 14 of a Jetson's sample were all jtop's and temperatures, its pipeline never shown
   walk(st.telemetry, "");
   markTelemetry(st);
+  noteParked(st);
   st.node.querySelector(".telemetry-none").hidden = true;
-  const own = flat.filter(([k]) => k.startsWith("pipeline."));
+  const own = flat.filter(([k]) => k.startsWith("pipeline.") || k.startsWith("parked."));
   // the process's instance id tells two stations under one id apart (noteInstance); its host is listed
-  const machine = flat.filter(([k]) => !k.startsWith("pipeline.") && k !== "instance_id");
+  const machine = flat.filter(([k]) => !k.startsWith("pipeline.") && !k.startsWith("parked.") && k !== "instance_id");
   for (const [k, v] of [...own, ...machine].slice(0, 24)) {
     // any time, 1970's too: a station whose clock was never set shows a date that says so
     const at = typeof v === "number" && k.endsWith("_at") && Math.abs(v) <= 8.64e12;
@@ -116,6 +143,7 @@ function renderTelemetry(st) {
     const dt = el("dt", "", k), dd = el("dd", "", shownValue);
     dd.dataset.key = k;
     if (k === "pipeline.disk_full" && v === true) dd.className = "alarm";  // the station stores nothing more
+    if (k === "parked.messages" && v > 0) dd.className = "alarm";  // reports that did not arrive
     dl.append(dt, dd);
   }
 }

@@ -1,0 +1,117 @@
+"""`smearscope doctor`'s look at what a running station holds back: the outbox messages it parked
+(refused by the broker as too large, or held back; service.mqtt.parked), reports the clinic has not
+received. The count lives in the running station's memory: doctor reads it from the station's
+telemetry, which the station's own account may read (config/mosquitto.acl.example), waiting for one
+sample; where it cannot, it says where to look (smearscope.cli.doctor runs it after the broker's)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+#: smearscope.cli.doctor's (status, what, detail).
+Check = tuple[str, str, str]
+#: The longest doctor waits for the station's next telemetry sample (s).
+WAIT_CAP_S = 65.0
+
+
+def station_running(outbox_path: Path) -> bool:
+    """Whether a station holds the outbox file (it runs)."""
+    from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
+
+    if not outbox_path.exists():
+        return False
+    try:
+        with Outbox(outbox_path):
+            return False
+    except OutboxLockedError:
+        return True
+    except Exception:  # noqa: BLE001 - the outbox check says what is wrong with the file
+        return False
+
+
+def parked_checks(config: Any) -> list[Check]:
+    """The running station's parked messages, from its next telemetry sample; [] when it does not run."""
+    from smearscope.service.mqtt.credentials import CredentialError, read_password
+
+    mqtt = config.mqtt
+    if not station_running(Path(mqtt.outbox.path)):
+        return []  # parked messages are counted by a running station (each is tried again at its start)
+    topic = f"{mqtt.topic_prefix}/{config.station_id}/telemetry"
+    wait = min(mqtt.telemetry_interval_s + 5.0, WAIT_CAP_S)
+    elsewhere = (f"see it in `systemctl status smearscope` (its Status line: 'N messages parked'), the dashboard's "
+                 f"card, or one telemetry sample's `parked`: mosquitto_sub -C 1 -t {topic}")
+    try:
+        password = read_password(mqtt)
+    except CredentialError:
+        return [("WARN", "parked", f"not read: the broker password cannot be read here; {elsewhere}")]
+    try:
+        sample = _next_sample(mqtt, password, topic, wait)
+    except (OSError, ValueError) as exc:
+        return [("WARN", "parked", f"not read ({type(exc).__name__}: {exc}); {elsewhere}")]
+    if sample is None:
+        return [("WARN", "parked", (f"not read: no telemetry from the running station on {topic} within {wait:.0f} s "
+                 f"(its account may not read it: the ACL's 'topic read {topic}'); {elsewhere}"))]
+    parked = sample.get("parked")
+    if not isinstance(parked, dict) or not isinstance(parked.get("messages"), int):
+        return [("OK", "parked", "not said: the running station's telemetry has no `parked` (an older version)")]
+    return [parked_line(parked, str(sample.get("host", "?")))]
+
+
+def parked_line(parked: dict[str, Any], host: str) -> Check:
+    """One doctor line for a telemetry sample's `parked` object."""
+    n, large = parked["messages"], parked.get("too_large") or 0
+    if n == 0:
+        return ("OK", "parked", f"none: the running station (host {host}) holds no message back from the broker")
+    oldest = parked.get("oldest") or {}
+    age = oldest.get("age_s")
+    since = f", waiting {age / 60:.0f} min" if isinstance(age, (int, float)) else ""
+    named = f" (oldest: {oldest.get('kind')} {oldest.get('report_id')}{since})" if oldest else ""
+    what = ("report" if parked.get("reports") == n else "message") + ("" if n == 1 else "s")
+    why = []
+    if large:
+        size = (f" above {oldest['bytes']} bytes" if oldest.get("reason") == "too_large"
+                and isinstance(oldest.get("bytes"), int) else "")
+        why.append(f"{large} refused by the broker as too large: raise message_size_limit (or max_packet_size) "
+                   f"in the broker's configuration{size} and restart it; the station sends them once it reconnects")
+    if n - large:
+        why.append(f"{n - large} held back (the station's journal says why)")
+    return ("WARN", "parked", f"{n} {what} held at the station (host {host}), not delivered{named}: {'; '.join(why)}")
+
+
+def _next_sample(mqtt: Any, password: str | None, topic: str, wait: float) -> dict[str, Any] | None:
+    """The next telemetry sample on `topic` (a JSON object), or None within `wait` seconds. Logs in
+    as the station does (its protocol; no Last Will: the station's status is not touched)."""
+    from paho.mqtt.enums import MQTTProtocolVersion
+
+    from smearscope.service.mqtt.paho_client import configured_client
+
+    v5 = mqtt.protocol != "3.1.1"
+    protocol = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
+    client = configured_client(mqtt, f"smearscope-doctor-parked-{os.getpid()}", protocol, password, None)
+    got: list[dict[str, Any]] = []
+    heard = threading.Event()
+
+    def on_message(c: Any, userdata: Any, message: Any) -> None:
+        try:
+            body = json.loads(message.payload)
+        except ValueError:
+            return
+        if isinstance(body, dict) and not heard.is_set():
+            got.append(body)
+            heard.set()
+
+    client.on_connect = lambda c, userdata, flags, code, props: (
+        None if code.is_failure else c.subscribe(topic, qos=0))
+    client.on_message = on_message
+    try:
+        client.connect(mqtt.host, mqtt.port, keepalive=max(10, int(wait)))
+        client.loop_start()
+        heard.wait(wait)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got[0] if got else None

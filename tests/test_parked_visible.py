@@ -1,0 +1,117 @@
+"""A message the broker refuses as too large (mosquitto's message_size_limit, PUBACK 0x95) is parked
+at the station: to the clinic, a report that did not arrive. It is said where people look: the
+station's telemetry (`parked`), the dashboard's card and header, and `smearscope doctor`, each
+against a real mosquitto and, for the page, headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, free_port, wait_for_port, wait_until
+from test_daemon import to_toml
+from test_dashboard import CHROMEDRIVER, _chromium_options, _Proc, _wait, needs_chromium
+from test_publisher import BASE, STATION, make_config, start_publisher
+
+from smearscope.cli import main
+from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+from smearscope.service.mqtt.publisher import MqttPublisher
+
+
+def _samples(sub: Subscriber) -> list[dict[str, Any]]:
+    return [json.loads(m.payload) for m in list(sub.messages) if m.topic == f"{BASE}/telemetry"]
+
+
+def _parked(sub: Subscriber) -> dict[str, Any] | None:
+    samples = _samples(sub)
+    return samples[-1].get("parked") if samples else None
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_report_the_broker_refuses_as_too_large_is_said_in_telemetry_on_the_dashboard_and_by_doctor(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], capsys: pytest.CaptureFixture[str],
+) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, websockets=True, extra=("message_size_limit 20000",))
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/telemetry"])
+    password_file = tmp_path / "dashboard-password"
+    password_file.write_text(MQTT_USERS["observer"] + "\n")
+    http_port = free_port()
+    log = tmp_path / "dashboard.log"
+    dashboard = _Proc([sys.executable, "-m", "smearscope", "dashboard", "--port", str(http_port),
+                       "--broker", f"ws://127.0.0.1:{broker.ws_port}", "--username", "observer",
+                       "--password-file", str(password_file)], log)
+    driver = None
+    try:
+        sub.wait_ready()
+        config = make_config(tmp_path, broker.port, protocol="5", telemetry_interval_s=2.0)
+        publisher = start_publisher(config, started, telemetry_source=lambda: {"pipeline": {"fields_analysed": 0}})
+        assert publisher.wait_until_connected(5)
+        assert wait_until(lambda: _parked(sub) is not None, 10), _samples(sub)
+        assert _parked(sub) == {"messages": 0, "reports": 0, "too_large": 0, "oldest": None}
+        publisher.publish_report("report", "too-big", json.dumps({"cells": "x" * 50_000}).encode(), "1")
+        publisher.publish_report("report", "small", b"{}", "1")
+        assert wait_until(lambda: (_parked(sub) or {}).get("messages") == 1, 10), _samples(sub)[-3:]
+        parked = _parked(sub)
+        assert parked is not None and parked["too_large"] == 1 and parked["reports"] == 1, parked
+        oldest = parked["oldest"]
+        assert oldest["report_id"] == "too-big" and oldest["reason"] == "too_large" and oldest["kind"] == "report"
+        assert oldest["bytes"] > 50_000 and oldest["age_s"] >= 0 and oldest["topic"] == f"{BASE}/report", oldest
+        assert [m.report_id for m in publisher.outbox.pending()] == ["too-big"]  # the small one went
+
+        # doctor, beside the running station (its outbox held): the count, from its telemetry
+        doctor_config = tmp_path / "station.toml"
+        doctor_config.write_text(to_toml({
+            "station_id": STATION, "source": {"kind": "simulated"},
+            "analysis": {"models_dir": str(DEFAULT_MODELS_DIR)},
+            "mqtt": {"host": "127.0.0.1", "port": broker.port, "username": "station",
+                     "password_credential": "mqtt-password", "telemetry_interval_s": 2.0,
+                     "outbox": {"path": str(config.outbox.path)}}}) + "\n")
+        main(["doctor", "--config", str(doctor_config)])
+        out = capsys.readouterr().out
+        line = next((x for x in out.splitlines() if x.startswith("WARN  parked")), None)
+        assert line is not None, out
+        assert ("1 report held at the station" in line and "oldest: report too-big" in line
+                and "refused by the broker as too large: raise message_size_limit" in line), line
+
+        # the dashboard: a line on the card, the station named in the header
+        wait_for_port(http_port, 20, dashboard.proc)
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=_chromium_options(tmp_path))
+        driver.get(f"http://127.0.0.1:{http_port}/")
+
+        def card_line() -> str:
+            return str(driver.execute_script(
+                "const n = document.querySelector(`[data-station='${arguments[0]}'] .parked`);"
+                "return n && !n.hidden ? n.textContent : '';", STATION))
+
+        def header() -> str:
+            return str(driver.execute_script(
+                "const n = document.getElementById('parked'); return n.hidden ? '' : n.textContent;"))
+
+        _wait("the card's parked line", lambda: card_line() != "", 20, [log])
+        text = card_line()
+        assert text.startswith("1 report held at the station: refused by the broker as too large — raise "
+                               "message_size_limit"), text
+        assert "oldest: report too-big" in text, text
+        assert header() == f"reports held at the station: {STATION}", header()
+
+        # the broker's limit raised: the report goes, and the count, the line and the header go with it
+        broker.extra = ()
+        broker._write_config()
+        broker.restart()
+        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 15), publisher.state
+        assert wait_until(lambda: (_parked(sub) or {}).get("messages") == 0, 10), _samples(sub)[-3:]
+        _wait("the card's parked line gone", lambda: card_line() == "" and header() == "", 20, [log])
+    finally:
+        if driver is not None:
+            driver.quit()
+        dashboard.stop()
+        sub.close()
+        broker.stop()
