@@ -26,6 +26,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from smearscope.service.config.mqtt import MqttConfig
 from smearscope.service.mqtt import paho_client
+from smearscope.service.mqtt.echo_watch import EchoWatch
 from smearscope.service.mqtt.inflight import InFlight
 from smearscope.service.mqtt.run_watch import RunStateWatch
 from smearscope.service.mqtt.state import PublisherState
@@ -52,6 +53,7 @@ class ConnectionEvents:
     command_filter: str
     telemetry_topic: str
     run_watch: RunStateWatch
+    echo: EchoWatch
     _response_prefix: str
     _protocol: MQTTProtocolVersion
     _state_lock: threading.Lock
@@ -103,6 +105,7 @@ class ConnectionEvents:
         # this subscription would come back as the retained one, hiding the broker's (run_watch)
         if self.run_watch.listening:
             client.subscribe(self.run_watch.topic, qos=0)
+        self.echo.connected(client, self._protocol == MQTTProtocolVersion.MQTTv311)  # its own messages back
         self._connected_at = time.monotonic()
         self._failures_said.clear()  # the next outage is news
         with self._state_lock:

@@ -91,6 +91,8 @@ class InFlight:
         self._retry: set[int] = set()
         #: seq -> what was said of a parked message (why, its size, the limit): said again only when it changes.
         self._parked_said: dict[int, tuple[str, int, int | None]] = {}
+        #: Told (seq, topic) of each acknowledged message (service.mqtt.echo_watch), on the drain thread.
+        self.on_acked: Callable[[int, str], None] | None = None
 
     def __len__(self) -> int:
         return len(self._seq_by_mid)
@@ -233,6 +235,8 @@ class InFlight:
                 self._say_rejected(seq, topic, reason_code)
             else:
                 acked.append(seq)
+                if self.on_acked is not None:
+                    self.on_acked(seq, topic)
                 if self.parked:
                     self._unpark(seq)  # tried again after a reconnect, and taken this time
                 if self._rejections_said:  # mostly empty: no set rebuilt per acknowledged message

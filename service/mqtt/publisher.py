@@ -37,6 +37,7 @@ from smearscope.service.config.mqtt import MqttConfig
 from smearscope.service.mqtt import paho_client
 from smearscope.service.mqtt.command_worker import CommandHandler, CommandWorker
 from smearscope.service.mqtt.connection_events import ConnectionEvents
+from smearscope.service.mqtt.echo_watch import EchoWatch
 from smearscope.service.mqtt.envelope import (
     build_envelope,
     message_properties,
@@ -125,6 +126,9 @@ class MqttPublisher(ConnectionEvents):
         self._stop_workers = threading.Event()
         #: Outbox messages handed to paho and not yet acknowledged (the drain thread's).
         self._inflight = InFlight(outbox, config.max_inflight, config.username)
+        #: MQTT 3.1.1: its own messages come back, or the broker dropped what it acknowledged.
+        self.echo = EchoWatch((self.field_topic, self.report_topic, self.cells_topic), config.username, config.address)
+        self._inflight.on_acked = self.echo.acked
         self._commands = CommandWorker(on_command, self._respond, self._stop_workers, tick_s=_DRAIN_TICK_S)
         self._paho_logger = logger.getChild("paho")  # filterable apart from ours
         self._threads: list[threading.Thread] = []
@@ -278,6 +282,7 @@ class MqttPublisher(ConnectionEvents):
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         if self._protocol == MQTTProtocolVersion.MQTTv5:
             client.connect_async(cfg.host, cfg.port, cfg.keepalive, clean_start=True)
         else:
@@ -329,7 +334,13 @@ class MqttPublisher(ConnectionEvents):
         self._inflight.post(client, mid, reason_code)
         self._wake.set()
 
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
+                      properties: Properties | None) -> None:
+        self.echo.on_subscribe(client, mid, reason_codes)
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self.echo.heard(message.topic):  # its own message back (MQTT 3.1.1): service.mqtt.echo_watch
+            return
         if message.topic == self.telemetry_topic:  # its own samples, and another station's under its id
             self.twins.sample(bytes(message.payload))
             return
@@ -383,6 +394,7 @@ class MqttPublisher(ConnectionEvents):
                         self.outbox.expire_fields(time.time() - self.config.field_message_expiry_s)
                     self.outbox.give_back_space()
                 cursor = self._send_batch(cursor)
+                self.echo.check()
                 if len(self._inflight.parked) != parked_seen:
                     parked_seen = len(self._inflight.parked)
                     self._telemetry_now.set()
