@@ -17,6 +17,7 @@ from test_dashboard import CHROMEDRIVER, _chromium_options, _Proc, _wait, needs_
 from test_publisher import BASE, STATION, make_config, start_publisher
 
 from smearscope.cli import main
+from smearscope.cli.doctor_parked import parked_line
 from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
 from smearscope.service.mqtt.publisher import MqttPublisher
 
@@ -62,8 +63,8 @@ def test_a_report_the_broker_refuses_as_too_large_is_said_in_telemetry_on_the_da
         parked = _parked(sub)
         assert parked is not None and parked["too_large"] == 1 and parked["reports"] == 1, parked
         oldest = parked["oldest"]
-        assert oldest["report_id"] == "too-big" and oldest["reason"] == "too_large" and oldest["kind"] == "report"
-        assert oldest["bytes"] > 50_000 and oldest["age_s"] >= 0 and oldest["topic"] == f"{BASE}/report", oldest
+        assert oldest["report_id"] == "too-big" and oldest["reason"] == "refused_as_too_large" and oldest["kind"] == "report"
+        assert oldest["limit"] is None and oldest["bytes"] > 50_000 and oldest["age_s"] >= 0 and oldest["topic"] == f"{BASE}/report", oldest
         assert [m.report_id for m in publisher.outbox.pending()] == ["too-big"]  # the small one went
 
         # doctor, beside the running station (its outbox held): the count, from its telemetry
@@ -109,9 +110,48 @@ def test_a_report_the_broker_refuses_as_too_large_is_said_in_telemetry_on_the_da
         assert wait_until(lambda: publisher.outbox.counts().messages == 0, 15), publisher.state
         assert wait_until(lambda: (_parked(sub) or {}).get("messages") == 0, 10), _samples(sub)[-3:]
         _wait("the card's parked line gone", lambda: card_line() == "" and header() == "", 20, [log])
+
+        # a report over the station's own packet limit (mqtt.max_packet_size, 262144 by default): said as such
+        publisher.publish_report("report", "over-limit", json.dumps({"cells": "x" * 300_000}).encode(), "1")
+        assert wait_until(lambda: (_parked(sub) or {}).get("messages") == 1, 10), _samples(sub)[-3:]
+        over = _parked(sub)
+        assert over is not None and over["too_large"] == 1, over
+        assert over["oldest"]["reason"] == "over_packet_limit" and over["oldest"]["limit"] == 262144, over
+        _wait("the card's line for a message over the packet limit", lambda: "over the packet limit" in card_line(),
+              20, [log])
+        assert card_line().startswith("1 report held at the station: over the packet limit of 262144 bytes (the "
+                                      "broker's max_packet_size, or the station's mqtt.max_packet_size if lower) — "
+                                      "raise it above "), card_line()
+        assert "mqtt.max_packet_size" in parked_line(over, "h")[2], parked_line(over, "h")
     finally:
         if driver is not None:
             driver.quit()
         dashboard.stop()
         sub.close()
         broker.stop()
+
+
+def test_doctor_beside_a_running_station_it_cannot_log_in_for_says_where_to_see_its_parked_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From a shell (no $CREDENTIALS_DIRECTORY) doctor cannot read the station's telemetry: it says
+    where the count is instead. The station runs: its outbox file is held (opened here)."""
+    from smearscope.service.mqtt.outbox import Outbox
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    outbox_path = tmp_path / "state" / "outbox.sqlite3"
+    config = tmp_path / "station.toml"
+    config.write_text(to_toml({
+        "station_id": STATION, "source": {"kind": "simulated"}, "analysis": {"models_dir": str(DEFAULT_MODELS_DIR)},
+        "mqtt": {"host": "127.0.0.1", "port": free_port(), "username": "station",
+                 "password_credential": "mqtt-password", "outbox": {"path": str(outbox_path)}}}) + "\n")
+    with Outbox(outbox_path):
+        main(["doctor", "--config", str(config)])
+    out = capsys.readouterr().out
+    line = next((x for x in out.splitlines() if x.startswith("WARN  parked")), None)
+    assert line is not None, out
+    assert "not read: the broker password cannot be read here" in line, line
+    assert "systemctl status smearscope" in line and f"mosquitto_sub -C 1 -t {BASE}/telemetry" in line, line
+    # without a running station there is nothing to count: no line
+    main(["doctor", "--config", str(config)])
+    assert "parked" not in capsys.readouterr().out

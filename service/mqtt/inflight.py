@@ -111,10 +111,11 @@ class InFlight:
         acked = sum(1 for seq in seqs if seq in kept)
         return len(seqs) - acked, acked
 
-    def parked_now(self) -> tuple[dict[int, int], set[int]]:
-        """(seq -> packet size of the parked messages, those of them parked as too large); any thread."""
+    def parked_now(self) -> tuple[dict[int, int], dict[int, tuple[str, int | None]]]:
+        """(seq -> packet size of the parked messages, seq -> why and the packet limit of those parked as
+        too large: "over" the connection's limit, or "refused" by the broker); any thread."""
         parked, said = dict(self.parked), dict(self._parked_said)
-        return parked, {seq for seq in parked if seq in said}
+        return parked, {seq: (said[seq][0], said[seq][2]) for seq in parked if seq in said}
 
     def post(self, client: mqtt.Client, mid: int, reason_code: ReasonCode | None) -> None:
         """An acknowledgement (or, with None, a message paho dropped); any thread, never blocks."""

@@ -82,7 +82,8 @@ class DaemonStatus:
             parts.append(f"broker {st.status}" + (f": {st.last_error}" if st.last_error and not st.connected else ""))
             if st.parked:  # reports that do not arrive (service.mqtt.parked), for `systemctl status`
                 held = self.publisher.parked()
-                parts.append(f"{held['messages']} messages parked ({held['too_large']} too large for the broker)")
+                parts.append(f"{held['messages']} message{'' if held['messages'] == 1 else 's'} parked "
+                             f"({held['too_large']} too large for the broker)")
         return "; ".join(parts)
 
     def _telemetry(self) -> dict[str, Any]:

@@ -72,9 +72,13 @@ def parked_line(parked: dict[str, Any], host: str) -> Check:
     named = f" (oldest: {oldest.get('kind')} {oldest.get('report_id')}{since})" if oldest else ""
     what = ("report" if parked.get("reports") == n else "message") + ("" if n == 1 else "s")
     why = []
-    if large:
-        size = (f" above {oldest['bytes']} bytes" if oldest.get("reason") == "too_large"
-                and isinstance(oldest.get("bytes"), int) else "")
+    size = (f" above {oldest['bytes']} bytes" if oldest.get("reason") not in (None, "held")
+            and isinstance(oldest.get("bytes"), int) else "")
+    if large and oldest.get("reason") == "over_packet_limit":
+        limit = f" of {oldest['limit']} bytes" if isinstance(oldest.get("limit"), int) else ""
+        why.append(f"{large} over the packet limit{limit} (the broker's max_packet_size, or mqtt.max_packet_size "
+                   f"if lower): raise it{size}; the station tries them again once it reconnects")
+    elif large:
         why.append(f"{large} refused by the broker as too large: raise message_size_limit (or max_packet_size) "
                    f"in the broker's configuration{size} and restart it; the station sends them once it reconnects")
     if n - large:

@@ -74,9 +74,13 @@ function noteParked(st) {
   const age = o && typeof o.age_s === "number" ? (o.age_s >= 7200 ? Math.round(o.age_s / 3600) + " h"
     : o.age_s >= 120 ? Math.round(o.age_s / 60) + " min" : Math.round(o.age_s) + " s") : null;
   const oldest = o ? " (oldest: " + o.kind + " " + o.report_id + (age ? ", waiting " + age : "") + ")" : "";
-  const size = o && o.reason === "too_large" && typeof o.bytes === "number" ? " above " + o.bytes + " bytes" : "";
+  const size = o && o.reason !== "held" && typeof o.bytes === "number" ? " above " + o.bytes + " bytes" : "";
   const parts = [];
-  if (large) parts.push(large + " " + noun(large) + " held at the station: refused by the broker as too large — " +
+  if (large && o && o.reason === "over_packet_limit") parts.push(large + " " + noun(large) + " held at the station: " +
+    "over the packet limit" + (typeof o.limit === "number" ? " of " + o.limit + " bytes" : "") + " (the broker's " +
+    "max_packet_size, or the station's mqtt.max_packet_size if lower) — raise it" + size +
+    "; the station tries them again once it reconnects");
+  else if (large) parts.push(large + " " + noun(large) + " held at the station: refused by the broker as too large — " +
     "raise message_size_limit (or max_packet_size) in the broker's configuration" + size +
     "; the station sends them once it reconnects");
   if (held) parts.push(held + " " + noun(held) + " held back at the station (its log says why)");
