@@ -155,3 +155,33 @@ def test_doctor_beside_a_running_station_it_cannot_log_in_for_says_where_to_see_
     # without a running station there is nothing to count: no line
     main(["doctor", "--config", str(config)])
     assert "parked" not in capsys.readouterr().out
+
+
+@pytest.mark.broker
+def test_the_daemons_status_line_and_status_command_count_what_the_broker_refused_as_too_large(
+    tmp_path: Path, credentials_dir: Path,
+) -> None:
+    """systemd's STATUS= line (`systemctl status`) and the status command, of a station whose field
+    messages are over mosquitto's message_size_limit."""
+    from test_daemon import pool_factory, running, write_station
+
+    from smearscope.service.config import load_config
+    from smearscope.service.station.daemon import StationDaemon
+
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1000",))
+    broker.start()
+    try:
+        source = {"kind": "simulated", "fields": 2, "fps": 8.0, "width": 320, "height": 240, "seed": 0}
+        config = write_station(tmp_path, broker.port, source=source)
+        daemon = StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(), config_path=config,
+                               environ={"CREDENTIALS_DIRECTORY": str(credentials_dir)})
+        with running(daemon):
+            assert wait_until(lambda: daemon.publisher is not None and daemon.publisher.state.parked >= 2, 30), (
+                daemon.status_line())
+            line = daemon.status_line()
+            detail = daemon.status()["broker"]["parked_detail"]
+        n = detail["messages"]
+        assert n >= 2 and detail["too_large"] == n and detail["oldest"]["reason"] == "refused_as_too_large", detail
+        assert f"{n} messages parked ({n} too large for the broker)" in line, line
+    finally:
+        broker.stop()
