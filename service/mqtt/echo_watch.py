@@ -4,11 +4,12 @@ Under 3.1.1 the station therefore subscribes, at each connection, to its own out
 (`field`, `report`, `cells`) and waits for the first message it sends to each to come back: the
 broker delivers a message it took to every subscriber, this station too. A topic whose message
 the broker acknowledged and did not deliver back within ECHO_BOUND_S is said at ERROR, naming the
-ACL lines to add (write, and read: mosquitto 2.0 grants a 3.1.1 subscription its ACL does not let
-the station read and then delivers nothing, so the two causes look alike); once one comes back the topic is left (unsubscribed), so the check costs one
-echoed message per topic and connection. Without the right to read its own topics (the SUBACK
-refuses the subscription) the station cannot tell, and says so once. MQTT 5 needs none of this:
-the broker refuses a denied message (PUBACK 0x87) and the station keeps it (service.mqtt.inflight)."""
+ACL lines to add: write, and read, since mosquitto 2.0.11 grants a 3.1.1 subscription its ACL does
+not let the station read and then delivers nothing, so the two causes look alike. Once one comes
+back the topic is left (unsubscribed): the check costs one echoed message per topic and
+connection. A broker that refuses the subscription (SUBACK 0x80) leaves the station unable to
+tell, said once. MQTT 5 needs none of this: the broker refuses a denied message (PUBACK 0x87) and
+the station keeps it (service.mqtt.inflight)."""
 
 from __future__ import annotations
 
