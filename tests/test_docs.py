@@ -25,7 +25,7 @@ else:  # Python 3.10, JetPack 6's
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/CLI.md", "docs/STATION.md", "docs/MQTT.md", "docs/FHIR.md", "docs/RESULTS.md", "docs/ARCHIVE.md",
+DOCS = ("README.md", "docs/CLI.md", "docs/STATION.md", "docs/MQTT.md", "docs/FHIR.md", "docs/RESULTS.md", "docs/ARCHIVE.md", "docs/HL7.md",
         "models/README.md", "training/README.md")
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 

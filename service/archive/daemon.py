@@ -78,7 +78,7 @@ class ArchiveDaemon:
                 ("--ca-file", tls.ca_file), ("--certfile", tls.certfile), ("--keyfile", tls.keyfile)) if path)
             raise BrokerSettingsError(f"cannot set up the broker connection with {files or 'these settings'}: "
                                       f"{exc}") from exc
-        self.store = ArchiveStore(config.directory)
+        self.store = ArchiveStore(config.directory, config.hl7_directory)
         self._incoming: queue.Queue[Incoming] = queue.Queue()
         self._stop = threading.Event()
         self._connected = False
@@ -174,6 +174,9 @@ class ArchiveDaemon:
                                   clean_start=False, properties=props)
         self.client.loop_start()
         logger.info("archiving %s/+/report and %s/+/fhir into %s", self.prefix, self.prefix, self.store.directory)
+        if self.store.hl7_directory is not None:
+            logger.info("writing each specimen report stored from now on as HL7 v2.5.1 ORU^R01 into %s",
+                        self.store.hl7_directory)
         try:
             while not self._stop.is_set():
                 try:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from smearscope.service.archive.hl7_out import write_hl7
 from smearscope.service.archive.message import BundleMessage, ReportMessage
 
 logger = logging.getLogger(__name__)
@@ -99,10 +100,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """`data` at `path`, whole or not at all, on disk before this returns."""
+def write_atomically(path: Path, data: bytes, mode: int | None = None) -> None:
+    """`data` at `path`, whole or not at all, on disk before this returns (`mode`: its permissions;
+    else 0600, mkstemp's)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -119,9 +123,12 @@ class ArchiveStore:
     """The archive folder and its index. One writer (the daemon's storer thread); readers
     (`smearscope archive find/show`) open it with `open_index(read_only=True)`."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, hl7_directory: Path | None = None) -> None:
         self.directory = directory.resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.hl7_directory = hl7_directory.resolve() if hl7_directory is not None else None
+        if self.hl7_directory is not None:
+            self.hl7_directory.mkdir(parents=True, exist_ok=True)
         self._db = open_index(self.directory, read_only=False)
         self._remove_leftovers()
 
@@ -231,6 +238,8 @@ class ArchiveStore:
                           new=False)
         path = self._place(self._folder(message.station, message.month), f"{message.report_id}.json", copy_name,
                            message.payload)
+        if self.hl7_directory is not None:  # before the row: a report acknowledged has its file (hl7_out)
+            write_hl7(self.hl7_directory, message, write_atomically)
         with self._db:
             self._db.execute(
                 "INSERT INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

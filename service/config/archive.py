@@ -35,6 +35,13 @@ class ArchiveConfig(BaseModel):
         description="Folder of the archive: one folder per station, one per month under it, the "
         "index (index.sqlite) at the top.",
     )
+    hl7_directory: ConfigPath | None = Field(
+        default=None,
+        title="HL7 output folder",
+        description="Folder an interface engine reads: each specimen report the archive stores is also "
+        "written there as an HL7 v2.5.1 ORU^R01 message, <report_id>.hl7, whole (temporary file, fsync, "
+        "rename) before it is acknowledged; none: no HL7 output (docs/HL7.md).",
+    )
     session_expiry_s: int = Field(
         default=DEFAULT_SESSION_EXPIRY_S, ge=60, le=0xFFFFFFFF,
         title="Session expiry (s)",

@@ -287,6 +287,9 @@ def _archive_parser(sub) -> None:
                     "with --keyfile, for a broker that asks for one")
     ar.add_argument("--keyfile", type=Path, default=None, help="the client certificate's key (PEM)")
     ar.add_argument("--dir", type=Path, default=None, help=f"the archive folder (default {ARCHIVE_DIR})")
+    ar.add_argument("--hl7-dir", type=Path, default=None,
+                    help="also write each specimen report stored as an HL7 v2.5.1 ORU^R01 message, "
+                    "<report_id>.hl7, into this folder (an interface engine's input; docs/HL7.md)")
     ar.set_defaults(func=_lazy("archive", "cmd_archive"))
     asub = ar.add_subparsers(dest="archive_command", parser_class=_Parser, metavar="{find,show}",
                              help="find: list archived reports; show: print one (none: run the archive)")
@@ -302,7 +305,10 @@ def _archive_parser(sub) -> None:
     ash = asub.add_parser("show", help="print one archived report as received (or its FHIR bundle)")
     ash.add_argument("report_id", metavar="REPORT_ID", help="the report's id (as `archive find` lists it)")
     ash.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help=f"the archive folder (default {ARCHIVE_DIR})")
-    ash.add_argument("--fhir", action="store_true", help="print the report's FHIR bundle instead")
+    shown = ash.add_mutually_exclusive_group()
+    shown.add_argument("--fhir", action="store_true", help="print the report's FHIR bundle instead")
+    shown.add_argument("--hl7", action="store_true", help="print the report's HL7 v2.5.1 ORU^R01 message instead, "
+                       "one segment a line (docs/HL7.md)")
     ash.set_defaults(func=_lazy("archive", "cmd_show"))
 
 

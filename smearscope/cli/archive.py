@@ -81,7 +81,7 @@ def _config(args: argparse.Namespace) -> ArchiveConfig:
     tls_config = MqttTlsConfig(ca_file=args.ca_file, certfile=args.certfile, keyfile=args.keyfile) if tls else None
     mqtt = MqttConfig(host=host, port=port, client_id=args.client_id, username=args.username, tls=tls_config,
                       topic_prefix=args.topic_prefix)
-    return ArchiveConfig(mqtt=mqtt, directory=_directory(args))
+    return ArchiveConfig(mqtt=mqtt, directory=_directory(args), hl7_directory=args.hl7_dir)
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
@@ -175,5 +175,21 @@ def cmd_show(args: argparse.Namespace) -> int:
                         if args.fhir or not p.name.endswith(".fhir.json"))
         return _fail(f"cannot read the {what} {args.report_id} at {path} ({exc.strerror or exc})"
                      + (f"; copies received later: {', '.join(copies)}" if copies else ""), 1)
+    if args.hl7:
+        return _show_hl7(args.report_id, path, data)
     sys.stdout.buffer.write(data + b"\n")
+    return 0
+
+
+def _show_hl7(report_id: str, path: Path, envelope: bytes) -> int:
+    """The archived report's ORU^R01, one segment a line (the file `--hl7-dir` writes ends each with
+    a carriage return, as HL7 has it)."""
+    from smearscope.service.archive.hl7_out import oru_of
+
+    try:
+        _, oru = oru_of(envelope)
+    except (ValueError, TypeError, AttributeError) as exc:
+        return _fail(f"the report {report_id} at {path} cannot be read as a report of this smearscope "
+                     f"({type(exc).__name__}: {str(exc)[:300]}): no HL7 message", 1)
+    sys.stdout.write(oru.replace("\r", "\n"))
     return 0

@@ -1,0 +1,183 @@
+"""A report as an HL7 v2.5.1 ORU^R01 message (docs/HL7.md): MSH, ORC, OBR with its notes, one OBX
+per FHIR Observation and per component, one OBX per flag, SPM.
+
+The message is made from the report's FHIR bundle (service.fhir.bundle): its codes, units, values,
+statuses and reasons for an absent value are the bundle's, read off it, so the two can never say
+different things and there is one code table (service.fhir.codes). The status maps as the bundle's:
+preliminary P, final F (a verified run), amended C (a run signed again, correcting a verified
+result). No patient is named (the bundle has no subject): the message has no PID; the lab's
+specimen id is the placer order number and SPM's, the run id the filler order number, so the lab
+system files the result under its own order. The same report always gives the same message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+from smearscope.service.analysis.report import Report
+from smearscope.service.fhir import codes
+from smearscope.service.fhir.bundle import report_bundle
+from smearscope.service.hl7.encode import (
+    ENCODING_CHARACTERS,
+    FT,
+    ID,
+    SEGMENT_END,
+    code,
+    components,
+    dtm,
+    number,
+    segment,
+    subcomponents,
+    text,
+)
+
+logger = logging.getLogger(__name__)
+
+VERSION = "2.5.1"
+CHARSET = "UNICODE UTF-8"
+SENDING_APPLICATION = "smearscope"
+#: The namespace of the filler's identifiers (EI-2) and of the equipment (OBX-18).
+NAMESPACE = "smearscope"
+#: FHIR status -> OBR-25 / OBX-11 (HL7 table 0123 / 0085).
+RESULT_STATUS = {"preliminary": "P", "final": "F", "amended": "C"}
+#: OBX-11 of an observation without a value (FHIR dataAbsentReason): results cannot be obtained.
+NO_RESULT = "X"
+#: The FHIR code systems as HL7 coding system names (table 0396: LN, UCUM; 99zzz for local ones).
+CODING_SYSTEM = {codes.LOINC: "LN", codes.UCUM: "UCUM", codes.LOCAL_OBSERVATION: "99SSO",
+                 codes.LOCAL_WBC_CLASS: "99SSW", codes.LOCAL_RBC_MORPHOLOGY: "99SSR",
+                 codes.LOCAL_GRADE: "99SSG", codes.LOCAL_FLAG: "99SSF"}
+#: A flag's severity as OBX-8 (table 0078): critical AA (very abnormal), warning A; info none.
+ABNORMAL_FLAG = {"critical": "AA", "warning": "A"}
+#: SPM-4 (table 0487: SMR, smear); the bundle's Specimen type text as its original text.
+SPECIMEN_TYPE = ("SMR", "Smear", "HL70487")
+#: The first note of every message: the README's "Not for clinical diagnosis".
+NOT_FOR_DIAGNOSIS = ("Not for clinical diagnosis: smearscope is a research prototype without regulatory "
+                     "clearance; every result needs review by a qualified person.")
+#: NTE-2 (table 0105): L, the filler (the analyzer); NTE-4 (table 0364): RE, remark.
+NOTE_SOURCE, NOTE_TYPE = "L", "RE"
+
+
+def control_id(report_id: str) -> str:
+    """MSH-10: 20 hex digits of the report id's SHA-256, so the same report always has the same one
+    (a lab system drops a message it has seen) and two reports never share one in practice."""
+    return hashlib.sha256(report_id.encode()).hexdigest()[:ID].upper()
+
+
+def _coded(concept: dict[str, Any], original_text: bool) -> str:
+    """A FHIR CodeableConcept as CWE (`original_text`: its text as CWE-9) or as CE (OBX-3 and OBR-4 in
+    v2.5.1, which have no original text: the first coding's text says it after its display): the
+    first coding, the second as the alternate."""
+    parts: list[str] = []
+    extra = concept.get("text", "")
+    for i, coding in enumerate(concept.get("coding", [])[:2]):
+        display = coding.get("display", "")
+        if i == 0 and extra and not original_text:
+            display = f"{display}: {extra}"
+        parts += [code(coding["code"]), text(display), CODING_SYSTEM[coding["system"]]]
+    if not original_text or not extra:
+        return components(*parts)
+    parts += [""] * (6 - len(parts))
+    return components(*parts, "", "", text(extra))
+
+
+def _cwe(concept: dict[str, Any]) -> str:
+    return _coded(concept, original_text=True)
+
+
+def _ce(concept: dict[str, Any]) -> str:
+    return _coded(concept, original_text=False)
+
+
+def _units(quantity: dict[str, Any]) -> str:
+    return components(code(quantity["code"]), text(quantity["unit"]), CODING_SYSTEM[quantity["system"]])
+
+
+def _value(element: dict[str, Any]) -> tuple[str, str, str]:
+    """(OBX-2, OBX-5, OBX-6) of an Observation or component: ("", "", "") when it has no value."""
+    if "valueQuantity" in element:
+        q = element["valueQuantity"]
+        return "NM", number(q["value"]), _units(q)
+    if "valueInteger" in element:
+        return "NM", number(int(element["valueInteger"])), ""
+    if "valueCodeableConcept" in element:
+        return "CWE", _cwe(element["valueCodeableConcept"]), ""
+    if "valueBoolean" in element:
+        return "CWE", "Y^Yes^HL70136" if element["valueBoolean"] else "N^No^HL70136", ""
+    if "valueString" in element:
+        return "ST", text(element["valueString"]), ""
+    if "valueRange" in element:  # SN: the interval's ends, "^50^-^69"
+        low, high = element["valueRange"]["low"], element["valueRange"]["high"]
+        return "SN", components("", number(low["value"]), "-", number(high["value"])), _units(low)
+    return "", "", ""
+
+
+class _Message:
+    """The segments of one message, numbering OBX (OBX-1) and the notes under each segment (NTE-1)."""
+
+    def __init__(self, report: Report, bundle: dict[str, Any]) -> None:
+        self.report = report
+        resources = [e["resource"] for e in bundle["entry"]]
+        self.diagnostic = resources[0]
+        self.specimen = next(r for r in resources if r["resourceType"] == "Specimen")
+        self.observations = [r for r in resources if r["resourceType"] == "Observation"]
+        self.status = RESULT_STATUS[self.diagnostic["status"]]
+        self.effective = dtm(self.diagnostic["effectiveDateTime"])
+        self.issued = dtm(self.diagnostic["issued"])
+        self.equipment = components(text(report.station_id or ""), NAMESPACE)
+        self.segments: list[str] = []
+        self._obx = 0
+        self._notes = 0
+
+    def note(self, comment: str) -> None:
+        self._notes += 1
+        self.segments.append(segment("NTE", str(self._notes), NOTE_SOURCE, text(comment, FT), NOTE_TYPE))
+
+    def obx(self, group: int, concept: str, value: tuple[str, str, str], status: str, abnormal: str = "") -> None:
+        self._obx += 1
+        self._notes = 0
+        kind, shown, units = value
+        self.segments.append(segment(
+            "OBX", str(self._obx), kind, concept, str(group), shown, units, "", abnormal, "", "", status, "", "",
+            self.effective, "", "", "", self.equipment, self.issued))
+
+    def observation(self, group: int, obs: dict[str, Any]) -> None:
+        absent = obs.get("dataAbsentReason")
+        self.obx(group, _ce(obs["code"]), _value(obs), NO_RESULT if absent else self.status)
+        if absent:
+            reason = absent["coding"][0]
+            self.note(f"Not assessable ({reason['code']}): {reason['display']}")
+        for comp in obs.get("component", []):
+            self.obx(group, _ce(comp["code"]), _value(comp), self.status)
+
+
+def oru_r01(report: Report) -> str:
+    """The ORU^R01 message of one report, segments ended by a carriage return (docs/HL7.md)."""
+    m = _Message(report, report_bundle(report))
+    r, v = report, report.verification
+    placer = text(r.specimen_id or "")
+    filler = components(text(r.run_id or r.report_id), NAMESPACE)
+    m.segments.append(segment(
+        "MSH", ENCODING_CHARACTERS, SENDING_APPLICATION, code(r.station_id or ""), "", "", m.issued, "",
+        "ORU^R01^ORU_R01", control_id(r.report_id), "P", VERSION, "", "", "", "", "", CHARSET))
+    m.segments.append(segment("ORC", "RE", placer, filler, "", "", "", "", "", m.issued))
+    interpreter = subcomponents("", text(v.verified_by)) if v is not None else ""
+    m.segments.append(segment(
+        "OBR", "1", placer, filler, _ce(m.diagnostic["code"]), "", "", m.effective, *[""] * 14, m.issued, "",
+        "HM", m.status, *[""] * 6, interpreter))
+    m.note(NOT_FOR_DIAGNOSIS)
+    m.note(m.diagnostic["conclusion"])
+    for group, obs in enumerate(m.observations, start=1):
+        m.observation(group, obs)
+    flags = sorted(r.flags, key=lambda f: ("critical", "warning", "info").index(f.severity))
+    for group, f in enumerate(flags, start=len(m.observations) + 1):  # the bundle's conclusionCode, with severity
+        message = text(f.message)
+        m.obx(group, _ce({"coding": [codes.flag(f.code).coding()]}), ("ST", message, ""), m.status,
+              ABNORMAL_FLAG.get(f.severity, ""))
+        if message != text(f.message, FT):  # cut to ST's length: the whole message in a note
+            m.note(f.message)
+    m.segments.append(segment(
+        "SPM", "1", components(placer, subcomponents(text(r.run_id or r.report_id), NAMESPACE)),
+        "", components(*SPECIMEN_TYPE, "", "", "", "", "", text(m.specimen["type"]["text"]))))
+    return SEGMENT_END.join(m.segments) + SEGMENT_END

@@ -1,0 +1,134 @@
+"""`smearscope archive --hl7-dir` against a real mosquitto and the station's own publisher: each
+specimen report stored is written as an HL7 v2.5.1 ORU^R01 file an interface engine can take
+(hl7apy validates it), whole, before the report is acknowledged; a report delivered again is not
+written again; a full HL7 folder holds the report unacknowledged until space returns."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, wait_until
+from smallfs import fill, small_tmpfs
+from test_archive import (
+    SPECIMEN,
+    STATION,
+    Archive,
+    Station,
+    a_report,
+    envelope_of,
+    indexed,
+    raw_client,
+)
+from test_hl7 import parsed
+
+from smearscope.cli import main
+from smearscope.service.analysis.report import Report
+from smearscope.service.archive.message import read_report
+from smearscope.service.archive.store import ArchiveStore
+from smearscope.service.hl7.oru import oru_r01
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+def persistent_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    mosquitto = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
+    mosquitto.start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+def hl7_archive(tmp_path: Path, port: int, directory: Path, hl7_dir: Path) -> Archive:
+    archive = Archive(tmp_path, port, directory)
+    archive.argv += ["--hl7-dir", str(hl7_dir)]
+    return archive
+
+
+def signed_again(report: Report, supersedes: Report) -> Report:
+    v = report.verification
+    assert v is not None and supersedes.verification is not None
+    return report.model_copy(update={"verification": v.model_copy(update={
+        "supersedes_verified_by": supersedes.verification.verified_by,
+        "supersedes_verified_at": supersedes.verification.verified_at})})
+
+
+def test_each_stored_specimen_report_is_written_as_a_valid_oru_r01_with_its_status(
+        tmp_path: Path, persistent_broker: MosquittoBroker, capsys: pytest.CaptureFixture[str]) -> None:
+    directory, hl7_dir = tmp_path / "archive", tmp_path / "to-lis"
+    archive = hl7_archive(tmp_path, persistent_broker.port, directory, hl7_dir)
+    station = Station(tmp_path, persistent_broker.port)
+    try:
+        archive.start()
+        first = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+        verified = a_report("run-1", SPECIMEN, 1_796_000_200.0, supersedes=first.report_id)
+        again = signed_again(a_report("run-1", SPECIMEN, 1_796_000_300.0, supersedes=verified.report_id), verified)
+        for report in (first, verified, again):
+            station.publish(report)
+        assert wait_until(lambda: indexed(directory) == 3, 30), archive.text()
+        assert sorted(p.name for p in hl7_dir.iterdir()) == sorted(f"{r.report_id}.hl7" for r in (first, verified, again))
+        for report, status in ((first, "P"), (verified, "F"), (again, "C")):
+            data = (hl7_dir / f"{report.report_id}.hl7").read_bytes()
+            assert data == oru_r01(report).encode("utf-8")  # the report as the station made it
+            msg = parsed(data.decode("utf-8"))
+            order = msg.oru_r01_patient_result.oru_r01_order_observation
+            assert order.obr.obr_25.value == status and order.obr.obr_2.value == SPECIMEN
+            assert order.obr.obr_3.value == "run-1^smearscope"  # one order: F and C replace P in the lab system
+        assert all(p.stat().st_mode & 0o777 == 0o640 for p in hl7_dir.iterdir())
+
+        assert main(["archive", "show", again.report_id, "--dir", str(directory), "--hl7"]) == 0
+        assert capsys.readouterr().out == oru_r01(again).replace("\r", "\n")
+
+        # the engine took the file away; the station sends the report again (a lost PUBACK): not written again
+        (hl7_dir / f"{first.report_id}.hl7").unlink()
+        envelope = json.dumps({"envelope_version": 1, "kind": "report", "station_id": STATION,
+                               "report_id": first.report_id, "message_id": uuid.uuid4().hex, "schema_version": "1.2",
+                               "created_at": "x", "body": json.loads(first.model_dump_json())})
+        with raw_client(persistent_broker.port) as client:
+            client.publish(f"smearscope/{STATION}/report", envelope, qos=1).wait_for_publish(10)
+        assert wait_until(lambda: "was archived already" in archive.text(), 30), archive.text()
+        assert not (hl7_dir / f"{first.report_id}.hl7").exists()
+        assert not list(hl7_dir.glob(".*"))  # no temporary file left
+    finally:
+        archive.stop()
+        station.stop()
+
+
+def test_a_full_hl7_folder_holds_the_report_unacknowledged_until_space_returns(
+        tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
+    directory = tmp_path / "archive"
+    with small_tmpfs(tmp_path / "to-lis", 512) as hl7_dir:
+        archive = hl7_archive(tmp_path, persistent_broker.port, directory, hl7_dir)
+        station = Station(tmp_path, persistent_broker.port)
+        try:
+            archive.start()
+            report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+            filler = fill(hl7_dir)
+            station.publish(report)
+            assert wait_until(lambda: "NOT acknowledged" in archive.text(), 30), archive.text()
+            assert indexed(directory) == 0
+            archive.kill()  # had it acknowledged before the file, the message would be gone now
+            filler.unlink()
+            archive.start()
+            assert wait_until(lambda: indexed(directory) == 1, 30), archive.text()
+            assert (hl7_dir / f"{report.report_id}.hl7").read_bytes() == oru_r01(report).encode("utf-8")
+        finally:
+            archive.stop()
+            station.stop()
+
+
+def test_show_hl7_of_a_report_not_there_or_not_readable_says_so(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    store = ArchiveStore(tmp_path / "a")
+    try:
+        odd = json.loads(envelope_of(a_report("run-1", SPECIMEN, 1_796_000_000.0)))
+        odd["body"]["unknown_field"] = 1  # a newer station's report: archived, not read as this smearscope's
+        stored = store.put_report(read_report(STATION, json.dumps(odd).encode()))
+    finally:
+        store.close()
+    assert main(["archive", "show", stored.report_id, "--dir", str(tmp_path / "a"), "--hl7"]) == 1
+    assert "cannot be read as a report of this smearscope" in capsys.readouterr().err
+    assert main(["archive", "show", "nope", "--dir", str(tmp_path / "a"), "--hl7"]) == 1

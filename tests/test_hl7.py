@@ -1,0 +1,187 @@
+"""The HL7 v2.5.1 ORU^R01 message of a report: parsed and validated against the v2.5.1 ORU_R01
+structure by an independent library (hl7apy, strict validation), and its fields checked against the
+report and its FHIR bundle: statuses as the bundle's (P, F, C), codes and units from the one code
+table, every delimiter a report's text holds escaped."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.core import Message
+from hl7apy.parser import parse_message
+from test_fhir import graded_report, resources, specimen_report
+
+from smearscope.device.synthetic import render_field
+from smearscope.service.analysis.report import Flag, Report, Verification
+from smearscope.service.fhir import codes
+from smearscope.service.fhir.bundle import report_bundle
+from smearscope.service.hl7.encode import text
+from smearscope.service.hl7.oru import control_id, oru_r01
+
+ROOT = Path(__file__).resolve().parents[1]
+HOSTILE = "H|1^2~3\\4&5\r\nPID|6"
+
+
+def parsed(message: str) -> Message:
+    """The message parsed strictly by hl7apy and validated against v2.5.1's ORU_R01 (raises otherwise)."""
+    assert message.endswith("\r") and "\n" not in message
+    msg = parse_message(message, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+    assert msg.validate() is True
+    return msg
+
+
+def segments(message: str, name: str) -> list[list[str]]:
+    return [s.split("|") for s in message.split("\r") if s.startswith(name + "|")]
+
+
+def unescaped(value: str) -> str:
+    """HL7 v2's escapes read back (section 2.7: F S T R E and hex \\Xhh\\), as a receiver decodes them."""
+    named = {"F": "|", "S": "^", "T": "&", "R": "~", "E": "\\"}
+    return re.sub(r"\\(F|S|T|R|E|X[0-9A-F]{2})\\",
+                  lambda m: named.get(m.group(1)) or chr(int(m.group(1)[1:], 16)), value)
+
+
+def read(component) -> str:  # type: ignore[no-untyped-def]
+    """A component's text as hl7apy parsed it (its ST as on the wire), decoded."""
+    return unescaped(component.children[0].value.value)
+
+
+def verified(report: Report, signed_again: bool = False) -> Report:
+    v = Verification(verified_by="AB", verified_at=report.created_at + 60, supersedes=report.report_id,
+                     typed_cells=4, reclassified=[], supersedes_verified_by="CD" if signed_again else None,
+                     supersedes_verified_at=report.created_at + 30 if signed_again else None)
+    return report.model_copy(update={"report_id": report.report_id + "-v", "verification": v})
+
+
+@pytest.mark.parametrize("signing", ["preliminary", "verified", "signed again"])
+def test_a_specimen_report_of_real_analyses_is_a_valid_oru_r01_with_the_bundles_status(signing: str) -> None:
+    report = specimen_report().model_copy(update={"specimen_id": "H-2026-0412"})
+    if signing != "preliminary":
+        report = verified(report, signed_again=signing == "signed again")
+    message = oru_r01(report)
+    msg = parsed(message)
+    bundle = report_bundle(report)
+    (dr,) = resources(bundle, "DiagnosticReport")
+    status = {"preliminary": "P", "final": "F", "amended": "C"}[dr["status"]]
+    assert status == {"preliminary": "P", "verified": "F", "signed again": "C"}[signing]
+
+    msh = msg.msh
+    assert msh.msh_3.value == "smearscope" and msh.msh_4.value == "bench-1"
+    assert msh.msh_9.value == "ORU^R01^ORU_R01" and msh.msh_12.value == "2.5.1"
+    assert msh.msh_18.value == "UNICODE UTF-8" and msh.msh_10.value == control_id(report.report_id)
+    assert len(msh.msh_10.value) == 20
+    order = msg.oru_r01_patient_result.oru_r01_order_observation
+    assert order.obr.obr_25.value == status
+    assert order.obr.obr_2.value == order.orc.orc_2.value == "H-2026-0412"
+    assert order.obr.obr_3.value == order.orc.orc_3.value == f"{report.run_id}^smearscope"
+    assert order.obr.obr_4.obr_4_1.value == codes.PANEL.code and order.obr.obr_4.obr_4_3.value == "LN"
+    assert order.oru_r01_specimen.spm.spm_2.value == f"H-2026-0412^{report.run_id}&smearscope"
+    assert not segments(message, "PID")  # no patient, as the bundle has no subject
+
+    # one OBX per Observation and per component; values and units are the bundle's
+    observations = resources(bundle, "Observation")
+    obx = segments(message, "OBX")
+    assert len(obx) == sum(1 + len(o.get("component", [])) for o in observations) + len(report.flags)
+    assert [int(s[1]) for s in obx] == list(range(1, len(obx) + 1))
+    for row in obx[:-len(report.flags) or None]:
+        assert row[11] in (status, "X")
+    heads = [s for s in obx if s[4] != ""]
+    assert {s[4] for s in heads} >= {str(i) for i in range(1, len(observations) + 1)}
+    for share in report.wbc_differential:
+        if share.label not in codes.WBC_LOINC:
+            continue
+        (row,) = [s for s in obx if s[3].split("^")[0] == codes.WBC_LOINC[share.label].code]
+        assert row[2] == "NM" and float(row[5]) == share.percent and row[6] == "%^%^UCUM"
+        assert row[3].split("^")[2] == "LN" and row[3].split("^")[3] == share.label
+    flag_rows = obx[len(obx) - len(report.flags):]
+    assert [r[3].split("^")[0] for r in flag_rows] == [
+        f.code for f in sorted(report.flags, key=lambda f: ("critical", "warning", "info").index(f.severity))]
+    for row in flag_rows:
+        severity = next(f.severity for f in report.flags if f.code == row[3].split("^")[0])
+        assert row[8] == {"critical": "AA", "warning": "A", "info": ""}[severity]
+
+    notes = [s[3] for s in segments(message, "NTE")]
+    assert notes[0].startswith("Not for clinical diagnosis")
+    assert notes[1] == text(dr["conclusion"], 65536)
+    if signing == "preliminary":
+        assert order.obr.obr_32.value == ""
+    else:
+        assert order.obr.obr_32.value == "&AB" and notes[1].startswith("Verified by AB")
+    assert oru_r01(report) == message  # the same report, the same message
+
+
+def test_results_without_a_value_are_x_with_a_note_saying_why() -> None:
+    """Sizes at an estimated scale: the size-based findings and the diameter have no value (FHIR's
+    dataAbsentReason), OBX-11 X and a note naming the reason."""
+    report = graded_report([Flag(code="size_not_assessable_without_calibration", severity="warning",
+                                 message="sizes need a calibration")])
+    report = report.model_copy(update={"rbc_size": report.rbc_size.model_copy(update={"calibrated": False})})
+    seen = 0
+    message = oru_r01(report)
+    parsed(message)
+    lines = message.split("\r")
+    for i, line in enumerate(lines):
+        fields = line.split("|")
+        if fields[0] == "OBX" and fields[3].split("^")[0] in ("802-9", "rbc-diameter"):
+            assert fields[2] == "" and fields[5] == "" and fields[11] == "X", line
+            assert lines[i + 1].startswith("NTE|1|L|Not assessable (size-not-assessable): "), lines[i + 1]
+            seen += 1
+    assert seen == 2
+
+
+def test_hostile_specimen_ids_flags_and_signatures_cannot_break_the_message() -> None:
+    """Delimiters and line breaks in every text a report carries are escaped: the message still
+    parses as the same segments and fields, and hl7apy reads each text back as it was."""
+    flags = [Flag(code="odd|code^x", severity="critical", message=HOSTILE * 40),
+             Flag(code="many_unidentified_wbc", severity="warning", message=HOSTILE)]
+    report = graded_report(flags).model_copy(update={"specimen_id": HOSTILE, "run_id": HOSTILE,
+                                                     "station_id": "lab|7^x"})
+    report = verified(report.model_copy(update={"report_id": "r|1"}))
+    report.verification.__dict__["verified_by"] = HOSTILE  # frozen model: as a station could sign
+    message = oru_r01(report)
+    msg = parsed(message)
+    names = [s.split("|")[0] for s in message.split("\r") if s]
+    assert names[:3] == ["MSH", "ORC", "OBR"] and names[-1] == "SPM" and "PID" not in names
+    assert set(names) == {"MSH", "ORC", "OBR", "NTE", "OBX", "SPM"}
+    order = msg.oru_r01_patient_result.oru_r01_order_observation
+    # hl7apy splits the fields where the message has them and keeps their text escaped: read back, each is whole
+    assert read(order.obr.obr_2.obr_2_1) == read(order.orc.orc_2.orc_2_1) == HOSTILE
+    assert read(order.obr.obr_3.obr_3_1) == HOSTILE and read(order.obr.obr_3.obr_3_2) == "smearscope"
+    assert read(msg.msh.msh_4.msh_4_1) == "lab|7^x"
+    signer = order.obr.obr_32.obr_32_1  # NDL's name, its family name part (CNN-2)
+    assert [c.name for c in signer.children] == ["CNN_2"] and read(signer) == HOSTILE
+    for s in segments(message, "OBX") + segments(message, "NTE"):
+        assert len(s) <= 20
+    obx = segments(message, "OBX")
+    odd = next(s for s in obx if s[3].startswith("odd"))
+    assert odd[3].split("^")[0] == "odd\\F\\code\\S\\x" and odd[8] == "AA" and odd[11] == "F"
+    # ST: cut at 199 characters as sent, never inside an escape; the whole message is in the note under it
+    i = message.split("\r").index("|".join(odd))
+    note = message.split("\r")[i + 1].split("|")
+    assert note[0] == "NTE" and unescaped(note[3]) == HOSTILE * 40
+    assert unescaped(odd[5]) == (HOSTILE * 40)[:len(unescaped(odd[5]))] and 190 <= len(odd[5]) <= 199
+
+
+@pytest.mark.skipif(not (ROOT / "models" / "seg.json").exists(), reason="models/seg.json not present")
+def test_the_analyzers_report_of_a_rendered_field_is_a_valid_oru_r01(tmp_path: Path) -> None:
+    field = render_field(7, width=480, height=360, microns_per_pixel=0.1)
+    image = tmp_path / "f7.png"
+    cv2.imwrite(str(image), np.asarray(field.frame.pixels))
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "analyze", "--json", "--microns-per-pixel", "0.1",
+                           str(image)], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = Report.model_validate(json.loads(proc.stdout))
+    message = oru_r01(report)
+    msg = parsed(message)
+    order = msg.oru_r01_patient_result.oru_r01_order_observation
+    assert order.obr.obr_25.value == "P" and order.obr.obr_3.value == f"{report.report_id}^smearscope"
+    assert len(segments(message, "OBX")) == sum(
+        1 + len(o.get("component", [])) for o in resources(report_bundle(report), "Observation")) + len(report.flags)
