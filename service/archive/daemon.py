@@ -26,6 +26,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from smearscope.service.archive.hl7_out import Hl7Output
 from smearscope.service.archive.message import (
     BundleMessage,
     Refused,
@@ -36,6 +37,7 @@ from smearscope.service.archive.message import (
 )
 from smearscope.service.archive.store import ArchiveStore, OutsideArchive, Stored
 from smearscope.service.config.archive import ArchiveConfig
+from smearscope.service.hl7.mllp import parse_address
 from smearscope.service.mqtt.paho_client import LOGIN_REFUSED, configured_client, paho_log_level
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,12 @@ class ArchiveDaemon:
                 ("--ca-file", tls.ca_file), ("--certfile", tls.certfile), ("--keyfile", tls.keyfile)) if path)
             raise BrokerSettingsError(f"cannot set up the broker connection with {files or 'these settings'}: "
                                       f"{exc}") from exc
-        self.store = ArchiveStore(config.directory, config.hl7_directory)
+        hl7 = None
+        if config.hl7_directory is not None or config.hl7_mllp is not None:
+            hl7 = Hl7Output(config.hl7_directory, parse_address(config.hl7_mllp) if config.hl7_mllp else None,
+                            config.hl7_mllp_timeout_s)
+        self.store = ArchiveStore(config.directory, hl7)
+        self.hl7 = hl7
         self._incoming: queue.Queue[Incoming] = queue.Queue()
         self._stop = threading.Event()
         self._connected = False
@@ -174,9 +181,12 @@ class ArchiveDaemon:
                                   clean_start=False, properties=props)
         self.client.loop_start()
         logger.info("archiving %s/+/report and %s/+/fhir into %s", self.prefix, self.prefix, self.store.directory)
-        if self.store.hl7_directory is not None:
+        if self.hl7 is not None and self.hl7.directory is not None:
             logger.info("writing each specimen report stored from now on as HL7 v2.5.1 ORU^R01 into %s",
-                        self.store.hl7_directory)
+                        self.hl7.directory)
+        if self.hl7 is not None and self.hl7.mllp_address is not None:
+            logger.info("sending each specimen report stored from now on as HL7 v2.5.1 ORU^R01 over MLLP to %s:%d, "
+                        "acknowledged to the broker only once the receiver acknowledges it", *self.hl7.mllp_address)
         try:
             while not self._stop.is_set():
                 try:
@@ -241,13 +251,14 @@ class ArchiveDaemon:
         refuses it; None when stopped meanwhile. The ERROR is said once per hold, and again only if the
         reason changes. OutsideArchive (a name the checks let through) is not tried again."""
         failing_since: float | None = None
-        said: tuple[str, int | None] | None = None
+        said: tuple[str, int | None, str | None] | None = None
         while True:
             try:
                 stored = (self.store.put_report(record) if isinstance(record, ReportMessage)
                           else self.store.put_bundle(record))
             except (OSError, sqlite3.Error) as exc:
-                reason = (type(exc).__name__, getattr(exc, "errno", None))
+                # the kind of refusal: a changed one is said again (an MLLP receiver's `kind`: unreachable, AE)
+                reason = (type(exc).__name__, getattr(exc, "errno", None), getattr(exc, "kind", None))
                 if failing_since is None:
                     failing_since = time.monotonic()
                 else:

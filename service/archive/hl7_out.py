@@ -1,59 +1,77 @@
 """The archive's HL7 output: each specimen report it stores also written as an HL7 v2.5.1 ORU^R01
-file, `<report_id>.hl7` in the folder an interface engine reads (`smearscope archive --hl7-dir`).
+file, `<report_id>.hl7` in the folder an interface engine reads (`--hl7-dir`), and/or sent to a
+lab system over MLLP, its ACK awaited (`--hl7-mllp`).
 
-The file is written whole or not at all (a temporary dot-file, fsync, rename, fsync of the folder)
-before the report's index row is committed, so before the broker has its acknowledgement: an
-archive that dies before the row is committed gets the report again and writes the same file
-again (the same bytes, the same MSH-10), and a report once acknowledged has its file. A report
-delivered again once indexed is not written again: the engine may have taken the first file away.
+Both happen before the report's index row is committed, so before the broker has its
+acknowledgement: a file the disk refuses, or a message the receiver does not acknowledge (AA or
+CA), is an OSError, and the archive holds the report (unacknowledged, tried again) as it holds one
+a full disk refuses. An archive that dies before the row is committed gets the report again and
+writes and sends the same message again (the same bytes, the same MSH-10). A report delivered again
+once indexed is neither written nor sent again: the engine may have taken the first file away.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 from smearscope.service.archive.message import ReportMessage
+from smearscope.service.archive.store import write_atomically
+from smearscope.service.hl7 import mllp
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".hl7"
 #: The files' mode: the interface engine reads them as a member of the folder's group (docs/HL7.md).
 MODE = 0o640
+#: What a body this smearscope cannot read as a report raises (pydantic's ValidationError is a ValueError).
+UNREADABLE = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 
 
-def oru_of(payload: bytes) -> tuple[str, str]:
-    """(the report's kind, its ORU^R01 message) from an archived envelope; ValueError (pydantic's
-    ValidationError is one) when its body is not a report this smearscope reads."""
+def oru_of(payload: bytes) -> tuple[str, str, str]:
+    """(the report's kind, its ORU^R01 message, its control id) from an archived envelope; one of
+    UNREADABLE when its body is not a report this smearscope reads."""
     # imported here: the report model and the FHIR mapping pull numpy and OpenCV in, which the
-    # archive needs only when it writes HL7
+    # archive needs only when it makes HL7
     from smearscope.service.analysis.report import Report
-    from smearscope.service.hl7.oru import oru_r01
+    from smearscope.service.hl7.oru import control_id, oru_r01
 
     body = json.loads(payload).get("body")
     report = Report.model_validate(body)
-    return report.kind, oru_r01(report)
+    return report.kind, oru_r01(report), control_id(report.report_id)
 
 
-def write_hl7(directory: Path, message: ReportMessage, write: Callable[[Path, bytes, int], None]) -> Path | None:
-    """`message`'s ORU^R01 at DIR/<report_id>.hl7 through `write(path, data, mode)` (atomic, synced; mode 0640); None
-    for a field report (only a run's reports go to the lab) or a body this smearscope cannot read
-    as a report (an ERROR: the report is archived all the same). An OSError (a full disk) is the
-    caller's to hold the message for."""
-    try:
-        kind, oru = oru_of(message.payload)
-    except (ValueError, TypeError, AttributeError) as exc:
-        logger.error("report %s from %s cannot be read as a report of this smearscope (%s: %s): archived, but "
-                     "no HL7 message was written to %s", message.report_id, message.station, type(exc).__name__,
-                     str(exc)[:300], directory)
-        return None
-    if kind != "specimen":
-        logger.info("report %s from %s is a %s report: no HL7 message (only specimen reports go to the lab)",
-                    message.report_id, message.station, kind)
-        return None
-    path = directory / f"{message.report_id}{SUFFIX}"
-    write(path, oru.encode("utf-8"), MODE)
-    logger.info("wrote the HL7 message of report %s: %s", message.report_id, path)
-    return path
+class Hl7Output:
+    """Called with each new report before its row is committed (ArchiveStore's `on_new_report`)."""
+
+    def __init__(self, directory: Path | None, mllp_address: tuple[str, int] | None, mllp_timeout_s: float) -> None:
+        self.directory = directory.resolve() if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self.mllp_address = mllp_address
+        self.mllp_timeout_s = mllp_timeout_s
+
+    def __call__(self, message: ReportMessage) -> None:
+        """Write and/or send `message`'s ORU^R01; nothing for a field report (only a run's reports go to
+        the lab) or a body this smearscope cannot read (an ERROR: the report is archived all the same).
+        OSError (a full disk, no ACK) is the caller's to hold the report for."""
+        try:
+            kind, oru, control_id = oru_of(message.payload)
+        except UNREADABLE as exc:
+            logger.error("report %s from %s cannot be read as a report of this smearscope (%s: %s): archived, "
+                         "but no HL7 message was made", message.report_id, message.station, type(exc).__name__,
+                         str(exc)[:300])
+            return
+        if kind != "specimen":
+            logger.info("report %s from %s is a %s report: no HL7 message (only specimen reports go to the lab)",
+                        message.report_id, message.station, kind)
+            return
+        if self.directory is not None:
+            path = self.directory / f"{message.report_id}{SUFFIX}"
+            write_atomically(path, oru.encode("utf-8"), MODE)
+            logger.info("wrote the HL7 message of report %s: %s", message.report_id, path)
+        if self.mllp_address is not None:
+            code = mllp.send(self.mllp_address, oru, control_id, self.mllp_timeout_s)
+            logger.info("sent the HL7 message of report %s (MSH-10 %s) to %s:%d: %s", message.report_id,
+                        control_id, *self.mllp_address, code)

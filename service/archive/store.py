@@ -22,10 +22,10 @@ import os
 import sqlite3
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from smearscope.service.archive.hl7_out import write_hl7
 from smearscope.service.archive.message import BundleMessage, ReportMessage
 
 logger = logging.getLogger(__name__)
@@ -123,12 +123,10 @@ class ArchiveStore:
     """The archive folder and its index. One writer (the daemon's storer thread); readers
     (`smearscope archive find/show`) open it with `open_index(read_only=True)`."""
 
-    def __init__(self, directory: Path, hl7_directory: Path | None = None) -> None:
+    def __init__(self, directory: Path, on_new_report: Callable[[ReportMessage], None] | None = None) -> None:
         self.directory = directory.resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.hl7_directory = hl7_directory.resolve() if hl7_directory is not None else None
-        if self.hl7_directory is not None:
-            self.hl7_directory.mkdir(parents=True, exist_ok=True)
+        self.on_new_report = on_new_report
         self._db = open_index(self.directory, read_only=False)
         self._remove_leftovers()
 
@@ -238,8 +236,8 @@ class ArchiveStore:
                           new=False)
         path = self._place(self._folder(message.station, message.month), f"{message.report_id}.json", copy_name,
                            message.payload)
-        if self.hl7_directory is not None:  # before the row: a report acknowledged has its file (hl7_out)
-            write_hl7(self.hl7_directory, message, write_atomically)
+        if self.on_new_report is not None:  # before the row: a report acknowledged has its HL7 (hl7_out)
+            self.on_new_report(message)
         with self._db:
             self._db.execute(
                 "INSERT INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

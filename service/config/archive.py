@@ -42,6 +42,19 @@ class ArchiveConfig(BaseModel):
         "written there as an HL7 v2.5.1 ORU^R01 message, <report_id>.hl7, whole (temporary file, fsync, "
         "rename) before it is acknowledged; none: no HL7 output (docs/HL7.md).",
     )
+    hl7_mllp: str | None = Field(
+        default=None, pattern=r"^\S+:[0-9]{1,5}$",
+        title="HL7 MLLP receiver",
+        description="HOST:PORT of a lab system's MLLP listener: each specimen report the archive stores is "
+        "also sent there as an HL7 v2.5.1 ORU^R01 message and acknowledged to the broker only once the "
+        "receiver answers AA or CA; until then it is held and sent again every retry_s (docs/HL7.md).",
+    )
+    hl7_mllp_timeout_s: float = Field(
+        default=10.0, gt=0, le=300,
+        title="MLLP ACK timeout (s)",
+        description="Seconds to connect to the MLLP receiver and to wait for its ACK before the report is "
+        "held and sent again.",
+    )
     session_expiry_s: int = Field(
         default=DEFAULT_SESSION_EXPIRY_S, ge=60, le=0xFFFFFFFF,
         title="Session expiry (s)",

@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _archive_parser(sub) -> None:
     """`archive` (the daemon), `archive find`, `archive show`."""
-    ar = sub.add_parser("archive", help="keep every station's reports on disk and find them by specimen",
+    ar = sub.add_parser("archive", allow_abbrev=False, help="keep every station's reports on disk and find them by specimen",
                         description="Without a subcommand: subscribe to every station's reports and FHIR "
                         "bundles (persistent session, QoS 1) and store each one durably under --dir, "
                         "acknowledged only once on disk (docs/ARCHIVE.md). `archive find` and `archive show` "
@@ -290,6 +290,10 @@ def _archive_parser(sub) -> None:
     ar.add_argument("--hl7-dir", type=Path, default=None,
                     help="also write each specimen report stored as an HL7 v2.5.1 ORU^R01 message, "
                     "<report_id>.hl7, into this folder (an interface engine's input; docs/HL7.md)")
+    ar.add_argument("--hl7-mllp", default=None, metavar="HOST:PORT",
+                    help="also send each specimen report stored as an HL7 v2.5.1 ORU^R01 message over MLLP to "
+                    "this listener; a report is acknowledged to the broker only once it answers AA or CA, "
+                    "else held and sent again (docs/HL7.md)")
     ar.set_defaults(func=_lazy("archive", "cmd_archive"))
     asub = ar.add_subparsers(dest="archive_command", parser_class=_Parser, metavar="{find,show}",
                              help="find: list archived reports; show: print one (none: run the archive)")

@@ -81,7 +81,14 @@ def _config(args: argparse.Namespace) -> ArchiveConfig:
     tls_config = MqttTlsConfig(ca_file=args.ca_file, certfile=args.certfile, keyfile=args.keyfile) if tls else None
     mqtt = MqttConfig(host=host, port=port, client_id=args.client_id, username=args.username, tls=tls_config,
                       topic_prefix=args.topic_prefix)
-    return ArchiveConfig(mqtt=mqtt, directory=_directory(args), hl7_directory=args.hl7_dir)
+    if args.hl7_mllp is not None:
+        from smearscope.service.hl7.mllp import parse_address
+
+        try:
+            parse_address(args.hl7_mllp)
+        except ValueError:
+            raise ValueError(f"--hl7-mllp {args.hl7_mllp!r} is not HOST:PORT (the lab system's MLLP listener)") from None
+    return ArchiveConfig(mqtt=mqtt, directory=_directory(args), hl7_directory=args.hl7_dir, hl7_mllp=args.hl7_mllp)
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
@@ -187,7 +194,7 @@ def _show_hl7(report_id: str, path: Path, envelope: bytes) -> int:
     from smearscope.service.archive.hl7_out import oru_of
 
     try:
-        _, oru = oru_of(envelope)
+        _, oru, _ = oru_of(envelope)
     except (ValueError, TypeError, AttributeError) as exc:
         return _fail(f"the report {report_id} at {path} cannot be read as a report of this smearscope "
                      f"({type(exc).__name__}: {str(exc)[:300]}): no HL7 message", 1)

@@ -1,0 +1,80 @@
+"""Sending an HL7 message over MLLP (HL7's Minimal Lower Layer Protocol) and waiting for its ACK.
+
+One TCP connection per message: the message framed as `<VT> message <FS><CR>`, then the receiver's
+ACK read up to its `<FS><CR>`. Only an ACK whose MSA-2 is this message's control id and whose
+MSA-1 is AA or CA (accepted) delivers it; anything else (no connection, no answer within the
+timeout, an answer that is no ACK of this message, AE/AR/CE/CR) raises `NotAcknowledged`, an
+OSError, so the archive holds the report as it holds one a full disk refuses, and tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from smearscope.service.hl7.encode import FIELD, SEGMENT_END
+
+logger = logging.getLogger(__name__)
+
+START, END = b"\x0b", b"\x1c\x0d"
+ACCEPTED = ("AA", "CA")
+#: An ACK larger than this is not one (a receiver that streams something else).
+MAX_ACK_BYTES = 1 << 20
+
+
+class NotAcknowledged(OSError):
+    """The receiver did not acknowledge the message (the text says how; `kind` names the way, so a
+    hold is said again when it changes: `unreachable`, `no-ack`, or the ACK's code)."""
+
+    def __init__(self, text: str, kind: str = "no-ack") -> None:
+        super().__init__(text)
+        self.kind = kind
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """(host, port) of HOST:PORT; ValueError otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _ack_of(data: bytes) -> tuple[str, str, str]:
+    """(MSA-1, MSA-2, MSA-3) of an ACK; NotAcknowledged when there is no MSA."""
+    text = data.decode("utf-8", errors="replace")
+    for seg in text.replace("\n", SEGMENT_END).split(SEGMENT_END):
+        if seg.startswith("MSA" + FIELD):
+            fields = seg.split(FIELD) + ["", "", ""]
+            return fields[1], fields[2], fields[3]
+    raise NotAcknowledged(f"the answer has no MSA segment: {text[:120]!r}")
+
+
+def send(address: tuple[str, int], message: str, control_id: str, timeout_s: float) -> str:
+    """Send `message` and return the ACK's MSA-1 (AA or CA); NotAcknowledged (an OSError) otherwise."""
+    host, port = address
+    where = f"{host}:{port}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as conn:
+            conn.settimeout(timeout_s)
+            conn.sendall(START + message.encode("utf-8") + END)
+            data = b""
+            while not data.endswith(END):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > MAX_ACK_BYTES:
+                    raise NotAcknowledged(f"{where} answered with more than {MAX_ACK_BYTES} bytes, no ACK")
+    except NotAcknowledged:
+        raise
+    except OSError as exc:  # refused, unreachable, timed out (socket.timeout is an OSError)
+        raise NotAcknowledged(f"no ACK from {where} ({type(exc).__name__}: {exc})", "unreachable") from exc
+    if not data.endswith(END):
+        raise NotAcknowledged(f"{where} closed the connection without a whole ACK ({len(data)} bytes)")
+    code, acked, why = _ack_of(data.lstrip(START)[: -len(END)])
+    if acked != control_id:
+        raise NotAcknowledged(f"{where} acknowledged message {acked[:40]!r}, not this one ({control_id})")
+    if code not in ACCEPTED:
+        raise NotAcknowledged(f"{where} answered {code[:4]!r}, not accepted (AA or CA){': ' + why[:200] if why else ''}",
+                              code[:4])
+    return code

@@ -1,0 +1,165 @@
+"""`smearscope archive --hl7-mllp HOST:PORT` against a real mosquitto, the station's own publisher,
+and hl7apy's MLLP server as the lab system: each specimen report goes there as an ORU^R01 message
+and is acknowledged to the broker only once the receiver answers AA; with no receiver, or one that
+answers AE, the report is held (not indexed, not acknowledged) and sent again until it is accepted;
+a report delivered again once stored is not sent again."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, free_port, wait_until
+from hl7apy.mllp import AbstractHandler, MLLPServer
+from test_archive import (
+    SPECIMEN,
+    STATION,
+    Archive,
+    Station,
+    a_report,
+    envelope_of,
+    indexed,
+    raw_client,
+)
+from test_hl7 import parsed
+
+from smearscope.service.hl7.oru import control_id, oru_r01
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+def persistent_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    mosquitto = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
+    mosquitto.start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+class Lis:
+    """hl7apy's MLLP server on a port: validates what it receives, records it, and answers each
+    message with the ACK codes given in turn (then AA)."""
+
+    def __init__(self, port: int, answers: tuple[str, ...] = ()) -> None:
+        self.received: list[str] = []
+        self.answers = list(answers)
+        lis = self
+
+        class Oru(AbstractHandler):
+            def reply(self) -> str:
+                message = self.incoming_message
+                parsed(message)  # strict v2.5.1 ORU_R01, as test_hl7 validates
+                lis.received.append(message)
+                code = lis.answers.pop(0) if lis.answers else "AA"
+                msh10 = message.split("\r", 1)[0].split("|")[9]
+                ack = (f"MSH|^~\\&|LIS|LAB|smearscope|lab-7|20261130091500||ACK^R01^ACK|A{msh10[:19]}|P|2.5.1\r"
+                       f"MSA|{code}|{msh10}|{'mapping missing' if code != 'AA' else ''}\r")
+                return "\x0b" + ack + "\x1c\r"
+
+        self.server = MLLPServer("127.0.0.1", port, {"ORU^R01^ORU_R01": (Oru,)}, timeout=10)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def mllp_archive(tmp_path: Path, port: int, lis_port: int) -> Archive:
+    archive = Archive(tmp_path, port, tmp_path / "archive")
+    archive.argv += ["--hl7-mllp", f"127.0.0.1:{lis_port}"]
+    return archive
+
+
+def test_a_report_is_acknowledged_only_once_the_lab_system_accepted_it(
+        tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
+    lis_port = free_port()
+    archive = mllp_archive(tmp_path, persistent_broker.port, lis_port)
+    station = Station(tmp_path, persistent_broker.port)
+    lis: Lis | None = None
+    try:
+        archive.start()
+        first = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+        station.publish(first)  # no receiver listening yet
+        assert wait_until(lambda: "NOT acknowledged" in archive.text(), 30), archive.text()
+        assert f"no ACK from 127.0.0.1:{lis_port}" in archive.text()
+        assert indexed(tmp_path / "archive") == 0
+        lis = Lis(lis_port, answers=("AE",))  # up, but its first answer refuses the message
+        assert wait_until(lambda: indexed(tmp_path / "archive") == 1, 60), archive.text()
+        assert "answered 'AE', not accepted (AA or CA): mapping missing" in archive.text()
+        assert lis.received == [oru_r01(first)] * 2  # refused, then sent again the same
+        assert "storing again" in archive.text()
+
+        verified = a_report("run-1", SPECIMEN, 1_796_000_200.0, supersedes=first.report_id)
+        station.publish(verified)
+        assert wait_until(lambda: indexed(tmp_path / "archive") == 2, 30), archive.text()
+        assert lis.received[-1] == oru_r01(verified) and len(lis.received) == 3
+        assert parsed(lis.received[-1]).msh.msh_10.value == control_id(verified.report_id)
+
+        with raw_client(persistent_broker.port) as client:  # delivered again once stored: not sent again
+            client.publish(f"smearscope/{STATION}/report", envelope_of(first), qos=1).wait_for_publish(10)
+        assert wait_until(lambda: "was archived already" in archive.text(), 30), archive.text()
+        assert len(lis.received) == 3
+    finally:
+        archive.stop()
+        station.stop()
+        if lis is not None:
+            lis.stop()
+
+
+def test_a_report_held_for_the_lab_system_survives_a_killed_archive(
+        tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
+    lis_port = free_port()
+    archive = mllp_archive(tmp_path, persistent_broker.port, lis_port)
+    station = Station(tmp_path, persistent_broker.port)
+    lis: Lis | None = None
+    try:
+        archive.start()
+        report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+        station.publish(report)
+        assert wait_until(lambda: "NOT acknowledged" in archive.text(), 30), archive.text()
+        archive.kill()  # had it acknowledged before the lab system had it, the report would be lost now
+        lis = Lis(lis_port)
+        archive.start()
+        assert wait_until(lambda: indexed(tmp_path / "archive") == 1, 30), archive.text()
+        assert lis.received == [oru_r01(report)]
+    finally:
+        archive.stop()
+        station.stop()
+        if lis is not None:
+            lis.stop()
+
+
+@pytest.mark.parametrize(("answer", "accepted"), [
+    ("MSA|CA|{id}", "CA"),                      # commit accept (enhanced mode): the receiver has it
+    ("MSA|AA|SOMEONE-ELSES-ID", None),         # an ACK of another message
+    ("MSA|AR|{id}|bad structure", None),       # rejected
+    ("no ACK at all", None),                   # an answer without MSA
+    (None, None),                              # the connection closed without an answer
+])
+def test_send_takes_only_an_accepting_ack_of_this_very_message(answer: str | None, accepted: str | None) -> None:
+    from smearscope.service.hl7.mllp import NotAcknowledged, send
+
+    class Answer(AbstractHandler):
+        def reply(self) -> str:
+            if answer is None:
+                raise RuntimeError("hang up")  # hl7apy's server closes the connection
+            msh10 = self.incoming_message.split("\r", 1)[0].split("|")[9]
+            return "\x0b" + "MSH|^~\\&|LIS|LAB|||20261130091500||ACK|1|P|2.5.1\r" + answer.format(id=msh10) + "\r\x1c\r"
+
+    report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    port = free_port()
+    server = MLLPServer("127.0.0.1", port, {"ORU^R01^ORU_R01": (Answer,)}, timeout=5)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        if accepted is not None:
+            assert send(("127.0.0.1", port), oru_r01(report), control_id(report.report_id), 5) == accepted
+        else:
+            with pytest.raises(NotAcknowledged):
+                send(("127.0.0.1", port), oru_r01(report), control_id(report.report_id), 5)
+    finally:
+        server.shutdown()
+        server.server_close()
