@@ -54,8 +54,8 @@ def read(component) -> str:  # type: ignore[no-untyped-def]
     return unescaped(component.children[0].value.value)
 
 
-def verified(report: Report, signed_again: bool = False) -> Report:
-    v = Verification(verified_by="AB", verified_at=report.created_at + 60, supersedes=report.report_id,
+def verified(report: Report, signed_again: bool = False, signer: str = "AB") -> Report:
+    v = Verification(verified_by=signer, verified_at=report.created_at + 60, supersedes=report.report_id,
                      typed_cells=4, reclassified=[], supersedes_verified_by="CD" if signed_again else None,
                      supersedes_verified_at=report.created_at + 30 if signed_again else None)
     return report.model_copy(update={"report_id": report.report_id + "-v", "verification": v})
@@ -144,8 +144,7 @@ def test_hostile_specimen_ids_flags_and_signatures_cannot_break_the_message() ->
              Flag(code="many_unidentified_wbc", severity="warning", message=HOSTILE)]
     report = graded_report(flags).model_copy(update={"specimen_id": HOSTILE, "run_id": HOSTILE,
                                                      "station_id": "lab|7^x"})
-    report = verified(report.model_copy(update={"report_id": "r|1"}))
-    report.verification.__dict__["verified_by"] = HOSTILE  # frozen model: as a station could sign
+    report = verified(report.model_copy(update={"report_id": "r|1"}), signer=HOSTILE)
     message = oru_r01(report)
     msg = parsed(message)
     names = [s.split("|")[0] for s in message.split("\r") if s]
