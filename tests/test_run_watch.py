@@ -86,8 +86,9 @@ def test_the_run_state_is_subscribed_before_the_drain_loop_can_see_the_connectio
         def drop_out_messages(self) -> list[object]:
             return []
 
-        def subscribe(self, topic: str, *args: object, **kwargs: object) -> None:
+        def subscribe(self, topic: str, *args: object, **kwargs: object) -> tuple[int, int]:
             calls.append(("subscribe", topic if isinstance(topic, str) else str(topic), publisher.state.connected))
+            return 0, len(calls)  # paho's (result, packet id)
 
         def publish(self, topic: str, *args: object, **kwargs: object) -> None:
             calls.append(("publish", topic, publisher.state.connected))

@@ -104,7 +104,7 @@ class ConnectionEvents:
         # before the drain loop can see the connection: a run state of its backlog sent ahead of
         # this subscription would come back as the retained one, hiding the broker's (run_watch)
         if self.run_watch.listening:
-            client.subscribe(self.run_watch.topic, qos=0)
+            self.run_watch.subscribing(client.subscribe(self.run_watch.topic, qos=0)[1])
         self.echo.connected(client, self._protocol == MQTTProtocolVersion.MQTTv311)  # its own messages back
         self._connected_at = time.monotonic()
         self._failures_said.clear()  # the next outage is news

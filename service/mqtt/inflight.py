@@ -18,6 +18,8 @@ reconnect (the broker's limit may have changed). So is a message the broker refu
 parked while it is tried again, and is said again only when what the station knows of it changed
 (refused by the broker rather than over the announced limit, its size, the connection's limit):
 a broker restarted with the same limit refuses it at every reconnect, and one line says that.
+So is a message `hold` keeps back (a run the broker shows further along: service.mqtt.run_watch),
+until it no longer does.
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ class InFlight:
         self._parked_said: dict[int, tuple[str, int, int | None]] = {}
         #: Told (seq, topic) of each acknowledged message (service.mqtt.echo_watch), on the drain thread.
         self.on_acked: Callable[[int, str], None] | None = None
+        #: Messages not to send now (parked too): a run the broker shows further along (service.mqtt.run_watch).
+        self.hold: Callable[[OutboxMessage], bool] | None = None
 
     def __len__(self) -> int:
         return len(self._seq_by_mid)
@@ -165,6 +169,10 @@ class InFlight:
                 if (message.seq in self._seqs or message.seq in self._acked_undeleted
                         or (message.seq in self.parked and not retry)):
                     cursor = message.seq  # sent after a failed-ack rewind, already delivered, or parked
+                    continue
+                if self.hold is not None and self.hold(message):
+                    self.parked[message.seq] = publish_packet_size(message, None)
+                    cursor = message.seq
                     continue
                 props = properties(message)
                 if self._too_large(message, props):

@@ -103,7 +103,8 @@ class MqttPublisher(ConnectionEvents):
         self.cells_topic = f"{base}/cells"
         self.telemetry_topic = f"{base}/telemetry"
         self.twins = TwinWatch(station_id, self.telemetry_topic, self.instance)
-        self.run_watch = RunStateWatch(station_id, f"{base}/run")  # a state older than the broker's
+        self.run_watch = RunStateWatch(station_id, f"{base}/run",  # a state older than the broker's
+                                       wake=lambda: self._wake.set())
         self.command_filter = f"{base}/cmd/#"
         self._command_prefix = f"{base}/cmd/"
         self._response_prefix = f"{base}/cmd_response/"
@@ -129,6 +130,7 @@ class MqttPublisher(ConnectionEvents):
         #: MQTT 3.1.1: its own messages come back, or the broker dropped what it acknowledged.
         self.echo = EchoWatch((self.field_topic, self.report_topic, self.cells_topic), config.username, config.address)
         self._inflight.on_acked = self.echo.acked
+        self._inflight.hold = self.run_watch.holds  # a run the broker shows further along: parked
         self._commands = CommandWorker(on_command, self._respond, self._stop_workers, tick_s=_DRAIN_TICK_S)
         self._paho_logger = logger.getChild("paho")  # filterable apart from ours
         self._threads: list[threading.Thread] = []
@@ -336,6 +338,7 @@ class MqttPublisher(ConnectionEvents):
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
                       properties: Properties | None) -> None:
+        self.run_watch.on_subscribe(client, userdata, mid, reason_codes, properties)
         self.echo.on_subscribe(client, mid, reason_codes)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -386,7 +389,7 @@ class MqttPublisher(ConnectionEvents):
                 if epoch != epoch_seen or (rewind_at is not None and time.monotonic() >= rewind_at):
                     # New connection or retry due: start over from the oldest unacked message.
                     epoch_seen, cursor, rewind_at = epoch, 0, None
-                if not connected:
+                if not connected or not self.run_watch.may_send():  # first: the broker's retained run state
                     continue
                 if time.monotonic() >= next_expiry:  # every 10 s: expired fields, free pages to the disk
                     next_expiry = time.monotonic() + 10.0  # first: a failure below must not stop the sending

@@ -3,30 +3,46 @@ retained for its station id (`<prefix>/<station>/run`, the last run's) names a r
 state does not hold, or holds with fewer fields. That is a state directory restored from an
 older backup, a new one on a replacement board, or another station under the same id; the runs
 and fields analysed after that state was saved are not in it, and this start cannot tell the
-systems that received them. Read once per process, at its first connection, and said at ERROR."""
+systems that received them. Read once per process, at its first connection, and said at ERROR.
+
+The first connection sends nothing from the outbox until the broker's retained run state is heard
+(or known to be none: the SUBACK of a later subscription came first, the subscription was refused,
+or HEAR_WAIT_S passed). Where that state shows a run of the station's further along (more fields,
+or closed where the station's state still had it open), that run's own messages (its run states,
+its specimen report and that report's FHIR Bundle) are held: parked in the outbox, not sent and not
+deleted, so the shorter report of a restored backup never lands over the complete one. Its field
+and cells messages go on (each is one field's, under its own report id: new data, or a repeat
+consumers drop by message id). Clearing the broker's retained run state and starting the station
+again releases them (docs/STATION.md)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import threading
-from collections.abc import Collection, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime, timezone
 from typing import Any
+
+from smearscope.service.mqtt.outbox import OutboxMessage
 
 logger = logging.getLogger(__name__)
 
 #: The most of its own run states the watch remembers (the latest): one per field while the broker
 #: is out of reach, so a station away for weeks does not hold them all.
 OWN_KEPT = 10_000
+#: How long the first connection's sending waits at most for the broker's retained run state (s).
+HEAR_WAIT_S = 5.0
 
 
 class RunStateWatch:
     """The broker's retained run state, compared once with the runs the station's own state holds."""
 
-    def __init__(self, station_id: str, topic: str) -> None:
+    def __init__(self, station_id: str, topic: str, wake: Callable[[], None] = lambda: None) -> None:
         self.station_id = station_id
         self.topic = topic
+        self._wake = wake  # the drain thread, once the outbox may be sent
         self._lock = threading.Lock()
         self.listening = True  # subscribed at each connection until the first message is heard
         self._heard: dict[str, Any] | None = None
@@ -38,6 +54,14 @@ class RunStateWatch:
         #: state; another with as many fields (a previous board's, the station started out of reach
         #: and analysing on) still is.
         self._own: dict[tuple[str, int, object], None] = {}  # in the order stored
+        self._resumed: str | None = None  # the run the station took back open at its start
+        self._settled = False  # the broker's retained run state heard, or known to be none
+        self._run_mid: int | None = None  # the run topic's SUBSCRIBE of this connection
+        self._run_acked = False  # its SUBACK came: the next SUBACK comes after any retained state
+        self._wait_until: float | None = None  # HEAR_WAIT_S after the drain first asked
+        #: run id -> (the broker's state, its fields, the station's fields): runs whose messages are held
+        self.held: dict[str, tuple[str, int, int]] = {}
+        self._held_reports: set[str] = set()  # report ids of held specimen reports (their FHIR Bundles too)
 
     def heard(self, payload: bytes, retained: bool) -> bool:
         """A message on the run topic (paho's thread); True when the watch has heard what it
@@ -47,6 +71,7 @@ class RunStateWatch:
             if not self.listening:
                 return True
             self.listening = False
+            self._settled = True
             if retained and payload:
                 try:
                     state = json.loads(payload)
@@ -55,6 +80,70 @@ class RunStateWatch:
                 if isinstance(state, dict):
                     self._heard = state.get("body", state) if isinstance(state.get("body"), dict) else state
             self._compare_locked()
+        self._wake()
+        return True
+
+    def subscribing(self, mid: int) -> None:
+        """The run topic subscribed on a new connection (paho's thread), under packet id `mid`."""
+        with self._lock:
+            self._run_mid, self._run_acked = mid, False
+
+    def on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: list[Any], properties: Any) -> None:
+        """paho's SUBACK callback. The broker sends the run topic's retained state (if any) before the
+        SUBACK of a subscription made after it (mosquitto: in the order it reads them); a refused
+        subscription (no read permission) brings none."""
+        with self._lock:
+            if self._settled or self._run_mid is None:
+                return
+            if mid == self._run_mid:
+                self._run_acked = True
+                if all(getattr(code, "is_failure", False) for code in reason_codes):
+                    logger.warning("the broker refused this station's subscription to %s (%s): an older state "
+                                   "restored cannot be told; its account must read that topic "
+                                   "(config/mosquitto.acl.example)", self.topic,
+                                   ", ".join(str(code) for code in reason_codes))
+                    self._settled = True
+            elif self._run_acked:
+                self._settled = True  # no retained run state on the broker (it would have come by now)
+            settled = self._settled
+        if settled:
+            self._wake()
+
+    def may_send(self) -> bool:
+        """Whether the outbox may be sent (the drain thread, connected): not before the broker's
+        retained run state is heard, known to be none, or HEAR_WAIT_S has passed."""
+        with self._lock:
+            if self._settled:
+                return True
+            now = time.monotonic()
+            if self._wait_until is None:
+                self._wait_until = now + HEAR_WAIT_S
+            if now < self._wait_until:
+                return False
+            self._settled = True
+        logger.warning("no retained run state heard on %s within %.0f s of the first connection: the outbox is "
+                       "sent without it", self.topic, HEAR_WAIT_S)
+        return True
+
+    def holds(self, message: OutboxMessage) -> bool:
+        """Whether an outbox message is one of a run the broker shows further along (parked, not sent)."""
+        if not self.held:
+            return False
+        if message.topic == self.topic:  # a run state: its report id is its run id
+            return message.report_id in self.held
+        if message.report_id in self._held_reports:  # a held report's FHIR Bundle
+            return True
+        if message.kind != "report":  # field and cells messages go on
+            return False
+        try:
+            body = json.loads(message.payload).get("body")
+        except (ValueError, AttributeError):
+            return False
+        run_id = body.get("run_id") if isinstance(body, dict) else None
+        if run_id not in self.held:
+            return False
+        with self._lock:
+            self._held_reports.add(message.report_id)
         return True
 
     def stored(self, payload: bytes) -> None:
@@ -72,12 +161,13 @@ class RunStateWatch:
                 if len(self._own) > OWN_KEPT:
                     del self._own[next(iter(self._own))]
 
-    def known(self, runs: Mapping[str, int], closed_now: Collection[str] = ()) -> None:
+    def known(self, runs: Mapping[str, int], closed_now: Collection[str] = (), resumed: str | None = None) -> None:
         """The runs the station's state holds at its start (run id -> fields), the open one among
-        them, and those this start closed (left open by the previous process)."""
+        them, those this start closed (left open by the previous process) and the one it took back."""
         with self._lock:
             self._known = dict(runs)
             self._closed_now = tuple(closed_now)
+            self._resumed = resumed
             self._compare_locked()
 
     def _compare_locked(self) -> None:
@@ -89,8 +179,13 @@ class RunStateWatch:
         fields = progress.get("fields")
         if not isinstance(run_id, str) or not isinstance(fields, int):
             return
-        if (run_id in known and fields <= known[run_id]) or (run_id, fields, state.get("updated_at")) in self._own:
-            return  # this station's own last state (of this process too), or an older one the broker kept
+        if (run_id, fields, state.get("updated_at")) in self._own:
+            return  # this station's own last state (of this process too)
+        left_open = run_id in self._closed_now or run_id == self._resumed  # open in the state this start read
+        behind = run_id in known and (fields > known[run_id] or (
+            fields == known[run_id] and left_open and state.get("state") == "closed"))
+        if run_id in known and not behind:
+            return  # an older state of this station's the broker kept
         self.newer = state
         updated = state.get("updated_at")
         when = (datetime.fromtimestamp(updated, timezone.utc).isoformat(timespec="seconds")
@@ -99,10 +194,16 @@ class RunStateWatch:
                 else f"does not hold it (it holds {len(known)} run{'' if len(known) == 1 else 's'})")
         gone = (f"; run {run_id} is open there: this station will send no specimen report for it"
                 if state.get("state") == "open" and run_id not in known else "")
-        closed = [r for r in self._closed_now if r in known]
+        closed = [r for r in self._closed_now if r in known and r != run_id]
         again = (f"; the runs this start closed ({', '.join(closed)}, end reason restart) may have been reported "
                  "whole before: their reports from this start count only the fields this state holds, under new "
                  "report ids" if closed else "")
+        if behind:
+            self.held[run_id] = (str(state.get("state")), fields, known[run_id])
+            again += (f"; run {run_id}'s run states, specimen report and FHIR Bundle from this state are held: parked "
+                      "in the outbox, not sent and not deleted, so they do not replace what the broker shows (its "
+                      "field messages go on). Where this state is the right one, clear the broker's retained run "
+                      f"state (mosquitto_pub -r -n -t {self.topic}) and start the station again: it sends them then")
         logger.error(
             "the broker holds run %s of station %s (%s, %d fields, updated %s) and this station's state %s: the "
             "state is older than what this station id published (restored from an older backup, a new state on a "

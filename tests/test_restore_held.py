@@ -1,0 +1,153 @@
+"""A station restored from an older backup, whose open run the broker already shows further along:
+the shorter report of that run is held in the outbox, not sent over the complete one, until the
+operator clears the broker's retained run state (service.mqtt.run_watch). A real mosquitto, the
+station in child processes killed and restored as a clinic's board would be."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, Received, Subscriber, wait_until
+from test_daemon import STATION, oracle_pool, write_station
+from test_daemon_faults import DaemonProcess
+from test_restore import _folder_source, _png
+
+pytestmark = [pytest.mark.broker, pytest.mark.faults]
+
+BASE = f"smearscope/{STATION}"
+
+
+def _reports(messages: list[Received], run_id: str) -> list[dict[str, Any]]:
+    """The specimen reports of `run_id` among messages received (their bodies), in arrival order."""
+    bodies = [json.loads(m.payload)["body"] for m in list(messages) if m.topic == f"{BASE}/report"]
+    return [b for b in bodies if b.get("run_id") == run_id]
+
+
+def _run_state(m: Received) -> dict[str, Any]:
+    state = json.loads(m.payload)
+    return state.get("body", state) if isinstance(state.get("body"), dict) else state
+
+
+def _retained_run_state(port: int) -> dict[str, Any] | None:
+    """The run state the broker keeps retained for the station now (a fresh subscription's)."""
+    fresh = Subscriber(port, "observer", MQTT_USERS["observer"], [f"{BASE}/run"])
+    try:
+        fresh.wait_ready()
+        # the retained state, if any, comes before the SUBACK of a second subscription (mosquitto)
+        fresh.subscribed.clear()
+        fresh.client.subscribe(f"{BASE}/status", qos=1)
+        assert fresh.subscribed.wait(5)
+        retained = [m for m in fresh.on_topic(f"{BASE}/run") if m.retain and m.payload]
+        return _run_state(retained[-1]) if retained else None
+    finally:
+        fresh.close()
+
+
+def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_and_released_on_request(
+    tmp_path: Path, credentials_dir: Path,
+) -> None:
+    """A station analyses 3 fields of a run and its state is saved; it goes on to 6 fields and stops
+    (the run's report with 6 fields goes out, the broker keeps 'closed, 6'). The saved state,
+    restored and started past the idle timeout, closes the run again with its 3 fields (end reason
+    restart) under a new report id. That report and that run state are parked in the outbox: the
+    observer receives no 3-field report, the broker still keeps 'closed, 6', status counts them as
+    parked, the outbox still holds them, and one ERROR says the run, both counts and how to release.
+    Cleared the broker's retained run state, the next start sends them."""
+    inbox = tmp_path / "state" / "inbox"
+    inbox.mkdir(parents=True)
+    pool = tmp_path / "pool.pkl"
+    pool.write_bytes(pickle.dumps(list(oracle_pool())))
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
+    broker.start()
+    idle_s = 3.0
+    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"],
+                          [f"{BASE}/report", f"{BASE}/run", f"{BASE}/cmd_response/#"])
+    try:
+        observer.wait_ready()
+        config = write_station(tmp_path, broker.port, source=_folder_source(inbox),
+                               specimen={"target_wbc_count": 1000, "idle_timeout_s": idle_s})
+        first = DaemonProcess(config, pool)
+        for i in range(3):
+            (inbox / f"f{i:02d}.png").write_bytes(_png(3300 + i))
+        assert wait_until(lambda: len(first.stored()) >= 3 and not any(inbox.glob("*.png")), 30), first.lines[-20:]
+        first.signal(signal.SIGKILL)
+        first.wait(10)
+        shutil.copytree(tmp_path / "state", tmp_path / "backup")  # saved with its run open at 3 fields
+
+        went_on = DaemonProcess(config, pool)
+        for i in range(3, 6):
+            (inbox / f"f{i:02d}.png").write_bytes(_png(3300 + i))
+        assert observer.wait_for(lambda ms: any(
+            m.topic == f"{BASE}/run" and _run_state(m)["progress"]["fields"] == 6 for m in ms), 60), went_on.lines[-20:]
+        run_id = _run_state(observer.on_topic(f"{BASE}/run")[-1])["run_id"]
+        went_on.signal(signal.SIGTERM)  # its report goes out with 6 fields
+        assert went_on.wait(60) == 0, went_on.lines[-20:]
+        assert [r["fields_analyzed"] for r in _reports(observer.messages, run_id)] == [6]
+        assert (_retained_run_state(broker.port) or {}).get("state") == "closed"
+        time.sleep(idle_s + 1)  # restored past the idle timeout: the run is closed at the start
+
+        shutil.rmtree(tmp_path / "state")
+        shutil.copytree(tmp_path / "backup", tmp_path / "state")
+        restored = DaemonProcess(config, pool)
+        try:
+            def command(name: str) -> dict[str, Any]:
+                before = len(observer.on_topic(f"{BASE}/cmd_response/{name}"))
+                observer.client.publish(f"{BASE}/cmd/{name}", "{}", qos=1)
+                assert observer.wait_for(
+                    lambda ms: sum(m.topic == f"{BASE}/cmd_response/{name}" for m in ms) > before, 15)
+                return json.loads(observer.on_topic(f"{BASE}/cmd_response/{name}")[-1].payload)
+
+            said_held = lambda: [ln for ln in restored.lines if "ERROR smearscope.service.mqtt.run_watch" in ln]
+            assert wait_until(lambda: bool(said_held()), 30), restored.lines[-20:]  # connected and subscribed
+            # the drain has passed the run's report and run state (parked), or sent the shorter report
+            shorter = lambda: [r for r in _reports(observer.messages, run_id) if r["fields_analyzed"] != 6]
+            assert wait_until(lambda: bool(shorter()) or (command("status").get("broker") or {}).get("parked", 0) >= 2,
+                              30), restored.lines[-20:]
+            assert not shorter(), shorter()  # no report of 3 fields over the one of 6
+            status = command("status")
+            assert status["broker"]["parked"] >= 2, status
+            assert status["broker"]["in_flight"] == 0 and status["outbox"]["reports"] >= 1, status
+            stored = [ln for ln in restored.lines if "stored report message" in ln and f"run={run_id}" in ln]
+            assert stored and "closed: restart" in stored[0], restored.lines[-30:]
+            said = said_held()
+            assert len(said) == 1, said
+            assert f"the broker holds run {run_id} of station {STATION} (closed, 6 fields, updated " in said[0]
+            assert "this station's state holds it with 3 fields" in said[0], said
+            assert "are held: parked in the outbox, not sent and not deleted" in said[0], said
+            assert f"mosquitto_pub -r -n -t {BASE}/run" in said[0], said
+        finally:
+            restored.signal(signal.SIGTERM)
+            assert restored.wait(60) == 0
+        assert [r["fields_analyzed"] for r in _reports(observer.messages, run_id)] == [6], _reports(observer.messages, run_id)
+        kept = _retained_run_state(broker.port) or {}
+        assert kept.get("run_id") == run_id and kept["progress"]["fields"] == 6, kept
+
+        # the operator decides the restored state is the right one: the broker's retained run state cleared
+        operator = Subscriber(broker.port, "station", MQTT_USERS["station"], [f"{BASE}/status"], client_id="operator")
+        try:
+            operator.wait_ready()
+            operator.client.publish(f"{BASE}/run", b"", qos=1, retain=True).wait_for_publish(5)
+        finally:
+            operator.close()
+        released = DaemonProcess(config, pool)
+        try:
+            assert observer.wait_for(lambda ms: 3 in [r["fields_analyzed"] for r in _reports(ms, run_id)], 30), \
+                released.lines[-20:]
+            assert not [ln for ln in released.lines if "ERROR smearscope.service.mqtt.run_watch" in ln]
+            # the broker holds no run state: the later subscription's answer released the outbox, not the bound
+            assert not [ln for ln in released.lines if "no retained run state heard" in ln], released.lines[-30:]
+        finally:
+            released.signal(signal.SIGTERM)
+            assert released.wait(60) == 0
+        kept = _retained_run_state(broker.port) or {}
+        assert kept.get("run_id") == run_id and kept["progress"]["fields"] == 3 and kept["state"] == "closed", kept
+    finally:
+        observer.close()
+        broker.stop()
