@@ -112,3 +112,82 @@ def test_a_station_away_from_the_broker_for_weeks_remembers_only_its_latest_run_
     assert len(watch._own) == OWN_KEPT
     assert watch.heard(_state("r-long", OWN_KEPT + 100, updated_at=1764670000.0 + OWN_KEPT + 100), retained=True)
     assert watch.newer is None
+
+
+def test_the_outbox_waits_for_the_retained_run_state_and_a_refused_or_empty_subscription_ends_the_wait(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At the first connection nothing is sent before the broker's retained run state is heard. A
+    subscription the broker refuses (no read permission) ends the wait at once, said at WARNING; so
+    does the answer to a subscription made after the run topic's (the broker had no retained state
+    to send before it); a message heard on the topic ends it too."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from smearscope.service.mqtt.run_watch import RunStateWatch
+
+    granted, refused = ReasonCode(PacketTypes.SUBACK, identifier=0), ReasonCode(PacketTypes.SUBACK, identifier=0x87)
+    woken: list[str] = []
+    refusing = RunStateWatch("lab-7", "smearscope/lab-7/run", wake=lambda: woken.append("refused"))
+    refusing.subscribing(4)
+    assert not refusing.may_send()
+    with caplog.at_level(logging.WARNING, logger="smearscope.service.mqtt.run_watch"):
+        refusing.on_subscribe(None, None, 4, [refused], None)
+    assert refusing.may_send() and woken == ["refused"]
+    assert "refused this station's subscription to smearscope/lab-7/run" in caplog.text, caplog.text
+
+    empty = RunStateWatch("lab-7", "smearscope/lab-7/run")
+    empty.subscribing(4)
+    empty.on_subscribe(None, None, 5, [granted], None)  # another subscription's, before the run topic's answer
+    assert not empty.may_send()
+    empty.on_subscribe(None, None, 4, [granted], None)
+    assert not empty.may_send()  # a retained state may still come
+    empty.on_subscribe(None, None, 6, [granted], None)  # the commands' answer: none came before it
+    assert empty.may_send()
+
+    heard = RunStateWatch("lab-7", "smearscope/lab-7/run")
+    heard.subscribing(4)
+    heard.on_subscribe(None, None, 4, [granted], None)
+    assert not heard.may_send()
+    heard.heard(_state("r-1", 3), retained=True)
+    assert heard.may_send()
+
+
+def test_the_messages_of_a_run_the_broker_shows_closed_and_further_along_are_held_its_fields_go_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker keeps r-1 closed at 6 fields, the restored state closed it at this start with 3:
+    its run state, its specimen report and that report's FHIR Bundle (same report id) are held; its
+    field and cells messages, and another run's report, are not. Closed with as many fields as
+    the state held open is held too; an older state of the broker (fewer fields) holds nothing."""
+    from smearscope.service.mqtt.outbox import OutboxMessage
+    from smearscope.service.mqtt.run_watch import RunStateWatch
+
+    def message(kind: str, topic: str, report_id: str, body: dict[str, object]) -> OutboxMessage:
+        payload = json.dumps({"kind": kind, "report_id": report_id, "body": body}).encode()
+        return OutboxMessage(1, kind, topic, payload, 1, False, report_id, "m", "application/json", "1", 0.0, 0)  # type: ignore[arg-type]
+
+    watch = RunStateWatch("lab-7", "smearscope/lab-7/run")
+    watch.known({"r-0": 4, "r-1": 3}, closed_now=["r-1"])
+    with caplog.at_level(logging.ERROR, logger="smearscope.service.mqtt.run_watch"):
+        watch.heard(_state("r-1", 6, state="closed"), retained=True)
+    assert watch.held == {"r-1": ("closed", 6, 3)}
+    assert len(caplog.records) == 1 and "this station's state holds it with 3 fields" in caplog.text
+    assert "are held: parked in the outbox" in caplog.text and "mosquitto_pub -r -n -t smearscope/lab-7/run" in caplog.text
+    assert watch.holds(message("field", watch.topic, "r-1", {}))
+    assert watch.holds(message("report", "smearscope/lab-7/report", "rep-3", {"run_id": "r-1"}))
+    assert watch.holds(message("report", "smearscope/lab-7/fhir", "rep-3", {"resourceType": "Bundle"}))
+    assert not watch.holds(message("field", "smearscope/lab-7/field", "f-1", {"run_id": "r-1"}))
+    assert not watch.holds(message("cells", "smearscope/lab-7/cells", "f-1", {"run_id": "r-1"}))
+    assert not watch.holds(message("report", "smearscope/lab-7/report", "rep-0", {"run_id": "r-0"}))
+    assert not watch.holds(message("field", watch.topic, "r-0", {}))
+
+    same = RunStateWatch("lab-7", "smearscope/lab-7/run")
+    same.known({"r-1": 3}, resumed="r-1")  # taken back open at 3; the broker has it closed at 3
+    same.heard(_state("r-1", 3, state="closed"), retained=True)
+    assert same.held == {"r-1": ("closed", 3, 3)}
+
+    older = RunStateWatch("lab-7", "smearscope/lab-7/run")
+    older.known({"r-1": 5}, closed_now=["r-1"])
+    older.heard(_state("r-1", 3), retained=True)  # an older state of its own the broker kept
+    assert not older.held and older.newer is None
