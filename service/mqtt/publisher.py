@@ -223,10 +223,11 @@ class MqttPublisher(ConnectionEvents):
         return True
 
     def wait_until_drained(self, timeout: float) -> bool:
-        """True once the broker has acknowledged every outbox message, within `timeout` seconds (the
-        outbox is then empty, or holds only what a full disk keeps it from deleting: InFlight.undelivered)."""
+        """True once the broker has acknowledged every outbox message it can be sent, within `timeout`
+        seconds (the outbox then holds none, or only what a full disk keeps it from deleting:
+        InFlight.undelivered, and the parked messages: too large, or held back, which no wait sends)."""
         deadline = time.monotonic() + timeout
-        while self._inflight.undelivered()[0]:
+        while self._inflight.undelivered()[0] > len(self._inflight.parked):
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
@@ -241,9 +242,12 @@ class MqttPublisher(ConnectionEvents):
         timeout = self.config.stop_drain_timeout_s if drain_timeout is None else drain_timeout
         drained = self.state.connected and self.wait_until_drained(timeout)
         waiting, kept = self._inflight.undelivered()  # kept: delivered, in the outbox still (a full disk refused their delete)
-        waiting = 0 if drained else waiting
+        parked = min(waiting, len(self._inflight.parked)) if self.state.connected else 0
+        waiting = 0 if drained else waiting - parked
         where = "" if self.state.connected else " (not connected to the broker)"
         for n, what in ((waiting, f"messages still in the outbox{where}; they are sent on next start"),
+                        (parked, "parked messages in the outbox (too large for the broker, or held back); they are "
+                         "tried again at the next start"),
                         (kept, ("delivered messages a full disk kept in the outbox; they are sent again on next start "
                                "(consumers drop repeats by message_id)"))):
             if n > 0:
