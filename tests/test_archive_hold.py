@@ -162,6 +162,67 @@ def test_a_report_coming_again_while_its_archived_copy_is_gone_is_not_written_th
     assert list(outside.rglob("*")) == []
 
 
+def test_a_link_of_a_reports_file_name_leading_out_is_not_written_through(tmp_path: Path) -> None:
+    """A symbolic link put by hand where the report's file goes (`<station>/<month>/<id>.json`), leading
+    out of the archive: the report is held (LinkOutOfArchive, an OSError: the daemon tries again and
+    does not acknowledge), not refused as a path outside the archive (acknowledged, so lost), and the
+    file the link leads to is left as it was."""
+    report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    store = ArchiveStore(tmp_path / "archive")
+    target = tmp_path / "elsewhere.json"
+    target.write_bytes(b"not the archive's\n")
+    try:
+        folder = tmp_path / "archive" / STATION / "2026-11"
+        folder.mkdir(parents=True)
+        (folder / f"{report.report_id}.json").symlink_to(target)
+        with pytest.raises(LinkOutOfArchive, match=f"is a symbolic link to {target}, outside the archive"):
+            store.put_report(read_report(STATION, envelope_of(report)))
+        assert store.report_count() == 0
+    finally:
+        store.close()
+    assert target.read_bytes() == b"not the archive's\n"
+
+
+def test_a_file_of_a_reports_name_that_cannot_be_read_is_kept_and_the_report_stored_beside_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Something of the report's file name that is in no index row and cannot be read as a file (here a
+    folder: IsADirectoryError, as a mode-000 file gives PermissionError): the report goes beside it as
+    `<id>+<digest>.json`, indexed and said at ERROR; what was there is not replaced."""
+    report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    envelope = envelope_of(report)
+    squatter = tmp_path / "archive" / STATION / "2026-11" / f"{report.report_id}.json"
+    squatter.mkdir(parents=True)
+    (squatter / "kept.txt").write_text("kept\n")
+    store = ArchiveStore(tmp_path / "archive")
+    try:
+        with caplog.at_level(logging.ERROR, logger="smearscope.service.archive.store"):
+            stored = store.put_report(read_report(STATION, envelope))
+    finally:
+        store.close()
+    assert stored.new and stored.path.name == f"{report.report_id}+{hashlib.sha256(envelope).hexdigest()[:16]}.json"
+    assert stored.path.read_bytes() == envelope and (squatter / "kept.txt").read_text() == "kept\n"
+    row, _ = lookup(tmp_path / "archive", report.report_id)
+    assert row is not None and row.path == stored.path
+    assert [r.getMessage() for r in caplog.records if "cannot be read (IsADirectoryError" in r.getMessage()]
+
+
+def test_a_leftover_temporary_file_under_a_folder_linked_out_is_not_removed(tmp_path: Path) -> None:
+    """At start the archive removes the temporary files an interrupted write left in its month folders,
+    but not one under a station folder that is a link leading out: that file is not the archive's."""
+    outside = tmp_path / "elsewhere"
+    (outside / "2026-11").mkdir(parents=True)
+    foreign = outside / "2026-11" / ".someone-elses.json.x1y2.tmp"
+    foreign.write_text("someone else's\n")
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "archive" / STATION).symlink_to(outside)
+    own = tmp_path / "archive" / "bench-2" / "2026-11" / ".left.json.a1b2.tmp"
+    own.parent.mkdir(parents=True)
+    own.write_text("interrupted\n")
+    ArchiveStore(tmp_path / "archive").close()
+    assert foreign.read_text() == "someone else's\n"
+    assert not own.exists()  # the archive's own leftover goes
+
+
 def test_a_copy_with_other_content_is_stored_beside_the_first_and_the_first_kept(tmp_path: Path) -> None:
     """The same report id with other content (another message id) was acknowledged and dropped, its
     bundle too with no word; now each goes beside the first as <id>+<digest>, once per content."""
