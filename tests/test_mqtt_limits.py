@@ -365,6 +365,7 @@ def test_a_report_over_the_brokers_message_size_limit_is_parked_and_sent_once_th
         broker._write_config()
         broker.restart()
         assert wait_until(lambda: publisher.outbox.counts().messages == 0, 15), publisher.state
+        assert publisher.state.parked == 0, publisher.state  # delivered: no longer counted as parked
         assert sub.wait_for(lambda m: any(json.loads(x.payload)["report_id"] == "too-big" for x in m), 5)
     finally:
         sub.close()
