@@ -150,3 +150,41 @@ def test_sighup_has_the_station_read_its_password_again_for_its_next_connection(
     finally:
         stop_daemon(daemon, runner)
         broker.stop()
+
+
+def test_a_reload_hands_the_new_password_to_the_client_on_its_network_thread_before_its_next_connect(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+) -> None:
+    """A reload (the daemon's SIGHUP) reads the credential on the daemon's thread. It set the password on
+    the paho client there too, while paho's network thread may be building a CONNECT, which reads the
+    password twice (its length, then its bytes: a change between makes a malformed packet), or reading the
+    files at the same moment and setting an older password after a newer one. Now the client is changed
+    only on its own network thread, just before its next connection attempt: the connection stays, and
+    when mosquitto takes the old password away the station logs in with the new one, never refused."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
+    broker.start()
+    try:
+        publisher = start_publisher(make_config(tmp_path, broker.port), started)
+        assert publisher.wait_until_connected(5)
+        client = publisher._client
+        assert client is not None
+        set_on: list[str] = []
+        set_password = client.username_pw_set
+
+        def recorded(username: str | None, password: str | None = None) -> None:
+            set_on.append(threading.current_thread().name)
+            set_password(username, password)
+
+        client.username_pw_set = recorded  # type: ignore[method-assign]
+        subprocess.run([MOSQUITTO_PASSWD, "-b", str(broker.workdir / "passwd"), "station", "rotated"], check=True)
+        (credentials_dir / "mqtt-password").chmod(0o600)
+        (credentials_dir / "mqtt-password").write_text("rotated\n")
+        publisher.renew_secrets()  # what the daemon's reload does, on its main thread
+        assert publisher.state.connected and publisher.state.connects == 1, publisher.state
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGHUP)  # mosquitto drops the station, whose old password is gone
+        assert wait_until(lambda: publisher.state.connects == 2 and publisher.state.connected, 15), publisher.state
+        assert publisher.state.refusals == 0, publisher.state
+        assert set_on == [f"paho-mqtt-client-{publisher.client_id}"], set_on
+    finally:
+        broker.stop()

@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -121,6 +122,8 @@ class MqttPublisher(ConnectionEvents):
         self._stopping = False
         self._socket_error: str | None = None  # paho's, while no CONNACK yet (paho thread only)
         self._connack_refused = False  # this attempt's CONNACK refused (paho thread only)
+        self._client_password: str | None = None  # the password and renewed TLS context the client has
+        self._client_context: ssl.SSLContext | None = None
         self._failures_said: dict[str, float] = {}  # failure -> when said (connection_events.RESAY_S)
         self._wake = threading.Event()
         self._telemetry_now = threading.Event()  # a (re)connection: the station's state at once, not a period later
@@ -280,7 +283,9 @@ class MqttPublisher(ConnectionEvents):
 
     def _new_client(self) -> mqtt.Client:
         cfg = self.config
-        client = configured_client(cfg, self.client_id, self._protocol, self._secrets.password, self.status_topic)
+        # made from the files as they are now: what the secrets read last is in it (_on_pre_connect)
+        self._client_password, self._client_context = self._secrets.current()
+        client = configured_client(cfg, self.client_id, self._protocol, self._client_password, self.status_topic)
         client.on_log = self._on_log
         client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
@@ -303,24 +308,26 @@ class MqttPublisher(ConnectionEvents):
         )
         return client
 
-    def renew_secrets(self, client: mqtt.Client | None = None) -> None:
-        """Read the password and TLS files again; a change is used from the next connection attempt
-        on (service.mqtt.secrets). Any thread: the daemon's on SIGHUP, paho's before a reconnect."""
-        client = client or self._client
-        if client is None:
-            return
-        password, context = self._secrets.renew()
-        if password is not None:
-            client.username_pw_set(self.config.username, password)
-        if context is not None and isinstance(client, paho_client.StationClient):
-            client.renew_tls(context)
+    def renew_secrets(self) -> None:
+        """Read the password and TLS files again (service.mqtt.secrets): on SIGHUP, the daemon's thread.
+        The client takes a change before its next connection attempt, on its own thread (_on_pre_connect)."""
+        self._secrets.renew()
 
     def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
-        # paho's network thread, before each attempt; the first one uses what the constructor read
+        # paho's network thread, before each attempt; the first one uses what the constructor read.
+        # The client is changed here only: paho reads the password twice while it builds a CONNECT
+        # (its length, then its bytes), and two threads setting it could leave the older one.
         with self._state_lock:
             after_failure = self._state.status in ("refused", "disconnected")
         if after_failure:
-            self.renew_secrets(client)
+            self._secrets.renew()
+        password, context = self._secrets.current()
+        if password != self._client_password:
+            client.username_pw_set(self.config.username, password)
+            self._client_password = password
+        if context is not None and context is not self._client_context and isinstance(client, paho_client.StationClient):
+            client.renew_tls(context)
+            self._client_context = context
 
     def _set_state(self, **changes: Any) -> None:
         with self._state_lock:

@@ -4,9 +4,11 @@ A clinic rotates them while stations run: a renewed client certificate (certbot-
 the new one over the old), a broker moved to a new CA, a password changed on the broker. The
 publisher reads them again before each connection attempt that follows a failure or a lost
 connection (paho's on_pre_connect), and on SIGHUP; a change is used from that attempt on and said
-once at INFO. Files caught half-written (a certificate whose key is not yet replaced) or unreadable
-are said once as a WARNING and the previous ones stay in use, so a rotation never takes away a
-working connection's credentials before the new ones are whole.
+once at INFO. Only the client's network thread hands a change to the client, just before an
+attempt: paho reads the password twice while it builds a CONNECT. Files caught half-written (a
+certificate whose key is not yet replaced) or unreadable are said once as a WARNING and the
+previous ones stay in use, so a rotation never takes away a working connection's credentials before
+the new ones are whole.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class SecretFiles:
             except OSError:  # the client's tls_set_context says it when the publisher starts, as before
                 pass
         self._problems: dict[str, str] = {}  # "password" / "tls" -> the problem said last, said once
+        #: The TLS context of the files read last, once they changed after the start (None before).
+        self.context: ssl.SSLContext | None = None
 
     def _tls_bytes(self) -> tuple[bytes, ...]:
         assert self.config.tls is not None
@@ -64,6 +68,11 @@ class SecretFiles:
         and make a whole one), each None when unchanged or unusable (said once, the old kept)."""
         with self._lock:
             return self._renewed_password(), self._renewed_tls()
+
+    def current(self) -> tuple[str | None, ssl.SSLContext | None]:
+        """The password and the renewed TLS context (None: none since the start) read last."""
+        with self._lock:
+            return self.password, self.context
 
     def _renewed_password(self) -> str | None:
         if self.config.password_credential is None:
@@ -97,6 +106,7 @@ class SecretFiles:
         if context is None:
             return None
         self._tls_read = read
+        self.context = context
         logger.info("MQTT TLS files changed (%s): used from this connection attempt on", names)
         return context
 
