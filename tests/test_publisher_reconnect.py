@@ -58,7 +58,8 @@ def test_a_port_that_never_answers_after_a_refusal_is_said_once(
 ) -> None:
     """mosquitto refuses the station's password; then its port takes connections and never answers
     (a hung broker). The attempts without a CONNACK were not said at all until a connection was made,
-    as the state still said "refused": the journal's last word was the refusal, true no longer."""
+    as the state still said "refused": the journal's last word was the refusal, true no longer. The
+    refusal coming back after that is not said again within 10 minutes (connection_events.RESAY_S)."""
     (credentials_dir / "mqtt-password").chmod(0o600)
     (credentials_dir / "mqtt-password").write_text("not-the-password\n")
     broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
@@ -80,6 +81,15 @@ def test_a_port_that_never_answers_after_a_refusal_is_said_once(
         state = publisher.state
         assert state.status == "disconnected" and state.last_error == silent[0].getMessage(), state
         assert listener.accepted, "the station's attempts reached the listener"
+        # the refusal again: failures that alternate are each said at most once per 10 minutes
+        listener.close()
+        listener = None
+        with caplog.at_level(logging.DEBUG, logger=PUBLISHER_LOG):
+            broker.start()
+            assert wait_until(lambda: publisher.state.refusals >= 2, 30), publisher.state
+        refused = _said(caplog, "refused the connection")
+        assert [r.levelno for r in refused] == [logging.ERROR, *[logging.DEBUG] * (len(refused) - 1)], \
+            [r.getMessage() for r in refused]
     finally:
         if listener is not None:
             listener.close()
