@@ -109,3 +109,23 @@ def test_an_unversioned_index_of_another_layout_is_refused_unchanged(tmp_path: P
     with pytest.raises(IndexVersionError, match="no version number and not the layout of version 1"):
         ArchiveStore(directory)
     assert digest(directory / "index.sqlite") == before
+
+
+def test_an_index_whose_first_start_stopped_between_its_tables_is_completed(tmp_path: Path) -> None:
+    """The index's tables are made one statement at a time at the archive's first start: one stopped
+    there (a power cut, a kill) left `reports` without `bundles`. That index was refused at every later
+    start as "not the layout of version 1 ... not made by smearscope archive", though it was, and empty.
+    Now the missing table is made and the index marked version 1; another layout is still refused."""
+    directory = tmp_path / "a"
+    directory.mkdir()
+    db = sqlite3.connect(directory / "index.sqlite")
+    db.execute("CREATE TABLE reports (report_id TEXT PRIMARY KEY, station TEXT NOT NULL, run_id TEXT, "
+               "specimen_id TEXT, created_at REAL NOT NULL, kind TEXT NOT NULL, schema_version TEXT NOT NULL, "
+               "verified INTEGER NOT NULL, supersedes TEXT, message_id TEXT, path TEXT NOT NULL, "
+               "received_at REAL NOT NULL)")  # the first statement of the archive's schema, as it makes it
+    db.commit()
+    db.close()
+    store = ArchiveStore(directory)
+    store.close()
+    assert user_version(directory / "index.sqlite") == INDEX_VERSION
+    assert rows(directory / "index.sqlite") == []  # both tables there now

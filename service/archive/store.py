@@ -317,7 +317,8 @@ def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
 
 def _version(db: sqlite3.Connection, path: Path) -> int:
     """The index's version (0: none yet, a new index or one made before it had a number, of version
-    1's layout); IndexVersionError for one this smearscope cannot use."""
+    1's layout, or one whose first start stopped before all its tables were made); IndexVersionError
+    for one this smearscope cannot use."""
     version = int(db.execute("PRAGMA user_version").fetchone()[0])
     if version > INDEX_VERSION:
         raise IndexVersionError(f"the archive index {path} is of version {version}, newer than this smearscope's "
@@ -327,8 +328,9 @@ def _version(db: sqlite3.Connection, path: Path) -> int:
     if version == 0:
         tables = {name: tuple(row[1] for row in db.execute(f"PRAGMA table_info({name})"))
                   for name in COLUMNS_V1}
+        # a table missing is made by the schema (a first start stopped between its statements)
         present = {name: columns for name, columns in tables.items() if columns}
-        if present and present != COLUMNS_V1:
+        if any(columns != COLUMNS_V1[name] for name, columns in present.items()):
             raise IndexVersionError(f"the archive index {path} has no version number and not the layout of "
                                     f"version {INDEX_VERSION} ({', '.join(f'{n}: {len(c)} columns' for n, c in present.items())}): "
                                     "not made by smearscope archive; nothing in it was changed")
