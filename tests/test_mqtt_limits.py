@@ -519,14 +519,17 @@ def test_an_expired_or_revoked_client_certificate_is_said_with_what_to_do(
         assert "the station reads them again before its next attempt" in said, said
         assert publisher.outbox.counts().reports == 1, said
 
-        def mid_rotation() -> bool:
-            return any(r.name == "smearscope.service.mqtt.secrets" and "cannot use the [mqtt.tls] files"
-                       in r.getMessage() and "KEY_VALUES_MISMATCH" in r.getMessage() for r in caplog.records)
+        def mid_rotation() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.name == "smearscope.service.mqtt.secrets" and "cannot use the "
+                    "[mqtt.tls] files" in r.getMessage() and "KEY_VALUES_MISMATCH" in r.getMessage()]
 
-        with caplog.at_level(logging.WARNING, logger="smearscope.service.mqtt.secrets"):
+        with caplog.at_level(logging.DEBUG, logger="smearscope.service.mqtt.secrets"):
             shutil.copy(certs["valid"][0], crt)  # caught between the two: said, the old pair kept, read again
-            assert wait_until(mid_rotation, 10), [r.getMessage() for r in caplog.records]
+            assert wait_until(lambda: len(mid_rotation()) >= 2, 10), [r.getMessage() for r in caplog.records]
             shutil.copy(certs["valid"][1], key)
+        # said once as a WARNING, its repeats (each attempt before the key came) at DEBUG
+        said = [r.levelno for r in mid_rotation()]
+        assert said == [logging.WARNING] + [logging.DEBUG] * (len(said) - 1), caplog.text
         assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
         assert publisher.state.connects == 1, publisher.state
     finally:
