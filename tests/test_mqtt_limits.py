@@ -404,6 +404,27 @@ def test_a_report_the_broker_refuses_as_too_large_is_said_once_across_its_restar
         broker.stop()
 
 
+def test_a_parked_field_message_that_expires_is_no_longer_counted_as_parked_after_a_reconnect(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+) -> None:
+    """A field message mosquitto refuses as too large is parked, then expires (field_message_expiry_s)
+    and leaves the outbox: the next connection no longer counts it as parked, nor tries it."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 20000",))
+    broker.start()
+    try:
+        publisher = start_publisher(make_config(tmp_path, broker.port, protocol="5", field_message_expiry_s=1),
+                                    started)
+        assert publisher.wait_until_connected(5)
+        publisher.publish_report("field", "too-big", json.dumps({"cells": "x" * 50_000}).encode(), "1")
+        assert wait_until(lambda: publisher.state.parked == 1, 10), publisher.state
+        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 20), publisher.state  # expired
+        broker.restart()
+        assert wait_until(lambda: publisher.state.connects == 2, 15), publisher.state
+        assert wait_until(lambda: publisher.state.parked == 0, 5), publisher.state
+    finally:
+        broker.stop()
+
+
 def test_a_broker_certificate_from_a_new_ca_says_which_ca_file_and_the_reports_go_once_it_is_replaced(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
 ) -> None:
