@@ -209,8 +209,8 @@ def test_a_message_over_the_packet_limit_is_parked_and_never_blocks_the_queue(
         publisher.outbox.close()
         said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopping with")]
         assert stopped_in < 30, stopped_in
-        assert said == ["stopping with 1 parked messages in the outbox (too large for the broker, or held back); "
-                        "they are tried again at the next start"], said
+        assert said == [("stopping with 1 parked messages in the outbox (too large for the broker, or held back); "
+                        "they are tried again at the next start")], said
     finally:
         sub.close()
         broker.stop()

@@ -249,8 +249,8 @@ class MqttPublisher(ConnectionEvents):
         waiting = 0 if drained else waiting - parked
         where = "" if self.state.connected else " (not connected to the broker)"
         for n, what in ((waiting, f"messages still in the outbox{where}; they are sent on next start"),
-                        (parked, "parked messages in the outbox (too large for the broker, or held back); they are "
-                         "tried again at the next start"),
+                        (parked, ("parked messages in the outbox (too large for the broker, or held back); they are "
+                         "tried again at the next start")),
                         (kept, ("delivered messages a full disk kept in the outbox; they are sent again on next start "
                                "(consumers drop repeats by message_id)"))):
             if n > 0:
