@@ -158,6 +158,64 @@ def test_doctor_beside_a_running_station_it_cannot_log_in_for_says_where_to_see_
 
 
 @pytest.mark.broker
+def test_doctor_says_what_it_waits_for_before_waiting_for_the_running_stations_telemetry_and_no_wait_skips_it(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, started: list[MqttPublisher],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Beside a running station (real mosquitto, a publisher holding the outbox, telemetry every 60 s)
+    doctor prints the line saying what it waits for, and for how long, while it waits: the parked
+    line comes only once the station's next sample does. --no-wait gives an INFO line instead."""
+    import subprocess
+
+    config = make_config(tmp_path, broker.port, telemetry_interval_s=60.0)
+    publisher = start_publisher(config, started, telemetry_source=lambda: {"pipeline": {"fields_analysed": 0}})
+    assert publisher.wait_until_connected(5)
+    doctor_config = tmp_path / "station.toml"
+    doctor_config.write_text(to_toml({
+        "station_id": STATION, "source": {"kind": "simulated"}, "analysis": {"models_dir": str(DEFAULT_MODELS_DIR)},
+        "mqtt": {"host": "127.0.0.1", "port": broker.port, "username": "station",
+                 "password_credential": "mqtt-password", "telemetry_interval_s": 60.0,
+                 "outbox": {"path": str(config.outbox.path)}}}) + "\n")
+
+    main(["doctor", "--config", str(doctor_config), "--no-wait"])
+    out = capsys.readouterr().out
+    assert "waiting up to" not in out, out
+    line = next((x for x in out.splitlines() if x.startswith("INFO  parked")), None)
+    assert line is not None, out
+    assert "not waited for (--no-wait)" in line and "systemctl status smearscope" in line, line
+    assert f"mosquitto_sub -C 1 -t {BASE}/telemetry" in line, line
+
+    proc = subprocess.Popen([sys.executable, "-m", "smearscope", "doctor", "--config", str(doctor_config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        before: list[str] = []
+        for line in proc.stdout:  # as doctor prints them (each flushed)
+            before.append(line.rstrip("\n"))
+            if "parked" in line:
+                break
+        waiting = before[-1]
+        assert waiting == (f"      parked           waiting up to 65 s for station {STATION}'s next telemetry "
+                           f"sample (its parked reports) on {BASE}/telemetry; smearscope doctor --no-wait skips it"), before
+        assert any(x.startswith("OK    broker login") for x in before), before  # the checks before it, already out
+        assert proc.poll() is None  # said while it waits: the station's next sample is 60 s away
+        # the station's next sample (sent again until doctor, subscribed by now, has read one)
+        while proc.poll() is None:
+            publisher.publish_telemetry({"pipeline": {"fields_analysed": 0}})
+            try:
+                proc.wait(0.5)
+            except subprocess.TimeoutExpired:
+                pass
+        rest = proc.stdout.read().splitlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert rest[0].startswith("OK    parked           none: the running station (host "), rest
+    assert "waiting up to" not in "\n".join(rest), rest
+
+
+@pytest.mark.broker
 def test_the_daemons_status_line_and_status_command_count_what_the_broker_refused_as_too_large(
     tmp_path: Path, credentials_dir: Path,
 ) -> None:

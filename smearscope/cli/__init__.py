@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     _archive_parser(sub)
     h = sub.add_parser("doctor", help="check a station: config, models, backend, outbox, broker")
     h.add_argument("--config", type=Path, default=None, help="station TOML (default: the embedded station)")
+    h.add_argument("--no-wait", dest="wait", action="store_false",
+                   help="beside a running station, do not wait for its next telemetry sample (up to "
+                   "telemetry_interval_s + 5 s, 65 s at most) for the messages it holds back: say where to see them")
     h.set_defaults(func=_lazy("doctor", "cmd_doctor"))
 
     m = sub.add_parser("install-models", help="copy the packaged models to a folder, hashes checked")

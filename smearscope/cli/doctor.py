@@ -331,18 +331,29 @@ def memory_checks(config) -> list[Check]:
     return [("OK" if verdict.fits else "WARN", "memory", verdict.text)]
 
 
+def _say(check: Check) -> None:
+    status, what, detail = check
+    print(f"{status:<4}  {what:<16} {detail}", flush=True)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from smearscope.cli.doctor_broker import broker_checks
     from smearscope.cli.doctor_parked import parked_checks
     from smearscope.service.mqtt.wall_clock import clock_before_release, clock_reading
     from smearscope.service.station.scale_record import scale_checks
 
-    checks, config = _config_checks(args.config)
-    checks.insert(0, ("WARN", "clock", wrong) if (wrong := clock_before_release()) else ("OK", "clock", clock_reading()))
+    # each line as it is found: a check that waits (the running station's next telemetry) says so first
+    checks: list[Check] = [("WARN", "clock", wrong) if (wrong := clock_before_release()) else ("OK", "clock", clock_reading())]
+    _say(checks[0])
+    found, config = _config_checks(args.config)
+    for check in found:
+        _say(check)
+    checks += found
     if config is not None:
         analysis, mqtt = config.analysis, config.mqtt  # type: ignore[attr-defined]
         review = config.review  # type: ignore[attr-defined]
         review_free = review.min_free_disk_mb if review.enabled else None
+        waiting = (lambda text: print(f"{'':<4}  {'parked':<16} {text}", flush=True))
         steps: list[Callable[[], list[Check]]] = [
             lambda: model_checks(analysis.models_dir), lambda: open_set_checks(analysis),
             lambda: station_means_checks(analysis, config.microns_per_pixel), lambda: typed_cells_checks(config),
@@ -351,14 +362,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             lambda: memory_checks(config),
             lambda: _outbox_checks(mqtt.outbox.path, review_free), lambda: review_file_checks(config),
             lambda: _credential_checks(mqtt), lambda: broker_checks(mqtt, config_path=args.config),
-            lambda: parked_checks(config)]
+            lambda: parked_checks(config, waiting if args.wait else None)]
         for step in steps:
             try:
-                checks += step()
+                found = step()
             except (ImportError, OSError, RuntimeError, ValueError) as exc:  # a finding, not a crash
-                checks.append(("FAIL", "doctor", f"{type(exc).__name__}: {exc}"))
-    for status, what, detail in checks:
-        print(f"{status:<4}  {what:<16} {detail}")
+                found = [("FAIL", "doctor", f"{type(exc).__name__}: {exc}")]
+            for check in found:
+                _say(check)
+            checks += found
     failed = sum(s == "FAIL" for s, _, _ in checks)
     print(f"{len(checks)} checks: {failed} failed, {sum(s == 'WARN' for s, _, _ in checks)} warnings")
     return 1 if failed else 0

@@ -2,13 +2,14 @@
 (refused by the broker as too large, or held back; service.mqtt.parked), reports the clinic has not
 received. The count lives in the running station's memory: doctor reads it from the station's
 telemetry, which the station's own account may read (config/mosquitto.acl.example), waiting for one
-sample; where it cannot, it says where to look (smearscope.cli.doctor runs it after the broker's)."""
+sample (said before the wait; `--no-wait` skips it); where it cannot, it says where to look (smearscope.cli.doctor runs it after the broker's)."""
 
 from __future__ import annotations
 
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,10 @@ def station_running(outbox_path: Path) -> bool:
         return False
 
 
-def parked_checks(config: Any) -> list[Check]:
-    """The running station's parked messages, from its next telemetry sample; [] when it does not run."""
+def parked_checks(config: Any, announce: Callable[[str], None] | None) -> list[Check]:
+    """The running station's parked messages, from its next telemetry sample, said with `announce`
+    before waiting for it; with `announce` None (doctor --no-wait) not waited for: where to see them
+    instead. [] when the station does not run."""
     from smearscope.service.mqtt.credentials import CredentialError, read_password
 
     mqtt = config.mqtt
@@ -44,10 +47,14 @@ def parked_checks(config: Any) -> list[Check]:
     wait = min(mqtt.telemetry_interval_s + 5.0, WAIT_CAP_S)
     elsewhere = (f"see it in `systemctl status smearscope` (its Status line: 'N messages parked'), the dashboard's "
                  f"card, or one telemetry sample's `parked`: mosquitto_sub -C 1 -t {topic}")
+    if announce is None:
+        return [("INFO", "parked", f"not waited for (--no-wait): the messages the running station holds back; {elsewhere}")]
     try:
         password = read_password(mqtt)
     except CredentialError:
         return [("WARN", "parked", f"not read: the broker password cannot be read here; {elsewhere}")]
+    announce(f"waiting up to {wait:.0f} s for station {config.station_id}'s next telemetry sample (its parked "
+             f"reports) on {topic}; smearscope doctor --no-wait skips it")
     try:
         sample = _next_sample(mqtt, password, topic, wait)
     except (OSError, ValueError) as exc:
