@@ -1,4 +1,5 @@
-"""Finding archived reports: by specimen, run, station and date, the latest per run first.
+"""Finding archived reports: by specimen, run, station and date, the latest per run first, each with
+the copies kept beside it (service.archive.copies).
 
 Within a run the report no other archived report supersedes comes first (a verified report over the
 preliminary one it replaces), then the rest, newest first; runs are ordered by their newest report.
@@ -8,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from smearscope.service.archive.copies import ArchivedCopy, Listing, copies_of, list_folder
 from smearscope.service.archive.store import open_index
 
 logger = logging.getLogger(__name__)
@@ -19,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ArchivedReport:
-    """One index row, with the report that supersedes it (if archived) and its bundle's path."""
+    """One index row, with the report that supersedes it (if archived), its bundle's path and the
+    copies beside its file (None: its folder could not be listed, `copies_error` says why)."""
 
     report_id: str
     station: str
@@ -33,6 +36,8 @@ class ArchivedReport:
     superseded_by: str | None
     path: Path
     fhir_path: Path | None
+    copies: tuple[ArchivedCopy, ...] | None = ()
+    copies_error: str | None = None
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -42,6 +47,7 @@ class ArchivedReport:
             "kind": self.kind, "schema_version": self.schema_version, "verified": self.verified,
             "supersedes": self.supersedes, "superseded_by": self.superseded_by, "current": self.superseded_by is None,
             "path": str(self.path), "fhir_path": str(self.fhir_path) if self.fhir_path else None,
+            "copies": None if self.copies is None else [c.as_json() for c in self.copies],
         }
 
 
@@ -86,6 +92,8 @@ def find(directory: Path, specimen: str | None = None, run: str | None = None, s
         found = [_row(directory, row) for row in db.execute(sql, params)]
     finally:
         db.close()
+    listings: dict[Path, Listing | OSError] = {}  # each folder listed once
+    found = [_with_copies(r, listings) for r in found]
     newest: dict[tuple[str, str], float] = {}
     for r in found:
         key = _run_key(r)
@@ -108,5 +116,19 @@ def lookup(directory: Path, report_id: str) -> tuple[ArchivedReport | None, Path
         bundle = db.execute("SELECT path FROM bundles WHERE report_id = ?", (report_id,)).fetchone()
     finally:
         db.close()
-    return (_row(directory, row) if row is not None else None,
+    return (_with_copies(_row(directory, row), {}) if row is not None else None,
             directory / bundle["path"] if bundle is not None else None)
+
+
+def _with_copies(report: ArchivedReport, listings: dict[Path, Listing | OSError]) -> ArchivedReport:
+    """`report` with the copies beside its file, its folder listed once per `listings`."""
+    folder = report.path.parent
+    if folder not in listings:
+        try:
+            listings[folder] = list_folder(folder)
+        except OSError as exc:
+            listings[folder] = exc
+    listing = listings[folder]
+    if isinstance(listing, OSError):
+        return replace(report, copies=None, copies_error=f"{folder} cannot be listed ({listing.strerror or listing})")
+    return replace(report, copies=copies_of(report.path, report.report_id, listing=listing))

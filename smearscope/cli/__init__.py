@@ -316,6 +316,9 @@ def _archive_parser(sub) -> None:
     shown.add_argument("--fhir", action="store_true", help="print the report's FHIR bundle instead")
     shown.add_argument("--hl7", action="store_true", help="print the report's HL7 v2.5.1 ORU^R01 message instead, "
                        "one segment a line (docs/HL7.md)")
+    ash.add_argument("--copy", type=int, default=None, metavar="N",
+                     help="print copy N of those kept beside the report (received again with other content, or "
+                     "while its file could not be read; `archive find` numbers them); with --fhir its bundle's")
     ash.set_defaults(func=_lazy("archive", "cmd_show"))
 
 

@@ -129,9 +129,19 @@ def cmd_archive(args: argparse.Namespace) -> int:
 def _line(r: ArchivedReport) -> str:
     when = datetime.fromtimestamp(r.created_at, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     state = "current" if r.superseded_by is None else f"superseded by {r.superseded_by}"
+    n = len(r.copies) if r.copies is not None else 0
+    copies = f", {n} cop{'y' if n == 1 else 'ies'} beside it" if n else ""
     return (f"{when}  {r.station}  run {r.run_id or '-'}  specimen {r.specimen_id or '-'}  "
             f"{'verified' if r.verified else 'preliminary'}  {r.report_id}  ({state}"
-            f"{', FHIR' if r.fhir_path else ''})")
+            f"{', FHIR' if r.fhir_path else ''}{copies})")
+
+
+def _copy_lines(r: ArchivedReport) -> list[str]:
+    """`find`'s lines under a report for the copies kept beside its file (`show --copy N` prints one)."""
+    if r.copies is None:
+        return [f"    copies not listed: {r.copies_error}"]
+    return [f"    copy {c.number}  {datetime.fromtimestamp(c.written_at, timezone.utc):%Y-%m-%d %H:%M UTC}  "
+            f"sha256 {c.digest}  {c.size} bytes  {c.path}" for c in r.copies]
 
 
 def cmd_find(args: argparse.Namespace) -> int:
@@ -150,13 +160,14 @@ def cmd_find(args: argparse.Namespace) -> int:
     except (FileNotFoundError, sqlite3.Error) as exc:
         return _fail(str(exc), 1)
     for r in found:
-        print(json.dumps(r.as_json()) if args.json else _line(r))
+        print(json.dumps(r.as_json()) if args.json else "\n".join([_line(r), *_copy_lines(r)]))
     if not found and not args.json:
         print("smearscope archive: no archived report matches", file=sys.stderr)
     return 0 if found else 1
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from smearscope.service.archive.copies import copies_of
     from smearscope.service.archive.message import REPORT_ID
     from smearscope.service.archive.query import lookup
     from smearscope.service.archive.store import IndexVersionError
@@ -174,14 +185,37 @@ def cmd_show(args: argparse.Namespace) -> int:
     what = "FHIR bundle of report" if args.fhir else "report"
     if path is None:
         return _fail(f"no {what} {args.report_id} in the archive at {directory}", 1)
+    if report is not None and not args.fhir:
+        copies, listed = report.copies, report.copies_error
+    else:
+        try:
+            copies, listed = copies_of(path, args.report_id, bundles=True), None
+        except OSError as exc:
+            copies, listed = None, f"{path.parent} cannot be listed ({exc.strerror or exc})"
+    if args.copy is not None:
+        if copies is None:
+            return _fail(f"the copies of the {what} {args.report_id} are not known: {listed}", 1)
+        if not 1 <= args.copy <= len(copies):
+            have = f"1 to {len(copies)}" if copies else "none"
+            return _fail(f"the {what} {args.report_id} has no copy {args.copy} beside it (copies: {have})", 1)
+        chosen = copies[args.copy - 1]
+        print(f"smearscope archive: copy {chosen.number} of {len(copies)} of the {what} {args.report_id}: "
+              f"{chosen.path} (sha256 {chosen.digest}, {chosen.size} bytes)", file=sys.stderr)
+        path = chosen.path
     try:
         data = path.read_bytes()
     except OSError as exc:  # unreadable (permission, an I/O error): copies received later may be beside it
-        suffix = ".fhir.json" if args.fhir else ".json"
-        copies = sorted(str(p) for p in path.parent.glob(f"{args.report_id}+*{suffix}")
-                        if args.fhir or not p.name.endswith(".fhir.json"))
-        return _fail(f"cannot read the {what} {args.report_id} at {path} ({exc.strerror or exc})"
-                     + (f"; copies received later: {', '.join(copies)}" if copies else ""), 1)
+        later = f"; copies received later: {', '.join(str(c.path) for c in copies)} (--copy N prints one)" \
+            if copies and args.copy is None else ""
+        return _fail(f"cannot read the {what} {args.report_id} at {path} ({exc.strerror or exc}){later}", 1)
+    if args.copy is None and copies:
+        n = len(copies)
+        print(f"smearscope archive: {n} cop{'y' if n == 1 else 'ies'} of the {what} {args.report_id} kept beside "
+              f"it (received again with other content, or while this file could not be read): smearscope archive "
+              f"show {args.report_id} --copy N{'' if n == 1 else f' (N 1 to {n})'}{' --fhir' if args.fhir else ''} "
+              "prints one", file=sys.stderr)
+    elif args.copy is None and copies is None:
+        print(f"smearscope archive: copies of the {what} {args.report_id} not looked for: {listed}", file=sys.stderr)
     if args.hl7:
         return _show_hl7(args.report_id, path, data)
     sys.stdout.buffer.write(data + b"\n")
