@@ -212,3 +212,25 @@ def test_verify_reads_the_memory_limits(tmp_path: Path) -> None:
     """Guard against a vacuous pass: a memory limit systemd cannot read is said by the verify."""
     broken = UNIT.read_text().replace("MemoryMax=3G", "MemoryMax=3Q")
     assert "Invalid memory limit '3Q'" in _verify(broken, tmp_path)
+
+
+@needs_analyze
+def test_the_archive_unit_lets_the_archive_write_the_hl7_folder_the_docs_name(tmp_path: Path) -> None:
+    """ProtectSystem=strict leaves the archive its state directory only: the HL7 folder of docs/HL7.md and
+    config/archive.env.example is in ReadWritePaths=, optional ("-": a unit without --hl7-dir starts
+    without it), and `systemd-analyze verify` reads the directive (it names a relative path)."""
+    folder = "/var/spool/smearscope-hl7"
+    d = _directives(ARCHIVE_UNIT.read_text())
+    assert d["Service.ReadWritePaths"] == [f"-{folder}"]
+    assert f"--hl7-dir {folder}" in (REPO / "config" / "archive.env.example").read_text()
+    assert f"--hl7-dir {folder}" in (REPO / "docs" / "HL7.md").read_text()
+    unit = tmp_path / "smearscope-archive.service"
+    text = ARCHIVE_UNIT.read_text().replace("/opt/smearscope/venv/bin/smearscope", "/bin/true")
+    unit.write_text(text)
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0 and "smearscope-archive.service" not in proc.stdout + proc.stderr
+    unit.write_text(text.replace(f"ReadWritePaths=-{folder}", "ReadWritePaths=-var/spool/smearscope-hl7"))
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert "ReadWritePaths= path is not absolute" in proc.stdout + proc.stderr
