@@ -1,6 +1,7 @@
 """The archive's index carries its version (PRAGMA user_version): an index made before it had one
-(tests/data/archive-unversioned, made by the archive of commit 0bdeb98) is marked version 1 in
-place and everything in it is still found; an index of a newer version is refused, naming both
+(tests/data/archive-unversioned, made by the archive of commit 0bdeb98) and one of version 1
+(tests/data/archive-v1, made by the archive of commit 2c4762f) are upgraded in place to version 2
+and everything in them is still found; an index of a newer version is refused, naming both
 versions, exit 2, and left byte for byte as it was."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from smearscope.service.archive.store import INDEX_VERSION, ArchiveStore, IndexV
 
 REPO = Path(__file__).resolve().parents[1]
 MADE_BEFORE = REPO / "tests" / "data" / "archive-unversioned"
+VERSION_1 = REPO / "tests" / "data" / "archive-v1"
 FIRST, VERIFIED = "677c350e-5742-432a-94a7-0cb61535294e", "2954a7b8-d42e-4cfc-a7a8-8cb06e81ecb5"
 
 
@@ -51,7 +53,7 @@ def unversioned(tmp_path: Path) -> Path:
     return directory
 
 
-def test_an_index_made_before_it_had_a_version_is_marked_version_1_in_place_and_still_found(
+def test_an_index_made_before_it_had_a_version_is_upgraded_in_place_and_still_found(
         unversioned: Path, caplog: pytest.LogCaptureFixture) -> None:
     index = unversioned / "index.sqlite"
     assert user_version(index) == 0
@@ -59,7 +61,7 @@ def test_an_index_made_before_it_had_a_version_is_marked_version_1_in_place_and_
     files = {p: digest(p) for p in unversioned.rglob("*.json")}
     with caplog.at_level(logging.INFO):
         ArchiveStore(unversioned).close()
-    assert user_version(index) == INDEX_VERSION == 1
+    assert user_version(index) == INDEX_VERSION == 2
     assert f"the archive index {index} had no version number" in caplog.text
     assert rows(index) == before and {p: digest(p) for p in unversioned.rglob("*.json")} == files
     found = find(unversioned)
@@ -68,20 +70,40 @@ def test_an_index_made_before_it_had_a_version_is_marked_version_1_in_place_and_
     assert found[0].path.is_file()
 
 
-def test_a_new_index_is_version_1(tmp_path: Path) -> None:
+def test_a_version_1_index_is_upgraded_to_2_in_place_and_still_found(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    directory = tmp_path / "archive"
+    shutil.copytree(VERSION_1, directory, ignore=shutil.ignore_patterns("README.md"))
+    index = directory / "index.sqlite"
+    assert user_version(index) == 1
+    before = rows(index)
+    with caplog.at_level(logging.INFO):
+        ArchiveStore(directory).close()
+    assert user_version(index) == 2
+    assert f"the archive index {index} upgraded from version 1 to 2" in caplog.text
+    assert rows(index) == before
+    db = sqlite3.connect(f"{index.as_uri()}?mode=ro", uri=True)
+    try:
+        assert db.execute("SELECT count(*) FROM hl7_deliveries").fetchone()[0] == 0
+    finally:
+        db.close()
+    assert [r.report_id for r in find(directory)] == [VERIFIED, FIRST]
+
+
+def test_a_new_index_is_version_2(tmp_path: Path) -> None:
     ArchiveStore(tmp_path / "a").close()
-    assert user_version(tmp_path / "a" / "index.sqlite") == 1
+    assert user_version(tmp_path / "a" / "index.sqlite") == 2
 
 
 def test_an_index_of_a_newer_version_is_refused_with_both_versions_and_left_as_it_was(
         unversioned: Path, capsys: pytest.CaptureFixture[str]) -> None:
     index = unversioned / "index.sqlite"
     db = sqlite3.connect(index)
-    db.execute("PRAGMA user_version = 2")  # as a newer smearscope would leave it
+    db.execute("PRAGMA user_version = 3")  # as a newer smearscope would leave it
     db.close()
     before = digest(index)
-    said = f"the archive index {index} is of version 2, newer than this smearscope's (version 1)"
-    with pytest.raises(IndexVersionError, match=r"is of version 2, newer than this smearscope's \(version 1\)"):
+    said = f"the archive index {index} is of version 3, newer than this smearscope's (version 2)"
+    with pytest.raises(IndexVersionError, match=r"is of version 3, newer than this smearscope's \(version 2\)"):
         ArchiveStore(unversioned)
     # the archive itself: exit 2 (the unit does not restart it), before any broker is tried; in its
     # own process, with a limit: one that took the index would run on (the broker retried for ever)
@@ -93,7 +115,7 @@ def test_an_index_of_a_newer_version_is_refused_with_both_versions_and_left_as_i
     assert said in capsys.readouterr().err
     assert main(["archive", "show", VERIFIED, "--dir", str(unversioned)]) == 2
     assert said in capsys.readouterr().err
-    assert digest(index) == before and user_version(index) == 2
+    assert digest(index) == before and user_version(index) == 3
     wal = unversioned / "index.sqlite-wal"  # left by SQLite's read-only readers of a WAL index: empty
     assert not wal.exists() or wal.stat().st_size == 0
 

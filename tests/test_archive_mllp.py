@@ -6,6 +6,7 @@ a report delivered again once stored is not sent again."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from test_archive import (
 )
 from test_hl7 import parsed
 
+from smearscope.cli import main
 from smearscope.service.hl7.oru import control_id, oru_r01
 
 pytestmark = pytest.mark.broker
@@ -101,6 +103,19 @@ def test_a_report_is_acknowledged_only_once_the_lab_system_accepted_it(
         with raw_client(persistent_broker.port) as client:  # delivered again once stored: not sent again
             client.publish(f"smearscope/{STATION}/report", envelope_of(first), qos=1).wait_for_publish(10)
         assert wait_until(lambda: "was archived already" in archive.text(), 30), archive.text()
+        assert len(lis.received) == 3
+
+        # the archive recorded its deliveries in the index: sent from it, nothing goes a second time
+        db = sqlite3.connect(f"{(tmp_path / 'archive' / 'index.sqlite').as_uri()}?mode=ro", uri=True)
+        try:
+            assert list(db.execute("SELECT report_id, destination, control_id, sender FROM hl7_deliveries "
+                                   "ORDER BY rowid")) == [
+                (r.report_id, f"mllp:127.0.0.1:{lis_port}", control_id(r.report_id), "archive")
+                for r in (first, verified)]
+        finally:
+            db.close()
+        assert main(["archive", "send-hl7", "--all", "--dir", str(tmp_path / "archive"), "--hl7-mllp",
+                     f"127.0.0.1:{lis_port}"]) == 0
         assert len(lis.received) == 3
     finally:
         archive.stop()

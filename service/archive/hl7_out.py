@@ -8,6 +8,9 @@ CA), is an OSError, and the archive holds the report (unacknowledged, tried agai
 a full disk refuses. An archive that dies before the row is committed gets the report again and
 writes and sends the same message again (the same bytes, the same MSH-10). A report delivered again
 once indexed is neither written nor sent again: the engine may have taken the first file away.
+Each delivery (a file written, a message acknowledged) is recorded in the index with the report's
+row (store.Delivery), so `smearscope archive send-hl7` (service.archive.send_hl7) sends from the index
+only what was not delivered there.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import logging
 from pathlib import Path
 
 from smearscope.service.archive.message import ReportMessage
-from smearscope.service.archive.store import write_atomically
+from smearscope.service.archive.store import Delivery, write_atomically
 from smearscope.service.hl7 import mllp
+from smearscope.service.hl7.header import Addressing
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +33,7 @@ MODE = 0o640
 UNREADABLE = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 
 
-def oru_of(payload: bytes) -> tuple[str, str, str]:
+def oru_of(payload: bytes, addressing: Addressing | None = None) -> tuple[str, str, str]:
     """(the report's kind, its ORU^R01 message, its control id) from an archived envelope; one of
     UNREADABLE when its body is not a report this smearscope reads."""
     # imported here: the report model and the FHIR mapping pull numpy and OpenCV in, which the
@@ -39,39 +43,55 @@ def oru_of(payload: bytes) -> tuple[str, str, str]:
 
     body = json.loads(payload).get("body")
     report = Report.model_validate(body)
-    return report.kind, oru_r01(report), control_id(report.report_id)
+    return report.kind, oru_r01(report, addressing), control_id(report.report_id)
 
 
 class Hl7Output:
     """Called with each new report before its row is committed (ArchiveStore's `on_new_report`)."""
 
-    def __init__(self, directory: Path | None, mllp_address: tuple[str, int] | None, mllp_timeout_s: float) -> None:
+    def __init__(self, directory: Path | None, mllp_address: tuple[str, int] | None, mllp_timeout_s: float,
+                 addressing: Addressing | None = None, sender: str = "archive") -> None:
         self.directory = directory.resolve() if directory is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
         self.mllp_address = mllp_address
         self.mllp_timeout_s = mllp_timeout_s
+        self.addressing = addressing
+        self.sender = sender
 
-    def __call__(self, message: ReportMessage) -> None:
-        """Write and/or send `message`'s ORU^R01; nothing for a field report (only a run's reports go to
-        the lab) or a body this smearscope cannot read (an ERROR: the report is archived all the same).
-        OSError (a full disk, no ACK) is the caller's to hold the report for."""
+    @property
+    def destinations(self) -> list[str]:
+        """Where messages go, as the index records a delivery: `file:<folder>`, `mllp:<host>:<port>`."""
+        out = [f"file:{self.directory}"] if self.directory is not None else []
+        return out + ([f"mllp:{self.mllp_address[0]}:{self.mllp_address[1]}"] if self.mllp_address else [])
+
+    def deliver(self, destination: str, report_id: str, oru: str, control_id: str) -> Delivery:
+        """Write or send one message to one of `destinations`; OSError when it is not delivered."""
+        if destination.startswith("file:") and self.directory is not None:
+            path = self.directory / f"{report_id}{SUFFIX}"
+            write_atomically(path, oru.encode("utf-8"), MODE)
+            logger.info("wrote the HL7 message of report %s: %s", report_id, path)
+        elif destination.startswith("mllp:") and self.mllp_address is not None:
+            code = mllp.send(self.mllp_address, oru, control_id, self.mllp_timeout_s)
+            logger.info("sent the HL7 message of report %s (MSH-10 %s) to %s:%d: %s", report_id, control_id,
+                        *self.mllp_address, code)
+        else:
+            raise ValueError(f"{destination!r} is not one of {self.destinations}")
+        return Delivery(report_id, destination, control_id, self.sender)
+
+    def __call__(self, message: ReportMessage) -> list[Delivery]:
+        """Write and/or send `message`'s ORU^R01 (the deliveries, for the index); nothing for a field report
+        (only a run's reports go to the lab) or a body this smearscope cannot read (an ERROR: the report is
+        archived all the same). OSError (a full disk, no ACK) is the caller's to hold the report for."""
         try:
-            kind, oru, control_id = oru_of(message.payload)
+            kind, oru, control_id = oru_of(message.payload, self.addressing)
         except UNREADABLE as exc:
             logger.error("report %s from %s cannot be read as a report of this smearscope (%s: %s): archived, "
                          "but no HL7 message was made", message.report_id, message.station, type(exc).__name__,
                          str(exc)[:300])
-            return
+            return []
         if kind != "specimen":
             logger.info("report %s from %s is a %s report: no HL7 message (only specimen reports go to the lab)",
                         message.report_id, message.station, kind)
-            return
-        if self.directory is not None:
-            path = self.directory / f"{message.report_id}{SUFFIX}"
-            write_atomically(path, oru.encode("utf-8"), MODE)
-            logger.info("wrote the HL7 message of report %s: %s", message.report_id, path)
-        if self.mllp_address is not None:
-            code = mllp.send(self.mllp_address, oru, control_id, self.mllp_timeout_s)
-            logger.info("sent the HL7 message of report %s (MSH-10 %s) to %s:%d: %s", message.report_id,
-                        control_id, *self.mllp_address, code)
+            return []
+        return [self.deliver(d, message.report_id, oru, control_id) for d in self.destinations]

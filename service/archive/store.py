@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 INDEX_NAME = "index.sqlite"
 #: The index's layout, kept in `PRAGMA user_version`. 1: the `reports` and `bundles` tables below
 #: (an index made before it had a number, user_version 0 with these tables, is marked 1 in place).
-INDEX_VERSION = 1
+#: 2: and `hl7_deliveries`, each HL7 message delivered (where, when, by whom); a version 1 index is
+#: upgraded in place by adding it (its reports then have no delivery recorded).
+INDEX_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
     report_id TEXT PRIMARY KEY, station TEXT NOT NULL, run_id TEXT, specimen_id TEXT,
@@ -46,6 +48,10 @@ CREATE INDEX IF NOT EXISTS reports_created ON reports (created_at);
 CREATE INDEX IF NOT EXISTS reports_supersedes ON reports (supersedes);
 CREATE TABLE IF NOT EXISTS bundles (
     report_id TEXT PRIMARY KEY, station TEXT NOT NULL, path TEXT NOT NULL, received_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS hl7_deliveries (
+    report_id TEXT NOT NULL, destination TEXT NOT NULL, control_id TEXT NOT NULL, delivered_at REAL NOT NULL,
+    sender TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS hl7_deliveries_report ON hl7_deliveries (report_id, destination);
 """
 
 
@@ -81,6 +87,23 @@ class LinkOutOfArchive(OSError):
 class IndexVersionError(RuntimeError):
     """An index this smearscope cannot use as it is (made by a newer one, or of a layout it does not
     know); nothing in it was changed. A restart does not mend it."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One HL7 message delivered: `destination` `file:<folder>` or `mllp:<host>:<port>`; `sender` `archive`
+    (the running archive) or `send-hl7` (sent from the index by `smearscope archive send-hl7`)."""
+
+    report_id: str
+    destination: str
+    control_id: str
+    sender: str
+
+
+def record_deliveries(db: sqlite3.Connection, deliveries: list[Delivery]) -> None:
+    """Add `deliveries` to the index (in the caller's transaction)."""
+    db.executemany("INSERT INTO hl7_deliveries VALUES (?, ?, ?, ?, ?)",
+                   [(d.report_id, d.destination, d.control_id, time.time(), d.sender) for d in deliveries])
 
 
 @dataclass(frozen=True)
@@ -123,7 +146,8 @@ class ArchiveStore:
     """The archive folder and its index. One writer (the daemon's storer thread); readers
     (`smearscope archive find/show`) open it with `open_index(read_only=True)`."""
 
-    def __init__(self, directory: Path, on_new_report: Callable[[ReportMessage], None] | None = None) -> None:
+    def __init__(self, directory: Path,
+                 on_new_report: Callable[[ReportMessage], list[Delivery]] | None = None) -> None:
         self.directory = directory.resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.on_new_report = on_new_report
@@ -236,9 +260,10 @@ class ArchiveStore:
                           new=False)
         path = self._place(self._folder(message.station, message.month), f"{message.report_id}.json", copy_name,
                            message.payload)
-        if self.on_new_report is not None:  # before the row: a report acknowledged has its HL7 (hl7_out)
-            self.on_new_report(message)
+        # before the row: a report acknowledged has its HL7 (hl7_out), its deliveries in the row's transaction
+        delivered = self.on_new_report(message) if self.on_new_report is not None else []
         with self._db:
+            record_deliveries(self._db, delivered)
             self._db.execute(
                 "INSERT INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (message.report_id, message.station, message.run_id, message.specimen_id, message.created_at,
@@ -281,7 +306,7 @@ def _digest(payload: bytes) -> str:
 
 def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
     """The archive's index: created (WAL, synchronous=FULL) for the writer, an unversioned one of
-    version 1's layout marked 1; for a reader, opened read-only, FileNotFoundError when the folder
+    version 1 layout (or version 1) upgraded to 2; for a reader, opened read-only, FileNotFoundError when the folder
     holds no archive. IndexVersionError, nothing changed, for an index of a newer version (or an
     unversioned one of another layout)."""
     path = directory / INDEX_NAME
@@ -303,10 +328,13 @@ def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=FULL")
         with db:
             db.executescript(SCHEMA)
-            if version == 0:
-                if db.execute("SELECT 1 FROM reports LIMIT 1").fetchone() is not None:
-                    logger.info("the archive index %s had no version number (made before it had one): its layout "
-                                "is version %d's, marked so", path, INDEX_VERSION)
+            if version == 0 and db.execute("SELECT 1 FROM reports LIMIT 1").fetchone() is not None:
+                logger.info("the archive index %s had no version number (made before it had one): its layout "
+                            "is version 1's, upgraded to version %d", path, INDEX_VERSION)
+            elif version == 1:
+                logger.info("the archive index %s upgraded from version 1 to %d (HL7 deliveries recorded from now "
+                            "on; none is recorded for the reports before)", path, INDEX_VERSION)
+            if version < INDEX_VERSION:
                 db.execute(f"PRAGMA user_version = {INDEX_VERSION}")
     except BaseException:
         db.close()
@@ -317,8 +345,8 @@ def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
 
 def _version(db: sqlite3.Connection, path: Path) -> int:
     """The index's version (0: none yet, a new index or one made before it had a number, of version
-    1's layout, or one whose first start stopped before all its tables were made); IndexVersionError
-    for one this smearscope cannot use."""
+    1's layout, or one whose first start stopped before all its tables were made; 1: without HL7
+    deliveries); IndexVersionError for one this smearscope cannot use."""
     version = int(db.execute("PRAGMA user_version").fetchone()[0])
     if version > INDEX_VERSION:
         raise IndexVersionError(f"the archive index {path} is of version {version}, newer than this smearscope's "
@@ -332,6 +360,6 @@ def _version(db: sqlite3.Connection, path: Path) -> int:
         present = {name: columns for name, columns in tables.items() if columns}
         if any(columns != COLUMNS_V1[name] for name, columns in present.items()):
             raise IndexVersionError(f"the archive index {path} has no version number and not the layout of "
-                                    f"version {INDEX_VERSION} ({', '.join(f'{n}: {len(c)} columns' for n, c in present.items())}): "
+                                    f"version 1 ({', '.join(f'{n}: {len(c)} columns' for n, c in present.items())}): "
                                     "not made by smearscope archive; nothing in it was changed")
     return version

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from smearscope.device.config_fields import ConfigPath
 from smearscope.service.config.mqtt import MqttConfig
+from smearscope.service.hl7.encode import hd
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,24 @@ class ArchiveConfig(BaseModel):
         description="Seconds to connect to the MLLP receiver and to wait for its ACK before the report is "
         "held and sent again.",
     )
+    hl7_sending_facility: str | None = Field(
+        default=None,
+        title="HL7 sending facility (MSH-4)",
+        description="MSH-4 of each HL7 message, an HD: a namespace id (up to 20 characters) or "
+        "namespace^universal id^type (table 0301: ISO, DNS, ...), as the lab's interface set it up; none: "
+        "the station id of the report (docs/HL7.md).",
+    )
+    hl7_receiving_application: str | None = Field(
+        default=None,
+        title="HL7 receiving application (MSH-5)",
+        description="MSH-5 of each HL7 message, an HD naming the lab system or interface engine that "
+        "receives it; none: empty.",
+    )
+    hl7_receiving_facility: str | None = Field(
+        default=None,
+        title="HL7 receiving facility (MSH-6)",
+        description="MSH-6 of each HL7 message, an HD naming the lab (facility) that receives it; none: empty.",
+    )
     session_expiry_s: int = Field(
         default=DEFAULT_SESSION_EXPIRY_S, ge=60, le=0xFFFFFFFF,
         title="Session expiry (s)",
@@ -79,3 +98,11 @@ class ArchiveConfig(BaseModel):
         description="Seconds between tries to store a report the disk refused; it stays "
         "unacknowledged meanwhile, so the broker keeps it.",
     )
+
+    @field_validator("hl7_sending_facility", "hl7_receiving_application", "hl7_receiving_facility")
+    @classmethod
+    def _is_an_hd(cls, value: str | None) -> str | None:
+        """An HL7 HD with no delimiter but '^' between its components (service.hl7.encode.hd)."""
+        if value is not None:
+            hd(value)
+        return value

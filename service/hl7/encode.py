@@ -77,3 +77,37 @@ def number(value: float) -> str:
         return str(value)
     out = f"{value:.6f}".rstrip("0").rstrip(".")
     return "0" if out in ("-0", "") else out
+
+
+#: HL7 table 0301, universal id type: what an HD's universal id (HD-2) is.
+UNIVERSAL_ID_TYPES = ("DNS", "GUID", "HCD", "HL7", "ISO", "L", "M", "N", "Random", "URI", "UUID", "x400", "x500")
+IS = 20       # IS, the namespace id of an HD (HD-1)
+
+
+def hd(value: str) -> str:
+    """`value` as an HL7 HD (hierarchic designator: namespace id, or namespace id^universal id^its type from
+    table 0301, e.g. `LAB^2.16.840.1.113883.19.4.6^ISO`), checked: ValueError saying what is wrong when it
+    holds another delimiter (`|`, `~`, `\\`, `&`), a control character, more than 3 components, a part
+    longer than HL7 gives it, or a universal id without its type (or a type without the id)."""
+    if not value:
+        raise ValueError("an HD (hierarchic designator) cannot be empty")
+    bad = sorted({ch for ch in value if ch in (FIELD, REPETITION, ESCAPE, SUBCOMPONENT) or ord(ch) < 0x20
+                  or ord(ch) == 0x7F})
+    if bad:
+        raise ValueError(f"{value!r} holds {', '.join(map(repr, bad))}: an HD takes no HL7 delimiter but '^' "
+                         "between its components, and no control character")
+    parts = value.split(COMPONENT)
+    if len(parts) > 3:
+        raise ValueError(f"{value!r} has {len(parts)} components: an HD has at most 3 (namespace id^universal "
+                         "id^universal id type)")
+    namespace, universal, kind = (parts + ["", ""])[:3]
+    if len(namespace) > IS or len(universal) > ST:
+        raise ValueError(f"{value!r}: an HD's namespace id takes at most {IS} characters, its universal id {ST}")
+    if not namespace and not universal:
+        raise ValueError(f"{value!r} names neither a namespace id nor a universal id")
+    if bool(universal) != bool(kind):
+        raise ValueError(f"{value!r}: a universal id (HD-2) goes with its type (HD-3) and the other way round")
+    if kind and kind not in UNIVERSAL_ID_TYPES:
+        raise ValueError(f"{value!r}: universal id type {kind!r} is not one of HL7 table 0301's "
+                         f"({', '.join(UNIVERSAL_ID_TYPES)})")
+    return components(namespace, universal, kind)

@@ -27,11 +27,13 @@ from smearscope.service.hl7.encode import (
     code,
     components,
     dtm,
+    hd,
     number,
     segment,
     subcomponents,
     text,
 )
+from smearscope.service.hl7.header import Addressing
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +52,13 @@ CODING_SYSTEM = {codes.LOINC: "LN", codes.UCUM: "UCUM", codes.LOCAL_OBSERVATION:
                  codes.LOCAL_GRADE: "99SSG", codes.LOCAL_FLAG: "99SSF"}
 #: A flag's severity as OBX-8 (table 0078): critical AA (very abnormal), warning A; info none.
 ABNORMAL_FLAG = {"critical": "AA", "warning": "A"}
-#: SPM-4 (table 0487: SMR, smear); the bundle's Specimen type text as its original text.
-SPECIMEN_TYPE = ("SMR", "Smear", "HL70487")
+#: SPM-4 (v2.5.1 table 0487, which has no smear: BLD, whole blood); the bundle's Specimen type text
+#: ("Peripheral blood smear, stained") as its original text.
+SPECIMEN_TYPE = ("BLD", "Whole blood", "HL70487")
+#: SFT-1, the software's vendor (XON-1, organization name), and SFT-3, its product name.
+VENDOR = PRODUCT = "smearscope"
+#: SFT-2 and SFT-3/SFT-4 lengths in v2.5.1 (ST 15, 20, 20); SFT-5 (TX) 1024.
+SFT_VERSION, SFT_NAME, SFT_INFO = 15, 20, 1024
 #: The first note of every message: the README's "Not for clinical diagnosis".
 NOT_FOR_DIAGNOSIS = ("Not for clinical diagnosis: smearscope is a research prototype without regulatory "
                      "clearance; every result needs review by a qualified person.")
@@ -82,16 +89,31 @@ def _coded(concept: dict[str, Any], original_text: bool) -> str:
     return components(*parts, "", "", text(extra))
 
 
-def _cwe(concept: dict[str, Any]) -> str:
-    return _coded(concept, original_text=True)
-
-
 def _ce(concept: dict[str, Any]) -> str:
     return _coded(concept, original_text=False)
 
 
 def _units(quantity: dict[str, Any]) -> str:
     return components(code(quantity["code"]), text(quantity["unit"]), CODING_SYSTEM[quantity["system"]])
+
+
+def _software(report: Report) -> list[str]:
+    """SFT segments (after MSH): smearscope and its version, then one per model, as the FHIR Device's
+    versions name them (role, file sha256, backend, manifest sha256, station means); none for a report
+    that does not name its software version (made before reports carried it)."""
+    version = report.software_version
+    if not version:
+        return []
+    release = text(version, SFT_VERSION)
+    out = [segment("SFT", VENDOR, release, PRODUCT, text(version, SFT_NAME), text(f"smearscope {version}", SFT_INFO))]
+    for role, m in sorted(report.models.items()):
+        info = f"{role}: {m.name} sha256:{m.sha256} ({m.backend})"
+        info += f" manifest sha256:{m.manifest_sha256}" if m.manifest_sha256 else ""
+        info += f"; station means sha256:{m.station_means.sha256}" if m.station_means is not None else ""
+        # SFT-3 the model's role, SFT-4 (binary id) the first 20 hex digits of its file's sha256
+        out.append(segment("SFT", VENDOR, release, text(role, SFT_NAME), text(m.sha256, SFT_NAME),
+                           text(info, SFT_INFO)))
+    return out
 
 
 def _value(element: dict[str, Any]) -> tuple[str, str, str]:
@@ -102,9 +124,9 @@ def _value(element: dict[str, Any]) -> tuple[str, str, str]:
     if "valueInteger" in element:
         return "NM", number(int(element["valueInteger"])), ""
     if "valueCodeableConcept" in element:
-        return "CWE", _cwe(element["valueCodeableConcept"]), ""
-    if "valueBoolean" in element:
-        return "CWE", "Y^Yes^HL70136" if element["valueBoolean"] else "N^No^HL70136", ""
+        return "CE", _ce(element["valueCodeableConcept"]), ""
+    if "valueBoolean" in element:  # OBX-2: v2.5.1's table 0125 has CE, no CWE
+        return "CE", "Y^Yes^HL70136" if element["valueBoolean"] else "N^No^HL70136", ""
     if "valueString" in element:
         return "ST", text(element["valueString"]), ""
     if "valueRange" in element:  # SN: the interval's ends, "^50^-^69"
@@ -152,15 +174,19 @@ class _Message:
             self.obx(group, _ce(comp["code"]), _value(comp), self.status)
 
 
-def oru_r01(report: Report) -> str:
+def oru_r01(report: Report, addressing: Addressing | None = None) -> str:
     """The ORU^R01 message of one report, segments ended by a carriage return (docs/HL7.md)."""
     m = _Message(report, report_bundle(report))
     r, v = report, report.verification
+    a = addressing or Addressing()
+    facility = hd(a.sending_facility) if a.sending_facility else code(r.station_id or "")
     placer = text(r.specimen_id or "")
     filler = components(text(r.run_id or r.report_id), NAMESPACE)
     m.segments.append(segment(
-        "MSH", ENCODING_CHARACTERS, SENDING_APPLICATION, code(r.station_id or ""), "", "", m.issued, "",
+        "MSH", ENCODING_CHARACTERS, SENDING_APPLICATION, facility, hd(a.receiving_application or "") if
+        a.receiving_application else "", hd(a.receiving_facility) if a.receiving_facility else "", m.issued, "",
         "ORU^R01^ORU_R01", control_id(r.report_id), "P", VERSION, "", "", "", "", "", CHARSET))
+    m.segments += _software(r)
     m.segments.append(segment("ORC", "RE", placer, filler, "", "", "", "", "", m.issued))
     interpreter = subcomponents("", text(v.verified_by)) if v is not None else ""
     m.segments.append(segment(

@@ -290,16 +290,11 @@ def _archive_parser(sub) -> None:
                     "with --keyfile, for a broker that asks for one")
     ar.add_argument("--keyfile", type=Path, default=None, help="the client certificate's key (PEM)")
     ar.add_argument("--dir", type=Path, default=None, help=f"the archive folder (default {ARCHIVE_DIR})")
-    ar.add_argument("--hl7-dir", type=Path, default=None,
-                    help="also write each specimen report stored as an HL7 v2.5.1 ORU^R01 message, "
-                    "<report_id>.hl7, into this folder (an interface engine's input; docs/HL7.md)")
-    ar.add_argument("--hl7-mllp", default=None, metavar="HOST:PORT",
-                    help="also send each specimen report stored as an HL7 v2.5.1 ORU^R01 message over MLLP to "
-                    "this listener; a report is acknowledged to the broker only once it answers AA or CA, "
-                    "else held and sent again (docs/HL7.md)")
+    _hl7_options(ar, None)
     ar.set_defaults(func=_lazy("archive", "cmd_archive"))
-    asub = ar.add_subparsers(dest="archive_command", parser_class=_Parser, metavar="{find,show}",
-                             help="find: list archived reports; show: print one (none: run the archive)")
+    asub = ar.add_subparsers(dest="archive_command", parser_class=_Parser, metavar="{find,show,send-hl7}",
+                             help="find: list archived reports; show: print one; send-hl7: send archived "
+                             "reports to the lab system (none: run the archive)")
     af = asub.add_parser("find", help="list archived reports, the latest per run first")
     af.add_argument("--specimen", default=None, help="the lab's specimen id the run was started for")
     af.add_argument("--run", default=None, help="a run id")
@@ -320,6 +315,36 @@ def _archive_parser(sub) -> None:
                      help="print copy N of those kept beside the report (received again with other content, or "
                      "while its file could not be read; `archive find` numbers them); with --fhir its bundle's")
     ash.set_defaults(func=_lazy("archive", "cmd_show"))
+    snd = asub.add_parser("send-hl7", help="send archived specimen reports as HL7 ORU^R01 where the index records "
+                          "no delivery of them (docs/HL7.md)")
+    which = snd.add_mutually_exclusive_group(required=True)
+    which.add_argument("--since", default=None, help="reports made on or after this date (YYYY-MM-DD, UTC) or "
+                       "ISO time")
+    which.add_argument("--all", action="store_true", help="every archived specimen report")
+    snd.add_argument("--again", action="store_true", help="deliver also the reports the index records as "
+                     "delivered there (the lab system receives them a second time, with the same MSH-10)")
+    snd.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help=f"the archive folder (default {ARCHIVE_DIR})")
+    _hl7_options(snd, argparse.SUPPRESS)
+    snd.set_defaults(func=_lazy("archive", "cmd_send_hl7"))
+
+
+def _hl7_options(parser: argparse.ArgumentParser, default: object) -> None:
+    """The HL7 output's options, on the archive and on `archive send-hl7` (there: SUPPRESS, so either place
+    gives them)."""
+    parser.add_argument("--hl7-dir", type=Path, default=default,
+                        help="also write each specimen report stored as an HL7 v2.5.1 ORU^R01 message, "
+                        "<report_id>.hl7, into this folder (an interface engine's input; docs/HL7.md)")
+    parser.add_argument("--hl7-mllp", default=default, metavar="HOST:PORT",
+                        help="also send each specimen report stored as an HL7 v2.5.1 ORU^R01 message over MLLP "
+                        "to this listener; a report is acknowledged to the broker only once it answers AA or "
+                        "CA, else held and sent again (docs/HL7.md)")
+    parser.add_argument("--hl7-sending-facility", default=default, metavar="HD",
+                        help="MSH-4 of the HL7 messages: a namespace id, or namespace^universal id^type "
+                        "(table 0301, e.g. ISO); default: the report's station id")
+    parser.add_argument("--hl7-receiving-application", default=default, metavar="HD",
+                        help="MSH-5 of the HL7 messages: the lab system or engine receiving them (default: empty)")
+    parser.add_argument("--hl7-receiving-facility", default=default, metavar="HD",
+                        help="MSH-6 of the HL7 messages: the lab receiving them (default: empty)")
 
 
 def _quiet_opencv(level: str, command: str) -> None:

@@ -20,6 +20,7 @@ from smearscope.cli import ARCHIVE_DIR
 if TYPE_CHECKING:
     from smearscope.service.archive.query import ArchivedReport
     from smearscope.service.config.archive import ArchiveConfig
+    from smearscope.service.hl7.header import Addressing
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +82,39 @@ def _config(args: argparse.Namespace) -> ArchiveConfig:
     tls_config = MqttTlsConfig(ca_file=args.ca_file, certfile=args.certfile, keyfile=args.keyfile) if tls else None
     mqtt = MqttConfig(host=host, port=port, client_id=args.client_id, username=args.username, tls=tls_config,
                       topic_prefix=args.topic_prefix)
-    if args.hl7_mllp is not None:
-        from smearscope.service.hl7.mllp import parse_address
+    _mllp_address(args)
+    a = _addressing(args)
+    return ArchiveConfig(mqtt=mqtt, directory=_directory(args), hl7_directory=args.hl7_dir, hl7_mllp=args.hl7_mllp,
+                         hl7_sending_facility=a.sending_facility, hl7_receiving_application=a.receiving_application,
+                         hl7_receiving_facility=a.receiving_facility)
 
-        try:
-            parse_address(args.hl7_mllp)
-        except ValueError:
-            raise ValueError(f"--hl7-mllp {args.hl7_mllp!r} is not HOST:PORT (the lab system's MLLP listener)") from None
-    return ArchiveConfig(mqtt=mqtt, directory=_directory(args), hl7_directory=args.hl7_dir, hl7_mllp=args.hl7_mllp)
+
+def _mllp_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    from smearscope.service.hl7.mllp import parse_address
+
+    if args.hl7_mllp is None:
+        return None
+    try:
+        return parse_address(args.hl7_mllp)
+    except ValueError:
+        raise ValueError(f"--hl7-mllp {args.hl7_mllp!r} is not HOST:PORT (the lab system's MLLP listener)") from None
+
+
+def _addressing(args: argparse.Namespace) -> Addressing:
+    """MSH-4, MSH-5, MSH-6 as the options give them; ValueError naming the option of one that is no HL7 HD."""
+    from smearscope.service.hl7.encode import hd
+    from smearscope.service.hl7.header import Addressing
+
+    values = {}
+    for name in ("sending_facility", "receiving_application", "receiving_facility"):
+        value = getattr(args, f"hl7_{name}", None)
+        if value is not None:
+            try:
+                hd(value)
+            except ValueError as exc:
+                raise ValueError(f"--hl7-{name.replace('_', '-')}: {exc}") from None
+        values[name] = value
+    return Addressing(**values)
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
@@ -220,6 +246,40 @@ def cmd_show(args: argparse.Namespace) -> int:
         return _show_hl7(args.report_id, path, data)
     sys.stdout.buffer.write(data + b"\n")
     return 0
+
+
+def cmd_send_hl7(args: argparse.Namespace) -> int:
+    """Send archived specimen reports as HL7 where the index records no delivery of them (docs/HL7.md)."""
+    from smearscope.service.archive.hl7_out import Hl7Output
+    from smearscope.service.archive.query import parse_since
+    from smearscope.service.archive.send_hl7 import send_from_index
+    from smearscope.service.archive.store import IndexVersionError
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError:
+        return _fail(f"--since {args.since!r} is not a date (YYYY-MM-DD) or an ISO time")
+    if args.hl7_dir is None and args.hl7_mllp is None:
+        return _fail("send-hl7 needs --hl7-dir DIR and/or --hl7-mllp HOST:PORT: where to send the reports")
+    try:
+        address, addressing = _mllp_address(args), _addressing(args)
+    except ValueError as exc:
+        return _fail(str(exc))
+    # the messages are patient data: nothing for other users, as the archive's own files
+    os.umask(os.umask(0o027) | 0o027)
+    try:
+        output = Hl7Output(args.hl7_dir, address, 10.0, addressing, sender="send-hl7")
+        result = send_from_index(_directory(args), output, since, again=args.again, progress=print)
+    except IndexVersionError as exc:
+        return _fail(str(exc))
+    except (OSError, sqlite3.Error) as exc:
+        return _fail(str(exc), 1)
+    print(f"smearscope archive: {result.delivered} delivered, {result.already} already delivered there (not sent "
+          f"again{'' if args.again else '; --again sends them'}), {result.unreadable} unreadable", file=sys.stderr)
+    if result.stopped_by is not None:
+        return _fail(f"stopped: cannot deliver {result.stopped_by}; what was delivered before is recorded, the same "
+                     "command goes on from there", 1)
+    return 1 if result.unreadable else 0
 
 
 def _show_hl7(report_id: str, path: Path, envelope: bytes) -> int:

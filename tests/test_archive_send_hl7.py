@@ -1,0 +1,106 @@
+"""`smearscope archive send-hl7` on a real archive whose index is of version 1 (tests/data/archive-v1,
+left by the archive of commit 2c4762f), with hl7apy's MLLP server as the lab system (it validates
+each message strictly) and a real folder: the index is upgraded to version 2, each specimen report
+is delivered once to each destination, oldest first, and each delivery recorded, so the same
+command sends nothing again unless `--again`; a send the lab system stops goes on from there."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from broker import free_port
+from test_archive_mllp import Lis
+
+from smearscope.cli import main
+from smearscope.service.archive.hl7_out import oru_of
+from smearscope.service.hl7.header import Addressing
+
+REPO = Path(__file__).resolve().parents[1]
+VERSION_1 = REPO / "tests" / "data" / "archive-v1"
+FIRST, VERIFIED = "677c350e-5742-432a-94a7-0cb61535294e", "2954a7b8-d42e-4cfc-a7a8-8cb06e81ecb5"
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    directory = tmp_path / "archive"
+    shutil.copytree(VERSION_1, directory, ignore=shutil.ignore_patterns("README.md"))
+    return directory
+
+
+def message(archive: Path, report_id: str, addressing: Addressing | None = None) -> str:
+    return oru_of(next(archive.rglob(f"{report_id}.json")).read_bytes(), addressing)[1]
+
+
+def deliveries(archive: Path) -> list[tuple[str, str, str, str]]:
+    db = sqlite3.connect(f"{(archive / 'index.sqlite').as_uri()}?mode=ro", uri=True)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        return list(db.execute("SELECT report_id, destination, control_id, sender FROM hl7_deliveries "
+                               "ORDER BY rowid"))
+    finally:
+        db.close()
+
+
+def test_a_version_1_archive_is_sent_once_to_each_destination_unless_again(
+        archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    lis = Lis(port)
+    hl7_dir = tmp_path / "hl7"
+    argv = ["archive", "send-hl7", "--all", "--dir", str(archive), "--hl7-mllp", f"127.0.0.1:{port}",
+            "--hl7-dir", str(hl7_dir), "--hl7-receiving-application", "LIS", "--hl7-receiving-facility", "LAB"]
+    lab = Addressing(receiving_application="LIS", receiving_facility="LAB")
+    try:
+        assert main(argv) == 0
+        expected = [message(archive, FIRST, lab), message(archive, VERIFIED, lab)]  # oldest first: P, then F
+        assert lis.received == expected
+        assert [m.split("|")[4:6] for m in lis.received] == [["LIS", "LAB"]] * 2
+        assert sorted(p.name for p in hl7_dir.iterdir()) == sorted([f"{FIRST}.hl7", f"{VERIFIED}.hl7"])
+        assert (hl7_dir / f"{VERIFIED}.hl7").read_bytes() == expected[1].encode()
+        rows = deliveries(archive)
+        assert sorted((r[0], r[1], r[3]) for r in rows) == sorted(
+            (report_id, where, "send-hl7") for report_id in (FIRST, VERIFIED)
+            for where in (f"file:{hl7_dir.resolve()}", f"mllp:127.0.0.1:{port}"))
+        assert "4 delivered" in capsys.readouterr().err
+
+        for p in hl7_dir.iterdir():  # the engine took the files away: recorded, so not written again
+            p.unlink()
+        assert main(argv) == 0
+        assert len(lis.received) == 2 and not any(hl7_dir.iterdir()) and len(deliveries(archive)) == 4
+        assert "0 delivered, 4 already delivered there" in capsys.readouterr().err
+
+        assert main([*argv[:2], "--since", "2026-11-30T00:55:00", *argv[3:], "--again"]) == 0
+        assert lis.received[2:] == [expected[1]]  # the verified report alone, the same message again
+        assert [p.name for p in hl7_dir.iterdir()] == [f"{VERIFIED}.hl7"]
+        assert len(deliveries(archive)) == 6
+    finally:
+        lis.stop()
+
+
+def test_a_send_the_lab_system_stops_goes_on_from_there(
+        archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    argv = ["archive", "send-hl7", "--since", "2026-11-01", "--dir", str(archive), "--hl7-mllp", f"127.0.0.1:{port}"]
+    assert main(argv) == 1  # nothing listening: stopped at the first, nothing recorded
+    assert f"stopped: cannot deliver report {FIRST} to mllp:127.0.0.1:{port}" in capsys.readouterr().err
+    assert deliveries(archive) == []
+    lis = Lis(port, answers=("AA", "AE"))
+    try:
+        assert main(argv) == 1  # the first accepted, the second refused: the first recorded
+        assert f"stopped: cannot deliver report {VERIFIED}" in capsys.readouterr().err
+        assert [r[0] for r in deliveries(archive)] == [FIRST]
+        assert main(argv) == 0
+        assert lis.received == [message(archive, FIRST), message(archive, VERIFIED), message(archive, VERIFIED)]
+        assert [r[0] for r in deliveries(archive)] == [FIRST, VERIFIED]
+    finally:
+        lis.stop()
+
+
+def test_send_hl7_needs_a_destination_and_an_archive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["archive", "send-hl7", "--all", "--dir", str(tmp_path)]) == 2
+    assert "send-hl7 needs --hl7-dir DIR and/or --hl7-mllp HOST:PORT" in capsys.readouterr().err
+    assert main(["archive", "send-hl7", "--all", "--dir", str(tmp_path / "none"), "--hl7-dir",
+                 str(tmp_path / "hl7")]) == 1
+    assert "no archive at" in capsys.readouterr().err and not (tmp_path / "none").exists()
