@@ -69,7 +69,7 @@ def test_a_report_naming_its_software_has_sft_for_it_and_none_without() -> None:
     message = oru_r01(report)
     order = [s.split("|")[0] for s in message.split("\r") if s]
     assert order[:2] == ["MSH", "SFT"]  # SFT right after MSH, as v2.5.1's ORU_R01 has it
-    (sft,) = parsed(message).sft if isinstance(parsed(message).sft, list) else [parsed(message).sft]
+    sft = parsed(message).sft
     assert [sft.sft_1.value, sft.sft_2.value, sft.sft_3.value, sft.sft_4.value] == [
         "smearscope", report.software_version, "smearscope", report.software_version]
     older = report.model_copy(update={"software_version": None})

@@ -72,25 +72,18 @@ def control_id(report_id: str) -> str:
     return hashlib.sha256(report_id.encode()).hexdigest()[:ID].upper()
 
 
-def _coded(concept: dict[str, Any], original_text: bool) -> str:
-    """A FHIR CodeableConcept as CWE (`original_text`: its text as CWE-9) or as CE (OBX-3 and OBR-4 in
-    v2.5.1, which have no original text: the first coding's text says it after its display): the
-    first coding, the second as the alternate."""
+def _ce(concept: dict[str, Any]) -> str:
+    """A FHIR CodeableConcept as CE (OBX-3, OBR-4 and the coded values of OBX-5 in v2.5.1, which have no
+    original text: the concept's text says it after the first coding's display): the first coding,
+    the second as the alternate."""
     parts: list[str] = []
     extra = concept.get("text", "")
     for i, coding in enumerate(concept.get("coding", [])[:2]):
         display = coding.get("display", "")
-        if i == 0 and extra and not original_text:
+        if i == 0 and extra:
             display = f"{display}: {extra}"
         parts += [code(coding["code"]), text(display), CODING_SYSTEM[coding["system"]]]
-    if not original_text or not extra:
-        return components(*parts)
-    parts += [""] * (6 - len(parts))
-    return components(*parts, "", "", text(extra))
-
-
-def _ce(concept: dict[str, Any]) -> str:
-    return _coded(concept, original_text=False)
+    return components(*parts)
 
 
 def _units(quantity: dict[str, Any]) -> str:
@@ -180,11 +173,12 @@ def oru_r01(report: Report, addressing: Addressing | None = None) -> str:
     r, v = report, report.verification
     a = addressing or Addressing()
     facility = hd(a.sending_facility) if a.sending_facility else code(r.station_id or "")
+    receiver = hd(a.receiving_application) if a.receiving_application else ""
+    receiving_facility = hd(a.receiving_facility) if a.receiving_facility else ""
     placer = text(r.specimen_id or "")
     filler = components(text(r.run_id or r.report_id), NAMESPACE)
     m.segments.append(segment(
-        "MSH", ENCODING_CHARACTERS, SENDING_APPLICATION, facility, hd(a.receiving_application or "") if
-        a.receiving_application else "", hd(a.receiving_facility) if a.receiving_facility else "", m.issued, "",
+        "MSH", ENCODING_CHARACTERS, SENDING_APPLICATION, facility, receiver, receiving_facility, m.issued, "",
         "ORU^R01^ORU_R01", control_id(r.report_id), "P", VERSION, "", "", "", "", "", CHARSET))
     m.segments += _software(r)
     m.segments.append(segment("ORC", "RE", placer, filler, "", "", "", "", "", m.issued))
