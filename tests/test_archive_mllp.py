@@ -27,6 +27,7 @@ from test_archive import (
 from test_hl7 import parsed
 
 from smearscope.cli import main
+from smearscope.service.hl7.header import Addressing
 from smearscope.service.hl7.oru import control_id, oru_r01
 
 pytestmark = pytest.mark.broker
@@ -79,6 +80,10 @@ def test_a_report_is_acknowledged_only_once_the_lab_system_accepted_it(
         tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
     lis_port = free_port()
     archive = mllp_archive(tmp_path, persistent_broker.port, lis_port)
+    # as the lab's interface set it up: MSH-4/5/6 in every message the archive sends
+    archive.argv += ["--hl7-sending-facility", "LAB7^2.16.840.1.113883.19.4.6^ISO", "--hl7-receiving-application",
+                     "LIS", "--hl7-receiving-facility", "MAINLAB"]
+    lab = Addressing("LAB7^2.16.840.1.113883.19.4.6^ISO", "LIS", "MAINLAB")
     station = Station(tmp_path, persistent_broker.port)
     lis: Lis | None = None
     try:
@@ -91,13 +96,15 @@ def test_a_report_is_acknowledged_only_once_the_lab_system_accepted_it(
         lis = Lis(lis_port, answers=("AE",))  # up, but its first answer refuses the message
         assert wait_until(lambda: indexed(tmp_path / "archive") == 1, 60), archive.text()
         assert "answered 'AE', not accepted (AA or CA): mapping missing" in archive.text()
-        assert lis.received == [oru_r01(first)] * 2  # refused, then sent again the same
+        assert lis.received == [oru_r01(first, lab)] * 2  # refused, then sent again the same
+        assert lis.received[0].split("|")[3:6] == ["LAB7^2.16.840.1.113883.19.4.6^ISO", "LIS", "MAINLAB"]
+        assert "HL7 MSH-4 LAB7^2.16.840.1.113883.19.4.6^ISO, MSH-5 LIS, MSH-6 MAINLAB" in archive.text()
         assert "storing again" in archive.text()
 
         verified = a_report("run-1", SPECIMEN, 1_796_000_200.0, supersedes=first.report_id)
         station.publish(verified)
         assert wait_until(lambda: indexed(tmp_path / "archive") == 2, 30), archive.text()
-        assert lis.received[-1] == oru_r01(verified) and len(lis.received) == 3
+        assert lis.received[-1] == oru_r01(verified, lab) and len(lis.received) == 3
         assert parsed(lis.received[-1]).msh.msh_10.value == control_id(verified.report_id)
 
         with raw_client(persistent_broker.port) as client:  # delivered again once stored: not sent again

@@ -190,6 +190,10 @@ class ArchiveDaemon:
         if self.hl7 is not None and self.hl7.mllp_address is not None:
             logger.info("sending each specimen report stored from now on as HL7 v2.5.1 ORU^R01 over MLLP to %s:%d, "
                         "acknowledged to the broker only once the receiver acknowledges it", *self.hl7.mllp_address)
+        if self.hl7 is not None and self.hl7.addressing is not None:
+            a = self.hl7.addressing
+            logger.info("HL7 MSH-4 %s, MSH-5 %s, MSH-6 %s", a.sending_facility or "(the report's station id)",
+                        a.receiving_application or "(empty)", a.receiving_facility or "(empty)")
         try:
             while not self._stop.is_set():
                 try:
