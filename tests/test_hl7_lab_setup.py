@@ -125,6 +125,8 @@ def test_coded_fields_are_values_of_their_v2_5_1_tables_and_each_value_its_type(
         (spm,) = segments(message, "SPM")
         spm4 = spm[4].split("^")
         assert spm4[0] in table("0487") and spm4[2] == "HL70487" and spm4[8] == specimen["type"]["text"]
+        assert spm4[:2] == [specimen["type"]["coding"][0]["code"], specimen["type"]["coding"][0]["display"]]
+        assert specimen["type"]["coding"][0]["system"] == "http://terminology.hl7.org/CodeSystem/v2-0487"
         for nte in segments(message, "NTE"):
             assert nte[2] in table("0105") and nte[4] in table("0364")
         for obx in segments(message, "OBX"):

@@ -148,7 +148,8 @@ def _specimen(b: _Builder) -> None:
     if r.source is not None:
         identifiers.append({"system": codes.ID_FRAME, "value": r.source.frame_id})
     # No collection time: when the blood was drawn is not known to the station.
-    specimen: Resource = {"resourceType": "Specimen", "type": {"text": "Peripheral blood smear, stained"},
+    specimen: Resource = {"resourceType": "Specimen",
+                          "type": {"coding": [codes.SPECIMEN_TYPE.coding()], "text": "Peripheral blood smear, stained"},
                           "note": [{"text": f"{r.fields_analyzed} field(s) analysed"}]}
     if identifiers:  # FHIR JSON has no empty arrays
         specimen["identifier"] = identifiers

@@ -41,6 +41,11 @@ class Code(NamedTuple):
         return {"system": self.system, "code": self.code, "display": self.display}
 
 
+#: HL7 v2 table 0487 (specimen type) as a FHIR code system: Specimen.type, and SPM-4 of the HL7 message.
+SPECIMEN_TYPES = "http://terminology.hl7.org/CodeSystem/v2-0487"
+#: Specimen.type: the smear is of peripheral (whole) blood; table 0487 (v2.5.1) has no smear.
+SPECIMEN_TYPE = Code(SPECIMEN_TYPES, "BLD", "Whole blood")
+
 #: DiagnosticReport.code: LOINC 57023-4 "Auto Differential panel - Blood".
 PANEL = Code(LOINC, "57023-4", "Auto Differential panel - Blood")
 

@@ -49,12 +49,9 @@ NO_RESULT = "X"
 #: The FHIR code systems as HL7 coding system names (table 0396: LN, UCUM; 99zzz for local ones).
 CODING_SYSTEM = {codes.LOINC: "LN", codes.UCUM: "UCUM", codes.LOCAL_OBSERVATION: "99SSO",
                  codes.LOCAL_WBC_CLASS: "99SSW", codes.LOCAL_RBC_MORPHOLOGY: "99SSR",
-                 codes.LOCAL_GRADE: "99SSG", codes.LOCAL_FLAG: "99SSF"}
+                 codes.LOCAL_GRADE: "99SSG", codes.LOCAL_FLAG: "99SSF", codes.SPECIMEN_TYPES: "HL70487"}
 #: A flag's severity as OBX-8 (table 0078): critical AA (very abnormal), warning A; info none.
 ABNORMAL_FLAG = {"critical": "AA", "warning": "A"}
-#: SPM-4 (v2.5.1 table 0487, which has no smear: BLD, whole blood); the bundle's Specimen type text
-#: ("Peripheral blood smear, stained") as its original text.
-SPECIMEN_TYPE = ("BLD", "Whole blood", "HL70487")
 #: SFT-1, the software's vendor (XON-1, organization name), and SFT-3, its product name.
 VENDOR = PRODUCT = "smearscope"
 #: SFT-2 and SFT-3/SFT-4 lengths in v2.5.1 (ST 15, 20, 20); SFT-5 (TX) 1024.
@@ -84,6 +81,14 @@ def _ce(concept: dict[str, Any]) -> str:
             display = f"{display}: {extra}"
         parts += [code(coding["code"]), text(display), CODING_SYSTEM[coding["system"]]]
     return components(*parts)
+
+
+def _specimen_type(concept: dict[str, Any]) -> str:
+    """SPM-4, a CWE: the bundle's Specimen type (table 0487: BLD, whole blood), its text ("Peripheral blood
+    smear, stained") as the original text (CWE-9)."""
+    coding = concept["coding"][0]
+    return components(code(coding["code"]), text(coding["display"]), CODING_SYSTEM[coding["system"]],
+                      "", "", "", "", "", text(concept["text"]))
 
 
 def _units(quantity: dict[str, Any]) -> str:
@@ -199,5 +204,5 @@ def oru_r01(report: Report, addressing: Addressing | None = None) -> str:
             m.note(f.message)
     m.segments.append(segment(
         "SPM", "1", components(placer, subcomponents(text(r.run_id or r.report_id), NAMESPACE)),
-        "", components(*SPECIMEN_TYPE, "", "", "", "", "", text(m.specimen["type"]["text"]))))
+        "", _specimen_type(m.specimen["type"])))
     return SEGMENT_END.join(m.segments) + SEGMENT_END
