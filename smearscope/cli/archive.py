@@ -254,6 +254,7 @@ def cmd_send_hl7(args: argparse.Namespace) -> int:
     from smearscope.service.archive.query import parse_since
     from smearscope.service.archive.send_hl7 import send_from_index
     from smearscope.service.archive.store import IndexVersionError
+    from smearscope.service.config.archive import ArchiveConfig
 
     try:
         since = parse_since(args.since) if args.since else None
@@ -268,7 +269,8 @@ def cmd_send_hl7(args: argparse.Namespace) -> int:
     # the messages are patient data: nothing for other users, as the archive's own files
     os.umask(os.umask(0o027) | 0o027)
     try:
-        output = Hl7Output(args.hl7_dir, address, 10.0, addressing, sender="send-hl7")
+        timeout_s = ArchiveConfig.model_fields["hl7_mllp_timeout_s"].default  # the running archive's
+        output = Hl7Output(args.hl7_dir, address, timeout_s, addressing, sender="send-hl7")
         result = send_from_index(_directory(args), output, since, again=args.again, progress=print)
     except IndexVersionError as exc:
         return _fail(str(exc))
