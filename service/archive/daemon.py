@@ -81,16 +81,17 @@ class ArchiveDaemon:
                 ("--ca-file", tls.ca_file), ("--certfile", tls.certfile), ("--keyfile", tls.keyfile)) if path)
             raise BrokerSettingsError(f"cannot set up the broker connection with {files or 'these settings'}: "
                                       f"{exc}") from exc
+        self._stop = threading.Event()
         hl7 = None
         if config.hl7_directory is not None or config.hl7_mllp is not None:
             hl7 = Hl7Output(config.hl7_directory, parse_address(config.hl7_mllp) if config.hl7_mllp else None,
                             config.hl7_mllp_timeout_s, Addressing(config.hl7_sending_facility,
                                                                   config.hl7_receiving_application,
-                                                                  config.hl7_receiving_facility))
+                                                                  config.hl7_receiving_facility),
+                            stop=self._stop)
         self.store = ArchiveStore(config.directory, hl7)
         self.hl7 = hl7
         self._incoming: queue.Queue[Incoming] = queue.Queue()
-        self._stop = threading.Event()
         self._connected = False
         self._connected_at = 0.0
         self._short_connections = 0  # lost within SHORT_CONNECTION_S of opening, in a row
@@ -264,6 +265,10 @@ class ArchiveDaemon:
                 stored = (self.store.put_report(record) if isinstance(record, ReportMessage)
                           else self.store.put_bundle(record))
             except (OSError, sqlite3.Error) as exc:
+                if self._stop.is_set():  # stopped while an MLLP receiver kept the ACK waiting
+                    logger.warning("stopping with %s %s unstored and unacknowledged: the broker sends it "
+                                   "again at the next start", _what(record), record.report_id)
+                    return None
                 # the kind of refusal: a changed one is said again (an MLLP receiver's `kind`: unreachable, AE)
                 reason = (type(exc).__name__, getattr(exc, "errno", None), getattr(exc, "kind", None))
                 if failing_since is None:

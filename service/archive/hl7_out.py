@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 from smearscope.service.archive.message import ReportMessage
@@ -50,7 +51,8 @@ class Hl7Output:
     """Called with each new report before its row is committed (ArchiveStore's `on_new_report`)."""
 
     def __init__(self, directory: Path | None, mllp_address: tuple[str, int] | None, mllp_timeout_s: float,
-                 addressing: Addressing | None = None, sender: str = "archive") -> None:
+                 addressing: Addressing | None = None, sender: str = "archive",
+                 stop: threading.Event | None = None) -> None:
         self.directory = directory.resolve() if directory is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -58,6 +60,7 @@ class Hl7Output:
         self.mllp_timeout_s = mllp_timeout_s
         self.addressing = addressing
         self.sender = sender
+        self.stop = stop  # set: a send waiting for its ACK gives up (the archive stopping)
 
     @property
     def destinations(self) -> list[str]:
@@ -72,7 +75,7 @@ class Hl7Output:
             write_atomically(path, oru.encode("utf-8"), MODE)
             logger.info("wrote the HL7 message of report %s: %s", report_id, path)
         elif destination.startswith("mllp:") and self.mllp_address is not None:
-            code = mllp.send(self.mllp_address, oru, control_id, self.mllp_timeout_s)
+            code = mllp.send(self.mllp_address, oru, control_id, self.mllp_timeout_s, self.stop)
             logger.info("sent the HL7 message of report %s (MSH-10 %s) to %s:%d: %s", report_id, control_id,
                         *self.mllp_address, code)
         else:

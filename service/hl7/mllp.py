@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
 
 from smearscope.service.hl7.encode import FIELD, SEGMENT_END
 
@@ -20,6 +22,8 @@ START, END = b"\x0b", b"\x1c\x0d"
 ACCEPTED = ("AA", "CA")
 #: An ACK larger than this is not one (a receiver that streams something else).
 MAX_ACK_BYTES = 1 << 20
+#: How often a send waiting for an ACK looks whether the archive is stopping (s).
+STOP_POLL_S = 0.25
 
 
 class NotAcknowledged(OSError):
@@ -49,22 +53,46 @@ def _ack_of(data: bytes) -> tuple[str, str, str]:
     raise NotAcknowledged(f"the answer has no MSA segment: {text[:120]!r}")
 
 
-def send(address: tuple[str, int], message: str, control_id: str, timeout_s: float) -> str:
-    """Send `message` and return the ACK's MSA-1 (AA or CA); NotAcknowledged (an OSError) otherwise."""
+def send(address: tuple[str, int], message: str, control_id: str, timeout_s: float,
+         stop: threading.Event | None = None) -> str:
+    """Send `message` and return the ACK's MSA-1 (AA or CA); NotAcknowledged (an OSError) otherwise.
+
+    `timeout_s` bounds the whole exchange (connecting, sending, the ACK), not each read: a receiver
+    that answers a byte at a time cannot hold the sender longer. `stop` set meanwhile ends the wait
+    within STOP_POLL_S (NotAcknowledged, `stopped`), so the archive stops while a receiver is silent."""
     host, port = address
     where = f"{host}:{port}"
+    deadline = time.monotonic() + timeout_s
+
+    def left() -> float:
+        if stop is not None and stop.is_set():
+            raise NotAcknowledged(f"stopped while waiting for {where}'s ACK", "stopped")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no whole ACK within {timeout_s:g} s")
+        return min(remaining, STOP_POLL_S) if stop is not None else remaining
+
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as conn:
-            conn.settimeout(timeout_s)
+            conn.settimeout(max(deadline - time.monotonic(), 0.001))
             conn.sendall(START + message.encode("utf-8") + END)
-            data = b""
-            while not data.endswith(END):
-                chunk = conn.recv(65536)
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                conn.settimeout(left())
+                try:
+                    chunk = conn.recv(65536)
+                except TimeoutError:
+                    continue  # a slice of the deadline passed: left() says whether it is over
                 if not chunk:
                     break
-                data += chunk
-                if len(data) > MAX_ACK_BYTES:
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_ACK_BYTES:
                     raise NotAcknowledged(f"{where} answered with more than {MAX_ACK_BYTES} bytes, no ACK")
+                if chunk.endswith(END) or (len(chunk) < len(END) and b"".join(chunks).endswith(END)):
+                    break
+            data = b"".join(chunks)
     except NotAcknowledged:
         raise
     except OSError as exc:  # refused, unreachable, timed out (socket.timeout is an OSError)

@@ -1,0 +1,233 @@
+"""The archive's MLLP sender against lab systems that misbehave, each a real TCP listener on a free
+port: one that never answers, answers unframed, streams without end, acknowledges another message,
+refuses it (AE/AR/CE/CR), closes or resets mid-ACK, or answers a byte at a time; a name that does
+not resolve and a port nobody listens on. Each is NotAcknowledged (an OSError: the archive holds
+the report); none holds the sender past its timeout, and a stopping archive is not held at all."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, free_port
+from test_archive import SPECIMEN, Station, a_report, indexed
+
+from smearscope.service.archive.daemon import ArchiveDaemon
+from smearscope.service.config.archive import ArchiveConfig
+from smearscope.service.config.mqtt import MqttConfig
+from smearscope.service.hl7 import mllp
+
+CONTROL_ID = "R0123456789abcdef"
+MESSAGE = f"MSH|^~\\&|smearscope|lab-7|||20261130091500||ORU^R01^ORU_R01|{CONTROL_ID}|P|2.5.1\rPID|1||S-1\r"
+
+
+def ack(code: str = "AA", control_id: str = CONTROL_ID) -> bytes:
+    return (f"MSH|^~\\&|LIS|LAB|smearscope|lab-7|20261130091500||ACK^R01^ACK|A1|P|2.5.1\r"
+            f"MSA|{code}|{control_id}|why not\r").encode()
+
+
+Behaviour = Callable[[socket.socket, bytes], None]
+
+
+class RawLis:
+    """A TCP listener that reads each framed message, records it, then does `behaviour` with the
+    connection (answer, stay silent, close...)."""
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.received: list[bytes] = []
+        self.connected = threading.Event()
+        self.done = threading.Event()  # set at teardown: silent behaviours return
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.done.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                self.connected.set()
+                data = b""
+                while not data.endswith(mllp.END):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                self.received.append(data)
+                try:
+                    self.behaviour(conn, data)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.done.set()
+        self.server.close()
+
+
+@pytest.fixture
+def lis() -> Iterator[Callable[[Behaviour], RawLis]]:
+    made: list[RawLis] = []
+
+    def make(behaviour: Behaviour) -> RawLis:
+        made.append(RawLis(behaviour))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
+
+
+def framed(data: bytes) -> bytes:
+    return mllp.START + data + mllp.END
+
+
+def silent(lis: RawLis) -> Behaviour:
+    """Keeps the connection open, answering nothing, until the test ends."""
+    def behaviour(conn: socket.socket, _: bytes) -> None:
+        lis.done.wait(60)
+    return behaviour
+
+
+def test_a_well_behaved_lis_delivers(lis: Callable[[Behaviour], RawLis]) -> None:
+    server = lis(lambda conn, _: conn.sendall(framed(ack())))
+    assert mllp.send(("127.0.0.1", server.port), MESSAGE, CONTROL_ID, 5) == "AA"
+    assert server.received == [framed(MESSAGE.encode())]
+
+
+@pytest.mark.parametrize("answer, kind, said", [
+    (framed(ack(control_id="R-another")), "no-ack", "acknowledged message 'R-another', not this one"),
+    (framed(ack("AE")), "AE", "answered 'AE', not accepted"),
+    (framed(ack("AR")), "AR", "answered 'AR'"),
+    (framed(ack("CE")), "CE", "answered 'CE'"),
+    (framed(ack("CR")), "CR", "answered 'CR'"),
+    (ack(), "no-ack", "closed the connection without a whole ACK"),  # unframed, then closed
+    (framed(ack())[:40], "no-ack", "closed the connection without a whole ACK (40 bytes)"),  # closed mid-ACK
+    (framed(b"MSH|^~\\&|LIS\rERR|oops\r"), "no-ack", "the answer has no MSA segment"),
+])
+def test_an_answer_that_is_not_an_accepting_ack_of_this_message_is_not_acknowledged(
+        lis: Callable[[Behaviour], RawLis], answer: bytes, kind: str, said: str) -> None:
+    server = lis(lambda conn, _: conn.sendall(answer))
+    with pytest.raises(mllp.NotAcknowledged, match=said.replace("(", r"\(").replace(")", r"\)")) as caught:
+        mllp.send(("127.0.0.1", server.port), MESSAGE, CONTROL_ID, 5)
+    assert caught.value.kind == kind
+
+
+def test_silence_an_unframed_ack_left_open_and_a_reset_are_not_acknowledged(
+        lis: Callable[[Behaviour], RawLis]) -> None:
+    quiet = lis(lambda conn, _: None)
+    quiet.behaviour = silent(quiet)
+    def unframed_ack(conn: socket.socket, _: bytes) -> None:  # the ACK with no MLLP frame, left open
+        conn.sendall(ack())
+        unframed.done.wait(60)
+
+    unframed = lis(unframed_ack)
+
+    def reset(conn: socket.socket, _: bytes) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
+
+    resetting = lis(reset)
+    for server in (quiet, unframed):
+        with pytest.raises(mllp.NotAcknowledged, match="TimeoutError") as caught:
+            mllp.send(("127.0.0.1", server.port), MESSAGE, CONTROL_ID, 0.5)
+        assert caught.value.kind == "unreachable"
+    with pytest.raises(mllp.NotAcknowledged, match="ConnectionResetError|without a whole ACK"):
+        mllp.send(("127.0.0.1", resetting.port), MESSAGE, CONTROL_ID, 5)
+
+
+def test_an_endless_answer_is_read_only_up_to_the_bound(lis: Callable[[Behaviour], RawLis]) -> None:
+    sent = [0]
+
+    def flood(conn: socket.socket, _: bytes) -> None:
+        block = b"x" * 65536
+        while sent[0] < 64 * mllp.MAX_ACK_BYTES:
+            conn.sendall(block)
+            sent[0] += len(block)
+
+    server = lis(flood)
+    with pytest.raises(mllp.NotAcknowledged, match=f"more than {mllp.MAX_ACK_BYTES} bytes"):
+        mllp.send(("127.0.0.1", server.port), MESSAGE, CONTROL_ID, 30)
+
+
+def test_an_ack_dribbled_a_byte_at_a_time_cannot_hold_the_sender_past_its_timeout(
+        lis: Callable[[Behaviour], RawLis]) -> None:
+    """The timeout bounds the whole exchange: each byte comes well within it, the whole ACK (a byte
+    every 50 ms, ~100 bytes) well after it."""
+    def dribble(conn: socket.socket, _: bytes) -> None:
+        for byte in framed(ack()):
+            conn.sendall(bytes([byte]))
+            time.sleep(0.05)
+
+    server = lis(dribble)
+    with pytest.raises(mllp.NotAcknowledged, match="TimeoutError"):
+        mllp.send(("127.0.0.1", server.port), MESSAGE, CONTROL_ID, 1)
+
+
+def test_a_stop_ends_the_wait_for_a_silent_lis(lis: Callable[[Behaviour], RawLis]) -> None:
+    server = lis(lambda conn, _: None)
+    server.behaviour = silent(server)
+    stop = threading.Event()
+    outcome: list[BaseException] = []
+
+    def sending() -> None:
+        try:
+            mllp.send(("127.0.0.1", server.port), MESSAGE, CONTROL_ID, 300, stop)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            outcome.append(exc)
+
+    thread = threading.Thread(target=sending, daemon=True)
+    thread.start()
+    assert server.connected.wait(10)
+    stop.set()
+    thread.join(30)  # a guard against a hang, not a timing: without the stop it waits 300 s
+    assert not thread.is_alive()
+    assert isinstance(outcome[0], mllp.NotAcknowledged) and outcome[0].kind == "stopped"
+
+
+def test_a_name_that_does_not_resolve_and_a_refused_port_are_unreachable() -> None:
+    for address in (("no-such-lis.invalid", 2575), ("127.0.0.1", free_port())):
+        with pytest.raises(mllp.NotAcknowledged) as caught:
+            mllp.send(address, MESSAGE, CONTROL_ID, 5)
+        assert caught.value.kind == "unreachable"
+        assert ("gaierror" in str(caught.value)) or ("ConnectionRefusedError" in str(caught.value))
+
+
+@pytest.mark.broker
+def test_a_stopping_archive_is_not_held_by_a_lis_that_never_answers(
+        tmp_path: Path, lis: Callable[[Behaviour], RawLis]) -> None:
+    """The archive (its storer in a thread, as `smearscope archive` runs it in its main one), a
+    report published, the LIS accepting it and never answering within the archive's 300 s timeout:
+    stop() (what SIGTERM calls) ends the run, the report unacknowledged and unindexed."""
+    server = lis(lambda conn, _: None)
+    server.behaviour = silent(server)
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
+    broker.start()
+    station = Station(tmp_path, broker.port)
+    config = ArchiveConfig(
+        mqtt=MqttConfig(host="127.0.0.1", port=broker.port, username="observer"),
+        directory=tmp_path / "archive", hl7_mllp=f"127.0.0.1:{server.port}", hl7_mllp_timeout_s=300)
+    daemon = ArchiveDaemon(config, MQTT_USERS["observer"])
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    try:
+        runner.start()
+        for attempt in range(15):  # again until one reaches the archive (its subscription may not be made yet)
+            station.publish(a_report("run-1", SPECIMEN, 1_796_000_000.0 + attempt))
+            if server.connected.wait(2):
+                break
+        assert server.connected.is_set()
+        daemon.stop()
+        runner.join(60)  # a guard against a hang, not a timing: without the stop it waits 300 s
+        assert not runner.is_alive()
+        assert indexed(tmp_path / "archive") == 0 and daemon.counts["stored"] == 0
+    finally:
+        daemon.stop()
+        station.stop()
+        broker.stop()
