@@ -15,12 +15,15 @@ from pathlib import Path
 
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, free_port
-from test_archive import SPECIMEN, Station, a_report, indexed
+from test_archive import SPECIMEN, STATION, Station, a_report, envelope_of, indexed
 
 from smearscope.service.archive.daemon import ArchiveDaemon
+from smearscope.service.archive.hl7_out import Hl7Output
+from smearscope.service.archive.message import read_report
 from smearscope.service.config.archive import ArchiveConfig
 from smearscope.service.config.mqtt import MqttConfig
 from smearscope.service.hl7 import mllp
+from smearscope.service.hl7.oru import control_id, oru_r01
 
 CONTROL_ID = "R0123456789abcdef"
 MESSAGE = f"MSH|^~\\&|smearscope|lab-7|||20261130091500||ORU^R01^ORU_R01|{CONTROL_ID}|P|2.5.1\rPID|1||S-1\r"
@@ -231,3 +234,37 @@ def test_a_stopping_archive_is_not_held_by_a_lis_that_never_answers(
         daemon.stop()
         station.stop()
         broker.stop()
+
+
+def test_a_report_held_for_the_lis_is_not_written_again_to_the_folder_meanwhile(
+        tmp_path: Path, lis: Callable[[Behaviour], RawLis]) -> None:
+    """With --hl7-dir and --hl7-mllp, the LIS refusing (AE) holds the report after its file was
+    written; the engine takes the file; each try again sends to the LIS alone, the file not written
+    a second time; once accepted, both deliveries are returned for the index."""
+    answers = ["AE", "AE"]
+
+    def lab(conn: socket.socket, data: bytes) -> None:
+        msh10 = data.split(b"\r", 1)[0].split(b"|")[9].decode()
+        conn.sendall(framed(ack(answers.pop(0) if answers else "AA", msh10)))
+
+    server = lis(lab)
+    drop = tmp_path / "hl7"
+    output = Hl7Output(drop, ("127.0.0.1", server.port), 5)
+    report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    message = read_report(STATION, envelope_of(report))
+    written = drop / f"{report.report_id}.hl7"
+    with pytest.raises(mllp.NotAcknowledged, match="'AE'"):
+        output(message)
+    assert written.read_bytes().decode() == oru_r01(report)
+    written.unlink()  # the engine took it
+    with pytest.raises(mllp.NotAcknowledged, match="'AE'"):
+        output(message)
+    assert not written.exists()
+    deliveries = output(message)
+    assert not written.exists() and len(server.received) == 3
+    assert [d.destination for d in deliveries] == output.destinations
+    assert {d.control_id for d in deliveries} == {control_id(report.report_id)}
+    # another report is written as before
+    second = a_report("run-2", SPECIMEN, 1_796_000_100.0)
+    assert len(output(read_report(STATION, envelope_of(second)))) == 2
+    assert (drop / f"{second.report_id}.hl7").is_file()

@@ -6,7 +6,8 @@ Both happen before the report's index row is committed, so before the broker has
 acknowledgement: a file the disk refuses, or a message the receiver does not acknowledge (AA or
 CA), is an OSError, and the archive holds the report (unacknowledged, tried again) as it holds one
 a full disk refuses. An archive that dies before the row is committed gets the report again and
-writes and sends the same message again (the same bytes, the same MSH-10). A report delivered again
+writes and sends the same message again (the same bytes, the same MSH-10). While a report is held,
+the destinations that took it are not given it again (only the refusing one is tried again). A report delivered again
 once indexed is neither written nor sent again: the engine may have taken the first file away.
 Each delivery (a file written, a message acknowledged) is recorded in the index with the report's
 row (store.Delivery), so `smearscope archive send-hl7` (service.archive.send_hl7) sends from the index
@@ -61,6 +62,7 @@ class Hl7Output:
         self.addressing = addressing
         self.sender = sender
         self.stop = stop  # set: a send waiting for its ACK gives up (the archive stopping)
+        self._held: tuple[str, list[Delivery]] | None = None  # the report held, its deliveries made so far
 
     @property
     def destinations(self) -> list[str]:
@@ -97,4 +99,13 @@ class Hl7Output:
             logger.info("report %s from %s is a %s report: no HL7 message (only specimen reports go to the lab)",
                         message.report_id, message.station, kind)
             return []
-        return [self.deliver(d, message.report_id, oru, control_id) for d in self.destinations]
+        # a report held (one destination refused it) is offered again: the destinations that took it
+        # are not given it again (an engine that took the file would get it once per retry)
+        made = self._held[1] if self._held is not None and self._held[0] == message.report_id else []
+        self._held = (message.report_id, made)
+        done = {d.destination for d in made}
+        for destination in self.destinations:
+            if destination not in done:
+                made.append(self.deliver(destination, message.report_id, oru, control_id))
+        self._held = None
+        return made
