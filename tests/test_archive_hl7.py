@@ -6,6 +6,7 @@ written again; a full HL7 folder holds the report unacknowledged until space ret
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,3 +133,35 @@ def test_show_hl7_of_a_report_not_there_or_not_readable_says_so(tmp_path: Path,
     assert main(["archive", "show", stored.report_id, "--dir", str(tmp_path / "a"), "--hl7"]) == 1
     assert "cannot be read as a report of this smearscope" in capsys.readouterr().err
     assert main(["archive", "show", "nope", "--dir", str(tmp_path / "a"), "--hl7"]) == 1
+
+
+def test_an_hl7_folder_replaced_by_a_link_holds_the_report_said_once_until_the_folder_is_back(
+        tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
+    directory, hl7_dir, elsewhere = tmp_path / "archive", tmp_path / "to-lis", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    archive = hl7_archive(tmp_path, persistent_broker.port, directory, hl7_dir)
+    station = Station(tmp_path, persistent_broker.port)
+    try:
+        archive.start()
+        first = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+        station.publish(first)
+        assert wait_until(lambda: indexed(directory) == 1, 30), archive.text()
+        hl7_dir.rename(tmp_path / "to-lis.real")
+        hl7_dir.symlink_to(elsewhere)
+        second = a_report("run-2", SPECIMEN, 1_796_000_100.0)
+        station.publish(second)
+        assert wait_until(lambda: "NOT acknowledged" in archive.text(), 30), archive.text()
+        assert f"the HL7 folder {hl7_dir} was replaced by a symbolic link (to {elsewhere})" in archive.text()
+        time.sleep(11)  # two more tries (every 5 s): not said again, nothing written through the link
+        assert indexed(directory) == 1 and list(elsewhere.iterdir()) == []
+        hl7_dir.unlink()
+        (tmp_path / "to-lis.real").rename(hl7_dir)
+        assert wait_until(lambda: indexed(directory) == 2, 30), archive.text()
+        assert (hl7_dir / f"{second.report_id}.hl7").read_bytes() == oru_r01(second).encode("utf-8")
+        assert archive.text().count("cannot store report") == 1
+        assert "storing again: report" in archive.text()
+    finally:
+        archive.stop()
+        station.stop()
+    assert list(elsewhere.iterdir()) == []
+    assert "tries to store again this run" in archive.text() and " 0 tries to store again" not in archive.text()

@@ -16,6 +16,7 @@ only what was not delivered there.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -48,6 +49,20 @@ def oru_of(payload: bytes, addressing: Addressing | None = None) -> tuple[str, s
     return report.kind, oru_r01(report, addressing), control_id(report.report_id)
 
 
+class DropFolderLinked(OSError):
+    """The HL7 folder, a folder when the archive started, is a symbolic link now: nothing is written
+    through it (held, as a full folder holds a report), wherever it leads."""
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            target = str(directory.readlink())
+        except OSError:
+            target = "?"
+        super().__init__(errno.ELOOP, f"the HL7 folder {directory} was replaced by a symbolic link (to {target}): "
+                         "nothing is written through it; put the folder back, or restart the archive with "
+                         "--hl7-dir naming where the files should go")
+
+
 class Hl7Output:
     """Called with each new report before its row is committed (ArchiveStore's `on_new_report`)."""
 
@@ -73,6 +88,8 @@ class Hl7Output:
     def deliver(self, destination: str, report_id: str, oru: str, control_id: str) -> Delivery:
         """Write or send one message to one of `destinations`; OSError when it is not delivered."""
         if destination.startswith("file:") and self.directory is not None:
+            if self.directory.is_symlink():  # it was a folder at start (resolved): not written through a link
+                raise DropFolderLinked(self.directory)
             path = self.directory / f"{report_id}{SUFFIX}"
             write_atomically(path, oru.encode("utf-8"), MODE)
             logger.info("wrote the HL7 message of report %s: %s", report_id, path)
