@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +48,7 @@ class Lis:
     def __init__(self, port: int, answers: tuple[str, ...] = ()) -> None:
         self.received: list[str] = []
         self.answers = list(answers)
+        self.on_receive: Callable[[], None] | None = None  # called with each message, before the ACK
         lis = self
 
         class Oru(AbstractHandler):
@@ -55,6 +56,8 @@ class Lis:
                 message = self.incoming_message
                 parsed(message)  # strict v2.5.1 ORU_R01, as test_hl7 validates
                 lis.received.append(message)
+                if lis.on_receive is not None:
+                    lis.on_receive()
                 code = lis.answers.pop(0) if lis.answers else "AA"
                 msh10 = message.split("\r", 1)[0].split("|")[9]
                 ack = (f"MSH|^~\\&|LIS|LAB|smearscope|lab-7|20261130091500||ACK^R01^ACK|A{msh10[:19]}|P|2.5.1\r"
@@ -152,6 +155,37 @@ def test_a_report_held_for_the_lab_system_survives_a_killed_archive(
         station.stop()
         if lis is not None:
             lis.stop()
+
+
+def test_a_message_the_lab_system_had_when_the_archive_was_killed_comes_again_with_the_same_msh_10(
+        tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
+    """At least once: the LIS takes the message and the archive is killed before it has the ACK (as
+    after the ACK and before the index row); the next start sends it again, byte for byte, so the
+    LIS recognises it by MSH-10; then it is indexed once and not sent a third time."""
+    lis_port = free_port()
+    archive = mllp_archive(tmp_path, persistent_broker.port, lis_port)
+    station = Station(tmp_path, persistent_broker.port)
+    lis = Lis(lis_port)
+    lis.on_receive = archive.kill
+    try:
+        archive.start()
+        report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+        station.publish(report)
+        assert wait_until(lambda: len(lis.received) == 1 and archive.proc is not None
+                          and archive.proc.poll() is not None, 30), archive.text()
+        assert indexed(tmp_path / "archive") == 0
+        lis.on_receive = None
+        archive.start()
+        assert wait_until(lambda: indexed(tmp_path / "archive") == 1, 30), archive.text()
+        assert lis.received == [oru_r01(report)] * 2
+        assert {parsed(m).msh.msh_10.value for m in lis.received} == {control_id(report.report_id)}
+        archive.stop()
+        archive.start()  # the broker has nothing more for it: nothing sent again
+        assert len(lis.received) == 2 and indexed(tmp_path / "archive") == 1
+    finally:
+        archive.stop()
+        station.stop()
+        lis.stop()
 
 
 @pytest.mark.parametrize(("answer", "accepted"), [
