@@ -268,3 +268,24 @@ def test_a_report_held_for_the_lis_is_not_written_again_to_the_folder_meanwhile(
     second = a_report("run-2", SPECIMEN, 1_796_000_100.0)
     assert len(output(read_report(STATION, envelope_of(second)))) == 2
     assert (drop / f"{second.report_id}.hl7").is_file()
+
+
+def test_the_log_names_reports_not_their_messages(tmp_path: Path, lis: Callable[[Behaviour], RawLis],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A delivery is logged at INFO by report id, path and MSH-10; a LIS that echoes the message back
+    instead of an ACK is said with the answer's start alone (MSH): no PID, OBX or specimen id."""
+    def accept(conn: socket.socket, data: bytes) -> None:
+        conn.sendall(framed(ack("AA", data.split(b"\r", 1)[0].split(b"|")[9].decode())))
+
+    accepting, echoing = lis(accept), lis(lambda conn, data: conn.sendall(data))
+    report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    message = read_report(STATION, envelope_of(report))
+    caplog.set_level("DEBUG")
+    assert len(Hl7Output(tmp_path / "hl7", ("127.0.0.1", accepting.port), 5)(message)) == 2
+    with pytest.raises(mllp.NotAcknowledged) as caught:
+        Hl7Output(None, ("127.0.0.1", echoing.port), 5)(message)
+    said = [r.getMessage() for r in caplog.records] + [str(caught.value)]
+    assert "the answer has no MSA segment: 'MSH|" in said[-1]
+    assert any(report.report_id in line for line in said)
+    for line in said:
+        assert "PID|" not in line and "OBX|" not in line and SPECIMEN not in line, line
