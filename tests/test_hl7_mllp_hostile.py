@@ -289,3 +289,31 @@ def test_the_log_names_reports_not_their_messages(tmp_path: Path, lis: Callable[
     assert any(report.report_id in line for line in said)
     for line in said:
         assert "PID|" not in line and "OBX|" not in line and SPECIMEN not in line, line
+
+
+def test_a_stop_ends_a_connection_the_lis_never_completes() -> None:
+    """A listener whose accept queue is full (backlog 0, one connection waiting, never accepted)
+    drops the SYN: the connection hangs until the 300 s timeout, unless the stop ends it."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port), timeout=5)
+    stop = threading.Event()
+    outcome: list[BaseException] = []
+
+    def sending() -> None:
+        try:
+            mllp.send(("127.0.0.1", port), MESSAGE, CONTROL_ID, 300, stop)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            outcome.append(exc)
+
+    thread = threading.Thread(target=sending, daemon=True)
+    try:
+        thread.start()
+        thread.join(0.5)  # let it reach the connection (either way, the stop must end it)
+        stop.set()
+        thread.join(30)  # a guard against a hang, not a timing: without the stop it waits 300 s
+        assert not thread.is_alive()
+        assert isinstance(outcome[0], mllp.NotAcknowledged) and outcome[0].kind == "stopped"
+    finally:
+        filler.close()
+        listener.close()

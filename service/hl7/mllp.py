@@ -9,10 +9,14 @@ OSError, so the archive holds the report as it holds one a full disk refuses, an
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from smearscope.service.hl7.encode import FIELD, SEGMENT_END
 
@@ -53,6 +57,33 @@ def _ack_of(data: bytes) -> tuple[str, str, str]:
     raise NotAcknowledged(f"the answer has no MSA segment: {text[:120]!r}")
 
 
+def _connect(host: str, port: int, left: Callable[[], float]) -> socket.socket:
+    """A connection to `host`:`port` (each address it resolves to, in turn), its wait cut in slices
+    of `left()` (which raises when the deadline passed or the archive stops): a listener whose
+    SYNs go unanswered cannot hold a stopping archive. The name lookup is the resolver's."""
+    error: OSError = OSError(f"{host} resolves to no address")
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            code = sock.connect_ex(addr)
+            while code == errno.EINPROGRESS:
+                if select.select([], [sock], [], left())[1]:
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, os.strerror(code))
+            return sock
+        except NotAcknowledged:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            error = exc
+            if isinstance(exc, TimeoutError):
+                break
+    raise error
+
+
 def send(address: tuple[str, int], message: str, control_id: str, timeout_s: float,
          stop: threading.Event | None = None) -> str:
     """Send `message` and return the ACK's MSA-1 (AA or CA); NotAcknowledged (an OSError) otherwise.
@@ -73,7 +104,7 @@ def send(address: tuple[str, int], message: str, control_id: str, timeout_s: flo
         return min(remaining, STOP_POLL_S) if stop is not None else remaining
 
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as conn:
+        with _connect(host, port, left) as conn:
             conn.settimeout(max(deadline - time.monotonic(), 0.001))
             conn.sendall(START + message.encode("utf-8") + END)
             chunks: list[bytes] = []
