@@ -185,7 +185,7 @@ def test_every_error_a_station_command_answers_is_in_the_command_table():
 COMMAND_HANDLERS = {
     "start_run": [("commands", "_start_run")], "stop_run": [("commands", "_stop_run")],
     "analyze_file": [("commands", "_analyze_file"), ("workers", "_finish")],
-    "get_review": [("clinic", "get_review"), ("review", "page")], "type_cells": [("clinic", "type_cells")],
+    "get_review": [("clinic", "get_review"), ("review", "page")], "type_cells": [("type_cells_command", "type_cells")],
     "verify_run": [("clinic", "verify")], "reload": [("daemon", "reload")],
 }
 

@@ -116,6 +116,9 @@ def test_a_run_started_for_a_specimen_survives_a_power_cut_before_its_first_fiel
                             60), first.lines[-20:]
         started = _command(sub, "start_run", {"specimen_id": SPECIMEN, "target_wbc": 500})
         assert started["ok"] and started["specimen_id"] == SPECIMEN, (started, first.lines[-20:])
+        # said open with no field at once: every dashboard sees the run started
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/run" and json.loads(m.payload)["run_id"] == started["run_id"]
+                                           for m in ms), 15)
         first.signal(signal.SIGKILL)  # the power goes before the first file
         assert first.wait(10) == -signal.SIGKILL
         assert _started_rows(config) == [(started["run_id"], "command", 500, SPECIMEN)]
@@ -147,10 +150,12 @@ def test_a_run_started_for_a_specimen_survives_a_power_cut_before_its_first_fiel
     (report,) = [e["body"] for e in envelopes(sub, f"{BASE}/report")]
     assert report["run_id"] == started["run_id"] and report["specimen_id"] == SPECIMEN
     assert report["fields_analyzed"] == 1 and report["end_reason"] == "stopped"
-    # its state goes out from its first field on, as before the cut: no "open" state of no field
+    # open with no field at start_run and again when the restart takes it back, then as its fields come
     mine = [json.loads(m.payload) for m in sub.on_topic(f"{BASE}/run")]
-    assert [(s["state"], s["progress"]["fields"]) for s in mine if s["run_id"] == started["run_id"]] == [
-        ("open", 1), ("closed", 1)]
+    # (the state the first process stored may go out again from the outbox after the cut)
+    said = [(s["state"], s["progress"]["fields"], s["report"] is None) for s in mine if s["run_id"] == started["run_id"]]
+    assert [x for k, x in enumerate(said) if k == 0 or said[k - 1] != x] == [
+        ("open", 0, True), ("open", 1, False), ("closed", 1, False)], said
     assert _started_rows(config) == []
 
 
@@ -158,8 +163,9 @@ def test_a_run_started_before_a_restart_past_its_idle_timeout_is_closed_and_said
     tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The run start_run left in the file (no field of it stored) began longer ago than the idle
-    timeout: the start closes it, says so at WARNING naming its specimen, publishes no state or
-    report for it and lists it nowhere; the next field starts a run of its own."""
+    timeout: the start closes it, says so at WARNING naming its specimen, publishes its state closed
+    with no field (the previous process said it open) but no report, and get_runs does not list it;
+    the next field starts a run of its own."""
     config, inbox = _station(tmp_path, broker, idle_timeout_s=60.0)
     outbox_path = load_config(config).mqtt.outbox.path
     outbox_path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +190,10 @@ def test_a_run_started_before_a_restart_past_its_idle_timeout_is_closed_and_said
         runs = _command(sub, "get_runs")
     (report,) = [e["body"] for e in envelopes(sub, f"{BASE}/report")]
     assert report["run_id"] == field["run_id"] and report["specimen_id"] is None
-    assert old.run_id not in {json.loads(m.payload)["run_id"] for m in sub.on_topic(f"{BASE}/run")}
+    # its state, closed with no field (the previous process had said it open), and no report
+    assert [(s["state"], s["end_reason"], s["progress"]["fields"], s["progress"]["specimen_id"], s["report"])
+            for s in map(json.loads, (m.payload for m in sub.on_topic(f"{BASE}/run"))) if s["run_id"] == old.run_id
+            ] == [("closed", "restart", 0, SPECIMEN, None)]
     assert [r["run_id"] for r in runs["runs"]] == [field["run_id"]]
 
 
@@ -260,3 +269,69 @@ def test_a_start_on_a_full_disk_is_said_and_the_run_goes_on(tmp_path: Path, capl
         later = SpecimenRun(target_wbc=100, started_at=1e6, started_by="command", specimen_id="H-3")
         state.run_started(later)
         assert later.run_id in outbox.read(lambda conn: [r[0] for r in conn.execute("SELECT run_id FROM started_runs")])
+
+
+def _run_states(messages: list[Any], run_id: str) -> list[tuple[Any, ...]]:
+    return [(s["state"], s["end_reason"], s["progress"]["fields"], s["progress"]["specimen_id"], s["report"])
+            for s in (json.loads(m.payload) for m in messages if m.topic == f"{BASE}/run") if s["run_id"] == run_id]
+
+
+def _retained_run_state(broker: MosquittoBroker) -> dict[str, Any]:
+    """What a dashboard opened now gets on the run topic: the broker's retained state."""
+    late = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/run"])
+    try:
+        late.wait_ready()
+        assert late.wait_for(lambda ms: len(ms) > 0, 10)
+        assert late.messages[0].retain
+        return dict(json.loads(late.messages[0].payload))
+    finally:
+        late.close()
+
+
+def test_a_run_stopped_before_any_field_is_the_retained_run_state_and_the_next_start_holds_it(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """start_run, then stop_run before any field (after a run with a field): the station says the
+    run open (no field, `report` null), then closed (stopped, no field); the broker keeps that state
+    retained, no longer the run before's. No report or FHIR bundle names the run and get_runs does
+    not list it (nothing to show or sign). The next start takes that state for its own (no
+    older-state ERROR) and publishes it again as the station's last."""
+    config, inbox = _station(tmp_path, broker)
+    caplog.set_level(logging.INFO)
+    with _observed_station(config, broker) as (sub, daemon, stop):
+        _field(inbox, "a.png", 60)
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/field" for m in ms), 30)
+        first = _command(sub, "stop_run")
+        assert first["ok"] and first["fields"] == 1
+        assert sub.wait_for(lambda ms: ("closed", "stopped") in [s[:2] for s in _run_states(ms, first["run_id"])], 15)
+        started = _command(sub, "start_run", {"specimen_id": SPECIMEN, "target_wbc": 200})
+        assert started["ok"], started
+        assert sub.wait_for(lambda ms: _run_states(ms, started["run_id"]) != [], 15)
+        stopped = _command(sub, "stop_run")
+        assert stopped["ok"] and stopped["fields"] == 0 and stopped["report_id"] is None, stopped
+        assert sub.wait_for(lambda ms: len(_run_states(ms, started["run_id"])) == 2, 15)
+        runs = _command(sub, "get_runs")
+        stop()
+    assert _run_states(sub.messages, started["run_id"]) == [("open", None, 0, SPECIMEN, None),
+                                                   ("closed", "stopped", 0, SPECIMEN, None)]
+    retained = _retained_run_state(broker)
+    assert (retained["run_id"], retained["state"], retained["progress"]["fields"]) == (started["run_id"], "closed", 0)
+    assert [m.topic for m in sub.messages if started["run_id"].encode() in m.payload
+            and m.topic != f"{BASE}/run" and not m.topic.startswith(f"{BASE}/cmd_response/")] == []
+    assert [e["body"]["run_id"] for e in envelopes(sub, f"{BASE}/report")] == [first["run_id"]]
+    assert [r["run_id"] for r in runs["runs"]] == [first["run_id"]]
+
+    caplog.clear()
+    with _observed_station(config, broker) as (sub, daemon, _):
+        assert wait_until(lambda: daemon.publisher is not None, 30)
+        assert daemon.publisher is not None
+        watch = daemon.publisher.run_watch
+        assert wait_until(lambda: not watch.listening, 30)  # the broker's retained state compared
+        # sent again at the start: the run without a field is the station's last
+        assert sub.wait_for(lambda ms: sum(not m.retain for m in ms if m.topic == f"{BASE}/run") > 0, 15)
+    assert watch.newer is None
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    again = [json.loads(m.payload) for m in sub.on_topic(f"{BASE}/run") if not m.retain]
+    assert [(s["run_id"], s["state"], s["end_reason"], s["progress"]["fields"]) for s in again] == [
+        (started["run_id"], "closed", "stopped", 0)]
+    assert _retained_run_state(broker)["run_id"] == started["run_id"]

@@ -443,7 +443,7 @@ def test_a_large_command_gets_an_answer_that_lists_a_few_and_counts_the_rest(typ
     """A dashboard that sends a whole run's types at once, some entries bad: the answer lists the
     first MAX_LISTED cells typed and errors and counts them all, so it stays one small message
     whatever was sent."""
-    from smearscope.service.station.clinic import MAX_LISTED
+    from smearscope.service.station.type_cells_command import MAX_LISTED
 
     _, _, feed, _, _, typed, answer, _, _ = typed_station
     again = typed * 2  # the same types again: nothing changes in the file

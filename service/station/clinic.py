@@ -7,8 +7,10 @@ specimen report, the live state of the open run for dashboards, and the review g
 - Live run state: after each field, `<prefix>/<station>/run` (retained, QoS 1) carries the open
   run's interim aggregates (the specimen report without its cells), its progress toward the WBC
   target and how much review material it has; when the run ends, its final aggregates with
-  `state: "closed"`. It goes through the outbox as an evictable message (kind `field`), so after
-  an outage the states arrive in order and the last one stays retained.
+  `state: "closed"`. A run start_run opened says so at once (open, no field yet, `report` null)
+  and, should it end without a field, closed with none. It goes through the outbox as an
+  evictable message (kind `field`), so after an outage the states arrive in order and the last
+  one stays retained.
 - Review gallery (`[review]`): crops and overlays (service.station.review), served by the
   `get_review` command; white cells a technician types there (`type_cells`) are stored in the
   typed-cells file (service.station.typed_cells) for `smearscope adapt-wbc --station`.
@@ -29,9 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from smearscope.service.analysis.morphology import SIZE_BASED
 from smearscope.service.analysis.pipeline import FieldResult
-from smearscope.service.analysis.records import ARTEFACT
 from smearscope.service.analysis.report import Report, Verification
 from smearscope.service.config import MqttConfig, StationConfig
 from smearscope.service.fhir.bundle import report_bundle
@@ -40,7 +40,7 @@ from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, Stat
 from smearscope.service.station.durable import KEEP_CLOSED_RUNS
 from smearscope.service.station.live_state import LiveState
 from smearscope.service.station.review import ReviewGallery, WbcTyping, needs_review
-from smearscope.service.station.run_records import EndReason
+from smearscope.service.station.run_records import EndReason, RunProgress, has_states
 from smearscope.service.station.specimen import (
     ClosedRun,
     SpecimenRun,
@@ -48,6 +48,7 @@ from smearscope.service.station.specimen import (
     cell_keys,
     type_applies,
 )
+from smearscope.service.station.type_cells_command import type_cells
 from smearscope.service.station.typed_cells import (
     TypedCellsError,
     TypedCellStore,
@@ -57,14 +58,6 @@ from smearscope.service.station.typed_cells import (
 
 logger = logging.getLogger(__name__)
 
-#: Cells one type_cells command may type.
-MAX_TYPED_PER_COMMAND = 500
-#: Cells and errors an answer lists (the rest counted: `cells_count`, `errors_count`), so it stays small.
-MAX_LISTED = 20
-#: Longest field id a typed cell may name (the station's own are far shorter).
-MAX_FIELD_ID = 256
-#: Above any field's cell count (SQLite integers are 64-bit; a larger index is no cell).
-MAX_CELL_INDEX = 2**31
 RUN_TOPIC = "run"
 RUN_SCHEMA = "run-1"
 FHIR_CONTENT_TYPE = "application/fhir+json; fhirVersion=4.0"
@@ -117,6 +110,7 @@ class ClinicFeed:
         # below the station's packet limit too (topic, properties and envelope need room)
         self.max_state_bytes = min(config.review.max_message_kb * 1024, config.mqtt.max_packet_size - 1024)
         self.live = LiveState()  # the last run state, sent after what it counts is stored
+        self._last_closed: str | None = None  # the last run closed (with a report or none): verify_run's live state
 
     def start(self, analyzer: Any, closed: Sequence[ClosedRun],
               load_run: Callable[[str], SpecimenRun | None] | None = None,
@@ -132,17 +126,19 @@ class ClinicFeed:
         station was away may hold none, or an older one). The last live state goes out again
         after every reconnect of `publisher`, for the same reason. A run the `tracker`
         (SpecimenTracker) resumed, left open by the previous process, publishes its state, open
-        (one with no field yet, started by start_run, publishes nothing until its first field)."""
+        (one start_run opened with no field yet: open with none). `closed` may hold runs start_run
+        opened that ended without a field (report None): their state, closed with none, is the
+        last one when they closed last."""
         self._load_run = load_run
         self.attach_wbc_head(getattr(analyzer, "wbc_head", None), getattr(analyzer, "rbc_head", None))
         progress = tracker.progress() if tracker is not None else None
-        if progress is not None and progress.fields == 0:  # a run with no field publishes nothing, as before
-            progress = None
         for i, run in enumerate(closed):
             self.run_closed(run, publisher, live=run.run_id in announce or (
                 not announce and progress is None and i == len(closed) - 1))
-        if progress is not None and (interim := tracker.interim_report(with_cells=False)) is not None:
-            self._publish(publisher, interim, "open", progress.as_dict(), None)
+        if progress is not None and progress.fields == 0:  # start_run's, taken back before its first field
+            self.run_opened(progress, publisher)
+        elif progress is not None and (interim := tracker.interim_report(with_cells=False)) is not None:
+            self._publish(publisher, progress.run_id, interim, "open", progress.as_dict(), None)
         if publisher is not None:
             publisher.on_reconnected = lambda: self.republish(publisher)
         if (watch := getattr(publisher, "run_watch", None)) is not None:  # the runs this state holds
@@ -212,18 +208,34 @@ class ClinicFeed:
             progress = tracker.progress()
             interim = tracker.interim_report(with_cells=False) if progress is not None else None
             if progress is not None and interim is not None and progress.run_id == run_id:
-                self._publish(publisher, interim, "open", progress.as_dict(), None)
+                self._publish(publisher, run_id, interim, "open", progress.as_dict(), None)
         except Exception:
             logger.exception("review/live state of field %s failed (its analysis and report are not affected)",
                              result.report.report_id)
 
+    def run_opened(self, progress: RunProgress, publisher: OutboxPublisher | None) -> None:
+        """start_run opened a run: its state, open with no field yet (`report` null)."""
+        try:
+            self._publish(publisher, progress.run_id, None, "open", progress.as_dict(), None)
+        except Exception:
+            logger.exception("live state of run %s failed (the run is open all the same)", progress.run_id)
+
     def run_closed(self, closed: ClosedRun, publisher: OutboxPublisher | None, live: bool = True) -> None:
         """A run's report went out: kept for verification (the analyzer's run; its cells hold no masks),
-        and, when `live`, published as the retained run state."""
+        and, when `live`, published as the retained run state. A run with no field (report None) has
+        nothing to keep: its state, closed with no field, goes out when start_run opened it (`has_states`)."""
         if closed.report is None:
+            self._last_closed = closed.run_id
+            if live and has_states(closed.started_by, closed.fields):
+                try:
+                    self._publish(publisher, closed.run_id, None, "closed", closed.progress(), closed.end_reason)
+                except Exception:
+                    logger.exception("live state of closed run %s failed", closed.run_id)
             return
         with self._lock:
             known = self._closed.get(closed.run_id)
+            if live or known is None:  # a verified run is the last closed only when it was
+                self._last_closed = closed.run_id
             run = None if self._load_run is not None else known.run if known is not None else closed.run
             # its report without the cell list (as the outbox file keeps it): a verification reads
             # only its id, and the cells of 4 long runs would be most of the station's memory
@@ -234,30 +246,30 @@ class ClinicFeed:
         if not live:
             return
         try:
-            self._publish(publisher, closed.report, "closed", closed.progress(), closed.end_reason)
+            self._publish(publisher, closed.run_id, closed.report, "closed", closed.progress(), closed.end_reason)
         except Exception:
             logger.exception("live state of closed run %s failed (its report stands)", closed.run_id)
 
-    def run_state(self, report: Report, state: str, progress: dict[str, Any],
+    def run_state(self, run_id: str | None, report: Report | None, state: str, progress: dict[str, Any],
                   end_reason: str | None) -> dict[str, Any]:
-        """The live run message: the run's aggregates (no cells), progress and review counts."""
-        body = report.model_dump(mode="json", exclude={"cells", "cell_detail"})
-        review = self.gallery.summary(report.run_id) if self.gallery and report.run_id else None
-        return {"station_id": self.station_id, "run_id": report.run_id, "state": state,
+        """The live run message: the run's aggregates (no cells; null for a run with no field yet),
+        progress and review counts."""
+        body = report.model_dump(mode="json", exclude={"cells", "cell_detail"}) if report is not None else None
+        review = self.gallery.summary(run_id) if self.gallery and run_id else None
+        return {"station_id": self.station_id, "run_id": run_id, "state": state,
                 "end_reason": end_reason, "updated_at": time.time(), "progress": progress,
-                "report": body, "rbc_grades": rbc_grades(report), "review": review}
+                "report": body, "rbc_grades": rbc_grades(report) if report is not None else None, "review": review}
 
-    def _publish(self, publisher: OutboxPublisher | None, report: Report, state: str,
+    def _publish(self, publisher: OutboxPublisher | None, run_id: str, report: Report | None, state: str,
                  progress: dict[str, Any], end_reason: str | None) -> None:
         if publisher is None:
             return
-        payload = json.dumps(self.run_state(report, state, progress, end_reason)).encode()
+        payload = json.dumps(self.run_state(run_id, report, state, progress, end_reason)).encode()
         if len(payload) > self.max_state_bytes:
             logger.warning("live run state of %s is %d bytes, above review.max_message_kb; not sent",
-                           report.run_id, len(payload))
+                           run_id, len(payload))
             return
-        message = NewMessage("field", _topic(publisher, RUN_TOPIC), payload, report.run_id or report.report_id,
-                             RUN_SCHEMA, qos=1, retain=True)
+        message = NewMessage("field", _topic(publisher, RUN_TOPIC), payload, run_id, RUN_SCHEMA, qos=1, retain=True)
         self.live.publish(publisher, message)
 
     def republish(self, publisher: OutboxPublisher) -> None:
@@ -284,117 +296,9 @@ class ClinicFeed:
 
 
     def type_cells(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        """`cmd/type_cells {"run_id": ..., "cells": [{"field_id": ..., "cell": 3, "type": "lymphocyte"}]}`
-        (on the command thread): store the types a technician gave white cells of the gallery (a
-        cell typed before may be retyped after its run left the gallery: its features are in the
-        file); an empty type (or null) removes a cell's from the file. Each cell is answered on its
-        own (`errors` by index)."""
-        gallery = self.gallery
-        if gallery is None:
-            return {"ok": False, "error": "review_off", "message": "the review gallery is off ([review] enabled = false)"}
-        typing = gallery.typing
-        if typing is None:
-            return {"ok": False, "error": "typing_off", "message": "this station keeps no white-cell features "
-                    "([review] typing = false, or the WBC head has no features output)"}
-        run_id, cells = arguments.get("run_id"), arguments.get("cells")
-        if run_id is not None and not isinstance(run_id, str):
-            return {"ok": False, "error": "bad_arguments", "message": "run_id must be a string"}
-        run_id = run_id or gallery.latest_run()
-        if not run_id:
-            return {"ok": False, "error": "bad_arguments", "message": "no run_id given and no run in the gallery"}
-        if not isinstance(cells, list) or not cells or len(cells) > MAX_TYPED_PER_COMMAND:
-            return {"ok": False, "error": "bad_arguments",
-                    "message": f"cells must be a list of 1 to {MAX_TYPED_PER_COMMAND} "
-                    '{"field_id": ..., "cell": N, "type": ...}'}
-        try:
-            store = self._open_store()
-        except TypedCellsError as exc:
-            logger.error("typed cells: %s", exc.message)
-            return {"ok": False, "error": exc.code, "message": exc.message}
-        stored = removed = 0
-        errors: list[dict[str, Any]] = []
-        done: list[dict[str, Any]] = []
-        try:  # one transaction, synced once: every cell answered stored is on the disk before the answer
-            with store.batch():
-                for k, item in enumerate(cells):
-                    field_id = item.get("field_id") if isinstance(item, dict) else None
-                    cell = item.get("cell") if isinstance(item, dict) else None
-                    type_ = item.get("type") if isinstance(item, dict) else None
-                    if (not isinstance(item, dict) or not set(item) <= {"field_id", "cell", "type"}
-                            or not isinstance(field_id, str) or not 0 < len(field_id) <= MAX_FIELD_ID
-                            or not isinstance(cell, int) or isinstance(cell, bool) or not 0 <= cell < MAX_CELL_INDEX
-                            or not (type_ is None or isinstance(type_, str))):
-                        errors.append({"index": k, "error": "bad_cell", "message": "expected field_id (a string of 1 to "
-                                       f"{MAX_FIELD_ID} characters), cell (integer from 0 to {MAX_CELL_INDEX - 1}) and "
-                                       "type (string or null), and nothing else"})
-                        continue
-                    where = {"index": k, "field_id": field_id, "cell": cell}
-                    found = gallery.typeable(run_id, field_id, cell)
-                    try:
-                        # a white cell takes the WBC head's types, a red cell the RBC head's (at an
-                        # estimated scale, none of the size-based ones)
-                        kind = found.kind if found is not None else store.kind_of(run_id, field_id, cell)
-                        if kind is None and type_:  # whatever the type: which head's types it takes is not known
-                            errors.append({**where, "error": "not_typeable", "message": "not a cell of the gallery "
-                                           "(of a run it no longer holds?) and not typed before"})
-                            continue
-                        if found is None and kind == "rbc" and type_ in SIZE_BASED:  # whether its scale was calibrated
-                            errors.append({**where, "error": "unknown_type", "message": "a size-based type for a red "
-                                           "cell the gallery no longer holds: whether its scale was calibrated is not known"})
-                            continue
-                        kind = kind or "wbc"
-                        allowed = (*(found.types if found is not None and found.types is not None
-                                     else typing.rbc_classes if kind == "rbc" else typing.classes), ARTEFACT)
-                        if type_ and type_ not in allowed:
-                            errors.append({**where, "error": "unknown_type",
-                                           "message": f"not a type this {kind.upper()} cell can be given ({', '.join(allowed)})"})
-                            continue
-                        if type_ and store.disk_low():  # a removal still goes: it takes no room
-                            errors.append({**where, "error": "typed_cells_disk_low", "message": "the disk has less than "
-                                           f"{self._min_free_bytes / 2**20:.0f} MB free ([review] min_free_disk_mb): "
-                                           "the outbox needs the room; nothing stored"})
-                            continue
-                        if not type_:  # removed from the file, whether or not the gallery still holds the cell
-                            removed += store.remove(run_id, field_id, cell)
-                        elif found is not None:
-                            if not store.put(run_id, field_id, cell, type_, found, live_runs=self._live_runs()):
-                                errors.append({**where, "error": "typed_cells_full",
-                                               "message": f"the typed-cells file holds {store.max_rows} cells; fit the "
-                                               "station means (smearscope adapt-wbc --station), verify the runs still to "
-                                               "verify, then move it away to type more"})
-                                continue
-                            stored += 1
-                        elif store.retype(run_id, field_id, cell, type_, kind):  # typed before: its features are stored
-                            stored += 1
-                        else:  # typed before, its row removed meanwhile (another page)
-                            errors.append({**where, "error": "not_typeable", "message": "not a cell of the gallery "
-                                           "(of a run it no longer holds?) and not typed before"})
-                            continue
-                    except (sqlite3.Error, OSError) as exc:  # answered, never raised into the command thread
-                        logger.error("typed cells: storing %s/%s/%s failed: %s", run_id, field_id, cell, exc)
-                        errors.append({**where, "error": "typed_cells_unavailable", "message": str(exc)[:200]})
-                        continue
-                    done.append({"field_id": field_id, "cell": cell, "type": type_ or None})
-        except (sqlite3.Error, OSError) as exc:  # the transaction lost: none of its cells is stored
-            logger.error("typed cells: storing the %d cell(s) of a command for %s failed: %s", len(cells), run_id, exc)
-            answered = {e["index"] for e in errors}
-            errors = sorted(errors + [{"index": k, **({"field_id": item.get("field_id"), "cell": item.get("cell")}
-                                                      if isinstance(item, dict) else {}),
-                                       "error": "typed_cells_unavailable", "message": str(exc)[:200]}
-                                      for k, item in enumerate(cells) if k not in answered], key=lambda e: e["index"])
-            stored = removed = 0
-            done = []
-        for d in done:  # shown typed once stored
-            gallery.mark_typed(run_id, d["field_id"], d["cell"], d["type"])
-        try:
-            totals = store.counts(typing.model_sha256, typing.views, self.microns_per_pixel)
-        except sqlite3.Error as exc:
-            logger.error("typed cells: counting failed: %s", exc)
-            totals = None
-        # the answer stays small whatever was sent: lists trimmed, their lengths given
-        return {"ok": not errors, "run_id": run_id, "stored": stored, "removed": removed,
-                "cells": done[:MAX_LISTED], "cells_count": len(done), "errors": errors[:MAX_LISTED],
-                "errors_count": len(errors), "typed_per_type": totals, "model_sha256": typing.model_sha256}
+        """`cmd/type_cells` (on the command thread): service.station.type_cells_command."""
+        return type_cells(arguments, self.gallery, self._open_store, self._live_runs, self._min_free_bytes,
+                          self.microns_per_pixel)
 
     def _live_runs(self) -> set[str]:
         """The runs whose types still count: the gallery's and the closed ones that can be verified."""
@@ -413,7 +317,7 @@ class ClinicFeed:
         for c in closed:
             if c.report is None:
                 continue
-            state = self.run_state(c.report, "closed", c.progress(), c.end_reason)
+            state = self.run_state(c.run_id, c.report, "closed", c.progress(), c.end_reason)
             runs.append({**state, "updated_at": c.report.created_at})  # when its latest report was made
         omitted = 0
         while runs and len(json.dumps(runs)) > self.max_state_bytes - 256:
@@ -466,8 +370,8 @@ class ClinicFeed:
             reclassified=changed, left_to_review=left,
             supersedes_verified_by=None if earlier is None else earlier.verified_by,
             supersedes_verified_at=None if earlier is None else earlier.verified_at)})
-        with self._lock:
-            live = open_run is None and next(reversed(self._closed), None) == run_id
+        with self._lock:  # not when a run closed since, one with no field included
+            live = open_run is None and self._last_closed == run_id
         return (dataclasses.replace(closed, classified_wbc=run.classified_wbc, report=report), live,
                 {"ok": True, "run_id": run_id, "report_id": report.report_id,
                  "supersedes": closed.report.report_id, "typed_cells": typed, "reclassified": len(changed),

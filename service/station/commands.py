@@ -207,6 +207,7 @@ class StationCommands:
         run = tracker.open_run()
         if run is not None and self._workers.state is not None:
             self._workers.state.run_started(run)  # a restart before its first field takes it back
+        self._workers.emit_started()  # its state, open with no field: every dashboard sees it started
         progress = tracker.progress()
         target_wbc = progress.target_wbc if progress else None
         return {"ok": True, "run_id": run_id, "target_wbc": target_wbc, "specimen_id": specimen_id}

@@ -26,6 +26,12 @@ and two written at once:
                    (`run_ended_without_fields`): a run left open with no field is taken back as
                    one with fields is, its idle timeout counted from its start, else closed
                    without a report (said at WARNING with its specimen id)
+  runs_without_fields  the last `KEEP_CLOSED_RUNS` runs start_run opened that ended without a
+                   field (`run_ended_without_fields`, in the transaction that deletes their
+                   started_runs row): their retained run state (closed, 0 fields) is the
+                   station's own at the next start (service.mqtt.run_watch), and the latest
+                   is published again then when no run closed after it (`after_closed`: the
+                   newest closed_runs rowid when it ended)
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.records import Box, CellDetection, CellKind, ClassifiedCell
 from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Report
 from smearscope.service.mqtt.outbox import Outbox, StateWriter
-from smearscope.service.station.run_records import StartedBy
+from smearscope.service.station.run_records import StartedBy, has_states
 from smearscope.service.station.specimen import FIELD_FLAGS, ClosedRun, SpecimenRun
 
 logger = logging.getLogger(__name__)
@@ -66,6 +72,10 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS started_runs (
         run_id TEXT PRIMARY KEY, started_at REAL NOT NULL, started_by TEXT NOT NULL,
         target_wbc INTEGER NOT NULL, specimen_id TEXT)""",
+    # a run start_run opened that ended without a field (an earlier version ignores the table)
+    """CREATE TABLE IF NOT EXISTS runs_without_fields (
+        run_id TEXT PRIMARY KEY, end_reason TEXT NOT NULL, started_at REAL NOT NULL, started_by TEXT NOT NULL,
+        target_wbc INTEGER NOT NULL, specimen_id TEXT, after_closed INTEGER NOT NULL)""",
 )
 #: Closed runs whose cells are kept (for verify_run, also after a restart).
 KEEP_CLOSED_RUNS = 4
@@ -319,15 +329,39 @@ class StationState:
             logger.warning("run %s: its start could not be kept (%s); a restart before its first field is "
                            "stored loses it", run.run_id, exc)
 
-    def run_ended_without_fields(self, run_id: str) -> None:
+    def run_ended_without_fields(self, closed: ClosedRun) -> None:
         """A run ended with no field (stop_run, idle timeout, shutdown, or closed at a start): its
-        start goes. A delete that fails (a full disk) is logged: the next start finds the run
-        again and takes it back within its idle timeout, or closes it."""
+        start goes, and one that published its state (start_run's, `has_states`) is kept among the
+        runs without fields. A write that fails (a full disk) is logged: the next start finds the
+        run again and takes it back within its idle timeout, or closes it."""
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM started_runs WHERE run_id = ?", (closed.run_id,))
+            if not has_states(closed.started_by, 0):
+                return
+            conn.execute("INSERT OR REPLACE INTO runs_without_fields VALUES (?, ?, ?, ?, ?, ?, "
+                         "(SELECT COALESCE(MAX(rowid), 0) FROM closed_runs))",
+                         (closed.run_id, closed.end_reason, closed.started_at or 0.0, closed.started_by,
+                          closed.target_wbc, closed.specimen_id))
+            conn.execute("DELETE FROM runs_without_fields WHERE rowid <= (SELECT MAX(rowid) FROM "
+                         "runs_without_fields) - ?", (KEEP_CLOSED_RUNS,))
+
         try:
-            self.outbox.write(lambda conn: conn.execute("DELETE FROM started_runs WHERE run_id = ?", (run_id,)))
+            self.outbox.write(write)
         except (sqlite3.Error, OSError) as exc:
             logger.warning("run %s ended without fields, but its start could not be deleted (%s); a restart "
-                           "within its idle timeout would take it back", run_id, exc)
+                           "within its idle timeout would take it back", closed.run_id, exc)
+
+    def runs_without_fields(self) -> tuple[list[ClosedRun], bool]:
+        """The last runs start_run opened that ended without a field, oldest first (report None), and
+        whether the newest of them ended after every closed run with a report (its state is the
+        station's last)."""
+        rows = self.outbox.read(lambda conn: conn.execute(
+            "SELECT run_id, end_reason, started_at, started_by, target_wbc, specimen_id, after_closed, "
+            "(SELECT COALESCE(MAX(rowid), 0) FROM closed_runs) FROM runs_without_fields ORDER BY rowid").fetchall())
+        runs = [ClosedRun(str(run_id), reason, 0, 0, int(target), None, None, float(at), by,
+                          None if specimen is None else str(specimen))
+                for run_id, reason, at, by, target, specimen, _, _ in rows]
+        return runs, bool(rows) and rows[-1][6] >= rows[-1][7]
 
     def run_ending(self, run_id: str, end_reason: str) -> None:
         """A technician ended the run (on the analysis thread, before its report is queued): kept

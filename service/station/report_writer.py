@@ -28,7 +28,7 @@ from smearscope.service.station.daemon_summary import Stats, StoredReport
 from smearscope.service.station.durable import RunMeta, StationState
 from smearscope.service.station.messages import report_messages
 from smearscope.service.station.notify import ProgressWatchdog
-from smearscope.service.station.specimen import SpecimenTracker
+from smearscope.service.station.specimen import ClosedRun, SpecimenTracker
 from smearscope.service.station.startup import AnalyzerLike
 from smearscope.service.station.work_queue import SENTINEL, BoundedQueue
 
@@ -42,7 +42,9 @@ PROBE_S = 2.0  # while the disk is full and nothing is to be stored, how often t
 @dataclass(frozen=True)
 class Outgoing:
     kind: Literal["field", "report", "live"]
-    report: Report  # "live": the report of the field or run its run state counts
+    #: "live": the report of the field or run its run state counts; None for a run with no field
+    #: (its state counts nothing: it waits only for what was queued before it)
+    report: Report | None
     frame: Frame | None = None  # the field's frame (its source is told when it is stored)
     cells: tuple[ClassifiedCell, ...] = ()
     run: RunMeta | None = None  # the run the field joined
@@ -79,8 +81,9 @@ class ReportWriter:
             if item is SENTINEL:
                 return
             if item.live is not None:
-                self._store_live(item.report, item.live)
+                self._store_live(item.live)
                 continue
+            assert item.report is not None
             stored = False
             try:
                 stored = self._store(item)
@@ -95,7 +98,7 @@ class ReportWriter:
                                run_id, item.kind, item.report.report_id)
             del item  # a stored field's frame (192 MB at 64 MP) is not held while the next is awaited
 
-    def _store_live(self, report: Report, message: NewMessage) -> None:
+    def _store_live(self, message: NewMessage) -> None:
         """A run state, now that the field or report it counts is stored. Not once a field or the
         report of its run was not: it would count what the station's state does not hold, and the
         next start would take the broker's copy for a newer state than its own (service.mqtt.run_watch).
@@ -103,12 +106,12 @@ class ReportWriter:
         publishes the run as its state holds it."""
         if self.clinic is None or self.publisher is None:
             return
-        if report.run_id in self._runs_not_stored:
+        if message.report_id in self._runs_not_stored:  # a run state's report_id is its run id
             return
         try:
             self.clinic.live.send(self.publisher, message)
         except Exception:
-            logger.exception("live state of run %s failed (its reports are not affected)", report.run_id)
+            logger.exception("live state of run %s failed (its reports are not affected)", message.report_id)
 
     def _probe_disk(self) -> None:
         """With nothing to store: has space come back? (The acks' deletes may be the only writes.)"""
@@ -151,6 +154,7 @@ class ReportWriter:
                            attempt)
         self._store_failing = False
         report = item.report
+        assert report is not None
         if item.frame is not None:
             self._done(item.frame)
         topic = self.publisher.report_topic if item.kind == "report" else self.publisher.field_topic
@@ -169,6 +173,7 @@ class ReportWriter:
         """One transaction: the compact report, its cells messages and the state they change."""
         assert self.publisher is not None and self.state is not None
         report, config = item.report, self.publisher.config
+        assert report is not None
         messages = report_messages(report, self.publisher.cells_topic, config.max_packet_size,
                                    config.publish_cells)
         items: list[tuple[MessageKind, str, bytes, str]] = [
@@ -191,6 +196,7 @@ class ReportWriter:
     def _give_up(self, item: Outgoing, exc: BaseException, attempts: int) -> None:
         """Stopping, and the outbox still refuses: what the next start recovers, or a loss."""
         report = item.report
+        assert report is not None
         if item.kind == "report" and report.run_id:
             self.stats.add("deferred")
             logger.error("specimen report %s not stored at stop (%s); run %s stays in the outbox "
@@ -206,15 +212,19 @@ class ReportWriter:
                          item.kind, report.report_id, attempts, exc)
 
     def _close_runs_left_open(self) -> Iterator[str]:
-        """Close the runs a previous process left open (restart) but one it resumes; yields those stored."""
+        """Close the runs a previous process left open (restart) but one it resumes; yields those closed:
+        their reports stored, or with no field (start_run's: their state goes out closed)."""
         assert self.state is not None
         for run in self.tracker.resume_one(self.state.open_runs(getattr(self.analyzer, "models", None))):
-            if not run.field_ids:  # started by start_run, no field stored: nothing to report
+            if not run.field_ids:  # started by start_run, no field stored: nothing to report, its state closed
                 logger.warning("run %s for specimen %s, started by start_run %.0f s before this start, was left "
                                "open by the previous process before any field of it was stored: closed (%s), no "
                                "report; start_run again for that slide", run.run_id, run.specimen_id or "(none given)",
                                time.time() - run.started_at, run.end_requested or "restart")
-                self.state.run_ended_without_fields(run.run_id)
+                self.state.run_ended_without_fields(ClosedRun(
+                    run.run_id, run.end_requested or "restart", 0, 0, run.target_wbc, None, None, run.started_at,
+                    run.started_by, run.specimen_id))
+                yield run.run_id
                 continue
             report = self.tracker.final_report(run, run.end_requested or "restart")
             try:

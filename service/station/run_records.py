@@ -15,6 +15,13 @@ EndReason = Literal["target_reached", "stopped", "idle_timeout", "shutdown", "re
 StartedBy = Literal["auto", "command"]
 
 
+def has_states(started_by: StartedBy | None, fields: int) -> bool:
+    """Whether a run publishes its live run state: from its first field, or from its start when
+    start_run opened it (open with no field, then closed with none when it ends so); a run that
+    opened automatically and ended without a field was never said to anyone."""
+    return fields > 0 or started_by == "command"
+
+
 @dataclass(frozen=True)
 class RunProgress:
     """A read-only view of the open run (status command, STATUS= line, telemetry)."""

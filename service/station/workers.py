@@ -40,7 +40,6 @@ from smearscope.device.frame import Frame
 from smearscope.device.quality import QualityGate
 from smearscope.device.sources import FrameSource
 from smearscope.service.analysis.pipeline import FieldResult
-from smearscope.service.analysis.report import Report
 from smearscope.service.ingest import IngestError
 from smearscope.service.mqtt.outbox import NewMessage
 from smearscope.service.mqtt.publisher import MqttPublisher
@@ -120,8 +119,11 @@ class StationWorkers(ReportWriter):
         self.state = StationState(publisher.outbox)
         left_open = list(self._close_runs_left_open())
         if self.clinic is not None:  # typing needs the heads; verification the runs closed before
-            self.clinic.start(analyzer, self.state.closed_runs(cells=False), self.state.run_cells,
-                              publisher, announce=left_open, tracker=self.tracker)
+            closed = self.state.closed_runs(cells=False)
+            without_fields, latest = self.state.runs_without_fields()  # start_run's ended with no field
+            closed = closed + without_fields if latest else without_fields + closed  # the last run closed last
+            self.clinic.start(analyzer, closed, self.state.run_cells, publisher, announce=left_open,
+                              tracker=self.tracker)
             self.clinic.live.defer = self._defer_live  # from now on behind what each state counts
         for name, target in (("report-writer", self._report_loop),
                              ("analysis", self._analysis_loop), ("capture", self._capture_loop)):
@@ -349,28 +351,35 @@ class StationWorkers(ReportWriter):
         if not self._reports.put(item, self.threads["report-writer"].is_alive):
             self.stats.add("lost")
             logger.error("%s report %s LOST: the outbox writer is gone", item.kind, item.report.report_id)
-        self._flush_live(item.report)
+        self._flush_live()
 
     def _defer_live(self, message: NewMessage) -> None:
         """A run state made on the analysis thread: it waits for the next field or report emitted."""
         self._live_waiting = message
 
-    def _flush_live(self, report: Report) -> None:
+    def _flush_live(self) -> None:
+        """The run state waiting, behind what was emitted before it."""
         message, self._live_waiting = self._live_waiting, None
         if message is not None:
-            self._reports.put(Outgoing("live", report, live=message), self.threads["report-writer"].is_alive)
+            self._reports.put(Outgoing("live", None, live=message), self.threads["report-writer"].is_alive)
+
+    def emit_started(self) -> None:
+        """start_run opened a run: its state (open, no field yet) goes out behind what is queued."""
+        progress = self.tracker.progress()
+        if self.clinic is not None and progress is not None:
+            self.clinic.run_opened(progress, self.publisher)
+            self._flush_live()
 
     def emit_closed(self, closed: ClosedRun, live: bool = True) -> None:
         """Send the final report of a run that ended (none when it had no field: its start, kept
-        if start_run opened it, goes)."""
+        if start_run opened it, goes), then its closed state."""
         if closed.report is not None:
             self._emit(Outgoing("report", closed.report))
         elif self.state is not None:
             if closed.started_by == "command" and closed.end_reason == "shutdown":
                 logger.warning("run %s for specimen %s ended with the station's stop before any field: no report; "
                                "start_run again for that slide", closed.run_id, closed.specimen_id or "(none given)")
-            self.state.run_ended_without_fields(closed.run_id)
+            self.state.run_ended_without_fields(closed)
         if self.clinic is not None:
             self.clinic.run_closed(closed, self.publisher, live)
-            if closed.report is not None:  # its state after its report
-                self._flush_live(closed.report)
+            self._flush_live()  # its state after its report
