@@ -245,3 +245,62 @@ def test_each_line_of_the_run_form_goes_once_the_run_it_speaks_of_is_no_longer_t
             _wait("the stopped line gone", lambda: line() == "" and card("data-run-id") == "dddd4444-0004", 20, [log])
     finally:
         commands.close()
+
+
+def _state_without_fields(run_id: str, state: str, end_reason: str | None) -> str:
+    """A run state as the station publishes one for a run start_run opened with no field
+    (service.station.clinic, test_started_runs checks the station's): no report."""
+    return json.dumps({"station_id": STATION, "run_id": run_id, "state": state, "end_reason": end_reason,
+                       "updated_at": time.time(), "report": None, "rbc_grades": None,
+                       "review": {"cells": 0, "not_kept": 0, "overlays": 0},
+                       "progress": {"run_id": run_id, "started_by": "command", "started_at": time.time() - 30,
+                                    "fields": 0, "classified_wbc": 0, "target_wbc": 100, "specimen_id": "H-2026-0412"}})
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_run_stopped_from_another_page_before_any_field_gives_the_form_back_to_start(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """A run this page started, stopped from another page before its first field: the station's
+    states (open, then closed with no field and no report) take the card to the run closed: Start
+    again, "run X started" gone, the run line says it closed before any field, with nothing to sign
+    or print; a page opened after it (the retained state) reads the same."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    commands = Subscriber(ws_broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/cmd/#"])
+    sent = lambda name: [m for m in commands.messages if m.topic == f"{BASE}/cmd/{name}"]
+    try:
+        commands.wait_ready()
+        with _page_and_a_station(tmp_path, ws_broker, ("--run-control",)) as (driver, send, log, url):
+            send(f"{BASE}/status", "online")
+            driver.get(url)
+            inside = lambda sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}'] {sel}")
+            _wait("the station", lambda: _status(driver, STATION) == "online", 20, [log])
+            _wait("the form", lambda: inside(".specimen-id").is_displayed(), 20, [log])
+            inside(".specimen-id").send_keys("H-2026-0412", Keys.ENTER)
+            _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
+            _answer(send, "start_run", {"ok": True, "run_id": "5d1e0c2b-bbbb", "target_wbc": 100,
+                                        "specimen_id": "H-2026-0412"}, sent("start_run")[0].correlation_data)
+            send(f"{BASE}/run", _state_without_fields("5d1e0c2b-bbbb", "open", None))
+            _wait("the open run", lambda: "open, no field yet" in inside(".run-line").text, 20, [log])
+            assert inside(".stop-run").is_displayed() and not inside(".start-run").is_displayed()
+            assert inside(".run-control-state").text == "run 5d1e0c2b started for specimen H-2026-0412"
+            assert inside(".progress-text").text == "0 / 100 WBC classified"
+            # another page stops it: its answer is not this page's, the closed state is everyone's
+            _answer(send, "stop_run", {"ok": True, "run_id": "5d1e0c2b-bbbb", "fields": 0, "classified_wbc": 0,
+                                       "target_wbc": 100, "complete": False, "report_id": None}, b"dashboard-other-1")
+            send(f"{BASE}/run", _state_without_fields("5d1e0c2b-bbbb", "closed", "stopped"))
+            _wait("Start again", lambda: inside(".start-run").is_displayed(), 20, [log])
+            assert not inside(".stop-run").is_displayed()
+            assert inside(".run-control-state").text == ""
+            assert inside(".run-line").text.startswith("specimen H-2026-0412 · run 5d1e0c2b · started ")
+            assert inside(".run-line").text.endswith("closed (stopped) before any field: no report")
+            assert not inside(".verify").is_displayed() and not inside(".print-run").is_displayed()
+            driver.get(url)  # a page opened now: the retained closed state
+            _wait("the station again", lambda: _status(driver, STATION) == "online", 20, [log])
+            _wait("the closed run", lambda: "before any field" in inside(".run-line").text, 20, [log])
+            assert inside(".start-run").is_displayed() and not inside(".stop-run").is_displayed()
+    finally:
+        commands.close()

@@ -147,7 +147,8 @@ function current(st) {
              progress: run ? run.progress : null, started: run ? run.progress : null };
   }
   if (run) return { report: run.report, final: run.state === "closed", runId: run.run_id, grades: run.rbc_grades,
-                    progress: run.progress, state: run.state, started: run.progress, updated: run.updated_at };
+                    progress: run.progress, state: run.state, started: run.progress, updated: run.updated_at,
+                    endReason: run.end_reason };
   return null;
 }
 
@@ -174,17 +175,19 @@ function renderRun(st) {
   st.node.querySelector(".counts-line").hidden = !view;
   // the current run's critical flags stay said while an earlier run is shown
   const now = view && view.earlier ? current(st) : null;
-  showCritical(st, view ? view.report.flags : [], now && now.runId !== view.runId ? now.report.flags : []);
-  renderPrintMeta(st, view);
+  showCritical(st, view && view.report ? view.report.flags : [],
+               now && now.report && now.runId !== view.runId ? now.report.flags : []);
+  renderPrintMeta(st, view && view.report ? view : null);  // a run with no field has nothing to print
   renderRunControl(st);
   if (!view) { line.textContent = "no specimen run yet"; st.node.querySelector(".verify").hidden = true; return; }
   const r = view.report;
   st.node.dataset.runId = view.runId || "";
-  st.node.dataset.shown = view.final ? "final" : "interim";
+  st.node.dataset.shown = !r ? "none" : view.final ? "final" : "interim";
   const started = startText(view.started);
   st.node.dataset.startedAt = view.started && typeof view.started.started_at === "number" ? view.started.started_at : "";
   const specimen = specimenOf(r, view.started);
   st.node.dataset.specimen = specimen;
+  if (!r) { renderRunWithoutFields(st, view, specimen, started); return; }
   line.textContent = (specimen ? "specimen " + specimen + " · " : "") +
     (view.earlier ? "earlier run " : "run ") + (view.runId || "-").slice(0, 8) + " · " +
     (started ? started + " · " : "") + r.fields_analyzed +
@@ -276,6 +279,24 @@ function renderRun(st) {
     li.append(el("strong", "", f.severity + ": "), document.createTextNode(f.message));
     flags.append(li);
   }
+}
+
+// A run start_run opened, with no field yet (open) or none at all (closed): its state carries no
+// report (docs/MQTT.md): said so, with its target, and nothing to sign or print.
+function renderRunWithoutFields(st, view, specimen, started) {
+  const p = view.progress || {};
+  st.node.querySelector(".run-line").textContent = (specimen ? "specimen " + specimen + " · " : "") + "run " +
+    (view.runId || "-").slice(0, 8) + " · " + (started ? started + " · " : "") + (view.final
+      ? "closed (" + (view.endReason || "ended") + ") before any field: no report"
+      : brokerUp && st.status === "offline" ? "no field yet; halted: the station went offline"
+      : "open, no field yet");
+  st.node.dataset.halted = !view.final && brokerUp && st.status === "offline" ? "true" : "false";
+  st.node.dataset.verifiedBy = "";
+  st.node.querySelector(".verify").hidden = true;
+  st.node.querySelector(".counts-line").hidden = true;
+  st.node.querySelector(".diff-source").textContent = "";
+  st.node.querySelector(".progress-bar").style.width = "0%";
+  st.node.querySelector(".progress-text").textContent = typeof p.target_wbc === "number" ? "0 / " + p.target_wbc + " WBC classified" : "";
 }
 
 // A critical flag (sickle cells) of the run shown cannot be missed: said above the card's tables,
@@ -432,7 +453,13 @@ function onMessage(topic, payload, packet) {
   try { msg = JSON.parse(text); } catch (e) { console.warn("not JSON on", topic); return; }
   if (msg === null || typeof msg !== "object") { console.warn("not a JSON object on", topic); return; }
   if (kind === "run") {
-    if (typeof msg.run_id !== "string" || !readable(msg.report)) { console.warn("not a run state on", topic); return; }
+    // a run start_run opened has no report until its first field (and none if it ends without one)
+    const withoutFields = msg.report === null && msg.progress !== null && typeof msg.progress === "object" &&
+      msg.progress.fields === 0;
+    if (typeof msg.run_id !== "string" || !(withoutFields || readable(msg.report))) {
+      console.warn("not a run state on", topic);
+      return;
+    }
     const changed = !st.run || st.run.run_id !== msg.run_id || st.run.state !== msg.state;
     st.run = msg;
     if (st.final && olderThanRun(st, st.final)) st.final = null;  // the run signed since (on another page)
@@ -441,6 +468,7 @@ function onMessage(topic, payload, packet) {
     if (st.pinned) return;  // an earlier run's gallery stays until the user goes back to the current run
     const cells = msg.review ? msg.review.cells : 0;
     if (msg.run_id !== st.reviewRun) { st.reviewRun = msg.run_id; st.reviewShown = -1; clearReview(st); resetSigning(st); }
+    if (withoutFields) return;  // no field: no crops to ask for
     if (cells !== st.reviewShown || msg.state === "closed") { st.reviewShown = cells; scheduleReview(st); }
   } else if (kind === "report" && msg.body && msg.body.kind === "specimen" && readable(msg.body)) {
     // Reports arrive at least once: one a verified report superseded stays replaced, and a report
