@@ -1,0 +1,144 @@
+// smearscope dashboard, the run a card shows (dashboard.js shown()): its line (specimen, run, start,
+// fields, and whether the figures are interim, final or verified), its progress toward the WBC
+// target, the cells counted, the differential with its 95% intervals, the red-cell morphology with
+// its ICSH grades, and the flags; a run start_run opened with no field has a line and nothing else.
+// Loaded before dashboard.js, whose globals (SIZE_BASED, REPORTED_PRESENT, SEVERITY, brokerUp, el,
+// when, specimenOf, startText, shown, current, showCritical) and print.js's and runcontrol.js's
+// (renderPrintMeta, renderRunControl) these functions use when called. Text from the broker is only
+// ever set with textContent.
+"use strict";
+
+function renderRun(st) {
+  const view = shown(st);
+  const line = st.node.querySelector(".run-line");
+  const tbody = st.node.querySelector(".differential tbody");
+  const morph = st.node.querySelector(".morphology tbody");
+  const flags = st.node.querySelector(".flags");
+  tbody.replaceChildren(); morph.replaceChildren(); flags.replaceChildren();
+  st.node.querySelector(".counts").textContent = "";
+  st.node.querySelector(".counts-line").hidden = !view;
+  // the current run's critical flags stay said while an earlier run is shown
+  const now = view && view.earlier ? current(st) : null;
+  showCritical(st, view && view.report ? view.report.flags : [],
+               now && now.report && now.runId !== view.runId ? now.report.flags : []);
+  renderPrintMeta(st, view && view.report ? view : null);  // a run with no field has nothing to print
+  renderRunControl(st);
+  if (!view) { line.textContent = "no specimen run yet"; st.node.querySelector(".verify").hidden = true; return; }
+  const r = view.report;
+  st.node.dataset.runId = view.runId || "";
+  st.node.dataset.shown = !r ? "none" : view.final ? "final" : "interim";
+  const started = startText(view.started);
+  st.node.dataset.startedAt = view.started && typeof view.started.started_at === "number" ? view.started.started_at : "";
+  const specimen = specimenOf(r, view.started);
+  st.node.dataset.specimen = specimen;
+  if (!r) { renderRunWithoutFields(st, view, specimen, started); return; }
+  line.textContent = (specimen ? "specimen " + specimen + " · " : "") +
+    (view.earlier ? "earlier run " : "run ") + (view.runId || "-").slice(0, 8) + " · " +
+    (started ? started + " · " : "") + r.fields_analyzed +
+    (r.fields_analyzed === 1 ? " field · " : " fields · ") +
+    (view.final ? (r.verification ? "verified specimen report (verified by " + r.verification.verified_by + ", " +
+                    when(r.verification.verified_at) +
+                    (r.verification.left_to_review ? "; " + r.verification.left_to_review +
+                     " sent to review signed as the analyzer called them" : "") + ")"
+                  : "final specimen report (preliminary, needs review)")
+      : brokerUp && st.status === "offline" ? "halted: the station went offline (the run goes on if it restarts within its idle timeout)"
+      : "in progress (" + (view.state || "open") + ")") +
+    // an open run's figures are as of its last state: a run that stopped moving shows it
+    (!view.final && typeof view.updated === "number" ? " · last update " + when(view.updated) : "");
+  st.node.dataset.halted = !view.final && brokerUp && st.status === "offline" ? "true" : "false";
+  st.node.dataset.verifiedBy = r.verification ? r.verification.verified_by : "";
+  st.node.querySelector(".verify").hidden = !view.final;
+  st.node.querySelector(".verify-run").textContent = r.verification ? "Sign again" : "Verify run";
+  st.node.querySelector(".diff-source").textContent =
+    view.final ? (r.verification ? "verified" : "final, preliminary (not verified)") : "interim";
+  const p = view.progress;
+  const bar = st.node.querySelector(".progress-bar");
+  const text = st.node.querySelector(".progress-text");
+  if (p) {
+    bar.style.width = Math.min(100, 100 * p.classified_wbc / Math.max(1, p.target_wbc)) + "%";
+    text.textContent = p.classified_wbc + " / " + p.target_wbc + " WBC classified";
+  } else {
+    bar.style.width = "0%";  // no target to measure against (an earlier run, or a report alone)
+    text.textContent = r.counts.wbc + " WBC";
+  }
+  const c = r.counts;  // what a count reads beside the differential: cells counted, NRBC per 100 WBC
+  st.node.querySelector(".counts").textContent = "RBC " + c.rbc + " · WBC " + c.wbc + " · platelets " + c.platelet +
+    (c.nrbc ? " · NRBC " + c.nrbc + (r.nrbc_per_100_wbc != null ? " (" + r.nrbc_per_100_wbc + " per 100 WBC)" : "")
+            : "");
+  for (const s of r.wbc_differential) {
+    const tr = el("tr");
+    tr.dataset.label = s.label;
+    tr.append(el("td", "label", s.label), el("td", "count", String(s.count)), el("td", "percent", String(s.percent)));
+    const hasCi = s.ci95_low !== null && s.ci95_high !== null;
+    tr.append(el("td", "ci95", hasCi ? s.ci95_low + "–" + s.ci95_high : "–"));
+    const cell = el("td", "bar"), ci = el("div", "ci"), point = el("div", "point"), interval = el("div", "interval");
+    point.style.width = s.percent + "%";
+    if (hasCi) { interval.style.left = s.ci95_low + "%"; interval.style.width = (s.ci95_high - s.ci95_low) + "%"; }
+    ci.append(point, interval); cell.append(ci); tr.append(cell);
+    tbody.append(tr);
+  }
+  const grades = view.grades || {};
+  // a calibration in doubt (flags rbc_size_implausible, calibration_suspect): size-based grades not read
+  const sizesOff = r.flags.some((f) => f.code === "rbc_size_implausible" || f.code === "calibration_suspect");
+  // sizes unread (also at an estimated scale): every size-based class is a row, not assessable; a
+  // report from before each was listed has none for a class no cell was given (service.fhir.
+  // report_view.morphology_rows), which would read as "none seen"
+  const sizesUnread = sizesOff || r.flags.some((f) => f.code === "size_not_assessable_without_calibration");
+  const listed = new Set(r.rbc_morphology.map((s) => s.label));
+  const missing = sizesUnread ? SIZE_BASED.filter((l) => !listed.has(l)).sort()
+    .map((label) => ({ label, count: 0, percent: 0, assessable: false })) : [];
+  for (const s of [...r.rbc_morphology, ...missing]) {
+    const tr = el("tr");
+    tr.dataset.label = s.label;
+    // ICSH's "none" is a share below its 1+ threshold, not an absence: said so beside a count; a
+    // grade whose 95% interval spans others (few red cells: 2 schistocytes of 91 read 3+) shows it.
+    // Sickle cells are reported present or none, never graded (a report from when they were
+    // graded reads "present" for its 1+ to 3+), with no interval's grades.
+    const presence = REPORTED_PRESENT.includes(s.label);
+    const shown = (g) => g === "none" ? (presence ? "none" : "below 1+") : g;
+    // a row the report marks not assessable (red cells too blurred to judge, flag rbc_morphology_out_of_focus)
+    let grade = (sizesOff && SIZE_BASED.includes(s.label)) || s.assessable === false ? "not assessable"
+      : s.grade || grades[s.label] || "";
+    if (presence && grade && grade !== "none" && grade !== "not assessable") grade = "present";
+    const spans = !presence && grade !== "not assessable" && grade && s.grade_ci_low && s.grade_ci_high &&
+      s.grade_ci_low !== s.grade_ci_high;
+    const off = grade === "not assessable";  // its count and share are placeholders: not shown as 0
+    // a sickle or schistocyte grade rests on the calls at its flag's confidence (graded_count),
+    // fewer than the count beside it: "4.0 %, 1+" would read as a grade below its own share
+    const sure = !off && grade && s.graded_count != null
+      ? " on " + s.graded_count + " of " + s.count + " calls at its flag's confidence" : "";
+    // a share of fewer red cells than the run counted (of_cells: a mixed run's size-based classes are
+    // of its calibrated fields' red cells, every row of its sharp fields' when some were blurred) says so
+    const of = s.of_cells != null && s.of_cells !== c.rbc ? " of " + s.of_cells + " RBC" : "";
+    tr.append(el("td", "label", s.label), el("td", "count", off ? "–" : String(s.count)),
+              el("td", "percent", off ? "–" : String(s.percent) + of),
+              el("td", "grade", shown(grade) + (spans ? " (" + shown(s.grade_ci_low) + " to " +
+                                                 shown(s.grade_ci_high) + ")" : "") + sure));
+    morph.append(tr);
+  }
+  const sorted = [...r.flags].sort((a, b) => SEVERITY[a.severity] - SEVERITY[b.severity]);
+  for (const f of sorted) {
+    const li = el("li", "flag " + f.severity);
+    li.dataset.code = f.code;
+    li.append(el("strong", "", f.severity + ": "), document.createTextNode(f.message));
+    flags.append(li);
+  }
+}
+
+// A run start_run opened, with no field yet (open) or none at all (closed): its state carries no
+// report (docs/MQTT.md): said so, with its target, and nothing to sign or print.
+function renderRunWithoutFields(st, view, specimen, started) {
+  const p = view.progress || {};
+  st.node.querySelector(".run-line").textContent = (specimen ? "specimen " + specimen + " · " : "") + "run " +
+    (view.runId || "-").slice(0, 8) + " · " + (started ? started + " · " : "") + (view.final
+      ? "closed (" + (view.endReason || "ended") + ") before any field: no report"
+      : brokerUp && st.status === "offline" ? "no field yet; halted: the station went offline"
+      : "open, no field yet");
+  st.node.dataset.halted = !view.final && brokerUp && st.status === "offline" ? "true" : "false";
+  st.node.dataset.verifiedBy = "";
+  st.node.querySelector(".verify").hidden = true;
+  st.node.querySelector(".counts-line").hidden = true;
+  st.node.querySelector(".diff-source").textContent = "";
+  st.node.querySelector(".progress-bar").style.width = "0%";
+  st.node.querySelector(".progress-text").textContent = typeof p.target_wbc === "number" ? "0 / " + p.target_wbc + " WBC classified" : "";
+}
