@@ -224,6 +224,27 @@ def test_a_run_ended_before_any_field_leaves_no_row(
     finally:
         outbox.close()
     assert not any(m.topic == f"{BASE}/report" for m in sub.messages)
+    # each said open at its start and closed with no field at its end
+    assert _run_states(sub.messages, started["run_id"]) == [("open", None, 0, SPECIMEN, None),
+                                                            ("closed", "stopped", 0, SPECIMEN, None)]
+    assert _run_states(sub.messages, again["run_id"]) == [("open", None, 0, "H-2", None),
+                                                          ("closed", "shutdown", 0, "H-2", None)]
+
+
+def test_a_run_left_without_a_field_past_its_idle_timeout_says_so_to_the_dashboards(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path,
+) -> None:
+    """start_run and no field until the idle timeout: the run ends (idle_timeout) and its closed
+    state, with no field, is what the broker keeps, and no report goes out."""
+    config, _ = _station(tmp_path, broker, idle_timeout_s=1.0)
+    with _observed_station(config, broker) as (sub, _, _):
+        started = _command(sub, "start_run", {"specimen_id": SPECIMEN})
+        assert sub.wait_for(lambda ms: len(_run_states(ms, started["run_id"])) == 2, 30)
+        assert _command(sub, "status")["run"] is None
+    assert _run_states(sub.messages, started["run_id"]) == [("open", None, 0, SPECIMEN, None),
+                                                            ("closed", "idle_timeout", 0, SPECIMEN, None)]
+    assert _retained_run_state(broker)["run_id"] == started["run_id"]
+    assert not any(m.topic == f"{BASE}/report" for m in sub.messages)
 
 
 def test_an_outbox_file_from_before_started_runs_gets_the_table_on_open(tmp_path: Path) -> None:
