@@ -143,7 +143,8 @@ class ClinicFeed:
             publisher.on_reconnected = lambda: self.republish(publisher)
         if (watch := getattr(publisher, "run_watch", None)) is not None:  # the runs this state holds
             watch.known({r.run_id: r.fields for r in closed} | ({progress.run_id: progress.fields} if progress else {}),
-                        closed_now=announce, resumed=progress.run_id if progress else None)
+                        closed_now=[r.run_id for r in closed if r.run_id in announce and r.report is not None],
+                        resumed=progress.run_id if progress else None)
         if self._typing_wanted and self.typed_cells_path.exists():  # said now, not at the first typed cell
             try:
                 TypedCellStore(self.typed_cells_path, read_only=True).close()
