@@ -722,8 +722,10 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         _wait("the observer back", lambda: observer.connected.is_set(), 30, logs)
         time.sleep(1)  # its subscription renewed in on_connect
         second = command("start_run", {"target_wbc": 200})["run_id"]
-        _wait("the new run on the page", lambda: seen(card, "data-run-id") == second, 90, logs)
-        assert seen(card, "data-shown") == "interim" and seen(card, "data-halted") == "false"
+        # open with no field at start_run ("none"), then its figures with its first field
+        _wait("the new run on the page", lambda: seen(card, "data-run-id") == second
+              and seen(card, "data-shown") == "interim", 90, logs)
+        assert seen(card, "data-halted") == "false"
         driver.save_screenshot(str(tmp_path / "dashboard-recovered.png"))
 
         # The first run, signed, is no longer the station's current one: the page lists it among
