@@ -741,7 +741,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
                                   "s.dispatchEvent(new Event('change'));", runs, value)
         _wait("the earlier run listed", lambda: listed() is not None, 30, logs)
         entry = listed()
-        assert "verified (AB)" in entry and seen(f"{card} .runs-pick", "hidden") is None
+        assert "verified (\u2068AB\u2069)" in entry and seen(f"{card} .runs-pick", "hidden") is None
         pick(run_id)
         _wait("the earlier run shown", lambda: seen(card, "data-run-id") == run_id
               and seen(card, "data-shown") == "final", 30, logs)
@@ -753,9 +753,9 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         signer.send_keys("CD")
         driver.find_element(By.CSS_SELECTOR, f"{card} .verify-run").click()
         _wait("the earlier run signed again", lambda: seen(card, "data-verified-by") == "CD"
-              and "verified (CD)" in (listed() or ""), 30, logs)
+              and "verified (\u2068CD\u2069)" in (listed() or ""), 30, logs)
         assert seen(card, "data-run-id") == run_id
-        assert listed() == entry.replace("(AB)", "(CD)")  # the run's start, not the signing time
+        assert listed() == entry.replace("(\u2068AB\u2069)", "(\u2068CD\u2069)")  # the run's start, not the signing time
         _wait("its report on the topic", lambda: any(
             b["run_id"] == run_id and (b.get("verification") or {}).get("verified_by") == "CD"
             for b in (json.loads(m.payload)["body"] for m in observer.on_topic(f"{BASE}/report"))), 30, logs)
@@ -764,7 +764,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
               and seen(card, "data-shown") == "interim", 30, logs)
         # signed on another dashboard while this page shows the current run: its list says so
         assert command("verify_run", {"run_id": run_id, "verified_by": "EF"})["ok"]
-        _wait("the other signature in the list", lambda: "verified (EF)" in (listed() or ""), 30, logs)
+        _wait("the other signature in the list", lambda: "verified (\u2068EF\u2069)" in (listed() or ""), 30, logs)
 
         # The station is killed mid-run: the broker's last will says it is offline and the page
         # shows the open run halted; restarted within the run's idle timeout, the station takes the
@@ -1171,7 +1171,7 @@ def test_a_critical_flag_is_said_above_the_card_and_in_the_pages_header(
         header = lambda: driver.find_element(By.ID, "critical")
         _wait("the critical finding in the header", lambda: header().is_displayed(), 20, [log])
         assert header().text == "critical finding: ward-c"
-        assert driver.title == "CRITICAL: ward-c · smearscope: stations"  # a page in a background tab
+        assert driver.title == "CRITICAL: \u2068ward-c\u2069 · smearscope: stations"  # a page in a background tab
         card = driver.find_element(By.CSS_SELECTOR, "[data-station='ward-c']")
         alert = card.find_element(By.CSS_SELECTOR, ".critical-alert")
         assert alert.is_displayed() and alert.text == "CRITICAL: " + sickle.message
@@ -1699,7 +1699,7 @@ def test_markup_in_any_message_a_broker_client_can_publish_is_shown_as_text(
     own = re.findall(r'(?:src|href)="([^"]+)"', (ROOT / "service" / "dashboard" / "static" / "index.html").read_text())
     for inspected in (gallery_page, page):
         # the critical flag names the station in the title, as text
-        assert inspected["pwned"] is None and inspected["title"] == f"CRITICAL: {station} · smearscope: stations", inspected
+        assert inspected["pwned"] is None and inspected["title"] == f"CRITICAL: \u2068{station}\u2069 · smearscope: stations", inspected
         assert inspected["scripts"] == sum(u.endswith(".js") for u in own), inspected
         assert inspected["injected"] == 0 and inspected["handlers"] == [], inspected
     assert refused == []

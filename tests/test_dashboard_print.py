@@ -75,7 +75,7 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
         send("smearscope/ward-a/cmd_response/get_runs", json.dumps({"ok": True, "runs": [earlier]}), retain=False)
         options = lambda: [o.get_attribute("textContent") for o in card("ward-a").find_elements(By.CSS_SELECTOR, "select.runs option")]
         _wait("the earlier run listed", lambda: len(options()) == 2, 20, [log])
-        assert options()[1].startswith("H-1 · run run-a0 · "), options()
+        assert options()[1].startswith("\u2068H-1\u2069 · run run-a0 · "), options()  # the specimen isolated
         assert inside("ward-b", ".print-run").is_displayed() and not inside("ward-b", ".print-meta").is_displayed()
         driver.execute_script("window.print = () => { window.__printed = document.body.dataset.printing || null; };")
         inside("ward-b", ".print-run").click()

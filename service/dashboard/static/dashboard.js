@@ -1,6 +1,7 @@
 // smearscope dashboard: every station's status, open run, differential, morphology, flags (runview.js),
 // telemetry (telemetry.js) and review gallery (review.js), straight from the broker over MQTT over WebSockets (MQTT.js).
-// No build step. Text from the broker is only ever set with textContent.
+// No build step. Text from the broker is only ever set with textContent, and where it stands among
+// other words, isolated (iso, isoText).
 "use strict";
 
 const SIZE_BASED = ["microcyte", "macrocyte", "spherocyte"];  // service.analysis.morphology.SIZE_BASED
@@ -22,6 +23,22 @@ function el(tag, cls, text) {
   if (cls) e.className = cls;
   if (text !== undefined) e.textContent = text;
   return e;
+}
+
+// A string a person or a station gave (a specimen id, a station id, a signer's name, a flag's or a
+// cell type's text) set apart from the words around it: <bdi dir=auto> takes its direction from its
+// own first letter and keeps the line's order, so an Arabic or Hebrew one never carries the text
+// after it along ("verified by <Hebrew name>, <date>" showed the date before the name).
+function iso(text) {
+  const b = el("bdi", "", String(text));
+  b.dir = "auto";
+  return b;
+}
+
+// The same where only plain text goes (a list's option, the tab's title, a printed page's foot):
+// between FIRST STRONG ISOLATE and POP DIRECTIONAL ISOLATE.
+function isoText(text) {
+  return "\u2068" + String(text) + "\u2069";
 }
 
 // A time as the page's reader reads it: their local date and time with its zone named
@@ -82,7 +99,7 @@ function station(id) {
   if (st) return st;
   const node = document.getElementById("station-template").content.firstElementChild.cloneNode(true);
   node.dataset.station = id;
-  node.querySelector(".station-id").textContent = id;
+  node.querySelector(".station-id").replaceChildren(iso(id));
   // a screen reader names each card's form with its station (every card's reads the same otherwise)
   node.querySelector(".run-control").setAttribute("aria-label", "run on station " + id);
   node.querySelector(".specimen-id").setAttribute("aria-label", "specimen id for a run on station " + id);
@@ -171,7 +188,8 @@ function showCritical(st, flags, currentFlags) {
                     ...currentFlags.filter((f) => f.severity === "critical").map((f) => [f, "CRITICAL (current run): "])];
   const alert = st.node.querySelector(".critical-alert");
   alert.replaceChildren(...critical.map(([f, what]) => {
-    const p = el("p", "", what + f.message);
+    const p = el("p", "", what);
+    p.append(iso(f.message));
     p.dataset.code = f.code;
     p.dataset.run = currentFlags.includes(f) ? "current" : "shown";  // another run's: not on this run's paper
     return p;
@@ -190,8 +208,9 @@ function renderAttention() {
     const flagged = [...stations.values()].filter((s) => s.node.dataset[mark] === "true")
       .sort((a, b) => byId(a.id, b.id));  // in the cards' order
     summary.replaceChildren(document.createTextNode(what), ...flagged.map((s) => {
-      const b = el("button", "", s.id);
+      const b = el("button");
       b.type = "button";
+      b.append(iso(s.id));
       b.addEventListener("click", () => s.node.scrollIntoView({ block: "start" }));
       return b;
     }));
@@ -205,7 +224,7 @@ function renderAttention() {
   named("parked", "reports held at the station: ", "parked");
   fitHeader();
   // ... and in the tab's title, for a page in a background tab
-  document.title = (flagged.length ? "CRITICAL: " + flagged.map((s) => s.id).join(", ") + " · " : "") + "smearscope: stations";
+  document.title = (flagged.length ? "CRITICAL: " + flagged.map((s) => isoText(s.id)).join(", ") + " · " : "") + "smearscope: stations";
 }
 
 // The header wraps when it names many, and when the scanner's note (runcontrol.js) or a narrower
@@ -267,9 +286,9 @@ function renderRuns(st) {
     const started = r.progress && typeof r.progress.started_at === "number" ? r.progress.started_at
       : r.report.created_at - ((r.report.timing_ms || {}).run_ms || 0) / 1000;
     const specimen = specimenOf(r.report, r.progress);
-    const o = el("option", "", (specimen ? specimen + " · " : "") + "run " + r.run_id.slice(0, 8) + " · " + when(started) +
-      " · " + r.progress.fields + (r.progress.fields === 1 ? " field · " : " fields · ") +
-      (v ? "verified (" + v.verified_by + ")" : "not verified"));
+    const o = el("option", "", (specimen ? isoText(specimen) + " · " : "") + "run " + r.run_id.slice(0, 8) + " · " +
+      when(started) + " · " + r.progress.fields + (r.progress.fields === 1 ? " field · " : " fields · ") +
+      (v ? "verified (" + isoText(v.verified_by) + ")" : "not verified"));
     o.value = r.run_id;
     options.push(o);
   }

@@ -4,7 +4,7 @@
 // (interim, preliminary or verified, and by whom), the station, run and report ids, the models that
 // made it and when it was printed; the page's live parts (status, telemetry, the latest field, the
 // review gallery, buttons) are left off (dashboard.css, @media print). Loaded before dashboard.js,
-// whose globals (stations, el, when, specimenOf, shown) these functions use when called. Text from the broker is only
+// whose globals (stations, el, iso, isoText, when, specimenOf, shown) these functions use when called. Text from the broker is only
 // ever set with textContent.
 "use strict";
 
@@ -17,15 +17,16 @@ function renderPrintMeta(st, view) {
   if (!view) { status.textContent = ids.textContent = models.textContent = ""; return; }
   const r = view.report, v = r.verification;
   status.dataset.state = !view.final ? "interim" : v ? "verified" : "preliminary";
-  status.textContent = !view.final
-    ? "INTERIM: the run is in progress (" + r.fields_analyzed + (r.fields_analyzed === 1 ? " field" : " fields") +
-      " so far); its figures will change. Not a result."
-    : v ? "Verified specimen report: verified by " + v.verified_by + ", " + when(v.verified_at) + "." +
-          (v.left_to_review ? " " + v.left_to_review + " cells sent to review were signed as the analyzer called them." : "")
-    : "PRELIMINARY machine result, not verified: every result needs review by a qualified person.";
+  status.replaceChildren(...(!view.final
+    ? ["INTERIM: the run is in progress (" + r.fields_analyzed + (r.fields_analyzed === 1 ? " field" : " fields") +
+       " so far); its figures will change. Not a result."]
+    : v ? ["Verified specimen report: verified by ", iso(v.verified_by), ", " + when(v.verified_at) + "." +
+           (v.left_to_review ? " " + v.left_to_review + " cells sent to review were signed as the analyzer called them." : "")]
+    : ["PRELIMINARY machine result, not verified: every result needs review by a qualified person."]));
   const specimen = specimenOf(r, view.started);
-  ids.textContent = (specimen ? "Specimen " + specimen + " · " : "") + "Station " + st.id + " · run " + (view.runId || "-") + " · report " + (r.report_id || "-") +
-    (typeof r.created_at === "number" ? " of " + when(r.created_at) : "");
+  ids.replaceChildren(...(specimen ? ["Specimen ", iso(specimen), " · "] : []), "Station ", iso(st.id),
+    " · run " + (view.runId || "-") + " · report " + (r.report_id || "-") +
+    (typeof r.created_at === "number" ? " of " + when(r.created_at) : ""));
   const names = r.models && typeof r.models === "object" ? Object.keys(r.models).sort() : [];
   // the software that made it (report schema 1.2's software_version; none from an older station's)
   const software = typeof r.software_version === "string" ? "smearscope " + r.software_version : "";
@@ -61,7 +62,7 @@ function pageFooters() {
     const name = "station-" + n++, view = shown(st);
     st.node.style.page = name;
     const specimen = view ? specimenOf(view.report, view.started) : "";
-    const foot = (specimen ? "Specimen " + specimen + " · " : "") + "station " + st.id +
+    const foot = (specimen ? "Specimen " + isoText(specimen) + " · " : "") + "station " + isoText(st.id) +
       (view ? " · run " + (view.runId || "-") : "");
     sheet.insertRule("@page " + name + " { @bottom-left { content: " + cssString(foot) + "; font: 8pt system-ui, sans-serif; }" +
       " @bottom-right { content: \"page \" counter(page) \" of \" counter(pages); font: 8pt system-ui, sans-serif; } }",

@@ -22,7 +22,9 @@ function renderReview(st, answer) {
       : c.atypical ? " (unlike every trained type)" : " (no type sure enough" +
         (c.label_score !== null ? ": best " + Math.round(100 * c.label_score) + "%" : "") + ")";
     const caption = c.kind + ": " + (c.label || "?") + why;
-    fig.append(img, el("figcaption", "", caption));
+    const figcaption = el("figcaption", "", c.kind + ": ");
+    figcaption.append(iso(c.label || "?"), why);  // "87%" stays after an Arabic or Hebrew type's name
+    fig.append(img, figcaption);
     // a white cell takes the WBC head's types, a red cell to review the RBC head's
     const types = c.types || (c.kind === "rbc" ? answer.rbc_types : answer.wbc_types);
     if (c.typeable && Array.isArray(types)) {
@@ -109,8 +111,9 @@ function typedAnswer(st, msg, mine) {
 }
 
 function showTyped(st, counts) {
-  st.node.querySelector(".typed-count").textContent = "white cells typed on this station: " +
-    (Object.entries(counts).map(([k, v]) => k + " " + v).join(", ") || "none");
+  const typed = Object.entries(counts).flatMap(([k, v], i) => [i ? ", " : "", iso(k), " " + v]);
+  st.node.querySelector(".typed-count").replaceChildren("white cells typed on this station: ",
+                                                        ...(typed.length ? typed : ["none"]));
 }
 
 // The technician signs the run: the station publishes its report again with their types counted.

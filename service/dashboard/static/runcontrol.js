@@ -6,7 +6,7 @@
 // reachable: a station keeps no session, so a command sent while it is away is lost. The
 // dashboard's broker account needs write access to these two commands (docs/MQTT.md); a broker
 // that refuses them says so here. Loaded before dashboard.js, whose globals (brokerUp, runControl,
-// client, current, sendCommand, specimenOf) these functions use when called. Text from the broker is only ever
+// client, current, iso, sendCommand, specimenOf) these functions use when called. Text from the broker is only ever
 // set with textContent.
 "use strict";
 
@@ -84,7 +84,12 @@ function controlState(st, state, text, aboutRun, whileShown) {
   node.dataset.state = state;
   node.dataset.aboutRun = aboutRun || "";
   node.dataset.whileShown = whileShown ? JSON.stringify(whileShown) : "";
-  node.textContent = text;
+  node.replaceChildren(...[].concat(text));  // a string, or its parts with the specimen id isolated (iso)
+}
+
+// " for specimen <id>", the id isolated (dashboard.js iso); nothing for none.
+function forSpecimen(id) {
+  return id ? [" for specimen ", iso(id)] : [];
 }
 
 function sendControl(st, name, body, what) {
@@ -93,7 +98,8 @@ function sendControl(st, name, body, what) {
     return false;
   }
   if (st.controlAsk) {  // one command at a time: a second scan or click is not sent
-    controlState(st, "saving", "still waiting for the station's answer to " + st.controlWhat + ": nothing more sent");
+    controlState(st, "saving", ["still waiting for the station's answer to " + st.controlWhat, ...forSpecimen(st.controlFor),
+                                ": nothing more sent"]);
     return false;
   }
   controlState(st, "saving", what + "…");
@@ -104,7 +110,8 @@ function sendControl(st, name, body, what) {
   });
   st.controlAsk = ask;
   st.controlName = name;
-  st.controlWhat = what + (body.specimen_id ? " for specimen " + body.specimen_id : "");
+  st.controlWhat = what;
+  st.controlFor = body.specimen_id;
   setTimeout(() => {  // an answer that never comes: said, not waited for
     if (st.controlAsk === ask) { st.controlAsk = null; controlState(st, "error", "no answer from the station"); }
   }, CONTROL_TIMEOUT_MS);
@@ -127,9 +134,9 @@ function startRun(st) {
     const was = specimenOf(open.report, open.started);
     const which = open.runId ? "run " + String(open.runId).slice(0, 8) : "a run";  // run_open names none
     controlState(st, was === id ? "saved" : "error", was === id
-      ? which + " is already running for specimen " + id
-      : which + (was ? " for specimen " + was : "") + " is still open: stop it (Stop run) " +
-        "before starting specimen " + id + "; nothing sent", open.runId || "");
+      ? [which + " is already running", ...forSpecimen(id)]
+      : [which, ...forSpecimen(was), " is still open: stop it (Stop run) before starting specimen ", iso(id),
+         "; nothing sent"], open.runId || "");
     return;
   }
   if (sendControl(st, "start_run", { specimen_id: id }, "start a run")) st.stoppedRun = null;
@@ -173,8 +180,8 @@ function runControlAnswer(st, name, msg, correlation) {
     st.toldOpen = { runId: String(msg.run_id), specimenId: typeof msg.specimen_id === "string" ? msg.specimen_id : "" };
     st.node.querySelector(".specimen-id").value = "";
     // said while that run is open: beside a run closed since (its target reached) it read as running
-    controlState(st, "saved", "run " + String(msg.run_id).slice(0, 8) + " started" +
-      (msg.specimen_id ? " for specimen " + msg.specimen_id : ""), String(msg.run_id));
+    controlState(st, "saved", ["run " + String(msg.run_id).slice(0, 8) + " started", ...forSpecimen(msg.specimen_id)],
+                 String(msg.run_id));
     // Stop from now on, before the run's first field; the line goes at once where the run's closed
     // state came before this answer (a target of a few cells reached on the first field)
     renderRunControl(st);

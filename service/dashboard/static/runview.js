@@ -32,19 +32,19 @@ function renderRun(st) {
   const specimen = specimenOf(r, view.started);
   st.node.dataset.specimen = specimen;
   if (!r) { renderRunWithoutFields(st, view, specimen, started); return; }
-  line.textContent = (specimen ? "specimen " + specimen + " · " : "") +
+  const v = r.verification;
+  line.replaceChildren(...(specimen ? ["specimen ", iso(specimen), " · "] : []),
     (view.earlier ? "earlier run " : "run ") + (view.runId || "-").slice(0, 8) + " · " +
     (started ? started + " · " : "") + r.fields_analyzed +
-    (r.fields_analyzed === 1 ? " field · " : " fields · ") +
-    (view.final ? (r.verification ? "verified specimen report (verified by " + r.verification.verified_by + ", " +
-                    when(r.verification.verified_at) +
-                    (r.verification.left_to_review ? "; " + r.verification.left_to_review +
-                     " sent to review signed as the analyzer called them" : "") + ")"
-                  : "final specimen report (preliminary, needs review)")
-      : brokerUp && st.status === "offline" ? "halted: the station went offline (the run goes on if it restarts within its idle timeout)"
-      : "in progress (" + (view.state || "open") + ")") +
+    (r.fields_analyzed === 1 ? " field · " : " fields · "),
+    ...(view.final ? (v ? ["verified specimen report (verified by ", iso(v.verified_by), ", " + when(v.verified_at) +
+                           (v.left_to_review ? "; " + v.left_to_review +
+                            " sent to review signed as the analyzer called them" : "") + ")"]
+                        : ["final specimen report (preliminary, needs review)"])
+      : [brokerUp && st.status === "offline" ? "halted: the station went offline (the run goes on if it restarts within its idle timeout)"
+         : "in progress (" + (view.state || "open") + ")"]),
     // an open run's figures are as of its last state: a run that stopped moving shows it
-    (!view.final && typeof view.updated === "number" ? " · last update " + when(view.updated) : "");
+    !view.final && typeof view.updated === "number" ? " · last update " + when(view.updated) : "");
   st.node.dataset.halted = !view.final && brokerUp && st.status === "offline" ? "true" : "false";
   st.node.dataset.verifiedBy = r.verification ? r.verification.verified_by : "";
   st.node.querySelector(".verify").hidden = !view.final;
@@ -120,7 +120,7 @@ function renderRun(st) {
   for (const f of sorted) {
     const li = el("li", "flag " + f.severity);
     li.dataset.code = f.code;
-    li.append(el("strong", "", f.severity + ": "), document.createTextNode(f.message));
+    li.append(el("strong", "", f.severity + ": "), iso(f.message));
     flags.append(li);
   }
 }
@@ -129,7 +129,7 @@ function renderRun(st) {
 // report (docs/MQTT.md): said so, with its target, and nothing to sign or print.
 function renderRunWithoutFields(st, view, specimen, started) {
   const p = view.progress || {};
-  st.node.querySelector(".run-line").textContent = (specimen ? "specimen " + specimen + " · " : "") + "run " +
+  st.node.querySelector(".run-line").replaceChildren(...(specimen ? ["specimen ", iso(specimen), " · "] : []), "run " +
     (view.runId || "-").slice(0, 8) + " · " + (started ? started + " · " : "") + (view.final
       ? "closed (" + (view.endReason || "ended") + ") before any field: no report"
       : brokerUp && st.status === "offline" ? "no field yet; halted: the station went offline"

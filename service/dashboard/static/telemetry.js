@@ -48,9 +48,10 @@ function markClash(st) {
   const clash = st.clashAt !== undefined && (Date.now() - st.clashAt) / 1000 < 4 * every;
   const node = st.node.querySelector(".clash");
   node.hidden = !clash;
-  node.textContent = !clash ? "" : "two stations publish as " + st.id + " (" + (st.clashHosts.length > 1
-    ? "hosts " + st.clashHosts.join(" and ") : "both on host " + st.clashHosts[0]) +
-    "): their runs, status and telemetry are mixed here; give each its own station_id";
+  const hosts = st.clashHosts || [];
+  node.replaceChildren(...(!clash ? [] : ["two stations publish as ", iso(st.id), " (",
+    ...(hosts.length > 1 ? ["hosts ", iso(hosts[0]), " and ", iso(hosts[1])] : ["both on host ", iso(hosts[0])]),
+    "): their runs, status and telemetry are mixed here; give each its own station_id"]));
   marked(st, "clash", clash);
 }
 
