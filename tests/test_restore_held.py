@@ -59,7 +59,9 @@ def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_
     restart) under a new report id. That report and that run state are parked in the outbox: the
     observer receives no 3-field report, the broker still keeps 'closed, 6', status counts them as
     parked, the outbox still holds them, and one ERROR says the run, both counts and how to release.
-    Cleared the broker's retained run state, the next start sends them."""
+    The run signed meanwhile (verify_run) is answered ok and its verified report is held too (more
+    parked, none received). Cleared the broker's retained run state, the next start sends them, the
+    restart's report and then the signed one."""
     inbox = tmp_path / "state" / "inbox"
     inbox.mkdir(parents=True)
     pool = tmp_path / "pool.pkl"
@@ -97,9 +99,9 @@ def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_
         shutil.copytree(tmp_path / "backup", tmp_path / "state")
         restored = DaemonProcess(config, pool)
         try:
-            def command(name: str) -> dict[str, Any]:
+            def command(name: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
                 before = len(observer.on_topic(f"{BASE}/cmd_response/{name}"))
-                observer.client.publish(f"{BASE}/cmd/{name}", "{}", qos=1)
+                observer.client.publish(f"{BASE}/cmd/{name}", json.dumps(body or {}), qos=1)
                 assert observer.wait_for(
                     lambda ms: sum(m.topic == f"{BASE}/cmd_response/{name}" for m in ms) > before, 15)
                 return json.loads(observer.on_topic(f"{BASE}/cmd_response/{name}")[-1].payload)
@@ -122,6 +124,12 @@ def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_
             assert "this station's state holds it with 3 fields" in said[0], said
             assert "are held: parked in the outbox, not sent and not deleted" in said[0], said
             assert f"mosquitto_pub -r -n -t {BASE}/run" in said[0], said
+            # the held run signed (its 3 fields, as the restored state holds it): its verified report is held too
+            signed = command("verify_run", {"run_id": run_id, "verified_by": "AB"})
+            assert signed["ok"], signed
+            assert wait_until(lambda: command("status")["broker"]["parked"] > status["broker"]["parked"], 30), \
+                restored.lines[-20:]
+            assert not shorter(), shorter()
         finally:
             restored.signal(signal.SIGTERM)
             assert restored.wait(60) == 0
@@ -138,8 +146,11 @@ def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_
             operator.close()
         released = DaemonProcess(config, pool)
         try:
-            assert observer.wait_for(lambda ms: 3 in [r["fields_analyzed"] for r in _reports(ms, run_id)], 30), \
-                released.lines[-20:]
+            assert observer.wait_for(lambda ms: any(r["fields_analyzed"] == 3 and r.get("verification")
+                                                    for r in _reports(ms, run_id)), 30), released.lines[-20:]
+            # released in the order stored: the restart's report, then its signed one
+            assert [(r["fields_analyzed"], (r.get("verification") or {}).get("verified_by"))
+                    for r in _reports(observer.messages, run_id)] == [(6, None), (3, None), (3, "AB")]
             assert not [ln for ln in released.lines if "ERROR smearscope.service.mqtt.run_watch" in ln]
             # the broker holds no run state: the later subscription's answer released the outbox, not the bound
             assert not [ln for ln in released.lines if "no retained run state heard" in ln], released.lines[-30:]
