@@ -42,9 +42,16 @@ class MemoryLimits:
     available: int | None
 
 
+def _read(path: Path) -> str:
+    """A kernel file's text; bytes that are no UTF-8 (a mount point or cgroup named in another
+    encoding: the kernel shows names as they are) kept as they are, so a path made of them is the
+    same path (os.fsencode), and no decoding error can stop a start."""
+    return path.read_bytes().decode("utf-8", "surrogateescape")
+
+
 def _cgroup_v2_path(root: Path) -> str | None:
     try:
-        text = (root / "proc/self/cgroup").read_text()
+        text = _read(root / "proc/self/cgroup")
     except OSError:
         return None
     for line in text.splitlines():
@@ -56,7 +63,7 @@ def _cgroup_v2_path(root: Path) -> str | None:
 def _cgroup2_mount(root: Path) -> Path:
     """The cgroup2 hierarchy's mount point (under `root`), from mountinfo; /sys/fs/cgroup without one."""
     try:
-        lines = (root / "proc/self/mountinfo").read_text().splitlines()
+        lines = _read(root / "proc/self/mountinfo").splitlines()
     except OSError:
         lines = []
     for line in lines:
@@ -68,7 +75,7 @@ def _cgroup2_mount(root: Path) -> Path:
 
 def _limit(folder: Path, name: str) -> int | None:
     try:
-        value = (folder / name).read_text().strip()
+        value = _read(folder / name).strip()
     except OSError:
         return None
     if value == "max" or not value.isdigit():
@@ -89,7 +96,7 @@ def _tightest(mount: Path, cgroup: str, name: str) -> CgroupBound | None:
 def _meminfo(root: Path) -> dict[str, int]:
     fields: dict[str, int] = {}
     try:
-        text = (root / "proc/meminfo").read_text()
+        text = _read(root / "proc/meminfo")
     except OSError:
         return fields
     for line in text.splitlines():

@@ -5,6 +5,7 @@ start give when the frame limit and concurrent_fields predict a peak above it.""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import cv2
@@ -86,6 +87,26 @@ def test_the_cgroup_reader_on_this_machines_own_files_reads_no_limit_where_max_i
     total_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                     if line.startswith("MemTotal:"))
     assert read_memory_limits().total == total_kb * 1024
+
+
+def test_names_that_are_no_utf8_in_the_kernel_files_are_read_not_a_crash(tmp_path: Path) -> None:
+    """The kernel shows mount points and cgroup names byte for byte: a USB stick mounted under a
+    Latin-1 name before the cgroup2 line of mountinfo, and the station's cgroup named so too. Read
+    as the same paths (the cgroup's memory.max found), where decoding them as UTF-8 stopped the start."""
+    root = cgroup_tree(tmp_path / "latin1", unit_limits())
+    (root / "proc/self/mountinfo").write_bytes(b"31 22 8:17 / /media/caf\xe9 rw,relatime shared:40 - vfat /dev/sdb1 rw\n"
+                                               + MOUNTINFO.encode())
+    cgroup = b"/system.slice/caf\xe9.service"
+    (root / "proc/self/cgroup").write_bytes(b"0::" + cgroup + b"\n")
+    folder = root / "sys/fs/cgroup" / os.fsdecode(cgroup.lstrip(b"/"))
+    folder.mkdir(parents=True)
+    (folder / "memory.max").write_text(f"{GIB}\n")
+    limits = read_memory_limits(root)
+    assert limits.max is not None and limits.max.bytes == GIB and os.fsencode(limits.max.cgroup) == cgroup
+    assert limits.total == 7620056 * 1024
+    # said in words doctor can print (a name it cannot encode stopped it there instead)
+    text = memory_verdict(load_config(_folder_station(tmp_path, 4)), limits).text
+    assert "memory.max of /system.slice/caf\\xe9.service, 1024 MiB" in text and text.encode(), text
 
 
 def test_the_prediction_holds_the_measured_peaks() -> None:
