@@ -191,3 +191,33 @@ def test_the_messages_of_a_run_the_broker_shows_closed_and_further_along_are_hel
     older.known({"r-1": 5}, closed_now=["r-1"])
     older.heard(_state("r-1", 3), retained=True)  # an older state of its own the broker kept
     assert not older.held and older.newer is None
+
+
+def test_a_connection_lost_before_the_wait_settles_gives_the_next_one_its_own_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first connection is lost before the broker answers the run topic's subscription (a broker
+    restarted as the station starts), and the reconnect comes after more than HEAR_WAIT_S (paho's
+    backoff). The new connection waits for the retained run state again: the bound is each
+    connection's, not what was left of the first's, which sent the outbox at once, unheard, and a
+    restored station's shorter report with it."""
+    from smearscope.service.mqtt import run_watch as module
+    from smearscope.service.mqtt.run_watch import HEAR_WAIT_S, RunStateWatch
+
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    watch = RunStateWatch("lab-7", "smearscope/lab-7/run")
+    watch.known({"r-1": 3}, closed_now=["r-1"])
+    watch.subscribing(4)
+    assert not watch.may_send()  # the first connection's wait begins
+    clock[0] += HEAR_WAIT_S + 3  # lost; the reconnect comes later than the bound
+    watch.subscribing(9)
+    assert not watch.may_send()  # the new connection waits for its answer
+    watch.heard(_state("r-1", 6, state="closed"), retained=True)
+    assert watch.may_send() and watch.held == {"r-1": ("closed", 6, 3)}
+    clock[0] += HEAR_WAIT_S + 1  # a connection that never answers still ends its wait at the bound
+    silent = RunStateWatch("lab-7", "smearscope/lab-7/run")
+    silent.subscribing(4)
+    assert not silent.may_send()
+    clock[0] += HEAR_WAIT_S
+    assert silent.may_send()

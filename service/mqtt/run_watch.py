@@ -7,7 +7,8 @@ systems that received them. Read once per process, at its first connection, and 
 
 The first connection sends nothing from the outbox until the broker's retained run state is heard
 (or known to be none: the SUBACK of a later subscription came first, the subscription was refused,
-or HEAR_WAIT_S passed). Where that state shows a run of the station's further along (more fields,
+or HEAR_WAIT_S passed on a connection: a connection lost before it settles gives the next one
+its own HEAR_WAIT_S, not what was left of the first's). Where that state shows a run of the station's further along (more fields,
 or closed where the station's state still had it open), that run's own messages (its run states,
 its specimen report and that report's FHIR Bundle) are held: parked in the outbox, not sent and not
 deleted, so the shorter report of a restored backup never lands over the complete one. Its field
@@ -58,7 +59,7 @@ class RunStateWatch:
         self._settled = False  # the broker's retained run state heard, or known to be none
         self._run_mid: int | None = None  # the run topic's SUBSCRIBE of this connection
         self._run_acked = False  # its SUBACK came: the next SUBACK comes after any retained state
-        self._wait_until: float | None = None  # HEAR_WAIT_S after the drain first asked
+        self._wait_until: float | None = None  # HEAR_WAIT_S after the drain first asked on this connection
         #: run id -> (the broker's state, its fields, the station's fields): runs whose messages are held
         self.held: dict[str, tuple[str, int, int]] = {}
         self._held_reports: set[str] = set()  # report ids of held specimen reports (their FHIR Bundles too)
@@ -86,7 +87,8 @@ class RunStateWatch:
     def subscribing(self, mid: int) -> None:
         """The run topic subscribed on a new connection (paho's thread), under packet id `mid`."""
         with self._lock:
-            self._run_mid, self._run_acked = mid, False
+            # this connection's own bound: a reconnect after the first one's passed would send at once
+            self._run_mid, self._run_acked, self._wait_until = mid, False, None
 
     def on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: list[Any], properties: Any) -> None:
         """paho's SUBACK callback. The broker sends the run topic's retained state (if any) before the
@@ -121,7 +123,7 @@ class RunStateWatch:
             if now < self._wait_until:
                 return False
             self._settled = True
-        logger.warning("no retained run state heard on %s within %.0f s of the first connection: the outbox is "
+        logger.warning("no retained run state heard on %s within %.0f s of connecting: the outbox is "
                        "sent without it", self.topic, HEAR_WAIT_S)
         return True
 
