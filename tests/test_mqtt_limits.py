@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -421,6 +422,39 @@ def test_a_parked_field_message_that_expires_is_no_longer_counted_as_parked_afte
         broker.restart()
         assert wait_until(lambda: publisher.state.connects == 2, 15), publisher.state
         assert wait_until(lambda: publisher.state.parked == 0, 5), publisher.state
+    finally:
+        broker.stop()
+
+
+def test_a_stop_waits_for_a_report_in_flight_beside_a_parked_message_that_expired(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A field message mosquitto refuses as too large is parked and then expires (gone from the outbox,
+    still counted parked until a reconnect). A report is in flight to a broker that hangs, and the
+    station is asked to stop: the stop waits for it (the broker answers once it runs again) and the
+    outbox is empty after. The expired message's count stood for the report: the stop took the
+    outbox for drained at once, left the report in it and said it as '1 parked messages'."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 20000",))
+    broker.start()
+    try:
+        publisher = start_publisher(make_config(tmp_path, broker.port, protocol="5", field_message_expiry_s=1),
+                                    started)
+        assert publisher.wait_until_connected(5)
+        publisher.publish_report("field", "too-big", json.dumps({"cells": "x" * 50_000}).encode(), "1")
+        assert wait_until(lambda: publisher.state.parked == 1, 10), publisher.state
+        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 20), publisher.state  # expired
+        broker.freeze()  # hung: the report is sent and not acknowledged
+        publisher.publish_report("report", "r-1", b'{"run_id": "run-1"}', "1")
+        assert wait_until(lambda: publisher.state.in_flight == 1, 5), publisher.state
+        with caplog.at_level(logging.WARNING, logger="smearscope.service.mqtt.publisher"):
+            stopping = threading.Thread(target=publisher.stop, kwargs={"drain_timeout": 60.0})
+            stopping.start()
+            assert broker.proc is not None
+            os.kill(broker.proc.pid, signal.SIGCONT)  # the broker runs again: it acknowledges the report
+            stopping.join(70)
+        assert not stopping.is_alive()
+        assert publisher.outbox.counts().messages == 0, caplog.text  # delivered before the stop went on
+        assert "parked messages" not in caplog.text and "still in the outbox" not in caplog.text, caplog.text
     finally:
         broker.stop()
 

@@ -121,6 +121,17 @@ class InFlight:
         parked, said = dict(self.parked), dict(self._parked_said)
         return parked, {seq: (said[seq][0], said[seq][2]) for seq in parked if seq in said}
 
+    def parked_present(self) -> int:
+        """The parked messages still in the outbox (any thread): one deleted since it was parked (an
+        expired field message, an eviction) is forgotten only at the next connection, and counted
+        here it would stand for a message still waiting (the stop's wait took that one as parked)."""
+        seqs = sorted(self.parked)
+        if not seqs:
+            return 0
+        marks = ",".join("?" * len(seqs))
+        return self.outbox.read(lambda conn: conn.execute(  # placeholders only
+            f"SELECT COUNT(*) FROM outbox WHERE seq IN ({marks})", seqs).fetchone()[0])
+
     def post(self, client: mqtt.Client, mid: int, reason_code: ReasonCode | None) -> None:
         """An acknowledgement (or, with None, a message paho dropped); any thread, never blocks."""
         self._events.put((client, mid, reason_code))

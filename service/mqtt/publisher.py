@@ -230,7 +230,7 @@ class MqttPublisher(ConnectionEvents):
         seconds (the outbox then holds none, or only what a full disk keeps it from deleting:
         InFlight.undelivered, and the parked messages: too large, or held back, which no wait sends)."""
         deadline = time.monotonic() + timeout
-        while self._inflight.undelivered()[0] > len(self._inflight.parked):
+        while self._inflight.undelivered()[0] > self._inflight.parked_present():
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
@@ -245,7 +245,7 @@ class MqttPublisher(ConnectionEvents):
         timeout = self.config.stop_drain_timeout_s if drain_timeout is None else drain_timeout
         drained = self.state.connected and self.wait_until_drained(timeout)
         waiting, kept = self._inflight.undelivered()  # kept: delivered, in the outbox still (a full disk refused their delete)
-        parked = min(waiting, len(self._inflight.parked)) if self.state.connected else 0
+        parked = min(waiting, self._inflight.parked_present()) if self.state.connected else 0
         waiting = 0 if drained else waiting - parked
         where = "" if self.state.connected else " (not connected to the broker)"
         for n, what in ((waiting, f"messages still in the outbox{where}; they are sent on next start"),
