@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -99,4 +100,46 @@ def test_under_mqtt_311_the_example_acls_rights_pass_the_check_without_a_word(
         assert not [r for r in caplog.records if r.name == "smearscope.service.mqtt.echo_watch"
                     and r.levelno >= logging.WARNING], caplog.text
     finally:
+        broker.stop()
+
+
+@pytest.mark.broker
+def test_an_acknowledgement_of_the_connection_before_is_not_waited_on_to_come_back_on_the_next(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The drain thread busy (a slow disk) while the broker acknowledges a report and the connection is
+    then lost and made again: the acknowledgement is settled on the new connection. Its message came
+    back (or not) on the connection before; the new one's check does not wait for it, which said at
+    ERROR, once the bound passed, that the ACL drops reports it passes on."""
+    monkeypatch.setattr(echo_watch, "ECHO_BOUND_S", 1.0)
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])
+    try:
+        sub.wait_ready()
+        publisher = start_publisher(make_config(tmp_path, broker.port, protocol="3.1.1"), started)
+        assert publisher.wait_until_connected(5)
+        report_topic = f"{BASE}/report"
+        assert wait_until(lambda: publisher.echo._state.get(report_topic) == "waiting", 5)
+        gate, held = threading.Event(), threading.Event()
+        check = publisher.echo.check
+
+        def busy_check() -> None:  # the drain thread stops here once it has sent the report
+            if not gate.is_set():
+                held.set()
+                gate.wait(30)
+            check()
+
+        publisher.echo.check = busy_check  # type: ignore[method-assign]
+        publisher.publish_report("report", "r-1", b"{}", "1")
+        assert held.wait(5)
+        assert sub.wait_for(lambda m: len(m) >= 1, 5)  # delivered: the broker acknowledges it just after
+        broker.restart()
+        assert wait_until(lambda: publisher.state.connects == 2, 15), publisher.state
+        assert wait_until(lambda: publisher.echo._state.get(report_topic) == "waiting", 5)
+        gate.set()  # the drain thread settles the first connection's acknowledgement now
+        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
+        assert report_topic not in publisher.echo._acked, publisher.echo._acked
+    finally:
+        sub.close()
         broker.stop()

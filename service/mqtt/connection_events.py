@@ -105,7 +105,8 @@ class ConnectionEvents:
         # this subscription would come back as the retained one, hiding the broker's (run_watch)
         if self.run_watch.listening:
             self.run_watch.subscribing(client.subscribe(self.run_watch.topic, qos=0)[1])
-        self.echo.connected(client, self._protocol == MQTTProtocolVersion.MQTTv311)  # its own messages back
+        # its own messages back; acknowledgements of the connection before are not waited on
+        self.echo.connected(client, self._protocol == MQTTProtocolVersion.MQTTv311, self._inflight.connected())
         self._connected_at = time.monotonic()
         self._failures_said.clear()  # the next outage is news
         with self._state_lock:

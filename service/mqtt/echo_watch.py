@@ -35,6 +35,7 @@ class EchoWatch:
         self.address = address
         self._lock = threading.Lock()
         self._client: Any = None
+        self._connection = 0  # this connection's number (InFlight.connected)
         self._sub_mid: int | None = None
         #: topic -> "subscribing", "waiting" (granted, nothing back yet) or "back" (left);
         #: a topic the broker refused to subscribe to is not in it.
@@ -43,10 +44,12 @@ class EchoWatch:
         self._said_dropped: set[str] = set()
         self._said_unreadable = False
 
-    def connected(self, client: Any, v311: bool) -> None:
-        """A new connection (paho's thread, in on_connect, before any outbox message is sent on it)."""
+    def connected(self, client: Any, v311: bool, connection: int) -> None:
+        """A new connection, number `connection` (paho's thread, in on_connect, before any outbox
+        message is sent on it)."""
         with self._lock:
             self._client, self._state, self._acked, self._sub_mid = client, {}, {}, None
+            self._connection = connection
             if not v311:
                 return
             self._state = dict.fromkeys(self.topics, "subscribing")
@@ -90,10 +93,12 @@ class EchoWatch:
                         self.address)
         return True
 
-    def acked(self, seq: int, topic: str) -> None:
-        """The broker acknowledged outbox message `seq` to `topic` (the drain thread)."""
+    def acked(self, seq: int, topic: str, connection: int) -> None:
+        """The broker acknowledged outbox message `seq` to `topic` on connection number `connection`
+        (the drain thread, which may settle it after a reconnect: then its echo came, or did not, on
+        the connection before, and this one's check does not wait for it)."""
         with self._lock:
-            if self._state.get(topic) == "waiting" and topic not in self._acked:
+            if connection == self._connection and self._state.get(topic) == "waiting" and topic not in self._acked:
                 self._acked[topic] = (seq, time.monotonic())
 
     def check(self) -> None:

@@ -72,9 +72,11 @@ class InFlight:
         self.user = user  # the station's MQTT user name, for the broker's ACL (None: anonymous)
         #: Unacknowledged messages at most; lowered to the broker's Receive Maximum on connect.
         self.window = window
-        # (client, mid, reason code) from on_publish, or reason None for a message dropped at
-        # reconnect.
-        self._events: queue.SimpleQueue[tuple[mqtt.Client, int, ReasonCode | None]] = queue.SimpleQueue()
+        # (client, mid, reason code, connection) from on_publish, or reason None for a message dropped
+        # at reconnect; connection: `connection` when it was posted (the connection it came on).
+        self._events: queue.SimpleQueue[tuple[mqtt.Client, int, ReasonCode | None, int]] = queue.SimpleQueue()
+        #: Successful connections so far, counted on paho's thread (connected); events carry it.
+        self.connection = 0
         self._seq_by_mid: dict[int, int] = {}
         self._topic_by_seq: dict[int, str] = {}
         #: (topic, reason code) of rejections said at WARNING; forgotten when that topic is acknowledged.
@@ -93,8 +95,9 @@ class InFlight:
         self._retry: set[int] = set()
         #: seq -> what was said of a parked message (why, its size, the limit): said again only when it changes.
         self._parked_said: dict[int, tuple[str, int, int | None]] = {}
-        #: Told (seq, topic) of each acknowledged message (service.mqtt.echo_watch), on the drain thread.
-        self.on_acked: Callable[[int, str], None] | None = None
+        #: Told (seq, topic, connection it was acknowledged on) of each acknowledged message
+        #: (service.mqtt.echo_watch), on the drain thread: that may be after a reconnect.
+        self.on_acked: Callable[[int, str, int], None] | None = None
         #: Messages not to send now (parked too): a run the broker shows further along (service.mqtt.run_watch).
         self.hold: Callable[[OutboxMessage], bool] | None = None
 
@@ -132,9 +135,15 @@ class InFlight:
         return self.outbox.read(lambda conn: conn.execute(  # placeholders only
             f"SELECT COUNT(*) FROM outbox WHERE seq IN ({marks})", seqs).fetchone()[0])
 
+    def connected(self) -> int:
+        """A new connection (paho's thread, in on_connect): its number, which the acknowledgements
+        that come on it carry."""
+        self.connection += 1
+        return self.connection
+
     def post(self, client: mqtt.Client, mid: int, reason_code: ReasonCode | None) -> None:
-        """An acknowledgement (or, with None, a message paho dropped); any thread, never blocks."""
-        self._events.put((client, mid, reason_code))
+        """An acknowledgement (or, with None, a message paho dropped); paho's thread, never blocks."""
+        self._events.put((client, mid, reason_code, self.connection))
 
     def forget_all(self) -> None:
         """The client that held them is gone; the outbox re-sends them."""
@@ -236,7 +245,7 @@ class InFlight:
         rejected = 0
         while True:
             try:
-                sender, mid, reason_code = self._events.get_nowait()
+                sender, mid, reason_code, connection = self._events.get_nowait()
             except queue.Empty:
                 break
             if sender is not client:
@@ -256,7 +265,7 @@ class InFlight:
             else:
                 acked.append(seq)
                 if self.on_acked is not None:
-                    self.on_acked(seq, topic)
+                    self.on_acked(seq, topic, connection)
                 if self.parked:
                     self._unpark(seq)  # tried again after a reconnect, and taken this time
                 if self._rejections_said:  # mostly empty: no set rebuilt per acknowledged message
