@@ -133,6 +133,11 @@ def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_
         finally:
             restored.signal(signal.SIGTERM)
             assert restored.wait(60) == 0
+        # the stop does not wait for them (no wait sends them) and says them apart from unsent ones
+        stopping = [ln for ln in restored.lines if "stopping with" in ln]
+        assert any(" parked messages in the outbox (too large for the broker, or held back)" in ln
+                   for ln in stopping), stopping
+        assert not [ln for ln in stopping if "still in the outbox" in ln], stopping
         assert [r["fields_analyzed"] for r in _reports(observer.messages, run_id)] == [6], _reports(observer.messages, run_id)
         kept = _retained_run_state(broker.port) or {}
         assert kept.get("run_id") == run_id and kept["progress"]["fields"] == 6, kept
