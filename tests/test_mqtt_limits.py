@@ -405,11 +405,12 @@ def test_a_report_the_broker_refuses_as_too_large_is_said_once_across_its_restar
         broker.stop()
 
 
-def test_a_parked_field_message_that_expires_is_no_longer_counted_as_parked_after_a_reconnect(
+def test_a_parked_field_message_that_expires_is_no_longer_counted_as_parked(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
 ) -> None:
     """A field message mosquitto refuses as too large is parked, then expires (field_message_expiry_s)
-    and leaves the outbox: the next connection no longer counts it as parked, nor tries it."""
+    and leaves the outbox: it is no longer counted as parked (status, the STATUS= line) once it has
+    expired, not only from the next connection on, which counted it meanwhile; nor tried again."""
     broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 20000",))
     broker.start()
     try:
@@ -419,6 +420,7 @@ def test_a_parked_field_message_that_expires_is_no_longer_counted_as_parked_afte
         publisher.publish_report("field", "too-big", json.dumps({"cells": "x" * 50_000}).encode(), "1")
         assert wait_until(lambda: publisher.state.parked == 1, 10), publisher.state
         assert wait_until(lambda: publisher.outbox.counts().messages == 0, 20), publisher.state  # expired
+        assert wait_until(lambda: publisher.state.parked == 0, 5), publisher.state  # the same connection
         broker.restart()
         assert wait_until(lambda: publisher.state.connects == 2, 15), publisher.state
         assert wait_until(lambda: publisher.state.parked == 0, 5), publisher.state
@@ -426,25 +428,27 @@ def test_a_parked_field_message_that_expires_is_no_longer_counted_as_parked_afte
         broker.stop()
 
 
-def test_a_stop_waits_for_a_report_in_flight_beside_a_parked_message_that_expired(
+def test_a_stop_waits_for_a_report_in_flight_beside_a_parked_message_that_was_evicted(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A field message mosquitto refuses as too large is parked and then expires (gone from the outbox,
-    still counted parked until a reconnect). A report is in flight to a broker that hangs, and the
-    station is asked to stop: the stop waits for it (the broker answers once it runs again) and the
-    outbox is empty after. The expired message's count stood for the report: the stop took the
-    outbox for drained at once, left the report in it and said it as '1 parked messages'."""
+    """A field message mosquitto refuses as too large is parked; a report stored while the broker hangs
+    takes the outbox over its byte bound, which evicts that field message (gone from the outbox, still
+    counted parked until the drain looks again). The station is asked to stop: the stop waits for the
+    report (the broker answers once it runs again) and the outbox is empty after. The evicted message's
+    count stood for the report: the stop took the outbox for drained at once, left the report in it
+    and said it as '1 parked messages'."""
     broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 20000",))
     broker.start()
     try:
-        publisher = start_publisher(make_config(tmp_path, broker.port, protocol="5", field_message_expiry_s=1),
-                                    started)
+        config = make_config(tmp_path, broker.port, protocol="5",
+                             outbox={"path": str(tmp_path / "outbox.sqlite3"), "max_bytes": 60_000})
+        publisher = start_publisher(config, started)
         assert publisher.wait_until_connected(5)
         publisher.publish_report("field", "too-big", json.dumps({"cells": "x" * 50_000}).encode(), "1")
         assert wait_until(lambda: publisher.state.parked == 1, 10), publisher.state
-        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 20), publisher.state  # expired
         broker.freeze()  # hung: the report is sent and not acknowledged
-        publisher.publish_report("report", "r-1", b'{"run_id": "run-1"}', "1")
+        publisher.publish_report("report", "r-1", json.dumps({"run_id": "run-1", "note": "y" * 15_000}).encode(), "1")
+        assert publisher.outbox.counts().messages == 1  # the parked field message evicted for it
         assert wait_until(lambda: publisher.state.in_flight == 1, 5), publisher.state
         with caplog.at_level(logging.WARNING, logger="smearscope.service.mqtt.publisher"):
             stopping = threading.Thread(target=publisher.stop, kwargs={"drain_timeout": 60.0})

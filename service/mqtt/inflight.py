@@ -154,6 +154,12 @@ class InFlight:
     def new_connection(self, max_packet_size: int | None) -> None:
         """A new connection: its packet limit; parked messages still in the outbox get another chance."""
         self.max_packet_size = max_packet_size
+        self.forget_gone()
+        self._retry = set(self.parked)
+
+    def forget_gone(self) -> None:
+        """Parked messages no longer in the outbox (expired, evicted) are parked no more (the drain
+        thread: at each connection, and after each expiry, so none is counted for long once gone)."""
         if self.parked:
             seqs = sorted(self.parked)
             marks = ",".join("?" * len(seqs))
@@ -161,7 +167,6 @@ class InFlight:
                 f"SELECT seq FROM outbox WHERE seq IN ({marks})", seqs)})  # placeholders only
             for seq in set(seqs) - present:  # expired or evicted meanwhile
                 self._unpark(seq)
-        self._retry = set(self.parked)
 
     def _unpark(self, seq: int) -> None:
         self.parked.pop(seq, None)

@@ -406,6 +406,7 @@ class MqttPublisher(ConnectionEvents):
                     next_expiry = time.monotonic() + 10.0  # first: a failure below must not stop the sending
                     if self.config.field_message_expiry_s:
                         self.outbox.expire_fields(time.time() - self.config.field_message_expiry_s)
+                    self._inflight.forget_gone()  # parked ones expired or evicted: no longer counted
                     self.outbox.give_back_space()
                 cursor = self._send_batch(cursor)
                 self.echo.check()
