@@ -243,3 +243,30 @@ def test_the_daemons_status_line_and_status_command_count_what_the_broker_refuse
         assert f"{n} messages parked ({n} too large for the broker)" in line, line
     finally:
         broker.stop()
+
+
+@pytest.mark.broker
+def test_doctor_beside_a_station_whose_telemetry_comes_less_often_than_it_waits_says_so_not_only_the_acl(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, started: list[MqttPublisher],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A station sending telemetry every 300 s: doctor waits 65 s at most, and where no sample came it
+    says the period is longer than its wait, where it named only the ACL (which lets it read here)."""
+    from smearscope.cli import doctor_parked
+
+    monkeypatch.setattr(doctor_parked, "WAIT_CAP_S", 1.0)  # doctor's cap, shortened: the station's period is 300 s
+    config = make_config(tmp_path, broker.port, telemetry_interval_s=300.0)
+    publisher = start_publisher(config, started, telemetry_source=lambda: {"pipeline": {"fields_analysed": 0}})
+    assert publisher.wait_until_connected(5)
+    doctor_config = tmp_path / "station.toml"
+    doctor_config.write_text(to_toml({
+        "station_id": STATION, "source": {"kind": "simulated"}, "analysis": {"models_dir": str(DEFAULT_MODELS_DIR)},
+        "mqtt": {"host": "127.0.0.1", "port": broker.port, "username": "station",
+                 "password_credential": "mqtt-password", "telemetry_interval_s": 300.0,
+                 "outbox": {"path": str(config.outbox.path)}}}) + "\n")
+    main(["doctor", "--config", str(doctor_config)])
+    out = capsys.readouterr().out
+    line = next((x for x in out.splitlines() if x.startswith("WARN  parked")), None)
+    assert line is not None, out
+    assert "within 1 s (the station sends one every 300 s (mqtt.telemetry_interval_s), longer than doctor waits; " \
+           f"or its account may not read it: the ACL's 'topic read {BASE}/telemetry')" in line, line

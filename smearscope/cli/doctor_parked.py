@@ -60,8 +60,11 @@ def parked_checks(config: Any, announce: Callable[[str], None] | None) -> list[C
     except (OSError, ValueError) as exc:
         return [("WARN", "parked", f"not read ({type(exc).__name__}: {exc}); {elsewhere}")]
     if sample is None:
+        acl = f"its account may not read it: the ACL's 'topic read {topic}'"
+        why = (f"the station sends one every {mqtt.telemetry_interval_s:g} s (mqtt.telemetry_interval_s), longer "
+               f"than doctor waits; or {acl}" if mqtt.telemetry_interval_s + 5.0 > wait else acl)
         return [("WARN", "parked", (f"not read: no telemetry from the running station on {topic} within {wait:.0f} s "
-                 f"(its account may not read it: the ACL's 'topic read {topic}'); {elsewhere}"))]
+                 f"({why}); {elsewhere}"))]
     parked = sample.get("parked")
     if not isinstance(parked, dict) or not isinstance(parked.get("messages"), int):
         return [("OK", "parked", "not said: the running station's telemetry has no `parked` (an older version)")]
