@@ -167,3 +167,80 @@ def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_
     finally:
         observer.close()
         broker.stop()
+
+
+def _state_message(run_id: str, fields: int, state: str) -> Any:
+    from smearscope.service.mqtt.outbox import NewMessage
+
+    body = {"station_id": STATION, "run_id": run_id, "state": state, "end_reason": "restart" if state == "closed" else None,
+            "updated_at": time.time(), "progress": {"run_id": run_id, "fields": fields}}
+    return NewMessage("field", f"{BASE}/run", json.dumps(body).encode(), run_id, "run-1", qos=1, retain=True)
+
+
+def test_a_held_run_stays_held_at_a_later_start_once_the_stations_own_runs_replace_the_retained_state(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, started: list[Any],
+) -> None:
+    """The broker keeps run r-1 closed at 6 fields; the restored state closed it at 3 and its report and
+    run state are held. The station goes on to run r-2, whose state the broker now keeps. At the next
+    start the retained state names r-2, the station's own: r-1's 3-field report is still held, not
+    sent over the 6-field one (the hold was decided from the retained state alone, and released
+    here). The retained run state cleared, the next start sends it."""
+    from test_publisher import make_config
+
+    from smearscope.service.mqtt.run_watch import RunStateWatch
+
+    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report", f"{BASE}/run"])
+    observer.wait_ready()
+    operator = Subscriber(broker.port, "station", MQTT_USERS["station"], [f"{BASE}/status"], client_id="operator")
+    try:
+        operator.wait_ready()
+        broker_state = json.loads(_state_message("r-1", 6, "closed").payload)
+        operator.client.publish(f"{BASE}/run", json.dumps(broker_state), qos=1, retain=True).wait_for_publish(5)
+    finally:
+        operator.close()
+    config = make_config(tmp_path, broker.port)
+    report = ("report", "rep-3", json.dumps({"run_id": "r-1", "fields_analyzed": 3}).encode(), "1")
+
+    def start(known: dict[str, int], closed_now: tuple[str, ...] = ()) -> Any:
+        from smearscope.service.mqtt.outbox import Outbox
+        from smearscope.service.mqtt.publisher import MqttPublisher
+
+        publisher = MqttPublisher(config, STATION, Outbox.from_config(config.outbox))
+        publisher.run_watch.known(known, closed_now=closed_now)
+        return publisher
+
+    first = start({"r-1": 3}, closed_now=("r-1",))
+    first.publish_many([report], extra=[_state_message("r-1", 3, "closed")])  # stored at the start, before sending
+    started.append(first)
+    first.start()
+    assert wait_until(lambda: first.state.parked == 2, 10), first.state
+    first.publish_many([], extra=[_state_message("r-2", 1, "open")])  # the next run: its state is retained
+    assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/run" and b'"r-2"' in m.payload for m in ms), 10)
+    first.stop(1)
+    first.outbox.close()
+    assert not [m for m in observer.on_topic(f"{BASE}/report")]
+
+    second = start({"r-1": 3, "r-2": 1})
+    started.append(second)
+    second.start()
+    sent = lambda: [m for m in observer.on_topic(f"{BASE}/report")]
+    assert wait_until(lambda: bool(sent()) or second.state.parked == 2, 10), second.state
+    assert not sent(), "the 3-field report of r-1 went out over the 6-field one"
+    assert isinstance(second.run_watch, RunStateWatch) and "r-1" in second.run_watch.held
+    second.stop(1)
+    second.outbox.close()
+
+    operator = Subscriber(broker.port, "station", MQTT_USERS["station"], [f"{BASE}/status"], client_id="operator")
+    try:
+        operator.wait_ready()
+        operator.client.publish(f"{BASE}/run", b"", qos=1, retain=True).wait_for_publish(5)
+    finally:
+        operator.close()
+    third = start({"r-1": 3, "r-2": 1})
+    started.append(third)
+    third.start()
+    try:
+        assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 10), third.state
+        assert not third.run_watch.held
+    finally:
+        observer.close()

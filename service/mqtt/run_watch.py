@@ -13,20 +13,24 @@ or closed where the station's state still had it open), that run's own messages 
 its specimen report and that report's FHIR Bundle) are held: parked in the outbox, not sent and not
 deleted, so the shorter report of a restored backup never lands over the complete one. Its field
 and cells messages go on (each is one field's, under its own report id: new data, or a repeat
-consumers drop by message id). Clearing the broker's retained run state and starting the station
-again releases them (docs/STATION.md)."""
+consumers drop by message id). A hold is kept in the outbox file (table `held_runs`) and applies
+again at every later start, from its first message, whatever run the broker's retained state
+names by then (the station's own later runs replace it): only a broker that holds no retained run
+state at a start (cleared by the operator), or one that shows the run no further along, releases
+them (docs/STATION.md)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from smearscope.service.mqtt.outbox import OutboxMessage
+from smearscope.service.mqtt.outbox import Outbox, OutboxMessage
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +39,18 @@ logger = logging.getLogger(__name__)
 OWN_KEPT = 10_000
 #: How long the first connection's sending waits at most for the broker's retained run state (s).
 HEAR_WAIT_S = 5.0
+#: The runs held, kept across restarts in the outbox file (the held messages are there too).
+HELD_TABLE = ("CREATE TABLE IF NOT EXISTS held_runs (run_id TEXT PRIMARY KEY, broker_state TEXT NOT NULL, "
+              "broker_fields INTEGER NOT NULL, own_fields INTEGER NOT NULL, held_at REAL NOT NULL)")
 
 
 class RunStateWatch:
     """The broker's retained run state, compared once with the runs the station's own state holds."""
 
-    def __init__(self, station_id: str, topic: str, wake: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, station_id: str, topic: str, wake: Callable[[], None] = lambda: None,
+                 store: Outbox | None = None) -> None:
         self.station_id = station_id
+        self._store = store  # the outbox file: the runs held, across restarts
         self.topic = topic
         self._wake = wake  # the drain thread, once the outbox may be sent
         self._lock = threading.Lock()
@@ -63,6 +72,10 @@ class RunStateWatch:
         #: run id -> (the broker's state, its fields, the station's fields): runs whose messages are held
         self.held: dict[str, tuple[str, int, int]] = {}
         self._held_reports: set[str] = set()  # report ids of held specimen reports (their FHIR Bundles too)
+        self._kept: set[str] = set()  # held runs as the outbox file has them
+        self._released: set[str] = set()  # held runs a start found released, not yet gone from the file
+        if store is not None:
+            self._load(store)
 
     def heard(self, payload: bytes, retained: bool) -> bool:
         """A message on the run topic (paho's thread); True when the watch has heard what it
@@ -107,6 +120,7 @@ class RunStateWatch:
                     self._settled = True
             elif self._run_acked:
                 self._settled = True  # no retained run state on the broker (it would have come by now)
+                self._release_locked(list(self.held), "the broker holds no retained run state")
             settled = self._settled
         if settled:
             self._wake()
@@ -114,6 +128,16 @@ class RunStateWatch:
     def may_send(self) -> bool:
         """Whether the outbox may be sent (the drain thread, connected): not before the broker's
         retained run state is heard, known to be none, or HEAR_WAIT_S has passed."""
+        with self._lock:
+            if self._settled:
+                saving = self._kept != set(self.held) or bool(self._released)
+                if not saving:
+                    return True
+            else:
+                saving = False
+        if saving:
+            self._save()
+            return True
         with self._lock:
             if self._settled:
                 return True
@@ -187,6 +211,7 @@ class RunStateWatch:
         behind = run_id in known and (fields > known[run_id] or (
             fields == known[run_id] and left_open and state.get("state") == "closed"))
         if run_id in known and not behind:
+            self._release_locked([run_id], f"the broker shows it with {fields} fields")
             return  # an older state of this station's the broker kept
         self.newer = state
         updated = state.get("updated_at")
@@ -212,3 +237,52 @@ class RunStateWatch:
             "replacement board, or another station under this id); the fields and runs analysed after it was "
             "saved are not in it%s%s (docs/STATION.md, 'Backing up, restoring and replacing a station')",
             run_id, self.station_id, state.get("state"), fields, when, held, gone, again)
+
+    def _load(self, store: Outbox) -> None:
+        """The runs held by an earlier start (the outbox file's held_runs), held from this start's
+        first message on; said at WARNING (the start that held them said it at ERROR)."""
+        def rows(conn: Any) -> list[tuple[str, str, int, int, float]]:
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'held_runs'").fetchone() is None:
+                return []
+            return conn.execute("SELECT run_id, broker_state, broker_fields, own_fields, held_at FROM held_runs").fetchall()
+
+        for run_id, state, broker_fields, own_fields, held_at in store.read(rows):
+            self.held[run_id] = (state, broker_fields, own_fields)
+            self._kept.add(run_id)
+            logger.warning("run %s's run states, specimen report and FHIR Bundle are held in the outbox since %s: the "
+                           "broker showed that run %s with %d fields where this station's state holds %d. They are "
+                           "sent once a start finds no retained run state on the broker (mosquitto_pub -r -n -t %s, "
+                           "then start the station again; docs/STATION.md)", run_id,
+                           datetime.fromtimestamp(held_at, timezone.utc).isoformat(timespec="seconds"), state,
+                           broker_fields, own_fields, self.topic)
+
+    def _release_locked(self, run_ids: Collection[str], why: str) -> None:
+        for run_id in run_ids:
+            if run_id in self.held and run_id in self._kept:  # held by an earlier start, not by this one's state
+                del self.held[run_id]
+                self._released.add(run_id)
+                logger.warning("run %s's held run states, specimen report and FHIR Bundle are sent now: %s",
+                               run_id, why)
+
+    def _save(self) -> None:
+        """The held runs into the outbox file (the drain thread, once the wait settled)."""
+        store = self._store
+        with self._lock:
+            held, released = dict(self.held), set(self._released)
+        if store is not None:
+            now = time.time()
+
+            def write(conn: Any) -> None:
+                conn.execute(HELD_TABLE)
+                conn.executemany("DELETE FROM held_runs WHERE run_id = ?", [(r,) for r in released])
+                conn.executemany("INSERT OR REPLACE INTO held_runs VALUES (?, ?, ?, ?, ?)",
+                                 [(r, *held[r], now) for r in held if r not in self._kept])
+            try:
+                store.write(write)
+            except sqlite3.Error as exc:  # a full disk: held in this process still, a later start not surely
+                logger.warning("the runs held (%s) could not be kept in the outbox file (%s): a later start holds "
+                               "them again only while the broker's retained run state shows them further along",
+                               ", ".join(sorted(held)) or "none", exc)
+        with self._lock:
+            self._kept = (self._kept | set(held)) - released
+            self._released -= released
