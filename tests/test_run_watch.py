@@ -221,3 +221,38 @@ def test_a_connection_lost_before_the_wait_settles_gives_the_next_one_its_own_bo
     assert not silent.may_send()
     clock[0] += HEAR_WAIT_S
     assert silent.may_send()
+
+
+def test_a_kept_hold_is_released_only_by_a_start_that_finds_no_retained_run_state(tmp_path: Path) -> None:
+    """A hold kept in the outbox file: a later start whose run r-1 went on past the broker's 6 fields
+    (taken back open, 7 fields of which 4 are not the broker's) still holds it; a start that finds
+    no retained run state (the answer to a later subscription came first) releases it, and the
+    file no longer has it."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from smearscope.service.mqtt.run_watch import RunStateWatch
+
+    granted = ReasonCode(PacketTypes.SUBACK, identifier=0)
+    config = MqttConfig.model_validate({"host": "127.0.0.1", "port": 1, "outbox": {"path": str(tmp_path / "o.sqlite3")}})
+    with Outbox.from_config(config.outbox) as outbox:
+        first = RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox)
+        first.known({"r-1": 3}, resumed="r-1")
+        first.subscribing(1)
+        first.heard(_state("r-1", 6, state="closed"), retained=True)
+        assert first.may_send() and first.held == {"r-1": ("closed", 6, 3)}
+
+        grown = RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox)
+        assert grown.held == {"r-1": ("closed", 6, 3)}  # from the file, before anything is heard
+        grown.known({"r-1": 7}, resumed="r-1")
+        grown.subscribing(1)
+        grown.heard(_state("r-1", 6, state="closed"), retained=True)
+        assert grown.may_send() and "r-1" in grown.held
+
+        cleared = RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox)
+        cleared.known({"r-1": 7})
+        cleared.subscribing(1)
+        cleared.on_subscribe(None, None, 1, [granted], None)
+        cleared.on_subscribe(None, None, 2, [granted], None)  # no retained run state came before it
+        assert cleared.may_send() and not cleared.held
+        assert not RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox).held

@@ -15,9 +15,10 @@ deleted, so the shorter report of a restored backup never lands over the complet
 and cells messages go on (each is one field's, under its own report id: new data, or a repeat
 consumers drop by message id). A hold is kept in the outbox file (table `held_runs`) and applies
 again at every later start, from its first message, whatever run the broker's retained state
-names by then (the station's own later runs replace it): only a broker that holds no retained run
-state at a start (cleared by the operator), or one that shows the run no further along, releases
-them (docs/STATION.md)."""
+names by then (the station's own later runs replace it), or however many fields the station's
+state holds for that run by then (a run taken back open goes on with other fields than the
+broker's): only a start that finds no retained run state on the broker (cleared by the operator)
+releases them (docs/STATION.md)."""
 
 from __future__ import annotations
 
@@ -211,7 +212,6 @@ class RunStateWatch:
         behind = run_id in known and (fields > known[run_id] or (
             fields == known[run_id] and left_open and state.get("state") == "closed"))
         if run_id in known and not behind:
-            self._release_locked([run_id], f"the broker shows it with {fields} fields")
             return  # an older state of this station's the broker kept
         self.newer = state
         updated = state.get("updated_at")
