@@ -44,6 +44,13 @@ class SilentListener:
             self.accepted.append(conn)  # held open, never answered
 
     def close(self) -> None:
+        """The port free again: the accept thread woken (a listening socket closed from another thread
+        stays listening while accept() blocks on it, and a broker then restarted on the port cannot bind)."""
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._thread.join(5)
         self.server.close()
         for conn in self.accepted:
             conn.close()
