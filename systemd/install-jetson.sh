@@ -96,7 +96,7 @@ install_packages() {
       *) extras+=("$part") ;;
     esac
   done
-  if [[ ${#extras[@]} -gt 0 ]]; then spec="$SRC[$(IFS=,; echo "${extras[*]}")]"; fi
+  if [[ ${#extras[@]} -gt 0 ]]; then spec="${SRC}[$(IFS=,; echo "${extras[*]}")]"; fi
   log "installing smearscope${EXTRAS:+[$EXTRAS]} into $venv"
   install -d -m 0755 "$PREFIX" "$PREFIX/docs"
   [[ -x "$venv/bin/python" ]] || "$PYTHON" -m venv --system-site-packages "$venv"
