@@ -133,7 +133,7 @@ function renderRunWithoutFields(st, view, specimen, started) {
     (view.runId || "-").slice(0, 8) + " · " + (started ? started + " · " : "") + (view.final
       ? "closed (" + (view.endReason || "ended") + ") before any field: no report"
       : brokerUp && st.status === "offline" ? "no field yet; halted: the station went offline"
-      : "open, no field yet");
+      : "open, no field yet"));
   st.node.dataset.halted = !view.final && brokerUp && st.status === "offline" ? "true" : "false";
   st.node.dataset.verifiedBy = "";
   st.node.querySelector(".verify").hidden = true;
