@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import unicodedata
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,31 @@ MAX_VERIFIED_BY = 64
 
 def _specimen_id_error(value: Any) -> str | None:
     """Why start_run's `specimen_id` cannot name a specimen on a report, a label and a FHIR
-    identifier; None where it can (1 to MAX_SPECIMEN_ID characters, none a control character,
-    no space at either end: an identifier is matched as typed)."""
-    if (not isinstance(value, str) or not 0 < len(value) <= MAX_SPECIMEN_ID or value != value.strip()
-            or not value.isprintable()):
+    identifier; None where it can (1 to MAX_SPECIMEN_ID characters, all printable: no control,
+    format (bidi, zero-width) or separator character but the space, and no space at either end: an
+    identifier is matched as typed)."""
+    if (not isinstance(value, str) or not 0 < len(value) <= MAX_SPECIMEN_ID or value != value.strip()):
         return (f"specimen_id must be the specimen's identifier as text: 1 to {MAX_SPECIMEN_ID} printable "
                 "characters, no space at either end")
+    found = unseen_character(value, spaces=False)
+    return None if found is None else f"specimen_id holds {found}: only printable characters, as typed"
+
+
+#: Unicode categories of characters that show nothing, or not what they are, in a printed name:
+#: control (C0, DEL, C1), format (bidi embeddings, overrides and isolates, U+200E/F, U+061C, the
+#: zero-width ones, U+FEFF), surrogate, private use, unassigned, and the line and paragraph separators.
+_UNSEEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def unseen_character(text: str, *, spaces: bool = True) -> str | None:
+    """The first character of `text` that a reader of the printed text cannot see for what it is
+    (a right-to-left override makes 'AB<U+202E>CD' read as 'ABDC'), named with its position
+    counted from 1: 'U+202E (RIGHT-TO-LEFT OVERRIDE) at character 3'; None where there is none.
+    `spaces=False` refuses every space but U+0020 as well (str.isprintable: an identifier)."""
+    for k, ch in enumerate(text, 1):
+        if unicodedata.category(ch) in _UNSEEN or (not spaces and not ch.isprintable()):
+            name = unicodedata.name(ch, "")
+            return f"U+{ord(ch):04X}{f' ({name})' if name else ''} at character {k}"
     return None
 
 
@@ -137,10 +157,12 @@ class StationCommands:
             return self._clinic.type_cells(arguments)
         if name == "verify_run" and self._clinic is not None:
             run_id, by = arguments.get("run_id"), arguments.get("verified_by")
-            if (not isinstance(run_id, str) or not isinstance(by, str) or not 0 < len(by.strip()) <= MAX_VERIFIED_BY
-                    or any(ord(ch) < 32 or ord(ch) == 127 for ch in by)):  # no control characters (FHIR strings)
+            if not isinstance(run_id, str) or not isinstance(by, str) or not 0 < len(by.strip()) <= MAX_VERIFIED_BY:
                 return {"ok": False, "error": "bad_arguments", "message": "verify_run needs {\"run_id\": \"...\", "
-                        f"\"verified_by\": \"initials\"}} (1 to {MAX_VERIFIED_BY} characters, no control characters)"}
+                        f"\"verified_by\": \"initials\"}} (1 to {MAX_VERIFIED_BY} characters, all printable)"}
+            if (found := unseen_character(by)) is not None:  # a signer's name is printed: it must read as it is
+                return {"ok": False, "error": "bad_arguments", "message": f"verified_by holds {found}: a name "
+                        "signed on a report takes no control, bidi or other invisible character"}
             return self._analysis.call(name, lambda: self._verify_run(run_id, by.strip()))
         return {"ok": False, "error": "unknown_command", "message": f"unknown command {name!r}",
                 "commands": list(COMMAND_NAMES)}
