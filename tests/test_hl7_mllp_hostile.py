@@ -317,3 +317,51 @@ def test_a_stop_ends_a_connection_the_lis_never_completes() -> None:
     finally:
         filler.close()
         listener.close()
+
+
+def test_the_lab_systems_text_reaches_the_journal_escaped(
+        tmp_path: Path, lis: Callable[[Behaviour], RawLis], caplog: pytest.LogCaptureFixture) -> None:
+    """A LIS answering AE with a line break, an ESC sequence (a terminal's clear screen), a
+    right-to-left override and a line separator in MSA-3: the archive's ERROR line shows them as
+    \\xNN / \\uNNNN on one line (they were written as received, a forged line and terminal control
+    in the journal), and the report is stored once the LIS accepts it."""
+    answers = ["AE"]
+
+    def lab(conn: socket.socket, data: bytes) -> None:
+        msh10 = data.split(b"\r", 1)[0].split(b"|")[9].decode()
+        code = answers.pop(0) if answers else "AA"
+        why = "mapping\x1b[2J missing \u202eevil\u2028ERROR forged\nERROR another forged line" if code == "AE" else ""
+        conn.sendall(framed(f"MSH|^~\\&|LIS|LAB|smearscope|lab-7|20261130091500||ACK^R01^ACK|A1|P|2.5.1\r"
+                            f"MSA|{code}|{msh10}|{why}\r".encode()))
+
+    server = lis(lab)
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
+    broker.start()
+    station = Station(tmp_path, broker.port)
+    config = ArchiveConfig(
+        mqtt=MqttConfig(host="127.0.0.1", port=broker.port, username="observer"),
+        directory=tmp_path / "archive", hl7_mllp=f"127.0.0.1:{server.port}", hl7_mllp_timeout_s=5, retry_s=1)
+    daemon = ArchiveDaemon(config, MQTT_USERS["observer"])
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    caplog.set_level("INFO")
+    try:
+        runner.start()
+        for attempt in range(15):  # again until one reaches the archive (its subscription may not be made yet)
+            station.publish(a_report("run-1", SPECIMEN, 1_796_000_000.0 + attempt))
+            if server.connected.wait(2):
+                break
+        deadline = time.monotonic() + 60  # a guard against a hang: the retry comes after retry_s
+        while indexed(tmp_path / "archive") == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert indexed(tmp_path / "archive") >= 1, caplog.text
+    finally:
+        daemon.stop()
+        runner.join(60)
+        station.stop()
+        broker.stop()
+    refused = [r.getMessage() for r in caplog.records if "'AE'" in r.getMessage()]
+    assert refused and all(r.levelname == "ERROR" for r in caplog.records if "'AE'" in r.getMessage()), caplog.text
+    for line in refused:
+        assert "not accepted (AA or CA): mapping\\x1b[2J missing \\u202eevil\\u2028ERROR forged" in line, line
+        assert line.splitlines() == [line] and not any(ch in line for ch in "\x1b\u202e\u2028\n\r"), repr(line)
+    assert not any("another forged line" in r.getMessage() for r in caplog.records)

@@ -16,6 +16,7 @@ import select
 import socket
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 
 from smearscope.service.hl7.encode import FIELD, SEGMENT_END
@@ -37,6 +38,21 @@ class NotAcknowledged(OSError):
     def __init__(self, text: str, kind: str = "no-ack") -> None:
         super().__init__(text)
         self.kind = kind
+
+
+def shown(text: str) -> str:
+    """Text from the lab system as it may appear in a log line: control characters (C0, DEL, C1),
+    format characters (bidi embeddings, overrides, isolates and marks, zero-width ones), the line
+    and paragraph separators, surrogates, private-use and unassigned characters as \\xNN or \\uNNNN,
+    so an answer can neither start a forged line in the journal nor reorder the words around it."""
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -134,6 +150,7 @@ def send(address: tuple[str, int], message: str, control_id: str, timeout_s: flo
     if acked != control_id:
         raise NotAcknowledged(f"{where} acknowledged message {acked[:40]!r}, not this one ({control_id})")
     if code not in ACCEPTED:
-        raise NotAcknowledged(f"{where} answered {code[:4]!r}, not accepted (AA or CA){': ' + why[:200] if why else ''}",
-                              code[:4])
+        # MSA-3 is the lab system's free text: shown escaped, as this text reaches the journal
+        raise NotAcknowledged(f"{where} answered {code[:4]!r}, not accepted (AA or CA)"
+                              f"{': ' + shown(why[:200]) if why else ''}", code[:4])
     return code
