@@ -52,7 +52,7 @@ def test_one_top_level_package(installed: Path) -> None:
     assert (installed / "smearscope" / "service" / "analysis" / "data" / "stain_reference.json").is_file()
     static = installed / "smearscope" / "service" / "dashboard" / "static"
     assert all((static / f).is_file() for f in ("index.html", "dashboard.js", "review.js", "telemetry.js",
-                                                "print.js", "runcontrol.js", "runview.js", "dashboard.css",
+                                                "print.js", "runcontrol.js", "runview.js", "header.js", "dashboard.css",
                                                 "vendor/mqtt.min.js", "vendor/mqtt.LICENSE.md"))
     assert not (installed / "smearscope" / "training").exists() and not (installed / "training").exists()
 
