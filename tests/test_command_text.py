@@ -19,7 +19,9 @@ from smearscope.service.station.daemon import StationDaemon
 
 #: Characters that show nothing, or not what they are, with where the test puts them.
 UNSEEN = ["\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069",
-          "\u200e", "\u200f", "\u061c", "\u200b", "\u200d", "\ufeff", "\u00ad", "\u0085", "\u2028", "\ue000"]
+          "\u200e", "\u200f", "\u061c", "\u200b", "\ufeff", "\u00ad", "\u0085", "\u2028", "\ue000"]
+#: The zero-width non-joiner and joiner: in a name between letters (Persian and Indic spelling), else refused.
+JOINERS = ["\u200c", "\u200d"]
 
 
 @pytest.fixture
@@ -54,8 +56,12 @@ def test_a_signers_name_or_specimen_id_holding_a_bidi_or_invisible_character_is_
                 lambda ms: sum(m.topic == f"{BASE}/cmd_response/{name}" for m in ms) > before, 15)
             return json.loads(observer.on_topic(f"{BASE}/cmd_response/{name}")[-1].payload)
 
-        for by in ("AB", "Dr. Ana María O'Neil-Lund", "Ђорђе Петровић", "מרים כהן", "山田\u3000太郎", "عائشة"):
+        for by in ("AB", "Dr. Ana María O'Neil-Lund", "Ђорђе Петровић", "מרים כהן", "山田\u3000太郎", "عائشة",
+                   "زین\u200cالعابدین", "क्\u200dष गुप्ता"):
             assert command("verify_run", {"run_id": "nope", "verified_by": by})["error"] == "unknown_run", by
+        for by in ("\u200cAB", "AB\u200d", "A \u200dB", "A\u200c\u200dB"):  # a joiner not between two letters
+            refused = command("verify_run", {"run_id": "nope", "verified_by": by})
+            assert refused["error"] == "bad_arguments" and "U+200" in refused["message"], (by, refused)
         for ch in UNSEEN:
             refused = command("verify_run", {"run_id": "nope", "verified_by": f"Dr A{ch}BC"})
             assert refused["error"] == "bad_arguments", (f"U+{ord(ch):04X}", refused)
@@ -63,7 +69,7 @@ def test_a_signers_name_or_specimen_id_holding_a_bidi_or_invisible_character_is_
         refused = command("verify_run", {"run_id": "nope", "verified_by": "Dr A\u202eBC"})
         assert refused["message"].startswith("verified_by holds U+202E (RIGHT-TO-LEFT OVERRIDE) at character 5"), refused
 
-        for ch in UNSEEN:
+        for ch in UNSEEN + JOINERS:  # an identifier takes no joiner
             refused = command("start_run", {"specimen_id": f"H-1{ch}2"})
             assert refused["error"] == "bad_arguments", (f"U+{ord(ch):04X}", refused)
             assert f"U+{ord(ch):04X}" in refused["message"] and "at character 4" in refused["message"], refused
