@@ -44,6 +44,16 @@ def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 
 
 @pytest.fixture
+def persistent_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A running mosquitto that keeps sessions and queued messages across its restarts (persistence on):
+    the report archive's tests, whose consumer's queue must outlive a broker restart."""
+    mosquitto = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
+    mosquitto.start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+@pytest.fixture
 def credentials_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """$CREDENTIALS_DIRECTORY as systemd LoadCredential= would provide it, holding 'mqtt-password'."""
     directory = tmp_path / "credentials"

@@ -113,15 +113,6 @@ class Archive:
 
 
 @pytest.fixture
-def persistent_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    mosquitto = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True,
-                                extra=("max_queued_messages 1000",))
-    mosquitto.start()
-    yield mosquitto
-    mosquitto.stop()
-
-
-@pytest.fixture
 def parts(tmp_path: Path, persistent_broker: MosquittoBroker) -> Iterator[tuple[Station, Archive, Path]]:
     directory = tmp_path / "archive"
     archive = Archive(tmp_path, persistent_broker.port, directory)
@@ -440,7 +431,6 @@ def test_command_line_mistakes_are_said_before_anything_starts(tmp_path: Path, c
     assert main(["archive", "show", "../x", "--dir", d]) == 2
     assert main(["archive", "find", "--dir", d]) == 1
     assert "no archive at" in capsys.readouterr().err
-
 
 
 def test_a_tls_file_it_cannot_read_is_named_and_not_blamed_on_the_folder(tmp_path: Path,

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, wait_until
+from broker import MosquittoBroker, wait_until
 from smallfs import fill, small_tmpfs
 from test_archive import (
     SPECIMEN,
@@ -33,14 +32,6 @@ from smearscope.service.archive.store import ArchiveStore
 from smearscope.service.hl7.oru import oru_r01
 
 pytestmark = pytest.mark.broker
-
-
-@pytest.fixture
-def persistent_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    mosquitto = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
-    mosquitto.start()
-    yield mosquitto
-    mosquitto.stop()
 
 
 def hl7_archive(tmp_path: Path, port: int, directory: Path, hl7_dir: Path) -> Archive:

@@ -32,15 +32,6 @@ from smearscope.service.fhir.bundle import report_bundle
 pytestmark = pytest.mark.broker
 
 
-@pytest.fixture
-def persistent_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    mosquitto = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True,
-                                extra=("max_queued_messages 1000",))
-    mosquitto.start()
-    yield mosquitto
-    mosquitto.stop()
-
-
 class InProcessArchive:
     """The archive's daemon on a thread of this process (its log lines reach caplog), trying again
     every 0.1 s."""

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, free_port, wait_until
+from broker import MosquittoBroker, free_port, wait_until
 from hl7apy.mllp import AbstractHandler, MLLPServer
 from test_archive import (
     SPECIMEN,
@@ -31,14 +31,6 @@ from smearscope.service.hl7.header import Addressing
 from smearscope.service.hl7.oru import control_id, oru_r01
 
 pytestmark = pytest.mark.broker
-
-
-@pytest.fixture
-def persistent_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    mosquitto = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
-    mosquitto.start()
-    yield mosquitto
-    mosquitto.stop()
 
 
 class Lis:
