@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import MQTT_USERS, Subscriber, wait_until
-from test_daemon import BASE, pool_factory, write_station
+from broker import Subscriber, wait_until
+from test_daemon import BASE, observer, pool_factory, write_station  # noqa: F401 (a fixture)
 
 from smearscope.service.config import load_config
 from smearscope.service.station.daemon import StationDaemon
@@ -24,18 +23,10 @@ UNSEEN = ["\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", 
 JOINERS = ["\u200c", "\u200d"]
 
 
-@pytest.fixture
-def observer(broker: Any) -> Iterator[Subscriber]:
-    """Reads everything the station publishes, and sends its commands."""
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-    sub.wait_ready()
-    yield sub
-    sub.close()
-
 
 @pytest.mark.broker
 def test_a_signers_name_or_specimen_id_holding_a_bidi_or_invisible_character_is_refused_naming_it(
-    tmp_path: Path, broker: Any, credentials_dir: Path, observer: Subscriber,
+    tmp_path: Path, broker: Any, credentials_dir: Path, observer: Subscriber,  # noqa: F811
 ) -> None:
     """'Dr A<U+202E>BC' would print as 'Dr ACB' on the signed report: verify_run answers bad_arguments
     naming U+202E and its place (character 5) before any run is looked up, for every bidi embedding,
