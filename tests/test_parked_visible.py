@@ -68,13 +68,7 @@ def test_a_report_the_broker_refuses_as_too_large_is_said_in_telemetry_on_the_da
         assert [m.report_id for m in publisher.outbox.pending()] == ["too-big"]  # the small one went
 
         # doctor, beside the running station (its outbox held): the count, from its telemetry
-        doctor_config = tmp_path / "station.toml"
-        doctor_config.write_text(to_toml({
-            "station_id": STATION, "source": {"kind": "simulated"},
-            "analysis": {"models_dir": str(DEFAULT_MODELS_DIR)},
-            "mqtt": {"host": "127.0.0.1", "port": broker.port, "username": "station",
-                     "password_credential": "mqtt-password", "telemetry_interval_s": 2.0,
-                     "outbox": {"path": str(config.outbox.path)}}}) + "\n")
+        doctor_config = _doctor_config(tmp_path, broker.port, config.outbox.path, 2.0)
         main(["doctor", "--config", str(doctor_config)])
         out = capsys.readouterr().out
         line = next((x for x in out.splitlines() if x.startswith("WARN  parked")), None)
@@ -131,6 +125,17 @@ def test_a_report_the_broker_refuses_as_too_large_is_said_in_telemetry_on_the_da
         broker.stop()
 
 
+def _doctor_config(tmp_path: Path, port: int, outbox: Path, telemetry_interval_s: float) -> Path:
+    """The running station's config as doctor reads it: the same broker account and outbox."""
+    path = tmp_path / "station.toml"
+    path.write_text(to_toml({
+        "station_id": STATION, "source": {"kind": "simulated"}, "analysis": {"models_dir": str(DEFAULT_MODELS_DIR)},
+        "mqtt": {"host": "127.0.0.1", "port": port, "username": "station",
+                 "password_credential": "mqtt-password", "telemetry_interval_s": telemetry_interval_s,
+                 "outbox": {"path": str(outbox)}}}) + "\n")
+    return path
+
+
 def test_doctor_beside_a_running_station_it_cannot_log_in_for_says_where_to_see_its_parked_count(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -170,12 +175,7 @@ def test_doctor_says_what_it_waits_for_before_waiting_for_the_running_stations_t
     config = make_config(tmp_path, broker.port, telemetry_interval_s=60.0)
     publisher = start_publisher(config, started, telemetry_source=lambda: {"pipeline": {"fields_analysed": 0}})
     assert publisher.wait_until_connected(5)
-    doctor_config = tmp_path / "station.toml"
-    doctor_config.write_text(to_toml({
-        "station_id": STATION, "source": {"kind": "simulated"}, "analysis": {"models_dir": str(DEFAULT_MODELS_DIR)},
-        "mqtt": {"host": "127.0.0.1", "port": broker.port, "username": "station",
-                 "password_credential": "mqtt-password", "telemetry_interval_s": 60.0,
-                 "outbox": {"path": str(config.outbox.path)}}}) + "\n")
+    doctor_config = _doctor_config(tmp_path, broker.port, config.outbox.path, 60.0)
 
     main(["doctor", "--config", str(doctor_config), "--no-wait"])
     out = capsys.readouterr().out
@@ -258,12 +258,7 @@ def test_doctor_beside_a_station_whose_telemetry_comes_less_often_than_it_waits_
     config = make_config(tmp_path, broker.port, telemetry_interval_s=300.0)
     publisher = start_publisher(config, started, telemetry_source=lambda: {"pipeline": {"fields_analysed": 0}})
     assert publisher.wait_until_connected(5)
-    doctor_config = tmp_path / "station.toml"
-    doctor_config.write_text(to_toml({
-        "station_id": STATION, "source": {"kind": "simulated"}, "analysis": {"models_dir": str(DEFAULT_MODELS_DIR)},
-        "mqtt": {"host": "127.0.0.1", "port": broker.port, "username": "station",
-                 "password_credential": "mqtt-password", "telemetry_interval_s": 300.0,
-                 "outbox": {"path": str(config.outbox.path)}}}) + "\n")
+    doctor_config = _doctor_config(tmp_path, broker.port, config.outbox.path, 300.0)
     main(["doctor", "--config", str(doctor_config)])
     out = capsys.readouterr().out
     line = next((x for x in out.splitlines() if x.startswith("WARN  parked")), None)
