@@ -22,8 +22,8 @@ from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
 from smearscope.service.mqtt.publisher import MqttPublisher
 
 
-def _samples(sub: Subscriber) -> list[dict[str, Any]]:
-    return [json.loads(m.payload) for m in list(sub.messages) if m.topic == f"{BASE}/telemetry"]
+def _samples(sub: Subscriber, base: str = BASE) -> list[dict[str, Any]]:
+    return [json.loads(m.payload) for m in list(sub.messages) if m.topic == f"{base}/telemetry"]
 
 
 def _parked(sub: Subscriber) -> dict[str, Any] | None:
@@ -56,7 +56,7 @@ def test_a_report_the_broker_refuses_as_too_large_is_said_in_telemetry_on_the_da
         publisher = start_publisher(config, started, telemetry_source=lambda: {"pipeline": {"fields_analysed": 0}})
         assert publisher.wait_until_connected(5)
         assert wait_until(lambda: _parked(sub) is not None, 10), _samples(sub)
-        assert _parked(sub) == {"messages": 0, "reports": 0, "too_large": 0, "oldest": None}
+        assert _parked(sub) == {"messages": 0, "reports": 0, "too_large": 0, "oldest": None, "read_error": None}
         publisher.publish_report("report", "too-big", json.dumps({"cells": "x" * 50_000}).encode(), "1")
         publisher.publish_report("report", "small", b"{}", "1")
         assert wait_until(lambda: (_parked(sub) or {}).get("messages") == 1, 10), _samples(sub)[-3:]
@@ -265,3 +265,81 @@ def test_doctor_beside_a_station_whose_telemetry_comes_less_often_than_it_waits_
     assert line is not None, out
     assert "within 1 s (the station sends one every 300 s (mqtt.telemetry_interval_s), longer than doctor waits; " \
            f"or its account may not read it: the ACL's 'topic read {BASE}/telemetry')" in line, line
+
+
+@pytest.mark.broker
+def test_an_outbox_that_cannot_be_read_leaves_telemetry_status_and_the_status_line_going_with_the_parked_detail_unknown(
+    tmp_path: Path, credentials_dir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A running station with messages parked (over mosquitto's message_size_limit) whose outbox file
+    stops answering reads (SQLite's own error: the connection's authorizer refuses the outbox table,
+    as an I/O error or a corrupt page would fail the read): its telemetry samples go on, with the
+    parked count from memory and `reports`/`oldest` null, `read_error` saying why; the status
+    command and the STATUS= line (the daemon's supervise loop) say it too, the station keeps
+    running, and the failure is said once at WARNING across many samples. Read again, the detail
+    comes back (said at INFO)."""
+    import logging
+    import sqlite3
+
+    from test_daemon import BASE as DAEMON_BASE
+    from test_daemon import NotifyListener, pool_factory, running, write_station
+    from test_restore import _folder_source, _png
+
+    from smearscope.service.config import load_config
+    from smearscope.service.station.daemon import StationDaemon
+
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1000",))
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{DAEMON_BASE}/telemetry"])
+    listener = NotifyListener(tmp_path / "notify.sock")
+    caplog.set_level(logging.INFO, logger="smearscope.service.mqtt.parked")
+
+    def refuse_outbox(action: int, table: str | None, *rest: object) -> int:
+        return sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_READ and table == "outbox" else sqlite3.SQLITE_OK
+
+    def failing(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [s for s in samples if isinstance(s.get("parked"), dict) and s["parked"].get("read_error")]
+
+    said = lambda: [r for r in caplog.records if "cannot be read for its parked messages" in r.getMessage()]
+    try:
+        sub.wait_ready()
+        inbox = tmp_path / "inbox"  # a watched folder: the station runs on once its two fields are analysed
+        inbox.mkdir()
+        for i in range(2):
+            (inbox / f"f{i}.png").write_bytes(_png(4400 + i))
+        config = write_station(tmp_path, broker.port, source=_folder_source(inbox))
+        daemon = StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(), config_path=config,
+                               environ={"CREDENTIALS_DIRECTORY": str(credentials_dir),
+                                        "NOTIFY_SOCKET": str(listener.path)})
+        with running(daemon) as runner:
+            assert wait_until(lambda: daemon.publisher is not None and daemon.publisher.state.parked >= 2
+                              and daemon.status()["reports_stored"] >= 2 and not any(inbox.glob("*.png")), 30), daemon.status_line()
+            assert daemon.outbox is not None and daemon.publisher is not None
+            parked = daemon.publisher.state.parked
+            daemon.outbox.read(lambda conn: conn.set_authorizer(refuse_outbox))
+            before = len(_samples(sub, DAEMON_BASE))
+            assert wait_until(lambda: len(failing(_samples(sub, DAEMON_BASE)[before:])) >= 4, 20), _samples(sub, DAEMON_BASE)[-2:]
+            sample = failing(_samples(sub, DAEMON_BASE)[before:])[-1]
+            assert sample["parked"]["messages"] == parked and sample["parked"]["too_large"] == parked, sample
+            assert sample["parked"]["reports"] is None and sample["parked"]["oldest"] is None, sample
+            assert "prohibited" in sample["parked"]["read_error"], sample
+            assert sample["pipeline"]["outbox_messages"] >= parked and "interval_s" in sample, sample  # the rest kept
+            detail = daemon.status()["broker"]["parked_detail"]
+            assert detail["messages"] == parked and detail["oldest"] is None and detail["read_error"], detail
+            line = lambda: [m for _, m in listener.lines("STATUS=") if "the outbox cannot be read" in m]
+            assert wait_until(lambda: bool(line()), 10), listener.lines("STATUS=")[-3:]
+            assert f"{parked} messages parked ({parked} too large for the broker; the outbox cannot be read: " in line()[-1]
+            assert runner.is_alive() and daemon.status()["state"] == "running"
+            assert len(said()) == 1 and said()[0].levelname == "WARNING", said()
+
+            daemon.outbox.read(lambda conn: conn.set_authorizer(None))
+            before = len(_samples(sub, DAEMON_BASE))
+            assert wait_until(lambda: any(s["parked"]["read_error"] is None and s["parked"]["reports"] == 0
+                                          for s in _samples(sub, DAEMON_BASE)[before:]), 20), _samples(sub, DAEMON_BASE)[-2:]
+            assert any("is read again for its parked messages" in r.getMessage() and r.levelname == "INFO"
+                       for r in caplog.records)
+            assert runner.is_alive()
+    finally:
+        listener.close()
+        sub.close()
+        broker.stop()

@@ -7,6 +7,8 @@ a parked report is a report that did not arrive."""
 from __future__ import annotations
 
 import logging
+import sqlite3
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,9 +21,41 @@ logger = logging.getLogger(__name__)
 REASONS = {"refused": "refused_as_too_large", "over": "over_packet_limit"}
 
 
+class ParkedReader:
+    """`parked_summary` for telemetry, the status command and the STATUS= line, never raising for the
+    outbox: a read that fails (an I/O error, a corrupt page) gives the counts the station holds in
+    memory, `reports` and `oldest` unknown (null) and `read_error` saying why; said once at WARNING
+    while it fails, and at INFO when the outbox is read again."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self._lock = threading.Lock()
+        self._failing: str | None = None  # the read's error, while it fails
+
+    def __call__(self, parked: Mapping[int, int], too_large: Mapping[int, tuple[str, int | None]],
+                 now: float) -> dict[str, Any]:
+        try:
+            summary = parked_summary(self.outbox, parked, too_large, now)
+        except sqlite3.Error as exc:
+            with self._lock:
+                said, self._failing = self._failing is not None, f"{type(exc).__name__}: {exc}"
+            if not said:
+                logger.warning("the outbox %s cannot be read for its parked messages (%s): telemetry, status and "
+                               "the STATUS= line count them from memory (%d, %d too large), their reports and "
+                               "oldest unknown, until it reads again", self.outbox.path, exc, len(parked),
+                               sum(1 for seq in parked if seq in too_large))
+            return {"messages": len(parked), "reports": None, "too_large": sum(1 for seq in parked if seq in too_large),
+                    "oldest": None, "read_error": self._failing}
+        with self._lock:
+            was, self._failing = self._failing, None
+        if was is not None:
+            logger.info("the outbox %s is read again for its parked messages", self.outbox.path)
+        return summary
+
+
 def parked_summary(outbox: Outbox, parked: Mapping[int, int], too_large: Mapping[int, tuple[str, int | None]],
                    now: float) -> dict[str, Any]:
-    """{messages, reports, too_large, oldest}: the parked messages (seq -> packet size), how many
+    """{messages, reports, too_large, oldest, read_error (null)}: the parked messages (seq -> packet size), how many
     are final reports (specimen reports, FHIR bundles), how many were parked as too large (seq ->
     ("refused" by the broker, 0x95, or "over" the connection's packet limit; that limit)), and the
     oldest still in the outbox ({report_id, kind, topic, reason, bytes, limit, created_at (Unix
@@ -43,6 +77,7 @@ def parked_summary(outbox: Outbox, parked: Mapping[int, int], too_large: Mapping
             "reason": REASONS[too_large[oldest[0]][0]] if oldest[0] in too_large else "held",
             "bytes": parked.get(oldest[0]), "limit": _limit(too_large.get(oldest[0])),
             "created_at": oldest[4], "age_s": round(max(0.0, now - oldest[4]), 1)},
+        "read_error": None,
     }
 
 

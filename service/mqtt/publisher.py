@@ -48,7 +48,7 @@ from smearscope.service.mqtt.envelope import (
 from smearscope.service.mqtt.inflight import InFlight
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, StateWriter
 from smearscope.service.mqtt.paho_client import configured_client, paho_log_level, publish_waiting
-from smearscope.service.mqtt.parked import parked_summary
+from smearscope.service.mqtt.parked import ParkedReader
 from smearscope.service.mqtt.renamed import say_stored_under_other_ids
 from smearscope.service.mqtt.run_watch import RunStateWatch
 from smearscope.service.mqtt.secrets import SecretFiles
@@ -134,6 +134,7 @@ class MqttPublisher(ConnectionEvents):
         self.echo = EchoWatch((self.field_topic, self.report_topic, self.cells_topic), config.username, config.address)
         self._inflight.on_acked = self.echo.acked
         self._inflight.hold = self.run_watch.holds  # a run the broker shows further along: parked
+        self._parked_summary = ParkedReader(outbox)
         self._commands = CommandWorker(on_command, self._respond, self._stop_workers, tick_s=_DRAIN_TICK_S)
         self._paho_logger = logger.getChild("paho")  # filterable apart from ours
         self._threads: list[threading.Thread] = []
@@ -153,7 +154,7 @@ class MqttPublisher(ConnectionEvents):
     def parked(self) -> dict[str, Any]:
         """The outbox messages parked now, counted, the oldest named (service.mqtt.parked); any thread."""
         parked, too_large = self._inflight.parked_now()
-        return parked_summary(self.outbox, parked, too_large, time.time())
+        return self._parked_summary(parked, too_large, time.time())  # an unreadable outbox: counts from memory
 
     def command_response_topic(self, name: str) -> str:
         return self._response_prefix + name

@@ -83,7 +83,8 @@ class DaemonStatus:
             if st.parked:  # reports that do not arrive (service.mqtt.parked), for `systemctl status`
                 held = self.publisher.parked()
                 parts.append(f"{held['messages']} message{'' if held['messages'] == 1 else 's'} parked "
-                             f"({held['too_large']} too large for the broker)")
+                             f"({held['too_large']} too large for the broker"
+                             f"{'; the outbox cannot be read: ' + held['read_error'] if held['read_error'] else ''})")
         return "; ".join(parts)
 
     def _telemetry(self) -> dict[str, Any]:
