@@ -5,6 +5,7 @@ station in child processes killed and restored as a clinic's board would be."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import shutil
@@ -244,3 +245,78 @@ def test_a_held_run_stays_held_at_a_later_start_once_the_stations_own_runs_repla
         assert not third.run_watch.held
     finally:
         observer.close()
+
+
+def test_a_held_run_keeps_one_run_state_in_the_outbox_across_new_states_reconnects_and_starts(
+    tmp_path: Path, credentials_dir: Path, started: list[Any],
+) -> None:
+    """Run r-1 is held (the broker keeps it closed at 6 fields, the station's state holds 3). Its run
+    state is stated again as a start does, again twice more (signed, say), and the connection is
+    lost twice (each reconnect states the last one again) and the station started once more, which
+    states it again: the outbox keeps one run state of r-1, the latest, not one per state, reconnect
+    and start. Cleared the broker's retained state, the next start sends that one alone."""
+    from test_publisher import make_config
+
+    from smearscope.service.mqtt.outbox import Outbox
+    from smearscope.service.mqtt.publisher import MqttPublisher
+    from smearscope.service.station.live_state import LiveState
+
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)  # the retained state kept
+    broker.start()
+    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/run"])
+
+    def retain(payload: bytes) -> None:
+        operator = Subscriber(broker.port, "station", MQTT_USERS["station"], [f"{BASE}/status"], client_id="operator")
+        try:
+            operator.wait_ready()
+            operator.client.publish(f"{BASE}/run", payload, qos=1, retain=True).wait_for_publish(5)
+        finally:
+            operator.close()
+
+    config = make_config(tmp_path, broker.port, reconnect_min_delay_s=1, reconnect_max_delay_s=1)
+    marks = iter(range(100))
+
+    def start(*, states: int) -> tuple[Any, LiveState]:
+        publisher = MqttPublisher(config, STATION, Outbox.from_config(config.outbox))
+        publisher.run_watch.known({"r-1": 3}, closed_now=("r-1",))
+        live = LiveState()
+        publisher.on_reconnected = lambda: live.republish(publisher)
+        for _ in range(states):  # the start's own, then later ones (each marked by its review count)
+            message = _state_message("r-1", 3, "closed")
+            body = {**json.loads(message.payload), "review": next(marks)}
+            live.send(publisher, dataclasses.replace(message, payload=json.dumps(body).encode()))
+        started.append(publisher)
+        publisher.start()
+        return publisher, live
+
+    def held_states(publisher: Any) -> list[int]:
+        return [json.loads(m.payload)["review"] for m in publisher.outbox.pending(1000) if m.topic == f"{BASE}/run"]
+
+    try:
+        observer.wait_ready()
+        retain(json.dumps(json.loads(_state_message("r-1", 6, "closed").payload)).encode())
+        first, _ = start(states=3)
+        assert wait_until(lambda: "r-1" in first.run_watch.held and held_states(first) == [2], 10), held_states(first)
+        for _ in range(2):
+            connects = first.state.connects
+            broker.restart()
+            assert wait_until(lambda n=connects: first.state.connects > n and first.state.connected, 20), first.state
+            assert wait_until(lambda: first.state.in_flight == 0 and first._inflight.parked, 10), first.state
+        assert held_states(first) == [2], held_states(first)
+        first.stop(1)
+        first.outbox.close()
+        second, _ = start(states=1)  # held again from the outbox file; the start states it once more
+        assert wait_until(lambda: held_states(second) == [3], 10), held_states(second)
+        second.stop(1)
+        second.outbox.close()
+        assert not [m for m in observer.on_topic(f"{BASE}/run") if json.loads(m.payload).get("review") is not None]
+
+        retain(b"")  # the operator's clear: released
+        third, _ = start(states=0)
+        assert observer.wait_for(lambda ms: any(json.loads(m.payload).get("review") == 3 for m in ms if m.payload), 10)
+        assert wait_until(lambda: third.outbox.counts().messages == 0, 10), third.state
+        sent = [json.loads(m.payload).get("review") for m in observer.on_topic(f"{BASE}/run") if m.payload]
+        assert [r for r in sent if r is not None] == [3], sent
+    finally:
+        observer.close()
+        broker.stop()

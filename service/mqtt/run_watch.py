@@ -11,7 +11,7 @@ or HEAR_WAIT_S passed on a connection: a connection lost before it settles gives
 its own HEAR_WAIT_S, not what was left of the first's). Where that state shows a run of the station's further along (more fields,
 or closed where the station's state still had it open), that run's own messages (its run states,
 its specimen report and that report's FHIR Bundle) are held: parked in the outbox, not sent and not
-deleted, so the shorter report of a restored backup never lands over the complete one. Its field
+deleted (but a run state superseded by a later one of that run: the latest alone is kept), so the shorter report of a restored backup never lands over the complete one. Its field
 and cells messages go on (each is one field's, under its own report id: new data, or a repeat
 consumers drop by message id). A hold is kept in the outbox file (table `held_runs`) and applies
 again at every later start, from its first message, whatever run the broker's retained state
@@ -73,6 +73,7 @@ class RunStateWatch:
         #: run id -> (the broker's state, its fields, the station's fields): runs whose messages are held
         self.held: dict[str, tuple[str, int, int]] = {}
         self._held_reports: set[str] = set()  # report ids of held specimen reports (their FHIR Bundles too)
+        self._held_states: dict[str, int] = {}  # held run id -> the outbox seq of its latest run state
         self._kept: set[str] = set()  # held runs as the outbox file has them
         self._released: set[str] = set()  # held runs a start found released, not yet gone from the file
         if store is not None:
@@ -157,7 +158,10 @@ class RunStateWatch:
         if not self.held:
             return False
         if message.topic == self.topic:  # a run state: its report id is its run id
-            return message.report_id in self.held
+            if message.report_id not in self.held:
+                return False
+            self._supersede(message.report_id, message.seq)
+            return True
         if message.report_id in self._held_reports:  # a held report's FHIR Bundle
             return True
         if message.kind != "report":  # field and cells messages go on
@@ -172,6 +176,21 @@ class RunStateWatch:
         with self._lock:
             self._held_reports.add(message.report_id)
         return True
+
+    def _supersede(self, run_id: str, seq: int) -> None:
+        """One run state kept per held run, the latest (the drain thread, which meets them in order):
+        the broker keeps only the last one retained, so an earlier one, parked since, would be sent
+        at the release for nothing; without this, each start (which states the last run again) and
+        each new state of a held open run left one more in the outbox."""
+        earlier = self._held_states.get(run_id)
+        self._held_states[run_id] = seq if earlier is None else max(seq, earlier)
+        if earlier is None or earlier == seq or self._store is None:
+            return
+        try:
+            self._store.ack(min(seq, earlier))
+        except sqlite3.Error as exc:  # kept (sent at the release, before the later one): no harm but the room
+            logger.warning("run %s's earlier held run state (outbox seq %d) could not be deleted: %s", run_id,
+                           min(seq, earlier), exc)
 
     def stored(self, payload: bytes) -> None:
         """A run state this process stored in its outbox (before it can reach the broker)."""
