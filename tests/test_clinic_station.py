@@ -640,6 +640,7 @@ def test_a_run_closed_before_a_restart_can_still_be_verified(
         observer.close()
     answer = json.loads(observer.on_topic(f"{BASE}/cmd_response/verify_run")[0].payload)
     assert answer["ok"] and answer["supersedes"] == first.report_id, answer
+    assert answer["held"] is False and "message" not in answer, answer  # sent, not held at the station
     review = json.loads(observer.on_topic(f"{BASE}/cmd_response/get_review")[0].payload)
     closed = [json.loads(m.payload) for m in observer.on_topic(f"{BASE}/run")]
     closed = next(c for c in closed if c["run_id"] == first.run_id and c["state"] == "closed")

@@ -304,3 +304,43 @@ def test_a_run_stopped_from_another_page_before_any_field_gives_the_form_back_to
             assert inside(".start-run").is_displayed() and not inside(".stop-run").is_displayed()
     finally:
         commands.close()
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_signature_the_station_holds_is_said_beside_verify_not_shown_as_sent(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """Verify run on a closed run the station holds (a restored state the broker shows further
+    along): the station answers ok with `held: true` and a message; the line beside Verify says
+    it is not sent, with the station's message, in the held colour, not as a signature sent."""
+    from selenium.webdriver.common.by import By
+
+    commands = Subscriber(ws_broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/cmd/#"])
+    sent = lambda: [m for m in commands.messages if m.topic == f"{BASE}/cmd/verify_run"]
+    try:
+        commands.wait_ready()
+        with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+            send(f"{BASE}/status", "online")
+            driver.get(url)
+            _wait("the online station", lambda: _status(driver, STATION) == "online", 20, [log])
+            report = _specimen(STATION, "7b1d0c2e-bbbb", [], time.time())
+            send(f"{BASE}/run", json.dumps(_closed_run_state(report)))
+            inside = lambda sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}'] {sel}")
+            _wait("the run's Verify", lambda: driver.execute_script(
+                "const n = document.querySelector(arguments[0]); return n !== null && !n.hidden;",
+                f"[data-station='{STATION}'] .verify"), 20, [log])
+            inside(".verify-by").send_keys("AB")
+            inside(".verify-run").click()
+            _wait("verify_run sent", lambda: len(sent()) == 1, 20, [log])
+            held = ("the signed report is held at the station: the broker shows run 7b1d0c2e-bbbb further along "
+                    "than this station's state")
+            _answer(send, "verify_run", {"ok": True, "run_id": "7b1d0c2e-bbbb", "report_id": "r2", "supersedes": "r1",
+                                         "typed_cells": 0, "reclassified": 0, "left_to_review": 0, "held": True,
+                                         "message": held}, sent()[0].correlation_data)
+            state = lambda: inside(".verify-state")
+            _wait("the answer", lambda: state().get_attribute("data-state") == "held", 20, [log])
+            assert state().text == f"verified: 0 typed, 0 reclassified — not sent: {held}", state().text
+            assert state().value_of_css_property("color") == "rgba(170, 17, 17, 1)"
+    finally:
+        commands.close()

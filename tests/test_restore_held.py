@@ -60,8 +60,9 @@ def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_
     restart) under a new report id. That report and that run state are parked in the outbox: the
     observer receives no 3-field report, the broker still keeps 'closed, 6', status counts them as
     parked, the outbox still holds them, and one ERROR says the run, both counts and how to release.
-    The run signed meanwhile (verify_run) is answered ok and its verified report is held too (more
-    parked, none received). Cleared the broker's retained run state, the next start sends them, the
+    The run signed meanwhile (verify_run) is answered ok with held true and a message saying the
+    signed report is held until the retained state is cleared, and it is held too (more parked,
+    none received). Cleared the broker's retained run state, the next start sends them, the
     restart's report and then the signed one."""
     inbox = tmp_path / "state" / "inbox"
     inbox.mkdir(parents=True)
@@ -127,7 +128,10 @@ def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_
             assert f"mosquitto_pub -r -n -t {BASE}/run" in said[0], said
             # the held run signed (its 3 fields, as the restored state holds it): its verified report is held too
             signed = command("verify_run", {"run_id": run_id, "verified_by": "AB"})
-            assert signed["ok"], signed
+            assert signed["ok"] and signed["held"] is True, signed  # signed, and said to be held
+            assert signed["message"].startswith("the signed report is held at the station: the broker shows run "
+                                                f"{run_id} further along"), signed
+            assert f"mosquitto_pub -r -n -t {BASE}/run" in signed["message"], signed
             assert wait_until(lambda: command("status")["broker"]["parked"] > status["broker"]["parked"], 30), \
                 restored.lines[-20:]
             assert not shorter(), shorter()

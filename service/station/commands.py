@@ -249,6 +249,14 @@ class StationCommands:
                                                    progress.run_id if progress else None)
         if closed is not None:
             self._workers.emit_closed(closed, live)
+        watch = getattr(self._workers.publisher, "run_watch", None)  # a run the broker shows further along
+        if answer.get("ok"):
+            answer["held"] = watch is not None and run_id in watch.held
+            if answer["held"]:
+                answer["message"] = (f"the signed report is held at the station: the broker shows run {run_id} "
+                                     "further along than this station's state (restored from an older backup, or another station under this id); it is "
+                                     f"sent once the broker's retained run state is cleared (mosquitto_pub -r -n -t "
+                                     f"{watch.topic}) and the station started again (docs/STATION.md)")
         return answer
 
     def _stop_run(self) -> dict[str, Any]:

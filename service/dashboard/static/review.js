@@ -136,12 +136,15 @@ function verifyRun(st) {
   }, 15000);
 }
 
+// A run held at the station (`held`: the broker shows it further along) is signed, but its signed
+// report does not go out until the broker's retained run state is cleared: said, not shown as sent.
 function verifiedAnswer(st, msg) {
   if (msg.ok) requestRuns(st);  // the signed run's list entry
   const state = st.node.querySelector(".verify-state");
-  state.dataset.state = msg.ok ? "saved" : "error";
+  state.dataset.state = !msg.ok ? "error" : msg.held ? "held" : "saved";
   state.textContent = msg.ok ? "verified: " + msg.typed_cells + " typed, " + msg.reclassified + " reclassified" +
-      (msg.left_to_review ? "; " + msg.left_to_review + " cells sent to review were not typed" : "")
+      (msg.left_to_review ? "; " + msg.left_to_review + " cells sent to review were not typed" : "") +
+      (msg.held ? " — not sent: " + String(msg.message || "the signed report is held at the station") : "")
     : String(msg.message || msg.error || "refused");
 }
 
