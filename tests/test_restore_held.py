@@ -324,3 +324,48 @@ def test_a_held_run_keeps_one_run_state_in_the_outbox_across_new_states_reconnec
     finally:
         observer.close()
         broker.stop()
+
+
+def test_a_held_runs_run_state_expires_under_field_message_expiry_and_its_report_stays_held(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, started: list[Any],
+) -> None:
+    """With mqtt.field_message_expiry_s, a held run's run state expires from the outbox like any run
+    state (the broker would drop it on arrival anyway, its expiry counted from its creation), while
+    its specimen report stays held; a reconnect states the run again (LiveState.republish), and that
+    copy is held too, one in the outbox, none received."""
+    from test_publisher import make_config
+
+    from smearscope.service.mqtt.outbox import Outbox
+    from smearscope.service.mqtt.publisher import MqttPublisher
+    from smearscope.service.station.live_state import LiveState
+
+    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report", f"{BASE}/run"])
+    operator = Subscriber(broker.port, "station", MQTT_USERS["station"], [f"{BASE}/status"], client_id="operator")
+    try:
+        observer.wait_ready()
+        operator.wait_ready()
+        broker_state = json.loads(_state_message("r-1", 6, "closed").payload)
+        operator.client.publish(f"{BASE}/run", json.dumps(broker_state), qos=1, retain=True).wait_for_publish(5)
+        operator.close()
+        config = make_config(tmp_path, broker.port, protocol="5", field_message_expiry_s=1,
+                             reconnect_min_delay_s=1, reconnect_max_delay_s=1)
+        publisher = MqttPublisher(config, STATION, Outbox.from_config(config.outbox))
+        publisher.run_watch.known({"r-1": 3}, closed_now=("r-1",))
+        live = LiveState()
+        publisher.on_reconnected = lambda: live.republish(publisher)
+        publisher.publish_many([("report", "rep-3", json.dumps({"run_id": "r-1", "fields_analyzed": 3}).encode(), "1")])
+        live.send(publisher, _state_message("r-1", 3, "closed"))
+        started.append(publisher)
+        publisher.start()
+        run_states = lambda: [m for m in publisher.outbox.pending(100) if m.topic == f"{BASE}/run"]
+        assert wait_until(lambda: publisher.state.parked == 2, 10), publisher.state
+        assert wait_until(lambda: not run_states(), 20), run_states()  # expired (the drain's 10 s pass)
+        assert publisher.outbox.counts().reports == 1 and "r-1" in publisher.run_watch.held
+        assert wait_until(lambda: publisher.state.parked == 1, 5), publisher.state  # the report alone
+        broker.restart()
+        assert wait_until(lambda: publisher.state.connects == 2 and publisher.state.connected, 15), publisher.state
+        assert wait_until(lambda: len(run_states()) == 1 and publisher.state.parked == 2, 10), publisher.state
+        assert not observer.on_topic(f"{BASE}/report"), "the held report went out"
+        assert not [m for m in observer.on_topic(f"{BASE}/run") if b'"fields": 3' in m.payload]
+    finally:
+        observer.close()
