@@ -249,8 +249,8 @@ class StationCommands:
                                                    progress.run_id if progress else None)
         if closed is not None:
             self._workers.emit_closed(closed, live)
-        watch = getattr(self._workers.publisher, "run_watch", None)  # a run the broker shows further along
         if answer.get("ok"):
+            watch = getattr(getattr(self._workers, "publisher", None), "run_watch", None)  # a run the broker shows further along
             answer["held"] = watch is not None and run_id in watch.held
             if answer["held"]:
                 answer["message"] = (f"the signed report is held at the station: the broker shows run {run_id} "
