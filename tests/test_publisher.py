@@ -40,7 +40,7 @@ pytestmark = pytest.mark.broker
 STATION = "lab-7"
 BASE = f"smearscope/{STATION}"
 #: A telemetry sample's `parked` while the station holds nothing back (service.mqtt.parked).
-NONE_PARKED = {"messages": 0, "reports": 0, "too_large": 0, "oldest": None}
+NONE_PARKED = {"messages": 0, "reports": 0, "too_large": 0, "oldest": None, "read_error": None}
 
 
 def make_config(tmp_path: Path, port: int, **overrides: Any) -> MqttConfig:
