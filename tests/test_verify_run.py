@@ -619,7 +619,7 @@ def test_a_live_run_state_over_the_message_bound_is_not_published(station, tmp_p
     roomy = ClinicFeed(parse_config(tomllib.loads(text), environ={}))
     try:
         assert small.max_state_bytes == 4096 - 1024
-        size = len(json.dumps(small.run_state(closed.report, "closed", {}, "stopped")))
+        size = len(json.dumps(small.run_state("big", closed.report, "closed", {}, "stopped")))
         assert small.max_state_bytes < size < roomy.max_state_bytes
         with caplog.at_level("WARNING", logger="smearscope.service.station.clinic"):
             small.run_closed(closed, publisher)
