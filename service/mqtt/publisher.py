@@ -38,6 +38,7 @@ from smearscope.service.config.mqtt import MqttConfig
 from smearscope.service.mqtt import paho_client
 from smearscope.service.mqtt.command_worker import CommandHandler, CommandWorker
 from smearscope.service.mqtt.connection_events import ConnectionEvents
+from smearscope.service.mqtt.drain_errors import DrainErrors
 from smearscope.service.mqtt.echo_watch import EchoWatch
 from smearscope.service.mqtt.envelope import (
     build_envelope,
@@ -135,6 +136,7 @@ class MqttPublisher(ConnectionEvents):
         self._inflight.on_acked = self.echo.acked
         self._inflight.hold = self.run_watch.holds  # a run the broker shows further along: parked
         self._parked_summary = ParkedReader(outbox)
+        self._drain_errors = DrainErrors(outbox.path)
         self._commands = CommandWorker(on_command, self._respond, self._stop_workers, tick_s=_DRAIN_TICK_S)
         self._paho_logger = logger.getChild("paho")  # filterable apart from ours
         self._threads: list[threading.Thread] = []
@@ -414,10 +416,12 @@ class MqttPublisher(ConnectionEvents):
                 if len(self._inflight.parked) != parked_seen:
                     parked_seen = len(self._inflight.parked)
                     self._telemetry_now.set()
-            except Exception:
+            except Exception as exc:  # noqa: BLE001 - said by DrainErrors (ERROR once, traceback at DEBUG)
                 # A broken outbox or client must not kill the thread silently; retry next tick.
-                logger.exception("MQTT drain loop error")
+                self._drain_errors.failed(exc)
                 time.sleep(_DRAIN_TICK_S)
+            else:  # not after `continue` (not connected): a pass that did not reach the outbox
+                self._drain_errors.passed()
 
     def _reconnected_hook(self) -> None:
         try:
