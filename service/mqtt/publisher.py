@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -246,10 +247,16 @@ class MqttPublisher(ConnectionEvents):
         if client is None:
             return
         timeout = self.config.stop_drain_timeout_s if drain_timeout is None else drain_timeout
-        drained = self.state.connected and self.wait_until_drained(timeout)
-        waiting, kept = self._inflight.undelivered()  # kept: delivered, in the outbox still (a full disk refused their delete)
-        parked = min(waiting, self._inflight.parked_present()) if self.state.connected else 0
-        waiting = 0 if drained else waiting - parked
+        try:  # the stop goes on with an outbox it cannot read: what is in it stays for the next start
+            drained = self.state.connected and self.wait_until_drained(timeout)
+            waiting, kept = self._inflight.undelivered()  # kept: delivered, in the outbox still (a full disk refused their delete)
+            parked = min(waiting, self._inflight.parked_present()) if self.state.connected else 0
+            waiting = 0 if drained else waiting - parked
+        except sqlite3.Error as exc:
+            waiting = kept = parked = 0
+            logger.warning("stopping without waiting for the broker or counting the outbox's messages: the outbox %s "
+                           "cannot be read (%s: %s); what it holds is sent on next start", self.outbox.path,
+                           type(exc).__name__, exc)
         where = "" if self.state.connected else " (not connected to the broker)"
         for n, what in ((waiting, f"messages still in the outbox{where}; they are sent on next start"),
                         (parked, ("parked messages in the outbox (too large for the broker, or held back); they are "

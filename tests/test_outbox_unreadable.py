@@ -1,0 +1,76 @@
+"""A running publisher whose outbox file stops answering reads (SQLite's own error: the connection's
+authorizer refuses the outbox table, as an I/O error or a corrupt page would fail the read), against
+a real mosquitto: the drain thread says it once, not a traceback every tick, and a stop completes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
+from test_publisher import BASE, make_config, start_publisher
+
+from smearscope.service.mqtt.publisher import MqttPublisher
+
+LOGGER = "smearscope.service.mqtt.publisher"
+
+
+def refuse_outbox(action: int, table: str | None, *rest: object) -> int:
+    return sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_READ and table == "outbox" else sqlite3.SQLITE_OK
+
+
+@pytest.mark.broker
+def test_a_drain_loop_that_cannot_read_the_outbox_says_so_once_at_error_and_at_info_when_it_reads_again(
+    broker: MosquittoBroker, tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    publisher = start_publisher(make_config(tmp_path, broker.port), started)
+    assert publisher.wait_until_connected(5)
+    publisher.outbox.read(lambda conn: conn.set_authorizer(refuse_outbox))
+    failing = lambda: [r for r in caplog.records if r.name == LOGGER and "MQTT drain loop error" in r.getMessage()]
+    assert wait_until(lambda: len(failing()) >= 5, 30), [r.getMessage() for r in caplog.records[-5:]]
+    errors = [r for r in failing() if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert "prohibited" in errors[0].getMessage() and str(publisher.outbox.path) in errors[0].getMessage()
+    assert errors[0].exc_info is None  # the traceback once, at DEBUG
+    assert sum(1 for r in failing() if r.exc_info) == 1
+    assert all(r.levelno == logging.DEBUG for r in failing() if r is not errors[0])
+
+    publisher.outbox.read(lambda conn: conn.set_authorizer(None))
+    again = lambda: [r for r in caplog.records if "MQTT drain loop works again" in r.getMessage()]
+    assert wait_until(lambda: bool(again()), 10)
+    assert again()[0].levelno == logging.INFO and "prohibited" in again()[0].getMessage()
+    publisher.publish_report("report", "after", b"{}", "1")
+    assert publisher.wait_until_drained(10)  # sending goes on
+
+
+@pytest.mark.broker
+def test_a_stop_with_an_outbox_that_cannot_be_read_completes_says_what_it_could_not_count_and_goes_offline(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A parked message (over mosquitto's message_size_limit) makes the stop's wait read the outbox."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1000",))
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/status"])
+    try:
+        sub.wait_ready()
+        publisher = start_publisher(make_config(tmp_path, broker.port, protocol="5"), started)
+        assert publisher.wait_until_connected(5)
+        publisher.publish_report("report", "too-big", json.dumps({"cells": "x" * 5000}).encode(), "1")
+        assert wait_until(lambda: publisher.state.parked >= 1, 10)
+        publisher.outbox.read(lambda conn: conn.set_authorizer(refuse_outbox))
+        caplog.set_level(logging.INFO, logger=LOGGER)
+        publisher.stop(drain_timeout=5)
+        assert publisher.state.status == "stopped"
+        said = [r.getMessage() for r in caplog.records if "counting the outbox's messages" in r.getMessage()]
+        assert len(said) == 1 and "prohibited" in said[0], said
+        assert wait_until(lambda: any(m.payload == b"offline" for m in list(sub.messages)), 5)
+        publisher.outbox.read(lambda conn: conn.set_authorizer(None))
+        assert publisher.outbox.counts().messages == 1  # kept for the next start
+    finally:
+        sub.close()
+        broker.stop()
