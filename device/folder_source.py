@@ -459,7 +459,7 @@ class FolderSource(FrameSource):
                     if note is not None:
                         write_own_text(target.name + ".reason.txt", f"{note}\n", dir_fd=there)
                 except OSError as exc:
-                    logger.error("%s: cannot write %s.reason.txt: %s", self.name, target, exc)
+                    logger.error("%s: cannot write %s.reason.txt: %s", self.name, shown(str(target)), exc)
         except FileNotFoundError:
             return None
         except OSError as exc:

@@ -568,6 +568,29 @@ def test_a_file_name_holding_a_line_break_forges_no_line_in_the_journal_or_the_p
     again.close()
 
 
+def test_a_file_name_holding_bidi_controls_is_analysed_and_moved_and_shown_escaped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file named with U+202E (right-to-left override) and U+2066 (an isolate): the frame id and
+    the log lines show them as \\u202e and \\u2066 (a reader would otherwise see the words after
+    them reversed), and the file is found, analysed and moved under its own name."""
+    src = _folder(tmp_path, decode_grace_s=0.0)
+    name = "scan\u202egnp.exe\u2066.png"
+    (src._root / name).write_bytes(_png(1))
+    bad = "bad\u202etxt.png"
+    (src._root / bad).write_text("not an image")
+    os.utime(src._root / bad, ns=(10**18, 10**18))  # the newer: tried second
+    with caplog.at_level(logging.INFO, logger="smearscope.device"):
+        frame = src.scan_once()
+        assert src.scan_once() is None  # the other one: rejected
+    assert frame is not None and frame.frame_id.startswith("scope:scan\\u202egnp.exe\\u2066.png@"), frame.frame_id
+    said = [r.getMessage() for r in caplog.records if "bad" in r.getMessage()]
+    assert said and all("\u202e" not in m and "bad\\u202etxt.png" in m for m in said), said
+    src.done(frame)
+    assert (src._root / "done" / name).exists() and not (src._root / name).exists()
+    assert (src._root / "rejected" / bad).exists() and src.rejected_count == 1
+    src.close()
+
+
 def test_a_file_name_that_is_not_utf8_is_analysed_and_moved_not_fatal(tmp_path: Path) -> None:
     """An SMB share can hand over Latin-1 names: the file is analysed and moved like any other;
     logs, the frame id and the processed log carry the name (not UTF-8 bytes as \\xNN)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import unicodedata
 from enum import Enum
 
 logger = logging.getLogger(__name__)
@@ -58,25 +59,35 @@ class RejectReason(str, Enum):
     BLANK_IMAGE = "blank_image"
 
 
-#: Control characters (C0, DEL, C1) and the line separators Python and journald split on.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: Anything but printable ASCII: looked at one by one (`_escaped_if_unseen`).
+_NOT_ASCII = re.compile(r"[^\x20-\x7e]")
+
+#: The categories shown escaped: control characters (C0, DEL, C1), format characters (bidi
+#: embeddings, overrides, isolates and marks, zero-width ones) and the line and paragraph separators.
+_UNSEEN = frozenset(("Cc", "Cf", "Zl", "Zp"))
 
 
 def shown(path: os.PathLike[str] | str) -> str:
     """A file name or path as valid UTF-8 text on one line (for messages, logs, frame ids and
     reports): bytes that are not UTF-8, as an SMB share's Latin-1 names give, appear as \\xNN, and so
-    do control characters (a name holding a line break would start a forged line in the journal)."""
+    do control characters (a name holding a line break would start a forged line in the journal);
+    format characters as \\uNNNN (a name holding U+202E would show the words after it reversed)."""
     try:
         raw = os.fsencode(path)
     except UnicodeEncodeError:  # a lone surrogate that is no name's byte (a path from JSON): as \\udNNN
         raw = os.fspath(path).encode("utf-8", "backslashreplace")  # type: ignore[union-attr]
-    return _CONTROL.sub(escaped_char, raw.decode("utf-8", "backslashreplace"))
+    return _NOT_ASCII.sub(_escaped_if_unseen, raw.decode("utf-8", "backslashreplace"))
+
+
+def _escaped_if_unseen(found: re.Match[str]) -> str:
+    """The character found escaped (`escaped_char`) where its category is one of `_UNSEEN`."""
+    return escaped_char(found) if unicodedata.category(found.group()) in _UNSEEN else found.group()
 
 
 def escaped_char(found: re.Match[str]) -> str:
-    """The character a pattern found as \\xNN (or \\uNNNN): a `re.sub` replacement."""
+    """The character a pattern found as \\xNN (or \\uNNNN, \\UNNNNNNNN): a `re.sub` replacement."""
     code = ord(found.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 class IngestError(Exception):
