@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pickle
 import re
 import shutil
@@ -882,3 +883,40 @@ def test_closing_the_feed_while_a_type_cells_command_is_under_way_does_not_deadl
     on_disk = {(f, c): t for f, c, t in sqlite3.connect(tmp_path / "state" / "typed_cells.sqlite3").execute(
         "SELECT field_id, cell, type FROM typed_white_cells WHERE run_id='run-1'")}
     assert all(on_disk[(c["field_id"], c["cell"])] == c["type"] for c in cells)
+
+
+def test_the_ids_of_a_command_whose_cells_cannot_be_stored_are_logged_escaped(typed_station, tmp_path: Path,
+                                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The run and field ids come from the command as sent: when the typed-cells file refuses the
+    write (a file open read-only: the cell's write fails; another writer holding the file: the
+    command's transaction fails), the ERROR line shows a line break as \\x0a and a bidi override
+    as \\u202e, so a command can neither forge a journal line nor reverse what follows in it."""
+    _, _, feed, _, _, _, _, _, _ = typed_station
+    path = tmp_path / "typed.sqlite3"
+    TypedCellStore(path).close()
+    run_id, field_id = "run\n2026-12-07 ERROR forged\u202e", "f\u202egnp\n.png"
+    saved = feed._store
+    feed._store = TypedCellStore(path, read_only=True)
+    try:
+        with caplog.at_level(logging.ERROR, logger="smearscope.service.station"):
+            answer = feed.type_cells({"run_id": run_id, "cells": [{"field_id": field_id, "cell": 0, "type": None}]})
+        assert [e["error"] for e in answer["errors"]] == ["typed_cells_unavailable"], answer
+        feed._store.close()
+        feed._store = TypedCellStore(path)
+        feed._store._db.execute("PRAGMA busy_timeout = 0")  # the other writer's lock refuses at once
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            with caplog.at_level(logging.ERROR, logger="smearscope.service.station"):
+                answer = feed.type_cells({"run_id": run_id, "cells": [{"field_id": field_id, "cell": 0, "type": None}]})
+        finally:
+            other.rollback()
+            other.close()
+        assert [e["error"] for e in answer["errors"]] == ["typed_cells_unavailable"], answer
+    finally:
+        feed._store.close()
+        feed._store = saved
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "typed cells" in r.getMessage()]
+    assert len(said) == 2, said
+    assert all("\n" not in m and "\u202e" not in m and "run\\x0a2026-12-07 ERROR forged\\u202e" in m for m in said), said
+    assert "f\\u202egnp\\x0a.png" in said[0], said

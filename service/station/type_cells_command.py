@@ -11,6 +11,7 @@ from typing import Any
 
 from smearscope.service.analysis.morphology import SIZE_BASED
 from smearscope.service.analysis.records import ARTEFACT
+from smearscope.service.ingest import shown
 from smearscope.service.station.review import ReviewGallery
 from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore
 
@@ -115,12 +116,13 @@ def type_cells(arguments: dict[str, Any], gallery: ReviewGallery | None, open_st
                                        "(of a run it no longer holds?) and not typed before"})
                         continue
                 except (sqlite3.Error, OSError) as exc:  # answered, never raised into the command thread
-                    logger.error("typed cells: storing %s/%s/%s failed: %s", run_id, field_id, cell, exc)
+                    logger.error("typed cells: storing %s/%s/%s failed: %s", shown(run_id), shown(field_id), cell, exc)
                     errors.append({**where, "error": "typed_cells_unavailable", "message": str(exc)[:200]})
                     continue
                 done.append({"field_id": field_id, "cell": cell, "type": type_ or None})
     except (sqlite3.Error, OSError) as exc:  # the transaction lost: none of its cells is stored
-        logger.error("typed cells: storing the %d cell(s) of a command for %s failed: %s", len(cells), run_id, exc)
+        logger.error("typed cells: storing the %d cell(s) of a command for %s failed: %s", len(cells), shown(run_id),
+                     exc)  # the ids as the command sent them: control and bidi characters escaped
         answered = {e["index"] for e in errors}
         errors = sorted(errors + [{"index": k, **({"field_id": item.get("field_id"), "cell": item.get("cell")}
                                                   if isinstance(item, dict) else {}),
