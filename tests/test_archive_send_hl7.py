@@ -2,12 +2,17 @@
 left by the archive of commit 2c4762f), with hl7apy's MLLP server as the lab system (it validates
 each message strictly) and a real folder: the index is upgraded to version 2, each specimen report
 is delivered once to each destination, oldest first, and each delivery recorded, so the same
-command sends nothing again unless `--again`; a send the lab system stops goes on from there."""
+command sends nothing again unless `--again`; a send the lab system stops goes on from there.
+`archive find` lists the deliveries recorded, and `archive show --hl7` with the lab's MSH-4/5/6
+prints the message the lab system received, byte for byte (carriage returns as line feeds)."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import sqlite3
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -104,3 +109,66 @@ def test_send_hl7_needs_a_destination_and_an_archive(tmp_path: Path, capsys: pyt
     assert main(["archive", "send-hl7", "--all", "--dir", str(tmp_path / "none"), "--hl7-dir",
                  str(tmp_path / "hl7")]) == 1
     assert "no archive at" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_find_lists_the_hl7_deliveries_the_index_records(
+        archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["archive", "find", "--dir", str(archive), "--json"]) == 0  # version 1, read as it is: none
+    assert [json.loads(line)["hl7_deliveries"] for line in capsys.readouterr().out.splitlines()] == [[], []]
+    port = free_port()
+    lis = Lis(port)
+    hl7_dir = tmp_path / "hl7"
+    try:
+        assert main(["archive", "send-hl7", "--all", "--dir", str(archive), "--hl7-dir", str(hl7_dir),
+                     "--hl7-mllp", f"127.0.0.1:{port}"]) == 0
+    finally:
+        lis.stop()
+    msh10 = {report_id: message(archive, report_id).split("\r")[0].split("|")[9] for report_id in (FIRST, VERIFIED)}
+    destinations = [f"file:{hl7_dir.resolve()}", f"mllp:127.0.0.1:{port}"]
+    capsys.readouterr()
+    assert main(["archive", "find", "--dir", str(archive), "--json"]) == 0
+    listed = {r["report_id"]: r["hl7_deliveries"] for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(listed) == {FIRST, VERIFIED}
+    for report_id, made in listed.items():
+        assert sorted((d["destination"], d["sender"], d["control_id"]) for d in made) == sorted(
+            (where, "send-hl7", msh10[report_id]) for where in destinations)
+        assert all(datetime.fromisoformat(d["delivered_at"]).year >= 2026 for d in made)
+    assert main(["archive", "find", "--dir", str(archive), "--specimen", "nope"]) == 1  # filters still apply
+    capsys.readouterr()
+    assert main(["archive", "find", "--dir", str(archive)]) == 0
+    blocks: dict[str, list[str]] = {}  # each report's line, then the indented lines under it
+    for line in capsys.readouterr().out.splitlines():
+        if not line.startswith(" "):
+            report_id = next(r for r in (FIRST, VERIFIED) if r in line)
+        blocks.setdefault(report_id, []).append(line)
+    for report_id in (FIRST, VERIFIED):
+        under = [line for line in blocks[report_id][1:] if line.startswith("    HL7 to ")]
+        assert len(under) == 2
+        for where, line in zip(destinations, sorted(under)):
+            assert re.fullmatch(rf"    HL7 to {re.escape(where)}  \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC  by send-hl7  "
+                                rf"MSH-10 {re.escape(msh10[report_id])}", line)
+
+
+def test_show_hl7_prints_the_message_with_the_labs_addressing(
+        archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    lis = Lis(port)
+    lab = ["--hl7-sending-facility", "CLINIC^1.2.3.4^ISO", "--hl7-receiving-application", "LIS",
+           "--hl7-receiving-facility", "LAB"]
+    try:
+        assert main(["archive", "send-hl7", "--all", "--dir", str(archive), "--hl7-mllp", f"127.0.0.1:{port}",
+                     *lab]) == 0
+    finally:
+        lis.stop()
+    capsys.readouterr()
+    assert main(["archive", "show", FIRST, "--dir", str(archive), "--hl7", *lab]) == 0
+    shown = capsys.readouterr().out
+    assert shown == lis.received[0].replace("\r", "\n")
+    assert shown.split("|")[3:6] == ["CLINIC^1.2.3.4^ISO", "LIS", "LAB"]
+    assert main(["archive", "show", FIRST, "--dir", str(archive), "--hl7"]) == 0  # without: the defaults
+    assert capsys.readouterr().out.split("|")[3:6] != ["CLINIC^1.2.3.4^ISO", "LIS", "LAB"]
+
+    assert main(["archive", "show", FIRST, "--dir", str(archive), "--hl7", "--hl7-receiving-facility", "LAB|X"]) == 2
+    assert "--hl7-receiving-facility:" in capsys.readouterr().err
+    assert main(["archive", "show", FIRST, "--dir", str(archive), "--hl7-receiving-application", "LIS"]) == 2
+    assert "are for show --hl7" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """Finding archived reports: by specimen, run, station and date, the latest per run first, each with
-the copies kept beside it (service.archive.copies).
+the copies kept beside it (service.archive.copies) and the HL7 deliveries the index records of it.
 
 Within a run the report no other archived report supersedes comes first (a verified report over the
 preliminary one it replaces), then the rest, newest first; runs are ordered by their newest report.
@@ -17,6 +17,21 @@ from smearscope.service.archive.copies import ArchivedCopy, Listing, copies_of, 
 from smearscope.service.archive.store import open_index
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RecordedDelivery:
+    """One HL7 delivery of a report as the index records it (store.Delivery, with its time)."""
+
+    destination: str
+    delivered_at: float
+    sender: str
+    control_id: str
+
+    def as_json(self) -> dict[str, object]:
+        return {"destination": self.destination,
+                "delivered_at": datetime.fromtimestamp(self.delivered_at, timezone.utc).isoformat(),
+                "sender": self.sender, "control_id": self.control_id}
 
 
 @dataclass(frozen=True)
@@ -38,6 +53,7 @@ class ArchivedReport:
     fhir_path: Path | None
     copies: tuple[ArchivedCopy, ...] | None = ()
     copies_error: str | None = None
+    hl7_deliveries: tuple[RecordedDelivery, ...] = ()  # oldest first; none in an index of version 1
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -48,6 +64,7 @@ class ArchivedReport:
             "supersedes": self.supersedes, "superseded_by": self.superseded_by, "current": self.superseded_by is None,
             "path": str(self.path), "fhir_path": str(self.fhir_path) if self.fhir_path else None,
             "copies": None if self.copies is None else [c.as_json() for c in self.copies],
+            "hl7_deliveries": [d.as_json() for d in self.hl7_deliveries],
         }
 
 
@@ -67,12 +84,26 @@ FROM reports r LEFT JOIN bundles b ON b.report_id = r.report_id
 """
 
 
-def _row(directory: Path, row: sqlite3.Row) -> ArchivedReport:
+def _deliveries(db: sqlite3.Connection, where: str, params: list[object]) -> dict[str, list[RecordedDelivery]]:
+    """The recorded HL7 deliveries of the reports `where` selects, by report id, oldest first (none when
+    the index is of version 1: opened read-only, it is not upgraded, so it has no such table)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'hl7_deliveries'").fetchone() is None:
+        return {}
+    found: dict[str, list[RecordedDelivery]] = {}
+    for row in db.execute("SELECT d.* FROM hl7_deliveries d JOIN reports r ON r.report_id = d.report_id"
+                          + where + " ORDER BY d.delivered_at, d.rowid", params):
+        found.setdefault(row["report_id"], []).append(RecordedDelivery(
+            row["destination"], row["delivered_at"], row["sender"], row["control_id"]))
+    return found
+
+
+def _row(directory: Path, row: sqlite3.Row, deliveries: dict[str, list[RecordedDelivery]]) -> ArchivedReport:
     return ArchivedReport(
         report_id=row["report_id"], station=row["station"], run_id=row["run_id"], specimen_id=row["specimen_id"],
         created_at=row["created_at"], kind=row["kind"], schema_version=row["schema_version"],
         verified=bool(row["verified"]), supersedes=row["supersedes"], superseded_by=row["superseded_by"],
-        path=directory / row["path"], fhir_path=directory / row["fhir"] if row["fhir"] else None)
+        path=directory / row["path"], fhir_path=directory / row["fhir"] if row["fhir"] else None,
+        hl7_deliveries=tuple(deliveries.get(row["report_id"], ())))
 
 
 def find(directory: Path, specimen: str | None = None, run: str | None = None, station: str | None = None,
@@ -86,10 +117,11 @@ def find(directory: Path, specimen: str | None = None, run: str | None = None, s
     if since is not None:
         where.append("r.created_at >= ?")
         params.append(since)
-    sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
+    clause = " WHERE " + " AND ".join(where) if where else ""
     db = open_index(directory, read_only=True)
     try:
-        found = [_row(directory, row) for row in db.execute(sql, params)]
+        deliveries = _deliveries(db, clause, params)
+        found = [_row(directory, row, deliveries) for row in db.execute(_SELECT + clause, params)]
     finally:
         db.close()
     listings: dict[Path, Listing | OSError] = {}  # each folder listed once
@@ -113,10 +145,11 @@ def lookup(directory: Path, report_id: str) -> tuple[ArchivedReport | None, Path
     db = open_index(directory, read_only=True)
     try:
         row = db.execute(_SELECT + " WHERE r.report_id = ?", (report_id,)).fetchone()
+        deliveries = _deliveries(db, " WHERE r.report_id = ?", [report_id])
         bundle = db.execute("SELECT path FROM bundles WHERE report_id = ?", (report_id,)).fetchone()
     finally:
         db.close()
-    return (_with_copies(_row(directory, row), {}) if row is not None else None,
+    return (_with_copies(_row(directory, row, deliveries), {}) if row is not None else None,
             directory / bundle["path"] if bundle is not None else None)
 
 

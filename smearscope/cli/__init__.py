@@ -314,6 +314,7 @@ def _archive_parser(sub) -> None:
     ash.add_argument("--copy", type=int, default=None, metavar="N",
                      help="print copy N of those kept beside the report (received again with other content, or "
                      "while its file could not be read; `archive find` numbers them); with --fhir its bundle's")
+    _hl7_addressing(ash, argparse.SUPPRESS, " (with --hl7: print the message as the archive sends it)")
     ash.set_defaults(func=_lazy("archive", "cmd_show"))
     snd = asub.add_parser("send-hl7", help="send archived specimen reports as HL7 ORU^R01 where the index records "
                           "no delivery of them (docs/HL7.md)")
@@ -338,13 +339,18 @@ def _hl7_options(parser: argparse.ArgumentParser, default: object) -> None:
                         help="also send each specimen report stored as an HL7 v2.5.1 ORU^R01 message over MLLP "
                         "to this listener; a report is acknowledged to the broker only once it answers AA or "
                         "CA, else held and sent again (docs/HL7.md)")
+    _hl7_addressing(parser, default, "")
+
+
+def _hl7_addressing(parser: argparse.ArgumentParser, default: object, why: str) -> None:
+    """MSH-4, MSH-5, MSH-6: on the archive, `archive send-hl7` and `archive show` (`why` ends their help)."""
     parser.add_argument("--hl7-sending-facility", default=default, metavar="HD",
                         help="MSH-4 of the HL7 messages: a namespace id, or namespace^universal id^type "
-                        "(table 0301, e.g. ISO); default: the report's station id")
+                        f"(table 0301, e.g. ISO); default: the report's station id{why}")
     parser.add_argument("--hl7-receiving-application", default=default, metavar="HD",
-                        help="MSH-5 of the HL7 messages: the lab system or engine receiving them (default: empty)")
+                        help=f"MSH-5 of the HL7 messages: the lab system or engine receiving them (default: empty){why}")
     parser.add_argument("--hl7-receiving-facility", default=default, metavar="HD",
-                        help="MSH-6 of the HL7 messages: the lab receiving them (default: empty)")
+                        help=f"MSH-6 of the HL7 messages: the lab receiving them (default: empty){why}")
 
 
 def _quiet_opencv(level: str, command: str) -> None:

@@ -170,6 +170,12 @@ def _copy_lines(r: ArchivedReport) -> list[str]:
             f"sha256 {c.digest}  {c.size} bytes  {c.path}" for c in r.copies]
 
 
+def _delivery_lines(r: ArchivedReport) -> list[str]:
+    """`find`'s lines under a report for its HL7 deliveries the index records (docs/HL7.md)."""
+    return [f"    HL7 to {d.destination}  {datetime.fromtimestamp(d.delivered_at, timezone.utc):%Y-%m-%d %H:%M:%S UTC}  "
+            f"by {d.sender}  MSH-10 {d.control_id}" for d in r.hl7_deliveries]
+
+
 def cmd_find(args: argparse.Namespace) -> int:
     from smearscope.service.archive.query import find, parse_since
 
@@ -186,7 +192,7 @@ def cmd_find(args: argparse.Namespace) -> int:
     except (FileNotFoundError, sqlite3.Error) as exc:
         return _fail(str(exc), 1)
     for r in found:
-        print(json.dumps(r.as_json()) if args.json else "\n".join([_line(r), *_copy_lines(r)]))
+        print(json.dumps(r.as_json()) if args.json else "\n".join([_line(r), *_copy_lines(r), *_delivery_lines(r)]))
     if not found and not args.json:
         print("smearscope archive: no archived report matches", file=sys.stderr)
     return 0 if found else 1
@@ -197,9 +203,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     from smearscope.service.archive.message import REPORT_ID
     from smearscope.service.archive.query import lookup
     from smearscope.service.archive.store import IndexVersionError
+    from smearscope.service.hl7.header import Addressing
 
     if not REPORT_ID.fullmatch(args.report_id):
         return _fail(f"{args.report_id!r} is not a report id")
+    try:
+        addressing = _addressing(args)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if not args.hl7 and addressing != Addressing():
+        return _fail("--hl7-sending-facility, --hl7-receiving-application and --hl7-receiving-facility are for "
+                     "show --hl7 (the HL7 message's MSH-4, MSH-5, MSH-6)")
     directory = _directory(args)
     try:
         report, bundle = lookup(directory, args.report_id)
@@ -243,7 +257,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     elif args.copy is None and copies is None:
         print(f"smearscope archive: copies of the {what} {args.report_id} not looked for: {listed}", file=sys.stderr)
     if args.hl7:
-        return _show_hl7(args.report_id, path, data)
+        return _show_hl7(args.report_id, path, data, addressing)
     sys.stdout.buffer.write(data + b"\n")
     return 0
 
@@ -284,13 +298,13 @@ def cmd_send_hl7(args: argparse.Namespace) -> int:
     return 1 if result.unreadable else 0
 
 
-def _show_hl7(report_id: str, path: Path, envelope: bytes) -> int:
-    """The archived report's ORU^R01, one segment a line (the file `--hl7-dir` writes ends each with
-    a carriage return, as HL7 has it)."""
+def _show_hl7(report_id: str, path: Path, envelope: bytes, addressing: Addressing) -> int:
+    """The archived report's ORU^R01 with `addressing`'s MSH-4/5/6, one segment a line (the file
+    `--hl7-dir` writes ends each with a carriage return, as HL7 has it)."""
     from smearscope.service.archive.hl7_out import oru_of
 
     try:
-        _, oru, _ = oru_of(envelope)
+        _, oru, _ = oru_of(envelope, addressing)
     except (ValueError, TypeError, AttributeError) as exc:
         return _fail(f"the report {report_id} at {path} cannot be read as a report of this smearscope "
                      f"({type(exc).__name__}: {str(exc)[:300]}): no HL7 message", 1)
