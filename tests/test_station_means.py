@@ -21,6 +21,7 @@ import pytest
 import tomllib
 from test_station_open_set import _config
 
+from smearscope.cli.adapt import read_labels
 from smearscope.device.synthetic import render_field
 from smearscope.engines.manifest import load_manifest
 from smearscope.export.feature_space import add_feature_space
@@ -1091,3 +1092,24 @@ def test_means_are_flagged_at_a_station_scale_whose_fit_would_leave_their_cells_
     assert means_scale_problem(dataclasses.replace(means, microns_per_pixel=0.101), 0.1) is not None
     assert means_scale_problem(dataclasses.replace(means, microns_per_pixel=0.1), None) is not None  # now estimated
     assert means_scale_problem(means, 0.1) is None  # the file does not say
+
+
+def test_a_template_names_a_field_whose_name_holds_a_zero_width_non_joiner_so_labels_read_it_back(rendered, tmp_path):
+    """A Persian file name is spelled with U+200C: the template's image column carries it as it is,
+    and --labels finds that file (written as \\u200c, the backslash read it as a Windows path)."""
+    folder, _, _ = rendered
+    name = "\u06af\u0644\u200c\u0647\u0627.png"
+    shutil.copy(folder / "field500.png", tmp_path / name)
+    template = tmp_path / "typed.csv"
+    run = _cli("adapt-wbc", str(tmp_path / name), "--template", str(template), "--microns-per-pixel", "0.1", "--json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    with open(template, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {r["image"] for r in rows} == {name}
+    rows[0]["type"] = "neutrophil"
+    with open(template, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    points = read_labels(template, ["neutrophil", "lymphocyte"])
+    assert [p.image for p in points] == [tmp_path / name] and points[0].image.is_file()

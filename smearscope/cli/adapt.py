@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
@@ -95,6 +96,20 @@ def read_labels(path: Path, classes: list[str]) -> list[TypedPoint]:
     if not out:
         raise LabelsError(f"{path}: no row has a type (fill the type column of the cells you are sure of)")
     return out
+
+
+def _csv_name(name: str) -> str:
+    """A field's name for the template's image column: as it is where --labels can read it back
+    (valid UTF-8, no control character or line separator), else `shown` (\\xNN, \\uNNNN)."""
+    from smearscope.device.ingest import shown
+
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a name's bytes that are not UTF-8 (surrogate-escaped)
+        return shown(name)
+    if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in name):
+        return shown(name)
+    return name
 
 
 def cell_at(cells, x: float, y: float, factor: float, shape, typed_only: bool = True) -> int | None:
@@ -401,8 +416,10 @@ def _write_template(args: argparse.Namespace, error) -> int:
                 except EngineError as exc:
                     return error("engine_failed", f"{shown(item.path)}: {exc}")
                 path = item.path.resolve()
-                # relative to the CSV, '/'-separated, valid UTF-8 (a name that is not stays unreadable, shown as \xNN)
-                name = shown(Path(os.path.relpath(path, base)).as_posix() if path.is_relative_to(base) else path.as_posix())
+                # relative to the CSV, '/'-separated: the name as it is, read back by --labels (a bidi or
+                # zero-width character, the ZWNJ of a Persian name, kept); one that is not valid UTF-8 or
+                # holds a control character or line separator stays unreadable, shown as \xNN
+                name = _csv_name(Path(os.path.relpath(path, base)).as_posix() if path.is_relative_to(base) else path.as_posix())
                 # one overlay per field, numbered in input order: two fields of one name never share it
                 overlay = f"{len(written) + len(skipped) + 1:04d}-{shown(path.stem)}.cells.png" if args.overlays else ""
                 h, w = img.pixels.shape[:2]
