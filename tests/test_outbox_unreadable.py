@@ -74,3 +74,25 @@ def test_a_stop_with_an_outbox_that_cannot_be_read_completes_says_what_it_could_
     finally:
         sub.close()
         broker.stop()
+
+
+@pytest.mark.broker
+def test_two_reasons_that_take_turns_are_each_said_once_at_error_while_the_outbox_stays_unreadable(
+    broker: MosquittoBroker, tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With mqtt.field_message_expiry_s set, the drain's expiry pass (every 10 s) fails on another
+    column than its sending passes: two reasons, said once each, not again at each turn."""
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    publisher = start_publisher(make_config(tmp_path, broker.port, field_message_expiry_s=3600), started)
+    assert publisher.wait_until_connected(5)
+    publisher.outbox.read(lambda conn: conn.set_authorizer(refuse_outbox))
+    failing = lambda: [r for r in caplog.records if r.name == LOGGER and "MQTT drain loop error" in r.getMessage()]
+    reasons = lambda: {r.getMessage().split("(", 1)[1].split(";", 1)[0].split(")", 1)[0] for r in failing()
+                       if "(" in r.getMessage()}
+    # the expiry pass's reason, the sending's, the expiry's again 10 s later, and a sending pass after it
+    assert wait_until(lambda: len(reasons()) >= 2 and sum(1 for r in failing() if "outbox.size" in r.getMessage()) >= 2
+                      and "outbox.seq" in failing()[-1].getMessage(), 40), [r.getMessage() for r in failing()[-5:]]
+    errors = [r.getMessage() for r in failing() if r.levelno >= logging.ERROR]
+    assert len(errors) == len(reasons()) == 2, errors
+    publisher.outbox.read(lambda conn: conn.set_authorizer(None))
