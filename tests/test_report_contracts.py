@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from test_fhir import by_code, component, current_report, graded_report, resources, validate
+from test_sources import _folder, _png
 from test_specimen import FakeClock, cell_pair, field_of, tracker
 from test_verify_run import store_run
 
@@ -315,6 +316,31 @@ def test_a_stored_input_is_remembered(tmp_path):
         outbox.close()
     assert same_file("scope:a@b.png@111", "scope:a@b.png@222") and same_file("", "scope:x.png@1")
     assert not same_file("scope:a@b.png@111", "scope:a@c.png@111")
+
+
+def test_a_field_stored_with_a_format_character_in_its_name_is_the_same_file_when_found_again(tmp_path):
+    """A watched-folder file named with U+202E whose field an earlier version stored (its frame id
+    carried the character as it is), found again after the upgrade (a crash before the move, or a
+    move that failed): its frame id now shows \\u202e, and it is still this very file (skipped,
+    moved to done), not a copy of it (rejected as duplicate_content)."""
+    src = _folder(tmp_path, decode_grace_s=0.0)
+    (src._root / "a\u202egnp.png").write_bytes(_png(1))
+    frame = src.scan_once()
+    assert frame is not None and frame.input_key is not None and "\\u202e" in frame.frame_id
+    earlier = frame.frame_id.replace("\\u202e", "\u202e")  # as the earlier version stored it
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        state = StationState(outbox)
+        w = state.field_stored(report_id="r1", input_key=frame.input_key, run=None, field_id=earlier, cells=[],
+                               records=[], models={})
+        outbox.write(lambda conn: w(conn, []))
+        stored = state.stored_field(frame.input_key)
+        assert stored == earlier and same_file(stored, frame.frame_id)
+        other = frame.frame_id.replace("a\\u202egnp", "b\\u202egnp")  # another name: a copy still
+        assert not same_file(stored, other)
+    finally:
+        outbox.close()
+        src.close()
 
 
 def test_the_inputs_remembered_are_bounded_newest_kept(tmp_path, monkeypatch):

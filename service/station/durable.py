@@ -43,6 +43,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from smearscope.device.ingest import shown
 from smearscope.service.analysis.aggregate import is_classified_wbc
 from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.records import Box, CellDetection, CellKind, ClassifiedCell
@@ -88,8 +89,11 @@ MAX_TAKEN = 10_000
 def same_file(stored_field: str, frame_id: str) -> bool:
     """Whether the field stored for an input (`StationState.stored_field`) is the frame's own file:
     a source's frame id is `source:name@key`, the key its size and time, which a file keeps
-    unless rewritten; "" is a field stored before field ids were kept (taken as the same file)."""
-    return stored_field.rsplit("@", 1)[0] in ("", frame_id.rsplit("@", 1)[0])
+    unless rewritten; "" is a field stored before field ids were kept (taken as the same file).
+    The names are compared as shown (device.ingest.shown): a field stored by a version that
+    carried a format character (U+202E) as it is is the same file as its frame id now escapes."""
+    stored = stored_field.rsplit("@", 1)[0]
+    return stored == "" or shown(stored) == shown(frame_id.rsplit("@", 1)[0])
 
 
 @dataclass(frozen=True)
