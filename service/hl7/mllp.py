@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import select
 import socket
 import threading
@@ -19,6 +20,7 @@ import time
 import unicodedata
 from collections.abc import Callable
 
+from smearscope.device.ingest.errors import escaped_char
 from smearscope.service.hl7.encode import FIELD, SEGMENT_END
 
 logger = logging.getLogger(__name__)
@@ -40,19 +42,20 @@ class NotAcknowledged(OSError):
         self.kind = kind
 
 
+#: Categories shown escaped in a lab system's text: device.ingest's (control, format, line and
+#: paragraph separators) and surrogates, private use and unassigned characters.
+_LAB_UNSEEN = frozenset(("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"))
+_NOT_ASCII = re.compile(r"[^\x20-\x7e]")
+
+
 def shown(text: str) -> str:
     """Text from the lab system as it may appear in a log line: control characters (C0, DEL, C1),
     format characters (bidi embeddings, overrides, isolates and marks, zero-width ones), the line
-    and paragraph separators, surrogates, private-use and unassigned characters as \\xNN or \\uNNNN,
-    so an answer can neither start a forged line in the journal nor reorder the words around it."""
-    out = []
-    for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"):
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+    and paragraph separators, surrogates, private-use and unassigned characters as \\xNN or \\uNNNN
+    (device.ingest.errors.escaped_char), so an answer can neither start a forged line in the journal
+    nor reorder the words around it."""
+    return _NOT_ASCII.sub(
+        lambda found: escaped_char(found) if unicodedata.category(found.group()) in _LAB_UNSEEN else found.group(), text)
 
 
 def parse_address(text: str) -> tuple[str, int]:

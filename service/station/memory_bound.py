@@ -17,10 +17,10 @@ measured there: 64 MP with 2 fields at once 2291 predicted (1906 measured), 12 M
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 from smearscope.device.ingest.decode import IngestLimits
+from smearscope.device.ingest.errors import shown
 from smearscope.device.memory_limit import MemoryLimits, read_memory_limits
 
 logger = logging.getLogger(__name__)
@@ -82,10 +82,10 @@ def memory_verdict(config, limits: MemoryLimits | None = None) -> MemoryVerdict:
               "MemoryHigh=, MemoryMax=)")
     bounds: list[tuple[int, str, str]] = []
     if limits.max is not None:
-        bounds.append((limits.max.bytes, f"the cgroup memory.max of {_shown(limits.max.cgroup)}",
+        bounds.append((limits.max.bytes, f"the cgroup memory.max of {shown(limits.max.cgroup)}",
                        "the kernel OOM-kills the station there"))
     if limits.high is not None:
-        bounds.append((limits.high.bytes, f"the cgroup memory.high of {_shown(limits.high.cgroup)}",
+        bounds.append((limits.high.bytes, f"the cgroup memory.high of {shown(limits.high.cgroup)}",
                        "above it the kernel reclaims memory and slows the station"))
     if limits.total is not None and (limits.max is None or limits.total < limits.max.bytes):
         bounds.append((limits.total, "the machine's RAM (MemTotal)", "the kernel OOM-kills the station there"))
@@ -99,11 +99,6 @@ def memory_verdict(config, limits: MemoryLimits | None = None) -> MemoryVerdict:
         return MemoryVerdict(True, f"{said}; no memory limit could be read")
     limit, what, _ = min(bounds)
     return MemoryVerdict(True, f"{said} fits {what}, {limit / MIB:.0f} MiB")
-
-
-def _shown(cgroup: str) -> str:
-    """A cgroup's name as it can be printed: bytes that are no UTF-8 as \\xNN (device.memory_limit keeps them)."""
-    return os.fsencode(cgroup).decode("utf-8", "backslashreplace")
 
 
 def say_memory_verdict(config) -> None:
