@@ -16,7 +16,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from smearscope.service.analysis.report import ClassShare, Report
+from smearscope.service.analysis.report import ClassShare, Flag, Report
 from smearscope.service.fhir import codes, report_view
 from smearscope.service.fhir.codes import Code
 
@@ -102,6 +102,12 @@ def _signed_before(v) -> str:
     return f", verified by {v.supersedes_verified_by}{when} (amended)"
 
 
+def flags_by_severity(report: Report) -> list[Flag]:
+    """The report's flags, critical first, then warnings, then info (each kind in the report's order):
+    the order of the bundle's conclusion and conclusionCode, and of the HL7 message's flag rows."""
+    return sorted(report.flags, key=lambda f: ("critical", "warning", "info").index(f.severity))
+
+
 def report_bundle(report: Report) -> Resource:
     """The FHIR R4 Bundle (collection) of one field or specimen report."""
     b = _Builder(report)
@@ -110,7 +116,7 @@ def report_bundle(report: Report) -> Resource:
     _differential(b)
     _morphology(b)
     _sizes_and_counts(b)
-    flags = sorted(report.flags, key=lambda f: ("critical", "warning", "info").index(f.severity))
+    flags = flags_by_severity(report)
     conclusion = "; ".join(f"{f.severity}: {f.message}" for f in flags) or "no flags"
     v = report.verification
     b.entries.insert(0, {"fullUrl": f"urn:uuid:{_uuid(b.rid, 'report')}", "resource": {

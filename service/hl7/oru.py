@@ -18,7 +18,7 @@ from typing import Any
 
 from smearscope.service.analysis.report import Report
 from smearscope.service.fhir import codes
-from smearscope.service.fhir.bundle import report_bundle
+from smearscope.service.fhir.bundle import flags_by_severity, report_bundle
 from smearscope.service.hl7.encode import (
     ENCODING_CHARACTERS,
     FT,
@@ -195,7 +195,7 @@ def oru_r01(report: Report, addressing: Addressing | None = None) -> str:
     m.note(m.diagnostic["conclusion"])
     for group, obs in enumerate(m.observations, start=1):
         m.observation(group, obs)
-    flags = sorted(r.flags, key=lambda f: ("critical", "warning", "info").index(f.severity))
+    flags = flags_by_severity(r)
     for group, f in enumerate(flags, start=len(m.observations) + 1):  # the bundle's conclusionCode, with severity
         message = text(f.message)
         m.obx(group, _ce({"coding": [codes.flag(f.code).coding()]}), ("ST", message, ""), m.status,
