@@ -31,21 +31,22 @@ function renderRun(st) {
   st.node.dataset.startedAt = view.started && typeof view.started.started_at === "number" ? view.started.started_at : "";
   const specimen = specimenOf(r, view.started);
   st.node.dataset.specimen = specimen;
-  if (!r) { renderRunWithoutFields(st, view, specimen, started); return; }
+  // the run line's opening, with or without fields: its specimen, run and start
+  const head = [...(specimen ? ["specimen ", iso(specimen), " · "] : []),
+    (view.earlier ? "earlier run " : "run ") + (view.runId || "-").slice(0, 8) + " · " + (started ? started + " · " : "")];
+  const halted = !view.final && brokerUp && st.status === "offline";
+  st.node.dataset.halted = halted ? "true" : "false";
+  if (!r) { renderRunWithoutFields(st, view, head, halted); return; }
   const v = r.verification;
-  line.replaceChildren(...(specimen ? ["specimen ", iso(specimen), " · "] : []),
-    (view.earlier ? "earlier run " : "run ") + (view.runId || "-").slice(0, 8) + " · " +
-    (started ? started + " · " : "") + r.fields_analyzed +
-    (r.fields_analyzed === 1 ? " field · " : " fields · "),
+  line.replaceChildren(...head, r.fields_analyzed + (r.fields_analyzed === 1 ? " field · " : " fields · "),
     ...(view.final ? (v ? ["verified specimen report (verified by ", iso(v.verified_by), ", " + when(v.verified_at) +
                            (v.left_to_review ? "; " + v.left_to_review +
                             " sent to review signed as the analyzer called them" : "") + ")"]
                         : ["final specimen report (preliminary, needs review)"])
-      : [brokerUp && st.status === "offline" ? "halted: the station went offline (the run goes on if it restarts within its idle timeout)"
+      : [halted ? "halted: the station went offline (the run goes on if it restarts within its idle timeout)"
          : "in progress (" + (view.state || "open") + ")"]),
     // an open run's figures are as of its last state: a run that stopped moving shows it
     !view.final && typeof view.updated === "number" ? " · last update " + when(view.updated) : "");
-  st.node.dataset.halted = !view.final && brokerUp && st.status === "offline" ? "true" : "false";
   st.node.dataset.verifiedBy = r.verification ? r.verification.verified_by : "";
   st.node.querySelector(".verify").hidden = !view.final;
   st.node.querySelector(".verify-run").textContent = r.verification ? "Sign again" : "Verify run";
@@ -127,14 +128,11 @@ function renderRun(st) {
 
 // A run start_run opened, with no field yet (open) or none at all (closed): its state carries no
 // report (docs/MQTT.md): said so, with its target, and nothing to sign or print.
-function renderRunWithoutFields(st, view, specimen, started) {
+function renderRunWithoutFields(st, view, head, halted) {
   const p = view.progress || {};
-  st.node.querySelector(".run-line").replaceChildren(...(specimen ? ["specimen ", iso(specimen), " · "] : []), "run " +
-    (view.runId || "-").slice(0, 8) + " · " + (started ? started + " · " : "") + (view.final
-      ? "closed (" + (view.endReason || "ended") + ") before any field: no report"
-      : brokerUp && st.status === "offline" ? "no field yet; halted: the station went offline"
-      : "open, no field yet"));
-  st.node.dataset.halted = !view.final && brokerUp && st.status === "offline" ? "true" : "false";
+  st.node.querySelector(".run-line").replaceChildren(...head, view.final
+    ? "closed (" + (view.endReason || "ended") + ") before any field: no report"
+    : halted ? "no field yet; halted: the station went offline" : "open, no field yet");
   st.node.dataset.verifiedBy = "";
   st.node.querySelector(".verify").hidden = true;
   st.node.querySelector(".counts-line").hidden = true;
