@@ -6,14 +6,18 @@ refuses the dashboard's account the command. The form is there only with `smears
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber
 from test_dashboard import (
     _closed_run_state,
+    _open_with_station_online,
     _page_and_a_station,
     _specimen,
     _status,
@@ -30,109 +34,127 @@ def _answer(send, name: str, body: dict, correlation: bytes | None) -> None:
     send(f"{BASE}/cmd_response/{name}", json.dumps(body), retain=False, correlation=correlation)
 
 
+@contextlib.contextmanager
+def _run_control_page(tmp_path: Path, broker: MosquittoBroker, status: str = "online",
+                      dashboard_args: tuple[str, ...] = ("--run-control",),
+                      ) -> Iterator[tuple[Any, Callable[..., None], Path, str, Callable[[str], Any],
+                                          Callable[[str], list]]]:
+    """The dashboard (`dashboard_args`, run control by default) open on STATION with `status`
+    (retained) shown on its card, and the commands the page publishes on the station's cmd/#
+    watched. Yields the driver, send, the dashboard's log, the page's address (as
+    _page_and_a_station), inside(selector) (an element of STATION's card) and sent(name) (the
+    `name` commands published so far)."""
+    from selenium.webdriver.common.by import By
+
+    commands = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/cmd/#"])
+    sent = lambda name: [m for m in commands.messages if m.topic == f"{BASE}/cmd/{name}"]
+    try:
+        commands.wait_ready()
+        with _page_and_a_station(tmp_path, broker, dashboard_args) as (driver, send, log, url):
+            inside = lambda sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}'] {sel}")
+            if status == "online":
+                _open_with_station_online(driver, send, log, url, STATION)
+            else:
+                send(f"{BASE}/status", status)
+                driver.get(url)
+                _wait(f"the {status} station", lambda: _status(driver, STATION) == status, 20, [log])
+            yield driver, send, log, url, inside, sent
+    finally:
+        commands.close()
+
+
 @pytest.mark.broker
 @needs_chromium
 def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_second_click(
     tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
 ) -> None:
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    commands = Subscriber(ws_broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/cmd/#"])
-    sent = lambda name: [m for m in commands.messages if m.topic == f"{BASE}/cmd/{name}"]
-    try:
-        commands.wait_ready()
-        with _page_and_a_station(tmp_path, ws_broker, ("--run-control",)) as (driver, send, log, url):
-            send(f"{BASE}/status", "offline")
-            driver.get(url)
-            inside = lambda sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}'] {sel}")
-            _wait("the offline station", lambda: _status(driver, STATION) == "offline", 20, [log])
-            # a command now would be lost: no field or button, the reason said
-            assert not inside(".specimen-id").is_displayed() and not inside(".start-run").is_displayed()
-            assert inside(".run-control-state").text == ("the station is offline: runs are started and stopped when "
-                                                         "it is back online")
-            send(f"{BASE}/status", "online")
-            _wait("the form", lambda: inside(".specimen-id").is_displayed(), 20, [log])
-            assert inside(".run-control-state").text == ""
-            assert inside(".start-run").is_displayed() and not inside(".stop-run").is_displayed()
-            state = lambda: inside(".run-control-state")
-            inside(".start-run").click()  # no id typed: nothing sent
-            assert state().get_attribute("data-state") == "error" and state().text.startswith("specimen id needed")
-            inside(".specimen-id").send_keys("  H-2026-0412 ", Keys.ENTER)  # as a barcode scanner types it
-            _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
-            (start,) = sent("start_run")
-            assert json.loads(start.payload) == {"specimen_id": "H-2026-0412"} and state().text == "start a run…"
-            assert (start.correlation_data or b"").startswith(b"dashboard-")
-            _answer(send, "start_run", {"ok": False, "error": "run_open", "message": "other page's run"}, b"other")
-            time.sleep(0.5)  # another page's answer changes nothing here
-            assert state().text == "start a run…"
-            _answer(send, "start_run", {"ok": True, "run_id": "3f2a9c1e-aaaa", "target_wbc": 100,
-                                            "specimen_id": "H-2026-0412"}, start.correlation_data)
-            _wait("the answer", lambda: state().get_attribute("data-state") == "saved", 20, [log])
-            assert state().text == "run 3f2a9c1e started for specimen H-2026-0412"
-            assert inside(".specimen-id").get_attribute("value") == ""
-            # no run state until the run's first field: Stop at once all the same (a wrong specimen
-            # scanned is stopped before any field joins its run)
-            _wait("Stop run before any field", lambda: inside(".stop-run").is_displayed(), 5, [log])
-            assert not inside(".start-run").is_displayed()
-            inside(".specimen-id").send_keys("H-9", Keys.ENTER)  # the next slide's label, too soon: said, not sent
-            assert state().text == ("run 3f2a9c1e for specimen H-2026-0412 is still open: stop it (Stop run) before "
-                                    "starting specimen H-9; nothing sent")
-            inside(".specimen-id").clear()
-            # the station away and back (a restart takes a run with no field with it): Start again
-            send(f"{BASE}/status", "offline")
-            send(f"{BASE}/status", "online")
-            _wait("Start after the station came back", lambda: inside(".start-run").is_displayed(), 20, [log])
-            assert not inside(".stop-run").is_displayed()
-            # the run open (its state): Stop instead of Start; the first click only asks
-            report = _specimen(STATION, "3f2a9c1e-aaaa", [], time.time()).model_copy(update={"specimen_id": "H-2026-0412"})
-            send(f"{BASE}/run", json.dumps({**_closed_run_state(report), "state": "open"}))
-            _wait("Stop run", lambda: inside(".stop-run").is_displayed(), 20, [log])
-            assert not inside(".start-run").is_displayed() and inside(".specimen-id").is_displayed()
-            inside(".stop-run").click()
-            assert inside(".stop-run").text == "Confirm stop"
-            time.sleep(0.5)
-            assert sent("stop_run") == []
-            inside(".stop-run").click()
-            _wait("stop_run sent", lambda: len(sent("stop_run")) == 1, 20, [log])
-            assert inside(".stop-run").text == "Stop run"
-            _answer(send, "stop_run", {"ok": True, "run_id": "3f2a9c1e-aaaa", "fields": 12, "classified_wbc": 57,
-                                           "target_wbc": 100, "complete": False, "report_id": "r"},
-                    sent("stop_run")[0].correlation_data)
-            _wait("the stop's answer", lambda: state().text == "run 3f2a9c1e stopped: 12 fields, 57 of 100 WBC", 20, [log])
-            send(f"{BASE}/run", json.dumps(_closed_run_state(report)))
-            _wait("Start again", lambda: inside(".start-run").is_displayed(), 20, [log])
-            # a station that does not answer: said after 15 s, not waited for
-            inside(".specimen-id").send_keys("H-2", Keys.ENTER)
-            _wait("no answer said", lambda: state().text == "no answer from the station", 25, [log])
-            # a run open that this page has not seen (started elsewhere, no field yet): the refusal offers Stop
-            inside(".specimen-id").send_keys("H-3", Keys.ENTER)
-            _wait("start_run sent", lambda: len(sent("start_run")) == 3, 20, [log])
-            _answer(send, "start_run", {"ok": False, "error": "run_open", "message": "run 9 is open; stop it first"},
-                    sent("start_run")[-1].correlation_data)
-            _wait("Stop run offered", lambda: inside(".stop-run").is_displayed(), 20, [log])
-            assert state().text == "run 9 is open; stop it first" and not inside(".start-run").is_displayed()
-            inside(".stop-run").click()
-            inside(".stop-run").click()
-            _wait("stop_run sent", lambda: len(sent("stop_run")) == 2, 20, [log])
-            _answer(send, "stop_run", {"ok": False, "error": "no_run_open", "message": "no specimen run is open"},
-                    sent("stop_run")[-1].correlation_data)
-            _wait("Start again", lambda: inside(".start-run").is_displayed(), 20, [log])
-            assert not inside(".stop-run").is_displayed()
-            # told a run is open, then its states come: it closes (its target reached), Start again
-            inside(".specimen-id").clear()
-            inside(".specimen-id").send_keys("H-4", Keys.ENTER)
-            _wait("start_run sent", lambda: len(sent("start_run")) == 4, 20, [log])
-            _answer(send, "start_run", {"ok": False, "error": "run_open", "message": "run 9 is open; stop it first"},
-                    sent("start_run")[-1].correlation_data)
-            _wait("Stop run offered", lambda: inside(".stop-run").is_displayed(), 20, [log])
-            other = _specimen(STATION, "run-9", [], time.time())
-            send(f"{BASE}/run", json.dumps({**_closed_run_state(other), "state": "open"}))
-            send(f"{BASE}/run", json.dumps(_closed_run_state(other)))
-            _wait("Start once that run closed", lambda: inside(".start-run").is_displayed(), 20, [log])
-            assert not inside(".stop-run").is_displayed()
-    finally:
-        commands.close()
+    with _run_control_page(tmp_path, ws_broker, status="offline") as (_driver, send, log, _url, inside, sent):
+        # a command now would be lost: no field or button, the reason said
+        assert not inside(".specimen-id").is_displayed() and not inside(".start-run").is_displayed()
+        assert inside(".run-control-state").text == ("the station is offline: runs are started and stopped when "
+                                                     "it is back online")
+        send(f"{BASE}/status", "online")
+        _wait("the form", lambda: inside(".specimen-id").is_displayed(), 20, [log])
+        assert inside(".run-control-state").text == ""
+        assert inside(".start-run").is_displayed() and not inside(".stop-run").is_displayed()
+        state = lambda: inside(".run-control-state")
+        inside(".start-run").click()  # no id typed: nothing sent
+        assert state().get_attribute("data-state") == "error" and state().text.startswith("specimen id needed")
+        inside(".specimen-id").send_keys("  H-2026-0412 ", Keys.ENTER)  # as a barcode scanner types it
+        _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
+        (start,) = sent("start_run")
+        assert json.loads(start.payload) == {"specimen_id": "H-2026-0412"} and state().text == "start a run…"
+        assert (start.correlation_data or b"").startswith(b"dashboard-")
+        _answer(send, "start_run", {"ok": False, "error": "run_open", "message": "other page's run"}, b"other")
+        time.sleep(0.5)  # another page's answer changes nothing here
+        assert state().text == "start a run…"
+        _answer(send, "start_run", {"ok": True, "run_id": "3f2a9c1e-aaaa", "target_wbc": 100,
+                                        "specimen_id": "H-2026-0412"}, start.correlation_data)
+        _wait("the answer", lambda: state().get_attribute("data-state") == "saved", 20, [log])
+        assert state().text == "run 3f2a9c1e started for specimen H-2026-0412"
+        assert inside(".specimen-id").get_attribute("value") == ""
+        # no run state until the run's first field: Stop at once all the same (a wrong specimen
+        # scanned is stopped before any field joins its run)
+        _wait("Stop run before any field", lambda: inside(".stop-run").is_displayed(), 5, [log])
+        assert not inside(".start-run").is_displayed()
+        inside(".specimen-id").send_keys("H-9", Keys.ENTER)  # the next slide's label, too soon: said, not sent
+        assert state().text == ("run 3f2a9c1e for specimen H-2026-0412 is still open: stop it (Stop run) before "
+                                "starting specimen H-9; nothing sent")
+        inside(".specimen-id").clear()
+        # the station away and back (a restart takes a run with no field with it): Start again
+        send(f"{BASE}/status", "offline")
+        send(f"{BASE}/status", "online")
+        _wait("Start after the station came back", lambda: inside(".start-run").is_displayed(), 20, [log])
+        assert not inside(".stop-run").is_displayed()
+        # the run open (its state): Stop instead of Start; the first click only asks
+        report = _specimen(STATION, "3f2a9c1e-aaaa", [], time.time()).model_copy(update={"specimen_id": "H-2026-0412"})
+        send(f"{BASE}/run", json.dumps({**_closed_run_state(report), "state": "open"}))
+        _wait("Stop run", lambda: inside(".stop-run").is_displayed(), 20, [log])
+        assert not inside(".start-run").is_displayed() and inside(".specimen-id").is_displayed()
+        inside(".stop-run").click()
+        assert inside(".stop-run").text == "Confirm stop"
+        time.sleep(0.5)
+        assert sent("stop_run") == []
+        inside(".stop-run").click()
+        _wait("stop_run sent", lambda: len(sent("stop_run")) == 1, 20, [log])
+        assert inside(".stop-run").text == "Stop run"
+        _answer(send, "stop_run", {"ok": True, "run_id": "3f2a9c1e-aaaa", "fields": 12, "classified_wbc": 57,
+                                       "target_wbc": 100, "complete": False, "report_id": "r"},
+                sent("stop_run")[0].correlation_data)
+        _wait("the stop's answer", lambda: state().text == "run 3f2a9c1e stopped: 12 fields, 57 of 100 WBC", 20, [log])
+        send(f"{BASE}/run", json.dumps(_closed_run_state(report)))
+        _wait("Start again", lambda: inside(".start-run").is_displayed(), 20, [log])
+        # a station that does not answer: said after 15 s, not waited for
+        inside(".specimen-id").send_keys("H-2", Keys.ENTER)
+        _wait("no answer said", lambda: state().text == "no answer from the station", 25, [log])
+        # a run open that this page has not seen (started elsewhere, no field yet): the refusal offers Stop
+        inside(".specimen-id").send_keys("H-3", Keys.ENTER)
+        _wait("start_run sent", lambda: len(sent("start_run")) == 3, 20, [log])
+        _answer(send, "start_run", {"ok": False, "error": "run_open", "message": "run 9 is open; stop it first"},
+                sent("start_run")[-1].correlation_data)
+        _wait("Stop run offered", lambda: inside(".stop-run").is_displayed(), 20, [log])
+        assert state().text == "run 9 is open; stop it first" and not inside(".start-run").is_displayed()
+        inside(".stop-run").click()
+        inside(".stop-run").click()
+        _wait("stop_run sent", lambda: len(sent("stop_run")) == 2, 20, [log])
+        _answer(send, "stop_run", {"ok": False, "error": "no_run_open", "message": "no specimen run is open"},
+                sent("stop_run")[-1].correlation_data)
+        _wait("Start again", lambda: inside(".start-run").is_displayed(), 20, [log])
+        assert not inside(".stop-run").is_displayed()
+        # told a run is open, then its states come: it closes (its target reached), Start again
+        inside(".specimen-id").clear()
+        inside(".specimen-id").send_keys("H-4", Keys.ENTER)
+        _wait("start_run sent", lambda: len(sent("start_run")) == 4, 20, [log])
+        _answer(send, "start_run", {"ok": False, "error": "run_open", "message": "run 9 is open; stop it first"},
+                sent("start_run")[-1].correlation_data)
+        _wait("Stop run offered", lambda: inside(".stop-run").is_displayed(), 20, [log])
+        other = _specimen(STATION, "run-9", [], time.time())
+        send(f"{BASE}/run", json.dumps({**_closed_run_state(other), "state": "open"}))
+        send(f"{BASE}/run", json.dumps(_closed_run_state(other)))
+        _wait("Start once that run closed", lambda: inside(".start-run").is_displayed(), 20, [log])
+        assert not inside(".stop-run").is_displayed()
 
 
 @pytest.mark.broker
@@ -151,10 +173,8 @@ def test_a_broker_whose_acl_refuses_the_dashboard_start_run_is_said_on_the_page(
     broker.start()
     try:
         with _page_and_a_station(tmp_path, broker, ("--run-control",)) as (driver, send, log, url):
-            send(f"{BASE}/status", "online")
-            driver.get(url)
+            _open_with_station_online(driver, send, log, url, STATION)
             inside = lambda sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}'] {sel}")
-            _wait("the station", lambda: _status(driver, STATION) == "online", 20, [log])
             assert inside(".run-control").is_displayed()
             inside(".specimen-id").send_keys("H-2026-0412", Keys.ENTER)
             state = lambda: inside(".run-control-state")
@@ -178,73 +198,62 @@ def test_each_line_of_the_run_form_goes_once_the_run_it_speaks_of_is_no_longer_t
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    commands = Subscriber(ws_broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/cmd/#"])
-    sent = lambda name: [m for m in commands.messages if m.topic == f"{BASE}/cmd/{name}"]
-
     def run(run_id: str, specimen_id: str, state: str, fields: int = 2) -> str:
         report = _specimen(STATION, run_id, [], time.time()).model_copy(
             update={"specimen_id": specimen_id, "fields_analyzed": fields})
         return json.dumps({**_closed_run_state(report), "state": state})
 
-    try:
-        commands.wait_ready()
-        with _page_and_a_station(tmp_path, ws_broker, ("--run-control",)) as (driver, send, log, url):
-            send(f"{BASE}/status", "online")
-            driver.get(url)
-            inside = lambda sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}'] {sel}")
-            line = lambda: inside(".run-control-state").text
-            card = lambda attribute: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}']").get_attribute(
-                attribute)
-            _wait("the station", lambda: _status(driver, STATION) == "online", 20, [log])
-            _wait("the form", lambda: inside(".specimen-id").is_displayed(), 20, [log])
+    with _run_control_page(tmp_path, ws_broker) as (driver, send, log, _url, inside, sent):
+        line = lambda: inside(".run-control-state").text
+        card = lambda attribute: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}']").get_attribute(
+            attribute)
+        _wait("the form", lambda: inside(".specimen-id").is_displayed(), 20, [log])
 
-            # started, then its run closes: the line goes
-            inside(".specimen-id").send_keys("H-1", Keys.ENTER)
-            _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
-            _answer(send, "start_run", {"ok": True, "run_id": "aaaa1111-0001", "target_wbc": 3, "specimen_id": "H-1"},
-                    sent("start_run")[0].correlation_data)
-            _wait("the answer", lambda: line() == "run aaaa1111 started for specimen H-1", 20, [log])
-            send(f"{BASE}/run", run("aaaa1111-0001", "H-1", "open"))
-            send(f"{BASE}/run", run("aaaa1111-0001", "H-1", "closed"))
-            _wait("the line gone", lambda: line() == "" and inside(".start-run").is_displayed(), 20, [log])
+        # started, then its run closes: the line goes
+        inside(".specimen-id").send_keys("H-1", Keys.ENTER)
+        _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
+        _answer(send, "start_run", {"ok": True, "run_id": "aaaa1111-0001", "target_wbc": 3, "specimen_id": "H-1"},
+                sent("start_run")[0].correlation_data)
+        _wait("the answer", lambda: line() == "run aaaa1111 started for specimen H-1", 20, [log])
+        send(f"{BASE}/run", run("aaaa1111-0001", "H-1", "open"))
+        send(f"{BASE}/run", run("aaaa1111-0001", "H-1", "closed"))
+        _wait("the line gone", lambda: line() == "" and inside(".start-run").is_displayed(), 20, [log])
 
-            # started, its run closed before the station's answer came: no "started" beside it
-            inside(".specimen-id").send_keys("H-2", Keys.ENTER)
-            _wait("start_run sent", lambda: len(sent("start_run")) == 2, 20, [log])
-            send(f"{BASE}/run", run("bbbb2222-0002", "H-2", "open", 1))
-            send(f"{BASE}/run", run("bbbb2222-0002", "H-2", "closed", 1))
-            _wait("the closed run shown", lambda: card("data-run-id") == "bbbb2222-0002"
-                  and card("data-shown") == "final", 20, [log])
-            _answer(send, "start_run", {"ok": True, "run_id": "bbbb2222-0002", "target_wbc": 3, "specimen_id": "H-2"},
-                    sent("start_run")[1].correlation_data)
-            state = lambda: inside(".run-control-state").get_attribute("data-state")
-            _wait("the answer taken", lambda: state() != "saving", 20, [log])
-            assert (state(), line()) == ("", ""), (state(), line())
-            assert inside(".start-run").is_displayed() and not inside(".stop-run").is_displayed()
+        # started, its run closed before the station's answer came: no "started" beside it
+        inside(".specimen-id").send_keys("H-2", Keys.ENTER)
+        _wait("start_run sent", lambda: len(sent("start_run")) == 2, 20, [log])
+        send(f"{BASE}/run", run("bbbb2222-0002", "H-2", "open", 1))
+        send(f"{BASE}/run", run("bbbb2222-0002", "H-2", "closed", 1))
+        _wait("the closed run shown", lambda: card("data-run-id") == "bbbb2222-0002"
+              and card("data-shown") == "final", 20, [log])
+        _answer(send, "start_run", {"ok": True, "run_id": "bbbb2222-0002", "target_wbc": 3, "specimen_id": "H-2"},
+                sent("start_run")[1].correlation_data)
+        state = lambda: inside(".run-control-state").get_attribute("data-state")
+        _wait("the answer taken", lambda: state() != "saving", 20, [log])
+        assert (state(), line()) == ("", ""), (state(), line())
+        assert inside(".start-run").is_displayed() and not inside(".stop-run").is_displayed()
 
-            # stopped: said beside the stopped run's closed state, gone once another run is the card's
-            inside(".specimen-id").send_keys("H-3", Keys.ENTER)
-            _wait("start_run sent", lambda: len(sent("start_run")) == 3, 20, [log])
-            _answer(send, "start_run", {"ok": True, "run_id": "cccc3333-0003", "target_wbc": 3, "specimen_id": "H-3"},
-                    sent("start_run")[2].correlation_data)
-            send(f"{BASE}/run", run("cccc3333-0003", "H-3", "open"))
-            _wait("Stop run", lambda: inside(".stop-run").is_displayed() and card("data-run-id") == "cccc3333-0003",
-                  20, [log])
-            inside(".stop-run").click()
-            inside(".stop-run").click()
-            _wait("stop_run sent", lambda: len(sent("stop_run")) == 1, 20, [log])
-            _answer(send, "stop_run", {"ok": True, "run_id": "cccc3333-0003", "fields": 2, "classified_wbc": 0,
-                                       "target_wbc": 3, "complete": False, "report_id": "r"},
-                    sent("stop_run")[0].correlation_data)
-            stopped = "run cccc3333 stopped: 2 fields, 0 of 3 WBC"
-            _wait("the stop's answer", lambda: line() == stopped, 20, [log])
-            send(f"{BASE}/run", run("cccc3333-0003", "H-3", "closed"))
-            _wait("its closed state", lambda: card("data-shown") == "final", 20, [log])
-            assert line() == stopped
-            send(f"{BASE}/run", run("dddd4444-0004", "K-1", "open", 1))  # started on another page
-            _wait("the stopped line gone", lambda: line() == "" and card("data-run-id") == "dddd4444-0004", 20, [log])
-    finally:
-        commands.close()
+        # stopped: said beside the stopped run's closed state, gone once another run is the card's
+        inside(".specimen-id").send_keys("H-3", Keys.ENTER)
+        _wait("start_run sent", lambda: len(sent("start_run")) == 3, 20, [log])
+        _answer(send, "start_run", {"ok": True, "run_id": "cccc3333-0003", "target_wbc": 3, "specimen_id": "H-3"},
+                sent("start_run")[2].correlation_data)
+        send(f"{BASE}/run", run("cccc3333-0003", "H-3", "open"))
+        _wait("Stop run", lambda: inside(".stop-run").is_displayed() and card("data-run-id") == "cccc3333-0003",
+              20, [log])
+        inside(".stop-run").click()
+        inside(".stop-run").click()
+        _wait("stop_run sent", lambda: len(sent("stop_run")) == 1, 20, [log])
+        _answer(send, "stop_run", {"ok": True, "run_id": "cccc3333-0003", "fields": 2, "classified_wbc": 0,
+                                   "target_wbc": 3, "complete": False, "report_id": "r"},
+                sent("stop_run")[0].correlation_data)
+        stopped = "run cccc3333 stopped: 2 fields, 0 of 3 WBC"
+        _wait("the stop's answer", lambda: line() == stopped, 20, [log])
+        send(f"{BASE}/run", run("cccc3333-0003", "H-3", "closed"))
+        _wait("its closed state", lambda: card("data-shown") == "final", 20, [log])
+        assert line() == stopped
+        send(f"{BASE}/run", run("dddd4444-0004", "K-1", "open", 1))  # started on another page
+        _wait("the stopped line gone", lambda: line() == "" and card("data-run-id") == "dddd4444-0004", 20, [log])
 
 
 def _state_without_fields(run_id: str, state: str, end_reason: str | None) -> str:
@@ -266,44 +275,33 @@ def test_a_run_stopped_from_another_page_before_any_field_gives_the_form_back_to
     states (open, then closed with no field and no report) take the card to the run closed: Start
     again, "run X started" gone, the run line says it closed before any field, with nothing to sign
     or print; a page opened after it (the retained state) reads the same."""
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    commands = Subscriber(ws_broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/cmd/#"])
-    sent = lambda name: [m for m in commands.messages if m.topic == f"{BASE}/cmd/{name}"]
-    try:
-        commands.wait_ready()
-        with _page_and_a_station(tmp_path, ws_broker, ("--run-control",)) as (driver, send, log, url):
-            send(f"{BASE}/status", "online")
-            driver.get(url)
-            inside = lambda sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}'] {sel}")
-            _wait("the station", lambda: _status(driver, STATION) == "online", 20, [log])
-            _wait("the form", lambda: inside(".specimen-id").is_displayed(), 20, [log])
-            inside(".specimen-id").send_keys("H-2026-0412", Keys.ENTER)
-            _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
-            _answer(send, "start_run", {"ok": True, "run_id": "5d1e0c2b-bbbb", "target_wbc": 100,
-                                        "specimen_id": "H-2026-0412"}, sent("start_run")[0].correlation_data)
-            send(f"{BASE}/run", _state_without_fields("5d1e0c2b-bbbb", "open", None))
-            _wait("the open run", lambda: "open, no field yet" in inside(".run-line").text, 20, [log])
-            assert inside(".stop-run").is_displayed() and not inside(".start-run").is_displayed()
-            assert inside(".run-control-state").text == "run 5d1e0c2b started for specimen H-2026-0412"
-            assert inside(".progress-text").text == "0 / 100 WBC classified"
-            # another page stops it: its answer is not this page's, the closed state is everyone's
-            _answer(send, "stop_run", {"ok": True, "run_id": "5d1e0c2b-bbbb", "fields": 0, "classified_wbc": 0,
-                                       "target_wbc": 100, "complete": False, "report_id": None}, b"dashboard-other-1")
-            send(f"{BASE}/run", _state_without_fields("5d1e0c2b-bbbb", "closed", "stopped"))
-            _wait("Start again", lambda: inside(".start-run").is_displayed(), 20, [log])
-            assert not inside(".stop-run").is_displayed()
-            assert inside(".run-control-state").text == ""
-            assert inside(".run-line").text.startswith("specimen H-2026-0412 · run 5d1e0c2b · started ")
-            assert inside(".run-line").text.endswith("closed (stopped) before any field: no report")
-            assert not inside(".verify").is_displayed() and not inside(".print-run").is_displayed()
-            driver.get(url)  # a page opened now: the retained closed state
-            _wait("the station again", lambda: _status(driver, STATION) == "online", 20, [log])
-            _wait("the closed run", lambda: "before any field" in inside(".run-line").text, 20, [log])
-            assert inside(".start-run").is_displayed() and not inside(".stop-run").is_displayed()
-    finally:
-        commands.close()
+    with _run_control_page(tmp_path, ws_broker) as (driver, send, log, url, inside, sent):
+        _wait("the form", lambda: inside(".specimen-id").is_displayed(), 20, [log])
+        inside(".specimen-id").send_keys("H-2026-0412", Keys.ENTER)
+        _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
+        _answer(send, "start_run", {"ok": True, "run_id": "5d1e0c2b-bbbb", "target_wbc": 100,
+                                    "specimen_id": "H-2026-0412"}, sent("start_run")[0].correlation_data)
+        send(f"{BASE}/run", _state_without_fields("5d1e0c2b-bbbb", "open", None))
+        _wait("the open run", lambda: "open, no field yet" in inside(".run-line").text, 20, [log])
+        assert inside(".stop-run").is_displayed() and not inside(".start-run").is_displayed()
+        assert inside(".run-control-state").text == "run 5d1e0c2b started for specimen H-2026-0412"
+        assert inside(".progress-text").text == "0 / 100 WBC classified"
+        # another page stops it: its answer is not this page's, the closed state is everyone's
+        _answer(send, "stop_run", {"ok": True, "run_id": "5d1e0c2b-bbbb", "fields": 0, "classified_wbc": 0,
+                                   "target_wbc": 100, "complete": False, "report_id": None}, b"dashboard-other-1")
+        send(f"{BASE}/run", _state_without_fields("5d1e0c2b-bbbb", "closed", "stopped"))
+        _wait("Start again", lambda: inside(".start-run").is_displayed(), 20, [log])
+        assert not inside(".stop-run").is_displayed()
+        assert inside(".run-control-state").text == ""
+        assert inside(".run-line").text.startswith("specimen H-2026-0412 · run 5d1e0c2b · started ")
+        assert inside(".run-line").text.endswith("closed (stopped) before any field: no report")
+        assert not inside(".verify").is_displayed() and not inside(".print-run").is_displayed()
+        driver.get(url)  # a page opened now: the retained closed state
+        _wait("the station again", lambda: _status(driver, STATION) == "online", 20, [log])
+        _wait("the closed run", lambda: "before any field" in inside(".run-line").text, 20, [log])
+        assert inside(".start-run").is_displayed() and not inside(".stop-run").is_displayed()
 
 
 @pytest.mark.broker
@@ -314,33 +312,22 @@ def test_a_signature_the_station_holds_is_said_beside_verify_not_shown_as_sent(
     """Verify run on a closed run the station holds (a restored state the broker shows further
     along): the station answers ok with `held: true` and a message; the line beside Verify says
     it is not sent, with the station's message, in the held colour, not as a signature sent."""
-    from selenium.webdriver.common.by import By
 
-    commands = Subscriber(ws_broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/cmd/#"])
-    sent = lambda: [m for m in commands.messages if m.topic == f"{BASE}/cmd/verify_run"]
-    try:
-        commands.wait_ready()
-        with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-            send(f"{BASE}/status", "online")
-            driver.get(url)
-            _wait("the online station", lambda: _status(driver, STATION) == "online", 20, [log])
-            report = _specimen(STATION, "7b1d0c2e-bbbb", [], time.time())
-            send(f"{BASE}/run", json.dumps(_closed_run_state(report)))
-            inside = lambda sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{STATION}'] {sel}")
-            _wait("the run's Verify", lambda: driver.execute_script(
-                "const n = document.querySelector(arguments[0]); return n !== null && !n.hidden;",
-                f"[data-station='{STATION}'] .verify"), 20, [log])
-            inside(".verify-by").send_keys("AB")
-            inside(".verify-run").click()
-            _wait("verify_run sent", lambda: len(sent()) == 1, 20, [log])
-            held = ("the signed report is held at the station: the broker shows run 7b1d0c2e-bbbb further along "
-                    "than this station's state")
-            _answer(send, "verify_run", {"ok": True, "run_id": "7b1d0c2e-bbbb", "report_id": "r2", "supersedes": "r1",
-                                         "typed_cells": 0, "reclassified": 0, "left_to_review": 0, "held": True,
-                                         "message": held}, sent()[0].correlation_data)
-            state = lambda: inside(".verify-state")
-            _wait("the answer", lambda: state().get_attribute("data-state") == "held", 20, [log])
-            assert state().text == f"verified: 0 typed, 0 reclassified — not sent: {held}", state().text
-            assert state().value_of_css_property("color") == "rgba(170, 17, 17, 1)"
-    finally:
-        commands.close()
+    with _run_control_page(tmp_path, ws_broker, dashboard_args=()) as (driver, send, log, _url, inside, sent):
+        report = _specimen(STATION, "7b1d0c2e-bbbb", [], time.time())
+        send(f"{BASE}/run", json.dumps(_closed_run_state(report)))
+        _wait("the run's Verify", lambda: driver.execute_script(
+            "const n = document.querySelector(arguments[0]); return n !== null && !n.hidden;",
+            f"[data-station='{STATION}'] .verify"), 20, [log])
+        inside(".verify-by").send_keys("AB")
+        inside(".verify-run").click()
+        _wait("verify_run sent", lambda: len(sent("verify_run")) == 1, 20, [log])
+        held = ("the signed report is held at the station: the broker shows run 7b1d0c2e-bbbb further along "
+                "than this station's state")
+        _answer(send, "verify_run", {"ok": True, "run_id": "7b1d0c2e-bbbb", "report_id": "r2", "supersedes": "r1",
+                                     "typed_cells": 0, "reclassified": 0, "left_to_review": 0, "held": True,
+                                     "message": held}, sent("verify_run")[0].correlation_data)
+        state = lambda: inside(".verify-state")
+        _wait("the answer", lambda: state().get_attribute("data-state") == "held", 20, [log])
+        assert state().text == f"verified: 0 typed, 0 reclassified — not sent: {held}", state().text
+        assert state().value_of_css_property("color") == "rgba(170, 17, 17, 1)"
