@@ -125,13 +125,15 @@ def test_a_report_the_broker_refuses_as_too_large_is_said_in_telemetry_on_the_da
         broker.stop()
 
 
-def _doctor_config(tmp_path: Path, port: int, outbox: Path, telemetry_interval_s: float) -> Path:
-    """The running station's config as doctor reads it: the same broker account and outbox."""
+def _doctor_config(tmp_path: Path, port: int, outbox: Path, telemetry_interval_s: float | None = None) -> Path:
+    """The running station's config as doctor reads it: the same broker account and outbox
+    (telemetry_interval_s left out when None: the default)."""
+    telemetry = {} if telemetry_interval_s is None else {"telemetry_interval_s": telemetry_interval_s}
     path = tmp_path / "station.toml"
     path.write_text(to_toml({
         "station_id": STATION, "source": {"kind": "simulated"}, "analysis": {"models_dir": str(DEFAULT_MODELS_DIR)},
         "mqtt": {"host": "127.0.0.1", "port": port, "username": "station",
-                 "password_credential": "mqtt-password", "telemetry_interval_s": telemetry_interval_s,
+                 "password_credential": "mqtt-password", **telemetry,
                  "outbox": {"path": str(outbox)}}}) + "\n")
     return path
 
@@ -145,11 +147,7 @@ def test_doctor_beside_a_running_station_it_cannot_log_in_for_says_where_to_see_
 
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     outbox_path = tmp_path / "state" / "outbox.sqlite3"
-    config = tmp_path / "station.toml"
-    config.write_text(to_toml({
-        "station_id": STATION, "source": {"kind": "simulated"}, "analysis": {"models_dir": str(DEFAULT_MODELS_DIR)},
-        "mqtt": {"host": "127.0.0.1", "port": free_port(), "username": "station",
-                 "password_credential": "mqtt-password", "outbox": {"path": str(outbox_path)}}}) + "\n")
+    config = _doctor_config(tmp_path, free_port(), outbox_path)
     with Outbox(outbox_path):
         main(["doctor", "--config", str(config)])
     out = capsys.readouterr().out
