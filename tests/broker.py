@@ -7,6 +7,7 @@ file made by `mosquitto_passwd`; it is stopped by its PID (SIGTERM, then SIGKILL
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -421,6 +422,28 @@ class Subscriber:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def run_state(m: Received) -> dict[str, Any]:
+    """A run-topic message's run state (its `body` where the message is an envelope)."""
+    state = json.loads(m.payload)
+    return state.get("body", state) if isinstance(state.get("body"), dict) else state
+
+
+def retained_run_state(port: int, base: str) -> dict[str, Any] | None:
+    """The run state the broker keeps retained under `base` (e.g. "smearscope/<station>") now, as
+    a fresh subscription gets it; None when nothing is retained."""
+    fresh = Subscriber(port, "observer", MQTT_USERS["observer"], [f"{base}/run"])
+    try:
+        fresh.wait_ready()
+        # the retained state, if any, comes before the SUBACK of a second subscription (mosquitto)
+        fresh.subscribed.clear()
+        fresh.client.subscribe(f"{base}/status", qos=1)
+        assert fresh.subscribed.wait(5)
+        retained = [m for m in fresh.on_topic(f"{base}/run") if m.retain and m.payload]
+        return run_state(retained[-1]) if retained else None
+    finally:
+        fresh.close()
 
 
 class Mqtt311OnlyProxy:

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, Received, Subscriber, wait_until
+from broker import (
+    MQTT_USERS,
+    MosquittoBroker,
+    Received,
+    Subscriber,
+    retained_run_state,
+    run_state,
+    wait_until,
+)
 from test_daemon import STATION, oracle_pool, write_station
 from test_daemon_faults import DaemonProcess
 from test_restore import _folder_source, _png
@@ -29,26 +37,6 @@ def _reports(messages: list[Received], run_id: str) -> list[dict[str, Any]]:
     """The specimen reports of `run_id` among messages received (their bodies), in arrival order."""
     bodies = [json.loads(m.payload)["body"] for m in list(messages) if m.topic == f"{BASE}/report"]
     return [b for b in bodies if b.get("run_id") == run_id]
-
-
-def _run_state(m: Received) -> dict[str, Any]:
-    state = json.loads(m.payload)
-    return state.get("body", state) if isinstance(state.get("body"), dict) else state
-
-
-def _retained_run_state(port: int) -> dict[str, Any] | None:
-    """The run state the broker keeps retained for the station now (a fresh subscription's)."""
-    fresh = Subscriber(port, "observer", MQTT_USERS["observer"], [f"{BASE}/run"])
-    try:
-        fresh.wait_ready()
-        # the retained state, if any, comes before the SUBACK of a second subscription (mosquitto)
-        fresh.subscribed.clear()
-        fresh.client.subscribe(f"{BASE}/status", qos=1)
-        assert fresh.subscribed.wait(5)
-        retained = [m for m in fresh.on_topic(f"{BASE}/run") if m.retain and m.payload]
-        return _run_state(retained[-1]) if retained else None
-    finally:
-        fresh.close()
 
 
 def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_and_released_on_request(
@@ -89,12 +77,12 @@ def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_
         for i in range(3, 6):
             (inbox / f"f{i:02d}.png").write_bytes(_png(3300 + i))
         assert observer.wait_for(lambda ms: any(
-            m.topic == f"{BASE}/run" and _run_state(m)["progress"]["fields"] == 6 for m in ms), 60), went_on.lines[-20:]
-        run_id = _run_state(observer.on_topic(f"{BASE}/run")[-1])["run_id"]
+            m.topic == f"{BASE}/run" and run_state(m)["progress"]["fields"] == 6 for m in ms), 60), went_on.lines[-20:]
+        run_id = run_state(observer.on_topic(f"{BASE}/run")[-1])["run_id"]
         went_on.signal(signal.SIGTERM)  # its report goes out with 6 fields
         assert went_on.wait(60) == 0, went_on.lines[-20:]
         assert [r["fields_analyzed"] for r in _reports(observer.messages, run_id)] == [6]
-        assert (_retained_run_state(broker.port) or {}).get("state") == "closed"
+        assert (retained_run_state(broker.port, BASE) or {}).get("state") == "closed"
         time.sleep(idle_s + 1)  # restored past the idle timeout: the run is closed at the start
 
         shutil.rmtree(tmp_path / "state")
@@ -144,7 +132,7 @@ def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_
                    for ln in stopping), stopping
         assert not [ln for ln in stopping if "still in the outbox" in ln], stopping
         assert [r["fields_analyzed"] for r in _reports(observer.messages, run_id)] == [6], _reports(observer.messages, run_id)
-        kept = _retained_run_state(broker.port) or {}
+        kept = retained_run_state(broker.port, BASE) or {}
         assert kept.get("run_id") == run_id and kept["progress"]["fields"] == 6, kept
 
         # the operator decides the restored state is the right one: the broker's retained run state cleared
@@ -167,7 +155,7 @@ def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_
         finally:
             released.signal(signal.SIGTERM)
             assert released.wait(60) == 0
-        kept = _retained_run_state(broker.port) or {}
+        kept = retained_run_state(broker.port, BASE) or {}
         assert kept.get("run_id") == run_id and kept["progress"]["fields"] == 3 and kept["state"] == "closed", kept
     finally:
         observer.close()

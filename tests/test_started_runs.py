@@ -22,7 +22,7 @@ from typing import Any
 
 import cv2
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, retained_run_state, wait_until
 from test_daemon import BASE, envelopes, oracle_pool, start_daemon, stop_daemon, write_station
 from test_daemon_faults import DaemonProcess
 
@@ -299,14 +299,9 @@ def _run_states(messages: list[Any], run_id: str) -> list[tuple[Any, ...]]:
 
 def _retained_run_state(broker: MosquittoBroker) -> dict[str, Any]:
     """What a dashboard opened now gets on the run topic: the broker's retained state."""
-    late = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/run"])
-    try:
-        late.wait_ready()
-        assert late.wait_for(lambda ms: len(ms) > 0, 10)
-        assert late.messages[0].retain
-        return dict(json.loads(late.messages[0].payload))
-    finally:
-        late.close()
+    state = retained_run_state(broker.port, BASE)
+    assert state is not None
+    return state
 
 
 def test_a_run_stopped_before_any_field_is_the_retained_run_state_and_the_next_start_holds_it(
