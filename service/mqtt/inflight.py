@@ -38,6 +38,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from smearscope.service.mqtt.outbox import Outbox, OutboxMessage
 from smearscope.service.mqtt.paho_client import PACKET_TOO_LARGE
+from smearscope.service.mqtt.parked import present_seqs
 from smearscope.service.mqtt.reserve import failure_cause, is_disk_full
 
 logger = logging.getLogger(__name__)
@@ -128,12 +129,7 @@ class InFlight:
         """The parked messages still in the outbox (any thread): one deleted since it was parked (an
         expired field message, an eviction) is forgotten only at the next connection, and counted
         here it would stand for a message still waiting (the stop's wait took that one as parked)."""
-        seqs = sorted(self.parked)
-        if not seqs:
-            return 0
-        marks = ",".join("?" * len(seqs))
-        return self.outbox.read(lambda conn: conn.execute(  # placeholders only
-            f"SELECT COUNT(*) FROM outbox WHERE seq IN ({marks})", seqs).fetchone()[0])
+        return len(present_seqs(self.outbox, list(self.parked)))
 
     def connected(self) -> int:
         """A new connection (paho's thread, in on_connect): its number, which the acknowledgements
@@ -161,11 +157,8 @@ class InFlight:
         """Parked messages no longer in the outbox (expired, evicted) are parked no more (the drain
         thread: at each connection, and after each expiry, so none is counted for long once gone)."""
         if self.parked:
-            seqs = sorted(self.parked)
-            marks = ",".join("?" * len(seqs))
-            present = self.outbox.read(lambda conn: {r[0] for r in conn.execute(
-                f"SELECT seq FROM outbox WHERE seq IN ({marks})", seqs)})  # placeholders only
-            for seq in set(seqs) - present:  # expired or evicted meanwhile
+            seqs = set(self.parked)
+            for seq in seqs - present_seqs(self.outbox, seqs):  # expired or evicted meanwhile
                 self._unpark(seq)
 
     def _unpark(self, seq: int) -> None:

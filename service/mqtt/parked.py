@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from smearscope.service.mqtt.outbox import Outbox
@@ -60,13 +60,7 @@ def parked_summary(outbox: Outbox, parked: Mapping[int, int], too_large: Mapping
     ("refused" by the broker, 0x95, or "over" the connection's packet limit; that limit)), and the
     oldest still in the outbox ({report_id, kind, topic, reason, bytes, limit, created_at (Unix
     time), age_s}; null when none). One parked meanwhile deleted (expired, evicted) is not counted."""
-    rows: list[tuple[int, str, str, str, float]] = []
-    if parked:
-        seqs = sorted(parked)
-        marks = ",".join("?" * len(seqs))
-        rows = outbox.read(lambda conn: conn.execute(  # placeholders only
-            f"SELECT seq, kind, topic, report_id, created_at FROM outbox WHERE seq IN ({marks}) ORDER BY seq",
-            seqs).fetchall())
+    rows: list[tuple[int, str, str, str, float]] = _in_outbox(outbox, "seq, kind, topic, report_id, created_at", parked)
     oldest = min(rows, key=lambda r: (r[4], r[0]), default=None)
     return {
         "messages": len(rows),
@@ -79,6 +73,22 @@ def parked_summary(outbox: Outbox, parked: Mapping[int, int], too_large: Mapping
             "created_at": oldest[4], "age_s": round(max(0.0, now - oldest[4]), 1)},
         "read_error": None,
     }
+
+
+def present_seqs(outbox: Outbox, seqs: Iterable[int]) -> set[int]:
+    """Which of the messages `seqs` (parked ones) are still in the outbox; one deleted meanwhile
+    (expired, evicted) is not among them. Raises what `Outbox.read` raises."""
+    return {r[0] for r in _in_outbox(outbox, "seq", seqs)}
+
+
+def _in_outbox(outbox: Outbox, columns: str, seqs: Iterable[int]) -> list[Any]:
+    """`columns` (a constant of this module) of the outbox rows among `seqs`, by seq; none read for no seqs."""
+    wanted = sorted(seqs)
+    if not wanted:
+        return []
+    marks = ",".join("?" * len(wanted))
+    return outbox.read(lambda conn: conn.execute(  # placeholders only
+        f"SELECT {columns} FROM outbox WHERE seq IN ({marks}) ORDER BY seq", wanted).fetchall())
 
 
 def _limit(why: tuple[str, int | None] | None) -> int | None:
