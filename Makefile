@@ -16,7 +16,7 @@ BIN := $(VENV)/bin
 
 $(BIN)/smearscope: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --upgrade pip 'setuptools>=68'  # builds the wheel offline (tests/test_wheel.py)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 

@@ -313,7 +313,17 @@ def test_an_outbox_that_cannot_be_read_leaves_telemetry_status_and_the_status_li
             assert wait_until(lambda: daemon.publisher is not None and daemon.publisher.state.parked >= 2
                               and daemon.status()["reports_stored"] >= 2 and not any(inbox.glob("*.png")), 30), daemon.status_line()
             assert daemon.outbox is not None and daemon.publisher is not None
-            parked = daemon.publisher.state.parked
+            publisher = daemon.publisher
+            # the run's last state messages may park a moment after its reports: wait until nothing more parks
+            import time
+            seen = [publisher.state.parked]
+            for _ in range(10):
+                time.sleep(1.0)
+                seen.append(publisher.state.parked)
+                if seen[-1] == seen[-2]:
+                    break
+            assert seen[-1] == seen[-2], seen
+            parked = publisher.state.parked
             daemon.outbox.read(lambda conn: conn.set_authorizer(refuse_outbox))
             before = len(_samples(sub, DAEMON_BASE))
             assert wait_until(lambda: len(failing(_samples(sub, DAEMON_BASE)[before:])) >= 4, 20), _samples(sub, DAEMON_BASE)[-2:]

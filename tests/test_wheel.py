@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,18 +17,44 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+def _snapshot(dest: Path) -> Path:
+    """The checkout's sources copied aside, so that the wheel's in-tree build (`build/`, the
+    egg-info) neither races the other test workers writing under `build/` nor sees their files."""
+    skip = {".git", "build", "dist", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}
+    shutil.copytree(ROOT, dest, symlinks=True,
+                    ignore=lambda d, names: [n for n in names if n in skip or n.startswith(".venv")
+                                             or n.endswith(".egg-info")])
+    return dest
+
+
+def _pip(*args: str, timeout: float) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pip", *args], timeout=timeout, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, f"pip {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+def _build_isolation() -> tuple[str, ...]:
+    """The running environment's setuptools builds the wheel when it can (no index needed);
+    otherwise pip's isolated build fetches the one pyproject.toml asks for."""
+    try:
+        import setuptools
+    except ImportError:
+        return ()
+    major = int(setuptools.__version__.split(".")[0])
+    return ("--no-build-isolation",) if major >= 68 else ()  # what pyproject.toml [build-system] requires
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel built from this checkout, installed (without dependencies) into a folder of its
     own; the dependencies come from the running environment."""
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(ROOT)],
-                   check=True, timeout=600, capture_output=True)
+    src = _snapshot(tmp / "src")
+    _pip("wheel", "--no-deps", "-q", *_build_isolation(), "-w", str(tmp / "dist"), str(src), timeout=600)
     wheels = list((tmp / "dist").glob("smearscope-*.whl"))
     assert len(wheels) == 1, wheels
     site = tmp / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
-                    str(wheels[0])], check=True, timeout=300, capture_output=True)
+    _pip("install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheels[0]), timeout=300)
     return site
 
 
