@@ -24,7 +24,8 @@ venv: $(BIN)/smearscope
 
 # mosquitto for the broker tests; Debian's chromium and chromium-driver for the dashboard's
 # browser test (no browser is ever downloaded: these are Debian packages); faketime for the tests
-# of a station started on a wrong clock, strace for those of what typed cells sync to the disk.
+# of a station started on a wrong clock, strace for those of what typed cells sync to the disk;
+# node to check that every dashboard script parses (tests/test_dashboard_js_syntax.py).
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 || command -v /usr/sbin/mosquitto >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null)
@@ -32,6 +33,8 @@ system-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 	@(command -v faketime >/dev/null 2>&1 && command -v strace >/dev/null 2>&1) || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime strace >/dev/null)
+	@command -v node >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs >/dev/null)
 
 demo: venv
 	$(BIN)/smearscope run --max-fields 5

@@ -31,7 +31,7 @@ def _run(capsys: pytest.CaptureFixture[bytes], *argv: str) -> tuple[int, bytes, 
 
 
 def test_find_lists_a_reports_copies_and_show_counts_them_and_prints_each(
-    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes],
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
     plain = a_report("run-2", SPECIMEN, 1_796_000_100.0)  # in the same folder, no copy
@@ -95,8 +95,14 @@ def test_find_lists_a_reports_copies_and_show_counts_them_and_prints_each(
     code, out, err = _run(capsysbinary, "archive", "show", report.report_id, "--dir", d, "--copy", "3")
     assert (code, out) == (1, b"") and "has no copy 3 beside it (copies: 1 to 2)" in err, err
 
+    import smearscope.service.archive.copies as copies_module
+    listed: list[str] = []
+    scandir = copies_module.os.scandir
+    monkeypatch.setattr(copies_module.os, "scandir", lambda path: listed.append(str(path)) or scandir(path))
     code, out, err = _run(capsysbinary, "archive", "show", report.report_id, "--dir", d, "--fhir")
     assert (code, out) == (0, bundle + b"\n") and "1 copy of the FHIR bundle of report" in err, err
+    assert len(listed) == 1, listed  # the bundle's folder, listed once (the report's copies are not looked for)
+    monkeypatch.undo()
     code, out, err = _run(capsysbinary, "archive", "show", report.report_id, "--dir", d, "--fhir", "--copy", "1")
     assert (code, out) == (0, other_bundle + b"\n") and str(bundle_copy) in err, err
 

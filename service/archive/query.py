@@ -139,9 +139,11 @@ def _run_key(r: ArchivedReport) -> tuple[str, str]:
     return (r.station, r.run_id) if r.run_id else (r.station, "report:" + r.report_id)
 
 
-def lookup(directory: Path, report_id: str) -> tuple[ArchivedReport | None, Path | None]:
+def lookup(directory: Path, report_id: str, copies: bool = True) -> tuple[ArchivedReport | None, Path | None]:
     """The report's index row (None: not archived) and its bundle's path (None: no bundle; a bundle
-    may be archived before its report arrives)."""
+    may be archived before its report arrives). `copies`: the report's copies looked for (its
+    folder listed); without, the row's `copies` is None, not looked for (`archive show --fhir`
+    lists the bundle's instead)."""
     db = open_index(directory, read_only=True)
     try:
         row = db.execute(_SELECT + " WHERE r.report_id = ?", (report_id,)).fetchone()
@@ -149,7 +151,10 @@ def lookup(directory: Path, report_id: str) -> tuple[ArchivedReport | None, Path
         bundle = db.execute("SELECT path FROM bundles WHERE report_id = ?", (report_id,)).fetchone()
     finally:
         db.close()
-    return (_with_copies(_row(directory, row, deliveries), {}) if row is not None else None,
+    report = _row(directory, row, deliveries) if row is not None else None
+    if report is not None:
+        report = _with_copies(report, {}) if copies else replace(report, copies=None, copies_error="not looked for")
+    return (report,
             directory / bundle["path"] if bundle is not None else None)
 
 

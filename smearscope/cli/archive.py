@@ -216,7 +216,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                      "show --hl7 (the HL7 message's MSH-4, MSH-5, MSH-6)")
     directory = _directory(args)
     try:
-        report, bundle = lookup(directory, args.report_id)
+        report, bundle = lookup(directory, args.report_id, copies=not args.fhir)
     except IndexVersionError as exc:
         return _fail(str(exc))
     except (FileNotFoundError, sqlite3.Error) as exc:
