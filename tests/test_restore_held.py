@@ -318,7 +318,7 @@ def test_a_held_runs_run_state_expires_under_field_message_expiry_and_its_report
     tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, started: list[Any],
 ) -> None:
     """With mqtt.field_message_expiry_s, a held run's run state expires from the outbox like any run
-    state (the broker would drop it on arrival anyway, its expiry counted from its creation), while
+    state (on the broker a retained run state carries no expiry: tests/test_run_state_guard.py), while
     its specimen report stays held; a reconnect states the run again (LiveState.republish), and that
     copy is held too, one in the outbox, none received."""
     from test_publisher import make_config

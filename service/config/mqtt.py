@@ -169,9 +169,9 @@ class MqttConfig(BaseModel):
         ge=1,
         title="Field message expiry (s)",
         description=(
-            "MQTT 5 MessageExpiryInterval for per-field messages (field, cells and the retained run "
-            "state), counted from their creation; such messages older than this are dropped from the "
-            "outbox. Reports and FHIR bundles never expire."
+            "MQTT 5 MessageExpiryInterval for per-field messages (field and cells), counted from "
+            "their creation; such messages, and run states, older than this are dropped from the "
+            "outbox. Reports, FHIR bundles and the retained run state never expire on the broker."
         ),
     )
     reconnect_min_delay_s: int = Field(

@@ -52,7 +52,9 @@ def build_envelope(
 
 def message_properties(message: OutboxMessage, field_expiry_s: int | None) -> Properties:
     """MQTT 5 PUBLISH properties of an outbox message; a field message's expiry counts from its
-    creation, so one that waited in the outbox has less of it left."""
+    creation, so one that waited in the outbox has less of it left. A retained message (the live
+    run state) never carries it: the broker would stop retaining it once expired, and the run state
+    it keeps is what tells a station restored from an older backup (service.mqtt.run_watch)."""
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.ContentType = message.content_type
     props.PayloadFormatIndicator = 1
@@ -62,7 +64,7 @@ def message_properties(message: OutboxMessage, field_expiry_s: int | None) -> Pr
         ("message_id", message.message_id),
         ("kind", message.kind),
     ]
-    if field_expiry_s and message.kind != "report":
+    if field_expiry_s and message.kind != "report" and not message.retain:
         # never more than the whole lifetime: one stored before the wall clock was set back seems
         # to come from the future
         age = time.time() - message.created_at

@@ -1,0 +1,94 @@
+"""The broker's retained run state is what tells a station restored from an older backup
+(service.mqtt.run_watch): the hold compares it with every run the station's state holds, not
+only the last, and it stays retained whatever expiry field messages carry. Against a real
+mosquitto."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, retained_run_state, wait_until
+from test_publisher import BASE, make_config
+
+from smearscope.service.mqtt.outbox import NewMessage, Outbox
+from smearscope.service.mqtt.publisher import MqttPublisher
+
+pytestmark = [pytest.mark.broker]
+
+
+def _run_state(run_id: str, fields: int, state: str) -> NewMessage:
+    body = {"station_id": "lab-7", "run_id": run_id, "state": state, "end_reason": None,
+            "updated_at": time.time(), "progress": {"run_id": run_id, "fields": fields}}
+    return NewMessage("field", f"{BASE}/run", json.dumps(body).encode(), run_id, "run-1", qos=1, retain=True)
+
+
+def _retain(port: int, state: NewMessage) -> None:
+    """The broker keeps `state` retained, as an earlier station under this id left it."""
+    operator = Subscriber(port, "station", MQTT_USERS["station"], [f"{BASE}/status"], client_id="operator")
+    try:
+        operator.wait_ready()
+        operator.client.publish(f"{BASE}/run", state.payload, qos=1, retain=True).wait_for_publish(5)
+    finally:
+        operator.close()
+
+
+def _report(run_id: str, fields: int) -> tuple[str, str, bytes, str]:
+    return ("report", f"rep-{run_id}", json.dumps({"run_id": run_id, "fields_analyzed": fields}).encode(), "1")
+
+
+def _publisher(config: Any, known: dict[str, int], closed_now: tuple[str, ...], started: list[MqttPublisher]) -> MqttPublisher:
+    publisher = MqttPublisher(config, "lab-7", Outbox.from_config(config.outbox))
+    publisher.run_watch.known(known, closed_now=closed_now)
+    started.append(publisher)
+    return publisher
+
+
+def test_a_restored_run_that_is_not_the_last_one_is_held_when_the_broker_shows_it_further_along(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, started: list[MqttPublisher],
+) -> None:
+    """The restored outbox holds the reports of two runs, r-1 (3 fields, the older) and r-2 (the
+    last); the broker's retained run state shows r-1 closed at 6 fields. r-1's 3-field report is held
+    (not received, parked), r-2's, of which the broker shows nothing newer, is sent."""
+    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])
+    try:
+        observer.wait_ready()
+        _retain(broker.port, _run_state("r-1", 6, "closed"))
+        publisher = _publisher(make_config(tmp_path, broker.port), {"r-1": 3, "r-2": 2}, ("r-1", "r-2"), started)
+        publisher.publish_many([_report("r-1", 3), _report("r-2", 2)])
+        publisher.start()
+        assert observer.wait_for(lambda ms: len(ms) >= 1, 10), publisher.state
+        assert wait_until(lambda: publisher.state.parked == 1 and publisher.state.in_flight == 0, 10), publisher.state
+        assert [json.loads(m.payload)["body"]["run_id"] for m in observer.messages] == ["r-2"]
+        assert set(publisher.run_watch.held) == {"r-1"}
+        assert publisher.outbox.counts().reports == 1
+    finally:
+        observer.close()
+
+
+def test_field_message_expiry_does_not_expire_the_retained_run_state_on_the_broker(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, started: list[MqttPublisher],
+) -> None:
+    """With mqtt.field_message_expiry_s = 1 (MQTT 5) a field message carries its expiry, the run state
+    the station retains carries none: past the 1 s mosquitto still keeps it retained, so a station
+    restored later finds it to compare with."""
+    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/run", f"{BASE}/field"])
+    try:
+        observer.wait_ready()
+        config = make_config(tmp_path, broker.port, protocol="5", field_message_expiry_s=1)
+        publisher = _publisher(config, {"r-1": 4}, (), started)
+        publisher.publish_many([("field", "field-4", b"{}", "1")], extra=[_run_state("r-1", 4, "closed")])
+        publisher.start()
+        assert observer.wait_for(lambda ms: len(ms) >= 2, 10), publisher.state
+        field = observer.on_topic(f"{BASE}/field")[0]
+        run = observer.on_topic(f"{BASE}/run")[0]
+        assert field.message_expiry is not None and field.message_expiry <= 1, field
+        assert run.message_expiry is None, run
+        time.sleep(2.5)  # past the field messages' expiry: mosquitto drops a retained message that carries it
+        kept = retained_run_state(broker.port, BASE)
+        assert kept is not None and kept["run_id"] == "r-1" and kept["progress"]["fields"] == 4, kept
+    finally:
+        observer.close()
