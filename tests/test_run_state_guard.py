@@ -1,11 +1,12 @@
 """The broker's retained run state is what tells a station restored from an older backup
 (service.mqtt.run_watch): the hold compares it with every run the station's state holds, not
-only the last, and it stays retained whatever expiry field messages carry. Against a real
-mosquitto."""
+only the last; it stays retained whatever expiry field messages carry; and a station that
+cannot tell under MQTT 3.1.1 whether it may read it says so. Against a real mosquitto."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -92,3 +93,50 @@ def test_field_message_expiry_does_not_expire_the_retained_run_state_on_the_brok
         assert kept is not None and kept["run_id"] == "r-1" and kept["progress"]["fields"] == 4, kept
     finally:
         observer.close()
+
+
+def _said_311(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "smearscope.service.mqtt.run_watch"
+            and r.levelno == logging.WARNING and r.getMessage().startswith("MQTT 3.1.1")]
+
+
+@pytest.mark.parametrize("readable", [False, True], ids=["run-topic-unreadable", "run-topic-readable"])
+def test_under_mqtt_311_a_run_topic_the_acl_keeps_from_the_station_is_said_once_with_the_line_to_add(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+    readable: bool,
+) -> None:
+    """The broker keeps run r-1 closed at 6 fields; the restored station holds it at 3. Under MQTT 3.1.1
+    with an acl_file that lets the station write its run topic but not read it, mosquitto grants the
+    subscription and sends nothing: the station cannot tell the older state, and says so once at
+    WARNING with the acl line to add (not again at a reconnect). Given read too, it holds r-1's
+    report and says nothing of the kind."""
+    read = "readwrite" if readable else "write"
+    acl = (f"user station\ntopic readwrite {BASE}/field\ntopic readwrite {BASE}/report\n"
+           f"topic readwrite {BASE}/cells\ntopic {read} {BASE}/run\ntopic readwrite {BASE}/status\n"
+           f"topic readwrite {BASE}/telemetry\ntopic read {BASE}/cmd/#\nuser observer\ntopic readwrite #\n")
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=acl)
+    broker.start()
+    try:
+        _retain(broker.port, _run_state("r-1", 6, "closed"))
+        config = make_config(tmp_path, broker.port, protocol="3.1.1", reconnect_min_delay_s=1, reconnect_max_delay_s=1)
+        publisher = _publisher(config, {"r-1": 3}, ("r-1",), started)
+        publisher.publish_many([_report("r-1", 3)])
+        with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt.run_watch"):
+            publisher.start()
+            if readable:
+                assert wait_until(lambda: publisher.state.parked == 1, 10), publisher.state
+                assert "r-1" in publisher.run_watch.held and not _said_311(caplog), caplog.text[-3000:]
+                return
+            assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
+            said = _said_311(caplog)
+            assert len(said) == 1, caplog.text[-3000:]
+            assert f"'topic read {BASE}/run' under 'user station'" in said[0], said[0]
+            assert "MQTT 5" in said[0], said[0]
+            connects = publisher.state.connects
+            broker.restart()
+            assert wait_until(lambda: publisher.state.connects > connects and publisher.state.connected, 20)
+            publisher.publish_many([_report("r-9", 1)])
+            assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
+            assert len(_said_311(caplog)) == 1, _said_311(caplog)
+    finally:
+        broker.stop()

@@ -104,7 +104,8 @@ class ConnectionEvents:
         # before the drain loop can see the connection: a run state of its backlog sent ahead of
         # this subscription would come back as the retained one, hiding the broker's (run_watch)
         if self.run_watch.listening:
-            self.run_watch.subscribing(client.subscribe(self.run_watch.topic, qos=0)[1])
+            self.run_watch.subscribing(client.subscribe(self.run_watch.topic, qos=0)[1],
+                                       self._protocol == MQTTProtocolVersion.MQTTv311)
         # its own messages back; acknowledgements of the connection before are not waited on
         self.echo.connected(client, self._protocol == MQTTProtocolVersion.MQTTv311, self._inflight.connected())
         self._connected_at = time.monotonic()

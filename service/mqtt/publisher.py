@@ -107,7 +107,7 @@ class MqttPublisher(ConnectionEvents):
         self.telemetry_topic = f"{base}/telemetry"
         self.twins = TwinWatch(station_id, self.telemetry_topic, self.instance)
         self.run_watch = RunStateWatch(station_id, f"{base}/run",  # a state older than the broker's
-                                       wake=lambda: self._wake.set(), store=outbox)
+                                       wake=lambda: self._wake.set(), store=outbox, user=config.username)
         self.command_filter = f"{base}/cmd/#"
         self._command_prefix = f"{base}/cmd/"
         self._response_prefix = f"{base}/cmd_response/"

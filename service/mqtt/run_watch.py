@@ -18,7 +18,8 @@ again at every later start, from its first message, whatever run the broker's re
 names by then (the station's own later runs replace it), or however many fields the station's
 state holds for that run by then (a run taken back open goes on with other fields than the
 broker's): only a start that finds no retained run state on the broker (cleared by the operator)
-releases them (docs/STATION.md)."""
+releases them (docs/STATION.md). Under MQTT 3.1.1 mosquitto grants a subscription its ACL denies
+and sends nothing, which looks like no retained state: a 3.1.1 start that hears none says so once."""
 
 from __future__ import annotations
 
@@ -49,8 +50,10 @@ class RunStateWatch:
     """The broker's retained run state, compared once with the runs the station's own state holds."""
 
     def __init__(self, station_id: str, topic: str, wake: Callable[[], None] = lambda: None,
-                 store: Outbox | None = None) -> None:
+                 store: Outbox | None = None, user: str | None = None) -> None:
         self.station_id = station_id
+        self.user = user  # the station's MQTT user name, for the ACL line (None: anonymous)
+        self._v311 = False  # this connection speaks MQTT 3.1.1: a subscription the ACL denies is granted
         self._store = store  # the outbox file: the runs held, across restarts
         self.topic = topic
         self._wake = wake  # the drain thread, once the outbox may be sent
@@ -99,11 +102,12 @@ class RunStateWatch:
         self._wake()
         return True
 
-    def subscribing(self, mid: int) -> None:
-        """The run topic subscribed on a new connection (paho's thread), under packet id `mid`."""
+    def subscribing(self, mid: int, v311: bool = False) -> None:
+        """The run topic subscribed on a new connection (paho's thread), under packet id `mid`;
+        `v311`: the connection speaks MQTT 3.1.1."""
         with self._lock:
             # this connection's own bound: a reconnect after the first one's passed would send at once
-            self._run_mid, self._run_acked, self._wait_until = mid, False, None
+            self._run_mid, self._run_acked, self._wait_until, self._v311 = mid, False, None, v311
 
     def on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: list[Any], properties: Any) -> None:
         """paho's SUBACK callback. The broker sends the run topic's retained state (if any) before the
@@ -122,10 +126,25 @@ class RunStateWatch:
                     self._settled = True
             elif self._run_acked:
                 self._settled = True  # no retained run state on the broker (it would have come by now)
+                if self._v311:
+                    self._say_unreadable_311_locked()
                 self._release_locked(list(self.held), "the broker holds no retained run state")
             settled = self._settled
         if settled:
             self._wake()
+
+    def _say_unreadable_311_locked(self) -> None:
+        """Under MQTT 3.1.1 mosquitto (2.0.11) grants a subscription its ACL denies and sends nothing:
+        "none retained" and "not allowed to read it" look alike, so the check is said to be blind."""
+        where = f"under 'user {self.user}'" if self.user is not None else "for anonymous clients (before any 'user' line)"
+        held = (f"; the runs held ({', '.join(sorted(r for r in self.held if r in self._kept))}) are released as if "
+                "the operator had cleared it" if any(r in self._kept for r in self.held) else "")
+        logger.warning("MQTT 3.1.1: no retained run state came on %s: either the broker keeps none (a new station, "
+                       "or one the operator cleared) or its acl_file does not let this station read that topic (under "
+                       "3.1.1 mosquitto grants such a subscription and sends nothing; MQTT 5 refuses it and that is "
+                       "said). A state restored from an older backup is then not told%s. Check that the broker's "
+                       "acl_file has 'topic read %s' %s (config/mosquitto.acl.example), or let the station speak "
+                       "MQTT 5 (protocol = \"auto\")", self.topic, held, self.topic, where)
 
     def may_send(self) -> bool:
         """Whether the outbox may be sent (the drain thread, connected): not before the broker's
