@@ -5,8 +5,8 @@ Read from the files the kernel presents: `/proc/self/cgroup` names the process's
 `/sys/fs/cgroup`), and each directory from the cgroup up to the hierarchy's root may hold
 `memory.max` (the kernel OOM-kills above it) and `memory.high` (it reclaims and slows above it),
 a number of bytes or `max` (no limit). The tightest along the way binds: a slice's limit bounds
-every service in it. `/proc/meminfo` gives MemTotal and MemAvailable. A cgroup v1 memory
-controller's limit is not read.
+every service in it. `/proc/meminfo` (parsed by device.meminfo, as for the telemetry) gives MemTotal
+and MemAvailable. A cgroup v1 memory controller's limit is not read.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+from smearscope.device.meminfo import read_meminfo
 
 logger = logging.getLogger(__name__)
 
@@ -93,26 +95,12 @@ def _tightest(mount: Path, cgroup: str, name: str) -> CgroupBound | None:
     return found
 
 
-def _meminfo(root: Path) -> dict[str, int]:
-    fields: dict[str, int] = {}
-    try:
-        text = _read(root / "proc/meminfo")
-    except OSError:
-        return fields
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        words = rest.split()
-        if words and words[0].isdigit():
-            fields[key] = int(words[0]) * (1024 if words[1:] == ["kB"] else 1)
-    return fields
-
-
 def read_memory_limits(root: Path | None = None) -> MemoryLimits:
     """This process's memory limits as the files under `root` (default: the system's) give them."""
     root = SYSTEM_ROOT if root is None else root
     cgroup = _cgroup_v2_path(root)
     mount = _cgroup2_mount(root)
-    meminfo = _meminfo(root)
+    meminfo = read_meminfo(root / "proc/meminfo")
     return MemoryLimits(
         cgroup=cgroup,
         max=None if cgroup is None else _tightest(mount, cgroup, "memory.max"),

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from smearscope.device.meminfo import PROC_MEMINFO, read_meminfo
+
 logger = logging.getLogger(__name__)
 
 #: How long to wait before asking an unresponsive jtop service again.
@@ -39,22 +41,16 @@ def read_thermal_zones(root: Path = Path("/sys/class/thermal")) -> dict[str, flo
     return temps
 
 
-def _proc_meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, float]:
-    values: dict[str, int] = {}
-    try:
-        for line in path.read_text().splitlines():
-            key, _, rest = line.partition(":")
-            parts = rest.split()
-            if parts and parts[0].isdigit():
-                values[key] = int(parts[0])  # kB
-    except OSError:
-        return {}
+def _proc_meminfo(path: Path = PROC_MEMINFO) -> dict[str, float]:
+    """Total and used memory (MiB, used = total - available) and the used share, from a meminfo
+    file (device.meminfo); {} without MemTotal and MemAvailable."""
+    values = read_meminfo(path)
     total, available = values.get("MemTotal"), values.get("MemAvailable")
     if not total or available is None:
         return {}
     return {
-        "memory_total_mb": total / 1024.0,
-        "memory_used_mb": (total - available) / 1024.0,
+        "memory_total_mb": total / 2**20,
+        "memory_used_mb": (total - available) / 2**20,
         "memory_percent": 100.0 * (total - available) / total,
     }
 

@@ -109,6 +109,22 @@ def test_names_that_are_no_utf8_in_the_kernel_files_are_read_not_a_crash(tmp_pat
     assert "memory.max of /system.slice/caf\\xe9.service, 1024 MiB" in text and text.encode(), text
 
 
+def test_the_limit_reader_and_the_telemetry_read_one_meminfo_alike_each_in_its_units(tmp_path: Path) -> None:
+    """One /proc/meminfo parser (device.meminfo) for both: the memory limit in bytes, the telemetry
+    in MiB, from the same file; a byte that is no UTF-8 in it (an odd field name) stops neither."""
+    from smearscope.device import telemetry
+
+    root = cgroup_tree(tmp_path / "odd", unit_limits())
+    meminfo = root / "proc/meminfo"
+    meminfo.write_bytes(MEMINFO.encode() + b"Caf\xe9Pages:      12 kB\nHugePages_Total:       7\n")
+    limits = read_memory_limits(root)
+    assert limits.total == 7620056 * 1024 and limits.available == 5120000 * 1024
+    figures = telemetry._proc_meminfo(meminfo)
+    assert figures["memory_total_mb"] * 2 ** 20 == limits.total
+    assert figures["memory_used_mb"] * 2 ** 20 == limits.total - limits.available
+    assert figures["memory_percent"] == pytest.approx(100.0 * (7620056 - 5120000) / 7620056)
+
+
 def test_the_prediction_holds_the_measured_peaks() -> None:
     """At or above every measured peak (docs/RESULTS.md): one analysis by frame size, and the
     station with 64 MP frames (1665 MiB with one field at once, 1906 with two) and 12 MP (987)."""
