@@ -160,6 +160,50 @@ def test_doctor_beside_a_running_station_it_cannot_log_in_for_says_where_to_see_
     assert "parked" not in capsys.readouterr().out
 
 
+def test_doctor_opens_the_outbox_once_for_its_outbox_and_parked_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The outbox line (its counts, or held by a running station) and the parked line (said only
+    beside a running station) come from one open of the outbox file, counted at sqlite3.connect:
+    beside a running station each open waits out the station's lock. The lines are as they were."""
+    import sqlite3
+
+    from smearscope.service.mqtt.outbox import Outbox
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    outbox_path = tmp_path / "state" / "outbox.sqlite3"
+    config = _doctor_config(tmp_path, free_port(), outbox_path)
+    opens: list[str] = []
+    connect = sqlite3.connect
+
+    def counted(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if Path(database) == outbox_path:
+            opens.append(str(database))
+        return connect(database, *args, **kwargs)
+
+    def doctor_lines() -> list[str]:
+        opens.clear()
+        main(["doctor", "--config", str(config)])
+        return [x for x in capsys.readouterr().out.splitlines() if x[6:22].strip() in ("outbox", "parked")]
+
+    monkeypatch.setattr(sqlite3, "connect", counted)
+    assert doctor_lines() == [f"OK    outbox           {outbox_path}: not created yet (the first start creates it)"]
+    assert opens == []
+    with Outbox(outbox_path) as box:  # a station that stopped with a report and a field message waiting
+        box.put("report", f"{BASE}/report", b"{}", report_id="r1", schema_version="1")
+        box.put("field", f"{BASE}/field", b"{}", report_id="f1", schema_version="1")
+    assert doctor_lines() == [(f"OK    outbox           {outbox_path}: 2 messages waiting (1 final: specimen "
+                              "reports, FHIR bundles)")]
+    assert len(opens) == 1, opens
+    with Outbox(outbox_path):  # the station runs: it holds the file
+        lines = doctor_lines()
+    assert lines == [f"OK    outbox           {outbox_path}: held by a running station",
+                     ("WARN  parked           not read: the broker password cannot be read here; see it in `systemctl "
+                     "status smearscope` (its Status line: 'N messages parked'), the dashboard's card, or one telemetry "
+                     f"sample's `parked`: mosquitto_sub -C 1 -t {BASE}/telemetry")], lines
+    assert len(opens) == 1, opens
+
+
 @pytest.mark.broker
 def test_doctor_says_what_it_waits_for_before_waiting_for_the_running_stations_telemetry_and_no_wait_skips_it(
     tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, started: list[MqttPublisher],

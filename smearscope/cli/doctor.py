@@ -21,6 +21,7 @@ not OK, what is missing; exit 1 when any check FAILs.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
@@ -29,6 +30,10 @@ import sqlite3
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from smearscope.cli.doctor_outbox import OutboxLook
 
 logger = logging.getLogger(__name__)
 
@@ -286,8 +291,8 @@ def _unwritable(folder: Path, file: Path | None = None) -> str | None:
     return None
 
 
-def _outbox_checks(path: Path, review_free_mb: float | None = None) -> list[Check]:
-    from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
+def _outbox_checks(path: Path, look: OutboxLook, review_free_mb: float | None = None) -> list[Check]:
+    """Its folder, the free space under it, and what `look` (doctor's one open of the file) found."""
     from smearscope.service.station.preflight import nearest_existing, outbox_parent_problem
 
     if outbox_parent_problem(path) is not None:
@@ -307,18 +312,17 @@ def _outbox_checks(path: Path, review_free_mb: float | None = None) -> list[Chec
                    f"(du -xh -d 2 {existing} | sort -h; journalctl --vacuum-size=100M), or move "
                    "mqtt.outbox.path to a larger disk")
     checks: list[Check] = [("WARN" if free < LOW_DISK_BYTES else "OK", "outbox disk", detail)]
-    if path.exists():
-        try:
-            with Outbox(path) as box:
-                counts = box.counts()
-            checks.append(("OK", "outbox", (f"{path}: {counts.messages} messages waiting ({counts.reports} final: "
-                           "specimen reports, FHIR bundles)")))
-        except OutboxLockedError:
-            checks.append(("OK", "outbox", f"{path}: held by a running station"))
-        except (sqlite3.Error, OSError, RuntimeError) as exc:
-            checks.append(("FAIL", "outbox", f"{path}: {exc}"))
-    else:
+    if not look.exists:
         checks.append(("OK", "outbox", f"{path}: not created yet (the first start creates it)"))
+    elif look.held:
+        checks.append(("OK", "outbox", f"{path}: held by a running station"))
+    elif look.error is not None:
+        if not isinstance(look.error, (sqlite3.Error, OSError, RuntimeError)):
+            raise look.error
+        checks.append(("FAIL", "outbox", f"{path}: {look.error}"))
+    elif look.counts is not None:
+        checks.append(("OK", "outbox", (f"{path}: {look.counts.messages} messages waiting ({look.counts.reports} "
+                       "final: specimen reports, FHIR bundles)")))
     return checks
 
 
@@ -338,6 +342,7 @@ def _say(check: Check) -> None:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from smearscope.cli.doctor_broker import broker_checks
+    from smearscope.cli.doctor_outbox import look_at_outbox
     from smearscope.cli.doctor_parked import parked_checks
     from smearscope.service.mqtt.wall_clock import clock_before_release, clock_reading
     from smearscope.service.station.scale_record import scale_checks
@@ -353,6 +358,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         analysis, mqtt = config.analysis, config.mqtt  # type: ignore[attr-defined]
         review = config.review  # type: ignore[attr-defined]
         review_free = review.min_free_disk_mb if review.enabled else None
+        outbox = functools.cache(functools.partial(look_at_outbox, Path(mqtt.outbox.path)))  # opened once
         waiting = (lambda text: print(f"{'':<4}  {'parked':<16} {text}", flush=True))
         steps: list[Callable[[], list[Check]]] = [
             lambda: model_checks(analysis.models_dir), lambda: open_set_checks(analysis),
@@ -360,9 +366,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             lambda: _backend_checks(analysis.engine_backend),
             lambda: camera_checks(config.source), lambda: scale_checks(config),  # type: ignore[attr-defined]
             lambda: memory_checks(config),
-            lambda: _outbox_checks(mqtt.outbox.path, review_free), lambda: review_file_checks(config),
+            lambda: _outbox_checks(mqtt.outbox.path, outbox(), review_free), lambda: review_file_checks(config),
             lambda: _credential_checks(mqtt), lambda: broker_checks(mqtt, config_path=args.config),
-            lambda: parked_checks(config, waiting if args.wait else None)]
+            lambda: parked_checks(config, waiting if args.wait else None, station_runs=outbox().held)]
         for step in steps:
             try:
                 found = step()

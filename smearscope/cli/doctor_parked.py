@@ -10,7 +10,6 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 #: smearscope.cli.doctor's (status, what, detail).
@@ -19,29 +18,15 @@ Check = tuple[str, str, str]
 WAIT_CAP_S = 65.0
 
 
-def station_running(outbox_path: Path) -> bool:
-    """Whether a station holds the outbox file (it runs)."""
-    from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
-
-    if not outbox_path.exists():
-        return False
-    try:
-        with Outbox(outbox_path):
-            return False
-    except OutboxLockedError:
-        return True
-    except Exception:  # noqa: BLE001 - the outbox check says what is wrong with the file
-        return False
-
-
-def parked_checks(config: Any, announce: Callable[[str], None] | None) -> list[Check]:
+def parked_checks(config: Any, announce: Callable[[str], None] | None, *, station_runs: bool) -> list[Check]:
     """The running station's parked messages, from its next telemetry sample, said with `announce`
     before waiting for it; with `announce` None (doctor --no-wait) not waited for: where to see them
-    instead. [] when the station does not run."""
+    instead. [] when the station does not run (`station_runs`: a station holds the outbox file, as
+    doctor's one open of it found: smearscope.cli.doctor_outbox)."""
     from smearscope.service.mqtt.credentials import CredentialError, read_password
 
     mqtt = config.mqtt
-    if not station_running(Path(mqtt.outbox.path)):
+    if not station_runs:
         return []  # parked messages are counted by a running station (each is tried again at its start)
     topic = f"{mqtt.topic_prefix}/{config.station_id}/telemetry"
     wait = min(mqtt.telemetry_interval_s + 5.0, WAIT_CAP_S)
