@@ -287,6 +287,121 @@ def test_the_daemons_status_line_and_status_command_count_what_the_broker_refuse
         broker.stop()
 
 
+def test_the_parked_summary_is_read_again_only_when_the_parked_set_changes_or_it_is_max_age_old(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ParkedReader on a real outbox file, its reads counted by the connection's trace callback:
+    asked each second (the STATUS= line) it reads once, then again only for another parked set or
+    once its summary is `max_age_s` old by its clock (stepped here); the oldest's age follows `now`
+    meanwhile. Asked without `max_age_s` (telemetry, the status command) it reads each time. A read
+    that fails is kept as its summary says it (counts from memory, `read_error`)."""
+    import logging
+    import sqlite3
+
+    from smearscope.service.mqtt.outbox import Outbox
+    from smearscope.service.mqtt.parked import ParkedReader
+
+    box = Outbox(tmp_path / "outbox.sqlite3")
+    try:
+        big = box.put("report", f"{BASE}/report", b"x" * 5000, report_id="big", schema_version="1")
+        field = box.put("field", f"{BASE}/field", b"y" * 3000, report_id="f1", schema_version="1")
+        reads: list[str] = []
+        box.read(lambda conn: conn.set_trace_callback(
+            lambda sql: reads.append(sql) if sql.startswith("SELECT seq, kind, topic, report_id, created_at") else None))
+        clock = [100.0]
+        reader = ParkedReader(box, clock=lambda: clock[0])
+        created = box.read(lambda conn: conn.execute("SELECT created_at FROM outbox WHERE seq = ?", (big,)).fetchone()[0])
+        parked, too_large = {big: 5100}, {big: ("refused", None)}
+        summaries = []
+        for second in range(10):  # the supervise loop's STATUS= line, each second, nothing parked meanwhile
+            clock[0] = 100.0 + second
+            summaries.append(reader(parked, too_large, created + second, max_age_s=30.0))
+        assert len(reads) == 1, reads
+        assert [s["messages"] for s in summaries] == [1] * 10 and summaries[-1]["too_large"] == 1
+        assert [s["oldest"]["age_s"] for s in summaries] == [float(i) for i in range(10)]
+        assert summaries[-1]["oldest"]["report_id"] == "big" and summaries[-1]["reports"] == 1
+        clock[0] = 130.0  # 30 s after its read: read again
+        assert reader(parked, too_large, created + 30, max_age_s=30.0)["messages"] == 1 and len(reads) == 2
+        parked[field] = 3100  # another message parked: the next summary is read, and counts it
+        both = reader(parked, too_large, created + 31, max_age_s=30.0)
+        assert len(reads) == 3 and both["messages"] == 2 and both["too_large"] == 1 and both["reports"] == 1, both
+        assert reader(parked, too_large, created + 31)["messages"] == 2 and len(reads) == 4  # telemetry: read
+
+        caplog.set_level(logging.INFO, logger="smearscope.service.mqtt.parked")
+        box.read(lambda conn: conn.set_authorizer(
+            lambda action, table, *rest: sqlite3.SQLITE_DENY if table == "outbox" else sqlite3.SQLITE_OK))
+        failed = reader(parked, too_large, created + 32)
+        assert failed["messages"] == 2 and failed["reports"] is None and "prohibited" in failed["read_error"], failed
+        box.read(lambda conn: conn.set_authorizer(None))
+        assert reader(parked, too_large, created + 33, max_age_s=30.0) == failed  # kept: not read again yet
+        clock[0] = 200.0
+        again = reader(parked, too_large, created + 34, max_age_s=30.0)
+        assert again["read_error"] is None and again["reports"] == 1, again
+        said = [r.levelname for r in caplog.records if "parked messages" in r.getMessage()]
+        assert said == ["WARNING", "INFO"], said
+    finally:
+        box.close()
+
+
+@pytest.mark.broker
+def test_the_daemons_status_line_reads_the_outbox_only_when_the_parked_set_changes(
+    tmp_path: Path, credentials_dir: Path,
+) -> None:
+    """A running station with messages parked (over mosquitto's message_size_limit), telemetry every
+    300 s: its STATUS= line, asked again and again while nothing parks, does not read the outbox
+    (reads counted by the outbox connection's trace callback); a report parked then shows in the
+    next line, the one systemd gets included."""
+    import time
+
+    from test_daemon import NotifyListener, pool_factory, running, write_station
+    from test_restore import _folder_source, _png
+
+    from smearscope.service.config import load_config
+    from smearscope.service.station.daemon import StationDaemon
+
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1000",))
+    broker.start()
+    listener = NotifyListener(tmp_path / "notify.sock")
+    try:
+        inbox = tmp_path / "inbox"  # a watched folder: the station runs on once its two fields are analysed
+        inbox.mkdir()
+        for i in range(2):
+            (inbox / f"f{i}.png").write_bytes(_png(4500 + i))
+        config = write_station(tmp_path, broker.port, source=_folder_source(inbox), mqtt={"telemetry_interval_s": 300.0})
+        daemon = StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(), config_path=config,
+                               environ={"CREDENTIALS_DIRECTORY": str(credentials_dir),
+                                        "NOTIFY_SOCKET": str(listener.path)})
+        with running(daemon):
+            assert wait_until(lambda: daemon.publisher is not None and daemon.publisher.state.parked >= 2
+                              and daemon.status()["reports_stored"] >= 2 and not any(inbox.glob("*.png")), 30), daemon.status_line()
+            assert daemon.outbox is not None and daemon.publisher is not None
+            publisher = daemon.publisher
+            seen = [publisher.state.parked]  # the run's last state messages may park a moment after its reports
+            for _ in range(10):
+                time.sleep(1.0)
+                seen.append(publisher.state.parked)
+                if seen[-1] == seen[-2]:
+                    break
+            assert seen[-1] == seen[-2], seen
+            n = seen[-1]
+            reads: list[str] = []
+            daemon.outbox.read(lambda conn: conn.set_trace_callback(
+                lambda sql: reads.append(sql) if sql.startswith("SELECT seq, kind, topic, report_id, created_at") else None))
+            lines = [daemon.status_line() for _ in range(20)]
+            assert len(reads) <= 1, len(reads)  # the first may be the one due after the last telemetry sample
+            assert all(f"{n} messages parked ({n} too large for the broker)" in x for x in lines), lines[-1]
+
+            publisher.publish_report("report", "too-big", json.dumps({"cells": "x" * 5000}).encode(), "1")
+            assert wait_until(lambda: publisher.state.parked == n + 1, 15), publisher.state
+            assert f"{n + 1} messages parked ({n + 1} too large for the broker)" in daemon.status_line()
+            sent = lambda: [m for _, m in listener.lines("STATUS=") if f"{n + 1} messages parked" in m]
+            assert wait_until(lambda: bool(sent()), 10), listener.lines("STATUS=")[-3:]
+            daemon.outbox.read(lambda conn: conn.set_trace_callback(None))
+    finally:
+        listener.close()
+        broker.stop()
+
+
 @pytest.mark.broker
 def test_doctor_beside_a_station_whose_telemetry_comes_less_often_than_it_waits_says_so_not_only_the_acl(
     tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, started: list[MqttPublisher],

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 from smearscope.service.mqtt.outbox import Outbox
@@ -25,15 +26,37 @@ class ParkedReader:
     """`parked_summary` for telemetry, the status command and the STATUS= line, never raising for the
     outbox: a read that fails (an I/O error, a corrupt page) gives the counts the station holds in
     memory, `reports` and `oldest` unknown (null) and `read_error` saying why; said once at WARNING
-    while it fails, and at INFO when the outbox is read again."""
+    while it fails, and at INFO when the outbox is read again. The last summary is kept: a caller
+    that asks often (the STATUS= line, each second) gets it again, without reading the outbox, while
+    the parked set is the one it was read for and it is younger than the caller's `max_age_s`."""
 
-    def __init__(self, outbox: Outbox) -> None:
+    def __init__(self, outbox: Outbox, clock: Callable[[], float] = time.monotonic) -> None:
         self.outbox = outbox
+        self._clock = clock
         self._lock = threading.Lock()
         self._failing: str | None = None  # the read's error, while it fails
+        self._last: tuple[Hashable, float, dict[str, Any]] | None = None  # (parked set, read at (clock), summary)
 
     def __call__(self, parked: Mapping[int, int], too_large: Mapping[int, tuple[str, int | None]],
-                 now: float) -> dict[str, Any]:
+                 now: float, *, max_age_s: float = 0.0) -> dict[str, Any]:
+        """The summary of the parked messages `parked` (seq -> packet size; `too_large` as in
+        `parked_summary`) at `now` (Unix time), read from the outbox unless the last one read was of
+        this parked set less than `max_age_s` ago (by the reader's clock): that one, its oldest's
+        `age_s` counted to `now`. A message deleted meanwhile (expired, evicted) is counted until
+        the parked set changes or the summary is `max_age_s` old."""
+        key = (tuple(sorted(parked.items())), tuple(sorted(too_large.items())))
+        with self._lock:
+            last = self._last
+        if last is not None and last[0] == key and self._clock() - last[1] < max_age_s:
+            return _aged(last[2], now)
+        read_at = self._clock()
+        summary = self._read(parked, too_large, now)
+        with self._lock:
+            self._last = (key, read_at, summary)
+        return _aged(summary, now)
+
+    def _read(self, parked: Mapping[int, int], too_large: Mapping[int, tuple[str, int | None]],
+              now: float) -> dict[str, Any]:
         try:
             summary = parked_summary(self.outbox, parked, too_large, now)
         except sqlite3.Error as exc:
@@ -51,6 +74,13 @@ class ParkedReader:
         if was is not None:
             logger.info("the outbox %s is read again for its parked messages", self.outbox.path)
         return summary
+
+
+def _aged(summary: Mapping[str, Any], now: float) -> dict[str, Any]:
+    """A copy of `summary` (the kept one stays as read), its oldest's `age_s` counted to `now`."""
+    oldest = summary["oldest"]
+    return {**summary, "oldest": None if oldest is None else
+            {**oldest, "age_s": round(max(0.0, now - oldest["created_at"]), 1)}}
 
 
 def parked_summary(outbox: Outbox, parked: Mapping[int, int], too_large: Mapping[int, tuple[str, int | None]],

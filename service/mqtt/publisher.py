@@ -154,10 +154,11 @@ class MqttPublisher(ConnectionEvents):
             return replace(self._state, in_flight=len(self._inflight),
                            parked=len(self._inflight.parked))
 
-    def parked(self) -> dict[str, Any]:
-        """The outbox messages parked now, counted, the oldest named (service.mqtt.parked); any thread."""
-        parked, too_large = self._inflight.parked_now()
-        return self._parked_summary(parked, too_large, time.time())  # an unreadable outbox: counts from memory
+    def parked(self, max_age_s: float = 0.0) -> dict[str, Any]:
+        """The outbox messages parked now, counted, the oldest named (service.mqtt.parked); any thread.
+        With `max_age_s`, the last summary while the parked set is unchanged and it is younger than that."""
+        parked, too_large = self._inflight.parked_now()  # an unreadable outbox: counts from memory
+        return self._parked_summary(parked, too_large, time.time(), max_age_s=max_age_s)
 
     def command_response_topic(self, name: str) -> str:
         return self._response_prefix + name

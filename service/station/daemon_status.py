@@ -81,7 +81,8 @@ class DaemonStatus:
             st = self.publisher.state  # not connected: why, for `systemctl status`
             parts.append(f"broker {st.status}" + (f": {st.last_error}" if st.last_error and not st.connected else ""))
             if st.parked:  # reports that do not arrive (service.mqtt.parked), for `systemctl status`
-                held = self.publisher.parked()
+                # read from the outbox when the parked set changed, else at most once a telemetry period
+                held = self.publisher.parked(max_age_s=self.config.mqtt.telemetry_interval_s)
                 parts.append(f"{held['messages']} message{'' if held['messages'] == 1 else 's'} parked "
                              f"({held['too_large']} too large for the broker"
                              f"{'; the outbox cannot be read: ' + held['read_error'] if held['read_error'] else ''})")
