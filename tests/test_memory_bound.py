@@ -62,7 +62,7 @@ def test_the_cgroup_reader_takes_the_tightest_limit_from_the_process_cgroup_up(t
     root = cgroup_tree(tmp_path / "jetson", unit_limits())
     limits = read_memory_limits(root)
     assert limits.cgroup == SERVICE
-    assert limits.max == CgroupBound(3 * GIB, SERVICE) and limits.high == CgroupBound(2560 * 1024 ** 2, SERVICE)
+    assert limits.max == CgroupBound(3 * GIB, SERVICE) and limits.high == CgroupBound(2560 * 1024 ** 2, SERVICE, "memory.high")
     assert limits.total == 7620056 * 1024 and limits.available == 5120000 * 1024
     # a slice's limit bounds every service in it
     (root / "sys/fs/cgroup/system.slice/memory.max").write_text(f"{2 * GIB}\n")
@@ -197,3 +197,120 @@ def test_with_no_cgroup_limit_the_machines_memory_bounds_the_prediction(tmp_path
     small = read_memory_limits(cgroup_tree(tmp_path / "small", free, meminfo="MemTotal: 2000000 kB\n"))
     verdict = memory_verdict(config, small)
     assert not verdict.fits and "above the machine's RAM (MemTotal), 1953 MiB" in verdict.text, verdict.text
+
+
+#: An older JetPack's (cgroup v1 only) /proc/self/mountinfo: each controller a `cgroup` mount, its
+#: super options naming it; systemd's own hierarchy as name=systemd.
+MOUNTINFO_V1 = ("22 28 0:20 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw\n"
+                "25 22 0:22 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:8 - tmpfs tmpfs ro,mode=755\n"
+                "27 25 0:24 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:9 - cgroup cgroup "
+                "rw,xattr,name=systemd\n"
+                "31 25 0:28 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:13 - cgroup cgroup "
+                "rw,cpu,cpuacct\n"
+                "33 25 0:30 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup "
+                "rw,memory\n")
+#: A hybrid host's (Ubuntu 20.04's default): the v1 controllers and an empty cgroup2 at unified/.
+MOUNTINFO_HYBRID = MOUNTINFO_V1 + ("26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 "
+                                   "- cgroup2 cgroup2 rw,nsdelegate\n")
+#: memory.limit_in_bytes where nothing is set: the kernel's PAGE_COUNTER_MAX pages of 4 KiB.
+V1_UNLIMITED = "9223372036854771712\n"
+
+
+def v1_tree(root: Path, limits: dict[str, str], *, hybrid: bool = False, cgroup: str = SERVICE) -> Path:
+    """A root laid out as a cgroup v1 (or hybrid) host presents a process in `cgroup`: its
+    /proc/self/cgroup lines and `limits` ({cgroup path: memory.limit_in_bytes text}) under the v1
+    memory mount; the hybrid's cgroup2 (unified/) holds no memory files (the controller is on v1)."""
+    (root / "proc" / "self").mkdir(parents=True)
+    lines = [f"11:memory:{cgroup}", "3:cpu,cpuacct:/", f"1:name=systemd:{cgroup}"] + ([f"0::{cgroup}"] if hybrid else [])
+    (root / "proc" / "self" / "cgroup").write_text("\n".join(lines) + "\n")
+    (root / "proc" / "self" / "mountinfo").write_text(MOUNTINFO_HYBRID if hybrid else MOUNTINFO_V1)
+    (root / "proc" / "meminfo").write_text(MEMINFO)
+    for mount in ("sys/fs/cgroup/systemd", "sys/fs/cgroup/unified")[:2 if hybrid else 1]:
+        (root / mount / cgroup.lstrip("/")).mkdir(parents=True)
+    for path, text in limits.items():
+        folder = root / "sys/fs/cgroup/memory" / path.lstrip("/")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "memory.limit_in_bytes").write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["v1", "hybrid"])
+def test_a_cgroup_v1_memory_limit_is_read_up_to_the_hierarchys_root(tmp_path: Path, hybrid: bool) -> None:
+    """The unit's MemoryMax=3G as systemd writes it on a v1 memory controller (memory.limit_in_bytes;
+    the slice and the root 'unlimited'): read, named by its file, and the verdict says it, where only
+    cgroup v2's files were read and the machine's MemAvailable was taken for the bound."""
+    unlimited = {"/": V1_UNLIMITED, "/system.slice": V1_UNLIMITED}
+    root = v1_tree(tmp_path / "jetson", {**unlimited, SERVICE: f"{3 * GIB}\n"}, hybrid=hybrid)
+    limits = read_memory_limits(root)
+    assert limits.max == CgroupBound(3 * GIB, SERVICE, "memory.limit_in_bytes") and limits.high is None
+    assert limits.cgroup == (SERVICE if hybrid else None) and memory_limit.systemd_cgroup(root) == SERVICE
+    text = memory_verdict(load_config(_folder_station(tmp_path, 4)), limits).text
+    assert "above the cgroup memory.limit_in_bytes of /system.slice/smearscope.service, 3072 MiB" in text, text
+    # a slice's limit bounds every service in it, as on v2
+    (root / "sys/fs/cgroup/memory/system.slice/memory.limit_in_bytes").write_text(f"{2 * GIB}\n")
+    assert read_memory_limits(root).max == CgroupBound(2 * GIB, "/system.slice", "memory.limit_in_bytes")
+    # 'unlimited' all the way up is no limit: the machine's memory bounds the station
+    (root / "sys/fs/cgroup/memory/system.slice/memory.limit_in_bytes").write_text(V1_UNLIMITED)
+    (root / "sys/fs/cgroup/memory" / SERVICE.lstrip("/") / "memory.limit_in_bytes").write_text(V1_UNLIMITED)
+    assert read_memory_limits(root).max is None
+    # 64 KiB pages give a smaller 'unlimited' (LONG_MAX rounded down to the page): no limit either
+    (root / "sys/fs/cgroup/memory" / SERVICE.lstrip("/") / "memory.limit_in_bytes").write_text(
+        f"{(2 ** 63 - 1) // 65536 * 65536}\n")
+    assert read_memory_limits(root).max is None
+
+
+def test_a_hybrid_hosts_tighter_limit_binds_whichever_hierarchy_sets_it(tmp_path: Path) -> None:
+    """v2's memory.max (a cgroup2 with the memory controller) and v1's memory.limit_in_bytes both
+    read on a hybrid host: the tighter one bounds the station; memory.high comes from v2 only."""
+    root = v1_tree(tmp_path / "hybrid", {"/": V1_UNLIMITED, SERVICE: f"{3 * GIB}\n"}, hybrid=True)
+    unified = root / "sys/fs/cgroup/unified" / SERVICE.lstrip("/")
+    (unified / "memory.max").write_text(f"{2 * GIB}\n")
+    (unified / "memory.high").write_text(f"{GIB}\n")
+    limits = read_memory_limits(root)
+    assert limits.max == CgroupBound(2 * GIB, SERVICE, "memory.max")
+    assert limits.high == CgroupBound(GIB, SERVICE, "memory.high")
+    (unified / "memory.max").write_text("max\n")
+    assert read_memory_limits(root).max == CgroupBound(3 * GIB, SERVICE, "memory.limit_in_bytes")
+
+
+def test_a_containers_v1_memory_mount_shows_its_own_cgroup_at_the_mount_point(tmp_path: Path) -> None:
+    """In a container the v1 memory mount's root (mountinfo's 4th field) is the container's cgroup,
+    /proc/self/cgroup naming it in full: its memory.limit_in_bytes lies at the mount point itself, and
+    a cgroup below it under the mount point less the mount's root."""
+    root = v1_tree(tmp_path / "container", {}, cgroup="/docker/4f1c")
+    (root / "proc/self/mountinfo").write_text(MOUNTINFO_V1.replace(" / /sys/fs/cgroup/memory ",
+                                                                   " /docker/4f1c /sys/fs/cgroup/memory "))
+    (root / "sys/fs/cgroup/memory").mkdir(parents=True)
+    (root / "sys/fs/cgroup/memory/memory.limit_in_bytes").write_text(f"{GIB}\n")
+    assert read_memory_limits(root).max == CgroupBound(GIB, "/docker/4f1c", "memory.limit_in_bytes")
+    # the station in a cgroup of its own inside the container: found below the mount point, not beside it
+    (root / "proc/self/cgroup").write_text("11:memory:/docker/4f1c/station\n")
+    (root / "sys/fs/cgroup/memory/station").mkdir()
+    (root / "sys/fs/cgroup/memory/station/memory.limit_in_bytes").write_text(f"{GIB // 2}\n")
+    assert read_memory_limits(root).max == CgroupBound(GIB // 2, "/docker/4f1c/station", "memory.limit_in_bytes")
+
+
+def test_the_v1_reader_on_this_machines_own_files(tmp_path: Path) -> None:
+    """This machine's /proc/self/cgroup and mountinfo where its memory controller is a v1 hierarchy
+    (a hybrid container host): 'unlimited' read as none, a limit written in its cgroup read."""
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    memory = next((ln.split(":", 2)[2] for ln in lines if "memory" in ln.split(":", 2)[1].split(",")), None)
+    mountinfo = Path("/proc/self/mountinfo").read_text()
+    mount = next((ln.partition(" - ")[0].split() for ln in mountinfo.splitlines()
+                  if ln.partition(" - ")[2].startswith("cgroup ") and "memory" in ln.split()[-1].split(",")), None)
+    if memory is None or mount is None or mount[3] != "/":
+        pytest.skip("this machine's memory controller is not a cgroup v1 hierarchy mounted from its root")
+    root = tmp_path / "here"
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text("\n".join(lines) + "\n")
+    (root / "proc/self/mountinfo").write_text(mountinfo)
+    (root / "proc/meminfo").write_text(MEMINFO)
+    real = Path(mount[4], memory.lstrip("/"), "memory.limit_in_bytes")  # the kernel's own value for this cgroup
+    folder = root / mount[4].lstrip("/") / memory.lstrip("/")
+    folder.mkdir(parents=True)
+    (folder / "memory.limit_in_bytes").write_text(real.read_text())
+    value = int(real.read_text())
+    assert read_memory_limits(root).max == (None if value >= memory_limit.V1_UNLIMITED_BYTES
+                                            else CgroupBound(value, memory, "memory.limit_in_bytes"))
+    (folder / "memory.limit_in_bytes").write_text(f"{GIB}\n")
+    assert read_memory_limits(root).max == CgroupBound(GIB, memory, "memory.limit_in_bytes")

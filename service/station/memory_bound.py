@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from smearscope.device.ingest.decode import IngestLimits
 from smearscope.device.ingest.errors import shown
-from smearscope.device.memory_limit import MemoryLimits, read_memory_limits
+from smearscope.device.memory_limit import CgroupBound, MemoryLimits, read_memory_limits
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,18 @@ class MemoryVerdict:
     text: str
 
 
+def _named(bound: CgroupBound, unit: str | None) -> str:
+    """A limit in words: a systemd unit's setting, or a cgroup's file."""
+    if unit is not None:
+        return f"the unit {shown(unit)}'s {bound.file}"
+    return f"the cgroup {bound.file} of {shown(bound.cgroup)}"
+
+
 def memory_verdict(config, limits: MemoryLimits | None = None) -> MemoryVerdict:
     """The configured station's predicted peak against the tightest bound it runs under: its cgroup's
-    memory.max and memory.high, else the machine's RAM (MemTotal) and what is free now (MemAvailable)."""
+    memory.max (v1: memory.limit_in_bytes) and memory.high, or the systemd unit's MemoryMax and
+    MemoryHigh where `limits` carries them, else the machine's RAM (MemTotal) and what is free now
+    (MemAvailable)."""
     limits = read_memory_limits() if limits is None else limits
     megapixels, frames = largest_frame(config.source)
     fields = config.analysis.concurrent_fields
@@ -82,10 +91,9 @@ def memory_verdict(config, limits: MemoryLimits | None = None) -> MemoryVerdict:
               "MemoryHigh=, MemoryMax=)")
     bounds: list[tuple[int, str, str]] = []
     if limits.max is not None:
-        bounds.append((limits.max.bytes, f"the cgroup memory.max of {shown(limits.max.cgroup)}",
-                       "the kernel OOM-kills the station there"))
+        bounds.append((limits.max.bytes, _named(limits.max, limits.unit), "the kernel OOM-kills the station there"))
     if limits.high is not None:
-        bounds.append((limits.high.bytes, f"the cgroup memory.high of {shown(limits.high.cgroup)}",
+        bounds.append((limits.high.bytes, _named(limits.high, limits.unit),
                        "above it the kernel reclaims memory and slows the station"))
     if limits.total is not None and (limits.max is None or limits.total < limits.max.bytes):
         bounds.append((limits.total, "the machine's RAM (MemTotal)", "the kernel OOM-kills the station there"))
