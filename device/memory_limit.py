@@ -129,6 +129,12 @@ def systemd_cgroup(root: Path | None = None) -> str | None:
     return _cgroup_v2_path(root) or _v1_path(root, "name=systemd")
 
 
+def memory_on_v1(root: Path | None = None) -> bool:
+    """Whether the memory controller is a cgroup v1 hierarchy here (systemd applies a unit's
+    MemoryMax= as its memory.limit_in_bytes there, and MemoryHigh= not at all)."""
+    return _v1_path(SYSTEM_ROOT if root is None else root, "memory") is not None
+
+
 def _v1_memory(root: Path) -> CgroupBound | None:
     """The tightest memory.limit_in_bytes from the process's v1 memory cgroup up to its mount's root."""
     cgroup = _v1_path(root, "memory")

@@ -1,5 +1,5 @@
-"""The station's predicted peak memory against the limit it runs under: the cgroup v2 reader on
-directory trees laid out as the kernel presents them, and the WARNING doctor and the station's
+"""The station's predicted peak memory against the limit it runs under: the cgroup reader (v2, v1,
+hybrid) on directory trees laid out as the kernel presents them, and the WARNING doctor and the station's
 start give when the frame limit and concurrent_fields predict a peak above it."""
 
 from __future__ import annotations

@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--no-wait", dest="wait", action="store_false",
                    help="beside a running station, do not wait for its next telemetry sample (up to "
                    "telemetry_interval_s + 5 s, 65 s at most) for the messages it holds back: say where to see them")
+    h.add_argument("--unit", default="smearscope.service",
+                   help="the station's systemd unit, whose MemoryMax and MemoryHigh the predicted peak memory is "
+                   "compared with (systemctl show; default: smearscope.service, as install-jetson.sh installs it)")
     h.set_defaults(func=_lazy("doctor", "cmd_doctor"))
 
     m = sub.add_parser("install-models", help="copy the packaged models to a folder, hashes checked")

@@ -10,7 +10,7 @@ or the model's), the inference backend the configuration chooses
 reading; nothing is captured, the station may hold the camera; GStreamer pipelines and URLs are
 not checked), the outbox (its folder writable, free space, not held by another process), the review
 directory and the typed-cells file (writable), the station's predicted peak memory against the memory limit
-doctor runs under (`service/station/memory_bound.py`), the MQTT broker (TCP, TLS with the configured CA and client certificate (refused by the broker: FAIL),
+its systemd unit runs under (smearscope.cli.doctor_memory, `service/station/memory_bound.py`), the MQTT broker (TCP, TLS with the configured CA and client certificate (refused by the broker: FAIL),
 and a login with the station's user and password; the password credential where systemd provides
 one, else a warning saying how to run doctor with it; while the station runs, the messages it holds
 back from the broker, read from its telemetry: smearscope.cli.doctor_parked), the white cells technicians typed on the
@@ -326,15 +326,6 @@ def _outbox_checks(path: Path, look: OutboxLook, review_free_mb: float | None = 
     return checks
 
 
-def memory_checks(config) -> list[Check]:
-    """The station's predicted peak memory (frame limit, concurrent_fields) against the limit it
-    would run under: this process's cgroup, else the machine's memory (`memory_bound`)."""
-    from smearscope.service.station.memory_bound import memory_verdict
-
-    verdict = memory_verdict(config)
-    return [("OK" if verdict.fits else "WARN", "memory", verdict.text)]
-
-
 def _say(check: Check) -> None:
     status, what, detail = check
     print(f"{status:<4}  {what:<16} {detail}", flush=True)
@@ -342,6 +333,7 @@ def _say(check: Check) -> None:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from smearscope.cli.doctor_broker import broker_checks
+    from smearscope.cli.doctor_memory import memory_checks
     from smearscope.cli.doctor_outbox import look_at_outbox
     from smearscope.cli.doctor_parked import parked_checks
     from smearscope.service.mqtt.wall_clock import clock_before_release, clock_reading
@@ -365,7 +357,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             lambda: station_means_checks(analysis, config.microns_per_pixel), lambda: typed_cells_checks(config),
             lambda: _backend_checks(analysis.engine_backend),
             lambda: camera_checks(config.source), lambda: scale_checks(config),  # type: ignore[attr-defined]
-            lambda: memory_checks(config),
+            lambda: memory_checks(config, args.unit),
             lambda: _outbox_checks(mqtt.outbox.path, outbox(), review_free), lambda: review_file_checks(config),
             lambda: _credential_checks(mqtt), lambda: broker_checks(mqtt, config_path=args.config),
             lambda: parked_checks(config, waiting if args.wait else None, station_runs=outbox().held)]
