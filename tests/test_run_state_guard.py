@@ -100,43 +100,86 @@ def _said_311(caplog: pytest.LogCaptureFixture) -> list[str]:
             and r.levelno == logging.WARNING and r.getMessage().startswith("MQTT 3.1.1")]
 
 
+def _acl(run_rights: str) -> str:
+    """The example ACL's station rights, with `run_rights` on its run topic, and an observer."""
+    return (f"user station\ntopic readwrite {BASE}/field\ntopic readwrite {BASE}/report\n"
+            f"topic readwrite {BASE}/cells\ntopic {run_rights} {BASE}/run\ntopic readwrite {BASE}/status\n"
+            f"topic readwrite {BASE}/telemetry\ntopic read {BASE}/cmd/#\nuser observer\ntopic readwrite #\n")
+
+
+def test_a_new_station_under_mqtt_311_that_may_read_its_run_topic_says_no_warning_when_the_broker_keeps_no_run_state(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A new station (its state holds no run) on a broker that keeps no retained run state, MQTT 3.1.1,
+    the example ACL's rights on its run topic: nothing comes on the run topic at its start, which
+    under 3.1.1 is also what an ACL that keeps the topic from it looks like. Its first run state,
+    sent retained, comes back on its subscription: the topic is readable, and nothing is said at
+    WARNING (every first start of a rightly configured 3.1.1 station used to warn)."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=_acl("readwrite"))
+    broker.start()
+    try:
+        config = make_config(tmp_path, broker.port, protocol="3.1.1")
+        publisher = _publisher(config, {}, (), started)
+        publisher.publish_many([("field", "field-1", b"{}", "1")], extra=[_run_state("r-1", 1, "open")])
+        with caplog.at_level(logging.DEBUG, logger="smearscope"):
+            publisher.start()
+            assert wait_until(lambda: not publisher.run_watch.listening, 10), caplog.text[-3000:]
+            assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
+        kept = retained_run_state(broker.port, BASE)
+        assert kept is not None and kept["run_id"] == "r-1", kept
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not warned, warned
+        assert any(r.levelno == logging.DEBUG and r.getMessage().startswith(f"MQTT 3.1.1: a message came back on {BASE}/run")
+                   for r in caplog.records), caplog.text[-3000:]
+    finally:
+        broker.stop()
+
+
 @pytest.mark.parametrize("readable", [False, True], ids=["run-topic-unreadable", "run-topic-readable"])
 def test_under_mqtt_311_a_run_topic_the_acl_keeps_from_the_station_is_said_once_with_the_line_to_add(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
-    readable: bool,
+    monkeypatch: pytest.MonkeyPatch, readable: bool,
 ) -> None:
-    """The broker keeps run r-1 closed at 6 fields; the restored station holds it at 3. Under MQTT 3.1.1
-    with an acl_file that lets the station write its run topic but not read it, mosquitto grants the
-    subscription and sends nothing: the station cannot tell the older state, and says so once at
-    WARNING with the acl line to add (not again at a reconnect). Given read too, it holds r-1's
-    report and says nothing of the kind."""
-    read = "readwrite" if readable else "write"
-    acl = (f"user station\ntopic readwrite {BASE}/field\ntopic readwrite {BASE}/report\n"
-           f"topic readwrite {BASE}/cells\ntopic {read} {BASE}/run\ntopic readwrite {BASE}/status\n"
-           f"topic readwrite {BASE}/telemetry\ntopic read {BASE}/cmd/#\nuser observer\ntopic readwrite #\n")
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=acl)
+    """The broker keeps run r-1 closed at 6 fields; the restored station holds it at 3, and its outbox
+    file keeps a hold of run r-0 from an earlier start. Under MQTT 3.1.1 with an acl_file that lets
+    the station write its run topic but not read it, mosquitto grants the subscription and sends
+    nothing: the hold of r-0 is released as after a cleared state, and r-1's run state, which the
+    station sends at its start, does not come back within the echo bound: said once at WARNING,
+    naming r-0 and the acl line to add (not again after a broker restart and reconnect). Given read
+    too, it holds r-1's report and says nothing of the kind."""
+    from smearscope.service.mqtt import echo_watch
+    from smearscope.service.mqtt.run_watch import HELD_TABLE
+
+    monkeypatch.setattr(echo_watch, "ECHO_BOUND_S", 1.0)
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=_acl("readwrite" if readable else "write"))
     broker.start()
     try:
         _retain(broker.port, _run_state("r-1", 6, "closed"))
         config = make_config(tmp_path, broker.port, protocol="3.1.1", reconnect_min_delay_s=1, reconnect_max_delay_s=1)
-        publisher = _publisher(config, {"r-1": 3}, ("r-1",), started)
-        publisher.publish_many([_report("r-1", 3)])
+        with Outbox.from_config(config.outbox) as earlier:  # an earlier start held r-0
+            earlier.write(lambda conn: (conn.execute(HELD_TABLE),
+                                        conn.execute("INSERT INTO held_runs VALUES ('r-0', 'closed', 9, 4, 0)")))
+        publisher = _publisher(config, {"r-0": 4, "r-1": 3}, ("r-1",), started)
+        publisher.publish_many([_report("r-1", 3)], extra=[_run_state("r-1", 3, "closed")])
         with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt.run_watch"):
             publisher.start()
             if readable:
-                assert wait_until(lambda: publisher.state.parked == 1, 10), publisher.state
-                assert "r-1" in publisher.run_watch.held and not _said_311(caplog), caplog.text[-3000:]
+                assert wait_until(lambda: publisher.state.parked == 2, 10), publisher.state
+                assert set(publisher.run_watch.held) == {"r-0", "r-1"}, publisher.run_watch.held
+                assert not _said_311(caplog), caplog.text[-3000:]
                 return
-            assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
+            assert wait_until(lambda: len(_said_311(caplog)) > 0, 15), caplog.text[-3000:]
             said = _said_311(caplog)
             assert len(said) == 1, caplog.text[-3000:]
-            assert f"'topic read {BASE}/run' under 'user station'" in said[0], said[0]
-            assert "MQTT 5" in said[0], said[0]
+            assert f"'topic read {BASE}/run' and 'topic write {BASE}/run' under 'user station'" in said[0], said[0]
+            assert "the runs held (r-0) were released" in said[0] and "MQTT 5" in said[0], said[0]
+            assert not publisher.run_watch.held and publisher.outbox.counts().messages == 0, publisher.state
             connects = publisher.state.connects
             broker.restart()
             assert wait_until(lambda: publisher.state.connects > connects and publisher.state.connected, 20)
-            publisher.publish_many([_report("r-9", 1)])
+            publisher.publish_many([_report("r-9", 1)], extra=[_run_state("r-9", 1, "closed")])
             assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
+            time.sleep(1.5)  # past the echo bound of the run state sent after the restart
             assert len(_said_311(caplog)) == 1, _said_311(caplog)
     finally:
         broker.stop()

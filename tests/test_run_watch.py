@@ -256,3 +256,80 @@ def test_a_kept_hold_is_released_only_by_a_start_that_finds_no_retained_run_stat
         cleared.on_subscribe(None, None, 2, [granted], None)  # no retained run state came before it
         assert cleared.may_send() and not cleared.held
         assert not RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox).held
+
+
+def test_under_mqtt_311_no_retained_run_state_is_said_only_when_the_stations_own_run_state_does_not_come_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 3.1.1 start hears nothing on the run topic: nothing is said then, nor while the station has
+    sent no run state (a new station), nor for an acknowledgement on another topic or connection.
+    A run state acknowledged whose connection is lost before the echo bound passes is waited for
+    again on the next one. One that comes back ends it without a word; one that does not within
+    echo_watch.ECHO_BOUND_S of its PUBACK is said once at WARNING, naming the hold the start released."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from smearscope.service.mqtt import run_watch as module
+    from smearscope.service.mqtt.echo_watch import ECHO_BOUND_S
+    from smearscope.service.mqtt.run_watch import RunStateWatch
+
+    granted = ReasonCode(PacketTypes.SUBACK, identifier=0)
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    topic = "smearscope/lab-7/run"
+    config = MqttConfig.model_validate({"host": "127.0.0.1", "port": 1, "outbox": {"path": str(tmp_path / "o.sqlite3")}})
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("MQTT 3.1.1")]
+
+    def started(watch: RunStateWatch, connection: int) -> RunStateWatch:
+        watch.known({"r-1": 3})
+        watch.subscribing(1, True, connection)
+        watch.on_subscribe(None, None, 1, [granted], None)
+        watch.on_subscribe(None, None, 2, [granted], None)  # nothing came before the next subscription's answer
+        assert watch.may_send()
+        return watch
+
+    with Outbox.from_config(config.outbox) as outbox, caplog.at_level(logging.WARNING, logger=module.__name__):
+        first = RunStateWatch("lab-7", topic, store=outbox, user="station")
+        first.known({"r-1": 3}, closed_now=["r-1"])
+        first.subscribing(1)
+        first.heard(_state("r-1", 6, state="closed"), retained=True)
+        assert first.may_send() and set(first.held) == {"r-1"}  # kept in the file
+        watch = started(RunStateWatch("lab-7", topic, store=outbox, user="station"), 1)
+        assert not watch.held and not said(), said()  # the hold released, nothing said yet
+        watch.acked(7, "smearscope/lab-7/report", 1)
+        clock[0] += 10 * ECHO_BOUND_S
+        watch.check()
+        assert not said(), said()  # no run state sent yet: nothing to tell by
+        watch.acked(8, topic, 1)
+        clock[0] += ECHO_BOUND_S / 2
+        watch.subscribing(3, True, 2)  # lost and connected again before the bound
+        watch.acked(8, topic, 1)  # the connection before's acknowledgement, settled late
+        clock[0] += ECHO_BOUND_S
+        watch.check()
+        assert not said(), said()
+        watch.acked(9, topic, 2)
+        clock[0] += ECHO_BOUND_S / 2
+        watch.check()
+        assert not said(), said()
+        clock[0] += ECHO_BOUND_S  # past the bound of its PUBACK on this connection, and not back
+        watch.check()
+        watch.check()
+        assert len(said()) == 1, said()
+        warning = said()[0]
+        assert warning.startswith(f"MQTT 3.1.1: no retained run state came on {topic}"), warning
+        assert "the runs held (r-1) were released" in warning and f"'topic read {topic}'" in warning, warning
+        watch.subscribing(5, True, 3)  # a reconnect: said once per process
+        watch.acked(11, topic, 3)
+        clock[0] += 2 * ECHO_BOUND_S
+        watch.check()
+        assert len(said()) == 1, said()
+
+        caplog.clear()
+        readable = started(RunStateWatch("lab-7", topic, user="station"), 1)
+        readable.acked(4, topic, 1)
+        assert readable.heard(_state("r-1", 3, state="closed"), retained=False)  # its own, back
+        clock[0] += 2 * ECHO_BOUND_S
+        readable.check()
+        assert not said(), said()

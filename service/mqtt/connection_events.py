@@ -103,11 +103,11 @@ class ConnectionEvents:
                 self._inflight.post(client, m.mid, None)
         # before the drain loop can see the connection: a run state of its backlog sent ahead of
         # this subscription would come back as the retained one, hiding the broker's (run_watch)
+        v311, connection = self._protocol == MQTTProtocolVersion.MQTTv311, self._inflight.connected()
         if self.run_watch.listening:
-            self.run_watch.subscribing(client.subscribe(self.run_watch.topic, qos=0)[1],
-                                       self._protocol == MQTTProtocolVersion.MQTTv311)
+            self.run_watch.subscribing(client.subscribe(self.run_watch.topic, qos=0)[1], v311, connection)
         # its own messages back; acknowledgements of the connection before are not waited on
-        self.echo.connected(client, self._protocol == MQTTProtocolVersion.MQTTv311, self._inflight.connected())
+        self.echo.connected(client, v311, connection)
         self._connected_at = time.monotonic()
         self._failures_said.clear()  # the next outage is news
         with self._state_lock:

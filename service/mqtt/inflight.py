@@ -97,7 +97,7 @@ class InFlight:
         #: seq -> what was said of a parked message (why, its size, the limit): said again only when it changes.
         self._parked_said: dict[int, tuple[str, int, int | None]] = {}
         #: Told (seq, topic, connection it was acknowledged on) of each acknowledged message
-        #: (service.mqtt.echo_watch), on the drain thread: that may be after a reconnect.
+        #: (service.mqtt.echo_watch, service.mqtt.run_watch), on the drain thread: that may be after a reconnect.
         self.on_acked: Callable[[int, str, int], None] | None = None
         #: Messages not to send now (parked too): a run the broker shows further along (service.mqtt.run_watch).
         self.hold: Callable[[OutboxMessage], bool] | None = None

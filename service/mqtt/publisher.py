@@ -134,7 +134,7 @@ class MqttPublisher(ConnectionEvents):
         self._inflight = InFlight(outbox, config.max_inflight, config.username)
         #: MQTT 3.1.1: its own messages come back, or the broker dropped what it acknowledged.
         self.echo = EchoWatch((self.field_topic, self.report_topic, self.cells_topic), config.username, config.address)
-        self._inflight.on_acked = self.echo.acked
+        self._inflight.on_acked = self._acked
         self._inflight.hold = self.run_watch.holds  # a run the broker shows further along: parked
         self._parked_summary = ParkedReader(outbox)
         self._drain_errors = DrainErrors(outbox.path)
@@ -363,6 +363,11 @@ class MqttPublisher(ConnectionEvents):
         self.run_watch.on_subscribe(client, userdata, mid, reason_codes, properties)
         self.echo.on_subscribe(client, mid, reason_codes)
 
+    def _acked(self, seq: int, topic: str, connection: int) -> None:
+        """An outbox message the broker acknowledged (the drain thread): under 3.1.1 it comes back."""
+        self.echo.acked(seq, topic, connection)
+        self.run_watch.acked(seq, topic, connection)
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self.echo.heard(message.topic):  # its own message back (MQTT 3.1.1): service.mqtt.echo_watch
             return
@@ -421,6 +426,7 @@ class MqttPublisher(ConnectionEvents):
                     self.outbox.give_back_space()
                 cursor = self._send_batch(cursor)
                 self.echo.check()
+                self.run_watch.check()  # MQTT 3.1.1: its own run state back, or the ACL keeps the topic from it
                 if len(self._inflight.parked) != parked_seen:
                     parked_seen = len(self._inflight.parked)
                     self._telemetry_now.set()

@@ -19,7 +19,10 @@ names by then (the station's own later runs replace it), or however many fields 
 state holds for that run by then (a run taken back open goes on with other fields than the
 broker's): only a start that finds no retained run state on the broker (cleared by the operator)
 releases them (docs/STATION.md). Under MQTT 3.1.1 mosquitto grants a subscription its ACL denies
-and sends nothing, which looks like no retained state: a 3.1.1 start that hears none says so once."""
+and sends nothing, which looks like no retained state: a 3.1.1 start that hears none keeps the
+subscription, and the station's own run state (the outbox sends its last one at each start) coming
+back on it shows the topic readable; one the broker acknowledged that does not come back within
+echo_watch.ECHO_BOUND_S is said once at WARNING, with the ACL line to check."""
 
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from collections.abc import Callable, Collection, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from smearscope.service.mqtt import echo_watch
 from smearscope.service.mqtt.outbox import Outbox, OutboxMessage
 
 logger = logging.getLogger(__name__)
@@ -54,6 +58,12 @@ class RunStateWatch:
         self.station_id = station_id
         self.user = user  # the station's MQTT user name, for the ACL line (None: anonymous)
         self._v311 = False  # this connection speaks MQTT 3.1.1: a subscription the ACL denies is granted
+        self._connection = 0  # this connection's number (InFlight.connected)
+        #: MQTT 3.1.1, nothing heard at the start: the station's own run state is waited for on the run
+        #: topic, from its PUBACK on this connection (the monotonic time; None: none acknowledged yet).
+        self._awaiting_own = False
+        self._own_acked_at: float | None = None
+        self._released_unheard: tuple[str, ...] = ()  # held runs that start released: the warning names them
         self._store = store  # the outbox file: the runs held, across restarts
         self.topic = topic
         self._wake = wake  # the drain thread, once the outbox may be sent
@@ -91,6 +101,9 @@ class RunStateWatch:
                 return True
             self.listening = False
             self._settled = True
+            if self._awaiting_own:  # MQTT 3.1.1: a message on the topic, so it is readable
+                self._awaiting_own = False
+                logger.debug("MQTT 3.1.1: a message came back on %s: this station may read it", self.topic)
             if retained and payload:
                 try:
                     state = json.loads(payload)
@@ -102,12 +115,14 @@ class RunStateWatch:
         self._wake()
         return True
 
-    def subscribing(self, mid: int, v311: bool = False) -> None:
+    def subscribing(self, mid: int, v311: bool = False, connection: int = 0) -> None:
         """The run topic subscribed on a new connection (paho's thread), under packet id `mid`;
-        `v311`: the connection speaks MQTT 3.1.1."""
+        `v311`: the connection speaks MQTT 3.1.1; `connection`: its number (InFlight.connected)."""
         with self._lock:
             # this connection's own bound: a reconnect after the first one's passed would send at once
             self._run_mid, self._run_acked, self._wait_until, self._v311 = mid, False, None, v311
+            # a run state acknowledged on the connection before: its echo may have gone with it
+            self._connection, self._own_acked_at = connection, None
 
     def on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: list[Any], properties: Any) -> None:
         """paho's SUBACK callback. The broker sends the run topic's retained state (if any) before the
@@ -126,25 +141,46 @@ class RunStateWatch:
                     self._settled = True
             elif self._run_acked:
                 self._settled = True  # no retained run state on the broker (it would have come by now)
-                if self._v311:
-                    self._say_unreadable_311_locked()
+                if self._v311:  # or none this station may read: its own run state coming back tells
+                    self._awaiting_own = True
+                    self._released_unheard = tuple(sorted(r for r in self.held if r in self._kept))
+                    logger.debug("MQTT 3.1.1: no retained run state came on %s: this station's own run state "
+                                 "coming back there will show that it may read it", self.topic)
                 self._release_locked(list(self.held), "the broker holds no retained run state")
             settled = self._settled
         if settled:
             self._wake()
 
-    def _say_unreadable_311_locked(self) -> None:
-        """Under MQTT 3.1.1 mosquitto (2.0.11) grants a subscription its ACL denies and sends nothing:
-        "none retained" and "not allowed to read it" look alike, so the check is said to be blind."""
+    def acked(self, seq: int, topic: str, connection: int) -> None:
+        """The broker acknowledged outbox message `seq` to `topic` on connection number `connection`
+        (the drain thread): a run state of this connection's starts the wait for it to come back."""
+        with self._lock:
+            if (topic == self.topic and self._awaiting_own and self._own_acked_at is None
+                    and connection == self._connection):
+                self._own_acked_at = time.monotonic()
+
+    def check(self) -> None:
+        """MQTT 3.1.1: say once at WARNING that the station's own run state did not come back (the
+        drain thread): mosquitto (2.0.11) grants a subscription its ACL denies and sends nothing, so
+        the older-state check heard nothing for that reason, not because the broker keeps none."""
+        with self._lock:
+            since = self._own_acked_at
+            if not self._awaiting_own or since is None or time.monotonic() - since <= echo_watch.ECHO_BOUND_S:
+                return
+            self._awaiting_own = False
+            released = self._released_unheard
         where = f"under 'user {self.user}'" if self.user is not None else "for anonymous clients (before any 'user' line)"
-        held = (f"; the runs held ({', '.join(sorted(r for r in self.held if r in self._kept))}) are released as if "
-                "the operator had cleared it" if any(r in self._kept for r in self.held) else "")
-        logger.warning("MQTT 3.1.1: no retained run state came on %s: either the broker keeps none (a new station, "
-                       "or one the operator cleared) or its acl_file does not let this station read that topic (under "
-                       "3.1.1 mosquitto grants such a subscription and sends nothing; MQTT 5 refuses it and that is "
-                       "said). A state restored from an older backup is then not told%s. Check that the broker's "
-                       "acl_file has 'topic read %s' %s (config/mosquitto.acl.example), or let the station speak "
-                       "MQTT 5 (protocol = \"auto\")", self.topic, held, self.topic, where)
+        held = (f"; the runs held ({', '.join(released)}) were released at this start as if the operator had "
+                "cleared it" if released else "")
+        logger.warning("MQTT 3.1.1: no retained run state came on %s at this start, and this station's own run "
+                       "state, which the broker acknowledged there, did not come back to its subscription within "
+                       "%.0f s: the broker's acl_file does not let this station read that topic, or write it (under "
+                       "3.1.1 mosquitto grants a subscription it denies and sends nothing, and acknowledges and drops "
+                       "a message it denies; MQTT 5 refuses both and that is said). A state restored from an older "
+                       "backup is then not told%s. Give it 'topic read %s' and 'topic write %s' %s in the broker's "
+                       "acl_file (config/mosquitto.acl.example), or let the station speak MQTT 5 "
+                       "(protocol = \"auto\")", self.topic, echo_watch.ECHO_BOUND_S, held, self.topic, self.topic,
+                       where)
 
     def may_send(self) -> bool:
         """Whether the outbox may be sent (the drain thread, connected): not before the broker's
