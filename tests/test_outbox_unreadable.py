@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
 from test_publisher import BASE, make_config, start_publisher
 
+from smearscope.service.mqtt import inflight
 from smearscope.service.mqtt.publisher import MqttPublisher
 
 LOGGER = "smearscope.service.mqtt.publisher"
@@ -96,3 +98,51 @@ def test_two_reasons_that_take_turns_are_each_said_once_at_error_while_the_outbo
     errors = [r.getMessage() for r in failing() if r.levelno >= logging.ERROR]
     assert len(errors) == len(reasons()) == 2, errors
     publisher.outbox.read(lambda conn: conn.set_authorizer(None))
+
+
+@pytest.mark.broker
+def test_an_acknowledgement_settled_beside_a_refusal_while_the_outbox_cannot_be_read_is_not_lost(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A report the broker acknowledged and one it refused as too large (PUBACK 0x95) are settled in one
+    pass while the outbox cannot be read: the refusal's look-up of its message fails there. The
+    acknowledged report still leaves the outbox once it reads again, and the refused one is parked;
+    before, the pass dropped both from the drain's books: the delivered report stayed in the outbox,
+    waited on by the stop and sent again at the next connection, the refused one counted as waiting."""
+    monkeypatch.setattr(inflight, "DELETE_RETRY_S", 1.0)  # a delete the unreadable outbox refused: tried again soon
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1000",))
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])
+    try:
+        sub.wait_ready()
+        publisher = start_publisher(make_config(tmp_path, broker.port, protocol="5"), started)
+        assert publisher.wait_until_connected(5)
+        gate, held = threading.Event(), threading.Event()
+        check = publisher.echo.check
+
+        def busy_check() -> None:  # the drain thread stops here once it has sent both
+            if not gate.is_set() and len(publisher._inflight) == 2:
+                held.set()
+                gate.wait(30)
+            check()
+
+        publisher.echo.check = busy_check  # type: ignore[method-assign]
+        publisher.publish_many([("report", "delivered", b"{}", "1"),
+                                ("report", "too-big", json.dumps({"cells": "x" * 5000}).encode(), "1")])
+        assert held.wait(5)
+        assert sub.wait_for(lambda m: any(json.loads(r.payload)["report_id"] == "delivered" for r in m), 10)
+        assert wait_until(lambda: publisher._inflight._events.qsize() >= 2, 5)  # both answers in
+        caplog.set_level(logging.DEBUG, logger=LOGGER)
+        publisher.outbox.read(lambda conn: conn.set_authorizer(refuse_outbox))
+        gate.set()
+        assert wait_until(lambda: any("MQTT drain loop error" in r.getMessage() for r in caplog.records), 10)
+        publisher.outbox.read(lambda conn: conn.set_authorizer(None))
+        assert wait_until(lambda: publisher.outbox.counts().messages == 1, 10), publisher.outbox.counts()
+        left = publisher.outbox.pending()
+        assert [json.loads(m.payload)["report_id"] for m in left] == ["too-big"]
+        assert publisher.state.parked == 1 and publisher.state.in_flight == 0
+        assert publisher.wait_until_drained(5)  # the parked one is no message to wait for
+    finally:
+        sub.close()
+        broker.stop()

@@ -274,8 +274,14 @@ class InFlight:
         return len(acked), rejected
 
     def _park_refused(self, seq: int, topic: str) -> None:
-        """The broker refused the message as too large: park it, as one over the known limit."""
-        message = next(iter(self.outbox.pending(limit=1, after_seq=seq - 1)), None)
+        """The broker refused the message as too large: park it, as one over the known limit. Its row is
+        read for its size and report; an outbox that cannot be read leaves them unknown (0, "?") and the
+        message parked all the same: raised here, the acknowledgements settled beside it were lost."""
+        try:
+            message = next(iter(self.outbox.pending(limit=1, after_seq=seq - 1)), None)
+        except sqlite3.Error as exc:
+            logger.debug("outbox message seq %d refused as too large: its row not read (%s)", seq, exc)
+            message = None
         size = publish_packet_size(message, None) if message is not None and message.seq == seq else 0
         self.parked[seq] = size
         self._say_parked(seq, ("refused", size, self.max_packet_size),
