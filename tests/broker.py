@@ -14,6 +14,7 @@ import queue
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -451,9 +452,18 @@ class Mqtt311OnlyProxy:
     MQTT 5 CONNECT with the 3.1.1 CONNACK "unacceptable protocol version" and closes; other
     connections are piped through unchanged."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, tls: TlsMaterial | None = None,
+                 refuse: threading.Event | None = None) -> None:
+        """`tls`: the proxy's port is TLS with that server certificate (piped as plain TCP to the broker);
+        `refuse`: an MQTT 5 CONNECT is answered only once it is set (`asked_v5` says it came)."""
         self.upstream_port = upstream_port
         self.refused_v5 = 0
+        self.asked_v5 = threading.Event()
+        self._refuse = refuse
+        self._tls: ssl.SSLContext | None = None
+        if tls is not None:
+            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._tls.load_cert_chain(str(tls.server_cert), str(tls.server_key))
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._server.getsockname()[1])
         self._stop = threading.Event()
@@ -471,11 +481,20 @@ class Mqtt311OnlyProxy:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        if self._tls is not None:
+            try:
+                conn = self._tls.wrap_socket(conn, server_side=True)
+            except OSError:
+                conn.close()
+                return
         with conn:
             head = conn.recv(64)  # fixed header + variable header start of CONNECT
             # Byte 0: CONNECT; remaining length (1 byte while small); then 0x00 0x04 "MQTT" level.
             level_at = head.find(b"MQTT") + 4
             if level_at >= 4 and level_at < len(head) and head[level_at] == 5:
+                self.asked_v5.set()
+                if self._refuse is not None:
+                    self._refuse.wait(30)
                 self.refused_v5 += 1
                 conn.sendall(b"\x20\x02\x00\x01")
                 return

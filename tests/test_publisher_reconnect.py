@@ -12,7 +12,15 @@ import threading
 from pathlib import Path
 
 import pytest
-from broker import MOSQUITTO_PASSWD, MQTT_USERS, MosquittoBroker, Subscriber, wait_until
+from broker import (
+    MOSQUITTO_PASSWD,
+    MQTT_USERS,
+    MosquittoBroker,
+    Mqtt311OnlyProxy,
+    Subscriber,
+    TlsMaterial,
+    wait_until,
+)
 from test_daemon import start_daemon, stop_daemon, write_station
 from test_publisher import BASE, make_config, start_publisher
 
@@ -205,3 +213,35 @@ def test_a_reload_hands_the_new_password_to_the_client_on_its_network_thread_bef
         assert set_on == [f"paho-mqtt-client-{publisher.client_id}"], set_on
     finally:
         broker.stop()
+
+
+def test_a_fallback_to_mqtt_311_that_finds_the_tls_files_mid_renewal_tries_again_once_they_are_whole(
+    broker: MosquittoBroker, tmp_path: Path, tls_material: TlsMaterial, credentials_dir: Path, started: list[MqttPublisher],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """protocol "auto" against a broker that refuses MQTT 5: the station makes a 3.1.1 client. Its TLS
+    files caught mid-renewal then (a CA file half written) fail that client's making; the fallback is
+    tried again and the station connects once the files are whole. Before, the failed making left the
+    stopped MQTT 5 client in place and no fallback asked for: the station never connected again."""
+    refuse = threading.Event()
+    proxy = Mqtt311OnlyProxy(broker.port, tls=tls_material, refuse=refuse)  # TLS in front of mosquitto
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_bytes(tls_material.ca_cert.read_bytes())
+    try:
+        caplog.set_level(logging.DEBUG, logger=PUBLISHER_LOG)
+        publisher = start_publisher(make_config(tmp_path, proxy.port, protocol="auto",
+                                                tls={"ca_file": str(ca_file)}), started)
+        assert proxy.asked_v5.wait(10)
+        whole = ca_file.read_bytes()
+        ca_file.write_bytes(whole[: len(whole) // 2])  # the renewal half written
+        refuse.set()
+        failing = lambda: [r for r in caplog.records if "MQTT drain loop error" in r.getMessage()]
+        assert wait_until(lambda: bool(failing()), 10)
+        ca_file.write_bytes(whole)
+        assert publisher.wait_until_connected(10), publisher.state
+        assert publisher.state.protocol == "MQTTv311" and proxy.refused_v5 == 1
+        assert sum(1 for r in failing() if r.levelno >= logging.ERROR) == 1  # its retries at DEBUG
+        publisher.publish_report("report", "after", b"{}", "1")
+        assert publisher.wait_until_drained(10)  # through the proxy to mosquitto
+    finally:
+        proxy.close()

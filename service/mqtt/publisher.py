@@ -472,7 +472,11 @@ class MqttPublisher(ConnectionEvents):
         self._inflight.forget_all()  # the old client's queue died with it; the outbox re-sends
         with self._state_lock:
             self._epoch += 1
-        self._client = self._new_client()
+        try:
+            self._client = self._new_client()
+        except Exception:  # e.g. TLS files caught mid-renewal: asked again, so the next tick tries again
+            self._fallback_requested = True
+            raise
 
     def _respond(self, name: str, response: Mapping[str, Any], correlation: bytes | None) -> None:
         client = self._client
