@@ -97,6 +97,30 @@ def test_a_field_stored_before_the_clock_was_set_back_expires_within_its_lifetim
 
 
 @pytest.mark.broker
+def test_field_messages_past_their_expiry_leave_the_outbox_while_no_broker_answers(
+    broker: MosquittoBroker, tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+) -> None:
+    """An offline lab: the broker is down. A field message older than `field_message_expiry_s` is
+    dropped from the outbox meanwhile (docs/STATION.md's data table: kept until expiry), the
+    report kept; it goes once the broker is back. Before, the expiry ran only while connected: an
+    outage of weeks kept every field message (their field ids may name the patient) until it ended."""
+    config = make_config(tmp_path, broker.port, field_message_expiry_s=3600)
+    with Outbox.from_config(config.outbox) as outbox:
+        outbox.put("field", f"{BASE}/field", b'{"field": 1}', report_id="old-field", schema_version="2.1",
+                   created_at=time.time() - 7200)
+        outbox.put("report", f"{BASE}/report", b'{"report": 1}', report_id="report", schema_version="2.1",
+                   created_at=time.time() - 7200)
+    broker.stop()
+    publisher = start_publisher(config, started)
+    assert wait_until(lambda: publisher.outbox.counts().messages == 1, 15), publisher.outbox.counts()
+    assert not publisher.state.connected
+    assert [m.report_id for m in publisher.outbox.pending()] == ["report"]
+    broker.start()
+    assert publisher.wait_until_connected(20), publisher.state
+    assert publisher.wait_until_drained(10) and publisher.state.delivered == 1  # the report alone
+
+
+@pytest.mark.broker
 def test_a_field_stamped_in_1970_by_an_earlier_start_goes_out_with_its_whole_lifetime(
     broker: MosquittoBroker, observer: Subscriber, tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
 ) -> None:

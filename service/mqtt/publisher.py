@@ -416,14 +416,14 @@ class MqttPublisher(ConnectionEvents):
                 if epoch != epoch_seen or (rewind_at is not None and time.monotonic() >= rewind_at):
                     # New connection or retry due: start over from the oldest unacked message.
                     epoch_seen, cursor, rewind_at = epoch, 0, None
-                if not connected or not self.run_watch.may_send():  # first: the broker's retained run state
-                    continue
-                if time.monotonic() >= next_expiry:  # every 10 s: expired fields, free pages to the disk
+                if time.monotonic() >= next_expiry:  # every 10 s, offline too: expired fields, free pages to the disk
                     next_expiry = time.monotonic() + 10.0  # first: a failure below must not stop the sending
                     if self.config.field_message_expiry_s:
                         self.outbox.expire_fields(time.time() - self.config.field_message_expiry_s)
                     self._inflight.forget_gone()  # parked ones expired or evicted: no longer counted
                     self.outbox.give_back_space()
+                if not connected or not self.run_watch.may_send():  # first: the broker's retained run state
+                    continue
                 cursor = self._send_batch(cursor)
                 self.echo.check()
                 self.run_watch.check()  # MQTT 3.1.1: its own run state back, or the ACL keeps the topic from it
