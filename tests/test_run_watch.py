@@ -333,3 +333,45 @@ def test_under_mqtt_311_no_retained_run_state_is_said_only_when_the_stations_own
         clock[0] += 2 * ECHO_BOUND_S
         readable.check()
         assert not said(), said()
+
+
+def test_a_release_the_outbox_file_refuses_to_keep_is_written_once_the_file_takes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A start that finds no retained run state releases a kept hold, and the outbox file refuses the
+    write that forgets it (a full disk, an I/O error: here a trigger). The write is tried again until
+    the file takes it. Before, the watch took it as written: the file kept the hold, and every later
+    start held that run's new messages again (a signature), while the broker then showed the run's
+    own state, which never releases it."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from smearscope.service.mqtt import run_watch as module
+    from smearscope.service.mqtt.run_watch import SAVE_RETRY_S, RunStateWatch
+
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    granted = ReasonCode(PacketTypes.SUBACK, identifier=0)
+    config = MqttConfig.model_validate({"host": "127.0.0.1", "port": 1, "outbox": {"path": str(tmp_path / "o.sqlite3")}})
+    with Outbox.from_config(config.outbox) as outbox:
+        first = RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox)
+        first.known({"r-1": 3}, resumed="r-1")
+        first.subscribing(1)
+        first.heard(_state("r-1", 6, state="closed"), retained=True)
+        assert first.may_send() and first.held == {"r-1": ("closed", 6, 3)}
+        outbox.write(lambda conn: conn.execute("CREATE TRIGGER refuse BEFORE DELETE ON held_runs "
+                                               "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END"))
+        caplog.set_level(logging.WARNING, logger="smearscope.service.mqtt.run_watch")
+        cleared = RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox)
+        cleared.known({"r-1": 3})
+        cleared.subscribing(1)
+        cleared.on_subscribe(None, None, 1, [granted], None)
+        cleared.on_subscribe(None, None, 2, [granted], None)  # no retained run state came before it
+        assert cleared.may_send() and not cleared.held  # the sending goes on
+        assert cleared.may_send()  # not tried again at once
+        refused = [r.getMessage() for r in caplog.records if "could not be" in r.getMessage()]
+        assert len(refused) == 1 and "disk I/O error" in refused[0], refused
+        outbox.write(lambda conn: conn.execute("DROP TRIGGER refuse"))
+        clock[0] += SAVE_RETRY_S
+        assert cleared.may_send()
+        assert not RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox).held

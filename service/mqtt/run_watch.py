@@ -46,6 +46,8 @@ OWN_KEPT = 10_000
 #: How long the first connection's sending waits at most for the broker's retained run state (s).
 HEAR_WAIT_S = 5.0
 #: The runs held, kept across restarts in the outbox file (the held messages are there too).
+#: After the outbox file refused the held runs' write (a full disk, an I/O error), the next try waits this long (s).
+SAVE_RETRY_S = 60.0
 HELD_TABLE = ("CREATE TABLE IF NOT EXISTS held_runs (run_id TEXT PRIMARY KEY, broker_state TEXT NOT NULL, "
               "broker_fields INTEGER NOT NULL, own_fields INTEGER NOT NULL, held_at REAL NOT NULL)")
 
@@ -89,6 +91,8 @@ class RunStateWatch:
         self._held_states: dict[str, int] = {}  # held run id -> the outbox seq of its latest run state
         self._kept: set[str] = set()  # held runs as the outbox file has them
         self._released: set[str] = set()  # held runs a start found released, not yet gone from the file
+        self._save_at = 0.0  # monotonic time the held runs' write may be tried (again)
+        self._save_failing: str | None = None  # why it failed, said once while it fails
         if store is not None:
             self._load(store)
 
@@ -187,7 +191,8 @@ class RunStateWatch:
         retained run state is heard, known to be none, or HEAR_WAIT_S has passed."""
         with self._lock:
             if self._settled:
-                saving = self._kept != set(self.held) or bool(self._released)
+                saving = ((self._kept != set(self.held) or bool(self._released))
+                          and time.monotonic() >= self._save_at)
                 if not saving:
                     return True
             else:
@@ -353,10 +358,18 @@ class RunStateWatch:
                                  [(r, *held[r], now) for r in held if r not in self._kept])
             try:
                 store.write(write)
-            except sqlite3.Error as exc:  # a full disk: held in this process still, a later start not surely
-                logger.warning("the runs held (%s) could not be kept in the outbox file (%s): a later start holds "
-                               "them again only while the broker's retained run state shows them further along",
-                               ", ".join(sorted(held)) or "none", exc)
+            except sqlite3.Error as exc:  # a full disk: held (or sent) in this process still; the file as it was
+                said, self._save_failing = self._save_failing, f"{type(exc).__name__}: {exc}"
+                self._save_at = time.monotonic() + SAVE_RETRY_S
+                logger.log(logging.DEBUG if said == self._save_failing else logging.WARNING,
+                           "the runs held (%s) and released (%s) could not be written to the outbox file (%s): "
+                           "tried again every %.0f s; a start meanwhile holds the runs the file names",
+                           ", ".join(sorted(held)) or "none", ", ".join(sorted(released)) or "none", exc,
+                           SAVE_RETRY_S)
+                return
+            if self._save_failing is not None:
+                logger.info("the runs held and released are written to the outbox file again")
+                self._save_failing = None
         with self._lock:
             self._kept = (self._kept | set(held)) - released
             self._released -= released
