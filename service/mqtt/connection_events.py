@@ -16,6 +16,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -70,6 +71,9 @@ class ConnectionEvents:
     _wake: threading.Event
     _telemetry_now: threading.Event
     _inflight: InFlight
+    _client: mqtt.Client | None
+    _set_state: Callable[..., None]
+    _new_client: Callable[[], mqtt.Client]
 
     def _protocol_name(self) -> Literal["MQTTv5", "MQTTv311"]:
         return "MQTTv5" if self._protocol == MQTTProtocolVersion.MQTTv5 else "MQTTv311"
@@ -194,3 +198,22 @@ class ConnectionEvents:
             hint = paho_client.short_lived_hint(self._short_lived, _SHORT_LIVED_S, self.client_id)
             logger.warning("MQTT connection lost to broker %s (%s)%s; reconnecting with backoff up to %d s", self.config.address,
                            reason_code, hint, self.config.reconnect_max_delay_s)
+
+    def _fall_back_to_311(self) -> None:
+        """Asked for by a refused MQTT 5 CONNACK (protocol "auto"); run by the drain loop: the MQTT 5
+        client stopped, a 3.1.1 one made in its place."""
+        self._fallback_requested = False
+        old = self._client
+        self._protocol = MQTTProtocolVersion.MQTTv311
+        self._set_state(protocol="MQTTv311")
+        if old is not None:
+            old.disconnect()
+            old.loop_stop()
+        self._inflight.forget_all()  # the old client's queue died with it; the outbox re-sends
+        with self._state_lock:
+            self._epoch += 1
+        try:
+            self._client = self._new_client()
+        except Exception:  # e.g. TLS files caught mid-renewal: asked again, so the next tick tries again
+            self._fallback_requested = True
+            raise

@@ -461,23 +461,6 @@ class MqttPublisher(ConnectionEvents):
                                       failed_acks=self._state.failed_acks + rejected)
         return rejected > 0
 
-    def _fall_back_to_311(self) -> None:
-        self._fallback_requested = False
-        old = self._client
-        self._protocol = MQTTProtocolVersion.MQTTv311
-        self._set_state(protocol="MQTTv311")
-        if old is not None:
-            old.disconnect()
-            old.loop_stop()
-        self._inflight.forget_all()  # the old client's queue died with it; the outbox re-sends
-        with self._state_lock:
-            self._epoch += 1
-        try:
-            self._client = self._new_client()
-        except Exception:  # e.g. TLS files caught mid-renewal: asked again, so the next tick tries again
-            self._fallback_requested = True
-            raise
-
     def _respond(self, name: str, response: Mapping[str, Any], correlation: bytes | None) -> None:
         client = self._client
         if client is None:
