@@ -220,8 +220,9 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
     with 10 fields, the next too, a third is open with 5) and dies. The saved state, restored and
     started past the idle timeout, closes its open run again with the 5 fields it holds (end
     reason restart, a new report id); the station says at ERROR that the broker holds a run its
-    state lacks, open there (no specimen report will come for it), and that the run it closed may
-    have been reported whole before. Its ordinary restarts say nothing of the kind."""
+    state lacks, open there (no specimen report will come for it), begun after every run the state
+    holds, so the run it closed was reported whole there: that 5-field report is held, not
+    received (status counts it parked). Its ordinary restarts say nothing of the kind."""
     inbox = tmp_path / "state" / "inbox"
     inbox.mkdir(parents=True)
     pool = tmp_path / "pool.pkl"
@@ -263,22 +264,52 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
 
         shutil.rmtree(tmp_path / "state")
         shutil.copytree(tmp_path / "backup", tmp_path / "state")  # onto the replacement board
-        restored, said = _said_a_run_its_state_lacks(config, pool)
-        assert len(said) == 1, said
         saved_run = closed_whole[0]  # the run open in the saved state, closed whole by the station that went on
+        base = f"smearscope/{STATION}"
+        observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"],
+                              [f"{base}/report", f"{base}/cmd_response/status"])
+        try:
+            observer.wait_ready()
+            restored = DaemonProcess(config, pool)
+            try:
+                assert wait_until(lambda: bool(_retained_run_error(restored.lines)), 30), restored.lines[-20:]
+
+                def parked() -> int:  # the status command's count of messages parked in the outbox
+                    before = len(observer.on_topic(f"{base}/cmd_response/status"))
+                    observer.client.publish(f"{base}/cmd/status", b"{}", qos=1)
+                    if not observer.wait_for(lambda ms: sum(m.topic == f"{base}/cmd_response/status"
+                                                            for m in ms) > before, 5):
+                        return 0  # asked before the station subscribed to its commands: asked again
+                    answer = json.loads(observer.on_topic(f"{base}/cmd_response/status")[-1].payload)
+                    return int((answer.get("broker") or {}).get("parked", 0))
+
+                shorter = lambda: [m for m in observer.on_topic(f"{base}/report")
+                                   if json.loads(m.payload)["body"].get("run_id") == saved_run]
+                assert wait_until(lambda: bool(shorter()) or parked() >= 2, 30), restored.lines[-20:]
+                assert not shorter(), "the 5-field report of the run the backup left open went out again"
+            finally:
+                restored.signal(signal.SIGTERM)
+                assert restored.wait(60) == 0
+        finally:
+            observer.close()
+        said = _retained_run_error(restored.lines)
+        assert len(said) == 1, said
         again = [ln for ln in restored.lines if "stored report message" in ln and f"run={saved_run}" in ln]
-        assert again and "closed: restart" in again[0], restored.lines  # reported again, shorter
+        assert again and "closed: restart" in again[0], restored.lines  # closed again, shorter: held
         assert f"the broker holds run {runs[1]} of station " in said[0] and "(open, 5 fields, updated " in said[0]
         assert "this station's state does not hold it" in said[0]
         assert f"run {runs[1]} is open there: this station will send no specimen report for it" in said[0]
-        assert f"the runs this start closed ({saved_run}, end reason restart) may have been reported whole" in said[0]
+        assert f"after every run this station's state holds (the latest, {saved_run}, began at " in said[0], said
+        assert f"the runs it left open ({saved_run}) were closed there and reported" in said[0], said
+        assert "are held: parked in the outbox, not sent and not deleted" in said[0], said
 
         # a new board under the same station id, started without a backup: its state holds no run
         shutil.rmtree(tmp_path / "state")
         inbox.mkdir(parents=True)
         _, said = _said_a_run_its_state_lacks(config, pool)
-        assert f"the broker holds run {saved_run} of station " in said[0], said  # the restored one's, closed
-        assert "(closed, 5 fields, updated " in said[0] and "does not hold it (it holds 0 runs)" in said[0], said
+        # the restored one's run state was held: the broker still keeps the third run's, open
+        assert f"the broker holds run {runs[1]} of station " in said[0], said
+        assert "(open, 5 fields, updated " in said[0] and "does not hold it (it holds 0 runs)" in said[0], said
     finally:
         broker.stop()
 

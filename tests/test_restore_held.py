@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pickle
 import shutil
 import signal
@@ -355,5 +356,122 @@ def test_a_held_runs_run_state_expires_under_field_message_expiry_and_its_report
         assert wait_until(lambda: len(run_states()) == 1 and publisher.state.parked == 2, 10), publisher.state
         assert not observer.on_topic(f"{BASE}/report"), "the held report went out"
         assert not [m for m in observer.on_topic(f"{BASE}/run") if b'"fields": 3' in m.payload]
+    finally:
+        observer.close()
+
+
+def _later_state(run_id: str, fields: int, state: str, started_at: float) -> bytes:
+    """A run state of a run the station's state does not hold, begun at `started_at`."""
+    body = json.loads(_state_message(run_id, fields, state).payload)
+    body["progress"]["started_at"] = started_at
+    return json.dumps(body).encode()
+
+
+def _retain(broker: MosquittoBroker, payload: bytes) -> None:
+    operator = Subscriber(broker.port, "station", MQTT_USERS["station"], [f"{BASE}/status"], client_id="operator")
+    try:
+        operator.wait_ready()
+        operator.client.publish(f"{BASE}/run", payload, qos=1, retain=True).wait_for_publish(5)
+    finally:
+        operator.close()
+
+
+def _restored_start(config: Any, closed_now: tuple[str, ...], began: float) -> Any:
+    """The restored state's publisher: runs r-0 (10 fields, closed long ago) and r-1 (3 fields, left
+    open in the backup, `closed_now` at this start), begun at `began - 500` and `began`."""
+    from smearscope.service.mqtt.outbox import Outbox
+    from smearscope.service.mqtt.publisher import MqttPublisher
+
+    publisher = MqttPublisher(config, STATION, Outbox.from_config(config.outbox))
+    publisher.run_watch.known({"r-0": 10, "r-1": 3}, closed_now=closed_now, starts={"r-0": began - 500, "r-1": began})
+    return publisher
+
+
+def test_a_later_run_the_restored_state_lacks_holds_the_run_it_left_open_until_the_retained_state_is_cleared(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, started: list[Any], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker keeps run r-9 (open, 4 fields), which the restored state does not hold and which began
+    after every run it holds: the station went on after the backup, and r-1, open in the backup, was
+    closed and reported there. r-1's 3-field report and run state from this start are held (none
+    received, both parked, one ERROR saying why and how to release), again at the next start
+    (said at WARNING, naming r-9); cleared the retained state, the next start sends them."""
+    from test_publisher import make_config
+
+    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report", f"{BASE}/run"])
+    began = time.time() - 3600
+    try:
+        observer.wait_ready()
+        _retain(broker, _later_state("r-9", 4, "open", began + 1800))
+        config = make_config(tmp_path, broker.port)
+        report = ("report", "rep-3", json.dumps({"run_id": "r-1", "fields_analyzed": 3}).encode(), "1")
+        with caplog.at_level(logging.WARNING, logger="smearscope.service.mqtt.run_watch"):
+            first = _restored_start(config, ("r-1",), began)
+            first.publish_many([report], extra=[_state_message("r-1", 3, "closed")])
+            started.append(first)
+            first.start()
+            assert wait_until(lambda: first.state.parked == 2, 10), (first.state, caplog.text)
+            assert first.run_watch.held == {"r-1": ("open", 4, 3)}
+            said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+            assert len(said) == 1, said
+            assert "the broker holds run r-9 of station" in said[0] and "does not hold it (it holds 2 runs)" in said[0]
+            assert "run r-9 began at " in said[0] and "after every run this station's state holds (the latest, r-1" in said[0]
+            assert "the runs it left open (r-1) were closed there and reported" in said[0], said
+            assert "are held: parked in the outbox, not sent and not deleted" in said[0], said
+            assert f"mosquitto_pub -r -n -t {BASE}/run" in said[0], said
+            assert first.run_watch.held_why("r-1").startswith("the broker shows run r-9, begun after the runs")
+            first.stop(1)
+            first.outbox.close()
+            assert not observer.on_topic(f"{BASE}/report"), "the 3-field report of r-1 went out"
+            assert not [m for m in observer.on_topic(f"{BASE}/run") if b'"r-1"' in m.payload]
+
+            caplog.clear()
+            second = _restored_start(config, (), began)  # r-1 closed now: the hold comes from the outbox file
+            started.append(second)
+            second.start()
+            assert wait_until(lambda: second.state.parked == 2, 10), second.state
+            assert "r-1" in second.run_watch.held and second.run_watch.held_after == {"r-1": "r-9"}
+            assert "the broker showed a later run, r-9 (open, 4 fields), that this station's state does not hold" \
+                in caplog.text, caplog.text
+            second.stop(1)
+            second.outbox.close()
+            assert not observer.on_topic(f"{BASE}/report")
+
+        _retain(broker, b"")  # the operator's clear: released
+        third = _restored_start(config, (), began)
+        started.append(third)
+        third.start()
+        assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 10), third.state
+        assert not third.run_watch.held and not third.run_watch.held_after
+        assert third.outbox.read(lambda c: c.execute("SELECT COUNT(*) FROM held_runs_after").fetchone()) == (0,)
+    finally:
+        observer.close()
+
+
+def test_an_unknown_run_begun_before_the_restored_states_runs_holds_nothing_and_is_said_at_warning(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, started: list[Any], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker keeps run r-9, which the restored state does not hold and which began before r-1 (and
+    r-0), the runs the state holds: an older state the broker kept, not one of a station that went on.
+    Nothing is held: r-1's report goes out, and a WARNING says why (no ERROR)."""
+    from test_publisher import make_config
+
+    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])
+    began = time.time() - 3600
+    try:
+        observer.wait_ready()
+        _retain(broker, _later_state("r-9", 4, "closed", began - 900))
+        config = make_config(tmp_path, broker.port)
+        with caplog.at_level(logging.WARNING, logger="smearscope.service.mqtt.run_watch"):
+            publisher = _restored_start(config, ("r-1",), began)
+            publisher.publish_many([("report", "rep-3", json.dumps({"run_id": "r-1", "fields_analyzed": 3}).encode(), "1")],
+                                   extra=[_state_message("r-1", 3, "closed")])
+            started.append(publisher)
+            publisher.start()
+            assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 10), caplog.text
+        assert not publisher.run_watch.held and publisher.run_watch.newer is None
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+        said = [r.getMessage() for r in caplog.records if "the broker holds run r-9" in r.getMessage()]
+        assert len(said) == 1 and "run r-9 began at " in said[0], said
+        assert "before run r-1 of this station's state" in said[0] and "nothing is held" in said[0], said
     finally:
         observer.close()

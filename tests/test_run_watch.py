@@ -375,3 +375,37 @@ def test_a_release_the_outbox_file_refuses_to_keep_is_written_once_the_file_take
         clock[0] += SAVE_RETRY_S
         assert cleared.may_send()
         assert not RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox).held
+
+
+def test_an_unknown_run_whose_start_reads_before_this_release_holds_the_runs_left_open_saying_the_clock(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Which run began first is judged from the runs' start times; one that reads before this release
+    (wall_clock.RELEASED) is a wrong clock's (a board without a clock battery, before network time),
+    so the order is not told: the run the restored state left open is held as for a later run, and
+    the ERROR says the clock. A run state with no start time is held the same way. With no run left
+    open, nothing is held."""
+    from smearscope.service.mqtt.run_watch import RunStateWatch
+    from smearscope.service.mqtt.wall_clock import RELEASED
+
+    def state(started_at: float | None) -> bytes:
+        body = json.loads(_state("r-9", 4, state="closed"))
+        if started_at is not None:
+            body["progress"]["started_at"] = started_at
+        return json.dumps(body).encode()
+
+    good = RELEASED + 86400.0
+    for broker_start, starts in ((86400.0, {"r-1": good}), (good + 60, {"r-1": 86400.0}), (None, {"r-1": good})):
+        caplog.clear()
+        watch = RunStateWatch("lab-7", "smearscope/lab-7/run")
+        watch.known({"r-1": 3}, closed_now=["r-1"], starts=starts)
+        with caplog.at_level(logging.ERROR, logger="smearscope.service.mqtt.run_watch"):
+            watch.heard(state(broker_start), retained=True)
+        assert watch.held == {"r-1": ("closed", 4, 3)}, (broker_start, starts)
+        assert len(caplog.records) == 1 and "it may have begun after them" in caplog.text, caplog.text
+        assert ("read from a wrong clock" in caplog.text) == (broker_start is not None), caplog.text
+
+    quiet = RunStateWatch("lab-7", "smearscope/lab-7/run")
+    quiet.known({"r-1": 3}, starts={"r-1": good})  # closed before this start: nothing open to hold
+    quiet.heard(state(86400.0), retained=True)
+    assert not quiet.held and quiet.newer is not None

@@ -13,7 +13,11 @@ or closed where the station's state still had it open), that run's own messages 
 its specimen report and that report's FHIR Bundle) are held: parked in the outbox, not sent and not
 deleted (but a run state superseded by a later one of that run: the latest alone is kept), so the shorter report of a restored backup never lands over the complete one. Its field
 and cells messages go on (each is one field's, under its own report id: new data, or a repeat
-consumers drop by message id). A hold is kept in the outbox file (table `held_runs`) and applies
+consumers drop by message id). Where that state names a run the station's state does not hold,
+begun after every run it holds (service.mqtt.run_order; or when that cannot be told), the runs the
+state left open (closed at this start, or taken back) are held the same way: the station went on
+after the state was saved and closed and reported them there; one begun before them is an older
+state the broker kept, said at WARNING, nothing held. A hold is kept in the outbox file (table `held_runs`) and applies
 again at every later start, from its first message, whatever run the broker's retained state
 names by then (the station's own later runs replace it), or however many fields the station's
 state holds for that run by then (a run taken back open goes on with other fields than the
@@ -37,6 +41,7 @@ from typing import Any
 
 from smearscope.service.mqtt import echo_watch
 from smearscope.service.mqtt.outbox import Outbox, OutboxMessage
+from smearscope.service.mqtt.run_order import order_of
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,9 @@ HEAR_WAIT_S = 5.0
 SAVE_RETRY_S = 60.0
 HELD_TABLE = ("CREATE TABLE IF NOT EXISTS held_runs (run_id TEXT PRIMARY KEY, broker_state TEXT NOT NULL, "
               "broker_fields INTEGER NOT NULL, own_fields INTEGER NOT NULL, held_at REAL NOT NULL)")
+#: Of those, the ones held because the broker showed a later run the station's state does not hold
+#: (its id): a table of its own, which a version without it ignores.
+HELD_AFTER_TABLE = "CREATE TABLE IF NOT EXISTS held_runs_after (run_id TEXT PRIMARY KEY, later_run TEXT NOT NULL)"
 
 
 class RunStateWatch:
@@ -81,6 +89,9 @@ class RunStateWatch:
         #: and analysing on) still is.
         self._own: dict[tuple[str, int, object], None] = {}  # in the order stored
         self._resumed: str | None = None  # the run the station took back open at its start
+        self._starts: dict[str, float | None] = {}  # when the runs the station's state holds began
+        #: held run id -> the later run the broker showed (one the station's state does not hold)
+        self.held_after: dict[str, str] = {}
         self._settled = False  # the broker's retained run state heard, or known to be none
         self._run_mid: int | None = None  # the run topic's SUBSCRIBE of this connection
         self._run_acked = False  # its SUBACK came: the next SUBACK comes after any retained state
@@ -267,11 +278,14 @@ class RunStateWatch:
                 if len(self._own) > OWN_KEPT:
                     del self._own[next(iter(self._own))]
 
-    def known(self, runs: Mapping[str, int], closed_now: Collection[str] = (), resumed: str | None = None) -> None:
+    def known(self, runs: Mapping[str, int], closed_now: Collection[str] = (), resumed: str | None = None,
+              starts: Mapping[str, float | None] | None = None) -> None:
         """The runs the station's state holds at its start (run id -> fields), the open one among
-        them, those this start closed (left open by the previous process) and the one it took back."""
+        them, those this start closed (left open by the previous process) and the one it took back;
+        `starts`: when each began (run id -> started_at), to tell a run it does not hold as a later one."""
         with self._lock:
             self._known = dict(runs)
+            self._starts = dict(starts or {})
             self._closed_now = tuple(closed_now)
             self._resumed = resumed
             self._compare_locked()
@@ -292,10 +306,22 @@ class RunStateWatch:
             fields == known[run_id] and left_open and state.get("state") == "closed"))
         if run_id in known and not behind:
             return  # an older state of this station's the broker kept
-        self.newer = state
         updated = state.get("updated_at")
         when = (datetime.fromtimestamp(updated, timezone.utc).isoformat(timespec="seconds")
                 if isinstance(updated, (int, float)) else "at a time not said")
+        stale = [r for r in (*self._closed_now, *([self._resumed] if self._resumed else []))
+                 if r in known and r != run_id]  # open in the state this start read
+        order = order_of(run_id, state, self._starts) if run_id not in known and known else None
+        if order is not None and order.later is False:
+            logger.warning(
+                "the broker holds run %s of station %s (%s, %d fields, updated %s), which this station's state does "
+                "not hold, and %s: the broker kept an older run state (a broker restored from an older backup, or "
+                "another station under this id), not one of a station that went on after this state was saved; "
+                "nothing is held. Were this station's clock set back since that run, it may be the later one "
+                "(docs/STATION.md, 'Backing up, restoring and replacing a station')",
+                run_id, self.station_id, state.get("state"), fields, when, order.said)
+            return
+        self.newer = state
         held = (f"holds it with {known[run_id]} fields" if run_id in known
                 else f"does not hold it (it holds {len(known)} run{'' if len(known) == 1 else 's'})")
         gone = (f"; run {run_id} is open there: this station will send no specimen report for it"
@@ -303,13 +329,25 @@ class RunStateWatch:
         closed = [r for r in self._closed_now if r in known and r != run_id]
         again = (f"; the runs this start closed ({', '.join(closed)}, end reason restart) may have been reported "
                  "whole before: their reports from this start count only the fields this state holds, under new "
-                 "report ids" if closed else "")
+                 "report ids" if closed and not (order is not None and stale) else "")
+        release = ("Where this state is the right one, clear the broker's retained run state (mosquitto_pub -r -n -t "
+                   f"{self.topic}) and start the station again: it sends them then")
         if behind:
             self.held[run_id] = (str(state.get("state")), fields, known[run_id])
             again += (f"; run {run_id}'s run states, specimen report and FHIR Bundle from this state are held: parked "
                       "in the outbox, not sent and not deleted, so they do not replace what the broker shows (its "
-                      "field messages go on). Where this state is the right one, clear the broker's retained run "
-                      f"state (mosquitto_pub -r -n -t {self.topic}) and start the station again: it sends them then")
+                      f"field messages go on). {release}")
+        elif order is not None and stale:
+            for r in stale:
+                self.held[r] = (str(state.get("state")), fields, known[r])
+                self.held_after[r] = run_id
+            began = (f"{order.said}: the station went on after this state was saved, and the runs it left open "
+                     f"({', '.join(stale)}) were closed there and reported" if order.later else
+                     f"{order.said}; it may have begun after them: the station then went on after this state was "
+                     f"saved, and the runs it left open ({', '.join(stale)}) were closed there and reported")
+            again += (f"; {began}. Their run states, specimen reports and FHIR Bundles from this state are held: "
+                      "parked in the outbox, not sent and not deleted, so a shorter report under a new report id "
+                      f"does not follow the one sent (their field messages go on). {release}")
         logger.error(
             "the broker holds run %s of station %s (%s, %d fields, updated %s) and this station's state %s: the "
             "state is older than what this station id published (restored from an older backup, a new state on a "
@@ -320,25 +358,41 @@ class RunStateWatch:
     def _load(self, store: Outbox) -> None:
         """The runs held by an earlier start (the outbox file's held_runs), held from this start's
         first message on; said at WARNING (the start that held them said it at ERROR)."""
-        def rows(conn: Any) -> list[tuple[str, str, int, int, float]]:
-            if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'held_runs'").fetchone() is None:
-                return []
-            return conn.execute("SELECT run_id, broker_state, broker_fields, own_fields, held_at FROM held_runs").fetchall()
+        def rows(conn: Any) -> tuple[list[tuple[str, str, int, int, float]], dict[str, str]]:
+            tables = {t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "held_runs" not in tables:
+                return [], {}
+            after = (dict(conn.execute("SELECT run_id, later_run FROM held_runs_after").fetchall())
+                     if "held_runs_after" in tables else {})
+            return conn.execute("SELECT run_id, broker_state, broker_fields, own_fields, held_at FROM held_runs").fetchall(), after
 
-        for run_id, state, broker_fields, own_fields, held_at in store.read(rows):
+        held_rows, after = store.read(rows)
+        for run_id, state, broker_fields, own_fields, held_at in held_rows:
             self.held[run_id] = (state, broker_fields, own_fields)
             self._kept.add(run_id)
+            shown = (f"a later run, {after[run_id]} ({state}, {broker_fields} fields), that this station's state does "
+                     f"not hold, where it held this one open with {own_fields}" if run_id in after else
+                     f"that run {state} with {broker_fields} fields where this station's state holds {own_fields}")
+            if run_id in after:
+                self.held_after[run_id] = after[run_id]
             logger.warning("run %s's run states, specimen report and FHIR Bundle are held in the outbox since %s: the "
-                           "broker showed that run %s with %d fields where this station's state holds %d. They are "
-                           "sent once a start finds no retained run state on the broker (mosquitto_pub -r -n -t %s, "
-                           "then start the station again; docs/STATION.md)", run_id,
-                           datetime.fromtimestamp(held_at, timezone.utc).isoformat(timespec="seconds"), state,
-                           broker_fields, own_fields, self.topic)
+                           "broker showed %s. They are sent once a start finds no retained run state on the broker "
+                           "(mosquitto_pub -r -n -t %s, then start the station again; docs/STATION.md)", run_id,
+                           datetime.fromtimestamp(held_at, timezone.utc).isoformat(timespec="seconds"), shown, self.topic)
+
+    def held_why(self, run_id: str) -> str:
+        """Why run `run_id` is held, for a command's answer."""
+        later = self.held_after.get(run_id)
+        if later is not None:
+            return (f"the broker shows run {later}, begun after the runs this station's state holds (run {run_id} "
+                    "was left open in it and closed on the board that went on)")
+        return f"the broker shows run {run_id} further along than this station's state"
 
     def _release_locked(self, run_ids: Collection[str], why: str) -> None:
         for run_id in run_ids:
             if run_id in self.held and run_id in self._kept:  # held by an earlier start, not by this one's state
                 del self.held[run_id]
+                self.held_after.pop(run_id, None)
                 self._released.add(run_id)
                 logger.warning("run %s's held run states, specimen report and FHIR Bundle are sent now: %s",
                                run_id, why)
@@ -347,15 +401,19 @@ class RunStateWatch:
         """The held runs into the outbox file (the drain thread, once the wait settled)."""
         store = self._store
         with self._lock:
-            held, released = dict(self.held), set(self._released)
+            held, released, after = dict(self.held), set(self._released), dict(self.held_after)
         if store is not None:
             now = time.time()
 
             def write(conn: Any) -> None:
                 conn.execute(HELD_TABLE)
-                conn.executemany("DELETE FROM held_runs WHERE run_id = ?", [(r,) for r in released])
+                conn.execute(HELD_AFTER_TABLE)
+                for table in ("held_runs", "held_runs_after"):
+                    conn.executemany(f"DELETE FROM {table} WHERE run_id = ?", [(r,) for r in released])
                 conn.executemany("INSERT OR REPLACE INTO held_runs VALUES (?, ?, ?, ?, ?)",
                                  [(r, *held[r], now) for r in held if r not in self._kept])
+                conn.executemany("INSERT OR REPLACE INTO held_runs_after VALUES (?, ?)",
+                                 [(r, after[r]) for r in held if r not in self._kept and r in after])
             try:
                 store.write(write)
             except sqlite3.Error as exc:  # a full disk: held (or sent) in this process still; the file as it was

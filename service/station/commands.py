@@ -253,8 +253,8 @@ class StationCommands:
             watch = getattr(getattr(self._workers, "publisher", None), "run_watch", None)  # a run the broker shows further along
             answer["held"] = watch is not None and run_id in watch.held
             if answer["held"]:
-                answer["message"] = (f"the signed report is held at the station: the broker shows run {run_id} "
-                                     "further along than this station's state (restored from an older backup, or another station under this id); it is "
+                answer["message"] = (f"the signed report is held at the station: {watch.held_why(run_id)} "
+                                     "(restored from an older backup, or another station under this id); it is "
                                      f"sent once the broker's retained run state is cleared (mosquitto_pub -r -n -t "
                                      f"{watch.topic}) and the station started again (docs/STATION.md)")
         return answer
