@@ -383,8 +383,9 @@ def test_an_unknown_run_whose_start_reads_before_this_release_holds_the_runs_lef
     """Which run began first is judged from the runs' start times; one that reads before this release
     (wall_clock.RELEASED) is a wrong clock's (a board without a clock battery, before network time),
     so the order is not told: the run the restored state left open is held as for a later run, and
-    the ERROR says the clock. A run state with no start time is held the same way. With no run left
-    open, nothing is held."""
+    the ERROR says the clock. A run state with no start time is held the same way; a run taken back
+    open (not closed at the start) is held for a later run as one closed is. With no run left open,
+    nothing is held."""
     from smearscope.service.mqtt.run_watch import RunStateWatch
     from smearscope.service.mqtt.wall_clock import RELEASED
 
@@ -404,6 +405,11 @@ def test_an_unknown_run_whose_start_reads_before_this_release_holds_the_runs_lef
         assert watch.held == {"r-1": ("closed", 4, 3)}, (broker_start, starts)
         assert len(caplog.records) == 1 and "it may have begun after them" in caplog.text, caplog.text
         assert ("read from a wrong clock" in caplog.text) == (broker_start is not None), caplog.text
+
+    taken_back = RunStateWatch("lab-7", "smearscope/lab-7/run")  # left open, taken back within its idle timeout
+    taken_back.known({"r-0": 8, "r-1": 3}, resumed="r-1", starts={"r-0": good - 600, "r-1": good})
+    taken_back.heard(state(good + 60), retained=True)  # begun after both: the run taken back is held
+    assert taken_back.held == {"r-1": ("closed", 4, 3)} and taken_back.held_after == {"r-1": "r-9"}
 
     quiet = RunStateWatch("lab-7", "smearscope/lab-7/run")
     quiet.known({"r-1": 3}, starts={"r-1": good})  # closed before this start: nothing open to hold
