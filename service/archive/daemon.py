@@ -37,8 +37,6 @@ from smearscope.service.archive.message import (
 )
 from smearscope.service.archive.store import ArchiveStore, OutsideArchive, Stored
 from smearscope.service.config.archive import ArchiveConfig
-from smearscope.service.hl7.header import Addressing
-from smearscope.service.hl7.mllp import parse_address
 from smearscope.service.mqtt.paho_client import LOGIN_REFUSED, configured_client, paho_log_level
 
 logger = logging.getLogger(__name__)
@@ -84,10 +82,7 @@ class ArchiveDaemon:
         self._stop = threading.Event()
         hl7 = None
         if config.hl7_directory is not None or config.hl7_mllp is not None:
-            hl7 = Hl7Output(config.hl7_directory, parse_address(config.hl7_mllp) if config.hl7_mllp else None,
-                            config.hl7_mllp_timeout_s, Addressing(config.hl7_sending_facility,
-                                                                  config.hl7_receiving_application,
-                                                                  config.hl7_receiving_facility),
+            hl7 = Hl7Output(config.hl7_directory, config.mllp_address, config.hl7_mllp_timeout_s, config.addressing,
                             stop=self._stop)
         self.store = ArchiveStore(config.directory, hl7)
         self.hl7 = hl7

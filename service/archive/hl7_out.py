@@ -83,7 +83,7 @@ class Hl7Output:
     def destinations(self) -> list[str]:
         """Where messages go, as the index records a delivery: `file:<folder>`, `mllp:<host>:<port>`."""
         out = [f"file:{self.directory}"] if self.directory is not None else []
-        return out + ([f"mllp:{self.mllp_address[0]}:{self.mllp_address[1]}"] if self.mllp_address else [])
+        return out + ([f"mllp:{mllp.address_text(self.mllp_address)}"] if self.mllp_address else [])
 
     def deliver(self, destination: str, report_id: str, oru: str, control_id: str) -> Delivery:
         """Write or send one message to one of `destinations`; OSError when it is not delivered."""
@@ -95,8 +95,8 @@ class Hl7Output:
             logger.info("wrote the HL7 message of report %s: %s", report_id, path)
         elif destination.startswith("mllp:") and self.mllp_address is not None:
             code = mllp.send(self.mllp_address, oru, control_id, self.mllp_timeout_s, self.stop)
-            logger.info("sent the HL7 message of report %s (MSH-10 %s) to %s:%d: %s", report_id, control_id,
-                        *self.mllp_address, code)
+            logger.info("sent the HL7 message of report %s (MSH-10 %s) to %s: %s", report_id, control_id,
+                        mllp.address_text(self.mllp_address), code)
         else:
             raise ValueError(f"{destination!r} is not one of {self.destinations}")
         return Delivery(report_id, destination, control_id, self.sender)

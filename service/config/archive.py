@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from smearscope.device.config_fields import ConfigPath
 from smearscope.service.config.mqtt import MqttConfig
 from smearscope.service.hl7.encode import hd
+from smearscope.service.hl7.header import Addressing
+from smearscope.service.hl7.mllp import parse_address
 
 logger = logging.getLogger(__name__)
 
@@ -21,21 +23,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_SESSION_EXPIRY_S = 30 * 24 * 3600
 
 
-class ArchiveConfig(BaseModel):
-    """Where the archive connects, as whom, and where it keeps the reports."""
+class Hl7OutputConfig(BaseModel):
+    """Where the archive's HL7 messages go and how they are addressed (docs/HL7.md): the running
+    archive's settings (ArchiveConfig has them) and `archive send-hl7`'s."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mqtt: MqttConfig = Field(
-        title="Broker connection",
-        description="Host, port, TLS, user and topic prefix of the broker the stations publish to; "
-        "client_id is the archive's fixed client id (its session is kept under it).",
-    )
-    directory: ConfigPath = Field(
-        title="Archive folder",
-        description="Folder of the archive: one folder per station, one per month under it, the "
-        "index (index.sqlite) at the top.",
-    )
     hl7_directory: ConfigPath | None = Field(
         default=None,
         title="HL7 output folder",
@@ -44,17 +37,18 @@ class ArchiveConfig(BaseModel):
         "rename) before it is acknowledged; none: no HL7 output (docs/HL7.md).",
     )
     hl7_mllp: str | None = Field(
-        default=None, pattern=r"^\S+:[0-9]{1,5}$",
+        default=None,
         title="HL7 MLLP receiver",
-        description="HOST:PORT of a lab system's MLLP listener: each specimen report the archive stores is "
+        description="HOST:PORT of a lab system's MLLP listener (an IPv6 address in brackets, the port 1 to "
+        "65535; service.hl7.mllp.parse_address, as the archive connects): each specimen report the archive stores is "
         "also sent there as an HL7 v2.5.1 ORU^R01 message and acknowledged to the broker only once the "
         "receiver answers AA or CA; until then it is held and sent again every retry_s (docs/HL7.md).",
     )
     hl7_mllp_timeout_s: float = Field(
-        default=10.0, gt=0, le=300,
+        default=10.0, gt=0, le=300, allow_inf_nan=False,
         title="MLLP ACK timeout (s)",
-        description="Seconds to connect to the MLLP receiver and to wait for its ACK before the report is "
-        "held and sent again.",
+        description="Seconds one MLLP exchange may take (looking the host up, connecting, sending, the ACK) "
+        "before the report is held and sent again; above 0, at most 300.",
     )
     hl7_sending_facility: str | None = Field(
         default=None,
@@ -73,6 +67,49 @@ class ArchiveConfig(BaseModel):
         default=None,
         title="HL7 receiving facility (MSH-6)",
         description="MSH-6 of each HL7 message, an HD naming the lab (facility) that receives it; none: empty.",
+    )
+    @field_validator("hl7_sending_facility", "hl7_receiving_application", "hl7_receiving_facility")
+    @classmethod
+    def _is_an_hd(cls, value: str | None) -> str | None:
+        """An HL7 HD with no delimiter but '^' between its components (service.hl7.encode.hd)."""
+        if value is not None:
+            hd(value)
+        return value
+
+    @field_validator("hl7_mllp")
+    @classmethod
+    def _is_host_port(cls, value: str | None) -> str | None:
+        """HOST:PORT as the archive connects to it (service.hl7.mllp.parse_address): a port of 0 or
+        99999, or no host, is refused here, not by the daemon."""
+        if value is not None:
+            parse_address(value)
+        return value
+
+    @property
+    def mllp_address(self) -> tuple[str, int] | None:
+        """(host, port) of `hl7_mllp`, None without one."""
+        return parse_address(self.hl7_mllp) if self.hl7_mllp is not None else None
+
+    @property
+    def addressing(self) -> Addressing:
+        """MSH-4, MSH-5, MSH-6 of the messages."""
+        return Addressing(self.hl7_sending_facility, self.hl7_receiving_application, self.hl7_receiving_facility)
+
+
+class ArchiveConfig(Hl7OutputConfig):
+    """Where the archive connects, as whom, and where it keeps the reports (and its HL7 output)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mqtt: MqttConfig = Field(
+        title="Broker connection",
+        description="Host, port, TLS, user and topic prefix of the broker the stations publish to; "
+        "client_id is the archive's fixed client id (its session is kept under it).",
+    )
+    directory: ConfigPath = Field(
+        title="Archive folder",
+        description="Folder of the archive: one folder per station, one per month under it, the "
+        "index (index.sqlite) at the top.",
     )
     session_expiry_s: int = Field(
         default=DEFAULT_SESSION_EXPIRY_S, ge=60, le=0xFFFFFFFF,
@@ -98,11 +135,3 @@ class ArchiveConfig(BaseModel):
         description="Seconds between tries to store a report the disk refused; it stays "
         "unacknowledged meanwhile, so the broker keeps it.",
     )
-
-    @field_validator("hl7_sending_facility", "hl7_receiving_application", "hl7_receiving_facility")
-    @classmethod
-    def _is_an_hd(cls, value: str | None) -> str | None:
-        """An HL7 HD with no delimiter but '^' between its components (service.hl7.encode.hd)."""
-        if value is not None:
-            hd(value)
-        return value

@@ -10,6 +10,7 @@ OSError, so the archive holds the report as it holds one a full disk refuses, an
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ import unicodedata
 from collections.abc import Callable
 
 from smearscope.device.ingest.errors import escaped_char
+from smearscope.service.hl7 import lookup
 from smearscope.service.hl7.encode import FIELD, SEGMENT_END
 
 logger = logging.getLogger(__name__)
@@ -59,11 +61,36 @@ def shown(text: str) -> str:
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """(host, port) of HOST:PORT; ValueError otherwise."""
+    """(host, port) of HOST:PORT, an IPv6 address in brackets ([fd00::5]:2575); ValueError saying
+    what is wrong otherwise (the archive's config validates --hl7-mllp with it, so its daemon never
+    meets one it cannot use)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+    why = None
+    if not sep:
+        why = "no :PORT"
+    elif not (port.isascii() and port.isdigit()):
+        why = f"the port {port!r} is not a number" if port else "no port after the ':'"
+    elif len(port) > 5 or not 0 < int(port) < 65536:
+        why = f"the port {port[:12]}{'...' if len(port) > 12 else ''} is not one of 1 to 65535"
+    elif host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            why = f"{host} is not an IPv6 address in brackets"
+        host = host[1:-1]
+    elif not host:
+        why = "no host before the ':'"
+    elif any(c in host for c in "[]:") or any(c.isspace() or not c.isprintable() for c in host):
+        why = f"the host {host!r} is no host name or address (an IPv6 address goes in brackets: [fd00::5]:2575)"
+    if why is not None:
+        raise ValueError(f"{text!r} is not HOST:PORT: {why}")
+    return host, int(port)
+
+
+def address_text(address: tuple[str, int]) -> str:
+    """HOST:PORT as given: an IPv6 address in brackets ([fd00::5]:2575), as parse_address takes it."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _ack_of(data: bytes) -> tuple[str, str, str]:
@@ -76,12 +103,13 @@ def _ack_of(data: bytes) -> tuple[str, str, str]:
     raise NotAcknowledged(f"the answer has no MSA segment: {text[:120]!r}")
 
 
-def _connect(host: str, port: int, left: Callable[[], float]) -> socket.socket:
-    """A connection to `host`:`port` (each address it resolves to, in turn), its wait cut in slices
-    of `left()` (which raises when the deadline passed or the archive stops): a listener whose
-    SYNs go unanswered cannot hold a stopping archive. The name lookup is the resolver's."""
+def _connect(host: str, port: int, left: Callable[[], float], timeout_s: float) -> socket.socket:
+    """A connection to `host`:`port` (each address it resolves to, in turn), its waits (the name
+    lookup's too, service.hl7.lookup) cut in slices of `left()` (which raises when the deadline passed
+    or the archive stops): neither a resolver that does not answer nor a listener whose SYNs go
+    unanswered can hold the exchange past its deadline, or a stopping archive."""
     error: OSError = OSError(f"{host} resolves to no address")
-    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+    for family, kind, proto, _, addr in lookup.addresses(host, port, left, timeout_s):
         sock = socket.socket(family, kind, proto)
         try:
             sock.setblocking(False)
@@ -107,11 +135,12 @@ def send(address: tuple[str, int], message: str, control_id: str, timeout_s: flo
          stop: threading.Event | None = None) -> str:
     """Send `message` and return the ACK's MSA-1 (AA or CA); NotAcknowledged (an OSError) otherwise.
 
-    `timeout_s` bounds the whole exchange (connecting, sending, the ACK), not each read: a receiver
-    that answers a byte at a time cannot hold the sender longer. `stop` set meanwhile ends the wait
+    `timeout_s` bounds the whole exchange (looking the host up, connecting, sending, the ACK), not each
+    read: a receiver that answers a byte at a time, or a resolver that does not answer, cannot hold the
+    sender longer. `stop` set meanwhile ends the wait
     within STOP_POLL_S (NotAcknowledged, `stopped`), so the archive stops while a receiver is silent."""
     host, port = address
-    where = f"{host}:{port}"
+    where = address_text(address)
     deadline = time.monotonic() + timeout_s
 
     def left() -> float:
@@ -123,7 +152,7 @@ def send(address: tuple[str, int], message: str, control_id: str, timeout_s: flo
         return min(remaining, STOP_POLL_S) if stop is not None else remaining
 
     try:
-        with _connect(host, port, left) as conn:
+        with _connect(host, port, left, timeout_s) as conn:
             conn.settimeout(max(deadline - time.monotonic(), 0.001))
             conn.sendall(START + message.encode("utf-8") + END)
             chunks: list[bytes] = []

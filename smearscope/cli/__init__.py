@@ -342,6 +342,10 @@ def _hl7_options(parser: argparse.ArgumentParser, default: object) -> None:
                         help="also send each specimen report stored as an HL7 v2.5.1 ORU^R01 message over MLLP "
                         "to this listener; a report is acknowledged to the broker only once it answers AA or "
                         "CA, else held and sent again (docs/HL7.md)")
+    parser.add_argument("--hl7-mllp-timeout", type=float, default=default, metavar="SECONDS",
+                        help="seconds one MLLP exchange may take, looking the host up, connecting, sending and "
+                        "the ACK together, above 0 and at most 300, before the report is held and sent again "
+                        "(default 10)")
     _hl7_addressing(parser, default, "")
 
 

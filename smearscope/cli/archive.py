@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 from smearscope.cli import ARCHIVE_DIR
 
 if TYPE_CHECKING:
+    import pydantic
+
     from smearscope.service.archive.query import ArchivedReport
     from smearscope.service.config.archive import ArchiveConfig
     from smearscope.service.hl7.header import Addressing
@@ -82,22 +84,33 @@ def _config(args: argparse.Namespace) -> ArchiveConfig:
     tls_config = MqttTlsConfig(ca_file=args.ca_file, certfile=args.certfile, keyfile=args.keyfile) if tls else None
     mqtt = MqttConfig(host=host, port=port, client_id=args.client_id, username=args.username, tls=tls_config,
                       topic_prefix=args.topic_prefix)
-    _mllp_address(args)
-    a = _addressing(args)
-    return ArchiveConfig(mqtt=mqtt, directory=_directory(args), hl7_directory=args.hl7_dir, hl7_mllp=args.hl7_mllp,
-                         hl7_sending_facility=a.sending_facility, hl7_receiving_application=a.receiving_application,
-                         hl7_receiving_facility=a.receiving_facility)
+    return ArchiveConfig(mqtt=mqtt, directory=_directory(args), **_hl7_settings(args))
 
 
-def _mllp_address(args: argparse.Namespace) -> tuple[str, int] | None:
-    from smearscope.service.hl7.mllp import parse_address
+#: The options that give the HL7 output's settings (service.config.archive.Hl7OutputConfig), by field.
+HL7_OPTIONS = {"hl7_directory": "--hl7-dir", "hl7_mllp": "--hl7-mllp", "hl7_mllp_timeout_s": "--hl7-mllp-timeout",
+               "hl7_sending_facility": "--hl7-sending-facility",
+               "hl7_receiving_application": "--hl7-receiving-application",
+               "hl7_receiving_facility": "--hl7-receiving-facility"}
 
-    if args.hl7_mllp is None:
-        return None
-    try:
-        return parse_address(args.hl7_mllp)
-    except ValueError:
-        raise ValueError(f"--hl7-mllp {args.hl7_mllp!r} is not HOST:PORT (the lab system's MLLP listener)") from None
+
+def _hl7_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The HL7 output's settings as the options give them, each checked by the config alone."""
+    settings = {field: getattr(args, option[2:].replace("-", "_"), None) for field, option in HL7_OPTIONS.items()}
+    if settings["hl7_mllp_timeout_s"] is None:  # not given: the config's default
+        del settings["hl7_mllp_timeout_s"]
+    return settings
+
+
+def _invalid(exc: pydantic.ValidationError) -> str:
+    """A config error as one line, a setting an option gives said as that option (`--hl7-mllp: 'lis:0' is
+    not HOST:PORT: ...`), as the option's own check would say it."""
+    said = []
+    for e in exc.errors():
+        option = HL7_OPTIONS.get(str(e["loc"][0])) if len(e["loc"]) == 1 else None
+        where = option or ".".join(map(str, e["loc"]))
+        said.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(said)
 
 
 def _addressing(args: argparse.Namespace) -> Addressing:
@@ -129,7 +142,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
         config = _config(args)
         password = password_file_or_credential(args.password_file, CREDENTIAL) if args.username else None
     except pydantic.ValidationError as exc:
-        return _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        return _fail(_invalid(exc))
     except (ValueError, OSError, CredentialError) as exc:
         return _fail(str(exc))
     if args.username and password is None:  # a login the broker can only refuse, retried for ever
@@ -264,11 +277,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_send_hl7(args: argparse.Namespace) -> int:
     """Send archived specimen reports as HL7 where the index records no delivery of them (docs/HL7.md)."""
+    import pydantic
+
     from smearscope.service.archive.hl7_out import Hl7Output
     from smearscope.service.archive.query import parse_since
     from smearscope.service.archive.send_hl7 import send_from_index
     from smearscope.service.archive.store import IndexVersionError
-    from smearscope.service.config.archive import ArchiveConfig
+    from smearscope.service.config.archive import Hl7OutputConfig
 
     try:
         since = parse_since(args.since) if args.since else None
@@ -277,14 +292,14 @@ def cmd_send_hl7(args: argparse.Namespace) -> int:
     if args.hl7_dir is None and args.hl7_mllp is None:
         return _fail("send-hl7 needs --hl7-dir DIR and/or --hl7-mllp HOST:PORT: where to send the reports")
     try:
-        address, addressing = _mllp_address(args), _addressing(args)
-    except ValueError as exc:
-        return _fail(str(exc))
+        config = Hl7OutputConfig(**_hl7_settings(args))  # checked as the running archive's
+    except pydantic.ValidationError as exc:
+        return _fail(_invalid(exc))
     # the messages are patient data: nothing for other users, as the archive's own files
     os.umask(os.umask(0o027) | 0o027)
     try:
-        timeout_s = ArchiveConfig.model_fields["hl7_mllp_timeout_s"].default  # the running archive's
-        output = Hl7Output(args.hl7_dir, address, timeout_s, addressing, sender="send-hl7")
+        output = Hl7Output(config.hl7_directory, config.mllp_address, config.hl7_mllp_timeout_s, config.addressing,
+                           sender="send-hl7")
         result = send_from_index(_directory(args), output, since, again=args.again, progress=print)
     except IndexVersionError as exc:
         return _fail(str(exc))
