@@ -113,23 +113,6 @@ def _invalid(exc: pydantic.ValidationError) -> str:
     return "; ".join(said)
 
 
-def _addressing(args: argparse.Namespace) -> Addressing:
-    """MSH-4, MSH-5, MSH-6 as the options give them; ValueError naming the option of one that is no HL7 HD."""
-    from smearscope.service.hl7.encode import hd
-    from smearscope.service.hl7.header import Addressing
-
-    values = {}
-    for name in ("sending_facility", "receiving_application", "receiving_facility"):
-        value = getattr(args, f"hl7_{name}", None)
-        if value is not None:
-            try:
-                hd(value)
-            except ValueError as exc:
-                raise ValueError(f"--hl7-{name.replace('_', '-')}: {exc}") from None
-        values[name] = value
-    return Addressing(**values)
-
-
 def cmd_archive(args: argparse.Namespace) -> int:
     """The daemon: runs until SIGTERM or SIGINT."""
     import pydantic
@@ -212,18 +195,21 @@ def cmd_find(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    import pydantic
+
     from smearscope.service.archive.copies import copies_of
     from smearscope.service.archive.message import REPORT_ID
     from smearscope.service.archive.query import lookup
     from smearscope.service.archive.store import IndexVersionError
+    from smearscope.service.config.archive import Hl7OutputConfig
     from smearscope.service.hl7.header import Addressing
 
     if not REPORT_ID.fullmatch(args.report_id):
         return _fail(f"{args.report_id!r} is not a report id")
     try:
-        addressing = _addressing(args)
-    except ValueError as exc:
-        return _fail(str(exc))
+        addressing = Hl7OutputConfig(**_hl7_settings(args)).addressing  # MSH-4/5/6 checked as the archive's
+    except pydantic.ValidationError as exc:
+        return _fail(_invalid(exc))
     if not args.hl7 and addressing != Addressing():
         return _fail("--hl7-sending-facility, --hl7-receiving-application and --hl7-receiving-facility are for "
                      "show --hl7 (the HL7 message's MSH-4, MSH-5, MSH-6)")
