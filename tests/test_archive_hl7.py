@@ -156,3 +156,34 @@ def test_an_hl7_folder_replaced_by_a_link_holds_the_report_said_once_until_the_f
         station.stop()
     assert list(elsewhere.iterdir()) == []
     assert "tries to store again this run" in archive.text() and " 0 tries to store again" not in archive.text()
+
+
+def test_a_report_whose_times_no_calendar_holds_is_archived_without_hl7_and_blocks_none_behind_it(
+        tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
+    """A report valid by the model whose run lasted longer than any calendar (timing_ms.run_ms) gives an
+    OBR-7 `datetime` refuses: with OSError (errno 75, EOVERFLOW) or OverflowError. Neither is a disk
+    refusing the file: the report is archived, said at ERROR, and the reports behind it are stored."""
+    directory, hl7_dir = tmp_path / "archive", tmp_path / "to-lis"
+    archive = hl7_archive(tmp_path, persistent_broker.port, directory, hl7_dir)
+    try:
+        archive.start()
+        eoverflow = a_report("run-1", SPECIMEN, 1_796_000_000.0).model_copy(
+            update={"timing_ms": {"run_ms": -float(2 ** 62) * 1000}})  # OSError: Value too large
+        overflow = a_report("run-2", SPECIMEN, 1_796_000_100.0).model_copy(
+            update={"timing_ms": {"run_ms": -1e23}})  # OverflowError: out of range for time_t
+        good = a_report("run-3", SPECIMEN, 1_796_000_200.0)
+        with raw_client(persistent_broker.port) as client:  # as a station publishes (its bundle would fail)
+            for report in (eoverflow, overflow, good):
+                client.publish(f"smearscope/{STATION}/report", envelope_of(report), qos=1).wait_for_publish(10)
+        assert wait_until(lambda: indexed(directory) == 3, 30), archive.text()
+        assert [p.name for p in hl7_dir.iterdir()] == [f"{good.report_id}.hl7"]
+        for report in (eoverflow, overflow):
+            assert f"report {report.report_id} from {STATION} cannot be read as a report of this smearscope" \
+                in archive.text()
+        assert archive.text().count("archived, but no HL7 message was made") == 2  # docs/HL7.md's words
+        assert "NOT acknowledged" not in archive.text()
+        assert archive.proc is not None and archive.proc.poll() is None
+    finally:
+        archive.stop()
+    for report in (eoverflow, overflow):  # show --hl7 says it, no traceback
+        assert main(["archive", "show", report.report_id, "--dir", str(directory), "--hl7"]) == 1

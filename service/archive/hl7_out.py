@@ -46,7 +46,12 @@ def oru_of(payload: bytes, addressing: Addressing | None = None) -> tuple[str, s
 
     body = json.loads(payload).get("body")
     report = Report.model_validate(body)
-    return report.kind, oru_r01(report, addressing), control_id(report.report_id)
+    try:
+        return report.kind, oru_r01(report, addressing), control_id(report.report_id)
+    except (OverflowError, OSError) as exc:
+        # a time no calendar holds (a run of 10**20 s): `datetime` says EOVERFLOW as an OSError, which the
+        # archive would take for a disk refusing the file and hold the report, and those behind it, for ever
+        raise ValueError(f"a time out of the calendar's range ({type(exc).__name__}: {exc})") from exc
 
 
 class DropFolderLinked(OSError):
