@@ -180,6 +180,44 @@ def test_a_message_the_lab_system_had_when_the_archive_was_killed_comes_again_wi
         lis.stop()
 
 
+def test_a_report_whose_index_row_waits_is_not_delivered_again_at_each_try(
+        tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
+    """The lab system accepted the message and the file was written, but the index is locked (another
+    writer's transaction): the row cannot be committed, the report is held and tried again. The try
+    again neither sends the message to the lab system a second time nor writes the file the engine took."""
+    lis_port, hl7_dir = free_port(), tmp_path / "to-lis"
+    archive = mllp_archive(tmp_path, persistent_broker.port, lis_port)
+    archive.argv += ["--hl7-dir", str(hl7_dir)]
+    lis = Lis(lis_port)
+    station = Station(tmp_path, persistent_broker.port)
+    try:
+        archive.start()
+        index = sqlite3.connect(tmp_path / "archive" / "index.sqlite", isolation_level=None)
+        try:
+            index.execute("BEGIN IMMEDIATE")  # another writer's transaction, held
+            report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+            station.publish(report)
+            assert wait_until(lambda: "database is locked" in archive.text(), 60), archive.text()
+            assert lis.received == [oru_r01(report)]
+            (hl7_dir / f"{report.report_id}.hl7").unlink()  # the engine took the file
+        finally:
+            index.execute("ROLLBACK")
+            index.close()
+        assert wait_until(lambda: indexed(tmp_path / "archive") == 1, 60), archive.text()
+        assert lis.received == [oru_r01(report)]  # not sent again
+        assert list(hl7_dir.iterdir()) == []  # not written again
+        db = sqlite3.connect(f"{(tmp_path / 'archive' / 'index.sqlite').as_uri()}?mode=ro", uri=True)
+        try:  # both deliveries recorded with the row
+            assert sorted(d for (d,) in db.execute("SELECT destination FROM hl7_deliveries")) == [
+                f"file:{hl7_dir.resolve()}", f"mllp:127.0.0.1:{lis_port}"]
+        finally:
+            db.close()
+    finally:
+        archive.stop()
+        station.stop()
+        lis.stop()
+
+
 @pytest.mark.parametrize(("answer", "accepted"), [
     ("MSA|CA|{id}", "CA"),                      # commit accept (enhanced mode): the receiver has it
     ("MSA|AA|SOMEONE-ELSES-ID", None),         # an ACK of another message

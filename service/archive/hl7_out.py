@@ -121,13 +121,14 @@ class Hl7Output:
             logger.info("report %s from %s is a %s report: no HL7 message (only specimen reports go to the lab)",
                         message.report_id, message.station, kind)
             return []
-        # a report held (one destination refused it) is offered again: the destinations that took it
-        # are not given it again (an engine that took the file would get it once per retry)
+        # a report held (one destination refused it, or its index row could not be committed after
+        # all took it) is offered again: the destinations that took it are not given it again (an
+        # engine that took the file would get it once per retry). Kept until another report comes: a
+        # report whose row is committed is never offered again.
         made = self._held[1] if self._held is not None and self._held[0] == message.report_id else []
         self._held = (message.report_id, made)
         done = {d.destination for d in made}
         for destination in self.destinations:
             if destination not in done:
                 made.append(self.deliver(destination, message.report_id, oru, control_id))
-        self._held = None
-        return made
+        return list(made)
