@@ -27,6 +27,7 @@ from test_hl7 import parsed
 
 from smearscope.cli import main
 from smearscope.service.analysis.report import Report
+from smearscope.service.archive.hl7_out import Hl7Output
 from smearscope.service.archive.message import read_report
 from smearscope.service.archive.store import ArchiveStore
 from smearscope.service.hl7.oru import oru_r01
@@ -187,3 +188,28 @@ def test_a_report_whose_times_no_calendar_holds_is_archived_without_hl7_and_bloc
         archive.stop()
     for report in (eoverflow, overflow):  # show --hl7 says it, no traceback
         assert main(["archive", "show", report.report_id, "--dir", str(directory), "--hl7"]) == 1
+
+
+def test_a_value_that_is_no_number_makes_no_message_rather_than_an_nm_of_nan(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """JSON as Python reads it takes NaN and Infinity, and the report model lets them through: HL7's NM
+    has no such value ('nan', 'inf' are no numbers to an LIS). The report is archived, no message made
+    (hl7_out writes no file; show --hl7 says it cannot be read, exit 1)."""
+    odd = json.loads(envelope_of(a_report("run-1", SPECIMEN, 1_796_000_000.0)))
+    odd["body"]["wbc_differential"][0]["percent"] = float("nan")
+    odd["body"]["rbc_size"]["mean_diameter_um"] = float("inf")
+    payload = json.dumps(odd).encode()
+    assert b"NaN" in payload and b"Infinity" in payload
+    message = read_report(STATION, payload)
+    hl7_dir = tmp_path / "to-lis"
+    output = Hl7Output(hl7_dir, None, 10)
+    store = ArchiveStore(tmp_path / "a", output)
+    try:
+        assert store.put_report(message).new
+    finally:
+        store.close()
+    assert list(hl7_dir.iterdir()) == []
+    assert main(["archive", "show", message.report_id, "--dir", str(tmp_path / "a"), "--hl7"]) == 1
+    captured = capsys.readouterr()
+    assert "cannot be read as a report of this smearscope" in captured.err
+    assert "|nan|" not in captured.out and "|inf|" not in captured.out

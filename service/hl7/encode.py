@@ -9,6 +9,7 @@ among them, which would end the segment) as `\\Xhh\\`, and cut to its field's le
 from __future__ import annotations
 
 import logging
+import math
 from datetime import datetime, timezone
 
 logger = logging.getLogger(__name__)
@@ -70,9 +71,12 @@ def dtm(when: float | str) -> str:
 
 
 def number(value: float) -> str:
-    """A number as HL7 NM: plain decimal, no exponent."""
+    """A number as HL7 NM: plain decimal, no exponent; ValueError for NaN or an infinity (JSON as Python
+    reads it takes them), which NM has no way to say."""
     if isinstance(value, bool):
         raise TypeError("a boolean is not a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a number HL7's NM can carry")
     if isinstance(value, int):
         return str(value)
     out = f"{value:.6f}".rstrip("0").rstrip(".")
