@@ -45,6 +45,17 @@ def test_msh_4_5_6_are_the_hds_the_lab_gave() -> None:
     assert plain.msh_4.value == "bench-1" and plain.msh_5.value == "" and plain.msh_6.value == ""
 
 
+
+def test_a_station_id_longer_than_an_hds_namespace_id_is_msh_4_whole_and_valid() -> None:
+    """Station ids take up to 64 characters, an HD's namespace id 20 (IS): without
+    --hl7-sending-facility, a longer one goes whole into MSH-4's universal id, type L (local)."""
+    for station in ("clinic-north-wing-microscope-02", "s" * 64):
+        report = specimen_report().model_copy(update={"station_id": station})
+        msg = parsed(oru_r01(report))  # strict v2.5.1: a namespace id over 20 characters fails it
+        assert [msg.msh.msh_4.hd_1.value, msg.msh.msh_4.hd_2.value, msg.msh.msh_4.hd_3.value] == ["", station, "L"]
+    short = parsed(oru_r01(specimen_report().model_copy(update={"station_id": "n" * 20}))).msh
+    assert short.msh_4.value == "n" * 20  # up to 20: the namespace id, as before
+
 BAD_HDS = ["LIS|X", "LIS&X", "LIS~X", "LIS\\X", "LIS\rMSH", "LIS^1.2.3", "LIS^^ISO", "LIS^1.2.3^OID",
            "A^B^ISO^D", "N" * 21, ""]
 

@@ -23,6 +23,7 @@ from smearscope.service.hl7.encode import (
     ENCODING_CHARACTERS,
     FT,
     ID,
+    IS,
     SEGMENT_END,
     code,
     components,
@@ -89,6 +90,14 @@ def _specimen_type(concept: dict[str, Any]) -> str:
     coding = concept["coding"][0]
     return components(code(coding["code"]), text(coding["display"]), CODING_SYSTEM[coding["system"]],
                       "", "", "", "", "", text(concept["text"]))
+
+
+def _station_facility(station_id: str) -> str:
+    """MSH-4 without a sending facility given: the station id as the HD's namespace id (IS, 20 characters),
+    or, a longer one (station ids take 64), whole as its universal id of type L (local): never cut."""
+    if len(station_id) <= IS:
+        return code(station_id)
+    return components("", text(station_id), "L")
 
 
 def _units(quantity: dict[str, Any]) -> str:
@@ -177,7 +186,7 @@ def oru_r01(report: Report, addressing: Addressing | None = None) -> str:
     m = _Message(report, report_bundle(report))
     r, v = report, report.verification
     a = addressing or Addressing()
-    facility = hd(a.sending_facility) if a.sending_facility else code(r.station_id or "")
+    facility = hd(a.sending_facility) if a.sending_facility else _station_facility(r.station_id or "")
     receiver = hd(a.receiving_application) if a.receiving_application else ""
     receiving_facility = hd(a.receiving_facility) if a.receiving_facility else ""
     placer = text(r.specimen_id or "")
