@@ -6,6 +6,8 @@ written again; a full HL7 folder holds the report unacknowledged until space ret
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -213,3 +215,27 @@ def test_a_value_that_is_no_number_makes_no_message_rather_than_an_nm_of_nan(
     captured = capsys.readouterr()
     assert "cannot be read as a report of this smearscope" in captured.err
     assert "|nan|" not in captured.out and "|inf|" not in captured.out
+
+
+def test_temporary_files_a_killed_write_left_in_the_hl7_folder_are_removed_at_start(
+        tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
+    """A write killed between its temporary file and the rename leaves `.<id>.hl7.<random>.tmp` in the
+    folder the engine reads (the report comes again: nothing is lost); an engine taking `*.hl7` never
+    removes it, and it holds patient data. The archive removes those at start, nothing else."""
+    directory, hl7_dir = tmp_path / "archive", tmp_path / "to-lis"
+    hl7_dir.mkdir()
+    report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    fd, leftover = tempfile.mkstemp(dir=hl7_dir, prefix=f".{report.report_id}.hl7.", suffix=".tmp")
+    os.write(fd, oru_r01(report).encode()[:100])
+    os.close(fd)
+    others = [hl7_dir / "kept.hl7", hl7_dir / ".engine-state.tmp", hl7_dir / "notes.txt"]
+    for other in others:
+        other.write_text("the engine's")
+    archive = hl7_archive(tmp_path, persistent_broker.port, directory, hl7_dir)
+    try:
+        archive.start()
+        assert not Path(leftover).exists()
+        assert all(other.read_text() == "the engine's" for other in others)
+        assert f"removed {leftover}, left by an interrupted write" in archive.text()
+    finally:
+        archive.stop()

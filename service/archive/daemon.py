@@ -85,6 +85,8 @@ class ArchiveDaemon:
             hl7 = Hl7Output(config.hl7_directory, config.mllp_address, config.hl7_mllp_timeout_s, config.addressing,
                             stop=self._stop)
         self.store = ArchiveStore(config.directory, hl7)
+        if hl7 is not None:
+            hl7.remove_leftovers()
         self.hl7 = hl7
         self._incoming: queue.Queue[Incoming] = queue.Queue()
         self._connected = False

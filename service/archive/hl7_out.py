@@ -16,9 +16,11 @@ only what was not delivered there.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
+import re
 import threading
 from pathlib import Path
 
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 SUFFIX = ".hl7"
 #: The files' mode: the interface engine reads them as a member of the folder's group (docs/HL7.md).
 MODE = 0o640
+#: A temporary file of write_atomically's for a message (mkstemp's prefix and suffix, its 8 random characters).
+_LEFTOVER = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\.hl7\.[A-Za-z0-9_]{8}\.tmp")
 #: What a body this smearscope cannot read as a report raises (pydantic's ValidationError is a ValueError).
 UNREADABLE = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 
@@ -83,6 +87,19 @@ class Hl7Output:
         self.sender = sender
         self.stop = stop  # set: a send waiting for its ACK gives up (the archive stopping)
         self._held: tuple[str, list[Delivery]] | None = None  # the report held, its deliveries made so far
+
+    def remove_leftovers(self) -> None:
+        """The temporary files of writes a crash interrupted (`.<report_id>.hl7.<random>.tmp`: their report
+        was never acknowledged, so it comes again): an engine taking `*.hl7` never removes them, and they
+        hold patient data. Called by the running archive at start only (a `send-hl7` beside it may be
+        writing one)."""
+        if self.directory is None or self.directory.is_symlink():
+            return
+        for entry in self.directory.iterdir():
+            if _LEFTOVER.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    logger.info("removed %s, left by an interrupted write", entry)
 
     @property
     def destinations(self) -> list[str]:
