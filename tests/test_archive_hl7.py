@@ -239,3 +239,27 @@ def test_temporary_files_a_killed_write_left_in_the_hl7_folder_are_removed_at_st
         assert f"removed {leftover}, left by an interrupted write" in archive.text()
     finally:
         archive.stop()
+
+
+def test_a_report_whose_body_names_another_station_than_its_topic_is_refused(
+        tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
+    """The broker lets a station publish on its own topic only; a body naming another station would
+    be archived under the topic's station and sent to the lab with the other one in MSH-4 and OBX-18
+    (results filed as another analyzer's). It is refused, as an envelope naming another station is."""
+    directory, hl7_dir = tmp_path / "archive", tmp_path / "to-lis"
+    archive = hl7_archive(tmp_path, persistent_broker.port, directory, hl7_dir)
+    try:
+        archive.start()
+        forged = a_report("run-1", SPECIMEN, 1_796_000_000.0).model_copy(update={"station_id": "lab-9"})
+        good = a_report("run-2", SPECIMEN, 1_796_000_100.0)
+        with raw_client(persistent_broker.port) as client:  # logged in as the station lab-7
+            for report in (forged, good):
+                client.publish(f"smearscope/{STATION}/report", envelope_of(report), qos=1).wait_for_publish(10)
+        assert wait_until(lambda: "refused a message on" in archive.text() and indexed(directory) >= 1, 30), \
+            archive.text()
+        assert wait_until(lambda: f"stored report {good.report_id}" in archive.text(), 30), archive.text()
+        assert indexed(directory) == 1
+        assert "body station_id 'lab-9' is not the topic's station 'lab-7'" in archive.text()
+        assert [p.name for p in hl7_dir.iterdir()] == [f"{good.report_id}.hl7"]
+    finally:
+        archive.stop()

@@ -120,6 +120,8 @@ def read_report(station: str, payload: bytes) -> ReportMessage:
         raise Refused("envelope has no report body (a JSON object)")
     if body.get("report_id") != report_id:
         raise Refused(f"body report_id {str(body.get('report_id'))[:80]!r} is not the envelope's {report_id!r}")
+    if body.get("station_id") not in (None, station):  # its HL7 would name that station (MSH-4, OBX-18)
+        raise Refused(f"body station_id {str(body.get('station_id'))[:80]!r} is not the topic's station {station!r}")
     created_at = body.get("created_at")
     if isinstance(created_at, bool) or not isinstance(created_at, (int, float)) or not math.isfinite(created_at) \
             or not 0 <= created_at < 253402300800:  # before year 10000: a month folder
