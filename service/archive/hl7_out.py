@@ -95,7 +95,13 @@ class Hl7Output:
         writing one)."""
         if self.directory is None or self.directory.is_symlink():
             return
-        for entry in self.directory.iterdir():
+        try:
+            entries = list(self.directory.iterdir())
+        except OSError as exc:  # a folder it may write but not list: its writes say what is wrong
+            logger.warning("cannot list the HL7 folder %s for temporary files left by a killed write: %s",
+                           self.directory, exc)
+            return
+        for entry in entries:
             if _LEFTOVER.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
                 with contextlib.suppress(OSError):
                     entry.unlink()
