@@ -57,7 +57,8 @@ def test_a_station_id_longer_than_an_hds_namespace_id_is_msh_4_whole_and_valid()
     assert short.msh_4.value == "n" * 20  # up to 20: the namespace id, as before
 
 BAD_HDS = ["LIS|X", "LIS&X", "LIS~X", "LIS\\X", "LIS\rMSH", "LIS^1.2.3", "LIS^^ISO", "LIS^1.2.3^OID",
-           "A^B^ISO^D", "N" * 21, ""]
+           "A^B^ISO^D", "N" * 21, "",
+           "LAB\udcff"]  # a byte that is no UTF-8 in the command line or archive.env (Python's surrogateescape)
 
 
 @pytest.mark.parametrize("bad", BAD_HDS)

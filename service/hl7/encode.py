@@ -100,6 +100,8 @@ def hd(value: str) -> str:
     if bad:
         raise ValueError(f"{value!r} holds {', '.join(map(repr, bad))}: an HD takes no HL7 delimiter but '^' "
                          "between its components, and no control character")
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in value):  # a byte that is no UTF-8, as Python's argv decodes it
+        raise ValueError(f"{value!r} is not UTF-8 text: the message is UTF-8 (MSH-18), and so must an HD be")
     parts = value.split(COMPONENT)
     if len(parts) > 3:
         raise ValueError(f"{value!r} has {len(parts)} components: an HD has at most 3 (namespace id^universal "
