@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ import pytest
 from broker import MQTT_USERS, MosquittoBroker, free_port
 from test_archive import SPECIMEN, STATION, Station, a_report, envelope_of, indexed
 
+from smearscope.cli import main
 from smearscope.service.archive.daemon import ArchiveDaemon
 from smearscope.service.archive.hl7_out import Hl7Output
 from smearscope.service.archive.message import read_report
@@ -202,6 +205,26 @@ def test_a_name_that_does_not_resolve_and_a_refused_port_are_unreachable() -> No
         assert caught.value.kind == "unreachable"
         assert ("gaierror" in str(caught.value)) or ("ConnectionRefusedError" in str(caught.value))
 
+
+
+@pytest.mark.parametrize("host", ["lis..clinic.lan", "x" * 64 + ".clinic.lan", ".lis"])
+def test_a_host_name_no_resolver_can_take_is_refused_at_start_and_unreachable_to_send(
+        host: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty label (a typo's double dot) or one over 63 characters is no DNS name: Python's resolver call
+    raises UnicodeError (a ValueError, not the OSError a report is held for), which ended the archive at
+    its first specimen report, and again at each restart. The archive and send-hl7 refuse it (exit 2,
+    nothing opened); send() says it unreachable."""
+    with pytest.raises(mllp.NotAcknowledged) as caught:
+        mllp.send((host, 2575), MESSAGE, CONTROL_ID, 5)
+    assert caught.value.kind == "unreachable"
+    argv = ["--dir", str(tmp_path / "a"), "--hl7-mllp", f"{host}:2575"]
+    assert main(["archive", "send-hl7", "--all", *argv]) == 2
+    assert "--hl7-mllp" in capsys.readouterr().err
+    # the daemon in its own process (taken, it would run): the timeout guards against a hang, times nothing
+    done = subprocess.run([sys.executable, "-m", "smearscope", "archive", "--broker", "mqtt://127.0.0.1:1", *argv],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--hl7-mllp" in done.stderr
+    assert not (tmp_path / "a").exists()
 
 @pytest.mark.broker
 def test_a_stopping_archive_is_not_held_by_a_lis_that_never_answers(

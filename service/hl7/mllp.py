@@ -82,6 +82,11 @@ def parse_address(text: str) -> tuple[str, int]:
         why = "no host before the ':'"
     elif any(c in host for c in "[]:") or any(c.isspace() or not c.isprintable() for c in host):
         why = f"the host {host!r} is no host name or address (an IPv6 address goes in brackets: [fd00::5]:2575)"
+    else:
+        try:  # what the resolver is given: an empty label (a double dot) or one over 63 characters is no name
+            host.encode("idna")
+        except UnicodeError as exc:
+            why = f"the host {host!r} is no host name ({exc})"
     if why is not None:
         raise ValueError(f"{text!r} is not HOST:PORT: {why}")
     return host, int(port)
