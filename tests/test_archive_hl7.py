@@ -263,3 +263,27 @@ def test_a_report_whose_body_names_another_station_than_its_topic_is_refused(
         assert [p.name for p in hl7_dir.iterdir()] == [f"{good.report_id}.hl7"]
     finally:
         archive.stop()
+
+
+def test_a_report_it_cannot_read_reaches_the_journal_and_the_terminal_escaped(
+        tmp_path: Path, persistent_broker: MosquittoBroker, capsys: pytest.CaptureFixture[str]) -> None:
+    """The reason a report cannot be read is pydantic's text, which quotes the body's own keys as they are:
+    an ESC sequence, a right-to-left override or a line separator in one reached the ERROR line (and `show
+    --hl7`'s stderr) raw. They are shown as \\xNN / \\uNNNN, and pydantic's lines joined into one."""
+    directory, hl7_dir = tmp_path / "archive", tmp_path / "to-lis"
+    archive = hl7_archive(tmp_path, persistent_broker.port, directory, hl7_dir)
+    odd = json.loads(envelope_of(a_report("run-1", SPECIMEN, 1_796_000_000.0)))
+    odd["body"]["note\x1b[2J\u202e\u2028forged"] = 1  # a key this smearscope does not know
+    try:
+        archive.start()
+        with raw_client(persistent_broker.port) as client:
+            client.publish(f"smearscope/{STATION}/report", json.dumps(odd).encode(), qos=1).wait_for_publish(10)
+        assert wait_until(lambda: indexed(directory) == 1, 30), archive.text()
+    finally:
+        archive.stop()
+    said = [line for line in archive.text().split("\n") if "cannot be read as a report" in line]
+    assert len(said) == 1 and "note\\x1b[2J\\u202e\\u2028forged" in said[0]
+    assert not {"\x1b", "\u202e", "\u2028"} & set(archive.text())
+    assert main(["archive", "show", odd["report_id"], "--dir", str(directory), "--hl7"]) == 1
+    err = capsys.readouterr().err
+    assert "note\\x1b[2J\\u202e\\u2028forged" in err and not {"\x1b", "\u202e", "\u2028"} & set(err)

@@ -58,6 +58,13 @@ def oru_of(payload: bytes, addressing: Addressing | None = None) -> tuple[str, s
         raise ValueError(f"a time out of the calendar's range ({type(exc).__name__}: {exc})") from exc
 
 
+def unreadable_reason(exc: BaseException) -> str:
+    """Why a body cannot be read, for a log line or a terminal: pydantic's text quotes the body's own keys
+    as they are and spans lines; its first 300 characters on one line, control, bidi and other invisible
+    characters shown as \\xNN / \\uNNNN (mllp.shown)."""
+    return mllp.shown(str(exc)[:300])
+
+
 class DropFolderLinked(OSError):
     """The HL7 folder, a folder when the archive started, is a symbolic link now: nothing is written
     through it (held, as a full folder holds a report), wherever it leads."""
@@ -138,7 +145,7 @@ class Hl7Output:
         except UNREADABLE as exc:
             logger.error("report %s from %s cannot be read as a report of this smearscope (%s: %s): archived, "
                          "but no HL7 message was made", message.report_id, message.station, type(exc).__name__,
-                         str(exc)[:300])
+                         unreadable_reason(exc))
             return []
         if kind != "specimen":
             logger.info("report %s from %s is a %s report: no HL7 message (only specimen reports go to the lab)",

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from smearscope.service.archive.hl7_out import UNREADABLE, Hl7Output, oru_of
+from smearscope.service.archive.hl7_out import UNREADABLE, Hl7Output, oru_of, unreadable_reason
 from smearscope.service.archive.store import INDEX_NAME, open_index, record_deliveries
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def send_from_index(directory: Path, output: Hl7Output, since: float | None, aga
             except (OSError, *UNREADABLE) as exc:
                 unreadable += 1
                 logger.error("report %s at %s cannot be read as a report of this smearscope (%s: %s): not sent",
-                             report_id, path, type(exc).__name__, str(exc)[:300])
+                             report_id, path, type(exc).__name__, unreadable_reason(exc))
                 continue
             for destination in todo:
                 try:

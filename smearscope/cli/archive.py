@@ -302,12 +302,12 @@ def cmd_send_hl7(args: argparse.Namespace) -> int:
 def _show_hl7(report_id: str, path: Path, envelope: bytes, addressing: Addressing) -> int:
     """The archived report's ORU^R01 with `addressing`'s MSH-4/5/6, one segment a line (the file
     `--hl7-dir` writes ends each with a carriage return, as HL7 has it)."""
-    from smearscope.service.archive.hl7_out import UNREADABLE, oru_of
+    from smearscope.service.archive.hl7_out import UNREADABLE, oru_of, unreadable_reason
 
     try:
         _, oru, _ = oru_of(envelope, addressing)
     except UNREADABLE as exc:
         return _fail(f"the report {report_id} at {path} cannot be read as a report of this smearscope "
-                     f"({type(exc).__name__}: {str(exc)[:300]}): no HL7 message", 1)
+                     f"({type(exc).__name__}: {unreadable_reason(exc)}): no HL7 message", 1)
     sys.stdout.write(oru.replace("\r", "\n"))
     return 0
