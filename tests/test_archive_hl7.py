@@ -287,3 +287,16 @@ def test_a_report_it_cannot_read_reaches_the_journal_and_the_terminal_escaped(
     assert main(["archive", "show", odd["report_id"], "--dir", str(directory), "--hl7"]) == 1
     err = capsys.readouterr().err
     assert "note\\x1b[2J\\u202e\\u2028forged" in err and not {"\x1b", "\u202e", "\u2028"} & set(err)
+
+
+def test_an_hl7_folder_that_cannot_be_made_is_named_and_not_blamed_on_the_archive(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--hl7-dir under a plain file (or on a read-only file system, as under the unit's ProtectSystem=
+    without ReadWritePaths=): the archive said 'cannot open the archive at DIR', the archive folder being
+    fine. It names the HL7 folder; exit 1 (the folder may be made meanwhile: a restart mends it)."""
+    (tmp_path / "plain").write_text("a file")
+    hl7_dir = tmp_path / "plain" / "to-lis"
+    assert main(["archive", "--broker", "mqtt://127.0.0.1:1", "--dir", str(tmp_path / "archive"),
+                 "--hl7-dir", str(hl7_dir)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot make the HL7 folder {hl7_dir} (--hl7-dir)" in err and "cannot open the archive" not in err

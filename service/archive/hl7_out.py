@@ -65,6 +65,11 @@ def unreadable_reason(exc: BaseException) -> str:
     return mllp.shown(str(exc)[:300])
 
 
+class Hl7FolderError(OSError):
+    """The HL7 folder cannot be made (under a plain file, a read-only file system): said as such, not as
+    the archive folder failing."""
+
+
 class DropFolderLinked(OSError):
     """The HL7 folder, a folder when the archive started, is a symbolic link now: nothing is written
     through it (held, as a full folder holds a report), wherever it leads."""
@@ -87,7 +92,11 @@ class Hl7Output:
                  stop: threading.Event | None = None) -> None:
         self.directory = directory.resolve() if directory is not None else None
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise Hl7FolderError(f"cannot make the HL7 folder {self.directory} (--hl7-dir): "
+                                     f"{exc.strerror or exc}") from exc
         self.mllp_address = mllp_address
         self.mllp_timeout_s = mllp_timeout_s
         self.addressing = addressing

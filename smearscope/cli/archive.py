@@ -132,6 +132,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
         return _fail(f"--username {args.username} needs its password: --password-file FILE, or the systemd "
                      f"credential {CREDENTIAL} (LoadCredential=, as systemd/smearscope-archive.service gives it)")
     from smearscope.service.archive.daemon import ArchiveDaemon, BrokerSettingsError
+    from smearscope.service.archive.hl7_out import Hl7FolderError
     from smearscope.service.archive.store import IndexVersionError
 
     # the reports are patient data: nothing for other users, as the unit's UMask=0027 (and `run`)
@@ -140,6 +141,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
         daemon = ArchiveDaemon(config, password)
     except (BrokerSettingsError, IndexVersionError) as exc:  # a TLS file missing, a newer index: no restart mends
         return _fail(str(exc))
+    except Hl7FolderError as exc:  # it may be made meanwhile: worth a restart
+        return _fail(str(exc), 1)
     except (OSError, sqlite3.Error) as exc:  # the folder or its index cannot be opened: worth a restart
         return _fail(f"cannot open the archive at {config.directory}: {exc}", 1)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
