@@ -379,10 +379,12 @@ def test_commands_over_mqtt(
 
         state, ended = daemon.workers.state, []
         real_ending = state.run_ending
-        state.run_ending = lambda run_id, why: (ended.append((run_id, why)), real_ending(run_id, why))[1]
+        state.run_ending = lambda run_id, why, report_id: (ended.append((run_id, why, report_id)),
+                                                           real_ending(run_id, why, report_id))[1]
         stopped = command("stop_run")
-        assert stopped["ok"] and stopped["fields"] == 1 and not stopped["complete"]
-        assert ended == [(stopped["run_id"], "stopped")]  # kept before its report: a crash never resumes it
+        assert stopped["ok"] and stopped["fields"] == 1 and not stopped["complete"] and "message" not in stopped
+        # kept before its report, with the id answered: a crash never resumes it, nor reports it under another id
+        assert ended == [(stopped["run_id"], "stopped", stopped["report_id"])]
         assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 10)
         body = envelopes(observer, f"{BASE}/report")[-1]["body"]
         assert body["report_id"] == stopped["report_id"] and body["fields_analyzed"] == 1

@@ -389,18 +389,22 @@ def test_a_run_stopped_before_its_report_was_stored_is_closed_as_stopped_not_tak
         assert left.end_requested is None
         tracker = SpecimenTracker(SpecimenPolicy(10_000, 1e9, False), clock=lambda: left.last_activity + 1)
         assert tracker.resume_one([left]) == [] and tracker.open_run() is left
-        state.run_ending("r1", "stopped")
+        assert state.run_ending("r1", "stopped", "report-of-r1")
         (left,) = StationState(outbox).open_runs()  # a crash after it: closed, for that reason
-        assert left.end_requested == "stopped"
+        assert left.end_requested == "stopped" and state.ending_report_ids() == {"r1": "report-of-r1"}
         tracker = SpecimenTracker(SpecimenPolicy(10_000, 1e9, False), clock=lambda: left.last_activity + 1)
         assert tracker.resume_one([left]) == [left] and tracker.open_run() is None
         assert tracker.final_report(left, left.end_requested or "restart").end_reason == "stopped"
         report = replace(run, run_id="r1").report(station_id="s", now=5.0, end_reason="stopped")
         outbox.write(lambda conn: state.run_closed(report)(conn, []))  # its report stored: the mark goes
         assert outbox.read(lambda conn: conn.execute("SELECT COUNT(*) FROM ending_runs").fetchone()[0]) == 0
-        state.run_ending("r0", "stopped")  # stopped before any field of it was stored: dropped at open
+        assert outbox.read(lambda conn: conn.execute("SELECT COUNT(*) FROM answered_reports").fetchone()[0]) == 0
+        state.run_ending("r0", "stopped", "report-of-r0")  # stopped before any field of it was stored: dropped at open
+        # a report id whose run's end an earlier version deleted with the report it stored: dropped at open
+        outbox.write(lambda conn: conn.execute("INSERT INTO answered_reports VALUES ('r9', 'report-of-r9')"))
         StationState(outbox)
         assert outbox.read(lambda conn: conn.execute("SELECT COUNT(*) FROM ending_runs").fetchone()[0]) == 0
+        assert outbox.read(lambda conn: conn.execute("SELECT COUNT(*) FROM answered_reports").fetchone()[0]) == 0
     finally:
         outbox.close()
 

@@ -264,10 +264,17 @@ class StationCommands:
         closed = self._tracker.stop("stopped")
         if closed is None:
             return {"ok": False, "error": "no_run_open", "message": "no specimen run is open"}
-        if closed.report is not None and self._workers.state is not None:
-            self._workers.state.run_ending(closed.run_id, "stopped")  # never taken back by a restart
+        report_id = closed.report.report_id if closed.report else None
+        kept = True
+        if report_id is not None and self._workers.state is not None:
+            # never taken back by a restart, and its report stored under this id whatever comes first
+            kept = self._workers.state.run_ending(closed.run_id, "stopped", report_id)
         self._workers.emit_closed(closed)
-        return {"ok": True, "run_id": closed.run_id, "fields": closed.fields,
-                "classified_wbc": closed.classified_wbc, "target_wbc": closed.target_wbc,
-                "complete": closed.complete,
-                "report_id": closed.report.report_id if closed.report else None}
+        answer = {"ok": True, "run_id": closed.run_id, "fields": closed.fields,
+                  "classified_wbc": closed.classified_wbc, "target_wbc": closed.target_wbc,
+                  "complete": closed.complete, "report_id": report_id}
+        if not kept:
+            answer["message"] = (f"the run's end could not be kept in the outbox file (see the station's log): its "
+                                 f"report is sent under {report_id} unless the station stops before storing it; a "
+                                 "start after that reports the run under another id")
+        return answer

@@ -20,6 +20,10 @@ and two written at once:
   ending_runs      the runs `stop_run` ended, written at once (`run_ending`), deleted with the
                    run's stored report: a crash before it is stored never takes the run back;
                    a row whose run has no field stored is dropped at open
+  answered_reports the id of the report `stop_run`'s answer named, written with its ending_runs
+                   row and deleted with the stored report: the start that closes such a run
+                   stores its report under that id (a row whose ending_runs row is gone, an
+                   earlier version's store, is dropped at open)
   started_runs     the runs `start_run` opened (its start, target and specimen id), written at
                    once (`run_started`) and deleted with the run's first stored field (its row
                    says the same from then on) or when the run ends without one
@@ -68,6 +72,11 @@ _SCHEMA = (
     # disk) the next start closes it for that reason rather than take it back
     """CREATE TABLE IF NOT EXISTS ending_runs (
         run_id TEXT PRIMARY KEY, end_reason TEXT NOT NULL, at REAL NOT NULL)""",
+    # the report id stop_run answered for such a run: the next start stores its report under it. A
+    # table of its own, not a column of ending_runs: an earlier version's positional INSERT into
+    # ending_runs keeps working on a file this version opened (that version ignores the table)
+    """CREATE TABLE IF NOT EXISTS answered_reports (
+        run_id TEXT PRIMARY KEY, report_id TEXT NOT NULL)""",
     # a run start_run opened, written at once: until its first field is stored, the only trace of
     # its specimen id and target (an earlier version opening the file ignores the table)
     """CREATE TABLE IF NOT EXISTS started_runs (
@@ -149,8 +158,9 @@ class StationState:
         outbox.write(lambda conn: [conn.execute(statement) for statement in _SCHEMA])
         outbox.write(_add_columns)
         try:  # a run stopped before any of its fields was stored (a full disk may refuse: left for later)
-            outbox.write(lambda conn: conn.execute(
-                "DELETE FROM ending_runs WHERE run_id NOT IN (SELECT run_id FROM specimen_fields)"))
+            outbox.write(lambda conn: (conn.execute(
+                "DELETE FROM ending_runs WHERE run_id NOT IN (SELECT run_id FROM specimen_fields)"), conn.execute(
+                "DELETE FROM answered_reports WHERE run_id NOT IN (SELECT run_id FROM ending_runs)")))
         except (sqlite3.Error, OSError) as exc:
             logger.warning("stopped runs without fields not dropped: %s", exc)
         #: Inputs taken for analysis by this process (input key -> frame id; the analysis
@@ -212,6 +222,7 @@ class StationState:
 
         def write(conn: sqlite3.Connection, seqs: list[int]) -> None:
             conn.execute("DELETE FROM ending_runs WHERE run_id = ?", (report.run_id or "",))
+            conn.execute("DELETE FROM answered_reports WHERE run_id = ?", (report.run_id or "",))
             conn.execute("DELETE FROM started_runs WHERE run_id = ?", (report.run_id or "",))
             conn.execute("INSERT INTO closed_runs VALUES (?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET "
                          "report = excluded.report", (report.run_id or "", report.end_reason or "restart", slim,
@@ -367,16 +378,32 @@ class StationState:
                 for run_id, reason, at, by, target, specimen, _, _ in rows]
         return runs, bool(rows) and rows[-1][6] >= rows[-1][7]
 
-    def run_ending(self, run_id: str, end_reason: str) -> None:
-        """A technician ended the run (on the analysis thread, before its report is queued): kept
-        at once, so a crash before the report is stored never takes the run back. A write that
-        fails (a full disk) is logged: the run is then treated as any run left open."""
+    def run_ending(self, run_id: str, end_reason: str, report_id: str | None = None) -> bool:
+        """A technician ended the run (on the analysis thread, before its report is queued and the
+        command answered): kept at once with the id of its report (`report_id`, None for a run
+        without a field), so a crash before the report is stored never takes the run back, and the
+        start that closes it stores the report under the id the answer named. False when the write
+        fails (a full disk; logged): the run is then treated as any run left open."""
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO ending_runs VALUES (?, ?, ?)", (run_id, end_reason, time.time()))
+            if report_id is not None:
+                conn.execute("INSERT OR REPLACE INTO answered_reports VALUES (?, ?)", (run_id, report_id))
+
         try:
-            self.outbox.write(lambda conn: conn.execute(
-                "INSERT OR REPLACE INTO ending_runs VALUES (?, ?, ?)", (run_id, end_reason, time.time())))
+            self.outbox.write(write)
         except (sqlite3.Error, OSError) as exc:
-            logger.warning("run %s: its end (%s) could not be kept before its report (%s); a restart "
-                           "within its idle timeout would take it back", run_id, end_reason, exc)
+            logger.warning("run %s: its end (%s) could not be kept before its report (%s); a restart before the "
+                           "report is stored would take the run back, or close it under another report id",
+                           run_id, end_reason, exc)
+            return False
+        return True
+
+    def ending_report_ids(self) -> dict[str, str]:
+        """The runs stop_run ended whose report is not stored yet -> the id its answer named (none
+        for a run an earlier version stopped)."""
+        return dict(self.outbox.read(lambda conn: conn.execute(
+            "SELECT run_id, report_id FROM answered_reports WHERE run_id IN (SELECT run_id FROM ending_runs)"
+        ).fetchall()))
 
     def closed_runs(self, cells: bool = True) -> list[ClosedRun]:
         """The last closed runs, oldest first: their cells and latest report (without cells).

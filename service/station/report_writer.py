@@ -215,6 +215,7 @@ class ReportWriter:
         """Close the runs a previous process left open (restart) but one it resumes; yields those closed:
         their reports stored, or with no field (start_run's: their state goes out closed)."""
         assert self.state is not None
+        answered = self.state.ending_report_ids()  # stop_run's answers named these reports' ids
         for run in self.tracker.resume_one(self.state.open_runs(getattr(self.analyzer, "models", None))):
             if not run.field_ids:  # started by start_run, no field stored: nothing to report, its state closed
                 logger.warning("run %s for specimen %s, started by start_run %.0f s before this start, was left "
@@ -227,6 +228,8 @@ class ReportWriter:
                 yield run.run_id
                 continue
             report = self.tracker.final_report(run, run.end_requested or "restart")
+            if run.run_id in answered:  # a LIS waits for it under that id
+                report = report.model_copy(update={"report_id": answered[run.run_id]})
             try:
                 seq = self._store_once(Outgoing("report", report))
             except (sqlite3.Error, OSError) as exc:

@@ -1,0 +1,140 @@
+"""The report id `stop_run` answers is the id its specimen report is stored and published under,
+also when the station dies between the answer and the store (the report writer's thread stores
+it after the answer): the id is kept with the run's end (`ending_runs`) before the answer, and
+the start that closes the run stores its report under it.
+
+The station is real (a child process SIGKILLed, its outbox file, publisher, mosquitto, a watched
+folder); only the analysis is the oracle `PoolAnalyzer` of tests/test_daemon.py. The outbox file
+refuses the report's store with a trigger (as a failing disk would), so the crash comes between
+the answer and the store every time."""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import cv2
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
+from test_daemon import BASE, envelopes, oracle_pool, start_daemon, stop_daemon, write_station
+from test_daemon_faults import DaemonProcess
+from test_started_runs import _command
+
+from smearscope.device.synthetic import render_field
+from smearscope.service.config import load_config
+from smearscope.service.mqtt.outbox import Outbox
+from smearscope.service.station.durable import StationState
+
+pytestmark = [pytest.mark.broker, pytest.mark.faults]
+
+_REFUSE = ("CREATE TRIGGER refuse_reports BEFORE INSERT ON closed_runs "
+           "BEGIN SELECT RAISE(ABORT, 'test: the file refuses the report'); END")
+
+
+def test_a_station_killed_between_the_stop_run_answer_and_the_store_sends_the_report_under_the_answered_id(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path,
+) -> None:
+    """start_run, one field stored, stop_run answered with its report id while the outbox file
+    refuses the report; SIGKILL; the file takes writes again; the next start closes the run as
+    stopped and its report reaches the broker under the id the answer named."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
+              "microns_per_pixel": 0.2}
+    config = write_station(tmp_path, broker.port, source=source,
+                           specimen={"target_wbc_count": 1000, "idle_timeout_s": 600.0})
+    outbox_path = Path(load_config(config).mqtt.outbox.path)
+    outbox_path.parent.mkdir(parents=True, exist_ok=True)
+    outbox = Outbox(outbox_path)
+    StationState(outbox)  # the station's tables, so the trigger has its table
+    outbox.close()
+    with closing(sqlite3.connect(outbox_path)) as db:
+        db.execute(_REFUSE)
+        db.commit()
+    pool_file = tmp_path / "pool.pkl"
+    pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    daemon = runner = first = None
+    try:
+        sub.wait_ready()
+        first = DaemonProcess(config, pool_file)
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/status" and m.payload == b"online" for m in ms),
+                            60), first.lines[-20:]
+        started = _command(sub, "start_run", {"specimen_id": "H-2026-0412"})
+        assert started["ok"], (started, first.lines[-20:])
+        cv2.imwrite(str(inbox / "a.png"), render_field(60, width=320, height=240).frame.pixels)
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/field" for m in ms), 30), first.lines[-20:]
+        stopped = _command(sub, "stop_run")
+        assert stopped["ok"] and stopped["fields"] == 1 and stopped["report_id"], stopped
+        assert "message" not in stopped  # its end (and report id) was kept
+        # the writer tried to store the report and the file refused it: the crash comes in between
+        refused = f"outbox write of report report {stopped['report_id']} failed"
+        assert wait_until(lambda: any(refused in line for line in list(first.lines)), 15), first.lines[-20:]
+        first.signal(signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+        assert not sub.on_topic(f"{BASE}/report")
+        with closing(sqlite3.connect(outbox_path)) as db:
+            assert db.execute("SELECT COUNT(*) FROM closed_runs").fetchone()[0] == 0
+            db.execute("DROP TRIGGER refuse_reports")
+            db.commit()
+
+        daemon, runner = start_daemon(config)
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 30)
+    finally:
+        if daemon is not None and runner is not None:
+            stop_daemon(daemon, runner)
+        if first is not None:
+            first.signal(signal.SIGKILL)
+        sub.close()
+    (report,) = envelopes(sub, f"{BASE}/report")
+    assert report["report_id"] == stopped["report_id"], (report["report_id"], stopped["report_id"])
+    assert report["body"]["report_id"] == stopped["report_id"]
+    assert report["body"]["run_id"] == started["run_id"] and report["body"]["end_reason"] == "stopped"
+    assert report["body"]["fields_analyzed"] == 1 and report["body"]["specimen_id"] == "H-2026-0412"
+    with closing(sqlite3.connect(outbox_path)) as db:  # the mark went with the stored report
+        assert db.execute("SELECT COUNT(*) FROM ending_runs").fetchone()[0] == 0
+
+
+
+def test_a_stop_whose_end_the_outbox_file_refuses_says_so_in_the_answer(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path,
+) -> None:
+    """The file refuses the run's end (as a full disk would): the answer still names the report's
+    id, and says that the id holds only if the station does not stop before storing it; the
+    report goes out under it all the same."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
+              "microns_per_pixel": 0.2}
+    config = write_station(tmp_path, broker.port, source=source, specimen={"target_wbc_count": 1000})
+    outbox_path = Path(load_config(config).mqtt.outbox.path)
+    outbox_path.parent.mkdir(parents=True, exist_ok=True)
+    outbox = Outbox(outbox_path)
+    StationState(outbox)
+    outbox.close()
+    with closing(sqlite3.connect(outbox_path)) as db:
+        db.execute("CREATE TRIGGER refuse_ends BEFORE INSERT ON ending_runs "
+                   "BEGIN SELECT RAISE(ABORT, 'test: the file refuses the end'); END")
+        db.commit()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    daemon, runner = start_daemon(config)
+    try:
+        sub.wait_ready()
+        assert _command(sub, "start_run")["ok"]
+        cv2.imwrite(str(inbox / "a.png"), render_field(60, width=320, height=240).frame.pixels)
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/field" for m in ms), 30)
+        stopped = _command(sub, "stop_run")
+        assert stopped["ok"] and stopped["report_id"], stopped
+        assert stopped["message"] == (
+            "the run's end could not be kept in the outbox file (see the station's log): its report is sent under "
+            f"{stopped['report_id']} unless the station stops before storing it; a start after that reports the run "
+            "under another id"), stopped
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 15)
+    finally:
+        stop_daemon(daemon, runner)
+        sub.close()
+    (report,) = envelopes(sub, f"{BASE}/report")
+    assert report["report_id"] == stopped["report_id"]
