@@ -29,6 +29,7 @@ import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber, free_port
 from test_daemon import (
     BASE,
+    STATION,
     NotifyListener,
     PoolAnalyzer,
     classified_wbc_per_field,
@@ -556,3 +557,46 @@ def test_the_drain_gets_what_the_stop_budget_leaves() -> None:
     assert budget.drain_s(30.0, 7.0) == 0.0
     assert budget.join_deadline() == 125.0
     assert STOP_BUDGET_S == 40 and StopBudget(STOP_BUDGET_S, clock=lambda: 0.0).drain_s(30.0, 7.0) == 30.0
+
+
+@pytest.mark.parametrize(("fails_in", "said"), [
+    ({"running"}, "failed while running"),
+    ({"stopping"}, "failed while stopping"),
+    ({"running", "stopping"}, "failed while running, and again while stopping"),
+])
+def test_a_station_that_fails_after_its_start_says_whether_it_failed_running_or_stopping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    fails_in: set[str], said: str,
+) -> None:
+    """A station that started (engines warm, threads running, READY=1) and then raises in its
+    supervision loop, in its stop, or in both, logs what failed (exit 1, the traceback with it),
+    not "failed to start", which sent whoever read the journal after a start problem. No fault
+    is known to raise there: the exceptions are put in (a worker check that raises, a source
+    whose close raises after releasing), the station around them is real (simulated source,
+    outbox file, publisher with no broker answering)."""
+    from smearscope.device.sources import FrameSource
+    from smearscope.service.station.workers import StationWorkers
+
+    config = write_station(tmp_path, free_port(), credentials=False)
+    if "running" in fails_in:
+        def checks_then_fails(self: StationWorkers) -> list[str]:
+            raise RuntimeError("test: the worker check raised")
+        monkeypatch.setattr(StationWorkers, "dead_threads", checks_then_fails)
+    if "stopping" in fails_in:
+        real_close = FrameSource.close
+
+        def closes_then_fails(self: FrameSource, timeout_s: float = 5.0) -> None:
+            real_close(self, timeout_s)
+            raise OSError("test: the capture device did not let go")
+        monkeypatch.setattr(FrameSource, "close", closes_then_fails)
+    caplog.set_level(logging.INFO, logger="smearscope.service.station.daemon")
+    # a station that fails while running stops by that; one that does not, after its second field
+    max_fields = None if "running" in fails_in else 2
+    assert run_daemon(config, max_fields, analyzer_factory=pool_factory()) == 1
+    failed = [r for r in caplog.records if r.name == "smearscope.service.station.daemon" and " failed " in r.getMessage()]
+    assert [r.getMessage() for r in failed] == [f"station {STATION} {said}"], caplog.text
+    assert failed[0].exc_info is not None
+    assert "ready" in caplog.text  # it had started
+    # each exception's traceback is in the log (the stop's carries the run's as its context)
+    assert ("the worker check raised" in caplog.text) == ("running" in fails_in)
+    assert ("did not let go" in caplog.text) == ("stopping" in fails_in)

@@ -157,6 +157,9 @@ class StationDaemon(DaemonStatus):
         self.publisher: MqttPublisher | None = None
         self.source: FrameSource | None = None
         self.analyzer: AnalyzerLike | None = None
+        #: What `run` was doing when it raised, for the log: "to start", "while running", "while
+        #: stopping" or "while running, and again while stopping".
+        self.failed: str = "to start"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -177,16 +180,22 @@ class StationDaemon(DaemonStatus):
 
     def run(self) -> int:
         """Start, supervise until asked to stop, shut down; the process exit code."""
+        self.failed = "to start"
         try:
             self.start()
         except BaseException as exc:
             self._stop_what_started(exc)
             raise
         try:
+            self.failed = "while running"
             self.supervise()
-        finally:
-            code = self.shutdown()
-        return code
+        except BaseException:
+            self.failed = "while running, and again while stopping"
+            self.shutdown()  # its own exception, if any, carries the first as its context
+            self.failed = "while running"
+            raise
+        self.failed = "while stopping"
+        return self.shutdown()
 
     def start(self) -> None:
         """Open everything, warm the engines, start the threads, then READY=1.
@@ -436,7 +445,7 @@ def run_daemon(
         print(f"{exc.field or 'smearscope'}: {exc.reason}", file=sys.stderr)
         return exc.exit_code
     except Exception:
-        logger.exception("station %s failed to start", config.station_id)
+        logger.exception("station %s failed %s", config.station_id, daemon.failed)
         return EXIT_FAILURE
     finally:
         restore()
