@@ -199,7 +199,10 @@ class InFlight:
                 info = client.publish(message.topic, message.payload, message.qos, message.retain,
                                       properties=props)
                 if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                    # Not accepted by paho (queue full): retry this one on the next tick.
+                    # Not accepted by paho (queue full: command answers, status): retry this one on the
+                    # next tick; a parked message keeps its one try of this connection, which was not made
+                    if retry:
+                        self._retry.add(message.seq)
                     logger.debug("paho refused outbox seq %d: %s", message.seq, info.rc)
                     room = 0
                     break
