@@ -1,0 +1,75 @@
+"""Stage 1 (ingest): files a sloppy or hostile lab writes whose damage a lenient decoder would paint
+over (black strips, a half-listed TIFF, a cut TIFF directory) get a reason code, not an analysis."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import hostile  # tests/ is on sys.path (pytest prepend import mode), as for conftest
+import numpy as np
+import pytest
+import tifffile
+
+from smearscope.service.ingest import IngestError, load_image
+
+
+def _code(data: bytes) -> str:
+    with pytest.raises(IngestError) as err:
+        load_image(data)
+    return err.value.code.value
+
+
+def _tiff(bgr: np.ndarray, **kwargs: object) -> bytes:
+    out = io.BytesIO()
+    tifffile.imwrite(out, bgr[..., ::-1], photometric="rgb", **kwargs)
+    return out.getvalue()
+
+
+def _with_segment_values(data: bytes, tag_code: int, values: list[int]) -> bytes:
+    """The TIFF with its first page's StripOffsets/StripByteCounts (or tile) entry's values replaced
+    (same count, written where the tag keeps them)."""
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        tag = tif.pages[0].tags[tag_code]
+        size = {3: "H", 4: "I", 16: "Q"}[int(tag.dtype)]
+        where = tag.valueoffset
+    out = bytearray(data)
+    struct.pack_into("<" + size * len(values), out, where, *values)
+    return bytes(out)
+
+
+def _segments(data: bytes) -> tuple[list[int], list[int]]:
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        page = tif.pages[0]
+        return list(page.dataoffsets), list(page.databytecounts)
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+@pytest.mark.parametrize("tiled", [False, True], ids=["strips", "tiles"])
+@pytest.mark.parametrize("which", ["offset", "bytecount"])
+def test_a_tiff_strip_or_tile_listed_without_data_is_corrupt_not_decoded_black(
+        compression: str | None, tiled: bool, which: str) -> None:
+    """tifffile reads a segment at offset 0 or of 0 bytes as absent (a sparse file) and fills it with
+    zeros: a band of the field black, which was analysed as such."""
+    field = hostile.smear_like(300, 400)
+    data = _tiff(field, compression=compression, **({"tile": (64, 64)} if tiled else {"rowsperstrip": 32}))
+    assert np.array_equal(load_image(data).pixels, field)
+    offsets, counts = _segments(data)
+    tag = (324 if tiled else 273) if which == "offset" else (325 if tiled else 279)
+    values = offsets if which == "offset" else counts
+    for k in (0, 3, len(values) - 1):
+        emptied = values.copy()
+        emptied[k] = 0
+        assert _code(_with_segment_values(data, tag, emptied)) == "corrupt", (k, which)
+
+
+def test_a_tiff_listing_fewer_strips_than_its_rows_hold_is_corrupt_not_half_black() -> None:
+    """StripOffsets and StripByteCounts of 5 entries where the rows need 10: tifffile warns and
+    fills the rows no strip holds with zeros (140 of 300 rows black)."""
+    field = hostile.smear_like(300, 400)
+    data = bytearray(_tiff(field, rowsperstrip=32))
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        entries = [tif.pages[0].tags[code].offset for code in (273, 279)]
+    for entry in entries:
+        struct.pack_into("<I", data, entry + 4, 5)  # the entry's count: 5 of the 10 values
+    assert _code(bytes(data)) == "corrupt"
