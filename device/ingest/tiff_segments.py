@@ -156,20 +156,18 @@ def _inflated_size(kind: str, raw: bytes, limit: int) -> int:
 
 def check_tiff_inflation(data: bytes, page: tifffile.TiffPage, name: str, by_opencv: bool = False) -> None:
     """Refuse (`corrupt`) a page whose strips or tiles inflate beyond their segment's size, or that
-    has more segments than its geometry holds. Deflate and LZMA segments are bounded as tifffile
+    lists other than one segment per strip or tile its geometry holds, or one without data. Deflate and LZMA segments are bounded as tifffile
     inflates them (`use_bounded_inflate`; where that could not be set up, each is inflated here up
     to one byte past its size and no further, in C); PackBits runs are counted, at most
     MAX_PACKBITS_RUNS of them in the file or one per MIN_BYTES_PER_RUN bytes of its page: beyond
     that a page tifffile would decode is refused (`unsupported_format`: seconds of Python), and on
     one OpenCV decodes (`by_opencv`, which stops each strip at its size) the rest goes unchecked."""
+    segments = int(np.prod(page.chunked))
+    _check_segment_list(page, segments, name)
     kind = _BOUNDED_INFLATE.get(int(page.compression))
     if kind is None:
         return
     segment = segment_bytes(page)
-    segments = int(np.prod(page.chunked))
-    if len(page.dataoffsets) > segments:
-        raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF lists {len(page.dataoffsets)} data segments "
-                          f"where its geometry holds {segments}")
     if int(page.compression) in _BOUNDED_BY_DECODER:
         return  # each segment bounded as tifffile inflates it
     runs_left = MAX_PACKBITS_RUNS if by_opencv else max(MAX_PACKBITS_RUNS, segment * segments // MIN_BYTES_PER_RUN)
@@ -196,6 +194,20 @@ def check_tiff_inflation(data: bytes, page: tifffile.TiffPage, name: str, by_ope
         if size > segment:
             raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF segment {k} inflates beyond the "
                               f"{segment} bytes its geometry holds (a decompression bomb)")
+
+
+def _check_segment_list(page: tifffile.TiffPage, segments: int, name: str) -> None:
+    """One strip or tile listed per segment the geometry holds, each with bytes at a place (`corrupt`
+    otherwise): tifffile takes a segment missing from the lists, or at offset 0, or of 0 bytes, for
+    absent (a sparse file) and fills it with zeros, a band of the field black that was analysed as such."""
+    listed = len(page.dataoffsets)
+    if listed != segments or len(page.databytecounts) != segments:
+        raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF lists {listed} data segments where its geometry "
+                          f"holds {segments} ({len(page.databytecounts)} byte counts)")
+    empty = next((k for k, (o, n) in enumerate(zip(page.dataoffsets, page.databytecounts)) if o == 0 or n == 0), None)
+    if empty is not None:
+        raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF strip or tile {empty} has no data (offset 0 or "
+                          "0 bytes): it would be read as black")
 
 
 def _needed(page: tifffile.TiffPage, k: int, segment: int) -> int:
