@@ -73,3 +73,25 @@ def test_a_tiff_listing_fewer_strips_than_its_rows_hold_is_corrupt_not_half_blac
     for entry in entries:
         struct.pack_into("<I", data, entry + 4, 5)  # the entry's count: 5 of the 10 values
     assert _code(bytes(data)) == "corrupt"
+
+
+@pytest.mark.parametrize("major, compatible", [
+    (b"hevc", b"mif1msf1heic"),  # an HEIF image sequence (burst, live photo)
+    (b"heim", b"mif1heim"), (b"heis", b"msf1heis"), (b"hevx", b"msf1hevx"),
+    (b"avis", b"avifmsf1"),  # an AVIF sequence
+    (b"mif2", b"mif2heic"), (b"MiHE", b"MiHEmiafheic"), (b"isom", b"mif1heic"),
+])
+def test_every_heif_and_avif_file_is_unsupported_format_not_an_unknown_file(major: bytes, compatible: bytes) -> None:
+    """HEIF/AVIF told by its ftyp box's major brand or a compatible one, as the others (heic, mif1,
+    avif) were: a phone's or a camera's HEIF is a known format refused, not `not_an_image`."""
+    box = major + b"\x00\x00\x00\x00" + compatible
+    data = struct.pack(">I", 8 + len(box)) + b"ftyp" + box + b"\x00\x00\x00\x08free" + bytes(200)
+    with pytest.raises(IngestError) as err:
+        load_image(data)
+    assert err.value.code.value == "unsupported_format"
+    assert "HEIF/AVIF" in err.value.message
+
+
+def test_an_mp4_video_is_still_not_an_image() -> None:
+    data = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + bytes(200)
+    assert _code(data) == "not_an_image"
