@@ -187,9 +187,21 @@ def _known_unsupported(data: bytes) -> str | None:
         return "JPEG 2000"
     if data.startswith((b"\x00\x00\x00\x0cJXL ", b"\xff\n")):
         return "JPEG XL"
-    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif"):
+    if data[4:8] == b"ftyp" and _heif_brands(data):
         return "HEIF/AVIF"
     return None
+
+
+#: ISO/IEC 23008-12 (HEIF, its HEVC images and sequences), Apple's and Canon's variants, AVIF.
+_HEIF_BRANDS = frozenset((b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1",
+                          b"mif2", b"msf1", b"miaf", b"MiHE", b"MiHA", b"MiHB", b"avif", b"avis", b"avio"))
+
+
+def _heif_brands(data: bytes) -> bool:
+    """The ftyp box's major brand or one of its compatible brands (at most 64 read) is HEIF's or AVIF's."""
+    size = min(struct.unpack(">I", data[:4])[0], 16 + 4 * 64, len(data))
+    brands = [data[8:12]] + [data[k : k + 4] for k in range(16, size - 3, 4)]
+    return any(brand in _HEIF_BRANDS for brand in brands)
 
 
 # --- 3/4. headers (device.ingest.headers) and geometry ----------------------------------------
