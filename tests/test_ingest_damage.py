@@ -95,3 +95,48 @@ def test_every_heif_and_avif_file_is_unsupported_format_not_an_unknown_file(majo
 def test_an_mp4_video_is_still_not_an_image() -> None:
     data = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + bytes(200)
     assert _code(data) == "not_an_image"
+
+
+def _lzw_tiff(img: np.ndarray) -> tuple[bytes, list[int], list[int]]:
+    """The field as OpenCV writes a TIFF (libtiff's LZW, horizontal predictor), and its strips."""
+    data = hostile.encode(".tif", img)
+    offsets, counts = _segments(data)
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        assert int(tif.pages[0].compression) == 5
+    return data, offsets, counts
+
+
+@pytest.mark.parametrize("grey", [False, True], ids=["rgb", "grey"])
+def test_an_8bit_lzw_tiff_with_a_damaged_strip_is_corrupt_not_decoded_with_wrong_rows(grey: bool) -> None:
+    """OpenCV reads 8-bit TIFFs through libtiff's RGBA interface, which logs a bad LZW code and goes
+    on: the strip's rows came back wrong and the field was analysed (16-bit pages were refused)."""
+    field = hostile.smear_like(301, 397)
+    img = field[..., 1] if grey else field
+    data, offsets, counts = _lzw_tiff(img)
+    decoded = load_image(data).pixels
+    assert np.array_equal(decoded[..., 1] if grey else decoded, img)
+    rng = np.random.default_rng(3)
+    for k in (0, len(offsets) // 2, len(offsets) - 1):
+        start, count = offsets[k], counts[k]
+        garbage, cut = bytearray(data), bytearray(data)
+        garbage[start + count // 3 : start + count] = rng.integers(0, 256, count - count // 3, dtype=np.uint8).tobytes()
+        cut[start + count // 2 : start + count] = bytes(count - count // 2)  # a writer that stopped: zeros
+        for damaged in (garbage, cut):
+            assert _code(bytes(damaged)) == "corrupt", k
+
+
+@pytest.mark.parametrize("content", ["noise", "flat", "gradient", "grey_noise"])
+def test_8bit_lzw_tiffs_libtiff_writes_read_whole(content: str) -> None:
+    """The strips' codes are walked as libtiff reads them (widths 9 to 12 bits, Clear codes): files of
+    long strings, of none and of a full table each read as OpenCV decodes them."""
+    rng = np.random.default_rng(5)
+    img = {"noise": rng.integers(0, 256, (700, 900, 3), dtype=np.uint8),
+           "flat": np.full((300, 400, 3), 200, np.uint8),
+           "gradient": np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (300, 2, 3)),
+           "grey_noise": rng.integers(0, 256, (900, 700), dtype=np.uint8)}[content]
+    data, _, _ = _lzw_tiff(img)
+    if content == "flat":
+        assert _code(data) == "blank_image"
+        return
+    decoded = load_image(data).pixels
+    assert np.array_equal(decoded[..., 0] if img.ndim == 2 else decoded, img)
