@@ -46,6 +46,7 @@ from smearscope.device.ingest.headers import (
 )
 from smearscope.device.ingest.packbits import use_bounded_packbits
 from smearscope.device.ingest.png_palette import paint, png_palette
+from smearscope.device.ingest.tiff_lzw import check_lzw_segments
 from smearscope.device.ingest.tiff_segments import (
     SegmentOverflow,
     bounded_segments,
@@ -292,6 +293,8 @@ def _load_tiff(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray
             by_opencv = opencv_tiff(page)  # geometry checked above: the size OpenCV allocates is bounded
             check_tiff_inflation(data, page, name, by_opencv)  # segment count; PackBits runs counted
             if by_opencv:
+                if page.dtype == np.uint8:  # libtiff's RGBA read, which goes on past a bad LZW code
+                    check_lzw_segments(data, page, name)
                 return _decode_tiff_opencv(data, page, header, name), header
             return _decode_tiff(page, header, photometric, name)
     except IngestError:
