@@ -140,3 +140,14 @@ def test_8bit_lzw_tiffs_libtiff_writes_read_whole(content: str) -> None:
         return
     decoded = load_image(data).pixels
     assert np.array_equal(decoded[..., 0] if img.ndim == 2 else decoded, img)
+
+
+@pytest.mark.parametrize("bigtiff", [False, True], ids=["tiff", "bigtiff"])
+def test_a_tiff_cut_inside_its_directory_is_truncated_not_corrupt_or_bad_dtype(bigtiff: bool) -> None:
+    """A writer that puts the directory first (tifffile does) and stops early: cut among the entries the
+    file was `corrupt`, cut in the BitsPerSample values tifffile took one bit and said `bad_dtype`."""
+    data = _tiff(hostile.smear_like(120, 160), bigtiff=bigtiff)
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        pixels_at = min(tif.pages[0].dataoffsets)
+    codes = {cut: _code(data[:cut]) for cut in range(9, pixels_at)}
+    assert {code for code in codes.values()} == {"truncated"}, {c: v for c, v in codes.items() if v != "truncated"}
