@@ -36,7 +36,8 @@ class RejectReason(str, Enum):
     #: The signature is right but the structure is wrong (bad header, bad chunk CRC, a decoder
     #: that gives up, dimensions that disagree with the header).
     CORRUPT = "corrupt"
-    #: The data stops early: no JPEG end-of-image marker, no PNG IEND, TIFF strips past the end.
+    #: The data stops early: no JPEG end-of-image marker, no PNG IEND, TIFF strips past the end or a
+    #: TIFF cut inside its first directory.
     TRUNCATED = "truncated"
     #: The header declares more pixels than `IngestLimits.max_pixels` (decompression bomb).
     TOO_LARGE_PIXELS = "too_large_pixels"

@@ -348,6 +348,37 @@ def check_tiff_directory_offset(data: bytes, name: str) -> None:
     (first_ifd,) = struct.unpack(order + fmt, field)
     if first_ifd >= len(data):
         raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF directory beyond end of file")
+    _check_first_directory(data, order, big, first_ifd, name)
+
+
+#: Tags that say how and where the pixels are stored: tifffile drops one whose values lie past the
+#: file's end and takes its default (BitsPerSample 1: a cut file would be `bad_dtype`).
+_STRUCTURE_TAGS = np.array([256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 320, 322, 323, 324, 325, 338,
+                            339], np.uint16)
+_TIFF_TYPE_BYTES = np.zeros(32)
+_TIFF_TYPE_BYTES[[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 17, 18]] = [1, 1, 2, 4, 8, 1, 1, 2, 4, 8, 4, 8, 4, 8,
+                                                                              8, 8]
+
+
+def _check_first_directory(data: bytes, order: str, big: bool, at: int, name: str) -> None:
+    """The first directory's entries, its next-directory offset and its structure tags' values all
+    inside the file (`truncated`): a writer that puts the directory first and stopped early."""
+    head, size, inline = (8, 20, 8) if big else (2, 12, 4)
+    if at + head > len(data):
+        raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF ends inside its first directory")
+    (n,) = struct.unpack(order + ("Q" if big else "H"), data[at : at + head])
+    if at + head + n * size + (8 if big else 4) > len(data):  # the entries, then the next directory's offset
+        raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF ends inside its first directory")
+    word = order + ("u8" if big else "u4")
+    entries = np.frombuffer(data, np.dtype([("tag", order + "u2"), ("type", order + "u2"), ("count", word),
+                                            ("value", word)]), count=n, offset=at + head)
+    structure = entries[np.isin(entries["tag"], _STRUCTURE_TAGS)]
+    # in float64: a count of 2**64 - 1 overflows no integer, and sizes this near the file's are exact
+    nbytes = _TIFF_TYPE_BYTES[np.minimum(structure["type"], 31)] * structure["count"].astype(np.float64)
+    past = (nbytes > inline) & (structure["value"].astype(np.float64) + nbytes > len(data))
+    if past.any():
+        raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF tag {int(structure['tag'][past][0])}'s values "
+                          "lie past the end of file")
 
 
 #: Image directories a TIFF may hold (pages and their SubIFDs): a field, perhaps a thumbnail or a
