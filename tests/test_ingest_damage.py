@@ -176,3 +176,21 @@ def test_a_palette_tiff_is_expanded_into_one_frame_not_copied_three_times() -> N
     expected = colormap[::-1, indices[:2, :3]].transpose(1, 2, 0) / 65535 * 255  # BGR at 8 bits, as before
     assert np.array_equal(decoded[:2, :3], np.rint(expected).astype(np.uint8))
     assert peak < 2.5 * frame, f"{peak / 2**20:.0f} MiB traced for a {frame / 2**20:.0f} MiB frame"
+
+
+def test_a_tiff_whose_first_page_is_a_thumbnail_is_analysed_at_its_full_resolution_page() -> None:
+    """A TIFF that starts with a reduced-resolution page (NewSubfileType bit 0, a writer's preview)
+    and holds the field after it: the 160x120 preview was analysed as the field, at five times the
+    field's microns per pixel, the field itself never read."""
+    field = hostile.smear_like(600, 800)
+    thumbnail = field[::5, ::5]
+    out = io.BytesIO()
+    with tifffile.TiffWriter(out) as tif:
+        tif.write(thumbnail[..., ::-1], photometric="rgb", subfiletype=1)
+        tif.write(field[..., ::-1], photometric="rgb")
+    assert np.array_equal(load_image(out.getvalue()).pixels, field)
+    out = io.BytesIO()
+    with tifffile.TiffWriter(out) as tif:  # no page marked: the first is read, as it always was
+        tif.write(thumbnail[..., ::-1], photometric="rgb")
+        tif.write(field[..., ::-1], photometric="rgb")
+    assert np.array_equal(load_image(out.getvalue()).pixels, thumbnail)
