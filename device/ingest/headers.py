@@ -418,9 +418,12 @@ def tiff_header(
                           "image directories")
     if not tif.series:
         raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF without images")
+    # a writer's preview first (NewSubfileType bit 0: a reduced-resolution version of another image)
+    # is not the field: the first series whose page is not one is read, else the first
+    series = next((s for s in tif.series if s.pages and not int(getattr(s.pages[0], "subfiletype", 0)) & 1),
+                  tif.series[0])
     if len(tif.series) > 1:
-        logger.info("%s: TIFF holds %d series; using the first", name, len(tif.series))
-    series = tif.series[0]
+        logger.info("%s: TIFF holds %d series; using series %d", name, len(tif.series), tif.series.index(series))
     page = series.pages[0] if series.pages else None
     if not isinstance(page, tifffile.TiffPage):
         raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF first page unreadable")
