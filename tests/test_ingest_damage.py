@@ -194,3 +194,36 @@ def test_a_tiff_whose_first_page_is_a_thumbnail_is_analysed_at_its_full_resoluti
         tif.write(thumbnail[..., ::-1], photometric="rgb")
         tif.write(field[..., ::-1], photometric="rgb")
     assert np.array_equal(load_image(out.getvalue()).pixels, thumbnail)
+
+
+def _lzw_codes(codes: list[int], width: int = 9) -> bytes:
+    """Codes of one width packed most significant bit first, as TIFF's LZW stores them."""
+    return _lzw_bits("".join(format(code, f"0{width}b") for code in codes))
+
+
+def _lzw_literals(values: bytes) -> bytes:
+    """Clear, then each byte as a code of its own at the width libtiff reads it (the table grows by
+    one entry per code from the second on: 9 bits up to the 254th, 10 to the 766th, 11 to the
+    1790th), then EndOfInformation."""
+    widths = [9 if i <= 253 else 10 if i <= 765 else 11 if i <= 1789 else 12 for i in range(len(values) + 1)]
+    return _lzw_bits(format(256, "09b") + "".join(format(v, f"0{w}b") for v, w in zip([*values, 257], widths)))
+
+
+def _lzw_bits(bits: str) -> bytes:
+    bits += "0" * (-len(bits) % 8)
+    return int(bits, 2).to_bytes(len(bits) // 8, "big")
+
+
+def test_an_lzw_strip_of_clear_codes_alone_is_refused_without_walking_each() -> None:
+    """20 kB of Clear codes (17 777 of them) where 192 kB of pixels belong: walked run by run, each a
+    step of Python (a 256 MB file of them: minutes); encoders clear a full table or every 10 000 bytes,
+    so more than one Clear per 2048 bytes of pixels is refused before the walk goes on."""
+    strip = _lzw_codes([256] * 17_777)
+    tiff = hostile.one_strip_tiff(strip, 5)
+    with pytest.raises(IngestError) as err:
+        load_image(tiff)
+    assert err.value.code.value == "unsupported_format"
+    assert "clears its code table more often than once per 2048 bytes" in err.value.message
+    values = (np.arange(64 * 64) * 7 % 256).astype(np.uint8)
+    data = hostile.one_strip_tiff(_lzw_literals(values.tobytes()), 5, width=64, height=64, photometric=1)
+    assert np.array_equal(load_image(data).pixels[..., 0].ravel(), values)  # 4096 codes of 9 to 12 bits, read
