@@ -29,6 +29,11 @@ _RUN = 5119 - _FIRST + 1
 #: and the width one code before the table reaches 511, 1023 and 2047 entries (TIFF 6.0's early change).
 _WIDTH = np.select([np.arange(_RUN) <= 253, np.arange(_RUN) <= 765, np.arange(_RUN) <= 1789], [9, 10, 11], 12)
 _START = np.concatenate(([0], np.cumsum(_WIDTH)))  # bits before the i-th code of a run
+#: Bytes of pixels per run between Clear codes at least, on average over a segment: encoders clear a
+#: full table (3837 codes or more, each a byte or more) or, as libtiff's, when the ratio falls, checked
+#: every 10 000 bytes; a segment of Clear codes alone would cost a step of Python per code.
+MIN_BYTES_PER_RUN = 2048
+_TOO_MANY_RUNS = "too many runs"
 
 
 def check_lzw_segments(data: bytes, page: tifffile.TiffPage, name: str) -> None:
@@ -38,8 +43,12 @@ def check_lzw_segments(data: bytes, page: tifffile.TiffPage, name: str) -> None:
     for k, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
         raw = data[offset : offset + count]
         if raw[:1] == b"\x00" and len(raw) > 1 and raw[1] & 1:
-            return  # the LZW of TIFF 5.0 (least significant bit first), which libtiff reads apart: not walked
-        problem = lzw_problem(raw, _segment_bytes(page, k))
+            continue  # the LZW of TIFF 5.0 (least significant bit first), which libtiff reads apart: not walked
+        needed = _segment_bytes(page, k)
+        problem = lzw_problem(raw, needed, 2 + needed // MIN_BYTES_PER_RUN)
+        if problem == _TOO_MANY_RUNS:
+            raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: TIFF LZW segment {k} clears its code "
+                              f"table more often than once per {MIN_BYTES_PER_RUN} bytes (each a step of Python)")
         if problem:
             raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF LZW segment {k} {problem}")
 
@@ -55,11 +64,12 @@ def _segment_bytes(page: tifffile.TiffPage, k: int) -> int:
     return min(per, rows - first) * int(page.imagewidth) * samples * item
 
 
-def lzw_problem(raw: bytes, needed: int) -> str | None:
-    """What libtiff's LZW decoder would find wrong before giving `needed` bytes of `raw`, or None."""
+def lzw_problem(raw: bytes, needed: int, most_runs: int) -> str | None:
+    """What libtiff's LZW decoder would find wrong before giving `needed` bytes of `raw`, or None;
+    `_TOO_MANY_RUNS` past `most_runs` runs between Clear codes."""
     padded = np.frombuffer(raw + b"\x00\x00\x00", np.uint8).astype(np.uint32)
     bits, pos, out, first = 8 * len(raw), 0, 0, 1  # a strip starts as after a Clear, its first code read
-    while True:
+    for _ in range(most_runs):
         fits = int(np.searchsorted(_START[first + 1 :] - _START[first], bits - pos, side="right"))
         n = min(fits, _RUN - first)
         at = pos + _START[first : first + n] - _START[first]
@@ -87,6 +97,7 @@ def lzw_problem(raw: bytes, needed: int) -> str | None:
         if codes[stop] == _EOI:
             return f"ends (EndOfInformation) after {out} of the {needed} bytes its rows hold"
         pos, first = int(at[stop] + width[stop]), 0
+    return _TOO_MANY_RUNS
 
 
 def _string_lengths(codes: np.ndarray, first: int) -> np.ndarray:
