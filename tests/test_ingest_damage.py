@@ -227,3 +227,17 @@ def test_an_lzw_strip_of_clear_codes_alone_is_refused_without_walking_each() -> 
     values = (np.arange(64 * 64) * 7 % 256).astype(np.uint8)
     data = hostile.one_strip_tiff(_lzw_literals(values.tobytes()), 5, width=64, height=64, photometric=1)
     assert np.array_equal(load_image(data).pixels[..., 0].ravel(), values)  # 4096 codes of 9 to 12 bits, read
+
+
+def test_an_8bit_lzw_page_of_more_strips_than_are_walked_is_refused_before_the_walk(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each strip or tile is walked apart (about 0.3 ms): a 64 MP page of 16 x 16 tiles (250 000) would
+    take over a minute; 16 384 are walked (a 64 MP field of one-row strips has 8000)."""
+    from smearscope.device.ingest import tiff_lzw
+
+    field = hostile.smear_like(300, 400)
+    data, offsets, _ = _lzw_tiff(field)
+    monkeypatch.setattr(tiff_lzw, "MAX_LZW_SEGMENTS", len(offsets) - 1)
+    assert _code(data) == "unsupported_format"
+    monkeypatch.setattr(tiff_lzw, "MAX_LZW_SEGMENTS", len(offsets))
+    assert np.array_equal(load_image(data).pixels, field)
