@@ -34,12 +34,18 @@ _START = np.concatenate(([0], np.cumsum(_WIDTH)))  # bits before the i-th code o
 #: every 10 000 bytes; a segment of Clear codes alone would cost a step of Python per code.
 MIN_BYTES_PER_RUN = 2048
 _TOO_MANY_RUNS = "too many runs"
+#: Strips or tiles of an 8-bit LZW page walked at most (about 0.3 ms each): a 64 MP field in strips of
+#: one row has 8000, in tiles of 256 x 256 about 1000; in tiles of 16 x 16 it would have 250 000.
+MAX_LZW_SEGMENTS = 16384
 
 
 def check_lzw_segments(data: bytes, page: tifffile.TiffPage, name: str) -> None:
     """Refuse (`corrupt`) an LZW page one of whose segments libtiff would decode with an error."""
     if int(page.compression) != LZW:
         return
+    if len(page.dataoffsets) > MAX_LZW_SEGMENTS:
+        raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: 8-bit LZW TIFF of {len(page.dataoffsets)} strips "
+                          f"or tiles (at most {MAX_LZW_SEGMENTS} are read: each is walked apart)")
     for k, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
         raw = data[offset : offset + count]
         if raw[:1] == b"\x00" and len(raw) > 1 and raw[1] & 1:
