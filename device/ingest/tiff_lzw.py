@@ -29,6 +29,8 @@ _RUN = 5119 - _FIRST + 1
 #: and the width one code before the table reaches 511, 1023 and 2047 entries (TIFF 6.0's early change).
 _WIDTH = np.select([np.arange(_RUN) <= 253, np.arange(_RUN) <= 765, np.arange(_RUN) <= 1789], [9, 10, 11], 12)
 _START = np.concatenate(([0], np.cumsum(_WIDTH)))  # bits before the i-th code of a run
+#: The largest code the i-th code of a run may be: a byte first, then up to the entry it adds itself.
+_LIMIT = np.concatenate(([_CLEAR - 1], np.arange(1, _RUN) + _FIRST - 1))
 #: Bytes of pixels per run between Clear codes at least, on average over a segment: encoders clear a
 #: full table (3837 codes or more, each a byte or more) or, as libtiff's, when the ratio falls, checked
 #: every 10 000 bytes; a segment of Clear codes alone would cost a step of Python per code.
@@ -76,8 +78,8 @@ def lzw_problem(raw: bytes, needed: int, most_runs: int) -> str | None:
     padded = np.frombuffer(raw + b"\x00\x00\x00", np.uint8).astype(np.uint32)
     bits, pos, out, first = 8 * len(raw), 0, 0, 1  # a strip starts as after a Clear, its first code read
     for _ in range(most_runs):
-        fits = int(np.searchsorted(_START[first + 1 :] - _START[first], bits - pos, side="right"))
-        n = min(fits, _RUN - first)
+        fits = int(np.searchsorted(_START, bits - pos + _START[first], side="right")) - first - 1
+        n = min(fits, _RUN - first, needed - out)  # each code a byte or more: no more are read
         at = pos + _START[first : first + n] - _START[first]
         width = _WIDTH[first : first + n]
         byte = at >> 3
@@ -85,9 +87,7 @@ def lzw_problem(raw: bytes, needed: int, most_runs: int) -> str | None:
         codes = (word >> (24 - (at & 7) - width)) & ((1 << width) - 1)
         stops = np.flatnonzero((codes == _CLEAR) | (codes == _EOI))
         stop = int(stops[0]) if stops.size else n
-        index = np.arange(first, first + n)
-        limit = np.where(index == 0, _CLEAR - 1, index + _FIRST - 1)  # the entry this code adds, at most
-        bad = np.flatnonzero(codes[:stop] > limit[:stop])
+        bad = np.flatnonzero(codes[:stop] > _LIMIT[first : first + stop])
         end = int(bad[0]) if bad.size else stop
         lengths = _string_lengths(codes[:end], first)
         total = out + np.cumsum(lengths)
@@ -96,7 +96,7 @@ def lzw_problem(raw: bytes, needed: int, most_runs: int) -> str | None:
         out = int(total[-1]) if total.size else out
         if bad.size:
             return f"holds a code past its table after {out} of the {needed} bytes its rows hold"
-        if stop == n:
+        if stop == n:  # (n cut to the bytes still needed gave them, returned above)
             if n == _RUN - first:
                 return f"fills its code table without a Clear code after {out} of {needed} bytes"
             return f"ends after {out} of the {needed} bytes its rows hold"
