@@ -6,6 +6,7 @@ a report delivered again once stored is not sent again."""
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -37,7 +38,7 @@ class Lis:
     """hl7apy's MLLP server on a port: validates what it receives, records it, and answers each
     message with the ACK codes given in turn (then AA)."""
 
-    def __init__(self, port: int, answers: tuple[str, ...] = ()) -> None:
+    def __init__(self, port: int, answers: tuple[str, ...] = (), host: str = "127.0.0.1") -> None:
         self.received: list[str] = []
         self.answers = list(answers)
         self.on_receive: Callable[[], None] | None = None  # called with each message, before the ACK
@@ -56,7 +57,8 @@ class Lis:
                        f"MSA|{code}|{msh10}|{'mapping missing' if code != 'AA' else ''}\r")
                 return "\x0b" + ack + "\x1c\r"
 
-        self.server = MLLPServer("127.0.0.1", port, {"ORU^R01^ORU_R01": (Oru,)}, timeout=10)
+        server = type("Server", (MLLPServer,), {"address_family": socket.AF_INET6}) if ":" in host else MLLPServer
+        self.server = server(host, port, {"ORU^R01^ORU_R01": (Oru,)}, timeout=10)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -124,6 +126,32 @@ def test_a_report_is_acknowledged_only_once_the_lab_system_accepted_it(
         station.stop()
         if lis is not None:
             lis.stop()
+
+
+def test_an_ipv6_lab_system_is_named_in_brackets_in_the_log_and_the_index(
+        tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
+    lis_port = free_port()
+    archive = Archive(tmp_path, persistent_broker.port, tmp_path / "archive")
+    archive.argv += ["--hl7-mllp", f"[::1]:{lis_port}"]
+    station = Station(tmp_path, persistent_broker.port)
+    lis = Lis(lis_port, host="::1")
+    try:
+        archive.start()
+        report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+        station.publish(report)
+        assert wait_until(lambda: indexed(tmp_path / "archive") == 1, 30), archive.text()
+        assert lis.received == [oru_r01(report)]
+        assert f"over MLLP to [::1]:{lis_port}, acknowledged" in archive.text()
+        assert f"::1:{lis_port}" not in archive.text().replace(f"[::1]:{lis_port}", "")  # never unbracketed
+        db = sqlite3.connect(f"{(tmp_path / 'archive' / 'index.sqlite').as_uri()}?mode=ro", uri=True)
+        try:
+            assert list(db.execute("SELECT destination FROM hl7_deliveries")) == [(f"mllp:[::1]:{lis_port}",)]
+        finally:
+            db.close()
+    finally:
+        archive.stop()
+        station.stop()
+        lis.stop()
 
 
 def test_a_report_held_for_the_lab_system_survives_a_killed_archive(

@@ -21,6 +21,7 @@ from test_archive_mllp import Lis
 
 from smearscope.cli import main
 from smearscope.service.archive.hl7_out import oru_of
+from smearscope.service.archive.store import canonical_destination, open_index
 from smearscope.service.hl7.header import Addressing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,6 +148,44 @@ def test_find_lists_the_hl7_deliveries_the_index_records(
         for where, line in zip(destinations, sorted(under)):
             assert re.fullmatch(rf"    HL7 to {re.escape(where)}  \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC  by send-hl7  "
                                 rf"MSH-10 {re.escape(msh10[report_id])}", line)
+
+
+def test_an_ipv6_destination_an_older_index_recorded_without_brackets_is_the_same_destination(
+        archive: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    open_index(archive.resolve(), read_only=False).close()  # upgraded to version 2, as an older smearscope did
+    db = sqlite3.connect(archive / "index.sqlite")
+    with db:  # the first report sent by an older smearscope, which wrote the address without brackets
+        db.execute("INSERT INTO hl7_deliveries VALUES (?, ?, ?, ?, ?)",
+                   (FIRST, f"mllp:0:0:0:0:0:0:0:1:{port}", "OLD10", 1_796_000_000.0, "archive"))
+    db.close()
+    lis = Lis(port, host="::1")
+    try:
+        assert main(["archive", "send-hl7", "--all", "--dir", str(archive), "--hl7-mllp", f"[::1]:{port}"]) == 0
+    finally:
+        lis.stop()
+    assert lis.received == [message(archive, VERIFIED)]  # the first was delivered there already
+    assert "1 delivered, 1 already delivered there" in capsys.readouterr().err
+    assert deliveries(archive) == [(FIRST, f"mllp:0:0:0:0:0:0:0:1:{port}", "OLD10", "archive"),  # kept as written
+                                   (VERIFIED, f"mllp:[::1]:{port}", message(archive, VERIFIED).split("|")[9],
+                                    "send-hl7")]
+    assert main(["archive", "find", "--dir", str(archive), "--json"]) == 0
+    listed = {r["report_id"]: [d["destination"] for d in r["hl7_deliveries"]]
+              for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert listed == {FIRST: [f"mllp:[::1]:{port}"], VERIFIED: [f"mllp:[::1]:{port}"]}  # one destination
+
+
+@pytest.mark.parametrize(("recorded", "canonical"), [
+    ("mllp:fd00::5:2575", "mllp:[fd00::5]:2575"),
+    ("mllp:[fd00::5]:2575", "mllp:[fd00::5]:2575"),
+    ("mllp:FD00:0:0::5:2575", "mllp:[fd00::5]:2575"),
+    ("mllp:[FD00:0::5]:2575", "mllp:[fd00::5]:2575"),
+    ("mllp:lis.clinic.lan:2575", "mllp:lis.clinic.lan:2575"),
+    ("mllp:10.0.0.5:2575", "mllp:10.0.0.5:2575"),
+    ("file:/srv/hl7:in", "file:/srv/hl7:in"),
+])
+def test_destinations_compare_in_one_form(recorded: str, canonical: str) -> None:
+    assert canonical_destination(recorded) == canonical
 
 
 def test_show_hl7_prints_the_message_with_the_labs_addressing(

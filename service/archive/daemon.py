@@ -37,6 +37,7 @@ from smearscope.service.archive.message import (
 )
 from smearscope.service.archive.store import ArchiveStore, OutsideArchive, Stored
 from smearscope.service.config.archive import ArchiveConfig
+from smearscope.service.hl7 import mllp
 from smearscope.service.mqtt.paho_client import LOGIN_REFUSED, configured_client, paho_log_level
 
 logger = logging.getLogger(__name__)
@@ -186,8 +187,9 @@ class ArchiveDaemon:
             logger.info("writing each specimen report stored from now on as HL7 v2.5.1 ORU^R01 into %s",
                         self.hl7.directory)
         if self.hl7 is not None and self.hl7.mllp_address is not None:
-            logger.info("sending each specimen report stored from now on as HL7 v2.5.1 ORU^R01 over MLLP to %s:%d, "
-                        "acknowledged to the broker only once the receiver acknowledges it", *self.hl7.mllp_address)
+            logger.info("sending each specimen report stored from now on as HL7 v2.5.1 ORU^R01 over MLLP to %s, "
+                        "acknowledged to the broker only once the receiver acknowledges it",
+                        mllp.address_text(self.hl7.mllp_address))
         if self.hl7 is not None and self.hl7.addressing is not None:
             a = self.hl7.addressing
             logger.info("HL7 MSH-4 %s, MSH-5 %s, MSH-6 %s", a.sending_facility or "(the report's station id)",

@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 
 from smearscope.service.archive.message import ReportMessage
-from smearscope.service.archive.store import Delivery, write_atomically
+from smearscope.service.archive.store import Delivery, canonical_destination, write_atomically
 from smearscope.service.hl7 import mllp
 from smearscope.service.hl7.header import Addressing
 
@@ -125,9 +125,11 @@ class Hl7Output:
 
     @property
     def destinations(self) -> list[str]:
-        """Where messages go, as the index records a delivery: `file:<folder>`, `mllp:<host>:<port>`."""
+        """Where messages go, as the index records a delivery: `file:<folder>`, `mllp:<host>:<port>`
+        (store.canonical_destination: an IPv6 address in brackets, compressed)."""
         out = [f"file:{self.directory}"] if self.directory is not None else []
-        return out + ([f"mllp:{mllp.address_text(self.mllp_address)}"] if self.mllp_address else [])
+        return out + ([canonical_destination(f"mllp:{mllp.address_text(self.mllp_address)}")]
+                      if self.mllp_address else [])
 
     def deliver(self, destination: str, report_id: str, oru: str, control_id: str) -> Delivery:
         """Write or send one message to one of `destinations`; OSError when it is not delivered."""

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from smearscope.service.archive.copies import ArchivedCopy, Listing, copies_of, list_folder
-from smearscope.service.archive.store import open_index
+from smearscope.service.archive.store import canonical_destination, open_index
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _deliveries(db: sqlite3.Connection, where: str, params: list[object]) -> dic
     for row in db.execute("SELECT d.* FROM hl7_deliveries d JOIN reports r ON r.report_id = d.report_id"
                           + where + " ORDER BY d.delivered_at, d.rowid", params):
         found.setdefault(row["report_id"], []).append(RecordedDelivery(
-            row["destination"], row["delivered_at"], row["sender"], row["control_id"]))
+            canonical_destination(row["destination"]), row["delivered_at"], row["sender"], row["control_id"]))
     return found
 
 

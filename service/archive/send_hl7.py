@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smearscope.service.archive.hl7_out import UNREADABLE, Hl7Output, oru_of, unreadable_reason
-from smearscope.service.archive.store import INDEX_NAME, open_index, record_deliveries
+from smearscope.service.archive.store import (
+    INDEX_NAME,
+    canonical_destination,
+    open_index,
+    record_deliveries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +51,7 @@ def send_from_index(directory: Path, output: Hl7Output, since: float | None, aga
                           "ORDER BY created_at, report_id", (since if since is not None else float("-inf"),)
                           ).fetchall()
         for report_id, relative in rows:
-            done = {d for (d,) in db.execute("SELECT DISTINCT destination FROM hl7_deliveries WHERE report_id = ?",
+            done = {canonical_destination(d) for (d,) in db.execute("SELECT DISTINCT destination FROM hl7_deliveries WHERE report_id = ?",
                                              (report_id,))}
             todo = [d for d in output.destinations if again or d not in done]
             already += len(output.destinations) - len(todo)

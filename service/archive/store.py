@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import os
 import sqlite3
@@ -100,10 +101,31 @@ class Delivery:
     sender: str
 
 
+def canonical_destination(destination: str) -> str:
+    """`destination` as the index records and compares it: an MLLP listener's IPv6 address in brackets,
+    in its compressed lower-case form (`mllp:[fd00::5]:2575`). A row written by an older smearscope may
+    hold it without brackets (`mllp:fd00::5:2575`): an MLLP destination whose host has a colon is read
+    as an IPv6 address, the part after the last colon its port. The rows are read so, not rewritten.
+    Other destinations (`file:<folder>`, `mllp:<name>:<port>`) are returned as they are."""
+    if not destination.startswith("mllp:"):
+        return destination
+    host, sep, port = destination[len("mllp:"):].rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" not in host:
+        return destination
+    try:
+        host = ipaddress.IPv6Address(host).compressed
+    except ValueError:
+        pass  # no address this smearscope would send to: bracketed as it is, never matched with one
+    return f"mllp:[{host}]{sep}{port}"
+
+
 def record_deliveries(db: sqlite3.Connection, deliveries: list[Delivery]) -> None:
-    """Add `deliveries` to the index (in the caller's transaction)."""
+    """Add `deliveries` to the index (in the caller's transaction), each destination canonical."""
     db.executemany("INSERT INTO hl7_deliveries VALUES (?, ?, ?, ?, ?)",
-                   [(d.report_id, d.destination, d.control_id, time.time(), d.sender) for d in deliveries])
+                   [(d.report_id, canonical_destination(d.destination), d.control_id, time.time(), d.sender)
+                    for d in deliveries])
 
 
 @dataclass(frozen=True)
