@@ -17,6 +17,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.bundle import Bundle
 from pydantic import ValidationError
+from realdata import DATA, needs_models
 from test_daemon import oracle_pool
 
 from smearscope.device.synthetic import render_field
@@ -377,6 +378,26 @@ def test_two_images_of_one_stem_get_a_bundle_each_joined_to_their_reports(tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["f-2.fhir.json", "f.fhir.json"]
     bundles = [json.loads((out / name).read_text()) for name in ("f.fhir.json", "f-2.fhir.json")]
     assert [b["identifier"]["value"] for b in bundles] == report_ids and len(set(report_ids)) == 2
+
+
+@needs_models
+@pytest.mark.skipif(not (DATA / "pbc" / "ig" / "IG_146565.jpg").exists(), reason=f"PBC not found under {DATA}")
+def test_immature_granulocytes_carry_loincs_own_name_for_71695_1(tmp_path: Path) -> None:
+    """A PBC image of an immature granulocyte through the real models: its share is coded 71695-1
+    with LOINC's long common name, which says /Leukocytes (not /100 leukocytes, as 770-8's does): a
+    consumer's validator checks the display against LOINC's."""
+    out = tmp_path / "ig.fhir.json"
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "analyze", "--json",
+                           str(DATA / "pbc" / "ig" / "IG_146565.jpg"), "--fhir", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [s["label"] for s in json.loads(proc.stdout)["wbc_differential"]] == ["ig"]
+    bundle = json.loads(out.read_text())
+    validate(bundle)
+    ig = by_code(bundle, codes.LOINC, "71695-1")
+    assert ig["code"]["coding"][0] == {"system": codes.LOINC, "code": "71695-1",
+                                       "display": "Immature granulocytes/Leukocytes in Blood by Automated count"}
+    assert ig["valueQuantity"] == {"value": 100.0, "unit": "%", "system": codes.UCUM, "code": "%"}
 
 
 def test_an_older_reports_grade_interval_and_nrbc_are_derived_or_left_out() -> None:

@@ -49,14 +49,16 @@ SPECIMEN_TYPE = Code(SPECIMEN_TYPES, "BLD", "Whole blood")
 #: DiagnosticReport.code: LOINC 57023-4 "Auto Differential panel - Blood".
 PANEL = Code(LOINC, "57023-4", "Auto Differential panel - Blood")
 
-#: WBC head classes -> LOINC "<cell>/100 leukocytes in Blood by Automated count" (UCUM %).
+#: WBC head classes -> LOINC "<cell>/100 leukocytes in Blood by Automated count" (UCUM %), each display
+#: LOINC's long common name.
 WBC_LOINC: dict[str, Code] = {
     "neutrophil": Code(LOINC, "770-8", "Neutrophils/100 leukocytes in Blood by Automated count"),
     "lymphocyte": Code(LOINC, "736-9", "Lymphocytes/100 leukocytes in Blood by Automated count"),
     "monocyte": Code(LOINC, "5905-5", "Monocytes/100 leukocytes in Blood by Automated count"),
     "eosinophil": Code(LOINC, "713-8", "Eosinophils/100 leukocytes in Blood by Automated count"),
     "basophil": Code(LOINC, "706-2", "Basophils/100 leukocytes in Blood by Automated count"),
-    "ig": Code(LOINC, "71695-1", "Immature granulocytes/100 leukocytes in Blood by Automated count"),
+    # LOINC's long common name for this newer term says "/Leukocytes" (its property is the same number fraction, %)
+    "ig": Code(LOINC, "71695-1", "Immature granulocytes/Leukocytes in Blood by Automated count"),
 }
 
 #: NRBC per 100 WBC (UCUM /100{WBCs}).
