@@ -400,6 +400,22 @@ def test_immature_granulocytes_carry_loincs_own_name_for_71695_1(tmp_path: Path)
     assert ig["valueQuantity"] == {"value": 100.0, "unit": "%", "system": codes.UCUM, "code": "%"}
 
 
+def test_a_loinc_presence_term_never_carries_a_quantity() -> None:
+    """LOINC's "[Presence] in Blood by Light microscopy" terms are ordinal (PrThr, Ord): a finding the
+    analyzer does not grade (the rendered fields' echinocytes) keeps its share under its local code
+    alone, never as a percentage under the ordinal term."""
+    bundle = report_bundle(specimen_report())
+    validate(bundle)
+    presence = {c.code for c in codes.RBC_LOINC.values()}
+    ordinal = [o for o in resources(bundle, "Observation")
+               if any(c["system"] == codes.LOINC and c["code"] in presence for c in o["code"]["coding"])]
+    assert ordinal and all("valueQuantity" not in o for o in ordinal)
+    assert all("valueCodeableConcept" in o or "dataAbsentReason" in o for o in ordinal)
+    echinocyte = by_code(bundle, codes.LOCAL_RBC_MORPHOLOGY, "echinocyte")  # in the rendered fields, not graded
+    assert [c["system"] for c in echinocyte["code"]["coding"]] == [codes.LOCAL_RBC_MORPHOLOGY]
+    assert echinocyte["valueQuantity"]["code"] == "%"
+
+
 def test_an_older_reports_grade_interval_and_nrbc_are_derived_or_left_out() -> None:
     """A report from before grades carries a share's 95 % interval: its ends' ICSH grades are the
     grade-ci95 component (schistocytes 0.3 to 2.5 %: 1+ to 3+). One from before NRBC were counted

@@ -238,7 +238,8 @@ def _morphology(b: _Builder) -> None:
             continue
         value: dict[str, Any] = ({"valueCodeableConcept": _concept(codes.grade(grade))} if grade
                                  else {"valueQuantity": _quantity(share.percent, "%", "%")})
-        b.observation(f"rbc/{share.label}", _concept(loinc, local), **value,
+        # LOINC's [Presence] terms are ordinal: a finding not graded keeps its share under its local code alone
+        b.observation(f"rbc/{share.label}", _concept(loinc if grade else None, local), **value,
                       component=components + grade_components)
 
 
