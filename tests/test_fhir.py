@@ -51,6 +51,13 @@ REQUIRED_CODES = {
 }
 
 
+#: HL7's DataAbsentReason code system (R4), which Observation.dataAbsentReason is bound to (extensible).
+DATA_ABSENT_REASON = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+DATA_ABSENT_CODES = {"unknown", "asked-unknown", "temp-unknown", "not-asked", "asked-declined", "masked",
+                     "not-applicable", "unsupported", "as-text", "error", "not-a-number", "negative-infinity",
+                     "positive-infinity", "not-performed", "not-permitted"}
+
+
 def validate(bundle: dict[str, Any]) -> None:
     """The bundle and every resource in it, each by its own R4B model (raises ValidationError),
     and the required bindings the models leave unchecked (AssertionError)."""
@@ -67,7 +74,14 @@ def validate(bundle: dict[str, Any]) -> None:
             assert c["code"] != resource["code"]
         if "dataAbsentReason" in resource:  # obs-6
             assert not any(k.startswith("value") for k in resource)
-    assert "[]" not in json.dumps(bundle, separators=(",", ":"))  # FHIR JSON has no empty arrays
+            # its extensible binding: a code of HL7's DataAbsentReason, beside the local reason
+            assert {c["code"] for c in resource["dataAbsentReason"]["coding"]
+                    if c["system"] == DATA_ABSENT_REASON} <= DATA_ABSENT_CODES
+            assert any(c["system"] == DATA_ABSENT_REASON for c in resource["dataAbsentReason"]["coding"])
+    text = json.dumps(bundle, separators=(",", ":"))
+    assert "[]" not in text  # FHIR JSON has no empty arrays
+    full_urls = {entry["fullUrl"] for entry in bundle["entry"]}  # every reference resolves inside the bundle
+    assert set(re.findall(r'"reference":"([^"]*)"', text)) <= full_urls
 
 
 def resources(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:

@@ -207,7 +207,7 @@ def _differential(b: _Builder) -> None:
         b.observation("atypical-wbc", _concept(codes.local("atypical-wbc")), valueBoolean=atypical)
     else:  # no white cell seen, or untyped ones too few for the flag: nothing says there are none atypical
         b.observation("atypical-wbc", _concept(codes.local("atypical-wbc")),
-                      dataAbsentReason=_concept(codes.local("wbc-left-for-review" if r.counts.wbc else "no-wbc-seen")))
+                      dataAbsentReason=_concept(*codes.absent("wbc-left-for-review" if r.counts.wbc else "no-wbc-seen")))
 
 
 def _morphology(b: _Builder) -> None:
@@ -234,7 +234,7 @@ def _morphology(b: _Builder) -> None:
             why = "rbc-out-of-focus" if report_view.out_of_focus(r, share) else "size-not-assessable"
             b.observation(f"rbc/{share.label}", _concept(loinc, local),
                           component=[_component("count", valueInteger=share.count)],
-                          dataAbsentReason=_concept(codes.local(why)))
+                          dataAbsentReason=_concept(*codes.absent(why)))
             continue
         value: dict[str, Any] = ({"valueCodeableConcept": _concept(codes.grade(grade))} if grade
                                  else {"valueQuantity": _quantity(share.percent, "%", "%")})
@@ -248,10 +248,10 @@ def _sizes_and_counts(b: _Builder) -> None:
     s = r.rbc_size
     code = _concept(codes.local("rbc-diameter"))
     if not r.counts.rbc:  # nothing to measure, at whatever scale (an estimated one is not why)
-        b.observation("rbc-diameter", code, dataAbsentReason=_concept(codes.local("no-rbc-seen")))
+        b.observation("rbc-diameter", code, dataAbsentReason=_concept(*codes.absent("no-rbc-seen")))
     elif not s.calibrated or report_view.calibration_in_doubt(r):  # circular, or a calibration in doubt: left out
         b.observation("rbc-diameter", code, component=[_component("n", valueInteger=s.n)],
-                      dataAbsentReason=_concept(codes.local("size-not-assessable")))
+                      dataAbsentReason=_concept(*codes.absent("size-not-assessable")))
     elif s.n and s.mean_diameter_um is not None:
         comps = [_component("n", valueInteger=s.n)]
         for name, v, unit in (("sd", s.sd_um, "um"), ("cv", s.cv_percent, "%"), ("median", s.median_diameter_um, "um")):
@@ -267,6 +267,6 @@ def _sizes_and_counts(b: _Builder) -> None:
         b.observation("rbc-diameter", code, valueQuantity=_quantity(s.mean_diameter_um, "um", "um"), component=comps)
     else:  # red cells counted at a calibrated scale, none whole to measure (each cut by the image's edge)
         b.observation("rbc-diameter", code, component=[_component("n", valueInteger=s.n)],
-                      dataAbsentReason=_concept(codes.local("no-rbc-measured")))
+                      dataAbsentReason=_concept(*codes.absent("no-rbc-measured")))
     b.observation("cells-counted", _concept(codes.local("cells-counted")), component=[
         _component(k, valueInteger=v) for k, v in r.counts.model_dump().items()])

@@ -29,6 +29,9 @@ ID_FRAME = f"{LOCAL_BASE}/NamingSystem/frame-id"
 ID_STATION = f"{LOCAL_BASE}/NamingSystem/station-id"
 
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+#: Observation.dataAbsentReason's code system (an extensible binding): each local reason goes with "unknown"
+#: (the value exists, the analyzer could not determine it), which a consumer knowing no local code reads.
+DATA_ABSENT_REASON = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 DIAGNOSTIC_SERVICE = "http://terminology.hl7.org/CodeSystem/v2-0074"
 
 
@@ -166,3 +169,9 @@ GRADE_DISPLAY = {"none": "none (below 1+, not significant; sickle cells: none at
 
 def grade(value: str) -> Code:
     return Code(LOCAL_GRADE, value, GRADE_DISPLAY.get(value, value))
+
+
+def absent(reason: str) -> tuple[Code, Code]:
+    """A local reason for a value left out and HL7's DataAbsentReason "unknown" (the local one first:
+    the HL7 message's note names it)."""
+    return local(reason), Code(DATA_ABSENT_REASON, "unknown", "Unknown")
