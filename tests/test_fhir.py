@@ -463,6 +463,20 @@ def _sickle_bundle(sure: int, unsure: int = 0, n_rbc: int = 114) -> dict[str, An
     return bundle
 
 
+def test_a_flagged_finding_says_critical_or_abnormal_in_its_interpretation() -> None:
+    """The critical sickle flag (5 sure calls of 114 red cells, through `aggregate`) marks the sickle
+    cells' Observation AA (Critical abnormal, v3-ObservationInterpretation), as the HL7 message's
+    flag row has OBX-8 AA: a consumer alerts on a coded field, not on the conclusion's words. The
+    review flag (4 sure calls) marks nothing: it asks for a look, it does not say abnormal."""
+    interpretation = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+    five = _sickle_bundle(5)
+    assert by_code(five, codes.LOINC, "801-1")["interpretation"] == [
+        {"coding": [{"system": interpretation, "code": "AA", "display": "Critical abnormal"}]}]
+    assert [o for o in resources(five, "Observation") if "interpretation" in o] == [by_code(five, codes.LOINC, "801-1")]
+    four = _sickle_bundle(4)
+    assert not [o for o in resources(four, "Observation") if "interpretation" in o]
+
+
 def test_sickle_cells_are_present_or_none_in_fhir_never_a_grade() -> None:
     """Sickle cells are an ICSH "present" (4 sure calls of 114 red cells, which a 1+ to 3+ scale
     reads 3+), beside the flag that says review or critical; no grade-ci95 component; unsure calls

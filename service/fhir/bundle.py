@@ -67,6 +67,7 @@ class _Builder:
         self.report = report
         self.rid = report.report_id
         self.entries: list[dict[str, Any]] = []
+        self.by_name: dict[str, Resource] = {}  # each resource by the name its id derives from
         self.results: list[dict[str, str]] = []
         self.issued = _instant(report.created_at)
         run_ms = report.timing_ms.get("run_ms")
@@ -82,6 +83,7 @@ class _Builder:
         full_url = f"urn:uuid:{_uuid(self.rid, name)}"
         resource = {"resourceType": resource.pop("resourceType"), "id": full_url[9:], **resource}
         self.entries.append({"fullUrl": full_url, "resource": resource})
+        self.by_name[name] = resource
         return full_url
 
     def observation(self, name: str, code: dict[str, Any], **fields: Any) -> None:
@@ -117,6 +119,7 @@ def report_bundle(report: Report) -> Resource:
     _morphology(b)
     _sizes_and_counts(b)
     flags = flags_by_severity(report)
+    _interpretations(b, flags)
     conclusion = "; ".join(f"{f.severity}: {f.message}" for f in flags) or "no flags"
     v = report.verification
     b.entries.insert(0, {"fullUrl": f"urn:uuid:{_uuid(b.rid, 'report')}", "resource": {
@@ -144,6 +147,18 @@ def report_bundle(report: Report) -> Resource:
     return {"resourceType": "Bundle", "id": _uuid(b.rid, "bundle"),
             "identifier": {"system": codes.ID_REPORT, "value": b.rid},
             "type": "collection", "timestamp": b.issued, "entry": b.entries}
+
+
+def _interpretations(b: _Builder, flags: list[Flag]) -> None:
+    """A flag that says a finding is there (codes.FINDING_FLAGS) marks that finding's Observation with its
+    severity (critical AA, warning A), the HL7 message's OBX-8 of the flag's row; none on a value left out."""
+    for f in flags:
+        observation = b.by_name.get(codes.FINDING_FLAGS.get(f.code, ""))
+        severity = codes.SEVERITY_INTERPRETATION.get(f.severity)
+        if observation is None or severity is None or "dataAbsentReason" in observation:
+            continue
+        if "interpretation" not in observation:  # the first flag on it is the most severe (flags_by_severity)
+            observation["interpretation"] = [_concept(severity)]
 
 
 def _specimen(b: _Builder) -> None:

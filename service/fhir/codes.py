@@ -150,6 +150,17 @@ FLAG_DISPLAY: dict[str, str] = {
 }
 
 
+#: v3-ObservationInterpretation, Observation.interpretation: a flag's severity on the finding it is about.
+INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+#: A flag's severity as an interpretation (as the HL7 message's OBX-8: critical AA, warning A).
+SEVERITY_INTERPRETATION = {"critical": Code(INTERPRETATION, "AA", "Critical abnormal"),
+                           "warning": Code(INTERPRETATION, "A", "Abnormal")}
+#: Flags that say a finding is there, and the observation of that finding (bundle's names). Review
+#: flags (sickle_cells_review) are not among them: they ask for a look, they do not say abnormal.
+FINDING_FLAGS = {"sickle_cells_present": "rbc/sickle", "schistocytes_present": "rbc/schistocyte",
+                 "nucleated_rbc_present": "nrbc", "atypical_wbc_present": "atypical-wbc"}
+
+
 def flag(code: str) -> Code:
     """A flag code with its fixed display (a code this table lacks: the code itself, words spaced)."""
     return Code(LOCAL_FLAG, code, FLAG_DISPLAY.get(code, code.replace("_", " ")))
