@@ -589,3 +589,34 @@ def test_red_cells_counted_but_none_whole_to_measure_say_why_there_is_no_diamete
     assert diameter["dataAbsentReason"]["coding"][0]["code"] == "no-rbc-measured"
     assert component(diameter, "n")["valueInteger"] == 0
     assert not any(k.startswith("value") for k in diameter)
+
+
+@pytest.mark.skipif(not (ROOT / "models" / "seg.json").exists(), reason="models/seg.json not present")
+def test_every_local_code_of_a_bundle_is_displayed_as_the_code_table_says() -> None:
+    """A rendered field of sickle cells, one of which the head called below the critical flag's
+    confidence: its sickle row's grade rests on fewer calls than its count (`graded_count`), so the
+    bundle carries the `graded-count` component. Every code of the local observation system in the
+    bundle has the display codes.LOCAL_CODES gives it (an LIS shows that text; the HL7 message's
+    OBX-3 too): `graded-count` had none and was displayed as its bare code."""
+    analyzer = Analyzer.from_models_dir(ROOT / "models", warmup=False)
+    field = render_field(3, width=640, height=480, microns_per_pixel=0.1,
+                         rbc_mix={"normal": 0.6, "sickle": 0.4}, n_wbc=1).frame
+    report = analyzer.analyze(field).report
+    sickle = next(s for s in report.rbc_morphology if s.label == "sickle")
+    assert sickle.graded_count is not None and sickle.graded_count < sickle.count
+    bundle = report_bundle(report)
+    validate(bundle)
+
+    def codings(node: Any):
+        if isinstance(node, dict):
+            if node.get("system") == codes.LOCAL_OBSERVATION and "code" in node:
+                yield node
+            for v in node.values():
+                yield from codings(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from codings(v)
+
+    local = {c["code"]: c["display"] for c in codings(bundle)}
+    assert "graded-count" in local
+    assert {code: display for code, display in local.items() if codes.LOCAL_CODES.get(code) != display} == {}

@@ -100,6 +100,7 @@ LOCAL_CODES: dict[str, str] = {
     "percent": "Share of cells, percent",
     "ci95": "Wilson score 95% confidence interval of the share",
     "grade-ci95": "ICSH grades at the ends of the share's 95% confidence interval",
+    "graded-count": "Cells the grade rests on: the calls at the confidence the finding's flag needs",
     "size-not-assessable": "Size-based call not assessable: the scale was estimated, not calibrated, or "
                            "is a calibration in doubt (flags rbc_size_implausible, calibration_suspect)",
     "rbc-out-of-focus": "Red-cell morphology not assessable: the red cells were too blurred to judge their shape "
