@@ -238,8 +238,9 @@ def test_analyze_checks_the_first_images_calibration(tmp_path):
     run no check; 0 runs none."""
     folder = tmp_path / "slide"
     folder.mkdir()
+    # 960 x 720: at 2.5 times their size some red cells are still whole (a cut one gets no size-based type)
     for k in range(3):
-        cv2.imwrite(str(folder / f"f{k}.png"), np.asarray(render_field(60 + k, width=640, height=480,
+        cv2.imwrite(str(folder / f"f{k}.png"), np.asarray(render_field(60 + k, width=960, height=720,
                                                                        microns_per_pixel=0.1).frame.pixels))
 
     doubted_rows: list[list[dict]] = []

@@ -283,7 +283,8 @@ def test_size_based_morphology_needs_a_calibrated_scale():
     estimated = analyzer.analyze(frame).report
     assert given.scale.method == "given" and estimated.scale.method != "given"
     sph = next(s for s in given.rbc_morphology if s.label == "spherocyte")
-    assert sph.assessable and sph.count == given.counts.rbc and sph.grade == "3+"
+    # every whole red cell (a cell cut by the frame's edge has no size to judge: typed by its shape)
+    assert sph.assessable and sph.count == sph.of_cells == given.rbc_size.n < given.counts.rbc and sph.grade == "3+"
     assert given.rbc_size.calibrated and given.rbc_size.histogram is not None
     assert not any(f.code == "size_not_assessable_without_calibration" for f in given.flags)
     # estimated scale: the size call is withheld; a spherocyte's outline is normal (its probability
@@ -440,7 +441,8 @@ def test_a_withheld_size_call_scores_its_shape_class_with_the_size_calls_probabi
     rbc_head = CropClassifier(_Head({"spherocyte": 6.0, "target": 3.0}, RBC, extent_um=11.2, size=40), 0.3)
     analyzer = Analyzer(OracleSegmenter(field), rbc_head, None)
     report = analyzer.analyze(field.frame).report
-    given = [c for c in report.cells if c.kind == "rbc"]
+    # at the given scale, the whole red cells (those the frame cuts have no size: their call is withheld)
+    given = [c for c in report.cells if c.kind == "rbc" and c.unassessed_label is None]
     # no WBC head: the rendered white cell is still counted, untyped
     assert report.counts.wbc == 1 and [c.label for c in report.cells if c.kind == "wbc"] == [None]
     frame = type(field.frame)(field.frame.pixels, "f", "test", microns_per_pixel=None)

@@ -662,6 +662,34 @@ def test_red_cells_at_an_estimated_scale_are_offered_no_size_based_type(tmp_path
     plain.close()
 
 
+
+def test_red_cells_cut_by_the_frame_edge_are_offered_no_size_based_type(tmp_path):
+    """At the station's given scale, a red cell the frame's edge cuts has no size to judge (the
+    analyzer gives it no size-based type): the gallery offers it its shape types only, and refuses
+    a size-based one; a whole red cell is offered every type."""
+    from smearscope.device.synthetic import render_field
+
+    _, analyzer, feed = _station(tmp_path)
+    try:
+        field = render_field(3, width=960, height=720, microns_per_pixel=0.1,
+                             rbc_mix={"normal": 0.6, "sickle": 0.4}, n_wbc=1).frame
+        result = analyzer.analyze(field)
+        assert result.report.scale.method == "given"
+        feed.gallery.add_field("cut", field.pixels, result)
+    finally:
+        analyzer.close()
+    crops, first = _gallery_cells(feed, "cut")
+    rbc = [c for c in crops if c["kind"] == "rbc" and c["typeable"]]
+    cut = [c for c in rbc if result.cells[c["cell"]].touches_frame_edge]
+    whole = [c for c in rbc if not result.cells[c["cell"]].touches_frame_edge]
+    assert cut and whole
+    assert all(set(c["types"]) == set(first["rbc_types"]) - {"microcyte", "macrocyte", "spherocyte"} for c in cut)
+    assert all(c.get("types") in (None, first["rbc_types"]) for c in whole), whole[0]
+    answer = feed.type_cells({"run_id": "cut", "cells": [{"field_id": cut[0]["field_id"], "cell": cut[0]["cell"],
+                                                          "type": "spherocyte"}]})
+    assert [e["error"] for e in answer["errors"]] == ["unknown_type"]
+    feed.close()
+
 def test_a_station_says_at_start_when_its_typed_cells_file_is_unusable(tmp_path, caplog):
     """A corrupt file (or a directory) is told at start, not at a technician's first typed cell."""
     cfg = parse_config(tomllib.loads(_config_text(tmp_path, 'white_cells = "all"')), environ={})

@@ -147,7 +147,7 @@ class CellTally:
         self.wbc_labels: Counter[str] = Counter()
         self.rbc_labels: Counter[str] = Counter()  # red cells whose shape was judged
         self.blurred_labels: Counter[str] = Counter()  # red cells of fields too blurred to judge (rbc_focus)
-        self.n_calibrated_judged = 0  # red cells at a calibrated scale whose shape was judged
+        self.n_calibrated_judged = 0  # whole red cells at a calibrated scale whose shape was judged: sized ones
         self.unassessed: Counter[str] = Counter()  # red cells' size calls held back at an estimated scale
         self.n_calibrated = 0  # red cells at a calibrated scale
         self.diameters_calibrated: list[float] = []  # red cells off the frame edge, calibrated scale
@@ -177,7 +177,9 @@ class CellTally:
                     i += 1
                     continue
                 self.rbc_labels[label] += 1
-                self.n_calibrated_judged += c.size_calibrated
+                # a cell the frame cuts has no size to read: no size-based type (service.analysis.pipeline);
+                # one stored with a size call before (a run analysed by an earlier version) stays in that share
+                self.n_calibrated_judged += c.size_calibrated and (not c.touches_frame_edge or label in SIZE_BASED)
                 if c.unassessed_label:
                     self.unassessed[c.unassessed_label] += 1
                 if label == "sickle":
@@ -266,8 +268,9 @@ class CellTally:
 
         Size-based classes at an estimated scale are listed as not assessable, with the number of
         cells the head would have given them (those cells are counted under their shape class). Where
-        only some cells were at a calibrated scale (a specimen run that took a field without one),
-        size-based classes are shares of those cells alone (`of_cells`), shape classes of all.
+        only some cells could be sized, whole ones at a calibrated scale (cells cut by the frame's
+        edge; a specimen run that took a field without a calibration), size-based classes are shares
+        of those cells alone (`of_cells`), shape classes of all.
 
         Red cells of fields too blurred to judge their shape are in no share: the rows are of the
         other red cells (`of_cells`), and where every red cell was blurred, each row is their count
@@ -278,7 +281,7 @@ class CellTally:
             blurred = [r.model_copy(update=off) for r in share_rows(self.blurred_labels)]
             return blurred + self._size_rows_unassessed() if not self.n_calibrated else blurred
         mixed = 0 < n_calibrated < n_rbc
-        if mixed:  # a size-based label is only ever given at a calibrated scale
+        if mixed:  # a size-based label is only ever given to a whole cell at a calibrated scale
             rows = share_rows(Counter({k: v for k, v in self.rbc_labels.items() if k not in SIZE_BASED}),
                               of=n_rbc)
             rows += share_rows(Counter({k: v for k, v in self.rbc_labels.items() if k in SIZE_BASED}),

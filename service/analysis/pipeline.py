@@ -393,8 +393,9 @@ class Analyzer:
             kind = KIND_FROM_HEAD_LABEL.get(res.label, recounted_as)
             if kind is None:
                 label, unassessed = res.label, None
-                if crop.detection.kind is CellKind.RBC and not calibrated and res.label in SIZE_BASED and res.probs:
-                    # size calls rest on micrometres this field only estimated: keep the shape
+                sized = calibrated and not _touches_frame(crop.detection, shape)  # a whole cell's micrometres
+                if crop.detection.kind is CellKind.RBC and not sized and res.label in SIZE_BASED and res.probs:
+                    # size calls rest on micrometres this field only estimated, or of a cell the frame cuts: keep the shape
                     label, unassessed = shape_label(rbc_classes, np.array(res.probs)), res.label
                 score = shape_probs(rbc_classes, np.array(res.probs))[label] if unassessed else res.score
                 cells.append(_classified(crop.detection, label, score, shape, atypical=res.atypical,

@@ -131,8 +131,9 @@ class CellRecord(_Strict):
     area_um2: float
     field_id: str | None = Field(None, description="frame the cell came from (specimen reports)")
     atypical: bool = Field(False, description="the head's open-set score put the cell outside every trained type")
-    unassessed_label: str | None = Field(None, description="a size-based class the head gave that an estimated scale "
-                                         "cannot support (the label is then the most likely shape class)")
+    unassessed_label: str | None = Field(None, description="a size-based class the head gave that an estimated scale, "
+                                         "or a cell cut by the image's edge, cannot support (the label is then the "
+                                         "most likely shape class)")
     machine_label: str | None = Field(None, description="verified reports: the label the analyzer gave a cell a "
                                       "technician typed otherwise (`label` and `kind` are then the technician's); a "
                                       "report published compact keeps its field cells messages as sent: apply "
@@ -161,8 +162,9 @@ class ClassShare(_Strict):
                              "were too blurred to judge their shape (flag rbc_morphology_out_of_focus; in a specimen "
                              "report, when no field's red cells were sharp enough: count and percent kept for audit)")
     of_cells: int | None = Field(None, description="the red cells `percent` and its interval are of, when not every "
-                                 "counted one: in a specimen mixing calibrated fields and fields at an estimated scale, "
-                                 "size-based classes are shares of the calibrated fields' red cells only; in a specimen "
+                                 "counted one: size-based classes are shares of the red cells whose size could be read, "
+                                 "whole ones (not cut by the image's edge) at a calibrated scale (in a specimen mixing "
+                                 "calibrated fields and fields at an estimated scale, of the calibrated fields'); in a specimen "
                                  "some of whose fields were too blurred (flag rbc_morphology_out_of_focus), every row "
                                  "is a share of the sharp fields' red cells")
     graded_count: int | None = Field(None, description="the cells the grade rests on, when fewer than `count`: for "

@@ -190,8 +190,9 @@ class ReviewGallery:
             if not typing.rbc_classes or c.label is None:
                 return None
             empty = np.zeros((0,), np.float32)
-            # at an estimated scale no size-based class can be judged (the analyzer reports none)
-            types = None if c.size_calibrated else tuple(t for t in typing.rbc_classes if t not in SIZE_BASED)
+            # at an estimated scale, or cut by the frame's edge, no size-based class can be judged (the analyzer gives none)
+            types = None if c.size_calibrated and not c.touches_frame_edge else tuple(
+                t for t in typing.rbc_classes if t not in SIZE_BASED)
             return TypeableCell(empty, empty.reshape(0, 0), c.label, {}, typing.rbc_sha256, (), mpp, kind="rbc",
                                 types=types)
         hf = c.head_features

@@ -104,11 +104,11 @@ def field_id_of(report: Report) -> str:
 def type_applies(cell: ClassifiedCell, head: str, new: str) -> bool:
     """Whether a technician's type (`head` "wbc" or "rbc", the type) counts for this cell: a head's
     types on its own kind of cell only, and no size-based class on a red cell at an estimated
-    scale (no one can judge it there; the report says so)."""
+    scale or cut by the frame's edge (no one can judge its size; the report says so)."""
     kind = cell.detection.kind
     if (head == "rbc") != (kind is CellKind.RBC) or kind not in (CellKind.WBC, CellKind.NRBC, CellKind.RBC):
         return False
-    return not (head == "rbc" and new in SIZE_BASED and not cell.size_calibrated)
+    return not (head == "rbc" and new in SIZE_BASED and not (cell.size_calibrated and not cell.touches_frame_edge))
 
 
 def cell_keys(records: Sequence[CellRecord]) -> Iterator[tuple[str, int]]:

@@ -61,10 +61,14 @@ def summarize(report: Report) -> str:
               and s.label not in graded and report_view.grade(s) == "none"}
     # the most frequent rows, and every finding graded 1+ or more (or present) however few its cells
     shown = [s for i, s in enumerate(shares) if i < 6 or s.label in graded]
+    # a share of fewer red cells than the others says of how many, as the dashboard does: a size-based
+    # one is of the whole red cells at a calibrated scale (a cell cut by the frame's edge has no size)
+    base = next((s.of_cells for s in shares if s.label not in SIZE_BASED), None)
+    of = {s.label: f" of {s.of_cells} RBC" for s in shares if s.of_cells is not None and s.of_cells != base}
     if shown:
         notes = {**unsure, **graded}
-        line = "  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" + (f" ({notes[s.label]})" if s.label in notes
-                                                                         else "") for s in shown)
+        line = "  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" + of.get(s.label, "")
+                                     + (f" ({notes[s.label]})" if s.label in notes else "") for s in shown)
         # the rows left out, counted: the printed shares then sum to less than 100 % for a reason
         hidden = [s for s in shares if s not in shown]
         if hidden:
