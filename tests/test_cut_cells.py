@@ -81,3 +81,13 @@ def test_a_cut_cells_size_call_stored_by_an_earlier_version_stays_in_its_share()
              + [replace(_cell(CellKind.RBC, "normal"), touches_frame_edge=True)] * 2)
     rows = {r.label: r for r in aggregate(cells).rbc_morphology}
     assert (rows["spherocyte"].count, rows["spherocyte"].of_cells, rows["spherocyte"].percent) == (4, 7, 57.14)
+
+
+def test_the_summary_names_the_red_cells_a_size_based_share_is_of(run: SpecimenRun) -> None:
+    """The printed spherocyte share is of the 176 whole red cells, not of the 261 the line above
+    counts: it says so (as the dashboard's " of N RBC"), or 6.8 % would read as 18 of 261."""
+    from smearscope.cli.summary import summarize
+
+    text = summarize(run.report(station_id="s", now=9.0, end_reason="stopped"))
+    shares = next(line for line in text.splitlines() if line.startswith("  RBC: "))
+    assert "spherocyte 6.8% of 176 RBC (1+" in shares and "normal 87.7%," in shares, shares
