@@ -91,3 +91,32 @@ def test_the_summary_names_the_red_cells_a_size_based_share_is_of(run: SpecimenR
     text = summarize(run.report(station_id="s", now=9.0, end_reason="stopped"))
     shares = next(line for line in text.splitlines() if line.startswith("  RBC: "))
     assert "spherocyte 6.8% of 176 RBC (1+" in shares and "normal 87.7%," in shares, shares
+
+
+def test_a_calibrated_field_whose_red_cells_are_all_cut_says_why_their_sizes_are_not_assessable() -> None:
+    """A 64 px crop of a rendered field at a given scale: its 5 red cells are all cut by the image's
+    edge, so no size-based class can be judged. That is not an estimated scale: the summary and the
+    FHIR bundle say no whole red cell was there to size (the diameter's own reason, no-rbc-measured)."""
+    import dataclasses
+
+    import numpy as np
+
+    from smearscope.cli.summary import summarize
+    from smearscope.service.fhir.bundle import report_bundle
+
+    field = render_field(5, width=640, height=480).frame
+    crop = dataclasses.replace(field, pixels=np.ascontiguousarray(np.asarray(field.pixels)[100:164, 100:164]),
+                               microns_per_pixel=0.2)
+    report = Analyzer.from_models_dir(ROOT / "models", warmup=False).analyze(crop).report
+    assert report.scale.method == "given" and report.counts.rbc > 0 and report.rbc_size.n == 0
+    rows = [r for r in report.rbc_morphology if r.label in SIZE_BASED]
+    assert sorted(r.label for r in rows) == sorted(SIZE_BASED) and not any(r.assessable for r in rows)
+    text = summarize(report)
+    assert "estimated scale" not in text, text
+    assert ("  RBC macrocyte 0, microcyte 0, spherocyte 0: not assessable, no whole red cell to size (each cut "
+            "by the image's edge)") in text.splitlines(), text
+    reasons = {o["code"]["coding"][0]["display"].split(" ")[0]: o["dataAbsentReason"]["coding"][0]["code"]
+               for e in report_bundle(report)["entry"] if (o := e["resource"])["resourceType"] == "Observation"
+               and "dataAbsentReason" in o}
+    assert {k: reasons[k] for k in ("Macrocytes", "Microcytes", "Spherocytes")} == dict.fromkeys(
+        ("Macrocytes", "Microcytes", "Spherocytes"), "no-rbc-measured"), reasons

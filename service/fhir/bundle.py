@@ -246,7 +246,8 @@ def _morphology(b: _Builder) -> None:
         if share.graded_count is not None:  # the grade rests on fewer cells than the count (sure sickle or schistocyte calls)
             grade_components.append(_component("graded-count", valueInteger=share.graded_count))
         if not report_view.assessable(r, share):  # count: cells the head gave this class, for audit
-            why = "rbc-out-of-focus" if report_view.out_of_focus(r, share) else "size-not-assessable"
+            why = ("rbc-out-of-focus" if report_view.out_of_focus(r, share) else "no-rbc-measured"
+                   if report_view.no_whole_rbc_sized(r) else "size-not-assessable")
             b.observation(f"rbc/{share.label}", _concept(loinc, local),
                           component=[_component("count", valueInteger=share.count)],
                           dataAbsentReason=_concept(*codes.absent(why)))

@@ -42,6 +42,13 @@ def size_not_assessable(report: Report) -> bool:
     return report_flagged(report, SIZE_FLAG, *CALIBRATION_DOUBT_FLAGS)
 
 
+def no_whole_rbc_sized(report: Report) -> bool:
+    """Red cells counted at a calibrated scale, none whole to size (each cut by the image's edge):
+    no size-based class can be judged, though the scale is known."""
+    s = report.rbc_size
+    return report.counts.rbc > 0 and s.calibrated and s.n == 0 and not calibration_in_doubt(report)
+
+
 def calibration_in_doubt(report: Report) -> bool:
     """A calibrated scale no blood fits (rbc_size_implausible) or the red cells point away from
     (calibration_suspect): sizes are not read."""

@@ -30,8 +30,11 @@ def _grade_text(share: ClassShare, grade: str) -> str:
 def _unassessed_line(report: Report, rows: list[ClassShare], doubted: bool) -> str:
     """The size-based rows not assessable, each with the cells the head gave it, and where those
     cells are: at an estimated scale counted under their shape above; with a calibration in doubt
-    left out of the shares above (which then sum to less than 100 %)."""
+    left out of the shares above (which then sum to less than 100 %); at a calibrated scale with no
+    whole red cell, why."""
     named = ", ".join(f"{s.label} {s.count}" for s in rows)
+    if not doubted and report_view.no_whole_rbc_sized(report):
+        return f"  RBC {named}: not assessable, no whole red cell to size (each cut by the image's edge)"
     if not doubted:
         return f"  RBC {named}: not assessable at an estimated scale (those cells are counted by their shape)"
     n = sum(s.count for s in rows)
