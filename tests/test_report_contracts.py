@@ -209,6 +209,32 @@ def test_restored_run_keeps_every_cell_attribute(tmp_path):
         outbox.close()
 
 
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "models" / "seg.json").exists(),
+                    reason="models/seg.json not present")
+def test_a_restored_run_reads_the_confidences_its_live_report_counted(tmp_path):
+    """A rendered field of sickle cells analysed, its run stored and taken back (a restart; the run a
+    verification reads once it is no longer in memory): every cell's confidence is the one its
+    record shows (4 decimals), so a sickle call at 0.79996 is under the critical flag's 0.8 in the
+    live report and after, not under it live and 0.8 (sure) once read back from its record."""
+    from smearscope.device.synthetic import render_field
+    from smearscope.service.analysis.pipeline import Analyzer
+
+    analyzer = Analyzer.from_models_dir(Path(__file__).resolve().parents[1] / "models", warmup=False)
+    field = render_field(3, width=640, height=480, microns_per_pixel=0.1, rbc_mix={"normal": 0.6, "sickle": 0.4},
+                         n_wbc=1).frame
+    run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
+    assert run.add(analyzer.analyze(field), 1.0)
+    assert all(c.label_score == r.label_score for c, r in zip(run.cells, run.records))
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        state = StationState(outbox)
+        store_run(state, outbox, run, "r")
+        (back,) = state.open_runs()
+        assert [c.label_score for c in back.cells] == [c.label_score for c in run.cells]
+    finally:
+        outbox.close()
+
 def test_edge_cells_stay_out_of_sizes_after_restore(tmp_path):
     run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
     run.add(field("f0", wbcs(2) + rbcs(20) + [cell(CellKind.RBC, "normal", d=12.0, edge=True, i=250)]), 1.0)

@@ -492,9 +492,9 @@ def input_bbox(box, factor: float, width: int, height: int) -> list[float]:
 
 def _classified(d: CellDetection, label: str | None, score: float | None, shape,
                 detected_as: CellKind | None = None, **extra) -> ClassifiedCell:
-    area_px = d.mask_area_px
-    area_um2 = area_px * CANONICAL_UM_PER_PX**2
-    return ClassifiedCell(detection=d, label=label, label_score=score,
+    area_um2 = d.mask_area_px * CANONICAL_UM_PER_PX**2
+    # label_score as its record shows it (4 decimals): the flags' rules read what a restored run reads
+    return ClassifiedCell(detection=d, label=label, label_score=None if score is None else round(score, 4),
                           diameter_um=d.diameter_px * CANONICAL_UM_PER_PX, area_um2=area_um2,
                           touches_frame_edge=_touches_frame(d, shape), detected_as=detected_as, **extra)
 
