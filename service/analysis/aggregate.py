@@ -148,7 +148,7 @@ class CellTally:
         self.rbc_labels: Counter[str] = Counter()  # red cells whose shape was judged
         self.blurred_labels: Counter[str] = Counter()  # red cells of fields too blurred to judge (rbc_focus)
         self.n_calibrated_judged = 0  # whole red cells at a calibrated scale whose shape was judged: sized ones
-        self.unassessed: Counter[str] = Counter()  # red cells' size calls held back at an estimated scale
+        self.unassessed: Counter[str] = Counter()  # red cells' size calls held back (estimated scale, cut cell)
         self.n_calibrated = 0  # red cells at a calibrated scale
         self.diameters_calibrated: list[float] = []  # red cells off the frame edge, calibrated scale
         self.n_sized_estimated = 0  # red cells off the frame edge at an estimated scale
