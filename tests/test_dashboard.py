@@ -1388,6 +1388,40 @@ def test_counts_read_as_cells_counted_and_shares_say_of_which_cells(tmp_path: Pa
 
 @pytest.mark.broker
 @needs_chromium
+def test_a_report_from_before_nrbc_were_counted_apart_says_its_erythroblasts_are_nrbc(
+    tmp_path: Path, ws_broker: MosquittoBroker,
+) -> None:
+    """A report of schema 1.0 (an earlier run a station stored before its upgrade) counted
+    erythroblasts among the white cells, a row of its differential, and has no counts.nrbc: the
+    page listed "erythroblast 12, 10.71 % of WBC" as one more white cell and gave no NRBC per 100
+    WBC, where the FHIR export reads them as nucleated red cells (12 per 100 of the other 100 white
+    cells). The row now says what it is and the counts line gives NRBC per 100 WBC as the export does."""
+    from smearscope.service.fhir import report_view
+
+    report = _specimen("ward-n", "run-n", [], time.time()).model_copy(update={
+        "schema_version": "1.0",
+        "wbc_differential": [ClassShare(label="neutrophil", count=55, percent=49.11, ci95_low=40.0, ci95_high=58.0),
+                             ClassShare(label="lymphocyte", count=45, percent=40.18, ci95_low=31.0, ci95_high=49.0),
+                             ClassShare(label="erythroblast", count=12, percent=10.71, ci95_low=6.0, ci95_high=18.0)]})
+    assert report_view.nrbc_per_100_wbc(report) == (12.0, 12, 100)  # the export's reading
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        send("smearscope/ward-n/run", json.dumps(_closed_run_state(report)))
+        driver.get(url)
+        card = "[data-station='ward-n']"
+        counts = lambda: driver.execute_script(
+            "const n = document.querySelector(arguments[0]); return n ? n.innerText : '';", f"{card} .counts-line")
+        _wait("the run's counts", lambda: "RBC 4000" in counts(), 20, [log])
+        assert counts() == ("Cells counted on the smear (not per litre): RBC 4000 · WBC 112 · platelets 300 · "
+                            "NRBC 12 (12 per 100 WBC; this older report counts them among the 112 WBC)"), counts()
+        rows = driver.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].map((r) => [...r.cells].slice(0, 3).map((td) => "
+            "td.innerText.trim()))", f"{card} table.differential tbody tr")
+        assert rows == [["neutrophil", "55", "49.11"], ["lymphocyte", "45", "40.18"],
+                        ["erythroblast (NRBC, not a white cell)", "12", "10.71"]], rows
+
+
+@pytest.mark.broker
+@needs_chromium
 def test_verify_on_an_offline_station_says_so_at_once_and_sends_nothing(
     tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:

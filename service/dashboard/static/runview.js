@@ -8,6 +8,11 @@
 // ever set with textContent.
 "use strict";
 
+// A report from before NRBC were counted apart (schema 1.0) lists erythroblasts as a row of its
+// differential, among counts.wbc, and has no counts.nrbc: they are nucleated red cells, per 100 of
+// the other white cells (service.fhir.report_view.nrbc_per_100_wbc, as the FHIR export reads them).
+const NRBC_LABEL = "erythroblast";
+
 function renderRun(st) {
   const view = shown(st);
   const line = st.node.querySelector(".run-line");
@@ -63,13 +68,17 @@ function renderRun(st) {
     text.textContent = r.counts.wbc + " WBC";
   }
   const c = r.counts;  // what a count reads beside the differential: cells counted, NRBC per 100 WBC
+  const older = !c.nrbc && r.nrbc_per_100_wbc == null ? r.wbc_differential.find((s) => s.label === NRBC_LABEL) : null;
+  const among = older && older.count ? older.count : 0, others = c.wbc - among;
   st.node.querySelector(".counts").textContent = "RBC " + c.rbc + " · WBC " + c.wbc + " · platelets " + c.platelet +
     (c.nrbc ? " · NRBC " + c.nrbc + (r.nrbc_per_100_wbc != null ? " (" + r.nrbc_per_100_wbc + " per 100 WBC)" : "")
-            : "");
+     : among ? " · NRBC " + among + " (" + (others > 0 ? Math.round(10000 * among / others) / 100 + " per 100 WBC; " : "") +
+       "this older report counts them among the " + c.wbc + " WBC)" : "");
   for (const s of r.wbc_differential) {
     const tr = el("tr");
     tr.dataset.label = s.label;
-    tr.append(el("td", "label", s.label), el("td", "count", String(s.count)), el("td", "percent", String(s.percent)));
+    tr.append(el("td", "label", s.label + (s.label === NRBC_LABEL ? " (NRBC, not a white cell)" : "")),
+              el("td", "count", String(s.count)), el("td", "percent", String(s.percent)));
     const hasCi = s.ci95_low !== null && s.ci95_high !== null;
     tr.append(el("td", "ci95", hasCi ? s.ci95_low + "–" + s.ci95_high : "–"));
     const cell = el("td", "bar"), ci = el("div", "ci"), point = el("div", "point"), interval = el("div", "interval");
