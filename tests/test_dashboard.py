@@ -1467,6 +1467,9 @@ def test_verify_on_an_offline_station_says_so_at_once_and_sends_nothing(
             assert driver.find_element(By.CSS_SELECTOR, picker).get_attribute("data-state") == "error"
             assert driver.find_element(By.CSS_SELECTOR, picker).get_attribute("title") == (
                 "the station is offline: the type was not saved")
+            # said in words under the crop, not only by the list's pink (a tooltip a tablet never shows)
+            figure = lambda: driver.find_element(By.CSS_SELECTOR, f"{card} .gallery figure")
+            assert figure().text.splitlines()[-1] == "not saved: the station is offline", figure().text
             # ... nor "More" (the gallery's next page): the button stays, saying why nothing came
             send("smearscope/ward-v/cmd_response/get_review", json.dumps({
                 "ok": True, "run_id": "run-v", "offset": 0, "total": 30, "not_kept": 0, "next_offset": 1,
@@ -1492,6 +1495,22 @@ def test_verify_on_an_offline_station_says_so_at_once_and_sends_nothing(
             _wait("the command sent", lambda: any(m.topic.endswith("/cmd/verify_run") for m in commands.messages),
                   20, [log])
             assert state().text == "verifying…"
+            # a type picked online: saving, then the station's answer for the cell, in words
+            Select(driver.find_element(By.CSS_SELECTOR, picker)).select_by_value("lymphocyte")
+            assert figure().text.splitlines()[-1] == "saving…", figure().text
+            _wait("the command sent", lambda: any(m.topic.endswith("/cmd/type_cells") for m in commands.messages),
+                  20, [log])
+            send("smearscope/ward-v/cmd_response/type_cells", json.dumps({
+                "ok": False, "run_id": "run-v", "cells": [],
+                "errors": [{"field_id": "f1", "cell": 3, "error": "not_typeable", "message": "the run is closed"}]}),
+                 retain=False)
+            _wait("the refusal said", lambda: figure().text.splitlines()[-1] == "not saved: the run is closed", 20, [log])
+            assert driver.find_element(By.CSS_SELECTOR, picker).get_attribute("data-state") == "error"
+            Select(driver.find_element(By.CSS_SELECTOR, picker)).select_by_value("monocyte")
+            send("smearscope/ward-v/cmd_response/type_cells", json.dumps({
+                "ok": True, "run_id": "run-v", "cells": [{"field_id": "f1", "cell": 3, "type": "monocyte"}]}),
+                 retain=False)
+            _wait("the type saved", lambda: figure().text.splitlines()[-1] == "saved", 20, [log])
     finally:
         commands.close()
 

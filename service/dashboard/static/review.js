@@ -31,7 +31,10 @@ function renderReview(st, answer) {
       const select = typeSelect(st, answer.run_id, c, types);
       // a screen reader names each list by its crop's caption (the title, the same for all, describes)
       select.setAttribute("aria-label", "type of cell " + (into.children.length + 1) + ", " + caption);
-      fig.append(select);
+      const note = el("span", "type-state");
+      note.setAttribute("role", "status");
+      fig.append(select, note);
+      typeState(select, select.dataset.state);
     }
     into.append(fig);
   }
@@ -63,7 +66,7 @@ function typeSelect(st, runId, c, types) {
   select.dataset.field = c.field_id;
   select.dataset.cell = String(c.cell);
   select.dataset.kind = c.kind === "rbc" ? "rbc" : "wbc";
-  select.dataset.state = c.typed ? "saved" : "untyped";
+  select.dataset.state = c.typed ? "saved" : "untyped";  // said under it once in its figure (typeState)
   select.append(el("option", "", "type…"));
   select.firstChild.value = "";
   for (const t of types) {
@@ -74,20 +77,31 @@ function typeSelect(st, runId, c, types) {
   select.value = c.typed || "";
   select.addEventListener("change", () => {
     select.blur();  // the gallery may refresh again (it waits while a type is being picked)
-    if (!client || !client.connected) { select.dataset.state = "error"; select.title = "not connected"; return; }
+    if (!client || !client.connected) { typeState(select, "error", "not connected"); select.title = "not connected"; return; }
     if (st.status !== "online") {  // a command to an offline station is lost
-      select.dataset.state = "error";
-      select.title = "the station is " + (st.status || "not known to be online") + ": the type was not saved";
+      const away = "the station is " + (st.status || "not known to be online");
+      typeState(select, "error", away);
+      select.title = away + ": the type was not saved";
       return;
     }
-    select.dataset.state = "saving";
+    typeState(select, "saving");
     sendCommand(st, "type_cells", {
       run_id: runId, cells: [{ field_id: c.field_id, cell: c.cell, type: select.value || null }] });
     setTimeout(() => {
-      if (select.dataset.state === "saving") { select.dataset.state = "error"; select.title = "no answer from the station"; }
+      if (select.dataset.state === "saving") { typeState(select, "error", "no answer from the station"); select.title = "no answer from the station"; }
     }, 15000);
   });
   return select;
+}
+
+// A type's state (data-state: untyped, saving, saved, error) said in words under its crop too: the
+// list's colour alone said it to no one who cannot tell pink from green, and its reason was a
+// tooltip, which a tablet never shows.
+function typeState(select, state, why) {
+  select.dataset.state = state;
+  const note = select.parentNode && select.parentNode.querySelector(".type-state");
+  if (note) note.textContent = state === "saving" ? "saving…" : state === "saved" ? "saved"
+    : state === "error" ? "not saved: " + why : "";
 }
 
 function typedAnswer(st, msg, mine) {
@@ -96,8 +110,8 @@ function typedAnswer(st, msg, mine) {
   // A refusal of the whole command (typing off, a busy station...): every pick waiting fails.
   if (!msg.ok && !Array.isArray(msg.errors)) {
     for (const s of st.node.querySelectorAll(".gallery select.type[data-state='saving']")) {
-      s.dataset.state = "error";
       s.title = String(msg.message || msg.error || "refused");
+      typeState(s, "error", s.title);
     }
     return;
   }
@@ -105,8 +119,11 @@ function typedAnswer(st, msg, mine) {
   const find = (c) => [...st.node.querySelectorAll(".gallery select.type")]
     .find((s) => s.dataset.field === c.field_id && s.dataset.cell === String(c.cell));
   if (msg.run_id === st.reviewRun) {
-    for (const c of msg.cells || []) { const s = find(c); if (s) s.dataset.state = c.type ? "saved" : "untyped"; }
-    for (const e of msg.errors || []) { const s = e.field_id !== undefined && find(e); if (s) { s.dataset.state = "error"; s.title = e.message || e.error; } }
+    for (const c of msg.cells || []) { const s = find(c); if (s) typeState(s, c.type ? "saved" : "untyped"); }
+    for (const e of msg.errors || []) {
+      const s = e.field_id !== undefined && find(e);
+      if (s) { s.title = String(e.message || e.error); typeState(s, "error", s.title); }
+    }
   }
 }
 
