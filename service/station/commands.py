@@ -33,6 +33,7 @@ from smearscope.service.ingest import (
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.requests import RequestQueue
 from smearscope.service.station.specimen import RunAlreadyOpen, SpecimenTracker
+from smearscope.service.station.verifications import keep_verification
 from smearscope.service.station.workers import StationWorkers
 
 logger = logging.getLogger(__name__)
@@ -247,6 +248,12 @@ class StationCommands:
         progress = self._tracker.progress()
         closed, live, answer = self._clinic.verify(run_id, by, self._tracker.final_report,
                                                    progress.run_id if progress else None)
+        state = getattr(self._workers, "state", None) if closed is not None else None
+        if state is not None and closed is not None and closed.report is not None and not keep_verification(
+                state.outbox, closed.report):  # an ok answer is a signature the station cannot lose
+            return {"ok": False, "error": "verification_not_kept", "run_id": run_id, "message": (
+                "the verification could not be kept in the station's outbox file (a full disk? see the station's "
+                "log): nothing was signed; verify the run again once the station can write")}
         if closed is not None:
             self._workers.emit_closed(closed, live)
         if answer.get("ok"):

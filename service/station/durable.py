@@ -24,6 +24,9 @@ and two written at once:
                    row and deleted with the stored report: the start that closes such a run
                    stores its report under that id (a row whose ending_runs row is gone, an
                    earlier version's store, is dropped at open)
+  answered_verifications  the verified report verify_run answered, whole, written before the
+                   answer and deleted with its stored report: the next start stores it
+                   (service.station.verifications)
   started_runs     the runs `start_run` opened (its start, target and specimen id), written at
                    once (`run_started`) and deleted with the run's first stored field (its row
                    says the same from then on) or when the run ends without one
@@ -55,6 +58,7 @@ from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Repo
 from smearscope.service.mqtt.outbox import Outbox, StateWriter
 from smearscope.service.station.run_records import StartedBy, has_states
 from smearscope.service.station.specimen import FIELD_FLAGS, ClosedRun, SpecimenRun
+from smearscope.service.station.verifications import SCHEMA as VERIFICATIONS_SCHEMA
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +90,7 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS runs_without_fields (
         run_id TEXT PRIMARY KEY, end_reason TEXT NOT NULL, started_at REAL NOT NULL, started_by TEXT NOT NULL,
         target_wbc INTEGER NOT NULL, specimen_id TEXT, after_closed INTEGER NOT NULL)""",
+    VERIFICATIONS_SCHEMA,
 )
 #: Closed runs whose cells are kept (for verify_run, also after a restart).
 KEEP_CLOSED_RUNS = 4
@@ -224,13 +229,15 @@ class StationState:
             conn.execute("DELETE FROM ending_runs WHERE run_id = ?", (report.run_id or "",))
             conn.execute("DELETE FROM answered_reports WHERE run_id = ?", (report.run_id or "",))
             conn.execute("DELETE FROM started_runs WHERE run_id = ?", (report.run_id or "",))
+            conn.execute("DELETE FROM answered_verifications WHERE report_id = ?", (report.report_id,))
             conn.execute("INSERT INTO closed_runs VALUES (?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET "
                          "report = excluded.report", (report.run_id or "", report.end_reason or "restart", slim,
                                                       time.time()))
             # by rowid, which only grows (the newest row is never pruned): a clock set back must
-            # not make the run just closed the oldest
-            old = [r[0] for r in conn.execute("SELECT run_id FROM closed_runs ORDER BY rowid DESC "
-                                              "LIMIT -1 OFFSET ?", (KEEP_CLOSED_RUNS,)).fetchall()]
+            # not make the run just closed the oldest; nor one whose verification waits to be stored
+            old = [r[0] for r in conn.execute(
+                "SELECT run_id FROM closed_runs WHERE run_id NOT IN (SELECT run_id FROM answered_verifications) "
+                "ORDER BY rowid DESC LIMIT -1 OFFSET ?", (KEEP_CLOSED_RUNS,)).fetchall()]
             for run_id in old:
                 conn.execute("DELETE FROM specimen_fields WHERE run_id = ?", (run_id,))
                 conn.execute("DELETE FROM closed_runs WHERE run_id = ?", (run_id,))

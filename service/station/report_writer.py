@@ -30,6 +30,7 @@ from smearscope.service.station.messages import report_messages
 from smearscope.service.station.notify import ProgressWatchdog
 from smearscope.service.station.specimen import ClosedRun, SpecimenTracker
 from smearscope.service.station.startup import AnalyzerLike
+from smearscope.service.station.verifications import drop_verification, waiting_verifications
 from smearscope.service.station.work_queue import SENTINEL, BoundedQueue
 
 #: The station workers' logger: what the writer says is said, and filtered, as it was before it had
@@ -215,6 +216,7 @@ class ReportWriter:
         """Close the runs a previous process left open (restart) but one it resumes; yields those closed:
         their reports stored, or with no field (start_run's: their state goes out closed)."""
         assert self.state is not None
+        self._store_answered_verifications()  # answered before the runs left open end: stored first, as they were
         answered = self.state.ending_report_ids()  # stop_run's answers named these reports' ids
         for run in self.tracker.resume_one(self.state.open_runs(getattr(self.analyzer, "models", None))):
             if not run.field_ids:  # started by start_run, no field stored: nothing to report, its state closed
@@ -241,6 +243,36 @@ class ReportWriter:
                         "open by the previous process, closed: %s)", report.report_id, seq,
                         run.run_id, report.end_reason)
             yield run.run_id
+
+    def _store_answered_verifications(self) -> None:
+        """The verified reports verify_run answered ok that the previous process did not store
+        (service.station.verifications), under the ids answered, each where it still follows its
+        run's report (a run is signed only once its report is stored: run_not_stored). Before the
+        runs left open are closed, as the previous process would have stored them; a run whose
+        verification waits is not pruned by them meanwhile (one that fails here is tried again)."""
+        assert self.state is not None
+        outbox = self.state.outbox
+        for report, holds in waiting_verifications(outbox):
+            verification = report.verification
+            assert verification is not None
+            if holds != verification.supersedes:
+                logger.error("run %s: the verification signed by %r at %.0f (report %s) follows report %s, but the "
+                             "run holds %s: not stored, dropped (the run was signed again since by a station "
+                             "version that did not keep it)", report.run_id, verification.verified_by,
+                             verification.verified_at, report.report_id, verification.supersedes, holds)
+                drop_verification(outbox, report.report_id)
+                continue
+            try:
+                seq = self._store_once(Outgoing("report", report))
+            except (sqlite3.Error, OSError) as exc:
+                logger.error("run %s: the verified report %s answered before the previous process stopped could "
+                             "not be stored (%s); tried again at the next start", report.run_id, report.report_id,
+                             exc)
+                continue
+            self.stats.add("stored")
+            logger.info("stored report message report_id=%s seq=%d run=%s field=None (verified by %r, answered "
+                        "before the previous process stopped)", report.report_id, seq, report.run_id,
+                        verification.verified_by)
 
     def _done(self, frame: Frame, refused: str | None = None) -> None:
         if refused is not None and frame.input_key is not None and self.state is not None:

@@ -1,0 +1,169 @@
+"""A verification verify_run answered ok is never lost: the verified report is kept in the outbox
+file before the answer (`answered_verifications`), and a start that finds it not stored stores it
+under the answered id. Where the file refuses that write, the verification is refused.
+
+The station is real (a child process SIGKILLed, its outbox file, publisher, mosquitto, a watched
+folder); only the analysis is the oracle `PoolAnalyzer` of tests/test_daemon.py. Triggers in the
+outbox file refuse a write, as a failing disk would."""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+
+import cv2
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
+from test_daemon import (
+    BASE,
+    envelopes,
+    oracle_pool,
+    saw_offline,
+    start_daemon,
+    stop_daemon,
+    write_station,
+)
+from test_daemon_faults import DaemonProcess
+from test_started_runs import _command
+
+from smearscope.device.synthetic import render_field
+from smearscope.service.config import load_config
+from smearscope.service.mqtt.outbox import Outbox
+from smearscope.service.station.durable import StationState
+
+pytestmark = [pytest.mark.broker, pytest.mark.faults]
+
+# the station holds its outbox file locked while it runs: the triggers are made before it starts
+_REFUSE_SIGNED = [f"CREATE TRIGGER refuse_{what} BEFORE {what} ON closed_runs "
+                  "WHEN json_extract(NEW.report, '$.verification') IS NOT NULL "
+                  "BEGIN SELECT RAISE(ABORT, 'test: the file refuses the signed report'); END"
+                  for what in ("INSERT", "UPDATE")]
+_REFUSE_KEEPING = ("CREATE TRIGGER refuse_keeping BEFORE INSERT ON answered_verifications "
+                   "BEGIN SELECT RAISE(ABORT, 'test: the file refuses the verification'); END")
+
+
+def _station(tmp_path: Path, broker: MosquittoBroker, *triggers: str) -> tuple[Path, Path, Path]:
+    """A station watching a folder, its outbox file made with the station's tables and `triggers`."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
+              "microns_per_pixel": 0.2}
+    config = write_station(tmp_path, broker.port, source=source,
+                           specimen={"target_wbc_count": 1000, "idle_timeout_s": 600.0})
+    outbox_path = Path(load_config(config).mqtt.outbox.path)
+    outbox_path.parent.mkdir(parents=True, exist_ok=True)
+    outbox = Outbox(outbox_path)
+    StationState(outbox)
+    outbox.close()
+    with closing(sqlite3.connect(outbox_path)) as db:
+        for statement in triggers:
+            db.execute(statement)
+        db.commit()
+    return config, inbox, outbox_path
+
+
+def _stopped_run(sub: Subscriber, inbox: Path, lines: list[str]) -> dict:
+    """A run of one field, stopped, its report on the broker: the answer to stop_run."""
+    assert _command(sub, "start_run", {"specimen_id": "H-2026-0412"})["ok"], lines[-20:]
+    cv2.imwrite(str(inbox / "a.png"), render_field(60, width=320, height=240).frame.pixels)
+    assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/field" for m in ms), 30), lines[-20:]
+    stopped = _command(sub, "stop_run")
+    assert stopped["ok"] and stopped["report_id"], stopped
+    assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 30), lines[-20:]
+    return stopped
+
+
+def test_a_station_killed_between_the_verify_run_answer_and_the_store_sends_the_signed_report_under_the_answered_id(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path,
+) -> None:
+    """A run stopped and its report sent; the outbox file then refuses reports; verify_run answered
+    ok; the writer's store refused; SIGKILL; the file takes writes again; the next start sends the
+    signed report under the answered id, signed by the same technician at the time signed."""
+    config, inbox, outbox_path = _station(tmp_path, broker, *_REFUSE_SIGNED)
+    pool_file = tmp_path / "pool.pkl"
+    pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    daemon = runner = first = None
+    try:
+        sub.wait_ready()
+        first = DaemonProcess(config, pool_file)
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/status" and m.payload == b"online" for m in ms),
+                            60), first.lines[-20:]
+        stopped = _stopped_run(sub, inbox, first.lines)
+        verified = _command(sub, "verify_run", {"run_id": stopped["run_id"], "verified_by": "Dr A. Okafor"})
+        assert verified["ok"] and verified["supersedes"] == stopped["report_id"], verified
+        # the writer tried to store the signed report and the file refused it: the crash comes in between
+        refused = f"outbox write of report report {verified['report_id']} failed"
+        assert wait_until(lambda: any(refused in line for line in list(first.lines)), 15), first.lines[-20:]
+        killed_at = time.time()
+        first.signal(signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+        assert len(sub.on_topic(f"{BASE}/report")) == 1  # the stopped run's only
+        with closing(sqlite3.connect(outbox_path)) as db:
+            for what in ("INSERT", "UPDATE"):
+                db.execute(f"DROP TRIGGER refuse_{what}")
+            db.commit()
+
+        daemon, runner = start_daemon(config)
+        assert sub.wait_for(lambda ms: sum(m.topic == f"{BASE}/report" for m in ms) >= 2, 30)
+    finally:
+        if daemon is not None and runner is not None:
+            stop_daemon(daemon, runner)
+        if first is not None:
+            first.signal(signal.SIGKILL)
+        sub.close()
+    signed = envelopes(sub, f"{BASE}/report")[1]
+    assert signed["report_id"] == verified["report_id"], (signed["report_id"], verified["report_id"])
+    body = signed["body"]
+    assert body["report_id"] == verified["report_id"] and body["run_id"] == stopped["run_id"]
+    assert body["verification"]["verified_by"] == "Dr A. Okafor"
+    assert body["verification"]["supersedes"] == stopped["report_id"]
+    assert body["verification"]["verified_at"] < killed_at  # the signature as made, not made again
+    assert body["verification"]["left_to_review"] == verified["left_to_review"]
+    assert body["specimen_id"] == "H-2026-0412" and body["fields_analyzed"] == 1
+    with closing(sqlite3.connect(outbox_path)) as db:  # the run holds the signed report; nothing waits
+        (held,) = db.execute("SELECT json_extract(report, '$.report_id') FROM closed_runs").fetchone()
+        assert held == verified["report_id"]
+        assert db.execute("SELECT COUNT(*) FROM answered_verifications").fetchone()[0] == 0
+
+
+def test_a_verification_the_outbox_file_cannot_keep_is_refused_and_nothing_is_signed(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path,
+) -> None:
+    """The file refuses the verification's record (as a full disk would): verify_run answers
+    verification_not_kept, no signed report goes out and the run keeps its report; once the file
+    takes writes again (the station restarted), the same verification is answered ok and sent."""
+    config, inbox, outbox_path = _station(tmp_path, broker, _REFUSE_KEEPING)
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    with closing(sub):
+        daemon, runner = start_daemon(config)
+        try:
+            sub.wait_ready()
+            stopped = _stopped_run(sub, inbox, [])
+            refused = _command(sub, "verify_run", {"run_id": stopped["run_id"], "verified_by": "AB"})
+            assert not refused["ok"] and refused["error"] == "verification_not_kept", refused
+            assert refused["message"] == (
+                "the verification could not be kept in the station's outbox file (a full disk? see the station's log): "
+                "nothing was signed; verify the run again once the station can write"), refused
+            runs = _command(sub, "get_runs")["runs"]
+            assert runs[0]["report"]["report_id"] == stopped["report_id"] and runs[0]["report"]["verification"] is None
+        finally:
+            stop_daemon(daemon, runner)
+        assert saw_offline(sub)  # all the station delivered is here: no signed report followed the refusal
+        assert len(sub.on_topic(f"{BASE}/report")) == 1
+        with closing(sqlite3.connect(outbox_path)) as db:
+            db.execute("DROP TRIGGER refuse_keeping")
+            db.commit()
+        daemon, runner = start_daemon(config)
+        try:
+            verified = _command(sub, "verify_run", {"run_id": stopped["run_id"], "verified_by": "AB"})
+            assert verified["ok"] and verified["supersedes"] == stopped["report_id"], verified
+            assert sub.wait_for(lambda ms: sum(m.topic == f"{BASE}/report" for m in ms) >= 2, 15)
+        finally:
+            stop_daemon(daemon, runner)
+    reports = envelopes(sub, f"{BASE}/report")
+    assert [r["report_id"] for r in reports] == [stopped["report_id"], verified["report_id"]]
