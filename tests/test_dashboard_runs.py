@@ -155,6 +155,25 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
         send(f"{BASE}/run", json.dumps(_closed_run_state(other)))
         _wait("Start once that run closed", lambda: inside(".start-run").is_displayed(), 20, [log])
         assert not inside(".stop-run").is_displayed()
+        # a stop whose end the station could not keep (a full disk): its answer's message said in red
+        inside(".specimen-id").clear()
+        inside(".specimen-id").send_keys("H-5", Keys.ENTER)
+        _wait("start_run sent", lambda: len(sent("start_run")) == 5, 20, [log])
+        _answer(send, "start_run", {"ok": True, "run_id": "5e5e5e5e-bbbb", "target_wbc": 100, "specimen_id": "H-5"},
+                sent("start_run")[-1].correlation_data)
+        _wait("Stop run", lambda: inside(".stop-run").is_displayed(), 20, [log])
+        inside(".stop-run").click()
+        inside(".stop-run").click()
+        _wait("stop_run sent", lambda: len(sent("stop_run")) == 3, 20, [log])
+        told = ("the run's end could not be kept in the outbox file (see the station's log): its report is sent "
+                "under r5 unless the station stops before storing it; a start after that reports the run under "
+                "another id")
+        _answer(send, "stop_run", {"ok": True, "run_id": "5e5e5e5e-bbbb", "fields": 1, "classified_wbc": 3,
+                                       "target_wbc": 100, "complete": False, "report_id": "r5", "message": told},
+                sent("stop_run")[-1].correlation_data)
+        _wait("the stop's answer", lambda: state().text.startswith("run 5e5e5e5e stopped"), 20, [log])
+        assert state().text == "run 5e5e5e5e stopped: 1 field, 3 of 100 WBC — " + told
+        assert state().get_attribute("data-state") == "held"
 
 
 @pytest.mark.broker
