@@ -788,3 +788,42 @@ def test_a_verified_report_signed_after_the_wall_clock_was_set_back_never_lasts_
     diagnostic = next(e["resource"] for e in report_bundle(signed.report)["entry"]
                       if e["resource"]["resourceType"] == "DiagnosticReport")
     assert diagnostic["effectiveDateTime"] <= diagnostic["issued"]
+
+
+def test_a_signed_report_waiting_to_be_stored_keeps_its_run_among_the_last_closed_until_it_is(run, tmp_path):
+    """verify_run's signed report is kept whole before the answer (answered_verifications): read
+    back as signed with the report its run holds; its run (the oldest of the last 4) is not pruned
+    by a later run's report while it waits, and the signed report's own store takes it from the
+    table (and the run then goes, as its place says)."""
+    from smearscope.service.mqtt.outbox import Outbox
+    from smearscope.service.station.durable import StationState
+    from smearscope.service.station.verifications import keep_verification, waiting_verifications
+
+    def closed_ids() -> list[str]:
+        return [r[0] for r in outbox.read(lambda conn: conn.execute(
+            "SELECT run_id FROM closed_runs ORDER BY rowid").fetchall())]
+
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    try:
+        state = StationState(outbox)
+        reports = {}
+        for i in range(4):
+            store_run(state, outbox, run, f"r{i}")
+            reports[i] = replace(run, run_id=f"r{i}").report(station_id="s", now=5.0 + i, end_reason="stopped")
+            closing_write = state.run_closed(reports[i])
+            outbox.write(lambda conn, w=closing_write: w(conn, []))
+        signed = reports[0].model_copy(update={"report_id": "signed-r0", "verification": Verification(
+            verified_by="Dr A. Okafor", verified_at=20.0, supersedes=reports[0].report_id, typed_cells=0,
+            reclassified=[], left_to_review=3)})
+        assert keep_verification(outbox, signed)
+        (back, holds), = waiting_verifications(StationState(outbox).outbox)  # also after a restart's open
+        assert back == signed and holds == reports[0].report_id
+        store_run(state, outbox, run, "r4")
+        fifth = replace(run, run_id="r4").report(station_id="s", now=10.0, end_reason="stopped")
+        outbox.write(lambda conn: state.run_closed(fifth)(conn, []))
+        assert closed_ids() == ["r0", "r1", "r2", "r3", "r4"]  # r0 waits for its signed report
+        outbox.write(lambda conn: state.run_closed(signed)(conn, []))
+        assert waiting_verifications(outbox) == []
+        assert closed_ids() == ["r1", "r2", "r3", "r4"]
+    finally:
+        outbox.close()
