@@ -1,6 +1,6 @@
 """What a station must remember across a crash, kept in its outbox file beside the messages.
 
-Three tables, each written in the same transaction as the message that changes them
+The tables below, each written in the same transaction as the message that changes them
 (`Outbox.put_many(..., also=...)`), so a message and its state are stored together or not at all,
 and two written at once:
 
