@@ -692,7 +692,7 @@ def test_a_closed_runs_start_and_starter_are_in_its_state_and_in_get_runs_after_
         opened = [s for s in states() if s["state"] == "open" and s["run_id"] == closed["run_id"]]
         assert opened and {s["progress"]["started_at"] for s in opened} == {opened[0]["progress"]["started_at"]}
         started = {"started_at": opened[0]["progress"]["started_at"], "started_by": "command",
-                   "specimen_id": "H-2026-0412"}
+                   "specimen_id": "H-2026-0412", "run_seq": 1}  # the station's first run
         assert all(s["progress"]["specimen_id"] == "H-2026-0412" for s in opened)
         assert isinstance(started["started_at"], float) and opened[0]["progress"]["started_by"] == "command"
         assert closed["progress"] == {"run_id": closed["run_id"], **started, "fields": 2,

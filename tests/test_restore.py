@@ -220,8 +220,8 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
     with 10 fields, the next too, a third is open with 5) and dies. The saved state, restored and
     started past the idle timeout, closes its open run again with the 5 fields it holds (end
     reason restart, a new report id); the station says at ERROR that the broker holds a run its
-    state lacks, open there (no specimen report will come for it), begun after every run the state
-    holds, so the run it closed was reported whole there: that 5-field report is held, not
+    state lacks, open there (no specimen report will come for it), numbered after every run the state
+    numbered (run 3 against its run 1), so the run it closed was reported whole there: that 5-field report is held, not
     received (status counts it parked). Its ordinary restarts say nothing of the kind."""
     inbox = tmp_path / "state" / "inbox"
     inbox.mkdir(parents=True)
@@ -299,7 +299,8 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
         assert f"the broker holds run {runs[1]} of station " in said[0] and "(open, 5 fields, updated " in said[0]
         assert "this station's state does not hold it" in said[0]
         assert f"run {runs[1]} is open there: this station will send no specimen report for it" in said[0]
-        assert f"after every run this station's state holds (the latest, {saved_run}, began at " in said[0], said
+        assert (f"run {runs[1]} is run number 3 of this station, after every run this station's state numbered "
+                f"(the latest, {saved_run}, is number 1; told by run numbers)") in said[0], said
         assert f"the runs it left open ({saved_run}) were closed there and reported" in said[0], said
         assert "are held: parked in the outbox, not sent and not deleted" in said[0], said
 

@@ -566,7 +566,7 @@ def test_get_runs_lists_the_last_closed_runs_newest_first_each_with_its_latest_r
             r = replace(run, run_id=run_id, specimen_id=f"H-{i}" if i % 2 else None)
             feed.run_closed(ClosedRun(run_id, "stopped", 4, run.classified_wbc, 100 + i, final(r, "stopped"), r,
                                       started_at=1_764_660_000.0 + i, started_by="command" if i % 2 else "auto",
-                                      specimen_id=r.specimen_id), None)
+                                      specimen_id=r.specimen_id, run_seq=i + 1), None)
         answer = feed.get_runs()
         newest = ids[::-1][:KEEP_CLOSED_RUNS]
         assert answer["ok"] and answer["omitted"] == 0 and [s["run_id"] for s in answer["runs"]] == newest
@@ -578,7 +578,7 @@ def test_get_runs_lists_the_last_closed_runs_newest_first_each_with_its_latest_r
             assert s["progress"] == {"run_id": s["run_id"], "started_by": "command" if i % 2 else "auto",
                                      "started_at": 1_764_660_000.0 + i, "fields": 4,
                                      "classified_wbc": run.classified_wbc, "target_wbc": 100 + i,
-                                     "specimen_id": f"H-{i}" if i % 2 else None}
+                                     "specimen_id": f"H-{i}" if i % 2 else None, "run_seq": i + 1}
             assert s["report"]["specimen_id"] == s["progress"]["specimen_id"]
         # an older run signed: its entry keeps its place and carries the verified report
         older = newest[2]

@@ -90,6 +90,7 @@ class RunStateWatch:
         self._own: dict[tuple[str, int, object], None] = {}  # in the order stored
         self._resumed: str | None = None  # the run the station took back open at its start
         self._starts: dict[str, float | None] = {}  # when the runs the station's state holds began
+        self._numbers: dict[str, int] = {}  # the runs' numbers the station's state keeps (run id -> number)
         #: held run id -> the later run the broker showed (one the station's state does not hold)
         self.held_after: dict[str, str] = {}
         self._settled = False  # the broker's retained run state heard, or known to be none
@@ -279,13 +280,15 @@ class RunStateWatch:
                     del self._own[next(iter(self._own))]
 
     def known(self, runs: Mapping[str, int], closed_now: Collection[str] = (), resumed: str | None = None,
-              starts: Mapping[str, float | None] | None = None) -> None:
+              starts: Mapping[str, float | None] | None = None, numbers: Mapping[str, int] | None = None) -> None:
         """The runs the station's state holds at its start (run id -> fields), the open one among
         them, those this start closed (left open by the previous process) and the one it took back;
-        `starts`: when each began (run id -> started_at), to tell a run it does not hold as a later one."""
+        `starts`: when each began (run id -> started_at), and `numbers`: every run number the state
+        keeps (run id -> number), to tell a run it does not hold as a later one (run_order)."""
         with self._lock:
             self._known = dict(runs)
             self._starts = dict(starts or {})
+            self._numbers = dict(numbers or {})
             self._closed_now = tuple(closed_now)
             self._resumed = resumed
             self._compare_locked()
@@ -311,15 +314,17 @@ class RunStateWatch:
                 if isinstance(updated, (int, float)) else "at a time not said")
         stale = [r for r in (*self._closed_now, *([self._resumed] if self._resumed else []))
                  if r in known and r != run_id]  # open in the state this start read
-        order = order_of(run_id, state, self._starts) if run_id not in known and known else None
+        order = (order_of(run_id, state, self._starts, self._numbers, self.station_id)
+                 if run_id not in known and known else None)
         if order is not None and order.later is False:
+            clock = (" Were this station's clock set back since that run, it may be the later one"
+                     if order.by == "start times" else "")
             logger.warning(
                 "the broker holds run %s of station %s (%s, %d fields, updated %s), which this station's state does "
                 "not hold, and %s: the broker kept an older run state (a broker restored from an older backup, or "
                 "another station under this id), not one of a station that went on after this state was saved; "
-                "nothing is held. Were this station's clock set back since that run, it may be the later one "
-                "(docs/STATION.md, 'Backing up, restoring and replacing a station')",
-                run_id, self.station_id, state.get("state"), fields, when, order.said)
+                "nothing is held.%s (docs/STATION.md, 'Backing up, restoring and replacing a station')",
+                run_id, self.station_id, state.get("state"), fields, when, order.said, clock)
             return
         self.newer = state
         held = (f"holds it with {known[run_id]} fields" if run_id in known
@@ -348,6 +353,8 @@ class RunStateWatch:
             again += (f"; {began}. Their run states, specimen reports and FHIR Bundles from this state are held: "
                       "parked in the outbox, not sent and not deleted, so a shorter report under a new report id "
                       f"does not follow the one sent (their field messages go on). {release}")
+        elif order is not None:  # no run left open to hold: the order said all the same
+            again += f"; {order.said}"
         logger.error(
             "the broker holds run %s of station %s (%s, %d fields, updated %s) and this station's state %s: the "
             "state is older than what this station id published (restored from an older backup, a new state on a "

@@ -26,7 +26,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -115,7 +115,7 @@ class ClinicFeed:
     def start(self, analyzer: Any, closed: Sequence[ClosedRun],
               load_run: Callable[[str], SpecimenRun | None] | None = None,
               publisher: OutboxPublisher | None = None, announce: Collection[str] = (),
-              tracker: SpecimenTracker | None = None) -> None:
+              tracker: SpecimenTracker | None = None, numbers: Mapping[str, int] | None = None) -> None:
         """The station starts: the analyzer's heads for typing (`attach_wbc_head`), and the runs
         closed before (service.station.durable, oldest first) for verification. With `load_run`
         (`StationState.run_cells`) a closed run's cells are read back when it is verified instead
@@ -128,7 +128,8 @@ class ClinicFeed:
         (SpecimenTracker) resumed, left open by the previous process, publishes its state, open
         (one start_run opened with no field yet: open with none). `closed` may hold runs start_run
         opened that ended without a field (report None): their state, closed with none, is the
-        last one when they closed last."""
+        last one when they closed last. `numbers`: the run numbers the state keeps (run id ->
+        number), to tell a run the broker shows as a later one (service.mqtt.run_order)."""
         self._load_run = load_run
         self.attach_wbc_head(getattr(analyzer, "wbc_head", None), getattr(analyzer, "rbc_head", None))
         progress = tracker.progress() if tracker is not None else None
@@ -146,7 +147,8 @@ class ClinicFeed:
                         closed_now=[r.run_id for r in closed if r.run_id in announce and r.report is not None],
                         resumed=progress.run_id if progress else None,
                         starts={r.run_id: r.started_at for r in closed} | ({progress.run_id: progress.started_at}
-                                                                            if progress else {}))
+                                                                            if progress else {}),
+                        numbers=numbers)
         if self._typing_wanted and self.typed_cells_path.exists():  # said now, not at the first typed cell
             try:
                 TypedCellStore(self.typed_cells_path, read_only=True).close()

@@ -39,10 +39,17 @@ and two written at once:
                    station's own at the next start (service.mqtt.run_watch), and the latest
                    is published again then when no run closed after it (`after_closed`: the
                    newest closed_runs rowid when it ended)
+  run_numbers      each run's number on this station (1, 2, 3, ...), given when it opens
+                   (`number_run`, in its own transaction): the next is one more than the highest
+                   given, which is never deleted (the last `KEEP_RUN_NUMBERS` are kept), so a
+                   restart never gives one again; a state restored from a backup goes on from the
+                   backup's, which is how a start tells the broker's run of a station that went on
+                   after the backup (service.mqtt.run_order)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -91,9 +98,13 @@ _SCHEMA = (
         run_id TEXT PRIMARY KEY, end_reason TEXT NOT NULL, started_at REAL NOT NULL, started_by TEXT NOT NULL,
         target_wbc INTEGER NOT NULL, specimen_id TEXT, after_closed INTEGER NOT NULL)""",
     VERIFICATIONS_SCHEMA,
+    # each run's number on this station (an earlier version ignores the table: its runs have none)
+    """CREATE TABLE IF NOT EXISTS run_numbers (run_id TEXT PRIMARY KEY, number INTEGER NOT NULL UNIQUE)""",
 )
 #: Closed runs whose cells are kept (for verify_run, also after a restart).
 KEEP_CLOSED_RUNS = 4
+#: Run numbers kept (run id -> number); the highest given is always among them.
+KEEP_RUN_NUMBERS = 1000
 #: Inputs remembered at most (a folder's files analysed; older ones cannot come back after days).
 MAX_INPUTS = 100_000
 #: Inputs taken for analysis remembered in memory (StationState.taken), far more than can wait.
@@ -266,7 +277,9 @@ class StationState:
                     raise
                 unreadable[run_id] = " ".join(str(exc).split())
                 runs.pop(run_id, None)
-        return list(runs.values())
+        numbers = self.run_numbers() if runs else {}
+        return [dataclasses.replace(run, run_seq=numbers.get(run.run_id)) if run.run_id in numbers else run
+                for run in runs.values()]
 
     @staticmethod
     def _add_row(runs: dict[str, SpecimenRun], run_id: str, field_id: str, started_at: float, started_by: StartedBy,
@@ -334,9 +347,32 @@ class StationState:
             "SELECT run_id, started_at, started_by, target_wbc, specimen_id FROM started_runs WHERE run_id NOT IN "
             "(SELECT run_id FROM specimen_fields) AND run_id NOT IN (SELECT run_id FROM closed_runs) "
             "ORDER BY started_at").fetchall())
+        numbers = self.run_numbers() if rows else {}
         return [SpecimenRun(target_wbc=int(target), started_at=float(at), started_by=by, run_id=str(run_id),
-                            specimen_id=None if specimen is None else str(specimen))
+                            specimen_id=None if specimen is None else str(specimen), run_seq=numbers.get(str(run_id)))
                 for run_id, at, by, target, specimen in rows]
+
+    def number_run(self, run_id: str) -> int | None:
+        """Run `run_id`'s number on this station (SpecimenTracker.start, as it opens): one more than
+        the highest given, kept at once. None when the write fails (a full disk): the run has no
+        number (a start then tells the order by start times) and none is given twice."""
+        def write(conn: sqlite3.Connection) -> int:
+            conn.execute("INSERT OR IGNORE INTO run_numbers VALUES (?, (SELECT COALESCE(MAX(number), 0) + 1 FROM "
+                         "run_numbers))", (run_id,))
+            conn.execute("DELETE FROM run_numbers WHERE number <= (SELECT MAX(number) FROM run_numbers) - ?",
+                         (KEEP_RUN_NUMBERS,))
+            return int(conn.execute("SELECT number FROM run_numbers WHERE run_id = ?", (run_id,)).fetchone()[0])
+
+        try:
+            return self.outbox.write(write)
+        except (sqlite3.Error, OSError) as exc:
+            logger.warning("run %s: no run number could be kept (%s); it goes without one", run_id, exc)
+            return None
+
+    def run_numbers(self) -> dict[str, int]:
+        """The runs' numbers kept (run id -> number), the highest given among them."""
+        return {str(r): int(n) for r, n in self.outbox.read(lambda conn: conn.execute(
+            "SELECT run_id, number FROM run_numbers").fetchall())}
 
     def run_started(self, run: SpecimenRun) -> None:
         """start_run opened `run` (on the analysis thread): kept at once, so a restart before its
@@ -380,8 +416,9 @@ class StationState:
         rows = self.outbox.read(lambda conn: conn.execute(
             "SELECT run_id, end_reason, started_at, started_by, target_wbc, specimen_id, after_closed, "
             "(SELECT COALESCE(MAX(rowid), 0) FROM closed_runs) FROM runs_without_fields ORDER BY rowid").fetchall())
+        numbers = self.run_numbers() if rows else {}
         runs = [ClosedRun(str(run_id), reason, 0, 0, int(target), None, None, float(at), by,
-                          None if specimen is None else str(specimen))
+                          None if specimen is None else str(specimen), numbers.get(str(run_id)))
                 for run_id, reason, at, by, target, specimen, _, _ in rows]
         return runs, bool(rows) and rows[-1][6] >= rows[-1][7]
 
@@ -435,6 +472,7 @@ class StationState:
         rows = self.outbox.read(lambda conn: conn.execute(
             "SELECT run_id, end_reason, report FROM closed_runs ORDER BY rowid").fetchall())
         out = []
+        numbers = self.run_numbers() if rows else {}
         for run_id, end_reason, text in rows:
             if run_id not in runs:
                 continue
@@ -447,5 +485,5 @@ class StationState:
             classified = run.classified_wbc if run is not None else sum(
                 s.count for s in report.wbc_differential if s.label != UNIDENTIFIED)
             out.append(ClosedRun(run_id, end_reason, fields, classified, target, report, run, started_at, started_by,
-                                 report.specimen_id))
+                                 report.specimen_id, numbers.get(run_id)))
         return out

@@ -1,11 +1,13 @@
-"""How a specimen run starts and ends (`StartedBy`, `EndReason`) and its open progress
-(`RunProgress`, frozen): the words service.station.specimen's runs, the live run state, the
-status command and the outbox file's runs share."""
+"""How a specimen run starts and ends (`StartedBy`, `EndReason`), its open progress
+(`RunProgress`, frozen) and a run that ended (`ClosedRun`): the words service.station.specimen's
+runs, the live run state, the status command and the outbox file's runs share."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from smearscope.service.analysis.report import Report
 
 #: "restart": the run was left open by a process that crashed (or could not store its report at
 #: stop), and the next start closed it from the outbox database (service.station.durable) rather
@@ -34,8 +36,42 @@ class RunProgress:
     target_wbc: int
     #: The lab's identifier of the specimen, as start_run gave it (None: none given).
     specimen_id: str | None = None
+    #: The run's number on this station (1, 2, 3, ...; service.station.durable); None where it has none.
+    run_seq: int | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {"run_id": self.run_id, "started_by": self.started_by, "started_at": self.started_at,
                 "fields": self.fields, "classified_wbc": self.classified_wbc,
-                "target_wbc": self.target_wbc, "specimen_id": self.specimen_id}
+                "target_wbc": self.target_wbc, "specimen_id": self.specimen_id, "run_seq": self.run_seq}
+
+
+@dataclass(frozen=True)
+class ClosedRun:
+    """A run that ended; `report` is None when it ended without a single field."""
+
+    run_id: str
+    end_reason: EndReason
+    fields: int
+    classified_wbc: int
+    target_wbc: int
+    report: Report | None
+    #: The run's cells, for a technician's verification (service.station.commands, verify_run): a
+    #: service.station.specimen.SpecimenRun (typed Any here: that module imports this one).
+    run: Any = field(default=None, compare=False, repr=False)
+    #: When the run started (Unix time) and who started it, as its open states said; None where
+    #: not known.
+    started_at: float | None = None
+    started_by: StartedBy | None = None
+    specimen_id: str | None = None
+    #: The run's number on this station (1, 2, 3, ...; service.station.durable); None where it has none.
+    run_seq: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.end_reason == "target_reached"
+
+    def progress(self) -> dict[str, object]:
+        """The closed run's `progress` in its run state and in `get_runs` (an open run's keys)."""
+        return {"run_id": self.run_id, "started_by": self.started_by, "started_at": self.started_at,
+                "fields": self.fields, "classified_wbc": self.classified_wbc, "target_wbc": self.target_wbc,
+                "specimen_id": self.specimen_id, "run_seq": self.run_seq}

@@ -38,12 +38,11 @@ from smearscope.service.analysis.report import (
 )
 from smearscope.service.analysis.specimen_scale import SpecimenScale
 from smearscope.service.config import SpecimenConfig
-from smearscope.service.station.run_records import EndReason, RunProgress, StartedBy
+from smearscope.service.station.run_records import ClosedRun, EndReason, RunProgress, StartedBy
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = AggregateThresholds()
-
 
 
 class RunAlreadyOpen(RuntimeError):
@@ -130,6 +129,8 @@ class SpecimenRun:
     run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     #: The lab's identifier of the specimen (start_run's specimen_id; None: none given).
     specimen_id: str | None = None
+    #: Its number on this station (1, 2, 3, ...), given as it opened (service.station.durable); None: none.
+    run_seq: int | None = None
     field_ids: list[str] = field(default_factory=list)
     cells: list[ClassifiedCell] = field(default_factory=list)
     records: list[CellRecord] = field(default_factory=list)
@@ -267,35 +268,6 @@ class SpecimenRun:
         )
 
 
-@dataclass(frozen=True)
-class ClosedRun:
-    """A run that ended; `report` is None when it ended without a single field."""
-
-    run_id: str
-    end_reason: EndReason
-    fields: int
-    classified_wbc: int
-    target_wbc: int
-    report: Report | None
-    #: The run's cells, for a technician's verification (service.station.commands, verify_run).
-    run: SpecimenRun | None = field(default=None, compare=False, repr=False)
-    #: When the run started (Unix time) and who started it, as its open states said; None where
-    #: not known.
-    started_at: float | None = None
-    started_by: StartedBy | None = None
-    specimen_id: str | None = None
-
-    @property
-    def complete(self) -> bool:
-        return self.end_reason == "target_reached"
-
-    def progress(self) -> dict[str, object]:
-        """The closed run's `progress` in its run state and in `get_runs` (an open run's keys)."""
-        return {"run_id": self.run_id, "started_by": self.started_by, "started_at": self.started_at,
-                "fields": self.fields, "classified_wbc": self.classified_wbc, "target_wbc": self.target_wbc,
-                "specimen_id": self.specimen_id}
-
-
 class SpecimenTracker:
     """At most one open run, started and ended by the policy; mutated by a single thread."""
 
@@ -323,6 +295,8 @@ class SpecimenTracker:
         self.fields_outside_runs = 0
         self._outside_said = False  # said once until a run opens
         self._checks_claimed: tuple[str | None, int] = (None, 0)  # calibration checks handed to a run
+        #: Gives an opening run its number on this station (StationState.number_run; None: none).
+        self.number_run: Callable[[str], int | None] | None = None
 
     @property
     def policy(self) -> SpecimenPolicy:
@@ -345,7 +319,7 @@ class SpecimenTracker:
             if run is None:
                 return None
             return RunProgress(run.run_id, run.started_by, run.started_at, len(run.field_ids),
-                               run.classified_wbc, run.target_wbc, run.specimen_id)
+                               run.classified_wbc, run.target_wbc, run.specimen_id, run.run_seq)
 
     def claim_calibration_check(self, run_id: str | None) -> bool:
         """Whether a calibrated field handed to run `run_id` (`run_for_next_field`) checks its calibration
@@ -397,6 +371,8 @@ class SpecimenTracker:
                 raise ValueError("target_wbc must be >= 1")
             self._run = SpecimenRun(target_wbc=target, started_at=self._clock(),
                                     started_by=started_by, specimen_id=specimen_id)
+            if self.number_run is not None:  # kept before the run is used anywhere: never given twice
+                self._run.run_seq = self.number_run(self._run.run_id)
             self._active_at = self._opened_at = self._idle_clock()
             self._outside_said = False
             logger.info("specimen run %s started (%s, target %d WBC)",
@@ -497,4 +473,4 @@ class SpecimenTracker:
                     run.run_id, end_reason, len(run.field_ids), run.classified_wbc,
                     run.target_wbc, "" if report else "; no fields, no report")
         return ClosedRun(run.run_id, end_reason, len(run.field_ids), run.classified_wbc,
-                         run.target_wbc, report, run, run.started_at, run.started_by, run.specimen_id)
+                         run.target_wbc, report, run, run.started_at, run.started_by, run.specimen_id, run.run_seq)

@@ -117,13 +117,14 @@ class StationWorkers(ReportWriter):
         first (each producer checks that its consumer lives)."""
         self.source, self.analyzer, self.publisher = source, analyzer, publisher
         self.state = StationState(publisher.outbox)
+        self.tracker.number_run = self.state.number_run  # each run's number, kept as it opens
         left_open = list(self._close_runs_left_open())
         if self.clinic is not None:  # typing needs the heads; verification the runs closed before
             closed = self.state.closed_runs(cells=False)
             without_fields, latest = self.state.runs_without_fields()  # start_run's ended with no field
             closed = closed + without_fields if latest else without_fields + closed  # the last run closed last
             self.clinic.start(analyzer, closed, self.state.run_cells, publisher, announce=left_open,
-                              tracker=self.tracker)
+                              tracker=self.tracker, numbers=self.state.run_numbers())
             self.clinic.live.defer = self._defer_live  # from now on behind what each state counts
         for name, target in (("report-writer", self._report_loop),
                              ("analysis", self._analysis_loop), ("capture", self._capture_loop)):
