@@ -1,7 +1,9 @@
 """A stand-in for the `tensorrt` module, to run `engines.tensorrt_engine` where TensorRT is absent.
 
 NOT TensorRT. It answers the TensorRT 10 Python calls that `TensorRtEngine` makes (Runtime,
-deserialize_cuda_engine, named I/O tensors, one optimisation profile, set_tensor_address,
+deserialize_cuda_engine, named I/O tensors, optimisation profiles (identical, one per lane; as
+TensorRT 10 documents, a profile is held by one execution context at a time, so a second context
+choosing a held one is refused), set_tensor_address,
 set_input_shape, execute_async_v3 on a stream handle, get_tensor_shape) and executes the ONNX
 network itself, reading its input from, and writing its outputs to, the addresses the engine
 bound, so every buffer, copy, lane and stream of the real backend is exercised:
@@ -28,6 +30,7 @@ import enum
 import json
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,6 +87,7 @@ class ICudaEngine:
         self.tensors = [*spec["inputs"], *spec["outputs"]]
         self._by_name = {t["name"]: t for t in self.tensors}
         self.executor = _make_executor(spec)
+        self.contexts: weakref.WeakSet[IExecutionContext] = weakref.WeakSet()  # live ones
 
     @property
     def num_io_tensors(self) -> int:
@@ -101,13 +105,22 @@ class ICudaEngine:
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._by_name[name]["shape"])
 
+    @property
+    def num_optimization_profiles(self) -> int:
+        return int(self.spec["profiles"])
+
     def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
-        if profile != 0:
-            raise IndexError("one optimisation profile")
+        if not 0 <= profile < self.num_optimization_profiles:
+            raise IndexError(f"profile {profile} of {self.num_optimization_profiles}")
         return [tuple(s) for s in self.spec["profile"][name]]
 
     def create_execution_context(self) -> IExecutionContext:
-        return IExecutionContext(self)
+        ctx = IExecutionContext(self)
+        # as TensorRT: the first context takes profile 0 implicitly; later ones must choose another
+        if not any(c.profile == 0 for c in self.contexts):
+            ctx.profile = 0
+        self.contexts.add(ctx)
+        return ctx
 
 
 class IExecutionContext:
@@ -115,12 +128,17 @@ class IExecutionContext:
         self.engine = engine
         self.addresses: dict[str, int] = {}
         self.input_shapes: dict[str, tuple[int, ...]] = {}
-        self.profile_set = False
+        self.profile: int | None = None
         self.executed: list[tuple[int, ...]] = []  # input shapes of every execute_async_v3, in order
 
     def set_optimization_profile_async(self, index: int, stream_handle: int) -> bool:
-        self.profile_set = index == 0
-        return self.profile_set
+        e = self.engine
+        if not 0 <= index < e.num_optimization_profiles or any(
+                c is not self and c.profile == index for c in e.contexts):
+            return False  # TensorRT: "profile index ... already chosen by another context"
+        self.profile = index
+        self.input_shapes.clear()
+        return True
 
     def set_tensor_address(self, name: str, address: int) -> bool:
         if name not in self.engine._by_name or not address:
@@ -129,7 +147,9 @@ class IExecutionContext:
         return True
 
     def set_input_shape(self, name: str, shape) -> bool:
-        lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
+        if self.profile is None:
+            return False
+        lo, _, hi = self.engine.get_tensor_profile_shape(name, self.profile)
         shape = tuple(int(d) for d in shape)
         if len(shape) != len(lo) or any(not a <= d <= b for a, d, b in zip(lo, shape, hi)):
             return False
@@ -144,7 +164,7 @@ class IExecutionContext:
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         e = self.engine
-        if not self.profile_set or set(self.addresses) != set(e._by_name) or set(self.input_shapes) != set(e.spec["profile"]):
+        if self.profile is None or set(self.addresses) != set(e._by_name) or set(self.input_shapes) != set(e.spec["profile"]):
             return False  # as TensorRT: unbound tensors or unset shapes fail the call
         ins = {n: (self.addresses[n], s) for n, s in self.input_shapes.items()}
         outs = {t["name"]: (self.addresses[t["name"]], self.get_tensor_shape(t["name"])) for t in e.spec["outputs"]}
@@ -227,8 +247,9 @@ class _TorchExecutor:
 # engine files ----------------------------------------------------------------------------------
 
 def write_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", executor: str = "onnxruntime",
-                 sleep_cycles: int = 0) -> Path:
-    """Write the stand-in "engine" for a manifest where `TensorRtEngine` looks for one."""
+                 sleep_cycles: int = 0, lanes: int = 2, profiles: int | None = None) -> Path:
+    """Write the stand-in "engine" for a manifest where `TensorRtEngine` with `lanes` looks for one,
+    with `profiles` optimisation profiles (default: one per lane, as `smearscope build-engines`)."""
     manifest_path = Path(manifest_path)
     m = load_manifest(manifest_path)
     spec = {
@@ -240,8 +261,9 @@ def write_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
         "inputs": [{"name": t.name, "shape": list(t.shape)} for t in m.inputs],
         "outputs": [{"name": t.name, "shape": list(t.shape)} for t in m.outputs],
         "profile": {k: [list(s) for s in v] for k, v in profile_shapes(m).items()},
+        "profiles": lanes if profiles is None else profiles,
     }
-    path = engine_path(Path(cache_dir), m, __version__, precision)
+    path = engine_path(Path(cache_dir), m, __version__, precision, lanes)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(spec))
     return path

@@ -1,4 +1,4 @@
-"""TensorRT 10 backend: named tensors, one optimisation profile, `execute_async_v3` on explicit
+"""TensorRT 10 backend: named tensors, one optimisation profile per lane, `execute_async_v3` on explicit
 CUDA streams, pinned host buffers sized to the profile's maximum batch.
 
 TensorRT itself has NOT RUN anywhere in this project (it cannot be installed on the development
@@ -9,9 +9,11 @@ stream in `bench.device_check` on an H200), this class ran with real pinned memo
 buffers, streams and asynchronous copies through both CUDA APIs (`engines.cuda_api`). See
 docs/RESULTS.md, "What was verified on which hardware".
 
-Concurrency: the engine holds `lanes` execution contexts, each with its own CUDA stream and its own
-pinned/device buffers. `run()` borrows a free lane, so two threads (e.g. the RBC and WBC heads of
-two fields) overlap on the GPU without sharing buffers.
+Concurrency: the engine holds `lanes` execution contexts, each with its own CUDA stream, its own
+pinned/device buffers and its own optimisation profile (the engine is built with one identical
+profile per lane: TensorRT 10 requires each execution context in concurrent use on a dynamic-shape
+engine to use a separate profile). `run()` borrows a free lane, so two threads (e.g. the RBC and
+WBC heads of two fields) overlap on the GPU without sharing buffers or a profile.
 """
 
 from __future__ import annotations
@@ -71,9 +73,10 @@ class TensorRtEngine(Engine):
         if int(trt.__version__.split(".")[0]) < 10:
             raise EngineError(f"TensorRT {trt.__version__} is too old: this backend needs TensorRT 10 "
                               "(JetPack 6.1 or later); use engine_backend 'onnxruntime'")
-        path = engine_path(self.cache_dir, self.manifest, trt.__version__, self.precision)
+        path = engine_path(self.cache_dir, self.manifest, trt.__version__, self.precision, self.n_lanes)
         if not path.exists():
-            raise EngineError(f"no TensorRT engine at {path}; build it first: smearscope build-engines")
+            raise EngineError(f"no TensorRT engine at {path}; build it first: smearscope build-engines "
+                              f"--precision {self.precision} --lanes {self.n_lanes}")
         choice = self._cuda_choice
         self.cuda = choice if isinstance(choice, CudaApi) else cuda_api(choice, self.device_index)
         try:
@@ -97,18 +100,24 @@ class TensorRtEngine(Engine):
         if missing:
             raise EngineError(f"{path}: engine lacks tensors {sorted(missing)}")
         inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        for _ in range(self.n_lanes):
+        profiles = self._engine.num_optimization_profiles
+        if profiles < self.n_lanes:
+            raise EngineError(f"{path}: built with {profiles} optimisation profile(s), {self.n_lanes} lanes need "
+                              f"one each; rebuild it: smearscope build-engines --lanes {self.n_lanes}")
+        for index in range(self.n_lanes):
             ctx = self._engine.create_execution_context()
             if ctx is None:
                 raise EngineError(f"{path}: TensorRT could not create an execution context (device memory?)")
             stream = self.cuda.stream()
             lane = _Lane(ctx, stream, {})
             self._all_lanes.append(lane)
-            ctx.set_optimization_profile_async(0, stream.handle)
+            # lane i holds profile i alone: contexts in concurrent use may not share one
+            if not ctx.set_optimization_profile_async(index, stream.handle):
+                raise EngineError(f"{path}: TensorRT refused optimisation profile {index} for lane {index}")
             # size every buffer for the profile's largest input: outputs from the shapes TensorRT
             # infers for it (so not only the batch axis may vary)
             for name in inputs:
-                if not ctx.set_input_shape(name, self._engine.get_tensor_profile_shape(name, 0)[2]):
+                if not ctx.set_input_shape(name, self._engine.get_tensor_profile_shape(name, index)[2]):
                     raise EngineError(f"{path}: TensorRT refused the profile maximum of {name!r}")
             for name in names:
                 shape = tuple(int(d) for d in ctx.get_tensor_shape(name))

@@ -117,15 +117,18 @@ def _make_calibrator(trt, batches: Iterator[np.ndarray], batch_size: int, cache:
 
 
 def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", calibration_dir: Path | None = None,
-                 cuda: CudaApi | None = None) -> Path:
-    """Build (or find) the engine of one model. INT8 needs `cuda` for the calibrator's buffer."""
+                 cuda: CudaApi | None = None, lanes: int = 2) -> Path:
+    """Build (or find) the engine of one model for `lanes` execution contexts: one identical
+    optimisation profile each (TensorRT 10: contexts in concurrent use on a dynamic-shape engine
+    may not share a profile). INT8 needs `cuda` for the calibrator's buffer."""
     import tensorrt as trt
 
     manifest = load_manifest(manifest_path)
     onnx_path = manifest.model_path(manifest_path)
-    out = engine_path(cache_dir, manifest, trt.__version__, precision)
+    out = engine_path(cache_dir, manifest, trt.__version__, precision, lanes)
     calib_cache = out.with_suffix(".calib")
-    logger.info("equivalent: %s", trtexec_command(manifest, onnx_path, out, precision, calib_cache))
+    logger.info("equivalent for one lane: %s", trtexec_command(
+        manifest, onnx_path, engine_path(cache_dir, manifest, trt.__version__, precision, 1), precision, calib_cache))
     if out.exists():
         logger.info("engine %s already built", out.name)
         return out
@@ -139,10 +142,13 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
         raise RuntimeError(f"ONNX parse failed for {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    profile = builder.create_optimization_profile()
-    for name, (mn, opt, mx) in profile_shapes(manifest).items():
-        profile.set_shape(name, mn, opt, mx)
-    config.add_optimization_profile(profile)
+    profiles = []
+    for _ in range(lanes):  # identical; profile i serves lane i of engines.tensorrt_engine
+        profile = builder.create_optimization_profile()
+        for name, (mn, opt, mx) in profile_shapes(manifest).items():
+            profile.set_shape(name, mn, opt, mx)
+        config.add_optimization_profile(profile)
+        profiles.append(profile)
     if precision in ("fp16", "int8") and builder.platform_has_fast_fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     if precision == "int8":
@@ -155,7 +161,7 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
             raise RuntimeError("INT8 calibration needs a CUDA API (pycuda or cuda-python)")
         calibrator = _make_calibrator(trt, batches, bs, calib_cache, cuda)
         config.int8_calibrator = calibrator
-        config.set_calibration_profile(profile)
+        config.set_calibration_profile(profiles[0])
     try:
         serialized = builder.build_serialized_network(network, config)
     finally:
@@ -169,7 +175,7 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
 
 
 def build_all(models_dir: Path, cache_dir: Path, precision: str = "fp16", calibration_dir: Path | None = None,
-              cuda: str = "auto") -> int:
+              cuda: str = "auto", lanes: int = 2) -> int:
     try:
         import tensorrt as trt
         # only INT8 calibration copies batches to the GPU itself
@@ -191,6 +197,6 @@ def build_all(models_dir: Path, cache_dir: Path, precision: str = "fp16", calibr
     with api.current() if api else contextlib.nullcontext():
         for name in MANIFESTS:
             sub = calibration_dir / Path(name).stem if calibration_dir else None
-            path = build_engine(models_dir / name, cache_dir, precision, sub, cuda=api)
+            path = build_engine(models_dir / name, cache_dir, precision, sub, cuda=api, lanes=lanes)
             print(path)
     return 0

@@ -48,9 +48,10 @@ def test_tensorrt_backend_absent_here_fails_clearly(tmp_path):
 @needs_models
 def test_trt_cache_key_changes_with_version_hash_precision():
     m = load_manifest(MODELS / "rbc_head.json")
-    a = engine_filename(m, "10.3.0", "fp16")
+    a = engine_filename(m, "10.3.0", "fp16", 2)
     assert m.sha256[:12] in a and "trt10.3.0" in a and "fp16" in a
-    assert a != engine_filename(m, "10.4.0", "fp16") != engine_filename(m, "10.3.0", "int8")
+    assert a != engine_filename(m, "10.4.0", "fp16", 2) != engine_filename(m, "10.3.0", "int8", 2)
+    assert a != engine_filename(m, "10.3.0", "fp16", 1)  # one optimisation profile per lane
     shapes = profile_shapes(m)
     (mn, opt, mx), = shapes.values()
     assert mn[0] == m.batch.min and opt[0] == m.batch.opt and mx[0] == m.batch.max
@@ -363,10 +364,10 @@ def test_trt_cache_key_refuses_unknown_precisions_and_follows_the_profile_maximu
     engine built for the old one."""
     m = load_manifest(MODELS / "rbc_head.json")
     with pytest.raises(ValueError, match="precision"):
-        engine_filename(m, "10.3.0", "fp8")
+        engine_filename(m, "10.3.0", "fp8", 2)
     wider = m.model_copy(update={"batch": BatchProfile(min=1, opt=m.batch.opt, max=2 * m.batch.max)})
-    assert engine_filename(wider, "10.3.0", "fp16") != engine_filename(m, "10.3.0", "fp16")
-    assert engine_filename(wider, "10.3.0", "fp16").endswith(f"-b{2 * m.batch.max}.engine")
+    assert engine_filename(wider, "10.3.0", "fp16", 2) != engine_filename(m, "10.3.0", "fp16", 2)
+    assert engine_filename(wider, "10.3.0", "fp16", 2).endswith(f"-b{2 * m.batch.max}.engine")
 
 
 @needs_models

@@ -37,7 +37,7 @@ def standin():
 
 
 def _engine(tmp_path, name="rbc_head", lanes=2, api=None):
-    trt_standin.write_engine(MODELS / f"{name}.json", tmp_path)
+    trt_standin.write_engine(MODELS / f"{name}.json", tmp_path, lanes=lanes)
     api = api or HostCudaApi()
     return TensorRtEngine(MODELS / f"{name}.json", cache_dir=tmp_path, cuda=api, lanes=lanes).load(), api
 
@@ -106,6 +106,33 @@ def test_threads_on_two_lanes_each_get_their_own_results(tmp_path):
     assert wrong == []
     assert sum(len(lane.context.executed) for lane in eng._all_lanes) == 24
     eng.close()
+
+
+def test_each_lane_holds_its_own_optimisation_profile(tmp_path):
+    """TensorRT 10: execution contexts in concurrent use on a dynamic-shape engine may not share an
+    optimisation profile. The engine is built with one per lane, and lane i takes profile i; a
+    second context choosing profile 0 is refused (the stand-in refuses it as TensorRT does)."""
+    eng, api = _engine(tmp_path, "rbc_head", lanes=3)
+    assert sorted(lane.context.profile for lane in eng._all_lanes) == [0, 1, 2]
+    for lane in eng._all_lanes:  # every lane runs, on its own profile
+        with api.current():
+            got = eng._run_lane(lane, _x(eng, 5, lane.context.profile))["logits"]
+        assert got.shape[0] == 5 and lane.context.executed == [(5, *eng.manifest.inputs[0].shape[1:])]
+    eng.close()
+
+
+def test_an_engine_built_for_fewer_lanes_is_refused_with_the_rebuild_command(tmp_path):
+    trt_standin.write_engine(MODELS / "rbc_head.json", tmp_path, lanes=2, profiles=1)
+    api = HostCudaApi()
+    with pytest.raises(EngineError, match=r"1 optimisation profile.*build-engines --lanes 2"):
+        TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=api, lanes=2).load()
+    assert (api.live, api.pinned_live, api.streams_live) == ({}, set(), 0)
+
+
+def test_an_engine_built_for_other_lanes_is_not_loaded(tmp_path):
+    trt_standin.write_engine(MODELS / "rbc_head.json", tmp_path, lanes=1)
+    with pytest.raises(EngineError, match="build-engines --precision fp16 --lanes 2"):
+        TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=HostCudaApi(), lanes=2).load()
 
 
 def test_close_frees_every_buffer_and_stream_and_the_engine_reloads(tmp_path):

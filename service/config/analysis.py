@@ -276,8 +276,9 @@ class AnalysisConfig(StationBaseModel):
         ge=1,
         le=8,
         title="TensorRT lanes per model",
-        description="Execution contexts per model, each with its own CUDA stream and buffers, so "
-        "that batches from two threads overlap on the GPU; engine_backend 'tensorrt' only.",
+        description="Execution contexts per model, each with its own CUDA stream, buffers and "
+        "optimisation profile, so that batches from two threads overlap on the GPU; the engines must "
+        "be built for it (`smearscope build-engines --lanes N`); engine_backend 'tensorrt' only.",
     )
     cuda_api: Literal["auto", "pycuda", "cuda-python"] = Field(
         default="auto",

@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8"],
                    help="default fp16; int8 needs --calibration (or a saved calibration cache)")
     b.add_argument("--calibration", type=Path, default=None, help="folder of canonical tiles/crops for INT8")
+    b.add_argument("--lanes", type=int, default=2, choices=range(1, 9), metavar="1-8",
+                   help="the station's analysis.tensorrt_lanes (default 2): one optimisation profile "
+                   "per lane, since TensorRT contexts running at once may not share one")
     b.add_argument("--cuda-api", default="auto", choices=["auto", "pycuda", "cuda-python"],
                    help="CUDA binding for the INT8 calibrator's buffer (auto: pycuda, else cuda-python)")
     b.set_defaults(func=_lazy("artifacts", "cmd_build_engines"))

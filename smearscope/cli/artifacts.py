@@ -35,4 +35,4 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
     cache = args.cache if args.cache is not None else args.models / "engines"
     return build_all(args.models, cache, precision=args.precision, calibration_dir=args.calibration,
-                     cuda=args.cuda_api)
+                     cuda=args.cuda_api, lanes=args.lanes)
