@@ -1,4 +1,11 @@
-"""ONNX Runtime backend: CPU here; CUDA / TensorRT execution providers when the build has them."""
+"""ONNX Runtime backend: CPU here; the CUDA execution provider when the build has it.
+
+ONNX Runtime's TensorRT execution provider is never chosen by default, though the Jetson's
+onnxruntime-gpu has it: without an engine cache and fixed profile shapes it builds a TensorRT
+engine per model at every start (minutes on a Jetson) and again whenever a batch outgrows the
+shapes it has seen. TensorRT is the `tensorrt` backend's job (engines built once, by
+`smearscope build-engines`); pass `providers` to ask for the provider anyway.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from smearscope.engines.base import Engine, EngineError, PartCallback
 
 logger = logging.getLogger(__name__)
 
-PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 #: Most split sessions "auto" makes (one per core up to this).
 MAX_AUTO_SESSIONS = 4
 #: Inputs a split session runs at a time where the caller takes rows as they are ready (run_parts).

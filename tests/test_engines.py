@@ -209,6 +209,35 @@ def test_the_stations_onnxruntime_threading_reaches_every_session(spin, threads,
 
 
 @needs_models
+def test_onnxruntime_never_picks_its_tensorrt_provider_unasked(monkeypatch):
+    """The Jetson's onnxruntime-gpu lists TensorrtExecutionProvider; taken by default, it would build
+    a TensorRT engine per model at every start and on every batch larger than any seen. Here the
+    installed ONNX Runtime is told it has the Jetson's providers: the session is asked for CUDA,
+    then the CPU, never TensorRT (this build lacks CUDA, so it runs on the CPU, as it would say)."""
+    import onnxruntime as ort
+
+    from smearscope.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    jetson = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(jetson))
+    asked: list[list[str]] = []
+    real_session = ort.InferenceSession
+
+    def session(path, sess_options=None, providers=None):
+        asked.append(list(providers))
+        return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    engine = OnnxRuntimeEngine(MODELS / "rbc_head.json", sessions=1).load()
+    try:
+        assert asked == [["CUDAExecutionProvider", "CPUExecutionProvider"]]
+        x = np.zeros((2, *engine.manifest.inputs[0].shape[1:]), np.float32)
+        assert engine.run(x)["logits"].shape[0] == 2
+    finally:
+        engine.close()
+
+
+@needs_models
 def test_run_batched_on_no_inputs_gives_empty_outputs_of_the_manifests_shapes():
     """A field without crops: every output has no rows and the manifest's other axes; an axis the
     manifest leaves open (-1) has no size to give, so it is empty too."""
