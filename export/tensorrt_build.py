@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def _make_calibrator(trt, batches: Iterator[np.ndarray], batch_size: int, cache:
             return cache.read_bytes() if cache.exists() else None
 
         def write_calibration_cache(self, data) -> None:
-            cache.write_bytes(bytes(data))
+            _write_whole(cache, bytes(data))
 
         def release(self) -> None:
             if self.device is not None:
@@ -114,6 +115,20 @@ def _make_calibrator(trt, batches: Iterator[np.ndarray], batch_size: int, cache:
             cuda.destroy_stream(self.stream)
 
     return EntropyCalibrator()
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write under `path` only once all of `data` is on disk: a write cut short (disk full, power
+    lost) leaves no file there that the next build would take for a built engine."""
+    part = path.with_name(path.name + ".partial")
+    try:
+        with open(part, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", calibration_dir: Path | None = None,
@@ -169,7 +184,7 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
             calibrator.release()
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build {out.name}")
-    out.write_bytes(bytes(serialized))
+    _write_whole(out, bytes(serialized))
     logger.info("built %s (%d bytes)", out, out.stat().st_size)
     return out
 

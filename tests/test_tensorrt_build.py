@@ -1,4 +1,5 @@
-"""Pure parts of the TensorRT builder (the build itself needs a Jetson: see README)."""
+"""The TensorRT builder: pure parts, and what `build_engine` asks TensorRT for and writes, with a
+recording stand-in for the builder (the build itself needs a Jetson: see README)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,117 @@ def test_build_all_on_missing_or_broken_models_says_which_without_a_traceback(tm
     out = capsys.readouterr().out
     assert "sha256 of wbc_head.onnx does not match" in out, out
     assert not (tmp_path / "engines").exists()  # nothing built before the check
+
+
+class _RecordingTrt:
+    """NOT TensorRT: the builder calls `build_engine` makes, recorded; its "engine" is `size` bytes.
+    It checks what the builder asks TensorRT for, not what TensorRT would build."""
+
+    __version__ = "10.3.0"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            pass
+
+    class MemoryPoolType:
+        WORKSPACE = "workspace"
+
+    class BuilderFlag:
+        FP16, INT8 = "fp16", "int8"
+
+    def __init__(self, size: int = 1 << 20) -> None:
+        self.size = size
+        self.profiles: list[dict] = []
+        self.flags: list[str] = []
+        trt = self
+
+        class Profile(dict):
+            def set_shape(self, name, mn, opt, mx):
+                self[name] = (tuple(mn), tuple(opt), tuple(mx))
+
+        class Config:
+            def set_memory_pool_limit(self, pool, nbytes):
+                pass
+
+            def add_optimization_profile(self, profile):
+                trt.profiles.append(profile)
+                return len(trt.profiles) - 1
+
+            def set_flag(self, flag):
+                trt.flags.append(flag)
+
+        class Builder:
+            platform_has_fast_fp16 = True
+
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return object()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return bytes(range(256)) * (trt.size // 256)
+
+        class OnnxParser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse(self, data):
+                return True
+
+        self.Builder, self.OnnxParser = Builder, OnnxParser
+
+
+def test_build_engine_asks_for_one_identical_profile_per_lane(tmp_path, monkeypatch):
+    import sys
+
+    from smearscope.engines.manifest import load_manifest
+    from smearscope.engines.trt_cache import profile_shapes
+    from smearscope.export.tensorrt_build import build_engine
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    trt = _RecordingTrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    out = build_engine(DEFAULT_MODELS_DIR / "rbc_head.json", tmp_path, "fp16", lanes=3)
+    want = profile_shapes(load_manifest(DEFAULT_MODELS_DIR / "rbc_head.json"))
+    assert trt.profiles == [want] * 3 and trt.flags == ["fp16"]
+    assert "-l3-" in out.name and out.stat().st_size == trt.size
+
+
+def test_an_engine_write_cut_short_is_not_taken_for_a_built_engine(tmp_path, monkeypatch):
+    """A build whose engine file could not be written whole (the disk full, here a file size limit
+    of 64 KiB, a real write failure) must leave no file under the engine's name: the next
+    build-engines saw one, said "already built", and the station failed to load it for good."""
+    import resource
+    import signal
+    import sys
+
+    from smearscope.export.tensorrt_build import build_engine
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    trt = _RecordingTrt(size=1 << 20)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    manifest = DEFAULT_MODELS_DIR / "rbc_head.json"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))
+    try:
+        with pytest.raises(OSError):
+            build_engine(manifest, tmp_path, "fp16", lanes=2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert not list(tmp_path.glob("*.engine"))
+    out = build_engine(manifest, tmp_path, "fp16", lanes=2)  # the next run builds it whole
+    assert out.stat().st_size == trt.size
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
