@@ -166,6 +166,8 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
         profiles.append(profile)
     if precision in ("fp16", "int8") and builder.platform_has_fast_fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "fp16":  # built, and named, as asked: the station loads it by that name
+        logger.warning("%s: this GPU has no fast FP16; the engine named fp16 runs in FP32", out.name)
     if precision == "int8":
         if calibration_dir is None and not calib_cache.exists():
             raise RuntimeError("INT8 needs --calibration (a folder of canonical tiles/crops) or a saved cache")

@@ -203,3 +203,17 @@ def test_an_engine_write_cut_short_is_not_taken_for_a_built_engine(tmp_path, mon
     out = build_engine(manifest, tmp_path, "fp16", lanes=2)  # the next run builds it whole
     assert out.stat().st_size == trt.size
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_an_fp16_build_on_a_gpu_without_fast_fp16_says_it_runs_in_fp32(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from smearscope.export.tensorrt_build import build_engine
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    trt = _RecordingTrt()
+    trt.Builder.platform_has_fast_fp16 = False
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    with caplog.at_level("WARNING", logger="smearscope.export.tensorrt_build"):
+        build_engine(DEFAULT_MODELS_DIR / "rbc_head.json", tmp_path, "fp16", lanes=1)
+    assert trt.flags == [] and "no fast FP16; the engine named fp16 runs in FP32" in caplog.text
