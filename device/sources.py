@@ -240,7 +240,13 @@ def _open_capture(config: CameraSourceConfig) -> Any:
 
 
 class CameraSource(FrameSource):
-    """A live camera via OpenCV; reconnects with exponential backoff when it vanishes."""
+    """A live camera via OpenCV; reconnects with exponential backoff when it vanishes.
+
+    The configured um/px holds for the frame size of the first frame this source read: a camera
+    that later gives frames of another size (replugged into another mode, binning, a crop) makes
+    frames without a scale (estimated from red-cell size), said once per change, until it gives
+    the first size again. Binning would scale the um/px and a crop keep it: the station cannot tell.
+    """
 
     def __init__(
         self,
@@ -255,6 +261,8 @@ class CameraSource(FrameSource):
         # the random part keeps ids apart across starts on the same restored (fake-hwclock) time
         self._session = f"{time.time_ns() // 1_000_000:x}.{secrets.token_hex(4)}"
         self._counter = 0
+        self._scale_size: tuple[int, int] | None = None  # (width, height) the scale holds for
+        self._other_size: tuple[int, int] | None = None  # the other size last said
 
     @property
     def failures(self) -> int:
@@ -279,11 +287,31 @@ class CameraSource(FrameSource):
                     pixels=pixels,
                     frame_id=f"{self.name}:{self._session}-{self._counter:08d}",
                     source=self.name,
-                    microns_per_pixel=self._config.microns_per_pixel,
+                    microns_per_pixel=self._scale_for(pixels.shape[1], pixels.shape[0]),
                 )
             self._capture.release()
             self._capture = None
             self._failed("camera %r returned no frame")
+        return None
+
+    def _scale_for(self, width: int, height: int) -> float | None:
+        """The configured um/px for a frame of the first frame's size; None (said once) for another."""
+        size, scale = (width, height), self._config.microns_per_pixel
+        if self._scale_size is None:
+            self._scale_size = size
+        if size == self._scale_size:
+            if self._other_size is not None:
+                self._other_size = None
+                logger.info("%s: the camera gives %dx%d px frames again%s", self.name, width, height,
+                            "" if scale is None else f": {scale:g} um/px applies again")
+            return scale
+        if size != self._other_size:
+            self._other_size = size
+            first = f"{self._scale_size[0]}x{self._scale_size[1]}"
+            logger.warning("%s: the camera now gives %dx%d px frames, not the %s its first frames had%s",
+                           self.name, width, height, first, "" if scale is None else
+                           f": they carry no scale ({scale:g} um/px holds at {first} only; estimated from "
+                           "red-cell size) until it gives that size again")
         return None
 
     def _failed(self, what: str) -> None:

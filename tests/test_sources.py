@@ -1143,6 +1143,40 @@ def test_camera_reconnects_when_the_stream_ends(tmp_path: Path) -> None:
     assert all(f.microns_per_pixel == 0.1 for f in frames)
 
 
+def _camera_video(path: Path, size: tuple[int, int], frames: int) -> None:
+    tmp = path.with_suffix(".tmp.avi")  # written aside, then renamed over: the camera's next open sees it whole
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), 5, size)
+    for i in range(frames):
+        writer.write(np.full((size[1], size[0], 3), 40 + 50 * i, np.uint8))
+    writer.release()
+    tmp.replace(path)
+
+
+def test_a_camera_that_comes_back_at_another_resolution_drops_its_calibrated_scale_and_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A video file stands in for the camera (a real cv2.VideoCapture): its end is an unplug, and the
+    file replaced before the reopen is the camera back at another size. Its frames must not carry the
+    um/px calibrated at the first size (binning triples it, a crop keeps it: the station cannot
+    tell), and the change is said once; back at the first size, the scale applies again."""
+    video = tmp_path / "cam.avi"
+    _camera_video(video, (160, 120), 2)
+    cfg = CameraSourceConfig(device=str(video), reconnect_initial_s=0.01, reconnect_max_s=0.02,
+                             microns_per_pixel=0.1)
+    with caplog.at_level("INFO", logger="smearscope.device.sources"), CameraSource(cfg) as cam:
+        first = [next(cam) for _ in range(2)]
+        _camera_video(video, (64, 48), 3)
+        smaller = [next(cam) for _ in range(3)]
+        _camera_video(video, (160, 120), 1)
+        back = next(cam)
+    assert [f.pixels.shape[:2] for f in first + smaller + [back]] == [(120, 160)] * 2 + [(48, 64)] * 3 + [(120, 160)]
+    assert [f.microns_per_pixel for f in first] == [0.1, 0.1]
+    assert [f.microns_per_pixel for f in smaller] == [None, None, None]
+    assert back.microns_per_pixel == 0.1
+    said = [r.getMessage() for r in caplog.records if "64x48" in r.getMessage()]
+    assert len(said) == 1 and "160x120" in said[0], said
+    assert [r.levelname for r in caplog.records if "64x48" in r.getMessage()] == ["WARNING"]
+
+
 _FIRST_CAMERA_FRAME = """
 import sys
 from smearscope.device.source_config import CameraSourceConfig
