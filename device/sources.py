@@ -308,10 +308,11 @@ class CameraSource(FrameSource):
         if size != self._other_size:
             self._other_size = size
             first = f"{self._scale_size[0]}x{self._scale_size[1]}"
-            logger.warning("%s: the camera now gives %dx%d px frames, not the %s its first frames had%s",
-                           self.name, width, height, first, "" if scale is None else
-                           f": they carry no scale ({scale:g} um/px holds at {first} only; estimated from "
-                           "red-cell size) until it gives that size again")
+            logger.warning("%s: the camera now gives %dx%d px frames, not the %s its first frames had: a scale "
+                           "calibrated at %s (%s) does not hold for them; they are analysed without one "
+                           "(estimated from red-cell size) until it gives that size again",
+                           self.name, width, height, first, first,
+                           "none in [source]" if scale is None else f"[source] {scale:g} um/px")
         return None
 
     def _failed(self, what: str) -> None:

@@ -647,6 +647,49 @@ def test_a_field_analysed_by_command_that_fails_gives_its_calibration_check_back
     assert not tracker.claim_calibration_check(run_id)
 
 
+def test_the_analysis_scale_override_is_not_put_on_camera_frames_of_another_size_than_the_first(
+        tmp_path: Path) -> None:
+    """[analysis] microns_per_pixel is a calibration too, made at one frame size: a camera (a video
+    file through a real cv2.VideoCapture; its end an unplug, the file replaced before the reopen)
+    back at 64x48 after 160x120 gives frames the override must not be put on, as the source's own
+    scale is not; a file analysed by command keeps the override whatever its size."""
+    import numpy as np
+
+    from smearscope.device.quality import QualityGate
+    from smearscope.device.source_config import CameraSourceConfig
+    from smearscope.device.sources import CameraSource
+    from smearscope.service.station.notify import ProgressWatchdog, SystemdNotifier
+    from smearscope.service.station.requests import RequestQueue
+    from smearscope.service.station.specimen import SpecimenPolicy, SpecimenTracker
+    from smearscope.service.station.workers import StationWorkers
+
+    def camera_video(size: tuple[int, int], frames: int) -> None:
+        tmp = tmp_path / "next.avi"
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), 5, size)
+        for i in range(frames):
+            writer.write(np.full((size[1], size[0], 3), 40 + 50 * i, np.uint8))
+        writer.release()
+        tmp.replace(tmp_path / "cam.avi")
+
+    tracker = SpecimenTracker(SpecimenPolicy(1000, 60.0, True), station_id="st")
+    workers = StationWorkers(source_kind="camera", gate=QualityGate(), tracker=tracker, requests=RequestQueue("t"),
+                             watchdog=ProgressWatchdog(SystemdNotifier(environ={}), interval_s=0),
+                             stop=threading.Event(), request_stop=lambda why: None, max_fields=None,
+                             scale_override=0.1)
+    camera_video((160, 120), 2)
+    cfg = CameraSourceConfig(device=str(tmp_path / "cam.avi"), reconnect_initial_s=0.01, reconnect_max_s=0.02)
+    with CameraSource(cfg) as cam:
+        first = [workers.with_scale(next(cam), camera=True) for _ in range(2)]
+        camera_video((64, 48), 2)
+        smaller = [workers.with_scale(next(cam), camera=True) for _ in range(2)]
+        camera_video((160, 120), 1)
+        back = workers.with_scale(next(cam), camera=True)
+    assert [f.pixels.shape[:2] for f in smaller] == [(48, 64)] * 2
+    assert [f.microns_per_pixel for f in first + smaller + [back]] == [0.1, 0.1, None, None, 0.1]
+    command = Frame(np.full((48, 64, 3), 90, np.uint8), "file:x.png@1", "command")
+    assert workers.with_scale(command).microns_per_pixel == 0.1
+
+
 def daemon_of(config: Path) -> StationDaemon:
     """A station daemon of this config with the oracle pool for analyzer."""
     return StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(), config_path=config, environ={})

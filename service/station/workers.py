@@ -96,6 +96,8 @@ class StationWorkers(ReportWriter):
         #: Why a worker failed; any entry makes the daemon exit non-zero.
         self.failures: list[str] = []
         self.frames: BoundedQueue[_Work] = BoundedQueue("frames", 2, FRAME_POLICY.get(source_kind, "block"))
+        self._camera = source_kind == "camera"
+        self._camera_size: tuple[int, int] | None = None  # (width, height) of the camera's first frame (with_scale)
         self._reports: BoundedQueue[Outgoing] = BoundedQueue("reports", 64, "block")
         self.threads: dict[str, threading.Thread] = {}
         self.source: FrameSource | None = None
@@ -157,7 +159,7 @@ class StationWorkers(ReportWriter):
                     break
                 # A frame already taken (a folder file is moved on read) is handled even if stop
                 # was requested meanwhile: the analysis thread drains the queue.
-                frame = self.with_scale(frame)
+                frame = self.with_scale(frame, camera=self._camera)
                 verdict = self.gate.check(frame, self.tracker.specimen_scale())  # uncalibrated: the run's
                 if not verdict.accepted:
                     self.reject(frame.frame_id, "rejected", verdict.reason or "unknown")
@@ -182,11 +184,19 @@ class StationWorkers(ReportWriter):
             self._stop.wait(0.05)
         return not self._stop.is_set()
 
-    def with_scale(self, frame: Frame) -> Frame:
-        """The frame at `analysis.microns_per_pixel` when the config overrides the scale."""
+    def with_scale(self, frame: Frame, camera: bool = False) -> Frame:
+        """The frame at `analysis.microns_per_pixel` when the config overrides the scale; a `camera`
+        frame of another size than the camera's first keeps none (the source said why), as the
+        source's own scale holds at that first size only."""
         override = self.scale_override
-        keep = override is None or frame.microns_per_pixel == override
-        return frame if keep else dataclasses.replace(frame, microns_per_pixel=override)
+        if override is None or frame.microns_per_pixel == override:
+            return frame
+        if camera:
+            size = (int(frame.pixels.shape[1]), int(frame.pixels.shape[0]))
+            self._camera_size = self._camera_size or size
+            if size != self._camera_size:
+                return frame
+        return dataclasses.replace(frame, microns_per_pixel=override)
 
     def _dropped(self, frame_id: str) -> None:  # a stale frame dropped for a newer one (keep_newest)
         self.stats.add("pending", -1)
