@@ -175,6 +175,14 @@ def within_limits(image: np.ndarray | None, limits: IngestLimits | None = None) 
     return image
 
 
+def _described(image: np.ndarray) -> str:
+    """A frame's size and sample layout in words: '64x48, 2 channels of uint8'."""
+    if image.ndim not in (2, 3):
+        return f"an array of shape {tuple(image.shape)} of {image.dtype}"
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    return f"{image.shape[1]}x{image.shape[0]}, {channels} channel{'s' if channels != 1 else ''} of {image.dtype}"
+
+
 def backoff_delay(failures: int, initial_s: float, max_s: float) -> float:
     """Exponential backoff: initial, 2x, 4x ... capped at max_s (failures counts from 1)."""
     return min(max_s, initial_s * 2.0 ** max(0, min(failures - 1, 30)))
@@ -291,7 +299,8 @@ class CameraSource(FrameSource):
                 )
             self._capture.release()
             self._capture = None
-            self._failed("camera %r returned no frame")
+            self._failed("camera %r returned no frame" if not ok or image is None or image.size == 0 else
+                         f"camera %r returned a frame the station cannot use ({_described(image)})")
         return None
 
     def _scale_for(self, width: int, height: int) -> float | None:

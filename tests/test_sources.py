@@ -1236,6 +1236,36 @@ def test_a_camera_gone_for_long_logs_at_1_2_4_8_failures_and_recovers(caplog: py
     assert any("camera back after 9 failures" in r.getMessage() for r in caplog.records)
 
 
+def test_a_camera_giving_frames_the_station_cannot_use_says_what_they_are_not_that_none_came(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The capture factory is OpenCV's seam (a file read through cv2.VideoCapture never gives these):
+    a stream of float32 frames, then 2-channel (YUYV-like) ones, then BGR. Each unusable frame is a
+    failed read (reopened with backoff), said as what it is, not as a camera that gave nothing."""
+    frames = [np.zeros((48, 64, 3), np.float32), np.zeros((48, 64, 2), np.uint8), np.full((48, 64, 3), 90, np.uint8)]
+
+    class _Stream:
+        def read(self) -> tuple[bool, np.ndarray]:
+            return True, frames[min(len(reads), 3) - 1]
+
+        def release(self) -> None:
+            pass
+
+    reads: list[int] = []
+
+    def factory(cfg: CameraSourceConfig) -> _Stream:
+        reads.append(1)
+        return _Stream()
+
+    cfg = CameraSourceConfig(device=3, reconnect_initial_s=0.001, reconnect_max_s=0.001)
+    with caplog.at_level("WARNING", logger="smearscope.device.sources"), CameraSource(cfg, factory) as cam:
+        frame = next(cam)
+    assert frame.pixels.shape == (48, 64, 3) and len(reads) == 3
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and not any("returned no frame" in m for m in said), said
+    assert "64x48" in said[0] and "3 channels of float32" in said[0], said
+    assert "2 channels of uint8" in said[1], said
+
+
 # --- simulated -------------------------------------------------------------------------------
 
 
