@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 from typing_extensions import Self  # typing.Self needs Python 3.11
 
+from smearscope.device.camera_frames import RepeatWatch, as_bgr8, described, within_limits
 from smearscope.device.frame import Frame
 from smearscope.device.ingest import IngestError, IngestLimits, load_image, shown
 from smearscope.device.source_config import (
@@ -148,41 +149,6 @@ class FrameSource(ABC):
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def as_bgr8(image: np.ndarray | None) -> np.ndarray | None:
-    """Gray, BGRA or 16-bit images as HxWx3 uint8 BGR; None for anything unusable."""
-    if image is None or image.size == 0 or image.ndim not in (2, 3):
-        return None
-    if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        return None
-    if image.ndim == 2 or image.shape[2] == 1:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    if image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    if image.shape[2] != 3:
-        return None
-    return np.ascontiguousarray(image)
-
-
-def within_limits(image: np.ndarray | None, limits: IngestLimits | None = None) -> np.ndarray | None:
-    """A camera or video frame, unless it has more pixels than a decoded file may have."""
-    limits = limits or IngestLimits()
-    if image is not None and image.shape[0] * image.shape[1] > limits.max_pixels:
-        logger.warning("frame of %dx%d px is over the %d pixel limit; dropped", image.shape[1],
-                       image.shape[0], limits.max_pixels)
-        return None
-    return image
-
-
-def _described(image: np.ndarray) -> str:
-    """A frame's size and sample layout in words: '64x48, 2 channels of uint8'."""
-    if image.ndim not in (2, 3):
-        return f"an array of shape {tuple(image.shape)} of {image.dtype}"
-    channels = 1 if image.ndim == 2 else image.shape[2]
-    return f"{image.shape[1]}x{image.shape[0]}, {channels} channel{'s' if channels != 1 else ''} of {image.dtype}"
-
-
 def backoff_delay(failures: int, initial_s: float, max_s: float) -> float:
     """Exponential backoff: initial, 2x, 4x ... capped at max_s (failures counts from 1)."""
     return min(max_s, initial_s * 2.0 ** max(0, min(failures - 1, 30)))
@@ -254,6 +220,8 @@ class CameraSource(FrameSource):
     that later gives frames of another size (replugged into another mode, binning, a crop) makes
     frames without a scale (estimated from red-cell size), said once per change, until it gives
     the first size again. Binning would scale the um/px and a crop keep it: the station cannot tell.
+    A live sensor's noise never repeats a frame bit for bit: FROZEN_REPEATS repeats in a row are
+    said as a frozen stream (the quality gate refuses them as same_field), once, until it moves.
     """
 
     def __init__(
@@ -271,6 +239,7 @@ class CameraSource(FrameSource):
         self._counter = 0
         self._scale_size: tuple[int, int] | None = None  # (width, height) the scale holds for
         self._other_size: tuple[int, int] | None = None  # the other size last said
+        self._repeats = RepeatWatch(config.name, config.device)
 
     @property
     def failures(self) -> int:
@@ -291,6 +260,7 @@ class CameraSource(FrameSource):
                     logger.info("%s: camera back after %d failures", self.name, self._failures)
                 self._failures = 0
                 self._counter += 1
+                self._repeats.note(pixels)
                 return Frame(
                     pixels=pixels,
                     frame_id=f"{self.name}:{self._session}-{self._counter:08d}",
@@ -300,7 +270,7 @@ class CameraSource(FrameSource):
             self._capture.release()
             self._capture = None
             self._failed("camera %r returned no frame" if not ok or image is None or image.size == 0 else
-                         f"camera %r returned a frame the station cannot use ({_described(image)})")
+                         f"camera %r returned a frame the station cannot use ({described(image)})")
         return None
 
     def _scale_for(self, width: int, height: int) -> float | None:

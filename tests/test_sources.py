@@ -1177,6 +1177,32 @@ def test_a_camera_that_comes_back_at_another_resolution_drops_its_calibrated_sca
     assert [r.levelname for r in caplog.records if "64x48" in r.getMessage()] == ["WARNING"]
 
 
+def test_a_frozen_camera_repeating_one_frame_bit_for_bit_is_said_once_and_its_recovery_too(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A video file of one frame written 30 times stands in for a camera whose stream froze (a live
+    sensor's noise never repeats bit for bit); then a file of frames that change, for it moving again."""
+    from smearscope.device.camera_frames import FROZEN_REPEATS
+
+    video = tmp_path / "cam.avi"
+    _camera_video(video, (64, 48), 1)
+    one = cv2.VideoCapture(str(video)).read()[1]
+    writer = cv2.VideoWriter(str(tmp_path / "frozen.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48))
+    for _ in range(2 * FROZEN_REPEATS + 5):
+        writer.write(one)
+    writer.release()
+    (tmp_path / "frozen.avi").replace(video)
+    cfg = CameraSourceConfig(device=str(video), reconnect_initial_s=0.01, reconnect_max_s=0.02)
+    with caplog.at_level("INFO", logger="smearscope.device"), CameraSource(cfg) as cam:
+        frozen = [next(cam) for _ in range(2 * FROZEN_REPEATS + 5)]
+        said = [r for r in caplog.records if "same frame" in r.getMessage()]
+        assert [r.levelname for r in said] == ["WARNING"], [r.getMessage() for r in said]
+        assert f"{FROZEN_REPEATS} times in a row" in said[0].getMessage()
+        _camera_video(video, (64, 48), 3)
+        moving = [next(cam) for _ in range(3)]
+    assert len({f.frame_id for f in frozen + moving}) == len(frozen) + 3  # every frame still handed on
+    assert any("moves again" in r.getMessage() for r in caplog.records if r.levelname == "INFO")
+
+
 _FIRST_CAMERA_FRAME = """
 import sys
 from smearscope.device.source_config import CameraSourceConfig

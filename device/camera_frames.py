@@ -1,0 +1,84 @@
+"""What a camera's (or a replayed video's) frame must be before it becomes a `Frame`.
+
+OpenCV hands over whatever the capture gives: 8-bit gray, BGR or BGRA (any strides) are used as
+they are, 16-bit samples keep their top byte, and anything else (float, two-channel YUYV) is
+unusable, named in words for the log. A frame over the pixel limit of a decoded file is dropped.
+A live sensor's noise never repeats a frame bit for bit, so a run of identical frames is a frozen
+stream (a stalled USB or capture-card driver), not a stage left still: `RepeatWatch` says it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+
+from smearscope.device.ingest import IngestLimits
+
+logger = logging.getLogger(__name__)
+
+#: A camera frame repeated bit for bit this many times in a row is a frozen stream: said once.
+FROZEN_REPEATS = 20
+
+
+def as_bgr8(image: np.ndarray | None) -> np.ndarray | None:
+    """Gray, BGRA or 16-bit images as HxWx3 uint8 BGR; None for anything unusable."""
+    if image is None or image.size == 0 or image.ndim not in (2, 3):
+        return None
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        return None
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.shape[2] != 3:
+        return None
+    return np.ascontiguousarray(image)
+
+
+def within_limits(image: np.ndarray | None, limits: IngestLimits | None = None) -> np.ndarray | None:
+    """A camera or video frame, unless it has more pixels than a decoded file may have."""
+    limits = limits or IngestLimits()
+    if image is not None and image.shape[0] * image.shape[1] > limits.max_pixels:
+        logger.warning("frame of %dx%d px is over the %d pixel limit; dropped", image.shape[1],
+                       image.shape[0], limits.max_pixels)
+        return None
+    return image
+
+
+def described(image: np.ndarray) -> str:
+    """A frame's size and sample layout in words: '64x48, 2 channels of uint8'."""
+    if image.ndim not in (2, 3):
+        return f"an array of shape {tuple(image.shape)} of {image.dtype}"
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    return f"{image.shape[1]}x{image.shape[0]}, {channels} channel{'s' if channels != 1 else ''} of {image.dtype}"
+
+
+class RepeatWatch:
+    """Counts a camera's frames equal bit for bit (every 8th row and column) to the one before;
+    FROZEN_REPEATS in a row are said once as a frozen stream, and its moving again after."""
+
+    def __init__(self, name: str, device: int | str) -> None:
+        self._name, self._device = name, device
+        self._sample: np.ndarray | None = None
+        self.repeats = 0
+
+    def note(self, pixels: np.ndarray) -> None:
+        sample = pixels[::8, ::8].copy()
+        same = self._sample is not None and np.array_equal(sample, self._sample)
+        self._sample = sample
+        if same:
+            self.repeats += 1
+            if self.repeats == FROZEN_REPEATS:
+                logger.warning("%s: camera %r gave the same frame %d times in a row, bit for bit: its stream looks "
+                               "frozen (a live sensor's noise never repeats), not a stage left still; the quality "
+                               "gate refuses them as same_field; check the camera", self._name, self._device,
+                               FROZEN_REPEATS)
+        elif self.repeats:
+            if self.repeats >= FROZEN_REPEATS:
+                logger.info("%s: camera %r moves again after %d identical frames", self._name, self._device,
+                            self.repeats + 1)
+            self.repeats = 0
