@@ -213,8 +213,13 @@ def _open_capture(config: CameraSourceConfig) -> Any:
     return capture
 
 
+#: Good frames in a row after which a reopened camera counts as back: said, its backoff from the first delay again.
+STABLE_FRAMES = 25
+
+
 class CameraSource(FrameSource):
-    """A live camera via OpenCV; reconnects with exponential backoff when it vanishes.
+    """A live camera via OpenCV; reconnects with exponential backoff when it vanishes, from the
+    first delay again once it gave STABLE_FRAMES good frames in a row.
 
     The configured um/px holds for the frame size of the first frame this source read: a camera
     that later gives frames of another size (replugged into another mode, binning, a crop) makes
@@ -234,6 +239,7 @@ class CameraSource(FrameSource):
         self._factory = capture_factory
         self._capture: Any = None
         self._failures = 0
+        self._streak = 0  # good frames in a row since the last failure
         # the random part keeps ids apart across starts on the same restored (fake-hwclock) time
         self._session = f"{time.time_ns() // 1_000_000:x}.{secrets.token_hex(4)}"
         self._counter = 0
@@ -243,7 +249,8 @@ class CameraSource(FrameSource):
 
     @property
     def failures(self) -> int:
-        """Consecutive failed opens/reads since the last good frame."""
+        """Failed opens/reads since the camera last gave STABLE_FRAMES good frames in a row (a
+        camera that drops out after each frame keeps backing off, said at 1, 2, 4, 8 ... failures)."""
         return self._failures
 
     def _next_frame(self) -> Frame | None:
@@ -256,9 +263,10 @@ class CameraSource(FrameSource):
             ok, image = self._capture.read()
             pixels = as_bgr8(within_limits(image)) if ok else None
             if pixels is not None:
-                if self._failures:
+                self._streak += 1
+                if self._failures and self._streak >= STABLE_FRAMES:
                     logger.info("%s: camera back after %d failures", self.name, self._failures)
-                self._failures = 0
+                    self._failures = 0
                 self._counter += 1
                 self._repeats.note(pixels)
                 return Frame(
@@ -296,6 +304,7 @@ class CameraSource(FrameSource):
 
     def _failed(self, what: str) -> None:
         self._failures += 1
+        self._streak = 0
         delay = backoff_delay(
             self._failures, self._config.reconnect_initial_s, self._config.reconnect_max_s
         )

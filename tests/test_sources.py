@@ -1138,7 +1138,7 @@ def test_camera_reconnects_when_the_stream_ends(tmp_path: Path) -> None:
                              microns_per_pixel=0.1)
     with CameraSource(cfg) as cam:
         frames = [next(cam) for _ in range(7)]  # crosses the end of the stream twice
-        assert cam.failures == 0
+        assert cam.failures == 2  # three frames an open never counted as back: see the flapping camera below
     assert len({f.frame_id for f in frames}) == 7
     assert all(f.microns_per_pixel == 0.1 for f in frames)
 
@@ -1147,7 +1147,7 @@ def _camera_video(path: Path, size: tuple[int, int], frames: int) -> None:
     tmp = path.with_suffix(".tmp.avi")  # written aside, then renamed over: the camera's next open sees it whole
     writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), 5, size)
     for i in range(frames):
-        writer.write(np.full((size[1], size[0], 3), 40 + 50 * i, np.uint8))
+        writer.write(np.full((size[1], size[0], 3), (40 + 50 * i) % 250, np.uint8))
     writer.release()
     tmp.replace(path)
 
@@ -1175,6 +1175,31 @@ def test_a_camera_that_comes_back_at_another_resolution_drops_its_calibrated_sca
     said = [r.getMessage() for r in caplog.records if "64x48" in r.getMessage()]
     assert len(said) == 1 and "160x120" in said[0], said
     assert [r.levelname for r in caplog.records if "64x48" in r.getMessage()] == ["WARNING"]
+
+
+def test_a_camera_that_drops_out_after_every_frame_backs_off_and_is_not_said_back_until_it_stays(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A video file of one frame stands in for a flapping camera (a real cv2.VideoCapture: each
+    open gives one frame, then the read fails): one good frame must not reset the backoff, or the
+    camera is reopened at the first delay forever, said twice a cycle. Then a file as long as
+    STABLE_FRAMES: the camera stayed, said back once, its backoff from the start again."""
+    from smearscope.device.sources import STABLE_FRAMES
+
+    video = tmp_path / "cam.avi"
+    _camera_video(video, (64, 48), 1)
+    cfg = CameraSourceConfig(device=str(video), reconnect_initial_s=0.001, reconnect_max_s=0.002)
+    with caplog.at_level("INFO", logger="smearscope.device"), CameraSource(cfg) as cam:
+        flapping = [next(cam) for _ in range(10)]  # nine drop-outs
+        assert cam.failures == 9
+        retries = [r.getMessage() for r in caplog.records if "returned no frame" in r.getMessage()]
+        assert [int(m.split("retry ")[1].split()[0]) for m in retries] == [1, 2, 4, 8], retries
+        assert not [r for r in caplog.records if "camera back" in r.getMessage()]
+        _camera_video(video, (64, 48), STABLE_FRAMES)
+        stayed = [next(cam) for _ in range(STABLE_FRAMES)]
+        assert cam.failures == 0
+    back = [r.getMessage() for r in caplog.records if "camera back" in r.getMessage()]
+    assert back == ["scope: camera back after 10 failures"], back
+    assert len({f.frame_id for f in flapping + stayed}) == 10 + STABLE_FRAMES
 
 
 def test_a_frozen_camera_repeating_one_frame_bit_for_bit_is_said_once_and_its_recovery_too(
@@ -1240,11 +1265,14 @@ def test_camera_that_never_opens_retries_until_closed(tmp_path: Path) -> None:
 
 def test_a_camera_gone_for_long_logs_at_1_2_4_8_failures_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
     """The capture factory is OpenCV's seam: here a camera absent for 9 opens, then a stream."""
-    opens = []
+    from smearscope.device.sources import STABLE_FRAMES
+
+    opens, reads = [], []
 
     class _Stream:
         def read(self) -> tuple[bool, np.ndarray]:
-            return True, np.full((48, 64, 3), 90, np.uint8)
+            reads.append(1)
+            return True, np.full((48, 64, 3), 90 + len(reads) % 100, np.uint8)
 
         def release(self) -> None:
             pass
@@ -1255,8 +1283,8 @@ def test_a_camera_gone_for_long_logs_at_1_2_4_8_failures_and_recovers(caplog: py
 
     cfg = CameraSourceConfig(device=3, reconnect_initial_s=0.001, reconnect_max_s=0.001)
     with caplog.at_level("INFO", logger="smearscope.device.sources"), CameraSource(cfg, factory) as cam:
-        frame = next(cam)
-        assert cam.failures == 0 and frame.pixels.shape == (48, 64, 3)
+        frames = [next(cam) for _ in range(STABLE_FRAMES)]  # the frames it takes to count as back
+        assert cam.failures == 0 and frames[0].pixels.shape == (48, 64, 3)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert [int(m.split("retry ")[1].split()[0]) for m in warnings] == [1, 2, 4, 8], warnings
     assert any("camera back after 9 failures" in r.getMessage() for r in caplog.records)
