@@ -43,7 +43,7 @@ def message(archive: Path, report_id: str, addressing: Addressing | None = None)
 def deliveries(archive: Path) -> list[tuple[str, str, str, str]]:
     db = sqlite3.connect(f"{(archive / 'index.sqlite').as_uri()}?mode=ro", uri=True)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
         return list(db.execute("SELECT report_id, destination, control_id, sender FROM hl7_deliveries "
                                "ORDER BY rowid"))
     finally:
@@ -147,16 +147,17 @@ def test_find_lists_the_hl7_deliveries_the_index_records(
         assert len(under) == 2
         for where, line in zip(destinations, sorted(under)):
             assert re.fullmatch(rf"    HL7 to {re.escape(where)}  \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC  by send-hl7  "
-                                rf"MSH-10 {re.escape(msh10[report_id])}", line)
+                                rf"MSH-10 {re.escape(msh10[report_id])}  MSH-11 P", line)
 
 
 def test_an_ipv6_destination_an_older_index_recorded_without_brackets_is_the_same_destination(
         archive: Path, capsys: pytest.CaptureFixture[str]) -> None:
     port = free_port()
-    open_index(archive.resolve(), read_only=False).close()  # upgraded to version 2, as an older smearscope did
+    open_index(archive.resolve(), read_only=False).close()  # upgraded, as an older smearscope did to version 2
     db = sqlite3.connect(archive / "index.sqlite")
     with db:  # the first report sent by an older smearscope, which wrote the address without brackets
-        db.execute("INSERT INTO hl7_deliveries VALUES (?, ?, ?, ?, ?)",
+        db.execute("INSERT INTO hl7_deliveries (report_id, destination, control_id, delivered_at, sender) "
+                   "VALUES (?, ?, ?, ?, ?)",
                    (FIRST, f"mllp:0:0:0:0:0:0:0:1:{port}", "OLD10", 1_796_000_000.0, "archive"))
     db.close()
     lis = Lis(port, host="::1")

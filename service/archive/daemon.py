@@ -192,8 +192,12 @@ class ArchiveDaemon:
                         mllp.address_text(self.hl7.mllp_address))
         if self.hl7 is not None and self.hl7.addressing is not None:
             a = self.hl7.addressing
-            logger.info("HL7 MSH-4 %s, MSH-5 %s, MSH-6 %s", a.sending_facility or "(the report's station id)",
-                        a.receiving_application or "(empty)", a.receiving_facility or "(empty)")
+            logger.info("HL7 MSH-4 %s, MSH-5 %s, MSH-6 %s, MSH-11 %s", a.sending_facility or "(the report's station id)",
+                        a.receiving_application or "(empty)", a.receiving_facility or "(empty)", a.processing_id)
+            if a.processing_id != "P":
+                logger.warning("HL7 messages are sent with MSH-11 %s (%s), not as production: recorded so, the "
+                               "reports go again as P once the archive runs without --hl7-processing-id",
+                               a.processing_id, {"T": "training", "D": "debugging"}[a.processing_id])
         try:
             while not self._stop.is_set():
                 try:

@@ -51,7 +51,8 @@ def oru_of(payload: bytes, addressing: Addressing | None = None) -> tuple[str, s
     body = json.loads(payload).get("body")
     report = Report.model_validate(body)
     try:
-        return report.kind, oru_r01(report, addressing), control_id(report.report_id)
+        return (report.kind, oru_r01(report, addressing),
+                control_id(report.report_id, (addressing or Addressing()).processing_id))
     except (OverflowError, OSError) as exc:
         # a time no calendar holds (a run of 10**20 s): `datetime` says EOVERFLOW as an OSError, which the
         # archive would take for a disk refusing the file and hold the report, and those behind it, for ever
@@ -124,6 +125,11 @@ class Hl7Output:
                     logger.info("removed %s, left by an interrupted write", entry)
 
     @property
+    def processing_id(self) -> str:
+        """MSH-11 of the messages (P, T or D): part of what the index records of a delivery."""
+        return (self.addressing or Addressing()).processing_id
+
+    @property
     def destinations(self) -> list[str]:
         """Where messages go, as the index records a delivery: `file:<folder>`, `mllp:<host>:<port>`
         (store.canonical_destination: an IPv6 address in brackets, compressed)."""
@@ -145,7 +151,7 @@ class Hl7Output:
                         mllp.address_text(self.mllp_address), code)
         else:
             raise ValueError(f"{destination!r} is not one of {self.destinations}")
-        return Delivery(report_id, destination, control_id, self.sender)
+        return Delivery(report_id, destination, control_id, self.sender, self.processing_id)
 
     def __call__(self, message: ReportMessage) -> list[Delivery]:
         """Write and/or send `message`'s ORU^R01 (the deliveries, for the index); nothing for a field report

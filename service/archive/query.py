@@ -27,11 +27,12 @@ class RecordedDelivery:
     delivered_at: float
     sender: str
     control_id: str
+    processing_id: str = "P"  # MSH-11; P in an index of version 2 (read-only, not upgraded: no such column)
 
     def as_json(self) -> dict[str, object]:
         return {"destination": self.destination,
                 "delivered_at": datetime.fromtimestamp(self.delivered_at, timezone.utc).isoformat(),
-                "sender": self.sender, "control_id": self.control_id}
+                "sender": self.sender, "control_id": self.control_id, "processing_id": self.processing_id}
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,14 @@ def _deliveries(db: sqlite3.Connection, where: str, params: list[object]) -> dic
     if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'hl7_deliveries'").fetchone() is None:
         return {}
     found: dict[str, list[RecordedDelivery]] = {}
-    for row in db.execute("SELECT d.* FROM hl7_deliveries d JOIN reports r ON r.report_id = d.report_id"
+    # a version 2 index, read-only (not upgraded), has no processing id: its deliveries were all P
+    columns = {c for (_, c, *_) in db.execute("PRAGMA table_info(hl7_deliveries)")}
+    processing_id = "d.processing_id" if "processing_id" in columns else "'P'"
+    for row in db.execute(f"SELECT d.*, {processing_id} AS pid FROM hl7_deliveries d JOIN reports r ON r.report_id = d.report_id"
                           + where + " ORDER BY d.delivered_at, d.rowid", params):
         found.setdefault(row["report_id"], []).append(RecordedDelivery(
-            canonical_destination(row["destination"]), row["delivered_at"], row["sender"], row["control_id"]))
+            canonical_destination(row["destination"]), row["delivered_at"], row["sender"], row["control_id"],
+            row["pid"]))
     return found
 
 

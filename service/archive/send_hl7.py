@@ -5,7 +5,8 @@ Each specimen report the index holds (made on or after `since`, oldest first, so
 a run's preliminary report before its verified one) is written and/or sent as the running archive
 does (service.archive.hl7_out), and each delivery recorded in the index at once, in its own
 transaction. A report with a delivery recorded to a destination (by the running archive or by an
-earlier send) is not delivered there again unless `again`. The first delivery that fails stops the
+earlier send) with the same processing id (MSH-11) is not delivered there again unless `again`: one
+sent there in training (T) or debugging (D) is not delivered in production (P), and is sent as P. The first delivery that fails stops the
 send: what was delivered before it is recorded, so the same command run again goes on from there.
 """
 
@@ -51,8 +52,9 @@ def send_from_index(directory: Path, output: Hl7Output, since: float | None, aga
                           "ORDER BY created_at, report_id", (since if since is not None else float("-inf"),)
                           ).fetchall()
         for report_id, relative in rows:
-            done = {canonical_destination(d) for (d,) in db.execute("SELECT DISTINCT destination FROM hl7_deliveries WHERE report_id = ?",
-                                             (report_id,))}
+            done = {canonical_destination(d) for (d,) in db.execute(
+                "SELECT DISTINCT destination FROM hl7_deliveries WHERE report_id = ? AND processing_id = ?",
+                (report_id, output.processing_id))}
             todo = [d for d in output.destinations if again or d not in done]
             already += len(output.destinations) - len(todo)
             if not todo:

@@ -35,8 +35,10 @@ INDEX_NAME = "index.sqlite"
 #: The index's layout, kept in `PRAGMA user_version`. 1: the `reports` and `bundles` tables below
 #: (an index made before it had a number, user_version 0 with these tables, is marked 1 in place).
 #: 2: and `hl7_deliveries`, each HL7 message delivered (where, when, by whom); a version 1 index is
-#: upgraded in place by adding it (its reports then have no delivery recorded).
-INDEX_VERSION = 2
+#: upgraded in place by adding it (its reports then have no delivery recorded). 3: and each delivery's
+#: processing id (MSH-11: P, T or D), so a training message is never taken for the production one; a
+#: version 2 index is upgraded in place, its deliveries P (every message was, before MSH-11 could be set).
+INDEX_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
     report_id TEXT PRIMARY KEY, station TEXT NOT NULL, run_id TEXT, specimen_id TEXT,
@@ -51,7 +53,7 @@ CREATE TABLE IF NOT EXISTS bundles (
     report_id TEXT PRIMARY KEY, station TEXT NOT NULL, path TEXT NOT NULL, received_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS hl7_deliveries (
     report_id TEXT NOT NULL, destination TEXT NOT NULL, control_id TEXT NOT NULL, delivered_at REAL NOT NULL,
-    sender TEXT NOT NULL);
+    sender TEXT NOT NULL, processing_id TEXT NOT NULL DEFAULT 'P');
 CREATE INDEX IF NOT EXISTS hl7_deliveries_report ON hl7_deliveries (report_id, destination);
 """
 
@@ -93,12 +95,14 @@ class IndexVersionError(RuntimeError):
 @dataclass(frozen=True)
 class Delivery:
     """One HL7 message delivered: `destination` `file:<folder>` or `mllp:<host>:<port>`; `sender` `archive`
-    (the running archive) or `send-hl7` (sent from the index by `smearscope archive send-hl7`)."""
+    (the running archive) or `send-hl7` (sent from the index by `smearscope archive send-hl7`);
+    `processing_id` its MSH-11 (P, T or D): a report is delivered to a destination once per processing id."""
 
     report_id: str
     destination: str
     control_id: str
     sender: str
+    processing_id: str = "P"
 
 
 def canonical_destination(destination: str) -> str:
@@ -123,9 +127,10 @@ def canonical_destination(destination: str) -> str:
 
 def record_deliveries(db: sqlite3.Connection, deliveries: list[Delivery]) -> None:
     """Add `deliveries` to the index (in the caller's transaction), each destination canonical."""
-    db.executemany("INSERT INTO hl7_deliveries VALUES (?, ?, ?, ?, ?)",
-                   [(d.report_id, canonical_destination(d.destination), d.control_id, time.time(), d.sender)
-                    for d in deliveries])
+    db.executemany("INSERT INTO hl7_deliveries (report_id, destination, control_id, delivered_at, sender, "
+                   "processing_id) VALUES (?, ?, ?, ?, ?, ?)",
+                   [(d.report_id, canonical_destination(d.destination), d.control_id, time.time(), d.sender,
+                     d.processing_id) for d in deliveries])
 
 
 @dataclass(frozen=True)
@@ -328,7 +333,7 @@ def _digest(payload: bytes) -> str:
 
 def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
     """The archive's index: created (WAL, synchronous=FULL) for the writer, an unversioned one of
-    version 1 layout (or version 1) upgraded to 2; for a reader, opened read-only, FileNotFoundError when the folder
+    version 1 layout (or version 1, 2) upgraded to 3; for a reader, opened read-only, FileNotFoundError when the folder
     holds no archive. IndexVersionError, nothing changed, for an index of a newer version (or an
     unversioned one of another layout)."""
     path = directory / INDEX_NAME
@@ -349,6 +354,11 @@ def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         with db:
+            columns = {c for (_, c, *_) in db.execute("PRAGMA table_info(hl7_deliveries)")}
+            if version == 2 and "processing_id" not in columns:  # (an upgrade a crash cut short has it)
+                db.execute("ALTER TABLE hl7_deliveries ADD COLUMN processing_id TEXT NOT NULL DEFAULT 'P'")
+                logger.info("the archive index %s upgraded from version 2 to %d (each HL7 delivery's processing id "
+                            "recorded; those before are P, production)", path, INDEX_VERSION)
             db.executescript(SCHEMA)
             if version == 0 and db.execute("SELECT 1 FROM reports LIMIT 1").fetchone() is not None:
                 logger.info("the archive index %s had no version number (made before it had one): its layout "

@@ -8,6 +8,7 @@ never part of the model (a file or the systemd credential, read by the command l
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -68,6 +69,14 @@ class Hl7OutputConfig(BaseModel):
         title="HL7 receiving facility (MSH-6)",
         description="MSH-6 of each HL7 message, an HD naming the lab (facility) that receives it; none: empty.",
     )
+    hl7_processing_id: Literal["P", "T", "D"] = Field(
+        default="P",
+        title="HL7 processing id (MSH-11)",
+        description="MSH-11 of each HL7 message (table 0103): P production, T training (test messages while "
+        "a lab validates the interface), D debugging. A delivery is recorded with it: a report delivered "
+        "with T or D is not taken as delivered to that destination in production (docs/HL7.md).",
+    )
+
     @field_validator("hl7_sending_facility", "hl7_receiving_application", "hl7_receiving_facility")
     @classmethod
     def _is_an_hd(cls, value: str | None) -> str | None:
@@ -92,8 +101,9 @@ class Hl7OutputConfig(BaseModel):
 
     @property
     def addressing(self) -> Addressing:
-        """MSH-4, MSH-5, MSH-6 of the messages."""
-        return Addressing(self.hl7_sending_facility, self.hl7_receiving_application, self.hl7_receiving_facility)
+        """MSH-4, MSH-5, MSH-6 and MSH-11 of the messages."""
+        return Addressing(self.hl7_sending_facility, self.hl7_receiving_application, self.hl7_receiving_facility,
+                          self.hl7_processing_id)
 
 
 class ArchiveConfig(Hl7OutputConfig):

@@ -64,10 +64,13 @@ NOT_FOR_DIAGNOSIS = ("Not for clinical diagnosis: smearscope is a research proto
 NOTE_SOURCE, NOTE_TYPE = "L", "RE"
 
 
-def control_id(report_id: str) -> str:
+def control_id(report_id: str, processing_id: str = "P") -> str:
     """MSH-10: 20 hex digits of the report id's SHA-256, so the same report always has the same one
-    (a lab system drops a message it has seen) and two reports never share one in practice."""
-    return hashlib.sha256(report_id.encode()).hexdigest()[:ID].upper()
+    (a lab system drops a message it has seen) and two reports never share one in practice. A training
+    or debugging message (MSH-11 T or D) hashes the report id with its processing id: the production
+    message of a report sent in training before is not dropped by a lab system as one it has seen."""
+    key = report_id if processing_id == "P" else f"{report_id}/{processing_id}"
+    return hashlib.sha256(key.encode()).hexdigest()[:ID].upper()
 
 
 def _ce(concept: dict[str, Any]) -> str:
@@ -193,7 +196,7 @@ def oru_r01(report: Report, addressing: Addressing | None = None) -> str:
     filler = components(text(r.run_id or r.report_id), NAMESPACE)
     m.segments.append(segment(
         "MSH", ENCODING_CHARACTERS, SENDING_APPLICATION, facility, receiver, receiving_facility, m.issued, "",
-        "ORU^R01^ORU_R01", control_id(r.report_id), "P", VERSION, "", "", "", "", "", CHARSET))
+        "ORU^R01^ORU_R01", control_id(r.report_id, a.processing_id), a.processing_id, VERSION, "", "", "", "", "", CHARSET))
     m.segments += _software(r)
     m.segments.append(segment("ORC", "RE", placer, filler, "", "", "", "", "", m.issued))
     interpreter = subcomponents("", text(v.verified_by)) if v is not None else ""

@@ -353,7 +353,7 @@ def _hl7_options(parser: argparse.ArgumentParser, default: object) -> None:
 
 
 def _hl7_addressing(parser: argparse.ArgumentParser, default: object, why: str) -> None:
-    """MSH-4, MSH-5, MSH-6: on the archive, `archive send-hl7` and `archive show` (`why` ends their help)."""
+    """MSH-4, MSH-5, MSH-6, MSH-11: on the archive, `archive send-hl7` and `archive show` (`why` ends their help)."""
     parser.add_argument("--hl7-sending-facility", default=default, metavar="HD",
                         help="MSH-4 of the HL7 messages: a namespace id, or namespace^universal id^type "
                         f"(table 0301, e.g. ISO); default: the report's station id{why}")
@@ -361,6 +361,10 @@ def _hl7_addressing(parser: argparse.ArgumentParser, default: object, why: str) 
                         help=f"MSH-5 of the HL7 messages: the lab system or engine receiving them (default: empty){why}")
     parser.add_argument("--hl7-receiving-facility", default=default, metavar="HD",
                         help=f"MSH-6 of the HL7 messages: the lab receiving them (default: empty){why}")
+    parser.add_argument("--hl7-processing-id", default=default, choices=("P", "T", "D"),
+                        help="MSH-11 of the HL7 messages (table 0103): P production, T training (test messages "
+                        "while the lab validates the interface), D debugging; a report delivered with T or D "
+                        f"still goes to a destination with P (default: P){why}")
 
 
 def _quiet_opencv(level: str, command: str) -> None:

@@ -91,14 +91,15 @@ def _config(args: argparse.Namespace) -> ArchiveConfig:
 HL7_OPTIONS = {"hl7_directory": "--hl7-dir", "hl7_mllp": "--hl7-mllp", "hl7_mllp_timeout_s": "--hl7-mllp-timeout",
                "hl7_sending_facility": "--hl7-sending-facility",
                "hl7_receiving_application": "--hl7-receiving-application",
-               "hl7_receiving_facility": "--hl7-receiving-facility"}
+               "hl7_receiving_facility": "--hl7-receiving-facility", "hl7_processing_id": "--hl7-processing-id"}
 
 
 def _hl7_settings(args: argparse.Namespace) -> dict[str, object]:
     """The HL7 output's settings as the options give them, each checked by the config alone."""
     settings = {field: getattr(args, option[2:].replace("-", "_"), None) for field, option in HL7_OPTIONS.items()}
-    if settings["hl7_mllp_timeout_s"] is None:  # not given: the config's default
-        del settings["hl7_mllp_timeout_s"]
+    for field in ("hl7_mllp_timeout_s", "hl7_processing_id"):
+        if settings[field] is None:  # not given: the config's default
+            del settings[field]
     return settings
 
 
@@ -172,7 +173,7 @@ def _copy_lines(r: ArchivedReport) -> list[str]:
 def _delivery_lines(r: ArchivedReport) -> list[str]:
     """`find`'s lines under a report for its HL7 deliveries the index records (docs/HL7.md)."""
     return [f"    HL7 to {d.destination}  {datetime.fromtimestamp(d.delivered_at, timezone.utc):%Y-%m-%d %H:%M:%S UTC}  "
-            f"by {d.sender}  MSH-10 {d.control_id}" for d in r.hl7_deliveries]
+            f"by {d.sender}  MSH-10 {d.control_id}  MSH-11 {d.processing_id}" for d in r.hl7_deliveries]
 
 
 def cmd_find(args: argparse.Namespace) -> int:
@@ -210,12 +211,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not REPORT_ID.fullmatch(args.report_id):
         return _fail(f"{args.report_id!r} is not a report id")
     try:
-        addressing = Hl7OutputConfig(**_hl7_settings(args)).addressing  # MSH-4/5/6 checked as the archive's
+        addressing = Hl7OutputConfig(**_hl7_settings(args)).addressing  # MSH-4/5/6/11 checked as the archive's
     except pydantic.ValidationError as exc:
         return _fail(_invalid(exc))
     if not args.hl7 and addressing != Addressing():
-        return _fail("--hl7-sending-facility, --hl7-receiving-application and --hl7-receiving-facility are for "
-                     "show --hl7 (the HL7 message's MSH-4, MSH-5, MSH-6)")
+        return _fail("--hl7-sending-facility, --hl7-receiving-application, --hl7-receiving-facility and "
+                     "--hl7-processing-id are for show --hl7 (the HL7 message's MSH-4, MSH-5, MSH-6, MSH-11)")
     directory = _directory(args)
     try:
         report, bundle = lookup(directory, args.report_id, copies=not args.fhir)
