@@ -17,7 +17,7 @@ import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.parser import parse_message
-from test_fhir import graded_report, resources, specimen_report
+from test_fhir import findings, graded_report, resources, specimen_report
 
 from smearscope.device.synthetic import render_field
 from smearscope.service.analysis.report import Flag, Report, Verification
@@ -86,8 +86,8 @@ def test_a_specimen_report_of_real_analyses_is_a_valid_oru_r01_with_the_bundles_
     assert order.oru_r01_specimen.spm.spm_2.value == f"H-2026-0412^{report.run_id}&smearscope"
     assert not segments(message, "PID")  # no patient, as the bundle has no subject
 
-    # one OBX per Observation and per component; values and units are the bundle's
-    observations = resources(bundle, "Observation")
+    # one OBX per Observation of a result and per component, one per flag; values and units are the bundle's
+    observations = findings(bundle)
     obx = segments(message, "OBX")
     assert len(obx) == sum(1 + len(o.get("component", [])) for o in observations) + len(report.flags)
     assert [int(s[1]) for s in obx] == list(range(1, len(obx) + 1))
@@ -106,7 +106,7 @@ def test_a_specimen_report_of_real_analyses_is_a_valid_oru_r01_with_the_bundles_
         f.code for f in sorted(report.flags, key=lambda f: ("critical", "warning", "info").index(f.severity))]
     for row in flag_rows:
         severity = next(f.severity for f in report.flags if f.code == row[3].split("^")[0])
-        assert row[8] == {"critical": "AA", "warning": "A", "info": ""}[severity]
+        assert row[8] == {"critical": "AA", "warning": "A", "info": "N"}[severity]
 
     notes = [s[3] for s in segments(message, "NTE")]
     assert notes[0].startswith("Not for clinical diagnosis")
@@ -183,4 +183,4 @@ def test_the_analyzers_report_of_a_rendered_field_is_a_valid_oru_r01(tmp_path: P
     order = msg.oru_r01_patient_result.oru_r01_order_observation
     assert order.obr.obr_25.value == "P" and order.obr.obr_3.value == f"{report.report_id}^smearscope"
     assert len(segments(message, "OBX")) == sum(
-        1 + len(o.get("component", [])) for o in resources(report_bundle(report), "Observation")) + len(report.flags)
+        1 + len(o.get("component", [])) for o in findings(report_bundle(report))) + len(report.flags)

@@ -120,6 +120,7 @@ def report_bundle(report: Report) -> Resource:
     _sizes_and_counts(b)
     flags = flags_by_severity(report)
     _interpretations(b, flags)
+    _flags(b, flags)
     conclusion = "; ".join(f"{f.severity}: {f.message}" for f in flags) or "no flags"
     v = report.verification
     b.entries.insert(0, {"fullUrl": f"urn:uuid:{_uuid(b.rid, 'report')}", "resource": {
@@ -159,6 +160,14 @@ def _interpretations(b: _Builder, flags: list[Flag]) -> None:
             continue
         if "interpretation" not in observation:  # the first flag on it is the most severe (flags_by_severity)
             observation["interpretation"] = [_concept(severity)]
+
+
+def _flags(b: _Builder, flags: list[Flag]) -> None:
+    """Each flag an Observation of its own, critical first: the flag's code, its message as the value, its
+    severity as the interpretation (codes.FLAG_INTERPRETATION), as the HL7 message's row for it with OBX-8."""
+    for i, f in enumerate(flags):
+        b.observation(f"flag/{i}", _concept(codes.flag(f.code)), valueString=f.message,
+                      interpretation=[_concept(codes.FLAG_INTERPRETATION[f.severity])])
 
 
 def _specimen(b: _Builder) -> None:

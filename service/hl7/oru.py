@@ -18,7 +18,7 @@ from typing import Any
 
 from smearscope.service.analysis.report import Report
 from smearscope.service.fhir import codes
-from smearscope.service.fhir.bundle import flags_by_severity, report_bundle
+from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.hl7.encode import (
     ENCODING_CHARACTERS,
     FT,
@@ -51,8 +51,6 @@ NO_RESULT = "X"
 CODING_SYSTEM = {codes.LOINC: "LN", codes.UCUM: "UCUM", codes.LOCAL_OBSERVATION: "99SSO",
                  codes.LOCAL_WBC_CLASS: "99SSW", codes.LOCAL_RBC_MORPHOLOGY: "99SSR",
                  codes.LOCAL_GRADE: "99SSG", codes.LOCAL_FLAG: "99SSF", codes.SPECIMEN_TYPES: "HL70487"}
-#: A flag's severity as OBX-8 (table 0078): critical AA (very abnormal), warning A; info none.
-ABNORMAL_FLAG = {"critical": "AA", "warning": "A"}
 #: SFT-1, the software's vendor (XON-1, organization name), and SFT-3, its product name.
 VENDOR = PRODUCT = "smearscope"
 #: SFT-2 and SFT-3/SFT-4 lengths in v2.5.1 (ST 15, 20, 20); SFT-5 (TX) 1024.
@@ -153,7 +151,10 @@ class _Message:
         resources = [e["resource"] for e in bundle["entry"]]
         self.diagnostic = resources[0]
         self.specimen = next(r for r in resources if r["resourceType"] == "Specimen")
-        self.observations = [r for r in resources if r["resourceType"] == "Observation"]
+        observations = [r for r in resources if r["resourceType"] == "Observation"]
+        # the flags' own Observations (bundle._flags) are the flag rows, after the results
+        self.flags = [o for o in observations if o["code"]["coding"][0]["system"] == codes.LOCAL_FLAG]
+        self.observations = [o for o in observations if o["code"]["coding"][0]["system"] != codes.LOCAL_FLAG]
         self.status = RESULT_STATUS[self.diagnostic["status"]]
         self.effective = dtm(self.diagnostic["effectiveDateTime"])
         self.issued = dtm(self.diagnostic["issued"])
@@ -207,13 +208,12 @@ def oru_r01(report: Report, addressing: Addressing | None = None) -> str:
     m.note(m.diagnostic["conclusion"])
     for group, obs in enumerate(m.observations, start=1):
         m.observation(group, obs)
-    flags = flags_by_severity(r)
-    for group, f in enumerate(flags, start=len(m.observations) + 1):  # the bundle's conclusionCode, with severity
-        message = text(f.message)
-        m.obx(group, _ce({"coding": [codes.flag(f.code).coding()]}), ("ST", message, ""), m.status,
-              ABNORMAL_FLAG.get(f.severity, ""))
-        if message != text(f.message, FT):  # cut to ST's length: the whole message in a note
-            m.note(f.message)
+    for group, flag in enumerate(m.flags, start=len(m.observations) + 1):  # critical first, as conclusionCode
+        # OBX-8 (table 0078) the flag Observation's interpretation: critical AA, warning A, info N
+        message = text(flag["valueString"])
+        m.obx(group, _ce(flag["code"]), ("ST", message, ""), m.status, flag["interpretation"][0]["coding"][0]["code"])
+        if message != text(flag["valueString"], FT):  # cut to ST's length: the whole message in a note
+            m.note(flag["valueString"])
     m.segments.append(segment(
         "SPM", "1", components(placer, subcomponents(text(r.run_id or r.report_id), NAMESPACE)),
         "", _specimen_type(m.specimen["type"])))
