@@ -106,7 +106,7 @@ def test_a_specimen_report_of_real_analyses_is_a_valid_oru_r01_with_the_bundles_
         f.code for f in sorted(report.flags, key=lambda f: ("critical", "warning", "info").index(f.severity))]
     for row in flag_rows:
         severity = next(f.severity for f in report.flags if f.code == row[3].split("^")[0])
-        assert row[8] == {"critical": "AA", "warning": "A", "info": "N"}[severity]
+        assert row[8] == {"critical": "AA", "warning": "A", "info": ""}[severity]
 
     notes = [s[3] for s in segments(message, "NTE")]
     assert notes[0].startswith("Not for clinical diagnosis")

@@ -209,9 +209,10 @@ def oru_r01(report: Report, addressing: Addressing | None = None) -> str:
     for group, obs in enumerate(m.observations, start=1):
         m.observation(group, obs)
     for group, flag in enumerate(m.flags, start=len(m.observations) + 1):  # critical first, as conclusionCode
-        # OBX-8 (table 0078) the flag Observation's interpretation: critical AA, warning A, info N
+        # OBX-8 (table 0078) the flag Observation's interpretation: critical AA, warning A, info empty
         message = text(flag["valueString"])
-        m.obx(group, _ce(flag["code"]), ("ST", message, ""), m.status, flag["interpretation"][0]["coding"][0]["code"])
+        abnormal = flag["interpretation"][0]["coding"][0]["code"] if "interpretation" in flag else ""
+        m.obx(group, _ce(flag["code"]), ("ST", message, ""), m.status, abnormal)
         if message != text(flag["valueString"], FT):  # cut to ST's length: the whole message in a note
             m.note(flag["valueString"])
     m.segments.append(segment(
