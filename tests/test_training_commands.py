@@ -10,14 +10,22 @@ Modules that import torch at the top (the train extra) are checked where it is i
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import importlib
+import importlib.metadata
 import io
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/RESULTS.md", "models/README.md", "training/README.md")
@@ -132,3 +140,50 @@ def test_training_readme_names_every_training_module():
     named = set(re.findall(r"`(\w+)\.(?:py|sh)`", table))
     missing = sorted(MODULES - {"__init__"} - named)
     assert not missing, f"training/README.md 'What is here' lacks {missing}"
+
+
+VENV_RUN = re.compile(r"\.venv/bin/python -m training\.([a-z][a-z0-9_]*)")
+
+
+def _imported_names(module: str, seen: set[str]) -> set[str]:
+    """Top-level names `training.<module>` imports (at the top or inside a function), following
+    its imports of other training modules."""
+    seen.add(module)
+    names: set[str] = set()
+    for node in ast.walk(ast.parse((ROOT / "training" / f"{module}.py").read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            dotted = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            dotted = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in dotted:
+            parts = name.split(".")
+            names.add(parts[0])
+            if parts[0] == "training" and len(parts) > 1 and parts[1] in MODULES and parts[1] not in seen:
+                names |= _imported_names(parts[1], seen)
+    return names
+
+
+def _distribution(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-").replace(".", "-")
+
+
+def test_modules_the_documents_run_with_the_runtime_venv_import_only_what_it_declares():
+    """A line `.venv/bin/python -m training.X` promises that the environment `make venv` builds
+    (the runtime dependencies and the `test` extra) runs X. Every library X imports, through the
+    training modules it imports, must be named there: one that is only there because another
+    package pulls it in (scipy, through spams-bin) is gone on the next release of that package."""
+    documented = set()
+    for name in DOCS:
+        documented |= set(VENV_RUN.findall((ROOT / name).read_text(encoding="utf-8")))
+    assert {"evaluate", "lab_table", "plausibility"} <= documented
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = {_distribution(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    providers = importlib.metadata.packages_distributions()
+    undeclared = {}
+    for module in sorted(documented & MODULES):
+        for name in sorted(_imported_names(module, set()) - set(sys.stdlib_module_names) - {"training", "smearscope"}):
+            if not {_distribution(d) for d in providers.get(name, [])} & declared:
+                undeclared.setdefault(f"training.{module}", []).append(name)
+    assert not undeclared, f"imports that neither the runtime dependencies nor the test extra declare: {undeclared}"
