@@ -15,8 +15,10 @@ import contextlib
 import importlib
 import importlib.metadata
 import io
+import os
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -187,3 +189,18 @@ def test_modules_the_documents_run_with_the_runtime_venv_import_only_what_it_dec
             if not {_distribution(d) for d in providers.get(name, [])} & declared:
                 undeclared.setdefault(f"training.{module}", []).append(name)
     assert not undeclared, f"imports that neither the runtime dependencies nor the test extra declare: {undeclared}"
+
+
+@pytest.mark.parametrize("command", [["lab_table", "--split", "test", "--scale", "given", "--limit", "1"],
+                                     ["evaluate", "--heads-only"], ["plausibility", "--looks", "1"]])
+def test_a_measurement_without_the_datasets_says_where_it_looked_and_what_to_set(command, tmp_path):
+    """A clone with no ../shared beside it is the first thing a new machine meets: the command
+    exits at once naming the folder and SMEARSCOPE_DATA, not with a traceback from deep inside a
+    dataset adapter."""
+    absent = tmp_path / "datasets"
+    proc = subprocess.run([sys.executable, "-m", f"training.{command[0]}", *command[1:]], cwd=ROOT,
+                          env={**os.environ, "SMEARSCOPE_DATA": str(absent)}, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"no datasets at {absent}" in proc.stderr and "SMEARSCOPE_DATA" in proc.stderr

@@ -25,6 +25,17 @@ def data_root() -> Path:
     return Path(os.environ.get("SMEARSCOPE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "datasets"))
 
 
+def require_data_root() -> Path:
+    """The datasets' folder; a command that reads them exits first, naming the folder, when it is
+    not there (a clone without ../shared beside it, SMEARSCOPE_DATA unset or mistyped)."""
+    root = data_root()
+    if not root.is_dir():
+        raise SystemExit(f"no datasets at {root}: set SMEARSCOPE_DATA to the folder holding bccd/, txl_pbc/, pbc/, "
+                         "chula_rbc12/, chula_wbc_rpi/ and erythrocytesidb1/ (default: ../shared/datasets beside "
+                         "the repository)")
+    return root
+
+
 @dataclass(frozen=True)
 class BoxAnnotation:
     kind: str  # rbc | wbc | platelet

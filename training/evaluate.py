@@ -43,6 +43,7 @@ from training.data import (
     bccd_split,
     bccd_wbc_types,
     data_root,
+    require_data_root,
     txl_boxes,
     txl_images,
 )
@@ -290,6 +291,7 @@ def main() -> None:
     ap.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                     help="engines to measure (tensorrt: the engines built on this machine)")
     args = ap.parse_args()
+    require_data_root()
     logging.basicConfig(level=logging.WARNING)
     limit = 20 if args.quick else None
     sp = args.split

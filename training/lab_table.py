@@ -65,6 +65,7 @@ from training.data import (
     bccd_microns_per_pixel,
     bccd_split,
     data_root,
+    require_data_root,
     txl_boxes,
 )
 from training.head_data import (
@@ -449,6 +450,7 @@ def main() -> None:
                          "the rule as the station config turns it on, or this contrast (grey levels) and the "
                          "detector score it looks from, e.g. 40,0.05")
     args = ap.parse_args()
+    require_data_root()
     global GREYSCALE
     GREYSCALE = args.greyscale
     logging.basicConfig(level=logging.WARNING)

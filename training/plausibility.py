@@ -38,6 +38,7 @@ from smearscope.engines.registry import create_engine
 from smearscope.service.analysis.aggregate import AggregateThresholds
 from smearscope.service.analysis.classify import CropClassifier, softmax
 from smearscope.service.analysis.morphology import icsh_grade
+from training.data import require_data_root
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ def main() -> None:
     ap.add_argument("--looks", default="", help="comma-separated seeds: the comparisons again with every "
                     "Chula test cell through that one random lab look (training.look), e.g. 1,2,3,4,5,6,7,8")
     args = ap.parse_args()
+    require_data_root()
     logging.basicConfig(level=logging.WARNING)
     res = run(args.models, args.smears, args.cells, look_seeds=tuple(int(v) for v in args.looks.split(",") if v))
     print(json.dumps(res, indent=2))
