@@ -204,3 +204,16 @@ def test_a_measurement_without_the_datasets_says_where_it_looked_and_what_to_set
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"no datasets at {absent}" in proc.stderr and "SMEARSCOPE_DATA" in proc.stderr
+
+
+def test_the_held_out_sections_say_where_their_runs_would_be_when_none_were_trained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A fresh clone has no leave-one-lab-out runs: training.evaluate says so and names the command
+    that trains them, instead of leaving the sections out without a word."""
+    evaluate = importlib.import_module("training.evaluate")
+    assert evaluate.detector_held_out_section(tmp_path / "lolo") == []
+    assert evaluate.held_out_runs_section(tmp_path / "wbc") == {}
+    out = capsys.readouterr().out
+    assert f"none in {tmp_path / 'lolo'}" in out and "python -m training.lolo_seg" in out, out
+    assert f"none in {tmp_path / 'wbc'}" in out and "python -m training.train_wbc --exclude-lab" in out, out

@@ -439,6 +439,8 @@ def detector_held_out_section(root: Path = Path("build/lolo")) -> list[dict]:
 
     tables, start = load(root) if root.is_dir() else ({}, None)
     if not tables:
+        print(f"\nDetectors trained without one lab: none in {root} (they are trained by python -m training.lolo_seg; "
+              "hours on 2 CPU cores); the model card holds their last figures")
         return []
     rows = held_out_rows(tables, start)
     print(f"\nDetectors trained without one lab (validation lab tables in {root}; python -m training.lolo_seg):")
@@ -450,6 +452,8 @@ def held_out_runs_section(root: Path = Path("build/wbc")) -> dict:
     """Leave-one-lab-out and leave-one-class-out WBC heads (training.train_wbc runs), if present."""
     found = {p.parent.name: json.loads(p.read_text()) for p in sorted(root.glob("*/result.json"))}
     if not found:
+        print(f"\nWBC heads held out from a lab or a class: none in {root} (they are trained by python -m "
+              "training.train_wbc --exclude-lab/--exclude-class); the model card holds their last figures")
         return {}
     print("\nWBC heads held out from a lab or a class (python -m training.train_wbc --exclude-lab/--exclude-class; "
           "test splits, review = unidentified):")
