@@ -39,7 +39,7 @@ import numpy as np
 from smearscope.engines.base import EngineError
 from smearscope.engines.cuda_api import CudaApi, CudaStream
 from smearscope.engines.manifest import load_manifest
-from smearscope.engines.trt_cache import engine_path, profile_shapes
+from smearscope.engines.trt_cache import build_record, engine_path, profile_shapes, record_path
 
 __version__ = "10.0.0"  # the API level it mimics; engine file names carry it
 MAGIC = "smearscope bench.trt_standin engine"
@@ -265,7 +265,9 @@ def write_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
     }
     path = engine_path(Path(cache_dir), m, __version__, precision, lanes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(spec))
+    data = json.dumps(spec).encode()
+    record_path(path).write_text(build_record(data))  # as build-engines writes it
+    path.write_bytes(data)
     return path
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from smearscope.engines.base import Engine, EngineError
 from smearscope.engines.cuda_api import CudaApi, CudaStream, cuda_api
-from smearscope.engines.trt_cache import engine_path
+from smearscope.engines.trt_cache import build_command, engine_path, missing_engine, whole_problem
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +74,15 @@ class TensorRtEngine(Engine):
             raise EngineError(f"TensorRT {trt.__version__} is too old: this backend needs TensorRT 10 "
                               "(JetPack 6.1 or later); use engine_backend 'onnxruntime'")
         path = engine_path(self.cache_dir, self.manifest, trt.__version__, self.precision, self.n_lanes)
+        command = build_command(self.manifest_path.parent, self.cache_dir, self.precision, self.n_lanes)
         if not path.exists():
-            raise EngineError(f"no TensorRT engine at {path}; build it first: smearscope build-engines "
-                              f"--precision {self.precision} --lanes {self.n_lanes}")
+            raise EngineError(missing_engine(path, command))
+        try:
+            problem = whole_problem(path)
+        except OSError as exc:
+            raise EngineError(f"TensorRT engine {path} cannot be read: {exc}") from exc
+        if problem is not None:
+            raise EngineError(f"TensorRT engine {path}: {problem}; rebuild it: {command}")
         choice = self._cuda_choice
         self.cuda = choice if isinstance(choice, CudaApi) else cuda_api(choice, self.device_index)
         try:

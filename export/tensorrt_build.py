@@ -22,7 +22,13 @@ from smearscope.engines.base import EngineError
 from smearscope.engines.cuda_api import CudaApi, cuda_api
 from smearscope.engines.manifest import ManifestError, ModelManifest, load_manifest
 from smearscope.engines.preprocess import to_model_input
-from smearscope.engines.trt_cache import engine_path, profile_shapes
+from smearscope.engines.trt_cache import (
+    build_record,
+    engine_path,
+    profile_shapes,
+    record_path,
+    whole_problem,
+)
 
 logger = logging.getLogger(__name__)
 MANIFESTS = ("seg.json", "rbc_head.json", "wbc_head.json")
@@ -145,8 +151,10 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
     logger.info("equivalent for one lane: %s", trtexec_command(
         manifest, onnx_path, engine_path(cache_dir, manifest, trt.__version__, precision, 1), precision, calib_cache))
     if out.exists():
-        logger.info("engine %s already built", out.name)
-        return out
+        if (problem := whole_problem(out)) is None:
+            logger.info("engine %s already built", out.name)
+            return out
+        logger.warning("engine %s: %s; building it again", out.name, problem)
     out.parent.mkdir(parents=True, exist_ok=True)
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
@@ -186,7 +194,9 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
             calibrator.release()
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build {out.name}")
-    _write_whole(out, bytes(serialized))
+    data = bytes(serialized)
+    _write_whole(record_path(out), build_record(data).encode())  # first: an engine never lacks its own
+    _write_whole(out, data)
     logger.info("built %s (%d bytes)", out, out.stat().st_size)
     return out
 

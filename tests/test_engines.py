@@ -388,7 +388,7 @@ def test_outputs_are_matched_by_name_not_by_their_order_in_the_manifest(tmp_path
 
 
 @needs_models
-def test_trt_cache_key_refuses_unknown_precisions_and_follows_the_profile_maximum():
+def test_trt_cache_key_refuses_unknown_precisions_and_follows_the_batch_profile():
     """An engine is built for one profile: a manifest whose maximum batch changed must not find the
     engine built for the old one."""
     m = load_manifest(MODELS / "rbc_head.json")
@@ -396,7 +396,11 @@ def test_trt_cache_key_refuses_unknown_precisions_and_follows_the_profile_maximu
         engine_filename(m, "10.3.0", "fp8", 2)
     wider = m.model_copy(update={"batch": BatchProfile(min=1, opt=m.batch.opt, max=2 * m.batch.max)})
     assert engine_filename(wider, "10.3.0", "fp16", 2) != engine_filename(m, "10.3.0", "fp16", 2)
-    assert engine_filename(wider, "10.3.0", "fp16", 2).endswith(f"-b{2 * m.batch.max}.engine")
+    assert engine_filename(wider, "10.3.0", "fp16", 2).endswith(f"-b1-{m.batch.opt}-{2 * m.batch.max}.engine")
+    # so do its minimum and optimum: an engine built for another profile would load without a word
+    for other in ({"min": 2}, {"opt": m.batch.opt // 2}):
+        changed = m.model_copy(update={"batch": m.batch.model_copy(update=other)})
+        assert engine_filename(changed, "10.3.0", "fp16", 2) != engine_filename(m, "10.3.0", "fp16", 2), other
 
 
 @needs_models

@@ -184,6 +184,7 @@ def test_an_engine_write_cut_short_is_not_taken_for_a_built_engine(tmp_path, mon
     import signal
     import sys
 
+    from smearscope.engines.trt_cache import record_path, whole_problem
     from smearscope.export.tensorrt_build import build_engine
     from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
 
@@ -202,7 +203,12 @@ def test_an_engine_write_cut_short_is_not_taken_for_a_built_engine(tmp_path, mon
     assert not list(tmp_path.glob("*.engine"))
     out = build_engine(manifest, tmp_path, "fp16", lanes=2)  # the next run builds it whole
     assert out.stat().st_size == trt.size
-    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, record_path(out).name]
+    # cut short afterwards (a copy, a full disk elsewhere): the next build-engines builds it again
+    out.write_bytes(out.read_bytes()[:1000])
+    assert whole_problem(out) is not None
+    assert build_engine(manifest, tmp_path, "fp16", lanes=2) == out
+    assert out.stat().st_size == trt.size and whole_problem(out) is None
 
 
 def test_an_fp16_build_on_a_gpu_without_fast_fp16_says_it_runs_in_fp32(tmp_path, monkeypatch, caplog):

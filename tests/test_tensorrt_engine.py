@@ -25,6 +25,7 @@ from smearscope.engines.batching import run_batched
 from smearscope.engines.cuda_api import cuda_api
 from smearscope.engines.onnxruntime_engine import OnnxRuntimeEngine
 from smearscope.engines.tensorrt_engine import TensorRtEngine
+from smearscope.engines.trt_cache import build_record, record_path
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 pytestmark = pytest.mark.skipif(not (MODELS / "seg.json").exists(), reason="models not trained yet")
@@ -131,8 +132,19 @@ def test_an_engine_built_for_fewer_lanes_is_refused_with_the_rebuild_command(tmp
 
 def test_an_engine_built_for_other_lanes_is_not_loaded(tmp_path):
     trt_standin.write_engine(MODELS / "rbc_head.json", tmp_path, lanes=1)
-    with pytest.raises(EngineError, match="build-engines --precision fp16 --lanes 2"):
+    with pytest.raises(EngineError, match=f"build-engines --models {MODELS} --cache {tmp_path} --precision fp16 --lanes 2"):
         TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=HostCudaApi(), lanes=2).load()
+
+
+def test_an_engine_cut_short_is_refused_with_the_rebuild_command(tmp_path):
+    """Its size against the build record beside it: the station says to rebuild, not only that
+    TensorRT could not read it (build-engines rebuilds such an engine: test_tensorrt_build)."""
+    path = trt_standin.write_engine(MODELS / "rbc_head.json", tmp_path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-10])
+    with pytest.raises(EngineError, match=f"{len(whole) - 10} bytes where its build wrote {len(whole)}: cut short.*"
+                       f"rebuild it: smearscope build-engines --models {MODELS} --cache {tmp_path}"):
+        TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=HostCudaApi()).load()
 
 
 def test_close_frees_every_buffer_and_stream_and_the_engine_reloads(tmp_path):
@@ -193,6 +205,7 @@ def test_missing_engine_file_says_how_to_build_it(tmp_path):
 
 def test_unreadable_engine_file_is_an_engine_error(tmp_path):
     path = trt_standin.write_engine(MODELS / "rbc_head.json", tmp_path)
+    record_path(path).unlink()  # copied without its build record: TensorRT itself judges it
     path.write_bytes(b"\x00not an engine")
     with pytest.raises(EngineError, match="could not deserialize"):
         TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=HostCudaApi()).load()
@@ -203,6 +216,7 @@ def test_engine_without_the_manifest_tensors_is_refused(tmp_path):
     spec = json.loads(path.read_text())
     spec["outputs"][0]["name"] = "probabilities"  # built from another export
     path.write_text(json.dumps(spec))
+    record_path(path).write_text(build_record(path.read_bytes()))
     with pytest.raises(EngineError, match="lacks tensors"):
         TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=HostCudaApi()).load()
 

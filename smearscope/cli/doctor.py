@@ -5,7 +5,8 @@ Doctor's checks: the configuration (and the files it names), the models in `anal
 (each manifest and the sha256 of its ONNX file), the WBC head's open-set thresholds (the
 station's own, `[analysis.wbc_open_set]`, fitted for this head and never looser than the model's;
 or the model's), the inference backend the configuration chooses
-(ONNX Runtime and its providers; TensorRT, its version and a CUDA binding), a watched folder
+(ONNX Runtime and its providers; TensorRT, its version and a CUDA binding), with TensorRT the engine
+file of each model (smearscope.cli.doctor_engines), a watched folder
 (writable: among the configuration's files), a camera's device node (exists and opens for
 reading; nothing is captured, the station may hold the camera; GStreamer pipelines and URLs are
 not checked), the outbox (its folder writable, free space, not held by another process), the review
@@ -333,6 +334,7 @@ def _say(check: Check) -> None:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from smearscope.cli.doctor_broker import broker_checks
+    from smearscope.cli.doctor_engines import engine_checks
     from smearscope.cli.doctor_memory import memory_checks
     from smearscope.cli.doctor_outbox import look_at_outbox
     from smearscope.cli.doctor_parked import parked_checks
@@ -355,7 +357,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         steps: list[Callable[[], list[Check]]] = [
             lambda: model_checks(analysis.models_dir), lambda: open_set_checks(analysis),
             lambda: station_means_checks(analysis, config.microns_per_pixel), lambda: typed_cells_checks(config),
-            lambda: _backend_checks(analysis.engine_backend),
+            lambda: _backend_checks(analysis.engine_backend), lambda: engine_checks(analysis),
             lambda: camera_checks(config.source), lambda: scale_checks(config),  # type: ignore[attr-defined]
             lambda: memory_checks(config, args.unit),
             lambda: _outbox_checks(mqtt.outbox.path, outbox(), review_free), lambda: review_file_checks(config),

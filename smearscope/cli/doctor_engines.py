@@ -1,0 +1,68 @@
+"""Doctor's TensorRT engine check: for each model the station loads, the engine file it would load
+(the same key: TensorRT version, the ONNX model's sha256, precision, lanes, batch profile) exists
+and is whole (readable, the size and sha256 its build recorded); else the `smearscope build-engines`
+command that builds it, the text the station's start failure gives (`engines.trt_cache`)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+Check = tuple[str, str, str]  # (OK | INFO | WARN | FAIL, what, detail)
+
+
+def engine_checks(analysis) -> list[Check]:
+    if analysis.engine_backend != "tensorrt":
+        return [("INFO", "engines", f"engine_backend {analysis.engine_backend}: TensorRT engines are not used")]
+    from smearscope.engines.manifest import ManifestError, load_manifest
+    from smearscope.engines.trt_cache import build_command, engine_glob, engine_path, missing_engine
+    from smearscope.service.analysis.pipeline import MODEL_FILES
+
+    try:
+        version: str | None = str(importlib.import_module("tensorrt").__version__)
+    except ImportError:
+        version = None
+    models, precision, lanes = analysis.models_dir, analysis.tensorrt_precision, analysis.tensorrt_lanes
+    cache = models / "engines"  # where the station's TensorRtEngine looks
+    command = build_command(models, cache, precision, lanes)
+    checks: list[Check] = []
+    for role, name in MODEL_FILES.items():
+        try:
+            manifest = load_manifest(models / name, verify_hash=True)
+        except (ManifestError, OSError, ValueError):
+            continue  # the model check says why
+        if version is not None:
+            path = engine_path(cache, manifest, version, precision, lanes)
+            found = [path] if path.exists() else []
+        else:
+            path = cache / engine_glob(manifest, precision, lanes)
+            found = sorted(cache.glob(path.name))
+        if not found:
+            others = sorted(p.name for p in cache.glob(f"{manifest.name}-*.engine"))
+            stale = (f" (the folder holds {', '.join(others)}: built for another TensorRT version, ONNX model, "
+                     "precision, lanes or batch profile)") if others else ""
+            unknown = "" if version is not None else "; TensorRT cannot be imported here, so any version would do"
+            checks.append(("FAIL", f"engine {role}", missing_engine(path, command) + stale + unknown))
+            continue
+        checks += [_whole(role, p, command, version) for p in found]
+    return checks
+
+
+def _whole(role: str, path: Path, command: str, version: str | None) -> Check:
+    from smearscope.engines.trt_cache import record_path, whole_problem
+
+    try:
+        problem = whole_problem(path)
+    except OSError as exc:
+        return ("FAIL", f"engine {role}", f"{path} cannot be read by this user ({exc.strerror or exc})")
+    if problem is not None:
+        return ("FAIL", f"engine {role}", f"{path}: {problem}; rebuild it: {command}")
+    size = f"{path.stat().st_size} bytes"
+    if version is None:
+        return ("WARN", f"engine {role}", (f"{path} ({size}): TensorRT cannot be imported here, so whether it was "
+                                           "built by the installed TensorRT version cannot be checked"))
+    if not record_path(path).exists():
+        return ("WARN", f"engine {role}", (f"{path} ({size}): no build record {record_path(path).name} beside it, "
+                                           f"so whether it is whole cannot be checked; to be sure delete it and run: "
+                                           f"{command}"))
+    return ("OK", f"engine {role}", f"{path} ({size}, whole: the size and sha256 its build recorded)")
