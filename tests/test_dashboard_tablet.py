@@ -24,7 +24,26 @@ from test_dashboard import (
     ws_broker,  # noqa: F401 (the fixture)
 )
 
-from smearscope.service.analysis.report import Flag
+from smearscope.service.analysis.morphology import GRADED
+from smearscope.service.analysis.report import ClassShare, Flag, Report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def with_zero_rows(report: Report) -> Report:
+    """`report` with a row of 0 for each class of the committed heads' it lacks (the WBC head's
+    differential classes, the RBC head's graded ones), as a report since schema 1.3 lists them."""
+    def classes(head: str) -> list[str]:
+        return json.loads((ROOT / "models" / f"{head}.json").read_text())["classes"]
+    def zeros(rows: list[ClassShare], labels: list[str], n: int, grade: str | None) -> list[ClassShare]:
+        high = round(100 * 3.8415 / (n + 3.8415), 2)  # Wilson's upper end at 0 of n
+        listed = {r.label for r in rows}
+        return rows + [ClassShare(label=c, count=0, percent=0.0, ci95_low=0.0, ci95_high=high, grade=grade)
+                       for c in sorted(labels) if c not in listed]
+    wbc = zeros(report.wbc_differential, [c for c in classes("wbc_head") if c not in ("erythroblast", "platelet")],
+                report.counts.wbc, None)
+    rbc = zeros(report.rbc_morphology, [c for c in classes("rbc_head") if c in GRADED], report.counts.rbc, "none")
+    return report.model_copy(update={"wbc_differential": wbc, "rbc_morphology": rbc})
 
 #: Every visible text node's contrast ratio against the colours behind it (WCAG 2.x relative
 #: luminance; the element's opacity and its ancestors' counted), with what AA asks of its size.
@@ -67,7 +86,9 @@ def test_the_page_on_a_tablet_fits_its_screen_reads_at_aa_contrast_and_names_eac
     flags = [Flag(code="sickle_cells_present", severity="critical", cells=[1], message="120 cells typed sickle"),
              Flag(code="atypical_wbc_present", severity="warning", cells=[2], message="5 white cells could not be typed"),
              Flag(code="few_fields", severity="info", cells=[], message="fewer fields than asked")]
-    closed = _specimen("ward-a", "run-a", flags, now - 600).model_copy(update={"specimen_id": "H-2026-0412"})
+    # every class of the heads' listed, those no cell was given at 0: the card's full length
+    closed = with_zero_rows(_specimen("ward-a", "run-a", flags, now - 600)).model_copy(
+        update={"specimen_id": "H-2026-0412"})
     open_run = {**_closed_run_state(_specimen("ward-b", "run-b", [], now)), "state": "open"}
     with _page_and_a_station(tmp_path, ws_broker, ("--run-control",)) as (driver, send, log, url):
         for station in ("ward-a", "ward-b", "ward-c"):
@@ -116,6 +137,10 @@ def test_the_page_on_a_tablet_fits_its_screen_reads_at_aa_contrast_and_names_eac
                 # the share and its 95 % interval drawn a pixel per % at least (three columns at 800 px
                 # left 56 px, none beside a long cell name)
                 assert min(bars) >= 100, (width, bars)
+                # a class no white cell was given is shown at 0 (a result), not hidden
+                eos = inside("ward-a", "table.differential tr[data-label='eosinophil']")
+                assert eos.is_displayed() and [td.text for td in eos.find_elements(By.CSS_SELECTOR, "td")][1:3] == \
+                    ["0", "0"], width
                 driver.save_screenshot(str(tmp_path / f"tablet-{width}x{height}.png"))  # for a person to look at
             finally:
                 driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

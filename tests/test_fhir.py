@@ -405,7 +405,9 @@ def test_immature_granulocytes_carry_loincs_own_name_for_71695_1(tmp_path: Path)
                            str(DATA / "pbc" / "ig" / "IG_146565.jpg"), "--fhir", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [s["label"] for s in json.loads(proc.stdout)["wbc_differential"]] == ["ig"]
+    # the cell typed ig, every other class of the head's at 0
+    assert [(s["label"], s["count"]) for s in json.loads(proc.stdout)["wbc_differential"]] == [
+        ("ig", 1), ("basophil", 0), ("eosinophil", 0), ("lymphocyte", 0), ("monocyte", 0), ("neutrophil", 0)]
     bundle = json.loads(out.read_text())
     validate(bundle)
     ig = by_code(bundle, codes.LOINC, "71695-1")

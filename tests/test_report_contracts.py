@@ -533,7 +533,8 @@ def test_field_reports_carry_no_run_identifier():
 
 
 def test_a_report_says_its_schema_version_and_a_stored_one_of_the_version_before_is_still_read():
-    """Reports are "1.2" since they name their software version and may name their specimen ("1.1":
+    """Reports are "1.3" since their models name their classes ("1.2": they name their software
+    version and specimen; "1.1":
     sickle cells read "present"; a consumer holding the 1.0 schema would refuse that grade); a "1.0"
     report kept by a station or a consumer, sickle cells graded 3+, still validates against the
     committed schema, loads, and reads "present" in FHIR."""
@@ -545,7 +546,7 @@ def test_a_report_says_its_schema_version_and_a_stored_one_of_the_version_before
 
     schema = json.loads((Path(__file__).resolve().parents[1] / "schemas" / "report.schema.json").read_text())
     new = current_report()
-    assert SCHEMA_VERSION == new.schema_version == "1.2"
+    assert SCHEMA_VERSION == new.schema_version == "1.3"
     assert any(s.grade == "present" for s in new.rbc_morphology)
     jsonschema.validate(json.loads(new.model_dump_json()), schema)
     old = graded_report()
@@ -603,7 +604,8 @@ def test_a_run_left_open_under_other_models_is_closed_at_the_start_not_taken_bac
     file): the run left open before it was taken back, and its fields and the next ones made one
     specimen report under the first field's models (seen live: 6 fields of one red-cell calibration
     and 1 of another). Under other models it now ends with the restart; under the same models it
-    is taken back as before."""
+    is taken back as before, also by a version whose models name their classes (schema 1.3) where
+    the run was stored without them."""
     run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
     run.add(field("f0", wbcs(3)), 1.0)
     recalibrated = {"seg": MODELS["seg"].model_copy(update={"manifest_sha256": "cd" * 32})}
@@ -616,6 +618,9 @@ def test_a_run_left_open_under_other_models_is_closed_at_the_start_not_taken_bac
         clock.now = same.last_activity + 10.0  # within the idle timeout of the run's last field
         assert same.end_requested is None
         assert tracker(target=100, idle=60.0, clock=clock).resume_one([same]) == []  # taken back
+        named = {k: v.model_copy(update={"classes": ["rbc", "wbc", "platelet"]}) for k, v in MODELS.items()}
+        (upgraded,) = state.open_runs(named)
+        assert upgraded.end_requested is None and upgraded.models == MODELS
         with caplog.at_level(logging.WARNING, logger="smearscope.service.station.durable"):
             (other,) = state.open_runs(recalibrated)
         assert other.end_requested == "restart"

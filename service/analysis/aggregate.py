@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +22,20 @@ from smearscope.service.analysis.morphology import (
     icsh_grade,
     size_distribution,
 )
-from smearscope.service.analysis.records import CellKind, ClassifiedCell
-from smearscope.service.analysis.report import ClassShare, Counts, Flag, SizeHistogram, SizeStats
+from smearscope.service.analysis.records import (
+    ARTEFACT,
+    KIND_FROM_HEAD_LABEL,
+    CellKind,
+    ClassifiedCell,
+)
+from smearscope.service.analysis.report import (
+    ClassShare,
+    Counts,
+    Flag,
+    ModelInfo,
+    SizeHistogram,
+    SizeStats,
+)
 
 Z95 = 1.959963984540054
 
@@ -42,8 +54,11 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
 
 
 def share_rows(c: Counter[str], of: int | None = None) -> list[ClassShare]:
-    """Each label's count and percent (of `of` cells when given, else of the counted labels)."""
+    """Each label's count and percent (of `of` cells when given, else of the counted labels); a label
+    counted 0 is a row of 0 % with its interval (from 0), none when there is nothing to be a share of."""
     n = sum(c.values()) if of is None else of
+    if not n:
+        return []
     out = []
     for label, k in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])):
         lo, hi = wilson_interval(k, n)
@@ -98,6 +113,23 @@ def unlisted_size_rows(rows: Sequence[ClassShare]) -> list[ClassShare]:
     """A not-assessable row with a count of 0 for each size-based class `rows` lack."""
     listed = {r.label for r in rows}
     return [ClassShare(label=label, count=0, percent=0.0, assessable=False) for label in sorted(SIZE_BASED - listed)]
+
+
+def head_classes(models: Mapping[str, ModelInfo] | None, role: str) -> tuple[str, ...]:
+    """The classes the head in `role` can call (its manifest's, recorded in the report's models),
+    less those counted apart from its kind (erythroblast as NRBC, platelet as platelets: they are
+    no row of the differential) and artefact; none when the models do not record them."""
+    info = (models or {}).get(role)
+    return tuple(c for c in (info.classes or []) if c not in KIND_FROM_HEAD_LABEL and c != ARTEFACT) if info else ()
+
+
+def with_zeros(c: Counter[str], labels: Iterable[str]) -> Counter[str]:
+    """`c` with a count of 0 for each of `labels` it lacks: a differential lists every class that
+    was looked for, a class no cell was given at 0 % (a result, not "not done")."""
+    out = Counter(c)
+    for label in labels:
+        out.setdefault(label, 0)
+    return out
 
 
 @dataclass(frozen=True)
@@ -209,12 +241,16 @@ class CellTally:
             tally.of = cells
         return tally.extend(cells[tally.n:]) if len(cells) > tally.n else tally
 
-    def aggregates(self, th: AggregateThresholds = AggregateThresholds()) -> Aggregates:
+    def aggregates(self, th: AggregateThresholds = AggregateThresholds(),
+                   models: Mapping[str, ModelInfo] | None = None) -> Aggregates:
+        """The aggregates; with `models` recording their heads' classes, the differential lists each
+        class of the WBC head's and the morphology each graded class of the RBC head's, 0 where no cell
+        was given it (`head_classes`)."""
         n_rbc, n_wbc = self.kinds[CellKind.RBC], self.kinds[CellKind.WBC]
         n_plt, n_nrbc = self.kinds[CellKind.PLATELET], self.kinds[CellKind.NRBC]
         counts = Counts(rbc=n_rbc, wbc=n_wbc, platelet=n_plt, nrbc=n_nrbc, artefact=self.kinds[CellKind.ARTEFACT])
-        diff = share_rows(self.wbc_labels)
-        morph = self.morphology(th)
+        diff = share_rows(with_zeros(self.wbc_labels, head_classes(models, "wbc_head")))
+        morph = self.morphology(th, tuple(c for c in head_classes(models, "rbc_head") if c in GRADED))
         # diameters are measured only where the scale was calibrated (in a mixed run: those fields' cells)
         sizes = (size_stats(self.diameters_calibrated) if self.n_calibrated
                  else sizes_not_assessed(self.n_sized_estimated))
@@ -250,9 +286,11 @@ class CellTally:
         for name, labels, n in (("wbc", self.wbc_labels, n_wbc), ("rbc", self.rbc_labels, n_judged)):
             if n:
                 frac = labels[UNIDENTIFIED] / n
-                if frac > th.max_unidentified_fraction:
+                if frac > th.max_unidentified_fraction:  # white cells: atypical ones (open set) too
+                    why = " or were unlike any trained type" if name == "wbc" else ""
                     flags.append(Flag(code=f"many_unidentified_{name}", severity="warning",
-                                      message=f"{100 * frac:.0f}% of {name.upper()} could not be classified with confidence: review"))
+                                      message=f"{100 * frac:.0f}% of {name.upper()} could not be classified with "
+                                              f"confidence{why}: review"))
         flags += self._evidence_flags(th)
         nrbc_100 = round(100.0 * n_nrbc / n_wbc, 2) if n_wbc else None
         return Aggregates(counts, diff, morph, sizes, ratios, flags, nrbc_100)
@@ -262,7 +300,7 @@ class CellTally:
         """Red cells whose shape was judged (all but those of fields too blurred: service.analysis.rbc_focus)."""
         return self.kinds[CellKind.RBC] - sum(self.blurred_labels.values())
 
-    def morphology(self, th: AggregateThresholds) -> list[ClassShare]:
+    def morphology(self, th: AggregateThresholds, graded: Sequence[str] = ()) -> list[ClassShare]:
         """RBC morphology shares with ICSH grades (and the grades at the ends of the 95 % interval;
         sickle cells "present" or "none", with no interval's grades: service.analysis.morphology).
 
@@ -274,22 +312,24 @@ class CellTally:
 
         Red cells of fields too blurred to judge their shape are in no share: the rows are of the
         other red cells (`of_cells`), and where every red cell was blurred, each row is their count
-        and share, not assessable and without a grade."""
+        and share, not assessable and without a grade.
+
+        Each of the `graded` classes no judged cell was given is a row of 0, graded "none" (size-based
+        ones only where some cell could be sized: at an estimated scale they are listed not assessable)."""
         n_rbc, n_calibrated = self.n_judged, self.n_calibrated_judged
         if not n_rbc and self.blurred_labels:
             off = {"assessable": False, "grade": None, "grade_ci_low": None, "grade_ci_high": None}
             blurred = [r.model_copy(update=off) for r in share_rows(self.blurred_labels)]
             return blurred + self._size_rows_unassessed() if not self.n_calibrated else blurred
+        labels = with_zeros(self.rbc_labels, [c for c in graded if n_calibrated or c not in SIZE_BASED])
         mixed = 0 < n_calibrated < n_rbc
         if mixed:  # a size-based label is only ever given to a whole cell at a calibrated scale
-            rows = share_rows(Counter({k: v for k, v in self.rbc_labels.items() if k not in SIZE_BASED}),
-                              of=n_rbc)
-            rows += share_rows(Counter({k: v for k, v in self.rbc_labels.items() if k in SIZE_BASED}),
-                               of=n_calibrated)
+            rows = share_rows(Counter({k: v for k, v in labels.items() if k not in SIZE_BASED}), of=n_rbc)
+            rows += share_rows(Counter({k: v for k, v in labels.items() if k in SIZE_BASED}), of=n_calibrated)
             rows = [r.model_copy(update={"of_cells": r.of_cells if r.label in SIZE_BASED else None}) for r in rows]
             rows.sort(key=lambda r: (-r.count, r.label))
         else:
-            rows = share_rows(self.rbc_labels)
+            rows = share_rows(labels)
         # a sickle or schistocyte call graded only when the head was as sure as its flag needs: one
         # unsure call must not print "sickle cells present" (it is listed for review by the flag instead)
         sure = {"sickle": self.sure_sickle(th), "schistocyte": self.sure_schistocytes(th)}
@@ -380,6 +420,7 @@ def is_classified_wbc(cell: ClassifiedCell) -> bool:
     return cell.detection.kind is CellKind.WBC and cell.label not in (None, UNIDENTIFIED)
 
 
-def aggregate(cells: Sequence[ClassifiedCell], th: AggregateThresholds = AggregateThresholds()) -> Aggregates:
+def aggregate(cells: Sequence[ClassifiedCell], th: AggregateThresholds = AggregateThresholds(),
+              models: Mapping[str, ModelInfo] | None = None) -> Aggregates:
     """A field's (or any list of cells') aggregates: `CellTally` over the cells at once."""
-    return CellTally().extend(cells).aggregates(th)
+    return CellTally().extend(cells).aggregates(th, models)

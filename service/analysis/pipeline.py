@@ -44,6 +44,7 @@ from smearscope.service.analysis.platelet_rescue import PlateletRescue, rescue_p
 from smearscope.service.analysis.prepare import CanonicalField, Preparation
 from smearscope.service.analysis.rbc_focus import MAX_EDGE_WIDTH_UM, measure_rbc_focus
 from smearscope.service.analysis.records import (
+    KIND_FROM_HEAD_LABEL,
     CellCrop,
     CellDetection,
     CellKind,
@@ -95,15 +96,6 @@ FALLBACK_UM_PER_PX = 0.1
 SCALE_MIN_SCORE = 0.3
 #: White cells this confident count against a searched scale (scale_search.plausible).
 SCALE_WBC_MIN_SCORE = 0.5
-
-
-#: Head classes that are not the kind the head serves. A "platelet" from the WBC head (PBC's
-#: platelet class: a giant platelet or a platelet clump the detector took for a WBC) is counted as
-#: a platelet, never as a WBC (clumps raising the WBC count is a classic analyzer error), and
-#: flagged for review. A "platelet" from the RBC head (a platelet or small clump the detector took
-#: for a red cell) would be counted as a platelet, not a red cell (the committed RBC head has no
-#: such class: one was tried and not adopted, see models/README.md).
-KIND_FROM_HEAD_LABEL = {"platelet": CellKind.PLATELET, "erythroblast": CellKind.NRBC}
 
 
 @dataclass(frozen=True)
@@ -231,7 +223,8 @@ class Analyzer:
                 e.close()
             raise
         models = {role: ModelInfo(name=e.manifest.name, sha256=e.manifest.sha256, backend=e.backend_name,
-                                  manifest_sha256=e.manifest.runtime_sha256()) for role, e in engines.items()}
+                                  manifest_sha256=e.manifest.runtime_sha256(), classes=list(e.manifest.classes))
+                  for role, e in engines.items()}
         if station_open_set:
             models["wbc_head"] = models["wbc_head"].model_copy(update={"open_set_thresholds": station_open_set})
         if station is not None:
@@ -422,7 +415,7 @@ class Analyzer:
         if blurred:  # counted, their shape not judged
             cells = [dataclasses.replace(c, shape_judged=False) if c.detection.kind is CellKind.RBC else c for c in cells]
         timing["rbc_focus_ms"] = (time.perf_counter() - t) * 1000
-        agg = aggregate(cells, self.options.thresholds)
+        agg = aggregate(cells, self.options.thresholds, self.models)
         flags = list(agg.flags) + ([focus.flag(bound)] if bound is not None and blurred else [])
         skipped = [f"{m}: {r.reason}" for m, r in field_.stain_results.items() if not r.applied]
         if skipped:

@@ -28,6 +28,14 @@ class CellKind(str, Enum):
 #: The type a technician gives an object of the review gallery that is not a cell.
 ARTEFACT = CellKind.ARTEFACT.value
 
+#: Head classes that are not the kind the head serves. A "platelet" from the WBC head (PBC's
+#: platelet class: a giant platelet or a platelet clump the detector took for a WBC) is counted as
+#: a platelet, never as a WBC (clumps raising the WBC count is a classic analyzer error), and
+#: flagged for review. A "platelet" from the RBC head (a platelet or small clump the detector took
+#: for a red cell) would be counted as a platelet, not a red cell (the committed RBC head has no
+#: such class: one was tried and not adopted, see models/README.md).
+KIND_FROM_HEAD_LABEL = {"platelet": CellKind.PLATELET, "erythroblast": CellKind.NRBC}
+
 
 #: Class order of the segmentation model's outputs.
 SEG_CLASSES: tuple[CellKind, ...] = (CellKind.RBC, CellKind.WBC, CellKind.PLATELET)

@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 #: ICSH reports them). A "1.0" report is still read; it may grade sickle cells 1+ to 3+ (docs/MQTT.md).
 #: "1.2": a report names the smearscope version that made it (`software_version`), and a specimen report
 #: the lab's identifier of the specimen its run was started for (`specimen_id`, start_run).
-SCHEMA_VERSION = "1.2"
+#: "1.3": a report's models name the classes each can call (`classes`): its WBC differential lists each
+#: class of the WBC head's and its morphology each graded class of the RBC head's, one no cell was given at 0.
+SCHEMA_VERSION = "1.3"
 #: Longest specimen identifier (accession number, slide label) a run and its report may name.
 MAX_SPECIMEN_ID = 64
 
@@ -119,6 +121,11 @@ class ModelInfo(_Strict):
     station_means: StationMeansInfo | None = Field(
         None, description="the WBC head types white cells by this station's own class means (smearscope "
         "adapt-wbc); absent: by the head as trained")
+    classes: list[str] | None = Field(
+        None, description="the classes the model can call, as its manifest lists them: the report's WBC differential "
+        "lists each of the WBC head's (but those counted apart: erythroblast as NRBC, platelet as platelets) and its red "
+        "cell morphology each graded class of the RBC head's, a class no cell was given with a count of 0; absent in "
+        "reports from before it was recorded (their rows list only the classes some cell was given)")
 
 
 class CellRecord(_Strict):
@@ -245,7 +252,7 @@ class CellDetail(_Strict):
 
 
 class Report(_Strict):
-    schema_version: Literal["1.0", "1.1", "1.2"] = SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3"] = SCHEMA_VERSION
     report_id: str
     kind: Literal["field", "specimen"]
     created_at: float

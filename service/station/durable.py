@@ -331,9 +331,12 @@ class StationState:
                          run_id, self.outbox.path, reason[:300])
         for run in runs:
             run.end_requested = ending.get(run.run_id)
-            if models and run.models and run.models != dict(models) and run.end_requested is None:
+            # a run stored before models named their classes (schema 1.3) is taken back under the same models
+            same = {k: v.model_copy(update={"classes": run.models[k].classes}) if k in run.models else v
+                    for k, v in (models or {}).items()}
+            if models and run.models and run.models != same and run.end_requested is None:
                 run.end_requested = "restart"
-                changed = sorted(k for k in {*models, *run.models} if models.get(k) != run.models.get(k))
+                changed = sorted(k for k in {*same, *run.models} if same.get(k) != run.models.get(k))
                 logger.warning("run %s, left open, was analysed with other models than this start's (%s: another "
                                "model, calibration, backend or station means): closed (restart), not taken back",
                                run.run_id, ", ".join(changed))

@@ -242,7 +242,7 @@ class SpecimenRun:
         without `with_cells`, without the cell list (the live run state: the list's records cost
         about 10 ms at 300 000 cells)."""
         self.tally = CellTally.caught_up(self.tally, self.cells)
-        agg = self.tally.aggregates(thresholds)
+        agg = self.tally.aggregates(thresholds, self.models)
         flags = list(agg.flags)
         flags += [Flag(code=code, severity=severity, message=f"{n} of {len(self.field_ids)} fields: {FIELD_FLAGS[code]}")
                   for code, (severity, n) in self.field_flags.items()]
