@@ -269,6 +269,10 @@ def test_sickle_cells_the_technician_confirms_count_as_sure(run):
     assert typed == 5 and "sickle_cells_present" in {f.code for f in after.flags if f.severity == "critical"}
     g = [i for i, r in enumerate(after.cells) if r.label == "sickle"]
     assert len(g) >= 5 and all(after.cells[i].label_score == 1.0 for i in g if after.cells[i].machine_label)
+    # the signed report says a person confirmed them, and asks no review of the cells they typed
+    (flag,) = [f for f in after.flags if f.code == "sickle_cells_present"]
+    assert flag.message.startswith(f"{len(g)} sickle cells seen (5 confirmed by a technician"), flag.message
+    assert flag.message.endswith(": review the others" if len(g) > 5 else "technician)"), flag.message
 
 
 def test_a_confirmed_sickle_call_counts_as_sure(run):
@@ -294,6 +298,15 @@ def test_a_confirmed_sickle_call_counts_as_sure(run):
     after = verified.report(station_id=None, now=3.0, end_reason="stopped")
     assert typed == 5 and changed == []
     assert "sickle_cells_present" in {f.code for f in after.flags if f.severity == "critical"}
+    # the analyzer's own sure sickle calls (this run has one) are still left to review, by name
+    others = sum(1 for r in after.cells if r.label == "sickle" and r.label_score is not None and r.label_score < 1.0)
+    n = 5 + others
+    (unsure,) = [f.message for f in before.flags if f.code == "sickle_cells_review"]
+    assert unsure == (f"{n} possible sickle cell(s), {others} at confidence >= 0.8, fewer than the 5 a critical "
+                      "flag needs: review the listed cells")
+    (sure,) = [f.message for f in after.flags if f.code == "sickle_cells_present"]
+    assert sure == (f"{n} sickle cells seen (5 confirmed by a technician" + (
+        f", {others} more at confidence >= 0.8): review the others" if others else ")")), sure
     assert all(after.cells[i].label_score == 1.0 and after.cells[i].machine_label is None for i in rbc)
 
 

@@ -187,6 +187,7 @@ class CellTally:
         self.unidentified_wbc: list[int] = []
         self.atypical_wbc = 0
         self.sickle: list[tuple[int, float]] = []  # (index, head confidence)
+        self.sickle_typed = 0  # sickle cells a technician typed (verified run): confirmed
         self.schistocytes: list[tuple[int, float]] = []  # (index, head confidence)
         self.regrouped_platelets: list[int] = []  # found as white cells, typed as platelets
         self.nrbc: list[int] = []
@@ -216,6 +217,7 @@ class CellTally:
                     self.unassessed[c.unassessed_label] += 1
                 if label == "sickle":
                     self.sickle.append((i, c.label_score or 0.0))
+                    self.sickle_typed += c.typed
                 elif label == "schistocyte":
                     self.schistocytes.append((i, c.label_score or 0.0))
             elif kind is CellKind.WBC:
@@ -376,16 +378,20 @@ class CellTally:
                                       f"typed ({self.atypical_wbc} unlike any trained type): blasts or other abnormal cells "
                                       "are possible; review the smear"))
         sickle = [i for i, _ in self.sickle]
-        n_sure = self.sure_sickle(th)
+        n, n_sure, typed = len(sickle), self.sure_sickle(th), self.sickle_typed
+        at = f"at confidence >= {th.sickle_min_confidence}"
+        # in a verified run the cells a technician typed sickle are confirmed, not left for review
+        sure = f"{n_sure} {at}" if not typed else f"{typed} confirmed by a technician" + (
+            f", {n_sure - typed} more {at}" if n_sure > typed else "")
         if n_sure >= th.sickle_critical_min_cells:
+            left = "" if typed == n else ": review the others" if typed else ": review"
             flags.append(Flag(code="sickle_cells_present", severity="critical", cells=sickle,
-                              message=f"{len(sickle)} sickle cells seen ({n_sure} at confidence >= "
-                                      f"{th.sickle_min_confidence}): review"))
+                              message=f"{n} sickle cells seen ({sure}){left}"))
         elif sickle:
+            left = "" if typed == n else ": review the others" if typed else ": review the listed cells"
             flags.append(Flag(code="sickle_cells_review", severity="warning", cells=sickle,
-                              message=f"{len(sickle)} possible sickle cell(s), {n_sure} at confidence >= "
-                                      f"{th.sickle_min_confidence}, fewer than the {th.sickle_critical_min_cells} a critical "
-                                      "flag needs: review the listed cells"))
+                              message=f"{n} {'' if typed == n else 'possible '}sickle cell(s), {sure}, fewer than the "
+                                      f"{th.sickle_critical_min_cells} a critical flag needs{left}"))
         schisto, n_sure = [i for i, _ in self.schistocytes], self.sure_schistocytes(th)
         n_judged = self.n_judged
         if n_judged and n_sure >= th.schistocyte_min_cells and n_sure / n_judged > 0.01:

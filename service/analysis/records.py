@@ -152,6 +152,9 @@ class ClassifiedCell:
     #: False for a red cell of a field whose red cells were too blurred to judge their shape
     #: (service.analysis.rbc_focus): counted, left out of the morphology grades.
     shape_judged: bool = True
+    #: Typed by a technician verifying the run (service.station.specimen: `SpecimenRun.verified`),
+    #: its label certain: a flag says which of its cells a person confirmed.
+    typed: bool = False
     #: The head's open-set scores (its manifest's tests, in order; empty for a head without any):
     #: what `smearscope calibrate-atypical` fits a station's thresholds on. Not in the report.
     open_set_scores: tuple[float, ...] = ()

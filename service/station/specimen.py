@@ -218,7 +218,7 @@ class SpecimenRun:
             # a red cell the technician typed is judged, however blurred its field (rbc_focus)
             cells[g] = replace(c, detection=replace(c.detection, kind=kind), label=label, label_score=score,
                                atypical=False, detected_as=detected_as, unassessed_label=unassessed,
-                               shape_judged=c.shape_judged or head == "rbc")
+                               shape_judged=c.shape_judged or head == "rbc", typed=True)
             records[g] = rec.model_copy(update={"kind": kind.value, "label": label, "label_score": score,
                                                 "atypical": False, "unassessed_label": unassessed,
                                                 "machine_label": rec.label if new != rec.label else None})
