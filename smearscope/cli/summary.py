@@ -57,7 +57,9 @@ def summarize(report: Report) -> str:
         lines.append("  WBC: " + ", ".join(f"{s.label} {s.count} ({s.percent:.0f}%)" for s in r.wbc_differential))
     doubted = report_view.calibration_in_doubt(r)  # a calibration in doubt: sizes not read
     rows = report_view.morphology_rows(r)  # every size-based class when sizes cannot be read
-    shares = [s for s in rows if report_view.assessable(r, s)]
+    # a row no cell was given (the report lists every class of the head's) is left to --json: at a glance
+    # "none seen" of a dozen findings would bury the ones seen
+    shares = [s for s in rows if report_view.assessable(r, s) and s.count]
     graded = {s.label: _grade_text(s, g) for s in shares if (g := report_view.grade(s)) not in (None, "none")}
     # a share none of whose calls is sure enough for a grade: said, or its percent reads as a finding
     unsure = {s.label: _grade_text(s, "none") for s in shares if s.graded_count is not None
