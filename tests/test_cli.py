@@ -359,7 +359,9 @@ def test_two_inputs_of_one_name_get_an_overlay_and_a_bundle_each(tmp_path):
 @needs_models
 def test_a_broken_tiff_is_told_once_with_its_code_and_opencvs_own_lines_only_at_debug(tmp_path):
     path = tmp_path / "cut.tif"
-    path.write_bytes(hostile.one_strip_tiff(b"", 7, 64, 64))  # an old-style JPEG strip of no bytes
+    # a JPEG strip holding only a JPEG's first markers: OpenCV's libtiff says why (a strip of no bytes
+    # at all is refused before OpenCV sees it)
+    path.write_bytes(hostile.one_strip_tiff(b"\xff\xd8\xff\xdb" + bytes(60), 7, 64, 64))
     for extra, opencv_said in (((), False), (("--log-level", "DEBUG"), True)):
         proc = smearscope(*extra, "analyze", str(path), "--json")
         assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "corrupt"
