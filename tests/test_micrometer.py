@@ -254,3 +254,20 @@ def test_calibrate_scale_says_what_the_calibration_record_keeps_and_the_config_t
                                         check=False, capture_output=True, text=True, timeout=120).stdout)
     assert as_json["calibrated_on"] == today.isoformat() and as_json["image_sha256"] in record
     assert as_json["measured_at"].endswith("+00:00") and as_json["division_um"] == 10.0
+
+
+@pytest.mark.parametrize("spacing_px", [1.9, 2.1])
+def test_lines_finer_than_three_pixels_are_refused_not_measured_as_their_moire(spacing_px):
+    """Lines 2 px apart (a 10 um micrometer through a low-power objective) sampled by the camera
+    beat into a coarser pattern (every 9.5 or 10.5 px here) that repeats as a ruling would: it was
+    reported as the division, the scale 80 % off. The profile's strongest frequency is then the
+    fine lines', under 3 px, not the measured division's: refused, saying so."""
+    img = render_micrometer(640, 480, 10.0 / spacing_px, line_um=10.0 / spacing_px, blur_px=0.3)
+    with pytest.raises(MicrometerError, match="closer than 3 px"):
+        measure_micrometer(img, 10.0)
+
+
+def test_lines_just_under_three_pixels_apart_are_still_measured():
+    """Lines 2.8 px apart are resolved: their own frequency is the strongest, and they are measured."""
+    img = render_micrometer(640, 480, 10.0 / 2.8, line_um=10.0 / 2.8, blur_px=0.3)
+    assert measure_micrometer(img, 10.0).period_px == pytest.approx(2.8, rel=0.003)

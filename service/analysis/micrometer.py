@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from smearscope.service.analysis.micrometer_moire import moire_of
+
 #: The ruling's depth (the folded profile's peak to peak) over the field's brightness, at least (a lamp's
 #: flicker bands reach a few per cent; rulings in focus 10 to 90 %).
 MIN_CONTRAST = 0.08
@@ -69,6 +71,10 @@ class TwoRulings(MicrometerError):
     def of(cls, period: float, other: float, where: str = "") -> TwoRulings:
         return cls(f"two rulings in view, one every {period:.2f} px and one every {other:.2f} px{where} (an eyepiece "
                    "reticle over the stage micrometer, or two scales): photograph the stage micrometer's scale alone")
+
+
+class TooFine(MicrometerError):
+    """Lines finer than the camera resolves, seen through their moire: no other direction is tried."""
 
 
 @dataclass(frozen=True)
@@ -404,6 +410,9 @@ def _ruling(g: np.ndarray, theta: float, lag_min: int, refine_angle: bool) -> _R
             f"at least {100 * MIN_CONTRAST:.0f} %), its divisions alike by {regularity:.2f} and repeating by "
             f"{prominence:.2f} (a ruling's, at least {need:.2f} and {MIN_PROMINENCE}): focus on the "
             "micrometer's lines and fill the field with them")
+    if (fine := moire_of(span, period, lag_min)) is not None:
+        raise TooFine(f"lines closer than {lag_min} px apart (every {fine:.2f} px, their moire every {period:.2f} "
+                              "px): finer than the camera resolves; photograph the micrometer at a higher magnification")
     _no_second_ruling(residual, period, level, lag_min)
     # every second line differs: only when their peak clearly stands above the division's
     alternate = group == 2 and ac[at] >= 1.25 * ac[first]
@@ -453,7 +462,7 @@ def measure_micrometer(image: np.ndarray, division_um: float = 10.0, min_period_
         try:
             r = _ruling(g, theta, lag_min, refine_angle=True)
             break
-        except TwoRulings:
+        except (TwoRulings, TooFine):
             raise
         except MicrometerError as exc:
             errors.append(exc)
