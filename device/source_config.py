@@ -111,6 +111,15 @@ class CameraSourceConfig(_CommonSourceFields):
         description="Cap of the exponential reconnect backoff.",
         gt=0.0, le=3600.0,
     )
+    read_timeout_s: float = Field(
+        default=10.0,
+        title="Longest camera read (s)",
+        description="A single open or frame read of the camera taking longer than this is a hung camera "
+        "(a stalled GStreamer/CSI pipeline or driver): said at ERROR, its thread abandoned and the camera "
+        "opened again; more than 3 stuck at once stop the station for a restart. Waits between "
+        "reconnects are never bounded by it. Keep it above a few frame periods of the camera.",
+        ge=1.0, le=600.0,
+    )
 
     @model_validator(mode="after")
     def _backoff_ordered(self) -> CameraSourceConfig:

@@ -34,6 +34,7 @@ import numpy as np
 from typing_extensions import Self  # typing.Self needs Python 3.11
 
 from smearscope.device.camera_frames import RepeatWatch, as_bgr8, described, within_limits
+from smearscope.device.camera_reads import GuardedCapture
 from smearscope.device.frame import Frame
 from smearscope.device.ingest import IngestError, IngestLimits, load_image, shown
 from smearscope.device.source_config import (
@@ -227,17 +228,21 @@ class CameraSource(FrameSource):
     the first size again. Binning would scale the um/px and a crop keep it: the station cannot tell.
     A live sensor's noise never repeats a frame bit for bit: FROZEN_REPEATS repeats in a row are
     said as a frozen stream (the quality gate refuses them as same_field), once, until it moves.
+    An open or read longer than `read_timeout_s` is a hung camera: said, abandoned, opened again
+    (device.camera_reads); `state` says what the camera is doing, 'read_hung' until a frame comes.
     """
 
     def __init__(
         self,
         config: CameraSourceConfig,
         capture_factory: Callable[[CameraSourceConfig], Any] = _open_capture,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(config.name)
         self._config = config
-        self._factory = capture_factory
-        self._capture: Any = None
+        #: Each open()/read() on its own thread, bounded by read_timeout_s (device.camera_reads).
+        self.camera = GuardedCapture(config.name, config.device, lambda: capture_factory(config),
+                                     config.read_timeout_s, self._stop, clock)
         self._failures = 0
         self._streak = 0  # good frames in a row since the last failure
         # the random part keeps ids apart across starts on the same restored (fake-hwclock) time
@@ -253,16 +258,25 @@ class CameraSource(FrameSource):
         camera that drops out after each frame keeps backing off, said at 1, 2, 4, 8 ... failures)."""
         return self._failures
 
+    @property
+    def state(self) -> str:
+        """'read_hung' (a call hung, no frame since), 'opening', 'reading', 'reconnect_wait', 'idle'
+        or 'closed', for the station's status and telemetry."""
+        return "closed" if self.closed else "read_hung" if self.camera.hung else self.camera.activity.what
+
     def _next_frame(self) -> Frame | None:
         while not self._stop.is_set():
-            if self._capture is None:
-                self._capture = self._factory(self._config)
-                if self._capture is None:
+            if self.camera.capture is None and not self.camera.open():
+                if not self._stop.is_set() and not self.camera.hung:
                     self._failed("camera %r did not open")
-                    continue
-            ok, image = self._capture.read()
+                continue
+            read = self.camera.read()
+            if read is None:  # hung (said, a new capture next) or closed
+                continue
+            ok, image = read
             pixels = as_bgr8(within_limits(image)) if ok else None
             if pixels is not None:
+                self.camera.frame_came()
                 self._streak += 1
                 if self._failures and self._streak >= STABLE_FRAMES:
                     logger.info("%s: camera back after %d failures", self.name, self._failures)
@@ -275,8 +289,7 @@ class CameraSource(FrameSource):
                     source=self.name,
                     microns_per_pixel=self._scale_for(pixels.shape[1], pixels.shape[0]),
                 )
-            self._capture.release()
-            self._capture = None
+            self.camera.release()
             self._failed("camera %r returned no frame" if not ok or image is None or image.size == 0 else
                          f"camera %r returned a frame the station cannot use ({described(image)})")
         return None
@@ -314,12 +327,11 @@ class CameraSource(FrameSource):
                 "%s: " + what + "; retry %d in %.1f s",
                 self.name, self._config.device, self._failures, delay,
             )
+        self.camera.waiting(delay)
         self._stop.wait(delay)
 
     def _release(self) -> None:
-        if self._capture is not None:
-            self._capture.release()
-            self._capture = None
+        self.camera.release()
 
 
 # --- replay ----------------------------------------------------------------------------------

@@ -52,7 +52,11 @@ class DaemonStatus:
             "reports_lost": snap["lost"], "reports_deferred": snap["deferred"],
             "run": progress.as_dict() if progress else None, "fields_outside_runs": self.tracker.fields_outside_runs,
             "stalled_work": self.watchdog.stalled_work(),
+            # a camera: 'read_hung', 'opening', 'reading', 'reconnect_wait', 'idle' (device.camera_reads)
+            "source_state": getattr(self.source, "state", None),
         }
+        if (camera := getattr(self.source, "camera", None)) is not None:
+            out["camera"] = {"hung_calls": camera.hung_calls, "stuck_threads": camera.stuck_threads}
         if self.outbox is not None:
             out["outbox"] = dataclasses.asdict(self.outbox.counts())
         if self.publisher is not None:
@@ -70,6 +74,8 @@ class DaemonStatus:
         parts = [f"{snap['analysed']} fields analysed, {rejected} rejected, {failed} failed"]
         if self.workers.disk_full:
             parts.insert(0, "PAUSED: outbox disk full")
+        if getattr(self.source, "state", None) == "read_hung":  # said at ERROR; opened again
+            parts.insert(0, "CAMERA HUNG: reopening")
         progress = self.tracker.progress()
         if progress is not None:
             parts.append(f"run {progress.run_id[:8]} {progress.classified_wbc}/"
@@ -94,6 +100,6 @@ class DaemonStatus:
                     "rejected": sum(snap["rejected"].values()) + getattr(self.source, "rejected_count", 0),
                     "failed": sum(snap["failed"].values()),
                     "frames_dropped": self.workers.frames.dropped,
-                    "disk_full": self.workers.disk_full,
+                    "disk_full": self.workers.disk_full, "source_state": getattr(self.source, "state", None),
                     "outbox_messages": self.outbox.counts().messages if self.outbox else None}
         return {**self._telemetry_reader.read(), "pipeline": pipeline}

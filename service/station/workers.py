@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from smearscope.device.camera_reads import CameraHungError
 from smearscope.device.frame import Frame
 from smearscope.device.quality import QualityGate
 from smearscope.device.sources import FrameSource
@@ -169,6 +170,9 @@ class StationWorkers(ReportWriter):
                 work = _Work(frame, on_drop=functools.partial(self._dropped, frame.frame_id))
                 if not self.frames.put(work, analysis_alive):
                     self.stats.add("pending", -1)
+        except CameraHungError as exc:  # its threads stuck: only a new process (Restart=) frees the camera
+            logger.error("%s", exc)
+            self._fail(str(exc), "camera hung")
         except Exception:
             logger.exception("capture thread failed")
             self._fail("capture thread failed", "capture failure")
