@@ -191,3 +191,30 @@ def test_a_reconnect_wait_of_an_hour_is_never_a_hang(caplog: pytest.LogCaptureFi
 def test_the_read_bound_is_strict(seconds: float) -> None:
     with pytest.raises(ValidationError, match="read_timeout_s"):
         CameraSourceConfig(read_timeout_s=seconds)
+
+
+def test_a_hung_open_is_a_hung_call_too_and_what_it_opens_late_is_released(caplog: pytest.LogCaptureFixture) -> None:
+    clock, open_returns, entered = _Clock(), threading.Event(), threading.Event()
+    late, good = _Capture(), _Capture()
+    opens: list[int] = []
+
+    def factory(cfg: CameraSourceConfig) -> _Capture:
+        opens.append(1)
+        if len(opens) == 1:
+            entered.set()
+            open_returns.wait()  # the pipeline's open blocks
+            return late
+        return good
+
+    cam = CameraSource(CameraSourceConfig(name="scope", device=PIPELINE, read_timeout_s=5.0), factory, clock)
+    with caplog.at_level(logging.ERROR, logger="smearscope.device"):
+        thread, out = _in_thread(lambda: next(cam))
+        assert entered.wait(LONG)
+        assert cam.state == "opening"
+        clock.now += 6.0
+        thread.join(LONG)
+    assert out[0].pixels.shape == (48, 64, 3) and cam.camera.hung_calls == 1 and len(opens) == 2
+    assert [r.getMessage() for r in caplog.records if "open() has not returned after 6 s" in r.getMessage()]
+    open_returns.set()  # the stuck open returns a capture nobody will read: its thread releases it
+    assert late.released.wait(LONG) and not late.entered.is_set()
+    cam.close()
