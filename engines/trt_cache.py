@@ -58,13 +58,21 @@ def profile_shapes(manifest: ModelManifest) -> dict[str, tuple[tuple[int, ...], 
     return out
 
 
+#: What the DIR of an int8 build command stands for.
+INT8_DIR_NOTE = ("(DIR: a folder of canonical tiles/crops, one subfolder per model named as its ONNX file "
+                 "without .onnx; not needed for a model whose calibration cache a former build saved)")
+
+
 def build_command(models_dir: Path, cache_dir: Path, precision: str, lanes: int) -> str:
     """The command that builds the engines the station loads from `models_dir` into `cache_dir`:
     the one text of the station's start failure and of `smearscope doctor`."""
     words = ["smearscope", "build-engines", "--models", shlex.quote(str(models_dir))]
     if Path(cache_dir) != Path(models_dir) / "engines":
         words += ["--cache", shlex.quote(str(cache_dir))]
-    return " ".join([*words, "--precision", precision, "--lanes", str(lanes)])
+    words += ["--precision", precision, "--lanes", str(lanes)]
+    if precision == "int8":  # the station config names no calibration images: DIR is the operator's
+        words += ["--calibration", "DIR", INT8_DIR_NOTE]
+    return " ".join(words)
 
 
 def missing_engine(path: Path, command: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from smearscope.engines.trt_cache import (
 logger = logging.getLogger(__name__)
 MANIFESTS = ("seg.json", "rbc_head.json", "wbc_head.json")
 WORKSPACE_BYTES = 1 << 30
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def trtexec_command(manifest: ModelManifest, onnx_path: Path, out: Path, precision: str,
@@ -63,7 +65,7 @@ def calibration_batches(folder: Path, manifest: ModelManifest, batch_size: int, 
 
     from smearscope.device.ingest import IngestError, IngestLimits, load_image
 
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:limit]
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     size = manifest.input_size
     buf = []
     limits = IngestLimits(min_side=1)  # crops may be smaller than a field's smallest side
@@ -201,13 +203,36 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
     return out
 
 
+def _calibration_problem(models_dir: Path, cache_dir: Path, precision: str, calibration_dir: Path | None,
+                         version: str, lanes: int) -> str | None:
+    """Why an INT8 build cannot calibrate every model it would build (one line), or None: each
+    needs images in CALIBRATION/<model> or the calibration cache a former build saved, unless its
+    engine is already built whole."""
+    if precision != "int8":
+        return None
+    if calibration_dir is not None and not calibration_dir.is_dir():
+        return f"--calibration {calibration_dir} is not a folder"
+    lacking = []
+    for name in MANIFESTS:
+        out = engine_path(cache_dir, load_manifest(models_dir / name), version, precision, lanes)
+        if (out.exists() and whole_problem(out) is None) or out.with_suffix(".calib").exists():
+            continue
+        sub = calibration_dir / Path(name).stem if calibration_dir is not None else None
+        if sub is None or not (sub.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in sub.iterdir())):
+            lacking.append(Path(name).stem)
+    if not lacking:
+        return None
+    where = (f"no PNG/JPEG images in {', '.join(str(calibration_dir / m) for m in lacking)}"
+             if calibration_dir is not None else f"none given, and no saved calibration cache in {cache_dir}")
+    return (f"int8 needs --calibration DIR, a folder of canonical tiles/crops with one subfolder per model "
+            f"({', '.join(Path(n).stem for n in MANIFESTS)}), or a saved calibration cache: {where}")
+
+
 def build_all(models_dir: Path, cache_dir: Path, precision: str = "fp16", calibration_dir: Path | None = None,
               cuda: str = "auto", lanes: int = 2) -> int:
     try:
         import tensorrt as trt
-        # only INT8 calibration copies batches to the GPU itself
-        api = cuda_api(cuda) if precision == "int8" else None
-    except (ImportError, EngineError) as exc:
+    except ImportError as exc:
         logger.error("TensorRT or a CUDA API missing (jetson extra): %s", exc)
         print(f"build-engines needs the jetson extra (tensorrt; pycuda or cuda-python for int8): {exc}")
         return 1
@@ -221,9 +246,19 @@ def build_all(models_dir: Path, cache_dir: Path, precision: str = "fp16", calibr
         print(f"build-engines: {exc}; install the models: smearscope install-models {models_dir} "
               "(or --models a folder that has them)")
         return 2
+    if (problem := _calibration_problem(models_dir, cache_dir, precision, calibration_dir, trt.__version__, lanes)):
+        print(f"build-engines: {problem}", file=sys.stderr)
+        return 2
+    try:  # only INT8 calibration copies batches to the GPU itself
+        api = cuda_api(cuda) if precision == "int8" else None
+    except EngineError as exc:
+        logger.error("no CUDA API for the INT8 calibrator (jetson extra): %s", exc)
+        print(f"build-engines needs the jetson extra (pycuda or cuda-python for int8): {exc}")
+        return 1
     with api.current() if api else contextlib.nullcontext():
         for name in MANIFESTS:
             sub = calibration_dir / Path(name).stem if calibration_dir else None
+            sub = sub if sub is not None and sub.is_dir() else None  # else its saved cache, or built
             path = build_engine(models_dir / name, cache_dir, precision, sub, cuda=api, lanes=lanes)
             print(path)
     return 0

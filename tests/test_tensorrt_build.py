@@ -223,3 +223,64 @@ def test_an_fp16_build_on_a_gpu_without_fast_fp16_says_it_runs_in_fp32(tmp_path,
     with caplog.at_level("WARNING", logger="smearscope.export.tensorrt_build"):
         build_engine(DEFAULT_MODELS_DIR / "rbc_head.json", tmp_path, "fp16", lanes=1)
     assert trt.flags == [] and "no fast FP16; the engine named fp16 runs in FP32" in caplog.text
+
+
+def test_int8_without_calibration_is_refused_in_one_line_before_any_build(tmp_path, monkeypatch, capsys):
+    """`build-engines --precision int8` with no --calibration and no saved calibration cache ended in
+    a RuntimeError traceback from the first model's build; now one line and exit 2, nothing built.
+    With images for every model, or the caches a former build saved, the check lets the build on."""
+    import shutil
+    import sys
+
+    from smearscope.cli import main
+    from smearscope.engines.manifest import load_manifest
+    from smearscope.engines.trt_cache import engine_path
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _RecordingTrt())
+    models = tmp_path / "models"
+    shutil.copytree(DEFAULT_MODELS_DIR, models, ignore=shutil.ignore_patterns("README.md"))
+    cache = models / "engines"
+    code = main(["build-engines", "--models", str(models), "--precision", "int8"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "int8 needs --calibration DIR" in err and "(seg, rbc_head, wbc_head)" in err, err
+    assert not cache.exists() or not list(cache.glob("*.engine"))
+
+    calib = tmp_path / "calib"
+    for stem in ("seg", "rbc_head"):  # wbc_head's images missing
+        (calib / stem).mkdir(parents=True)
+        cv2.imwrite(str(calib / stem / "a.png"), np.full((40, 40, 3), 200, np.uint8))
+    code = main(["build-engines", "--models", str(models), "--precision", "int8", "--calibration", str(calib)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"no PNG/JPEG images in {calib / 'wbc_head'}" in err and "Traceback" not in err, err
+    assert main(["build-engines", "--models", str(models), "--precision", "int8",
+                 "--calibration", str(tmp_path / "nowhere")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+    from smearscope.export.tensorrt_build import _calibration_problem
+
+    (calib / "wbc_head").mkdir()
+    cv2.imwrite(str(calib / "wbc_head" / "a.jpg"), np.full((40, 40, 3), 200, np.uint8))
+    assert _calibration_problem(models, cache, "int8", calib, "10.3.0", 2) is None
+    cache.mkdir()
+    for name in ("seg.json", "rbc_head.json", "wbc_head.json"):  # a former build's saved caches
+        engine_path(cache, load_manifest(models / name), "10.3.0", "int8", 2).with_suffix(".calib").write_bytes(b"c")
+    assert _calibration_problem(models, cache, "int8", None, "10.3.0", 2) is None
+    assert _calibration_problem(models, cache, "int8", None, "10.3.0", 3) is not None  # other lanes: other caches
+
+
+def test_the_printed_int8_build_command_names_the_calibration_folder_and_parses():
+    """The command doctor and the station print for int8 engines lacked --calibration, so running it
+    as printed failed; it now names DIR and says what DIR is, and its words parse as build-engines."""
+    from smearscope.cli import build_parser
+    from smearscope.engines.trt_cache import build_command
+
+    command = build_command(Path("/var/lib/smearscope/models"), Path("/var/lib/smearscope/models/engines"), "int8", 2)
+    words, note = command.split(" (DIR: ")
+    assert words.endswith("--precision int8 --lanes 2 --calibration DIR"), command
+    assert "one subfolder per model" in note and "calibration cache" in note
+    args = build_parser().parse_args(words.split()[1:])
+    assert args.precision == "int8" and args.calibration == Path("DIR") and args.lanes == 2
+    assert "--calibration" not in build_command(Path("/m"), Path("/m/engines"), "fp16", 2)
