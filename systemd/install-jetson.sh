@@ -22,9 +22,13 @@
 #   4. the MQTT password as a root-only file, handed to the service by LoadCredential=; with no
 #      password the new config names no password credential (the daemon refuses an empty one)
 #   5. the unit, plus a drop-in allowing the GPU device nodes this board actually has
-#   6. validate the config, daemon-reload, enable; `smearscope doctor` says what is still missing
+#   6. daemon-reload, validate the config; with engine_backend "tensorrt" build the engines its
+#      tensorrt_precision and tensorrt_lanes name (`smearscope build-engines`; int8 needs
+#      CALIBRATION_DIR unless a former build saved its calibration caches); `smearscope doctor`,
+#      which must pass; only then enable the unit (and with START=1 start it). A failed step stops
+#      the script (exit 1) before the unit is enabled, saying which step failed.
 # Environment knobs: PREFIX, CONF_DIR, PYTHON, EXTRAS (jetson; "" for JetPack 6.0's ONNX Runtime
-# on the CPU; a comma-separated list), JETSON_INDEX, MQTT_PASSWORD_FILE, START.
+# on the CPU; a comma-separated list), JETSON_INDEX, MQTT_PASSWORD_FILE, CALIBRATION_DIR, START.
 set -euo pipefail
 
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -189,6 +193,48 @@ install_config() {
   fi
 }
 
+# 6. engines, doctor, and only then enable -----------------------------------------------------
+# The TensorRT engines the config's engine_backend, tensorrt_precision and tensorrt_lanes name, in
+# MODELS/engines where the station looks. $1: the models folder (analysis.models_dir).
+build_engines() {
+  local models="$1" backend precision lanes
+  backend="$(config_value analysis.engine_backend)" || die "cannot read analysis.engine_backend from $CONF_DIR/station.toml"
+  if [[ "$backend" != tensorrt ]]; then
+    log "engine_backend $backend: no TensorRT engines to build"
+    return 0
+  fi
+  precision="$(config_value analysis.tensorrt_precision)" || die "cannot read analysis.tensorrt_precision"
+  lanes="$(config_value analysis.tensorrt_lanes)" || die "cannot read analysis.tensorrt_lanes"
+  local -a cmd=("$PREFIX/venv/bin/smearscope" build-engines --models "$models" --precision "$precision" --lanes "$lanes")
+  if [[ -n "${CALIBRATION_DIR:-}" ]]; then cmd+=(--calibration "$CALIBRATION_DIR"); fi
+  log "building the TensorRT engines ($precision, $lanes lanes) into $models/engines (minutes per model)"
+  runuser -u "$SERVICE_USER" -- "${cmd[@]}" \
+    || die "smearscope build-engines failed (above); the service is not enabled. Fix it (int8: CALIBRATION_DIR=a folder of canonical tiles/crops, one subfolder per model), then run this script again"
+}
+
+# Doctor must pass before the unit is enabled: an enabled unit that cannot run fails at every boot.
+# $1: the models folder.
+check_and_enable() {
+  local conf="$CONF_DIR/station.toml"
+  systemctl daemon-reload
+  systemd-analyze verify "$UNIT_DIR/smearscope.service"
+  runuser -u "$SERVICE_USER" -- "$PREFIX/venv/bin/smearscope" validate-config "$conf" \
+    || die "$conf does not validate (above); the service is not enabled. Fix it, then run this script again"
+  build_engines "$1"
+  runuser -u "$SERVICE_USER" -- "$PREFIX/venv/bin/smearscope" doctor --config "$conf" \
+    || die "smearscope doctor failed (its FAIL lines above); the service is not enabled. Fix them, then run this script again"
+  if [[ ${PASSWORD_PROBLEM:-0} == 1 ]]; then
+    die "the MQTT password credential is empty (step 4 above); the service is not enabled. Fix it, then run this script again"
+  fi
+  systemctl enable smearscope.service
+  if [[ "${START:-0}" == 1 ]]; then
+    systemctl restart smearscope.service
+    log "enabled and started; follow it with: journalctl -u smearscope -f"
+  else
+    log "enabled; start with: sudo systemctl start smearscope && journalctl -u smearscope -f"
+  fi
+}
+
 # Sourced (tests/test_install_script.py): the functions only.
 [[ "${BASH_SOURCE[0]}" == "$0" ]] || return 0
 
@@ -244,24 +290,5 @@ install -d -m 0755 "$DROPIN_DIR"
 } > "$DROPIN_DIR/10-jetson-devices.conf"
 chmod 0644 "$DROPIN_DIR/10-jetson-devices.conf"
 
-# 6. check and enable -------------------------------------------------------------------------
-systemctl daemon-reload
-systemd-analyze verify "$UNIT_DIR/smearscope.service"
-if ! runuser -u "$SERVICE_USER" -- "$PREFIX/venv/bin/smearscope" validate-config "$CONF_DIR/station.toml"; then
-  log "fix $CONF_DIR/station.toml, then: sudo systemctl start smearscope"
-  systemctl enable smearscope.service
-  exit 1
-fi
-systemctl enable smearscope.service
-runuser -u "$SERVICE_USER" -- "$PREFIX/venv/bin/smearscope" doctor --config "$CONF_DIR/station.toml" \
-  || log "smearscope doctor found problems (above); fix them before starting"
-if [[ $PASSWORD_PROBLEM == 1 ]]; then
-  log "not started: the MQTT password credential is empty (step 4 above); fix it, then: sudo systemctl start smearscope"
-  exit 1
-fi
-if [[ "${START:-0}" == 1 ]]; then
-  systemctl restart smearscope.service
-  log "started; follow it with: journalctl -u smearscope -f"
-else
-  log "installed; start with: sudo systemctl start smearscope && journalctl -u smearscope -f"
-fi
+# 6. engines, doctor, and only then enable -----------------------------------------------------
+check_and_enable "$MODELS_DIR"

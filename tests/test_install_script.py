@@ -24,7 +24,7 @@ if [[ "$1" == show ]]; then [[ -n "${PIP_HAS_ORT:-}" ]]; exit; fi
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 case "$*" in
-  *tensorrt*)
+  *"import sys, tensorrt"*|*"import tensorrt;"*)  # JetPack's TensorRT, not a config field's name
     [[ -n "${FAKE_TRT:-}" ]] || exit 1
     (( ${FAKE_TRT%%.*} >= 10 )) || exit 1
     [[ "$*" == *print* ]] && echo "$FAKE_TRT"
@@ -233,3 +233,88 @@ def test_a_password_file_holding_only_a_line_ending_is_no_password(tmp_path: Pat
         assert refused and _credential(conf) == "mqtt-password"
         assert "problem=1" in proc.stdout and "would refuse to start (exit 78" in proc.stdout, proc.stdout
         (tmp_path / "etc" / "mqtt-password").unlink()
+
+
+# Step 6 with systemctl, systemd-analyze, runuser (runs the command as this user) and the venv's
+# smearscope as stubs on PATH: each logs its call; SMEARSCOPE_FAIL names the subcommand that fails.
+FAKE_TOOL = """#!/usr/bin/env bash
+printf '%s %s\\n' "$(basename "$0")" "$*" >> "$CALLLOG"
+"""
+FAKE_RUNUSER = """#!/usr/bin/env bash
+while [[ $1 != -- ]]; do shift; done; shift; exec "$@"
+"""
+FAKE_SMEARSCOPE = """#!/usr/bin/env bash
+printf 'smearscope %s\\n' "$*" >> "$CALLLOG"
+if [[ "$1" == "${SMEARSCOPE_FAIL:-}" ]]; then echo "FAIL  something the $1 stub reports"; exit 1; fi
+"""
+
+
+def _finish(tmp_path: Path, backend: str = "tensorrt", precision: str = "fp16", **env: str):
+    conf = _config(tmp_path)
+    text = conf.read_text().replace('engine_backend = "onnxruntime"', f'engine_backend = "{backend}"', 1)
+    conf.write_text(text.replace('tensorrt_precision = "fp16"', f'tensorrt_precision = "{precision}"', 1))
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for name, body in (("systemctl", FAKE_TOOL), ("systemd-analyze", FAKE_TOOL), ("runuser", FAKE_RUNUSER)):
+        (tools / name).write_text(body)
+        (tools / name).chmod(0o755)
+    prefix = _prefix(tmp_path)
+    (prefix / "venv" / "bin" / "smearscope").write_text(FAKE_SMEARSCOPE)
+    (prefix / "venv" / "bin" / "smearscope").chmod(0o755)
+    calls = tmp_path / "calls.log"
+    proc = _run(tmp_path, f"check_and_enable {tmp_path / 'models'}", CALLLOG=str(calls),
+                PATH=f"{tools}:{os.environ['PATH']}", **env)
+    return proc, calls.read_text().splitlines() if calls.exists() else []
+
+
+def _steps(calls: list[str]) -> list[str]:
+    """The smearscope subcommands and the enable/restart calls, in the order they ran."""
+    return [c.split()[1] if c.startswith("smearscope ") else c for c in calls
+            if c.startswith(("smearscope ", "systemctl enable", "systemctl restart"))]
+
+
+def test_engines_then_doctor_then_enable(tmp_path: Path) -> None:
+    """validate-config, build-engines for the config's precision and lanes, doctor, and only then
+    enable: the script enabled the unit before doctor ran and never built the engines."""
+    proc, calls = _finish(tmp_path, START="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _steps(calls) == ["validate-config", "build-engines", "doctor", "systemctl enable smearscope.service",
+                             "systemctl restart smearscope.service"], calls
+    build = next(c for c in calls if "build-engines" in c)
+    assert build.endswith(f"--models {tmp_path / 'models'} --precision fp16 --lanes 2"), build
+
+
+def test_a_failing_doctor_stops_the_install_before_enabling(tmp_path: Path) -> None:
+    proc, calls = _finish(tmp_path, SMEARSCOPE_FAIL="doctor", START="1")
+    assert proc.returncode == 1
+    assert _steps(calls) == ["validate-config", "build-engines", "doctor"], calls
+    assert "smearscope doctor failed" in proc.stderr and "not enabled" in proc.stderr, proc.stderr
+
+
+def test_a_failing_engine_build_or_config_stops_before_doctor_and_enable(tmp_path: Path) -> None:
+    proc, calls = _finish(tmp_path, precision="int8", SMEARSCOPE_FAIL="build-engines")
+    assert proc.returncode == 1 and _steps(calls) == ["validate-config", "build-engines"], calls
+    assert "build-engines failed" in proc.stderr and "CALIBRATION_DIR" in proc.stderr, proc.stderr
+    again = tmp_path / "again"
+    again.mkdir()
+    proc, calls = _finish(again, SMEARSCOPE_FAIL="validate-config")
+    assert proc.returncode == 1 and _steps(calls) == ["validate-config"], calls
+    assert "does not validate" in proc.stderr and "not enabled" in proc.stderr
+
+
+def test_int8_passes_calibration_dir_and_onnxruntime_builds_no_engines(tmp_path: Path) -> None:
+    proc, calls = _finish(tmp_path, precision="int8", CALIBRATION_DIR="/srv/calib")
+    assert proc.returncode == 0, proc.stderr
+    assert any(c.endswith("--precision int8 --lanes 2 --calibration /srv/calib") for c in calls), calls
+    other = tmp_path / "ort"
+    other.mkdir()
+    proc, calls = _finish(other, backend="onnxruntime")
+    assert proc.returncode == 0, proc.stderr
+    assert _steps(calls) == ["validate-config", "doctor", "systemctl enable smearscope.service"], calls
+    assert "no TensorRT engines to build" in proc.stdout
+
+
+def test_the_main_steps_install_models_before_the_final_checks() -> None:
+    body = INSTALL.read_text().split("# Checks, then the steps")[-1]
+    assert body.index("install_packages") < body.index("install-models") < body.index("check_and_enable")
+    assert "systemctl enable" not in body  # only check_and_enable enables, after doctor
