@@ -306,3 +306,33 @@ def test_every_config_key_is_named_in_a_document():
 
     walk(StationConfig, "")
     assert not unnamed, f"config keys no document names: {unnamed}"
+
+
+def _station_tables() -> dict[str, str]:
+    """Every table the station creates in its own files (the outbox file, the review gallery, the
+    typed cells), each with its CREATE statement's text: the modules under service/station and
+    service/mqtt (the archive's index is docs/ARCHIVE.md's)."""
+    tables: dict[str, str] = {}
+    for folder in ("station", "mqtt"):
+        for path in sorted((ROOT / "service" / folder).glob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            for m in re.finditer(r"CREATE TABLE IF NOT EXISTS ([a-z_]+) \(([^;]*?)\)(?:\"|;|\n\s*\))", text):
+                tables[m.group(1)] = m.group(2)
+    return tables
+
+
+def test_every_table_the_station_writes_is_in_its_data_list_and_its_removal():
+    """docs/STATION.md section 7 lists what the station keeps on disk and how to remove a specimen:
+    a table the station writes that the list leaves out is patient data a lab does not know it
+    keeps, and one with a run's id that the removal's SQL leaves out keeps the specimen after it."""
+    station = _text("docs/STATION.md")
+    section = station[station.index("## 7. Patient data"):station.index("## 8. ")]
+    listed = section[section.index("**On the station's disk**"):section.index("**Removing one specimen.**")]
+    removal = section[section.index("**Removing one specimen.**"):]
+    tables = _station_tables()
+    assert {"outbox", "specimen_fields", "crops", "typed_white_cells"} <= set(tables)  # a broken search finds none
+    unlisted = sorted(t for t in tables if f"`{t}`" not in listed)
+    assert not unlisted, f"docs/STATION.md's table of what the station keeps lacks {unlisted}"
+    kept = sorted(t for t, columns in tables.items() if re.search(r"\brun_id\b", columns)
+                  and not re.search(rf"(DELETE FROM {t} WHERE|UPDATE {t} SET) [^;]*\brun_id\b", removal))
+    assert not kept, f"docs/STATION.md's removal of a specimen leaves its rows in {kept}"
