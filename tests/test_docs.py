@@ -196,7 +196,13 @@ def _error_codes(module: str, function: str) -> set[str]:
     import ast
 
     tree = ast.parse((ROOT / "service" / "station" / f"{module}.py").read_text(encoding="utf-8"))
-    body = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
+    return _answered_codes(next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function))
+
+
+def _answered_codes(body: typing.Any) -> set[str]:
+    """The codes `"error": ...` takes in the dicts built under an AST node (see _error_codes)."""
+    import ast
+
     assigned: dict[str, set[str]] = {}
     for node in ast.walk(body):
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
@@ -336,3 +342,22 @@ def test_every_table_the_station_writes_is_in_its_data_list_and_its_removal():
     kept = sorted(t for t, columns in tables.items() if re.search(r"\brun_id\b", columns)
                   and not re.search(rf"(DELETE FROM {t} WHERE|UPDATE {t} SET) [^;]*\brun_id\b", removal))
     assert not kept, f"docs/STATION.md's removal of a specimen leaves its rows in {kept}"
+
+
+def test_every_code_a_command_answers_is_in_the_mqtt_document():
+    """docs/MQTT.md is the contract of the command topics: every code an answer's `error` carries,
+    the transport's and each command's (service/station, service/mqtt), is named there, with
+    what it means or where it is said (docs/STATION.md's commands)."""
+    import ast
+
+    codes: set[str] = set()
+    for folder in ("station", "mqtt"):
+        for path in sorted((ROOT / "service" / folder).glob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.FunctionDef):
+                    codes |= _answered_codes(node)
+    assert {"not_json", "busy", "run_open", "verification_not_kept"} <= codes  # a broken search finds few
+    mqtt = _text("docs/MQTT.md")
+    missing = sorted(code for code in codes if f"`{code}`" not in mqtt)
+    assert not missing, f"docs/MQTT.md does not name the answer codes {missing}"
