@@ -361,3 +361,20 @@ def test_every_code_a_command_answers_is_in_the_mqtt_document():
     mqtt = _text("docs/MQTT.md")
     missing = sorted(code for code in codes if f"`{code}`" not in mqtt)
     assert not missing, f"docs/MQTT.md does not name the answer codes {missing}"
+
+
+def test_every_key_archive_find_json_prints_is_in_the_archive_document():
+    """`smearscope archive find --json` is read by a lab's scripts: every key of a report's object,
+    of its copies' and of its HL7 deliveries' is named in docs/ARCHIVE.md."""
+    from smearscope.service.archive.copies import ArchivedCopy
+    from smearscope.service.archive.query import ArchivedReport, RecordedDelivery
+
+    delivery = RecordedDelivery("mllp:lis:2575", 1764494047.0, "archive", "D430498A2E105839CDAF", "T")
+    copy = ArchivedCopy(1, Path("r+0123456789abcdef.json"), "0123456789abcdef", 812, 1764494047.0)
+    report = ArchivedReport("r", "lab-7", "run", "H-1", 1764494047.0, "specimen", "1.2", True, None, None,
+                            Path("r.json"), None, (copy,), None, (delivery,))
+    keys = set(report.as_json()) | set(copy.as_json()) | set(delivery.as_json())
+    assert {"hl7_deliveries", "control_id", "digest"} <= keys
+    archive = _text("docs/ARCHIVE.md")
+    missing = sorted(k for k in keys if f"`{k}`" not in archive and f'"{k}"' not in archive)
+    assert not missing, f"docs/ARCHIVE.md does not name the archive find --json keys {missing}"
