@@ -378,3 +378,21 @@ def test_every_key_archive_find_json_prints_is_in_the_archive_document():
     archive = _text("docs/ARCHIVE.md")
     missing = sorted(k for k in keys if f"`{k}`" not in archive and f'"{k}"' not in archive)
     assert not missing, f"docs/ARCHIVE.md does not name the archive find --json keys {missing}"
+
+
+def test_the_run_state_example_has_the_keys_the_station_sends():
+    """docs/MQTT.md's retained `run` message example is what a dashboard or LIS is written against:
+    its keys, and its `progress` keys, are the ones the station's run state carries."""
+    from types import SimpleNamespace
+
+    from smearscope.service.station.clinic import ClinicFeed
+    from smearscope.service.station.run_records import RunProgress
+
+    progress = RunProgress("r", "command", 1764660790.1, 3, 57, 100, "H-1", 12).as_dict()
+    state = ClinicFeed.run_state(SimpleNamespace(gallery=None, station_id="lab-7"),  # type: ignore[arg-type]
+                                 "r", None, "open", progress, None)
+    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", _text("docs/MQTT.md"), re.DOTALL)
+              if '"progress"' in b and '"rbc_grades"' in b]
+    assert len(blocks) == 1, "docs/MQTT.md: one example of the run state"
+    assert set(blocks[0]) == set(state), "docs/MQTT.md's run state example vs the station's keys"
+    assert set(blocks[0]["progress"]) == set(progress), "docs/MQTT.md's run state progress vs RunProgress"
