@@ -396,3 +396,15 @@ def test_the_run_state_example_has_the_keys_the_station_sends():
     assert len(blocks) == 1, "docs/MQTT.md: one example of the run state"
     assert set(blocks[0]) == set(state), "docs/MQTT.md's run state example vs the station's keys"
     assert set(blocks[0]["progress"]) == set(progress), "docs/MQTT.md's run state progress vs RunProgress"
+
+
+def test_the_file_layout_versions_the_documents_state_are_the_codes():
+    """What an update or a going back does turns on the layout versions: docs/ARCHIVE.md states the
+    archive index's (`PRAGMA user_version`), docs/STATION.md the outbox file's."""
+    from smearscope.service.archive.store import INDEX_VERSION
+    from smearscope.service.mqtt.outbox_schema import SCHEMA_VERSION
+
+    archive, station = _text("docs/ARCHIVE.md"), _text("docs/STATION.md")
+    assert f"(this smearscope: version {INDEX_VERSION})" in archive, "docs/ARCHIVE.md: the index's version"
+    assert f"newer than this smearscope's (version {INDEX_VERSION})" in archive, "docs/ARCHIVE.md: the refusal"
+    assert f"above this version's {SCHEMA_VERSION})" in station, "docs/STATION.md: the outbox file's schema"
