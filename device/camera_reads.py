@@ -90,8 +90,10 @@ class GuardedCapture:
         self.activity = Activity("idle", clock())
         #: Calls that took longer than the bound, since the source opened.
         self.hung_calls = 0
-        #: A call hung and no frame came since (the status's 'read_hung').
-        self.hung = False
+        #: A call hung and no frame came since (the status's camera.recovering).
+        self.recovering = False
+        #: Unix time of the latest hung call, None before the first.
+        self.last_hang_at: float | None = None
         self._stuck: list[threading.Thread] = []
 
     @property
@@ -120,7 +122,7 @@ class GuardedCapture:
         self.activity = Activity("reconnect_wait", now, now + delay_s)
 
     def frame_came(self) -> None:
-        self.hung = False
+        self.recovering = False
 
     def release(self) -> None:
         """Release the capture on its thread (after a call in flight, if any) and end the thread."""
@@ -167,7 +169,7 @@ class GuardedCapture:
         worker.jobs.put(None)
         self._stuck.append(worker.thread)
         self.hung_calls += 1
-        self.hung = True
+        self.recovering, self.last_hang_at = True, time.time()
         stuck = self.stuck_threads
         call_name = "open()" if what == "opening" else "read()"
         if stuck > MAX_STUCK_THREADS:

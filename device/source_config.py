@@ -117,7 +117,8 @@ class CameraSourceConfig(_CommonSourceFields):
         description="A single open or frame read of the camera taking longer than this is a hung camera "
         "(a stalled GStreamer/CSI pipeline or driver): said at ERROR, its thread abandoned and the camera "
         "opened again; more than 3 stuck at once stop the station for a restart. Waits between "
-        "reconnects are never bounded by it. Keep it above a few frame periods of the camera.",
+        "reconnects are never bounded by it. Keep it above a few frame periods of the camera. A network "
+        "stream (FFmpeg) gets FFmpeg's own open and read timeouts at four fifths of it.",
         ge=1.0, le=600.0,
     )
 

@@ -195,13 +195,20 @@ def capture_target(config: CameraSourceConfig) -> tuple[int | str, int]:
     return device, _CAPTURE_APIS[api]
 
 
+def ffmpeg_timeout_ms(read_timeout_s: float) -> int:
+    """FFmpeg's open and read timeouts for a network camera: four fifths of `read_timeout_s`."""
+    return round(read_timeout_s * 800)
+
+
 def _open_capture(config: CameraSourceConfig) -> Any:
     """An opened cv2.VideoCapture, or None when the camera is not there."""
     device, api = capture_target(config)
     params: list[int] = []
     if api == cv2.CAP_FFMPEG:
-        # Bound network stalls so a dead RTSP stream becomes a reconnect, not a hang.
-        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 10_000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 10_000]
+        # FFmpeg's own bound on network stalls, under read_timeout_s: a dead RTSP stream is FFmpeg's
+        # clean error (a reconnect) first, and the hang guard (device.camera_reads) only the backstop.
+        ms = ffmpeg_timeout_ms(config.read_timeout_s)
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
     capture = cv2.VideoCapture(device, api, params) if params else cv2.VideoCapture(device, api)
     if not capture.isOpened():
         capture.release()
@@ -229,7 +236,9 @@ class CameraSource(FrameSource):
     A live sensor's noise never repeats a frame bit for bit: FROZEN_REPEATS repeats in a row are
     said as a frozen stream (the quality gate refuses them as same_field), once, until it moves.
     An open or read longer than `read_timeout_s` is a hung camera: said, abandoned, opened again
-    (device.camera_reads); `state` says what the camera is doing, 'read_hung' until a frame comes.
+    (device.camera_reads); `state` says what the camera is doing now, `camera.recovering` that a
+    call hung and no frame came since. An RTSP/HTTP stream (FFmpeg) is opened with FFmpeg's own
+    timeouts a fifth under `read_timeout_s`, so its clean error comes before the guard.
     """
 
     def __init__(
@@ -260,14 +269,16 @@ class CameraSource(FrameSource):
 
     @property
     def state(self) -> str:
-        """'read_hung' (a call hung, no frame since), 'opening', 'reading', 'reconnect_wait', 'idle'
-        or 'closed', for the station's status and telemetry."""
-        return "closed" if self.closed else "read_hung" if self.camera.hung else self.camera.activity.what
+        """What the camera does now: 'opening', 'reading', 'reconnect_wait', 'idle' or 'closed', for
+        the station's status and telemetry (a hang since the last frame: `camera.recovering`)."""
+        return "closed" if self.closed else self.camera.activity.what
 
     def _next_frame(self) -> Frame | None:
         while not self._stop.is_set():
+            hung_before = self.camera.hung_calls
             if self.camera.capture is None and not self.camera.open():
-                if not self._stop.is_set() and not self.camera.hung:
+                # not there: back off; an open that hung (said) is opened again at once
+                if not self._stop.is_set() and self.camera.hung_calls == hung_before:
                     self._failed("camera %r did not open")
                 continue
             read = self.camera.read()

@@ -14,10 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from smearscope.device import sources
 from smearscope.device.camera_reads import MAX_STUCK_THREADS
 from smearscope.device.quality import QualityGate
 from smearscope.device.source_config import CameraSourceConfig
@@ -97,6 +99,8 @@ def test_a_hung_read_is_said_once_shown_and_a_new_capture_gives_frames(
 
     cfg = CameraSourceConfig(name="scope", device=PIPELINE, read_timeout_s=10.0)
     cam = CameraSource(cfg, factory, clock)
+    assert cam.camera.last_hang_at is None and not cam.camera.recovering
+    before = time.time()
     with caplog.at_level(logging.INFO, logger="smearscope.device"):
         thread, out = _in_thread(lambda: next(cam))
         assert stuck.entered.wait(LONG)
@@ -107,18 +111,25 @@ def test_a_hung_read_is_said_once_shown_and_a_new_capture_gives_frames(
         assert len(opens) == 1 and cam.camera.hung_calls == 0
         clock.now += 2.0  # 11 s in one read() > 10 s
         _until(lambda: len(opens) == 2)
-        assert cam.state == "read_hung" and cam.camera.hung_calls == 1 and cam.camera.stuck_threads == 1
+        # the state says what the camera does now (opening again); the hang stays in `camera`
+        assert cam.state == "opening" and cam.camera.hung_calls == 1 and cam.camera.stuck_threads == 1
+        assert cam.camera.recovering and before <= cam.camera.last_hang_at <= time.time()
         station = _station_showing(cam, tmp_path)
         status = station.status()
-        assert status["source_state"] == "read_hung" and status["camera"] == {"hung_calls": 1, "stuck_threads": 1}
-        assert station.status_line().startswith("CAMERA HUNG: reopening")
-        assert station._telemetry()["pipeline"]["source_state"] == "read_hung"
+        hang = {"hung_calls": 1, "stuck_threads": 1, "last_hang_at": cam.camera.last_hang_at, "recovering": True}
+        assert status["source_state"] == "opening" and status["camera"] == hang
+        assert station.status_line().startswith("CAMERA HUNG (no frame since): opening")
+        pipeline = station._telemetry()["pipeline"]
+        assert pipeline["source_state"] == "opening"
+        assert {k: pipeline[f"camera_{k}"] for k in hang} == hang
         may_open.set()
         thread.join(LONG)
         assert not thread.is_alive()
     assert out[0].pixels.shape == (48, 64, 3) and good.entered.is_set()
     assert cam.state == "idle" and next(cam).pixels.shape == (48, 64, 3)  # frames flow again
-    assert station.status()["source_state"] == "idle" and "CAMERA HUNG" not in station.status_line()
+    status = station.status()
+    assert status["source_state"] == "idle" and "CAMERA HUNG" not in station.status_line()
+    assert status["camera"] == {**hang, "recovering": False}  # the hang stays counted, with its time
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1, errors
     assert PIPELINE in errors[0] and "read() has not returned after 11 s" in errors[0], errors
@@ -218,3 +229,62 @@ def test_a_hung_open_is_a_hung_call_too_and_what_it_opens_late_is_released(caplo
     open_returns.set()  # the stuck open returns a capture nobody will read: its thread releases it
     assert late.released.wait(LONG) and not late.entered.is_set()
     cam.close()
+
+
+def test_after_a_hang_a_camera_that_is_gone_is_waited_for_with_backoff_and_the_state_says_so(
+        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """A hung read, then the camera is gone (the reopen finds nothing): the source backs off
+    (state 'reconnect_wait', one failure, said) instead of opening again at once, over and over;
+    the hang stays visible as `camera.recovering` until a frame comes."""
+    clock, never = _Clock(), threading.Event()
+    stuck = _Capture(never)
+    opens: list[int] = []
+
+    def factory(cfg: CameraSourceConfig) -> _Capture | None:
+        opens.append(1)
+        return stuck if len(opens) == 1 else None  # the camera is gone after the hang
+
+    cfg = CameraSourceConfig(name="scope", device=PIPELINE, read_timeout_s=10.0, reconnect_initial_s=3600.0,
+                             reconnect_max_s=3600.0)
+    cam = CameraSource(cfg, factory, clock)
+    with caplog.at_level(logging.INFO, logger="smearscope.device"):
+        thread, out = _in_thread(lambda: next(cam, None))
+        assert stuck.entered.wait(LONG)
+        clock.now += 11.0
+        _until(lambda: cam.state == "reconnect_wait")
+        assert len(opens) == 2 and cam.failures == 1 and cam.camera.hung_calls == 1
+        assert cam.camera.recovering and cam.camera.activity.until == clock.now + 3600.0
+        station = _station_showing(cam, tmp_path)
+        assert station.status()["source_state"] == "reconnect_wait"
+        assert station.status_line().startswith("CAMERA HUNG (no frame since): reconnect_wait")
+        cam.close()
+        thread.join(LONG)
+    assert out == [None] and len(opens) == 2
+    assert [r.getMessage() for r in caplog.records if "did not open; retry 1 in 3600.0 s" in r.getMessage()]
+    never.set()
+    assert stuck.released.wait(LONG)
+
+
+@pytest.mark.parametrize(("read_timeout_s", "ffmpeg_ms"), [(10.0, 8000), (1.0, 800), (600.0, 480_000)])
+def test_an_rtsp_camera_is_opened_with_ffmpeg_timeouts_under_the_read_bound(
+        monkeypatch: pytest.MonkeyPatch, read_timeout_s: float, ffmpeg_ms: int) -> None:
+    """FFmpeg's own open/read timeouts come from read_timeout_s, a fifth under it, so a dead RTSP stream
+    is FFmpeg's clean error (a reconnect) first and the hang guard only the backstop. OpenCV's seam:
+    cv2.VideoCapture is replaced by a recorder (no RTSP server here to stall for real)."""
+    calls: list[tuple[Any, ...]] = []
+
+    class _Recorder:
+        def __init__(self, *args: Any) -> None:
+            calls.append(args)
+
+        def isOpened(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sources.cv2, "VideoCapture", _Recorder)
+    url = "rtsp://10.0.0.7:554/scope"
+    assert isinstance(sources._open_capture(CameraSourceConfig(device=url, read_timeout_s=read_timeout_s)), _Recorder)
+    assert calls == [(url, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ffmpeg_ms,
+                                             cv2.CAP_PROP_READ_TIMEOUT_MSEC, ffmpeg_ms])]
+    calls.clear()
+    sources._open_capture(CameraSourceConfig(device=PIPELINE, read_timeout_s=read_timeout_s))
+    assert calls == [(PIPELINE, cv2.CAP_GSTREAMER)]  # other backends have no such timeouts

@@ -1615,7 +1615,9 @@ def test_a_jetsons_telemetry_shows_the_stations_pipeline_not_jtops_raw_stats(
                              "Power TOT": 10200, "jetson_clocks": "ON", "nvp model": "MAXN"}
     sample = {**summarize_jtop_stats(stats), "source": "jtop", "read_at": time.time(),
               "pipeline": {"fields_analysed": 812, "rejected": 3, "failed": 0, "frames_dropped": 0,
-                           "disk_full": True, "outbox_messages": 1234}}
+                           "disk_full": True, "outbox_messages": 1234, "source_state": "reconnect_wait",
+                           "camera_hung_calls": 2, "camera_stuck_threads": 1,
+                           "camera_last_hang_at": time.time() - 60, "camera_recovering": True}}
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
         _open_with_station_online(driver, send, log, url, "jetson")
         send("smearscope/jetson/telemetry", json.dumps(sample), retain=False)
@@ -1625,6 +1627,11 @@ def test_a_jetsons_telemetry_shows_the_stations_pipeline_not_jtops_raw_stats(
         values = {k: dd.text for k, dd in shown().items()}
         assert values["pipeline.disk_full"] == "true" and values["pipeline.outbox_messages"] == "1234", values
         assert "alarm" in shown()["pipeline.disk_full"].get_attribute("class")
+        # a camera recovering from a hang (no frame since): what it does now, and the hang marked
+        assert values["pipeline.source_state"] == "reconnect_wait" and values["pipeline.camera_hung_calls"] == "2"
+        assert "alarm" in shown()["pipeline.camera_recovering"].get_attribute("class")
+        assert "alarm" not in shown()["pipeline.camera_hung_calls"].get_attribute("class")
+        assert values["pipeline.camera_last_hang_at"] and "." not in values["pipeline.camera_last_hang_at"], values
         assert not [k for k in values if k.startswith("jtop.")], values
         # the machine's summaries and every temperature zone still listed
         assert values["cpu_percent"] == "26.5" and values["gpu_percent"] == "63" and values["source"] == "jtop"

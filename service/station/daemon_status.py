@@ -52,11 +52,11 @@ class DaemonStatus:
             "reports_lost": snap["lost"], "reports_deferred": snap["deferred"],
             "run": progress.as_dict() if progress else None, "fields_outside_runs": self.tracker.fields_outside_runs,
             "stalled_work": self.watchdog.stalled_work(),
-            # a camera: 'read_hung', 'opening', 'reading', 'reconnect_wait', 'idle' (device.camera_reads)
+            # a camera now: 'opening', 'reading', 'reconnect_wait', 'idle', 'closed' (device.camera_reads)
             "source_state": getattr(self.source, "state", None),
         }
-        if (camera := getattr(self.source, "camera", None)) is not None:
-            out["camera"] = {"hung_calls": camera.hung_calls, "stuck_threads": camera.stuck_threads}
+        if (camera := self._camera_hangs()) is not None:
+            out["camera"] = camera
         if self.outbox is not None:
             out["outbox"] = dataclasses.asdict(self.outbox.counts())
         if self.publisher is not None:
@@ -74,8 +74,8 @@ class DaemonStatus:
         parts = [f"{snap['analysed']} fields analysed, {rejected} rejected, {failed} failed"]
         if self.workers.disk_full:
             parts.insert(0, "PAUSED: outbox disk full")
-        if getattr(self.source, "state", None) == "read_hung":  # said at ERROR; opened again
-            parts.insert(0, "CAMERA HUNG: reopening")
+        if (camera := getattr(self.source, "camera", None)) is not None and camera.recovering:  # said at ERROR
+            parts.insert(0, f"CAMERA HUNG (no frame since): {getattr(self.source, 'state', None)}")
         progress = self.tracker.progress()
         if progress is not None:
             parts.append(f"run {progress.run_id[:8]} {progress.classified_wbc}/"
@@ -102,4 +102,14 @@ class DaemonStatus:
                     "frames_dropped": self.workers.frames.dropped,
                     "disk_full": self.workers.disk_full, "source_state": getattr(self.source, "state", None),
                     "outbox_messages": self.outbox.counts().messages if self.outbox else None}
+        # flat, as the dashboard lists a sample's pipeline: camera_hung_calls ... (None: not a camera)
+        hangs = self._camera_hangs() or dict.fromkeys(("hung_calls", "stuck_threads", "last_hang_at", "recovering"))
+        pipeline.update({f"camera_{k}": v for k, v in hangs.items()})
         return {**self._telemetry_reader.read(), "pipeline": pipeline}
+
+    def _camera_hangs(self) -> dict[str, Any] | None:
+        """A camera's hung calls (device.camera_reads); None for other sources."""
+        if (camera := getattr(self.source, "camera", None)) is None:
+            return None
+        return {"hung_calls": camera.hung_calls, "stuck_threads": camera.stuck_threads,
+                "last_hang_at": camera.last_hang_at, "recovering": camera.recovering}

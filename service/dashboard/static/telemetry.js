@@ -140,7 +140,7 @@ function renderTelemetry(st) {
   const own = flat.filter(([k]) => k.startsWith("pipeline.") || k.startsWith("parked."));
   // the process's instance id tells two stations under one id apart (noteInstance); its host is listed
   const machine = flat.filter(([k]) => !k.startsWith("pipeline.") && !k.startsWith("parked.") && k !== "instance_id");
-  for (const [k, v] of [...own, ...machine].slice(0, 24)) {
+  for (const [k, v] of [...own, ...machine].slice(0, 32)) {
     // any time, 1970's too: a station whose clock was never set shows a date that says so
     const at = typeof v === "number" && k.endsWith("_at") && Math.abs(v) <= 8.64e12;
     const shownValue = at ? when(v) :
@@ -148,6 +148,7 @@ function renderTelemetry(st) {
     const dt = el("dt", "", k), dd = el("dd", "", shownValue);
     dd.dataset.key = k;
     if (k === "pipeline.disk_full" && v === true) dd.className = "alarm";  // the station stores nothing more
+    if (k === "pipeline.camera_recovering" && v === true) dd.className = "alarm";  // no frame since a camera hang
     if (k === "parked.messages" && v > 0) dd.className = "alarm";  // reports that did not arrive
     dl.append(dt, dd);
   }
