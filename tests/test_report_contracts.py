@@ -309,6 +309,41 @@ def test_a_run_an_earlier_version_went_on_with_is_taken_back_naming_its_specimen
         outbox.close()
 
 
+def test_a_run_left_open_that_an_earlier_version_ran_past_is_closed_not_taken_back(tmp_path, caplog):
+    """Going back and forth: an earlier version put back could not read this version's open run (a
+    report schema it does not know), left its rows in the file and ran the next slide's run to its
+    end; this version, started again within the open run's idle timeout, took the open run back and
+    the next field (another slide's) joined it (tools.version_switch from 8f8a911 and a return to
+    this version: the report named the first specimen with the new field in it). A run closed that
+    began after the open run's last field means the slide changed: closed (restart), not taken back."""
+    run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r", started_by="command", specimen_id="H-1")
+    run.add(field("f0", wbcs(2)), 1.0)
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        state = StationState(outbox)
+        store_run(state, outbox, run, "r")
+        (alone,) = state.open_runs()
+        assert alone.end_requested is None  # nothing ran after it: taken back, as before
+        last_field = alone.last_activity
+        later = SpecimenRun(target_wbc=100, started_at=last_field + 30.0, run_id="later")
+        later.add(field("g0", wbcs(2)), last_field + 40.0)
+        store_run(state, outbox, later, "later")
+        report = later.report(station_id=None, now=last_field + 50.0, end_reason="shutdown")
+        outbox.write(lambda conn: state.run_closed(report)(conn, []))
+        with caplog.at_level(logging.WARNING, logger="smearscope.service.station.durable"):
+            (left,) = state.open_runs()
+        assert left.run_id == "r" and left.end_requested == "restart"
+        clock = FakeClock()
+        clock.now = last_field + 60.0  # within the idle timeout of the run's last field
+        t = tracker(target=100, idle=3600.0, clock=clock)
+        assert t.resume_one([left]) == [left] and t.open_run() is None
+        assert t.final_report(left, left.end_requested).specimen_id == "H-1"
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warning.startswith("run r, left open, was followed by run later, begun 30 s after its last field")
+    finally:
+        outbox.close()
+
+
 def test_restored_fields_keep_arrival_order(tmp_path):
     run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
     for fid in ("f9", "f10", "a1"):

@@ -329,8 +329,16 @@ class StationState:
             logger.error("run %s, left open in %s, cannot be read by this version (%s): a newer version's? It is "
                          "neither taken back nor closed, and stays in the file for the version that stored it",
                          run_id, self.outbox.path, reason[:300])
+        # a closed run begun after a run's last field: the next slide's, run by a version put back that could not read it
+        later, later_at = self.outbox.read(lambda conn: conn.execute("SELECT run_id, MAX(started_at) FROM specimen_fields "
+                                                                     "WHERE run_id IN (SELECT run_id FROM closed_runs)").fetchone())
         for run in runs:
             run.end_requested = ending.get(run.run_id)
+            if run.end_requested is None and later_at is not None and later_at > run.last_activity:
+                run.end_requested = "restart"
+                logger.warning("run %s, left open, was followed by run %s, begun %.0f s after its last field and closed "
+                               "since: closed (restart), not taken back", run.run_id, later, later_at - run.last_activity)
+                continue
             # a run stored before models named their classes (schema 1.3) is taken back under the same models
             same = {k: v.model_copy(update={"classes": run.models[k].classes}) if k in run.models else v
                     for k, v in (models or {}).items()}
