@@ -19,7 +19,7 @@ from smearscope.service.mqtt.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
-#: An earlier version opening the file ignores the table (and loses what waits there).
+#: An earlier version opening the file ignores the table (sends nothing of it; a later start stores it).
 SCHEMA = """CREATE TABLE IF NOT EXISTS answered_verifications (
     report_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, verified_by TEXT NOT NULL, verified_at REAL NOT NULL,
     supersedes TEXT NOT NULL, report TEXT NOT NULL)"""
