@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import pickle
-import signal
 import sqlite3
 import threading
 import time
@@ -23,8 +21,8 @@ from typing import Any
 import cv2
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber, retained_run_state, wait_until
-from test_daemon import BASE, envelopes, oracle_pool, start_daemon, stop_daemon, write_station
-from test_daemon_faults import DaemonProcess
+from station_child import station_child
+from test_daemon import BASE, envelopes, start_daemon, stop_daemon, write_station
 
 from smearscope.device.synthetic import render_field
 from smearscope.service.config import load_config
@@ -105,25 +103,17 @@ def test_a_run_started_for_a_specimen_survives_a_power_cut_before_its_first_fiel
     first file: the restarted station takes the run back, the next field joins it (not an
     automatic run of its own) and the run's report names the specimen and keeps its target."""
     config, inbox = _station(tmp_path, broker)
-    pool_file = tmp_path / "pool.pkl"
-    pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-    daemon = runner = first = None
-    try:
-        sub.wait_ready()
-        first = DaemonProcess(config, pool_file)
-        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/status" and m.payload == b"online" for m in ms),
-                            60), first.lines[-20:]
+    with station_child(tmp_path, broker, config) as station:
+        sub, first = station.sub, station.first
         started = _command(sub, "start_run", {"specimen_id": SPECIMEN, "target_wbc": 500})
         assert started["ok"] and started["specimen_id"] == SPECIMEN, (started, first.lines[-20:])
         # said open with no field at once: every dashboard sees the run started
         assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/run" and json.loads(m.payload)["run_id"] == started["run_id"]
                                            for m in ms), 15)
-        first.signal(signal.SIGKILL)  # the power goes before the first file
-        assert first.wait(10) == -signal.SIGKILL
+        station.kill()  # the power goes before the first file
         assert _started_rows(config) == [(started["run_id"], "command", 500, SPECIMEN)]
 
-        daemon, runner = start_daemon(config)
+        daemon = station.restart()
         # commands are answered from the connection on; the run left open is taken back just after
         assert wait_until(lambda: "analysis" in daemon.workers.threads, 30)
         status = _command(sub, "status")
@@ -141,12 +131,6 @@ def test_a_run_started_for_a_specimen_survives_a_power_cut_before_its_first_fiel
         assert stopped["ok"] and stopped["run_id"] == started["run_id"] and stopped["fields"] == 1, stopped
         assert stopped["target_wbc"] == 500
         assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 15)
-    finally:
-        if daemon is not None and runner is not None:
-            stop_daemon(daemon, runner)
-        if first is not None:
-            first.signal(signal.SIGKILL)
-        sub.close()
     (report,) = [e["body"] for e in envelopes(sub, f"{BASE}/report")]
     assert report["run_id"] == started["run_id"] and report["specimen_id"] == SPECIMEN
     assert report["fields_analyzed"] == 1 and report["end_reason"] == "stopped"

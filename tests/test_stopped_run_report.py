@@ -10,8 +10,6 @@ the answer and the store every time."""
 
 from __future__ import annotations
 
-import pickle
-import signal
 import sqlite3
 from contextlib import closing
 from pathlib import Path
@@ -19,14 +17,11 @@ from pathlib import Path
 import cv2
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
-from test_daemon import BASE, envelopes, oracle_pool, start_daemon, stop_daemon, write_station
-from test_daemon_faults import DaemonProcess
-from test_started_runs import _command
+from station_child import refusing_outbox, station_child
+from test_daemon import BASE, envelopes, start_daemon, stop_daemon
+from test_started_runs import _command, _station
 
 from smearscope.device.synthetic import render_field
-from smearscope.service.config import load_config
-from smearscope.service.mqtt.outbox import Outbox
-from smearscope.service.station.durable import StationState
 
 pytestmark = [pytest.mark.broker, pytest.mark.faults]
 
@@ -40,29 +35,10 @@ def test_a_station_killed_between_the_stop_run_answer_and_the_store_sends_the_re
     """start_run, one field stored, stop_run answered with its report id while the outbox file
     refuses the report; SIGKILL; the file takes writes again; the next start closes the run as
     stopped and its report reaches the broker under the id the answer named."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
-              "microns_per_pixel": 0.2}
-    config = write_station(tmp_path, broker.port, source=source,
-                           specimen={"target_wbc_count": 1000, "idle_timeout_s": 600.0})
-    outbox_path = Path(load_config(config).mqtt.outbox.path)
-    outbox_path.parent.mkdir(parents=True, exist_ok=True)
-    outbox = Outbox(outbox_path)
-    StationState(outbox)  # the station's tables, so the trigger has its table
-    outbox.close()
-    with closing(sqlite3.connect(outbox_path)) as db:
-        db.execute(_REFUSE)
-        db.commit()
-    pool_file = tmp_path / "pool.pkl"
-    pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-    daemon = runner = first = None
-    try:
-        sub.wait_ready()
-        first = DaemonProcess(config, pool_file)
-        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/status" and m.payload == b"online" for m in ms),
-                            60), first.lines[-20:]
+    config, inbox = _station(tmp_path, broker)
+    outbox_path = refusing_outbox(config, _REFUSE)
+    with station_child(tmp_path, broker, config) as station:
+        sub, first = station.sub, station.first
         started = _command(sub, "start_run", {"specimen_id": "H-2026-0412"})
         assert started["ok"], (started, first.lines[-20:])
         cv2.imwrite(str(inbox / "a.png"), render_field(60, width=320, height=240).frame.pixels)
@@ -73,22 +49,15 @@ def test_a_station_killed_between_the_stop_run_answer_and_the_store_sends_the_re
         # the writer tried to store the report and the file refused it: the crash comes in between
         refused = f"outbox write of report report {stopped['report_id']} failed"
         assert wait_until(lambda: any(refused in line for line in list(first.lines)), 15), first.lines[-20:]
-        first.signal(signal.SIGKILL)
-        assert first.wait(10) == -signal.SIGKILL
+        station.kill()
         assert not sub.on_topic(f"{BASE}/report")
         with closing(sqlite3.connect(outbox_path)) as db:
             assert db.execute("SELECT COUNT(*) FROM closed_runs").fetchone()[0] == 0
             db.execute("DROP TRIGGER refuse_reports")
             db.commit()
 
-        daemon, runner = start_daemon(config)
+        station.restart()
         assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 30)
-    finally:
-        if daemon is not None and runner is not None:
-            stop_daemon(daemon, runner)
-        if first is not None:
-            first.signal(signal.SIGKILL)
-        sub.close()
     (report,) = envelopes(sub, f"{BASE}/report")
     assert report["report_id"] == stopped["report_id"], (report["report_id"], stopped["report_id"])
     assert report["body"]["report_id"] == stopped["report_id"]
@@ -98,27 +67,15 @@ def test_a_station_killed_between_the_stop_run_answer_and_the_store_sends_the_re
         assert db.execute("SELECT COUNT(*) FROM ending_runs").fetchone()[0] == 0
 
 
-
 def test_a_stop_whose_end_the_outbox_file_refuses_says_so_in_the_answer(
     tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path,
 ) -> None:
     """The file refuses the run's end (as a full disk would): the answer still names the report's
     id, and says that the id holds only if the station does not stop before storing it; the
     report goes out under it all the same."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
-              "microns_per_pixel": 0.2}
-    config = write_station(tmp_path, broker.port, source=source, specimen={"target_wbc_count": 1000})
-    outbox_path = Path(load_config(config).mqtt.outbox.path)
-    outbox_path.parent.mkdir(parents=True, exist_ok=True)
-    outbox = Outbox(outbox_path)
-    StationState(outbox)
-    outbox.close()
-    with closing(sqlite3.connect(outbox_path)) as db:
-        db.execute("CREATE TRIGGER refuse_ends BEFORE INSERT ON ending_runs "
-                   "BEGIN SELECT RAISE(ABORT, 'test: the file refuses the end'); END")
-        db.commit()
+    config, inbox = _station(tmp_path, broker, idle_timeout_s=300.0)  # the default
+    refusing_outbox(config, "CREATE TRIGGER refuse_ends BEFORE INSERT ON ending_runs "
+                            "BEGIN SELECT RAISE(ABORT, 'test: the file refuses the end'); END")
     sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
     daemon, runner = start_daemon(config)
     try:

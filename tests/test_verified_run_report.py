@@ -8,8 +8,6 @@ outbox file refuse a write, as a failing disk would."""
 
 from __future__ import annotations
 
-import pickle
-import signal
 import sqlite3
 import time
 from contextlib import closing
@@ -18,22 +16,17 @@ from pathlib import Path
 import cv2
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
+from station_child import refusing_outbox, station_child
 from test_daemon import (
     BASE,
     envelopes,
-    oracle_pool,
     saw_offline,
     start_daemon,
     stop_daemon,
-    write_station,
 )
-from test_daemon_faults import DaemonProcess
-from test_started_runs import _command
+from test_started_runs import _command, _station
 
 from smearscope.device.synthetic import render_field
-from smearscope.service.config import load_config
-from smearscope.service.mqtt.outbox import Outbox
-from smearscope.service.station.durable import StationState
 
 pytestmark = [pytest.mark.broker, pytest.mark.faults]
 
@@ -44,26 +37,6 @@ _REFUSE_SIGNED = [f"CREATE TRIGGER refuse_{what} BEFORE {what} ON closed_runs "
                   for what in ("INSERT", "UPDATE")]
 _REFUSE_KEEPING = ("CREATE TRIGGER refuse_keeping BEFORE INSERT ON answered_verifications "
                    "BEGIN SELECT RAISE(ABORT, 'test: the file refuses the verification'); END")
-
-
-def _station(tmp_path: Path, broker: MosquittoBroker, *triggers: str) -> tuple[Path, Path, Path]:
-    """A station watching a folder, its outbox file made with the station's tables and `triggers`."""
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
-              "microns_per_pixel": 0.2}
-    config = write_station(tmp_path, broker.port, source=source,
-                           specimen={"target_wbc_count": 1000, "idle_timeout_s": 600.0})
-    outbox_path = Path(load_config(config).mqtt.outbox.path)
-    outbox_path.parent.mkdir(parents=True, exist_ok=True)
-    outbox = Outbox(outbox_path)
-    StationState(outbox)
-    outbox.close()
-    with closing(sqlite3.connect(outbox_path)) as db:
-        for statement in triggers:
-            db.execute(statement)
-        db.commit()
-    return config, inbox, outbox_path
 
 
 def _stopped_run(sub: Subscriber, inbox: Path, lines: list[str]) -> dict:
@@ -83,16 +56,10 @@ def test_a_station_killed_between_the_verify_run_answer_and_the_store_sends_the_
     """A run stopped and its report sent; the outbox file then refuses reports; verify_run answered
     ok; the writer's store refused; SIGKILL; the file takes writes again; the next start sends the
     signed report under the answered id, signed by the same technician at the time signed."""
-    config, inbox, outbox_path = _station(tmp_path, broker, *_REFUSE_SIGNED)
-    pool_file = tmp_path / "pool.pkl"
-    pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-    daemon = runner = first = None
-    try:
-        sub.wait_ready()
-        first = DaemonProcess(config, pool_file)
-        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/status" and m.payload == b"online" for m in ms),
-                            60), first.lines[-20:]
+    config, inbox = _station(tmp_path, broker)
+    outbox_path = refusing_outbox(config, *_REFUSE_SIGNED)
+    with station_child(tmp_path, broker, config) as station:
+        sub, first = station.sub, station.first
         stopped = _stopped_run(sub, inbox, first.lines)
         verified = _command(sub, "verify_run", {"run_id": stopped["run_id"], "verified_by": "Dr A. Okafor"})
         assert verified["ok"] and verified["supersedes"] == stopped["report_id"], verified
@@ -100,22 +67,15 @@ def test_a_station_killed_between_the_verify_run_answer_and_the_store_sends_the_
         refused = f"outbox write of report report {verified['report_id']} failed"
         assert wait_until(lambda: any(refused in line for line in list(first.lines)), 15), first.lines[-20:]
         killed_at = time.time()
-        first.signal(signal.SIGKILL)
-        assert first.wait(10) == -signal.SIGKILL
+        station.kill()
         assert len(sub.on_topic(f"{BASE}/report")) == 1  # the stopped run's only
         with closing(sqlite3.connect(outbox_path)) as db:
             for what in ("INSERT", "UPDATE"):
                 db.execute(f"DROP TRIGGER refuse_{what}")
             db.commit()
 
-        daemon, runner = start_daemon(config)
+        station.restart()
         assert sub.wait_for(lambda ms: sum(m.topic == f"{BASE}/report" for m in ms) >= 2, 30)
-    finally:
-        if daemon is not None and runner is not None:
-            stop_daemon(daemon, runner)
-        if first is not None:
-            first.signal(signal.SIGKILL)
-        sub.close()
     signed = envelopes(sub, f"{BASE}/report")[1]
     assert signed["report_id"] == verified["report_id"], (signed["report_id"], verified["report_id"])
     body = signed["body"]
@@ -137,7 +97,8 @@ def test_a_verification_the_outbox_file_cannot_keep_is_refused_and_nothing_is_si
     """The file refuses the verification's record (as a full disk would): verify_run answers
     verification_not_kept, no signed report goes out and the run keeps its report; once the file
     takes writes again (the station restarted), the same verification is answered ok and sent."""
-    config, inbox, outbox_path = _station(tmp_path, broker, _REFUSE_KEEPING)
+    config, inbox = _station(tmp_path, broker)
+    outbox_path = refusing_outbox(config, _REFUSE_KEEPING)
     sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
     with closing(sub):
         daemon, runner = start_daemon(config)
