@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber, TlsMaterial, make_tls_material
+from mllp_lis import Behaviour, RawLis
 
 from smearscope.service.mqtt.publisher import MqttPublisher
 
@@ -80,3 +81,17 @@ def started() -> Iterator[list[MqttPublisher]]:
     for publisher in publishers:
         publisher.stop(drain_timeout=0)
         publisher.outbox.close()
+
+
+@pytest.fixture
+def lis() -> Iterator[Callable[[Behaviour], RawLis]]:
+    """Makes lab systems (tests/mllp_lis.py), closed after the test."""
+    made: list[RawLis] = []
+
+    def make(behaviour: Behaviour) -> RawLis:
+        made.append(RawLis(behaviour))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()

@@ -12,11 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, free_port
+from mllp_lis import CONTROL_ID, MESSAGE, Behaviour, RawLis, accept, ack, framed, silent
 from test_archive import SPECIMEN, STATION, Station, a_report, envelope_of, indexed
 
 from smearscope.cli import main
@@ -27,80 +28,6 @@ from smearscope.service.config.archive import ArchiveConfig
 from smearscope.service.config.mqtt import MqttConfig
 from smearscope.service.hl7 import mllp
 from smearscope.service.hl7.oru import control_id, oru_r01
-
-CONTROL_ID = "R0123456789abcdef"
-MESSAGE = f"MSH|^~\\&|smearscope|lab-7|||20261130091500||ORU^R01^ORU_R01|{CONTROL_ID}|P|2.5.1\rPID|1||S-1\r"
-
-
-def ack(code: str = "AA", control_id: str = CONTROL_ID) -> bytes:
-    return (f"MSH|^~\\&|LIS|LAB|smearscope|lab-7|20261130091500||ACK^R01^ACK|A1|P|2.5.1\r"
-            f"MSA|{code}|{control_id}|why not\r").encode()
-
-
-Behaviour = Callable[[socket.socket, bytes], None]
-
-
-class RawLis:
-    """A TCP listener that reads each framed message, records it, then does `behaviour` with the
-    connection (answer, stay silent, close...)."""
-
-    def __init__(self, behaviour: Behaviour) -> None:
-        self.behaviour = behaviour
-        self.received: list[bytes] = []
-        self.connected = threading.Event()
-        self.done = threading.Event()  # set at teardown: silent behaviours return
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.done.is_set():
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with conn:
-                self.connected.set()
-                data = b""
-                while not data.endswith(mllp.END):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                self.received.append(data)
-                try:
-                    self.behaviour(conn, data)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.done.set()
-        self.server.close()
-
-
-@pytest.fixture
-def lis() -> Iterator[Callable[[Behaviour], RawLis]]:
-    made: list[RawLis] = []
-
-    def make(behaviour: Behaviour) -> RawLis:
-        made.append(RawLis(behaviour))
-        return made[-1]
-
-    yield make
-    for one in made:
-        one.close()
-
-
-def framed(data: bytes) -> bytes:
-    return mllp.START + data + mllp.END
-
-
-def silent(lis: RawLis) -> Behaviour:
-    """Keeps the connection open, answering nothing, until the test ends."""
-    def behaviour(conn: socket.socket, _: bytes) -> None:
-        lis.done.wait(60)
-    return behaviour
 
 
 def test_a_well_behaved_lis_delivers(lis: Callable[[Behaviour], RawLis]) -> None:
@@ -297,9 +224,6 @@ def test_the_log_names_reports_not_their_messages(tmp_path: Path, lis: Callable[
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """A delivery is logged at INFO by report id, path and MSH-10; a LIS that echoes the message back
     instead of an ACK is said with the answer's start alone (MSH): no PID, OBX or specimen id."""
-    def accept(conn: socket.socket, data: bytes) -> None:
-        conn.sendall(framed(ack("AA", data.split(b"\r", 1)[0].split(b"|")[9].decode())))
-
     accepting, echoing = lis(accept), lis(lambda conn, data: conn.sendall(data))
     report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
     message = read_report(STATION, envelope_of(report))

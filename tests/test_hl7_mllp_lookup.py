@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, wait_until
+from mllp_lis import CONTROL_ID, MESSAGE, Behaviour, RawLis, accept, framed
 from test_archive import SPECIMEN, STATION, Station, a_report, envelope_of, indexed
-from test_hl7_mllp_hostile import CONTROL_ID, MESSAGE, Behaviour, RawLis, ack, framed
 
 from smearscope.service.archive.daemon import ArchiveDaemon
 from smearscope.service.archive.hl7_out import Hl7Output
@@ -56,23 +56,6 @@ def resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[SilentResolver]:
     made = SilentResolver(monkeypatch, f"lis-{next(_NAMES)}.clinic.test")
     yield made
     made.answer.set()
-
-
-@pytest.fixture
-def lis() -> Iterator[Callable[[Behaviour], RawLis]]:
-    made: list[RawLis] = []
-
-    def make(behaviour: Behaviour) -> RawLis:
-        made.append(RawLis(behaviour))
-        return made[-1]
-
-    yield make
-    for one in made:
-        one.close()
-
-
-def accept(conn: socket.socket, data: bytes) -> None:
-    conn.sendall(framed(ack("AA", data.split(b"\r", 1)[0].split(b"|")[9].decode())))
 
 
 def _send_in_thread(address: tuple[str, int], timeout_s: float,

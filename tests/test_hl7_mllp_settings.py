@@ -9,13 +9,13 @@ from __future__ import annotations
 import shutil
 import socket
 import sqlite3
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydantic
 import pytest
 from broker import free_port
+from mllp_lis import RawLis, accept
 from test_archive_send_hl7 import VERSION_1
 
 from smearscope.cli import build_parser, main
@@ -76,46 +76,19 @@ def archive(tmp_path: Path) -> Path:
     return directory
 
 
-class Ipv6Lis:
-    """An MLLP listener on [::1] accepting each message (AA with its MSH-10)."""
-
-    def __init__(self) -> None:
-        self.server = socket.create_server(("::1", 0), family=socket.AF_INET6)
-        self.port = self.server.getsockname()[1]
-        self.received = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with conn:
-                data = b""
-                while not data.endswith(mllp.END):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                msh10 = data.split(b"\r", 1)[0].split(b"|")[9]
-                self.received += 1
-                conn.sendall(mllp.START + b"MSH|^~\\&|LIS|LAB|||20261130091500||ACK^R01^ACK|A1|P|2.5.1\rMSA|AA|"
-                             + msh10 + b"\r" + mllp.END)
-
-
 @pytest.fixture
-def ipv6_lis() -> Iterator[Ipv6Lis]:
-    lis = Ipv6Lis()
+def ipv6_lis() -> Iterator[RawLis]:
+    """An MLLP listener on [::1] accepting each message (AA with its MSH-10)."""
+    lis = RawLis(accept, host="::1")
     yield lis
-    lis.server.close()
+    lis.close()
 
 
 def test_an_ipv6_listener_in_brackets_is_sent_to_and_recorded_as_given(
-        archive: Path, ipv6_lis: Ipv6Lis, capsys: pytest.CaptureFixture[str]) -> None:
+        archive: Path, ipv6_lis: RawLis, capsys: pytest.CaptureFixture[str]) -> None:
     address = f"[::1]:{ipv6_lis.port}"
     assert main(["archive", "send-hl7", "--all", "--dir", str(archive), "--hl7-mllp", address]) == 0
-    assert ipv6_lis.received == 2
+    assert len(ipv6_lis.received) == 2
     db = sqlite3.connect(f"{(archive / 'index.sqlite').as_uri()}?mode=ro", uri=True)
     try:
         assert {d for (d,) in db.execute("SELECT destination FROM hl7_deliveries")} == {f"mllp:{address}"}
