@@ -40,6 +40,16 @@ def _reports(messages: list[Received], run_id: str) -> list[dict[str, Any]]:
     return [b for b in bodies if b.get("run_id") == run_id]
 
 
+def _retain(broker: MosquittoBroker, payload: bytes) -> None:
+    """The operator retains `payload` as the broker's run state (b"": clears it)."""
+    operator = Subscriber(broker.port, "station", MQTT_USERS["station"], [f"{BASE}/status"], client_id="operator")
+    try:
+        operator.wait_ready()
+        operator.client.publish(f"{BASE}/run", payload, qos=1, retain=True).wait_for_publish(5)
+    finally:
+        operator.close()
+
+
 def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_and_released_on_request(
     tmp_path: Path, credentials_dir: Path,
 ) -> None:
@@ -137,12 +147,7 @@ def test_a_restored_run_the_broker_shows_further_along_is_held_not_sent_over_it_
         assert kept.get("run_id") == run_id and kept["progress"]["fields"] == 6, kept
 
         # the operator decides the restored state is the right one: the broker's retained run state cleared
-        operator = Subscriber(broker.port, "station", MQTT_USERS["station"], [f"{BASE}/status"], client_id="operator")
-        try:
-            operator.wait_ready()
-            operator.client.publish(f"{BASE}/run", b"", qos=1, retain=True).wait_for_publish(5)
-        finally:
-            operator.close()
+        _retain(broker, b"")
         released = DaemonProcess(config, pool)
         try:
             assert observer.wait_for(lambda ms: any(r["fields_analyzed"] == 3 and r.get("verification")
@@ -185,13 +190,7 @@ def test_a_held_run_stays_held_at_a_later_start_once_the_stations_own_runs_repla
 
     observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report", f"{BASE}/run"])
     observer.wait_ready()
-    operator = Subscriber(broker.port, "station", MQTT_USERS["station"], [f"{BASE}/status"], client_id="operator")
-    try:
-        operator.wait_ready()
-        broker_state = json.loads(_state_message("r-1", 6, "closed").payload)
-        operator.client.publish(f"{BASE}/run", json.dumps(broker_state), qos=1, retain=True).wait_for_publish(5)
-    finally:
-        operator.close()
+    _retain(broker, json.dumps(json.loads(_state_message("r-1", 6, "closed").payload)).encode())
     config = make_config(tmp_path, broker.port)
     report = ("report", "rep-3", json.dumps({"run_id": "r-1", "fields_analyzed": 3}).encode(), "1")
 
@@ -224,12 +223,7 @@ def test_a_held_run_stays_held_at_a_later_start_once_the_stations_own_runs_repla
     second.stop(1)
     second.outbox.close()
 
-    operator = Subscriber(broker.port, "station", MQTT_USERS["station"], [f"{BASE}/status"], client_id="operator")
-    try:
-        operator.wait_ready()
-        operator.client.publish(f"{BASE}/run", b"", qos=1, retain=True).wait_for_publish(5)
-    finally:
-        operator.close()
+    _retain(broker, b"")
     third = start({"r-1": 3, "r-2": 1})
     started.append(third)
     third.start()
@@ -258,14 +252,6 @@ def test_a_held_run_keeps_one_run_state_in_the_outbox_across_new_states_reconnec
     broker.start()
     observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/run"])
 
-    def retain(payload: bytes) -> None:
-        operator = Subscriber(broker.port, "station", MQTT_USERS["station"], [f"{BASE}/status"], client_id="operator")
-        try:
-            operator.wait_ready()
-            operator.client.publish(f"{BASE}/run", payload, qos=1, retain=True).wait_for_publish(5)
-        finally:
-            operator.close()
-
     config = make_config(tmp_path, broker.port, reconnect_min_delay_s=1, reconnect_max_delay_s=1)
     marks = iter(range(100))
 
@@ -287,7 +273,7 @@ def test_a_held_run_keeps_one_run_state_in_the_outbox_across_new_states_reconnec
 
     try:
         observer.wait_ready()
-        retain(json.dumps(json.loads(_state_message("r-1", 6, "closed").payload)).encode())
+        _retain(broker, json.dumps(json.loads(_state_message("r-1", 6, "closed").payload)).encode())
         first, _ = start(states=3)
         assert wait_until(lambda: "r-1" in first.run_watch.held and held_states(first) == [2], 10), held_states(first)
         for _ in range(2):
@@ -304,7 +290,7 @@ def test_a_held_run_keeps_one_run_state_in_the_outbox_across_new_states_reconnec
         second.outbox.close()
         assert not [m for m in observer.on_topic(f"{BASE}/run") if json.loads(m.payload).get("review") is not None]
 
-        retain(b"")  # the operator's clear: released
+        _retain(broker, b"")  # the operator's clear: released
         third, _ = start(states=0)
         assert observer.wait_for(lambda ms: any(json.loads(m.payload).get("review") == 3 for m in ms if m.payload), 10)
         assert wait_until(lambda: third.outbox.counts().messages == 0, 10), third.state
@@ -329,13 +315,9 @@ def test_a_held_runs_run_state_expires_under_field_message_expiry_and_its_report
     from smearscope.service.station.live_state import LiveState
 
     observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report", f"{BASE}/run"])
-    operator = Subscriber(broker.port, "station", MQTT_USERS["station"], [f"{BASE}/status"], client_id="operator")
     try:
         observer.wait_ready()
-        operator.wait_ready()
-        broker_state = json.loads(_state_message("r-1", 6, "closed").payload)
-        operator.client.publish(f"{BASE}/run", json.dumps(broker_state), qos=1, retain=True).wait_for_publish(5)
-        operator.close()
+        _retain(broker, json.dumps(json.loads(_state_message("r-1", 6, "closed").payload)).encode())
         config = make_config(tmp_path, broker.port, protocol="5", field_message_expiry_s=1,
                              reconnect_min_delay_s=1, reconnect_max_delay_s=1)
         publisher = MqttPublisher(config, STATION, Outbox.from_config(config.outbox))
@@ -367,15 +349,6 @@ def _later_state(run_id: str, fields: int, state: str, started_at: float) -> byt
     return json.dumps(body).encode()
 
 
-def _retain(broker: MosquittoBroker, payload: bytes) -> None:
-    operator = Subscriber(broker.port, "station", MQTT_USERS["station"], [f"{BASE}/status"], client_id="operator")
-    try:
-        operator.wait_ready()
-        operator.client.publish(f"{BASE}/run", payload, qos=1, retain=True).wait_for_publish(5)
-    finally:
-        operator.close()
-
-
 def _restored_start(config: Any, closed_now: tuple[str, ...], began: float) -> Any:
     """The restored state's publisher: runs r-0 (10 fields, closed long ago) and r-1 (3 fields, left
     open in the backup, `closed_now` at this start), begun at `began - 500` and `began`."""
@@ -385,6 +358,21 @@ def _restored_start(config: Any, closed_now: tuple[str, ...], began: float) -> A
     publisher = MqttPublisher(config, STATION, Outbox.from_config(config.outbox))
     publisher.run_watch.known({"r-0": 10, "r-1": 3}, closed_now=closed_now, starts={"r-0": began - 500, "r-1": began})
     return publisher
+
+
+def _sent_holding_nothing(publisher: Any, observer: Subscriber, caplog: pytest.LogCaptureFixture,
+                          started: list[Any]) -> str:
+    """`publisher` (the restored state's, r-1's report in its outbox) started: the report goes out,
+    nothing is held and nothing said at ERROR; the one message naming the broker's run r-9 says that
+    nothing is held. That message."""
+    started.append(publisher)
+    publisher.start()
+    assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 10), caplog.text
+    assert not publisher.run_watch.held and publisher.run_watch.newer is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    said = [r.getMessage() for r in caplog.records if "the broker holds run r-9" in r.getMessage()]
+    assert len(said) == 1 and "nothing is held" in said[0], said
+    return said[0]
 
 
 def test_a_later_run_the_restored_state_lacks_holds_the_run_it_left_open_until_the_retained_state_is_cleared(
@@ -465,13 +453,7 @@ def test_an_unknown_run_begun_before_the_restored_states_runs_holds_nothing_and_
             publisher = _restored_start(config, ("r-1",), began)
             publisher.publish_many([("report", "rep-3", json.dumps({"run_id": "r-1", "fields_analyzed": 3}).encode(), "1")],
                                    extra=[_state_message("r-1", 3, "closed")])
-            started.append(publisher)
-            publisher.start()
-            assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 10), caplog.text
-        assert not publisher.run_watch.held and publisher.run_watch.newer is None
-        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
-        said = [r.getMessage() for r in caplog.records if "the broker holds run r-9" in r.getMessage()]
-        assert len(said) == 1 and "run r-9 began at " in said[0], said
-        assert "before run r-1 of this station's state" in said[0] and "nothing is held" in said[0], said
+            said = _sent_holding_nothing(publisher, observer, caplog, started)
+        assert "run r-9 began at " in said and "before run r-1 of this station's state" in said, said
     finally:
         observer.close()

@@ -23,7 +23,7 @@ from broker import (
     run_state,
     wait_until,
 )
-from test_restore_held import BASE, STATION, _retain, _state_message
+from test_restore_held import BASE, STATION, _retain, _sent_holding_nothing, _state_message
 from test_started_runs import _command, _station
 
 from smearscope.service.config import load_config
@@ -109,20 +109,14 @@ def test_an_unknown_run_that_is_not_the_later_one_holds_nothing_told_by_start_ti
         _retain(broker, _numbered_state("r-9", 4, "closed", began + (900 if run_seq else -900), run_seq))
         with caplog.at_level(logging.WARNING, logger="smearscope.service.mqtt.run_watch"):
             publisher = _restored(make_config(tmp_path, broker.port), began)
-            started.append(publisher)
-            publisher.start()
-            assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 10), caplog.text
-        assert not publisher.run_watch.held and publisher.run_watch.newer is None
-        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
-        said = [r.getMessage() for r in caplog.records if "the broker holds run r-9" in r.getMessage()]
-        assert len(said) == 1 and "nothing is held" in said[0], said
+            said = _sent_holding_nothing(publisher, observer, caplog, started)
         if run_seq is None:
-            assert "run r-9 began at " in said[0] and "before run r-1 of this station's state" in said[0], said
-            assert "told by start times" in said[0] and "clock set back" in said[0], said
+            assert "run r-9 began at " in said and "before run r-1 of this station's state" in said, said
+            assert "told by start times" in said and "clock set back" in said, said
         else:
             assert "run r-9 is run number 3 of this station, before run r-1 of this station's state (number 5; " \
-                   "told by run numbers)" in said[0], said
-            assert "clock set back" not in said[0], said
+                   "told by run numbers)" in said, said
+            assert "clock set back" not in said, said
     finally:
         observer.close()
 
