@@ -8,10 +8,13 @@ import logging
 from pathlib import Path
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from smearscope.service.config import MqttConfig
 from smearscope.service.mqtt.outbox import NewMessage, Outbox
 from smearscope.service.mqtt.publisher import MqttPublisher
+from smearscope.service.mqtt.run_watch import RunStateWatch
 
 
 def _state(run_id: str, fields: int, state: str = "open", updated_at: float = 1764660843.2) -> bytes:
@@ -223,24 +226,36 @@ def test_a_connection_lost_before_the_wait_settles_gives_the_next_one_its_own_bo
     assert silent.may_send()
 
 
+def _kept_hold(outbox: Outbox) -> None:
+    """A start whose run r-1 (3 fields, taken back open) the broker shows closed at 6: r-1 is held,
+    and the hold kept in `outbox`'s file."""
+    first = RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox)
+    first.known({"r-1": 3}, resumed="r-1")
+    first.subscribing(1)
+    first.heard(_state("r-1", 6, state="closed"), retained=True)
+    assert first.may_send() and first.held == {"r-1": ("closed", 6, 3)}
+
+
+def _start_finding_no_retained_state(outbox: Outbox, fields: int) -> RunStateWatch:
+    """A start (its run r-1 at `fields`) that finds no retained run state: the answer to a later
+    subscription came before any."""
+    granted = ReasonCode(PacketTypes.SUBACK, identifier=0)
+    cleared = RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox)
+    cleared.known({"r-1": fields})
+    cleared.subscribing(1)
+    cleared.on_subscribe(None, None, 1, [granted], None)
+    cleared.on_subscribe(None, None, 2, [granted], None)  # no retained run state came before it
+    return cleared
+
+
 def test_a_kept_hold_is_released_only_by_a_start_that_finds_no_retained_run_state(tmp_path: Path) -> None:
     """A hold kept in the outbox file: a later start whose run r-1 went on past the broker's 6 fields
     (taken back open, 7 fields of which 4 are not the broker's) still holds it; a start that finds
     no retained run state (the answer to a later subscription came first) releases it, and the
     file no longer has it."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.reasoncodes import ReasonCode
-
-    from smearscope.service.mqtt.run_watch import RunStateWatch
-
-    granted = ReasonCode(PacketTypes.SUBACK, identifier=0)
     config = MqttConfig.model_validate({"host": "127.0.0.1", "port": 1, "outbox": {"path": str(tmp_path / "o.sqlite3")}})
     with Outbox.from_config(config.outbox) as outbox:
-        first = RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox)
-        first.known({"r-1": 3}, resumed="r-1")
-        first.subscribing(1)
-        first.heard(_state("r-1", 6, state="closed"), retained=True)
-        assert first.may_send() and first.held == {"r-1": ("closed", 6, 3)}
+        _kept_hold(outbox)
 
         grown = RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox)
         assert grown.held == {"r-1": ("closed", 6, 3)}  # from the file, before anything is heard
@@ -249,11 +264,7 @@ def test_a_kept_hold_is_released_only_by_a_start_that_finds_no_retained_run_stat
         grown.heard(_state("r-1", 6, state="closed"), retained=True)
         assert grown.may_send() and "r-1" in grown.held
 
-        cleared = RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox)
-        cleared.known({"r-1": 7})
-        cleared.subscribing(1)
-        cleared.on_subscribe(None, None, 1, [granted], None)
-        cleared.on_subscribe(None, None, 2, [granted], None)  # no retained run state came before it
+        cleared = _start_finding_no_retained_state(outbox, 7)
         assert cleared.may_send() and not cleared.held
         assert not RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox).held
 
@@ -343,30 +354,18 @@ def test_a_release_the_outbox_file_refuses_to_keep_is_written_once_the_file_take
     the file takes it. Before, the watch took it as written: the file kept the hold, and every later
     start held that run's new messages again (a signature), while the broker then showed the run's
     own state, which never releases it."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.reasoncodes import ReasonCode
-
     from smearscope.service.mqtt import run_watch as module
-    from smearscope.service.mqtt.run_watch import SAVE_RETRY_S, RunStateWatch
+    from smearscope.service.mqtt.run_watch import SAVE_RETRY_S
 
     clock = [1000.0]
     monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
-    granted = ReasonCode(PacketTypes.SUBACK, identifier=0)
     config = MqttConfig.model_validate({"host": "127.0.0.1", "port": 1, "outbox": {"path": str(tmp_path / "o.sqlite3")}})
     with Outbox.from_config(config.outbox) as outbox:
-        first = RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox)
-        first.known({"r-1": 3}, resumed="r-1")
-        first.subscribing(1)
-        first.heard(_state("r-1", 6, state="closed"), retained=True)
-        assert first.may_send() and first.held == {"r-1": ("closed", 6, 3)}
+        _kept_hold(outbox)
         outbox.write(lambda conn: conn.execute("CREATE TRIGGER refuse BEFORE DELETE ON held_runs "
                                                "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END"))
         caplog.set_level(logging.WARNING, logger="smearscope.service.mqtt.run_watch")
-        cleared = RunStateWatch("lab-7", "smearscope/lab-7/run", store=outbox)
-        cleared.known({"r-1": 3})
-        cleared.subscribing(1)
-        cleared.on_subscribe(None, None, 1, [granted], None)
-        cleared.on_subscribe(None, None, 2, [granted], None)  # no retained run state came before it
+        cleared = _start_finding_no_retained_state(outbox, 3)
         assert cleared.may_send() and not cleared.held  # the sending goes on
         assert cleared.may_send()  # not tried again at once
         refused = [r.getMessage() for r in caplog.records if "could not be" in r.getMessage()]
