@@ -73,6 +73,16 @@ def mllp_archive(tmp_path: Path, port: int, lis_port: int) -> Archive:
     return archive
 
 
+def _deliveries(directory: Path, columns: str = "destination") -> list[tuple[object, ...]]:
+    """The archive's recorded HL7 deliveries (`columns` of hl7_deliveries, in the order recorded),
+    read from its index opened read-only."""
+    db = sqlite3.connect(f"{(directory / 'index.sqlite').as_uri()}?mode=ro", uri=True)
+    try:
+        return list(db.execute(f"SELECT {columns} FROM hl7_deliveries ORDER BY rowid"))
+    finally:
+        db.close()
+
+
 def test_a_report_is_acknowledged_only_once_the_lab_system_accepted_it(
         tmp_path: Path, persistent_broker: MosquittoBroker) -> None:
     lis_port = free_port()
@@ -110,14 +120,9 @@ def test_a_report_is_acknowledged_only_once_the_lab_system_accepted_it(
         assert len(lis.received) == 3
 
         # the archive recorded its deliveries in the index: sent from it, nothing goes a second time
-        db = sqlite3.connect(f"{(tmp_path / 'archive' / 'index.sqlite').as_uri()}?mode=ro", uri=True)
-        try:
-            assert list(db.execute("SELECT report_id, destination, control_id, sender FROM hl7_deliveries "
-                                   "ORDER BY rowid")) == [
-                (r.report_id, f"mllp:127.0.0.1:{lis_port}", control_id(r.report_id), "archive")
-                for r in (first, verified)]
-        finally:
-            db.close()
+        assert _deliveries(tmp_path / "archive", "report_id, destination, control_id, sender") == [
+            (r.report_id, f"mllp:127.0.0.1:{lis_port}", control_id(r.report_id), "archive")
+            for r in (first, verified)]
         assert main(["archive", "send-hl7", "--all", "--dir", str(tmp_path / "archive"), "--hl7-mllp",
                      f"127.0.0.1:{lis_port}"]) == 0
         assert len(lis.received) == 3
@@ -143,11 +148,7 @@ def test_an_ipv6_lab_system_is_named_in_brackets_in_the_log_and_the_index(
         assert lis.received == [oru_r01(report)]
         assert f"over MLLP to [::1]:{lis_port}, acknowledged" in archive.text()
         assert f"::1:{lis_port}" not in archive.text().replace(f"[::1]:{lis_port}", "")  # never unbracketed
-        db = sqlite3.connect(f"{(tmp_path / 'archive' / 'index.sqlite').as_uri()}?mode=ro", uri=True)
-        try:
-            assert list(db.execute("SELECT destination FROM hl7_deliveries")) == [(f"mllp:[::1]:{lis_port}",)]
-        finally:
-            db.close()
+        assert _deliveries(tmp_path / "archive") == [(f"mllp:[::1]:{lis_port}",)]
     finally:
         archive.stop()
         station.stop()
@@ -234,12 +235,8 @@ def test_a_report_whose_index_row_waits_is_not_delivered_again_at_each_try(
         assert wait_until(lambda: indexed(tmp_path / "archive") == 1, 60), archive.text()
         assert lis.received == [oru_r01(report)]  # not sent again
         assert list(hl7_dir.iterdir()) == []  # not written again
-        db = sqlite3.connect(f"{(tmp_path / 'archive' / 'index.sqlite').as_uri()}?mode=ro", uri=True)
-        try:  # both deliveries recorded with the row
-            assert sorted(d for (d,) in db.execute("SELECT destination FROM hl7_deliveries")) == [
-                f"file:{hl7_dir.resolve()}", f"mllp:127.0.0.1:{lis_port}"]
-        finally:
-            db.close()
+        assert sorted(d for (d,) in _deliveries(tmp_path / "archive")) == [  # both recorded with the row
+            f"file:{hl7_dir.resolve()}", f"mllp:127.0.0.1:{lis_port}"]
     finally:
         archive.stop()
         station.stop()
