@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -343,6 +344,24 @@ def test_the_parked_summary_is_read_again_only_when_the_parked_set_changes_or_it
         box.close()
 
 
+def _parked_once_settled(daemon: Any, inbox: Path) -> tuple[MqttPublisher, int]:
+    """A running station's publisher and its parked count, once its two fields in `inbox` are analysed,
+    their reports parked (too large for the broker) and nothing more parks: the run's last state
+    messages may park a moment after its reports."""
+    assert wait_until(lambda: daemon.publisher is not None and daemon.publisher.state.parked >= 2
+                      and daemon.status()["reports_stored"] >= 2 and not any(inbox.glob("*.png")), 30), daemon.status_line()
+    assert daemon.outbox is not None and daemon.publisher is not None
+    publisher = daemon.publisher
+    seen = [publisher.state.parked]
+    for _ in range(10):
+        time.sleep(1.0)
+        seen.append(publisher.state.parked)
+        if seen[-1] == seen[-2]:
+            break
+    assert seen[-1] == seen[-2], seen
+    return publisher, seen[-1]
+
+
 @pytest.mark.broker
 def test_the_daemons_status_line_reads_the_outbox_only_when_the_parked_set_changes(
     tmp_path: Path, credentials_dir: Path,
@@ -351,7 +370,6 @@ def test_the_daemons_status_line_reads_the_outbox_only_when_the_parked_set_chang
     300 s: its STATUS= line, asked again and again while nothing parks, does not read the outbox
     (reads counted by the outbox connection's trace callback); a report parked then shows in the
     next line, the one systemd gets included."""
-    import time
 
     from test_daemon import NotifyListener, pool_factory, running, write_station
     from test_restore import _folder_source, _png
@@ -372,18 +390,8 @@ def test_the_daemons_status_line_reads_the_outbox_only_when_the_parked_set_chang
                                environ={"CREDENTIALS_DIRECTORY": str(credentials_dir),
                                         "NOTIFY_SOCKET": str(listener.path)})
         with running(daemon):
-            assert wait_until(lambda: daemon.publisher is not None and daemon.publisher.state.parked >= 2
-                              and daemon.status()["reports_stored"] >= 2 and not any(inbox.glob("*.png")), 30), daemon.status_line()
-            assert daemon.outbox is not None and daemon.publisher is not None
-            publisher = daemon.publisher
-            seen = [publisher.state.parked]  # the run's last state messages may park a moment after its reports
-            for _ in range(10):
-                time.sleep(1.0)
-                seen.append(publisher.state.parked)
-                if seen[-1] == seen[-2]:
-                    break
-            assert seen[-1] == seen[-2], seen
-            n = seen[-1]
+            publisher, n = _parked_once_settled(daemon, inbox)
+            assert daemon.outbox is not None
             reads: list[str] = []
             daemon.outbox.read(lambda conn: conn.set_trace_callback(
                 lambda sql: reads.append(sql) if sql.startswith("SELECT seq, kind, topic, report_id, created_at") else None))
@@ -469,20 +477,8 @@ def test_an_outbox_that_cannot_be_read_leaves_telemetry_status_and_the_status_li
                                environ={"CREDENTIALS_DIRECTORY": str(credentials_dir),
                                         "NOTIFY_SOCKET": str(listener.path)})
         with running(daemon) as runner:
-            assert wait_until(lambda: daemon.publisher is not None and daemon.publisher.state.parked >= 2
-                              and daemon.status()["reports_stored"] >= 2 and not any(inbox.glob("*.png")), 30), daemon.status_line()
-            assert daemon.outbox is not None and daemon.publisher is not None
-            publisher = daemon.publisher
-            # the run's last state messages may park a moment after its reports: wait until nothing more parks
-            import time
-            seen = [publisher.state.parked]
-            for _ in range(10):
-                time.sleep(1.0)
-                seen.append(publisher.state.parked)
-                if seen[-1] == seen[-2]:
-                    break
-            assert seen[-1] == seen[-2], seen
-            parked = publisher.state.parked
+            _, parked = _parked_once_settled(daemon, inbox)
+            assert daemon.outbox is not None
             daemon.outbox.read(lambda conn: conn.set_authorizer(refuse_outbox))
             before = len(_samples(sub, DAEMON_BASE))
             assert wait_until(lambda: len(failing(_samples(sub, DAEMON_BASE)[before:])) >= 4, 20), _samples(sub, DAEMON_BASE)[-2:]
