@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,15 @@ class Station:
                           FHIR_VERSION, content_type=FHIR_CONTENT_TYPE)
         self.publisher.publish_many([("report", report.report_id, report.model_dump_json().encode(), "1.2")],
                                     extra=[fhir])
+
+    def publish_until(self, run_id: str, at: float, reached: threading.Event) -> bool:
+        """A report of `run_id` (made at `at`, a second later each time) published again until `reached`
+        is set, 15 times at most: the first may come before the archive subscribes. Whether it was."""
+        for attempt in range(15):
+            self.publish(a_report(run_id, SPECIMEN, at + attempt))
+            if reached.wait(2):
+                break
+        return reached.is_set()
 
     def delivered(self) -> bool:
         return self.publisher.outbox.counts().messages == 0

@@ -171,11 +171,7 @@ def test_a_stopping_archive_is_not_held_by_a_lis_that_never_answers(
     runner = threading.Thread(target=daemon.run, daemon=True)
     try:
         runner.start()
-        for attempt in range(15):  # again until one reaches the archive (its subscription may not be made yet)
-            station.publish(a_report("run-1", SPECIMEN, 1_796_000_000.0 + attempt))
-            if server.connected.wait(2):
-                break
-        assert server.connected.is_set()
+        assert station.publish_until("run-1", 1_796_000_000.0, server.connected)
         daemon.stop()
         runner.join(60)  # a guard against a hang, not a timing: without the stop it waits 300 s
         assert not runner.is_alive()
@@ -293,10 +289,7 @@ def test_the_lab_systems_text_reaches_the_journal_escaped(
     caplog.set_level("INFO")
     try:
         runner.start()
-        for attempt in range(15):  # again until one reaches the archive (its subscription may not be made yet)
-            station.publish(a_report("run-1", SPECIMEN, 1_796_000_000.0 + attempt))
-            if server.connected.wait(2):
-                break
+        station.publish_until("run-1", 1_796_000_000.0, server.connected)
         deadline = time.monotonic() + 60  # a guard against a hang: the retry comes after retry_s
         while indexed(tmp_path / "archive") == 0 and time.monotonic() < deadline:
             time.sleep(0.1)

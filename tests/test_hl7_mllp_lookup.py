@@ -142,10 +142,7 @@ def test_the_archive_holds_the_report_while_the_resolver_is_silent_and_stops_whe
     try:
         daemon, runner = archive("held", 0.5)
         daemons.append(daemon)
-        for attempt in range(15):  # again until one reaches the archive (its subscription may not be made yet)
-            station.publish(a_report("run-1", SPECIMEN, 1_796_000_000.0 + attempt))
-            if resolver.asked.wait(2):
-                break
+        station.publish_until("run-1", 1_796_000_000.0, resolver.asked)
         assert wait_until(lambda: daemon.counts["retried"] >= 2, 60)
         assert indexed(tmp_path / "held") == 0 and server.received == []
         resolver.answer.set()
@@ -159,11 +156,7 @@ def test_the_archive_holds_the_report_while_the_resolver_is_silent_and_stops_whe
         resolver.name = f"another-{resolver.name}"  # not answered, and no lookup of it running
         slow, slow_runner = archive("stopping", 300)
         daemons.append(slow)
-        for attempt in range(15):
-            station.publish(a_report("run-2", SPECIMEN, 1_796_000_100.0 + attempt))
-            if resolver.asked.wait(2):
-                break
-        assert resolver.asked.is_set()
+        assert station.publish_until("run-2", 1_796_000_100.0, resolver.asked)
         slow.stop()
         slow_runner.join(60)  # a guard against a hang, not a timing: without the bound it waits 300 s
         assert not slow_runner.is_alive()
