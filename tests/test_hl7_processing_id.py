@@ -133,6 +133,24 @@ def test_a_version_2_index_is_upgraded_its_deliveries_production(
         lis.stop()
 
 
+def test_a_version_1_index_an_upgrade_to_version_2_left_unnumbered_records_deliveries(
+        archive: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a smearscope of index version 2 upgrading this version 1 index made its deliveries table, and
+    # stopped (power cut) before it numbered the index 2: version 1, with version 2's table
+    db = sqlite3.connect(archive / "index.sqlite")
+    with db:
+        db.execute("CREATE TABLE hl7_deliveries (report_id TEXT NOT NULL, destination TEXT NOT NULL, control_id "
+                   "TEXT NOT NULL, delivered_at REAL NOT NULL, sender TEXT NOT NULL)")
+        db.execute("CREATE INDEX hl7_deliveries_report ON hl7_deliveries (report_id, destination)")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    db.close()
+    argv = ["archive", "send-hl7", "--all", "--dir", str(archive), "--hl7-dir", str(archive.parent / "hl7")]
+    assert main(argv) == 0
+    assert "2 delivered, 0 already" in capsys.readouterr().err
+    assert [(r, p) for r, _, p in recorded(archive)] == [(FIRST, "P"), (VERIFIED, "P")]
+    assert main(argv) == 0 and "0 delivered, 2 already" in capsys.readouterr().err
+
+
 @pytest.mark.broker
 def test_the_running_archive_sends_and_records_training_messages_then_production_ones(
         tmp_path: Path, persistent_broker: MosquittoBroker) -> None:

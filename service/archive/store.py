@@ -355,10 +355,12 @@ def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=FULL")
         with db:
             columns = {c for (_, c, *_) in db.execute("PRAGMA table_info(hl7_deliveries)")}
-            if version == 2 and "processing_id" not in columns:  # (an upgrade a crash cut short has it)
+            # version 2's table, without the processing id: in a version 2 index, or in one of version 0 or 1
+            # whose upgrade to 2 stopped before numbering it (an upgrade to 3 cut short has the column)
+            if columns and "processing_id" not in columns:
                 db.execute("ALTER TABLE hl7_deliveries ADD COLUMN processing_id TEXT NOT NULL DEFAULT 'P'")
-                logger.info("the archive index %s upgraded from version 2 to %d (each HL7 delivery's processing id "
-                            "recorded; those before are P, production)", path, INDEX_VERSION)
+                logger.info("the archive index %s upgraded from version %d to %d (each HL7 delivery's processing id "
+                            "recorded; those before are P, production)", path, version, INDEX_VERSION)
             db.executescript(SCHEMA)
             if version == 0 and db.execute("SELECT 1 FROM reports LIMIT 1").fetchone() is not None:
                 logger.info("the archive index %s had no version number (made before it had one): its layout "
