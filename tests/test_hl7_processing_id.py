@@ -166,6 +166,10 @@ def test_the_running_archive_sends_and_records_training_messages_then_production
         assert wait_until(lambda: indexed(tmp_path / "archive") == 1, 30), archive.text()
         assert lis.received == [oru_r01(report, Addressing(processing_id="T"))]
         assert "MSH-11 T" in archive.text() and "not as production" in archive.text()
+        # the running archive sends only the reports it stores from then on: the warning names the command
+        # that sends these in production (the next step of this test)
+        warning = next(line for line in archive.text().splitlines() if "not as production" in line)
+        assert "archive send-hl7" in warning and "without --hl7-processing-id" in warning
     finally:
         archive.stop()
         station.stop()

@@ -195,8 +195,9 @@ class ArchiveDaemon:
             logger.info("HL7 MSH-4 %s, MSH-5 %s, MSH-6 %s, MSH-11 %s", a.sending_facility or "(the report's station id)",
                         a.receiving_application or "(empty)", a.receiving_facility or "(empty)", a.processing_id)
             if a.processing_id != "P":
-                logger.warning("HL7 messages are sent with MSH-11 %s (%s), not as production: recorded so, the "
-                               "reports go again as P once the archive runs without --hl7-processing-id",
+                logger.warning("HL7 messages are sent with MSH-11 %s (%s), not as production: recorded so; the "
+                               "archive sends only the reports it stores from then on, so once the interface is "
+                               "validated `smearscope archive send-hl7` without --hl7-processing-id sends these as P",
                                a.processing_id, {"T": "training", "D": "debugging"}[a.processing_id])
         try:
             while not self._stop.is_set():
