@@ -263,6 +263,11 @@ def test_adapt_wbc_station_fits_the_means_from_the_gallerys_typed_cells(typed_st
     assert line["written"] == str(out) and line["typed"] == len(typed) and line["runs"] == 1
     assert set(line["cells_per_class"]) == set(MIX)
     assert line["leave_one_out_accuracy"] > line["head_accuracy"]
+    # the head's calls against the types (adapt_guard): on this lab most sent to review, not held
+    # against the typing (the typed cells' stored open-set scores beyond the model's thresholds)
+    assert {t: sum(row.values()) for t, row in line["confusion"].items()} == {t: sum(c["type"] == t for c in typed)
+                                                                             for t in MIX}
+    assert sum(row.get("(review)", 0) for row in line["confusion"].values()) > len(typed) / 2, line["confusion"]
     plain = Analyzer.from_models_dir(options=AnalyzerOptions(), warmup=False)
     adapted = Analyzer.from_models_dir(options=AnalyzerOptions(wbc_station_means=out), warmup=False)
     try:

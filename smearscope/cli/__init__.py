@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "white cells are then typed by the nearest of them. A class needs --min-cells typed cells "
                         "(the others keep the head's means). Refused (exit 2, code head_better) when the means "
                         "type the typed cells worse, each left out, than the head as trained; too_few_cells when "
-                        "no class has enough.")
+                        "no class has enough; typing_contradicts_head when the head confidently calls 40 % or "
+                        "more of a typed class one other class, or two classes each other (--accept-disagreement).")
     aw.add_argument("images", nargs="*", metavar="FIELD",
                     help="with --template: the station's fields to find white cells on (files, folders, @LIST)")
     aw.add_argument("--template", type=Path, default=None,
@@ -217,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     _station_analysis_args(aw)
     aw.add_argument("--min-cells", type=int, default=10,
                     help="typed cells a class needs for a station mean (default 10; with 3 the leave-one-out check is noise)")
+    aw.add_argument("--accept-disagreement", action="append", default=None, metavar="TYPED->HEAD",
+                    help="write the means although the head confidently calls most cells typed TYPED the class "
+                         "HEAD (refused by default as a consistent typing mistake: typing_contradicts_head); "
+                         "for a lab manager who verified those types; repeat for each pair; recorded in the file")
     aw.add_argument("--json", action="store_true", help="one JSON line instead of the TOML lines")
     aw.set_defaults(func=_lazy("adapt", "cmd_adapt_wbc"))
 

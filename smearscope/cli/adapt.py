@@ -5,7 +5,9 @@ The technician marks white cells on a few of the station's own fields and types 
 the WBC head's classes). The command analyses those fields as the station does, finds the white
 cell under each mark, takes the head's features of it, and writes the station's class means
 (service.analysis.station_means) where a class has at least --min-cells typed cells. It refuses
-to write means that type the station's own cells worse (leave one out) than the head does.
+to write means that type the station's own cells worse (leave one out) than the head does, and
+(adapt_guard) typed cells the head contradicts as a consistent typing mistake would, unless a lab
+manager accepts it (--accept-disagreement).
 
 `--station`: the cells come from the station itself instead: those its technicians typed in the
 dashboard's review gallery (`cmd/type_cells`), stored with their features in the station's
@@ -179,6 +181,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
             by_image.setdefault(p.image, []).append(p)
         feats, view_feats, types, head_types, energies, unmatched, unreadable = [], [], [], [], [], [], []
         duplicates: list[str] = []  # a second mark on a cell already marked: counted once
+        confident: list[bool] = []  # the head's own class passed its open-set tests (not sent to review)
         methods = [t.method for t in head.open_sets]
         model_thresholds = {t.method: t.threshold for t in head.open_sets}
         for image, marks in by_image.items():
@@ -206,6 +209,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
                 view_feats.append(np.array(hf.view_features, np.float64))
                 types.append(p.type)
                 head_types.append(hf.closed_set_label)
+                confident.append(all(v <= model_thresholds[m] for m, v in zip(methods, res.cells[i].open_set_scores)))
                 if "energy" in methods:
                     energies.append(res.cells[i].open_set_scores[methods.index("energy")])
     finally:
@@ -215,7 +219,7 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
               f"({args.labels.name}), at least {args.min_cells} per class for a station mean")
     return fit_and_write(args, error, space, manifest, head.views, model_thresholds,
                          np.array(feats, np.float64).reshape(n_typed, space.means.shape[1]), view_feats, types,
-                         head_types, np.array(energies) if "energy" in methods else None, fitted,
+                         head_types, np.array(energies) if "energy" in methods else None, fitted, confident,
                          {"typed": len(points), "matched": n_typed, "unmatched": unmatched[:50],
                           "unmatched_count": len(unmatched), "duplicates": duplicates[:50],
                           "duplicate_count": len(duplicates), "unreadable": unreadable}, mpp)
@@ -273,6 +277,7 @@ def _fit_from_station(args: argparse.Namespace, error) -> int:
               f"({typed.runs} runs), at least {args.min_cells} per class for a station mean")
     return fit_and_write(args, error, space, manifest, views, thresholds, typed.features, typed.view_features,
                          typed.types, typed.head_types, energies, fitted,
+                         [all(s[m] <= v for m, v in thresholds.items()) for s in typed.open_set_scores],
                          {"typed": len(typed.types), "runs": typed.runs, "typed_cells": str(path),
                           "other_head": typed.other_head, "other_views": typed.other_views,
                           "other_scale": typed.other_scale}, config.microns_per_pixel)

@@ -21,14 +21,22 @@ def bad_min_cells(args: argparse.Namespace, error) -> int:
 
 def fit_and_write(args, error, space, manifest, views, model_thresholds: dict[str, float], feats: np.ndarray,
                    view_feats: list, types: list[str], head_types: list[str], energies: np.ndarray | None,
-                   fitted: str, counts: dict, microns_per_pixel: float | None = None) -> int:
+                   fitted: str, confident: list[bool], counts: dict, microns_per_pixel: float | None = None) -> int:
     """Fit the station means from typed cells' features (analysed at `microns_per_pixel`, None:
-    estimated), write them to --out, print what to put in the config (or --json); the exit status."""
+    estimated), write them to --out, print what to put in the config (or --json); the exit status.
+    `confident`: per cell, whether the head's own class passed its open-set tests (adapt_guard)."""
     import dataclasses
 
     from smearscope.service.analysis.station_means import fit_station_means
 
     n_typed = len(types)
+    refused = _contradicted(args, error, manifest.classes, types, head_types, confident)
+    if isinstance(refused, int):
+        return refused
+    table, accepted = refused
+    if accepted:
+        fitted += ("; typed cells the head contradicts accepted by a lab manager (--accept-disagreement): "
+                   + "; ".join(d.text() for d in accepted))
     fit = fit_station_means(space, feats, types, head_types, manifest.sha256, args.min_cells, fitted,
                             model_thresholds, energies, views=views, view_feats=view_feats)
     typed_per_class = {c: types.count(c) for c in sorted(set(types))}
@@ -38,7 +46,8 @@ def fit_and_write(args, error, space, manifest, views, model_thresholds: dict[st
     summary = {**counts, "cells_per_class": fit.cells, "kept_heads_mean": short,
                "leave_one_out_accuracy": None if np.isnan(fit.loo_accuracy) else round(fit.loo_accuracy, 4),
                "head_accuracy": None if np.isnan(fit.head_accuracy) else round(fit.head_accuracy, 4),
-               "model_sha256": manifest.sha256}
+               "model_sha256": manifest.sha256, "confusion": table,
+               "accepted_disagreements": [d.key for d in accepted]}
     if fit.means is None:
         per_class = ", ".join(f"{c} {n}" for c, n in typed_per_class.items()) or "none"
         station = "other_scale" in counts  # --station: no marks, cells the file holds left out
@@ -77,6 +86,8 @@ def fit_and_write(args, error, space, manifest, views, model_thresholds: dict[st
             print(f"# {counts[count_key]} {what}: {', '.join(counts[list_key][:5])}{more}")
     if counts.get("unreadable"):
         print(f"# {len(counts['unreadable'])} images could not be read: {', '.join(counts['unreadable'][:5])}")
+    for d in accepted:
+        print(f"# accepted (--accept-disagreement {d.key}): {d.text()}")
     print(f"# leave-one-out: station means {fit.loo_accuracy:.1%}, head as trained {fit.head_accuracy:.1%}")
     for m, v in fit.means.thresholds.items():
         if v > model_thresholds[m]:
@@ -103,3 +114,33 @@ def _open_set_section_stale(args) -> bool:
         return section is not None and section.station_means_sha256 != sha256_file(args.out)
     except (ConfigError, OSError):
         return False  # the fit read the same config; nothing more to say here
+
+
+def _contradicted(args, error, classes, types: list[str], head_types: list[str], confident: list[bool]):
+    """The typed cells' confusion against the head's confident calls and the disagreements a lab
+    manager accepted; or the exit status of the refusal (a consistent mistake not accepted, or a
+    malformed --accept-disagreement), the table printed to stderr."""
+    import sys
+
+    from smearscope.cli.adapt_guard import confusion, disagreements, parse_accepted, table_text
+
+    accepted_keys, bad = parse_accepted(getattr(args, "accept_disagreement", None), list(classes))
+    if bad:
+        return error("bad_arguments", bad)
+    table = confusion(types, head_types, confident)
+    found = disagreements(table, judged=args.min_cells)
+    left = [d for d in found if d.key not in accepted_keys]
+    if not left:
+        return table, found
+    head_line = ("typed cells (rows, the technician's types) against the head's calls (columns; "
+                 "(review): the head was unsure)")
+    print("\n".join([head_line, *table_text(table)]), file=sys.stderr)
+    flags = " ".join(f"--accept-disagreement {d.key}" for d in left)
+    return error("typing_contradicts_head",
+                 "the head, passing its own open-set tests, contradicts the typing as a consistent mistake would: "
+                 + "; ".join(f"{d.text()}{' (and the other way: swapped)' if d.kind == 'swapped' else ''}"
+                             for d in left)
+                 + ". Check those cells' types (two classes swapped, or one class typed as another); if a lab "
+                 f"manager has verified them, fit again with {flags}",
+                 disagreements=[{"typed": d.typed, "head": d.head, "cells": d.cells, "of": d.of, "kind": d.kind}
+                                for d in left], confusion=table)
