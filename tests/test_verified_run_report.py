@@ -128,3 +128,56 @@ def test_a_verification_the_outbox_file_cannot_keep_is_refused_and_nothing_is_si
             stop_daemon(daemon, runner)
     reports = envelopes(sub, f"{BASE}/report")
     assert [r["report_id"] for r in reports] == [stopped["report_id"], verified["report_id"]]
+
+
+def test_an_amendment_answered_before_the_first_signature_was_stored_is_stored_after_it_at_the_next_start(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path,
+) -> None:
+    """Two verifications of one run answered ok (a second technician amending the first signature)
+    while the outbox file refuses signed reports; SIGKILL; the next start stores both under the ids
+    answered, the amendment after the signature it supersedes. The start read what each run held
+    once, before storing any: the amendment looked as if it followed another report than the run's,
+    and was dropped with an ERROR saying a version that did not keep it had signed again."""
+    config, inbox, outbox_path = _station(tmp_path, broker, *_REFUSE_SIGNED)
+    pool_file = tmp_path / "pool.pkl"
+    pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    daemon = runner = first = None
+    try:
+        sub.wait_ready()
+        first = DaemonProcess(config, pool_file)
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/status" and m.payload == b"online" for m in ms),
+                            60), first.lines[-20:]
+        stopped = _stopped_run(sub, inbox, first.lines)
+        signed = _command(sub, "verify_run", {"run_id": stopped["run_id"], "verified_by": "AB"})
+        assert signed["ok"] and signed["supersedes"] == stopped["report_id"], signed
+        amended = _command(sub, "verify_run", {"run_id": stopped["run_id"], "verified_by": "CD"})
+        assert amended["ok"] and amended["supersedes"] == signed["report_id"], amended
+        refused = f"outbox write of report report {signed['report_id']} failed"
+        assert wait_until(lambda: any(refused in line for line in list(first.lines)), 15), first.lines[-20:]
+        first.signal(signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+        with closing(sqlite3.connect(outbox_path)) as db:
+            assert db.execute("SELECT COUNT(*) FROM answered_verifications").fetchone()[0] == 2
+            for what in ("INSERT", "UPDATE"):
+                db.execute(f"DROP TRIGGER refuse_{what}")
+            db.commit()
+
+        daemon, runner = start_daemon(config)
+        assert sub.wait_for(lambda ms: sum(m.topic == f"{BASE}/report" for m in ms) >= 3, 30), \
+            [e["report_id"] for e in envelopes(sub, f"{BASE}/report")]
+    finally:
+        if daemon is not None and runner is not None:
+            stop_daemon(daemon, runner)
+        if first is not None:
+            first.signal(signal.SIGKILL)
+        sub.close()
+    reports = [e["body"] for e in envelopes(sub, f"{BASE}/report")]
+    assert [r["report_id"] for r in reports] == [stopped["report_id"], signed["report_id"], amended["report_id"]]
+    assert reports[2]["verification"]["verified_by"] == "CD"
+    assert reports[2]["verification"]["supersedes"] == signed["report_id"]
+    assert reports[2]["verification"]["supersedes_verified_by"] == "AB"
+    with closing(sqlite3.connect(outbox_path)) as db:  # the run holds the amendment; nothing waits
+        (held,) = db.execute("SELECT json_extract(report, '$.report_id') FROM closed_runs").fetchone()
+        assert held == amended["report_id"]
+        assert db.execute("SELECT COUNT(*) FROM answered_verifications").fetchone()[0] == 0

@@ -249,12 +249,20 @@ class ReportWriter:
         (service.station.verifications), under the ids answered, each where it still follows its
         run's report (a run is signed only once its report is stored: run_not_stored). Before the
         runs left open are closed, as the previous process would have stored them; a run whose
-        verification waits is not pruned by them meanwhile (one that fails here is tried again)."""
+        verification waits is not pruned by them meanwhile (one that fails here is tried again). An
+        amendment answered before the signature it supersedes was stored follows it once stored here
+        (in the order answered), and waits with it when it is not."""
         assert self.state is not None
         outbox = self.state.outbox
-        for report, holds in waiting_verifications(outbox):
+        waiting = waiting_verifications(outbox)
+        unstored = {report.report_id for report, _ in waiting}
+        now_holds: dict[str | None, str] = {}  # run -> the verified report stored here: an amendment follows it
+        for report, holds in waiting:
             verification = report.verification
             assert verification is not None
+            holds = now_holds.get(report.run_id, holds)
+            if holds != verification.supersedes and verification.supersedes in unstored:
+                continue  # it amends a signature not stored yet: both tried again at the next start
             if holds != verification.supersedes:
                 logger.error("run %s: the verification signed by %r at %.0f (report %s) follows report %s, but the "
                              "run holds %s: not stored, dropped (the run was signed again since by a station "
@@ -269,6 +277,8 @@ class ReportWriter:
                              "not be stored (%s); tried again at the next start", report.run_id, report.report_id,
                              exc)
                 continue
+            unstored.discard(report.report_id)
+            now_holds[report.run_id] = report.report_id
             self.stats.add("stored")
             logger.info("stored report message report_id=%s seq=%d run=%s field=None (verified by %r, answered "
                         "before the previous process stopped)", report.report_id, seq, report.run_id,
