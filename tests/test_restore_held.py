@@ -457,3 +457,50 @@ def test_an_unknown_run_begun_before_the_restored_states_runs_holds_nothing_and_
         assert "run r-9 began at " in said and "before run r-1 of this station's state" in said, said
     finally:
         observer.close()
+
+
+def test_stop_run_on_a_run_taken_back_and_held_answers_that_its_report_is_held(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path,
+) -> None:
+    """A real station killed with a run open (one field) is started again within the run's idle
+    timeout and takes it back, while the broker keeps a later run of this station id that its state
+    lacks (number 50, begun after it): the run it took back is held. stop_run's answer names the
+    report id as always, and says, as verify_run's does, that the report is held (`held` true, a
+    message naming the later run and the release); it said nothing, and the id never arrived."""
+    from test_started_runs import _command
+    from test_verified_run_report import _station
+
+    config, inbox, _ = _station(tmp_path, broker)
+    pool_file = tmp_path / "pool.pkl"
+    pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    first = second = None
+    try:
+        sub.wait_ready()
+        first = DaemonProcess(config, pool_file)
+        started = _command(sub, "start_run", {"specimen_id": "H-7"})
+        assert started["ok"], (started, first.lines[-20:])
+        (inbox / "a.png").write_bytes(_png(60))
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/field" for m in ms), 30), first.lines[-20:]
+        first.signal(signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+        later = json.loads(_later_state("r-later", 4, "open", time.time()))
+        later["progress"]["run_seq"] = 50
+        _retain(broker, json.dumps(later).encode())
+
+        second = DaemonProcess(config, pool_file)
+        said = f"the broker holds run r-later of station {STATION}"
+        assert wait_until(lambda: any(said in line for line in list(second.lines)), 30), second.lines[-20:]
+        assert any(f"specimen run {started['run_id']} resumed" in line for line in list(second.lines))
+        stopped = _command(sub, "stop_run")
+        assert stopped["ok"] and stopped["run_id"] == started["run_id"] and stopped["report_id"], stopped
+        assert stopped["held"] is True, stopped
+        assert stopped["message"].startswith("the run's report is held at the station: the broker shows run "
+                                             "r-later, begun after the runs"), stopped
+        assert f"mosquitto_pub -r -n -t {BASE}/run" in stopped["message"], stopped
+        assert not sub.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 2)
+    finally:
+        for daemon in (first, second):
+            if daemon is not None:
+                daemon.signal(signal.SIGKILL)
+        sub.close()

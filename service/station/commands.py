@@ -257,14 +257,20 @@ class StationCommands:
         if closed is not None:
             self._workers.emit_closed(closed, live)
         if answer.get("ok"):
-            watch = getattr(getattr(self._workers, "publisher", None), "run_watch", None)  # a run the broker shows further along
-            answer["held"] = watch is not None and run_id in watch.held
-            if answer["held"]:
-                answer["message"] = (f"the signed report is held at the station: {watch.held_why(run_id)} "
-                                     "(restored from an older backup, or another station under this id); it is "
-                                     f"sent once the broker's retained run state is cleared (mosquitto_pub -r -n -t "
-                                     f"{watch.topic}) and the station started again (docs/STATION.md)")
+            self._say_held(answer, run_id, "the signed report")
         return answer
+
+    def _say_held(self, answer: dict[str, Any], run_id: str, what: str) -> None:
+        """`held` in an ok answer naming a report of run `run_id`: true, with a message saying why and
+        how it is released, where the station holds the run's messages (the broker shows it further
+        along, or a later run: service.mqtt.run_watch), so the id answered does not arrive until then."""
+        watch = getattr(getattr(self._workers, "publisher", None), "run_watch", None)
+        answer["held"] = watch is not None and run_id in watch.held
+        if answer["held"]:
+            answer["message"] = (f"{what} is held at the station: {watch.held_why(run_id)} (restored from an older "
+                                 "backup, or another station under this id); it is sent once the broker's retained "
+                                 f"run state is cleared (mosquitto_pub -r -n -t {watch.topic}) and the station "
+                                 "started again (docs/STATION.md)")
 
     def _stop_run(self) -> dict[str, Any]:
         """On the analysis thread: the closed run's report goes out like any other."""
@@ -280,8 +286,11 @@ class StationCommands:
         answer = {"ok": True, "run_id": closed.run_id, "fields": closed.fields,
                   "classified_wbc": closed.classified_wbc, "target_wbc": closed.target_wbc,
                   "complete": closed.complete, "report_id": report_id}
-        if not kept:
-            answer["message"] = (f"the run's end could not be kept in the outbox file (see the station's log): its "
-                                 f"report is sent under {report_id} unless the station stops before storing it; a "
-                                 "start after that reports the run under another id")
+        if report_id is not None:
+            self._say_held(answer, closed.run_id, "the run's report")
+        if not kept:  # after the held message, if any
+            answer["message"] = " ".join(filter(None, (answer.get("message"), (
+                f"the run's end could not be kept in the outbox file (see the station's log): its report is sent "
+                f"under {report_id} unless the station stops before storing it; a start after that reports the run "
+                "under another id"))))
         return answer
