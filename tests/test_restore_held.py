@@ -504,3 +504,58 @@ def test_stop_run_on_a_run_taken_back_and_held_answers_that_its_report_is_held(
             if daemon is not None:
                 daemon.signal(signal.SIGKILL)
         sub.close()
+
+
+def test_a_run_left_open_without_a_field_and_closed_at_a_start_under_a_later_run_is_held_not_sent_over_it(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path,
+) -> None:
+    """A real station killed with a run start_run opened and no field yet; the next start (the run's
+    idle timeout long past) closes it, no report, while the broker keeps a later run of this station
+    id that its state lacks (number 50, begun after it). That run was left open in this state like
+    any other, and is held as they are: its closed run state (0 fields) is parked, not sent, and the
+    broker still retains the later run. It went out and replaced the later run's retained state."""
+    import sqlite3
+    from contextlib import closing
+
+    from test_daemon import saw_offline
+    from test_started_runs import _command
+    from test_verified_run_report import _station
+
+    config, _, outbox_path = _station(tmp_path, broker)
+    pool_file = tmp_path / "pool.pkl"
+    pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    first = second = None
+    try:
+        sub.wait_ready()
+        first = DaemonProcess(config, pool_file)
+        started = _command(sub, "start_run", {"specimen_id": "H-8"})
+        assert started["ok"], (started, first.lines[-20:])
+        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/run" and run_state(m).get("run_id") == started["run_id"]
+                                           for m in ms), 30), first.lines[-20:]
+        first.signal(signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+        with closing(sqlite3.connect(outbox_path)) as db:  # begun an hour ago: past its idle timeout (600 s)
+            assert db.execute("UPDATE started_runs SET started_at = started_at - 3600").rowcount == 1
+            db.commit()
+        later = json.loads(_later_state("r-later", 4, "open", time.time()))
+        later["progress"]["run_seq"] = 50
+        _retain(broker, json.dumps(later).encode())
+        sub.messages.clear()
+
+        second = DaemonProcess(config, pool_file)
+        said = f"the broker holds run r-later of station {STATION}"
+        assert wait_until(lambda: any(said in line for line in list(second.lines)), 30), second.lines[-20:]
+        assert any(f"run {started['run_id']} for specimen H-8" in line and "closed (restart)" in line
+                   for line in list(second.lines)), second.lines[-30:]
+        second.signal(signal.SIGTERM)
+        assert second.wait(30) == 0, second.lines[-20:]
+        assert saw_offline(sub)  # all the station delivered is here
+    finally:
+        for daemon in (first, second):
+            if daemon is not None:
+                daemon.signal(signal.SIGKILL)
+        sub.close()
+    sent = [run_state(m) for m in sub.on_topic(f"{BASE}/run") if m.payload and not m.retain]
+    assert not [s for s in sent if s.get("run_id") == started["run_id"]], sent
+    assert (retained_run_state(broker.port, BASE) or {}).get("run_id") == "r-later"

@@ -331,7 +331,7 @@ class RunStateWatch:
                 else f"does not hold it (it holds {len(known)} run{'' if len(known) == 1 else 's'})")
         gone = (f"; run {run_id} is open there: this station will send no specimen report for it"
                 if state.get("state") == "open" and run_id not in known else "")
-        closed = [r for r in self._closed_now if r in known and r != run_id]
+        closed = [r for r in self._closed_now if known.get(r) and r != run_id]  # with a report (fields)
         again = (f"; the runs this start closed ({', '.join(closed)}, end reason restart) may have been reported "
                  "whole before: their reports from this start count only the fields this state holds, under new "
                  "report ids" if closed and not (order is not None and stale) else "")

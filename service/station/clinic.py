@@ -144,7 +144,7 @@ class ClinicFeed:
             publisher.on_reconnected = lambda: self.republish(publisher)
         if (watch := getattr(publisher, "run_watch", None)) is not None:  # the runs this state holds
             watch.known({r.run_id: r.fields for r in closed} | ({progress.run_id: progress.fields} if progress else {}),
-                        closed_now=[r.run_id for r in closed if r.run_id in announce and r.report is not None],
+                        closed_now=[r.run_id for r in closed if r.run_id in announce],  # with or without a field
                         resumed=progress.run_id if progress else None,
                         starts={r.run_id: r.started_at for r in closed} | ({progress.run_id: progress.started_at}
                                                                             if progress else {}),
