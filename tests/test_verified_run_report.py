@@ -181,3 +181,39 @@ def test_an_amendment_answered_before_the_first_signature_was_stored_is_stored_a
         (held,) = db.execute("SELECT json_extract(report, '$.report_id') FROM closed_runs").fetchone()
         assert held == amended["report_id"]
         assert db.execute("SELECT COUNT(*) FROM answered_verifications").fetchone()[0] == 0
+
+
+def test_an_amendment_of_a_signature_dropped_at_the_start_is_dropped_with_it_not_kept_for_ever(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path,
+) -> None:
+    """Two signatures wait in the outbox file for a run: one that follows another report than the
+    run's (signed again by a version that did not keep it) and one amending it. The start drops
+    both, as it says; the amendment was kept waiting for the one dropped, for ever (its run never
+    pruned from the last closed runs)."""
+    from smearscope.service.analysis.report import Report, Verification
+
+    config, inbox, outbox_path = _station(tmp_path, broker)
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    with closing(sub):
+        daemon, runner = start_daemon(config)
+        try:
+            sub.wait_ready()
+            stopped = _stopped_run(sub, inbox, [])
+        finally:
+            stop_daemon(daemon, runner)
+        with closing(sqlite3.connect(outbox_path)) as db:
+            (text,) = db.execute("SELECT report FROM closed_runs").fetchone()
+            report = Report.model_validate_json(text)
+            signed = [report.model_copy(update={"report_id": rid, "verification": Verification(
+                verified_by=by, verified_at=time.time(), supersedes=follows, typed_cells=0, reclassified=[])})
+                for rid, by, follows in (("v-1", "AB", "another-report"), ("v-2", "CD", "v-1"))]
+            db.executemany("INSERT INTO answered_verifications VALUES (?, ?, ?, ?, ?, ?)",
+                           [(r.report_id, r.run_id, r.verification.verified_by, r.verification.verified_at,
+                             r.verification.supersedes, r.model_dump_json()) for r in signed])
+            db.commit()
+        daemon, runner = start_daemon(config)
+        stop_daemon(daemon, runner)
+        with closing(sqlite3.connect(outbox_path)) as db:
+            assert db.execute("SELECT report_id FROM answered_verifications").fetchall() == []
+            (held,) = db.execute("SELECT json_extract(report, '$.report_id') FROM closed_runs").fetchone()
+            assert held == stopped["report_id"]

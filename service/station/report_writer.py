@@ -269,6 +269,7 @@ class ReportWriter:
                              "version that did not keep it)", report.run_id, verification.verified_by,
                              verification.verified_at, report.report_id, verification.supersedes, holds)
                 drop_verification(outbox, report.report_id)
+                unstored.discard(report.report_id)  # an amendment of it is dropped with it
                 continue
             try:
                 seq = self._store_once(Outgoing("report", report))
