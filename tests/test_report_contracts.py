@@ -655,7 +655,7 @@ def test_a_run_left_open_under_other_models_is_closed_at_the_start_not_taken_bac
         assert tracker(target=100, idle=60.0, clock=clock).resume_one([same]) == []  # taken back
         named = {k: v.model_copy(update={"classes": ["rbc", "wbc", "platelet"]}) for k, v in MODELS.items()}
         (upgraded,) = state.open_runs(named)
-        assert upgraded.end_requested is None and upgraded.models == MODELS
+        assert upgraded.end_requested is None and upgraded.models == named  # goes on under them
         with caplog.at_level(logging.WARNING, logger="smearscope.service.station.durable"):
             (other,) = state.open_runs(recalibrated)
         assert other.end_requested == "restart"
@@ -664,6 +664,35 @@ def test_a_run_left_open_under_other_models_is_closed_at_the_start_not_taken_bac
         assert t.final_report(other, other.end_requested).end_reason == "restart"
         (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert warning.startswith("run r, left open, was analysed with other models than this start's (seg:")
+    finally:
+        outbox.close()
+
+
+def test_a_run_stored_before_models_named_their_classes_and_taken_back_lists_every_class_in_its_report(tmp_path):
+    """A run left open by the version before schema 1.3 (its fields' models name no classes) is
+    taken back by a version whose same models name them: the run goes on under those, so its
+    final report names the WBC head's classes and lists one no cell was given at 0 %, as a run
+    begun under this version does. It kept the stored models: a 1.3 report without a zero row."""
+    head = ModelInfo(name="wbc-v1", sha256="cd" * 32, backend="onnx")
+    before = {**MODELS, "wbc_head": head}
+    named = {**MODELS, "wbc_head": head.model_copy(update={"classes": ["lymphocyte", "neutrophil"]})}
+    run = SpecimenRun(target_wbc=100, started_at=0.0, run_id="r")
+    run.add(field_of("f0", wbcs(3), models=before), 1.0)
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    try:
+        state = StationState(outbox)
+        store_run(state, outbox, run, "r")
+        (back,) = state.open_runs(named)
+        assert back.end_requested is None  # taken back, not closed
+        assert back.models == named
+        clock = FakeClock()
+        clock.now = back.last_activity + 10.0
+        t = tracker(target=100, idle=60.0, clock=clock)
+        assert t.resume_one([back]) == []
+        report = t.final_report(back, "stopped")
+        rows = {s.label: (s.count, s.percent) for s in report.wbc_differential}
+        assert rows == {"neutrophil": (3, 100.0), "lymphocyte": (0, 0.0)}, rows
+        assert report.models["wbc_head"].classes == ["lymphocyte", "neutrophil"]
     finally:
         outbox.close()
 

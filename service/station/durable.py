@@ -342,7 +342,9 @@ class StationState:
             # a run stored before models named their classes (schema 1.3) is taken back under the same models
             same = {k: v.model_copy(update={"classes": run.models[k].classes}) if k in run.models else v
                     for k, v in (models or {}).items()}
-            if models and run.models and run.models != same and run.end_requested is None:
+            if models and run.models == same:  # goes on under them: its report names their classes (zero rows)
+                run.models = dict(models)
+            elif models and run.models and run.end_requested is None:
                 run.end_requested = "restart"
                 changed = sorted(k for k in {*same, *run.models} if same.get(k) != run.models.get(k))
                 logger.warning("run %s, left open, was analysed with other models than this start's (%s: another "
