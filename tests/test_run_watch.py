@@ -414,3 +414,21 @@ def test_an_unknown_run_whose_start_reads_before_this_release_holds_the_runs_lef
     quiet.known({"r-1": 3}, starts={"r-1": good})  # closed before this start: nothing open to hold
     quiet.heard(state(86400.0), retained=True)
     assert not quiet.held and quiet.newer is not None
+
+
+def test_a_run_without_a_field_closed_again_at_a_start_is_not_taken_for_an_older_state(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A run start_run opened, closed with no field, its closed state published, and closed again at
+    the next start (the write that ends it refused by a full disk): the broker showing it closed
+    with 0 fields is this station's own state, nothing newer; a run with fields closed at a start
+    that the broker shows closed is held as before."""
+    empty = RunStateWatch("lab-7", "smearscope/lab-7/run")
+    empty.known({"r-0": 0}, closed_now=["r-0"])
+    with caplog.at_level(logging.ERROR, logger="smearscope.service.mqtt.run_watch"):
+        empty.heard(_state("r-0", 0, state="closed"), retained=True)
+    assert empty.newer is None and not empty.held and not caplog.records
+    counted = RunStateWatch("lab-7", "smearscope/lab-7/run")
+    counted.known({"r-1": 3}, closed_now=["r-1"])
+    counted.heard(_state("r-1", 3, state="closed"), retained=True)
+    assert set(counted.held) == {"r-1"}

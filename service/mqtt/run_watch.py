@@ -305,8 +305,8 @@ class RunStateWatch:
         if (run_id, fields, state.get("updated_at")) in self._own:
             return  # this station's own last state (of this process too)
         left_open = run_id in self._closed_now or run_id == self._resumed  # open in the state this start read
-        behind = run_id in known and (fields > known[run_id] or (
-            fields == known[run_id] and left_open and state.get("state") == "closed"))
+        behind = run_id in known and (fields > known[run_id] or (  # closed with no field: as this start closes it
+            fields == known[run_id] > 0 and left_open and state.get("state") == "closed"))
         if run_id in known and not behind:
             return  # an older state of this station's the broker kept
         updated = state.get("updated_at")
