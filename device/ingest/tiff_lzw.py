@@ -18,6 +18,7 @@ import numpy as np
 import tifffile
 
 from smearscope.device.ingest.errors import IngestError, RejectReason
+from smearscope.device.ingest.tiff_segments import needed_bytes, segment_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -48,28 +49,18 @@ def check_lzw_segments(data: bytes, page: tifffile.TiffPage, name: str) -> None:
     if len(page.dataoffsets) > MAX_LZW_SEGMENTS:
         raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: 8-bit LZW TIFF of {len(page.dataoffsets)} strips "
                           f"or tiles (at most {MAX_LZW_SEGMENTS} are read: each is walked apart)")
+    segment = segment_bytes(page)
     for k, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
         raw = data[offset : offset + count]
         if raw[:1] == b"\x00" and len(raw) > 1 and raw[1] & 1:
             continue  # the LZW of TIFF 5.0 (least significant bit first), which libtiff reads apart: not walked
-        needed = _segment_bytes(page, k)
+        needed = needed_bytes(page, k, segment)
         problem = lzw_problem(raw, needed, 2 + needed // MIN_BYTES_PER_RUN)
         if problem == _TOO_MANY_RUNS:
             raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: TIFF LZW segment {k} clears its code "
                               f"table more often than once per {MIN_BYTES_PER_RUN} bytes (each a step of Python)")
         if problem:
             raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF LZW segment {k} {problem}")
-
-
-def _segment_bytes(page: tifffile.TiffPage, k: int) -> int:
-    """Bytes libtiff decodes segment `k` to: a tile whole, a strip its rows (the last of a plane fewer)."""
-    samples = 1 if int(page.planarconfig) == 2 else int(page.samplesperpixel)
-    item = np.dtype(page.dtype).itemsize
-    if page.is_tiled:
-        return int(page.tilewidth) * int(page.tilelength) * samples * item
-    rows, per = int(page.imagelength), min(int(page.rowsperstrip), int(page.imagelength))
-    first = k % -(-rows // per) * per
-    return min(per, rows - first) * int(page.imagewidth) * samples * item
 
 
 def lzw_problem(raw: bytes, needed: int, most_runs: int) -> str | None:

@@ -185,7 +185,7 @@ def check_tiff_inflation(data: bytes, page: tifffile.TiffPage, name: str, by_ope
                 raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: TIFF page of more than {most} "
                                   "PackBits runs (seconds to read; save the field uncompressed, deflate or LZW)")
             runs_left -= runs
-            needed = _needed(page, k, segment)
+            needed = needed_bytes(page, k, segment)
             if size < needed:  # libtiff would fill the rest of the strip with black
                 raise IngestError(RejectReason.CORRUPT, f"{name}: TIFF segment {k} decodes to {size} of the "
                                   f"{needed} bytes its rows hold (cut short)")
@@ -210,9 +210,9 @@ def _check_segment_list(page: tifffile.TiffPage, segments: int, name: str) -> No
                           "0 bytes): it would be read as black")
 
 
-def _needed(page: tifffile.TiffPage, k: int, segment: int) -> int:
-    """Bytes segment `k` must decode to: a tile its whole size, a strip its rows (the last of each
-    plane holds the rows left)."""
+def needed_bytes(page: tifffile.TiffPage, k: int, segment: int) -> int:
+    """Bytes segment `k` must decode to (`segment`: `segment_bytes(page)`): a tile its whole size, a
+    strip its rows (the last of each plane holds the rows left); libtiff decodes no more of it."""
     if page.is_tiled:
         return segment
     rows_per, rows = int(page.chunks[0]), int(page.imagelength)
