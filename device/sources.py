@@ -253,7 +253,8 @@ class CameraSource(FrameSource):
         self.camera = GuardedCapture(config.name, config.device, lambda: capture_factory(config),
                                      config.read_timeout_s, self._stop, clock)
         self._failures = 0
-        self._streak = 0  # good frames in a row since the last failure
+        self._streak = 0  # good frames in a row since the last failure or hung call
+        self._hangs_seen = 0  # the camera's hung calls when the row began
         # the random part keeps ids apart across starts on the same restored (fake-hwclock) time
         self._session = f"{time.time_ns() // 1_000_000:x}.{secrets.token_hex(4)}"
         self._counter = 0
@@ -288,6 +289,8 @@ class CameraSource(FrameSource):
             pixels = as_bgr8(within_limits(image)) if ok else None
             if pixels is not None:
                 self.camera.frame_came()
+                if self.camera.hung_calls != self._hangs_seen:  # an open or read hung since: a new row
+                    self._hangs_seen, self._streak = self.camera.hung_calls, 0
                 self._streak += 1
                 if self._failures and self._streak >= STABLE_FRAMES:
                     logger.info("%s: camera back after %d failures", self.name, self._failures)

@@ -288,3 +288,48 @@ def test_an_rtsp_camera_is_opened_with_ffmpeg_timeouts_under_the_read_bound(
     calls.clear()
     sources._open_capture(CameraSourceConfig(device=PIPELINE, read_timeout_s=read_timeout_s))
     assert calls == [(PIPELINE, cv2.CAP_GSTREAMER)]  # other backends have no such timeouts
+
+
+class _Frames(_Capture):
+    """A capture that gives `good` frames, then (with `stuck`) blocks in read() as a stalled driver,
+    or (without) fails its read as a camera that dropped out."""
+
+    def __init__(self, good: int, stuck: threading.Event | None = None) -> None:
+        super().__init__(stuck)
+        self.good = good
+
+    def read(self) -> tuple[bool, Any]:
+        if self.good:
+            self.good -= 1
+            return True, np.random.default_rng().integers(0, 255, (48, 64, 3), np.uint8)
+        return super().read() if self.stuck is not None else (False, None)
+
+
+def test_a_hung_read_breaks_the_row_of_good_frames_that_says_a_camera_back(caplog: pytest.LogCaptureFixture) -> None:
+    """A camera counts as back after STABLE_FRAMES good frames in a row: one that dropped out, then
+    gives 20 frames, hangs and gives 10 more has not given 25 in a row (it was said back, its backoff
+    reset, while it kept hanging); 25 after the hang are."""
+    from smearscope.device.sources import STABLE_FRAMES
+
+    clock, never = _Clock(), threading.Event()
+    captures = iter([_Frames(0), _Frames(20, stuck=never), _Frames(STABLE_FRAMES + 5)])
+    cfg = CameraSourceConfig(name="scope", device=PIPELINE, read_timeout_s=10.0, reconnect_initial_s=0.001,
+                             reconnect_max_s=0.002)
+    cam = CameraSource(cfg, lambda c: next(captures), clock)
+    with caplog.at_level(logging.INFO, logger="smearscope.device"):
+        before = [next(cam) for _ in range(20)]  # the first capture's read failed: one failure
+        assert cam.failures == 1
+        thread, out = _in_thread(lambda: next(cam))
+        _until(lambda: cam.state == "reading" and cam.camera.capture is not None and cam.camera.capture.good == 0)
+        clock.now += 11.0  # the second capture's read() hangs past the bound
+        thread.join(LONG)
+        assert not thread.is_alive() and cam.camera.hung_calls == 1
+        after = [out[0]] + [next(cam) for _ in range(STABLE_FRAMES - 2)]  # 24 in a row since the hang
+        assert cam.failures == 1
+        assert not [r for r in caplog.records if "camera back" in r.getMessage()]
+        after.append(next(cam))  # the 25th
+        assert cam.failures == 0
+    assert [r.getMessage() for r in caplog.records if "camera back" in r.getMessage()] == [
+        "scope: camera back after 1 failures"]
+    assert len(before) + len(after) == 20 + STABLE_FRAMES
+    cam.close()
