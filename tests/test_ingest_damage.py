@@ -196,6 +196,29 @@ def test_a_tiff_whose_first_page_is_a_thumbnail_is_analysed_at_its_full_resoluti
     assert np.array_equal(load_image(out.getvalue()).pixels, thumbnail)
 
 
+@pytest.mark.parametrize("bigtiff", [False, True], ids=["tiff", "bigtiff"])
+def test_a_tiff_cut_after_its_preview_page_is_truncated_not_the_preview_analysed(bigtiff: bool) -> None:
+    """A preview page first (NewSubfileType bit 0), the field's directory after it, and the file cut at
+    or inside that directory: cut at its start the preview was analysed as the field (at five times
+    its microns per pixel), cut among its entries the file was `corrupt`, in its BitsPerSample values
+    `bad_dtype`; a file of one page marked as a preview and nothing after it is read as before."""
+    field = hostile.smear_like(600, 800)
+    out = io.BytesIO()
+    with tifffile.TiffWriter(out, bigtiff=bigtiff) as tif:
+        tif.write(field[::5, ::5, ::-1], photometric="rgb", subfiletype=1)
+        tif.write(field[..., ::-1], photometric="rgb")
+    data = out.getvalue()
+    assert np.array_equal(load_image(data).pixels, field)
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        second, pixels_at = tif.pages[1].offset, min(tif.pages[1].dataoffsets)
+    codes = {cut: _code(data[:cut]) for cut in range(second, pixels_at + 1)}
+    assert set(codes.values()) == {"truncated"}, {c: v for c, v in codes.items() if v != "truncated"}
+    out = io.BytesIO()
+    with tifffile.TiffWriter(out, bigtiff=bigtiff) as tif:
+        tif.write(field[::5, ::5, ::-1], photometric="rgb", subfiletype=1)
+    assert np.array_equal(load_image(out.getvalue()).pixels, field[::5, ::5])
+
+
 def _lzw_codes(codes: list[int], width: int = 9) -> bytes:
     """Codes of one width packed most significant bit first, as TIFF's LZW stores them."""
     return _lzw_bits("".join(format(code, f"0{width}b") for code in codes))

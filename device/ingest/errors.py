@@ -37,7 +37,7 @@ class RejectReason(str, Enum):
     #: that gives up, dimensions that disagree with the header).
     CORRUPT = "corrupt"
     #: The data stops early: no JPEG end-of-image marker, no PNG IEND, TIFF strips past the end or a
-    #: TIFF cut inside its first directory.
+    #: TIFF cut inside its first directory (or, after a preview page, the field's).
     TRUNCATED = "truncated"
     #: The header declares more pixels than `IngestLimits.max_pixels` (decompression bomb).
     TOO_LARGE_PIXELS = "too_large_pixels"

@@ -348,7 +348,15 @@ def check_tiff_directory_offset(data: bytes, name: str) -> None:
     (first_ifd,) = struct.unpack(order + fmt, field)
     if first_ifd >= len(data):
         raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF directory beyond end of file")
-    _check_first_directory(data, order, big, first_ifd, name)
+    # through a preview page first (NewSubfileType bit 0) to the field's directory, which must be there
+    at, which = first_ifd, "its first directory"
+    for _ in range(MAX_TIFF_DIRECTORIES):
+        following, preview = _check_directory(data, order, big, at, name, which)
+        if not preview or following == 0:
+            return  # the field's directory (or a file of a preview alone, read as it is)
+        if following >= len(data):
+            raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF ends before the page its preview stands for")
+        at, which = following, "the directory after its preview page"
 
 
 #: Tags that say how and where the pixels are stored: tifffile drops one whose values lie past the
@@ -360,15 +368,16 @@ _TIFF_TYPE_BYTES[[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 17, 18]] = [1, 
                                                                               8, 8]
 
 
-def _check_first_directory(data: bytes, order: str, big: bool, at: int, name: str) -> None:
-    """The first directory's entries, its next-directory offset and its structure tags' values all
-    inside the file (`truncated`): a writer that puts the directory first and stopped early."""
+def _check_directory(data: bytes, order: str, big: bool, at: int, name: str, which: str) -> tuple[int, bool]:
+    """The directory's entries, its next-directory offset and its structure tags' values all inside
+    the file (`truncated`): a writer that puts directories first and stopped early. Returns (the next
+    directory's offset, whether this page is marked reduced-resolution: NewSubfileType bit 0)."""
     head, size, inline = (8, 20, 8) if big else (2, 12, 4)
     if at + head > len(data):
-        raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF ends inside its first directory")
+        raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF ends inside {which}")
     (n,) = struct.unpack(order + ("Q" if big else "H"), data[at : at + head])
     if at + head + n * size + (8 if big else 4) > len(data):  # the entries, then the next directory's offset
-        raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF ends inside its first directory")
+        raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF ends inside {which}")
     word = order + ("u8" if big else "u4")
     entries = np.frombuffer(data, np.dtype([("tag", order + "u2"), ("type", order + "u2"), ("count", word),
                                             ("value", word)]), count=n, offset=at + head)
@@ -379,6 +388,12 @@ def _check_first_directory(data: bytes, order: str, big: bool, at: int, name: st
     if past.any():
         raise IngestError(RejectReason.TRUNCATED, f"{name}: TIFF tag {int(structure['tag'][past][0])}'s values "
                           "lie past the end of file")
+    (following,) = struct.unpack(order + ("Q" if big else "I"), data[at + head + n * size :][: 8 if big else 4])
+    kind = entries[entries["tag"] == 254]
+    value = int(kind["value"][0]) if kind.size else 0
+    if kind.size and int(kind["type"][0]) == 3 and order == ">":  # a SHORT in the field's first bytes
+        value >>= 48 if big else 16
+    return following, bool(value & 1)
 
 
 #: Image directories a TIFF may hold (pages and their SubIFDs): a field, perhaps a thumbnail or a
