@@ -311,8 +311,8 @@ def test_a_hung_read_breaks_the_row_of_good_frames_that_says_a_camera_back(caplo
     reset, while it kept hanging); 25 after the hang are."""
     from smearscope.device.sources import STABLE_FRAMES
 
-    clock, never = _Clock(), threading.Event()
-    captures = iter([_Frames(0), _Frames(20, stuck=never), _Frames(STABLE_FRAMES + 5)])
+    clock, stuck = _Clock(), threading.Event()
+    captures = iter([_Frames(0), _Frames(20, stuck=stuck), _Frames(STABLE_FRAMES + 5)])
     cfg = CameraSourceConfig(name="scope", device=PIPELINE, read_timeout_s=10.0, reconnect_initial_s=0.001,
                              reconnect_max_s=0.002)
     cam = CameraSource(cfg, lambda c: next(captures), clock)
@@ -332,4 +332,6 @@ def test_a_hung_read_breaks_the_row_of_good_frames_that_says_a_camera_back(caplo
     assert [r.getMessage() for r in caplog.records if "camera back" in r.getMessage()] == [
         "scope: camera back after 1 failures"]
     assert len(before) + len(after) == 20 + STABLE_FRAMES
+    stuck.set()  # the stuck driver call returns: its thread ends
+    _until(lambda: cam.camera.stuck_threads == 0)
     cam.close()
