@@ -125,6 +125,41 @@ def test_an_8bit_lzw_tiff_with_a_damaged_strip_is_corrupt_not_decoded_with_wrong
             assert _code(bytes(damaged)) == "corrupt", k
 
 
+def _fill_order_2(data: bytes) -> bytes:
+    """The little-endian TIFF with FillOrder 2 (each byte's bits least significant first): its
+    PlanarConfiguration entry (1, the default) made a FillOrder entry of 2, the entries kept in tag
+    order, and every strip's bytes bit-reversed, as such a writer stores them."""
+    out = bytearray(data)
+    (at,) = struct.unpack_from("<I", out, 4)
+    (n,) = struct.unpack_from("<H", out, at)
+    entries = [bytes(out[at + 2 + 12 * i : at + 14 + 12 * i]) for i in range(n)]
+    entries = [struct.pack("<HHIHH", 266, 3, 1, 2, 0) if e[:2] == struct.pack("<H", 284) else e for e in entries]
+    out[at + 2 : at + 2 + 12 * n] = b"".join(sorted(entries, key=lambda e: struct.unpack_from("<H", e)[0]))
+    reversed_bits = np.array([int(f"{v:08b}"[::-1], 2) for v in range(256)], np.uint8)
+    for start, count in zip(*_segments(bytes(out))):
+        out[start : start + count] = reversed_bits[np.frombuffer(out, np.uint8, count, start)].tobytes()
+    return bytes(out)
+
+
+@pytest.mark.parametrize("grey", [False, True], ids=["rgb", "grey"])
+def test_an_lzw_tiff_of_fill_order_2_reads_as_libtiff_decodes_it(grey: bool) -> None:
+    """FillOrder 2 stores each byte's bits the other way round; libtiff reverses them before its LZW
+    decoder reads the codes, so the strips are walked reversed too: such a file was refused `corrupt`
+    ('holds a code past its table after 1 of the ... bytes'), though OpenCV decodes it exactly."""
+    field = hostile.smear_like(301, 397)
+    img = field[..., 1] if grey else field
+    data = _fill_order_2(_lzw_tiff(img)[0])
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        assert int(tif.pages[0].fillorder) == 2
+    decoded = load_image(data).pixels
+    assert np.array_equal(decoded[..., 1] if grey else decoded, img)
+    offsets, counts = _segments(data)
+    damaged = bytearray(data)
+    start = offsets[len(offsets) // 2] + counts[len(offsets) // 2] // 2
+    damaged[start : start + counts[len(offsets) // 2] // 4] = bytes(counts[len(offsets) // 2] // 4)
+    assert _code(bytes(damaged)) == "corrupt"  # a damaged strip of such a file is still found
+
+
 @pytest.mark.parametrize("content", ["noise", "flat", "gradient", "grey_noise"])
 def test_8bit_lzw_tiffs_libtiff_writes_read_whole(content: str) -> None:
     """The strips' codes are walked as libtiff reads them (widths 9 to 12 bits, Clear codes): files of

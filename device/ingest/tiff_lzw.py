@@ -6,6 +6,7 @@ came back wrong and were analysed. So each segment's codes are walked here as li
 them (9 to 12 bits, most significant first, the width growing one code early, Clear 256 and
 EndOfInformation 257) until they give the bytes the segment's rows hold: a code past the table, a
 first code after Clear that is no byte, or codes that end before those bytes make the page `corrupt`.
+A page of FillOrder 2 (each byte's bits least significant first) has its bytes reversed first, as libtiff does.
 Between two Clear codes the width of every code is known beforehand, so each such run is read and
 its strings' lengths summed with numpy, not code by code in Python.
 """
@@ -40,6 +41,8 @@ _TOO_MANY_RUNS = "too many runs"
 #: Strips or tiles of an 8-bit LZW page walked at most (about 0.3 ms each): a 64 MP field in strips of
 #: one row has 8000, in tiles of 256 x 256 about 1000; in tiles of 16 x 16 it would have 250 000.
 MAX_LZW_SEGMENTS = 16384
+#: Each byte with its bits in the other order (FillOrder 2).
+_REVERSED_BITS = np.array([int(f"{v:08b}"[::-1], 2) for v in range(256)], np.uint8)
 
 
 def check_lzw_segments(data: bytes, page: tifffile.TiffPage, name: str) -> None:
@@ -50,8 +53,11 @@ def check_lzw_segments(data: bytes, page: tifffile.TiffPage, name: str) -> None:
         raise IngestError(RejectReason.UNSUPPORTED_FORMAT, f"{name}: 8-bit LZW TIFF of {len(page.dataoffsets)} strips "
                           f"or tiles (at most {MAX_LZW_SEGMENTS} are read: each is walked apart)")
     segment = segment_bytes(page)
+    reverse = int(page.fillorder) == 2  # bits least significant first: libtiff reverses them before decoding
     for k, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
         raw = data[offset : offset + count]
+        if reverse:
+            raw = _REVERSED_BITS[np.frombuffer(raw, np.uint8)].tobytes()
         if raw[:1] == b"\x00" and len(raw) > 1 and raw[1] & 1:
             continue  # the LZW of TIFF 5.0 (least significant bit first), which libtiff reads apart: not walked
         needed = needed_bytes(page, k, segment)
