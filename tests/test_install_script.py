@@ -239,6 +239,7 @@ def test_a_password_file_holding_only_a_line_ending_is_no_password(tmp_path: Pat
 # smearscope as stubs on PATH: each logs its call; SMEARSCOPE_FAIL names the subcommand that fails.
 FAKE_TOOL = """#!/usr/bin/env bash
 printf '%s %s\\n' "$(basename "$0")" "$*" >> "$CALLLOG"
+if [[ "$(basename "$0")" == "${TOOL_FAIL:-}" ]]; then echo "$(basename "$0"): the stub refuses" >&2; exit 1; fi
 """
 FAKE_RUNUSER = """#!/usr/bin/env bash
 while [[ $1 != -- ]]; do shift; done; shift; exec "$@"
@@ -318,3 +319,11 @@ def test_the_main_steps_install_models_before_the_final_checks() -> None:
     body = INSTALL.read_text().split("# Checks, then the steps")[-1]
     assert body.index("install_packages") < body.index("install-models") < body.index("check_and_enable")
     assert "systemctl enable" not in body  # only check_and_enable enables, after doctor
+
+
+def test_a_unit_file_systemd_analyze_refuses_stops_the_install_saying_so(tmp_path: Path) -> None:
+    """`systemd-analyze verify` failing ended the script through set -e without a line naming the
+    step; it now says which step refused, and nothing after it runs."""
+    proc, calls = _finish(tmp_path, TOOL_FAIL="systemd-analyze", START="1")
+    assert proc.returncode == 1 and _steps(calls) == [], calls
+    assert "systemd-analyze verify refuses" in proc.stderr and "not enabled" in proc.stderr, proc.stderr

@@ -467,10 +467,9 @@ def test_stop_run_on_a_run_taken_back_and_held_answers_that_its_report_is_held(
     lacks (number 50, begun after it): the run it took back is held. stop_run's answer names the
     report id as always, and says, as verify_run's does, that the report is held (`held` true, a
     message naming the later run and the release); it said nothing, and the id never arrived."""
-    from test_started_runs import _command
-    from test_verified_run_report import _station
+    from test_started_runs import _command, _station
 
-    config, inbox, _ = _station(tmp_path, broker)
+    config, inbox = _station(tmp_path, broker)
     pool_file = tmp_path / "pool.pkl"
     pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
     sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
@@ -517,11 +516,12 @@ def test_a_run_left_open_without_a_field_and_closed_at_a_start_under_a_later_run
     import sqlite3
     from contextlib import closing
 
+    from station_child import refusing_outbox
     from test_daemon import saw_offline
-    from test_started_runs import _command
-    from test_verified_run_report import _station
+    from test_started_runs import _command, _station
 
-    config, _, outbox_path = _station(tmp_path, broker)
+    config, _ = _station(tmp_path, broker)
+    outbox_path = refusing_outbox(config)  # no trigger: the station's tables, made before it starts
     pool_file = tmp_path / "pool.pkl"
     pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
     sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])

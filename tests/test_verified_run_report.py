@@ -138,16 +138,10 @@ def test_an_amendment_answered_before_the_first_signature_was_stored_is_stored_a
     answered, the amendment after the signature it supersedes. The start read what each run held
     once, before storing any: the amendment looked as if it followed another report than the run's,
     and was dropped with an ERROR saying a version that did not keep it had signed again."""
-    config, inbox, outbox_path = _station(tmp_path, broker, *_REFUSE_SIGNED)
-    pool_file = tmp_path / "pool.pkl"
-    pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-    daemon = runner = first = None
-    try:
-        sub.wait_ready()
-        first = DaemonProcess(config, pool_file)
-        assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/status" and m.payload == b"online" for m in ms),
-                            60), first.lines[-20:]
+    config, inbox = _station(tmp_path, broker)
+    outbox_path = refusing_outbox(config, *_REFUSE_SIGNED)
+    with station_child(tmp_path, broker, config) as station:
+        sub, first = station.sub, station.first
         stopped = _stopped_run(sub, inbox, first.lines)
         signed = _command(sub, "verify_run", {"run_id": stopped["run_id"], "verified_by": "AB"})
         assert signed["ok"] and signed["supersedes"] == stopped["report_id"], signed
@@ -155,23 +149,16 @@ def test_an_amendment_answered_before_the_first_signature_was_stored_is_stored_a
         assert amended["ok"] and amended["supersedes"] == signed["report_id"], amended
         refused = f"outbox write of report report {signed['report_id']} failed"
         assert wait_until(lambda: any(refused in line for line in list(first.lines)), 15), first.lines[-20:]
-        first.signal(signal.SIGKILL)
-        assert first.wait(10) == -signal.SIGKILL
+        station.kill()
         with closing(sqlite3.connect(outbox_path)) as db:
             assert db.execute("SELECT COUNT(*) FROM answered_verifications").fetchone()[0] == 2
             for what in ("INSERT", "UPDATE"):
                 db.execute(f"DROP TRIGGER refuse_{what}")
             db.commit()
 
-        daemon, runner = start_daemon(config)
+        station.restart()
         assert sub.wait_for(lambda ms: sum(m.topic == f"{BASE}/report" for m in ms) >= 3, 30), \
             [e["report_id"] for e in envelopes(sub, f"{BASE}/report")]
-    finally:
-        if daemon is not None and runner is not None:
-            stop_daemon(daemon, runner)
-        if first is not None:
-            first.signal(signal.SIGKILL)
-        sub.close()
     reports = [e["body"] for e in envelopes(sub, f"{BASE}/report")]
     assert [r["report_id"] for r in reports] == [stopped["report_id"], signed["report_id"], amended["report_id"]]
     assert reports[2]["verification"]["verified_by"] == "CD"
@@ -192,7 +179,8 @@ def test_an_amendment_of_a_signature_dropped_at_the_start_is_dropped_with_it_not
     pruned from the last closed runs)."""
     from smearscope.service.analysis.report import Report, Verification
 
-    config, inbox, outbox_path = _station(tmp_path, broker)
+    config, inbox = _station(tmp_path, broker)
+    outbox_path = refusing_outbox(config)
     sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
     with closing(sub):
         daemon, runner = start_daemon(config)
