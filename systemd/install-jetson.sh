@@ -217,7 +217,8 @@ build_engines() {
 check_and_enable() {
   local conf="$CONF_DIR/station.toml"
   systemctl daemon-reload
-  systemd-analyze verify "$UNIT_DIR/smearscope.service"
+  systemd-analyze verify "$UNIT_DIR/smearscope.service" \
+    || die "systemd-analyze verify refuses $UNIT_DIR/smearscope.service (above); the service is not enabled"
   runuser -u "$SERVICE_USER" -- "$PREFIX/venv/bin/smearscope" validate-config "$conf" \
     || die "$conf does not validate (above); the service is not enabled. Fix it, then run this script again"
   build_engines "$1"
