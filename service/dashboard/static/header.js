@@ -1,7 +1,7 @@
 // smearscope dashboard: the page's header lists of stations that need someone (a critical finding,
-// one station id used by two stations, offline, not heard from, reports held at the station), a
-// card's critical alert, and the header's height kept for scrolling. Loaded before dashboard.js,
-// whose stations, el, iso, isoText and byId these use when called.
+// one station id used by two stations, offline, not heard from, a camera not giving frames, reports
+// held at the station), a card's critical alert, and the header's height kept for scrolling. Loaded
+// before dashboard.js, whose stations, el, iso, isoText and byId these use when called.
 "use strict";
 
 // A critical flag (sickle cells) of the run shown cannot be missed: said above the card's tables,
@@ -44,6 +44,7 @@ function renderAttention() {
   named("clash", "one station id, two stations: ", "clash");
   named("offline", "offline: ", "offline");
   named("silent", "not heard from: ", "silent");
+  named("camera", "camera not giving frames: ", "camera");
   named("parked", "reports held at the station: ", "parked");
   fitHeader();
   // ... and in the tab's title, for a page in a background tab

@@ -88,6 +88,39 @@ function noteParked(st) {
   node.textContent = parts.join("; ") + oldest;
 }
 
+// A camera that is not giving frames (its sample's pipeline.source_state and camera_*: a station
+// whose source is a camera), said in words beside the station's status: "camera: hung, reopening",
+// "camera: reconnecting", "camera: opening"; nothing while it reads (reading, idle between reads) or
+// for another source (null). While it recovers from a hang (no frame since), when it hung last and
+// how often. Named in the page's header while the station's live sample says so; a stale sample's
+// says it is the last sample's.
+const CAMERA_WORDS = { opening: "opening", reconnect_wait: "reconnecting", closed: "closed" };
+const CAMERA_HUNG_WORDS = { opening: "hung, reopening", reconnect_wait: "hung, waiting to reconnect",
+                            reading: "hung, no frame since", idle: "hung, no frame since", closed: "closed" };
+function noteCamera(st) {
+  const p = st.telemetry && typeof st.telemetry.pipeline === "object" && st.telemetry.pipeline
+    ? st.telemetry.pipeline : {};
+  const state = typeof p.source_state === "string" ? p.source_state : null;
+  const hung = p.camera_recovering === true;
+  const words = state === null ? null : hung ? CAMERA_HUNG_WORDS[state] || "hung, " + state
+    : state === "reading" || state === "idle" ? null : CAMERA_WORDS[state] || state;
+  const badge = st.node.querySelector(".badge.camera");
+  const stale = !st.telemetryLive;
+  badge.hidden = words === null;
+  badge.dataset.camera = words === null ? "none" : hung ? "hung" : state;
+  badge.className = "badge camera" + (words === null ? "" : hung ? " hung" : " waiting");
+  badge.textContent = words === null ? "" : "camera: " + words + (stale ? " (last sample)" : "");
+  marked(st, "camera", words !== null && !stale);
+  const line = st.node.querySelector(".camera-hang");
+  const n = typeof p.camera_hung_calls === "number" ? p.camera_hung_calls : 0;
+  const stuck = typeof p.camera_stuck_threads === "number" ? p.camera_stuck_threads : 0;
+  line.hidden = !(hung && n > 0);
+  line.textContent = line.hidden ? "" : "camera hung " + n + (n === 1 ? " time" : " times") +
+    (typeof p.camera_last_hang_at === "number" ? ", last " + when(p.camera_last_hang_at) : "") +
+    (stuck > 0 ? "; " + stuck + (stuck === 1 ? " thread" : " threads") +
+      " still stuck in the driver (the station restarts itself at 4)" : "");
+}
+
 // The times a card shows (a run's start and last update, its signing, the samples' read_at) are the
 // station's clock's; the page's own marks (not heard from) are its own. A station whose clock is a
 // minute or more off the browser's (its live sample's read_at against the arrival: telemetry is sent
@@ -118,6 +151,7 @@ function markTelemetry(st) {
     : "(last sample" + at + "; " + (!brokerUp ? "broker unreachable" : st.status === "online"
       ? "from before the station was away" : "the station is " + (st.status || "unknown")) + ")";
   markSilence(st);
+  noteCamera(st);
 }
 
 function renderTelemetry(st) {
