@@ -1,7 +1,8 @@
 """A station crashed on purpose: its outbox file made beforehand with triggers that refuse a write (as
 a failing disk would), the station run in a child process (the oracle `PoolAnalyzer` of
 tests/test_daemon.py) that the test SIGKILLs, then started again in this process on the same config.
-Shared by tests/test_started_runs.py, test_stopped_run_report.py and test_verified_run_report.py."""
+Shared by tests/test_started_runs.py, test_stopped_run_report.py, test_verified_run_report.py and
+test_restore_held.py."""
 
 from __future__ import annotations
 
@@ -42,17 +43,29 @@ def refusing_outbox(config: Path, *triggers: str) -> Path:
 
 @dataclass
 class ChildStation:
-    """The observer and the station's child process; `restart()` starts the station again here."""
+    """The observer and the station's child processes; `restart()` starts the station again here,
+    `start_child()` in a further child process."""
 
     config: Path
     sub: Subscriber
-    first: DaemonProcess
+    pool_file: Path
+    children: list[DaemonProcess] = field(default_factory=list)
     restarted: list[tuple[StationDaemon, Thread]] = field(default_factory=list)
 
+    @property
+    def first(self) -> DaemonProcess:
+        """The child process the station first ran in."""
+        return self.children[0]
+
     def kill(self) -> None:
-        """SIGKILL the child process, as a power cut would, and wait for it to go."""
+        """SIGKILL the first child process, as a power cut would, and wait for it to go."""
         self.first.signal(signal.SIGKILL)
         assert self.first.wait(10) == -signal.SIGKILL
+
+    def start_child(self) -> DaemonProcess:
+        """The station started on the same config in a child process (SIGKILLed after the block)."""
+        self.children.append(DaemonProcess(self.config, self.pool_file))
+        return self.children[-1]
 
     def restart(self) -> StationDaemon:
         """The station started again on the same config, in this process (stopped after the block)."""
@@ -63,22 +76,21 @@ class ChildStation:
 @contextlib.contextmanager
 def station_child(tmp_path: Path, broker: MosquittoBroker, config: Path) -> Iterator[ChildStation]:
     """An observer on the station's topics, then the station in a child process, for the block once it
-    says it is online; after the block the restarted station is stopped, the child SIGKILLed (should the
-    block have failed before killing it) and the observer closed (what it received stays readable)."""
+    says it is online; after the block the restarted station is stopped, every child SIGKILLed (should
+    the block have failed before killing it) and the observer closed (what it received stays readable)."""
     pool_file = tmp_path / "pool.pkl"
     pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
     sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-    first: DaemonProcess | None = None
-    restarted: list[tuple[StationDaemon, Thread]] = []
+    station = ChildStation(config, sub, pool_file)
     try:
         sub.wait_ready()
-        first = DaemonProcess(config, pool_file)
+        first = station.start_child()
         assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/status" and m.payload == b"online" for m in ms),
                             60), first.lines[-20:]
-        yield ChildStation(config, sub, first, restarted)
+        yield station
     finally:
-        for daemon, runner in restarted:
+        for daemon, runner in station.restarted:
             stop_daemon(daemon, runner)
-        if first is not None:
-            first.signal(signal.SIGKILL)
+        for child in station.children:
+            child.signal(signal.SIGKILL)
         sub.close()

@@ -25,6 +25,7 @@ from broker import (
     run_state,
     wait_until,
 )
+from station_child import refusing_outbox, station_child
 from test_daemon import STATION, oracle_pool, write_station
 from test_daemon_faults import DaemonProcess
 from test_restore import _folder_source, _png
@@ -470,24 +471,18 @@ def test_stop_run_on_a_run_taken_back_and_held_answers_that_its_report_is_held(
     from test_started_runs import _command, _station
 
     config, inbox = _station(tmp_path, broker)
-    pool_file = tmp_path / "pool.pkl"
-    pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-    first = second = None
-    try:
-        sub.wait_ready()
-        first = DaemonProcess(config, pool_file)
+    with station_child(tmp_path, broker, config) as station:
+        sub, first = station.sub, station.first
         started = _command(sub, "start_run", {"specimen_id": "H-7"})
         assert started["ok"], (started, first.lines[-20:])
         (inbox / "a.png").write_bytes(_png(60))
         assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/field" for m in ms), 30), first.lines[-20:]
-        first.signal(signal.SIGKILL)
-        assert first.wait(10) == -signal.SIGKILL
+        station.kill()
         later = json.loads(_later_state("r-later", 4, "open", time.time()))
         later["progress"]["run_seq"] = 50
         _retain(broker, json.dumps(later).encode())
 
-        second = DaemonProcess(config, pool_file)
+        second = station.start_child()
         said = f"the broker holds run r-later of station {STATION}"
         assert wait_until(lambda: any(said in line for line in list(second.lines)), 30), second.lines[-20:]
         assert any(f"specimen run {started['run_id']} resumed" in line for line in list(second.lines))
@@ -498,11 +493,6 @@ def test_stop_run_on_a_run_taken_back_and_held_answers_that_its_report_is_held(
                                              "r-later, begun after the runs"), stopped
         assert f"mosquitto_pub -r -n -t {BASE}/run" in stopped["message"], stopped
         assert not sub.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 2)
-    finally:
-        for daemon in (first, second):
-            if daemon is not None:
-                daemon.signal(signal.SIGKILL)
-        sub.close()
 
 
 def test_a_run_left_open_without_a_field_and_closed_at_a_start_under_a_later_run_is_held_not_sent_over_it(
@@ -516,25 +506,18 @@ def test_a_run_left_open_without_a_field_and_closed_at_a_start_under_a_later_run
     import sqlite3
     from contextlib import closing
 
-    from station_child import refusing_outbox
     from test_daemon import saw_offline
     from test_started_runs import _command, _station
 
     config, _ = _station(tmp_path, broker)
     outbox_path = refusing_outbox(config)  # no trigger: the station's tables, made before it starts
-    pool_file = tmp_path / "pool.pkl"
-    pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-    first = second = None
-    try:
-        sub.wait_ready()
-        first = DaemonProcess(config, pool_file)
+    with station_child(tmp_path, broker, config) as station:
+        sub, first = station.sub, station.first
         started = _command(sub, "start_run", {"specimen_id": "H-8"})
         assert started["ok"], (started, first.lines[-20:])
         assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/run" and run_state(m).get("run_id") == started["run_id"]
                                            for m in ms), 30), first.lines[-20:]
-        first.signal(signal.SIGKILL)
-        assert first.wait(10) == -signal.SIGKILL
+        station.kill()
         with closing(sqlite3.connect(outbox_path)) as db:  # begun an hour ago: past its idle timeout (600 s)
             assert db.execute("UPDATE started_runs SET started_at = started_at - 3600").rowcount == 1
             db.commit()
@@ -543,7 +526,7 @@ def test_a_run_left_open_without_a_field_and_closed_at_a_start_under_a_later_run
         _retain(broker, json.dumps(later).encode())
         sub.messages.clear()
 
-        second = DaemonProcess(config, pool_file)
+        second = station.start_child()
         said = f"the broker holds run r-later of station {STATION}"
         assert wait_until(lambda: any(said in line for line in list(second.lines)), 30), second.lines[-20:]
         assert any(f"run {started['run_id']} for specimen H-8" in line and "closed (restart)" in line
@@ -551,11 +534,6 @@ def test_a_run_left_open_without_a_field_and_closed_at_a_start_under_a_later_run
         second.signal(signal.SIGTERM)
         assert second.wait(30) == 0, second.lines[-20:]
         assert saw_offline(sub)  # all the station delivered is here
-    finally:
-        for daemon in (first, second):
-            if daemon is not None:
-                daemon.signal(signal.SIGKILL)
-        sub.close()
     sent = [run_state(m) for m in sub.on_topic(f"{BASE}/run") if m.payload and not m.retain]
     assert not [s for s in sent if s.get("run_id") == started["run_id"]], sent
     assert (retained_run_state(broker.port, BASE) or {}).get("run_id") == "r-later"
