@@ -39,6 +39,14 @@ _REFUSE_KEEPING = ("CREATE TRIGGER refuse_keeping BEFORE INSERT ON answered_veri
                    "BEGIN SELECT RAISE(ABORT, 'test: the file refuses the verification'); END")
 
 
+def _holds_with_nothing_waiting(outbox_path: Path, report_id: str) -> None:
+    """The station's one closed run holds `report_id`, and no signature waits to be stored."""
+    with closing(sqlite3.connect(outbox_path)) as db:
+        (held,) = db.execute("SELECT json_extract(report, '$.report_id') FROM closed_runs").fetchone()
+        assert held == report_id
+        assert db.execute("SELECT COUNT(*) FROM answered_verifications").fetchone()[0] == 0
+
+
 def _stopped_run(sub: Subscriber, inbox: Path, lines: list[str]) -> dict:
     """A run of one field, stopped, its report on the broker: the answer to stop_run."""
     assert _command(sub, "start_run", {"specimen_id": "H-2026-0412"})["ok"], lines[-20:]
@@ -85,10 +93,7 @@ def test_a_station_killed_between_the_verify_run_answer_and_the_store_sends_the_
     assert body["verification"]["verified_at"] < killed_at  # the signature as made, not made again
     assert body["verification"]["left_to_review"] == verified["left_to_review"]
     assert body["specimen_id"] == "H-2026-0412" and body["fields_analyzed"] == 1
-    with closing(sqlite3.connect(outbox_path)) as db:  # the run holds the signed report; nothing waits
-        (held,) = db.execute("SELECT json_extract(report, '$.report_id') FROM closed_runs").fetchone()
-        assert held == verified["report_id"]
-        assert db.execute("SELECT COUNT(*) FROM answered_verifications").fetchone()[0] == 0
+    _holds_with_nothing_waiting(outbox_path, verified["report_id"])  # the run holds the signed report
 
 
 def test_a_verification_the_outbox_file_cannot_keep_is_refused_and_nothing_is_signed(
@@ -164,10 +169,7 @@ def test_an_amendment_answered_before_the_first_signature_was_stored_is_stored_a
     assert reports[2]["verification"]["verified_by"] == "CD"
     assert reports[2]["verification"]["supersedes"] == signed["report_id"]
     assert reports[2]["verification"]["supersedes_verified_by"] == "AB"
-    with closing(sqlite3.connect(outbox_path)) as db:  # the run holds the amendment; nothing waits
-        (held,) = db.execute("SELECT json_extract(report, '$.report_id') FROM closed_runs").fetchone()
-        assert held == amended["report_id"]
-        assert db.execute("SELECT COUNT(*) FROM answered_verifications").fetchone()[0] == 0
+    _holds_with_nothing_waiting(outbox_path, amended["report_id"])  # the run holds the amendment
 
 
 def test_an_amendment_of_a_signature_dropped_at_the_start_is_dropped_with_it_not_kept_for_ever(
