@@ -1,7 +1,9 @@
 """`adapt-wbc` refuses typed cells the head contradicts as a consistent typing mistake would
 (smearscope.cli.adapt_guard): a class the head confidently calls one other class, or two classes
 swapped. Judged on a real lab the head was not trained on, typed by its own annotations: the
-Raspberry Pi station's (chula_wbc_rpi) fields, and BCCD's and rpi's white-cell crops."""
+Raspberry Pi station's (chula_wbc_rpi) fields, and BCCD's and rpi's white-cell crops. A refusal
+says which classes kept the head's mean for want of cells: on the project's rendered fields typed
+in a station's gallery."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import tomllib
 from realdata import DATA, needs_models
+from test_typed_cells import typed_station  # noqa: F401 (a fixture)
 
 from smearscope.cli.adapt_guard import (
     JUDGED_CELLS,
@@ -23,6 +27,8 @@ from smearscope.cli.adapt_guard import (
     parse_accepted,
     table_text,
 )
+from smearscope.service.config import parse_config
+from smearscope.service.station.clinic import ClinicFeed
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -197,3 +203,50 @@ def test_adapt_wbc_refuses_a_swapped_typing_of_a_real_lab_unless_a_lab_manager_a
     assert sorted(json.loads(run.stdout)["accepted_disagreements"]) == sorted(keys)
     fitted = json.loads(out2.read_text())["fitted"]
     assert "accepted by a lab manager" in fitted and f"{d['cells']} of {d['of']} cells typed neutrophil" in fitted
+
+
+# -- the station's gallery: rendered fields typed through type_cells ------------------------------
+
+
+def _retyped(typed_station, name: str, type_of) -> tuple[Path, list[str]]:  # noqa: F811
+    """A station config whose typed-cells file (beside its own outbox) holds the white cells of the
+    typed station's gallery typed `type_of(crop, head's class)` (None: left untyped) through the
+    type_cells command of a station reading that gallery; the config and the types given."""
+    tmp, path, feed, crops, *_ = typed_station
+    text = path.read_text().replace(str(tmp / "state" / "outbox.sqlite3"), str(tmp / name / "outbox.sqlite3"))
+    text = text.replace("[review]\n", f'[review]\ndirectory = "{tmp / "state" / "review"}"\n')
+    config = tmp / f"{name}.toml"
+    config.write_text(text)
+    station = ClinicFeed(parse_config(tomllib.loads(text), environ={}))
+    try:
+        assert station.gallery.run_ids() == ["run-1"]
+        station.gallery.set_wbc_typing(feed.gallery.typing)
+        cells = []
+        for c in crops:
+            cell = station.gallery.typeable("run-1", c["field_id"], c["cell"]) if c["typeable"] else None
+            if cell is not None and cell.kind == "wbc" and (kind := type_of(c, cell.head_type)) is not None:
+                cells.append({"field_id": c["field_id"], "cell": c["cell"], "type": kind})
+        answer = station.type_cells({"run_id": "run-1", "cells": cells})
+        assert answer["ok"] and answer["stored"] == len(cells), answer
+    finally:
+        station.close()
+    return config, [c["type"] for c in cells]
+
+
+def test_a_refusal_for_the_head_lists_as_kept_only_the_classes_typed_too_few_times(typed_station):  # noqa: F811
+    """Every white cell of the gallery typed as the head called it: the head is right on all of
+    them, the station's means each left out less (70 %): head_better, nothing written. Its
+    `kept_heads_mean` names the classes typed fewer than --min-cells times (they keep the head's
+    mean for want of cells), not those that reached it (`cells_per_class`), as a written fit's does."""
+    tmp = typed_station[0]
+    config, types = _retyped(typed_station, "as_head", lambda c, head: head)
+    per_class = {t: types.count(t) for t in set(types)}
+    few = {t: n for t, n in per_class.items() if n < 10}
+    assert few and len(few) < len(per_class), per_class
+    out = tmp / "as_head_wbc.json"
+    run = _cli("adapt-wbc", "--station", "--config", str(config), "--out", str(out), "--json")
+    line = json.loads(run.stdout)
+    assert run.returncode == 2 and line["error"]["code"] == "head_better" and not out.exists(), run.stdout
+    assert line["head_accuracy"] == 1.0 and line["leave_one_out_accuracy"] < 1.0
+    assert line["kept_heads_mean"] == dict(sorted(few.items())), line
+    assert line["cells_per_class"] == {t: n for t, n in sorted(per_class.items()) if n >= 10}, line

@@ -41,7 +41,8 @@ def fit_and_write(args, error, space, manifest, views, model_thresholds: dict[st
                             model_thresholds, energies, views=views, view_feats=view_feats)
     typed_per_class = {c: types.count(c) for c in sorted(set(types))}
     # the classes typed too few times for a station mean keep the head's, and cells left out: said
-    short = {c: n for c, n in typed_per_class.items() if fit.means is None or c not in fit.means.cells}
+    # (a refusal keeps every mean of the head, but only these for want of cells)
+    short = {c: n for c, n in typed_per_class.items() if n < args.min_cells}
     left_out = "; ".join(f"{n} {why}" for key, why in LEFT_OUT.items() if (n := counts.get(key)))
     summary = {**counts, "cells_per_class": fit.cells, "kept_heads_mean": short,
                "leave_one_out_accuracy": None if np.isnan(fit.loo_accuracy) else round(fit.loo_accuracy, 4),
