@@ -1,9 +1,9 @@
 """`adapt-wbc` refuses typed cells the head contradicts as a consistent typing mistake would
 (smearscope.cli.adapt_guard): a class the head confidently calls one other class, or two classes
 swapped. Judged on a real lab the head was not trained on, typed by its own annotations: the
-Raspberry Pi station's (chula_wbc_rpi) fields, and BCCD's and rpi's white-cell crops. A refusal
-says which classes kept the head's mean for want of cells: on the project's rendered fields typed
-in a station's gallery."""
+Raspberry Pi station's (chula_wbc_rpi) fields, and BCCD's and rpi's white-cell crops. A lab
+manager who accepts a disagreement signs it (--by), and a refusal says which classes kept the
+head's mean for want of cells: on the project's rendered fields typed in a station's gallery."""
 
 from __future__ import annotations
 
@@ -195,14 +195,14 @@ def test_adapt_wbc_refuses_a_swapped_typing_of_a_real_lab_unless_a_lab_manager_a
     assert "typed \\ head" in run.stderr and "(review)" in run.stderr
     # one direction accepted is not enough
     run = _cli("adapt-wbc", "--labels", str(swapped), "--out", str(out2), *scale,
-               "--accept-disagreement", "neutrophil->lymphocyte")
+               "--accept-disagreement", "neutrophil->lymphocyte", "--by", "AB")
     assert run.returncode == 2 and [x["typed"] for x in json.loads(run.stdout)["disagreements"]] == ["lymphocyte"]
-    run = _cli("adapt-wbc", "--labels", str(swapped), "--out", str(out2), *scale,
+    run = _cli("adapt-wbc", "--labels", str(swapped), "--out", str(out2), *scale, "--by", "AB",
                "--accept-disagreement", "neutrophil->lymphocyte", "--accept-disagreement", "lymphocyte->neutrophil")
     assert run.returncode == 0, run.stdout
     assert sorted(json.loads(run.stdout)["accepted_disagreements"]) == sorted(keys)
     fitted = json.loads(out2.read_text())["fitted"]
-    assert "accepted by a lab manager" in fitted and f"{d['cells']} of {d['of']} cells typed neutrophil" in fitted
+    assert "accepted by a lab manager, AB" in fitted and f"{d['cells']} of {d['of']} cells typed neutrophil" in fitted
 
 
 # -- the station's gallery: rendered fields typed through type_cells ------------------------------
@@ -231,6 +231,46 @@ def _retyped(typed_station, name: str, type_of) -> tuple[Path, list[str]]:  # no
     finally:
         station.close()
     return config, [c["type"] for c in cells]
+
+
+def test_a_lab_manager_who_accepts_a_disagreement_signs_it_and_the_means_file_names_them(typed_station):  # noqa: F811
+    """The white cells the head confidently called neutrophil or lymphocyte (4 and 2 of the rendered
+    lab's) typed each as the other in the gallery: refused as swapped. Accepting both directions
+    takes --by, who accepted, checked as verify_run's verified_by is (a bidi override refused, named
+    with its place; a Persian name's zero-width non-joiner kept); --by without an accepted
+    disagreement is refused too; nothing is written on a refusal. Accepted and signed: the file's
+    fitted line and --json (`accepted_by`) name them, spaces at either end dropped."""
+    tmp = typed_station[0]
+    swap = {"neutrophil": "lymphocyte", "lymphocyte": "neutrophil"}
+    config, types = _retyped(typed_station, "swapped", lambda c, head: swap.get(head) if c["label"] == head else None)
+    assert sorted(types) == ["lymphocyte"] * 4 + ["neutrophil"] * 2, types
+    out = tmp / "swapped_wbc.json"
+    fit = ("adapt-wbc", "--station", "--config", str(config), "--out", str(out), "--min-cells", "2", "--json")
+    accept = ("--accept-disagreement", "neutrophil->lymphocyte", "--accept-disagreement", "lymphocyte->neutrophil")
+    run = _cli(*fit)
+    assert run.returncode == 2 and json.loads(run.stdout)["error"]["code"] == "typing_contradicts_head", run.stdout
+    for extra, said in ((accept, "--accept-disagreement needs --by NAME"),
+                        ((*accept, "--by", "Dr A\u202eBC"), "--by holds U+202E (RIGHT-TO-LEFT OVERRIDE) at character 5"),
+                        ((*accept, "--by", "A\u200b"), "--by holds U+200B (ZERO WIDTH SPACE) at character 2"),
+                        ((*accept, "--by", "  "), "--by must be a name or initials: 1 to 64 characters"),
+                        ((*accept, "--by", "A" * 65), "--by must be a name or initials: 1 to 64 characters"),
+                        (("--by", "AB"), "--by names who accepted a disagreement")):
+        run = _cli(*fit, *extra)
+        error = json.loads(run.stdout)["error"]
+        assert run.returncode == 2 and error["code"] == "bad_arguments", (extra, run.stdout)
+        assert error["message"].startswith(said), (extra, error)
+        assert not out.exists()
+    for by in ("  Dr A. Okafor ", "زین\u200cالعابدین"):
+        run = _cli(*fit, *accept, "--by", by)
+        assert run.returncode == 0, run.stdout
+        line = json.loads(run.stdout)
+        assert line["accepted_by"] == by.strip(), line
+        assert sorted(line["accepted_disagreements"]) == ["lymphocyte->neutrophil", "neutrophil->lymphocyte"]
+        fitted = json.loads(out.read_text())["fitted"]
+        assert f"accepted by a lab manager, {by.strip()} (--accept-disagreement): " in fitted, fitted
+        assert "4 of 4 cells typed lymphocyte the head calls neutrophil" in fitted, fitted
+    printed = _cli(*fit[:-1], *accept, "--by", "AB").stdout
+    assert "# accepted by AB (--accept-disagreement neutrophil->lymphocyte): 2 of 2 cells typed neutrophil" in printed
 
 
 def test_a_refusal_for_the_head_lists_as_kept_only_the_classes_typed_too_few_times(typed_station):  # noqa: F811

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import unicodedata
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,11 @@ from smearscope.service.ingest import (
 )
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.requests import RequestQueue
+from smearscope.service.station.signed_name import (
+    MAX_SIGNED_NAME,
+    signed_name_error,
+    unseen_character,
+)
 from smearscope.service.station.specimen import RunAlreadyOpen, SpecimenTracker
 from smearscope.service.station.verifications import keep_verification
 from smearscope.service.station.workers import StationWorkers
@@ -46,7 +50,7 @@ COMMAND_ARGUMENTS: dict[str, frozenset[str]] = {
     "type_cells": frozenset({"run_id", "cells"}), "verify_run": frozenset({"run_id", "verified_by"})}
 COMMAND_NAMES = tuple(COMMAND_ARGUMENTS)
 #: Longest name a verification may be signed with.
-MAX_VERIFIED_BY = 64
+MAX_VERIFIED_BY = MAX_SIGNED_NAME
 
 
 def _specimen_id_error(value: Any) -> str | None:
@@ -59,30 +63,6 @@ def _specimen_id_error(value: Any) -> str | None:
                 "characters, no space at either end")
     found = unseen_character(value, spaces=False)
     return None if found is None else f"specimen_id holds {found}: only printable characters, as typed"
-
-
-#: Unicode categories of characters that show nothing, or not what they are, in a printed name:
-#: control (C0, DEL, C1), format (bidi embeddings, overrides and isolates, U+200E/F, U+061C, the
-#: zero-width ones, U+FEFF), surrogate, private use, unassigned, and the line and paragraph separators.
-_UNSEEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
-_JOINERS = "\u200c\u200d"  # zero-width non-joiner, joiner
-
-
-def unseen_character(text: str, *, spaces: bool = True) -> str | None:
-    """The first character of `text` that a reader of the printed text cannot see for what it is
-    (a right-to-left override makes 'AB<U+202E>CD' read as 'ABDC'), named with its position
-    counted from 1: 'U+202E (RIGHT-TO-LEFT OVERRIDE) at character 3'; None where there is none.
-    `spaces=False` refuses every space but U+0020 as well (str.isprintable: an identifier). In a
-    name (`spaces=True`) the zero-width non-joiner and joiner (U+200C, U+200D) pass between two
-    letters or marks: Persian and Indic names are spelled with them (they choose a letter's form)."""
-    for k, ch in enumerate(text, 1):
-        if spaces and ch in _JOINERS and 1 < k < len(text) and all(
-                unicodedata.category(c)[0] in "LM" for c in (text[k - 2], text[k])):
-            continue
-        if unicodedata.category(ch) in _UNSEEN or (not spaces and not ch.isprintable()):
-            name = unicodedata.name(ch, "")
-            return f"U+{ord(ch):04X}{f' ({name})' if name else ''} at character {k}"
-    return None
 
 
 def _not_unicode(value: Any, where: str = "arguments", depth: int = 0) -> str | None:
@@ -164,12 +144,11 @@ class StationCommands:
             return self._clinic.type_cells(arguments)
         if name == "verify_run" and self._clinic is not None:
             run_id, by = arguments.get("run_id"), arguments.get("verified_by")
-            if not isinstance(run_id, str) or not isinstance(by, str) or not 0 < len(by.strip()) <= MAX_VERIFIED_BY:
+            if not isinstance(run_id, str) or not isinstance(by, str):
                 return {"ok": False, "error": "bad_arguments", "message": "verify_run needs {\"run_id\": \"...\", "
                         f"\"verified_by\": \"initials\"}} (1 to {MAX_VERIFIED_BY} characters, all printable)"}
-            if (found := unseen_character(by)) is not None:  # a signer's name is printed: it must read as it is
-                return {"ok": False, "error": "bad_arguments", "message": f"verified_by holds {found}: a name "
-                        "signed on a report takes no control, bidi or other invisible character"}
+            if (problem := signed_name_error(by, "verified_by")) is not None:  # printed on the report as it is
+                return {"ok": False, "error": "bad_arguments", "message": problem}
             return self._analysis.call(name, lambda: self._verify_run(run_id, by.strip()))
         return {"ok": False, "error": "unknown_command", "message": f"unknown command {name!r}",
                 "commands": list(COMMAND_NAMES)}

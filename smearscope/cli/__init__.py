@@ -17,6 +17,7 @@ from smearscope.device.config_fields import (
     SCALE_RANGE_UM,  # the scales a command accepts, as a config does
 )
 from smearscope.service.journal_log import setup_logging
+from smearscope.service.station.signed_name import MAX_SIGNED_NAME
 
 logger = logging.getLogger("smearscope")
 
@@ -221,7 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     aw.add_argument("--accept-disagreement", action="append", default=None, metavar="TYPED->HEAD",
                     help="write the means although the head confidently calls most cells typed TYPED the class "
                          "HEAD (refused by default as a consistent typing mistake: typing_contradicts_head); "
-                         "for a lab manager who verified those types; repeat for each pair; recorded in the file")
+                         "for a lab manager who verified those types, named with --by; repeat for each pair; "
+                         "recorded in the file")
+    aw.add_argument("--by", default=None, metavar="NAME",
+                    help="with --accept-disagreement (required with it): who accepted it, name or initials as they "
+                         f"sign (1 to {MAX_SIGNED_NAME} characters, no control, bidi or other invisible character); "
+                         "recorded in the file's fitted line")
     aw.add_argument("--json", action="store_true", help="one JSON line instead of the TOML lines")
     aw.set_defaults(func=_lazy("adapt", "cmd_adapt_wbc"))
 

@@ -7,7 +7,7 @@ cell under each mark, takes the head's features of it, and writes the station's 
 (service.analysis.station_means) where a class has at least --min-cells typed cells. It refuses
 to write means that type the station's own cells worse (leave one out) than the head does, and
 (adapt_guard) typed cells the head contradicts as a consistent typing mistake would, unless a lab
-manager accepts it (--accept-disagreement).
+manager accepts it (--accept-disagreement, signed --by).
 
 `--station`: the cells come from the station itself instead: those its technicians typed in the
 dashboard's review gallery (`cmd/type_cells`), stored with their features in the station's
@@ -144,6 +144,10 @@ def cmd_adapt_wbc(args: argparse.Namespace) -> int:
 
     if models_with_config(args):  # the config's models would be used, not the ones named
         return error("bad_arguments", MODELS_WITH_CONFIG)
+    from smearscope.cli.adapt_guard import acceptance_error
+
+    if (problem := acceptance_error(getattr(args, "accept_disagreement", None), getattr(args, "by", None))):
+        return error("bad_arguments", problem)  # before any field is analysed
     if args.template is not None:
         return _write_template(args, error)
     if args.station:

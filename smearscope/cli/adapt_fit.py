@@ -34,9 +34,10 @@ def fit_and_write(args, error, space, manifest, views, model_thresholds: dict[st
     if isinstance(refused, int):
         return refused
     table, accepted = refused
+    accepted_by = args.by.strip() if accepted else None  # --by: checked with --accept-disagreement
     if accepted:
-        fitted += ("; typed cells the head contradicts accepted by a lab manager (--accept-disagreement): "
-                   + "; ".join(d.text() for d in accepted))
+        fitted += (f"; typed cells the head contradicts accepted by a lab manager, {accepted_by} "
+                   "(--accept-disagreement): " + "; ".join(d.text() for d in accepted))
     fit = fit_station_means(space, feats, types, head_types, manifest.sha256, args.min_cells, fitted,
                             model_thresholds, energies, views=views, view_feats=view_feats)
     typed_per_class = {c: types.count(c) for c in sorted(set(types))}
@@ -48,7 +49,7 @@ def fit_and_write(args, error, space, manifest, views, model_thresholds: dict[st
                "leave_one_out_accuracy": None if np.isnan(fit.loo_accuracy) else round(fit.loo_accuracy, 4),
                "head_accuracy": None if np.isnan(fit.head_accuracy) else round(fit.head_accuracy, 4),
                "model_sha256": manifest.sha256, "confusion": table,
-               "accepted_disagreements": [d.key for d in accepted]}
+               "accepted_disagreements": [d.key for d in accepted], "accepted_by": accepted_by}
     if fit.means is None:
         per_class = ", ".join(f"{c} {n}" for c, n in typed_per_class.items()) or "none"
         station = "other_scale" in counts  # --station: no marks, cells the file holds left out
@@ -88,7 +89,7 @@ def fit_and_write(args, error, space, manifest, views, model_thresholds: dict[st
     if counts.get("unreadable"):
         print(f"# {len(counts['unreadable'])} images could not be read: {', '.join(counts['unreadable'][:5])}")
     for d in accepted:
-        print(f"# accepted (--accept-disagreement {d.key}): {d.text()}")
+        print(f"# accepted by {accepted_by} (--accept-disagreement {d.key}): {d.text()}")
     print(f"# leave-one-out: station means {fit.loo_accuracy:.1%}, head as trained {fit.head_accuracy:.1%}")
     for m, v in fit.means.thresholds.items():
         if v > model_thresholds[m]:

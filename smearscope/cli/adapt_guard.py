@@ -7,7 +7,7 @@ A lab the head was not trained on makes the head disagree with the technician, m
 unsure (its open-set tests send the cells to review) or by spreading its calls; it rarely makes
 the head call most of one typed class one other class while passing its own open-set tests, and
 almost never swaps two classes both ways. Either is refused unless a lab manager accepts it by
-name (`--accept-disagreement TYPED->HEAD`).
+name (`--accept-disagreement TYPED->HEAD`), signing with their own (`--by`).
 """
 
 from __future__ import annotations
@@ -85,6 +85,19 @@ def table_text(table: dict[str, dict[str, int]]) -> list[str]:
     lines = [f"{corner:<{width}}" + "".join(f" {c[:12]:>12}" for c in cols)]
     lines += [f"{t:<{width}}" + "".join(f" {row.get(c, 0):>12}" for c in cols) for t, row in table.items()]
     return lines
+
+
+def acceptance_error(accepted: Sequence[str] | None, by: str | None) -> str | None:
+    """Why --accept-disagreement and --by cannot go together as given (each needs the other; --by is
+    a name signed as a verification's is); None where they can."""
+    from smearscope.service.station.signed_name import signed_name_error
+
+    if accepted and by is None:
+        return ("--accept-disagreement needs --by NAME: who accepted it (the lab manager who checked those "
+                "cells, as they sign), recorded in the station means file")
+    if by is not None and not accepted:
+        return "--by names who accepted a disagreement: give it with --accept-disagreement TYPED->HEAD"
+    return None if by is None else signed_name_error(by, "--by")
 
 
 def parse_accepted(values: Sequence[str] | None, classes: Sequence[str]) -> tuple[set[str], str | None]:
