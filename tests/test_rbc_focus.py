@@ -21,7 +21,7 @@ from smearscope.service.analysis.records import CellKind
 from smearscope.service.analysis.report import Flag, Report
 from smearscope.service.config.analysis import AnalysisConfig
 from smearscope.service.fhir.bundle import report_bundle
-from smearscope.service.station.durable import _cell_from_json, _cell_json
+from smearscope.service.station.cell_json import cell_from_json, cell_json
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_models = pytest.mark.skipif(not (ROOT / "models" / "seg.json").exists(), reason="models/seg.json not present")
@@ -147,10 +147,10 @@ def test_a_specimen_at_an_estimated_scale_with_one_blurred_field_reads_its_size_
 
 def test_a_red_cell_of_a_blurred_field_keeps_its_mark_through_the_durable_store_and_a_technician_judges_it():
     c, r = _blurred([cell_pair(CellKind.RBC, "target")])[0]
-    assert not _cell_from_json(_cell_json(c, r), "f0")[0].shape_judged
-    legacy = _cell_json(c, r)
+    assert not cell_from_json(cell_json(c, r), "f0")[0].shape_judged
+    legacy = cell_json(c, r)
     legacy.pop("shape_judged")  # stored before focus was judged
-    assert _cell_from_json(legacy, "f0")[0].shape_judged
+    assert cell_from_json(legacy, "f0")[0].shape_judged
     t = tracker(target=1000)
     run_id = t.run_for_next_field()
     t.add(field_of("f0", _blurred([cell_pair(CellKind.RBC, "target", i=k) for k in range(5)]), run_id))

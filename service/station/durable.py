@@ -60,9 +60,10 @@ from dataclasses import dataclass
 from smearscope.device.ingest import shown
 from smearscope.service.analysis.aggregate import is_classified_wbc
 from smearscope.service.analysis.classify import UNIDENTIFIED
-from smearscope.service.analysis.records import Box, CellDetection, CellKind, ClassifiedCell
+from smearscope.service.analysis.records import ClassifiedCell
 from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Report
 from smearscope.service.mqtt.outbox import Outbox, StateWriter
+from smearscope.service.station.cell_json import cell_from_json, cell_json
 from smearscope.service.station.run_records import StartedBy, has_states
 from smearscope.service.station.specimen import FIELD_FLAGS, ClosedRun, SpecimenRun
 from smearscope.service.station.verifications import SCHEMA as VERIFICATIONS_SCHEMA
@@ -130,29 +131,6 @@ class RunMeta:
     started_by: StartedBy
     target_wbc: int
     specimen_id: str | None = None
-
-
-def _cell_json(cell: ClassifiedCell, record: CellRecord) -> dict[str, object]:
-    detected_as = cell.detected_as.value if cell.detected_as is not None else None
-    return {**record.model_dump(), "touches_frame_edge": cell.touches_frame_edge,
-            "detected_as": detected_as, "size_calibrated": cell.size_calibrated, "shape_judged": cell.shape_judged}
-
-
-def _cell_from_json(item: dict[str, object], field_id: str) -> tuple[ClassifiedCell, CellRecord]:
-    """The cell as `aggregate` needs it (its box in input pixels: sizes come from the mask area,
-    kept as `area_um2`), and its record."""
-    edge = bool(item.pop("touches_frame_edge", False))
-    detected_as = item.pop("detected_as", None)
-    calibrated = bool(item.pop("size_calibrated", False))
-    judged = bool(item.pop("shape_judged", True))  # stored before red-cell focus was judged: judged
-    record = CellRecord.model_validate({**item, "field_id": field_id})
-    detection = CellDetection(kind=CellKind(record.kind), box=Box(*record.bbox), score=record.score)
-    cell = ClassifiedCell(detection=detection, label=record.label, label_score=record.label_score,
-                          diameter_um=record.diameter_um, area_um2=record.area_um2,
-                          touches_frame_edge=edge, size_calibrated=calibrated, atypical=record.atypical, shape_judged=judged,
-                          unassessed_label=record.unassessed_label,
-                          detected_as=CellKind(str(detected_as)) if detected_as else None)
-    return cell, record
 
 
 def _add_columns(conn: sqlite3.Connection) -> None:
@@ -226,7 +204,7 @@ class StationState:
                     "target_wbc, models, cells, stored_at, flags, specimen_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (run.run_id, field_id, position, run.started_at, run.started_by,
                      run.target_wbc, json.dumps({k: m.model_dump() for k, m in models.items()}),
-                     json.dumps([_cell_json(c, r) for c, r in zip(cells, records)]), now, carried, run.specimen_id))
+                     json.dumps([cell_json(c, r) for c, r in zip(cells, records)]), now, carried, run.specimen_id))
 
         return write
 
@@ -290,7 +268,7 @@ class StationState:
                               run_id=run_id, specimen_id=None if specimen_id is None else str(specimen_id),
                               models={k: ModelInfo.model_validate(v) for k, v in json.loads(models).items()})
         for item in json.loads(cells):
-            cell, record = _cell_from_json(item, field_id)
+            cell, record = cell_from_json(item, field_id)
             run.cells.append(cell)
             run.records.append(record)
             run.classified_wbc += is_classified_wbc(cell)
