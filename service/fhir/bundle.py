@@ -164,10 +164,10 @@ def _interpretations(b: _Builder, flags: list[Flag]) -> None:
 
 def _flags(b: _Builder, flags: list[Flag]) -> None:
     """Each flag an Observation of its own, critical first: the flag's code, its message as the value, its
-    severity as the interpretation (codes.FLAG_INTERPRETATION; an info flag none), as the HL7 message's row
+    severity as the interpretation (codes.SEVERITY_INTERPRETATION; an info flag none), as the HL7 message's row
     for it with OBX-8."""
     for i, f in enumerate(flags):
-        severity = codes.FLAG_INTERPRETATION.get(f.severity)
+        severity = codes.SEVERITY_INTERPRETATION.get(f.severity)
         b.observation(f"flag/{i}", _concept(codes.flag(f.code)), valueString=f.message,
                       **({"interpretation": [_concept(severity)]} if severity is not None else {}))
 

@@ -153,14 +153,12 @@ FLAG_DISPLAY: dict[str, str] = {
 
 #: v3-ObservationInterpretation, Observation.interpretation: a flag's severity on the finding it is about.
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
-#: A flag's severity as an interpretation (as the HL7 message's OBX-8: critical AA, warning A).
+#: A flag's severity as an interpretation, on the finding it is about and on the flag's own Observation
+#: (the HL7 message's OBX-8 of its row): critical AA, warning A. An info flag has none: it says how the
+#: result was made (the scale came from the specimen, too few white cells for a differential), and N
+#: ("Normal") beside it would read as a normal result to a system that shows the interpretation as a flag.
 SEVERITY_INTERPRETATION = {"critical": Code(INTERPRETATION, "AA", "Critical abnormal"),
                            "warning": Code(INTERPRETATION, "A", "Abnormal")}
-#: A flag's severity as its own Observation's interpretation (the HL7 message's OBX-8 of its row):
-#: critical AA, warning A. An info flag has none: it says how the result was made (the scale came from
-#: the specimen, too few white cells for a differential), and N ("Normal") beside it would read as a
-#: normal result to a system that shows the interpretation as a flag.
-FLAG_INTERPRETATION = SEVERITY_INTERPRETATION
 #: Flags that say a finding is there, and the observation of that finding (bundle's names). Review
 #: flags (sickle_cells_review) are not among them: they ask for a look, they do not say abnormal.
 FINDING_FLAGS = {"sickle_cells_present": "rbc/sickle", "schistocytes_present": "rbc/schistocyte",
