@@ -39,6 +39,14 @@ _REFUSE_KEEPING = ("CREATE TRIGGER refuse_keeping BEFORE INSERT ON answered_veri
                    "BEGIN SELECT RAISE(ABORT, 'test: the file refuses the verification'); END")
 
 
+def _take_signed_reports_again(outbox_path: Path) -> None:
+    """The file takes signed reports again (_REFUSE_SIGNED's triggers dropped), as a disk freed would."""
+    with closing(sqlite3.connect(outbox_path)) as db:
+        for what in ("INSERT", "UPDATE"):
+            db.execute(f"DROP TRIGGER refuse_{what}")
+        db.commit()
+
+
 def _holds_with_nothing_waiting(outbox_path: Path, report_id: str) -> None:
     """The station's one closed run holds `report_id`, and no signature waits to be stored."""
     with closing(sqlite3.connect(outbox_path)) as db:
@@ -77,10 +85,7 @@ def test_a_station_killed_between_the_verify_run_answer_and_the_store_sends_the_
         killed_at = time.time()
         station.kill()
         assert len(sub.on_topic(f"{BASE}/report")) == 1  # the stopped run's only
-        with closing(sqlite3.connect(outbox_path)) as db:
-            for what in ("INSERT", "UPDATE"):
-                db.execute(f"DROP TRIGGER refuse_{what}")
-            db.commit()
+        _take_signed_reports_again(outbox_path)
 
         station.restart()
         assert sub.wait_for(lambda ms: sum(m.topic == f"{BASE}/report" for m in ms) >= 2, 30)
@@ -157,9 +162,7 @@ def test_an_amendment_answered_before_the_first_signature_was_stored_is_stored_a
         station.kill()
         with closing(sqlite3.connect(outbox_path)) as db:
             assert db.execute("SELECT COUNT(*) FROM answered_verifications").fetchone()[0] == 2
-            for what in ("INSERT", "UPDATE"):
-                db.execute(f"DROP TRIGGER refuse_{what}")
-            db.commit()
+        _take_signed_reports_again(outbox_path)
 
         station.restart()
         assert sub.wait_for(lambda ms: sum(m.topic == f"{BASE}/report" for m in ms) >= 3, 30), \
