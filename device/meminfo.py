@@ -3,10 +3,7 @@ the machine's memory that bounds the station (device.memory_limit) come from thi
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 #: Where the kernel presents it.
 PROC_MEMINFO = Path("/proc/meminfo")

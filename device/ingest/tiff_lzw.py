@@ -13,15 +13,11 @@ its strings' lengths summed with numpy, not code by code in Python.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import tifffile
 
 from smearscope.device.ingest.errors import IngestError, RejectReason
 from smearscope.device.ingest.tiff_segments import needed_bytes, segment_bytes
-
-logger = logging.getLogger(__name__)
 
 LZW = 5
 _CLEAR, _EOI, _FIRST = 256, 257, 258

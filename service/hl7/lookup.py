@@ -10,12 +10,9 @@ never answers costs one thread per receiver, not one per try.
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 from collections.abc import Callable
-
-logger = logging.getLogger(__name__)
 
 Address = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple]  # as getaddrinfo gives them
 

@@ -21,15 +21,12 @@ earlier; that is said where the order is used."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 from smearscope.service.mqtt.wall_clock import RELEASED
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

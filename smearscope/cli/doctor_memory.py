@@ -11,11 +11,8 @@ the station's start does (`memory_bound`), and says so.
 
 from __future__ import annotations
 
-import logging
 import subprocess
 from dataclasses import dataclass
-
-logger = logging.getLogger(__name__)
 
 #: The station's unit as systemd/install-jetson.sh installs it.
 STATION_UNIT = "smearscope.service"

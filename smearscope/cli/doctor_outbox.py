@@ -4,15 +4,12 @@ decides whether the parked line (smearscope.cli.doctor_parked) is said."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from smearscope.service.mqtt.outbox import OutboxCounts
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
