@@ -98,13 +98,18 @@ def _limit(folder: Path, name: str) -> int | None:
     return int(value)
 
 
-def _tightest(mount: Path, cgroup: str, name: str) -> CgroupBound | None:
+def _tightest(mount: Path, cgroup: str, name: str, mounted: tuple[str, ...] = (),
+              unlimited: int | None = None) -> CgroupBound | None:
+    """The tightest `name` from `cgroup` (a path below the mount's root) up to the mount's root;
+    `mounted`: the hierarchy's path the mount shows (part of the cgroup each bound names);
+    a value at or above `unlimited` is no limit."""
     parts = [p for p in cgroup.split("/") if p]
     found: CgroupBound | None = None
     for depth in range(len(parts), -1, -1):  # the process's cgroup first, then each parent
         value = _limit(mount.joinpath(*parts[:depth]), name)
-        if value is not None and (found is None or value < found.bytes):
-            found = CgroupBound(value, "/" + "/".join(parts[:depth]), name)
+        if (value is not None and (unlimited is None or value < unlimited)
+                and (found is None or value < found.bytes)):
+            found = CgroupBound(value, "/" + "/".join([*mounted, *parts[:depth]]), name)
     return found
 
 
@@ -154,13 +159,8 @@ def _v1_memory(root: Path) -> CgroupBound | None:
         mounted = [p for p in fields[3].split("/") if p]
         parts = [p for p in cgroup.split("/") if p]
         below = parts[len(mounted):] if parts[:len(mounted)] == mounted else []
-        mount = root / fields[4].lstrip("/")
-        found: CgroupBound | None = None
-        for depth in range(len(below), -1, -1):  # the process's cgroup first, then each parent
-            value = _limit(mount.joinpath(*below[:depth]), "memory.limit_in_bytes")
-            if value is not None and value < V1_UNLIMITED_BYTES and (found is None or value < found.bytes):
-                found = CgroupBound(value, "/" + "/".join(mounted + below[:depth]), "memory.limit_in_bytes")
-        return found
+        return _tightest(root / fields[4].lstrip("/"), "/".join(below), "memory.limit_in_bytes", tuple(mounted),
+                         V1_UNLIMITED_BYTES)
     return None
 
 
