@@ -254,7 +254,6 @@ class CameraSource(FrameSource):
                                      config.read_timeout_s, self._stop, clock)
         self._failures = 0
         self._streak = 0  # good frames in a row since the last failure or hung call
-        self._hangs_seen = 0  # the camera's hung calls when the row began
         # the random part keeps ids apart across starts on the same restored (fake-hwclock) time
         self._session = f"{time.time_ns() // 1_000_000:x}.{secrets.token_hex(4)}"
         self._counter = 0
@@ -278,19 +277,19 @@ class CameraSource(FrameSource):
         while not self._stop.is_set():
             hung_before = self.camera.hung_calls
             if self.camera.capture is None and not self.camera.open():
-                # not there: back off; an open that hung (said) is opened again at once
-                if not self._stop.is_set() and self.camera.hung_calls == hung_before:
+                if self.camera.hung_calls != hung_before:  # hung (said): opened again at once, a new row
+                    self._streak = 0
+                elif not self._stop.is_set():  # not there: back off
                     self._failed("camera %r did not open")
                 continue
             read = self.camera.read()
-            if read is None:  # hung (said, a new capture next) or closed
+            if read is None:  # hung (said, a new capture next: a new row) or closed
+                self._streak = 0
                 continue
             ok, image = read
             pixels = as_bgr8(within_limits(image)) if ok else None
             if pixels is not None:
                 self.camera.frame_came()
-                if self.camera.hung_calls != self._hangs_seen:  # an open or read hung since: a new row
-                    self._hangs_seen, self._streak = self.camera.hung_calls, 0
                 self._streak += 1
                 if self._failures and self._streak >= STABLE_FRAMES:
                     logger.info("%s: camera back after %d failures", self.name, self._failures)
