@@ -202,27 +202,21 @@ class RunStateWatch:
         """Whether the outbox may be sent (the drain thread, connected): not before the broker's
         retained run state is heard, known to be none, or HEAR_WAIT_S has passed."""
         with self._lock:
-            if self._settled:
-                saving = ((self._kept != set(self.held) or bool(self._released))
-                          and time.monotonic() >= self._save_at)
-                if not saving:
-                    return True
-            else:
-                saving = False
-        if saving:
+            timed_out = not self._settled
+            if timed_out:
+                now = time.monotonic()
+                if self._wait_until is None:
+                    self._wait_until = now + HEAR_WAIT_S
+                if now < self._wait_until:
+                    return False
+                self._settled = True
+            saving = (not timed_out and (self._kept != set(self.held) or bool(self._released))
+                      and time.monotonic() >= self._save_at)
+        if timed_out:
+            logger.warning("no retained run state heard on %s within %.0f s of connecting: the outbox is "
+                           "sent without it", self.topic, HEAR_WAIT_S)
+        elif saving:
             self._save()
-            return True
-        with self._lock:
-            if self._settled:
-                return True
-            now = time.monotonic()
-            if self._wait_until is None:
-                self._wait_until = now + HEAR_WAIT_S
-            if now < self._wait_until:
-                return False
-            self._settled = True
-        logger.warning("no retained run state heard on %s within %.0f s of connecting: the outbox is "
-                       "sent without it", self.topic, HEAR_WAIT_S)
         return True
 
     def holds(self, message: OutboxMessage) -> bool:
