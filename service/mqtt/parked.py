@@ -60,15 +60,15 @@ class ParkedReader:
         try:
             summary = parked_summary(self.outbox, parked, too_large, now)
         except sqlite3.Error as exc:
+            too_large_n, reason = sum(1 for seq in parked if seq in too_large), f"{type(exc).__name__}: {exc}"
             with self._lock:
-                said, self._failing = self._failing is not None, f"{type(exc).__name__}: {exc}"
+                said, self._failing = self._failing is not None, reason
             if not said:
                 logger.warning("the outbox %s cannot be read for its parked messages (%s): telemetry, status and "
                                "the STATUS= line count them from memory (%d, %d too large), their reports and "
-                               "oldest unknown, until it reads again", self.outbox.path, exc, len(parked),
-                               sum(1 for seq in parked if seq in too_large))
-            return {"messages": len(parked), "reports": None, "too_large": sum(1 for seq in parked if seq in too_large),
-                    "oldest": None, "read_error": self._failing}
+                               "oldest unknown, until it reads again", self.outbox.path, exc, len(parked), too_large_n)
+            return {"messages": len(parked), "reports": None, "too_large": too_large_n,
+                    "oldest": None, "read_error": reason}
         with self._lock:
             was, self._failing = self._failing, None
         if was is not None:
