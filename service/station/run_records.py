@@ -24,6 +24,11 @@ def has_states(started_by: StartedBy | None, fields: int) -> bool:
     return fields > 0 or started_by == "command"
 
 
+#: A run's `progress` as its run state, the status command and `get_runs` give it (open or closed).
+PROGRESS_KEYS = ("run_id", "started_by", "started_at", "fields", "classified_wbc", "target_wbc", "specimen_id",
+                 "run_seq")
+
+
 @dataclass(frozen=True)
 class RunProgress:
     """A read-only view of the open run (status command, STATUS= line, telemetry)."""
@@ -40,9 +45,7 @@ class RunProgress:
     run_seq: int | None = None
 
     def as_dict(self) -> dict[str, object]:
-        return {"run_id": self.run_id, "started_by": self.started_by, "started_at": self.started_at,
-                "fields": self.fields, "classified_wbc": self.classified_wbc,
-                "target_wbc": self.target_wbc, "specimen_id": self.specimen_id, "run_seq": self.run_seq}
+        return {key: getattr(self, key) for key in PROGRESS_KEYS}
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,4 @@ class ClosedRun:
 
     def progress(self) -> dict[str, object]:
         """The closed run's `progress` in its run state and in `get_runs` (an open run's keys)."""
-        return {"run_id": self.run_id, "started_by": self.started_by, "started_at": self.started_at,
-                "fields": self.fields, "classified_wbc": self.classified_wbc, "target_wbc": self.target_wbc,
-                "specimen_id": self.specimen_id, "run_seq": self.run_seq}
+        return {key: getattr(self, key) for key in PROGRESS_KEYS}
