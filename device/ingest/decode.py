@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import struct
 from dataclasses import dataclass
 from typing import Union
 
@@ -35,7 +34,6 @@ import tifffile
 from smearscope.device.ingest.errors import IngestError, RejectReason, shown
 from smearscope.device.ingest.files import read_image_file
 from smearscope.device.ingest.headers import (
-    PNG_SIGNATURE,
     ImageHeader,
     check_jpeg_scans,
     check_tiff_directory_offset,
@@ -46,6 +44,7 @@ from smearscope.device.ingest.headers import (
 )
 from smearscope.device.ingest.packbits import use_bounded_packbits
 from smearscope.device.ingest.png_palette import paint, png_palette
+from smearscope.device.ingest.signatures import sniff
 from smearscope.device.ingest.tiff_lzw import check_lzw_segments
 from smearscope.device.ingest.tiff_segments import (
     SegmentOverflow,
@@ -119,7 +118,7 @@ def load_image(
     else:
         raise TypeError(f"load_image takes a path or bytes, not {type(source).__name__}")
 
-    fmt = _sniff(data, name)
+    fmt = sniff(data, name)  # step 2 (device.ingest.signatures)
     if fmt == "png":
         samples, header = _load_png(data, name, limits)
     elif fmt == "jpeg":
@@ -146,63 +145,6 @@ def load_image(
         original_channels=header.channels,
         exif_orientation_applied=header.orientation != 1,
     )
-
-
-# --- 2. the signature -----------------------------------------------------------------------
-
-_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-_BMP_DIB_SIZES = {12, 40, 52, 56, 64, 108, 124}
-
-
-def _sniff(data: bytes, name: str) -> str:
-    """The format from magic bytes; the file name's extension is never trusted."""
-    if data.startswith(PNG_SIGNATURE):
-        return "png"
-    if data.startswith(b"\xff\xd8"):
-        return "jpeg"
-    if data[:4] in _TIFF_SIGNATURES:
-        return "tiff"
-    other = _known_unsupported(data)
-    if other:
-        raise IngestError(
-            RejectReason.UNSUPPORTED_FORMAT, f"{name}: {other} is not accepted (JPEG, PNG, TIFF)"
-        )
-    # never a word of the content: the message goes back over MQTT (analyze_file) and into
-    # reason files, and the file may be a secret the service can read
-    raise IngestError(RejectReason.NOT_AN_IMAGE, f"{name}: no JPEG/PNG/TIFF signature")
-
-
-def _known_unsupported(data: bytes) -> str | None:
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    # "BM" alone is too weak (a text file may start so): also require a known DIB header size.
-    if (
-        data[:2] == b"BM"
-        and len(data) >= 18
-        and struct.unpack("<I", data[14:18])[0] in _BMP_DIB_SIZES
-    ):
-        return "BMP"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WebP"
-    if data.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xffO\xffQ")):
-        return "JPEG 2000"
-    if data.startswith((b"\x00\x00\x00\x0cJXL ", b"\xff\n")):
-        return "JPEG XL"
-    if data[4:8] == b"ftyp" and _heif_brands(data):
-        return "HEIF/AVIF"
-    return None
-
-
-#: ISO/IEC 23008-12 (HEIF, its HEVC images and sequences), Apple's and Canon's variants, AVIF.
-_HEIF_BRANDS = frozenset((b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1",
-                          b"mif2", b"msf1", b"miaf", b"MiHE", b"MiHA", b"MiHB", b"avif", b"avis", b"avio"))
-
-
-def _heif_brands(data: bytes) -> bool:
-    """The ftyp box's major brand or one of its compatible brands (at most 64 read) is HEIF's or AVIF's."""
-    size = min(struct.unpack(">I", data[:4])[0], 16 + 4 * 64, len(data))
-    brands = [data[8:12]] + [data[k : k + 4] for k in range(16, size - 3, 4)]
-    return any(brand in _HEIF_BRANDS for brand in brands)
 
 
 # --- 3/4. headers (device.ingest.headers) and geometry ----------------------------------------

@@ -28,10 +28,12 @@ class RejectReason(str, Enum):
     EMPTY_FILE = "empty_file"
     #: More bytes than `IngestLimits.max_file_bytes`; not read into memory.
     FILE_TOO_LARGE = "file_too_large"
-    #: No known image signature: text, HTML, random bytes, a PDF...
+    #: No known signature: text, HTML, XML other than SVG, random bytes, a video...
     NOT_AN_IMAGE = "not_an_image"
-    #: A recognised image format this analyzer does not decode (GIF, BMP, WebP, JPEG 2000,
-    #: HEIF/AVIF, JPEG XL), or a TIFF whose compression or colour model is not supported.
+    #: A recognised format this analyzer does not decode, named in the message with what to do
+    #: (DICOM, PDF, PNM, OpenEXR, Radiance HDR, Sun raster, Photoshop, GIF, BMP, WebP, JPEG 2000,
+    #: JPEG XL, HEIF/AVIF, SVG, a ZIP or gzip archive: `device.ingest.signatures`), or a TIFF whose
+    #: compression or colour model is not supported.
     UNSUPPORTED_FORMAT = "unsupported_format"
     #: The signature is right but the structure is wrong (bad header, bad chunk CRC, a decoder
     #: that gives up, dimensions that disagree with the header).
