@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
+import zlib
 
 import hostile  # tests/ is on sys.path (pytest prepend import mode), as for conftest
 import numpy as np
 import pytest
 import tifffile
 
-from smearscope.service.ingest import IngestError, load_image
+from smearscope.service.ingest import IngestError, IngestLimits, load_image
 
 
 def _code(data: bytes) -> str:
@@ -299,3 +301,82 @@ def test_an_8bit_lzw_page_of_more_strips_than_are_walked_is_refused_before_the_w
     assert _code(data) == "unsupported_format"
     monkeypatch.setattr(tiff_lzw, "MAX_LZW_SEGMENTS", len(offsets))
     assert np.array_equal(load_image(data).pixels, field)
+
+
+def _png_chunk(ctype: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
+
+
+def _rgb_png(width: int, height: int, rows: np.ndarray, *, level: int = 6) -> bytes:
+    """An 8-bit RGB PNG made by hand: IHDR declares `width` x `height`, its IDAT holds every row of
+    `rows` (RGB, filter type 0), however many there are; every CRC correct."""
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw, level))
+            + _png_chunk(b"IEND", b""))
+
+
+def test_a_png_whose_pixel_data_holds_more_rows_than_its_header_is_corrupt_not_cut_to_the_header() -> None:
+    """IHDR height 10, IDAT 12 rows: libpng read the first 10, warned on stderr and the rest was
+    dropped; so was a field of 80 rows declared 64 (its lower part another image's). The same rows
+    under a header that declares them all are read as they are."""
+    rows = hostile.smear_like(12, 64)[..., ::-1]  # RGB as stored
+    small = IngestLimits(min_side=8)
+    assert np.array_equal(load_image(_rgb_png(64, 12, rows), limits=small).pixels, rows[..., ::-1])
+    assert np.array_equal(load_image(_rgb_png(64, 10, rows[:10]), limits=small).pixels, rows[:10, :, ::-1])
+    with pytest.raises(IngestError) as err:
+        load_image(_rgb_png(64, 10, rows), limits=small)
+    assert err.value.code.value == "corrupt"
+    assert err.value.message == "<bytes>: PNG pixel data holds more than the 64x10 its header declares"
+    field = hostile.smear_like(80, 96)[..., ::-1]
+    assert _code(_rgb_png(96, 64, field)) == "corrupt"
+    # one byte more than the rows: no row, but data the header does not account for either
+    raw = b"".join(b"\x00" + row.tobytes() for row in field[:64]) + b"\x00"
+    ihdr = struct.pack(">IIBBBBB", 96, 64, 8, 2, 0, 0, 0)
+    one_more = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
+                + _png_chunk(b"IEND", b""))
+    assert _code(one_more) == "corrupt"
+
+
+def _adam7(rgb: np.ndarray) -> bytes:
+    """The image's scanlines as Adam7 lays them out (seven passes, filter type 0)."""
+    raw = b""
+    for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+                           (0, 1, 1, 2)):
+        raw += b"".join(b"\x00" + row.tobytes() for row in rgb[y0::dy, x0::dx] if row.size)
+    return raw
+
+
+def test_an_interlaced_or_palette_png_of_more_rows_than_its_header_is_corrupt() -> None:
+    """An Adam7 PNG of 64 rows whose stream runs on for 16 rows more, and a palette PNG of 80 rows
+    under a header of 64: each read to its header's rows before, every CRC correct."""
+    rgb = hostile.smear_like(64, 96)[..., ::-1]
+    ihdr = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 96, 64, 8, 2, 0, 0, 1))
+
+    def interlaced(raw: bytes) -> bytes:
+        return b"\x89PNG\r\n\x1a\n" + ihdr + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
+
+    assert np.array_equal(load_image(interlaced(_adam7(rgb))).pixels, rgb[..., ::-1])
+    assert _code(interlaced(_adam7(rgb) + (b"\x00" + rgb[0].tobytes()) * 16)) == "corrupt"
+    palette = hostile.palette_png(np.arange(80 * 96).reshape(80, 96) % 2, [(200, 30, 40), (20, 220, 90)])
+    assert load_image(palette).pixels.shape == (80, 96, 3)
+    assert _code(hostile.png_set_ihdr_size(palette, 96, 64)) == "corrupt"
+
+
+def test_pixel_data_far_past_the_header_is_counted_in_bounded_pieces() -> None:
+    """64 MB of rows under a header of 64 x 64 grey (a deflate bomb behind a small header): refused
+    `corrupt` with no more than a few MiB traced at the peak, the stream inflated one piece past the
+    declared rows, not whole."""
+    field = b"".join(b"\x00" + bytes(range(k, k + 64)) for k in range(64))  # the 64 rows declared: a ramp
+    rows = field + (b"\x00" + bytes(64)) * (64 * 1024 * 1024 // 65)
+    ihdr = struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0)
+    bomb = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(rows, 9))
+            + _png_chunk(b"IEND", b""))
+    del rows
+    tracemalloc.start()
+    try:
+        assert _code(bomb) == "corrupt"
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024, peak

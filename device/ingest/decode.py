@@ -11,7 +11,9 @@ input. Checks run in a fixed order, so one file always gets the same code:
 5. decoding               corrupt (for JPEG also every warning of libjpeg: "premature end of
                           data segment", "corrupt JPEG data", a bad Huffman code; OpenCV's
                           decoder would fill the damage with grey and carry on; a palette
-                          PNG index past its palette, which libpng shows as black)
+                          PNG index past its palette, which libpng shows as black; a PNG
+                          whose pixel data holds more than its header's rows, which libpng
+                          drops: device.ingest.png_stream)
 6. the content            blank_image
 
 Geometry is judged from the header BEFORE decoding, so a decompression bomb (a few kilobytes
@@ -39,11 +41,11 @@ from smearscope.device.ingest.headers import (
     check_tiff_directory_offset,
     jpeg_header,
     png_header,
-    png_pixel_data_cut_short,
     tiff_header,
 )
 from smearscope.device.ingest.packbits import use_bounded_packbits
 from smearscope.device.ingest.png_palette import paint, png_palette
+from smearscope.device.ingest.png_stream import png_pixel_data_cut_short, png_stream
 from smearscope.device.ingest.signatures import sniff
 from smearscope.device.ingest.tiff_lzw import check_lzw_segments
 from smearscope.device.ingest.tiff_segments import (
@@ -198,12 +200,17 @@ def _load_png(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray,
     palette = png_palette(data)  # palette indices: decoded as such and checked against the palette
     try:
         if palette is not None:
-            return paint(_imdecode(palette.ramp_png, cv2.IMREAD_UNCHANGED, header, name), palette, name), header
-        return _imdecode(data, cv2.IMREAD_UNCHANGED, header, name), header
+            img = paint(_imdecode(palette.ramp_png, cv2.IMREAD_UNCHANGED, header, name), palette, name)
+        else:
+            img = _imdecode(data, cv2.IMREAD_UNCHANGED, header, name)
     except IngestError as exc:
         if png_pixel_data_cut_short(data):
             raise IngestError(RejectReason.TRUNCATED, f"{name}: PNG pixel data ends early") from exc
         raise
+    if png_stream(data).beyond_header:  # libpng reads the declared rows and drops the rest with a warning
+        raise IngestError(RejectReason.CORRUPT, f"{name}: PNG pixel data holds more than the {header.width}x"
+                          f"{header.height} its header declares")
+    return img, header
 
 
 def _load_jpeg(data: bytes, name: str, limits: IngestLimits) -> tuple[np.ndarray, ImageHeader]:

@@ -36,7 +36,7 @@ class RejectReason(str, Enum):
     #: compression or colour model is not supported.
     UNSUPPORTED_FORMAT = "unsupported_format"
     #: The signature is right but the structure is wrong (bad header, bad chunk CRC, a decoder
-    #: that gives up, dimensions that disagree with the header).
+    #: that gives up, dimensions that disagree with the header, PNG pixel data of more rows than it).
     CORRUPT = "corrupt"
     #: The data stops early: no JPEG end-of-image marker, no PNG IEND, TIFF strips past the end or a
     #: TIFF cut inside its first directory (or, after a preview page, the field's).

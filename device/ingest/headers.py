@@ -142,48 +142,6 @@ def png_header(data: bytes, name: str) -> ImageHeader:
     )
 
 
-def _png_raw_bytes(width: int, height: int, depth: int, colour: int, interlaced: bool) -> int:
-    """Bytes of a PNG's filtered scanlines (a filter byte per row), per Adam7 pass if interlaced."""
-    bits = depth * _PNG_CHANNELS[colour] if colour != 3 else depth  # palette: one index per pixel
-    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)) \
-        if interlaced else ((0, 0, 1, 1),)
-    total = 0
-    for x0, y0, dx, dy in passes:
-        w, h = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
-        if w > 0 and h > 0:
-            total += h * (1 + (w * bits + 7) // 8)
-    return total
-
-
-def png_pixel_data_cut_short(data: bytes) -> bool:
-    """Whether a PNG whose chunks are whole (as `png_header` found them) holds a deflate stream
-    that stops before its end and before the rows its IHDR declares: a writer that closed the
-    file early, not damage (an error the inflater reports) and not a header that declares more
-    rows than a complete stream holds. Inflated in pieces of at most 1 MiB that are dropped at
-    once, and never beyond the declared rows: neither a large frame nor a deflate bomb stands in
-    memory (a frame at the pixel limit is inflated once more, on this refusal's path only)."""
-    w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
-    expected = _png_raw_bytes(w, h, depth, colour, interlace == 1)
-    inflate = zlib.decompressobj()
-    pos, got = len(PNG_SIGNATURE), 0
-    try:
-        while pos + 12 <= len(data) and got < expected:
-            length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
-            if ctype == b"IDAT":
-                rest = data[pos + 8 : pos + 8 + length]
-                while not inflate.eof and got < expected:  # also what the last piece left inside
-                    out = inflate.decompress(rest, 1 << 20)
-                    got, rest = got + len(out), inflate.unconsumed_tail
-                    if not out and not rest:
-                        break
-            elif ctype == b"IEND":
-                break
-            pos += 12 + length
-    except zlib.error:
-        return False  # damaged, not cut short
-    return not inflate.eof and got < expected
-
-
 # --- JPEG ------------------------------------------------------------------------------------
 
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
