@@ -1,8 +1,10 @@
 """What a camera's (or a replayed video's) frame must be before it becomes a `Frame`.
 
 OpenCV hands over whatever the capture gives: 8-bit gray, BGR or BGRA (any strides) are used as
-they are, 16-bit samples keep their top byte, and anything else (float, two-channel YUYV) is
-unusable, named in words for the log. A frame over the pixel limit of a decoded file is dropped.
+they are, 16-bit samples are scaled from their real depth (`SampleDepth`: machine-vision and USB
+cameras put 10- or 12-bit samples in the low bits of 16-bit words, which their top byte would read
+16 times too dark), and anything else (float, two-channel YUYV) is unusable, named in words for the
+log. A frame over the pixel limit of a decoded file is dropped.
 A live sensor's noise never repeats a frame bit for bit, so a run of identical frames is a frozen
 stream (a stalled USB or capture-card driver), not a stage left still: `RepeatWatch` says it.
 """
@@ -14,7 +16,7 @@ import logging
 import cv2
 import numpy as np
 
-from smearscope.device.ingest import IngestLimits
+from smearscope.device.ingest import IngestLimits, sensor_depth, to_bgr8
 
 logger = logging.getLogger(__name__)
 
@@ -22,21 +24,55 @@ logger = logging.getLogger(__name__)
 FROZEN_REPEATS = 20
 
 
-def as_bgr8(image: np.ndarray | None) -> np.ndarray | None:
-    """Gray, BGRA or 16-bit images as HxWx3 uint8 BGR; None for anything unusable."""
+class SampleDepth:
+    """The bit depth a source's 16-bit samples are scaled from: the configured `sample_bits`, or in
+    'auto' the files' rule (`device.ingest.sensor_depth`: the smallest usual sensor depth that
+    holds the highest sample) over every frame so far, so it only ever grows: a frame is never
+    brightened for being dark, and a dark first frame does not clip the bright ones after it. The
+    depth chosen is said once, and again only if it grows."""
+
+    def __init__(self, name: str, sample_bits: int | str = "auto") -> None:
+        self._name = name
+        self._configured = sample_bits if isinstance(sample_bits, int) else None
+        self.bits: int | None = self._configured
+        self._said_over = False
+
+    def of(self, samples: np.ndarray) -> int:
+        """The depth to scale these (colour, 16-bit) samples from."""
+        top = int(samples.max())
+        if self._configured is not None:
+            if top >= 1 << self._configured and not self._said_over:
+                self._said_over = True
+                logger.warning("%s: a 16-bit sample of %d is over the %d-bit range of [source] sample_bits = %d: "
+                               "such samples clip at white; check the camera's bit depth", self._name, top,
+                               self._configured, self._configured)
+            return self._configured
+        depth = sensor_depth(top)
+        if self.bits is None:
+            self.bits = depth
+            logger.info("%s: 16-bit samples read as %d-bit (highest sample %d in the first frame; [source] "
+                        "sample_bits sets the depth)", self._name, depth, top)
+        elif depth > self.bits:
+            logger.warning("%s: a 16-bit sample of %d is over %d bits: samples now read as %d-bit ([source] "
+                           "sample_bits sets the depth)", self._name, top, self.bits, depth)
+            self.bits = depth
+        return self.bits
+
+
+def as_bgr8(image: np.ndarray | None, depth: SampleDepth) -> np.ndarray | None:
+    """Gray, BGRA or 16-bit images as HxWx3 uint8 BGR (16-bit samples scaled from `depth`); None
+    for anything unusable."""
     if image is None or image.size == 0 or image.ndim not in (2, 3):
         return None
-    if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
-    elif image.dtype != np.uint8:
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if channels not in (1, 3, 4) or image.dtype not in (np.uint8, np.uint16):
         return None
-    if image.ndim == 2 or image.shape[2] == 1:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    if image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    if image.shape[2] != 3:
-        return None
-    return np.ascontiguousarray(image)
+    colour = image[:, :, :3] if channels == 4 else image  # a camera's alpha is no transparency
+    if colour.dtype == np.uint16:
+        return to_bgr8(colour, depth.of(colour))
+    if channels == 1:
+        return cv2.cvtColor(colour, cv2.COLOR_GRAY2BGR)
+    return np.ascontiguousarray(colour)
 
 
 def within_limits(image: np.ndarray | None, limits: IngestLimits | None = None) -> np.ndarray | None:

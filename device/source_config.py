@@ -99,6 +99,15 @@ class CameraSourceConfig(_CommonSourceFields):
         description="Requested height in pixels (V4L2 only).",
         gt=0,
     )
+    sample_bits: Literal["auto"] | Annotated[int, Field(ge=8, le=16)] = Field(
+        default="auto",
+        title="Camera sample depth (bits)",
+        description="Bits per sample of a camera that gives 16-bit frames (8 to 16): 10 or 12 for the many "
+        "machine-vision and USB cameras that put their samples in the low bits of 16-bit words, 16 for "
+        "full-range ones; 16-bit samples are scaled from this depth to 8 bit. 'auto' takes the smallest of "
+        "8, 10, 12, 14 and 16 bits that holds the highest sample of the frames so far: it only grows, "
+        "said in the log each time. 8-bit frames are used as they are.",
+    )
     reconnect_initial_s: float = Field(
         default=1.0,
         title="First reconnect delay (s)",

@@ -33,7 +33,13 @@ import cv2
 import numpy as np
 from typing_extensions import Self  # typing.Self needs Python 3.11
 
-from smearscope.device.camera_frames import RepeatWatch, as_bgr8, described, within_limits
+from smearscope.device.camera_frames import (
+    RepeatWatch,
+    SampleDepth,
+    as_bgr8,
+    described,
+    within_limits,
+)
 from smearscope.device.camera_reads import GuardedCapture
 from smearscope.device.frame import Frame
 from smearscope.device.ingest import IngestError, IngestLimits, load_image, shown
@@ -260,6 +266,7 @@ class CameraSource(FrameSource):
         self._scale_size: tuple[int, int] | None = None  # (width, height) the scale holds for
         self._other_size: tuple[int, int] | None = None  # the other size last said
         self._repeats = RepeatWatch(config.name, config.device)
+        self._depth = SampleDepth(config.name, config.sample_bits)  # kept across reopens: one camera
 
     @property
     def failures(self) -> int:
@@ -287,7 +294,7 @@ class CameraSource(FrameSource):
                 self._streak = 0
                 continue
             ok, image = read
-            pixels = as_bgr8(within_limits(image)) if ok else None
+            pixels = as_bgr8(within_limits(image), self._depth) if ok else None
             if pixels is not None:
                 self.camera.frame_came()
                 self._streak += 1
@@ -360,6 +367,7 @@ class ReplaySource(FrameSource):
         self._files: list[Path] = []
         self._video: Any = None
         self._limits = IngestLimits()
+        self._depth = SampleDepth(config.name)  # a 16-bit video's samples: by the files' rule, only growing
         if config.path.is_dir():
             self._files = sorted(
                 p for p in config.path.iterdir()
@@ -427,7 +435,7 @@ class ReplaySource(FrameSource):
         self._index += 1
         label = f"{shown(self._config.path.stem)}#{self._index:06d}"
         try:
-            return label, as_bgr8(checked_frame(image, label, self._limits))
+            return label, as_bgr8(checked_frame(image, label, self._limits), self._depth)
         except IngestError as exc:
             logger.warning("%s: skipping %s: %s", self.name, label, exc)
             return label, None

@@ -31,6 +31,7 @@ from smearscope.device.sources import (
     CameraSource,
     FrameSource,
     ReplaySource,
+    SampleDepth,
     SourceConfigurationError,
     as_bgr8,
     backoff_delay,
@@ -1091,16 +1092,20 @@ def test_a_slow_consumer_does_not_get_a_burst_of_frames_afterwards(tmp_path: Pat
 
 
 def test_camera_frames_of_any_depth_and_layout_become_bgr8() -> None:
-    """16-bit samples keep their top byte; gray (2-D or one channel) and BGRA become BGR."""
+    """16-bit samples scaled from their depth (tests/test_camera_depth.py); gray (2-D or one channel)
+    and BGRA (8 or 16 bit: a camera's alpha is no transparency) become BGR."""
+    full = SampleDepth("t", 16)
     deep = np.full((4, 5, 3), 0x12F0, np.uint16)
-    assert as_bgr8(deep).dtype == np.uint8 and (as_bgr8(deep) == 0x12).all()
+    assert as_bgr8(deep, full).dtype == np.uint8 and (as_bgr8(deep, full) == 19).all()  # 4848 * 255 / 65535
     gray = np.arange(20, dtype=np.uint8).reshape(4, 5)
     for g in (gray, gray[..., None]):
-        out = as_bgr8(g)
+        out = as_bgr8(g, full)
         assert out.shape == (4, 5, 3) and (out == gray[..., None]).all()
     bgra = np.dstack([np.full((4, 5), v, np.uint8) for v in (10, 20, 30, 0)])
-    assert as_bgr8(bgra).shape == (4, 5, 3) and as_bgr8(bgra)[0, 0].tolist() == [10, 20, 30]
-    assert as_bgr8(np.zeros((4, 5, 2), np.uint8)) is None and as_bgr8(np.zeros((4, 5, 3), np.float32)) is None
+    assert as_bgr8(bgra, full).shape == (4, 5, 3) and as_bgr8(bgra, full)[0, 0].tolist() == [10, 20, 30]
+    assert as_bgr8(bgra.astype(np.uint16) * 257, full)[0, 0].tolist() == [10, 20, 30]
+    assert as_bgr8(np.zeros((4, 5, 2), np.uint8), full) is None
+    assert as_bgr8(np.zeros((4, 5, 3), np.float32), full) is None
 
 
 def test_a_camera_frame_over_the_pixel_limit_is_dropped() -> None:

@@ -337,7 +337,14 @@ def _significant_bits(colour: np.ndarray, declared: int | None) -> int:
         # PNG's sBIT only records the source's precision: a file that follows the spec has its
         # samples scaled to the full 16 bits already (a sample above 2**sBIT - 1 says so)
         return declared if top < (1 << declared) else 8 * colour.dtype.itemsize
-    return next(d for d in _SENSOR_DEPTHS if top < (1 << d))
+    return sensor_depth(top)
+
+
+def sensor_depth(top: int) -> int:
+    """The smallest usual sensor depth (8, 10, 12, 14, 16 bit) that holds the sample `top`: the
+    depth 16-bit samples with no declared one are scaled from (files here, cameras in
+    `device.camera_frames`)."""
+    return next((d for d in _SENSOR_DEPTHS if top < (1 << d)), 16)
 
 
 #: Samples converted to 8 bits at a time (float32 temporaries of this many samples, about 16 MB):
@@ -357,9 +364,16 @@ def _to_bgr8(samples: np.ndarray, declared_bits: int | None) -> tuple[np.ndarray
     regions never show whatever colour values the encoder left under them.
     """
     img = samples if samples.ndim == 3 else samples[:, :, None]
+    bits = _significant_bits(img[:, :, :-1] if img.shape[2] in (2, 4) else img, declared_bits)
+    return to_bgr8(samples, bits), bits
+
+
+def to_bgr8(samples: np.ndarray, bits: int) -> np.ndarray:
+    """Grey, grey+alpha, BGR or BGRA at 8 or 16 bit -> 8-bit BGR, `bits`-bit samples scaled to
+    0..255 (a sample above 2**bits - 1 clips at 255); alpha composited over white (`_to_bgr8`)."""
+    img = samples if samples.ndim == 3 else samples[:, :, None]
     has_alpha = img.shape[2] in (2, 4)
     colour = img[:, :, :-1] if has_alpha else img
-    bits = _significant_bits(colour, declared_bits)
     white = float((1 << bits) - 1)
     if has_alpha or colour.dtype != np.uint8:
         out = np.empty(colour.shape, np.uint8)
@@ -372,8 +386,8 @@ def _to_bgr8(samples: np.ndarray, declared_bits: int | None) -> tuple[np.ndarray
             out[r : r + step] = np.clip(np.rint(values * (255.0 / white)), 0, 255).astype(np.uint8)
         colour = out
     if colour.shape[2] == 1:
-        return cv2.cvtColor(colour, cv2.COLOR_GRAY2BGR), bits
-    return np.ascontiguousarray(colour), bits
+        return cv2.cvtColor(colour, cv2.COLOR_GRAY2BGR)
+    return np.ascontiguousarray(colour)
 
 
 def _apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:

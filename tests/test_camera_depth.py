@@ -1,0 +1,100 @@
+"""A camera's 16-bit samples are scaled from their real depth, one depth for the whole stream.
+
+Machine-vision and many USB cameras give 10- or 12-bit samples low-aligned in 16-bit words (0..4095):
+their top byte alone reads a field 16 times too dark, refused by the quality gate as underexposed. The
+fields here are the project's rendered smears, turned into such streams and read through the camera
+source (the capture factory is OpenCV's seam).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from smearscope.device.frame import Frame
+from smearscope.device.quality import QualityGate
+from smearscope.device.source_config import CameraSourceConfig
+from smearscope.device.sources import CameraSource
+from smearscope.device.synthetic import render_field
+
+MPP = 0.2
+
+
+def _fields(n: int) -> list[np.ndarray]:
+    return [render_field(seed=40 + i, width=480, height=360, microns_per_pixel=MPP).frame.pixels for i in range(n)]
+
+
+def _as_12bit(pixels: np.ndarray, dim: int = 1) -> np.ndarray:
+    """An 8-bit field as a 12-bit camera gives it: 0..4095 in the low bits of 16-bit words."""
+    return np.rint(pixels.astype(np.float64) * 4095.0 / 255.0 / dim).astype(np.uint16)
+
+
+def _read(stream: list[np.ndarray], **settings: object) -> list[np.ndarray]:
+    """The frames the camera source makes of a capture that gives `stream`, in order."""
+    given = iter(stream)
+
+    class _Capture:
+        def read(self) -> tuple[bool, np.ndarray]:
+            return True, next(given)
+
+        def release(self) -> None:
+            pass
+
+    cfg = CameraSourceConfig(device=3, microns_per_pixel=MPP, **settings)  # type: ignore[arg-type]
+    with CameraSource(cfg, lambda _cfg: _Capture()) as cam:
+        return [next(cam).pixels for _ in stream]
+
+
+@pytest.mark.parametrize("sample_bits", ["auto", 12])
+def test_a_12_bit_camera_in_16_bit_words_gives_the_fields_brightness_and_passes_the_gate(
+        sample_bits: object, caplog: pytest.LogCaptureFixture) -> None:
+    fields = _fields(3)
+    with caplog.at_level(logging.INFO, logger="smearscope.device"):
+        frames = _read([_as_12bit(f) for f in fields], sample_bits=sample_bits)
+    for field, frame in zip(fields, frames, strict=True):
+        assert frame.dtype == np.uint8 and frame.shape == field.shape
+        assert abs(float(frame.mean()) - float(field.mean())) < 1.0
+        assert int(np.abs(frame.astype(int) - field.astype(int)).max()) <= 1
+    gate = QualityGate()
+    verdicts = [gate.check(Frame(pixels=p, frame_id=f"cam:{i}", source="cam", microns_per_pixel=MPP))
+                for i, p in enumerate(frames)]
+    assert all(v.accepted for v in verdicts), [(v.reason, v.metrics) for v in verdicts]
+    said = [r.getMessage() for r in caplog.records if "16-bit samples read as" in r.getMessage()]
+    top = int(_as_12bit(fields[0]).max())
+    chosen = f"scope: 16-bit samples read as 12-bit (highest sample {top} in the first frame; [source] sample_bits sets the depth)"
+    assert said == ([chosen] if sample_bits == "auto" else []), said
+
+
+def test_a_full_range_16_bit_camera_gives_the_field_unchanged() -> None:
+    fields = _fields(2)
+    frames = _read([f.astype(np.uint16) * 257 for f in fields])
+    for field, frame in zip(fields, frames, strict=True):
+        assert np.array_equal(frame, field)
+
+
+def test_a_dark_first_frame_neither_clips_the_bright_frames_after_it_nor_is_a_dark_frame_brightened_later(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The depth comes from the frames so far and only grows: a frame is never stretched to its own maximum."""
+    fields = _fields(3)
+    stream = [_as_12bit(fields[0], dim=8), _as_12bit(fields[1]), _as_12bit(fields[2], dim=8)]
+    with caplog.at_level(logging.INFO, logger="smearscope.device"):
+        dark_first, bright, dark_later = _read(stream)
+    # the first frame alone (top 511) reads as 10-bit; the bright one then grows the depth to 12, unclipped
+    assert int(np.abs(bright.astype(int) - fields[1].astype(int)).max()) <= 1
+    assert (bright == 255).mean() == pytest.approx((fields[1] == 255).mean(), abs=1e-4)
+    # ... and a dark frame after it stays as dark as it is: an eighth of the field
+    assert float(dark_later.mean()) == pytest.approx(float(fields[2].mean()) / 8, abs=1.0)
+    assert float(dark_first.mean()) == pytest.approx(float(fields[0].mean()) / 2, abs=1.0)
+    said = [r.getMessage() for r in caplog.records if "-bit" in r.getMessage()]
+    assert len(said) == 2 and "read as 10-bit" in said[0] and "now read as 12-bit" in said[1], said
+
+
+def test_sample_bits_is_8_to_16_or_auto() -> None:
+    assert CameraSourceConfig().sample_bits == "auto"
+    assert CameraSourceConfig(sample_bits=10).sample_bits == 10
+    for wrong in (7, 17, "12bit"):
+        with pytest.raises(ValidationError):
+            CameraSourceConfig(sample_bits=wrong)  # type: ignore[arg-type]
