@@ -287,6 +287,34 @@ def test_doctor_checks_a_camera_device_node_without_capturing(
     assert not _lines(capsys.readouterr().out, "camera")
 
 
+def test_a_camera_the_station_waits_for_is_doctors_exit_3_any_other_fail_exit_1(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A camera not there, or there and not answering (a node whose open fails: here a socket, ENXIO),
+    is the only kind of FAIL the running station gets past (it waits for the camera): exit 3, which
+    the installer enables the unit on; beside any other FAIL (the models) it is exit 1."""
+    import socket
+
+    missing = 97
+    while Path(f"/dev/video{missing}").exists():
+        missing += 1
+    node = tmp_path / "video-sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(node))
+        for device in (f"/dev/video{missing}", str(node)):
+            assert main(["doctor", "--config", str(_doc(tmp_path, source={"kind": "camera", "device": device}))]) == 3
+            out = capsys.readouterr().out
+            assert _lines(out, "camera")[0].startswith(f"FAIL  camera           {device} "), out
+            assert "the station waits for it and opens it when it comes" in out, out
+            assert "1 failed (only ones the running station recovers from: camera)" in out, out
+    models = tmp_path / "no-models"
+    models.mkdir()
+    camera = {"kind": "camera", "device": f"/dev/video{missing}"}
+    assert main(["doctor", "--config", str(_doc(tmp_path, source=camera,
+                                                analysis={"models_dir": str(models)}))]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  camera" in out and "FAIL  model segmentation" in out and "recovers from" not in out, out
+
+
 def test_doctor_fails_a_review_directory_or_typed_cells_file_it_cannot_write(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "a-file"

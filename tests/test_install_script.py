@@ -246,14 +246,20 @@ while [[ $1 != -- ]]; do shift; done; shift; exec "$@"
 """
 FAKE_SMEARSCOPE = """#!/usr/bin/env bash
 printf 'smearscope %s\\n' "$*" >> "$CALLLOG"
+if [[ "$1" == doctor && -n "${REAL_DOCTOR:-}" ]]; then exec "$REAL_DOCTOR" -m smearscope "$@"; fi
 if [[ "$1" == "${SMEARSCOPE_FAIL:-}" ]]; then echo "FAIL  something the $1 stub reports"; exit 1; fi
 """
 
 
-def _finish(tmp_path: Path, backend: str = "tensorrt", precision: str = "fp16", **env: str):
+def _finish(tmp_path: Path, backend: str = "tensorrt", precision: str = "fp16", station: str | None = None,
+            **env: str):
+    """check_and_enable with stubs; with `station` (a config) the real `smearscope doctor` checks it."""
     conf = _config(tmp_path)
     text = conf.read_text().replace('engine_backend = "onnxruntime"', f'engine_backend = "{backend}"', 1)
     conf.write_text(text.replace('tensorrt_precision = "fp16"', f'tensorrt_precision = "{precision}"', 1))
+    if station is not None:
+        conf.write_text(station)
+        env["REAL_DOCTOR"] = sys.executable
     tools = tmp_path / "tools"
     tools.mkdir()
     for name, body in (("systemctl", FAKE_TOOL), ("systemd-analyze", FAKE_TOOL), ("runuser", FAKE_RUNUSER)):
@@ -290,6 +296,51 @@ def test_a_failing_doctor_stops_the_install_before_enabling(tmp_path: Path) -> N
     assert proc.returncode == 1
     assert _steps(calls) == ["validate-config", "build-engines", "doctor"], calls
     assert "smearscope doctor failed" in proc.stderr and "not enabled" in proc.stderr, proc.stderr
+
+
+def _station(tmp_path: Path, camera: str, models: Path) -> str:
+    """A camera station's config: no broker answers (port 1: a WARN, the outbox keeps reports)."""
+    from test_daemon import to_toml
+
+    return to_toml({"station_id": "inst-1", "source": {"kind": "camera", "device": camera},
+                    "analysis": {"models_dir": str(models), "engine_backend": "onnxruntime"},
+                    "mqtt": {"host": "127.0.0.1", "port": 1,
+                             "outbox": {"path": str(tmp_path / "state" / "outbox.sqlite3")}}}) + "\n"
+
+
+def _missing_camera() -> str:
+    number = 97
+    while Path(f"/dev/video{number}").exists():
+        number += 1
+    return f"/dev/video{number}"
+
+
+def test_a_camera_unplugged_at_install_still_enables_the_service_with_a_warning(tmp_path: Path) -> None:
+    """The real doctor's only FAIL is the camera (the station waits for one): exit 3, and the unit is
+    enabled and started, the camera said as a warning with what to do; the daemon opens it when it comes."""
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    camera = _missing_camera()
+    proc, calls = _finish(tmp_path, station=_station(tmp_path, camera, DEFAULT_MODELS_DIR), START="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _steps(calls) == ["validate-config", "doctor", "systemctl enable smearscope.service",
+                             "systemctl restart smearscope.service"], calls
+    assert f"FAIL  camera           {camera} does not exist" in proc.stdout, proc.stdout
+    assert "1 failed (only ones the running station recovers from: camera)" in proc.stdout, proc.stdout
+    assert "warning: smearscope doctor: only checks the running station recovers from failed" in proc.stdout
+    assert "waits for the camera" in proc.stdout and "v4l2-ctl --list-devices" in proc.stdout
+
+
+def test_a_camera_unplugged_beside_a_model_missing_stops_the_install(tmp_path: Path) -> None:
+    """Any other FAIL (here the models: no station start gets past them) still stops it before enabling."""
+    models = tmp_path / "models"
+    models.mkdir()
+    proc, calls = _finish(tmp_path, station=_station(tmp_path, _missing_camera(), models), START="1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert _steps(calls) == ["validate-config", "doctor"], calls
+    assert "FAIL  model segmentation" in proc.stdout and "FAIL  camera" in proc.stdout, proc.stdout
+    assert "smearscope doctor failed" in proc.stderr and "not enabled" in proc.stderr, proc.stderr
+    assert "warning: smearscope doctor" not in proc.stdout
 
 
 def test_a_failing_engine_build_or_config_stops_before_doctor_and_enable(tmp_path: Path) -> None:

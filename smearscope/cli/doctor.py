@@ -16,7 +16,10 @@ and a login with the station's user and password; the password credential where 
 one, else a warning saying how to run doctor with it; while the station runs, the messages it holds
 back from the broker, read from its telemetry: smearscope.cli.doctor_parked), the white cells technicians typed on the
 dashboard (per type, for `adapt-wbc --station`). Each line says OK, INFO, WARN or FAIL and, when
-not OK, what is missing; exit 1 when any check FAILs.
+not OK, what is missing. Exit 0 when no check FAILs; EXIT_STATION_RECOVERS (3) when the only FAILs
+are ones the running station gets past by itself (RECOVERED_BY_THE_STATION: a camera not there, or
+there and not answering: it waits for it and opens it when it comes; a broker that does not answer is
+a WARN, the outbox keeps the reports), so an installer may enable the unit; 1 for any other FAIL.
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ logger = logging.getLogger(__name__)
 LOW_DISK_BYTES = 256 * 1024 * 1024
 
 Check = tuple[str, str, str]  # (OK | WARN | FAIL, what, detail)
+
+#: The checks whose FAIL the running station recovers from by itself (`what` of the line).
+RECOVERED_BY_THE_STATION = frozenset({"camera"})
+#: Doctor's exit status when every FAIL is one of RECOVERED_BY_THE_STATION.
+EXIT_STATION_RECOVERS = 3
 
 
 def _config_checks(path: Path | None) -> tuple[list[Check], object | None]:
@@ -187,14 +195,17 @@ def camera_checks(source) -> list[Check]:
         what = "URL" if "://" in device else "GStreamer pipeline"
         return [("INFO", "camera", (f"a {what}: not checked here (no frame is captured); "
                  "the station's log says whether it opens"))]
+    waits = "; the station waits for it and opens it when it comes"
     if not node.exists():
         return [("FAIL", "camera", (f"{node} does not exist: camera unplugged, or another index "
-                 "(v4l2-ctl --list-devices)"))]
+                 f"(v4l2-ctl --list-devices){waits}"))]
     try:
         fd = os.open(node, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        return [("FAIL", "camera", (f"{node} cannot be opened for reading by this user ({exc.strerror}): "
+    except PermissionError as exc:  # no camera coming back fixes this: not RECOVERED_BY_THE_STATION
+        return [("FAIL", "camera access", (f"{node} cannot be opened for reading by this user ({exc.strerror}): "
                  "the station's user needs the video group"))]
+    except OSError as exc:  # the node is there, its device does not answer (unplugged meanwhile, a driver)
+        return [("FAIL", "camera", f"{node} cannot be opened for reading ({exc.strerror}){waits}")]
     os.close(fd)
     return [("OK", "camera", f"{node} opens for reading (no frame captured)")]
 
@@ -371,9 +382,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             for check in found:
                 _say(check)
             checks += found
-    failed = sum(s == "FAIL" for s, _, _ in checks)
-    print(f"{len(checks)} checks: {failed} failed, {sum(s == 'WARN' for s, _, _ in checks)} warnings")
-    return 1 if failed else 0
+    failed = [what for s, what, _ in checks if s == "FAIL"]
+    recovers = bool(failed) and set(failed) <= RECOVERED_BY_THE_STATION
+    print(f"{len(checks)} checks: {len(failed)} failed"
+          f"{' (only ones the running station recovers from: ' + ', '.join(failed) + ')' if recovers else ''}, "
+          f"{sum(s == 'WARN' for s, _, _ in checks)} warnings")
+    return EXIT_STATION_RECOVERS if recovers else 1 if failed else 0
 
 
 def cmd_install_models(args: argparse.Namespace) -> int:
