@@ -98,3 +98,15 @@ def test_sample_bits_is_8_to_16_or_auto() -> None:
     for wrong in (7, 17, "12bit"):
         with pytest.raises(ValidationError):
             CameraSourceConfig(sample_bits=wrong)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bits", [8, 10, 12, 14, 16])
+def test_every_16_bit_value_becomes_its_nearest_8_bit_grey_at_each_depth(bits: int) -> None:
+    """The one conversion of files and cameras (device.ingest.to_bgr8): v * 255 / (2**bits - 1)
+    rounded, samples above the depth's range white; grey and 3-channel alike."""
+    from smearscope.device.ingest import to_bgr8
+
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    nearest = np.clip(np.floor(values * 255.0 / ((1 << bits) - 1) + 0.5), 0, 255).astype(np.uint8)
+    assert np.array_equal(to_bgr8(values, bits), np.dstack([nearest] * 3))
+    assert np.array_equal(to_bgr8(np.dstack([values] * 3), bits), np.dstack([nearest] * 3))
