@@ -99,11 +99,19 @@ def _free_mem() -> int:
     return int(free)
 
 
+def _capability() -> tuple[int, int]:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(0)
+    return int(major), int(minor)
+
+
 def check_model(chk: Check, name: str, cuda: str, cache: Path, quick: bool) -> None:
     mp = MODELS / f"{name}.json"
     ref = OnnxRuntimeEngine(mp).load()
-    trt_standin.write_engine(mp, cache / "plain", executor="torch")
-    trt_standin.write_engine(mp, cache / "late", executor="torch", sleep_cycles=SLEEP_CYCLES)
+    sm = _capability()  # the engines are looked up under this GPU's compute capability
+    trt_standin.write_engine(mp, cache / "plain", executor="torch", capability=sm)
+    trt_standin.write_engine(mp, cache / "late", executor="torch", sleep_cycles=SLEEP_CYCLES, capability=sm)
     prof = ref.manifest.batch
 
     def parity():
@@ -201,7 +209,8 @@ def check_pipeline(chk: Check, cuda: str, cache: Path, n_fields: int) -> None:
 
     def run():
         for name in NAMES:
-            trt_standin.write_engine(MODELS / f"{name}.json", cache / "plain", executor="torch")
+            trt_standin.write_engine(MODELS / f"{name}.json", cache / "plain", executor="torch",
+                                     capability=_capability())
         a_gpu = Analyzer.from_models_dir(MODELS, backend="tensorrt", cache_dir=cache / "plain", cuda=cuda)
         a_cpu = Analyzer.from_models_dir(MODELS)
         for seed in range(n_fields):

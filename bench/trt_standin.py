@@ -42,6 +42,7 @@ from smearscope.engines.manifest import load_manifest
 from smearscope.engines.trt_cache import build_record, engine_path, profile_shapes, record_path
 
 __version__ = "10.0.0"  # the API level it mimics; engine file names carry it
+ORIN = (8, 7)  # the compute capability `HostCudaApi` answers unless told another
 MAGIC = "smearscope bench.trt_standin engine"
 
 
@@ -247,9 +248,11 @@ class _TorchExecutor:
 # engine files ----------------------------------------------------------------------------------
 
 def write_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", executor: str = "onnxruntime",
-                 sleep_cycles: int = 0, lanes: int = 2, profiles: int | None = None) -> Path:
-    """Write the stand-in "engine" for a manifest where `TensorRtEngine` with `lanes` looks for one,
-    with `profiles` optimisation profiles (default: one per lane, as `smearscope build-engines`)."""
+                 sleep_cycles: int = 0, lanes: int = 2, profiles: int | None = None,
+                 capability: tuple[int, int] = ORIN) -> Path:
+    """Write the stand-in "engine" for a manifest where `TensorRtEngine` with `lanes` on a GPU of
+    `capability` looks for one, with `profiles` optimisation profiles (default: one per lane, as
+    `smearscope build-engines`)."""
     manifest_path = Path(manifest_path)
     m = load_manifest(manifest_path)
     spec = {
@@ -262,11 +265,12 @@ def write_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
         "outputs": [{"name": t.name, "shape": list(t.shape)} for t in m.outputs],
         "profile": {k: [list(s) for s in v] for k, v in profile_shapes(m).items()},
         "profiles": lanes if profiles is None else profiles,
+        "compute_capability": list(capability),
     }
-    path = engine_path(Path(cache_dir), m, __version__, precision, lanes)
+    path = engine_path(Path(cache_dir), m, __version__, capability, precision, lanes)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.dumps(spec).encode()
-    record_path(path).write_text(build_record(data))  # as build-engines writes it
+    record_path(path).write_text(build_record(data, __version__, capability))  # as build-engines writes it
     path.write_bytes(data)
     return path
 
@@ -306,11 +310,13 @@ class HostCudaApi(CudaApi):
     and the stand-in's network wait on their stream until `synchronize`, so an engine that reads
     its outputs before waiting reads stale buffers. Every call must come with the device current
     (inside `current()`), and `alloc` fails after `fail_alloc_after` allocations when set. Counts
-    what is still allocated."""
+    what is still allocated. Its device's compute capability is `capability` (an Orin's unless
+    told another), answered as pycuda's `Device(i).compute_capability()` answers it."""
 
     name = "host (stand-in)"
 
-    def __init__(self, fail_alloc_after: int | None = None) -> None:
+    def __init__(self, fail_alloc_after: int | None = None, capability: tuple[int, int] = ORIN) -> None:
+        self.capability = (int(capability[0]), int(capability[1]))
         self.live: dict[int, np.ndarray] = {}
         self.pinned_live: set[int] = set()
         self.streams_live = 0
@@ -374,6 +380,10 @@ class HostCudaApi(CudaApi):
     def free_pinned(self, arr: np.ndarray) -> None:
         self._need_current("free_pinned")
         self.pinned_live.discard(arr.ctypes.data)
+
+    def compute_capability(self) -> tuple[int, int]:
+        self._need_current("compute_capability")
+        return self.capability
 
     def destroy_stream(self, stream: CudaStream) -> None:
         self._need_current("destroy_stream")

@@ -74,6 +74,10 @@ class CudaApi(abc.ABC):
     @abc.abstractmethod
     def destroy_stream(self, stream: CudaStream) -> None: ...
 
+    @abc.abstractmethod
+    def compute_capability(self) -> tuple[int, int]:
+        """The device's compute capability (major, minor), e.g. (8, 7) on a Jetson Orin: a TensorRT
+        engine is built for one and part of its cache key (`engines.trt_cache`)."""
 
 
 class PyCudaApi(CudaApi):
@@ -85,6 +89,7 @@ class PyCudaApi(CudaApi):
         except ImportError as exc:
             raise EngineError(f"pycuda is not installed here: {exc}") from exc
         self._cuda = cuda
+        self.device_index = device_index
         try:
             cuda.init()
             self._ctx = cuda.Device(device_index).retain_primary_context()
@@ -138,6 +143,10 @@ class PyCudaApi(CudaApi):
 
     def destroy_stream(self, stream: CudaStream) -> None:
         stream.raw = None  # pycuda destroys the stream when the object goes
+
+    def compute_capability(self) -> tuple[int, int]:
+        major, minor = self._call(lambda: self._cuda.Device(self.device_index).compute_capability())
+        return int(major), int(minor)
 
 
 class CudaPythonApi(CudaApi):
@@ -210,6 +219,12 @@ class CudaPythonApi(CudaApi):
 
     def destroy_stream(self, stream: CudaStream) -> None:
         self._check(self._rt.cudaStreamDestroy(stream.raw), "cudaStreamDestroy")
+
+    def compute_capability(self) -> tuple[int, int]:
+        attr, get = self._rt.cudaDeviceAttr, self._rt.cudaDeviceGetAttribute
+        major = self._check(get(attr.cudaDevAttrComputeCapabilityMajor, self.device_index), "cudaDeviceGetAttribute")
+        minor = self._check(get(attr.cudaDevAttrComputeCapabilityMinor, self.device_index), "cudaDeviceGetAttribute")
+        return int(major), int(minor)
 
 
 _SHARED: dict[tuple[str, int], CudaApi] = {}

@@ -73,21 +73,24 @@ class TensorRtEngine(Engine):
         if int(trt.__version__.split(".")[0]) < 10:
             raise EngineError(f"TensorRT {trt.__version__} is too old: this backend needs TensorRT 10 "
                               "(JetPack 6.1 or later); use engine_backend 'onnxruntime'")
-        path = engine_path(self.cache_dir, self.manifest, trt.__version__, self.precision, self.n_lanes)
+        choice = self._cuda_choice
+        cuda = choice if isinstance(choice, CudaApi) else cuda_api(choice, self.device_index)
+        with cuda.current():
+            capability = cuda.compute_capability()  # an engine built for another GPU is another key
+        path = engine_path(self.cache_dir, self.manifest, trt.__version__, capability, self.precision, self.n_lanes)
         command = build_command(self.manifest_path.parent, self.cache_dir, self.precision, self.n_lanes)
         if not path.exists():
             raise EngineError(missing_engine(path, command))
         try:
-            problem = whole_problem(path)
+            problem = whole_problem(path, capability)
         except OSError as exc:
             raise EngineError(f"TensorRT engine {path} cannot be read: {exc}") from exc
         if problem is not None:
             raise EngineError(f"TensorRT engine {path}: {problem}; rebuild it: {command}")
-        choice = self._cuda_choice
-        self.cuda = choice if isinstance(choice, CudaApi) else cuda_api(choice, self.device_index)
+        self.cuda = cuda
         try:
             with self.cuda.current():
-                self._deserialize(trt, path)
+                self._deserialize(trt, path, command)
         except BaseException as exc:
             self._release()
             if isinstance(exc, Exception) and not isinstance(exc, EngineError):
@@ -96,7 +99,7 @@ class TensorRtEngine(Engine):
             raise
         logger.info("loaded TensorRT engine %s with %d lanes (%s)", path.name, self.n_lanes, self.cuda.name)
 
-    def _deserialize(self, trt, path: Path) -> None:
+    def _deserialize(self, trt, path: Path, command: str) -> None:
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self._engine is None:
@@ -109,7 +112,7 @@ class TensorRtEngine(Engine):
         profiles = self._engine.num_optimization_profiles
         if profiles < self.n_lanes:
             raise EngineError(f"{path}: built with {profiles} optimisation profile(s), {self.n_lanes} lanes need "
-                              f"one each; rebuild it: smearscope build-engines --lanes {self.n_lanes}")
+                              f"one each; rebuild it: {command}")
         for index in range(self.n_lanes):
             ctx = self._engine.create_execution_context()
             if ctx is None:

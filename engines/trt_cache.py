@@ -1,7 +1,10 @@
-"""Where TensorRT engines live: build artifacts keyed by TensorRT version, ONNX hash, precision,
-lanes (one optimisation profile per lane) and the profile's batch sizes (min, opt, max), each with
-a build record beside it (its size and sha256) that tells a whole engine from a cut-short one; and
-the one `smearscope build-engines` command that builds what the station loads.
+"""Where TensorRT engines live: build artifacts keyed by TensorRT version, the GPU's compute
+capability (an engine serialised on one architecture does not deserialise on another), ONNX hash,
+precision, lanes (one optimisation profile per lane) and the profile's batch sizes (min, opt, max),
+each with a build record beside it (its size, sha256, TensorRT version and compute capability) that
+tells a whole engine from a cut-short one; the builder's timing cache beside them, keyed by
+TensorRT version and compute capability; and the one `smearscope build-engines` command that
+builds what the station loads.
 
 Pure functions (no TensorRT import) shared by the builder (`export.tensorrt_build`) and the
 runtime (`engines.tensorrt_engine`), so both always agree on the file name.
@@ -20,30 +23,61 @@ from smearscope.engines.manifest import ModelManifest
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
-def engine_filename(manifest: ModelManifest, trt_version: str, precision: str, lanes: int) -> str:
-    """The engine file of a model. `lanes`: its identical optimisation profiles, one per execution
-    context (TensorRT 10: each context in concurrent use on a dynamic-shape engine needs its own)."""
+Capability = tuple[int, int]  # (major, minor): (8, 7) on a Jetson Orin
+
+
+def sm_tag(capability: Capability) -> str:
+    """The compute capability as it appears in file names: (8, 7) -> "sm87"."""
+    major, minor = (int(v) for v in capability)
+    if major < 1 or minor < 0:
+        raise ValueError(f"not a compute capability: {capability!r}")
+    return f"sm{major}{minor}"
+
+
+def _ver(trt_version: str) -> str:
+    return re.sub(r"[^0-9.]", "", trt_version) or "unknown"
+
+
+def engine_filename(manifest: ModelManifest, trt_version: str, capability: Capability, precision: str,
+                    lanes: int) -> str:
+    """The engine file of a model, for the GPU of `capability`. `lanes`: its identical optimisation
+    profiles, one per execution context (TensorRT 10: each context in concurrent use on a
+    dynamic-shape engine needs its own)."""
+    _check(precision, lanes)
+    return _name(manifest, _ver(trt_version), sm_tag(capability), precision, lanes)
+
+
+def _check(precision: str, lanes: int) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if lanes < 1:
         raise ValueError(f"lanes must be at least 1, got {lanes}")
-    ver = re.sub(r"[^0-9.]", "", trt_version) or "unknown"
-    return _name(manifest, ver, precision, lanes)
 
 
-def _name(manifest: ModelManifest, ver: str, precision: str, lanes: int) -> str:
+def _name(manifest: ModelManifest, ver: str, sm: str, precision: str, lanes: int) -> str:
     b = manifest.batch  # the whole profile: an engine built for another min/opt is another engine
-    return f"{manifest.name}-{manifest.sha256[:12]}-trt{ver}-{precision}-l{lanes}-b{b.min}-{b.opt}-{b.max}.engine"
+    return (f"{manifest.name}-{manifest.sha256[:12]}-trt{ver}-{sm}-{precision}-l{lanes}"
+            f"-b{b.min}-{b.opt}-{b.max}.engine")
 
 
-def engine_glob(manifest: ModelManifest, precision: str, lanes: int) -> str:
-    """The engine's file name for any TensorRT version (a glob pattern), where none can be imported."""
-    engine_filename(manifest, "", precision, lanes)  # the same checks
-    return _name(manifest, "*", precision, lanes)
+def engine_glob(manifest: ModelManifest, precision: str, lanes: int, trt_version: str | None = None,
+                capability: Capability | None = None) -> str:
+    """The engine's file name (a glob pattern) for any TensorRT version or compute capability where
+    either cannot be read here (None)."""
+    _check(precision, lanes)
+    return _name(manifest, "*" if trt_version is None else _ver(trt_version),
+                 "sm*" if capability is None else sm_tag(capability), precision, lanes)
 
 
-def engine_path(cache_dir: Path, manifest: ModelManifest, trt_version: str, precision: str, lanes: int) -> Path:
-    return Path(cache_dir) / engine_filename(manifest, trt_version, precision, lanes)
+def engine_path(cache_dir: Path, manifest: ModelManifest, trt_version: str, capability: Capability,
+                precision: str, lanes: int) -> Path:
+    return Path(cache_dir) / engine_filename(manifest, trt_version, capability, precision, lanes)
+
+
+def timing_cache_path(cache_dir: Path, trt_version: str, capability: Capability) -> Path:
+    """The builder's timing cache beside the engines: its layer timings are valid only for the
+    TensorRT version and GPU that measured them, so another version or capability has its own."""
+    return Path(cache_dir) / f"timing-trt{_ver(trt_version)}-{sm_tag(capability)}.cache"
 
 
 def profile_shapes(manifest: ModelManifest) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
@@ -84,21 +118,27 @@ def record_path(engine: Path) -> Path:
     return engine.with_name(engine.name + ".json")
 
 
-def build_record(data: bytes) -> str:
-    return json.dumps({"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+def build_record(data: bytes, trt_version: str, capability: Capability) -> str:
+    return json.dumps({"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                       "tensorrt": trt_version, "compute_capability": f"{capability[0]}.{capability[1]}"})
 
 
-def whole_problem(engine: Path) -> str | None:
-    """Why the engine file is not the one its build wrote (cut short, changed, unreadable), or None
-    when it is. An engine without a build record (copied alone) is taken as it is: None."""
+def whole_problem(engine: Path, capability: Capability | None = None) -> str | None:
+    """Why the engine file is not the one its build wrote (cut short, changed, unreadable, built
+    for a GPU of another compute capability than `capability`), or None when it is. An engine
+    without a build record (copied alone) is taken as it is: None."""
     data = engine.read_bytes()  # OSError: unreadable
     try:
         record = json.loads(record_path(engine).read_text())
         size, digest = int(record["bytes"]), str(record["sha256"])
+        built_for = record.get("compute_capability")  # records before it was keyed lack it
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"its build record {record_path(engine).name} cannot be read ({exc})"
+    if capability is not None and built_for is not None and built_for != f"{capability[0]}.{capability[1]}":
+        return (f"built for a GPU of compute capability {built_for}, this one is "
+                f"{capability[0]}.{capability[1]}: TensorRT engines do not move between them")
     if len(data) != size:
         return f"{len(data)} bytes where its build wrote {size}: cut short or changed"
     if hashlib.sha256(data).hexdigest() != digest:

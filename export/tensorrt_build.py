@@ -10,7 +10,6 @@ frigate's trt-model-prepare does.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -24,10 +23,12 @@ from smearscope.engines.cuda_api import CudaApi, cuda_api
 from smearscope.engines.manifest import ManifestError, ModelManifest, load_manifest
 from smearscope.engines.preprocess import to_model_input
 from smearscope.engines.trt_cache import (
+    Capability,
     build_record,
     engine_path,
     profile_shapes,
     record_path,
+    timing_cache_path,
     whole_problem,
 )
 
@@ -143,17 +144,23 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
                  cuda: CudaApi | None = None, lanes: int = 2) -> Path:
     """Build (or find) the engine of one model for `lanes` execution contexts: one identical
     optimisation profile each (TensorRT 10: contexts in concurrent use on a dynamic-shape engine
-    may not share a profile). INT8 needs `cuda` for the calibrator's buffer."""
+    may not share a profile), for the GPU of `cuda` (its compute capability names the engine;
+    INT8 calibrates through it), with the timing cache beside the engines."""
     import tensorrt as trt
 
+    if cuda is None:
+        raise RuntimeError("build_engine needs a CUDA API (pycuda or cuda-python): the engine is named by the "
+                           "GPU's compute capability")
+    with cuda.current():
+        capability = cuda.compute_capability()
     manifest = load_manifest(manifest_path)
     onnx_path = manifest.model_path(manifest_path)
-    out = engine_path(cache_dir, manifest, trt.__version__, precision, lanes)
+    out = engine_path(cache_dir, manifest, trt.__version__, capability, precision, lanes)
     calib_cache = out.with_suffix(".calib")
-    logger.info("equivalent for one lane: %s", trtexec_command(
-        manifest, onnx_path, engine_path(cache_dir, manifest, trt.__version__, precision, 1), precision, calib_cache))
+    logger.info("equivalent for one lane: %s", trtexec_command(manifest, onnx_path, engine_path(
+        cache_dir, manifest, trt.__version__, capability, precision, 1), precision, calib_cache))
     if out.exists():
-        if (problem := whole_problem(out)) is None:
+        if (problem := whole_problem(out, capability)) is None:
             logger.info("engine %s already built", out.name)
             return out
         logger.warning("engine %s: %s; building it again", out.name, problem)
@@ -167,6 +174,8 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
         raise RuntimeError(f"ONNX parse failed for {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    timings = timing_cache_path(cache_dir, trt.__version__, capability)
+    timing_cache = _attach_timing_cache(config, timings, trt.__version__)
     profiles = []
     for _ in range(lanes):  # identical; profile i serves lane i of engines.tensorrt_engine
         profile = builder.create_optimization_profile()
@@ -184,8 +193,6 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
         config.set_flag(trt.BuilderFlag.INT8)
         bs = manifest.batch.opt
         batches = calibration_batches(calibration_dir, manifest, bs) if calibration_dir else iter(())
-        if cuda is None:
-            raise RuntimeError("INT8 calibration needs a CUDA API (pycuda or cuda-python)")
         calibrator = _make_calibrator(trt, batches, bs, calib_cache, cuda)
         config.int8_calibrator = calibrator
         config.set_calibration_profile(profiles[0])
@@ -197,14 +204,62 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build {out.name}")
     data = bytes(serialized)
-    _write_whole(record_path(out), build_record(data).encode())  # first: an engine never lacks its own
-    _write_whole(out, data)
+    _write_whole(record_path(out), build_record(data, trt.__version__, capability).encode())  # first: an
+    _write_whole(out, data)  # engine never lacks its own
     logger.info("built %s (%d bytes)", out, out.stat().st_size)
+    if timing_cache is not None:
+        _save_timing_cache(timing_cache, timings)
     return out
 
 
+def _attach_timing_cache(config, path: Path, version: str):
+    """The timing cache saved at `path` (an empty one where none is) attached to the builder
+    config, so layers timed by an earlier build are not timed again; None where TensorRT attaches
+    none. A file it cannot read (corrupt, cut short) is left out with a WARNING: the build then
+    times every layer and saves a new cache over it."""
+    try:
+        saved = path.read_bytes()
+    except FileNotFoundError:
+        saved = b""
+    except OSError as exc:
+        logger.warning("timing cache %s cannot be read (%s); building without it", path, exc)
+        saved = b""
+    if saved:
+        if (cache := _timing_cache(config, saved)) is not None:
+            logger.info("timing cache %s (%d bytes) reused", path.name, len(saved))
+            return cache
+        logger.warning("timing cache %s (%d bytes) is not one TensorRT %s can use (corrupt or cut short); "
+                       "building without it, and saving a new one", path, len(saved), version)
+    cache = _timing_cache(config, b"")
+    if cache is None:
+        logger.warning("TensorRT attached no empty timing cache; building without one")
+    return cache
+
+
+def _timing_cache(config, serialized: bytes):
+    """IBuilderConfig.create_timing_cache + set_timing_cache (no header mismatch accepted), or None
+    where TensorRT refuses the bytes (it returns None or False, or raises)."""
+    try:
+        cache = config.create_timing_cache(serialized)
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            return None
+    except (RuntimeError, TypeError, ValueError) as exc:
+        logger.info("TensorRT refused a timing cache: %s", exc)
+        return None
+    return cache
+
+
+def _save_timing_cache(cache, path: Path) -> None:
+    """The cache the build filled in, for the next build; a failed write costs only time."""
+    try:
+        _write_whole(path, bytes(cache.serialize()))
+    except OSError as exc:
+        logger.warning("timing cache %s could not be saved (%s); the next build times every layer again", path, exc)
+
+
+
 def _calibration_problem(models_dir: Path, cache_dir: Path, precision: str, calibration_dir: Path | None,
-                         version: str, lanes: int) -> str | None:
+                         version: str, capability: Capability, lanes: int) -> str | None:
     """Why an INT8 build cannot calibrate every model it would build (one line), or None: each
     needs images in CALIBRATION/<model> or the calibration cache a former build saved, unless its
     engine is already built whole."""
@@ -214,8 +269,8 @@ def _calibration_problem(models_dir: Path, cache_dir: Path, precision: str, cali
         return f"--calibration {calibration_dir} is not a folder"
     lacking = []
     for name in MANIFESTS:
-        out = engine_path(cache_dir, load_manifest(models_dir / name), version, precision, lanes)
-        if (out.exists() and whole_problem(out) is None) or out.with_suffix(".calib").exists():
+        out = engine_path(cache_dir, load_manifest(models_dir / name), version, capability, precision, lanes)
+        if (out.exists() and whole_problem(out, capability) is None) or out.with_suffix(".calib").exists():
             continue
         sub = calibration_dir / Path(name).stem if calibration_dir is not None else None
         if sub is None or not (sub.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in sub.iterdir())):
@@ -229,7 +284,7 @@ def _calibration_problem(models_dir: Path, cache_dir: Path, precision: str, cali
 
 
 def build_all(models_dir: Path, cache_dir: Path, precision: str = "fp16", calibration_dir: Path | None = None,
-              cuda: str = "auto", lanes: int = 2) -> int:
+              cuda: str | CudaApi = "auto", lanes: int = 2) -> int:
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -246,16 +301,20 @@ def build_all(models_dir: Path, cache_dir: Path, precision: str = "fp16", calibr
         print(f"build-engines: {exc}; install the models: smearscope install-models {models_dir} "
               "(or --models a folder that has them)")
         return 2
-    if (problem := _calibration_problem(models_dir, cache_dir, precision, calibration_dir, trt.__version__, lanes)):
+    try:  # the GPU's compute capability names every engine; INT8 calibration copies batches through it
+        api = cuda if isinstance(cuda, CudaApi) else cuda_api(cuda)
+        with api.current():
+            capability = api.compute_capability()
+    except EngineError as exc:
+        logger.error("no CUDA API (jetson extra): %s", exc)
+        print(f"build-engines needs the jetson extra (pycuda or cuda-python, to read the GPU's compute "
+              f"capability and for int8): {exc}")
+        return 1
+    if (problem := _calibration_problem(models_dir, cache_dir, precision, calibration_dir, trt.__version__,
+                                        capability, lanes)):
         print(f"build-engines: {problem}", file=sys.stderr)
         return 2
-    try:  # only INT8 calibration copies batches to the GPU itself
-        api = cuda_api(cuda) if precision == "int8" else None
-    except EngineError as exc:
-        logger.error("no CUDA API for the INT8 calibrator (jetson extra): %s", exc)
-        print(f"build-engines needs the jetson extra (pycuda or cuda-python for int8): {exc}")
-        return 1
-    with api.current() if api else contextlib.nullcontext():
+    with api.current():
         for name in MANIFESTS:
             sub = calibration_dir / Path(name).stem if calibration_dir else None
             sub = sub if sub is not None and sub.is_dir() else None  # else its saved cache, or built

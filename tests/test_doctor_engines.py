@@ -1,7 +1,9 @@
 """`smearscope doctor` with engine_backend "tensorrt": for each model the station loads, the engine
 file it would load exists under the same key and is whole, else the `smearscope build-engines`
 command that builds it, word for word the station's start failure. TensorRT is `bench.trt_standin`
-(TensorRT cannot be installed here); the models and engine files are real files under tmp_path."""
+(TensorRT cannot be installed here) and the GPU `bench.trt_standin.HostCudaApi` (an Orin's compute
+capability, 8.7, unless a test says another); the models and engine files are real files under
+tmp_path."""
 
 from __future__ import annotations
 
@@ -19,6 +21,14 @@ from smearscope.engines.tensorrt_engine import TensorRtEngine
 from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR, MODEL_FILES
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODELS_DIR / "seg.json").exists(), reason="models not trained yet")
+
+
+@pytest.fixture(autouse=True)
+def gpu(monkeypatch: pytest.MonkeyPatch) -> HostCudaApi:
+    """The CUDA API doctor reads the compute capability through (`engines.cuda_api.cuda_api`)."""
+    api = HostCudaApi()
+    monkeypatch.setattr("smearscope.engines.cuda_api.cuda_api", lambda name="auto", device_index=0: api)
+    return api
 
 
 @pytest.fixture
@@ -40,10 +50,10 @@ def _doctor(tmp_path: Path, models: Path, capsys, backend: str = "tensorrt", lan
     return [ln for ln in capsys.readouterr().out.splitlines() if ln[6:].startswith("engine")]
 
 
-def _station_error(models: Path, role: str, lanes: int = 2) -> str:
+def _station_error(models: Path, role: str, lanes: int = 2, capability: tuple[int, int] = (8, 7)) -> str:
     """What the station's start says for this model's engine."""
     with pytest.raises(EngineError) as err:
-        TensorRtEngine(models / MODEL_FILES[role], cuda=HostCudaApi(), lanes=lanes).load()
+        TensorRtEngine(models / MODEL_FILES[role], cuda=HostCudaApi(capability=capability), lanes=lanes).load()
     return str(err.value)
 
 
@@ -95,7 +105,7 @@ def test_an_engine_built_for_other_lanes_is_missing_and_named_as_stale(tmp_path,
         assert len(lines) == 3 and all(ln.startswith("FAIL") for ln in lines), lines
         for (role, path), line in zip(old.items(), lines, strict=True):
             assert _station_error(models, role) in line
-            assert f"the folder holds {path.name}: built for another TensorRT version" in line, line
+            assert f"the folder holds {path.name}: built for another TensorRT version, GPU compute" in line, line
         assert all(ln.startswith("OK") for ln in _doctor(tmp_path, models, capsys, lanes=1))
 
 
@@ -108,8 +118,38 @@ def test_without_tensorrt_doctor_says_it_cannot_check_the_version(tmp_path, mode
     lines = _doctor(tmp_path, models, capsys)
     assert len(lines) == 3 and all(ln.startswith("FAIL") and "TensorRT cannot be imported here" in ln
                                    for ln in lines), lines
-    assert "-trt*-fp16-l2-" in lines[0] and "build it first: smearscope build-engines --models" in lines[0]
+    assert "-trt*-sm87-fp16-l2-" in lines[0] and "build it first: smearscope build-engines --models" in lines[0]
     _write_all(models)
     lines = _doctor(tmp_path, models, capsys)
     assert len(lines) == 3 and all(ln.startswith("WARN") for ln in lines), lines
     assert "whether it was built by the installed TensorRT version cannot be checked" in lines[0]
+
+
+def test_engines_built_for_another_gpu_fail_with_the_build_command_as_at_start(tmp_path, models, capsys, gpu) -> None:
+    """Engines built on an Orin (compute capability 8.7) and copied to a station whose GPU is 8.6:
+    TensorRT would refuse them only at deserialisation. Doctor and the station both look for the
+    8.6 engine, find none, and name the command; doctor names the Orin's as stale."""
+    with trt_standin.installed():
+        orin = _write_all(models)
+        gpu.capability = (8, 6)
+        lines = _doctor(tmp_path, models, capsys)
+        assert len(lines) == 3 and all(ln.startswith("FAIL") for ln in lines), lines
+        for (role, path), line in zip(orin.items(), lines, strict=True):
+            station = _station_error(models, role, capability=(8, 6))
+            assert line.startswith(f"FAIL  engine {role:<9} {station} (the folder holds {path.name}: "), (line, station)
+            assert "-sm86-" in station and "build it first: smearscope build-engines --models" in station
+        gpu.capability = (8, 7)
+        assert all(ln.startswith("OK") for ln in _doctor(tmp_path, models, capsys))
+
+
+def test_without_a_gpu_doctor_says_it_cannot_check_the_compute_capability(tmp_path, models, capsys, gpu) -> None:
+    def no_gpu():
+        raise EngineError("CUDA device 0: no CUDA-capable device is detected")
+
+    gpu.compute_capability = no_gpu
+    with trt_standin.installed():
+        _write_all(models)
+        lines = _doctor(tmp_path, models, capsys)
+    assert len(lines) == 3 and all(ln.startswith("WARN") for ln in lines), lines
+    assert ("the GPU's compute capability cannot be read here (CUDA device 0: no CUDA-capable device is "
+            "detected), so whether it was built for this GPU cannot be checked") in lines[0], lines[0]

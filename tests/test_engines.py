@@ -13,7 +13,9 @@ from smearscope.engines.base import EngineError
 from smearscope.engines.batching import plan_batches, run_batched
 from smearscope.engines.manifest import BatchProfile, ManifestError, load_manifest
 from smearscope.engines.registry import create_engine, engine_class
-from smearscope.engines.trt_cache import engine_filename, profile_shapes
+from smearscope.engines.trt_cache import engine_filename, profile_shapes, timing_cache_path
+
+ORIN = (8, 7)  # a Jetson Orin's compute capability
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 needs_models = pytest.mark.skipif(not (MODELS / "rbc_head.json").exists(), reason="models/rbc_head.json not trained yet")
@@ -46,12 +48,19 @@ def test_tensorrt_backend_absent_here_fails_clearly(tmp_path):
 
 
 @needs_models
-def test_trt_cache_key_changes_with_version_hash_precision():
+def test_trt_cache_key_changes_with_version_capability_hash_precision():
     m = load_manifest(MODELS / "rbc_head.json")
-    a = engine_filename(m, "10.3.0", "fp16", 2)
-    assert m.sha256[:12] in a and "trt10.3.0" in a and "fp16" in a
-    assert a != engine_filename(m, "10.4.0", "fp16", 2) != engine_filename(m, "10.3.0", "int8", 2)
-    assert a != engine_filename(m, "10.3.0", "fp16", 1)  # one optimisation profile per lane
+    a = engine_filename(m, "10.3.0", ORIN, "fp16", 2)
+    assert m.sha256[:12] in a and "trt10.3.0-sm87-fp16" in a
+    assert a != engine_filename(m, "10.4.0", ORIN, "fp16", 2) != engine_filename(m, "10.3.0", ORIN, "int8", 2)
+    assert a != engine_filename(m, "10.3.0", ORIN, "fp16", 1)  # one optimisation profile per lane
+    # an engine serialised for one GPU architecture does not deserialise on another
+    assert a != engine_filename(m, "10.3.0", (8, 6), "fp16", 2) != engine_filename(m, "10.3.0", (9, 0), "fp16", 2)
+    assert "-sm86-" in engine_filename(m, "10.3.0", (8, 6), "fp16", 2)
+    # so is the builder's timing cache: another TensorRT version or GPU has its own
+    t = timing_cache_path(Path("/e"), "10.3.0", ORIN)
+    assert t.parent == Path("/e") and t != timing_cache_path(Path("/e"), "10.4.0", ORIN)
+    assert t != timing_cache_path(Path("/e"), "10.3.0", (8, 6))
     shapes = profile_shapes(m)
     (mn, opt, mx), = shapes.values()
     assert mn[0] == m.batch.min and opt[0] == m.batch.opt and mx[0] == m.batch.max
@@ -393,14 +402,14 @@ def test_trt_cache_key_refuses_unknown_precisions_and_follows_the_batch_profile(
     engine built for the old one."""
     m = load_manifest(MODELS / "rbc_head.json")
     with pytest.raises(ValueError, match="precision"):
-        engine_filename(m, "10.3.0", "fp8", 2)
+        engine_filename(m, "10.3.0", ORIN, "fp8", 2)
     wider = m.model_copy(update={"batch": BatchProfile(min=1, opt=m.batch.opt, max=2 * m.batch.max)})
-    assert engine_filename(wider, "10.3.0", "fp16", 2) != engine_filename(m, "10.3.0", "fp16", 2)
-    assert engine_filename(wider, "10.3.0", "fp16", 2).endswith(f"-b1-{m.batch.opt}-{2 * m.batch.max}.engine")
+    assert engine_filename(wider, "10.3.0", ORIN, "fp16", 2) != engine_filename(m, "10.3.0", ORIN, "fp16", 2)
+    assert engine_filename(wider, "10.3.0", ORIN, "fp16", 2).endswith(f"-b1-{m.batch.opt}-{2 * m.batch.max}.engine")
     # so do its minimum and optimum: an engine built for another profile would load without a word
     for other in ({"min": 2}, {"opt": m.batch.opt // 2}):
         changed = m.model_copy(update={"batch": m.batch.model_copy(update=other)})
-        assert engine_filename(changed, "10.3.0", "fp16", 2) != engine_filename(m, "10.3.0", "fp16", 2), other
+        assert engine_filename(changed, "10.3.0", ORIN, "fp16", 2) != engine_filename(m, "10.3.0", ORIN, "fp16", 2), other
 
 
 @needs_models

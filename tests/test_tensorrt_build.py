@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from bench.trt_standin import ORIN, HostCudaApi
 from smearscope.engines.manifest import BatchProfile, CropInfo, ModelManifest, TensorSpec
 from smearscope.export.tensorrt_build import calibration_batches, trtexec_command
 
@@ -109,19 +110,49 @@ class _RecordingTrt:
     class BuilderFlag:
         FP16, INT8 = "fp16", "int8"
 
+    #: How the stand-in's serialised timing caches begin; bytes that do not are refused as TensorRT
+    #: refuses a cache it cannot read (`create_timing_cache` returns None).
+    TIMING = b"recorded timing cache;"
+
     def __init__(self, size: int = 1 << 20) -> None:
         self.size = size
         self.profiles: list[dict] = []
         self.flags: list[str] = []
+        self.timing_given: list[bytes] = []  # the bytes of each create_timing_cache call, in order
+        self.timing_set: list[tuple[bytes, bool]] = []  # each set_timing_cache: the cache's bytes, ignore_mismatch
+        self.built_with: list[bytes | None] = []  # the timing cache each build had attached
+        self.raise_on_unreadable = False
         trt = self
+
+        class TimingCache:
+            def __init__(self, data: bytes) -> None:
+                self.data = data
+
+            def serialize(self) -> bytes:
+                return self.data
 
         class Profile(dict):
             def set_shape(self, name, mn, opt, mx):
                 self[name] = (tuple(mn), tuple(opt), tuple(mx))
 
         class Config:
+            timing = None
+
             def set_memory_pool_limit(self, pool, nbytes):
                 pass
+
+            def create_timing_cache(self, serialized):
+                trt.timing_given.append(bytes(serialized))
+                if serialized and not bytes(serialized).startswith(trt.TIMING):
+                    if trt.raise_on_unreadable:  # the other way a binding may refuse it
+                        raise RuntimeError("timing cache: invalid header")
+                    return None
+                return TimingCache(bytes(serialized) or trt.TIMING)
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                trt.timing_set.append((cache.data, ignore_mismatch))
+                self.timing = cache
+                return True
 
             def add_optimization_profile(self, profile):
                 trt.profiles.append(profile)
@@ -146,6 +177,9 @@ class _RecordingTrt:
                 return Profile()
 
             def build_serialized_network(self, network, config):
+                trt.built_with.append(None if config.timing is None else config.timing.data)
+                if config.timing is not None:  # the layers this build timed, for the next one
+                    config.timing.data += b"layer %d;" % len(trt.built_with)
                 return bytes(range(256)) * (trt.size // 256)
 
         class OnnxParser:
@@ -170,7 +204,7 @@ def test_build_engine_asks_for_one_identical_profile_per_lane(tmp_path, monkeypa
 
     trt = _RecordingTrt()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    out = build_engine(DEFAULT_MODELS_DIR / "rbc_head.json", tmp_path, "fp16", lanes=3)
+    out = build_engine(DEFAULT_MODELS_DIR / "rbc_head.json", tmp_path, "fp16", lanes=3, cuda=HostCudaApi())
     want = profile_shapes(load_manifest(DEFAULT_MODELS_DIR / "rbc_head.json"))
     assert trt.profiles == [want] * 3 and trt.flags == ["fp16"]
     assert "-l3-" in out.name and out.stat().st_size == trt.size
@@ -196,18 +230,19 @@ def test_an_engine_write_cut_short_is_not_taken_for_a_built_engine(tmp_path, mon
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))
     try:
         with pytest.raises(OSError):
-            build_engine(manifest, tmp_path, "fp16", lanes=2)
+            build_engine(manifest, tmp_path, "fp16", lanes=2, cuda=HostCudaApi())
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, old_handler)
     assert not list(tmp_path.glob("*.engine"))
-    out = build_engine(manifest, tmp_path, "fp16", lanes=2)  # the next run builds it whole
+    out = build_engine(manifest, tmp_path, "fp16", lanes=2, cuda=HostCudaApi())  # the next run builds it whole
     assert out.stat().st_size == trt.size
-    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, record_path(out).name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [out.name, record_path(out).name, "timing-trt10.3.0-sm87.cache"])
     # cut short afterwards (a copy, a full disk elsewhere): the next build-engines builds it again
     out.write_bytes(out.read_bytes()[:1000])
     assert whole_problem(out) is not None
-    assert build_engine(manifest, tmp_path, "fp16", lanes=2) == out
+    assert build_engine(manifest, tmp_path, "fp16", lanes=2, cuda=HostCudaApi()) == out
     assert out.stat().st_size == trt.size and whole_problem(out) is None
 
 
@@ -221,7 +256,7 @@ def test_an_fp16_build_on_a_gpu_without_fast_fp16_says_it_runs_in_fp32(tmp_path,
     trt.Builder.platform_has_fast_fp16 = False
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     with caplog.at_level("WARNING", logger="smearscope.export.tensorrt_build"):
-        build_engine(DEFAULT_MODELS_DIR / "rbc_head.json", tmp_path, "fp16", lanes=1)
+        build_engine(DEFAULT_MODELS_DIR / "rbc_head.json", tmp_path, "fp16", lanes=1, cuda=HostCudaApi())
     assert trt.flags == [] and "no fast FP16; the engine named fp16 runs in FP32" in caplog.text
 
 
@@ -238,6 +273,7 @@ def test_int8_without_calibration_is_refused_in_one_line_before_any_build(tmp_pa
     from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
 
     monkeypatch.setitem(sys.modules, "tensorrt", _RecordingTrt())
+    monkeypatch.setattr("smearscope.export.tensorrt_build.cuda_api", lambda name: HostCudaApi())
     models = tmp_path / "models"
     shutil.copytree(DEFAULT_MODELS_DIR, models, ignore=shutil.ignore_patterns("README.md"))
     cache = models / "engines"
@@ -263,12 +299,12 @@ def test_int8_without_calibration_is_refused_in_one_line_before_any_build(tmp_pa
 
     (calib / "wbc_head").mkdir()
     cv2.imwrite(str(calib / "wbc_head" / "a.jpg"), np.full((40, 40, 3), 200, np.uint8))
-    assert _calibration_problem(models, cache, "int8", calib, "10.3.0", 2) is None
+    assert _calibration_problem(models, cache, "int8", calib, "10.3.0", ORIN, 2) is None
     cache.mkdir()
     for name in ("seg.json", "rbc_head.json", "wbc_head.json"):  # a former build's saved caches
-        engine_path(cache, load_manifest(models / name), "10.3.0", "int8", 2).with_suffix(".calib").write_bytes(b"c")
-    assert _calibration_problem(models, cache, "int8", None, "10.3.0", 2) is None
-    assert _calibration_problem(models, cache, "int8", None, "10.3.0", 3) is not None  # other lanes: other caches
+        engine_path(cache, load_manifest(models / name), "10.3.0", ORIN, "int8", 2).with_suffix(".calib").write_bytes(b"c")
+    assert _calibration_problem(models, cache, "int8", None, "10.3.0", ORIN, 2) is None
+    assert _calibration_problem(models, cache, "int8", None, "10.3.0", ORIN, 3) is not None  # other lanes: other caches
 
 
 def test_the_printed_int8_build_command_names_the_calibration_folder_and_parses():
@@ -284,3 +320,53 @@ def test_the_printed_int8_build_command_names_the_calibration_folder_and_parses(
     args = build_parser().parse_args(words.split()[1:])
     assert args.precision == "int8" and args.calibration == Path("DIR") and args.lanes == 2
     assert "--calibration" not in build_command(Path("/m"), Path("/m/engines"), "fp16", 2)
+
+
+def test_the_timing_cache_is_saved_beside_the_engines_and_given_to_the_next_build(tmp_path, monkeypatch, caplog):
+    """TensorRT 10 times every layer's tactics at each build (minutes per engine on a Jetson): the
+    timing cache a build filled in is saved beside the engines and handed to the next build as it
+    was saved; another TensorRT version or GPU gets its own; a saved cache TensorRT cannot read is
+    left out with a WARNING and the engine is built all the same. `_RecordingTrt` is not TensorRT:
+    it records what the builder was handed, as TensorRT 10's Python API names the calls."""
+    import sys
+
+    from smearscope.engines.trt_cache import timing_cache_path
+    from smearscope.export.tensorrt_build import build_engine
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    trt = _RecordingTrt(size=4096)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    saved = timing_cache_path(tmp_path, "10.3.0", ORIN)
+    assert saved.name == "timing-trt10.3.0-sm87.cache"
+    build_engine(DEFAULT_MODELS_DIR / "rbc_head.json", tmp_path, "fp16", lanes=1, cuda=HostCudaApi())
+    assert trt.timing_given == [b""] and trt.timing_set == [(trt.TIMING, False)]
+    first = saved.read_bytes()
+    assert first == trt.TIMING + b"layer 1;"  # what the build timed, written after it
+
+    build_engine(DEFAULT_MODELS_DIR / "wbc_head.json", tmp_path, "fp16", lanes=1, cuda=HostCudaApi())
+    assert trt.timing_given[1] == first and trt.built_with[1] == first  # reused as saved
+    assert saved.read_bytes() == first + b"layer 2;"
+
+    # another GPU: its own cache, begun empty; the Orin's is left as it is
+    other = build_engine(DEFAULT_MODELS_DIR / "wbc_head.json", tmp_path, "fp16", lanes=1,
+                         cuda=HostCudaApi(capability=(8, 6)))
+    assert "-sm86-" in other.name and trt.timing_given[2] == b""
+    assert timing_cache_path(tmp_path, "10.3.0", (8, 6)).exists() and saved.read_bytes() == first + b"layer 2;"
+
+    saved.write_bytes(b"\x00corrupt timing cache")  # cut short, overwritten, another tool's file
+    with caplog.at_level("WARNING", logger="smearscope.export.tensorrt_build"):
+        seg = build_engine(DEFAULT_MODELS_DIR / "seg.json", tmp_path, "fp16", lanes=1, cuda=HostCudaApi())
+    assert seg.stat().st_size == 4096  # built all the same
+    assert trt.timing_given[3:] == [b"\x00corrupt timing cache", b""]
+    assert f"timing cache {saved} (21 bytes) is not one TensorRT 10.3.0 can use" in caplog.text, caplog.text
+    assert saved.read_bytes() == trt.TIMING + b"layer 4;"  # a good one in its place
+    assert [ignore for _, ignore in trt.timing_set] == [False] * 4
+
+    # refused by raising: the same warning and a build, never a traceback
+    saved.write_bytes(b"\x00corrupt timing cache")
+    trt.raise_on_unreadable = True
+    (tmp_path / seg.name).unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="smearscope.export.tensorrt_build"):
+        assert build_engine(DEFAULT_MODELS_DIR / "seg.json", tmp_path, "fp16", lanes=1, cuda=HostCudaApi()) == seg
+    assert "is not one TensorRT 10.3.0 can use" in caplog.text and seg.stat().st_size == 4096

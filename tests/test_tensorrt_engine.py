@@ -25,7 +25,7 @@ from smearscope.engines.batching import run_batched
 from smearscope.engines.cuda_api import cuda_api
 from smearscope.engines.onnxruntime_engine import OnnxRuntimeEngine
 from smearscope.engines.tensorrt_engine import TensorRtEngine
-from smearscope.engines.trt_cache import build_record, record_path
+from smearscope.engines.trt_cache import build_command, build_record, record_path
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 pytestmark = pytest.mark.skipif(not (MODELS / "seg.json").exists(), reason="models not trained yet")
@@ -123,11 +123,37 @@ def test_each_lane_holds_its_own_optimisation_profile(tmp_path):
 
 
 def test_an_engine_built_for_fewer_lanes_is_refused_with_the_rebuild_command(tmp_path):
+    """The command is `trt_cache.build_command`'s, as in every other engine error: it named neither
+    --models nor --cache, so run as printed it built into another folder."""
     trt_standin.write_engine(MODELS / "rbc_head.json", tmp_path, lanes=2, profiles=1)
     api = HostCudaApi()
-    with pytest.raises(EngineError, match=r"1 optimisation profile.*build-engines --lanes 2"):
+    with pytest.raises(EngineError) as err:
         TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=api, lanes=2).load()
+    assert "built with 1 optimisation profile(s), 2 lanes need one each" in str(err.value)
+    assert str(err.value).endswith(f"; rebuild it: {build_command(MODELS, tmp_path, 'fp16', 2)}"), err.value
     assert (api.live, api.pinned_live, api.streams_live) == ({}, set(), 0)
+
+
+def test_an_engine_built_for_another_compute_capability_is_never_loaded(tmp_path):
+    """An engine built on an Orin (SM 8.7) and copied to a GPU of SM 8.6 is not the engine that GPU
+    looks for: it is missing, with the command that builds it, and nothing is deserialised. Copied
+    under the other GPU's name, its build record (which names SM 8.7) refuses it."""
+    orin = trt_standin.write_engine(MODELS / "rbc_head.json", tmp_path, capability=(8, 7))
+    assert "-sm87-" in orin.name and json.loads(record_path(orin).read_text())["compute_capability"] == "8.7"
+    api = HostCudaApi(capability=(8, 6))
+    command = build_command(MODELS, tmp_path, "fp16", 2)
+    with pytest.raises(EngineError) as err:
+        TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=api).load()
+    want = orin.with_name(orin.name.replace("-sm87-", "-sm86-"))
+    assert str(err.value) == f"no TensorRT engine at {want}; build it first: {command}"
+    renamed = want
+    renamed.write_bytes(orin.read_bytes())
+    record_path(renamed).write_bytes(record_path(orin).read_bytes())
+    with pytest.raises(EngineError, match=r"built for a GPU of compute capability 8\.7, this one is 8\.6.*"
+                                          r"rebuild it: smearscope build-engines"):
+        TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=api).load()
+    assert api.allocs == 0 and api.streams_live == 0  # never deserialised: no lane was set up
+    TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=HostCudaApi()).load().close()  # the Orin's
 
 
 def test_an_engine_built_for_other_lanes_is_not_loaded(tmp_path):
@@ -216,7 +242,7 @@ def test_engine_without_the_manifest_tensors_is_refused(tmp_path):
     spec = json.loads(path.read_text())
     spec["outputs"][0]["name"] = "probabilities"  # built from another export
     path.write_text(json.dumps(spec))
-    record_path(path).write_text(build_record(path.read_bytes()))
+    record_path(path).write_text(build_record(path.read_bytes(), trt_standin.__version__, trt_standin.ORIN))
     with pytest.raises(EngineError, match="lacks tensors"):
         TensorRtEngine(MODELS / "rbc_head.json", cache_dir=tmp_path, cuda=HostCudaApi()).load()
 

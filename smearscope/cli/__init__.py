@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the station's analysis.tensorrt_lanes (default 2): one optimisation profile "
                    "per lane, since TensorRT contexts running at once may not share one")
     b.add_argument("--cuda-api", default="auto", choices=["auto", "pycuda", "cuda-python"],
-                   help="CUDA binding for the INT8 calibrator's buffer (auto: pycuda, else cuda-python)")
+                   help="CUDA binding that reads the GPU's compute capability (part of each engine's name) "
+                   "and holds the INT8 calibrator's buffer (auto: pycuda, else cuda-python)")
     b.set_defaults(func=_lazy("artifacts", "cmd_build_engines"))
     return ap
 

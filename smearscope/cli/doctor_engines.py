@@ -1,5 +1,6 @@
 """Doctor's TensorRT engine check: for each model the station loads, the engine file it would load
-(the same key: TensorRT version, the ONNX model's sha256, precision, lanes, batch profile) exists
+(the same key: TensorRT version, the GPU's compute capability, the ONNX model's sha256, precision,
+lanes, batch profile) exists
 and is whole (readable, the size and sha256 its build recorded); else the `smearscope build-engines`
 command that builds it, the text the station's start failure gives (`engines.trt_cache`)."""
 
@@ -22,6 +23,7 @@ def engine_checks(analysis) -> list[Check]:
         version: str | None = str(importlib.import_module("tensorrt").__version__)
     except ImportError:
         version = None
+    capability, no_gpu = _capability(analysis.cuda_api)
     models, precision, lanes = analysis.models_dir, analysis.tensorrt_precision, analysis.tensorrt_lanes
     cache = models / "engines"  # where the station's TensorRtEngine looks
     command = build_command(models, cache, precision, lanes)
@@ -31,28 +33,43 @@ def engine_checks(analysis) -> list[Check]:
             manifest = load_manifest(models / name, verify_hash=True)
         except (ManifestError, OSError, ValueError):
             continue  # the model check says why
-        if version is not None:
-            path = engine_path(cache, manifest, version, precision, lanes)
+        if version is not None and capability is not None:
+            path = engine_path(cache, manifest, version, capability, precision, lanes)
             found = [path] if path.exists() else []
         else:
-            path = cache / engine_glob(manifest, precision, lanes)
+            path = cache / engine_glob(manifest, precision, lanes, version, capability)
             found = sorted(cache.glob(path.name))
         if not found:
             others = sorted(p.name for p in cache.glob(f"{manifest.name}-*.engine"))
-            stale = (f" (the folder holds {', '.join(others)}: built for another TensorRT version, ONNX model, "
-                     "precision, lanes or batch profile)") if others else ""
+            stale = (f" (the folder holds {', '.join(others)}: built for another TensorRT version, GPU compute "
+                     "capability, ONNX model, precision, lanes or batch profile)") if others else ""
             unknown = "" if version is not None else "; TensorRT cannot be imported here, so any version would do"
+            unknown += "" if capability is not None else f"; {no_gpu}, so any compute capability would do"
             checks.append(("FAIL", f"engine {role}", missing_engine(path, command) + stale + unknown))
             continue
-        checks += [_whole(role, p, command, version) for p in found]
+        checks += [_whole(role, p, command, version, capability, no_gpu) for p in found]
     return checks
 
 
-def _whole(role: str, path: Path, command: str, version: str | None) -> Check:
+def _capability(api_name: str) -> tuple[tuple[int, int] | None, str]:
+    """The GPU's compute capability through the station's CUDA API, or None and why not."""
+    from smearscope.engines.base import EngineError
+    from smearscope.engines.cuda_api import cuda_api
+
+    try:
+        api = cuda_api(api_name)
+        with api.current():
+            return api.compute_capability(), ""
+    except EngineError as exc:
+        return None, f"the GPU's compute capability cannot be read here ({exc})"
+
+
+def _whole(role: str, path: Path, command: str, version: str | None, capability: tuple[int, int] | None,
+           no_gpu: str) -> Check:
     from smearscope.engines.trt_cache import record_path, whole_problem
 
     try:
-        problem = whole_problem(path)
+        problem = whole_problem(path, capability)
     except OSError as exc:
         return ("FAIL", f"engine {role}", f"{path} cannot be read by this user ({exc.strerror or exc})")
     if problem is not None:
@@ -61,6 +78,9 @@ def _whole(role: str, path: Path, command: str, version: str | None) -> Check:
     if version is None:
         return ("WARN", f"engine {role}", (f"{path} ({size}): TensorRT cannot be imported here, so whether it was "
                                            "built by the installed TensorRT version cannot be checked"))
+    if capability is None:
+        return ("WARN", f"engine {role}", (f"{path} ({size}): {no_gpu}, so whether it was built for this GPU "
+                                           "cannot be checked"))
     if not record_path(path).exists():
         return ("WARN", f"engine {role}", (f"{path} ({size}): no build record {record_path(path).name} beside it, "
                                            f"so whether it is whole cannot be checked; to be sure delete it and run: "
