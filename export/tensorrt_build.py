@@ -11,7 +11,6 @@ frigate's trt-model-prepare does.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from smearscope.engines.trt_cache import (
     timing_cache_path,
     whole_problem,
 )
+from smearscope.files import write_atomically
 
 logger = logging.getLogger(__name__)
 MANIFESTS = ("seg.json", "rbc_head.json", "wbc_head.json")
@@ -127,17 +127,10 @@ def _make_calibrator(trt, batches: Iterator[np.ndarray], batch_size: int, cache:
 
 
 def _write_whole(path: Path, data: bytes) -> None:
-    """Write under `path` only once all of `data` is on disk: a write cut short (disk full, power
-    lost) leaves no file there that the next build would take for a built engine."""
-    part = path.with_name(path.name + ".partial")
-    try:
-        with open(part, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
+    """Under `path` only once all of `data` is on disk: a write cut short (disk full, power lost)
+    leaves no file there that the next build would take for a built engine. Readable by all (as
+    before: the station's user may not be the one who built), writable by the builder."""
+    write_atomically(path, data, mode=0o644)
 
 
 def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", calibration_dir: Path | None = None,

@@ -238,7 +238,9 @@ def test_an_engine_write_cut_short_is_not_taken_for_a_built_engine(tmp_path, mon
     out = build_engine(manifest, tmp_path, "fp16", lanes=2, cuda=HostCudaApi())  # the next run builds it whole
     assert out.stat().st_size == trt.size
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [out.name, record_path(out).name, "timing-trt10.3.0-sm87.cache"])
+        [out.name, record_path(out).name, "timing-trt10.3.0-sm87.cache"])  # no temporary file left
+    # readable by the station's user, whoever built them (the temporary file was 0600)
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {0o644}
     # cut short afterwards (a copy, a full disk elsewhere): the next build-engines builds it again
     out.write_bytes(out.read_bytes()[:1000])
     assert whole_problem(out) is not None

@@ -24,8 +24,9 @@ import re
 import threading
 from pathlib import Path
 
+from smearscope.files import write_atomically
 from smearscope.service.archive.message import ReportMessage
-from smearscope.service.archive.store import Delivery, canonical_destination, write_atomically
+from smearscope.service.archive.store import Delivery, canonical_destination
 from smearscope.service.hl7 import mllp
 from smearscope.service.hl7.header import Addressing
 

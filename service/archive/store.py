@@ -21,12 +21,12 @@ import ipaddress
 import logging
 import os
 import sqlite3
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from smearscope.files import fsync_dir, write_atomically
 from smearscope.service.archive.message import BundleMessage, ReportMessage
 
 logger = logging.getLogger(__name__)
@@ -142,33 +142,6 @@ class Stored:
     new: bool
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes, mode: int | None = None) -> None:
-    """`data` at `path`, whole or not at all, on disk before this returns (`mode`: its permissions;
-    else 0600, mkstemp's)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        if mode is not None:
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 class ArchiveStore:
     """The archive folder and its index. One writer (the daemon's storer thread); readers
     (`smearscope archive find/show`) open it with `open_index(read_only=True)`."""
@@ -214,7 +187,7 @@ class ArchiveStore:
                 level = self.directory.joinpath(*parts[:depth])
                 if not level.is_dir():
                     level.mkdir(exist_ok=True)
-                    _fsync_dir(level.parent)
+                    fsync_dir(level.parent)
         return folder
 
     def _file(self, folder: Path, name: str) -> Path:
@@ -232,7 +205,7 @@ class ArchiveStore:
         path = self._file(folder, name)
         try:
             if path.read_bytes() == payload:
-                _fsync_dir(folder)  # its rename may not be on disk yet (the crash came before the sync)
+                fsync_dir(folder)  # its rename may not be on disk yet (the crash came before the sync)
                 return path
             reason = "holds other content"
         except FileNotFoundError:
@@ -373,7 +346,7 @@ def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
     except BaseException:
         db.close()
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return db
 
 
