@@ -136,36 +136,50 @@ def test_a_new_station_under_mqtt_311_that_may_read_its_run_topic_says_no_warnin
         broker.stop()
 
 
+def _hold_r0(config: Any) -> None:
+    """The outbox file keeps a hold of run r-0 from an earlier start (its report parked there)."""
+    from smearscope.service.mqtt.run_watch import HELD_TABLE
+
+    with Outbox.from_config(config.outbox) as earlier:
+        earlier.write(lambda conn: (conn.execute(HELD_TABLE),
+                                    conn.execute("INSERT INTO held_runs VALUES ('r-0', 'closed', 9, 4, 0)")))
+
+
+def _held_in_file(outbox: Outbox) -> list[str]:
+    """The runs the outbox file holds (what the next start holds)."""
+    return [r for (r,) in outbox.read(lambda conn: conn.execute("SELECT run_id FROM held_runs").fetchall())]
+
+
 @pytest.mark.parametrize("readable", [False, True], ids=["run-topic-unreadable", "run-topic-readable"])
 def test_under_mqtt_311_a_run_topic_the_acl_keeps_from_the_station_is_said_once_with_the_line_to_add(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch, readable: bool,
 ) -> None:
     """The broker keeps run r-1 closed at 6 fields; the restored station holds it at 3, and its outbox
-    file keeps a hold of run r-0 from an earlier start. Under MQTT 3.1.1 with an acl_file that lets
-    the station write its run topic but not read it, mosquitto grants the subscription and sends
-    nothing: the hold of r-0 is released as after a cleared state, and r-1's run state, which the
-    station sends at its start, does not come back within the echo bound: said once at WARNING,
-    naming r-0 and the acl line to add (not again after a broker restart and reconnect). Given read
-    too, it holds r-1's report and says nothing of the kind."""
+    file keeps a hold of run r-0 from an earlier start, r-0's report parked. Under MQTT 3.1.1 with an
+    acl_file that lets the station write its run topic but not read it, mosquitto grants the
+    subscription and sends nothing, which looks like a cleared state: the hold of r-0 stays (its
+    report not received, the file still naming it), and r-1's run state, which the station sends at
+    its start, does not come back within the echo bound: said once at WARNING, naming r-0 as kept
+    held and the acl line to add (not again after a broker restart and reconnect). Given read too,
+    it holds r-1's report and says nothing of the kind."""
     from smearscope.service.mqtt import echo_watch
-    from smearscope.service.mqtt.run_watch import HELD_TABLE
 
     monkeypatch.setattr(echo_watch, "ECHO_BOUND_S", 1.0)
     broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=_acl("readwrite" if readable else "write"))
     broker.start()
+    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])
     try:
+        observer.wait_ready()
         _retain(broker.port, _run_state("r-1", 6, "closed"))
         config = make_config(tmp_path, broker.port, protocol="3.1.1", reconnect_min_delay_s=1, reconnect_max_delay_s=1)
-        with Outbox.from_config(config.outbox) as earlier:  # an earlier start held r-0
-            earlier.write(lambda conn: (conn.execute(HELD_TABLE),
-                                        conn.execute("INSERT INTO held_runs VALUES ('r-0', 'closed', 9, 4, 0)")))
+        _hold_r0(config)
         publisher = _publisher(config, {"r-0": 4, "r-1": 3}, ("r-1",), started)
-        publisher.publish_many([_report("r-1", 3)], extra=[_run_state("r-1", 3, "closed")])
+        publisher.publish_many([_report("r-0", 4), _report("r-1", 3)], extra=[_run_state("r-1", 3, "closed")])
         with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt.run_watch"):
             publisher.start()
             if readable:
-                assert wait_until(lambda: publisher.state.parked == 2, 10), publisher.state
+                assert wait_until(lambda: publisher.state.parked == 3, 10), publisher.state
                 assert set(publisher.run_watch.held) == {"r-0", "r-1"}, publisher.run_watch.held
                 assert not _said_311(caplog), caplog.text[-3000:]
                 return
@@ -173,14 +187,57 @@ def test_under_mqtt_311_a_run_topic_the_acl_keeps_from_the_station_is_said_once_
             said = _said_311(caplog)
             assert len(said) == 1, caplog.text[-3000:]
             assert f"'topic read {BASE}/run' and 'topic write {BASE}/run' under 'user station'" in said[0], said[0]
-            assert "the runs held (r-0) were released" in said[0] and "MQTT 5" in said[0], said[0]
-            assert not publisher.run_watch.held and publisher.outbox.counts().messages == 0, publisher.state
+            assert "the runs held (r-0) stay held" in said[0] and "MQTT 5" in said[0], said[0]
+            assert set(publisher.run_watch.held) == {"r-0"} and publisher.run_watch.decided.is_set()
+            assert observer.wait_for(lambda ms: len(ms) >= 1, 10), publisher.state
+            assert wait_until(lambda: publisher.state.parked == 1 and publisher.state.in_flight == 0, 10), publisher.state
+            assert [json.loads(m.payload)["body"]["run_id"] for m in observer.messages] == ["r-1"]
+            assert _held_in_file(publisher.outbox) == ["r-0"]
             connects = publisher.state.connects
             broker.restart()
             assert wait_until(lambda: publisher.state.connects > connects and publisher.state.connected, 20)
             publisher.publish_many([_report("r-9", 1)], extra=[_run_state("r-9", 1, "closed")])
-            assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
+            assert wait_until(lambda: publisher.outbox.counts().messages == 1, 10), publisher.state  # r-0's report
             time.sleep(1.5)  # past the echo bound of the run state sent after the restart
             assert len(_said_311(caplog)) == 1, _said_311(caplog)
+            assert set(publisher.run_watch.held) == {"r-0"} and _held_in_file(publisher.outbox) == ["r-0"]
+            assert all(json.loads(m.payload)["body"]["run_id"] != "r-0" for m in observer.messages)
     finally:
+        observer.close()
+        broker.stop()
+
+
+def test_under_mqtt_311_a_hold_is_released_once_the_stations_own_run_state_comes_back_and_sent_on_that_connection(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The outbox file keeps a hold of run r-0 (its report parked); the broker keeps no retained run
+    state, MQTT 3.1.1, the station may read its run topic. Nothing comes on the run topic at the
+    start, which under 3.1.1 also looks like an ACL that hides it: r-0's report waits, parked, until
+    the station's own run state (r-1's) comes back on its subscription; then the hold is released,
+    said at WARNING, the file no longer names it, and r-0's report is received on this same
+    connection (no reconnect)."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=_acl("readwrite"))
+    broker.start()
+    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report", f"{BASE}/run"])
+    try:
+        observer.wait_ready()
+        config = make_config(tmp_path, broker.port, protocol="3.1.1")
+        _hold_r0(config)
+        publisher = _publisher(config, {"r-0": 4, "r-1": 2}, (), started)
+        publisher.publish_many([_report("r-0", 4)], extra=[_run_state("r-1", 2, "closed")])
+        with caplog.at_level(logging.DEBUG, logger="smearscope.service.mqtt.run_watch"):
+            publisher.start()
+            assert wait_until(lambda: publisher.run_watch.decided.is_set(), 15), caplog.text[-3000:]
+            released = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                        and r.getMessage().startswith("run r-0's held run states")]
+            assert released and "own run state came back" in released[0], caplog.text[-3000:]
+            waited = [r.getMessage() for r in caplog.records if "(held till then: r-0)" in r.getMessage()]
+            assert waited, caplog.text[-3000:]
+            assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 10), publisher.state
+            assert [json.loads(m.payload)["body"]["run_id"] for m in observer.on_topic(f"{BASE}/report")] == ["r-0"]
+            assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
+        assert not publisher.run_watch.held and publisher.state.connects == 1, publisher.state
+        assert wait_until(lambda: _held_in_file(publisher.outbox) == [], 10)
+    finally:
+        observer.close()
         broker.stop()

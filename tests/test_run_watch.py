@@ -275,8 +275,10 @@ def test_under_mqtt_311_no_retained_run_state_is_said_only_when_the_stations_own
     """A 3.1.1 start hears nothing on the run topic: nothing is said then, nor while the station has
     sent no run state (a new station), nor for an acknowledgement on another topic or connection.
     A run state acknowledged whose connection is lost before the echo bound passes is waited for
-    again on the next one. One that comes back ends it without a word; one that does not within
-    echo_watch.ECHO_BOUND_S of its PUBACK is said once at WARNING, naming the hold the start released."""
+    again on the next one. One that comes back ends it without a word and releases the hold an earlier
+    start kept in the outbox file; one that does not within echo_watch.ECHO_BOUND_S of its PUBACK is
+    said once at WARNING, naming that hold, kept (the ACL may hide a later state of that run). Until
+    either, the hold stands and is not decided."""
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.reasoncodes import ReasonCode
 
@@ -308,7 +310,8 @@ def test_under_mqtt_311_no_retained_run_state_is_said_only_when_the_stations_own
         first.heard(_state("r-1", 6, state="closed"), retained=True)
         assert first.may_send() and set(first.held) == {"r-1"}  # kept in the file
         watch = started(RunStateWatch("lab-7", topic, store=outbox, user="station"), 1)
-        assert not watch.held and not said(), said()  # the hold released, nothing said yet
+        assert set(watch.held) == {"r-1"} and not said(), said()  # the hold kept till told, nothing said yet
+        assert not watch.decided.is_set()
         watch.acked(7, "smearscope/lab-7/report", 1)
         clock[0] += 10 * ECHO_BOUND_S
         watch.check()
@@ -330,7 +333,8 @@ def test_under_mqtt_311_no_retained_run_state_is_said_only_when_the_stations_own
         assert len(said()) == 1, said()
         warning = said()[0]
         assert warning.startswith(f"MQTT 3.1.1: no retained run state came on {topic}"), warning
-        assert "the runs held (r-1) were released" in warning and f"'topic read {topic}'" in warning, warning
+        assert "the runs held (r-1) stay held" in warning and f"'topic read {topic}'" in warning, warning
+        assert set(watch.held) == {"r-1"} and watch.decided.is_set() and watch.releases == 0
         watch.subscribing(5, True, 3)  # a reconnect: said once per process
         watch.acked(11, topic, 3)
         clock[0] += 2 * ECHO_BOUND_S
@@ -338,9 +342,11 @@ def test_under_mqtt_311_no_retained_run_state_is_said_only_when_the_stations_own
         assert len(said()) == 1, said()
 
         caplog.clear()
-        readable = started(RunStateWatch("lab-7", topic, user="station"), 1)
+        readable = started(RunStateWatch("lab-7", topic, store=outbox, user="station"), 1)
+        assert set(readable.held) == {"r-1"} and not readable.decided.is_set()
         readable.acked(4, topic, 1)
         assert readable.heard(_state("r-1", 3, state="closed"), retained=False)  # its own, back
+        assert not readable.held and readable.decided.is_set() and readable.releases == 1  # readable: released
         clock[0] += 2 * ECHO_BOUND_S
         readable.check()
         assert not said(), said()

@@ -153,6 +153,10 @@ class InFlight:
         self.forget_gone()
         self._retry = set(self.parked)
 
+    def retry_parked(self) -> None:
+        """Parked messages get another chance on this connection (held runs released on it)."""
+        self._retry = set(self.parked)
+
     def forget_gone(self) -> None:
         """Parked messages no longer in the outbox (expired, evicted) are parked no more (the drain
         thread: at each connection, and after each expiry, so none is counted for long once gone)."""

@@ -396,6 +396,7 @@ class MqttPublisher(ConnectionEvents):
         epoch_seen = 0
         rewind_at: float | None = None
         next_expiry = 0.0
+        releases_seen = 0  # the run watch's releases the parked messages were tried again for
         parked_seen = 0  # a change is sent in a telemetry sample at once: a report that does not arrive
         while not self._stop_workers.is_set():
             self._wake.wait(_DRAIN_TICK_S)
@@ -424,6 +425,9 @@ class MqttPublisher(ConnectionEvents):
                     self.outbox.give_back_space()
                 if not connected or not self.run_watch.may_send():  # first: the broker's retained run state
                     continue
+                if self.run_watch.releases != releases_seen:  # held runs released (3.1.1: after their parking)
+                    releases_seen, cursor = self.run_watch.releases, 0
+                    self._inflight.retry_parked()
                 cursor = self._send_batch(cursor)
                 self.echo.check()
                 self.run_watch.check()  # MQTT 3.1.1: its own run state back, or the ACL keeps the topic from it

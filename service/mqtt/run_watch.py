@@ -26,7 +26,11 @@ releases them (docs/STATION.md). Under MQTT 3.1.1 mosquitto grants a subscriptio
 and sends nothing, which looks like no retained state: a 3.1.1 start that hears none keeps the
 subscription, and the station's own run state (the outbox sends its last one at each start) coming
 back on it shows the topic readable; one the broker acknowledged that does not come back within
-echo_watch.ECHO_BOUND_S is said once at WARNING, with the ACL line to check."""
+echo_watch.ECHO_BOUND_S is said once at WARNING, with the ACL line to check. The runs held by an
+earlier start stay held until that echo comes (the topic is readable: the broker keeps nothing,
+they are released then, their parked messages sent on this connection); without it they stay
+held. `decided` is set once the start's hold is decided (service.station.commands answers `held`
+by it)."""
 
 from __future__ import annotations
 
@@ -73,7 +77,12 @@ class RunStateWatch:
         #: topic, from its PUBACK on this connection (the monotonic time; None: none acknowledged yet).
         self._awaiting_own = False
         self._own_acked_at: float | None = None
-        self._released_unheard: tuple[str, ...] = ()  # held runs that start released: the warning names them
+        #: MQTT 3.1.1, nothing heard: the runs held by an earlier start, released once the own run state comes back
+        self._release_pending: tuple[str, ...] = ()
+        self.releases = 0  # held runs released so far: the drain gives their parked messages another try
+        #: the hold decided: the broker's state heard and compared, known to be none (under 3.1.1: once
+        #: readable or not), or the outbox sent without it
+        self.decided = threading.Event()
         self._store = store  # the outbox file: the runs held, across restarts
         self.topic = topic
         self._wake = wake  # the drain thread, once the outbox may be sent
@@ -120,6 +129,9 @@ class RunStateWatch:
             if self._awaiting_own:  # MQTT 3.1.1: a message on the topic, so it is readable
                 self._awaiting_own = False
                 logger.debug("MQTT 3.1.1: a message came back on %s: this station may read it", self.topic)
+                if not retained:  # its own, live: the broker keeps no retained run state this station could not read
+                    self._release_locked(self._release_pending, "the broker holds no retained run state (this "
+                                         "station's own run state came back on its subscription: it may read it)")
             if retained and payload:
                 try:
                     state = json.loads(payload)
@@ -128,6 +140,7 @@ class RunStateWatch:
                 if isinstance(state, dict):
                     self._heard = state.get("body", state) if isinstance(state.get("body"), dict) else state
             self._compare_locked()
+        self.decided.set()
         self._wake()
         return True
 
@@ -157,13 +170,17 @@ class RunStateWatch:
                     self._settled = True
             elif self._run_acked:
                 self._settled = True  # no retained run state on the broker (it would have come by now)
-                if self._v311:  # or none this station may read: its own run state coming back tells
+                if self._v311:  # or none this station may read: its own run state coming back tells, and releases
                     self._awaiting_own = True
-                    self._released_unheard = tuple(sorted(r for r in self.held if r in self._kept))
+                    self._release_pending = tuple(sorted(r for r in self.held if r in self._kept))
                     logger.debug("MQTT 3.1.1: no retained run state came on %s: this station's own run state "
-                                 "coming back there will show that it may read it", self.topic)
-                self._release_locked(list(self.held), "the broker holds no retained run state")
+                                 "coming back there will show that it may read it (held till then: %s)", self.topic,
+                                 ", ".join(self._release_pending) or "none")
+                else:
+                    self._release_locked(list(self.held), "the broker holds no retained run state")
             settled = self._settled
+            if settled and not self._awaiting_own:
+                self.decided.set()
         if settled:
             self._wake()
 
@@ -184,10 +201,11 @@ class RunStateWatch:
             if not self._awaiting_own or since is None or time.monotonic() - since <= echo_watch.ECHO_BOUND_S:
                 return
             self._awaiting_own = False
-            released = self._released_unheard
+            kept = tuple(r for r in self._release_pending if r in self.held)
+        self.decided.set()
         where = f"under 'user {self.user}'" if self.user is not None else "for anonymous clients (before any 'user' line)"
-        held = (f"; the runs held ({', '.join(released)}) were released at this start as if the operator had "
-                "cleared it" if released else "")
+        held = (f"; the runs held ({', '.join(kept)}) stay held, as the broker may keep a later state of them that "
+                "this station cannot read" if kept else "")
         logger.warning("MQTT 3.1.1: no retained run state came on %s at this start, and this station's own run "
                        "state, which the broker acknowledged there, did not come back to its subscription within "
                        "%.0f s: the broker's acl_file does not let this station read that topic, or write it (under "
@@ -210,6 +228,7 @@ class RunStateWatch:
                 if now < self._wait_until:
                     return False
                 self._settled = True
+                self.decided.set()
             saving = (not timed_out and (self._kept != set(self.held) or bool(self._released))
                       and time.monotonic() >= self._save_at)
         if timed_out:
@@ -395,6 +414,7 @@ class RunStateWatch:
                 del self.held[run_id]
                 self.held_after.pop(run_id, None)
                 self._released.add(run_id)
+                self.releases += 1
                 logger.warning("run %s's held run states, specimen report and FHIR Bundle are sent now: %s",
                                run_id, why)
 
