@@ -804,3 +804,42 @@ def test_get_runs_asked_as_the_station_comes_online_lists_the_runs_closed_before
             observer.close()
     answer = json.loads(observer.on_topic(f"{BASE}/cmd_response/get_runs")[0].payload)
     assert answer["ok"] and closed_id in [r["run_id"] for r in answer["runs"]], answer
+
+
+@pytest.mark.broker
+def test_verify_run_before_the_first_broker_connection_settles_answers_held_null_not_false(
+    tmp_path: Path, credentials_dir: Path,
+) -> None:
+    """A station whose broker is not reachable yet (mosquitto not started on its port) closes a run
+    (its report stored in the outbox) and is asked to sign it: whether the run's messages are held
+    (the broker's retained run state showing it further along) is not decided before the start has
+    compared its state with that retained state, so verify_run answers `held`: null with
+    `hold_decided`: false and a message saying so, not a false that could turn true. Once the broker
+    is up and that first connection settled (it keeps no run state), the same run signed again
+    answers `held`: false, `hold_decided`: true, no message."""
+    from broker import MQTT_USERS, MosquittoBroker
+
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)  # its ports picked, nothing listening yet
+    per_field = classified_wbc_per_field()
+    source = {"kind": "simulated", "fields": 500, "fps": 8.0, "width": 480, "height": 360, "seed": 0}
+    config = write_station(tmp_path, broker.port, source=source, specimen={  # one run, the one start_run opens
+        "target_wbc_count": per_field[0] + per_field[1], "idle_timeout_s": 60.0, "auto_start": False})
+    daemon, runner = start_daemon(config)
+    try:
+        assert wait_until(lambda: daemon.handle_command("start_run", {}).get("ok"), 30)
+        assert wait_until(lambda: bool(daemon.handle_command("get_runs", {})["runs"]), 60)
+        (closed,) = daemon.handle_command("get_runs", {})["runs"]
+        run_id = closed["run_id"]
+        assert daemon.publisher is not None and not daemon.publisher.state.connected
+        early = dict(daemon.handle_command("verify_run", {"run_id": run_id, "verified_by": "AB"}))
+        assert early["ok"] and early["held"] is None and early["hold_decided"] is False, early
+        assert early["message"].startswith("the signed report is stored at the station; whether it is held there "
+                                           "is not decided yet"), early
+        broker.start()
+        assert wait_until(daemon.publisher.run_watch.decided.is_set, 30), daemon.publisher.state
+        later = dict(daemon.handle_command("verify_run", {"run_id": run_id, "verified_by": "AB"}))
+        assert later["ok"] and later["held"] is False and later["hold_decided"] is True, later
+        assert "message" not in later and later["supersedes"] == early["report_id"], later
+    finally:
+        stop_daemon(daemon, runner)
+        broker.stop()

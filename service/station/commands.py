@@ -51,6 +51,10 @@ COMMAND_ARGUMENTS: dict[str, frozenset[str]] = {
 COMMAND_NAMES = tuple(COMMAND_ARGUMENTS)
 #: Longest name a verification may be signed with.
 MAX_VERIFIED_BY = MAX_SIGNED_NAME
+#: How long stop_run and verify_run wait at most (s, on the command thread) for the start's hold decision
+#: (service.mqtt.run_watch) before answering `held`: null: the broker's SUBACK settles it in
+#: milliseconds, a broker that keeps no retained run state within run_watch.HEAR_WAIT_S.
+HOLD_DECISION_WAIT_S = 5.0
 
 
 def _specimen_id_error(value: Any) -> str | None:
@@ -133,6 +137,7 @@ class StationCommands:
                 return {"ok": False, "error": "bad_arguments", "message": error}
             return self._analysis.call(name, lambda: self._start_run(target, specimen))
         if name == "stop_run":
+            self._await_hold_decision()
             return self._analysis.call(name, self._stop_run)
         if name == "analyze_file":
             return self._analyze_file(arguments.get("path"))
@@ -149,6 +154,7 @@ class StationCommands:
                         f"\"verified_by\": \"initials\"}} (1 to {MAX_VERIFIED_BY} characters, all printable)"}
             if (problem := signed_name_error(by, "verified_by")) is not None:  # printed on the report as it is
                 return {"ok": False, "error": "bad_arguments", "message": problem}
+            self._await_hold_decision()
             return self._analysis.call(name, lambda: self._verify_run(run_id, by.strip()))
         return {"ok": False, "error": "unknown_command", "message": f"unknown command {name!r}",
                 "commands": list(COMMAND_NAMES)}
@@ -239,11 +245,32 @@ class StationCommands:
             self._say_held(answer, run_id, "the signed report")
         return answer
 
+    def _run_watch(self) -> Any:
+        """The publisher's run-state watch (service.mqtt.run_watch); None without MQTT."""
+        return getattr(getattr(self._workers, "publisher", None), "run_watch", None)
+
+    def _await_hold_decision(self) -> None:
+        """Wait (bounded, on the command thread: the analysis thread goes on) for the start's hold
+        decision, so that a command just after connecting answers `held` true or false."""
+        if (watch := self._run_watch()) is not None:
+            watch.decided.wait(HOLD_DECISION_WAIT_S)
+
     def _say_held(self, answer: dict[str, Any], run_id: str, what: str) -> None:
         """`held` in an ok answer naming a report of run `run_id`: true, with a message saying why and
         how it is released, where the station holds the run's messages (the broker shows it further
-        along, or a later run: service.mqtt.run_watch), so the id answered does not arrive until then."""
-        watch = getattr(getattr(self._workers, "publisher", None), "run_watch", None)
+        along, or a later run: service.mqtt.run_watch), so the id answered does not arrive until then;
+        null (`hold_decided` false), with a message, before the start has compared its state with the
+        broker's retained run state (not connected yet): a false then could turn true."""
+        watch = self._run_watch()
+        answer["hold_decided"] = watch is None or watch.decided.is_set()
+        if not answer["hold_decided"]:
+            answer["held"] = None
+            answer["message"] = (f"{what} is stored at the station; whether it is held there is not decided yet: the "
+                                 "station has not compared its state with the run state the broker keeps (its first "
+                                 "connection to the broker has not settled). Where the broker shows this run further "
+                                 "along, or a later run, it is held until the broker's retained run state is cleared "
+                                 "(docs/STATION.md); otherwise it is sent")
+            return
         answer["held"] = watch is not None and run_id in watch.held
         if answer["held"]:
             answer["message"] = (f"{what} is held at the station: {watch.held_why(run_id)} (restored from an older "
