@@ -26,6 +26,31 @@ logger = logging.getLogger(__name__)
 ECHO_BOUND_S = 10.0
 
 
+class AckedEcho:
+    """The first message acknowledged on connection number `connection` that must come back within
+    ECHO_BOUND_S of its PUBACK (one per topic and connection; service.mqtt.run_watch's own run state
+    too). An acknowledgement the drain thread settles after a reconnect is of the connection before:
+    its echo came, or did not, on that one, so it starts no wait on this one."""
+
+    __slots__ = ("at", "connection", "seq")
+
+    def __init__(self, connection: int) -> None:
+        self.connection = connection
+        self.seq: int | None = None
+        self.at: float | None = None  # monotonic time of the PUBACK
+
+    def acked(self, seq: int, connection: int) -> bool:
+        """Outbox message `seq` acknowledged on connection number `connection`: True when that starts the wait."""
+        if connection != self.connection or self.at is not None:
+            return False
+        self.seq, self.at = seq, time.monotonic()
+        return True
+
+    def overdue(self) -> bool:
+        """Acknowledged, and not back within ECHO_BOUND_S (read now: a test may shorten it)."""
+        return self.at is not None and time.monotonic() - self.at > ECHO_BOUND_S
+
+
 class EchoWatch:
     """The station's own messages coming back to it, one per topic and connection, under MQTT 3.1.1."""
 
@@ -40,7 +65,7 @@ class EchoWatch:
         #: topic -> "subscribing", "waiting" (granted, nothing back yet) or "back" (left);
         #: a topic the broker refused to subscribe to is not in it.
         self._state: dict[str, str] = {}
-        self._acked: dict[str, tuple[int, float]] = {}  # topic -> (seq, monotonic time of the PUBACK)
+        self._acked: dict[str, AckedEcho] = {}  # topic -> its first message acknowledged on this connection
         self._said_dropped: set[str] = set()
         self._said_unreadable = False
 
@@ -98,15 +123,16 @@ class EchoWatch:
         (the drain thread, which may settle it after a reconnect: then its echo came, or did not, on
         the connection before, and this one's check does not wait for it)."""
         with self._lock:
-            if connection == self._connection and self._state.get(topic) == "waiting" and topic not in self._acked:
-                self._acked[topic] = (seq, time.monotonic())
+            if self._state.get(topic) == "waiting" and topic not in self._acked:
+                wait = AckedEcho(self._connection)
+                if wait.acked(seq, connection):
+                    self._acked[topic] = wait
 
     def check(self) -> None:
         """Say at ERROR a topic whose acknowledged message did not come back in time (the drain thread)."""
-        now = time.monotonic()
         with self._lock:
-            late = [(topic, seq) for topic, (seq, at) in self._acked.items()
-                    if now - at > ECHO_BOUND_S and topic not in self._said_dropped]
+            late = [(topic, wait.seq) for topic, wait in self._acked.items()
+                    if wait.overdue() and topic not in self._said_dropped]
             self._said_dropped.update(topic for topic, _ in late)
         for topic, seq in late:
             logger.error(

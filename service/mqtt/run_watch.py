@@ -72,11 +72,10 @@ class RunStateWatch:
         self.station_id = station_id
         self.user = user  # the station's MQTT user name, for the ACL line (None: anonymous)
         self._v311 = False  # this connection speaks MQTT 3.1.1: a subscription the ACL denies is granted
-        self._connection = 0  # this connection's number (InFlight.connected)
         #: MQTT 3.1.1, nothing heard at the start: the station's own run state is waited for on the run
-        #: topic, from its PUBACK on this connection (the monotonic time; None: none acknowledged yet).
+        #: topic, from its PUBACK on this connection (the connection's number: InFlight.connected).
         self._awaiting_own = False
-        self._own_acked_at: float | None = None
+        self._own_echo = echo_watch.AckedEcho(0)
         #: MQTT 3.1.1, nothing heard: the runs held by an earlier start, released once the own run state comes back
         self._release_pending: tuple[str, ...] = ()
         self.releases = 0  # held runs released so far: the drain gives their parked messages another try
@@ -151,7 +150,7 @@ class RunStateWatch:
             # this connection's own bound: a reconnect after the first one's passed would send at once
             self._run_mid, self._run_acked, self._wait_until, self._v311 = mid, False, None, v311
             # a run state acknowledged on the connection before: its echo may have gone with it
-            self._connection, self._own_acked_at = connection, None
+            self._own_echo = echo_watch.AckedEcho(connection)
 
     def on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: list[Any], properties: Any) -> None:
         """paho's SUBACK callback. The broker sends the run topic's retained state (if any) before the
@@ -188,17 +187,15 @@ class RunStateWatch:
         """The broker acknowledged outbox message `seq` to `topic` on connection number `connection`
         (the drain thread): a run state of this connection's starts the wait for it to come back."""
         with self._lock:
-            if (topic == self.topic and self._awaiting_own and self._own_acked_at is None
-                    and connection == self._connection):
-                self._own_acked_at = time.monotonic()
+            if topic == self.topic and self._awaiting_own:
+                self._own_echo.acked(seq, connection)
 
     def check(self) -> None:
         """MQTT 3.1.1: say once at WARNING that the station's own run state did not come back (the
         drain thread): mosquitto (2.0.11) grants a subscription its ACL denies and sends nothing, so
         the older-state check heard nothing for that reason, not because the broker keeps none."""
         with self._lock:
-            since = self._own_acked_at
-            if not self._awaiting_own or since is None or time.monotonic() - since <= echo_watch.ECHO_BOUND_S:
+            if not self._awaiting_own or not self._own_echo.overdue():
                 return
             self._awaiting_own = False
             kept = tuple(r for r in self._release_pending if r in self.held)
