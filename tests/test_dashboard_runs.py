@@ -350,3 +350,32 @@ def test_a_signature_the_station_holds_is_said_beside_verify_not_shown_as_sent(
         _wait("the answer", lambda: state().get_attribute("data-state") == "held", 20, [log])
         assert state().text == f"verified: 0 typed, 0 reclassified — not sent: {held}", state().text
         assert state().value_of_css_property("color") == "rgba(170, 17, 17, 1)"
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_signature_whose_hold_is_not_decided_yet_is_said_beside_verify_not_shown_as_sent(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """Verify run answered before the station's first broker connection settled: ok with `held`: null,
+    `hold_decided`: false and a message; the line beside Verify says the station's message, in its
+    own colour (neither the sent green nor the held red), not as a signature sent."""
+
+    with _run_control_page(tmp_path, ws_broker, dashboard_args=()) as (driver, send, log, _url, inside, sent):
+        report = _specimen(STATION, "7b1d0c2e-cccc", [], time.time())
+        send(f"{BASE}/run", json.dumps(_closed_run_state(report)))
+        _wait("the run's Verify", lambda: driver.execute_script(
+            "const n = document.querySelector(arguments[0]); return n !== null && !n.hidden;",
+            f"[data-station='{STATION}'] .verify"), 20, [log])
+        inside(".verify-by").send_keys("AB")
+        inside(".verify-run").click()
+        _wait("verify_run sent", lambda: len(sent("verify_run")) == 1, 20, [log])
+        undecided = ("the signed report is stored at the station; whether it is held there is not decided yet: the "
+                     "station has not compared its state with the run state the broker keeps")
+        _answer(send, "verify_run", {"ok": True, "run_id": "7b1d0c2e-cccc", "report_id": "r2", "supersedes": "r1",
+                                     "typed_cells": 0, "reclassified": 0, "left_to_review": 0, "held": None,
+                                     "hold_decided": False, "message": undecided}, sent("verify_run")[0].correlation_data)
+        state = lambda: inside(".verify-state")
+        _wait("the answer", lambda: state().get_attribute("data-state") == "undecided", 20, [log])
+        assert state().text == f"verified: 0 typed, 0 reclassified — {undecided}", state().text
+        assert state().value_of_css_property("color") == "rgba(138, 90, 0, 1)"

@@ -155,13 +155,15 @@ function verifyRun(st) {
 
 // A run held at the station (`held`: the broker shows it further along) is signed, but its signed
 // report does not go out until the broker's retained run state is cleared: said, not shown as sent.
+// `held` null (the station's first broker connection not settled): not known yet, said as such.
 function verifiedAnswer(st, msg) {
   if (msg.ok) requestRuns(st);  // the signed run's list entry
   const state = st.node.querySelector(".verify-state");
-  state.dataset.state = !msg.ok ? "error" : msg.held ? "held" : "saved";
+  state.dataset.state = !msg.ok ? "error" : msg.held ? "held" : msg.held === null ? "undecided" : "saved";
   state.textContent = msg.ok ? "verified: " + msg.typed_cells + " typed, " + msg.reclassified + " reclassified" +
       (msg.left_to_review ? "; " + msg.left_to_review + " cells sent to review were not typed" : "") +
-      (msg.held ? " — not sent: " + String(msg.message || "the signed report is held at the station") : "")
+      (msg.held ? " — not sent: " + String(msg.message || "the signed report is held at the station") :
+       msg.held === null ? " — " + String(msg.message || "whether it is held at the station is not decided yet") : "")
     : String(msg.message || msg.error || "refused");
 }
 
