@@ -110,6 +110,18 @@ def test_send_hl7_needs_a_destination_and_an_archive(tmp_path: Path, capsys: pyt
     assert main(["archive", "send-hl7", "--all", "--dir", str(tmp_path / "none"), "--hl7-dir",
                  str(tmp_path / "hl7")]) == 1
     assert "no archive at" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    assert not (tmp_path / "hl7").exists()  # refused before the HL7 folder is made
+
+
+def test_send_hl7_to_no_archive_makes_no_hl7_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped --dir beside an empty folder (no index in it) ends with the clear message, exit 1, and
+    neither the --hl7-dir folder nor its parents are made."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    hl7_dir = tmp_path / "spool" / "hl7"
+    assert main(["archive", "send-hl7", "--all", "--dir", str(empty), "--hl7-dir", str(hl7_dir)]) == 1
+    assert f"no archive at {empty} (index.sqlite not there)" in capsys.readouterr().err
+    assert not (tmp_path / "spool").exists() and list(empty.iterdir()) == []
 
 
 def test_find_lists_the_hl7_deliveries_the_index_records(

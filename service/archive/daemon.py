@@ -84,9 +84,10 @@ class ArchiveDaemon:
         hl7 = None
         if config.hl7_directory is not None or config.hl7_mllp is not None:
             hl7 = Hl7Output(config.hl7_directory, config.mllp_address, config.hl7_mllp_timeout_s, config.addressing,
-                            stop=self._stop)
+                            stop=self._stop, error_hold_s=config.hl7_mllp_error_hold_s)
         self.store = ArchiveStore(config.directory, hl7)
         if hl7 is not None:
+            hl7.not_accepted = self.store.not_accepted  # an amended report waits behind its original
             hl7.remove_leftovers()
         self.hl7 = hl7
         self._incoming: queue.Queue[Incoming] = queue.Queue()

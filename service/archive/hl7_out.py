@@ -5,7 +5,9 @@ lab system over MLLP, its ACK awaited (`--hl7-mllp`).
 Both happen before the report's index row is committed, so before the broker has its
 acknowledgement: a file the disk refuses, or a message the receiver does not acknowledge (AA or
 CA), is an OSError, and the archive holds the report (unacknowledged, tried again) as it holds one
-a full disk refuses. An archive that dies before the row is committed gets the report again and
+a full disk refuses. A message the receiver rejects (AR, CR), or answers AE/CE for `error_hold_s`,
+is final for it: recorded as not accepted (service.archive.rejections) with the report's row, and
+the archive goes on; a report superseding one not accepted there is held back, not sent. An archive that dies before the row is committed gets the report again and
 writes and sends the same message again (the same bytes, the same MSH-10). While a report is held,
 the destinations that took it are not given it again (only the refusing one is tried again). A report delivered again
 once indexed is neither written nor sent again: the engine may have taken the first file away.
@@ -22,10 +24,13 @@ import json
 import logging
 import re
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from smearscope.files import write_atomically
 from smearscope.service.archive.message import ReportMessage
+from smearscope.service.archive.rejections import HELD, Rejection
 from smearscope.service.archive.store import Delivery, canonical_destination
 from smearscope.service.hl7 import mllp
 from smearscope.service.hl7.header import Addressing
@@ -91,7 +96,7 @@ class Hl7Output:
 
     def __init__(self, directory: Path | None, mllp_address: tuple[str, int] | None, mllp_timeout_s: float,
                  addressing: Addressing | None = None, sender: str = "archive",
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, error_hold_s: float = 600.0) -> None:
         self.directory = directory.resolve() if directory is not None else None
         if self.directory is not None:
             try:
@@ -104,7 +109,12 @@ class Hl7Output:
         self.addressing = addressing
         self.sender = sender
         self.stop = stop  # set: a send waiting for its ACK gives up (the archive stopping)
-        self._held: tuple[str, list[Delivery]] | None = None  # the report held, its deliveries made so far
+        self.error_hold_s = error_hold_s  # an AE/CE answered this long is given up on (recorded, not held)
+        #: (report id, destination, processing id) -> the code of its open rejection there (the index's), or None
+        self.not_accepted: Callable[[str, str, str], str | None] | None = None
+        # the report held, its deliveries (and rejections) made so far, and since when a receiver answers AE/CE
+        self._held: tuple[str, list[Delivery | Rejection]] | None = None
+        self._erring_since: float | None = None
 
     def remove_leftovers(self) -> None:
         """The temporary files of writes a crash interrupted (`.<report_id>.hl7.<random>.tmp`: their report
@@ -157,7 +167,8 @@ class Hl7Output:
     def __call__(self, message: ReportMessage) -> list[Delivery]:
         """Write and/or send `message`'s ORU^R01 (the deliveries, for the index); nothing for a field report
         (only a run's reports go to the lab) or a body this smearscope cannot read (an ERROR: the report is
-        archived all the same). OSError (a full disk, no ACK) is the caller's to hold the report for."""
+        archived all the same). A destination that refuses it for good gives a Rejection instead (for the index,
+        with the deliveries); OSError (a full disk, no ACK, an AE) is the caller's to hold the report for."""
         try:
             kind, oru, control_id = oru_of(message.payload, self.addressing)
         except UNREADABLE as exc:
@@ -173,10 +184,59 @@ class Hl7Output:
         # all took it) is offered again: the destinations that took it are not given it again (an
         # engine that took the file would get it once per retry). Kept until another report comes: a
         # report whose row is committed is never offered again.
-        made = self._held[1] if self._held is not None and self._held[0] == message.report_id else []
-        self._held = (message.report_id, made)
+        if self._held is None or self._held[0] != message.report_id:
+            self._held, self._erring_since = (message.report_id, []), None
+        made = self._held[1]
         done = {d.destination for d in made}
         for destination in self.destinations:
             if destination not in done:
-                made.append(self.deliver(destination, message.report_id, oru, control_id))
+                made.append(self._offer(destination, message, oru, control_id))
         return list(made)
+
+    def _offer(self, destination: str, message: ReportMessage, oru: str,
+               control_id: str) -> Delivery | Rejection:
+        """`message` delivered to `destination`, or recorded as not accepted there for good: rejected
+        (AR, CR), an AE/CE answered for `error_hold_s`, or held back behind its original (said once,
+        at ERROR); OSError while it is to be tried again."""
+        rejected = self._rejected_original(destination, message)
+        if rejected is not None:
+            logger.error("report %s is NOT sent to %s: %s, and an amended report never overtakes its original; "
+                         "recorded as held there: `smearscope archive send-hl7 --resend %s` sends that one, then "
+                         "this; the reports behind it go on", message.report_id, destination, rejected,
+                         message.supersedes)
+            return Rejection(message.report_id, destination, control_id, self.sender, self.processing_id, HELD,
+                             rejected)
+        try:
+            return self.deliver(destination, message.report_id, oru, control_id)
+        except mllp.Rejected as exc:
+            return self.rejection(destination, message.report_id, control_id, exc)
+        except mllp.NotAcknowledged as exc:
+            if exc.kind not in ("AE", "CE"):
+                raise
+            now = time.monotonic()
+            self._erring_since = now if self._erring_since is None else self._erring_since
+            if now - self._erring_since < self.error_hold_s:
+                raise
+            return self.rejection(destination, message.report_id, control_id, exc)
+
+    def _rejected_original(self, destination: str, message: ReportMessage) -> str | None:
+        """Why `message` may not go to `destination` before its original (the report it supersedes, not
+        accepted there): an amended report never overtakes it. None: it may go."""
+        if message.supersedes is None or self.not_accepted is None or not destination.startswith("mllp:"):
+            return None
+        code = self.not_accepted(message.supersedes, destination, self.processing_id)
+        if code is None:
+            return None
+        return f"the report it supersedes, {message.supersedes}, was not accepted there ({code})"
+
+    def rejection(self, destination: str, report_id: str, control_id: str,
+                  exc: mllp.NotAcknowledged) -> Rejection:
+        """The record of `report_id` not accepted at `destination` (`exc` an AR or CR, or an AE or CE given up
+        on), said once at ERROR with the receiver's text."""
+        code, lis_text = exc.kind, exc.lis_text
+        given_up = f" for {self.error_hold_s:g} s" if code in ("AE", "CE") else ""
+        logger.error("report %s was NOT accepted by %s: it answered %r%s (MSH-10 %s): %s; recorded as not "
+                     "accepted, not sent again; the reports behind it go on. Once the lab system is set up to "
+                     "take it: `smearscope archive send-hl7 --resend %s`", report_id, destination, code,
+                     given_up, control_id, mllp.shown(lis_text[:200]) or "(no text)", report_id)
+        return Rejection(report_id, destination, control_id, self.sender, self.processing_id, code, lis_text)

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from smearscope.service.archive.copies import ArchivedCopy, Listing, copies_of, list_folder
+from smearscope.service.archive.rejections import RecordedRejection, rejections_of
 from smearscope.service.archive.store import canonical_destination, open_index
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,12 @@ class ArchivedReport:
     copies: tuple[ArchivedCopy, ...] | None = ()
     copies_error: str | None = None
     hl7_deliveries: tuple[RecordedDelivery, ...] = ()  # oldest first; none in an index of version 1
+    hl7_rejections: tuple[RecordedRejection, ...] = ()  # not accepted (service.archive.rejections), oldest first
+
+    @property
+    def not_accepted(self) -> bool:
+        """A lab system did not accept it and no later delivery there closed that."""
+        return any(r.open for r in self.hl7_rejections)
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -66,6 +73,7 @@ class ArchivedReport:
             "path": str(self.path), "fhir_path": str(self.fhir_path) if self.fhir_path else None,
             "copies": None if self.copies is None else [c.as_json() for c in self.copies],
             "hl7_deliveries": [d.as_json() for d in self.hl7_deliveries],
+            "hl7_rejections": [r.as_json() for r in self.hl7_rejections],
         }
 
 
@@ -102,18 +110,21 @@ def _deliveries(db: sqlite3.Connection, where: str, params: list[object]) -> dic
     return found
 
 
-def _row(directory: Path, row: sqlite3.Row, deliveries: dict[str, list[RecordedDelivery]]) -> ArchivedReport:
+def _row(directory: Path, row: sqlite3.Row, deliveries: dict[str, list[RecordedDelivery]],
+         rejections: dict[str, list[RecordedRejection]]) -> ArchivedReport:
     return ArchivedReport(
         report_id=row["report_id"], station=row["station"], run_id=row["run_id"], specimen_id=row["specimen_id"],
         created_at=row["created_at"], kind=row["kind"], schema_version=row["schema_version"],
         verified=bool(row["verified"]), supersedes=row["supersedes"], superseded_by=row["superseded_by"],
         path=directory / row["path"], fhir_path=directory / row["fhir"] if row["fhir"] else None,
-        hl7_deliveries=tuple(deliveries.get(row["report_id"], ())))
+        hl7_deliveries=tuple(deliveries.get(row["report_id"], ())),
+        hl7_rejections=tuple(rejections.get(row["report_id"], ())))
 
 
 def find(directory: Path, specimen: str | None = None, run: str | None = None, station: str | None = None,
-         since: float | None = None) -> list[ArchivedReport]:
-    """The matching reports, latest per run first (module docstring)."""
+         since: float | None = None, not_accepted: bool = False) -> list[ArchivedReport]:
+    """The matching reports, latest per run first (module docstring); `not_accepted`: only those a lab
+    system did not accept (an open rejection)."""
     where, params = [], []
     for column, value in (("specimen_id", specimen), ("run_id", run), ("station", station)):
         if value is not None:
@@ -125,10 +136,12 @@ def find(directory: Path, specimen: str | None = None, run: str | None = None, s
     clause = " WHERE " + " AND ".join(where) if where else ""
     db = open_index(directory, read_only=True)
     try:
-        deliveries = _deliveries(db, clause, params)
-        found = [_row(directory, row, deliveries) for row in db.execute(_SELECT + clause, params)]
+        deliveries, rejections = _deliveries(db, clause, params), rejections_of(db, clause, params)
+        found = [_row(directory, row, deliveries, rejections) for row in db.execute(_SELECT + clause, params)]
     finally:
         db.close()
+    if not_accepted:
+        found = [r for r in found if r.not_accepted]
     listings: dict[Path, Listing | OSError] = {}  # each folder listed once
     found = [_with_copies(r, listings) for r in found]
     newest: dict[tuple[str, str], float] = {}
@@ -153,10 +166,11 @@ def lookup(directory: Path, report_id: str, copies: bool = True) -> tuple[Archiv
     try:
         row = db.execute(_SELECT + " WHERE r.report_id = ?", (report_id,)).fetchone()
         deliveries = _deliveries(db, " WHERE r.report_id = ?", [report_id])
+        rejections = rejections_of(db, " WHERE r.report_id = ?", [report_id])
         bundle = db.execute("SELECT path FROM bundles WHERE report_id = ?", (report_id,)).fetchone()
     finally:
         db.close()
-    report = _row(directory, row, deliveries) if row is not None else None
+    report = _row(directory, row, deliveries, rejections) if row is not None else None
     if report is not None:
         report = _with_copies(report, {}) if copies else replace(report, copies=None, copies_error="not looked for")
     return (report,

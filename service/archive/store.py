@@ -28,6 +28,8 @@ from pathlib import Path
 
 from smearscope.files import fsync_dir, write_atomically
 from smearscope.service.archive.message import BundleMessage, ReportMessage
+from smearscope.service.archive.rejections import SCHEMA as REJECTIONS_SCHEMA
+from smearscope.service.archive.rejections import Rejection, open_rejection, record_rejections
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ CREATE TABLE IF NOT EXISTS hl7_deliveries (
     report_id TEXT NOT NULL, destination TEXT NOT NULL, control_id TEXT NOT NULL, delivered_at REAL NOT NULL,
     sender TEXT NOT NULL, processing_id TEXT NOT NULL DEFAULT 'P');
 CREATE INDEX IF NOT EXISTS hl7_deliveries_report ON hl7_deliveries (report_id, destination);
-"""
+""" + REJECTIONS_SCHEMA  # added to an index of version 3 in place: a smearscope before it ignores the table
 
 
 #: The columns of each table in version 1, in order: an unversioned index is upgraded only if it has these.
@@ -147,7 +149,7 @@ class ArchiveStore:
     (`smearscope archive find/show`) open it with `open_index(read_only=True)`."""
 
     def __init__(self, directory: Path,
-                 on_new_report: Callable[[ReportMessage], list[Delivery]] | None = None) -> None:
+                 on_new_report: Callable[[ReportMessage], list[Delivery | Rejection]] | None = None) -> None:
         self.directory = directory.resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.on_new_report = on_new_report
@@ -156,6 +158,10 @@ class ArchiveStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def not_accepted(self, report_id: str, destination: str, processing_id: str) -> str | None:
+        """The code of `report_id`'s open rejection at `destination` (service.archive.rejections), else None."""
+        return open_rejection(self._db, report_id, destination, processing_id)
 
     def report_count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM reports").fetchone()[0])
@@ -263,7 +269,8 @@ class ArchiveStore:
         # before the row: a report acknowledged has its HL7 (hl7_out), its deliveries in the row's transaction
         delivered = self.on_new_report(message) if self.on_new_report is not None else []
         with self._db:
-            record_deliveries(self._db, delivered)
+            record_deliveries(self._db, [d for d in delivered if isinstance(d, Delivery)])
+            record_rejections(self._db, [d for d in delivered if isinstance(d, Rejection)])
             self._db.execute(
                 "INSERT INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (message.report_id, message.station, message.run_id, message.specimen_id, message.created_at,

@@ -51,6 +51,14 @@ class Hl7OutputConfig(BaseModel):
         description="Seconds one MLLP exchange may take (looking the host up, connecting, sending, the ACK) "
         "before the report is held and sent again; above 0, at most 300.",
     )
+    hl7_mllp_error_hold_s: float = Field(
+        default=600.0, ge=0, le=86400, allow_inf_nan=False,
+        title="MLLP error hold (s)",
+        description="Seconds a report the lab system answers AE or CE (an application or commit error: "
+        "transient) is held and sent again every retry_s, the reports behind it waiting, before it is recorded as "
+        "not accepted and the archive goes on (`archive send-hl7 --resend` sends it later); 0: an AE is final "
+        "at once, as an AR or CR always is. At most 86400 (docs/HL7.md).",
+    )
     hl7_sending_facility: str | None = Field(
         default=None,
         title="HL7 sending facility (MSH-4)",

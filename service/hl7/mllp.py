@@ -3,8 +3,10 @@
 One TCP connection per message: the message framed as `<VT> message <FS><CR>`, then the receiver's
 ACK read up to its `<FS><CR>`. Only an ACK whose MSA-2 is this message's control id and whose
 MSA-1 is AA or CA (accepted) delivers it; anything else (no connection, no answer within the
-timeout, an answer that is no ACK of this message, AE/AR/CE/CR) raises `NotAcknowledged`, an
-OSError, so the archive holds the report as it holds one a full disk refuses, and tries again.
+timeout, an answer that is no ACK of this message, AE/CE) raises `NotAcknowledged`, an OSError, so
+the archive holds the report as it holds one a full disk refuses, and tries again. AR or CR (the
+receiver refuses this very message: sending it again unchanged cannot help) raises `Rejected`, a
+NotAcknowledged the archive records as final for that message and goes on from (docs/HL7.md).
 """
 
 from __future__ import annotations
@@ -39,9 +41,21 @@ class NotAcknowledged(OSError):
     """The receiver did not acknowledge the message (the text says how; `kind` names the way, so a
     hold is said again when it changes: `unreachable`, `no-ack`, or the ACK's code)."""
 
-    def __init__(self, text: str, kind: str = "no-ack") -> None:
+    def __init__(self, text: str, kind: str = "no-ack", lis_text: str = "") -> None:
         super().__init__(text)
         self.kind = kind
+        self.lis_text = lis_text  # what the receiver said of it (MSA-3, ERR), as it said it
+
+
+#: MSA-1 of a receiver refusing the message itself (application reject, commit reject): final for it.
+REJECTED = ("AR", "CR")
+#: The most of a receiver's text (MSA-3 and its ERR segments) kept with a rejection.
+MAX_LIS_TEXT = 2000
+
+
+class Rejected(NotAcknowledged):
+    """The receiver answered AR or CR: it refuses this message for good (`kind` the code, `lis_text` its
+    MSA-3 and ERR text); the archive records it and goes on with the next report."""
 
 
 #: Categories shown escaped in a lab system's text: device.ingest's (control, format, line and
@@ -99,13 +113,23 @@ def address_text(address: tuple[str, int]) -> str:
 
 
 def _ack_of(data: bytes) -> tuple[str, str, str]:
-    """(MSA-1, MSA-2, MSA-3) of an ACK; NotAcknowledged when there is no MSA."""
+    """(MSA-1, MSA-2, the receiver's text) of an ACK: the text MSA-3, then each ERR segment's user message
+    (ERR-8), else its error code's text (ERR-3.2), else ERR-3's code, joined by '; '. NotAcknowledged when
+    there is no MSA."""
     text = data.decode("utf-8", errors="replace")
+    msa: list[str] | None = None
+    said: list[str] = []
     for seg in text.replace("\n", SEGMENT_END).split(SEGMENT_END):
-        if seg.startswith("MSA" + FIELD):
-            fields = seg.split(FIELD) + ["", "", ""]
-            return fields[1], fields[2], fields[3]
-    raise NotAcknowledged(f"the answer has no MSA segment: {text[:120]!r}")
+        fields = seg.split(FIELD) + [""] * 9
+        if seg.startswith("MSA" + FIELD) and msa is None:
+            msa = fields
+            said += [fields[3]] if fields[3] else []
+        elif seg.startswith("ERR" + FIELD):
+            code = fields[3].split("^") + ["", ""]
+            said += [next((part for part in (fields[8], code[1], code[0]) if part), "")]
+    if msa is None:
+        raise NotAcknowledged(f"the answer has no MSA segment: {text[:120]!r}")
+    return msa[1], msa[2], "; ".join(part for part in said if part)[:MAX_LIS_TEXT]
 
 
 def _connect(host: str, port: int, left: Callable[[], float], timeout_s: float) -> socket.socket:
@@ -188,6 +212,7 @@ def send(address: tuple[str, int], message: str, control_id: str, timeout_s: flo
         raise NotAcknowledged(f"{where} acknowledged message {acked[:40]!r}, not this one ({control_id})")
     if code not in ACCEPTED:
         # MSA-3 is the lab system's free text: shown escaped, as this text reaches the journal
-        raise NotAcknowledged(f"{where} answered {code[:4]!r}, not accepted (AA or CA)"
-                              f"{': ' + shown(why[:200]) if why else ''}", code[:4])
+        refused = Rejected if code in REJECTED else NotAcknowledged
+        raise refused(f"{where} answered {code[:4]!r}, not accepted (AA or CA)"
+                      f"{': ' + shown(why[:200]) if why else ''}", code[:4], why)
     return code

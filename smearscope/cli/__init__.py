@@ -309,6 +309,10 @@ def _archive_parser(sub) -> None:
     ar.add_argument("--keyfile", type=Path, default=None, help="the client certificate's key (PEM)")
     ar.add_argument("--dir", type=Path, default=None, help=f"the archive folder (default {ARCHIVE_DIR})")
     _hl7_options(ar, None)
+    ar.add_argument("--hl7-mllp-error-hold", type=float, default=None, metavar="SECONDS",
+                    help="seconds a report the MLLP listener answers AE or CE is held and sent again before it is "
+                    "recorded as not accepted and the archive goes on, 0 to 86400 (default 600; an AR or CR is "
+                    "final at once; archive send-hl7 --resend sends it later)")
     ar.set_defaults(func=_lazy("archive", "cmd_archive"))
     asub = ar.add_subparsers(dest="archive_command", parser_class=_Parser, metavar="{find,show,send-hl7}",
                              help="find: list archived reports; show: print one; send-hl7: send archived "
@@ -321,6 +325,8 @@ def _archive_parser(sub) -> None:
                     "ISO time")
     af.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help=f"the archive folder (default {ARCHIVE_DIR})")
     af.add_argument("--json", action="store_true", help="one JSON line per report")
+    af.add_argument("--not-accepted", action="store_true", help="only the reports a lab system did not accept "
+                    "(rejected, or held behind their original) and no later delivery there closed")
     af.set_defaults(func=_lazy("archive", "cmd_find"))
     ash = asub.add_parser("show", help="print one archived report as received (or its FHIR bundle)")
     ash.add_argument("report_id", metavar="REPORT_ID", help="the report's id (as `archive find` lists it)")
@@ -340,6 +346,9 @@ def _archive_parser(sub) -> None:
     which.add_argument("--since", default=None, help="reports made on or after this date (YYYY-MM-DD, UTC) or "
                        "ISO time")
     which.add_argument("--all", action="store_true", help="every archived specimen report")
+    which.add_argument("--resend", action="append", default=None, metavar="REPORT_ID",
+                       help="this report (repeatable), though the index records it as not accepted there (an AR, "
+                       "an AE given up on; `archive find --not-accepted` lists them), then the reports held behind it")
     snd.add_argument("--again", action="store_true", help="deliver also the reports the index records as "
                      "delivered there (the lab system receives them a second time, with the same MSH-10)")
     snd.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help=f"the archive folder (default {ARCHIVE_DIR})")

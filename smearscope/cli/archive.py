@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import pydantic
 
     from smearscope.service.archive.query import ArchivedReport
+    from smearscope.service.archive.rejections import RecordedRejection
     from smearscope.service.config.archive import ArchiveConfig
     from smearscope.service.hl7.header import Addressing
 
@@ -89,6 +90,7 @@ def _config(args: argparse.Namespace) -> ArchiveConfig:
 
 #: The options that give the HL7 output's settings (service.config.archive.Hl7OutputConfig), by field.
 HL7_OPTIONS = {"hl7_directory": "--hl7-dir", "hl7_mllp": "--hl7-mllp", "hl7_mllp_timeout_s": "--hl7-mllp-timeout",
+               "hl7_mllp_error_hold_s": "--hl7-mllp-error-hold",
                "hl7_sending_facility": "--hl7-sending-facility",
                "hl7_receiving_application": "--hl7-receiving-application",
                "hl7_receiving_facility": "--hl7-receiving-facility", "hl7_processing_id": "--hl7-processing-id"}
@@ -97,7 +99,7 @@ HL7_OPTIONS = {"hl7_directory": "--hl7-dir", "hl7_mllp": "--hl7-mllp", "hl7_mllp
 def _hl7_settings(args: argparse.Namespace) -> dict[str, object]:
     """The HL7 output's settings as the options give them, each checked by the config alone."""
     settings = {field: getattr(args, option[2:].replace("-", "_"), None) for field, option in HL7_OPTIONS.items()}
-    for field in ("hl7_mllp_timeout_s", "hl7_processing_id"):
+    for field in ("hl7_mllp_timeout_s", "hl7_mllp_error_hold_s", "hl7_processing_id"):
         if settings[field] is None:  # not given: the config's default
             del settings[field]
     return settings
@@ -173,7 +175,20 @@ def _copy_lines(r: ArchivedReport) -> list[str]:
 def _delivery_lines(r: ArchivedReport) -> list[str]:
     """`find`'s lines under a report for its HL7 deliveries the index records (docs/HL7.md)."""
     return [f"    HL7 to {d.destination}  {datetime.fromtimestamp(d.delivered_at, timezone.utc):%Y-%m-%d %H:%M:%S UTC}  "
-            f"by {d.sender}  MSH-10 {d.control_id}  MSH-11 {d.processing_id}" for d in r.hl7_deliveries]
+            f"by {d.sender}  MSH-10 {d.control_id}  MSH-11 {d.processing_id}" for d in r.hl7_deliveries] + [
+        f"    HL7 NOT accepted by {j.destination}  "
+        f"{datetime.fromtimestamp(j.rejected_at, timezone.utc):%Y-%m-%d %H:%M:%S UTC}  "
+        f"by {j.sender}  MSH-10 {j.control_id}  MSH-11 {j.processing_id}  {_rejected_how(j)}"
+        for j in r.hl7_rejections]
+
+
+def _rejected_how(j: RecordedRejection) -> str:
+    """What a rejection `find` lists was, the lab system's text escaped (mllp.shown): one line each."""
+    from smearscope.service.hl7.mllp import shown
+
+    how = (f"held: {j.lis_text}" if j.code == "held" else
+           f"answered {j.code!r}: {shown(j.lis_text) or '(no text)'}")
+    return how + ("" if j.open else "  (delivered there since)")
 
 
 def cmd_find(args: argparse.Namespace) -> int:
@@ -186,7 +201,8 @@ def cmd_find(args: argparse.Namespace) -> int:
     from smearscope.service.archive.store import IndexVersionError
 
     try:
-        found = find(_directory(args), specimen=args.specimen, run=args.run, station=args.station, since=since)
+        found = find(_directory(args), specimen=args.specimen, run=args.run, station=args.station, since=since,
+                     not_accepted=args.not_accepted)
     except IndexVersionError as exc:
         return _fail(str(exc))
     except (FileNotFoundError, sqlite3.Error) as exc:
@@ -272,7 +288,7 @@ def cmd_send_hl7(args: argparse.Namespace) -> int:
     from smearscope.service.archive.hl7_out import Hl7Output
     from smearscope.service.archive.query import parse_since
     from smearscope.service.archive.send_hl7 import send_from_index
-    from smearscope.service.archive.store import IndexVersionError
+    from smearscope.service.archive.store import INDEX_NAME, IndexVersionError
     from smearscope.service.config.archive import Hl7OutputConfig
 
     try:
@@ -285,22 +301,28 @@ def cmd_send_hl7(args: argparse.Namespace) -> int:
         config = Hl7OutputConfig(**_hl7_settings(args))  # checked as the running archive's
     except pydantic.ValidationError as exc:
         return _fail(_invalid(exc))
+    directory = _directory(args)
+    if not (directory / INDEX_NAME).is_file():  # before the HL7 folder is made: a mistyped --dir makes nothing
+        return _fail(f"no archive at {directory} ({INDEX_NAME} not there)", 1)
     # the messages are patient data: nothing for other users, as the archive's own files
     os.umask(os.umask(0o027) | 0o027)
     try:
         output = Hl7Output(config.hl7_directory, config.mllp_address, config.hl7_mllp_timeout_s, config.addressing,
                            sender="send-hl7")
-        result = send_from_index(_directory(args), output, since, again=args.again, progress=print)
+        result = send_from_index(directory, output, since, again=args.again, progress=print,
+                                 resend=tuple(args.resend or ()))
     except IndexVersionError as exc:
         return _fail(str(exc))
     except (OSError, sqlite3.Error) as exc:
         return _fail(str(exc), 1)
     print(f"smearscope archive: {result.delivered} delivered, {result.already} already delivered there (not sent "
-          f"again{'' if args.again else '; --again sends them'}), {result.unreadable} unreadable", file=sys.stderr)
+          f"again{'' if args.again else '; --again sends them'}), {result.unreadable} unreadable, {result.rejected} "
+          f"rejected by the lab system now, {result.not_accepted} not accepted there before (not sent: `archive find "
+          "--not-accepted` lists them, --resend REPORT_ID sends one)", file=sys.stderr)
     if result.stopped_by is not None:
         return _fail(f"stopped: cannot deliver {result.stopped_by}; what was delivered before is recorded, the same "
                      "command goes on from there", 1)
-    return 1 if result.unreadable else 0
+    return 1 if result.unreadable or result.rejected else 0
 
 
 def _show_hl7(report_id: str, path: Path, envelope: bytes, addressing: Addressing) -> int:

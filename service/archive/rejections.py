@@ -1,0 +1,109 @@
+"""HL7 messages a lab system did not accept, as the archive's index records them (`hl7_rejections`).
+
+A receiver's AR or CR (application or commit reject) refuses the message itself: sending it again
+unchanged cannot help, so it is final for that message, recorded here with the receiver's text
+(MSA-3, ERR) and the archive goes on with the next reports. An AE or CE (a transient error) is
+tried again, and recorded here only once it has been answered for `hl7_mllp_error_hold_s`. A report
+that supersedes one not accepted at a destination is not sent there either (`held`): an amended
+report never overtakes its original. Rows are kept, never deleted: a later delivery of the same
+report to the same destination and processing id (`smearscope archive send-hl7 --resend`) closes
+one, and `archive find` lists both.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS hl7_rejections (
+    report_id TEXT NOT NULL, destination TEXT NOT NULL, control_id TEXT NOT NULL, rejected_at REAL NOT NULL,
+    sender TEXT NOT NULL, processing_id TEXT NOT NULL, code TEXT NOT NULL, lis_text TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS hl7_rejections_report ON hl7_rejections (report_id, destination);
+"""
+
+#: The code of a report not sent because the report it supersedes was not accepted there.
+HELD = "held"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One HL7 message not accepted at a destination: `code` the receiver's MSA-1 (AR, CR; AE or CE once
+    given up on) or HELD; `lis_text` what the receiver said (MSA-3, ERR), or why it was held."""
+
+    report_id: str
+    destination: str
+    control_id: str
+    sender: str
+    processing_id: str
+    code: str
+    lis_text: str
+
+
+@dataclass(frozen=True)
+class RecordedRejection:
+    """A rejection as the index records it; `open` while no later delivery of the report there closed it."""
+
+    destination: str
+    rejected_at: float
+    sender: str
+    control_id: str
+    processing_id: str
+    code: str
+    lis_text: str
+    open: bool
+
+    def as_json(self) -> dict[str, object]:
+        from datetime import datetime, timezone
+
+        return {"destination": self.destination,
+                "rejected_at": datetime.fromtimestamp(self.rejected_at, timezone.utc).isoformat(),
+                "sender": self.sender, "control_id": self.control_id, "processing_id": self.processing_id,
+                "code": self.code, "lis_text": self.lis_text, "open": self.open}
+
+
+def record_rejections(db: sqlite3.Connection, rejections: list[Rejection]) -> None:
+    """Add `rejections` to the index (in the caller's transaction; destinations already canonical)."""
+    db.executemany("INSERT INTO hl7_rejections (report_id, destination, control_id, rejected_at, sender, "
+                   "processing_id, code, lis_text) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   [(r.report_id, r.destination, r.control_id, time.time(), r.sender, r.processing_id, r.code,
+                     r.lis_text) for r in rejections])
+
+
+_OPEN = """NOT EXISTS (SELECT 1 FROM hl7_deliveries d WHERE d.report_id = j.report_id
+                   AND d.destination = j.destination AND d.processing_id = j.processing_id
+                   AND d.delivered_at >= j.rejected_at)"""
+
+
+def open_rejection(db: sqlite3.Connection, report_id: str, destination: str, processing_id: str) -> str | None:
+    """The code of the latest rejection of `report_id` at `destination` no delivery has closed since
+    (None: none open)."""
+    if not has_table(db):
+        return None
+    row = db.execute(f"SELECT code FROM hl7_rejections j WHERE report_id = ? AND destination = ? AND "
+                     f"processing_id = ? AND {_OPEN} ORDER BY rejected_at DESC LIMIT 1",
+                     (report_id, destination, processing_id)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def has_table(db: sqlite3.Connection) -> bool:
+    """An index read-only and made before rejections were recorded has no such table."""
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'hl7_rejections'"
+                      ).fetchone() is not None
+
+
+def rejections_of(db: sqlite3.Connection, where: str, params: list[object]) -> dict[str, list[RecordedRejection]]:
+    """The recorded rejections of the reports `where` selects (over `reports r`), by report id, oldest first."""
+    if not has_table(db):
+        return {}
+    found: dict[str, list[RecordedRejection]] = {}
+    for row in db.execute(f"SELECT j.*, {_OPEN} AS still FROM hl7_rejections j JOIN reports r "
+                          "ON r.report_id = j.report_id" + where + " ORDER BY j.rejected_at, j.rowid", params):
+        found.setdefault(row["report_id"], []).append(RecordedRejection(
+            row["destination"], row["rejected_at"], row["sender"], row["control_id"], row["processing_id"],
+            row["code"], row["lis_text"], bool(row["still"])))
+    return found

@@ -1,0 +1,152 @@
+"""A lab system that rejects one message (AR or CR: the message itself refused) does not hold the
+archive: the rejection is final for that message, recorded in the index with the lab system's text
+(MSA-3, ERR), said once at ERROR, and the reports behind it go on; a report that supersedes the
+rejected one is held back (an amended report never overtakes its original). `archive find
+--not-accepted` lists them; `archive send-hl7 --resend` sends the rejected one once the lab is set
+up for it, then the one held behind it. An AE (transient) is retried, and given up on after
+`--hl7-mllp-error-hold` (0 here: at once). Against a real mosquitto, the station's own publisher,
+the archive in its own process and a real MLLP listener (tests/mllp_lis.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from broker import MosquittoBroker, wait_until
+from mllp_lis import RawLis, framed
+from test_archive import SPECIMEN, Archive, Station, a_report, indexed
+
+from smearscope.cli import main
+from smearscope.service.hl7.mllp import Rejected, send
+from smearscope.service.hl7.oru import control_id, oru_r01
+
+pytestmark = pytest.mark.broker
+
+LIS_TEXT = "OBX-3 770-8 not mapped"
+ERR_TEXT = "no such test code in the order"
+
+
+def answering(codes: dict[str, str]) -> Callable[[socket.socket, bytes], None]:
+    """An LIS behaviour: the code `codes` gives each message's MSH-10 (AA for any other), with MSA-3 and an
+    ERR segment (ERR-3 an HL7 table 0357 code, ERR-8 the user message) when it is not AA."""
+    def behaviour(conn: socket.socket, data: bytes) -> None:
+        msh10 = data.split(b"\r", 1)[0].split(b"|")[9].decode()
+        code = codes.get(msh10, "AA")
+        text = f"MSA|{code}|{msh10}|{LIS_TEXT}\rERR|||207^Application internal error^HL70357|E||||{ERR_TEXT}\r" \
+            if code != "AA" else f"MSA|AA|{msh10}\r"
+        conn.sendall(framed(f"MSH|^~\\&|LIS|LAB|smearscope|lab-7|20261130091500||ACK^R01^ACK|A1|P|2.5.1\r{text}"
+                            .encode()))
+    return behaviour
+
+
+def rejections(directory: Path) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(f"{(directory / 'index.sqlite').as_uri()}?mode=ro", uri=True)
+    try:
+        return list(db.execute("SELECT report_id, destination, code, lis_text, sender FROM hl7_rejections "
+                               "ORDER BY rowid"))
+    finally:
+        db.close()
+
+
+def msh10s(lis: RawLis) -> list[str]:
+    return [data.split(b"\r", 1)[0].split(b"|")[9].decode() for data in lis.received]
+
+
+def test_a_rejected_report_is_recorded_listed_and_resent_and_holds_nothing_behind_it(
+        tmp_path: Path, persistent_broker: MosquittoBroker, lis: Callable[..., RawLis],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    first = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    other = a_report("run-2", "H-2026-0413", 1_796_000_100.0)
+    verified = a_report("run-1", SPECIMEN, 1_796_000_200.0, supersedes=first.report_id)
+    later = a_report("run-3", "H-2026-0414", 1_796_000_300.0)
+    codes = {control_id(first.report_id): "AR"}
+    lab = lis(answering(codes))
+    where = f"mllp:127.0.0.1:{lab.port}"
+    directory = tmp_path / "archive"
+    archive = Archive(tmp_path, persistent_broker.port, directory)
+    archive.argv += ["--hl7-mllp", f"127.0.0.1:{lab.port}"]
+    station = Station(tmp_path, persistent_broker.port)
+    try:
+        archive.start()
+        for report in (first, other, verified, later):
+            station.publish(report)
+        assert wait_until(lambda: indexed(directory) == 4, 60), archive.text()
+        # the rejected one is sent once; the verified report of its run is held back, the others go on
+        assert msh10s(lab) == [control_id(r.report_id) for r in (first, other, later)]
+        said = [line for line in archive.text().splitlines() if "was NOT accepted by" in line]
+        assert len(said) == 1 and "ERROR" in said[0] and first.report_id in said[0], archive.text()
+        assert "answered 'AR'" in said[0] and f"{LIS_TEXT}; {ERR_TEXT}" in said[0]
+        assert f"send-hl7 --resend {first.report_id}" in said[0]
+        assert f"report {verified.report_id} is NOT sent to {where}" in archive.text()
+        assert rejections(directory) == [
+            (first.report_id, where, "AR", f"{LIS_TEXT}; {ERR_TEXT}", "archive"),
+            (verified.report_id, where, "held",
+             f"the report it supersedes, {first.report_id}, was not accepted there (AR)", "archive")]
+    finally:
+        archive.stop()
+        station.stop()
+
+    capsys.readouterr()
+    assert main(["archive", "find", "--not-accepted", "--dir", str(directory), "--json"]) == 0
+    listed = {r["report_id"]: r["hl7_rejections"] for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(listed) == {first.report_id, verified.report_id}
+    assert [(j["code"], j["lis_text"], j["open"]) for j in listed[first.report_id]] == [
+        ("AR", f"{LIS_TEXT}; {ERR_TEXT}", True)]
+    assert main(["archive", "find", "--not-accepted", "--dir", str(directory)]) == 0
+    out = capsys.readouterr().out
+    assert f"    HL7 NOT accepted by {where}" in out and f"answered 'AR': {LIS_TEXT}; {ERR_TEXT}" in out
+
+    # the same send without --resend leaves the rejected and the held one alone
+    send_hl7 = ["archive", "send-hl7", "--dir", str(directory), "--hl7-mllp", f"127.0.0.1:{lab.port}"]
+    assert main([*send_hl7, "--all"]) == 0
+    assert "2 not accepted there before" in capsys.readouterr().err
+    assert len(lab.received) == 3
+
+    codes.clear()  # the lab's mapping fixed: it takes the message now
+    assert main([*send_hl7, "--resend", first.report_id]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{r.report_id} -> {where} (MSH-10 {control_id(r.report_id)})" for r in (first, verified)]
+    assert msh10s(lab)[3:] == [control_id(first.report_id), control_id(verified.report_id)]
+    assert lab.received[3][1:-2].decode() == oru_r01(first)  # the same message, byte for byte
+    assert main(["archive", "find", "--not-accepted", "--dir", str(directory)]) == 1
+    capsys.readouterr()
+    assert len(rejections(directory)) == 2  # kept, closed by the deliveries since
+    assert main(["archive", "find", "--dir", str(directory), "--json"]) == 0
+    kept = {r["report_id"]: r["hl7_rejections"] for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert [j["open"] for j in kept[first.report_id]] == [False]
+
+
+def test_an_error_answered_past_the_hold_is_given_up_on_and_the_next_reports_go(
+        tmp_path: Path, persistent_broker: MosquittoBroker, lis: Callable[..., RawLis]) -> None:
+    first = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    other = a_report("run-2", "H-2026-0413", 1_796_000_100.0)
+    lab = lis(answering({control_id(first.report_id): "AE"}))
+    directory = tmp_path / "archive"
+    archive = Archive(tmp_path, persistent_broker.port, directory)
+    archive.argv += ["--hl7-mllp", f"127.0.0.1:{lab.port}", "--hl7-mllp-error-hold", "0"]
+    station = Station(tmp_path, persistent_broker.port)
+    try:
+        archive.start()
+        for report in (first, other):
+            station.publish(report)
+        assert wait_until(lambda: indexed(directory) == 2, 60), archive.text()
+        assert msh10s(lab) == [control_id(r.report_id) for r in (first, other)]
+        assert "answered 'AE' for 0 s" in archive.text()
+        assert [r[:3] for r in rejections(directory)] == [
+            (first.report_id, f"mllp:127.0.0.1:{lab.port}", "AE")]
+    finally:
+        archive.stop()
+        station.stop()
+
+
+@pytest.mark.parametrize("code", ["AR", "CR"])
+def test_send_raises_rejected_with_the_lab_systems_text(lis: Callable[..., RawLis], code: str) -> None:
+    report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    lab = lis(answering({control_id(report.report_id): code}))
+    with pytest.raises(Rejected) as raised:
+        send(("127.0.0.1", lab.port), oru_r01(report), control_id(report.report_id), 5)
+    assert raised.value.kind == code and raised.value.lis_text == f"{LIS_TEXT}; {ERR_TEXT}"
