@@ -24,7 +24,7 @@ from smearscope.service.analysis.report import Flag, Report, Verification
 from smearscope.service.fhir import codes
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.hl7.encode import text
-from smearscope.service.hl7.oru import control_id, oru_r01
+from smearscope.service.hl7.oru import control_id, oru_r01, placer_order_number
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = "H|1^2~3\\4&5\r\nPID|6"
@@ -152,7 +152,12 @@ def test_hostile_specimen_ids_flags_and_signatures_cannot_break_the_message() ->
     assert set(names) == {"MSH", "ORC", "OBR", "NTE", "OBX", "SPM"}
     order = msg.oru_r01_patient_result.oru_r01_order_observation
     # hl7apy splits the fields where the message has them and keeps their text escaped: read back, each is whole
-    assert read(order.obr.obr_2.obr_2_1) == read(order.orc.orc_2.orc_2_1) == HOSTILE
+    # as sent, the escaped id is over EI.1's 22 characters: the placer order number is its short form,
+    # the whole id read back from the note under OBR
+    assert read(order.obr.obr_2.obr_2_1) == read(order.orc.orc_2.orc_2_1) == placer_order_number(HOSTILE)
+    assert len(order.orc.orc_2.value) <= 22
+    assert f"Specimen id: {HOSTILE} (ORC-2, OBR-2 and SPM-2 carry {placer_order_number(HOSTILE)}: HL7 v2.5.1 " \
+        "gives a placer order number 22 characters)" in [unescaped(nte[3]) for nte in segments(message, "NTE")]
     assert read(order.obr.obr_3.obr_3_1) == HOSTILE and read(order.obr.obr_3.obr_3_2) == "smearscope"
     assert read(msg.msh.msh_4.msh_4_1) == "lab|7^x"
     signer = order.obr.obr_32.obr_32_1  # NDL's name, its family name part (CNN-2)
@@ -184,3 +189,33 @@ def test_the_analyzers_report_of_a_rendered_field_is_a_valid_oru_r01(tmp_path: P
     assert order.obr.obr_25.value == "P" and order.obr.obr_3.value == f"{report.report_id}^smearscope"
     assert len(segments(message, "OBX")) == sum(
         1 + len(o.get("component", [])) for o in findings(report_bundle(report))) + len(report.flags)
+
+
+def test_a_specimen_id_over_22_characters_gets_a_short_placer_order_number_and_travels_whole() -> None:
+    """HL7 v2.5.1 gives ORC-2/OBR-2's EI.1 22 characters; a specimen id takes up to 64. A longer one is sent
+    as a deterministic short form (two ids differing only at their end differ in it too), the whole id in
+    the note under OBR; one that fits is sent as the lab knows it, with no such note."""
+    base = specimen_report()
+    long_ids = ["LAB7-2026-11-30-HEMATOLOGY-SMEAR-" + "0" * 30 + end for end in "12"]
+    assert all(len(i) == 64 for i in long_ids)
+    placers = []
+    for specimen_id in long_ids:
+        message = oru_r01(base.model_copy(update={"specimen_id": specimen_id}))
+        msg = parsed(message)
+        order = msg.oru_r01_patient_result.oru_r01_order_observation
+        placer = order.orc.orc_2.orc_2_1.value
+        assert len(placer) <= 22 and placer.startswith("LAB720261-")
+        assert order.obr.obr_2.obr_2_1.value == placer
+        assert order.oru_r01_specimen.spm.spm_2.spm_2_1.value.split("^")[0] == placer
+        notes = [unescaped(nte[3]) for nte in segments(message, "NTE")]
+        assert f"Specimen id: {specimen_id} (ORC-2, OBR-2 and SPM-2 carry {placer}: HL7 v2.5.1 gives a placer " \
+               "order number 22 characters)" in notes
+        assert oru_r01(base.model_copy(update={"specimen_id": specimen_id})) == message  # the same, every time
+        placers.append(placer)
+    assert placers[0] != placers[1]
+
+    for fits in ("H-2026-0412", "H" * 22):
+        message = oru_r01(base.model_copy(update={"specimen_id": fits}))
+        order = parsed(message).oru_r01_patient_result.oru_r01_order_observation
+        assert order.orc.orc_2.value == order.obr.obr_2.value == fits
+        assert not [nte for nte in segments(message, "NTE") if nte[3].startswith("Specimen id:")]

@@ -6,14 +6,17 @@ statuses and reasons for an absent value are the bundle's, read off it, so the t
 different things and there is one code table (service.fhir.codes). The status maps as the bundle's:
 preliminary P, final F (a verified run), amended C (a run signed again, correcting a verified
 result). No patient is named (the bundle has no subject): the message has no PID; the lab's
-specimen id is the placer order number and SPM's, the run id the filler order number, so the lab
+specimen id (or its short form, when it is over EI.1's 22 characters: placer_order_number) is the
+placer order number and SPM's, the run id the filler order number, so the lab
 system files the result under its own order. The same report always gives the same message.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
+import re
 from typing import Any
 
 from smearscope.service.analysis.report import Report
@@ -51,6 +54,11 @@ NO_RESULT = "X"
 CODING_SYSTEM = {codes.LOINC: "LN", codes.UCUM: "UCUM", codes.LOCAL_OBSERVATION: "99SSO",
                  codes.LOCAL_WBC_CLASS: "99SSW", codes.LOCAL_RBC_MORPHOLOGY: "99SSR",
                  codes.LOCAL_GRADE: "99SSG", codes.LOCAL_FLAG: "99SSF", codes.SPECIMEN_TYPES: "HL70487"}
+#: EI.1's length in v2.5.1 for a placer order number (ORC-2, OBR-2): a strict LIS refuses a longer one.
+PLACER_LENGTH = 22
+#: The short placer order number of a longer specimen id: up to this many of its leading letters and digits,
+#: '-', then this many base32 characters of its SHA-256 (60 bits): 9 + 1 + 12 = PLACER_LENGTH.
+PLACER_PREFIX, PLACER_HASH = 9, 12
 #: SFT-1, the software's vendor (XON-1, organization name), and SFT-3, its product name.
 VENDOR = PRODUCT = "smearscope"
 #: SFT-2 and SFT-3/SFT-4 lengths in v2.5.1 (ST 15, 20, 20); SFT-5 (TX) 1024.
@@ -185,6 +193,20 @@ class _Message:
             self.obx(group, _ce(comp["code"]), _value(comp), self.status)
 
 
+def placer_order_number(specimen_id: str) -> str:
+    """ORC-2/OBR-2's EI.1 (and SPM-2's placer part) for `specimen_id`, escaped: the id as the lab knows it when
+    it fits PLACER_LENGTH as sent; else its leading letters and digits (up to PLACER_PREFIX), '-' and
+    PLACER_HASH base32 characters of the SHA-256 of the whole id (UTF-8): the same id always gives the same
+    value, two ids differing anywhere (the end too) give different ones. The message carries the whole id
+    in a note (oru_r01)."""
+    whole = text(specimen_id)
+    if len(whole) <= PLACER_LENGTH:
+        return whole
+    prefix = re.sub(r"[^A-Za-z0-9]", "", specimen_id[: 4 * PLACER_LENGTH])[:PLACER_PREFIX]
+    digest = base64.b32encode(hashlib.sha256(specimen_id.encode("utf-8", "surrogatepass")).digest())
+    return "-".join(part for part in (prefix, digest.decode()[:PLACER_HASH]) if part)
+
+
 def oru_r01(report: Report, addressing: Addressing | None = None) -> str:
     """The ORU^R01 message of one report, segments ended by a carriage return (docs/HL7.md)."""
     m = _Message(report, report_bundle(report))
@@ -193,7 +215,7 @@ def oru_r01(report: Report, addressing: Addressing | None = None) -> str:
     facility = hd(a.sending_facility) if a.sending_facility else _station_facility(r.station_id or "")
     receiver = hd(a.receiving_application) if a.receiving_application else ""
     receiving_facility = hd(a.receiving_facility) if a.receiving_facility else ""
-    placer = text(r.specimen_id or "")
+    placer = placer_order_number(r.specimen_id) if r.specimen_id else ""
     filler = components(text(r.run_id or r.report_id), NAMESPACE)
     m.segments.append(segment(
         "MSH", ENCODING_CHARACTERS, SENDING_APPLICATION, facility, receiver, receiving_facility, m.issued, "",
@@ -206,6 +228,9 @@ def oru_r01(report: Report, addressing: Addressing | None = None) -> str:
         "HM", m.status, *[""] * 6, interpreter))
     m.note(NOT_FOR_DIAGNOSIS)
     m.note(m.diagnostic["conclusion"])
+    if r.specimen_id and placer != text(r.specimen_id):  # shortened: the whole id where no length cuts it
+        m.note(f"Specimen id: {r.specimen_id} (ORC-2, OBR-2 and SPM-2 carry {placer}: HL7 v2.5.1 gives a "
+               f"placer order number {PLACER_LENGTH} characters)")
     for group, obs in enumerate(m.observations, start=1):
         m.observation(group, obs)
     for group, flag in enumerate(m.flags, start=len(m.observations) + 1):  # critical first, as conclusionCode
