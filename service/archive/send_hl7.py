@@ -77,7 +77,7 @@ def send_from_index(directory: Path, output: Hl7Output, since: float | None, aga
                 if refused is not None and report_id not in resend and not again and (
                         refused != HELD or _original_refused(db, supersedes, d, pid)):
                     skipped += 1
-                elif again or report_id in resend or d not in done:
+                elif again or d not in done or (report_id in resend and refused is not None):
                     todo.append(d)
                 else:
                     already += 1
