@@ -86,6 +86,10 @@ def test_a_rejected_report_is_recorded_listed_and_resent_and_holds_nothing_behin
             (first.report_id, where, "AR", f"{LIS_TEXT}; {ERR_TEXT}", "archive"),
             (verified.report_id, where, "held",
              f"the report it supersedes, {first.report_id}, was not accepted there (AR)", "archive")]
+        archive.stop()
+        archive.start()  # said at each start, where the journal shows it
+        assert ("2 archived reports are not accepted by the lab system (rejected, or held behind one): "
+                "`smearscope archive find --not-accepted` lists them") in archive.text()
     finally:
         archive.stop()
         station.stop()

@@ -191,6 +191,11 @@ class ArchiveDaemon:
             logger.info("sending each specimen report stored from now on as HL7 v2.5.1 ORU^R01 over MLLP to %s, "
                         "acknowledged to the broker only once the receiver acknowledges it",
                         mllp.address_text(self.hl7.mllp_address))
+        not_accepted = self.store.not_accepted_count() if self.hl7 is not None else 0
+        if not_accepted:
+            logger.warning("%d archived report%s not accepted by the lab system (rejected, or held behind one): "
+                           "`smearscope archive find --not-accepted` lists them, `smearscope archive send-hl7 "
+                           "--resend REPORT_ID` sends one", not_accepted, " is" if not_accepted == 1 else "s are")
         if self.hl7 is not None and self.hl7.addressing is not None:
             a = self.hl7.addressing
             logger.info("HL7 MSH-4 %s, MSH-5 %s, MSH-6 %s, MSH-11 %s", a.sending_facility or "(the report's station id)",

@@ -90,6 +90,13 @@ def open_rejection(db: sqlite3.Connection, report_id: str, destination: str, pro
     return None if row is None else str(row[0])
 
 
+def open_count(db: sqlite3.Connection) -> int:
+    """How many reports have a rejection no delivery has closed since, at any destination."""
+    if not has_table(db):
+        return 0
+    return int(db.execute(f"SELECT count(DISTINCT report_id) FROM hl7_rejections j WHERE {_OPEN}").fetchone()[0])
+
+
 def has_table(db: sqlite3.Connection) -> bool:
     """An index read-only and made before rejections were recorded has no such table."""
     return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'hl7_rejections'"

@@ -29,7 +29,12 @@ from pathlib import Path
 from smearscope.files import fsync_dir, write_atomically
 from smearscope.service.archive.message import BundleMessage, ReportMessage
 from smearscope.service.archive.rejections import SCHEMA as REJECTIONS_SCHEMA
-from smearscope.service.archive.rejections import Rejection, open_rejection, record_rejections
+from smearscope.service.archive.rejections import (
+    Rejection,
+    open_count,
+    open_rejection,
+    record_rejections,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +167,10 @@ class ArchiveStore:
     def not_accepted(self, report_id: str, destination: str, processing_id: str) -> str | None:
         """The code of `report_id`'s open rejection at `destination` (service.archive.rejections), else None."""
         return open_rejection(self._db, report_id, destination, processing_id)
+
+    def not_accepted_count(self) -> int:
+        """How many reports a lab system has not accepted (an open rejection: service.archive.rejections)."""
+        return open_count(self._db)
 
     def report_count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM reports").fetchone()[0])
