@@ -48,6 +48,25 @@ DROPIN_DIR="$UNIT_DIR/smearscope.service.d"
 log() { printf '==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+# 1. user and groups --------------------------------------------------------------------------
+# The unit names video and render in SupplementaryGroups=, but doctor (step 6) runs as the user
+# through runuser, which gives it only the groups /etc/group lists: the user is made a member, or
+# a camera node root:video 0660 fails doctor's `camera access` and stops the install.
+service_user() {
+  if ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
+    log "creating system user $SERVICE_USER"
+    useradd --system --user-group --home-dir /var/lib/smearscope --no-create-home \
+            --shell /usr/sbin/nologin "$SERVICE_USER"
+  fi
+  local group
+  for group in video render; do  # a group the unit names that is missing would stop it starting
+    getent group "$group" >/dev/null || { log "creating group $group"; groupadd --system "$group"; }
+  done
+  usermod -aG video,render "$SERVICE_USER"
+  # jetson-stats' socket /run/jtop.sock is group jtop; telemetry falls back to sysfs without it.
+  if getent group jtop >/dev/null; then usermod -aG jtop "$SERVICE_USER"; fi
+}
+
 # 2. virtual environment ----------------------------------------------------------------------
 # The `jetson` extra the JetPack 6 way. PyPI has no onnxruntime-gpu wheel for Python 3.10 on
 # aarch64 and its tensorrt is NVIDIA's server build, not JetPack's, so `pip install .[jetson]`
@@ -258,18 +277,7 @@ check_and_enable() {
   || die "$PYTHON is older than 3.10 (JetPack 5?): smearscope needs JetPack 6 (Python 3.10)"
 
 # 1. user and groups --------------------------------------------------------------------------
-if ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
-  log "creating system user $SERVICE_USER"
-  useradd --system --user-group --home-dir /var/lib/smearscope --no-create-home \
-          --shell /usr/sbin/nologin "$SERVICE_USER"
-fi
-# The unit names video and render in SupplementaryGroups=; a missing group would stop it starting.
-for group in video render; do
-  getent group "$group" >/dev/null || { log "creating group $group"; groupadd --system "$group"; }
-done
-# jetson-stats' socket /run/jtop.sock is group jtop; telemetry falls back to sysfs without it.
-if getent group jtop >/dev/null; then usermod -aG jtop "$SERVICE_USER"; fi
-
+service_user
 # 2. virtual environment ----------------------------------------------------------------------
 install_packages
 install -m 0644 "$SRC/docs/STATION.md" "$PREFIX/docs/STATION.md"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -378,3 +379,52 @@ def test_a_unit_file_systemd_analyze_refuses_stops_the_install_saying_so(tmp_pat
     proc, calls = _finish(tmp_path, TOOL_FAIL="systemd-analyze", START="1")
     assert proc.returncode == 1 and _steps(calls) == [], calls
     assert "systemd-analyze verify refuses" in proc.stderr and "not enabled" in proc.stderr, proc.stderr
+
+
+# Step 1 with the real shadow tools writing a copy of /etc (useradd/groupadd/usermod --prefix);
+# getent and id read that copy. The tools need root even with --prefix.
+SHADOW_PREFIX = """
+useradd() { command useradd --prefix "$ETC_ROOT" "$@"; }
+groupadd() { command groupadd --prefix "$ETC_ROOT" "$@"; }
+usermod() { command usermod --prefix "$ETC_ROOT" "$@"; }
+getent() { grep "^$2:" "$ETC_ROOT/etc/$1"; }
+id() { grep -q "^${!#}:" "$ETC_ROOT/etc/passwd"; }
+"""
+
+
+def _etc_copy(tmp_path: Path, groups: str) -> Path:
+    """A root with a minimal /etc: root and a few groups, login.defs for the system id ranges."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (root / "etc" / "shadow").write_text("root:*:19000:0:99999:7:::\n")
+    (root / "etc" / "group").write_text(groups)
+    (root / "etc" / "gshadow").write_text("".join(f"{line.split(':')[0]}:*::\n" for line in groups.splitlines()))
+    (root / "etc" / "login.defs").write_text(Path("/etc/login.defs").read_text())
+    return root
+
+
+def _members(root: Path) -> dict[str, set[str]]:
+    lines = (root / "etc" / "group").read_text().splitlines()
+    return {f[0]: set(filter(None, f[3].split(","))) for f in (line.split(":") for line in lines)}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/etc/login.defs").exists(),
+                    reason="useradd, groupadd and usermod need root, even with --prefix")
+def test_the_service_user_is_a_member_of_the_groups_its_unit_names(tmp_path: Path) -> None:
+    """Doctor runs as the user through runuser, which gives it the groups /etc/group lists, not the
+    unit's SupplementaryGroups=: the user was never made a member, so a camera node root:video 0660
+    failed doctor's `camera access` and stopped every install with the camera plugged in. A second
+    run (the script is idempotent) keeps one membership each; an existing jtop group is joined."""
+    unit = (REPO / "systemd" / "smearscope.service").read_text()
+    wanted = {g for line in unit.splitlines() if line.startswith("SupplementaryGroups=")
+              for g in line.split("=", 1)[1].split()}
+    assert wanted == {"video", "render"}
+    root = _etc_copy(tmp_path, "root:x:0:\nvideo:x:44:\njtop:x:990:\n")  # no render group yet
+    for _ in range(2):
+        proc = _run(tmp_path, f"{SHADOW_PREFIX}\nservice_user", ETC_ROOT=str(root))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "smearscope:" in (root / "etc" / "passwd").read_text()
+    members = _members(root)
+    assert {g for g, who in members.items() if "smearscope" in who} == wanted | {"jtop"}, members
+    assert (root / "etc" / "group").read_text().count("smearscope") == 4  # its own group and three joined
