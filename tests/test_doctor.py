@@ -3,7 +3,10 @@ where a config points, hashes checked (issue 18, item 12)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -273,7 +276,7 @@ def test_doctor_checks_a_camera_device_node_without_capturing(
     missing = 97
     while Path(f"/dev/video{missing}").exists():
         missing += 1
-    cases = {missing: "FAIL", str(missing): "FAIL", str(tmp_path / "video0"): "FAIL", "/dev/null": "OK",
+    cases = {missing: "FAIL", str(missing): "FAIL", str(tmp_path / "video0"): "FAIL",
              "videotestsrc ! videoconvert ! appsink": "INFO", "rtsp://10.0.0.9/scope": "INFO"}
     for device, status in cases.items():
         main(["doctor", "--config", str(_doc(tmp_path, source={"kind": "camera", "device": device}))])
@@ -289,23 +292,26 @@ def test_doctor_checks_a_camera_device_node_without_capturing(
 
 def test_a_camera_the_station_waits_for_is_doctors_exit_3_any_other_fail_exit_1(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A camera not there, or there and not answering (a node whose open fails: here a socket, ENXIO),
-    is the only kind of FAIL the running station gets past (it waits for the camera): exit 3, which
-    the installer enables the unit on; beside any other FAIL (the models) it is exit 1."""
-    import socket
-
+    """A camera not there, or there and not answering (a character device whose open fails: one of a
+    major number no driver holds, ENXIO, made where mknod is allowed), is the only kind of FAIL the
+    running station gets past (it waits for the camera): exit 3, which the installer enables the unit
+    on; beside any other FAIL (the models) it is exit 1."""
     missing = 97
     while Path(f"/dev/video{missing}").exists():
         missing += 1
-    node = tmp_path / "video-sock"
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.bind(str(node))
-        for device in (f"/dev/video{missing}", str(node)):
-            assert main(["doctor", "--config", str(_doc(tmp_path, source={"kind": "camera", "device": device}))]) == 3
-            out = capsys.readouterr().out
-            assert _lines(out, "camera")[0].startswith(f"FAIL  camera           {device} "), out
-            assert "the station waits for it and opens it when it comes" in out, out
-            assert "1 failed (only ones the running station recovers from: camera)" in out, out
+    devices = [f"/dev/video{missing}"]
+    node = tmp_path / "video-gone"
+    try:
+        os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(240, 0))  # 240-254: local use, no driver here
+        devices.append(str(node))
+    except PermissionError:  # not root: the missing node alone
+        pass
+    for device in devices:
+        assert main(["doctor", "--config", str(_doc(tmp_path, source={"kind": "camera", "device": device}))]) == 3
+        out = capsys.readouterr().out
+        assert _lines(out, "camera")[0].startswith(f"FAIL  camera           {device} "), out
+        assert "the station waits for it and opens it when it comes" in out, out
+        assert "1 failed (only ones the running station recovers from: camera)" in out, out
     models = tmp_path / "no-models"
     models.mkdir()
     camera = {"kind": "camera", "device": f"/dev/video{missing}"}
@@ -313,6 +319,58 @@ def test_a_camera_the_station_waits_for_is_doctors_exit_3_any_other_fail_exit_1(
                                                 analysis={"models_dir": str(models)}))]) == 1
     out = capsys.readouterr().out
     assert "FAIL  camera" in out and "FAIL  model segmentation" in out and "recovers from" not in out, out
+
+
+def test_a_camera_path_that_is_no_v4l2_capture_node_fails_doctor_with_exit_1(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A device path that is there but no camera (a character device of another driver, /dev/null; a
+    socket, a file, a folder) never opens as one: the station would wait on it for ever. /dev/null and
+    the file and folder were `OK ... opens for reading`, the socket (ENXIO) a camera the station waits
+    for, exit 3, on which the installer enables the unit; now `camera node`, exit 1."""
+    import socket
+
+    (tmp_path / "a-file").write_bytes(b"\x00" * 16)
+    (tmp_path / "a-folder").mkdir()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "a-socket"))
+        for device, kind in (("/dev/null", "not a V4L2 device"), (str(tmp_path / "a-socket"), "a socket"),
+                             (str(tmp_path / "a-file"), "a regular file"), (str(tmp_path / "a-folder"), "a folder")):
+            assert main(["doctor", "--config", str(_doc(tmp_path, source={"kind": "camera", "device": device}))]) == 1
+            out = capsys.readouterr().out
+            line = _lines(out, "camera")
+            assert len(line) == 1 and line[0].startswith(f"FAIL  camera node      {device} is {kind}"), out
+            assert "v4l2-ctl --list-devices" in line[0] and "waits for it" not in out and "recovers from" not in out
+
+
+def test_doctor_reads_v4l2_capabilities_as_the_kernel_lays_them_out(tmp_path: Path) -> None:
+    """VIDIOC_QUERYCAP's number and struct v4l2_capability's layout as linux/videodev2.h declares
+    them (compiled here where a C compiler and the header are), and what doctor makes of a node's
+    capabilities: a capture node (single- or multi-planar) is a camera, a metadata node is not."""
+    from smearscope.cli import doctor_camera as dc
+
+    header = Path("/usr/include/linux/videodev2.h")
+    if shutil.which("cc") and header.exists():
+        source = tmp_path / "caps.c"
+        source.write_text("#include <stdio.h>\n#include <stddef.h>\n#include <linux/videodev2.h>\n"
+                          "int main(void){printf(\"%lu %zu %zu %zu %zu %u %u %u %u\", (unsigned long)VIDIOC_QUERYCAP,"
+                          " sizeof(struct v4l2_capability), offsetof(struct v4l2_capability, card),"
+                          " offsetof(struct v4l2_capability, capabilities), offsetof(struct v4l2_capability, device_caps),"
+                          " V4L2_CAP_VIDEO_CAPTURE, V4L2_CAP_VIDEO_CAPTURE_MPLANE, V4L2_CAP_META_CAPTURE,"
+                          " V4L2_CAP_DEVICE_CAPS); return 0;}\n")
+        subprocess.run(["cc", "-o", str(tmp_path / "caps"), str(source)], check=True)
+        said = subprocess.run([str(tmp_path / "caps")], capture_output=True, text=True, check=True).stdout.split()
+        assert [int(v) for v in said] == [dc.VIDIOC_QUERYCAP, dc.CAPABILITY_BYTES, 16, 84, 88, 0x1, 0x1000,
+                                          0x800000, 0x80000000]
+
+    def caps(card: bytes, capabilities: int, device_caps: int) -> bytes:
+        return struct.pack("=16s32s32sIII12x", b"uvcvideo", card, b"usb-3610000.xhci-2.1", 0x60000,
+                           capabilities, device_caps)
+
+    both = 0x80000000 | 0x1 | 0x800000 | 0x04000000
+    assert dc.capture_problem(caps(b"HD USB Camera", both, 0x1 | 0x04000000)) is None
+    assert dc.capture_problem(caps(b"tegra-video", 0x80000000 | 0x1000, 0x1000)) is None
+    assert dc.capture_problem(caps(b"HD USB Camera", both, 0x800000 | 0x04000000)) == (
+        "a V4L2 node of HD USB Camera without video capture (its metadata node?)")
 
 
 def test_doctor_fails_a_review_directory_or_typed_cells_file_it_cannot_write(

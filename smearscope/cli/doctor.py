@@ -7,9 +7,9 @@ station's own, `[analysis.wbc_open_set]`, fitted for this head and never looser 
 or the model's), the inference backend the configuration chooses
 (ONNX Runtime and its providers; TensorRT, its version and a CUDA binding), with TensorRT the engine
 file of each model (smearscope.cli.doctor_engines), a watched folder
-(writable: among the configuration's files), a camera's device node (exists and opens for
-reading; nothing is captured, the station may hold the camera; GStreamer pipelines and URLs are
-not checked), the outbox (its folder writable, free space, not held by another process), the review
+(writable: among the configuration's files), a camera's device node (exists, opens for
+reading and is a V4L2 video capture node: smearscope.cli.doctor_camera; nothing is captured, the
+station may hold the camera; GStreamer pipelines and URLs are not checked), the outbox (its folder writable, free space, not held by another process), the review
 directory and the typed-cells file (writable), the station's predicted peak memory against the memory limit
 its systemd unit runs under (smearscope.cli.doctor_memory, `service/station/memory_bound.py`), the MQTT broker (TCP, TLS with the configured CA and client certificate (refused by the broker: FAIL),
 and a login with the station's user and password; the password credential where systemd provides
@@ -181,35 +181,6 @@ def open_set_checks(analysis) -> list[Check]:
     return [] if verdict is None else [("OK" if verdict[0] else "FAIL", "open set", verdict[1])]
 
 
-def camera_checks(source) -> list[Check]:
-    """A V4L2 camera's device node exists and opens for reading. No frame is grabbed (a running
-    station may hold the camera); a GStreamer pipeline or a URL is not checked."""
-    if source.kind != "camera":
-        return []
-    device = source.device
-    if isinstance(device, int) or device.strip().isdigit():
-        node = Path(f"/dev/video{int(device)}")
-    elif device.startswith("/"):
-        node = Path(device)
-    else:
-        what = "URL" if "://" in device else "GStreamer pipeline"
-        return [("INFO", "camera", (f"a {what}: not checked here (no frame is captured); "
-                 "the station's log says whether it opens"))]
-    waits = "; the station waits for it and opens it when it comes"
-    if not node.exists():
-        return [("FAIL", "camera", (f"{node} does not exist: camera unplugged, or another index "
-                 f"(v4l2-ctl --list-devices){waits}"))]
-    try:
-        fd = os.open(node, os.O_RDONLY | os.O_NONBLOCK)
-    except PermissionError as exc:  # no camera coming back fixes this: not RECOVERED_BY_THE_STATION
-        return [("FAIL", "camera access", (f"{node} cannot be opened for reading by this user ({exc.strerror}): "
-                 "the station's user needs the video group"))]
-    except OSError as exc:  # the node is there, its device does not answer (unplugged meanwhile, a driver)
-        return [("FAIL", "camera", f"{node} cannot be opened for reading ({exc.strerror}){waits}")]
-    os.close(fd)
-    return [("OK", "camera", f"{node} opens for reading (no frame captured)")]
-
-
 def review_file_checks(config) -> list[Check]:
     """The review directory (overlays, gallery) and the typed-cells file are writable: the station
     does not stop without them, it loses what it would keep there."""
@@ -345,6 +316,7 @@ def _say(check: Check) -> None:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from smearscope.cli.doctor_broker import broker_checks
+    from smearscope.cli.doctor_camera import camera_checks
     from smearscope.cli.doctor_engines import engine_checks
     from smearscope.cli.doctor_memory import memory_checks
     from smearscope.cli.doctor_outbox import look_at_outbox
