@@ -54,10 +54,12 @@ def _check(precision: str, lanes: int) -> None:
         raise ValueError(f"lanes must be at least 1, got {lanes}")
 
 
-def _name(manifest: ModelManifest, ver: str, sm: str, precision: str, lanes: int) -> str:
+def _name(manifest: ModelManifest, ver: str, sm: str | None, precision: str, lanes: int,
+          suffix: str = ".engine") -> str:
     b = manifest.batch  # the whole profile: an engine built for another min/opt is another engine
-    return (f"{manifest.name}-{manifest.sha256[:12]}-trt{ver}-{sm}-{precision}-l{lanes}"
-            f"-b{b.min}-{b.opt}-{b.max}.engine")
+    gpu = "" if sm is None else f"-{sm}"
+    return (f"{manifest.name}-{manifest.sha256[:12]}-trt{ver}{gpu}-{precision}-l{lanes}"
+            f"-b{b.min}-{b.opt}-{b.max}{suffix}")
 
 
 def engine_glob(manifest: ModelManifest, precision: str, lanes: int, trt_version: str | None = None,
@@ -72,6 +74,15 @@ def engine_glob(manifest: ModelManifest, precision: str, lanes: int, trt_version
 def engine_path(cache_dir: Path, manifest: ModelManifest, trt_version: str, capability: Capability,
                 precision: str, lanes: int) -> Path:
     return Path(cache_dir) / engine_filename(manifest, trt_version, capability, precision, lanes)
+
+
+def calibration_cache_path(cache_dir: Path, manifest: ModelManifest, trt_version: str, lanes: int) -> Path:
+    """The INT8 calibration cache beside a model's engines: the network's tensor ranges, which an
+    IInt8EntropyCalibrator2 measures before layer fusion, so they hold for any GPU (TensorRT's
+    developer guide: the cache is portable between devices). Not keyed by compute capability, so
+    the caches saved before engines were keep their name and are found."""
+    _check("int8", lanes)
+    return Path(cache_dir) / _name(manifest, _ver(trt_version), None, "int8", lanes, ".calib")
 
 
 def timing_cache_path(cache_dir: Path, trt_version: str, capability: Capability) -> Path:

@@ -24,6 +24,7 @@ from smearscope.engines.preprocess import to_model_input
 from smearscope.engines.trt_cache import (
     Capability,
     build_record,
+    calibration_cache_path,
     engine_path,
     profile_shapes,
     record_path,
@@ -149,7 +150,7 @@ def build_engine(manifest_path: Path, cache_dir: Path, precision: str = "fp16", 
     manifest = load_manifest(manifest_path)
     onnx_path = manifest.model_path(manifest_path)
     out = engine_path(cache_dir, manifest, trt.__version__, capability, precision, lanes)
-    calib_cache = out.with_suffix(".calib")
+    calib_cache = calibration_cache_path(cache_dir, manifest, trt.__version__, lanes)
     logger.info("equivalent for one lane: %s", trtexec_command(manifest, onnx_path, engine_path(
         cache_dir, manifest, trt.__version__, capability, precision, 1), precision, calib_cache))
     if out.exists():
@@ -262,8 +263,10 @@ def _calibration_problem(models_dir: Path, cache_dir: Path, precision: str, cali
         return f"--calibration {calibration_dir} is not a folder"
     lacking = []
     for name in MANIFESTS:
-        out = engine_path(cache_dir, load_manifest(models_dir / name), version, capability, precision, lanes)
-        if (out.exists() and whole_problem(out, capability) is None) or out.with_suffix(".calib").exists():
+        manifest = load_manifest(models_dir / name)
+        out = engine_path(cache_dir, manifest, version, capability, precision, lanes)
+        if ((out.exists() and whole_problem(out, capability) is None)
+                or calibration_cache_path(cache_dir, manifest, version, lanes).exists()):
             continue
         sub = calibration_dir / Path(name).stem if calibration_dir is not None else None
         if sub is None or not (sub.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in sub.iterdir())):

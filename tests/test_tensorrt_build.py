@@ -121,6 +121,7 @@ class _RecordingTrt:
         self.timing_given: list[bytes] = []  # the bytes of each create_timing_cache call, in order
         self.timing_set: list[tuple[bytes, bool]] = []  # each set_timing_cache: the cache's bytes, ignore_mismatch
         self.built_with: list[bytes | None] = []  # the timing cache each build had attached
+        self.calibration_read: list[bytes | None] = []  # what each INT8 build's calibrator read as its cache
         self.raise_on_unreadable = False
         trt = self
 
@@ -137,6 +138,10 @@ class _RecordingTrt:
 
         class Config:
             timing = None
+            int8_calibrator = None
+
+            def set_calibration_profile(self, profile):
+                pass
 
             def set_memory_pool_limit(self, pool, nbytes):
                 pass
@@ -178,6 +183,8 @@ class _RecordingTrt:
 
             def build_serialized_network(self, network, config):
                 trt.built_with.append(None if config.timing is None else config.timing.data)
+                if config.int8_calibrator is not None:  # TensorRT asks the calibrator for a saved cache first
+                    trt.calibration_read.append(config.int8_calibrator.read_calibration_cache())
                 if config.timing is not None:  # the layers this build timed, for the next one
                     config.timing.data += b"layer %d;" % len(trt.built_with)
                 return bytes(range(256)) * (trt.size // 256)
@@ -191,7 +198,11 @@ class _RecordingTrt:
             def parse(self, data):
                 return True
 
-        self.Builder, self.OnnxParser = Builder, OnnxParser
+        class IInt8EntropyCalibrator2:
+            def __init__(self) -> None:
+                pass
+
+        self.Builder, self.OnnxParser, self.IInt8EntropyCalibrator2 = Builder, OnnxParser, IInt8EntropyCalibrator2
 
 
 def test_build_engine_asks_for_one_identical_profile_per_lane(tmp_path, monkeypatch):
@@ -271,7 +282,7 @@ def test_int8_without_calibration_is_refused_in_one_line_before_any_build(tmp_pa
 
     from smearscope.cli import main
     from smearscope.engines.manifest import load_manifest
-    from smearscope.engines.trt_cache import engine_path
+    from smearscope.engines.trt_cache import calibration_cache_path
     from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
 
     monkeypatch.setitem(sys.modules, "tensorrt", _RecordingTrt())
@@ -304,7 +315,7 @@ def test_int8_without_calibration_is_refused_in_one_line_before_any_build(tmp_pa
     assert _calibration_problem(models, cache, "int8", calib, "10.3.0", ORIN, 2) is None
     cache.mkdir()
     for name in ("seg.json", "rbc_head.json", "wbc_head.json"):  # a former build's saved caches
-        engine_path(cache, load_manifest(models / name), "10.3.0", ORIN, "int8", 2).with_suffix(".calib").write_bytes(b"c")
+        calibration_cache_path(cache, load_manifest(models / name), "10.3.0", 2).write_bytes(b"c")
     assert _calibration_problem(models, cache, "int8", None, "10.3.0", ORIN, 2) is None
     assert _calibration_problem(models, cache, "int8", None, "10.3.0", ORIN, 3) is not None  # other lanes: other caches
 
@@ -372,3 +383,38 @@ def test_the_timing_cache_is_saved_beside_the_engines_and_given_to_the_next_buil
     with caplog.at_level("WARNING", logger="smearscope.export.tensorrt_build"):
         assert build_engine(DEFAULT_MODELS_DIR / "seg.json", tmp_path, "fp16", lanes=1, cuda=HostCudaApi()) == seg
     assert "is not one TensorRT 10.3.0 can use" in caplog.text and seg.stat().st_size == 4096
+
+
+def test_an_int8_rebuild_after_the_update_uses_the_calibration_caches_saved_before_it(tmp_path, monkeypatch, capsys):
+    """Engines are now named by the GPU's compute capability, and the INT8 calibration cache beside
+    each (ENGINE.calib) took that name too, so the caches an earlier release saved were no longer
+    found: `build-engines --precision int8` without --calibration (install-jetson.sh without
+    CALIBRATION_DIR) refused to build, and the service was not enabled. An IInt8EntropyCalibrator2
+    cache holds the network's tensor ranges, not the GPU's (TensorRT's developer guide: portable
+    between devices), so it keeps the name it had; the engines built from it carry the capability."""
+    import shutil
+    import sys
+
+    from smearscope.cli import main
+    from smearscope.engines.manifest import load_manifest
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    trt = _RecordingTrt(size=4096)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr("smearscope.export.tensorrt_build.cuda_api", lambda name: HostCudaApi())
+    models = tmp_path / "models"
+    shutil.copytree(DEFAULT_MODELS_DIR, models, ignore=shutil.ignore_patterns("README.md"))
+    cache = models / "engines"
+    cache.mkdir()
+    saved = {}
+    for name in ("seg.json", "rbc_head.json", "wbc_head.json"):  # as the earlier release named them
+        m = load_manifest(models / name)
+        calib = cache / f"{m.name}-{m.sha256[:12]}-trt10.3.0-int8-l2-b{m.batch.min}-{m.batch.opt}-{m.batch.max}.calib"
+        saved[m.name] = f"calibration table of {m.name}".encode()
+        calib.write_bytes(saved[m.name])
+    code = main(["build-engines", "--models", str(models), "--precision", "int8"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert trt.calibration_read == [saved["seg"], saved["rbc_head"], saved["wbc_head"]]
+    built = sorted(p.name for p in cache.glob("*.engine"))
+    assert len(built) == 3 and all("-trt10.3.0-sm87-int8-l2-" in n for n in built), built
