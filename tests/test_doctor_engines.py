@@ -142,7 +142,7 @@ def test_engines_built_for_another_gpu_fail_with_the_build_command_as_at_start(t
         assert all(ln.startswith("OK") for ln in _doctor(tmp_path, models, capsys))
 
 
-def test_without_a_gpu_doctor_says_it_cannot_check_the_compute_capability(tmp_path, models, capsys, gpu) -> None:
+def test_without_a_gpu_doctor_fails_and_says_it_cannot_check_the_compute_capability(tmp_path, models, capsys, gpu) -> None:
     def no_gpu():
         raise EngineError("CUDA device 0: no CUDA-capable device is detected")
 
@@ -150,6 +150,46 @@ def test_without_a_gpu_doctor_says_it_cannot_check_the_compute_capability(tmp_pa
     with trt_standin.installed():
         _write_all(models)
         lines = _doctor(tmp_path, models, capsys)
-    assert len(lines) == 3 and all(ln.startswith("WARN") for ln in lines), lines
+    assert len(lines) == 4 and lines[0].startswith("FAIL  engines          the station cannot load TensorRT engines: ")
+    assert all(ln.startswith("WARN") for ln in lines[1:]), lines
     assert ("the GPU's compute capability cannot be read here (CUDA device 0: no CUDA-capable device is "
-            "detected), so whether it was built for this GPU cannot be checked") in lines[0], lines[0]
+            "detected), so whether it was built for this GPU cannot be checked") in lines[1], lines[1]
+
+
+def test_a_gpu_the_station_cannot_read_fails_doctor_as_it_stops_the_station(tmp_path, models, capsys, monkeypatch,
+                                                                            gpu) -> None:
+    """The station's start reads the compute capability through analysis.cuda_api and stops where it
+    cannot (here cuda-python configured, pycuda the binding installed: doctor's binding line is OK);
+    doctor only WARNed that it could not check the engines, passed, and install-jetson.sh enabled a
+    unit that failed at every start. It now FAILs with the station's own reason."""
+    import importlib.util
+    import sys
+    import types
+
+    from smearscope.engines.tensorrt_engine import (
+        cuda_api as station_cuda_api,  # the real one, unpatched
+    )
+
+    if importlib.util.find_spec("cuda") is not None:
+        pytest.skip("cuda-python is installed here")
+    monkeypatch.setattr("smearscope.engines.cuda_api.cuda_api", station_cuda_api)
+    pycuda = types.ModuleType("pycuda")  # installed, as on the Jetson: the binding check passes
+    monkeypatch.setitem(sys.modules, "pycuda", pycuda)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", types.ModuleType("pycuda.driver"))
+    with trt_standin.installed():
+        _write_all(models)
+        config = tmp_path / "station.toml"
+        config.write_text(to_toml({
+            "station_id": "doc-trt", "source": {"kind": "simulated"},
+            "analysis": {"models_dir": str(models), "engine_backend": "tensorrt", "cuda_api": "cuda-python"},
+            "mqtt": {"host": "127.0.0.1", "port": 1, "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}}}) + "\n")
+        code = main(["doctor", "--no-wait", "--config", str(config)])
+        with pytest.raises(EngineError) as start:  # the station's start, the same reason
+            TensorRtEngine(models / MODEL_FILES["rbc_head"], cuda="cuda-python").load()
+    out = capsys.readouterr().out
+    assert "OK    CUDA binding     pycuda" in out, out
+    fails = [ln for ln in out.splitlines() if ln.startswith("FAIL")]
+    want = ("FAIL  engines          the station cannot load TensorRT engines: the GPU's compute capability "
+            f"cannot be read through analysis.cuda_api 'cuda-python' ({start.value})")
+    assert fails == [want], out
+    assert code == 1, out

@@ -23,11 +23,15 @@ def engine_checks(analysis) -> list[Check]:
         version: str | None = str(importlib.import_module("tensorrt").__version__)
     except ImportError:
         version = None
-    capability, no_gpu = _capability(analysis.cuda_api)
+    capability, why = _capability(analysis.cuda_api)
+    no_gpu = f"the GPU's compute capability cannot be read here ({why})"
     models, precision, lanes = analysis.models_dir, analysis.tensorrt_precision, analysis.tensorrt_lanes
     cache = models / "engines"  # where the station's TensorRtEngine looks
     command = build_command(models, cache, precision, lanes)
     checks: list[Check] = []
+    if capability is None:  # the station's start reads it the same way, and stops there
+        checks.append(("FAIL", "engines", ("the station cannot load TensorRT engines: the GPU's compute capability "
+                                           f"cannot be read through analysis.cuda_api {analysis.cuda_api!r} ({why})")))
     for role, name in MODEL_FILES.items():
         try:
             manifest = load_manifest(models / name, verify_hash=True)
@@ -61,7 +65,7 @@ def _capability(api_name: str) -> tuple[tuple[int, int] | None, str]:
         with api.current():
             return api.compute_capability(), ""
     except EngineError as exc:
-        return None, f"the GPU's compute capability cannot be read here ({exc})"
+        return None, str(exc)
 
 
 def _whole(role: str, path: Path, command: str, version: str | None, capability: tuple[int, int] | None,
