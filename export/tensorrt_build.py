@@ -219,28 +219,32 @@ def _attach_timing_cache(config, path: Path, version: str):
         logger.warning("timing cache %s cannot be read (%s); building without it", path, exc)
         saved = b""
     if saved:
-        if (cache := _timing_cache(config, saved)) is not None:
+        cache, why = _timing_cache(config, saved)
+        if cache is not None:
             logger.info("timing cache %s (%d bytes) reused", path.name, len(saved))
             return cache
-        logger.warning("timing cache %s (%d bytes) is not one TensorRT %s can use (corrupt or cut short); "
-                       "building without it, and saving a new one", path, len(saved), version)
-    cache = _timing_cache(config, b"")
+        logger.warning("timing cache %s (%d bytes) is not one TensorRT %s can use (%s); building without it, "
+                       "and saving a new one", path, len(saved), version, why)
+    cache, why = _timing_cache(config, b"")
     if cache is None:
-        logger.warning("TensorRT attached no empty timing cache; building without one")
+        logger.warning("TensorRT attached no empty timing cache (%s); building without one", why)
     return cache
 
 
 def _timing_cache(config, serialized: bytes):
-    """IBuilderConfig.create_timing_cache + set_timing_cache (no header mismatch accepted), or None
-    where TensorRT refuses the bytes (it returns None or False, or raises)."""
+    """IBuilderConfig.create_timing_cache + set_timing_cache (no header mismatch accepted): the
+    cache, or None and why TensorRT refused the bytes: unreadable (None, or it raises), or whole
+    but measured on a GPU of other properties (set_timing_cache answers False)."""
     try:
         cache = config.create_timing_cache(serialized)
-        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-            return None
+        if cache is None:
+            return None, "corrupt or cut short"
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            return None, ("measured on a GPU whose properties differ from this one's, e.g. another board of "
+                          "the same compute capability")
     except (RuntimeError, TypeError, ValueError) as exc:
-        logger.info("TensorRT refused a timing cache: %s", exc)
-        return None
-    return cache
+        return None, f"corrupt or cut short: {exc}"
+    return cache, ""
 
 
 def _save_timing_cache(cache, path: Path) -> None:

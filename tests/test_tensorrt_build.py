@@ -123,6 +123,9 @@ class _RecordingTrt:
         self.built_with: list[bytes | None] = []  # the timing cache each build had attached
         self.calibration_read: list[bytes | None] = []  # what each INT8 build's calibrator read as its cache
         self.raise_on_unreadable = False
+        #: A cache whose bytes hold this was measured on a GPU whose properties differ from this one's
+        #: (its header): `set_timing_cache(ignore_mismatch=False)` answers False, as TensorRT does.
+        self.other_gpu = b"measured on another GPU;"
         trt = self
 
         class TimingCache:
@@ -156,6 +159,8 @@ class _RecordingTrt:
 
             def set_timing_cache(self, cache, ignore_mismatch):
                 trt.timing_set.append((cache.data, ignore_mismatch))
+                if trt.other_gpu in cache.data and not ignore_mismatch:
+                    return False
                 self.timing = cache
                 return True
 
@@ -418,3 +423,27 @@ def test_an_int8_rebuild_after_the_update_uses_the_calibration_caches_saved_befo
     assert trt.calibration_read == [saved["seg"], saved["rbc_head"], saved["wbc_head"]]
     built = sorted(p.name for p in cache.glob("*.engine"))
     assert len(built) == 3 and all("-trt10.3.0-sm87-int8-l2-" in n for n in built), built
+
+
+def test_a_timing_cache_from_a_gpu_of_other_properties_is_said_as_such_not_as_corrupt(tmp_path, monkeypatch, caplog):
+    """A whole timing cache that TensorRT refuses only for its header (measured on another board of
+    the same compute capability: set_timing_cache(ignore_mismatch=False) answers False) was logged
+    as "corrupt or cut short", sending the operator after a disk fault that is not there. It is now
+    said as measured on a GPU of other properties; the build goes on without it and saves this GPU's."""
+    import sys
+
+    from smearscope.engines.trt_cache import timing_cache_path
+    from smearscope.export.tensorrt_build import build_engine
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    trt = _RecordingTrt(size=4096)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    saved = timing_cache_path(tmp_path, "10.3.0", ORIN)
+    saved.write_bytes(trt.TIMING + trt.other_gpu)
+    with caplog.at_level("WARNING", logger="smearscope.export.tensorrt_build"):
+        out = build_engine(DEFAULT_MODELS_DIR / "rbc_head.json", tmp_path, "fp16", lanes=1, cuda=HostCudaApi())
+    assert out.stat().st_size == 4096 and trt.built_with == [trt.TIMING]  # built with an empty cache of its own
+    warning = caplog.text
+    assert f"timing cache {saved} (46 bytes) is not one TensorRT 10.3.0 can use" in warning, warning
+    assert "measured on a GPU whose properties differ from this one's" in warning and "corrupt" not in warning, warning
+    assert saved.read_bytes() == trt.TIMING + b"layer 1;"  # this GPU's in its place
