@@ -24,7 +24,7 @@ from smearscope.service.analysis.report import Flag, Report, Verification
 from smearscope.service.fhir import codes
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.hl7.encode import text
-from smearscope.service.hl7.oru import control_id, oru_r01, placer_order_number
+from smearscope.service.hl7.oru import control_id, filler_order_number, oru_r01, placer_order_number
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = "H|1^2~3\\4&5\r\nPID|6"
@@ -81,9 +81,10 @@ def test_a_specimen_report_of_real_analyses_is_a_valid_oru_r01_with_the_bundles_
     order = msg.oru_r01_patient_result.oru_r01_order_observation
     assert order.obr.obr_25.value == status
     assert order.obr.obr_2.value == order.orc.orc_2.value == "H-2026-0412"
-    assert order.obr.obr_3.value == order.orc.orc_3.value == f"{report.run_id}^smearscope"
+    filler = filler_order_number(report.run_id)
+    assert len(filler) == 11 and order.obr.obr_3.value == order.orc.orc_3.value == f"{filler}^smearscope"
     assert order.obr.obr_4.obr_4_1.value == codes.PANEL.code and order.obr.obr_4.obr_4_3.value == "LN"
-    assert order.oru_r01_specimen.spm.spm_2.value == f"H-2026-0412^{report.run_id}&smearscope"
+    assert order.oru_r01_specimen.spm.spm_2.value == f"H-2026-0412^{filler}&smearscope"
     assert not segments(message, "PID")  # no patient, as the bundle has no subject
 
     # one OBX per Observation of a result and per component, one per flag; values and units are the bundle's
@@ -111,6 +112,8 @@ def test_a_specimen_report_of_real_analyses_is_a_valid_oru_r01_with_the_bundles_
     notes = [s[3] for s in segments(message, "NTE")]
     assert notes[0].startswith("Not for clinical diagnosis")
     assert notes[1] == text(dr["conclusion"], 65536)
+    assert unescaped(notes[2]) == f"Run id: {report.run_id} (ORC-3, OBR-3 and SPM-2 carry {filler}^smearscope: HL7 v2.5.1 " \
+        "gives a filler order number 22 characters, its namespace included)"
     if signing == "preliminary":
         assert order.obr.obr_32.value == ""
     else:
@@ -158,7 +161,11 @@ def test_hostile_specimen_ids_flags_and_signatures_cannot_break_the_message() ->
     assert len(order.orc.orc_2.value) <= 22
     assert f"Specimen id: {HOSTILE} (ORC-2, OBR-2 and SPM-2 carry {placer_order_number(HOSTILE)}: HL7 v2.5.1 " \
         "gives a placer order number 22 characters)" in [unescaped(nte[3]) for nte in segments(message, "NTE")]
-    assert read(order.obr.obr_3.obr_3_1) == HOSTILE and read(order.obr.obr_3.obr_3_2) == "smearscope"
+    assert read(order.obr.obr_3.obr_3_1) == filler_order_number(HOSTILE) and read(order.obr.obr_3.obr_3_2) == \
+        "smearscope"
+    assert f"Run id: {HOSTILE} (ORC-3, OBR-3 and SPM-2 carry {filler_order_number(HOSTILE)}^smearscope: HL7 " \
+        "v2.5.1 gives a filler order number 22 characters, its namespace included)" in \
+        [unescaped(nte[3]) for nte in segments(message, "NTE")]
     assert read(msg.msh.msh_4.msh_4_1) == "lab|7^x"
     signer = order.obr.obr_32.obr_32_1  # NDL's name, its family name part (CNN-2)
     assert [c.name for c in signer.children] == ["CNN_2"] and read(signer) == HOSTILE
@@ -186,7 +193,7 @@ def test_the_analyzers_report_of_a_rendered_field_is_a_valid_oru_r01(tmp_path: P
     message = oru_r01(report)
     msg = parsed(message)
     order = msg.oru_r01_patient_result.oru_r01_order_observation
-    assert order.obr.obr_25.value == "P" and order.obr.obr_3.value == f"{report.report_id}^smearscope"
+    assert order.obr.obr_25.value == "P" and order.obr.obr_3.value == f"{filler_order_number(report.report_id)}^smearscope"
     assert len(segments(message, "OBX")) == sum(
         1 + len(o.get("component", [])) for o in findings(report_bundle(report))) + len(report.flags)
 
@@ -219,3 +226,52 @@ def test_a_specimen_id_over_22_characters_gets_a_short_placer_order_number_and_t
         order = parsed(message).oru_r01_patient_result.oru_r01_order_observation
         assert order.orc.orc_2.value == order.obr.obr_2.value == fits
         assert not [nte for nte in segments(message, "NTE") if nte[3].startswith("Specimen id:")]
+
+
+#: HL7 v2.5.1's length of each field built from an identifier, the whole field as sent (components, their
+#: separators and escapes counted): the segment attribute tables of v2.5.1 chapter 2 (MSH), 4 (ORC, OBR) and 7
+#: (OBX, SPM). (segment, field number): length.
+V251_LENGTHS = {("MSH", 4): 227, ("MSH", 10): 20, ("ORC", 2): 22, ("ORC", 3): 22, ("OBR", 2): 22, ("OBR", 3): 22,
+                ("OBR", 32): 200, ("OBX", 18): 22, ("SPM", 2): 80}
+
+
+def field(fields: list[str], number: int) -> str:
+    """Field `number` of a segment split at '|' (MSH-1 is the separator itself: MSH-n is its n-1th part)."""
+    index = number - 1 if fields[0] == "MSH" else number
+    return fields[index] if index < len(fields) else ""
+
+
+@pytest.mark.parametrize("ids", ["long", "hostile", "uuid"])
+def test_every_field_built_from_an_id_is_within_its_v251_length(ids: str) -> None:
+    """A 64-character specimen, run and station id, hostile ones (each delimiter and a CR LF, escaped to several
+    times their length) and a plain UUID run: ORC-2/3, OBR-2/3, SPM-2, MSH-4, MSH-10, OBR-32 and OBX-18 each
+    within v2.5.1's length for the whole field as sent, the message valid, each whole id read back from a note,
+    and a verified report of the run with the same ORC-3 as its preliminary one."""
+    values = {"long": ("S" * 63 + "1", "R" * 63 + "1", "st" * 32, "A" * 64),
+              "hostile": (HOSTILE * 4, HOSTILE * 5, (HOSTILE * 4)[:64], HOSTILE * 10),
+              "uuid": ("H-2026-0412", "5b1e6f0a-3c2d-4e8f-9a7b-1c2d3e4f5a6b", "lab-7", "AB")}[ids]
+    specimen_id, run_id, station_id, signer = values
+    report = specimen_report().model_copy(update={"specimen_id": specimen_id, "run_id": run_id,
+                                                  "station_id": station_id, "report_id": "r|" + run_id})
+    preliminary = oru_r01(report)
+    amended = oru_r01(verified(report, signer=signer))
+    for message in (preliminary, amended):
+        parsed(message)
+        checked = set()
+        for line in message.split("\r")[:-1]:
+            fields = line.split("|")
+            for (name, number), length in V251_LENGTHS.items():
+                if fields[0] == name:
+                    assert len(field(fields, number)) <= length, (name, number, field(fields, number))
+                    checked.add((name, number))
+        assert checked == set(V251_LENGTHS)
+        notes = [unescaped(nte[3]) for nte in segments(message, "NTE")]
+        if ids != "uuid":
+            assert any(n.startswith(f"Specimen id: {specimen_id} (") for n in notes)
+            assert any(n.startswith(f"Station id: {station_id} (") for n in notes)
+        assert any(n.startswith(f"Run id: {run_id} (ORC-3, OBR-3 and SPM-2 carry ") for n in notes)
+    orc = [segments(m, "ORC")[0] for m in (preliminary, amended)]
+    assert orc[0][3] == orc[1][3] and orc[0][2] == orc[1][2]  # the LIS matches the amended report with its original
+    assert segments(preliminary, "SPM")[0][2] == segments(amended, "SPM")[0][2]
+    other = oru_r01(report.model_copy(update={"run_id": run_id[:-1] + "2"}))
+    assert segments(other, "ORC")[0][3] != orc[0][3]  # runs differing only at their end: two orders

@@ -6,9 +6,11 @@ statuses and reasons for an absent value are the bundle's, read off it, so the t
 different things and there is one code table (service.fhir.codes). The status maps as the bundle's:
 preliminary P, final F (a verified run), amended C (a run signed again, correcting a verified
 result). No patient is named (the bundle has no subject): the message has no PID; the lab's
-specimen id (or its short form, when it is over EI.1's 22 characters: placer_order_number) is the
-placer order number and SPM's, the run id the filler order number, so the lab
-system files the result under its own order. The same report always gives the same message.
+specimen id is the placer order number and SPM's, the run id the filler order number, so the lab
+system files the result under its own order. Each field built from an id keeps to its v2.5.1 length
+as sent: an id too long for it goes as a short, deterministic form of it (placer_order_number,
+filler_order_number, equipment_id), the whole id in a note under OBR. The same report always gives
+the same message.
 """
 
 from __future__ import annotations
@@ -54,11 +56,21 @@ NO_RESULT = "X"
 CODING_SYSTEM = {codes.LOINC: "LN", codes.UCUM: "UCUM", codes.LOCAL_OBSERVATION: "99SSO",
                  codes.LOCAL_WBC_CLASS: "99SSW", codes.LOCAL_RBC_MORPHOLOGY: "99SSR",
                  codes.LOCAL_GRADE: "99SSG", codes.LOCAL_FLAG: "99SSF", codes.SPECIMEN_TYPES: "HL70487"}
-#: EI.1's length in v2.5.1 for a placer order number (ORC-2, OBR-2): a strict LIS refuses a longer one.
+#: v2.5.1's length of ORC-2/OBR-2 (EI): the whole field as sent; the placer order number has no namespace
+#: (EI-2: the lab's accession number is the LIS's own), so all 22 are EI.1's. A strict LIS refuses a longer one.
 PLACER_LENGTH = 22
 #: The short placer order number of a longer specimen id: up to this many of its leading letters and digits,
 #: '-', then this many base32 characters of its SHA-256 (60 bits): 9 + 1 + 12 = PLACER_LENGTH.
 PLACER_PREFIX, PLACER_HASH = 9, 12
+#: v2.5.1's length of ORC-3/OBR-3 (EI, the filler order number) and OBX-18 (EI, the equipment), the whole field as
+#: sent: EI.1, '^' and the namespace `smearscope` together; so 11 characters are left for EI.1.
+FILLER_LENGTH = EQUIPMENT_LENGTH = 22
+#: The short equipment id of a longer station id: up to this many of its leading letters and digits, '-', then
+#: base32 characters of its SHA-256 to EI.1's 11 (4 + 1 + 6: 30 bits, for the few stations of one lab).
+EQUIPMENT_PREFIX = 4
+#: v2.5.1's length of SPM-2 (EIP): the placer's id (22 at most) '^' the filler's (22 at most, '&' between its
+#: parts) fit in it.
+SPECIMEN_ID_LENGTH = 80
 #: SFT-1, the software's vendor (XON-1, organization name), and SFT-3, its product name.
 VENDOR = PRODUCT = "smearscope"
 #: SFT-2 and SFT-3/SFT-4 lengths in v2.5.1 (ST 15, 20, 20); SFT-5 (TX) 1024.
@@ -166,7 +178,7 @@ class _Message:
         self.status = RESULT_STATUS[self.diagnostic["status"]]
         self.effective = dtm(self.diagnostic["effectiveDateTime"])
         self.issued = dtm(self.diagnostic["issued"])
-        self.equipment = components(text(report.station_id or ""), NAMESPACE)
+        self.equipment = components(equipment_id(report.station_id or ""), NAMESPACE)
         self.segments: list[str] = []
         self._obx = 0
         self._notes = 0
@@ -193,30 +205,61 @@ class _Message:
             self.obx(group, _ce(comp["code"]), _value(comp), self.status)
 
 
+def _short(value: str, room: int, prefix: int, digits: int) -> str:
+    """`value` escaped when it fits `room` characters as sent; else up to `prefix` of its leading letters and
+    digits, '-' (none without them) and `digits` base32 characters of the SHA-256 of the whole value (UTF-8):
+    the same value always gives the same one, two differing anywhere (the end too) different ones."""
+    whole = text(value)
+    if len(whole) <= room:
+        return whole
+    lead = re.sub(r"[^A-Za-z0-9]", "", value[: 4 * room])[:prefix]
+    digest = base64.b32encode(hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()).decode()
+    return f"{lead}-{digest[:digits]}" if lead else digest[:digits]
+
+
 def placer_order_number(specimen_id: str) -> str:
     """ORC-2/OBR-2's EI.1 (and SPM-2's placer part) for `specimen_id`, escaped: the id as the lab knows it when
     it fits PLACER_LENGTH as sent; else its leading letters and digits (up to PLACER_PREFIX), '-' and
     PLACER_HASH base32 characters of the SHA-256 of the whole id (UTF-8): the same id always gives the same
     value, two ids differing anywhere (the end too) give different ones. The message carries the whole id
     in a note (oru_r01)."""
-    whole = text(specimen_id)
-    if len(whole) <= PLACER_LENGTH:
-        return whole
-    prefix = re.sub(r"[^A-Za-z0-9]", "", specimen_id[: 4 * PLACER_LENGTH])[:PLACER_PREFIX]
-    digest = base64.b32encode(hashlib.sha256(specimen_id.encode("utf-8", "surrogatepass")).digest())
-    return "-".join(part for part in (prefix, digest.decode()[:PLACER_HASH]) if part)
+    return _short(specimen_id, PLACER_LENGTH, PLACER_PREFIX, PLACER_HASH)
 
 
-def oru_r01(report: Report, addressing: Addressing | None = None) -> str:
-    """The ORU^R01 message of one report, segments ended by a carriage return (docs/HL7.md)."""
+def filler_order_number(run_id: str) -> str:
+    """ORC-3/OBR-3's EI.1 (and SPM-2's filler part) for `run_id`, escaped: the run id when it fits before
+    `^smearscope` in FILLER_LENGTH; else (a run id is a UUID, 36 characters) 11 base32 characters of its
+    SHA-256 (55 bits), the same for every report of the run. The message carries the whole run id in a note."""
+    room = FILLER_LENGTH - len(NAMESPACE) - 1
+    return _short(run_id, room, 0, room)
+
+
+def equipment_id(station_id: str) -> str:
+    """OBX-18's EI.1 for `station_id`, escaped: the station id when it fits before `^smearscope` in
+    EQUIPMENT_LENGTH; else up to EQUIPMENT_PREFIX of its leading letters and digits, '-' and base32 characters
+    of its SHA-256. The message carries the whole station id in a note."""
+    room = EQUIPMENT_LENGTH - len(NAMESPACE) - 1
+    return _short(station_id, room, EQUIPMENT_PREFIX, room - EQUIPMENT_PREFIX - 1)
+
+
+def oru_r01(report: Report, addressing: Addressing | None = None, whole_ids: bool = False) -> str:
+    """The ORU^R01 message of one report, segments ended by a carriage return (docs/HL7.md). `whole_ids`: ORC-2/3,
+    OBR-2/3 and SPM-2 carry the specimen and run ids whole, as smearscope sent them before it kept to their
+    lengths, for a run an earlier report of which went so (the archive's index knows: store.whole_ids_run), so
+    that the LIS matches its amended report with the one it received."""
     m = _Message(report, report_bundle(report))
     r, v = report, report.verification
     a = addressing or Addressing()
     facility = hd(a.sending_facility) if a.sending_facility else _station_facility(r.station_id or "")
     receiver = hd(a.receiving_application) if a.receiving_application else ""
     receiving_facility = hd(a.receiving_facility) if a.receiving_facility else ""
-    placer = placer_order_number(r.specimen_id) if r.specimen_id else ""
-    filler = components(text(r.run_id or r.report_id), NAMESPACE)
+    run = r.run_id or r.report_id  # a report of no run (the analyzer's) is its own order
+    if whole_ids:
+        placer, filler_id = text(r.specimen_id or ""), text(run)
+    else:
+        placer = placer_order_number(r.specimen_id) if r.specimen_id else ""
+        filler_id = filler_order_number(run)
+    filler = components(filler_id, NAMESPACE)
     m.segments.append(segment(
         "MSH", ENCODING_CHARACTERS, SENDING_APPLICATION, facility, receiver, receiving_facility, m.issued, "",
         "ORU^R01^ORU_R01", control_id(r.report_id, a.processing_id), a.processing_id, VERSION, "", "", "", "", "", CHARSET))
@@ -231,6 +274,12 @@ def oru_r01(report: Report, addressing: Addressing | None = None) -> str:
     if r.specimen_id and placer != text(r.specimen_id):  # shortened: the whole id where no length cuts it
         m.note(f"Specimen id: {r.specimen_id} (ORC-2, OBR-2 and SPM-2 carry {placer}: HL7 v2.5.1 gives a "
                f"placer order number {PLACER_LENGTH} characters)")
+    if filler_id != text(run):
+        m.note(f"{'Run' if r.run_id else 'Report'} id: {run} (ORC-3, OBR-3 and SPM-2 carry {filler_id}^{NAMESPACE}: "
+               f"HL7 v2.5.1 gives a filler order number {FILLER_LENGTH} characters, its namespace included)")
+    if r.station_id and equipment_id(r.station_id) != text(r.station_id):
+        m.note(f"Station id: {r.station_id} (OBX-18 carries {equipment_id(r.station_id)}^{NAMESPACE}: HL7 v2.5.1 "
+               f"gives an equipment instance identifier {EQUIPMENT_LENGTH} characters, its namespace included)")
     for group, obs in enumerate(m.observations, start=1):
         m.observation(group, obs)
     for group, flag in enumerate(m.flags, start=len(m.observations) + 1):  # critical first, as conclusionCode
@@ -241,6 +290,6 @@ def oru_r01(report: Report, addressing: Addressing | None = None) -> str:
         if message != text(flag["valueString"], FT):  # cut to ST's length: the whole message in a note
             m.note(flag["valueString"])
     m.segments.append(segment(
-        "SPM", "1", components(placer, subcomponents(text(r.run_id or r.report_id), NAMESPACE)),
+        "SPM", "1", components(placer, subcomponents(filler_id, NAMESPACE)),
         "", _specimen_type(m.specimen["type"])))
     return SEGMENT_END.join(m.segments) + SEGMENT_END
