@@ -1,6 +1,6 @@
 """The archive's index carries its version (PRAGMA user_version): an index made before it had one
 (tests/data/archive-unversioned, made by the archive of commit 0bdeb98) and one of version 1
-(tests/data/archive-v1, made by the archive of commit 2c4762f) are upgraded in place to version 3
+(tests/data/archive-v1, made by the archive of commit 2c4762f) are upgraded in place to version 4
 and everything in them is still found; an index of a newer version is refused, naming both
 versions, exit 2, and left byte for byte as it was."""
 
@@ -61,7 +61,7 @@ def test_an_index_made_before_it_had_a_version_is_upgraded_in_place_and_still_fo
     files = {p: digest(p) for p in unversioned.rglob("*.json")}
     with caplog.at_level(logging.INFO):
         ArchiveStore(unversioned).close()
-    assert user_version(index) == INDEX_VERSION == 3
+    assert user_version(index) == INDEX_VERSION == 4
     assert f"the archive index {index} had no version number" in caplog.text
     assert rows(index) == before and {p: digest(p) for p in unversioned.rglob("*.json")} == files
     found = find(unversioned)
@@ -70,7 +70,7 @@ def test_an_index_made_before_it_had_a_version_is_upgraded_in_place_and_still_fo
     assert found[0].path.is_file()
 
 
-def test_a_version_1_index_is_upgraded_to_3_in_place_and_still_found(
+def test_a_version_1_index_is_upgraded_to_4_in_place_and_still_found(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     directory = tmp_path / "archive"
     shutil.copytree(VERSION_1, directory, ignore=shutil.ignore_patterns("README.md"))
@@ -79,8 +79,8 @@ def test_a_version_1_index_is_upgraded_to_3_in_place_and_still_found(
     before = rows(index)
     with caplog.at_level(logging.INFO):
         ArchiveStore(directory).close()
-    assert user_version(index) == 3
-    assert f"the archive index {index} upgraded from version 1 to 3" in caplog.text
+    assert user_version(index) == 4
+    assert f"the archive index {index} upgraded from version 1 to 4" in caplog.text
     assert rows(index) == before
     db = sqlite3.connect(f"{index.as_uri()}?mode=ro", uri=True)
     try:
@@ -90,20 +90,20 @@ def test_a_version_1_index_is_upgraded_to_3_in_place_and_still_found(
     assert [r.report_id for r in find(directory)] == [VERIFIED, FIRST]
 
 
-def test_a_new_index_is_version_3(tmp_path: Path) -> None:
+def test_a_new_index_is_version_4(tmp_path: Path) -> None:
     ArchiveStore(tmp_path / "a").close()
-    assert user_version(tmp_path / "a" / "index.sqlite") == 3
+    assert user_version(tmp_path / "a" / "index.sqlite") == 4
 
 
 def test_an_index_of_a_newer_version_is_refused_with_both_versions_and_left_as_it_was(
         unversioned: Path, capsys: pytest.CaptureFixture[str]) -> None:
     index = unversioned / "index.sqlite"
     db = sqlite3.connect(index)
-    db.execute("PRAGMA user_version = 4")  # as a newer smearscope would leave it
+    db.execute("PRAGMA user_version = 5")  # as a newer smearscope would leave it
     db.close()
     before = digest(index)
-    said = f"the archive index {index} is of version 4, newer than this smearscope's (version 3)"
-    with pytest.raises(IndexVersionError, match=r"is of version 4, newer than this smearscope's \(version 3\)"):
+    said = f"the archive index {index} is of version 5, newer than this smearscope's (version 4)"
+    with pytest.raises(IndexVersionError, match=r"is of version 5, newer than this smearscope's \(version 4\)"):
         ArchiveStore(unversioned)
     # the archive itself: exit 2 (the unit does not restart it), before any broker is tried; in its
     # own process, with a limit: one that took the index would run on (the broker retried for ever)
@@ -115,7 +115,7 @@ def test_an_index_of_a_newer_version_is_refused_with_both_versions_and_left_as_i
     assert said in capsys.readouterr().err
     assert main(["archive", "show", VERIFIED, "--dir", str(unversioned)]) == 2
     assert said in capsys.readouterr().err
-    assert digest(index) == before and user_version(index) == 4
+    assert digest(index) == before and user_version(index) == 5
     wal = unversioned / "index.sqlite-wal"  # left by SQLite's read-only readers of a WAL index: empty
     assert not wal.exists() or wal.stat().st_size == 0
 

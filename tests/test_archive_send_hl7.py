@@ -43,7 +43,7 @@ def message(archive: Path, report_id: str, addressing: Addressing | None = None)
 def deliveries(archive: Path) -> list[tuple[str, str, str, str]]:
     db = sqlite3.connect(f"{(archive / 'index.sqlite').as_uri()}?mode=ro", uri=True)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
         return list(db.execute("SELECT report_id, destination, control_id, sender FROM hl7_deliveries "
                                "ORDER BY rowid"))
     finally:

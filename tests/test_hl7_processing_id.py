@@ -42,7 +42,7 @@ def msh(message: str) -> list[str]:
 def recorded(archive: Path) -> list[tuple[str, str, str]]:
     db = sqlite3.connect(f"{(archive / 'index.sqlite').as_uri()}?mode=ro", uri=True)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
         return list(db.execute("SELECT report_id, control_id, processing_id FROM hl7_deliveries ORDER BY rowid"))
     finally:
         db.close()

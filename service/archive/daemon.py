@@ -87,7 +87,7 @@ class ArchiveDaemon:
                             stop=self._stop, error_hold_s=config.hl7_mllp_error_hold_s)
         self.store = ArchiveStore(config.directory, hl7)
         if hl7 is not None:
-            hl7.not_accepted = self.store.not_accepted  # an amended report waits behind its original
+            hl7.use_index(self.store)
             hl7.remove_leftovers()
         self.hl7 = hl7
         self._incoming: queue.Queue[Incoming] = queue.Queue()

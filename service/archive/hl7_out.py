@@ -31,7 +31,7 @@ from pathlib import Path
 from smearscope.files import write_atomically
 from smearscope.service.archive.message import ReportMessage
 from smearscope.service.archive.rejections import HELD, Rejection
-from smearscope.service.archive.store import Delivery, canonical_destination
+from smearscope.service.archive.store import ArchiveStore, Delivery, canonical_destination
 from smearscope.service.hl7 import mllp
 from smearscope.service.hl7.header import Addressing
 
@@ -46,9 +46,12 @@ _LEFTOVER = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\.hl7\.[A-Za-z0-9_]{
 UNREADABLE = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 
 
-def oru_of(payload: bytes, addressing: Addressing | None = None) -> tuple[str, str, str]:
+def oru_of(payload: bytes, addressing: Addressing | None = None,
+           whole_ids: Callable[[str], bool] | None = None) -> tuple[str, str, str]:
     """(the report's kind, its ORU^R01 message, its control id) from an archived envelope; one of
-    UNREADABLE when its body is not a report this smearscope reads."""
+    UNREADABLE when its body is not a report this smearscope reads. `whole_ids` (the index's
+    store.whole_ids_run): whether a run's messages carry its specimen and run ids whole, as an earlier
+    smearscope delivered one of its reports."""
     # imported here: the report model and the FHIR mapping pull numpy and OpenCV in, which the
     # archive needs only when it makes HL7
     from smearscope.service.analysis.report import Report
@@ -56,8 +59,9 @@ def oru_of(payload: bytes, addressing: Addressing | None = None) -> tuple[str, s
 
     body = json.loads(payload).get("body")
     report = Report.model_validate(body)
+    whole = whole_ids is not None and whole_ids(report.run_id or report.report_id)
     try:
-        return (report.kind, oru_r01(report, addressing),
+        return (report.kind, oru_r01(report, addressing, whole_ids=whole),
                 control_id(report.report_id, (addressing or Addressing()).processing_id))
     except (OverflowError, OSError) as exc:
         # a time no calendar holds (a run of 10**20 s): `datetime` says EOVERFLOW as an OSError, which the
@@ -112,9 +116,17 @@ class Hl7Output:
         self.error_hold_s = error_hold_s  # an AE/CE answered this long is given up on (recorded, not held)
         #: (report id, destination, processing id) -> the code of its open rejection there (the index's), or None
         self.not_accepted: Callable[[str, str, str], str | None] | None = None
+        #: run id -> whether its messages carry the ids whole (the index's store.whole_ids_run), or None
+        self.whole_ids: Callable[[str], bool] | None = None
         # the report held, its deliveries (and rejections) made so far, and since when a receiver answers AE/CE
         self._held: tuple[str, list[Delivery | Rejection]] | None = None
         self._erring_since: float | None = None
+
+    def use_index(self, store: ArchiveStore) -> None:
+        """Consult the running archive's index: an amended report waits behind its original not accepted
+        there, and a run an earlier smearscope sent with its ids whole keeps them (docs/HL7.md)."""
+        self.not_accepted = store.not_accepted
+        self.whole_ids = store.whole_ids
 
     def remove_leftovers(self) -> None:
         """The temporary files of writes a crash interrupted (`.<report_id>.hl7.<random>.tmp`: their report
@@ -170,7 +182,7 @@ class Hl7Output:
         archived all the same). A destination that refuses it for good gives a Rejection instead (for the index,
         with the deliveries); OSError (a full disk, no ACK, an AE) is the caller's to hold the report for."""
         try:
-            kind, oru, control_id = oru_of(message.payload, self.addressing)
+            kind, oru, control_id = oru_of(message.payload, self.addressing, self.whole_ids)
         except UNREADABLE as exc:
             logger.error("report %s from %s cannot be read as a report of this smearscope (%s: %s): archived, "
                          "but no HL7 message was made", message.report_id, message.station, type(exc).__name__,

@@ -27,6 +27,7 @@ from smearscope.service.archive.store import (
     canonical_destination,
     open_index,
     record_deliveries,
+    whole_ids_run,
 )
 from smearscope.service.hl7.mllp import Rejected
 
@@ -85,7 +86,7 @@ def send_from_index(directory: Path, output: Hl7Output, since: float | None, aga
                 continue
             path = directory / relative
             try:
-                _, oru, control_id = oru_of(path.read_bytes(), output.addressing)
+                _, oru, control_id = oru_of(path.read_bytes(), output.addressing, lambda run: whole_ids_run(db, run))
             except (OSError, *UNREADABLE) as exc:
                 unreadable += 1
                 logger.error("report %s at %s cannot be read as a report of this smearscope (%s: %s): not sent",

@@ -45,7 +45,12 @@ INDEX_NAME = "index.sqlite"
 #: upgraded in place by adding it (its reports then have no delivery recorded). 3: and each delivery's
 #: processing id (MSH-11: P, T or D), so a training message is never taken for the production one; a
 #: version 2 index is upgraded in place, its deliveries P (every message was, before MSH-11 could be set).
-INDEX_VERSION = 3
+#: 4: and `hl7_whole_id_runs`, the runs an earlier smearscope delivered a report of, when ORC-2/3 and SPM-2
+#: carried the specimen and run ids whole: filled once, as a version 2 or 3 index is upgraded, from its
+#: deliveries; every later message of such a run carries them whole too (whole_ids_run), so the lab system
+#: matches an amended report with the one it has. An older smearscope refuses the upgraded index: what it
+#: delivered would be missing from the table.
+INDEX_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
     report_id TEXT PRIMARY KEY, station TEXT NOT NULL, run_id TEXT, specimen_id TEXT,
@@ -62,6 +67,7 @@ CREATE TABLE IF NOT EXISTS hl7_deliveries (
     report_id TEXT NOT NULL, destination TEXT NOT NULL, control_id TEXT NOT NULL, delivered_at REAL NOT NULL,
     sender TEXT NOT NULL, processing_id TEXT NOT NULL DEFAULT 'P');
 CREATE INDEX IF NOT EXISTS hl7_deliveries_report ON hl7_deliveries (report_id, destination);
+CREATE TABLE IF NOT EXISTS hl7_whole_id_runs (run_id TEXT PRIMARY KEY);
 """ + REJECTIONS_SCHEMA  # added to an index of version 3 in place: a smearscope before it ignores the table
 
 
@@ -149,6 +155,25 @@ class Stored:
     new: bool
 
 
+#: The runs (a report of no run: its own id, as oru_r01's filler order number) with an HL7 delivery recorded.
+_RUN = "coalesce(r.run_id, r.report_id)"
+_DELIVERED_RUNS = f"SELECT DISTINCT {_RUN} FROM hl7_deliveries d JOIN reports r ON r.report_id = d.report_id"
+
+
+def whole_ids_run(db: sqlite3.Connection, run_id: str) -> bool:
+    """Whether the messages of run `run_id` carry its specimen and run ids whole (oru_r01 `whole_ids`): an
+    earlier smearscope delivered a report of it so. An index not yet upgraded (a reader's, of version 2 or 3):
+    every delivery it records was."""
+    if int(db.execute("PRAGMA user_version").fetchone()[0]) >= 4:
+        query = "SELECT 1 FROM hl7_whole_id_runs WHERE run_id = ?"
+    elif db.execute("SELECT 1 FROM sqlite_master WHERE name = 'hl7_deliveries'").fetchone() is not None:
+        query = (f"SELECT 1 FROM hl7_deliveries d JOIN reports r ON r.report_id = d.report_id "
+                 f"WHERE {_RUN} = ? LIMIT 1")
+    else:
+        return False
+    return db.execute(query, (run_id,)).fetchone() is not None
+
+
 class ArchiveStore:
     """The archive folder and its index. One writer (the daemon's storer thread); readers
     (`smearscope archive find/show`) open it with `open_index(read_only=True)`."""
@@ -167,6 +192,10 @@ class ArchiveStore:
     def not_accepted(self, report_id: str, destination: str, processing_id: str) -> str | None:
         """The code of `report_id`'s open rejection at `destination` (service.archive.rejections), else None."""
         return open_rejection(self._db, report_id, destination, processing_id)
+
+    def whole_ids(self, run_id: str) -> bool:
+        """Whether run `run_id`'s messages carry its ids whole (whole_ids_run)."""
+        return whole_ids_run(self._db, run_id)
 
     def not_accepted_count(self) -> int:
         """How many reports a lab system has not accepted (an open rejection: service.archive.rejections)."""
@@ -357,6 +386,11 @@ def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
             elif version == 1:
                 logger.info("the archive index %s upgraded from version 1 to %d (HL7 deliveries recorded from now "
                             "on; none is recorded for the reports before)", path, INDEX_VERSION)
+            if columns and version < 4:  # each delivery so far was made with the ids whole
+                runs = db.execute(f"INSERT OR IGNORE INTO hl7_whole_id_runs {_DELIVERED_RUNS}").rowcount
+                logger.info("the archive index %s upgraded from version %d to %d: %d runs were sent to the lab "
+                            "system with their specimen and run ids whole (ORC-2/3, SPM-2); their later reports "
+                            "are sent so too", path, version, INDEX_VERSION, runs)
             if version < INDEX_VERSION:
                 db.execute(f"PRAGMA user_version = {INDEX_VERSION}")
     except BaseException:

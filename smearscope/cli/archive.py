@@ -276,7 +276,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     elif args.copy is None and copies is None:
         print(f"smearscope archive: copies of the {what} {args.report_id} not looked for: {listed}", file=sys.stderr)
     if args.hl7:
-        return _show_hl7(args.report_id, path, data, addressing)
+        return _show_hl7(args.report_id, path, data, addressing, directory)
     sys.stdout.buffer.write(data + b"\n")
     return 0
 
@@ -325,13 +325,21 @@ def cmd_send_hl7(args: argparse.Namespace) -> int:
     return 1 if result.unreadable or result.rejected else 0
 
 
-def _show_hl7(report_id: str, path: Path, envelope: bytes, addressing: Addressing) -> int:
+def _show_hl7(report_id: str, path: Path, envelope: bytes, addressing: Addressing, directory: Path) -> int:
     """The archived report's ORU^R01 with `addressing`'s MSH-4/5/6, one segment a line (the file
-    `--hl7-dir` writes ends each with a carriage return, as HL7 has it)."""
+    `--hl7-dir` writes ends each with a carriage return, as HL7 has it), its ids whole where the index
+    says its run was sent so (store.whole_ids_run)."""
     from smearscope.service.archive.hl7_out import UNREADABLE, oru_of, unreadable_reason
+    from smearscope.service.archive.store import open_index, whole_ids_run
 
     try:
-        _, oru, _ = oru_of(envelope, addressing)
+        db = open_index(directory, read_only=True)
+        try:
+            _, oru, _ = oru_of(envelope, addressing, lambda run: whole_ids_run(db, run))
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return _fail(f"cannot read the archive index at {directory}: {exc}", 1)
     except UNREADABLE as exc:
         return _fail(f"the report {report_id} at {path} cannot be read as a report of this smearscope "
                      f"({type(exc).__name__}: {unreadable_reason(exc)}): no HL7 message", 1)
