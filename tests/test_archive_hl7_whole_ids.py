@@ -1,7 +1,7 @@
 """A run whose report an earlier smearscope delivered with its specimen and run ids whole in ORC-2/3 and SPM-2
 (tests/data/archive-whole-ids: its index and the message it delivered, made by commit 1a0afdf) keeps them
 whole in its amended report, so the lab system matches the two; a run no earlier smearscope delivered
-gets the short forms v2.5.1's lengths need. Real archive folders, real SQLite indexes, the archive's own
+gets the short forms v2.5.1's lengths need, and `archive find` finds it by them. Real archive folders, real SQLite indexes, the archive's own
 storer and `smearscope archive send-hl7` / `show --hl7`."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from test_hl7 import parsed
 from smearscope.cli import main
 from smearscope.service.archive.hl7_out import Hl7Output
 from smearscope.service.archive.message import read_report
+from smearscope.service.archive.query import find
 from smearscope.service.archive.store import ArchiveStore
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "archive-whole-ids"
@@ -84,3 +85,8 @@ def test_a_run_no_earlier_smearscope_sent_gets_the_short_forms(tmp_path: Path) -
     ids = [order_ids((hl7_dir / f"{r}.hl7").read_bytes().decode()) for r in (FIRST, VERIFIED)]
     assert ids[0] == ids[1]
     assert len(ids[0]["ORC-3"]) <= 22 and len(ids[0]["ORC-2"]) <= 22 and RUN not in ids[0]["SPM-2"]
+    # the run and specimen found by what the lab system shows: ORC-3 (its id part) and ORC-2
+    by_lis = [find(archive, run=ids[0]["ORC-3"].split("^")[0]), find(archive, specimen=ids[0]["ORC-2"])]
+    assert [[r.report_id for r in found] for found in by_lis] == [[VERIFIED, FIRST]] * 2
+    assert [r.report_id for r in find(archive, run=RUN)] == [VERIFIED, FIRST]
+    assert find(archive, run=ids[0]["ORC-3"][:10] + "A") == [] == find(archive, specimen=ids[0]["ORC-2"][:-1])

@@ -15,10 +15,8 @@ the same message.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
-import re
 from typing import Any
 
 from smearscope.service.analysis.report import Report
@@ -40,14 +38,21 @@ from smearscope.service.hl7.encode import (
     text,
 )
 from smearscope.service.hl7.header import Addressing
+from smearscope.service.hl7.identifiers import (
+    EQUIPMENT_LENGTH,
+    FILLER_LENGTH,
+    NAMESPACE,
+    PLACER_LENGTH,
+    equipment_id,
+    filler_order_number,
+    placer_order_number,
+)
 
 logger = logging.getLogger(__name__)
 
 VERSION = "2.5.1"
 CHARSET = "UNICODE UTF-8"
 SENDING_APPLICATION = "smearscope"
-#: The namespace of the filler's identifiers (EI-2) and of the equipment (OBX-18).
-NAMESPACE = "smearscope"
 #: FHIR status -> OBR-25 / OBX-11 (HL7 table 0123 / 0085).
 RESULT_STATUS = {"preliminary": "P", "final": "F", "amended": "C"}
 #: OBX-11 of an observation without a value (FHIR dataAbsentReason): results cannot be obtained.
@@ -56,21 +61,6 @@ NO_RESULT = "X"
 CODING_SYSTEM = {codes.LOINC: "LN", codes.UCUM: "UCUM", codes.LOCAL_OBSERVATION: "99SSO",
                  codes.LOCAL_WBC_CLASS: "99SSW", codes.LOCAL_RBC_MORPHOLOGY: "99SSR",
                  codes.LOCAL_GRADE: "99SSG", codes.LOCAL_FLAG: "99SSF", codes.SPECIMEN_TYPES: "HL70487"}
-#: v2.5.1's length of ORC-2/OBR-2 (EI): the whole field as sent; the placer order number has no namespace
-#: (EI-2: the lab's accession number is the LIS's own), so all 22 are EI.1's. A strict LIS refuses a longer one.
-PLACER_LENGTH = 22
-#: The short placer order number of a longer specimen id: up to this many of its leading letters and digits,
-#: '-', then this many base32 characters of its SHA-256 (60 bits): 9 + 1 + 12 = PLACER_LENGTH.
-PLACER_PREFIX, PLACER_HASH = 9, 12
-#: v2.5.1's length of ORC-3/OBR-3 (EI, the filler order number) and OBX-18 (EI, the equipment), the whole field as
-#: sent: EI.1, '^' and the namespace `smearscope` together; so 11 characters are left for EI.1.
-FILLER_LENGTH = EQUIPMENT_LENGTH = 22
-#: The short equipment id of a longer station id: up to this many of its leading letters and digits, '-', then
-#: base32 characters of its SHA-256 to EI.1's 11 (4 + 1 + 6: 30 bits, for the few stations of one lab).
-EQUIPMENT_PREFIX = 4
-#: v2.5.1's length of SPM-2 (EIP): the placer's id (22 at most) '^' the filler's (22 at most, '&' between its
-#: parts) fit in it.
-SPECIMEN_ID_LENGTH = 80
 #: SFT-1, the software's vendor (XON-1, organization name), and SFT-3, its product name.
 VENDOR = PRODUCT = "smearscope"
 #: SFT-2 and SFT-3/SFT-4 lengths in v2.5.1 (ST 15, 20, 20); SFT-5 (TX) 1024.
@@ -203,43 +193,6 @@ class _Message:
             self.note(f"Not assessable ({reason['code']}): {reason['display']}")
         for comp in obs.get("component", []):
             self.obx(group, _ce(comp["code"]), _value(comp), self.status)
-
-
-def _short(value: str, room: int, prefix: int, digits: int) -> str:
-    """`value` escaped when it fits `room` characters as sent; else up to `prefix` of its leading letters and
-    digits, '-' (none without them) and `digits` base32 characters of the SHA-256 of the whole value (UTF-8):
-    the same value always gives the same one, two differing anywhere (the end too) different ones."""
-    whole = text(value)
-    if len(whole) <= room:
-        return whole
-    lead = re.sub(r"[^A-Za-z0-9]", "", value[: 4 * room])[:prefix]
-    digest = base64.b32encode(hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()).decode()
-    return f"{lead}-{digest[:digits]}" if lead else digest[:digits]
-
-
-def placer_order_number(specimen_id: str) -> str:
-    """ORC-2/OBR-2's EI.1 (and SPM-2's placer part) for `specimen_id`, escaped: the id as the lab knows it when
-    it fits PLACER_LENGTH as sent; else its leading letters and digits (up to PLACER_PREFIX), '-' and
-    PLACER_HASH base32 characters of the SHA-256 of the whole id (UTF-8): the same id always gives the same
-    value, two ids differing anywhere (the end too) give different ones. The message carries the whole id
-    in a note (oru_r01)."""
-    return _short(specimen_id, PLACER_LENGTH, PLACER_PREFIX, PLACER_HASH)
-
-
-def filler_order_number(run_id: str) -> str:
-    """ORC-3/OBR-3's EI.1 (and SPM-2's filler part) for `run_id`, escaped: the run id when it fits before
-    `^smearscope` in FILLER_LENGTH; else (a run id is a UUID, 36 characters) 11 base32 characters of its
-    SHA-256 (55 bits), the same for every report of the run. The message carries the whole run id in a note."""
-    room = FILLER_LENGTH - len(NAMESPACE) - 1
-    return _short(run_id, room, 0, room)
-
-
-def equipment_id(station_id: str) -> str:
-    """OBX-18's EI.1 for `station_id`, escaped: the station id when it fits before `^smearscope` in
-    EQUIPMENT_LENGTH; else up to EQUIPMENT_PREFIX of its leading letters and digits, '-' and base32 characters
-    of its SHA-256. The message carries the whole station id in a note."""
-    room = EQUIPMENT_LENGTH - len(NAMESPACE) - 1
-    return _short(station_id, room, EQUIPMENT_PREFIX, room - EQUIPMENT_PREFIX - 1)
 
 
 def oru_r01(report: Report, addressing: Addressing | None = None, whole_ids: bool = False) -> str:

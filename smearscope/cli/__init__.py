@@ -318,8 +318,9 @@ def _archive_parser(sub) -> None:
                              help="find: list archived reports; show: print one; send-hl7: send archived "
                              "reports to the lab system (none: run the archive)")
     af = asub.add_parser("find", help="list archived reports, the latest per run first")
-    af.add_argument("--specimen", default=None, help="the lab's specimen id the run was started for")
-    af.add_argument("--run", default=None, help="a run id")
+    af.add_argument("--specimen", default=None, help="the lab's specimen id the run was started for (or the "
+                    "short form HL7's ORC-2 carries)")
+    af.add_argument("--run", default=None, help="a run id (or the short form HL7's ORC-3 carries before ^smearscope)")
     af.add_argument("--station", default=None, help="a station id")
     af.add_argument("--since", default=None, help="reports made on or after this date (YYYY-MM-DD, UTC) or "
                     "ISO time")
