@@ -607,3 +607,25 @@ def test_one_image_analysed_twice_gives_the_same_report_naming_the_software_and_
         device = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Device")
         assert device["version"][0] == {"type": {"text": "software"}, "value": installed}
         assert {v["type"]["text"] for v in device["version"][1:]} == set(first["models"])
+
+
+def test_the_summary_gives_each_wbc_share_to_one_decimal_as_the_red_cells():
+    """One basophil among 250 white cells is 0.4 %: the summary printed the differential's shares
+    rounded to whole percents, '(0%)', which reads as no basophil at all beside its count of 1; and
+    1 of 3 read '33%' where the red-cell shares beside it carry one decimal. Now '0.4%' and '33.3%'."""
+    from test_fhir import graded_report
+    from test_open_set_flags import _cell
+
+    from smearscope.cli.summary import summarize
+    from smearscope.service.analysis.aggregate import aggregate
+    from smearscope.service.analysis.records import CellKind
+
+    def summary_wbc(**counts: int) -> str:
+        cells = [_cell(CellKind.WBC, label) for label, n in counts.items() for _ in range(n)]
+        report = graded_report().model_copy(update={"wbc_differential": aggregate(cells).wbc_differential})
+        return next(ln for ln in summarize(report).splitlines() if ln.startswith("  WBC: "))
+
+    line = summary_wbc(neutrophil=249, basophil=1)
+    assert "basophil 1 (0.4%)" in line and "neutrophil 249 (99.6%)" in line, line
+    line = summary_wbc(neutrophil=2, lymphocyte=1)
+    assert "lymphocyte 1 (33.3%)" in line and "neutrophil 2 (66.7%)" in line, line

@@ -54,7 +54,7 @@ def summarize(report: Report) -> str:
         f"{r.timing_ms.get('total_ms', 0):.0f} ms)" if r.scale else f"report {r.report_id}",
     ]
     if r.wbc_differential:
-        lines.append("  WBC: " + ", ".join(f"{s.label} {s.count} ({s.percent:.0f}%)" for s in r.wbc_differential))
+        lines.append("  WBC: " + ", ".join(f"{s.label} {s.count} ({s.percent:.1f}%)" for s in r.wbc_differential))
     doubted = report_view.calibration_in_doubt(r)  # a calibration in doubt: sizes not read
     rows = report_view.morphology_rows(r)  # every size-based class when sizes cannot be read
     # a row no cell was given (the report lists every class of the head's) is left to --json: at a glance
