@@ -453,7 +453,9 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         _wait("the final report on the page", lambda: seen(card, "data-shown") == "final"
               and seen(card, "data-run-id") == run_id, 30, logs)
 
-        expected = {s.label: (s.label, str(s.count), s.percent, (s.ci95_low, s.ci95_high))
+        # shares and intervals read to one decimal (the report keeps two)
+        tenth = lambda v: float(f"{v:.1f}")
+        expected = {s.label: (s.label, str(s.count), tenth(s.percent), (tenth(s.ci95_low), tenth(s.ci95_high)))
                     for s in report.wbc_differential}
         assert expected
 
@@ -474,7 +476,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
             number, _, of = text.partition(" of ")
             return float(number), of
         assert {k: v[1] if v[2] == "not assessable" else share(v[1]) for k, v in morphology.items()} == {
-            s.label: "–" if morphology[s.label][2] == "not assessable" else (s.percent, f"{s.of_cells} RBC" if
+            s.label: "–" if morphology[s.label][2] == "not assessable" else (tenth(s.percent), f"{s.of_cells} RBC" if
                                                                             s.of_cells not in (None, counts.rbc) else "")
             for s in report.rbc_morphology}
         assert all(v[0] == "–" for v in morphology.values() if v[2] == "not assessable")
@@ -1055,7 +1057,7 @@ def test_a_share_of_fewer_red_cells_than_the_run_counted_names_them(tmp_path: Pa
         rows = lambda: {tr.get_attribute("data-label"): tr.find_element(By.CSS_SELECTOR, "td.percent").text
                         for tr in driver.find_elements(By.CSS_SELECTOR, "[data-station='mixed'] .morphology tbody tr")}
         _wait("the run's morphology", lambda: len(rows()) == 3, 20, [log])
-        assert rows() == {"normal": "90.75", "target": "5", "spherocyte": "8.5 of 200 RBC"}
+        assert rows() == {"normal": "90.8", "target": "5.0", "spherocyte": "8.5 of 200 RBC"}
 
 
 def test_the_dashboards_password_file_is_read_as_the_stations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1412,12 +1414,12 @@ def test_a_report_from_before_nrbc_were_counted_apart_says_its_erythroblasts_are
             "const n = document.querySelector(arguments[0]); return n ? n.innerText : '';", f"{card} .counts-line")
         _wait("the run's counts", lambda: "RBC 4000" in counts(), 20, [log])
         assert counts() == ("Cells counted on the smear (not per litre): RBC 4000 · WBC 112 · platelets 300 · "
-                            "NRBC 12 (12 per 100 WBC; this older report counts them among the 112 WBC)"), counts()
+                            "NRBC 12 (12.0 per 100 WBC; this older report counts them among the 112 WBC)"), counts()
         rows = driver.execute_script(
             "return [...document.querySelectorAll(arguments[0])].map((r) => [...r.cells].slice(0, 3).map((td) => "
             "td.innerText.trim()))", f"{card} table.differential tbody tr")
-        assert rows == [["neutrophil", "55", "49.11"], ["lymphocyte", "45", "40.18"],
-                        ["erythroblast (NRBC, not a white cell)", "12", "10.71"]], rows
+        assert rows == [["neutrophil", "55", "49.1"], ["lymphocyte", "45", "40.2"],
+                        ["erythroblast (NRBC, not a white cell)", "12", "10.7"]], rows
 
 
 @pytest.mark.broker
@@ -1684,7 +1686,7 @@ def test_a_report_from_before_each_size_class_was_listed_shows_all_three_not_ass
         rows = lambda: {tr.get_attribute("data-label"): [td.text for td in tr.find_elements(By.TAG_NAME, "td")[1:]]
                         for tr in driver.find_elements(By.CSS_SELECTOR, "[data-station='ward-o'] .morphology tbody tr")}
         _wait("the run's morphology", lambda: len(rows()) >= 2, 20, [log])
-        assert rows() == {"normal": ["3990", "99.75", ""], **{k: ["–", "–", "not assessable"] for k in SIZE_BASED}}, rows()
+        assert rows() == {"normal": ["3990", "99.8", ""], **{k: ["–", "–", "not assessable"] for k in SIZE_BASED}}, rows()
 
 
 @pytest.mark.broker

@@ -13,6 +13,18 @@
 // the other white cells (service.fhir.report_view.nrbc_per_100_wbc, as the FHIR export reads them).
 const NRBC_LABEL = "erythroblast";
 
+// A share, an interval's bound or NRBC per 100 WBC as read: to one decimal ("53.6", "0.0"), where
+// the report keeps two for audit; as Python formats it for `smearscope analyze` (an exact tie, 96.25,
+// goes to the even digit, 96.2, where toFixed would go up).
+function tenth(value) {
+  const v = Number(value);
+  if (Number.isInteger(v * 4) && !Number.isInteger(v * 2)) {  // x.25 or x.75, exactly
+    const down = Math.floor(v * 10);
+    return ((down % 2 === 0 ? down : down + 1) / 10).toFixed(1);
+  }
+  return v.toFixed(1);
+}
+
 function renderRun(st) {
   const view = shown(st);
   const line = st.node.querySelector(".run-line");
@@ -71,16 +83,16 @@ function renderRun(st) {
   const older = !c.nrbc && r.nrbc_per_100_wbc == null ? r.wbc_differential.find((s) => s.label === NRBC_LABEL) : null;
   const among = older && older.count ? older.count : 0, others = c.wbc - among;
   st.node.querySelector(".counts").textContent = "RBC " + c.rbc + " · WBC " + c.wbc + " · platelets " + c.platelet +
-    (c.nrbc ? " · NRBC " + c.nrbc + (r.nrbc_per_100_wbc != null ? " (" + r.nrbc_per_100_wbc + " per 100 WBC)" : "")
-     : among ? " · NRBC " + among + " (" + (others > 0 ? Math.round(10000 * among / others) / 100 + " per 100 WBC; " : "") +
+    (c.nrbc ? " · NRBC " + c.nrbc + (r.nrbc_per_100_wbc != null ? " (" + tenth(r.nrbc_per_100_wbc) + " per 100 WBC)" : "")
+     : among ? " · NRBC " + among + " (" + (others > 0 ? tenth(100 * among / others) + " per 100 WBC; " : "") +
        "this older report counts them among the " + c.wbc + " WBC)" : "");
   for (const s of r.wbc_differential) {
     const tr = el("tr");
     tr.dataset.label = s.label;
     tr.append(el("td", "label", s.label + (s.label === NRBC_LABEL ? " (NRBC, not a white cell)" : "")),
-              el("td", "count", String(s.count)), el("td", "percent", String(s.percent)));
+              el("td", "count", String(s.count)), el("td", "percent", tenth(s.percent)));
     const hasCi = s.ci95_low !== null && s.ci95_high !== null;
-    tr.append(el("td", "ci95", hasCi ? s.ci95_low + "–" + s.ci95_high : "–"));
+    tr.append(el("td", "ci95", hasCi ? tenth(s.ci95_low) + "–" + tenth(s.ci95_high) : "–"));
     const cell = el("td", "bar"), ci = el("div", "ci"), point = el("div", "point"), interval = el("div", "interval");
     point.style.width = s.percent + "%";
     if (hasCi) { interval.style.left = s.ci95_low + "%"; interval.style.width = (s.ci95_high - s.ci95_low) + "%"; }
@@ -121,7 +133,7 @@ function renderRun(st) {
     // of its calibrated fields' red cells, every row of its sharp fields' when some were blurred) says so
     const of = s.of_cells != null && s.of_cells !== c.rbc ? " of " + s.of_cells + " RBC" : "";
     tr.append(el("td", "label", s.label), el("td", "count", off ? "–" : String(s.count)),
-              el("td", "percent", off ? "–" : String(s.percent) + of),
+              el("td", "percent", off ? "–" : tenth(s.percent) + of),
               el("td", "grade", shown(grade) + (spans ? " (" + shown(s.grade_ci_low) + " to " +
                                                  shown(s.grade_ci_high) + ")" : "") + sure));
     morph.append(tr);
