@@ -252,3 +252,54 @@ def test_shares_intervals_and_nrbc_read_to_one_decimal_on_screen_and_on_paper(
             assert shown() == want, shown()
         finally:
             driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_the_scales_source_and_the_red_cells_size_are_on_screen_and_on_paper(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """The report says whether its red cells were sized at a calibrated scale (rbc_size.calibrated,
+    the flags size_not_assessable_without_calibration, sizes_from_calibrated_fields_only,
+    calibration_suspect) and their mean diameter, SD, CV and median, as `smearscope analyze`
+    prints them; the page and its printout said neither, so a run at an estimated scale read like
+    a calibrated one but for a grey info flag. Each card now says, above its morphology table,
+    where its scale came from and the red cells' size (the CV of diameters named as no RDW)."""
+    from selenium.webdriver.common.by import By
+
+    from smearscope.service.analysis.report import SizeStats
+
+    now = time.time()
+    calibrated = _specimen("ward-k", "run-k", [], now)
+    estimated = _specimen("ward-e", "run-e", [Flag(
+        code="size_not_assessable_without_calibration", severity="info", message="the scale was estimated")], now
+    ).model_copy(update={"rbc_size": SizeStats(n=200, mean_diameter_um=None, sd_um=None, cv_percent=None,
+                                                median_diameter_um=None, calibrated=False)})
+    doubted = _specimen("ward-s", "run-s", [Flag(code="calibration_suspect", severity="warning",
+                                                 message="the red cells point to 0.1 um/px")], now)
+    mixed = _specimen("ward-m", "run-m", [Flag(code="sizes_from_calibrated_fields_only", severity="info",
+                                               message="1800 of 4000 red cells came from fields at an estimated scale")], now)
+    want = {
+        "ward-k": "Scale: calibrated · red-cell diameter mean 7.4 µm, SD 0.6 µm, median 7.3 µm, 200 cells sized; "
+                  "CV of diameters 8.1 % (not an RDW)",
+        "ward-e": "Scale: estimated from the red cells (not calibrated): red-cell sizes, microcytes, macrocytes "
+                  "and spherocytes not assessable",
+        "ward-s": "Scale: calibrated, in doubt (see the flags): red-cell sizes, microcytes, macrocytes and "
+                  "spherocytes not read",
+        "ward-m": "Scale: calibrated on some fields, estimated on others (sizes from the calibrated fields' red cells) · "
+                  "red-cell diameter mean 7.4 µm, SD 0.6 µm, median 7.3 µm, 200 cells sized; CV of diameters 8.1 % "
+                  "(not an RDW)"}
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        for report in (calibrated, estimated, doubted, mixed):
+            send(f"smearscope/{report.station_id}/run", json.dumps(_closed_run_state(report)))
+        driver.get(url)
+        _wait("the runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == 4,
+              20, [log])
+        line = lambda s: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}'] .size-line")
+        shown = lambda: {s: line(s).text for s in want if line(s).is_displayed()}
+        assert shown() == want, shown()
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+        try:
+            assert shown() == want, shown()
+        finally:
+            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})

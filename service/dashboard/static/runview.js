@@ -25,6 +25,27 @@ function tenth(value) {
   return v.toFixed(1);
 }
 
+// Where the run's scale came from and, at a calibrated one, its red cells' size (report.rbc_size), as
+// `smearscope analyze` prints it: a run at an estimated scale read like a calibrated one but for a
+// grey info flag. The CV is of diameters, about half an analyzer's RDW-CV (whose range does not apply).
+function sizeText(r) {
+  const s = r.rbc_size || {}, flagged = (code) => r.flags.some((f) => f.code === code);
+  const unread = "red-cell sizes, microcytes, macrocytes and spherocytes";
+  if (flagged("calibration_suspect") || flagged("rbc_size_implausible"))
+    return "Scale: calibrated, in doubt (see the flags): " + unread + " not read";
+  if (flagged("size_not_assessable_without_calibration") || (s.calibrated === false && r.counts.rbc > 0))
+    return "Scale: estimated from the red cells (not calibrated): " + unread + " not assessable";
+  if (!r.counts.rbc) return "";
+  const scale = flagged("sizes_from_calibrated_fields_only")
+    ? "Scale: calibrated on some fields, estimated on others (sizes from the calibrated fields' red cells)"
+    : "Scale: calibrated";
+  if (!s.n || typeof s.mean_diameter_um !== "number") return scale + "; no whole red cell to size";
+  const um = (v) => typeof v === "number" ? v.toFixed(1) + " µm" : "–";
+  return scale + " · red-cell diameter mean " + um(s.mean_diameter_um) + ", SD " + um(s.sd_um) + ", median " +
+    um(s.median_diameter_um) + ", " + s.n + " cells sized" +
+    (typeof s.cv_percent === "number" ? "; CV of diameters " + tenth(s.cv_percent) + " % (not an RDW)" : "");
+}
+
 function renderRun(st) {
   const view = shown(st);
   const line = st.node.querySelector(".run-line");
@@ -34,6 +55,9 @@ function renderRun(st) {
   tbody.replaceChildren(); morph.replaceChildren(); flags.replaceChildren();
   st.node.querySelector(".counts").textContent = "";
   st.node.querySelector(".counts-line").hidden = !view;
+  const sizeLine = st.node.querySelector(".size-line");
+  sizeLine.textContent = view && view.report ? sizeText(view.report) : "";
+  sizeLine.hidden = !sizeLine.textContent;
   // the current run's critical flags stay said while an earlier run is shown
   const now = view && view.earlier ? current(st) : null;
   showCritical(st, view && view.report ? view.report.flags : [],
