@@ -629,3 +629,23 @@ def test_the_summary_gives_each_wbc_share_to_one_decimal_as_the_red_cells():
     assert "basophil 1 (0.4%)" in line and "neutrophil 249 (99.6%)" in line, line
     line = summary_wbc(neutrophil=2, lymphocyte=1)
     assert "lymphocyte 1 (33.3%)" in line and "neutrophil 2 (66.7%)" in line, line
+
+
+def test_the_summary_counts_nucleated_red_cells_per_100_white_cells():
+    """A field's nucleated red cells are counted apart from its white cells (counts.nrbc,
+    nrbc_per_100_wbc) and flagged, but the summary's counts line named only RBC, WBC and platelets.
+    It now says them as the dashboard does: 'NRBC 3 (1.5 per 100 WBC)', 'NRBC 0 (0.0 per 100 WBC)'."""
+    from test_fhir import graded_report
+
+    from smearscope.cli.summary import summarize
+    from smearscope.service.analysis.report import Counts, ScaleInfo
+
+    def first_line(nrbc: int, per_100: float | None) -> str:
+        report = graded_report().model_copy(update={
+            "counts": Counts(rbc=400, wbc=200, platelet=30, nrbc=nrbc), "nrbc_per_100_wbc": per_100,
+            "scale": ScaleInfo(microns_per_pixel=0.1, method="given", canonical_microns_per_pixel=0.2)})
+        return summarize(report).splitlines()[0]
+
+    assert ": RBC 400, WBC 200, NRBC 3 (1.5 per 100 WBC), platelets 30  (" in first_line(3, 1.5), first_line(3, 1.5)
+    assert ": RBC 400, WBC 200, NRBC 0 (0.0 per 100 WBC), platelets 30  (" in first_line(0, 0.0), first_line(0, 0.0)
+    assert ": RBC 400, WBC 200, platelets 30  (" in first_line(0, None)  # a report from before they were counted

@@ -303,3 +303,30 @@ def test_the_scales_source_and_the_red_cells_size_are_on_screen_and_on_paper(
             assert shown() == want, shown()
         finally:
             driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_count_of_no_nucleated_red_cells_is_said_not_left_out(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """A report counts nucleated red cells apart (counts.nrbc, nrbc_per_100_wbc): with none the
+    counts line said nothing of them, as it does for a report from before they were counted, so
+    "NRBC 0" (a result an analyzer prints) could not be told from "not counted". A report that
+    counted them now says "NRBC 0 (0.0 per 100 WBC)"; one that did not (no nrbc_per_100_wbc) still
+    says nothing."""
+    from selenium.webdriver.common.by import By
+
+    now = time.time()
+    counted = _specimen("ward-z", "run-z", [], now).model_copy(update={"nrbc_per_100_wbc": 0.0})
+    older = _specimen("ward-o", "run-o", [], now)
+    assert older.nrbc_per_100_wbc is None and older.counts.nrbc == 0
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        for report in (counted, older):
+            send(f"smearscope/{report.station_id}/run", json.dumps(_closed_run_state(report)))
+        driver.get(url)
+        _wait("the runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == 2,
+              20, [log])
+        counts = lambda s: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}'] .counts").text
+        assert counts("ward-z") == "RBC 4000 · WBC 112 · platelets 300 · NRBC 0 (0.0 per 100 WBC)", counts("ward-z")
+        assert counts("ward-o") == "RBC 4000 · WBC 112 · platelets 300", counts("ward-o")

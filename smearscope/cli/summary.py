@@ -48,9 +48,12 @@ def _unassessed_line(report: Report, rows: list[ClassShare], doubted: bool) -> s
 def summarize(report: Report) -> str:
     """A few lines a technician can read at a glance."""
     r = report
+    # nucleated red cells, counted apart from the white cells (a report from before that has no per 100 WBC)
+    nrbc = (f"NRBC {r.counts.nrbc} ({r.nrbc_per_100_wbc:.1f} per 100 WBC), "
+            if r.nrbc_per_100_wbc is not None else "")
     lines = [
         f"field {r.source.frame_id if r.source else r.report_id}: RBC {r.counts.rbc}, WBC {r.counts.wbc}, "
-        f"platelets {r.counts.platelet}  (scale {r.scale.microns_per_pixel:.4f} um/px, {r.scale.method}; "
+        f"{nrbc}platelets {r.counts.platelet}  (scale {r.scale.microns_per_pixel:.4f} um/px, {r.scale.method}; "
         f"{r.timing_ms.get('total_ms', 0):.0f} ms)" if r.scale else f"report {r.report_id}",
     ]
     if r.wbc_differential:

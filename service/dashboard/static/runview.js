@@ -107,7 +107,9 @@ function renderRun(st) {
   const older = !c.nrbc && r.nrbc_per_100_wbc == null ? r.wbc_differential.find((s) => s.label === NRBC_LABEL) : null;
   const among = older && older.count ? older.count : 0, others = c.wbc - among;
   st.node.querySelector(".counts").textContent = "RBC " + c.rbc + " · WBC " + c.wbc + " · platelets " + c.platelet +
-    (c.nrbc ? " · NRBC " + c.nrbc + (r.nrbc_per_100_wbc != null ? " (" + tenth(r.nrbc_per_100_wbc) + " per 100 WBC)" : "")
+    // none is a count too, where the report counted them (nrbc_per_100_wbc; an older report's has none)
+    (c.nrbc || typeof r.nrbc_per_100_wbc === "number"
+     ? " · NRBC " + c.nrbc + (r.nrbc_per_100_wbc != null ? " (" + tenth(r.nrbc_per_100_wbc) + " per 100 WBC)" : "")
      : among ? " · NRBC " + among + " (" + (others > 0 ? tenth(100 * among / others) + " per 100 WBC; " : "") +
        "this older report counts them among the " + c.wbc + " WBC)" : "");
   for (const s of r.wbc_differential) {
