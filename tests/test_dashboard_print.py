@@ -330,3 +330,53 @@ def test_a_count_of_no_nucleated_red_cells_is_said_not_left_out(
         counts = lambda s: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}'] .counts").text
         assert counts("ward-z") == "RBC 4000 · WBC 112 · platelets 300 · NRBC 0 (0.0 per 100 WBC)", counts("ward-z")
         assert counts("ward-o") == "RBC 4000 · WBC 112 · platelets 300", counts("ward-o")
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_verified_report_says_what_the_technician_changed_and_a_report_signed_again_that_it_corrects_one(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """A verified report counts the types a technician gave (verification.typed_cells, reclassified,
+    counts.artefact) and, signed again, names the signature it replaces (supersedes_verified_by,
+    _at; its FHIR bundle is `amended`, its HL7 result `C`). Its printout said "verified by EF" and
+    nothing of that: a corrected report read as a first one, its figures not the ones on the
+    patient's file, and no word of objects left out of every count as no cell. It now says them,
+    on paper and on the run's line."""
+    from selenium.webdriver.common.by import By
+
+    from smearscope.service.analysis.report import Counts, Reclassified
+
+    now = time.time()
+    retyped = [Reclassified(field_id="f1", cell=3, machine_label="unidentified", label="monocyte"),
+               Reclassified(field_id="f2", cell=9, machine_label="lymphocyte", label="artefact")]
+    signed = lambda by, at, again: Verification(
+        verified_by=by, verified_at=at, supersedes="r-0", typed_cells=5, reclassified=retyped, left_to_review=3,
+        **({"supersedes_verified_by": "CD", "supersedes_verified_at": now - 3600} if again else {}))
+    counts = Counts(rbc=4000, wbc=111, platelet=300, artefact=1)
+    again = _specimen("ward-v", "run-v", [], now).model_copy(update={"verification": signed("EF", now - 60, True),
+                                                                      "counts": counts})
+    first = _specimen("ward-f", "run-f", [], now).model_copy(update={"verification": signed("CD", now - 3600, False),
+                                                                      "counts": counts})
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        for report in (again, first):
+            send(f"smearscope/{report.station_id}/run", json.dumps(_closed_run_state(report)))
+        driver.get(url)
+        _wait("the runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == 2,
+              20, [log])
+        inside = lambda s, sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}'] {sel}")
+        typed = (" The technician typed 5 cells, 2 of them otherwise than the analyzer; 1 object typed as no cell "
+                 "(artefact) is in no count. 3 cells sent to review were signed as the analyzer called them.")
+        assert re.fullmatch(r"verified specimen report \(verified by EF, .+; 3 sent to review signed as the analyzer "
+                            r"called them; corrected: replaces the report CD signed \d{4}-\d\d-\d\d .+\)",
+                            inside("ward-v", ".run-line").text.split(" · ")[-1]), inside("ward-v", ".run-line").text
+        assert "corrected" not in inside("ward-f", ".run-line").text
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+        try:
+            status = inside("ward-v", ".print-status").text
+            assert re.fullmatch(r"CORRECTED specimen report: replaces the report CD signed \d{4}-\d\d-\d\d \d\d:\d\d:\d\d.*"
+                                r"\. Verified by EF, \d{4}-.+?\." + re.escape(typed), status), status
+            status = inside("ward-f", ".print-status").text
+            assert re.fullmatch(r"Verified specimen report: verified by CD, \d{4}-.+?\." + re.escape(typed), status), status
+        finally:
+            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})

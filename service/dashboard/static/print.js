@@ -1,7 +1,7 @@
 // smearscope dashboard, a run's report on paper: "Print report" prints the run its card shows (the
 // current one or an earlier one picked from the list) alone; the browser's own print (Ctrl+P) prints
 // every station's, one per page. On paper a card reads as a report: what state the figures are in
-// (interim, preliminary or verified, and by whom), the station, run and report ids, the models that
+// (interim, preliminary, verified or corrected, by whom, and what the technician typed), the station, run and report ids, the models that
 // made it and when it was printed; the page's live parts (status, telemetry, the latest field, the
 // review gallery, buttons) are left off (dashboard.css, @media print). Loaded before dashboard.js,
 // whose globals (stations, el, iso, isoText, when, specimenOf, shown) these functions use when called. Text from the broker is only
@@ -20,7 +20,11 @@ function renderPrintMeta(st, view) {
   status.replaceChildren(...(!view.final
     ? ["INTERIM: the run is in progress (" + r.fields_analyzed + (r.fields_analyzed === 1 ? " field" : " fields") +
        " so far); its figures will change. Not a result."]
-    : v ? ["Verified specimen report: verified by ", iso(v.verified_by), ", " + when(v.verified_at) + "." +
+    : v ? [...(v.supersedes_verified_by
+             ? ["CORRECTED specimen report: replaces the report ", iso(v.supersedes_verified_by), " signed " +
+                (typeof v.supersedes_verified_at === "number" ? when(v.supersedes_verified_at) : "before") + ". Verified by "]
+             : ["Verified specimen report: verified by "]),
+           iso(v.verified_by), ", " + when(v.verified_at) + "." + typedText(v, r.counts) +
            (v.left_to_review ? " " + v.left_to_review + " cells sent to review were signed as the analyzer called them." : "")]
     : ["PRELIMINARY machine result, not verified: every result needs review by a qualified person."]));
   const specimen = specimenOf(r, view.started);
@@ -34,6 +38,19 @@ function renderPrintMeta(st, view) {
     const m = r.models[n] || {};
     return n + " " + String(m.sha256 || "?").slice(0, 12) + (m.backend ? " (" + m.backend + ")" : "");
   }).join(" · ") : ""].filter(Boolean).join(" · ");
+}
+
+// What the technician changed before signing (verification.typed_cells, reclassified; counts.artefact:
+// objects typed as no cell, in no count), so a verified report's figures are read as theirs.
+function typedText(v, counts) {
+  const typed = v.typed_cells || 0, changed = Array.isArray(v.reclassified) ? v.reclassified.length : 0;
+  const artefacts = (counts && counts.artefact) || 0;
+  const parts = [typed ? "The technician typed " + typed + (typed === 1 ? " cell" : " cells") +
+                   (changed ? ", " + changed + (typed === 1 ? " of it" : " of them") + " otherwise than the analyzer" : "")
+                 : "The technician typed no cell"];
+  if (artefacts) parts.push(artefacts + (artefacts === 1 ? " object typed as no cell (artefact) is" :
+                                          " objects typed as no cell (artefact) are") + " in no count");
+  return " " + parts.join("; ") + ".";
 }
 
 function stampPrinted() {

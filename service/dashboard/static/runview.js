@@ -82,7 +82,11 @@ function renderRun(st) {
   line.replaceChildren(...head, r.fields_analyzed + (r.fields_analyzed === 1 ? " field · " : " fields · "),
     ...(view.final ? (v ? ["verified specimen report (verified by ", iso(v.verified_by), ", " + when(v.verified_at) +
                            (v.left_to_review ? "; " + v.left_to_review +
-                            " sent to review signed as the analyzer called them" : "") + ")"]
+                            " sent to review signed as the analyzer called them" : "") +
+                           (v.supersedes_verified_by ? "; corrected: replaces the report " : ""),
+                           ...(v.supersedes_verified_by ? [iso(v.supersedes_verified_by), " signed " +
+                             (typeof v.supersedes_verified_at === "number" ? when(v.supersedes_verified_at) : "before")] : []),
+                           ")"]
                         : ["final specimen report (preliminary, needs review)"])
       : [halted ? "halted: the station went offline (the run goes on if it restarts within its idle timeout)"
          : "in progress (" + (view.state || "open") + ")"]),
