@@ -291,6 +291,13 @@ def test_analyze_prints_its_summary_at_an_estimated_scale_and_at_a_given_one(tmp
     given = smearscope("analyze", str(path), "--microns-per-pixel", "0.1")
     assert given.returncode == 0 and "RBC diameter" in given.stdout, given.stdout
     assert "not assessable" not in given.stdout, given.stdout
+    # where the scale came from, in words beside its method's code (the code alone did not say
+    # estimated or calibrated); the mean diameter to 0.1 um, as the dashboard shows it (0.01 um is
+    # finer than any calibration: 1 % of the scale is 0.07 um)
+    assert re.search(r"\(scale 0\.\d{4} um/px, estimated from the red cells: rbc_size_\w+; \d+ ms\)",
+                     estimated.stdout.splitlines()[0]), estimated.stdout
+    assert "(scale 0.1000 um/px, calibrated: given; " in given.stdout.splitlines()[0], given.stdout
+    assert re.search(r"^  RBC diameter \d+\.\d um \(CV \d+\.\d%, n=\d+\)$", given.stdout, re.MULTILINE), given.stdout
 
 
 def test_scale_and_floor_limits_are_the_documented_ones(tmp_path):

@@ -45,6 +45,12 @@ def _unassessed_line(report: Report, rows: list[ClassShare], doubted: bool) -> s
             "left out of the shares above)")
 
 
+#: Where a field's scale came from, in words (service.analysis.report.ScaleInfo.method).
+SCALE_SOURCE = {"given": "calibrated", "rbc_size_classical": "estimated from the red cells",
+                "rbc_size_detection": "estimated from the red cells",
+                "specimen": "the specimen's, estimated from its fields' red cells", "default": "a default, nothing to measure"}
+
+
 def summarize(report: Report) -> str:
     """A few lines a technician can read at a glance."""
     r = report
@@ -53,7 +59,8 @@ def summarize(report: Report) -> str:
             if r.nrbc_per_100_wbc is not None else "")
     lines = [
         f"field {r.source.frame_id if r.source else r.report_id}: RBC {r.counts.rbc}, WBC {r.counts.wbc}, "
-        f"{nrbc}platelets {r.counts.platelet}  (scale {r.scale.microns_per_pixel:.4f} um/px, {r.scale.method}; "
+        f"{nrbc}platelets {r.counts.platelet}  (scale {r.scale.microns_per_pixel:.4f} um/px, "
+        f"{SCALE_SOURCE.get(r.scale.method, 'method')}: {r.scale.method}; "
         f"{r.timing_ms.get('total_ms', 0):.0f} ms)" if r.scale else f"report {r.report_id}",
     ]
     if r.wbc_differential:
@@ -94,7 +101,7 @@ def summarize(report: Report) -> str:
     size = r.rbc_size
     if size.n and size.mean_diameter_um is not None and not doubted:  # measured only at a calibrated scale
         cv = f"CV {size.cv_percent:.1f}%, " if size.cv_percent is not None else ""
-        lines.append(f"  RBC diameter {size.mean_diameter_um:.2f} um ({cv}n={size.n})")
+        lines.append(f"  RBC diameter {size.mean_diameter_um:.1f} um ({cv}n={size.n})")
     for f in r.flags:
         lines.append(f"  [{f.severity}] {f.code}: {f.message}")
     return "\n".join(lines)
