@@ -380,3 +380,37 @@ def test_a_verified_report_says_what_the_technician_changed_and_a_report_signed_
             assert re.fullmatch(r"Verified specimen report: verified by CD, \d{4}-.+?\." + re.escape(typed), status), status
         finally:
             driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_the_printed_models_name_their_calibration_and_the_stations_own_adaptation(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """A report names each model's file and, apart, its calibration (manifest_sha256: the same file
+    recalibrated types cells otherwise), and whether the WBC head types cells by this station's own
+    class means (adapt-wbc) or with open-set thresholds tightened on its normal specimens
+    (calibrate-atypical). The printout gave the file's digest alone, so two reports typed by
+    different calibrations or station adaptations printed the same models. It now names them."""
+    from selenium.webdriver.common.by import By
+
+    from smearscope.service.analysis.report import StationMeansInfo
+
+    models = {"seg": ModelInfo(name="seg", sha256="ab" * 32, backend="onnxruntime", manifest_sha256="12" * 32),
+              "wbc_head": ModelInfo(name="wbc_head", sha256="cd" * 32, backend="tensorrt", manifest_sha256="34" * 32,
+                                    open_set_thresholds={"energy": -4.2},
+                                    station_means=StationMeansInfo(sha256="ef" * 32, cells={"neutrophil": 40},
+                                                                   leave_one_out_accuracy=0.9, head_accuracy=0.8))}
+    report = _specimen("ward-m", "run-m", [], time.time()).model_copy(update={"models": models})
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        send("smearscope/ward-m/run", json.dumps(_closed_run_state(report)))
+        driver.get(url)
+        _wait("the run", lambda: driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id='run-m']"), 20, [log])
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+        try:
+            text = driver.find_element(By.CSS_SELECTOR, "[data-station='ward-m'] .print-models").text
+        finally:
+            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+        assert text == ("Models: seg " + "ab" * 6 + " (onnxruntime), calibration " + "12" * 6 + " · wbc_head " + "cd" * 6 +
+                        " (tensorrt), calibration " + "34" * 6 + ", this station's class means " + "ef" * 6 +
+                        " (adapt-wbc), this station's open-set thresholds (calibrate-atypical)"), text

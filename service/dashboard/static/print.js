@@ -36,7 +36,13 @@ function renderPrintMeta(st, view) {
   const software = typeof r.software_version === "string" ? "smearscope " + r.software_version : "";
   models.textContent = [software, names.length ? "Models: " + names.map((n) => {
     const m = r.models[n] || {};
-    return n + " " + String(m.sha256 || "?").slice(0, 12) + (m.backend ? " (" + m.backend + ")" : "");
+    // its calibration apart from its file (the same file recalibrated types cells otherwise), and the
+    // WBC head's adaptation to this station (adapt-wbc, calibrate-atypical)
+    return n + " " + String(m.sha256 || "?").slice(0, 12) + (m.backend ? " (" + m.backend + ")" : "") +
+      (typeof m.manifest_sha256 === "string" ? ", calibration " + m.manifest_sha256.slice(0, 12) : "") +
+      (m.station_means ? ", this station's class means " + String(m.station_means.sha256 || "?").slice(0, 12) +
+       " (adapt-wbc)" : "") +
+      (m.open_set_thresholds ? ", this station's open-set thresholds (calibrate-atypical)" : "");
   }).join(" · ") : ""].filter(Boolean).join(" · ");
 }
 
