@@ -414,3 +414,42 @@ def test_the_printed_models_name_their_calibration_and_the_stations_own_adaptati
         assert text == ("Models: seg " + "ab" * 6 + " (onnxruntime), calibration " + "12" * 6 + " · wbc_head " + "cd" * 6 +
                         " (tensorrt), calibration " + "34" * 6 + ", this station's class means " + "ef" * 6 +
                         " (adapt-wbc), this station's open-set thresholds (calibrate-atypical)"), text
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_differential_of_too_few_white_cells_says_so_above_its_table(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """A run that closed with 11 white cells typed (46 more unidentified) lists its shares as any
+    differential ("neutrophil 5, 8.8 %"), and the only word that it is none was a grey info flag at
+    the foot of the other column: 8.8 % neutrophils read as neutropenia. The flag's words now stand
+    above the differential (and the red-cell grades' above theirs), on screen and on paper; a run
+    with enough cells has no such line."""
+    from selenium.webdriver.common.by import By
+
+    few_wbc = Flag(code="too_few_wbc_for_differential", severity="info",
+                   message="11 WBC classified (46 more unidentified); a differential needs at least 100")
+    few_rbc = Flag(code="too_few_rbc_for_morphology", severity="info",
+                   message="132 red cells counted; morphology grades need at least 200 (read them with their "
+                           "intervals, or over the specimen)")
+    now = time.time()
+    few = _specimen("ward-f", "run-f", [few_wbc, few_rbc], now)
+    enough = _specimen("ward-e", "run-e", [], now)
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        for report in (few, enough):
+            send(f"smearscope/{report.station_id}/run", json.dumps(_closed_run_state(report)))
+        driver.get(url)
+        _wait("the runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == 2,
+              20, [log])
+        note = lambda s, which: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}'] .{which}-note")
+        shown = lambda: {(s, w): note(s, w).text for s in ("ward-f", "ward-e") for w in ("diff", "morph")
+                         if note(s, w).is_displayed()}
+        want = {("ward-f", "diff"): "Not a differential: " + few_wbc.message + ". Read each share with its 95 % interval.",
+                ("ward-f", "morph"): "Grades on few red cells: " + few_rbc.message + "."}
+        assert shown() == want, shown()
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+        try:
+            assert shown() == want, shown()
+        finally:
+            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})

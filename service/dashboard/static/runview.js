@@ -58,6 +58,16 @@ function renderRun(st) {
   const sizeLine = st.node.querySelector(".size-line");
   sizeLine.textContent = view && view.report ? sizeText(view.report) : "";
   sizeLine.hidden = !sizeLine.textContent;
+  // too few cells for a differential or for grades: the flag's words above the table they concern
+  // (an info flag at the foot of the other column let "neutrophil 8.8 %" of 11 cells read as a result)
+  const fewFlag = (code) => (view && view.report ? view.report.flags : []).find((f) => f.code === code);
+  const fewNote = (cls, code, before, after) => {
+    const node = st.node.querySelector(cls), f = fewFlag(code);
+    node.replaceChildren(...(f ? [before, iso(f.message), after] : []));
+    node.hidden = !f;
+  };
+  fewNote(".diff-note", "too_few_wbc_for_differential", "Not a differential: ", ". Read each share with its 95 % interval.");
+  fewNote(".morph-note", "too_few_rbc_for_morphology", "Grades on few red cells: ", ".");
   // the current run's critical flags stay said while an earlier run is shown
   const now = view && view.earlier ? current(st) : null;
   showCritical(st, view && view.report ? view.report.flags : [],
