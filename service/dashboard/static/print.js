@@ -28,7 +28,9 @@ function renderPrintMeta(st, view) {
            (v.left_to_review ? " " + v.left_to_review + " cells sent to review were signed as the analyzer called them." : "")]
     : ["PRELIMINARY machine result, not verified: every result needs review by a qualified person."]));
   const specimen = specimenOf(r, view.started);
-  ids.replaceChildren(...(specimen ? ["Specimen ", iso(specimen), " · "] : []), "Station ", iso(st.id),
+  // a report for the patient's file that names no specimen says so, not only by leaving it out
+  ids.replaceChildren(...(specimen ? ["Specimen ", iso(specimen), " · "]
+    : ["Specimen: none given (the run was not started for a specimen id) · "]), "Station ", iso(st.id),
     " · run " + (view.runId || "-") + " · report " + (r.report_id || "-") +
     (typeof r.created_at === "number" ? " of " + when(r.created_at) : ""));
   const names = r.models && typeof r.models === "object" ? Object.keys(r.models).sort() : [];
