@@ -154,3 +154,37 @@ def test_send_raises_rejected_with_the_lab_systems_text(lis: Callable[..., RawLi
     with pytest.raises(Rejected) as raised:
         send(("127.0.0.1", lab.port), oru_r01(report), control_id(report.report_id), 5)
     assert raised.value.kind == code and raised.value.lis_text == f"{LIS_TEXT}; {ERR_TEXT}"
+
+
+def test_the_error_hold_counts_the_time_held_before_a_restart(
+        tmp_path: Path, persistent_broker: MosquittoBroker, lis: Callable[..., RawLis]) -> None:
+    """A report answered AE is held for at most the hold in all, restarts included: a restart (or a
+    crash) does not give it the whole hold again, so an archive restarted more often than the hold
+    is not held by one message for ever."""
+    first = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    other = a_report("run-2", "H-2026-0413", 1_796_000_100.0)
+    lab = lis(answering({control_id(first.report_id): "AE"}))
+    directory = tmp_path / "archive"
+    archive = Archive(tmp_path, persistent_broker.port, directory)
+    options = [*archive.argv, "--hl7-mllp", f"127.0.0.1:{lab.port}"]
+    archive.argv = [*options, "--hl7-mllp-error-hold", "86400"]
+    station = Station(tmp_path, persistent_broker.port)
+    try:
+        archive.start()
+        for report in (first, other):
+            station.publish(report)
+        # a third try: the second AE was taken, a retry (5 s) after the first
+        assert wait_until(lambda: len(lab.received) >= 3, 60), archive.text()
+        archive.stop()
+        assert indexed(directory) == 0
+        tried = len(lab.received)
+        archive.argv = [*options, "--hl7-mllp-error-hold", "5"]  # held 5 s before the restart already
+        archive.start()
+        assert wait_until(lambda: indexed(directory) == 2, 60), archive.text()
+        # given up on at its first AE after the restart, not held 5 s more
+        assert msh10s(lab)[tried:] == [control_id(first.report_id), control_id(other.report_id)]
+        assert [r[:3] for r in rejections(directory)] == [
+            (first.report_id, f"mllp:127.0.0.1:{lab.port}", "AE")]
+    finally:
+        archive.stop()
+        station.stop()

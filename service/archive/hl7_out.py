@@ -118,15 +118,22 @@ class Hl7Output:
         self.not_accepted: Callable[[str, str, str], str | None] | None = None
         #: run id -> whether its messages carry the ids whole (the index's store.whole_ids_run), or None
         self.whole_ids: Callable[[str], bool] | None = None
-        # the report held, its deliveries (and rejections) made so far, and since when a receiver answers AE/CE
+        #: the seconds a report has been answered AE/CE at a destination, by earlier runs too, and keeping
+        #: that total (the index's): a restart does not give a report the whole hold again
+        self.error_held: Callable[[str, str, str], float] | None = None
+        self.record_error_held: Callable[[str, str, str, float], None] | None = None
+        # the report held, its deliveries (and rejections) made so far, and since when a receiver answers
+        # AE/CE (the seconds held so far when this run's first AE came, and that AE's monotonic time)
         self._held: tuple[str, list[Delivery | Rejection]] | None = None
-        self._erring_since: float | None = None
+        self._erring: tuple[float, float] | None = None
 
     def use_index(self, store: ArchiveStore) -> None:
         """Consult the running archive's index: an amended report waits behind its original not accepted
-        there, and a run an earlier smearscope sent with its ids whole keeps them (docs/HL7.md)."""
+        there, a run an earlier smearscope sent with its ids whole keeps them, and a report answered AE/CE
+        keeps the time it has been held over a restart (docs/HL7.md)."""
         self.not_accepted = store.not_accepted
         self.whole_ids = store.whole_ids
+        self.error_held, self.record_error_held = store.error_held, store.record_error_held
 
     def remove_leftovers(self) -> None:
         """The temporary files of writes a crash interrupted (`.<report_id>.hl7.<random>.tmp`: their report
@@ -197,7 +204,7 @@ class Hl7Output:
         # engine that took the file would get it once per retry). Kept until another report comes: a
         # report whose row is committed is never offered again.
         if self._held is None or self._held[0] != message.report_id:
-            self._held, self._erring_since = (message.report_id, []), None
+            self._held, self._erring = (message.report_id, []), None
         made = self._held[1]
         done = {d.destination for d in made}
         for destination in self.destinations:
@@ -225,11 +232,21 @@ class Hl7Output:
         except mllp.NotAcknowledged as exc:
             if exc.kind not in ("AE", "CE"):
                 raise
-            now = time.monotonic()
-            self._erring_since = now if self._erring_since is None else self._erring_since
-            if now - self._erring_since < self.error_hold_s:
+            if self._error_held(destination, message.report_id) < self.error_hold_s:
                 raise
             return self.rejection(destination, message.report_id, control_id, exc)
+
+    def _error_held(self, destination: str, report_id: str) -> float:
+        """Seconds `report_id` has now been answered AE/CE at `destination`, this run's and earlier runs'
+        (monotonic within a run: a clock change neither shortens nor stretches it), kept in the index."""
+        now = time.monotonic()
+        if self._erring is None:
+            before = self.error_held(report_id, destination, self.processing_id) if self.error_held else 0.0
+            self._erring = (before, now)
+        held = self._erring[0] + now - self._erring[1]
+        if self.record_error_held is not None:
+            self.record_error_held(report_id, destination, self.processing_id, held)
+        return held
 
     def _rejected_original(self, destination: str, message: ReportMessage) -> str | None:
         """Why `message` may not go to `destination` before its original (the report it supersedes, not

@@ -8,6 +8,10 @@ that supersedes one not accepted at a destination is not sent there either (`hel
 report never overtakes its original. Rows are kept, never deleted: a later delivery of the same
 report to the same destination and processing id (`smearscope archive send-hl7 --resend`) closes
 one, and `archive find` lists both.
+
+How long a report not yet stored has been answered AE/CE at a destination (`hl7_error_holds`: the
+archive's running time, so neither a clock change nor a restart gives it the whole hold again) is
+kept until its row is committed.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ CREATE TABLE IF NOT EXISTS hl7_rejections (
     report_id TEXT NOT NULL, destination TEXT NOT NULL, control_id TEXT NOT NULL, rejected_at REAL NOT NULL,
     sender TEXT NOT NULL, processing_id TEXT NOT NULL, code TEXT NOT NULL, lis_text TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS hl7_rejections_report ON hl7_rejections (report_id, destination);
+CREATE TABLE IF NOT EXISTS hl7_error_holds (
+    report_id TEXT NOT NULL, destination TEXT NOT NULL, processing_id TEXT NOT NULL, held_s REAL NOT NULL,
+    PRIMARY KEY (report_id, destination, processing_id));
 """
 
 #: The code of a report not sent because the report it supersedes was not accepted there.
@@ -95,6 +102,27 @@ def open_count(db: sqlite3.Connection) -> int:
     if not has_table(db):
         return 0
     return int(db.execute(f"SELECT count(DISTINCT report_id) FROM hl7_rejections j WHERE {_OPEN}").fetchone()[0])
+
+
+def error_held(db: sqlite3.Connection, report_id: str, destination: str, processing_id: str) -> float:
+    """Seconds `report_id` has been answered AE/CE at `destination` before (0: never; by earlier runs too)."""
+    row = db.execute("SELECT held_s FROM hl7_error_holds WHERE report_id = ? AND destination = ? AND "
+                     "processing_id = ?", (report_id, destination, processing_id)).fetchone()
+    return 0.0 if row is None else float(row[0])
+
+
+def record_error_held(db: sqlite3.Connection, report_id: str, destination: str, processing_id: str,
+                      held_s: float) -> None:
+    """Keep that `report_id` has been answered AE/CE at `destination` for `held_s` in all (its own transaction)."""
+    with db:
+        db.execute("INSERT OR REPLACE INTO hl7_error_holds VALUES (?, ?, ?, ?)",
+                   (report_id, destination, processing_id, held_s))
+
+
+def forget_error_held(db: sqlite3.Connection, report_id: str) -> None:
+    """`report_id` is stored (delivered or recorded as not accepted): its AE/CE time is no longer needed
+    (in the caller's transaction, with the report's row)."""
+    db.execute("DELETE FROM hl7_error_holds WHERE report_id = ?", (report_id,))
 
 
 def has_table(db: sqlite3.Connection) -> bool:

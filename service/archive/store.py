@@ -31,8 +31,11 @@ from smearscope.service.archive.message import BundleMessage, ReportMessage
 from smearscope.service.archive.rejections import SCHEMA as REJECTIONS_SCHEMA
 from smearscope.service.archive.rejections import (
     Rejection,
+    error_held,
+    forget_error_held,
     open_count,
     open_rejection,
+    record_error_held,
     record_rejections,
 )
 
@@ -197,6 +200,13 @@ class ArchiveStore:
         """Whether run `run_id`'s messages carry its ids whole (whole_ids_run)."""
         return whole_ids_run(self._db, run_id)
 
+    def error_held(self, report_id: str, destination: str, processing_id: str) -> float:
+        """Seconds `report_id` has been answered AE/CE at `destination`, by earlier runs too (rejections)."""
+        return error_held(self._db, report_id, destination, processing_id)
+
+    def record_error_held(self, report_id: str, destination: str, processing_id: str, held_s: float) -> None:
+        record_error_held(self._db, report_id, destination, processing_id, held_s)
+
     def not_accepted_count(self) -> int:
         """How many reports a lab system has not accepted (an open rejection: service.archive.rejections)."""
         return open_count(self._db)
@@ -309,6 +319,7 @@ class ArchiveStore:
         with self._db:
             record_deliveries(self._db, [d for d in delivered if isinstance(d, Delivery)])
             record_rejections(self._db, [d for d in delivered if isinstance(d, Rejection)])
+            forget_error_held(self._db, message.report_id)
             self._db.execute(
                 "INSERT INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (message.report_id, message.station, message.run_id, message.specimen_id, message.created_at,
