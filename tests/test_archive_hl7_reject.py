@@ -10,6 +10,7 @@ the archive in its own process and a real MLLP listener (tests/mllp_lis.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import sqlite3
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import pytest
 from broker import MosquittoBroker, wait_until
 from mllp_lis import RawLis, framed
 from test_archive import SPECIMEN, Archive, Station, a_report, indexed
+from test_archive_send_hl7 import FIRST, VERIFIED, VERSION_1
 
 from smearscope.cli import main
 from smearscope.service.hl7.mllp import Rejected, send
@@ -188,3 +190,65 @@ def test_the_error_hold_counts_the_time_held_before_a_restart(
     finally:
         archive.stop()
         station.stop()
+
+
+def test_a_resend_closes_the_rejection_though_the_clock_was_ahead_when_it_was_recorded(
+        tmp_path: Path, lis: Callable[..., RawLis], capsys: pytest.CaptureFixture[str]) -> None:
+    """A delivery closes the rejection before it whatever the clock said then: a station clock set back
+    (NTP correcting a clock that ran ahead) leaves neither the resent report listed as not accepted nor
+    the report held behind it unsent."""
+    directory = tmp_path / "archive"
+    shutil.copytree(VERSION_1, directory, ignore=shutil.ignore_patterns("README.md"))
+    codes = {control_id(FIRST): "AR"}
+    lab = lis(answering(codes))
+    where = f"mllp:127.0.0.1:{lab.port}"
+    send_hl7 = ["archive", "send-hl7", "--dir", str(directory), "--hl7-mllp", f"127.0.0.1:{lab.port}"]
+    assert main([*send_hl7, "--all"]) == 1  # rejected: recorded, the verified report held behind it
+    assert [r[:3] for r in rejections(directory)] == [(FIRST, where, "AR"), (VERIFIED, where, "held")]
+    db = sqlite3.connect(directory / "index.sqlite")
+    with db:  # recorded while the clock was an hour ahead; it has been set right since
+        db.execute("UPDATE hl7_rejections SET rejected_at = rejected_at + 3600")
+    db.close()
+    capsys.readouterr()
+
+    codes.clear()
+    assert main([*send_hl7, "--resend", FIRST]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{r} -> {where} (MSH-10 {control_id(r)})" for r in (FIRST, VERIFIED)]
+    assert main(["archive", "find", "--not-accepted", "--dir", str(directory)]) == 1
+    assert main([*send_hl7, "--resend", FIRST]) == 0  # delivered: not sent a second time
+    assert msh10s(lab) == [control_id(FIRST), control_id(FIRST), control_id(VERIFIED)]
+
+
+def test_an_index_recorded_by_the_previous_layout_is_read_as_it_is_and_upgraded_in_place(
+        tmp_path: Path, lis: Callable[..., RawLis], capsys: pytest.CaptureFixture[str]) -> None:
+    """hl7_rejections as a smearscope before `closed_at` made it: `find` (read-only) reads it unchanged, a
+    delivery that smearscope recorded after the rejection closes it still, and send-hl7 adds the column."""
+    directory = tmp_path / "archive"
+    shutil.copytree(VERSION_1, directory, ignore=shutil.ignore_patterns("README.md"))
+    codes = {control_id(FIRST): "AR", control_id(VERIFIED): "AR"}
+    lab = lis(answering(codes))
+    send_hl7 = ["archive", "send-hl7", "--dir", str(directory), "--hl7-mllp", f"127.0.0.1:{lab.port}"]
+    assert main([*send_hl7, "--all"]) == 1
+    assert main([*send_hl7, "--resend", FIRST]) == 1  # FIRST rejected again, VERIFIED held behind it
+    db = sqlite3.connect(directory / "index.sqlite")
+    with db:
+        db.execute("ALTER TABLE hl7_rejections DROP COLUMN closed_at")  # the previous layout
+        # the previous smearscope delivered FIRST after its rejections (it closed nothing explicitly)
+        db.execute("INSERT INTO hl7_deliveries SELECT report_id, destination, control_id, max(rejected_at) + 1, "
+                   "'send-hl7', processing_id FROM hl7_rejections WHERE report_id = ?", (FIRST,))
+    db.close()
+    capsys.readouterr()
+    assert main(["archive", "find", "--not-accepted", "--dir", str(directory), "--json"]) == 0
+    assert [r["report_id"] for r in map(json.loads, capsys.readouterr().out.splitlines())] == [VERIFIED]
+
+    codes.clear()
+    assert main([*send_hl7, "--all"]) == 0  # the held one goes, its original delivered
+    assert capsys.readouterr().out.splitlines() == [
+        f"{VERIFIED} -> mllp:127.0.0.1:{lab.port} (MSH-10 {control_id(VERIFIED)})"]
+    assert main(["archive", "find", "--not-accepted", "--dir", str(directory)]) == 1
+    db = sqlite3.connect(f"{(directory / 'index.sqlite').as_uri()}?mode=ro", uri=True)
+    try:
+        assert "closed_at" in {c for (_, c, *_) in db.execute("PRAGMA table_info(hl7_rejections)")}
+    finally:
+        db.close()

@@ -7,7 +7,9 @@ tried again, and recorded here only once it has been answered for `hl7_mllp_erro
 that supersedes one not accepted at a destination is not sent there either (`held`): an amended
 report never overtakes its original. Rows are kept, never deleted: a later delivery of the same
 report to the same destination and processing id (`smearscope archive send-hl7 --resend`) closes
-one, and `archive find` lists both.
+one (`closed_at` set as the delivery is recorded, so a clock set back meanwhile cannot leave it
+open; a row without it, of an index that had no such column, is closed by a delivery recorded at
+or after its time), and `archive find` lists both.
 
 How long a report not yet stored has been answered AE/CE at a destination (`hl7_error_holds`: the
 archive's running time, so neither a clock change nor a restart gives it the whole hold again) is
@@ -26,7 +28,8 @@ logger = logging.getLogger(__name__)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS hl7_rejections (
     report_id TEXT NOT NULL, destination TEXT NOT NULL, control_id TEXT NOT NULL, rejected_at REAL NOT NULL,
-    sender TEXT NOT NULL, processing_id TEXT NOT NULL, code TEXT NOT NULL, lis_text TEXT NOT NULL);
+    sender TEXT NOT NULL, processing_id TEXT NOT NULL, code TEXT NOT NULL, lis_text TEXT NOT NULL,
+    closed_at REAL);
 CREATE INDEX IF NOT EXISTS hl7_rejections_report ON hl7_rejections (report_id, destination);
 CREATE TABLE IF NOT EXISTS hl7_error_holds (
     report_id TEXT NOT NULL, destination TEXT NOT NULL, processing_id TEXT NOT NULL, held_s REAL NOT NULL,
@@ -81,27 +84,52 @@ def record_rejections(db: sqlite3.Connection, rejections: list[Rejection]) -> No
                      r.lis_text) for r in rejections])
 
 
+def add_closed_at(db: sqlite3.Connection) -> None:
+    """The table as made before rejections were closed explicitly gets its `closed_at` column (in place, in
+    the caller's transaction)."""
+    columns = {c for (_, c, *_) in db.execute("PRAGMA table_info(hl7_rejections)")}
+    if columns and "closed_at" not in columns:
+        db.execute("ALTER TABLE hl7_rejections ADD COLUMN closed_at REAL")
+
+
+def close_rejections(db: sqlite3.Connection, deliveries: list[tuple[str, str, str]]) -> None:
+    """Each (report id, destination, processing id) delivered: its open rejections there are closed (in the
+    caller's transaction, with the delivery's row)."""
+    db.executemany("UPDATE hl7_rejections SET closed_at = ? WHERE report_id = ? AND destination = ? AND "
+                   "processing_id = ? AND closed_at IS NULL", [(time.time(), *d) for d in deliveries])
+
+
+#: A rejection a smearscope before `closed_at` recorded is closed by a delivery recorded at or after it.
 _OPEN = """NOT EXISTS (SELECT 1 FROM hl7_deliveries d WHERE d.report_id = j.report_id
                    AND d.destination = j.destination AND d.processing_id = j.processing_id
                    AND d.delivered_at >= j.rejected_at)"""
 
 
+def _open(db: sqlite3.Connection) -> str | None:
+    """What holds for an open rejection `j` in this index (None: it has no such table: read-only and
+    made before rejections were recorded)."""
+    columns = {c for (_, c, *_) in db.execute("PRAGMA table_info(hl7_rejections)")}
+    if not columns:
+        return None
+    return f"j.closed_at IS NULL AND {_OPEN}" if "closed_at" in columns else _OPEN
+
+
 def open_rejection(db: sqlite3.Connection, report_id: str, destination: str, processing_id: str) -> str | None:
     """The code of the latest rejection of `report_id` at `destination` no delivery has closed since
     (None: none open)."""
-    if not has_table(db):
+    if (is_open := _open(db)) is None:
         return None
     row = db.execute(f"SELECT code FROM hl7_rejections j WHERE report_id = ? AND destination = ? AND "
-                     f"processing_id = ? AND {_OPEN} ORDER BY rejected_at DESC LIMIT 1",
+                     f"processing_id = ? AND {is_open} ORDER BY rejected_at DESC LIMIT 1",
                      (report_id, destination, processing_id)).fetchone()
     return None if row is None else str(row[0])
 
 
 def open_count(db: sqlite3.Connection) -> int:
     """How many reports have a rejection no delivery has closed since, at any destination."""
-    if not has_table(db):
+    if (is_open := _open(db)) is None:
         return 0
-    return int(db.execute(f"SELECT count(DISTINCT report_id) FROM hl7_rejections j WHERE {_OPEN}").fetchone()[0])
+    return int(db.execute(f"SELECT count(DISTINCT report_id) FROM hl7_rejections j WHERE {is_open}").fetchone()[0])
 
 
 def error_held(db: sqlite3.Connection, report_id: str, destination: str, processing_id: str) -> float:
@@ -125,18 +153,12 @@ def forget_error_held(db: sqlite3.Connection, report_id: str) -> None:
     db.execute("DELETE FROM hl7_error_holds WHERE report_id = ?", (report_id,))
 
 
-def has_table(db: sqlite3.Connection) -> bool:
-    """An index read-only and made before rejections were recorded has no such table."""
-    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'hl7_rejections'"
-                      ).fetchone() is not None
-
-
 def rejections_of(db: sqlite3.Connection, where: str, params: list[object]) -> dict[str, list[RecordedRejection]]:
     """The recorded rejections of the reports `where` selects (over `reports r`), by report id, oldest first."""
-    if not has_table(db):
+    if (is_open := _open(db)) is None:
         return {}
     found: dict[str, list[RecordedRejection]] = {}
-    for row in db.execute(f"SELECT j.*, {_OPEN} AS still FROM hl7_rejections j JOIN reports r "
+    for row in db.execute(f"SELECT j.*, {is_open} AS still FROM hl7_rejections j JOIN reports r "
                           "ON r.report_id = j.report_id" + where + " ORDER BY j.rejected_at, j.rowid", params):
         found.setdefault(row["report_id"], []).append(RecordedRejection(
             row["destination"], row["rejected_at"], row["sender"], row["control_id"], row["processing_id"],

@@ -31,6 +31,8 @@ from smearscope.service.archive.message import BundleMessage, ReportMessage
 from smearscope.service.archive.rejections import SCHEMA as REJECTIONS_SCHEMA
 from smearscope.service.archive.rejections import (
     Rejection,
+    add_closed_at,
+    close_rejections,
     error_held,
     forget_error_held,
     open_count,
@@ -147,6 +149,7 @@ def record_deliveries(db: sqlite3.Connection, deliveries: list[Delivery]) -> Non
                    "processing_id) VALUES (?, ?, ?, ?, ?, ?)",
                    [(d.report_id, canonical_destination(d.destination), d.control_id, time.time(), d.sender,
                      d.processing_id) for d in deliveries])
+    close_rejections(db, [(d.report_id, canonical_destination(d.destination), d.processing_id) for d in deliveries])
 
 
 @dataclass(frozen=True)
@@ -391,6 +394,7 @@ def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
                 logger.info("the archive index %s upgraded from version %d to %d (each HL7 delivery's processing id "
                             "recorded; those before are P, production)", path, version, INDEX_VERSION)
             db.executescript(SCHEMA)
+            add_closed_at(db)  # a version 3 or 4 index whose hl7_rejections was made without it
             if version == 0 and db.execute("SELECT 1 FROM reports LIMIT 1").fetchone() is not None:
                 logger.info("the archive index %s had no version number (made before it had one): its layout "
                             "is version 1's, upgraded to version %d", path, INDEX_VERSION)
