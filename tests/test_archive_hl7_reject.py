@@ -252,3 +252,31 @@ def test_an_index_recorded_by_the_previous_layout_is_read_as_it_is_and_upgraded_
         assert "closed_at" in {c for (_, c, *_) in db.execute("PRAGMA table_info(hl7_rejections)")}
     finally:
         db.close()
+
+
+def test_the_latest_rejection_is_the_one_recorded_last_whatever_the_clock_said(
+        tmp_path: Path, lis: Callable[..., RawLis], capsys: pytest.CaptureFixture[str]) -> None:
+    """A report held behind its original, then sent after it and rejected itself, is not accepted for its
+    own rejection: `send-hl7 --all` does not send it again, though the clock was set back between the two
+    (its rejection recorded at an earlier time than its hold)."""
+    directory = tmp_path / "archive"
+    shutil.copytree(VERSION_1, directory, ignore=shutil.ignore_patterns("README.md"))
+    codes = {control_id(FIRST): "AR"}
+    lab = lis(answering(codes))
+    where = f"mllp:127.0.0.1:{lab.port}"
+    send_hl7 = ["archive", "send-hl7", "--dir", str(directory), "--hl7-mllp", f"127.0.0.1:{lab.port}"]
+    assert main([*send_hl7, "--all"]) == 1  # FIRST rejected, VERIFIED held behind it
+    codes.clear()
+    codes[control_id(VERIFIED)] = "AR"
+    assert main([*send_hl7, "--resend", FIRST]) == 1  # FIRST taken now, VERIFIED sent after it and rejected
+    assert [r[:3] for r in rejections(directory)] == [
+        (FIRST, where, "AR"), (VERIFIED, where, "held"), (VERIFIED, where, "AR")]
+    db = sqlite3.connect(directory / "index.sqlite")
+    with db:  # the clock was set back an hour between the hold and the rejection
+        db.execute("UPDATE hl7_rejections SET rejected_at = rejected_at - 3600 WHERE code = 'AR' AND report_id = ?",
+                   (VERIFIED,))
+    db.close()
+    capsys.readouterr()
+    assert main([*send_hl7, "--all"]) == 0
+    assert "1 not accepted there before" in capsys.readouterr().err
+    assert msh10s(lab) == [control_id(FIRST), control_id(FIRST), control_id(VERIFIED)]

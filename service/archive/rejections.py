@@ -116,11 +116,12 @@ def _open(db: sqlite3.Connection) -> str | None:
 
 def open_rejection(db: sqlite3.Connection, report_id: str, destination: str, processing_id: str) -> str | None:
     """The code of the latest rejection of `report_id` at `destination` no delivery has closed since
-    (None: none open)."""
+    (None: none open): the one recorded last (rows are never deleted, so the rowid orders them even where
+    the clock was set back between two)."""
     if (is_open := _open(db)) is None:
         return None
     row = db.execute(f"SELECT code FROM hl7_rejections j WHERE report_id = ? AND destination = ? AND "
-                     f"processing_id = ? AND {is_open} ORDER BY rejected_at DESC LIMIT 1",
+                     f"processing_id = ? AND {is_open} ORDER BY j.rowid DESC LIMIT 1",
                      (report_id, destination, processing_id)).fetchone()
     return None if row is None else str(row[0])
 
