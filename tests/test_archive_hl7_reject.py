@@ -280,3 +280,27 @@ def test_the_latest_rejection_is_the_one_recorded_last_whatever_the_clock_said(
     assert main([*send_hl7, "--all"]) == 0
     assert "1 not accepted there before" in capsys.readouterr().err
     assert msh10s(lab) == [control_id(FIRST), control_id(FIRST), control_id(VERIFIED)]
+
+
+def test_a_resend_to_a_folder_and_a_listener_goes_only_where_the_report_was_not_accepted(
+        tmp_path: Path, lis: Callable[..., RawLis], capsys: pytest.CaptureFixture[str]) -> None:
+    """Rejected at the listener, written to the engine's folder: `--resend` with both sends it to the listener
+    only (the engine took the file already: it would get it twice), then the report held behind it."""
+    directory, hl7_dir = tmp_path / "archive", tmp_path / "hl7"
+    shutil.copytree(VERSION_1, directory, ignore=shutil.ignore_patterns("README.md"))
+    codes = {control_id(FIRST): "AR"}
+    lab = lis(answering(codes))
+    where = f"mllp:127.0.0.1:{lab.port}"
+    send_hl7 = ["archive", "send-hl7", "--dir", str(directory), "--hl7-mllp", f"127.0.0.1:{lab.port}",
+                "--hl7-dir", str(hl7_dir)]
+    assert main([*send_hl7, "--all"]) == 1
+    assert sorted(p.name for p in hl7_dir.iterdir()) == sorted([f"{FIRST}.hl7", f"{VERIFIED}.hl7"])
+    for p in hl7_dir.iterdir():  # the engine took them
+        p.unlink()
+    codes.clear()
+    capsys.readouterr()
+    assert main([*send_hl7, "--resend", FIRST]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{r} -> {where} (MSH-10 {control_id(r)})" for r in (FIRST, VERIFIED)]
+    assert not any(hl7_dir.iterdir())
+    assert msh10s(lab) == [control_id(FIRST), control_id(FIRST), control_id(VERIFIED)]
