@@ -304,3 +304,31 @@ def test_a_resend_to_a_folder_and_a_listener_goes_only_where_the_report_was_not_
         f"{r} -> {where} (MSH-10 {control_id(r)})" for r in (FIRST, VERIFIED)]
     assert not any(hl7_dir.iterdir())
     assert msh10s(lab) == [control_id(FIRST), control_id(FIRST), control_id(VERIFIED)]
+
+
+def test_a_report_rejected_in_training_and_delivered_in_production_is_no_longer_listed(
+        tmp_path: Path, lis: Callable[..., RawLis], capsys: pytest.CaptureFixture[str]) -> None:
+    """Rejected while the lab validated the interface (MSH-11 T), then delivered as production (P): it is
+    accepted, so neither `find --not-accepted` nor the archive's count at start names it for ever; a
+    delivery in training closes no production rejection."""
+    directory = tmp_path / "archive"
+    shutil.copytree(VERSION_1, directory, ignore=shutil.ignore_patterns("README.md"))
+    codes = {control_id(FIRST, "T"): "AR"}
+    lab = lis(answering(codes))
+    send_hl7 = ["archive", "send-hl7", "--all", "--dir", str(directory), "--hl7-mllp", f"127.0.0.1:{lab.port}"]
+    assert main([*send_hl7, "--hl7-processing-id", "T"]) == 1  # FIRST rejected in training, VERIFIED held
+    capsys.readouterr()
+    assert main(["archive", "find", "--not-accepted", "--dir", str(directory), "--json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main(send_hl7) == 0  # as production: both delivered
+    assert msh10s(lab)[1:] == [control_id(FIRST), control_id(VERIFIED)]
+    assert main(["archive", "find", "--not-accepted", "--dir", str(directory)]) == 1
+    capsys.readouterr()
+
+    codes.clear()  # and the other way: rejected in production (VERIFIED held behind it), then delivered in training
+    codes[control_id(FIRST)] = "AR"
+    assert main([*send_hl7, "--again"]) == 1
+    assert main([*send_hl7, "--again", "--hl7-processing-id", "T"]) == 0
+    capsys.readouterr()
+    assert main(["archive", "find", "--not-accepted", "--dir", str(directory), "--json"]) == 0
+    assert {r["report_id"] for r in map(json.loads, capsys.readouterr().out.splitlines())} == {FIRST, VERIFIED}

@@ -6,8 +6,8 @@ unchanged cannot help, so it is final for that message, recorded here with the r
 tried again, and recorded here only once it has been answered for `hl7_mllp_error_hold_s`. A report
 that supersedes one not accepted at a destination is not sent there either (`held`): an amended
 report never overtakes its original. Rows are kept, never deleted: a later delivery of the same
-report to the same destination and processing id (`smearscope archive send-hl7 --resend`) closes
-one (`closed_at` set as the delivery is recorded, so a clock set back meanwhile cannot leave it
+report to the same destination and processing id (`smearscope archive send-hl7 --resend`), or in
+production (P) whatever the rejected one's, closes one (`closed_at` set as the delivery is recorded, so a clock set back meanwhile cannot leave it
 open; a row without it, of an index that had no such column, is closed by a delivery recorded at
 or after its time), and `archive find` lists both.
 
@@ -94,9 +94,12 @@ def add_closed_at(db: sqlite3.Connection) -> None:
 
 def close_rejections(db: sqlite3.Connection, deliveries: list[tuple[str, str, str]]) -> None:
     """Each (report id, destination, processing id) delivered: its open rejections there are closed (in the
-    caller's transaction, with the delivery's row)."""
+    caller's transaction, with the delivery's row). A production (P) delivery closes those of training and
+    debugging too (the lab system has the report: one rejected while it validated the interface is not
+    listed for ever); a T or D delivery closes only its own, never a production rejection."""
     db.executemany("UPDATE hl7_rejections SET closed_at = ? WHERE report_id = ? AND destination = ? AND "
-                   "processing_id = ? AND closed_at IS NULL", [(time.time(), *d) for d in deliveries])
+                   "(processing_id = ? OR ? = 'P') AND closed_at IS NULL",
+                   [(time.time(), report_id, destination, pid, pid) for report_id, destination, pid in deliveries])
 
 
 #: A rejection a smearscope before `closed_at` recorded is closed by a delivery recorded at or after it.
