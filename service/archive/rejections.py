@@ -7,9 +7,10 @@ tried again, and recorded here only once it has been answered for `hl7_mllp_erro
 that supersedes one not accepted at a destination is not sent there either (`held`): an amended
 report never overtakes its original. Rows are kept, never deleted: a later delivery of the same
 report to the same destination and processing id (`smearscope archive send-hl7 --resend`), or in
-production (P) whatever the rejected one's, closes one (`closed_at` set as the delivery is recorded, so a clock set back meanwhile cannot leave it
-open; a row without it, of an index that had no such column, is closed by a delivery recorded at
-or after its time), and `archive find` lists both.
+production (P) whatever the rejected one's, closes one (`closed_at` set as the delivery is
+recorded, so a clock set back meanwhile cannot leave it open; a row without it, of an index that
+had no such column, is closed by a delivery recorded at or after its time), and `archive find`
+lists both.
 
 How long a report not yet stored has been answered AE/CE at a destination (`hl7_error_holds`: the
 archive's running time, so neither a clock change nor a restart gives it the whole hold again) is
