@@ -222,8 +222,9 @@ def test_a_resend_closes_the_rejection_though_the_clock_was_ahead_when_it_was_re
 
 def test_an_index_recorded_by_the_previous_layout_is_read_as_it_is_and_upgraded_in_place(
         tmp_path: Path, lis: Callable[..., RawLis], capsys: pytest.CaptureFixture[str]) -> None:
-    """hl7_rejections as a smearscope before `closed_at` made it: `find` (read-only) reads it unchanged, a
-    delivery that smearscope recorded after the rejection closes it still, and send-hl7 adds the column."""
+    """An index of version 4 as a smearscope before `closed_at` and `hl7_error_holds` left it: `find`
+    (read-only) reads it unchanged, a delivery that smearscope recorded after the rejection closes it
+    still, and send-hl7 adds the column and the table in place (the version stays 4)."""
     directory = tmp_path / "archive"
     shutil.copytree(VERSION_1, directory, ignore=shutil.ignore_patterns("README.md"))
     codes = {control_id(FIRST): "AR", control_id(VERIFIED): "AR"}
@@ -233,7 +234,9 @@ def test_an_index_recorded_by_the_previous_layout_is_read_as_it_is_and_upgraded_
     assert main([*send_hl7, "--resend", FIRST]) == 1  # FIRST rejected again, VERIFIED held behind it
     db = sqlite3.connect(directory / "index.sqlite")
     with db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
         db.execute("ALTER TABLE hl7_rejections DROP COLUMN closed_at")  # the previous layout
+        db.execute("DROP TABLE hl7_error_holds")
         # the previous smearscope delivered FIRST after its rejections (it closed nothing explicitly)
         db.execute("INSERT INTO hl7_deliveries SELECT report_id, destination, control_id, max(rejected_at) + 1, "
                    "'send-hl7', processing_id FROM hl7_rejections WHERE report_id = ?", (FIRST,))
@@ -250,6 +253,8 @@ def test_an_index_recorded_by_the_previous_layout_is_read_as_it_is_and_upgraded_
     db = sqlite3.connect(f"{(directory / 'index.sqlite').as_uri()}?mode=ro", uri=True)
     try:
         assert "closed_at" in {c for (_, c, *_) in db.execute("PRAGMA table_info(hl7_rejections)")}
+        assert db.execute("SELECT count(*) FROM hl7_error_holds").fetchone()[0] == 0
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     finally:
         db.close()
 

@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS hl7_deliveries (
     sender TEXT NOT NULL, processing_id TEXT NOT NULL DEFAULT 'P');
 CREATE INDEX IF NOT EXISTS hl7_deliveries_report ON hl7_deliveries (report_id, destination);
 CREATE TABLE IF NOT EXISTS hl7_whole_id_runs (run_id TEXT PRIMARY KEY);
-""" + REJECTIONS_SCHEMA  # added to an index of version 3 in place: a smearscope before it ignores the table
+""" + REJECTIONS_SCHEMA  # added to an index of version 3 or 4 in place: a smearscope before them ignores the tables
 
 
 #: The columns of each table in version 1, in order: an unversioned index is upgraded only if it has these.
