@@ -843,3 +843,44 @@ def test_verify_run_before_the_first_broker_connection_settles_answers_held_null
     finally:
         stop_daemon(daemon, runner)
         broker.stop()
+
+
+@pytest.mark.broker
+def test_stop_run_before_the_hold_is_decided_stops_the_run_at_once_and_waits_only_to_answer_held(
+    tmp_path: Path, credentials_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stop_run waits for the start's hold decision only to answer `held`: the run itself stops when
+    the command comes, not after that wait (fields analysed meanwhile, possibly of the next slide, would
+    join the stopped run). The wait is made longer than the test looks here (the broker not started: the
+    hold is not decided), so a stop that waited first is seen still open; once the broker is up and the
+    hold decided, the answer comes with `held`: false, `hold_decided`: true."""
+    from broker import MQTT_USERS, MosquittoBroker
+
+    from smearscope.service.station import commands
+
+    monkeypatch.setattr(commands, "HOLD_DECISION_WAIT_S", 600.0)
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)  # its ports picked, nothing listening yet
+    source = {"kind": "simulated", "fields": 5000, "fps": 4.0, "width": 480, "height": 360, "seed": 0}
+    config = write_station(tmp_path, broker.port, source=source, specimen={  # the run open for a minute at least
+        "target_wbc_count": 1000, "idle_timeout_s": 600.0, "auto_start": False})
+    daemon, runner = start_daemon(config)
+    answers: list[dict[str, Any]] = []
+    try:
+        assert wait_until(lambda: daemon.handle_command("start_run", {}).get("ok"), 30)
+        assert wait_until(lambda: (daemon.tracker.progress() or None) is not None
+                          and daemon.tracker.progress().fields >= 2, 60)
+        assert daemon.publisher is not None and not daemon.publisher.run_watch.decided.is_set()
+        stopping = threading.Thread(target=lambda: answers.append(dict(daemon.handle_command("stop_run", {}))))
+        stopping.start()
+        closed = wait_until(lambda: bool(daemon.handle_command("get_runs", {})["runs"]), 30)
+        waiting = stopping.is_alive()
+        broker.start()  # the hold decided: the answer goes
+        stopping.join(60)
+        assert closed and waiting, "the run stayed open while stop_run waited for the hold decision"
+        (answer,) = answers
+        (run,) = daemon.handle_command("get_runs", {})["runs"]
+        assert answer["ok"] and answer["run_id"] == run["run_id"] and answer["fields"] == run["progress"]["fields"]
+        assert answer["held"] is False and answer["hold_decided"] is True and "message" not in answer, answer
+    finally:
+        stop_daemon(daemon, runner)
+        broker.stop()

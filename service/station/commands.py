@@ -136,9 +136,8 @@ class StationCommands:
             if "specimen_id" in arguments and (error := _specimen_id_error(specimen)) is not None:
                 return {"ok": False, "error": "bad_arguments", "message": error}
             return self._analysis.call(name, lambda: self._start_run(target, specimen))
-        if name == "stop_run":
-            self._await_hold_decision()
-            return self._analysis.call(name, self._stop_run)
+        if name == "stop_run":  # the run stops now; only its answer's `held` waits for the hold decision
+            return self._held_after_stop(self._analysis.call(name, self._stop_run))
         if name == "analyze_file":
             return self._analyze_file(arguments.get("path"))
         if name == "get_review" and self._clinic is not None:
@@ -292,11 +291,21 @@ class StationCommands:
         answer = {"ok": True, "run_id": closed.run_id, "fields": closed.fields,
                   "classified_wbc": closed.classified_wbc, "target_wbc": closed.target_wbc,
                   "complete": closed.complete, "report_id": report_id}
-        if report_id is not None:
-            self._say_held(answer, closed.run_id, "the run's report")
-        if not kept:  # after the held message, if any
-            answer["message"] = " ".join(filter(None, (answer.get("message"), (
-                f"the run's end could not be kept in the outbox file (see the station's log): its report is sent "
-                f"under {report_id} unless the station stops before storing it; a start after that reports the run "
-                "under another id"))))
+        if not kept:  # after the held message, if any (_held_after_stop)
+            answer["message"] = (f"the run's end could not be kept in the outbox file (see the station's log): its "
+                                 f"report is sent under {report_id} unless the station stops before storing it; a "
+                                 "start after that reports the run under another id")
+        return answer
+
+    def _held_after_stop(self, answer: Mapping[str, Any]) -> Mapping[str, Any]:
+        """stop_run's answer with `held` (the command thread, once the run is stopped): waited for
+        here, not before the stop, so no field analysed during the wait joins the stopped run."""
+        if not answer.get("ok") or answer.get("report_id") is None:
+            return answer
+        self._await_hold_decision()
+        answer = dict(answer)
+        not_kept = answer.pop("message", None)
+        self._say_held(answer, answer["run_id"], "the run's report")
+        if not_kept is not None:
+            answer["message"] = " ".join(filter(None, (answer.get("message"), not_kept)))
         return answer
