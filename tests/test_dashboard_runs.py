@@ -379,3 +379,35 @@ def test_a_signature_whose_hold_is_not_decided_yet_is_said_beside_verify_not_sho
         _wait("the answer", lambda: state().get_attribute("data-state") == "undecided", 20, [log])
         assert state().text == f"verified: 0 typed, 0 reclassified — {undecided}", state().text
         assert state().value_of_css_property("color") == "rgba(138, 90, 0, 1)"
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_stop_whose_hold_is_not_decided_yet_is_said_in_its_own_colour_not_as_held(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """Stop run answered before the station's first broker connection settled: ok with `held`: null,
+    `hold_decided`: false and the station's message; the run line's answer says that message in the
+    not-decided colour (as beside Verify), not in the held red: the report may well be sent."""
+    from selenium.webdriver.common.keys import Keys
+
+    with _run_control_page(tmp_path, ws_broker) as (_driver, send, log, _url, inside, sent):
+        _wait("the form", lambda: inside(".specimen-id").is_displayed(), 20, [log])
+        inside(".specimen-id").send_keys("H-7", Keys.ENTER)
+        _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
+        _answer(send, "start_run", {"ok": True, "run_id": "6a6a6a6a-dddd", "target_wbc": 100, "specimen_id": "H-7"},
+                sent("start_run")[0].correlation_data)
+        _wait("Stop run", lambda: inside(".stop-run").is_displayed(), 20, [log])
+        inside(".stop-run").click()
+        inside(".stop-run").click()
+        _wait("stop_run sent", lambda: len(sent("stop_run")) == 1, 20, [log])
+        undecided = ("the run's report is stored at the station; whether it is held there is not decided yet: the "
+                     "station has not compared its state with the run state the broker keeps")
+        _answer(send, "stop_run", {"ok": True, "run_id": "6a6a6a6a-dddd", "fields": 2, "classified_wbc": 9,
+                                   "target_wbc": 100, "complete": False, "report_id": "r6", "held": None,
+                                   "hold_decided": False, "message": undecided}, sent("stop_run")[0].correlation_data)
+        state = lambda: inside(".run-control-state")
+        _wait("the stop's answer", lambda: state().text.startswith("run 6a6a6a6a stopped"), 20, [log])
+        assert state().text == "run 6a6a6a6a stopped: 2 fields, 9 of 100 WBC — " + undecided, state().text
+        assert state().get_attribute("data-state") == "undecided"
+        assert state().value_of_css_property("color") == "rgba(138, 90, 0, 1)"
