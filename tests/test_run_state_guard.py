@@ -241,3 +241,41 @@ def test_under_mqtt_311_a_hold_is_released_once_the_stations_own_run_state_comes
     finally:
         observer.close()
         broker.stop()
+
+
+def test_under_mqtt_311_a_hold_whose_release_waits_for_the_next_run_state_says_so_and_that_run_releases_it(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The outbox file keeps a hold of run r-0, the station's last run (its report and the run state
+    the start states again both parked); the operator cleared the broker's retained run state, MQTT
+    3.1.1, the station may read its run topic. Nothing comes on the run topic at the start, which
+    under 3.1.1 also looks like an ACL that hides it, and the only run state the station has to send
+    is r-0's own, held: nothing of its can come back until its next run's state. That is said at
+    WARNING at the start, naming r-0 (the start's WARNING said a start that finds no retained run
+    state sends it), and r-0 stays held (its report not received) until r-1's state, sent later on
+    that connection, comes back: then r-0 is released and its report received."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=_acl("readwrite"))
+    broker.start()
+    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])
+    try:
+        observer.wait_ready()
+        config = make_config(tmp_path, broker.port, protocol="3.1.1")
+        _hold_r0(config)
+        publisher = _publisher(config, {"r-0": 4}, (), started)
+        publisher.publish_many([_report("r-0", 4)], extra=[_run_state("r-0", 4, "closed")])
+        with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt.run_watch"):
+            publisher.start()
+            assert wait_until(lambda: publisher.state.parked == 2, 10), publisher.state
+            waits = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                     and "r-0" in r.getMessage() and "next run" in r.getMessage()]
+            assert len(waits) == 1, caplog.text[-3000:]
+            assert f"no retained run state came on {BASE}/run" in waits[0], waits[0]
+            assert set(publisher.run_watch.held) == {"r-0"} and not publisher.run_watch.decided.is_set()
+            assert observer.messages == [] and _held_in_file(publisher.outbox) == ["r-0"]
+            publisher.publish_many([], extra=[_run_state("r-1", 1, "open")])  # the next run's first state
+            assert observer.wait_for(lambda ms: len(ms) >= 1, 15), publisher.state
+            assert [json.loads(m.payload)["body"]["run_id"] for m in observer.messages] == ["r-0"]
+            assert not publisher.run_watch.held and publisher.run_watch.decided.is_set()
+    finally:
+        observer.close()
+        broker.stop()

@@ -175,6 +175,13 @@ class RunStateWatch:
                     logger.debug("MQTT 3.1.1: no retained run state came on %s: this station's own run state "
                                  "coming back there will show that it may read it (held till then: %s)", self.topic,
                                  ", ".join(self._release_pending) or "none")
+                    if self._release_pending:  # the start's WARNING said a start that hears none sends them
+                        logger.warning("the runs held by an earlier start (%s) are sent once this station's own run "
+                                       "state comes back on its subscription: under MQTT 3.1.1 no retained run "
+                                       "state came on %s at this start, which is also what an acl_file that keeps "
+                                       "the topic from this station looks like. Where a held run's state is the "
+                                       "last this station has to send (held too), that is its next run's state "
+                                       "(start_run, or its next field)", ", ".join(self._release_pending), self.topic)
                 else:
                     self._release_locked(list(self.held), "the broker holds no retained run state")
             settled = self._settled

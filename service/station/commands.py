@@ -266,9 +266,10 @@ class StationCommands:
             answer["held"] = None
             answer["message"] = (f"{what} is stored at the station; whether it is held there is not decided yet: the "
                                  "station has not compared its state with the run state the broker keeps (its first "
-                                 "connection to the broker has not settled). Where the broker shows this run further "
-                                 "along, or a later run, it is held until the broker's retained run state is cleared "
-                                 "(docs/STATION.md); otherwise it is sent")
+                                 "connection to the broker has not settled, or, under MQTT 3.1.1, the runs an earlier "
+                                 "start held wait for its own run state to come back). Where the broker shows this "
+                                 "run further along, or a later run, it is held until the broker's retained run state "
+                                 "is cleared (docs/STATION.md); otherwise it is sent")
             return
         answer["held"] = watch is not None and run_id in watch.held
         if answer["held"]:
