@@ -279,3 +279,29 @@ def test_under_mqtt_311_a_hold_whose_release_waits_for_the_next_run_state_says_s
     finally:
         observer.close()
         broker.stop()
+
+
+def test_under_mqtt_311_a_start_that_holds_nothing_decides_its_hold_without_waiting_for_its_own_run_state(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MQTT 3.1.1, an acl_file that lets the station write its run topic but not read it, the broker
+    keeping no retained run state, and no hold from an earlier start: nothing it hears or does not hear
+    can hold a run (what cannot be read cannot be compared), so the hold is decided once the wait for
+    the retained run state ends, not only once the station's own run state is overdue (the echo bound,
+    made longer than the test looks here): verify_run and stop_run then answer `held` false at once
+    rather than waiting 5 s to answer null."""
+    from smearscope.service.mqtt import echo_watch
+
+    monkeypatch.setattr(echo_watch, "ECHO_BOUND_S", 600.0)
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=_acl("write"))
+    broker.start()
+    try:
+        config = make_config(tmp_path, broker.port, protocol="3.1.1")
+        publisher = _publisher(config, {"r-1": 1}, (), started)
+        publisher.publish_many([], extra=[_run_state("r-1", 1, "open")])
+        publisher.start()
+        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state  # acknowledged
+        assert wait_until(publisher.run_watch.decided.is_set, 10), publisher.state
+        assert not publisher.run_watch.held and publisher.run_watch.listening  # its echo still waited for
+    finally:
+        broker.stop()

@@ -185,7 +185,8 @@ class RunStateWatch:
                 else:
                     self._release_locked(list(self.held), "the broker holds no retained run state")
             settled = self._settled
-            if settled and not self._awaiting_own:
+            # 3.1.1 holding nothing from an earlier start: no echo (or its absence) can change what is held
+            if settled and not (self._awaiting_own and self._release_pending):
                 self.decided.set()
         if settled:
             self._wake()
