@@ -1,0 +1,66 @@
+"""What `validate-config` says of a key the station config has no setting for.
+
+pydantic's own words, "Extra inputs are not permitted", name neither the section nor what was
+meant. A key of another source kind (a camera's `device` under `kind = "folder"`, left over from
+the example's camera section) is said to be that kind's; a misspelt key gets the nearest setting
+of its section.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import typing
+from typing import Any
+
+from pydantic import BaseModel
+
+logger = logging.getLogger(__name__)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation holds (itself, an optional one, a union's)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _kind_of(model: type[BaseModel]) -> str | None:
+    """The `kind` tag a member of a discriminated union is chosen by, if it has one."""
+    field = model.model_fields.get("kind")
+    args = typing.get_args(field.annotation) if field is not None else ()
+    return args[0] if len(args) == 1 and isinstance(args[0], str) else None
+
+
+def unknown_key_message(root: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    """The reason for the unknown key at `loc` (pydantic's error location, union tags included)."""
+    key = str(loc[-1])
+    model: type[BaseModel] | None = root
+    members: list[type[BaseModel]] = []  # the union the last section chose from, if any
+    siblings: list[type[BaseModel]] = []  # the union the key's section was chosen from
+    path: list[str] = []  # the section as the file names it, without union tags
+    for part in loc[:-1]:
+        chosen = [m for m in members if _kind_of(m) == part]
+        if chosen:  # a discriminated union's tag: the member it chose
+            model, siblings, members = chosen[0], members, []
+            continue
+        if model is None:
+            break
+        if isinstance(part, int):
+            continue
+        path.append(str(part))
+        field = model.model_fields.get(part)
+        found = _models_in(field.annotation) if field is not None else []
+        model, siblings, members = (found[0], [], []) if len(found) == 1 else (None, [], found)
+    if model is None:
+        return "unknown key: no such setting"
+    kind = _kind_of(model) if siblings else None
+    section = f"[{'.'.join(path)}]" if path else "the top level"
+    where = f'{section} of kind = "{kind}"' if kind else section
+    others = [k for m in siblings if (k := _kind_of(m)) and k != kind and key in m.model_fields]
+    if others:
+        named = " or ".join(f'"{k}"' for k in others)
+        return f'unknown key for kind = "{kind}": a setting of kind = {named} only; remove it'
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.7)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"unknown key: {where} has no such setting{hint}"
