@@ -568,6 +568,37 @@ def test_embedded_station_without_broker(
     assert "4 reports: 0 delivered" in out
 
 
+
+def test_the_ledger_line_of_each_report_names_its_warning_and_critical_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`smearscope run --max-fields 3` prints, on each report's line, the flags above info that
+    the stored report carries: the specimen report of the run ended by the stop says
+    `warning:specimen_incomplete`, and no line names a flag its report lacks."""
+    from smearscope.service.mqtt.outbox import Outbox
+
+    environ = {"STATE_DIRECTORY": str(tmp_path / "state"),
+               "SMEARSCOPE__MQTT__PORT": str(free_port()),  # nobody listens there
+               "SMEARSCOPE__SOURCE__FPS": "20", "SMEARSCOPE__SOURCE__WIDTH": "320",
+               "SMEARSCOPE__SOURCE__HEIGHT": "240"}
+    assert run_daemon(None, 3, analyzer_factory=pool_factory(), environ=environ) == 0
+    printed = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("in-outbox"):
+            words = line.split()
+            flags = next((w.removeprefix("flags=") for w in words if w.startswith("flags=")), "")
+            printed[words[2]] = flags.split(",") if flags else []
+    with Outbox(tmp_path / "state" / "outbox.sqlite3") as box:
+        stored = {m.report_id: json.loads(m.payload)["body"] for m in box.pending(limit=100)
+                  if m.topic.endswith(("/field", "/report"))}
+    assert len(printed) == 4 and set(printed) <= set(stored)
+    for report_id, flags in printed.items():
+        body = stored[report_id]
+        assert flags == [f"{f['severity']}:{f['code']}" for f in body["flags"] if f["severity"] != "info"]
+        if body["kind"] == "specimen":
+            assert "warning:specimen_incomplete" in flags
+
+
 def test_a_runs_first_calibrated_fields_check_the_calibration(tmp_path: Path) -> None:
     """The station asks the analyzer to check the calibration on a run's first
     `specimen.calibration_check_fields` calibrated fields only (a scale search each); 0: never."""

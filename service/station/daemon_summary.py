@@ -33,6 +33,8 @@ class StoredReport:
     field_id: str | None
     fields_analyzed: int
     counts: Mapping[str, int]
+    #: Its flags above info, as "severity:code" (a critical finding shows on its line).
+    flags: tuple[str, ...] = ()
 
 
 class Stats:
@@ -100,8 +102,9 @@ def print_ledger(ledger: Iterable[StoredReport], mqtt: MqttConfig, out: TextIO,
         c = r.counts
         where = f"run={r.run_id or '-'}" + (f" field={r.field_id}" if r.field_id else
                                             f" fields={r.fields_analyzed}")
+        flags = f" flags={','.join(r.flags)}" if r.flags else ""
         print(f"{state:<10} {r.topic} {r.report_id} rbc={c['rbc']} wbc={c['wbc']} "
-              f"platelet={c['platelet']} {where}", file=out)
+              f"platelet={c['platelet']} {where}{flags}", file=out)
     held = sum(1 for r in reports if r.seq in waiting)
     gone = sum(1 for r in reports if r.seq in evicted and r.seq not in waiting)
     print(f"{len(reports)} reports: {len(reports) - held - gone} delivered to "

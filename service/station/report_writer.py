@@ -162,7 +162,9 @@ class ReportWriter:
         field_id = report.source.frame_id if report.source is not None else None
         self.ledger.append(StoredReport(item.kind, topic, report.report_id, seq, report.run_id,
                                         field_id, report.fields_analyzed,
-                                        report.counts.model_dump()))
+                                        report.counts.model_dump(),
+                                        tuple(f"{f.severity}:{f.code}" for f in report.flags
+                                              if f.severity != "info")))
         self.stats.add("stored")
         # the field id holds a watched folder's file name, which may name the patient: not at INFO
         logger.info("stored %s message report_id=%s seq=%d run=%s", item.kind, report.report_id, seq, report.run_id)
