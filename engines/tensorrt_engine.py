@@ -27,7 +27,13 @@ import numpy as np
 
 from smearscope.engines.base import Engine, EngineError
 from smearscope.engines.cuda_api import CudaApi, CudaStream, cuda_api
-from smearscope.engines.trt_cache import build_command, engine_path, missing_engine, whole_problem
+from smearscope.engines.trt_cache import (
+    TENSORRT_MISSING,
+    build_command,
+    engine_path,
+    missing_engine,
+    whole_problem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +75,7 @@ class TensorRtEngine(Engine):
         try:
             import tensorrt as trt
         except ImportError as exc:
-            raise EngineError(f"TensorRT backend needs tensorrt (the jetson extra): {exc}") from exc
+            raise EngineError(f"TensorRT backend: tensorrt is not importable ({exc}); {TENSORRT_MISSING}") from exc
         if int(trt.__version__.split(".")[0]) < 10:
             raise EngineError(f"TensorRT {trt.__version__} is too old: this backend needs TensorRT 10 "
                               "(JetPack 6.1 or later); use engine_backend 'onnxruntime'")

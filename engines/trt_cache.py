@@ -22,6 +22,13 @@ from smearscope.engines.manifest import ModelManifest
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
+#: What to do when `import tensorrt` fails. On a Jetson TensorRT is JetPack's, never pip's (PyPI's
+#: `tensorrt` is NVIDIA's server build, and `pip install .[jetson]` fails there): naming the extra
+#: alone sends an engineer to the one command that does not work.
+TENSORRT_MISSING = ("on a Jetson TensorRT comes with JetPack, not from pip: sudo apt install python3-libnvinfer, "
+                    "seen by a venv made with --system-site-packages (systemd/install-jetson.sh does both; "
+                    "docs/STATION.md, section 1); elsewhere, engine_backend 'onnxruntime'")
+
 
 Capability = tuple[int, int]  # (major, minor): (8, 7) on a Jetson Orin
 

@@ -22,6 +22,7 @@ from smearscope.engines.cuda_api import CudaApi, cuda_api
 from smearscope.engines.manifest import ManifestError, ModelManifest, load_manifest
 from smearscope.engines.preprocess import to_model_input
 from smearscope.engines.trt_cache import (
+    TENSORRT_MISSING,
     Capability,
     build_record,
     calibration_cache_path,
@@ -288,8 +289,7 @@ def build_all(models_dir: Path, cache_dir: Path, precision: str = "fp16", calibr
     try:
         import tensorrt as trt
     except ImportError as exc:
-        logger.error("TensorRT or a CUDA API missing (jetson extra): %s", exc)
-        print(f"build-engines needs the jetson extra (tensorrt; pycuda or cuda-python for int8): {exc}")
+        print(f"build-engines needs TensorRT 10, which is not importable ({exc}); {TENSORRT_MISSING}")
         return 1
     if int(trt.__version__.split(".")[0]) < 10:
         print(f"build-engines needs TensorRT 10 (JetPack 6.1 or later); found {trt.__version__}")

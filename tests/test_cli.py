@@ -656,3 +656,21 @@ def test_the_summary_counts_nucleated_red_cells_per_100_white_cells():
     assert ": RBC 400, WBC 200, NRBC 3 (1.5 per 100 WBC), platelets 30  (" in first_line(3, 1.5), first_line(3, 1.5)
     assert ": RBC 400, WBC 200, NRBC 0 (0.0 per 100 WBC), platelets 30  (" in first_line(0, 0.0), first_line(0, 0.0)
     assert ": RBC 400, WBC 200, platelets 30  (" in first_line(0, None)  # a report from before they were counted
+
+
+def test_analyze_on_tensorrt_without_it_says_where_a_jetson_gets_it(tmp_path):
+    """`--backend tensorrt` where TensorRT is not importable: engine_unavailable, naming JetPack's
+    apt package and the venv that sees it, not the `jetson` extra that pip cannot install there."""
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT present")
+    except ImportError:
+        pass
+    img = tmp_path / "f.png"
+    _render(img, seed=3)
+    r = smearscope("analyze", str(img), "--backend", "tensorrt", "--json")
+    assert r.returncode == 2, r.stderr
+    error = json.loads(r.stdout.splitlines()[0])["error"]
+    assert error["code"] == "engine_unavailable"
+    assert "sudo apt install python3-libnvinfer" in error["message"] and "--system-site-packages" in error["message"]
+    assert "jetson extra" not in error["message"]
