@@ -155,6 +155,10 @@ def test_an_unknown_key_names_its_section_and_what_was_meant(
     assert ("mqtt.prot: unknown key: [mqtt] has no such setting; did you mean port? "
             "(set by SMEARSCOPE__MQTT__PROT)") in lines
     assert not any("Extra inputs" in line for line in lines)
+    # the file's camera section, made a simulated one by a variable: the variable is named
+    assert validate_config_main(EXAMPLE, environ={"SMEARSCOPE__SOURCE__KIND": "simulated"}) == 78
+    assert ('source.device: unknown key for kind = "simulated": a setting of kind = "camera" only; remove it '
+            "(kind set by SMEARSCOPE__SOURCE__KIND)") in capsys.readouterr().err.splitlines()
 
 
 def test_validate_config_ok_and_unreadable(

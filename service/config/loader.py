@@ -115,6 +115,10 @@ def _validation_errors(
             if loc == key or loc.startswith((key + ".", key + "[")):
                 msg += f" (set by {variable})"
                 break
+        else:  # a key of the file refused because a variable changed its section's kind
+            kind_var = applied.get((*loc.split(".")[:-1], "kind"))
+            if err["type"] == "extra_forbidden" and kind_var:
+                msg += f" (kind set by {kind_var})"
         out.append((loc, msg))
     return out
 
