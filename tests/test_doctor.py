@@ -583,3 +583,26 @@ def test_doctor_says_a_revoked_client_certificate_is_revoked(
         assert "it is revoked (the broker's crlfile lists it): install a new one" in line[0], line
     finally:
         broker.stop()
+
+
+def test_doctor_on_onnxruntime_does_not_warn_of_tensorrt_it_does_not_use(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A station on engine_backend onnxruntime (the example's) without TensorRT or a CUDA binding:
+    INFO lines saying they are not used, not warnings that every such station would carry for ever
+    and no one could act on; on engine_backend tensorrt their absence still fails."""
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT present")
+    except ImportError:
+        pass
+    config = _config(tmp_path, 1, DEFAULT_MODELS_DIR)
+    main(["doctor", "--config", str(config), "--no-wait"])
+    lines = capsys.readouterr().out.splitlines()
+    assert ("INFO  tensorrt         not installed (JetPack 6.1+ provides TensorRT 10): not used with "
+            "engine_backend onnxruntime") in lines
+    assert not any(ln.startswith(("WARN  tensorrt", "WARN  CUDA binding")) for ln in lines), lines
+    config.write_text(config.read_text().replace("[analysis]", '[analysis]\nengine_backend = "tensorrt"', 1))
+    assert "[analysis]" in config.read_text()
+    main(["doctor", "--config", str(config), "--no-wait"])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(ln.startswith("FAIL  tensorrt") for ln in lines), lines

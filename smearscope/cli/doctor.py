@@ -233,8 +233,11 @@ def _backend_checks(backend: str) -> list[Check]:
         except ImportError:
             pass
     checks.append(("OK" if bindings else level, "CUDA binding", ", ".join(bindings) or "neither pycuda nor cuda-python"))
-    if backend == "onnxruntime":  # TensorRT is optional then
-        checks = [(s if s != "FAIL" or name == "onnxruntime" else "WARN", name, d) for s, name, d in checks]
+    if backend == "onnxruntime":  # TensorRT is optional then: its absence is nothing to act on
+        missing = ("not installed", "neither pycuda")
+        checks = [("INFO", name, f"{d}: not used with engine_backend onnxruntime")
+                  if name in ("tensorrt", "CUDA binding") and d.startswith(missing)
+                  else (s if s != "FAIL" or name == "onnxruntime" else "WARN", name, d) for s, name, d in checks]
     return checks
 
 
