@@ -123,7 +123,11 @@ install_packages() {
   if [[ ${#extras[@]} -gt 0 ]]; then spec="${SRC}[$(IFS=,; echo "${extras[*]}")]"; fi
   log "installing smearscope${EXTRAS:+[$EXTRAS]} into $venv"
   install -d -m 0755 "$PREFIX" "$PREFIX/docs"
-  [[ -x "$venv/bin/python" ]] || "$PYTHON" -m venv --system-site-packages "$venv"
+  # a venv whose ensurepip failed (no python3-venv) has its python but no pip: make it again
+  if [[ ! -x "$venv/bin/python" || ! -x "$venv/bin/pip" ]]; then
+    "$PYTHON" -m venv --system-site-packages "$venv" \
+      || die "cannot make a venv with $PYTHON in $venv (JetPack/Ubuntu: sudo apt install python3-venv, then run this again)"
+  fi
   "$venv/bin/pip" install --quiet --upgrade pip
   # numpy < 2 (the constraints file): JetPack's OpenCV, used below, is built for numpy 1.x.
   "$venv/bin/pip" install --quiet --constraint "$CONSTRAINTS" "$spec"

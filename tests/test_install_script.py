@@ -428,3 +428,43 @@ def test_the_service_user_is_a_member_of_the_groups_its_unit_names(tmp_path: Pat
     members = _members(root)
     assert {g for g, who in members.items() if "smearscope" in who} == wanted | {"jtop"}, members
     assert (root / "etc" / "group").read_text().count("smearscope") == 4  # its own group and three joined
+
+
+FAKE_VENV_PYTHON = """#!/usr/bin/env bash
+# `python3 -m venv DIR` as Debian's python3 does it without python3-venv: DIR/bin/python is made,
+# then ensurepip is missing: no pip, exit 1. With NO_ENSUREPIP unset, pip is made too.
+printf '%s\\n' "$*" >> "$VENVLOG"
+[[ "$1 $2" == "-m venv" ]] || exit 2
+dir="${@: -1}"
+mkdir -p "$dir/bin" && cp "$VENV_PYTHON_STUB" "$dir/bin/python"
+if [[ -n "${NO_ENSUREPIP:-}" ]]; then
+  echo "The virtual environment was not created successfully because ensurepip is not available." >&2
+  exit 1
+fi
+cp "$VENV_PIP_STUB" "$dir/bin/pip"
+"""
+
+
+def test_a_venv_left_without_pip_by_a_missing_python3_venv_is_made_again(tmp_path: Path) -> None:
+    """On a JetPack without python3-venv, `python3 -m venv` leaves the venv's python and no pip:
+    the install stops saying which package to install, and once it is installed, the rerun makes
+    the venv again rather than taking the half-made one (whose missing pip would stop it in a
+    bash error naming no step)."""
+    prefix = _prefix(tmp_path)
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name in ("pip", "python"):
+        (prefix / "venv" / "bin" / name).rename(stubs / name)
+    fake = tmp_path / "python3"
+    fake.write_text(FAKE_VENV_PYTHON)
+    fake.chmod(0o755)
+    env = {"PYTHON": str(fake), "VENVLOG": str(tmp_path / "venv.log"), "EXTRAS": "",
+           "VENV_PYTHON_STUB": str(stubs / "python"), "VENV_PIP_STUB": str(stubs / "pip")}
+    proc = _run(tmp_path, "install_packages", NO_ENSUREPIP="1", **env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "sudo apt install python3-venv, then run this again" in proc.stderr
+    assert (prefix / "venv" / "bin" / "python").exists() and not (prefix / "venv" / "bin" / "pip").exists()
+    proc = _run(tmp_path, "install_packages", **env)  # python3-venv installed since
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "venv.log").read_text().splitlines() == [f"-m venv --system-site-packages {prefix / 'venv'}"] * 2
+    assert _pip_calls(tmp_path)[-1] == f"install --quiet --constraint {CONSTRAINTS} {REPO}"
