@@ -2,7 +2,7 @@
 #   make demo   - the station daemon on its embedded default (synthetic microscope, 5 fields):
 #                 prints what it published (or kept in its outbox when no broker answers)
 #   make test   - the whole test suite (what CI runs, after make lint; installs mosquitto, chromium,
-#                 chromium-driver, faketime and strace with apt when missing)
+#                 chromium-driver, faketime, strace and node with apt when missing)
 # Also: make test-fast (no fault injection, slow or real-data tests: a few minutes), make lint.
 # The tests run on TEST_WORKERS processes (pytest-xdist; each test has its own broker, port and
 # folders): most of a test's time is spent waiting on a broker, a browser or a daemon, so two
