@@ -161,6 +161,25 @@ def test_an_unknown_key_names_its_section_and_what_was_meant(
             "(kind set by SMEARSCOPE__SOURCE__KIND)") in capsys.readouterr().err.splitlines()
 
 
+def test_an_override_with_one_underscore_is_refused_and_a_flattened_key_finds_its_section(
+    tmp_path: Path,
+) -> None:
+    """SMEARSCOPE_MQTT__HOST (one underscore after SMEARSCOPE) was silently not read, leaving the
+    file's broker; SMEARSCOPE__MQTT_HOST and `mqtt_port = ...` at the top level name the setting
+    meant. SMEARSCOPE_DATA (no level: the datasets' folder) is left alone."""
+    path = _write(tmp_path, MINIMAL + "[mqtt]\ntls_ca_file = 'ca.pem'\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={"SMEARSCOPE_MQTT__HOST": "broker.lab", "SMEARSCOPE_DATA": "/data"})
+    assert err.value.errors == [("SMEARSCOPE_MQTT__HOST", ("not read: an override starts SMEARSCOPE__, two "
+                                 "underscores (did you mean SMEARSCOPE__MQTT__HOST?)"))]
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={"SMEARSCOPE__MQTT_HOST": "broker.lab", "SMEARSCOPE_DATA": "/data"})
+    assert sorted(err.value.errors) == [
+        ("mqtt.tls_ca_file", "unknown key: [mqtt] has no such setting; did you mean ca_file in [mqtt.tls]?"),
+        ("mqtt_host", ("unknown key: the top level has no such setting; did you mean host in [mqtt]? "
+                      "(set by SMEARSCOPE__MQTT_HOST)"))]
+
+
 def test_validate_config_ok_and_unreadable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], tls_material: TlsMaterial
 ) -> None:

@@ -70,6 +70,12 @@ def apply_env_overrides(
     errors: list[tuple[str, str]] = []
     for name in sorted(environ):
         if not name.upper().startswith(ENV_PREFIX):
+            # SMEARSCOPE_MQTT__HOST: meant as an override, and silently not read would leave the
+            # setting at the file's value (SMEARSCOPE_DATA, with no level, is the datasets')
+            rest = name[len(ENV_PREFIX) - 1:]
+            if name.upper().startswith(ENV_PREFIX[:-1]) and "__" in rest:
+                errors.append((name, (f"not read: an override starts {ENV_PREFIX}, two underscores "
+                               f"(did you mean {ENV_PREFIX}{rest.lstrip('_')}?)")))
             continue
         path = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
         if not all(path):

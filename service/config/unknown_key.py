@@ -62,5 +62,19 @@ def unknown_key_message(root: type[BaseModel], loc: tuple[int | str, ...]) -> st
         named = " or ".join(f'"{k}"' for k in others)
         return f'unknown key for kind = "{kind}": a setting of kind = {named} only; remove it'
     close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.7)
-    hint = f"; did you mean {close[0]}?" if close else ""
+    hint = f"; did you mean {close[0]}?" if close else _in_a_subsection(model, path, key)
     return f"unknown key: {where} has no such setting{hint}"
+
+
+def _in_a_subsection(model: type[BaseModel], path: list[str], key: str) -> str:
+    """`mqtt_host` at the top level (or SMEARSCOPE__MQTT_HOST, one underscore where levels take
+    two): the `host` of its `[mqtt]` section, where that section has one."""
+    for i in range(key.find("_"), len(key)):
+        head, tail = key[:i], key[i + 1:]
+        if key[i:i + 1] != "_" or not head or not tail:
+            continue
+        field = model.model_fields.get(head)
+        found = _models_in(field.annotation) if field is not None else []
+        if any(tail in m.model_fields for m in found):
+            return f"; did you mean {tail} in [{'.'.join([*path, head])}]?"
+    return ""
