@@ -1819,3 +1819,31 @@ def test_markup_in_any_message_a_broker_client_can_publish_is_shown_as_text(
     assert "crop " + HOSTILE in gallery_page["text"]
     for shown_as_text in (station, "flag " + HOSTILE, HOSTILE_URL, "verified specimen report (verified by " + HOSTILE):
         assert shown_as_text in text, shown_as_text
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0", "::1"])
+def test_the_address_printed_at_start_is_one_a_browser_can_open(bind: str) -> None:
+    """`--bind 0.0.0.0` printed http://0.0.0.0:PORT/, which reaches nothing from another machine
+    and which browsers refuse: it prints this machine's name now (which the page answers), and
+    the local address beside it. `--bind ::1` failed to start (an IPv4-only server: "Address
+    family for hostname not supported"); it serves now, at http://[::1]:PORT/."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "smearscope", "dashboard", "--port", str(port), "--bind", bind,
+                             "--broker", "ws://127.0.0.1:9"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line.startswith("smearscope dashboard: http://"), line + (proc.stderr.read() if proc.poll() else "")
+        url = line.split()[2]
+        if bind == "0.0.0.0":
+            assert url == f"http://{socket.gethostname()}:{port}/", line
+            assert f"http://localhost:{port}/" in line
+            url = f"http://127.0.0.1:{port}/"  # the name may not resolve on a test machine
+            request = urllib.request.Request(url, headers={"Host": f"{socket.gethostname()}:{port}"})
+        else:
+            assert url == f"http://[::1]:{port}/", line
+            request = urllib.request.Request(url)
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200 and b"smearscope" in answer.read()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)

@@ -192,6 +192,8 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        if ":" in address[0]:  # --bind ::1 or :: (every address, IPv4 too where the host maps it)
+            self.address_family = socket.AF_INET6
         super().__init__(address, handler)
         self._slots = threading.BoundedSemaphore(max_connections)
         self._max_connections = max_connections

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 
 logger = logging.getLogger(__name__)
@@ -14,6 +15,16 @@ def _password(args: argparse.Namespace) -> str | None:
     from smearscope.service.mqtt.credentials import password_file_or_credential
 
     return password_file_or_credential(args.password_file, "dashboard-mqtt-password")
+
+
+def page_url(bind: str, port: int) -> str:
+    """The address to open: listening on every address (0.0.0.0, ::), this machine's name, which
+    browsers elsewhere can reach and the host check answers (http://0.0.0.0:8080/ reaches nothing
+    from another machine, and browsers refuse it); an IPv6 address in brackets."""
+    if bind in ("", "0.0.0.0", "::"):
+        return (f"http://{socket.gethostname()}:{port}/ (listening on every address of this machine; "
+                f"on it: http://localhost:{port}/)")
+    return f"http://[{bind}]:{port}/" if ":" in bind else f"http://{bind}:{port}/"
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -31,7 +42,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: CredentialError
         print(f"smearscope dashboard: {exc}", file=sys.stderr)
         return 2
-    print(f"smearscope dashboard: http://{args.bind}:{server.port}/ (broker {args.broker})", flush=True)
+    print(f"smearscope dashboard: {page_url(args.bind, server.port)} (broker {args.broker})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
