@@ -1847,3 +1847,17 @@ def test_the_address_printed_at_start_is_one_a_browser_can_open(bind: str) -> No
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
+
+
+def test_a_port_already_taken_is_said_in_words_with_what_to_do() -> None:
+    """A second dashboard on a port one already serves: exit 2 naming the port and --port, not
+    "[Errno 98] Address already in use"."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "smearscope", "dashboard", "--port", str(port),
+                               "--broker", "ws://127.0.0.1:9"], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == (f"smearscope dashboard: port {port} on 127.0.0.1 is taken (another dashboard, "
+                                   "or another server): choose another with --port")

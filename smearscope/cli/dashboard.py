@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import socket
 import sys
@@ -40,6 +41,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
                                      run_control=args.run_control)
         server = DashboardServer(settings, args.port, args.bind)
     except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: CredentialError
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            exc = OSError(f"port {args.port} on {args.bind} is taken (another dashboard, or another "
+                          "server): choose another with --port")
         print(f"smearscope dashboard: {exc}", file=sys.stderr)
         return 2
     print(f"smearscope dashboard: {page_url(args.bind, server.port)} (broker {args.broker})", flush=True)
