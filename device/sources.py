@@ -40,6 +40,7 @@ from smearscope.device.camera_frames import (
     described,
     within_limits,
 )
+from smearscope.device.camera_node import node_problem
 from smearscope.device.camera_reads import GuardedCapture
 from smearscope.device.frame import Frame
 from smearscope.device.ingest import IngestError, IngestLimits, load_image, shown
@@ -286,8 +287,9 @@ class CameraSource(FrameSource):
             if self.camera.capture is None and not self.camera.open():
                 if self.camera.hung_calls != hung_before:  # hung (said): opened again at once, a new row
                     self._streak = 0
-                elif not self._stop.is_set():  # not there: back off
-                    self._failed("camera %r did not open")
+                elif not self._stop.is_set():  # not there: back off, saying why where the node tells
+                    problem = node_problem(self._config.device)
+                    self._failed("camera %r did not open" + (f": {problem}".replace("%", "%%") if problem else ""))
                 continue
             read = self.camera.read()
             if read is None:  # hung (said, a new capture next: a new row) or closed

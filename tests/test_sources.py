@@ -1268,6 +1268,22 @@ def test_camera_that_never_opens_retries_until_closed(tmp_path: Path) -> None:
     assert cam.failures >= 3
 
 
+def test_a_camera_whose_node_is_missing_says_so_in_its_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An unplugged camera's journal said only "camera '/dev/video0' did not open" at each retry;
+    it says why now, as doctor does: the node does not exist, with the command that lists the
+    cameras there are (a V4L2 path here: a folder of the test's stands for /dev)."""
+    node = tmp_path / "video7"
+    cfg = CameraSourceConfig(device=str(node), reconnect_initial_s=0.01, reconnect_max_s=0.05)
+    cam = CameraSource(cfg)
+    threading.Timer(0.3, cam.close).start()
+    with caplog.at_level("WARNING", logger="smearscope.device.sources"):
+        assert list(cam) == []
+    said = [r.getMessage() for r in caplog.records if "did not open" in r.getMessage()]
+    assert said and said[0] == (f"scope: camera '{node}' did not open: {node} does not exist: camera unplugged, "
+                                "or another index (v4l2-ctl --list-devices); retry 1 in 0.0 s"), said
+
+
 def test_a_camera_gone_for_long_logs_at_1_2_4_8_failures_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
     """The capture factory is OpenCV's seam: here a camera absent for 9 opens, then a stream."""
     from smearscope.device.sources import STABLE_FRAMES
