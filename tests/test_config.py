@@ -180,6 +180,26 @@ def test_an_override_with_one_underscore_is_refused_and_a_flattened_key_finds_it
                       "(set by SMEARSCOPE__MQTT_HOST)"))]
 
 
+def test_a_section_written_wrong_is_said_as_the_file_is_written(tmp_path: Path) -> None:
+    """pydantic's "Unable to extract tag using discriminator 'kind'" for a [source] without its
+    kind, and "Input should be a valid dictionary or object to extract fields from" for
+    `source = "simulated"`, named neither the key to write nor its values."""
+    cases = {
+        'station_id = "a"\n[source]\npath = "/srv/inbox"\n':
+            ("source", 'no kind: [source] needs kind = "camera", "folder", "replay" or "simulated"'),
+        'station_id = "a"\n[source]\nkind = "webcam"\n':
+            ("source", 'kind = "webcam" is none of "camera", "folder", "replay" or "simulated"'),
+        'station_id = "a"\nsource = "simulated"\n':
+            ("source", "a section: write it as [source] with its keys on the lines below, not source = ..."),
+        MINIMAL + '[mqtt]\ntls = "/etc/ca.pem"\n':
+            ("mqtt.tls", "a section: write it as [mqtt.tls] with its keys on the lines below, not tls = ..."),
+    }
+    for text, expected in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(_write(tmp_path, text), environ={})
+        assert err.value.errors == [expected], text
+
+
 def test_validate_config_ok_and_unreadable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], tls_material: TlsMaterial
 ) -> None:
@@ -202,7 +222,7 @@ def test_unknown_source_kind_is_a_configuration_error() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config({"station_id": "bench", "source": {"kind": "webcam"}}, environ={})
     ((loc, msg),) = err.value.errors
-    assert loc == "source" and "'camera', 'folder', 'replay', 'simulated'" in msg
+    assert loc == "source" and msg == 'kind = "webcam" is none of "camera", "folder", "replay" or "simulated"'
 
 
 def test_scale_override_cannot_contradict_the_simulator() -> None:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from smearscope.device.source_config import SOURCE_KINDS
 from smearscope.service.config.station import StationConfig
-from smearscope.service.config.unknown_key import unknown_key_message
+from smearscope.service.config.unknown_key import section_message, unknown_key_message
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -115,7 +115,7 @@ def _validation_errors(
     for err in exc.errors(include_url=False):
         loc = _format_loc(tuple(err["loc"]))
         msg = (unknown_key_message(StationConfig, tuple(err["loc"])) if err["type"] == "extra_forbidden"
-               else str(err["msg"]).removeprefix("Value error, "))
+               else section_message(loc, err) or str(err["msg"]).removeprefix("Value error, "))
         for path, variable in applied.items():
             key = ".".join(path)  # the value itself, a key inside it, or an item of its array
             if loc == key or loc.startswith((key + ".", key + "[")):

@@ -11,9 +11,12 @@ from __future__ import annotations
 import difflib
 import logging
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel
+
+from smearscope.device.source_config import SOURCE_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -78,3 +81,23 @@ def _in_a_subsection(model: type[BaseModel], path: list[str], key: str) -> str:
         if any(tail in m.model_fields for m in found):
             return f"; did you mean {tail} in [{'.'.join([*path, head])}]?"
     return ""
+
+
+def section_message(where: str, err: Mapping[str, Any]) -> str | None:
+    """pydantic's words for a section written wrong, said as the file is written: a [source]
+    without its kind, or of a kind there is none of; a section given as a value (`source = "x"`).
+    None: pydantic's own message stands."""
+    ctx = err.get("ctx") or {}
+    if err["type"] == "union_tag_not_found":
+        return f"no kind: [{where}] needs kind = {_kinds(ctx)}"
+    if err["type"] == "union_tag_invalid":
+        return f"kind = \"{ctx.get('tag')}\" is none of {_kinds(ctx)}"
+    if err["type"] in ("model_attributes_type", "model_type"):
+        return f"a section: write it as [{where}] with its keys on the lines below, not {where.rsplit('.', 1)[-1]} = ..."
+    return None
+
+
+def _kinds(ctx: Mapping[str, Any]) -> str:
+    tags = [t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",") if t.strip()]
+    tags = tags or list(SOURCE_KINDS)  # pydantic names none when the tag is missing; [source] is the one union
+    return ", ".join(f'"{t}"' for t in tags[:-1]) + f' or "{tags[-1]}"' if len(tags) > 1 else f'"{tags[0]}"'
