@@ -1,9 +1,11 @@
-"""What `validate-config` says of a key the station config has no setting for.
+"""What `validate-config` says of a key the station config has no setting for, and of a section
+written wrong, in the file's own terms.
 
-pydantic's own words, "Extra inputs are not permitted", name neither the section nor what was
-meant. A key of another source kind (a camera's `device` under `kind = "folder"`, left over from
-the example's camera section) is said to be that kind's; a misspelt key gets the nearest setting
-of its section.
+pydantic's own words, "Extra inputs are not permitted" or "Unable to extract tag using
+discriminator 'kind'", name neither the section nor what was meant. A key of another source kind
+(a camera's `device` under `kind = "folder"`, left over from the example's camera section) is said
+to be that kind's; a misspelt key gets the nearest setting of its section; a [source] without its
+kind gets the kinds there are.
 """
 
 from __future__ import annotations
