@@ -606,3 +606,13 @@ def test_doctor_on_onnxruntime_does_not_warn_of_tensorrt_it_does_not_use(
     main(["doctor", "--config", str(config), "--no-wait"])
     lines = capsys.readouterr().out.splitlines()
     assert any(ln.startswith("FAIL  tensorrt") for ln in lines), lines
+
+
+def test_install_models_to_a_file_says_it_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`install-models PATH` where PATH is a file: exit 1 saying so, not mkdir's "File exists",
+    which reads as if the models were already there."""
+    dest = tmp_path / "models"
+    dest.write_text("not a folder")
+    assert main(["install-models", str(dest)]) == 1
+    assert capsys.readouterr().out.strip() == (f"smearscope install-models: cannot write the models to {dest}: "
+                                               "it is a file, not a folder")

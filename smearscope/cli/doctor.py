@@ -383,7 +383,9 @@ def cmd_install_models(args: argparse.Namespace) -> int:
             os.replace(tmp.name, dest / path.name)
             os.chmod(dest / path.name, 0o644)
     except OSError as exc:
-        print(f"smearscope install-models: cannot write the models to {dest}: {exc.strerror or exc}")
+        # mkdir of a path that is a file says "File exists", which reads as the models being there
+        why = "it is a file, not a folder" if dest.exists() and not dest.is_dir() else exc.strerror or exc
+        print(f"smearscope install-models: cannot write the models to {dest}: {why}")
         return 1
     checks = model_checks(dest)
     for status, what, detail in checks:
