@@ -1861,3 +1861,17 @@ def test_a_port_already_taken_is_said_in_words_with_what_to_do() -> None:
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.strip() == (f"smearscope dashboard: port {port} on 127.0.0.1 is taken (another dashboard, "
                                    "or another server): choose another with --port")
+
+
+def test_a_password_file_that_cannot_be_read_is_named_with_its_option(tmp_path: Path) -> None:
+    """`dashboard --password-file` naming no file said "[Errno 2] No such file or directory:
+    'pw'", naming neither the option nor what the file is; `archive` alike (one function)."""
+    missing = tmp_path / "pw"
+    for command in (["dashboard", "--broker", "ws://127.0.0.1:9", "--port", str(free_port())],
+                    ["archive", "--broker", "mqtt://127.0.0.1:9", "--dir", str(tmp_path / "archive")]):
+        proc = subprocess.run([sys.executable, "-m", "smearscope", *command, "--username", "u",
+                               "--password-file", str(missing)], capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.strip() == (f"smearscope {command[0]}: cannot read --password-file {missing}: "
+                                       "No such file or directory"), proc.stderr

@@ -65,7 +65,15 @@ def password_file_or_credential(path: Path | None, credential: str,
     `credential` when $CREDENTIALS_DIRECTORY holds it, else None. OSError when `path` is unreadable,
     CredentialError when it is not UTF-8."""
     env = os.environ if environ is None else environ
+    given = path is not None
     if path is None and env.get("CREDENTIALS_DIRECTORY"):
         candidate = Path(env["CREDENTIALS_DIRECTORY"]) / credential
         path = candidate if candidate.is_file() else None
-    return password_text(path.read_bytes(), f"password file {path}") if path is not None else None
+    if path is None:
+        return None
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:  # "[Errno 2] No such file or directory: 'pw'" named neither the option nor what it is
+        what = f"--password-file {path}" if given else f"the systemd credential {credential} ({path})"
+        raise OSError(f"cannot read {what}: {exc.strerror or exc}") from exc
+    return password_text(raw, f"password file {path}")
