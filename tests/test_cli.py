@@ -674,3 +674,24 @@ def test_analyze_on_tensorrt_without_it_says_where_a_jetson_gets_it(tmp_path):
     assert error["code"] == "engine_unavailable"
     assert "sudo apt install python3-libnvinfer" in error["message"] and "--system-site-packages" in error["message"]
     assert "jetson extra" not in error["message"]
+
+
+def test_a_folder_of_subfolders_says_they_are_not_searched(tmp_path):
+    """A dataset laid out as class subfolders (PBC's basophil/, eosinophil/, ...) given as one
+    folder: analyze and calibrate-atypical said only "no image files in DIR", and adapt-wbc
+    --template wrote a CSV of 0 white cells to type. Each says now that the subfolders are not
+    searched, naming one, and writes nothing."""
+    for name in ("basophil", "eosinophil"):
+        (tmp_path / "cells" / name).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "cells" / name / "1.png"), hostile.smear_like(200, 200))
+    folder = tmp_path / "cells"
+    template = tmp_path / "typed.csv"
+    for args in (["analyze", str(folder), "--json"], ["calibrate-atypical", str(folder)],
+                 ["adapt-wbc", str(folder), "--template", str(template)]):
+        r = smearscope(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        error = json.loads(r.stdout.splitlines()[0])["error"]
+        assert error == {"code": "no_images", "message": (
+            f"no image files in {folder}: a folder's subfolders are not searched, and {folder} has 2 "
+            f"({folder / 'basophil'}, ...): name them, or list the files in an @LIST")}, args
+    assert not template.exists()

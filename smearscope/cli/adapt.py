@@ -362,7 +362,14 @@ def _write_template(args: argparse.Namespace, error) -> int:
 
     import cv2
 
-    from smearscope.cli.analyze_io import InputError, OutputGuard, expand_inputs, list_files, shown
+    from smearscope.cli.analyze_io import (
+        InputError,
+        OutputGuard,
+        expand_inputs,
+        list_files,
+        no_images_message,
+        shown,
+    )
     from smearscope.device.frame import Frame
     from smearscope.engines.base import EngineError
     from smearscope.service.analysis.overlay import draw_numbered
@@ -376,6 +383,8 @@ def _write_template(args: argparse.Namespace, error) -> int:
         images, _ = expand_inputs(args.images)
     except InputError as exc:
         return error(exc.code, exc.message)
+    if not images:  # an empty CSV "of 0 white cells" would be written, for nothing to type
+        return error("no_images", no_images_message(args.images))
     seen: set[Path] = set()  # a field named twice (a folder and one of its files) is listed once
     images = [i for i in images if i.error is not None or not (i.path.resolve() in seen or seen.add(i.path.resolve()))]
     try:  # where the results go, before anything is analysed: never over an input or typed cells

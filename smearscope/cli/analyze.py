@@ -18,6 +18,7 @@ from smearscope.cli.analyze_io import (
     OutputGuard,
     expand_inputs,
     list_files,
+    no_images_message,
     shown,
 )
 from smearscope.cli.fhir_out import (
@@ -148,7 +149,7 @@ def _analyze(args: argparse.Namespace) -> int:
     try:
         images, folder = expand_inputs(args.images)
         if not images:
-            raise InputError("no_images", f"no image files in {' '.join(shown(a) for a in args.images)}")
+            raise InputError("no_images", no_images_message(args.images))
         guard = OutputGuard(images, list_files(args.images))
         # a set of images writes its overlays and bundles into directories; one image into a file, or
         # into a directory named that already exists

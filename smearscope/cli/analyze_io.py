@@ -74,6 +74,22 @@ def list_files(items: list[str]) -> list[Path]:
     return [Path(item[1:]) for item in items if item.startswith("@")]
 
 
+def no_images_message(items: list[str]) -> str:
+    """Why no image was found, saying where the images may be: a folder is read one level deep,
+    and one of class or slide subfolders (a dataset's) holds none itself."""
+    text = f"no image files in {' '.join(shown(a) for a in items)}"
+    for item in items:
+        p = Path(item)
+        try:
+            subfolders = sorted(q for q in p.iterdir() if q.is_dir()) if p.is_dir() else []
+        except OSError:
+            continue
+        if subfolders:
+            return (f"{text}: a folder's subfolders are not searched, and {shown(p)} has {len(subfolders)} "
+                    f"({shown(subfolders[0])}, ...): name them, or list the files in an @LIST")
+    return text
+
+
 def expand_inputs(items: list[str]) -> tuple[list[Input], bool]:
     """The images to analyze, in order, and whether the inputs name a set (not one image file).
 

@@ -89,7 +89,7 @@ def cmd_calibrate_atypical(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from smearscope.cli.analyze_io import InputError, expand_inputs, shown
+    from smearscope.cli.analyze_io import InputError, expand_inputs, no_images_message, shown
     from smearscope.device.frame import Frame
     from smearscope.service.analysis.open_set_fit import fit_station_thresholds
     from smearscope.service.analysis.records import CellKind
@@ -108,7 +108,7 @@ def cmd_calibrate_atypical(args: argparse.Namespace) -> int:
     except InputError as exc:
         return error(exc.code, exc.message)
     if not images:
-        return error("no_images", "no image files given")
+        return error("no_images", no_images_message(args.images))
     from smearscope.engines.base import EngineError
     from smearscope.engines.manifest import ManifestError
     from smearscope.service.config import ConfigError
