@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
 from pathlib import Path
 
 import pytest
+import tomllib
 from broker import TlsMaterial
 from pydantic import BaseModel, ValidationError
 
@@ -37,7 +39,14 @@ def test_example_config_loads() -> None:
     assert isinstance(config.source, CameraSourceConfig)
     assert config.analysis.tile_size == 256 and config.analysis.tile_overlap == 0.15
     assert config.mqtt.password_credential == "mqtt-password"
-    assert config.microns_per_pixel == 0.11
+    # as shipped it claims no calibration: install-jetson.sh installs it as the station's config,
+    # whose reports would otherwise read sizes at a scale no one measured (method "given")
+    assert config.microns_per_pixel is None and config.source.microns_per_pixel is None
+    text = EXAMPLE.read_text().replace("# microns_per_pixel = 0.11", "microns_per_pixel = 0.11", 1)
+    text = text.replace("# microns_per_pixel_calibrated_on = 2026-12-07", "microns_per_pixel_calibrated_on = 2026-12-07", 1)
+    calibrated = parse_config(tomllib.loads(text), environ={})
+    assert calibrated.microns_per_pixel == 0.11
+    assert calibrated.source.microns_per_pixel_calibrated_on == datetime.date(2026, 12, 7)
 
 
 def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
