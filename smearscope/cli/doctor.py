@@ -359,9 +359,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             checks += found
     failed = [what for s, what, _ in checks if s == "FAIL"]
     recovers = bool(failed) and set(failed) <= RECOVERED_BY_THE_STATION
+    warned = sum(s == "WARN" for s, _, _ in checks)
     print(f"{len(checks)} checks: {len(failed)} failed"
           f"{' (only ones the running station recovers from: ' + ', '.join(failed) + ')' if recovers else ''}, "
-          f"{sum(s == 'WARN' for s, _, _ in checks)} warnings")
+          f"{warned} warning{'' if warned == 1 else 's'}")
     return EXIT_STATION_RECOVERS if recovers else 1 if failed else 0
 
 
