@@ -38,8 +38,8 @@ class OracleSegmenter:
     def finish(self, detections: Sequence[CellDetection]) -> list[CellDetection]:
         return list(detections)
 
-    def calibrated(self, kind_name: str, raw: float) -> float:
-        return raw
+    def calibrated(self, kind_name: str, raw: np.ndarray) -> np.ndarray:
+        return np.asarray(raw, np.float64)
 
     def detect(
         self, tiles: Iterable[Tile], frame_width: int, frame_height: int, calibrate: bool = True

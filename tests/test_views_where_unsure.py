@@ -115,6 +115,40 @@ def test_coverage_sees_a_box_only_when_a_run_window_holds_all_of_it():
     assert odd.sees(0, Box(150, 60, 202.5, 100.5))
 
 
+def _slow_sees(cov: Coverage, view_index: int, box: Box) -> bool:
+    """The definition: every raster cell the box touches (int() of its start, ceil of its end,
+    at least one cell, as slicing clips them) lies in a window the view ran."""
+    c = cov.cell
+    x0, y0 = max(int(box.x0) // c, 0), max(int(box.y0) // c, 0)
+    x1 = min(-(-int(np.ceil(box.x1)) // c), cov.seen.shape[2])
+    y1 = min(-(-int(np.ceil(box.y1)) // c), cov.seen.shape[1])
+    return bool(cov.seen[view_index, y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)].all())
+
+
+def test_coverage_answers_many_boxes_at_once_as_the_raster_cell_by_cell():
+    """Boxes are looked up through an integral image per view; each answer is the raster's own,
+    for boxes on and off raster lines, straddling windows, on and beyond the frame's edges."""
+    rng = np.random.default_rng(7)
+    w, h = 403, 299
+    cov = Coverage(w, h, n_views=3, cell=4)
+    cov.add(0, (0, 0, w, h))
+    for view in (1, 2):
+        for _ in range(6):
+            x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+            cov.add(view, (x0, y0, min(w, x0 + int(rng.integers(10, 160))), min(h, y0 + int(rng.integers(10, 160)))))
+    x0 = rng.uniform(-12, w + 4, 3000)
+    y0 = rng.uniform(-12, h + 4, 3000)
+    boxes = np.stack([x0, y0, x0 + rng.uniform(0, 60, 3000), y0 + rng.uniform(0, 60, 3000)], 1)
+    boxes[::5] = np.round(boxes[::5] / 4) * 4  # on raster lines
+    want = np.array([[_slow_sees(cov, v, Box(*b)) for b in boxes.tolist()] for v in range(3)])
+    assert want[1].any() and not want[1].all() and want[2].any() and not want[2].all()
+    for v in range(3):
+        np.testing.assert_array_equal(cov.seen_whole(v, boxes), want[v])
+    np.testing.assert_array_equal(cov.views_seeing_whole(boxes), want.sum(axis=0))
+    cov.add(2, (0, 0, w, h))  # a window added later is seen
+    assert cov.seen_whole(2, boxes).all()
+
+
 def _det(box, score):
     return CellDetection(CellKind.RBC, Box(*box), score)
 
@@ -125,8 +159,8 @@ def test_fused_scores_are_divided_by_the_views_that_saw_the_cell():
                 [_det(seen_everywhere, 0.6)],
                 []]
 
-    def seen_by(box: Box) -> int:
-        return 3 if box.x0 < 50 else 1
+    def seen_by(boxes: np.ndarray) -> np.ndarray:
+        return np.where(boxes[:, 0] < 50, 3, 1)
 
     fused = {round(d.box.x0): d.score for d in fuse_views(per_view, seen_by=seen_by)}
     assert fused[10] == pytest.approx((0.9 + 0.6) / 3)  # the third view saw it and found nothing
@@ -325,7 +359,7 @@ def test_coverage_does_not_see_a_box_that_starts_just_outside_a_window():
 
 def test_a_fused_score_is_never_divided_by_fewer_views_than_voted():
     per_view = [[_det((10, 10, 30, 30), 0.9)], [_det((10, 10, 30, 30), 0.6)], []]
-    (fused,) = fuse_views(per_view, seen_by=lambda box: 1)  # coverage says one view; two found it
+    (fused,) = fuse_views(per_view, seen_by=lambda boxes: np.ones(len(boxes), int))  # coverage says one view; two found it
     assert fused.score == pytest.approx((0.9 + 0.6) / 2)
 
 

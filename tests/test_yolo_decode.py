@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smearscope.service.analysis.records import Tile
+from smearscope.service.analysis.records import Box, CellDetection, CellKind, Tile
 from smearscope.service.analysis.yolo_decode import decode_tile, nms
 
 
@@ -252,3 +252,19 @@ def test_nms_is_greedy_nms_on_crowded_float_boxes(seed):
 
 def test_nms_of_nothing():
     assert nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.5).tolist() == []
+
+
+def test_the_unsure_test_calibrates_many_scores_exactly_as_finish_does():
+    """`calibrated` takes one kind's raw scores at once and gives, bit for bit, the score `finish`
+    gives each (and the identity for a kind without calibration)."""
+    from smearscope.service.analysis.yolo_decode import YoloSegmenter
+
+    eng = _FakeEngine(_pred([(100, 100, 40, 40, 0, 0.4, np.zeros(32, np.float32))]))
+    eng.manifest = eng.manifest.model_copy(update={"score_calibration": {"rbc": [1.5735, 0.5218]}})
+    seg = YoloSegmenter(eng, conf_threshold=0.0)
+    raw = np.random.default_rng(3).uniform(0.05, 1.0, 500)
+    dets = [CellDetection(CellKind.RBC, Box(0, 0, 10, 10), float(r)) for r in raw]
+    finished = np.array([d.score for d in seg.finish(dets)])
+    assert len(finished) == len(raw)
+    np.testing.assert_array_equal(seg.calibrated("rbc", raw), finished)
+    np.testing.assert_array_equal(seg.calibrated("wbc", raw), raw)

@@ -104,8 +104,8 @@ def _where_unsure(segmenter: Segmenter, canonical: np.ndarray, views: tuple[str,
     first = view_cells(first_raw, 0, views[0], grid, w, h)
     low, high = s.unsure_band
     kinds = set(s.unsure_kinds)
-    unsure = np.array([d.box.as_list() for d in first if d.kind.value in kinds and (
-                       d.cut_by_tile_edge or low <= segmenter.calibrated(d.kind.value, d.score) < high)],
+    unsure = np.array([d.box.as_list() for d, calibrated in zip(first, _calibrated(segmenter, first))
+                       if d.kind.value in kinds and (d.cut_by_tile_edge or low <= calibrated < high)],
                       float).reshape(-1, 4)
     if not len(unsure):
         return segmenter.finish(first)
@@ -147,9 +147,26 @@ def _where_unsure(segmenter: Segmenter, canonical: np.ndarray, views: tuple[str,
             coverage.add(p.view_index + 1, frame_window(judged_region(p.window, w, h), views[p.view_index + 1], w, h))
         for dets in unpack(packed, plan, first_index, w, h, index_of):
             raw += dets
-    per_view = [first] + [[d for d in view_cells(raw, k, views[k], stride, w, h)
-                           if not d.cut_by_tile_edge and coverage.sees(k, d.box)] for k in extra]
-    return segmenter.finish(fuse_views(per_view, seen_by=coverage.views_seeing))
+    per_view = [first] + [_seen_whole(view_cells(raw, k, views[k], stride, w, h), coverage, k) for k in extra]
+    return segmenter.finish(fuse_views(per_view, seen_by=coverage.views_seeing_whole))
+
+
+def _seen_whole(dets: list[CellDetection], coverage: Coverage, k: int) -> list[CellDetection]:
+    """View k's cells not cut by a tile edge that the region it ran shows whole."""
+    whole = [d for d in dets if not d.cut_by_tile_edge]
+    seen = coverage.seen_whole(k, np.array([d.box.as_list() for d in whole], float).reshape(-1, 4))
+    return [d for d, s in zip(whole, seen.tolist()) if s]
+
+
+def _calibrated(segmenter: Segmenter, dets: list[CellDetection]) -> list[float]:
+    """Each detection's calibrated score, computed per kind at once (segmenter.calibrated)."""
+    kinds = np.array([d.kind.value for d in dets], object)
+    raw = np.array([d.score for d in dets], np.float64)
+    out = raw.copy()
+    for kind in dict.fromkeys(kinds.tolist()):
+        sel = kinds == kind
+        out[sel] = segmenter.calibrated(kind, raw[sel])
+    return out.tolist()
 
 
 class _ViewPixels:

@@ -36,8 +36,9 @@ class Segmenter(Protocol):
         """Merged and fused raw detections -> final scores, those below the threshold dropped."""
         ...
 
-    def calibrated(self, kind_name: str, raw: float) -> float:
-        """The final score `finish` would give a raw (fused) score of that kind."""
+    def calibrated(self, kind_name: str, raw: np.ndarray) -> np.ndarray:
+        """The final scores `finish` would give raw (fused) scores of that kind (float64, each
+        computed as `finish` computes it)."""
         ...
 
 

@@ -229,12 +229,15 @@ class Coverage:
     """Which part of the frame each extra view saw, on a raster of `cell` pixels.
 
     A box counts as seen by a view when every raster cell it touches lies in a window the view
-    ran: a cell cut by the border of the region a view ran is not seen whole by that view."""
+    ran: a cell cut by the border of the region a view ran is not seen whole by that view. Boxes
+    are looked up many at once, each in constant time, by counting the raster cells a view did
+    not see under the box (an integral image per view, made once the windows are all added)."""
 
     def __init__(self, frame_width: int, frame_height: int, n_views: int, cell: int = 4) -> None:
         self.cell = cell
         self.w, self.h = frame_width, frame_height
         self.seen = np.zeros((n_views, -(-frame_height // cell), -(-frame_width // cell)), bool)
+        self._unseen: np.ndarray | None = None
 
     def add(self, view_index: int, window: tuple[int, int, int, int]) -> None:
         x0, y0, x1, y1 = window
@@ -244,21 +247,41 @@ class Coverage:
         cx1 = self.seen.shape[2] if x1 >= self.w else x1 // c
         cy1 = self.seen.shape[1] if y1 >= self.h else y1 // c
         self.seen[view_index, cy0:cy1, cx0:cx1] = True
+        self._unseen = None
 
-    def _cells(self, box: Box) -> tuple[slice, slice]:
+    def _unseen_counts(self, boxes: np.ndarray) -> np.ndarray:
+        """(views, boxes): raster cells under each box (x0, y0, x1, y1 rows) that each view did not see."""
+        if self._unseen is None:
+            n, rows, cols = self.seen.shape
+            self._unseen = np.zeros((n, rows + 1, cols + 1), np.int32)
+            self._unseen[:, 1:, 1:] = (~self.seen).cumsum(1, dtype=np.int32).cumsum(2, dtype=np.int32)
+        b = np.asarray(boxes, np.float64).reshape(-1, 4)
         c = self.cell
-        x0, y0 = max(int(box.x0) // c, 0), max(int(box.y0) // c, 0)
-        x1 = min(-(-int(np.ceil(box.x1)) // c), self.seen.shape[2])
-        y1 = min(-(-int(np.ceil(box.y1)) // c), self.seen.shape[1])
-        return slice(y0, max(y1, y0 + 1)), slice(x0, max(x1, x0 + 1))
+        rows, cols = self.seen.shape[1:]
+        # the cells a box touches: int() of its start and ceil of its end, at least one cell;
+        # clipped to the raster as slicing would clip them
+        x0 = np.maximum(b[:, 0].astype(np.int64) // c, 0)
+        y0 = np.maximum(b[:, 1].astype(np.int64) // c, 0)
+        x1 = np.maximum(np.minimum(-(-np.ceil(b[:, 2]).astype(np.int64) // c), cols), x0 + 1)
+        y1 = np.maximum(np.minimum(-(-np.ceil(b[:, 3]).astype(np.int64) // c), rows), y0 + 1)
+        x0, x1 = np.minimum(x0, cols), np.minimum(x1, cols)
+        y0, y1 = np.minimum(y0, rows), np.minimum(y1, rows)
+        s = self._unseen
+        return s[:, y1, x1] - s[:, y0, x1] - s[:, y1, x0] + s[:, y0, x0]
 
     def sees(self, view_index: int, box: Box) -> bool:
-        rows, cols = self._cells(box)
-        return bool(self.seen[view_index, rows, cols].all())
+        return bool(self.seen_whole(view_index, np.array([box.as_list()]))[0])
 
     def views_seeing(self, box: Box) -> int:
-        rows, cols = self._cells(box)
-        return int(self.seen[:, rows, cols].all(axis=(1, 2)).sum())
+        return int(self.views_seeing_whole(np.array([box.as_list()]))[0])
+
+    def seen_whole(self, view_index: int, boxes: np.ndarray) -> np.ndarray:
+        """Per box (rows x0, y0, x1, y1): view `view_index` saw it whole."""
+        return self._unseen_counts(boxes)[view_index] == 0
+
+    def views_seeing_whole(self, boxes: np.ndarray) -> np.ndarray:
+        """Per box: how many views saw it whole."""
+        return (self._unseen_counts(boxes) == 0).sum(axis=0)
 
 
 def _vote(members: list[CellDetection], box: Box) -> np.ndarray | None:
@@ -280,11 +303,12 @@ def _vote(members: list[CellDetection], box: Box) -> np.ndarray | None:
 
 def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float = FUSE_IOU,
                absorb_kinds: frozenset[CellKind] = ABSORB_KINDS,
-               seen_by: Callable[[Box], int] | None = None) -> list[CellDetection]:
+               seen_by: Callable[[np.ndarray], np.ndarray] | None = None) -> list[CellDetection]:
     """Fuse the cells each view found (all in frame coordinates) into one list.
 
-    `seen_by(box)`: how many views saw that box whole (default: every view); a cluster's score is
-    its members' scores summed over that number (never over fewer views than voted)."""
+    `seen_by(boxes)`: how many views saw each box (rows x0, y0, x1, y1) whole (default: every
+    view); a cluster's score is its members' scores summed over that number (never over fewer
+    views than voted)."""
     n_views = len(per_view)
     if n_views == 1:
         return list(per_view[0])
@@ -312,9 +336,10 @@ def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float
             clusters.append((members[0], box, _vote(members, box), seen))
         if kind in absorb_kinds:
             clusters = _absorb_pieces(clusters)
-        out += [replace(lead, box=box, mask=mask, score=float(
-                    sum(votes.values()) / (n_views if seen_by is None else max(seen_by(box), len(votes)))))
-                for lead, box, mask, votes in clusters]
+        seen = ([n_views] * len(clusters) if seen_by is None
+                else seen_by(np.array([c[1].as_list() for c in clusters], float).reshape(-1, 4)).tolist())
+        out += [replace(lead, box=box, mask=mask, score=float(sum(votes.values()) / max(n_seen, len(votes))))
+                for (lead, box, mask, votes), n_seen in zip(clusters, seen)]
     return out
 
 

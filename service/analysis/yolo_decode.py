@@ -224,10 +224,12 @@ class YoloSegmenter:
         self.iou_threshold = iou_threshold
         self.calibration = {k: tuple(v) for k, v in m.score_calibration.items()}
 
-    def calibrated(self, kind_name: str, raw: float) -> float:
-        """The detector score as a probability of a real cell (Platt scaling from the manifest)."""
+    def calibrated(self, kind_name: str, raw: np.ndarray) -> np.ndarray:
+        """Detector scores of one kind as probabilities of a real cell (Platt scaling from the
+        manifest; the arithmetic of `finish`)."""
         ab = self.calibration.get(kind_name)
-        return raw if ab is None else platt(raw, *ab)
+        raw = np.asarray(raw, np.float64)
+        return raw if ab is None else platt_array(raw, *ab)
 
     def finish(self, dets: Sequence[CellDetection]) -> list[CellDetection]:
         """Raw-scored detections -> calibrated scores, those below `conf_threshold` dropped."""
