@@ -42,7 +42,8 @@ class OracleSegmenter:
         return np.asarray(raw, np.float64)
 
     def detect(
-        self, tiles: Iterable[Tile], frame_width: int, frame_height: int, calibrate: bool = True
+        self, tiles: Iterable[Tile], frame_width: int, frame_height: int, calibrate: bool = True,
+        wanted=None,
     ) -> list[CellDetection]:
         out: list[CellDetection] = []
         for tile in tiles:
@@ -107,5 +108,5 @@ class AlteredOracle:
     def alter(self, found: list[CellDetection]) -> list[CellDetection]:
         raise NotImplementedError
 
-    def detect(self, tiles, frame_width, frame_height, calibrate=True):
+    def detect(self, tiles, frame_width, frame_height, calibrate=True, wanted=None):
         return self.alter(self._oracle.detect(tiles, frame_width, frame_height, calibrate))

@@ -259,3 +259,30 @@ def test_a_mask_starting_at_a_fractional_negative_coordinate_is_cut_where_it_was
     g0, gc0, g1, gc1 = mask_window(got.box)
     assert got.mask is not None and got.mask.shape == (g1 - g0, gc1 - gc0)
     np.testing.assert_array_equal(got.mask, np.tile(np.arange(gc0, gc1) % 3 == 0, (g1 - g0, 1)))
+
+
+def test_the_detector_makes_on_packed_windows_only_the_cells_unpack_keeps(monkeypatch):
+    """On a real field (the bench's 1920x1080, default views), the cells the detector finds on the
+    packed tiles are all ones `unpack` keeps: the others (context cells cut by a window side)
+    are never made, so their masks are never decoded. What unpack keeps is what it kept when
+    every detection was made (tests/test_report_golden.py: reports unchanged)."""
+    from smearscope.service.analysis import detect_views
+    from smearscope.service.analysis.pipeline import Analyzer
+
+    seen = []
+    real_unpack = detect_views.unpack
+
+    def spy(dets, plan, *args):
+        kept = real_unpack(dets, plan, *args)
+        seen.append((len(dets), sum(map(len, kept))))
+        return kept
+
+    monkeypatch.setattr(detect_views, "unpack", spy)
+    analyzer = Analyzer.from_models_dir(warmup=False)
+    try:
+        analyzer.analyze(render_field(100, width=1920, height=1080, microns_per_pixel=0.1).frame)
+    finally:
+        analyzer.close()
+    assert seen and seen[0][0] > 50  # the field's extra views ran on packed windows
+    made, kept = seen[0]
+    assert made == kept

@@ -268,3 +268,21 @@ def test_the_unsure_test_calibrates_many_scores_exactly_as_finish_does():
     assert len(finished) == len(raw)
     np.testing.assert_array_equal(seg.calibrated("rbc", raw), finished)
     np.testing.assert_array_equal(seg.calibrated("wbc", raw), raw)
+
+
+def test_a_tile_whose_detections_are_all_unwanted_gives_none_and_decodes_no_mask():
+    """`wanted` may turn down every box of a tile (a packed tile whose cells are all cut by
+    window sides): that tile gives nothing, the others are decoded as without it."""
+    from smearscope.service.analysis.yolo_decode import decode_batch
+
+    rng = np.random.default_rng(5)
+    coeff = rng.normal(0, 1, 32).astype(np.float32)
+    preds = np.stack([_pred([(100, 100, 40, 40, 0, 0.9, coeff), (30, 200, 20, 20, 2, 0.7, coeff)]),
+                      _pred([(60, 60, 30, 30, 1, 0.8, coeff), (10, 10, 5, 5, 0, 0.01, coeff)])])
+    protos = rng.normal(0, 1, (2, 32, 64, 64)).astype(np.float32)
+    every = decode_batch(preds, protos, 256, 3, 0.05, 0.6)
+    some = decode_batch(preds, protos, 256, 3, 0.05, 0.6,
+                        wanted=lambda t, boxes: np.full(len(boxes), t == 1))
+    assert len(every[0]) == 2 and some[0] == []
+    assert [(c, s) for c, _, s, _ in some[1]] == [(c, s) for c, _, s, _ in every[1]]
+    np.testing.assert_array_equal(some[1][0][3], every[1][0][3])

@@ -35,6 +35,7 @@ from smearscope.service.analysis.tta import (
 )
 from smearscope.service.analysis.view_windows import (
     judged_region,
+    kept_by_unpack,
     packed_tiles,
     plan_windows,
     unpack,
@@ -141,7 +142,7 @@ def _where_unsure(segmenter: Segmenter, canonical: np.ndarray, views: tuple[str,
         first_index = len(views) * stride  # beyond every view's indices
         pixels = [_ViewPixels(canonical, views[k]) for k in extra]
         packed = segmenter.detect(packed_tiles(pixels, plan, s.tile_size, first_index), s.tile_size, s.tile_size,
-                                  calibrate=False)
+                                  calibrate=False, wanted=kept_by_unpack(plan, first_index, w, h))
         index_of = [(p.view_index + 1) * stride + grid + n for n, p in enumerate(plan.placements)]
         for p in plan.placements:
             coverage.add(p.view_index + 1, frame_window(judged_region(p.window, w, h), views[p.view_index + 1], w, h))

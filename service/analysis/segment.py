@@ -7,7 +7,7 @@ interior tile edge (`cut_by_tile_edge`) so the merge step can prefer whole views
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -26,10 +26,12 @@ class Segmenter(Protocol):
     #: Test-time views of the frame the pipeline runs and fuses; ("identity",) for one pass.
     views: tuple[str, ...]
 
-    def detect(self, tiles: Iterable[Tile], frame_width: int, frame_height: int,
-               calibrate: bool = True) -> list[CellDetection]:
+    def detect(self, tiles: Iterable[Tile], frame_width: int, frame_height: int, calibrate: bool = True,
+               wanted: Callable[[Tile, np.ndarray], np.ndarray] | None = None) -> list[CellDetection]:
         """All detections of all `tiles` in frame coordinates; raw scores with `calibrate=False`.
-        `tiles` may be lazy (service.analysis.tiling.iter_tiles): iterate it once."""
+        `tiles` may be lazy (service.analysis.tiling.iter_tiles): iterate it once. `wanted(tile,
+        boxes)`: which of a tile's detections (boxes in frame coordinates, rows x0, y0, x1, y1)
+        the caller will use; the others may be left out (their masks unmade)."""
         ...
 
     def finish(self, detections: Sequence[CellDetection]) -> list[CellDetection]:

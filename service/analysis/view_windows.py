@@ -19,7 +19,7 @@ places whole tiles around those cells as before.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -204,26 +204,56 @@ def unpack(detections: Sequence[CellDetection], plan: WindowPlan, first_index: i
     the frame's edge clips it (as a tile's padding does)."""
     n_views = 1 + max((p.view_index for p in plan.placements), default=-1)
     out: list[list[CellDetection]] = [[] for _ in range(n_views)]
+    by_tile = _placements_by_tile(plan)
+    for d in detections:
+        n = _holding(plan, by_tile.get(d.tile_index - first_index, ()), d.box.as_list(), frame_width, frame_height)
+        if n >= 0:
+            p = plan.placements[n]
+            out[p.view_index].append(_moved(d, p, index_of[n]))
+    return out
+
+
+def kept_by_unpack(plan: WindowPlan, first_index: int, frame_width: int,
+                   frame_height: int) -> Callable[[Tile, np.ndarray], np.ndarray]:
+    """Which boxes (rows x0, y0, x1, y1 in a packed tile's coordinates) `unpack` will keep, per
+    packed tile: the segmenter decodes masks for those only (the others are dropped unread)."""
+    by_tile = _placements_by_tile(plan)
+
+    def kept(tile: Tile, boxes: np.ndarray) -> np.ndarray:
+        placements = by_tile.get(tile.index - first_index, ())
+        return np.array([_holding(plan, placements, b, frame_width, frame_height) >= 0
+                         for b in np.asarray(boxes, np.float64).reshape(-1, 4).tolist()], bool)
+
+    return kept
+
+
+def _placements_by_tile(plan: WindowPlan) -> dict[int, list[int]]:
     by_tile: dict[int, list[int]] = {}
     for n, p in enumerate(plan.placements):
         by_tile.setdefault(p.tile, []).append(n)
+    return by_tile
+
+
+def _holding(plan: WindowPlan, placements: Sequence[int], box: Sequence[float], frame_width: int,
+             frame_height: int) -> int:
+    """The placement (of those on the box's tile) whose window holds the box whole, or -1: the
+    window holding its centre, unless the box is within EDGE_MARGIN_PX of one of that window's
+    sides inside the frame (cut there)."""
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     m = EDGE_MARGIN_PX
-    for d in detections:
-        b = d.box
-        cx, cy = (b.x0 + b.x1) / 2, (b.y0 + b.y1) / 2
-        for n in by_tile.get(d.tile_index - first_index, ()):
-            p = plan.placements[n]
-            w, h = p.size
-            if not (p.cx <= cx < p.cx + w and p.cy <= cy < p.cy + h):
-                continue
-            wx0, wy0, wx1, wy1 = p.window
-            # window sides inside the frame: a box within m of them is cut
-            if ((wx0 > 0 and b.x0 <= p.cx + m) or (wy0 > 0 and b.y0 <= p.cy + m)
-                    or (wx1 < frame_width and b.x1 >= p.cx + w - m) or (wy1 < frame_height and b.y1 >= p.cy + h - m)):
-                break
-            out[p.view_index].append(_moved(d, p, index_of[n]))
-            break
-    return out
+    for n in placements:
+        p = plan.placements[n]
+        w, h = p.size
+        if not (p.cx <= cx < p.cx + w and p.cy <= cy < p.cy + h):
+            continue
+        wx0, wy0, wx1, wy1 = p.window
+        # window sides inside the frame: a box within m of them is cut
+        if ((wx0 > 0 and x0 <= p.cx + m) or (wy0 > 0 and y0 <= p.cy + m)
+                or (wx1 < frame_width and x1 >= p.cx + w - m) or (wy1 < frame_height and y1 >= p.cy + h - m)):
+            return -1
+        return n
+    return -1
 
 
 def _moved(d: CellDetection, p: Placement, tile_index: int) -> CellDetection:

@@ -11,7 +11,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -71,7 +71,8 @@ def decode_tile(pred: np.ndarray, protos: np.ndarray | None, input_size: int, n_
 
 
 def decode_batch(preds: np.ndarray, protos: np.ndarray | None, input_size: int, n_classes: int,
-                 conf_threshold: float, iou_threshold: float, max_det: int = 1000) -> list[list[tuple]]:
+                 conf_threshold: float, iou_threshold: float, max_det: int = 1000,
+                 wanted: Callable[[int, np.ndarray], np.ndarray] | None = None) -> list[list[tuple]]:
     """Per tile of a batch (preds: B x (4 + classes + 32) x anchors; protos: B x 32 x H/4 x W/4),
     the list of (class_index, box[4], score, mask|None) in tile pixels.
 
@@ -80,7 +81,8 @@ def decode_batch(preds: np.ndarray, protos: np.ndarray | None, input_size: int, 
     order), at most `max_det` per tile; its masks come from its own prototypes (`box_masks`).
     The best class, the threshold and the boxes are computed for the whole batch at once; the
     NMS runs per tile (one call over every tile's candidates would compare each with every kept
-    box of the batch: slower)."""
+    box of the batch: slower). `wanted(t, boxes)`: which of tile t's kept boxes (tile pixels, in
+    order) the caller will use; only those are returned and only their masks decoded."""
     n_tiles = len(preds)
     out: list[list[tuple]] = [[] for _ in range(n_tiles)]
     scores_all = preds[:, 4 : 4 + n_classes]  # tiles x classes x anchors
@@ -102,7 +104,12 @@ def decode_batch(preds: np.ndarray, protos: np.ndarray | None, input_size: int, 
         if lo == hi:
             continue
         k_t = lo + nms(offset[lo:hi], score[lo:hi], iou_threshold)[:max_det]
-        windows = [(int(b[1]), int(b[0]), int(np.ceil(b[3])), int(np.ceil(b[2]))) for b in boxes[k_t]]
+        if wanted is not None:
+            k_t = k_t[wanted(t, boxes[k_t])]
+            if not len(k_t):
+                continue
+        kept = boxes[k_t]  # (rows y0, x0 rounded down, y1, x1 rounded up: boxes are clipped to >= 0)
+        windows = np.concatenate([np.floor(kept[:, [1, 0]]), np.ceil(kept[:, [3, 2]])], axis=1).astype(np.int64)
         if protos is not None:
             coeffs = np.ascontiguousarray(preds[t][4 + n_classes :, anchor[k_t]].T)  # kept x 32
             masks = box_masks(coeffs, protos[t], input_size, windows)
@@ -122,7 +129,7 @@ _GROUP = 64
 
 
 def box_masks(coeffs: np.ndarray, protos: np.ndarray, input_size: int,
-              windows: Sequence[tuple[int, int, int, int]]) -> list[np.ndarray]:
+              windows: Sequence[tuple[int, int, int, int]] | np.ndarray) -> list[np.ndarray]:
     """Each box's `resize(sigmoid(coeff . protos), input_size)[window] > 0.5`, computed on the
     prototype cells under its window only, for a tile's boxes at once.
 
@@ -243,10 +250,12 @@ class YoloSegmenter:
         floor = np.where(kinds == CellKind.PLATELET.value, self.platelet_conf_threshold, self.conf_threshold)
         return [dataclasses.replace(d, score=float(s)) for d, s, f in zip(dets, score, floor) if s >= f]
 
-    def detect(self, tiles: Iterable[Tile], frame_width: int, frame_height: int,
-               calibrate: bool = True) -> list[CellDetection]:
+    def detect(self, tiles: Iterable[Tile], frame_width: int, frame_height: int, calibrate: bool = True,
+               wanted: Callable[[Tile, np.ndarray], np.ndarray] | None = None) -> list[CellDetection]:
         """Detections in frame coordinates; `calibrate=False` keeps raw scores (all above the raw
         floor) for the merge and test-time fusion, after which the caller applies `finish`.
+        `wanted(tile, boxes)`: which of a tile's detections (boxes in frame coordinates) to make at
+        all; the masks of the others are never decoded.
 
         Tiles are taken (and may be made) one engine batch at a time, so memory holds one batch
         of tiles and the detections, whatever the frame's size."""
@@ -259,8 +268,10 @@ class YoloSegmenter:
                 # tiles lo:hi, as soon as their part of the batch is ready (run_batched's on_part):
                 # where the engine splits a batch, the first part is decoded while the rest still runs
                 protos = outs[names[1]] if len(names) > 1 else None
+                keep = None if wanted is None else (
+                    lambda k, boxes: wanted(chunk[lo + k], _in_frame(boxes, chunk[lo + k], frame_width, frame_height)))
                 decoded = decode_batch(outs[names[0]], protos, self.input_size, len(self.classes), RAW_SCORE_FLOOR,
-                                       self.iou_threshold)
+                                       self.iou_threshold, wanted=keep)
                 for tile, tile_decoded in zip(chunk[lo:hi], decoded):
                     dets.extend(self._tile_detections(tile, tile_decoded, frame_width, frame_height))
 
@@ -272,9 +283,7 @@ class YoloSegmenter:
         """One tile's decoded detections (`decode_batch`) in frame coordinates."""
         if not decoded:
             return []
-        # frame coordinates, clipped to the real frame (tiles may extend into padding)
-        b = np.array([d[1] for d in decoded], np.float64) + [tile.x, tile.y, tile.x, tile.y]
-        b = np.minimum(b, [frame_width, frame_height, frame_width, frame_height])
+        b = _in_frame(np.array([d[1] for d in decoded], np.float64), tile, frame_width, frame_height)
         cut = cut_by_interior_tile_edges(b, tile, frame_width, frame_height)
         dets = []
         for (ci, _, raw, mask), (x0, y0, x1, y1), c in zip(decoded, b.tolist(), cut.tolist()):
@@ -287,6 +296,13 @@ class YoloSegmenter:
             dets.append(CellDetection(kind=self.classes[ci], box=Box(x0, y0, x1, y1), score=raw, mask=mask,
                                       tile_index=tile.index, cut_by_tile_edge=c))
         return dets
+
+
+def _in_frame(boxes: np.ndarray, tile: Tile, frame_width: int, frame_height: int) -> np.ndarray:
+    """A tile's boxes (tile pixels) in frame coordinates, clipped to the real frame (tiles may
+    extend into padding)."""
+    b = np.asarray(boxes, np.float64) + [tile.x, tile.y, tile.x, tile.y]
+    return np.minimum(b, [frame_width, frame_height, frame_width, frame_height])
 
 
 def _batches(tiles: Iterable[Tile], size: int) -> Iterator[list[Tile]]:
