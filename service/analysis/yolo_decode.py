@@ -167,7 +167,8 @@ def box_masks(coeffs: np.ndarray, protos: np.ndarray, input_size: int,
         gh, gw = int(rows[g].max()), int(cols[g].max())
         ri = np.minimum(r0[g, None] + np.arange(gh), ph - 1)  # (boxes, gh)
         ci = np.minimum(c0[g, None] + np.arange(gw), pw - 1)  # (boxes, gw)
-        cells = np.take(flat, (ri[:, :, None] * pw + ci[:, None, :]).ravel(), axis=1)
+        # the indices lie on the map already (clamped above): "clip" skips the per-index range check
+        cells = np.take(flat, (ri[:, :, None] * pw + ci[:, None, :]).ravel(), axis=1, mode="clip")
         cells = cells.reshape(-1, len(g), gh, gw)  # (32, boxes, gh, gw)
         lowres = _sigmoid(np.einsum("cbhw,bc->hwb", cells, coeffs[g]))
         up = cv2.resize(np.ascontiguousarray(lowres), (stride * gw, stride * gh), interpolation=cv2.INTER_LINEAR)
