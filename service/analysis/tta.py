@@ -317,22 +317,29 @@ def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float
     for kind in sorted({d.kind for _, d in items}, key=lambda k: k.value):
         sel = sorted((it for it in items if it[1].kind == kind), key=lambda it: -it[1].score)
         partners = _partners(np.array([d.box.as_list() for _, d in sel], float), iou_threshold)
-        taken = np.zeros(len(sel), bool)
+        taken = [False] * len(sel)  # a list: read one item at a time
         clusters: list[tuple[CellDetection, Box, np.ndarray | None, dict[int, float]]] = []
         for i in range(len(sel)):
             if taken[i]:
                 continue
             taken[i] = True
             members, seen = [sel[i][1]], {sel[i][0]: sel[i][1].score}
-            for j in partners[i]:
+            for j in partners[i].tolist():
                 if not taken[j] and sel[j][0] not in seen:
                     taken[j] = True
                     seen[sel[j][0]] = sel[j][1].score
                     members.append(sel[j][1])
-            # the score-weighted mean box (summed in member order, as numpy's sum over a few rows does)
-            total = max(sum(m.score for m in members), 1e-12)
-            box = Box(*(sum(m.score * v for m in members for v in (getattr(m.box, a),)) / total
-                        for a in ("x0", "y0", "x1", "y1")))
+            # the score-weighted mean box (summed in member order, as numpy's sum over a few rows
+            # does; sum() starts from 0, so a lone member's sums are 0 + its values)
+            if len(members) == 1:
+                s, b = members[0].score, members[0].box
+                total = max(0 + s, 1e-12)
+                box = Box((0 + s * b.x0) / total, (0 + s * b.y0) / total, (0 + s * b.x1) / total,
+                          (0 + s * b.y1) / total)
+            else:
+                total = max(sum(m.score for m in members), 1e-12)
+                box = Box(*(sum(m.score * v for m in members for v in (getattr(m.box, a),)) / total
+                            for a in ("x0", "y0", "x1", "y1")))
             clusters.append((members[0], box, _vote(members, box), seen))
         if kind in absorb_kinds:
             clusters = _absorb_pieces(clusters)
