@@ -286,3 +286,51 @@ def test_the_detector_makes_on_packed_windows_only_the_cells_unpack_keeps(monkey
     assert seen and seen[0][0] > 50  # the field's extra views ran on packed windows
     made, kept = seen[0]
     assert made == kept
+
+
+def _joined_one_at_a_time(boxes, w, h, side, margin):
+    """The join written out plainly: window by window, every other window judged afresh."""
+    wins = []
+    for x0, y0, x1, y1 in np.asarray(boxes, float).reshape(-1, 4).tolist():
+        win = [max(0, int(np.floor(x0 - margin))), max(0, int(np.floor(y0 - margin))),
+               min(w, int(np.ceil(x1 + margin))), min(h, int(np.ceil(y1 + margin)))]
+        if win[2] - win[0] <= side and win[3] - win[1] <= side and win[2] > win[0] and win[3] > win[1]:
+            wins.append(win)
+    alive = [True] * len(wins)
+    joined = True
+    while joined:
+        joined = False
+        for i in range(len(wins)):
+            if not alive[i]:
+                continue
+            best = None
+            for j in range(len(wins)):
+                if j == i or not alive[j]:
+                    continue
+                u = [min(wins[i][0], wins[j][0]), min(wins[i][1], wins[j][1]),
+                     max(wins[i][2], wins[j][2]), max(wins[i][3], wins[j][3])]
+                uw, uh = u[2] - u[0], u[3] - u[1]
+                extra = uw * uh - (wins[j][2] - wins[j][0]) * (wins[j][3] - wins[j][1]) \
+                    - (wins[i][2] - wins[i][0]) * (wins[i][3] - wins[i][1])
+                if uw <= side and uh <= side and extra <= 0 and (best is None or extra < best[0]):
+                    best = (extra, j, u)
+            if best is not None:
+                wins[i], alive[best[1]] = best[2], False
+                joined = True
+    return [tuple(wn) for wn, a in zip(wins, alive) if a]
+
+
+@pytest.mark.parametrize("n", [2, 12, 60, 250])
+def test_windows_are_joined_as_judging_one_window_at_a_time_joins_them(n):
+    """The join judges every pair up front and after a join only the grown window's pairs; the
+    windows it gives are those of the plain greedy walk, on clustered boxes that join in chains."""
+    rng = np.random.default_rng(n)
+    centres = rng.uniform(0, 1900, (max(1, n // 4), 2))
+    c = centres[rng.integers(0, len(centres), n)] + rng.normal(0, 25, (n, 2))
+    size = rng.uniform(6, 60, (n, 2))
+    boxes = np.concatenate([c, c + size], 1).clip(0, None)
+    for side in (256, 160):
+        want = _joined_one_at_a_time(boxes, 1920, 1080, side, 48)
+        got, _ = unsure_windows(boxes, 1920, 1080, side, 48)
+        assert got == want
+        assert n < 12 or len(got) < n - 2  # windows were joined
