@@ -245,3 +245,40 @@ def test_a_fallback_to_mqtt_311_that_finds_the_tls_files_mid_renewal_tries_again
         assert publisher.wait_until_drained(10)  # through the proxy to mosquitto
     finally:
         proxy.close()
+
+
+def _sockets_and_threads() -> tuple[int, int]:
+    """This process's open sockets (/proc/self/fd) and live threads."""
+    fds = Path("/proc/self/fd")
+    sockets = 0
+    for fd in fds.iterdir():
+        try:
+            sockets += fd.readlink().name.startswith("socket:")
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            pass
+    return sockets, threading.active_count()
+
+
+def test_broker_restarts_leave_the_publishers_sockets_and_threads_as_they_were(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+) -> None:
+    """A station runs for weeks through broker outages: mosquitto SIGKILLed and started again 6
+    times, a report made during each outage delivered (acknowledged) after it. Each reconnect must
+    leave no socket and no thread behind: after the 6th the process holds as many sockets and
+    threads as after the first connection (a leak of one per reconnect would show as 6)."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
+    broker.start()
+    try:
+        publisher = start_publisher(make_config(tmp_path, broker.port), started)
+        assert publisher.wait_until_connected(5)
+        before = _sockets_and_threads()
+        for outage in range(1, 7):
+            broker.kill()
+            assert wait_until(lambda: not publisher.state.connected, 10), publisher.state
+            publisher.publish_report("report", f"made-in-outage-{outage}", b"{}", "1")
+            broker.start()
+            assert wait_until(lambda outage=outage: publisher.state.delivered == outage, 15), publisher.state
+            assert publisher.state.connects == outage + 1, publisher.state
+        assert wait_until(lambda: _sockets_and_threads() == before, 5), (before, _sockets_and_threads())
+    finally:
+        broker.stop()
