@@ -189,6 +189,20 @@ def test_an_override_with_one_underscore_is_refused_and_a_flattened_key_finds_it
                       "(set by SMEARSCOPE__MQTT_HOST)"))]
 
 
+def test_a_flattened_key_is_not_pointed_at_the_section_it_names(tmp_path: Path) -> None:
+    """`outbox_path` in [mqtt] and `source_kind` at the top level are nearest, letter by letter, to
+    the section's own name (outbox, source): "did you mean outbox?" would have the file say
+    `outbox = ...`, which is refused as a section written as a value. The setting inside is meant."""
+    path = _write(tmp_path, MINIMAL.replace("[source]", "source_kind = 'folder'\nsource_path = 'in'\n[source]", 1)
+                  + "[mqtt]\noutbox_path = 'o.sqlite3'\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert sorted(err.value.errors) == [
+        ("mqtt.outbox_path", "unknown key: [mqtt] has no such setting; did you mean path in [mqtt.outbox]?"),
+        ("source_kind", "unknown key: the top level has no such setting; did you mean kind in [source]?"),
+        ("source_path", "unknown key: the top level has no such setting; did you mean path in [source]?")]
+
+
 def test_a_section_written_wrong_is_said_as_the_file_is_written(tmp_path: Path) -> None:
     """pydantic's "Unable to extract tag using discriminator 'kind'" for a [source] without its
     kind, and "Input should be a valid dictionary or object to extract fields from" for

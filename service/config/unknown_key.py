@@ -66,8 +66,10 @@ def unknown_key_message(root: type[BaseModel], loc: tuple[int | str, ...]) -> st
     if others:
         named = " or ".join(f'"{k}"' for k in others)
         return f'unknown key for kind = "{kind}": a setting of kind = {named} only; remove it'
+    # a section's setting first: `outbox_path` is nearest, letter by letter, to `outbox` itself
+    hint = _in_a_subsection(model, path, key)
     close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.7)
-    hint = f"; did you mean {close[0]}?" if close else _in_a_subsection(model, path, key)
+    hint = hint or (f"; did you mean {close[0]}?" if close else "")
     return f"unknown key: {where} has no such setting{hint}"
 
 
