@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -1847,6 +1848,53 @@ def test_the_address_printed_at_start_is_one_a_browser_can_open(bind: str) -> No
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
+
+
+def _start_dashboard(port: int, bind: str) -> tuple[subprocess.Popen[str], str]:
+    """A dashboard on `bind`, and the line it printed at start."""
+    proc = subprocess.Popen([sys.executable, "-m", "smearscope", "dashboard", "--port", str(port), "--bind", bind,
+                             "--broker", "ws://127.0.0.1:9"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if not line.startswith("smearscope dashboard: http://"):
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+        pytest.fail(line + err)
+    return proc, line
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    proc.communicate(timeout=10)
+
+
+def _hosts_alias() -> str | None:
+    """A name /etc/hosts gives a loopback address that is none of this machine's own names."""
+    own = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
+    with contextlib.suppress(OSError), open("/etc/hosts") as hosts:
+        for line in hosts:
+            fields = line.split("#")[0].split()
+            if len(fields) >= 2 and fields[0].startswith("127."):
+                for name in fields[1:]:
+                    if name.lower() not in own:
+                        return name
+    return None
+
+
+def test_a_name_given_to_bind_is_a_name_the_page_answers() -> None:
+    """`--bind scope-pc.lab` printed http://scope-pc.lab:PORT/, and the page refused that very
+    address 421 (not one of its names) unless --host named it again."""
+    name = _hosts_alias()
+    if name is None:
+        pytest.skip("no alias of a loopback address in /etc/hosts")
+    port = free_port()
+    proc, line = _start_dashboard(port, name)
+    try:
+        assert line.split()[2] == f"http://{name}:{port}/", line
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": f"{name}:{port}"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200 and b"smearscope" in answer.read()
+    finally:
+        _stop(proc)
 
 
 def test_a_port_already_taken_is_said_in_words_with_what_to_do() -> None:

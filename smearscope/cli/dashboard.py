@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import logging
 import socket
 import sys
@@ -16,6 +17,14 @@ def _password(args: argparse.Namespace) -> str | None:
     from smearscope.service.mqtt.credentials import password_file_or_credential
 
     return password_file_or_credential(args.password_file, "dashboard-mqtt-password")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def page_url(bind: str, port: int) -> str:
@@ -35,9 +44,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         print("smearscope dashboard: --password-file needs --username (the broker account it is the password of)",
               file=sys.stderr)
         return 2
+    # a name to --bind is the address printed to open: the page answers it without --host again
+    hosts = (*args.host, args.bind) if args.bind and not _is_ip(args.bind) else tuple(args.host)
     try:
         settings = DashboardSettings(args.broker, args.topic_prefix, args.username,
-                                     _password(args) if args.username else None, tuple(args.host),
+                                     _password(args) if args.username else None, hosts,
                                      run_control=args.run_control)
         server = DashboardServer(settings, args.port, args.bind)
     except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: CredentialError
