@@ -1867,6 +1867,25 @@ def _stop(proc: subprocess.Popen[str]) -> None:
     proc.communicate(timeout=10)
 
 
+def test_bound_to_every_address_it_prints_an_ip_address_beside_the_machines_name() -> None:
+    """A station's name (a Jetson's "ubuntu") often resolves nowhere else on the lab network:
+    `--bind 0.0.0.0` prints this machine's address too, which the page answers from any machine."""
+    with open("/proc/net/route") as routes:
+        if not any(line.split()[1] == "00000000" for line in routes.readlines()[1:]):
+            pytest.skip("no default route: this machine has no address on a network")
+    port = free_port()
+    proc, line = _start_dashboard(port, "0.0.0.0")
+    try:
+        found = re.findall(r"http://(\d+\.\d+\.\d+\.\d+):(\d+)/", line)
+        assert found, line
+        address, printed_port = found[0]
+        assert not ipaddress.ip_address(address).is_loopback and int(printed_port) == port, line
+        with urllib.request.urlopen(f"http://{address}:{port}/", timeout=10) as answer:
+            assert answer.status == 200 and b"smearscope" in answer.read()
+    finally:
+        _stop(proc)
+
+
 def _hosts_alias() -> str | None:
     """A name /etc/hosts gives a loopback address that is none of this machine's own names."""
     own = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}

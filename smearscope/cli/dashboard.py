@@ -27,13 +27,28 @@ def _is_ip(text: str) -> bool:
     return True
 
 
+def _network_address() -> str | None:
+    """This machine's IPv4 address on the network its default route leads to (a UDP socket's
+    connect sends nothing); None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route is looked up
+            address = str(probe.getsockname()[0])
+        except OSError:
+            return None
+    return None if ipaddress.ip_address(address).is_loopback or address == "0.0.0.0" else address
+
+
 def page_url(bind: str, port: int) -> str:
     """The address to open: listening on every address (0.0.0.0, ::), this machine's name, which
     browsers elsewhere can reach and the host check answers (http://0.0.0.0:8080/ reaches nothing
     from another machine, and browsers refuse it); an IPv6 address in brackets."""
     if bind in ("", "0.0.0.0", "::"):
-        return (f"http://{socket.gethostname()}:{port}/ (listening on every address of this machine; "
-                f"on it: http://localhost:{port}/)")
+        address = _network_address()
+        # the name may resolve nowhere else on the lab network (a Jetson's "ubuntu"): the address too
+        alternative = f"or http://{address}:{port}/; " if address else ""
+        return (f"http://{socket.gethostname()}:{port}/ ({alternative}listening on every address of this "
+                f"machine; on it: http://localhost:{port}/)")
     return f"http://[{bind}]:{port}/" if ":" in bind else f"http://{bind}:{port}/"
 
 
