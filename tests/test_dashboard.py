@@ -1916,6 +1916,34 @@ def test_a_name_given_to_bind_is_a_name_the_page_answers() -> None:
         _stop(proc)
 
 
+def _link_local() -> tuple[str, str] | None:
+    """A link-local IPv6 address of this machine and its interface."""
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6") as table:
+        for line in table:
+            raw, _, _, scope, _, interface = line.split()
+            if scope == "20":  # link
+                return str(ipaddress.IPv6Address(bytes.fromhex(raw))), interface
+    return None
+
+
+def test_an_ipv6_address_with_its_zone_serves_and_prints_the_zone_as_a_url_writes_it() -> None:
+    """`--bind fe80::1%eth0` (a link-local address names its interface) failed to start with
+    "[Errno 22] Invalid argument"; it serves, printed as RFC 6874 writes it (%25eth0)."""
+    found = _link_local()
+    if found is None:
+        pytest.skip("no link-local IPv6 address on this machine")
+    address, interface = found
+    port = free_port()
+    proc, line = _start_dashboard(port, f"{address}%{interface}")
+    try:
+        assert line.split()[2] == f"http://[{address}%25{interface}]:{port}/", line
+        with socket.create_connection((f"{address}%{interface}", port), timeout=10) as conn:
+            conn.sendall(f"GET / HTTP/1.1\r\nHost: [{address}%25{interface}]:{port}\r\nConnection: close\r\n\r\n".encode())
+            assert conn.recv(100).startswith(b"HTTP/1.0 200 ")
+    finally:
+        _stop(proc)
+
+
 def test_a_port_already_taken_is_said_in_words_with_what_to_do() -> None:
     """A second dashboard on a port one already serves: exit 2 naming the port and --port, not
     "[Errno 98] Address already in use"."""

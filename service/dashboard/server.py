@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 logger = logging.getLogger(__name__)
@@ -192,9 +193,13 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        bound: tuple[Any, ...] = address
         if ":" in address[0]:  # --bind ::1 or :: (every address, IPv4 too where the host maps it)
             self.address_family = socket.AF_INET6
-        super().__init__(address, handler)
+            # fe80::1%eth0: a link-local address binds with its interface's index, which only
+            # getaddrinfo reads from the zone (bind itself says EINVAL)
+            bound = socket.getaddrinfo(address[0], address[1], socket.AF_INET6, socket.SOCK_STREAM)[0][4]
+        super().__init__(bound, handler)  # type: ignore[arg-type]
         self._slots = threading.BoundedSemaphore(max_connections)
         self._max_connections = max_connections
         self._busy_said = False

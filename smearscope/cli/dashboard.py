@@ -49,7 +49,8 @@ def page_url(bind: str, port: int) -> str:
         alternative = f"or http://{address}:{port}/; " if address else ""
         return (f"http://{socket.gethostname()}:{port}/ ({alternative}listening on every address of this "
                 f"machine; on it: http://localhost:{port}/)")
-    return f"http://[{bind}]:{port}/" if ":" in bind else f"http://{bind}:{port}/"
+    # a zone (fe80::1%eth0) is written %25eth0 in a URL (RFC 6874)
+    return f"http://[{bind.replace('%', '%25')}]:{port}/" if ":" in bind else f"http://{bind}:{port}/"
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
