@@ -289,7 +289,7 @@ class CameraSource(FrameSource):
                     self._streak = 0
                 elif not self._stop.is_set():  # not there: back off, saying why where the node tells
                     problem = node_problem(self._config.device)
-                    self._failed("camera %r did not open" + (f": {problem}".replace("%", "%%") if problem else ""))
+                    self._failed("camera %r did not open" + (f": {problem[1]}".replace("%", "%%") if problem else ""))
                 continue
             read = self.camera.read()
             if read is None:  # hung (said, a new capture next: a new row) or closed

@@ -1284,6 +1284,27 @@ def test_a_camera_whose_node_is_missing_says_so_in_its_log(
                                 "or another index (v4l2-ctl --list-devices); retry 1 in 0.0 s"), said
 
 
+def test_a_camera_path_that_is_no_camera_is_not_said_to_need_the_video_group(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """[source] device naming a socket (not a camera node): its open fails ENXIO, and the log said
+    "cannot be opened for reading by this user ...: the station's user needs the video group", a
+    fix that changes nothing. It says what doctor's camera check says: a socket, no camera."""
+    import socket
+
+    node = tmp_path / "video0"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(node))
+        cfg = CameraSourceConfig(device=str(node), reconnect_initial_s=0.01, reconnect_max_s=0.05)
+        cam = CameraSource(cfg)
+        threading.Timer(0.3, cam.close).start()
+        with caplog.at_level("WARNING", logger="smearscope.device.sources"):
+            assert list(cam) == []
+    said = [r.getMessage() for r in caplog.records if "did not open" in r.getMessage()]
+    assert said and said[0] == (f"scope: camera '{node}' did not open: {node} is a socket, no camera: set [source] "
+                                "device to a camera's capture node: v4l2-ctl --list-devices lists each camera's "
+                                "nodes; retry 1 in 0.0 s"), said
+
+
 def test_a_camera_gone_for_long_logs_at_1_2_4_8_failures_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
     """The capture factory is OpenCV's seam: here a camera absent for 9 opens, then a stream."""
     from smearscope.device.sources import STABLE_FRAMES

@@ -14,9 +14,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
 import struct
-from pathlib import Path
+
+from smearscope.device.camera_node import LIST_CAMERAS, device_node, node_problem
 
 #: smearscope.cli.doctor's (status, what, detail); not imported from it, which imports this module.
 Check = tuple[str, str, str]
@@ -28,7 +28,6 @@ CAPABILITY_BYTES = 104
 _CAP_VIDEO_CAPTURE = 0x00000001
 _CAP_VIDEO_CAPTURE_MPLANE = 0x00001000
 _CAP_DEVICE_CAPS = 0x80000000
-_LIST = "set [source] device to a camera's capture node: v4l2-ctl --list-devices lists each camera's nodes"
 _WAITS = "; the station waits for it and opens it when it comes"
 
 
@@ -42,50 +41,32 @@ def capture_problem(capability: bytes) -> str | None:
     return f"a V4L2 node of {card} without video capture (its metadata node?)"
 
 
-def _not_a_device(mode: int) -> str | None:
-    """What a path that is no character device is, in words; None for a character device."""
-    if stat.S_ISCHR(mode):
-        return None
-    kinds = ((stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"),
-             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISBLK, "a block device"))
-    return next((words for test, words in kinds if test(mode)), "not a device node")
-
-
 def camera_checks(source) -> list[Check]:
     """The camera line of a V4L2 camera source; none for another source kind."""
     if source.kind != "camera":
         return []
-    device = source.device
-    if isinstance(device, int) or device.strip().isdigit():
-        node = Path(f"/dev/video{int(device)}")
-    elif device.startswith("/"):
-        node = Path(device)
-    else:
-        what = "URL" if "://" in device else "GStreamer pipeline"
+    node = device_node(source.device)
+    if node is None:
+        what = "URL" if "://" in source.device else "GStreamer pipeline"
         return [("INFO", "camera", (f"a {what}: not checked here (no frame is captured); "
                  "the station's log says whether it opens"))]
-    if not node.exists():
-        return [("FAIL", "camera", (f"{node} does not exist: camera unplugged, or another index "
-                 f"(v4l2-ctl --list-devices){_WAITS}"))]
-    other = _not_a_device(node.stat().st_mode)
-    if other is not None:
-        return [("FAIL", "camera node", f"{node} is {other}, no camera: {_LIST}")]
+    problem = node_problem(source.device)  # the camera source's words when it does not open
+    if problem is not None:
+        what, words = problem
+        return [("FAIL", what, words + (_WAITS if what == "camera" else ""))]
     try:
         fd = os.open(node, os.O_RDONLY | os.O_NONBLOCK)
-    except PermissionError as exc:  # no camera coming back fixes this: not RECOVERED_BY_THE_STATION
-        return [("FAIL", "camera access", (f"{node} cannot be opened for reading by this user ({exc.strerror}): "
-                 "the station's user needs the video group"))]
-    except OSError as exc:  # the node is there, its device does not answer (unplugged meanwhile, a driver)
+    except OSError as exc:  # gone since node_problem looked
         return [("FAIL", "camera", f"{node} cannot be opened for reading ({exc.strerror}){_WAITS}")]
     try:
         capability = fcntl.ioctl(fd, VIDIOC_QUERYCAP, bytes(CAPABILITY_BYTES))
     except OSError as exc:
         if exc.errno in (errno.ENOTTY, errno.EINVAL):  # another driver's device: no V4L2 ioctls
-            return [("FAIL", "camera node", f"{node} is not a V4L2 device ({exc.strerror}): {_LIST}")]
+            return [("FAIL", "camera node", f"{node} is not a V4L2 device ({exc.strerror}): {LIST_CAMERAS}")]
         return [("FAIL", "camera", f"{node} does not answer ({exc.strerror}){_WAITS}")]
     finally:
         os.close(fd)
     problem = capture_problem(capability)
     if problem is not None:
-        return [("FAIL", "camera node", f"{node} is {problem}: {_LIST}")]
+        return [("FAIL", "camera node", f"{node} is {problem}: {LIST_CAMERAS}")]
     return [("OK", "camera", f"{node} is a video capture node and opens for reading (no frame captured)")]
