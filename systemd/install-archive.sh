@@ -88,9 +88,13 @@ install_venv() {
     log "using the venv already in $VENV (smearscope $have, a station's?): not changed; upgrade it the way it was installed (install-jetson.sh on a station)"
     return 0
   fi
-  if [[ ! -x "$VENV/bin/python" ]]; then
+  # marked before it is made: a venv a failed python3 -m venv left (no python3-venv: its python, no
+  # pip) is this script's, made again on the rerun, not taken for a station's
+  if [[ ! -x "$VENV/bin/python" || ! -x "$VENV/bin/pip" ]]; then
     log "creating the venv $VENV"
-    "$PYTHON" -m venv "$VENV" || die "cannot make a venv with $PYTHON (Debian/Ubuntu: apt install python3-venv)"
+    install -d -m 0755 "$VENV"
+    touch "$VENV/$VENV_MARK"
+    "$PYTHON" -m venv "$VENV" || die "cannot make a venv with $PYTHON (Debian/Ubuntu: apt install python3-venv, then run this again)"
   fi
   touch "$VENV/$VENV_MARK"
   log "installing smearscope from $SRC into $VENV"

@@ -39,9 +39,14 @@ fi
 if [[ "$1 $2" == "-m venv" ]]; then
   printf 'venv %s\\n' "$3" >> "$PIPLOG"
   mkdir -p "$3/bin"
-  cp "$FAKE_PIP" "$3/bin/pip"
   printf '#!/usr/bin/env bash\\nexec {shlex.quote(sys.executable)} "$@"\\n' > "$3/bin/python"
-  chmod 755 "$3/bin/pip" "$3/bin/python"
+  chmod 755 "$3/bin/python"
+  if [[ -n "${{FAKE_NO_ENSUREPIP:-}}" ]]; then  # Debian's python3 without python3-venv: no pip, exit 1
+    echo "The virtual environment was not created successfully because ensurepip is not available." >&2
+    exit 1
+  fi
+  cp "$FAKE_PIP" "$3/bin/pip"
+  chmod 755 "$3/bin/pip"
   exit 0
 fi
 exec {shlex.quote(sys.executable)} "$@"
@@ -215,6 +220,23 @@ def test_a_station_venv_is_used_as_it_is(tmp_path: Path) -> None:
     assert not server.log("pip.log")
     assert f"using the venv already in {server.prefix / 'venv'} (smearscope " in proc.stdout
     assert not (server.prefix / "venv" / ".installed-by-install-archive").exists()
+
+
+def test_a_venv_left_without_pip_by_a_missing_python3_venv_is_made_again(tmp_path: Path) -> None:
+    """Without python3-venv, `python3 -m venv` leaves the venv's python and no pip, and the script
+    says to install python3-venv; the rerun it asks for stopped at "exists but has no smearscope
+    installed ... move that venv away", taking the half-made venv for someone else's. It makes it
+    again and installs."""
+    server = Server(tmp_path)
+    venv = server.prefix / "venv"
+    proc = server.run(FAKE_NO_ENSUREPIP="1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "apt install python3-venv" in proc.stderr
+    assert (venv / "bin" / "python").exists() and not (venv / "bin" / "pip").exists()
+    proc = server.run()  # python3-venv installed since
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert server.log("pip.log")[:2] == [f"venv {venv}"] * 2 and "using the venv already" not in proc.stdout
+    assert (venv / "bin" / "smearscope").is_file() and (venv / ".installed-by-install-archive").is_file()
 
 
 def test_the_hl7_folder_for_the_interface_engine_group(tmp_path: Path) -> None:
