@@ -203,6 +203,20 @@ def test_a_flattened_key_is_not_pointed_at_the_section_it_names(tmp_path: Path) 
         ("source_path", "unknown key: the top level has no such setting; did you mean path in [source]?")]
 
 
+def test_calibrate_scales_lines_put_under_the_wrong_section_name_the_section_they_belong_to(tmp_path: Path) -> None:
+    """The example leaves microns_per_pixel unset until calibrate-scale's two lines are put in its
+    [source]; added at the end of the file they land in its last section, [commands], and were
+    refused with "[commands] has no such setting" and nothing about where they go."""
+    text = EXAMPLE.read_text() + "microns_per_pixel = 0.10512\nmicrons_per_pixel_calibrated_on = 2026-12-07\n"
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, text), environ={})
+    assert sorted(err.value.errors) == [
+        ("commands.microns_per_pixel", ("unknown key: [commands] has no such setting; a setting of [source] or "
+                                        "[analysis]")),
+        ("commands.microns_per_pixel_calibrated_on", ("unknown key: [commands] has no such setting; a setting of "
+                                                      "[source]"))]
+
+
 def test_a_section_written_wrong_is_said_as_the_file_is_written(tmp_path: Path) -> None:
     """pydantic's "Unable to extract tag using discriminator 'kind'" for a [source] without its
     kind, and "Input should be a valid dictionary or object to extract fields from" for

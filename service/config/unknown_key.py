@@ -70,7 +70,23 @@ def unknown_key_message(root: type[BaseModel], loc: tuple[int | str, ...]) -> st
     hint = _in_a_subsection(model, path, key)
     close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.7)
     hint = hint or (f"; did you mean {close[0]}?" if close else "")
+    if not hint:  # a section's setting under another section's line (appended at the file's end)
+        homes = [f"[{s}]" for s in _sections_with(root, key) if s != ".".join(path)]
+        hint = f"; a setting of {' or '.join(homes)}" if homes else ""
     return f"unknown key: {where} has no such setting{hint}"
+
+
+def _sections_with(model: type[BaseModel], key: str, prefix: str = "") -> list[str]:
+    """The sections (dotted, as the file heads them) that have a setting named `key`."""
+    found: list[str] = []
+    for name, field in model.model_fields.items():
+        members = _models_in(field.annotation)
+        section = f"{prefix}.{name}" if prefix else name
+        if any(key in m.model_fields for m in members):
+            found.append(section)
+        for sub in {id(m): m for m in members}.values():
+            found += [s for s in _sections_with(sub, key, section) if s not in found]
+    return found
 
 
 def _in_a_subsection(model: type[BaseModel], path: list[str], key: str) -> str:
