@@ -217,6 +217,15 @@ def test_calibrate_scales_lines_put_under_the_wrong_section_name_the_section_the
                                                       "[source]"))]
 
 
+def test_a_kind_there_is_none_of_set_by_a_variable_names_the_variable(tmp_path: Path) -> None:
+    """SMEARSCOPE__SOURCE__KIND=webcam over the example's camera [source]: 'kind = "webcam" is none
+    of ...' named no variable, and the file read kind = "camera"."""
+    with pytest.raises(ConfigError) as err:
+        load_config(EXAMPLE, environ={"SMEARSCOPE__SOURCE__KIND": "webcam"})
+    assert err.value.errors == [("source", ('kind = "webcam" is none of "camera", "folder", "replay" or "simulated" '
+                                            "(set by SMEARSCOPE__SOURCE__KIND)"))]
+
+
 def test_a_section_written_wrong_is_said_as_the_file_is_written(tmp_path: Path) -> None:
     """pydantic's "Unable to extract tag using discriminator 'kind'" for a [source] without its
     kind, and "Input should be a valid dictionary or object to extract fields from" for

@@ -125,6 +125,8 @@ def _validation_errors(
             kind_var = applied.get((*loc.split(".")[:-1], "kind"))
             if err["type"] == "extra_forbidden" and kind_var:
                 msg += f" (kind set by {kind_var})"
+            elif err["type"] == "union_tag_invalid" and (kind_var := applied.get((*loc.split("."), "kind"))):
+                msg += f" (set by {kind_var})"  # the kind there is none of: not the file's
         out.append((loc, msg))
     return out
 
