@@ -1958,6 +1958,31 @@ def test_a_port_already_taken_is_said_in_words_with_what_to_do() -> None:
                                    "or another server): choose another with --port")
 
 
+def test_a_bind_address_it_cannot_listen_on_is_said_in_words() -> None:
+    """`--bind` a name that does not resolve, or an address no interface of this machine has:
+    exit 2 naming --bind and what is wrong, not "[Errno -2] Name or service not known" or
+    "[Errno 99] Cannot assign requested address"; an IPv6 address written in brackets as in a URL
+    ([::1]) serves, as ::1."""
+    def start(bind: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "smearscope", "dashboard", "--port", str(free_port()),
+                               "--bind", bind, "--broker", "ws://127.0.0.1:9"],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    proc = start("no-such-host.invalid")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "smearscope dashboard: --bind no-such-host.invalid: no such host here (an address of this machine, "
+        "or a name it resolves to one)"), proc.stderr
+    proc = start("192.0.2.254")  # TEST-NET-1: no machine's own
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "smearscope dashboard: --bind 192.0.2.254: no address of this machine (ip -brief address lists them)"), proc.stderr
+    port = free_port()
+    proc_served, line = _start_dashboard(port, "[::1]")
+    try:
+        assert line.split()[2] == f"http://[::1]:{port}/", line
+    finally:
+        _stop(proc_served)
+
+
 def test_a_password_file_that_cannot_be_read_is_named_with_its_option(tmp_path: Path) -> None:
     """`dashboard --password-file` naming no file said "[Errno 2] No such file or directory:
     'pw'", naming neither the option nor what the file is; `archive` alike (one function)."""

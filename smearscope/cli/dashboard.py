@@ -60,6 +60,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         print("smearscope dashboard: --password-file needs --username (the broker account it is the password of)",
               file=sys.stderr)
         return 2
+    args.bind = args.bind.removeprefix("[").removesuffix("]")  # [::1], as a URL writes it
     # a name to --bind is the address printed to open: the page answers it without --host again
     hosts = (*args.host, args.bind) if args.bind and not _is_ip(args.bind) else tuple(args.host)
     try:
@@ -71,6 +72,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
             exc = OSError(f"port {args.port} on {args.bind} is taken (another dashboard, or another "
                           "server): choose another with --port")
+        elif isinstance(exc, socket.gaierror):  # "[Errno -2] Name or service not known"
+            exc = OSError(f"--bind {args.bind}: no such host here (an address of this machine, or a name it "
+                          "resolves to one)")
+        elif isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL:
+            exc = OSError(f"--bind {args.bind}: no address of this machine (ip -brief address lists them)")
         print(f"smearscope dashboard: {exc}", file=sys.stderr)
         return 2
     print(f"smearscope dashboard: {page_url(args.bind, server.port)} (broker {args.broker})", flush=True)
