@@ -695,3 +695,20 @@ def test_a_folder_of_subfolders_says_they_are_not_searched(tmp_path):
             f"no image files in {folder}: a folder's subfolders are not searched, and {folder} has 2 "
             f"({folder / 'basophil'}, ...): name them, or list the files in an @LIST")}, args
     assert not template.exists()
+
+
+def test_the_summary_names_nucleated_red_cells_in_a_field_of_no_white_cell():
+    """A field with nucleated red cells but no white cell has no NRBC per 100 WBC (the report's
+    nrbc_per_100_wbc is null: service.analysis.aggregate divides by no white cell); the summary
+    then left the NRBC out of its counts line altogether ('RBC 400, WBC 0, platelets 30'), where
+    the dashboard reads 'NRBC 2'. It now names them, and why no per 100 WBC is given."""
+    from test_fhir import graded_report
+
+    from smearscope.cli.summary import summarize
+    from smearscope.service.analysis.report import Counts, ScaleInfo
+
+    report = graded_report().model_copy(update={
+        "counts": Counts(rbc=400, wbc=0, platelet=30, nrbc=2), "nrbc_per_100_wbc": None,
+        "scale": ScaleInfo(microns_per_pixel=0.1, method="given", canonical_microns_per_pixel=0.2)})
+    first = summarize(report).splitlines()[0]
+    assert ": RBC 400, WBC 0, NRBC 2 (no white cell to count them per 100), platelets 30  (" in first, first

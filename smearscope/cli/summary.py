@@ -54,9 +54,10 @@ SCALE_SOURCE = {"given": "calibrated", "rbc_size_classical": "estimated from the
 def summarize(report: Report) -> str:
     """A few lines a technician can read at a glance."""
     r = report
-    # nucleated red cells, counted apart from the white cells (a report from before that has no per 100 WBC)
-    nrbc = (f"NRBC {r.counts.nrbc} ({r.nrbc_per_100_wbc:.1f} per 100 WBC), "
-            if r.nrbc_per_100_wbc is not None else "")
+    # nucleated red cells, counted apart from the white cells (a report from before that has no per 100 WBC,
+    # nor has a field of no white cell: its NRBC are still said)
+    nrbc = (f"NRBC {r.counts.nrbc} ({r.nrbc_per_100_wbc:.1f} per 100 WBC), " if r.nrbc_per_100_wbc is not None
+            else f"NRBC {r.counts.nrbc} (no white cell to count them per 100), " if r.counts.nrbc else "")
     lines = [
         f"field {r.source.frame_id if r.source else r.report_id}: RBC {r.counts.rbc}, WBC {r.counts.wbc}, "
         f"{nrbc}platelets {r.counts.platelet}  (scale {r.scale.microns_per_pixel:.4f} um/px, "
