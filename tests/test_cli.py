@@ -712,3 +712,22 @@ def test_the_summary_names_nucleated_red_cells_in_a_field_of_no_white_cell():
         "scale": ScaleInfo(microns_per_pixel=0.1, method="given", canonical_microns_per_pixel=0.2)})
     first = summarize(report).splitlines()[0]
     assert ": RBC 400, WBC 0, NRBC 2 (no white cell to count them per 100), platelets 30  (" in first, first
+
+
+def test_the_summary_says_a_red_cell_finding_too_few_for_a_tenth_of_a_percent_as_such():
+    """The RBC line lists the findings some cell was given, each as a share to one decimal and no
+    count: 2 schistocytes of 8000 red cells (0.03 %) read 'schistocyte 0.0%', a finding listed as
+    seen at a share of none. Such a share now reads '<0.1% (2 cells)'; a share of 0.1 % or more as before."""
+    from test_fhir import graded_report
+
+    from smearscope.cli.summary import summarize
+    from smearscope.service.analysis.report import ClassShare, Counts
+
+    report = graded_report().model_copy(update={
+        "counts": Counts(rbc=8000, wbc=110, platelet=80),
+        "rbc_morphology": [ClassShare(label="normal", count=7990, percent=99.88),
+                           ClassShare(label="target", count=8, percent=0.1),
+                           ClassShare(label="schistocyte", count=2, percent=0.03, grade="none")]})
+    line = next(x for x in summarize(report).splitlines() if x.startswith("  RBC: "))
+    assert "schistocyte <0.1% (2 cells)" in line and "target 0.1%," in line, line
+    assert "0.0%" not in line, line

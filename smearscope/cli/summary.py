@@ -45,6 +45,15 @@ def _unassessed_line(report: Report, rows: list[ClassShare], doubted: bool) -> s
             "left out of the shares above)")
 
 
+def _percent_text(share: ClassShare) -> str:
+    """A share to one decimal; one some cell was given that rounds to 0.0 says it is under a tenth of a
+    percent and of how many cells, where '0.0%' would read as none seen."""
+    text = f"{share.percent:.1f}%"
+    if share.count and text == "0.0%":
+        return f"<0.1% ({share.count} cell{'s' if share.count > 1 else ''})"
+    return text
+
+
 #: Where a field's scale came from, in words (service.analysis.report.ScaleInfo.method).
 SCALE_SOURCE = {"given": "calibrated", "rbc_size_classical": "estimated from the red cells",
                 "rbc_size_detection": "estimated from the red cells",
@@ -83,7 +92,7 @@ def summarize(report: Report) -> str:
     of = {s.label: f" of {s.of_cells} RBC" for s in shares if s.of_cells is not None and s.of_cells != base}
     if shown:
         notes = {**unsure, **graded}
-        line = "  RBC: " + ", ".join(f"{s.label} {s.percent:.1f}%" + of.get(s.label, "")
+        line = "  RBC: " + ", ".join(f"{s.label} {_percent_text(s)}" + of.get(s.label, "")
                                      + (f" ({notes[s.label]})" if s.label in notes else "") for s in shown)
         # the rows left out, counted: the printed shares then sum to less than 100 % for a reason
         hidden = [s for s in shares if s not in shown]
