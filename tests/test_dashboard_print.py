@@ -455,3 +455,38 @@ def test_a_differential_of_too_few_white_cells_says_so_above_its_table(
             assert shown() == want, shown()
         finally:
             driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_the_red_cells_size_reads_as_smearscope_analyze_prints_it_at_an_exact_tie(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """The report keeps red-cell diameters to 0.001 um, so a mean of 7.250 um is an exact tie at one
+    decimal: `smearscope analyze` prints it '7.2 um' (Python's rounding, to the even digit), and the
+    dashboard's scale line said '7.3 µm' (toFixed, up) for the same report, on screen and on paper.
+    Its sizes now round as its shares do, as the summary prints them."""
+    from selenium.webdriver.common.by import By
+
+    from smearscope.cli.summary import summarize
+    from smearscope.service.analysis.report import ScaleInfo, SizeStats
+
+    size = SizeStats(n=200, mean_diameter_um=7.25, sd_um=0.75, cv_percent=10.25, median_diameter_um=6.25)
+    report = _specimen("ward-t", "run-t", [], time.time()).model_copy(update={"rbc_size": size})
+    scaled = report.model_copy(update={"scale": ScaleInfo(microns_per_pixel=0.1, method="given",
+                                                          canonical_microns_per_pixel=0.2)})
+    assert "RBC diameter 7.2 um (CV 10.2%, n=200)" in summarize(scaled), summarize(scaled)
+    want = ("Scale: calibrated · red-cell diameter mean 7.2 µm, SD 0.8 µm, median 6.2 µm, 200 cells sized; "
+            "CV of diameters 10.2 % (not an RDW)")
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        send("smearscope/ward-t/run", json.dumps(_closed_run_state(report)))
+        driver.get(url)
+        _wait("the run", lambda: driver.find_elements(By.CSS_SELECTOR, "[data-station='ward-t'][data-run-id='run-t']"),
+              20, [log])
+        line = lambda: driver.find_element(By.CSS_SELECTOR, "[data-station='ward-t'] .size-line").text
+        assert line() == want, line()
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+        try:
+            assert line() == want, line()
+        finally:
+            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})

@@ -40,7 +40,7 @@ function sizeText(r) {
     ? "Scale: calibrated on some fields, estimated on others (sizes from the calibrated fields' red cells)"
     : "Scale: calibrated";
   if (!s.n || typeof s.mean_diameter_um !== "number") return scale + "; no whole red cell to size";
-  const um = (v) => typeof v === "number" ? v.toFixed(1) + " µm" : "–";
+  const um = (v) => typeof v === "number" ? tenth(v) + " µm" : "–";  // 7.250 reads 7.2, as analyze prints it
   return scale + " · red-cell diameter mean " + um(s.mean_diameter_um) + ", SD " + um(s.sd_um) + ", median " +
     um(s.median_diameter_um) + ", " + s.n + " cells sized" +
     (typeof s.cv_percent === "number" ? "; CV of diameters " + tenth(s.cv_percent) + " % (not an RDW)" : "");
