@@ -411,3 +411,38 @@ def test_a_stop_whose_hold_is_not_decided_yet_is_said_in_its_own_colour_not_as_h
         assert state().text == "run 6a6a6a6a stopped: 2 fields, 9 of 100 WBC — " + undecided, state().text
         assert state().get_attribute("data-state") == "undecided"
         assert state().value_of_css_property("color") == "rgba(138, 90, 0, 1)"
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_stop_whose_end_was_not_kept_is_said_in_red_though_its_hold_is_not_decided_yet(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """A stop answered before the station's first broker connection settled (`held`: null) whose end
+    the outbox file also refused to keep (a full disk: `kept` false) carries both messages in one;
+    the not-decided amber then said the disk's refusal in the colour of 'the report may well be
+    sent'. It reads in the red of a stop whose end was not kept."""
+    from selenium.webdriver.common.keys import Keys
+
+    with _run_control_page(tmp_path, ws_broker) as (_driver, send, log, _url, inside, sent):
+        _wait("the form", lambda: inside(".specimen-id").is_displayed(), 20, [log])
+        inside(".specimen-id").send_keys("H-8", Keys.ENTER)
+        _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
+        _answer(send, "start_run", {"ok": True, "run_id": "7b7b7b7b-eeee", "target_wbc": 100, "specimen_id": "H-8"},
+                sent("start_run")[0].correlation_data)
+        _wait("Stop run", lambda: inside(".stop-run").is_displayed(), 20, [log])
+        inside(".stop-run").click()
+        inside(".stop-run").click()
+        _wait("stop_run sent", lambda: len(sent("stop_run")) == 1, 20, [log])
+        told = ("the run's report is stored at the station; whether it is held there is not decided yet: the "
+                "station has not compared its state with the run state the broker keeps the run's end could not "
+                "be kept in the outbox file (see the station's log): its report is sent under r7 unless the station "
+                "stops before storing it; a start after that reports the run under another id")
+        _answer(send, "stop_run", {"ok": True, "run_id": "7b7b7b7b-eeee", "fields": 2, "classified_wbc": 9,
+                                   "target_wbc": 100, "complete": False, "report_id": "r7", "kept": False,
+                                   "held": None, "hold_decided": False, "message": told},
+                sent("stop_run")[0].correlation_data)
+        state = lambda: inside(".run-control-state")
+        _wait("the stop's answer", lambda: state().text.startswith("run 7b7b7b7b stopped"), 20, [log])
+        assert state().text == "run 7b7b7b7b stopped: 2 fields, 9 of 100 WBC — " + told, state().text
+        assert state().get_attribute("data-state") == "held"

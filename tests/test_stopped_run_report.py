@@ -45,7 +45,7 @@ def test_a_station_killed_between_the_stop_run_answer_and_the_store_sends_the_re
         assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/field" for m in ms), 30), first.lines[-20:]
         stopped = _command(sub, "stop_run")
         assert stopped["ok"] and stopped["fields"] == 1 and stopped["report_id"], stopped
-        assert "message" not in stopped  # its end (and report id) was kept
+        assert "message" not in stopped and stopped["kept"] is True  # its end (and report id) was kept
         # the writer tried to store the report and the file refused it: the crash comes in between
         refused = f"outbox write of report report {stopped['report_id']} failed"
         assert wait_until(lambda: any(refused in line for line in list(first.lines)), 15), first.lines[-20:]
@@ -84,7 +84,7 @@ def test_a_stop_whose_end_the_outbox_file_refuses_says_so_in_the_answer(
         cv2.imwrite(str(inbox / "a.png"), render_field(60, width=320, height=240).frame.pixels)
         assert sub.wait_for(lambda ms: any(m.topic == f"{BASE}/field" for m in ms), 30)
         stopped = _command(sub, "stop_run")
-        assert stopped["ok"] and stopped["report_id"], stopped
+        assert stopped["ok"] and stopped["report_id"] and stopped["kept"] is False, stopped
         assert stopped["message"] == (
             "the run's end could not be kept in the outbox file (see the station's log): its report is sent under "
             f"{stopped['report_id']} unless the station stops before storing it; a start after that reports the run "

@@ -292,6 +292,8 @@ class StationCommands:
         answer = {"ok": True, "run_id": closed.run_id, "fields": closed.fields,
                   "classified_wbc": closed.classified_wbc, "target_wbc": closed.target_wbc,
                   "complete": closed.complete, "report_id": report_id}
+        if report_id is not None:  # its end (and report id) kept in the outbox file, or not (a full disk)
+            answer["kept"] = kept
         if not kept:  # after the held message, if any (_held_after_stop)
             answer["message"] = (f"the run's end could not be kept in the outbox file (see the station's log): its "
                                  f"report is sent under {report_id} unless the station stops before storing it; a "

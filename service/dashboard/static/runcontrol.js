@@ -191,9 +191,10 @@ function runControlAnswer(st, name, msg, correlation) {
     // said until another run is the card's (started elsewhere or by its first field, or the run
     // state cleared): the stopped run's closed state, or the run shown when the answer came, keep it
     // a message on an ok answer: the run's end could not be kept (a full disk), or its report held at
-    // the station, said in red beside it; `held` null (the station's hold not decided yet): said in amber
+    // the station, said in red beside it; `held` null (the station's hold not decided yet): said in amber,
+    // unless the end was not kept too (`kept` false: one message says both)
     const told = typeof msg.message === "string" && msg.message ? " — " + msg.message : "";
-    controlState(st, msg.held === null ? "undecided" : told ? "held" : "saved", "run " + String(msg.run_id).slice(0, 8) + " stopped: " + msg.fields +
+    controlState(st, msg.held === null && msg.kept !== false ? "undecided" : told ? "held" : "saved", "run " + String(msg.run_id).slice(0, 8) + " stopped: " + msg.fields +
       (msg.fields === 1 ? " field" : " fields") + ", " + msg.classified_wbc + " of " + msg.target_wbc + " WBC" + told,
       "", [String(msg.run_id), shownRunId(st)]);
     renderRunControl(st);  // the next specimen can be started now
