@@ -731,3 +731,22 @@ def test_the_summary_says_a_red_cell_finding_too_few_for_a_tenth_of_a_percent_as
     line = next(x for x in summarize(report).splitlines() if x.startswith("  RBC: "))
     assert "schistocyte <0.1% (2 cells)" in line and "target 0.1%," in line, line
     assert "0.0%" not in line, line
+
+
+def test_the_summary_says_rows_not_shown_under_a_tenth_of_a_percent_together_as_such():
+    """Past six findings the RBC line counts the rows it leaves out with their share together: two
+    of 1 and 2 cells in 8000 red cells read '2 more rows not shown (0.0% together ...)', rows some
+    cell was given at a share of none. It now reads '<0.1% together, 3 cells'."""
+    from test_fhir import graded_report
+
+    from smearscope.cli.summary import summarize
+    from smearscope.service.analysis.report import ClassShare, Counts
+
+    seen = [("normal", 7800), ("target", 60), ("stomatocyte", 50), ("ovalocyte", 40), ("burr", 30), ("teardrop", 17)]
+    report = graded_report().model_copy(update={
+        "counts": Counts(rbc=8000, wbc=110, platelet=80),
+        "rbc_morphology": [ClassShare(label=label, count=n, percent=round(100 * n / 8000, 2)) for label, n in seen]
+        + [ClassShare(label="elliptocyte", count=2, percent=0.03), ClassShare(label="other_poikilocyte", count=1,
+                                                                             percent=0.01)]})
+    line = next(x for x in summarize(report).splitlines() if x.startswith("  RBC: "))
+    assert "; 2 more rows not shown (<0.1% together, 3 cells, --json lists every row)" in line, line

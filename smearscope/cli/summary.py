@@ -54,6 +54,15 @@ def _percent_text(share: ClassShare) -> str:
     return text
 
 
+def _together_text(hidden: list[ClassShare]) -> str:
+    """The share of the rows left out, together; under a tenth of a percent with their cells, as a row's."""
+    text = f"{sum(s.percent for s in hidden):.1f}% together"
+    if text.startswith("0.0%"):
+        n = sum(s.count for s in hidden)
+        return f"<0.1% together, {n} cell{'s' if n > 1 else ''}"
+    return text
+
+
 #: Where a field's scale came from, in words (service.analysis.report.ScaleInfo.method).
 SCALE_SOURCE = {"given": "calibrated", "rbc_size_classical": "estimated from the red cells",
                 "rbc_size_detection": "estimated from the red cells",
@@ -98,7 +107,7 @@ def summarize(report: Report) -> str:
         hidden = [s for s in shares if s not in shown]
         if hidden:
             line += (f"; {len(hidden)} more row{'s' if len(hidden) > 1 else ''} not shown "
-                     f"({sum(s.percent for s in hidden):.1f}% together, --json lists every row)")
+                     f"({_together_text(hidden)}, --json lists every row)")
         lines.append(line)
     unassessed = [s for s in rows if not report_view.assessable(r, s)]
     blurred = [s.label for s in rows if report_view.out_of_focus(r, s)]
