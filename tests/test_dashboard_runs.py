@@ -435,7 +435,7 @@ def test_a_stop_whose_end_was_not_kept_is_said_in_red_though_its_hold_is_not_dec
         inside(".stop-run").click()
         _wait("stop_run sent", lambda: len(sent("stop_run")) == 1, 20, [log])
         told = ("the run's report is stored at the station; whether it is held there is not decided yet: the "
-                "station has not compared its state with the run state the broker keeps the run's end could not "
+                "station has not compared its state with the run state the broker keeps. The run's end could not "
                 "be kept in the outbox file (see the station's log): its report is sent under r7 unless the station "
                 "stops before storing it; a start after that reports the run under another id")
         _answer(send, "stop_run", {"ok": True, "run_id": "7b7b7b7b-eeee", "fields": 2, "classified_wbc": 9,

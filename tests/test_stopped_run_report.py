@@ -95,3 +95,32 @@ def test_a_stop_whose_end_the_outbox_file_refuses_says_so_in_the_answer(
         sub.close()
     (report,) = envelopes(sub, f"{BASE}/report")
     assert report["report_id"] == stopped["report_id"]
+
+
+def test_a_stop_not_kept_before_the_hold_is_decided_says_both_apart(
+    tmp_path: Path, credentials_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stop answered before the station's first broker connection settled (mosquitto not started
+    on its port: `held` null) whose end the outbox file refuses (a full disk: `kept` false) carries
+    both messages in one; they were joined by a space, so the hold's message ran on into the disk's
+    ('... otherwise it is sent the run's end could not be kept ...'). They read as two sentences."""
+    from smearscope.service.station import commands
+
+    monkeypatch.setattr(commands, "HOLD_DECISION_WAIT_S", 0.5)  # the broker never comes: not decided
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)  # its ports picked, nothing listening
+    config, inbox = _station(tmp_path, broker)
+    refusing_outbox(config, "CREATE TRIGGER refuse_ends BEFORE INSERT ON ending_runs "
+                            "BEGIN SELECT RAISE(ABORT, 'test: the file refuses the end'); END")
+    daemon, runner = start_daemon(config)
+    try:
+        assert daemon.handle_command("start_run", {})["ok"]
+        cv2.imwrite(str(inbox / "a.png"), render_field(60, width=320, height=240).frame.pixels)
+        assert wait_until(lambda: (p := daemon.tracker.progress()) is not None and p.fields == 1, 30)
+        stopped = dict(daemon.handle_command("stop_run", {}))
+    finally:
+        stop_daemon(daemon, runner)
+    assert stopped["ok"] and stopped["held"] is None and stopped["kept"] is False, stopped
+    hold, end = stopped["message"].split(". The run's end ")
+    assert hold.startswith("the run's report is stored at the station; whether it is held there is not decided yet")
+    assert hold.endswith("otherwise it is sent"), hold
+    assert end.startswith("could not be kept in the outbox file (see the station's log)"), end

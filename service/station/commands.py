@@ -309,6 +309,7 @@ class StationCommands:
         answer = dict(answer)
         not_kept = answer.pop("message", None)
         self._say_held(answer, answer["run_id"], "the run's report")
-        if not_kept is not None:
-            answer["message"] = " ".join(filter(None, (answer.get("message"), not_kept)))
+        if not_kept is not None:  # a sentence apart from the hold's message, if any
+            held = answer.get("message")
+            answer["message"] = f"{held}. {not_kept[:1].upper()}{not_kept[1:]}" if held else not_kept
         return answer
