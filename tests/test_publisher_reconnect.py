@@ -74,7 +74,7 @@ def test_a_port_that_never_answers_after_a_refusal_is_said_once(
     """mosquitto refuses the station's password; then its port takes connections and never answers
     (a hung broker). The attempts without a CONNACK were not said at all until a connection was made,
     as the state still said "refused": the journal's last word was the refusal, true no longer. The
-    refusal coming back after that is not said again within 10 minutes (connection_events.RESAY_S)."""
+    refusal coming back after that is not said again within 10 minutes (failure_news.RESAY_S)."""
     (credentials_dir / "mqtt-password").chmod(0o600)
     (credentials_dir / "mqtt-password").write_text("not-the-password\n")
     broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)

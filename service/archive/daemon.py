@@ -38,6 +38,7 @@ from smearscope.service.archive.message import (
 from smearscope.service.archive.store import ArchiveStore, OutsideArchive, Stored
 from smearscope.service.config.archive import ArchiveConfig
 from smearscope.service.hl7 import mllp
+from smearscope.service.mqtt.failure_news import RESAY_S, FailureNews, said_length
 from smearscope.service.mqtt.paho_client import LOGIN_REFUSED, configured_client, paho_log_level
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class ArchiveDaemon:
         self._connected = False
         self._connected_at = 0.0
         self._short_connections = 0  # lost within SHORT_CONNECTION_S of opening, in a row
+        #: the broker out of reach: said once per outage, again at most every RESAY_S (the station's rule)
+        self._failure_news = FailureNews()
         self._had_reports = self.store.report_count() > 0
         self.counts = {"stored": 0, "duplicates": 0, "refused": 0, "dropped": 0, "retried": 0}
         self._dropping = False  # QoS 0 messages being dropped for want of room (said once per spell)
@@ -123,6 +126,8 @@ class ArchiveDaemon:
             return
         self._connected = True
         self._connected_at = time.monotonic()
+        if (outage := self._failure_news.ended()) is not None:
+            logger.info("broker %s reachable again after %s", self.config.mqtt.address, said_length(outage))
         present = bool(flags.session_present)
         logger.info("connected to broker %s as %s (session %s)", self.config.mqtt.address, self.client_id,
                     "resumed" if present else "new")
@@ -140,8 +145,15 @@ class ArchiveDaemon:
         if isinstance(exc, ssl.SSLCertVerificationError) and self.config.mqtt.tls is not None:
             hint = (f": the broker's certificate is not signed by the CA in --ca-file {self.config.mqtt.tls.ca_file}, "
                     f"or does not name {self.config.mqtt.host!r}")
-        logger.warning("cannot reach broker %s (%s)%s; retrying with backoff up to %d s", self.config.mqtt.address,
-                       reason, hint, self.config.mqtt.reconnect_max_delay_s)
+        failure = (f"cannot reach broker {self.config.mqtt.address} ({reason}){hint}; retrying with backoff up to "
+                   f"{self.config.mqtt.reconnect_max_delay_s} s")
+        # once per outage, then at most every RESAY_S with its length: an offline lab's journal stays readable
+        if not self._failure_news.news(failure):
+            logger.debug("%s", failure)
+            return
+        outage = self._failure_news.outage_s()
+        logger.warning("%s%s", failure, f" (out of reach for {said_length(outage)}; said again at most every "
+                       f"{RESAY_S / 60:.0f} min)" if outage >= 1 else "")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:

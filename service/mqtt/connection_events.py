@@ -6,7 +6,7 @@ An accepted CONNACK sets the in-flight window and packet limit the broker allows
 unacknowledged messages back to the outbox (re-sent in order by the drain loop), publishes the
 retained "online" and subscribes to the commands. A refusal is logged with its reason code (once while
 it repeats) and kept in the publisher's state; a refused MQTT 5 falls back to 3.1.1 when the protocol
-is "auto". Each failure is said once while it repeats, and at most once per `RESAY_S` while failures
+is "auto". Each failure is said once while it repeats, and at most once per `RESAY_S` (service.mqtt.failure_news) while failures
 alternate (a refusal, then no CONNACK at all, ...), until a connection is made.
 """
 
@@ -28,6 +28,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from smearscope.service.config.mqtt import MqttConfig
 from smearscope.service.mqtt import paho_client
 from smearscope.service.mqtt.echo_watch import EchoWatch
+from smearscope.service.mqtt.failure_news import FailureNews
 from smearscope.service.mqtt.inflight import InFlight
 from smearscope.service.mqtt.run_watch import RunStateWatch
 from smearscope.service.mqtt.state import PublisherState
@@ -41,8 +42,6 @@ _UNSUPPORTED_PROTOCOL_VERSION = 0x84
 _RESERVED_SLOTS = 4
 #: A connection the broker closes within this long counts toward the duplicate-client-id hint.
 _SHORT_LIVED_S = 5.0
-#: A failure said (WARNING or ERROR) is said again after this long at the soonest while none succeeds.
-RESAY_S = 600.0
 
 
 class ConnectionEvents:
@@ -67,7 +66,7 @@ class ConnectionEvents:
     _stopping: bool
     _socket_error: str | None
     _connack_refused: bool
-    _failures_said: dict[str, float]
+    _failure_news: FailureNews
     _wake: threading.Event
     _telemetry_now: threading.Event
     _inflight: InFlight
@@ -113,7 +112,7 @@ class ConnectionEvents:
         # its own messages back; acknowledgements of the connection before are not waited on
         self.echo.connected(client, v311, connection)
         self._connected_at = time.monotonic()
-        self._failures_said.clear()  # the next outage is news
+        self._failure_news.ended()  # the next outage is news
         with self._state_lock:
             self._epoch += 1
             self._packet_limit = limit
@@ -167,13 +166,9 @@ class ConnectionEvents:
             self._state = replace(self._state, status="disconnected", last_error=message, last_reason_code=None)
 
     def _news(self, message: str, repeated: bool) -> bool:
-        """Whether a failure is said (not DEBUG): not the one said last, nor said within RESAY_S."""
-        now = time.monotonic()
-        said_at = self._failures_said.get(message)
-        if repeated or (said_at is not None and now - said_at < RESAY_S):
-            return False
-        self._failures_said[message] = now
-        return True
+        """Whether a failure is said (not DEBUG): not the one said last, nor said within RESAY_S
+        (service.mqtt.failure_news, the archive's rule too)."""
+        return self._failure_news.news(message, repeated)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags, reason_code: ReasonCode,
                        properties: Properties | None) -> None:

@@ -47,6 +47,7 @@ from smearscope.service.mqtt.envelope import (
     response_body,
     response_properties,
 )
+from smearscope.service.mqtt.failure_news import FailureNews
 from smearscope.service.mqtt.inflight import InFlight
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, StateWriter
 from smearscope.service.mqtt.paho_client import configured_client, paho_log_level, publish_waiting
@@ -126,7 +127,7 @@ class MqttPublisher(ConnectionEvents):
         self._connack_refused = False  # this attempt's CONNACK refused (paho thread only)
         self._client_password: str | None = None  # the password and renewed TLS context the client has
         self._client_context: ssl.SSLContext | None = None
-        self._failures_said: dict[str, float] = {}  # failure -> when said (connection_events.RESAY_S)
+        self._failure_news = FailureNews()  # which failures are said (service.mqtt.failure_news)
         self._wake = threading.Event()
         self._telemetry_now = threading.Event()  # a (re)connection: the station's state at once, not a period later
         self._stop_workers = threading.Event()

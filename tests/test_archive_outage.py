@@ -1,0 +1,40 @@
+"""`smearscope archive` in an offline lab: a broker out of reach for many retries is said once per
+outage at WARNING (each retry at DEBUG), and its end once, with its length, as the station says its
+own (service.mqtt.failure_news): a journal kept for days is not flooded."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, wait_until
+from test_archive import REPO, Archive
+
+pytestmark = pytest.mark.broker
+
+
+def _lines(text: str, words: str) -> list[str]:
+    return [line for line in text.splitlines() if words in line]
+
+
+def test_a_broker_out_of_reach_for_many_retries_is_said_once_and_its_return_once(tmp_path: Path) -> None:
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)  # its port chosen, nothing listening there yet
+    archive = Archive(tmp_path, broker.port, tmp_path / "archive")
+    archive.argv[archive.argv.index("--log-level") + 1] = "DEBUG"  # each retry, to count them
+    try:
+        with open(archive.log, "ab") as out:
+            archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        tries = lambda: _lines(archive.text(), f"cannot reach broker 127.0.0.1:{broker.port}")
+        assert wait_until(lambda: len(tries()) >= 4, 60), archive.text()[-3000:]  # backoff 1, 2, 4 s ...
+        said = [line for line in tries() if " DEBUG " not in line]
+        assert len(said) == 1 and " WARNING " in said[0], said
+        assert "ConnectionRefusedError" in said[0], said[0]
+        broker.start()
+        assert wait_until(lambda: "connected to broker" in archive.text(), 90), archive.text()[-3000:]
+        back = _lines(archive.text(), f"broker 127.0.0.1:{broker.port} reachable again after ")
+        assert len(back) == 1 and " INFO " in back[0], archive.text()[-3000:]
+        assert len([line for line in tries() if " DEBUG " not in line]) == 1, tries()
+    finally:
+        archive.stop()
+        broker.stop()
