@@ -619,3 +619,55 @@ def test_install_models_to_a_file_says_it_is_a_file(tmp_path: Path, capsys: pyte
     assert main(["install-models", str(dest)]) == 1
     assert capsys.readouterr().out.strip() == (f"smearscope install-models: cannot write the models to {dest}: "
                                                "it is a file, not a folder")
+
+
+def test_doctor_names_the_runs_the_outbox_holds_since_when_their_reports_and_what_releases_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """An outbox file where earlier starts held run r-0 two days ago (the broker showed it closed at 9
+    fields, the state held 4) with two of its specimen reports and a FHIR Bundle waiting, and r-1 an
+    hour ago (the broker showed a later run, r-9): one `held run` line each, WARN for the one held
+    over a day, INFO for the other, each with its reports counted and the words the station's own
+    WARNING says at its start (read from the same file by the station's run watch)."""
+    import json
+    import logging
+    import time
+
+    from smearscope.service.config import load_config
+    from smearscope.service.mqtt.outbox import NewMessage, Outbox
+    from smearscope.service.mqtt.run_watch import HELD_AFTER_TABLE, HELD_TABLE, RunStateWatch
+
+    config = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": 1, "protocol": "3.1.1",
+                                  "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}})
+    base = "smearscope/doc-9"
+    now = time.time()
+
+    def report(report_id: str, run_id: str) -> NewMessage:
+        body = {"report_id": report_id, "kind": "specimen", "run_id": run_id}
+        return NewMessage("report", f"{base}/report", json.dumps({"report_id": report_id, "body": body}).encode(),
+                          report_id, "1.2")
+
+    with Outbox.from_config(load_config(config).mqtt.outbox) as box:
+        box.put_many([report("rep-a", "r-0"), report("rep-b", "r-0"), report("rep-c", "r-5"),
+                      NewMessage("report", f"{base}/fhir", b"{}", "rep-a", "4.0.1")])
+        box.write(lambda conn: (conn.execute(HELD_TABLE), conn.execute(HELD_AFTER_TABLE),
+                                conn.execute("INSERT INTO held_runs VALUES ('r-0', 'closed', 9, 4, ?)", (now - 2 * 86400,)),
+                                conn.execute("INSERT INTO held_runs VALUES ('r-1', 'open', 4, 3, ?)", (now - 3600,)),
+                                conn.execute("INSERT INTO held_runs_after VALUES ('r-1', 'r-9')")))
+        with caplog.at_level(logging.WARNING, logger="smearscope"):
+            RunStateWatch("doc-9", f"{base}/run", store=box)
+    station_said = {r.getMessage().split("'s run states")[0].removeprefix("run "): r.getMessage()
+                    for r in caplog.records if "are held in the outbox since" in r.getMessage()}
+    assert set(station_said) == {"r-0", "r-1"}, caplog.text
+    main(["doctor", "--no-wait", "--config", str(config)])
+    held = _lines(capsys.readouterr().out, "held run")
+    assert len(held) == 2, held
+    assert held[0].startswith("WARN  held run         2 specimen reports of it in the outbox (with their FHIR "
+                              "Bundles), held 2.0 days; run r-0's run states"), held[0]
+    assert station_said["r-0"] in held[0] and "the broker showed that run closed with 9 fields" in held[0]
+    assert held[1].startswith("INFO  held run         0 specimen reports of it in the outbox (with their FHIR "
+                              "Bundles), held 0.0 days; run r-1's run states"), held[1]
+    assert station_said["r-1"] in held[1] and "a later run, r-9 (open, 4 fields)" in held[1]
+    for line in held:
+        assert f"mosquitto_pub -r -n -t {base}/run, then start the station again" in line
+        assert f"Under MQTT 3.1.1 (mqtt.protocol) a start that hears no retained run state sends them once its own " \
+               f"run state comes back on {base}/run" in line

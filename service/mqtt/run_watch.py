@@ -64,6 +64,20 @@ HELD_TABLE = ("CREATE TABLE IF NOT EXISTS held_runs (run_id TEXT PRIMARY KEY, br
 HELD_AFTER_TABLE = "CREATE TABLE IF NOT EXISTS held_runs_after (run_id TEXT PRIMARY KEY, later_run TEXT NOT NULL)"
 
 
+def held_said(run_id: str, held_at: float, held: tuple[str, int, int], later: str | None, topic: str) -> str:
+    """What a start says of a run an earlier start held (at WARNING), and `smearscope doctor` of the
+    outbox file: since when, what the broker showed (`held`: its state, its fields, the station's;
+    `later`: the later run it showed, if that was why) and what releases it."""
+    state, broker_fields, own_fields = held
+    shown = (f"a later run, {later} ({state}, {broker_fields} fields), that this station's state does not hold, "
+             f"where it held this one open with {own_fields}" if later is not None else
+             f"that run {state} with {broker_fields} fields where this station's state holds {own_fields}")
+    return (f"run {run_id}'s run states, specimen report and FHIR Bundle are held in the outbox since "
+            f"{datetime.fromtimestamp(held_at, timezone.utc).isoformat(timespec='seconds')}: the broker showed {shown}. "
+            "They are sent once a start finds no retained run state on the broker (mosquitto_pub -r -n -t "
+            f"{topic}, then start the station again; docs/STATION.md)")
+
+
 class RunStateWatch:
     """The broker's retained run state, compared once with the runs the station's own state holds."""
 
@@ -395,15 +409,10 @@ class RunStateWatch:
         for run_id, state, broker_fields, own_fields, held_at in held_rows:
             self.held[run_id] = (state, broker_fields, own_fields)
             self._kept.add(run_id)
-            shown = (f"a later run, {after[run_id]} ({state}, {broker_fields} fields), that this station's state does "
-                     f"not hold, where it held this one open with {own_fields}" if run_id in after else
-                     f"that run {state} with {broker_fields} fields where this station's state holds {own_fields}")
             if run_id in after:
                 self.held_after[run_id] = after[run_id]
-            logger.warning("run %s's run states, specimen report and FHIR Bundle are held in the outbox since %s: the "
-                           "broker showed %s. They are sent once a start finds no retained run state on the broker "
-                           "(mosquitto_pub -r -n -t %s, then start the station again; docs/STATION.md)", run_id,
-                           datetime.fromtimestamp(held_at, timezone.utc).isoformat(timespec="seconds"), shown, self.topic)
+            logger.warning("%s", held_said(run_id, held_at, (state, broker_fields, own_fields), after.get(run_id),
+                                           self.topic))
 
     def held_why(self, run_id: str) -> str:
         """Why run `run_id` is held, for a command's answer."""

@@ -322,7 +322,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from smearscope.cli.doctor_camera import camera_checks
     from smearscope.cli.doctor_engines import engine_checks
     from smearscope.cli.doctor_memory import memory_checks
-    from smearscope.cli.doctor_outbox import look_at_outbox
+    from smearscope.cli.doctor_outbox import held_run_checks, look_at_outbox
     from smearscope.cli.doctor_parked import parked_checks
     from smearscope.service.mqtt.wall_clock import clock_before_release, clock_reading
     from smearscope.service.station.scale_record import scale_checks
@@ -346,7 +346,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             lambda: _backend_checks(analysis.engine_backend), lambda: engine_checks(analysis),
             lambda: camera_checks(config.source), lambda: scale_checks(config),  # type: ignore[attr-defined]
             lambda: memory_checks(config, args.unit),
-            lambda: _outbox_checks(mqtt.outbox.path, outbox(), review_free), lambda: review_file_checks(config),
+            lambda: _outbox_checks(mqtt.outbox.path, outbox(), review_free),
+            lambda: held_run_checks(outbox(), f"{mqtt.topic_prefix}/{config.station_id}/run",  # type: ignore[attr-defined]
+                                    mqtt.protocol),
+            lambda: review_file_checks(config),
             lambda: _credential_checks(mqtt), lambda: broker_checks(mqtt, config_path=args.config),
             lambda: parked_checks(config, waiting if args.wait else None, station_runs=outbox().held)]
         for step in steps:

@@ -1,15 +1,39 @@
-"""`smearscope doctor`'s one open of the station's outbox file: its counts for the outbox line, or
-that a running station holds it (each open beside one waits out the station's lock), which also
-decides whether the parked line (smearscope.cli.doctor_parked) is said."""
+"""`smearscope doctor`'s one open of the station's outbox file: its counts for the outbox line, the
+runs an earlier start held there (service.mqtt.run_watch: a restored older state the broker showed
+further along) for the held-runs line, or that a running station holds it (each open beside one
+waits out the station's lock), which also decides whether the parked line
+(smearscope.cli.doctor_parked) is said."""
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from smearscope.service.mqtt.outbox import OutboxCounts
+
+#: smearscope.cli.doctor's (status, what, detail).
+Check = tuple[str, str, str]
+#: A run held longer than this (s) is a WARN: reports a clinic has been without for a day.
+HELD_LONG_S = 86_400.0
+
+
+@dataclass(frozen=True)
+class HeldRun:
+    """A run whose messages the station holds (the outbox file's held_runs): since `held_at` (Unix
+    time), what the broker showed (`broker_state`, `broker_fields`; `later_run` where it showed a
+    later run), the station's `own_fields`, and the specimen reports of it in the outbox."""
+
+    run_id: str
+    held_at: float
+    broker_state: str
+    broker_fields: int
+    own_fields: int
+    later_run: str | None
+    reports: int
 
 
 @dataclass(frozen=True)
@@ -21,6 +45,7 @@ class OutboxLook:
     counts: OutboxCounts | None = None
     held: bool = False
     error: Exception | None = None
+    held_runs: tuple[HeldRun, ...] = ()
 
 
 def look_at_outbox(path: Path) -> OutboxLook:
@@ -31,8 +56,54 @@ def look_at_outbox(path: Path) -> OutboxLook:
         return OutboxLook(exists=False)
     try:
         with Outbox(path) as box:
-            return OutboxLook(exists=True, counts=box.counts())
+            return OutboxLook(exists=True, counts=box.counts(), held_runs=box.read(_held_runs))
     except OutboxLockedError:
         return OutboxLook(exists=True, held=True)
     except Exception as exc:  # noqa: BLE001 - the outbox line says what is wrong with the file
         return OutboxLook(exists=True, error=exc)
+
+
+def _held_runs(conn: Any) -> tuple[HeldRun, ...]:
+    """The runs the outbox file holds, each with its specimen reports there (not their FHIR Bundles)."""
+    tables = {t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "held_runs" not in tables:
+        return ()
+    after = (dict(conn.execute("SELECT run_id, later_run FROM held_runs_after").fetchall())
+             if "held_runs_after" in tables else {})
+    rows = conn.execute("SELECT run_id, broker_state, broker_fields, own_fields, held_at FROM held_runs "
+                        "ORDER BY held_at, run_id").fetchall()
+    reports: dict[str, int] = {}
+    for topic, payload in conn.execute("SELECT topic, payload FROM outbox WHERE kind = 'report'"):
+        if not topic.endswith("/report"):
+            continue  # a FHIR Bundle: counted with its report
+        try:
+            body = json.loads(payload).get("body")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(body, dict) and isinstance(body.get("run_id"), str):
+            reports[body["run_id"]] = reports.get(body["run_id"], 0) + 1
+    return tuple(HeldRun(run_id, held_at, state, broker_fields, own_fields, after.get(run_id), reports.get(run_id, 0))
+                 for run_id, state, broker_fields, own_fields, held_at in rows)
+
+
+def held_run_checks(look: OutboxLook, run_topic: str, protocol: str, now: float | None = None) -> list[Check]:
+    """One line per run the outbox file holds (none where it holds none, or where a running station
+    holds the file: its start said them at WARNING): INFO, WARN once held longer than HELD_LONG_S.
+    Under MQTT 3.1.1 a start that hears no retained run state sends them only once its own run state
+    comes back on `run_topic` (service.mqtt.run_watch): said too."""
+    from smearscope.service.mqtt.run_watch import held_said
+
+    now = time.time() if now is None else now
+    checks: list[Check] = []
+    for run in look.held_runs:
+        days = (now - run.held_at) / 86_400
+        reports = f"{run.reports} specimen report{'' if run.reports == 1 else 's'}"
+        text = (f"{reports} of it in the outbox (with their FHIR Bundles), held {days:.1f} days; "
+                + held_said(run.run_id, run.held_at, (run.broker_state, run.broker_fields, run.own_fields),
+                            run.later_run, run_topic))
+        if protocol == "3.1.1":
+            text += (f". Under MQTT 3.1.1 (mqtt.protocol) a start that hears no retained run state sends them once "
+                     f"its own run state comes back on {run_topic}: its account must read that topic "
+                     "(config/mosquitto.acl.example)")
+        checks.append(("WARN" if now - run.held_at > HELD_LONG_S else "INFO", "held run", text))
+    return checks
