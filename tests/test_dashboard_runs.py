@@ -359,7 +359,8 @@ def test_a_signature_whose_hold_is_not_decided_yet_is_said_beside_verify_not_sho
 ) -> None:
     """Verify run answered before the station's first broker connection settled: ok with `held`: null,
     `hold_decided`: false and a message; the line beside Verify says the station's message, in its
-    own colour (neither the sent green nor the held red), not as a signature sent."""
+    own colour (neither the sent green nor the held red), not as a signature sent; the station's
+    telemetry naming another run held (`held_runs`), the line says it verified, as sent."""
 
     with _run_control_page(tmp_path, ws_broker, dashboard_args=()) as (driver, send, log, _url, inside, sent):
         report = _specimen(STATION, "7b1d0c2e-cccc", [], time.time())
@@ -379,6 +380,50 @@ def test_a_signature_whose_hold_is_not_decided_yet_is_said_beside_verify_not_sho
         _wait("the answer", lambda: state().get_attribute("data-state") == "undecided", 20, [log])
         assert state().text == f"verified: 0 typed, 0 reclassified — {undecided}", state().text
         assert state().value_of_css_property("color") == "rgba(138, 90, 0, 1)"
+        # the station's telemetry: not decided yet (null), then the run held: said in red, not sent
+        sample = {"source": "proc", "read_at": time.time(), "interval_s": 30}
+        send(f"{BASE}/telemetry", json.dumps({**sample, "held_runs": None}), retain=False)
+        send(f"{BASE}/telemetry", json.dumps({**sample, "held_runs": ["0000aaaa-other"]}), retain=False)
+        _wait("the sample", lambda: driver.execute_script(
+            "return document.querySelector(arguments[0]).dataset.undecidedRun === undefined;",
+            f"[data-station='{STATION}'] .verify-state"), 20, [log])
+        assert state().get_attribute("data-state") == "saved", state().text  # decided: not held, sent
+        assert state().text == "verified: 0 typed, 0 reclassified", state().text
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_signature_answered_before_the_hold_was_decided_turns_held_when_the_station_says_it_holds_the_run(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """Verify run answered `held`: null; the station's telemetry then says `held_runs` null (still not
+    decided: the line stays amber) and then names the run: the line says it is not sent, in red."""
+
+    with _run_control_page(tmp_path, ws_broker, dashboard_args=()) as (driver, send, log, _url, inside, sent):
+        report = _specimen(STATION, "7b1d0c2e-eeee", [], time.time())
+        send(f"{BASE}/run", json.dumps(_closed_run_state(report)))
+        _wait("the run's Verify", lambda: driver.execute_script(
+            "const n = document.querySelector(arguments[0]); return n !== null && !n.hidden;",
+            f"[data-station='{STATION}'] .verify"), 20, [log])
+        inside(".verify-by").send_keys("AB")
+        inside(".verify-run").click()
+        _wait("verify_run sent", lambda: len(sent("verify_run")) == 1, 20, [log])
+        _answer(send, "verify_run", {"ok": True, "run_id": "7b1d0c2e-eeee", "report_id": "r2", "supersedes": "r1",
+                                     "typed_cells": 0, "reclassified": 0, "left_to_review": 0, "held": None,
+                                     "hold_decided": False, "message": "not decided yet"},
+                sent("verify_run")[0].correlation_data)
+        state = lambda: inside(".verify-state")
+        _wait("the answer", lambda: state().get_attribute("data-state") == "undecided", 20, [log])
+        sample = {"source": "proc", "read_at": time.time(), "interval_s": 30}
+        send(f"{BASE}/telemetry", json.dumps({**sample, "held_runs": None}), retain=False)
+        _wait("the sample", lambda: inside(".telemetry").text != "", 20, [log])
+        time.sleep(0.5)
+        assert state().get_attribute("data-state") == "undecided", state().text
+        send(f"{BASE}/telemetry", json.dumps({**sample, "held_runs": ["7b1d0c2e-eeee"]}), retain=False)
+        _wait("held", lambda: state().get_attribute("data-state") == "held", 20, [log])
+        assert state().text.startswith("verified: 0 typed, 0 reclassified — not sent: the report is held at the "
+                                       "station: the broker shows this run further along"), state().text
+        assert state().value_of_css_property("color") == "rgba(170, 17, 17, 1)"
 
 
 @pytest.mark.broker
@@ -388,7 +433,9 @@ def test_a_stop_whose_hold_is_not_decided_yet_is_said_in_its_own_colour_not_as_h
 ) -> None:
     """Stop run answered before the station's first broker connection settled: ok with `held`: null,
     `hold_decided`: false and the station's message; the run line's answer says that message in the
-    not-decided colour (as beside Verify), not in the held red: the report may well be sent."""
+    not-decided colour (as beside Verify), not in the held red: the report may well be sent. The
+    station's next telemetry sample saying `held_runs` [] (decided, none held), the line says the stop
+    alone, as sent."""
     from selenium.webdriver.common.keys import Keys
 
     with _run_control_page(tmp_path, ws_broker) as (_driver, send, log, _url, inside, sent):
@@ -411,6 +458,10 @@ def test_a_stop_whose_hold_is_not_decided_yet_is_said_in_its_own_colour_not_as_h
         assert state().text == "run 6a6a6a6a stopped: 2 fields, 9 of 100 WBC — " + undecided, state().text
         assert state().get_attribute("data-state") == "undecided"
         assert state().value_of_css_property("color") == "rgba(138, 90, 0, 1)"
+        # the station's next sample says its hold is decided and holds no run: the report is sent
+        send(f"{BASE}/telemetry", json.dumps({"source": "proc", "read_at": time.time(), "held_runs": []}), retain=False)
+        _wait("the decision", lambda: state().get_attribute("data-state") == "saved", 20, [log])
+        assert state().text == "run 6a6a6a6a stopped: 2 fields, 9 of 100 WBC", state().text
 
 
 @pytest.mark.broker

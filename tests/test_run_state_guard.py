@@ -305,3 +305,29 @@ def test_under_mqtt_311_a_start_that_holds_nothing_decides_its_hold_without_wait
         assert not publisher.run_watch.held and publisher.run_watch.listening  # its echo still waited for
     finally:
         broker.stop()
+
+
+def test_telemetry_says_the_runs_held_once_the_hold_is_decided_at_once_not_a_period_later(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, started: list[MqttPublisher],
+) -> None:
+    """The broker shows run r-1 closed at 6 fields, the restored state holds it at 3: the station's
+    telemetry says `held_runs` null while its hold is not decided and ["r-1"] once it is, in a sample
+    sent then (the sampling period, 30 s, is not waited for): what a dashboard that had a verify_run
+    or stop_run answered `held: null` brings its line up to date by."""
+    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/telemetry"])
+    try:
+        observer.wait_ready()
+        _retain(broker.port, _run_state("r-1", 6, "closed"))
+        config = make_config(tmp_path, broker.port)
+        assert config.telemetry_interval_s == 30
+        publisher = MqttPublisher(config, "lab-7", Outbox.from_config(config.outbox),
+                                  telemetry_source=lambda: {"source": "test"})
+        publisher.run_watch.known({"r-1": 3, "r-2": 2}, closed_now=("r-1", "r-2"))
+        started.append(publisher)
+        publisher.publish_many([_report("r-1", 3), _report("r-2", 2)])
+        publisher.start()
+        said = lambda: [json.loads(m.payload).get("held_runs", "absent") for m in list(observer.messages)]
+        assert wait_until(lambda: ["r-1"] in said(), 15), said()
+        assert all(s in (None, ["r-1"]) for s in said()), said()
+    finally:
+        observer.close()

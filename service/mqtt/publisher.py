@@ -215,12 +215,14 @@ class MqttPublisher(ConnectionEvents):
         """Publish telemetry at QoS 0 if connected; it is not stored, so False means dropped. It
         carries `interval_s`, so a dashboard knows when the next sample is overdue, and this process's
         `instance_id` and `host`, so it knows two stations that publish under one station id, and
-        `parked`: the outbox messages held back (service.mqtt.parked), reports that have not arrived."""
+        `parked`: the outbox messages held back (service.mqtt.parked), reports that have not arrived, and
+        `held_runs`: the runs held (service.mqtt.run_watch), null until the start has decided."""
         client = self._client
         if client is None or not self.state.connected:
             return False
-        info = client.publish(self.telemetry_topic, json.dumps({**values, "interval_s": self.config.telemetry_interval_s,
-                                                                   "parked": self.parked(), **self.instance}), qos=0)
+        info = client.publish(self.telemetry_topic, json.dumps({
+            **values, "interval_s": self.config.telemetry_interval_s, "parked": self.parked(),
+            "held_runs": self.run_watch.held_published(), **self.instance}), qos=0)
         return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def wait_until_connected(self, timeout: float) -> bool:
@@ -398,7 +400,7 @@ class MqttPublisher(ConnectionEvents):
         rewind_at: float | None = None
         next_expiry = 0.0
         releases_seen = 0  # the run watch's releases the parked messages were tried again for
-        parked_seen = 0  # a change is sent in a telemetry sample at once: a report that does not arrive
+        parked_seen: tuple[int, object] = (0, None)  # a change (or the hold decided) is sent in a sample at once
         while not self._stop_workers.is_set():
             self._wake.wait(_DRAIN_TICK_S)
             self._wake.clear()
@@ -432,8 +434,8 @@ class MqttPublisher(ConnectionEvents):
                 cursor = self._send_batch(cursor)
                 self.echo.check()
                 self.run_watch.check()  # MQTT 3.1.1: its own run state back, or the ACL keeps the topic from it
-                if len(self._inflight.parked) != parked_seen:
-                    parked_seen = len(self._inflight.parked)
+                if (len(self._inflight.parked), self.run_watch.held_published()) != parked_seen:
+                    parked_seen = (len(self._inflight.parked), self.run_watch.held_published())
                     self._telemetry_now.set()
             except Exception as exc:  # noqa: BLE001 - said by DrainErrors (ERROR once, traceback at DEBUG)
                 # A broken outbox or client must not kill the thread silently; retry next tick.

@@ -414,6 +414,14 @@ class RunStateWatch:
             logger.warning("%s", held_said(run_id, held_at, (state, broker_fields, own_fields), after.get(run_id),
                                            self.topic))
 
+    def held_published(self) -> tuple[str, ...] | None:
+        """The telemetry's `held_runs`: the runs whose messages are held (ids, sorted), None while the
+        start's hold is not decided (a command's `held` null: service.station.commands)."""
+        if not self.decided.is_set():
+            return None
+        with self._lock:
+            return tuple(sorted(self.held))
+
     def held_why(self, run_id: str) -> str:
         """Why run `run_id` is held, for a command's answer."""
         later = self.held_after.get(run_id)

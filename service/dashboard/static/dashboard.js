@@ -317,6 +317,7 @@ function onMessage(topic, payload, packet) {
     noteInstance(st);
     noteClock(st);
     renderTelemetry(st);
+    settleHolds(st);
   } else if (kind.startsWith("cmd_response/")) {
     const cd = packet && packet.properties && packet.properties.correlationData;
     const correlation = cd ? new TextDecoder().decode(cd) : null;

@@ -160,11 +160,14 @@ function verifiedAnswer(st, msg) {
   if (msg.ok) requestRuns(st);  // the signed run's list entry
   const state = st.node.querySelector(".verify-state");
   state.dataset.state = !msg.ok ? "error" : msg.held ? "held" : msg.held === null ? "undecided" : "saved";
-  state.textContent = msg.ok ? "verified: " + msg.typed_cells + " typed, " + msg.reclassified + " reclassified" +
-      (msg.left_to_review ? "; " + msg.left_to_review + " cells sent to review were not typed" : "") +
+  const base = "verified: " + msg.typed_cells + " typed, " + msg.reclassified + " reclassified" +
+      (msg.left_to_review ? "; " + msg.left_to_review + " cells sent to review were not typed" : "");
+  state.textContent = msg.ok ? base +
       (msg.held ? " — not sent: " + String(msg.message || "the signed report is held at the station") :
        msg.held === null ? " — " + String(msg.message || "whether it is held at the station is not decided yet") : "")
     : String(msg.message || msg.error || "refused");
+  awaitHold(state, msg.ok && msg.held === null ? String(msg.run_id) : null, base);  // telemetry.js
+  settleHolds(st);  // a live sample that said it already
 }
 
 // Another run shown: the last one's signature is not carried over. Its "verified" line would read as
@@ -174,6 +177,7 @@ function resetSigning(st) {
   const state = st.node.querySelector(".verify-state");
   state.textContent = "";
   delete state.dataset.state;
+  awaitHold(state, null);
   st.node.querySelector(".verify-by").value = "";
 }
 

@@ -85,6 +85,7 @@ function controlState(st, state, text, aboutRun, whileShown) {
   node.dataset.aboutRun = aboutRun || "";
   node.dataset.whileShown = whileShown ? JSON.stringify(whileShown) : "";
   node.replaceChildren(...[].concat(text));  // a string, or its parts with the specimen id isolated (iso)
+  awaitHold(node, null);  // telemetry.js: marked again by a stop answered `held` null
 }
 
 // " for specimen <id>", the id isolated (dashboard.js iso); nothing for none.
@@ -194,9 +195,15 @@ function runControlAnswer(st, name, msg, correlation) {
     // the station, said in red beside it; `held` null (the station's hold not decided yet): said in amber,
     // unless the end was not kept too (`kept` false: one message says both)
     const told = typeof msg.message === "string" && msg.message ? " — " + msg.message : "";
-    controlState(st, msg.held === null && msg.kept !== false ? "undecided" : told ? "held" : "saved", "run " + String(msg.run_id).slice(0, 8) + " stopped: " + msg.fields +
-      (msg.fields === 1 ? " field" : " fields") + ", " + msg.classified_wbc + " of " + msg.target_wbc + " WBC" + told,
+    const base = "run " + String(msg.run_id).slice(0, 8) + " stopped: " + msg.fields +
+      (msg.fields === 1 ? " field" : " fields") + ", " + msg.classified_wbc + " of " + msg.target_wbc + " WBC";
+    const undecided = msg.held === null && msg.kept !== false;  // an end not kept stays said in red
+    controlState(st, undecided ? "undecided" : told ? "held" : "saved", base + told,
       "", [String(msg.run_id), shownRunId(st)]);
+    if (undecided) {  // the station's telemetry says later whether it holds the run (telemetry.js)
+      awaitHold(st.node.querySelector(".run-control-state"), String(msg.run_id), base);
+      settleHolds(st);
+    }
     renderRunControl(st);  // the next specimen can be started now
   }
 }

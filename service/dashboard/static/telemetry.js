@@ -88,6 +88,28 @@ function noteParked(st) {
   node.textContent = parts.join("; ") + oldest;
 }
 
+// A verify_run or stop_run answered `held` null (the station's hold not decided yet) is brought up to
+// date by the station's live sample once it says `held_runs` (null until decided, then the runs it
+// holds): in red as held, or as sent (the answer's line without the undecided part). awaitHold marks
+// the answer's line (base: its text before " — "); any other answer there clears the mark.
+const HELD_WORDS = "the report is held at the station: the broker shows this run further along, or a later run; " +
+  "it is sent once the broker's retained run state is cleared and the station started again (docs/STATION.md)";
+function awaitHold(node, runId, base) {
+  if (runId === null) { delete node.dataset.undecidedRun; delete node.dataset.undecidedBase; return; }
+  node.dataset.undecidedRun = runId;
+  node.dataset.undecidedBase = base;
+}
+function settleHolds(st) {
+  const held = st.telemetry && st.telemetryLive && Array.isArray(st.telemetry.held_runs) ? st.telemetry.held_runs : null;
+  if (held === null) return;
+  for (const node of st.node.querySelectorAll("[data-undecided-run]")) {
+    const isHeld = held.includes(node.dataset.undecidedRun);
+    node.dataset.state = isHeld ? "held" : "saved";
+    node.textContent = node.dataset.undecidedBase + (isHeld ? " — not sent: " + HELD_WORDS : "");
+    awaitHold(node, null);
+  }
+}
+
 // A camera that is not giving frames (its sample's pipeline.source_state and camera_*: a station
 // whose source is a camera), said in words beside the station's status: "camera: hung, reopening",
 // "camera: reconnecting", "camera: opening"; nothing while it reads (reading, idle between reads) or
