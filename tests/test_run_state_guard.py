@@ -331,3 +331,30 @@ def test_telemetry_says_the_runs_held_once_the_hold_is_decided_at_once_not_a_per
         assert all(s in (None, ["r-1"]) for s in said()), said()
     finally:
         observer.close()
+
+
+def test_doctor_beside_a_running_station_names_the_runs_it_holds_from_its_telemetry(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, started: list[MqttPublisher],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The running station holds its outbox file (doctor cannot read the held runs there): doctor
+    names the run it holds, r-1, from its next telemetry sample's `held_runs`, with what releases it."""
+    from test_parked_visible import _doctor_config
+
+    from smearscope.cli import main
+
+    _retain(broker.port, _run_state("r-1", 6, "closed"))
+    config = make_config(tmp_path, broker.port, telemetry_interval_s=2.0)
+    publisher = MqttPublisher(config, "lab-7", Outbox.from_config(config.outbox),
+                              telemetry_source=lambda: {"source": "test"})
+    publisher.run_watch.known({"r-1": 3, "r-2": 2}, closed_now=("r-1", "r-2"))
+    started.append(publisher)
+    publisher.publish_many([_report("r-1", 3), _report("r-2", 2)])
+    publisher.start()
+    assert wait_until(lambda: set(publisher.run_watch.held) == {"r-1"} and publisher.run_watch.decided.is_set(), 10)
+    main(["doctor", "--config", str(_doctor_config(tmp_path, broker.port, config.outbox.path, 2.0))])
+    out = capsys.readouterr().out
+    held = [line for line in out.splitlines() if line[6:].startswith("held run")]
+    assert len(held) == 1 and held[0].startswith("INFO  held run         the running station (host "), out
+    assert " holds run r-1: their run states, specimen reports and FHIR Bundles stay in the outbox" in held[0]
+    assert f"mosquitto_pub -r -n -t {BASE}/run, then start the station again" in held[0], held[0]

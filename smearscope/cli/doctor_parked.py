@@ -50,10 +50,27 @@ def parked_checks(config: Any, announce: Callable[[str], None] | None, *, statio
                f"than doctor waits; or {acl}" if mqtt.telemetry_interval_s + 5.0 > wait else acl)
         return [("WARN", "parked", (f"not read: no telemetry from the running station on {topic} within {wait:.0f} s "
                  f"({why}); {elsewhere}"))]
+    held = held_runs_line(sample, f"{mqtt.topic_prefix}/{config.station_id}/run")
     parked = sample.get("parked")
     if not isinstance(parked, dict) or not isinstance(parked.get("messages"), int):
-        return [("OK", "parked", "not said: the running station's telemetry has no `parked` (an older version)")]
-    return [parked_line(parked, str(sample.get("host", "?")))]
+        return [("OK", "parked", "not said: the running station's telemetry has no `parked` (an older version)"), *held]
+    return [parked_line(parked, str(sample.get("host", "?"))), *held]
+
+
+def held_runs_line(sample: dict[str, Any], run_topic: str) -> list[Check]:
+    """The runs a running station holds (its sample's `held_runs`: service.mqtt.run_watch), one INFO
+    line naming them and what releases them; none where it holds none or has not decided yet. Since
+    when is in the outbox file, which the running station holds: its journal said it at its start."""
+    runs = sample.get("held_runs")
+    if not isinstance(runs, list) or not runs:
+        return []
+    named = ", ".join(str(r) for r in runs)
+    return [("INFO", "held run", (
+        f"the running station (host {sample.get('host', '?')}) holds run{'' if len(runs) == 1 else 's'} {named}: "
+        "their run states, specimen reports and FHIR Bundles stay in the outbox, the broker showed them further "
+        "along (since when: its journal's WARNING at its start, '... are held in the outbox since ...'). They are "
+        f"sent once a start finds no retained run state on the broker (mosquitto_pub -r -n -t {run_topic}, then "
+        "start the station again; docs/STATION.md)"))]
 
 
 def parked_line(parked: dict[str, Any], host: str) -> Check:
