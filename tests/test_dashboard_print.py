@@ -263,7 +263,7 @@ def test_the_scales_source_and_the_red_cells_size_are_on_screen_and_on_paper(
 ) -> None:
     """The report says whether its red cells were sized at a calibrated scale (rbc_size.calibrated,
     the flags size_not_assessable_without_calibration, sizes_from_calibrated_fields_only,
-    calibration_suspect) and their mean diameter, SD, CV and median, as `smearscope analyze`
+    calibration_suspect, calibration_drift_suspected) and their mean diameter, SD, CV and median, as `smearscope analyze`
     prints them; the page and its printout said neither, so a run at an estimated scale read like
     a calibrated one but for a grey info flag. Each card now says, above its morphology table,
     where its scale came from and the red cells' size (the CV of diameters named as no RDW)."""
@@ -279,6 +279,8 @@ def test_the_scales_source_and_the_red_cells_size_are_on_screen_and_on_paper(
                                                 median_diameter_um=None, calibrated=False)})
     doubted = _specimen("ward-s", "run-s", [Flag(code="calibration_suspect", severity="warning",
                                                  message="the red cells point to 0.1 um/px")], now)
+    drifted = _specimen("ward-d", "run-d", [Flag(code="calibration_drift_suspected", severity="warning",
+                                                 message="a median of 0.70 over the last 18 checked fields")], now)
     mixed = _specimen("ward-m", "run-m", [Flag(code="sizes_from_calibrated_fields_only", severity="info",
                                                message="1800 of 4000 red cells came from fields at an estimated scale")], now)
     want = {
@@ -288,14 +290,16 @@ def test_the_scales_source_and_the_red_cells_size_are_on_screen_and_on_paper(
                   "and spherocytes not assessable",
         "ward-s": "Scale: calibrated, in doubt (see the flags): red-cell sizes, microcytes, macrocytes and "
                   "spherocytes not read",
+        "ward-d": "Scale: calibrated, in doubt (see the flags): red-cell sizes, microcytes, macrocytes and "
+                  "spherocytes not read",
         "ward-m": "Scale: calibrated on some fields, estimated on others (sizes from the calibrated fields' red cells) · "
                   "red-cell diameter mean 7.4 µm, SD 0.6 µm, median 7.3 µm, 200 cells sized; CV of diameters 8.1 % "
                   "(not an RDW)"}
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        for report in (calibrated, estimated, doubted, mixed):
+        for report in (calibrated, estimated, doubted, drifted, mixed):
             send(f"smearscope/{report.station_id}/run", json.dumps(_closed_run_state(report)))
         driver.get(url)
-        _wait("the runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == 4,
+        _wait("the runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == 5,
               20, [log])
         line = lambda s: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}'] .size-line")
         shown = lambda: {s: line(s).text for s in want if line(s).is_displayed()}

@@ -94,8 +94,11 @@ MIN_RBC_FOR_SIZE_CHECK = 20
 RBC_SIZE_IMPLAUSIBLE = "rbc_size_implausible"
 #: The flag a field raises when its red cells point far from the calibration (service.analysis.calibration_check).
 CALIBRATION_SUSPECT = "calibration_suspect"
+#: The flag a station puts on calibrated reports while its fields' checks, over many runs, point
+#: away from the calibration (service.station.calibration_watch).
+CALIBRATION_DRIFT_SUSPECTED = "calibration_drift_suspected"
 #: Flags that put a calibrated scale in doubt: sizes and size-based morphology are not to be read.
-CALIBRATION_DOUBT_FLAGS = (RBC_SIZE_IMPLAUSIBLE, CALIBRATION_SUSPECT)
+CALIBRATION_DOUBT_FLAGS = (RBC_SIZE_IMPLAUSIBLE, CALIBRATION_SUSPECT, CALIBRATION_DRIFT_SUSPECTED)
 
 
 def sizes_in_doubt(rows: Sequence[ClassShare], flags: Sequence[Flag]) -> list[ClassShare]:

@@ -29,7 +29,9 @@ be judged), 60 were suspect calibrated 2.5 times too coarse and 61 were 2.5 time
 another sample, from the validation parts before copies were left out: 0 of 72, 54 of 60 and 60
 of 60; Chula and the station missed most, where the own estimate reads high or the calibrated
 pass still finds many cells.) A factor of 1.6 (100x against 60x) is not told apart this way: the detector
-finds as many red cells there as at the true scale.
+finds as many red cells there as at the true scale. Nor is 1.5 (0.11 for 0.072 um/px): one
+field's own estimate strays that far; a station tells it from the median of its checks over many
+runs (service.station.calibration_watch, flag `calibration_drift_suspected`).
 
 The check costs an uncalibrated field's scale search (a few detector passes; on the CPU 0.2 to 8 s
 a field), which is why a station runs it on the first fields of each run only.

@@ -175,6 +175,8 @@ class FieldResult:
     #: in canonical coordinates: not counted, not classified, never in the report. For review and
     #: for ranking metrics (`smearscope analyze --detections`).
     candidates: tuple[CellDetection, ...] = ()
+    #: The calibration check's verdict where the field was checked (station: calibration_watch).
+    calibration_check: CalibrationCheck | None = None
 
 
 class Analyzer:
@@ -457,7 +459,7 @@ class Analyzer:
             nrbc_per_100_wbc=agg.nrbc_per_100_wbc, ratios=agg.ratios, flags=flags,
             cells=records, timing_ms={k: round(v, 1) for k, v in timing.items()},
         )
-        return FieldResult(report, tuple(cells), factor, candidates)
+        return FieldResult(report, tuple(cells), factor, candidates, check)
 
 
 class _NoCrop:

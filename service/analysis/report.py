@@ -163,7 +163,8 @@ class ClassShare(_Strict):
         None, description="grade at the interval's high end (null for sickle cells: present or none, not graded)")
     assessable: bool = Field(True, description="false for size-based morphology at an estimated scale (`count` is "
                              "how many cells the head gave this class; they are counted under their shape class) or "
-                             "when a flag puts the calibration in doubt (rbc_size_implausible, calibration_suspect: "
+                             "when a flag puts the calibration in doubt (rbc_size_implausible, calibration_suspect, "
+                             "calibration_drift_suspected: "
                              "`count` and `percent` kept for audit, no grade); microcyte, macrocyte and spherocyte are then each "
                              "listed, one no cell was given with a count of 0; every row is false when the red cells "
                              "were too blurred to judge their shape (flag rbc_morphology_out_of_focus; in a specimen "

@@ -102,7 +102,8 @@ LOCAL_CODES: dict[str, str] = {
     "grade-ci95": "ICSH grades at the ends of the share's 95% confidence interval",
     "graded-count": "Cells the grade rests on: the calls at the confidence the finding's flag needs",
     "size-not-assessable": "Size-based call not assessable: the scale was estimated, not calibrated, or "
-                           "is a calibration in doubt (flags rbc_size_implausible, calibration_suspect)",
+                           "is a calibration in doubt (flags rbc_size_implausible, calibration_suspect, "
+                           "calibration_drift_suspected)",
     "rbc-out-of-focus": "Red-cell morphology not assessable: the red cells were too blurred to judge their shape "
                         "(flag rbc_morphology_out_of_focus; in a specimen, no field's red cells were sharp enough)",
     "no-wbc-seen": "No white cell was counted: atypical white cells cannot be judged",
@@ -126,6 +127,7 @@ FLAG_DISPLAY: dict[str, str] = {
     "too_few_wbc_for_differential": "Too few white cells for a differential",
     "too_few_rbc_for_morphology": "Too few red cells for morphology grades",
     "calibration_suspect": "Calibration suspect: red cells point to another scale",
+    "calibration_drift_suspected": "Calibration drift suspected: the station's recent checks point to another scale",
     "rbc_size_implausible": "Red-cell sizes implausible at the calibrated scale",
     "rbc_morphology_out_of_focus": "Red cells too blurred to judge their morphology",
     "many_unidentified_wbc": "Many white cells not classified with confidence",

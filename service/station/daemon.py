@@ -51,6 +51,7 @@ from smearscope.service.mqtt.credentials import CredentialError
 from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
 from smearscope.service.mqtt.publisher import MqttPublisher
 from smearscope.service.mqtt.wall_clock import clock_before_release
+from smearscope.service.station.calibration_watch import calibration_key
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.commands import StationCommands
 from smearscope.service.station.daemon_status import DaemonStatus
@@ -141,6 +142,7 @@ class StationDaemon(DaemonStatus):
             scale_override=config.analysis.microns_per_pixel, clinic=ClinicFeed(config),
             concurrent_fields=config.analysis.concurrent_fields,
             batch_delay_s=config.analysis.batch_delay_ms / 1000.0,
+            calibration=calibration_key(config.microns_per_pixel, config.source.microns_per_pixel_calibrated_on),
         )
         self.commands = StationCommands(
             workers=self.workers, tracker=self.tracker, analysis=analysis_requests,

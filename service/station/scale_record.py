@@ -54,3 +54,23 @@ def scale_checks(config: StationConfig) -> list[tuple[str, str, str]]:
     """`smearscope doctor`'s lines: OK with the calibration's age, WARN where the station's start warns."""
     note = scale_calibration_note(config, datetime.date.today())
     return [] if note is None else [("WARN" if note[0] >= logging.WARNING else "OK", "scale", note[1])]
+
+
+def drift_checks(config: StationConfig, held: bool = False) -> list[tuple[str, str, str]]:
+    """`smearscope doctor`'s calibration watch line (service.station.calibration_watch): what the
+    station's calibration checks over its runs say of the calibration in use; none uncalibrated.
+    `held`: a running station holds the outbox file (no other process can read it), its log says it."""
+    from pathlib import Path
+
+    from smearscope.service.station.calibration_watch import calibration_key, watch_checks
+
+    if config.microns_per_pixel is None:
+        return []
+    spec = config.specimen
+    if held and spec.calibration_watch_fields:
+        return [("OK", "calibration watch", ("the running station holds its outbox file: its log says "
+                 "'calibration drift suspected' and its reports carry calibration_drift_suspected when its checks "
+                 "point away from the calibration"))]
+    return watch_checks(Path(config.mqtt.outbox.path),
+                        calibration_key(config.microns_per_pixel, config.source.microns_per_pixel_calibrated_on),
+                        spec.calibration_watch_fields, spec.calibration_watch_runs)

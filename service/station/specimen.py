@@ -61,6 +61,9 @@ class SpecimenPolicy:
     max_fields: int = 1000
     #: The first this many calibrated fields of a run check the calibration (calibration_check).
     calibration_check_fields: int = 3
+    #: The calibration watch's least checks and runs (service.station.calibration_watch; 0 fields: off).
+    calibration_watch_fields: int = 18
+    calibration_watch_runs: int = 4
 
     def __post_init__(self) -> None:
         if self.target_wbc < 1 or self.idle_timeout_s <= 0 or self.max_fields < 1 or self.calibration_check_fields < 0:
@@ -76,6 +79,8 @@ class SpecimenPolicy:
             auto_start=specimen_config.auto_start,
             max_fields=specimen_config.max_fields_per_run,
             calibration_check_fields=specimen_config.calibration_check_fields,
+            calibration_watch_fields=specimen_config.calibration_watch_fields,
+            calibration_watch_runs=specimen_config.calibration_watch_runs,
         )
 
 
@@ -93,6 +98,8 @@ FIELD_FLAGS = {
                                    "grades (graded on the other fields' red cells; none sharp: not assessable)",
     "calibration_suspect": "the red cells pointed to a scale far from the calibration (a run's first fields are "
                            "checked): check the objective and the calibration (smearscope calibrate-scale)",
+    "calibration_drift_suspected": "the calibration checks of the station's recent runs point away from the "
+                                   "calibration: measure it again (smearscope calibrate-scale)",
 }
 
 

@@ -44,6 +44,7 @@ from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.ingest import IngestError
 from smearscope.service.mqtt.outbox import NewMessage
 from smearscope.service.mqtt.publisher import MqttPublisher
+from smearscope.service.station.calibration_watch import CalibrationWatch
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.daemon_summary import Stats, StoredReport
 from smearscope.service.station.durable import RunMeta, StationState, same_file
@@ -83,7 +84,7 @@ class StationWorkers(ReportWriter):
                  requests: RequestQueue, watchdog: ProgressWatchdog, stop: threading.Event,
                  request_stop: Callable[[str], None], max_fields: int | None,
                  scale_override: float | None, clinic: ClinicFeed | None = None,
-                 concurrent_fields: int = 1, batch_delay_s: float = 0.004) -> None:
+                 concurrent_fields: int = 1, batch_delay_s: float = 0.004, calibration: str = "") -> None:
         self.gate, self.tracker, self.watchdog = gate, tracker, watchdog
         self.requests = requests  # commands' work on the specimen state, served between frames
         self._stop, self._request_stop = stop, request_stop
@@ -105,6 +106,9 @@ class StationWorkers(ReportWriter):
         self.analyzer: AnalyzerLike | None = None
         self.publisher: MqttPublisher | None = None
         self.state: StationState | None = None
+        #: The calibration checks kept across runs, under the calibration `calibration` names (calibration_watch).
+        self.calibration = calibration
+        self.calibration_watch: CalibrationWatch | None = None
         #: The writer cannot store (disk full): the analysis waits (see the module docstring).
         self._store_failing = False
         self._runs_not_stored: set[str] = set()  # their run states are no longer sent (ReportWriter)
@@ -121,6 +125,7 @@ class StationWorkers(ReportWriter):
         self.source, self.analyzer, self.publisher = source, analyzer, publisher
         self.state = StationState(publisher.outbox)
         self.tracker.number_run = self.state.number_run  # each run's number, kept as it opens
+        self.calibration_watch = CalibrationWatch(publisher.outbox, self.calibration)
         left_open = list(self._close_runs_left_open())
         if self.clinic is not None:  # typing needs the heads; verification the runs closed before
             closed = self.state.closed_runs(cells=False)
@@ -343,6 +348,10 @@ class StationWorkers(ReportWriter):
         if work.run_id is None:  # handed over with no run open: joins one opened since (or started now)
             self.tracker.run_for_next_field()
         open_run = self.tracker.open_run()
+        if self.calibration_watch is not None:  # its check kept; flagged while the station's checks point away
+            policy = self.tracker.policy
+            result = self.calibration_watch.observe(result, policy.calibration_watch_fields,
+                                                    policy.calibration_watch_runs)
         result, closed = self.tracker.add(result, handed_to=work.run_id)  # its run ended meanwhile: alone
         run = None
         if open_run is not None and result.report.run_id == open_run.run_id:

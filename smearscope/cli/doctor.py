@@ -325,7 +325,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from smearscope.cli.doctor_outbox import held_run_checks, look_at_outbox
     from smearscope.cli.doctor_parked import parked_checks
     from smearscope.service.mqtt.wall_clock import clock_before_release, clock_reading
-    from smearscope.service.station.scale_record import scale_checks
+    from smearscope.service.station.scale_record import drift_checks, scale_checks
 
     # each line as it is found: a check that waits (the running station's next telemetry) says so first
     checks: list[Check] = [("WARN", "clock", wrong) if (wrong := clock_before_release()) else ("OK", "clock", clock_reading())]
@@ -345,6 +345,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             lambda: station_means_checks(analysis, config.microns_per_pixel), lambda: typed_cells_checks(config),
             lambda: _backend_checks(analysis.engine_backend), lambda: engine_checks(analysis),
             lambda: camera_checks(config.source), lambda: scale_checks(config),  # type: ignore[attr-defined]
+            lambda: drift_checks(config, held=outbox().held),  # type: ignore[arg-type]
             lambda: memory_checks(config, args.unit),
             lambda: _outbox_checks(mqtt.outbox.path, outbox(), review_free),
             lambda: held_run_checks(outbox(), f"{mqtt.topic_prefix}/{config.station_id}/run",  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ function tenth(value) {
 function sizeText(r) {
   const s = r.rbc_size || {}, flagged = (code) => r.flags.some((f) => f.code === code);
   const unread = "red-cell sizes, microcytes, macrocytes and spherocytes";
-  if (flagged("calibration_suspect") || flagged("rbc_size_implausible"))
+  if (flagged("calibration_suspect") || flagged("calibration_drift_suspected") || flagged("rbc_size_implausible"))
     return "Scale: calibrated, in doubt (see the flags): " + unread + " not read";
   if (flagged("size_not_assessable_without_calibration") || (s.calibrated === false && r.counts.rbc > 0))
     return "Scale: estimated from the red cells (not calibrated): " + unread + " not assessable";
@@ -141,7 +141,8 @@ function renderRun(st) {
   }
   const grades = view.grades || {};
   // a calibration in doubt (flags rbc_size_implausible, calibration_suspect): size-based grades not read
-  const sizesOff = r.flags.some((f) => f.code === "rbc_size_implausible" || f.code === "calibration_suspect");
+  const sizesOff = r.flags.some((f) => ["rbc_size_implausible", "calibration_suspect",
+    "calibration_drift_suspected"].includes(f.code));
   // sizes unread (also at an estimated scale): every size-based class is a row, not assessable; a
   // report from before each was listed has none for a class no cell was given (service.fhir.
   // report_view.morphology_rows), which would read as "none seen"

@@ -1,0 +1,181 @@
+"""Does the station's calibration hold over its runs? A watch over the calibration checks.
+
+The calibration check (service.analysis.calibration_check) judges one field: it is suspect only
+1.8 times or more off, because one field's own estimate lies 0.62 to 1.31 times its known scale. A
+calibration 1.5 times off (0.11 um/px where the true scale is 0.072: another station's config, a
+60x objective calibrated at 100x... seen from the other side) passes every field, and the reports
+grade macrocytes or microcytes that are not there. Over many fields of many specimens the median of
+(own estimate / calibrated scale) is near 1 for a right calibration, whatever one patient's cells
+do; this watch keeps each checked field's ratio across runs (in the outbox file, table
+`calibration_ratios`, until the calibration changes) and puts the warning
+`calibration_drift_suspected` on calibrated reports while that median is out of bounds.
+
+Measured on validation fields of six labs (`python -m training.calibration_check --factors 1,1.5`,
+12 fields per lab, each at its known scale; the checks with at least `MIN_RBC_FOR_SCALE` whole red
+cells at the own scale): each lab's median own / known lay 0.91 (the Raspberry Pi station) to 1.18
+(Chula RBC-12; BCCD 1.03, TXL-PBC 1.01 to 1.11). A calibration 1.5 times too coarse moved them to
+0.61-0.79, 1.5 times too fine to 1.37-1.77 (the own estimate does not depend on the calibration).
+The bounds are the midpoints (geometric) between those extremes: `LOW_MEDIAN` 0.85 (0.91 right,
+0.79 wrong) and `HIGH_MEDIAN` 1.27 (1.18 right, 1.37 wrong). Resampling each lab's fields, the
+median of 18 checks fell out of bounds for a right calibration on 0.5 % of tries (Chula) or none,
+and for a 1.5 times wrong one in 99.4 % or more, either way; over 150 checks in a row (50 runs of 3),
+a right calibration was ever flagged on 1.4 % of Chula's sequences, 0.1 % of the station's and none
+of the other labs', and a wrong one on every sequence, nearly always at its 18th check. 1.4 times off sits at the
+bounds on the two labs at the ends (Chula 0.84 too coarse, the station 1.28 too fine): flagged on
+about 80 % and 60 % of their tries there, on every try of the four others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sqlite3
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from smearscope.service.analysis.aggregate import CALIBRATION_DRIFT_SUSPECTED, sizes_in_doubt
+from smearscope.service.analysis.pipeline import FieldResult
+from smearscope.service.analysis.report import Flag
+from smearscope.service.analysis.scale_search import MIN_RBC_FOR_SCALE
+from smearscope.service.mqtt.outbox import Outbox
+
+logger = logging.getLogger(__name__)
+
+#: The median own estimate / calibrated scale below this, or above `HIGH_MEDIAN`, is suspect.
+LOW_MEDIAN = 0.85
+HIGH_MEDIAN = 1.27
+#: The median is over the last this many checks (older ones are deleted).
+WINDOW = 48
+
+TABLE = """CREATE TABLE IF NOT EXISTS calibration_ratios (
+    run_id TEXT NOT NULL, field_id TEXT NOT NULL, ratio REAL NOT NULL, calibration TEXT NOT NULL,
+    at REAL NOT NULL, PRIMARY KEY (run_id, field_id))"""
+
+
+def calibration_key(microns_per_pixel: float | None, calibrated_on: object) -> str:
+    """What identifies a calibration: its scale and the day it was measured (a new one resets the watch)."""
+    return f"{microns_per_pixel!r} {calibrated_on}"
+
+
+@dataclass(frozen=True)
+class DriftVerdict:
+    """The watch's reading: the median over the `fields` checks kept (from `runs` runs), and
+    whether it puts the calibration in doubt."""
+
+    median: float | None
+    fields: int
+    runs: int
+    suspected: bool
+
+    def describe(self) -> str:
+        if self.median is None:
+            return "no calibration check kept since the calibration was set"
+        how = "below" if self.median < LOW_MEDIAN else "above" if self.median > HIGH_MEDIAN else "within"
+        return (f"the red cells' own scale over the calibrated one has a median of {self.median:.2f} over the last "
+                f"{self.fields} checked fields of {self.runs} runs, {how} what a right calibration gives "
+                f"({LOW_MEDIAN:g} to {HIGH_MEDIAN:g})")
+
+
+def verdict(rows: Sequence[tuple[str, float]], min_fields: int, min_runs: int) -> DriftVerdict:
+    """The reading over `rows` (run id, ratio), oldest first: the last `WINDOW`; suspected only with
+    at least `min_fields` of them (0: never) from at least `min_runs` runs."""
+    kept = rows[-WINDOW:]
+    if not kept:
+        return DriftVerdict(None, 0, 0, False)
+    median = statistics.median(r for _, r in kept)
+    runs = len({run for run, _ in kept})
+    beyond = median < LOW_MEDIAN or median > HIGH_MEDIAN
+    return DriftVerdict(median, len(kept), runs, beyond and 0 < min_fields <= len(kept) and runs >= min_runs)
+
+
+def drift_flag(v: DriftVerdict) -> Flag:
+    return Flag(code=CALIBRATION_DRIFT_SUSPECTED, severity="warning",
+                message=f"{v.describe()}: the calibration is probably off (a changed objective, camera or "
+                        "station?). Sizes and size-based morphology are not to be read until it is measured "
+                        "again (smearscope calibrate-scale)")
+
+
+class CalibrationWatch:
+    """The calibration checks of the station's fields under one calibration, kept in its outbox file."""
+
+    def __init__(self, outbox: Outbox, calibration: str) -> None:
+        self.outbox, self.calibration = outbox, calibration
+        self._warned = False
+
+        def open_table(conn: sqlite3.Connection) -> list[tuple[str, float]]:
+            conn.execute(TABLE)
+            gone = conn.execute("DELETE FROM calibration_ratios WHERE calibration != ?", (calibration,)).rowcount
+            if gone:
+                logger.info("calibration watch: %d checks of an earlier calibration dropped", gone)
+            return [(str(run), float(r)) for run, r in conn.execute(
+                "SELECT run_id, ratio FROM calibration_ratios ORDER BY rowid DESC LIMIT ?", (WINDOW,)).fetchall()][::-1]
+        self._rows = outbox.write(open_table)
+
+    def reading(self, min_fields: int, min_runs: int) -> DriftVerdict:
+        return verdict(self._rows, min_fields, min_runs)
+
+    def observe(self, result: FieldResult, min_fields: int, min_runs: int) -> FieldResult:
+        """Keep the field's calibration check (one whose own scale showed at least
+        `MIN_RBC_FOR_SCALE` whole red cells, in a run), and return the field with the warning
+        `calibration_drift_suspected` when its scale is the calibrated one and the reading is suspect
+        (said in the log once, until it is not)."""
+        check, report = result.calibration_check, result.report
+        if (check is not None and check.ratio is not None and check.own_rbc >= MIN_RBC_FOR_SCALE
+                and report.run_id is not None):
+            self._keep(report.run_id, report.source.frame_id if report.source else report.report_id, check.ratio)
+        v = self.reading(min_fields, min_runs)
+        if not v.suspected:
+            self._warned = False
+            return result
+        if not self._warned:
+            logger.warning("calibration drift suspected: %s. Reports at the calibrated scale are flagged "
+                           "calibration_drift_suspected until it is measured again (smearscope calibrate-scale)",
+                           v.describe())
+            self._warned = True
+        if report.scale.method != "given":
+            return result
+        flags = [*report.flags, drift_flag(v)]
+        return dataclasses.replace(result, report=report.model_copy(
+            update={"flags": flags, "rbc_morphology": sizes_in_doubt(report.rbc_morphology, flags)}))
+
+    def _keep(self, run_id: str, field_id: str, ratio: float) -> None:
+        self._rows = [*self._rows, (run_id, ratio)][-WINDOW:]
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO calibration_ratios VALUES (?, ?, ?, ?, ?)",
+                         (run_id, field_id, ratio, self.calibration, time.time()))
+            conn.execute("DELETE FROM calibration_ratios WHERE rowid NOT IN "
+                         "(SELECT rowid FROM calibration_ratios ORDER BY rowid DESC LIMIT ?)", (WINDOW,))
+        try:
+            self.outbox.write(write)
+        except (sqlite3.Error, OSError) as exc:  # a full disk: the watch goes on in memory
+            logger.warning("calibration watch: the check of field %s could not be kept (%s)", field_id, exc)
+
+
+def watch_checks(outbox_path: Path, calibration: str, min_fields: int, min_runs: int) -> list[tuple[str, str, str]]:
+    """`smearscope doctor`'s line: the watch's reading from the outbox file (read only; a running
+    station holds it), WARN when it is suspect; none without a file, a table or a watch."""
+    if min_fields == 0 or not outbox_path.exists():
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{outbox_path}?mode=ro", uri=True, timeout=1.0)
+        try:
+            rows = conn.execute("SELECT run_id, ratio FROM calibration_ratios WHERE calibration = ? "
+                                "ORDER BY rowid DESC LIMIT ?", (calibration, WINDOW)).fetchall()[::-1]
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        return [("WARN", "calibration watch", f"{outbox_path} cannot be read: {exc}")]
+    v = verdict([(str(r), float(x)) for r, x in rows], min_fields, min_runs)
+    if v.suspected:
+        return [("WARN", "calibration watch", (f"{v.describe()}: the calibration is probably off; reports are "
+                 "flagged calibration_drift_suspected until it is measured again (smearscope calibrate-scale)"))]
+    if v.fields < min_fields or v.runs < min_runs:
+        return [("OK", "calibration watch", (f"{v.describe()}; judged from {min_fields} checked fields of "
+                 f"{min_runs} runs"))]
+    return [("OK", "calibration watch", v.describe())]

@@ -1,0 +1,169 @@
+"""The station's calibration watch (service.station.calibration_watch): a calibration 1.5 times off,
+which no field's own check flags, is flagged once enough checked fields of enough runs point away
+from it; a right calibration never is; the checks are kept in the outbox file across restarts and
+dropped when the calibration changes."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import logging
+import sqlite3
+from pathlib import Path
+
+import cv2
+from broker import free_port
+from realdata import ROOT
+from test_daemon import station_document, to_toml
+
+from smearscope.device.frame import Frame
+from smearscope.device.synthetic import render_field
+from smearscope.service.analysis.aggregate import (
+    CALIBRATION_DRIFT_SUSPECTED,
+    CALIBRATION_SUSPECT,
+    SIZE_BASED,
+)
+from smearscope.service.analysis.pipeline import Analyzer, FieldResult
+from smearscope.service.config import load_config
+from smearscope.service.fhir import report_view
+from smearscope.service.mqtt.outbox import Outbox
+from smearscope.service.station.calibration_watch import (
+    HIGH_MEDIAN,
+    LOW_MEDIAN,
+    WINDOW,
+    CalibrationWatch,
+    calibration_key,
+    verdict,
+)
+from smearscope.service.station.daemon import run_daemon
+from smearscope.service.station.scale_record import drift_checks
+
+TRUE_MPP = 0.1  # the rendered fields' scale
+
+
+@functools.cache
+def analyzer() -> Analyzer:
+    return Analyzer.from_models_dir(ROOT / "models", warmup=False)
+
+
+@functools.cache
+def rendered(seed: int) -> Frame:
+    return render_field(seed, width=480, height=360, microns_per_pixel=TRUE_MPP).frame
+
+
+def checked(seed: int, configured: float, run_id: str) -> FieldResult:
+    """A rendered field analysed by a station calibrated at `configured`, its calibration checked."""
+    frame = dataclasses.replace(rendered(seed), microns_per_pixel=configured, frame_id=f"f{seed}")
+    return analyzer().analyze(frame, run_id, check_calibration=True)
+
+
+def codes(result: FieldResult) -> set[str]:
+    return {f.code for f in result.report.flags}
+
+
+def test_the_reading_needs_enough_fields_and_runs_and_keeps_a_window():
+    off = [(f"r{i // 3}", 0.7) for i in range(18)]  # 18 checks of 6 runs, 1.5 times too coarse
+    assert verdict(off, 18, 4).suspected and not verdict(off[:17], 18, 4).suspected
+    assert not verdict(off, 18, 7).suspected  # from 6 runs, 7 asked
+    assert not verdict(off, 0, 1).suspected  # 0 fields: no watch
+    assert verdict([("r", 1.0 / 0.7)] * 18, 18, 1).suspected  # too fine
+    for at in (LOW_MEDIAN, HIGH_MEDIAN):  # the bounds themselves are a right calibration's
+        assert not verdict([("r", at)] * 18, 18, 1).suspected
+    # the median is over the last WINDOW checks: a past drift is outvoted by what came since
+    assert not verdict(off + [("r9", 1.0)] * (WINDOW - 17), 18, 4).suspected
+
+
+def test_a_calibration_1_5_times_off_is_flagged_over_runs_and_a_right_one_never(tmp_path, caplog):
+    """Rendered fields at 0.1 um/px, a station calibrated at 0.15: no field's own check is suspect
+    (its red cells fit 0.104-0.112, 0.7 of the calibration), but from the 6th checked field of the
+    3rd run (as asked here) every calibrated report carries calibration_drift_suspected, its
+    size-based rows not assessable, said in the log once; the checks survive a restart (the
+    next field is flagged at once) and go when the calibration changes. Calibrated at 0.1, no
+    field is flagged."""
+    path = tmp_path / "outbox.sqlite3"
+    wrong = calibration_key(0.15, datetime.date(2026, 11, 1))
+    caplog.set_level(logging.WARNING, "smearscope.service.station.calibration_watch")
+    with Outbox(path) as box:
+        watch = CalibrationWatch(box, wrong)
+        flagged = []
+        for i in range(8):
+            result = watch.observe(checked(100 + i, 0.15, f"run{i // 2}"), 6, 3)
+            assert CALIBRATION_SUSPECT not in codes(result)  # the field's own check stays silent
+            flagged.append(CALIBRATION_DRIFT_SUSPECTED in codes(result))
+            if flagged[-1]:
+                assert report_view.calibration_in_doubt(result.report)
+                rows = {r.label: r for r in result.report.rbc_morphology}
+                assert all(not rows[label].assessable and rows[label].grade is None for label in SIZE_BASED)
+        assert flagged == [False] * 5 + [True] * 3
+        assert sum("calibration drift suspected" in r.message for r in caplog.records) == 1
+        # a field outside the checks (later in a run) at the calibrated scale is flagged too
+        unchecked = analyzer().analyze(dataclasses.replace(rendered(120), microns_per_pixel=0.15), "run9")
+        assert CALIBRATION_DRIFT_SUSPECTED in codes(watch.observe(unchecked, 6, 3))
+    with Outbox(path) as box:  # a restart: the checks kept are read back
+        again = CalibrationWatch(box, wrong)
+        assert again.reading(6, 3).suspected
+        assert CALIBRATION_DRIFT_SUSPECTED in codes(again.observe(checked(110, 0.15, "run5"), 6, 3))
+    with Outbox(path) as box:  # calibrated again (at the right scale): the old checks go
+        right = CalibrationWatch(box, calibration_key(TRUE_MPP, datetime.date(2026, 12, 1)))
+        for i in range(10):
+            result = right.observe(checked(100 + i, TRUE_MPP, f"new{i // 2}"), 6, 3)
+            assert not codes(result) & {CALIBRATION_DRIFT_SUSPECTED, CALIBRATION_SUSPECT}
+        reading = right.reading(6, 3)
+        assert reading.fields == 10 and reading.median is not None and 1.0 <= reading.median <= 1.15
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM calibration_ratios").fetchone()[0] == 10
+
+
+def _station(tmp_path: Path, inbox: Path, mpp: float, calibrated_on: str) -> Path:
+    doc = station_document(tmp_path, free_port(), credentials=False,
+                           source={"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
+                                   "microns_per_pixel": mpp, "microns_per_pixel_calibrated_on": calibrated_on})
+    doc["specimen"].update(max_fields_per_run=2, calibration_check_fields=2, calibration_watch_fields=4,
+                           calibration_watch_runs=2)
+    config = tmp_path / "station.toml"
+    config.write_text(to_toml(doc) + "\n")
+    return config
+
+
+def _stored_fields(tmp_path: Path) -> list[dict]:
+    with Outbox(tmp_path / "state" / "outbox.sqlite3") as box:
+        return [json.loads(m.payload)["body"] for m in box.pending(limit=1000) if m.topic.endswith("/field")]
+
+
+def _fill(inbox: Path, seeds: range) -> None:
+    for seed in seeds:
+        assert cv2.imwrite(str(inbox / f"field-{seed:03d}.png"), rendered(seed).pixels)
+
+
+def test_a_station_configured_1_5_times_off_flags_its_reports_after_enough_runs(tmp_path: Path) -> None:
+    """A watched-folder station whose [source] microns_per_pixel is 0.15 for fields at 0.1, two
+    fields a run, both checked: its 4th field (2 runs, as asked) and those after are flagged,
+    the 4 specimen reports from then on say so, a restart goes on flagging, and doctor says it.
+    Calibrated again at 0.1: no field is flagged, doctor's line is OK."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _fill(inbox, range(100, 103))
+    config = _station(tmp_path, inbox, 0.15, "2026-11-01")
+    factory = lambda c: analyzer()
+    assert run_daemon(config, 3, analyzer_factory=factory, environ={}) == 0
+    assert not any(CALIBRATION_DRIFT_SUSPECTED in {f["code"] for f in b["flags"]} for b in _stored_fields(tmp_path))
+    _fill(inbox, range(103, 106))
+    assert run_daemon(config, 3, analyzer_factory=factory, environ={}) == 0  # a restart: 3 checks kept
+    fields = sorted(_stored_fields(tmp_path), key=lambda b: b["source"]["frame_id"])
+    assert [CALIBRATION_DRIFT_SUSPECTED in {f["code"] for f in b["flags"]} for b in fields] == [False] * 3 + [True] * 3
+    with Outbox(tmp_path / "state" / "outbox.sqlite3") as box:
+        specimens = [json.loads(m.payload)["body"] for m in box.pending(limit=1000) if m.topic.endswith("/report")]
+    assert any(CALIBRATION_DRIFT_SUSPECTED in {f["code"] for f in s["flags"]} for s in specimens)
+    (line,) = drift_checks(load_config(config, {}))
+    assert line[0] == "WARN" and "calibration_drift_suspected" in line[2], line
+
+    _fill(inbox, range(106, 112))
+    config = _station(tmp_path, inbox, TRUE_MPP, "2026-12-01")
+    before = len(_stored_fields(tmp_path))
+    assert run_daemon(config, 6, analyzer_factory=factory, environ={}) == 0
+    fields = _stored_fields(tmp_path)[before:]
+    assert len(fields) == 6 and all(f["scale"]["method"] == "given" for f in fields)
+    assert not any(CALIBRATION_DRIFT_SUSPECTED in {f["code"] for f in b["flags"]} for b in fields)
+    (line,) = drift_checks(load_config(config, {}))
+    assert line[0] == "OK" and "over the last 6 checked fields of 3 runs" in line[2], line
