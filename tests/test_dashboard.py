@@ -611,7 +611,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
               lambda: seen("section.station[data-station='zz-sync2'] .status") == "online", 30, logs)
         assert in_gallery() == opened
         # A station calibrated 2x off: its report's flag (a median size no blood has, or red cells
-        # pointing to another scale) makes the page read no size-based grade (the shares carry the
+        # pointing to another scale, or the station's checks over its runs pointing away) makes the page read no size-based grade (the shares carry the
         # analyzer's own), shape classes keep theirs.
         # Sickle cells read present or none, never 1+ to 3+: a report from when they were graded
         # (3+ on 2 of 86 red cells, its interval 1+ to 3+) reads present, with no interval; unsure
@@ -619,8 +619,11 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         sickle_rows = {"zz-odd": (ClassShare(label="sickle", count=2, percent=2.33, grade="3+", grade_ci_low="1+",
                                              grade_ci_high="3+"), "present"),
                        "zz-odd2": (ClassShare(label="sickle", count=3, percent=3.0, grade="none", graded_count=0),
+                                   "none on 0 of 3 calls at its flag's confidence"),
+                       "zz-odd3": (ClassShare(label="sickle", count=3, percent=3.0, grade="none", graded_count=0),
                                    "none on 0 of 3 calls at its flag's confidence")}
-        for code, odd_station in (("rbc_size_implausible", "zz-odd"), ("calibration_suspect", "zz-odd2")):
+        for code, odd_station in (("rbc_size_implausible", "zz-odd"), ("calibration_suspect", "zz-odd2"),
+                                  ("calibration_drift_suspected", "zz-odd3")):
             # and a schistocyte grade resting on the 2 sure calls of 12 says so beside its 4 %
             unsure = ClassShare(label="schistocyte", count=12, percent=4.0, grade="1+", grade_ci_low="1+",
                                 grade_ci_high="1+", graded_count=2)
