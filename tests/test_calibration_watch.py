@@ -157,6 +157,8 @@ def test_a_station_configured_1_5_times_off_flags_its_reports_after_enough_runs(
     assert any(CALIBRATION_DRIFT_SUSPECTED in {f["code"] for f in s["flags"]} for s in specimens)
     (line,) = drift_checks(load_config(config, {}))
     assert line[0] == "WARN" and "calibration_drift_suspected" in line[2], line
+    (held,) = drift_checks(load_config(config, {}), held=True)  # a running station holds the file: no read
+    assert held[0] == "OK" and "its log says" in held[2], held
 
     _fill(inbox, range(106, 112))
     config = _station(tmp_path, inbox, TRUE_MPP, "2026-12-01")
