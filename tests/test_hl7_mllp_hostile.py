@@ -37,14 +37,14 @@ def test_a_well_behaved_lis_delivers(lis: Callable[[Behaviour], RawLis]) -> None
 
 
 @pytest.mark.parametrize("answer, kind, said", [
-    (framed(ack(control_id="R-another")), "no-ack", "acknowledged message 'R-another', not this one"),
+    (framed(ack(control_id="R-another")), "not an ACK", "acknowledged message 'R-another', not this one"),
     (framed(ack("AE")), "AE", "answered 'AE', not accepted"),
     (framed(ack("AR")), "AR", "answered 'AR'"),
     (framed(ack("CE")), "CE", "answered 'CE'"),
     (framed(ack("CR")), "CR", "answered 'CR'"),
-    (ack(), "no-ack", "closed the connection without a whole ACK"),  # unframed, then closed
-    (framed(ack())[:40], "no-ack", "closed the connection without a whole ACK (40 bytes)"),  # closed mid-ACK
-    (framed(b"MSH|^~\\&|LIS\rERR|oops\r"), "no-ack", "the answer has no MSA segment"),
+    (ack(), "not an ACK", "closed the connection without a whole ACK"),  # unframed, then closed
+    (framed(ack())[:40], "not an ACK", "closed the connection without a whole ACK (40 bytes)"),  # closed mid-ACK
+    (framed(b"MSH|^~\\&|LIS\rERR|oops\r"), "not an ACK", "the answer has no MSA segment"),
 ])
 def test_an_answer_that_is_not_an_accepting_ack_of_this_message_is_not_acknowledged(
         lis: Callable[[Behaviour], RawLis], answer: bytes, kind: str, said: str) -> None:
@@ -72,7 +72,7 @@ def test_silence_an_unframed_ack_left_open_and_a_reset_are_not_acknowledged(
         with pytest.raises(mllp.NotAcknowledged, match="TimeoutError") as caught:
             mllp.send(("127.0.0.1", server.port), MESSAGE, CONTROL_ID, 0.5)
         assert caught.value.kind == "unreachable"
-    with pytest.raises(mllp.NotAcknowledged, match="ConnectionResetError|without a whole ACK"):
+    with pytest.raises(mllp.NotAcknowledged, match="ConnectionResetError|without an answer"):
         mllp.send(("127.0.0.1", resetting.port), MESSAGE, CONTROL_ID, 5)
 
 
@@ -86,8 +86,9 @@ def test_an_endless_answer_is_read_only_up_to_the_bound(lis: Callable[[Behaviour
             sent[0] += len(block)
 
     server = lis(flood)
-    with pytest.raises(mllp.NotAcknowledged, match=f"more than {mllp.MAX_ACK_BYTES} bytes"):
+    with pytest.raises(mllp.NotAcknowledged, match=f"more than {mllp.MAX_ACK_BYTES} bytes without ending") as caught:
         mllp.send(("127.0.0.1", server.port), MESSAGE, CONTROL_ID, 30)
+    assert caught.value.kind == mllp.TOO_BIG == "answer over 1 MiB"
 
 
 def test_an_ack_dribbled_a_byte_at_a_time_cannot_hold_the_sender_past_its_timeout(
@@ -228,7 +229,7 @@ def test_the_log_names_reports_not_their_messages(tmp_path: Path, lis: Callable[
     with pytest.raises(mllp.NotAcknowledged) as caught:
         Hl7Output(None, ("127.0.0.1", echoing.port), 5)(message)
     said = [r.getMessage() for r in caplog.records] + [str(caught.value)]
-    assert "the answer has no MSA segment: 'MSH|" in said[-1]
+    assert "the answer has no MSA segment, not an ACK: 'MSH|" in said[-1]
     assert any(report.report_id in line for line in said)
     for line in said:
         assert "PID|" not in line and "OBX|" not in line and SPECIMEN not in line, line

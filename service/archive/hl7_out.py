@@ -230,7 +230,7 @@ class Hl7Output:
         except mllp.Rejected as exc:
             return self.rejection(destination, message.report_id, control_id, exc)
         except mllp.NotAcknowledged as exc:
-            if exc.kind not in ("AE", "CE"):
+            if exc.kind not in mllp.ERRORS:  # no answer at all: held for as long as it lasts
                 raise
             if self._error_held(destination, message.report_id) < self.error_hold_s:
                 raise
@@ -263,9 +263,10 @@ class Hl7Output:
         """The record of `report_id` not accepted at `destination` (`exc` an AR or CR, or an AE or CE given up
         on), said once at ERROR with the receiver's text."""
         code, lis_text = exc.kind, exc.lis_text
-        given_up = f" for {self.error_hold_s:g} s" if code in ("AE", "CE") else ""
-        logger.error("report %s was NOT accepted by %s: it answered %r%s (MSH-10 %s): %s; recorded as not "
+        answered = f"it answered {code!r}" if code not in (mllp.TOO_BIG, mllp.NOT_ACK) else f"its answer is {code}"
+        given_up = f" for {self.error_hold_s:g} s" if code in mllp.ERRORS else ""
+        logger.error("report %s was NOT accepted by %s: %s%s (MSH-10 %s): %s; recorded as not "
                      "accepted, not sent again; the reports behind it go on. Once the lab system is set up to "
-                     "take it: `smearscope archive send-hl7 --resend %s`", report_id, destination, code,
+                     "take it: `smearscope archive send-hl7 --resend %s`", report_id, destination, answered,
                      given_up, control_id, mllp.shown(lis_text[:200]) or "(no text)", report_id)
         return Rejection(report_id, destination, control_id, self.sender, self.processing_id, code, lis_text)

@@ -55,7 +55,7 @@ class Hl7OutputConfig(BaseModel):
         default=600.0, ge=0, le=86400, allow_inf_nan=False,
         title="MLLP error hold (s)",
         description="Seconds a report the lab system answers AE or CE (an application or commit error: "
-        "transient) is held and sent again every retry_s, the reports behind it waiting, before it is recorded as "
+        "transient), or with no ACK of it (an answer over 1 MiB, not an ACK), is held and sent again every retry_s, the reports behind it waiting, before it is recorded as "
         "not accepted and the archive goes on (`archive send-hl7 --resend` sends it later); counted over restarts "
         "(kept in the index); 0: an AE is final at once, as an AR or CR always is. At most 86400 (docs/HL7.md).",
     )

@@ -1,11 +1,14 @@
 """Sending an HL7 message over MLLP (HL7's Minimal Lower Layer Protocol) and waiting for its ACK.
 
 One TCP connection per message: the message framed as `<VT> message <FS><CR>`, then the receiver's
-ACK read up to its `<FS><CR>`. Only an ACK whose MSA-2 is this message's control id and whose
-MSA-1 is AA or CA (accepted) delivers it; anything else (no connection, no answer within the
-timeout, an answer that is no ACK of this message, AE/CE) raises `NotAcknowledged`, an OSError, so
-the archive holds the report as it holds one a full disk refuses, and tries again. AR or CR (the
-receiver refuses this very message: sending it again unchanged cannot help) raises `Rejected`, a
+ACK read up to its `<FS><CR>`, never more than MAX_ACK_BYTES of it. Only an ACK whose MSA-2 is this
+message's control id and whose MSA-1 is AA or CA (accepted) delivers it; anything else raises
+`NotAcknowledged`, an OSError, so the archive holds the report as it holds one a full disk refuses,
+and tries again. Its `kind` says which: no answer at all (no connection, no whole answer within the
+timeout, the connection closed with nothing said) is the lab system unreachable, held for as long
+as it lasts; an answer that is an error of this exchange (AE/CE, an answer over 1 MiB, one that is
+no ACK of this message) counts toward the archive's error hold (ERRORS). AR or CR (the receiver
+refuses this very message: sending it again unchanged cannot help) raises `Rejected`, a
 NotAcknowledged the archive records as final for that message and goes on from (docs/HL7.md).
 """
 
@@ -31,8 +34,16 @@ logger = logging.getLogger(__name__)
 
 START, END = b"\x0b", b"\x1c\x0d"
 ACCEPTED = ("AA", "CA")
-#: An ACK larger than this is not one (a receiver that streams something else).
+#: An ACK larger than this is not one (a receiver that streams something else): no more is read.
 MAX_ACK_BYTES = 1 << 20
+#: The kind of an answer over MAX_ACK_BYTES, and of one that is no ACK of this message (no MSA, another
+#: message's control id, closed before its end): the exchange's error, as AE/CE are.
+TOO_BIG, NOT_ACK = "answer over 1 MiB", "not an ACK"
+#: The kinds of an answer that is an error of this exchange: given up on after the archive's error hold.
+ERRORS = ("AE", "CE", TOO_BIG, NOT_ACK)
+#: The most of an answer that is no ACK kept with its error (what the receiver said): its first line alone,
+#: so a receiver that echoes the message back puts no patient data in the journal (its MSH, not PID or OBX).
+MAX_ANSWER_TEXT = 120
 #: How often a send waiting for an ACK looks whether the archive is stopping (s).
 STOP_POLL_S = 0.25
 
@@ -112,6 +123,13 @@ def address_text(address: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _answer_start(data: bytes) -> str:
+    """What a receiver's answer that is no ACK said, as kept and logged: its first line (segment), at most
+    MAX_ANSWER_TEXT characters."""
+    text = data.lstrip(START).decode("utf-8", errors="replace")
+    return re.split(r"[\r\n]", text, maxsplit=1)[0][:MAX_ANSWER_TEXT]
+
+
 def _ack_of(data: bytes) -> tuple[str, str, str]:
     """(MSA-1, MSA-2, the receiver's text) of an ACK: the text MSA-3, then each ERR segment's user message
     (ERR-8), else its error code's text (ERR-3.2), else ERR-3's code, joined by '; '. NotAcknowledged when
@@ -128,7 +146,8 @@ def _ack_of(data: bytes) -> tuple[str, str, str]:
             code = fields[3].split("^") + ["", ""]
             said += [next((part for part in (fields[8], code[1], code[0]) if part), "")]
     if msa is None:
-        raise NotAcknowledged(f"the answer has no MSA segment: {text[:120]!r}")
+        start = _answer_start(data)
+        raise NotAcknowledged(f"the answer has no MSA segment, {NOT_ACK}: {start!r}", NOT_ACK, start)
     return msa[1], msa[2], "; ".join(part for part in said if part)[:MAX_LIS_TEXT]
 
 
@@ -188,28 +207,33 @@ def send(address: tuple[str, int], message: str, control_id: str, timeout_s: flo
             size = 0
             while True:
                 conn.settimeout(left())
-                try:
-                    chunk = conn.recv(65536)
+                try:  # never more than the bound in all: an answer that fills it without its end is no ACK
+                    chunk = conn.recv(min(65536, MAX_ACK_BYTES - size))
                 except TimeoutError:
                     continue  # a slice of the deadline passed: left() says whether it is over
                 if not chunk:
                     break
                 chunks.append(chunk)
                 size += len(chunk)
-                if size > MAX_ACK_BYTES:
-                    raise NotAcknowledged(f"{where} answered with more than {MAX_ACK_BYTES} bytes, no ACK")
                 if chunk.endswith(END) or (len(chunk) < len(END) and b"".join(chunks).endswith(END)):
                     break
+                if size >= MAX_ACK_BYTES:
+                    raise NotAcknowledged(f"{where} answered more than {MAX_ACK_BYTES} bytes without ending the "
+                                          f"answer (<FS><CR>): {TOO_BIG}, no ACK", TOO_BIG, _answer_start(chunks[0]))
             data = b"".join(chunks)
     except NotAcknowledged:
         raise
     except OSError as exc:  # refused, unreachable, timed out (socket.timeout is an OSError)
         raise NotAcknowledged(f"no ACK from {where} ({type(exc).__name__}: {exc})", "unreachable") from exc
-    if not data.endswith(END):
-        raise NotAcknowledged(f"{where} closed the connection without a whole ACK ({len(data)} bytes)")
+    if not data:
+        raise NotAcknowledged(f"{where} closed the connection without an answer")
+    if not data.endswith(END):  # an answer, cut short or not MLLP at all: what it said is no ACK
+        raise NotAcknowledged(f"{where} closed the connection without a whole ACK ({len(data)} bytes): {NOT_ACK}",
+                              NOT_ACK, _answer_start(data))
     code, acked, why = _ack_of(data.lstrip(START)[: -len(END)])
     if acked != control_id:
-        raise NotAcknowledged(f"{where} acknowledged message {acked[:40]!r}, not this one ({control_id})")
+        raise NotAcknowledged(f"{where} acknowledged message {acked[:40]!r}, not this one ({control_id}): "
+                              f"{NOT_ACK} of it", NOT_ACK, f"MSA-2 {acked[:40]}")
     if code not in ACCEPTED:
         # MSA-3 is the lab system's free text: shown escaped, as this text reaches the journal
         refused = Rejected if code in REJECTED else NotAcknowledged

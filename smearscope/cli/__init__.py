@@ -310,8 +310,8 @@ def _archive_parser(sub) -> None:
     ar.add_argument("--dir", type=Path, default=None, help=f"the archive folder (default {ARCHIVE_DIR})")
     _hl7_options(ar, None)
     ar.add_argument("--hl7-mllp-error-hold", type=float, default=None, metavar="SECONDS",
-                    help="seconds a report the MLLP listener answers AE or CE is held and sent again before it is "
-                    "recorded as not accepted and the archive goes on, 0 to 86400 (default 600; an AR or CR is "
+                    help="seconds a report the MLLP listener answers AE, CE or no ACK of it (over 1 MiB, not an ACK) is "
+                    "held and sent again before it is recorded as not accepted and the archive goes on, 0 to 86400 (default 600; an AR or CR is "
                     "final at once; archive send-hl7 --resend sends it later)")
     ar.set_defaults(func=_lazy("archive", "cmd_archive"))
     asub = ar.add_subparsers(dest="archive_command", parser_class=_Parser, metavar="{find,show,send-hl7}",

@@ -184,9 +184,10 @@ def _delivery_lines(r: ArchivedReport) -> list[str]:
 
 def _rejected_how(j: RecordedRejection) -> str:
     """What a rejection `find` lists was, the lab system's text escaped (mllp.shown): one line each."""
-    from smearscope.service.hl7.mllp import shown
+    from smearscope.service.hl7.mllp import NOT_ACK, TOO_BIG, shown
 
     how = (f"held: {j.lis_text}" if j.code == "held" else
+           f"{j.code}: {shown(j.lis_text) or '(no text)'}" if j.code in (TOO_BIG, NOT_ACK) else
            f"answered {j.code!r}: {shown(j.lis_text) or '(no text)'}")
     return how + ("" if j.open else "  (delivered there since)")
 

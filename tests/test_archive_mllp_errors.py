@@ -1,0 +1,89 @@
+"""Answers that are errors of the MLLP exchange hold a report for at most `--hl7-mllp-error-hold`, as
+AE/CE do: an answer over 1 MiB (garbage that never ends its frame), and one that is no ACK of this
+message, are then recorded as not accepted with that reason and the reports behind them go on. The
+running archive's storer (ArchiveStore with its Hl7Output, a real SQLite index) against a real MLLP
+listener (tests/mllp_lis.py)."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mllp_lis import RawLis, accept, framed
+from test_archive import SPECIMEN, STATION, a_report, envelope_of
+
+from smearscope.cli import main
+from smearscope.service.archive.hl7_out import Hl7Output
+from smearscope.service.archive.message import read_report
+from smearscope.service.archive.store import ArchiveStore
+from smearscope.service.hl7 import mllp
+
+
+def storer(directory: Path, port: int, error_hold_s: float, timeout_s: float = 5.0) -> ArchiveStore:
+    """The running archive's storer: its index, an HL7 output to the listener at `port` consulting it."""
+    output = Hl7Output(None, ("127.0.0.1", port), timeout_s, error_hold_s=error_hold_s)
+    store = ArchiveStore(directory, on_new_report=output)
+    output.use_index(store)
+    return store
+
+
+def rows(directory: Path, query: str) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(f"{(directory / 'index.sqlite').as_uri()}?mode=ro", uri=True)
+    try:
+        return list(db.execute(query))
+    finally:
+        db.close()
+
+
+def flood(conn: socket.socket, _: bytes) -> None:
+    """Answers 2 MiB of garbage with no MLLP end block, then closes (the sender stops reading first)."""
+    block = b"<html>" + b"x" * 65530
+    for _ in range(32):
+        conn.sendall(block)
+
+
+def not_an_ack(conn: socket.socket, _: bytes) -> None:
+    conn.sendall(framed(b"HTTP/1.1 400 Bad Request\r\n\r\n"))
+
+
+@pytest.mark.parametrize("behaviour, reason, text", [
+    (flood, "answer over 1 MiB", "<html>xxx"),
+    (not_an_ack, "not an ACK", "HTTP/1.1 400 Bad Request"),
+    (lambda conn, data: conn.sendall(data), "not an ACK", "MSH|^~\\&|smearscope|lab-7|"),  # echoes the message
+])
+def test_an_answer_that_is_no_ack_is_given_up_on_after_the_error_hold_and_the_next_report_goes(
+        tmp_path: Path, lis: Callable[..., RawLis], capsys: pytest.CaptureFixture[str],
+        behaviour: Callable[[socket.socket, bytes], None], reason: str, text: str) -> None:
+    first, other = a_report("run-1", SPECIMEN, 1_796_000_000.0), a_report("run-2", "H-2026-0413", 1_796_000_100.0)
+    lab = lis(behaviour)
+    directory = tmp_path / "archive"
+    store = storer(directory, lab.port, error_hold_s=600)
+    try:  # within the hold: held (not stored), the time it has been held kept in the index
+        with pytest.raises(mllp.NotAcknowledged, match=reason):
+            store.put_report(read_report(STATION, envelope_of(first)))
+        assert rows(directory, "SELECT report_id FROM reports") == []
+        assert [r[0] for r in rows(directory, "SELECT report_id FROM hl7_error_holds")] == [first.report_id]
+    finally:
+        store.close()
+
+    store = storer(directory, lab.port, error_hold_s=0)  # the hold over: given up on at the next such answer
+    try:
+        assert store.put_report(read_report(STATION, envelope_of(first))).new
+        lab.behaviour = accept
+        assert store.put_report(read_report(STATION, envelope_of(other))).new
+    finally:
+        store.close()
+    where = f"mllp:127.0.0.1:{lab.port}"
+    recorded = rows(directory, "SELECT report_id, destination, code, lis_text FROM hl7_rejections")
+    assert [r[:3] for r in recorded] == [(first.report_id, where, reason)]
+    kept = str(recorded[0][3])  # the answer's first line: of an echo, its MSH (no specimen id, no result)
+    assert kept.startswith(text) and len(kept) <= mllp.MAX_ANSWER_TEXT and SPECIMEN not in kept
+    assert rows(directory, "SELECT report_id FROM hl7_deliveries") == [(other.report_id,)]
+    assert rows(directory, "SELECT count(*) FROM hl7_error_holds") == [(0,)]
+    assert len(lab.received) == 3
+    capsys.readouterr()
+    assert main(["archive", "find", "--not-accepted", "--dir", str(directory)]) == 0
+    assert f"HL7 NOT accepted by {where}" in (out := capsys.readouterr().out) and f"MSH-11 P  {reason}: {text}" in out
