@@ -59,11 +59,12 @@ def test_an_answer_that_is_no_ack_is_given_up_on_after_the_error_hold_and_the_ne
         behaviour: Callable[[socket.socket, bytes], None], reason: str, text: str) -> None:
     first, other = a_report("run-1", SPECIMEN, 1_796_000_000.0), a_report("run-2", "H-2026-0413", 1_796_000_100.0)
     lab = lis(behaviour)
+    message = read_report(STATION, envelope_of(first))  # as the broker delivers it again, the same bytes
     directory = tmp_path / "archive"
     store = storer(directory, lab.port, error_hold_s=600)
     try:  # within the hold: held (not stored), the time it has been held kept in the index
         with pytest.raises(mllp.NotAcknowledged, match=reason):
-            store.put_report(read_report(STATION, envelope_of(first)))
+            store.put_report(message)
         assert rows(directory, "SELECT report_id FROM reports") == []
         assert [r[0] for r in rows(directory, "SELECT report_id FROM hl7_error_holds")] == [first.report_id]
     finally:
@@ -71,7 +72,7 @@ def test_an_answer_that_is_no_ack_is_given_up_on_after_the_error_hold_and_the_ne
 
     store = storer(directory, lab.port, error_hold_s=0)  # the hold over: given up on at the next such answer
     try:
-        assert store.put_report(read_report(STATION, envelope_of(first))).new
+        assert store.put_report(message).new
         lab.behaviour = accept
         assert store.put_report(read_report(STATION, envelope_of(other))).new
     finally:
@@ -87,3 +88,44 @@ def test_an_answer_that_is_no_ack_is_given_up_on_after_the_error_hold_and_the_ne
     capsys.readouterr()
     assert main(["archive", "find", "--not-accepted", "--dir", str(directory)]) == 0
     assert f"HL7 NOT accepted by {where}" in (out := capsys.readouterr().out) and f"MSH-11 P  {reason}: {text}" in out
+
+
+def test_the_time_the_lab_system_cannot_be_reached_between_two_errors_does_not_count_toward_the_hold(
+        tmp_path: Path, lis: Callable[..., RawLis]) -> None:
+    """AE, then a listener that does not answer for longer than the whole hold (1 s here: the exchange's
+    1.5 s timeout), then AE again: the outage is not counted (the report is still held, its time held
+    kept below the hold), and what is kept goes on over a restart."""
+    report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    message = read_report(STATION, envelope_of(report))
+    answers = ["AE", "silent", "AE", "AE"]
+
+    def lab_system(conn: socket.socket, data: bytes) -> None:
+        if answers.pop(0) == "silent":  # connected, never answering, until the sender gives up and closes
+            while conn.recv(65536):
+                pass
+        else:
+            msh10 = data.split(b"\r", 1)[0].split(b"|")[9].decode()
+            conn.sendall(framed(f"MSH|^~\\&|LIS|LAB|smearscope|lab-7|20261130091500||ACK^R01^ACK|A1|P|2.5.1\r"
+                                f"MSA|AE|{msh10}|record locked\r".encode()))
+
+    lab = lis(lab_system)
+    directory = tmp_path / "archive"
+    store = storer(directory, lab.port, error_hold_s=1, timeout_s=1.5)
+    try:
+        for kind in ("AE", "unreachable", "AE"):
+            with pytest.raises(mllp.NotAcknowledged) as caught:
+                store.put_report(message)
+            assert caught.value.kind == kind
+    finally:
+        store.close()
+    (held,), = rows(directory, "SELECT held_s FROM hl7_error_holds")
+    assert 0 <= float(held) < 1  # not the 1.5 s the listener was silent
+    assert rows(directory, "SELECT count(*) FROM hl7_rejections") == [(0,)]
+
+    store = storer(directory, lab.port, error_hold_s=float(held))  # restarted: the time kept is the whole hold
+    try:
+        assert store.put_report(message).new
+    finally:
+        store.close()
+    assert [r[0] for r in rows(directory, "SELECT code FROM hl7_rejections")] == ["AE"]
+    assert len(lab.received) == 4

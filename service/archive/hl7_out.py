@@ -122,10 +122,11 @@ class Hl7Output:
         #: that total (the index's): a restart does not give a report the whole hold again
         self.error_held: Callable[[str, str, str], float] | None = None
         self.record_error_held: Callable[[str, str, str, float], None] | None = None
-        # the report held, its deliveries (and rejections) made so far, and since when a receiver answers
-        # AE/CE (the seconds held so far when this run's first AE came, and that AE's monotonic time)
+        # the report held, its deliveries (and rejections) made so far, and how long a receiver has answered it
+        # with errors (the seconds held so far, and the monotonic time of the last error answer: None while
+        # paused, the receiver not answering at all since)
         self._held: tuple[str, list[Delivery | Rejection]] | None = None
-        self._erring: tuple[float, float] | None = None
+        self._erring: tuple[float, float | None] | None = None
 
     def use_index(self, store: ArchiveStore) -> None:
         """Consult the running archive's index: an amended report waits behind its original not accepted
@@ -230,20 +231,27 @@ class Hl7Output:
         except mllp.Rejected as exc:
             return self.rejection(destination, message.report_id, control_id, exc)
         except mllp.NotAcknowledged as exc:
-            if exc.kind not in mllp.ERRORS:  # no answer at all: held for as long as it lasts
+            if exc.kind not in mllp.ERRORS:  # no answer at all: held for as long as it lasts, not counted
+                if self._erring is not None:
+                    self._erring = (self._erring[0], None)
                 raise
             if self._error_held(destination, message.report_id) < self.error_hold_s:
                 raise
             return self.rejection(destination, message.report_id, control_id, exc)
 
     def _error_held(self, destination: str, report_id: str) -> float:
-        """Seconds `report_id` has now been answered AE/CE at `destination`, this run's and earlier runs'
-        (monotonic within a run: a clock change neither shortens nor stretches it), kept in the index."""
+        """Seconds `report_id` has now been answered with errors (AE/CE, no ACK of it) at `destination`: from
+        each error answer to the next while the receiver keeps answering so, this run's and earlier runs'
+        (monotonic within a run: a clock change neither shortens nor stretches it), kept in the index. The
+        time it could not be reached, or did not answer, in between does not count: an outage is held for as
+        long as it lasts, and does not spend the hold of the answer after it."""
         now = time.monotonic()
         if self._erring is None:
             before = self.error_held(report_id, destination, self.processing_id) if self.error_held else 0.0
-            self._erring = (before, now)
-        held = self._erring[0] + now - self._erring[1]
+            self._erring = (before, None)
+        held, since = self._erring
+        held += now - since if since is not None else 0.0
+        self._erring = (held, now)
         if self.record_error_held is not None:
             self.record_error_held(report_id, destination, self.processing_id, held)
         return held
