@@ -124,6 +124,30 @@ def test_send_hl7_to_no_archive_makes_no_hl7_folder(tmp_path: Path, capsys: pyte
     assert not (tmp_path / "spool").exists() and list(empty.iterdir()) == []
 
 
+def test_a_resend_of_a_report_the_archive_does_not_hold_changes_nothing(
+        archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--resend` with a mistyped report id (beside one archived) is checked on the index first, writes
+    refused: exit 1 naming it, no HL7 folder made, the version 1 index neither upgraded nor written (every
+    file of the archive as it was, no SQLite -wal/-shm left beside it), nothing sent."""
+    def files() -> dict[str, bytes]:
+        return {str(p.relative_to(archive)): p.read_bytes() for p in sorted(archive.rglob("*")) if p.is_file()}
+
+    before = files()
+    hl7_dir = tmp_path / "spool" / "hl7"
+    assert main(["archive", "send-hl7", "--resend", FIRST, "--resend", "no-such-report", "--dir", str(archive),
+                 "--hl7-dir", str(hl7_dir)]) == 1
+    said = capsys.readouterr().err
+    assert not (tmp_path / "spool").exists()
+    assert files() == before
+    assert (f"--resend: no archived specimen report no-such-report in {archive} (`archive find` lists them): "
+            "nothing sent, nothing changed") in said
+    db = sqlite3.connect(f"{(archive / 'index.sqlite').as_uri()}?mode=ro", uri=True)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    finally:
+        db.close()
+
+
 def test_find_lists_the_hl7_deliveries_the_index_records(
         archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["archive", "find", "--dir", str(archive), "--json"]) == 0  # version 1, read as it is: none

@@ -26,6 +26,7 @@ from smearscope.service.archive.store import (
     INDEX_NAME,
     canonical_destination,
     open_index,
+    open_index_query_only,
     record_deliveries,
     whole_ids_run,
 )
@@ -46,6 +47,18 @@ class SendResult:
     stopped_by: str | None
     rejected: int = 0
     not_accepted: int = 0
+
+
+def not_archived(directory: Path, report_ids: tuple[str, ...]) -> list[str]:
+    """The ones of `report_ids` that are no specimen report of the archive at `directory`, read from its index
+    with writes refused (nothing made, upgraded or left in the folder: a mistyped `--resend` changes nothing);
+    FileNotFoundError when the folder holds no archive."""
+    db = open_index_query_only(directory.resolve())
+    try:
+        return sorted(report_id for report_id in set(report_ids) if db.execute(
+            "SELECT 1 FROM reports WHERE report_id = ? AND kind = 'specimen'", (report_id,)).fetchone() is None)
+    finally:
+        db.close()
 
 
 def send_from_index(directory: Path, output: Hl7Output, since: float | None, again: bool = False,

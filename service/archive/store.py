@@ -415,6 +415,24 @@ def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
     return db
 
 
+def open_index_query_only(directory: Path) -> sqlite3.Connection:
+    """The existing index of the archive at `directory` for a check that must change nothing: opened as its
+    writer opens it (so the last connection to close removes SQLite's -wal and -shm files, which a read-only
+    connection to a WAL index leaves in the folder) but refusing every write (query_only), its version checked,
+    nothing made or upgraded. FileNotFoundError when the folder holds no archive."""
+    path = directory / INDEX_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no archive at {directory} ({INDEX_NAME} not there)")
+    db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=rw", uri=True, timeout=10)
+    try:
+        db.execute("PRAGMA query_only = ON")
+        _version(db, path)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 def _version(db: sqlite3.Connection, path: Path) -> int:
     """The index's version (0: none yet, a new index or one made before it had a number, of version
     1's layout, or one whose first start stopped before all its tables were made; 1: without HL7

@@ -288,7 +288,7 @@ def cmd_send_hl7(args: argparse.Namespace) -> int:
 
     from smearscope.service.archive.hl7_out import Hl7Output
     from smearscope.service.archive.query import parse_since
-    from smearscope.service.archive.send_hl7 import send_from_index
+    from smearscope.service.archive.send_hl7 import not_archived, send_from_index
     from smearscope.service.archive.store import INDEX_NAME, IndexVersionError
     from smearscope.service.config.archive import Hl7OutputConfig
 
@@ -305,6 +305,15 @@ def cmd_send_hl7(args: argparse.Namespace) -> int:
     directory = _directory(args)
     if not (directory / INDEX_NAME).is_file():  # before the HL7 folder is made: a mistyped --dir makes nothing
         return _fail(f"no archive at {directory} ({INDEX_NAME} not there)", 1)
+    try:  # before anything is made or changed (the HL7 folder, the index's upgrade): a mistyped id changes nothing
+        unknown = not_archived(directory, tuple(args.resend or ()))
+    except IndexVersionError as exc:
+        return _fail(str(exc))
+    except (OSError, sqlite3.Error) as exc:
+        return _fail(f"cannot read the archive index at {directory}: {exc}", 1)
+    if unknown:
+        return _fail(f"--resend: no archived specimen report {', '.join(unknown)} in {directory} (`archive find` "
+                     "lists them): nothing sent, nothing changed", 1)
     # the messages are patient data: nothing for other users, as the archive's own files
     os.umask(os.umask(0o027) | 0o027)
     try:
