@@ -192,6 +192,26 @@ def test_the_error_hold_counts_the_time_held_before_a_restart(
         station.stop()
 
 
+def test_a_hold_is_recorded_once_while_it_stands_whatever_send_hl7_again_is_run(
+        tmp_path: Path, lis: Callable[..., RawLis], capsys: pytest.CaptureFixture[str]) -> None:
+    """`send-hl7 --again` offers the report held behind its rejected original each time: the original is sent
+    and rejected again (a new answer, recorded), the held one is not sent and its hold not recorded again."""
+    directory = tmp_path / "archive"
+    shutil.copytree(VERSION_1, directory, ignore=shutil.ignore_patterns("README.md"))
+    lab = lis(answering({control_id(FIRST): "AR"}))
+    where = f"mllp:127.0.0.1:{lab.port}"
+    send_hl7 = ["archive", "send-hl7", "--all", "--dir", str(directory), "--hl7-mllp", f"127.0.0.1:{lab.port}"]
+    assert main(send_hl7) == 1
+    for _ in range(2):
+        assert main([*send_hl7, "--again"]) == 1
+    assert [r[:3] for r in rejections(directory)] == [
+        (FIRST, where, "AR"), (VERIFIED, where, "held"), (FIRST, where, "AR"), (FIRST, where, "AR")]
+    assert msh10s(lab) == [control_id(FIRST)] * 3
+    capsys.readouterr()
+    assert main(["archive", "find", "--not-accepted", "--dir", str(directory)]) == 0
+    assert capsys.readouterr().out.count("held: the report it supersedes") == 1
+
+
 def test_a_resend_closes_the_rejection_though_the_clock_was_ahead_when_it_was_recorded(
         tmp_path: Path, lis: Callable[..., RawLis], capsys: pytest.CaptureFixture[str]) -> None:
     """A delivery closes the rejection before it whatever the clock said then: a station clock set back

@@ -112,11 +112,15 @@ def send_from_index(directory: Path, output: Hl7Output, since: float | None, aga
                     if report_id in resend:
                         return SendResult(delivered, already, unreadable, f"report {report_id} to {destination}: "
                                           f"{why}: --resend {supersedes} first", rejected, skipped)
-                    logger.error("report %s is NOT sent to %s: %s; recorded as held there", report_id, destination,
-                                 why)
-                    with db:
-                        record_rejections(db, [Rejection(report_id, destination, control_id, output.sender, pid,
-                                                         HELD, why)])
+                    if open_rejection(db, report_id, destination, pid) == HELD:  # recorded once while it stands
+                        logger.error("report %s is NOT sent to %s: %s; held there (recorded before)", report_id,
+                                     destination, why)
+                    else:
+                        logger.error("report %s is NOT sent to %s: %s; recorded as held there", report_id,
+                                     destination, why)
+                        with db:
+                            record_rejections(db, [Rejection(report_id, destination, control_id, output.sender, pid,
+                                                             HELD, why)])
                     skipped += 1
                     continue
                 try:
