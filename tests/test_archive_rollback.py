@@ -1,0 +1,102 @@
+"""An archive index of version 3, as the archive of commit cd8f582 (the release before version 4) left it
+(tests/data/archive-v3), upgraded by this smearscope: every report, bundle and HL7 delivery kept, and a
+copy of the index as it was (`index.sqlite.v3-backup`, what that release reads: it refuses version 4)
+made before anything is written, with what its WAL held."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from smearscope.service.archive.store import INDEX_VERSION, ArchiveStore, backup_path
+
+REPO = Path(__file__).resolve().parents[1]
+VERSION_3 = REPO / "tests" / "data" / "archive-v3"
+FIRST, VERIFIED = "677c350e-5742-432a-94a7-0cb61535294e", "2954a7b8-d42e-4cfc-a7a8-8cb06e81ecb5"
+LIS = "mllp:lis.clinic.lan:2575"
+
+
+def read(index: Path, query: str) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(f"{index.as_uri()}?mode=ro", uri=True)
+    try:
+        return list(db.execute(query))
+    finally:
+        db.close()
+
+
+def state(index: Path) -> dict[str, object]:
+    """What the index of version 3 holds: its version, tables and rows."""
+    return {
+        "version": read(index, "PRAGMA user_version")[0][0],
+        "tables": read(index, "SELECT type, name, sql FROM sqlite_master ORDER BY name"),
+        "reports": read(index, "SELECT * FROM reports ORDER BY report_id"),
+        "bundles": read(index, "SELECT * FROM bundles ORDER BY report_id"),
+        "deliveries": read(index, "SELECT * FROM hl7_deliveries ORDER BY control_id"),
+    }
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    directory = tmp_path / "archive"
+    shutil.copytree(VERSION_3, directory, ignore=shutil.ignore_patterns("README.md"))
+    return directory
+
+
+def test_a_version_3_index_is_upgraded_keeping_every_delivery_and_its_copy_as_it_was_beside_it(
+        archive: Path, caplog: pytest.LogCaptureFixture) -> None:
+    index = archive / "index.sqlite"
+    before = state(index)
+    assert before["version"] == 3 and len(before["deliveries"]) == 3 and len(before["reports"]) == 2
+    with caplog.at_level(logging.INFO):
+        ArchiveStore(archive).close()
+    backup = backup_path(index, 3)
+    assert backup == archive / "index.sqlite.v3-backup"
+    assert read(index, "PRAGMA user_version")[0][0] == INDEX_VERSION == 4
+    after = state(index)
+    assert [after[k] for k in ("reports", "bundles", "deliveries")] == [
+        before[k] for k in ("reports", "bundles", "deliveries")]
+    assert read(index, "SELECT run_id FROM hl7_whole_id_runs") == [(before["reports"][0][2],)]
+    # the copy is the index as cd8f582 left it, one file (no WAL beside it to move with it)
+    assert state(backup) == before
+    assert read(backup, "PRAGMA journal_mode")[0][0] == "delete"
+    assert not backup.with_name(backup.name + "-wal").exists()
+    assert f"the archive index {index} (version 3, 2 reports) copied to {backup} before its upgrade" in caplog.text
+    assert [p.name for p in archive.iterdir() if p.name.startswith(".")] == []
+
+
+def test_the_copy_holds_what_only_the_wal_held_and_later_opens_leave_it_and_the_rejections(
+        archive: Path) -> None:
+    """A delivery committed to the WAL alone (its writer still open, as an archive killed leaves it) is in
+    the copy; a rejection recorded after the upgrade stays in the index, the copy is not made again."""
+    index = archive / "index.sqlite"
+    writer = sqlite3.connect(index)
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    with writer:
+        writer.execute("INSERT INTO hl7_deliveries VALUES (?, ?, 'VS3A000000000000004', 1796638400.0, 'send-hl7', "
+                       "'D')", (FIRST, LIS))
+    assert index.with_name("index.sqlite-wal").stat().st_size > 0
+    store = ArchiveStore(archive)
+    writer.close()
+    backup = backup_path(index, 3)
+    assert ("VS3A000000000000004",) in read(backup, "SELECT control_id FROM hl7_deliveries")
+    with store._db:
+        store._db.execute("INSERT INTO hl7_rejections (report_id, destination, control_id, rejected_at, sender, "
+                          "processing_id, code, lis_text) VALUES (?, ?, 'C1', 1796638500.0, 'archive', 'P', 'AR', "
+                          "'OBX-3 not mapped')", (VERIFIED, LIS))
+    store.close()
+    copied = hashlib.sha256(backup.read_bytes()).hexdigest()
+    ArchiveStore(archive).close()
+    assert hashlib.sha256(backup.read_bytes()).hexdigest() == copied
+    assert read(index, "SELECT report_id, code FROM hl7_rejections") == [(VERIFIED, "AR")]
+    assert len(read(index, "SELECT * FROM hl7_deliveries")) == 4
+
+
+def test_a_new_index_or_one_already_of_version_4_gets_no_copy(tmp_path: Path) -> None:
+    ArchiveStore(tmp_path / "a").close()
+    ArchiveStore(tmp_path / "a").close()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir() if "backup" in p.name) == []
