@@ -100,3 +100,14 @@ def test_a_new_index_or_one_already_of_version_4_gets_no_copy(tmp_path: Path) ->
     ArchiveStore(tmp_path / "a").close()
     ArchiveStore(tmp_path / "a").close()
     assert sorted(p.name for p in (tmp_path / "a").iterdir() if "backup" in p.name) == []
+
+
+def test_an_index_whose_copy_cannot_be_written_is_not_upgraded(archive: Path) -> None:
+    """No upgrade without the copy: a folder where the copy goes (as a full disk would) stops the open,
+    the index left of version 3 with its rows."""
+    index = archive / "index.sqlite"
+    before = state(index)
+    backup_path(index, 3).mkdir()
+    with pytest.raises(OSError):
+        ArchiveStore(archive)
+    assert state(index) == before
