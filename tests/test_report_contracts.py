@@ -581,7 +581,7 @@ def test_a_report_says_its_schema_version_and_a_stored_one_of_the_version_before
 
     schema = json.loads((Path(__file__).resolve().parents[1] / "schemas" / "report.schema.json").read_text())
     new = current_report()
-    assert SCHEMA_VERSION == new.schema_version == "1.3"
+    assert SCHEMA_VERSION == new.schema_version == "1.4"
     assert any(s.grade == "present" for s in new.rbc_morphology)
     jsonschema.validate(json.loads(new.model_dump_json()), schema)
     old = graded_report()

@@ -33,9 +33,11 @@ from smearscope.service.analysis.report import (
     Counts,
     Flag,
     ModelInfo,
+    ReviewSummary,
     SizeHistogram,
     SizeStats,
 )
+from smearscope.service.analysis.review_counts import review_reason, review_summary
 
 Z95 = 1.959963984540054
 
@@ -163,6 +165,7 @@ class Aggregates:
     ratios: dict[str, float | None]
     flags: list[Flag]
     nrbc_per_100_wbc: float | None = None
+    review: ReviewSummary | None = None
 
 
 def _ratio(a: int, b: int) -> float | None:
@@ -194,12 +197,17 @@ class CellTally:
         self.schistocytes: list[tuple[int, float]] = []  # (index, head confidence)
         self.regrouped_platelets: list[int] = []  # found as white cells, typed as platelets
         self.nrbc: list[int] = []
+        self.review: Counter[str] = Counter()  # cells awaiting review, per reason (review_counts)
+        self.reviewed = 0  # cells a technician typed (verified run): reviewed, awaiting nothing
 
     def extend(self, cells: Iterable[ClassifiedCell]) -> CellTally:
         i = self.n
         for c in cells:
             kind = c.detection.kind
             self.kinds[kind] += 1
+            self.reviewed += c.typed
+            if not c.typed and (reason := review_reason(kind.value, c.label, c.atypical)) is not None:
+                self.review[reason] += 1
             if kind is CellKind.RBC:
                 label = c.label or UNIDENTIFIED
                 if c.size_calibrated:
@@ -298,7 +306,8 @@ class CellTally:
                                               f"confidence{why}: review"))
         flags += self._evidence_flags(th)
         nrbc_100 = round(100.0 * n_nrbc / n_wbc, 2) if n_wbc else None
-        return Aggregates(counts, diff, morph, sizes, ratios, flags, nrbc_100)
+        return Aggregates(counts, diff, morph, sizes, ratios, flags, nrbc_100,
+                          review_summary(self.review, self.reviewed))
 
     @property
     def n_judged(self) -> int:

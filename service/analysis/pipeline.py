@@ -456,7 +456,7 @@ class Analyzer:
                                    judged=not blurred),
             models=self.models, counts=agg.counts, wbc_differential=agg.wbc_differential,
             rbc_morphology=sizes_in_doubt(agg.rbc_morphology, flags), rbc_size=agg.rbc_size,
-            nrbc_per_100_wbc=agg.nrbc_per_100_wbc, ratios=agg.ratios, flags=flags,
+            nrbc_per_100_wbc=agg.nrbc_per_100_wbc, ratios=agg.ratios, flags=flags, review=agg.review,
             cells=records, timing_ms={k: round(v, 1) for k, v in timing.items()},
         )
         return FieldResult(report, tuple(cells), factor, candidates, check)

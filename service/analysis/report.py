@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 #: the lab's identifier of the specimen its run was started for (`specimen_id`, start_run).
 #: "1.3": a report's models name the classes each can call (`classes`): its WBC differential lists each
 #: class of the WBC head's and its morphology each graded class of the RBC head's, one no cell was given at 0.
-SCHEMA_VERSION = "1.3"
+#: "1.4": a report counts the cells that await a technician's review (`review`); absent in earlier reports.
+SCHEMA_VERSION = "1.4"
 #: Longest specimen identifier (accession number, slide label) a run and its report may name.
 MAX_SPECIMEN_ID = 64
 
@@ -243,6 +244,25 @@ class Verification(_Strict):
                                 "critical calls) that no one typed before signing: counted as the analyzer called them")
 
 
+class ReviewSummary(_Strict):
+    """The cells the analyzer did not decide, which await a technician's review (the review gallery's
+    cells to review, whatever `[review] white_cells` adds to it; command verify_run signs them)."""
+
+    cells: int = Field(description="cells awaiting review: the sum of the counts below")
+    wbc_unidentified: int = Field(description="white cells the WBC head could not type with confidence "
+                                  "(label unidentified), listed with the atypical ones by flag atypical_wbc_present")
+    wbc_atypical: int = Field(description="white cells unlike any trained type (`atypical`: the head's open-set "
+                              "tests; blasts or other abnormal cells are possible)")
+    wbc_rare: int = Field(description="white cells of a rare class a person confirms (immature granulocytes, `ig`)")
+    nrbc: int = Field(description="nucleated red cells (erythroblasts), listed by flag nucleated_rbc_present")
+    rbc_unidentified: int = Field(description="red cells the RBC head could not type with confidence")
+    rbc_flagged: int = Field(description="red cells called sickle or schistocyte, which the flags "
+                             "sickle_cells_review, sickle_cells_present and schistocytes_present list: every such "
+                             "call goes to review, the sure ones and those below the critical flag's evidence alike")
+    reviewed: int = Field(0, description="verified reports: cells a technician typed (no longer awaiting review; "
+                          "`verification.typed_cells`), the counts above being those left; 0 in a preliminary report")
+
+
 class CellDetail(_Strict):
     """Where the per-cell detail of a report a station publishes went (docs/MQTT.md)."""
 
@@ -253,7 +273,7 @@ class CellDetail(_Strict):
 
 
 class Report(_Strict):
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3"] = SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4"] = SCHEMA_VERSION
     report_id: str
     kind: Literal["field", "specimen"]
     created_at: float
@@ -285,6 +305,8 @@ class Report(_Strict):
     timing_ms: dict[str, float] = {}
     end_reason: str | None = Field(None, description="final specimen reports: why the run ended (target_reached, "
                                    "stopped, idle_timeout, field_limit, shutdown, restart, ...); absent while it is open")
+    review: ReviewSummary | None = Field(None, description="the cells awaiting a technician's review, by kind and "
+                                         "reason; absent in reports from before 1.4: not counted (not 0)")
     verification: Verification | None = Field(None, description="specimen reports a technician verified "
                                               "(command verify_run); absent: the analyzer's preliminary result")
 

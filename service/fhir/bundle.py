@@ -123,6 +123,9 @@ def report_bundle(report: Report) -> Resource:
     _flags(b, flags)
     conclusion = "; ".join(f"{f.severity}: {f.message}" for f in flags) or "no flags"
     v = report.verification
+    # the cells left to a technician, in the words the printed report uses (none said for a report
+    # from before they were counted): the conclusion is free text, no coded element holds it
+    waiting = f" {text[0].upper()}{text[1:]}." if (text := report_view.awaiting_review(report)) else ""
     b.entries.insert(0, {"fullUrl": f"urn:uuid:{_uuid(b.rid, 'report')}", "resource": {
         "resourceType": "DiagnosticReport", "id": _uuid(b.rid, "report"),
         # a run's reports share its run identifier: a verified one and the one it supersedes
@@ -135,7 +138,7 @@ def report_bundle(report: Report) -> Resource:
                             else "(digital smear analysis, not reviewed)")),
         "effectiveDateTime": b.effective, "issued": b.issued,
         "specimen": [{"reference": b.specimen_ref}], "result": b.results,
-        "conclusion": (f"Preliminary, machine result; a qualified person must review it. {conclusion}" if v is None
+        "conclusion": (f"Preliminary, machine result; a qualified person must review it.{waiting} {conclusion}" if v is None
                        else f"Verified by {v.verified_by}: {v.typed_cells} cell{'' if v.typed_cells == 1 else 's'} typed, "
                        f"{len(v.reclassified)} reclassified, {v.left_to_review} sent to review left as the "
                        f"analyzer called them; replaces report {v.supersedes}{_signed_before(v)}. {conclusion}"),

@@ -145,3 +145,31 @@ def atypical_wbc_present(report: Report) -> bool:
 def untyped_wbc(report: Report) -> int:
     """White cells the analyzer left untyped (the differential's unidentified row): for review."""
     return sum(s.count for s in report.wbc_differential if s.label == UNIDENTIFIED)
+
+
+def awaiting_review(report: Report) -> str | None:
+    """The cells awaiting a technician's review, in words ("41 white cells and 3 red cells await
+    review", "no cell awaits review"); None for a report from before they were counted (schema
+    1.4): not counted, which is not none."""
+    rv = report.review
+    if rv is None:
+        return None
+    groups = [(rv.wbc_unidentified + rv.wbc_atypical + rv.wbc_rare, "white cell"),
+              (rv.nrbc, "nucleated red cell"), (rv.rbc_unidentified + rv.rbc_flagged, "red cell")]
+    named = [f"{n} {what}{'' if n == 1 else 's'}" for n, what in groups if n]
+    if not named:
+        return "no cell awaits review"
+    listed = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+    return f"{listed} {'awaits' if rv.cells == 1 else 'await'} review"
+
+
+def review_reasons(report: Report) -> str:
+    """What the cells awaiting review are, reason by reason ("38 white cells unidentified, 3 atypical")."""
+    rv = report.review
+    if rv is None:
+        return ""
+    parts = [(rv.wbc_unidentified, "white cell", " unidentified"), (rv.wbc_atypical, "white cell", " atypical"),
+             (rv.wbc_rare, "white cell", " of a rare class (ig)"), (rv.nrbc, "nucleated red cell", ""),
+             (rv.rbc_unidentified, "red cell", " unidentified"),
+             (rv.rbc_flagged, "red cell", " called sickle or schistocyte")]
+    return ", ".join(f"{n} {what}{'' if n == 1 else 's'}{how}" for n, what, how in parts if n)

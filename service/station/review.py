@@ -35,6 +35,7 @@ from smearscope.service.analysis.overlay import draw_overlay
 from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.records import ARTEFACT, CellKind
 from smearscope.service.analysis.report import CellRecord
+from smearscope.service.analysis.review_counts import UNIDENTIFIED, review_reason
 from smearscope.service.config import ReviewConfig
 from smearscope.service.station.disk_room import free_bytes
 from smearscope.service.station.gallery_store import FILE_NAME, GalleryStore, RunChange, StoredRun
@@ -43,10 +44,6 @@ from smearscope.service.station.typed_cells import TypeableCell
 
 logger = logging.getLogger(__name__)
 
-UNIDENTIFIED = "unidentified"
-#: Labels a technician should see even when the head was confident (rare or critical calls:
-#: schistocytes over 1 % point to a thrombotic microangiopathy, and their flag asks for review).
-ATYPICAL_LABELS = frozenset({"atypical", "erythroblast", "ig", "sickle", "schistocyte"})
 #: Closed runs whose galleries stay in memory (the open run is always kept).
 KEEP_RUNS = 4
 _JPEG = [int(cv2.IMWRITE_JPEG_QUALITY), 80]
@@ -72,12 +69,11 @@ class WbcTyping:
 
 
 def needs_review(cell: CellRecord) -> int | None:
-    """Review priority of a cell (0: unidentified, 1: atypical), None when it needs none."""
-    if cell.label == UNIDENTIFIED:
-        return 0
-    if cell.label in ATYPICAL_LABELS or cell.atypical:
-        return 1
-    return None
+    """Review priority of a cell (0: unidentified, 1: atypical, rare or critical), None when it needs
+    none (service.analysis.review_counts, whose rule the report's `review` counts by)."""
+    if review_reason(cell.kind, cell.label, cell.atypical) is None:
+        return None
+    return 0 if cell.label == UNIDENTIFIED else 1
 
 
 def cell_crop(image: np.ndarray, bbox: Sequence[float], size: int) -> np.ndarray | None:

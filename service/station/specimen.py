@@ -268,7 +268,7 @@ class SpecimenRun:
             run_id=self.run_id, specimen_id=self.specimen_id, fields_analyzed=len(self.field_ids), source=None,
             models=self.models, counts=agg.counts, wbc_differential=agg.wbc_differential,
             rbc_morphology=sizes_in_doubt(agg.rbc_morphology, flags), rbc_size=agg.rbc_size,
-            nrbc_per_100_wbc=agg.nrbc_per_100_wbc, ratios=agg.ratios, flags=flags,
+            nrbc_per_100_wbc=agg.nrbc_per_100_wbc, ratios=agg.ratios, flags=flags, review=agg.review,
             cells=list(self.records) if with_cells else [],
             timing_ms={"run_ms": round(1000.0 * (now - self.started_at if elapsed_s is None else elapsed_s), 1)},
             end_reason=end_reason,
