@@ -494,3 +494,54 @@ def test_the_red_cells_size_reads_as_smearscope_analyze_prints_it_at_an_exact_ti
             assert line() == want, line()
         finally:
             driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_the_cells_awaiting_review_are_said_on_screen_and_on_paper_and_an_older_report_says_not_counted(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """A preliminary printout did not say how many cells still wait for a technician (the gallery's
+    count depends on `[review] white_cells`; older runs carry none). A report's `review` (schema 1.4)
+    is now said below the run's line, on screen and on paper: preliminary, interim or verified (what
+    is left, what the technician typed); a report of schema 1.3 says "not counted", never 0."""
+    from selenium.webdriver.common.by import By
+
+    from smearscope.service.analysis.report import ReviewSummary
+
+    now = time.time()
+    waiting = ReviewSummary(cells=44, wbc_unidentified=38, wbc_atypical=3, wbc_rare=0, nrbc=0, rbc_unidentified=0,
+                            rbc_flagged=3)
+    preliminary = _specimen("ward-p", "run-p", [], now).model_copy(update={"review": waiting})
+    one = ReviewSummary(cells=1, wbc_unidentified=0, wbc_atypical=0, wbc_rare=0, nrbc=1, rbc_unidentified=0,
+                        rbc_flagged=0)
+    interim = _closed_run_state(_specimen("ward-i", "run-i", [], now).model_copy(update={"review": one}))
+    interim = {**interim, "state": "open", "end_reason": None}
+    done = ReviewSummary(cells=0, wbc_unidentified=0, wbc_atypical=0, wbc_rare=0, nrbc=0, rbc_unidentified=0,
+                         rbc_flagged=0, reviewed=44)
+    verified = _specimen("ward-v", "run-v", [], now).model_copy(update={"review": done, "verification": Verification(
+        verified_by="AB", verified_at=now - 60, supersedes="r-0", typed_cells=44, reclassified=[])})
+    older = _specimen("ward-o", "run-o", [], now).model_copy(update={"schema_version": "1.3"})
+    assert older.review is None
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        for report in (preliminary, verified, older):
+            send(f"smearscope/{report.station_id}/run", json.dumps(_closed_run_state(report)))
+        send("smearscope/ward-i/run", json.dumps(interim))
+        driver.get(url)
+        _wait("the runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == 4,
+              20, [log])
+        line = lambda s: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}'] .review-line")
+        want = {"ward-p": "Preliminary: 41 white cells and 3 red cells await review (38 white cells unidentified, "
+                          "3 white cells atypical, 3 red cells called sickle or schistocyte)",
+                "ward-i": "Interim: 1 nucleated red cell awaits review (1 nucleated red cell)",
+                "ward-v": "Verified: no cell awaits review; 44 typed by a technician",
+                "ward-o": "Cells awaiting review: not counted (report schema 1.3)"}
+        shown = lambda: {s: line(s).text for s in want if line(s).is_displayed()}
+        assert shown() == want, shown()
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+        try:
+            assert shown() == want, shown()
+            status = driver.find_element(By.CSS_SELECTOR, "[data-station='ward-p'] .print-status")
+            assert status.text.startswith("PRELIMINARY machine result, not verified")
+        finally:
+            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})

@@ -46,6 +46,31 @@ function sizeText(r) {
     (typeof s.cv_percent === "number" ? "; CV of diameters " + tenth(s.cv_percent) + " % (not an RDW)" : "");
 }
 
+// The cells awaiting a technician's review (report.review, schema 1.4), as `smearscope analyze` prints
+// them (service.fhir.report_view.awaiting_review): "Preliminary: 41 white cells and 3 red cells await
+// review (...)". An older report counted none: "not counted", never 0.
+function reviewText(r, final) {
+  const rv = r.review;
+  if (!rv || typeof rv !== "object") {
+    return "Cells awaiting review: not counted (report schema " + (r.schema_version || "unknown") + ")";
+  }
+  const n = (k) => (typeof rv[k] === "number" ? rv[k] : 0);
+  const plural = (k, what) => k + " " + what + (k === 1 ? "" : "s");
+  const named = [[n("wbc_unidentified") + n("wbc_atypical") + n("wbc_rare"), "white cell"],
+                 [n("nrbc"), "nucleated red cell"], [n("rbc_unidentified") + n("rbc_flagged"), "red cell"]]
+    .filter(([k]) => k).map(([k, what]) => plural(k, what));
+  const listed = named.length > 1 ? named.slice(0, -1).join(", ") + " and " + named[named.length - 1] : named[0];
+  const text = named.length ? listed + (n("cells") === 1 ? " awaits review" : " await review") : "no cell awaits review";
+  const reasons = [[n("wbc_unidentified"), "white cell", " unidentified"], [n("wbc_atypical"), "white cell", " atypical"],
+                   [n("wbc_rare"), "white cell", " of a rare class (ig)"], [n("nrbc"), "nucleated red cell", ""],
+                   [n("rbc_unidentified"), "red cell", " unidentified"],
+                   [n("rbc_flagged"), "red cell", " called sickle or schistocyte"]]
+    .filter(([k]) => k).map(([k, what, how]) => plural(k, what) + how).join(", ");
+  const state = r.verification ? "Verified" : final ? "Preliminary" : "Interim";
+  return state + ": " + text + (reasons ? " (" + reasons + ")" : "") +
+    (r.verification && n("reviewed") ? "; " + n("reviewed") + " typed by a technician" : "");
+}
+
 function renderRun(st) {
   const view = shown(st);
   const line = st.node.querySelector(".run-line");
@@ -55,6 +80,9 @@ function renderRun(st) {
   tbody.replaceChildren(); morph.replaceChildren(); flags.replaceChildren();
   st.node.querySelector(".counts").textContent = "";
   st.node.querySelector(".counts-line").hidden = !view;
+  const reviewLine = st.node.querySelector(".review-line");
+  reviewLine.textContent = view && view.report ? reviewText(view.report, view.final) : "";
+  reviewLine.hidden = !reviewLine.textContent;
   const sizeLine = st.node.querySelector(".size-line");
   sizeLine.textContent = view && view.report ? sizeText(view.report) : "";
   sizeLine.hidden = !sizeLine.textContent;
