@@ -320,7 +320,7 @@ def _joined_one_at_a_time(boxes, w, h, side, margin):
     return [tuple(wn) for wn, a in zip(wins, alive) if a]
 
 
-@pytest.mark.parametrize("n", [2, 12, 60, 250])
+@pytest.mark.parametrize("n", [2, 12, 60, 250, 600])
 def test_windows_are_joined_as_judging_one_window_at_a_time_joins_them(n):
     """The join judges every pair up front and after a join only the grown window's pairs; the
     windows it gives are those of the plain greedy walk, on clustered boxes that join in chains."""
@@ -334,3 +334,23 @@ def test_windows_are_joined_as_judging_one_window_at_a_time_joins_them(n):
         got, _ = unsure_windows(boxes, 1920, 1080, side, 48)
         assert got == want
         assert n < 12 or len(got) < n - 2  # windows were joined
+
+
+def test_a_64_mp_fields_thousands_of_unsure_cells_plan_their_windows_in_memory_linear_in_them():
+    """The largest frame accepted (64 MP) with a first view unsure of 3000 cells: the join of
+    their windows (about 1900 after the frame's edges) holds memory in proportion to the windows,
+    not a table of every pair of them (32 bytes and more per pair: 600 MB here)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    w, h = 9238, 6928
+    xy = rng.uniform(0, 1, (3000, 2)) * [w - 80, h - 80]
+    boxes = np.concatenate([xy, xy + rng.uniform(60, 80, (3000, 2))], 1)
+    tracemalloc.start()
+    try:
+        wins, too_big = unsure_windows(boxes, w, h, 256)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert too_big == [] and 1000 < len(wins) < 3000  # windows were joined
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MB"

@@ -83,12 +83,44 @@ def unsure_windows(boxes: np.ndarray, frame_width: int, frame_height: int, side:
         elif win[2] > win[0] and win[3] > win[1]:
             wins.append(win)
 
-    # join greedily: window by window (passes until none joins), each with the neighbour whose
-    # union adds the fewest pixels (none added over the two; the first such in index order). Every
-    # pair is judged once up front and a join judges again only the pairs of the window it grew,
-    # so the walk goes straight to the next window that has a partner (integers: each judgement is
-    # the one a window at a time would make); a few hundred windows (a 12 MP field) take milliseconds
     arr = np.array(wins, np.int64).reshape(-1, 4)
+    alive = (_join_by_table if len(arr) <= JOIN_TABLE_UP_TO else _join_one_at_a_time)(arr, side)
+    wins = arr[alive].tolist()
+    return [tuple(w) for w in wins], too_big  # type: ignore[misc]
+
+
+#: Up to this many windows the join keeps a table of every pair of them (a few MB at most);
+#: beyond it, it judges one window against all the others at a time, so memory stays linear in
+#: the windows (a 64 MP field unsure of 3000 cells: 550 MB for the table).
+JOIN_TABLE_UP_TO = 256
+
+
+def _join_one_at_a_time(arr: np.ndarray, side: int) -> np.ndarray:
+    """Join windows `arr` (rows x0, y0, x1, y1, grown in place) greedily: window by window
+    (passes until none joins), each with the neighbour whose union adds the fewest pixels (none
+    added over the two; the first such in index order). Which windows are left (a mask)."""
+    alive = np.ones(len(arr), bool)
+    joined = True
+    while joined:
+        joined = False
+        for i in range(len(arr)):
+            if not alive[i]:
+                continue
+            u, extra, ok = _joins(arr[i : i + 1], arr, alive, side)
+            ok[0, i] = False
+            if ok.any():
+                j = int(np.flatnonzero(ok[0])[np.argmin(extra[0][ok[0]])])
+                arr[i] = u[0, j]
+                alive[j] = False
+                joined = True
+    return alive
+
+
+def _join_by_table(arr: np.ndarray, side: int) -> np.ndarray:
+    """`_join_one_at_a_time`, judging every pair once up front and, after a join, only the grown
+    window's pairs again, so the walk goes straight to the next window that has a partner
+    (integers: each judgement is the one a window at a time would make). Quadratic memory: for
+    few windows (JOIN_TABLE_UP_TO), where it takes half the CPU."""
     alive = np.ones(len(arr), bool)
     u, extra, ok = _joins(arr, arr, alive, side)
     np.fill_diagonal(ok, False)
@@ -112,8 +144,7 @@ def unsure_windows(boxes: np.ndarray, frame_width: int, frame_height: int, side:
             ok[i, :] = ok[:, i] = oi[0]
             joined = True
             i += 1
-    wins = arr[alive].tolist()
-    return [tuple(w) for w in wins], too_big  # type: ignore[misc]
+    return alive
 
 
 def _joins(rows: np.ndarray, arr: np.ndarray, alive: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
