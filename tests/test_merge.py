@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from smearscope.service.analysis.boxes import overlapping_pairs
+from smearscope.service.analysis.boxes import DENSE_PAIRS_UP_TO, _grid_pairs, overlapping_pairs
 from smearscope.service.analysis.merge import box_iou_ios, mask_window, merge_detections
 from smearscope.service.analysis.records import Box, CellDetection, CellKind
 
@@ -269,3 +269,36 @@ def test_overlapping_pairs_are_the_pairs_sharing_a_positive_area(n: int, extent:
     np.testing.assert_array_equal(i, want_i)
     np.testing.assert_array_equal(j, want_j)
     assert (0, 1) not in set(zip(i.tolist(), j.tolist())) and (0, 2) not in set(zip(i.tolist(), j.tolist()))
+
+
+def _pairs_by_definition(boxes: np.ndarray) -> list[tuple[int, int]]:
+    """Every ordered pair whose intersection has positive area, one comparison at a time."""
+    b = boxes.tolist()
+    return [(i, j) for i in range(len(b)) for j in range(len(b))
+            if min(b[i][2], b[j][2]) > max(b[i][0], b[j][0]) and min(b[i][3], b[j][3]) > max(b[i][1], b[j][1])]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 40, DENSE_PAIRS_UP_TO - 1, DENSE_PAIRS_UP_TO, DENSE_PAIRS_UP_TO + 1])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_both_ways_of_finding_overlaps_give_the_pairs_of_the_definition_on_awkward_boxes(n: int, seed: int) -> None:
+    """Either side of DENSE_PAIRS_UP_TO, and the grid itself below it: the pairs one comparison at
+    a time gives, on boxes with fractional and negative coordinates, duplicates, zero width or
+    height (which overlap nothing, not even themselves), boxes given corner first the wrong way
+    round, and a few far larger than the rest (the grid's cell is twice the median side)."""
+    rng = np.random.default_rng(seed * 1000 + n)
+    xy = rng.uniform(-40, 300, (n, 2))
+    wh = rng.uniform(0.5, 40, (n, 2))
+    wh[rng.random(n) < 0.1, 0] = 0  # zero width
+    wh[rng.random(n) < 0.1, 1] = 0  # zero height
+    wh[rng.random(n) < 0.05] *= 12  # large
+    boxes = np.concatenate([xy, xy + wh], 1)
+    whole = rng.random(n) < 0.5  # on integers: many only touch
+    boxes[whole] = np.round(boxes[whole])
+    if n > 1:  # duplicates of other boxes, and a box given (x1, y1, x0, y0)
+        dup = rng.random(n) < 0.2
+        boxes[dup] = boxes[rng.integers(0, n, int(dup.sum()))]
+        boxes[n - 1] = boxes[0, [2, 3, 0, 1]]
+    want = _pairs_by_definition(boxes)
+    assert n < 40 or sum(i != j for i, j in want) > n // 2  # many boxes overlap others
+    for i, j in (overlapping_pairs(boxes), _grid_pairs(boxes)):
+        assert list(zip(i.tolist(), j.tolist())) == want
