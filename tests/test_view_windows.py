@@ -6,6 +6,7 @@ inputs than whole tiles) is in tests/test_views_where_unsure.py."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -354,3 +355,66 @@ def test_a_64_mp_fields_thousands_of_unsure_cells_plan_their_windows_in_memory_l
         tracemalloc.stop()
     assert too_big == [] and 1000 < len(wins) < 3000  # windows were joined
     assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MB"
+
+
+def _edge_frames():
+    """Frames at the edges of what the default views meet: no cell, a frame smaller than a tile
+    (down to one pixel), a greyscale field, sizes no raster divides, one white cell alone."""
+    field = render_field(7, width=1024, height=768, microns_per_pixel=0.1).frame.pixels
+    grey = cv2.cvtColor(cv2.cvtColor(field, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+    return {
+        "no cell": np.full((480, 640, 3), field[:20, :20].reshape(-1, 3).mean(0).astype(np.uint8)),
+        "one pixel": field[300:301, 400:401],
+        "31x29": field[200:229, 300:331],
+        "257x255": field[200:455, 300:557],
+        "greyscale": grey[:480, :640],
+        "1001x757": field[:757, :1001],
+        "one white cell": render_field(5, width=640, height=480, microns_per_pixel=0.1, rbc_density=0.0, n_wbc=1,
+                                       n_platelets=0).frame.pixels,
+        "dense 640x480": render_field(2, width=640, height=480, microns_per_pixel=0.1).frame.pixels,
+    }
+
+
+@pytest.mark.parametrize("options", ["default", "every cell unsure, windows without margin"])
+def test_cells_left_unmade_on_packed_tiles_change_no_report_on_edge_frames(options, monkeypatch):
+    """kept_by_unpack spares the masks of the packed tiles' cells that unpack drops: each report is
+    the one made when every cell of those tiles is made and unpack alone drops them, on edge
+    frames through the default configuration, and with every cell unsure and windows without a
+    margin of context, where whole packed tiles hold no cell unpack keeps (the dense field)."""
+    from smearscope.device.frame import Frame
+    from smearscope.service.analysis import detect_views
+    from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
+
+    opts = AnalyzerOptions() if options == "default" else AnalyzerOptions(detector_unsure_band=(0.0, 1.0),
+                                                                          detector_window_margin=0)
+    refused_all, real_kept = [], detect_views.kept_by_unpack
+
+    def counting(*args):
+        kept = real_kept(*args)
+
+        def wanted(tile, boxes):
+            got = kept(tile, boxes)
+            refused_all.append(not got.any())
+            return got
+        return wanted
+
+    def every_cell(*args):
+        return lambda tile, boxes: np.ones(len(boxes), bool)
+
+    analyzer = Analyzer.from_models_dir(options=opts, warmup=False)
+    try:
+        for name, pixels in _edge_frames().items():
+            reports = []
+            for rule in (counting, every_cell):
+                monkeypatch.setattr(detect_views, "kept_by_unpack", rule)
+                frame = Frame(np.ascontiguousarray(pixels), name, "edge", microns_per_pixel=0.1)
+                rep = analyzer.analyze(frame).report
+                reports.append((rep.counts.model_dump(), [(c.kind, c.label, c.bbox, c.score, c.label_score)
+                                                          for c in rep.cells]))
+                h, w = pixels.shape[:2]
+                assert all(0 <= c.bbox[0] < c.bbox[2] <= w and 0 <= c.bbox[1] < c.bbox[3] <= h for c in rep.cells)
+            assert reports[0] == reports[1], name
+    finally:
+        analyzer.close()
+    assert refused_all  # packed tiles ran
+    assert options == "default" or any(refused_all)  # and some held no cell unpack keeps
