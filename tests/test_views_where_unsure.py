@@ -127,7 +127,8 @@ def _slow_sees(cov: Coverage, view_index: int, box: Box) -> bool:
 
 def test_coverage_answers_many_boxes_at_once_as_the_raster_cell_by_cell():
     """Boxes are looked up through an integral image per view; each answer is the raster's own,
-    for boxes on and off raster lines, straddling windows, on and beyond the frame's edges."""
+    for boxes on and off raster lines, straddling windows, on and beyond the frame's edges, of
+    zero width or height (one raster cell) and given the wrong way round."""
     rng = np.random.default_rng(7)
     w, h = 403, 299
     cov = Coverage(w, h, n_views=3, cell=4)
@@ -140,6 +141,10 @@ def test_coverage_answers_many_boxes_at_once_as_the_raster_cell_by_cell():
     y0 = rng.uniform(-12, h + 4, 3000)
     boxes = np.stack([x0, y0, x0 + rng.uniform(0, 60, 3000), y0 + rng.uniform(0, 60, 3000)], 1)
     boxes[::5] = np.round(boxes[::5] / 4) * 4  # on raster lines
+    boxes[1::7, 2] = boxes[1::7, 0]  # zero width (on and off raster lines)
+    boxes[2::7, 3] = boxes[2::7, 1]  # zero height
+    boxes[3::11, 2:] = [w, h]  # ending on the frame's edges
+    boxes[4::13] = boxes[4::13][:, [2, 3, 0, 1]]  # given the wrong way round
     want = np.array([[_slow_sees(cov, v, Box(*b)) for b in boxes.tolist()] for v in range(3)])
     assert want[1].any() and not want[1].all() and want[2].any() and not want[2].all()
     for v in range(3):
