@@ -394,3 +394,87 @@ def test_a_cell_is_unsure_from_the_bands_low_end_up_to_but_not_at_its_high_end()
         cells = detect_views(seg, field.frame.pixels, ("identity", "identity"), s)
         assert seg.calls == calls, band
         assert len(cells) == len(field.cells) and all(d.score == pytest.approx(1.0) for d in cells)
+
+
+def _fused_plainly(per_view, views_seeing):
+    """fuse_views written out: per kind, best score first, each cell with its partners (one per
+    view), the score-weighted mean box by plain sums for every cluster, the score over the views
+    that saw the fused box whole (asked one box at a time)."""
+    from dataclasses import replace
+
+    from smearscope.service.analysis.tta import (
+        ABSORB_KINDS,
+        FUSE_IOU,
+        _absorb_pieces,
+        _partners,
+        _vote,
+    )
+
+    items = [(v, d) for v, dets in enumerate(per_view) for d in dets]
+    out = []
+    for kind in sorted({d.kind for _, d in items}, key=lambda k: k.value):
+        sel = sorted((it for it in items if it[1].kind == kind), key=lambda it: -it[1].score)
+        partners = _partners(np.array([d.box.as_list() for _, d in sel], float), FUSE_IOU)
+        taken = np.zeros(len(sel), bool)
+        clusters = []
+        for i in range(len(sel)):
+            if taken[i]:
+                continue
+            taken[i] = True
+            members, seen = [sel[i][1]], {sel[i][0]: sel[i][1].score}
+            for j in partners[i]:
+                if not taken[j] and sel[j][0] not in seen:
+                    taken[j] = True
+                    seen[sel[j][0]] = sel[j][1].score
+                    members.append(sel[j][1])
+            total = max(sum(m.score for m in members), 1e-12)
+            box = Box(*(sum(m.score * getattr(m.box, a) for m in members) / total for a in ("x0", "y0", "x1", "y1")))
+            clusters.append((members[0], box, _vote(members, box), seen))
+        if kind in ABSORB_KINDS:
+            clusters = _absorb_pieces(clusters)
+        out += [replace(lead, box=box, mask=mask, score=float(sum(votes.values()) / max(views_seeing(box), len(votes))))
+                for lead, box, mask, votes in clusters]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fused_cells_are_those_of_the_fusion_written_out_plainly(seed):
+    """fuse_views (lone cells' boxes without generator sums, partners walked as lists, the views
+    that saw each fused box asked for all boxes at once) gives, bit for bit, the cells of the
+    fusion written out plainly, on random fields of three views: cells found by one, two or all
+    views with jittered fractional boxes, duplicates, white cells in pieces, windows seen by some
+    views only."""
+    rng = np.random.default_rng(seed)
+    w, h = 600, 400
+    kinds = (CellKind.RBC, CellKind.WBC, CellKind.PLATELET)
+    centres = rng.uniform([20, 20], [w - 20, h - 20], (150, 2))
+    sizes = rng.uniform(4, 40, (150, 2))
+    per_view = [[], [], []]
+    for c, s, kind in zip(centres, sizes, rng.choice(3, 150)):
+        for v in range(3):
+            if rng.random() < 0.6:
+                x0, y0 = c - s / 2 + rng.normal(0, 1.5, 2)
+                box = (x0, y0, x0 + s[0] + rng.normal(0, 1), y0 + s[1] + rng.normal(0, 1))
+                per_view[v].append(CellDetection(kinds[kind], Box(*box), float(rng.uniform(0.05, 1.0)), tile_index=v))
+                if rng.random() < 0.1:  # the same cell twice in a view
+                    per_view[v].append(CellDetection(kinds[kind], Box(*box), float(rng.uniform(0.05, 1.0)), tile_index=v))
+    for v in range(3):  # a white cell in two halves in one view
+        x0, y0 = rng.uniform(50, 500), rng.uniform(50, 300)
+        per_view[v] += [CellDetection(CellKind.WBC, Box(x0, y0, x0 + 60, y0 + 60), 0.9, tile_index=v)]
+        per_view[(v + 1) % 3] += [CellDetection(CellKind.WBC, Box(x0 + 1, y0, x0 + 30, y0 + 60), 0.5, tile_index=v),
+                                  CellDetection(CellKind.WBC, Box(x0 + 31, y0, x0 + 60, y0 + 60), 0.4, tile_index=v)]
+    cov = Coverage(w, h, n_views=3)
+    cov.add(0, (0, 0, w, h))
+    for v in (1, 2):
+        for _ in range(15):  # many window sides across cells
+            x0, y0 = int(rng.integers(0, w - 50)), int(rng.integers(0, h - 50))
+            cov.add(v, (x0, y0, x0 + int(rng.integers(30, 150)), y0 + int(rng.integers(30, 120))))
+
+    def cells(dets):
+        return [(d.kind, d.box.as_list(), d.score, d.tile_index) for d in dets]
+
+    got = fuse_views(per_view, seen_by=cov.views_seeing_whole)
+    want = _fused_plainly(per_view, cov.views_seeing)
+    assert cells(got) == cells(want)
+    assert len(got) < sum(map(len, per_view))  # cells were fused
+    assert len({s for _, _, s, _ in cells(got)}) > 10
