@@ -286,3 +286,14 @@ def test_a_tile_whose_detections_are_all_unwanted_gives_none_and_decodes_no_mask
     assert len(every[0]) == 2 and some[0] == []
     assert [(c, s) for c, _, s, _ in some[1]] == [(c, s) for c, _, s, _ in every[1]]
     np.testing.assert_array_equal(some[1][0][3], every[1][0][3])
+
+
+@pytest.mark.parametrize("map_side", [64, 60])  # an integer stride, and one that is not (the whole map)
+def test_box_masks_of_no_box_are_no_masks(map_side):
+    """A tile whose boxes the caller turns down every one of asks for no mask: an empty list, not
+    an error (decode_batch skips such a tile before asking; box_masks holds on its own)."""
+    from smearscope.service.analysis.yolo_decode import box_masks
+
+    protos = np.random.default_rng(0).normal(0.0, 1.0, (32, map_side, map_side)).astype(np.float32)
+    assert box_masks(np.zeros((0, 32), np.float32), protos, 256, np.zeros((0, 4), np.int64)) == []
+    assert box_masks(np.zeros((0, 32), np.float32), protos, 256, []) == []

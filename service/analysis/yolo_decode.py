@@ -144,7 +144,7 @@ def box_masks(coeffs: np.ndarray, protos: np.ndarray, input_size: int,
     _, ph, pw = protos.shape
     stride = input_size // ph
     win = np.asarray(windows, np.int64).reshape(-1, 4)
-    coeffs = np.asarray(coeffs, protos.dtype).reshape(len(win), -1)
+    coeffs = np.asarray(coeffs, protos.dtype).reshape(len(win), len(protos))  # (no box: no mask)
     if stride * ph != input_size or stride * pw != input_size:  # not an integer stride: whole map
         out = []
         for coeff, (y0, x0, y1, x1) in zip(coeffs, win):
