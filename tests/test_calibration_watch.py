@@ -169,3 +169,48 @@ def test_a_station_configured_1_5_times_off_flags_its_reports_after_enough_runs(
     assert not any(CALIBRATION_DRIFT_SUSPECTED in {f["code"] for f in b["flags"]} for b in fields)
     (line,) = drift_checks(load_config(config, {}))
     assert line[0] == "OK" and "over the last 6 checked fields of 3 runs" in line[2], line
+
+
+def _as_field(result: FieldResult, run_id: str, frame_id: str) -> FieldResult:
+    """The analysed field `result` as field `frame_id` of run `run_id` (the same check's ratio)."""
+    assert result.report.source is not None
+    source = result.report.source.model_copy(update={"frame_id": frame_id})
+    return dataclasses.replace(result, report=result.report.model_copy(update={"run_id": run_id, "source": source}))
+
+
+def test_one_long_run_of_one_patient_does_not_decide_the_watch(tmp_path: Path) -> None:
+    """A station checking 20 fields a run (calibration_check_fields 20), calibrated right: one run
+    whose 15 checks all read 0.7 (a patient whose red cells look 1.5 times off), then 3 runs of one
+    right check each. 18 checks of 4 runs, as asked, but 15 of them one patient's: each run
+    counts at most 3 checks (the weighting the bounds were measured with, runs of 3), so the odd
+    run is 3 of 6 kept and no report is flagged."""
+    odd, right = checked(100, 0.15, "odd"), checked(101, TRUE_MPP, "r")
+    assert odd.calibration_check is not None and odd.calibration_check.ratio is not None
+    assert odd.calibration_check.ratio < LOW_MEDIAN  # the odd patient's check alone reads off
+    with Outbox(tmp_path / "outbox.sqlite3") as box:
+        watch = CalibrationWatch(box, calibration_key(TRUE_MPP, datetime.date(2026, 12, 1)))
+        for i in range(15):
+            watch.observe(_as_field(odd, "odd", f"odd{i}"), 18, 4)
+        results = [watch.observe(_as_field(right, f"run{i}", f"f{i}"), 18, 4) for i in range(3)]
+        assert not any(CALIBRATION_DRIFT_SUSPECTED in codes(r) for r in results)
+        reading = watch.reading(18, 4)
+        assert (reading.fields, reading.runs) == (6, 4) and not reading.suspected
+    kept = sqlite3.connect(tmp_path / "outbox.sqlite3").execute(
+        "SELECT run_id, COUNT(*) FROM calibration_ratios GROUP BY run_id").fetchall()
+    assert dict(kept) == {"odd": 3, "run0": 1, "run1": 1, "run2": 1}
+
+
+def test_a_station_checking_many_fields_a_run_still_sees_a_calibration_off(tmp_path: Path, caplog) -> None:
+    """calibration_check_fields 20 at a calibration 1.5 times off, 6 runs of 20 checked fields:
+    were every check kept, the last 48 would hold 4 runs only while a new run's first 7 fields
+    came in, 3 after (the flag on 7 fields of each run, off on the 13 others, the WARNING again
+    each run); with 3 a run kept, the flag comes at the 3rd check of the 6th run (18 checks of 6
+    runs) and stays, said once."""
+    off = checked(100, 0.15, "r")
+    caplog.set_level(logging.WARNING, "smearscope.service.station.calibration_watch")
+    with Outbox(tmp_path / "outbox.sqlite3") as box:
+        watch = CalibrationWatch(box, calibration_key(0.15, datetime.date(2026, 11, 1)))
+        flagged = [CALIBRATION_DRIFT_SUSPECTED in codes(watch.observe(_as_field(off, f"run{r}", f"f{r}-{i}"), 18, 4))
+                   for r in range(6) for i in range(20)]
+    assert flagged == [False] * 102 + [True] * 18  # from the 3rd check of the 6th run
+    assert sum("calibration drift suspected" in r.message for r in caplog.records) == 1

@@ -50,6 +50,10 @@ LOW_MEDIAN = 0.85
 HIGH_MEDIAN = 1.27
 #: The median is over the last this many checks (older ones are deleted).
 WINDOW = 48
+#: Each run's first this many checks are kept, no more: the bounds were measured on runs of 3 (the
+#: default calibration_check_fields), and a run checking more fields (up to 1000) would otherwise
+#: let one patient's red cells decide the median, or fill the window with too few runs to judge.
+RUN_CHECKS = 3
 
 TABLE = """CREATE TABLE IF NOT EXISTS calibration_ratios (
     run_id TEXT NOT NULL, field_id TEXT NOT NULL, ratio REAL NOT NULL, calibration TEXT NOT NULL,
@@ -120,7 +124,7 @@ class CalibrationWatch:
 
     def observe(self, result: FieldResult, min_fields: int, min_runs: int) -> FieldResult:
         """Keep the field's calibration check (one whose own scale showed at least
-        `MIN_RBC_FOR_SCALE` whole red cells, in a run), and return the field with the warning
+        `MIN_RBC_FOR_SCALE` whole red cells, in a run, among its first `RUN_CHECKS`), and return the field with the warning
         `calibration_drift_suspected` when its scale is the calibrated one and the reading is suspect
         (said in the log once, until it is not)."""
         check, report = result.calibration_check, result.report
@@ -143,6 +147,8 @@ class CalibrationWatch:
             update={"flags": flags, "rbc_morphology": sizes_in_doubt(report.rbc_morphology, flags)}))
 
     def _keep(self, run_id: str, field_id: str, ratio: float) -> None:
+        if sum(1 for run, _ in self._rows if run == run_id) >= RUN_CHECKS:
+            return
         self._rows = [*self._rows, (run_id, ratio)][-WINDOW:]
 
         def write(conn: sqlite3.Connection) -> None:
