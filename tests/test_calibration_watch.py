@@ -214,3 +214,21 @@ def test_a_station_checking_many_fields_a_run_still_sees_a_calibration_off(tmp_p
                    for r in range(6) for i in range(20)]
     assert flagged == [False] * 102 + [True] * 18  # from the 3rd check of the 6th run
     assert sum("calibration drift suspected" in r.message for r in caplog.records) == 1
+
+
+def test_the_flag_goes_when_the_checks_come_back_and_the_log_says_so(tmp_path: Path, caplog) -> None:
+    """18 checks of 6 runs reading 0.7 (a run of patients whose red cells read small, say) flag
+    the reports; 18 right checks later (6 runs) the median of the last 48 is back in bounds: the
+    next reports carry no flag, and the log says so once at INFO (as it said the WARNING once)."""
+    off, right = checked(100, 0.15, "r"), checked(101, TRUE_MPP, "r")
+    caplog.set_level(logging.INFO, "smearscope.service.station.calibration_watch")
+    with Outbox(tmp_path / "outbox.sqlite3") as box:
+        watch = CalibrationWatch(box, calibration_key(TRUE_MPP, datetime.date(2026, 12, 1)))
+        before = [watch.observe(_as_field(off, f"old{r}", f"o{r}-{i}"), 18, 4) for r in range(6) for i in range(3)]
+        assert CALIBRATION_DRIFT_SUSPECTED in codes(before[-1])
+        after = [CALIBRATION_DRIFT_SUSPECTED in codes(watch.observe(_as_field(right, f"new{r}", f"n{r}-{i}"), 18, 4))
+                 for r in range(8) for i in range(3)]
+    assert after == [True] * 17 + [False] * 7  # at 18 and 18 the median lies midway, in bounds
+    back = [r for r in caplog.records if r.message.startswith("calibration watch back within")]
+    assert len(back) == 1 and back[0].levelno == logging.INFO, [r.message for r in caplog.records]
+    assert "no longer flagged" in back[0].message

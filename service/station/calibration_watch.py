@@ -126,19 +126,22 @@ class CalibrationWatch:
         """Keep the field's calibration check (one whose own scale showed at least
         `MIN_RBC_FOR_SCALE` whole red cells, in a run, among its first `RUN_CHECKS`), and return the field with the warning
         `calibration_drift_suspected` when its scale is the calibrated one and the reading is suspect
-        (said in the log once, until it is not)."""
+        (said in the log once, and its return within bounds once at INFO)."""
         check, report = result.calibration_check, result.report
         if (check is not None and check.ratio is not None and check.own_rbc >= MIN_RBC_FOR_SCALE
                 and report.run_id is not None):
             self._keep(report.run_id, report.source.frame_id if report.source else report.report_id, check.ratio)
         v = self.reading(min_fields, min_runs)
         if not v.suspected:
+            if self._warned:  # the later checks outvote those that pointed away: said, as the WARNING was
+                logger.info("calibration watch back within bounds: %s. Reports are no longer flagged "
+                            "calibration_drift_suspected", v.describe())
             self._warned = False
             return result
         if not self._warned:
             logger.warning("calibration drift suspected: %s. Reports at the calibrated scale are flagged "
-                           "calibration_drift_suspected until it is measured again (smearscope calibrate-scale)",
-                           v.describe())
+                           "calibration_drift_suspected until it is measured again (smearscope calibrate-scale) "
+                           "or later checks bring the median back within bounds", v.describe())
             self._warned = True
         if report.scale.method != "given":
             return result
