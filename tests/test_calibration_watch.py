@@ -232,3 +232,20 @@ def test_the_flag_goes_when_the_checks_come_back_and_the_log_says_so(tmp_path: P
     back = [r for r in caplog.records if r.message.startswith("calibration watch back within")]
     assert len(back) == 1 and back[0].levelno == logging.INFO, [r.message for r in caplog.records]
     assert "no longer flagged" in back[0].message
+
+
+def test_a_reload_that_turns_the_watch_off_ends_the_flag_without_calling_it_back_in_bounds(tmp_path: Path,
+                                                                                          caplog) -> None:
+    """A station flagging (18 checks at 0.7) whose reload sets calibration_watch_fields 0: its next
+    report carries no flag, and the log says the watch no longer judges, not that the median is
+    back within bounds (it is still 0.7)."""
+    off = checked(100, 0.15, "r")
+    caplog.set_level(logging.INFO, "smearscope.service.station.calibration_watch")
+    with Outbox(tmp_path / "outbox.sqlite3") as box:
+        watch = CalibrationWatch(box, calibration_key(0.15, datetime.date(2026, 11, 1)))
+        results = [watch.observe(_as_field(off, f"run{r}", f"f{r}-{i}"), 18, 4) for r in range(6) for i in range(3)]
+        assert CALIBRATION_DRIFT_SUSPECTED in codes(results[-1])
+        assert CALIBRATION_DRIFT_SUSPECTED not in codes(watch.observe(_as_field(off, "run6", "g"), 0, 4))
+    said = [r.message for r in caplog.records if r.levelno == logging.INFO]
+    assert not any("back within" in m for m in said), said
+    assert len(said) == 1 and "calibration watch no longer judges" in said[0] and "0: off" in said[0], said

@@ -124,18 +124,23 @@ class CalibrationWatch:
 
     def observe(self, result: FieldResult, min_fields: int, min_runs: int) -> FieldResult:
         """Keep the field's calibration check (one whose own scale showed at least
-        `MIN_RBC_FOR_SCALE` whole red cells, in a run, among its first `RUN_CHECKS`), and return the field with the warning
-        `calibration_drift_suspected` when its scale is the calibrated one and the reading is suspect
-        (said in the log once, and its return within bounds once at INFO)."""
+        `MIN_RBC_FOR_SCALE` whole red cells, in a run, among its first `RUN_CHECKS`), and return the
+        field with the warning `calibration_drift_suspected` when its scale is the calibrated one and
+        the reading is suspect (said in the log once; its end once at INFO, with why)."""
         check, report = result.calibration_check, result.report
         if (check is not None and check.ratio is not None and check.own_rbc >= MIN_RBC_FOR_SCALE
                 and report.run_id is not None):
             self._keep(report.run_id, report.source.frame_id if report.source else report.report_id, check.ratio)
         v = self.reading(min_fields, min_runs)
         if not v.suspected:
-            if self._warned:  # the later checks outvote those that pointed away: said, as the WARNING was
+            if self._warned and v.median is not None and LOW_MEDIAN <= v.median <= HIGH_MEDIAN:
+                # the later checks outvote those that pointed away: said, as the WARNING was
                 logger.info("calibration watch back within bounds: %s. Reports are no longer flagged "
                             "calibration_drift_suspected", v.describe())
+            elif self._warned:  # a reload asked for more checks or runs, or turned the watch off
+                logger.info("calibration watch no longer judges (it asks %d checked fields of %d runs; 0: off): "
+                            "%s. Reports are no longer flagged calibration_drift_suspected",
+                            min_fields, min_runs, v.describe())
             self._warned = False
             return result
         if not self._warned:
