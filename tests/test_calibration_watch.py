@@ -249,3 +249,19 @@ def test_a_reload_that_turns_the_watch_off_ends_the_flag_without_calling_it_back
     said = [r.message for r in caplog.records if r.levelno == logging.INFO]
     assert not any("back within" in m for m in said), said
     assert len(said) == 1 and "calibration watch no longer judges" in said[0] and "0: off" in said[0], said
+
+
+def test_doctor_says_the_watch_cannot_judge_where_no_field_is_checked(tmp_path: Path) -> None:
+    """calibration_check_fields 0 (no field checked), the watch left on: doctor's line says the
+    watch has nothing to judge from, not that it waits for 18 checked fields that never come."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    path = _station(tmp_path, inbox, 0.15, "2026-11-01")
+    doc = path.read_text().replace("calibration_check_fields = 2", "calibration_check_fields = 0")
+    path.write_text(doc)
+    config = load_config(path, {})
+    assert config.specimen.calibration_check_fields == 0 and config.specimen.calibration_watch_fields == 4
+    with Outbox(tmp_path / "state" / "outbox.sqlite3") as box:  # a station's file, its watch's table made
+        CalibrationWatch(box, calibration_key(0.15, datetime.date(2026, 11, 1)))
+    (line,) = drift_checks(config)
+    assert line[0] == "OK" and "calibration_check_fields is 0" in line[2] and "judged from" not in line[2], line

@@ -67,6 +67,9 @@ def drift_checks(config: StationConfig, held: bool = False) -> list[tuple[str, s
     if config.microns_per_pixel is None:
         return []
     spec = config.specimen
+    if spec.calibration_watch_fields and spec.calibration_check_fields == 0:  # it would wait for ever
+        return [("OK", "calibration watch", ("nothing to judge from: [specimen] calibration_check_fields is 0, "
+                 "so no field checks the calibration (3 is the default)"))]
     if held and spec.calibration_watch_fields:
         return [("OK", "calibration watch", ("the running station holds its outbox file: its log says "
                  "'calibration drift suspected' and its reports carry calibration_drift_suspected when its checks "
