@@ -51,7 +51,7 @@ def no_whole_rbc_sized(report: Report) -> bool:
 
 def calibration_in_doubt(report: Report) -> bool:
     """A calibrated scale no blood fits (rbc_size_implausible) or the red cells point away from
-    (calibration_suspect): sizes are not read."""
+    (calibration_suspect; calibration_drift_suspected, over the station's runs): sizes are not read."""
     return report_flagged(report, *CALIBRATION_DOUBT_FLAGS)
 
 
@@ -69,7 +69,8 @@ def morphology_rows(report: Report) -> list[ClassShare]:
 
 def assessable(report: Report, share: ClassShare) -> bool:
     """False for a size-based finding at an estimated scale, or of a report whose calibration is in
-    doubt (rbc_size_implausible, calibration_suspect): the share has no value then."""
+    doubt (rbc_size_implausible, calibration_suspect, calibration_drift_suspected): the share has no
+    value then."""
     return share.assessable and not (share.label in SIZE_BASED and size_not_assessable(report))
 
 
