@@ -6,7 +6,7 @@ calibration 1.5 times off (0.11 um/px where the true scale is 0.072: another sta
 60x objective calibrated at 100x... seen from the other side) passes every field, and the reports
 grade macrocytes or microcytes that are not there. Over many fields of many specimens the median of
 (own estimate / calibrated scale) is near 1 for a right calibration, whatever one patient's cells
-do; this watch keeps each checked field's ratio across runs (in the outbox file, table
+do; this watch keeps the ratio of each run's first 3 checked fields across runs (in the outbox file, table
 `calibration_ratios`, until the calibration changes) and puts the warning
 `calibration_drift_suspected` on calibrated reports while that median is out of bounds.
 
