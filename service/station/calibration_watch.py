@@ -146,7 +146,10 @@ class CalibrationWatch:
         if not self._warned:
             logger.warning("calibration drift suspected: %s. Reports at the calibrated scale are flagged "
                            "calibration_drift_suspected until it is measured again (smearscope calibrate-scale) "
-                           "or later checks bring the median back within bounds", v.describe())
+                           "or later checks bring the median back within bounds. If the stage micrometer gives "
+                           "the same scale again, this lab's patients' red cells differ from the labs the bounds "
+                           "were measured on (e.g. a clinic of mostly microcytic or macrocytic patients): set "
+                           "[specimen] calibration_watch_fields = 0", v.describe())
             self._warned = True
         if report.scale.method != "given":
             return result
