@@ -228,6 +228,22 @@ def test_a_united_cells_mask_overlap_is_over_its_whole_united_mask() -> None:
     assert sorted(d.box.as_list() for d in merged) == [[0, 0, 105, 20], [70, 0, 170, 20]]
 
 
+def test_a_united_cells_further_pieces_are_judged_on_the_masks() -> None:
+    """A united cell's next piece is judged on the masks where both have one: a piece whose box
+    overlaps the united box enough (box IoS 0.6, IoU 0.43) but whose mask does not touch the
+    united mask stays apart; without masks the same boxes unite."""
+    a, b, c = (0, 0, 40, 40), (20, 0, 60, 40), (0, 16, 60, 56)
+    lower = np.zeros((40, 60), bool)
+    lower[24:] = True  # c's mask: only its rows 40..56 of the frame, below the united cell
+    masks = [np.ones((40, 40), bool), np.ones((40, 40), bool), lower]
+    with_masks = [det(RBC, box, score, tile=t, cut=True, mask=m)
+                  for t, (box, score, m) in enumerate(zip((a, b, c), (0.9, 0.8, 0.7), masks))]
+    merged = merge_detections(with_masks)
+    assert sorted(d.box.as_list() for d in merged) == [[0, 0, 60, 40], [0, 16, 60, 56]]
+    boxes_only = [det(RBC, d.box.as_list(), d.score, tile=d.tile_index, cut=True) for d in with_masks]
+    assert [d.box.as_list() for d in merge_detections(boxes_only)] == [[0, 0, 60, 56]]
+
+
 def test_an_overlap_exactly_at_the_threshold_merges() -> None:
     # boxes: IoS = 20 * 40 / (40 * 40) = 0.5 exactly (IoU 0.2): the thresholds are inclusive
     a = det(RBC, (0, 0, 40, 40), 0.9, tile=0, cut=True)

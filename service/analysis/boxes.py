@@ -103,7 +103,10 @@ def _grid_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     left = np.repeat(members, per_entry)
     offset = np.arange(len(left)) - np.repeat(np.cumsum(per_entry) - per_entry, per_entry)
     right = members[np.repeat(first, per_entry) + offset]
-    key = np.unique(left * n + right)
+    # The distinct pairs, sorted (np.unique's answer; NumPy 2.4's np.unique of integers hashes,
+    # about 20 times slower than a sort for the ~30,000 keys of a 1920x1080 field's merge).
+    key = np.sort(left * n + right)
+    key = key[np.concatenate(([True], key[1:] != key[:-1]))]
     i, j = key // n, key % n
     a, b = boxes[i], boxes[j]
     overlap = (np.minimum(a[:, 2], b[:, 2]) > np.maximum(a[:, 0], b[:, 0])) & (

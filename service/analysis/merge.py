@@ -201,50 +201,39 @@ def _merge_one_kind(
     by_x0 = np.argsort(boxes[:, 0], kind="stable")
     x0_sorted = boxes[by_x0, 0]
     widest = float(np.max(boxes[:, 2] - boxes[:, 0]))
-    consumed = np.zeros(n, bool)
+    # A detection's own candidates are walked as Python lists: they are one to three views of
+    # the same cell, too few for array operations to pay their fixed cost.
+    consumed_flags = bytearray(n)
+    consumed = np.frombuffer(consumed_flags, bool)  # the same flags, for the array searches
+    tile_of, rank_of = tiles.tolist(), rank.tolist()
+    pj, piou, pios, row_of = pair_j.tolist(), pair_iou.tolist(), pair_ios.tolist(), row.tolist()
 
     result: list[CellDetection] = []
-    for i in order:
-        if consumed[i]:
+    for i in order.tolist():
+        if consumed_flags[i]:
             continue
-        consumed[i] = True
+        consumed_flags[i] = 1
         if alone[i]:
             result.append(dets[i])
             continue
-        group = _Group(dets[i], boxes[i].copy(), masks[i], {int(tiles[i])})
+        group = _Group(dets[i], boxes[i].copy(), masks[i], {tile_of[i]})
         while True:
             if not group.united:  # the detection's own box: its precomputed overlaps
-                cand, iou, ios = (a[row[i] : row[i + 1]] for a in (pair_j, pair_iou, pair_ios))
-                keep = ~consumed[cand] & (tiles[cand] != tiles[i])
-                cand, iou, ios = cand[keep], iou[keep], ios[keep].copy()
+                views = _own_views(i, row_of, pj, piou, pios, consumed_flags, tile_of, masks, windows,
+                                   areas, iou_threshold, ios_threshold)
             else:
-                lo = np.searchsorted(x0_sorted, group.box[0] - widest, side="right")
-                hi = np.searchsorted(x0_sorted, group.box[2], side="left")
-                cand = by_x0[lo:hi]
-                cand = cand[~consumed[cand] & ~np.isin(tiles[cand], list(group.tiles))]
-                iou, ios = box_iou_ios(group.box, boxes[cand])
-                keep = iou > 0  # boxes must really overlap
-                cand, iou, ios = cand[keep], iou[keep], ios[keep]
-            if cand.size == 0:
-                break
-            if group.mask is not None:
-                win = group.window
-                area = areas[i] if not group.united else None
-                for k, j in enumerate(cand.tolist()):
-                    if masks[j] is not None:
-                        ios[k] = _mask_ios(group.mask, win, masks[j], windows[j], area, areas[j])
-            match = (iou >= iou_threshold) | (ios >= ios_threshold)
-            cand, iou = cand[match], iou[match]
-            if cand.size == 0:
+                views = _grown_views(group, by_x0, x0_sorted, widest, boxes, consumed, tiles, masks,
+                                     windows, iou_threshold, ios_threshold)
+            if not views:
                 break
             # Per tile, the best-overlapping view; ties go to the higher-priority detection.
             best: dict[int, int] = {}
-            for k in np.lexsort((rank[cand], -iou)):
-                best.setdefault(int(tiles[cand[k]]), int(cand[k]))
+            for _, _, j in sorted((-iou, rank_of[j], j) for j, iou in views):
+                best.setdefault(tile_of[j], j)
             grown = False
-            for j in sorted(best.values(), key=lambda j: rank[j]):
-                consumed[j] = True
-                group.tiles.add(int(tiles[j]))
+            for j in sorted(best.values(), key=rank_of.__getitem__):
+                consumed_flags[j] = 1
+                group.tiles.add(tile_of[j])
                 if group.det.cut_by_tile_edge or group.united:
                     # Only cut views are left when a cut detection is visited: unite them.
                     group.unite(dets[j], masks[j])
@@ -253,3 +242,46 @@ def _merge_one_kind(
                 break  # a whole view only absorbs duplicates; its box does not change
         result.append(group.result())
     return result
+
+
+def _own_views(i: int, row_of: list[int], pj: list[int], piou: list[float], pios: list[float],
+               consumed: bytearray, tile_of: list[int], masks: list, windows: list, areas: list,
+               iou_threshold: float, ios_threshold: float) -> list[tuple[int, float]]:
+    """(j, IoU) of the unconsumed detections of other tiles that match detection i's own box:
+    IoU at least `iou_threshold`, or IoS at least `ios_threshold` (on the masks when both have
+    one; only asked where the IoU alone does not decide)."""
+    out = []
+    for k in range(row_of[i], row_of[i + 1]):
+        j = pj[k]
+        if consumed[j] or tile_of[j] == tile_of[i]:
+            continue
+        iou = piou[k]
+        if iou < iou_threshold:
+            ios = pios[k]
+            if masks[i] is not None and masks[j] is not None:
+                ios = _mask_ios(masks[i], windows[i], masks[j], windows[j], areas[i], areas[j])
+            if not ios >= ios_threshold:
+                continue
+        out.append((j, iou))
+    return out
+
+
+def _grown_views(group: _Group, by_x0: np.ndarray, x0_sorted: np.ndarray, widest: float,
+                 boxes: np.ndarray, consumed: np.ndarray, tiles: np.ndarray, masks: list,
+                 windows: list, iou_threshold: float, ios_threshold: float) -> list[tuple[int, float]]:
+    """`_own_views` of a group whose box grew (united cut views), among boxes sorted by x0: a box
+    can only meet [x0, x1) if its x0 lies in (x0 - widest box, x1)."""
+    lo = np.searchsorted(x0_sorted, group.box[0] - widest, side="right")
+    hi = np.searchsorted(x0_sorted, group.box[2], side="left")
+    cand = by_x0[lo:hi]
+    cand = cand[~consumed[cand] & ~np.isin(tiles[cand], list(group.tiles))]
+    iou, ios = box_iou_ios(group.box, boxes[cand])
+    keep = iou > 0  # boxes must really overlap
+    out = []
+    win = group.window if group.mask is not None else None
+    for j, o, s in zip(cand[keep].tolist(), iou[keep].tolist(), ios[keep].tolist()):
+        if o < iou_threshold and win is not None and masks[j] is not None:
+            s = _mask_ios(group.mask, win, masks[j], windows[j])
+        if o >= iou_threshold or s >= ios_threshold:
+            out.append((j, o))
+    return out
