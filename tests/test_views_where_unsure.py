@@ -266,6 +266,12 @@ def test_views_where_unsure_count_the_same_cells_as_every_view_everywhere_with_f
     assert sum(tiles["unsure"]) <= sum(tiles["whole tiles"]), tiles
     if windows_save:
         assert sum(tiles["unsure"]) < sum(tiles["whole tiles"]), tiles
+    else:
+        # windows that save no detector input lose to whole tiles (more context): the same inputs
+        # run, and the same cells come out, as with the windows turned off
+        assert tiles["unsure"] == tiles["whole tiles"], tiles
+        assert [(x.detection.kind, x.detection.box, x.detection.score) for x in b.cells] == \
+            [(x.detection.kind, x.detection.box, x.detection.score) for x in c.cells]
     # the counted cells' scores mostly agree (a cell only the first view saw keeps its own score,
     # where full fusion would have averaged the other views' in)
     diffs = np.array([abs(c.detection.score - _partner(c, b).detection.score) for c in a.cells])
@@ -335,6 +341,17 @@ def test_a_tile_of_a_frame_smaller_than_a_tile_shows_the_whole_frame(view):
 def test_a_box_flush_with_a_window_side_is_held_whole_by_that_window():
     windows = [(0, 0, 100, 100), (80, 0, 180, 100)]
     assert tiles_for_boxes(windows, np.array([[20, 10, 100, 20]], float)) == [0]
+
+
+def test_a_placed_tile_is_the_first_that_shows_the_box_at_whole_pixel_offsets():
+    """Offsets are the candidate sides rounded down to whole pixels, tried from the smallest x,
+    then y: for a box at x 300.7..330.7 the flush-right offset 338.7 - 256 = 82.7 becomes 82,
+    which ends at 338 and does not show it with the margin, so the centred offset 187 is taken
+    (rounding to 83 would end at 339 and take that); of the y offsets 0 and 42, 0."""
+    box = np.array([[300.7, 50.2, 330.7, 80.9]])
+    assert place_tiles(box, 1000, 1000, 256) == [(187, 0)]
+    # both offsets of every side show this box: the smallest x and y win
+    assert place_tiles(np.array([[100.7, 50.2, 130.3, 80.9]]), 1000, 1000, 256) == [(0, 0)]
 
 
 def test_a_placed_tile_keeps_the_margin_on_every_side_inside_the_frame():

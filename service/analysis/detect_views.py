@@ -171,7 +171,8 @@ def _calibrated(segmenter: Segmenter, dets: list[CellDetection]) -> list[float]:
 
 
 class _ViewPixels:
-    """A view of the frame that reads windows without mirroring the whole frame."""
+    """A view of the frame that reads windows without mirroring the whole frame, nor copying a
+    window: packed_tiles copies it once, into its tile."""
 
     def __init__(self, frame: np.ndarray, view: str) -> None:
         self.frame, self.view = frame, view
@@ -180,4 +181,4 @@ class _ViewPixels:
         rows, cols = key
         h, w = self.frame.shape[:2]
         x0, y0, x1, y1 = frame_window((cols.start, rows.start, cols.stop, rows.stop), self.view, w, h)
-        return view_frame(self.frame[y0:y1, x0:x1], self.view)
+        return view_frame(self.frame[y0:y1, x0:x1], self.view, contiguous=False)

@@ -37,6 +37,7 @@ it ran.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import get_args
@@ -72,10 +73,12 @@ def _flips(view: str) -> tuple[bool, bool]:
     return view in ("hflip", "rot180"), view in ("vflip", "rot180")
 
 
-def view_frame(pixels: np.ndarray, view: str) -> np.ndarray:
-    """The frame (H, W[, C]) as the detector sees it in `view` (contiguous, for the engines)."""
+def view_frame(pixels: np.ndarray, view: str, contiguous: bool = True) -> np.ndarray:
+    """The frame (H, W[, C]) as the detector sees it in `view`: contiguous, for the engines, or
+    (`contiguous=False`) a strided view of `pixels`, for a caller that copies it anyway."""
     fx, fy = _flips(view)
-    return np.ascontiguousarray(pixels[:: -1 if fy else 1, :: -1 if fx else 1])
+    flipped = pixels[:: -1 if fy else 1, :: -1 if fx else 1]
+    return np.ascontiguousarray(flipped) if contiguous else flipped
 
 
 def view_tiles(pixels: np.ndarray, view: str, tile: int, overlap: float,
@@ -192,7 +195,9 @@ def place_tiles(boxes: np.ndarray, frame_width: int, frame_height: int, tile: in
                 & ((y1 + margin <= y + tile) | (y + tile >= frame_height)))
 
     def positions(values: list[float], hi: int) -> np.ndarray:
-        return np.unique(np.clip(np.floor(np.asarray(values, float)), 0, hi)).astype(int)
+        """The distinct whole-pixel offsets, in [0, hi], ascending (a set of a few dozen values:
+        NumPy's unique costs more than the values' work)."""
+        return np.array(sorted({min(max(math.floor(v), 0), hi) for v in values}), int)
 
     left = np.ones(len(b), bool)
     out: list[tuple[int, int]] = []
@@ -210,10 +215,10 @@ def place_tiles(boxes: np.ndarray, frame_width: int, frame_height: int, tile: in
         near = np.flatnonzero(left & (b[:, 2] <= x0 + tile) & (b[:, 0] >= x1 - tile)
                               & (b[:, 3] <= y0 + tile) & (b[:, 1] >= y1 - tile))
         nb = b[near]
-        xs = positions([x0 - margin, x1 + margin - tile, (x0 + x1 - tile) / 2, *(nb[:, 0] - margin),
-                        *(nb[:, 2] + margin - tile)], max_x)
-        ys = positions([y0 - margin, y1 + margin - tile, (y0 + y1 - tile) / 2, *(nb[:, 1] - margin),
-                        *(nb[:, 3] + margin - tile)], max_y)
+        xs = positions([x0 - margin, x1 + margin - tile, (x0 + x1 - tile) / 2, *(nb[:, 0] - margin).tolist(),
+                        *(nb[:, 2] + margin - tile).tolist()], max_x)
+        ys = positions([y0 - margin, y1 + margin - tile, (y0 + y1 - tile) / 2, *(nb[:, 1] - margin).tolist(),
+                        *(nb[:, 3] + margin - tile).tolist()], max_y)
         own = shows(xs, ys, b[i : i + 1])[..., 0]
         if not own.any():
             continue
