@@ -12,9 +12,11 @@ from smearscope.engines.manifest import load_manifest
 from smearscope.service.analysis.tiling import (
     PAD_VALUE,
     StainedArea,
+    copy_pixels,
     is_background,
     iter_tiles,
     make_tiles,
+    stack_tiles,
     tile_grid,
     tile_starts,
 )
@@ -199,3 +201,24 @@ def test_tiles_skipped_on_the_frames_stained_area_are_those_is_background_skips(
     assert is_background(padded.pixels, content_hw=(180, 150)) and list(iter_tiles(img, TILE, 0.15)) == []
     img[50:62, 60:72] = (160, 90, 220)  # 144 px: stained
     assert len(list(iter_tiles(img, TILE, 0.15))) == 1
+
+
+@pytest.mark.parametrize("flip_x, flip_y", [(False, False), (True, False), (False, True), (True, True)])
+def test_mirrored_tiles_and_windows_are_copied_with_their_own_pixels(flip_x, flip_y):
+    """A rendered field's tiles in every mirror view, stacked as the detector takes them, hold
+    exactly the mirrored frame's pixels (OpenCV's flip where the view runs right to left), and a
+    mirrored window copied into part of a larger canvas fills that part and nothing else."""
+    from smearscope.device.synthetic import render_field
+
+    frame = render_field(3, width=700, height=300, microns_per_pixel=0.2).frame.pixels
+    mirrored = frame[:: -1 if flip_y else 1, :: -1 if flip_x else 1]
+    tiles = list(iter_tiles(frame, TILE, 0.1, skip_background=False, flip_x=flip_x, flip_y=flip_y))
+    stacked = stack_tiles([t.pixels for t in tiles])
+    for t, got in zip(tiles, stacked):
+        np.testing.assert_array_equal(got, mirrored[t.y:t.y + TILE, t.x:t.x + TILE])
+    canvas = np.full((TILE, TILE, 3), PAD_VALUE, np.uint8)
+    copy_pixels(canvas[20:120, 30:230], mirrored[50:150, 400:600])
+    expected = np.full_like(canvas, PAD_VALUE)
+    expected[20:120, 30:230] = mirrored[50:150, 400:600]
+    np.testing.assert_array_equal(canvas, expected)
+

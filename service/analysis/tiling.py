@@ -12,7 +12,7 @@ beyond the frame itself.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -146,3 +146,26 @@ def _window(h: int, w: int, x: int, y: int, tile: int, flip_x: bool, flip_y: boo
 
 def make_tiles(canonical_image: np.ndarray, tile: int, overlap: float, skip_background: bool = True) -> list[Tile]:
     return list(iter_tiles(canonical_image, tile, overlap, skip_background))
+
+
+def copy_pixels(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[...] = src for H x W x C images, where src may be a mirrored view of an image (a
+    negative column stride): NumPy copies such a view element by element, about 30 times slower
+    than OpenCV's flip into dst (measured 196 against 8 us for 150 x 150 x 3); the values are
+    the same."""
+    if src.ndim == 3 and src.shape[1] > 1 and src.strides[1] < 0 and src.dtype == np.uint8:
+        out = cv2.flip(src[::-1, ::-1], -1, dst=dst) if src.strides[0] < 0 else cv2.flip(src[:, ::-1], 1, dst=dst)
+        if out.__array_interface__["data"][0] != dst.__array_interface__["data"][0]:
+            dst[...] = out  # OpenCV made a new image instead of writing into dst
+    else:
+        dst[...] = src
+
+
+def stack_tiles(pixels: Sequence[np.ndarray]) -> np.ndarray:
+    """np.stack of equal-shaped images (tiles, windows of a mirrored frame among them), each
+    copied by `copy_pixels`."""
+    out = np.empty((len(pixels),) + pixels[0].shape, pixels[0].dtype)
+    for dst, src in zip(out, pixels):
+        copy_pixels(dst, src)
+    return out
+

@@ -22,7 +22,7 @@ from smearscope.engines.manifest import ManifestError, ModelManifest
 from smearscope.engines.preprocess import to_model_input
 from smearscope.service.analysis.records import SEG_CLASSES, Box, CellDetection, CellKind, Tile
 from smearscope.service.analysis.segment import cut_by_interior_tile_edges
-from smearscope.service.analysis.tiling import PAD_VALUE
+from smearscope.service.analysis.tiling import PAD_VALUE, stack_tiles
 from smearscope.service.analysis.tta import check_views
 
 logger = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ class YoloSegmenter:
         dets: list[CellDetection] = []
         names = self._outputs  # predictions, then the mask prototypes where the model has them
         for chunk in _batches(tiles, self.engine.manifest.batch.max):
-            batch = to_model_input(np.stack([t.pixels for t in chunk]), self.engine.manifest.preprocessing)
+            batch = to_model_input(stack_tiles([t.pixels for t in chunk]), self.engine.manifest.preprocessing)
 
             def decode(lo: int, hi: int, outs: dict[str, np.ndarray], chunk: list[Tile] = chunk) -> None:
                 # tiles lo:hi, as soon as their part of the batch is ready (run_batched's on_part):
