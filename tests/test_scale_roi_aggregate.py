@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -428,3 +429,19 @@ def test_a_cell_at_any_of_the_four_borders_touches_the_frame(box):
 
     assert _touches_frame(CellDetection(CellKind.RBC, Box(*box), 0.9), (100, 100, 3))
     assert not _touches_frame(CellDetection(CellKind.RBC, Box(40.0, 40.0, 60.0, 60.0), 0.9), (100, 100, 3))
+
+
+def test_sickle_calls_of_a_field_too_blurred_are_counted_awaiting_review_as_the_gallery_shows_them():
+    """A field too blurred to judge red-cell shapes: its sickle calls are in no grade or flag, but
+    the review gallery shows them (service.station.review.needs_review, by the cell's label) and
+    verify_run counts them as left: the report's `review` counts them the same."""
+    from smearscope.service.analysis.report import CellRecord
+    from smearscope.service.station.review import needs_review
+
+    blurred = dataclasses.replace(_cell(CellKind.RBC, "sickle"), shape_judged=False)
+    a = aggregate([_cell(CellKind.RBC, "normal")] * 50 + [blurred] * 3)
+    assert not any(f.cells for f in a.flags if f.code.startswith(("sickle", "schistocyte")))
+    shown = needs_review(CellRecord(kind="rbc", bbox=[0, 0, 10, 10], score=0.9, label="sickle", label_score=0.9,
+                                    diameter_um=7.5, area_um2=44.2))
+    assert shown == 1
+    assert a.review is not None and (a.review.rbc_flagged, a.review.cells) == (3, 3)

@@ -256,9 +256,10 @@ class ReviewSummary(_Strict):
     wbc_rare: int = Field(description="white cells of a rare class a person confirms (immature granulocytes, `ig`)")
     nrbc: int = Field(description="nucleated red cells (erythroblasts), listed by flag nucleated_rbc_present")
     rbc_unidentified: int = Field(description="red cells the RBC head could not type with confidence")
-    rbc_flagged: int = Field(description="red cells called sickle or schistocyte, which the flags "
-                             "sickle_cells_review, sickle_cells_present and schistocytes_present list: every such "
-                             "call goes to review, the sure ones and those below the critical flag's evidence alike")
+    rbc_flagged: int = Field(description="red cells called sickle or schistocyte: every such call goes to review, "
+                             "the sure ones and those below the critical flag's evidence alike (the cells the flags "
+                             "sickle_cells_review, sickle_cells_present and schistocytes_present list), and those of "
+                             "fields too blurred to judge red-cell shapes, which no grade or flag counts")
     reviewed: int = Field(0, description="verified reports: cells a technician typed (no longer awaiting review; "
                           "`verification.typed_cells`), the counts above being those left; 0 in a preliminary report")
 
