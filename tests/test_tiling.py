@@ -222,3 +222,35 @@ def test_mirrored_tiles_and_windows_are_copied_with_their_own_pixels(flip_x, fli
     expected[20:120, 30:230] = mirrored[50:150, 400:600]
     np.testing.assert_array_equal(canvas, expected)
 
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_copy_pixels_copies_a_mirrored_window_into_any_destination_numpy_can(channels: int) -> None:
+    """copy_pixels is `dst[...] = src`: for a mirrored window of a rendered field (one, three or
+    four channels, odd and even widths, read right to left or both ways) it leaves in dst what
+    NumPy's assignment leaves, whatever dst is: a contiguous image, part of a canvas, every other
+    column of an image, an image stored column-major, an image of another dtype, or no rows at
+    all (OpenCV's flip refuses a destination whose columns are not adjacent and an empty image:
+    such copies go through NumPy)."""
+    from smearscope.device.synthetic import render_field
+
+    rgb = render_field(4, width=180, height=120, microns_per_pixel=0.2).frame.pixels
+    frame = np.ascontiguousarray(np.concatenate([rgb, rgb[..., :1]], axis=2)[..., :channels])
+    for width in (2, 7, 64, 65):
+        for flip_y in (False, True):
+            src = frame[10:50, 30:30 + width][:: -1 if flip_y else 1, ::-1]
+            h = src.shape[0]
+            destinations = {
+                "contiguous": np.zeros(src.shape, np.uint8),
+                "part of a canvas": np.zeros((h + 9, width + 13, channels), np.uint8)[4 : 4 + h, 5 : 5 + width],
+                "every other column": np.zeros((h, 2 * width, channels), np.uint8)[:, ::2],
+                "column-major": np.zeros(src.shape, np.uint8, order="F"),
+                "float": np.zeros(src.shape, np.float32),
+            }
+            for name, dst in destinations.items():
+                want = dst.copy()
+                want[...] = src
+                copy_pixels(dst, src)
+                np.testing.assert_array_equal(dst, want, err_msg=f"{name}, width {width}, flip_y {flip_y}")
+            empty = np.zeros((0, width, channels), np.uint8)
+            copy_pixels(empty, src[:0])

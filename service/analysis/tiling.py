@@ -152,11 +152,16 @@ def copy_pixels(dst: np.ndarray, src: np.ndarray) -> None:
     """dst[...] = src for H x W x C images, where src may be a mirrored view of an image (a
     negative column stride): NumPy copies such a view element by element, about 30 times slower
     than OpenCV's flip into dst (measured 196 against 8 us for 150 x 150 x 3); the values are
-    the same."""
-    if src.ndim == 3 and src.shape[1] > 1 and src.strides[1] < 0 and src.dtype == np.uint8:
+    the same. OpenCV writes only into a uint8 dst of src's shape whose rows each lie in one run of
+    memory (a contiguous image, or part of a larger one); it refuses other layouts (every other
+    column, column-major) and empty images, so those, other dtypes and images of more than 4
+    channels are NumPy's."""
+    if (src.ndim == 3 and src.shape[1] > 1 and src.strides[1] < 0 and src.dtype == np.uint8 and src.size
+            and src.shape[2] <= 4 and dst.dtype == np.uint8 and dst.shape == src.shape
+            and dst.strides[1:] == (src.shape[2], 1) and dst.strides[0] > 0):
         out = cv2.flip(src[::-1, ::-1], -1, dst=dst) if src.strides[0] < 0 else cv2.flip(src[:, ::-1], 1, dst=dst)
         if out.__array_interface__["data"][0] != dst.__array_interface__["data"][0]:
-            dst[...] = out  # OpenCV made a new image instead of writing into dst
+            dst[...] = out  # not met with the checks above: an OpenCV that copied instead
     else:
         dst[...] = src
 
