@@ -75,3 +75,19 @@ def silent(lis: RawLis) -> Behaviour:
 def accept(conn: socket.socket, data: bytes) -> None:
     """Accepts the message: AA naming its MSH-10."""
     conn.sendall(framed(ack("AA", data.split(b"\r", 1)[0].split(b"|")[9].decode())))
+
+
+def msh10(data: bytes) -> str:
+    """The control id (MSH-10) of the framed message a listener received."""
+    return data.split(b"\r", 1)[0].split(b"|")[9].decode()
+
+
+def in_pieces(*pieces: bytes, a_byte_each: bool = False) -> Behaviour:
+    """Sends `pieces` one by one (each its own send, Nagle off: TCP segments the sender reads apart; with
+    `a_byte_each`, every byte alone), then closes; `{id}` in a piece is the received message's control id."""
+    def behaviour(conn: socket.socket, data: bytes) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sent = [piece.replace(b"{id}", msh10(data).encode()) for piece in pieces]
+        for piece in [bytes([b]) for b in b"".join(sent)] if a_byte_each else sent:
+            conn.sendall(piece)
+    return behaviour

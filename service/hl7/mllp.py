@@ -130,6 +130,21 @@ def _answer_start(data: bytes) -> str:
     return re.split(r"[\r\n]", text, maxsplit=1)[0][:MAX_ANSWER_TEXT]
 
 
+def _frame(answer: bytearray, pos: int, look: int) -> tuple[bytes | None, int]:
+    """(The first MLLP frame of `answer` after `pos` that says something, where `answer` goes on from then)
+    looking for its end block from `look` on (what came before was looked through). Bytes before the
+    start block (an engine's keep-alive) and a frame with nothing in it (an empty keep-alive frame) are
+    passed over; a line end after the end block is never reached (the first frame said is the ACK).
+    (None, ...) while no such frame has ended."""
+    while (end := answer.find(END, look)) >= 0:
+        start = answer.rfind(START, pos, end)
+        body = bytes(answer[start + 1 if start >= 0 else pos:end])
+        if body.strip(b"\x00\r\n\t "):
+            return body, pos
+        pos = look = end + len(END)
+    return None, pos
+
+
 def _ack_of(data: bytes) -> tuple[str, str, str]:
     """(MSA-1, MSA-2, the receiver's text) of an ACK: the text MSA-3, then each ERR segment's user message
     (ERR-8), else its error code's text (ERR-3.2), else ERR-3's code, joined by '; '. NotAcknowledged when
@@ -203,34 +218,31 @@ def send(address: tuple[str, int], message: str, control_id: str, timeout_s: flo
         with _connect(host, port, left, timeout_s) as conn:
             conn.settimeout(max(deadline - time.monotonic(), 0.001))
             conn.sendall(START + message.encode("utf-8") + END)
-            chunks: list[bytes] = []
-            size = 0
-            while True:
+            answer, body, pos = bytearray(), None, 0
+            while body is None:
                 conn.settimeout(left())
                 try:  # never more than the bound in all: an answer that fills it without its end is no ACK
-                    chunk = conn.recv(min(65536, MAX_ACK_BYTES - size))
+                    chunk = conn.recv(min(65536, MAX_ACK_BYTES - len(answer)))
                 except TimeoutError:
                     continue  # a slice of the deadline passed: left() says whether it is over
                 if not chunk:
                     break
-                chunks.append(chunk)
-                size += len(chunk)
-                if chunk.endswith(END) or (len(chunk) < len(END) and b"".join(chunks).endswith(END)):
-                    break
-                if size >= MAX_ACK_BYTES:
+                look = max(pos, len(answer) - len(END) + 1)
+                answer += chunk
+                body, pos = _frame(answer, pos, look)
+                if body is None and len(answer) >= MAX_ACK_BYTES:
                     raise NotAcknowledged(f"{where} answered more than {MAX_ACK_BYTES} bytes without ending the "
-                                          f"answer (<FS><CR>): {TOO_BIG}, no ACK", TOO_BIG, _answer_start(chunks[0]))
-            data = b"".join(chunks)
+                                          f"answer (<FS><CR>): {TOO_BIG}, no ACK", TOO_BIG, _answer_start(answer))
     except NotAcknowledged:
         raise
     except OSError as exc:  # refused, unreachable, timed out (socket.timeout is an OSError)
         raise NotAcknowledged(f"no ACK from {where} ({type(exc).__name__}: {exc})", "unreachable") from exc
-    if not data:
+    if body is None and not answer.strip(START + END + b"\x00\n"):
         raise NotAcknowledged(f"{where} closed the connection without an answer")
-    if not data.endswith(END):  # an answer, cut short or not MLLP at all: what it said is no ACK
-        raise NotAcknowledged(f"{where} closed the connection without a whole ACK ({len(data)} bytes): {NOT_ACK}",
-                              NOT_ACK, _answer_start(data))
-    code, acked, why = _ack_of(data.lstrip(START)[: -len(END)])
+    if body is None:  # an answer, cut short or not MLLP at all: what it said is no ACK
+        raise NotAcknowledged(f"{where} closed the connection without a whole ACK ({len(answer)} bytes): {NOT_ACK}",
+                              NOT_ACK, _answer_start(answer))
+    code, acked, why = _ack_of(body)
     if acked != control_id:
         raise NotAcknowledged(f"{where} acknowledged message {acked[:40]!r}, not this one ({control_id}): "
                               f"{NOT_ACK} of it", NOT_ACK, f"MSA-2 {acked[:40]}")
