@@ -25,6 +25,9 @@ VT, FS_CR = mllp.START, mllp.END
                   b"ZAK|1|custom\rZZ1|x\r" + FS_CR], id="err-and-z-segments"),
     pytest.param([VT + ACK.replace(b"\r", b"\r\n") + FS_CR], id="crlf-segment-ends"),
     pytest.param([VT + ACK.replace(b"^~\\&", b"^~\\&#") + FS_CR], id="msh2-v2.7-truncation"),
+    pytest.param([VT + ACK.replace(b"|", b"#") + FS_CR], id="field-separator-#"),
+    pytest.param([VT + MSH.replace(b"|", b"#").replace(b"^", b"$") + b"\rMSA#AE#{id}\rERR###207$Locked$HL70357\r"
+                  + FS_CR], id="separators-#-$-error"),
     pytest.param([VT + MSH + b"|||||UNICODE UTF-8\rMSA|AA|{id}|\xc3\xbcbernommen\r" + FS_CR], id="utf-8"),
     pytest.param([VT + MSH + b"|||||8859/1\rMSA|AA|{id}|\xfcbernommen\r" + FS_CR], id="latin-1"),
     pytest.param([VT + ACK + FS_CR + b"\n"], id="line-end-after-frame"),
@@ -38,7 +41,12 @@ VT, FS_CR = mllp.START, mllp.END
 def test_an_ack_as_interface_engines_send_it_is_accepted(lis: Callable[[Behaviour], RawLis],
                                                          pieces: list[bytes]) -> None:
     server = lis(in_pieces(*pieces))
-    assert mllp.send(("127.0.0.1", server.port), MESSAGE, CONTROL_ID, 10) in mllp.ACCEPTED
+    if b"MSA#AE#" in pieces[0]:  # an AE: an ACK of this message, its ERR text read with the ACK's own separators
+        with pytest.raises(mllp.NotAcknowledged) as caught:
+            mllp.send(("127.0.0.1", server.port), MESSAGE, CONTROL_ID, 10)
+        assert (caught.value.kind, caught.value.lis_text) == ("AE", "Locked")
+    else:
+        assert mllp.send(("127.0.0.1", server.port), MESSAGE, CONTROL_ID, 10) in mllp.ACCEPTED
     assert len(server.received) == 1
 
 

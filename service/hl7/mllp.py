@@ -145,20 +145,26 @@ def _frame(answer: bytearray, pos: int, look: int) -> tuple[bytes | None, int]:
     return None, pos
 
 
+#: An answer's MSH and its separators: MSH-1 (the field separator) and the first of MSH-2 (the component one).
+_MSH = re.compile(r"(?:^|[\r\n])\ufeff?MSH([^\w\s])([^\w\s])?")
+
+
 def _ack_of(data: bytes) -> tuple[str, str, str]:
     """(MSA-1, MSA-2, the receiver's text) of an ACK: the text MSA-3, then each ERR segment's user message
-    (ERR-8), else its error code's text (ERR-3.2), else ERR-3's code, joined by '; '. NotAcknowledged when
-    there is no MSA."""
+    (ERR-8), else its error code's text (ERR-3.2), else ERR-3's code, joined by '; '. Read with the ACK's own
+    separators (MSH-1, the first of MSH-2: an engine need not use ours). NotAcknowledged when there is no MSA."""
     text = data.decode("utf-8", errors="replace")
+    header = _MSH.search(text)
+    field, component = (header[1], header[2] or "^") if header else (FIELD, "^")
     msa: list[str] | None = None
     said: list[str] = []
     for seg in text.replace("\n", SEGMENT_END).split(SEGMENT_END):
-        fields = seg.split(FIELD) + [""] * 9
-        if seg.startswith("MSA" + FIELD) and msa is None:
+        fields = seg.split(field) + [""] * 9
+        if seg.startswith("MSA" + field) and msa is None:
             msa = fields
             said += [fields[3]] if fields[3] else []
-        elif seg.startswith("ERR" + FIELD):
-            code = fields[3].split("^") + ["", ""]
+        elif seg.startswith("ERR" + field):
+            code = fields[3].split(component) + ["", ""]
             said += [next((part for part in (fields[8], code[1], code[0]) if part), "")]
     if msa is None:
         start = _answer_start(data)
