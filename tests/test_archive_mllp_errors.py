@@ -6,6 +6,7 @@ listener (tests/mllp_lis.py)."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import sqlite3
 from collections.abc import Callable
@@ -129,3 +130,44 @@ def test_the_time_the_lab_system_cannot_be_reached_between_two_errors_does_not_c
         store.close()
     assert [r[0] for r in rows(directory, "SELECT code FROM hl7_rejections")] == ["AE"]
     assert len(lab.received) == 4
+
+
+def test_a_lab_system_that_answers_ae_between_outages_is_given_up_on_in_the_end(
+        tmp_path: Path, lis: Callable[..., RawLis]) -> None:
+    """AE, the connection closed with nothing said (the lab system not answering), AE, ...: each AE after
+    an outage counts the time from the try that found no answer to it (one retry's wait), so the time held
+    grows with every AE and the hold ends; it stayed 0 while the outages came between every two AEs, and
+    the report, and every one behind it, was held for ever."""
+    report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    message = read_report(STATION, envelope_of(report))
+    answers = ["AE", "closed"] * 3 + ["AE"]
+
+    def lab_system(conn: socket.socket, data: bytes) -> None:
+        if answers.pop(0) == "AE":
+            msh10 = data.split(b"\r", 1)[0].split(b"|")[9].decode()
+            conn.sendall(framed(f"MSH|^~\\&|LIS|LAB|smearscope|lab-7|20261130091500||ACK^R01^ACK|A1|P|2.5.1\r"
+                                f"MSA|AE|{msh10}|record locked\r".encode()))
+
+    lab = lis(lab_system)
+    directory = tmp_path / "archive"
+    store = storer(directory, lab.port, error_hold_s=3600)
+    held: list[float] = []
+    try:
+        for kind in ["AE", "no-ack"] * 3 + ["AE"]:
+            with pytest.raises(mllp.NotAcknowledged) as caught:
+                store.put_report(message)
+            assert caught.value.kind == kind
+            if kind == "AE":
+                held += [float(rows(directory, "SELECT held_s FROM hl7_error_holds")[0][0])]
+    finally:
+        store.close()
+    assert held[0] == 0 and all(later > before for before, later in itertools.pairwise(held))
+    assert rows(directory, "SELECT count(*) FROM hl7_rejections") == [(0,)]
+
+    lab.behaviour = lambda conn, data: lab_system(conn, data) if answers.append("AE") is None else None
+    store = storer(directory, lab.port, error_hold_s=held[-1])  # restarted: what was held is the whole hold
+    try:
+        assert store.put_report(message).new
+    finally:
+        store.close()
+    assert [r[0] for r in rows(directory, "SELECT code FROM hl7_rejections")] == ["AE"]

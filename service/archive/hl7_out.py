@@ -231,9 +231,9 @@ class Hl7Output:
         except mllp.Rejected as exc:
             return self.rejection(destination, message.report_id, control_id, exc)
         except mllp.NotAcknowledged as exc:
-            if exc.kind not in mllp.ERRORS:  # no answer at all: held for as long as it lasts, not counted
-                if self._erring is not None:
-                    self._erring = (self._erring[0], None)
+            if exc.kind not in mllp.ERRORS:  # no answer at all: held for as long as it lasts, not counted;
+                if self._erring is not None:  # the next error answer counts from the end of this try on
+                    self._erring = (self._erring[0], time.monotonic())
                 raise
             if self._error_held(destination, message.report_id) < self.error_hold_s:
                 raise
@@ -244,7 +244,9 @@ class Hl7Output:
         each error answer to the next while the receiver keeps answering so, this run's and earlier runs'
         (monotonic within a run: a clock change neither shortens nor stretches it), kept in the index. The
         time it could not be reached, or did not answer, in between does not count: an outage is held for as
-        long as it lasts, and does not spend the hold of the answer after it."""
+        long as it lasts, and does not spend the hold of the answer after it, which counts from the end of the
+        last try that found no answer (one retry's wait: a lab system answering AE between outages is given
+        up on in the end)."""
         now = time.monotonic()
         if self._erring is None:
             before = self.error_held(report_id, destination, self.processing_id) if self.error_held else 0.0

@@ -5,7 +5,7 @@ unchanged cannot help, so it is final for that message, recorded here with the r
 (MSA-3, ERR) and the archive goes on with the next reports. An AE or CE (a transient error), or an
 answer that is no ACK of the message (over 1 MiB, not an ACK: its reason the code), is tried again,
 and recorded here only once such answers have come for `hl7_mllp_error_hold_s` (from one to the next:
-not while the lab system cannot be reached). A report
+not while the lab system cannot be reached: an answer after an outage counts from the last try that found none). A report
 that supersedes one not accepted at a destination is not sent there either (`held`): an amended
 report never overtakes its original. Rows are kept, never deleted: a later delivery of the same
 report to the same destination and processing id (`smearscope archive send-hl7 --resend`), or in

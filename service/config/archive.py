@@ -57,7 +57,7 @@ class Hl7OutputConfig(BaseModel):
         description="Seconds a report the lab system answers AE or CE (an application or commit error: "
         "transient), or with no ACK of it (an answer over 1 MiB, not an ACK), is held and sent again every retry_s, the reports behind it waiting, before it is recorded as "
         "not accepted and the archive goes on (`archive send-hl7 --resend` sends it later); counted from each such "
-        "answer to the next, not while the lab system cannot be reached, and over restarts (kept in the index); 0: an AE is final at once, as an AR or CR always is. At most 86400 (docs/HL7.md).",
+        "answer to the next, not while the lab system cannot be reached (an answer after an outage counts from the last try that found none), and over restarts (kept in the index); 0: an AE is final at once, as an AR or CR always is. At most 86400 (docs/HL7.md).",
     )
     hl7_sending_facility: str | None = Field(
         default=None,
