@@ -231,7 +231,9 @@ def send(address: tuple[str, int], message: str, control_id: str, timeout_s: flo
                     chunk = conn.recv(min(65536, MAX_ACK_BYTES - len(answer)))
                 except TimeoutError:
                     continue  # a slice of the deadline passed: left() says whether it is over
-                if not chunk:
+                if not chunk:  # closed: a frame ended by <FS> alone, or <FS><LF>, was whole all the same
+                    if (ended := bytes(answer).rstrip(b"\r\n")).endswith(END[:1]):
+                        body, pos = _frame(bytearray(ended + END[1:]), pos, pos)
                     break
                 look = max(pos, len(answer) - len(END) + 1)
                 answer += chunk
