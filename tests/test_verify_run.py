@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 from realdata import DATA, needs_models
+from test_dashboard import needs_chromium, ws_broker  # noqa: F401 (the fixture)
 from test_fhir import validate
 from test_station_means import _fields
 from test_typed_cells import _config_text, _station
@@ -840,3 +841,63 @@ def test_a_signed_report_waiting_to_be_stored_keeps_its_run_among_the_last_close
         assert closed_ids() == ["r1", "r2", "r3", "r4"]
     finally:
         outbox.close()
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_run_signed_after_a_run_that_ended_without_a_field_shows_its_verified_counts_on_a_page_opened_after(
+    station, tmp_path, ws_broker,  # noqa: F811
+):
+    """A run that opened by itself and ended with no field was never said to anyone: the broker's
+    retained run state is still the run before it. That run signed then kept its preliminary state
+    retained (the station took the empty run for the last one closed), and a dashboard opened after
+    the signing showed the analyzer's counts. Its verified state is now retained: the page shows
+    the technician's counts and says the report is verified."""
+    import json
+    from types import SimpleNamespace
+
+    from selenium.webdriver.common.by import By
+    from test_dashboard import _page_and_a_station, _wait
+
+    run, feed = station
+    published = []
+    publisher = SimpleNamespace(config=SimpleNamespace(topic_prefix="smearscope"), station_id="s",
+                                publish_many=lambda items, also=None, extra=(): published.extend(extra) or [1])
+    final = lambda r, end: r.report(station_id="s", now=time.time(), end_reason=end)
+    signed = replace(run, run_id="r-after-empty")
+    feed.run_closed(ClosedRun("r-after-empty", "stopped", 4, run.classified_wbc, 100, final(signed, "stopped"), signed),
+                    publisher)
+    # the next run opened by itself and ended before its first field: no state of it goes out
+    feed.run_closed(ClosedRun("r-empty", "stopped", 0, 0, 100, None, started_by="auto"), publisher)
+    assert [json.loads(m.payload)["run_id"] for m in published] == ["r-after-empty"]
+    first = run.field_ids[0]
+    in_field = [r for r in run.records if r.field_id == first]
+    k = next(k for k, r in enumerate(in_field) if r.kind == "wbc" and r.label not in (None, "basophil"))
+    typing = feed.gallery.typing
+    store = feed._open_store()
+    store.put("r-after-empty", first, k, "basophil", TypeableCell(
+        np.zeros(4, np.float32), np.zeros((1, 4), np.float32), in_field[k].label, {}, typing.model_sha256,
+        typing.views, 0.1))
+    try:
+        one, live, answer = feed.verify("r-after-empty", "AB", final, None)
+        assert answer["ok"], answer
+        feed.run_closed(one, publisher, live)  # as the command does (service.station.commands)
+    finally:
+        assert store.remove("r-after-empty", first, k)
+    basophils = _count(one.report, "basophil")
+    assert basophils == _count(final(signed, "stopped"), "basophil") + 1
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        for m in published:
+            send("smearscope/s/run", m.payload.decode())
+        driver.get(url)
+        card = "[data-station='s']"
+        line = lambda: driver.find_element(By.CSS_SELECTOR, f"{card} .review-line").text
+        _wait("the run", lambda: driver.find_elements(By.CSS_SELECTOR, f"{card}[data-run-id='r-after-empty']"),
+              20, [log])
+        _wait("the verified report", lambda: line().startswith("Verified"), 20, [log])
+        rows = driver.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].map((tr) => [...tr.cells].map((td) =>"
+            " td.innerText.trim()))", f"{card} table.differential tbody tr")
+        assert [r[1] for r in rows if r[0] == "basophil"] == [str(basophils)], rows
+    state = json.loads(published[-1].payload)  # the retained state the page read: the signed report's
+    assert state["run_id"] == "r-after-empty" and state["report"]["verification"]["verified_by"] == "AB", state

@@ -110,7 +110,7 @@ class ClinicFeed:
         # below the station's packet limit too (topic, properties and envelope need room)
         self.max_state_bytes = min(config.review.max_message_kb * 1024, config.mqtt.max_packet_size - 1024)
         self.live = LiveState()  # the last run state, sent after what it counts is stored
-        self._last_closed: str | None = None  # the last run closed (with a report or none): verify_run's live state
+        self._last_closed: str | None = None  # the last run closed whose state went out: verify_run's live state
 
     def start(self, analyzer: Any, closed: Sequence[ClosedRun],
               load_run: Callable[[str], SpecimenRun | None] | None = None,
@@ -230,8 +230,12 @@ class ClinicFeed:
         and, when `live`, published as the retained run state. A run with no field (report None) has
         nothing to keep: its state, closed with no field, goes out when start_run opened it (`has_states`)."""
         if closed.report is None:
+            if not has_states(closed.started_by, closed.fields):
+                # never said to anyone: the retained state is still the run before it, which a
+                # verification then moves (its signed state, not its preliminary one, on a page opened later)
+                return
             self._last_closed = closed.run_id
-            if live and has_states(closed.started_by, closed.fields):
+            if live:
                 try:
                     self._publish(publisher, closed.run_id, None, "closed", closed.progress(), closed.end_reason)
                 except Exception:
