@@ -34,6 +34,7 @@ from test_daemon import to_toml
 from smearscope.service.analysis.morphology import REPORTED_PRESENT, SIZE_BASED
 from smearscope.service.analysis.report import ClassShare, Flag, Report, Verification
 from smearscope.service.dashboard.server import STATIC, DashboardServer, DashboardSettings
+from smearscope.service.fhir.report_view import left_as_called
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -669,7 +670,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         verified_text = seen(f"{card} .verify-state") or ""
         assert "verified: 1 typed" in verified_text
         left = json.loads(observer.on_topic(f"{BASE}/cmd_response/verify_run")[-1].payload)
-        assert left["ok"] and (f"{left['left_to_review']} cells sent to review were not typed" in verified_text) == (
+        assert left["ok"] and (f"{left['left_to_review']} cells left as the analyzer called them" in verified_text) == (
             left["left_to_review"] > 0)
         assert seen(f"{card} .diff-source") == "verified" and seen(f"{card} .verify-run") == "Sign again"
 
@@ -681,7 +682,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         v = verified.verification
         assert v is not None and v.verified_by == "AB" and v.supersedes == report.report_id and v.typed_cells == 1
         assert v.left_to_review == left["left_to_review"]  # the signed report says what was signed unseen
-        assert (f"{v.left_to_review} sent to review signed as the analyzer called them" in (
+        assert (f"; {left_as_called(v.left_to_review)}" in (
             seen(f"{card} .run-line") or "")) == (v.left_to_review > 0)
         assert verified.run_id == run_id and verified.report_id != report.report_id
         # the typed cell is reclassified unless the analyzer had called it a monocyte too

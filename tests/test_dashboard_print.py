@@ -372,8 +372,8 @@ def test_a_verified_report_says_what_the_technician_changed_and_a_report_signed_
               20, [log])
         inside = lambda s, sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}'] {sel}")
         typed = (" The technician typed 5 cells, 2 of them otherwise than the analyzer; 1 object typed as no cell "
-                 "(artefact) is in no count. 3 cells sent to review were signed as the analyzer called them.")
-        assert re.fullmatch(r"verified specimen report \(verified by EF, .+; 3 sent to review signed as the analyzer "
+                 "(artefact) is in no count. 3 cells left as the analyzer called them.")
+        assert re.fullmatch(r"verified specimen report \(verified by EF, .+; 3 cells left as the analyzer "
                             r"called them; corrected: replaces the report CD signed \d{4}-\d\d-\d\d .+\)",
                             inside("ward-v", ".run-line").text.split(" · ")[-1]), inside("ward-v", ".run-line").text
         assert "corrected" not in inside("ward-f", ".run-line").text
@@ -534,7 +534,7 @@ def test_the_cells_awaiting_review_are_said_on_screen_and_on_paper_and_an_older_
         want = {"ward-p": "Preliminary: 41 white cells and 3 red cells await review (38 white cells unidentified, "
                           "3 white cells atypical, 3 red cells called sickle or schistocyte)",
                 "ward-i": "Interim: 1 nucleated red cell awaits review (1 nucleated red cell)",
-                "ward-v": "Verified: no cell awaits review; 44 typed by a technician",
+                "ward-v": "Verified: every cell sent to review was typed; 44 typed by a technician",
                 "ward-o": "Cells awaiting review: not counted (report schema 1.3)"}
         shown = lambda: {s: line(s).text for s in want if line(s).is_displayed()}
         assert shown() == want, shown()
@@ -545,3 +545,60 @@ def test_the_cells_awaiting_review_are_said_on_screen_and_on_paper_and_an_older_
             assert status.text.startswith("PRELIMINARY machine result, not verified")
         finally:
             driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_a_reports_review_line_reads_the_same_on_the_dashboard_in_the_summary_and_in_fhir(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """A verified report's summary and dashboard line said its cells "await review" where its FHIR
+    conclusion said "left as the analyzer called them": a signed report read as if cells still
+    waited. One wording now, from one function per side (service.fhir.report_view.review_line,
+    runview.js reviewText): the page renders the same text as `smearscope analyze` for the same
+    report, preliminary, interim, verified (cells left, every one typed, none sent) or older, and
+    the FHIR (and HL7) conclusion of a verified report says the same words."""
+    from smearscope.cli.summary import summarize
+    from smearscope.service.analysis.report import ReviewSummary
+    from smearscope.service.fhir.bundle import report_bundle
+    from smearscope.service.fhir.report_view import review_line
+
+    now = time.time()
+    base = _specimen("ward-w", "run-w", [], now)
+    rv = lambda cells, reviewed=0, **kw: ReviewSummary(**{"cells": cells, "wbc_unidentified": 0, "wbc_atypical": 0,
+                                                          "wbc_rare": 0, "nrbc": 0, "rbc_unidentified": 0,
+                                                          "rbc_flagged": 0, "reviewed": reviewed, **kw})
+    sign = lambda typed, left: Verification(verified_by="AB", verified_at=now, supersedes="r-0", typed_cells=typed,
+                                            reclassified=[], left_to_review=left)
+    cases = {
+        "preliminary": (base.model_copy(update={"review": rv(44, wbc_unidentified=38, wbc_atypical=3, rbc_flagged=3)}),
+                        True),
+        "interim": (base.model_copy(update={"review": rv(1, nrbc=1)}), False),
+        "left": (base.model_copy(update={"review": rv(3, 44, rbc_flagged=3), "verification": sign(44, 3)}), True),
+        "one left": (base.model_copy(update={"review": rv(1, 2, wbc_atypical=1), "verification": sign(2, 1)}), True),
+        "all typed": (base.model_copy(update={"review": rv(0, 44), "verification": sign(44, 0)}), True),
+        "none sent": (base.model_copy(update={"review": rv(0), "verification": sign(0, 0)}), True),
+        "older verified": (base.model_copy(update={"schema_version": "1.3", "review": None,
+                                                    "verification": sign(5, 2)}), True),
+        "older": (base.model_copy(update={"schema_version": "1.3", "review": None}), True),
+    }
+    python = {k: review_line(r, "Preliminary" if final else "Interim") for k, (r, final) in cases.items()}
+    assert python["left"] == ("Verified: 3 cells left as the analyzer called them (3 red cells called sickle or "
+                              "schistocyte); 44 typed by a technician"), python
+    assert python["all typed"] == "Verified: every cell sent to review was typed; 44 typed by a technician"
+    assert python["one left"] == ("Verified: 1 cell left as the analyzer called it (1 white cell atypical); "
+                                  "2 typed by a technician")
+    assert not any("await" in t for k, t in python.items() if cases[k][0].verification is not None), python
+    for k, (r, final) in cases.items():  # the summary prints the line itself
+        if final:
+            assert "  " + python[k] in summarize(r).splitlines(), (k, summarize(r))
+        if r.verification is not None:
+            conclusion = report_bundle(r)["entry"][0]["resource"]["conclusion"]
+            assert conclusion.startswith("Verified by AB: " + python[k].removeprefix("Verified: ") + "; 0 reclassified"), (
+                k, conclusion)
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, _send, log, url):
+        driver.get(url)
+        _wait("the page's scripts", lambda: driver.execute_script("return typeof reviewText === 'function'"), 20, [log])
+        page = {k: driver.execute_script("return reviewText(arguments[0], arguments[1])",
+                                         json.loads(r.model_dump_json()), final) for k, (r, final) in cases.items()}
+    assert page == python

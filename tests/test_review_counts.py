@@ -123,7 +123,7 @@ def test_a_verified_report_counts_the_cells_left_and_those_typed(station):
     signed = every.report(station_id="s", now=3.0, end_reason="stopped")
     assert typed == len(review) > 0
     assert signed.review.cells == 0 == _left_to_review(run, types) and signed.review.reviewed == typed
-    assert "Verified: no cell awaits review; " + str(typed) + " typed by a technician" in summarize(
+    assert "Verified: every cell sent to review was typed; " + str(typed) + " typed by a technician" in summarize(
         signed.model_copy(update={"verification": _signature(typed, 0)}))
     some = dict(list(types.items())[: len(types) // 2])
     half, _, typed = run.verified(some)

@@ -125,8 +125,8 @@ def test_a_verified_bundles_conclusion_counts_one_typed_cell_in_the_singular(run
     verified = report.model_copy(update={"verification": Verification(
         verified_by="AB", verified_at=3.0, supersedes="r-0", typed_cells=typed, reclassified=changed)})
     dr = report_bundle(verified)["entry"][0]["resource"]
-    assert dr["conclusion"].startswith("Verified by AB: 1 cell typed, 1 reclassified, 0 sent to review left as "
-                                       "the analyzer called them; replaces report r-0. "), dr["conclusion"]
+    assert dr["conclusion"].startswith("Verified by AB: every cell sent to review was typed; 1 typed by a "
+                                       "technician; 1 reclassified; replaces report r-0. "), dr["conclusion"]
 
 
 def test_a_typed_cell_is_counted_where_its_type_belongs(run):
@@ -202,7 +202,7 @@ def test_verifying_again_starts_from_the_analyzers_run_and_only_the_last_closed_
     assert to_review > 0 and answer["left_to_review"] == left
     # the signed report itself says so, and its FHIR conclusion
     assert one.report.verification.left_to_review == left
-    assert f"{left} sent to review left as the analyzer called them" in report_bundle(one.report)["entry"][0][
+    assert f": {left} cells left as the analyzer called them" in report_bundle(one.report)["entry"][0][
         "resource"]["conclusion"]
     g2 = next(i for i, r in enumerate(run.records) if needs_review(r) is not None and r.kind == "wbc" and i != g)
     fid2 = run.records[g2].field_id

@@ -139,9 +139,9 @@ def report_bundle(report: Report) -> Resource:
         "effectiveDateTime": b.effective, "issued": b.issued,
         "specimen": [{"reference": b.specimen_ref}], "result": b.results,
         "conclusion": (f"Preliminary, machine result; a qualified person must review it.{waiting} {conclusion}" if v is None
-                       else f"Verified by {v.verified_by}: {v.typed_cells} cell{'' if v.typed_cells == 1 else 's'} typed, "
-                       f"{len(v.reclassified)} reclassified, {v.left_to_review} sent to review left as the "
-                       f"analyzer called them; replaces report {v.supersedes}{_signed_before(v)}. {conclusion}"),
+                       else f"Verified by {v.verified_by}: {report_view.verified_review(report)}; "
+                       f"{len(v.reclassified)} reclassified; replaces report {v.supersedes}{_signed_before(v)}. "
+                       f"{conclusion}"),
     }})
     if v is not None:
         b.entries[0]["resource"]["performer"] = [{"display": v.verified_by}]

@@ -174,3 +174,39 @@ def review_reasons(report: Report) -> str:
              (rv.rbc_unidentified, "red cell", " unidentified"),
              (rv.rbc_flagged, "red cell", " called sickle or schistocyte")]
     return ", ".join(f"{n} {what}{'' if n == 1 else 's'}{how}" for n, what, how in parts if n)
+
+
+def left_as_called(n: int) -> str:
+    """Cells sent to review that no one typed before signing, as every view of a verified report says
+    them ("3 cells left as the analyzer called them"; runview.js leftAsCalled, the same words)."""
+    return f"{n} cell left as the analyzer called it" if n == 1 else f"{n} cells left as the analyzer called them"
+
+
+def verified_review(report: Report) -> str:
+    """A verified report's cells sent to review, in the one wording the summary, the dashboard (screen
+    and paper) and the FHIR and HL7 conclusion use ("3 cells left as the analyzer called them (3 red
+    cells called sickle or schistocyte); 44 typed by a technician", "every cell sent to review was
+    typed; 44 typed by a technician"): the signature's own counts (`verification`), never "await
+    review", which would read as cells still waiting. runview.js verifiedReview says the same."""
+    v = report.verification
+    if v is None:
+        raise ValueError("verified_review of a report not verified")
+    left, typed = v.left_to_review, v.typed_cells
+    # the reasons where the report's review counts the same cells the signature left
+    reasons = review_reasons(report) if report.review is not None and report.review.cells == left else ""
+    text = (left_as_called(left) + (f" ({reasons})" if reasons else "") if left
+            else "every cell sent to review was typed" if typed else "no cell was sent to review")
+    return text + (f"; {typed} typed by a technician" if typed else "")
+
+
+def review_line(report: Report, state: str = "Preliminary") -> str:
+    """The line below a run's figures: a verified report's cells left and typed (verified_review); else
+    the cells awaiting review and why, after `state` ("Preliminary", or "Interim" for an open run);
+    a report from before they were counted says so (not 0). runview.js reviewText says the same."""
+    if report.verification is not None:
+        return "Verified: " + verified_review(report)
+    text = awaiting_review(report)
+    if text is None:
+        return f"Cells awaiting review: not counted (report schema {report.schema_version})"
+    reasons = review_reasons(report)
+    return f"{state}: {text}" + (f" ({reasons})" if reasons else "")

@@ -63,18 +63,6 @@ def _together_text(hidden: list[ClassShare]) -> str:
     return text
 
 
-def _review_line(report: Report) -> str:
-    """The cells awaiting a technician's review and why; a report from before they were counted
-    says so (not 0); a verified one how many the technician typed."""
-    text = report_view.awaiting_review(report)
-    if text is None:
-        return f"  Cells awaiting review: not counted (report schema {report.schema_version})"
-    reasons = report_view.review_reasons(report)
-    typed = report.review.reviewed if report.review is not None else 0
-    return (f"  {'Verified' if report.verification else 'Preliminary'}: {text}"
-            + (f" ({reasons})" if reasons else "") + (f"; {typed} typed by a technician" if typed else ""))
-
-
 #: Where a field's scale came from, in words (service.analysis.report.ScaleInfo.method).
 SCALE_SOURCE = {"given": "calibrated", "rbc_size_classical": "estimated from the red cells",
                 "rbc_size_detection": "estimated from the red cells",
@@ -133,7 +121,7 @@ def summarize(report: Report) -> str:
     if size.n and size.mean_diameter_um is not None and not doubted:  # measured only at a calibrated scale
         cv = f"CV {size.cv_percent:.1f}%, " if size.cv_percent is not None else ""
         lines.append(f"  RBC diameter {size.mean_diameter_um:.1f} um ({cv}n={size.n})")
-    lines.append(_review_line(r))
+    lines.append("  " + report_view.review_line(r))  # the words of the dashboard and FHIR
     for f in r.flags:
         lines.append(f"  [{f.severity}] {f.code}: {f.message}")
     return "\n".join(lines)

@@ -4,7 +4,7 @@
 // (interim, preliminary, verified or corrected, by whom, and what the technician typed), the station, run and report ids, the models that
 // made it and when it was printed; the page's live parts (status, telemetry, the latest field, the
 // review gallery, buttons) are left off (dashboard.css, @media print). Loaded before dashboard.js,
-// whose globals (stations, el, iso, isoText, when, specimenOf, shown) these functions use when called. Text from the broker is only
+// whose globals (stations, el, iso, isoText, when, specimenOf, shown) and runview.js's (leftAsCalled) these functions use when called. Text from the broker is only
 // ever set with textContent.
 "use strict";
 
@@ -25,7 +25,7 @@ function renderPrintMeta(st, view) {
                 (typeof v.supersedes_verified_at === "number" ? when(v.supersedes_verified_at) : "before") + ". Verified by "]
              : ["Verified specimen report: verified by "]),
            iso(v.verified_by), ", " + when(v.verified_at) + "." + typedText(v, r.counts) +
-           (v.left_to_review ? " " + v.left_to_review + " cells sent to review were signed as the analyzer called them." : "")]
+           (v.left_to_review ? " " + leftAsCalled(v.left_to_review) + "." : "")]
     : ["PRELIMINARY machine result, not verified: every result needs review by a qualified person."]));
   const specimen = specimenOf(r, view.started);
   // a report for the patient's file that names no specimen says so, not only by leaving it out

@@ -161,7 +161,7 @@ function verifiedAnswer(st, msg) {
   const state = st.node.querySelector(".verify-state");
   state.dataset.state = !msg.ok ? "error" : msg.held ? "held" : msg.held === null ? "undecided" : "saved";
   const base = "verified: " + msg.typed_cells + " typed, " + msg.reclassified + " reclassified" +
-      (msg.left_to_review ? "; " + msg.left_to_review + " cells sent to review were not typed" : "");
+      (msg.left_to_review ? "; " + leftAsCalled(msg.left_to_review) : "");  // runview.js
   state.textContent = msg.ok ? base +
       (msg.held ? " — not sent: " + String(msg.message || "the signed report is held at the station") :
        msg.held === null ? " — " + String(msg.message || "whether it is held at the station is not decided yet") : "")

@@ -46,10 +46,42 @@ function sizeText(r) {
     (typeof s.cv_percent === "number" ? "; CV of diameters " + tenth(s.cv_percent) + " % (not an RDW)" : "");
 }
 
-// The cells awaiting a technician's review (report.review, schema 1.4), as `smearscope analyze` prints
-// them (service.fhir.report_view.awaiting_review): "Preliminary: 41 white cells and 3 red cells await
-// review (...)". An older report counted none: "not counted", never 0.
+// A verified report's cells sent to review, in the one wording every view of it uses (the run's line,
+// its review line, the printed status, Verify's answer; `smearscope analyze`, FHIR and HL7 say the
+// same: service.fhir.report_view.left_as_called and verified_review): "3 cells left as the analyzer
+// called them", never "await review", which would read as cells still waiting on a signed report.
+function leftAsCalled(n) {
+  return n === 1 ? n + " cell left as the analyzer called it" : n + " cells left as the analyzer called them";
+}
+
+function verifiedReview(r) {
+  const v = r.verification, rv = r.review;
+  const num = (x) => (typeof x === "number" ? x : 0);
+  const left = num(v.left_to_review), typed = num(v.typed_cells);
+  // the reasons where the report's review counts the same cells the signature left
+  const reasons = rv && typeof rv === "object" && num(rv.cells) === left ? reviewReasons(rv) : "";
+  const text = left ? leftAsCalled(left) + (reasons ? " (" + reasons + ")" : "")
+    : typed ? "every cell sent to review was typed" : "no cell was sent to review";
+  return text + (typed ? "; " + typed + " typed by a technician" : "");
+}
+
+// What the cells awaiting review are, reason by reason (service.fhir.report_view.review_reasons).
+function reviewReasons(rv) {
+  const n = (k) => (typeof rv[k] === "number" ? rv[k] : 0);
+  const plural = (k, what) => k + " " + what + (k === 1 ? "" : "s");
+  return [[n("wbc_unidentified"), "white cell", " unidentified"], [n("wbc_atypical"), "white cell", " atypical"],
+          [n("wbc_rare"), "white cell", " of a rare class (ig)"], [n("nrbc"), "nucleated red cell", ""],
+          [n("rbc_unidentified"), "red cell", " unidentified"],
+          [n("rbc_flagged"), "red cell", " called sickle or schistocyte"]]
+    .filter(([k]) => k).map(([k, what, how]) => plural(k, what) + how).join(", ");
+}
+
+// The line below a run's figures, as `smearscope analyze` prints it (service.fhir.report_view.review_line):
+// a verified report's cells left and typed (verifiedReview); else the cells awaiting a technician's
+// review (report.review, schema 1.4) and why, "Preliminary: 41 white cells and 3 red cells await
+// review (...)" ("Interim" while the run is open). An older report counted none: "not counted", never 0.
 function reviewText(r, final) {
+  if (r.verification) return "Verified: " + verifiedReview(r);
   const rv = r.review;
   if (!rv || typeof rv !== "object") {
     return "Cells awaiting review: not counted (report schema " + (r.schema_version || "unknown") + ")";
@@ -61,14 +93,8 @@ function reviewText(r, final) {
     .filter(([k]) => k).map(([k, what]) => plural(k, what));
   const listed = named.length > 1 ? named.slice(0, -1).join(", ") + " and " + named[named.length - 1] : named[0];
   const text = named.length ? listed + (n("cells") === 1 ? " awaits review" : " await review") : "no cell awaits review";
-  const reasons = [[n("wbc_unidentified"), "white cell", " unidentified"], [n("wbc_atypical"), "white cell", " atypical"],
-                   [n("wbc_rare"), "white cell", " of a rare class (ig)"], [n("nrbc"), "nucleated red cell", ""],
-                   [n("rbc_unidentified"), "red cell", " unidentified"],
-                   [n("rbc_flagged"), "red cell", " called sickle or schistocyte"]]
-    .filter(([k]) => k).map(([k, what, how]) => plural(k, what) + how).join(", ");
-  const state = r.verification ? "Verified" : final ? "Preliminary" : "Interim";
-  return state + ": " + text + (reasons ? " (" + reasons + ")" : "") +
-    (r.verification && n("reviewed") ? "; " + n("reviewed") + " typed by a technician" : "");
+  const reasons = reviewReasons(rv);
+  return (final ? "Preliminary" : "Interim") + ": " + text + (reasons ? " (" + reasons + ")" : "");
 }
 
 function renderRun(st) {
@@ -119,8 +145,7 @@ function renderRun(st) {
   const v = r.verification;
   line.replaceChildren(...head, r.fields_analyzed + (r.fields_analyzed === 1 ? " field · " : " fields · "),
     ...(view.final ? (v ? ["verified specimen report (verified by ", iso(v.verified_by), ", " + when(v.verified_at) +
-                           (v.left_to_review ? "; " + v.left_to_review +
-                            " sent to review signed as the analyzer called them" : "") +
+                           (v.left_to_review ? "; " + leftAsCalled(v.left_to_review) : "") +
                            (v.supersedes_verified_by ? "; corrected: replaces the report " : ""),
                            ...(v.supersedes_verified_by ? [iso(v.supersedes_verified_by), " signed " +
                              (typeof v.supersedes_verified_at === "number" ? when(v.supersedes_verified_at) : "before")] : []),
