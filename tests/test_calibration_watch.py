@@ -14,9 +14,17 @@ import sqlite3
 from pathlib import Path
 
 import cv2
-from broker import free_port
+import pytest
+from broker import MosquittoBroker, free_port
 from realdata import ROOT
 from test_daemon import station_document, to_toml
+from test_dashboard import (
+    _open_with_station_online,
+    _page_and_a_station,
+    _wait,
+    needs_chromium,
+    ws_broker,  # noqa: F401 (the fixture)
+)
 
 from smearscope.device.frame import Frame
 from smearscope.device.synthetic import render_field
@@ -29,6 +37,7 @@ from smearscope.service.analysis.pipeline import Analyzer, FieldResult
 from smearscope.service.config import load_config
 from smearscope.service.fhir import report_view
 from smearscope.service.mqtt.outbox import Outbox
+from smearscope.service.mqtt.publisher import MqttPublisher
 from smearscope.service.station.calibration_watch import (
     HIGH_MEDIAN,
     LOW_MEDIAN,
@@ -37,7 +46,7 @@ from smearscope.service.station.calibration_watch import (
     calibration_key,
     verdict,
 )
-from smearscope.service.station.daemon import run_daemon
+from smearscope.service.station.daemon import StationDaemon, run_daemon
 from smearscope.service.station.scale_record import drift_checks
 
 TRUE_MPP = 0.1  # the rendered fields' scale
@@ -265,3 +274,91 @@ def test_doctor_says_the_watch_cannot_judge_where_no_field_is_checked(tmp_path: 
         CalibrationWatch(box, calibration_key(0.15, datetime.date(2026, 11, 1)))
     (line,) = drift_checks(config)
     assert line[0] == "OK" and "calibration_check_fields is 0" in line[2] and "judged from" not in line[2], line
+
+
+def _drifting_daemon(tmp_path: Path, port: int) -> tuple[Path, StationDaemon]:
+    """A station calibrated at 0.15 um/px (fields at 0.1) whose watch (4 checks of 2 runs asked)
+    kept 6 checked fields of 3 runs, all 0.7 or so: suspect. Its daemon is not started; its
+    telemetry reads the watch, as a running station's does."""
+    doc = station_document(tmp_path, port, source={"kind": "folder", "path": str(tmp_path / "inbox"),
+                                                   "microns_per_pixel": 0.15,
+                                                   "microns_per_pixel_calibrated_on": "2026-11-01"},
+                           mqtt={"telemetry_interval_s": 2.0})
+    doc["specimen"].update(calibration_watch_fields=4, calibration_watch_runs=2)
+    path = tmp_path / "station.toml"
+    path.write_text(to_toml(doc) + "\n")
+    daemon = StationDaemon(load_config(path, {}), analyzer_factory=lambda c: None, environ={})
+    box = Outbox(tmp_path / "state" / "outbox.sqlite3")
+    watch = CalibrationWatch(box, calibration_key(0.15, datetime.date(2026, 11, 1)))
+    for i in range(6):
+        watch.observe(checked(100 + i, 0.15, f"run{i // 2}"), 4, 2)
+    daemon.workers.calibration_watch = watch
+    return path, daemon
+
+
+def test_a_running_stations_telemetry_says_the_watchs_reading_and_doctor_reads_it_there(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, started: list[MqttPublisher],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The watch's reading was doctor's alone, and only while the station was stopped (a running
+    station holds its outbox file). Its telemetry now says it (`calibration_watch`), and doctor
+    beside the running station warns from its next sample, as it would from the file."""
+    from smearscope.cli import main
+
+    path, daemon = _drifting_daemon(tmp_path, broker.port)
+    watch = daemon._telemetry()["calibration_watch"]
+    assert watch.pop("median") < LOW_MEDIAN
+    assert watch == {"checks": 6, "runs": 3, "low": LOW_MEDIAN, "high": HIGH_MEDIAN, "needs_checks": 4,
+                     "needs_runs": 2, "suspected": True}
+    config = load_config(path, {})
+    assert daemon.workers.calibration_watch is not None
+    publisher = MqttPublisher(config.mqtt, config.station_id, daemon.workers.calibration_watch.outbox,
+                              telemetry_source=daemon._telemetry)
+    started.append(publisher)
+    publisher.start()
+    main(["doctor", "--config", str(path)])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line[6:].startswith("calibration watch")]
+    assert len(lines) == 2 and lines[0].startswith("OK    calibration watch"), out
+    assert "the running station holds its outbox file: its reading is read from its telemetry" in lines[0], lines[0]
+    assert lines[1].startswith("WARN  calibration watch")
+    assert lines[1][24:].lstrip().startswith("the red cells' own scale over the calibrated one has a "
+                               "median of 0."), lines[1]
+    assert "over the last 6 checked fields of 3 runs, below what a right calibration gives" in lines[1], lines[1]
+    assert "flagged calibration_drift_suspected" in lines[1] and "(the running station's telemetry, host " in lines[1]
+
+
+@pytest.mark.broker
+@needs_chromium
+def test_the_dashboards_card_says_a_suspect_calibration_in_red_and_a_sound_one_quietly(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """The running station's sample (its daemon's `_telemetry`) says the watch suspect: the card says
+    "calibration drift suspected" beside the status, in the header too, and the telemetry list says
+    the reading in words; a sample whose reading is within the bounds says it only in that list."""
+    from selenium.webdriver.common.by import By
+
+    _, daemon = _drifting_daemon(tmp_path, ws_broker.port)
+    suspect = daemon._telemetry()
+    assert daemon.workers.calibration_watch is not None
+    daemon.workers.calibration_watch.outbox.close()
+    sound = {**suspect, "calibration_watch": {**suspect["calibration_watch"], "median": 1.02, "suspected": False}}
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        _open_with_station_online(driver, send, log, url, "scope-1")
+        card = "[data-station='scope-1']"
+        line = lambda: driver.find_element(By.CSS_SELECTOR, f"{card} .calibration")
+        listed = lambda: driver.find_element(By.CSS_SELECTOR, f"{card} .telemetry dd[data-key='calibration watch']")
+        send("smearscope/scope-1/telemetry", json.dumps(suspect), retain=False)
+        _wait("the drift said", lambda: line().get_attribute("data-suspected") == "true", 20, [log])
+        assert line().is_displayed() and line().text.startswith(
+            "calibration drift suspected: median 0.7"), line().text
+        assert " (red cells' own scale / calibrated) over the last 6 checked fields of 3 runs, below 0.85–1.27 — " \
+            "sizes and size-based morphology are not to be read until" in line().text, line().text
+        assert line().value_of_css_property("color") == "rgba(163, 21, 21, 1)"
+        assert driver.find_element(By.ID, "calibration").text == "calibration drift suspected: scope-1"
+        assert listed().get_attribute("class") == "alarm"
+        send("smearscope/scope-1/telemetry", json.dumps(sound), retain=False)
+        _wait("sound", lambda: line().get_attribute("data-suspected") == "false", 20, [log])
+        assert not line().is_displayed() and not driver.find_element(By.ID, "calibration").is_displayed()
+        assert listed().text == ("median 1.02 (red cells' own scale / calibrated) over the last 6 checked fields "
+                                 "of 3 runs, within 0.85–1.27") and listed().get_attribute("class") != "alarm"

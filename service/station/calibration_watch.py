@@ -96,6 +96,24 @@ def verdict(rows: Sequence[tuple[str, float]], min_fields: int, min_runs: int) -
     return DriftVerdict(median, len(kept), runs, beyond and 0 < min_fields <= len(kept) and runs >= min_runs)
 
 
+def published(v: DriftVerdict, min_fields: int, min_runs: int) -> dict[str, object]:
+    """The reading as the station's telemetry says it (`calibration_watch`): the median (null before
+    the first check), the checks and runs it is over, the bounds, what it waits for, the verdict."""
+    return {"median": None if v.median is None else round(v.median, 3), "checks": v.fields, "runs": v.runs,
+            "low": LOW_MEDIAN, "high": HIGH_MEDIAN, "needs_checks": min_fields, "needs_runs": min_runs,
+            "suspected": v.suspected}
+
+
+def reading_check(v: DriftVerdict, min_fields: int, min_runs: int) -> tuple[str, str, str]:
+    """`smearscope doctor`'s calibration watch line for a reading: WARN when it is suspect."""
+    if v.suspected:
+        return ("WARN", "calibration watch", (f"{v.describe()}: the calibration is probably off; reports are "
+                "flagged calibration_drift_suspected until it is measured again (smearscope calibrate-scale)"))
+    if v.fields < min_fields or v.runs < min_runs:
+        return ("OK", "calibration watch", f"{v.describe()}; judged from {min_fields} checked fields of {min_runs} runs")
+    return ("OK", "calibration watch", v.describe())
+
+
 def drift_flag(v: DriftVerdict) -> Flag:
     return Flag(code=CALIBRATION_DRIFT_SUSPECTED, severity="warning",
                 message=f"{v.describe()}: the calibration is probably off (a changed objective, camera or "
@@ -189,11 +207,19 @@ def watch_checks(outbox_path: Path, calibration: str, min_fields: int, min_runs:
         if "no such table" in str(exc):
             return []
         return [("WARN", "calibration watch", f"{outbox_path} cannot be read: {exc}")]
-    v = verdict([(str(r), float(x)) for r, x in rows], min_fields, min_runs)
-    if v.suspected:
-        return [("WARN", "calibration watch", (f"{v.describe()}: the calibration is probably off; reports are "
-                 "flagged calibration_drift_suspected until it is measured again (smearscope calibrate-scale)"))]
-    if v.fields < min_fields or v.runs < min_runs:
-        return [("OK", "calibration watch", (f"{v.describe()}; judged from {min_fields} checked fields of "
-                 f"{min_runs} runs"))]
-    return [("OK", "calibration watch", v.describe())]
+    return [reading_check(verdict([(str(r), float(x)) for r, x in rows], min_fields, min_runs), min_fields, min_runs)]
+
+
+def telemetry_checks(sample: dict[str, object]) -> list[tuple[str, str, str]]:
+    """`smearscope doctor`'s calibration watch line beside a running station, from its telemetry
+    sample's `calibration_watch`; none where it has none (no watch, uncalibrated, an older version)."""
+    w = sample.get("calibration_watch")
+    if not isinstance(w, dict) or not isinstance(w.get("checks"), int) or not isinstance(w.get("runs"), int):
+        return []
+    median = w.get("median")
+    v = DriftVerdict(float(median) if isinstance(median, (int, float)) else None, w["checks"], w["runs"],
+                     w.get("suspected") is True)
+    needs_checks, needs_runs = w.get("needs_checks"), w.get("needs_runs")
+    check = reading_check(v, needs_checks if isinstance(needs_checks, int) else 0,
+                          needs_runs if isinstance(needs_runs, int) else 0)
+    return [(check[0], check[1], f"{check[2]} (the running station's telemetry, host {sample.get('host', '?')})")]

@@ -14,6 +14,7 @@ from smearscope.device.telemetry import TelemetryReader
 from smearscope.service.config import StationConfig
 from smearscope.service.mqtt.outbox import Outbox
 from smearscope.service.mqtt.publisher import MqttPublisher
+from smearscope.service.station.calibration_watch import published
 from smearscope.service.station.daemon_summary import Stats
 from smearscope.service.station.notify import ProgressWatchdog
 from smearscope.service.station.specimen import SpecimenTracker
@@ -105,7 +106,16 @@ class DaemonStatus:
         # flat, as the dashboard lists a sample's pipeline: camera_hung_calls ... (None: not a camera)
         hangs = self._camera_hangs() or dict.fromkeys(("hung_calls", "stuck_threads", "last_hang_at", "recovering"))
         pipeline.update({f"camera_{k}": v for k, v in hangs.items()})
-        return {**self._telemetry_reader.read(), "pipeline": pipeline}
+        return {**self._telemetry_reader.read(), "pipeline": pipeline, "calibration_watch": self._calibration_watch()}
+
+    def _calibration_watch(self) -> dict[str, Any] | None:
+        """The calibration watch's reading (service.station.calibration_watch); None when the station
+        is uncalibrated or keeps no watch (`[specimen] calibration_watch_fields` 0)."""
+        watch, spec = self.workers.calibration_watch, self.config.specimen
+        if watch is None or self.config.microns_per_pixel is None or not spec.calibration_watch_fields:
+            return None
+        return published(watch.reading(spec.calibration_watch_fields, spec.calibration_watch_runs),
+                         spec.calibration_watch_fields, spec.calibration_watch_runs)
 
     def _camera_hangs(self) -> dict[str, Any] | None:
         """A camera's hung calls (device.camera_reads); None for other sources."""

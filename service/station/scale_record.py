@@ -71,9 +71,10 @@ def drift_checks(config: StationConfig, held: bool = False) -> list[tuple[str, s
         return [("OK", "calibration watch", ("nothing to judge from: [specimen] calibration_check_fields is 0, "
                  "so no field checks the calibration (3 is the default)"))]
     if held and spec.calibration_watch_fields:
-        return [("OK", "calibration watch", ("the running station holds its outbox file: its log says "
-                 "'calibration drift suspected' and its reports carry calibration_drift_suspected when its checks "
-                 "point away from the calibration"))]
+        return [("OK", "calibration watch", ("the running station holds its outbox file: its reading is read from its "
+                 "telemetry, after the broker's lines (not with --no-wait: then its log says 'calibration drift "
+                 "suspected' and its reports carry calibration_drift_suspected when its checks point away from the "
+                 "calibration)"))]
     return watch_checks(Path(config.mqtt.outbox.path),
                         calibration_key(config.microns_per_pixel, config.source.microns_per_pixel_calibrated_on),
                         spec.calibration_watch_fields, spec.calibration_watch_runs)

@@ -50,7 +50,9 @@ def parked_checks(config: Any, announce: Callable[[str], None] | None, *, statio
                f"than doctor waits; or {acl}" if mqtt.telemetry_interval_s + 5.0 > wait else acl)
         return [("WARN", "parked", (f"not read: no telemetry from the running station on {topic} within {wait:.0f} s "
                  f"({why}); {elsewhere}"))]
-    held = held_runs_line(sample, f"{mqtt.topic_prefix}/{config.station_id}/run")
+    from smearscope.service.station.calibration_watch import telemetry_checks
+
+    held = [*held_runs_line(sample, f"{mqtt.topic_prefix}/{config.station_id}/run"), *telemetry_checks(sample)]
     parked = sample.get("parked")
     if not isinstance(parked, dict) or not isinstance(parked.get("messages"), int):
         return [("OK", "parked", "not said: the running station's telemetry has no `parked` (an older version)"), *held]

@@ -46,6 +46,7 @@ function renderAttention() {
   named("silent", "not heard from: ", "silent");
   named("camera", "camera not giving frames: ", "camera");
   named("parked", "reports held at the station: ", "parked");
+  named("calibration", "calibration drift suspected: ", "calibration");
   fitHeader();
   // ... and in the tab's title, for a page in a background tab
   document.title = (flagged.length ? "CRITICAL: " + flagged.map((s) => isoText(s.id)).join(", ") + " · " : "") + "smearscope: stations";

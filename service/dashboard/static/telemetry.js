@@ -88,6 +88,34 @@ function noteParked(st) {
   node.textContent = parts.join("; ") + oldest;
 }
 
+// The station's calibration watch (its sample's `calibration_watch`: the median of its fields' own
+// scale over the calibrated one, over its last checks): in words in the telemetry list, and in red
+// beside the status while it puts the calibration in doubt (its reports carry
+// calibration_drift_suspected), named in the header while the sample is live. Null (uncalibrated, no
+// watch) or absent (an older station): nothing.
+function calibrationWords(w) {
+  if (!w || typeof w !== "object" || typeof w.checks !== "number") return null;
+  const bounds = w.low + "–" + w.high;
+  if (typeof w.median !== "number") return "no calibration check kept since the calibration was set (a right one: " + bounds + ")";
+  const how = w.median < w.low ? "below" : w.median > w.high ? "above" : "within";
+  const said = "median " + w.median.toFixed(2) + " (red cells' own scale / calibrated) over the last " + w.checks +
+    (w.checks === 1 ? " checked field" : " checked fields") + " of " + w.runs + (w.runs === 1 ? " run" : " runs") +
+    ", " + how + " " + bounds;
+  return w.suspected || w.checks >= w.needs_checks && w.runs >= w.needs_runs ? said
+    : said + "; judged from " + w.needs_checks + " checked fields of " + w.needs_runs + " runs";
+}
+function noteCalibration(st) {
+  const w = st.telemetry ? st.telemetry.calibration_watch : null;
+  const suspected = !!(w && typeof w === "object" && w.suspected === true);
+  const node = st.node.querySelector(".calibration");
+  node.hidden = !suspected;
+  node.dataset.suspected = String(suspected);
+  node.textContent = suspected ? "calibration drift suspected: " + calibrationWords(w) + " — sizes and size-based " +
+    "morphology are not to be read until the scale is measured again (smearscope calibrate-scale)" +
+    (st.telemetryLive ? "" : " (last sample)") : "";
+  marked(st, "calibration", suspected && st.telemetryLive);
+}
+
 // A verify_run or stop_run answered `held` null (the station's hold not decided yet) is brought up to
 // date by the station's live sample once it says `held_runs` (null until decided, then the runs it
 // holds): in red as held, or as sent (the answer's line without the undecided part). awaitHold marks
@@ -192,10 +220,14 @@ function renderTelemetry(st) {
   walk(st.telemetry, "");
   markTelemetry(st);
   noteParked(st);
+  noteCalibration(st);
   st.node.querySelector(".telemetry-none").hidden = true;
-  const own = flat.filter(([k]) => k.startsWith("pipeline.") || k.startsWith("parked."));
+  const watch = calibrationWords(st.telemetry.calibration_watch);  // one line in words, not its 8 keys
+  const own = [...flat.filter(([k]) => k.startsWith("pipeline.") || k.startsWith("parked.")),
+               ...(watch === null ? [] : [["calibration watch", watch]])];
   // the process's instance id tells two stations under one id apart (noteInstance); its host is listed
-  const machine = flat.filter(([k]) => !k.startsWith("pipeline.") && !k.startsWith("parked.") && k !== "instance_id");
+  const machine = flat.filter(([k]) => !k.startsWith("pipeline.") && !k.startsWith("parked.") &&
+                                      !k.startsWith("calibration_watch.") && k !== "instance_id");
   for (const [k, v] of [...own, ...machine].slice(0, 32)) {
     // any time, 1970's too: a station whose clock was never set shows a date that says so
     const at = typeof v === "number" && k.endsWith("_at") && Math.abs(v) <= 8.64e12;
@@ -206,6 +238,7 @@ function renderTelemetry(st) {
     if (k === "pipeline.disk_full" && v === true) dd.className = "alarm";  // the station stores nothing more
     if (k === "pipeline.camera_recovering" && v === true) dd.className = "alarm";  // no frame since a camera hang
     if (k === "parked.messages" && v > 0) dd.className = "alarm";  // reports that did not arrive
+    if (k === "calibration watch" && st.telemetry.calibration_watch.suspected === true) dd.className = "alarm";
     dl.append(dt, dd);
   }
 }
