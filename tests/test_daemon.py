@@ -548,18 +548,27 @@ def test_a_broker_that_refuses_the_station_is_not_said_to_be_missing(
 
 
 def test_embedded_station_without_broker(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """`smearscope run --max-fields 3` with no config and no broker: runs, says so, stores the
-    reports in the outbox under $STATE_DIRECTORY, prints one line per report, exits 0."""
+    """`smearscope run --max-fields 3` (`make demo`) with no config and no broker: runs, says so
+    once (it said it three times: the publisher's warning, the daemon's quoting it, and a copy on
+    stdout), stores the reports in the outbox under $STATE_DIRECTORY, prints one line per report,
+    exits 0."""
+    port = free_port()  # nobody listens there
     environ = {"STATE_DIRECTORY": str(tmp_path / "state"),
-               "SMEARSCOPE__MQTT__PORT": str(free_port()),  # nobody listens there
+               "SMEARSCOPE__MQTT__PORT": str(port),
                "SMEARSCOPE__SOURCE__FPS": "20", "SMEARSCOPE__SOURCE__WIDTH": "320",
                "SMEARSCOPE__SOURCE__HEIGHT": "240"}
-    code = run_daemon(None, 3, analyzer_factory=pool_factory(), environ=environ)
+    with caplog.at_level(logging.INFO):
+        code = run_daemon(None, 3, analyzer_factory=pool_factory(), environ=environ)
     out = capsys.readouterr().out
     assert code == 0
-    assert "no MQTT broker answered" in out
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and "Connection refused" in r.getMessage()]
+    assert said == [f"no MQTT broker answered at localhost:{port} (ConnectionRefusedError: [Errno 111] Connection "
+                    f"refused): nothing listens on port {port} there: is the broker running, on this port?; retrying "
+                    f"with backoff up to 60 s; reports are kept in the outbox {tmp_path / 'state' / 'outbox.sqlite3'} "
+                    "and sent when the broker answers"], said
+    assert "no MQTT broker answered" not in out and "Connection refused" not in out
     lines = [ln for ln in out.splitlines() if ln.startswith("in-outbox")]
     assert len(lines) == 4  # three fields and the final specimen report of the open run
     assert sum("/embedded-sim/field " in ln for ln in lines) == 3

@@ -57,6 +57,9 @@ class ConnectionEvents:
     _response_prefix: str
     _protocol: MQTTProtocolVersion
     _state_lock: threading.Lock
+    #: The owner says why no broker answered before the first connection (the station daemon's one
+    #: notice, with the outbox path), so it is not said here too; it sets this False once said.
+    owner_says_first_failure: bool = False
     _state: PublisherState
     _epoch: int
     _packet_limit: int
@@ -158,10 +161,13 @@ class ConnectionEvents:
         self._say_disconnected(paho_client.connect_fail_message(self.config, sys.exc_info()[1]))
 
     def _say_disconnected(self, message: str) -> None:
-        """No connection, and why: logged once while the reason stays the same, then the state."""
+        """No connection, and why: logged once while the reason stays the same, then the state; at
+        DEBUG before the first connection while `owner_says_first_failure` (its owner says it)."""
         with self._state_lock:
             repeated = self._state.last_error == message
-        logger.log(logging.WARNING if self._news(message, repeated) else logging.DEBUG, "%s", message)  # before the state
+            owner_says = self.owner_says_first_failure and self._state.connects == 0
+        news = self._news(message, repeated) and not owner_says
+        logger.log(logging.WARNING if news else logging.DEBUG, "%s", message)  # before the state
         with self._state_lock:
             self._state = replace(self._state, status="disconnected", last_error=message, last_reason_code=None)
 

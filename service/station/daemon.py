@@ -30,7 +30,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -105,7 +105,6 @@ class StationDaemon(DaemonStatus):
         config_path: Path | None = None,
         max_fields: int | None = None,
         environ: Mapping[str, str] | None = None,
-        announce: Callable[[str], None] | None = None,
         log_level_override: str | None = None,
         stop_budget_s: float = STOP_BUDGET_S,
     ) -> None:
@@ -116,7 +115,6 @@ class StationDaemon(DaemonStatus):
         self.log_level_override = log_level_override
         self._environ = environ
         self._analyzer_factory = analyzer_factory
-        self._announce = announce or (lambda text: None)
         self._stop = threading.Event()
         self._stop_reason = ""
         #: The stop's time, from its first request (SIGTERM) to the publisher's "offline".
@@ -220,6 +218,7 @@ class StationDaemon(DaemonStatus):
                                            on_command=self.handle_command,
                                            telemetry_source=self._telemetry,
                                            environ=self._environ)
+            self.publisher.owner_says_first_failure = True  # _notice_missing_broker says it, once
         except CredentialError as exc:
             raise StartupError("mqtt.password_credential", str(exc)) from exc
         try:
@@ -288,16 +287,22 @@ class StationDaemon(DaemonStatus):
                 self.request_stop(self._fatal[-1])
 
     def _notice_missing_broker(self) -> None:
-        """Say once, in the log and to the user, that reports are held because no broker answers."""
+        """Say once that reports are held because no broker answers, and why (the publisher leaves
+        its first failure to this notice: one line, not three)."""
         if self._broker_noticed or self.publisher is None or self.publisher.state.connected:
             return
         self._broker_noticed = True
         m, state = self.config.mqtt, self.publisher.state
-        said = "the MQTT broker at {} refused the station" if state.status == "refused" else "no MQTT broker answered at {}"
-        text = (f"{said.format(m.address)} ({state.last_error or 'no connection yet'}); reports are kept in "
-                f"the outbox {m.outbox.path} and sent when the broker {'accepts it' if state.status == 'refused' else 'answers'}")
+        refused = state.status == "refused"
+        said = "the MQTT broker at {} refused the station" if refused else "no MQTT broker answered at {}"
+        # the publisher's "cannot reach broker H:P (why)...; retrying ..., reports wait in the outbox", its why kept
+        why = (state.last_error or "no connection yet").removeprefix(f"cannot reach broker {m.address} ")
+        why = why.removesuffix(", reports wait in the outbox")
+        text = (f"{said.format(m.address)}{' ' if why.startswith('(') else ' ('}{why}{'' if why.startswith('(') else ')'}"
+                f"; reports are kept in the outbox {m.outbox.path} and sent when the broker "
+                f"{'accepts it' if refused else 'answers'}")
         logger.warning("%s", text)
-        self._announce(text)
+        self.publisher.owner_says_first_failure = False
 
     def shutdown(self) -> int:
         """Drain in-flight work, publish the open run's report, go offline; the exit code."""
@@ -427,7 +432,6 @@ def run_daemon(
         return EXIT_CONFIG
     root_level = logging.getLogger().level
     logging.getLogger().setLevel(log_level or config.log_level)
-    interactive = config_path is None or max_fields is not None
     if config_path is None:
         print(f"smearscope: embedded station '{config.station_id}' (simulated source, models "
               f"{config.analysis.models_dir}, MQTT {config.mqtt.address}, outbox "
@@ -437,8 +441,6 @@ def run_daemon(
     daemon = StationDaemon(
         config, analyzer_factory=analyzer_factory, config_path=config_path,
         max_fields=max_fields, environ=environ, log_level_override=log_level,
-        announce=(lambda text: print(f"smearscope: {text}", file=out, flush=True))
-        if interactive else None,
     )
     restore = install_signal_handlers(daemon)
     try:
