@@ -564,10 +564,10 @@ def test_embedded_station_without_broker(
     out = capsys.readouterr().out
     assert code == 0
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and "Connection refused" in r.getMessage()]
-    assert said == [f"no MQTT broker answered at localhost:{port} (ConnectionRefusedError: [Errno 111] Connection "
+    assert said == [(f"no MQTT broker answered at localhost:{port} (ConnectionRefusedError: [Errno 111] Connection "
                     f"refused): nothing listens on port {port} there: is the broker running, on this port?; retrying "
                     f"with backoff up to 60 s; reports are kept in the outbox {tmp_path / 'state' / 'outbox.sqlite3'} "
-                    "and sent when the broker answers"], said
+                    "and sent when the broker answers")], said
     assert "no MQTT broker answered" not in out and "Connection refused" not in out
     lines = [ln for ln in out.splitlines() if ln.startswith("in-outbox")]
     assert len(lines) == 4  # three fields and the final specimen report of the open run
