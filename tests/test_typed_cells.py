@@ -953,3 +953,26 @@ def test_the_ids_of_a_command_whose_cells_cannot_be_stored_are_logged_escaped(ty
     assert len(said) == 2, said
     assert all("\n" not in m and "\u202e" not in m and "run\\x0a2026-12-07 ERROR forged\\u202e" in m for m in said), said
     assert "f\\u202egnp\\x0a.png" in said[0], said
+
+
+def test_a_station_where_nothing_was_typed_yet_says_so_and_how_to_type(tmp_path):
+    """The station made its typed-cells file (typing on) but nobody typed a cell: adapt-wbc
+    --station said "no class has 10 typed white cells usable for this fit (none)": it says that
+    nothing was typed yet, and how to type."""
+    path, analyzer, feed = _station(tmp_path)
+    try:
+        assert feed.run_types("run-1") == {}  # what the gallery asks of a run: the file made, empty
+    finally:
+        analyzer.close()
+        feed.close()
+    assert list(tmp_path.rglob("typed_cells.sqlite3"))
+    out = tmp_path / "x.json"
+    got = _cli("adapt-wbc", "--station", "--config", str(path), "--out", str(out), "--json")
+    answer = json.loads(got.stdout)
+    assert got.returncode == 2 and answer["error"]["code"] == "no_typed_cells" and answer["typed"] == 0, answer
+    message = answer["error"]["message"]
+    assert ": no white cell has been typed on this station yet. Type them on the dashboard: with [review] " \
+        'white_cells = "all" every white cell of a run is in its review gallery, with a type to pick under ' \
+        "its crop" in message, message
+    assert f"once a class has 10 typed, run smearscope adapt-wbc --station --config {path} --out {out} again" in message
+    assert not out.exists()

@@ -269,6 +269,13 @@ def _fit_from_station(args: argparse.Namespace, error) -> int:
             store.close()
     except TypedCellsError as exc:
         return error(exc.code, exc.message)
+    if not typed.types and not (typed.other_head or typed.other_views or typed.other_scale):
+        return error("no_typed_cells", (
+            f"{path}: no white cell has been typed on this station yet. Type them on the dashboard: with "
+            "[review] white_cells = \"all\" every white cell of a run is in its review gallery, with a type to pick "
+            f"under its crop (docs/STATION.md); once a class has {args.min_cells} typed, run smearscope adapt-wbc "
+            f"--station --config {args.config} --out {args.out} again"), typed=0, runs=typed.runs,
+            typed_cells=str(path))
     # the model's own open-set tests, as the fit from --labels takes them (earlier station
     # thresholds or means are not what the new means are widened from)
     thresholds = {t.method: t.threshold for t in manifest.open_set}
