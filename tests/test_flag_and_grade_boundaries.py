@@ -221,7 +221,7 @@ def test_sickle_critical_at_exactly_the_confidence_and_lists_every_sickle_cell()
     assert "sickle_cells_present" not in {f.code for f in no_score.flags}
     four_sure = aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.95)] * 4 + [_cell(CellKind.RBC, "sickle", 0.5)])
     review = next(f for f in four_sure.flags if f.code == "sickle_cells_review")
-    assert review.message.startswith("5 possible sickle cell(s), 4 at confidence >= 0.8")  # says which fall short
+    assert review.message.startswith("5 possible sickle cells, 4 at confidence 0.8 or more")  # says which fall short
 
 
 # -- schistocytes_present
@@ -247,7 +247,7 @@ def test_schistocyte_flag_and_grade_count_the_calls_at_their_confidence():
     assert row.count == 12 and row.graded_count == 2 and row.grade == "1+"  # under 1 %, not 3+
     at_bound = aggregate(normal + [_cell(CellKind.RBC, "schistocyte", 0.6)] * 4 + [_cell(CellKind.RBC, "schistocyte", 0.3)] * 8)
     flag = next(f for f in at_bound.flags if f.code == "schistocytes_present")  # ">= 0.6": 4 of 300
-    assert flag.cells == list(range(288, 300)) and "1.3% of red cells at confidence >= 0.6 (12 called" in flag.message
+    assert flag.cells == list(range(288, 300)) and "1.3% of red cells at confidence 0.6 or more (12 called" in flag.message
     stricter = aggregate(normal + [_cell(CellKind.RBC, "schistocyte", 0.6)] * 4 + [_cell(CellKind.RBC, "normal")] * 8,
                          AggregateThresholds(schistocyte_min_confidence=0.7))
     assert "schistocytes_present" not in {f.code for f in stricter.flags}
@@ -435,7 +435,7 @@ def test_platelet_clump_flag_lists_only_the_platelets_found_as_white_cells():
     regrouped = replace(_cell(CellKind.PLATELET, None, None), detected_as=CellKind.WBC)
     cells = [_cell(CellKind.RBC, "normal")] * 3 + [_cell(CellKind.PLATELET, None, None), regrouped]
     flag = next(f for f in aggregate(cells).flags if f.code == "platelet_clumps_suspected")
-    assert flag.cells == [4] and flag.message.startswith("1 object(s)")
+    assert flag.cells == [4] and flag.message.startswith("1 object found as white cells was typed as platelets")
 
 
 def test_shape_probabilities_give_the_size_classes_to_normal():
@@ -443,3 +443,21 @@ def test_shape_probabilities_give_the_size_classes_to_normal():
     probs = shape_probs(classes, np.array([0.5, 0.2, 0.1, 0.15, 0.05]))
     assert set(probs) == {"target", "normal"}  # no size class left
     assert probs["target"] == pytest.approx(0.15) and probs["normal"] == pytest.approx(0.05 + 0.5 + 0.2 + 0.1)
+
+
+def test_flag_texts_say_a_count_of_one_in_the_singular_and_confidence_bounds_in_words():
+    """Flag texts a clinician reads said "1 possible sickle cell(s), 1 at confidence >= 0.8", "1 red
+    cells counted", "1 of 1 white cells": one is said in the singular, a bound in plain words."""
+    normal = [_cell(CellKind.RBC, "normal")] * 199
+    review = next(f for f in aggregate(normal + [_cell(CellKind.RBC, "sickle", 0.9)]).flags
+                  if f.code == "sickle_cells_review")
+    assert review.message == ("1 possible sickle cell, 1 at confidence 0.8 or more, fewer than the 5 a critical flag "
+                              "needs: review the listed cells"), review.message
+    few = next(f for f in aggregate([_cell(CellKind.RBC, "normal")]).flags if f.code == "too_few_rbc_for_morphology")
+    assert few.message.startswith("1 red cell counted; morphology grades need at least 200"), few.message
+    unlabelled = _cell(CellKind.WBC, UNIDENTIFIED)
+    odd = aggregate(normal + [unlabelled], AggregateThresholds(atypical_wbc_min_count=1))
+    atypical = next(f for f in odd.flags if f.code == "atypical_wbc_present")
+    assert atypical.message.startswith("1 of 1 white cell (100%) could not be typed"), atypical.message
+    for flag in [*odd.flags, review, few]:
+        assert ">=" not in flag.message and "(s)" not in flag.message, flag.message

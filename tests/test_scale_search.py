@@ -272,6 +272,15 @@ def test_a_searched_scale_whose_cells_point_out_of_the_plausible_range_is_not_ta
     assert out.uncertain and "only 2 whole red cells" in out.reason
 
 
+def test_a_kept_guess_with_one_whole_red_cell_says_it_in_the_singular():
+    """One whole red cell at the guesses, none anywhere else: the reason said "only 1 whole red cells"."""
+    def detect_at(mpp: float, quick: bool) -> Attempt:
+        return Attempt(mpp, _cells(1, mpp / 0.1) if _near(mpp, 0.1, 0.5) else [], None, quick)
+
+    out = find_scale(detect_at, ScaleEstimate(0.1, "rbc_size_classical"), 640 * 480)
+    assert out.uncertain and "only 1 whole red cell" in out.reason and "1 whole red cells" not in out.reason, out.reason
+
+
 def test_a_searched_scale_whose_refinement_settles_where_white_cells_abound_is_not_taken():
     """The search's pass at 0.342 points to 0.45, where the cells settle but 25 white cells show
     per 30 red cells (not blood): neither is taken, the guess is kept."""

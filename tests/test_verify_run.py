@@ -303,11 +303,11 @@ def test_a_confirmed_sickle_call_counts_as_sure(run):
     others = sum(1 for r in after.cells if r.label == "sickle" and r.label_score is not None and r.label_score < 1.0)
     n = 5 + others
     (unsure,) = [f.message for f in before.flags if f.code == "sickle_cells_review"]
-    assert unsure == (f"{n} possible sickle cell(s), {others} at confidence >= 0.8, fewer than the 5 a critical "
+    assert unsure == (f"{n} possible sickle cells, {others} at confidence 0.8 or more, fewer than the 5 a critical "
                       "flag needs: review the listed cells")
     (sure,) = [f.message for f in after.flags if f.code == "sickle_cells_present"]
     assert sure == (f"{n} sickle cells seen (5 confirmed by a technician" + (
-        f", {others} more at confidence >= 0.8): review the others" if others else ")")), sure
+        f", {others} more at confidence 0.8 or more): review the others" if others else ")")), sure
     assert all(after.cells[i].label_score == 1.0 and after.cells[i].machine_label is None for i in rbc)
 
 

@@ -38,6 +38,7 @@ from smearscope.service.analysis.report import (
     SizeStats,
 )
 from smearscope.service.analysis.review_counts import review_reason, review_summary
+from smearscope.service.analysis.wording import counted
 
 Z95 = 1.959963984540054
 
@@ -285,7 +286,7 @@ class CellTally:
         if 0 < n_judged < th.min_rbc_for_morphology:
             judged = f" of {n_rbc} counted (the others too blurred)" if n_judged < n_rbc else " counted"
             flags.append(Flag(code="too_few_rbc_for_morphology", severity="info",
-                              message=f"{n_judged} red cells{judged}; morphology grades need at least "
+                              message=f"{counted(n_judged, 'red cell')}{judged}; morphology grades need at least "
                                       f"{th.min_rbc_for_morphology} (read them with their intervals, or over the specimen)"))
         median = sizes.median_diameter_um
         if sizes.calibrated and sizes.n >= MIN_RBC_FOR_SIZE_CHECK and median is not None and not (
@@ -386,45 +387,46 @@ class CellTally:
         unid, n_calibrated = self.unidentified_wbc, self.n_calibrated
         if n_wbc and len(unid) >= th.atypical_wbc_min_count and len(unid) / n_wbc >= th.atypical_wbc_share:
             flags.append(Flag(code="atypical_wbc_present", severity="warning", cells=list(unid),
-                              message=f"{len(unid)} of {n_wbc} white cells ({100 * len(unid) / n_wbc:.0f}%) could not be "
+                              message=f"{len(unid)} of {counted(n_wbc, 'white cell')} ({100 * len(unid) / n_wbc:.0f}%) could not be "
                                       f"typed ({self.atypical_wbc} unlike any trained type): blasts or other abnormal cells "
                                       "are possible; review the smear"))
         sickle = [i for i, _ in self.sickle]
         n, n_sure, typed = len(sickle), self.sure_sickle(th), self.sickle_typed
-        at = f"at confidence >= {th.sickle_min_confidence}"
+        at = f"at confidence {th.sickle_min_confidence:g} or more"
         # in a verified run the cells a technician typed sickle are confirmed, not left for review
         sure = f"{n_sure} {at}" if not typed else f"{typed} confirmed by a technician" + (
             f", {n_sure - typed} more {at}" if n_sure > typed else "")
         if n_sure >= th.sickle_critical_min_cells:
             left = "" if typed == n else ": review the others" if typed else ": review"
             flags.append(Flag(code="sickle_cells_present", severity="critical", cells=sickle,
-                              message=f"{n} sickle cells seen ({sure}){left}"))
+                              message=f"{counted(n, 'sickle cell')} seen ({sure}){left}"))
         elif sickle:
             left = "" if typed == n else ": review the others" if typed else ": review the listed cells"
             flags.append(Flag(code="sickle_cells_review", severity="warning", cells=sickle,
-                              message=f"{n} {'' if typed == n else 'possible '}sickle cell(s), {sure}, fewer than the "
+                              message=f"{counted(n, ('' if typed == n else 'possible ') + 'sickle cell')}, {sure}, fewer than the "
                                       f"{th.sickle_critical_min_cells} a critical flag needs{left}"))
         schisto, n_sure = [i for i, _ in self.schistocytes], self.sure_schistocytes(th)
         n_judged = self.n_judged
         if n_judged and n_sure >= th.schistocyte_min_cells and n_sure / n_judged > 0.01:
             flags.append(Flag(code="schistocytes_present", severity="warning", cells=schisto,
-                              message=f"schistocytes {100 * n_sure / n_judged:.1f}% of red cells at confidence >= "
-                                      f"{th.schistocyte_min_confidence} ({len(schisto)} called in all; over 1%: "
+                              message=f"schistocytes {100 * n_sure / n_judged:.1f}% of red cells at confidence "
+                                      f"{th.schistocyte_min_confidence:g} or more ({len(schisto)} called in all; over 1%: "
                                       "suspicious of a thrombotic microangiopathy): review"))
         if self.regrouped_platelets:
             flags.append(Flag(code="platelet_clumps_suspected", severity="warning", cells=list(self.regrouped_platelets),
-                              message=f"{len(self.regrouped_platelets)} object(s) found as white cells were typed as "
+                              message=f"{counted(len(self.regrouped_platelets), 'object')} found as white cells "
+                                      f"{'was' if len(self.regrouped_platelets) == 1 else 'were'} typed as "
                                       "platelets (giant platelets or platelet clumps) and counted as platelets, not WBC: "
                                       "review the smear"))
         if self.nrbc:
             flags.append(Flag(code="nucleated_rbc_present", severity="warning", cells=list(self.nrbc),
-                              message=f"{len(self.nrbc)} nucleated red cell{'s' if len(self.nrbc) != 1 else ''} (erythroblast"
+                              message=f"{counted(len(self.nrbc), 'nucleated red cell')} (erythroblast"
                                       f"{'s' if len(self.nrbc) != 1 else ''}) seen, counted apart from the white cells"))
         if n_rbc and 0 < n_calibrated < n_rbc:
             flags.append(Flag(code="sizes_from_calibrated_fields_only", severity="info",
-                              message=f"{n_rbc - n_calibrated} of {n_rbc} red cells came from fields at an estimated "
+                              message=f"{n_rbc - n_calibrated} of {counted(n_rbc, 'red cell')} came from fields at an estimated "
                                       f"scale: microcytes, macrocytes, spherocytes and red-cell sizes are from the "
-                                      f"{n_calibrated} red cells of the calibrated fields only"))
+                                      f"{counted(n_calibrated, 'red cell')} of the calibrated fields only"))
         elif n_rbc and n_calibrated == 0:
             flags.append(Flag(code="size_not_assessable_without_calibration", severity="info",
                               message="the scale was estimated from the red cells themselves, so microcytes, macrocytes and "

@@ -55,6 +55,7 @@ from smearscope.service.analysis.scale_search import (
     ScaleOutcome,
     find_scale,
 )
+from smearscope.service.analysis.wording import counted
 from smearscope.service.ingest import IngestError
 
 #: The red cells' own scale this many times off the calibrated one (either way) is suspect.
@@ -64,7 +65,7 @@ FAR_RATIO = 3.0
 
 
 def _cells(n: int) -> str:
-    return f"{n} whole red cell{'' if n == 1 else 's'}"
+    return counted(n, "whole red cell")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import numpy as np
 from smearscope.service.analysis.records import CellDetection, CellKind
 from smearscope.service.analysis.report import Flag
 from smearscope.service.analysis.scale import CANONICAL_UM_PER_PX
+from smearscope.service.analysis.wording import counted
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class RbcFocus:
         """The warning of a field `out_of_focus` at this bound."""
         return Flag(code=RBC_OUT_OF_FOCUS, severity="warning",
                     message=f"the red cells are too blurred to judge their shape (edge {self.edge_width_um:.2f} um wide "
-                            f"over {self.cells} red cells, above {max_edge_width_um:g} um): red-cell morphology is not "
+                            f"over {counted(self.cells, 'red cell')}, above {max_edge_width_um:g} um): red-cell morphology is not "
                             "graded for this field (a defocus ring reads as target cells); refocus on the red cells. "
                             "Counts are kept")
 

@@ -61,6 +61,7 @@ from smearscope.service.analysis.scale import (
     ScaleEstimate,
     scale_from_rbc_diameters,
 )
+from smearscope.service.analysis.wording import counted
 
 logger = logging.getLogger(__name__)
 
@@ -294,9 +295,9 @@ def find_scale(detect_at: Callable[[float, bool], Attempt], first: ScaleEstimate
     if searched:
         reasons.append("found by searching the plausible range" if few else
                        f"found at {' or '.join(f'{f:g}' for f in UPWARD_CHECK)} times the first guess's scale, "
-                       f"where {len(guessed.whole_rbc)} whole red cells showed")
+                       f"where {counted(len(guessed.whole_rbc), 'whole red cell')} showed")
     if len(current.whole_rbc) < MIN_RBC_FOR_SCALE:
-        reasons.append(f"only {len(current.whole_rbc)} whole red cells")
+        reasons.append(f"only {counted(len(current.whole_rbc), 'whole red cell')}")
     if ending not in ("settled", "most cells"):  # a pass kept for its many cells is not refined again
         refined, ending = refine(current)
         if searched and not plausible(refined):  # refining a searched scale must not walk out of blood

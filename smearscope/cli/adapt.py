@@ -406,7 +406,9 @@ def _write_template(args: argparse.Namespace, error) -> int:
         return error("cannot_write", f"{exc}")
     typed = _typed_rows(args.template)
     if typed:
-        held = f"already holds {typed} typed cells" if typed > 0 else "is not an untyped template (another file?)"
+        from smearscope.service.analysis.wording import counted
+
+        held = f"already holds {counted(typed, 'typed cell')}" if typed > 0 else "is not an untyped template (another file?)"
         return error("would_overwrite_types", f"{args.template} {held}; fit typed cells with --labels "
                      f"{args.template}, or write the new template to another file")
     opened = _analyzer_or_error(args, error)

@@ -93,6 +93,7 @@ def cmd_calibrate_atypical(args: argparse.Namespace) -> int:
     from smearscope.device.frame import Frame
     from smearscope.service.analysis.open_set_fit import fit_station_thresholds
     from smearscope.service.analysis.records import CellKind
+    from smearscope.service.analysis.wording import counted
     from smearscope.service.ingest import IngestError, load_image
 
     def error(code: str, message: str) -> int:
@@ -159,7 +160,8 @@ def cmd_calibrate_atypical(args: argparse.Namespace) -> int:
                "review_share_model": round(fit.review_share_model, 4), "model_thresholds": dict(zip(methods, model)),
                "model_sha256": sha, "station_means_sha256": station.file_sha256 if station else None}
     if fit.thresholds is None:
-        reason = {"too_few_white_cells": f"{fit.n_cells} white cells in {fields} fields; at least {args.min_cells} "
+        reason = {"too_few_white_cells": f"{counted(fit.n_cells, 'white cell')} in {counted(fields, 'field')}; "
+                                         f"at least {args.min_cells} "
                                          "are needed (add fields of normal specimens)",
                   "over_budget": f"with the model's own thresholds {fit.review_share_model:.1%} of these normal white "
                                  f"cells already go to review, over the budget of {args.budget:.1%}: nothing to "

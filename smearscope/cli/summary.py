@@ -6,6 +6,7 @@ import logging
 
 from smearscope.service.analysis.morphology import SIZE_BASED
 from smearscope.service.analysis.report import ClassShare, Report
+from smearscope.service.analysis.wording import counted
 from smearscope.service.fhir import report_view
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def _unassessed_line(report: Report, rows: list[ClassShare], doubted: bool) -> s
     # the shares' red cells: all counted, or those of the sharp fields when some were blurred
     of = next((s.of_cells for s in report.rbc_morphology if s.label not in SIZE_BASED and s.of_cells),
               report.counts.rbc)
-    return (f"  RBC {named}: not assessable with a calibration in doubt ({n} of {of} red cells, "
+    return (f"  RBC {named}: not assessable with a calibration in doubt ({n} of {counted(of, 'red cell')}, "
             "left out of the shares above)")
 
 
