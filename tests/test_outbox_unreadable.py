@@ -55,7 +55,7 @@ def test_a_stop_with_an_outbox_that_cannot_be_read_completes_says_what_it_could_
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A parked message (over mosquitto's message_size_limit) makes the stop's wait read the outbox."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1000",))
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1500",))  # reports over it, telemetry under
     broker.start()
     sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/status"])
     try:
@@ -111,7 +111,7 @@ def test_an_acknowledgement_settled_beside_a_refusal_while_the_outbox_cannot_be_
     before, the pass dropped both from the drain's books: the delivered report stayed in the outbox,
     waited on by the stop and sent again at the next connection, the refused one counted as waiting."""
     monkeypatch.setattr(inflight, "DELETE_RETRY_S", 1.0)  # a delete the unreadable outbox refused: tried again soon
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1000",))
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1500",))  # reports over it, telemetry under
     broker.start()
     sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])
     try:

@@ -269,7 +269,7 @@ def test_the_daemons_status_line_and_status_command_count_what_the_broker_refuse
     from smearscope.service.config import load_config
     from smearscope.service.station.daemon import StationDaemon
 
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1000",))
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1500",))  # reports over it, telemetry under
     broker.start()
     try:
         source = {"kind": "simulated", "fields": 2, "fps": 8.0, "width": 320, "height": 240, "seed": 0}
@@ -377,7 +377,7 @@ def test_the_daemons_status_line_reads_the_outbox_only_when_the_parked_set_chang
     from smearscope.service.config import load_config
     from smearscope.service.station.daemon import StationDaemon
 
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1000",))
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1500",))  # reports over it, telemetry under
     broker.start()
     listener = NotifyListener(tmp_path / "notify.sock")
     try:
@@ -453,7 +453,7 @@ def test_an_outbox_that_cannot_be_read_leaves_telemetry_status_and_the_status_li
     from smearscope.service.config import load_config
     from smearscope.service.station.daemon import StationDaemon
 
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1000",))
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1500",))  # reports over it, telemetry under
     broker.start()
     sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{DAEMON_BASE}/telemetry"])
     listener = NotifyListener(tmp_path / "notify.sock")
