@@ -46,13 +46,17 @@ def test_doctor_passes_a_complete_station(tmp_path: Path, broker: MosquittoBroke
     assert main(["doctor", "--config", str(_config(tmp_path, broker.port, DEFAULT_MODELS_DIR, **login))]) == 0
     out = capsys.readouterr().out
     assert "OK    model segmentation" in out and f"127.0.0.1:{broker.port} accepts TCP" in out, out
-    assert f"OK    broker login     127.0.0.1:{broker.port} accepts user 'station'" in out, out
+    # every detail starts in one column: "model segmentation" and "calibration watch" overflowed a 16-wide one
+    checks = [ln for ln in out.splitlines() if ln[:6].rstrip() in ("OK", "WARN", "FAIL", "INFO")]
+    assert any(ln[6:].startswith("model segmentation") for ln in checks)
+    assert all(ln[24] == " " and ln[25] != " " for ln in checks), [c for c in checks if c[24:26].startswith(" ") is False]
+    assert f"OK    broker login       127.0.0.1:{broker.port} accepts user 'station'" in out, out
     credentials_dir.chmod(0o700)
     (credentials_dir / "wrong").write_text("not-the-password\n")
     wrong = {**login, "password_credential": "wrong"}
     assert main(["doctor", "--config", str(_config(tmp_path, broker.port, DEFAULT_MODELS_DIR, **wrong))]) == 1
     out = capsys.readouterr().out
-    assert f"FAIL  broker login     127.0.0.1:{broker.port} refuses user 'station': Not authorized" in out, out
+    assert f"FAIL  broker login       127.0.0.1:{broker.port} refuses user 'station': Not authorized" in out, out
     assert "the password in credential 'wrong' is not accepted: check them against the broker's password_file" in out
     assert main(["doctor", "--config", str(_config(tmp_path, broker.port, DEFAULT_MODELS_DIR))]) == 1  # anonymous
     assert "refuses anonymous" in capsys.readouterr().out
@@ -60,7 +64,7 @@ def test_doctor_passes_a_complete_station(tmp_path: Path, broker: MosquittoBroke
     proxy = Mqtt311OnlyProxy(broker.port)
     try:
         assert main(["doctor", "--config", str(_config(tmp_path, proxy.port, DEFAULT_MODELS_DIR, **login))]) == 0
-        assert f"OK    broker login     127.0.0.1:{proxy.port} accepts user 'station'" in capsys.readouterr().out
+        assert f"OK    broker login       127.0.0.1:{proxy.port} accepts user 'station'" in capsys.readouterr().out
         assert proxy.refused_v5 >= 1
     finally:
         proxy.close()
@@ -99,7 +103,7 @@ def test_doctor_fails_what_run_would_refuse(tmp_path: Path, capsys: pytest.Captu
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
     assert main(["doctor", "--config", str(config)]) == 1
     out = capsys.readouterr().out
-    assert "FAIL  config files     source.path: watched folder" in out, out
+    assert "FAIL  config files       source.path: watched folder" in out, out
     assert "mqtt.outbox.path" in out and out.count("is a file, not a directory") == 1, out  # said once
     assert "FAIL  broker password" in out, out
     assert main(["validate-config", str(config)]) == 78  # run and validate-config refuse it too
@@ -141,7 +145,7 @@ def test_a_watched_folder_the_station_cannot_write_is_refused_before_it_starts(
     assert "source.path:" in capsys.readouterr().err
     assert main(["doctor", "--config", str(config)]) == 1
     out = capsys.readouterr().out
-    assert f"FAIL  config files     source.path: {inbox / 'done'} is not a folder this user can write" in out
+    assert f"FAIL  config files       source.path: {inbox / 'done'} is not a folder this user can write" in out
     assert "watched folder" not in out
     with pytest.raises(SourceConfigurationError, match="done"):
         FolderSource(FolderSourceConfig(path=inbox))
@@ -151,7 +155,7 @@ def test_a_watched_folder_the_station_cannot_write_is_refused_before_it_starts(
     FolderSource(FolderSourceConfig(path=inbox)).close()  # writable: it opens
     assert main(["validate-config", str(config)]) == 0
     main(["doctor", "--config", str(config)])  # (no broker here: its own check fails)
-    assert f"OK    watched folder   {inbox} (a directory the station can write" in capsys.readouterr().out
+    assert f"OK    watched folder     {inbox} (a directory the station can write" in capsys.readouterr().out
     # read-only: a bind mount remounted so (root only; elsewhere this part skips)
     if not shutil.which("mount") or subprocess.run(["mount", "--bind", str(inbox), str(inbox)], check=False,
                                                    capture_output=True).returncode != 0:
@@ -310,7 +314,7 @@ def test_a_camera_the_station_waits_for_is_doctors_exit_3_any_other_fail_exit_1(
     for device in devices:
         assert main(["doctor", "--config", str(_doc(tmp_path, source={"kind": "camera", "device": device}))]) == 3
         out = capsys.readouterr().out
-        assert _lines(out, "camera")[0].startswith(f"FAIL  camera           {device} "), out
+        assert _lines(out, "camera")[0].startswith(f"FAIL  camera             {device} "), out
         assert "the station waits for it and opens it when it comes" in out, out
         assert "1 failed (only ones the running station recovers from: camera)" in out, out
     models = tmp_path / "no-models"
@@ -339,7 +343,7 @@ def test_a_camera_path_that_is_no_v4l2_capture_node_fails_doctor_with_exit_1(
             assert main(["doctor", "--config", str(_doc(tmp_path, source={"kind": "camera", "device": device}))]) == 1
             out = capsys.readouterr().out
             line = _lines(out, "camera")
-            assert len(line) == 1 and line[0].startswith(f"FAIL  camera node      {device} is {kind}"), out
+            assert len(line) == 1 and line[0].startswith(f"FAIL  camera node        {device} is {kind}"), out
             assert "v4l2-ctl --list-devices" in line[0] and "waits for it" not in out and "recovers from" not in out
 
 
@@ -381,13 +385,13 @@ def test_doctor_fails_a_review_directory_or_typed_cells_file_it_cannot_write(
     review = {"directory": str(blocker / "review"), "typed_cells_path": str(blocker / "t" / "typed.sqlite3")}
     assert main(["doctor", "--config", str(_doc(tmp_path, review=review))]) == 1
     out = capsys.readouterr().out
-    assert _lines(out, "review dir")[0].startswith(f"FAIL  review dir       {blocker / 'review'} cannot be created"), out
+    assert _lines(out, "review dir")[0].startswith(f"FAIL  review dir         {blocker / 'review'} cannot be created"), out
     assert "overlays and the review gallery would be lost" in out
     assert _lines(out, "typed cells file")[0].startswith("FAIL") and "typed white cells would not be kept" in out
     assert main(["doctor", "--config", str(_doc(tmp_path))]) == 0  # the defaults, beside the outbox
     out = capsys.readouterr().out
-    assert f"OK    review dir       {tmp_path / 'state' / 'review'} (writable)" in out, out
-    assert f"OK    typed cells file {tmp_path / 'state' / 'typed_cells.sqlite3'}" in out, out
+    assert f"OK    review dir         {tmp_path / 'state' / 'review'} (writable)" in out, out
+    assert f"OK    typed cells file   {tmp_path / 'state' / 'typed_cells.sqlite3'}" in out, out
     assert not (tmp_path / "state").exists()  # checked, nothing created
     main(["doctor", "--config", str(_doc(tmp_path, review={"enabled": False}))])
     assert not _lines(capsys.readouterr().out, "review dir")
@@ -421,8 +425,8 @@ def test_doctor_as_an_unprivileged_user_fails_a_root_owned_review_directory() ->
     if "review" not in proc.stdout:
         pytest.skip(f"nobody cannot run doctor from this checkout here: {(proc.stdout + proc.stderr)[-300:]}")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert f"FAIL  review dir       {rootonly / 'review'} cannot be created or written" in proc.stdout
-    assert f"FAIL  typed cells file {rootonly} cannot be created or written" in proc.stdout
+    assert f"FAIL  review dir         {rootonly / 'review'} cannot be created or written" in proc.stdout
+    assert f"FAIL  typed cells file   {rootonly} cannot be created or written" in proc.stdout
     assert "OK    outbox" in proc.stdout, proc.stdout
 
 
@@ -440,7 +444,7 @@ def test_doctor_says_how_to_check_a_login_it_cannot_read_the_password_for(
         assert main(["doctor", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     login = _lines(out, "broker login")
-    assert len(login) == 1 and login[0].startswith("WARN  broker login     not checked"), out
+    assert len(login) == 1 and login[0].startswith("WARN  broker login       not checked"), out
     assert ("sudo systemd-run --pipe --wait -p User=smearscope -p LoadCredential=mqtt-password:"
             f"/etc/smearscope/mqtt-password /opt/smearscope/venv/bin/smearscope doctor --config {config}") in login[0]
 
@@ -475,7 +479,7 @@ def test_doctor_fails_a_client_certificate_the_broker_refuses(
         trusted, stranger = make_client_cert(certs, "station", tls_material), make_client_cert(certs, "stranger", None)
         login = {"username": "station", "password_credential": "mqtt-password"}
         tls = {"ca_file": str(tls_material.ca_cert)}
-        cases = [(trusted, 0, "OK    broker           "), (stranger, 1, "FAIL  broker TLS       "), (None, 1, "FAIL  broker TLS       ")]
+        cases = [(trusted, 0, "OK    broker             "), (stranger, 1, "FAIL  broker TLS         "), (None, 1, "FAIL  broker TLS         ")]
         for pair, code, line in cases:
             client = {} if pair is None else {"certfile": str(pair[0]), "keyfile": str(pair[1])}
             config = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.tls_port, **login, "tls": {**tls, **client},
@@ -601,7 +605,7 @@ def test_doctor_on_onnxruntime_does_not_warn_of_tensorrt_it_does_not_use(
     lines = capsys.readouterr().out.splitlines()
     warned = sum(ln.startswith("WARN") for ln in lines)  # here the broker it cannot reach, alone: "1 warning"
     assert lines[-1].endswith(f" failed, {warned} warning{'' if warned == 1 else 's'}"), lines
-    assert ("INFO  tensorrt         not installed (JetPack 6.1+ provides TensorRT 10): not used with "
+    assert ("INFO  tensorrt           not installed (JetPack 6.1+ provides TensorRT 10): not used with "
             "engine_backend onnxruntime") in lines
     assert not any(ln.startswith(("WARN  tensorrt", "WARN  CUDA binding")) for ln in lines), lines
     config.write_text(config.read_text().replace("[analysis]", '[analysis]\nengine_backend = "tensorrt"', 1))
@@ -661,10 +665,10 @@ def test_doctor_names_the_runs_the_outbox_holds_since_when_their_reports_and_wha
     main(["doctor", "--no-wait", "--config", str(config)])
     held = _lines(capsys.readouterr().out, "held run")
     assert len(held) == 2, held
-    assert held[0].startswith("WARN  held run         2 specimen reports of it in the outbox (with their FHIR "
+    assert held[0].startswith("WARN  held run           2 specimen reports of it in the outbox (with their FHIR "
                               "Bundles), held 2.0 days; run r-0's run states"), held[0]
     assert station_said["r-0"] in held[0] and "the broker showed that run closed with 9 fields" in held[0]
-    assert held[1].startswith("INFO  held run         0 specimen reports of it in the outbox (with their FHIR "
+    assert held[1].startswith("INFO  held run           0 specimen reports of it in the outbox (with their FHIR "
                               "Bundles), held 0.0 days; run r-1's run states"), held[1]
     assert station_said["r-1"] in held[1] and "a later run, r-9 (open, 4 fields)" in held[1]
     for line in held:

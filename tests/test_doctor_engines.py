@@ -64,7 +64,7 @@ def _write_all(models: Path, lanes: int = 2) -> dict[str, Path]:
 
 def test_with_onnxruntime_doctor_says_engines_are_not_used(tmp_path, models, capsys) -> None:
     assert _doctor(tmp_path, models, capsys, backend="onnxruntime") == [
-        "INFO  engines          engine_backend onnxruntime: TensorRT engines are not used"]
+        "INFO  engines            engine_backend onnxruntime: TensorRT engines are not used"]
 
 
 def test_each_missing_engine_fails_with_the_command_the_station_start_gives(tmp_path, models, capsys) -> None:
@@ -73,7 +73,7 @@ def test_each_missing_engine_fails_with_the_command_the_station_start_gives(tmp_
         assert len(lines) == len(MODEL_FILES), lines
         for role, line in zip(MODEL_FILES, lines, strict=True):
             station = _station_error(models, role)
-            assert line == f"FAIL  engine {role:<9} {station}", (line, station)
+            assert line == f"FAIL  engine {role:<11} {station}", (line, station)
         command = f"smearscope build-engines --models {shlex.quote(str(models))} --precision fp16 --lanes 2"
         assert station.endswith(f"build it first: {command}")
         # present and whole: OK, and the station loads them
@@ -92,7 +92,7 @@ def test_a_truncated_engine_fails_with_the_rebuild_command_in_doctor_and_at_star
         lines = _doctor(tmp_path, models, capsys)
         bad = [ln for ln in lines if not ln.startswith("OK")]
         assert len(lines) == 3 and len(bad) == 1, lines
-        assert bad[0].startswith(f"FAIL  engine wbc_head  {path}: {len(whole) // 2} bytes where its build wrote "
+        assert bad[0].startswith(f"FAIL  engine wbc_head    {path}: {len(whole) // 2} bytes where its build wrote "
                                  f"{len(whole)}: cut short or changed; rebuild it: smearscope build-engines"), bad
         station = _station_error(models, "wbc_head")
         assert bad[0].endswith(station.split("; rebuild it: ")[1]) and "cut short" in station, station
@@ -136,7 +136,7 @@ def test_engines_built_for_another_gpu_fail_with_the_build_command_as_at_start(t
         assert len(lines) == 3 and all(ln.startswith("FAIL") for ln in lines), lines
         for (role, path), line in zip(orin.items(), lines, strict=True):
             station = _station_error(models, role, capability=(8, 6))
-            assert line.startswith(f"FAIL  engine {role:<9} {station} (the folder holds {path.name}: "), (line, station)
+            assert line.startswith(f"FAIL  engine {role:<11} {station} (the folder holds {path.name}: "), (line, station)
             assert "-sm86-" in station and "build it first: smearscope build-engines --models" in station
         gpu.capability = (8, 7)
         assert all(ln.startswith("OK") for ln in _doctor(tmp_path, models, capsys))
@@ -150,7 +150,7 @@ def test_without_a_gpu_doctor_fails_and_says_it_cannot_check_the_compute_capabil
     with trt_standin.installed():
         _write_all(models)
         lines = _doctor(tmp_path, models, capsys)
-    assert len(lines) == 4 and lines[0].startswith("FAIL  engines          the station cannot load TensorRT engines: ")
+    assert len(lines) == 4 and lines[0].startswith("FAIL  engines            the station cannot load TensorRT engines: ")
     assert all(ln.startswith("WARN") for ln in lines[1:]), lines
     assert ("the GPU's compute capability cannot be read here (CUDA device 0: no CUDA-capable device is "
             "detected), so whether it was built for this GPU cannot be checked") in lines[1], lines[1]
@@ -187,9 +187,9 @@ def test_a_gpu_the_station_cannot_read_fails_doctor_as_it_stops_the_station(tmp_
         with pytest.raises(EngineError) as start:  # the station's start, the same reason
             TensorRtEngine(models / MODEL_FILES["rbc_head"], cuda="cuda-python").load()
     out = capsys.readouterr().out
-    assert "OK    CUDA binding     pycuda" in out, out
+    assert "OK    CUDA binding       pycuda" in out, out
     fails = [ln for ln in out.splitlines() if ln.startswith("FAIL")]
-    want = ("FAIL  engines          the station cannot load TensorRT engines: the GPU's compute capability "
+    want = ("FAIL  engines            the station cannot load TensorRT engines: the GPU's compute capability "
             f"cannot be read through analysis.cuda_api 'cuda-python' ({start.value})")
     assert fails == [want], out
     assert code == 1, out

@@ -326,7 +326,7 @@ def test_a_camera_unplugged_at_install_still_enables_the_service_with_a_warning(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _steps(calls) == ["validate-config", "doctor", "systemctl enable smearscope.service",
                              "systemctl restart smearscope.service"], calls
-    assert f"FAIL  camera           {camera} does not exist" in proc.stdout, proc.stdout
+    assert f"FAIL  camera             {camera} does not exist" in proc.stdout, proc.stdout
     assert "1 failed (only ones the running station recovers from: camera)" in proc.stdout, proc.stdout
     assert "warning: smearscope doctor: only checks the running station recovers from failed" in proc.stdout
     assert "waits for the camera" in proc.stdout and "v4l2-ctl --list-devices" in proc.stdout

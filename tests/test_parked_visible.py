@@ -188,18 +188,18 @@ def test_doctor_opens_the_outbox_once_for_its_outbox_and_parked_lines(
         return [x for x in capsys.readouterr().out.splitlines() if x[6:22].strip() in ("outbox", "parked")]
 
     monkeypatch.setattr(sqlite3, "connect", counted)
-    assert doctor_lines() == [f"OK    outbox           {outbox_path}: not created yet (the first start creates it)"]
+    assert doctor_lines() == [f"OK    outbox             {outbox_path}: not created yet (the first start creates it)"]
     assert opens == []
     with Outbox(outbox_path) as box:  # a station that stopped with a report and a field message waiting
         box.put("report", f"{BASE}/report", b"{}", report_id="r1", schema_version="1")
         box.put("field", f"{BASE}/field", b"{}", report_id="f1", schema_version="1")
-    assert doctor_lines() == [(f"OK    outbox           {outbox_path}: 2 messages waiting (1 final: specimen "
+    assert doctor_lines() == [(f"OK    outbox             {outbox_path}: 2 messages waiting (1 final: specimen "
                               "reports, FHIR bundles)")]
     assert len(opens) == 1, opens
     with Outbox(outbox_path):  # the station runs: it holds the file
         lines = doctor_lines()
-    assert lines == [f"OK    outbox           {outbox_path}: held by a running station",
-                     ("WARN  parked           not read: the broker password cannot be read here; see it in `systemctl "
+    assert lines == [f"OK    outbox             {outbox_path}: held by a running station",
+                     ("WARN  parked             not read: the broker password cannot be read here; see it in `systemctl "
                      "status smearscope` (its Status line: 'N messages parked'), the dashboard's card, or one telemetry "
                      f"sample's `parked`: mosquitto_sub -C 1 -t {BASE}/telemetry")], lines
     assert len(opens) == 1, opens
@@ -238,7 +238,7 @@ def test_doctor_says_what_it_waits_for_before_waiting_for_the_running_stations_t
             if "parked" in line:
                 break
         waiting = before[-1]
-        assert waiting == (f"      parked           waiting up to 65 s for station {STATION}'s next telemetry "
+        assert waiting == (f"      parked             waiting up to 65 s for station {STATION}'s next telemetry "
                            f"sample (its parked reports) on {BASE}/telemetry; smearscope doctor --no-wait skips it"), before
         assert any(x.startswith("OK    broker login") for x in before), before  # the checks before it, already out
         assert proc.poll() is None  # said while it waits: the station's next sample is 60 s away
@@ -254,7 +254,7 @@ def test_doctor_says_what_it_waits_for_before_waiting_for_the_running_stations_t
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    assert rest[0].startswith("OK    parked           none: the running station (host "), rest
+    assert rest[0].startswith("OK    parked             none: the running station (host "), rest
     assert "waiting up to" not in "\n".join(rest), rest
 
 

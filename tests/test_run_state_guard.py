@@ -355,6 +355,6 @@ def test_doctor_beside_a_running_station_names_the_runs_it_holds_from_its_teleme
     main(["doctor", "--config", str(_doctor_config(tmp_path, broker.port, config.outbox.path, 2.0))])
     out = capsys.readouterr().out
     held = [line for line in out.splitlines() if line[6:].startswith("held run")]
-    assert len(held) == 1 and held[0].startswith("INFO  held run         the running station (host "), out
+    assert len(held) == 1 and held[0].startswith("INFO  held run           the running station (host "), out
     assert " holds run r-1: their run states, specimen reports and FHIR Bundles stay in the outbox" in held[0]
     assert f"mosquitto_pub -r -n -t {BASE}/run, then start the station again" in held[0], held[0]

@@ -312,9 +312,13 @@ def _outbox_checks(path: Path, look: OutboxLook, review_free_mb: float | None = 
     return checks
 
 
+#: The check names' column: the longest name ("model segmentation") fits, so each detail starts in one column.
+WHAT_WIDTH = 18
+
+
 def _say(check: Check) -> None:
     status, what, detail = check
-    print(f"{status:<4}  {what:<16} {detail}", flush=True)
+    print(f"{status:<4}  {what:<{WHAT_WIDTH}} {detail}", flush=True)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -339,7 +343,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         review = config.review  # type: ignore[attr-defined]
         review_free = review.min_free_disk_mb if review.enabled else None
         outbox = functools.cache(functools.partial(look_at_outbox, Path(mqtt.outbox.path)))  # opened once
-        waiting = (lambda text: print(f"{'':<4}  {'parked':<16} {text}", flush=True))
+        waiting = (lambda text: print(f"{'':<4}  {'parked':<{WHAT_WIDTH}} {text}", flush=True))
         steps: list[Callable[[], list[Check]]] = [
             lambda: model_checks(analysis.models_dir), lambda: open_set_checks(analysis),
             lambda: station_means_checks(analysis, config.microns_per_pixel), lambda: typed_cells_checks(config),
@@ -394,5 +398,5 @@ def cmd_install_models(args: argparse.Namespace) -> int:
         return 1
     checks = model_checks(dest)
     for status, what, detail in checks:
-        print(f"{status:<4}  {what:<16} {detail}")
+        print(f"{status:<4}  {what:<{WHAT_WIDTH}} {detail}")
     return 1 if any(s == "FAIL" for s, _, _ in checks) else 0
