@@ -83,6 +83,30 @@ def test_the_synopsis_names_every_subcommand_and_only_options_that_exist():
         assert not hidden, f"docs/CLI.md's synopsis: smearscope {cmd} lacks {hidden}"
 
 
+def _every_subcommand(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Each subcommand ("archive find" too) and its parser."""
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found[f"{prefix}{name}"] = sub
+                found.update(_every_subcommand(sub, f"{prefix}{name} "))
+    return found
+
+
+def test_every_subcommands_help_says_what_it_does_and_when_to_use_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """`smearscope doctor --help` (and schema, run, install-models, archive find ...) showed only the
+    usage and options: each subcommand's --help now opens with a paragraph of its own."""
+    commands = _every_subcommand(build_parser())
+    assert {"doctor", "run", "archive find", "archive send-hl7"} <= set(commands)
+    for name, parser in commands.items():
+        assert parser.description and len(parser.description.split()) >= 15, f"smearscope {name}: no description"
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*name.split(), "--help"])
+        said = " ".join(capsys.readouterr().out.split())
+        assert " ".join(parser.description.split()[:12]) in said, (name, said[:300])
+
+
 def _default(action: argparse.Action) -> str:
     """An option's default as a user meets it: the parser's, or where that is None (applied
     later, as --detections-floor's) the one its help states."""

@@ -100,6 +100,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from smearscope.cli.descriptions import describe
     from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
 
     ap = _Parser(prog="smearscope", description="Point-of-care blood-smear analyzer")
@@ -282,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA binding that reads the GPU's compute capability (part of each engine's name) "
                    "and holds the INT8 calibrator's buffer (auto: pycuda, else cuda-python)")
     b.set_defaults(func=_lazy("artifacts", "cmd_build_engines"))
+    describe(ap)  # each subcommand's --help paragraph (smearscope.cli.descriptions)
     return ap
 
 
