@@ -372,7 +372,7 @@ def test_commands_over_mqtt(
         # the rejected count systemd's STATUS= line and the telemetry give: the station's (the
         # repeated file) and the files the folder source set aside itself
         assert status["rejected"] == {"duplicate_frame_id": 1}
-        assert "1 fields analysed, 2 rejected, 1 failed" in daemon.status_line(), daemon.status_line()
+        assert "1 field analysed, 2 rejected, 1 failed" in daemon.status_line(), daemon.status_line()  # not "1 fields"
         assert observer.wait_for(lambda ms: any(
             json.loads(m.payload)["pipeline"]["rejected"] == 2 for m in ms if m.topic == f"{BASE}/telemetry"), 10), [
             json.loads(m.payload)["pipeline"] for m in observer.on_topic(f"{BASE}/telemetry")][-3:]

@@ -39,6 +39,7 @@ from smearscope.device.quality import QualityGate
 from smearscope.device.sources import FrameSource, SourceConfigurationError, open_source
 from smearscope.device.telemetry import TelemetryReader
 from smearscope.service.analysis.aggregate import AggregateThresholds
+from smearscope.service.analysis.wording import counted
 from smearscope.service.config import (
     EXIT_CONFIG,
     ConfigError,
@@ -317,10 +318,10 @@ class StationDaemon(DaemonStatus):
         self._close_resources(self._drain_s())
         snap = self.stats.snapshot()
         left = self.final_outbox or {}
-        logger.info("stopped: %d fields analysed, %d rejected, %d failed, %d frames dropped "
+        logger.info("stopped: %s analysed, %d rejected, %d failed, %d frames dropped "
                     "(%s), %d left in the queue; %d reports stored, %d lost, %d deferred to the next "
                     "start; outbox: %d messages waiting (%d final: specimen reports, FHIR bundles; "
-                    "%d parked), %d field messages evicted", snap["analysed"],
+                    "%d parked), %d field messages evicted", counted(snap["analysed"], "field"),
                     sum(snap["rejected"].values()) + getattr(self.source, "rejected_count", 0),
                     sum(snap["failed"].values()), self.workers.frames.dropped, self.workers.frames.policy,
                     snap["pending"], snap["stored"], snap["lost"], snap["deferred"], left.get("messages", 0),

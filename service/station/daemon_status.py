@@ -11,6 +11,7 @@ from typing import Any
 
 from smearscope.device.sources import FrameSource
 from smearscope.device.telemetry import TelemetryReader
+from smearscope.service.analysis.wording import counted
 from smearscope.service.config import StationConfig
 from smearscope.service.mqtt.outbox import Outbox
 from smearscope.service.mqtt.publisher import MqttPublisher
@@ -72,7 +73,7 @@ class DaemonStatus:
         snap = self.stats.snapshot()
         rejected = sum(snap["rejected"].values()) + getattr(self.source, "rejected_count", 0)
         failed = sum(snap["failed"].values())
-        parts = [f"{snap['analysed']} fields analysed, {rejected} rejected, {failed} failed"]
+        parts = [f"{counted(snap['analysed'], 'field')} analysed, {rejected} rejected, {failed} failed"]
         if self.workers.disk_full:
             parts.insert(0, "PAUSED: outbox disk full")
         if (camera := getattr(self.source, "camera", None)) is not None and camera.recovering:  # said at ERROR

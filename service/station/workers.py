@@ -41,6 +41,7 @@ from smearscope.device.frame import Frame
 from smearscope.device.quality import QualityGate
 from smearscope.device.sources import FrameSource
 from smearscope.service.analysis.pipeline import FieldResult
+from smearscope.service.analysis.wording import counted
 from smearscope.service.ingest import IngestError
 from smearscope.service.mqtt.outbox import NewMessage
 from smearscope.service.mqtt.publisher import MqttPublisher
@@ -365,7 +366,7 @@ class StationWorkers(ReportWriter):
         self.stats.add("analysed")
         self.outcomes.append((frame.frame_id, "analysed", None))
         if self.max_fields is not None and self.stats.snapshot()["analysed"] >= self.max_fields:
-            self._request_stop(f"{self.max_fields} fields analysed (--max-fields)")
+            self._request_stop(f"{counted(self.max_fields, 'field')} analysed (--max-fields)")
         r = result.report
         return {"ok": True, "frame_id": frame.frame_id, "report_id": r.report_id,
                 "run_id": r.run_id, "counts": r.counts.model_dump()}
