@@ -389,6 +389,11 @@ def test_a_fields_scale_and_preparation_flags_reach_the_specimen_report() -> Non
     assert len(carried) == 1 and carried[0].severity == "warning" and carried[0].message.startswith("1 of 2 fields")
     # a field's own count flags are recomputed over the pooled cells, not carried
     assert sum(f.code == "too_few_wbc_for_differential" for f in report.flags) == 1
+    alone = tracker(target=30)  # a run of one field says "1 of 1 field", not "1 of 1 fields"
+    assert alone.run_for_next_field() is not None
+    alone.add(FieldResult(flagged, guessed.cells, 1.0))
+    (one,) = [f for f in alone.interim_report().flags if f.code == "scale_unknown"]
+    assert one.message.startswith("1 of 1 field: "), one.message
 
 
 def test_interim_reports_at_every_field_count_each_cell_once_at_its_place_in_the_run() -> None:

@@ -37,6 +37,7 @@ from smearscope.service.analysis.report import (
     software_version,
 )
 from smearscope.service.analysis.specimen_scale import SpecimenScale
+from smearscope.service.analysis.wording import counted
 from smearscope.service.config import SpecimenConfig
 from smearscope.service.station.run_records import ClosedRun, EndReason, RunProgress, StartedBy
 
@@ -251,7 +252,7 @@ class SpecimenRun:
         self.tally = CellTally.caught_up(self.tally, self.cells)
         agg = self.tally.aggregates(thresholds, self.models)
         flags = list(agg.flags)
-        flags += [Flag(code=code, severity=severity, message=f"{n} of {len(self.field_ids)} fields: {FIELD_FLAGS[code]}")
+        flags += [Flag(code=code, severity=severity, message=f"{n} of {counted(len(self.field_ids), 'field')}: {FIELD_FLAGS[code]}")
                   for code, (severity, n) in self.field_flags.items()]
         progress = (f"{self.classified_wbc} of {self.target_wbc} target WBC classified in "
                     f"{len(self.field_ids)} fields")
