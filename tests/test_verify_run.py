@@ -515,7 +515,7 @@ def test_an_open_runs_field_flags_survive_a_restart_and_an_old_file_opens(run, t
         r1 = next(r for r in state.open_runs() if r.run_id == "r1")
         assert r1.field_flags == {"scale_uncertain": ("warning", 1)}
         report = r1.report(station_id="s", now=9.0, end_reason="restart")
-        assert any(f.code == "scale_uncertain" and f.message.startswith("1 of 1 fields") for f in report.flags)
+        assert any(f.code == "scale_uncertain" and f.message.startswith("1 of 1 field:") for f in report.flags)
     finally:
         outbox.close()
 
