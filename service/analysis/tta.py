@@ -321,7 +321,9 @@ def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float
     out: list[CellDetection] = []
     for kind in sorted({d.kind for _, d in items}, key=lambda k: k.value):
         sel = sorted((it for it in items if it[1].kind == kind), key=lambda it: -it[1].score)
-        partners = _partners(np.array([d.box.as_list() for _, d in sel], float), iou_threshold)
+        boxes = np.array([d.box.as_list() for _, d in sel], float).reshape(-1, 4)
+        partners = _partners(boxes, iou_threshold)
+        own_box, keeps_box, keeps_mask = _alone(boxes, [d for _, d in sel])
         taken = [False] * len(sel)  # a list: read one item at a time
         clusters: list[tuple[CellDetection, Box, np.ndarray | None, dict[int, float]]] = []
         for i in range(len(sel)):
@@ -336,11 +338,12 @@ def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float
                     members.append(sel[j][1])
             # the score-weighted mean box (summed in member order, as numpy's sum over a few rows
             # does; sum() starts from 0, so a lone member's sums are 0 + its values)
+            if len(members) == 1 and keeps_box[i]:  # its own box back, bit for bit: its own record's
+                box = members[0].box
+                clusters.append((members[0], box, members[0].mask if keeps_mask[i] else _vote(members, box), seen))
+                continue
             if len(members) == 1:
-                s, b = members[0].score, members[0].box
-                total = max(0 + s, 1e-12)
-                box = Box((0 + s * b.x0) / total, (0 + s * b.y0) / total, (0 + s * b.x1) / total,
-                          (0 + s * b.y1) / total)
+                box = Box(*own_box[i].tolist())
             else:
                 total = max(sum(m.score for m in members), 1e-12)
                 box = Box(*(sum(m.score * v for m in members for v in (getattr(m.box, a),)) / total
@@ -350,9 +353,32 @@ def fuse_views(per_view: Sequence[Sequence[CellDetection]], iou_threshold: float
             clusters = _absorb_pieces(clusters)
         seen = ([n_views] * len(clusters) if seen_by is None
                 else seen_by(np.array([c[1].as_list() for c in clusters], float).reshape(-1, 4)).tolist())
-        out += [replace(lead, box=box, mask=mask, score=float(sum(votes.values()) / max(n_seen, len(votes))))
+        out += [_fused(lead, box, mask, float(sum(votes.values()) / max(n_seen, len(votes))))
                 for (lead, box, mask, votes), n_seen in zip(clusters, seen)]
     return out
+
+
+def _alone(boxes: np.ndarray, dets: list[CellDetection]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+    """For each cell as a cluster of its own, all at once: the fused box (s * v / s, summed from 0
+    as fuse_views sums a cluster's members: NumPy's float64 arithmetic rounds as Python's does),
+    whether that is its own box bit for bit (0.0 and -0.0 differ), and whether its mask covers its
+    own box's window (what _vote hands back unchanged)."""
+    scores = np.array([d.score for d in dets], float)
+    own = (0 + scores[:, None] * boxes) / np.maximum(0 + scores, 1e-12)[:, None]
+    keeps = (own.view(np.int64) == boxes.view(np.int64)).all(axis=1)
+    rows = (np.ceil(boxes[:, 3]) - np.floor(boxes[:, 1])).astype(np.int64).tolist()
+    cols = (np.ceil(boxes[:, 2]) - np.floor(boxes[:, 0])).astype(np.int64).tolist()
+    fits = [d.mask is None or d.mask.shape == (r, c) for d, r, c in zip(dets, rows, cols)]
+    return own, keeps.tolist(), fits
+
+
+def _fused(lead: CellDetection, box: Box, mask: np.ndarray | None, score: float) -> CellDetection:
+    """The cluster's cell: its lead itself when the fusion gave it back its own box and mask and
+    the same score bit for bit (most cells only the first view saw), else a copy with those."""
+    if box is lead.box and mask is lead.mask and score == lead.score \
+            and (score != 0.0 or math.copysign(1.0, score) == math.copysign(1.0, lead.score)):
+        return lead
+    return replace(lead, box=box, mask=mask, score=score)
 
 
 def _partners(boxes: np.ndarray, iou_threshold: float) -> list[np.ndarray]:
