@@ -180,10 +180,14 @@ def pack(sizes: Sequence[tuple[int, int]], side: int, gap: int = WINDOW_GAP_PX,
     for i in order:
         w, h = sizes[i]
         left, top, right, bottom = flush[i]
-        xs = np.array([0] if left else [side - w] if right else range(0, side - w + 1, _CELL))
-        ys = np.array([0] if top else [side - h] if bottom else range(0, side - h + 1, _CELL))
-        x0, x1 = xs[None, :] // _CELL, -(-(xs[None, :] + w) // _CELL)
-        y0, y1 = ys[:, None] // _CELL, -(-(ys[:, None] + h) // _CELL)
+        xs = [0] if left else [side - w] if right else range(0, side - w + 1, _CELL)
+        ys = [0] if top else [side - h] if bottom else range(0, side - h + 1, _CELL)
+        # the raster cells under the candidate positions, as slices of the integral image: the
+        # positions are one value or steps of one cell, so their first and last cells run in steps of one
+        x0 = slice(xs[0] // _CELL, xs[0] // _CELL + len(xs))
+        x1 = slice(-(-(xs[0] + w) // _CELL), -(-(xs[0] + w) // _CELL) + len(xs))
+        y0 = slice(ys[0] // _CELL, ys[0] // _CELL + len(ys))
+        y1 = slice(-(-(ys[0] + h) // _CELL), -(-(ys[0] + h) // _CELL) + len(ys))
         need = (w // _CELL) * (h // _CELL)
         free_to_move = not (left or top or right or bottom)
         for t in range(len(used) + 1):
@@ -195,10 +199,10 @@ def pack(sizes: Sequence[tuple[int, int]], side: int, gap: int = WINDOW_GAP_PX,
             if n * n - s_[n, n] < need or (free_to_move and any(w >= fw and h >= fh for fw, fh in failed[t])):
                 continue  # no room left for it in this tile
             # cells taken under each candidate position
-            taken = s_[y1, x1] - s_[y0, x1] - s_[y1, x0] + s_[y0, x0]
-            free = np.flatnonzero(taken.ravel() == 0)
-            if free.size:  # the first free position in reading order
-                r, c = divmod(int(free[0]), len(xs))
+            free = (s_[y1, x1] - s_[y0, x1] - s_[y1, x0] + s_[y0, x0]) == 0
+            first = int(free.argmax())
+            if free.flat[first]:  # the first free position in reading order
+                r, c = divmod(first, len(xs))
                 x, y = int(xs[c]), int(ys[r])
                 used[t][max(0, y - gap) // _CELL : -(-(y + h + gap) // _CELL),
                         max(0, x - gap) // _CELL : -(-(x + w + gap) // _CELL)] = True
