@@ -148,15 +148,18 @@ def _where_unsure(segmenter: Segmenter, canonical: np.ndarray, views: tuple[str,
             coverage.add(p.view_index + 1, frame_window(judged_region(p.window, w, h), views[p.view_index + 1], w, h))
         for dets in unpack(packed, plan, first_index, w, h, index_of):
             raw += dets
-    per_view = [first] + [_seen_whole(view_cells(raw, k, views[k], stride, w, h), coverage, k) for k in extra]
+    per_view = [first] + [_seen_whole(merge_detections([d for d in raw if d.tile_index // stride == k]), coverage, k,
+                                      views[k], w, h) for k in extra]
     return segmenter.finish(fuse_views(per_view, seen_by=coverage.views_seeing_whole))
 
 
-def _seen_whole(dets: list[CellDetection], coverage: Coverage, k: int) -> list[CellDetection]:
-    """View k's cells not cut by a tile edge that the region it ran shows whole."""
+def _seen_whole(dets: list[CellDetection], coverage: Coverage, k: int, view: str, w: int,
+                h: int) -> list[CellDetection]:
+    """View k's cells (merged, in the view's coordinates) not cut by a tile edge that the region
+    it ran shows whole, mapped back to the frame: only those kept are mapped (about half)."""
     whole = [d for d in dets if not d.cut_by_tile_edge]
-    seen = coverage.seen_whole(k, np.array([d.box.as_list() for d in whole], float).reshape(-1, 4))
-    return [d for d, s in zip(whole, seen.tolist()) if s]
+    boxes = boxes_in_view(np.array([d.box.as_list() for d in whole], float).reshape(-1, 4), view, w, h)
+    return [unview(d, view, w, h) for d, s in zip(whole, coverage.seen_whole(k, boxes).tolist()) if s]
 
 
 def _calibrated(segmenter: Segmenter, dets: list[CellDetection]) -> list[float]:
