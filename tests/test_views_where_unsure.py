@@ -495,3 +495,39 @@ def test_fused_cells_are_those_of_the_fusion_written_out_plainly(seed):
     assert cells(got) == cells(want)
     assert len(got) < sum(map(len, per_view))  # cells were fused
     assert len({s for _, _, s, _ in cells(got)}) > 10
+
+
+def _cell_bits(d):
+    """A fused cell as bytes: its box and score bit for bit (0.0 and -0.0 apart) and its mask."""
+    import struct
+
+    mask = None if d.mask is None else (d.mask.shape, d.mask.dtype.str, d.mask.tobytes())
+    return (d.kind, struct.pack("4d", *d.box.as_list()), struct.pack("d", d.score), d.tile_index, d.cut_by_tile_edge, mask)
+
+
+@pytest.mark.skipif(not (MODELS / "seg.onnx").exists(), reason="committed models missing (models/)")
+def test_fused_cells_and_masks_of_a_rendered_field_are_those_of_the_fusion_written_out_plainly(analyzers, monkeypatch):
+    """On the committed detector's cells of a rendered field (the default views, extra views where
+    the first is unsure), fuse_views gives bit for bit the boxes, scores and masks of the fusion
+    written out plainly (every cluster's box by plain sums, every mask voted): a cell only the
+    first view saw keeps its own record only where that is what the fusion gives it."""
+    import smearscope.service.analysis.detect_views as dv
+
+    _, unsure, _, _ = analyzers
+    calls = []
+    original = dv.fuse_views
+    monkeypatch.setattr(dv, "fuse_views", lambda per_view, **k: calls.append((per_view, k)) or original(per_view, **k))
+    seed, width, height, density, _, _ = FIELDS["dense"]
+    field = render_field(seed, width=width, height=height, rbc_density=density, n_wbc=1, n_platelets=3,
+                         microns_per_pixel=0.1)
+    unsure.analyze(field.frame)
+    ((per_view, kw),) = calls
+    coverage = kw["seen_by"].__self__
+    got = original(per_view, **kw)
+    want = _fused_plainly(per_view, coverage.views_seeing)
+    assert [_cell_bits(d) for d in got] == [_cell_bits(d) for d in want]
+    assert all(d.mask is not None for d in got) and len(per_view[1]) >= 5
+    lone = {id(d) for d in per_view[0]} & {id(d) for d in got}
+    assert 0 < len(lone) < len(got)  # the first view's own records kept, and cells fused
+    # a cell whose score the views that saw it divided keeps no record of its own
+    assert any(d.score != p.score for d in got for p in per_view[0] if d.box == p.box and d.kind is p.kind)
