@@ -418,3 +418,46 @@ def test_cells_left_unmade_on_packed_tiles_change_no_report_on_edge_frames(optio
         analyzer.close()
     assert refused_all  # packed tiles ran
     assert options == "default" or any(refused_all)  # and some held no cell unpack keeps
+
+
+def _packed_plainly(sizes, side, gap, flush):
+    """pack written out: largest first (frame-edge windows before), each at the first position in
+    reading order, in the first tile, whose raster cells (8 px) are all free, each position's
+    cells looked at one slice at a time; a placed window takes its cells grown by the gap."""
+    cell, n = 8, -(-side // 8)
+    order = sorted(range(len(sizes)), key=lambda i: (-sum(flush[i]), -sizes[i][0] * sizes[i][1], i))
+    used, out = [], [None] * len(sizes)
+    for i in order:
+        w, h = sizes[i]
+        left, top, right, bottom = flush[i]
+        xs = [0] if left else [side - w] if right else range(0, side - w + 1, cell)
+        ys = [0] if top else [side - h] if bottom else range(0, side - h + 1, cell)
+        t = 0
+        while out[i] is None:
+            if t == len(used):
+                used.append(np.zeros((n, n), bool))
+            spot = next(((x, y) for y in ys for x in xs
+                         if not used[t][y // cell : -(-(y + h) // cell), x // cell : -(-(x + w) // cell)].any()), None)
+            if spot is not None:
+                x, y = spot
+                used[t][max(0, y - gap) // cell : -(-(y + h + gap) // cell), max(0, x - gap) // cell : -(-(x + w + gap) // cell)] = True
+                out[i] = (t, x, y)
+            t += 1
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_windows_are_packed_where_a_plain_first_fit_puts_them(seed):
+    """pack (the taken cells of all positions at once, through an integral image) puts every
+    window where a first fit looking at each position's raster cells one at a time puts it, on
+    windows of any size up to a tile, some on a frame edge, at sizes that are and are not whole
+    raster cells."""
+    rng = np.random.default_rng(seed)
+    side = 256
+    sizes = [(int(rng.integers(10, 150)), int(rng.integers(10, 150))) for _ in range(70)] + [(side, int(rng.integers(1, side)))]
+    flush = [tuple(bool(f) for f in rng.random(4) < 0.08) for _ in sizes]
+    flush = [(a, b, c and not a, d and not b) for a, b, c, d in flush]
+    for gap in (0, 16, 21):
+        got = pack(sizes, side, gap, flush)
+        assert got == _packed_plainly(sizes, side, gap, flush)
+        assert len({t for t, _, _ in got}) >= 4
