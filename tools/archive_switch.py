@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tools.version_switch import ROOT, Version, make_version, remove_version
+from tools.version_switch import ROOT, Version, clean_up, make_version, said_claims, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -150,19 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir()
         name = f"{first.label} -> {second.label}"
         print(f"\n{name} ({first.commit[:7]} -> {second.commit[:7]}; archive)")
-        for claim, holds, detail in check(first, second, work):
-            print(f"  {'ok  ' if holds else 'FAIL'} {claim}: {detail}")
-            if not holds:
-                failed.append(f"{name}: {claim}")
+        failed += said_claims(name, check(first, second, work))
     finally:
-        for version in versions:
-            remove_version(version)
-        subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=False)
-        if args.out is None:
-            shutil.rmtree(out, ignore_errors=True)
-    if failed:
-        print("\nnot holding:\n" + "\n".join(f"  {f}" for f in failed))
-    return 1 if failed else 0
+        clean_up(versions, out, keep=args.out is not None)
+    return verdict(failed)
 
 
 if __name__ == "__main__":

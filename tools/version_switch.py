@@ -474,16 +474,33 @@ def main(argv: list[str] | None = None) -> int:
             results = switch(first, second, work, broker_module)
             kept = f"state, logs: {work}" if args.out else "--out keeps state and logs"
             print(f"\n{name} ({first.commit[:7]} -> {second.commit[:7]}; {kept})")
-            for claim, holds, detail in results:
-                print(f"  {'ok  ' if holds else 'FAIL'} {claim}: {detail}")
-                if not holds:
-                    failed.append(f"{name}: {claim}")
+            failed += said_claims(name, results)
     finally:
-        for version in versions:
-            remove_version(version)
-        subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=False)
-        if args.out is None:
-            shutil.rmtree(out, ignore_errors=True)
+        clean_up(versions, out, keep=args.out is not None)
+    return verdict(failed)
+
+
+def said_claims(name: str, results) -> list[str]:
+    """Print each claim of switch `name` as it held or not; the ones that did not hold."""
+    failed = []
+    for claim, holds, detail in results:
+        print(f"  {'ok  ' if holds else 'FAIL'} {claim}: {detail}")
+        if not holds:
+            failed.append(f"{name}: {claim}")
+    return failed
+
+
+def clean_up(versions, out: Path, keep: bool) -> None:
+    """Remove the versions' worktrees (and `out`, unless kept)."""
+    for version in versions:
+        remove_version(version)
+    subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=False)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def verdict(failed: list[str]) -> int:
+    """The exit status: 1 when a claim did not hold (said again at the end), else 0."""
     if failed:
         print("\nnot holding:\n" + "\n".join(f"  {f}" for f in failed))
     return 1 if failed else 0
