@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from smearscope.service.archive.store import INDEX_VERSION, ArchiveStore, backup_path
+from smearscope.service.archive.index_backup import backup_path
+from smearscope.service.archive.store import INDEX_VERSION, ArchiveStore
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION_3 = REPO / "tests" / "data" / "archive-v3"
@@ -110,4 +115,71 @@ def test_an_index_whose_copy_cannot_be_written_is_not_upgraded(archive: Path) ->
     backup_path(index, 3).mkdir()
     with pytest.raises(OSError):
         ArchiveStore(archive)
+    assert state(index) == before
+
+
+#: Opens the archive in its folder with files limited to argv[2] bytes (as a disk filling up as the copy is
+#: written): what the open raised, as the archive's `cannot open the archive at ...` would say it.
+OPEN_LIMITED = """
+import resource, signal, sys
+from collections.abc import Iterator
+from pathlib import Path
+from smearscope.service.archive.store import ArchiveStore
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+try:
+    ArchiveStore(Path(sys.argv[1])).close()
+except OSError as exc:
+    print("OSError", exc)
+"""
+
+
+def test_a_copy_cut_short_by_the_disk_leaves_no_part_of_itself_and_the_index_not_upgraded(archive: Path) -> None:
+    """The disk stops the copy halfway (a file may grow to 40000 bytes of the index's 45056): the open fails
+    as an OSError naming the copy, the part written is removed (it would hold the disk's last free space),
+    and the index is left of version 3 with its rows."""
+    index = archive / "index.sqlite"
+    before = state(index)
+    assert index.stat().st_size > 40000
+    done = subprocess.run([sys.executable, "-c", OPEN_LIMITED, str(archive), "40000"], capture_output=True,
+                          text=True, check=False, timeout=60, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert done.stdout.startswith(f"OSError the archive index {index} (version 3) is not upgraded to version 4, "
+                                  "nothing in it changed: its copy as it is, index.sqlite.v3-backup, could not be "
+                                  "written ("), done.stdout + done.stderr
+    assert sorted(p.name for p in archive.iterdir() if p.name.startswith(".") or "backup" in p.name) == []
+    assert state(index) == before
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real file system of 256 kB (tmpfs; mounting it needs root, skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                                           capture_output=True, check=False).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_disk_without_room_for_the_copy_is_said_before_anything_is_written(small_disk: Path) -> None:
+    """Less free on the disk than the index's 45056 bytes: the copy is not begun (it would take the disk's last
+    free space, the archive's WAL and its reports need), the error says what it needs and what is free, the
+    index stays of version 3 with its rows."""
+    archive = small_disk / "archive"
+    shutil.copytree(VERSION_3, archive, ignore=shutil.ignore_patterns("README.md"))
+    index = archive / "index.sqlite"
+    before = state(index)
+    free = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(b"\0" * (free.f_bavail * free.f_frsize - 40 * 1024))
+    free = os.statvfs(small_disk)
+    assert 32768 < free.f_bavail * free.f_frsize < 45056  # room for SQLite's -shm, not for the copy
+    with pytest.raises(OSError, match=r"is not upgraded to version 4, nothing in it changed: its copy as it is, "
+                                      r"index\.sqlite\.v3-backup, needs 45 kB and the disk holds \d+ kB free: "
+                                      r"make room there and start it again"):
+        ArchiveStore(archive)
+    assert sorted(p.name for p in archive.iterdir() if p.name.startswith(".") or "backup" in p.name) == []
+    (small_disk / "filler").unlink()
     assert state(index) == before

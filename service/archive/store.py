@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smearscope.files import fsync_dir, write_atomically
+from smearscope.service.archive.index_backup import keep_before_upgrade
 from smearscope.service.archive.message import BundleMessage, ReportMessage
 from smearscope.service.archive.rejections import SCHEMA as REJECTIONS_SCHEMA
 from smearscope.service.archive.rejections import (
@@ -54,7 +55,7 @@ INDEX_NAME = "index.sqlite"
 #: carried the specimen and run ids whole: filled once, as a version 2 or 3 index is upgraded, from its
 #: deliveries; every later message of such a run carries them whole too (whole_ids_run), so the lab system
 #: matches an amended report with the one it has. An older smearscope refuses the upgraded index: what it
-#: delivered would be missing from the table; the upgrade leaves it a copy of the index as it was (backup_path).
+#: delivered would be missing from the table; the upgrade leaves it a copy of the index as it was (index_backup).
 INDEX_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
@@ -365,7 +366,7 @@ def _digest(payload: bytes) -> str:
 
 def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
     """The archive's index: created (WAL, synchronous=FULL) for the writer, an unversioned one of
-    version 1 layout (or version 1, 2, 3) upgraded to 4, one holding reports copied first (backup_path); for a reader, opened read-only, FileNotFoundError when the folder
+    version 1 layout (or version 1, 2, 3) upgraded to 4, one holding reports copied first (index_backup); for a reader, opened read-only, FileNotFoundError when the folder
     holds no archive. IndexVersionError, nothing changed, for an index of a newer version (or an
     unversioned one of another layout)."""
     path = directory / INDEX_NAME
@@ -385,7 +386,7 @@ def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
         version = _version(db, path)  # before anything is written: a newer index is left as it is
         has_reports = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'reports'").fetchone() is not None
         if version < INDEX_VERSION and has_reports and db.execute("SELECT 1 FROM reports LIMIT 1").fetchone():
-            _keep_before_upgrade(db, path, version)
+            keep_before_upgrade(db, path, version, INDEX_VERSION)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         with db:
@@ -434,36 +435,6 @@ def open_index_query_only(directory: Path) -> sqlite3.Connection:
         db.close()
         raise
     return db
-
-
-def backup_path(path: Path, version: int) -> Path:
-    """Where the upgrade of index `path` from `version` keeps the index as it was (`index.sqlite.v3-backup`)."""
-    return path.with_name(f"{path.name}.v{version}-backup")
-
-
-def _keep_before_upgrade(db: sqlite3.Connection, path: Path, version: int) -> None:
-    """A copy of the index as it is (SQLite's backup: its WAL included), synced, before it is upgraded: the
-    smearscope that made it refuses the upgraded one, and reads this copy (docs/ARCHIVE.md, going back).
-    It replaces the copy an earlier upgrade from the same version left; an OSError leaves the index as it is."""
-    backup = backup_path(path, version)
-    tmp = backup.with_name(f".{backup.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    copy = sqlite3.connect(tmp)
-    try:
-        db.backup(copy)
-        copy.execute("PRAGMA journal_mode=DELETE")  # one file, nothing beside it to lose in a move
-    finally:
-        copy.close()
-    with contextlib.suppress(OSError):
-        os.chmod(tmp, os.stat(path).st_mode & 0o777)  # the index's own mode: it names specimens
-    with tmp.open("rb") as synced:
-        os.fsync(synced.fileno())
-    os.replace(tmp, backup)
-    fsync_dir(path.parent)
-    reports = int(db.execute("SELECT count(*) FROM reports").fetchone()[0])
-    logger.info("the archive index %s (version %d, %d reports) copied to %s before its upgrade to version %d: "
-                "the smearscope before it refuses the upgraded index and reads this copy (docs/ARCHIVE.md, "
-                "going back)", path, version, reports, backup, INDEX_VERSION)
 
 
 def _version(db: sqlite3.Connection, path: Path) -> int:

@@ -1,0 +1,69 @@
+"""The archive index kept as it was before an upgrade (`index.sqlite.v3-backup`): the smearscope that
+made the index refuses the upgraded one and reads this copy (docs/ARCHIVE.md, going back)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+from smearscope.files import fsync_dir
+
+logger = logging.getLogger(__name__)
+
+#: Room left on the disk beside the copy for the upgrade itself (its WAL): a copy that would fill the
+#: disk is not begun.
+UPGRADE_HEADROOM = 1 << 20
+
+
+class BackupError(OSError):
+    """The copy before an upgrade cannot be made: the index is left as it is, not upgraded."""
+
+
+def backup_path(path: Path, version: int) -> Path:
+    """Where the upgrade of index `path` from `version` keeps the index as it was (`index.sqlite.v3-backup`)."""
+    return path.with_name(f"{path.name}.v{version}-backup")
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.0f} kB"
+
+
+def keep_before_upgrade(db: sqlite3.Connection, path: Path, version: int, new_version: int) -> None:
+    """A copy of the index as it is (SQLite's backup: its WAL included), synced, in the index's mode, before
+    it is upgraded to `new_version`. It replaces the copy an earlier upgrade from the same version left. BackupError, the index left as it is and no partial copy left, where the disk has no
+    room for it (checked before writing) or it cannot be written."""
+    backup = backup_path(path, version)
+    tmp = backup.with_name(f".{backup.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+    size = page_size * int(db.execute("PRAGMA page_count").fetchone()[0])
+    disk = os.statvfs(path.parent)
+    free = disk.f_bavail * disk.f_frsize
+    refused = (f"the archive index {path} (version {version}) is not upgraded to version {new_version}, "
+               f"nothing in it changed")
+    if size + UPGRADE_HEADROOM > free:
+        raise BackupError(f"{refused}: its copy as it is, {backup.name}, needs {_megabytes(size)} and the "
+                          f"disk holds {_megabytes(free)} free: make room there and start it again "
+                          "(docs/ARCHIVE.md, going back)")
+    try:
+        copy = sqlite3.connect(tmp)
+        try:
+            db.backup(copy)
+            copy.execute("PRAGMA journal_mode=DELETE")  # one file, nothing beside it to lose in a move
+        finally:
+            copy.close()
+        os.chmod(tmp, os.stat(path).st_mode & 0o777)  # the index's own mode: it names specimens
+        with tmp.open("rb") as synced:
+            os.fsync(synced.fileno())
+        os.replace(tmp, backup)
+        fsync_dir(path.parent)
+    except (OSError, sqlite3.Error) as exc:
+        tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + "-journal").unlink(missing_ok=True)
+        raise BackupError(f"{refused}: its copy as it is, {backup.name}, could not be written ({exc})") from exc
+    reports = int(db.execute("SELECT count(*) FROM reports").fetchone()[0])
+    logger.info("the archive index %s (version %d, %d reports) copied to %s before its upgrade to version %d: "
+                "the smearscope before it refuses the upgraded index and reads this copy (docs/ARCHIVE.md, "
+                "going back)", path, version, reports, backup, new_version)
