@@ -3,6 +3,7 @@ made the index refuses the upgraded one and reads this copy (docs/ARCHIVE.md, go
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -31,7 +32,7 @@ def _megabytes(size: int) -> str:
 
 
 def keep_before_upgrade(db: sqlite3.Connection, path: Path, version: int, new_version: int) -> None:
-    """A copy of the index as it is (SQLite's backup: its WAL included), synced, in the index's mode, before
+    """A copy of the index as it is (SQLite's backup: its WAL included), synced, in the index's mode and owner, before
     it is upgraded to `new_version`. It replaces the copy an earlier upgrade from the same version left. BackupError, the index left as it is and no partial copy left, where the disk has no
     room for it (checked before writing) or it cannot be written."""
     backup = backup_path(path, version)
@@ -54,7 +55,10 @@ def keep_before_upgrade(db: sqlite3.Connection, path: Path, version: int, new_ve
             copy.execute("PRAGMA journal_mode=DELETE")  # one file, nothing beside it to lose in a move
         finally:
             copy.close()
-        os.chmod(tmp, os.stat(path).st_mode & 0o777)  # the index's own mode: it names specimens
+        index = os.stat(path)
+        with contextlib.suppress(PermissionError):  # another owner can be given by root alone
+            os.chown(tmp, index.st_uid, index.st_gid)  # the archive's user, whom `cp -p` gives back
+        os.chmod(tmp, index.st_mode & 0o777)  # the index's own mode: it names specimens
         with tmp.open("rb") as synced:
             os.fsync(synced.fileno())
         os.replace(tmp, backup)
