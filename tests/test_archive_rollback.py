@@ -203,3 +203,37 @@ def test_a_copy_made_by_root_belongs_to_the_index_owner_and_is_restored_to_it(ar
     subprocess.run(["cp", "-p", str(backup), str(index)], check=True)
     restored = index.stat()
     assert (restored.st_uid, restored.st_gid, restored.st_mode & 0o777) == (65534, 65534, 0o640)
+
+
+def going_back_commands() -> list[str]:
+    """The shell commands docs/ARCHIVE.md gives for going back, as written there, run in the archive folder."""
+    text = " ".join((REPO / "docs" / "ARCHIVE.md").read_text().split())
+    steps = text.split("then in the archive folder (`/var/lib/smearscope-archive`): ", 1)[1].split("; install", 1)[0]
+    return [c for c in steps.split("`")[1::2]]
+
+
+def test_going_back_by_the_documented_commands_keeps_the_upgraded_index_whole_and_restores_the_copy(
+        archive: Path) -> None:
+    """The archive killed after the upgrade, its last delivery only in the WAL: docs/ARCHIVE.md's commands
+    leave that delivery with index.sqlite.v4 (not removed, not read into the restored copy), and put back
+    the index of version 3 as it was."""
+    index = archive / "index.sqlite"
+    before = state(index)
+    store = ArchiveStore(archive)
+    store.close()
+    killed = sqlite3.connect(index)
+    killed.execute("PRAGMA wal_autocheckpoint=0")
+    with killed:
+        killed.execute("INSERT INTO hl7_deliveries VALUES (?, ?, 'VS4A000000000000009', 1796638900.0, 'archive', "
+                       "'P')", (VERIFIED, LIS))
+    for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):  # the files as a killed archive leaves them
+        shutil.copy(archive / name, archive / f"{name}.killed")
+    killed.close()
+    for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+        (archive / f"{name}.killed").rename(archive / name)
+    commands = going_back_commands()
+    assert commands[0] == "mv index.sqlite index.sqlite.v4" and commands[-1] == "cp -p index.sqlite.v3-backup index.sqlite"
+    for command in commands:
+        subprocess.run(["sh", "-c", command], cwd=archive, check=True)
+    assert ("VS4A000000000000009",) in read(archive / "index.sqlite.v4", "SELECT control_id FROM hl7_deliveries")
+    assert state(index) == before

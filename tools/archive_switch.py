@@ -114,8 +114,9 @@ def check(first: Version, second: Version, work: Path) -> list[tuple[str, bool, 
     logger.info("the earlier version on the later one's index: exit %d %s", rc, said)
     if rc != 0 and backup.is_file():  # docs/ARCHIVE.md, going back: the index aside, the copy in its place
         (archive / INDEX).rename(archive / f"{INDEX}.v{new_version}")
-        for suffix in ("-wal", "-shm"):
-            (archive / f"{INDEX}{suffix}").unlink(missing_ok=True)
+        if (archive / f"{INDEX}-wal").exists():  # its last writes stay with the index they belong to
+            (archive / f"{INDEX}-wal").rename(archive / f"{INDEX}.v{new_version}-wal")
+        (archive / f"{INDEX}-shm").unlink(missing_ok=True)
         shutil.copy2(backup, archive / INDEX)
         rc, listed, said = found(first, archive, work)
         how = f"the later index refused, {backup.name} put in its place"
