@@ -651,3 +651,38 @@ def test_a_station_given_the_websockets_port_says_so_and_delivers_over_websocket
     finally:
         sub.close()
         broker.stop()
+
+
+def test_a_telemetry_sample_over_the_brokers_packet_limit_is_dropped_not_sent(
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sample larger than the connection's packet limit (the broker's announced Maximum Packet Size)
+    would make mosquitto close the connection at each sample, the reports' queue with it: it is not
+    sent, said once at WARNING; the next sample that fits is sent, and the station stays connected."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("max_packet_size 4096",))
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    sizes = [6000] * 8 + [100] * 1000  # eight samples too large, then small ones
+
+    def source() -> dict[str, Any]:
+        return {"padding": "x" * (sizes.pop(0) if sizes else 100)}
+
+    try:
+        sub.wait_ready()
+        config = make_config(tmp_path, broker.port, telemetry_interval_s=0.1)
+        publisher = MqttPublisher(config, "lab-7", publisher_module.Outbox.from_config(config.outbox),
+                                  telemetry_source=source)
+        started.append(publisher)
+        with caplog.at_level(logging.WARNING, logger="smearscope.service.mqtt"):
+            publisher.start()
+            assert publisher.wait_until_connected(5)
+            assert sub.wait_for(lambda m: any(x.topic == f"{BASE}/telemetry" for x in m), 10), publisher.state
+            publisher.publish_report("report", "after", b"{}", "1")
+            assert sub.wait_for(lambda m: any(x.topic == f"{BASE}/report" for x in m), 10), publisher.state
+        assert publisher.state.connects == 1, (publisher.state, broker.log()[-2000:])
+        said = [r.message for r in caplog.records if "telemetry sample" in r.message]
+        assert len(said) == 1 and "4096" in said[0], said
+        assert all(len(x.payload) < 4096 for x in sub.on_topic(f"{BASE}/telemetry"))
+    finally:
+        sub.close()
+        broker.stop()

@@ -56,6 +56,7 @@ from smearscope.service.mqtt.renamed import say_stored_under_other_ids
 from smearscope.service.mqtt.run_watch import RunStateWatch
 from smearscope.service.mqtt.secrets import SecretFiles
 from smearscope.service.mqtt.state import PublisherState
+from smearscope.service.mqtt.telemetry_bound import TelemetryBound
 from smearscope.service.mqtt.twin_watch import TwinWatch
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class MqttPublisher(ConnectionEvents):
         self._client_context: ssl.SSLContext | None = None
         self._failure_news = FailureNews()  # which failures are said (service.mqtt.failure_news)
         self._wake = threading.Event()
+        self._telemetry_bound = TelemetryBound()
         self._telemetry_now = threading.Event()  # a (re)connection: the station's state at once, not a period later
         self._stop_workers = threading.Event()
         #: Outbox messages handed to paho and not yet acknowledged (the drain thread's).
@@ -220,9 +222,11 @@ class MqttPublisher(ConnectionEvents):
         client = self._client
         if client is None or not self.state.connected:
             return False
-        info = client.publish(self.telemetry_topic, json.dumps({
-            **values, "interval_s": self.config.telemetry_interval_s, "parked": self.parked(),
-            "held_runs": self.run_watch.held_published(), **self.instance}), qos=0)
+        payload = json.dumps({**values, "interval_s": self.config.telemetry_interval_s, "parked": self.parked(),
+                              "held_runs": self.run_watch.held_published(), **self.instance}).encode()
+        if not self._telemetry_bound.fits(self.telemetry_topic, payload, self._packet_limit):
+            return False  # over the connection's packet limit: the broker would close it (telemetry_bound)
+        info = client.publish(self.telemetry_topic, payload, qos=0)
         return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def wait_until_connected(self, timeout: float) -> bool:
