@@ -627,3 +627,12 @@ def test_every_local_code_of_a_bundle_is_displayed_as_the_code_table_says() -> N
     local = {c["code"]: c["display"] for c in codings(bundle)}
     assert "graded-count" in local
     assert {code: display for code, display in local.items() if codes.LOCAL_CODES.get(code) != display} == {}
+
+
+def test_the_specimens_note_says_its_fields_in_words() -> None:
+    """The Specimen's note, which an EHR shows a clinician: '1 field analysed' for a one-field run,
+    '12 fields analysed' otherwise, never 'field(s)'."""
+    twelve = graded_report()
+    one = twelve.model_copy(update={"fields_analyzed": 1})
+    notes = [resources(report_bundle(r), "Specimen")[0]["note"] for r in (one, twelve)]
+    assert notes == [[{"text": "1 field analysed"}], [{"text": "12 fields analysed"}]], notes

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from smearscope.service.analysis.report import ClassShare, Flag, Report
+from smearscope.service.analysis.wording import counted
 from smearscope.service.fhir import codes, report_view
 from smearscope.service.fhir.codes import Code
 
@@ -185,7 +186,7 @@ def _specimen(b: _Builder) -> None:
     # No collection time: when the blood was drawn is not known to the station.
     specimen: Resource = {"resourceType": "Specimen",
                           "type": {"coding": [codes.SPECIMEN_TYPE.coding()], "text": "Peripheral blood smear, stained"},
-                          "note": [{"text": f"{r.fields_analyzed} field(s) analysed"}]}
+                          "note": [{"text": f"{counted(r.fields_analyzed, 'field')} analysed"}]}
     if identifiers:  # FHIR JSON has no empty arrays
         specimen["identifier"] = identifiers
     if r.specimen_id:  # the lab's own identifier of the specimen (start_run): its system is the lab's, not known here
