@@ -13,6 +13,7 @@ import json
 import logging
 import pickle
 import re
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -976,3 +977,20 @@ def test_a_station_where_nothing_was_typed_yet_says_so_and_how_to_type(tmp_path)
         "its crop" in message, message
     assert f"once a class has 10 typed, run smearscope adapt-wbc --station --config {path} --out {out} again" in message
     assert not out.exists()
+
+
+def test_the_command_to_run_again_is_quoted_for_a_path_with_a_space(tmp_path):
+    """The no_typed_cells answer's command to run again, pasted into a shell, runs the same command:
+    an --out path with a space in it is quoted ('station wbc.json' was cut in two)."""
+    path, analyzer, feed = _station(tmp_path)
+    try:
+        assert feed.run_types("run-1") == {}
+    finally:
+        analyzer.close()
+        feed.close()
+    out = tmp_path / "station wbc.json"
+    got = _cli("adapt-wbc", "--station", "--config", str(path), "--out", str(out), "--json")
+    message = json.loads(got.stdout)["error"]["message"]
+    command = message.split(" typed, run ", 1)[1].removesuffix(" again")
+    assert shlex.split(command) == ["smearscope", "adapt-wbc", "--station", "--config", str(path), "--out", str(out)], \
+        message

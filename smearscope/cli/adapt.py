@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import logging
+import shlex
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -274,7 +275,7 @@ def _fit_from_station(args: argparse.Namespace, error) -> int:
             f"{path}: no white cell has been typed on this station yet. Type them on the dashboard: with "
             "[review] white_cells = \"all\" every white cell of a run is in its review gallery, with a type to pick "
             f"under its crop (docs/STATION.md); once a class has {args.min_cells} typed, run smearscope adapt-wbc "
-            f"--station --config {args.config} --out {args.out} again"), typed=0, runs=typed.runs,
+            f"{shlex.join(['--station', '--config', str(args.config), '--out', str(args.out)])} again"), typed=0, runs=typed.runs,
             typed_cells=str(path))
     # the model's own open-set tests, as the fit from --labels takes them (earlier station
     # thresholds or means are not what the new means are widened from)
