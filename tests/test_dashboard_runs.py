@@ -428,13 +428,52 @@ def test_a_signature_answered_before_the_hold_was_decided_turns_held_when_the_st
 
 @pytest.mark.broker
 @needs_chromium
+def test_a_signature_answered_undecided_is_not_settled_by_a_sample_that_came_before_the_answer(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """A sample received before a verify_run answered `held`: null (a station process before it started
+    again: decided, none held) does not say the signed report was sent: the line stays amber; a sample
+    without `held_runs` (an older station) neither; the next sample naming the run turns it red."""
+
+    with _run_control_page(tmp_path, ws_broker, dashboard_args=()) as (driver, send, log, _url, inside, sent):
+        report = _specimen(STATION, "7b1d0c2e-ffff", [], time.time())
+        send(f"{BASE}/run", json.dumps(_closed_run_state(report)))
+        sample = {"source": "proc", "read_at": time.time(), "interval_s": 30}
+        send(f"{BASE}/telemetry", json.dumps({**sample, "held_runs": []}), retain=False)
+        _wait("the earlier sample", lambda: inside(".telemetry").text != "", 20, [log])
+        _wait("the run's Verify", lambda: driver.execute_script(
+            "const n = document.querySelector(arguments[0]); return n !== null && !n.hidden;",
+            f"[data-station='{STATION}'] .verify"), 20, [log])
+        inside(".verify-by").send_keys("AB")
+        inside(".verify-run").click()
+        _wait("verify_run sent", lambda: len(sent("verify_run")) == 1, 20, [log])
+        _answer(send, "verify_run", {"ok": True, "run_id": "7b1d0c2e-ffff", "report_id": "r2", "supersedes": "r1",
+                                     "typed_cells": 0, "reclassified": 0, "left_to_review": 0, "held": None,
+                                     "hold_decided": False, "message": "not decided yet"},
+                sent("verify_run")[0].correlation_data)
+        state = lambda: inside(".verify-state")
+        _wait("the answer", lambda: state().get_attribute("data-state") is not None, 20, [log])
+        assert state().get_attribute("data-state") == "undecided", state().text
+        assert state().text == "verified: 0 typed, 0 reclassified — not decided yet", state().text
+        send(f"{BASE}/telemetry", json.dumps({**sample, "read_at": time.time()}), retain=False)  # no held_runs
+        _wait("the older station's sample", lambda: driver.execute_script(
+            "return document.querySelector(arguments[0]).textContent;", f"[data-station='{STATION}'] .telemetry")
+            is not None, 20, [log])
+        time.sleep(0.5)
+        assert state().get_attribute("data-state") == "undecided", state().text
+        send(f"{BASE}/telemetry", json.dumps({**sample, "held_runs": ["7b1d0c2e-ffff"]}), retain=False)
+        _wait("held", lambda: state().get_attribute("data-state") == "held", 20, [log])
+
+
+@pytest.mark.broker
+@needs_chromium
 def test_a_stop_whose_hold_is_not_decided_yet_is_said_in_its_own_colour_not_as_held(
     tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
 ) -> None:
     """Stop run answered before the station's first broker connection settled: ok with `held`: null,
     `hold_decided`: false and the station's message; the run line's answer says that message in the
-    not-decided colour (as beside Verify), not in the held red: the report may well be sent. The
-    station's next telemetry sample saying `held_runs` [] (decided, none held), the line says the stop
+    not-decided colour (as beside Verify), not in the held red: the report may well be sent; a sample
+    that came before the answer does not change that. The station's next telemetry sample saying `held_runs` [] (decided, none held), the line says the stop
     alone, as sent."""
     from selenium.webdriver.common.keys import Keys
 
@@ -448,6 +487,9 @@ def test_a_stop_whose_hold_is_not_decided_yet_is_said_in_its_own_colour_not_as_h
         inside(".stop-run").click()
         inside(".stop-run").click()
         _wait("stop_run sent", lambda: len(sent("stop_run")) == 1, 20, [log])
+        # a sample before the answer (an earlier station process: decided, none held) settles nothing
+        send(f"{BASE}/telemetry", json.dumps({"source": "proc", "read_at": time.time(), "held_runs": []}), retain=False)
+        _wait("the earlier sample", lambda: inside(".telemetry").text != "", 20, [log])
         undecided = ("the run's report is stored at the station; whether it is held there is not decided yet: the "
                      "station has not compared its state with the run state the broker keeps")
         _answer(send, "stop_run", {"ok": True, "run_id": "6a6a6a6a-dddd", "fields": 2, "classified_wbc": 9,

@@ -166,8 +166,9 @@ function verifiedAnswer(st, msg) {
       (msg.held ? " — not sent: " + String(msg.message || "the signed report is held at the station") :
        msg.held === null ? " — " + String(msg.message || "whether it is held at the station is not decided yet") : "")
     : String(msg.message || msg.error || "refused");
-  awaitHold(state, msg.ok && msg.held === null ? String(msg.run_id) : null, base);  // telemetry.js
-  settleHolds(st);  // a live sample that said it already
+  // telemetry.js: settled by a sample that comes after this answer only; one before it that says
+  // held_runs is another station process's (this one had not decided), not this signature's fate
+  awaitHold(state, msg.ok && msg.held === null ? String(msg.run_id) : null, base);
 }
 
 // Another run shown: the last one's signature is not carried over. Its "verified" line would read as

@@ -200,10 +200,9 @@ function runControlAnswer(st, name, msg, correlation) {
     const undecided = msg.held === null && msg.kept !== false;  // an end not kept stays said in red
     controlState(st, undecided ? "undecided" : told ? "held" : "saved", base + told,
       "", [String(msg.run_id), shownRunId(st)]);
-    if (undecided) {  // the station's telemetry says later whether it holds the run (telemetry.js)
-      awaitHold(st.node.querySelector(".run-control-state"), String(msg.run_id), base);
-      settleHolds(st);
-    }
+    // the station's next telemetry sample says whether it holds the run (telemetry.js); not the last
+    // one before this answer: one that said held_runs was an earlier process's (this one had not decided)
+    if (undecided) awaitHold(st.node.querySelector(".run-control-state"), String(msg.run_id), base);
     renderRunControl(st);  // the next specimen can be started now
   }
 }
