@@ -675,3 +675,44 @@ def test_doctor_names_the_runs_the_outbox_holds_since_when_their_reports_and_wha
         assert f"mosquitto_pub -r -n -t {base}/run, then start the station again" in line
         assert f"Under MQTT 3.1.1 (mqtt.protocol) a start that hears no retained run state sends them once its own " \
                f"run state comes back on {base}/run" in line
+
+
+def test_doctor_says_a_hundred_held_runs_in_six_lines_the_oldest_five_in_full(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An outbox file holding 100 runs (held 100 to 1 hours ago, one specimen report each): doctor says
+    the 5 held longest one line each and the other 95 in one line (how many, since when, their
+    reports), not 100 lines; the running station's sample naming 100 runs names 5 and counts the rest."""
+    import json
+    import time
+
+    from smearscope.cli.doctor_parked import held_runs_line
+    from smearscope.service.config import load_config
+    from smearscope.service.mqtt.outbox import NewMessage, Outbox
+    from smearscope.service.mqtt.run_watch import HELD_AFTER_TABLE, HELD_TABLE
+
+    config = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": 1,
+                                  "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}})
+    base = "smearscope/doc-9"
+    now = time.time()
+    runs = [f"r-{i:03d}" for i in range(100)]
+
+    def report(run_id: str) -> NewMessage:
+        body = {"report_id": f"rep-{run_id}", "kind": "specimen", "run_id": run_id}
+        return NewMessage("report", f"{base}/report", json.dumps({"report_id": f"rep-{run_id}", "body": body}).encode(),
+                          f"rep-{run_id}", "1.2")
+
+    with Outbox.from_config(load_config(config).mqtt.outbox) as box:
+        box.put_many([report(r) for r in runs])
+        box.write(lambda conn: (conn.execute(HELD_TABLE), conn.execute(HELD_AFTER_TABLE), conn.executemany(
+            "INSERT INTO held_runs VALUES (?, 'closed', 9, 4, ?)",
+            [(r, now - (100 - i) * 3600) for i, r in enumerate(runs)])))
+    main(["doctor", "--no-wait", "--config", str(config)])
+    held = _lines(capsys.readouterr().out, "held run")
+    assert len(held) == 6, len(held)
+    assert all(f"run {r}'s run states" in line for r, line in zip(runs[:5], held[:5], strict=True)), held[:5]
+    assert held[5].startswith("WARN  held run"), held[5]  # r-005 held 95 hours: over a day
+    assert held[5].endswith(" and 95 more runs held, for 4.0 to 0.0 days (r-005 to r-099), 95 specimen reports "
+                            "of them in the outbox: released as the runs above"), held[5]
+    [(level, name, text)] = held_runs_line({"held_runs": runs, "host": "jetson-1"}, f"{base}/run")
+    assert "holds runs r-000, r-001, r-002, r-003, r-004 and 95 more: " in text, text
+    assert "r-005" not in text, text

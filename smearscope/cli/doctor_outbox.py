@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 #: smearscope.cli.doctor's (status, what, detail).
 Check = tuple[str, str, str]
+#: Held runs said one line each (the oldest); any more are said together in one line.
+HELD_SHOWN = 5
 #: A run held longer than this (s) is a WARN: reports a clinic has been without for a day.
 HELD_LONG_S = 86_400.0
 
@@ -95,7 +97,7 @@ def held_run_checks(look: OutboxLook, run_topic: str, protocol: str, now: float 
 
     now = time.time() if now is None else now
     checks: list[Check] = []
-    for run in look.held_runs:
+    for run in look.held_runs[:HELD_SHOWN]:
         days = (now - run.held_at) / 86_400
         reports = f"{run.reports} specimen report{'' if run.reports == 1 else 's'}"
         text = (f"{reports} of it in the outbox (with their FHIR Bundles), held {days:.1f} days; "
@@ -106,4 +108,12 @@ def held_run_checks(look: OutboxLook, run_topic: str, protocol: str, now: float 
                      f"its own run state comes back on {run_topic}: its account must read that topic "
                      "(config/mosquitto.acl.example)")
         checks.append(("WARN" if now - run.held_at > HELD_LONG_S else "INFO", "held run", text))
+    rest = look.held_runs[HELD_SHOWN:]
+    if rest:  # the oldest are said in full; the rest in one line, released the same way
+        reports = sum(run.reports for run in rest)
+        checks.append(("WARN" if any(now - run.held_at > HELD_LONG_S for run in rest) else "INFO", "held run", (
+            f"and {len(rest)} more run{'' if len(rest) == 1 else 's'} held, for "
+            f"{(now - rest[0].held_at) / 86_400:.1f} to {(now - rest[-1].held_at) / 86_400:.1f} days "
+            f"({rest[0].run_id} to {rest[-1].run_id}), {reports} specimen report{'' if reports == 1 else 's'} of them "
+            "in the outbox: released as the runs above")))
     return checks

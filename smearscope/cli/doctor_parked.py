@@ -59,6 +59,10 @@ def parked_checks(config: Any, announce: Callable[[str], None] | None, *, statio
     return [parked_line(parked, str(sample.get("host", "?"))), *held]
 
 
+#: Held runs the running station's sample names in doctor's line; any more are counted.
+HELD_NAMED = 5
+
+
 def held_runs_line(sample: dict[str, Any], run_topic: str) -> list[Check]:
     """The runs a running station holds (its sample's `held_runs`: service.mqtt.run_watch), one INFO
     line naming them and what releases them; none where it holds none or has not decided yet. Since
@@ -66,7 +70,8 @@ def held_runs_line(sample: dict[str, Any], run_topic: str) -> list[Check]:
     runs = sample.get("held_runs")
     if not isinstance(runs, list) or not runs:
         return []
-    named = ", ".join(str(r) for r in runs)
+    named = ", ".join(str(r) for r in runs[:HELD_NAMED]) + (f" and {len(runs) - HELD_NAMED} more"
+                                                          if len(runs) > HELD_NAMED else "")
     return [("INFO", "held run", (
         f"the running station (host {sample.get('host', '?')}) holds run{'' if len(runs) == 1 else 's'} {named}: "
         "their run states, specimen reports and FHIR Bundles stay in the outbox, the broker showed them further "
