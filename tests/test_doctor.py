@@ -714,5 +714,6 @@ def test_doctor_says_a_hundred_held_runs_in_six_lines_the_oldest_five_in_full(
     assert held[5].endswith(" and 95 more runs held, for 4.0 to 0.0 days (r-005 to r-099), 95 specimen reports "
                             "of them in the outbox: released as the runs above"), held[5]
     [(level, name, text)] = held_runs_line({"held_runs": runs, "host": "jetson-1"}, f"{base}/run")
+    assert (level, name) == ("INFO", "held run")
     assert "holds runs r-000, r-001, r-002, r-003, r-004 and 95 more: " in text, text
     assert "r-005" not in text, text
