@@ -477,6 +477,7 @@ def test_a_refused_login_is_said_with_what_to_check_and_retried(tmp_path: Path,
                                                                 persistent_broker: MosquittoBroker) -> None:
     archive = Archive(tmp_path, persistent_broker.port, tmp_path / "archive")
     (tmp_path / "archive-password").write_text("not-the-password\n")
+    archive.argv[archive.argv.index("--log-level") + 1] = "DEBUG"  # the retries after the first are at DEBUG
     with open(archive.log, "ab") as out:
         archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     try:

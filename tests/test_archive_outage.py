@@ -4,6 +4,7 @@ own (service.mqtt.failure_news): a journal kept for days is not flooded."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 
@@ -35,6 +36,35 @@ def test_a_broker_out_of_reach_for_many_retries_is_said_once_and_its_return_once
         back = _lines(archive.text(), f"broker 127.0.0.1:{broker.port} reachable again after ")
         assert len(back) == 1 and " INFO " in back[0], archive.text()[-3000:]
         assert len([line for line in tries() if " DEBUG " not in line]) == 1, tries()
+    finally:
+        archive.stop()
+        broker.stop()
+
+
+def test_a_refused_login_is_said_once_while_it_repeats_and_the_acceptance_not_as_reachable_again(
+        tmp_path: Path) -> None:
+    """A broker that refuses the archive's login at every retry (its password file without the
+    archive's password): one ERROR with what to check, each retry at DEBUG; the broker's password
+    file mended and re-read (SIGHUP), the archive connects and says the broker accepts it
+    again, not 'reachable again' (it was reachable all along)."""
+    broker = MosquittoBroker(tmp_path / "broker", {**MQTT_USERS, "observer": "another-secret"})
+    archive = Archive(tmp_path, broker.port, tmp_path / "archive")
+    archive.argv[archive.argv.index("--log-level") + 1] = "DEBUG"  # each retry, to count them
+    try:
+        broker.start()
+        with open(archive.log, "ab") as out:
+            archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        refused = lambda: _lines(archive.text(), f"broker 127.0.0.1:{broker.port} refused the archive's connection")
+        assert wait_until(lambda: len(refused()) >= 3, 60), archive.text()[-3000:]
+        said = [line for line in refused() if " DEBUG " not in line]
+        assert len(said) == 1 and " ERROR " in said[0], said
+        assert "does not accept user 'observer' with this password" in said[0], said[0]
+        broker._write_passwords(MQTT_USERS)
+        broker.proc.send_signal(signal.SIGHUP)  # mosquitto re-reads its password file, staying up
+        assert wait_until(lambda: "connected to broker" in archive.text(), 90), archive.text()[-3000:]
+        assert "reachable again" not in archive.text(), archive.text()[-3000:]
+        back = _lines(archive.text(), f"broker 127.0.0.1:{broker.port} accepts the archive's connection again after ")
+        assert len(back) == 1 and " INFO " in back[0], archive.text()[-3000:]
     finally:
         archive.stop()
         broker.stop()

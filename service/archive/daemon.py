@@ -97,6 +97,7 @@ class ArchiveDaemon:
         self._short_connections = 0  # lost within SHORT_CONNECTION_S of opening, in a row
         #: the broker out of reach: said once per outage, again at most every RESAY_S (the station's rule)
         self._failure_news = FailureNews()
+        self._refused_last = False  # the last failure a refusal (the broker reachable), not out of reach
         self._had_reports = self.store.report_count() > 0
         self.counts = {"stored": 0, "duplicates": 0, "refused": 0, "dropped": 0, "retried": 0}
         self._dropping = False  # QoS 0 messages being dropped for want of room (said once per spell)
@@ -120,14 +121,19 @@ class ArchiveDaemon:
             hint = (f"; the broker does not accept user {self.config.mqtt.username!r} with this password: check "
                     "--username and --password-file (or the credential archive-mqtt-password)"
                     if code in LOGIN_REFUSED else "; the archive needs an MQTT 5 broker" if code == 0x84 else "")
-            logger.error("broker %s refused the archive's connection: %s (reason code 0x%02x)%s; retrying with "
-                         "backoff up to %d s", self.config.mqtt.address, reason_code.getName(), code, hint,
-                         self.config.mqtt.reconnect_max_delay_s)
+            refusal = (f"broker {self.config.mqtt.address} refused the archive's connection: {reason_code.getName()} "
+                       f"(reason code 0x{code:02x}){hint}; retrying with backoff up to "
+                       f"{self.config.mqtt.reconnect_max_delay_s} s")
+            self._refused_last = True
+            # once while it repeats, again at most every RESAY_S (as the broker out of reach): not every retry
+            logger.log(logging.ERROR if self._failure_news.news(refusal) else logging.DEBUG, "%s", refusal)
             return
         self._connected = True
         self._connected_at = time.monotonic()
         if (outage := self._failure_news.ended()) is not None:
-            logger.info("broker %s reachable again after %s", self.config.mqtt.address, said_length(outage))
+            logger.info("broker %s %s after %s", self.config.mqtt.address, "accepts the archive's connection again"
+                        if self._refused_last else "reachable again", said_length(outage))
+        self._refused_last = False
         present = bool(flags.session_present)
         logger.info("connected to broker %s as %s (session %s)", self.config.mqtt.address, self.client_id,
                     "resumed" if present else "new")
@@ -148,6 +154,7 @@ class ArchiveDaemon:
         failure = (f"cannot reach broker {self.config.mqtt.address} ({reason}){hint}; retrying with backoff up to "
                    f"{self.config.mqtt.reconnect_max_delay_s} s")
         # once per outage, then at most every RESAY_S with its length: an offline lab's journal stays readable
+        self._refused_last = False
         if not self._failure_news.news(failure):
             logger.debug("%s", failure)
             return
