@@ -901,3 +901,31 @@ def test_a_run_signed_after_a_run_that_ended_without_a_field_shows_its_verified_
         assert [r[1] for r in rows if r[0] == "basophil"] == [str(basophils)], rows
     state = json.loads(published[-1].payload)  # the retained state the page read: the signed report's
     assert state["run_id"] == "r-after-empty" and state["report"]["verification"]["verified_by"] == "AB", state
+
+
+def test_a_start_after_a_run_that_ended_without_a_field_publishes_the_run_before_it_again(station, tmp_path):
+    """The station starts; its last closed run opened by itself and ended before its first field (no
+    state of it ever went out): the run before it is the last one closed, and its state goes out again
+    as the last run closed does at every start (a broker restarted while the station was away may hold
+    none), where nothing went out."""
+    import json
+    from types import SimpleNamespace
+
+    run, _ = station
+    _, analyzer, feed = _station(tmp_path)
+    published = []
+    publisher = SimpleNamespace(config=SimpleNamespace(topic_prefix="smearscope"), station_id="s",
+                                publish_many=lambda items, also=None, extra=(): published.extend(extra) or [1])
+    final = lambda r, end: r.report(station_id="s", now=time.time(), end_reason=end)
+    before = replace(run, run_id="r-before")
+    try:
+        feed.start(analyzer, [ClosedRun("r-before", "stopped", 4, run.classified_wbc, 100, final(before, "stopped"),
+                                        before),
+                              ClosedRun("r-empty", "stopped", 0, 0, 100, None, started_by="auto")], publisher=publisher)
+        assert [(json.loads(m.payload)["run_id"], json.loads(m.payload)["state"]) for m in published] == [
+            ("r-before", "closed")]
+        answer = feed.verify("r-before", "AB", final, None)
+        assert answer[1] is True, answer[2]  # its signed state is the live one
+    finally:
+        analyzer.close()
+        feed.close()

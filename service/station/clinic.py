@@ -133,9 +133,11 @@ class ClinicFeed:
         self._load_run = load_run
         self.attach_wbc_head(getattr(analyzer, "wbc_head", None), getattr(analyzer, "rbc_head", None))
         progress = tracker.progress() if tracker is not None else None
+        # the last run closed whose state went out (an auto run that ended before its first field said none)
+        said = [i for i, run in enumerate(closed) if run.report is not None or has_states(run.started_by, run.fields)]
         for i, run in enumerate(closed):
             self.run_closed(run, publisher, live=run.run_id in announce or (
-                not announce and progress is None and i == len(closed) - 1))
+                not announce and progress is None and bool(said) and i == said[-1]))
         if progress is not None and progress.fields == 0:  # start_run's, taken back before its first field
             self.run_opened(progress, publisher)
         elif progress is not None and (interim := tracker.interim_report(with_cells=False)) is not None:
