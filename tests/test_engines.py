@@ -43,7 +43,7 @@ def test_tensorrt_backend_absent_here_fails_clearly(tmp_path):
     if not (MODELS / "rbc_head.json").exists():
         pytest.skip("models not trained yet")
     eng = create_engine("tensorrt", MODELS / "rbc_head.json")
-    with pytest.raises(EngineError, match="needs tensorrt"):
+    with pytest.raises(EngineError, match="tensorrt is not importable"):
         eng.load()
 
 

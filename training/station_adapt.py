@@ -47,8 +47,8 @@ from smearscope.cli.adapt import cell_at
 from smearscope.device.frame import Frame
 from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
+from smearscope.service.analysis.review_counts import ATYPICAL_LABELS
 from smearscope.service.analysis.station_means import load_feature_space, load_station_means
-from smearscope.service.station.review import ATYPICAL_LABELS
 from training.head_data import PBC_CLASSES, PBC_MICRONS_PER_PIXEL, pbc_splits
 from training.labs import RPI_MICRONS_PER_PIXEL, data_root, rpi_boxes, rpi_dir, rpi_splits
 
