@@ -24,18 +24,31 @@ logger = logging.getLogger(__name__)
 FROZEN_REPEATS = 20
 
 
+#: Frames in a row whose samples must all be over the 'auto' depth before it grows: one corrupt
+#: transfer (a USB frame of garbage above 4095 from a 12-bit camera) would otherwise lock a deeper
+#: depth and read every later frame up to 16 times too dark until restart; a camera that really
+#: gives deeper samples (a dark start, then bright fields) keeps giving them, and 3 frames is a
+#: fraction of a second at any live frame rate.
+DEPTH_CONFIRM_FRAMES = 3
+
+
 class SampleDepth:
     """The bit depth a source's 16-bit samples are scaled from: the configured `sample_bits`, or in
     'auto' the files' rule (`device.ingest.sensor_depth`: the smallest usual sensor depth that
-    holds the highest sample) over every frame so far, so it only ever grows: a frame is never
-    brightened for being dark, and a dark first frame does not clip the bright ones after it. The
-    depth chosen is said once, and again only if it grows."""
+    holds the highest sample) taken from the first frame, growing only when DEPTH_CONFIRM_FRAMES
+    frames in a row are over it (to the smallest depth that holds each of them): a frame is never
+    brightened for being dark, a dark first frame does not clip the bright ones after it for long,
+    and a single outlier frame (read clipped at the current depth) changes nothing. The depth
+    chosen is said once, and again only if it grows; the first outlier is said once at INFO."""
 
     def __init__(self, name: str, sample_bits: int | str = "auto") -> None:
         self._name = name
         self._configured = sample_bits if isinstance(sample_bits, int) else None
         self.bits: int | None = self._configured
         self._said_over = False
+        self._said_outlier = False
+        self._over_run = 0  # frames in a row over `bits`
+        self._over_depth = 16  # the smallest depth that holds each frame of that run
 
     def of(self, samples: np.ndarray) -> int:
         """The depth to scale these (colour, 16-bit) samples from."""
@@ -53,10 +66,26 @@ class SampleDepth:
             logger.info("%s: 16-bit samples read as %d-bit (highest sample %d in the first frame; [source] "
                         "sample_bits sets the depth)", self._name, depth, top)
         elif depth > self.bits:
-            logger.warning("%s: a 16-bit sample of %d is over %d bits: samples now read as %d-bit ([source] "
-                           "sample_bits sets the depth)", self._name, top, self.bits, depth)
-            self.bits = depth
+            self._over_depth = min(self._over_depth, depth) if self._over_run else depth
+            self._over_run += 1
+            if self._over_run >= DEPTH_CONFIRM_FRAMES:
+                logger.warning("%s: 16-bit samples over %d bits in %d frames in a row (highest %d): samples now "
+                               "read as %d-bit ([source] sample_bits sets the depth)", self._name, self.bits,
+                               self._over_run, top, self._over_depth)
+                self.bits, self._over_run = self._over_depth, 0
+            else:
+                self._said_outlier = self._outlier(top)
+        else:
+            self._over_run = 0
         return self.bits
+
+    def _outlier(self, top: int) -> bool:
+        """Says a frame over the depth, not (yet) confirmed: at INFO the first time, DEBUG after."""
+        level = logging.DEBUG if self._said_outlier else logging.INFO
+        logger.log(level, "%s: a frame's 16-bit sample of %d is over %d bits; read clipped at %d-bit unless "
+                   "%d frames in a row are over it (a corrupt transfer, or a camera giving deeper samples)",
+                   self._name, top, self.bits, self.bits, DEPTH_CONFIRM_FRAMES)
+        return True
 
 
 def as_bgr8(image: np.ndarray | None, depth: SampleDepth) -> np.ndarray | None:

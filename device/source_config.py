@@ -105,8 +105,9 @@ class CameraSourceConfig(_CommonSourceFields):
         description="Bits per sample of a camera that gives 16-bit frames (8 to 16): 10 or 12 for the many "
         "machine-vision and USB cameras that put their samples in the low bits of 16-bit words, 16 for "
         "full-range ones; 16-bit samples are scaled from this depth to 8 bit. 'auto' takes the smallest of "
-        "8, 10, 12, 14 and 16 bits that holds the highest sample of the frames so far: it only grows, "
-        "said in the log each time. 8-bit frames are used as they are.",
+        "8, 10, 12, 14 and 16 bits that holds the highest sample of the first frame, growing only once 3 "
+        "frames in a row are over it (one corrupt frame is read clipped and changes nothing), said in the "
+        "log each time. 8-bit frames are used as they are.",
     )
     reconnect_initial_s: float = Field(
         default=1.0,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from smearscope.device.camera_frames import DEPTH_CONFIRM_FRAMES
 from smearscope.device.frame import Frame
 from smearscope.device.quality import QualityGate
 from smearscope.device.source_config import CameraSourceConfig
@@ -77,19 +78,71 @@ def test_a_full_range_16_bit_camera_gives_the_field_unchanged() -> None:
 
 def test_a_dark_first_frame_neither_clips_the_bright_frames_after_it_nor_is_a_dark_frame_brightened_later(
         caplog: pytest.LogCaptureFixture) -> None:
-    """The depth comes from the frames so far and only grows: a frame is never stretched to its own maximum."""
-    fields = _fields(3)
-    stream = [_as_12bit(fields[0], dim=8), _as_12bit(fields[1]), _as_12bit(fields[2], dim=8)]
+    """The depth comes from the first frame and grows once DEPTH_CONFIRM_FRAMES frames in a row are
+    over it: a frame is never stretched to its own maximum."""
+    fields = _fields(5)
+    stream = [_as_12bit(fields[0], dim=8), *(_as_12bit(f) for f in fields[1:4]), _as_12bit(fields[4], dim=8)]
     with caplog.at_level(logging.INFO, logger="smearscope.device"):
-        dark_first, bright, dark_later = _read(stream)
-    # the first frame alone (top 511) reads as 10-bit; the bright one then grows the depth to 12, unclipped
-    assert int(np.abs(bright.astype(int) - fields[1].astype(int)).max()) <= 1
-    assert (bright == 255).mean() == pytest.approx((fields[1] == 255).mean(), abs=1e-4)
+        dark_first, clipped_1, clipped_2, bright, dark_later = _read(stream)
+    assert DEPTH_CONFIRM_FRAMES == 3
+    # the first frame alone (top 511) reads as 10-bit; bright frames read clipped at 10 bits until the
+    # third in a row grows the depth to 12, unclipped from then on
+    for clipped, field in ((clipped_1, fields[1]), (clipped_2, fields[2])):
+        assert (clipped == 255).mean() > (field == 255).mean() + 0.5
+    assert int(np.abs(bright.astype(int) - fields[3].astype(int)).max()) <= 1
+    assert (bright == 255).mean() == pytest.approx((fields[3] == 255).mean(), abs=1e-4)
     # ... and a dark frame after it stays as dark as it is: an eighth of the field
-    assert float(dark_later.mean()) == pytest.approx(float(fields[2].mean()) / 8, abs=1.0)
+    assert float(dark_later.mean()) == pytest.approx(float(fields[4].mean()) / 8, abs=1.0)
     assert float(dark_first.mean()) == pytest.approx(float(fields[0].mean()) / 2, abs=1.0)
-    said = [r.getMessage() for r in caplog.records if "-bit" in r.getMessage()]
-    assert len(said) == 2 and "read as 10-bit" in said[0] and "now read as 12-bit" in said[1], said
+    said = [r.getMessage() for r in caplog.records if "read as" in r.getMessage()]
+    assert len(said) == 2 and "read as 10-bit" in said[0] and "in 3 frames in a row" in said[1], said
+    assert "now read as 12-bit" in said[1], said
+
+
+def _corrupt(pixels_12bit: np.ndarray) -> np.ndarray:
+    """A 12-bit frame from a transfer that lost a byte: its 16-bit words read byte-swapped (up to 0xFF0F)."""
+    return pixels_12bit.byteswap()
+
+
+def test_one_corrupt_frame_from_a_12_bit_camera_does_not_darken_the_frames_after_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A single outlier (and outliers not DEPTH_CONFIRM_FRAMES in a row) leave the depth at 12 bits."""
+    fields = _fields(7)
+    twelve = [_as_12bit(f) for f in fields]
+    assert int(_corrupt(twelve[2]).max()) > 4095
+    stream = [twelve[0], twelve[1], _corrupt(twelve[2]), twelve[3], _corrupt(twelve[4]), _corrupt(twelve[5]),
+              twelve[6]]
+    with caplog.at_level(logging.DEBUG, logger="smearscope.device"):
+        frames = _read(stream)
+    for i in (0, 1, 3, 6):
+        assert int(np.abs(frames[i].astype(int) - fields[i].astype(int)).max()) <= 1, i
+        assert abs(float(frames[i].mean()) - float(fields[i].mean())) < 1.0, i
+    # the corrupt frames themselves are read at 12 bits, clipped at white
+    for i in (2, 4, 5):
+        assert float(frames[i].mean()) > float(fields[i].mean()), i
+    gate = QualityGate()
+    assert gate.check(Frame(pixels=frames[6], frame_id="cam:6", source="cam", microns_per_pixel=MPP)).accepted
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert not [m for _, m in messages if "now read as" in m], messages
+    over = [(level, m) for level, m in messages if "read clipped at 12-bit" in m]
+    assert [level for level, _ in over] == [logging.INFO, logging.DEBUG, logging.DEBUG], over
+
+
+def test_three_full_range_frames_in_a_row_after_12_bit_ones_adopt_16_bits(
+        caplog: pytest.LogCaptureFixture) -> None:
+    fields = _fields(6)
+    stream = [_as_12bit(fields[0]), *(f.astype(np.uint16) * 257 for f in fields[1:])]
+    with caplog.at_level(logging.INFO, logger="smearscope.device"):
+        frames = _read(stream)
+    assert int(np.abs(frames[0].astype(int) - fields[0].astype(int)).max()) <= 1
+    # the first two full-range frames read clipped at 12 bits: nearly all white
+    for i in (1, 2):
+        assert (frames[i] == 255).mean() > 0.9, i
+    # the third in a row adopts 16 bits: it and the frames after it are the fields unchanged
+    for i in (3, 4, 5):
+        assert np.array_equal(frames[i], fields[i]), i
+    grown = [r.getMessage() for r in caplog.records if "now read as" in r.getMessage()]
+    assert len(grown) == 1 and "now read as 16-bit" in grown[0] and "in 3 frames in a row" in grown[0], grown
 
 
 def test_sample_bits_is_8_to_16_or_auto() -> None:
