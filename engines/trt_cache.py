@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shlex
+import stat
+import time
 from pathlib import Path
 
 from smearscope.engines.manifest import ModelManifest
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -162,3 +167,48 @@ def whole_problem(engine: Path, capability: Capability | None = None) -> str | N
     if hashlib.sha256(data).hexdigest() != digest:
         return "its sha256 differs from the one its build wrote: changed since"
     return None
+
+
+#: How old (seconds since its last write) a temporary file of `smearscope.files.write_atomically`
+#: in the engines folder must be before a build removes it as left by a killed build (SIGKILL, power
+#: lost): a build's own lives only while its bytes are written and synced (seconds), so an hour never
+#: takes the file of a build running beside it.
+LEFTOVER_AGE_S = 3600.0
+#: write_atomically's temporary file (mkstemp's prefix `.<name>.` and suffix `.tmp`, its 8 random characters).
+_LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def leftover_files(cache_dir: Path, now: float | None = None) -> list[tuple[Path, int]]:
+    """The temporary files in `cache_dir` a killed build left (write_atomically's pattern, not written
+    to for LEFTOVER_AGE_S or more), each with its size in bytes; none where the folder cannot be listed."""
+    now = time.time() if now is None else now
+    found = []
+    try:
+        entries = sorted(cache_dir.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        if not _LEFTOVER.fullmatch(entry.name):
+            continue
+        try:
+            st = entry.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and now - st.st_mtime >= LEFTOVER_AGE_S:
+            found.append((entry, st.st_size))
+    return found
+
+
+def remove_leftovers(cache_dir: Path) -> int:
+    """Remove the temporary files a killed build left in `cache_dir` (`leftover_files`), each logged
+    at INFO with its size; the bytes freed."""
+    freed = 0
+    for path, size in leftover_files(cache_dir):
+        try:
+            path.unlink()
+        except OSError as exc:
+            logger.warning("cannot remove %s, left by a killed build (%d bytes): %s", path, size, exc)
+            continue
+        freed += size
+        logger.info("removed %s (%d bytes), a temporary file left by a killed build", path, size)
+    return freed

@@ -29,6 +29,7 @@ from smearscope.engines.trt_cache import (
     engine_path,
     profile_shapes,
     record_path,
+    remove_leftovers,
     timing_cache_path,
     whole_problem,
 )
@@ -294,6 +295,7 @@ def build_all(models_dir: Path, cache_dir: Path, precision: str = "fp16", calibr
     if int(trt.__version__.split(".")[0]) < 10:
         print(f"build-engines needs TensorRT 10 (JetPack 6.1 or later); found {trt.__version__}")
         return 1
+    remove_leftovers(cache_dir)  # a killed build's temporary files, each up to an engine's size
     try:  # every model whole before any engine is built (minutes each on a Jetson)
         for name in MANIFESTS:
             load_manifest(models_dir / name, verify_hash=True)

@@ -193,3 +193,26 @@ def test_a_gpu_the_station_cannot_read_fails_doctor_as_it_stops_the_station(tmp_
             f"cannot be read through analysis.cuda_api 'cuda-python' ({start.value})")
     assert fails == [want], out
     assert code == 1, out
+
+
+def test_temporary_files_of_a_killed_build_are_a_warning_with_their_size_and_the_build_command(
+        tmp_path, models, capsys) -> None:
+    import os
+    import time
+
+    from smearscope.engines.trt_cache import LEFTOVER_AGE_S, build_command
+
+    _write_all(models)
+    cache = models / "engines"
+    old = time.time() - LEFTOVER_AGE_S - 60
+    for name, size in ((".seg-x.engine.abcd1234.tmp", 500), (".rbc-x.engine.json.zz_90abc.tmp", 20)):
+        (cache / name).write_bytes(b"x" * size)
+        os.utime(cache / name, (old, old))
+    (cache / ".wbc-x.engine.qqqq1111.tmp").write_bytes(b"y" * 7)  # fresh: a build writing it now
+    lines = [ln for ln in _doctor(tmp_path, models, capsys) if "leftovers" in ln]
+    assert len(lines) == 1 and lines[0].startswith("WARN"), lines
+    assert "2 temporary file(s)" in lines[0] and "520 bytes" in lines[0], lines
+    assert build_command(models, cache, "fp16", 2) in lines[0], lines
+    (cache / ".seg-x.engine.abcd1234.tmp").unlink()
+    (cache / ".rbc-x.engine.json.zz_90abc.tmp").unlink()
+    assert not [ln for ln in _doctor(tmp_path, models, capsys) if "leftovers" in ln]

@@ -450,3 +450,44 @@ def test_a_timing_cache_from_a_gpu_of_other_properties_is_said_as_such_not_as_co
     assert f"timing cache {saved} (46 bytes) is not one TensorRT 10.3.0 can use" in warning, warning
     assert "measured on a GPU whose properties differ from this one's" in warning and "corrupt" not in warning, warning
     assert saved.read_bytes() == trt.TIMING + b"layer 1;"  # this GPU's in its place
+
+
+def test_a_build_removes_the_temporary_files_a_killed_build_left_and_keeps_a_fresh_one(tmp_path, monkeypatch, caplog):
+    """A build killed mid-write (SIGKILL, power lost) left `.NAME.XXXXXXXX.tmp` files in the engines
+    folder for ever; the next build removes those not written to for LEFTOVER_AGE_S, each logged with
+    its size, and keeps a fresh one (a build running beside it) and files of other patterns."""
+    import logging
+    import os
+    import shutil
+    import sys
+    import time
+
+    from smearscope.cli import main
+    from smearscope.engines.trt_cache import LEFTOVER_AGE_S
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _RecordingTrt())
+    monkeypatch.setattr("smearscope.export.tensorrt_build.cuda_api", lambda name: HostCudaApi())
+    models = tmp_path / "models"
+    shutil.copytree(DEFAULT_MODELS_DIR, models, ignore=shutil.ignore_patterns("README.md"))
+    cache = models / "engines"
+    cache.mkdir()
+    old = time.time() - LEFTOVER_AGE_S - 60
+    stale = {cache / ".seg-trt10.3.0-sm87-fp16.engine.k3_x9q0a.tmp": 3000,
+             cache / ".rbc_head-trt10.3.0-sm87-fp16.engine.json.ab12cd34.tmp": 70}
+    fresh = cache / ".wbc_head-trt10.3.0-sm87-fp16.engine.zz9_0abc.tmp"
+    other = cache / "notes.abcdefgh.tmp"  # not write_atomically's pattern (no leading dot)
+    for path, size in stale.items():
+        path.write_bytes(b"x" * size)
+        os.utime(path, (old, old))
+    for path in (fresh, other):
+        path.write_bytes(b"y" * 10)
+    os.utime(other, (old, old))
+    with caplog.at_level(logging.INFO, logger="smearscope.engines.trt_cache"):
+        assert main(["build-engines", "--models", str(models)]) == 0
+    assert not any(p.exists() for p in stale), sorted(cache.iterdir())
+    assert fresh.exists() and other.exists()
+    removed = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "removed" in r.getMessage()]
+    assert sorted(removed) == sorted(f"removed {p} ({n} bytes), a temporary file left by a killed build"
+                                     for p, n in stale.items()), removed
+    assert len(list(cache.glob("*.engine"))) == 3

@@ -16,7 +16,14 @@ def engine_checks(analysis) -> list[Check]:
     if analysis.engine_backend != "tensorrt":
         return [("INFO", "engines", f"engine_backend {analysis.engine_backend}: TensorRT engines are not used")]
     from smearscope.engines.manifest import ManifestError, load_manifest
-    from smearscope.engines.trt_cache import build_command, engine_glob, engine_path, missing_engine
+    from smearscope.engines.trt_cache import (
+        LEFTOVER_AGE_S,
+        build_command,
+        engine_glob,
+        engine_path,
+        leftover_files,
+        missing_engine,
+    )
     from smearscope.service.analysis.pipeline import MODEL_FILES
 
     try:
@@ -52,6 +59,11 @@ def engine_checks(analysis) -> list[Check]:
             checks.append(("FAIL", f"engine {role}", missing_engine(path, command) + stale + unknown))
             continue
         checks += [_whole(role, p, command, version, capability, no_gpu) for p in found]
+    if leftovers := leftover_files(cache):
+        checks.append(("WARN", "engine leftovers", (
+            f"{len(leftovers)} temporary file(s) of killed builds in {cache}, "
+            f"{sum(size for _, size in leftovers)} bytes, untouched for {LEFTOVER_AGE_S / 3600:g} h or more; "
+            f"the next build removes them: {command}")))
     return checks
 
 
