@@ -136,6 +136,7 @@ CHILD = textwrap.dedent("""
     src = fs.FolderSource(FolderSourceConfig(path=inbox, settle_s=0.0, poll_interval_s=0.01))
     for frame in src:
         print(frame.frame_id, flush=True)
+        sys.stdin.readline()  # the test says go on (or kills the process here): no file handed out behind its back
         if mode == "done":
             src.done(frame)
         elif mode == "hold":
@@ -149,13 +150,21 @@ def _child(inbox: Path, mode: str, kill_after: int = 0, boot_id_file: Path | Non
     """A station process on the folder: its exit code (-9: killed) and the files it handed out;
     `boot_id_file` stands for /proc/sys/kernel/random/boot_id."""
     boot = [str(boot_id_file)] if boot_id_file is not None else []
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(inbox), mode, *boot], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(inbox), mode, *boot], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
     names = []
     for line in proc.stdout:
         names.append(line.split(":", 1)[1].split("@")[0])
-        if kill_after and len(names) == kill_after:
+        if kill_after and len(names) == kill_after:  # the child waits on its stdin: it holds these files alone
             proc.send_signal(signal.SIGKILL)
+        else:
+            try:
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+            except BrokenPipeError:
+                pass
+    proc.stdin.close()
     return proc.wait(60), names
 
 
