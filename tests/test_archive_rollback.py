@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 VERSION_3 = REPO / "tests" / "data" / "archive-v3"
 FIRST, VERIFIED = "677c350e-5742-432a-94a7-0cb61535294e", "2954a7b8-d42e-4cfc-a7a8-8cb06e81ecb5"
 LIS = "mllp:lis.clinic.lan:2575"
+#: The file an upgrade holds its lock on (kept: removing it would let a third process lock another file).
+LOCK = ".index.sqlite.upgrade-lock"
 
 
 def read(index: Path, query: str) -> list[tuple[object, ...]]:
@@ -71,7 +74,7 @@ def test_a_version_3_index_is_upgraded_keeping_every_delivery_and_its_copy_as_it
     assert read(backup, "PRAGMA journal_mode")[0][0] == "delete"
     assert not backup.with_name(backup.name + "-wal").exists()
     assert f"the archive index {index} (version 3, 2 reports) copied to {backup} before its upgrade" in caplog.text
-    assert [p.name for p in archive.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in archive.iterdir() if p.name.startswith(".") and p.name != LOCK] == []
 
 
 def test_the_copy_holds_what_only_the_wal_held_and_later_opens_leave_it_and_the_rejections(
@@ -146,7 +149,7 @@ def test_a_copy_cut_short_by_the_disk_leaves_no_part_of_itself_and_the_index_not
     assert done.stdout.startswith(f"OSError the archive index {index} (version 3) is not upgraded to version 4, "
                                   "nothing in it changed: its copy as it is, index.sqlite.v3-backup, could not be "
                                   "written ("), done.stdout + done.stderr
-    assert sorted(p.name for p in archive.iterdir() if p.name.startswith(".") or "backup" in p.name) == []
+    assert sorted(p.name for p in archive.iterdir() if (p.name.startswith(".") and p.name != LOCK) or "backup" in p.name) == []
     assert state(index) == before
 
 
@@ -180,7 +183,7 @@ def test_a_disk_without_room_for_the_copy_is_said_before_anything_is_written(sma
                                       r"index\.sqlite\.v3-backup, needs 45 kB and the disk holds \d+ kB free: "
                                       r"make room there and start it again"):
         ArchiveStore(archive)
-    assert sorted(p.name for p in archive.iterdir() if p.name.startswith(".") or "backup" in p.name) == []
+    assert sorted(p.name for p in archive.iterdir() if (p.name.startswith(".") and p.name != LOCK) or "backup" in p.name) == []
     (small_disk / "filler").unlink()
     assert state(index) == before
 
@@ -237,3 +240,39 @@ def test_going_back_by_the_documented_commands_keeps_the_upgraded_index_whole_an
         subprocess.run(["sh", "-c", command], cwd=archive, check=True)
     assert ("VS4A000000000000009",) in read(archive / "index.sqlite.v4", "SELECT control_id FROM hl7_deliveries")
     assert state(index) == before
+
+
+OPEN_AT_GO = """
+import os, sys, time
+from pathlib import Path
+from smearscope.service.archive.store import open_index
+go = Path(sys.argv[2])
+Path(sys.argv[3]).touch()  # imported: ready
+while not go.exists():
+    time.sleep(0.0005)
+open_index(Path(sys.argv[1]), read_only=False).close()
+"""
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_two_processes_opening_a_version_3_index_at_once_upgrade_it_once_and_both_go_on(
+        archive: Path, tmp_path: Path, trial: int) -> None:
+    """The archive restarted by an update while `send-hl7` runs: both open the old index at the same moment.
+    One copies and upgrades it, the other waits for it and finds it upgraded (both stopped, the index not
+    upgraded, when each copied it to the same file at once)."""
+    index = archive / "index.sqlite"
+    before = state(index)
+    go = tmp_path / f"go{trial}"
+    ready = [tmp_path / f"ready{trial}-{k}" for k in range(2)]
+    openers = [subprocess.Popen([sys.executable, "-c", OPEN_AT_GO, str(archive), str(go), str(r)], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in ready]
+    while not all(r.exists() for r in ready):  # both imported, so both open the index within a millisecond
+        assert all(p.poll() is None for p in openers), [p.communicate()[0] for p in openers]
+        time.sleep(0.001)
+    go.touch()
+    outs = [p.communicate(timeout=120)[0] for p in openers]
+    assert [p.returncode for p in openers] == [0, 0], outs
+    after = state(index)
+    assert after["version"] == INDEX_VERSION
+    assert after["reports"] == before["reports"] and after["deliveries"] == before["deliveries"]
+    assert state(backup_path(index, 3)) == before  # the copy as it was, whole

@@ -4,9 +4,11 @@ made the index refuses the upgraded one and reads this copy (docs/ARCHIVE.md, go
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 from smearscope.files import fsync_dir
@@ -25,6 +27,29 @@ class BackupError(OSError):
 def backup_path(path: Path, version: int) -> Path:
     """Where the upgrade of index `path` from `version` keeps the index as it was (`index.sqlite.v3-backup`)."""
     return path.with_name(f"{path.name}.v{version}-backup")
+
+
+@contextlib.contextmanager
+def upgrade_lock(path: Path) -> Iterator[None]:
+    """Held while this process makes or upgrades index `path` (an advisory lock on a file beside it,
+    `.index.sqlite.upgrade-lock`, kept there): a second process opening the same index meanwhile (the
+    archive restarted by an update while `send-hl7` runs) waits, then finds it upgraded. Without it both
+    copied the index to the same file at once and both stopped, the index not upgraded."""
+    fd = os.open(path.with_name(f".{path.name}.upgrade-lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        index = os.stat(path)  # the index's owner and mode, as its copy has them: the archive's user can open the
+        with contextlib.suppress(OSError):  # lock after root's send-hl7 made it, and no other user can read it
+            os.fchown(fd, index.st_uid, index.st_gid)
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, index.st_mode & 0o660)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another process is making or upgrading the archive index %s: waiting for it", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _megabytes(size: int) -> str:

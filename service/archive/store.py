@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smearscope.files import fsync_dir, write_atomically
-from smearscope.service.archive.index_backup import keep_before_upgrade
+from smearscope.service.archive.index_backup import keep_before_upgrade, upgrade_lock
 from smearscope.service.archive.message import BundleMessage, ReportMessage
 from smearscope.service.archive.rejections import SCHEMA as REJECTIONS_SCHEMA
 from smearscope.service.archive.rejections import (
@@ -384,34 +384,36 @@ def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=10, isolation_level="DEFERRED", check_same_thread=False)
     try:
         version = _version(db, path)  # before anything is written: a newer index is left as it is
-        has_reports = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'reports'").fetchone() is not None
-        if version < INDEX_VERSION and has_reports and db.execute("SELECT 1 FROM reports LIMIT 1").fetchone():
-            keep_before_upgrade(db, path, version, INDEX_VERSION)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        with db:
-            columns = {c for (_, c, *_) in db.execute("PRAGMA table_info(hl7_deliveries)")}
-            # version 2's table, without the processing id: in a version 2 index, or in one of version 0 or 1
-            # whose upgrade to 2 stopped before numbering it (an upgrade to 3 cut short has the column)
-            if columns and "processing_id" not in columns:
-                db.execute("ALTER TABLE hl7_deliveries ADD COLUMN processing_id TEXT NOT NULL DEFAULT 'P'")
-                logger.info("the archive index %s upgraded from version %d to %d (each HL7 delivery's processing id "
-                            "recorded; those before are P, production)", path, version, INDEX_VERSION)
-            db.executescript(SCHEMA)
-            add_closed_at(db)  # a version 3 or 4 index whose hl7_rejections was made without it
-            if version == 0 and db.execute("SELECT 1 FROM reports LIMIT 1").fetchone() is not None:
-                logger.info("the archive index %s had no version number (made before it had one): its layout "
-                            "is version 1's, upgraded to version %d", path, INDEX_VERSION)
-            elif version == 1:
-                logger.info("the archive index %s upgraded from version 1 to %d (HL7 deliveries recorded from now "
-                            "on; none is recorded for the reports before)", path, INDEX_VERSION)
-            if columns and version < 4:  # each delivery so far was made with the ids whole
-                runs = db.execute(f"INSERT OR IGNORE INTO hl7_whole_id_runs {_DELIVERED_RUNS}").rowcount
-                logger.info("the archive index %s upgraded from version %d to %d: %d runs were sent to the lab "
-                            "system with their specimen and run ids whole (ORC-2/3, SPM-2); their later reports "
-                            "are sent so too", path, version, INDEX_VERSION, runs)
-            if version < INDEX_VERSION:
-                db.execute(f"PRAGMA user_version = {INDEX_VERSION}")
+        with upgrade_lock(path) if version < INDEX_VERSION else contextlib.nullcontext():
+            version = _version(db, path)  # again: another process may have upgraded it while this one waited
+            has_reports = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'reports'").fetchone() is not None
+            if version < INDEX_VERSION and has_reports and db.execute("SELECT 1 FROM reports LIMIT 1").fetchone():
+                keep_before_upgrade(db, path, version, INDEX_VERSION)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            with db:
+                columns = {c for (_, c, *_) in db.execute("PRAGMA table_info(hl7_deliveries)")}
+                # version 2's table, without the processing id: in a version 2 index, or in one of version 0 or 1
+                # whose upgrade to 2 stopped before numbering it (an upgrade to 3 cut short has the column)
+                if columns and "processing_id" not in columns:
+                    db.execute("ALTER TABLE hl7_deliveries ADD COLUMN processing_id TEXT NOT NULL DEFAULT 'P'")
+                    logger.info("the archive index %s upgraded from version %d to %d (each HL7 delivery's processing id "
+                                "recorded; those before are P, production)", path, version, INDEX_VERSION)
+                db.executescript(SCHEMA)
+                add_closed_at(db)  # a version 3 or 4 index whose hl7_rejections was made without it
+                if version == 0 and db.execute("SELECT 1 FROM reports LIMIT 1").fetchone() is not None:
+                    logger.info("the archive index %s had no version number (made before it had one): its layout "
+                                "is version 1's, upgraded to version %d", path, INDEX_VERSION)
+                elif version == 1:
+                    logger.info("the archive index %s upgraded from version 1 to %d (HL7 deliveries recorded from now "
+                                "on; none is recorded for the reports before)", path, INDEX_VERSION)
+                if columns and version < 4:  # each delivery so far was made with the ids whole
+                    runs = db.execute(f"INSERT OR IGNORE INTO hl7_whole_id_runs {_DELIVERED_RUNS}").rowcount
+                    logger.info("the archive index %s upgraded from version %d to %d: %d runs were sent to the lab "
+                                "system with their specimen and run ids whole (ORC-2/3, SPM-2); their later reports "
+                                "are sent so too", path, version, INDEX_VERSION, runs)
+                if version < INDEX_VERSION:
+                    db.execute(f"PRAGMA user_version = {INDEX_VERSION}")
     except BaseException:
         db.close()
         raise
