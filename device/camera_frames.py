@@ -88,6 +88,27 @@ class SampleDepth:
         return True
 
 
+#: V4L2's 16-bit grey, FOURCC 'Y16 ' (what many USB3 machine-vision cameras give): OpenCV converts it to
+#: 8 bit from each word's top byte unless asked for the samples as they are, so 10- or 12-bit samples in
+#: the low bits would read up to 16 times too dark before `SampleDepth` ever saw them.
+V4L2_Y16 = cv2.VideoWriter_fourcc(*"Y16 ")
+
+
+def keep_16bit_samples(capture, name: str) -> bool:
+    """Ask an opened V4L2 capture that gives 16-bit grey for its samples as they are (OpenCV's
+    CAP_PROP_CONVERT_RGB off: frames of 16-bit words, which `as_bgr8` scales from their real depth);
+    True when it does. Every other format keeps OpenCV's conversion (Y10 and Y12 it scales right)."""
+    if int(capture.get(cv2.CAP_PROP_FOURCC)) != V4L2_Y16:
+        return False
+    if not capture.set(cv2.CAP_PROP_CONVERT_RGB, 0):
+        logger.warning("%s gives 16-bit grey (V4L2 Y16) but OpenCV would not hand its samples over as they are: "
+                       "it reads each word's top byte, so a 10- or 12-bit camera reads up to 16 times too dark", name)
+        return False
+    logger.info("%s gives 16-bit grey (V4L2 Y16): its samples are read as they are and scaled from their depth "
+                "([source] sample_bits)", name)
+    return True
+
+
 def as_bgr8(image: np.ndarray | None, depth: SampleDepth) -> np.ndarray | None:
     """Gray, BGRA or 16-bit images as HxWx3 uint8 BGR (16-bit samples scaled from `depth`); None
     for anything unusable."""

@@ -38,6 +38,7 @@ from smearscope.device.camera_frames import (
     SampleDepth,
     as_bgr8,
     described,
+    keep_16bit_samples,
     within_limits,
 )
 from smearscope.device.camera_node import node_problem
@@ -225,6 +226,7 @@ def _open_capture(config: CameraSourceConfig) -> Any:
             capture.set(cv2.CAP_PROP_FRAME_WIDTH, config.width)
         if config.height:
             capture.set(cv2.CAP_PROP_FRAME_HEIGHT, config.height)
+        keep_16bit_samples(capture, config.name)  # after the size: setting it may renegotiate the format
     return capture
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 
+import cv2
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from smearscope.device import sources
 from smearscope.device.camera_frames import DEPTH_CONFIRM_FRAMES
 from smearscope.device.frame import Frame
 from smearscope.device.quality import QualityGate
@@ -163,3 +165,70 @@ def test_every_16_bit_value_becomes_its_nearest_8_bit_grey_at_each_depth(bits: i
     nearest = np.clip(np.floor(values * 255.0 / ((1 << bits) - 1) + 0.5), 0, 255).astype(np.uint8)
     assert np.array_equal(to_bgr8(values, bits), np.dstack([nearest] * 3))
     assert np.array_equal(to_bgr8(np.dstack([values] * 3), bits), np.dstack([nearest] * 3))
+
+
+class _V4l2Y16:
+    """OpenCV's V4L2 capture of a camera that negotiated 16-bit grey (FOURCC 'Y16 '), as OpenCV 4's
+    cap_v4l.cpp behaves (no such camera here; cv2.VideoCapture is the seam): with CAP_PROP_CONVERT_RGB on,
+    its default, each frame is converted to 8-bit BGR from every word's top byte; off, the frames are the
+    16-bit words as the camera gave them."""
+
+    def __init__(self, words: list[np.ndarray], fourcc: str = "Y16 ") -> None:
+        self.words, self.fourcc, self.convert_rgb, self.sets = iter(words), fourcc, True, []
+
+    def isOpened(self) -> bool:
+        return True
+
+    def get(self, prop: int) -> float:
+        return float(cv2.VideoWriter_fourcc(*self.fourcc)) if prop == cv2.CAP_PROP_FOURCC else 0.0
+
+    def set(self, prop: int, value: float) -> bool:
+        self.sets.append((prop, value))
+        if prop == cv2.CAP_PROP_CONVERT_RGB:
+            self.convert_rgb = bool(value)
+        return True
+
+    def read(self) -> tuple[bool, np.ndarray]:
+        words = next(self.words)
+        return True, cv2.cvtColor((words >> 8).astype(np.uint8), cv2.COLOR_GRAY2BGR) if self.convert_rgb else words
+
+    def release(self) -> None:
+        pass
+
+
+def test_a_v4l2_camera_of_12_bit_samples_in_16_bit_grey_words_is_read_at_its_brightness(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """OpenCV reads a V4L2 'Y16 ' camera's top bytes unless asked for its samples: 0..4095 became 0..15,
+    every field refused as underexposed, whatever sample_bits said. The source asks (CONVERT_RGB off) and
+    scales the words from their depth: the monochrome camera's fields within one grey level."""
+    fields = [cv2.cvtColor(f, cv2.COLOR_BGR2GRAY) for f in _fields(2)]
+    opened: list[_V4l2Y16] = []
+
+    def capture(*_args: object) -> _V4l2Y16:
+        opened.append(_V4l2Y16([_as_12bit(f) for f in fields]))
+        return opened[-1]
+
+    monkeypatch.setattr(sources.cv2, "VideoCapture", capture)
+    cfg = CameraSourceConfig(device="/dev/video3", microns_per_pixel=MPP)
+    with caplog.at_level(logging.INFO, logger="smearscope.device"), CameraSource(cfg) as cam:
+        frames = [next(cam).pixels for _ in fields]
+    assert (cv2.CAP_PROP_CONVERT_RGB, 0) in opened[0].sets
+    for field, frame in zip(fields, frames, strict=True):
+        assert int(np.abs(frame.astype(int) - field[:, :, None].astype(int)).max()) <= 1
+    gate = QualityGate()
+    assert all(gate.check(Frame(pixels=p, frame_id=f"cam:{i}", source="cam", microns_per_pixel=MPP)).accepted
+               for i, p in enumerate(frames))
+    assert any("gives 16-bit grey (V4L2 Y16): its samples are read as they are" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_v4l2_camera_of_another_format_keeps_opencvs_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
+    captures: list[_V4l2Y16] = []
+
+    def capture(*_args: object) -> _V4l2Y16:
+        captures.append(_V4l2Y16([], fourcc="YUYV"))
+        return captures[-1]
+
+    monkeypatch.setattr(sources.cv2, "VideoCapture", capture)
+    assert sources._open_capture(CameraSourceConfig(device="/dev/video3", width=1280, height=960)) is captures[0]
+    assert [p for p, _ in captures[0].sets] == [cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT]
