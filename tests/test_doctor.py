@@ -351,7 +351,7 @@ def test_doctor_reads_v4l2_capabilities_as_the_kernel_lays_them_out(tmp_path: Pa
     """VIDIOC_QUERYCAP's number and struct v4l2_capability's layout as linux/videodev2.h declares
     them (compiled here where a C compiler and the header are), and what doctor makes of a node's
     capabilities: a capture node (single- or multi-planar) is a camera, a metadata node is not."""
-    from smearscope.cli import doctor_camera as dc
+    from smearscope.device import camera_node as dc
 
     header = Path("/usr/include/linux/videodev2.h")
     if shutil.which("cc") and header.exists():
