@@ -4,7 +4,8 @@ the committed detector, then the two heads in a per-crop loop.
     .venv-bench/bin/python -m bench.sahi_baseline --models models   # a worker: JSON lines on stdin
 
 Runs in the `bench` extra's interpreter (sahi, ultralytics, torch, onnxruntime), never in the
-analyzer's: it imports nothing from smearscope. The comparison is made generous to the usual
+analyzer's: it imports nothing from smearscope (training.env, its offline set-up of ultralytics,
+imports only the standard library). The comparison is made generous to the usual
 libraries in one respect: the frame is resampled to the analyzer's 0.2 um/px first (the detector
 only knows that scale), and SAHI slices as the analyzer tiles (256 px, 15 % overlap). Two
 variants: `defaults` is `get_sliced_prediction` as its documentation shows it (one slice per
@@ -24,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,26 +32,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from training.env import CONFIG_DIR, offline_ultralytics
+
 logger = logging.getLogger(__name__)
 
 CANONICAL_UM_PER_PX = 0.2
 TILE, OVERLAP = 256, 0.15
-
-
-def _offline(config_dir: Path) -> None:
-    """Ultralytics without network: no hub, no font download (as training/env.py does)."""
-    (config_dir / "Ultralytics").mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
-    font = config_dir / "Ultralytics" / "Arial.ttf"
-    if not font.exists():
-        for ttf in [Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
-                    *Path(cv2.__file__).parent.rglob("*.ttf")]:
-            if ttf.exists():
-                shutil.copy(ttf, font)
-                shutil.copy(ttf, config_dir / "Arial.ttf")
-                break
 
 
 class Head:
@@ -116,13 +101,13 @@ class SahiPipeline:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=Path("models"))
-    ap.add_argument("--config-dir", type=Path, default=Path("build/yolo_config"))
+    ap.add_argument("--config-dir", type=Path, default=CONFIG_DIR, help="ultralytics' settings folder")
     ap.add_argument("--variant", choices=("defaults", "tuned"), default="tuned")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     # The libraries print progress to stdout; the protocol keeps stdout to itself.
     protocol, sys.stdout = sys.stdout, sys.stderr
-    _offline(args.config_dir.resolve())
+    offline_ultralytics(args.config_dir)
     pipeline = SahiPipeline(args.models, args.variant)
     print(json.dumps({"ready": True}), file=protocol, flush=True)
     for line in sys.stdin:

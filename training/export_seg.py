@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--multilab", action="store_true", help="describe the training data of training.prep_labs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
-    offline_ultralytics(Path("build"))
+    offline_ultralytics()
     from smearscope.export.onnx_export import export_yolo_seg
 
     meta = json.loads(args.seg_data.read_text()) if args.seg_data.exists() else {}

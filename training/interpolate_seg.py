@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
-    offline_ultralytics(Path("build"))
+    offline_ultralytics()
     import torch
 
     a = torch.load(args.start, map_location="cpu", weights_only=False)

@@ -31,7 +31,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from training.env import offline_ultralytics
+from training.env import CONFIG_DIR, offline_ultralytics
 
 logger = logging.getLogger(__name__)
 
@@ -149,13 +149,13 @@ def main() -> None:
                     help="a training.lab_mix name (train_NAME.txt beside --seg): train from that list")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
-    offline_ultralytics(Path("build"))
+    offline_ultralytics()
     args.out.mkdir(parents=True, exist_ok=True)
     pack_site(args.out / "site.tgz")
     n = pack_seg(args.seg, args.out / "seg.tgz", mix=args.mix, ext=args.format)
     save_start_half(args.init, args.out / "start.pt")
     # ultralytics reads YOLO_CONFIG_DIR/Ultralytics; the font beside it is a spare (0.76 MB)
-    shutil.copytree(Path("build") / "yolo_config" / "Ultralytics", args.out / "yolo_config" / "Ultralytics",
+    shutil.copytree(CONFIG_DIR / "Ultralytics", args.out / "yolo_config" / "Ultralytics",
                     dirs_exist_ok=True)
     total = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     logger.info("packed %d images; %s holds %.1f MB (the device carries at most 64 MiB with the tree)",

@@ -76,7 +76,7 @@ def _calibrate_batch_norms(model, images: list[Path], size: int) -> None:
 def recover(onnx_path: Path, out: Path, yaml: str = "yolo11n-seg.yaml",
             calibration_images: list[Path] | None = None) -> float:
     """Write an ultralytics checkpoint equal to `onnx_path`; returns the largest output difference."""
-    offline_ultralytics(Path("build"))
+    offline_ultralytics()
     import onnx
     import onnxruntime as ort
     import torch

@@ -105,7 +105,7 @@ def main() -> None:
                     help="ultralytics' own HSV jitter after mosaic")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
-    offline_ultralytics(Path("build"))
+    offline_ultralytics()
     from ultralytics import YOLO
 
     if args.look:
