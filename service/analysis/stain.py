@@ -28,7 +28,11 @@ from typing import Protocol, runtime_checkable
 import cv2
 import numpy as np
 
-from smearscope.service.analysis.stain_transform import StainFit, StainTransform
+from smearscope.service.analysis.stain_transform import (
+    StainFit,
+    StainTransform,
+    optical_density_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -255,8 +259,7 @@ class MacenkoNormalizer:
         self.max_fit_pixels = max_fit_pixels
         self.min_stain_angle_deg = float(min_stain_angle_deg)
         self.reference = reference
-        # Optical density of every 8-bit value: the per-pixel log becomes a table lookup.
-        self._od_lut = -np.log((np.arange(256, dtype=np.float64) + 1.0) / self.io)
+        self._od_lut = optical_density_table(self.io)
         # OD falls as intensity rises, so "OD >= beta in every channel" is "brightest channel
         # <= this value": one comparison per pixel instead of three logs.
         stained_values = np.flatnonzero(self._od_lut >= self.beta)

@@ -162,6 +162,13 @@ def nonnegative_lasso_codes(od: np.ndarray, stains: np.ndarray, lam: float) -> n
     return np.maximum(np.minimum(both, a), 0.0)
 
 
+def optical_density_table(io: float) -> np.ndarray:
+    """256 float64: the optical density (natural log) of every 8-bit value under a lamp of
+    intensity `io`, value + 1 so that black stays finite; the one definition of OD the normalizers'
+    fits and `apply` share, so a pixel's per-pixel log becomes a table lookup."""
+    return -np.log((np.arange(256, dtype=np.float64) + 1.0) / io)
+
+
 _OD_TABLES: dict[float, np.ndarray] = {}
 
 
@@ -169,7 +176,7 @@ def _od_table(io: float) -> np.ndarray:
     """256 x 1 x 3 float32: the optical density of every 8-bit value, for cv2.LUT."""
     table = _OD_TABLES.get(io)
     if table is None:
-        od = -np.log((np.arange(256, dtype=np.float64) + 1.0) / io)
+        od = optical_density_table(io)
         table = np.repeat(od[:, None, None], 3, axis=2).astype(np.float32)
         _OD_TABLES[io] = table
     return table

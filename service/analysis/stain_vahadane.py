@@ -41,6 +41,7 @@ from smearscope.service.analysis.stain_transform import (
     StainFit,
     StainTransform,
     nonnegative_lasso_codes,
+    optical_density_table,
 )
 
 logger = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ class VahadaneNormalizer:
         self.max_fit_pixels = int(max_fit_pixels)
         self.iterations = int(iterations)
         self.percentile = float(percentile)
-        self._od_lut = -np.log((np.arange(256, dtype=np.float64) + 1.0) / self.io)
+        self._od_lut = optical_density_table(self.io)
 
     @classmethod
     def default(cls) -> VahadaneNormalizer:
