@@ -51,6 +51,15 @@ class StainResult:
     reason: str | None = None
 
 
+def normalized_by(fitted: StainFit, image_bgr: np.ndarray) -> StainResult:
+    """A frame through its own field's fit (a normalizer's `normalize`): the transform applied,
+    with what the reference stood in for (the fit's reason), or the frame passed through with why."""
+    if fitted.transform is None:
+        logger.debug("stain normalization skipped: %s (%s)", fitted.reason, fitted.detail)
+        return StainResult(image_bgr, applied=False, reason=fitted.reason)
+    return StainResult(fitted.transform.apply(image_bgr), applied=True, reason=fitted.reason)
+
+
 class PassThroughReason(str, Enum):
     """Why a frame was left unnormalized (StainResult.reason). Values are stable strings."""
 
@@ -289,11 +298,7 @@ class MacenkoNormalizer:
         )
 
     def normalize(self, image_bgr: np.ndarray) -> StainResult:
-        fitted = self.transform_for(image_bgr)
-        if fitted.transform is None:
-            logger.debug("stain normalization skipped: %s (%s)", fitted.reason, fitted.detail)
-            return StainResult(image_bgr, applied=False, reason=fitted.reason)
-        return StainResult(fitted.transform.apply(image_bgr), applied=True)
+        return normalized_by(self.transform_for(image_bgr), image_bgr)
 
     def transform_for(self, image_bgr: np.ndarray) -> StainFit:
         """This field's transform onto the reference (fit once, apply to a specimen's fields)."""

@@ -34,6 +34,7 @@ from smearscope.service.analysis.stain import (
     StainResult,
     check_frame,
     checked_stain_arrays,
+    normalized_by,
     parse_reference_json,
     reference_json,
 )
@@ -214,11 +215,7 @@ class VahadaneNormalizer:
         self.reference = VahadaneReference(found.stains, found.max_concentrations, self.io)
 
     def normalize(self, image_bgr: np.ndarray) -> StainResult:
-        fitted = self.transform_for(image_bgr)
-        if fitted.transform is None:
-            logger.debug("stain normalization skipped: %s (%s)", fitted.reason, fitted.detail)
-            return StainResult(image_bgr, applied=False, reason=fitted.reason)
-        return StainResult(fitted.transform.apply(image_bgr), applied=True, reason=fitted.reason)
+        return normalized_by(self.transform_for(image_bgr), image_bgr)
 
     def transform_for(self, image_bgr: np.ndarray) -> StainFit:
         """This field's transform onto the reference (fit once, apply to a specimen's fields)."""
