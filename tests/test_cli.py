@@ -349,7 +349,7 @@ def test_two_inputs_of_one_name_get_an_overlay_and_a_bundle_each(tmp_path):
     reports = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
     assert len(reports) == 2
     drawn = sorted(overlays.iterdir())
-    assert len(drawn) == 2 and all(p.name.startswith("f") and p.name.endswith(".overlay.png") for p in drawn)
+    assert [p.name for p in drawn] == ["f-2.overlay.png", "f.overlay.png"]  # the second of a stem: STEM-2
     images = {s: cv2.imread(str(tmp_path / s / "f.png")).astype(int) for s in ("x", "y")}
     nearest = set()
     for p in drawn:  # each overlay is drawn on its own image
@@ -358,7 +358,7 @@ def test_two_inputs_of_one_name_get_an_overlay_and_a_bundle_each(tmp_path):
         assert min(diff.values()) < max(diff.values()) / 2
     assert nearest == {"x", "y"}
     written = sorted(bundles.iterdir())
-    assert len(written) == 2 and all(p.name.endswith(".fhir.json") for p in written)
+    assert [p.name for p in written] == ["f-2.fhir.json", "f.fhir.json"]
     texts = [p.read_text() for p in written]
     assert all(sum(r["report_id"] in t for t in texts) == 1 for r in reports)  # one bundle per report
 

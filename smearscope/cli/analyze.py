@@ -12,6 +12,7 @@ from pathlib import Path
 
 from smearscope.cli import EXIT_OUTPUT, SCALE_RANGE_UM
 from smearscope.cli.analyze_io import (
+    FHIR_SUFFIX,
     IMAGE_SUFFIXES,
     OVERLAY_SUFFIX,
     InputError,
@@ -19,11 +20,11 @@ from smearscope.cli.analyze_io import (
     expand_inputs,
     list_files,
     no_images_message,
+    output_path,
     shown,
 )
 from smearscope.cli.fhir_out import (
     FhirOutputError,
-    bundle_path,
     check_fhir_output,
     is_directory,
     write_bundle,
@@ -69,18 +70,6 @@ def detections_record(path: Path, result, floor: float) -> dict:
     dets.sort(key=lambda d: -d["score"])
     return {"image": shown(path), "report_id": rep.report_id, "width": w, "height": h,
             "microns_per_pixel": rep.scale.microns_per_pixel if rep.scale else None, "detections": dets}
-
-
-def _overlay_path(overlay: Path, image: Path, folder: bool, used: set[Path]) -> Path:
-    if not folder:
-        return overlay
-    out = overlay / f"{image.stem}{OVERLAY_SUFFIX}"
-    n = 1
-    while out in used:
-        n += 1
-        out = overlay / f"{image.stem}-{n}{OVERLAY_SUFFIX}"
-    used.add(out)
-    return out
 
 
 def _check_outputs(args: argparse.Namespace, folder: bool, guard: OutputGuard):
@@ -240,7 +229,7 @@ def _overlay(args, path: Path, pixels, result, folder: bool, used: set[Path], gu
     """Write one overlay; False (logged) when it could not be written."""
     from smearscope.service.analysis.overlay import draw_overlay
 
-    out = _overlay_path(args.overlay, path, folder, used)
+    out = output_path(args.overlay, path, OVERLAY_SUFFIX, folder, used)
     # the candidates the station would show (>= its own detector threshold, 0.25)
     candidates = [d for d in result.candidates if d.score >= detector_conf]
     try:
@@ -253,7 +242,7 @@ def _overlay(args, path: Path, pixels, result, folder: bool, used: set[Path], gu
 
 def _fhir(args, path: Path, result, folder: bool, used: set[Path], guard: OutputGuard) -> bool:
     """Write one FHIR bundle, never over an input or into a FIFO; False (logged) when it failed."""
-    out = bundle_path(args.fhir, path, folder, used)
+    out = output_path(args.fhir, path, FHIR_SUFFIX, folder, used)
     try:
         guard.check(out, "--fhir")
     except InputError as exc:

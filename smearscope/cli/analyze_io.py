@@ -28,8 +28,23 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 #: What `--overlay` names each image's drawing in a directory: a directory's files so named are no fields.
 OVERLAY_SUFFIX = ".overlay.png"
+#: What `--fhir` names each image's bundle in a directory (docs/FHIR.md).
+FHIR_SUFFIX = ".fhir.json"
 #: The largest `@LIST` file read (about 100 000 paths).
 MAX_LIST_BYTES = 16 * 1024 * 1024
+
+
+def output_path(out: Path, image: Path, suffix: str, folder: bool, used: set[Path]) -> Path:
+    """Where one image's output (an overlay, a bundle) goes: `out` itself for a lone image; in the
+    directory `out`, STEM+suffix, or STEM-2+suffix, ... for a stem already used (noted in `used`)."""
+    if not folder:
+        return out
+    path, n = out / f"{image.stem}{suffix}", 1
+    while path in used:
+        n += 1
+        path = out / f"{image.stem}-{n}{suffix}"
+    used.add(path)
+    return path
 
 
 class InputError(Exception):

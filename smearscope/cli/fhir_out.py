@@ -36,17 +36,6 @@ def check_fhir_output(out: Path, folder: bool) -> None:
         raise FhirOutputError(f"--fhir {out}: needs a file name in an existing directory")
 
 
-def bundle_path(out: Path, image: Path, folder: bool, used: set[Path]) -> Path:
-    if not folder:
-        return out
-    path, n = out / f"{image.stem}.fhir.json", 1
-    while path in used:
-        n += 1
-        path = out / f"{image.stem}-{n}.fhir.json"
-    used.add(path)
-    return path
-
-
 def write_bundle(path: Path, report) -> bool:
     """Write the report's bundle; False (logged) when the file cannot be written."""
     from smearscope.service.fhir.bundle import report_bundle
