@@ -314,3 +314,31 @@ def test_rbc_ensemble_is_the_mean_of_its_members_logits_and_refuses_other_classe
                tmp_path / "r0" / "best.pt")
     with pytest.raises(SystemExit, match="classes"):
         load_head([runs[0][0]])
+
+
+def test_stored_size_is_a_half_size_decode_doubled_or_none(tmp_path):
+    """training.data.stored_size, the size lab_table, station_adapt and prep_seg scale a stored
+    image's YOLO boxes to: the full size, within a pixel on an odd side; None for a file that is
+    no image. On rendered fields of even and odd sides and, where the datasets are, rpi and TXL fields."""
+    import cv2
+
+    from smearscope.device.synthetic import render_field
+    from training.data import stored_size, txl_dir, txl_images
+    from training.labs import rpi_dir, rpi_splits
+
+    images = []
+    for width, height, suffix in ((640, 480, ".png"), (101, 75, ".png"), (257, 193, ".jpg")):
+        path = tmp_path / f"{width}x{height}{suffix}"
+        cv2.imwrite(str(path), render_field(seed=1, width=width, height=height).frame.pixels)
+        images.append(path)
+    if rpi_dir().is_dir():
+        images += [rpi_dir() / "images" / f"{stem}.jpg" for stem in rpi_splits()["val"][:2]]
+    if txl_dir().is_dir():
+        images += txl_images("val")[:2]
+    for path in images:
+        height, width = cv2.imread(str(path)).shape[:2]
+        size = stored_size(path)
+        assert size is not None and all(d % 2 == 0 and abs(d - full) <= full % 2
+                                        for d, full in zip(size, (width, height))), (path, size)
+    (tmp_path / "no-image.jpg").write_bytes(b"not an image")
+    assert stored_size(tmp_path / "no-image.jpg") is None

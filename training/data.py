@@ -188,6 +188,15 @@ def _txl_images(root: str, split: str) -> tuple[Path, ...]:
     return tuple(p for p in kept if p not in of_bccd)
 
 
+def stored_size(image: Path) -> tuple[int, int] | None:
+    """(width, height) a stored image's YOLO boxes are scaled to: a half-size grey decode (a quarter
+    of the work) doubled, so within a pixel of an odd side; None where the file does not decode."""
+    import cv2
+
+    half = cv2.imread(str(image), cv2.IMREAD_REDUCED_GRAYSCALE_2)
+    return None if half is None else (half.shape[1] * 2, half.shape[0] * 2)
+
+
 def txl_boxes(image: Path, split: str, width: int, height: int) -> list[BoxAnnotation]:
     """An image's annotated boxes in its pixels (YOLO labels are relative to the image size)."""
     lab = txl_dir() / "labels" / split / (image.stem + ".txt")

@@ -66,6 +66,7 @@ from training.data import (
     bccd_split,
     data_root,
     require_data_root,
+    stored_size,
     txl_boxes,
 )
 from training.head_data import (
@@ -120,9 +121,9 @@ def lab_images(lab: str, split: str) -> list[LabImage]:
     if lab.startswith("txl_"):
         out = []
         for p in txl_images_by_source(split)[lab]:
-            h, w = cv2.imread(str(p), cv2.IMREAD_REDUCED_GRAYSCALE_2).shape[:2]
-            boxes = txl_boxes(p, split, w * 2, h * 2)
-            out.append(LabImage(lab, p, _txl_mpp(boxes, w * 2, h * 2), tuple(boxes)))
+            w, h = stored_size(p)
+            boxes = txl_boxes(p, split, w, h)
+            out.append(LabImage(lab, p, _txl_mpp(boxes, w, h), tuple(boxes)))
         # Too few whole red cells to measure an image: its source's median scale (one camera).
         known = [im.known_mpp for im in out if im.known_mpp is not None]
         median = float(np.median(known)) if known else None
@@ -139,8 +140,7 @@ def lab_images(lab: str, split: str) -> list[LabImage]:
         out = []
         for stem in rpi_splits()[split]:
             p = rpi_dir() / "images" / f"{stem}.jpg"
-            h, w = cv2.imread(str(p), cv2.IMREAD_REDUCED_GRAYSCALE_2).shape[:2]
-            typed = rpi_boxes(stem, w * 2, h * 2)
+            typed = rpi_boxes(stem, *stored_size(p))
             out.append(LabImage(lab, p, RPI_MICRONS_PER_PIXEL, tuple(t.box for t in typed), extra=typed))
         return out
     raise ValueError(f"unknown lab {lab!r}; known: {', '.join(DETECTOR_LABS)}")

@@ -75,15 +75,15 @@ def txl_fields(split: str):
     split is never written here (held out, and disjoint from BCCD/PBC: the duplicates were removed).
     """
     from smearscope.service.analysis.scale import scale_from_rbc_diameters
-    from training.data import txl_boxes, txl_dir, txl_images
+    from training.data import stored_size, txl_boxes, txl_dir, txl_images
 
     for img_path in txl_images(split):
         if not (txl_dir() / "labels" / split / (img_path.stem + ".txt")).exists():
             continue
-        hw = cv2.imread(str(img_path), cv2.IMREAD_REDUCED_GRAYSCALE_2)
-        if hw is None:
+        size = stored_size(img_path)
+        if size is None:
             continue
-        h, w = hw.shape[0] * 2, hw.shape[1] * 2
+        w, h = size
         boxes = txl_boxes(img_path, split, w, h)
         diam = [(b.x1 - b.x0 + b.y1 - b.y0) / 2 for b in boxes
                 if b.kind == "rbc" and b.x0 > 2 and b.y0 > 2 and b.x1 < w - 2 and b.y1 < h - 2]

@@ -49,6 +49,7 @@ from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.pipeline import Analyzer, AnalyzerOptions
 from smearscope.service.analysis.review_counts import ATYPICAL_LABELS
 from smearscope.service.analysis.station_means import load_feature_space, load_station_means
+from training.data import stored_size
 from training.head_data import PBC_CLASSES, PBC_MICRONS_PER_PIXEL, pbc_splits
 from training.labs import RPI_MICRONS_PER_PIXEL, data_root, rpi_boxes, rpi_dir, rpi_splits
 
@@ -75,8 +76,7 @@ def lab_cells(lab: str, split: str, only: str | None = None) -> tuple[list[Truth
         out = []
         for stem in rpi_splits()[split]:
             p = rpi_dir() / "images" / f"{stem}.jpg"
-            h, w = cv2.imread(str(p), cv2.IMREAD_REDUCED_GRAYSCALE_2).shape[:2]
-            for t in rpi_boxes(stem, w * 2, h * 2):
+            for t in rpi_boxes(stem, *stored_size(p)):
                 if only is not None and t.cls != only:
                     continue
                 b = t.box
@@ -105,8 +105,8 @@ def lab_cells(lab: str, split: str, only: str | None = None) -> tuple[list[Truth
 def _centre(t: Truth) -> Truth:
     if t.x or t.y:
         return t
-    h, w = cv2.imread(str(t.image), cv2.IMREAD_REDUCED_GRAYSCALE_2).shape[:2]
-    return Truth(t.image, w, h, t.type)  # the centre of the full-size image (twice the reduced half-size)
+    w, h = stored_size(t.image)
+    return Truth(t.image, w / 2, h / 2, t.type)  # the centre of the full-size image
 
 
 def draw(pool: list[Truth], shots: int, seed: int) -> list[Truth]:
