@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from mllp_lis import CONTROL_ID, MESSAGE, Behaviour, RawLis, in_pieces
+from mllp_lis import CONTROL_ID, MESSAGE, Behaviour, RawLis, in_pieces, msh10
 
 from smearscope.service.hl7 import mllp
 
@@ -55,3 +55,27 @@ def test_an_ack_as_interface_engines_send_it_is_accepted(lis: Callable[[Behaviou
 def test_an_ack_sent_a_byte_a_segment_is_accepted(lis: Callable[[Behaviour], RawLis]) -> None:
     server = lis(in_pieces(VT + ACK.replace(b"\r", b"\r\n") + FS_CR + b"\r\n", a_byte_each=True))
     assert mllp.send(("127.0.0.1", server.port), MESSAGE, CONTROL_ID, 10) == "AA"
+
+
+@pytest.mark.parametrize(("echo", "accepted"), [
+    pytest.param(str.upper, True, id="upper-cased"),
+    pytest.param(lambda cid: cid + "   ", True, id="space-padded"),
+    pytest.param(lambda cid: " " + cid, True, id="space-before"),
+    pytest.param(lambda cid: cid[:-1], False, id="a-digit-short"),
+    pytest.param(lambda cid: cid[:-1] + ("0" if cid[-1] != "0" else "1"), False, id="another-id"),
+])
+def test_msa_2_is_the_control_id_whatever_the_case_or_padding_an_interface_engine_gives_it(
+        lis: Callable[[Behaviour], RawLis], echo: Callable[[str], str], accepted: bool) -> None:
+    """A LIS whose interface engine upper-cases the control id it echoes (the id is hex: its case carries
+    nothing) or pads it to a fixed width acknowledges this message; it was taken for 'not an ACK', retried
+    and held as not accepted. An id that differs in anything else is still another message's ACK."""
+    def behaviour(conn, data: bytes) -> None:
+        conn.sendall(VT + ACK.replace(b"{id}", echo(msh10(data)).encode()) + FS_CR)
+
+    server = lis(behaviour)
+    if accepted:
+        assert mllp.send(("127.0.0.1", server.port), MESSAGE, CONTROL_ID, 10) == "AA"
+    else:
+        with pytest.raises(mllp.NotAcknowledged) as caught:
+            mllp.send(("127.0.0.1", server.port), MESSAGE, CONTROL_ID, 10)
+        assert caught.value.kind == mllp.NOT_ACK

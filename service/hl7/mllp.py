@@ -2,7 +2,7 @@
 
 One TCP connection per message: the message framed as `<VT> message <FS><CR>`, then the receiver's
 ACK read up to its `<FS><CR>`, never more than MAX_ACK_BYTES of it. Only an ACK whose MSA-2 is this
-message's control id and whose MSA-1 is AA or CA (accepted) delivers it; anything else raises
+message's control id (hex: compared without case or the spaces an engine pads it with) and whose MSA-1 is AA or CA (accepted) delivers it; anything else raises
 `NotAcknowledged`, an OSError, so the archive holds the report as it holds one a full disk refuses,
 and tries again. Its `kind` says which: no answer at all (no connection, no whole answer within the
 timeout, the connection closed with nothing said) is the lab system unreachable, held for as long
@@ -251,7 +251,7 @@ def send(address: tuple[str, int], message: str, control_id: str, timeout_s: flo
         raise NotAcknowledged(f"{where} closed the connection without a whole ACK ({len(answer)} bytes): {NOT_ACK}",
                               NOT_ACK, _answer_start(answer))
     code, acked, why = _ack_of(body)
-    if acked != control_id:
+    if acked.strip().casefold() != control_id.casefold():  # an engine that upper-cases or pads the echoed id
         raise NotAcknowledged(f"{where} acknowledged message {acked[:40]!r}, not this one ({control_id}): "
                               f"{NOT_ACK} of it", NOT_ACK, f"MSA-2 {acked[:40]}")
     if code not in ACCEPTED:
