@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from test_fhir import graded_report, resources, specimen_report, validate
+from test_fhir import current_report, findings, graded_report, resources, specimen_report, validate
 from test_hl7 import parsed, segments, unescaped
 
 from smearscope.service.analysis.report import Flag, Report
@@ -67,3 +67,27 @@ def test_the_hl7_flag_rows_say_what_the_flag_observations_say() -> None:
              o["interpretation"][0]["coding"][0]["code"] if "interpretation" in o else "")
             for o in found]
         assert {r[8] for r in rows} >= {"A", ""}
+
+
+def test_a_findings_hl7_row_carries_the_interpretation_its_fhir_observation_has() -> None:
+    """A flag that says a finding is there marks that finding's Observation (sickle cells present AA, atypical
+    white cells A); the finding's own OBX says the same in OBX-8, so a lab system showing the row's abnormal flag
+    reads what a FHIR consumer reads. Its components' rows (count, interval) and the other results carry none."""
+    report = current_report()
+    report = report.model_copy(update={"flags": [*report.flags, Flag(
+        code="sickle_cells_present", severity="critical", message="5 sickle cells")]})
+    bundle = report_bundle(report)
+    validate(bundle)
+    message = oru_r01(report)
+    parsed(message)
+    rows = [s for s in segments(message, "OBX") if s[3].split("^")[2] != "99SSF"]
+    marked = set()
+    for group, obs in enumerate(findings(bundle), start=1):
+        first, *parts = [r for r in rows if r[4] == str(group)]
+        assert first[3].split("^")[0] == obs["code"]["coding"][0]["code"]
+        expected = obs["interpretation"][0]["coding"][0]["code"] if "interpretation" in obs else ""
+        assert first[8] == expected, (obs["code"]["coding"][0]["code"], first[8])
+        assert all(p[8] == "" for p in parts)
+        if expected:
+            marked.add((first[3].split("^")[0], expected))
+    assert marked == {("801-1", "AA"), ("atypical-wbc", "A")}

@@ -187,7 +187,9 @@ class _Message:
 
     def observation(self, group: int, obs: dict[str, Any]) -> None:
         absent = obs.get("dataAbsentReason")
-        self.obx(group, _ce(obs["code"]), _value(obs), NO_RESULT if absent else self.status)
+        # OBX-8: the finding's interpretation (a flag saying it is there: sickle cells present AA), as the bundle's
+        abnormal = obs["interpretation"][0]["coding"][0]["code"] if "interpretation" in obs else ""
+        self.obx(group, _ce(obs["code"]), _value(obs), NO_RESULT if absent else self.status, abnormal)
         if absent:
             reason = absent["coding"][0]
             self.note(f"Not assessable ({reason['code']}): {reason['display']}")
