@@ -115,6 +115,57 @@ def test_a_verified_reports_bundle_is_final_and_signed(run):
                if e["resource"]["resourceType"] == "Observation")
 
 
+def _results(bundle) -> dict[str, dict]:
+    """The bundle's Observations by their result identifier (each has one, none shared)."""
+    out = {}
+    for e in bundle["entry"]:
+        obs = e["resource"]
+        if obs["resourceType"] != "Observation":
+            continue
+        (identifier,) = [i for i in obs["identifier"] if i["system"] == codes.ID_RESULT]
+        assert identifier["value"] not in out
+        out[identifier["value"]] = obs
+    return out
+
+
+def test_a_verified_and_an_amended_report_update_the_preliminary_results_never_add_copies(run):
+    """A verified report is a new report (new report id, new resource ids); each of its Observations has the
+    identifier of the same result in the run's preliminary report, so a FHIR server updating on it (a
+    conditional PUT, as the DiagnosticReport on the run id) keeps one neutrophil share per run, now final:
+    not the preliminary one beside the verified one. The run's flags keep theirs by code, whatever their place."""
+    third = run.field_ids[2]
+    in_field = [r for r in run.records if r.field_id == third]
+    k = next(k for k, r in enumerate(in_field) if r.kind == "wbc" and r.label is not None)
+    new = "basophil" if in_field[k].label != "basophil" else "eosinophil"
+    typed_run, changed, typed = run.verified({(third, k): ("wbc", new)})
+    preliminary = run.report(station_id="s1", now=2.0, end_reason="stopped")
+    verified = typed_run.report(station_id="s1", now=3.0, end_reason="stopped")
+    verified = verified.model_copy(update={"verification": Verification(
+        verified_by="AB", verified_at=3.0, supersedes=preliminary.report_id, typed_cells=typed, reclassified=changed)})
+    amended = typed_run.report(station_id="s1", now=4.0, end_reason="stopped")
+    amended = amended.model_copy(update={"verification": Verification(
+        verified_by="CD", verified_at=4.0, supersedes=verified.report_id, typed_cells=typed, reclassified=changed,
+        supersedes_verified_by="AB", supersedes_verified_at=3.0)})
+    assert len({preliminary.report_id, verified.report_id, amended.report_id}) == 3
+    bundles = [report_bundle(r) for r in (preliminary, verified, amended)]
+    for bundle in bundles:
+        validate(bundle)
+    first, *later = (_results(b) for b in bundles)
+    assert [b["entry"][0]["resource"]["status"] for b in bundles] == ["preliminary", "final", "amended"]
+    assert any("/flag/" in key for key in first)  # the run's flags are results too
+    for results in later:
+        assert set(results) == set(first)  # every result of the run, each once, under the same identifier
+        for key, obs in results.items():
+            assert obs["code"] == first[key]["code"] and obs["id"] != first[key]["id"]
+            assert key.startswith(f"{run.run_id}/")
+    # the typed white cell moved a share: the same result, a new value
+    share = f"{run.run_id}/wbc/{new}"
+    assert later[0][share]["valueQuantity"]["value"] > first[share]["valueQuantity"]["value"]
+    # another run's results are other results
+    other = run.report(station_id="s1", now=2.0, end_reason="stopped").model_copy(update={"run_id": "r-other"})
+    assert not set(_results(report_bundle(other))) & set(first)
+
+
 def test_a_verified_bundles_conclusion_counts_one_typed_cell_in_the_singular(run):
     third = run.field_ids[2]
     in_field = [r for r in run.records if r.field_id == third]

@@ -77,6 +77,9 @@ class _Builder:
             self.effective = _instant(report.source.captured_at)
         self.specimen_ref = f"urn:uuid:{_uuid(self.rid, 'specimen')}"
         self.device_ref = f"urn:uuid:{_uuid(self.rid, 'device')}"
+        # what a result's identifier is made of: the run, which every report of it shares (a verified one,
+        # a new report, updates the preliminary one's results: never a second copy of each), else the report
+        self.result_key = report.run_id if report.kind == "specimen" and report.run_id else report.report_id
         v = report.verification  # signed again: amended (FHIR: a final report modified after it was issued)
         self.status = "preliminary" if v is None else "amended" if v.supersedes_verified_by is not None else "final"
 
@@ -87,9 +90,13 @@ class _Builder:
         self.by_name[name] = resource
         return full_url
 
-    def observation(self, name: str, code: dict[str, Any], **fields: Any) -> None:
+    def observation(self, name: str, code: dict[str, Any], result: str | None = None, **fields: Any) -> None:
+        """An Observation; `result` names it in its identifier where `name` (its resource id's) would not
+        be the same result in another report of the run (a flag's place among the flags)."""
         ref = self.add(name, {
-            "resourceType": "Observation", "status": self.status,
+            "resourceType": "Observation",
+            "identifier": [{"system": codes.ID_RESULT, "value": f"{self.result_key}/{result or name}"}],
+            "status": self.status,
             "category": [_concept(codes.Code(codes.OBSERVATION_CATEGORY, "laboratory", "Laboratory"))],
             "code": code, "effectiveDateTime": self.effective, "issued": self.issued,
             "specimen": {"reference": self.specimen_ref}, "device": {"reference": self.device_ref},
@@ -172,7 +179,10 @@ def _flags(b: _Builder, flags: list[Flag]) -> None:
     for it with OBX-8."""
     for i, f in enumerate(flags):
         severity = codes.SEVERITY_INTERPRETATION.get(f.severity)
-        b.observation(f"flag/{i}", _concept(codes.flag(f.code)), valueString=f.message,
+        # identified by its code: the verified report's flag updates the same flag's, whatever its place
+        repeated = sum(g.code == f.code for g in flags[:i])
+        b.observation(f"flag/{i}", _concept(codes.flag(f.code)),
+                      result=f"flag/{f.code}" + (f"/{repeated + 1}" if repeated else ""), valueString=f.message,
                       **({"interpretation": [_concept(severity)]} if severity is not None else {}))
 
 

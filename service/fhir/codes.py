@@ -22,11 +22,14 @@ LOCAL_WBC_CLASS = f"{LOCAL_BASE}/CodeSystem/wbc-class"
 LOCAL_RBC_MORPHOLOGY = f"{LOCAL_BASE}/CodeSystem/rbc-morphology"
 LOCAL_GRADE = f"{LOCAL_BASE}/CodeSystem/icsh-grade"
 LOCAL_FLAG = f"{LOCAL_BASE}/CodeSystem/flag"
-#: Identifier systems: the report, the specimen run, the analysed frame, the station.
+#: Identifier systems: the report, the specimen run, the analysed frame, the station, each result.
 ID_REPORT = f"{LOCAL_BASE}/NamingSystem/report-id"
 ID_RUN = f"{LOCAL_BASE}/NamingSystem/run-id"
 ID_FRAME = f"{LOCAL_BASE}/NamingSystem/frame-id"
 ID_STATION = f"{LOCAL_BASE}/NamingSystem/station-id"
+#: Each Observation's identifier: "<run id>/<result>" (a field report of no run: "<report id>/<result>"), the same
+#: in every report of a run, so a verified or amended report's results update the preliminary ones.
+ID_RESULT = f"{LOCAL_BASE}/NamingSystem/result-id"
 
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 #: Observation.dataAbsentReason's code system (an extensible binding): each local reason goes with "unknown"
