@@ -24,7 +24,7 @@ from test_daemon import (
     stop_daemon,
     write_station,
 )
-from test_fhir import by_code, validate
+from test_fhir import as_sent, by_code, validate
 
 from smearscope.device.synthetic import render_field
 from smearscope.service.analysis.report import Report
@@ -574,7 +574,7 @@ def test_station_publishes_fhir_live_state_and_review(
     for share in report.wbc_differential:
         if share.label in codes.WBC_LOINC:
             obs = by_code(bundle, codes.LOINC, codes.WBC_LOINC[share.label].code)
-            assert obs["valueQuantity"]["value"] == share.percent
+            assert obs["valueQuantity"]["value"] == as_sent(share.percent)
     sickle = by_code(bundle, codes.LOINC, "801-1")
     assert sickle["valueCodeableConcept"]["coding"][0]["system"] == codes.LOCAL_GRADE
 

@@ -84,6 +84,11 @@ def validate(bundle: dict[str, Any]) -> None:
     assert set(re.findall(r'"reference":"([^"]*)"', text)) <= full_urls
 
 
+def as_sent(value: float) -> float:
+    """A share, bound, ratio or size as the bundle sends it: to one decimal, as `smearscope analyze` prints it."""
+    return float(f"{value:.1f}")
+
+
 def resources(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind]
 
@@ -145,9 +150,9 @@ def test_a_specimen_bundle_validates_and_carries_the_report_numbers() -> None:
         if share.label not in codes.WBC_LOINC:
             continue
         obs = by_code(bundle, codes.LOINC, codes.WBC_LOINC[share.label].code)
-        assert obs["valueQuantity"] == {"value": share.percent, "unit": "%", "system": codes.UCUM, "code": "%"}
+        assert obs["valueQuantity"] == {"value": as_sent(share.percent), "unit": "%", "system": codes.UCUM, "code": "%"}
         ci = component(obs, "ci95")["valueRange"]
-        assert (ci["low"]["value"], ci["high"]["value"]) == (share.ci95_low, share.ci95_high)
+        assert (ci["low"]["value"], ci["high"]["value"]) == (as_sent(share.ci95_low), as_sent(share.ci95_high))
         assert component(obs, "count")["valueInteger"] == share.count
         assert component(obs, "denominator")["valueInteger"] == report.counts.wbc
         assert "referenceRange" not in obs
@@ -224,10 +229,10 @@ def test_grades_nrbc_and_local_codes() -> None:
     assert sphero["valueCodeableConcept"]["coding"][0]["code"] == "1+"
     other = by_code(bundle, codes.LOCAL_OBSERVATION, "rbc-other-poikilocyte")
     assert other["valueCodeableConcept"]["coding"][0]["code"] == "none"  # 2.5 % < 5 %
-    nrbc = by_code(bundle, codes.LOINC, "58413-6")  # 5 NRBC per 105 leukocytes
-    assert nrbc["valueQuantity"] == {"value": 4.76, "unit": "/100 WBC", "system": codes.UCUM, "code": "/100{WBCs}"}
+    nrbc = by_code(bundle, codes.LOINC, "58413-6")  # 5 NRBC per 105 leukocytes: 4.76, sent as read
+    assert nrbc["valueQuantity"] == {"value": as_sent(100 * 5 / 105), "unit": "/100 WBC", "system": codes.UCUM, "code": "/100{WBCs}"}
     unidentified = by_code(bundle, codes.LOCAL_OBSERVATION, "wbc-unidentified")
-    assert unidentified["valueQuantity"]["value"] == round(100 * 5 / 110, 2)
+    assert unidentified["valueQuantity"]["value"] == as_sent(100 * 5 / 110)
     with pytest.raises(AssertionError):  # erythroblasts are NRBC, not a leukocyte class
         by_code(bundle, codes.LOCAL_WBC_CLASS, "erythroblast")
     size = by_code(bundle, codes.LOCAL_OBSERVATION, "rbc-diameter")
@@ -264,7 +269,7 @@ def test_the_reports_own_grades_nrbc_flags_and_histogram_are_used() -> None:
     assert "valueCodeableConcept" not in macro and macro["dataAbsentReason"]["coding"][0]["code"] == "size-not-assessable"
     assert [c["code"]["coding"][0]["code"] for c in macro["component"]] == ["count"]
     nrbc = by_code(bundle, codes.LOINC, "58413-6")
-    assert nrbc["valueQuantity"]["value"] == 4.76
+    assert nrbc["valueQuantity"]["value"] == as_sent(4.76)
     assert (component(nrbc, "count")["valueInteger"], component(nrbc, "denominator")["valueInteger"]) == (5, 105)
     assert by_code(bundle, codes.LOCAL_OBSERVATION, "atypical-wbc")["valueBoolean"] is True
     no_wbc = current_report().model_copy(update={"counts": Counts(rbc=1000, wbc=0, platelet=80, nrbc=0),
@@ -568,7 +573,7 @@ def test_the_diameter_cv_is_not_presented_as_an_rdw() -> None:
     report = run.report(station_id="s", now=2.0, end_reason="stopped")
     assert report.rbc_size.calibrated and report.rbc_size.n >= 20 and report.rbc_size.cv_percent < 11.5
     cv = component(by_code(report_bundle(report), codes.LOCAL_OBSERVATION, "rbc-diameter"), "cv")
-    assert cv["valueQuantity"]["value"] == report.rbc_size.cv_percent
+    assert cv["valueQuantity"]["value"] == as_sent(report.rbc_size.cv_percent)
     for text in (cv["code"]["coding"][0]["display"], SizeStats.model_fields["cv_percent"].description):
         assert "not an RDW" in text or "not volumes" in text, text
         assert "RDW-like" not in text, text

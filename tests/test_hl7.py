@@ -17,7 +17,7 @@ import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.parser import parse_message
-from test_fhir import findings, graded_report, resources, specimen_report
+from test_fhir import as_sent, findings, graded_report, resources, specimen_report
 
 from smearscope.device.synthetic import render_field
 from smearscope.service.analysis.report import Flag, Report, Verification
@@ -100,7 +100,7 @@ def test_a_specimen_report_of_real_analyses_is_a_valid_oru_r01_with_the_bundles_
         if share.label not in codes.WBC_LOINC:
             continue
         (row,) = [s for s in obx if s[3].split("^")[0] == codes.WBC_LOINC[share.label].code]
-        assert row[2] == "NM" and float(row[5]) == share.percent and row[6] == "%^%^UCUM"
+        assert row[2] == "NM" and float(row[5]) == as_sent(share.percent) and row[6] == "%^%^UCUM"
         assert row[3].split("^")[2] == "LN" and row[3].split("^")[3] == share.label
     flag_rows = obx[len(obx) - len(report.flags):]
     assert [r[3].split("^")[0] for r in flag_rows] == [

@@ -18,7 +18,15 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from test_fhir import by_code, component, current_report, graded_report, resources, validate
+from test_fhir import (
+    as_sent,
+    by_code,
+    component,
+    current_report,
+    graded_report,
+    resources,
+    validate,
+)
 from test_sources import _folder, _png
 from test_specimen import FakeClock, cell_pair, field_of, tracker
 from test_verify_run import store_run
@@ -78,7 +86,7 @@ def test_specimen_report_carries_nrbc_ratios_models_and_flags():
     codes_ = {f.code for f in rep.flags}
     assert {"atypical_wbc_present", "nucleated_rbc_present"} <= codes_
     nrbc = by_code(report_bundle(rep), codes.LOINC, "58413-6")
-    assert nrbc["valueQuantity"]["value"] == rep.nrbc_per_100_wbc
+    assert nrbc["valueQuantity"]["value"] == as_sent(rep.nrbc_per_100_wbc)
 
 
 def test_a_run_of_fields_without_cells_still_reports():

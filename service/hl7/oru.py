@@ -138,6 +138,8 @@ def _value(element: dict[str, Any]) -> tuple[str, str, str]:
     """(OBX-2, OBX-5, OBX-6) of an Observation or component: ("", "", "") when it has no value."""
     if "valueQuantity" in element:
         q = element["valueQuantity"]
+        if "comparator" in q:  # "< 0.1": some cell's share under what one decimal says, as SN "<^0.1"
+            return "SN", components(text(q["comparator"]), number(q["value"])), _units(q)
         return "NM", number(q["value"]), _units(q)
     if "valueInteger" in element:
         return "NM", number(int(element["valueInteger"])), ""

@@ -1,0 +1,92 @@
+"""The precision of what the FHIR bundle and the HL7 message send: every share, interval bound, ratio and size
+to one decimal, as the printed report, `smearscope analyze` and the dashboard read it (the report keeps two, three
+for sizes, for audit); a share some cell was given that one decimal reads 0 is "< 0.1", never 0 (none seen).
+Real images through the shipped models, validated as test_fhir and test_hl7 do."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from realdata import DATA, needs_models
+from test_fhir import as_sent, by_code, component, graded_report, validate
+from test_hl7 import parsed, segments
+
+from smearscope.service.analysis.report import ClassShare, Counts, Report
+from smearscope.service.fhir import codes
+from smearscope.service.fhir.bundle import report_bundle
+from smearscope.service.hl7.oru import oru_r01
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = DATA / "chula_wbc_rpi" / "train" / "images" / "B-30_0047.jpg"
+
+
+def quantities(element: Any) -> list[dict[str, Any]]:
+    """Every Quantity in a resource or bundle (a dict with a UCUM code and a value)."""
+    if isinstance(element, list):
+        return [q for e in element for q in quantities(e)]
+    if not isinstance(element, dict):
+        return []
+    own = [element] if element.get("system") == codes.UCUM and "value" in element else []
+    return own + [q for v in element.values() for q in quantities(v)]
+
+
+@needs_models
+@pytest.mark.skipif(not IMAGE.exists(), reason=f"chula_wbc_rpi not found under {DATA}")
+def test_a_real_fields_bundle_sends_each_value_to_the_decimal_its_report_is_read_at(tmp_path: Path) -> None:
+    out = tmp_path / "b.fhir.json"
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "analyze", "--json", "--microns-per-pixel", "0.1286",
+                           str(IMAGE), "--fhir", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = Report.model_validate_json(proc.stdout)
+    bundle = json.loads(out.read_text())
+    validate(bundle)
+    # the report keeps more decimals than it is read at (else this test would show nothing)
+    kept = [s.percent for s in report.wbc_differential + report.rbc_morphology] + [report.rbc_size.mean_diameter_um]
+    assert any(v != as_sent(v) for v in kept), kept
+    sent = quantities(bundle)
+    assert sent and all(q["value"] == as_sent(q["value"]) for q in sent), [q["value"] for q in sent]
+    size = by_code(bundle, codes.LOCAL_OBSERVATION, "rbc-diameter")
+    assert size["valueQuantity"]["value"] == as_sent(report.rbc_size.mean_diameter_um)
+    assert component(size, "sd")["valueQuantity"]["value"] == as_sent(report.rbc_size.sd_um)
+    for share in report.wbc_differential:
+        if share.label in codes.WBC_LOINC:
+            obs = by_code(bundle, codes.LOINC, codes.WBC_LOINC[share.label].code)
+            assert obs["valueQuantity"]["value"] == as_sent(share.percent)
+            assert component(obs, "count")["valueInteger"] == share.count  # the count itself is whole
+    for share in report.rbc_morphology:
+        if share.label in codes.RBC_LOINC and share.assessable:
+            obs = by_code(bundle, codes.LOINC, codes.RBC_LOINC[share.label].code)
+            assert component(obs, "percent")["valueQuantity"]["value"] == as_sent(share.percent)
+    # the HL7 message, made of the bundle, says the same figure
+    message = oru_r01(report)
+    parsed(message)
+    (row,) = [s for s in segments(message, "OBX") if s[3].startswith("rbc-diameter^")]
+    assert float(row[5]) == as_sent(report.rbc_size.mean_diameter_um)
+
+
+def test_a_share_of_some_cell_under_a_tenth_of_a_percent_is_sent_as_less_than_0_1_not_0() -> None:
+    """1 schistocyte among 2500 red cells (0.04 %): "< 0.1 %" in FHIR (comparator) and SN "<^0.1" in HL7; a class
+    no cell was given stays 0.0, a result of none seen."""
+    base = graded_report()
+    rbc = [ClassShare(label="normal", count=2499, percent=99.96),
+           ClassShare(label="schistocyte", count=1, percent=0.04, ci95_low=0.01, ci95_high=0.23),
+           ClassShare(label="target", count=0, percent=0.0, ci95_low=0.0, ci95_high=0.15)]
+    report = base.model_copy(update={"rbc_morphology": rbc, "counts": Counts(rbc=2500, wbc=110, platelet=80)})
+    bundle = report_bundle(report)
+    validate(bundle)
+    schisto = component(by_code(bundle, codes.LOINC, "800-3"), "percent")["valueQuantity"]
+    assert (schisto["comparator"], schisto["value"]) == ("<", 0.1)
+    target = component(by_code(bundle, codes.LOINC, "10381-2"), "percent")["valueQuantity"]
+    assert target["value"] == 0.0 and "comparator" not in target
+    message = oru_r01(report)
+    parsed(message)
+    rows = segments(message, "OBX")
+    group = next(r[4] for r in rows if r[3].startswith("800-3^"))
+    (percent,) = [r for r in rows if r[4] == group and r[3].startswith("percent^")]
+    assert (percent[2], percent[5], percent[6]) == ("SN", "<^0.1", "%^%^UCUM")
