@@ -28,6 +28,10 @@ from smearscope.service.hl7.oru import control_id, filler_order_number, oru_r01,
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = "H|1^2~3\\4&5\r\nPID|6"
+#: HL7's v2-to-FHIR mapping of result status (tables 0123, OBR-25, and 0085, OBX-11) to DiagnosticReport.status and
+#: Observation.status (the V2-to-FHIR implementation guide's concept maps): C, a correction replacing a final result,
+#: is `corrected`.
+V2_TO_FHIR_STATUS = {"P": "preliminary", "F": "final", "C": "corrected"}
 
 
 def parsed(message: str) -> Message:
@@ -70,8 +74,12 @@ def test_a_specimen_report_of_real_analyses_is_a_valid_oru_r01_with_the_bundles_
     msg = parsed(message)
     bundle = report_bundle(report)
     (dr,) = resources(bundle, "DiagnosticReport")
-    status = {"preliminary": "P", "final": "F", "amended": "C"}[dr["status"]]
-    assert status == {"preliminary": "P", "verified": "F", "signed again": "C"}[signing]
+    # the bundle's status is what HL7's v2-to-FHIR mapping makes of the message's (OBR-25, each OBX-11 of a value)
+    obr25 = segments(message, "OBR")[0][25]
+    assert obr25 == {"preliminary": "P", "verified": "F", "signed again": "C"}[signing]
+    assert dr["status"] == V2_TO_FHIR_STATUS[obr25]
+    assert {V2_TO_FHIR_STATUS[s[11]] for s in segments(message, "OBX") if s[11] != "X"} == {
+        o["status"] for o in resources(bundle, "Observation")} == {dr["status"]}
 
     msh = msg.msh
     assert msh.msh_3.value == "smearscope" and msh.msh_4.value == "bench-1"
@@ -79,7 +87,7 @@ def test_a_specimen_report_of_real_analyses_is_a_valid_oru_r01_with_the_bundles_
     assert msh.msh_18.value == "UNICODE UTF-8" and msh.msh_10.value == control_id(report.report_id)
     assert len(msh.msh_10.value) == 20
     order = msg.oru_r01_patient_result.oru_r01_order_observation
-    assert order.obr.obr_25.value == status
+    assert order.obr.obr_25.value == obr25
     assert order.obr.obr_2.value == order.orc.orc_2.value == "H-2026-0412"
     filler = filler_order_number(report.run_id)
     assert len(filler) == 11 and order.obr.obr_3.value == order.orc.orc_3.value == f"{filler}^smearscope"
@@ -93,7 +101,7 @@ def test_a_specimen_report_of_real_analyses_is_a_valid_oru_r01_with_the_bundles_
     assert len(obx) == sum(1 + len(o.get("component", [])) for o in observations) + len(report.flags)
     assert [int(s[1]) for s in obx] == list(range(1, len(obx) + 1))
     for row in obx[:-len(report.flags) or None]:
-        assert row[11] in (status, "X")
+        assert row[11] in (obr25, "X")
     heads = [s for s in obx if s[4] != ""]
     assert {s[4] for s in heads} >= {str(i) for i in range(1, len(observations) + 1)}
     for share in report.wbc_differential:

@@ -151,7 +151,7 @@ def test_a_verified_and_an_amended_report_update_the_preliminary_results_never_a
     for bundle in bundles:
         validate(bundle)
     first, *later = (_results(b) for b in bundles)
-    assert [b["entry"][0]["resource"]["status"] for b in bundles] == ["preliminary", "final", "amended"]
+    assert [b["entry"][0]["resource"]["status"] for b in bundles] == ["preliminary", "final", "corrected"]
     assert any("/flag/" in key for key in first)  # the run's flags are results too
     for results in later:
         assert set(results) == set(first)  # every result of the run, each once, under the same identifier
@@ -279,9 +279,9 @@ def test_verifying_again_starts_from_the_analyzers_run_and_only_the_last_closed_
     amended = report_bundle(two.report)
     validate(amended)
     dr = amended["entry"][0]["resource"]
-    assert (first_dr["status"], dr["status"]) == ("final", "amended") and dr["performer"] == [{"display": "AB"}]
+    assert (first_dr["status"], dr["status"]) == ("final", "corrected") and dr["performer"] == [{"display": "AB"}]
     assert f"replaces report {one.report.report_id}, verified by AB at " in dr["conclusion"]
-    assert all(e["resource"]["status"] == "amended" for e in amended["entry"]
+    assert all(e["resource"]["status"] == "corrected" for e in amended["entry"]
                if e["resource"]["resourceType"] == "Observation")
     assert _count(two.report, "basophil") == _count(report, "basophil")
     feed.run_closed(two, None, False)

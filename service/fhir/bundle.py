@@ -3,7 +3,7 @@ Observation per result. Plain dicts, ready for `json.dumps`; docs/FHIR.md docume
 
 Everything is `preliminary`, a machine's result, until a technician verifies the run
 (`Report.verification`, command verify_run): that report's bundle is `final`, names who verified
-it (`performer`, by display name) and the report it replaces; a run signed again is `amended`. No patient is
+it (`performer`, by display name) and the report it replaces; a run signed again is `corrected`. No patient is
 named: the only identifiers are those the station was given (station id, run id, frame id) and
 the report id. Resource ids are UUIDs derived from the report id, so the same report always
 gives the same bundle (consumers dedupe by `Bundle.identifier`).
@@ -99,8 +99,10 @@ class _Builder:
         # what a result's identifier is made of: the run, which every report of it shares (a verified one,
         # a new report, updates the preliminary one's results: never a second copy of each), else the report
         self.result_key = report.run_id if report.kind == "specimen" and report.run_id else report.report_id
-        v = report.verification  # signed again: amended (FHIR: a final report modified after it was issued)
-        self.status = "preliminary" if v is None else "amended" if v.supersedes_verified_by is not None else "final"
+        # signed again: corrected (FHIR: a final report modified to correct its results, a kind of amended), what
+        # HL7's v2-to-FHIR mapping makes of the message's C, so a lab reading both feeds stores one status
+        v = report.verification
+        self.status = "preliminary" if v is None else "corrected" if v.supersedes_verified_by is not None else "final"
 
     def add(self, name: str, resource: Resource) -> str:
         full_url = f"urn:uuid:{_uuid(self.rid, name)}"

@@ -4,7 +4,7 @@ per FHIR Observation and per component, one OBX per flag, SPM.
 The message is made from the report's FHIR bundle (service.fhir.bundle): its codes, units, values,
 statuses and reasons for an absent value are the bundle's, read off it, so the two can never say
 different things and there is one code table (service.fhir.codes). The status maps as the bundle's:
-preliminary P, final F (a verified run), amended C (a run signed again, correcting a verified
+preliminary P, final F (a verified run), corrected C (a run signed again, correcting a verified
 result). No patient is named (the bundle has no subject): the message has no PID; the lab's
 specimen id is the placer order number and SPM's, the run id the filler order number, so the lab
 system files the result under its own order. Each field built from an id keeps to its v2.5.1 length
@@ -54,7 +54,7 @@ VERSION = "2.5.1"
 CHARSET = "UNICODE UTF-8"
 SENDING_APPLICATION = "smearscope"
 #: FHIR status -> OBR-25 / OBX-11 (HL7 table 0123 / 0085).
-RESULT_STATUS = {"preliminary": "P", "final": "F", "amended": "C"}
+RESULT_STATUS = {"preliminary": "P", "final": "F", "corrected": "C"}
 #: OBX-11 of an observation without a value (FHIR dataAbsentReason): results cannot be obtained.
 NO_RESULT = "X"
 #: The FHIR code systems as HL7 coding system names (table 0396: LN, UCUM; 99zzz for local ones).
