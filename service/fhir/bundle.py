@@ -245,9 +245,26 @@ def _device(b: _Builder) -> None:
     b.add("device", device)
 
 
+#: Too few cells for what they are a share of: the dashboard's words above the table they concern (runview.js
+#: fewNote), here a note on each result (and so an NTE under its HL7 row): the info flag in the conclusion alone let
+#: "Neutrophils 8.8 %" of 11 white cells read as a differential in a chart that shows each result on its own.
+FEW_CELLS = {"too_few_wbc_for_differential": ("Not a differential: ", ". Read each share with its 95 % interval."),
+             "too_few_rbc_for_morphology": ("Grades on few red cells: ", ".")}
+
+
+def _few_cells(report: Report, code: str) -> dict[str, Any]:
+    """The `note` of a result the flag `code` (FEW_CELLS) concerns, none without the flag."""
+    f = next((f for f in report.flags if f.code == code), None)
+    if f is None:
+        return {}
+    before, after = FEW_CELLS[code]
+    return {"note": [{"text": f"{before}{f.message}{after}"}]}
+
+
 def _differential(b: _Builder) -> None:
     r = b.report
     total = r.counts.wbc
+    few = _few_cells(r, "too_few_wbc_for_differential")
     for share in r.wbc_differential:
         loinc = codes.WBC_LOINC.get(share.label)
         if share.label == report_view.NRBC_LABEL:
@@ -256,13 +273,13 @@ def _differential(b: _Builder) -> None:
             codes.local(share.label, codes.LOCAL_WBC_CLASS, share.label)
         b.observation(f"wbc/{share.label}", _concept(loinc, local),
                       valueQuantity=_quantity(share.percent, "%", "%", share.count),
-                      component=_share_components(share, total))
+                      component=_share_components(share, total), **few)
     nrbc = report_view.nrbc_per_100_wbc(r)
     if nrbc is not None:
         value, count, leukocytes = nrbc
         b.observation("nrbc", _concept(codes.NRBC), valueQuantity=_quantity(value, "/100 WBC", "/100{WBCs}", count),
                       component=[_component("count", valueInteger=count),
-                                 _component("denominator", valueInteger=leukocytes)])
+                                 _component("denominator", valueInteger=leukocytes)], **few)
     atypical = report_view.atypical_wbc_present(r)
     if atypical or (r.counts.wbc and not report_view.untyped_wbc(r)):
         b.observation("atypical-wbc", _concept(codes.local("atypical-wbc")), valueBoolean=atypical)
@@ -273,6 +290,7 @@ def _differential(b: _Builder) -> None:
 
 def _morphology(b: _Builder) -> None:
     r = b.report
+    few = _few_cells(r, "too_few_rbc_for_morphology")
     for share in report_view.morphology_rows(r):  # every size-based class when sizes cannot be read
         if share.label == "normal":
             continue
@@ -302,7 +320,7 @@ def _morphology(b: _Builder) -> None:
                                  else {"valueQuantity": _quantity(share.percent, "%", "%", share.count)})
         # LOINC's [Presence] terms are ordinal: a finding not graded keeps its share under its local code alone
         b.observation(f"rbc/{share.label}", _concept(loinc if grade else None, local), **value,
-                      component=components + grade_components)
+                      component=components + grade_components, **few)
 
 
 def _sizes_and_counts(b: _Builder) -> None:

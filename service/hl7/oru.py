@@ -195,6 +195,8 @@ class _Message:
         if absent:
             reason = absent["coding"][0]
             self.note(f"Not assessable ({reason['code']}): {reason['display']}")
+        for annotation in obs.get("note", []):  # too few cells for a differential or for grades, at the result
+            self.note(annotation["text"])
         for comp in obs.get("component", []):
             self.obx(group, _ce(comp["code"]), _value(comp), self.status)
 
