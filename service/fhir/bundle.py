@@ -280,6 +280,9 @@ def _differential(b: _Builder) -> None:
         b.observation("nrbc", _concept(codes.NRBC), valueQuantity=_quantity(value, "/100 WBC", "/100{WBCs}", count),
                       component=[_component("count", valueInteger=count),
                                  _component("denominator", valueInteger=leukocytes)], **few)
+    elif r.counts.nrbc:  # nucleated red cells seen, no white cell to count them per 100 of: said, with no number
+        b.observation("nrbc", _concept(codes.NRBC), component=[_component("count", valueInteger=r.counts.nrbc)],
+                      dataAbsentReason=_concept(*codes.absent("no-wbc-seen")))
     atypical = report_view.atypical_wbc_present(r)
     if atypical or (r.counts.wbc and not report_view.untyped_wbc(r)):
         b.observation("atypical-wbc", _concept(codes.local("atypical-wbc")), valueBoolean=atypical)

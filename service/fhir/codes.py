@@ -109,7 +109,8 @@ LOCAL_CODES: dict[str, str] = {
                            "calibration_drift_suspected)",
     "rbc-out-of-focus": "Red-cell morphology not assessable: the red cells were too blurred to judge their shape "
                         "(flag rbc_morphology_out_of_focus; in a specimen, no field's red cells were sharp enough)",
-    "no-wbc-seen": "No white cell was counted: atypical white cells cannot be judged",
+    "no-wbc-seen": "No white cell was counted: no atypical white cell to judge, no 100 white cells to count "
+                   "nucleated red cells per",
     "no-rbc-seen": "No red cell was counted: no diameter to measure",
     "no-rbc-measured": "Red cells were counted, but none whole to measure (each cut by the image's edge)",
     "wbc-left-for-review": "White cells left untyped for review, fewer than the atypical_wbc_present flag "

@@ -1,0 +1,51 @@
+"""Nucleated red cells seen in a field of no white cell: the NRBC result is sent without a number (there is no 100
+white cells to count them per), its reason and its count, never left out, which read as none looked for while the
+flag nucleated_rbc_present said they were there. A real PBC image of an erythroblast through the shipped models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from realdata import DATA, needs_models
+from test_fhir import by_code, findings, validate
+from test_hl7 import parsed, segments, unescaped
+
+from smearscope.service.analysis.report import Report
+from smearscope.service.fhir import codes
+from smearscope.service.hl7.oru import oru_r01
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = DATA / "pbc" / "erythroblast" / "ERB_101031.jpg"
+
+
+@needs_models
+@pytest.mark.skipif(not IMAGE.exists(), reason=f"PBC not found under {DATA}")
+def test_nrbc_of_a_field_without_white_cells_are_said_without_a_ratio(tmp_path: Path) -> None:
+    out = tmp_path / "b.fhir.json"
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "analyze", "--json", str(IMAGE), "--fhir", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = Report.model_validate_json(proc.stdout)
+    assert report.counts.wbc == 0 and report.counts.nrbc >= 1 and report.nrbc_per_100_wbc is None, report.counts
+    assert "nucleated_rbc_present" in {f.code for f in report.flags}
+    bundle = json.loads(out.read_text())
+    validate(bundle)
+    nrbc = by_code(bundle, codes.LOINC, codes.NRBC.code)
+    assert not any(k.startswith("value") for k in nrbc)
+    assert [c["code"] for c in nrbc["dataAbsentReason"]["coding"]] == ["no-wbc-seen", "unknown"]
+    assert [(c["code"]["coding"][0]["code"], c["valueInteger"]) for c in nrbc["component"]] == [
+        ("count", report.counts.nrbc)]
+    assert "interpretation" not in nrbc  # no value to mark; the flag's own Observation says A
+    # the HL7 row: no value, X, the reason under it, the count in the row after
+    message = oru_r01(report)
+    parsed(message)
+    group = str(next(i for i, o in enumerate(findings(bundle), start=1) if o is nrbc))
+    rows = [s for s in segments(message, "OBX") if s[4] == group]
+    assert (rows[0][3].split("^")[0], rows[0][5], rows[0][11]) == (codes.NRBC.code, "", "X")
+    assert (rows[1][3].split("^")[0], rows[1][5]) == ("count", str(report.counts.nrbc))
+    notes = [unescaped(s.split("|")[3]) for s in message.split("\r") if s.startswith("NTE|")]
+    assert any(n.startswith("Not assessable (no-wbc-seen)") for n in notes)
