@@ -254,16 +254,10 @@ open_index(Path(sys.argv[1]), read_only=False).close()
 """
 
 
-@pytest.mark.parametrize("trial", range(3))
-def test_two_processes_opening_a_version_3_index_at_once_upgrade_it_once_and_both_go_on(
-        archive: Path, tmp_path: Path, trial: int) -> None:
-    """The archive restarted by an update while `send-hl7` runs: both open the old index at the same moment.
-    One copies and upgrades it, the other waits for it and finds it upgraded (both stopped, the index not
-    upgraded, when each copied it to the same file at once)."""
-    index = archive / "index.sqlite"
-    before = state(index)
-    go = tmp_path / f"go{trial}"
-    ready = [tmp_path / f"ready{trial}-{k}" for k in range(2)]
+def open_at_once(archive: Path, tmp_path: Path) -> None:
+    """Two processes open the index of `archive` to write it within a millisecond of each other; both must succeed."""
+    go = tmp_path / "go"
+    ready = [tmp_path / f"ready{k}" for k in range(2)]
     openers = [subprocess.Popen([sys.executable, "-c", OPEN_AT_GO, str(archive), str(go), str(r)], cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in ready]
     while not all(r.exists() for r in ready):  # both imported, so both open the index within a millisecond
@@ -272,7 +266,39 @@ def test_two_processes_opening_a_version_3_index_at_once_upgrade_it_once_and_bot
     go.touch()
     outs = [p.communicate(timeout=120)[0] for p in openers]
     assert [p.returncode for p in openers] == [0, 0], outs
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_two_processes_opening_a_version_3_index_at_once_upgrade_it_once_and_both_go_on(
+        archive: Path, tmp_path: Path, trial: int) -> None:
+    """The archive restarted by an update while `send-hl7` runs: both open the old index at the same moment.
+    One copies and upgrades it, the other waits for it and finds it upgraded (both stopped, the index not
+    upgraded, when each copied it to the same file at once)."""
+    index = archive / "index.sqlite"
+    before = state(index)
+    open_at_once(archive, tmp_path)
     after = state(index)
     assert after["version"] == INDEX_VERSION
     assert after["reports"] == before["reports"] and after["deliveries"] == before["deliveries"]
     assert state(backup_path(index, 3)) == before  # the copy as it was, whole
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_two_processes_opening_a_version_4_index_of_the_previous_layout_at_once_both_go_on(
+        archive: Path, tmp_path: Path, trial: int) -> None:
+    """A version 4 index made before hl7_rejections had `closed_at` (the version stayed 4: the column is added
+    in place) opened by the archive and send-hl7 at the same moment: the column is added once and both go on
+    (one stopped, 'duplicate column name: closed_at', when only an index below version 4 was locked)."""
+    ArchiveStore(archive).close()
+    index = archive / "index.sqlite"
+    db = sqlite3.connect(index)
+    with db:
+        db.execute("ALTER TABLE hl7_rejections DROP COLUMN closed_at")  # the previous layout
+    db.close()
+    before = state(index)
+    assert before["version"] == INDEX_VERSION
+    open_at_once(archive, tmp_path)
+    assert read(index, "SELECT name FROM pragma_table_info('hl7_rejections') WHERE name = 'closed_at'") == [("closed_at",)]
+    after = state(index)
+    assert after["version"] == INDEX_VERSION
+    assert after["reports"] == before["reports"] and after["deliveries"] == before["deliveries"]

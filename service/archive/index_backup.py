@@ -31,10 +31,10 @@ def backup_path(path: Path, version: int) -> Path:
 
 @contextlib.contextmanager
 def upgrade_lock(path: Path) -> Iterator[None]:
-    """Held while this process makes or upgrades index `path` (an advisory lock on a file beside it,
-    `.index.sqlite.upgrade-lock`, kept there): a second process opening the same index meanwhile (the
-    archive restarted by an update while `send-hl7` runs) waits, then finds it upgraded. Without it both
-    copied the index to the same file at once and both stopped, the index not upgraded."""
+    """Held while this process opens index `path` to write it, making or upgrading it where it must (an advisory
+    lock on a file beside it, `.index.sqlite.upgrade-lock`, kept there): a second process opening the same index
+    meanwhile (the archive restarted by an update while `send-hl7` runs) waits, then finds it upgraded. Without it
+    both copied the index to the same file at once and both stopped, the index not upgraded."""
     fd = os.open(path.with_name(f".{path.name}.upgrade-lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         index = os.stat(path)  # the index's owner and mode, as its copy has them: the archive's user can open the

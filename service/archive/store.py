@@ -383,9 +383,11 @@ def open_index(directory: Path, read_only: bool) -> sqlite3.Connection:
         return db
     db = sqlite3.connect(path, timeout=10, isolation_level="DEFERRED", check_same_thread=False)
     try:
-        version = _version(db, path)  # before anything is written: a newer index is left as it is
-        with upgrade_lock(path) if version < INDEX_VERSION else contextlib.nullcontext():
-            version = _version(db, path)  # again: another process may have upgraded it while this one waited
+        _version(db, path)  # before anything is written: a newer index is left as it is
+        # locked at every open, not only below version 4: an index of version 4 may still lack a column added
+        # in place (add_closed_at), and two processes adding it at once stopped one ('duplicate column name')
+        with upgrade_lock(path):
+            version = _version(db, path)  # read under the lock: another process may have upgraded it meanwhile
             has_reports = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'reports'").fetchone() is not None
             if version < INDEX_VERSION and has_reports and db.execute("SELECT 1 FROM reports LIMIT 1").fetchone():
                 keep_before_upgrade(db, path, version, INDEX_VERSION)
