@@ -507,6 +507,39 @@ def test_below_the_disks_floor_no_cell_is_typed_and_the_file_gets_no_row(typed_s
         feed.type_cells({"run_id": "run-1", "cells": cells[:1]})  # its gallery's mark back
 
 
+def test_a_file_from_before_red_cells_were_typed_is_read_by_doctor_and_adapt_wbc_before_the_station_writes_it(
+        tmp_path):
+    """A typed-cells file without the `kind` column (an earlier version's; the station adds it when it next
+    writes the file, at a cell typed or a run verified) read-only, as `doctor` and `adapt-wbc --station` read
+    it after an update: every row is a white cell, as the station will read it, and the file is left as it is
+    (they stopped with 'no such column: kind')."""
+    path = tmp_path / "typed.sqlite3"
+    store = TypedCellStore(path)
+    assert store.put("r1", "f1", 0, "neutrophil", _cell(value=1.0)) and store.put("r1", "f2", 3, "monocyte", _cell())
+    store.close()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("ALTER TABLE typed_white_cells DROP COLUMN kind")  # the earlier version's layout
+    db.close()
+    old = TypedCellStore(path, read_only=True)
+    try:
+        typed = old.load(SHA, ("identity", "hflip"), 0.1)
+        assert (typed.types, typed.runs, old.counts(SHA)) == (["neutrophil", "monocyte"], 1,
+                                                              {"monocyte": 1, "neutrophil": 1})
+        assert old.types_of_run("r1") == {("f1", 0): ("wbc", "neutrophil"), ("f2", 3): ("wbc", "monocyte")}
+    finally:
+        old.close()
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    assert "kind" not in [r[1] for r in db.execute("PRAGMA table_info(typed_white_cells)")]  # left as it is
+    db.close()
+    station = TypedCellStore(path)  # the station's open adds the column: the same cells
+    try:
+        assert station.types_of_run("r1") == {("f1", 0): ("wbc", "neutrophil"), ("f2", 3): ("wbc", "monocyte")}
+        assert station.load(SHA, ("identity", "hflip"), 0.1).types == typed.types
+    finally:
+        station.close()
+
+
 def test_a_full_file_gives_up_red_cell_types_of_runs_no_longer_verifiable(typed_station, tmp_path):
     """Red cells' types count in a verified report only, and only the gallery's runs can be
     verified: in a file full of them from runs long gone, a technician's new types are stored (the

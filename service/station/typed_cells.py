@@ -96,6 +96,18 @@ class TypedCells:
     scales: list[float | None] = field(default_factory=list)
 
 
+def _as_upgraded(db: sqlite3.Connection) -> sqlite3.Connection:
+    """A read-only connection to a file from before red cells were typed (no `kind` column: the station adds
+    it when it next writes the file) reads it as the station will: every row a white cell. A temporary view
+    of the table's name, which SQLite looks up before the file's own tables, so `doctor` and `adapt-wbc
+    --station` run after an update read the cells typed before it (they stopped: 'no such column: kind')."""
+    columns = [r[1] for r in db.execute("PRAGMA main.table_info(typed_white_cells)")]
+    if "kind" not in columns:
+        db.execute(f"CREATE TEMP VIEW typed_white_cells AS SELECT {', '.join(columns)}, 'wbc' AS kind "
+                   "FROM main.typed_white_cells")
+    return db
+
+
 class TypedCellStore:
     """The typed-cells file; one connection shared under a lock (the command thread writes, a
     CLI may read the same file at the same time: WAL)."""
@@ -144,14 +156,14 @@ class TypedCellStore:
         try:
             db = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False, timeout=10)
             db.execute("SELECT count(*) FROM typed_white_cells").fetchone()
-            return db
+            return _as_upgraded(db)
         except sqlite3.OperationalError as exc:
             if Path(f"{self.path}-wal").exists() and Path(f"{self.path}-wal").stat().st_size > 0:
                 raise TypedCellsError("typed_cells_unavailable", f"{self.path}: {exc} (read it as the station's "
                                       "user, e.g. sudo -u smearscope)") from exc
         db = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False, timeout=10)
         db.execute("SELECT count(*) FROM typed_white_cells").fetchone()
-        return db
+        return _as_upgraded(db)
 
     def close(self) -> None:
         with self._lock:
