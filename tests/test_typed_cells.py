@@ -18,6 +18,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -538,6 +539,55 @@ def test_a_file_from_before_red_cells_were_typed_is_read_by_doctor_and_adapt_wbc
         assert station.load(SHA, ("identity", "hflip"), 0.1).types == typed.types
     finally:
         station.close()
+
+
+OPEN_AT_GO = """
+import sys, time
+from pathlib import Path
+from smearscope.service.station.typed_cells import TypedCellsError, TypedCellStore
+path, go = Path(sys.argv[1]), Path(sys.argv[2])
+Path(sys.argv[3]).touch()  # imported: ready
+while not go.exists():
+    time.sleep(0.0005)
+if sys.argv[4] == "station":
+    TypedCellStore(path).close()
+    print("made")
+else:  # doctor's and adapt-wbc's open, as soon as the station's has made the file
+    while not path.exists():
+        pass
+    try:
+        TypedCellStore(path, read_only=True).close()
+        print("read")
+    except TypedCellsError as exc:
+        print(exc.code, exc.message)
+"""
+
+
+def test_a_reader_opening_the_file_as_the_station_makes_it_finds_no_typed_cell_yet(tmp_path):
+    """`doctor` or `adapt-wbc --station` opening the typed-cells file in the moment the station's first typed
+    cell makes it (the file there, its table not yet): nothing typed yet, as with no file (they said
+    typed_cells_unavailable, 'no such table', a doctor FAIL: 7 of 10 tries)."""
+    for trial in range(5):
+        path, go = tmp_path / f"typed{trial}.sqlite3", tmp_path / f"go{trial}"
+        ready = [tmp_path / f"ready{trial}-{who}" for who in ("station", "reader")]
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_GO, str(path), str(go), str(r), who],
+                                  cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+                 for who, r in zip(("station", "reader"), ready, strict=True)]
+        while not all(r.exists() for r in ready):
+            assert all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs]
+            time.sleep(0.001)
+        go.touch()
+        made, read = (p.communicate(timeout=60)[0].strip() for p in procs)
+        assert made == "made"
+        assert read == "read" or read.startswith(f"no_typed_cells {path}: no cell typed yet"), read
+    # the file as the station's open leaves it before its table: the same, every time
+    db = sqlite3.connect(tmp_path / "new.sqlite3")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.close()
+    with pytest.raises(TypedCellsError) as exc:
+        TypedCellStore(tmp_path / "new.sqlite3", read_only=True)
+    assert exc.value.code == "no_typed_cells"
 
 
 def test_a_full_file_gives_up_red_cell_types_of_runs_no_longer_verifiable(typed_station, tmp_path):

@@ -155,8 +155,9 @@ class ClinicFeed:
             try:
                 TypedCellStore(self.typed_cells_path, read_only=True).close()
             except (TypedCellsError, sqlite3.Error) as exc:
-                logger.warning("typed cells: %s: technicians' types cannot be stored or read until it is fixed "
-                               "(smearscope doctor)", getattr(exc, "message", exc))
+                if getattr(exc, "code", None) != "no_typed_cells":  # not a file its first open left without its table
+                    logger.warning("typed cells: %s: technicians' types cannot be stored or read until it is fixed "
+                                   "(smearscope doctor)", getattr(exc, "message", exc))
 
     def attach_wbc_head(self, wbc_head: Any, rbc_head: Any = None) -> None:
         """The analyzer's WBC head (service.analysis.classify.CropClassifier, or None): with typing

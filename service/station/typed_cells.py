@@ -155,15 +155,27 @@ class TypedCellStore:
         uri = self.path.resolve().as_uri()
         try:
             db = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False, timeout=10)
-            db.execute("SELECT count(*) FROM typed_white_cells").fetchone()
-            return _as_upgraded(db)
+            return self._readable(db)
         except sqlite3.OperationalError as exc:
             if Path(f"{self.path}-wal").exists() and Path(f"{self.path}-wal").stat().st_size > 0:
                 raise TypedCellsError("typed_cells_unavailable", f"{self.path}: {exc} (read it as the station's "
                                       "user, e.g. sudo -u smearscope)") from exc
         db = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False, timeout=10)
-        db.execute("SELECT count(*) FROM typed_white_cells").fetchone()
-        return _as_upgraded(db)
+        return self._readable(db)
+
+    def _readable(self, db: sqlite3.Connection) -> sqlite3.Connection:
+        """`db` once its table is read; a file without the table yet (the station making it at this moment, its
+        first cell typed) holds no typed cell: no_typed_cells, as no file (it was typed_cells_unavailable,
+        'no such table', a doctor FAIL)."""
+        try:
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'typed_white_cells'").fetchone() is None:
+                raise TypedCellsError("no_typed_cells", f"{self.path}: no cell typed yet (no table of them in it "
+                                      "yet: the station makes it as it stores its first cell)")
+            db.execute("SELECT count(*) FROM typed_white_cells").fetchone()
+            return _as_upgraded(db)
+        except BaseException:
+            db.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
