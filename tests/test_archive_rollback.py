@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,6 +207,53 @@ def test_a_copy_made_by_root_belongs_to_the_index_owner_and_is_restored_to_it(ar
     subprocess.run(["cp", "-p", str(backup), str(index)], check=True)
     restored = index.stat()
     assert (restored.st_uid, restored.st_gid, restored.st_mode & 0o777) == (65534, 65534, 0o640)
+
+
+def test_the_lock_root_made_is_the_index_owners_so_the_archive_opens_the_index_after_it() -> None:
+    """`sudo smearscope archive send-hl7` is the first to open the index after the update, making the upgrade's
+    lock file: it is the archive user's, in the index's mode (read-write for the owner and group only), so the
+    archive, which runs as that user, opens the index for writing after it (the lock root's, 0640: the archive
+    could not open it and stopped). Root only: another user cannot give a file away."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    with tempfile.TemporaryDirectory(prefix="archive-") as folder:  # not pytest's, which only root may enter
+        Path(folder).chmod(0o755)
+        opened_by_the_archive_user_after_root(Path(folder) / "archive")
+
+
+def opened_by_the_archive_user_after_root(archive: Path) -> None:
+    shutil.copytree(VERSION_3, archive, ignore=shutil.ignore_patterns("README.md"))
+    for path in (archive, *archive.rglob("*")):
+        os.chown(path, 65534, 65534)
+    (archive / "index.sqlite").chmod(0o640)
+    ArchiveStore(archive).close()  # root's, first
+    lock = (archive / LOCK).stat()
+    assert (lock.st_uid, lock.st_gid, lock.st_mode & 0o777) == (65534, 65534, 0o640)
+    assert opened_as(65534, archive) == ""
+
+
+def opened_as(uid: int, archive: Path) -> str:
+    """Why the archive's index could not be opened for writing by user and group `uid` ("" when it was), in a
+    process of that user forked from this one (its Python lies where that user may not read it)."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the archive's user, no capability of root's left
+        os.close(read)
+        why = b""
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            ArchiveStore(archive).close()
+        except BaseException as exc:  # noqa: BLE001 - said to the parent
+            why = f"{type(exc).__name__}: {exc}".encode()
+        os.write(write, why)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as said:
+        why = said.read().decode()
+    os.waitpid(child, 0)
+    return why
 
 
 def going_back_commands() -> list[str]:
