@@ -8,6 +8,7 @@ place both may import (tests/test_layers.py).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import tempfile
@@ -28,8 +29,15 @@ def fsync_dir(path: Path) -> None:
 def write_atomically(path: Path, data: bytes, mode: int | None = None) -> None:
     """`data` at `path`, whole or not at all, on disk before this returns (`mode`: its permissions;
     else 0600, mkstemp's). A write cut short (disk full, power lost) leaves the former file, or
-    none, under `path`; its temporary file `.<name>.<8 random characters>.tmp` is removed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    none, under `path`; its temporary file `.<name>.<8 random characters>.tmp` is removed. The
+    temporary file is locked (flock) until it is renamed: a cleanup of the temporary files killed
+    writes left (`remove_unless_written`) leaves it."""
+    while True:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:
+            break
+        os.close(fd)  # a cleanup removed it between its making and the lock: another
     try:
         if mode is not None:
             os.fchmod(fd, mode)
@@ -37,9 +45,25 @@ def write_atomically(path: Path, data: bytes, mode: int | None = None) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # the lock held until then (it goes with the file's closing)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def remove_unless_written(tmp: Path) -> bool:
+    """Remove `tmp`, a temporary file of write_atomically's, unless its write is under way (another
+    process beside this one writing it: False, kept). OSError where it cannot be opened (another
+    user's, not readable: whether it is being written cannot be told)."""
+    fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        tmp.unlink()  # under the lock: a write that made it meanwhile waits, finds it gone and makes another
+        return True
+    finally:
+        os.close(fd)

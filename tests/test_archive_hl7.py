@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -27,6 +29,7 @@ from test_archive import (
 )
 from test_hl7 import parsed
 
+import smearscope.files
 from smearscope.cli import main
 from smearscope.service.analysis.report import Report
 from smearscope.service.archive.hl7_out import Hl7Output
@@ -240,6 +243,79 @@ def test_temporary_files_a_killed_write_left_in_the_hl7_folder_are_removed_at_st
         assert f"removed {leftover}, left by an interrupted write" in archive.text()
     finally:
         archive.stop()
+
+
+SEND_AT_GO = """
+import sys, time
+from pathlib import Path
+from smearscope.service.archive.hl7_out import Hl7Output
+out, go, done = Hl7Output(Path(sys.argv[1]), None, 5.0), Path(sys.argv[2]), Path(sys.argv[4])
+Path(sys.argv[3]).touch()  # imported: ready
+while not go.exists():
+    time.sleep(0.0005)
+failed = []
+for k in range(int(sys.argv[5])):  # send-hl7's writes to the HL7 folder, one report after another
+    try:
+        out.deliver(f"file:{out.directory}", f"report-{k:04d}", "MSH|^~\\&|" + "OBX|" * 2000, f"C{k}")
+    except OSError as exc:
+        failed.append(f"report-{k:04d}: {exc!r}")
+done.touch()
+print(failed)
+"""
+
+STARTS_AT_GO = """
+import sys, time
+from pathlib import Path
+from smearscope.service.archive.hl7_out import Hl7Output
+out, go, done = Hl7Output(Path(sys.argv[1]), None, 5.0), Path(sys.argv[2]), Path(sys.argv[4])
+Path(sys.argv[3]).touch()
+while not go.exists():
+    time.sleep(0.0005)
+while not done.exists():  # the archive started again and again while send-hl7 writes
+    out.remove_leftovers()
+"""
+
+
+def test_an_archive_starting_while_send_hl7_writes_to_the_hl7_folder_leaves_its_writes_whole(tmp_path: Path) -> None:
+    """The archive restarted by an update while `smearscope archive send-hl7` writes to the same HL7 folder:
+    its start removes the temporary files killed writes left, not the one send-hl7 is writing (locked until
+    renamed). Removing it failed that delivery (FileNotFoundError at the rename: 113 of 300 writes with the
+    start repeated throughout); now every report is delivered and nothing temporary is left."""
+    hl7_dir, go, done = tmp_path / "to-lis", tmp_path / "go", tmp_path / "done"
+    hl7_dir.mkdir()
+    ready = [tmp_path / "ready-send", tmp_path / "ready-archive"]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(hl7_dir), str(go), str(r), str(done), "150"],
+                              cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for code, r in zip((SEND_AT_GO, STARTS_AT_GO), ready, strict=True)]
+    while not all(r.exists() for r in ready):
+        assert all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs]
+        time.sleep(0.001)
+    go.touch()
+    sent, started = (p.communicate(timeout=300)[0] for p in procs)
+    assert [p.returncode for p in procs] == [0, 0], (sent, started)
+    assert sent.strip() == "[]"
+    assert sorted(p.name for p in hl7_dir.iterdir()) == [f"report-{k:04d}.hl7" for k in range(150)]
+
+
+def test_a_write_whose_temporary_file_a_cleanup_removed_before_its_lock_makes_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The archive's start removing send-hl7's temporary file in the moment between its making and its lock
+    (the cleanup run there, between mkstemp and flock): the write makes another and the message lands whole
+    (it was written to the removed file and its rename failed)."""
+    made, mkstemp = [], tempfile.mkstemp
+
+    def made_then_cleaned(*args: object, **kwargs: object) -> tuple[int, str]:
+        fd, tmp = mkstemp(*args, **kwargs)  # type: ignore[call-overload]
+        made.append(tmp)
+        if len(made) == 1:
+            assert smearscope.files.remove_unless_written(Path(tmp))  # not locked yet: removed
+        return fd, tmp
+
+    monkeypatch.setattr(smearscope.files.tempfile, "mkstemp", made_then_cleaned)
+    smearscope.files.write_atomically(tmp_path / "report-1.hl7", b"MSH|^~\\&|")
+    assert len(made) == 2
+    assert [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("report-1.hl7", b"MSH|^~\\&|")]
 
 
 def test_a_report_whose_body_names_another_station_than_its_topic_is_refused(

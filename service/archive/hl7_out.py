@@ -18,7 +18,6 @@ only what was not delivered there.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -28,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from smearscope.files import write_atomically
+from smearscope.files import remove_unless_written, write_atomically
 from smearscope.service.archive.message import ReportMessage
 from smearscope.service.archive.rejections import HELD, Rejection
 from smearscope.service.archive.store import ArchiveStore, Delivery, canonical_destination
@@ -139,8 +138,8 @@ class Hl7Output:
     def remove_leftovers(self) -> None:
         """The temporary files of writes a crash interrupted (`.<report_id>.hl7.<random>.tmp`: their report
         was never acknowledged, so it comes again): an engine taking `*.hl7` never removes them, and they
-        hold patient data. Called by the running archive at start only (a `send-hl7` beside it may be
-        writing one)."""
+        hold patient data. Called by the running archive at start only; one a `send-hl7` beside it is writing
+        (locked by write_atomically until renamed) is left to it, where removing it failed that delivery."""
         if self.directory is None or self.directory.is_symlink():
             return
         try:
@@ -151,9 +150,17 @@ class Hl7Output:
             return
         for entry in entries:
             if _LEFTOVER.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
-                with contextlib.suppress(OSError):
-                    entry.unlink()
-                    logger.info("removed %s, left by an interrupted write", entry)
+                try:
+                    if remove_unless_written(entry):
+                        logger.info("removed %s, left by an interrupted write", entry)
+                    else:  # removing it would fail that delivery
+                        logger.info("left %s: a write under way (smearscope archive send-hl7 beside the archive)",
+                                    entry)
+                except FileNotFoundError:
+                    pass  # renamed by its write meanwhile
+                except OSError as exc:
+                    logger.warning("left %s (a temporary file of a write to the HL7 folder, killed or still "
+                                   "under way): it cannot be opened to tell which (%s)", entry, exc)
 
     @property
     def processing_id(self) -> str:
