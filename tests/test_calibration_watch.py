@@ -180,6 +180,26 @@ def test_a_station_configured_1_5_times_off_flags_its_reports_after_enough_runs(
     assert line[0] == "OK" and "over the last 6 checked fields of 3 runs" in line[2], line
 
 
+def test_doctor_reads_the_watch_from_an_outbox_whose_folder_name_has_uri_characters(tmp_path: Path) -> None:
+    """An outbox in a folder whose name holds '#', '?' or '%' (characters of a URI's own syntax): doctor's
+    read-only open reads the same checks there as in a plain folder (it opened the name cut at '?', 'state #1 ',
+    made it an empty file, found no checks there and said nothing)."""
+    from smearscope.service.station.calibration_watch import TABLE, watch_checks
+
+    key = calibration_key(0.15, "2026-11-01")
+    lines = []
+    for folder in ("state", "state #1 ?%"):
+        path = tmp_path / folder / "outbox.sqlite3"
+        with Outbox(path) as box:
+            box.write(lambda conn: (conn.execute(TABLE), conn.executemany(
+                "INSERT INTO calibration_ratios VALUES (?, ?, ?, ?, ?)",
+                [(f"run-{k // 2}", f"field-{k}", 1.5, key, 0.0) for k in range(4)])))
+        lines.append(watch_checks(path, key, 4, 2))
+    assert lines[0][0][0] == "WARN" and "calibration_drift_suspected" in lines[0][0][2], lines
+    assert lines[1] == lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state", "state #1 ?%"]
+
+
 def _as_field(result: FieldResult, run_id: str, frame_id: str) -> FieldResult:
     """The analysed field `result` as field `frame_id` of run `run_id` (the same check's ratio)."""
     assert result.report.source is not None

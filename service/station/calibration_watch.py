@@ -197,7 +197,8 @@ def watch_checks(outbox_path: Path, calibration: str, min_fields: int, min_runs:
     if min_fields == 0 or not outbox_path.exists():
         return []
     try:
-        conn = sqlite3.connect(f"file:{outbox_path}?mode=ro", uri=True, timeout=1.0)
+        # as_uri: a '#', '?' or '%' in the folder's name is no part of the URI's own syntax
+        conn = sqlite3.connect(f"{Path(outbox_path).resolve().as_uri()}?mode=ro", uri=True, timeout=1.0)
         try:
             rows = conn.execute("SELECT run_id, ratio FROM calibration_ratios WHERE calibration = ? "
                                 "ORDER BY rowid DESC LIMIT ?", (calibration, WINDOW)).fetchall()[::-1]
