@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smearscope.service.analysis.aggregate import CALIBRATION_DRIFT_SUSPECTED, sizes_in_doubt
+from smearscope.service.analysis.calibration_check import CalibrationCheck
 from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.report import Flag
 from smearscope.service.analysis.scale_search import MIN_RBC_FOR_SCALE
@@ -96,6 +97,22 @@ def verdict(rows: Sequence[tuple[str, float]], min_fields: int, min_runs: int) -
     return DriftVerdict(median, len(kept), runs, beyond and 0 < min_fields <= len(kept) and runs >= min_runs)
 
 
+def kept_ratio(check: CalibrationCheck | None) -> float | None:
+    """What the watch keeps of a field's calibration check: its own / calibrated scale where the own
+    scale showed at least `MIN_RBC_FOR_SCALE` whole red cells; None where it keeps nothing."""
+    if check is None or check.ratio is None or check.own_rbc < MIN_RBC_FOR_SCALE:
+        return None
+    return check.ratio
+
+
+def with_check(rows: Sequence[tuple[str, float]], run_id: str, ratio: float) -> list[tuple[str, float]] | None:
+    """`rows` (run id, ratio), oldest first, with a run's check added (the last `WINDOW` kept); None
+    where that run has already given its `RUN_CHECKS`."""
+    if sum(1 for run, _ in rows if run == run_id) >= RUN_CHECKS:
+        return None
+    return [*rows, (run_id, ratio)][-WINDOW:]
+
+
 def published(v: DriftVerdict, min_fields: int, min_runs: int) -> dict[str, object]:
     """The reading as the station's telemetry says it (`calibration_watch`): the median (null before
     the first check), the checks and runs it is over, the bounds, what it waits for, the verdict."""
@@ -145,10 +162,9 @@ class CalibrationWatch:
         `MIN_RBC_FOR_SCALE` whole red cells, in a run, among its first `RUN_CHECKS`), and return the
         field with the warning `calibration_drift_suspected` when its scale is the calibrated one and
         the reading is suspect (said in the log once; its end once at INFO, with why)."""
-        check, report = result.calibration_check, result.report
-        if (check is not None and check.ratio is not None and check.own_rbc >= MIN_RBC_FOR_SCALE
-                and report.run_id is not None):
-            self._keep(report.run_id, report.source.frame_id if report.source else report.report_id, check.ratio)
+        report, ratio = result.report, kept_ratio(result.calibration_check)
+        if ratio is not None and report.run_id is not None:
+            self._keep(report.run_id, report.source.frame_id if report.source else report.report_id, ratio)
         v = self.reading(min_fields, min_runs)
         if not v.suspected:
             if self._warned and v.median is not None and LOW_MEDIAN <= v.median <= HIGH_MEDIAN:
@@ -176,9 +192,10 @@ class CalibrationWatch:
             update={"flags": flags, "rbc_morphology": sizes_in_doubt(report.rbc_morphology, flags)}))
 
     def _keep(self, run_id: str, field_id: str, ratio: float) -> None:
-        if sum(1 for run, _ in self._rows if run == run_id) >= RUN_CHECKS:
+        rows = with_check(self._rows, run_id, ratio)
+        if rows is None:
             return
-        self._rows = [*self._rows, (run_id, ratio)][-WINDOW:]
+        self._rows = rows
 
         def write(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT OR REPLACE INTO calibration_ratios VALUES (?, ?, ?, ?, ?)",
