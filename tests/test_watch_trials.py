@@ -92,17 +92,27 @@ def test_block_runs_are_consecutive_fields_of_one_slide():
 
 
 def test_the_command_simulates_from_earlier_checks(tmp_path: Path):
-    """`--checks-from` a `--json` of rendered checks: the table, without analysing any field again."""
+    """`--checks-from` a `--json` of rendered checks: the table, without analysing any field again;
+    `--watch-fields 24` (the station's calibration_watch_fields) waits for the 8th run."""
     saved = tmp_path / "checks.json"
     saved.write_text(json.dumps([{"lab": "rpi", "factor": 1.0, "fields": 6, "flagged": 0, "measurable": 6,
                                   "flagged_measurable": 0, "own_over_known": [],
                                   "checks": [dict(c, image=f"S-1_{i}.jpg") for i, c in enumerate(rendered_checks())]}]))
-    out = subprocess.run([sys.executable, "-m", "training.calibration_check", "--checks-from", str(saved),
-                          "--labs", "rpi", "--watch-trials", "10", "--watch-runs", "8"],
-                         check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert any(line.startswith("rpi: 6 fields, median own / known 1.") and line.endswith("1 unit(s)") for line in lines)
-    rows = [r for r in (line.split() for line in lines) if r[:1] == ["rpi"] and r[1] in ("random", "block")]
-    assert len(rows) == 2 * 7  # two ways of drawing runs, seven calibrations
-    assert [r[5] for r in rows if r[2] in ("1", "1.5", "0.5")] == ["0.0%", "100.0%", "100.0%"] * 2
+
+    def table(*extra: str) -> list[list[str]]:
+        out = subprocess.run([sys.executable, "-m", "training.calibration_check", "--checks-from", str(saved),
+                              "--labs", "rpi", "--watch-trials", "10", "--watch-runs", "10", *extra],
+                             check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert any(line.startswith("rpi: 6 fields, median own / known 1.") and line.endswith("1 unit(s)")
+                   for line in lines)
+        return [r for r in (line.split() for line in lines) if r[:1] == ["rpi"] and r[1] in ("random", "block")]
+
+    rows = table()
+    assert [r[2] for r in rows] == ["1", "0.8", "1.25", "0.667", "1.5", "0.5", "2"] * 2  # two ways of drawing runs
+    # lab mode factor fields checks by-10 run-50% run-95%
+    assert [r[5:] for r in rows if r[2] in ("1", "1.5", "0.5")] == [["0.0%", "-", "-"], ["100.0%", "6", "6"],
+                                                                    ["100.0%", "6", "6"]] * 2
+    later = table("--watch-fields", "24")
+    assert [r[5:] for r in later if r[2] in ("1.5", "2")] == [["100.0%", "8", "8"]] * 4

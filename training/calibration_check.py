@@ -3,7 +3,8 @@ calibration, per lab.
 
     python -m training.calibration_check [--split val|test|val+test] [--limit 12] [--labs bccd,txl_575,...]
                                          [--factors 1,2.5,0.4] [--json out.json]
-                                         [--watch-trials 2000 [--watch-runs 100] [--checks-from a.json,b.json]]
+                                         [--watch-trials 2000 [--watch-runs 100] [--watch-fields 18]
+                                          [--watch-min-runs 4] [--checks-from a.json,b.json]]
 
 Each field of a lab's held-out part (a seeded sample of `--limit`) is analysed at its known scale
 times each factor, as a station calibrated that way would with the check on; a row per lab and
@@ -19,7 +20,8 @@ red cells to measure.
 `--watch-trials N` then simulates N stations of `--watch-runs` runs per lab over the same checks
 (training.watch_trials: the station's own calibration watch, calibrations right and 1.25, 1.5 and 2
 times off either way): the share flagged by run 10, 25 and the last, and the run by which half and
-95 % were. `--checks-from` takes the checks of earlier `--json` files (factor 1 needed) instead of
+95 % were; `--watch-fields` and `--watch-min-runs` set the stations' `[specimen]
+calibration_watch_fields` and `calibration_watch_runs` (default the station's). `--checks-from` takes the checks of earlier `--json` files (factor 1 needed) instead of
 analysing the fields again.
 """
 
@@ -42,7 +44,15 @@ from smearscope.service.analysis.pipeline import Analyzer
 from smearscope.service.analysis.scale_search import MIN_RBC_FOR_SCALE
 from training.lab_table import lab_images
 from training.labs import slide_frame
-from training.watch_trials import MODES, FieldCheck, lab_median, render, watch_trials
+from training.watch_trials import (
+    MIN_FIELDS,
+    MIN_RUNS,
+    MODES,
+    FieldCheck,
+    lab_median,
+    render,
+    watch_trials,
+)
 
 LABS = ("bccd", "txl_575", "txl_416", "txl_360", "chula", "rpi")
 
@@ -100,6 +110,10 @@ def main() -> None:
     ap.add_argument("--watch-trials", type=int, default=0, help="simulated stations per lab (0: none)")
     ap.add_argument("--watch-runs", type=int, default=100, help="runs of each simulated station")
     ap.add_argument("--watch-modes", default=",".join(MODES), help="how a run's fields are drawn: random, block")
+    ap.add_argument("--watch-fields", type=int, default=MIN_FIELDS,
+                    help="[specimen] calibration_watch_fields of the simulated stations")
+    ap.add_argument("--watch-min-runs", type=int, default=MIN_RUNS,
+                    help="[specimen] calibration_watch_runs of the simulated stations")
     ap.add_argument("--checks-from", default=None, help="earlier --json files (comma-separated): no analysis")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -128,10 +142,11 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.watch_trials:
-        watch(rows, args.watch_trials, args.watch_runs, args.watch_modes.split(","))
+        watch(rows, args.watch_trials, args.watch_runs, args.watch_modes.split(","), args.watch_fields,
+              args.watch_min_runs)
 
 
-def watch(rows: list[dict], trials: int, horizon: int, modes: list[str]) -> None:
+def watch(rows: list[dict], trials: int, horizon: int, modes: list[str], min_fields: int, min_runs: int) -> None:
     """The watch trials over the checks at factor 1 of each lab (merged across the rows given)."""
     by_lab: dict[str, list[dict]] = {}
     for r in rows:
@@ -143,7 +158,7 @@ def watch(rows: list[dict], trials: int, horizon: int, modes: list[str]) -> None
         median = lab_median(fields)
         print(f"{lab}: {len(fields)} fields, median own / known "
               f"{'-' if median is None else f'{median:.3f}'}, {len({f.unit for f in fields})} unit(s)")
-        table += watch_trials(lab, fields, trials, horizon, modes=modes)
+        table += watch_trials(lab, fields, trials, horizon, modes=modes, min_fields=min_fields, min_runs=min_runs)
     print(render(table))
 
 

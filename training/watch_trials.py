@@ -120,7 +120,8 @@ class TrialRow:
 
 def watch_trials(lab: str, fields: Sequence[FieldCheck], trials: int, horizon: int,
                  factors: Sequence[float] = WATCH_FACTORS, modes: Sequence[str] = MODES, seed: int = 20261207,
-                 checks_per_run: int = CHECKS_PER_RUN) -> list[TrialRow]:
+                 checks_per_run: int = CHECKS_PER_RUN, min_fields: int = MIN_FIELDS,
+                 min_runs: int = MIN_RUNS) -> list[TrialRow]:
     """`trials` simulated stations of `horizon` runs per mode and factor; the same runs at every factor."""
     measurable = sum(1 for f in fields if f.ratio_at(1.0) is not None)
     out = []
@@ -131,7 +132,7 @@ def watch_trials(lab: str, fields: Sequence[FieldCheck], trials: int, horizon: i
             rng = random.Random(f"{seed}-{lab}-{mode}-{t}")
             stations.append([draw(rng) for _ in range(horizon)])
         for factor in factors:
-            firsts = tuple(first_flag(runs, factor, checks_per_run) for runs in stations)
+            firsts = tuple(first_flag(runs, factor, checks_per_run, min_fields, min_runs) for runs in stations)
             out.append(TrialRow(lab, mode, factor, len(fields), measurable, horizon, firsts))
     return out
 
