@@ -16,14 +16,14 @@ cells at the own scale): each lab's median own / known lay 0.91 (the Raspberry P
 (Chula RBC-12; BCCD 1.03, TXL-PBC 1.01 to 1.11). A calibration 1.5 times too coarse moved them to
 0.61-0.79, 1.5 times too fine to 1.37-1.77 (the own estimate does not depend on the calibration).
 The bounds are the midpoints (geometric) between those extremes: `LOW_MEDIAN` 0.85 (0.91 right,
-0.79 wrong) and `HIGH_MEDIAN` 1.27 (1.18 right, 1.37 wrong). Resampling each lab's fields, the
-median of 3 checks (one run) of a right calibration fell out of bounds on 16 % of tries (Chula), of
-12 on 1.3 %; the median of 18 checks fell out of bounds for a right calibration on 0.5 % of tries (Chula) or none,
-and for a 1.5 times wrong one in 99.4 % or more, either way; over 150 checks in a row (50 runs of 3),
-a right calibration was ever flagged on 1.4 % of Chula's sequences, 0.1 % of the station's and none
-of the other labs', and a wrong one on every sequence, nearly always at its 18th check. 1.4 times off sits at the
-bounds on the two labs at the ends (Chula 0.84 too coarse, the station 1.28 too fine): flagged on
-about 80 % and 60 % of their tries there, on every try of the four others.
+0.79 wrong) and `HIGH_MEDIAN` 1.27 (1.18 right, 1.37 wrong). Simulated stations of 100 runs over
+each lab's held-out fields, every check through `kept_ratio`, `with_check` and `verdict` below
+(`python -m training.calibration_check --watch-trials`, docs/STATION.md): a calibration 1.5 or 2
+times off either way was flagged on every station within 25 runs (at the 6th where every checked
+field is measurable); a right one never on BCCD and the TXL-PBC sources, on 0.1 % of the Raspberry Pi station's and
+on 1.4 % (runs of any fields) to 14.3 % (a run from one specimen) of Chula RBC-12's, whose groups
+of fields (red-cell disorders) read 1.3-1.5; `HIGH_MEDIAN` 1.32 would bring those to 0 % and
+1.4 % and miss more calibrations 1.25 times too fine.
 """
 
 from __future__ import annotations
