@@ -865,3 +865,19 @@ def test_a_station_id_with_characters_no_topic_level_may_hold_is_refused_naming_
     with pytest.raises(ConfigError, match="at most 64 characters"):
         load_config(_write(tmp_path, MINIMAL.replace("bench", "a" * 65)), environ={})
     assert load_config(_write(tmp_path, MINIMAL.replace("bench", "Ward_7-b" + "x" * 56)), environ={}).station_id.startswith("Ward_7")
+
+
+def test_a_config_not_written_yet_says_where_to_start_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README's first station command, `validate-config /etc/smearscope/station.toml`, on a machine
+    with no config there yet: the line names the example to start from, and that example exists
+    and validates as a config (once its CA and models are real)."""
+    missing = tmp_path / "station.toml"
+    assert validate_config_main(missing, environ={}) == 78
+    (line, total) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"{missing}: cannot read: No such file or directory; ")
+    assert "config/station.example.toml" in line and "docs/STATION.md section 3" in line
+    assert total == f"{missing}: 1 error(s)"
+    named = REPO / re.search(r"(config/\S+\.toml)", line).group(1)
+    assert named == EXAMPLE and load_config(named, environ={}).station_id

@@ -717,3 +717,20 @@ def test_doctor_says_a_hundred_held_runs_in_six_lines_the_oldest_five_in_full(
     assert (level, name) == ("INFO", "held run")
     assert "holds runs r-000, r-001, r-002, r-003, r-004 and 95 more: " in text, text
     assert "r-005" not in text, text
+
+
+def test_doctor_names_a_missing_config_once_and_where_to_start_from(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "station.toml"
+    assert main(["doctor", "--config", str(missing), "--no-wait"]) == 1
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("FAIL")]
+    assert line.split(None, 2)[2] == (f"{missing}: cannot read: No such file or directory; write the station's "
+                                      "config there, starting from config/station.example.toml (every section, "
+                                      "commented; systemd/install-jetson.sh installs it as "
+                                      "/etc/smearscope/station.toml; docs/STATION.md section 3)")
+    assert line.count(str(missing)) == 1
+    toml = tmp_path / "broken.toml"
+    toml.write_text('station_id = "w"\n[mqtt]\nhost = "broker\n')
+    assert main(["doctor", "--config", str(toml), "--no-wait"]) == 1
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("FAIL")]
+    assert line.split(None, 2)[2].startswith(f"{toml}: TOML syntax error: ")

@@ -167,6 +167,12 @@ def _taken_as_numbers(data: Any, model: Any, from_env: set[tuple[str, ...]],
     return out
 
 
+# a station's first config: where to start from, rather than only that nothing is there
+NO_CONFIG_YET = ("write the station's config there, starting from config/station.example.toml (every section, "
+                 "commented; systemd/install-jetson.sh installs it as /etc/smearscope/station.toml; "
+                 "docs/STATION.md section 3)")
+
+
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> StationConfig:
     """Read, override and validate the station config; raises ConfigError with every problem."""
     path = Path(path)
@@ -180,6 +186,8 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> S
             raise ConfigError([(str(path), f"larger than {MAX_CONFIG_BYTES // 1024} KiB: not a station config")])
         # a byte-order mark (Windows Notepad writes one) is not TOML, but it is not a mistake either
         data = tomllib.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError([(str(path), f"cannot read: {exc.strerror or exc}; {NO_CONFIG_YET}")]) from None
     except OSError as exc:
         raise ConfigError([(str(path), f"cannot read: {exc.strerror or exc}")]) from None
     except tomllib.TOMLDecodeError as exc:

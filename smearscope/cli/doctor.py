@@ -60,7 +60,10 @@ def _config_checks(path: Path | None) -> tuple[list[Check], object | None]:
     try:  # SMEARSCOPE__ environment overrides apply to the embedded station too
         config = embedded_config() if path is None else load_config(path)
     except ConfigError as exc:
-        return [("FAIL", "config", f"{path or 'embedded station'}: {loc}: {msg}") for loc, msg in exc.errors], None
+        where = str(path or "embedded station")
+        # a problem of the file itself (unreadable, not TOML) is located at the file: named once
+        return [("FAIL", "config", f"{where}: {msg}" if loc == where else f"{where}: {loc}: {msg}")
+                for loc, msg in exc.errors], None
     what = "no --config: the embedded simulated station" if path is None else f"{path} (station {config.station_id})"
     checks: list[Check] = [("OK", "config", what)]
     problems = file_problems(config)
