@@ -881,3 +881,29 @@ def test_a_config_not_written_yet_says_where_to_start_from(
     assert total == f"{missing}: 1 error(s)"
     named = REPO / re.search(r"(config/\S+\.toml)", line).group(1)
     assert named == EXAMPLE and load_config(named, environ={}).station_id
+
+
+def test_a_password_written_into_the_config_says_how_the_station_takes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`password = "..."` under [mqtt] (or SMEARSCOPE__MQTT__PASSWORD) is what a deployer writes
+    first: the refusal says where the secret goes and which setting names it, not only that [mqtt]
+    has no such key; and the secret itself is never echoed."""
+    config = _write(tmp_path, MINIMAL + '[mqtt]\nusername = "st1"\npassword = "s3cret-Pw"\n')
+    assert validate_config_main(config, environ={}) == 78
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("mqtt.password:")]
+    assert "a secret never goes in the config" in line and "s3cret-Pw" not in err
+    assert "/etc/smearscope/mqtt-password (root, mode 0600)" in line
+    assert 'password_credential = "mqtt-password"' in line and "docs/STATION.md section 4" in line
+    # what it says to write is what the unit loads and what the config then accepts
+    unit = (REPO / "systemd" / "smearscope.service").read_text()
+    assert "LoadCredential=mqtt-password:/etc/smearscope/mqtt-password" in line
+    assert "\nLoadCredential=mqtt-password:/etc/smearscope/mqtt-password\n" in unit
+    fixed = _write(tmp_path, MINIMAL + '[mqtt]\nusername = "st1"\npassword_credential = "mqtt-password"\n')
+    assert load_config(fixed, environ={}).mqtt.password_credential == "mqtt-password"
+    with pytest.raises(ConfigError) as env_err:
+        load_config(_write(tmp_path, MINIMAL), environ={"SMEARSCOPE__MQTT__PASSWORD": "s3cret-Pw"})
+    ((loc, msg),) = env_err.value.errors
+    assert loc == "mqtt.password" and "password_credential" in msg and "SMEARSCOPE__MQTT__PASSWORD" in msg
+    assert "s3cret-Pw" not in msg

@@ -66,6 +66,8 @@ def unknown_key_message(root: type[BaseModel], loc: tuple[int | str, ...]) -> st
     if others:
         named = " or ".join(f'"{k}"' for k in others)
         return f'unknown key for kind = "{kind}": a setting of kind = {named} only; remove it'
+    if f"{key}_credential" in model.model_fields:  # `password = "..."`: a secret written into the file
+        return _secret_message(where, key, path)
     # a section's setting first: `outbox_path` is nearest, letter by letter, to `outbox` itself
     hint = _in_a_subsection(model, path, key)
     close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.7)
@@ -74,6 +76,15 @@ def unknown_key_message(root: type[BaseModel], loc: tuple[int | str, ...]) -> st
         homes = [f"[{s}]" for s in _sections_with(root, key) if s != ".".join(path)]
         hint = f"; a setting of {' or '.join(homes)}" if homes else ""
     return f"unknown key: {where} has no such setting{hint}"
+
+
+def _secret_message(where: str, key: str, path: list[str]) -> str:
+    """A secret in the config is read by whoever reads the file; systemd hands it over instead."""
+    name = "-".join([*path, key])
+    return (f"unknown key: {where} takes no {key}, a secret never goes in the config: write it to "
+            f"/etc/smearscope/{name} (root, mode 0600), hand it over with the unit's "
+            f"LoadCredential={name}:/etc/smearscope/{name} and set {key}_credential = \"{name}\" "
+            "(docs/STATION.md section 4)")
 
 
 def _sections_with(model: type[BaseModel], key: str, prefix: str = "") -> list[str]:
