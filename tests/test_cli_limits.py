@@ -213,3 +213,26 @@ def test_a_list_with_a_nul_byte_is_not_a_list_of_paths(tmp_path: Path, field: Pa
     proc = run("analyze", f"@{listing}", "--json", timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-500:]
     assert lines(proc)[0]["error"]["code"] == "bad_list"
+
+
+def test_a_models_folder_without_the_models_says_so_and_its_fix_works(tmp_path: Path, field: Path) -> None:
+    """`--models DIR` naming a folder the models were never installed into (docs/STATION.md's
+    control-slide command names /var/lib/smearscope/models): the error names the folder, the
+    models it lacks and the command that installs them, not one manifest's errno; each command
+    that takes --models says the same; running the command it names makes the analysis work."""
+    models = tmp_path / "models"
+    expected = (f"{models} has no seg.json, rbc_head.json, wbc_head.json; install the models that come with "
+                f"smearscope there (smearscope install-models {models}) or point --models at a folder that "
+                "has them; without --models the packaged models run")
+    proc = run("analyze", str(field), "--json", "--models", str(models))
+    assert proc.returncode == 2 and lines(proc) == [{"error": {"code": "engine_unavailable", "message": expected}}]
+    for args in (("calibrate-atypical", str(field)), ("adapt-wbc", "--labels", str(tmp_path / "typed.csv"),
+                                                      "--out", str(tmp_path / "means.json"))):
+        proc = run(*args, "--models", str(models))
+        assert proc.returncode == 2 and lines(proc)[0]["error"] == {"code": "engine_unavailable",
+                                                                    "message": expected}, proc.stdout
+    proc = run("demo", "--fields", "1", "--models", str(models))
+    assert proc.returncode == 2 and proc.stderr.startswith(f"smearscope demo: {expected}\n"), proc.stderr
+    assert run("install-models", str(models)).returncode == 0
+    proc = run("analyze", str(field), "--json", "--models", str(models))
+    assert proc.returncode == 0 and "report_id" in lines(proc)[0], proc.stdout[-800:]

@@ -143,9 +143,10 @@ def open_set_verdict(analysis) -> tuple[bool, str] | None:
     return True, f"the station's thresholds {text}; {section.fitted or 'fitted: not recorded'}"
 
 
-def models_problem(models_dir: Path, verify: bool = False) -> str | None:
+def models_problem(models_dir: Path, verify: bool = False, setting: str = "analysis.models_dir") -> str | None:
     """What the models folder lacks for a station to start (None: nothing); with `verify`, as the
-    engines load them too: each manifest read and its model file's sha256 checked."""
+    engines load them too: each manifest read and its model file's sha256 checked. `setting`: what
+    named the folder (a command's --models), for the fix to say which to change."""
     from smearscope.engines.manifest import ManifestError, load_manifest
     from smearscope.service.analysis.pipeline import MODEL_FILES
 
@@ -153,7 +154,7 @@ def models_problem(models_dir: Path, verify: bool = False) -> str | None:
     missing = [f for f in MODEL_FILES.values() if not (models_dir / f).is_file()]
     if missing:
         return (f"{models_dir} has no {', '.join(missing)}; install the models that come with smearscope there "
-                f"({install}) or point analysis.models_dir at a folder that has them")
+                f"({install}) or point {setting} at a folder that has them")
     for name in MODEL_FILES.values() if verify else ():
         try:
             load_manifest(models_dir / name, verify_hash=True)

@@ -297,12 +297,15 @@ def _fit_from_station(args: argparse.Namespace, error) -> int:
 
 def _analyzer_or_error(args: argparse.Namespace, error):
     """`_adapting_analyzer`, or the exit status of the error it reports."""
+    from smearscope.cli.analyze_io import models_option_problem
     from smearscope.engines.base import EngineError
     from smearscope.engines.manifest import ManifestError
     from smearscope.service.analysis.station_means import StationMeansError
     from smearscope.service.config import ConfigError
     from smearscope.service.station.startup import StartupError
 
+    if args.config is None and (missing := models_option_problem(args.models)) is not None:
+        return error("engine_unavailable", missing)
     try:
         return _adapting_analyzer(args)
     except StationMeansError as exc:

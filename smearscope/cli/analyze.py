@@ -19,6 +19,7 @@ from smearscope.cli.analyze_io import (
     OutputGuard,
     expand_inputs,
     list_files,
+    models_option_problem,
     no_images_message,
     output_path,
     shown,
@@ -164,6 +165,10 @@ def _analyze(args: argparse.Namespace) -> int:
     options = defaults
     if det_out is not None:
         options = dataclasses.replace(defaults, detector_conf=min(defaults.detector_conf, args.detections_floor))
+    if (missing := models_option_problem(args.models)) is not None:
+        if det_out is not None:
+            det_out.close()
+        return _error("engine_unavailable", missing, args.json)
     try:
         analyzer = Analyzer.from_models_dir(args.models, backend=args.backend, options=options, warmup=False)
     except (EngineError, ManifestError, OSError) as exc:

@@ -199,3 +199,12 @@ class OutputGuard:
             raise ValueError(f"cannot encode {path.suffix} image")
         with open(path, "wb") as fh:
             fh.write(buf.tobytes())
+
+
+def models_option_problem(models: Path) -> str | None:
+    """What a command's `--models` folder lacks, with the fix (None: the three models are there).
+    Said before the engines load: their own error names one manifest's errno, not the folder."""
+    from smearscope.service.station.startup import models_problem
+
+    missing = models_problem(models, setting="--models")
+    return None if missing is None else f"{missing}; without --models the packaged models run"

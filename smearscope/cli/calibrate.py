@@ -89,7 +89,13 @@ def cmd_calibrate_atypical(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from smearscope.cli.analyze_io import InputError, expand_inputs, no_images_message, shown
+    from smearscope.cli.analyze_io import (
+        InputError,
+        expand_inputs,
+        models_option_problem,
+        no_images_message,
+        shown,
+    )
     from smearscope.device.frame import Frame
     from smearscope.service.analysis.open_set_fit import fit_station_thresholds
     from smearscope.service.analysis.records import CellKind
@@ -115,6 +121,8 @@ def cmd_calibrate_atypical(args: argparse.Namespace) -> int:
     from smearscope.service.config import ConfigError
     from smearscope.service.station.startup import StartupError
 
+    if args.config is None and (missing := models_option_problem(args.models)) is not None:
+        return error("engine_unavailable", missing)
     try:
         analyzer, mpp = _station_analyzer(args)
     except (ConfigError, StartupError) as exc:

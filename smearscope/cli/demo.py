@@ -88,9 +88,13 @@ def run_demo(fields: int = 3, seed: int = 1, models: Path | None = None, backend
 def cmd_demo(args: argparse.Namespace) -> int:
     import sys
 
+    from smearscope.cli.analyze_io import models_option_problem
     from smearscope.engines.base import EngineError
     from smearscope.engines.manifest import ManifestError
 
+    if (missing := models_option_problem(args.models)) is not None:
+        print(f"smearscope demo: {missing}", file=sys.stderr)
+        return 2
     try:
         return run_demo(fields=args.fields, seed=args.seed, models=args.models, backend=args.backend)
     except (EngineError, ManifestError, FileNotFoundError) as exc:  # the models, not the demo
