@@ -750,3 +750,26 @@ def test_the_summary_says_rows_not_shown_under_a_tenth_of_a_percent_together_as_
                                                                              percent=0.01)]})
     line = next(x for x in summarize(report).splitlines() if x.startswith("  RBC: "))
     assert "; 2 more rows not shown (<0.1% together, 3 cells, --json lists every row)" in line, line
+
+
+@needs_models
+def test_a_folder_copied_from_a_mac_analyzes_its_fields_not_their_hidden_resource_files(tmp_path):
+    """macOS leaves `._NAME.png` (AppleDouble resource data, no image) beside each file it copies to
+    a FAT or exFAT stick: a folder's hidden files are skipped, as the station's watched folder skips
+    them, so such a folder gives its fields' reports and exit 0; a hidden file named on the command
+    line is still tried, and rejected for what it is."""
+    folder = tmp_path / "stick"
+    folder.mkdir()
+    _render(folder / "field.png", 3)
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \x00\x02" + bytes(4000)
+    (folder / "._field.png").write_bytes(apple_double)
+    (folder / ".thumb.jpg").write_bytes(apple_double)
+    out = tmp_path / "overlays"
+    out.mkdir()
+    proc = smearscope("analyze", str(folder), "--json", "--overlay", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-800:]
+    (report,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert report["source"]["frame_id"] == "field.png" and report["counts"]["rbc"] > 0
+    assert sorted(p.name for p in out.iterdir()) == ["field.overlay.png"]
+    proc = smearscope("analyze", str(folder / "._field.png"), "--json")
+    assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "not_an_image", proc.stdout

@@ -108,7 +108,8 @@ def no_images_message(items: list[str]) -> str:
 def expand_inputs(items: list[str]) -> tuple[list[Input], bool]:
     """The images to analyze, in order, and whether the inputs name a set (not one image file).
 
-    A directory adds its image files (by suffix, not the `*.overlay.png` --overlay writes), sorted by name; `@LIST` adds the paths a text
+    A directory adds its image files (by suffix, not the `*.overlay.png` --overlay writes nor hidden
+    `.NAME` files), sorted by name; `@LIST` adds the paths a text
     file lists, one per line, no quoting or globbing (spaces around a line trimmed, blank lines
     and lines starting with # skipped; `./@name`, `./#name` and `./ name` name files whose names
     start with @, # or a space; relative paths from the current directory, as on the command
@@ -132,9 +133,11 @@ def expand_inputs(items: list[str]) -> tuple[list[Input], bool]:
         is_set = True
         try:
             # every entry named as an image but a directory: a broken link or a FIFO gets its error line;
-            # not the overlays `--overlay` wrote here on an earlier run (drawings, not fields)
+            # not the overlays `--overlay` wrote here on an earlier run (drawings, not fields), nor hidden
+            # files, as the station's watched folder skips them (macOS writes `._NAME.jpg` beside each
+            # field copied to a FAT stick: resource data, no image)
             out += [Input(q) for q in sorted(p.iterdir()) if q.suffix.lower() in IMAGE_SUFFIXES and not q.is_dir()
-                    and not q.name.lower().endswith(OVERLAY_SUFFIX)]
+                    and not q.name.lower().endswith(OVERLAY_SUFFIX) and not q.name.startswith(".")]
         except OSError as exc:
             out.append(Input(p, InputError("unreadable", f"cannot list directory {shown(p)}: {exc.strerror or exc}")))
     return out, is_set
