@@ -293,6 +293,31 @@ def test_overlay_marks_candidates_only_at_their_box_corners():
     assert not (marked[80, 140] != 255).any()  # the middle of an edge too: brackets, not a box
 
 
+def test_overlay_labels_of_cells_at_the_frame_edge_are_drawn_whole():
+    """A labelled cell touching the right edge of the input: its label is moved left, inside the
+    image, not cut to `hypoc`; its number on adapt-wbc's overlay too. Measured on what is drawn:
+    the label's columns span its full width, and at the cell's own x where there is room."""
+    from smearscope.service.analysis.overlay import draw_numbered, draw_overlay
+
+    img = np.full((240, 320, 3), 255, np.uint8)
+    for x0, y0 in ((300, 100), (20, 100), (300, 0)):  # at the right edge, with room, at the top right corner
+        cell = ClassifiedCell(_det(CellKind.RBC, x0, y0, 320, y0 + 30), "hypochromia", 0.9, 7.0, 38.0)
+        drawn = draw_overlay(img, [cell], 1.0)
+        thick = max(1, round(240 / 400))
+        (width, _), _ = cv2.getTextSize("hypochromia", cv2.FONT_HERSHEY_SIMPLEX, 0.35 * thick + 0.05, thick)
+        box = np.zeros(img.shape[:2], bool)
+        cv2.rectangle(box.view(np.uint8), (x0, y0), (320, y0 + 30), 1, thick + 2)
+        ys, xs = np.nonzero((drawn != img).any(2) & ~box)  # the label's pixels, the box's outline aside
+        assert xs.max() - xs.min() + 1 >= width - 2, (x0, y0, xs.min(), xs.max(), width)
+        assert ys.min() >= 0 and (x0 > 200 or xs.min() == pytest.approx(x0, abs=2)), (x0, xs.min())
+    left = ClassifiedCell(_det(CellKind.WBC, 10, 150, 40, 185), "neutrophil", 0.9, 12.0, 110.0)
+    edge = ClassifiedCell(_det(CellKind.WBC, 305, 60, 320, 95), "neutrophil", 0.9, 12.0, 110.0)
+    numbered = draw_numbered(img, [left] * 11 + [edge], 1.0)  # cell 12, two digits, at the right edge
+    (width, _), _ = cv2.getTextSize("12", cv2.FONT_HERSHEY_SIMPLEX, 0.6, 2)
+    ys, xs = np.nonzero((numbered[:58] != 255).any(2))  # above the edge cell's box: its number alone
+    assert xs.max() - xs.min() + 1 >= width - 2, (xs.min(), xs.max(), width)
+
+
 def test_route_sends_kinds_to_their_heads():
     img = np.zeros((200, 200, 3), np.uint8)
     dets = [_det(CellKind.RBC, 10, 10, 47, 47), _det(CellKind.WBC, 50, 50, 110, 110), _det(CellKind.PLATELET, 5, 5, 15, 15)]

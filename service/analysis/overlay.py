@@ -45,9 +45,20 @@ def draw_overlay(image_bgr: np.ndarray, cells: Sequence[ClassifiedCell], input_t
         if d.kind is not CellKind.RBC or (c.label and c.label != "normal"):
             text = c.label or d.kind.value
             b = d.box.scaled(inv)
-            cv2.putText(out, text, (int(b.x0), max(10, int(b.y0) - 3)), cv2.FONT_HERSHEY_SIMPLEX,
-                        0.35 * thick + 0.05, colour, thick, cv2.LINE_AA)
+            scale = 0.35 * thick + 0.05
+            at = label_origin(text, scale, thick, (int(b.x0), int(b.y0) - 3), out.shape)
+            cv2.putText(out, text, at, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thick, cv2.LINE_AA)
     return out
+
+
+def label_origin(text: str, scale: float, thick: int, at: tuple[int, int], shape: tuple[int, ...]) -> tuple[int, int]:
+    """Where to put a label's baseline so the whole label lies in the image: `at` (above its cell's
+    box), moved left at the right edge and down at the top; a cell at the frame's edge kept its label
+    cut to `hypo` or `neutrophi` otherwise."""
+    (width, height), descent = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    x = max(0, min(at[0], shape[1] - width))
+    y = max(height, min(at[1], shape[0] - descent - 1))
+    return x, y
 
 
 def draw_numbered(image_bgr: np.ndarray, cells: Sequence[ClassifiedCell], input_to_canonical: float) -> np.ndarray:
@@ -60,6 +71,7 @@ def draw_numbered(image_bgr: np.ndarray, cells: Sequence[ClassifiedCell], input_
         b = c.detection.box.scaled(inv)
         colour = COLOURS[c.detection.kind]
         cv2.rectangle(out, (int(b.x0), int(b.y0)), (int(b.x1), int(b.y1)), colour, thick)
-        cv2.putText(out, str(n), (int(b.x0) + 2, max(12, int(b.y0) - 4)), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.5 * thick + 0.1, colour, thick + 1, cv2.LINE_AA)
+        scale = 0.5 * thick + 0.1
+        at = label_origin(str(n), scale, thick + 1, (int(b.x0) + 2, int(b.y0) - 4), out.shape)
+        cv2.putText(out, str(n), at, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thick + 1, cv2.LINE_AA)
     return out
