@@ -907,3 +907,24 @@ def test_a_password_written_into_the_config_says_how_the_station_takes_it(
     ((loc, msg),) = env_err.value.errors
     assert loc == "mqtt.password" and "password_credential" in msg and "SMEARSCOPE__MQTT__PASSWORD" in msg
     assert "s3cret-Pw" not in msg
+
+
+def test_relative_paths_are_said_with_the_file_the_unit_would_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`models_dir = "models"` validated from the repository finds the repository's models and is
+    valid; the unit runs from /var/lib/smearscope and would look in /var/lib/smearscope/models. The
+    OK comes with a warning naming both folders; an absolute path gets none."""
+    unit = (REPO / "systemd" / "smearscope.service").read_text()
+    assert "\nWorkingDirectory=/var/lib/smearscope\n" in unit
+    monkeypatch.chdir(REPO)
+    config = _write(tmp_path, MINIMAL + '[analysis]\nmodels_dir = "models"\n')
+    assert validate_config_main(config, environ={}) == 0
+    captured = capsys.readouterr()
+    assert "OK" in captured.out
+    assert captured.err.splitlines() == [
+        (f"analysis.models_dir: warning: models is relative: read from the working directory, here {REPO}/models, "
+        "but /var/lib/smearscope/models for the systemd unit; write it absolute (docs/STATION.md section 3)")]
+    config = _write(tmp_path, MINIMAL + f'[analysis]\nmodels_dir = "{REPO / "models"}"\n')
+    assert validate_config_main(config, environ={}) == 0
+    assert capsys.readouterr().err == ""

@@ -734,3 +734,20 @@ def test_doctor_names_a_missing_config_once_and_where_to_start_from(
     assert main(["doctor", "--config", str(toml), "--no-wait"]) == 1
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("FAIL")]
     assert line.split(None, 2)[2].startswith(f"{toml}: TOML syntax error: ")
+
+
+def test_doctor_warns_of_a_relative_path_naming_the_units_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "station.toml"
+    config.write_text(f'station_id = "w1"\n[source]\nkind = "folder"\npath = "inbox"\n'
+                      f'[analysis]\nmodels_dir = "{DEFAULT_MODELS_DIR}"\n[mqtt.outbox]\npath = "{tmp_path}/o.sqlite3"\n'
+                      f'[review]\ndirectory = "{tmp_path}/review"\n')
+    main(["doctor", "--config", str(config), "--no-wait"])
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if "relative path" in x]
+    assert line.split(None, 3)[:3] == ["WARN", "relative", "path"]
+    assert line.split(None, 3)[3] == (f"source.path: inbox is relative: read from the working directory, here "
+                                      f"{tmp_path}/inbox, but /var/lib/smearscope/inbox for the systemd unit; "
+                                      "write it absolute (docs/STATION.md section 3)")

@@ -66,6 +66,10 @@ def _config_checks(path: Path | None) -> tuple[list[Check], object | None]:
                 for loc, msg in exc.errors], None
     what = "no --config: the embedded simulated station" if path is None else f"{path} (station {config.station_id})"
     checks: list[Check] = [("OK", "config", what)]
+    if path is not None:
+        from smearscope.service.config.paths import relative_path_warnings
+
+        checks += [("WARN", "relative path", f"{where}: {why}") for where, why in relative_path_warnings(config, Path.cwd())]
     problems = file_problems(config)
     checks += [("FAIL", "config files", f"{loc}: {msg}") for loc, msg in problems]
     source = config.source

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def validate_config_main(path: str | Path, environ: Mapping[str, str] | None = N
     Returns 0 when valid, EXIT_CONFIG (78) otherwise.
     """
     from smearscope.service.analysis.station_means import StationMeansError
+    from smearscope.service.config.paths import relative_path_warnings
     from smearscope.service.station.preflight import file_problems
     from smearscope.service.station.startup import (
         models_problem,
@@ -42,6 +44,8 @@ def validate_config_main(path: str | Path, environ: Mapping[str, str] | None = N
 
     try:
         config = load_config(path, environ)
+        for where, why in relative_path_warnings(config, Path.cwd()):  # valid, but maybe not the unit's file
+            print(f"{where}: warning: {why}", file=sys.stderr)
         problems = file_problems(config)
         if (missing := models_problem(config.analysis.models_dir, verify=True)) is not None:
             problems.append(("analysis.models_dir", missing))
