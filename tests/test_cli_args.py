@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from test_cli import ROOT
+from test_cli import ROOT, _render, needs_models
 
 from smearscope.cli import build_parser, main
 
@@ -165,3 +165,26 @@ def test_the_daemons_own_entry_point_keeps_the_stations_files_private_as_smearsc
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, umask=0o022,
                           cwd=tmp_path)
     assert done.stdout.strip() == "0o27", done.stdout + done.stderr
+
+
+@needs_models
+def test_log_level_after_the_command_is_taken_as_before_it(tmp_path):
+    """`smearscope analyze F --log-level INFO`, where people put a command's options, was a usage
+    error ("unrecognized arguments"); it now logs at INFO as `smearscope --log-level INFO analyze F`
+    does, on every command and archive's subcommands, the later of two counting."""
+    parse = build_parser().parse_args
+    for argv in (["validate-config", "s.toml"], ["doctor"], ["run"], ["schema"], ["archive", "find"],
+                 ["archive", "show", "R"], ["install-models", "d"], ["calibrate-scale", "m.png"]):
+        assert parse([*argv, "--log-level", "debug"]).log_level == "DEBUG", argv
+        assert parse(["--log-level", "ERROR", *argv]).log_level == "ERROR", argv
+        assert parse(["--log-level", "ERROR", *argv, "--log-level", "INFO"]).log_level == "INFO", argv
+        assert parse(argv).log_level is None, argv
+    field = tmp_path / "f.png"
+    _render(field, 4)
+    runs = {where: subprocess.run([sys.executable, "-m", "smearscope", *argv], capture_output=True, text=True,
+                                  cwd=ROOT, timeout=300, check=False)
+            for where, argv in (("after", ["analyze", str(field), "--json", "--log-level", "INFO"]),
+                                ("before", ["--log-level", "INFO", "analyze", str(field), "--json"]))}
+    for where, proc in runs.items():
+        assert proc.returncode == 0 and '"report_id"' in proc.stdout, (where, proc.stderr[-800:])
+        assert " INFO smearscope.engines.onnxruntime_engine: loaded seg.onnx" in proc.stderr, (where, proc.stderr)

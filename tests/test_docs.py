@@ -79,8 +79,11 @@ def test_the_synopsis_names_every_subcommand_and_only_options_that_exist():
         assert not missing, f"docs/CLI.md: smearscope {cmd}: {missing} not options of the command"
     for cmd, parser in commands.items():  # and the other way: --help shows no option the synopsis hides
         shown = {o for c, text in entries if c == cmd for o in OPTION.findall(text)}
-        hidden = sorted(_options(parser) - shown - {"-h", "--help"})
+        # --log-level is every command's, before or after its name: the synopsis says so on its own line
+        hidden = sorted(_options(parser) - shown - {"-h", "--help", "--log-level"})
         assert not hidden, f"docs/CLI.md's synopsis: smearscope {cmd} lacks {hidden}"
+        assert "--log-level" in _options(parser), cmd
+    assert "# after the command too: smearscope analyze F --log-level DEBUG" in (ROOT / "docs" / "CLI.md").read_text()
 
 
 def _every_subcommand(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:

@@ -67,6 +67,17 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+class _CommandParser(_Parser):
+    """A command's parser: it takes `--log-level` too, after the command's name (`smearscope analyze
+    F --log-level DEBUG`, where people put it, was "unrecognized arguments"); given in both places,
+    the later one counts."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--log-level", default=argparse.SUPPRESS, type=_log_level,
+                          help="as `smearscope --log-level` before the command")
+
+
 def _station_analysis_args(p: argparse.ArgumentParser) -> None:
     """--config / --models / --microns-per-pixel: the analyzer a station calibration command runs."""
     from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
@@ -108,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--log-level", default=None, type=_log_level,
                     help="log threshold (DEBUG, INFO, WARNING, ERROR); default WARNING, and for "
                     "`run` the config's log_level, which an explicit --log-level overrides")
-    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     a = sub.add_parser("analyze", help="analyze images and print one report per image",
                        description="Analyze images (files, directories of them, or @LIST: a text file listing "
@@ -316,7 +327,7 @@ def _archive_parser(sub) -> None:
                     "held and sent again before it is recorded as not accepted and the archive goes on, 0 to 86400 (default 600; an AR or CR is "
                     "final at once; archive send-hl7 --resend sends it later)")
     ar.set_defaults(func=_lazy("archive", "cmd_archive"))
-    asub = ar.add_subparsers(dest="archive_command", parser_class=_Parser, metavar="{find,show,send-hl7}",
+    asub = ar.add_subparsers(dest="archive_command", parser_class=_CommandParser, metavar="{find,show,send-hl7}",
                              help="find: list archived reports; show: print one; send-hl7: send archived "
                              "reports to the lab system (none: run the archive)")
     af = asub.add_parser("find", help="list archived reports, the latest per run first")
