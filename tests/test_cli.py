@@ -773,3 +773,22 @@ def test_a_folder_copied_from_a_mac_analyzes_its_fields_not_their_hidden_resourc
     assert sorted(p.name for p in out.iterdir()) == ["field.overlay.png"]
     proc = smearscope("analyze", str(folder / "._field.png"), "--json")
     assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "not_an_image", proc.stdout
+
+
+@needs_models
+def test_analyze_help_says_what_stdout_holds_without_and_with_json(tmp_path):
+    """`analyze --help` said each image gives one line on stdout; without --json a report is a few
+    lines to read. What it says now is what a batch of a field and a broken file prints."""
+    _render(tmp_path / "a.png", 5)
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    text = smearscope("analyze", str(tmp_path))
+    as_json = smearscope("analyze", str(tmp_path), "--json")
+    assert text.returncode == as_json.returncode == 2
+    report, error = text.stdout.split("\n{")
+    assert report.startswith("field a.png: RBC ") and len(report.splitlines()) > 2, text.stdout
+    assert json.loads("{" + error)["error"]["code"] and text.stderr.startswith(f"rejected: {tmp_path}/b.png: ")
+    assert [sorted(json.loads(line)) for line in as_json.stdout.splitlines()][1] == ["error", "image"]
+    assert "report_id" in json.loads(as_json.stdout.splitlines()[0]) and len(as_json.stdout.splitlines()) == 2
+    described = " ".join(smearscope("analyze", "--help").stdout.split())
+    assert ("Each image gives its report on stdout, a few lines to read (with --json one JSON line), or its "
+            "error as one JSON line (also said on stderr without --json)") in described, described

@@ -123,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="analyze images and print one report per image",
                        description="Analyze images (files, directories of them, or @LIST: a text file listing "
-                       "one path per line) with the models loaded once. Each image gives one line on stdout: its "
-                       "report, or its error; a rejected image never stops the batch (exit status 2 if "
-                       "any was rejected).")
+                       "one path per line) with the models loaded once. Each image gives its report on stdout, a "
+                       "few lines to read (with --json one JSON line), or its error as one JSON line "
+                       "(also said on stderr without --json); a rejected image never stops the batch "
+                       "(exit status 2 if any was rejected).")
     a.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files (JPEG, PNG, TIFF), folders of them, or @LIST files naming one per line")
     a.add_argument("--microns-per-pixel", type=float, default=None,
