@@ -928,3 +928,23 @@ def test_relative_paths_are_said_with_the_file_the_unit_would_read(
     config = _write(tmp_path, MINIMAL + f'[analysis]\nmodels_dir = "{REPO / "models"}"\n')
     assert validate_config_main(config, environ={}) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_setting_written_with_its_words_in_another_order_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`wbc_target` (the status payload's run says `target_wbc`) for [specimen] target_wbc_count, and
+    `focus_min` for [quality] min_focus: the same words in another order, which the letter-by-letter
+    suggestion missed ("[specimen] has no such setting", nothing more). The setting named is the one
+    that then validates."""
+    for section, wrong, right, value in (("specimen", "wbc_target", "target_wbc_count", "200"),
+                                         ("quality", "focus_min", "min_focus", "20.0")):
+        config = _write(tmp_path, MINIMAL + f"[{section}]\n{wrong} = {value}\n")
+        assert validate_config_main(config, environ={}) == 78
+        assert capsys.readouterr().err.splitlines()[0] == (
+            f"{section}.{wrong}: unknown key: [{section}] has no such setting; did you mean {right}?")
+        fixed = load_config(_write(tmp_path, MINIMAL + f"[{section}]\n{right} = {value}\n"), environ={})
+        assert str(getattr(getattr(fixed, section), right)) == value
+    with pytest.raises(ConfigError) as err:  # a single word matches no longer name by its words alone
+        load_config(_write(tmp_path, MINIMAL + "[specimen]\nwbc = 1\n"), environ={})
+    assert err.value.errors == [("specimen.wbc", "unknown key: [specimen] has no such setting")]

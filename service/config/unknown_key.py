@@ -70,7 +70,7 @@ def unknown_key_message(root: type[BaseModel], loc: tuple[int | str, ...]) -> st
         return _secret_message(where, key, path)
     # a section's setting first: `outbox_path` is nearest, letter by letter, to `outbox` itself
     hint = _in_a_subsection(model, path, key)
-    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.7)
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.7) or _same_words(key, model)
     hint = hint or (f"; did you mean {close[0]}?" if close else "")
     if not hint:  # a section's setting under another section's line (appended at the file's end)
         homes = [f"[{s}]" for s in _sections_with(root, key) if s != ".".join(path)]
@@ -85,6 +85,14 @@ def _secret_message(where: str, key: str, path: list[str]) -> str:
             f"/etc/smearscope/{name} (root, mode 0600), hand it over with the unit's "
             f"LoadCredential={name}:/etc/smearscope/{name} and set {key}_credential = \"{name}\" "
             "(docs/STATION.md section 4)")
+
+
+def _same_words(key: str, model: type[BaseModel]) -> list[str]:
+    """The setting whose name holds every word of `key`, in any order (`wbc_target` for
+    `target_wbc_count`, `focus_min` for `min_focus`), which letter-by-letter nearness misses."""
+    words = set(key.lower().split("_"))
+    found = [name for name in model.model_fields if len(words) > 1 and words <= set(name.split("_"))]
+    return sorted(found, key=len)[:1]
 
 
 def _sections_with(model: type[BaseModel], key: str, prefix: str = "") -> list[str]:
