@@ -792,3 +792,25 @@ def test_analyze_help_says_what_stdout_holds_without_and_with_json(tmp_path):
     described = " ".join(smearscope("analyze", "--help").stdout.split())
     assert ("Each image gives its report on stdout, a few lines to read (with --json one JSON line), or its "
             "error as one JSON line (also said on stderr without --json)") in described, described
+
+
+def test_a_scale_in_the_wrong_unit_is_refused_with_the_reading_meant(tmp_path):
+    """72 (nanometres per pixel for 0.072) or 13.9 (pixels per micrometre for 0.072) given to
+    --microns-per-pixel: bad_scale says the unit and, where one reading of the number is a
+    microscope's scale, that reading; and that reading is then taken (here the missing models are
+    the next thing said)."""
+    p = tmp_path / "f.png"
+    cv2.imwrite(str(p), hostile.smear_like(200, 200))
+    none = str(tmp_path / "no-models")
+    unit = "is outside 0.01..2.0: the scale is in micrometres per pixel, about 0.05 to 0.2 through a 100x oil objective"
+    for given, reading in (("72", " (0.072 if that is nanometres per pixel)"),
+                           ("13.9", " (0.07194 if that is pixels per micrometre)"), ("-1", ""), ("5000", "")):
+        proc = smearscope("analyze", str(p), "--json", "--models", none, "--microns-per-pixel", given)
+        error = json.loads(proc.stdout)["error"]
+        assert proc.returncode == 2 and error["code"] == "bad_scale", proc.stdout
+        assert error["message"] == (f"--microns-per-pixel {given} {unit}{reading}; smearscope calibrate-scale "
+                                    "measures it from a stage micrometer"), error
+        if reading:
+            meant = reading.split()[0].lstrip("(")
+            proc = smearscope("analyze", str(p), "--json", "--models", none, "--microns-per-pixel", meant)
+            assert json.loads(proc.stdout)["error"]["code"] == "engine_unavailable", proc.stdout
