@@ -28,5 +28,21 @@ def _not_empty(value: object) -> object:
 #: pixels across.
 SCALE_RANGE_UM = (0.01, 2.0)
 
+#: Scales (um/px) a camera on a blood-smear microscope gives: about 0.05-0.2 at 100x, about 1 at 10x.
+PLAUSIBLE_SCALE_UM = (0.03, 1.2)
+
+
+def scale_advice(value: float) -> str:
+    """What to say after a scale outside SCALE_RANGE_UM: its unit, the reading it may have been
+    meant as (72 for 0.072: nanometres; 13.9: pixels per micrometre) where a microscope gives such
+    a scale, and what measures it."""
+    low, high = PLAUSIBLE_SCALE_UM
+    meant = [f"{value / 1000:.4g} if that is nanometres per pixel"] if low <= value / 1000 <= high else []
+    meant += [f"{1 / value:.4g} if that is pixels per micrometre"] if value > 0 and low <= 1 / value <= high else []
+    return (": the scale is in micrometres per pixel, about 0.05 to 0.2 through a 100x oil objective"
+            + (f" ({'; '.join(meant)})" if meant else "")
+            + "; smearscope calibrate-scale measures it from a stage micrometer")
+
+
 #: A configured file or folder: a Path that an empty or blank string is not.
 ConfigPath = Annotated[Path, BeforeValidator(_not_empty)]

@@ -948,3 +948,26 @@ def test_a_setting_written_with_its_words_in_another_order_is_named(
     with pytest.raises(ConfigError) as err:  # a single word matches no longer name by its words alone
         load_config(_write(tmp_path, MINIMAL + "[specimen]\nwbc = 1\n"), environ={})
     assert err.value.errors == [("specimen.wbc", "unknown key: [specimen] has no such setting")]
+
+
+def test_a_config_scale_in_the_wrong_unit_is_refused_with_the_reading_meant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`microns_per_pixel = 72` under [source] (or 13.9 from SMEARSCOPE__ANALYSIS__MICRONS_PER_PIXEL)
+    said "Input should be less than or equal to 2": now the unit, the reading meant and what
+    measures it, as analyze --microns-per-pixel says; the reading given then validates."""
+    camera = 'station_id = "w1"\n[source]\nkind = "camera"\ndevice = 0\nmicrons_per_pixel = {}\n'
+    unit = "is outside 0.01..2.0: the scale is in micrometres per pixel, about 0.05 to 0.2 through a 100x oil objective"
+    tail = "; smearscope calibrate-scale measures it from a stage micrometer"
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, camera.format(72)), environ={})
+    assert err.value.errors == [("source.microns_per_pixel",
+                                 f"72 {unit} (0.072 if that is nanometres per pixel){tail}")]
+    assert load_config(_write(tmp_path, camera.format(0.072)), environ={}).source.microns_per_pixel == 0.072
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, MINIMAL), environ={"SMEARSCOPE__ANALYSIS__MICRONS_PER_PIXEL": "13.9"})
+    assert err.value.errors == [("analysis.microns_per_pixel", (f"13.9 {unit} (0.07194 if that is pixels per "
+                                 f"micrometre){tail} (set by SMEARSCOPE__ANALYSIS__MICRONS_PER_PIXEL)"))]
+    with pytest.raises(ConfigError) as err:  # the simulated source's own range keeps its own words
+        load_config(_write(tmp_path, MINIMAL + "microns_per_pixel = 0.9\n"), environ={})
+    assert err.value.errors == [("source.microns_per_pixel", "Input should be less than or equal to 0.5")]

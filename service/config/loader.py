@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from smearscope.device.config_fields import SCALE_RANGE_UM, scale_advice
 from smearscope.device.source_config import SOURCE_KINDS
 from smearscope.service.config.station import StationConfig
 from smearscope.service.config.unknown_key import section_message, unknown_key_message
@@ -108,6 +109,20 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return text or "(root)"
 
 
+def _scale_message(err: Mapping[str, Any]) -> str | None:
+    """A microns_per_pixel outside the range every scale setting takes, said with its unit and the
+    reading meant (`microns_per_pixel = 72`: nanometres?); None for any other error."""
+    ctx = err.get("ctx") or {}
+    bound = {"less_than_equal": ctx.get("le"), "greater_than_equal": ctx.get("ge")}.get(err["type"])
+    if err["loc"][-1:] != ("microns_per_pixel",) or bound not in SCALE_RANGE_UM:
+        return None
+    try:  # a number in the file; the text of an environment override
+        value = float(err.get("input"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f"{value:g} is outside {SCALE_RANGE_UM[0]}..{SCALE_RANGE_UM[1]}{scale_advice(value)}"
+
+
 def _validation_errors(
     exc: ValidationError, applied: Mapping[tuple[str, ...], str]
 ) -> list[tuple[str, str]]:
@@ -115,7 +130,7 @@ def _validation_errors(
     for err in exc.errors(include_url=False):
         loc = _format_loc(tuple(err["loc"]))
         msg = (unknown_key_message(StationConfig, tuple(err["loc"])) if err["type"] == "extra_forbidden"
-               else section_message(loc, err) or str(err["msg"]).removeprefix("Value error, "))
+               else section_message(loc, err) or _scale_message(err) or str(err["msg"]).removeprefix("Value error, "))
         for path, variable in applied.items():
             key = ".".join(path)  # the value itself, a key inside it, or an item of its array
             if loc == key or loc.startswith((key + ".", key + "[")):

@@ -31,6 +31,7 @@ from smearscope.cli.fhir_out import (
     write_bundle,
 )
 from smearscope.cli.summary import summarize
+from smearscope.device.config_fields import scale_advice
 
 logger = logging.getLogger(__name__)
 
@@ -116,30 +117,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return EXIT_OUTPUT
 
 
-#: Scales (um/px) a camera on a blood-smear microscope gives: about 0.05-0.2 at 100x, about 1 at 10x.
-PLAUSIBLE_SCALE_UM = (0.03, 1.2)
-
-
-def _bad_scale_message(value: float, lo: float, hi: float) -> str:
-    """The scale refused, with the unit it is in and the reading it may have been meant as (72 for
-    0.072: nanometres; 13.9: pixels per micrometre), each only where a microscope gives such a scale
-    (`PLAUSIBLE_SCALE_UM`: 100x to 10x objectives)."""
-    low, high = PLAUSIBLE_SCALE_UM
-    meant = [f"{value / 1000:.4g} if that is nanometres per pixel"] if low <= value / 1000 <= high else []
-    meant += [f"{1 / value:.4g} if that is pixels per micrometre"] if value > 0 and low <= 1 / value <= high else []
-    return (f"--microns-per-pixel {value:g} is outside {lo}..{hi}: the scale is in micrometres per pixel, "
-            "about 0.05 to 0.2 through a 100x oil objective"
-            + (f" ({'; '.join(meant)})" if meant else "")
-            + "; smearscope calibrate-scale measures it from a stage micrometer")
-
-
 def _analyze(args: argparse.Namespace) -> int:
     from smearscope.device.frame import Frame
     from smearscope.service.ingest import IngestError, load_image
 
     lo, hi = SCALE_RANGE_UM
     if args.microns_per_pixel is not None and not (lo <= args.microns_per_pixel <= hi):
-        return _error("bad_scale", _bad_scale_message(args.microns_per_pixel, lo, hi), args.json)
+        return _error("bad_scale", f"--microns-per-pixel {args.microns_per_pixel:g} is outside {lo}..{hi}"
+                      f"{scale_advice(args.microns_per_pixel)}", args.json)
     from smearscope.service.analysis.pipeline import AnalyzerOptions
 
     defaults = AnalyzerOptions(stain_method=args.stain)
