@@ -751,3 +751,25 @@ def test_doctor_warns_of_a_relative_path_naming_the_units_file(
     assert line.split(None, 3)[3] == (f"source.path: inbox is relative: read from the working directory, here "
                                       f"{tmp_path}/inbox, but /var/lib/smearscope/inbox for the systemd unit; "
                                       "write it absolute (docs/STATION.md section 3)")
+
+
+def test_doctor_says_models_not_installed_as_such_not_as_an_invalid_manifest(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The example config's models_dir before install-models: each model was 'invalid manifest:
+    [Errno 2] No such file or directory'; it is now said missing, with whether the folder exists,
+    and the command; a manifest that is there but broken still says what is wrong with it."""
+    models = tmp_path / "models"
+
+    def model_lines() -> list[str]:
+        assert main(["doctor", "--config", str(_config(tmp_path, 1, models)), "--no-wait"]) == 1
+        return [x.split(None, 3)[3] for x in capsys.readouterr().out.splitlines() if x.split()[1:2] == ["model"]]
+
+    for where in ("the folder does not exist", "not installed there"):
+        assert model_lines() == [f"{models}/{name}: no such file, {where} (install them: smearscope install-models "
+                                 f"{models})" for name in ("seg.json", "rbc_head.json", "wbc_head.json")]
+        models.mkdir(exist_ok=True)
+    assert main(["install-models", str(models)]) == 0
+    (models / "seg.json").write_text("{")
+    capsys.readouterr()
+    (line,) = [x for x in model_lines() if "seg.json" in x]
+    assert "invalid manifest" in line and line.endswith(f"(install them again: smearscope install-models {models})")

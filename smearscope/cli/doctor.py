@@ -84,12 +84,17 @@ def model_checks(models_dir: Path) -> list[Check]:
     from smearscope.service.analysis.pipeline import MODEL_FILES
 
     checks: list[Check] = []
+    install = f"smearscope install-models {models_dir}"
     for role, name in MODEL_FILES.items():
+        if not (models_dir / name).is_file():  # not installed: not an "invalid manifest: [Errno 2]"
+            where = "the folder does not exist" if not models_dir.is_dir() else "not installed there"
+            checks.append(("FAIL", f"model {role}", (f"{models_dir / name}: no such file, {where} (install "
+                           f"them: {install})")))
+            continue
         try:
             manifest = load_manifest(models_dir / name, verify_hash=True)
         except (ManifestError, OSError, ValueError) as exc:
-            checks.append(("FAIL", f"model {role}", (f"{exc} (install them: smearscope install-models "
-                           f"{models_dir})")))
+            checks.append(("FAIL", f"model {role}", f"{exc} (install them again: {install})"))
             continue
         checks.append(("OK", f"model {role}", f"{models_dir / manifest.file}, sha256 {manifest.sha256[:12]}"))
         if manifest.feature_space is not None:
