@@ -693,8 +693,26 @@ def test_a_folder_of_subfolders_says_they_are_not_searched(tmp_path):
         error = json.loads(r.stdout.splitlines()[0])["error"]
         assert error == {"code": "no_images", "message": (
             f"no image files in {folder}: a folder's subfolders are not searched, and {folder} has 2 "
-            f"({folder / 'basophil'}, ...): name them, or list the files in an @LIST")}, args
+            f"({folder / 'basophil'} holding 1 image file, ...): name them, or list the files in an @LIST")}, args
     assert not template.exists()
+
+
+@pytest.mark.realdata
+def test_a_datasets_folder_names_the_subfolder_that_holds_its_images():
+    """BCCD given as its root folder: the hint named Annotations/, the first subfolder by name, which
+    holds XML; it now names the subfolder holding the images, with their number."""
+    from realdata import DATA
+
+    bccd = DATA / "bccd" / "BCCD"
+    if not (bccd / "JPEGImages").is_dir():
+        pytest.skip(f"BCCD not under {DATA}")
+    r = smearscope("analyze", str(bccd), "--json")
+    images = len([p for p in (bccd / "JPEGImages").iterdir() if p.suffix.lower() == ".jpg"])
+    subfolders = len([p for p in bccd.iterdir() if p.is_dir()])
+    assert r.returncode == 2 and json.loads(r.stdout)["error"]["message"] == (
+        f"no image files in {bccd}: a folder's subfolders are not searched, and {bccd} has {subfolders} "
+        f"({bccd / 'JPEGImages'} holding {images} image files, ...): name them, or list the files in an @LIST")
+    assert min(p.name for p in bccd.iterdir() if p.is_dir()) != "JPEGImages"  # not merely the first
 
 
 def test_the_summary_names_nucleated_red_cells_in_a_field_of_no_white_cell():

@@ -100,9 +100,25 @@ def no_images_message(items: list[str]) -> str:
         except OSError:
             continue
         if subfolders:
+            # the one that holds the fields first: BCCD's Annotations/ sorts before its JPEGImages/
+            held = next(((q, n) for q in subfolders if (n := _images_in(q))), None)
+            from smearscope.service.analysis.wording import counted
+
+            named = f"{shown(held[0])} holding {counted(held[1], 'image file')}" if held else shown(subfolders[0])
+            more = ", ..." if len(subfolders) > 1 else ""
             return (f"{text}: a folder's subfolders are not searched, and {shown(p)} has {len(subfolders)} "
-                    f"({shown(subfolders[0])}, ...): name them, or list the files in an @LIST")
+                    f"({named}{more}): name {'them' if more else 'it'}, or list the files in an @LIST")
     return text
+
+
+def _images_in(folder: Path) -> int:
+    """How many files a folder holds that `analyze FOLDER` would read (0 when it cannot be listed)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sum(1 for e in entries if Path(e.name).suffix.lower() in IMAGE_SUFFIXES
+                       and not e.name.startswith(".") and not e.name.lower().endswith(OVERLAY_SUFFIX))
+    except OSError:
+        return 0
 
 
 def expand_inputs(items: list[str]) -> tuple[list[Input], bool]:
