@@ -832,3 +832,17 @@ def test_a_scale_in_the_wrong_unit_is_refused_with_the_reading_meant(tmp_path):
             meant = reading.split()[0].lstrip("(")
             proc = smearscope("analyze", str(p), "--json", "--models", none, "--microns-per-pixel", meant)
             assert json.loads(proc.stdout)["error"]["code"] == "engine_unavailable", proc.stdout
+
+
+@needs_models
+def test_adapt_wbc_template_counts_one_white_cell_in_one_field_in_the_singular(tmp_path):
+    """`adapt-wbc FIELD --template` on one field of one white cell said "1 white cells in 1 fields";
+    the count it prints is the CSV's rows, in the number they take."""
+    field = render_field(11, width=640, height=480, microns_per_pixel=0.1, n_wbc=1)
+    cv2.imwrite(str(tmp_path / "f.png"), np.asarray(field.frame.pixels))
+    template = tmp_path / "typed.csv"
+    run = smearscope("adapt-wbc", str(tmp_path / "f.png"), "--template", str(template), "--microns-per-pixel", "0.1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = template.read_text().splitlines()[1:]
+    assert len(rows) == 1, rows
+    assert run.stdout.splitlines()[0] == f"1 white cell in 1 field written to {template}"

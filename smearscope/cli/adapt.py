@@ -384,6 +384,7 @@ def _write_template(args: argparse.Namespace, error) -> int:
     from smearscope.device.frame import Frame
     from smearscope.engines.base import EngineError
     from smearscope.service.analysis.overlay import draw_numbered
+    from smearscope.service.analysis.wording import counted
     from smearscope.service.ingest import IngestError, load_image
 
     if not args.images:
@@ -410,8 +411,6 @@ def _write_template(args: argparse.Namespace, error) -> int:
         return error("cannot_write", f"{exc}")
     typed = _typed_rows(args.template)
     if typed:
-        from smearscope.service.analysis.wording import counted
-
         held = f"already holds {counted(typed, 'typed cell')}" if typed > 0 else "is not an untyped template (another file?)"
         return error("would_overwrite_types", f"{args.template} {held}; fit typed cells with --labels "
                      f"{args.template}, or write the new template to another file")
@@ -478,7 +477,7 @@ def _write_template(args: argparse.Namespace, error) -> int:
     if args.json:
         print(json.dumps(summary))
         return 0
-    print(f"{n_rows} white cells in {summary['fields']} fields written to {args.template}"
+    print(f"{counted(n_rows, 'white cell')} in {counted(summary['fields'], 'field')} written to {args.template}"
           + (f"; numbered on the overlays in {args.overlays}" if written else ""))
     print("fill the type column of the cells you are sure of (suggested: the head's guess; leave a row empty "
           "to skip it), then:")
