@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import cv2
@@ -470,3 +471,20 @@ def test_sickle_calls_of_a_field_too_blurred_are_counted_awaiting_review_as_the_
                                     diameter_um=7.5, area_um2=44.2))
     assert shown == 1
     assert a.review is not None and (a.review.rbc_flagged, a.review.cells) == (3, 3)
+
+
+def test_a_frame_over_the_limit_is_told_what_to_do_with_a_crop_that_fits():
+    """The refusal names a next step: check the scale, or crop into fields no larger than a size that
+    does fit (the frame's shape at the limit), which is then analysed."""
+    img = np.zeros((300, 400, 3), np.uint8)
+    with pytest.raises(IngestError) as err:
+        resample_to_canonical(img, 0.4, max_pixels=300 * 300)
+    said = str(err.value)
+    assert "check the scale" in said
+    crop = re.search(r"crop it into fields of at most (\d+)x(\d+) px", said)
+    assert crop is not None, said
+    w, h = int(crop[1]), int(crop[2])
+    assert 0.98 < (w / h) / (400 / 300) < 1.02  # the frame's own shape
+    assert resample_to_canonical(img[:h, :w], 0.4, max_pixels=300 * 300).shape[:2] == (2 * h, 2 * w)
+    with pytest.raises(IngestError):  # and not much smaller than what fits
+        resample_to_canonical(np.zeros((h + 3, w + 4, 3), np.uint8), 0.4, max_pixels=300 * 300)

@@ -52,10 +52,13 @@ def resample_to_canonical(image: np.ndarray, microns_per_pixel: float,
     size = (max(1, round(w * factor)), max(1, round(h * factor)))
     max_pixels = MAX_CANONICAL_PIXELS if max_pixels is None else max_pixels
     if size[0] * size[1] > max_pixels:
+        fit = (max_pixels / (size[0] * size[1])) ** 0.5  # the same shape, shrunk to the limit
         raise IngestError(RejectReason.TOO_LARGE_AT_SCALE,
                           f"{w}x{h} px at {microns_per_pixel:g} um/px is {size[0]}x{size[1]} px at "
                           f"the canonical {CANONICAL_UM_PER_PX} um/px, over the limit of "
-                          f"{max_pixels} px")
+                          f"{max_pixels} px: check the scale (a wrong um/px makes an image look this "
+                          f"large), or crop it into fields of at most {int(w * fit)}x{int(h * fit)} px "
+                          "and analyse each (a whole-slide scan is many fields)")
     if abs(factor - 1.0) < 1e-3:
         return image
     if factor >= 1.0:
