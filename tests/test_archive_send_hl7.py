@@ -36,8 +36,10 @@ def archive(tmp_path: Path) -> Path:
     return directory
 
 
-def message(archive: Path, report_id: str, addressing: Addressing | None = None) -> str:
-    return oru_of(next(archive.rglob(f"{report_id}.json")).read_bytes(), addressing)[1]
+def message(archive: Path, report_id: str, addressing: Addressing | None = None, whole_ids: bool = False) -> str:
+    """The report's message; `whole_ids`: of a run delivered before the index's version 4 (store.whole_ids_run)."""
+    return oru_of(next(archive.rglob(f"{report_id}.json")).read_bytes(), addressing,
+                  (lambda _run: True) if whole_ids else None)[1]
 
 
 def deliveries(archive: Path) -> list[tuple[str, str, str, str]]:

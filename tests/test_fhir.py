@@ -204,7 +204,8 @@ def test_no_patient_and_only_the_identifiers_the_station_was_given() -> None:
     text = json.dumps(bundle)
     assert '"subject"' not in text and "Patient" not in text
     identifier_systems = {i["system"] for e in bundle["entry"] for i in e["resource"].get("identifier", [])}
-    assert identifier_systems <= {codes.ID_REPORT, codes.ID_RUN, codes.ID_FRAME, codes.ID_STATION, codes.ID_RESULT}
+    assert identifier_systems <= {codes.ID_REPORT, codes.ID_RUN, codes.ID_FRAME, codes.ID_STATION, codes.ID_RESULT,
+                                  codes.ID_DEVICE}
 
 
 def test_a_run_started_for_a_specimen_names_it_as_the_specimens_accession_identifier() -> None:

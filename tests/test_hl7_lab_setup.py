@@ -160,5 +160,7 @@ def test_coded_fields_are_values_of_their_v2_5_1_tables_and_each_value_its_type(
                 assert obx[6].split("^")[2] == "UCUM"
             assert obx[8] in ("", *table("0078")) and obx[11] in table("0085")
             assert obx[14] == obr[7] and obx[19] == obr[22]
-            assert obx[18] == f"{report.station_id}^smearscope"
+            (key,) = [i["value"] for d in resources(bundle, "Device") for i in d["identifier"]
+                      if i["system"] == codes.ID_DEVICE]
+            assert obx[18] == f"{report.station_id}^smearscope~{key}^smearscope"
     assert kinds == {"NM", "SN", "CE", "ST"}

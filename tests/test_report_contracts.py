@@ -516,7 +516,8 @@ def test_conclusion_lists_flags_critical_first_also_when_verified():
 
 def test_device_names_the_station():
     (dev,) = resources(report_bundle(graded_report()), "Device")
-    assert dev["identifier"] == [{"system": codes.ID_STATION, "value": "lab-7"}]
+    assert dev["identifier"][0] == {"system": codes.ID_STATION, "value": "lab-7"}
+    assert [i["system"] for i in dev["identifier"]] == [codes.ID_STATION, codes.ID_DEVICE]
 
 
 def test_denominators_and_counts():

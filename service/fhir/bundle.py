@@ -6,11 +6,15 @@ Everything is `preliminary`, a machine's result, until a technician verifies the
 it (`performer`, by display name) and the report it replaces; a run signed again is `corrected`. No patient is
 named: the only identifiers are those the station was given (station id, run id, frame id) and
 the report id. Resource ids are UUIDs derived from the report id, so the same report always
-gives the same bundle (consumers dedupe by `Bundle.identifier`).
+gives the same bundle (consumers dedupe by `Bundle.identifier`); the Device's is derived from what it says
+(station, software version, models), so every report of an unchanged station names one Device.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import logging
 import uuid
 from datetime import datetime, timezone
@@ -95,7 +99,7 @@ class _Builder:
         if report.source is not None:
             self.effective = _instant(report.source.captured_at)
         self.specimen_ref = f"urn:uuid:{_uuid(self.rid, 'specimen')}"
-        self.device_ref = f"urn:uuid:{_uuid(self.rid, 'device')}"
+        self.device_ref = ""  # _device's: the same for every report of one station, software and models
         # what a result's identifier is made of: the run, which every report of it shares (a verified one,
         # a new report, updates the preliminary one's results: never a second copy of each), else the report
         self.result_key = report.run_id if report.kind == "specimen" and report.run_id else report.report_id
@@ -104,8 +108,8 @@ class _Builder:
         v = report.verification
         self.status = "preliminary" if v is None else "corrected" if v.supersedes_verified_by is not None else "final"
 
-    def add(self, name: str, resource: Resource) -> str:
-        full_url = f"urn:uuid:{_uuid(self.rid, name)}"
+    def add(self, name: str, resource: Resource, resource_id: str | None = None) -> str:
+        full_url = f"urn:uuid:{resource_id or _uuid(self.rid, name)}"
         resource = {"resourceType": resource.pop("resourceType"), "id": full_url[9:], **resource}
         self.entries.append({"fullUrl": full_url, "resource": resource})
         self.by_name[name] = resource
@@ -225,6 +229,21 @@ def _specimen(b: _Builder) -> None:
     b.add("specimen", specimen)
 
 
+#: Base32 characters of the device key (55 bits of a SHA-256): the few configurations of one lab's stations never
+#: share one in practice, and HL7's OBX-18 has 11 characters for it before `^smearscope` (docs/HL7.md).
+DEVICE_KEY_LENGTH = 11
+
+
+def device_key(device: Resource) -> tuple[str, str]:
+    """(resource id, identifier value) of a Device from all it says (station id, software version, each model's
+    name, file and manifest sha256, backend, station means): every report of one station with one software and one
+    set of models names the same Device, resent or not; an update of either makes another, and the results made
+    before keep pointing at the device that made them."""
+    digest = hashlib.sha256(json.dumps(device, sort_keys=True, separators=(",", ":")).encode()).digest()
+    return (str(uuid.uuid5(_NAMESPACE, f"device/{digest.hex()}")),
+            base64.b32encode(digest).decode()[:DEVICE_KEY_LENGTH])
+
+
 def _device(b: _Builder) -> None:
     r = b.report
     device: Resource = {"resourceType": "Device",
@@ -242,7 +261,9 @@ def _device(b: _Builder) -> None:
         device["version"] = versions
     if r.station_id:
         device["identifier"] = [{"system": codes.ID_STATION, "value": r.station_id}]
-    b.add("device", device)
+    resource_id, key = device_key(device)
+    device["identifier"] = [*device.get("identifier", []), {"system": codes.ID_DEVICE, "value": key}]
+    b.device_ref = b.add("device", device, resource_id)
 
 
 #: Too few cells for what they are a share of: the dashboard's words above the table they concern (runview.js

@@ -27,6 +27,9 @@ ID_REPORT = f"{LOCAL_BASE}/NamingSystem/report-id"
 ID_RUN = f"{LOCAL_BASE}/NamingSystem/run-id"
 ID_FRAME = f"{LOCAL_BASE}/NamingSystem/frame-id"
 ID_STATION = f"{LOCAL_BASE}/NamingSystem/station-id"
+#: The Device's own identifier: one station with one software version and one set of models (bundle.device_key), the
+#: same in every report they make, so a FHIR server keeps one Device for them and a new one after an update.
+ID_DEVICE = f"{LOCAL_BASE}/NamingSystem/device-id"
 #: Each Observation's identifier: "<run id>/<result>" (a field report of no run: "<report id>/<result>"), the same
 #: in every report of a run, so a verified or amended report's results update the preliminary ones.
 ID_RESULT = f"{LOCAL_BASE}/NamingSystem/result-id"

@@ -27,6 +27,7 @@ from smearscope.service.hl7.encode import (
     FT,
     ID,
     IS,
+    REPETITION,
     SEGMENT_END,
     code,
     components,
@@ -158,7 +159,7 @@ def _value(element: dict[str, Any]) -> tuple[str, str, str]:
 class _Message:
     """The segments of one message, numbering OBX (OBX-1) and the notes under each segment (NTE-1)."""
 
-    def __init__(self, report: Report, bundle: dict[str, Any]) -> None:
+    def __init__(self, report: Report, bundle: dict[str, Any], whole_ids: bool = False) -> None:
         self.report = report
         resources = [e["resource"] for e in bundle["entry"]]
         self.diagnostic = resources[0]
@@ -170,7 +171,13 @@ class _Message:
         self.status = RESULT_STATUS[self.diagnostic["status"]]
         self.effective = dtm(self.diagnostic["effectiveDateTime"])
         self.issued = dtm(self.diagnostic["issued"])
-        self.equipment = components(equipment_id(report.station_id or ""), NAMESPACE)
+        # OBX-18: the station, then the FHIR Device's own identifier (one station, software and set of models:
+        # bundle.device_key), so an LIS (or a v2-to-FHIR mapping) keeps one equipment per configuration, as FHIR
+        # does; a run sent with whole ids keeps the station alone, as the LIS received its first message
+        device = next(r for r in resources if r["resourceType"] == "Device")
+        key = next(i["value"] for i in device["identifier"] if i["system"] == codes.ID_DEVICE)
+        self.equipment = components(equipment_id(report.station_id or ""), NAMESPACE) + (
+            "" if whole_ids else REPETITION + components(text(key), NAMESPACE))
         self.segments: list[str] = []
         self._obx = 0
         self._notes = 0
@@ -206,7 +213,7 @@ def oru_r01(report: Report, addressing: Addressing | None = None, whole_ids: boo
     OBR-2/3 and SPM-2 carry the specimen and run ids whole, as smearscope sent them before it kept to their
     lengths, for a run an earlier report of which went so (the archive's index knows: store.whole_ids_run), so
     that the LIS matches its amended report with the one it received."""
-    m = _Message(report, report_bundle(report))
+    m = _Message(report, report_bundle(report), whole_ids)
     r, v = report, report.verification
     a = addressing or Addressing()
     facility = hd(a.sending_facility) if a.sending_facility else _station_facility(r.station_id or "")
@@ -237,7 +244,7 @@ def oru_r01(report: Report, addressing: Addressing | None = None, whole_ids: boo
         m.note(f"{'Run' if r.run_id else 'Report'} id: {run} (ORC-3, OBR-3 and SPM-2 carry {filler_id}^{NAMESPACE}: "
                f"HL7 v2.5.1 gives a filler order number {FILLER_LENGTH} characters, its namespace included)")
     if r.station_id and equipment_id(r.station_id) != text(r.station_id):
-        m.note(f"Station id: {r.station_id} (OBX-18 carries {equipment_id(r.station_id)}^{NAMESPACE}: HL7 v2.5.1 "
+        m.note(f"Station id: {r.station_id} (OBX-18 carries {equipment_id(r.station_id)}^{NAMESPACE} first: HL7 v2.5.1 "
                f"gives an equipment instance identifier {EQUIPMENT_LENGTH} characters, its namespace included)")
     for group, obs in enumerate(m.observations, start=1):
         m.observation(group, obs)
