@@ -632,10 +632,10 @@ def test_the_summary_gives_each_wbc_share_to_one_decimal_as_the_red_cells():
         report = graded_report().model_copy(update={"wbc_differential": aggregate(cells).wbc_differential})
         return next(ln for ln in summarize(report).splitlines() if ln.startswith("  WBC: "))
 
-    line = summary_wbc(neutrophil=249, basophil=1)
-    assert "basophil 1 (0.4%)" in line and "neutrophil 249 (99.6%)" in line, line
+    line = summary_wbc(neutrophil=249, basophil=1)  # each with its 95 % interval, rounded outward
+    assert "basophil 1 (0.4%, 95% CI " in line and "neutrophil 249 (99.6%, 95% CI " in line, line
     line = summary_wbc(neutrophil=2, lymphocyte=1)
-    assert "lymphocyte 1 (33.3%)" in line and "neutrophil 2 (66.7%)" in line, line
+    assert "lymphocyte 1 (33.3%, 95% CI " in line and "neutrophil 2 (66.7%, 95% CI " in line, line
 
 
 def test_the_summary_counts_nucleated_red_cells_per_100_white_cells():

@@ -455,9 +455,10 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         _wait("the final report on the page", lambda: seen(card, "data-shown") == "final"
               and seen(card, "data-run-id") == run_id, 30, logs)
 
-        # shares and intervals read to one decimal (the report keeps two)
+        # shares and intervals read to one decimal (the report keeps two), an interval's bounds rounded outward
         tenth = lambda v: float(f"{v:.1f}")
-        expected = {s.label: (s.label, str(s.count), tenth(s.percent), (tenth(s.ci95_low), tenth(s.ci95_high)))
+        from smearscope.service.fhir.report_view import interval_shown
+        expected = {s.label: (s.label, str(s.count), tenth(s.percent), interval_shown(s.ci95_low, s.ci95_high))
                     for s in report.wbc_differential}
         assert expected
 

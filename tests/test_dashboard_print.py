@@ -219,16 +219,20 @@ def test_shares_intervals_and_nrbc_read_to_one_decimal_on_screen_and_on_paper(
     "44.12–62.89", "3.26 of 92 RBC", "1.79 per 100 WBC"), a precision no count of 112 white cells
     has, and whole ones bare ("100", "0"). Every share, interval bound and NRBC per 100 WBC now
     reads to one decimal, on the screen and on paper, as `smearscope analyze` prints them (Python's
-    rounding: an exact tie such as 96.25 goes to the even digit, 96.2)."""
+    rounding: an exact tie such as 96.25 goes to the even digit, 96.2); an interval's bounds rounded
+    outward (lower down, upper up), as FHIR, HL7 and the summary send them: to the nearest, 0 of 112
+    basophils (0 to 3.32 %) read 0.0–3.3, narrower than the count's interval."""
+    from collections import Counter
+
     from selenium.webdriver.common.by import By
 
+    from smearscope.service.analysis.aggregate import share_rows
     from smearscope.service.analysis.report import Counts
 
     report = _specimen("ward-d", "run-d", [], time.time()).model_copy(update={
         "counts": Counts(rbc=4000, wbc=112, platelet=300, nrbc=2), "nrbc_per_100_wbc": 1.79,
-        "wbc_differential": [ClassShare(label="neutrophil", count=60, percent=53.57, ci95_low=44.12, ci95_high=62.89),
-                             ClassShare(label="lymphocyte", count=52, percent=46.43, ci95_low=37.11, ci95_high=55.88),
-                             ClassShare(label="basophil", count=0, percent=0.0, ci95_low=0.0, ci95_high=3.32)],
+        # the analyzer's own shares and Wilson intervals: 53.57 (44.37 to 62.54), 46.43 (37.46 to 55.63), 0 (0 to 3.32)
+        "wbc_differential": share_rows(Counter(neutrophil=60, lymphocyte=52, basophil=0)),
         "rbc_morphology": [ClassShare(label="normal", count=3850, percent=96.25),
                            ClassShare(label="target", count=150, percent=3.75, grade="none"),
                            ClassShare(label="spherocyte", count=3, percent=3.26, grade="none", of_cells=92)]})
@@ -244,7 +248,8 @@ def test_shares_intervals_and_nrbc_read_to_one_decimal_on_screen_and_on_paper(
                 ".map((td) => td.innerText.trim()))", f"{card} table.{t} tbody tr") for t in ("differential", "morphology")}
             return {**rows, "counts": driver.find_element(By.CSS_SELECTOR, f"{card} .counts").text}
 
-        want = {"differential": [["60", "53.6", "44.1–62.9"], ["52", "46.4", "37.1–55.9"], ["0", "0.0", "0.0–3.3"]],
+        # each interval rounded outward, as FHIR, HL7 and the summary send it (to the nearest: 44.4–62.5, 0.0–3.3)
+        want = {"differential": [["60", "53.6", "44.3–62.6"], ["52", "46.4", "37.4–55.7"], ["0", "0.0", "0.0–3.4"]],
                 "morphology": [["3850", "96.2", ""], ["150", "3.8", "below 1+"], ["3", "3.3 of 92 RBC", "below 1+"]],
                 "counts": "RBC 4000 · WBC 112 · platelets 300 · NRBC 2 (1.8 per 100 WBC)"}
         assert [f"{s.percent:.1f}" for s in report.rbc_morphology] == ["96.2", "3.8", "3.3"]  # as the CLI prints them

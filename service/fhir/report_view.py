@@ -14,6 +14,7 @@ dashboard's live run state all read through this module.
 from __future__ import annotations
 
 import logging
+import math
 
 from smearscope.service.analysis.aggregate import CALIBRATION_DOUBT_FLAGS, unlisted_size_rows
 from smearscope.service.analysis.classify import UNIDENTIFIED
@@ -124,6 +125,13 @@ def rbc_grades(report: Report) -> dict[str, str]:
         if g is not None:
             out[share.label] = g
     return out
+
+
+def interval_shown(low: float, high: float) -> tuple[float, float]:
+    """A 95 % interval's bounds as every view reads them, at one decimal rounded outward (the lower down, the upper
+    up): 0 of 8000 red cells (0 to 0.05 %) reads 0.0 to 0.1, never 0.0 to 0.0, a certainty the count does not have.
+    The report's two decimals are first read to a millionth, so 0.3 stays 0.3 (3.0000000000000004 tenths in binary)."""
+    return math.floor(round(low * 10, 6)) / 10, math.ceil(round(high * 10, 6)) / 10
 
 
 def nrbc_per_100_wbc(report: Report) -> tuple[float, int, int] | None:

@@ -55,6 +55,15 @@ def _percent_text(share: ClassShare) -> str:
     return text
 
 
+def _interval_text(share: ClassShare) -> str:
+    """A share's 95 % interval as the dashboard's column reads it, rounded outward: 0 of 8 white cells is 'CI 0.0-32.5',
+    and 0 of 8000 'CI 0.0-0.1', never 0.0-0.0, which would claim a certainty the count does not have."""
+    if share.ci95_low is None or share.ci95_high is None:
+        return ""
+    low, high = report_view.interval_shown(share.ci95_low, share.ci95_high)
+    return f", 95% CI {low:.1f}-{high:.1f}"
+
+
 def _together_text(hidden: list[ClassShare]) -> str:
     """The share of the rows left out, together; under a tenth of a percent with their cells, as a row's."""
     text = f"{sum(s.percent for s in hidden):.1f}% together"
@@ -84,7 +93,8 @@ def summarize(report: Report) -> str:
         f"{r.timing_ms.get('total_ms', 0):.0f} ms)" if r.scale else f"report {r.report_id}",
     ]
     if r.wbc_differential:
-        lines.append("  WBC: " + ", ".join(f"{s.label} {s.count} ({s.percent:.1f}%)" for s in r.wbc_differential))
+        lines.append("  WBC: " + ", ".join(f"{s.label} {s.count} ({s.percent:.1f}%{_interval_text(s)})"
+                                           for s in r.wbc_differential))
     doubted = report_view.calibration_in_doubt(r)  # a calibration in doubt: sizes not read
     rows = report_view.morphology_rows(r)  # every size-based class when sizes cannot be read
     # a row no cell was given (the report lists every class of the head's) is left to --json: at a glance

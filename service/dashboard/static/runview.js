@@ -13,7 +13,7 @@
 // the other white cells (service.fhir.report_view.nrbc_per_100_wbc, as the FHIR export reads them).
 const NRBC_LABEL = "erythroblast";
 
-// A share, an interval's bound or NRBC per 100 WBC as read: to one decimal ("53.6", "0.0"), where
+// A share or NRBC per 100 WBC as read: to one decimal ("53.6", "0.0"), where
 // the report keeps two for audit; as Python formats it for `smearscope analyze` (an exact tie, 96.25,
 // goes to the even digit, 96.2, where toFixed would go up).
 function tenth(value) {
@@ -23,6 +23,15 @@ function tenth(value) {
     return ((down % 2 === 0 ? down : down + 1) / 10).toFixed(1);
   }
   return v.toFixed(1);
+}
+
+// A 95 % interval as read: its bounds to one decimal rounded outward, the lower down and the upper up
+// (service.fhir.report_view.interval_shown, as FHIR, HL7 and `smearscope analyze` send and print it): 0 of
+// 8000 red cells (0 to 0.05 %) reads 0.0–0.1, never 0.0–0.0, a certainty the count does not have. The
+// report's two decimals are read to a millionth first, so 0.3 stays 0.3 (0.3 * 10 is 3.0000000000000004).
+function intervalText(low, high) {
+  const tenths = (v) => Number((Number(v) * 10).toFixed(6));
+  return (Math.floor(tenths(low)) / 10).toFixed(1) + "–" + (Math.ceil(tenths(high)) / 10).toFixed(1);
 }
 
 // Where the run's scale came from and, at a calibrated one, its red cells' size (report.rbc_size), as
@@ -185,7 +194,7 @@ function renderRun(st) {
     tr.append(el("td", "label", s.label + (s.label === NRBC_LABEL ? " (NRBC, not a white cell)" : "")),
               el("td", "count", String(s.count)), el("td", "percent", tenth(s.percent)));
     const hasCi = s.ci95_low !== null && s.ci95_high !== null;
-    tr.append(el("td", "ci95", hasCi ? tenth(s.ci95_low) + "–" + tenth(s.ci95_high) : "–"));
+    tr.append(el("td", "ci95", hasCi ? intervalText(s.ci95_low, s.ci95_high) : "–"));
     const cell = el("td", "bar"), ci = el("div", "ci"), point = el("div", "point"), interval = el("div", "interval");
     point.style.width = s.percent + "%";
     if (hasCi) { interval.style.left = s.ci95_low + "%"; interval.style.width = (s.ci95_high - s.ci95_low) + "%"; }
