@@ -78,7 +78,7 @@ def _component(code: str, **value: Any) -> dict[str, Any]:
 def _share_components(share: ClassShare, denominator: int) -> list[dict[str, Any]]:
     out = [_component("count", valueInteger=share.count),
            _component("denominator", valueInteger=denominator)]
-    if share.ci95_low is not None and share.ci95_high is not None:  # rounded outward: 0 of 8000 is 0.0 to 0.1
+    if share.ci95_low is not None and share.ci95_high is not None:  # rounded outward: 0 of 10 000 is 0.0 to 0.1
         low, high = report_view.interval_shown(share.ci95_low, share.ci95_high)
         out.append(_component("ci95", valueRange={"low": _quantity(low, "%", "%"), "high": _quantity(high, "%", "%")}))
     return out

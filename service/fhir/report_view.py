@@ -129,7 +129,7 @@ def rbc_grades(report: Report) -> dict[str, str]:
 
 def interval_shown(low: float, high: float) -> tuple[float, float]:
     """A 95 % interval's bounds as every view reads them, at one decimal rounded outward (the lower down, the upper
-    up): 0 of 8000 red cells (0 to 0.05 %) reads 0.0 to 0.1, never 0.0 to 0.0, a certainty the count does not have.
+    up): 0 of 10 000 red cells (0 to 0.04 %) reads 0.0 to 0.1, never 0.0 to 0.0, a certainty the count lacks.
     The report's two decimals are first read to a millionth, so 0.3 stays 0.3 (3.0000000000000004 tenths in binary)."""
     return math.floor(round(low * 10, 6)) / 10, math.ceil(round(high * 10, 6)) / 10
 

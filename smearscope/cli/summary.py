@@ -57,7 +57,7 @@ def _percent_text(share: ClassShare) -> str:
 
 def _interval_text(share: ClassShare) -> str:
     """A share's 95 % interval as the dashboard's column reads it, rounded outward: 0 of 8 white cells is 'CI 0.0-32.5',
-    and 0 of 8000 'CI 0.0-0.1', never 0.0-0.0, which would claim a certainty the count does not have."""
+    and 0 of 10 000 'CI 0.0-0.1', never 0.0-0.0, which would claim a certainty the count does not have."""
     if share.ci95_low is None or share.ci95_high is None:
         return ""
     low, high = report_view.interval_shown(share.ci95_low, share.ci95_high)

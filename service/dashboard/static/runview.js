@@ -27,7 +27,7 @@ function tenth(value) {
 
 // A 95 % interval as read: its bounds to one decimal rounded outward, the lower down and the upper up
 // (service.fhir.report_view.interval_shown, as FHIR, HL7 and `smearscope analyze` send and print it): 0 of
-// 8000 red cells (0 to 0.05 %) reads 0.0–0.1, never 0.0–0.0, a certainty the count does not have. The
+// 10 000 red cells (0 to 0.04 %) reads 0.0–0.1, never 0.0–0.0, a certainty the count does not have. The
 // report's two decimals are read to a millionth first, so 0.3 stays 0.3 (0.3 * 10 is 3.0000000000000004).
 function intervalText(low, high) {
   const tenths = (v) => Number((Number(v) * 10).toFixed(6));
