@@ -95,3 +95,21 @@ def test_a_report_from_before_models_named_their_classes_still_loads_with_its_ro
     assert not [o for o in bundle["entry"] if o["resource"].get("code", {}).get("coding", [{}])[0].get("code")
                 == codes.WBC_LOINC["eosinophil"].code]
     assert oru_r01(old)
+
+
+def test_the_stored_interval_holds_the_exact_one_and_is_never_empty_of_doubt() -> None:
+    """Bounds are stored at two decimals rounded outward: the stored interval always holds the exact Wilson
+    interval, and 0 of 100 000 cells keeps an upper bound above 0 (rounded to the nearest it read 0.00-0.00:
+    certainty the count does not have)."""
+    from collections import Counter
+
+    from smearscope.service.analysis.aggregate import share_rows, wilson_interval
+
+    for k, n in [(0, 100_000), (1, 3), (7, 13), (50, 100), (123, 4567), (99_999, 100_000), (2, 77_000)]:
+        row = next(r for r in share_rows(Counter({"a": k, "b": n - k}), of=n) if r.label == "a")
+        lo, hi = wilson_interval(k, n)
+        assert row.ci95_low <= 100 * lo + 1e-9 and row.ci95_high >= 100 * hi - 1e-9, (k, n, row)
+        assert row.ci95_high - 100 * hi < 0.01 + 1e-9 and 100 * lo - row.ci95_low < 0.01 + 1e-9
+        assert round(row.ci95_low, 2) == row.ci95_low and round(row.ci95_high, 2) == row.ci95_high
+    zero = next(r for r in share_rows(Counter({"a": 0, "b": 100_000}), of=100_000) if r.label == "a")
+    assert (zero.ci95_low, zero.ci95_high) == (0.0, 0.01)

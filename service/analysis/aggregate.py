@@ -66,8 +66,19 @@ def share_rows(c: Counter[str], of: int | None = None) -> list[ClassShare]:
     for label, k in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])):
         lo, hi = wilson_interval(k, n)
         out.append(ClassShare(label=label, count=k, percent=round(100.0 * k / n, 2),
-                              ci95_low=round(100 * lo, 2), ci95_high=round(100 * hi, 2), of_cells=of))
+                              ci95_low=outward(100 * lo, -1), ci95_high=outward(100 * hi, 1), of_cells=of))
     return out
+
+
+def outward(percent: float, side: int) -> float:
+    """An interval bound at two decimals rounded away from the interval's inside (`side` -1: the low bound
+    down, 1: the high bound up), so the stored interval never claims more certainty than the count has: 0 of
+    100 000 cells is 0.00-0.01 %, not 0.00-0.00. A bound already at two decimals (within float noise) is kept."""
+    scaled = percent * 100.0
+    near = round(scaled)
+    if abs(scaled - near) < 1e-6:
+        return near / 100.0
+    return (math.floor(scaled) if side < 0 else math.ceil(scaled)) / 100.0
 
 
 def size_stats(diameters: Sequence[float]) -> SizeStats:

@@ -152,7 +152,8 @@ class ClassShare(_Strict):
     label: str
     count: int
     percent: float
-    ci95_low: float | None = Field(None, description="Wilson 95% interval, percent")
+    ci95_low: float | None = Field(None, description="Wilson 95% interval, percent, its bounds at two decimals rounded "
+                                   "outward (low down, high up: the stored interval holds the exact one)")
     ci95_high: float | None = None
     grade: Literal["none", "1+", "2+", "3+", "present"] | None = Field(
         None, description="red-cell morphology: ICSH 2015 grade of the share (service.analysis.morphology); sickle "
