@@ -40,15 +40,14 @@ from smearscope.service.config.archive import ArchiveConfig
 from smearscope.service.hl7 import mllp
 from smearscope.service.mqtt.failure_news import RESAY_S, FailureNews, said_length
 from smearscope.service.mqtt.paho_client import LOGIN_REFUSED, configured_client, paho_log_level
+from smearscope.service.mqtt.take_over import SHORT_LIVED_S, TakeOverWatch, taken_over_message
 
 logger = logging.getLogger(__name__)
 
 #: The topic levels the archive subscribes to under `<prefix>/+/`.
 REPORT_LEAF, FHIR_LEAF = "report", "fhir"
-#: Connections the broker closes this soon after they opened, this many in a row, are said as two
-#: clients under one client id (mosquitto 2.0.11 closes the older session's connection with no
-#: reason the client sees: each archive logs only "lost (Unspecified error)").
-SHORT_CONNECTION_S, SHORT_CONNECTIONS_SAID = 5.0, 3
+#: Who else logs in with the archive's client id, as its take-over ERROR names them.
+_HOLDERS = "another `smearscope archive` on this broker, or an earlier one still running"
 
 
 @dataclass(frozen=True)
@@ -93,8 +92,8 @@ class ArchiveDaemon:
         self.hl7 = hl7
         self._incoming: queue.Queue[Incoming] = queue.Queue()
         self._connected = False
-        self._connected_at = 0.0
-        self._short_connections = 0  # lost within SHORT_CONNECTION_S of opening, in a row
+        #: another archive under this client id: said once, and this one leaves the session to it
+        self._take_over = TakeOverWatch()
         #: the broker out of reach: said once per outage, again at most every RESAY_S (the station's rule)
         self._failure_news = FailureNews()
         self._refused_last = False  # the last failure a refusal (the broker reachable), not out of reach
@@ -129,7 +128,7 @@ class ArchiveDaemon:
             logger.log(logging.ERROR if self._failure_news.news(refusal) else logging.DEBUG, "%s", refusal)
             return
         self._connected = True
-        self._connected_at = time.monotonic()
+        self._take_over.connected()
         if (outage := self._failure_news.ended()) is not None:
             logger.info("broker %s %s after %s", self.config.mqtt.address, "accepts the archive's connection again"
                         if self._refused_last else "reachable again", said_length(outage))
@@ -165,16 +164,34 @@ class ArchiveDaemon:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
         was, self._connected = self._connected, False
-        if was and not self._stop.is_set():
+        if not was or self._stop.is_set():
+            return
+        was_taken_over = self._take_over.taken_over
+        loss = self._take_over.lost(int(reason_code.value))
+        if not loss.taken_over:
+            if was_taken_over:  # it held the session again: the usual backoff
+                client.reconnect_delay_set(self.config.mqtt.reconnect_min_delay_s, self.config.mqtt.reconnect_max_delay_s)
             logger.warning("connection to broker %s lost (%s); reconnecting, the broker keeps the session",
                            self.config.mqtt.address, reason_code)
-            short = time.monotonic() - self._connected_at < SHORT_CONNECTION_S
-            self._short_connections = self._short_connections + 1 if short else 0
-            if self._short_connections == SHORT_CONNECTIONS_SAID:
-                logger.error("the broker closed the archive's connection %d times in a row, each within %g s of "
-                             "connecting: does another archive use client id %r? Each archive on a broker needs "
-                             "its own (--client-id); two under one id take the session from each other",
-                             SHORT_CONNECTIONS_SAID, SHORT_CONNECTION_S, self.client_id)
+            return
+        assert loss.pause_s is not None
+        client.reconnect_delay_set(loss.pause_s, loss.pause_s)  # paho waits so long before its next try
+        if loss.said:
+            logger.error("%s; the broker keeps the session, and the reports queued in it, for the archive that holds "
+                         "it. Give each archive on a broker its own client id (--client-id)",
+                         taken_over_message(self.config.mqtt.address, self.client_id, loss, int(reason_code.value),
+                                            "archive", _HOLDERS))
+        else:
+            logger.debug("client id %r still taken over: trying again in %d s", self.client_id, loss.pause_s)
+
+    def _check_take_over_ended(self) -> None:
+        """The storer's, every 0.5 s: a connection made after a take-over that lasts holds the session
+        again (the other archive is gone); said at INFO, the usual backoff back."""
+        if self._connected and self._take_over.held():
+            self.client.reconnect_delay_set(self.config.mqtt.reconnect_min_delay_s,
+                                            self.config.mqtt.reconnect_max_delay_s)
+            logger.info("client id %r is this archive's again on broker %s: its connection has lasted %g s, the "
+                        "other client is gone", self.client_id, self.config.mqtt.address, SHORT_LIVED_S)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         # The Receive Maximum bounds what waits here at QoS 1; a QoS 0 message (no station publishes
@@ -226,6 +243,7 @@ class ArchiveDaemon:
                                a.processing_id, {"T": "training", "D": "debugging"}[a.processing_id])
         try:
             while not self._stop.is_set():
+                self._check_take_over_ended()
                 try:
                     item = self._incoming.get(timeout=0.5)
                 except queue.Empty:
