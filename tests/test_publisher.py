@@ -593,22 +593,6 @@ def test_broker_outage_and_reconnect_log_a_warning_not_an_error(
     assert not any("client id" in r.getMessage() for r in caplog.records)  # one outage is no duplicate
 
 
-def test_two_stations_with_one_station_id_are_told_in_the_log(broker: MosquittoBroker, credentials_dir: Path,
-        tmp_path: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture) -> None:
-    """A cloned config: two stations log in with one client id and the broker closes each one's
-    connection when the other connects. The station said only "connection lost"; after three
-    connections in a row that lasted under 5 s it names the likely cause. One outage does not."""
-    with caplog.at_level(logging.WARNING, logger="smearscope.service.mqtt.publisher"):
-        first = start_publisher(make_config(tmp_path / "a", broker.port), started)
-        assert first.wait_until_connected(5)
-        second = start_publisher(make_config(tmp_path / "b", broker.port), started)
-        said = "does another client use the client id 'smearscope-lab-7' (a second station with this station_id)?"
-        assert wait_until(lambda: any(said in r.getMessage() for r in caplog.records), 30), [
-            r.getMessage() for r in caplog.records]
-        second.stop()
-    assert all("times in a row" in r.getMessage() for r in caplog.records if said in r.getMessage())
-
-
 def test_socket_reset_while_connected_is_a_warning_other_paho_errors_stay_errors(
     broker: MosquittoBroker,
     credentials_dir: Path,

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -32,6 +33,8 @@ from smearscope.service.mqtt.failure_news import FailureNews
 from smearscope.service.mqtt.inflight import InFlight
 from smearscope.service.mqtt.run_watch import RunStateWatch
 from smearscope.service.mqtt.state import PublisherState
+from smearscope.service.mqtt.take_over import SHORT_LIVED_S, TakeOverWatch, taken_over_message
+from smearscope.service.mqtt.twin_watch import TwinWatch
 
 #: The publisher's logger: what its connection says is said, and filtered, as it was before these
 #: callbacks had a module of their own.
@@ -40,8 +43,9 @@ logger = logging.getLogger("smearscope.service.mqtt.publisher")
 _UNSUPPORTED_PROTOCOL_VERSION = 0x84
 #: QoS>0 slots kept free of outbox traffic for the status message and command responses.
 _RESERVED_SLOTS = 4
-#: A connection the broker closes within this long counts toward the duplicate-client-id hint.
-_SHORT_LIVED_S = 5.0
+#: Who else logs in with a station's client id, as its take-over ERROR names them.
+_HOLDERS = ("a second station with this station_id: a cloned config or SD card; or an earlier process of this "
+            "station still running")
 
 
 class ConnectionEvents:
@@ -52,6 +56,8 @@ class ConnectionEvents:
     status_topic: str
     command_filter: str
     telemetry_topic: str
+    instance: dict[str, str]
+    twins: TwinWatch
     run_watch: RunStateWatch
     echo: EchoWatch
     _response_prefix: str
@@ -64,8 +70,7 @@ class ConnectionEvents:
     _epoch: int
     _packet_limit: int
     _fallback_requested: bool
-    _short_lived: int
-    _connected_at: float
+    _take_over: TakeOverWatch
     _stopping: bool
     _socket_error: str | None
     _connack_refused: bool
@@ -114,17 +119,21 @@ class ConnectionEvents:
             self.run_watch.subscribing(client.subscribe(self.run_watch.topic, qos=0)[1], v311, connection)
         # its own messages back; acknowledgements of the connection before are not waited on
         self.echo.connected(client, v311, connection)
-        self._connected_at = time.monotonic()
+        self._take_over.connected()
         self._failure_news.ended()  # the next outage is news
         with self._state_lock:
             self._epoch += 1
             self._packet_limit = limit
             self._state = replace(self._state, status="connected", max_packet_size=limit, last_error=None,
                                   last_reason_code=0, connects=self._state.connects + 1,
-                                  connected_since=time.time())  # for people; _connected_at for durations
+                                  connected_since=time.time())  # for people; the take-over watch times it (monotonic)
         logger.info("MQTT connected to %s (%s, session present: %s)", self.config.address,
                     self._protocol_name(), flags.session_present)
-        client.publish(self.status_topic, "online", qos=1, retain=True)
+        v5 = self._protocol == MQTTProtocolVersion.MQTTv5
+        if v5:  # before its own "online": the retained status says who published it last (_status_heard)
+            client.subscribe(self.status_topic, qos=0)
+        client.publish(self.status_topic, "online", qos=1, retain=True, properties=paho_client.instance_properties(
+            PacketTypes.PUBLISH, self.instance["instance_id"], self._protocol))
         paho_client.subscribe_commands(client, self.command_filter, self._protocol)
         client.subscribe(self.telemetry_topic, qos=0)  # another station under this id: service.mqtt.twin_watch
         self._wake.set()
@@ -194,11 +203,57 @@ class ConnectionEvents:
         elif not was_connected and not refused and reason_code.is_failure and not self._fallback_requested:
             # no CONNACK within the keepalive, or an answer that is no MQTT (a WebSockets listener's HTTP)
             self._say_disconnected(paho_client.no_connack(self.config, reason_code.getName()))
-        elif was_connected:  # a broker closes a client id's older connection when another one logs in with it
-            self._short_lived = self._short_lived + 1 if time.monotonic() - self._connected_at < _SHORT_LIVED_S else 0
-            hint = paho_client.short_lived_hint(self._short_lived, _SHORT_LIVED_S, self.client_id)
-            logger.warning("MQTT connection lost to broker %s (%s)%s; reconnecting with backoff up to %d s", self.config.address,
-                           reason_code, hint, self.config.reconnect_max_delay_s)
+        elif was_connected:
+            self._connection_lost(client, reason_code)
+
+    def _connection_lost(self, client: mqtt.Client, reason_code: ReasonCode) -> None:
+        """A connection the broker closed: an outage, or another client logging in with this client id
+        (service.mqtt.take_over): said once at ERROR, and this station waits before it tries again."""
+        was_taken_over = self._take_over.taken_over
+        loss = self._take_over.lost(int(reason_code.value), witnessing=self._protocol == MQTTProtocolVersion.MQTTv5)
+        if not loss.taken_over:
+            if was_taken_over:  # it held the connection again: the usual backoff
+                client.reconnect_delay_set(self.config.reconnect_min_delay_s, self.config.reconnect_max_delay_s)
+            logger.warning("MQTT connection lost to broker %s (%s); reconnecting with backoff up to %d s",
+                           self.config.address, reason_code, self.config.reconnect_max_delay_s)
+            return
+        assert loss.pause_s is not None
+        client.reconnect_delay_set(loss.pause_s, loss.pause_s)  # paho waits so long before its next try
+        message = taken_over_message(self.config.address, self.client_id, loss, int(reason_code.value), "station",
+                                     _HOLDERS) + "; reports wait in the outbox. Give each station its own station_id"
+        if loss.said:
+            logger.error("%s", message)
+        else:
+            logger.debug("MQTT client id %r still taken over: trying again in %d s", self.client_id, loss.pause_s)
+        with self._state_lock:
+            self._state = replace(self._state, status="taken_over", last_error=message)
+
+    def _own_topic_heard(self, message: mqtt.MQTTMessage) -> None:
+        """A message on the station's telemetry topic (its own samples, and another station's under its
+        station id: service.mqtt.twin_watch) or status topic: the retained status its subscription
+        found at a reconnection (MQTT 5). Another process's (its `instance_id`), published since this
+        one's last connection, is a client that was connected under this station's client id until
+        this connection began (service.mqtt.take_over). At the first connection it is the previous
+        process's, a station restarted: not counted."""
+        if message.topic == self.telemetry_topic:
+            self.twins.sample(bytes(message.payload))
+            return
+        properties = getattr(message, "properties", None)
+        said = dict(getattr(properties, "UserProperty", None) or []).get("instance_id")
+        with self._state_lock:
+            connects = self._state.connects
+        if message.retain and said is not None and said != self.instance["instance_id"] and connects > 1:
+            self._take_over.witness()
+
+    def _check_take_over_ended(self) -> None:
+        """The drain loop's, while connected: a connection made after a take-over that lasts is the
+        station's again (the other client is gone); said at INFO, the usual backoff back."""
+        client = self._client
+        if client is None or not self._take_over.held():
+            return
+        client.reconnect_delay_set(self.config.reconnect_min_delay_s, self.config.reconnect_max_delay_s)
+        logger.info("MQTT client id %r is this station's again on broker %s: its connection has lasted %g s, the "
+                    "other client is gone", self.client_id, self.config.address, SHORT_LIVED_S)
 
     def _fall_back_to_311(self) -> None:
         """Asked for by a refused MQTT 5 CONNACK (protocol "auto"); run by the drain loop: the MQTT 5

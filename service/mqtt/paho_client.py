@@ -70,10 +70,11 @@ class StationClient(mqtt.Client):
 
 
 def configured_client(config: MqttConfig, client_id: str, protocol: MQTTProtocolVersion,
-                      password: str | None, status_topic: str | None) -> mqtt.Client:
+                      password: str | None, status_topic: str | None, instance_id: str | None = None) -> mqtt.Client:
     """A paho client with credentials, TLS, the retained "offline" Last Will (on `status_topic`;
-    None: no will, for a consumer such as the archive), bounds, backoff and callbacks that cannot
-    end its network thread; no callbacks yet, not connected."""
+    None: no will, for a consumer such as the archive; under MQTT 5 with the user property
+    `instance_id`, which process it is of: service.mqtt.take_over), bounds, backoff and callbacks that
+    cannot end its network thread; no callbacks yet, not connected."""
     client = StationClient(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -89,7 +90,8 @@ def configured_client(config: MqttConfig, client_id: str, protocol: MQTTProtocol
         client.tls_set_context(tls_context(config.tls))  # as tls_set would; renewable (service.mqtt.secrets)
         client.tls_insecure_set(config.tls.insecure)
     if status_topic is not None:
-        client.will_set(status_topic, "offline", qos=1, retain=True)
+        client.will_set(status_topic, "offline", qos=1, retain=True,
+                        properties=instance_properties(PacketTypes.WILLMESSAGE, instance_id, protocol))
     # The drain loop bounds outbox traffic to max_inflight; the slack is for status and
     # command responses. Equal limits mean paho never parks a message in its "queued" state.
     client.max_inflight_messages_set(config.max_inflight + STATUS_SLACK)
@@ -99,6 +101,16 @@ def configured_client(config: MqttConfig, client_id: str, protocol: MQTTProtocol
     # raised, it would end that thread, and with it every publish and command, for good.
     client.suppress_exceptions = True
     return client
+
+
+def instance_properties(packet_type: int, instance_id: str | None, protocol: MQTTProtocolVersion) -> Properties | None:
+    """MQTT 5 properties naming the process (user property `instance_id`) for its status messages;
+    None under 3.1.1 or without an instance id."""
+    if instance_id is None or protocol != MQTTProtocolVersion.MQTTv5:
+        return None
+    properties = Properties(packet_type)  # type: ignore[no-untyped-call]
+    properties.UserProperty = [("instance_id", instance_id)]
+    return properties
 
 
 def subscribe_commands(client: mqtt.Client, command_filter: str, protocol: MQTTProtocolVersion) -> None:
@@ -199,14 +211,6 @@ def password_change_advice() -> str:
         return ("update the credential's file and restart the station: systemd copies it when the unit starts, "
                 "the station reads that copy again before each attempt")
     return "update the credential's file; the station reads it again before its next attempt"
-
-
-def short_lived_hint(short_lived: int, seconds: float, client_id: str) -> str:
-    """The connection-lost line's hint after 3 or more connections in a row closed this soon."""
-    if short_lived < 3:
-        return ""
-    return (f"; it lasted under {seconds:g} s {short_lived} times in a row: does another client "
-            f"use the client id {client_id!r} (a second station with this station_id)?")
 
 
 def client_cert_advice(alert: str) -> str:

@@ -56,6 +56,7 @@ from smearscope.service.mqtt.renamed import say_stored_under_other_ids
 from smearscope.service.mqtt.run_watch import RunStateWatch
 from smearscope.service.mqtt.secrets import SecretFiles
 from smearscope.service.mqtt.state import PublisherState
+from smearscope.service.mqtt.take_over import TakeOverWatch
 from smearscope.service.mqtt.telemetry_bound import TelemetryBound
 from smearscope.service.mqtt.twin_watch import TwinWatch
 
@@ -121,8 +122,7 @@ class MqttPublisher(ConnectionEvents):
         self._epoch = 0  # successful connections so far; the drain loop rewinds on change
         self._packet_limit = config.max_packet_size  # this connection's; set in on_connect
         self._fallback_requested = False
-        self._short_lived = 0  # connections in a row the broker closed within _SHORT_LIVED_S
-        self._connected_at = 0.0  # time.monotonic() of this connection's CONNACK (a clock step cannot fake one)
+        self._take_over = TakeOverWatch()  # another client logging in with this client id
         self._stopping = False
         self._socket_error: str | None = None  # paho's, while no CONNACK yet (paho thread only)
         self._connack_refused = False  # this attempt's CONNACK refused (paho thread only)
@@ -303,7 +303,8 @@ class MqttPublisher(ConnectionEvents):
         cfg = self.config
         # made from the files as they are now: what the secrets read last is in it (_on_pre_connect)
         self._client_password, self._client_context = self._secrets.current()
-        client = configured_client(cfg, self.client_id, self._protocol, self._client_password, self.status_topic)
+        client = configured_client(cfg, self.client_id, self._protocol, self._client_password, self.status_topic,
+                                   self.instance["instance_id"])
         client.on_log = self._on_log
         client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
@@ -336,7 +337,7 @@ class MqttPublisher(ConnectionEvents):
         # The client is changed here only: paho reads the password twice while it builds a CONNECT
         # (its length, then its bytes), and two threads setting it could leave the older one.
         with self._state_lock:
-            after_failure = self._state.status in ("refused", "disconnected")
+            after_failure = self._state.status in ("refused", "disconnected", "taken_over")
         if after_failure:
             self._secrets.renew()
         password, context = self._secrets.current()
@@ -378,8 +379,8 @@ class MqttPublisher(ConnectionEvents):
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self.echo.heard(message.topic):  # its own message back (MQTT 3.1.1): service.mqtt.echo_watch
             return
-        if message.topic == self.telemetry_topic:  # its own samples, and another station's under its id
-            self.twins.sample(bytes(message.payload))
+        if message.topic in (self.telemetry_topic, self.status_topic):  # another process under its id?
+            self._own_topic_heard(message)
             return
         if message.topic == self.run_watch.topic:  # the broker's retained run state, once
             if self.run_watch.heard(bytes(message.payload), bool(message.retain)):
@@ -430,6 +431,8 @@ class MqttPublisher(ConnectionEvents):
                         self.outbox.expire_fields(time.time() - self.config.field_message_expiry_s)
                     self._inflight.forget_gone()  # parked ones expired or evicted: no longer counted
                     self.outbox.give_back_space()
+                if connected:
+                    self._check_take_over_ended()
                 if not connected or not self.run_watch.may_send():  # first: the broker's retained run state
                     continue
                 if self.run_watch.releases != releases_seen:  # held runs released (3.1.1: after their parking)

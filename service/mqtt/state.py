@@ -8,7 +8,7 @@ from typing import Literal
 
 logger = logging.getLogger(__name__)
 
-ConnectionStatus = Literal["stopped", "connecting", "connected", "refused", "disconnected"]
+ConnectionStatus = Literal["stopped", "connecting", "connected", "refused", "disconnected", "taken_over"]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,157 @@
+"""Two clients logging in with one MQTT client id (a cloned station config or SD card, a station
+restarted while its old process still runs, two archives): the broker closes the older connection
+at each login, and two clients that both reconnect at once throw each other off for ever. One of
+them says so once at ERROR and leaves the connection to the other (service.mqtt.take_over).
+Against a real mosquitto (2.0: it closes the older connection without the MQTT 5 reason 0x8E,
+which the watch's own test feeds it)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from broker import MosquittoBroker, Subscriber, wait_until
+from test_publisher import BASE, make_config, start_publisher
+
+from smearscope.service.mqtt import take_over
+from smearscope.service.mqtt.publisher import MqttPublisher
+from smearscope.service.mqtt.take_over import (
+    PAUSE_MAX_S,
+    PAUSE_S,
+    SESSION_TAKEN_OVER,
+    TakeOverWatch,
+)
+
+pytestmark = pytest.mark.broker
+
+LOGGER = "smearscope.service.mqtt.publisher"
+SAID = "MQTT client id 'smearscope-lab-7' taken over on broker 127.0.0.1:"
+
+
+def _said(caplog: pytest.LogCaptureFixture, level: int = logging.ERROR) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level and SAID in r.getMessage()]
+
+
+def _report(publisher: MqttPublisher, report_id: str) -> None:
+    publisher.publish_report("report", report_id, json.dumps({"id": report_id}).encode(), "1.4")
+
+
+def _arrived(observer: Subscriber, report_id: str, timeout: float = 10) -> bool:
+    return observer.wait_for(lambda messages: any(
+        m.topic == f"{BASE}/report" and json.loads(m.payload).get("report_id") == report_id for m in messages), timeout)
+
+
+@pytest.mark.parametrize(("protocol", "steps_back", "how"), [
+    ("5", 0, "and its retained status at that connection was another process's"),
+    ("3.1.1", 1, "3 times in a row, each within 5 s of connecting"),
+])
+def test_two_stations_under_one_client_id_stop_throwing_each_other_off(
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path,
+    started: list[MqttPublisher], caplog: pytest.LogCaptureFixture, protocol: str, steps_back: int, how: str,
+) -> None:
+    """A cloned config: both stations log in as smearscope-lab-7. Before, the broker closed one
+    connection at each login of the other, about once a second for as long as both ran. Now one
+    says it once at ERROR, shows it in its state (the status command, systemd's STATUS= line) and
+    pauses; the other keeps its connection: the broker closes it no more, and its reports arrive.
+    MQTT 5: the first station, at its first reconnection, finds the second's status retained and is
+    thrown off again within 5 s: it steps back (the newer process keeps the id, as a broker sending
+    0x8E has it). MQTT 3.1.1: the first to count three short connections in a row, the second (the
+    first's first loss came after a longer connection)."""
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        stations = [start_publisher(make_config(tmp_path / "a", broker.port, protocol=protocol), started)]
+        assert stations[0].wait_until_connected(5)
+        time.sleep(take_over.SHORT_LIVED_S + 0.5)  # a station that has run a while: its first loss is no short one
+        stations.append(start_publisher(make_config(tmp_path / "b", broker.port, protocol=protocol), started))
+        assert wait_until(lambda: _said(caplog), 40), [r.getMessage() for r in caplog.records if r.levelno >= 30]
+        assert [p.state.status == "taken_over" for p in stations] == [steps_back == 0, steps_back == 1], [
+            p.state for p in stations]
+        holder = stations[1 - steps_back]
+        assert wait_until(lambda: holder.state.connected, 5), holder.state
+        connects = holder.state.connects
+        # a window far shorter than the 60 s pause: before, it held about 8 connections in turn
+        assert not wait_until(lambda: holder.state.connects != connects or not holder.state.connected, 8)
+        _report(holder, "spec-holder")
+        assert _arrived(observer, "spec-holder")
+        assert stations[steps_back].state.status == "taken_over"
+    said = _said(caplog)
+    assert len(said) == 1, said  # once, not at each try
+    assert stations[steps_back].state.last_error == said[0]
+    assert (how in said[0] and "tries again in 60 s" in said[0]
+            and "a second station with this station_id: a cloned config or SD card" in said[0]
+            and "Give each station its own station_id" in said[0]), said[0]
+
+
+def test_a_station_that_stepped_back_takes_its_client_id_back_once_the_other_is_gone(
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path,
+    started: list[MqttPublisher], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other station stopped (the cloned board switched off, the old process ended): the one
+    that stepped back connects at its next try, keeps the connection, says at INFO that the client
+    id is its own again, and its reports, kept in its outbox meanwhile, arrive. Pauses shortened
+    to 2 to 4 s so the test need not wait a minute."""
+    monkeypatch.setattr(take_over, "PAUSE_S", 2)
+    monkeypatch.setattr(take_over, "PAUSE_MAX_S", 4)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        first = start_publisher(make_config(tmp_path / "a", broker.port), started)
+        assert first.wait_until_connected(5)
+        second = start_publisher(make_config(tmp_path / "b", broker.port), started)
+        assert wait_until(lambda: _said(caplog), 40)
+        stepped_back = first if first.state.status == "taken_over" else second
+        holder = second if stepped_back is first else first
+        _report(stepped_back, "spec-waited")
+        holder.stop(drain_timeout=0)
+        again = "MQTT client id 'smearscope-lab-7' is this station's again on broker"
+        assert wait_until(lambda: any(again in r.getMessage() for r in caplog.records), 20), stepped_back.state
+        assert stepped_back.state.connected
+        assert _arrived(observer, "spec-waited")
+    assert len(_said(caplog)) == 1
+
+
+def test_the_watch_steps_back_at_once_on_session_taken_over_and_pauses_longer_while_it_lasts() -> None:
+    """MQTT 5 brokers that send DISCONNECT 0x8E (Session taken over) name the cause: stepped back
+    at the first, whatever the connection lasted; without it, three short connections in a row, or
+    (a station under MQTT 5) one whose start found another process's status retained, never short
+    ones alone. Each try closed as quickly doubles the pause up to PAUSE_MAX_S; a connection that
+    lasts ends it."""
+    now = [0.0]
+    watch = TakeOverWatch(clock=lambda: now[0])
+    watch.connected()
+    now[0] += 3600
+    loss = watch.lost(SESSION_TAKEN_OVER)
+    assert (loss.taken_over, loss.said, loss.pause_s) == (True, True, PAUSE_S)
+    pauses = []
+    for _ in range(4):
+        now[0] += pauses[-1] if pauses else PAUSE_S
+        watch.connected()
+        now[0] += 1
+        loss = watch.lost(0x80)  # mosquitto 2.0: the socket closed, paho says "Unspecified error"
+        assert loss.taken_over and not loss.said
+        pauses.append(loss.pause_s)
+    assert pauses == [min(PAUSE_S * 2 ** n, PAUSE_MAX_S) for n in range(1, 5)]
+    watch.connected()
+    now[0] += 4.9
+    assert not watch.held()
+    now[0] += 0.2
+    assert watch.held() and not watch.held() and not watch.taken_over
+    for n in range(1, 4):  # no reason given: the third short connection in a row
+        now[0] += 100
+        watch.connected()
+        now[0] += 1
+        loss = watch.lost(0x80)
+        assert (loss.taken_over, loss.said, loss.short) == (n == 3, n == 3, n)
+    assert watch.spells == 2
+    watch = TakeOverWatch(clock=lambda: now[0])  # MQTT 5 station: its retained status witnesses
+    for _ in range(4):  # a broker restarted again and again: short connections, its own status retained
+        now[0] += 100
+        watch.connected()
+        now[0] += 1
+        assert not watch.lost(0x80, witnessing=True).taken_over
+    watch.connected()
+    watch.witness()  # another process's status, retained when this connection began
+    now[0] += 1
+    loss = watch.lost(0x80, witnessing=True)
+    assert (loss.taken_over, loss.said, loss.pause_s) == (True, True, PAUSE_S)
+
