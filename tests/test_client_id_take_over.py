@@ -155,3 +155,32 @@ def test_the_watch_steps_back_at_once_on_session_taken_over_and_pauses_longer_wh
     loss = watch.lost(0x80, witnessing=True)
     assert (loss.taken_over, loss.said, loss.pause_s) == (True, True, PAUSE_S)
 
+
+
+def test_doctor_says_a_running_station_that_left_the_broker_to_another_client(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beside a running station, doctor reads the unit's STATUS= line (systemctl show; a stand-in
+    systemctl here, as this container runs no systemd: tests/test_doctor_memory.py) and says the
+    take-over the station says there as a FAIL on `broker client id`; a station connected, or no
+    systemd to ask, adds no line."""
+    from test_doctor_memory import fake_systemctl
+
+    from smearscope.cli.doctor_broker import client_id_checks
+    from smearscope.service.config import MqttConfig
+    from smearscope.service.mqtt.take_over import Loss, taken_over_message
+
+    said = taken_over_message("broker.lab:8883", "smearscope-lab-7", Loss(True, True, 1, PAUSE_S), None, "station",
+                              "a second station with this station_id")
+    mqtt = MqttConfig(host="broker.lab", port=8883)
+    # the daemon's status line (service.station.daemon_status): "...; broker <status>: <last_error>"
+    running = f"StatusText=3 fields analysed, 0 rejected, 0 failed; outbox 2 (1 reports); broker taken_over: {said}\n"
+    monkeypatch.setenv("PATH", f"{fake_systemctl(tmp_path / 'taken', running)}:/usr/bin:/bin")
+    checks = client_id_checks(mqtt, "lab-7", "smearscope.service")
+    assert checks == [("FAIL", "broker client id", ("the running station (smearscope.service) has left broker "
+                       f"broker.lab:8883 to another client logged in as 'smearscope-lab-7', and says: {said}"))]
+    assert "show smearscope.service -p StatusText" in (tmp_path / "taken" / "args").read_text()
+    connected = "StatusText=3 fields analysed, 0 rejected, 0 failed; outbox 0 (0 reports); broker connected\n"
+    monkeypatch.setenv("PATH", f"{fake_systemctl(tmp_path / 'connected', connected)}:/usr/bin:/bin")
+    assert client_id_checks(mqtt, "lab-7", "smearscope.service") == []
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # no systemctl at all
+    assert client_id_checks(mqtt, "lab-7", "smearscope.service") == []

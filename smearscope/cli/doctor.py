@@ -334,7 +334,7 @@ def _say(check: Check) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from smearscope.cli.doctor_broker import broker_checks
+    from smearscope.cli.doctor_broker import broker_checks, client_id_checks
     from smearscope.cli.doctor_camera import camera_checks
     from smearscope.cli.doctor_engines import engine_checks
     from smearscope.cli.doctor_memory import memory_checks
@@ -368,6 +368,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                                     mqtt.protocol),
             lambda: review_file_checks(config),
             lambda: _credential_checks(mqtt), lambda: broker_checks(mqtt, config_path=args.config),
+            lambda: client_id_checks(mqtt, config.station_id, args.unit),  # type: ignore[attr-defined]
             lambda: parked_checks(config, waiting if args.wait else None, station_runs=outbox().held)]
         for step in steps:
             try:

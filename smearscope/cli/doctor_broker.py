@@ -137,3 +137,26 @@ def _connack(mqtt, protocol, password: str | None, timeout: float):
         client.disconnect()
         client.loop_stop()
     return codes[0] if codes else None
+
+
+def client_id_checks(mqtt, station_id: str, unit: str) -> list[Check]:
+    """The running station's own word on its client id, from its systemd STATUS= line (`systemctl
+    show UNIT -p StatusText`): `broker taken_over: ...` while it leaves the broker to another client
+    logged in with its client id (docs/MQTT.md "Client ids"), a FAIL; nothing where systemd cannot say
+    or the station says nothing of it (a connection the broker keeps closing is no doctor's finding)."""
+    import subprocess
+
+    from smearscope.cli.doctor_memory import SYSTEMCTL_TIMEOUT_S
+
+    try:
+        proc = subprocess.run(["systemctl", "show", unit, "-p", "StatusText"], capture_output=True, text=True,
+                              errors="replace", timeout=SYSTEMCTL_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    text = next((line.partition("=")[2] for line in proc.stdout.splitlines() if line.startswith("StatusText=")), "")
+    said = text.partition("broker taken_over: ")[2]
+    if proc.returncode != 0 or not said:
+        return []
+    client_id = mqtt.client_id or f"smearscope-{station_id}"
+    return [("FAIL", "broker client id", (f"the running station ({unit}) has left broker {mqtt.address} to another "
+             f"client logged in as {client_id!r}, and says: {said}"))]
