@@ -1203,3 +1203,36 @@ def test_analyze_file_does_not_follow_a_link_swapped_in_after_the_folder_check(
     assert answer.get("error") == "path_not_allowed", answer
     assert str(allowed) in answer["message"] and "report_id" not in answer
     assert again.get("error") == "path_not_allowed", again
+
+
+@pytest.mark.broker
+def test_a_station_whose_broker_answered_is_not_said_to_have_none_when_it_loses_it(
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The daemon's notice is for a broker that has not answered since the start. A connection lost
+    later (the broker restarted, another client logging in under the station's client id) said
+    "no MQTT broker answered at H:P (connection lost: Unspecified error)" at its first supervise
+    tick 3 s or more after the start; the publisher's "MQTT connection lost" alone says it."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0, "microns_per_pixel": 0.2}
+    daemon = StationDaemon(load_config(write_station(tmp_path, broker.port, source=source)),
+                           analyzer_factory=pool_factory())
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    with caplog.at_level(logging.INFO):
+        runner.start()
+        try:
+            assert wait_until(lambda: daemon.publisher is not None and daemon.publisher.state.connected, 30)
+            broker.stop()
+            assert wait_until(lambda: any("MQTT connection lost" in r.getMessage() for r in caplog.records), 15)
+            # past the notice's 3 s after the start, and two supervise ticks on
+            started = daemon._started_at
+            assert wait_until(lambda: time.monotonic() - started > 5.0, 10)
+            broker.start()
+            assert wait_until(lambda: daemon.publisher is not None and daemon.publisher.state.connects == 2, 20)
+        finally:
+            daemon.request_stop("test over")
+            runner.join(30)
+    assert not runner.is_alive()
+    said = [r.getMessage() for r in caplog.records if "no MQTT broker answered" in r.getMessage()]
+    assert said == [], said

@@ -290,7 +290,10 @@ class StationDaemon(DaemonStatus):
     def _notice_missing_broker(self) -> None:
         """Say once that reports are held because no broker answers, and why (the publisher leaves
         its first failure to this notice: one line, not three)."""
-        if self._broker_noticed or self.publisher is None or self.publisher.state.connected:
+        if self._broker_noticed or self.publisher is None:
+            return
+        if self.publisher.state.connects > 0:  # the broker answered: a later outage is the publisher's to say
+            self._broker_noticed = True
             return
         self._broker_noticed = True
         m, state = self.config.mqtt, self.publisher.state
