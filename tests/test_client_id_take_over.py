@@ -184,3 +184,18 @@ def test_doctor_says_a_running_station_that_left_the_broker_to_another_client(
     assert client_id_checks(mqtt, "lab-7", "smearscope.service") == []
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # no systemctl at all
     assert client_id_checks(mqtt, "lab-7", "smearscope.service") == []
+
+
+def test_each_status_message_names_its_process_over_mqtt_5(
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path,
+    started: list[MqttPublisher],
+) -> None:
+    """`online` and a clean stop's `offline` carry the MQTT 5 user property `instance_id` (the Will
+    too, set on the client): what a station reconnecting reads in the retained status to tell
+    another process's from its own."""
+    publisher = start_publisher(make_config(tmp_path, broker.port), started)
+    assert publisher.wait_until_connected(5)
+    publisher.stop(drain_timeout=0)
+    own = {"instance_id": publisher.instance["instance_id"]}
+    assert observer.wait_for(lambda ms: [(m.payload, m.user_properties) for m in ms if m.topic == f"{BASE}/status"]
+                             == [(b"online", own), (b"offline", own)], 10), observer.on_topic(f"{BASE}/status")

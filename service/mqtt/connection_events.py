@@ -129,11 +129,9 @@ class ConnectionEvents:
                                   connected_since=time.time())  # for people; the take-over watch times it (monotonic)
         logger.info("MQTT connected to %s (%s, session present: %s)", self.config.address,
                     self._protocol_name(), flags.session_present)
-        v5 = self._protocol == MQTTProtocolVersion.MQTTv5
-        if v5:  # before its own "online": the retained status says who published it last (_status_heard)
-            client.subscribe(self.status_topic, qos=0)
-        client.publish(self.status_topic, "online", qos=1, retain=True, properties=paho_client.instance_properties(
-            PacketTypes.PUBLISH, self.instance["instance_id"], self._protocol))
+        if self._protocol == MQTTProtocolVersion.MQTTv5:  # before its "online": who published the retained one
+            client.subscribe(self.status_topic, qos=0)  # (_own_topic_heard)
+        client.publish(self.status_topic, "online", qos=1, retain=True, properties=self._status_properties())
         paho_client.subscribe_commands(client, self.command_filter, self._protocol)
         client.subscribe(self.telemetry_topic, qos=0)  # another station under this id: service.mqtt.twin_watch
         self._wake.set()
@@ -227,6 +225,10 @@ class ConnectionEvents:
             logger.debug("MQTT client id %r still taken over: trying again in %d s", self.client_id, loss.pause_s)
         with self._state_lock:
             self._state = replace(self._state, status="taken_over", last_error=message)
+
+    def _status_properties(self) -> Properties | None:
+        """A status message's MQTT 5 properties: this process's `instance_id` (None under 3.1.1)."""
+        return paho_client.instance_properties(PacketTypes.PUBLISH, self.instance["instance_id"], self._protocol)
 
     def _own_topic_heard(self, message: mqtt.MQTTMessage) -> None:
         """A message on the station's telemetry topic (its own samples, and another station's under its

@@ -286,7 +286,7 @@ class MqttPublisher(ConnectionEvents):
         client = self._client  # the drain thread may have replaced it (protocol fallback)
         assert client is not None
         if self.state.connected:
-            info = client.publish(self.status_topic, "offline", qos=1, retain=True)
+            info = client.publish(self.status_topic, "offline", qos=1, retain=True, properties=self._status_properties())
             try:
                 info.wait_for_publish(timeout=self.STOP_OFFLINE_S)
             except (RuntimeError, ValueError) as exc:
