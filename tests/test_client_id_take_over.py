@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from broker import MosquittoBroker, Subscriber, wait_until
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
 from test_publisher import BASE, make_config, start_publisher
 
 from smearscope.service.mqtt import take_over
@@ -199,3 +199,50 @@ def test_each_status_message_names_its_process_over_mqtt_5(
     own = {"instance_id": publisher.instance["instance_id"]}
     assert observer.wait_for(lambda ms: [(m.payload, m.user_properties) for m in ms if m.topic == f"{BASE}/status"]
                              == [(b"online", own), (b"offline", own)], 10), observer.on_topic(f"{BASE}/status")
+
+
+def test_an_archive_that_stepped_back_takes_the_session_back_once_the_other_is_gone(
+    persistent_broker: MosquittoBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two archives under one client id: one steps back (ERROR); the other stopped, the first
+    connects at its next try, keeps the connection, says at INFO the client id is its own again,
+    and stores the report published after. Pauses shortened to 2 to 4 s."""
+    import threading
+
+    from test_archive import SPECIMEN, a_report, envelope_of, indexed, raw_client
+    from test_archive import STATION as ARCHIVED_STATION
+
+    from smearscope.service.archive.daemon import ArchiveDaemon
+    from smearscope.service.config import MqttConfig
+    from smearscope.service.config.archive import ArchiveConfig
+
+    monkeypatch.setattr(take_over, "PAUSE_S", 2)
+    monkeypatch.setattr(take_over, "PAUSE_MAX_S", 4)
+    archives, runners = [], []
+    caplog.set_level(logging.INFO, logger="smearscope.service.archive.daemon")
+    for name in ("first", "second"):
+        config = ArchiveConfig(mqtt=MqttConfig(host="127.0.0.1", port=persistent_broker.port, username="observer",
+                                               client_id="archive-twin"), directory=tmp_path / name, retry_s=0.2)
+        archives.append(ArchiveDaemon(config, MQTT_USERS["observer"]))
+        runners.append(threading.Thread(target=archives[-1].run))
+        runners[-1].start()
+    try:
+        said = "MQTT client id 'archive-twin' taken over on broker"
+        assert wait_until(lambda: any(said in r.getMessage() for r in caplog.records), 60)
+        stepped_back = next(a for a in archives if a._take_over.taken_over)
+        holder = archives[1] if stepped_back is archives[0] else archives[0]
+        holder.stop()
+        runners[archives.index(holder)].join(30)
+        again = "client id 'archive-twin' is this archive's again on broker"
+        assert wait_until(lambda: any(again in r.getMessage() for r in caplog.records), 20)
+        with raw_client(persistent_broker.port) as client:
+            client.publish(f"smearscope/{ARCHIVED_STATION}/report",
+                           envelope_of(a_report("run-1", SPECIMEN, 1_796_000_000.0)), qos=1).wait_for_publish(10)
+        assert wait_until(lambda: indexed(stepped_back.store.directory) == 1, 20)
+    finally:
+        for archive in archives:
+            archive.stop()
+        for runner in runners:
+            runner.join(30)
+    assert sum(said in r.getMessage() for r in caplog.records) == 1
