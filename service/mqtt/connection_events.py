@@ -44,8 +44,8 @@ _UNSUPPORTED_PROTOCOL_VERSION = 0x84
 #: QoS>0 slots kept free of outbox traffic for the status message and command responses.
 _RESERVED_SLOTS = 4
 #: Who else logs in with a station's client id, as its take-over ERROR names them.
-_HOLDERS = ("a second station with this station_id: a cloned config or SD card; or an earlier process of this "
-            "station still running")
+_HOLDERS = ("a second station with this station_id: a cloned config or SD card; or the board this station "
+            "replaced, still running")
 
 
 class ConnectionEvents:
