@@ -65,6 +65,21 @@ def test_a_run_gives_3_checks_however_many_fields_it_checks():
     assert set(row.firsts) == {6}
 
 
+def test_a_specimen_of_abnormal_red_cells_reading_1_30_is_not_flagged_and_1_5_times_too_fine_still_is():
+    """Chula RBC-12's groups of fields (red-cell disorders) read 1.3-1.5 at their true scale, and a
+    station whose last runs were such specimens was flagged at a right calibration with the upper
+    bound 1.27; at 1.32 a station of nothing but specimens reading 1.29-1.31 is never flagged. A lab
+    reading 0.95 (the Raspberry Pi station's median) calibrated 1.5 times too fine reads 1.42 and
+    is flagged at its 6th run, as it was at 1.27."""
+    abnormal = [FieldCheck(f"a{i}", f"slide{i // 6}", i, 1.30 * (1 + (i % 3 - 1) * 0.01), 20) for i in range(24)]
+    pi_like = [dataclasses.replace(f, own_over_known=f.own_over_known / 1.30 * 0.95) for f in abnormal]
+    for mode in ("random", "block"):
+        (right,) = watch_trials("abnormal", abnormal, trials=20, horizon=30, factors=(1.0,), modes=(mode,))
+        assert right.flagged_by(30) == 0, right.firsts
+        (fine,) = watch_trials("pi", pi_like, trials=20, horizon=30, factors=(0.667,), modes=(mode,))
+        assert set(fine.firsts) == {6}, fine.firsts
+
+
 def test_fields_without_enough_red_cells_give_no_check():
     """A field whose own scale showed 4 whole red cells (or none measured) is not kept, however far off it reads."""
     few = [FieldCheck(f"f{i}", "lab", i, 0.5, 4) for i in range(6)] + [FieldCheck("g", "lab", 9, None, 0)]

@@ -7,7 +7,7 @@ depend on the calibration, so a station calibrated `factor` times the known scal
 own / (known x factor). A simulated station runs `horizon` runs of that lab; each run's first
 `checks_per_run` fields are checked (the station's `calibration_check_fields`), and every check
 goes through the station's own functions: `kept_ratio` (measurable or not), `with_check` (a run's
-first 3, the last 48) and `verdict` (18 checks of 4 runs, median outside 0.85..1.27). A run's
+first 3, the last 48) and `verdict` (18 checks of 4 runs, median outside 0.85..1.32). A run's
 fields are drawn two ways: `random` (any fields of the lab) or `block` (consecutive fields of one
 unit: an rpi slide, a single specimen; for the labs without a slide record, neighbours in file
 order). Fields of one lab come from few slides of one stain, so either way the runs are more alike

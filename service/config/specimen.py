@@ -64,7 +64,7 @@ class SpecimenConfig(StationBaseModel):
         description="The calibration checks (calibration_check_fields) of every run, its first 3 at most, "
         "are kept across runs until the calibration changes; once at least this many measurable ones (the last 48 at most) from "
         "at least calibration_watch_runs runs have a median own estimate / calibrated scale below 0.85 or "
-        "above 1.27 (a calibration about 1.4 to 1.5 times off, which no single field tells), the station "
+        "above 1.32 (a calibration about 1.4 to 1.5 times off, which no single field tells), the station "
         "warns once and flags calibrated reports calibration_drift_suspected. 0: no watch.",
         ge=0,
         le=48,
