@@ -350,3 +350,109 @@ def test_two_processes_opening_a_version_4_index_of_the_previous_layout_at_once_
     after = state(index)
     assert after["version"] == INDEX_VERSION
     assert after["reports"] == before["reports"] and after["deliveries"] == before["deliveries"]
+
+
+def lock_as_nfs_takes_it(monkeypatch: pytest.MonkeyPatch, refused: int | None = None) -> list[int]:
+    """fcntl.flock as Linux takes it on NFS, where no NFS is mounted: an exclusive lock on a file open only for
+    reading is EBADF (NFS makes it a POSIX write lock); `refused`: every lock fails with that errno (the lock
+    service not running: ENOLCK). The access modes of the files locked, in order."""
+    import errno
+    import fcntl
+
+    real, modes = fcntl.flock, []
+
+    def flock(fd: int, operation: int) -> None:
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        modes.append(mode)
+        if refused is not None:
+            raise OSError(refused, os.strerror(refused))
+        if operation & fcntl.LOCK_EX and mode == os.O_RDONLY:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    return modes
+
+
+def test_an_archive_on_nfs_takes_the_upgrade_lock_on_the_file_open_for_writing(
+        archive: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """NFS (its locking emulated here): the lock file is opened for writing, so the lock is taken, the index
+    upgraded with nothing said at WARNING; opened for reading as before, every archive start there stopped on EBADF."""
+    modes = lock_as_nfs_takes_it(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="smearscope"):
+        ArchiveStore(archive).close()
+    assert modes == [os.O_RDWR]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert read(archive / "index.sqlite", "PRAGMA user_version") == [(INDEX_VERSION,)]
+
+
+def test_a_file_system_that_refuses_the_lock_opens_the_index_without_it_said_once(
+        archive: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """NFS whose lock service is not running (ENOLCK for every lock): the archive starts, the index upgraded with
+    its copy made, and one WARNING names the file system (its type, as findmnt reads it) and the refusal; it stopped."""
+    import errno
+
+    lock_as_nfs_takes_it(monkeypatch, refused=errno.ENOLCK)
+    with caplog.at_level(logging.WARNING, logger="smearscope"):
+        ArchiveStore(archive).close()
+    index = archive / "index.sqlite"
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    fs_type = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", str(archive)], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    assert said == [(f"the archive index {index} is opened without its upgrade lock: its file system ({fs_type}) "
+                    f"refused the lock on {LOCK} ([Errno {errno.ENOLCK}] {os.strerror(errno.ENOLCK)}). Two processes "
+                    "making or upgrading the index at once (the archive restarted while smearscope archive send-hl7 "
+                    "starts) may then stop; on NFS, run its lock service (NFSv3: rpc.statd) or keep the archive on a "
+                    "local disk")], said
+    assert read(index, "PRAGMA user_version") == [(INDEX_VERSION,)]
+    assert backup_path(index, 3).is_file()
+
+
+def test_a_member_of_the_index_group_who_may_only_read_the_lock_file_takes_the_lock() -> None:
+    """The lock file root:65534 0640: a process of user and group 65534 (no capability of root's) may not open it
+    for writing, so opens it for reading and takes the lock there (a second open of it cannot lock it meanwhile)."""
+    if os.geteuid() != 0:
+        pytest.skip("a file of another owner needs root")
+    with tempfile.TemporaryDirectory(prefix="archive-") as folder:
+        Path(folder).chmod(0o755)
+        index = Path(folder) / "index.sqlite"
+        for path in (index, Path(folder) / LOCK):
+            path.touch()
+            os.chown(path, 0, 65534)
+            path.chmod(0o640)
+        assert locked_as(65534, index) == "held"
+
+
+def locked_as(uid: int, index: Path) -> str:
+    """What a process of user and group `uid` forked from this one found taking the upgrade lock of `index`:
+    "held" when a second open of the lock file could not lock it meanwhile, else what stopped it."""
+    import fcntl
+
+    from smearscope.service.archive.index_backup import upgrade_lock
+
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read_end)
+        said = "not held"
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            with upgrade_lock(index):
+                other = os.open(index.with_name(LOCK), os.O_RDONLY)
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    said = "held"
+                finally:
+                    os.close(other)
+        except BaseException as exc:  # noqa: BLE001 - said to the parent
+            said = f"{type(exc).__name__}: {exc}"
+        os.write(write_end, said.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as said:
+        found = said.read().decode()
+    os.waitpid(child, 0)
+    return found

@@ -4,9 +4,11 @@ made the index refuses the upgraded one and reads this copy (docs/ARCHIVE.md, go
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,8 +36,10 @@ def upgrade_lock(path: Path) -> Iterator[None]:
     """Held while this process opens index `path` to write it, making or upgrading it where it must (an advisory
     lock on a file beside it, `.index.sqlite.upgrade-lock`, kept there): a second process opening the same index
     meanwhile (the archive restarted by an update while `send-hl7` runs) waits, then finds it upgraded. Without it
-    both copied the index to the same file at once and both stopped, the index not upgraded."""
-    fd = os.open(path.with_name(f".{path.name}.upgrade-lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    both copied the index to the same file at once and both stopped, the index not upgraded. Where the index's file
+    system refuses the lock (not contention: NFS without its lock service), the open goes on without it, said once
+    at WARNING, rather than the archive not starting there at all."""
+    fd = _open_lock_file(path)
     try:
         index = os.stat(path)  # the index's owner and mode, as its copy has them: the archive's user can open the
         with contextlib.suppress(OSError):  # lock after root's send-hl7 made it, and no other user can read it
@@ -43,13 +47,45 @@ def upgrade_lock(path: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.fchmod(fd, index.st_mode & 0o660)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("another process is making or upgrading the archive index %s: waiting for it", path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("another process is making or upgrading the archive index %s: waiting for it", path)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            logger.warning("the archive index %s is opened without its upgrade lock: its file system (%s) refused "
+                           "the lock on %s (%s). Two processes making or upgrading the index at once (the archive "
+                           "restarted while smearscope archive send-hl7 starts) may then stop; on NFS, run its lock "
+                           "service (NFSv3: rpc.statd) or keep the archive on a local disk",
+                           path, _file_system(path), path.with_name(f".{path.name}.upgrade-lock").name, exc)
         yield
     finally:
         os.close(fd)
+
+
+def _open_lock_file(path: Path) -> int:
+    """The lock file, open for writing where this user may write it: on NFS Linux takes flock as a POSIX lock,
+    whose exclusive kind needs a file open for writing (EBADF on one open for reading). Read-only where the user may
+    only read it (a member of the index's group, the index 0640), where a local file system locks it alike."""
+    lock = path.with_name(f".{path.name}.upgrade-lock")
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        return os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _file_system(path: Path) -> str:
+    """The type of the file system holding `path` (its mount's in /proc/self/mounts: "nfs4"), or "type unknown"."""
+    target, found, kind = os.path.realpath(path), "", "type unknown"
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            _, point, fs_type, *_ = line.split(" ")
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), point)  # a space there is \040
+            if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(found):
+                found, kind = point, fs_type
+    return kind
 
 
 def _megabytes(size: int) -> str:
