@@ -773,3 +773,43 @@ def test_doctor_says_models_not_installed_as_such_not_as_an_invalid_manifest(
     capsys.readouterr()
     (line,) = [x for x in model_lines() if "seg.json" in x]
     assert "invalid manifest" in line and line.endswith(f"(install them again: smearscope install-models {models})")
+
+
+def test_doctor_changes_nothing_in_an_outbox_of_the_previous_schema_and_says_what_it_holds(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An outbox file as the release before `cells` messages left it (schema 1, WAL, stopped cleanly) with 3 messages
+    waiting, 2 of them reports, read by doctor after an update (its calibration watch, the station calibrated, reading the file too: it finds no check there): the
+    file is byte for byte as it was and its folder holds the same files, so the older station, put back, still
+    opens it; the outbox line counts its messages. Doctor migrated it to schema 2 (which that station refuses) and
+    made the reserve file beside it; the watch's read-only open left SQLite's -wal and -shm there."""
+    import hashlib
+    import sqlite3
+
+    from test_outbox import _SCHEMA_1
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "inbox").mkdir()
+    outbox = state / "o.sqlite3"
+    conn = sqlite3.connect(outbox)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(_SCHEMA_1 + "PRAGMA user_version=1;")
+    with conn:
+        conn.executemany(
+            "INSERT INTO outbox (kind, topic, payload, size, qos, retain, report_id, message_id, content_type, "
+            "schema_version, created_at) VALUES (?, 't', ?, 3, 1, 0, ?, ?, 'application/json', '1.0', 1.0)",
+            [("report" if i % 2 else "field", b"m%d" % i, f"r{i}", f"m{i}") for i in range(4)])
+        conn.execute("DELETE FROM outbox WHERE seq = 1")  # delivered
+    conn.close()
+    listing = sorted(p.name for p in state.iterdir())
+    assert listing == ["o.sqlite3"]
+    digest = hashlib.sha256(outbox.read_bytes()).hexdigest()
+    config = _doc(tmp_path, source={"kind": "folder", "path": str(tmp_path / "inbox"), "microns_per_pixel": 0.15,
+                                    "microns_per_pixel_calibrated_on": "2026-11-01"})
+    main(["doctor", "--no-wait", "--config", str(config)])
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in state.iterdir()) == listing
+    assert hashlib.sha256(outbox.read_bytes()).hexdigest() == digest
+    assert [ln for ln in out.splitlines() if ln[6:24].rstrip() == "outbox"] == [(f"OK    outbox             {outbox}: 3 messages waiting (2 final: specimen "
+                                      "reports, FHIR bundles)")], out
+    assert _lines(out, "held run") == [], out

@@ -64,7 +64,28 @@ def apply_schema(conn: sqlite3.Connection, path: Path) -> None:
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     elif version != SCHEMA_VERSION:
         # a newer version's file (a station put back to this version): left as it is, never rebuilt
-        raise RuntimeError(f"outbox {path} has schema {version}, written by a newer version of smearscope (this one "
-                           f"reads schema {SCHEMA_VERSION} and older); the file is left as it is: start that version "
-                           "again, or move the file aside once its messages are sent (docs/STATION.md, "
-                           "'Updating a station, and going back')")
+        raise newer_schema(path, version)
+
+
+def newer_schema(path: Path, version: int) -> RuntimeError:
+    """The refusal of an outbox file of schema `version`, newer than this smearscope's."""
+    return RuntimeError(f"outbox {path} has schema {version}, written by a newer version of smearscope (this one "
+                        f"reads schema {SCHEMA_VERSION} and older); the file is left as it is: start that version "
+                        "again, or move the file aside once its messages are sent (docs/STATION.md, "
+                        "'Updating a station, and going back')")
+
+
+def open_query_only(path: Path, timeout_s: float) -> sqlite3.Connection:
+    """The existing outbox file at `path` for a process that must change nothing in it (smearscope doctor): opened
+    as the station opens it, so the last connection to close removes the -wal and -shm files SQLite makes beside a
+    WAL file for it (a read-only connection leaves them in the folder), but refusing every write (query_only):
+    nothing migrated, no reserve file made, an older schema read as it is. Reading raises OperationalError
+    'database is locked' after `timeout_s` while a running station holds the file."""
+    # as_uri: a '#', '?' or '%' in the folder's name is no part of the URI's own syntax
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=timeout_s, isolation_level=None)
+    try:
+        conn.execute("PRAGMA query_only=ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn

@@ -42,6 +42,7 @@ from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.report import Flag
 from smearscope.service.analysis.scale_search import MIN_RBC_FOR_SCALE
 from smearscope.service.mqtt.outbox import Outbox
+from smearscope.service.mqtt.outbox_schema import open_query_only
 
 logger = logging.getLogger(__name__)
 
@@ -208,13 +209,12 @@ class CalibrationWatch:
 
 
 def watch_checks(outbox_path: Path, calibration: str, min_fields: int, min_runs: int) -> list[tuple[str, str, str]]:
-    """`smearscope doctor`'s line: the watch's reading from the outbox file (read only; a running
-    station holds it), WARN when it is suspect; none without a file, a table or a watch."""
+    """`smearscope doctor`'s line: the watch's reading from the outbox file (read, nothing in it or beside it
+    changed; a running station holds it), WARN when it is suspect; none without a file, a table or a watch."""
     if min_fields == 0 or not outbox_path.exists():
         return []
     try:
-        # as_uri: a '#', '?' or '%' in the folder's name is no part of the URI's own syntax
-        conn = sqlite3.connect(f"{Path(outbox_path).resolve().as_uri()}?mode=ro", uri=True, timeout=1.0)
+        conn = open_query_only(Path(outbox_path), 1.0)  # a read-only open left SQLite's -wal and -shm there
         try:
             rows = conn.execute("SELECT run_id, ratio FROM calibration_ratios WHERE calibration = ? "
                                 "ORDER BY rowid DESC LIMIT ?", (calibration, WINDOW)).fetchall()[::-1]

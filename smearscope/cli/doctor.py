@@ -318,8 +318,8 @@ def _outbox_checks(path: Path, look: OutboxLook, review_free_mb: float | None = 
         if not isinstance(look.error, (sqlite3.Error, OSError, RuntimeError)):
             raise look.error
         checks.append(("FAIL", "outbox", f"{path}: {look.error}"))
-    elif look.counts is not None:
-        checks.append(("OK", "outbox", (f"{path}: {look.counts.messages} messages waiting ({look.counts.reports} "
+    elif look.messages is not None:
+        checks.append(("OK", "outbox", (f"{path}: {look.messages} messages waiting ({look.reports} "
                        "final: specimen reports, FHIR bundles)")))
     return checks
 

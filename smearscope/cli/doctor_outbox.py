@@ -1,5 +1,5 @@
-"""`smearscope doctor`'s one open of the station's outbox file: its counts for the outbox line, the
-runs an earlier start held there (service.mqtt.run_watch: a restored older state the broker showed
+"""`smearscope doctor`'s one read of the station's outbox file, changing nothing there: its counts
+for the outbox line, the runs an earlier start held there (service.mqtt.run_watch: a restored older state the broker showed
 further along) for the held-runs line, or that a running station holds it (each open beside one
 waits out the station's lock), which also decides whether the parked line
 (smearscope.cli.doctor_parked) is said."""
@@ -7,13 +7,11 @@ waits out the station's lock), which also decides whether the parked line
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from smearscope.service.mqtt.outbox import OutboxCounts
+from typing import Any
 
 #: smearscope.cli.doctor's (status, what, detail).
 Check = tuple[str, str, str]
@@ -21,6 +19,8 @@ Check = tuple[str, str, str]
 HELD_SHOWN = 5
 #: A run held longer than this (s) is a WARN: reports a clinic has been without for a day.
 HELD_LONG_S = 86_400.0
+#: How long doctor waits for the outbox file while another process has it (the station's start waits as long).
+LOCK_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -40,34 +40,47 @@ class HeldRun:
 
 @dataclass(frozen=True)
 class OutboxLook:
-    """What opening the outbox file found: `exists` False (not created yet, nothing opened), its
-    `counts`, `held` by a running station, or the `error` that stopped the open."""
+    """What opening the outbox file found: `exists` False (not created yet, nothing opened), the `messages`
+    waiting in it (`reports` of them final), `held` by a running station, or the `error` that stopped the open."""
 
     exists: bool
-    counts: OutboxCounts | None = None
+    messages: int | None = None
+    reports: int = 0
     held: bool = False
     error: Exception | None = None
     held_runs: tuple[HeldRun, ...] = ()
 
 
 def look_at_outbox(path: Path) -> OutboxLook:
-    """Open the outbox file at `path` once (when it exists), read its counts and close it."""
-    from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
+    """Read the outbox file at `path` once (when it exists) and close it, changing nothing there: an older
+    schema's file read as it is (the station's next start migrates it; the older station, put back, refuses a
+    migrated one), no file made beside it."""
+    from smearscope.service.mqtt.outbox_schema import SCHEMA_VERSION, newer_schema, open_query_only
 
     if not path.exists():
         return OutboxLook(exists=False)
     try:
-        with Outbox(path) as box:
-            return OutboxLook(exists=True, counts=box.counts(), held_runs=box.read(_held_runs))
-    except OutboxLockedError:
-        return OutboxLook(exists=True, held=True)
+        conn = open_query_only(path, LOCK_WAIT_S)
+        try:
+            conn.execute("BEGIN")
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise newer_schema(path, version)
+            tables = {t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            messages, reports = (conn.execute("SELECT COUNT(*), COALESCE(SUM(kind = 'report'), 0) FROM outbox")
+                                 .fetchone() if "outbox" in tables else (0, 0))
+            held_runs = _held_runs(conn, tables)
+        finally:
+            conn.close()
     except Exception as exc:  # noqa: BLE001 - the outbox line says what is wrong with the file
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            return OutboxLook(exists=True, held=True)
         return OutboxLook(exists=True, error=exc)
+    return OutboxLook(exists=True, messages=int(messages), reports=int(reports), held_runs=held_runs)
 
 
-def _held_runs(conn: Any) -> tuple[HeldRun, ...]:
+def _held_runs(conn: Any, tables: set[str]) -> tuple[HeldRun, ...]:
     """The runs the outbox file holds, each with its specimen reports there (not their FHIR Bundles)."""
-    tables = {t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "held_runs" not in tables:
         return ()
     after = (dict(conn.execute("SELECT run_id, later_run FROM held_runs_after").fetchall())
