@@ -813,3 +813,69 @@ def test_doctor_changes_nothing_in_an_outbox_of_the_previous_schema_and_says_wha
     assert [ln for ln in out.splitlines() if ln[6:24].rstrip() == "outbox"] == [(f"OK    outbox             {outbox}: 3 messages waiting (2 final: specimen "
                                       "reports, FHIR bundles)")], out
     assert _lines(out, "held run") == [], out
+
+
+@pytest.mark.broker
+def test_a_station_starting_while_doctor_reads_a_large_outbox_starts(
+        tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path) -> None:
+    """An outbox file holding 20,000 specimen reports of 9 kB (180 MB, under the 256 MB bound) and a run an earlier
+    start held: doctor reads it, and the station is started as doctor begins (its line before the outbox read said).
+    The station opens its outbox and starts: doctor keeps the file for one short read and parses the reports after
+    closing it. Doctor kept it while parsing them all (4 s for 5,000 here) and the station, waiting 2 s for it,
+    stopped ('is in use by another process')."""
+    import json
+    import random
+    import time
+
+    from smearscope.service.config import load_config
+    from smearscope.service.mqtt.outbox import NewMessage, Outbox
+    from smearscope.service.mqtt.run_watch import HELD_AFTER_TABLE, HELD_TABLE
+
+    outbox = tmp_path / "state" / "o.sqlite3"
+    config = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.port, "username": "station",
+                                  "password_credential": "mqtt-password", "outbox": {"path": str(outbox)}})
+    rng = random.Random(7)
+    cells = [{"cell": i, "class": "neutrophil", "p": [round(rng.random(), 4) for _ in range(6)],
+              "box": [round(rng.random() * 1000, 1) for _ in range(4)]} for i in range(70)]
+
+    def report(i: int) -> NewMessage:
+        body = {"report_id": f"rep-{i}", "kind": "specimen", "run_id": f"r-{i % 50}", "cells": cells}
+        return NewMessage("report", "smearscope/doc-9/report", json.dumps({"report_id": f"rep-{i}", "body": body})
+                          .encode(), f"rep-{i}", "1.2")
+
+    with Outbox.from_config(load_config(config).mqtt.outbox) as box:
+        for first in range(0, 20_000, 1000):
+            box.put_many([report(i) for i in range(first, first + 1000)])
+        box.write(lambda conn: (conn.execute(HELD_TABLE), conn.execute(HELD_AFTER_TABLE), conn.execute(
+            "INSERT INTO held_runs VALUES ('r-0', 'closed', 9, 4, ?)", (time.time() - 3600,))))
+    log = tmp_path / "station.log"
+    doctor = subprocess.Popen([sys.executable, "-u", "-m", "smearscope", "doctor", "--no-wait", "--config", str(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    station = None
+    try:
+        said = []
+        assert doctor.stdout is not None
+        for line in doctor.stdout:  # the engines line: doctor reads the outbox next
+            said.append(line)
+            if line[6:24].strip() == "engines":
+                break
+        with log.open("w") as out:
+            station = subprocess.Popen([sys.executable, "-m", "smearscope", "--log-level", "INFO", "run", "--config",
+                                        str(config)], stdout=out, stderr=subprocess.STDOUT)
+        said += doctor.stdout.readlines()
+        doctor.wait(timeout=120)
+        deadline = time.monotonic() + 120
+        while f"outbox {outbox} opened" not in log.read_text() and station.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert f"outbox {outbox} opened: 20000 messages" in log.read_text(), log.read_text()
+        assert station.poll() is None, log.read_text()
+        outbox_line = [ln for ln in said if ln[6:24].rstrip() == "outbox"]
+        counted = f"OK    outbox             {outbox}: 20000 messages waiting (20000 final: specimen reports, FHIR bundles)\n"
+        held = f"OK    outbox             {outbox}: held by a running station\n"
+        assert outbox_line in ([counted], [held]), "".join(said)
+    finally:
+        for process in (doctor, station):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(timeout=60)
