@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import linecache
 import logging
 import os
 import signal
@@ -14,8 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+from broker import wait_until
 
+from smearscope.service.config import MqttConfig
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, OutboxLockedError
+from smearscope.service.mqtt.publisher import MqttPublisher
 from smearscope.service.mqtt.wall_clock import RELEASED, WallSteps
 
 
@@ -546,6 +550,54 @@ def test_field_messages_keep_their_true_age_when_the_wall_clock_steps(tmp_path: 
         assert outbox.expire_fields(clocks.wall - hour) == 2
         assert [m.seq for m in outbox.pending()] == [report]
         assert not set(booted) & {m.seq for m in outbox.pending()}
+
+
+def _waiting_for_the_outbox(thread: threading.Thread) -> bool:
+    """Whether `thread` waits for the outbox's lock in `put_many` (what it stamped outside is stamped)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    return (frame is not None and frame.f_code.co_name == "put_many"
+            and "with self._lock" in linecache.getline(frame.f_code.co_filename, frame.f_lineno))
+
+
+@pytest.mark.parametrize("stored_by", ["outbox", "publisher"])
+def test_a_field_message_stored_as_the_wall_clock_steps_forward_keeps_its_true_age(
+    tmp_path: Path, stored_by: str,
+) -> None:
+    """Network time steps the clock forward 56 years while a field message waits for the outbox (a
+    delete, a space give-back or another put holds it): the message was stamped on the clock before
+    the step and stored after the step was followed, so it kept 1970's stamp and the next expiry
+    dropped it as 56 years old, unsent (seen once in a station under faketime stepped +10 years).
+    Stamped under the outbox's lock, it is a minute old (a real SQLite file; the outbox's clocks
+    moved by hand; the publisher's message as the station stores it, through `publish_many`)."""
+    hour = 3600
+    clocks = _Clocks(wall=86_400.0 if stored_by == "outbox" else time.time())
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        holding.set()
+        gate.wait(30)
+
+    with Outbox(tmp_path / "o.db", clock=clocks.steps()) as outbox:
+        publisher = MqttPublisher(MqttConfig(), "bench-1", outbox)
+        store = (lambda: outbox.put("field", "t", b"{}", report_id="f", schema_version="1")) if stored_by == "outbox" \
+            else (lambda: publisher.publish_many([("field", "f", b"{}", "1")]))
+        holder = threading.Thread(target=outbox.read, args=(hold,))
+        holder.start()
+        assert holding.wait(10)
+        storer = threading.Thread(target=store)
+        storer.start()
+        try:
+            assert wait_until(lambda: _waiting_for_the_outbox(storer), 10)
+            clocks.wall += 56 * 365 * 86_400  # network time arrives
+        finally:
+            gate.set()
+            holder.join(10)
+            storer.join(10)
+        clocks.run(60)
+        assert outbox.expire_fields(clocks.wall - hour) == 0
+        assert [m.report_id for m in outbox.pending()] == ["f"]
+        clocks.run(hour)
+        assert outbox.expire_fields(clocks.wall - hour) == 1
 
 
 def test_field_messages_stamped_on_a_wrong_clock_before_a_restart_are_not_expired_by_it(tmp_path: Path) -> None:

@@ -276,18 +276,18 @@ class Outbox:
             if m.kind not in MESSAGE_KINDS:
                 raise ValueError(f"unknown message kind {m.kind!r}")
             rows.append((m.kind, m.topic, bytes(m.payload), m.qos, int(m.retain), m.report_id,
-                         m.message_id or uuid.uuid4().hex, m.content_type, m.schema_version,
-                         self._clock.wall() if m.created_at is None else m.created_at))
+                         m.message_id or uuid.uuid4().hex, m.content_type, m.schema_version, m.created_at))
 
         def insert() -> tuple[list[int], tuple[int, int, int], list[int]]:
             seqs = []
             count, size, reports = self._count, self._bytes, self._reports
+            now = self._clock.stored_frame()  # after _follow_clock: the next step moves it with the rest
             for r in rows:
                 cur = self._conn.execute(
                     "INSERT INTO outbox (kind, topic, payload, size, qos, retain, report_id, "
                     "message_id, content_type, schema_version, created_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (r[0], r[1], r[2], len(r[2]), *r[3:]),
+                    (r[0], r[1], r[2], len(r[2]), *r[3:9], now if r[9] is None else r[9]),
                 )
                 seqs.append(int(cur.lastrowid or 0))
                 count, size, reports = count + 1, size + len(r[2]), reports + (r[0] == "report")

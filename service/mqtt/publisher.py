@@ -203,9 +203,10 @@ class MqttPublisher(ConnectionEvents):
             created_at = time.time()
             envelope = build_envelope(kind, self.station_id, report_id, message_id, schema_version,
                                       created_at, payload)
+            # the outbox stamps its row itself, under its lock: a step of the wall clock between this
+            # stamp and the row's store would otherwise leave the row on the clock before the step
             messages.append(NewMessage(kind, topics[kind], envelope, report_id, schema_version,
-                                       qos=self.config.qos, message_id=message_id,
-                                       created_at=created_at))
+                                       qos=self.config.qos, message_id=message_id))
         for m in extra:  # this process's own run states, should one come back retained (run_watch)
             if m.topic == self.run_watch.topic:
                 self.run_watch.stored(m.payload)

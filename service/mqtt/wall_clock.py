@@ -67,6 +67,13 @@ class WallSteps:
         """The step `step` returned was taken into account."""
         self._pending = 0.0
 
+    def stored_frame(self) -> float:
+        """Now, as the stamps stored so far read it: the wall clock at `step`'s last look, moved on by
+        the monotonic clock since, less a step not yet taken into account. Each later step moves such
+        a stamp with the others, whenever it came (a stamp read before it and stored after it kept the
+        old clock's reading, and a clock stepped forward 56 years expired it at once)."""
+        return self._monotonic() + self._offset - self._pending
+
 
 class StampsFollowing:
     """Stored stamps (the outbox's messages of this start) moved by each step of the wall clock,
