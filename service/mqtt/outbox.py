@@ -152,12 +152,12 @@ class Outbox:
         self._conn = sqlite3.connect(self.path, timeout=lock_timeout_s, isolation_level=None, check_same_thread=False)
         try:
             self._open()
-        except BaseException as exc:  # also a refused schema: its exclusive lock is not kept
+            self._count, self._bytes, self._reports = self._measure()  # reads every row: a damaged page fails here
+        except BaseException as exc:  # also a refused schema or a damaged file: its exclusive lock is not kept
             self._conn.close()
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 raise OutboxLockedError(f"outbox {self.path} is in use by another process") from exc
             raise
-        self._count, self._bytes, self._reports = self._measure()
         #: A wall clock's step moves the stamps of the rows stored since this start: their ages stay true
         self._clock = clock or WallSteps()
         self._stamps = StampsFollowing(self._clock)

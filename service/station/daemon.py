@@ -51,6 +51,7 @@ from smearscope.service.journal_log import setup_logging
 from smearscope.service.mqtt.credentials import CredentialError
 from smearscope.service.mqtt.outbox import Outbox, OutboxLockedError
 from smearscope.service.mqtt.publisher import MqttPublisher
+from smearscope.service.mqtt.salvage import open_salvaging
 from smearscope.service.mqtt.wall_clock import clock_before_release
 from smearscope.service.station.calibration_watch import calibration_key
 from smearscope.service.station.clinic import ClinicFeed
@@ -209,7 +210,7 @@ class StationDaemon(DaemonStatus):
         self.notifier.status("starting: opening outbox, source and engines")
         box = cfg.mqtt.outbox
         try:
-            self.outbox = Outbox.from_config(box)
+            self.outbox = open_salvaging(lambda: Outbox.from_config(box), box.path)  # a damaged file: its readable rows
         except OutboxLockedError as exc:
             raise StartupError(None, f"{exc} (is another smearscope running?)") from exc
         except Exception as exc:  # sqlite3 or OS error: the path unusable (78), or the disk full (1: retried)

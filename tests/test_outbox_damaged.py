@@ -1,0 +1,108 @@
+"""A station started on a damaged outbox file: one page of it unreadable, as an SD card leaves it
+after a power cut mid-write or as it wears out. A real station process, mosquitto and SQLite."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import signal
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, Subscriber, free_port, wait_until
+from test_daemon import BASE, oracle_pool, write_station
+from test_daemon_faults import DaemonProcess, received_ids
+
+pytestmark = [pytest.mark.faults, pytest.mark.broker]
+
+
+def rows_by_leaf(path: Path) -> list[tuple[int, list[tuple[int, str, str]]]]:
+    """The outbox table's leaf pages in key order, each (page number, its rows (seq, report_id,
+    topic)): SQLite's dbstat gives each leaf's cell count, the leaves in the order of their paths."""
+    with closing(sqlite3.connect(path)) as conn:
+        leaves = conn.execute("SELECT pageno, ncell FROM dbstat WHERE name = 'outbox' AND pagetype = 'leaf' "
+                              "ORDER BY path").fetchall()
+        rows = conn.execute("SELECT seq, report_id, topic FROM outbox ORDER BY seq").fetchall()
+    out, at = [], 0
+    for page, cells in leaves:
+        out.append((page, rows[at:at + cells]))
+        at += cells
+    assert at == len(rows)
+    return out
+
+
+def test_a_station_started_on_an_outbox_with_a_damaged_page_sends_every_message_it_can_still_read(
+    tmp_path: Path, credentials_dir: Path,
+) -> None:
+    """SQLite refuses the whole file ('database disk image is malformed') for one bad page: the
+    station exited 78 (not restarted by systemd), the reports in the good pages were never sent and
+    nothing more was analysed. Now the file is kept aside, said at ERROR with the sequence numbers it
+    could not read, and every message of the other pages is delivered; the station goes on."""
+    port = free_port()
+    pool_file = tmp_path / "pool.pkl"
+    pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
+    config = write_station(tmp_path, port, target_wbc=10)
+    outbox = tmp_path / "state" / "outbox.sqlite3"
+    first = DaemonProcess(config, pool_file)  # no broker yet: everything stays in the outbox
+    try:
+        assert wait_until(lambda: len(first.stored()) >= 40, 60), first.lines[-20:]
+        first.signal(signal.SIGTERM)
+        assert first.wait(60) == 0, first.lines[-20:]
+    finally:
+        first.signal(signal.SIGKILL)
+    with closing(sqlite3.connect(outbox)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    leaves = rows_by_leaf(outbox)
+    middle = len(leaves) // 2
+    page, lost = leaves[middle]
+    with outbox.open("r+b") as fh:  # the page's header and cell pointers scrambled
+        fh.seek((page - 1) * 4096)
+        fh.write(os.urandom(64))
+    readable = [r for i, (_, leaf) in enumerate(leaves) if i != middle for r in leaf
+                if r[2] in (f"{BASE}/field", f"{BASE}/report")]
+    assert lost and len(readable) >= 30
+
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, port=port)
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    second = None
+    try:
+        sub.wait_ready()
+        second = DaemonProcess(config, pool_file)
+        wanted = {report_id for _, report_id, _ in readable}
+        assert sub.wait_for(lambda ms: second.proc.poll() is not None or wanted <= {r for _, r in received_ids(sub)},
+                            60) and second.proc.poll() is None, (second.proc.poll(), second.lines[-20:])
+        assert wanted <= {r for _, r in received_ids(sub)}
+        assert wait_until(lambda: len(second.stored()) >= 3, 30), second.lines[-20:]  # it analyses on
+        second.signal(signal.SIGTERM)
+        assert second.wait(60) == 0, second.lines[-20:]
+        new = {r for _, r, _ in second.stored()}
+        assert sub.wait_for(lambda ms: new <= {r for _, r in received_ids(sub)}, 15)
+    finally:
+        if second is not None:
+            second.signal(signal.SIGKILL)
+        sub.close()
+        broker.stop()
+    [said] = [ln for ln in second.lines if " ERROR " in ln and "is damaged" in ln]
+    kept = re.search(r"kept as (\S+);", said)
+    assert kept and Path(kept[1]).exists() and Path(kept[1]).parent == outbox.parent, said
+    ranges = [(int(a), int(b or a)) for a, b in re.findall(r"(\d+)(?:-(\d+))?", said.split("sequence numbers ")[1].split(" could not")[0])]
+    assert all(any(a <= seq <= b for a, b in ranges) for seq, _, _ in lost), (said, [s for s, _, _ in lost])
+
+
+def test_a_file_that_is_no_sqlite_file_at_the_outboxs_path_is_refused_and_left_where_it_is(tmp_path: Path) -> None:
+    """A path that names another kind of file (a configuration mistake: the station's config file)
+    is not taken for a damaged outbox: it is neither moved nor replaced, and the start is refused
+    as before (exit 78, mqtt.outbox.path)."""
+    from smearscope.service.mqtt.outbox import Outbox
+    from smearscope.service.mqtt.salvage import open_salvaging
+
+    path = tmp_path / "station.toml"
+    text = 'station_id = "bench-1"\n' * 200
+    path.write_text(text)
+    with pytest.raises(sqlite3.DatabaseError, match="not a database"):
+        open_salvaging(lambda: Outbox(path), path)
+    assert path.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["station.toml"]
