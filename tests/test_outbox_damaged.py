@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber, free_port, wait_until
+from smallfs import fill, small_tmpfs
 from test_daemon import BASE, oracle_pool, write_station
 from test_daemon_faults import DaemonProcess, received_ids
 
@@ -34,18 +35,14 @@ def rows_by_leaf(path: Path) -> list[tuple[int, list[tuple[int, str, str]]]]:
     return out
 
 
-def test_a_station_started_on_an_outbox_with_a_damaged_page_sends_every_message_it_can_still_read(
-    tmp_path: Path, credentials_dir: Path,
-) -> None:
-    """SQLite refuses the whole file ('database disk image is malformed') for one bad page: the
-    station exited 78 (not restarted by systemd), the reports in the good pages were never sent and
-    nothing more was analysed. Now the file is kept aside, said at ERROR with the sequence numbers it
-    could not read, and every message of the other pages is delivered; the station goes on."""
-    port = free_port()
+def damaged_outbox(tmp_path: Path, port: int, state: Path | None = None) -> tuple[Path, Path, list, list]:
+    """A station's outbox file, written by a real station with no broker (about 40 messages kept),
+    one leaf page in the middle of its outbox table then scrambled: (config, pool file, the rows on
+    the damaged page, the field and report rows on the others)."""
     pool_file = tmp_path / "pool.pkl"
     pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
-    config = write_station(tmp_path, port, target_wbc=10)
-    outbox = tmp_path / "state" / "outbox.sqlite3"
+    outbox = (state or tmp_path / "state") / "outbox.sqlite3"
+    config = write_station(tmp_path, port, target_wbc=10, mqtt={"outbox": {"path": str(outbox)}})
     first = DaemonProcess(config, pool_file)  # no broker yet: everything stays in the outbox
     try:
         assert wait_until(lambda: len(first.stored()) >= 40, 60), first.lines[-20:]
@@ -64,6 +61,19 @@ def test_a_station_started_on_an_outbox_with_a_damaged_page_sends_every_message_
     readable = [r for i, (_, leaf) in enumerate(leaves) if i != middle for r in leaf
                 if r[2] in (f"{BASE}/field", f"{BASE}/report")]
     assert lost and len(readable) >= 30
+    return config, pool_file, lost, readable
+
+
+def test_a_station_started_on_an_outbox_with_a_damaged_page_sends_every_message_it_can_still_read(
+    tmp_path: Path, credentials_dir: Path,
+) -> None:
+    """SQLite refuses the whole file ('database disk image is malformed') for one bad page: the
+    station exited 78 (not restarted by systemd), the reports in the good pages were never sent and
+    nothing more was analysed. Now the file is kept aside, said at ERROR with the sequence numbers it
+    could not read, and every message of the other pages is delivered; the station goes on."""
+    port = free_port()
+    config, pool_file, lost, readable = damaged_outbox(tmp_path, port)
+    outbox = tmp_path / "state" / "outbox.sqlite3"
 
     broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, port=port)
     broker.start()
@@ -106,3 +116,42 @@ def test_a_file_that_is_no_sqlite_file_at_the_outboxs_path_is_refused_and_left_w
     with pytest.raises(sqlite3.DatabaseError, match="not a database"):
         open_salvaging(lambda: Outbox(path), path)
     assert path.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["station.toml"]
+
+
+def test_a_damaged_outbox_that_a_full_disk_keeps_from_being_salvaged_stays_as_it_was_for_the_next_start(
+    tmp_path: Path, credentials_dir: Path,
+) -> None:
+    """The copy of what can be read needs room: on a full disk (a real tmpfs) the start fails (exit
+    1: systemd starts it again) and leaves the damaged file where it was, whole, with no copy or half
+    copy beside it; once there is room the next start salvages it and delivers what it read."""
+    state = tmp_path / "state"
+    with small_tmpfs(state, 8192):
+        port = free_port()
+        config, pool_file, _, readable = damaged_outbox(tmp_path, port, state)
+        outbox = state / "outbox.sqlite3"
+        before = outbox.read_bytes()
+        filler = fill(state, leave_bytes=len(before) // 2)
+        full = DaemonProcess(config, pool_file)
+        try:
+            assert full.wait(60) == 1, full.lines[-20:]
+        finally:
+            full.signal(signal.SIGKILL)
+        assert outbox.read_bytes() == before
+        assert not [p.name for p in state.iterdir() if "damaged" in p.name or "salvage" in p.name]
+        filler.unlink()
+        broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, port=port)
+        broker.start()
+        sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+        again = None
+        try:
+            sub.wait_ready()
+            again = DaemonProcess(config, pool_file)
+            wanted = {report_id for _, report_id, _ in readable}
+            assert sub.wait_for(lambda ms: wanted <= {r for _, r in received_ids(sub)}, 60), again.lines[-20:]
+            again.signal(signal.SIGTERM)
+            assert again.wait(60) == 0, again.lines[-20:]
+        finally:
+            if again is not None:
+                again.signal(signal.SIGKILL)
+            sub.close()
+            broker.stop()

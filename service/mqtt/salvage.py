@@ -8,12 +8,16 @@ path that names another kind of file is a configuration mistake, refused as befo
 as `<outbox>.damaged-<UTC time>` (its WAL with it), and every row that can still be read, of
 every table, goes into a new outbox file under the same sequence numbers (its messages are sent
 as before; consumers drop a repeat by its id); the rows that cannot be read are said by their
-sequence numbers, for the kept file's recovery.
+sequence numbers, for the kept file's recovery. The new file is written beside the damaged one
+and takes its name only once whole, so a crash or a full disk meanwhile leaves the damaged file
+as it was for the next start.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -115,69 +119,93 @@ def _rows(src: sqlite3.Connection, table: str, unread: list[tuple[int, int]]) ->
             after = found[0]
 
 
-def salvage(path: Path, why: str, now: float | None = None) -> Salvaged:
-    """Move the damaged outbox file at `path` aside and write what can be read of it to a new file
-    at `path` (which the outbox then opens as usual)."""
-    kept = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))}")
-    for suffix in ("", "-wal", "-shm"):
-        old = Path(f"{path}{suffix}")
-        if old.exists():
-            old.rename(f"{kept}{suffix}")
-    src = sqlite3.connect(f"file:{kept}?mode=ro", uri=True)
-    dst = sqlite3.connect(path, isolation_level=None)
+def _copy(src: sqlite3.Connection, dst: sqlite3.Connection) -> tuple[int, int, int, list[tuple[int, int]]]:
+    """Every readable row of `src` into the empty `dst`, in one transaction: (messages, reports among
+    them, other rows, the outbox's sequence numbers not read)."""
     messages = reports = other = 0
     unread: list[tuple[int, int]] = []
+    dst.execute("PRAGMA auto_vacuum=INCREMENTAL")  # as the outbox makes a new file
+    dst.execute("PRAGMA journal_mode=WAL")
+    dst.execute("BEGIN IMMEDIATE")
     try:
-        dst.execute("PRAGMA auto_vacuum=INCREMENTAL")  # as the outbox makes a new file
-        dst.execute("PRAGMA journal_mode=WAL")
-        dst.execute("BEGIN IMMEDIATE")
+        version = src.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError:
+        version = 0
+    tables = _tables(src)
+    for _, _, sql in tables:
+        dst.execute(sql)
+    for kind, table, sql in tables:
+        if kind != "table" or "WITHOUT ROWID" in sql.upper():
+            continue
+        info = src.execute(f'PRAGMA table_info("{table}")').fetchall()
+        columns = [c[1] for c in info]
+        keys = [c for c in info if c[5]]
+        aliased = len(keys) == 1 and keys[0][2].upper() == "INTEGER"  # its key is the rowid (the outbox's seq)
+        names = ", ".join(f'"{c}"' for c in columns)
+        insert = (f'INSERT OR IGNORE INTO "{table}" ({"" if aliased else "rowid, "}{names}) '
+                  f'VALUES ({", ".join("?" * (len(columns) + (not aliased)))})')
+        for row in _rows(src, table, unread if table == "outbox" else []):
+            dst.execute(insert, row[1:] if aliased else row)
+            if table == "outbox":
+                messages += 1
+                reports += row[1 + columns.index("kind")] == "report"
+            else:
+                other += 1
+    if any(t == "outbox" for _, t, _ in tables):  # sequence numbers are never reused
         try:
-            version = src.execute("PRAGMA user_version").fetchone()[0]
+            seq = src.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
         except sqlite3.DatabaseError:
-            version = 0
-        tables = _tables(src)
-        for _, _, sql in tables:
-            dst.execute(sql)
-        for kind, table, sql in tables:
-            if kind != "table" or "WITHOUT ROWID" in sql.upper():
-                continue
-            info = src.execute(f'PRAGMA table_info("{table}")').fetchall()
-            columns = [c[1] for c in info]
-            keys = [c for c in info if c[5]]
-            aliased = len(keys) == 1 and keys[0][2].upper() == "INTEGER"  # its key is the rowid (the outbox's seq)
-            names = ", ".join(f'"{c}"' for c in columns)
-            insert = (f'INSERT OR IGNORE INTO "{table}" ({"" if aliased else "rowid, "}{names}) '
-                      f'VALUES ({", ".join("?" * (len(columns) + (not aliased)))})')
-            for row in _rows(src, table, unread if table == "outbox" else []):
-                dst.execute(insert, row[1:] if aliased else row)
-                if table == "outbox":
-                    messages += 1
-                    reports += row[1 + columns.index("kind")] == "report"
-                else:
-                    other += 1
-        if any(t == "outbox" for _, t, _ in tables):  # sequence numbers are never reused
-            try:
-                seq = src.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-            except sqlite3.DatabaseError:
-                seq = None
-            top = max([seq[0] if seq else 0, *(b for _, b in unread)])
-            dst.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'outbox'", (top,))
-            if not dst.execute("SELECT 1 FROM sqlite_sequence WHERE name = 'outbox'").fetchone():
-                dst.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (top,))
-        dst.execute(f"PRAGMA user_version={int(version)}")
-        dst.execute("COMMIT")
+            seq = None
+        top = max([seq[0] if seq else 0, *(b for _, b in unread)])
+        dst.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'outbox'", (top,))
+        if not dst.execute("SELECT 1 FROM sqlite_sequence WHERE name = 'outbox'").fetchone():
+            dst.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (top,))
+    dst.execute(f"PRAGMA user_version={int(version)}")
+    dst.execute("COMMIT")
+    return messages, reports, other, unread
+
+
+def salvage(path: Path, why: str, now: float | None = None) -> Salvaged:
+    """Write what can be read of the damaged outbox file at `path` to a new file, keep the damaged
+    one as `<path>.damaged-<UTC time>` and put the new one at `path` (the outbox then opens it as
+    usual). The copy is made beside it first: a crash or a full disk while it is made leaves the
+    damaged file where it was, salvaged again at the next start."""
+    kept = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))}")
+    new = path.with_name(f".{path.name}.salvage.tmp")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{new}{suffix}").unlink(missing_ok=True)  # a salvage a crash cut short
+    src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    dst = sqlite3.connect(new, isolation_level=None)
+    try:
+        messages, reports, other, unread = _copy(src, dst)
+        dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all in the file itself: it moves alone
     except BaseException:
         if dst.in_transaction:
             dst.execute("ROLLBACK")
         dst.close()
         src.close()
-        for suffix in ("", "-wal", "-shm"):  # put back as it was: the next start salvages it again
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-            if Path(f"{kept}{suffix}").exists():
-                Path(f"{kept}{suffix}").rename(f"{path}{suffix}")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{new}{suffix}").unlink(missing_ok=True)
         raise
     dst.close()
     src.close()
+    with new.open("rb") as fh:
+        os.fsync(fh.fileno())
+    try:
+        os.link(path, kept)  # kept under both names until the new file takes the outbox's
+    except OSError:  # a file system without hard links
+        shutil.copyfile(path, kept)
+    for suffix in ("-wal", "-shm"):  # the damaged file's WAL must not be read into the new one
+        old = Path(f"{path}{suffix}")
+        if old.exists():
+            old.rename(f"{kept}{suffix}")
+    Path(f"{new}-wal").unlink(missing_ok=True)
+    os.replace(new, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
     return Salvaged(path, kept, messages, reports, other, tuple(unread), why)
 
 

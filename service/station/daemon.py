@@ -210,7 +210,8 @@ class StationDaemon(DaemonStatus):
         self.notifier.status("starting: opening outbox, source and engines")
         box = cfg.mqtt.outbox
         try:
-            self.outbox = open_salvaging(lambda: Outbox.from_config(box), box.path)  # a damaged file: its readable rows
+            with self.notifier.extending():  # a damaged file's salvage copies what it can read
+                self.outbox = open_salvaging(lambda: Outbox.from_config(box), box.path)
         except OutboxLockedError as exc:
             raise StartupError(None, f"{exc} (is another smearscope running?)") from exc
         except Exception as exc:  # sqlite3 or OS error: the path unusable (78), or the disk full (1: retried)
