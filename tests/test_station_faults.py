@@ -105,6 +105,71 @@ def test_disk_full_pauses_the_analysis_and_nothing_is_lost(tmp_path: Path,
     assert figures["duplicated"] <= 20, "a duplicate storm"
 
 
+def test_a_station_restarted_on_a_full_disk_with_its_run_left_open_starts_and_delivers_what_it_holds(
+    tmp_path: Path, credentials_dir: Path,
+) -> None:
+    """The station is killed while the disk under its outbox is full (the broker down, a run open)
+    and started again on the disk still full. It takes the run back and publishes its state, open:
+    that write failed on the full disk and the start with it ('station failed to start', exit 1),
+    and at every restart systemd made, so what the outbox held was never delivered and the
+    acknowledgements that free its room never came. Now the state waits for room and the start
+    goes on: what the killed station stored is delivered on the disk still full, and once there is
+    room the analysis resumes and the run's report is stored and delivered."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"],
+                     client_id="full-restart-observer", persistent=True)
+    daemons: list[DaemonProcess] = []
+    with small_tmpfs(tmp_path / "state", 8192) as state:
+        try:
+            sub.wait_ready()
+            config = write_station(tmp_path, broker.port, target_wbc=1000)  # one run, open throughout
+            pool = _pool_file(tmp_path)
+            first = DaemonProcess(config, pool)
+            daemons.append(first)
+            assert wait_until(lambda: len(first.stored()) >= 5, 30), "\n".join(first.lines[-20:])
+            broker.stop()
+            fillers = [fill(state, leave_bytes=64 * 1024)]
+            assert wait_until(lambda: any("analysis paused" in ln for ln in first.lines), 60), (
+                "\n".join(first.lines[-40:]))
+            first.signal(signal.SIGKILL)
+            first.wait(10)
+            fillers.append(fill(state, "filler-2"))  # and whatever room was left
+            for restart in range(4):  # each start writes the run's state: the last room goes
+                second = DaemonProcess(config, pool)
+                daemons.append(second)
+                assert wait_until(lambda d=second: any(" ready (" in ln for ln in d.lines)
+                                  or d.proc.poll() is not None, 60)
+                assert second.proc.poll() is None, (restart, "\n".join(second.lines[-30:]))
+                assert any("resumed: left open by the previous process" in ln for ln in second.lines)
+                if restart < 3:
+                    second.signal(signal.SIGKILL)
+                    second.wait(10)
+            broker.start()
+            sub.wait_ready(15)
+            produced = [rid for _, rid, _ in first.stored()]
+            assert sub.wait_for(lambda ms: set(produced) <= {e["report_id"] for e in _arrivals(sub, "field")}, 60), (
+                "\n".join(second.lines[-30:]))
+            for filler in fillers:
+                filler.unlink()  # room again
+            assert wait_until(lambda: len(second.stored()) >= 3, 60), "\n".join(second.lines[-30:])
+            second.signal(signal.SIGTERM)
+            assert second.wait(60) == 0, "\n".join(second.lines[-30:])
+            produced += [rid for _, rid, _ in second.stored()]
+            assert second.stored()[-1][0] == "report"  # the run's, stored at the stop
+            assert sub.wait_for(lambda ms: set(produced) <= {e["report_id"] for e in
+                                _arrivals(sub, "field") + _arrivals(sub, "report")}, 30)
+        finally:
+            for daemon in daemons:
+                daemon.signal(signal.SIGKILL)
+                daemon.wait(10)
+            sub.close()
+            broker.stop()
+    figures = _figures(produced, _arrivals(sub, "field") + _arrivals(sub, "report"))
+    print("\nrestart on a full disk figures:", json.dumps(figures))
+    assert figures["lost"] == 0
+
+
 def _png(seed: int) -> bytes:
     ok, data = cv2.imencode(".png", render_field(seed, width=256, height=192).frame.pixels)
     assert ok
