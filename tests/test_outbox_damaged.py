@@ -155,3 +155,34 @@ def test_a_damaged_outbox_that_a_full_disk_keeps_from_being_salvaged_stays_as_it
                 again.signal(signal.SIGKILL)
             sub.close()
             broker.stop()
+
+
+def test_a_salvage_says_each_sequence_number_it_could_not_read_once_and_no_empty_range(tmp_path: Path) -> None:
+    """200 stored reports of 5 kB (each beside its overflow page), a leaf in the middle scrambled:
+    every report is either in the new file, with its payload, or among the sequence numbers said
+    not read, and no range is said that holds none (a scan that failed past a row a lookup then
+    read was said as '100-99')."""
+    import random
+
+    from smearscope.service.mqtt.outbox import NewMessage, Outbox
+    from smearscope.service.mqtt.salvage import salvage
+
+    path = tmp_path / "outbox.sqlite3"
+    with Outbox(path) as box:
+        box.put_many([NewMessage("report", "t/report", str(i).encode() * (5000 // len(str(i))), f"r{i}", "1")
+                      for i in range(1, 201)])
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    leaves = rows_by_leaf(path)
+    page, lost = leaves[len(leaves) // 2]
+    with path.open("r+b") as fh:
+        fh.seek((page - 1) * 4096)
+        fh.write(random.Random(7).randbytes(64))
+    said = salvage(path, "database disk image is malformed")
+    with Outbox(path) as box:
+        kept = {m.seq: m for m in box.pending(limit=1000)}
+    assert all(kept[s].payload == str(s).encode() * (5000 // len(str(s))) for s in kept)
+    unread = [s for a, b in said.unread for s in range(a, b + 1)]
+    assert all(a <= b for a, b in said.unread), said.unread
+    assert sorted([*kept, *unread]) == list(range(1, 201)), said.unread
+    assert {s for s, _, _ in lost} <= set(unread) and said.messages == len(kept) == 200 - len(unread)

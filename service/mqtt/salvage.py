@@ -112,7 +112,8 @@ def _rows(src: sqlite3.Connection, table: str, unread: list[tuple[int, int]]) ->
                     found = row
                     break
             last = found[0] - 1 if found is not None else (top if top is not None else first + MAX_PROBES)
-            unread.append((first, last))
+            if first <= last:  # a scan may fail past a row a lookup reads
+                unread.append((first, last))
             if found is None:
                 return
             yield found
