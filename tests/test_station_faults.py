@@ -170,6 +170,66 @@ def test_a_station_restarted_on_a_full_disk_with_its_run_left_open_starts_and_de
     assert figures["lost"] == 0
 
 
+def test_a_run_left_open_whose_report_a_full_disk_refuses_at_the_start_is_reported_once_there_is_room(
+    tmp_path: Path, credentials_dir: Path,
+) -> None:
+    """The station is killed on a full disk with a run open, and started again past the run's idle
+    timeout on the disk still full: the start closes the run (restart) and its final report cannot
+    be stored. It was tried again only at the next start (which may be weeks away), and the stop's
+    summary counted it nowhere. Now it is stored once there is room, before any new field, and
+    delivered while the station runs."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"],
+                     client_id="full-close-observer", persistent=True)
+    daemons: list[DaemonProcess] = []
+    with small_tmpfs(tmp_path / "state", 8192) as state:
+        try:
+            sub.wait_ready()
+            config = write_station(tmp_path, broker.port, target_wbc=1000)
+            pool = _pool_file(tmp_path)
+            first = DaemonProcess(config, pool)
+            daemons.append(first)
+            assert wait_until(lambda: len(first.stored()) >= 5, 30), "\n".join(first.lines[-20:])
+            [run_id] = {m.group(1) for ln in first.lines if (m := re.search(r"stored field message .* run=(\S+)", ln))}
+            broker.stop()
+            fillers = [fill(state, leave_bytes=64 * 1024)]
+            assert wait_until(lambda: any("analysis paused" in ln for ln in first.lines), 60), (
+                "\n".join(first.lines[-40:]))
+            first.signal(signal.SIGKILL)
+            first.wait(10)
+            fillers.append(fill(state, "filler-2"))
+            # the next start comes past the run's idle timeout: the run is closed, not taken back
+            write_station(tmp_path, broker.port, specimen={"target_wbc_count": 1000, "idle_timeout_s": 0.5})
+            time.sleep(1.0)
+            broker.start()
+            sub.wait_ready(15)
+            second = DaemonProcess(config, pool)
+            daemons.append(second)
+            assert wait_until(lambda: any(" ready (" in ln for ln in second.lines) or second.proc.poll() is not None,
+                              60), "\n".join(second.lines[-30:])
+            assert any(f"run {run_id} left open by the previous process: its final report could not be stored" in ln
+                       for ln in second.lines), "\n".join(second.lines[-30:])
+            for filler in fillers:
+                filler.unlink()  # room again
+
+            def reported() -> bool:
+                return any(e["body"].get("run_id") == run_id for e in _arrivals(sub, "report"))
+            assert sub.wait_for(lambda ms: reported(), 60), "\n".join(second.lines[-30:])
+            assert second.proc.poll() is None
+            [closing] = [e["body"] for e in _arrivals(sub, "report") if e["body"].get("run_id") == run_id]
+            assert closing["end_reason"] == "restart"
+            assert closing["fields_analyzed"] == sum(1 for k, _, _ in first.stored() if k == "field")
+            second.signal(signal.SIGTERM)
+            assert second.wait(60) == 0, "\n".join(second.lines[-30:])
+        finally:
+            for daemon in daemons:
+                daemon.signal(signal.SIGKILL)
+                daemon.wait(10)
+            sub.close()
+            broker.stop()
+
+
 def _png(seed: int) -> bytes:
     ok, data = cv2.imencode(".png", render_field(seed, width=256, height=192).frame.pixels)
     assert ok

@@ -70,9 +70,14 @@ class ReportWriter:
     #: Runs with a field or report this process did not store (given up at a stop, or lost): their
     #: run states are no longer sent (`_store_live`).
     _runs_not_stored: set[str]
+    #: Final reports of runs a previous process left open that the start could not store (a full
+    #: disk): stored first, once the outbox takes them, not only at the next start.
+    _closes_waiting: list[Outgoing]
 
     def _report_loop(self) -> None:
         """Reports -> durable outbox (the publisher sends them). Never drops one."""
+        while self._closes_waiting:
+            self._store(self._closes_waiting.pop(0))  # given up at a stop: the next start closes the run
         while True:
             try:
                 item = self._reports.get(timeout=PROBE_S)
@@ -237,8 +242,9 @@ class ReportWriter:
             try:
                 seq = self._store_once(Outgoing("report", report))
             except (sqlite3.Error, OSError) as exc:
-                logger.error("run %s left open by the previous process: its final report could "
-                             "not be stored (%s); tried again at the next start", run.run_id, exc)
+                logger.error("run %s left open by the previous process: its final report could not be stored "
+                             "(%s); stored once the outbox takes it, before any new field", run.run_id, exc)
+                self._closes_waiting.append(Outgoing("report", report))
                 continue
             self.stats.add("stored")
             logger.info("stored report message report_id=%s seq=%d run=%s field=None (run left "

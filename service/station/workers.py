@@ -113,6 +113,7 @@ class StationWorkers(ReportWriter):
         #: The writer cannot store (disk full): the analysis waits (see the module docstring).
         self._store_failing = False
         self._runs_not_stored: set[str] = set()  # their run states are no longer sent (ReportWriter)
+        self._closes_waiting: list[Outgoing] = []  # reports of runs left open the start could not store
         self._live_waiting: NewMessage | None = None  # a run state waiting for what it counts (analysis thread)
 
     @property
