@@ -35,9 +35,10 @@ def rows_by_leaf(path: Path) -> list[tuple[int, list[tuple[int, str, str]]]]:
     return out
 
 
-def damaged_outbox(tmp_path: Path, port: int, state: Path | None = None) -> tuple[Path, Path, list, list]:
+def damaged_outbox(tmp_path: Path, port: int, state: Path | None = None,
+                   table: str = "outbox") -> tuple[Path, Path, list, list]:
     """A station's outbox file, written by a real station with no broker (about 40 messages kept),
-    one leaf page in the middle of its outbox table then scrambled: (config, pool file, the rows on
+    one leaf page in the middle of `table` then scrambled: (config, pool file, the outbox's rows on
     the damaged page, the field and report rows on the others)."""
     pool_file = tmp_path / "pool.pkl"
     pool_file.write_bytes(pickle.dumps(list(oracle_pool())))
@@ -55,12 +56,17 @@ def damaged_outbox(tmp_path: Path, port: int, state: Path | None = None) -> tupl
     leaves = rows_by_leaf(outbox)
     middle = len(leaves) // 2
     page, lost = leaves[middle]
+    if table != "outbox":  # a page of the station's own tables: every message stays readable
+        with closing(sqlite3.connect(outbox)) as conn:
+            pages = conn.execute("SELECT pageno FROM dbstat WHERE name = ? AND pagetype = 'leaf' ORDER BY path",
+                                 (table,)).fetchall()
+        (page,), middle, lost = pages[len(pages) // 2], -1, []
     with outbox.open("r+b") as fh:  # the page's header and cell pointers scrambled
         fh.seek((page - 1) * 4096)
         fh.write(os.urandom(64))
     readable = [r for i, (_, leaf) in enumerate(leaves) if i != middle for r in leaf
                 if r[2] in (f"{BASE}/field", f"{BASE}/report")]
-    assert lost and len(readable) >= 30
+    assert (bool(lost) == (table == "outbox")) and len(readable) >= 30
     return config, pool_file, lost, readable
 
 
@@ -186,3 +192,34 @@ def test_a_salvage_says_each_sequence_number_it_could_not_read_once_and_no_empty
     assert all(a <= b for a, b in said.unread), said.unread
     assert sorted([*kept, *unread]) == list(range(1, 201)), said.unread
     assert {s for s, _, _ in lost} <= set(unread) and said.messages == len(kept) == 200 - len(unread)
+
+
+def test_a_bad_page_among_the_stations_own_rows_is_salvaged_too_and_every_message_is_sent(
+    tmp_path: Path, credentials_dir: Path,
+) -> None:
+    """A damaged page of the open run's cells (specimen_fields), not of the messages: the outbox
+    opened (it reads only its messages), the start then failed reading the runs (exit 1) at every
+    restart, and nothing was delivered. The file is checked whole at the start (quick_check),
+    salvaged, and every message in it is delivered."""
+    port = free_port()
+    config, pool_file, _, readable = damaged_outbox(tmp_path, port, table="specimen_fields")
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, port=port)
+    broker.start()
+    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
+    station = None
+    try:
+        sub.wait_ready()
+        station = DaemonProcess(config, pool_file)
+        wanted = {report_id for _, report_id, _ in readable}
+        assert sub.wait_for(lambda ms: station.proc.poll() is not None or wanted <= {r for _, r in received_ids(sub)},
+                            60) and station.proc.poll() is None, (station.proc.poll(), station.lines[-20:])
+        assert wanted <= {r for _, r in received_ids(sub)}
+        station.signal(signal.SIGTERM)
+        assert station.wait(60) == 0, station.lines[-20:]
+    finally:
+        if station is not None:
+            station.signal(signal.SIGKILL)
+        sub.close()
+        broker.stop()
+    [said] = [ln for ln in station.lines if " ERROR " in ln and "is damaged" in ln]
+    assert "every message of it was read" in said and "some rows of specimen_fields could not be read" in said, said

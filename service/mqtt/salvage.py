@@ -23,10 +23,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+
+from smearscope.service.mqtt.outbox import Outbox
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 _DAMAGED = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
@@ -58,12 +58,15 @@ class Salvaged:
     other_rows: int
     unread: tuple[tuple[int, int], ...]  # (first, last) sequence numbers of the outbox table not read
     why: str
+    tables_unread: tuple[str, ...] = ()  # the station's own tables some rows of which could not be read
 
     def said(self) -> str:
         unread = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in self.unread[:10])
         more = f" and {len(self.unread) - 10} more ranges" if len(self.unread) > 10 else ""
         lost = (f"its messages of sequence numbers {unread}{more} could not be read (some may have been "
                 "delivered and deleted before)" if self.unread else "every message of it was read")
+        if self.tables_unread:
+            lost += f"; some rows of {', '.join(self.tables_unread)} could not be read"
         return (f"outbox {self.path} is damaged ({self.why}): kept as {self.kept_as}; {self.messages} messages "
                 f"({self.reports} specimen reports and FHIR bundles) and {self.other_rows} rows of the station's "
                 f"own tables read from it into a new outbox file, to be sent as before; {lost}. Keep the damaged "
@@ -120,9 +123,11 @@ def _rows(src: sqlite3.Connection, table: str, unread: list[tuple[int, int]]) ->
             after = found[0]
 
 
-def _copy(src: sqlite3.Connection, dst: sqlite3.Connection) -> tuple[int, int, int, list[tuple[int, int]]]:
+def _copy(src: sqlite3.Connection, dst: sqlite3.Connection,
+          tables_unread: list[str]) -> tuple[int, int, int, list[tuple[int, int]]]:
     """Every readable row of `src` into the empty `dst`, in one transaction: (messages, reports among
-    them, other rows, the outbox's sequence numbers not read)."""
+    them, other rows, the outbox's sequence numbers not read); other tables not read whole are
+    added to `tables_unread`."""
     messages = reports = other = 0
     unread: list[tuple[int, int]] = []
     dst.execute("PRAGMA auto_vacuum=INCREMENTAL")  # as the outbox makes a new file
@@ -145,13 +150,16 @@ def _copy(src: sqlite3.Connection, dst: sqlite3.Connection) -> tuple[int, int, i
         names = ", ".join(f'"{c}"' for c in columns)
         insert = (f'INSERT OR IGNORE INTO "{table}" ({"" if aliased else "rowid, "}{names}) '
                   f'VALUES ({", ".join("?" * (len(columns) + (not aliased)))})')
-        for row in _rows(src, table, unread if table == "outbox" else []):
+        skipped: list[tuple[int, int]] = []
+        for row in _rows(src, table, unread if table == "outbox" else skipped):
             dst.execute(insert, row[1:] if aliased else row)
             if table == "outbox":
                 messages += 1
                 reports += row[1 + columns.index("kind")] == "report"
             else:
                 other += 1
+        if skipped:
+            tables_unread.append(table)
     if any(t == "outbox" for _, t, _ in tables):  # sequence numbers are never reused
         try:
             seq = src.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
@@ -178,7 +186,8 @@ def salvage(path: Path, why: str, now: float | None = None) -> Salvaged:
     src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     dst = sqlite3.connect(new, isolation_level=None)
     try:
-        messages, reports, other, unread = _copy(src, dst)
+        tables_unread: list[str] = []
+        messages, reports, other, unread = _copy(src, dst, tables_unread)
         dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all in the file itself: it moves alone
     except BaseException:
         if dst.in_transaction:
@@ -207,16 +216,32 @@ def salvage(path: Path, why: str, now: float | None = None) -> Salvaged:
         os.fsync(directory)
     finally:
         os.close(directory)
-    return Salvaged(path, kept, messages, reports, other, tuple(unread), why)
+    return Salvaged(path, kept, messages, reports, other, tuple(unread), why, tuple(tables_unread))
 
 
-def open_salvaging(open_outbox: Callable[[], T], path: Path) -> T:
-    """`open_outbox()`; where SQLite finds the file damaged, salvaged first (said at ERROR) and opened again."""
+def open_salvaging(open_outbox: Callable[[], Outbox], path: Path) -> Outbox:
+    """`open_outbox()`, its whole file checked first (SQLite's quick_check: every page of every
+    table, the station's runs and cells too, which the outbox's own open does not read: a bad page
+    there failed the start at every restart); a file SQLite finds damaged is salvaged (said at
+    ERROR) and opened again."""
     try:
-        return open_outbox()
+        box = open_outbox()
     except sqlite3.DatabaseError as exc:
         if not is_damaged(exc, path):
             raise
-        said = salvage(path, str(exc))
+        why = str(exc)
+    else:
+        try:
+            problem = box.read(lambda conn: conn.execute("PRAGMA quick_check(1)").fetchone()[0])
+        except sqlite3.DatabaseError as exc:
+            if not is_damaged(exc, path):
+                box.close()
+                raise
+            problem = str(exc)
+        if problem == "ok":
+            return box
+        box.close()
+        why = " ".join(str(problem).split())
+    said = salvage(path, why)
     logger.error("%s", said.said())
     return open_outbox()
