@@ -163,17 +163,21 @@ def test_a_damaged_outbox_that_a_full_disk_keeps_from_being_salvaged_stays_as_it
             broker.stop()
 
 
-def test_a_salvage_says_each_sequence_number_it_could_not_read_once_and_no_empty_range(tmp_path: Path) -> None:
+@pytest.mark.parametrize("folder", ["state", "lab #2 ?ward=3"])
+def test_a_salvage_says_each_sequence_number_it_could_not_read_once_and_no_empty_range(
+    tmp_path: Path, folder: str,
+) -> None:
     """200 stored reports of 5 kB (each beside its overflow page), a leaf in the middle scrambled:
     every report is either in the new file, with its payload, or among the sequence numbers said
     not read, and no range is said that holds none (a scan that failed past a row a lookup then
-    read was said as '100-99')."""
+    read was said as '100-99'). In a folder whose name holds '#' and '?' too (the damaged file is
+    read through an SQLite URI: they were taken for its fragment and query)."""
     import random
 
     from smearscope.service.mqtt.outbox import NewMessage, Outbox
     from smearscope.service.mqtt.salvage import salvage
 
-    path = tmp_path / "outbox.sqlite3"
+    path = tmp_path / folder / "outbox.sqlite3"
     with Outbox(path) as box:
         box.put_many([NewMessage("report", "t/report", str(i).encode() * (5000 // len(str(i))), f"r{i}", "1")
                       for i in range(1, 201)])

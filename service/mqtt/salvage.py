@@ -183,7 +183,7 @@ def salvage(path: Path, why: str, now: float | None = None) -> Salvaged:
     new = path.with_name(f".{path.name}.salvage.tmp")
     for suffix in ("", "-wal", "-shm"):
         Path(f"{new}{suffix}").unlink(missing_ok=True)  # a salvage a crash cut short
-    src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    src = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)  # a name with "?" or "#" too
     dst = sqlite3.connect(new, isolation_level=None)
     try:
         tables_unread: list[str] = []
