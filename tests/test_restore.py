@@ -230,11 +230,13 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
     broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
     broker.start()
     idle_s = 3.0
+    started: list[DaemonProcess] = []  # killed at the end whatever failed: none left running
     try:
         source = _folder_source(inbox)
         config = write_station(tmp_path, broker.port, source=source,
                                specimen={"target_wbc_count": 40, "idle_timeout_s": idle_s})
         first = DaemonProcess(config, pool)
+        started.append(first)
         for i in range(5):
             (inbox / f"f{i:02d}.png").write_bytes(_png(3200 + i))
         assert wait_until(lambda: len(first.stored()) >= 5 and not any(inbox.glob("*.png")), 30), first.lines[-20:]
@@ -242,6 +244,7 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
         first.wait(10)
         shutil.copytree(tmp_path / "state", tmp_path / "backup")  # the state as it was saved
         went_on = DaemonProcess(config, pool)
+        started.append(went_on)
         for i in range(5, 25):
             (inbox / f"f{i:02d}.png").write_bytes(_png(3200 + i))
         assert wait_until(lambda: not any(inbox.glob("*.png")) and len(went_on.stored()) >= 22, 60), went_on.lines[-20:]
@@ -271,6 +274,7 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
         try:
             observer.wait_ready()
             restored = DaemonProcess(config, pool)
+            started.append(restored)
             try:
                 assert wait_until(lambda: bool(_retained_run_error(restored.lines)), 30), restored.lines[-20:]
 
@@ -312,6 +316,8 @@ def test_an_older_backup_restored_is_said_with_the_runs_it_lacks(tmp_path: Path,
         assert f"the broker holds run {runs[1]} of station " in said[0], said
         assert "(open, 5 fields, updated " in said[0] and "does not hold it (it holds 0 runs)" in said[0], said
     finally:
+        for daemon in started:
+            daemon.signal(signal.SIGKILL)
         broker.stop()
 
 
