@@ -488,3 +488,25 @@ def test_a_frame_over_the_limit_is_told_what_to_do_with_a_crop_that_fits():
     assert resample_to_canonical(img[:h, :w], 0.4, max_pixels=300 * 300).shape[:2] == (2 * h, 2 * w)
     with pytest.raises(IngestError):  # and not much smaller than what fits
         resample_to_canonical(np.zeros((h + 3, w + 4, 3), np.uint8), 0.4, max_pixels=300 * 300)
+
+
+@pytest.mark.parametrize(("width", "height", "um_per_px", "limit"), [
+    (969, 726, 0.0719, 300 * 300),  # the shape at the limit, in whole pixels, rounded up 0.2 % past it
+    (1032, 774, 0.0719, 300 * 300),
+    (13250, 9937, 0.0719, None),  # so at the real 17 MP limit: 13244x9933 px read 4761x3571, refused again
+    (3, 4000, 0.4, 1000),  # a strip: its narrow side shrunk to the limit was 0 px
+])
+def test_the_crop_a_refusal_names_fits_for_each_shape(width: int, height: int, um_per_px: float,
+                                                       limit: int | None) -> None:
+    """A field cropped to the size the refusal names is analysed, not refused again (nor 0 px wide)."""
+    smear = render_field(7, width=64, height=48, microns_per_pixel=um_per_px).frame.pixels
+    frame = cv2.cvtColor(smear, cv2.COLOR_BGR2GRAY)  # grey: a third of the memory at 13244x9933
+    with pytest.raises(IngestError) as err:
+        resample_to_canonical(np.zeros((height, width, 3), np.uint8), um_per_px, max_pixels=limit)
+    crop = re.search(r"crop it into fields of at most (\d+)x(\d+) px", str(err.value))
+    assert crop is not None, str(err.value)
+    w, h = int(crop[1]), int(crop[2])
+    assert 1 <= w <= width and 1 <= h <= height
+    field = cv2.resize(frame, (w, h), interpolation=cv2.INTER_LINEAR)  # a rendered smear at the crop's size
+    resampled = resample_to_canonical(field, um_per_px, max_pixels=limit)
+    assert resampled.shape[0] * resampled.shape[1] <= (limit or MAX_CANONICAL_PIXELS)

@@ -43,21 +43,46 @@ def resample_factor(microns_per_pixel: float) -> float:
     return microns_per_pixel / CANONICAL_UM_PER_PX
 
 
+def _canonical(side: int, factor: float) -> int:
+    """A side of `side` px once resized by `factor`, as resample_to_canonical sizes it."""
+    return max(1, round(side * factor))
+
+
+def fitting_field(w: int, h: int, factor: float, max_pixels: int) -> tuple[int, int]:
+    """The largest field of about a w x h frame's shape whose canonical size is within `max_pixels`:
+    the shape shrunk to the limit, then a pixel at a time off the side that rounds it over (whole
+    pixels round up past the limit), or the other side's length where one is down to 1 px."""
+    fit = (max_pixels / (_canonical(w, factor) * _canonical(h, factor))) ** 0.5
+    cw, ch = max(1, int(w * fit)), max(1, int(h * fit))
+    while _canonical(cw, factor) * _canonical(ch, factor) > max_pixels:
+        if min(cw, ch) == 1:  # a strip: the long side is what fits beside one pixel
+            room = max_pixels // _canonical(1, factor)
+            side = int((room + 0.5) / factor)
+            while side > 1 and _canonical(side, factor) > room:
+                side -= 1
+            return (cw, min(side, h)) if cw == 1 else (min(side, w), ch)
+        if ch * w > cw * h:  # the side that took more of its own length gives a pixel
+            ch -= 1
+        else:
+            cw -= 1
+    return cw, ch
+
+
 def resample_to_canonical(image: np.ndarray, microns_per_pixel: float,
                           max_pixels: int | None = None) -> np.ndarray:
     """Resize `image` so that one pixel spans CANONICAL_UM_PER_PX; IngestError
     (`too_large_at_scale`) when that would exceed `max_pixels`."""
     factor = resample_factor(microns_per_pixel)
     h, w = image.shape[:2]
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    size = (_canonical(w, factor), _canonical(h, factor))
     max_pixels = MAX_CANONICAL_PIXELS if max_pixels is None else max_pixels
     if size[0] * size[1] > max_pixels:
-        fit = (max_pixels / (size[0] * size[1])) ** 0.5  # the same shape, shrunk to the limit
+        crop = fitting_field(w, h, factor, max_pixels)
         raise IngestError(RejectReason.TOO_LARGE_AT_SCALE,
                           f"{w}x{h} px at {microns_per_pixel:g} um/px is {size[0]}x{size[1]} px at "
                           f"the canonical {CANONICAL_UM_PER_PX} um/px, over the limit of "
                           f"{max_pixels} px: check the scale (a wrong um/px makes an image look this "
-                          f"large), or crop it into fields of at most {int(w * fit)}x{int(h * fit)} px "
+                          f"large), or crop it into fields of at most {crop[0]}x{crop[1]} px "
                           "and analyse each (a whole-slide scan is many fields)")
     if abs(factor - 1.0) < 1e-3:
         return image
