@@ -31,6 +31,7 @@ from smearscope.device.frame import Frame
 from smearscope.engines.manifest import load_manifest
 from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR, Analyzer, AnalyzerOptions
 from smearscope.service.config import parse_config
+from smearscope.service.mqtt.outbox import Outbox
 from smearscope.service.station.clinic import ClinicFeed
 from smearscope.service.station.review import needs_review
 from smearscope.service.station.startup import build_analyzer
@@ -1077,3 +1078,14 @@ def test_the_command_to_run_again_is_quoted_for_a_path_with_a_space(tmp_path):
     command = message.split(" typed, run ", 1)[1].removesuffix(" again")
     assert shlex.split(command) == ["smearscope", "adapt-wbc", "--station", "--config", str(path), "--out", str(out)], \
         message
+
+
+def test_a_typed_cells_path_naming_another_of_the_stations_files_is_not_read_as_nothing_typed_yet(tmp_path):
+    """[review] typed_cells_path naming the station's outbox (a file of other tables, without typed cells)
+    is no typed-cells file being made: unavailable, as doctor says it (FAIL), not 'none yet' (OK)."""
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    outbox.close()
+    with pytest.raises(TypedCellsError) as exc:
+        TypedCellStore(tmp_path / "outbox.sqlite3", read_only=True)
+    assert exc.value.code == "typed_cells_unavailable", exc.value.message
+    assert "not a typed-cells file" in exc.value.message

@@ -164,11 +164,16 @@ class TypedCellStore:
         return self._readable(db)
 
     def _readable(self, db: sqlite3.Connection) -> sqlite3.Connection:
-        """`db` once its table is read; a file without the table yet (the station making it at this moment, its
+        """`db` once its table is read; a file without any table yet (the station making it at this moment, its
         first cell typed) holds no typed cell: no_typed_cells, as no file (it was typed_cells_unavailable,
-        'no such table', a doctor FAIL)."""
+        'no such table', a doctor FAIL). A file of other tables is another file (typed_cells_unavailable)."""
         try:
-            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'typed_white_cells'").fetchone() is None:
+            tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+            if tables and "typed_white_cells" not in tables:  # another file: the outbox, a gallery
+                raise TypedCellsError("typed_cells_unavailable", f"{self.path} is not a typed-cells file (it holds "
+                                      f"{', '.join(tables[:5])}): [review] typed_cells_path must name a file of "
+                                      "its own, not another of the station's")
+            if not tables:
                 raise TypedCellsError("no_typed_cells", f"{self.path}: no cell typed yet (no table of them in it "
                                       "yet: the station makes it as it stores its first cell)")
             db.execute("SELECT count(*) FROM typed_white_cells").fetchone()
