@@ -35,29 +35,41 @@ def write_atomically(path: Path, data: bytes, mode: int | None = None) -> None:
     while True:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         fcntl.flock(fd, fcntl.LOCK_EX)
-        if os.fstat(fd).st_nlink:
-            break
-        os.close(fd)  # a cleanup removed it between its making and the lock: another
-    try:
-        if mode is not None:
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-            os.replace(tmp, path)  # the lock held until then (it goes with the file's closing)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        if not os.fstat(fd).st_nlink:
+            os.close(fd)  # a cleanup removed it between its making and the lock: another
+            continue
+        try:
+            if mode is not None:
+                os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+                try:
+                    os.replace(tmp, path)  # the lock held until then (it goes with the file's closing)
+                    break
+                except FileNotFoundError:
+                    if os.fstat(fh.fileno()).st_nlink:
+                        raise
+                    # removed by a cleanup that could not open it to see the lock (another user's): another
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     fsync_dir(path.parent)
 
 
 def remove_unless_written(tmp: Path) -> bool:
     """Remove `tmp`, a temporary file of write_atomically's, unless its write is under way (another
-    process beside this one writing it: False, kept). OSError where it cannot be opened (another
-    user's, not readable: whether it is being written cannot be told)."""
-    fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    process beside this one writing it: False, kept). One this process cannot open (another user's, the
+    write of `sudo smearscope ...`) is told by the kernel's list of locks; OSError where that cannot be read."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except PermissionError:
+        if _flocked(os.lstat(tmp)):
+            return False
+        tmp.unlink()  # a write that locks it meanwhile finds it gone at its rename and makes another
+        return True
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -67,3 +79,11 @@ def remove_unless_written(tmp: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def _flocked(st: os.stat_result) -> bool:
+    """Whether some process holds a flock on the file of `st`, by /proc/locks (its device as major:minor in
+    hex, then the inode); OSError where the list cannot be read."""
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}".encode()
+    with open("/proc/locks", "rb") as locks:  # bytes: no codec to import (a process of another user may not read them)
+        return any(len(f := line.split()) > 5 and f[1] == b"FLOCK" and device in f[4:6] for line in locks)

@@ -5,6 +5,7 @@ written again; a full HL7 folder holds the report unacknowledged until space ret
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -377,3 +378,78 @@ def test_an_hl7_folder_that_cannot_be_made_is_named_and_not_blamed_on_the_archiv
                  "--hl7-dir", str(hl7_dir)]) == 1
     err = capsys.readouterr().err
     assert f"cannot make the HL7 folder {hl7_dir} (--hl7-dir)" in err and "cannot open the archive" not in err
+
+
+def _removed_as(uid: int, tmp: Path) -> str:
+    """remove_unless_written(tmp) in a process of user and group `uid` forked from this one: 'removed',
+    'left' or the error."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read)
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            said = "removed" if smearscope.files.remove_unless_written(tmp) else "left"
+        except BaseException as exc:  # noqa: BLE001 - said to the parent
+            said = f"{type(exc).__name__}: {exc}"
+        os.write(write, said.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as said:
+        out = said.read().decode()
+    os.waitpid(child, 0)
+    return out
+
+
+def test_the_archive_removes_a_temporary_file_another_users_killed_write_left_and_leaves_one_being_written(
+        ) -> None:
+    """`sudo smearscope archive send-hl7` killed mid-write leaves root's temporary file (mode 0640, patient
+    data) in the archive user's HL7 folder: the archive's start, which cannot open it to try its lock, removes
+    it (it was left, with a warning at every start), and leaves one whose write holds its lock."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a file of another user's")
+    with tempfile.TemporaryDirectory() as top:  # under /tmp: the archive's user can reach it (not tmp_path)
+        os.chmod(top, 0o755)
+        folder = Path(top) / "to-lis"
+        folder.mkdir(mode=0o2770)
+        os.chown(folder, 65534, 65534)
+        _killed_and_under_way(folder)
+
+
+def _killed_and_under_way(folder: Path) -> None:
+    killed = folder / ".R1.hl7.k1ll3d00.tmp"
+    killed.write_bytes(b"MSH|^~\\&|")
+    os.chmod(killed, 0o640)
+    assert _removed_as(65534, killed) == "removed"
+    assert not killed.exists()
+    writing = folder / ".R2.hl7.wr1t1ng0.tmp"
+    writing.write_bytes(b"MSH|^~\\&|")
+    os.chmod(writing, 0o640)
+    fd = os.open(writing, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as write_atomically holds it until its rename
+        assert _removed_as(65534, writing) == "left"
+        assert writing.exists()
+    finally:
+        os.close(fd)
+
+
+def test_a_write_whose_locked_temporary_file_a_cleanup_removed_makes_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cleanup that could not open the temporary file (another user's) removes it by the kernel's list of
+    locks, and a write may lock it between that look and the removal: the write's rename then finds it gone
+    and it writes another, the message landing whole."""
+    fchmod, removed = os.fchmod, []
+
+    def removed_after_the_lock(fd: int, mode: int) -> None:
+        fchmod(fd, mode)
+        if not removed:
+            removed.append(next(tmp_path.glob(".report-1.hl7.*.tmp")))
+            removed[0].unlink()  # the cleanup's removal, after the write took its lock
+
+    monkeypatch.setattr(smearscope.files.os, "fchmod", removed_after_the_lock)
+    smearscope.files.write_atomically(tmp_path / "report-1.hl7", b"MSH|^~\\&|", 0o640)
+    assert removed
+    assert [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("report-1.hl7", b"MSH|^~\\&|")]
