@@ -971,3 +971,19 @@ def test_a_config_scale_in_the_wrong_unit_is_refused_with_the_reading_meant(
     with pytest.raises(ConfigError) as err:  # the simulated source's own range keeps its own words
         load_config(_write(tmp_path, MINIMAL + "microns_per_pixel = 0.9\n"), environ={})
     assert err.value.errors == [("source.microns_per_pixel", "Input should be less than or equal to 0.5")]
+
+
+def test_the_typed_cells_file_is_not_another_of_the_stations_files(tmp_path: Path) -> None:
+    """[review] typed_cells_path naming the outbox or the review folder's gallery.sqlite passed validate-config:
+    the station then made its typed-cells table inside that database, and doctor read it as a file of no typed
+    cell yet. Refused, naming both settings."""
+    outbox, review = tmp_path / "outbox.sqlite3", tmp_path / "review"
+    for typed in (outbox, review / "gallery.sqlite"):
+        with pytest.raises(ConfigError) as err:
+            parse_config({"station_id": "s1", "source": {"kind": "simulated"}, "mqtt": {"outbox": {"path": str(outbox)}},
+                          "review": {"directory": str(review), "typed_cells_path": str(typed)}}, environ={})
+        assert any("review.typed_cells_path" in msg and "a file of their own" in msg
+                   for _, msg in err.value.errors), err.value.errors
+    config = parse_config({"station_id": "s1", "source": {"kind": "simulated"}, "mqtt": {"outbox": {"path": str(outbox)}},
+                           "review": {"typed_cells_path": str(tmp_path / "typed.sqlite3")}}, environ={})
+    assert config.review.typed_cells_path == tmp_path / "typed.sqlite3"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -111,6 +112,21 @@ class StationConfig(StationBaseModel):
                 "analysis.microns_per_pixel contradicts the simulated source's rendered scale "
                 f"({src.microns_per_pixel}); remove the override or set source.microns_per_pixel"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _typed_cells_in_a_file_of_their_own(self) -> StationConfig:
+        """The typed-cells file named as the outbox or the review gallery's file: the station would make its
+        table inside that database (and doctor read it as a file of no typed cell yet)."""
+        typed = self.review.typed_cells_path
+        if typed is None:
+            return self
+        review = self.review.directory or Path(self.mqtt.outbox.path).parent / "review"
+        for name, other in (("mqtt.outbox.path", self.mqtt.outbox.path),
+                            ("the review gallery's file", review / "gallery.sqlite")):
+            if os.path.realpath(typed) == os.path.realpath(other):
+                raise ValueError(f"review.typed_cells_path {typed} is {name}: the typed cells need a file of "
+                                 "their own (the default: typed_cells.sqlite3 beside the outbox)")
         return self
 
     @model_validator(mode="after")
