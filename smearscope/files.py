@@ -8,6 +8,7 @@ place both may import (tests/test_layers.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -15,6 +16,19 @@ import tempfile
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+
+#: What flock raises on a file system that has none; a write there goes on unlocked (said once per folder),
+#: so only a cleanup running at that moment could remove its temporary file (the write then fails, said).
+_NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL})
+_SAID_NO_FLOCK: set[Path] = set()
+
+
+def _said_no_flock(folder: Path, exc: OSError) -> None:
+    if folder not in _SAID_NO_FLOCK:
+        _SAID_NO_FLOCK.add(folder)
+        logger.warning("%s: the file system refuses file locks (%s): files are written there without locking their "
+                       "temporary file", folder, exc.strerror or exc)
 
 
 def fsync_dir(path: Path) -> None:
@@ -34,7 +48,14 @@ def write_atomically(path: Path, data: bytes, mode: int | None = None) -> None:
     writes left (`remove_unless_written`) leaves it."""
     while True:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without flock (NFS without its lock service): written unlocked
+            if exc.errno not in _NO_FLOCK:
+                os.close(fd)
+                os.unlink(tmp)
+                raise
+            _said_no_flock(path.parent, exc)
         if not os.fstat(fd).st_nlink:
             os.close(fd)  # a cleanup removed it between its making and the lock: another
             continue

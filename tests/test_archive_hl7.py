@@ -453,3 +453,26 @@ def test_a_write_whose_locked_temporary_file_a_cleanup_removed_makes_another(
     smearscope.files.write_atomically(tmp_path / "report-1.hl7", b"MSH|^~\\&|", 0o640)
     assert removed
     assert [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("report-1.hl7", b"MSH|^~\\&|")]
+
+
+def test_a_file_system_without_file_locks_still_gets_its_files_written_said_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """NFS without its lock service refuses flock (ENOLCK): the write's temporary file goes unlocked and the file
+    is written whole, said once per folder; any other flock error is raised with nothing left behind. The seam is
+    fcntl.flock (no such file system here)."""
+    import errno
+    import logging
+
+    def refuse(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(smearscope.files.fcntl, "flock", refuse)
+    with caplog.at_level(logging.WARNING, logger="smearscope.files"):
+        smearscope.files.write_atomically(tmp_path / "report-1.hl7", b"MSH|1")
+        smearscope.files.write_atomically(tmp_path / "report-2.hl7", b"MSH|2")
+    assert (tmp_path / "report-1.hl7").read_bytes() == b"MSH|1" and (tmp_path / "report-2.hl7").read_bytes() == b"MSH|2"
+    assert sum("refuses file locks" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.setattr(smearscope.files.fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+    with pytest.raises(OSError):
+        smearscope.files.write_atomically(tmp_path / "report-3.hl7", b"MSH|3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report-1.hl7", "report-2.hl7"]
