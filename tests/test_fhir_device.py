@@ -76,6 +76,13 @@ def test_every_report_of_one_station_software_and_models_names_one_device(tmp_pa
         "manifest": at[0].model_copy(update={"models": {**at[0].models, role: seg.model_copy(update={
             "manifest_sha256": "1" * 64})}}),
     }
+    # the station's own open-set thresholds (calibrate-atypical), which send other white cells to review
+    wbc = at[0].models["wbc_head"]
+    tightened = {"mahalanobis": 380.25, "energy": -2.5}  # the shipped head's tests, as calibrate-atypical fits them
+    changed["open-set"] = at[0].model_copy(update={"models": {**at[0].models, "wbc_head": wbc.model_copy(update={
+        "open_set_thresholds": tightened})}})
+    changed["open-set refitted"] = at[0].model_copy(update={"models": {**at[0].models, "wbc_head": wbc.model_copy(
+        update={"open_set_thresholds": {**tightened, "mahalanobis": 360.125}})}})
     seen = {(url, key)}
     for what, report in changed.items():
         bundle = report_bundle(report)
@@ -84,6 +91,16 @@ def test_every_report_of_one_station_software_and_models_names_one_device(tmp_pa
         assert (new_url, new_key) not in seen and new_url != url and new_key != key, what
         seen.add((new_url, new_key))
     assert device(report_bundle(at[1])) == (url, key, resource)  # the results made before keep their device
+    # the Device says the thresholds it typed white cells by, whatever order the config listed them in
+    said = [v["value"] for v in device(report_bundle(changed["open-set"]))[2]["version"]
+            if v["type"]["text"] == "wbc_head open-set thresholds"]
+    assert said == ["energy -2.5, mahalanobis 380.25"]
+    reordered = changed["open-set"].model_copy(update={"models": {**at[0].models, "wbc_head": wbc.model_copy(update={
+        "open_set_thresholds": dict(reversed(tightened.items()))})}})
+    assert device(report_bundle(reordered))[:2] == device(report_bundle(changed["open-set"]))[:2]
+    # and so does the HL7 message's SFT of the WBC head, beside its OBX-18 naming that Device
+    (sft,) = [s for s in segments(oru_r01(changed["open-set"]), "SFT") if s[3] == "wbc_head"]
+    assert sft[5].endswith("; open-set thresholds energy -2.5, mahalanobis 380.25")
 
     # HL7: OBX-18 is the station, then the Device's identifier, in every row of both messages
     messages = [oru_r01(r) for r in at]

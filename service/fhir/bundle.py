@@ -244,6 +244,11 @@ def device_key(device: Resource) -> tuple[str, str]:
             base64.b32encode(digest).decode()[:DEVICE_KEY_LENGTH])
 
 
+def open_set_text(thresholds: dict[str, float]) -> str:
+    """A station's open-set thresholds as the Device and the HL7 SFT segment say them: each test by name, in order."""
+    return ", ".join(f"{test} {threshold!r}" for test, threshold in sorted(thresholds.items()))
+
+
 def _device(b: _Builder) -> None:
     r = b.report
     device: Resource = {"resourceType": "Device",
@@ -257,6 +262,9 @@ def _device(b: _Builder) -> None:
         # a head adapted to this station (smearscope adapt-wbc): which class means typed the cells
         versions += [{"type": {"text": f"{role} station means"}, "value": f"sha256:{m.station_means.sha256}"}
                      for role, m in sorted(r.models.items()) if m.station_means is not None]
+        # the station's own open-set thresholds (calibrate-atypical): they send other white cells to review
+        versions += [{"type": {"text": f"{role} open-set thresholds"}, "value": open_set_text(m.open_set_thresholds)}
+                     for role, m in sorted(r.models.items()) if m.open_set_thresholds]
     if versions:  # FHIR JSON has no empty arrays
         device["version"] = versions
     if r.station_id:

@@ -21,7 +21,7 @@ from typing import Any
 
 from smearscope.service.analysis.report import Report
 from smearscope.service.fhir import codes
-from smearscope.service.fhir.bundle import report_bundle
+from smearscope.service.fhir.bundle import open_set_text, report_bundle
 from smearscope.service.hl7.encode import (
     ENCODING_CHARACTERS,
     FT,
@@ -118,7 +118,7 @@ def _units(quantity: dict[str, Any]) -> str:
 
 def _software(report: Report) -> list[str]:
     """SFT segments (after MSH): smearscope and its version, then one per model, as the FHIR Device's
-    versions name them (role, file sha256, backend, manifest sha256, station means); none for a report
+    versions name them (role, file sha256, backend, manifest sha256, station means, open-set thresholds); none for a report
     that does not name its software version (made before reports carried it)."""
     version = report.software_version
     if not version:
@@ -129,6 +129,7 @@ def _software(report: Report) -> list[str]:
         info = f"{role}: {m.name} sha256:{m.sha256} ({m.backend})"
         info += f" manifest sha256:{m.manifest_sha256}" if m.manifest_sha256 else ""
         info += f"; station means sha256:{m.station_means.sha256}" if m.station_means is not None else ""
+        info += f"; open-set thresholds {open_set_text(m.open_set_thresholds)}" if m.open_set_thresholds else ""
         # SFT-3 the model's role, SFT-4 (binary id) the first 20 hex digits of its file's sha256
         out.append(segment("SFT", VENDOR, release, text(role, SFT_NAME), text(m.sha256, SFT_NAME),
                            text(info, SFT_INFO)))
