@@ -715,6 +715,28 @@ def test_a_datasets_folder_names_the_subfolder_that_holds_its_images():
     assert min(p.name for p in bccd.iterdir() if p.is_dir()) != "JPEGImages"  # not merely the first
 
 
+@pytest.mark.realdata
+def test_a_yolo_datasets_split_names_its_images_folder_as_the_one_to_name(tmp_path: Path):
+    """A YOLO split (chula_wbc_rpi/train: images/ beside labels/ of text) given as one folder: the hint
+    named images/ and said 'name them', sending the user to labels/ too, which holds no field; images/
+    is the only subfolder holding images, and is said so."""
+    from realdata import DATA
+
+    split = DATA / "chula_wbc_rpi" / "train"
+    if not (split / "images").is_dir():
+        pytest.skip(f"chula_wbc_rpi not under {DATA}")
+    images = len([p for p in (split / "images").iterdir() if p.suffix.lower() in (".jpg", ".png")])
+    assert sorted(p.name for p in split.iterdir() if p.is_dir()) == ["images", "labels"]
+    template = tmp_path / "typed.csv"
+    for args in (["analyze", str(split), "--json"], ["adapt-wbc", str(split), "--template", str(template)]):
+        r = smearscope(*args)
+        assert r.returncode == 2 and json.loads(r.stdout.splitlines()[0])["error"]["message"] == (
+            f"no image files in {split}: a folder's subfolders are not searched, and {split} has 2 (only "
+            f"{split / 'images'} holding images, {images} image files): name it, or list the files in an @LIST"), args
+    r = smearscope("analyze", str(split / "labels"), "--json")  # what 'name them' also pointed at
+    assert r.returncode == 2 and json.loads(r.stdout.splitlines()[0])["error"]["code"] == "no_images"
+
+
 def test_the_summary_names_nucleated_red_cells_in_a_field_of_no_white_cell():
     """A field with nucleated red cells but no white cell has no NRBC per 100 WBC (the report's
     nrbc_per_100_wbc is null: service.analysis.aggregate divides by no white cell); the summary

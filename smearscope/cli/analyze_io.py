@@ -100,12 +100,17 @@ def no_images_message(items: list[str]) -> str:
         except OSError:
             continue
         if subfolders:
-            # the one that holds the fields first: BCCD's Annotations/ sorts before its JPEGImages/
-            held = next(((q, n) for q in subfolders if (n := _images_in(q))), None)
+            # the one that holds the fields first: BCCD's Annotations/ sorts before its JPEGImages/; a second
+            # one holding images looked for, so that the only one is not said as one of several to name
+            holders = ((q, n) for q in subfolders if (n := _images_in(q)))
+            held, other = next(holders, None), next(holders, None)
             from smearscope.service.analysis.wording import counted
 
-            named = f"{shown(held[0])} holding {counted(held[1], 'image file')}" if held else shown(subfolders[0])
-            more = ", ..." if len(subfolders) > 1 else ""
+            if held and not other and len(subfolders) > 1:  # BCCD: JPEGImages/ beside Annotations/ of XML
+                named, more = f"only {shown(held[0])} holding images, {counted(held[1], 'image file')}", ""
+            else:
+                named = f"{shown(held[0])} holding {counted(held[1], 'image file')}" if held else shown(subfolders[0])
+                more = ", ..." if len(subfolders) > 1 else ""
             return (f"{text}: a folder's subfolders are not searched, and {shown(p)} has {len(subfolders)} "
                     f"({named}{more}): name {'them' if more else 'it'}, or list the files in an @LIST")
     return text
