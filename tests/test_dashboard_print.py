@@ -235,7 +235,9 @@ def test_shares_intervals_and_nrbc_read_to_one_decimal_on_screen_and_on_paper(
         "wbc_differential": share_rows(Counter(neutrophil=60, lymphocyte=52, basophil=0)),
         "rbc_morphology": [ClassShare(label="normal", count=3850, percent=96.25),
                            ClassShare(label="target", count=150, percent=3.75, grade="none"),
-                           ClassShare(label="spherocyte", count=3, percent=3.26, grade="none", of_cells=92)]})
+                           ClassShare(label="spherocyte", count=3, percent=3.26, grade="none", of_cells=92),
+                           # one cell of 4000: 0.03 reads 0.0, which says none seen; '<0.1', as FHIR, HL7 and analyze
+                           ClassShare(label="elliptocyte", count=1, percent=0.03, grade="none")]})
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
         send("smearscope/ward-d/run", json.dumps(_closed_run_state(report)))
         driver.get(url)
@@ -250,9 +252,10 @@ def test_shares_intervals_and_nrbc_read_to_one_decimal_on_screen_and_on_paper(
 
         # each interval rounded outward, as FHIR, HL7 and the summary send it (to the nearest: 44.4–62.5, 0.0–3.3)
         want = {"differential": [["60", "53.6", "44.3–62.6"], ["52", "46.4", "37.4–55.7"], ["0", "0.0", "0.0–3.4"]],
-                "morphology": [["3850", "96.2", ""], ["150", "3.8", "below 1+"], ["3", "3.3 of 92 RBC", "below 1+"]],
+                "morphology": [["3850", "96.2", ""], ["150", "3.8", "below 1+"], ["3", "3.3 of 92 RBC", "below 1+"],
+                               ["1", "<0.1", "below 1+"]],
                 "counts": "RBC 4000 · WBC 112 · platelets 300 · NRBC 2 (1.8 per 100 WBC)"}
-        assert [f"{s.percent:.1f}" for s in report.rbc_morphology] == ["96.2", "3.8", "3.3"]  # as the CLI prints them
+        assert [f"{s.percent:.1f}" for s in report.rbc_morphology] == ["96.2", "3.8", "3.3", "0.0"]  # as the CLI prints them
         assert shown() == want, shown()
         driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
         try:

@@ -25,6 +25,13 @@ function tenth(value) {
   return v.toFixed(1);
 }
 
+// A share of cells as read: tenth(), but some cell's share under what one decimal says is "<0.1", as FHIR
+// and HL7 send it and `smearscope analyze` prints it: "0.0" beside a count of 1 would read as none seen.
+function shareText(s) {
+  const shown = tenth(s.percent);
+  return s.count > 0 && shown === "0.0" ? "<0.1" : shown;
+}
+
 // A 95 % interval as read: its bounds to one decimal rounded outward, the lower down and the upper up
 // (service.fhir.report_view.interval_shown, as FHIR, HL7 and `smearscope analyze` send and print it): 0 of
 // 10 000 red cells (0 to 0.04 %) reads 0.0–0.1, never 0.0–0.0, a certainty the count does not have. The
@@ -192,7 +199,7 @@ function renderRun(st) {
     const tr = el("tr");
     tr.dataset.label = s.label;
     tr.append(el("td", "label", s.label + (s.label === NRBC_LABEL ? " (NRBC, not a white cell)" : "")),
-              el("td", "count", String(s.count)), el("td", "percent", tenth(s.percent)));
+              el("td", "count", String(s.count)), el("td", "percent", shareText(s)));
     const hasCi = s.ci95_low !== null && s.ci95_high !== null;
     tr.append(el("td", "ci95", hasCi ? intervalText(s.ci95_low, s.ci95_high) : "–"));
     const cell = el("td", "bar"), ci = el("div", "ci"), point = el("div", "point"), interval = el("div", "interval");
@@ -236,7 +243,7 @@ function renderRun(st) {
     // of its calibrated fields' red cells, every row of its sharp fields' when some were blurred) says so
     const of = s.of_cells != null && s.of_cells !== c.rbc ? " of " + s.of_cells + " RBC" : "";
     tr.append(el("td", "label", s.label), el("td", "count", off ? "–" : String(s.count)),
-              el("td", "percent", off ? "–" : tenth(s.percent) + of),
+              el("td", "percent", off ? "–" : shareText(s) + of),
               el("td", "grade", shown(grade) + (spans ? " (" + shown(s.grade_ci_low) + " to " +
                                                  shown(s.grade_ci_high) + ")" : "") + sure));
     morph.append(tr);
