@@ -8,7 +8,8 @@ transaction. A report with a delivery recorded to a destination (by the running 
 earlier send) with the same processing id (MSH-11) is not delivered there again unless `again`: one
 sent there in training (T) or debugging (D) is not delivered in production (P), and is sent as P. A message the
 lab system rejects (AR, CR) is recorded as not accepted and the send goes on; one recorded so is sent again
-only when `resend` names it. The first delivery that fails otherwise stops the
+only when `resend` names it. Each delivery is claimed in the index first (service.archive.claims), so two
+sends at once deliver a report to a destination once. The first delivery that fails otherwise stops the
 send: what was delivered before it is recorded, so the same command run again goes on from there.
 """
 
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from smearscope.service.archive.claims import claim, release
 from smearscope.service.archive.hl7_out import UNREADABLE, Hl7Output, oru_of, unreadable_reason
 from smearscope.service.archive.rejections import HELD, Rejection, open_rejection, record_rejections
 from smearscope.service.archive.store import (
@@ -34,12 +36,16 @@ from smearscope.service.hl7.mllp import Rejected
 
 logger = logging.getLogger(__name__)
 
+#: A claim of another host stands for one exchange's bound and this long (service.archive.claims).
+CLAIM_MARGIN_S = 60.0
+
 
 @dataclass(frozen=True)
 class SendResult:
     """What one send did: deliveries made, ones skipped as made before, reports that cannot be read
     (or are gone), messages the lab system rejected now (recorded), ones skipped as not accepted there
-    before (rejected or held: `--resend`), and the error that stopped it (None: it went through)."""
+    before (rejected or held: `--resend`), ones another send was delivering (claimed: service.archive.claims),
+    and the error that stopped it (None: it went through)."""
 
     delivered: int
     already: int
@@ -47,6 +53,7 @@ class SendResult:
     stopped_by: str | None
     rejected: int = 0
     not_accepted: int = 0
+    in_flight: int = 0
 
 
 def not_archived(directory: Path, report_ids: tuple[str, ...]) -> list[str]:
@@ -70,7 +77,7 @@ def send_from_index(directory: Path, output: Hl7Output, since: float | None, aga
     if not (directory / INDEX_NAME).is_file():  # not made here: a mistyped --dir is no new archive
         raise FileNotFoundError(f"no archive at {directory} ({INDEX_NAME} not there)")
     db = open_index(directory.resolve(), read_only=False)  # upgrades a version 1 index
-    delivered = already = unreadable = rejected = skipped = 0
+    delivered = already = unreadable = rejected = skipped = in_flight = 0
     pid = output.processing_id
     try:
         rows = db.execute("SELECT report_id, path, supersedes FROM reports WHERE kind = 'specimen' AND "
@@ -111,7 +118,7 @@ def send_from_index(directory: Path, output: Hl7Output, since: float | None, aga
                     why = f"the report it supersedes, {supersedes}, was not accepted there ({original})"
                     if report_id in resend:
                         return SendResult(delivered, already, unreadable, f"report {report_id} to {destination}: "
-                                          f"{why}: --resend {supersedes} first", rejected, skipped)
+                                          f"{why}: --resend {supersedes} first", rejected, skipped, in_flight)
                     if open_rejection(db, report_id, destination, pid) == HELD:  # recorded once while it stands
                         logger.error("report %s is NOT sent to %s: %s; held there (recorded before)", report_id,
                                      destination, why)
@@ -123,25 +130,40 @@ def send_from_index(directory: Path, output: Hl7Output, since: float | None, aga
                                                              HELD, why)])
                     skipped += 1
                     continue
+                # checked again with the claim: another send may have delivered it since, or be delivering it
+                taken = claim(db, report_id, destination, pid, again, output.mllp_timeout_s + CLAIM_MARGIN_S,
+                            canonical_destination)
+                if taken is not None:
+                    if taken == "delivered":
+                        already += 1
+                    else:
+                        in_flight += 1
+                        logger.warning("report %s is being delivered to %s by another send-hl7 (claimed in the "
+                                       "index): left to it", report_id, destination)
+                    continue
                 try:
                     delivery = output.deliver(destination, report_id, oru, control_id)
                 except Rejected as exc:
                     with db:
                         record_rejections(db, [output.rejection(destination, report_id, control_id, exc)])
+                        release(db, report_id, destination, pid)
                     rejected += 1
                     continue
                 except OSError as exc:
+                    with db:
+                        release(db, report_id, destination, pid)
                     return SendResult(delivered, already, unreadable,
                                       f"report {report_id} to {destination}: {type(exc).__name__}: {exc}",
-                                      rejected, skipped)
-                with db:
+                                      rejected, skipped, in_flight)
+                with db:  # the record and the claim's end in one transaction
                     record_deliveries(db, [delivery])
+                    release(db, report_id, destination, pid)
                 delivered += 1
                 if progress is not None:
                     progress(f"{report_id} -> {destination} (MSH-10 {control_id})")
     finally:
         db.close()
-    return SendResult(delivered, already, unreadable, None, rejected, skipped)
+    return SendResult(delivered, already, unreadable, None, rejected, skipped, in_flight)
 
 
 def _original_refused(db: sqlite3.Connection, supersedes: str | None, destination: str, pid: str) -> str | None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smearscope.files import fsync_dir, write_atomically
+from smearscope.service.archive.claims import SCHEMA as CLAIMS_SCHEMA
 from smearscope.service.archive.index_backup import keep_before_upgrade, upgrade_lock
 from smearscope.service.archive.message import BundleMessage, ReportMessage
 from smearscope.service.archive.rejections import SCHEMA as REJECTIONS_SCHEMA
@@ -74,7 +75,7 @@ CREATE TABLE IF NOT EXISTS hl7_deliveries (
     sender TEXT NOT NULL, processing_id TEXT NOT NULL DEFAULT 'P');
 CREATE INDEX IF NOT EXISTS hl7_deliveries_report ON hl7_deliveries (report_id, destination);
 CREATE TABLE IF NOT EXISTS hl7_whole_id_runs (run_id TEXT PRIMARY KEY);
-""" + REJECTIONS_SCHEMA  # added to an index of version 3 or 4 in place: a smearscope before them ignores the tables
+""" + REJECTIONS_SCHEMA + CLAIMS_SCHEMA  # added to an index of version 3 or 4 in place: a smearscope before them ignores the tables
 
 
 #: The columns of each table in version 1, in order: an unversioned index is upgraded only if it has these.

@@ -328,7 +328,9 @@ def cmd_send_hl7(args: argparse.Namespace) -> int:
     print(f"smearscope archive: {result.delivered} delivered, {result.already} already delivered there (not sent "
           f"again{'' if args.again else '; --again sends them'}), {result.unreadable} unreadable, {result.rejected} "
           f"rejected by the lab system now, {result.not_accepted} not accepted there before (not sent: `archive find "
-          "--not-accepted` lists them, --resend REPORT_ID sends one)", file=sys.stderr)
+          "--not-accepted` lists them, --resend REPORT_ID sends one)"
+          + (f", {result.in_flight} being delivered by another send-hl7 (left to it)" if result.in_flight else ""),
+          file=sys.stderr)
     if result.stopped_by is not None:
         return _fail(f"stopped: cannot deliver {result.stopped_by}; what was delivered before is recorded, the same "
                      "command goes on from there", 1)
