@@ -2,7 +2,8 @@
 specimen reports) and one lab system: each report is delivered once, whichever send delivers it. The lab
 system (a real MLLP listener, one thread per connection) holds its ACK of the first message it gets until
 the test lets it go, so the first send is mid-delivery while the second runs whole. A send killed
-mid-delivery leaves a claim that the next send takes over (service.archive.claims)."""
+mid-delivery leaves a claim that the next send takes over (service.archive.claims). A send beside the
+running archive never sends the report the archive is sending."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from broker import MQTT_USERS, MosquittoBroker, wait_until
 from mllp_lis import ack as ack_of
 from mllp_lis import framed, msh10
+from test_archive import REPO, SPECIMEN, a_report, envelope_of, indexed
+from test_archive_hold import publish
 from test_archive_send_hl7 import FIRST, VERIFIED, VERSION_1
 
 from smearscope.service.hl7 import mllp
@@ -141,3 +145,35 @@ def test_a_delivery_that_fails_leaves_no_claim(tmp_path: Path) -> None:
         assert db.execute("SELECT count(*) FROM hl7_claims").fetchone()[0] == 0
     finally:
         db.close()
+
+
+def test_a_send_beside_the_running_archive_leaves_it_the_report_it_is_sending(
+        tmp_path: Path, lis: HoldingLis, persistent_broker: MosquittoBroker) -> None:
+    """The running archive (a real process, a real mosquitto) sends a new report and waits for its ACK; a
+    send-hl7 run meanwhile to the same lab system sends nothing: the archive's report has no index row
+    until its delivery is recorded with it. The lab system gets the report once."""
+    directory = tmp_path / "archive"
+    password = tmp_path / "password"
+    password.write_text(MQTT_USERS["observer"] + "\n")
+    log = tmp_path / "archive.log"
+    report = a_report("run-1", SPECIMEN, 1_796_000_000.0)
+    with open(log, "ab") as out:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "smearscope", "--log-level", "INFO", "archive", "--broker",
+             f"mqtt://127.0.0.1:{persistent_broker.port}", "--username", "observer", "--password-file",
+             str(password), "--dir", str(directory), "--hl7-mllp", f"127.0.0.1:{lis.port}",
+             "--hl7-mllp-timeout", "120"], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        assert wait_until(lambda: "connected to broker" in log.read_text() or daemon.poll() is not None, 60)
+        assert daemon.poll() is None, log.read_text()
+        publish(persistent_broker.port, envelope_of(report))
+        assert lis.first.wait(60), log.read_text()
+        beside = subprocess.run(send(directory, lis.port), check=False, capture_output=True, text=True, timeout=120)
+        lis.release.set()
+        assert wait_until(lambda: indexed(directory) == 1, 60), log.read_text()
+    finally:
+        daemon.terminate()
+        daemon.wait(20)
+    assert beside.returncode == 0 and "0 delivered" in beside.stderr, beside.stderr
+    assert len(lis.received) == 1
+    assert deliveries(directory) == [(report.report_id, f"mllp:127.0.0.1:{lis.port}")]
