@@ -49,6 +49,7 @@ from smearscope.service.mqtt.envelope import (
 )
 from smearscope.service.mqtt.failure_news import FailureNews
 from smearscope.service.mqtt.inflight import InFlight
+from smearscope.service.mqtt.network_thread import NetworkThreadWatch
 from smearscope.service.mqtt.outbox import MessageKind, NewMessage, Outbox, StateWriter
 from smearscope.service.mqtt.paho_client import configured_client, paho_log_level, publish_waiting
 from smearscope.service.mqtt.parked import ParkedReader
@@ -142,6 +143,7 @@ class MqttPublisher(ConnectionEvents):
         self._parked_summary = ParkedReader(outbox)
         self._drain_errors = DrainErrors(outbox.path)
         self._commands = CommandWorker(on_command, self._respond, self._stop_workers, tick_s=_DRAIN_TICK_S)
+        self._network = NetworkThreadWatch()  # paho's network thread, started again should it end unasked
         self._paho_logger = logger.getChild("paho")  # filterable apart from ours
         self._threads: list[threading.Thread] = []
         #: Called on the drain thread after each reconnect (not the first connect), before the
@@ -319,13 +321,8 @@ class MqttPublisher(ConnectionEvents):
         else:
             client.connect_async(cfg.host, cfg.port, cfg.keepalive)
         client.loop_start()
-        logger.info(
-            "MQTT connecting to %s as %s (%s%s)",
-            cfg.address,
-            self.client_id,
-            self._protocol_name(),
-            ", TLS" if cfg.tls else "",
-        )
+        logger.info("MQTT connecting to %s as %s (%s%s)", cfg.address, self.client_id, self._protocol_name(),
+                    ", TLS" if cfg.tls else "")
         return client
 
     def renew_secrets(self) -> None:
@@ -416,6 +413,7 @@ class MqttPublisher(ConnectionEvents):
                 with self._state_lock:  # before the acks: see _on_connect
                     epoch, connected = self._epoch, self._state.connected
                 self._commands.ensure_running()
+                self._network.ensure_running(self._client, self._stopping)  # paho's thread: reads acks, reconnects
                 # The first rejection sets the retry time; later ones must not postpone it.
                 if self._process_acks() and rewind_at is None:
                     rewind_at = time.monotonic() + _FAILED_ACK_RETRY_S
