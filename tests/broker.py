@@ -1,8 +1,8 @@
 """Test helpers with real parts: a mosquitto broker per test, TLS material made with openssl, and a
 paho subscriber that records messages with their MQTT 5 properties.
 
-Every broker listens on 127.0.0.1 only, on a free port, with `allow_anonymous false` and a password
-file made by `mosquitto_passwd`; it is stopped by its PID (SIGTERM, then SIGKILL).
+Every broker listens on 127.0.0.1 only, on a free port outside the kernel's ephemeral range
+(`free_ports`), with `allow_anonymous false` and a password file made by `mosquitto_passwd`; it is stopped by its PID (SIGTERM, then SIGKILL).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import random
 import shutil
 import signal
 import socket
@@ -42,12 +43,42 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free loopback ports (all bound at once while chosen, so none repeats)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+#: Where test ports are drawn from, less the kernel's ephemeral range (`ephemeral_ports`): above the
+#: ports services commonly use, below the top of the port space.
+TEST_PORTS = range(10000, 65536)
+
+
+def ephemeral_ports() -> range:
+    """The kernel's ephemeral range (/proc/sys/net/ipv4/ip_local_port_range): the source ports a
+    connect() is given; Linux's default where the file cannot be read."""
     try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports outside the kernel's ephemeral range, each bound while chosen
+    (all at once, so none repeats). Outside it, because a client retrying a stopped broker's port is
+    never given that port as its own source port: given it, its connect() reaches itself (TCP
+    simultaneous open), the connection holds the port, and the broker's restart there fails with
+    'Address already in use'. Drawn at random, so parallel test workers rarely try the same one."""
+    ephemeral = ephemeral_ports()
+    candidates = [p for p in TEST_PORTS if p not in ephemeral]
+    if len(candidates) < 100 * n:  # a kernel range that leaves no room: the kernel's own choice
+        logger.warning("ephemeral range %d-%d leaves no test ports outside it", ephemeral.start, ephemeral.stop - 1)
+        candidates = []
+    rng = random.SystemRandom()
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < n:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            try:
+                sock.bind(("127.0.0.1", rng.choice(candidates) if candidates else 0))
+            except OSError:  # in use (or bound by the loop already): another draw
+                socks.pop().close()
         return [int(sock.getsockname()[1]) for sock in socks]
     finally:
         for sock in socks:
