@@ -106,7 +106,8 @@ def test_a_verified_reports_bundle_is_final_and_signed(run):
     bundle = report_bundle(verified)
     validate(bundle)
     dr = bundle["entry"][0]["resource"]
-    assert dr["status"] == "final" and dr["performer"] == [{"display": "AB"}]
+    (practitioner,) = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "Practitioner"]
+    assert dr["status"] == "final" and dr["performer"] == [{"reference": practitioner["fullUrl"], "display": "AB"}]
     # both versions of the run's report carry its run id
     assert {"system": codes.ID_RUN, "value": "r"} in dr["identifier"]
     assert {"system": codes.ID_RUN, "value": "r"} in report_bundle(report)["entry"][0]["resource"]["identifier"]
@@ -279,7 +280,7 @@ def test_verifying_again_starts_from_the_analyzers_run_and_only_the_last_closed_
     amended = report_bundle(two.report)
     validate(amended)
     dr = amended["entry"][0]["resource"]
-    assert (first_dr["status"], dr["status"]) == ("final", "corrected") and dr["performer"] == [{"display": "AB"}]
+    assert (first_dr["status"], dr["status"]) == ("final", "corrected") and dr["performer"][0]["display"] == "AB"
     assert f"replaces report {one.report.report_id}, verified by AB at " in dr["conclusion"]
     assert all(e["resource"]["status"] == "corrected" for e in amended["entry"]
                if e["resource"]["resourceType"] == "Observation")

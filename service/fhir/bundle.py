@@ -3,7 +3,9 @@ Observation per result. Plain dicts, ready for `json.dumps`; docs/FHIR.md docume
 
 Everything is `preliminary`, a machine's result, until a technician verifies the run
 (`Report.verification`, command verify_run): that report's bundle is `final`, names who verified
-it (`performer`, by display name) and the report it replaces; a run signed again is `corrected`. No patient is
+it (`performer`: a Practitioner in the bundle, named as they signed, on the DiagnosticReport and on every
+Observation, so a system that stores results one by one keeps who verified each) and the report it replaces; a run
+signed again is `corrected`. No patient is
 named: the only identifiers are those the station was given (station id, run id, frame id) and
 the report id. Resource ids are UUIDs derived from the report id, so the same report always
 gives the same bundle (consumers dedupe by `Bundle.identifier`); the Device's is derived from what it says
@@ -100,6 +102,7 @@ class _Builder:
             self.effective = _instant(report.source.captured_at)
         self.specimen_ref = f"urn:uuid:{_uuid(self.rid, 'specimen')}"
         self.device_ref = ""  # _device's: the same for every report of one station, software and models
+        self.performer: list[dict[str, str]] = []  # _verifier's: who verified the run, none before
         # what a result's identifier is made of: the run, which every report of it shares (a verified one,
         # a new report, updates the preliminary one's results: never a second copy of each), else the report
         self.result_key = report.run_id if report.kind == "specimen" and report.run_id else report.report_id
@@ -125,7 +128,7 @@ class _Builder:
             "category": [_concept(codes.Code(codes.OBSERVATION_CATEGORY, "laboratory", "Laboratory"))],
             "code": code, "effectiveDateTime": self.effective, "issued": self.issued,
             "specimen": {"reference": self.specimen_ref}, "device": {"reference": self.device_ref},
-            **fields})
+            **({"performer": [dict(p) for p in self.performer]} if self.performer else {}), **fields})
         self.results.append({"reference": ref})
 
 
@@ -148,6 +151,7 @@ def report_bundle(report: Report) -> Resource:
     b = _Builder(report)
     _specimen(b)
     _device(b)
+    _verifier(b)
     _differential(b)
     _morphology(b)
     _sizes_and_counts(b)
@@ -176,8 +180,8 @@ def report_bundle(report: Report) -> Resource:
                        f"{len(v.reclassified)} reclassified; replaces report {v.supersedes}{_signed_before(v)}. "
                        f"{conclusion}"),
     }})
-    if v is not None:
-        b.entries[0]["resource"]["performer"] = [{"display": v.verified_by}]
+    if b.performer:
+        b.entries[0]["resource"]["performer"] = [dict(p) for p in b.performer]
     if flags:
         b.entries[0]["resource"]["conclusionCode"] = [
             _concept(codes.flag(f.code), text=f.message) for f in flags]
@@ -272,6 +276,17 @@ def _device(b: _Builder) -> None:
     resource_id, key = device_key(device)
     device["identifier"] = [*device.get("identifier", []), {"system": codes.ID_DEVICE, "value": key}]
     b.device_ref = b.add("device", device, resource_id)
+
+
+def _verifier(b: _Builder) -> None:
+    """The technician who verified the run (a Practitioner named as they signed; its id the report's: the
+    station knows no more of them than that name), the performer of the report and of each result; none
+    before a technician verified it."""
+    v = b.report.verification
+    if v is None:
+        return
+    ref = b.add("verifier", {"resourceType": "Practitioner", "name": [{"text": v.verified_by}]})
+    b.performer = [{"reference": ref, "display": v.verified_by}]
 
 
 #: Too few cells for what they are a share of: the dashboard's words above the table they concern (runview.js
