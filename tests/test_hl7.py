@@ -240,7 +240,7 @@ def test_a_specimen_id_over_22_characters_gets_a_short_placer_order_number_and_t
 #: separators and escapes counted): the segment attribute tables of v2.5.1 chapter 2 (MSH), 4 (ORC, OBR) and 7
 #: (OBX, SPM). (segment, field number): length.
 V251_LENGTHS = {("MSH", 4): 227, ("MSH", 10): 20, ("ORC", 2): 22, ("ORC", 3): 22, ("OBR", 2): 22, ("OBR", 3): 22,
-                ("OBR", 32): 200, ("OBX", 18): 22, ("SPM", 2): 80}
+                ("OBR", 32): 200, ("OBX", 16): 250, ("OBX", 18): 22, ("SPM", 2): 80}
 
 
 def field(fields: list[str], number: int) -> str:
@@ -252,7 +252,7 @@ def field(fields: list[str], number: int) -> str:
 @pytest.mark.parametrize("ids", ["long", "hostile", "uuid"])
 def test_every_field_built_from_an_id_is_within_its_v251_length(ids: str) -> None:
     """A 64-character specimen, run and station id, hostile ones (each delimiter and a CR LF, escaped to several
-    times their length) and a plain UUID run: ORC-2/3, OBR-2/3, SPM-2, MSH-4, MSH-10, OBR-32 and OBX-18 each
+    times their length) and a plain UUID run: ORC-2/3, OBR-2/3, SPM-2, MSH-4, MSH-10, OBR-32, OBX-16 and OBX-18 each
     within v2.5.1's length for the whole field as sent, the message valid, each whole id read back from a note,
     and a verified report of the run with the same ORC-3 as its preliminary one."""
     values = {"long": ("S" * 63 + "1", "R" * 63 + "1", "st" * 32, "A" * 64),

@@ -179,6 +179,10 @@ class _Message:
         key = next(i["value"] for i in device["identifier"] if i["system"] == codes.ID_DEVICE)
         self.equipment = components(equipment_id(report.station_id or ""), NAMESPACE) + (
             "" if whole_ids else REPETITION + components(text(key), NAMESPACE))
+        # OBX-16 (XCN, its family name part): who verified the run, as OBR-32 names them, on every row of a
+        # verified report, the bundle's performer of each Observation; none on a preliminary one
+        v = report.verification
+        self.observer = components("", text(v.verified_by)) if v is not None else ""
         self.segments: list[str] = []
         self._obx = 0
         self._notes = 0
@@ -193,7 +197,7 @@ class _Message:
         kind, shown, units = value
         self.segments.append(segment(
             "OBX", str(self._obx), kind, concept, str(group), shown, units, "", abnormal, "", "", status, "", "",
-            self.effective, "", "", "", self.equipment, self.issued))
+            self.effective, "", self.observer, "", self.equipment, self.issued))
 
     def observation(self, group: int, obs: dict[str, Any]) -> None:
         absent = obs.get("dataAbsentReason")
