@@ -146,12 +146,8 @@ class FrameSource(ABC):
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()
 
 
@@ -209,8 +205,12 @@ def ffmpeg_timeout_ms(read_timeout_s: float) -> int:
 
 
 def _open_capture(config: CameraSourceConfig) -> Any:
-    """An opened cv2.VideoCapture, or None when the camera is not there."""
+    """An opened cv2.VideoCapture, or None when the camera is not there. OpenCV is not asked to open a
+    V4L2 node the station knows will not open (missing, not this user's, no device): the source says
+    why, where OpenCV's WARN lines said only that it could not, at every retry of a camera gone for days."""
     device, api = capture_target(config)
+    if api == cv2.CAP_V4L2 and node_problem(device) is not None:
+        return None
     params: list[int] = []
     if api == cv2.CAP_FFMPEG:
         # FFmpeg's own bound on network stalls, under read_timeout_s: a dead RTSP stream is FFmpeg's

@@ -167,6 +167,11 @@ def test_every_16_bit_value_becomes_its_nearest_8_bit_grey_at_each_depth(bits: i
     assert np.array_equal(to_bgr8(np.dstack([values] * 3), bits), np.dstack([nearest] * 3))
 
 
+#: The camera's node: a character device that opens (the source asks OpenCV to open only a node that
+#: does), and OpenCV's V4L2 capture stands in for the camera behind it.
+NODE = "/dev/null"
+
+
 class _V4l2Y16:
     """OpenCV's V4L2 capture of a camera that negotiated 16-bit grey (FOURCC 'Y16 '), as OpenCV 4's
     cap_v4l.cpp behaves (no such camera here; cv2.VideoCapture is the seam): with CAP_PROP_CONVERT_RGB on,
@@ -209,7 +214,7 @@ def test_a_v4l2_camera_of_12_bit_samples_in_16_bit_grey_words_is_read_at_its_bri
         return opened[-1]
 
     monkeypatch.setattr(sources.cv2, "VideoCapture", capture)
-    cfg = CameraSourceConfig(device="/dev/video3", microns_per_pixel=MPP)
+    cfg = CameraSourceConfig(device=NODE, microns_per_pixel=MPP)
     with caplog.at_level(logging.INFO, logger="smearscope.device"), CameraSource(cfg) as cam:
         frames = [next(cam).pixels for _ in fields]
     assert (cv2.CAP_PROP_CONVERT_RGB, 0) in opened[0].sets
@@ -230,5 +235,5 @@ def test_a_v4l2_camera_of_another_format_keeps_opencvs_conversion(monkeypatch: p
         return captures[-1]
 
     monkeypatch.setattr(sources.cv2, "VideoCapture", capture)
-    assert sources._open_capture(CameraSourceConfig(device="/dev/video3", width=1280, height=960)) is captures[0]
+    assert sources._open_capture(CameraSourceConfig(device=NODE, width=1280, height=960)) is captures[0]
     assert [p for p, _ in captures[0].sets] == [cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT]

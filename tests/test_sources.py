@@ -1284,6 +1284,46 @@ def test_a_camera_whose_node_is_missing_says_so_in_its_log(
                                 "or another index (v4l2-ctl --list-devices); retry 1 in 0.0 s"), said
 
 
+@pytest.mark.skipif(not (REPO / "models" / "seg.json").exists(), reason="models/seg.json not present")
+@pytest.mark.parametrize("as_index", [False, True], ids=["path", "index"])
+def test_a_station_waiting_for_a_missing_camera_says_why_without_opencvs_own_warnings(
+        tmp_path: Path, as_index: bool) -> None:
+    """`smearscope run` with its camera unplugged: OpenCV's own lines ("[ WARN:0@9.1] global
+    cap_v4l.cpp:915 open VIDEOIO(V4L2:/dev/video97): can't open camera by index" and two more) came
+    on stderr at every retry, beside the station's line that says why at the 1st, 2nd, 4th, 8th.
+    A node the station knows will not open is not handed to OpenCV (a real station process, its
+    output read until the 8th retry is said, then stopped)."""
+    from broker import free_port, wait_until
+
+    number = 97
+    while Path(f"/dev/video{number}").exists():
+        number += 1
+    node = f"/dev/video{number}"
+    config = tmp_path / "station.toml"
+    config.write_text(
+        f'station_id = "cam"\n[source]\nkind = "camera"\ndevice = {number if as_index else repr(node)}\n'
+        "reconnect_initial_s = 0.05\nreconnect_max_s = 0.05\n"
+        f"[analysis]\nmodels_dir = {str(REPO / 'models')!r}\n"
+        f"[mqtt]\nhost = '127.0.0.1'\nport = {free_port()}\n"
+        f"[mqtt.outbox]\npath = {str(tmp_path / 'outbox.sqlite3')!r}\n")
+    cli = shutil.which("smearscope") or str(Path(sys.executable).with_name("smearscope"))
+    log = tmp_path / "station.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([cli, "run", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "STATE_DIRECTORY": str(tmp_path / "state")}, cwd=tmp_path)
+    try:
+        said = wait_until(lambda: "retry 8 in" in log.read_text() or proc.poll() is not None, 120)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    text = log.read_text()
+    assert said and proc.returncode == 0, text[-3000:]
+    assert (f"camera {number if as_index else repr(node)} did not open: {node} does not exist: camera unplugged"
+            in text), text[-3000:]
+    opencv = [line for line in text.splitlines() if "VIDEOIO" in line or "[ WARN" in line]
+    assert not opencv, opencv[:6]
+
+
 def test_a_camera_path_that_is_no_camera_is_not_said_to_need_the_video_group(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """[source] device naming a socket (not a camera node): its open fails ENXIO, and the log said

@@ -406,7 +406,8 @@ def _hl7_addressing(parser: argparse.ArgumentParser, default: object, why: str) 
 def _quiet_opencv(level: str, command: str) -> None:
     """OpenCV's own log lines on stderr (libtiff's complaints about a broken TIFF) beside the
     command's own error line for that input, which names it with its code: shown with --log-level
-    DEBUG only. The station (`run`) keeps them: they may say why a camera does not open."""
+    DEBUG only. The station (`run`) keeps them: they may say why a camera that is there, a GStreamer
+    pipeline or a URL does not open (a V4L2 node the station knows will not open is not handed to OpenCV)."""
     if command != "run" and level.upper() != "DEBUG":
         import cv2
 
