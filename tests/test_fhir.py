@@ -84,6 +84,18 @@ def validate(bundle: dict[str, Any]) -> None:
     assert set(re.findall(r'"reference":"([^"]*)"', text)) <= full_urls
 
 
+def analyzed_with_fhir(image: Path, tmp_path: Path, microns_per_pixel: float | None = None) -> tuple[Report, dict[str, Any]]:
+    """`smearscope analyze --json IMAGE --fhir FILE` run as the user runs it: its report and its bundle, validated."""
+    out = tmp_path / "b.fhir.json"
+    scale = [] if microns_per_pixel is None else ["--microns-per-pixel", str(microns_per_pixel)]
+    proc = subprocess.run([sys.executable, "-m", "smearscope", "analyze", "--json", *scale, str(image), "--fhir", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bundle = json.loads(out.read_text())
+    validate(bundle)
+    return Report.model_validate_json(proc.stdout), bundle
+
+
 def as_sent(value: float) -> float:
     """A share, bound, ratio or size as the bundle sends it: to one decimal, as `smearscope analyze` prints it."""
     return float(f"{value:.1f}")

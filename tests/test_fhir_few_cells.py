@@ -5,18 +5,14 @@ shipped models (one white cell, 118 red cells); a report of enough cells has no 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from realdata import DATA, needs_models
-from test_fhir import findings, graded_report, validate
+from test_fhir import analyzed_with_fhir, findings, graded_report, validate
 from test_hl7 import parsed, unescaped
 
-from smearscope.service.analysis.report import Report
 from smearscope.service.fhir import codes
 from smearscope.service.fhir.bundle import FEW_CELLS, report_bundle
 from smearscope.service.hl7.oru import oru_r01
@@ -57,16 +53,9 @@ def notes_after(message: str) -> dict[str, list[str]]:
 @needs_models
 @pytest.mark.skipif(not IMAGE.exists(), reason=f"chula_wbc_rpi not found under {DATA}")
 def test_a_field_of_one_white_cell_says_at_each_share_it_is_not_a_differential(tmp_path: Path) -> None:
-    out = tmp_path / "b.fhir.json"
-    proc = subprocess.run([sys.executable, "-m", "smearscope", "analyze", "--json", "--microns-per-pixel", "0.1286",
-                           str(IMAGE), "--fhir", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = Report.model_validate_json(proc.stdout)
+    report, bundle = analyzed_with_fhir(IMAGE, tmp_path, microns_per_pixel=0.1286)
     messages = {f.code: f.message for f in report.flags}
     assert set(FEW_CELLS) <= set(messages) and report.counts.wbc < 100 and report.counts.rbc < 200
-    bundle = json.loads(out.read_text())
-    validate(bundle)
     expected = {code: f"{before}{messages[code]}{after}" for code, (before, after) in FEW_CELLS.items()}
     results = findings(bundle)
     said = {code: 0 for code in FEW_CELLS}

@@ -4,36 +4,25 @@ flag nucleated_rbc_present said they were there. A real PBC image of an erythrob
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from realdata import DATA, needs_models
-from test_fhir import by_code, findings, validate
+from test_fhir import analyzed_with_fhir, by_code, findings
 from test_hl7 import parsed, segments, unescaped
 
-from smearscope.service.analysis.report import Report
 from smearscope.service.fhir import codes
 from smearscope.service.hl7.oru import oru_r01
 
-ROOT = Path(__file__).resolve().parents[1]
 IMAGE = DATA / "pbc" / "erythroblast" / "ERB_101031.jpg"
 
 
 @needs_models
 @pytest.mark.skipif(not IMAGE.exists(), reason=f"PBC not found under {DATA}")
 def test_nrbc_of_a_field_without_white_cells_are_said_without_a_ratio(tmp_path: Path) -> None:
-    out = tmp_path / "b.fhir.json"
-    proc = subprocess.run([sys.executable, "-m", "smearscope", "analyze", "--json", str(IMAGE), "--fhir", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = Report.model_validate_json(proc.stdout)
+    report, bundle = analyzed_with_fhir(IMAGE, tmp_path)
     assert report.counts.wbc == 0 and report.counts.nrbc >= 1 and report.nrbc_per_100_wbc is None, report.counts
     assert "nucleated_rbc_present" in {f.code for f in report.flags}
-    bundle = json.loads(out.read_text())
-    validate(bundle)
     nrbc = by_code(bundle, codes.LOINC, codes.NRBC.code)
     assert not any(k.startswith("value") for k in nrbc)
     assert [c["code"] for c in nrbc["dataAbsentReason"]["coding"]] == ["no-wbc-seen", "unknown"]

@@ -5,23 +5,19 @@ Real images through the shipped models, validated as test_fhir and test_hl7 do."
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from realdata import DATA, needs_models
-from test_fhir import as_sent, by_code, component, graded_report, validate
+from test_fhir import analyzed_with_fhir, as_sent, by_code, component, graded_report, validate
 from test_hl7 import parsed, segments
 
-from smearscope.service.analysis.report import ClassShare, Counts, Report
+from smearscope.service.analysis.report import ClassShare, Counts
 from smearscope.service.fhir import codes
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.hl7.oru import oru_r01
 
-ROOT = Path(__file__).resolve().parents[1]
 IMAGE = DATA / "chula_wbc_rpi" / "train" / "images" / "B-30_0047.jpg"
 
 
@@ -38,14 +34,7 @@ def quantities(element: Any) -> list[dict[str, Any]]:
 @needs_models
 @pytest.mark.skipif(not IMAGE.exists(), reason=f"chula_wbc_rpi not found under {DATA}")
 def test_a_real_fields_bundle_sends_each_value_to_the_decimal_its_report_is_read_at(tmp_path: Path) -> None:
-    out = tmp_path / "b.fhir.json"
-    proc = subprocess.run([sys.executable, "-m", "smearscope", "analyze", "--json", "--microns-per-pixel", "0.1286",
-                           str(IMAGE), "--fhir", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = Report.model_validate_json(proc.stdout)
-    bundle = json.loads(out.read_text())
-    validate(bundle)
+    report, bundle = analyzed_with_fhir(IMAGE, tmp_path, microns_per_pixel=0.1286)
     # the report keeps more decimals than it is read at (else this test would show nothing)
     kept = [s.percent for s in report.wbc_differential + report.rbc_morphology] + [report.rbc_size.mean_diameter_um]
     assert any(v != as_sent(v) for v in kept), kept

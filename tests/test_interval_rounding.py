@@ -7,10 +7,7 @@ analyzer's own intervals (aggregate.share_rows) of 10 000 red cells."""
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 from collections import Counter
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
@@ -18,7 +15,7 @@ from typing import Any
 
 import pytest
 from realdata import DATA, needs_models
-from test_fhir import component, graded_report, resources, validate
+from test_fhir import analyzed_with_fhir, component, graded_report, resources, validate
 from test_hl7 import parsed, segments
 
 from smearscope.cli.summary import summarize
@@ -28,7 +25,6 @@ from smearscope.service.fhir import codes
 from smearscope.service.fhir.bundle import report_bundle
 from smearscope.service.hl7.oru import oru_r01
 
-ROOT = Path(__file__).resolve().parents[1]
 IMAGE = DATA / "chula_wbc_rpi" / "train" / "images" / "B-30_0047.jpg"
 
 
@@ -78,14 +74,7 @@ def summary_intervals(report: Report) -> dict[str, tuple[float, float]]:
 @needs_models
 @pytest.mark.skipif(not IMAGE.exists(), reason=f"chula_wbc_rpi not found under {DATA}")
 def test_a_real_fields_intervals_are_rounded_outward_in_fhir_hl7_and_the_summary(tmp_path: Path) -> None:
-    out = tmp_path / "b.fhir.json"
-    proc = subprocess.run([sys.executable, "-m", "smearscope", "analyze", "--json", "--microns-per-pixel", "0.1286",
-                           str(IMAGE), "--fhir", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = Report.model_validate_json(proc.stdout)
-    bundle = json.loads(out.read_text())
-    validate(bundle)
+    report, bundle = analyzed_with_fhir(IMAGE, tmp_path, microns_per_pixel=0.1286)
     want = expected(report)
     # rounding to the nearest would send some other bound (else this test would show nothing)
     nearest = {k: (float(f"{s.ci95_low:.1f}"), float(f"{s.ci95_high:.1f}"))
