@@ -70,6 +70,15 @@ def damaged_outbox(tmp_path: Path, port: int, state: Path | None = None,
     return config, pool_file, lost, readable
 
 
+def assert_readable_delivered_while_running(sub: Subscriber, station: DaemonProcess,
+                                            readable: list[tuple[int, str, str]]) -> None:
+    """Every message the damaged outbox still held readable reaches the broker, the station running throughout."""
+    wanted = {report_id for _, report_id, _ in readable}
+    assert sub.wait_for(lambda ms: station.proc.poll() is not None or wanted <= {r for _, r in received_ids(sub)},
+                        60) and station.proc.poll() is None, (station.proc.poll(), station.lines[-20:])
+    assert wanted <= {r for _, r in received_ids(sub)}
+
+
 def test_a_station_started_on_an_outbox_with_a_damaged_page_sends_every_message_it_can_still_read(
     tmp_path: Path, credentials_dir: Path,
 ) -> None:
@@ -88,10 +97,7 @@ def test_a_station_started_on_an_outbox_with_a_damaged_page_sends_every_message_
     try:
         sub.wait_ready()
         second = DaemonProcess(config, pool_file)
-        wanted = {report_id for _, report_id, _ in readable}
-        assert sub.wait_for(lambda ms: second.proc.poll() is not None or wanted <= {r for _, r in received_ids(sub)},
-                            60) and second.proc.poll() is None, (second.proc.poll(), second.lines[-20:])
-        assert wanted <= {r for _, r in received_ids(sub)}
+        assert_readable_delivered_while_running(sub, second, readable)
         assert wait_until(lambda: len(second.stored()) >= 3, 30), second.lines[-20:]  # it analyses on
         second.signal(signal.SIGTERM)
         assert second.wait(60) == 0, second.lines[-20:]
@@ -214,10 +220,7 @@ def test_a_bad_page_among_the_stations_own_rows_is_salvaged_too_and_every_messag
     try:
         sub.wait_ready()
         station = DaemonProcess(config, pool_file)
-        wanted = {report_id for _, report_id, _ in readable}
-        assert sub.wait_for(lambda ms: station.proc.poll() is not None or wanted <= {r for _, r in received_ids(sub)},
-                            60) and station.proc.poll() is None, (station.proc.poll(), station.lines[-20:])
-        assert wanted <= {r for _, r in received_ids(sub)}
+        assert_readable_delivered_while_running(sub, station, readable)
         station.signal(signal.SIGTERM)
         assert station.wait(60) == 0, station.lines[-20:]
     finally:
