@@ -24,6 +24,7 @@ from test_archive import (
     Archive,
     Station,
     a_report,
+    as_user,
     envelope_of,
     indexed,
     raw_client,
@@ -383,24 +384,7 @@ def test_an_hl7_folder_that_cannot_be_made_is_named_and_not_blamed_on_the_archiv
 def _removed_as(uid: int, tmp: Path) -> str:
     """remove_unless_written(tmp) in a process of user and group `uid` forked from this one: 'removed',
     'left' or the error."""
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:
-        os.close(read)
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            said = "removed" if smearscope.files.remove_unless_written(tmp) else "left"
-        except BaseException as exc:  # noqa: BLE001 - said to the parent
-            said = f"{type(exc).__name__}: {exc}"
-        os.write(write, said.encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as said:
-        out = said.read().decode()
-    os.waitpid(child, 0)
-    return out
+    return as_user(uid, lambda: "removed" if smearscope.files.remove_unless_written(tmp) else "left")
 
 
 def test_the_archive_removes_a_temporary_file_another_users_killed_write_left_and_leaves_one_being_written(

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_archive import as_user
 
 from smearscope.service.archive.index_backup import backup_path
 from smearscope.service.archive.store import INDEX_VERSION, ArchiveStore
@@ -235,25 +236,11 @@ def opened_by_the_archive_user_after_root(archive: Path) -> None:
 def opened_as(uid: int, archive: Path) -> str:
     """Why the archive's index could not be opened for writing by user and group `uid` ("" when it was), in a
     process of that user forked from this one (its Python lies where that user may not read it)."""
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # the archive's user, no capability of root's left
-        os.close(read)
-        why = b""
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            ArchiveStore(archive).close()
-        except BaseException as exc:  # noqa: BLE001 - said to the parent
-            why = f"{type(exc).__name__}: {exc}".encode()
-        os.write(write, why)
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as said:
-        why = said.read().decode()
-    os.waitpid(child, 0)
-    return why
+    def open_index() -> str:
+        ArchiveStore(archive).close()
+        return ""
+
+    return as_user(uid, open_index)
 
 
 def going_back_commands() -> list[str]:
@@ -430,29 +417,15 @@ def locked_as(uid: int, index: Path) -> str:
 
     from smearscope.service.archive.index_backup import upgrade_lock
 
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:
-        os.close(read_end)
-        said = "not held"
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            with upgrade_lock(index):
-                other = os.open(index.with_name(LOCK), os.O_RDONLY)
-                try:
-                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    said = "held"
-                finally:
-                    os.close(other)
-        except BaseException as exc:  # noqa: BLE001 - said to the parent
-            said = f"{type(exc).__name__}: {exc}"
-        os.write(write_end, said.encode())
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as said:
-        found = said.read().decode()
-    os.waitpid(child, 0)
-    return found
+    def take_lock() -> str:
+        with upgrade_lock(index):
+            other = os.open(index.with_name(LOCK), os.O_RDONLY)
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return "held"
+            finally:
+                os.close(other)
+        return "not held"
+
+    return as_user(uid, take_lock)
