@@ -105,6 +105,23 @@ def test_disk_full_pauses_the_analysis_and_nothing_is_lost(tmp_path: Path,
     assert figures["duplicated"] <= 20, "a duplicate storm"
 
 
+def _killed_on_a_full_disk(config: Path, pool: Path, broker: MosquittoBroker, state: Path,
+                           daemons: list[DaemonProcess]) -> tuple[DaemonProcess, list[Path]]:
+    """A station that stored some fields of its open run, then lost the broker, paused on the disk
+    under `state` filled and was killed there; the disk then filled to the last byte. The killed
+    station (added to `daemons`) and the files that fill the disk."""
+    first = DaemonProcess(config, pool)
+    daemons.append(first)
+    assert wait_until(lambda: len(first.stored()) >= 5, 30), "\n".join(first.lines[-20:])
+    broker.stop()
+    fillers = [fill(state, leave_bytes=64 * 1024)]
+    assert wait_until(lambda: any("analysis paused" in ln for ln in first.lines), 60), "\n".join(first.lines[-40:])
+    first.signal(signal.SIGKILL)
+    first.wait(10)
+    fillers.append(fill(state, "filler-2"))  # and whatever room was left
+    return first, fillers
+
+
 def test_a_station_restarted_on_a_full_disk_with_its_run_left_open_starts_and_delivers_what_it_holds(
     tmp_path: Path, credentials_dir: Path,
 ) -> None:
@@ -125,16 +142,7 @@ def test_a_station_restarted_on_a_full_disk_with_its_run_left_open_starts_and_de
             sub.wait_ready()
             config = write_station(tmp_path, broker.port, target_wbc=1000)  # one run, open throughout
             pool = _pool_file(tmp_path)
-            first = DaemonProcess(config, pool)
-            daemons.append(first)
-            assert wait_until(lambda: len(first.stored()) >= 5, 30), "\n".join(first.lines[-20:])
-            broker.stop()
-            fillers = [fill(state, leave_bytes=64 * 1024)]
-            assert wait_until(lambda: any("analysis paused" in ln for ln in first.lines), 60), (
-                "\n".join(first.lines[-40:]))
-            first.signal(signal.SIGKILL)
-            first.wait(10)
-            fillers.append(fill(state, "filler-2"))  # and whatever room was left
+            first, fillers = _killed_on_a_full_disk(config, pool, broker, state, daemons)
             for restart in range(4):  # each start writes the run's state: the last room goes
                 second = DaemonProcess(config, pool)
                 daemons.append(second)
@@ -188,17 +196,8 @@ def test_a_run_left_open_whose_report_a_full_disk_refuses_at_the_start_is_report
             sub.wait_ready()
             config = write_station(tmp_path, broker.port, target_wbc=1000)
             pool = _pool_file(tmp_path)
-            first = DaemonProcess(config, pool)
-            daemons.append(first)
-            assert wait_until(lambda: len(first.stored()) >= 5, 30), "\n".join(first.lines[-20:])
+            first, fillers = _killed_on_a_full_disk(config, pool, broker, state, daemons)
             [run_id] = {m.group(1) for ln in first.lines if (m := re.search(r"stored field message .* run=(\S+)", ln))}
-            broker.stop()
-            fillers = [fill(state, leave_bytes=64 * 1024)]
-            assert wait_until(lambda: any("analysis paused" in ln for ln in first.lines), 60), (
-                "\n".join(first.lines[-40:]))
-            first.signal(signal.SIGKILL)
-            first.wait(10)
-            fillers.append(fill(state, "filler-2"))
             # the next start comes past the run's idle timeout: the run is closed, not taken back
             write_station(tmp_path, broker.port, specimen={"target_wbc_count": 1000, "idle_timeout_s": 0.5})
             time.sleep(1.0)
