@@ -55,6 +55,15 @@ def persistent_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 
 
 @pytest.fixture
+def ws_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """mosquitto with a WebSockets listener besides its TCP one, as the dashboard's page reaches it."""
+    mosquitto = MosquittoBroker(tmp_path / "broker", MQTT_USERS, websockets=True)
+    mosquitto.start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+@pytest.fixture
 def credentials_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """$CREDENTIALS_DIRECTORY as systemd LoadCredential= would provide it, holding 'mqtt-password'."""
     directory = tmp_path / "credentials"

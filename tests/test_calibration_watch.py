@@ -23,7 +23,6 @@ from test_dashboard import (
     _page_and_a_station,
     _wait,
     needs_chromium,
-    ws_broker,  # noqa: F401 (the fixture)
 )
 
 from smearscope.device.frame import Frame
@@ -365,7 +364,7 @@ def test_a_running_stations_telemetry_says_the_watchs_reading_and_doctor_reads_i
 @pytest.mark.broker
 @needs_chromium
 def test_the_dashboards_card_says_a_suspect_calibration_in_red_and_a_sound_one_quietly(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """The running station's sample (its daemon's `_telemetry`) says the watch suspect: the card says
     "calibration drift suspected" beside the status, in the header too, and the telemetry list says

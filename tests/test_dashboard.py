@@ -314,14 +314,6 @@ def _station_config(tmp_path: Path, broker: MosquittoBroker) -> Path:
     return path
 
 
-@pytest.fixture
-def ws_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, websockets=True)
-    broker.start()
-    yield broker
-    broker.stop()
-
-
 class _Proc:
     """A child process whose output goes to a log file; stopped by its PID."""
 

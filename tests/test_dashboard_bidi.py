@@ -25,7 +25,6 @@ from test_dashboard import (
     _status,
     _wait,
     needs_chromium,
-    ws_broker,  # noqa: F401 (the fixture)
 )
 
 from smearscope.service.analysis.report import Flag, Verification
@@ -99,7 +98,7 @@ def _open_with_two_runs(driver: Any, send: Any, log: Path, url: str, runs: tuple
 @pytest.mark.broker
 @needs_chromium
 def test_right_to_left_ids_names_flags_and_types_keep_the_words_around_them_in_place(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """A verified run of a Hebrew specimen id, signed with a Hebrew name, with an Arabic critical
     flag, on a station whose id is Arabic: the run line's date stays after the signer (it showed
@@ -188,7 +187,7 @@ CSS_SPECIMEN = 'x"; } @page { size: 1px } @page x { content: "\\'
 @pytest.mark.broker
 @needs_chromium
 def test_a_specimen_id_that_is_markup_is_shown_as_text_everywhere_it_is_shown(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """A specimen id the station took as given (`<img src=x onerror=...>`) in a run's progress, in
     an earlier run's report, typed into the run form, printed and in the printed page's foot: no

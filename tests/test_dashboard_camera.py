@@ -19,7 +19,6 @@ from test_dashboard import (
     _status,
     _wait,
     needs_chromium,
-    ws_broker,  # noqa: F401 (the fixture)
 )
 from test_dashboard_tablet import CONTRAST_JS
 
@@ -36,7 +35,7 @@ def _telemetry(cam: CameraSource, folder: Path) -> str:
 @pytest.mark.broker
 @needs_chromium
 def test_a_camera_giving_no_frames_is_said_beside_the_stations_status(
-    tmp_path: Path, ws_broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A station's camera that hung (the station waiting to reconnect it), one that is not there,
     and one opening were lines among 20 in the telemetry list, `pipeline.source_state` and

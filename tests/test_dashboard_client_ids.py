@@ -5,7 +5,6 @@ ids"). Headless Chromium against a real mosquitto, as tests/test_dashboard.py dr
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,6 @@ pytestmark = [pytest.mark.broker, needs_chromium]
 
 #: What mosquitto logs when a client logs in with the id of a connected one.
 TAKEN_OVER = "already connected, closing old connection"
-
-
-@pytest.fixture
-def ws_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    """mosquitto with a WebSockets listener, as the dashboard's page reaches it."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, websockets=True)
-    broker.start()
-    yield broker
-    broker.stop()
 
 
 def test_two_dashboards_and_two_tabs_on_one_broker_keep_their_connections(

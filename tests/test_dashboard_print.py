@@ -23,7 +23,6 @@ from test_dashboard import (
     _status,
     _wait,
     needs_chromium,
-    ws_broker,  # noqa: F401 (the fixture)
 )
 
 from smearscope.service.analysis.report import ClassShare, Flag, ModelInfo, Report, Verification
@@ -37,7 +36,7 @@ def _pdf_pages(driver) -> int:
 @pytest.mark.broker
 @needs_chromium
 def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_station_on_its_own_page(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     from selenium.webdriver.common.by import By
 
@@ -150,7 +149,7 @@ def _long_report(station: str, run_id: str, now: float) -> Report:
 @pytest.mark.broker
 @needs_chromium
 def test_a_long_report_names_its_specimen_on_every_printed_page_and_cuts_no_row(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """A4 and Letter: a long report takes two pages; each says at its foot the specimen, station
     and run and which page of how many (the second page alone said nothing of whose it was), and no
@@ -185,7 +184,7 @@ def test_a_long_report_names_its_specimen_on_every_printed_page_and_cuts_no_row(
 @pytest.mark.broker
 @needs_chromium
 def test_a_card_two_stations_publish_under_prints_without_the_screens_red_frame(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """On paper a card is a report without the screen's frames (a critical one's included: its alert
     is framed instead). A card two stations publish under kept its red frame on paper: the screen's
@@ -213,7 +212,7 @@ def test_a_card_two_stations_publish_under_prints_without_the_screens_red_frame(
 @pytest.mark.broker
 @needs_chromium
 def test_shares_intervals_and_nrbc_read_to_one_decimal_on_screen_and_on_paper(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """The report keeps its shares to two decimals for audit; the page showed them so ("53.57",
     "44.12–62.89", "3.26 of 92 RBC", "1.79 per 100 WBC"), a precision no count of 112 white cells
@@ -267,7 +266,7 @@ def test_shares_intervals_and_nrbc_read_to_one_decimal_on_screen_and_on_paper(
 @pytest.mark.broker
 @needs_chromium
 def test_the_scales_source_and_the_red_cells_size_are_on_screen_and_on_paper(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """The report says whether its red cells were sized at a calibrated scale (rbc_size.calibrated,
     the flags size_not_assessable_without_calibration, sizes_from_calibrated_fields_only,
@@ -322,7 +321,7 @@ def test_the_scales_source_and_the_red_cells_size_are_on_screen_and_on_paper(
 @pytest.mark.broker
 @needs_chromium
 def test_a_count_of_no_nucleated_red_cells_is_said_not_left_out(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """A report counts nucleated red cells apart (counts.nrbc, nrbc_per_100_wbc): with none the
     counts line said nothing of them, as it does for a report from before they were counted, so
@@ -349,7 +348,7 @@ def test_a_count_of_no_nucleated_red_cells_is_said_not_left_out(
 @pytest.mark.broker
 @needs_chromium
 def test_a_verified_report_says_what_the_technician_changed_and_a_report_signed_again_that_it_corrects_one(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """A verified report counts the types a technician gave (verification.typed_cells, reclassified,
     counts.artefact) and, signed again, names the signature it replaces (supersedes_verified_by,
@@ -399,7 +398,7 @@ def test_a_verified_report_says_what_the_technician_changed_and_a_report_signed_
 @pytest.mark.broker
 @needs_chromium
 def test_the_printed_models_name_their_calibration_and_the_stations_own_adaptation(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """A report names each model's file and, apart, its calibration (manifest_sha256: the same file
     recalibrated types cells otherwise), and whether the WBC head types cells by this station's own
@@ -433,7 +432,7 @@ def test_the_printed_models_name_their_calibration_and_the_stations_own_adaptati
 @pytest.mark.broker
 @needs_chromium
 def test_a_differential_of_too_few_white_cells_says_so_above_its_table(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """A run that closed with 11 white cells typed (46 more unidentified) lists its shares as any
     differential ("neutrophil 5, 8.8 %"), and the only word that it is none was a grey info flag at
@@ -472,7 +471,7 @@ def test_a_differential_of_too_few_white_cells_says_so_above_its_table(
 @pytest.mark.broker
 @needs_chromium
 def test_the_red_cells_size_reads_as_smearscope_analyze_prints_it_at_an_exact_tie(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """The report keeps red-cell diameters to 0.001 um, so a mean of 7.250 um is an exact tie at one
     decimal: `smearscope analyze` prints it '7.2 um' (Python's rounding, to the even digit), and the
@@ -507,7 +506,7 @@ def test_the_red_cells_size_reads_as_smearscope_analyze_prints_it_at_an_exact_ti
 @pytest.mark.broker
 @needs_chromium
 def test_the_cells_awaiting_review_are_said_on_screen_and_on_paper_and_an_older_report_says_not_counted(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """A preliminary printout did not say how many cells still wait for a technician (the gallery's
     count depends on `[review] white_cells`; older runs carry none). A report's `review` (schema 1.4)
@@ -558,7 +557,7 @@ def test_the_cells_awaiting_review_are_said_on_screen_and_on_paper_and_an_older_
 @pytest.mark.broker
 @needs_chromium
 def test_a_reports_review_line_reads_the_same_on_the_dashboard_in_the_summary_and_in_fhir(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """A verified report's summary and dashboard line said its cells "await review" where its FHIR
     conclusion said "left as the analyzer called them": a signed report read as if cells still

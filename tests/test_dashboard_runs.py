@@ -23,7 +23,6 @@ from test_dashboard import (
     _status,
     _wait,
     needs_chromium,
-    ws_broker,  # noqa: F401 (the fixture)
 )
 
 STATION = "ward-r"
@@ -66,7 +65,7 @@ def _run_control_page(tmp_path: Path, broker: MosquittoBroker, status: str = "on
 @pytest.mark.broker
 @needs_chromium
 def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_second_click(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     from selenium.webdriver.common.keys import Keys
 
@@ -207,7 +206,7 @@ def test_a_broker_whose_acl_refuses_the_dashboard_start_run_is_said_on_the_page(
 @pytest.mark.broker
 @needs_chromium
 def test_each_line_of_the_run_form_goes_once_the_run_it_speaks_of_is_no_longer_the_cards(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """What the form says of a run is the truth now. "run X started" goes when that run closes,
     also when its closed state came before the station's answer (a target of a few cells reached on
@@ -288,7 +287,7 @@ def _state_without_fields(run_id: str, state: str, end_reason: str | None) -> st
 @pytest.mark.broker
 @needs_chromium
 def test_a_run_stopped_from_another_page_before_any_field_gives_the_form_back_to_start(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """A run this page started, stopped from another page before its first field: the station's
     states (open, then closed with no field and no report) take the card to the run closed: Start
@@ -326,7 +325,7 @@ def test_a_run_stopped_from_another_page_before_any_field_gives_the_form_back_to
 @pytest.mark.broker
 @needs_chromium
 def test_a_signature_the_station_holds_is_said_beside_verify_not_shown_as_sent(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """Verify run on a closed run the station holds (a restored state the broker shows further
     along): the station answers ok with `held: true` and a message; the line beside Verify says
@@ -355,7 +354,7 @@ def test_a_signature_the_station_holds_is_said_beside_verify_not_shown_as_sent(
 @pytest.mark.broker
 @needs_chromium
 def test_a_signature_whose_hold_is_not_decided_yet_is_said_beside_verify_not_shown_as_sent(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """Verify run answered before the station's first broker connection settled: ok with `held`: null,
     `hold_decided`: false and a message; the line beside Verify says the station's message, in its
@@ -394,7 +393,7 @@ def test_a_signature_whose_hold_is_not_decided_yet_is_said_beside_verify_not_sho
 @pytest.mark.broker
 @needs_chromium
 def test_a_signature_answered_before_the_hold_was_decided_turns_held_when_the_station_says_it_holds_the_run(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """Verify run answered `held`: null; the station's telemetry then says `held_runs` null (still not
     decided: the line stays amber) and then names the run: the line says it is not sent, in red."""
@@ -429,7 +428,7 @@ def test_a_signature_answered_before_the_hold_was_decided_turns_held_when_the_st
 @pytest.mark.broker
 @needs_chromium
 def test_a_signature_answered_undecided_is_not_settled_by_a_sample_that_came_before_the_answer(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """A sample received before a verify_run answered `held`: null (a station process before it started
     again: decided, none held) does not say the signed report was sent: the line stays amber; a sample
@@ -468,7 +467,7 @@ def test_a_signature_answered_undecided_is_not_settled_by_a_sample_that_came_bef
 @pytest.mark.broker
 @needs_chromium
 def test_a_stop_whose_hold_is_not_decided_yet_is_said_in_its_own_colour_not_as_held(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """Stop run answered before the station's first broker connection settled: ok with `held`: null,
     `hold_decided`: false and the station's message; the run line's answer says that message in the
@@ -509,7 +508,7 @@ def test_a_stop_whose_hold_is_not_decided_yet_is_said_in_its_own_colour_not_as_h
 @pytest.mark.broker
 @needs_chromium
 def test_a_stop_whose_end_was_not_kept_is_said_in_red_though_its_hold_is_not_decided_yet(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """A stop answered before the station's first broker connection settled (`held`: null) whose end
     the outbox file also refused to keep (a full disk: `kept` false) carries both messages in one;

@@ -19,7 +19,6 @@ from test_dashboard import (
     _status,
     _wait,
     needs_chromium,
-    ws_broker,  # noqa: F401 (the fixture)
 )
 
 STATIONS = ("ward-r", "ward-s")
@@ -28,7 +27,7 @@ STATIONS = ("ward-r", "ward-s")
 @pytest.mark.broker
 @needs_chromium
 def test_a_scanned_label_starts_one_run_on_the_card_in_use_and_is_answered_while_a_run_is_open(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -164,7 +163,7 @@ def test_a_scanned_label_starts_one_run_on_the_card_in_use_and_is_answered_while
 @pytest.mark.broker
 @needs_chromium
 def test_a_card_scrolled_to_from_the_header_stops_below_it_while_the_scanners_note_is_shown(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """On a tablet (800 px wide) a scan that reaches no station puts its note in the sticky header,
     a line taller; a card then picked from the header's list (an offline station) stopped under the

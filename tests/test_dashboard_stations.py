@@ -19,7 +19,6 @@ from test_dashboard import (
     _status,
     _wait,
     needs_chromium,
-    ws_broker,  # noqa: F401 (the fixture)
 )
 
 
@@ -36,7 +35,7 @@ def _waiting(driver: Any) -> bool:
 @pytest.mark.broker
 @needs_chromium
 def test_a_retired_stations_cleared_messages_take_its_card_away_and_make_none(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """The page opened before any station waits for them; stations appear as they say online, in
     order of their ids. A station retired or renamed leaves its retained status and run state on the
@@ -89,7 +88,7 @@ def _sample(instance: str, host: str, interval_s: float = 30.0) -> str:
 @pytest.mark.broker
 @needs_chromium
 def test_two_stations_under_one_station_id_are_said_and_a_restart_is_not(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """Two stations given one station_id (a cloned config) publish under it in turn, and the page
     showed one card mixing their runs, status and telemetry, saying nothing. Each process's samples
@@ -139,7 +138,7 @@ def _named(driver: Any, summary: str) -> list[str] | None:
 @pytest.mark.broker
 @needs_chromium
 def test_twelve_stations_the_header_names_those_that_need_someone_and_stays_in_sight(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """Twelve stations: the cards stay in order of station id, its numbers read as numbers
     (scope-2 before scope-10: they were ordered as text, scope-10 before scope-2), and never move
@@ -181,7 +180,7 @@ def test_twelve_stations_the_header_names_those_that_need_someone_and_stays_in_s
 @pytest.mark.broker
 @needs_chromium
 def test_a_station_whose_clock_is_minutes_off_says_so_and_is_not_taken_for_silent(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """The times a card shows (a run's start and last update, telemetry's read_at) are the
     station's clock's: a station ten minutes behind read "last update 10:02" at 10:12, a run that
@@ -215,7 +214,7 @@ def test_a_station_whose_clock_is_minutes_off_says_so_and_is_not_taken_for_silen
 @pytest.mark.broker
 @needs_chromium
 def test_on_a_narrow_screen_a_cards_panels_stack_and_no_text_runs_into_another(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """A tablet held upright, or a browser window beside another: the card kept its three panels
     side by side at any width, and at 500 px the morphology table's grades ran over the telemetry
@@ -261,7 +260,7 @@ def _line(driver: Any, station: str) -> str:
 @pytest.mark.broker
 @needs_chromium
 def test_a_station_back_online_is_asked_for_its_earlier_runs_once(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """A station restored (its retained status offline, then online again: restarted, or put back
     from a backup with other runs) was not asked for its earlier runs: the card's list stayed the
@@ -299,7 +298,7 @@ def test_a_station_back_online_is_asked_for_its_earlier_runs_once(
 @pytest.mark.broker
 @needs_chromium
 def test_a_cleared_run_state_takes_the_current_run_away_and_keeps_the_earlier_runs(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """A station's retained run state cleared (an empty retained message) took the card's current
     run away and with it the earlier run picked from the list, and left the list without the run
@@ -334,7 +333,7 @@ def test_a_cleared_run_state_takes_the_current_run_away_and_keeps_the_earlier_ru
 @pytest.mark.broker
 @needs_chromium
 def test_a_button_reached_with_the_keyboard_is_never_under_the_sticky_header(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """Shift+Tab up a long page (eight cards in a 800x700 window) scrolled each control it reached
     to the top edge of the window, under the sticky header: a technician working with the keyboard

@@ -21,7 +21,6 @@ from test_dashboard import (
     _status,
     _wait,
     needs_chromium,
-    ws_broker,  # noqa: F401 (the fixture)
 )
 
 from smearscope.service.analysis.morphology import GRADED
@@ -75,7 +74,7 @@ return out;
 @pytest.mark.broker
 @needs_chromium
 def test_the_page_on_a_tablet_fits_its_screen_reads_at_aa_contrast_and_names_each_run_form(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     import cv2
     import numpy as np
