@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 from realdata import DATA, needs_models
-from test_dashboard import needs_chromium, ws_broker  # noqa: F401 (the fixture)
+from test_dashboard import needs_chromium
 from test_fhir import validate
 from test_station_means import _fields
 from test_typed_cells import _config_text, _station
@@ -116,6 +116,15 @@ def test_a_verified_reports_bundle_is_final_and_signed(run):
                if e["resource"]["resourceType"] == "Observation")
 
 
+def _a_white_cell_typed_anew(run) -> tuple[str, int, str]:
+    """The first classified white cell of the run's third field: the field, its index in that field's report,
+    and a class the analyzer did not give it (basophil, or eosinophil for a basophil)."""
+    third = run.field_ids[2]
+    in_field = [r for r in run.records if r.field_id == third]
+    k = next(k for k, r in enumerate(in_field) if r.kind == "wbc" and r.label is not None)
+    return third, k, "basophil" if in_field[k].label != "basophil" else "eosinophil"
+
+
 def _results(bundle) -> dict[str, dict]:
     """The bundle's Observations by their result identifier (each has one, none shared)."""
     out = {}
@@ -134,10 +143,7 @@ def test_a_verified_and_an_amended_report_update_the_preliminary_results_never_a
     identifier of the same result in the run's preliminary report, so a FHIR server updating on it (a
     conditional PUT, as the DiagnosticReport on the run id) keeps one neutrophil share per run, now final:
     not the preliminary one beside the verified one. The run's flags keep theirs by code, whatever their place."""
-    third = run.field_ids[2]
-    in_field = [r for r in run.records if r.field_id == third]
-    k = next(k for k, r in enumerate(in_field) if r.kind == "wbc" and r.label is not None)
-    new = "basophil" if in_field[k].label != "basophil" else "eosinophil"
+    third, k, new = _a_white_cell_typed_anew(run)
     typed_run, changed, typed = run.verified({(third, k): ("wbc", new)})
     preliminary = run.report(station_id="s1", now=2.0, end_reason="stopped")
     verified = typed_run.report(station_id="s1", now=3.0, end_reason="stopped")
@@ -168,10 +174,7 @@ def test_a_verified_and_an_amended_report_update_the_preliminary_results_never_a
 
 
 def test_a_verified_bundles_conclusion_counts_one_typed_cell_in_the_singular(run):
-    third = run.field_ids[2]
-    in_field = [r for r in run.records if r.field_id == third]
-    k = next(k for k, r in enumerate(in_field) if r.kind == "wbc" and r.label is not None)
-    new = "basophil" if in_field[k].label != "basophil" else "eosinophil"
+    third, k, new = _a_white_cell_typed_anew(run)
     _, changed, typed = run.verified({(third, k): ("wbc", new)})
     report = run.report(station_id="s1", now=2.0, end_reason="stopped")
     verified = report.model_copy(update={"verification": Verification(
@@ -898,7 +901,7 @@ def test_a_signed_report_waiting_to_be_stored_keeps_its_run_among_the_last_close
 @pytest.mark.broker
 @needs_chromium
 def test_a_run_signed_after_a_run_that_ended_without_a_field_shows_its_verified_counts_on_a_page_opened_after(
-    station, tmp_path, ws_broker,  # noqa: F811
+    station, tmp_path, ws_broker,
 ):
     """A run that opened by itself and ended with no field was never said to anyone: the broker's
     retained run state is still the run before it. That run signed then kept its preliminary state
