@@ -39,6 +39,7 @@ from smearscope.service.archive.store import ArchiveStore, OutsideArchive, Store
 from smearscope.service.config.archive import ArchiveConfig
 from smearscope.service.hl7 import mllp
 from smearscope.service.mqtt.failure_news import RESAY_S, FailureNews, said_length
+from smearscope.service.mqtt.network_thread import NetworkThreadWatch
 from smearscope.service.mqtt.paho_client import LOGIN_REFUSED, configured_client, paho_log_level
 from smearscope.service.mqtt.take_over import SHORT_LIVED_S, TakeOverWatch, taken_over_message
 
@@ -94,6 +95,8 @@ class ArchiveDaemon:
         self._connected = False
         #: another archive under this client id: said once, and this one leaves the session to it
         self._take_over = TakeOverWatch()
+        #: paho's network thread (reads, acknowledges, reconnects), started again should it end unasked
+        self._network = NetworkThreadWatch("the archive reconnects and the broker sends it what its session kept")
         #: the broker out of reach: said once per outage, again at most every RESAY_S (the station's rule)
         self._failure_news = FailureNews()
         self._refused_last = False  # the last failure a refusal (the broker reachable), not out of reach
@@ -244,6 +247,7 @@ class ArchiveDaemon:
         try:
             while not self._stop.is_set():
                 self._check_take_over_ended()
+                self._network.ensure_running(self.client, self._stop.is_set())
                 try:
                     item = self._incoming.get(timeout=0.5)
                 except queue.Empty:

@@ -1,10 +1,11 @@
-"""paho's network thread, watched: started again should it end while the publisher runs.
+"""paho's network thread, watched: started again should it end while the publisher (or the archive) runs.
 
 That thread reads the broker's acknowledgements and makes every reconnect. Whatever ends it (a
 BaseException from a callback, which `suppress_exceptions` does not catch, or an error paho does not
 catch, e.g. one raised in its reconnect wait), the station would otherwise analyse on with its
-reports piling up in the outbox and never reconnect. The drain loop calls `ensure_running` each
-tick (at most half a second), so a dead thread is replaced within one.
+reports piling up in the outbox and never reconnect (the archive, never store another report). The
+publisher's drain loop and the archive's storer call `ensure_running` each tick (at most half a
+second), so a dead thread is replaced within one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ QUIET_S = 60.0
 class NetworkThreadWatch:
     """Starts paho's network thread (`loop_start`) again when it has ended unasked; ERROR once."""
 
-    def __init__(self) -> None:
+    def __init__(self, then: str = "the station reconnects and sends what the outbox holds") -> None:
+        self.then = then  # what follows the restart, for the ERROR line
         self.restarts = 0  # network threads started again by this watch
         self._restarted_at: float | None = None
         self._quiet_deaths = 0
@@ -44,8 +46,8 @@ class NetworkThreadWatch:
             logger.debug("MQTT network thread ended again (%d times since the last report); starting it again",
                          self._quiet_deaths)
         else:
-            logger.error("MQTT network thread ended unexpectedly (%d quick ends before); starting it again: "
-                         "the station reconnects and sends what the outbox holds", self._quiet_deaths)
+            logger.error("MQTT network thread ended unexpectedly (%d quick ends before); starting it again: %s",
+                         self._quiet_deaths, self.then)
             self._quiet_deaths = 0
         # the same client: paho keeps its queue, its socket (if still open) and its reconnect state
         if client.loop_start() != mqtt.MQTT_ERR_SUCCESS:

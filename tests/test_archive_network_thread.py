@@ -1,0 +1,74 @@
+"""paho's network thread ending under `smearscope archive` (service.mqtt.network_thread, watched by the
+storer): it is started again, the archive reconnects and stores the next report. Real mosquitto."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from broker import MQTT_USERS, MosquittoBroker, wait_until
+from test_archive import SPECIMEN, STATION, a_report, envelope_of, indexed, raw_client
+
+from smearscope.service.archive.daemon import ArchiveDaemon
+from smearscope.service.archive.query import find
+from smearscope.service.config.archive import ArchiveConfig
+from smearscope.service.config.mqtt import MqttConfig
+
+pytestmark = [pytest.mark.broker, pytest.mark.faults,
+              # the SystemExit that ends paho's thread here on purpose, which pytest reports
+              pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")]
+
+SAID = "MQTT network thread ended unexpectedly"
+
+
+def end_once(client: mqtt.Client, name: str) -> None:
+    """The client's `name` (a method paho's thread calls) raises SystemExit the first time: the thread
+    ends silently (threading lets a SystemExit end a thread; paho's suppress_exceptions does not catch it)."""
+    real = getattr(client, name)
+
+    def ending(*args: object, **kwargs: object) -> object:
+        setattr(client, name, real)
+        raise SystemExit(f"{name} interrupted")
+
+    setattr(client, name, ending)
+
+
+def test_the_archives_network_thread_ended_in_its_reconnect_wait_is_started_again_and_the_next_report_stored(
+        tmp_path: Path, persistent_broker: MosquittoBroker, caplog: pytest.LogCaptureFixture) -> None:
+    """The broker stops and paho's reconnect wait raises: its thread, which makes every reconnect, ends.
+    The storer starts it again; once the broker is back the archive reconnects and stores the report
+    published then (the check undone: it never reconnected and the report stayed on the broker)."""
+    directory = tmp_path / "archive"
+    config = ArchiveConfig(mqtt=MqttConfig(host="127.0.0.1", port=persistent_broker.port, username="observer",
+                                           client_id="archive-thread", reconnect_min_delay_s=1,
+                                           reconnect_max_delay_s=2), directory=directory)
+    caplog.set_level(logging.INFO)
+    daemon = ArchiveDaemon(config, MQTT_USERS["observer"])
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        assert wait_until(lambda: daemon._connected, 30), caplog.text
+        with raw_client(persistent_broker.port) as client:
+            client.publish(f"smearscope/{STATION}/report", envelope_of(a_report("run-1", SPECIMEN, 1_796_000_000.0)),
+                           qos=1).wait_for_publish(10)
+        assert wait_until(lambda: indexed(directory) == 1, 30), caplog.text
+        end_once(daemon.client, "_reconnect_wait")
+        persistent_broker.stop()  # SIGTERM: the archive's session saved
+        # the broker back once the thread has ended and been started again (a storer's tick later)
+        wait_until(lambda: daemon._network.restarts == 1, 15)
+        persistent_broker.start()
+        with raw_client(persistent_broker.port) as client:
+            client.publish(f"smearscope/{STATION}/report", envelope_of(a_report("run-2", SPECIMEN, 1_796_100_000.0)),
+                           qos=1).wait_for_publish(10)
+        assert wait_until(lambda: indexed(directory) == 2, 30), caplog.text
+        assert {entry.run_id for entry in find(directory)} == {"run-1", "run-2"}
+        assert daemon._network.restarts == 1
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and SAID in r.getMessage()]
+        assert len(said) == 1 and "the archive reconnects" in said[0], said
+    finally:
+        daemon.stop()
+        runner.join(30)
+    assert not runner.is_alive()
