@@ -773,6 +773,30 @@ def test_the_summary_says_a_red_cell_finding_too_few_for_a_tenth_of_a_percent_as
     assert "0.0%" not in line, line
 
 
+def test_the_summary_says_a_share_of_all_but_some_cells_as_more_than_99_9_and_nrbc_under_a_tenth_as_such():
+    """9999 normal red cells of 10 000 printed 'normal 100.0%' beside 'target <0.1% (1 cell)', 19 999 lymphocytes
+    of 20 000 white cells 'lymphocyte 19999 (100.0%' and 1 NRBC among them '(0.0 per 100 WBC)'. They now read
+    '>99.9%', as FHIR and HL7 send them ('> 99.9'), and '<0.1 per 100 WBC'; every cell of a type reads 100.0%."""
+    from collections import Counter
+
+    from test_fhir import graded_report
+
+    from smearscope.cli.summary import summarize
+    from smearscope.service.analysis.aggregate import share_rows
+    from smearscope.service.analysis.report import Counts, ScaleInfo
+
+    report = graded_report().model_copy(update={
+        "counts": Counts(rbc=10000, wbc=20000, platelet=80, nrbc=1), "nrbc_per_100_wbc": 0.01,
+        "scale": ScaleInfo(microns_per_pixel=0.1, method="given", canonical_microns_per_pixel=0.1),
+        "wbc_differential": share_rows(Counter(lymphocyte=19999, neutrophil=1)),
+        "rbc_morphology": share_rows(Counter(normal=9999, target=1))})
+    text = summarize(report)
+    assert "NRBC 1 (<0.1 per 100 WBC)" in text and "lymphocyte 19999 (>99.9%, 95% CI" in text, text
+    assert "RBC: normal >99.9%, target <0.1% (1 cell)" in text and "100.0%" not in text, text
+    every = report.model_copy(update={"rbc_morphology": share_rows(Counter(normal=10000, target=0))})
+    assert "RBC: normal 100.0%" in summarize(every)
+
+
 def test_the_summary_says_rows_not_shown_under_a_tenth_of_a_percent_together_as_such():
     """Past six findings the RBC line counts the rows it leaves out with their share together: two
     of 1 and 2 cells in 8000 red cells read '2 more rows not shown (0.0% together ...)', rows some

@@ -265,6 +265,50 @@ def test_shares_intervals_and_nrbc_read_to_one_decimal_on_screen_and_on_paper(
 
 @pytest.mark.broker
 @needs_chromium
+def test_a_share_of_all_but_some_cells_reads_more_than_99_9_and_nrbc_under_a_tenth_less_than_0_1(
+    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+) -> None:
+    """2499 lymphocytes of 2500 white cells (99.96 %) read "100.0", every white cell a lymphocyte beside a
+    neutrophil counted; 1 NRBC among them (0.04 per 100 WBC) read "0.0 per 100 WBC" beside "NRBC 1". They
+    now read ">99.9" and "<0.1 per 100 WBC", on the screen and on paper, as FHIR, HL7 and analyze send and
+    print them (service.fhir.report_view.share_read); a share of every cell (10 000 of 10 000 red cells
+    normal) still reads 100.0."""
+    from collections import Counter
+
+    from selenium.webdriver.common.by import By
+
+    from smearscope.service.analysis.aggregate import share_rows
+    from smearscope.service.analysis.report import Counts
+
+    report = _specimen("ward-l", "run-l", [], time.time()).model_copy(update={
+        "counts": Counts(rbc=10000, wbc=2500, platelet=300, nrbc=1), "nrbc_per_100_wbc": 0.04,
+        "wbc_differential": share_rows(Counter(lymphocyte=2499, neutrophil=1)),
+        "rbc_morphology": share_rows(Counter(normal=10000, target=0))})
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        send("smearscope/ward-l/run", json.dumps(_closed_run_state(report)))
+        driver.get(url)
+        card = "[data-station='ward-l']"
+        _wait("the run", lambda: driver.find_elements(By.CSS_SELECTOR, f"{card}[data-run-id='run-l']"), 20, [log])
+
+        def shown() -> dict[str, list[str] | str]:
+            rows = {t: driver.execute_script(
+                "return [...document.querySelectorAll(arguments[0])].map((r) => r.cells[2].innerText.trim())",
+                f"{card} table.{t} tbody tr") for t in ("differential", "morphology")}
+            return {**rows, "counts": driver.find_element(By.CSS_SELECTOR, f"{card} .counts").text}
+
+        want = {"differential": [">99.9", "<0.1"], "morphology": ["100.0", "0.0"],
+                "counts": "RBC 10000 · WBC 2500 · platelets 300 · NRBC 1 (<0.1 per 100 WBC)"}
+        assert f"{report.wbc_differential[0].percent:.1f}" == "100.0"  # what one decimal alone says
+        assert shown() == want, shown()
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+        try:
+            assert shown() == want, shown()
+        finally:
+            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+
+
+@pytest.mark.broker
+@needs_chromium
 def test_the_scales_source_and_the_red_cells_size_are_on_screen_and_on_paper(
     tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:

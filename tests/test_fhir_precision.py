@@ -79,3 +79,39 @@ def test_a_share_of_some_cell_under_a_tenth_of_a_percent_is_sent_as_less_than_0_
     group = next(r[4] for r in rows if r[3].startswith("800-3^"))
     (percent,) = [r for r in rows if r[4] == group and r[3].startswith("percent^")]
     assert (percent[2], percent[5], percent[6]) == ("SN", "<^0.1", "%^%^UCUM")
+
+
+def test_a_share_of_all_but_some_cells_is_sent_as_more_than_99_9_not_100() -> None:
+    """19 999 lymphocytes of 20 000 white cells: the report keeps 100.0 (99.995 at two decimals) and 9999 target
+    cells of 10 000 red cells 99.99, each of which one decimal reads 100.0, every cell of that type, beside a
+    neutrophil and a red cell of another shape counted. Sent as "> 99.9 %" (FHIR's comparator) and SN ">^99.9"
+    in HL7, the mirror of "< 0.1"; a share of every cell (2500 of 2500) stays 100.0."""
+    from collections import Counter
+
+    from smearscope.service.analysis.aggregate import share_rows
+
+    base = graded_report()
+    report = base.model_copy(update={
+        "counts": Counts(rbc=10000, wbc=20000, platelet=80), "nrbc_per_100_wbc": None,
+        "wbc_differential": share_rows(Counter(lymphocyte=19999, neutrophil=1)),
+        "rbc_morphology": share_rows(Counter(target=9999, schistocyte=1))})
+    assert report.wbc_differential[0].percent == 100.0  # only the count tells it from every cell
+    bundle = report_bundle(report)
+    validate(bundle)
+    lymph = by_code(bundle, codes.LOINC, "736-9")["valueQuantity"]
+    assert (lymph["comparator"], lymph["value"]) == (">", 99.9)
+    target = component(by_code(bundle, codes.LOINC, "10381-2"), "percent")["valueQuantity"]
+    assert (target["comparator"], target["value"]) == (">", 99.9)
+    message = oru_r01(report)
+    parsed(message)
+    rows = segments(message, "OBX")
+    assert [(r[2], r[5], r[6]) for r in rows if r[3].startswith("736-9^")] == [("SN", ">^99.9", "%^%^UCUM")]
+    group = next(r[4] for r in rows if r[3].startswith("10381-2^"))
+    (percent,) = [r for r in rows if r[4] == group and r[3].startswith("percent^")]
+    assert (percent[2], percent[5], percent[6]) == ("SN", ">^99.9", "%^%^UCUM")
+
+    every = base.model_copy(update={"counts": Counts(rbc=10000, wbc=2500, platelet=80), "nrbc_per_100_wbc": None,
+                                    "wbc_differential": share_rows(Counter(lymphocyte=2500, neutrophil=0))})
+    lymph = by_code(report_bundle(every), codes.LOINC, "736-9")["valueQuantity"]
+    assert lymph["value"] == 100.0 and "comparator" not in lymph
+    assert [(r[2], r[5]) for r in segments(oru_r01(every), "OBX") if r[3].startswith("736-9^")] == [("NM", "100")]

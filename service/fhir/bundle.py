@@ -55,22 +55,20 @@ def _concept(*found: Code | None, text: str | None = None) -> dict[str, Any]:
 #: precision, so 10.53 % of 19 red cells or a diameter of 8.156 um (a pixel is about 0.1 um) would claim one the
 #: count does not have, and a chart would show other figures than the page the technician signed.
 DECIMALS = 1
-#: The least share one decimal can say: some cell's share under it is sent as "< 0.1" (FHIR's comparator).
-LEAST = 10.0 ** -DECIMALS
-
-
 def _read(value: float) -> float:
     """A value as the report's readers print it (Python's formatting: 96.25 reads 96.2, as runview.js tenth())."""
     return float(f"{value:.{DECIMALS}f}")
 
 
-def _quantity(value: float, unit: str, code: str, count: int | None = None) -> dict[str, Any]:
-    """A Quantity at the precision sent; a share of `count` cells (none: not a share of cells, or an interval's
-    bound, a SimpleQuantity) that reads 0 with some cell counted is "< 0.1": 0 would read as none seen."""
-    shown = _read(value)
-    if count and shown == 0:
-        return {"value": LEAST, "comparator": "<", "unit": unit, "system": codes.UCUM, "code": code}
-    return {"value": shown, "unit": unit, "system": codes.UCUM, "code": code}
+def _quantity(value: float, unit: str, code: str, count: int | None = None, of: int | None = None) -> dict[str, Any]:
+    """A Quantity at the precision sent; a share of `count` cells of `of` (none: not a share of cells, or an
+    interval's bound, a SimpleQuantity) as report_view.share_read() reads it: one that reads 0 with some cell
+    counted is "< 0.1" (0 would read as none seen), one that reads 100 with not every cell "> 99.9"."""
+    if count is None:
+        return {"value": _read(value), "unit": unit, "system": codes.UCUM, "code": code}
+    comparator, shown = report_view.share_read(value, count, of)
+    return {"value": shown, **({"comparator": comparator} if comparator else {}),
+            "unit": unit, "system": codes.UCUM, "code": code}
 
 
 def _component(code: str, **value: Any) -> dict[str, Any]:
@@ -308,6 +306,7 @@ def _few_cells(report: Report, code: str) -> dict[str, Any]:
 def _differential(b: _Builder) -> None:
     r = b.report
     total = r.counts.wbc
+    of = report_view.differential_of(r)
     few = _few_cells(r, "too_few_wbc_for_differential")
     for share in r.wbc_differential:
         loinc = codes.WBC_LOINC.get(share.label)
@@ -316,7 +315,7 @@ def _differential(b: _Builder) -> None:
         local = codes.local("wbc-unidentified") if share.label == _UNIDENTIFIED else \
             codes.local(share.label, codes.LOCAL_WBC_CLASS, share.label)
         b.observation(f"wbc/{share.label}", _concept(loinc, local),
-                      valueQuantity=_quantity(share.percent, "%", "%", share.count),
+                      valueQuantity=_quantity(share.percent, "%", "%", share.count, of),
                       component=_share_components(share, total), **few)
     nrbc = report_view.nrbc_per_100_wbc(r)
     if nrbc is not None:
@@ -348,8 +347,9 @@ def _morphology(b: _Builder) -> None:
             local = codes.local("rbc-other-poikilocyte")
         else:
             local = codes.local(share.label, codes.LOCAL_RBC_MORPHOLOGY, share.label)
-        components = [_component("percent", valueQuantity=_quantity(share.percent, "%", "%", share.count)),
-                      *_share_components(share, share.of_cells or r.counts.rbc)]  # of_cells: a mixed run's sizes
+        of = share.of_cells or r.counts.rbc  # of_cells: a mixed run's sizes
+        components = [_component("percent", valueQuantity=_quantity(share.percent, "%", "%", share.count, of)),
+                      *_share_components(share, of)]  # of_cells: a mixed run's sizes
         grade = report_view.grade(share)
         interval = report_view.grade_interval(share)
         grade_components = [_component("grade-ci95", valueString=f"{interval[0]} to {interval[1]}")] \
@@ -364,7 +364,7 @@ def _morphology(b: _Builder) -> None:
                           dataAbsentReason=_concept(*codes.absent(why)))
             continue
         value: dict[str, Any] = ({"valueCodeableConcept": _concept(codes.grade(grade))} if grade
-                                 else {"valueQuantity": _quantity(share.percent, "%", "%", share.count)})
+                                 else {"valueQuantity": _quantity(share.percent, "%", "%", share.count, of)})
         # LOINC's [Presence] terms are ordinal: a finding not graded keeps its share under its local code alone
         b.observation(f"rbc/{share.label}", _concept(loinc if grade else None, local), **value,
                       component=components + grade_components, **few)

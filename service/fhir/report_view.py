@@ -127,6 +127,31 @@ def rbc_grades(report: Report) -> dict[str, str]:
     return out
 
 
+def share_read(percent: float, count: int, of: int | None = None) -> tuple[str, float]:
+    """A share of `count` cells of `of` as every view reads and sends it, at one decimal: ("", value), or where one
+    decimal would say none or all, ("<", 0.1) for some cell's share that reads 0.0 and (">", 99.9) for one that
+    reads 100.0 with not every cell of that type (9999 of 10 000). `of` None (NRBC per 100 white cells, which may
+    pass 100): the first alone. runview.js shareText() reads them the same."""
+    value = float(f"{percent:.1f}")
+    if count and value == 0:
+        return "<", 0.1
+    if of is not None and count < of and value >= 100:
+        return ">", 99.9
+    return "", value
+
+
+def differential_of(report: Report) -> int:
+    """The white cells the differential's shares are of: its rows' counts together (a report from before NRBC were
+    counted apart has them among its rows), which share_read() needs to tell 19 999 of 20 000 from every cell."""
+    return sum(s.count for s in report.wbc_differential)
+
+
+def share_text(percent: float, count: int, of: int | None = None) -> str:
+    """share_read() as printed: '53.6', '<0.1', '>99.9'."""
+    comparator, value = share_read(percent, count, of)
+    return f"{comparator}{value:.1f}"
+
+
 def interval_shown(low: float, high: float) -> tuple[float, float]:
     """A 95 % interval's bounds as every view reads them, at one decimal rounded outward (the lower down, the upper
     up): 0 of 10 000 red cells (0 to 0.04 %) reads 0.0 to 0.1, never 0.0 to 0.0, a certainty the count lacks.

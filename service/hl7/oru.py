@@ -140,7 +140,7 @@ def _value(element: dict[str, Any]) -> tuple[str, str, str]:
     """(OBX-2, OBX-5, OBX-6) of an Observation or component: ("", "", "") when it has no value."""
     if "valueQuantity" in element:
         q = element["valueQuantity"]
-        if "comparator" in q:  # "< 0.1": some cell's share under what one decimal says, as SN "<^0.1"
+        if "comparator" in q:  # "< 0.1" / "> 99.9": a share one decimal would read as none or all, SN "<^0.1" / ">^99.9"
             return "SN", components(text(q["comparator"]), number(q["value"])), _units(q)
         return "NM", number(q["value"]), _units(q)
     if "valueInteger" in element:

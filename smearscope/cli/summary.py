@@ -46,13 +46,14 @@ def _unassessed_line(report: Report, rows: list[ClassShare], doubted: bool) -> s
             "left out of the shares above)")
 
 
-def _percent_text(share: ClassShare) -> str:
-    """A share to one decimal; one some cell was given that rounds to 0.0 says it is under a tenth of a
-    percent and of how many cells, where '0.0%' would read as none seen."""
-    text = f"{share.percent:.1f}%"
-    if share.count and text == "0.0%":
+def _percent_text(share: ClassShare, of: int) -> str:
+    """A share of `of` cells to one decimal (report_view.share_text); one some cell was given that rounds to 0.0
+    says it is under a tenth of a percent and of how many cells, where '0.0%' would read as none seen; one that
+    rounds to 100.0 with not every cell of that type reads '>99.9%'."""
+    text = report_view.share_text(share.percent, share.count, of)
+    if text == "<0.1":
         return f"<0.1% ({share.count} cell{'s' if share.count > 1 else ''})"
-    return text
+    return text + "%"
 
 
 def _interval_text(share: ClassShare) -> str:
@@ -84,7 +85,7 @@ def summarize(report: Report) -> str:
     r = report
     # nucleated red cells, counted apart from the white cells (a report from before that has no per 100 WBC,
     # nor has a field of no white cell: its NRBC are still said)
-    nrbc = (f"NRBC {r.counts.nrbc} ({r.nrbc_per_100_wbc:.1f} per 100 WBC), " if r.nrbc_per_100_wbc is not None
+    nrbc = (f"NRBC {r.counts.nrbc} ({report_view.share_text(r.nrbc_per_100_wbc, r.counts.nrbc)} per 100 WBC), " if r.nrbc_per_100_wbc is not None
             else f"NRBC {r.counts.nrbc} (no white cell to count them per 100), " if r.counts.nrbc else "")
     lines = [
         f"field {r.source.frame_id if r.source else r.report_id}: RBC {r.counts.rbc}, WBC {r.counts.wbc}, "
@@ -93,7 +94,8 @@ def summarize(report: Report) -> str:
         f"{r.timing_ms.get('total_ms', 0):.0f} ms)" if r.scale else f"report {r.report_id}",
     ]
     if r.wbc_differential:
-        lines.append("  WBC: " + ", ".join(f"{s.label} {s.count} ({s.percent:.1f}%{_interval_text(s)})"
+        of_wbc = report_view.differential_of(r)
+        lines.append("  WBC: " + ", ".join(f"{s.label} {s.count} ({report_view.share_text(s.percent, s.count, of_wbc)}%{_interval_text(s)})"
                                            for s in r.wbc_differential))
     doubted = report_view.calibration_in_doubt(r)  # a calibration in doubt: sizes not read
     rows = report_view.morphology_rows(r)  # every size-based class when sizes cannot be read
@@ -112,7 +114,7 @@ def summarize(report: Report) -> str:
     of = {s.label: f" of {s.of_cells} RBC" for s in shares if s.of_cells is not None and s.of_cells != base}
     if shown:
         notes = {**unsure, **graded}
-        line = "  RBC: " + ", ".join(f"{s.label} {_percent_text(s)}" + of.get(s.label, "")
+        line = "  RBC: " + ", ".join(f"{s.label} {_percent_text(s, s.of_cells or r.counts.rbc)}" + of.get(s.label, "")
                                      + (f" ({notes[s.label]})" if s.label in notes else "") for s in shown)
         # the rows left out, counted: the printed shares then sum to less than 100 % for a reason
         hidden = [s for s in shares if s not in shown]

@@ -25,11 +25,15 @@ function tenth(value) {
   return v.toFixed(1);
 }
 
-// A share of cells as read: tenth(), but some cell's share under what one decimal says is "<0.1", as FHIR
-// and HL7 send it and `smearscope analyze` prints it: "0.0" beside a count of 1 would read as none seen.
-function shareText(s) {
-  const shown = tenth(s.percent);
-  return s.count > 0 && shown === "0.0" ? "<0.1" : shown;
+// A share of `count` cells of `of` as read (service.fhir.report_view.share_read, as FHIR and HL7 send it and
+// `smearscope analyze` prints it): tenth(), but where one decimal would say none or all, some cell's share that
+// reads 0.0 is "<0.1" ("0.0" beside a count of 1 reads as none seen) and one that reads 100.0 with not every cell
+// of that type (9999 of 10 000) ">99.9". `of` absent (NRBC per 100 WBC, which may pass 100): the first alone.
+function shareText(percent, count, of) {
+  const shown = tenth(percent);
+  if (count > 0 && shown === "0.0") return "<0.1";
+  if (of != null && count < of && Number(shown) >= 100) return ">99.9";
+  return shown;
 }
 
 // A 95 % interval as read: its bounds to one decimal rounded outward, the lower down and the upper up
@@ -192,14 +196,15 @@ function renderRun(st) {
   st.node.querySelector(".counts").textContent = "RBC " + c.rbc + " · WBC " + c.wbc + " · platelets " + c.platelet +
     // none is a count too, where the report counted them (nrbc_per_100_wbc; an older report's has none)
     (c.nrbc || typeof r.nrbc_per_100_wbc === "number"
-     ? " · NRBC " + c.nrbc + (r.nrbc_per_100_wbc != null ? " (" + tenth(r.nrbc_per_100_wbc) + " per 100 WBC)" : "")
-     : among ? " · NRBC " + among + " (" + (others > 0 ? tenth(100 * among / others) + " per 100 WBC; " : "") +
+     ? " · NRBC " + c.nrbc + (r.nrbc_per_100_wbc != null ? " (" + shareText(r.nrbc_per_100_wbc, c.nrbc) + " per 100 WBC)" : "")
+     : among ? " · NRBC " + among + " (" + (others > 0 ? shareText(100 * among / others, among) + " per 100 WBC; " : "") +
        "this older report counts them among the " + c.wbc + " WBC)" : "");
+  const ofWbc = r.wbc_differential.reduce((n, s) => n + s.count, 0);  // report_view.differential_of: what its shares are of
   for (const s of r.wbc_differential) {
     const tr = el("tr");
     tr.dataset.label = s.label;
     tr.append(el("td", "label", s.label + (s.label === NRBC_LABEL ? " (NRBC, not a white cell)" : "")),
-              el("td", "count", String(s.count)), el("td", "percent", shareText(s)));
+              el("td", "count", String(s.count)), el("td", "percent", shareText(s.percent, s.count, ofWbc)));
     const hasCi = s.ci95_low !== null && s.ci95_high !== null;
     tr.append(el("td", "ci95", hasCi ? intervalText(s.ci95_low, s.ci95_high) : "–"));
     const cell = el("td", "bar"), ci = el("div", "ci"), point = el("div", "point"), interval = el("div", "interval");
@@ -243,7 +248,7 @@ function renderRun(st) {
     // of its calibrated fields' red cells, every row of its sharp fields' when some were blurred) says so
     const of = s.of_cells != null && s.of_cells !== c.rbc ? " of " + s.of_cells + " RBC" : "";
     tr.append(el("td", "label", s.label), el("td", "count", off ? "–" : String(s.count)),
-              el("td", "percent", off ? "–" : shareText(s) + of),
+              el("td", "percent", off ? "–" : shareText(s.percent, s.count, s.of_cells || c.rbc) + of),
               el("td", "grade", shown(grade) + (spans ? " (" + shown(s.grade_ci_low) + " to " +
                                                  shown(s.grade_ci_high) + ")" : "") + sure));
     morph.append(tr);
