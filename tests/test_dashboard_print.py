@@ -266,7 +266,7 @@ def test_shares_intervals_and_nrbc_read_to_one_decimal_on_screen_and_on_paper(
 @pytest.mark.broker
 @needs_chromium
 def test_a_share_of_all_but_some_cells_reads_more_than_99_9_and_nrbc_under_a_tenth_less_than_0_1(
-    tmp_path: Path, ws_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path, ws_broker: MosquittoBroker,
 ) -> None:
     """2499 lymphocytes of 2500 white cells (99.96 %) read "100.0", every white cell a lymphocyte beside a
     neutrophil counted; 1 NRBC among them (0.04 per 100 WBC) read "0.0 per 100 WBC" beside "NRBC 1". They
