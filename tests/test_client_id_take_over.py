@@ -82,22 +82,31 @@ def test_two_stations_under_one_client_id_stop_throwing_each_other_off(
     assert (how in said[0] and "tries again in 60 s" in said[0]
             and "a second station with this station_id: a cloned config or SD card" in said[0]
             and "Give each station its own station_id" in said[0]), said[0]
+    # short connections alone (3.1.1) are what a broker restarted again and again gives too: both named
+    assert ("or that broker restarting again and again" in said[0]) == (protocol == "3.1.1"), said[0]
+    assert ("leaves the connection to the other and" in said[0]) == (protocol == "5"), said[0]
 
 
+@pytest.mark.parametrize(("protocol", "gone"), [
+    ("5", "the other client is gone"),
+    ("3.1.1", "the other client is gone, or the broker has stopped restarting"),
+])
 def test_a_station_that_stepped_back_takes_its_client_id_back_once_the_other_is_gone(
     broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path,
     started: list[MqttPublisher], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    protocol: str, gone: str,
 ) -> None:
     """The other station stopped (the cloned board switched off, the old process ended): the one
     that stepped back connects at its next try, keeps the connection, says at INFO that the client
-    id is its own again, and its reports, kept in its outbox meanwhile, arrive. Pauses shortened
-    to 2 to 4 s so the test need not wait a minute."""
+    id is its own again, and its reports, kept in its outbox meanwhile, arrive. Over MQTT 3.1.1 the
+    take-over was told by short connections alone, which a broker restarting again and again gives
+    too: the INFO names both. Pauses shortened to 2 to 4 s so the test need not wait a minute."""
     monkeypatch.setattr(take_over, "PAUSE_S", 2)
     monkeypatch.setattr(take_over, "PAUSE_MAX_S", 4)
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        first = start_publisher(make_config(tmp_path / "a", broker.port), started)
+        first = start_publisher(make_config(tmp_path / "a", broker.port, protocol=protocol), started)
         assert first.wait_until_connected(5)
-        second = start_publisher(make_config(tmp_path / "b", broker.port), started)
+        second = start_publisher(make_config(tmp_path / "b", broker.port, protocol=protocol), started)
         assert wait_until(lambda: _said(caplog), 40)
         stepped_back = first if first.state.status == "taken_over" else second
         holder = second if stepped_back is first else first
@@ -107,6 +116,8 @@ def test_a_station_that_stepped_back_takes_its_client_id_back_once_the_other_is_
         assert wait_until(lambda: any(again in r.getMessage() for r in caplog.records), 20), stepped_back.state
         assert stepped_back.state.connected
         assert _arrived(observer, "spec-waited")
+    info = [r.getMessage() for r in caplog.records if again in r.getMessage()]
+    assert len(info) == 1 and info[0].endswith(f"has lasted 5 s, {gone}"), info
     assert len(_said(caplog)) == 1
 
 

@@ -41,7 +41,12 @@ from smearscope.service.hl7 import mllp
 from smearscope.service.mqtt.failure_news import RESAY_S, FailureNews, said_length
 from smearscope.service.mqtt.network_thread import NetworkThreadWatch
 from smearscope.service.mqtt.paho_client import LOGIN_REFUSED, configured_client, paho_log_level
-from smearscope.service.mqtt.take_over import SHORT_LIVED_S, TakeOverWatch, taken_over_message
+from smearscope.service.mqtt.take_over import (
+    SHORT_LIVED_S,
+    TakeOverWatch,
+    held_again,
+    taken_over_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +198,8 @@ class ArchiveDaemon:
         if self._connected and self._take_over.held():
             self.client.reconnect_delay_set(self.config.mqtt.reconnect_min_delay_s,
                                             self.config.mqtt.reconnect_max_delay_s)
-            logger.info("client id %r is this archive's again on broker %s: its connection has lasted %g s, the "
-                        "other client is gone", self.client_id, self.config.mqtt.address, SHORT_LIVED_S)
+            logger.info("client id %r is this archive's again on broker %s: its connection has lasted %g s, %s",
+                        self.client_id, self.config.mqtt.address, SHORT_LIVED_S, held_again(self._take_over.by_count))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         # The Receive Maximum bounds what waits here at QoS 1; a QoS 0 message (no station publishes

@@ -33,7 +33,12 @@ from smearscope.service.mqtt.failure_news import FailureNews
 from smearscope.service.mqtt.inflight import InFlight
 from smearscope.service.mqtt.run_watch import RunStateWatch
 from smearscope.service.mqtt.state import PublisherState
-from smearscope.service.mqtt.take_over import SHORT_LIVED_S, TakeOverWatch, taken_over_message
+from smearscope.service.mqtt.take_over import (
+    SHORT_LIVED_S,
+    TakeOverWatch,
+    held_again,
+    taken_over_message,
+)
 from smearscope.service.mqtt.twin_watch import TwinWatch
 
 #: The publisher's logger: what its connection says is said, and filtered, as it was before these
@@ -254,8 +259,8 @@ class ConnectionEvents:
         if client is None or not self._take_over.held():
             return
         client.reconnect_delay_set(self.config.reconnect_min_delay_s, self.config.reconnect_max_delay_s)
-        logger.info("MQTT client id %r is this station's again on broker %s: its connection has lasted %g s, the "
-                    "other client is gone", self.client_id, self.config.address, SHORT_LIVED_S)
+        logger.info("MQTT client id %r is this station's again on broker %s: its connection has lasted %g s, %s",
+                    self.client_id, self.config.address, SHORT_LIVED_S, held_again(self._take_over.by_count))
 
     def _fall_back_to_311(self) -> None:
         """Asked for by a refused MQTT 5 CONNACK (protocol "auto"); run by the drain loop: the MQTT 5

@@ -60,6 +60,7 @@ class TakeOverWatch:
         self.short = 0  # connections in a row closed within SHORT_LIVED_S
         self.pause_s: int | None = None  # the pause now in force (a spell of take-overs), else None
         self.spells = 0  # take-overs said (one each spell)
+        self.by_count = False  # this spell was told by short connections alone: a broker restarting looks the same
 
     @property
     def taken_over(self) -> bool:
@@ -111,6 +112,8 @@ class TakeOverWatch:
             self.pause_s = None  # it held the connection, or lost it otherwise: a spell later is news again
             return Loss(False, False, self.short, None)
         said = self.pause_s is None
+        if said:
+            self.by_count = reason_code != SESSION_TAKEN_OVER and not witnessing
         self.pause_s = PAUSE_S if said else min(self.pause_s * 2, PAUSE_MAX_S)  # type: ignore[operator]
         self.spells += said
         return Loss(True, said, self.short, self.pause_s)
@@ -119,15 +122,26 @@ class TakeOverWatch:
 def taken_over_message(address: str, client_id: str, loss: Loss, reason_code: int | None, who: str,
                        holders: str) -> str:
     """The ERROR a take-over is said with: the broker, the client id, how it was told, the likely
-    other holders (`holders`) and the pause."""
+    other holders (`holders`) and the pause. Told by short connections alone (no 0x8E, no witness),
+    a broker restarted again and again looks the same: the sentence names both."""
     if reason_code == SESSION_TAKEN_OVER:
         how = f"the broker closed this {who}'s connection with reason 0x{SESSION_TAKEN_OVER:02X} (Session taken over)"
     elif loss.short >= SHORT_LIVED_SAID:
-        how = (f"the broker closed this {who}'s connection {loss.short} times in a row, each within "
-               f"{SHORT_LIVED_S:g} s of connecting")
+        return (f"MQTT client id {client_id!r} taken over on broker {address}, or that broker restarting again and "
+                f"again: the broker closed this {who}'s connection {loss.short} times in a row, each within "
+                f"{SHORT_LIVED_S:g} s of connecting, as it does when another client logs in with the same client id "
+                f"({holders}), and as a broker restarted that often does (the connections alone cannot tell them "
+                f"apart). This {who} leaves the connection to any other client and tries again in {loss.pause_s} s, "
+                f"then every {PAUSE_S} to {PAUSE_MAX_S} s while its connections are closed as quickly")
     else:
         how = (f"the broker closed this {who}'s connection within {SHORT_LIVED_S:g} s of connecting, and its "
                f"retained status at that connection was another process's")
     return (f"MQTT client id {client_id!r} taken over on broker {address}: {how}, as it does when another client "
             f"logs in with the same client id ({holders}). This {who} leaves the connection to the other and tries "
             f"again in {loss.pause_s} s, then every {PAUSE_S} to {PAUSE_MAX_S} s while the other holds it")
+
+
+def held_again(by_count: bool) -> str:
+    """Why a connection that lasts ends a spell, as the INFO says it: the other client is gone, or
+    (a spell told by short connections alone) the broker has stopped restarting."""
+    return "the other client is gone, or the broker has stopped restarting" if by_count else "the other client is gone"
