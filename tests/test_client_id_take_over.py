@@ -257,3 +257,34 @@ def test_an_archive_that_stepped_back_takes_the_session_back_once_the_other_is_g
         for runner in runners:
             runner.join(30)
     assert sum(said in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_holder_gone_during_the_pause_leaves_no_witness_of_a_second_take_over(
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path,
+    started: list[MqttPublisher], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MQTT 5: the station that stepped back finds, at its next try, the retained `offline` the
+    holder left when it stopped during the pause: another process's status, but published seconds
+    before this login (the broker's countdown of its Message Expiry Interval tells the age), so no
+    client was thrown off by it. A broker restart closing that connection within 5 s is an outage,
+    said as one, not a second take-over (before: state taken_over again, a further pause)."""
+    monkeypatch.setattr(take_over, "PAUSE_S", 6)
+    monkeypatch.setattr(take_over, "PAUSE_MAX_S", 6)
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        first = start_publisher(make_config(tmp_path / "a", broker.port), started)
+        assert first.wait_until_connected(5)
+        second = start_publisher(make_config(tmp_path / "b", broker.port), started)
+        assert wait_until(lambda: _said(caplog), 40)
+        stepped_back = first if first.state.status == "taken_over" else second
+        holder = second if stepped_back is first else first
+        holder.stop(drain_timeout=0)  # its `offline`, retained, some seconds before the next try
+        connects = stepped_back.state.connects
+        assert wait_until(lambda: stepped_back.state.connects > connects and stepped_back.state.connected, 20)
+        lost = "MQTT connection lost to broker"
+        before = sum(lost in r.getMessage() for r in caplog.records)
+        broker.restart()  # within 5 s of that connection
+        assert wait_until(lambda: sum(lost in r.getMessage() for r in caplog.records) > before
+                          or stepped_back.state.status == "taken_over", 10), stepped_back.state
+        assert stepped_back.state.status != "taken_over", stepped_back.state
+        assert wait_until(lambda: stepped_back.state.connected, 20), stepped_back.state
+    assert len(_said(caplog)) == 1

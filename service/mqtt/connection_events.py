@@ -35,6 +35,7 @@ from smearscope.service.mqtt.run_watch import RunStateWatch
 from smearscope.service.mqtt.state import PublisherState
 from smearscope.service.mqtt.take_over import (
     SHORT_LIVED_S,
+    WITNESS_AGE_S,
     TakeOverWatch,
     held_again,
     taken_over_message,
@@ -238,9 +239,9 @@ class ConnectionEvents:
     def _own_topic_heard(self, message: mqtt.MQTTMessage) -> None:
         """A message on the station's telemetry topic (its own samples, and another station's under its
         station id: service.mqtt.twin_watch) or status topic: the retained status its subscription
-        found at a reconnection (MQTT 5). Another process's (its `instance_id`), published since this
-        one's last connection, is a client that was connected under this station's client id until
-        this connection began (service.mqtt.take_over). At the first connection it is the previous
+        found at a reconnection (MQTT 5). Another process's (its `instance_id`), published at this
+        connection's login (WITNESS_AGE_S old at most, where the broker tells its age), is a client
+        that was connected under this station's client id until this connection began (service.mqtt.take_over). At the first connection it is the previous
         process's, a station restarted: not counted."""
         if message.topic == self.telemetry_topic:
             self.twins.sample(bytes(message.payload))
@@ -249,7 +250,9 @@ class ConnectionEvents:
         said = dict(getattr(properties, "UserProperty", None) or []).get("instance_id")
         with self._state_lock:
             connects = self._state.connects
-        if message.retain and said is not None and said != self.instance["instance_id"] and connects > 1:
+        age = paho_client.status_age_s(properties)  # a holder gone during a pause left one older
+        if (message.retain and said is not None and said != self.instance["instance_id"] and connects > 1
+                and (age is None or age <= WITNESS_AGE_S)):
             self._take_over.witness()
 
     def _check_take_over_ended(self) -> None:

@@ -103,13 +103,20 @@ def configured_client(config: MqttConfig, client_id: str, protocol: MQTTProtocol
     return client
 
 
+#: A status message's Message Expiry Interval (MQTT 5's longest, 136 years: never in practice).
+STATUS_EXPIRY_S = 2**32 - 1
+
+
 def instance_properties(packet_type: int, instance_id: str | None, protocol: MQTTProtocolVersion) -> Properties | None:
-    """MQTT 5 properties naming the process (user property `instance_id`) for its status messages;
-    None under 3.1.1 or without an instance id."""
+    """MQTT 5 properties naming the process (user property `instance_id`) for its status messages,
+    with the longest Message Expiry Interval, which the broker counts down from their publication so
+    a retained one tells its age (service.mqtt.take_over.status_age_s); None under 3.1.1 or without
+    an instance id."""
     if instance_id is None or protocol != MQTTProtocolVersion.MQTTv5:
         return None
     properties = Properties(packet_type)  # type: ignore[no-untyped-call]
     properties.UserProperty = [("instance_id", instance_id)]
+    properties.MessageExpiryInterval = STATUS_EXPIRY_S
     return properties
 
 
@@ -262,3 +269,10 @@ def publish_waiting(client: Callable[[], mqtt.Client], topic: str, body: str,
             logger.error("message to %s not published: %s", topic, info.rc)
             return False
         time.sleep(0.02)
+
+
+def status_age_s(properties: Properties | None) -> int | None:
+    """Seconds since a retained status message of STATUS_EXPIRY_S was published, as the broker's
+    countdown of its Message Expiry Interval tells it; None where the message carries none."""
+    remaining = getattr(properties, "MessageExpiryInterval", None)
+    return None if remaining is None else max(0, STATUS_EXPIRY_S - int(remaining))

@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 SESSION_TAKEN_OVER = 0x8E
 #: A connection the broker closes within this long of its CONNACK counts as a short one.
 SHORT_LIVED_S = 5.0
+#: A retained status older than this at a connection's start (the age the broker tells by its
+#: Message Expiry countdown) was not published at that login: a client gone before, not one
+#: thrown off by it.
+WITNESS_AGE_S = 2
 #: Short connections in a row (no 0x8E) taken for a take-over.
 SHORT_LIVED_SAID = 3
 #: The pause before the first try after a take-over, and its ceiling (doubled at each try the
