@@ -153,11 +153,13 @@ def test_the_gallery_wal_is_checkpointed_and_cut_back(tmp_path: Path) -> None:
 
     review = tmp_path / "review"
     gallery = ReviewGallery(ReviewConfig(min_free_disk_mb=0, white_cells="all"), review)
-    for k in range(3):
+    # runs until the gallery holds well over the WAL's cap (three did, by 6 %, before the overlays' labels moved
+    # inside the image; what a run stores depends on its images, not on the WAL rule under test)
+    for k in range(6):
         for result in oracle_pool():
             gallery.add_field(f"run-{k}", _image(result), result)
             assert (review / "gallery.sqlite-wal").stat().st_size <= 2 * WAL_PAGES * 4096
-    assert (review / "gallery.sqlite").stat().st_size > WAL_PAGES * 4096  # the crops went into the file
+    assert (review / "gallery.sqlite").stat().st_size > 1.5 * WAL_PAGES * 4096  # the crops went into the file
 
 
 def test_a_clock_set_back_does_not_make_the_newest_overlays_the_oldest(tmp_path: Path) -> None:
