@@ -209,6 +209,34 @@ def test_a_card_two_stations_publish_under_prints_without_the_screens_red_frame(
             driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
 
 
+def _tables_on_screen_and_paper(tmp_path: Path, ws_broker: MosquittoBroker, station: str, report, cells: str,
+                                want: dict) -> None:
+    """Publishes `report` as `station`'s closed run, opens the dashboard and asserts its differential and
+    morphology rows (`cells`: a script mapping a table row `r` to what is read of it) and its counts line
+    equal `want`, on the screen and with print media emulated."""
+    from selenium.webdriver.common.by import By
+
+    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
+        send(f"smearscope/{station}/run", json.dumps(_closed_run_state(report)))
+        driver.get(url)
+        card = f"[data-station='{station}']"
+        _wait("the run", lambda: driver.find_elements(By.CSS_SELECTOR, f"{card}[data-run-id='{report.run_id}']"), 20,
+              [log])
+
+        def shown() -> dict:
+            rows = {t: driver.execute_script(
+                f"return [...document.querySelectorAll(arguments[0])].map((r) => {cells})",
+                f"{card} table.{t} tbody tr") for t in ("differential", "morphology")}
+            return {**rows, "counts": driver.find_element(By.CSS_SELECTOR, f"{card} .counts").text}
+
+        assert shown() == want, shown()
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+        try:
+            assert shown() == want, shown()
+        finally:
+            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+
+
 @pytest.mark.broker
 @needs_chromium
 def test_shares_intervals_and_nrbc_read_to_one_decimal_on_screen_and_on_paper(
@@ -223,8 +251,6 @@ def test_shares_intervals_and_nrbc_read_to_one_decimal_on_screen_and_on_paper(
     basophils (0 to 3.32 %) read 0.0–3.3, narrower than the count's interval."""
     from collections import Counter
 
-    from selenium.webdriver.common.by import By
-
     from smearscope.service.analysis.aggregate import share_rows
     from smearscope.service.analysis.report import Counts
 
@@ -237,30 +263,14 @@ def test_shares_intervals_and_nrbc_read_to_one_decimal_on_screen_and_on_paper(
                            ClassShare(label="spherocyte", count=3, percent=3.26, grade="none", of_cells=92),
                            # one cell of 4000: 0.03 reads 0.0, which says none seen; '<0.1', as FHIR, HL7 and analyze
                            ClassShare(label="elliptocyte", count=1, percent=0.03, grade="none")]})
-    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        send("smearscope/ward-d/run", json.dumps(_closed_run_state(report)))
-        driver.get(url)
-        card = "[data-station='ward-d']"
-        _wait("the run", lambda: driver.find_elements(By.CSS_SELECTOR, f"{card}[data-run-id='run-d']"), 20, [log])
-
-        def shown() -> dict[str, list[list[str]] | str]:
-            rows = {t: driver.execute_script(
-                "return [...document.querySelectorAll(arguments[0])].map((r) => [...r.cells].slice(1, 4)"
-                ".map((td) => td.innerText.trim()))", f"{card} table.{t} tbody tr") for t in ("differential", "morphology")}
-            return {**rows, "counts": driver.find_element(By.CSS_SELECTOR, f"{card} .counts").text}
-
-        # each interval rounded outward, as FHIR, HL7 and the summary send it (to the nearest: 44.4–62.5, 0.0–3.3)
-        want = {"differential": [["60", "53.6", "44.3–62.6"], ["52", "46.4", "37.4–55.7"], ["0", "0.0", "0.0–3.4"]],
-                "morphology": [["3850", "96.2", ""], ["150", "3.8", "below 1+"], ["3", "3.3 of 92 RBC", "below 1+"],
-                               ["1", "<0.1", "below 1+"]],
-                "counts": "RBC 4000 · WBC 112 · platelets 300 · NRBC 2 (1.8 per 100 WBC)"}
-        assert [f"{s.percent:.1f}" for s in report.rbc_morphology] == ["96.2", "3.8", "3.3", "0.0"]  # as the CLI prints them
-        assert shown() == want, shown()
-        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
-        try:
-            assert shown() == want, shown()
-        finally:
-            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+    # each interval rounded outward, as FHIR, HL7 and the summary send it (to the nearest: 44.4–62.5, 0.0–3.3)
+    want = {"differential": [["60", "53.6", "44.3–62.6"], ["52", "46.4", "37.4–55.7"], ["0", "0.0", "0.0–3.4"]],
+            "morphology": [["3850", "96.2", ""], ["150", "3.8", "below 1+"], ["3", "3.3 of 92 RBC", "below 1+"],
+                           ["1", "<0.1", "below 1+"]],
+            "counts": "RBC 4000 · WBC 112 · platelets 300 · NRBC 2 (1.8 per 100 WBC)"}
+    assert [f"{s.percent:.1f}" for s in report.rbc_morphology] == ["96.2", "3.8", "3.3", "0.0"]  # as the CLI prints them
+    _tables_on_screen_and_paper(tmp_path, ws_broker, "ward-d", report,
+                                "[...r.cells].slice(1, 4).map((td) => td.innerText.trim())", want)
 
 
 @pytest.mark.broker
@@ -275,8 +285,6 @@ def test_a_share_of_all_but_some_cells_reads_more_than_99_9_and_nrbc_under_a_ten
     normal) still reads 100.0."""
     from collections import Counter
 
-    from selenium.webdriver.common.by import By
-
     from smearscope.service.analysis.aggregate import share_rows
     from smearscope.service.analysis.report import Counts
 
@@ -284,27 +292,10 @@ def test_a_share_of_all_but_some_cells_reads_more_than_99_9_and_nrbc_under_a_ten
         "counts": Counts(rbc=10000, wbc=2500, platelet=300, nrbc=1), "nrbc_per_100_wbc": 0.04,
         "wbc_differential": share_rows(Counter(lymphocyte=2499, neutrophil=1)),
         "rbc_morphology": share_rows(Counter(normal=10000, target=0))})
-    with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        send("smearscope/ward-l/run", json.dumps(_closed_run_state(report)))
-        driver.get(url)
-        card = "[data-station='ward-l']"
-        _wait("the run", lambda: driver.find_elements(By.CSS_SELECTOR, f"{card}[data-run-id='run-l']"), 20, [log])
-
-        def shown() -> dict[str, list[str] | str]:
-            rows = {t: driver.execute_script(
-                "return [...document.querySelectorAll(arguments[0])].map((r) => r.cells[2].innerText.trim())",
-                f"{card} table.{t} tbody tr") for t in ("differential", "morphology")}
-            return {**rows, "counts": driver.find_element(By.CSS_SELECTOR, f"{card} .counts").text}
-
-        want = {"differential": [">99.9", "<0.1"], "morphology": ["100.0", "0.0"],
-                "counts": "RBC 10000 · WBC 2500 · platelets 300 · NRBC 1 (<0.1 per 100 WBC)"}
-        assert f"{report.wbc_differential[0].percent:.1f}" == "100.0"  # what one decimal alone says
-        assert shown() == want, shown()
-        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
-        try:
-            assert shown() == want, shown()
-        finally:
-            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+    want = {"differential": [">99.9", "<0.1"], "morphology": ["100.0", "0.0"],
+            "counts": "RBC 10000 · WBC 2500 · platelets 300 · NRBC 1 (<0.1 per 100 WBC)"}
+    assert f"{report.wbc_differential[0].percent:.1f}" == "100.0"  # what one decimal alone says
+    _tables_on_screen_and_paper(tmp_path, ws_broker, "ward-l", report, "r.cells[2].innerText.trim()", want)
 
 
 @pytest.mark.broker
