@@ -70,15 +70,15 @@ def share_rows(c: Counter[str], of: int | None = None) -> list[ClassShare]:
     return out
 
 
-def outward(percent: float, side: int) -> float:
-    """An interval bound at two decimals rounded away from the interval's inside (`side` -1: the low bound
-    down, 1: the high bound up), so the stored interval never claims more certainty than the count has: 0 of
-    100 000 cells is 0.00-0.01 %, not 0.00-0.00. A bound already at two decimals (within float noise) is kept."""
-    scaled = percent * 100.0
-    near = round(scaled)
-    if abs(scaled - near) < 1e-6:
-        return near / 100.0
-    return (math.floor(scaled) if side < 0 else math.ceil(scaled)) / 100.0
+def outward(percent: float, side: int, decimals: int = 2) -> float:
+    """An interval bound at `decimals` rounded away from the interval's inside (`side` -1: the low bound
+    down, 1: the high bound up), so an interval never claims more certainty than the count has: 0 of
+    100 000 cells is 0.00-0.01 %, not 0.00-0.00 (the report, two decimals; every view reads the report's bounds
+    again at one, service.fhir.report_view.interval_shown). A bound already on that grid, within float noise
+    (read to a millionth of a step: 0.3 is 3.0000000000000004 tenths in binary), stays on it."""
+    scale = 10 ** decimals
+    scaled = round(percent * scale, 6)
+    return (math.floor(scaled) if side < 0 else math.ceil(scaled)) / scale
 
 
 def size_stats(diameters: Sequence[float]) -> SizeStats:

@@ -14,9 +14,12 @@ dashboard's live run state all read through this module.
 from __future__ import annotations
 
 import logging
-import math
 
-from smearscope.service.analysis.aggregate import CALIBRATION_DOUBT_FLAGS, unlisted_size_rows
+from smearscope.service.analysis.aggregate import (
+    CALIBRATION_DOUBT_FLAGS,
+    outward,
+    unlisted_size_rows,
+)
 from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.morphology import (
     GRADED,
@@ -155,8 +158,8 @@ def share_text(percent: float, count: int, of: int | None = None) -> str:
 def interval_shown(low: float, high: float) -> tuple[float, float]:
     """A 95 % interval's bounds as every view reads them, at one decimal rounded outward (the lower down, the upper
     up): 0 of 10 000 red cells (0 to 0.04 %) reads 0.0 to 0.1, never 0.0 to 0.0, a certainty the count lacks.
-    The report's two decimals are first read to a millionth, so 0.3 stays 0.3 (3.0000000000000004 tenths in binary)."""
-    return math.floor(round(low * 10, 6)) / 10, math.ceil(round(high * 10, 6)) / 10
+    The rule of the report's own bounds (aggregate.outward), at one decimal."""
+    return outward(low, -1, 1), outward(high, 1, 1)
 
 
 def nrbc_per_100_wbc(report: Report) -> tuple[float, int, int] | None:
