@@ -7,7 +7,7 @@ from dataclasses import replace
 import cv2
 import numpy as np
 
-from training.look import DEFAULT_LOOK, randomize_look
+from training.look import DEFAULT_LOOK, fresnel_defocus, randomize_look
 
 NOISY = replace(DEFAULT_LOOK, p_noise=1.0)
 
@@ -36,3 +36,42 @@ def test_different_seeds_give_different_looks():
     img = _field()
     looks = [randomize_look(img, np.random.default_rng(s), NOISY) for s in range(4)]
     assert all(not np.array_equal(looks[0], other) for other in looks[1:])
+
+
+def _phase_disc(size: int = 112, radius_px: float = 19.0) -> np.ndarray:
+    """A red cell's relative thickness: a disc 7.6 um across at 0.2 um/px, thicker at its rim."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(xx - size / 2, yy - size / 2) / radius_px
+    return np.where(r < 1.0, 0.6 + 0.4 * r ** 2, 0.0).astype(np.float32)
+
+
+def test_a_transparent_cell_shows_only_out_of_focus():
+    """A pure phase object (transmission 1 everywhere) is invisible in focus and shows rings a
+    little out of focus, its centre dark on one side of focus and bright on the other; what the
+    propagation moves around it does not create or lose (the mean intensity stays)."""
+    thick = _phase_disc()
+    glass = np.ones((*thick.shape, 3), np.float32)
+    assert np.abs(fresnel_defocus(glass, thick, 0.0, 1.0) - 1.0).max() < 1e-4  # in focus: nothing to see
+    above, below = fresnel_defocus(glass, thick, 2.0, 1.0), fresnel_defocus(glass, thick, -2.0, 1.0)
+    for img in (above, below):
+        inside = img[40:72, 40:72, 1]
+        assert np.ptp(inside) > 0.2  # rings inside the cell
+        assert abs(float(img.mean()) - 1.0) < 0.02
+    centre = lambda img: float(img[50:62, 50:62, 1].mean())
+    assert (centre(above) - 1.0) * (centre(below) - 1.0) < 0  # contrast reverses through focus
+
+
+def test_a_gaussian_blur_is_not_a_defocus():
+    """A blurred transparent cell stays invisible: the rings come from the propagation, not a blur."""
+    thick = _phase_disc()
+    glass = np.ones((*thick.shape, 3), np.float32)
+    assert np.abs(cv2.GaussianBlur(glass, (0, 0), 3.0) - 1.0).max() < 1e-4
+    assert np.abs(fresnel_defocus(glass, thick, 3.0, 1.0) - 1.0).max() > 0.2
+
+
+def test_defocus_is_drawn_when_asked():
+    """The default look draws no defocus (the looks before it keep their random stream); asked for, it changes the look."""
+    img = _field()
+    assert DEFAULT_LOOK.p_defocus == 0.0
+    with_rings = randomize_look(img, np.random.default_rng(5), replace(DEFAULT_LOOK, p_defocus=1.0))
+    assert not np.array_equal(with_rings, randomize_look(img, np.random.default_rng(5), DEFAULT_LOOK))

@@ -286,6 +286,34 @@ def test_lab_table_counts_labelled_cells_and_warns_when_the_worst_lab_rests_on_f
     assert "few labelled cells" not in table
 
 
+
+def test_lab_table_shows_what_each_lab_s_red_cells_are_typed():
+    """Each lab row carries the share of its counted red cells typed each morphology (white cells
+    and nucleated red cells left out), and the table prints target and spherocyte per lab."""
+    from training.lab_table import format_table, rbc_label_shares
+
+    outs = [{"labels": [("rbc", "target")] * 3 + [("rbc", "normal")] + [("wbc", "lymphocyte")] * 5},
+            {"labels": [("rbc", "spherocyte"), ("nrbc", "nrbc")]}]
+    shares = rbc_label_shares(outs)
+    assert shares == {"normal": 0.2, "spherocyte": 0.2, "target": 0.6}
+    assert rbc_label_shares([{"labels": [("wbc", "monocyte")]}]) == {}
+    row = {"lab": "rpi", "scale": "given", "n": 2, "wbc_found": 0.9, "wbc_centre_hit": 0.9, "extra_wbc_per_field": 0.0,
+           "wbc_counted_over_labelled": 1.0, "rbc_label_shares": shares}
+    assert "  rpi (given): 0.200 / 0.600 / 0.200 / 0.000" in format_table([row])
+
+
+def test_a_head_that_misreads_defocused_cells_has_that_as_its_worst_figure():
+    """train_rbc --defocus: Chula macro-F1 of the defocused crops joins the worst figure (only Chula's cells)."""
+    from training.rbc_data import with_defocus
+
+    sets = {"val_labels": np.array([0, 1, 0, 1, 2]), "val_labs": np.array(["chula"] * 4 + ["idb1"])}
+    right = np.eye(3)[[0, 1, 0, 1, 0]]  # the IDB1 cell wrong: not Chula's, not counted
+    fig = with_defocus({"worst": 0.8}, right, sets, "val")
+    assert fig["chula_macro_f1_defocus"] == 1.0 and fig["worst"] == 0.8
+    all_target = np.eye(3)[[1, 1, 1, 1, 2]]
+    fig = with_defocus({"worst": 0.8}, all_target, sets, "val")
+    assert fig["chula_macro_f1_defocus"] == fig["worst"] < 0.5
+
 def test_rbc_ensemble_is_the_mean_of_its_members_logits_and_refuses_other_classes(tmp_path):
     """training.ensemble_rbc: the exported head of several runs averages their logits (needs torch)."""
     torch = pytest.importorskip("torch")

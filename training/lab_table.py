@@ -298,7 +298,16 @@ def run_lab(analyzer: Analyzer, lab: str, split: str, mode: str, limit: int | No
         row.update(score_chula(images, outs, [classical_rbc_count(im) for im in images]))
     elif lab == "rpi":
         row.update(score_rpi(images, outs))
+    row["rbc_label_shares"] = rbc_label_shares(outs)
     return row
+
+
+def rbc_label_shares(outs: list[dict]) -> dict[str, float]:
+    """The share of the lab's counted red cells typed each morphology (a lab of mostly normal-looking
+    red cells that reads many target or spherocyte cells shows its look misread as morphology)."""
+    labels = [label for o in outs for kind, label in o["labels"] if kind == "rbc"]
+    names, counts = np.unique(np.array(labels, dtype=str), return_counts=True)
+    return {str(k): round(float(v) / len(labels), 4) for k, v in zip(names, counts)} if labels else {}
 
 
 def specimen_of(img: LabImage) -> str:
@@ -369,6 +378,10 @@ def format_table(rows: list[dict]) -> str:
             f"{' / '.join(fmt(rec.get(k)) for k in KINDS) if rec else '—'} | "
             f"{' / '.join(str(r['labelled'][k]) for k in KINDS) if 'labelled' in r else '—'} | {other} | "
             f"{fmt(r.get('scale_error_median_abs'))} |")
+    shown = ("normal", "target", "spherocyte", "stomatocyte")
+    lines.append("\nred cells counted, share typed " + " / ".join(shown) + ":")
+    lines += [f"  {r['lab']} ({r['scale']}): " + " / ".join(f"{r['rbc_label_shares'].get(k, 0.0):.3f}" for k in shown)
+              for r in rows if r.get("rbc_label_shares")]
     worst = min(rows, key=headline) if rows else None
     if worst:
         lines.append(f"\nworst lab: {worst['lab']} ({worst['scale']} scale) {headline(worst):.3f}")

@@ -55,6 +55,12 @@ class LookConfig:
     noise_sigma: tuple[float, float] = (1.0, 8.0)
     p_jpeg: float = 0.4
     jpeg_quality: tuple[int, int] = (30, 95)
+    #: Defocus of a nearly transparent cell (`fresnel_defocus`): rings along the outline and a
+    #: dark or bright centre, with the edges still steep (not a blur). 0 by default: drawn only
+    #: when asked, so every other look keeps its random stream.
+    p_defocus: float = 0.0
+    defocus_um: tuple[float, float] = (0.8, 3.5)
+    defocus_phase_rad: tuple[float, float] = (0.3, 1.2)
 
 
 DEFAULT_LOOK = LookConfig()
@@ -84,6 +90,40 @@ def _lamp_field(h: int, w: int, rng: np.random.Generator, cfg: LookConfig) -> np
     per = strength * (rng.uniform(0.3, 1.3, size=3) if rng.random() < cfg.p_colour_shading else np.ones(3))
     field = np.stack([np.clip(1.0 - s * r2, 0.3, 1.0) for s in per], axis=2) * linear[..., None]
     return cv2.resize(np.clip(field, 0.1, 1.3).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+#: Wavelengths (um) of the camera's blue, green and red channels, for `fresnel_defocus`.
+_LAMBDA_BGR_UM = (0.47, 0.55, 0.62)
+
+
+def cell_thickness(image_bgr: np.ndarray) -> np.ndarray:
+    """Each pixel's relative path through cell matter, 0 (glass) to 1 (the densest cell), from the
+    green channel's optical density above the glass (a red cell's haemoglobin absorbs there)."""
+    od = -np.log((image_bgr[..., 1].astype(np.float32) + 1.0) / 256.0)
+    glass, dense = np.percentile(od, 5), np.percentile(od, 99.5)
+    t = np.clip((od - glass) / max(float(dense - glass), 1e-3), 0.0, 1.0)
+    return cv2.GaussianBlur(t, (0, 0), 0.7)  # the sensor's noise is no phase
+
+
+def fresnel_defocus(transmission_bgr: np.ndarray, thickness: np.ndarray, dz_um: float, phase_rad: float,
+                    um_per_px: float = 0.2) -> np.ndarray:
+    """The intensity of a thin specimen `dz_um` out of focus (paraxial angular-spectrum propagation,
+    each channel at its wavelength): amplitude sqrt(transmission), phase `phase_rad` x `thickness`
+    (at 550 nm; a red cell shifts light by about 1 rad). A nearly transparent cell then shows what a
+    microscope shows a little out of focus: dark and bright rings along the outline and a dark or
+    bright centre, with steep edges (a Gaussian blur shows none of it). Same shape and dtype out."""
+    h, w = thickness.shape
+    pad = 32  # reflected, so the frame's border does not ring into it
+    fy = np.fft.fftfreq(h + 2 * pad, d=um_per_px)[:, None]
+    fx = np.fft.fftfreq(w + 2 * pad, d=um_per_px)[None, :]
+    f2 = fy * fy + fx * fx
+    out = np.empty_like(transmission_bgr)
+    for c, lam in enumerate(_LAMBDA_BGR_UM):
+        amp = np.sqrt(np.maximum(transmission_bgr[..., c], 0.0))
+        field = np.pad(amp * np.exp(1j * (phase_rad * 0.55 / lam) * thickness), pad, mode="reflect")
+        moved = np.fft.ifft2(np.fft.fft2(field) * np.exp(-1j * np.pi * lam * dz_um * f2))
+        out[..., c] = np.abs(moved[pad:pad + h, pad:pad + w]) ** 2
+    return out
 
 
 def randomize_look(image_bgr: np.ndarray, rng: np.random.Generator, cfg: LookConfig = DEFAULT_LOOK) -> np.ndarray:
@@ -117,6 +157,9 @@ def randomize_look(image_bgr: np.ndarray, rng: np.random.Generator, cfg: LookCon
         od = od - cv2.log(_lamp_field(h, w, rng, cfg))
     img = cv2.exp(-od)  # BGR transmission x lamp, [0, ~1.3]
     # The optics and the camera.
+    if cfg.p_defocus > 0 and rng.random() < cfg.p_defocus:
+        dz = float(rng.uniform(*cfg.defocus_um)) * (1.0 if rng.random() < 0.5 else -1.0)
+        img = fresnel_defocus(img, cell_thickness(image_bgr), dz, float(rng.uniform(*cfg.defocus_phase_rad)))
     if rng.random() < cfg.p_blur:
         img = cv2.GaussianBlur(img, (0, 0), float(rng.uniform(*cfg.blur_sigma)))
     if rng.random() < cfg.p_lowres:

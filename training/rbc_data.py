@@ -153,3 +153,27 @@ def looks_crops(images: np.ndarray, seed: int = 7) -> np.ndarray:
     from training.wbc_data import to_crops
 
     return to_crops(images, CROP, rng=np.random.default_rng(seed), p_look=1.0)
+
+
+def defocus_look(p_defocus: float = 1.0):
+    """Random lab looks with `p_defocus` of them also out of focus (`training.look.fresnel_defocus`)
+    and films down to paler than the default's: the Raspberry Pi station's nearly transparent red
+    cells, whose defocus rings the head otherwise reads as target cells."""
+    from training.look import LookConfig
+
+    return LookConfig(p_defocus=p_defocus, pale=(0.15, 0.9))
+
+
+def defocus_crops(images: np.ndarray, seed: int = 11) -> np.ndarray:
+    """`images`' head crops, each through a random lab's look AND out of focus (fixed seed)."""
+    from training.wbc_data import to_crops
+
+    return to_crops(images, CROP, rng=np.random.default_rng(seed), p_look=1.0, look=defocus_look(1.0))
+
+
+def with_defocus(fig: dict, logits: np.ndarray, sets: dict, split: str) -> dict:
+    """`figures`' dict with the Chula macro-F1 of the split's defocused crops (`defocus_crops`'
+    logits) added, and joining `worst`."""
+    y, m = sets[f"{split}_labels"], sets[f"{split}_labs"] == "chula"
+    f1 = round(_macro_f1(y[m], logits.argmax(1)[m]), 4)
+    return {**fig, "chula_macro_f1_defocus": f1, "worst": round(min(fig["worst"], f1), 4)}

@@ -32,8 +32,18 @@ from tqdm import tqdm
 
 from training import head_data as hd
 from training.data import splits_record
+from training.look import DEFAULT_LOOK
 from training.metrics import fit_temperature, softmax
-from training.rbc_data import CLASSES, CROP, build_sets, figures, looks_crops
+from training.rbc_data import (
+    CLASSES,
+    CROP,
+    build_sets,
+    defocus_crops,
+    defocus_look,
+    figures,
+    looks_crops,
+    with_defocus,
+)
 from training.train_head import (
     ARCHS,
     Deployable,
@@ -76,6 +86,10 @@ def main() -> None:
                     "same augmented crops (one head's cost for an ensemble's decisions)")
     ap.add_argument("--distill-weight", type=float, default=0.7, help="the teacher's share of the loss")
     ap.add_argument("--distill-t", type=float, default=2.0, help="temperature both sides are softened by")
+    ap.add_argument("--defocus", type=float, default=0.0,
+                    help="share of training crops drawn out of focus as well (training.look.fresnel_defocus, "
+                    "with paler films); above 0, Chula val macro-F1 with every crop so drawn (a fixed seed) "
+                    "joins the worst figure")
     ap.add_argument("--select", choices=("looks", "spherocyte"), default="looks",
                     help="what the kept checkpoint's worst figure includes (see above)")
     args = ap.parse_args()
@@ -98,11 +112,16 @@ def main() -> None:
     val_crops = to_crops(sets["val_images"], CROP)
     bccd_val = to_crops(sets["bccd_val_images"], CROP)
     looks_val = looks_crops(sets["val_images"]) if args.select == "looks" else None
+    look = defocus_look(args.defocus) if args.defocus > 0 else DEFAULT_LOOK
+    defocus_val = defocus_crops(sets["val_images"]) if args.defocus > 0 else None
 
     def val_figures(m) -> dict:
-        return figures(softmax(predict_logits(m, val_crops)), sets, "val", softmax(predict_logits(m, bccd_val)),
-                       None if looks_val is None else softmax(predict_logits(m, looks_val)),
-                       spherocyte_in_worst=args.select == "spherocyte")
+        fig = figures(softmax(predict_logits(m, val_crops)), sets, "val", softmax(predict_logits(m, bccd_val)),
+                      None if looks_val is None else softmax(predict_logits(m, looks_val)),
+                      spherocyte_in_worst=args.select == "spherocyte")
+        if defocus_val is not None:
+            fig = with_defocus(fig, predict_logits(m, defocus_val), sets, "val")
+        return fig
     logger.info("train %d, val %d, BCCD val red cells %d", len(tr_y), len(val_crops), len(bccd_val))
     if args.init is not None:
         from training.recover_head import recover_head
@@ -152,7 +171,7 @@ def main() -> None:
         losses = []
         for s in tqdm(range(args.steps_per_epoch), desc=f"rbc epoch {epoch + 1}/{planned}", mininterval=20):
             b = idx[s * args.batch:(s + 1) * args.batch]
-            x = augment(to_tensor(to_crops(tr_x[b], CROP, rng=rng, p_look=args.p_look, jitter_um=0.4)), g, 0.0)
+            x = augment(to_tensor(to_crops(tr_x[b], CROP, rng=rng, p_look=args.p_look, jitter_um=0.4, look=look)), g, 0.0)
             x = x.to(device).contiguous(memory_format=torch.channels_last)
             out = model(x)
             loss = F.cross_entropy(out, torch.from_numpy(tr_y[b]).to(device), label_smoothing=0.1)
@@ -194,6 +213,8 @@ def main() -> None:
                    softmax(predict_logits(model, to_crops(sets["bccd_test_images"], CROP))),
                    softmax(predict_logits(model, looks_crops(sets["test_images"])) / temperature),
                    spherocyte_in_worst=args.select == "spherocyte")
+    if defocus_val is not None:
+        test = with_defocus(test, predict_logits(model, defocus_crops(sets["test_images"])), sets, "test")
     result = {"val_best_worst": best[0], "temperature": temperature, "test": test, "history": history,
               "start_val": start,  # and how it was trained (seed, teacher, distillation, rates)
               "args": {k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v

@@ -42,7 +42,7 @@ from training.data import (
 )
 from training.head_data import PBC_CLASSES, PBC_MICRONS_PER_PIXEL, pbc_splits
 from training.labs import RPI_MICRONS_PER_PIXEL, rpi_boxes, rpi_dir, rpi_splits
-from training.look import randomize_look
+from training.look import DEFAULT_LOOK, LookConfig, randomize_look
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,8 @@ def load_contexts(split: str, cache_dir: Path = Path("build/wbc_contexts")) -> C
 
 
 def to_crops(contexts: np.ndarray, spec: CropSpec = WBC_CROP, rng: np.random.Generator | None = None,
-             p_look: float = 0.8, jitter_um: float = 0.0, illumination: bool = True) -> np.ndarray:
+             p_look: float = 0.8, jitter_um: float = 0.0, illumination: bool = True,
+             look: LookConfig = DEFAULT_LOOK) -> np.ndarray:
     """Head crops from contexts: (random look), illumination correction, the analyzer's crop.
 
     With `rng` None no look is drawn (evaluation); `jitter_um` moves the crop centre as the
@@ -156,7 +157,7 @@ def to_crops(contexts: np.ndarray, spec: CropSpec = WBC_CROP, rng: np.random.Gen
     out = np.empty((len(contexts), spec.input_size, spec.input_size, 3), np.uint8)
     for i, ctx in enumerate(contexts):
         if rng is not None and rng.random() < p_look:
-            ctx = randomize_look(ctx, rng)
+            ctx = randomize_look(ctx, rng, look)
         if illumination:
             ctx = correct_illumination(ctx).pixels
         cx = cy = c / 2.0
