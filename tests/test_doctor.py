@@ -274,6 +274,11 @@ def _lines(out: str, what: str) -> list[str]:
     return [ln for ln in out.splitlines() if ln[6:].startswith(what)]
 
 
+def _outbox_lines(out: str) -> list[str]:
+    """The lines of the check named `outbox` (not `outbox disk`)."""
+    return [ln for ln in out.splitlines() if ln[6:24].rstrip() == "outbox"]
+
+
 def test_doctor_checks_a_camera_device_node_without_capturing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A V4L2 index or /dev path: FAIL when the node is missing or cannot be opened for reading;
@@ -879,3 +884,81 @@ def test_a_station_starting_while_doctor_reads_a_large_outbox_starts(
             if process is not None and process.poll() is None:
                 process.terminate()
                 process.wait(timeout=60)
+
+
+#: The station's writes to an outbox file: 2 reports and a clean stop (folded into the file), then a start that
+#: stores 3 more and dies (kill -9: they stay in the file's -wal).
+_STATION_STOPS_THEN_DIES = """
+import json, os, sys
+from smearscope.service.mqtt.outbox import NewMessage, Outbox
+def reports(first, n):
+    return [NewMessage("report", "smearscope/doc-9/report", json.dumps(
+        {"report_id": f"rep-{i}", "body": {"kind": "specimen", "run_id": "r-1"}}).encode(), f"rep-{i}", "1.2")
+        for i in range(first, first + n)]
+with Outbox(sys.argv[1]) as box:
+    box.put_many(reports(0, 2))
+if sys.argv[2] == "dies":
+    Outbox(sys.argv[1]).put_many(reports(2, 3))
+    os._exit(0)
+"""
+
+
+def test_doctor_as_another_user_reads_the_outbox_read_only_and_says_what_it_could_not_see(tmp_path: Path) -> None:
+    """The station's user (here root) owns the state folder (0755) and its outbox file (0644); doctor runs as
+    another user (nobody), who may read them but not write there, so SQLite cannot make the -shm it reads a WAL
+    file's last writes through. A station stopped cleanly: its 2 messages counted, OK, read only. A station killed
+    after storing 3 more (in the -wal): the file's 2 counted, a WARN that the -wal was not read and whose user can
+    count them; as root (the station's user) doctor counts 5. Nothing in either folder changes. Doctor could
+    not read it at all: its outbox line was the folder's FAIL alone."""
+    import contextlib
+    import hashlib
+    import io
+    import tempfile
+
+    from test_archive import as_user
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run doctor as another user")
+    main(["doctor", "--no-wait", "--config", str(_doc(tmp_path))])  # every module doctor imports, imported here:
+    # nobody may not read this Python's own files (under /root), so doctor runs in a child forked from this process
+    base = Path(tempfile.mkdtemp(prefix="doctor-read-only-", dir="/tmp"))  # pytest's tmp is root-only
+    try:
+        base.chmod(0o755)
+        said: dict[str, str] = {}
+        for how in ("stops", "dies"):
+            state = base / how
+            state.mkdir(mode=0o755)
+            outbox = state / "o.sqlite3"
+            subprocess.run([sys.executable, "-c", _STATION_STOPS_THEN_DIES, str(outbox), how], check=True, timeout=60)
+            config = _doc(state, mqtt={"host": "127.0.0.1", "port": 1, "outbox": {"path": str(outbox)}})
+            config.chmod(0o644)
+            before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in state.iterdir()}
+
+            def doctor(config: Path = config) -> str:
+                with contextlib.redirect_stdout(io.StringIO()) as out:
+                    main(["doctor", "--no-wait", "--config", str(config)])
+                return out.getvalue()
+
+            said[how] = as_user(65534, doctor)
+            assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in state.iterdir()} == before, how
+            assert _lines(said[how], "calibration watch") == [], said[how]  # read too: it keeps no check there yet
+        assert "o.sqlite3-wal" in before  # the station that died left its last writes there
+        stopped, died = base / "stops" / "o.sqlite3", base / "dies" / "o.sqlite3"
+        for how, outbox in (("stops", stopped), ("dies", died)):  # the folder's FAIL stays: true of this user
+            assert (f"FAIL  outbox             {outbox.parent} cannot be created or written by this user "
+                    "([Errno 13] Permission denied") in said[how], said[how]
+        assert _outbox_lines(said["stops"])[1:] == [(
+            f"OK    outbox             {stopped}: 2 messages waiting (2 final: specimen reports, FHIR bundles); read "
+            f"only, the file alone: this user (uid 65534) cannot write {stopped.parent}, nothing changed")], said["stops"]
+        wal_kb = (died.parent / "o.sqlite3-wal").stat().st_size / 1024
+        assert _outbox_lines(said["dies"])[1:] == [(
+            f"WARN  outbox             {died}: 2 messages waiting (2 final: specimen reports, FHIR bundles) in the "
+            f"file itself; read only, the file alone: this user (uid 65534) cannot write {died.parent}, so its "
+            f"o.sqlite3-wal ({wal_kb:.0f} kB: the station's last writes, not yet folded into the file) was not read "
+            "and the counts may miss them; nothing changed. Run doctor as the file's owner (root) to count them")]
+        with contextlib.redirect_stdout(io.StringIO()) as out:  # as the station's user: all 5
+            main(["doctor", "--no-wait", "--config", str(died.parent / "station.toml")])
+        assert _outbox_lines(out.getvalue()) == [
+            f"OK    outbox             {died}: 5 messages waiting (5 final: specimen reports, FHIR bundles)"]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -1,15 +1,23 @@
-"""The outbox table (service.mqtt.outbox): its schema, and the migration of a file made by an
-earlier version."""
+"""The outbox table (service.mqtt.outbox): its schema, the migration of a file made by an
+earlier version, and the opens of a process that only reads the file (smearscope doctor)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
+import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
+#: SQLite's shared-lock bytes (unix VFS: PENDING_BYTE 0x40000000 + 2, 510 of them), which a station's exclusive lock
+#: holds and a reader's shared lock takes.
+SHARED_FIRST, SHARED_SIZE = 0x40000000 + 2, 510
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -89,3 +97,53 @@ def open_query_only(path: Path, timeout_s: float) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+@contextlib.contextmanager
+def open_to_read(path: Path, timeout_s: float) -> Iterator[tuple[sqlite3.Connection, str, int]]:
+    """The existing outbox file at `path` opened for one read (smearscope doctor), how it was read ("" where opened
+    as the station opens it: open_query_only) and the bytes of its -wal that read could not see. A user who may not
+    write the folder (another user than the station's, a read-only mount) opens it read-only; SQLite reads a WAL
+    file's last writes (its -wal) only through a -shm index it makes beside the file, which such a user cannot, so
+    then the file alone is read (immutable) under SQLite's own shared lock: a running station still reads as
+    'database is locked', and none starts during the read. Where the folder is writable but the file is not, a
+    read-only open would leave a -wal and -shm of this user's there that the station could not write: the file alone
+    is read. Nothing in the folder is made or changed."""
+    folder_writable = os.access(path.parent, os.W_OK | os.X_OK)
+    if folder_writable and os.access(path, os.R_OK | os.W_OK):
+        conn = open_query_only(path, timeout_s)
+        try:
+            yield conn, "", 0
+        finally:
+            conn.close()
+        return
+    why = (f"this user (uid {os.geteuid()}) cannot write {path.parent}" if not folder_writable else
+           f"this user (uid {os.geteuid()}) cannot write the file")
+    uri = path.resolve().as_uri()  # a '#', '?' or '%' in the folder's name is no part of the URI's own syntax
+    if not folder_writable:  # nothing can be made there: SQLite reads the -wal too where its -shm is there to read
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout_s, isolation_level=None)
+        try:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # the WAL index is opened here, or not
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if "locked" in str(exc):
+                raise
+        else:
+            try:
+                yield conn, f"read only: {why}", 0
+            finally:
+                conn.close()
+            return
+    wal = Path(f"{path}-wal")
+    with open(path, "rb") as held:
+        try:  # the shared lock SQLite takes to read: refused while a station holds the file, and holds off its start
+            fcntl.lockf(held, fcntl.LOCK_SH | fcntl.LOCK_NB, SHARED_SIZE, SHARED_FIRST)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise sqlite3.OperationalError("database is locked") from exc
+            raise
+        conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None)
+        try:
+            yield conn, f"read only, the file alone: {why}", wal.stat().st_size if wal.exists() else 0
+        finally:
+            conn.close()

@@ -42,7 +42,7 @@ from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.report import Flag
 from smearscope.service.analysis.scale_search import MIN_RBC_FOR_SCALE
 from smearscope.service.mqtt.outbox import Outbox
-from smearscope.service.mqtt.outbox_schema import open_query_only
+from smearscope.service.mqtt.outbox_schema import open_to_read
 
 logger = logging.getLogger(__name__)
 
@@ -213,18 +213,20 @@ def watch_checks(outbox_path: Path, calibration: str, min_fields: int, min_runs:
     changed; a running station holds it), WARN when it is suspect; none without a file, a table or a watch."""
     if min_fields == 0 or not outbox_path.exists():
         return []
-    try:
-        conn = open_query_only(Path(outbox_path), 1.0)  # a read-only open left SQLite's -wal and -shm there
-        try:
+    try:  # as the station opens it, or read-only by a user who may not write there (then maybe without its -wal)
+        with open_to_read(Path(outbox_path), 1.0) as (conn, _, unseen_wal):
             rows = conn.execute("SELECT run_id, ratio FROM calibration_ratios WHERE calibration = ? "
                                 "ORDER BY rowid DESC LIMIT ?", (calibration, WINDOW)).fetchall()[::-1]
-        finally:
-            conn.close()
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):
             return []
         return [("WARN", "calibration watch", f"{outbox_path} cannot be read: {exc}")]
-    return [reading_check(verdict([(str(r), float(x)) for r, x in rows], min_fields, min_runs), min_fields, min_runs)]
+    status, what, text = reading_check(verdict([(str(r), float(x)) for r, x in rows], min_fields, min_runs),
+                                       min_fields, min_runs)
+    if unseen_wal:
+        text += (f" (read without {outbox_path.name}-wal, which this user cannot: the station's last checks may "
+                 "be missing)")
+    return [(status, what, text)]
 
 
 def telemetry_checks(sample: dict[str, object]) -> list[tuple[str, str, str]]:

@@ -296,8 +296,10 @@ def _outbox_checks(path: Path, look: OutboxLook, review_free_mb: float | None = 
     if outbox_parent_problem(path) is not None:
         return []  # the config files check names it
     folder = path.parent
-    if (problem := _unwritable(folder)) is not None:
+    if (problem := _unwritable(folder)) is not None and not look.read_only:
         return [("FAIL", "outbox", problem)]
+    # a file this user can only read (another user than the station's, a read-only mount): said, and read
+    checks: list[Check] = [] if problem is None else [("FAIL", "outbox", problem)]
     existing = nearest_existing(folder)
     assert existing is not None  # _unwritable found it
     free = shutil.disk_usage(existing).free
@@ -309,7 +311,7 @@ def _outbox_checks(path: Path, look: OutboxLook, review_free_mb: float | None = 
                    f"grow the station pauses its analysis{overlays}. Free space on that file system "
                    f"(du -xh -d 2 {existing} | sort -h; journalctl --vacuum-size=100M), or move "
                    "mqtt.outbox.path to a larger disk")
-    checks: list[Check] = [("WARN" if free < LOW_DISK_BYTES else "OK", "outbox disk", detail)]
+    checks.append(("WARN" if free < LOW_DISK_BYTES else "OK", "outbox disk", detail))
     if not look.exists:
         checks.append(("OK", "outbox", f"{path}: not created yet (the first start creates it)"))
     elif look.held:
@@ -319,9 +321,29 @@ def _outbox_checks(path: Path, look: OutboxLook, review_free_mb: float | None = 
             raise look.error
         checks.append(("FAIL", "outbox", f"{path}: {look.error}"))
     elif look.messages is not None:
-        checks.append(("OK", "outbox", (f"{path}: {look.messages} messages waiting ({look.reports} "
-                       "final: specimen reports, FHIR bundles)")))
+        counted = f"{look.messages} messages waiting ({look.reports} final: specimen reports, FHIR bundles)"
+        if not look.read_only:
+            checks.append(("OK", "outbox", f"{path}: {counted}"))
+        elif not look.unseen_wal:
+            checks.append(("OK", "outbox", f"{path}: {counted}; {look.read_only}, nothing changed"))
+        else:  # the station's last writes are in its -wal, which SQLite reads only where it may write beside it
+            checks.append(("WARN", "outbox", (
+                f"{path}: {counted} in the file itself; {look.read_only}, so its {path.name}-wal "
+                f"({look.unseen_wal / 1024:.0f} kB: the station's last writes, not yet folded into the file) "
+                "was not read and the counts may miss them; nothing changed. Run doctor as the file's owner "
+                f"({_owner(path)}) to count them")))
     return checks
+
+
+def _owner(path: Path) -> str:
+    """The name of the user owning `path` (its uid where the system names none)."""
+    import pwd
+
+    uid = path.stat().st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 #: The check names' column: the longest name ("model segmentation") fits, so each detail starts in one column.

@@ -2,7 +2,8 @@
 for the outbox line, the runs an earlier start held there (service.mqtt.run_watch: a restored older state the broker showed
 further along) for the held-runs line, or that a running station holds it (each open beside one
 waits out the station's lock), which also decides whether the parked line
-(smearscope.cli.doctor_parked) is said."""
+(smearscope.cli.doctor_parked) is said. A user who may read the file but not write its folder (another user
+than the station's, a read-only mount) reads it read-only, and is told what that read could not see."""
 
 from __future__ import annotations
 
@@ -49,6 +50,11 @@ class OutboxLook:
     held: bool = False
     error: Exception | None = None
     held_runs: tuple[HeldRun, ...] = ()
+    #: Read read-only (this user may not write the folder or the file): how, and what the read could not see
+    #: ("" where it was opened as the station opens it).
+    read_only: str = ""
+    #: The file's -wal, in bytes, that a read-only read could not take in (the last writes not yet in the file).
+    unseen_wal: int = 0
 
 
 def look_at_outbox(path: Path) -> OutboxLook:
@@ -56,13 +62,12 @@ def look_at_outbox(path: Path) -> OutboxLook:
     schema's file read as it is (the station's next start migrates it; the older station, put back, refuses a
     migrated one), no file made beside it. What it needs is read in one short read transaction and the file
     closed before any report is parsed: a station starting meanwhile waits 2 s for it, then gives up."""
-    from smearscope.service.mqtt.outbox_schema import SCHEMA_VERSION, newer_schema, open_query_only
+    from smearscope.service.mqtt.outbox_schema import SCHEMA_VERSION, newer_schema, open_to_read
 
     if not path.exists():
         return OutboxLook(exists=False)
     try:
-        conn = open_query_only(path, LOCK_WAIT_S)
-        try:
+        with open_to_read(path, LOCK_WAIT_S) as (conn, read_only, unseen_wal):
             conn.execute("BEGIN")
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
             if version > SCHEMA_VERSION:
@@ -71,13 +76,12 @@ def look_at_outbox(path: Path) -> OutboxLook:
             messages, reports = (conn.execute("SELECT COUNT(*), COALESCE(SUM(kind = 'report'), 0) FROM outbox")
                                  .fetchone() if "outbox" in tables else (0, 0))
             held = _read_held(conn, tables)
-        finally:
-            conn.close()
     except Exception as exc:  # noqa: BLE001 - the outbox line says what is wrong with the file
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
             return OutboxLook(exists=True, held=True)
         return OutboxLook(exists=True, error=exc)
-    return OutboxLook(exists=True, messages=int(messages), reports=int(reports), held_runs=_held_runs(*held))
+    return OutboxLook(exists=True, messages=int(messages), reports=int(reports), held_runs=_held_runs(*held),
+                      read_only=read_only, unseen_wal=unseen_wal)
 
 
 #: What the outbox file says of its held runs, as read: their rows, the later runs some were held after, and
