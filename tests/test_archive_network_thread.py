@@ -72,3 +72,46 @@ def test_the_archives_network_thread_ended_in_its_reconnect_wait_is_started_agai
         daemon.stop()
         runner.join(30)
     assert not runner.is_alive()
+
+
+def test_the_archives_network_thread_ended_while_a_report_is_held_is_started_again_and_it_reconnects(
+        tmp_path: Path, persistent_broker: MosquittoBroker, caplog: pytest.LogCaptureFixture) -> None:
+    """A report held (its station's folder linked out of the archive: refused, tried again every 0.2 s) when the
+    broker stops and paho's reconnect wait raises. The storer, between its tries, starts the thread again: the
+    archive reconnects to the broker back while it still holds the report, and stores it once the link is gone.
+    The check undone: the storer looked at the thread only once no message was held, so the archive stayed away
+    from the broker for the whole hold (its session's expiry counting down)."""
+    directory, outside = tmp_path / "archive", tmp_path / "elsewhere"
+    directory.mkdir()
+    outside.mkdir()
+    link = directory / STATION
+    link.symlink_to(outside)
+    config = ArchiveConfig(mqtt=MqttConfig(host="127.0.0.1", port=persistent_broker.port, username="observer",
+                                           client_id="archive-thread-held", reconnect_min_delay_s=1,
+                                           reconnect_max_delay_s=2), directory=directory, retry_s=0.2)
+    caplog.set_level(logging.INFO)
+    daemon = ArchiveDaemon(config, MQTT_USERS["observer"])
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        assert wait_until(lambda: daemon._connected, 30), caplog.text
+        with raw_client(persistent_broker.port) as client:
+            client.publish(f"smearscope/{STATION}/report", envelope_of(a_report("run-1", SPECIMEN, 1_796_000_000.0)),
+                           qos=1).wait_for_publish(10)
+        assert wait_until(lambda: daemon.counts["retried"] >= 2, 30), caplog.text  # held
+        end_once(daemon.client, "_reconnect_wait")
+        persistent_broker.stop()  # SIGTERM: the archive's session, and the report unacknowledged in it, saved
+        assert wait_until(lambda: not daemon._connected, 15), caplog.text
+        assert wait_until(lambda: daemon._network.restarts == 1, 15), caplog.text
+        persistent_broker.start()
+        assert wait_until(lambda: daemon._connected, 30), caplog.text
+        assert indexed(directory) == 0 and daemon.counts["stored"] == 0  # reconnected while still holding it
+        link.unlink()
+        assert wait_until(lambda: indexed(directory) == 1, 30), caplog.text
+        assert {entry.run_id for entry in find(directory)} == {"run-1"}
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and SAID in r.getMessage()]
+        assert len(said) == 1 and "the archive reconnects" in said[0], said
+    finally:
+        daemon.stop()
+        runner.join(30)
+    assert not runner.is_alive()

@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 REPORT_LEAF, FHIR_LEAF = "report", "fhir"
 #: Who else logs in with the archive's client id, as its take-over ERROR names them.
 _HOLDERS = "another `smearscope archive` on this broker, or an earlier one still running"
+#: The storer's tick (s): how often it checks paho's network thread and a take-over's end, holding a message too.
+TICK_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,7 @@ class ArchiveDaemon:
             logger.debug("client id %r still taken over: trying again in %d s", self.client_id, loss.pause_s)
 
     def _check_take_over_ended(self) -> None:
-        """The storer's, every 0.5 s: a connection made after a take-over that lasts holds the session
+        """The storer's, every TICK_S: a connection made after a take-over that lasts holds the session
         again (the other archive is gone); said at INFO, the usual backoff back."""
         if self._connected and self._take_over.held():
             self.client.reconnect_delay_set(self.config.mqtt.reconnect_min_delay_s,
@@ -251,10 +253,9 @@ class ArchiveDaemon:
                                a.processing_id, {"T": "training", "D": "debugging"}[a.processing_id])
         try:
             while not self._stop.is_set():
-                self._check_take_over_ended()
-                self._network.ensure_running(self.client, self._stop.is_set())
+                self._tick()
                 try:
-                    item = self._incoming.get(timeout=0.5)
+                    item = self._incoming.get(timeout=TICK_S)
                 except queue.Empty:
                     continue
                 self.handle(item)
@@ -268,6 +269,22 @@ class ArchiveDaemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _tick(self) -> None:
+        """The storer's checks, every TICK_S whether it waits for a message or holds one the disk or the lab system
+        refuses: a take-over that ended, and paho's network thread (started again should it have ended, so the
+        archive reconnects and keeps its session alive through a hold, as the station's drain loop does)."""
+        self._check_take_over_ended()
+        self._network.ensure_running(self.client, self._stop.is_set())
+
+    def _wait_holding(self, seconds: float) -> bool:
+        """Wait `seconds` before the next try to store a held message, ticking meanwhile; True once stopped."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self._stop.wait(min(left, TICK_S)):
+                return True
+            self._tick()
+        return self._stop.is_set()
 
     def handle(self, item: Incoming) -> None:
         """Store one message and acknowledge it; left unacknowledged only when stopping while the
@@ -336,7 +353,7 @@ class ArchiveDaemon:
                                  "it and the reports behind it; trying again every %g s", _what(record),
                                  record.report_id, record.station, type(exc).__name__, exc, self.config.retry_s)
                     said = reason
-                if self._stop.wait(self.config.retry_s):
+                if self._wait_holding(self.config.retry_s):
                     logger.warning("stopping with %s %s unstored and unacknowledged: the broker sends it "
                                    "again at the next start", _what(record), record.report_id)
                     return None

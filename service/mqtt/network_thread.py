@@ -5,7 +5,9 @@ BaseException from a callback, which `suppress_exceptions` does not catch, or an
 catch, e.g. one raised in its reconnect wait), the station would otherwise analyse on with its
 reports piling up in the outbox and never reconnect (the archive, never store another report). The
 publisher's drain loop and the archive's storer call `ensure_running` each tick (at most half a
-second), so a dead thread is replaced within one.
+second), while messages are held too (the station's outbox waiting for the broker; the archive's
+storer trying again to store a message the disk or the lab system refuses, between its tries), so a
+dead thread is replaced within one.
 """
 
 from __future__ import annotations
