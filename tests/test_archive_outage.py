@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, wait_until
+from broker import MQTT_USERS, MosquittoBroker, TlsMaterial, wait_until
 from test_archive import REPO, Archive
 
 pytestmark = pytest.mark.broker
@@ -65,6 +65,30 @@ def test_a_refused_login_is_said_once_while_it_repeats_and_the_acceptance_not_as
         assert "reachable again" not in archive.text(), archive.text()[-3000:]
         back = _lines(archive.text(), f"broker 127.0.0.1:{broker.port} accepts the archive's connection again after ")
         assert len(back) == 1 and " INFO " in back[0], archive.text()[-3000:]
+    finally:
+        archive.stop()
+        broker.stop()
+
+
+def test_a_tls_listener_given_as_mqtt_is_said_with_the_scheme_to_use(tmp_path: Path, tls_material: TlsMaterial) -> None:
+    """`--broker mqtt://HOST:8883` (the broker's TLS listener, the scheme left plain): mosquitto resets
+    each CONNECT it cannot read as TLS, and the archive retried for ever without a word, even at INFO.
+    Now one WARNING naming the port and what to use, each retry at DEBUG."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material)
+    assert broker.tls_port is not None
+    archive = Archive(tmp_path, broker.tls_port, tmp_path / "archive")
+    archive.argv[archive.argv.index("--log-level") + 1] = "DEBUG"  # each retry, to count them
+    try:
+        broker.start()
+        with open(archive.log, "ab") as out:
+            archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        tries = lambda: _lines(archive.text(), f"broker 127.0.0.1:{broker.tls_port} took the connection but gave no "
+                                               "MQTT answer to CONNECT")
+        assert wait_until(lambda: len(tries()) >= 3, 60), archive.text()[-3000:]  # backoff 1, 2 s ...
+        said = [line for line in tries() if " DEBUG " not in line]
+        assert len(said) == 1 and " WARNING " in said[0], said
+        assert "a TLS listener? use mqtts://HOST:PORT with --ca-file" in said[0], said[0]
+        assert "connected to broker" not in archive.text()
     finally:
         archive.stop()
         broker.stop()

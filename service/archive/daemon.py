@@ -40,7 +40,12 @@ from smearscope.service.config.archive import ArchiveConfig
 from smearscope.service.hl7 import mllp
 from smearscope.service.mqtt.failure_news import RESAY_S, FailureNews, said_length
 from smearscope.service.mqtt.network_thread import NetworkThreadWatch
-from smearscope.service.mqtt.paho_client import LOGIN_REFUSED, configured_client, paho_log_level
+from smearscope.service.mqtt.paho_client import (
+    LOGIN_REFUSED,
+    PAHO_SOCKET_LOST,
+    configured_client,
+    paho_log_level,
+)
 from smearscope.service.mqtt.take_over import (
     SHORT_LIVED_S,
     TakeOverWatch,
@@ -107,6 +112,8 @@ class ArchiveDaemon:
         #: the broker out of reach: said once per outage, again at most every RESAY_S (the station's rule)
         self._failure_news = FailureNews()
         self._refused_last = False  # the last failure a refusal (the broker reachable), not out of reach
+        self._connack_refused = False  # this attempt's CONNACK a refusal (said by _on_connect)
+        self._socket_error: str | None = None  # why this attempt's socket broke before a CONNACK (paho's log)
         self._had_reports = self.store.report_count() > 0
         self.counts = {"stored": 0, "duplicates": 0, "refused": 0, "dropped": 0, "retried": 0}
         self._dropping = False  # QoS 0 messages being dropped for want of room (said once per spell)
@@ -121,6 +128,8 @@ class ArchiveDaemon:
     # ------------------------------------------------------------------ paho's thread
 
     def _on_log(self, client: mqtt.Client, userdata: Any, level: int, line: str) -> None:
+        if not self._connected and line.startswith(PAHO_SOCKET_LOST):  # said by _on_disconnect
+            self._socket_error = line.partition(": ")[2] or line
         logger.log(paho_log_level(level, line, not self._connected), "paho: %s", line)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
@@ -133,7 +142,7 @@ class ArchiveDaemon:
             refusal = (f"broker {self.config.mqtt.address} refused the archive's connection: {reason_code.getName()} "
                        f"(reason code 0x{code:02x}){hint}; retrying with backoff up to "
                        f"{self.config.mqtt.reconnect_max_delay_s} s")
-            self._refused_last = True
+            self._refused_last = self._connack_refused = True
             # once while it repeats, again at most every RESAY_S (as the broker out of reach): not every retry
             logger.log(logging.ERROR if self._failure_news.news(refusal) else logging.DEBUG, "%s", refusal)
             return
@@ -160,9 +169,12 @@ class ArchiveDaemon:
         if isinstance(exc, ssl.SSLCertVerificationError) and self.config.mqtt.tls is not None:
             hint = (f": the broker's certificate is not signed by the CA in --ca-file {self.config.mqtt.tls.ca_file}, "
                     f"or does not name {self.config.mqtt.host!r}")
-        failure = (f"cannot reach broker {self.config.mqtt.address} ({reason}){hint}; retrying with backoff up to "
-                   f"{self.config.mqtt.reconnect_max_delay_s} s")
-        # once per outage, then at most every RESAY_S with its length: an offline lab's journal stays readable
+        self._say_unreachable(f"cannot reach broker {self.config.mqtt.address} ({reason}){hint}; retrying with "
+                              f"backoff up to {self.config.mqtt.reconnect_max_delay_s} s")
+
+    def _say_unreachable(self, failure: str) -> None:
+        """A connection attempt that failed before any CONNACK: said at WARNING once per outage, then
+        at most every RESAY_S with its length, so an offline lab's journal stays readable."""
         self._refused_last = False
         if not self._failure_news.news(failure):
             logger.debug("%s", failure)
@@ -174,7 +186,15 @@ class ArchiveDaemon:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
         was, self._connected = self._connected, False
-        if not was or self._stop.is_set():
+        socket_error, self._socket_error = self._socket_error, None
+        refused, self._connack_refused = self._connack_refused, False
+        if self._stop.is_set():
+            return
+        if not was:
+            # A port that took the connection and broke it, or answered CONNECT with no MQTT (a TLS
+            # listener given as mqtt://, a WebSockets one): no other callback says why.
+            if not refused and (socket_error is not None or reason_code.is_failure):
+                self._say_unreachable(no_mqtt_answer(self.config, socket_error or reason_code.getName()))
             return
         was_taken_over = self._take_over.taken_over
         loss = self._take_over.lost(int(reason_code.value))
@@ -362,6 +382,16 @@ class ArchiveDaemon:
                 logger.warning("storing again: %s %s stored after %.0f s of refusals", _what(record),
                                record.report_id, time.monotonic() - failing_since)
             return stored
+
+
+def no_mqtt_answer(config: ArchiveConfig, reason: str) -> str:
+    """What the archive says when the broker's port took the connection but gave no CONNACK."""
+    mqtt_config = config.mqtt
+    other = ("a plain MQTT listener? use mqtt://HOST:PORT" if mqtt_config.tls is not None
+             else "a TLS listener? use mqtts://HOST:PORT with --ca-file")
+    return (f"broker {mqtt_config.address} took the connection but gave no MQTT answer to CONNECT ({reason}): is "
+            f"--broker the broker's MQTT port? ({other}; a WebSockets listener, a dashboard's port, does not serve "
+            f"the archive); retrying with backoff up to {mqtt_config.reconnect_max_delay_s} s")
 
 
 def _what(record: ReportMessage | BundleMessage) -> str:
