@@ -264,6 +264,22 @@ def test_validate_config_ok_and_unreadable(
     assert "cannot read" in err and "TOML syntax error" in err
 
 
+def test_the_examples_folder_section_uncommented_beside_the_camera_one_says_which_to_remove(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An engineer switching the example to a watched folder uncomments its folder [source] block,
+    leaving the camera's: TOML's bare "Cannot declare ('source',) twice" said neither where the
+    first one is nor that the folder's replaces it."""
+    lines = EXAMPLE.read_text().splitlines()
+    start = lines.index("# [source]")
+    end = next(i for i in range(start, len(lines)) if lines[i] == "#")  # the block's end
+    lines[start:end] = [line.removeprefix("# ") for line in lines[start:end]]
+    camera_line = lines.index("[source]") + 1
+    assert validate_config_main(_write(tmp_path, "\n".join(lines) + "\n"), environ={}) == 78
+    err = capsys.readouterr().err
+    assert f"[source] is declared already at line {camera_line}; a station has one source" in err, err
+    assert "delete (or comment out) the other [source] section" in err, err
+
+
 def test_unknown_source_kind_is_a_configuration_error() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config({"station_id": "bench", "source": {"kind": "webcam"}}, environ={})

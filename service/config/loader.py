@@ -12,9 +12,11 @@ Secrets never live here: the MQTT password is a systemd credential named by
 
 from __future__ import annotations
 
+import ast
 import copy
 import logging
 import os
+import re
 import stat
 import sys
 from collections.abc import Mapping
@@ -188,6 +190,30 @@ NO_CONFIG_YET = ("write the station's config there, starting from config/station
                  "docs/STATION.md section 3)")
 
 
+_TWICE = re.compile(r"^Cannot declare \((.*)\) twice")
+
+
+def _twice_advice(message: str, raw: bytes) -> str:
+    """What to do about a section given twice: most often the example's other [source] kind
+    uncommented below its camera section, which it was meant to replace."""
+    match = _TWICE.match(message)
+    if match is None:
+        return ""
+    try:
+        keys = ast.literal_eval(f"({match.group(1)})")
+    except (ValueError, SyntaxError):
+        return ""
+    name = ".".join(str(key) for key in keys)
+    text = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "replace")
+    first = next((f" at line {number}" for number, line in enumerate(text.splitlines(), 1)
+                  if re.sub(r"\s+", "", line.partition("#")[0]) == f"[{name}]"), "")
+    if name == "source":
+        return (f": [source] is declared already{first}; a station has one source: the example's folder, replay "
+                "and simulated [source] sections replace its camera one, so delete (or comment out) the other "
+                "[source] section and its keys")
+    return f": [{name}] is declared already{first}; give each section once, its keys under one heading"
+
+
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> StationConfig:
     """Read, override and validate the station config; raises ConfigError with every problem."""
     path = Path(path)
@@ -206,7 +232,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> S
     except OSError as exc:
         raise ConfigError([(str(path), f"cannot read: {exc.strerror or exc}")]) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([(str(path), f"TOML syntax error: {exc}")]) from None
+        raise ConfigError([(str(path), f"TOML syntax error: {exc}{_twice_advice(str(exc), raw)}")]) from None
     except RecursionError:  # tomllib recurses into nested arrays and tables
         raise ConfigError([(str(path), "TOML nested too deeply")]) from None
     except UnicodeDecodeError as exc:
