@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import tomllib
 from broker import MQTT_USERS, MosquittoBroker, Subscriber, TlsMaterial, wait_until
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
@@ -340,5 +341,36 @@ def test_the_archive_account_reads_every_stations_reports_and_bundles_and_nothin
             client.loop_stop()
             client.disconnect()
         archive.close()
+        technician.close()
+        broker.stop()
+
+
+def test_the_example_station_config_publishes_under_the_example_acl_renamed_to_its_station(
+        tmp_path: Path, credentials_dir: Path) -> None:
+    """A second station set up from the two examples: config/station.example.toml with its station
+    id, the example ACL's station block renamed to that id (as the ACL says). The example config
+    logged in as `ward3-scope1` while the ACL names a station's account `station-<id>`: the login
+    worked and the ACL gave that account nothing, so no report reached anyone."""
+    example = tomllib.loads((ROOT / "config" / "station.example.toml").read_text())
+    station_id, section = example["station_id"], example["mqtt"]
+    acl = ACL.read_text().replace("lab-7", station_id)
+    broker = MosquittoBroker(tmp_path / "broker", {section["username"]: MQTT_USERS["station"], "technician": "t"},
+                             acl=acl)
+    broker.start()
+    technician = Subscriber(broker.port, "technician", "t", [f"{section['topic_prefix']}/{station_id}/report"])
+    keep = ("username", "password_credential", "topic_prefix", "qos")
+    config = MqttConfig.model_validate({**{key: section[key] for key in keep}, "host": "127.0.0.1",
+                                        "port": broker.port, "outbox": {"path": str(tmp_path / "outbox.sqlite3")}})
+    publisher = MqttPublisher(config, station_id, Outbox.from_config(config.outbox))
+    try:
+        technician.wait_ready()
+        publisher.start()
+        assert publisher.wait_until_connected(10), (publisher.state, broker.log()[-2000:])
+        publisher.publish_report("report", "first", b"{}", "1")
+        assert technician.wait_for(lambda ms: len(ms) == 1, 10), (publisher.state, broker.log()[-2000:])
+        assert json.loads(technician.messages[0].payload)["report_id"] == "first"
+    finally:
+        publisher.stop(drain_timeout=0)
+        publisher.outbox.close()
         technician.close()
         broker.stop()
