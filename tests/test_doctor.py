@@ -259,6 +259,36 @@ def test_installed_models_are_readable_by_every_user(tmp_path: Path, capsys: pyt
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in installed), [oct(p.stat().st_mode) for p in installed]
 
 
+@pytest.mark.broker
+def test_doctor_fails_a_broker_acl_without_the_stations_block(tmp_path: Path, credentials_dir: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A second station added to config/mosquitto.acl.example's broker under its own station id,
+    its account's ACL block not renamed to it: mosquitto takes the login and refuses every message
+    it publishes, and doctor said `OK broker login` and passed. Now `FAIL broker ACL`, naming the
+    block to add; the station the block names passes."""
+    acl = (Path(__file__).resolve().parents[1] / "config" / "mosquitto.acl.example").read_text()
+    broker = MosquittoBroker(tmp_path / "broker", {"station-lab-7": MQTT_USERS["station"]}, acl=acl)
+    broker.start()
+    login = {"username": "station-lab-7", "password_credential": "mqtt-password"}
+    try:
+        for station_id, status in (("lab-7", 0), ("lab-8", 1)):
+            config = _config(tmp_path, broker.port, DEFAULT_MODELS_DIR, **login)
+            config.write_text(config.read_text().replace('station_id = "doc-1"', f'station_id = "{station_id}"'))
+            assert main(["doctor", "--config", str(config), "--no-wait"]) == status
+            out = capsys.readouterr().out
+            assert f"OK    broker login       127.0.0.1:{broker.port} accepts user 'station-lab-7'" in out, out
+            (acl_line,) = _lines(out, "broker ACL")
+            if status == 0:
+                assert acl_line == "OK    broker ACL         user 'station-lab-7' may publish under smearscope/lab-7/"
+            else:
+                assert acl_line.startswith(f"FAIL  broker ACL         127.0.0.1:{broker.port} takes the login of user "
+                                           "'station-lab-7' but its ACL refuses what it publishes under "
+                                           "smearscope/lab-8/ (Not authorized, 0x87"), acl_line
+                assert "station-lab-7 block, lab-7 replaced by lab-8) and reload mosquitto" in acl_line, acl_line
+    finally:
+        broker.stop()
+
+
 def _doc(tmp_path: Path, **sections: dict) -> Path:
     """A station config here: simulated source and no broker unless `sections` say otherwise."""
     doc = {"station_id": "doc-9", "source": {"kind": "simulated"},

@@ -389,7 +389,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             lambda: held_run_checks(outbox(), f"{mqtt.topic_prefix}/{config.station_id}/run",  # type: ignore[attr-defined]
                                     mqtt.protocol),
             lambda: review_file_checks(config),
-            lambda: _credential_checks(mqtt), lambda: broker_checks(mqtt, config_path=args.config),
+            lambda: _credential_checks(mqtt), lambda: broker_checks(mqtt, config_path=args.config,
+                                                                station_id=config.station_id),  # type: ignore[attr-defined]
             lambda: client_id_checks(mqtt, config.station_id, args.unit),  # type: ignore[attr-defined]
             lambda: parked_checks(config, waiting if args.wait else None, station_runs=outbox().held)]
         for step in steps:

@@ -13,7 +13,8 @@ from pathlib import Path
 Check = tuple[str, str, str]
 
 
-def broker_checks(mqtt, timeout: float = 3.0, config_path: Path | None = None) -> list[Check]:
+def broker_checks(mqtt, timeout: float = 3.0, config_path: Path | None = None,
+                  station_id: str | None = None) -> list[Check]:
     where = mqtt.address
     try:
         sock = socket.create_connection((mqtt.host, mqtt.port), timeout=timeout)
@@ -24,7 +25,7 @@ def broker_checks(mqtt, timeout: float = 3.0, config_path: Path | None = None) -
     with sock:
         if mqtt.tls is None:
             return [("OK", "broker", f"{where} accepts TCP connections"),
-                    *_login_checks(mqtt, timeout, config_path)]
+                    *_login_checks(mqtt, timeout, config_path, station_id)]
         try:
             context = ssl.create_default_context(cafile=str(mqtt.tls.ca_file))
             context.check_hostname = not mqtt.tls.insecure
@@ -40,7 +41,7 @@ def broker_checks(mqtt, timeout: float = 3.0, config_path: Path | None = None) -
         if refused is not None:
             return [("FAIL", "broker TLS", f"{where} {refused}")]
     return [("OK", "broker", f"{where} accepts TLS connections with {mqtt.tls.ca_file}"),
-            *_login_checks(mqtt, timeout, config_path)]
+            *_login_checks(mqtt, timeout, config_path, station_id)]
 
 
 def _client_cert_refusal(tls: ssl.SSLSocket, config, wait: float) -> str | None:
@@ -73,7 +74,8 @@ def _login_unchecked(mqtt, config_path: Path | None) -> list[Check]:
              f"/opt/smearscope/venv/bin/smearscope doctor{config}"))]
 
 
-def _login_checks(mqtt, timeout: float, config_path: Path | None = None) -> list[Check]:
+def _login_checks(mqtt, timeout: float, config_path: Path | None = None,
+                  station_id: str | None = None) -> list[Check]:
     """An MQTT CONNECT with the station's user and password, as the station sends it (its client
     settings and protocol, falling back to 3.1.1 as it does; its own client id and no Last Will,
     so the station's status is not touched): a password the broker refuses is found here, not in
@@ -89,10 +91,12 @@ def _login_checks(mqtt, timeout: float, config_path: Path | None = None) -> list
         return _login_unchecked(mqtt, config_path)
     who = f"user {mqtt.username!r}" if mqtt.username is not None else "anonymous"
     v5, v311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
+    probe = f"{mqtt.topic_prefix}/{station_id}/{ACL_PROBE_LEAF}" if station_id is not None else None
+    acl_code = None
     try:
-        code = _connack(mqtt, v311 if mqtt.protocol == "3.1.1" else v5, password, timeout)
+        code, acl_code = _connack(mqtt, v311 if mqtt.protocol == "3.1.1" else v5, password, timeout, probe)
         if code is not None and int(code.value) == 0x84 and mqtt.protocol == "auto":  # as the station falls back
-            code = _connack(mqtt, v311, password, timeout)
+            code, acl_code = _connack(mqtt, v311, password, timeout)
     except (OSError, ValueError, ssl.SSLError) as exc:
         return [("WARN", "broker login", f"{who}: could not connect ({type(exc).__name__}: {exc})")]
     if code is None:
@@ -105,7 +109,30 @@ def _login_checks(mqtt, timeout: float, config_path: Path | None = None) -> list
         return [("FAIL", "broker login", (f"{mqtt.address} refuses {who}: {code.getName()} (reason code "
                  f"0x{int(code.value):02x}){login_hint(mqtt, int(code.value)).partition('; retrying')[0]}; "
                  "the station would retry for ever"))]
-    return [("OK", "broker login", f"{mqtt.address} accepts {who}")]
+    return [("OK", "broker login", f"{mqtt.address} accepts {who}"), *_acl_checks(mqtt, who, station_id, acl_code)]
+
+
+#: Where doctor publishes its ACL probe, under the station's own topics: no station, dashboard or
+#: archive subscribes to it (a command answer named after no command).
+ACL_PROBE_LEAF = "cmd_response/doctor"
+
+
+def _acl_checks(mqtt, who: str, station_id: str | None, code) -> list[Check]:
+    """The broker's MQTT 5 PUBACK to an empty message on the station's own topics: an ACL without
+    the station's block takes its login and refuses every report it sends (MQTT 3.1.1 says nothing)."""
+    if station_id is None or code is None:
+        return []
+    station = f"{mqtt.topic_prefix}/{station_id}"
+    probe = f"{station}/{ACL_PROBE_LEAF}"
+    if int(code.value) == 0x87:
+        return [("FAIL", "broker ACL", (f"{mqtt.address} takes the login of {who} but its ACL refuses what it "
+                 f"publishes under {station}/ (Not authorized, 0x87 on {probe}): the station would keep every report "
+                 f"in its outbox. Add the station's block to the broker's acl_file (config/mosquitto.acl.example's "
+                 f"station-lab-7 block, lab-7 replaced by {station_id}) and reload mosquitto"))]
+    if code.is_failure:
+        return [("WARN", "broker ACL", (f"{mqtt.address} answered a message on {probe} with {code.getName()} "
+                 f"(0x{int(code.value):02x})"))]
+    return [("OK", "broker ACL", f"{who} may publish under {station}/")]
 
 
 def _speaks_tls(host: str, port: int, timeout: float) -> bool:
@@ -119,24 +146,31 @@ def _speaks_tls(host: str, port: int, timeout: float) -> bool:
         return False
 
 
-def _connack(mqtt, protocol, password: str | None, timeout: float):
-    """The broker's CONNACK reason code to one CONNECT (None: no answer within `timeout`)."""
+def _connack(mqtt, protocol, password: str | None, timeout: float, probe: str | None = None):
+    """The broker's CONNACK reason code to one CONNECT (None: no answer within `timeout`), and under
+    MQTT 5 with `probe` its PUBACK reason code to an empty QoS 1 message there (None: none)."""
     import threading
+
+    from paho.mqtt.enums import MQTTProtocolVersion
 
     from smearscope.service.mqtt.paho_client import configured_client
 
     client = configured_client(mqtt, f"smearscope-doctor-{os.getpid()}", protocol, password, "smearscope/doctor")
     client.will_clear()
-    answered, codes = threading.Event(), []
+    answered, codes, acked, acks = threading.Event(), [], threading.Event(), []
     client.on_connect = lambda c, userdata, flags, code, props: (codes.append(code), answered.set())
+    client.on_publish = lambda c, userdata, mid, code, props: (acks.append(code), acked.set())
     try:
         client.connect(mqtt.host, mqtt.port, keepalive=10)
         client.loop_start()
         answered.wait(timeout)
+        if probe is not None and protocol == MQTTProtocolVersion.MQTTv5 and codes and not codes[0].is_failure:
+            client.publish(probe, b"", qos=1)
+            acked.wait(timeout)
     finally:
         client.disconnect()
         client.loop_stop()
-    return codes[0] if codes else None
+    return (codes[0] if codes else None), (acks[0] if acks else None)
 
 
 def client_id_checks(mqtt, station_id: str, unit: str) -> list[Check]:
