@@ -8,10 +8,13 @@ Chromium's DevTools protocol (the print dialog itself is the browser's)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from broker import MosquittoBroker
@@ -31,6 +34,46 @@ from smearscope.service.analysis.report import ClassShare, Flag, ModelInfo, Repo
 def _pdf_pages(driver) -> int:
     pdf = base64.b64decode(driver.execute_cdp_cmd("Page.printToPDF", {"printBackground": False})["data"])
     return len(re.findall(rb"/Type\s*/Page(?![s\w])", pdf))
+
+
+@contextlib.contextmanager
+def _print_media(driver: Any) -> Iterator[None]:
+    """Print media emulated inside the block (the page as a printout lays it out), the screen's after it
+    whatever the block raised."""
+    driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+    try:
+        yield
+    finally:
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+
+
+def _open_with_runs(driver: Any, send: Callable[..., None], log: Path, url: str, *runs: Report | dict) -> None:
+    """Publishes each run (a specimen report, as its station's closed run, or a live run message as it
+    stands) retained under its station, opens the page and waits until it shows a card for every one."""
+    from selenium.webdriver.common.by import By
+
+    for run in runs:
+        state = _closed_run_state(run) if isinstance(run, Report) else run
+        send(f"smearscope/{state['station_id']}/run", json.dumps(state))
+    driver.get(url)
+    _wait(f"the {len(runs)} runs", lambda: len(driver.find_elements(
+        By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == len(runs), 20, [log])
+
+
+def _same_on_screen_and_paper(driver: Any, shown: Callable[[], Any], want: Any) -> None:
+    """Asserts what `shown` reads of the page equals `want` on the screen and with print media emulated."""
+    assert shown() == want, shown()
+    with _print_media(driver):
+        assert shown() == want, shown()
+
+
+def _lines_on_screen_and_paper(driver: Any, line: str, want: dict[str, str]) -> None:
+    """Asserts the `line` element (a CSS selector inside a card) of each station in `want` is shown
+    and reads as `want` says, on the screen and on paper."""
+    from selenium.webdriver.common.by import By
+
+    element = lambda s: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}'] {line}")
+    _same_on_screen_and_paper(driver, lambda: {s: element(s).text for s in want if element(s).is_displayed()}, want)
 
 
 @pytest.mark.broker
@@ -54,14 +97,10 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
     open_run = _closed_run_state(_specimen("ward-c", "run-c", [], now))  # its specimen in its progress only
     open_run = {**open_run, "state": "open", "progress": {**open_run["progress"], "specimen_id": "S/7 <b>"}}
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        for station, state in (("ward-a", _closed_run_state(verified)), ("ward-b", _closed_run_state(preliminary)),
-                               ("ward-c", open_run)):
+        for station in ("ward-a", "ward-b", "ward-c"):
             send(f"smearscope/{station}/status", "online")
-            send(f"smearscope/{station}/run", json.dumps(state))
-        driver.get(url)
+        _open_with_runs(driver, send, log, url, verified, preliminary, open_run)
         card = lambda s: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}']")
-        _wait("the three runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']"))
-              == 3, 20, [log])
         inside = lambda s, sel: card(s).find_element(By.CSS_SELECTOR, sel)
         # served without --run-control: no run form, the station online all the same
         _wait("ward-b online", lambda: _status(driver, "ward-b") == "online", 20, [log])
@@ -79,8 +118,7 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
         driver.execute_script("window.print = () => { window.__printed = document.body.dataset.printing || null; };")
         inside("ward-b", ".print-run").click()
         assert driver.execute_script("return window.__printed") == "ward-b"
-        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
-        try:
+        with _print_media(driver):
             assert [s for s in ("ward-a", "ward-b", "ward-c") if card(s).is_displayed()] == ["ward-b"]
             for live in (".panel.live", ".panel.review", ".print-run", ".status", ".progress"):
                 assert not inside("ward-b", live).is_displayed(), live
@@ -109,8 +147,6 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
             # a report for the patient's file that names no specimen says so, not only by leaving it out
             assert inside("ward-a", ".print-ids").text.startswith(
                 "Specimen: none given (the run was not started for a specimen id) · Station ward-a · run run-a")
-        finally:
-            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
         assert inside("ward-b", ".panel.review").is_displayed() and not inside("ward-b", ".print-meta").is_displayed()
         # an earlier run picked and printed: the current run's critical finding (another specimen's) is
         # said on screen, never on the earlier run's paper
@@ -120,11 +156,8 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
             "Specimen H-1 · Station ward-a · run run-a0"), 20, [log])
         alert = inside("ward-a", ".critical-alert")
         assert alert.is_displayed() and alert.text == "CRITICAL (current run): " + sickle.message
-        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
-        try:
+        with _print_media(driver):
             assert inside("ward-a", ".print-meta").is_displayed() and not alert.is_displayed()
-        finally:
-            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
 
 
 def _long_report(station: str, run_id: str, now: float) -> Report:
@@ -160,9 +193,7 @@ def test_a_long_report_names_its_specimen_on_every_printed_page_and_cuts_no_row(
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
         send("smearscope/ward-a/status", "online")
         send("smearscope/ward-b/status", "online")
-        send("smearscope/ward-a/run", json.dumps(_closed_run_state(report)))
-        driver.get(url)
-        _wait("the run", lambda: driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id='run-a']"), 20, [log])
+        _open_with_runs(driver, send, log, url, report)
         _wait("ward-b", lambda: _status(driver, "ward-b") == "online", 20, [log])
         driver.execute_script("window.print = () => {};")
         foot = 'SpecimenH-2026/0412"Ü\\·stationward-a·runrun-a'
@@ -193,20 +224,15 @@ def test_a_card_two_stations_publish_under_prints_without_the_screens_red_frame(
 
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
         send("smearscope/ward-x/status", "online")
-        send("smearscope/ward-x/run", json.dumps(_closed_run_state(_specimen("ward-x", "run-x", [], time.time()))))
-        driver.get(url)
+        _open_with_runs(driver, send, log, url, _specimen("ward-x", "run-x", [], time.time()))
         card = lambda: driver.find_element(By.CSS_SELECTOR, "[data-station='ward-x']")
-        _wait("the run", lambda: driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id='run-x']"), 20, [log])
         for instance, host in (("cccc00000003", "jetson-3"), ("dddd00000004", "jetson-7"), ("cccc00000003", "jetson-3")):
             send("smearscope/ward-x/telemetry", json.dumps({"source": "proc", "read_at": time.time(), "interval_s": 60.0,
                                                             "instance_id": instance, "host": host}), retain=False)
         _wait("the clash said", lambda: card().get_attribute("data-clash") == "true", 20, [log])
         assert card().value_of_css_property("box-shadow") != "none"  # on screen: framed in red
-        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
-        try:
+        with _print_media(driver):
             assert card().value_of_css_property("box-shadow") == "none"
-        finally:
-            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
 
 
 def _tables_on_screen_and_paper(tmp_path: Path, ws_broker: MosquittoBroker, station: str, report, cells: str,
@@ -217,11 +243,8 @@ def _tables_on_screen_and_paper(tmp_path: Path, ws_broker: MosquittoBroker, stat
     from selenium.webdriver.common.by import By
 
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        send(f"smearscope/{station}/run", json.dumps(_closed_run_state(report)))
-        driver.get(url)
+        _open_with_runs(driver, send, log, url, report)
         card = f"[data-station='{station}']"
-        _wait("the run", lambda: driver.find_elements(By.CSS_SELECTOR, f"{card}[data-run-id='{report.run_id}']"), 20,
-              [log])
 
         def shown() -> dict:
             rows = {t: driver.execute_script(
@@ -229,12 +252,7 @@ def _tables_on_screen_and_paper(tmp_path: Path, ws_broker: MosquittoBroker, stat
                 f"{card} table.{t} tbody tr") for t in ("differential", "morphology")}
             return {**rows, "counts": driver.find_element(By.CSS_SELECTOR, f"{card} .counts").text}
 
-        assert shown() == want, shown()
-        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
-        try:
-            assert shown() == want, shown()
-        finally:
-            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+        _same_on_screen_and_paper(driver, shown, want)
 
 
 @pytest.mark.broker
@@ -309,7 +327,6 @@ def test_the_scales_source_and_the_red_cells_size_are_on_screen_and_on_paper(
     prints them; the page and its printout said neither, so a run at an estimated scale read like
     a calibrated one but for a grey info flag. Each card now says, above its morphology table,
     where its scale came from and the red cells' size (the CV of diameters named as no RDW)."""
-    from selenium.webdriver.common.by import By
 
     from smearscope.service.analysis.report import SizeStats
 
@@ -338,19 +355,8 @@ def test_the_scales_source_and_the_red_cells_size_are_on_screen_and_on_paper(
                   "red-cell diameter mean 7.4 µm, SD 0.6 µm, median 7.3 µm, 200 cells sized; CV of diameters 8.1 % "
                   "(not an RDW)"}
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        for report in (calibrated, estimated, doubted, drifted, mixed):
-            send(f"smearscope/{report.station_id}/run", json.dumps(_closed_run_state(report)))
-        driver.get(url)
-        _wait("the runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == 5,
-              20, [log])
-        line = lambda s: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}'] .size-line")
-        shown = lambda: {s: line(s).text for s in want if line(s).is_displayed()}
-        assert shown() == want, shown()
-        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
-        try:
-            assert shown() == want, shown()
-        finally:
-            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+        _open_with_runs(driver, send, log, url, calibrated, estimated, doubted, drifted, mixed)
+        _lines_on_screen_and_paper(driver, ".size-line", want)
 
 
 @pytest.mark.broker
@@ -370,11 +376,7 @@ def test_a_count_of_no_nucleated_red_cells_is_said_not_left_out(
     older = _specimen("ward-o", "run-o", [], now)
     assert older.nrbc_per_100_wbc is None and older.counts.nrbc == 0
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        for report in (counted, older):
-            send(f"smearscope/{report.station_id}/run", json.dumps(_closed_run_state(report)))
-        driver.get(url)
-        _wait("the runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == 2,
-              20, [log])
+        _open_with_runs(driver, send, log, url, counted, older)
         counts = lambda s: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}'] .counts").text
         assert counts("ward-z") == "RBC 4000 · WBC 112 · platelets 300 · NRBC 0 (0.0 per 100 WBC)", counts("ward-z")
         assert counts("ward-o") == "RBC 4000 · WBC 112 · platelets 300", counts("ward-o")
@@ -407,11 +409,7 @@ def test_a_verified_report_says_what_the_technician_changed_and_a_report_signed_
     first = _specimen("ward-f", "run-f", [], now).model_copy(update={"verification": signed("CD", now - 3600, False),
                                                                       "counts": counts})
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        for report in (again, first):
-            send(f"smearscope/{report.station_id}/run", json.dumps(_closed_run_state(report)))
-        driver.get(url)
-        _wait("the runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == 2,
-              20, [log])
+        _open_with_runs(driver, send, log, url, again, first)
         inside = lambda s, sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}'] {sel}")
         typed = (" The technician typed 5 cells, 2 of them otherwise than the analyzer; 1 object typed as no cell "
                  "(artefact) is in no count. 3 cells left as the analyzer called them.")
@@ -419,15 +417,12 @@ def test_a_verified_report_says_what_the_technician_changed_and_a_report_signed_
                             r"called them; corrected: replaces the report CD signed \d{4}-\d\d-\d\d .+\)",
                             inside("ward-v", ".run-line").text.split(" · ")[-1]), inside("ward-v", ".run-line").text
         assert "corrected" not in inside("ward-f", ".run-line").text
-        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
-        try:
+        with _print_media(driver):
             status = inside("ward-v", ".print-status").text
             assert re.fullmatch(r"CORRECTED specimen report: replaces the report CD signed \d{4}-\d\d-\d\d \d\d:\d\d:\d\d.*"
                                 r"\. Verified by EF, \d{4}-.+?\." + re.escape(typed), status), status
             status = inside("ward-f", ".print-status").text
             assert re.fullmatch(r"Verified specimen report: verified by CD, \d{4}-.+?\." + re.escape(typed), status), status
-        finally:
-            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
 
 
 @pytest.mark.broker
@@ -451,14 +446,9 @@ def test_the_printed_models_name_their_calibration_and_the_stations_own_adaptati
                                                                    leave_one_out_accuracy=0.9, head_accuracy=0.8))}
     report = _specimen("ward-m", "run-m", [], time.time()).model_copy(update={"models": models})
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        send("smearscope/ward-m/run", json.dumps(_closed_run_state(report)))
-        driver.get(url)
-        _wait("the run", lambda: driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id='run-m']"), 20, [log])
-        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
-        try:
+        _open_with_runs(driver, send, log, url, report)
+        with _print_media(driver):
             text = driver.find_element(By.CSS_SELECTOR, "[data-station='ward-m'] .print-models").text
-        finally:
-            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
         assert text == ("Models: seg " + "ab" * 6 + " (onnxruntime), calibration " + "12" * 6 + " · wbc_head " + "cd" * 6 +
                         " (tensorrt), calibration " + "34" * 6 + ", this station's class means " + "ef" * 6 +
                         " (adapt-wbc), this station's open-set thresholds (calibrate-atypical)"), text
@@ -485,22 +475,13 @@ def test_a_differential_of_too_few_white_cells_says_so_above_its_table(
     few = _specimen("ward-f", "run-f", [few_wbc, few_rbc], now)
     enough = _specimen("ward-e", "run-e", [], now)
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        for report in (few, enough):
-            send(f"smearscope/{report.station_id}/run", json.dumps(_closed_run_state(report)))
-        driver.get(url)
-        _wait("the runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == 2,
-              20, [log])
+        _open_with_runs(driver, send, log, url, few, enough)
         note = lambda s, which: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}'] .{which}-note")
         shown = lambda: {(s, w): note(s, w).text for s in ("ward-f", "ward-e") for w in ("diff", "morph")
                          if note(s, w).is_displayed()}
         want = {("ward-f", "diff"): "Not a differential: " + few_wbc.message + ". Read each share with its 95 % interval.",
                 ("ward-f", "morph"): "Grades on few red cells: " + few_rbc.message + "."}
-        assert shown() == want, shown()
-        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
-        try:
-            assert shown() == want, shown()
-        finally:
-            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+        _same_on_screen_and_paper(driver, shown, want)
 
 
 @pytest.mark.broker
@@ -512,7 +493,6 @@ def test_the_red_cells_size_reads_as_smearscope_analyze_prints_it_at_an_exact_ti
     decimal: `smearscope analyze` prints it '7.2 um' (Python's rounding, to the even digit), and the
     dashboard's scale line said '7.3 µm' (toFixed, up) for the same report, on screen and on paper.
     Its sizes now round as its shares do, as the summary prints them."""
-    from selenium.webdriver.common.by import By
 
     from smearscope.cli.summary import summarize
     from smearscope.service.analysis.report import ScaleInfo, SizeStats
@@ -525,17 +505,8 @@ def test_the_red_cells_size_reads_as_smearscope_analyze_prints_it_at_an_exact_ti
     want = ("Scale: calibrated · red-cell diameter mean 7.2 µm, SD 0.8 µm, median 6.2 µm, 200 cells sized; "
             "CV of diameters 10.2 % (not an RDW)")
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        send("smearscope/ward-t/run", json.dumps(_closed_run_state(report)))
-        driver.get(url)
-        _wait("the run", lambda: driver.find_elements(By.CSS_SELECTOR, "[data-station='ward-t'][data-run-id='run-t']"),
-              20, [log])
-        line = lambda: driver.find_element(By.CSS_SELECTOR, "[data-station='ward-t'] .size-line").text
-        assert line() == want, line()
-        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
-        try:
-            assert line() == want, line()
-        finally:
-            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+        _open_with_runs(driver, send, log, url, report)
+        _lines_on_screen_and_paper(driver, ".size-line", {"ward-t": want})
 
 
 @pytest.mark.broker
@@ -566,27 +537,16 @@ def test_the_cells_awaiting_review_are_said_on_screen_and_on_paper_and_an_older_
     older = _specimen("ward-o", "run-o", [], now).model_copy(update={"schema_version": "1.3"})
     assert older.review is None
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        for report in (preliminary, verified, older):
-            send(f"smearscope/{report.station_id}/run", json.dumps(_closed_run_state(report)))
-        send("smearscope/ward-i/run", json.dumps(interim))
-        driver.get(url)
-        _wait("the runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == 4,
-              20, [log])
-        line = lambda s: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}'] .review-line")
+        _open_with_runs(driver, send, log, url, preliminary, verified, older, interim)
         want = {"ward-p": "Preliminary: 41 white cells and 3 red cells await review (38 white cells unidentified, "
                           "3 white cells atypical, 3 red cells called sickle or schistocyte)",
                 "ward-i": "Interim: 1 nucleated red cell awaits review (1 nucleated red cell)",
                 "ward-v": "Verified: every cell sent to review was typed; 44 typed by a technician",
                 "ward-o": "Cells awaiting review: not counted (report schema 1.3)"}
-        shown = lambda: {s: line(s).text for s in want if line(s).is_displayed()}
-        assert shown() == want, shown()
-        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
-        try:
-            assert shown() == want, shown()
+        _lines_on_screen_and_paper(driver, ".review-line", want)
+        with _print_media(driver):
             status = driver.find_element(By.CSS_SELECTOR, "[data-station='ward-p'] .print-status")
             assert status.text.startswith("PRELIMINARY machine result, not verified")
-        finally:
-            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
 
 
 @pytest.mark.broker
