@@ -33,6 +33,51 @@ def _answer(send, name: str, body: dict, correlation: bytes | None) -> None:
     send(f"{BASE}/cmd_response/{name}", json.dumps(body), retain=False, correlation=correlation)
 
 
+def _scanned(inside: Callable[[str], Any], sent: Callable[[str], list], log: Path, specimen_id: str,
+             nth: int) -> bytes | None:
+    """Types `specimen_id` into the run form as a barcode scanner does (Enter at its end), waits until
+    the page has published `nth` start_run commands and returns the last one's correlation data."""
+    from selenium.webdriver.common.keys import Keys
+
+    inside(".specimen-id").send_keys(specimen_id, Keys.ENTER)
+    _wait("start_run sent", lambda: len(sent("start_run")) == nth, 20, [log])
+    return sent("start_run")[-1].correlation_data
+
+
+def _stop_confirmed(inside: Callable[[str], Any], sent: Callable[[str], list], log: Path, nth: int) -> bytes | None:
+    """Clicks Stop run and then Confirm stop, waits until the page has published `nth` stop_run
+    commands and returns the last one's correlation data."""
+    inside(".stop-run").click()
+    inside(".stop-run").click()
+    _wait("stop_run sent", lambda: len(sent("stop_run")) == nth, 20, [log])
+    return sent("stop_run")[-1].correlation_data
+
+
+def _started_and_stopped(inside: Callable[[str], Any], send: Callable[..., None], sent: Callable[[str], list],
+                         log: Path, specimen_id: str, run_id: str, starts: int, stops: int) -> bytes | None:
+    """A run started from the form for `specimen_id` (the page's `starts`th start_run, answered ok as `run_id`,
+    target 100 WBC) and stopped with Stop run and Confirm stop (its `stops`th stop_run, left unanswered):
+    returns the stop_run's correlation data."""
+    _answer(send, "start_run", {"ok": True, "run_id": run_id, "target_wbc": 100, "specimen_id": specimen_id},
+            _scanned(inside, sent, log, specimen_id, starts))
+    _wait("Stop run", lambda: inside(".stop-run").is_displayed(), 20, [log])
+    return _stop_confirmed(inside, sent, log, stops)
+
+
+def _verify_answered(driver: Any, send: Callable[..., None], log: Path, inside: Callable[[str], Any],
+                     sent: Callable[[str], list], run_id: str, **answer: Any) -> None:
+    """Waits for Verify on the card's closed run `run_id`, signs it as AB, waits for the one verify_run the page
+    publishes and answers it ok (report r2 superseding r1, no cell typed) with `answer` besides."""
+    _wait("the run's Verify", lambda: driver.execute_script(
+        "const n = document.querySelector(arguments[0]); return n !== null && !n.hidden;",
+        f"[data-station='{STATION}'] .verify"), 20, [log])
+    inside(".verify-by").send_keys("AB")
+    inside(".verify-run").click()
+    _wait("verify_run sent", lambda: len(sent("verify_run")) == 1, 20, [log])
+    _answer(send, "verify_run", {"ok": True, "run_id": run_id, "report_id": "r2", "supersedes": "r1", "typed_cells": 0,
+                                 "reclassified": 0, "left_to_review": 0, **answer}, sent("verify_run")[0].correlation_data)
+
+
 @contextlib.contextmanager
 def _run_control_page(tmp_path: Path, broker: MosquittoBroker, status: str = "online",
                       dashboard_args: tuple[str, ...] = ("--run-control",),
@@ -81,8 +126,7 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
         state = lambda: inside(".run-control-state")
         inside(".start-run").click()  # no id typed: nothing sent
         assert state().get_attribute("data-state") == "error" and state().text.startswith("specimen id needed")
-        inside(".specimen-id").send_keys("  H-2026-0412 ", Keys.ENTER)  # as a barcode scanner types it
-        _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
+        _scanned(inside, sent, log, "  H-2026-0412 ", 1)
         (start,) = sent("start_run")
         assert json.loads(start.payload) == {"specimen_id": "H-2026-0412"} and state().text == "start a run…"
         assert (start.correlation_data or b"").startswith(b"dashboard-")
@@ -129,25 +173,18 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
         inside(".specimen-id").send_keys("H-2", Keys.ENTER)
         _wait("no answer said", lambda: state().text == "no answer from the station", 25, [log])
         # a run open that this page has not seen (started elsewhere, no field yet): the refusal offers Stop
-        inside(".specimen-id").send_keys("H-3", Keys.ENTER)
-        _wait("start_run sent", lambda: len(sent("start_run")) == 3, 20, [log])
         _answer(send, "start_run", {"ok": False, "error": "run_open", "message": "run 9 is open; stop it first"},
-                sent("start_run")[-1].correlation_data)
+                _scanned(inside, sent, log, "H-3", 3))
         _wait("Stop run offered", lambda: inside(".stop-run").is_displayed(), 20, [log])
         assert state().text == "run 9 is open; stop it first" and not inside(".start-run").is_displayed()
-        inside(".stop-run").click()
-        inside(".stop-run").click()
-        _wait("stop_run sent", lambda: len(sent("stop_run")) == 2, 20, [log])
         _answer(send, "stop_run", {"ok": False, "error": "no_run_open", "message": "no specimen run is open"},
-                sent("stop_run")[-1].correlation_data)
+                _stop_confirmed(inside, sent, log, 2))
         _wait("Start again", lambda: inside(".start-run").is_displayed(), 20, [log])
         assert not inside(".stop-run").is_displayed()
         # told a run is open, then its states come: it closes (its target reached), Start again
         inside(".specimen-id").clear()
-        inside(".specimen-id").send_keys("H-4", Keys.ENTER)
-        _wait("start_run sent", lambda: len(sent("start_run")) == 4, 20, [log])
         _answer(send, "start_run", {"ok": False, "error": "run_open", "message": "run 9 is open; stop it first"},
-                sent("start_run")[-1].correlation_data)
+                _scanned(inside, sent, log, "H-4", 4))
         _wait("Stop run offered", lambda: inside(".stop-run").is_displayed(), 20, [log])
         other = _specimen(STATION, "run-9", [], time.time())
         send(f"{BASE}/run", json.dumps({**_closed_run_state(other), "state": "open"}))
@@ -156,20 +193,13 @@ def test_a_run_is_started_for_the_specimen_typed_and_stopped_with_a_confirming_s
         assert not inside(".stop-run").is_displayed()
         # a stop whose end the station could not keep (a full disk): its answer's message said in red
         inside(".specimen-id").clear()
-        inside(".specimen-id").send_keys("H-5", Keys.ENTER)
-        _wait("start_run sent", lambda: len(sent("start_run")) == 5, 20, [log])
-        _answer(send, "start_run", {"ok": True, "run_id": "5e5e5e5e-bbbb", "target_wbc": 100, "specimen_id": "H-5"},
-                sent("start_run")[-1].correlation_data)
-        _wait("Stop run", lambda: inside(".stop-run").is_displayed(), 20, [log])
-        inside(".stop-run").click()
-        inside(".stop-run").click()
-        _wait("stop_run sent", lambda: len(sent("stop_run")) == 3, 20, [log])
+        stop = _started_and_stopped(inside, send, sent, log, "H-5", "5e5e5e5e-bbbb", starts=5, stops=3)
         told = ("the run's end could not be kept in the outbox file (see the station's log): its report is sent "
                 "under r5 unless the station stops before storing it; a start after that reports the run under "
                 "another id")
         _answer(send, "stop_run", {"ok": True, "run_id": "5e5e5e5e-bbbb", "fields": 1, "classified_wbc": 3,
                                        "target_wbc": 100, "complete": False, "report_id": "r5", "message": told},
-                sent("stop_run")[-1].correlation_data)
+                stop)
         _wait("the stop's answer", lambda: state().text.startswith("run 5e5e5e5e stopped"), 20, [log])
         assert state().text == "run 5e5e5e5e stopped: 1 field, 3 of 100 WBC — " + told
         assert state().get_attribute("data-state") == "held"
@@ -214,7 +244,6 @@ def test_each_line_of_the_run_form_goes_once_the_run_it_speaks_of_is_no_longer_t
     2 fields, 0 of 3 WBC" stays beside that run's closed state and goes when another run is the
     card's (it stayed until the next start from this page, beside a run started elsewhere)."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
 
     def run(run_id: str, specimen_id: str, state: str, fields: int = 2) -> str:
         report = _specimen(STATION, run_id, [], time.time()).model_copy(
@@ -228,43 +257,35 @@ def test_each_line_of_the_run_form_goes_once_the_run_it_speaks_of_is_no_longer_t
         _wait("the form", lambda: inside(".specimen-id").is_displayed(), 20, [log])
 
         # started, then its run closes: the line goes
-        inside(".specimen-id").send_keys("H-1", Keys.ENTER)
-        _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
         _answer(send, "start_run", {"ok": True, "run_id": "aaaa1111-0001", "target_wbc": 3, "specimen_id": "H-1"},
-                sent("start_run")[0].correlation_data)
+                _scanned(inside, sent, log, "H-1", 1))
         _wait("the answer", lambda: line() == "run aaaa1111 started for specimen H-1", 20, [log])
         send(f"{BASE}/run", run("aaaa1111-0001", "H-1", "open"))
         send(f"{BASE}/run", run("aaaa1111-0001", "H-1", "closed"))
         _wait("the line gone", lambda: line() == "" and inside(".start-run").is_displayed(), 20, [log])
 
         # started, its run closed before the station's answer came: no "started" beside it
-        inside(".specimen-id").send_keys("H-2", Keys.ENTER)
-        _wait("start_run sent", lambda: len(sent("start_run")) == 2, 20, [log])
+        second = _scanned(inside, sent, log, "H-2", 2)
         send(f"{BASE}/run", run("bbbb2222-0002", "H-2", "open", 1))
         send(f"{BASE}/run", run("bbbb2222-0002", "H-2", "closed", 1))
         _wait("the closed run shown", lambda: card("data-run-id") == "bbbb2222-0002"
               and card("data-shown") == "final", 20, [log])
         _answer(send, "start_run", {"ok": True, "run_id": "bbbb2222-0002", "target_wbc": 3, "specimen_id": "H-2"},
-                sent("start_run")[1].correlation_data)
+                second)
         state = lambda: inside(".run-control-state").get_attribute("data-state")
         _wait("the answer taken", lambda: state() != "saving", 20, [log])
         assert (state(), line()) == ("", ""), (state(), line())
         assert inside(".start-run").is_displayed() and not inside(".stop-run").is_displayed()
 
         # stopped: said beside the stopped run's closed state, gone once another run is the card's
-        inside(".specimen-id").send_keys("H-3", Keys.ENTER)
-        _wait("start_run sent", lambda: len(sent("start_run")) == 3, 20, [log])
         _answer(send, "start_run", {"ok": True, "run_id": "cccc3333-0003", "target_wbc": 3, "specimen_id": "H-3"},
-                sent("start_run")[2].correlation_data)
+                _scanned(inside, sent, log, "H-3", 3))
         send(f"{BASE}/run", run("cccc3333-0003", "H-3", "open"))
         _wait("Stop run", lambda: inside(".stop-run").is_displayed() and card("data-run-id") == "cccc3333-0003",
               20, [log])
-        inside(".stop-run").click()
-        inside(".stop-run").click()
-        _wait("stop_run sent", lambda: len(sent("stop_run")) == 1, 20, [log])
         _answer(send, "stop_run", {"ok": True, "run_id": "cccc3333-0003", "fields": 2, "classified_wbc": 0,
                                    "target_wbc": 3, "complete": False, "report_id": "r"},
-                sent("stop_run")[0].correlation_data)
+                _stop_confirmed(inside, sent, log, 1))
         stopped = "run cccc3333 stopped: 2 fields, 0 of 3 WBC"
         _wait("the stop's answer", lambda: line() == stopped, 20, [log])
         send(f"{BASE}/run", run("cccc3333-0003", "H-3", "closed"))
@@ -293,14 +314,11 @@ def test_a_run_stopped_from_another_page_before_any_field_gives_the_form_back_to
     states (open, then closed with no field and no report) take the card to the run closed: Start
     again, "run X started" gone, the run line says it closed before any field, with nothing to sign
     or print; a page opened after it (the retained state) reads the same."""
-    from selenium.webdriver.common.keys import Keys
 
     with _run_control_page(tmp_path, ws_broker) as (driver, send, log, url, inside, sent):
         _wait("the form", lambda: inside(".specimen-id").is_displayed(), 20, [log])
-        inside(".specimen-id").send_keys("H-2026-0412", Keys.ENTER)
-        _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
         _answer(send, "start_run", {"ok": True, "run_id": "5d1e0c2b-bbbb", "target_wbc": 100,
-                                    "specimen_id": "H-2026-0412"}, sent("start_run")[0].correlation_data)
+                                    "specimen_id": "H-2026-0412"}, _scanned(inside, sent, log, "H-2026-0412", 1))
         send(f"{BASE}/run", _state_without_fields("5d1e0c2b-bbbb", "open", None))
         _wait("the open run", lambda: "open, no field yet" in inside(".run-line").text, 20, [log])
         assert inside(".stop-run").is_displayed() and not inside(".start-run").is_displayed()
@@ -334,17 +352,9 @@ def test_a_signature_the_station_holds_is_said_beside_verify_not_shown_as_sent(
     with _run_control_page(tmp_path, ws_broker, dashboard_args=()) as (driver, send, log, _url, inside, sent):
         report = _specimen(STATION, "7b1d0c2e-bbbb", [], time.time())
         send(f"{BASE}/run", json.dumps(_closed_run_state(report)))
-        _wait("the run's Verify", lambda: driver.execute_script(
-            "const n = document.querySelector(arguments[0]); return n !== null && !n.hidden;",
-            f"[data-station='{STATION}'] .verify"), 20, [log])
-        inside(".verify-by").send_keys("AB")
-        inside(".verify-run").click()
-        _wait("verify_run sent", lambda: len(sent("verify_run")) == 1, 20, [log])
         held = ("the signed report is held at the station: the broker shows run 7b1d0c2e-bbbb further along "
                 "than this station's state")
-        _answer(send, "verify_run", {"ok": True, "run_id": "7b1d0c2e-bbbb", "report_id": "r2", "supersedes": "r1",
-                                     "typed_cells": 0, "reclassified": 0, "left_to_review": 0, "held": True,
-                                     "message": held}, sent("verify_run")[0].correlation_data)
+        _verify_answered(driver, send, log, inside, sent, "7b1d0c2e-bbbb", held=True, message=held)
         state = lambda: inside(".verify-state")
         _wait("the answer", lambda: state().get_attribute("data-state") == "held", 20, [log])
         assert state().text == f"verified: 0 typed, 0 reclassified — not sent: {held}", state().text
@@ -364,17 +374,10 @@ def test_a_signature_whose_hold_is_not_decided_yet_is_said_beside_verify_not_sho
     with _run_control_page(tmp_path, ws_broker, dashboard_args=()) as (driver, send, log, _url, inside, sent):
         report = _specimen(STATION, "7b1d0c2e-cccc", [], time.time())
         send(f"{BASE}/run", json.dumps(_closed_run_state(report)))
-        _wait("the run's Verify", lambda: driver.execute_script(
-            "const n = document.querySelector(arguments[0]); return n !== null && !n.hidden;",
-            f"[data-station='{STATION}'] .verify"), 20, [log])
-        inside(".verify-by").send_keys("AB")
-        inside(".verify-run").click()
-        _wait("verify_run sent", lambda: len(sent("verify_run")) == 1, 20, [log])
         undecided = ("the signed report is stored at the station; whether it is held there is not decided yet: the "
                      "station has not compared its state with the run state the broker keeps")
-        _answer(send, "verify_run", {"ok": True, "run_id": "7b1d0c2e-cccc", "report_id": "r2", "supersedes": "r1",
-                                     "typed_cells": 0, "reclassified": 0, "left_to_review": 0, "held": None,
-                                     "hold_decided": False, "message": undecided}, sent("verify_run")[0].correlation_data)
+        _verify_answered(driver, send, log, inside, sent, "7b1d0c2e-cccc", held=None, hold_decided=False,
+                         message=undecided)
         state = lambda: inside(".verify-state")
         _wait("the answer", lambda: state().get_attribute("data-state") == "undecided", 20, [log])
         assert state().text == f"verified: 0 typed, 0 reclassified — {undecided}", state().text
@@ -401,16 +404,8 @@ def test_a_signature_answered_before_the_hold_was_decided_turns_held_when_the_st
     with _run_control_page(tmp_path, ws_broker, dashboard_args=()) as (driver, send, log, _url, inside, sent):
         report = _specimen(STATION, "7b1d0c2e-eeee", [], time.time())
         send(f"{BASE}/run", json.dumps(_closed_run_state(report)))
-        _wait("the run's Verify", lambda: driver.execute_script(
-            "const n = document.querySelector(arguments[0]); return n !== null && !n.hidden;",
-            f"[data-station='{STATION}'] .verify"), 20, [log])
-        inside(".verify-by").send_keys("AB")
-        inside(".verify-run").click()
-        _wait("verify_run sent", lambda: len(sent("verify_run")) == 1, 20, [log])
-        _answer(send, "verify_run", {"ok": True, "run_id": "7b1d0c2e-eeee", "report_id": "r2", "supersedes": "r1",
-                                     "typed_cells": 0, "reclassified": 0, "left_to_review": 0, "held": None,
-                                     "hold_decided": False, "message": "not decided yet"},
-                sent("verify_run")[0].correlation_data)
+        _verify_answered(driver, send, log, inside, sent, "7b1d0c2e-eeee", held=None, hold_decided=False,
+                         message="not decided yet")
         state = lambda: inside(".verify-state")
         _wait("the answer", lambda: state().get_attribute("data-state") == "undecided", 20, [log])
         sample = {"source": "proc", "read_at": time.time(), "interval_s": 30}
@@ -440,16 +435,8 @@ def test_a_signature_answered_undecided_is_not_settled_by_a_sample_that_came_bef
         sample = {"source": "proc", "read_at": time.time(), "interval_s": 30}
         send(f"{BASE}/telemetry", json.dumps({**sample, "held_runs": []}), retain=False)
         _wait("the earlier sample", lambda: inside(".telemetry").text != "", 20, [log])
-        _wait("the run's Verify", lambda: driver.execute_script(
-            "const n = document.querySelector(arguments[0]); return n !== null && !n.hidden;",
-            f"[data-station='{STATION}'] .verify"), 20, [log])
-        inside(".verify-by").send_keys("AB")
-        inside(".verify-run").click()
-        _wait("verify_run sent", lambda: len(sent("verify_run")) == 1, 20, [log])
-        _answer(send, "verify_run", {"ok": True, "run_id": "7b1d0c2e-ffff", "report_id": "r2", "supersedes": "r1",
-                                     "typed_cells": 0, "reclassified": 0, "left_to_review": 0, "held": None,
-                                     "hold_decided": False, "message": "not decided yet"},
-                sent("verify_run")[0].correlation_data)
+        _verify_answered(driver, send, log, inside, sent, "7b1d0c2e-ffff", held=None, hold_decided=False,
+                         message="not decided yet")
         state = lambda: inside(".verify-state")
         _wait("the answer", lambda: state().get_attribute("data-state") is not None, 20, [log])
         assert state().get_attribute("data-state") == "undecided", state().text
@@ -474,18 +461,10 @@ def test_a_stop_whose_hold_is_not_decided_yet_is_said_in_its_own_colour_not_as_h
     not-decided colour (as beside Verify), not in the held red: the report may well be sent; a sample
     that came before the answer does not change that. The station's next telemetry sample saying `held_runs` [] (decided, none held), the line says the stop
     alone, as sent."""
-    from selenium.webdriver.common.keys import Keys
 
     with _run_control_page(tmp_path, ws_broker) as (_driver, send, log, _url, inside, sent):
         _wait("the form", lambda: inside(".specimen-id").is_displayed(), 20, [log])
-        inside(".specimen-id").send_keys("H-7", Keys.ENTER)
-        _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
-        _answer(send, "start_run", {"ok": True, "run_id": "6a6a6a6a-dddd", "target_wbc": 100, "specimen_id": "H-7"},
-                sent("start_run")[0].correlation_data)
-        _wait("Stop run", lambda: inside(".stop-run").is_displayed(), 20, [log])
-        inside(".stop-run").click()
-        inside(".stop-run").click()
-        _wait("stop_run sent", lambda: len(sent("stop_run")) == 1, 20, [log])
+        stop = _started_and_stopped(inside, send, sent, log, "H-7", "6a6a6a6a-dddd", starts=1, stops=1)
         # a sample before the answer (an earlier station process: decided, none held) settles nothing
         send(f"{BASE}/telemetry", json.dumps({"source": "proc", "read_at": time.time(), "held_runs": []}), retain=False)
         _wait("the earlier sample", lambda: inside(".telemetry").text != "", 20, [log])
@@ -493,7 +472,7 @@ def test_a_stop_whose_hold_is_not_decided_yet_is_said_in_its_own_colour_not_as_h
                      "station has not compared its state with the run state the broker keeps")
         _answer(send, "stop_run", {"ok": True, "run_id": "6a6a6a6a-dddd", "fields": 2, "classified_wbc": 9,
                                    "target_wbc": 100, "complete": False, "report_id": "r6", "held": None,
-                                   "hold_decided": False, "message": undecided}, sent("stop_run")[0].correlation_data)
+                                   "hold_decided": False, "message": undecided}, stop)
         state = lambda: inside(".run-control-state")
         _wait("the stop's answer", lambda: state().text.startswith("run 6a6a6a6a stopped"), 20, [log])
         assert state().text == "run 6a6a6a6a stopped: 2 fields, 9 of 100 WBC — " + undecided, state().text
@@ -514,18 +493,10 @@ def test_a_stop_whose_end_was_not_kept_is_said_in_red_though_its_hold_is_not_dec
     the outbox file also refused to keep (a full disk: `kept` false) carries both messages in one;
     the not-decided amber then said the disk's refusal in the colour of 'the report may well be
     sent'. It reads in the red of a stop whose end was not kept."""
-    from selenium.webdriver.common.keys import Keys
 
     with _run_control_page(tmp_path, ws_broker) as (_driver, send, log, _url, inside, sent):
         _wait("the form", lambda: inside(".specimen-id").is_displayed(), 20, [log])
-        inside(".specimen-id").send_keys("H-8", Keys.ENTER)
-        _wait("start_run sent", lambda: len(sent("start_run")) == 1, 20, [log])
-        _answer(send, "start_run", {"ok": True, "run_id": "7b7b7b7b-eeee", "target_wbc": 100, "specimen_id": "H-8"},
-                sent("start_run")[0].correlation_data)
-        _wait("Stop run", lambda: inside(".stop-run").is_displayed(), 20, [log])
-        inside(".stop-run").click()
-        inside(".stop-run").click()
-        _wait("stop_run sent", lambda: len(sent("stop_run")) == 1, 20, [log])
+        stop = _started_and_stopped(inside, send, sent, log, "H-8", "7b7b7b7b-eeee", starts=1, stops=1)
         told = ("the run's report is stored at the station; whether it is held there is not decided yet: the "
                 "station has not compared its state with the run state the broker keeps. The run's end could not "
                 "be kept in the outbox file (see the station's log): its report is sent under r7 unless the station "
@@ -533,7 +504,7 @@ def test_a_stop_whose_end_was_not_kept_is_said_in_red_though_its_hold_is_not_dec
         _answer(send, "stop_run", {"ok": True, "run_id": "7b7b7b7b-eeee", "fields": 2, "classified_wbc": 9,
                                    "target_wbc": 100, "complete": False, "report_id": "r7", "kept": False,
                                    "held": None, "hold_decided": False, "message": told},
-                sent("stop_run")[0].correlation_data)
+                stop)
         state = lambda: inside(".run-control-state")
         _wait("the stop's answer", lambda: state().text.startswith("run 7b7b7b7b stopped"), 20, [log])
         assert state().text == "run 7b7b7b7b stopped: 2 fields, 9 of 100 WBC — " + told, state().text
