@@ -288,3 +288,38 @@ def test_a_holder_gone_during_the_pause_leaves_no_witness_of_a_second_take_over(
         assert stepped_back.state.status != "taken_over", stepped_back.state
         assert wait_until(lambda: stepped_back.state.connected, 20), stepped_back.state
     assert len(_said(caplog)) == 1
+
+
+@pytest.mark.parametrize("kept", ["none", "own", "previous"])
+def test_a_broker_restarted_again_and_again_is_no_take_over_over_mqtt_5(
+    tmp_path: Path, started: list[MqttPublisher], credentials_dir: Path, caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest, kept: str,
+) -> None:
+    """docs/MQTT.md, 'Client ids': a station over MQTT 5 whose broker is restarted three times, each within seconds
+    of its reconnection (three connections in a row closed within 5 s, which over MQTT 3.1.1 read as a take-over),
+    finds at each connection no other process's status published at that login: none retained (`none`, a broker
+    without persistence forgets it at each restart), its own `online` (`own`, a broker with persistence), or at its
+    first connection the `offline` its previous process left as it stopped just before this one started
+    (`previous`, a station restarted). None of them is taken for a take-over: no ERROR, never `taken_over`, each
+    time reconnected with its usual backoff (not paused 60 s), its report on each connection delivered. Fails with the
+    witness undone (short connections counted as over 3.1.1), with its own status taken for another's, or with
+    the previous process's counted at the first connection."""
+    broker: MosquittoBroker = request.getfixturevalue("broker" if kept == "none" else "persistent_broker")
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        if kept == "previous":  # the station's previous process, stopped as this one starts
+            previous = start_publisher(make_config(tmp_path / "previous", broker.port, protocol="5"), started)
+            assert previous.wait_until_connected(5)
+            previous.stop(drain_timeout=0)
+        station = start_publisher(make_config(tmp_path / "station", broker.port, protocol="5"), started)
+        for connects in range(1, 5):
+            assert wait_until(lambda: station.state.connects == connects and station.state.connected,  # noqa: B023
+                              15), station.state
+            # a report acknowledged on this connection: the station has read what the broker sent it before the
+            # acknowledgement, the retained status its subscription found included
+            _report(station, f"on-connection-{connects}")
+            assert station.wait_until_drained(10), station.state
+            if connects < 4:
+                broker.restart()  # within seconds of that connection
+        assert station._take_over.short == 3  # the three connections were closed within 5 s of opening each
+    assert station.state.status == "connected" and station._take_over.spells == 0, station.state
+    assert _said(caplog) == [], _said(caplog)
