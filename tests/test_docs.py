@@ -435,3 +435,16 @@ def test_the_file_layout_versions_the_documents_state_are_the_codes():
     assert f"(this smearscope: version {INDEX_VERSION})" in archive, "docs/ARCHIVE.md: the index's version"
     assert f"newer than this smearscope's (version {INDEX_VERSION})" in archive, "docs/ARCHIVE.md: the refusal"
     assert f"above this version's {SCHEMA_VERSION})" in station, "docs/STATION.md: the outbox file's schema"
+
+
+def test_renaming_a_station_names_every_line_of_the_example_acls_station_block():
+    """docs/STATION.md "Renaming or retiring a station" has the owner add the new id's lines to the
+    station's ACL block: it named three of them (write, cmd, telemetry) after the block had grown
+    to eight (status, run, field, report, cells read too), so a renamed station lost what those
+    reads are for. Each line of config/mosquitto.acl.example's station block, the new id in place."""
+    acl = _text("config/mosquitto.acl.example")
+    block = acl.partition("user station-lab-7\n")[2].partition("\n\n")[0].splitlines()
+    assert len(block) >= 8 and all(line.startswith("topic ") for line in block), block
+    steps = _text("docs/STATION.md").partition("### Renaming or retiring a station")[2].partition("\n### ")[0]
+    missing = [line for line in block if f"`{line.replace('lab-7', 'NEW-ID')}`" not in steps]
+    assert not missing, f"the rename steps do not name {missing}"
