@@ -437,7 +437,7 @@ def test_the_file_layout_versions_the_documents_state_are_the_codes():
     assert f"above this version's {SCHEMA_VERSION})" in station, "docs/STATION.md: the outbox file's schema"
 
 
-def test_renaming_a_station_names_every_line_of_the_example_acls_station_block():
+def test_the_rename_steps_and_the_account_list_name_every_line_of_the_example_acls_station_block():
     """docs/STATION.md "Renaming or retiring a station" has the owner add the new id's lines to the
     station's ACL block: it named three of them (write, cmd, telemetry) after the block had grown
     to eight (status, run, field, report, cells read too), so a renamed station lost what those
@@ -448,3 +448,8 @@ def test_renaming_a_station_names_every_line_of_the_example_acls_station_block()
     steps = _text("docs/STATION.md").partition("### Renaming or retiring a station")[2].partition("\n### ")[0]
     missing = [line for line in block if f"`{line.replace('lab-7', 'NEW-ID')}`" not in steps]
     assert not missing, f"the rename steps do not name {missing}"
+    # docs/MQTT.md's account list says what each read is for: it left out the status topic
+    accounts = _text("docs/MQTT.md").partition("`config/mosquitto.acl.example` is one")[2].partition("technicians'")[0]
+    leaves = [line.rpartition("smearscope/lab-7/")[2] for line in block if line.startswith("topic read ")]
+    unsaid = [leaf for leaf in leaves if f"`{leaf}`" not in accounts and f"`smearscope/lab-7/{leaf}`" not in accounts]
+    assert not unsaid, f"docs/MQTT.md's station account does not name {unsaid}"
