@@ -920,7 +920,13 @@ def test_config_errors_exit_78(tmp_path: Path, capsys: pytest.CaptureFixture[str
     code = run_daemon(bad, 1, analyzer_factory=pool_factory(),
                       environ={"PATH": os.environ.get("PATH", "")})
     assert code == EXIT_CONFIG
-    assert "mqtt.password_credential:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "mqtt.password_credential:" in err
+    # run from a shell, as README's `smearscope run --config ...`: the shipped unit already loads the
+    # credential (it said only "add LoadCredential= to the systemd unit"): how to run it as the unit would
+    assert "sudo systemctl start smearscope" in err, err
+    assert ("sudo systemd-run --pipe --wait -p User=smearscope -p LoadCredential=mqtt-password:"
+            "/etc/smearscope/mqtt-password /opt/smearscope/venv/bin/smearscope run --config FILE") in err, err
 
 
 def test_a_publisher_that_fails_to_start_after_the_workers_stops_them_first_and_exits_with_the_reason(

@@ -30,10 +30,14 @@ def read_password(config: MqttConfig, environ: Mapping[str, str] | None = None) 
     env = os.environ if environ is None else environ
     directory = env.get("CREDENTIALS_DIRECTORY")
     if not directory:
+        name = config.password_credential
         raise CredentialError(
-            f"MQTT password credential {config.password_credential!r} is configured but "
-            "$CREDENTIALS_DIRECTORY is not set; add "
-            f"'LoadCredential={config.password_credential}:<path>' to the systemd unit"
+            f"MQTT password credential {name!r} is configured but $CREDENTIALS_DIRECTORY is not set: systemd "
+            f"sets it from the unit's 'LoadCredential={name}:<path>' (systemd/smearscope.service names "
+            "/etc/smearscope/mqtt-password: start the station with `sudo systemctl start smearscope`). From a "
+            f"shell, as the unit would: sudo systemd-run --pipe --wait -p User=smearscope -p "
+            f"LoadCredential={name}:/etc/smearscope/mqtt-password /opt/smearscope/venv/bin/smearscope run "
+            "--config FILE"
         )
     path = Path(directory) / config.password_credential
     try:
