@@ -92,3 +92,26 @@ def test_a_tls_listener_given_as_mqtt_is_said_with_the_scheme_to_use(tmp_path: P
     finally:
         archive.stop()
         broker.stop()
+
+
+def test_the_archive_started_by_hand_says_it_connected_without_a_log_level(tmp_path: Path) -> None:
+    """README's `smearscope archive --broker ... --dir ...`, typed without --log-level: it printed
+    nothing at all, connected or not, while its unit (--log-level INFO) logs each connection. The
+    daemon's default is INFO; `archive find` keeps the commands' WARNING."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
+    archive = Archive(tmp_path, broker.port, tmp_path / "archive")
+    at = archive.argv.index("--log-level")
+    del archive.argv[at:at + 2]
+    try:
+        broker.start()
+        with open(archive.log, "ab") as out:
+            archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        assert wait_until(lambda: f"connected to broker 127.0.0.1:{broker.port}" in archive.text(), 30), archive.text()
+        said = _lines(archive.text(), "connected to broker")
+        assert len(said) == 1 and " INFO " in said[0], archive.text()
+    finally:
+        archive.stop()
+        broker.stop()
+    find = subprocess.run([*archive.argv[:archive.argv.index("archive") + 1], "find", "--dir", str(tmp_path / "archive")],
+                          check=False, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert " INFO " not in find.stdout + find.stderr, find

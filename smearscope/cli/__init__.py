@@ -98,6 +98,7 @@ def _lazy(module: str, function: str):
 
         return getattr(importlib.import_module(f"smearscope.cli.{module}"), function)(args)
 
+    run.__name__ = function
     return run
 
 
@@ -117,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="smearscope", description="Point-of-care blood-smear analyzer")
     ap.add_argument("--version", action="version", version=f"smearscope {_version()}")
     ap.add_argument("--log-level", default=None, type=_log_level,
-                    help="log threshold (DEBUG, INFO, WARNING, ERROR); default WARNING, and for "
-                    "`run` the config's log_level, which an explicit --log-level overrides")
+                    help="log threshold (DEBUG, INFO, WARNING, ERROR); default WARNING, for `run` the "
+                    "config's log_level and for the `archive` daemon INFO (its connections and each report "
+                    "stored), which an explicit --log-level overrides")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     a = sub.add_parser("analyze", help="analyze images and print one report per image",
@@ -418,8 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     _Parser.json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
-    setup_logging(args.log_level or "WARNING")
-    _quiet_opencv(args.log_level or "WARNING", args.command)
+    # the archive daemon started by hand says it connected and what it stores, as its unit logs it
+    level = args.log_level or ("INFO" if getattr(args.func, "__name__", "") == "cmd_archive" else "WARNING")
+    setup_logging(level)
+    _quiet_opencv(level, args.command)
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a full disk or a closed pipe shows here, not as a traceback at exit
