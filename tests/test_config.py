@@ -418,7 +418,11 @@ def test_a_missing_or_unusable_tls_ca_is_a_config_error(tmp_path: Path, capsys: 
 
     path = _write(tmp_path, MINIMAL + f'[mqtt.tls]\nca_file = "{tmp_path / "missing-ca.pem"}"\n')
     assert validate_config_main(path) == 78
-    assert "mqtt.tls.ca_file: cannot read" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "mqtt.tls.ca_file: cannot read" in err
+    # what to do next, for a station installed from the example config before its CA was put there
+    assert ("No such file or directory: put the certificate of the CA that signed the broker's certificate there "
+            f"(PEM; e.g. sudo install -m 0644 clinic-ca.crt {tmp_path / 'missing-ca.pem'})") in err, err
     assert run_daemon(path, 1) == 78  # not a traceback and exit 1 (systemd would restart it)
     assert "mqtt.tls.ca_file" in capsys.readouterr().err
     (tmp_path / "not-a-ca.pem").write_text("hello\n")

@@ -112,6 +112,9 @@ def file_problems(config: StationConfig) -> list[tuple[str, str]]:
     tls = config.mqtt.tls
     if tls is not None:
         reason = _unreadable(tls.ca_file)
+        if reason is not None and not os.path.exists(tls.ca_file):
+            reason += (": put the certificate of the CA that signed the broker's certificate there (PEM; e.g. "
+                       f"sudo install -m 0644 clinic-ca.crt {tls.ca_file}), or name its path in [mqtt.tls] ca_file")
         if reason is None:
             try:
                 ssl.create_default_context(cafile=str(tls.ca_file))
