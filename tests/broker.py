@@ -215,6 +215,7 @@ class MosquittoBroker:
         persistence: bool = False,
         acl: str | None = None,
         extra: tuple[str, ...] = (),
+        tls_extra: tuple[str, ...] = (),
         websockets: bool = False,
         bind: str = "127.0.0.1",
     ) -> None:
@@ -222,6 +223,8 @@ class MosquittoBroker:
         self.bind = bind  # the listeners' address: 127.0.0.1, or ::1 for IPv6
         self.acl = acl
         self.extra = extra  # further mosquitto.conf lines, e.g. "max_packet_size 65536"
+        #: further lines of the TLS listener's own, e.g. "require_certificate true", "crlfile ..."
+        self.tls_extra = tls_extra
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tls = tls
         self.websockets = websockets
@@ -281,6 +284,7 @@ class MosquittoBroker:
                 f"cafile {self.tls.ca_cert}",
                 f"certfile {self.tls.server_cert}",
                 f"keyfile {self.tls.server_key}",
+                *self.tls_extra,
             ]
         if self.ws_port is not None:
             lines += [f"listener {self.ws_port} {self.bind}", "protocol websockets"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber, TlsMaterial, make_tls_material
@@ -61,6 +62,38 @@ def ws_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     mosquitto.start()
     yield mosquitto
     mosquitto.stop()
+
+
+@pytest.fixture
+def broker_with(tmp_path: Path) -> Iterator[Callable[..., MosquittoBroker]]:
+    """Starts a mosquitto configured as the test says (MosquittoBroker's options: an ACL, TLS,
+    persistence, further conf lines...) in tmp_path/broker; stopped after the test."""
+    made: list[MosquittoBroker] = []
+
+    def start(**options: Any) -> MosquittoBroker:
+        made.append(MosquittoBroker(tmp_path / "broker", MQTT_USERS, **options))
+        made[-1].start()
+        return made[-1]
+
+    yield start
+    for mosquitto in reversed(made):
+        mosquitto.stop()
+
+
+@pytest.fixture
+def observer_on() -> Iterator[Callable[..., Subscriber]]:
+    """Subscribes the observer account to `topics` on a broker's `port` (Subscriber's options
+    besides) and waits until the broker has acknowledged the subscription; closed after the test."""
+    made: list[Subscriber] = []
+
+    def subscribe(port: int, topics: list[str], **options: Any) -> Subscriber:
+        made.append(Subscriber(port, "observer", MQTT_USERS["observer"], topics, **options))
+        made[-1].wait_ready()
+        return made[-1]
+
+    yield subscribe
+    for sub in reversed(made):
+        sub.close()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,10 @@ STATION = "lab-7"
 BASE = f"smearscope/{STATION}"
 #: A telemetry sample's `parked` while the station holds nothing back (service.mqtt.parked).
 NONE_PARKED = {"messages": 0, "reports": 0, "too_large": 0, "oldest": None, "read_error": None}
+#: A broker ACL under which the station may write its fields and status but not its reports (MQTT 5
+#: answers each report PUBACK 0x87); the observer reads everything.
+REPORTS_DENIED_ACL = (f"user station\ntopic write {BASE}/field\ntopic write {BASE}/status\n"
+                      f"topic read {BASE}/cmd/#\nuser observer\ntopic read #\n")
 
 
 def make_config(tmp_path: Path, port: int, **overrides: Any) -> MqttConfig:
@@ -76,6 +81,14 @@ def start_publisher(
     started.append(publisher)
     publisher.start()
     return publisher
+
+
+def stop_publisher(publisher: MqttPublisher, started: list[MqttPublisher], **stop: Any) -> None:
+    """Stops a publisher before the test ends (MqttPublisher.stop's `stop` arguments) and closes its
+    outbox, so that another may open the file; `started` then no longer holds it."""
+    publisher.stop(**stop)
+    publisher.outbox.close()
+    started.remove(publisher)
 
 
 @pytest.mark.broker
@@ -184,28 +197,17 @@ def test_reports_arrive_with_qos1_properties_and_leave_the_outbox(
 
 
 def test_puback_rejection_keeps_the_message_in_the_outbox(
-    tmp_path: Path,
-    credentials_dir: Path,
-    started: list[MqttPublisher],
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], broker_with: Callable[..., MosquittoBroker],
 ) -> None:
-    # The station may write fields and status, but not reports: MQTT 5 PUBACK 0x87.
-    acl = (
-        f"user station\ntopic write {BASE}/field\ntopic write {BASE}/status\n"
-        f"topic read {BASE}/cmd/#\nuser observer\ntopic read #\n"
-    )
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=acl)
-    broker.start()
-    try:
-        publisher = start_publisher(make_config(tmp_path, broker.port), started)
-        assert publisher.wait_until_connected(5)
-        report_seq = publisher.publish_report("report", "denied", b"{}", "1")
-        publisher.publish_report("field", "allowed", b"{}", "1")
-        assert wait_until(lambda: publisher.state.failed_acks >= 1, 5), publisher.state
-        assert wait_until(lambda: publisher.state.delivered == 1, 5), publisher.state
-        assert [m.seq for m in publisher.outbox.pending()] == [report_seq]
-        assert publisher.outbox.pending()[0].attempts >= 1
-    finally:
-        broker.stop()
+    broker = broker_with(acl=REPORTS_DENIED_ACL)
+    publisher = start_publisher(make_config(tmp_path, broker.port), started)
+    assert publisher.wait_until_connected(5)
+    report_seq = publisher.publish_report("report", "denied", b"{}", "1")
+    publisher.publish_report("field", "allowed", b"{}", "1")
+    assert wait_until(lambda: publisher.state.failed_acks >= 1, 5), publisher.state
+    assert wait_until(lambda: publisher.state.delivered == 1, 5), publisher.state
+    assert [m.seq for m in publisher.outbox.pending()] == [report_seq]
+    assert publisher.outbox.pending()[0].attempts >= 1
 
 
 def test_publish_report_rejects_a_body_that_is_not_json(
@@ -323,46 +325,30 @@ def test_password_comes_only_from_credentials_directory(
 
 
 def test_tls_with_the_test_ca(
-    tmp_path: Path,
-    tls_material: TlsMaterial,
-    credentials_dir: Path,
-    started: list[MqttPublisher],
+    tmp_path: Path, tls_material: TlsMaterial, credentials_dir: Path, started: list[MqttPublisher],
+    broker_with: Callable[..., MosquittoBroker], observer_on: Callable[..., Subscriber],
 ) -> None:
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material)
-    broker.start()
-    sub = None
-    try:
-        assert broker.tls_port is not None
-        sub = Subscriber(
-            broker.tls_port,
-            "observer",
-            MQTT_USERS["observer"],
-            [f"{BASE}/report"],
-            ca_cert=tls_material.ca_cert,
-        )
-        sub.wait_ready()
-        config = make_config(tmp_path, broker.tls_port, tls={"ca_file": str(tls_material.ca_cert)})
-        publisher = start_publisher(config, started)
-        assert publisher.wait_until_connected(5), publisher.state
-        publisher.publish_report("report", "tls-1", b"{}", "1")
-        assert sub.wait_for(lambda m: len(m) == 1, 5)
+    broker = broker_with(tls=tls_material)
+    assert broker.tls_port is not None
+    sub = observer_on(broker.tls_port, [f"{BASE}/report"], ca_cert=tls_material.ca_cert)
+    config = make_config(tmp_path, broker.tls_port, tls={"ca_file": str(tls_material.ca_cert)})
+    publisher = start_publisher(config, started)
+    assert publisher.wait_until_connected(5), publisher.state
+    publisher.publish_report("report", "tls-1", b"{}", "1")
+    assert sub.wait_for(lambda m: len(m) == 1, 5)
 
-        # A broker certificate from another CA is not trusted.
-        rogue = make_tls_material(tmp_path / "rogue", common_name="rogue-ca")
-        other = make_config(
-            tmp_path / "other",
-            broker.tls_port,
-            client_id="smearscope-other",
-            tls={"ca_file": str(rogue.ca_cert)},
-        )
-        untrusting = start_publisher(other, started)
-        assert wait_until(lambda: untrusting.state.last_error is not None, 5)
-        assert not untrusting.state.connected and untrusting.state.connects == 0
-        assert "TLS" in (untrusting.state.last_error or "")
-    finally:
-        if sub is not None:
-            sub.close()
-        broker.stop()
+    # A broker certificate from another CA is not trusted.
+    rogue = make_tls_material(tmp_path / "rogue", common_name="rogue-ca")
+    other = make_config(
+        tmp_path / "other",
+        broker.tls_port,
+        client_id="smearscope-other",
+        tls={"ca_file": str(rogue.ca_cert)},
+    )
+    untrusting = start_publisher(other, started)
+    assert wait_until(lambda: untrusting.state.last_error is not None, 5)
+    assert not untrusting.state.connected and untrusting.state.connects == 0
+    assert "TLS" in (untrusting.state.last_error or "")
 
 
 def test_commands_get_responses_with_correlation_data(
@@ -1077,54 +1063,45 @@ def test_a_wal_that_a_full_disk_keeps_from_emptying_is_said_once(
 @pytest.mark.broker
 def test_a_client_certificate_the_broker_refuses_is_said_and_the_reports_wait_for_a_good_one(
     tmp_path: Path, tls_material: TlsMaterial, credentials_dir: Path, started: list[MqttPublisher],
+    broker_with: Callable[..., MosquittoBroker], observer_on: Callable[..., Subscriber],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Mutual TLS with a certificate the broker does not trust: under TLS 1.3 the broker refuses it
     after the handshake, so paho got no CONNACK and no connect failure. The state stayed "connecting"
     with no last_error (the daemon said "no MQTT broker answered ... (no connection yet)") and the
     journal held only paho's "failed to receive on socket", a WARNING on every retry."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material)
-    broker.conf_path.write_text(broker.conf_path.read_text() + "require_certificate true\n")  # the TLS listener's
-    broker.start()
-    sub = None
-    try:
-        assert broker.tls_port is not None
-        certs = tmp_path / "certs"
-        certs.mkdir()
-        trusted, stranger = make_client_cert(certs, "station", tls_material), make_client_cert(certs, "x", None)
-        sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])  # plain listener
-        sub.wait_ready()
-        tls = {"ca_file": str(tls_material.ca_cert)}
-        bad = make_config(tmp_path, broker.tls_port, tls={**tls, "certfile": str(stranger[0]), "keyfile": str(stranger[1])})
-        ours = "smearscope.service.mqtt.publisher"
-        with caplog.at_level(logging.DEBUG, logger=ours):
-            publisher = start_publisher(bad, started)
-            publisher.publish_report("report", "mtls-1", b"{}", "1")
-            assert wait_until(lambda: len([r for r in caplog.records
-                                           if r.name == ours and "client certificate" in r.getMessage()]) >= 2, 10)
-        said = [r for r in caplog.records if r.name == ours and "client certificate" in r.getMessage()]
-        assert [r.levelno for r in said][:2] == [logging.WARNING, logging.DEBUG], said  # said once, then quiet
-        message = said[0].getMessage()
-        assert f"127.0.0.1:{broker.tls_port}" in message and "UNKNOWN_CA" in message, message
-        state = publisher.state
-        assert not state.connected and state.last_error == message, state
-        paho_lines = [r for r in caplog.records if r.name == f"{ours}.paho" and r.levelno >= logging.WARNING]
-        assert paho_lines == [], paho_lines  # its raw socket error is in our line
-        assert publisher.outbox.counts().reports == 1  # kept
-        publisher.stop()
-        publisher.outbox.close()
-        started.remove(publisher)
-        good = make_config(tmp_path, broker.tls_port, tls={**tls, "certfile": str(trusted[0]), "keyfile": str(trusted[1])})
-        start_publisher(good, started)
-        assert sub.wait_for(lambda m: len(m) == 1, 10), sub.messages
-    finally:
-        if sub is not None:
-            sub.close()
-        broker.stop()
+    broker = broker_with(tls=tls_material, tls_extra=("require_certificate true",))
+    assert broker.tls_port is not None
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    trusted, stranger = make_client_cert(certs, "station", tls_material), make_client_cert(certs, "x", None)
+    sub = observer_on(broker.port, [f"{BASE}/report"])  # plain listener
+    tls = {"ca_file": str(tls_material.ca_cert)}
+    bad = make_config(tmp_path, broker.tls_port, tls={**tls, "certfile": str(stranger[0]), "keyfile": str(stranger[1])})
+    ours = "smearscope.service.mqtt.publisher"
+    with caplog.at_level(logging.DEBUG, logger=ours):
+        publisher = start_publisher(bad, started)
+        publisher.publish_report("report", "mtls-1", b"{}", "1")
+        assert wait_until(lambda: len([r for r in caplog.records
+                                       if r.name == ours and "client certificate" in r.getMessage()]) >= 2, 10)
+    said = [r for r in caplog.records if r.name == ours and "client certificate" in r.getMessage()]
+    assert [r.levelno for r in said][:2] == [logging.WARNING, logging.DEBUG], said  # said once, then quiet
+    message = said[0].getMessage()
+    assert f"127.0.0.1:{broker.tls_port}" in message and "UNKNOWN_CA" in message, message
+    state = publisher.state
+    assert not state.connected and state.last_error == message, state
+    paho_lines = [r for r in caplog.records if r.name == f"{ours}.paho" and r.levelno >= logging.WARNING]
+    assert paho_lines == [], paho_lines  # its raw socket error is in our line
+    assert publisher.outbox.counts().reports == 1  # kept
+    stop_publisher(publisher, started)
+    good = make_config(tmp_path, broker.tls_port, tls={**tls, "certfile": str(trusted[0]), "keyfile": str(trusted[1])})
+    start_publisher(good, started)
+    assert sub.wait_for(lambda m: len(m) == 1, 10), sub.messages
 
 
 def test_a_certificate_judged_not_yet_valid_names_the_station_clock(
-    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], broker_with: Callable[..., MosquittoBroker],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A station that boots with a stale clock (no clock battery, no network time yet) judges the
     broker's certificate not yet valid: the connection error names the station's clock as what it
@@ -1140,19 +1117,15 @@ def test_a_certificate_judged_not_yet_valid_names_the_station_clock(
     with monkeypatch.context() as patched:
         patched.setenv("PATH", f"{wrapper}:{os.environ['PATH']}")
         future = make_tls_material(tmp_path / "future")
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=future)
-    broker.start()
-    try:
-        assert broker.tls_port is not None
-        config = make_config(tmp_path, broker.tls_port, tls={"ca_file": str(future.ca_cert)})
-        publisher = start_publisher(config, started)
-        publisher.publish_report("report", "r-1", b"{}", "1")
-        assert wait_until(lambda: publisher.state.last_error is not None, 10)
-        error = publisher.state.last_error or ""
-        assert "not yet valid" in error and "wall clock reads" in error, error
-        assert not publisher.state.connected and publisher.outbox.counts().reports == 1
-    finally:
-        broker.stop()
+    broker = broker_with(tls=future)
+    assert broker.tls_port is not None
+    config = make_config(tmp_path, broker.tls_port, tls={"ca_file": str(future.ca_cert)})
+    publisher = start_publisher(config, started)
+    publisher.publish_report("report", "r-1", b"{}", "1")
+    assert wait_until(lambda: publisher.state.last_error is not None, 10)
+    error = publisher.state.last_error or ""
+    assert "not yet valid" in error and "wall clock reads" in error, error
+    assert not publisher.state.connected and publisher.outbox.counts().reports == 1
 
 
 @pytest.mark.broker
