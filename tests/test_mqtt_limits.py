@@ -28,7 +28,14 @@ from broker import (
 )
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from test_publisher import BASE, REPORTS_DENIED_ACL, make_config, start_publisher, stop_publisher
+from test_publisher import (
+    BASE,
+    REPORTS_DENIED_ACL,
+    make_config,
+    start_publisher,
+    stop_publisher,
+    wait_listening,
+)
 
 import smearscope.service.mqtt.publisher as publisher_module
 from smearscope.service.mqtt import command_worker
@@ -116,11 +123,7 @@ def test_busy_answers_waiting_are_bounded_under_a_flood(
 
     publisher = start_publisher(make_config(tmp_path, broker.port), started, on_command=handler)
     assert publisher.wait_until_connected(5)
-
-    def listening() -> bool:  # the subscription made in on_connect has reached the broker
-        observer.client.publish(f"{BASE}/cmd/probe", b"{}", qos=1)
-        return observer.wait_for(lambda m: any(r.topic.endswith("/cmd_response/probe") for r in m), 1)
-    assert wait_until(listening, 10)
+    wait_listening(observer)
     try:
         observer.client.publish(f"{BASE}/cmd/hold", b"{}", qos=1)
         assert entered.wait(10)  # the command thread is busy with it, its queue empty

@@ -91,21 +91,37 @@ def stop_publisher(publisher: MqttPublisher, started: list[MqttPublisher], **sto
     started.remove(publisher)
 
 
+def wait_listening(observer: Subscriber) -> None:
+    """Waits until the station's command subscription (made in on_connect) has reached the broker:
+    a `probe` command published until its answer comes (answered by the station's handler)."""
+    def listening() -> bool:
+        observer.client.publish(f"{BASE}/cmd/probe", b"{}", qos=1)
+        return observer.wait_for(lambda m: any(x.topic.endswith("/cmd_response/probe") for x in m), 1)
+    assert wait_until(listening, 10)
+
+
+def _expiry_of_a_field_stored_at(created_at: float, port: int, observer: Subscriber, tmp_path: Path,
+                                 started: list[MqttPublisher]) -> int | None:
+    """The Message Expiry Interval a field message stored stamped `created_at` goes out with, from a
+    publisher with field_message_expiry_s 600 started on the broker at `port`."""
+    config = make_config(tmp_path, port, field_message_expiry_s=600)
+    with Outbox.from_config(config.outbox) as outbox:
+        outbox.put("field", f"{BASE}/field", b'{"field": 1}', report_id=f"at-{created_at}", schema_version="2.1",
+                   created_at=created_at)
+    publisher = start_publisher(config, started)
+    assert publisher.wait_until_connected(5), publisher.state
+    assert observer.wait_for(lambda m: any(x.topic == f"{BASE}/field" for x in m), 10)
+    return observer.on_topic(f"{BASE}/field")[0].message_expiry
+
+
 @pytest.mark.broker
 def test_a_field_stored_before_the_clock_was_set_back_expires_within_its_lifetime(
     broker: MosquittoBroker, observer: Subscriber, tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
 ) -> None:
     """A field message stored an hour 'later' than now (the wall clock set back since) goes out
     with at most `field_message_expiry_s` to live, not the hour on top."""
-    config = make_config(tmp_path, broker.port, field_message_expiry_s=600)
-    with Outbox.from_config(config.outbox) as outbox:
-        outbox.put("field", f"{BASE}/field", b'{"field": 1}', report_id="ahead", schema_version="2.1",
-                   created_at=time.time() + 3600)
-    publisher = start_publisher(config, started)
-    assert publisher.wait_until_connected(5), publisher.state
-    assert observer.wait_for(lambda m: any(x.topic == f"{BASE}/field" for x in m), 10)
-    field = observer.on_topic(f"{BASE}/field")[0]
-    assert field.message_expiry is not None and 590 <= field.message_expiry <= 600
+    expiry = _expiry_of_a_field_stored_at(time.time() + 3600, broker.port, observer, tmp_path, started)
+    assert expiry is not None and 590 <= expiry <= 600, expiry
 
 
 
@@ -141,22 +157,11 @@ def test_a_field_stamped_in_1970_by_an_earlier_start_goes_out_with_its_whole_lif
     restarted) has no age that can be known: the outbox keeps it, and it goes out with
     `field_message_expiry_s` to live, not 1 s as a message 56 years old (a broker then dropped it,
     and the retained run state, for any subscriber not connected that second)."""
-    config = make_config(tmp_path, broker.port, field_message_expiry_s=600)
-    with Outbox.from_config(config.outbox) as outbox:
-        outbox.put("field", f"{BASE}/field", b'{"field": 1}', report_id="1970", schema_version="2.1",
-                   created_at=86_400.0)
-    publisher = start_publisher(config, started)
-    assert publisher.wait_until_connected(5), publisher.state
-    assert observer.wait_for(lambda m: any(x.topic == f"{BASE}/field" for x in m), 10)
-    field = observer.on_topic(f"{BASE}/field")[0]
-    assert field.message_expiry is not None and 590 <= field.message_expiry <= 600
+    expiry = _expiry_of_a_field_stored_at(86_400.0, broker.port, observer, tmp_path, started)
+    assert expiry is not None and 590 <= expiry <= 600, expiry
 
 def test_reports_arrive_with_qos1_properties_and_leave_the_outbox(
-    broker: MosquittoBroker,
-    observer: Subscriber,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
 ) -> None:
     config = make_config(tmp_path, broker.port, field_message_expiry_s=600)
     publisher = start_publisher(config, started)
@@ -211,10 +216,7 @@ def test_puback_rejection_keeps_the_message_in_the_outbox(
 
 
 def test_publish_report_rejects_a_body_that_is_not_json(
-    broker: MosquittoBroker,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
+    broker: MosquittoBroker, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
 ) -> None:
     publisher = start_publisher(make_config(tmp_path, broker.port), started)
     with pytest.raises(ValueError):
@@ -225,10 +227,7 @@ def test_publish_report_rejects_a_body_that_is_not_json(
 
 
 def test_status_is_retained_online_then_offline_on_clean_stop(
-    broker: MosquittoBroker,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
+    broker: MosquittoBroker, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
 ) -> None:
     publisher = start_publisher(make_config(tmp_path, broker.port), started)
     assert publisher.wait_until_connected(5)
@@ -245,10 +244,7 @@ def test_status_is_retained_online_then_offline_on_clean_stop(
 
 
 def test_last_will_marks_a_killed_publisher_offline(
-    broker: MosquittoBroker,
-    observer: Subscriber,
-    credentials_dir: Path,
-    tmp_path: Path,
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path,
 ) -> None:
     child = PublisherProcess(make_config(tmp_path, broker.port).model_dump_json(), STATION)
     try:
@@ -266,10 +262,7 @@ def test_last_will_marks_a_killed_publisher_offline(
 
 
 def test_anonymous_connection_is_refused_and_reported(
-    broker: MosquittoBroker,
-    tmp_path: Path,
-    started: list[MqttPublisher],
-    caplog: pytest.LogCaptureFixture,
+    broker: MosquittoBroker, tmp_path: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = make_config(tmp_path, broker.port, username=None, password_credential=None)
     with caplog.at_level(logging.ERROR, logger="smearscope.service.mqtt.publisher"):
@@ -285,10 +278,7 @@ def test_anonymous_connection_is_refused_and_reported(
 
 
 def test_wrong_password_is_refused_and_never_counted_as_connected(
-    broker: MosquittoBroker,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
+    broker: MosquittoBroker, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
 ) -> None:
     (credentials_dir / "mqtt-password").chmod(0o600)
     (credentials_dir / "mqtt-password").write_text("not-the-password\n")
@@ -352,11 +342,7 @@ def test_tls_with_the_test_ca(
 
 
 def test_commands_get_responses_with_correlation_data(
-    broker: MosquittoBroker,
-    observer: Subscriber,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
 ) -> None:
     calls: list[tuple[str, dict[str, Any]]] = []
 
@@ -407,11 +393,7 @@ def test_commands_get_responses_with_correlation_data(
 
 
 def test_an_answer_that_cannot_be_sent_as_json_is_answered_command_failed(
-    broker: MosquittoBroker,
-    observer: Subscriber,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
 ) -> None:
     """A handler's answer JSON cannot carry (a key that is no string, a loop, a nesting too deep
     for the encoder): the caller still gets an answer, command_failed saying why, with its
@@ -426,11 +408,7 @@ def test_an_answer_that_cannot_be_sent_as_json_is_answered_command_failed(
     publisher = start_publisher(make_config(tmp_path, broker.port), started,
                                 on_command=lambda name, payload: answers.get(name, {"ok": True}))
     assert publisher.wait_until_connected(5)
-
-    def listening() -> bool:  # the subscription made in on_connect has reached the broker
-        observer.client.publish(f"{BASE}/cmd/probe", b"{}", qos=1)
-        return observer.wait_for(lambda m: any(x.topic.endswith("/cmd_response/probe") for x in m), 1)
-    assert wait_until(listening, 10)
+    wait_listening(observer)
     for name in answers:
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.CorrelationData = f"req-{name}".encode()
@@ -449,11 +427,7 @@ def test_an_answer_that_cannot_be_sent_as_json_is_answered_command_failed(
 
 
 def test_a_callback_that_raises_does_not_end_the_network_thread(
-    broker: MosquittoBroker,
-    observer: Subscriber,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     publisher = start_publisher(make_config(tmp_path, broker.port), started,
@@ -481,11 +455,7 @@ def test_a_callback_that_raises_does_not_end_the_network_thread(
 
 
 def test_telemetry_is_qos0_and_not_stored(
-    broker: MosquittoBroker,
-    observer: Subscriber,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
 ) -> None:
     config = make_config(tmp_path, broker.port, telemetry_interval_s=0.1)
     publisher = start_publisher(config, started, telemetry_source=lambda: {"gpu_temp_c": 51.5})
@@ -509,11 +479,7 @@ def test_telemetry_is_qos0_and_not_stored(
 
 
 def test_falls_back_to_mqtt_311_when_the_broker_refuses_v5(
-    broker: MosquittoBroker,
-    observer: Subscriber,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
 ) -> None:
     proxy = Mqtt311OnlyProxy(broker.port)
     try:
@@ -538,10 +504,7 @@ def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_clean_stop_logs_no_error(
-    broker: MosquittoBroker,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
+    broker: MosquittoBroker, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """paho may find no socket after our own disconnect (a race in its loop); that is the stop,
@@ -558,10 +521,7 @@ def test_clean_stop_logs_no_error(
 
 
 def test_broker_outage_and_reconnect_log_a_warning_not_an_error(
-    broker: MosquittoBroker,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
+    broker: MosquittoBroker, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt.publisher"):
@@ -580,10 +540,7 @@ def test_broker_outage_and_reconnect_log_a_warning_not_an_error(
 
 
 def test_socket_reset_while_connected_is_a_warning_other_paho_errors_stay_errors(
-    broker: MosquittoBroker,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
+    broker: MosquittoBroker, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The broker's death reaches paho's loop first, as an ERROR-level 'failed to receive on
@@ -606,10 +563,7 @@ def test_socket_reset_while_connected_is_a_warning_other_paho_errors_stay_errors
 
 
 def test_other_paho_errors_stay_errors(
-    broker: MosquittoBroker,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
+    broker: MosquittoBroker, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     publisher = start_publisher(make_config(tmp_path, broker.port), started)
@@ -630,10 +584,7 @@ def test_other_paho_errors_stay_errors(
 
 
 def test_a_stop_while_disconnected_says_what_waits_in_the_outbox(
-    broker: MosquittoBroker,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
+    broker: MosquittoBroker, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Stopped while the broker is down: nothing can drain; the log says how many messages wait
@@ -652,11 +603,7 @@ def test_a_stop_while_disconnected_says_what_waits_in_the_outbox(
 
 
 def test_telemetry_goes_out_at_each_connection_not_a_period_later(
-    broker: MosquittoBroker,
-    observer: Subscriber,
-    credentials_dir: Path,
-    tmp_path: Path,
-    started: list[MqttPublisher],
+    broker: MosquittoBroker, observer: Subscriber, credentials_dir: Path, tmp_path: Path, started: list[MqttPublisher],
 ) -> None:
     """A dashboard sees the station's state (a full disk, an outbox backlog) as soon as the station
     is online again, not up to telemetry_interval_s (30 s by default) later: at each connection
