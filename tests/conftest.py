@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,25 @@ def observer_on() -> Iterator[Callable[..., Subscriber]]:
     yield subscribe
     for sub in reversed(made):
         sub.close()
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., Any]]:
+    """Starts station daemons in child processes (tests/test_daemon_faults.py's DaemonProcess: a
+    station config, a pickled pool of oracle fields); each one still running is SIGKILLed after the
+    test."""
+    from test_daemon_faults import DaemonProcess
+
+    made: list[DaemonProcess] = []
+
+    def start(config: Path, pool_file: Path, *args: str) -> DaemonProcess:
+        made.append(DaemonProcess(config, pool_file, *args))
+        return made[-1]
+
+    yield start
+    for daemon in made:
+        daemon.signal(signal.SIGKILL)
+        daemon.wait(10)
 
 
 @pytest.fixture

@@ -8,11 +8,12 @@ import pickle
 import re
 import signal
 import sqlite3
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, Subscriber, free_port, wait_until
+from broker import MosquittoBroker, Subscriber, free_port, wait_until
 from smallfs import fill, small_tmpfs
 from test_daemon import BASE, oracle_pool, write_station
 from test_daemon_faults import DaemonProcess, received_ids
@@ -80,7 +81,8 @@ def assert_readable_delivered_while_running(sub: Subscriber, station: DaemonProc
 
 
 def test_a_station_started_on_an_outbox_with_a_damaged_page_sends_every_message_it_can_still_read(
-    tmp_path: Path, credentials_dir: Path,
+    tmp_path: Path, credentials_dir: Path, broker_with: Callable[..., MosquittoBroker],
+    observer_on: Callable[..., Subscriber], daemons: Callable[..., DaemonProcess],
 ) -> None:
     """SQLite refuses the whole file ('database disk image is malformed') for one bad page: the
     station exited 78 (not restarted by systemd), the reports in the good pages were never sent and
@@ -90,24 +92,14 @@ def test_a_station_started_on_an_outbox_with_a_damaged_page_sends_every_message_
     config, pool_file, lost, readable = damaged_outbox(tmp_path, port)
     outbox = tmp_path / "state" / "outbox.sqlite3"
 
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, port=port)
-    broker.start()
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-    second = None
-    try:
-        sub.wait_ready()
-        second = DaemonProcess(config, pool_file)
-        assert_readable_delivered_while_running(sub, second, readable)
-        assert wait_until(lambda: len(second.stored()) >= 3, 30), second.lines[-20:]  # it analyses on
-        second.signal(signal.SIGTERM)
-        assert second.wait(60) == 0, second.lines[-20:]
-        new = {r for _, r, _ in second.stored()}
-        assert sub.wait_for(lambda ms: new <= {r for _, r in received_ids(sub)}, 15)
-    finally:
-        if second is not None:
-            second.signal(signal.SIGKILL)
-        sub.close()
-        broker.stop()
+    sub = observer_on(broker_with(port=port).port, [f"{BASE}/#"])
+    second = daemons(config, pool_file)
+    assert_readable_delivered_while_running(sub, second, readable)
+    assert wait_until(lambda: len(second.stored()) >= 3, 30), second.lines[-20:]  # it analyses on
+    second.signal(signal.SIGTERM)
+    assert second.wait(60) == 0, second.lines[-20:]
+    new = {r for _, r, _ in second.stored()}
+    assert sub.wait_for(lambda ms: new <= {r for _, r in received_ids(sub)}, 15)
     [said] = [ln for ln in second.lines if " ERROR " in ln and "is damaged" in ln]
     kept = re.search(r"kept as (\S+);", said)
     assert kept and Path(kept[1]).exists() and Path(kept[1]).parent == outbox.parent, said
@@ -131,7 +123,8 @@ def test_a_file_that_is_no_sqlite_file_at_the_outboxs_path_is_refused_and_left_w
 
 
 def test_a_damaged_outbox_that_a_full_disk_keeps_from_being_salvaged_stays_as_it_was_for_the_next_start(
-    tmp_path: Path, credentials_dir: Path,
+    tmp_path: Path, credentials_dir: Path, broker_with: Callable[..., MosquittoBroker],
+    observer_on: Callable[..., Subscriber], daemons: Callable[..., DaemonProcess],
 ) -> None:
     """The copy of what can be read needs room: on a full disk (a real tmpfs) the start fails (exit
     1: systemd starts it again) and leaves the damaged file where it was, whole, with no copy or half
@@ -143,30 +136,17 @@ def test_a_damaged_outbox_that_a_full_disk_keeps_from_being_salvaged_stays_as_it
         outbox = state / "outbox.sqlite3"
         before = outbox.read_bytes()
         filler = fill(state, leave_bytes=len(before) // 2)
-        full = DaemonProcess(config, pool_file)
-        try:
-            assert full.wait(60) == 1, full.lines[-20:]
-        finally:
-            full.signal(signal.SIGKILL)
+        full = daemons(config, pool_file)
+        assert full.wait(60) == 1, full.lines[-20:]
         assert outbox.read_bytes() == before
         assert not [p.name for p in state.iterdir() if "damaged" in p.name or "salvage" in p.name]
         filler.unlink()
-        broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, port=port)
-        broker.start()
-        sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-        again = None
-        try:
-            sub.wait_ready()
-            again = DaemonProcess(config, pool_file)
-            wanted = {report_id for _, report_id, _ in readable}
-            assert sub.wait_for(lambda ms: wanted <= {r for _, r in received_ids(sub)}, 60), again.lines[-20:]
-            again.signal(signal.SIGTERM)
-            assert again.wait(60) == 0, again.lines[-20:]
-        finally:
-            if again is not None:
-                again.signal(signal.SIGKILL)
-            sub.close()
-            broker.stop()
+        sub = observer_on(broker_with(port=port).port, [f"{BASE}/#"])
+        again = daemons(config, pool_file)
+        wanted = {report_id for _, report_id, _ in readable}
+        assert sub.wait_for(lambda ms: wanted <= {r for _, r in received_ids(sub)}, 60), again.lines[-20:]
+        again.signal(signal.SIGTERM)
+        assert again.wait(60) == 0, again.lines[-20:]
 
 
 @pytest.mark.parametrize("folder", ["state", "lab #2 ?ward=3"])
@@ -205,7 +185,8 @@ def test_a_salvage_says_each_sequence_number_it_could_not_read_once_and_no_empty
 
 
 def test_a_bad_page_among_the_stations_own_rows_is_salvaged_too_and_every_message_is_sent(
-    tmp_path: Path, credentials_dir: Path,
+    tmp_path: Path, credentials_dir: Path, broker_with: Callable[..., MosquittoBroker],
+    observer_on: Callable[..., Subscriber], daemons: Callable[..., DaemonProcess],
 ) -> None:
     """A damaged page of the open run's cells (specimen_fields), not of the messages: the outbox
     opened (it reads only its messages), the start then failed reading the runs (exit 1) at every
@@ -213,20 +194,10 @@ def test_a_bad_page_among_the_stations_own_rows_is_salvaged_too_and_every_messag
     salvaged, and every message in it is delivered."""
     port = free_port()
     config, pool_file, _, readable = damaged_outbox(tmp_path, port, table="specimen_fields")
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, port=port)
-    broker.start()
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"])
-    station = None
-    try:
-        sub.wait_ready()
-        station = DaemonProcess(config, pool_file)
-        assert_readable_delivered_while_running(sub, station, readable)
-        station.signal(signal.SIGTERM)
-        assert station.wait(60) == 0, station.lines[-20:]
-    finally:
-        if station is not None:
-            station.signal(signal.SIGKILL)
-        sub.close()
-        broker.stop()
+    sub = observer_on(broker_with(port=port).port, [f"{BASE}/#"])
+    station = daemons(config, pool_file)
+    assert_readable_delivered_while_running(sub, station, readable)
+    station.signal(signal.SIGTERM)
+    assert station.wait(60) == 0, station.lines[-20:]
     [said] = [ln for ln in station.lines if " ERROR " in ln and "is damaged" in ln]
     assert "every message of it was read" in said and "some rows of specimen_fields could not be read" in said, said
