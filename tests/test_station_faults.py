@@ -6,6 +6,7 @@ lost, duplicated), the rows of the reliability table in docs/RESULTS.md.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import pickle
@@ -13,12 +14,13 @@ import re
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import cv2
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
+from broker import MosquittoBroker, Subscriber, wait_until
 from smallfs import fill, small_tmpfs
 from test_daemon import BASE, oracle_pool, write_station
 from test_daemon_faults import DaemonProcess
@@ -46,54 +48,45 @@ def _pool_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_disk_full_pauses_the_analysis_and_nothing_is_lost(tmp_path: Path,
-                                                           credentials_dir: Path) -> None:
+def test_disk_full_pauses_the_analysis_and_nothing_is_lost(
+    tmp_path: Path, credentials_dir: Path, broker_with: Callable[..., MosquittoBroker],
+    observer_on: Callable[..., Subscriber], daemons: Callable[..., DaemonProcess],
+) -> None:
     """The outbox on an 8 MB tmpfs, filled; the broker is down while the disk fills (so nothing drains),
     comes back while it is full, and space returns later. Wanted: SQLite's real error in the log,
     analysis paused (status disk_full), the acknowledged messages deleted while the disk is still
     full, resumed once space returns, no duplicate storm, no report lost."""
     # Broker persistence: the observer's session (and what it missed) survives the outage.
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
-    broker.start()
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"],
-                     client_id="disk-full-observer", persistent=True)
-    daemon = None
+    broker = broker_with(persistence=True)
+    sub = observer_on(broker.port, [f"{BASE}/#"], client_id="disk-full-observer", persistent=True)
     with small_tmpfs(tmp_path / "state", 8192) as state:
-        try:
-            sub.wait_ready()
-            config = write_station(tmp_path, broker.port, target_wbc=1000)
-            daemon = DaemonProcess(config, _pool_file(tmp_path))
-            assert wait_until(lambda: len(daemon.stored()) >= 10, 30), "\n".join(daemon.lines[-20:])
-            broker.stop()  # nothing drains: the outbox grows until the disk is full
-            filler = fill(state, leave_bytes=64 * 1024)
-            assert wait_until(lambda: any("analysis paused" in ln for ln in daemon.lines), 60), (
-                "\n".join(daemon.lines[-60:]))  # whole lines: a failure once under a full suite's load
-            paused_at = len(daemon.stored())
-            time.sleep(3.0)
-            assert len(daemon.stored()) <= paused_at + 1, "analysis went on with a full disk"
-            broker.start()  # acknowledgements arrive while the disk is still full
-            sub.wait_ready(15)
-            # they are deleted from the outbox on the disk still full, not sent again at every reconnect
-            # (where the disk has no room left at all for the deletes, the outbox's reserve gives it:
-            # test_outbox.py)
-            def waiting() -> int | None:  # the station's telemetry says how many messages its outbox holds
-                last = [m for m in list(sub.messages) if m.topic == f"{BASE}/telemetry"][-1:]
-                return json.loads(last[0].payload)["pipeline"]["outbox_messages"] if last else None
-            seen = len(sub.messages)
-            assert wait_until(lambda: len(sub.messages) > seen and waiting() == 0, 60), "\n".join(daemon.lines[-30:])
-            filler.unlink()  # space returns
-            assert wait_until(lambda: len(daemon.stored()) >= paused_at + 10, 60), daemon.lines[-20:]
-            daemon.signal(signal.SIGTERM)
-            assert daemon.wait(60) == 0, daemon.lines[-30:]
-            produced = [rid for _, rid, _ in daemon.stored()]
-            assert sub.wait_for(lambda ms: set(produced) <= {e["report_id"] for e in
-                                _arrivals(sub, "field") + _arrivals(sub, "report")}, 30)
-        finally:
-            if daemon is not None:
-                daemon.signal(signal.SIGKILL)
-                daemon.wait(10)
-            sub.close()
-            broker.stop()
+        config = write_station(tmp_path, broker.port, target_wbc=1000)
+        daemon = daemons(config, _pool_file(tmp_path))
+        assert wait_until(lambda: len(daemon.stored()) >= 10, 30), "\n".join(daemon.lines[-20:])
+        broker.stop()  # nothing drains: the outbox grows until the disk is full
+        filler = fill(state, leave_bytes=64 * 1024)
+        assert wait_until(lambda: any("analysis paused" in ln for ln in daemon.lines), 60), (
+            "\n".join(daemon.lines[-60:]))  # whole lines: a failure once under a full suite's load
+        paused_at = len(daemon.stored())
+        time.sleep(3.0)
+        assert len(daemon.stored()) <= paused_at + 1, "analysis went on with a full disk"
+        broker.start()  # acknowledgements arrive while the disk is still full
+        sub.wait_ready(15)
+        # they are deleted from the outbox on the disk still full, not sent again at every reconnect
+        # (where the disk has no room left at all for the deletes, the outbox's reserve gives it:
+        # test_outbox.py)
+        def waiting() -> int | None:  # the station's telemetry says how many messages its outbox holds
+            last = [m for m in list(sub.messages) if m.topic == f"{BASE}/telemetry"][-1:]
+            return json.loads(last[0].payload)["pipeline"]["outbox_messages"] if last else None
+        seen = len(sub.messages)
+        assert wait_until(lambda: len(sub.messages) > seen and waiting() == 0, 60), "\n".join(daemon.lines[-30:])
+        filler.unlink()  # space returns
+        assert wait_until(lambda: len(daemon.stored()) >= paused_at + 10, 60), daemon.lines[-20:]
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0, daemon.lines[-30:]
+        produced = [rid for _, rid, _ in daemon.stored()]
+        assert sub.wait_for(lambda ms: set(produced) <= {e["report_id"] for e in
+                            _arrivals(sub, "field") + _arrivals(sub, "report")}, 30)
     log = "\n".join(daemon.lines)
     figures = _figures(produced, _arrivals(sub, "field") + _arrivals(sub, "report"))
     print("\ndisk full figures:", json.dumps(figures))
@@ -105,25 +98,30 @@ def test_disk_full_pauses_the_analysis_and_nothing_is_lost(tmp_path: Path,
     assert figures["duplicated"] <= 20, "a duplicate storm"
 
 
-def _killed_on_a_full_disk(config: Path, pool: Path, broker: MosquittoBroker, state: Path,
-                           daemons: list[DaemonProcess]) -> tuple[DaemonProcess, list[Path]]:
-    """A station that stored some fields of its open run, then lost the broker, paused on the disk
-    under `state` filled and was killed there; the disk then filled to the last byte. The killed
-    station (added to `daemons`) and the files that fill the disk."""
-    first = DaemonProcess(config, pool)
-    daemons.append(first)
-    assert wait_until(lambda: len(first.stored()) >= 5, 30), "\n".join(first.lines[-20:])
-    broker.stop()
-    fillers = [fill(state, leave_bytes=64 * 1024)]
-    assert wait_until(lambda: any("analysis paused" in ln for ln in first.lines), 60), "\n".join(first.lines[-40:])
-    first.signal(signal.SIGKILL)
-    first.wait(10)
-    fillers.append(fill(state, "filler-2"))  # and whatever room was left
-    return first, fillers
+@contextlib.contextmanager
+def _killed_on_a_full_disk(tmp_path: Path, broker: MosquittoBroker, daemons: Callable[..., DaemonProcess],
+                           ) -> Iterator[tuple[Path, Path, DaemonProcess, list[Path]]]:
+    """A station (its outbox on an 8 MB tmpfs, one run of 1000 white cells open throughout) that
+    stored some fields of its run, then lost the broker, paused on the disk filled and was killed
+    there; the disk then filled to the last byte. Yields its config, pool file, the killed station
+    and the files that fill the disk, for the duration of the tmpfs."""
+    with small_tmpfs(tmp_path / "state", 8192) as state:
+        config = write_station(tmp_path, broker.port, target_wbc=1000)
+        pool = _pool_file(tmp_path)
+        first = daemons(config, pool)
+        assert wait_until(lambda: len(first.stored()) >= 5, 30), "\n".join(first.lines[-20:])
+        broker.stop()
+        fillers = [fill(state, leave_bytes=64 * 1024)]
+        assert wait_until(lambda: any("analysis paused" in ln for ln in first.lines), 60), "\n".join(first.lines[-40:])
+        first.signal(signal.SIGKILL)
+        first.wait(10)
+        fillers.append(fill(state, "filler-2"))  # and whatever room was left
+        yield config, pool, first, fillers
 
 
 def test_a_station_restarted_on_a_full_disk_with_its_run_left_open_starts_and_delivers_what_it_holds(
-    tmp_path: Path, credentials_dir: Path,
+    tmp_path: Path, credentials_dir: Path, broker_with: Callable[..., MosquittoBroker],
+    observer_on: Callable[..., Subscriber], daemons: Callable[..., DaemonProcess],
 ) -> None:
     """The station is killed while the disk under its outbox is full (the broker down, a run open)
     and started again on the disk still full. It takes the run back and publishes its state, open:
@@ -132,101 +130,72 @@ def test_a_station_restarted_on_a_full_disk_with_its_run_left_open_starts_and_de
     acknowledgements that free its room never came. Now the state waits for room and the start
     goes on: what the killed station stored is delivered on the disk still full, and once there is
     room the analysis resumes and the run's report is stored and delivered."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
-    broker.start()
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"],
-                     client_id="full-restart-observer", persistent=True)
-    daemons: list[DaemonProcess] = []
-    with small_tmpfs(tmp_path / "state", 8192) as state:
-        try:
-            sub.wait_ready()
-            config = write_station(tmp_path, broker.port, target_wbc=1000)  # one run, open throughout
-            pool = _pool_file(tmp_path)
-            first, fillers = _killed_on_a_full_disk(config, pool, broker, state, daemons)
-            for restart in range(4):  # each start writes the run's state: the last room goes
-                second = DaemonProcess(config, pool)
-                daemons.append(second)
-                assert wait_until(lambda d=second: any(" ready (" in ln for ln in d.lines)
-                                  or d.proc.poll() is not None, 60)
-                assert second.proc.poll() is None, (restart, "\n".join(second.lines[-30:]))
-                assert any("resumed: left open by the previous process" in ln for ln in second.lines)
-                if restart < 3:
-                    second.signal(signal.SIGKILL)
-                    second.wait(10)
-            broker.start()
-            sub.wait_ready(15)
-            produced = [rid for _, rid, _ in first.stored()]
-            assert sub.wait_for(lambda ms: set(produced) <= {e["report_id"] for e in _arrivals(sub, "field")}, 60), (
-                "\n".join(second.lines[-30:]))
-            for filler in fillers:
-                filler.unlink()  # room again
-            assert wait_until(lambda: len(second.stored()) >= 3, 60), "\n".join(second.lines[-30:])
-            second.signal(signal.SIGTERM)
-            assert second.wait(60) == 0, "\n".join(second.lines[-30:])
-            produced += [rid for _, rid, _ in second.stored()]
-            assert second.stored()[-1][0] == "report"  # the run's, stored at the stop
-            assert sub.wait_for(lambda ms: set(produced) <= {e["report_id"] for e in
-                                _arrivals(sub, "field") + _arrivals(sub, "report")}, 30)
-        finally:
-            for daemon in daemons:
-                daemon.signal(signal.SIGKILL)
-                daemon.wait(10)
-            sub.close()
-            broker.stop()
+    broker = broker_with(persistence=True)
+    sub = observer_on(broker.port, [f"{BASE}/#"], client_id="full-restart-observer", persistent=True)
+    with _killed_on_a_full_disk(tmp_path, broker, daemons) as (config, pool, first, fillers):
+        for restart in range(4):  # each start writes the run's state: the last room goes
+            second = daemons(config, pool)
+            assert wait_until(lambda d=second: any(" ready (" in ln for ln in d.lines)
+                              or d.proc.poll() is not None, 60)
+            assert second.proc.poll() is None, (restart, "\n".join(second.lines[-30:]))
+            assert any("resumed: left open by the previous process" in ln for ln in second.lines)
+            if restart < 3:
+                second.signal(signal.SIGKILL)
+                second.wait(10)
+        broker.start()
+        sub.wait_ready(15)
+        produced = [rid for _, rid, _ in first.stored()]
+        assert sub.wait_for(lambda ms: set(produced) <= {e["report_id"] for e in _arrivals(sub, "field")}, 60), (
+            "\n".join(second.lines[-30:]))
+        for filler in fillers:
+            filler.unlink()  # room again
+        assert wait_until(lambda: len(second.stored()) >= 3, 60), "\n".join(second.lines[-30:])
+        second.signal(signal.SIGTERM)
+        assert second.wait(60) == 0, "\n".join(second.lines[-30:])
+        produced += [rid for _, rid, _ in second.stored()]
+        assert second.stored()[-1][0] == "report"  # the run's, stored at the stop
+        assert sub.wait_for(lambda ms: set(produced) <= {e["report_id"] for e in
+                            _arrivals(sub, "field") + _arrivals(sub, "report")}, 30)
     figures = _figures(produced, _arrivals(sub, "field") + _arrivals(sub, "report"))
     print("\nrestart on a full disk figures:", json.dumps(figures))
     assert figures["lost"] == 0
 
 
 def test_a_run_left_open_whose_report_a_full_disk_refuses_at_the_start_is_reported_once_there_is_room(
-    tmp_path: Path, credentials_dir: Path,
+    tmp_path: Path, credentials_dir: Path, broker_with: Callable[..., MosquittoBroker],
+    observer_on: Callable[..., Subscriber], daemons: Callable[..., DaemonProcess],
 ) -> None:
     """The station is killed on a full disk with a run open, and started again past the run's idle
     timeout on the disk still full: the start closes the run (restart) and its final report cannot
     be stored. It was tried again only at the next start (which may be weeks away), and the stop's
     summary counted it nowhere. Now it is stored once there is room, before any new field, and
     delivered while the station runs."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
-    broker.start()
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"],
-                     client_id="full-close-observer", persistent=True)
-    daemons: list[DaemonProcess] = []
-    with small_tmpfs(tmp_path / "state", 8192) as state:
-        try:
-            sub.wait_ready()
-            config = write_station(tmp_path, broker.port, target_wbc=1000)
-            pool = _pool_file(tmp_path)
-            first, fillers = _killed_on_a_full_disk(config, pool, broker, state, daemons)
-            [run_id] = {m.group(1) for ln in first.lines if (m := re.search(r"stored field message .* run=(\S+)", ln))}
-            # the next start comes past the run's idle timeout: the run is closed, not taken back
-            write_station(tmp_path, broker.port, specimen={"target_wbc_count": 1000, "idle_timeout_s": 0.5})
-            time.sleep(1.0)
-            broker.start()
-            sub.wait_ready(15)
-            second = DaemonProcess(config, pool)
-            daemons.append(second)
-            assert wait_until(lambda: any(" ready (" in ln for ln in second.lines) or second.proc.poll() is not None,
-                              60), "\n".join(second.lines[-30:])
-            assert any(f"run {run_id} left open by the previous process: its final report could not be stored" in ln
-                       for ln in second.lines), "\n".join(second.lines[-30:])
-            for filler in fillers:
-                filler.unlink()  # room again
+    broker = broker_with(persistence=True)
+    sub = observer_on(broker.port, [f"{BASE}/#"], client_id="full-close-observer", persistent=True)
+    with _killed_on_a_full_disk(tmp_path, broker, daemons) as (config, pool, first, fillers):
+        [run_id] = {m.group(1) for ln in first.lines if (m := re.search(r"stored field message .* run=(\S+)", ln))}
+        # the next start comes past the run's idle timeout: the run is closed, not taken back
+        write_station(tmp_path, broker.port, specimen={"target_wbc_count": 1000, "idle_timeout_s": 0.5})
+        time.sleep(1.0)
+        broker.start()
+        sub.wait_ready(15)
+        second = daemons(config, pool)
+        assert wait_until(lambda: any(" ready (" in ln for ln in second.lines) or second.proc.poll() is not None,
+                          60), "\n".join(second.lines[-30:])
+        assert any(f"run {run_id} left open by the previous process: its final report could not be stored" in ln
+                   for ln in second.lines), "\n".join(second.lines[-30:])
+        for filler in fillers:
+            filler.unlink()  # room again
 
-            def reported() -> bool:
-                return any(e["body"].get("run_id") == run_id for e in _arrivals(sub, "report"))
-            assert sub.wait_for(lambda ms: reported(), 60), "\n".join(second.lines[-30:])
-            assert second.proc.poll() is None
-            [closing] = [e["body"] for e in _arrivals(sub, "report") if e["body"].get("run_id") == run_id]
-            assert closing["end_reason"] == "restart"
-            assert closing["fields_analyzed"] == sum(1 for k, _, _ in first.stored() if k == "field")
-            second.signal(signal.SIGTERM)
-            assert second.wait(60) == 0, "\n".join(second.lines[-30:])
-        finally:
-            for daemon in daemons:
-                daemon.signal(signal.SIGKILL)
-                daemon.wait(10)
-            sub.close()
-            broker.stop()
+        def reported() -> bool:
+            return any(e["body"].get("run_id") == run_id for e in _arrivals(sub, "report"))
+        assert sub.wait_for(lambda ms: reported(), 60), "\n".join(second.lines[-30:])
+        assert second.proc.poll() is None
+        [closing] = [e["body"] for e in _arrivals(sub, "report") if e["body"].get("run_id") == run_id]
+        assert closing["end_reason"] == "restart"
+        assert closing["fields_analyzed"] == sum(1 for k, _, _ in first.stored() if k == "field")
+        second.signal(signal.SIGTERM)
+        assert second.wait(60) == 0, "\n".join(second.lines[-30:])
 
 
 def _png(seed: int) -> bytes:
@@ -236,7 +205,8 @@ def _png(seed: int) -> bytes:
 
 
 def test_a_crash_loop_over_a_watched_folder_loses_no_file_and_no_run(
-    tmp_path: Path, credentials_dir: Path,
+    tmp_path: Path, credentials_dir: Path, broker_with: Callable[..., MosquittoBroker],
+    observer_on: Callable[..., Subscriber], daemons: Callable[..., DaemonProcess],
 ) -> None:
     """100 files in a watched folder; the daemon is SIGKILLed again and again while it works,
     then runs to the end and is stopped. Every file's field report is delivered once per file
@@ -249,10 +219,8 @@ def test_a_crash_loop_over_a_watched_folder_loses_no_file_and_no_run(
     names = [f"field-{i:03d}.png" for i in range(100)]
     for i, name in enumerate(names):
         (inbox / name).write_bytes(_png(1000 + i))
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
-    broker.start()
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/#"],
-                     client_id="crash-loop-observer", persistent=True)
+    broker = broker_with()
+    sub = observer_on(broker.port, [f"{BASE}/#"], client_id="crash-loop-observer", persistent=True)
     source = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.05, "settle_s": 0.0,
               "decode_grace_s": 0.0, "microns_per_pixel": 0.2}
     idle_s = 8.0
@@ -262,32 +230,27 @@ def test_a_crash_loop_over_a_watched_folder_loses_no_file_and_no_run(
     stored: list[tuple[str, str, int]] = []
     processes: list[DaemonProcess] = []
     kills = 0
-    try:
-        sub.wait_ready()
-        while kills < 8 and any((inbox / n).exists() for n in names):
-            daemon = DaemonProcess(config, pool)
-            processes.append(daemon)
-            wait_until(lambda d=daemon: sum(k == "field" for k, _, _ in d.stored()) >= 6, 30)
-            daemon.signal(signal.SIGKILL)
-            daemon.wait(10)
-            stored += daemon.stored()
-            kills += 1
-            if kills % 2 == 0:  # the power back after a while: the run left open is over
-                time.sleep(idle_s + 1)
-        final = DaemonProcess(config, pool)
-        processes.append(final)
-        assert wait_until(lambda: not any((inbox / n).exists() for n in names), 120), (
-            final.lines[-20:])
-        time.sleep(0.5)
-        final.signal(signal.SIGTERM)
-        assert final.wait(60) == 0, final.lines[-30:]
-        stored += final.stored()
-        produced = [rid for _, rid, _ in stored]
-        assert sub.wait_for(lambda ms: set(produced) <= {e["report_id"] for e in
-                            _arrivals(sub, "field") + _arrivals(sub, "report")}, 30)
-    finally:
-        sub.close()
-        broker.stop()
+    while kills < 8 and any((inbox / n).exists() for n in names):
+        daemon = daemons(config, pool)
+        processes.append(daemon)
+        wait_until(lambda d=daemon: sum(k == "field" for k, _, _ in d.stored()) >= 6, 30)
+        daemon.signal(signal.SIGKILL)
+        daemon.wait(10)
+        stored += daemon.stored()
+        kills += 1
+        if kills % 2 == 0:  # the power back after a while: the run left open is over
+            time.sleep(idle_s + 1)
+    final = daemons(config, pool)
+    processes.append(final)
+    assert wait_until(lambda: not any((inbox / n).exists() for n in names), 120), (
+        final.lines[-20:])
+    time.sleep(0.5)
+    final.signal(signal.SIGTERM)
+    assert final.wait(60) == 0, final.lines[-30:]
+    stored += final.stored()
+    produced = [rid for _, rid, _ in stored]
+    assert sub.wait_for(lambda ms: set(produced) <= {e["report_id"] for e in
+                        _arrivals(sub, "field") + _arrivals(sub, "report")}, 30)
     fields = _arrivals(sub, "field")
     reports = _arrivals(sub, "report")
     figures = _figures(produced, fields + reports)
