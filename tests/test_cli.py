@@ -609,7 +609,7 @@ def test_one_image_analysed_twice_gives_the_same_report_naming_the_software_and_
     assert first["counts"]["rbc"] > 0 and first["cells"]
     assert first == second
     installed = smearscope("--version").stdout.split()[-1]
-    assert first["software_version"] == installed and first["schema_version"] == "1.4"
+    assert first["software_version"] == installed and first["schema_version"] == "1.5"
     for bundle in (first_bundle, second_bundle):
         device = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Device")
         assert device["version"][0] == {"type": {"text": "software"}, "value": installed}

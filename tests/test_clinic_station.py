@@ -654,6 +654,8 @@ def test_a_run_closed_before_a_restart_can_still_be_verified(
              if e["body"]["report_id"] == answer["report_id"]]
     assert again and again[0].verification is not None and again[0].verification.verified_by == "AB"
     assert again[0].run_id == first.run_id and again[0].wbc_differential == first.wbc_differential
+    # the fields the first process stored name the version that analysed them, which the signed report keeps
+    assert again[0].analysis_software == first.analysis_software == [first.software_version]
 
 
 @pytest.mark.broker

@@ -147,7 +147,7 @@ def test_bccd_wbc_count_per_image(bccd_cli):
 
 def test_cli_cells_carry_the_contract_fields(bccd_cli):
     rep = bccd_cli[1][0]
-    assert rep["schema_version"] == "1.4" and rep["scale"]["method"] == "given"
+    assert rep["schema_version"] == "1.5" and rep["scale"]["method"] == "given"
     for c in rep["cells"]:
         assert c["kind"] in ("rbc", "wbc", "platelet")
         x0, y0, x1, y1 = c["bbox"]

@@ -301,7 +301,8 @@ def test_a_run_an_earlier_version_went_on_with_is_taken_back_naming_its_specimen
         store_run(state, outbox, run, "r")
         earlier_versions = RunMeta("r", run.started_at, run.started_by, run.target_wbc)  # no specimen id
         write = state.field_stored(report_id="r-f1", input_key=None, run=earlier_versions, field_id="f1",
-                                   cells=list(later.cells), records=list(later.report.cells), models=run.models)
+                                   cells=list(later.cells), records=list(later.report.cells), models=run.models,
+                                   software_version=None)
         outbox.write(lambda conn: write(conn, []))
         assert outbox.read(lambda conn: conn.execute(
             "SELECT field_id, specimen_id FROM specimen_fields ORDER BY position").fetchall()) == [
@@ -373,7 +374,7 @@ def test_a_stored_input_is_remembered(tmp_path):
         assert state.stored_field("k1") is None
         for k in ("k1", "k2"):
             w = state.field_stored(report_id="r-" + k, input_key=k, run=None, field_id="f-" + k, cells=[], records=[],
-                                   models={})
+                                   models={}, software_version=None)
             outbox.write(lambda conn, w=w: w(conn, []))
         assert (state.stored_field("k1"), state.stored_field("k2"), state.stored_field("k3")) == ("f-k1", "f-k2", None)
         # taken for analysis and not stored yet: a copy that comes meanwhile is one too, until it fails
@@ -401,7 +402,7 @@ def test_a_field_stored_with_a_format_character_in_its_name_is_the_same_file_whe
     try:
         state = StationState(outbox)
         w = state.field_stored(report_id="r1", input_key=frame.input_key, run=None, field_id=earlier, cells=[],
-                               records=[], models={})
+                               records=[], models={}, software_version=None)
         outbox.write(lambda conn: w(conn, []))
         stored = state.stored_field(frame.input_key)
         assert stored == earlier and same_file(stored, frame.frame_id)
@@ -425,7 +426,7 @@ def test_the_inputs_remembered_are_bounded_newest_kept(tmp_path, monkeypatch):
         keys = [f"k{i}" for i in range(6)]
         for k in keys:
             w = state.field_stored(report_id="r-" + k, input_key=k, run=None, field_id="f-" + k, cells=[], records=[],
-                                   models={})
+                                   models={}, software_version=None)
             outbox.write(lambda conn, w=w: w(conn, []))
         assert [state.stored_field(k) for k in keys] == [None, None, None, "f-k3", "f-k4", "f-k5"]
         assert outbox.read(lambda conn: conn.execute("SELECT COUNT(*) FROM station_inputs").fetchone()[0]) == 3
@@ -590,7 +591,7 @@ def test_a_report_says_its_schema_version_and_a_stored_one_of_the_version_before
 
     schema = json.loads((Path(__file__).resolve().parents[1] / "schemas" / "report.schema.json").read_text())
     new = current_report()
-    assert SCHEMA_VERSION == new.schema_version == "1.4"
+    assert SCHEMA_VERSION == new.schema_version == "1.5"
     assert any(s.grade == "present" for s in new.rbc_morphology)
     jsonschema.validate(json.loads(new.model_dump_json()), schema)
     old = graded_report()

@@ -41,7 +41,7 @@ def store_run(state, outbox, r: SpecimenRun, run_id: str) -> None:
         idx = [i for i, rec in enumerate(r.records) if rec.field_id == fid]
         w = state.field_stored(report_id=f"{run_id}-{fid}", input_key=None, run=meta, field_id=fid,
                                cells=[r.cells[i] for i in idx], records=[r.records[i] for i in idx],
-                               models=r.models)
+                               models=r.models, software_version=dict(zip(r.field_ids, r.field_software)).get(fid))
         outbox.write(lambda conn, w=w: w(conn, []))
 
 
@@ -564,6 +564,7 @@ def test_an_open_runs_field_flags_survive_a_restart_and_an_old_file_opens(run, t
         idx = [i for i, rec in enumerate(run.records) if rec.field_id == fid]
         w = state.field_stored(report_id="x", input_key=None, run=meta, field_id=fid, cells=[run.cells[i] for i in idx],
                                records=[run.records[i] for i in idx], models=run.models,
+                               software_version=run.field_software[0],
                                flags=[Flag(code="scale_uncertain", severity="warning", message="searched"),
                                       Flag(code="too_few_wbc_for_differential", severity="info", message="3 WBC")])
         outbox.write(lambda conn: w(conn, []))

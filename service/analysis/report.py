@@ -19,7 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field
 #: "1.3": a report's models name the classes each can call (`classes`): its WBC differential lists each
 #: class of the WBC head's and its morphology each graded class of the RBC head's, one no cell was given at 0.
 #: "1.4": a report counts the cells that await a technician's review (`review`); absent in earlier reports.
-SCHEMA_VERSION = "1.4"
+#: "1.5": a specimen report names the smearscope versions that analysed its fields (`analysis_software`), which a
+#: report verified after an update keeps (its `software_version` is the version that signed it).
+SCHEMA_VERSION = "1.5"
+#: A field stored by a station before it recorded which version analysed it (`analysis_software`).
+NOT_RECORDED = "(not recorded)"
 #: Longest specimen identifier (accession number, slide label) a run and its report may name.
 MAX_SPECIMEN_ID = 64
 
@@ -275,12 +279,19 @@ class CellDetail(_Strict):
 
 
 class Report(_Strict):
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4"] = SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5"] = SCHEMA_VERSION
     report_id: str
     kind: Literal["field", "specimen"]
     created_at: float
     software_version: str | None = Field(None, description="the smearscope version that made this report (as "
-                                         "`smearscope --version` prints it); absent in reports from before 1.2")
+                                         "`smearscope --version` prints it; a verified report: the version that "
+                                         "signed it); absent in reports from before 1.2")
+    analysis_software: list[str] | None = Field(
+        None, description="specimen reports: the smearscope versions that analysed its fields, each once in the order "
+        "of its first field (more than one: a run taken back by a station updated meanwhile; `(not recorded)`: "
+        "fields stored by a version before 1.5), kept by the run's verified reports whatever version signed them: "
+        "with `models`, what made the results; absent in field reports (`software_version` analysed them) and in "
+        "reports from before 1.5")
     station_id: str | None = None
     run_id: str | None = Field(None, description="specimen run this field/report belongs to")
     specimen_id: str | None = Field(

@@ -26,7 +26,7 @@ STATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 REPORT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 #: The report schema versions this archive knows (schemas/report.schema.json); a report of another
 #: is stored as received all the same, with a warning: it is the lab's record.
-KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3", "1.4")
+KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3", "1.4", "1.5")
 #: Short text fields stored in the index (run and specimen ids, schema version, kind).
 MAX_FIELD_CHARS = 256
 

@@ -9,7 +9,8 @@ signed again is `corrected`. No patient is
 named: the only identifiers are those the station was given (station id, run id, frame id) and
 the report id. Resource ids are UUIDs derived from the report id, so the same report always
 gives the same bundle (consumers dedupe by `Bundle.identifier`); the Device's is derived from what it says
-(station, software version, models), so every report of an unchanged station names one Device.
+(station, the software versions and models that analysed the run), so every report of an unchanged station names
+one Device, and a run verified after an update still names the Device that analysed it.
 """
 
 from __future__ import annotations
@@ -246,6 +247,14 @@ def device_key(device: Resource) -> tuple[str, str]:
             base64.b32encode(digest).decode()[:DEVICE_KEY_LENGTH])
 
 
+def analysis_software(report: Report) -> list[str]:
+    """The smearscope versions whose analysis the report's results are: a specimen report's `analysis_software`,
+    else (a field report, or one from before schema 1.5) the version that made it; none when it names none."""
+    if report.analysis_software:
+        return list(report.analysis_software)
+    return [report.software_version] if report.software_version else []
+
+
 def open_set_text(thresholds: dict[str, float]) -> str:
     """A station's open-set thresholds as the Device and the HL7 SFT segment say them: each test by name, in order."""
     return ", ".join(f"{test} {threshold!r}" for test, threshold in sorted(thresholds.items()))
@@ -255,8 +264,10 @@ def _device(b: _Builder) -> None:
     r = b.report
     device: Resource = {"resourceType": "Device",
                         "deviceName": [{"name": "smearscope", "type": "model-name"}]}
-    # the software first: with the models below, what made these results (ISO 15189 traceability)
-    versions = [{"type": {"text": "software"}, "value": r.software_version}] if r.software_version else []
+    # the software first: with the models below, what made these results (ISO 15189 traceability); a verified
+    # report's are the analysis', whatever version signed it, and a run whose fields two versions analysed names both
+    software = analysis_software(r)
+    versions = [{"type": {"text": "software"}, "value": v} for v in software]
     if r.models:
         versions += [{"type": {"text": role}, "value": f"{m.name} sha256:{m.sha256} ({m.backend})"
                       + (f" manifest sha256:{m.manifest_sha256}" if m.manifest_sha256 else "")}
@@ -271,6 +282,9 @@ def _device(b: _Builder) -> None:
         device["version"] = versions
     if r.station_id:
         device["identifier"] = [{"system": codes.ID_STATION, "value": r.station_id}]
+    if len(software) > 1:
+        device["note"] = [{"text": f"The run's fields were analysed by smearscope {' and '.join(software)} (a run "
+                                   "taken back by a station updated meanwhile), under the same models"}]
     resource_id, key = device_key(device)
     device["identifier"] = [*device.get("identifier", []), {"system": codes.ID_DEVICE, "value": key}]
     b.device_ref = b.add("device", device, resource_id)

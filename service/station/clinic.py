@@ -376,6 +376,11 @@ class ClinicFeed:
         if (before_ms := closed.report.timing_ms.get("run_ms")) is not None:
             report = report.model_copy(update={"timing_ms": {**report.timing_ms, "run_ms": round(
                 max(0.0, before_ms + 1000.0 * (report.created_at - closed.report.created_at)), 1)}})
+        before = closed.report
+        if before.analysis_software is None and before.verification is None and before.software_version:
+            # the analyzer's report of a run stored before its fields named their version (schema 1.4 and
+            # earlier): the version that made it analysed them; this one only recounts them as typed
+            report = report.model_copy(update={"analysis_software": [before.software_version]})
         earlier = closed.report.verification  # signed before: this signature amends that one
         report = report.model_copy(update={"verification": Verification(
             verified_by=by, verified_at=report.created_at, supersedes=closed.report.report_id, typed_cells=typed,

@@ -61,7 +61,7 @@ from smearscope.device.ingest import shown
 from smearscope.service.analysis.aggregate import is_classified_wbc
 from smearscope.service.analysis.classify import UNIDENTIFIED
 from smearscope.service.analysis.records import ClassifiedCell
-from smearscope.service.analysis.report import CellRecord, Flag, ModelInfo, Report
+from smearscope.service.analysis.report import NOT_RECORDED, CellRecord, Flag, ModelInfo, Report
 from smearscope.service.mqtt.outbox import Outbox, StateWriter
 from smearscope.service.station.cell_json import cell_from_json, cell_json
 from smearscope.service.station.run_records import StartedBy, has_states
@@ -142,6 +142,9 @@ def _add_columns(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE station_inputs ADD COLUMN field_id TEXT NOT NULL DEFAULT ''")
     if "specimen_id" not in [row[1] for row in conn.execute("PRAGMA table_info(specimen_fields)")]:
         conn.execute("ALTER TABLE specimen_fields ADD COLUMN specimen_id TEXT")
+    # the smearscope version that analysed the field (NULL: stored before it was kept, NOT_RECORDED)
+    if "software_version" not in [row[1] for row in conn.execute("PRAGMA table_info(specimen_fields)")]:
+        conn.execute("ALTER TABLE specimen_fields ADD COLUMN software_version TEXT")
 
 
 class StationState:
@@ -183,9 +186,10 @@ class StationState:
 
     def field_stored(self, *, report_id: str, input_key: str | None, run: RunMeta | None,
                      field_id: str, cells: Sequence[ClassifiedCell], records: Sequence[CellRecord],
-                     models: dict[str, ModelInfo], flags: Sequence[Flag] = ()) -> StateWriter:
+                     models: dict[str, ModelInfo], software_version: str | None,
+                     flags: Sequence[Flag] = ()) -> StateWriter:
         """The state a stored field message brings: its input, and its cells (and the flags its
-        run's report carries on, FIELD_FLAGS) in its run."""
+        run's report carries on, FIELD_FLAGS, and the version that analysed it) in its run."""
         carried = json.dumps([[f.code, f.severity] for f in flags if f.code in FIELD_FLAGS])
         now = time.time()
 
@@ -201,10 +205,12 @@ class StationState:
                                         (run.run_id,)).fetchone()[0]
                 conn.execute(
                     "INSERT OR IGNORE INTO specimen_fields (run_id, field_id, position, started_at, started_by, "
-                    "target_wbc, models, cells, stored_at, flags, specimen_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "target_wbc, models, cells, stored_at, flags, specimen_id, software_version) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (run.run_id, field_id, position, run.started_at, run.started_by,
                      run.target_wbc, json.dumps({k: m.model_dump() for k, m in models.items()}),
-                     json.dumps([cell_json(c, r) for c, r in zip(cells, records)]), now, carried, run.specimen_id))
+                     json.dumps([cell_json(c, r) for c, r in zip(cells, records)]), now, carried, run.specimen_id,
+                     software_version))
 
         return write
 
@@ -241,15 +247,14 @@ class StationState:
         where = f"run_id {'' if closed else 'NOT '}IN (SELECT run_id FROM closed_runs)"
         where, params = (f"{where} AND run_id = ?", (only,)) if only is not None else (where, ())
         rows = self.outbox.read(lambda conn: conn.execute(
-            "SELECT run_id, field_id, started_at, started_by, target_wbc, models, cells, stored_at, flags, specimen_id "
-            f"FROM specimen_fields WHERE {where} ORDER BY run_id, position", params).fetchall())
+            "SELECT run_id, field_id, started_at, started_by, target_wbc, models, cells, stored_at, flags, specimen_id, "
+            f"software_version FROM specimen_fields WHERE {where} ORDER BY run_id, position", params).fetchall())
         runs: dict[str, SpecimenRun] = {}
-        for run_id, field_id, started_at, started_by, target, models, cells, stored_at, flags, specimen in rows:
+        for run_id, *row in rows:
             if unreadable is not None and run_id in unreadable:
                 continue
             try:
-                self._add_row(runs, run_id, field_id, started_at, started_by, target, models, cells, stored_at, flags,
-                              specimen)
+                self._add_row(runs, run_id, *row)
             except (ValueError, KeyError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
                 if unreadable is None:
                     raise
@@ -261,7 +266,8 @@ class StationState:
 
     @staticmethod
     def _add_row(runs: dict[str, SpecimenRun], run_id: str, field_id: str, started_at: float, started_by: StartedBy,
-                 target: int, models: str, cells: str, stored_at: float, flags: str, specimen_id: str | None) -> None:
+                 target: int, models: str, cells: str, stored_at: float, flags: str, specimen_id: str | None,
+                 software: str | None) -> None:
         run = runs.get(run_id)
         if run is None:
             run = SpecimenRun(target_wbc=int(target), started_at=float(started_at), started_by=started_by,
@@ -273,6 +279,7 @@ class StationState:
             run.records.append(record)
             run.classified_wbc += is_classified_wbc(cell)
         run.field_ids.append(field_id)
+        run.field_software.append(NOT_RECORDED if software is None else str(software))
         run.last_field_at = float(stored_at)
         run.count_field_flags((str(code), str(severity)) for code, severity in json.loads(flags))
         runs[run_id] = run
@@ -294,6 +301,8 @@ class StationState:
         `models` than the analyzer's now (an update brought other models or another calibration,
         or the backend or station means changed) ends with the restart, never taken back: its
         fields and the next ones would be counted as one specimen under its first field's models.
+        Under the same models it is taken back after an update of smearscope alone, and its reports
+        name every version that analysed its fields (Report.analysis_software).
         A run whose rows this code cannot read (stored by a newer version: a station put back) is
         left out, logged, and left in the file as it is: the station starts, and the version that
         stored it reads it. A run start_run opened whose first field was never stored comes back

@@ -195,7 +195,8 @@ class ReportWriter:
             also = self.state.field_stored(
                 report_id=report.report_id,
                 input_key=item.frame.input_key if item.frame is not None else None, run=item.run,
-                field_id=field_id, cells=item.cells, records=report.cells, models=report.models, flags=report.flags)
+                field_id=field_id, cells=item.cells, records=report.cells, models=report.models,
+                software_version=report.software_version, flags=report.flags)
         extra = []  # a specimen report's FHIR Bundle goes in the same transaction
         if item.kind == "report" and self.clinic is not None and self.clinic.fhir_topic is not None:
             extra.append(self.clinic.fhir_message(report, self.publisher))

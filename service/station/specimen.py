@@ -29,6 +29,7 @@ from smearscope.service.analysis.morphology import SIZE_BASED
 from smearscope.service.analysis.pipeline import KIND_FROM_HEAD_LABEL, FieldResult
 from smearscope.service.analysis.records import ARTEFACT, CellKind, ClassifiedCell
 from smearscope.service.analysis.report import (
+    NOT_RECORDED,
     CellRecord,
     Flag,
     ModelInfo,
@@ -140,6 +141,8 @@ class SpecimenRun:
     #: Its number on this station (1, 2, 3, ...), given as it opened (service.station.durable); None: none.
     run_seq: int | None = None
     field_ids: list[str] = field(default_factory=list)
+    #: The smearscope version that analysed each field (NOT_RECORDED: stored before it was kept), as field_ids.
+    field_software: list[str] = field(default_factory=list)
     cells: list[ClassifiedCell] = field(default_factory=list)
     records: list[CellRecord] = field(default_factory=list)
     models: dict[str, ModelInfo] = field(default_factory=dict)
@@ -173,6 +176,7 @@ class SpecimenRun:
             raise ValueError(
                 f"field {fid}: {len(report.cells)} records for {len(result.cells)} cells")
         self.field_ids.append(fid)
+        self.field_software.append(report.software_version or NOT_RECORDED)
         # a run keeps its cells until it closes, without what its report and a verification do not
         # read: the masks (1.2 kB per cell on average, as much again as the rest of the cell) and the
         # WBC head's features (kept for typing by the review gallery, a few kB per white cell)
@@ -233,6 +237,7 @@ class SpecimenRun:
             if new != rec.label:
                 changed.append(Reclassified(field_id=fid, cell=k, machine_label=rec.label, label=new))
         run = replace(self, cells=cells, records=records, field_ids=list(self.field_ids),
+                      field_software=list(self.field_software),
                       classified_wbc=sum(1 for c in cells if is_classified_wbc(c)))
         return run, changed, typed
 
@@ -265,7 +270,8 @@ class SpecimenRun:
             flags.append(Flag(code="specimen_in_progress", severity="info", message=progress))
         return Report(
             report_id=str(uuid.uuid4()), kind="specimen", created_at=now, station_id=station_id,
-            software_version=software_version(),
+            # made now, by this version; analysed by those of its fields (a verified report's results too)
+            software_version=software_version(), analysis_software=list(dict.fromkeys(self.field_software)) or None,
             run_id=self.run_id, specimen_id=self.specimen_id, fields_analyzed=len(self.field_ids), source=None,
             models=self.models, counts=agg.counts, wbc_differential=agg.wbc_differential,
             rbc_morphology=sizes_in_doubt(agg.rbc_morphology, flags), rbc_size=agg.rbc_size,
