@@ -89,8 +89,9 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
               "wbc_head": ModelInfo(name="wbc_head", sha256="cd" * 32, backend="onnxruntime")}
     sickle = Flag(code="sickle_cells_present", severity="critical", cells=[1],
                   message="120 cells typed sickle at confidence 0.8 or more")
+    # analysed by 0.0.9, signed by 0.1.0 after the station was updated
     verified = _specimen("ward-a", "run-a", [sickle], now - 600).model_copy(update={
-        "models": models, "verification": Verification(verified_by="AB", verified_at=now - 60, supersedes="r-0",
+        "models": models, "software_version": "0.1.0", "analysis_software": ["0.0.9"], "verification": Verification(verified_by="AB", verified_at=now - 60, supersedes="r-0",
                                                        typed_cells=4, reclassified=[])})
     preliminary = _specimen("ward-b", "run-b", [atypical], now - 300).model_copy(
         update={"models": models, "specimen_id": "H-2026-0412", "software_version": "0.1.0"})
@@ -137,6 +138,8 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
             assert [s for s in ("ward-a", "ward-b", "ward-c") if card(s).is_displayed()] == ["ward-a", "ward-b", "ward-c"]
             assert _pdf_pages(driver) == 3
             assert inside("ward-a", ".print-status").text.startswith("Verified specimen report: verified by AB, ")
+            assert inside("ward-a", ".print-models").text.startswith(
+                "smearscope 0.0.9 (verified with smearscope 0.1.0) · Models: seg ")
             alert = inside("ward-a", ".critical-alert")  # on paper too, framed (a background may not print)
             assert alert.is_displayed() and alert.text == "CRITICAL: " + sickle.message
             assert alert.value_of_css_property("border-top-width") == "3px"

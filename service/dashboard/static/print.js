@@ -34,8 +34,13 @@ function renderPrintMeta(st, view) {
     " · run " + (view.runId || "-") + " · report " + (r.report_id || "-") +
     (typeof r.created_at === "number" ? " of " + when(r.created_at) : ""));
   const names = r.models && typeof r.models === "object" ? Object.keys(r.models).sort() : [];
-  // the software that made it (report schema 1.2's software_version; none from an older station's)
-  const software = typeof r.software_version === "string" ? "smearscope " + r.software_version : "";
+  // the software that analysed it (schema 1.5's analysis_software, else 1.2's software_version; none from an older
+  // station's), and the version that signed it where another (a run verified after the station was updated)
+  const made = typeof r.software_version === "string" ? r.software_version : "";
+  const analysed = Array.isArray(r.analysis_software) && r.analysis_software.length ? r.analysis_software.map(String)
+    : made ? [made] : [];
+  const software = analysed.length ? "smearscope " + analysed.join(" and ") +
+    (r.verification && made && !analysed.includes(made) ? " (verified with smearscope " + made + ")" : "") : "";
   models.textContent = [software, names.length ? "Models: " + names.map((n) => {
     const m = r.models[n] || {};
     // its calibration apart from its file (the same file recalibrated types cells otherwise), and the
