@@ -24,7 +24,7 @@ DESCRIPTIONS = {
                        "microns_per_pixel_calibrated_on (today) and a record line for the lab's calibration record. "
                        "Run it when the station is set up, and again after any change to the optics or camera.",
     "doctor": "Check what a station lacks, check by check: its config, models, engines, camera, scale and "
-              "calibration, memory, outbox, review and typed-cells files, broker password and login, and what a "
+              "calibration, memory, outbox, review and typed-cells files, broker password, login and ACL, and what a "
               "running station holds back (read from its telemetry). Exit 1 if any check fails, 3 if the only "
               "failures are a camera the running station waits for. Run it after installing or changing a station.",
     "install-models": "Copy the packaged models to a folder (the station's [analysis] models_dir), each "
