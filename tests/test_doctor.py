@@ -17,6 +17,7 @@ from broker import (
     MosquittoBroker,
     Mqtt311OnlyProxy,
     TlsMaterial,
+    free_port,
     make_client_cert,
     make_issued_client_certs,
     make_tls_material,
@@ -287,6 +288,24 @@ def test_doctor_fails_a_broker_acl_without_the_stations_block(tmp_path: Path, cr
                 assert "station-lab-7 block, lab-7 replaced by lab-8) and reload mosquitto" in acl_line, acl_line
     finally:
         broker.stop()
+
+
+def test_doctor_says_the_example_configs_broker_host_is_a_placeholder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """install-jetson.sh installs config/station.example.toml: its [mqtt] host left as it is, doctor
+    said only `does not answer ([Errno -2] Name or service not known)`, with nothing to set."""
+    import tomllib
+
+    example = tomllib.loads((Path(__file__).resolve().parents[1] / "config" / "station.example.toml").read_text())
+    host = example["mqtt"]["host"]
+    config = _doc(tmp_path, mqtt={"host": host, "port": free_port(),
+                                  "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}})
+    main(["doctor", "--config", str(config), "--no-wait"])
+    (line,) = _lines(capsys.readouterr().out, "broker  ")
+    assert line.startswith(f"WARN  broker             {host}:"), line
+    assert f"the name {host!r} does not resolve: check [mqtt] host and the station's DNS" in line, line
+    assert f"({host} is config/station.example.toml's placeholder: the clinic broker's name or address goes there)" \
+        in line, line
 
 
 def _doc(tmp_path: Path, **sections: dict) -> Path:

@@ -11,17 +11,22 @@ from pathlib import Path
 
 #: smearscope.cli.doctor's (status, what, detail); not imported from it, which imports this module.
 Check = tuple[str, str, str]
+#: config/station.example.toml's [mqtt] host, a name that never resolves (RFC 2606's .example)
+EXAMPLE_HOST = "broker.lab.example"
 
 
 def broker_checks(mqtt, timeout: float = 3.0, config_path: Path | None = None,
                   station_id: str | None = None) -> list[Check]:
+    from smearscope.service.mqtt.paho_client import network_hint, tls_hint
+
     where = mqtt.address
     try:
         sock = socket.create_connection((mqtt.host, mqtt.port), timeout=timeout)
     except OSError as exc:
-        return [("WARN", "broker", (f"{where} does not answer ({exc}); the station keeps reports in "
-                 "its outbox until it does"))]
-    from smearscope.service.mqtt.paho_client import tls_hint
+        placeholder = (f" ({EXAMPLE_HOST} is config/station.example.toml's placeholder: the clinic broker's name "
+                       "or address goes there)" if mqtt.host == EXAMPLE_HOST else "")
+        return [("WARN", "broker", (f"{where} does not answer ({exc}){network_hint(mqtt, exc)}{placeholder}; the "
+                 "station keeps reports in its outbox until it does"))]
     with sock:
         if mqtt.tls is None:
             return [("OK", "broker", f"{where} accepts TCP connections"),
