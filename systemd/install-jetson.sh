@@ -24,7 +24,8 @@
 #   5. the unit, plus a drop-in allowing the GPU device nodes this board actually has
 #   6. daemon-reload, validate the config; with engine_backend "tensorrt" build the engines its
 #      tensorrt_precision and tensorrt_lanes name (`smearscope build-engines`; int8 needs
-#      CALIBRATION_DIR unless a former build saved its calibration caches); `smearscope doctor`,
+#      CALIBRATION_DIR unless a former build saved its calibration caches); `smearscope doctor`
+#      (with a copy of the MQTT password as the unit hands it over: the login and the ACL checked),
 #      which must pass, or fail only checks the running station recovers from (exit 3: a camera
 #      not there; said as a warning); only then enable the unit (and with START=1 start it). A failed
 #      step stops the script (exit 1) before the unit is enabled, saying which step failed.
@@ -236,6 +237,21 @@ build_engines() {
     || die "smearscope build-engines failed (above); the service is not enabled. Fix it (int8: CALIBRATION_DIR=a folder of canonical tiles/crops, one subfolder per model), then run this script again"
 }
 
+# The broker login and its ACL are checked by doctor only with the password the unit hands over: a
+# copy of the credential for the service user, as LoadCredential= gives it, in a folder of its own
+# that check_and_enable removes after doctor. Prints the folder ("" where the config names no
+# password credential, the unit's is not the one it names, or the file is empty).
+doctor_credentials() {
+  local named folder
+  named="$(config_value mqtt.password_credential)" || return 0
+  [[ "$named" == mqtt-password && -n "$(tr -d '\r\n' < "$CONF_DIR/mqtt-password" 2>/dev/null)" ]] || return 0
+  folder="$(mktemp -d)"
+  install -m 0400 -o "$SERVICE_USER" -g "$SERVICE_USER" "$CONF_DIR/mqtt-password" "$folder/$named"
+  chown "$SERVICE_USER:$SERVICE_USER" "$folder"
+  chmod 0500 "$folder"
+  printf '%s' "$folder"
+}
+
 # Doctor must pass before the unit is enabled: an enabled unit that cannot run fails at every boot.
 # $1: the models folder.
 check_and_enable() {
@@ -249,7 +265,12 @@ check_and_enable() {
   # doctor's exit 3: its only FAILs are ones the running station recovers from (a camera not there
   # or not answering: the station waits for it), so a camera unplugged now does not block the unit
   local doctor=0
-  runuser -u "$SERVICE_USER" -- "$PREFIX/venv/bin/smearscope" doctor --config "$conf" || doctor=$?
+  DOCTOR_CREDS="$(doctor_credentials)"
+  trap '[[ -z "${DOCTOR_CREDS:-}" ]] || rm -rf -- "$DOCTOR_CREDS"' EXIT  # the password's copy, whatever happens
+  runuser -u "$SERVICE_USER" -- env ${DOCTOR_CREDS:+CREDENTIALS_DIRECTORY="$DOCTOR_CREDS"} \
+    "$PREFIX/venv/bin/smearscope" doctor --config "$conf" || doctor=$?
+  [[ -z "$DOCTOR_CREDS" ]] || rm -rf -- "$DOCTOR_CREDS"
+  DOCTOR_CREDS=""
   if [[ $doctor == 3 ]]; then
     log "warning: smearscope doctor: only checks the running station recovers from failed (its FAIL lines above);" \
       "the service is enabled all the same: it waits for the camera and opens it when it comes." \

@@ -468,3 +468,47 @@ def test_a_venv_left_without_pip_by_a_missing_python3_venv_is_made_again(tmp_pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "venv.log").read_text().splitlines() == [f"-m venv --system-site-packages {prefix / 'venv'}"] * 2
     assert _pip_calls(tmp_path)[-1] == f"install --quiet --constraint {CONSTRAINTS} {REPO}"
+
+
+@pytest.mark.broker
+def test_the_install_checks_the_login_and_the_acl_with_the_units_credential(tmp_path: Path) -> None:
+    """doctor run by the install as the station's user had no $CREDENTIALS_DIRECTORY: its login check
+    was a WARN, 'not checked', so a second station whose broker account has no ACL block (every report
+    refused) was enabled. The install hands doctor a copy of the credential as the unit would, removed
+    after: the ACL's FAIL stops it before the unit is enabled; with the block it is enabled."""
+    from broker import MosquittoBroker
+    from test_daemon import to_toml
+
+    from smearscope.service.analysis.pipeline import DEFAULT_MODELS_DIR
+
+    acl = (REPO / "config" / "mosquitto.acl.example").read_text()
+    broker = MosquittoBroker(tmp_path / "broker", {"station-lab-8": "s8-secret"}, acl=acl)
+    broker.start()
+    try:
+        for ids, enabled in ((acl, False), (acl.replace("lab-7", "lab-8"), True)):
+            (broker.workdir / "acl").write_text(ids)
+            broker.restart()
+            work = tmp_path / ("enabled" if enabled else "refused")
+            work.mkdir()
+            (work / "etc").mkdir()
+            (work / "etc" / "mqtt-password").write_text("s8-secret\n")
+            station = to_toml({"station_id": "lab-8", "source": {"kind": "simulated"},
+                               "analysis": {"models_dir": str(DEFAULT_MODELS_DIR), "engine_backend": "onnxruntime"},
+                               "mqtt": {"host": "127.0.0.1", "port": broker.port, "username": "station-lab-8",
+                                        "password_credential": "mqtt-password",
+                                        "outbox": {"path": str(work / "state" / "outbox.sqlite3")}}}) + "\n"
+            (work / "tmp").mkdir()
+            proc, calls = _finish(work, station=station, START="1", TMPDIR=str(work / "tmp"))
+            out = proc.stdout + proc.stderr
+            assert f"OK    broker login       127.0.0.1:{broker.port} accepts user 'station-lab-8'" in out, out
+            left = [p for p in (work / "tmp").rglob("*") if p.is_dir() or b"s8-secret" in p.read_bytes()]
+            assert not left, left  # the credential's copy and its folder removed
+            if enabled:
+                assert proc.returncode == 0, out
+                assert "OK    broker ACL" in out and "systemctl enable smearscope.service" in calls, out
+            else:
+                assert proc.returncode == 1, out
+                assert "FAIL  broker ACL" in out and "station-lab-7 block, lab-7 replaced by lab-8" in out, out
+                assert "smearscope doctor failed" in out and not any("systemctl enable" in c for c in calls), calls
+    finally:
+        broker.stop()
