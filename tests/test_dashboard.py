@@ -9,6 +9,7 @@ Screenshots are saved in the test's tmp dir (dashboard-final.png, dashboard-reco
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import json
@@ -297,21 +298,45 @@ def test_connections_past_the_bound_are_answered_503_at_once_and_a_freed_slot_se
 # --------------------------------------------------------------------------- the real browser
 
 
-def _station_config(tmp_path: Path, broker: MosquittoBroker) -> Path:
+#: The simulated camera the browser tests' station analyses.
+SIMULATED = {"kind": "simulated", "fps": 2.0, "width": 480, "height": 360, "seed": 3, "fields": 100_000}
+
+
+def _station_config(tmp_path: Path, broker: MosquittoBroker, *, station_id: str = STATION,
+                    source: dict[str, Any] = SIMULATED, target_wbc: int = 200, username: str = "station",
+                    telemetry_interval_s: float = 2.0) -> Path:
+    """tmp_path/station.toml: `smearscope run` as `station_id` on `source`, runs started by command
+    only (auto_start off) to `target_wbc` white cells, every white cell sent to review, publishing
+    to `broker` as `username` (its password from $CREDENTIALS_DIRECTORY), the outbox under tmp_path/state."""
     doc: dict[str, Any] = {
-        "station_id": STATION,
-        "source": {"kind": "simulated", "fps": 2.0, "width": 480, "height": 360, "seed": 3, "fields": 100_000},
+        "station_id": station_id,
+        "source": source,
         "analysis": {"models_dir": str(ROOT / "models")},
-        "specimen": {"target_wbc_count": 200, "idle_timeout_s": 600.0, "auto_start": False},
+        "specimen": {"target_wbc_count": target_wbc, "idle_timeout_s": 600.0, "auto_start": False},
         "review": {"white_cells": "all"},
-        "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive": 5, "username": "station",
+        "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive": 5, "username": username,
                  "password_credential": "mqtt-password", "reconnect_min_delay_s": 1,
-                 "reconnect_max_delay_s": 1, "telemetry_interval_s": 2.0, "stop_drain_timeout_s": 5,
+                 "reconnect_max_delay_s": 1, "telemetry_interval_s": telemetry_interval_s, "stop_drain_timeout_s": 5,
                  "outbox": {"path": str(tmp_path / "state" / "outbox.sqlite3")}},
     }
     path = tmp_path / "station.toml"
     path.write_text(to_toml(doc) + "\n")
     return path
+
+
+def _seen(driver: Any, selector: str, attribute: str | None = None) -> str | None:
+    """The first element `selector` finds: its text, or its `attribute`; None while there is none, or
+    while the page replaces it as it is read."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.by import By
+
+    try:
+        found = driver.find_elements(By.CSS_SELECTOR, selector)
+        if not found:
+            return None
+        return found[0].get_attribute(attribute) if attribute else found[0].text  # type: ignore[no-any-return]
+    except WebDriverException:
+        return None
 
 
 class _Proc:
@@ -358,7 +383,6 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
     tmp_path: Path, ws_broker: MosquittoBroker, credentials_dir: Path,
 ) -> None:
     from selenium import webdriver
-    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
@@ -391,14 +415,7 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
                 "[r.dataset.label, [...r.cells].map((td) => td.innerText.trim())])", selector)
             return {label: cells for label, cells in rows}
 
-        def seen(selector: str, attribute: str | None = None) -> str | None:
-            try:
-                found = driver.find_elements(By.CSS_SELECTOR, selector)
-                if not found:
-                    return None
-                return found[0].get_attribute(attribute) if attribute else found[0].text
-            except WebDriverException:
-                return None
+        seen = functools.partial(_seen, driver)
 
         def command(name: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
             # sent as another dashboard would: MQTT 5 correlation data of its own

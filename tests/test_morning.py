@@ -11,6 +11,7 @@ must agree, and no report is lost or stored twice."""
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import re
@@ -24,8 +25,16 @@ import cv2
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, free_port, wait_for_port
 from pdf_pages import page_texts
-from test_daemon import to_toml
-from test_dashboard import CHROMEDRIVER, ROOT, _chromium_options, _Proc, _wait, needs_chromium
+from test_dashboard import (
+    CHROMEDRIVER,
+    ROOT,
+    _chromium_options,
+    _Proc,
+    _seen,
+    _station_config,
+    _wait,
+    needs_chromium,
+)
 
 from smearscope.cli import main
 from smearscope.device.synthetic import render_field
@@ -50,21 +59,10 @@ SPECIMENS = ("H-2026-0501", "H-2026-0502", "H-2026-0503")
 
 
 def _config(tmp_path: Path, broker: MosquittoBroker, inbox: Path) -> Path:
-    doc: dict[str, Any] = {
-        "station_id": STATION,
-        "source": {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.1, "settle_s": 0.0,
-                   "microns_per_pixel": 0.2},
-        "analysis": {"models_dir": str(ROOT / "models")},
-        "specimen": {"target_wbc_count": 3, "idle_timeout_s": 600.0, "auto_start": False},
-        "review": {"white_cells": "all"},
-        "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive": 5, "username": "station-lab-7",
-                 "password_credential": "mqtt-password", "reconnect_min_delay_s": 1,
-                 "reconnect_max_delay_s": 1, "telemetry_interval_s": 5.0, "stop_drain_timeout_s": 5,
-                 "outbox": {"path": str(tmp_path / "state" / "outbox.sqlite3")}},
-    }
-    path = tmp_path / "station.toml"
-    path.write_text(to_toml(doc) + "\n")
-    return path
+    """The lab's station: a watched folder, runs of 3 white cells, its own broker account."""
+    folder = {"kind": "folder", "path": str(inbox), "poll_interval_s": 0.1, "settle_s": 0.0, "microns_per_pixel": 0.2}
+    return _station_config(tmp_path, broker, station_id=STATION, source=folder, target_wbc=3,
+                           username="station-lab-7", telemetry_interval_s=5.0)
 
 
 def _drop(inbox: Path, name: str, seed: int, n_wbc: int) -> None:
@@ -82,7 +80,7 @@ def test_a_mornings_three_slides_agree_on_the_card_the_paper_the_archive_and_fhi
     tmp_path: Path, credentials_dir: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     from selenium import webdriver
-    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -116,14 +114,7 @@ def test_a_mornings_three_slides_agree_on_the_card_the_paper_the_archive_and_fhi
         driver.get(f"http://127.0.0.1:{http_port}/")
         card = f"section.station[data-station='{STATION}']"
 
-        def seen(sel: str, attribute: str | None = None) -> str | None:
-            try:
-                found = driver.find_elements(By.CSS_SELECTOR, sel)
-                if not found:
-                    return None
-                return found[0].get_attribute(attribute) if attribute else found[0].text
-            except WebDriverException:
-                return None
+        seen = functools.partial(_seen, driver)
 
         def inside(sel: str) -> Any:
             return driver.find_element(By.CSS_SELECTOR, f"{card} {sel}")
