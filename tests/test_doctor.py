@@ -524,8 +524,7 @@ def test_doctor_fails_a_client_certificate_the_broker_refuses(
     trust: doctor said "OK broker accepts TLS connections" (its own probe sent no certificate and
     TLS 1.3 refuses one only after the handshake) and only warned "no answer to CONNECT" (exit 0),
     while the station could never connect."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material)
-    broker.conf_path.write_text(broker.conf_path.read_text() + "require_certificate true\n")  # the TLS listener's
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material, tls_extra=("require_certificate true",))
     broker.start()
     try:
         certs = tmp_path / "certs"
@@ -627,8 +626,8 @@ def test_doctor_says_a_revoked_client_certificate_is_revoked(
     """Said "use one signed by the CA the broker trusts (its cafile), not expired" of a certificate
     its CA signed, in date, that the broker's crlfile lists."""
     certs, crl = make_issued_client_certs(tmp_path / "issued", tls_material)
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material)
-    broker.conf_path.write_text(broker.conf_path.read_text() + f"require_certificate true\ncrlfile {crl}\n")
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material,
+                             tls_extra=("require_certificate true", f"crlfile {crl}"))
     broker.start()
     try:
         crt, key = certs["revoked"]
