@@ -10,8 +10,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
+from test_publisher import make_config
 
-from smearscope.service.config import MqttConfig
 from smearscope.service.mqtt.outbox import Outbox
 from smearscope.service.mqtt.publisher import MqttPublisher
 
@@ -22,14 +22,6 @@ pytestmark = [pytest.mark.broker, pytest.mark.faults,
 STATION = "lab-12"
 REPORTS = f"smearscope/{STATION}/report"
 SAID = "MQTT network thread ended unexpectedly"
-
-
-def make_config(tmp_path: Path, port: int) -> MqttConfig:
-    return MqttConfig.model_validate({
-        "host": "127.0.0.1", "port": port, "keepalive": 5, "username": "station",
-        "password_credential": "mqtt-password", "reconnect_min_delay_s": 1, "reconnect_max_delay_s": 2,
-        "stop_drain_timeout_s": 5, "outbox": {"path": str(tmp_path / "outbox.sqlite3")},
-    })
 
 
 def end_once(client: mqtt.Client, name: str) -> None:
