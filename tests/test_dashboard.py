@@ -970,6 +970,34 @@ def _closed_run_state(report: Report) -> dict[str, Any]:
             "report": report.model_dump(mode="json", exclude={"cells", "cell_detail"})}
 
 
+@contextlib.contextmanager
+def _print_media(driver: Any) -> Iterator[None]:
+    """Print media emulated inside the block (the page as a printout lays it out), the screen's after it
+    whatever the block raised."""
+    driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+    try:
+        yield
+    finally:
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+
+
+def _open_with_runs(driver: Any, send: Callable[..., None], log: Path, url: str, *runs: Report | dict[str, Any],
+                    online: bool = False) -> None:
+    """Publishes each run (a specimen report, as its station's closed run, or a live run message as it
+    stands) retained under its station (said online first, with `online`), opens the page and waits
+    until it shows a card for every one."""
+    from selenium.webdriver.common.by import By
+
+    for run in runs:
+        state = _closed_run_state(run) if isinstance(run, Report) else run
+        if online:
+            send(f"smearscope/{state['station_id']}/status", "online")
+        send(f"smearscope/{state['station_id']}/run", json.dumps(state))
+    driver.get(url)
+    _wait(f"the {len(runs)} runs", lambda: len(driver.find_elements(
+        By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == len(runs), 20, [log])
+
+
 def _status(driver: Any, station: str) -> str | None:
     return driver.execute_script(  # type: ignore[no-any-return]
         "const n = document.querySelector(`[data-station='${arguments[0]}'] .status`);"

@@ -20,7 +20,9 @@ from broker import MosquittoBroker
 from test_dashboard import (
     PAGE_INSPECTION,
     _closed_run_state,
+    _open_with_runs,
     _page_and_a_station,
+    _print_media,
     _specimen,
     _status,
     _wait,
@@ -82,19 +84,6 @@ def _placed(driver: Any, selector: str, wanted: str, *, before: bool = True, aft
         assert got["after"] is not None and got["after"] >= got["right"] - 0.5, (selector, wanted, got)
 
 
-def _open_with_two_runs(driver: Any, send: Any, log: Path, url: str, runs: tuple[tuple[str, dict], ...]) -> None:
-    """Each station of `runs` said online with its run (retained), then the page opened, and both
-    runs on their cards."""
-    from selenium.webdriver.common.by import By
-
-    for station, run in runs:
-        send(f"smearscope/{station}/status", "online")
-        send(f"smearscope/{station}/run", json.dumps(run))
-    driver.get(url)
-    _wait("both runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == 2,
-          20, [log])
-
-
 @pytest.mark.broker
 @needs_chromium
 def test_right_to_left_ids_names_flags_and_types_keep_the_words_around_them_in_place(
@@ -124,7 +113,7 @@ def test_right_to_left_ids_names_flags_and_types_keep_the_words_around_them_in_p
     base = f"smearscope/{STATION}"
     card = f"[data-station='{STATION}']"
     with _page_and_a_station(tmp_path, ws_broker, ("--run-control",)) as (driver, send, log, url):
-        _open_with_two_runs(driver, send, log, url, ((STATION, state), (OPEN_STATION, open_run)))
+        _open_with_runs(driver, send, log, url, state, open_run, online=True)
         _wait("the stations online", lambda: _status(driver, STATION) == _status(driver, OPEN_STATION) == "online",
               20, [log])
         send(f"{base}/cmd_response/get_runs", json.dumps({"ok": True, "runs": [earlier]}), retain=False)
@@ -169,13 +158,10 @@ def test_right_to_left_ids_names_flags_and_types_keep_the_words_around_them_in_p
             "const s = [...document.styleSheets].find((s) => s.href && s.href.endsWith('/dashboard.css'));"
             "return [...s.cssRules].filter((r) => r instanceof CSSPageRule).map((r) => r.cssText);")
         assert any(f"Specimen \u2068{SPECIMEN}\u2069 · station \u2068{STATION}\u2069 · run run-b" in f for f in feet), feet
-        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
-        try:
+        with _print_media(driver):
             _placed(driver, f"{card} .print-ids", SPECIMEN)
             _placed(driver, f"{card} .print-ids", STATION)
             _placed(driver, f"{card} .print-status", SIGNER)  # the signing date after the signer
-        finally:
-            driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
 
 
 HOSTILE_SPECIMEN = '<img src=x onerror="window.__pwned=9">'
@@ -203,7 +189,7 @@ def test_a_specimen_id_that_is_markup_is_shown_as_text_everywhere_it_is_shown(
         update={"specimen_id": HOSTILE_SPECIMEN}))
     css = _closed_run_state(_specimen("ward-y", "run-y", [], now).model_copy(update={"specimen_id": CSS_SPECIMEN}))
     with _page_and_a_station(tmp_path, ws_broker, ("--run-control",)) as (driver, send, log, url):
-        _open_with_two_runs(driver, send, log, url, (("ward-x", open_run), ("ward-y", css)))
+        _open_with_runs(driver, send, log, url, open_run, css, online=True)
         card = "[data-station='ward-x']"
         text = lambda sel: driver.find_element(By.CSS_SELECTOR, f"{card} {sel}").get_attribute("textContent")
         _wait("ward-x online", lambda: _status(driver, "ward-x") == "online", 20, [log])

@@ -8,11 +8,10 @@ Chromium's DevTools protocol (the print dialog itself is the browser's)."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,9 @@ from broker import MosquittoBroker
 from pdf_pages import page_texts, tagged_spans
 from test_dashboard import (
     _closed_run_state,
+    _open_with_runs,
     _page_and_a_station,
+    _print_media,
     _specimen,
     _status,
     _wait,
@@ -34,30 +35,6 @@ from smearscope.service.analysis.report import ClassShare, Flag, ModelInfo, Repo
 def _pdf_pages(driver) -> int:
     pdf = base64.b64decode(driver.execute_cdp_cmd("Page.printToPDF", {"printBackground": False})["data"])
     return len(re.findall(rb"/Type\s*/Page(?![s\w])", pdf))
-
-
-@contextlib.contextmanager
-def _print_media(driver: Any) -> Iterator[None]:
-    """Print media emulated inside the block (the page as a printout lays it out), the screen's after it
-    whatever the block raised."""
-    driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
-    try:
-        yield
-    finally:
-        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
-
-
-def _open_with_runs(driver: Any, send: Callable[..., None], log: Path, url: str, *runs: Report | dict) -> None:
-    """Publishes each run (a specimen report, as its station's closed run, or a live run message as it
-    stands) retained under its station, opens the page and waits until it shows a card for every one."""
-    from selenium.webdriver.common.by import By
-
-    for run in runs:
-        state = _closed_run_state(run) if isinstance(run, Report) else run
-        send(f"smearscope/{state['station_id']}/run", json.dumps(state))
-    driver.get(url)
-    _wait(f"the {len(runs)} runs", lambda: len(driver.find_elements(
-        By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == len(runs), 20, [log])
 
 
 def _same_on_screen_and_paper(driver: Any, shown: Callable[[], Any], want: Any) -> None:
@@ -98,9 +75,7 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
     open_run = _closed_run_state(_specimen("ward-c", "run-c", [], now))  # its specimen in its progress only
     open_run = {**open_run, "state": "open", "progress": {**open_run["progress"], "specimen_id": "S/7 <b>"}}
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
-        for station in ("ward-a", "ward-b", "ward-c"):
-            send(f"smearscope/{station}/status", "online")
-        _open_with_runs(driver, send, log, url, verified, preliminary, open_run)
+        _open_with_runs(driver, send, log, url, verified, preliminary, open_run, online=True)
         card = lambda s: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}']")
         inside = lambda s, sel: card(s).find_element(By.CSS_SELECTOR, sel)
         # served without --run-control: no run form, the station online all the same

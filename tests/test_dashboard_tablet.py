@@ -16,6 +16,7 @@ import pytest
 from broker import MosquittoBroker
 from test_dashboard import (
     _closed_run_state,
+    _open_with_runs,
     _page_and_a_station,
     _specimen,
     _status,
@@ -92,12 +93,8 @@ def test_the_page_on_a_tablet_fits_its_screen_reads_at_aa_contrast_and_names_eac
     with _page_and_a_station(tmp_path, ws_broker, ("--run-control",)) as (driver, send, log, url):
         for station in ("ward-a", "ward-b", "ward-c"):
             send(f"smearscope/{station}/status", "online")
-        send("smearscope/ward-a/run", json.dumps(_closed_run_state(closed)))
-        send("smearscope/ward-b/run", json.dumps(open_run))
-        driver.get(url)
+        _open_with_runs(driver, send, log, url, closed, open_run)
         inside = lambda s, sel: driver.find_element(By.CSS_SELECTOR, f"[data-station='{s}'] {sel}")
-        _wait("the runs", lambda: len(driver.find_elements(By.CSS_SELECTOR, "section.station[data-run-id^='run-']")) == 2,
-              20, [log])
         _wait("ward-c", lambda: _status(driver, "ward-c") == "online", 20, [log])
         # ward-c's last sample, then ward-c offline: its telemetry stale, its disk_full alarm shown
         send("smearscope/ward-c/telemetry", json.dumps({"read_at": now, "pipeline": {"disk_full": True, "outbox_messages": 3}}),
