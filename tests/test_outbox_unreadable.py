@@ -8,10 +8,11 @@ import json
 import logging
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from broker import MQTT_USERS, MosquittoBroker, Subscriber, wait_until
+from broker import MosquittoBroker, Subscriber, wait_until
 from test_publisher import BASE, make_config, start_publisher
 
 from smearscope.service.mqtt import inflight
@@ -53,29 +54,24 @@ def test_a_drain_loop_that_cannot_read_the_outbox_says_so_once_at_error_and_at_i
 @pytest.mark.broker
 def test_a_stop_with_an_outbox_that_cannot_be_read_completes_says_what_it_could_not_count_and_goes_offline(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+    broker_with: Callable[..., MosquittoBroker], observer_on: Callable[..., Subscriber],
 ) -> None:
     """A parked message (over mosquitto's message_size_limit) makes the stop's wait read the outbox."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1500",))  # reports over it, telemetry under
-    broker.start()
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/status"])
-    try:
-        sub.wait_ready()
-        publisher = start_publisher(make_config(tmp_path, broker.port, protocol="5"), started)
-        assert publisher.wait_until_connected(5)
-        publisher.publish_report("report", "too-big", json.dumps({"cells": "x" * 5000}).encode(), "1")
-        assert wait_until(lambda: publisher.state.parked >= 1, 10)
-        publisher.outbox.read(lambda conn: conn.set_authorizer(refuse_outbox))
-        caplog.set_level(logging.INFO, logger=LOGGER)
-        publisher.stop(drain_timeout=5)
-        assert publisher.state.status == "stopped"
-        said = [r.getMessage() for r in caplog.records if "counting the outbox's messages" in r.getMessage()]
-        assert len(said) == 1 and "prohibited" in said[0], said
-        assert wait_until(lambda: any(m.payload == b"offline" for m in list(sub.messages)), 5)
-        publisher.outbox.read(lambda conn: conn.set_authorizer(None))
-        assert publisher.outbox.counts().messages == 1  # kept for the next start
-    finally:
-        sub.close()
-        broker.stop()
+    broker = broker_with(extra=("message_size_limit 1500",))  # reports over it, telemetry under
+    sub = observer_on(broker.port, [f"{BASE}/status"])
+    publisher = start_publisher(make_config(tmp_path, broker.port, protocol="5"), started)
+    assert publisher.wait_until_connected(5)
+    publisher.publish_report("report", "too-big", json.dumps({"cells": "x" * 5000}).encode(), "1")
+    assert wait_until(lambda: publisher.state.parked >= 1, 10)
+    publisher.outbox.read(lambda conn: conn.set_authorizer(refuse_outbox))
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    publisher.stop(drain_timeout=5)
+    assert publisher.state.status == "stopped"
+    said = [r.getMessage() for r in caplog.records if "counting the outbox's messages" in r.getMessage()]
+    assert len(said) == 1 and "prohibited" in said[0], said
+    assert wait_until(lambda: any(m.payload == b"offline" for m in list(sub.messages)), 5)
+    publisher.outbox.read(lambda conn: conn.set_authorizer(None))
+    assert publisher.outbox.counts().messages == 1  # kept for the next start
 
 
 @pytest.mark.broker
@@ -104,6 +100,7 @@ def test_two_reasons_that_take_turns_are_each_said_once_at_error_while_the_outbo
 def test_an_acknowledgement_settled_beside_a_refusal_while_the_outbox_cannot_be_read_is_not_lost(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
+    broker_with: Callable[..., MosquittoBroker], observer_on: Callable[..., Subscriber],
 ) -> None:
     """A report the broker acknowledged and one it refused as too large (PUBACK 0x95) are settled in one
     pass while the outbox cannot be read: the refusal's look-up of its message fails there. The
@@ -111,38 +108,32 @@ def test_an_acknowledgement_settled_beside_a_refusal_while_the_outbox_cannot_be_
     before, the pass dropped both from the drain's books: the delivered report stayed in the outbox,
     waited on by the stop and sent again at the next connection, the refused one counted as waiting."""
     monkeypatch.setattr(inflight, "DELETE_RETRY_S", 1.0)  # a delete the unreadable outbox refused: tried again soon
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1500",))  # reports over it, telemetry under
-    broker.start()
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])
-    try:
-        sub.wait_ready()
-        publisher = start_publisher(make_config(tmp_path, broker.port, protocol="5"), started)
-        assert publisher.wait_until_connected(5)
-        gate, held = threading.Event(), threading.Event()
-        check = publisher.echo.check
+    broker = broker_with(extra=("message_size_limit 1500",))  # reports over it, telemetry under
+    sub = observer_on(broker.port, [f"{BASE}/report"])
+    publisher = start_publisher(make_config(tmp_path, broker.port, protocol="5"), started)
+    assert publisher.wait_until_connected(5)
+    gate, held = threading.Event(), threading.Event()
+    check = publisher.echo.check
 
-        def busy_check() -> None:  # the drain thread stops here once it has sent both
-            if not gate.is_set() and len(publisher._inflight) == 2:
-                held.set()
-                gate.wait(30)
-            check()
+    def busy_check() -> None:  # the drain thread stops here once it has sent both
+        if not gate.is_set() and len(publisher._inflight) == 2:
+            held.set()
+            gate.wait(30)
+        check()
 
-        publisher.echo.check = busy_check  # type: ignore[method-assign]
-        publisher.publish_many([("report", "delivered", b"{}", "1"),
-                                ("report", "too-big", json.dumps({"cells": "x" * 5000}).encode(), "1")])
-        assert held.wait(5)
-        assert sub.wait_for(lambda m: any(json.loads(r.payload)["report_id"] == "delivered" for r in m), 10)
-        assert wait_until(lambda: publisher._inflight._events.qsize() >= 2, 5)  # both answers in
-        caplog.set_level(logging.DEBUG, logger=LOGGER)
-        publisher.outbox.read(lambda conn: conn.set_authorizer(refuse_outbox))
-        gate.set()
-        assert wait_until(lambda: any("MQTT drain loop error" in r.getMessage() for r in caplog.records), 10)
-        publisher.outbox.read(lambda conn: conn.set_authorizer(None))
-        assert wait_until(lambda: publisher.outbox.counts().messages == 1, 10), publisher.outbox.counts()
-        left = publisher.outbox.pending()
-        assert [json.loads(m.payload)["report_id"] for m in left] == ["too-big"]
-        assert publisher.state.parked == 1 and publisher.state.in_flight == 0
-        assert publisher.wait_until_drained(5)  # the parked one is no message to wait for
-    finally:
-        sub.close()
-        broker.stop()
+    publisher.echo.check = busy_check  # type: ignore[method-assign]
+    publisher.publish_many([("report", "delivered", b"{}", "1"),
+                            ("report", "too-big", json.dumps({"cells": "x" * 5000}).encode(), "1")])
+    assert held.wait(5)
+    assert sub.wait_for(lambda m: any(json.loads(r.payload)["report_id"] == "delivered" for r in m), 10)
+    assert wait_until(lambda: publisher._inflight._events.qsize() >= 2, 5)  # both answers in
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    publisher.outbox.read(lambda conn: conn.set_authorizer(refuse_outbox))
+    gate.set()
+    assert wait_until(lambda: any("MQTT drain loop error" in r.getMessage() for r in caplog.records), 10)
+    publisher.outbox.read(lambda conn: conn.set_authorizer(None))
+    assert wait_until(lambda: publisher.outbox.counts().messages == 1, 10), publisher.outbox.counts()
+    left = publisher.outbox.pending()
+    assert [json.loads(m.payload)["report_id"] for m in left] == ["too-big"]
+    assert publisher.state.parked == 1 and publisher.state.in_flight == 0
+    assert publisher.wait_until_drained(5)  # the parked one is no message to wait for
