@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +266,7 @@ def test_doctor_says_what_it_waits_for_before_waiting_for_the_running_stations_t
 @pytest.mark.broker
 def test_the_daemons_status_line_and_status_command_count_what_the_broker_refused_as_too_large(
     tmp_path: Path, credentials_dir: Path,
+    broker_with: Callable[..., MosquittoBroker],
 ) -> None:
     """systemd's STATUS= line (`systemctl status`) and the status command, of a station whose field
     messages are over mosquitto's message_size_limit."""
@@ -273,23 +275,19 @@ def test_the_daemons_status_line_and_status_command_count_what_the_broker_refuse
     from smearscope.service.config import load_config
     from smearscope.service.station.daemon import StationDaemon
 
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, extra=("message_size_limit 1500",))  # reports over it, telemetry under
-    broker.start()
-    try:
-        source = {"kind": "simulated", "fields": 2, "fps": 8.0, "width": 320, "height": 240, "seed": 0}
-        config = write_station(tmp_path, broker.port, source=source)
-        daemon = StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(), config_path=config,
-                               environ={"CREDENTIALS_DIRECTORY": str(credentials_dir)})
-        with running(daemon):
-            assert wait_until(lambda: daemon.publisher is not None and daemon.publisher.state.parked >= 2, 30), (
-                daemon.status_line())
-            line = daemon.status_line()
-            detail = daemon.status()["broker"]["parked_detail"]
-        n = detail["messages"]
-        assert n >= 2 and detail["too_large"] == n and detail["oldest"]["reason"] == "refused_as_too_large", detail
-        assert f"{n} messages parked ({n} too large for the broker)" in line, line
-    finally:
-        broker.stop()
+    broker = broker_with(extra=("message_size_limit 1500",))  # reports over it, telemetry under
+    source = {"kind": "simulated", "fields": 2, "fps": 8.0, "width": 320, "height": 240, "seed": 0}
+    config = write_station(tmp_path, broker.port, source=source)
+    daemon = StationDaemon(load_config(config, {}), analyzer_factory=pool_factory(), config_path=config,
+                           environ={"CREDENTIALS_DIRECTORY": str(credentials_dir)})
+    with running(daemon):
+        assert wait_until(lambda: daemon.publisher is not None and daemon.publisher.state.parked >= 2, 30), (
+            daemon.status_line())
+        line = daemon.status_line()
+        detail = daemon.status()["broker"]["parked_detail"]
+    n = detail["messages"]
+    assert n >= 2 and detail["too_large"] == n and detail["oldest"]["reason"] == "refused_as_too_large", detail
+    assert f"{n} messages parked ({n} too large for the broker)" in line, line
 
 
 def test_the_parked_summary_is_read_again_only_when_the_parked_set_changes_or_it_is_max_age_old(

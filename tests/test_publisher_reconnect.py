@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -113,38 +114,33 @@ def test_a_port_that_never_answers_after_a_refusal_is_said_once(
 
 def test_a_password_changed_on_the_broker_and_in_the_credential_is_taken_without_a_restart(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+    broker_with: Callable[..., MosquittoBroker], observer_on: Callable[..., Subscriber],
 ) -> None:
     """The station's password is changed on mosquitto (password_file, SIGHUP: the connection dropped,
     the next CONNECT refused) and then in the station's credential file. The station read that file
     only at start: refused until restarted. Now the attempt after the refusal reads it again, logs
     in, and the report made while refused goes."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
-    broker.start()
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])
-    try:
-        sub.wait_ready()
-        with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt"):
-            publisher = start_publisher(make_config(tmp_path, broker.port), started)
-            assert publisher.wait_until_connected(5)
-            subprocess.run([MOSQUITTO_PASSWD, "-b", str(broker.workdir / "passwd"), "station", "rotated"], check=True)
-            assert broker.proc is not None
-            broker.proc.send_signal(signal.SIGHUP)
-            assert wait_until(lambda: publisher.state.status == "refused", 10), publisher.state
-            publisher.publish_report("report", "made-while-refused", b"{}", "1")
-            (credentials_dir / "mqtt-password").chmod(0o600)
-            (credentials_dir / "mqtt-password").write_text("rotated\n")
-            assert sub.wait_for(lambda m: len(m) == 1, 15), publisher.state
-        state = publisher.state
-        assert state.connected and state.connects == 2 and state.refusals >= 1, state
-        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 5)
-        changed = [r.getMessage() for r in caplog.records if r.name == "smearscope.service.mqtt.secrets"]
-        assert changed == [("MQTT password in credential 'mqtt-password' changed: used from this connection "
-                            "attempt on")], changed
-        refused = [r.getMessage() for r in caplog.records if "refused the connection" in r.getMessage()]
-        assert refused and "the station reads it again before its next attempt" in refused[0], refused
-    finally:
-        sub.close()
-        broker.stop()
+    broker = broker_with()
+    sub = observer_on(broker.port, [f"{BASE}/report"])
+    with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt"):
+        publisher = start_publisher(make_config(tmp_path, broker.port), started)
+        assert publisher.wait_until_connected(5)
+        subprocess.run([MOSQUITTO_PASSWD, "-b", str(broker.workdir / "passwd"), "station", "rotated"], check=True)
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: publisher.state.status == "refused", 10), publisher.state
+        publisher.publish_report("report", "made-while-refused", b"{}", "1")
+        (credentials_dir / "mqtt-password").chmod(0o600)
+        (credentials_dir / "mqtt-password").write_text("rotated\n")
+        assert sub.wait_for(lambda m: len(m) == 1, 15), publisher.state
+    state = publisher.state
+    assert state.connected and state.connects == 2 and state.refusals >= 1, state
+    assert wait_until(lambda: publisher.outbox.counts().messages == 0, 5)
+    changed = [r.getMessage() for r in caplog.records if r.name == "smearscope.service.mqtt.secrets"]
+    assert changed == [("MQTT password in credential 'mqtt-password' changed: used from this connection "
+                        "attempt on")], changed
+    refused = [r.getMessage() for r in caplog.records if "refused the connection" in r.getMessage()]
+    assert refused and "the station reads it again before its next attempt" in refused[0], refused
 
 
 def test_sighup_has_the_station_read_its_password_again_for_its_next_connection(
@@ -179,6 +175,7 @@ def test_sighup_has_the_station_read_its_password_again_for_its_next_connection(
 
 def test_a_reload_hands_the_new_password_to_the_client_on_its_network_thread_before_its_next_connect(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+    broker_with: Callable[..., MosquittoBroker],
 ) -> None:
     """A reload (the daemon's SIGHUP) reads the credential on the daemon's thread. It set the password on
     the paho client there too, while paho's network thread may be building a CONNECT, which reads the
@@ -186,33 +183,29 @@ def test_a_reload_hands_the_new_password_to_the_client_on_its_network_thread_bef
     files at the same moment and setting an older password after a newer one. Now the client is changed
     only on its own network thread, just before its next connection attempt: the connection stays, and
     when mosquitto takes the old password away the station logs in with the new one, never refused."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
-    broker.start()
-    try:
-        publisher = start_publisher(make_config(tmp_path, broker.port), started)
-        assert publisher.wait_until_connected(5)
-        client = publisher._client
-        assert client is not None
-        set_on: list[str] = []
-        set_password = client.username_pw_set
+    broker = broker_with()
+    publisher = start_publisher(make_config(tmp_path, broker.port), started)
+    assert publisher.wait_until_connected(5)
+    client = publisher._client
+    assert client is not None
+    set_on: list[str] = []
+    set_password = client.username_pw_set
 
-        def recorded(username: str | None, password: str | None = None) -> None:
-            set_on.append(threading.current_thread().name)
-            set_password(username, password)
+    def recorded(username: str | None, password: str | None = None) -> None:
+        set_on.append(threading.current_thread().name)
+        set_password(username, password)
 
-        client.username_pw_set = recorded  # type: ignore[method-assign]
-        subprocess.run([MOSQUITTO_PASSWD, "-b", str(broker.workdir / "passwd"), "station", "rotated"], check=True)
-        (credentials_dir / "mqtt-password").chmod(0o600)
-        (credentials_dir / "mqtt-password").write_text("rotated\n")
-        publisher.renew_secrets()  # what the daemon's reload does, on its main thread
-        assert publisher.state.connected and publisher.state.connects == 1, publisher.state
-        assert broker.proc is not None
-        broker.proc.send_signal(signal.SIGHUP)  # mosquitto drops the station, whose old password is gone
-        assert wait_until(lambda: publisher.state.connects == 2 and publisher.state.connected, 15), publisher.state
-        assert publisher.state.refusals == 0, publisher.state
-        assert set_on == [f"paho-mqtt-client-{publisher.client_id}"], set_on
-    finally:
-        broker.stop()
+    client.username_pw_set = recorded  # type: ignore[method-assign]
+    subprocess.run([MOSQUITTO_PASSWD, "-b", str(broker.workdir / "passwd"), "station", "rotated"], check=True)
+    (credentials_dir / "mqtt-password").chmod(0o600)
+    (credentials_dir / "mqtt-password").write_text("rotated\n")
+    publisher.renew_secrets()  # what the daemon's reload does, on its main thread
+    assert publisher.state.connected and publisher.state.connects == 1, publisher.state
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGHUP)  # mosquitto drops the station, whose old password is gone
+    assert wait_until(lambda: publisher.state.connects == 2 and publisher.state.connected, 15), publisher.state
+    assert publisher.state.refusals == 0, publisher.state
+    assert set_on == [f"paho-mqtt-client-{publisher.client_id}"], set_on
 
 
 def test_a_fallback_to_mqtt_311_that_finds_the_tls_files_mid_renewal_tries_again_once_they_are_whole(
@@ -261,24 +254,21 @@ def _sockets_and_threads() -> tuple[int, int]:
 
 def test_broker_restarts_leave_the_publishers_sockets_and_threads_as_they_were(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher],
+    broker_with: Callable[..., MosquittoBroker],
 ) -> None:
     """A station runs for weeks through broker outages: mosquitto SIGKILLed and started again 6
     times, a report made during each outage delivered (acknowledged) after it. Each reconnect must
     leave no socket and no thread behind: after the 6th the process holds as many sockets and
     threads as after the first connection (a leak of one per reconnect would show as 6)."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS)
-    broker.start()
-    try:
-        publisher = start_publisher(make_config(tmp_path, broker.port), started)
-        assert publisher.wait_until_connected(5)
-        before = _sockets_and_threads()
-        for outage in range(1, 7):
-            broker.kill()
-            assert wait_until(lambda: not publisher.state.connected, 10), publisher.state
-            publisher.publish_report("report", f"made-in-outage-{outage}", b"{}", "1")
-            broker.start()
-            assert wait_until(lambda outage=outage: publisher.state.delivered == outage, 15), publisher.state
-            assert publisher.state.connects == outage + 1, publisher.state
-        assert wait_until(lambda: _sockets_and_threads() == before, 5), (before, _sockets_and_threads())
-    finally:
-        broker.stop()
+    broker = broker_with()
+    publisher = start_publisher(make_config(tmp_path, broker.port), started)
+    assert publisher.wait_until_connected(5)
+    before = _sockets_and_threads()
+    for outage in range(1, 7):
+        broker.kill()
+        assert wait_until(lambda: not publisher.state.connected, 10), publisher.state
+        publisher.publish_report("report", f"made-in-outage-{outage}", b"{}", "1")
+        broker.start()
+        assert wait_until(lambda outage=outage: publisher.state.delivered == outage, 15), publisher.state
+        assert publisher.state.connects == outage + 1, publisher.state
+    assert wait_until(lambda: _sockets_and_threads() == before, 5), (before, _sockets_and_threads())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,30 +111,27 @@ def _acl(run_rights: str) -> str:
 
 def test_a_new_station_under_mqtt_311_that_may_read_its_run_topic_says_no_warning_when_the_broker_keeps_no_run_state(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+    broker_with: Callable[..., MosquittoBroker],
 ) -> None:
     """A new station (its state holds no run) on a broker that keeps no retained run state, MQTT 3.1.1,
     the example ACL's rights on its run topic: nothing comes on the run topic at its start, which
     under 3.1.1 is also what an ACL that keeps the topic from it looks like. Its first run state,
     sent retained, comes back on its subscription: the topic is readable, and nothing is said at
     WARNING (every first start of a rightly configured 3.1.1 station used to warn)."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=_acl("readwrite"))
-    broker.start()
-    try:
-        config = make_config(tmp_path, broker.port, protocol="3.1.1")
-        publisher = _publisher(config, {}, (), started)
-        publisher.publish_many([("field", "field-1", b"{}", "1")], extra=[_run_state("r-1", 1, "open")])
-        with caplog.at_level(logging.DEBUG, logger="smearscope"):
-            publisher.start()
-            assert wait_until(lambda: not publisher.run_watch.listening, 10), caplog.text[-3000:]
-            assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
-        kept = retained_run_state(broker.port, BASE)
-        assert kept is not None and kept["run_id"] == "r-1", kept
-        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-        assert not warned, warned
-        assert any(r.levelno == logging.DEBUG and r.getMessage().startswith(f"MQTT 3.1.1: a message came back on {BASE}/run")
-                   for r in caplog.records), caplog.text[-3000:]
-    finally:
-        broker.stop()
+    broker = broker_with(acl=_acl("readwrite"))
+    config = make_config(tmp_path, broker.port, protocol="3.1.1")
+    publisher = _publisher(config, {}, (), started)
+    publisher.publish_many([("field", "field-1", b"{}", "1")], extra=[_run_state("r-1", 1, "open")])
+    with caplog.at_level(logging.DEBUG, logger="smearscope"):
+        publisher.start()
+        assert wait_until(lambda: not publisher.run_watch.listening, 10), caplog.text[-3000:]
+        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
+    kept = retained_run_state(broker.port, BASE)
+    assert kept is not None and kept["run_id"] == "r-1", kept
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warned, warned
+    assert any(r.levelno == logging.DEBUG and r.getMessage().startswith(f"MQTT 3.1.1: a message came back on {BASE}/run")
+               for r in caplog.records), caplog.text[-3000:]
 
 
 def _hold_r0(config: Any) -> None:
@@ -154,6 +152,7 @@ def _held_in_file(outbox: Outbox) -> list[str]:
 def test_under_mqtt_311_a_run_topic_the_acl_keeps_from_the_station_is_said_once_with_the_line_to_add(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch, readable: bool,
+    broker_with: Callable[..., MosquittoBroker], observer_on: Callable[..., Subscriber],
 ) -> None:
     """The broker keeps run r-1 closed at 6 fields; the restored station holds it at 3, and its outbox
     file keeps a hold of run r-0 from an earlier start, r-0's report parked. Under MQTT 3.1.1 with an
@@ -166,49 +165,44 @@ def test_under_mqtt_311_a_run_topic_the_acl_keeps_from_the_station_is_said_once_
     from smearscope.service.mqtt import echo_watch
 
     monkeypatch.setattr(echo_watch, "ECHO_BOUND_S", 1.0)
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=_acl("readwrite" if readable else "write"))
-    broker.start()
-    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])
-    try:
-        observer.wait_ready()
-        _retain(broker.port, _run_state("r-1", 6, "closed"))
-        config = make_config(tmp_path, broker.port, protocol="3.1.1", reconnect_min_delay_s=1, reconnect_max_delay_s=1)
-        _hold_r0(config)
-        publisher = _publisher(config, {"r-0": 4, "r-1": 3}, ("r-1",), started)
-        publisher.publish_many([_report("r-0", 4), _report("r-1", 3)], extra=[_run_state("r-1", 3, "closed")])
-        with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt.run_watch"):
-            publisher.start()
-            if readable:
-                assert wait_until(lambda: publisher.state.parked == 3, 10), publisher.state
-                assert set(publisher.run_watch.held) == {"r-0", "r-1"}, publisher.run_watch.held
-                assert not _said_311(caplog), caplog.text[-3000:]
-                return
-            assert wait_until(lambda: len(_said_311(caplog)) > 0, 15), caplog.text[-3000:]
-            said = _said_311(caplog)
-            assert len(said) == 1, caplog.text[-3000:]
-            assert f"'topic read {BASE}/run' and 'topic write {BASE}/run' under 'user station'" in said[0], said[0]
-            assert "the runs held (r-0) stay held" in said[0] and "MQTT 5" in said[0], said[0]
-            assert set(publisher.run_watch.held) == {"r-0"} and publisher.run_watch.decided.is_set()
-            assert observer.wait_for(lambda ms: len(ms) >= 1, 10), publisher.state
-            assert wait_until(lambda: publisher.state.parked == 1 and publisher.state.in_flight == 0, 10), publisher.state
-            assert [json.loads(m.payload)["body"]["run_id"] for m in observer.messages] == ["r-1"]
-            assert _held_in_file(publisher.outbox) == ["r-0"]
-            connects = publisher.state.connects
-            broker.restart()
-            assert wait_until(lambda: publisher.state.connects > connects and publisher.state.connected, 20)
-            publisher.publish_many([_report("r-9", 1)], extra=[_run_state("r-9", 1, "closed")])
-            assert wait_until(lambda: publisher.outbox.counts().messages == 1, 10), publisher.state  # r-0's report
-            time.sleep(1.5)  # past the echo bound of the run state sent after the restart
-            assert len(_said_311(caplog)) == 1, _said_311(caplog)
-            assert set(publisher.run_watch.held) == {"r-0"} and _held_in_file(publisher.outbox) == ["r-0"]
-            assert all(json.loads(m.payload)["body"]["run_id"] != "r-0" for m in observer.messages)
-    finally:
-        observer.close()
-        broker.stop()
+    broker = broker_with(acl=_acl("readwrite" if readable else "write"))
+    observer = observer_on(broker.port, [f"{BASE}/report"])
+    _retain(broker.port, _run_state("r-1", 6, "closed"))
+    config = make_config(tmp_path, broker.port, protocol="3.1.1", reconnect_min_delay_s=1, reconnect_max_delay_s=1)
+    _hold_r0(config)
+    publisher = _publisher(config, {"r-0": 4, "r-1": 3}, ("r-1",), started)
+    publisher.publish_many([_report("r-0", 4), _report("r-1", 3)], extra=[_run_state("r-1", 3, "closed")])
+    with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt.run_watch"):
+        publisher.start()
+        if readable:
+            assert wait_until(lambda: publisher.state.parked == 3, 10), publisher.state
+            assert set(publisher.run_watch.held) == {"r-0", "r-1"}, publisher.run_watch.held
+            assert not _said_311(caplog), caplog.text[-3000:]
+            return
+        assert wait_until(lambda: len(_said_311(caplog)) > 0, 15), caplog.text[-3000:]
+        said = _said_311(caplog)
+        assert len(said) == 1, caplog.text[-3000:]
+        assert f"'topic read {BASE}/run' and 'topic write {BASE}/run' under 'user station'" in said[0], said[0]
+        assert "the runs held (r-0) stay held" in said[0] and "MQTT 5" in said[0], said[0]
+        assert set(publisher.run_watch.held) == {"r-0"} and publisher.run_watch.decided.is_set()
+        assert observer.wait_for(lambda ms: len(ms) >= 1, 10), publisher.state
+        assert wait_until(lambda: publisher.state.parked == 1 and publisher.state.in_flight == 0, 10), publisher.state
+        assert [json.loads(m.payload)["body"]["run_id"] for m in observer.messages] == ["r-1"]
+        assert _held_in_file(publisher.outbox) == ["r-0"]
+        connects = publisher.state.connects
+        broker.restart()
+        assert wait_until(lambda: publisher.state.connects > connects and publisher.state.connected, 20)
+        publisher.publish_many([_report("r-9", 1)], extra=[_run_state("r-9", 1, "closed")])
+        assert wait_until(lambda: publisher.outbox.counts().messages == 1, 10), publisher.state  # r-0's report
+        time.sleep(1.5)  # past the echo bound of the run state sent after the restart
+        assert len(_said_311(caplog)) == 1, _said_311(caplog)
+        assert set(publisher.run_watch.held) == {"r-0"} and _held_in_file(publisher.outbox) == ["r-0"]
+        assert all(json.loads(m.payload)["body"]["run_id"] != "r-0" for m in observer.messages)
 
 
 def test_under_mqtt_311_a_hold_is_released_once_the_stations_own_run_state_comes_back_and_sent_on_that_connection(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+    broker_with: Callable[..., MosquittoBroker], observer_on: Callable[..., Subscriber],
 ) -> None:
     """The outbox file keeps a hold of run r-0 (its report parked); the broker keeps no retained run
     state, MQTT 3.1.1, the station may read its run topic. Nothing comes on the run topic at the
@@ -216,35 +210,30 @@ def test_under_mqtt_311_a_hold_is_released_once_the_stations_own_run_state_comes
     the station's own run state (r-1's) comes back on its subscription; then the hold is released,
     said at WARNING, the file no longer names it, and r-0's report is received on this same
     connection (no reconnect)."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=_acl("readwrite"))
-    broker.start()
-    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report", f"{BASE}/run"])
-    try:
-        observer.wait_ready()
-        config = make_config(tmp_path, broker.port, protocol="3.1.1")
-        _hold_r0(config)
-        publisher = _publisher(config, {"r-0": 4, "r-1": 2}, (), started)
-        publisher.publish_many([_report("r-0", 4)], extra=[_run_state("r-1", 2, "closed")])
-        with caplog.at_level(logging.DEBUG, logger="smearscope.service.mqtt.run_watch"):
-            publisher.start()
-            assert wait_until(lambda: publisher.run_watch.decided.is_set(), 15), caplog.text[-3000:]
-            released = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
-                        and r.getMessage().startswith("run r-0's held run states")]
-            assert released and "own run state came back" in released[0], caplog.text[-3000:]
-            waited = [r.getMessage() for r in caplog.records if "(held till then: r-0)" in r.getMessage()]
-            assert waited, caplog.text[-3000:]
-            assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 10), publisher.state
-            assert [json.loads(m.payload)["body"]["run_id"] for m in observer.on_topic(f"{BASE}/report")] == ["r-0"]
-            assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
-        assert not publisher.run_watch.held and publisher.state.connects == 1, publisher.state
-        assert wait_until(lambda: _held_in_file(publisher.outbox) == [], 10)
-    finally:
-        observer.close()
-        broker.stop()
+    broker = broker_with(acl=_acl("readwrite"))
+    observer = observer_on(broker.port, [f"{BASE}/report", f"{BASE}/run"])
+    config = make_config(tmp_path, broker.port, protocol="3.1.1")
+    _hold_r0(config)
+    publisher = _publisher(config, {"r-0": 4, "r-1": 2}, (), started)
+    publisher.publish_many([_report("r-0", 4)], extra=[_run_state("r-1", 2, "closed")])
+    with caplog.at_level(logging.DEBUG, logger="smearscope.service.mqtt.run_watch"):
+        publisher.start()
+        assert wait_until(lambda: publisher.run_watch.decided.is_set(), 15), caplog.text[-3000:]
+        released = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                    and r.getMessage().startswith("run r-0's held run states")]
+        assert released and "own run state came back" in released[0], caplog.text[-3000:]
+        waited = [r.getMessage() for r in caplog.records if "(held till then: r-0)" in r.getMessage()]
+        assert waited, caplog.text[-3000:]
+        assert observer.wait_for(lambda ms: any(m.topic == f"{BASE}/report" for m in ms), 10), publisher.state
+        assert [json.loads(m.payload)["body"]["run_id"] for m in observer.on_topic(f"{BASE}/report")] == ["r-0"]
+        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state
+    assert not publisher.run_watch.held and publisher.state.connects == 1, publisher.state
+    assert wait_until(lambda: _held_in_file(publisher.outbox) == [], 10)
 
 
 def test_under_mqtt_311_a_hold_whose_release_waits_for_the_next_run_state_says_so_and_that_run_releases_it(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], caplog: pytest.LogCaptureFixture,
+    broker_with: Callable[..., MosquittoBroker], observer_on: Callable[..., Subscriber],
 ) -> None:
     """The outbox file keeps a hold of run r-0, the station's last run (its report and the run state
     the start states again both parked); the operator cleared the broker's retained run state, MQTT
@@ -254,35 +243,30 @@ def test_under_mqtt_311_a_hold_whose_release_waits_for_the_next_run_state_says_s
     WARNING at the start, naming r-0 (the start's WARNING said a start that finds no retained run
     state sends it), and r-0 stays held (its report not received) until r-1's state, sent later on
     that connection, comes back: then r-0 is released and its report received."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=_acl("readwrite"))
-    broker.start()
-    observer = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{BASE}/report"])
-    try:
-        observer.wait_ready()
-        config = make_config(tmp_path, broker.port, protocol="3.1.1")
-        _hold_r0(config)
-        publisher = _publisher(config, {"r-0": 4}, (), started)
-        publisher.publish_many([_report("r-0", 4)], extra=[_run_state("r-0", 4, "closed")])
-        with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt.run_watch"):
-            publisher.start()
-            assert wait_until(lambda: publisher.state.parked == 2, 10), publisher.state
-            waits = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
-                     and "r-0" in r.getMessage() and "next run" in r.getMessage()]
-            assert len(waits) == 1, caplog.text[-3000:]
-            assert f"no retained run state came on {BASE}/run" in waits[0], waits[0]
-            assert set(publisher.run_watch.held) == {"r-0"} and not publisher.run_watch.decided.is_set()
-            assert observer.messages == [] and _held_in_file(publisher.outbox) == ["r-0"]
-            publisher.publish_many([], extra=[_run_state("r-1", 1, "open")])  # the next run's first state
-            assert observer.wait_for(lambda ms: len(ms) >= 1, 15), publisher.state
-            assert [json.loads(m.payload)["body"]["run_id"] for m in observer.messages] == ["r-0"]
-            assert not publisher.run_watch.held and publisher.run_watch.decided.is_set()
-    finally:
-        observer.close()
-        broker.stop()
+    broker = broker_with(acl=_acl("readwrite"))
+    observer = observer_on(broker.port, [f"{BASE}/report"])
+    config = make_config(tmp_path, broker.port, protocol="3.1.1")
+    _hold_r0(config)
+    publisher = _publisher(config, {"r-0": 4}, (), started)
+    publisher.publish_many([_report("r-0", 4)], extra=[_run_state("r-0", 4, "closed")])
+    with caplog.at_level(logging.INFO, logger="smearscope.service.mqtt.run_watch"):
+        publisher.start()
+        assert wait_until(lambda: publisher.state.parked == 2, 10), publisher.state
+        waits = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                 and "r-0" in r.getMessage() and "next run" in r.getMessage()]
+        assert len(waits) == 1, caplog.text[-3000:]
+        assert f"no retained run state came on {BASE}/run" in waits[0], waits[0]
+        assert set(publisher.run_watch.held) == {"r-0"} and not publisher.run_watch.decided.is_set()
+        assert observer.messages == [] and _held_in_file(publisher.outbox) == ["r-0"]
+        publisher.publish_many([], extra=[_run_state("r-1", 1, "open")])  # the next run's first state
+        assert observer.wait_for(lambda ms: len(ms) >= 1, 15), publisher.state
+        assert [json.loads(m.payload)["body"]["run_id"] for m in observer.messages] == ["r-0"]
+        assert not publisher.run_watch.held and publisher.run_watch.decided.is_set()
 
 
 def test_under_mqtt_311_a_start_that_holds_nothing_decides_its_hold_without_waiting_for_its_own_run_state(
     tmp_path: Path, credentials_dir: Path, started: list[MqttPublisher], monkeypatch: pytest.MonkeyPatch,
+    broker_with: Callable[..., MosquittoBroker],
 ) -> None:
     """MQTT 3.1.1, an acl_file that lets the station write its run topic but not read it, the broker
     keeping no retained run state, and no hold from an earlier start: nothing it hears or does not hear
@@ -293,18 +277,14 @@ def test_under_mqtt_311_a_start_that_holds_nothing_decides_its_hold_without_wait
     from smearscope.service.mqtt import echo_watch
 
     monkeypatch.setattr(echo_watch, "ECHO_BOUND_S", 600.0)
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, acl=_acl("write"))
-    broker.start()
-    try:
-        config = make_config(tmp_path, broker.port, protocol="3.1.1")
-        publisher = _publisher(config, {"r-1": 1}, (), started)
-        publisher.publish_many([], extra=[_run_state("r-1", 1, "open")])
-        publisher.start()
-        assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state  # acknowledged
-        assert wait_until(publisher.run_watch.decided.is_set, 10), publisher.state
-        assert not publisher.run_watch.held and publisher.run_watch.listening  # its echo still waited for
-    finally:
-        broker.stop()
+    broker = broker_with(acl=_acl("write"))
+    config = make_config(tmp_path, broker.port, protocol="3.1.1")
+    publisher = _publisher(config, {"r-1": 1}, (), started)
+    publisher.publish_many([], extra=[_run_state("r-1", 1, "open")])
+    publisher.start()
+    assert wait_until(lambda: publisher.outbox.counts().messages == 0, 10), publisher.state  # acknowledged
+    assert wait_until(publisher.run_watch.decided.is_set, 10), publisher.state
+    assert not publisher.run_watch.held and publisher.run_watch.listening  # its echo still waited for
 
 
 def test_telemetry_says_the_runs_held_once_the_hold_is_decided_at_once_not_a_period_later(
