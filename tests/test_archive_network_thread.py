@@ -1,15 +1,18 @@
 """paho's network thread ending under `smearscope archive` (service.mqtt.network_thread, watched by the
-storer): it is started again, the archive reconnects and stores the next report. Real mosquitto."""
+archive's watcher thread): it is started again, the archive reconnects and stores the next report, also while
+the storer holds a report or waits for a lab system's ACK. Real mosquitto, a real MLLP listener."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, wait_until
+from mllp_lis import Behaviour, RawLis
 from test_archive import SPECIMEN, STATION, a_report, envelope_of, indexed, raw_client
 
 from smearscope.service.archive.daemon import ArchiveDaemon
@@ -115,3 +118,49 @@ def test_the_archives_network_thread_ended_while_a_report_is_held_is_started_aga
         daemon.stop()
         runner.join(30)
     assert not runner.is_alive()
+
+
+def test_the_archives_network_thread_ended_while_the_lab_system_keeps_the_ack_waiting_is_started_again(
+        tmp_path: Path, persistent_broker: MosquittoBroker, lis: Callable[[Behaviour], RawLis],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The storer sends a report over MLLP to a lab system that takes the message and never answers (the
+    exchange may last hl7_mllp_timeout_s, 300 s here) when the broker stops and paho's reconnect wait raises.
+    The archive's watcher starts the thread again meanwhile: the archive reconnects to the broker back while
+    the exchange still waits, and its stop ends the watcher and the exchange. The check undone (the storer
+    looked at the thread only between its tries), the thread stayed dead for the whole exchange."""
+    directory = tmp_path / "archive"
+    lab = lis(lambda conn, data: lab.done.wait(60))  # connected, silent until the test ends
+    config = ArchiveConfig(mqtt=MqttConfig(host="127.0.0.1", port=persistent_broker.port, username="observer",
+                                           client_id="archive-thread-mllp", reconnect_min_delay_s=1,
+                                           reconnect_max_delay_s=2), directory=directory,
+                           hl7_mllp=f"127.0.0.1:{lab.port}", hl7_mllp_timeout_s=300)
+    caplog.set_level(logging.INFO)
+    daemon = ArchiveDaemon(config, MQTT_USERS["observer"])
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        assert wait_until(lambda: daemon._connected, 30), caplog.text
+        with raw_client(persistent_broker.port) as client:
+            client.publish(f"smearscope/{STATION}/report", envelope_of(a_report("run-1", SPECIMEN, 1_796_000_000.0)),
+                           qos=1).wait_for_publish(10)
+        assert wait_until(lambda: len(lab.received) == 1, 30), caplog.text  # the storer waits for its ACK
+        end_once(daemon.client, "_reconnect_wait")
+        persistent_broker.stop()  # SIGTERM: the archive's session, and the report unacknowledged in it, saved
+        assert wait_until(lambda: not daemon._connected, 15), caplog.text
+        assert wait_until(lambda: daemon._network.restarts == 1, 15), caplog.text
+        persistent_broker.start()
+        assert wait_until(lambda: daemon._connected, 30), caplog.text
+        # reconnected while the first exchange still waits: one message sent, nothing stored or given up
+        assert len(lab.received) == 1 and indexed(directory) == 0
+        assert daemon.counts == {"stored": 0, "duplicates": 0, "refused": 0, "dropped": 0, "retried": 0}
+        assert "cannot store" not in caplog.text
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and SAID in r.getMessage()]
+        assert len(said) == 1 and "the archive reconnects" in said[0], said
+    finally:
+        daemon.stop()
+        runner.join(30)
+    assert not runner.is_alive()
+    # stopped cleanly: the watcher ended first, then paho's thread, which nothing started again
+    assert not [t for t in threading.enumerate() if t.name == "archive-network-watch"]
+    assert daemon.client._thread is None
+    assert daemon._network.restarts == 1

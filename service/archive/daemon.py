@@ -6,7 +6,9 @@ storer (the caller's thread) stores each message durably (service.archive.store)
 acknowledges it. A message the disk refuses (full, read-only), or a symbolic link in the archive
 folder leading out of it, stays unacknowledged and is tried again every `retry_s`, the messages
 behind it waiting; the broker keeps all of them meanwhile, and sends them again if the archive dies. A message that can never be stored (not a report, a hostile
-id) is said in one log line and acknowledged, so it cannot block the ones behind it.
+id) is said in one log line and acknowledged, so it cannot block the ones behind it. A watcher thread of its own
+starts paho's network thread again should it end, whatever the storer is doing (an MLLP exchange holds it up to
+`hl7_mllp_timeout_s`).
 """
 
 from __future__ import annotations
@@ -59,8 +61,11 @@ logger = logging.getLogger(__name__)
 REPORT_LEAF, FHIR_LEAF = "report", "fhir"
 #: Who else logs in with the archive's client id, as its take-over ERROR names them.
 _HOLDERS = "another `smearscope archive` on this broker, or an earlier one still running"
-#: The storer's tick (s): how often it checks paho's network thread and a take-over's end, holding a message too.
+#: The watcher's tick (s): how often it checks paho's network thread and a take-over's end; and how long the storer
+#: waits for a message before it looks whether the archive is stopping.
 TICK_S = 0.5
+#: How long run()'s end waits for the watcher to end (one tick is its longest wait).
+WATCH_JOIN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class ArchiveDaemon:
             raise BrokerSettingsError(f"cannot set up the broker connection with {files or 'these settings'}: "
                                       f"{exc}") from exc
         self._stop = threading.Event()
+        self._watch_stop = threading.Event()  # set as run() ends: the watcher ends before paho's thread is stopped
         hl7 = None
         if config.hl7_directory is not None or config.hl7_mllp is not None:
             hl7 = Hl7Output(config.hl7_directory, config.mllp_address, config.hl7_mllp_timeout_s, config.addressing,
@@ -215,7 +221,7 @@ class ArchiveDaemon:
             logger.debug("client id %r still taken over: trying again in %d s", self.client_id, loss.pause_s)
 
     def _check_take_over_ended(self) -> None:
-        """The storer's, every TICK_S: a connection made after a take-over that lasts holds the session
+        """The watcher's, every TICK_S: a connection made after a take-over that lasts holds the session
         again (the other archive is gone); said at INFO, the usual backoff back."""
         if self._connected and self._take_over.held():
             self.client.reconnect_delay_set(self.config.mqtt.reconnect_min_delay_s,
@@ -271,15 +277,21 @@ class ArchiveDaemon:
                                "archive sends only the reports it stores from then on, so once the interface is "
                                "validated `smearscope archive send-hl7` without --hl7-processing-id sends these as P",
                                a.processing_id, {"T": "training", "D": "debugging"}[a.processing_id])
+        # the only one that starts paho's thread again: an MLLP exchange holding the storer does not hold it
+        watcher = threading.Thread(target=self._watch, name="archive-network-watch", daemon=True)
+        watcher.start()
         try:
             while not self._stop.is_set():
-                self._tick()
                 try:
                     item = self._incoming.get(timeout=TICK_S)
                 except queue.Empty:
                     continue
                 self.handle(item)
         finally:
+            self._watch_stop.set()
+            watcher.join(WATCH_JOIN_S)  # before loop_stop: nothing starts paho's thread again once it is stopped
+            if watcher.is_alive():
+                logger.warning("the archive's network watcher did not end within %g s", WATCH_JOIN_S)
             self.client.disconnect()
             self.client.loop_stop()
             self.store.close()
@@ -290,21 +302,35 @@ class ArchiveDaemon:
     def stop(self) -> None:
         self._stop.set()
 
+    def _watch(self) -> None:
+        """The watcher thread: `_tick` every TICK_S until run() ends, whether the storer waits for a message, holds
+        one the disk or the lab system refuses, or waits for the lab system's ACK. A failing tick is said at ERROR
+        once per reason (repeats at DEBUG) and tried again at the next."""
+        said: str | None = None
+        while not self._watch_stop.wait(TICK_S):
+            try:
+                self._tick()
+            except Exception as exc:  # said; the watcher must outlive one failed tick
+                reason = f"{type(exc).__name__}: {exc}"
+                if reason != said:
+                    logger.error("the archive's network watcher failed (%s): tried again every %g s", reason, TICK_S,
+                                 exc_info=exc)
+                    said = reason
+                else:
+                    logger.debug("the archive's network watcher failed again (%s)", reason)
+            else:
+                said = None
+
     def _tick(self) -> None:
-        """The storer's checks, every TICK_S whether it waits for a message or holds one the disk or the lab system
-        refuses: a take-over that ended, and paho's network thread (started again should it have ended, so the
-        archive reconnects and keeps its session alive through a hold, as the station's drain loop does)."""
+        """The watcher's checks: a take-over that ended, and paho's network thread (started again should it have
+        ended, so the archive reconnects and keeps its session alive through a hold or a silent lab system, as
+        the station's drain loop does)."""
         self._check_take_over_ended()
         self._network.ensure_running(self.client, self._stop.is_set())
 
     def _wait_holding(self, seconds: float) -> bool:
-        """Wait `seconds` before the next try to store a held message, ticking meanwhile; True once stopped."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            if self._stop.wait(min(left, TICK_S)):
-                return True
-            self._tick()
-        return self._stop.is_set()
+        """Wait `seconds` before the next try to store a held message; True once stopped."""
+        return self._stop.wait(seconds)
 
     def handle(self, item: Incoming) -> None:
         """Store one message and acknowledge it; left unacknowledged only when stopping while the

@@ -4,10 +4,10 @@ That thread reads the broker's acknowledgements and makes every reconnect. Whate
 BaseException from a callback, which `suppress_exceptions` does not catch, or an error paho does not
 catch, e.g. one raised in its reconnect wait), the station would otherwise analyse on with its
 reports piling up in the outbox and never reconnect (the archive, never store another report). The
-publisher's drain loop and the archive's storer call `ensure_running` each tick (at most half a
+publisher's drain loop and the archive's watcher thread call `ensure_running` each tick (at most half a
 second), while messages are held too (the station's outbox waiting for the broker; the archive's
-storer trying again to store a message the disk or the lab system refuses, between its tries), so a
-dead thread is replaced within one.
+storer holding a message the disk or the lab system refuses, or waiting for the lab system's ACK), so
+a dead thread is replaced within one. Each has one caller, so no two start the same thread at once.
 """
 
 from __future__ import annotations
