@@ -172,7 +172,8 @@ def test_a_run_taken_back_by_the_updated_station_names_both_versions_on_one_devi
 @needs_models
 def test_a_run_stored_before_fields_named_their_version_is_verified_under_its_reports(results, tmp_path):
     """A run closed by a version before schema 1.5 (its rows name no version, its report no analysis_software)
-    and verified after the update: the version that made its analyzer's report analysed it. A run of such
+    and verified after the update, then signed again: the version that made its analyzer's report analysed it,
+    which the signature it amends names (its rows still name none). A run of such
     rows taken back says its version was not recorded rather than name the updated one."""
     run = a_run("r", [analysed_by(r, EARLIER) for r in results])
     outbox = Outbox(tmp_path / "outbox.sqlite3")
@@ -188,10 +189,15 @@ def test_a_run_stored_before_fields_named_their_version_is_verified_under_its_re
             feed.run_closed(ClosedRun("r", "stopped", 4, run.classified_wbc, 10_000, final, run), None, False)
             made_now = lambda r, end: r.report(station_id="s", now=time.time(), end_reason=end)
             verified, _, answer = feed.verify("r", "AB", made_now, None)
+            assert answer["ok"]
+            feed.run_closed(verified, None, False)  # signed again: the verified report the one it amends
+            amended, _, answer = feed.verify("r", "CD", made_now, None)
+            assert answer["ok"] and amended.report.verification.supersedes_verified_by == "AB"
         finally:
             feed.close()
-        assert answer["ok"] and verified.report.analysis_software == [EARLIER]
-        assert device(report_bundle(verified.report))[:2] == device(report_bundle(final))[:2]
+        for signed in (verified.report, amended.report):
+            assert signed.analysis_software == [EARLIER]
+            assert device(report_bundle(signed))[:2] == device(report_bundle(final))[:2]
         store_run(state, outbox, a_run("open", [analysed_by(r, EARLIER) for r in results[:1]]), "open")
         outbox.write(lambda conn: conn.execute("UPDATE specimen_fields SET software_version = NULL WHERE run_id = 'open'"))
         (left,) = state.open_runs()

@@ -377,9 +377,12 @@ class ClinicFeed:
             report = report.model_copy(update={"timing_ms": {**report.timing_ms, "run_ms": round(
                 max(0.0, before_ms + 1000.0 * (report.created_at - closed.report.created_at)), 1)}})
         before = closed.report
-        if before.analysis_software is None and before.verification is None and before.software_version:
-            # the analyzer's report of a run stored before its fields named their version (schema 1.4 and
-            # earlier): the version that made it analysed them; this one only recounts them as typed
+        # the report it supersedes names what analysed these fields (a signature only recounts them as typed):
+        # a run stored before its fields named their version keeps what its verified report first said; the
+        # analyzer's report of such a run (schema 1.4 and earlier): the version that made it analysed them
+        if before.analysis_software is not None:
+            report = report.model_copy(update={"analysis_software": list(before.analysis_software)})
+        elif before.verification is None and before.software_version:
             report = report.model_copy(update={"analysis_software": [before.software_version]})
         earlier = closed.report.verification  # signed before: this signature amends that one
         report = report.model_copy(update={"verification": Verification(
