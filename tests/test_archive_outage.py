@@ -115,3 +115,29 @@ def test_the_archive_started_by_hand_says_it_connected_without_a_log_level(tmp_p
     find = subprocess.run([*archive.argv[:archive.argv.index("archive") + 1], "find", "--dir", str(tmp_path / "archive")],
                           check=False, capture_output=True, text=True, cwd=REPO, timeout=60)
     assert " INFO " not in find.stdout + find.stderr, find
+
+
+def test_a_broker_asking_for_a_client_certificate_is_said_with_the_certificate_to_give(
+        tmp_path: Path, tls_material: TlsMaterial) -> None:
+    """`--broker mqtts://...` with --ca-file but no --certfile, to a TLS listener that requires a client
+    certificate: under TLS 1.3 the broker refuses after the handshake, so the socket breaks before any CONNACK.
+    The archive says the certificate to give (--certfile, --keyfile), not to use mqtt:// (a plain listener)."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material, tls_extra=("require_certificate true",))
+    assert broker.tls_port is not None
+    archive = Archive(tmp_path, broker.tls_port, tmp_path / "archive")
+    at = archive.argv.index("--broker") + 1
+    archive.argv[at:at + 1] = [f"mqtts://127.0.0.1:{broker.tls_port}", "--ca-file", str(tls_material.ca_cert)]
+    try:
+        broker.start()
+        with open(archive.log, "ab") as out:
+            archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        said = lambda: [line for line in _lines(archive.text(), f"broker 127.0.0.1:{broker.tls_port}")
+                        if " WARNING " in line]
+        assert wait_until(lambda: len(said()) >= 1, 30), archive.text()[-3000:]
+        (line,) = said()
+        assert "client certificate" in line and "--certfile" in line, line
+        assert "mqtt://" not in line, line
+        assert "connected to broker" not in archive.text()
+    finally:
+        archive.stop()
+        broker.stop()

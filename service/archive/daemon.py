@@ -47,6 +47,7 @@ from smearscope.service.mqtt.paho_client import (
     PAHO_SOCKET_LOST,
     configured_client,
     paho_log_level,
+    refuses_client_cert,
 )
 from smearscope.service.mqtt.take_over import (
     SHORT_LIVED_S,
@@ -411,8 +412,16 @@ class ArchiveDaemon:
 
 
 def no_mqtt_answer(config: ArchiveConfig, reason: str) -> str:
-    """What the archive says when the broker's port took the connection but gave no CONNACK."""
+    """What the archive says when the broker's port took the connection but gave no CONNACK: under TLS, a
+    broker that refuses its client certificate (or its lack) breaks the connection so too."""
     mqtt_config = config.mqtt
+    tls = mqtt_config.tls
+    if tls is not None and refuses_client_cert(reason):  # a TLS 1.3 broker refuses a client certificate so
+        what = (f"refused the client certificate {tls.certfile} ({reason}): use one signed by the CA the broker "
+                "trusts, not expired nor revoked (--certfile, --keyfile)" if tls.certfile is not None else
+                f"asks for a client certificate ({reason}): give one signed by the CA the broker trusts, "
+                "--certfile and --keyfile")
+        return f"broker {mqtt_config.address} {what}; retrying with backoff up to {mqtt_config.reconnect_max_delay_s} s"
     other = ("a plain MQTT listener? use mqtt://HOST:PORT" if mqtt_config.tls is not None
              else "a TLS listener? use mqtts://HOST:PORT with --ca-file")
     return (f"broker {mqtt_config.address} took the connection but gave no MQTT answer to CONNECT ({reason}): is "

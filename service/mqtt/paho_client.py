@@ -232,11 +232,17 @@ def client_cert_advice(alert: str) -> str:
             "certfile and keyfile again before its next attempt")
 
 
+def refuses_client_cert(socket_error: str) -> bool:
+    """Whether a TLS socket broken before the CONNACK is the broker's refusal of the client's certificate (or of
+    its lack): TLS 1.3 says so in an alert after the handshake."""
+    return re.search(r"certificate|unknown.ca", socket_error, re.IGNORECASE) is not None
+
+
 def closed_before_connack(config: MqttConfig, socket_error: str) -> str:
     """What the station says when the broker closed the connection before answering CONNECT. Under
     TLS 1.3 a broker refuses a client certificate so, after the handshake: name the certificate."""
     where = f"broker {config.address}"
-    if config.tls is not None and re.search(r"certificate|unknown.ca", socket_error, re.IGNORECASE):
+    if config.tls is not None and refuses_client_cert(socket_error):
         cert = config.tls.certfile
         what = (f"refused the client certificate {cert} ({socket_error}): {client_cert_advice(socket_error)}"
                 if cert is not None else
