@@ -68,10 +68,11 @@ def _owned(path: Path) -> str:
         st = os.lstat(path)
     except OSError as exc:
         return exc.strerror or str(exc)
-    return f"owner {_user(st.st_uid)}:{_group(st.st_gid)}, mode {stat.S_IMODE(st.st_mode):04o}"
+    return f"owner {user_name(st.st_uid)}:{_group(st.st_gid)}, mode {stat.S_IMODE(st.st_mode):04o}"
 
 
-def _user(uid: int) -> str:
+def user_name(uid: int) -> str:
+    """The user `uid` names (the number itself where the system names none)."""
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -111,7 +112,7 @@ def state_access_problems(config: StationConfig) -> list[tuple[str, str]]:
     cannot read and write: empty when every file the station keeps is its own to change."""
     if os.geteuid() == 0:
         return []  # root writes anything (and a station should not run as root anyway)
-    user, group = _user(os.geteuid()), _group(os.getegid())
+    user, group = user_name(os.geteuid()), _group(os.getegid())
     problems: list[tuple[str, str]] = []
     seen: set[Path] = set()
     for field, top, paths in _stores(config):

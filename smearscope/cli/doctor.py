@@ -336,14 +336,10 @@ def _outbox_checks(path: Path, look: OutboxLook, review_free_mb: float | None = 
 
 
 def _owner(path: Path) -> str:
-    """The name of the user owning `path` (its uid where the system names none)."""
-    import pwd
+    """The name of the user owning `path`."""
+    from smearscope.service.station.state_access import user_name
 
-    uid = path.stat().st_uid
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
+    return user_name(path.stat().st_uid)
 
 
 #: The check names' column: the longest name ("model segmentation") fits, so each detail starts in one column.
