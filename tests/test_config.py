@@ -1007,3 +1007,28 @@ def test_the_typed_cells_file_is_not_another_of_the_stations_files(tmp_path: Pat
     config = parse_config({"station_id": "s1", "source": {"kind": "simulated"}, "mqtt": {"outbox": {"path": str(outbox)}},
                            "review": {"typed_cells_path": str(tmp_path / "typed.sqlite3")}}, environ={})
     assert config.review.typed_cells_path == tmp_path / "typed.sqlite3"
+
+
+def test_a_password_credential_the_shipped_unit_does_not_load_says_to_add_it_not_to_start_the_unit() -> None:
+    """Run from a shell with no $CREDENTIALS_DIRECTORY: the shipped unit loads 'mqtt-password' alone
+    (LoadCredential=mqtt-password:/etc/smearscope/mqtt-password), so a config naming another credential
+    started by the unit fails the same way. The message said to start the unit, and ran systemd-run with
+    that credential's name on the file the unit loads; it names the drop-in to add instead."""
+    from smearscope.service.config.mqtt import MqttConfig
+    from smearscope.service.mqtt.credentials import CredentialError, read_password
+
+    unit = (REPO / "systemd" / "smearscope.service").read_text()
+    assert "LoadCredential=mqtt-password:/etc/smearscope/mqtt-password" in unit
+    assert "LoadCredential=broker-pass" not in unit
+    shipped = MqttConfig.model_validate({"username": "st", "password_credential": "mqtt-password"})
+    with pytest.raises(CredentialError) as said:
+        read_password(shipped, {})
+    assert "sudo systemctl start smearscope" in str(said.value)
+    other = MqttConfig.model_validate({"username": "st", "password_credential": "broker-pass"})
+    with pytest.raises(CredentialError) as said:
+        read_password(other, {})
+    message = str(said.value)
+    assert "systemctl start smearscope" not in message, message
+    assert "LoadCredential=broker-pass:/etc/smearscope/mqtt-password" not in message, message
+    assert ("the shipped unit loads only 'mqtt-password'" in message
+            and "LoadCredential=broker-pass:PATH" in message and "sudo systemctl edit smearscope" in message), message

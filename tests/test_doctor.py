@@ -501,6 +501,14 @@ def test_doctor_says_how_to_check_a_login_it_cannot_read_the_password_for(
     assert len(login) == 1 and login[0].startswith("WARN  broker login       not checked"), out
     assert ("sudo systemd-run --pipe --wait -p User=smearscope -p LoadCredential=mqtt-password:"
             f"/etc/smearscope/mqtt-password /opt/smearscope/venv/bin/smearscope doctor --config {config}") in login[0]
+    # another credential's name: not on the file the shipped unit loads 'mqtt-password' from
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        config = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": server.getsockname()[1], "username": "st",
+                                      "password_credential": "broker-pass",
+                                      "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}})
+        assert main(["doctor", "--config", str(config)]) == 0
+    (login,) = _lines(capsys.readouterr().out, "broker login")
+    assert "LoadCredential=broker-pass:PATH /opt/smearscope/venv/bin/smearscope doctor" in login, login
 
 
 def test_a_low_disk_names_the_threshold_and_the_fix(

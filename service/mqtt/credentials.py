@@ -30,15 +30,7 @@ def read_password(config: MqttConfig, environ: Mapping[str, str] | None = None) 
     env = os.environ if environ is None else environ
     directory = env.get("CREDENTIALS_DIRECTORY")
     if not directory:
-        name = config.password_credential
-        raise CredentialError(
-            f"MQTT password credential {name!r} is configured but $CREDENTIALS_DIRECTORY is not set: systemd "
-            f"sets it from the unit's 'LoadCredential={name}:<path>' (systemd/smearscope.service names "
-            "/etc/smearscope/mqtt-password: start the station with `sudo systemctl start smearscope`). From a "
-            f"shell, as the unit would: sudo systemd-run --pipe --wait -p User=smearscope -p "
-            f"LoadCredential={name}:/etc/smearscope/mqtt-password /opt/smearscope/venv/bin/smearscope run "
-            "--config FILE"
-        )
+        raise CredentialError(_no_credentials_directory(config.password_credential))
     path = Path(directory) / config.password_credential
     try:
         data = path.read_bytes()
@@ -51,6 +43,25 @@ def read_password(config: MqttConfig, environ: Mapping[str, str] | None = None) 
     if not password:
         raise CredentialError(f"MQTT password credential at {path} is empty")
     return password
+
+
+#: The credential the shipped unit (systemd/smearscope.service) loads, and the file it loads it from.
+UNIT_CREDENTIAL, UNIT_CREDENTIAL_FILE = "mqtt-password", "/etc/smearscope/mqtt-password"
+
+
+def _no_credentials_directory(name: str) -> str:
+    """What to do about a password credential asked for where systemd set no $CREDENTIALS_DIRECTORY (a shell)."""
+    said = (f"MQTT password credential {name!r} is configured but $CREDENTIALS_DIRECTORY is not set: systemd "
+            f"sets it from the unit's 'LoadCredential={name}:<path>'")
+    run = "/opt/smearscope/venv/bin/smearscope run --config FILE"
+    if name != UNIT_CREDENTIAL:  # the unit would fail the same way: it loads another name
+        return (f"{said}, and the shipped unit loads only {UNIT_CREDENTIAL!r} (LoadCredential={UNIT_CREDENTIAL}:"
+                f"{UNIT_CREDENTIAL_FILE}): add LoadCredential={name}:PATH in a drop-in (sudo systemctl edit "
+                f"smearscope), or name {UNIT_CREDENTIAL!r} in [mqtt] password_credential. From a shell, as the unit "
+                f"would: sudo systemd-run --pipe --wait -p User=smearscope -p LoadCredential={name}:PATH {run}")
+    return (f"{said} (systemd/smearscope.service names {UNIT_CREDENTIAL_FILE}: start the station with `sudo systemctl "
+            f"start smearscope`). From a shell, as the unit would: sudo systemd-run --pipe --wait -p User=smearscope "
+            f"-p LoadCredential={name}:{UNIT_CREDENTIAL_FILE} {run}")
 
 
 def password_text(data: bytes, what: str) -> str:

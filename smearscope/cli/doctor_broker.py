@@ -71,11 +71,14 @@ def _login_unchecked(mqtt, config_path: Path | None) -> list[Check]:
     """The login needs the password; from a shell systemd has not provided it: say how to."""
     if mqtt.password_credential is None or os.environ.get("CREDENTIALS_DIRECTORY"):
         return []  # no password, or the broker password check says why it cannot be read
+    from smearscope.service.mqtt.credentials import UNIT_CREDENTIAL, UNIT_CREDENTIAL_FILE
+
     name = mqtt.password_credential
     config = f" --config {config_path}" if config_path is not None else ""
+    where = UNIT_CREDENTIAL_FILE if name == UNIT_CREDENTIAL else "PATH"  # the unit loads that name alone from there
     return [("WARN", "broker login", (f"not checked: the password credential {name!r} cannot be read here. "
              f"As the station would: sudo systemd-run --pipe --wait -p User=smearscope -p "
-             f"LoadCredential={name}:/etc/smearscope/mqtt-password "
+             f"LoadCredential={name}:{where} "
              f"/opt/smearscope/venv/bin/smearscope doctor{config}"))]
 
 
