@@ -61,12 +61,14 @@ def test_a_transparent_cell_shows_only_out_of_focus():
     assert (centre(above) - 1.0) * (centre(below) - 1.0) < 0  # contrast reverses through focus
 
 
-def test_a_gaussian_blur_is_not_a_defocus():
-    """A blurred transparent cell stays invisible: the rings come from the propagation, not a blur."""
+def test_a_defocused_cell_shows_a_fringe_brighter_than_the_glass_which_no_blur_can():
+    """An absorbing cell (transmission 0.6) out of focus: light moved from the cell's edge shows as a
+    fringe brighter than the glass around it; a blur only averages, so never exceeds the glass."""
     thick = _phase_disc()
-    glass = np.ones((*thick.shape, 3), np.float32)
-    assert np.abs(cv2.GaussianBlur(glass, (0, 0), 3.0) - 1.0).max() < 1e-4
-    assert np.abs(fresnel_defocus(glass, thick, 3.0, 1.0) - 1.0).max() > 0.2
+    trans = np.repeat(np.where(thick > 0, 0.6, 1.0).astype(np.float32)[..., None], 3, axis=2)
+    assert float(fresnel_defocus(trans, thick, 2.5, 1.0).max()) > 1.05
+    assert float(fresnel_defocus(trans, thick, 0.0, 1.0).max()) < 1.0 + 1e-4  # in focus: the cell as it is
+    assert float(cv2.GaussianBlur(trans, (0, 0), 2.0).max()) <= 1.0 + 1e-6
 
 
 def test_defocus_is_drawn_when_asked():
