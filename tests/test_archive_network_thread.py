@@ -5,6 +5,7 @@ the storer holds a report or waits for a lab system's ACK. Real mosquitto, a rea
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -164,3 +165,25 @@ def test_the_archives_network_thread_ended_while_the_lab_system_keeps_the_ack_wa
     assert not [t for t in threading.enumerate() if t.name == "archive-network-watch"]
     assert daemon.client._thread is None
     assert daemon._network.restarts == 1
+
+
+def test_the_archives_start_up_failing_on_its_index_leaves_no_network_thread_running(
+        tmp_path: Path, broker: MosquittoBroker) -> None:
+    """The index changed under the archive between its opening and run() (its deliveries' table dropped by
+    another process): run()'s start-up count of the reports a lab system has not accepted raises. paho's
+    network thread, started just before, is stopped and the index closed; no thread of the archive is left.
+    The change undone (the try began after the start-up lines), paho's thread ran on, reconnecting for ever."""
+    directory = tmp_path / "archive"
+    config = ArchiveConfig(mqtt=MqttConfig(host="127.0.0.1", port=broker.port, username="observer",
+                                           client_id="archive-start-up"), directory=directory,
+                           hl7_directory=tmp_path / "hl7")
+    before = set(threading.enumerate())
+    daemon = ArchiveDaemon(config, MQTT_USERS["observer"])
+    with sqlite3.connect(directory / "index.sqlite") as other:
+        other.execute("DROP TABLE hl7_deliveries")
+    with pytest.raises(sqlite3.OperationalError, match="hl7_deliveries"):
+        daemon.run()
+    assert daemon.client._thread is None
+    assert [t.name for t in set(threading.enumerate()) - before if t.is_alive()] == []
+    with pytest.raises(sqlite3.ProgrammingError):  # closed
+        daemon.store.report_count()

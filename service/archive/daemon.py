@@ -256,6 +256,34 @@ class ArchiveDaemon:
         self.client.connect_async(mqtt_config.host, mqtt_config.port, mqtt_config.keepalive,
                                   clean_start=False, properties=props)
         self.client.loop_start()
+        watcher: threading.Thread | None = None
+        try:  # from here on paho's thread runs: a failing start-up (the index unreadable) stops it too
+            self._start_up_said()
+            # the only one that starts paho's thread again: an MLLP exchange holding the storer does not hold it
+            watcher = threading.Thread(target=self._watch, name="archive-network-watch", daemon=True)
+            watcher.start()
+            while not self._stop.is_set():
+                try:
+                    item = self._incoming.get(timeout=TICK_S)
+                except queue.Empty:
+                    continue
+                self.handle(item)
+        finally:
+            self._watch_stop.set()
+            if watcher is not None:  # before loop_stop: nothing starts paho's thread again once it is stopped
+                watcher.join(WATCH_JOIN_S)
+                if watcher.is_alive():
+                    logger.warning("the archive's network watcher did not end within %g s", WATCH_JOIN_S)
+            self.client.disconnect()
+            self.client.loop_stop()
+            self.store.close()
+            logger.info("archive stopped: %d stored, %d duplicates, %d refused, %d QoS 0 dropped, %d tries "
+                        "to store again this run", self.counts["stored"], self.counts["duplicates"],
+                        self.counts["refused"], self.counts["dropped"], self.counts["retried"])
+
+    def _start_up_said(self) -> None:
+        """run()'s start-up lines: where reports go, the reports a lab system has not accepted (read from the index)
+        and the HL7 addressing."""
         logger.info("archiving %s/+/report and %s/+/fhir into %s", self.prefix, self.prefix, self.store.directory)
         if self.hl7 is not None and self.hl7.directory is not None:
             logger.info("writing each specimen report stored from now on as HL7 v2.5.1 ORU^R01 into %s",
@@ -278,27 +306,6 @@ class ArchiveDaemon:
                                "archive sends only the reports it stores from then on, so once the interface is "
                                "validated `smearscope archive send-hl7` without --hl7-processing-id sends these as P",
                                a.processing_id, {"T": "training", "D": "debugging"}[a.processing_id])
-        # the only one that starts paho's thread again: an MLLP exchange holding the storer does not hold it
-        watcher = threading.Thread(target=self._watch, name="archive-network-watch", daemon=True)
-        watcher.start()
-        try:
-            while not self._stop.is_set():
-                try:
-                    item = self._incoming.get(timeout=TICK_S)
-                except queue.Empty:
-                    continue
-                self.handle(item)
-        finally:
-            self._watch_stop.set()
-            watcher.join(WATCH_JOIN_S)  # before loop_stop: nothing starts paho's thread again once it is stopped
-            if watcher.is_alive():
-                logger.warning("the archive's network watcher did not end within %g s", WATCH_JOIN_S)
-            self.client.disconnect()
-            self.client.loop_stop()
-            self.store.close()
-            logger.info("archive stopped: %d stored, %d duplicates, %d refused, %d QoS 0 dropped, %d tries "
-                        "to store again this run", self.counts["stored"], self.counts["duplicates"],
-                        self.counts["refused"], self.counts["dropped"], self.counts["retried"])
 
     def stop(self) -> None:
         self._stop.set()
