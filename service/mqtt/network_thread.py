@@ -8,6 +8,15 @@ publisher's drain loop and the archive's watcher thread call `ensure_running` ea
 second), while messages are held too (the station's outbox waiting for the broker; the archive's
 storer holding a message the disk or the lab system refuses, or waiting for the lab system's ACK), so
 a dead thread is replaced within one. Each has one caller, so no two start the same thread at once.
+
+Each `loop_start` gives the client a new pair of wake-up sockets (`_sockpairR`, `_sockpairW` in paho 2.2) and
+drops the old pair unclosed. The watch does not close that pair itself: any thread that queues a packet (a
+publish, the archive storer's `ack`) reads `_sockpairW` and writes a byte to it, and one that read it just
+before the restart would find it closed under it, an OSError out of its publish or ack (paho catches only
+BlockingIOError there). Nothing needs it closed: with the ended thread gone, the client's attributes held the
+only lasting references, so CPython closes both sockets as `loop_start` replaces them, or as a writer still
+holding the write end lets go (a ResourceWarning under `-X dev`). A hook that keeps the ended thread's
+traceback (pytest's) keeps its read end open; Python's own, the station's and the archive's, does not.
 """
 
 from __future__ import annotations
@@ -51,7 +60,8 @@ class NetworkThreadWatch:
             logger.error("MQTT network thread ended unexpectedly (%d quick ends before); starting it again: %s",
                          self._quiet_deaths, self.then)
             self._quiet_deaths = 0
-        # the same client: paho keeps its queue, its socket (if still open) and its reconnect state
+        # the same client: paho keeps its queue, its socket (if still open) and its reconnect state; the wake-up
+        # sockets it replaces are closed as their last reference goes (above)
         if client.loop_start() != mqtt.MQTT_ERR_SUCCESS:
             return False
         self.restarts += 1
