@@ -959,6 +959,74 @@ if sys.argv[2] == "dies":
 """
 
 
+#: A station's outbox file holding run r-1 (held a day ago) and 2 of its reports, stopped cleanly (folded into the
+#: file); then a start that holds run r-2 too, stores 3 more reports of r-1 and dies (kill -9: all in the -wal).
+_STATION_HOLDS_THEN_DIES = """
+import json, os, sys, time
+from smearscope.service.mqtt.outbox import NewMessage, Outbox
+from smearscope.service.mqtt.run_watch import HELD_TABLE
+def reports(first, n):
+    return [NewMessage("report", "smearscope/doc-9/report", json.dumps(
+        {"report_id": f"rep-{i}", "body": {"kind": "specimen", "run_id": "r-1"}}).encode(), f"rep-{i}", "1.2")
+        for i in range(first, first + n)]
+def hold(run_id, ago):
+    return lambda conn: (conn.execute(HELD_TABLE), conn.execute(
+        "INSERT INTO held_runs VALUES (?, 'closed', 9, 4, ?)", (run_id, time.time() - ago)))
+with Outbox(sys.argv[1]) as box:
+    box.put_many(reports(0, 2))
+    box.write(hold("r-1", 86_400 / 2))
+box = Outbox(sys.argv[1])
+box.put_many(reports(2, 3))
+box.write(hold("r-2", 60))
+os._exit(0)
+"""
+
+
+def test_doctor_as_another_user_says_its_held_run_lines_may_miss_what_the_unread_wal_holds(tmp_path: Path) -> None:
+    """The outbox file (root's, 0644, its folder 0755) holds run r-1 with 2 reports; a station killed since held
+    run r-2 and stored 3 more reports of r-1, all in the -wal that doctor as another user (nobody) cannot read.
+    Its held-run line names r-1 with the file's 2 reports and says, as the outbox line does, that the -wal was
+    not read and these runs and counts may miss the station's last writes; as root both runs, r-1 with 5 reports,
+    and no such words. Before, the held-run line said 2 reports with no word of what it could not see."""
+    import contextlib
+    import io
+    import tempfile
+
+    from test_archive import as_user
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run doctor as another user")
+    main(["doctor", "--no-wait", "--config", str(_doc(tmp_path))])  # every module doctor imports, imported here
+    state = Path(tempfile.mkdtemp(prefix="doctor-held-read-only-", dir="/tmp"))  # pytest's tmp is root-only
+    try:
+        state.chmod(0o755)
+        outbox = state / "o.sqlite3"
+        subprocess.run([sys.executable, "-c", _STATION_HOLDS_THEN_DIES, str(outbox)], check=True, timeout=60)
+        config = _doc(state, mqtt={"host": "127.0.0.1", "port": 1, "outbox": {"path": str(outbox)}})
+        config.chmod(0o644)
+        wal_kb = (state / "o.sqlite3-wal").stat().st_size / 1024
+
+        def doctor() -> str:
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                main(["doctor", "--no-wait", "--config", str(config)])
+            return out.getvalue()
+
+        held = _lines(as_user(65534, doctor), "held run")
+        assert len(held) == 1 and held[0].startswith(
+            "INFO  held run           2 specimen reports of it in the outbox (with their FHIR Bundles), held 0.5 days; "
+            "run r-1's run states"), held
+        assert held[0].endswith(
+            f"; read only, the file alone: this user (uid 65534) cannot write {state}, so its -wal ({wal_kb:.0f} kB: "
+            "the station's last writes) was not read and these runs and counts may miss them"), held[0]
+        as_root = _lines(doctor(), "held run")  # the station's user: the -wal read too
+        assert len(as_root) == 2, as_root
+        assert as_root[0].startswith("INFO  held run           5 specimen reports of it in the outbox"), as_root
+        assert as_root[1].startswith("INFO  held run           0 specimen reports of it in the outbox"), as_root
+        assert "run r-2's run states" in as_root[1] and not any("may miss" in line for line in as_root), as_root
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
 def test_doctor_as_another_user_reads_the_outbox_read_only_and_says_what_it_could_not_see(tmp_path: Path) -> None:
     """The station's user (here root) owns the state folder (0755) and its outbox file (0644); doctor runs as
     another user (nobody), who may read them but not write there, so SQLite cannot make the -shm it reads a WAL
@@ -1011,7 +1079,8 @@ def test_doctor_as_another_user_reads_the_outbox_read_only_and_says_what_it_coul
             f"WARN  outbox             {died}: 2 messages waiting (2 final: specimen reports, FHIR bundles) in the "
             f"file itself; read only, the file alone: this user (uid 65534) cannot write {died.parent}, so its "
             f"o.sqlite3-wal ({wal_kb:.0f} kB: the station's last writes, not yet folded into the file) was not read "
-            "and the counts may miss them; nothing changed. Run doctor as the file's owner (root) to count them")]
+            "and the counts and held runs may miss them; nothing changed. Run doctor as the file's owner (root) to "
+            "count them")]
         with contextlib.redirect_stdout(io.StringIO()) as out:  # as the station's user: all 5
             main(["doctor", "--no-wait", "--config", str(died.parent / "station.toml")])
         assert _outbox_lines(out.getvalue()) == [

@@ -330,7 +330,7 @@ def _outbox_checks(path: Path, look: OutboxLook, review_free_mb: float | None = 
             checks.append(("WARN", "outbox", (
                 f"{path}: {counted} in the file itself; {look.read_only}, so its {path.name}-wal "
                 f"({look.unseen_wal / 1024:.0f} kB: the station's last writes, not yet folded into the file) "
-                "was not read and the counts may miss them; nothing changed. Run doctor as the file's owner "
+                "was not read and the counts and held runs may miss them; nothing changed. Run doctor as the file's owner "
                 f"({_owner(path)}) to count them")))
     return checks
 

@@ -123,12 +123,16 @@ def _held_runs(rows: list[tuple[str, str, int, int, float]], after: dict[str, st
 
 def held_run_checks(look: OutboxLook, run_topic: str, protocol: str, now: float | None = None) -> list[Check]:
     """One line per run the outbox file holds (none where it holds none, or where a running station
-    holds the file: its start said them at WARNING): INFO, WARN once held longer than HELD_LONG_S.
+    holds the file: its start said them at WARNING): INFO, WARN once held longer than HELD_LONG_S. Read
+    read-only without the file's -wal, each says that its runs and counts may miss the station's last writes.
     Under MQTT 3.1.1 a start that hears no retained run state sends them only once its own run state
     comes back on `run_topic` (service.mqtt.run_watch): said too."""
     from smearscope.service.mqtt.run_watch import held_said
 
     now = time.time() if now is None else now
+    # read without the -wal (as the outbox line says): runs held, and reports stored, since may be missing
+    unseen = (f"; {look.read_only}, so its -wal ({look.unseen_wal / 1024:.0f} kB: the station's last writes) was not "
+              "read and these runs and counts may miss them" if look.read_only and look.unseen_wal else "")
     checks: list[Check] = []
     for run in look.held_runs[:HELD_SHOWN]:
         days = (now - run.held_at) / 86_400
@@ -140,6 +144,7 @@ def held_run_checks(look: OutboxLook, run_topic: str, protocol: str, now: float 
             text += (f". Under MQTT 3.1.1 (mqtt.protocol) a start that hears no retained run state sends them once "
                      f"its own run state comes back on {run_topic}: its account must read that topic "
                      "(config/mosquitto.acl.example)")
+        text += unseen
         checks.append(("WARN" if now - run.held_at > HELD_LONG_S else "INFO", "held run", text))
     rest = look.held_runs[HELD_SHOWN:]
     if rest:  # the oldest are said in full; the rest in one line, released the same way
@@ -148,5 +153,5 @@ def held_run_checks(look: OutboxLook, run_topic: str, protocol: str, now: float 
             f"and {len(rest)} more run{'' if len(rest) == 1 else 's'} held, for "
             f"{(now - rest[0].held_at) / 86_400:.1f} to {(now - rest[-1].held_at) / 86_400:.1f} days "
             f"({rest[0].run_id} to {rest[-1].run_id}), {reports} specimen report{'' if reports == 1 else 's'} of them "
-            "in the outbox: released as the runs above")))
+            f"in the outbox: released as the runs above{unseen}")))
     return checks
