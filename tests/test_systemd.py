@@ -234,3 +234,121 @@ def test_the_archive_unit_lets_the_archive_write_the_hl7_folder_the_docs_name(tm
     proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60,
                           check=False)
     assert "ReadWritePaths= path is not absolute" in proc.stdout + proc.stderr
+
+
+DASHBOARD_UNIT = REPO / "systemd" / "smearscope-dashboard.service"
+DASHBOARD_ENV = REPO / "config" / "dashboard.env.example"
+
+
+@needs_analyze
+def test_the_dashboard_unit_verifies_and_its_exposure_stays_low(tmp_path: Path) -> None:
+    unit = tmp_path / "smearscope-dashboard.service"
+    text = DASHBOARD_UNIT.read_text().replace("/opt/smearscope/venv/bin/smearscope", "/bin/true")
+    unit.write_text(text)
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "smearscope-dashboard.service" not in output, output
+    unit.write_text(text.replace("Restart=on-failure", "Restart=on-falure"))  # the same check sees a typo
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert "Failed to parse service restart specifier" in proc.stdout + proc.stderr
+    unit.write_text(text)
+    level, stdout = _exposure(unit)
+    assert level is not None and level <= 2.0, stdout[-500:]
+    one = {k: v[-1] for k, v in _directives(DASHBOARD_UNIT.read_text()).items()}
+    assert one["Service.User"] == "smearscope-dashboard" and one["Service.Restart"] == "on-failure"
+    for key, value in {"ProtectSystem": "strict", "ProtectHome": "yes", "NoNewPrivileges": "yes",
+                       "PrivateTmp": "yes", "PrivateDevices": "yes", "CapabilityBoundingSet": "",
+                       "MemoryDenyWriteExecute": "yes", "RestrictNamespaces": "yes"}.items():
+        assert one[f"Service.{key}"] == value, key
+    assert "ReadWritePaths" not in one  # it writes nothing
+    assert not any("PASSWORD" in v.upper() for k, vs in _directives(DASHBOARD_UNIT.read_text()).items()
+                   if k.startswith("Service.Environment") for v in vs), "secrets belong in LoadCredential="
+
+
+def _ws_login(port: int, username: str, password: str) -> str:
+    """The CONNACK reason a login over the broker's WebSockets listener gets, as the page's own."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    answered = threading.Event()
+    reason: list[str] = []
+
+    def on_connect(client, userdata, flags, reason_code, properties) -> None:
+        reason.append(str(reason_code))
+        answered.set()
+
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, transport="websockets",
+                         protocol=mqtt.MQTTv5)
+    client.username_pw_set(username, password)
+    client.on_connect = on_connect
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        assert answered.wait(20), "no CONNACK"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return reason[0]
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("written", [True, False], ids=["password", "empty-as-installed"])
+def test_the_dashboard_unit_serves_the_page_with_the_credential_it_loads(tmp_path: Path, written: bool) -> None:
+    """ExecStart with the example dashboard.env and the credentials folder LoadCredential= makes: the
+    dashboard serves the page, and its config.json carries the account and the password of the credential
+    the unit loads, which the broker's WebSockets listener accepts. The credential still empty, as
+    install-dashboard.sh leaves it, is no password (null): the page asks for it rather than log in with ""
+    and be refused every second."""
+    import json
+    import os
+    import shlex
+    import sys
+    import urllib.request
+
+    from broker import MosquittoBroker, free_port, wait_for_port
+
+    one = {k: v[-1] for k, v in _directives(DASHBOARD_UNIT.read_text()).items()}
+    assert one["Service.EnvironmentFile"] == "/etc/smearscope/dashboard.env"
+    name, _, source = one["Service.LoadCredential"].partition(":")
+    assert source == f"/etc/smearscope/{name}"
+    env = dict(line.split("=", 1) for line in DASHBOARD_ENV.read_text().splitlines()
+               if line and not line.startswith("#"))
+    options = shlex.split(env["DASHBOARD_OPTIONS"])
+    username = options[options.index("--username") + 1]
+    secret = "dashboard-secret"
+    broker = MosquittoBroker(tmp_path / "broker", {username: secret}, websockets=True)
+    broker.start()
+    http_port = free_port()
+    options[options.index("--port") + 1] = str(http_port)  # the example's 8080 may be taken here
+    command = one["Service.ExecStart"].replace("${DASHBOARD_BROKER}", f"ws://127.0.0.1:{broker.ws_port}").replace(
+        "$DASHBOARD_OPTIONS", shlex.join(options))
+    argv = shlex.split(command)
+    assert argv[0] == "/opt/smearscope/venv/bin/smearscope"
+    credentials = tmp_path / "credentials"  # as systemd hands it over: the file named as the credential
+    credentials.mkdir(mode=0o500)
+    (credentials / name).write_text(secret + "\n" if written else "")
+    log = tmp_path / "dashboard.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("smearscope")), *argv[1:]], stdout=out,
+                                stderr=subprocess.STDOUT,
+                                env={**os.environ, "CREDENTIALS_DIRECTORY": str(credentials)})
+    try:
+        wait_for_port(http_port, 30, proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=10) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/config.json", timeout=10) as answer:
+            config = json.load(answer)
+        assert config["broker"] == f"ws://127.0.0.1:{broker.ws_port}"
+        assert (config["username"], config["password"]) == (username, secret if written else None), config
+        if written:
+            assert _ws_login(broker.ws_port, config["username"], config["password"]) == "Success"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        broker.stop()
+        os.chmod(credentials, 0o700)
+    assert "dashboard" in log.read_text(), log.read_text()

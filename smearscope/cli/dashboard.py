@@ -13,10 +13,12 @@ logger = logging.getLogger(__name__)
 
 
 def _password(args: argparse.Namespace) -> str | None:
-    """From --password-file, else the systemd credential 'dashboard-mqtt-password' if present."""
+    """From --password-file, else the systemd credential 'dashboard-mqtt-password' if present. An empty
+    one (the file install-dashboard.sh makes, not yet written) is none: the page asks for the password,
+    where with "" it would be refused by the broker every second without asking."""
     from smearscope.service.mqtt.credentials import password_file_or_credential
 
-    return password_file_or_credential(args.password_file, "dashboard-mqtt-password")
+    return password_file_or_credential(args.password_file, "dashboard-mqtt-password") or None
 
 
 def _is_ip(text: str) -> bool:
