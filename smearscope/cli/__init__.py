@@ -276,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--unit", default="smearscope.service",
                    help="the station's systemd unit, whose MemoryMax and MemoryHigh the predicted peak memory is "
                    "compared with (systemctl show; default: smearscope.service, as install-jetson.sh installs it)")
+    h.add_argument("--unit-file", type=Path, default=None, metavar="FILE",
+                   help="the station's unit file (and its drop-ins FILE.d/*.conf), whose ReadWritePaths= the folders "
+                   "the config writes are compared with (default: /etc/systemd/system/UNIT, else the repository's "
+                   "systemd/UNIT)")
     h.set_defaults(func=_lazy("doctor", "cmd_doctor"))
 
     m = sub.add_parser("install-models", help="copy the packaged models to a folder, hashes checked")

@@ -11,7 +11,8 @@ file of each model (smearscope.cli.doctor_engines), a watched folder
 reading and is a V4L2 video capture node: smearscope.cli.doctor_camera; nothing is captured, the
 station may hold the camera; GStreamer pipelines and URLs are not checked), the outbox (its folder writable, free space, not held by another process), the review
 directory and the typed-cells file (writable), the station's predicted peak memory against the memory limit
-its systemd unit runs under (smearscope.cli.doctor_memory, `service/station/memory_bound.py`), the MQTT broker (TCP, TLS with the configured CA and client certificate (refused by the broker: FAIL),
+its systemd unit runs under (smearscope.cli.doctor_memory, `service/station/memory_bound.py`), the folders
+the configuration writes against the unit file's ReadWritePaths= (smearscope.cli.doctor_unit_paths), the MQTT broker (TCP, TLS with the configured CA and client certificate (refused by the broker: FAIL),
 and a login with the station's user and password; the password credential where systemd provides
 one, else a warning saying how to run doctor with it; while the station runs, the messages it holds
 back from the broker, read from its telemetry: smearscope.cli.doctor_parked), the white cells technicians typed on the
@@ -358,6 +359,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from smearscope.cli.doctor_memory import memory_checks
     from smearscope.cli.doctor_outbox import held_run_checks, look_at_outbox
     from smearscope.cli.doctor_parked import parked_checks
+    from smearscope.cli.doctor_unit_paths import unit_path_checks
     from smearscope.service.mqtt.wall_clock import clock_before_release, clock_reading
     from smearscope.service.station.scale_record import drift_checks, scale_checks
 
@@ -381,6 +383,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             lambda: camera_checks(config.source), lambda: scale_checks(config),  # type: ignore[attr-defined]
             lambda: drift_checks(config, held=outbox().held),  # type: ignore[arg-type]
             lambda: memory_checks(config, args.unit),
+            # the embedded station (no --config) is no unit's: its folders are not compared
+            lambda: unit_path_checks(config, args.unit, args.unit_file) if args.config is not None else [],
             lambda: _outbox_checks(mqtt.outbox.path, outbox(), review_free),
             lambda: held_run_checks(outbox(), f"{mqtt.topic_prefix}/{config.station_id}/run",  # type: ignore[attr-defined]
                                     mqtt.protocol),
