@@ -9,7 +9,8 @@
 # Steps:
 #   1. system user `smearscope-archive` (no login, no home)
 #   2. the venv /opt/smearscope/venv with the checkout installed (pip); a venv already there that
-#      this script did not make (a station's, install-jetson.sh) is used as it is, not touched
+#      neither this script nor install-dashboard.sh made (a station's, install-jetson.sh) is used as
+#      it is, not touched
 #   3. /var/lib/smearscope-archive (0750, the archive's user); /etc/smearscope/archive.env from
 #      config/archive.env.example and an empty root-only (0600) password file
 #      /etc/smearscope/archive-mqtt-password, each only where there is none (never overwritten)
@@ -81,7 +82,8 @@ service_user() {
 # 2. virtual environment ------------------------------------------------------------------------------
 install_venv() {
   install -d -m 0755 "$PREFIX" "$PREFIX/docs"
-  if [[ -x "$VENV/bin/python" && ! -f "$VENV/$VENV_MARK" ]]; then
+  # install-dashboard.sh's venv is the same checkout's: upgraded too
+  if [[ -x "$VENV/bin/python" && ! -f "$VENV/$VENV_MARK" && ! -f "$VENV/.installed-by-install-dashboard" ]]; then
     local have
     have="$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("smearscope"))' 2>/dev/null)" \
       || die "$VENV exists but has no smearscope installed; install it there (or move that venv away and run this again)"

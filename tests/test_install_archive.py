@@ -222,6 +222,22 @@ def test_a_station_venv_is_used_as_it_is(tmp_path: Path) -> None:
     assert not (server.prefix / "venv" / ".installed-by-install-archive").exists()
 
 
+def test_the_venv_install_dashboard_made_is_upgraded(tmp_path: Path) -> None:
+    """The dashboard's installer (systemd/install-dashboard.sh) made the venv from the same checkout: the
+    archive's upgrades it rather than take it for a station's and leave it at the older version."""
+    server = Server(tmp_path)
+    venv = server.prefix / "venv"
+    subprocess.run([str(tmp_path / "stubs" / "python3"), "-m", "venv", str(venv)],
+                   env={**os.environ, "PIPLOG": str(tmp_path / "dashboard.log"), "FAKE_PIP": str(tmp_path / "stubs" / "pip")},
+                   check=True)
+    _smearscope(venv)
+    (venv / ".installed-by-install-dashboard").touch()
+    proc = server.run()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert server.log("pip.log") == ["install --quiet --upgrade pip", f"install --quiet {REPO}"]
+    assert "using the venv already" not in proc.stdout
+
+
 def test_a_venv_left_without_pip_by_a_missing_python3_venv_is_made_again(tmp_path: Path) -> None:
     """Without python3-venv, `python3 -m venv` leaves the venv's python and no pip, and the script
     says to install python3-venv; the rerun it asks for stopped at "exists but has no smearscope
