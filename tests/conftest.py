@@ -106,8 +106,9 @@ def daemons() -> Iterator[Callable[..., Any]]:
 
     made: list[DaemonProcess] = []
 
-    def start(config: Path, pool_file: Path, *args: str) -> DaemonProcess:
-        made.append(DaemonProcess(config, pool_file, *args))
+    def start(config: Path, pool_file: Path, *args: str, child: str | None = None) -> DaemonProcess:
+        """`args` follow the config and the pool in the child's argv; `child` replaces run_daemon's code."""
+        made.append(DaemonProcess(config, pool_file, *args, **({"child": child} if child is not None else {})))
         return made[-1]
 
     yield start

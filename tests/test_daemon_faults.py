@@ -73,7 +73,7 @@ _STORED = re.compile(r"stored (field|report) message report_id=(\S+) seq=(\d+)")
 class DaemonProcess:
     """`run_daemon` in a child process (to be SIGKILLed or SIGTERMed); its log lines collected."""
 
-    def __init__(self, config: Path, pool_file: Path, child: str = _DAEMON_CHILD, *args: str) -> None:
+    def __init__(self, config: Path, pool_file: Path, *args: str, child: str = _DAEMON_CHILD) -> None:
         code = child.format(repo=str(REPO), tests=str(REPO / "tests"))
         self.proc = subprocess.Popen([sys.executable, "-c", code, str(config), str(pool_file), *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -140,7 +140,7 @@ sys.exit(run_daemon(Path(sys.argv[1]), None, analyzer_factory=lambda config: Poo
 @pytest.mark.broker
 @pytest.mark.parametrize("cut", ["before_crops", "after_crops"])
 def test_a_power_cut_as_a_fields_crops_are_written_loses_none_and_doubles_none(
-    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, cut: str,
+    tmp_path: Path, broker: MosquittoBroker, credentials_dir: Path, cut: str, daemons: Any,
 ) -> None:
     """The station dies (SIGKILL) as the slide's second field's review crops are being written
     (before_crops) or just after (after_crops). After the restart the run, taken back, counts both
@@ -159,7 +159,7 @@ def test_a_power_cut_as_a_fields_crops_are_written_loses_none_and_doubles_none(
     daemon = runner = None
     try:
         sub.wait_ready()
-        first = DaemonProcess(config, pool_file, _GALLERY_CUT_CHILD, "2", cut)
+        first = daemons(config, pool_file, "2", cut, child=_GALLERY_CUT_CHILD)
         cv2.imwrite(str(inbox / "a.png"), render_field(60, width=320, height=240).frame.pixels)
         assert wait_until(lambda: [k for k, _, _ in first.stored()] == ["field"], 30), first.lines[-20:]
         cv2.imwrite(str(inbox / "b.png"), render_field(61, width=320, height=240).frame.pixels)
