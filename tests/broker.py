@@ -216,6 +216,7 @@ class MosquittoBroker:
         acl: str | None = None,
         extra: tuple[str, ...] = (),
         tls_extra: tuple[str, ...] = (),
+        listener_extra: tuple[str, ...] = (),
         websockets: bool = False,
         bind: str = "127.0.0.1",
     ) -> None:
@@ -225,6 +226,8 @@ class MosquittoBroker:
         self.extra = extra  # further mosquitto.conf lines, e.g. "max_packet_size 65536"
         #: further lines of the TLS listener's own, e.g. "require_certificate true", "crlfile ..."
         self.tls_extra = tls_extra
+        #: further lines of the plain listener's own, e.g. "max_connections 1"
+        self.listener_extra = listener_extra
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tls = tls
         self.websockets = websockets
@@ -274,6 +277,7 @@ class MosquittoBroker:
             "autosave_interval 1",
             *self.extra,
             f"listener {self.port} {self.bind}",
+            *self.listener_extra,
         ]
         if self.acl is not None:  # mosquitto acl_file syntax
             (self.workdir / "acl").write_text(self.acl)

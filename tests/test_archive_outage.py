@@ -8,8 +8,10 @@ import signal
 import subprocess
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from broker import MQTT_USERS, MosquittoBroker, TlsMaterial, wait_until
+from paho.mqtt.enums import CallbackAPIVersion
 from test_archive import REPO, Archive
 
 pytestmark = pytest.mark.broker
@@ -82,15 +84,52 @@ def test_a_tls_listener_given_as_mqtt_is_said_with_the_scheme_to_use(tmp_path: P
         broker.start()
         with open(archive.log, "ab") as out:
             archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        tries = lambda: _lines(archive.text(), f"broker 127.0.0.1:{broker.tls_port} took the connection but gave no "
-                                               "MQTT answer to CONNECT")
+        tries = lambda: _lines(archive.text(), f"broker 127.0.0.1:{broker.tls_port} closed the connection before "
+                                               "answering CONNECT")
         assert wait_until(lambda: len(tries()) >= 3, 60), archive.text()[-3000:]  # backoff 1, 2 s ...
         said = [line for line in tries() if " DEBUG " not in line]
         assert len(said) == 1 and " WARNING " in said[0], said
-        assert "a TLS listener? use mqtts://HOST:PORT with --ca-file" in said[0], said[0]
+        assert "its port answers in TLS: use mqtts://HOST:PORT with --ca-file" in said[0], said[0]
         assert "connected to broker" not in archive.text()
     finally:
         archive.stop()
+        broker.stop()
+
+
+def test_a_full_broker_breaking_the_connection_is_not_said_to_be_the_wrong_port(tmp_path: Path) -> None:
+    """mosquitto at its max_connections, other clients holding the slots, breaks each further connection
+    before the CONNACK as a TLS listener breaks a plain one. The archive says the broker closed it, not
+    to check --broker's port or to use mqtts:// (its port answers no TLS)."""
+    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, listener_extra=("max_connections 1",))
+    archive = Archive(tmp_path, broker.port, tmp_path / "archive")
+    holders: list[mqtt.Client] = []
+    try:
+        broker.start()
+        while len(holders) < 4:  # mosquitto 2.0.11 lets max_connections + 1 in: hold until one is turned away
+            holder = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"holder{len(holders)}")
+            holder.username_pw_set("station", MQTT_USERS["station"])
+            holder.connect("127.0.0.1", broker.port)
+            holder.loop_start()
+            holders.append(holder)
+            if not wait_until(holder.is_connected, 5):  # 5 s: a slot freed late (the start's port probe) is retried
+                holder.loop_stop()
+                holders.pop()
+                break
+        assert len(holders) < 4, "the broker took every holder"
+        with open(archive.log, "ab") as out:
+            archive.proc = subprocess.Popen(archive.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        said = lambda: [line for line in _lines(archive.text(), f"broker 127.0.0.1:{broker.port}")
+                        if " WARNING " in line]
+        assert wait_until(lambda: len(said()) >= 1, 30), archive.text()[-3000:]
+        (line,) = said()
+        assert "closed the connection before answering CONNECT" in line, line
+        assert "mqtts://" not in line and "TLS" not in line and "MQTT port" not in line, line
+        assert "connected to broker" not in archive.text()
+    finally:
+        archive.stop()
+        for holder in holders:
+            holder.disconnect()
+            holder.loop_stop()
         broker.stop()
 
 

@@ -48,6 +48,7 @@ from smearscope.service.mqtt.paho_client import (
     configured_client,
     paho_log_level,
     refuses_client_cert,
+    speaks_tls,
 )
 from smearscope.service.mqtt.take_over import (
     SHORT_LIVED_S,
@@ -201,7 +202,10 @@ class ArchiveDaemon:
             # A port that took the connection and broke it, or answered CONNECT with no MQTT (a TLS
             # listener given as mqtt://, a WebSockets one): no other callback says why.
             if not refused and (socket_error is not None or reason_code.is_failure):
-                self._say_unreachable(no_mqtt_answer(self.config, socket_error or reason_code.getName()))
+                # paho names a socket closed without an error (a full broker's) "Unspecified error"
+                broken = socket_error is not None or reason_code.getName() == "Unspecified error"
+                reason = socket_error or ("closed, no error given" if broken else reason_code.getName())
+                self._say_unreachable(no_mqtt_answer(self.config, reason, broken))
             return
         was_taken_over = self._take_over.taken_over
         loss = self._take_over.lost(int(reason_code.value))
@@ -418,22 +422,27 @@ class ArchiveDaemon:
             return stored
 
 
-def no_mqtt_answer(config: ArchiveConfig, reason: str) -> str:
-    """What the archive says when the broker's port took the connection but gave no CONNACK: under TLS, a
-    broker that refuses its client certificate (or its lack) breaks the connection so too."""
+def no_mqtt_answer(config: ArchiveConfig, reason: str, socket_broken: bool) -> str:
+    """What the archive says when the broker's port took the connection but gave no CONNACK. A socket broken
+    before it (`socket_broken`) is said as such, the scheme named only where the port is seen to speak TLS
+    (a full or stopping broker breaks it too); under TLS, a broker that refuses the client certificate (or
+    its lack) breaks the connection so."""
     mqtt_config = config.mqtt
     tls = mqtt_config.tls
-    if tls is not None and refuses_client_cert(reason):  # a TLS 1.3 broker refuses a client certificate so
+    retrying = f"retrying with backoff up to {mqtt_config.reconnect_max_delay_s} s"
+    if socket_broken and tls is not None and refuses_client_cert(reason):  # a TLS 1.3 broker refuses so
         what = (f"refused the client certificate {tls.certfile} ({reason}): use one signed by the CA the broker "
                 "trusts, not expired nor revoked (--certfile, --keyfile)" if tls.certfile is not None else
                 f"asks for a client certificate ({reason}): give one signed by the CA the broker trusts, "
                 "--certfile and --keyfile")
-        return f"broker {mqtt_config.address} {what}; retrying with backoff up to {mqtt_config.reconnect_max_delay_s} s"
-    other = ("a plain MQTT listener? use mqtt://HOST:PORT" if mqtt_config.tls is not None
-             else "a TLS listener? use mqtts://HOST:PORT with --ca-file")
+        return f"broker {mqtt_config.address} {what}; {retrying}"
+    if socket_broken:
+        scheme = ("; its port answers in TLS: use mqtts://HOST:PORT with --ca-file"
+                  if tls is None and speaks_tls(mqtt_config.host, mqtt_config.port) else "")
+        return f"broker {mqtt_config.address} closed the connection before answering CONNECT ({reason}){scheme}; {retrying}"
     return (f"broker {mqtt_config.address} took the connection but gave no MQTT answer to CONNECT ({reason}): is "
-            f"--broker the broker's MQTT port? ({other}; a WebSockets listener, a dashboard's port, does not serve "
-            f"the archive); retrying with backoff up to {mqtt_config.reconnect_max_delay_s} s")
+            f"--broker the broker's MQTT port? (a WebSockets listener, a dashboard's port, does not serve the "
+            f"archive); {retrying}")
 
 
 def _what(record: ReportMessage | BundleMessage) -> str:

@@ -238,6 +238,22 @@ def refuses_client_cert(socket_error: str) -> bool:
     return re.search(r"certificate|unknown.ca", socket_error, re.IGNORECASE) is not None
 
 
+def speaks_tls(host: str, port: int, timeout_s: float = 3.0) -> bool:
+    """Whether the listener at host:port answers a TLS ClientHello in TLS (a handshake, or a TLS alert): the
+    evidence that a plain connection it broke before the CONNACK went to a TLS listener, where a full or
+    stopping broker breaks it the same way. Nothing is verified: only the protocol is asked."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw, context.wrap_socket(raw):
+            return True
+    except ssl.SSLError as exc:
+        return "ALERT" in str(exc).upper()  # the peer's TLS alert; a plain listener's bytes are no TLS record
+    except OSError:
+        return False
+
+
 def closed_before_connack(config: MqttConfig, socket_error: str) -> str:
     """What the station says when the broker closed the connection before answering CONNECT. Under
     TLS 1.3 a broker refuses a client certificate so, after the handshake: name the certificate."""
