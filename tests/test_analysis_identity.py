@@ -140,7 +140,7 @@ def test_a_run_left_open_and_closed_by_the_updated_station_names_the_earlier_ver
 @needs_models
 def test_a_run_taken_back_by_the_updated_station_names_both_versions_on_one_device(results, tmp_path):
     """Two fields analysed by the earlier version, the run taken back after the update (the same models) and
-    two more analysed now: its report names both versions, in the order of their first field, on one Device
+    two more analysed now: its report names both versions, in the order of their latest field, on one Device
     of its own (a note says why), every Observation pointing at it; two SFT segments name them."""
     run = a_run("r", [analysed_by(r, EARLIER) for r in results[:2]])
     now = software_version()
@@ -220,3 +220,21 @@ def test_a_file_from_before_fields_named_their_version_gets_the_column(tmp_path)
         assert run.field_software == [NOT_RECORDED]
     finally:
         outbox.close()
+
+
+@needs_models
+def test_the_models_sft_names_the_version_that_analysed_most_recently_never_the_placeholder(results):
+    """A run whose station went back and forth between versions (taken back after an update, then after a
+    downgrade): `analysis_software` ends with the version of its latest field, and the model SFTs' SFT-2 names it;
+    a field stored by a version that recorded none, `(not recorded)`, never takes the place of a known one."""
+    now = software_version()
+    for versions, latest in (([EARLIER, now, EARLIER], EARLIER), ([now, EARLIER, now], now),
+                             ([now, None, now, None], now), ([None, now, None], now)):
+        report = a_run("r", [analysed_by(r, v) for r, v in zip(results, versions, strict=False)]).report(
+            station_id="s", now=1.0, end_reason="stopped")
+        assert report.analysis_software is not None and len(report.analysis_software) == 2, report.analysis_software
+        assert report.analysis_software[-1] == (versions[-1] or NOT_RECORDED), (versions, report.analysis_software)
+        message = oru_r01(report)
+        parsed(message)
+        models = [s for s in segments(message, "SFT") if s[3] != "smearscope"]
+        assert models and {s[2] for s in models} == {latest}, (versions, [s[2:4] for s in models])

@@ -24,6 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field
 SCHEMA_VERSION = "1.5"
 #: A field stored by a station before it recorded which version analysed it (`analysis_software`).
 NOT_RECORDED = "(not recorded)"
+
+
+def analysed_in_order(field_software: list[str]) -> list[str]:
+    """Each version that analysed one of a run's fields once, in the order of its latest field: the last one
+    analysed most recently, however the station went back and forth between versions."""
+    latest = {version: at for at, version in enumerate(field_software)}
+    return sorted(latest, key=latest.__getitem__)
 #: Longest specimen identifier (accession number, slide label) a run and its report may name.
 MAX_SPECIMEN_ID = 64
 
@@ -288,7 +295,7 @@ class Report(_Strict):
                                          "signed it); absent in reports from before 1.2")
     analysis_software: list[str] | None = Field(
         None, description="specimen reports: the smearscope versions that analysed its fields, each once in the order "
-        "of its first field (more than one: a run taken back by a station updated meanwhile; `(not recorded)`: "
+        "of its latest field, the last the most recent (more than one: a run taken back by a station updated meanwhile; `(not recorded)`: "
         "fields stored by a version before 1.5), kept by the run's verified reports whatever version signed them: "
         "with `models`, what made the results; absent in field reports (`software_version` analysed them) and in "
         "reports from before 1.5")

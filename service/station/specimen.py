@@ -35,6 +35,7 @@ from smearscope.service.analysis.report import (
     ModelInfo,
     Reclassified,
     Report,
+    analysed_in_order,
     software_version,
 )
 from smearscope.service.analysis.specimen_scale import SpecimenScale
@@ -271,7 +272,7 @@ class SpecimenRun:
         return Report(
             report_id=str(uuid.uuid4()), kind="specimen", created_at=now, station_id=station_id,
             # made now, by this version; analysed by those of its fields (a verified report's results too)
-            software_version=software_version(), analysis_software=list(dict.fromkeys(self.field_software)) or None,
+            software_version=software_version(), analysis_software=analysed_in_order(self.field_software) or None,
             run_id=self.run_id, specimen_id=self.specimen_id, fields_analyzed=len(self.field_ids), source=None,
             models=self.models, counts=agg.counts, wbc_differential=agg.wbc_differential,
             rbc_morphology=sizes_in_doubt(agg.rbc_morphology, flags), rbc_size=agg.rbc_size,
