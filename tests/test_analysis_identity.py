@@ -28,7 +28,7 @@ from smearscope.device.frame import Frame
 from smearscope.service.analysis.pipeline import FieldResult
 from smearscope.service.analysis.report import NOT_RECORDED, Report, software_version
 from smearscope.service.config import parse_config
-from smearscope.service.fhir.bundle import report_bundle
+from smearscope.service.fhir.bundle import report_bundle, software_text
 from smearscope.service.hl7.oru import oru_r01
 from smearscope.service.mqtt.outbox import Outbox
 from smearscope.service.station.clinic import ClinicFeed
@@ -238,3 +238,24 @@ def test_the_models_sft_names_the_version_that_analysed_most_recently_never_the_
         parsed(message)
         models = [s for s in segments(message, "SFT") if s[3] != "smearscope"]
         assert models and {s[2] for s in models} == {latest}, (versions, [s[2:4] for s in models])
+
+
+@needs_models
+def test_fields_of_a_version_that_recorded_none_are_said_in_words(results):
+    """A run left open across the update to schema 1.5 and taken back: its first fields name no version. The FHIR
+    Device note and the HL7 SFT-5 say so as a clinician reads it ("smearscope 0.1.0 (some fields by an earlier
+    version that did not record its number)", the printed report's words too), never "smearscope (not recorded)
+    and 0.1.0"."""
+    now = software_version()
+    report = a_run("r", [analysed_by(r, v) for r, v in zip(results, [None, None, now, now], strict=True)]).report(
+        station_id="s", now=1.0, end_reason="stopped")
+    assert report.analysis_software == [NOT_RECORDED, now]
+    words = f"smearscope {now} (some fields by an earlier version that did not record its number)"
+    assert software_text(report.analysis_software) == words
+    note = device(report_bundle(report))[2]["note"][0]["text"]
+    assert note.startswith(f"The run's fields were analysed by {words}, a run taken back"), note
+    message = oru_r01(report)
+    parsed(message)
+    info = [s[5] for s in segments(message, "SFT") if s[3] == "smearscope"]
+    assert info == ["smearscope (an earlier version that did not record its number)", f"smearscope {now}"], info
+    assert NOT_RECORDED not in note + " ".join(info)

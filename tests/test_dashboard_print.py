@@ -29,7 +29,15 @@ from test_dashboard import (
     needs_chromium,
 )
 
-from smearscope.service.analysis.report import ClassShare, Flag, ModelInfo, Report, Verification
+from smearscope.service.analysis.report import (
+    NOT_RECORDED,
+    ClassShare,
+    Flag,
+    ModelInfo,
+    Report,
+    Verification,
+)
+from smearscope.service.fhir.bundle import software_text
 
 
 def _pdf_pages(driver) -> int:
@@ -71,7 +79,9 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
         "models": models, "software_version": "0.1.0", "analysis_software": ["0.0.9"], "verification": Verification(verified_by="AB", verified_at=now - 60, supersedes="r-0",
                                                        typed_cells=4, reclassified=[])})
     preliminary = _specimen("ward-b", "run-b", [atypical], now - 300).model_copy(
-        update={"models": models, "specimen_id": "H-2026-0412", "software_version": "0.1.0"})
+        update={"models": models, "specimen_id": "H-2026-0412", "software_version": "0.1.0",
+                # a run taken back after the update to 0.1.0: its first fields stored by a version that recorded none
+                "analysis_software": [NOT_RECORDED, "0.1.0"]})
     open_run = _closed_run_state(_specimen("ward-c", "run-c", [], now))  # its specimen in its progress only
     open_run = {**open_run, "state": "open", "progress": {**open_run["progress"], "specimen_id": "S/7 <b>"}}
     with _page_and_a_station(tmp_path, ws_broker) as (driver, send, log, url):
@@ -103,7 +113,10 @@ def test_print_report_prints_the_run_shown_alone_as_a_report_and_ctrl_p_each_sta
             assert inside("ward-b", ".print-status").text.startswith("PRELIMINARY machine result, not verified")
             assert inside("ward-b", ".print-ids").text.startswith(
                 "Specimen H-2026-0412 · Station ward-b · run run-b · report r-run-b of ")
-            assert inside("ward-b", ".print-models").text == ("smearscope 0.1.0 · Models: seg " + "ab" * 6 + " (onnxruntime) · wbc_head "
+            # in the words of the FHIR Device note and the HL7 SFT, not "smearscope (not recorded) and 0.1.0"
+            words = "smearscope 0.1.0 (some fields by an earlier version that did not record its number)"
+            assert software_text([NOT_RECORDED, "0.1.0"]) == words
+            assert inside("ward-b", ".print-models").text == (words + " · Models: seg " + "ab" * 6 + " (onnxruntime) · wbc_head "
                                                                + "cd" * 6 + " (onnxruntime)")
             assert re.fullmatch(r"Printed \d{4}-\d\d-\d\d \d\d:\d\d:\d\d.*", inside("ward-b", ".printed-at").text)
             assert inside("ward-b", "ul.flags").text == "warning: " + atypical.message

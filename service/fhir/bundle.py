@@ -23,7 +23,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from smearscope.service.analysis.report import ClassShare, Flag, Report
+from smearscope.service.analysis.report import NOT_RECORDED, ClassShare, Flag, Report
 from smearscope.service.analysis.wording import counted
 from smearscope.service.fhir import codes, report_view
 from smearscope.service.fhir.codes import Code
@@ -255,6 +255,18 @@ def analysis_software(report: Report) -> list[str]:
     return [report.software_version] if report.software_version else []
 
 
+def software_text(versions: list[str]) -> str:
+    """The versions that analysed a report as a reader takes them ("smearscope 0.0.9 and 0.1.0"), fields stored by
+    a version that recorded none said in words, never as a version named `(not recorded)`: the Device note's, the
+    HL7 SFT-5's and the printed report's (print.js) words."""
+    known = [v for v in versions if v != NOT_RECORDED]
+    if len(known) == len(versions):
+        return "smearscope " + " and ".join(known)
+    if not known:
+        return "smearscope (an earlier version that did not record its number)"
+    return f"smearscope {' and '.join(known)} (some fields by an earlier version that did not record its number)"
+
+
 def open_set_text(thresholds: dict[str, float]) -> str:
     """A station's open-set thresholds as the Device and the HL7 SFT segment say them: each test by name, in order."""
     return ", ".join(f"{test} {threshold!r}" for test, threshold in sorted(thresholds.items()))
@@ -283,8 +295,8 @@ def _device(b: _Builder) -> None:
     if r.station_id:
         device["identifier"] = [{"system": codes.ID_STATION, "value": r.station_id}]
     if len(software) > 1:
-        device["note"] = [{"text": f"The run's fields were analysed by smearscope {' and '.join(software)} (a run "
-                                   "taken back by a station updated meanwhile), under the same models"}]
+        device["note"] = [{"text": f"The run's fields were analysed by {software_text(software)}, a run taken back "
+                                   "by a station updated meanwhile, under the same models"}]
     resource_id, key = device_key(device)
     device["identifier"] = [*device.get("identifier", []), {"system": codes.ID_DEVICE, "value": key}]
     b.device_ref = b.add("device", device, resource_id)

@@ -21,7 +21,12 @@ from typing import Any
 
 from smearscope.service.analysis.report import NOT_RECORDED, Report
 from smearscope.service.fhir import codes
-from smearscope.service.fhir.bundle import analysis_software, open_set_text, report_bundle
+from smearscope.service.fhir.bundle import (
+    analysis_software,
+    open_set_text,
+    report_bundle,
+    software_text,
+)
 from smearscope.service.hl7.encode import (
     ENCODING_CHARACTERS,
     FT,
@@ -120,13 +125,13 @@ def _software(report: Report) -> list[str]:
     """SFT segments (after MSH): smearscope and the version that analysed the results (a verified report's too:
     bundle.analysis_software; one each where two versions analysed the run's fields), then one per model, as the
     FHIR Device's versions name them (role, file sha256, backend, manifest sha256, station means, open-set
-    thresholds), released with the version that analysed most recently (a recorded one where any is); none for a report that names no software version (made before
-    reports carried it)."""
+    thresholds), released with the version that analysed most recently (a recorded one where any is); none for a
+    report that names no software version (made before reports carried it)."""
     analysed = analysis_software(report)
     if not analysed:
         return []
     out = [segment("SFT", VENDOR, text(version, SFT_VERSION), PRODUCT, text(version, SFT_NAME),
-                   text(f"smearscope {version}", SFT_INFO)) for version in analysed]
+                   text(software_text([version]), SFT_INFO)) for version in analysed]
     # the version that analysed the latest field (analysis_software's last), a placeholder only where none is known
     release = text(next((v for v in reversed(analysed) if v != NOT_RECORDED), analysed[-1]), SFT_VERSION)
     for role, m in sorted(report.models.items()):

@@ -39,7 +39,13 @@ function renderPrintMeta(st, view) {
   const made = typeof r.software_version === "string" ? r.software_version : "";
   const analysed = Array.isArray(r.analysis_software) && r.analysis_software.length ? r.analysis_software.map(String)
     : made ? [made] : [];
-  const software = analysed.length ? "smearscope " + analysed.join(" and ") +
+  // fields stored by a version that recorded none ("(not recorded)") said in words, as the FHIR Device note and the
+  // HL7 SFT say them (service/fhir/bundle.py software_text)
+  const known = analysed.filter((v) => v !== "(not recorded)");
+  const unrecorded = known.length === analysed.length ? ""
+    : known.length ? " (some fields by an earlier version that did not record its number)"
+      : " (an earlier version that did not record its number)";
+  const software = analysed.length ? "smearscope" + (known.length ? " " + known.join(" and ") : "") + unrecorded +
     (r.verification && made && !analysed.includes(made) ? " (verified with smearscope " + made + ")" : "") : "";
   models.textContent = [software, names.length ? "Models: " + names.map((n) => {
     const m = r.models[n] || {};
