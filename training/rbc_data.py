@@ -164,11 +164,13 @@ def defocus_look(p_defocus: float = 1.0):
     return LookConfig(p_defocus=p_defocus, pale=(0.15, 0.9))
 
 
-def defocus_crops(images: np.ndarray, seed: int = 11) -> np.ndarray:
-    """`images`' head crops, each through a random lab's look AND out of focus (fixed seed)."""
+def defocus_crops(images: np.ndarray, seed: int = 11, illumination: bool = True) -> np.ndarray:
+    """`images`' head crops, each through a random lab's look AND out of focus (fixed seed;
+    `illumination` as `to_crops`)."""
     from training.wbc_data import to_crops
 
-    return to_crops(images, CROP, rng=np.random.default_rng(seed), p_look=1.0, look=defocus_look(1.0))
+    return to_crops(images, CROP, rng=np.random.default_rng(seed), p_look=1.0, look=defocus_look(1.0),
+                    illumination=illumination)
 
 
 def with_defocus(fig: dict, logits: np.ndarray, sets: dict, split: str) -> dict:
