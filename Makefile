@@ -40,7 +40,7 @@ demo: venv
 	$(BIN)/smearscope run --max-fields 5
 
 test: venv system-deps
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 test-fast: venv system-deps
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow and not realdata and not faults"
