@@ -34,6 +34,7 @@ from test_publisher import (
     make_config,
     start_publisher,
     stop_publisher,
+    wait_commands_subscribed,
     wait_listening,
 )
 
@@ -56,7 +57,7 @@ def test_a_deeply_nested_command_is_answered_and_the_next_one_too(
     publisher = start_publisher(make_config(tmp_path, broker.port), started,
                                 on_command=lambda name, args: {"ok": True, "name": name})
     assert publisher.wait_until_connected(5)
-    time.sleep(0.2)  # the subscription made in on_connect reaches the broker
+    wait_commands_subscribed(broker, publisher)
     deep = b"[" * 30_000 + b"]" * 30_000  # 60 KB: under the size bound, far over the depth bound
     observer.client.publish(f"{BASE}/cmd/status", deep, qos=1)
     observer.client.publish(f"{BASE}/cmd/status", b"{" * 100_000, qos=1)  # over the size bound
@@ -86,7 +87,7 @@ def test_every_command_of_a_burst_gets_an_answer(
 
     publisher = start_publisher(make_config(tmp_path, broker.port), started, on_command=slow)
     assert publisher.wait_until_connected(5)
-    time.sleep(0.2)
+    wait_commands_subscribed(broker, publisher)
     for i in range(200):  # the outbox keeps paho's window busy meanwhile
         publisher.publish_report("field", f"f{i}", json.dumps({"pad": "x" * 2000}).encode(), "1")
     n = 1000
@@ -233,7 +234,7 @@ def test_a_dead_command_thread_is_replaced(
 
     publisher = start_publisher(make_config(tmp_path, broker.port), started, on_command=handler)
     assert publisher.wait_until_connected(5)
-    time.sleep(0.2)
+    wait_commands_subscribed(broker, publisher)
     observer.client.publish(f"{BASE}/cmd/die", b"{}", qos=1)
     time.sleep(1.5)  # the drain loop notices within a tick
     observer.client.publish(f"{BASE}/cmd/status", b"{}", qos=1)

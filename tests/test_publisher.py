@@ -100,6 +100,15 @@ def wait_listening(observer: Subscriber) -> None:
     assert wait_until(listening, 10)
 
 
+def wait_commands_subscribed(broker: MosquittoBroker, publisher: MqttPublisher, timeout: float = 10) -> None:
+    """Waits until the broker has taken the station's command subscription (made in on_connect), as
+    its log says (`<client id> <qos> <filter>`, written before it answers SUBACK). Unlike
+    wait_listening it sends no command, so every answer a test then counts is one of its own."""
+    line = f": {publisher.client_id} 1 {publisher.command_filter}\n"
+    assert wait_until(lambda: line in broker.log(), timeout), (
+        f"the broker never logged the subscription {line.strip()!r}; its log ends:\n{broker.log()[-2000:]}")
+
+
 def _expiry_of_a_field_stored_at(created_at: float, port: int, observer: Subscriber, tmp_path: Path,
                                  started: list[MqttPublisher]) -> int | None:
     """The Message Expiry Interval a field message stored stamped `created_at` goes out with, from a
@@ -357,7 +366,7 @@ def test_commands_get_responses_with_correlation_data(
     publisher = start_publisher(make_config(tmp_path, broker.port), started, on_command=on_command)
     assert publisher.wait_until_connected(5)
     assert wait_until(lambda: publisher.state.connected, 5)
-    time.sleep(0.2)  # subscription made in on_connect reaches the broker
+    wait_commands_subscribed(broker, publisher)
     # one published retained while the station listens arrives live (MQTT 5 keeps its flag): not run
     observer.client.publish(f"{BASE}/cmd/start_run", b'{"live": 1}', qos=1, retain=True)
     # clearing a retained command (empty and retained) is neither run nor answered; an empty one
@@ -433,7 +442,7 @@ def test_a_callback_that_raises_does_not_end_the_network_thread(
     publisher = start_publisher(make_config(tmp_path, broker.port), started,
                                 on_command=lambda name, payload: {"ok": True, "name": name})
     assert publisher.wait_until_connected(5)
-    time.sleep(0.2)  # subscription made in on_connect reaches the broker
+    wait_commands_subscribed(broker, publisher)
     submit = publisher._commands.submit
     calls: list[str] = []
 
