@@ -235,10 +235,14 @@ def test_a_dead_command_thread_is_replaced(
     publisher = start_publisher(make_config(tmp_path, broker.port), started, on_command=handler)
     assert publisher.wait_until_connected(5)
     wait_commands_subscribed(broker, publisher)
+    first = publisher._commands.threads()[0]
     observer.client.publish(f"{BASE}/cmd/die", b"{}", qos=1)
-    time.sleep(1.5)  # the drain loop notices within a tick
+    first.join(10)
+    assert not first.is_alive(), "the handler's SystemExit did not end the command thread"
+    # no thread serves commands now: the drain loop starts another within a tick, which answers
     observer.client.publish(f"{BASE}/cmd/status", b"{}", qos=1)
     assert observer.wait_for(lambda m: any(r.topic.endswith("/status") for r in _responses(observer)), 5)
+    assert len(publisher._commands.threads()) == 2
 
 
 def test_at_least_once_reaches_only_consumers_with_persistent_sessions(

@@ -292,8 +292,8 @@ def test_wrong_password_is_refused_and_never_counted_as_connected(
     (credentials_dir / "mqtt-password").chmod(0o600)
     (credentials_dir / "mqtt-password").write_text("not-the-password\n")
     publisher = start_publisher(make_config(tmp_path, broker.port), started)
-    assert wait_until(lambda: publisher.state.refusals >= 1, 5), publisher.state
-    time.sleep(1.5)  # paho retries with backoff; each retry is refused again
+    # paho retries with backoff (1-2 s); the retry is refused again
+    assert wait_until(lambda: publisher.state.refusals >= 2, 10), publisher.state
     state = publisher.state
     assert state.status == "refused" and state.connects == 0 and not state.connected
     assert state.last_error is not None and "0x87" in state.last_error
@@ -538,7 +538,9 @@ def test_broker_outage_and_reconnect_log_a_warning_not_an_error(
         assert publisher.wait_until_connected(5)
         broker.stop()
         assert wait_until(lambda: publisher.state.status == "disconnected", 10)
-        time.sleep(2.5)  # at least one failed reconnect (backoff 1-2 s)
+        # at least one failed reconnect (backoff 1-2 s): the state says the broker cannot be reached
+        assert wait_until(lambda: (publisher.state.last_error or "").startswith("cannot reach broker"), 10), \
+            publisher.state
         broker.start()
         assert wait_until(lambda: publisher.state.connects == 2, 10), publisher.state
         publisher.stop()
