@@ -351,6 +351,12 @@ class MosquittoBroker:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def saved(self, text: str) -> bool:
+        """Whether the broker's persistence file (written whole, then renamed into place) holds
+        `text`: a persistent subscriber's topic filter once its session is on disk, say."""
+        database = self.workdir / "mosquitto.db"
+        return database.exists() and text.encode() in database.read_bytes()
+
 
 @dataclass(frozen=True)
 class Received:

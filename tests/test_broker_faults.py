@@ -63,7 +63,7 @@ def test_broker_killed_mid_stream_and_restarted_30s_later_loses_no_report(
     started.append(publisher)
     produced: list[str] = []
     killed_at_report = in_flight_at_kill = 0
-    time.sleep(1.2)  # let autosave write the subscriber's session to disk
+    assert wait_until(lambda: broker.saved(REPORTS), 10), "the subscriber's session never reached the broker's file"
     publisher.start()
     assert publisher.wait_until_connected(5)
 
@@ -160,7 +160,7 @@ def test_a_command_answered_while_the_broker_is_down_reaches_the_asker_after_the
     outbox = Outbox(tmp_path / "outbox.sqlite3")
     publisher = MqttPublisher(make_config(tmp_path, broker.port), STATION, outbox, on_command=on_command)
     started.append(publisher)
-    time.sleep(1.2)  # let autosave write the subscriber's session to disk
+    assert wait_until(lambda: broker.saved(answers), 10), "the subscriber's session never reached the broker's file"
     publisher.start()
     assert publisher.wait_until_connected(5)
     # connected is the CONNACK; the command subscription follows it: ask until the station hears
