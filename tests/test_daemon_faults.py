@@ -290,7 +290,8 @@ def test_stalled_analysis_stops_watchdog_pings(tmp_path: Path) -> None:
     try:
         code = run_daemon(config, 4, environ=environ,
                           analyzer_factory=pool_factory(stall_on=frozenset({2}), stall_s=stall_s))
-        time.sleep(0.3)
+        # STOPPING=1 is the station's last datagram: once read, so are all before it
+        assert wait_until(lambda: listener.lines("STOPPING=1"), 10)
     finally:
         listener.close()
     assert code == 0
