@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import random
+import re
 import shutil
 import signal
 import socket
@@ -350,6 +351,12 @@ class MosquittoBroker:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def subscribed(self, client_id: str, topic_filter: str) -> int:
+        """How many times this broker took `client_id`'s subscription to `topic_filter`: its log's
+        `<client id> <qos> <filter>` lines, each written before the SUBACK (the log outlives restarts)."""
+        line = rf"^\d+: {re.escape(client_id)} \d+ {re.escape(topic_filter)}$"
+        return len(re.findall(line, self.log(), re.MULTILINE))
 
     def saved(self, text: str) -> bool:
         """Whether the broker's persistence file (written whole, then renamed into place) holds

@@ -606,8 +606,15 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         _wait("the second page of the gallery", lambda: in_gallery() > before, 30, logs)
         opened = in_gallery()
         again = {**closed, "review": {**closed["review"], "cells": closed["review"]["cells"] + 1}}
+
+        def page_offsets() -> list[int]:  # the offsets of the page's own answers (its correlation data)
+            return [json.loads(m.payload).get("offset") for m in observer.on_topic(f"{BASE}/cmd_response/get_review")
+                    if (m.correlation_data or b"").startswith(b"dashboard-")]
+        answered = len(page_offsets())
         observer.client.publish(f"{BASE}/run", json.dumps(again), qos=1, retain=True)
-        time.sleep(3)  # the page asks again 0.8 s after a state changes the gallery's count
+        # the page asks again 0.8 s after a state changes the gallery's count: its first page, then the next
+        _wait("the page's pages answered again",
+              lambda: 0 in (new := page_offsets()[answered:]) and any(new[new.index(0):]), 30, logs)
         _wait("the gallery refreshed with its pages", lambda: in_gallery() == opened, 30, logs)
         assert in_gallery() == opened
         # a page's answer delivered twice (QoS 1; an answer is sent again after a reconnect) is not
@@ -751,6 +758,8 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
 
         # The broker dies: the page says so; it comes back: the page reconnects by itself and
         # live data flows again (a new run, started after the restart).
+        station_client, commands = f"smearscope-{STATION}", f"{BASE}/cmd/#"
+        subscriptions = ws_broker.subscribed(station_client, commands)
         ws_broker.kill()
         _wait("the page to notice the broker is gone",
               lambda: seen("#broker", "data-state") == "reconnecting", 30, logs)
@@ -762,7 +771,8 @@ def test_dashboard_in_chromium_shows_the_station_and_survives_a_broker_restart(
         observer.connected.wait(10)
         observer.wait_for(lambda ms: True, 0)
         _wait("the observer back", lambda: observer.connected.is_set(), 30, logs)
-        time.sleep(1)  # its subscription renewed in on_connect
+        _wait("the station's command subscription renewed in on_connect",
+              lambda: ws_broker.subscribed(station_client, commands) > subscriptions, 30, logs)
         second = command("start_run", {"target_wbc": 200})["run_id"]
         # open with no field at start_run ("none"), then its figures with its first field
         _wait("the new run on the page", lambda: seen(card, "data-run-id") == second
