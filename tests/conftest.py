@@ -129,11 +129,16 @@ def credentials_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def observer(broker: MosquittoBroker) -> Iterator[Subscriber]:
-    sub = Subscriber(broker.port, "observer", MQTT_USERS["observer"], [f"{PUBLISHER_BASE}/#"])
-    sub.wait_ready()
-    yield sub
-    sub.close()
+def observed() -> list[str]:
+    """The topics the `observer` fixture follows: the publisher tests' station's. A test module of
+    another station overrides this fixture with its own (tests/test_daemon.py)."""
+    return [f"{PUBLISHER_BASE}/#"]
+
+
+@pytest.fixture
+def observer(broker: MosquittoBroker, observed: list[str], observer_on: Callable[..., Subscriber]) -> Subscriber:
+    """The observer account on `broker`, its subscription to `observed` acknowledged; closed after the test."""
+    return observer_on(broker.port, observed)
 
 
 @pytest.fixture

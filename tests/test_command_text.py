@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from broker import Subscriber, wait_until
-from test_daemon import BASE, observer, pool_factory, write_station  # noqa: F401 (a fixture)
+from test_daemon import BASE, observed, pool_factory, write_station  # noqa: F401 (a fixture)
 
 from smearscope.service.config import load_config
 from smearscope.service.station.daemon import StationDaemon
@@ -26,7 +26,7 @@ JOINERS = ["\u200c", "\u200d"]
 
 @pytest.mark.broker
 def test_a_signers_name_or_specimen_id_holding_a_bidi_or_invisible_character_is_refused_naming_it(
-    tmp_path: Path, broker: Any, credentials_dir: Path, observer: Subscriber,  # noqa: F811
+    tmp_path: Path, broker: Any, credentials_dir: Path, observer: Subscriber,
 ) -> None:
     """'Dr A<U+202E>BC' would print as 'Dr ACB' on the signed report: verify_run answers bad_arguments
     naming U+202E and its place (character 5) before any run is looked up, for every bidi embedding,
