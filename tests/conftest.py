@@ -68,11 +68,12 @@ def ws_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 @pytest.fixture
 def broker_with(tmp_path: Path) -> Iterator[Callable[..., MosquittoBroker]]:
     """Starts a mosquitto configured as the test says (MosquittoBroker's options: an ACL, TLS,
-    persistence, further conf lines...) in tmp_path/broker; stopped after the test."""
+    persistence, further conf lines...; `users`, accounts of its own instead of MQTT_USERS) in
+    tmp_path/broker; stopped after the test."""
     made: list[MosquittoBroker] = []
 
-    def start(**options: Any) -> MosquittoBroker:
-        made.append(MosquittoBroker(tmp_path / "broker", MQTT_USERS, **options))
+    def start(users: dict[str, str] | None = None, **options: Any) -> MosquittoBroker:
+        made.append(MosquittoBroker(tmp_path / "broker", MQTT_USERS if users is None else users, **options))
         made[-1].start()
         return made[-1]
 

@@ -9,6 +9,7 @@ import stat
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -261,33 +262,30 @@ def test_installed_models_are_readable_by_every_user(tmp_path: Path, capsys: pyt
 
 
 @pytest.mark.broker
-def test_doctor_fails_a_broker_acl_without_the_stations_block(tmp_path: Path, credentials_dir: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_doctor_fails_a_broker_acl_without_the_stations_block(
+        tmp_path: Path, credentials_dir: Path, capsys: pytest.CaptureFixture[str],
+        broker_with: Callable[..., MosquittoBroker]) -> None:
     """A second station added to config/mosquitto.acl.example's broker under its own station id,
     its account's ACL block not renamed to it: mosquitto takes the login and refuses every message
     it publishes, and doctor said `OK broker login` and passed. Now `FAIL broker ACL`, naming the
     block to add; the station the block names passes."""
     acl = (Path(__file__).resolve().parents[1] / "config" / "mosquitto.acl.example").read_text()
-    broker = MosquittoBroker(tmp_path / "broker", {"station-lab-7": MQTT_USERS["station"]}, acl=acl)
-    broker.start()
+    broker = broker_with(users={"station-lab-7": MQTT_USERS["station"]}, acl=acl)
     login = {"username": "station-lab-7", "password_credential": "mqtt-password"}
-    try:
-        for station_id, status in (("lab-7", 0), ("lab-8", 1)):
-            config = _config(tmp_path, broker.port, DEFAULT_MODELS_DIR, **login)
-            config.write_text(config.read_text().replace('station_id = "doc-1"', f'station_id = "{station_id}"'))
-            assert main(["doctor", "--config", str(config), "--no-wait"]) == status
-            out = capsys.readouterr().out
-            assert f"OK    broker login       127.0.0.1:{broker.port} accepts user 'station-lab-7'" in out, out
-            (acl_line,) = _lines(out, "broker ACL")
-            if status == 0:
-                assert acl_line == "OK    broker ACL         user 'station-lab-7' may publish under smearscope/lab-7/"
-            else:
-                assert acl_line.startswith(f"FAIL  broker ACL         127.0.0.1:{broker.port} takes the login of user "
-                                           "'station-lab-7' but its ACL refuses what it publishes under "
-                                           "smearscope/lab-8/ (Not authorized, 0x87"), acl_line
-                assert "station-lab-7 block, lab-7 replaced by lab-8) and reload mosquitto" in acl_line, acl_line
-    finally:
-        broker.stop()
+    for station_id, status in (("lab-7", 0), ("lab-8", 1)):
+        config = _config(tmp_path, broker.port, DEFAULT_MODELS_DIR, **login)
+        config.write_text(config.read_text().replace('station_id = "doc-1"', f'station_id = "{station_id}"'))
+        assert main(["doctor", "--config", str(config), "--no-wait"]) == status
+        out = capsys.readouterr().out
+        assert f"OK    broker login       127.0.0.1:{broker.port} accepts user 'station-lab-7'" in out, out
+        (acl_line,) = _lines(out, "broker ACL")
+        if status == 0:
+            assert acl_line == "OK    broker ACL         user 'station-lab-7' may publish under smearscope/lab-7/"
+        else:
+            assert acl_line.startswith(f"FAIL  broker ACL         127.0.0.1:{broker.port} takes the login of user "
+                                       "'station-lab-7' but its ACL refuses what it publishes under "
+                                       "smearscope/lab-8/ (Not authorized, 0x87"), acl_line
+            assert "station-lab-7 block, lab-7 replaced by lab-8) and reload mosquitto" in acl_line, acl_line
 
 
 def test_doctor_says_the_example_configs_broker_host_is_a_placeholder(
@@ -527,69 +525,61 @@ def test_a_low_disk_names_the_threshold_and_the_fix(
 @pytest.mark.broker
 def test_doctor_fails_a_client_certificate_the_broker_refuses(
         tmp_path: Path, tls_material: TlsMaterial, credentials_dir: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], broker_with: Callable[..., MosquittoBroker]) -> None:
     """A broker asking for client certificates (mutual TLS), a station certificate it does not
     trust: doctor said "OK broker accepts TLS connections" (its own probe sent no certificate and
     TLS 1.3 refuses one only after the handshake) and only warned "no answer to CONNECT" (exit 0),
     while the station could never connect."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material, tls_extra=("require_certificate true",))
-    broker.start()
-    try:
-        certs = tmp_path / "certs"
-        certs.mkdir()
-        trusted, stranger = make_client_cert(certs, "station", tls_material), make_client_cert(certs, "stranger", None)
-        login = {"username": "station", "password_credential": "mqtt-password"}
-        tls = {"ca_file": str(tls_material.ca_cert)}
-        cases = [(trusted, 0, "OK    broker             "), (stranger, 1, "FAIL  broker TLS         "), (None, 1, "FAIL  broker TLS         ")]
-        for pair, code, line in cases:
-            client = {} if pair is None else {"certfile": str(pair[0]), "keyfile": str(pair[1])}
-            config = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.tls_port, **login, "tls": {**tls, **client},
-                                          "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}})
-            assert main(["doctor", "--config", str(config)]) == code, pair
-            out = capsys.readouterr().out
-            found = [ln for ln in out.splitlines() if ln[6:].startswith(("broker  ", "broker TLS"))]
-            assert found and found[0].startswith(line), out
-            if code == 0:
-                assert "OK    broker login" in out, out
-            else:
-                assert "refuses the client certificate" in found[0] if pair else "asks for a client certificate" in found[0], out
-    finally:
-        broker.stop()
+    broker = broker_with(tls=tls_material, tls_extra=("require_certificate true",))
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    trusted, stranger = make_client_cert(certs, "station", tls_material), make_client_cert(certs, "stranger", None)
+    login = {"username": "station", "password_credential": "mqtt-password"}
+    tls = {"ca_file": str(tls_material.ca_cert)}
+    cases = [(trusted, 0, "OK    broker             "), (stranger, 1, "FAIL  broker TLS         "), (None, 1, "FAIL  broker TLS         ")]
+    for pair, code, line in cases:
+        client = {} if pair is None else {"certfile": str(pair[0]), "keyfile": str(pair[1])}
+        config = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.tls_port, **login, "tls": {**tls, **client},
+                                      "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}})
+        assert main(["doctor", "--config", str(config)]) == code, pair
+        out = capsys.readouterr().out
+        found = [ln for ln in out.splitlines() if ln[6:].startswith(("broker  ", "broker TLS"))]
+        assert found and found[0].startswith(line), out
+        if code == 0:
+            assert "OK    broker login" in out, out
+        else:
+            assert "refuses the client certificate" in found[0] if pair else "asks for a client certificate" in found[0], out
 
 
 @pytest.mark.broker
 def test_doctor_says_when_tls_and_the_port_do_not_match(
         tmp_path: Path, tls_material: TlsMaterial, credentials_dir: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], broker_with: Callable[..., MosquittoBroker]) -> None:
     """[mqtt.tls] set with the plain listener's port said "FAIL broker TLS ... ConnectionResetError:
     Connection reset by peer"; no [mqtt.tls] with the TLS listener's port said "OK broker accepts TCP"
     and "WARN broker login ... no answer to CONNECT within 3 s" (exit 0). Neither named the mismatch."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material)
-    broker.start()
-    try:
-        login = {"username": "station", "password_credential": "mqtt-password",
-                 "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}}
-        tls = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.port, **login,
-                                   "tls": {"ca_file": str(tls_material.ca_cert)}})
-        assert main(["doctor", "--config", str(tls)]) == 1
-        out = capsys.readouterr().out
-        line = _lines(out, "broker TLS")
-        assert line and line[0].startswith("FAIL") and "not a TLS listener" in line[0], out
-        plain = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.tls_port, **login})
-        assert main(["doctor", "--config", str(plain)]) == 1
-        out = capsys.readouterr().out
-        line = _lines(out, "broker login")
-        assert line and line[0].startswith("FAIL") and "a TLS listener" in line[0] and "[mqtt.tls]" in line[0], out
-        # the right port, a CA file that did not sign the broker's certificate (the broker's moved to a new CA)
-        other = make_tls_material(tmp_path / "other-ca", common_name="other-ca")
-        stale = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.tls_port, **login,
-                                     "tls": {"ca_file": str(other.ca_cert)}})
-        assert main(["doctor", "--config", str(stale)]) == 1
-        out = capsys.readouterr().out
-        line = _lines(out, "broker TLS")
-        assert line and f"not signed by the CA in [mqtt.tls] ca_file {other.ca_cert}" in line[0], out
-    finally:
-        broker.stop()
+    broker = broker_with(tls=tls_material)
+    login = {"username": "station", "password_credential": "mqtt-password",
+             "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}}
+    tls = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.port, **login,
+                               "tls": {"ca_file": str(tls_material.ca_cert)}})
+    assert main(["doctor", "--config", str(tls)]) == 1
+    out = capsys.readouterr().out
+    line = _lines(out, "broker TLS")
+    assert line and line[0].startswith("FAIL") and "not a TLS listener" in line[0], out
+    plain = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.tls_port, **login})
+    assert main(["doctor", "--config", str(plain)]) == 1
+    out = capsys.readouterr().out
+    line = _lines(out, "broker login")
+    assert line and line[0].startswith("FAIL") and "a TLS listener" in line[0] and "[mqtt.tls]" in line[0], out
+    # the right port, a CA file that did not sign the broker's certificate (the broker's moved to a new CA)
+    other = make_tls_material(tmp_path / "other-ca", common_name="other-ca")
+    stale = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.tls_port, **login,
+                                 "tls": {"ca_file": str(other.ca_cert)}})
+    assert main(["doctor", "--config", str(stale)]) == 1
+    out = capsys.readouterr().out
+    line = _lines(out, "broker TLS")
+    assert line and f"not signed by the CA in [mqtt.tls] ca_file {other.ca_cert}" in line[0], out
 
 
 @pytest.mark.skipif(shutil.which("faketime") is None, reason="needs faketime")
@@ -610,45 +600,37 @@ def test_doctor_warns_of_a_clock_that_reads_before_this_release(tmp_path: Path) 
 
 @pytest.mark.broker
 def test_doctor_names_a_websockets_port_given_as_the_mqtt_port_and_logs_in_over_websockets(
-        tmp_path: Path, credentials_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, credentials_dir: Path, capsys: pytest.CaptureFixture[str],
+        broker_with: Callable[..., MosquittoBroker]) -> None:
     """The dashboard's WebSockets port as [mqtt] port: doctor warned "no answer to CONNECT within 3 s"."""
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, websockets=True)
-    broker.start()
-    try:
-        login = {"username": "station", "password_credential": "mqtt-password"}
-        main(["doctor", "--config", str(_config(tmp_path, broker.ws_port, DEFAULT_MODELS_DIR, **login))])
-        line = _lines(capsys.readouterr().out, "broker login")
-        assert line and "gave no MQTT answer" in line[0] and 'transport = "websockets"' in line[0], line
-        over_ws = _config(tmp_path, broker.ws_port, DEFAULT_MODELS_DIR, transport="websockets", **login)
-        main(["doctor", "--config", str(over_ws)])
-        line = _lines(capsys.readouterr().out, "broker login")
-        assert line and line[0].startswith("OK") and "accepts user 'station'" in line[0], line
-    finally:
-        broker.stop()
+    broker = broker_with(websockets=True)
+    login = {"username": "station", "password_credential": "mqtt-password"}
+    main(["doctor", "--config", str(_config(tmp_path, broker.ws_port, DEFAULT_MODELS_DIR, **login))])
+    line = _lines(capsys.readouterr().out, "broker login")
+    assert line and "gave no MQTT answer" in line[0] and 'transport = "websockets"' in line[0], line
+    over_ws = _config(tmp_path, broker.ws_port, DEFAULT_MODELS_DIR, transport="websockets", **login)
+    main(["doctor", "--config", str(over_ws)])
+    line = _lines(capsys.readouterr().out, "broker login")
+    assert line and line[0].startswith("OK") and "accepts user 'station'" in line[0], line
 
 
 @pytest.mark.broker
 def test_doctor_says_a_revoked_client_certificate_is_revoked(
         tmp_path: Path, tls_material: TlsMaterial, credentials_dir: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], broker_with: Callable[..., MosquittoBroker]) -> None:
     """Said "use one signed by the CA the broker trusts (its cafile), not expired" of a certificate
     its CA signed, in date, that the broker's crlfile lists."""
     certs, crl = make_issued_client_certs(tmp_path / "issued", tls_material)
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, tls=tls_material,
-                             tls_extra=("require_certificate true", f"crlfile {crl}"))
-    broker.start()
-    try:
-        crt, key = certs["revoked"]
-        config = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.tls_port, "username": "station",
-                                      "password_credential": "mqtt-password",
-                                      "tls": {"ca_file": str(tls_material.ca_cert), "certfile": str(crt), "keyfile": str(key)},
-                                      "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}})
-        assert main(["doctor", "--config", str(config)]) == 1
-        line = _lines(capsys.readouterr().out, "broker TLS")
-        assert line and f"refuses the client certificate {crt}" in line[0], line
-        assert "it is revoked (the broker's crlfile lists it): install a new one" in line[0], line
-    finally:
-        broker.stop()
+    broker = broker_with(tls=tls_material, tls_extra=("require_certificate true", f"crlfile {crl}"))
+    crt, key = certs["revoked"]
+    config = _doc(tmp_path, mqtt={"host": "127.0.0.1", "port": broker.tls_port, "username": "station",
+                                  "password_credential": "mqtt-password",
+                                  "tls": {"ca_file": str(tls_material.ca_cert), "certfile": str(crt), "keyfile": str(key)},
+                                  "outbox": {"path": str(tmp_path / "state" / "o.sqlite3")}})
+    assert main(["doctor", "--config", str(config)]) == 1
+    line = _lines(capsys.readouterr().out, "broker TLS")
+    assert line and f"refuses the client certificate {crt}" in line[0], line
+    assert "it is revoked (the broker's crlfile lists it): install a new one" in line[0], line
 
 
 def test_doctor_on_onnxruntime_does_not_warn_of_tensorrt_it_does_not_use(
