@@ -156,14 +156,14 @@ def test_a_host_name_no_resolver_can_take_is_refused_at_start_and_unreachable_to
 
 @pytest.mark.broker
 def test_a_stopping_archive_is_not_held_by_a_lis_that_never_answers(
-        tmp_path: Path, lis: Callable[[Behaviour], RawLis]) -> None:
+        tmp_path: Path, lis: Callable[[Behaviour], RawLis],
+        broker_with: Callable[..., MosquittoBroker]) -> None:
     """The archive (its storer in a thread, as `smearscope archive` runs it in its main one), a
     report published, the LIS accepting it and never answering within the archive's 300 s timeout:
     stop() (what SIGTERM calls) ends the run, the report unacknowledged and unindexed."""
     server = lis(lambda conn, _: None)
     server.behaviour = silent(server)
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
-    broker.start()
+    broker = broker_with(persistence=True)
     station = Station(tmp_path, broker.port)
     config = ArchiveConfig(
         mqtt=MqttConfig(host="127.0.0.1", port=broker.port, username="observer"),
@@ -180,7 +180,6 @@ def test_a_stopping_archive_is_not_held_by_a_lis_that_never_answers(
     finally:
         daemon.stop()
         station.stop()
-        broker.stop()
 
 
 def test_a_report_held_for_the_lis_is_not_written_again_to_the_folder_meanwhile(
@@ -264,7 +263,8 @@ def test_a_stop_ends_a_connection_the_lis_never_completes() -> None:
 
 
 def test_the_lab_systems_text_reaches_the_journal_escaped(
-        tmp_path: Path, lis: Callable[[Behaviour], RawLis], caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, lis: Callable[[Behaviour], RawLis], caplog: pytest.LogCaptureFixture,
+        broker_with: Callable[..., MosquittoBroker]) -> None:
     """A LIS answering AE with a line break, an ESC sequence (a terminal's clear screen), a
     right-to-left override and a line separator in MSA-3: the archive's ERROR line shows them as
     \\xNN / \\uNNNN on one line (they were written as received, a forged line and terminal control
@@ -279,8 +279,7 @@ def test_the_lab_systems_text_reaches_the_journal_escaped(
                             f"MSA|{code}|{msh10}|{why}\r".encode()))
 
     server = lis(lab)
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
-    broker.start()
+    broker = broker_with(persistence=True)
     station = Station(tmp_path, broker.port)
     config = ArchiveConfig(
         mqtt=MqttConfig(host="127.0.0.1", port=broker.port, username="observer"),
@@ -299,7 +298,6 @@ def test_the_lab_systems_text_reaches_the_journal_escaped(
         daemon.stop()
         runner.join(60)
         station.stop()
-        broker.stop()
     refused = [r.getMessage() for r in caplog.records if "'AE'" in r.getMessage()]
     assert refused and all(r.levelname == "ERROR" for r in caplog.records if "'AE'" in r.getMessage()), caplog.text
     for line in refused:

@@ -119,13 +119,13 @@ def test_a_report_is_held_while_the_resolver_does_not_answer_and_delivered_once_
 
 @pytest.mark.broker
 def test_the_archive_holds_the_report_while_the_resolver_is_silent_and_stops_when_told(
-        tmp_path: Path, resolver: SilentResolver, lis: Callable[[Behaviour], RawLis]) -> None:
+        tmp_path: Path, resolver: SilentResolver, lis: Callable[[Behaviour], RawLis],
+        broker_with: Callable[..., MosquittoBroker]) -> None:
     """The archive (its storer in a thread), a report published, the LIS's name not answered: the
     report is tried again (not indexed, not acknowledged) and stored once the resolver answers; a
     second archive with a 300 s timeout and a silent resolver stops when told (what SIGTERM does)."""
     server = lis(accept)
-    broker = MosquittoBroker(tmp_path / "broker", MQTT_USERS, persistence=True)
-    broker.start()
+    broker = broker_with(persistence=True)
     station = Station(tmp_path, broker.port)
 
     def archive(name: str, timeout_s: float) -> tuple[ArchiveDaemon, threading.Thread]:
@@ -166,4 +166,3 @@ def test_the_archive_holds_the_report_while_the_resolver_is_silent_and_stops_whe
         for one in daemons:
             one.stop()
         station.stop()
-        broker.stop()
